@@ -1,0 +1,32 @@
+"""jpeft: parameter-efficient fine-tuning for JAX/Flax, and tools to measure and prevent
+catastrophic forgetting.
+
+The whole idea in four calls::
+
+    adapter = jpeft.init(config, params, key)           # trainable tree, separate from params
+    out = jpeft.apply(model, params, adapter, x)        # any flax.linen model, unchanged
+    step = jpeft.make_train_step(loss_fn, optax.adam(1e-3))
+    merged = jpeft.merge(params, adapter)               # plain params for serving
+"""
+
+from jpeft.config import AdapterConfig
+from jpeft.core import apply, init, merge, summary, unmerge
+from jpeft.errors import *  # noqa: F401,F403
+from jpeft.errors import __all__ as _errors_all
+from jpeft.methods.lora import LoraConfig, LoraWeights
+from jpeft.train import make_train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "LoraConfig",
+    "LoraWeights",
+    "init",
+    "apply",
+    "merge",
+    "unmerge",
+    "summary",
+    "make_train_step",
+    "__version__",
+] + list(_errors_all)

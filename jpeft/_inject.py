@@ -1,0 +1,179 @@
+"""The one place that knows about ``flax.linen.intercept_methods``.
+
+Everything else in jpeft sees adapters as plain dicts ``{module_path: node}``; here each
+module call made during ``model.apply`` is looked up by its path and handed to the node.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+
+from jpeft.errors import LayoutError, UnsupportedModuleError
+from jpeft.methods.base import Call, Layout, ModuleInfo
+
+_BYPASS = contextvars.ContextVar("jpeft_bypass", default=False)
+
+
+class bypass:
+    """Context manager: module calls made inside run un-adapted (used by nodes that apply
+    helper modules of their own)."""
+
+    def __enter__(self):
+        self._tok = _BYPASS.set(True)
+
+    def __exit__(self, *exc):
+        _BYPASS.reset(self._tok)
+
+
+def module_path(module) -> str:
+    try:
+        return "/".join(str(p) for p in module.path)
+    except Exception:  # unbound helper modules
+        return ""
+
+
+def _interceptor(adapter: Mapping[str, Any], checked: set):
+    def intercept(next_fun, args, kwargs, ctx):
+        if _BYPASS.get():
+            return next_fun(*args, **kwargs)
+        path = module_path(ctx.module)
+        node = adapter.get(path)
+        if node is None or not node.handles(ctx.method_name):
+            return next_fun(*args, **kwargs)
+        if path not in checked:
+            checked.add(path)
+            node.check(path, ctx.module)
+        return node.intercept(Call(ctx.module, ctx.method_name, next_fun, tuple(args), dict(kwargs), path))
+
+    return intercept
+
+
+def apply_with(model: nn.Module, variables, adapter, *args, **kwargs):
+    """``model.apply(variables, *args, **kwargs)`` with every adapter node at its site."""
+    checked: set = set()
+    with nn.intercept_methods(_interceptor(adapter, checked)):
+        return model.apply(variables, *args, **kwargs)
+
+
+def _normalize_axes(axis, ndim):
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(a % ndim for a in axis)
+
+
+def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | None:
+    """The layout of a supported module instance, or ``None`` for modules without a kernel."""
+    nd = len(kernel_shape)
+    if isinstance(module, nn.Embed):
+        return Layout("embed", kernel_shape, (0,), (1,))
+    if isinstance(module, nn.Dense):
+        return Layout("dense", kernel_shape, (0,), (1,))
+    if isinstance(module, nn.DenseGeneral):
+        if tuple(module.batch_dims) if not isinstance(module.batch_dims, int) else (module.batch_dims,):
+            raise UnsupportedModuleError(
+                f"module {path!r}: nn.DenseGeneral with batch_dims={module.batch_dims!r} is not supported "
+                "by jpeft's linear adapters; target the projections without batch_dims."
+            )
+        axis = module.axis
+        n_in = 1 if isinstance(axis, int) else len(axis)
+        return Layout("dense_general", kernel_shape, tuple(range(n_in)), tuple(range(n_in, nd)))
+    if isinstance(module, nn.Conv):
+        if module.feature_group_count != 1:
+            raise UnsupportedModuleError(
+                f"module {path!r}: grouped convolutions (feature_group_count={module.feature_group_count}) "
+                "are not supported by LoRA; exclude this module from target_modules."
+            )
+        return Layout("conv", kernel_shape, tuple(range(nd - 1)), (nd - 1,))
+    if isinstance(module, nn.Einsum):
+        eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+        eq = eq.replace(" ", "")
+        lhs, out = eq.split("->")
+        x_sub, k_sub = lhs.split(",")
+        in_axes = tuple(i for i, c in enumerate(k_sub) if c in x_sub and c not in out)
+        out_axes = tuple(i for i, c in enumerate(k_sub) if c in out and c not in x_sub)
+        if len(in_axes) + len(out_axes) != len(k_sub):
+            raise UnsupportedModuleError(
+                f"module {path!r}: einsum {eq!r} has kernel axes that are neither contracted nor output-only; "
+                "jpeft can adapt einsums whose kernel axes are each an input or an output axis."
+            )
+        return Layout("einsum", kernel_shape, in_axes, out_axes, eq)
+    return None
+
+
+def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]:
+    """Runs ``model.apply`` abstractly (``jax.eval_shape``, nothing computed) and records,
+    for every module called, its class, kernel layout and output shape."""
+    record: dict[str, ModuleInfo] = {}
+
+    def intercept(next_fun, a, kw, ctx):
+        out = next_fun(*a, **kw)
+        if ctx.method_name != "__call__":
+            return out
+        mod = ctx.module
+        path = module_path(mod)
+        if path in record:
+            return out
+        layout = None
+        try:
+            own = mod.variables.get("params", {})
+        except Exception:
+            own = {}
+        pname = "embedding" if isinstance(mod, nn.Embed) else "kernel"
+        if pname in own and not isinstance(own[pname], Mapping):
+            layout = layout_of(mod, tuple(own[pname].shape), a, kw, path)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, out)
+        in_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, a[:1])
+        record[path] = ModuleInfo(type(mod).__name__, layout, shapes, in_shapes[0] if in_shapes else None)
+        return out
+
+    def run(v):
+        with nn.intercept_methods(intercept):
+            return model.apply(v, *args, **kwargs)
+
+    jax.eval_shape(run, variables)
+    return record
+
+
+def infer_layout(path: str, own: Mapping[str, Any]) -> Layout:
+    """Layout from a module's parameters alone; only unambiguous (2-D) cases."""
+    if "embedding" in own and "kernel" not in own:
+        shape = tuple(own["embedding"].shape)
+        return Layout("embed", shape, (0,), (1,))
+    shape = tuple(own["kernel"].shape)
+    if len(shape) == 2:
+        return Layout("dense", shape, (0,), (1,))
+    raise LayoutError(
+        f"module {path!r} has a {len(shape)}-D kernel {shape}; from the parameters alone jpeft cannot tell "
+        "which axes are inputs and which outputs (nn.DenseGeneral, nn.Conv and nn.Einsum differ). Pass the "
+        "model and an example input so jpeft can look: jpeft.init(config, params, key, model, x)."
+    )
+
+
+def check_layout(path: str, node_layout: Layout, module, args, kwargs) -> None:
+    """At apply time: the module the adapter meets must have the layout it was built for."""
+    own = module.variables.get("params", {})
+    pname = node_layout.param_name
+    if pname not in own:
+        raise UnsupportedModuleError(f"module {path!r} has no {pname!r} parameter; it cannot hold this adapter.")
+    actual = layout_of(module, tuple(own[pname].shape), args, kwargs, path)
+    if actual is None:
+        raise UnsupportedModuleError(
+            f"module {path!r} is a {type(module).__name__}; linear adapters support nn.Dense, nn.DenseGeneral, "
+            "nn.Conv, nn.Einsum and nn.Embed. Remove it from target_modules."
+        )
+    if (actual.kind, actual.in_axes, actual.out_axes) != (node_layout.kind, node_layout.in_axes, node_layout.out_axes) and not (
+        {actual.kind, node_layout.kind} <= {"dense", "dense_general"} and actual.in_axes == node_layout.in_axes
+    ):
+        raise LayoutError(
+            f"module {path!r}: the adapter was built for a {node_layout.kind} layout with input axes "
+            f"{node_layout.in_axes}, but the module is a {actual.kind} with input axes {actual.in_axes}. "
+            "Rebuild the adapter with jpeft.init(config, params, key, model, x) so jpeft can see the module."
+        )
+
+
+def prod(xs) -> int:
+    return int(math.prod(xs))

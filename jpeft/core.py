@@ -1,0 +1,159 @@
+"""The public entry points: init, apply, merge, unmerge, summary."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import flax.linen as nn
+
+from jpeft import _inject
+from jpeft.config import AdapterConfig
+from jpeft.errors import ConfigError, ShapeMismatchError, UnsupportedModuleError
+from jpeft.methods import INIT, register
+from jpeft.methods.lora import LoraConfig, init_site
+from jpeft.tree import count, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
+
+
+def _linear_candidates(params, infos):
+    leaves = module_leaves(params)
+    cands = [p for p, own in leaves.items() if ("kernel" in own or "embedding" in own)]
+    return leaves, cands
+
+
+@register(LoraConfig)
+def _init_lora(config: LoraConfig, params, key, infos):
+    leaves, cands = _linear_candidates(params, infos)
+    paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
+    keys = jax.random.split(key, len(paths))
+    out = {}
+    for k, path in zip(keys, paths):
+        own = leaves[path]
+        if infos is not None and path in infos and infos[path].layout is not None:
+            layout = infos[path].layout
+        elif infos is not None and path in infos:
+            raise UnsupportedModuleError(
+                f"module {path!r} is a {infos[path].cls_name}, not a module LoRA can adapt "
+                "(nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed). Remove it from target_modules."
+            )
+        else:
+            layout = _inject.infer_layout(path, own)
+        out[path] = init_site(config, path, layout, k, own)
+    return out
+
+
+def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, *model_args, **model_kwargs) -> dict:
+    """Creates a new adapter for ``params``: a plain dict ``{module_path: node}`` holding only
+    the trainable arrays.
+
+    Args:
+      config: a method config such as :class:`jpeft.LoraConfig`.
+      params: the base model's variables (``{"params": ...}``) or its bare params tree.
+      key: a ``jax.random`` key.
+      model, *model_args, **model_kwargs: optional. Needed only when a targeted module has a
+        kernel whose input and output axes cannot be told from its shape (``nn.DenseGeneral``
+        with several feature axes, ``nn.Conv``, ``nn.Einsum``) or when the method needs
+        module output widths: the model is traced once with ``jax.eval_shape`` on the
+        example inputs (nothing is computed).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> model = nn.Dense(4)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> adapter = jpeft.init(jpeft.LoraConfig(r=2, alpha=4, target_modules=".*"), params, jax.random.key(1))
+    >>> {k: (v.lora_A.shape, v.lora_B.shape) for k, v in adapter.items()}
+    {'': ((3, 2), (2, 4))}
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"jpeft.init expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
+    fn = INIT.get(type(config))
+    if fn is None:
+        raise ConfigError(f"no init registered for {type(config).__name__}; known: {[c.__name__ for c in INIT]}.")
+    inner, _ = unwrap_params(params)
+    infos = None
+    if model is not None:
+        variables = params if "params" in params and isinstance(params["params"], Mapping) else {"params": params}
+        infos = _inject.trace(model, variables, *model_args, **model_kwargs)
+    return fn(config, inner, key, infos)
+
+
+def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args, rngs=None, **kwargs):
+    """Runs ``model`` with ``adapter`` applied at its sites: ``model.apply(params, *args, ...)``
+    with each targeted module's call adapted. ``model`` is any ``flax.linen.Module``; it needs
+    no jpeft code. ``adapter=None`` runs the bare base. Extra keyword arguments go to
+    ``model.apply`` (``method=``, ``mutable=``, the model's own keywords).
+
+    LoRA dropout is active only when ``rngs`` holds a ``"dropout"`` key.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> model = nn.Dense(4); x = jnp.ones((2, 3))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> adapter = jpeft.init(jpeft.LoraConfig(target_modules=".*"), params, jax.random.key(1))
+    >>> bool(jnp.array_equal(jpeft.apply(model, params, adapter, x), model.apply(params, x)))
+    True
+    """
+    variables = params if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping) else {"params": params}
+    if rngs is not None:
+        kwargs["rngs"] = rngs
+    if not adapter:
+        return model.apply(variables, *args, **kwargs)
+    return _inject.apply_with(model, variables, adapter, *args, **kwargs)
+
+
+def _fold(params, adapter, how: str):
+    inner, wrapped = unwrap_params(params)
+    new = inner
+    for path, node in adapter.items():
+        if not getattr(node, "mergeable", False) and how in ("merge", "unmerge"):
+            node.merge({})  # raises NotMergeableError with the method's message
+        try:
+            own = get_subtree(new, path)
+        except (KeyError, TypeError):
+            raise ShapeMismatchError(
+                f"the adapter has a site {path!r} that the params do not have; was it made for another model?"
+            ) from None
+        if hasattr(node, "check_params"):
+            node.check_params(path, own)
+        new = set_subtree(new, path, getattr(node, how)(own))
+    return rewrap_params(params, new, wrapped)
+
+
+def merge(params, adapter: Mapping[str, Any]):
+    """Folds the adapter into a copy of the base weights: ``model.apply(merge(p, a), x)``
+    equals ``jpeft.apply(model, p, a, x)``. Raises
+    :class:`~jpeft.errors.NotMergeableError` for methods that cannot merge."""
+    return _fold(params, adapter, "merge")
+
+
+def unmerge(merged, adapter: Mapping[str, Any]):
+    """Inverse of :func:`merge` (up to float rounding): recovers the base weights."""
+    return _fold(merged, adapter, "unmerge")
+
+
+def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> dict:
+    """Counts trainable (adapter) and base parameters and prints one line like Hugging Face
+    PEFT's ``print_trainable_parameters``. Works on ``jax.ShapeDtypeStruct`` trees, so a
+    budget can be computed with ``jax.eval_shape`` without allocating.
+
+    Returns:
+      ``{"trainable", "base", "total", "share", "trainable_bytes", "sites"}`` where ``share``
+      is ``trainable / total`` (as Hugging Face reports it) and ``total = base + trainable``.
+    """
+    inner, _ = unwrap_params(params)
+    base = count(inner)
+    trainable = count(adapter) if adapter else 0
+    total = base + trainable
+    share = trainable / total if total else 0.0
+    out = {
+        "trainable": trainable,
+        "base": base,
+        "total": total,
+        "share": share,
+        "trainable_bytes": nbytes(adapter) if adapter else 0,
+        "sites": len(adapter) if adapter else 0,
+    }
+    if print_fn is not None:
+        print_fn(
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * share:.4f} "
+            f"(base {base:,}; {out['sites']} adapted sites)"
+        )
+    return out

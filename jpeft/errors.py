@@ -1,0 +1,98 @@
+"""Named errors raised by jpeft.
+
+Every error jpeft raises on bad input derives from :class:`JpeftError`, so a caller
+can catch them all at once; each also derives from the closest built-in type
+(``ValueError``, ``KeyError``, ``OSError``) so existing ``except`` clauses keep working.
+Messages say what was expected, what was found, and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class JpeftError(Exception):
+    """Base class of every error jpeft raises on purpose."""
+
+
+class ConfigError(JpeftError, ValueError):
+    """A method config holds an invalid value or an unknown key."""
+
+
+class TargetNotFoundError(JpeftError, ValueError):
+    """``target_modules`` matched no module of the model."""
+
+
+class ShapeMismatchError(JpeftError, ValueError):
+    """An adapter does not fit the parameters it is applied to or merged with."""
+
+
+class LayoutError(JpeftError, ValueError):
+    """jpeft cannot tell how a module's kernel maps inputs to outputs."""
+
+
+class NotMergeableError(JpeftError, ValueError):
+    """The adapter's method cannot be folded into the base weights."""
+
+
+class UnsupportedModuleError(JpeftError, TypeError):
+    """A targeted module is of a type the method cannot adapt."""
+
+
+class InputValidationError(JpeftError, ValueError):
+    """A batch or input given to a public entry point has the wrong shape, dtype or values."""
+
+
+class NonFiniteError(JpeftError, FloatingPointError):
+    """Training produced non-finite losses or gradients too many steps in a row."""
+
+
+class LoadError(JpeftError, OSError):
+    """A model, adapter or checkpoint on disk is missing, malformed or does not match."""
+
+
+class UnsupportedModelError(LoadError):
+    """A Hugging Face ``model_type`` or architecture jpeft does not implement."""
+
+
+class UnsafeFileError(LoadError):
+    """A file that would execute code when loaded (pickle) was offered; jpeft refuses it."""
+
+
+class BaseMismatchError(LoadError):
+    """An adapter or checkpoint was made for a different base model."""
+
+
+class CheckpointError(LoadError):
+    """A checkpoint is incomplete, corrupted or truncated."""
+
+
+class SaveError(JpeftError, OSError):
+    """A save failed part-way; the previous files are left intact."""
+
+
+class PathEscapeError(JpeftError, ValueError):
+    """A name or path would write outside the directory it was meant for."""
+
+
+class BankError(JpeftError, ValueError):
+    """An adapter bank operation is invalid (capacity, name, or shape)."""
+
+
+__all__ = [
+    "JpeftError",
+    "ConfigError",
+    "TargetNotFoundError",
+    "ShapeMismatchError",
+    "LayoutError",
+    "NotMergeableError",
+    "UnsupportedModuleError",
+    "InputValidationError",
+    "NonFiniteError",
+    "LoadError",
+    "UnsupportedModelError",
+    "UnsafeFileError",
+    "BaseMismatchError",
+    "CheckpointError",
+    "SaveError",
+    "PathEscapeError",
+    "BankError",
+]

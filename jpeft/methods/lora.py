@@ -1,0 +1,316 @@
+"""LoRA (Hu et al. 2021) and rsLoRA (Kalajdzievski 2023), computed factored.
+
+For a kernel viewed as the matrix ``W: [in, out]`` the adapted output is
+``x @ W + s * (dropout(x) @ A) @ B`` with ``A: [in, r]``, ``B: [r, out]`` and
+``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). ``W + s * A @ B`` is only formed by
+:func:`jpeft.merge`. Embeddings use ``E + s * A @ B`` with ``A: [num_embeddings, r]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, ClassVar, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import _inject
+from jpeft.config import AdapterConfig, _as_targets, register_config
+from jpeft.errors import ConfigError, ShapeMismatchError
+from jpeft.methods.base import Call, Layout, Site, dropout, static_field
+from jpeft.tree import hf_name
+
+_INITS = ("default", "gaussian", "pissa", "random")
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(AdapterConfig):
+    """Configuration of a LoRA adapter.
+
+    Args:
+      r: rank of the update (``> 0``).
+      alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)``
+        with ``use_rslora``).
+      dropout: dropout rate on the LoRA branch's input, in ``[0, 1)``; active only when
+        :func:`jpeft.apply` gets ``rngs={"dropout": key}``.
+      target_modules: a regex (``re.fullmatch`` on the module path or its Hugging Face
+        dotted name) or a list of names / path suffixes; see :mod:`jpeft.tree`.
+      use_rslora: scale by ``alpha / sqrt(r)``.
+      init: ``"default"`` (A Kaiming-uniform, B zero, so the adapter starts as the identity),
+        ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"pissa"`` (principal singular
+        vectors of W; use :func:`jpeft.init_pissa`, which also returns the residual base) or
+        ``"random"`` (A and B both random: not the identity; useful for tests).
+      use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024).
+      rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``, keyed by a
+        name or regex matched as Hugging Face PEFT does.
+
+    >>> import jpeft
+    >>> c = jpeft.LoraConfig(r=4, alpha=8, target_modules=["Dense_0"])
+    >>> jpeft.LoraConfig.from_dict(c.to_dict()) == c
+    True
+    >>> c.to_dict()["lora_alpha"]
+    8
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    _hf_keys: ClassVar[Mapping[str, str]] = {
+        "alpha": "lora_alpha",
+        "dropout": "lora_dropout",
+        "init": "init_lora_weights",
+    }
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: Any = ("q_proj", "v_proj")
+    use_rslora: bool = False
+    init: str = "default"
+    use_dora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        init = self.init
+        if init is True:
+            init = "default"
+        elif init is False:
+            init = "random"
+        object.__setattr__(self, "init", init)
+        if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer, found {self.r!r}. Typical values: 4 to 64.")
+        if not isinstance(self.alpha, (int, float, np.number)) or isinstance(self.alpha, bool) or not self.alpha > 0:
+            raise ConfigError(f"LoraConfig.alpha must be > 0, found {self.alpha!r}. A common choice is alpha = 2 * r.")
+        if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"LoraConfig.dropout must be in [0, 1), found {self.dropout!r}.")
+        if self.init not in _INITS:
+            raise ConfigError(f"LoraConfig.init must be one of {_INITS}, found {self.init!r}.")
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ConfigError("LoraConfig.target_modules is empty; give a regex or a list of module names such as ['q_proj', 'v_proj'].")
+        for k, v in self.rank_pattern.items():
+            if not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be a positive integer, found {v!r}.")
+        for k, v in self.alpha_pattern.items():
+            if not v > 0:
+                raise ConfigError(f"LoraConfig.alpha_pattern[{k!r}] must be > 0, found {v!r}.")
+
+    def __hash__(self):
+        return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
+                     self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items()))))
+
+    def to_dict(self):
+        d = super().to_dict()
+        d["init_lora_weights"] = {"default": True, "random": False}.get(self.init, self.init)
+        return d
+
+    def rank_alpha(self, path: str) -> tuple[int, float]:
+        """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does."""
+        name = hf_name(path)
+
+        def lookup(pattern, default):
+            for key, val in pattern.items():
+                k = key.replace("/", ".")
+                if re.match(rf"(.*\.)?({k})$", name) or re.match(rf"(.*/)?({key})$", path):
+                    return val
+            return default
+
+        return int(lookup(self.rank_pattern, self.r)), float(lookup(self.alpha_pattern, self.alpha))
+
+    def scale(self, r: int, alpha: float) -> float:
+        return float(alpha / math.sqrt(r)) if self.use_rslora else float(alpha / r)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeights(Site):
+    """One LoRA site: ``lora_A: [in, r]``, ``lora_B: [r, out]`` (JAX orientation), plus the
+    DoRA magnitude ``[out]`` when ``use_dora``."""
+
+    lora_A: jax.Array
+    lora_B: jax.Array
+    magnitude: Optional[jax.Array] = None
+    scale: float = static_field(default=1.0)
+    layout: Layout = static_field(default=None)
+    dropout: float = static_field(default=0.0)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    @property
+    def r(self) -> int:
+        return int(self.lora_A.shape[-1])
+
+    def handles(self, method_name: str) -> bool:
+        if self.layout.kind == "embed":
+            return method_name in ("__call__", "attend")
+        return method_name == "__call__"
+
+    # -- checks ---------------------------------------------------------------------------
+    def check(self, path: str, module) -> None:
+        own = module.variables.get("params", {})
+        pname = self.layout.param_name
+        if pname not in own:
+            raise ShapeMismatchError(f"adapter at {path!r} expects a {pname!r} parameter; the module has {sorted(own)}.")
+        got = tuple(own[pname].shape)
+        if got != tuple(self.layout.kernel_shape):
+            raise ShapeMismatchError(
+                f"adapter at {path!r} was built for a {pname} of shape {tuple(self.layout.kernel_shape)}, "
+                f"but the params hold shape {got}. Re-create the adapter for this base model."
+            )
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        pname = self.layout.param_name
+        if pname not in own:
+            raise ShapeMismatchError(f"adapter at {path!r} expects a {pname!r} parameter; the params have {sorted(own)}.")
+        got = tuple(own[pname].shape)
+        if got != tuple(self.layout.kernel_shape):
+            raise ShapeMismatchError(
+                f"adapter at {path!r} was built for a {pname} of shape {tuple(self.layout.kernel_shape)}, "
+                f"but the params hold shape {got}. Re-create the adapter for this base model."
+            )
+
+    # -- factored forward --------------------------------------------------------------------
+    def delta_matrix(self) -> jax.Array:
+        """``s * A @ B`` as ``[in, out]`` (used by merge, never while training)."""
+        return self.scale * (self.lora_A.astype(jnp.float32) @ self.lora_B.astype(jnp.float32))
+
+    def intercept(self, call: Call):
+        lay = self.layout
+        mod = call.module
+        if lay.kind != "embed":
+            _inject.check_layout(call.path, lay, mod, call.args, call.kwargs)
+        if self.magnitude is not None:
+            from jpeft.methods import dora
+
+            return dora.intercept(self, call)
+        y = call.run()
+        x = call.args[0] if call.args else call.kwargs.get("inputs")
+        dt = y.dtype
+        a = self.lora_A.astype(dt)
+        b = self.lora_B.astype(dt)
+        if lay.kind == "embed":
+            if call.method_name == "attend":
+                return y + self.scale * ((x.astype(dt) @ b.T) @ a.T)
+            h = jnp.take(a, x, axis=0)
+            return y + self.scale * (h @ b)
+        x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
+        h = self._down(x, a, mod, call)
+        if lay.kind == "einsum":
+            return y + self._einsum_up(h, b, call)
+        d = (h @ b) * self.scale
+        return y + d.reshape(d.shape[:-1] + tuple(lay.out_dims))
+
+    def _down(self, x, a, mod, call):
+        lay = self.layout
+        r = a.shape[-1]
+        if lay.kind == "dense":
+            return x @ a
+        if lay.kind == "dense_general":
+            axes = _inject._normalize_axes(mod.axis, x.ndim)
+            ak = a.reshape(tuple(lay.in_dims) + (r,))
+            return jnp.tensordot(x, ak, axes=(axes, tuple(range(len(axes)))))
+        if lay.kind == "conv":
+            ak = a.reshape(tuple(lay.in_dims) + (r,))
+            helper = mod.clone(parent=None, features=r, use_bias=False, name=None)
+            with _inject.bypass():
+                return helper.apply({"params": {"kernel": ak}}, x)
+        if lay.kind == "einsum":
+            eq = lay.equation
+            lhs, out = eq.split("->")
+            x_sub, k_sub = lhs.split(",")
+            free = _free_letter(eq)
+            in_letters = "".join(k_sub[i] for i in lay.in_axes)
+            batch = "".join(c for c in out if c in x_sub)
+            ak = a.reshape(tuple(lay.in_dims) + (r,))
+            return jnp.einsum(f"{x_sub},{in_letters}{free}->{batch}{free}", x, ak)
+        raise AssertionError(lay.kind)
+
+    def _einsum_up(self, h, b, call):
+        lay = self.layout
+        eq = lay.equation
+        lhs, out = eq.split("->")
+        x_sub, k_sub = lhs.split(",")
+        free = _free_letter(eq)
+        out_letters = "".join(k_sub[i] for i in lay.out_axes)
+        batch = "".join(c for c in out if c in x_sub)
+        bk = b.reshape((b.shape[0],) + tuple(lay.out_dims))
+        return self.scale * jnp.einsum(f"{batch}{free},{free}{out_letters}->{out}", h, bk)
+
+    # -- merge ----------------------------------------------------------------------------------
+    def kernel_delta(self, dtype=jnp.float32) -> jax.Array:
+        """The update in the kernel's own shape and axis order."""
+        lay = self.layout
+        d = self.delta_matrix().reshape(tuple(lay.in_dims) + tuple(lay.out_dims))
+        order = tuple(lay.in_axes) + tuple(lay.out_axes)
+        inv = tuple(int(i) for i in np.argsort(order))
+        return jnp.transpose(d, inv).astype(dtype)
+
+    def merge(self, own):
+        if self.magnitude is not None:
+            from jpeft.methods import dora
+
+            return dora.merge(self, own)
+        pname = self.layout.param_name
+        w = own[pname]
+        out = dict(own)
+        out[pname] = (w.astype(jnp.float32) + self.kernel_delta()).astype(w.dtype)
+        return out
+
+    def unmerge(self, own):
+        if self.magnitude is not None:
+            from jpeft.methods import dora
+
+            return dora.unmerge(self, own)
+        pname = self.layout.param_name
+        w = own[pname]
+        out = dict(own)
+        out[pname] = (w.astype(jnp.float32) - self.kernel_delta()).astype(w.dtype)
+        return out
+
+
+def _free_letter(eq: str) -> str:
+    for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA":
+        if c not in eq:
+            return c
+    raise ValueError("einsum uses every letter")
+
+
+def _kaiming_uniform(key, shape, fan_in, dtype=jnp.float32):
+    # torch.nn.init.kaiming_uniform_(a=sqrt(5)) as HF PEFT uses: bound = 1/sqrt(fan_in)
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[str, Any]) -> LoraWeights:
+    r, alpha = config.rank_alpha(path)
+    scale = config.scale(r, alpha)
+    n_in, n_out = layout.in_features, layout.out_features
+    ka, kb = jax.random.split(key)
+    if layout.kind == "embed":
+        # HF PEFT: for embeddings A is zero and B normal, so the start is the identity.
+        if config.init == "random":
+            a = jax.random.normal(ka, (n_in, r), jnp.float32)
+        else:
+            a = jnp.zeros((n_in, r), jnp.float32)
+        b = jax.random.normal(kb, (r, n_out), jnp.float32)
+    elif config.init == "gaussian":
+        a = jax.random.normal(ka, (n_in, r), jnp.float32) / r
+        b = jnp.zeros((r, n_out), jnp.float32)
+    elif config.init == "random":
+        a = _kaiming_uniform(ka, (n_in, r), n_in)
+        b = _kaiming_uniform(kb, (r, n_out), r)
+    else:  # default; "pissa" is handled by jpeft.init_pissa
+        a = _kaiming_uniform(ka, (n_in, r), n_in)
+        b = jnp.zeros((r, n_out), jnp.float32)
+    node = LoraWeights(a, b, None, scale, layout, float(config.dropout))
+    if config.use_dora:
+        from jpeft.methods import dora
+
+        node = dora.with_magnitude(node, own)
+    return node

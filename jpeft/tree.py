@@ -1,0 +1,199 @@
+"""Pytree utilities: module paths, target matching, parameter counts, partition/combine.
+
+A *module path* is the ``/``-joined chain of linen submodule names from the root to a
+module, e.g. ``"model/layers_0/self_attn/q_proj"``. Its *Hugging Face name* replaces
+``/`` by ``.`` and a trailing ``_N`` list index by ``.N``
+(``"model.layers.0.self_attn.q_proj"``), which is how Hugging Face PEFT names modules.
+
+Target matching (one definition, used by every method):
+
+* a ``str`` is a regular expression matched with :func:`re.fullmatch` against the module
+  path *or* its Hugging Face name, so regexes written for Hugging Face PEFT work unchanged;
+* a list/tuple of names matches a module whose path equals a name or ends with it on a
+  component boundary (``"q_proj"`` matches ``"model/layers_0/self_attn/q_proj"``;
+  ``"self_attn.q_proj"`` and ``"self_attn/q_proj"`` are the same suffix).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jpeft.errors import TargetNotFoundError
+
+_INDEX = re.compile(r"^(.*)_(\d+)$")
+
+
+def unwrap_params(variables: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
+    """Returns ``(params_collection, was_wrapped)`` for either ``{'params': ...}`` or bare params."""
+    if isinstance(variables, Mapping) and "params" in variables and isinstance(variables["params"], Mapping):
+        return variables["params"], True
+    return variables, False
+
+
+def rewrap_params(variables: Mapping[str, Any], new_params: Mapping[str, Any], was_wrapped: bool):
+    if not was_wrapped:
+        return new_params
+    out = dict(variables)
+    out["params"] = new_params
+    return type(variables)(out) if not isinstance(variables, dict) else out
+
+
+def hf_name(path: str) -> str:
+    """Hugging Face module name of a jpeft module path (``a/layers_3/q`` -> ``a.layers.3.q``)."""
+    parts = []
+    for comp in path.split("/"):
+        m = _INDEX.match(comp)
+        if m and m.group(1):
+            parts.extend([m.group(1), m.group(2)])
+        else:
+            parts.append(comp)
+    return ".".join(parts)
+
+
+def from_hf_name(name: str) -> str:
+    """Inverse of :func:`hf_name`: ``a.layers.3.q`` -> ``a/layers_3/q``."""
+    comps = name.split(".")
+    out: list[str] = []
+    for c in comps:
+        if c.isdigit() and out:
+            out[-1] = f"{out[-1]}_{c}"
+        else:
+            out.append(c)
+    return "/".join(out)
+
+
+def module_leaves(params: Mapping[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Maps each module path to the dict of its own (non-module) parameter leaves."""
+    out: dict[str, dict[str, Any]] = {}
+    own: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            out.update(module_leaves(v, f"{prefix}/{k}" if prefix else str(k)))
+        else:
+            own[str(k)] = v
+    if own:
+        out[prefix] = own
+    return out
+
+
+def get_subtree(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+    node = params
+    for comp in path.split("/") if path else []:
+        node = node[comp]
+    return node
+
+
+def set_subtree(params: Mapping[str, Any], path: str, value: Mapping[str, Any]) -> dict:
+    """Returns a copy of ``params`` (copying only the dicts on the way) with ``path`` replaced."""
+    if not path:
+        return dict(value)
+    comps = path.split("/")
+    def rec(node, i):
+        new = dict(node)
+        if i == len(comps) - 1:
+            new[comps[i]] = value
+        else:
+            new[comps[i]] = rec(node[comps[i]], i + 1)
+        return new
+    return rec(params, 0)
+
+
+def _suffix_match(path: str, name: str) -> bool:
+    name = name.replace(".", "/") if "/" not in name else name
+    # Both the jpeft path and the HF-style name may be used as suffixes.
+    for cand, nm in ((path, name), (hf_name(path).replace(".", "/"), name)):
+        if cand == nm or cand.endswith("/" + nm):
+            return True
+    return False
+
+
+def matches(target_modules: str | Sequence[str], path: str) -> bool:
+    """True when ``path`` is selected by ``target_modules`` (see the module docstring)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None or re.fullmatch(target_modules, hf_name(path)) is not None
+    return any(_suffix_match(path, str(t)) for t in target_modules)
+
+
+def select(target_modules, candidates: Iterable[str], *, what: str = "module") -> list[str]:
+    """Paths among ``candidates`` selected by ``target_modules``.
+
+    Raises:
+      TargetNotFoundError: when nothing matches; the message lists up to 20 available
+        paths, nearest to the targets first.
+    """
+    candidates = list(candidates)
+    hit = [p for p in candidates if matches(target_modules, p)]
+    if hit:
+        return hit
+    targets = [target_modules] if isinstance(target_modules, str) else [str(t) for t in target_modules]
+    def score(p):
+        return max(
+            max(difflib.SequenceMatcher(None, t, p).ratio(), difflib.SequenceMatcher(None, t, p.split("/")[-1]).ratio())
+            for t in targets
+        ) if targets else 0.0
+    near = sorted(candidates, key=lambda p: (-score(p), p))[:20]
+    listing = "\n  ".join(near) if near else "(none: the params hold no adaptable module)"
+    raise TargetNotFoundError(
+        f"target_modules={target_modules!r} matched no {what}. A string is a regex matched in full "
+        f"against the module path (or its Hugging Face dotted name); a list matches names or path "
+        f"suffixes. Available {what} paths, nearest first:\n  {listing}"
+    )
+
+
+def count(tree) -> int:
+    """Number of scalar parameters in a pytree (works on ``jax.ShapeDtypeStruct`` leaves too)."""
+    return int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
+
+
+def nbytes(tree) -> int:
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
+
+
+def partition(tree, predicate: Callable[[tuple, Any], bool]):
+    """Splits ``tree`` into ``(selected, rest)`` by ``predicate(path, leaf)``; the other side's
+    leaves are ``None`` holes (equinox's ``partition``). :func:`combine` reverses it."""
+    sel = jax.tree_util.tree_map_with_path(lambda p, x: x if predicate(p, x) else None, tree)
+    rest = jax.tree_util.tree_map_with_path(lambda p, x: None if predicate(p, x) else x, tree)
+    return sel, rest
+
+
+def combine(*trees):
+    """Joins partitions: at each position takes the first tree's leaf that is not ``None``."""
+    def pick(*xs):
+        for x in xs:
+            if x is not None:
+                return x
+        return None
+    return jax.tree.map(pick, *trees, is_leaf=lambda x: x is None)
+
+
+def path_str(keypath) -> str:
+    """``jax.tree_util`` key path -> ``a/b/c``."""
+    out = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+        else:
+            out.append(str(k))
+    return "/".join(out)
+
+
+__all__ = [
+    "hf_name",
+    "from_hf_name",
+    "matches",
+    "select",
+    "module_leaves",
+    "count",
+    "nbytes",
+    "partition",
+    "combine",
+    "path_str",
+]
