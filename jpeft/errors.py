@@ -77,6 +77,22 @@ class BankError(JpeftError, ValueError):
     """An adapter bank operation is invalid (capacity, name, or shape)."""
 
 
+class NotInvertibleError(NotMergeableError):
+    """A merge that cannot be undone from the merged weights alone (DoRA); keep the original params."""
+
+
+class PrefixNotSupportedError(UnsupportedModuleError):
+    """Prefix tuning targets an attention module whose call takes no ``prefix_kv`` keyword."""
+
+
+class PromptTooLongError(InputValidationError):
+    """Virtual tokens plus the input exceed the model's position budget."""
+
+
+class BottleneckTargetError(ShapeMismatchError):
+    """A bottleneck adapter's target is not a module output of the adapter's width."""
+
+
 __all__ = [
     "JpeftError",
     "ConfigError",
@@ -95,4 +111,8 @@ __all__ = [
     "SaveError",
     "PathEscapeError",
     "BankError",
+    "NotInvertibleError",
+    "PrefixNotSupportedError",
+    "PromptTooLongError",
+    "BottleneckTargetError",
 ]
