@@ -11,7 +11,7 @@ optimizer; ``opt_state = optimizer.init(adapter)`` exists for adapter leaves onl
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
         keep = lambda new, old: jnp.where(finite, new, old)
         new_adapter = jax.tree.map(keep, new_adapter, adapter)
         new_state = jax.tree.map(keep, new_state, opt_state)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "skipped": (~finite).astype(jnp.int32)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": (~finite).astype(jnp.int32)}
     if isinstance(aux, dict):
         metrics.update(aux)
     elif aux is not None and aux != {}:
@@ -59,11 +59,80 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
     return new_adapter, new_state, metrics
 
 
-def make_step_fn(loss_fn: Callable, optimizer: optax.GradientTransformation, *, skip_nonfinite: bool = True):
-    """The un-jitted step body, for composing into pmap / shard_map / custom loops."""
+def _split_micro(x, k: int):
+    """``[k * m, ...] -> [k, m, ...]`` with micro-batch ``j`` = examples ``j, j + k, j + 2k, ...``.
+
+    The strided split keeps every micro-batch spread over all data shards, so a batch sharded
+    along its first axis stays local to its devices (no resharding inside the scan)."""
+    x = jnp.asarray(x)
+    if x.ndim == 0 or x.shape[0] % k:
+        from jpeft.errors import InputValidationError
+
+        raise InputValidationError(
+            f"accumulate_steps={k} splits every batch leaf along its first axis, but found a leaf of shape "
+            f"{tuple(x.shape)}; give a batch whose leading dimension is a multiple of {k} "
+            f"(k micro-batches of equal size), or set accumulate_steps=1."
+        )
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+
+def accumulate_loss_and_grad(loss_fn: Callable, params, adapter, batch, key, steps: int):
+    """:func:`loss_and_grad` averaged over ``steps`` micro-batches with a ``lax.scan``.
+
+    Equals one call on the whole batch when the loss is a mean over examples: loss, float
+    aux metrics and gradients are averaged, integer aux metrics summed. Micro-batch ``j``
+    gets the key ``fold_in(key, j)``; ``steps=1`` is exactly :func:`loss_and_grad`.
+    """
+    if steps == 1:
+        return loss_and_grad(loss_fn, params, adapter, batch, key)
+    micro = jax.tree.map(lambda x: _split_micro(x, steps), batch)
+
+    def one(mb, j):
+        k = None if key is None else jax.random.fold_in(key, j)
+        return loss_and_grad(loss_fn, params, adapter, mb, k)
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(one, first, jnp.int32(0))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(acc, xs):
+        mb, j = xs
+        out = one(mb, j)
+        return jax.tree.map(jnp.add, acc, out), None
+
+    total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(steps, dtype=jnp.int32)))
+
+    def mean(x):
+        return x / steps if jnp.issubdtype(x.dtype, jnp.inexact) else x
+
+    (loss, aux), grads = total
+    return (mean(loss), jax.tree.map(mean, aux)), jax.tree.map(mean, grads)
+
+
+def make_step_fn(
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    skip_nonfinite: bool = True,
+    accumulate_steps: int = 1,
+    grad_reduce: Optional[Callable] = None,
+):
+    """The un-jitted step body, for composing into pmap / shard_map / custom loops.
+
+    ``accumulate_steps=k`` splits the batch into ``k`` micro-batches (see
+    :func:`accumulate_loss_and_grad`); one call is still one optimizer update.
+    ``grad_reduce((loss, aux, grads)) -> (loss, aux, grads)`` runs before the update, e.g. a
+    ``lax.pmean`` over a ``pmap`` axis (:func:`jpeft.make_pmap_train_step` uses it).
+    """
+    if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+        from jpeft.errors import ConfigError
+
+        raise ConfigError(f"accumulate_steps must be a positive integer, found {accumulate_steps!r}.")
 
     def step(params, adapter, opt_state, batch, key):
-        (loss, aux), grads = loss_and_grad(loss_fn, params, adapter, batch, key)
+        (loss, aux), grads = accumulate_loss_and_grad(loss_fn, params, adapter, batch, key, accumulate_steps)
+        if grad_reduce is not None:
+            loss, aux, grads = grad_reduce((loss, aux, grads))
         return apply_update(optimizer, adapter, opt_state, grads, loss, aux, skip_nonfinite=skip_nonfinite)
 
     return step
@@ -75,12 +144,16 @@ def make_train_step(
     *,
     donate: bool = True,
     skip_nonfinite: bool = True,
+    accumulate_steps: int = 1,
 ):
     """A jitted ``step(params, adapter, opt_state, batch, key) -> (adapter, opt_state, metrics)``.
 
     The adapter and optimizer-state buffers are donated (pass ``donate=False`` to keep the
     inputs usable). ``metrics`` holds ``loss``, ``grad_norm``, ``skipped`` (1 when the
     non-finite guard skipped the update) and whatever dict ``loss_fn`` returned as aux.
+    ``accumulate_steps=k`` averages gradients over ``k`` equal micro-batches of the batch
+    inside the step (a ``lax.scan``), equal to one step on the whole batch with ``1/k`` of
+    the activation memory; one call is one optimizer update.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jpeft
     >>> model = nn.Dense(1); x = jnp.ones((8, 3)); y = jnp.zeros((8, 1))
@@ -95,5 +168,5 @@ def make_train_step(
     >>> sorted(metrics)
     ['grad_norm', 'loss', 'skipped']
     """
-    body = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite)
+    body = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps)
     return jax.jit(body, donate_argnums=(1, 2) if donate else ())

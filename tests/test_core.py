@@ -1,0 +1,333 @@
+"""Core LoRA behaviour (issue 2): identity at init, factored == merged, training, errors."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft import tree
+
+
+# ---------------------------------------------------------------- tiny models built in the test
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.gelu(nn.Dense(24, name="fc1")(x))
+        x = nn.gelu(nn.Dense(24, name="fc2")(x))
+        return nn.Dense(3, name="head")(x)
+
+
+class Block(nn.Module):
+    """A transformer block made of flax's own MultiHeadDotProductAttention."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(name="ln1")(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, name="attn")(h, h)
+        h = nn.LayerNorm(name="ln2")(x)
+        h = nn.Dense(32, name="up")(h)
+        return x + nn.Dense(x.shape[-1], name="down")(nn.relu(h))
+
+
+class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(12, name="embed_in")(x)
+        x = Block(name="block_0")(x)
+        x = Block(name="block_1")(x)
+        return nn.Dense(5, name="out_proj")(x)
+
+
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        e = nn.Embed(20, 6, name="tok")(ids)
+        h = nn.relu(nn.Conv(10, (3,), name="conv1")(e))
+        h = nn.Conv(7, (2,), strides=(1,), padding="VALID", name="conv2")(h)
+        h = nn.Einsum((7, 4), "btc,cd->btd", name="mix")(h)
+        return h.mean(axis=1)
+
+
+def _mlp():
+    m = MLP()
+    x = jax.random.normal(jax.random.key(0), (5, 7))
+    return m, m.init(jax.random.key(1), x), x
+
+
+def _tiny():
+    m = Tiny()
+    x = jax.random.normal(jax.random.key(0), (2, 6, 9))
+    return m, m.init(jax.random.key(1), x), x
+
+
+def _conv():
+    m = ConvNet()
+    ids = jax.random.randint(jax.random.key(0), (3, 8), 0, 20)
+    return m, m.init(jax.random.key(1), ids), ids
+
+
+CASES = {
+    "mlp": (_mlp, ["fc1", "fc2", "head"], False),
+    "mha_transformer": (_tiny, ["query", "key", "value", "out", "up"], True),
+    "conv_embed": (_conv, ["tok", "conv1", "conv2", "mix"], True),
+}
+
+
+def _adapter(case, init="default", r=4, **kw):
+    build, targets, needs_model = CASES[case]
+    model, params, x = build()
+    cfg = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=targets, init=init, **kw)
+    if needs_model:
+        a = jpeft.init(cfg, params, jax.random.key(7), model, x)
+    else:
+        a = jpeft.init(cfg, params, jax.random.key(7))
+    return model, params, x, a
+
+
+# ---------------------------------------------------------------- identity, merge, unmerge
+@pytest.mark.parametrize("case", list(CASES))
+def test_default_init_is_exact_identity(case):
+    model, params, x, a = _adapter(case)
+    assert len(a) >= 3
+    np.testing.assert_array_equal(np.asarray(jpeft.apply(model, params, a, x)), np.asarray(model.apply(params, x)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_factored_equals_merged_and_unmerge_recovers(case):
+    model, params, x, a = _adapter(case, init="random")
+    y = jpeft.apply(model, params, a, x)
+    assert not np.allclose(y, model.apply(params, x), atol=1e-3), "random adapter should change the output"
+    merged = jpeft.merge(params, a)
+    np.testing.assert_allclose(np.asarray(model.apply(merged, x)), np.asarray(y), atol=1e-5, rtol=1e-5)
+    back = jpeft.unmerge(merged, a)
+    for p, q in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(p), np.asarray(q), atol=1e-6)
+    # merge touched only the targeted kernels
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+
+
+def test_lora_matches_fully_computed_matrix():
+    """Against the closed form x @ (W + s A B) + b, computed by hand in numpy."""
+    model = nn.Dense(6)
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    params = model.init(jax.random.key(0), x)
+    a = jpeft.init(jpeft.LoraConfig(r=3, alpha=5, target_modules=".*", init="random"), params, jax.random.key(1))
+    node = a[""]
+    W = np.asarray(params["params"]["kernel"], np.float64)
+    b = np.asarray(params["params"]["bias"], np.float64)
+    A, B = np.asarray(node.lora_A, np.float64), np.asarray(node.lora_B, np.float64)
+    want = x @ (W + (5 / 3) * A @ B) + b
+    np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, a, x)), want, atol=1e-5)
+
+
+def test_lora_is_computed_factored_never_materialized():
+    model, params, x = _mlp()
+    a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc2"], init="random"), params, jax.random.key(0))
+    jaxpr = jax.make_jaxpr(lambda p, ad, x: jpeft.apply(model, p, ad, x))(params, a, x)
+    shapes = [tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars]
+    assert (24, 24) not in shapes, "the merged [in, out] update must not be formed while applying"
+
+
+def test_embed_attend_is_adapted():
+    class Tied(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            emb = nn.Embed(11, 4, name="wte")
+            return emb.attend(emb(ids))
+
+    m = Tied()
+    ids = jnp.arange(6).reshape(2, 3)
+    p = m.init(jax.random.key(0), ids)
+    a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["wte"], init="random"), p, jax.random.key(1))
+    np.testing.assert_allclose(jpeft.apply(m, p, a, ids), m.apply(jpeft.merge(p, a), ids), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- transforms
+def test_jit_grad_vmap():
+    model, params, x, a = _adapter("mha_transformer", init="random")
+    f = jax.jit(lambda ad, x: jpeft.apply(model, params, ad, x))
+    np.testing.assert_allclose(f(a, x), jpeft.apply(model, params, a, x), atol=1e-5)
+    g = jax.grad(lambda ad: jnp.sum(jpeft.apply(model, params, ad, x) ** 2))(a)
+    assert jax.tree.structure(g) == jax.tree.structure(a)
+    assert all(float(jnp.abs(l).sum()) > 0 for l in jax.tree.leaves(g))
+    v = jax.vmap(lambda xi: jpeft.apply(model, params, a, xi[None])[0])(x)
+    np.testing.assert_allclose(v, jpeft.apply(model, params, a, x), atol=1e-5)
+
+
+def test_rslora_scale_and_rank_pattern():
+    model, params, x = _mlp()
+    a = jpeft.init(jpeft.LoraConfig(r=16, alpha=8, use_rslora=True, target_modules=["fc1"]), params, jax.random.key(0))
+    assert math.isclose(a["fc1"].scale, 8 / math.sqrt(16))
+    a = jpeft.init(jpeft.LoraConfig(r=16, alpha=8, target_modules=["fc1"]), params, jax.random.key(0))
+    assert math.isclose(a["fc1"].scale, 0.5)
+    c = jpeft.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], rank_pattern={"fc2": 2}, alpha_pattern={"fc2": 1})
+    a = jpeft.init(c, params, jax.random.key(0))
+    assert a["fc1"].r == 4 and a["fc2"].r == 2 and math.isclose(a["fc2"].scale, 0.5)
+
+
+def test_dropout_uses_dropout_rng():
+    model, params, x = _mlp()
+    a = jpeft.init(jpeft.LoraConfig(r=4, dropout=0.5, target_modules=["fc1", "fc2"], init="random"), params, jax.random.key(0))
+    y0 = jpeft.apply(model, params, a, x)
+    y1 = jpeft.apply(model, params, a, x, rngs={"dropout": jax.random.key(1)})
+    y1b = jpeft.apply(model, params, a, x, rngs={"dropout": jax.random.key(1)})
+    y2 = jpeft.apply(model, params, a, x, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(y1, y1b)
+    assert not np.allclose(y0, y1) and not np.allclose(y1, y2)
+
+
+def test_config_round_trip_with_hf_keys():
+    c = jpeft.LoraConfig(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"], use_rslora=True, init="gaussian",
+                         rank_pattern={"q_proj": 4})
+    d = c.to_dict()
+    assert d["lora_alpha"] == 16 and d["lora_dropout"] == 0.1 and d["r"] == 8 and d["use_rslora"] is True
+    assert d["init_lora_weights"] == "gaussian" and d["peft_type"] == "LORA"
+    assert jpeft.LoraConfig.from_dict(d) == c
+    assert jpeft.AdapterConfig.from_dict(d) == c
+    assert jpeft.LoraConfig.from_json(c.to_json()) == c
+    assert jpeft.LoraConfig.from_dict(jpeft.LoraConfig().to_dict()).init == "default"
+    # keys Hugging Face writes that do not concern jpeft are accepted
+    jpeft.LoraConfig.from_dict({**d, "task_type": "CAUSAL_LM", "base_model_name_or_path": "x", "bias": "none"})
+
+
+def test_target_matching_follows_hf_peft():
+    paths = ["model/layers_0/self_attn/q_proj", "model/layers_0/self_attn/qq_proj", "model/layers_1/mlp/up_proj"]
+    assert tree.select(["q_proj"], paths) == paths[:1]
+    assert tree.select(["self_attn.q_proj"], paths) == paths[:1]
+    assert tree.select(r".*layers\.1\.mlp\.up_proj", paths) == paths[2:]  # HF dotted regex
+    assert tree.select(r"model/layers_\d+/self_attn/q.*", paths) == paths[:2]
+    assert tree.hf_name(paths[0]) == "model.layers.0.self_attn.q_proj"
+    assert tree.from_hf_name("model.layers.0.self_attn.q_proj") == paths[0]
+    with pytest.raises(jpeft.TargetNotFoundError):
+        tree.select(["proj"], paths)  # suffixes match whole components only
+
+
+# ---------------------------------------------------------------- training
+def test_training_reduces_loss_and_leaves_base_untouched():
+    model, params, _ = _mlp()
+    kx, kw = jax.random.split(jax.random.key(3))
+    X = jax.random.normal(kx, (64, 7))
+    target_w = jax.random.normal(kw, (7, 3))
+    Y = model.apply(params, X) + 0.5 * jnp.tanh(X @ target_w)
+    base_copy = jax.tree.map(np.array, params)
+    a = jpeft.init(jpeft.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2", "head"]), params, jax.random.key(4))
+
+    def loss_fn(params, adapter, batch, key):
+        pred = jpeft.apply(model, params, adapter, batch["x"])
+        return jnp.mean((pred - batch["y"]) ** 2), {"mae": jnp.mean(jnp.abs(pred - batch["y"]))}
+
+    opt = optax.adam(1e-2)
+    state = opt.init(a)
+    base_shapes = {tuple(l.shape) for l in jax.tree.leaves(params)}
+    assert not any(tuple(l.shape) in base_shapes for l in jax.tree.leaves(state) if getattr(l, "ndim", 0) > 0)
+    step = jpeft.make_train_step(loss_fn, opt)
+    losses = []
+    for i in range(50):
+        a, state, m = step(params, a, state, {"x": X, "y": Y}, jax.random.key(i))
+        losses.append(float(m["loss"]))
+        assert "mae" in m and int(m["skipped"]) == 0
+    assert losses[-1] < losses[0] / 10, losses
+    for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(base_copy)):
+        np.testing.assert_array_equal(np.asarray(p), q)
+
+
+def test_nonfinite_step_is_skipped():
+    model, params, x = _mlp()
+    a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"]), params, jax.random.key(0))
+
+    def loss_fn(params, adapter, batch, key):
+        return jnp.mean(jpeft.apply(model, params, adapter, batch) ** 2)
+
+    opt = optax.sgd(0.1)
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    bad = x.at[0, 0].set(jnp.nan)
+    a2, s2, m = step(params, a, opt.init(a), bad, jax.random.key(0))
+    assert int(m["skipped"]) == 1
+    for p, q in zip(jax.tree.leaves(a2), jax.tree.leaves(a)):
+        np.testing.assert_array_equal(p, q)
+
+
+def test_summary_counts():
+    model, params, x = _mlp()
+    a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1", "head"]), params, jax.random.key(0))
+    lines = []
+    s = jpeft.summary(params, a, print_fn=lines.append)
+    assert s["trainable"] == (7 * 2 + 2 * 24) + (24 * 2 + 2 * 3)
+    assert s["base"] == (7 * 24 + 24) + (24 * 24 + 24) + (24 * 3 + 3)
+    assert s["total"] == s["base"] + s["trainable"] and math.isclose(s["share"], s["trainable"] / s["total"])
+    assert "trainable params: 116" in lines[0]
+    # works without allocating, on abstract shapes
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    assert jpeft.summary(abstract, None, print_fn=None)["base"] == s["base"]
+
+
+# ---------------------------------------------------------------- errors
+def test_target_not_found_lists_nearest_paths():
+    model, params, x = _tiny()
+    with pytest.raises(jpeft.TargetNotFoundError) as e:
+        jpeft.init(jpeft.LoraConfig(target_modules=["qeury"]), params, jax.random.key(0), model, x)
+    msg = str(e.value)
+    assert "qeury" in msg and "block_0/attn/query" in msg
+    listed = msg.split("nearest first:")[1].split()
+    assert len(listed) <= 20 and listed[0].endswith("query")
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(r=0), "r must be a positive integer"),
+        (dict(r=-2), "r must be a positive integer"),
+        (dict(alpha=0), "alpha must be > 0"),
+        (dict(alpha=-1.0), "alpha must be > 0"),
+        (dict(dropout=1.0), "dropout must be in [0, 1)"),
+        (dict(dropout=-0.1), "dropout must be in [0, 1)"),
+        (dict(init="kaiming"), "init must be one of"),
+    ],
+)
+def test_bad_config_values(kwargs, needle):
+    with pytest.raises(jpeft.ConfigError) as e:
+        jpeft.LoraConfig(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_from_dict_unknown_keys():
+    with pytest.raises(jpeft.ConfigError) as e:
+        jpeft.LoraConfig.from_dict({"r": 4, "lora_alpah": 8})
+    assert "lora_alpah" in str(e.value) and "lora_alpha" in str(e.value)
+
+
+def test_adapter_on_params_of_another_shape():
+    model, params, x = _mlp()
+    a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc2"]), params, jax.random.key(0))
+    other = MLP().init(jax.random.key(1), jnp.ones((1, 9)))  # fc1 differs; make fc2 differ too
+    other = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.zeros((24, 30)) if tree.path_str(p) == "params/fc2/kernel" else v, other)
+    with pytest.raises(jpeft.ShapeMismatchError) as e:
+        jpeft.merge(other, a)
+    assert "fc2" in str(e.value) and "(24, 24)" in str(e.value) and "(24, 30)" in str(e.value)
+    with pytest.raises(jpeft.ShapeMismatchError) as e:
+        jpeft.apply(nn.Dense(30, name=None), {"params": {"kernel": jnp.zeros((7, 30)), "bias": jnp.zeros(30)}},
+                    {"": a["fc2"]}, x)
+    assert "(24, 24)" in str(e.value) and "(7, 30)" in str(e.value)
+
+
+def test_nd_kernel_without_model_says_how_to_fix():
+    model, params, x = _tiny()
+    with pytest.raises(jpeft.LayoutError) as e:
+        jpeft.init(jpeft.LoraConfig(target_modules=["query"]), params, jax.random.key(0))
+    assert "jpeft.init(config, params, key, model, x)" in str(e.value)
+
+
+def test_nothing_half_built_on_error():
+    """A failing init returns nothing; the params are not modified."""
+    model, params, x = _mlp()
+    before = jax.tree.map(np.array, params)
+    with pytest.raises(jpeft.TargetNotFoundError):
+        jpeft.init(jpeft.LoraConfig(target_modules=["fc1", "nope"][1:]), params, jax.random.key(0))
+    for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(np.asarray(p), q)
