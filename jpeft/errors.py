@@ -93,6 +93,22 @@ class BottleneckTargetError(ShapeMismatchError):
     """A bottleneck adapter's target is not a module output of the adapter's width."""
 
 
+class BankCapacityError(BankError):
+    """An adapter bank is full, or an adapter's rank is above the bank's maximum rank."""
+
+
+class BankShapeError(BankError, ShapeMismatchError):
+    """An adapter (or the params a bank is applied to) belongs to another base model shape."""
+
+
+class UnknownAdapterError(BankError, LookupError):
+    """No adapter of that name is in the bank."""
+
+
+class DuplicateAdapterError(BankError):
+    """``AdapterBank.add`` was given a name the bank already holds (use ``replace``)."""
+
+
 __all__ = [
     "JpeftError",
     "ConfigError",
@@ -115,4 +131,8 @@ __all__ = [
     "PrefixNotSupportedError",
     "PromptTooLongError",
     "BottleneckTargetError",
+    "BankCapacityError",
+    "BankShapeError",
+    "UnknownAdapterError",
+    "DuplicateAdapterError",
 ]
