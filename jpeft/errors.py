@@ -109,6 +109,18 @@ class DuplicateAdapterError(BankError):
     """``AdapterBank.add`` was given a name the bank already holds (use ``replace``)."""
 
 
+class OverwriteError(JpeftError, FileExistsError):
+    """A save would replace an existing adapter or checkpoint and ``overwrite=True`` was not given."""
+
+
+class ShardingError(JpeftError, ValueError):
+    """A mesh, partition rule or array placement does not fit the arrays being sharded."""
+
+
+class DistributedError(JpeftError, RuntimeError):
+    """Joining or using a multi-process (multi-host) JAX job failed or was set up wrongly."""
+
+
 __all__ = [
     "JpeftError",
     "ConfigError",
@@ -135,4 +147,5 @@ __all__ = [
     "BankShapeError",
     "UnknownAdapterError",
     "DuplicateAdapterError",
+    "OverwriteError",
 ]
