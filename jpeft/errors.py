@@ -148,4 +148,6 @@ __all__ = [
     "UnknownAdapterError",
     "DuplicateAdapterError",
     "OverwriteError",
+    "ShardingError",
+    "DistributedError",
 ]
