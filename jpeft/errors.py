@@ -121,6 +121,14 @@ class DistributedError(JpeftError, RuntimeError):
     """Joining or using a multi-process (multi-host) JAX job failed or was set up wrongly."""
 
 
+class WeightShapeError(LoadError, ShapeMismatchError):
+    """A weight in a checkpoint has a shape that disagrees with the model's config."""
+
+
+class UnsupportedAdapterError(LoadError):
+    """An adapter on disk uses a method or an option jpeft cannot load."""
+
+
 __all__ = [
     "JpeftError",
     "ConfigError",
@@ -150,4 +158,6 @@ __all__ = [
     "OverwriteError",
     "ShardingError",
     "DistributedError",
+    "WeightShapeError",
+    "UnsupportedAdapterError",
 ]
