@@ -15,6 +15,9 @@ from jpeft.errors import *  # noqa: F401,F403
 from jpeft.errors import __all__ as _errors_all
 from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.train import make_train_step
+from jpeft import checkpoint, loop, validate
+from jpeft.io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
+from jpeft.loop import NonFiniteGuard, fit
 
 __version__ = "0.1.0"
 
@@ -28,5 +31,14 @@ __all__ = [
     "unmerge",
     "summary",
     "make_train_step",
+    "checkpoint",
+    "validate",
+    "loop",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_info",
+    "AdapterInfo",
+    "fit",
+    "NonFiniteGuard",
     "__version__",
 ] + list(_errors_all)

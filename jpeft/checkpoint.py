@@ -1,0 +1,601 @@
+"""Adapter-only training checkpoints on Orbax: exact resume, crash safety, resharding, and a
+guard against restoring onto the wrong base model.
+
+Each checkpoint step is an Orbax composite of two items:
+
+* ``state``: the arrays: the adapter (``adapter/<module path>/<field>``), the optimizer state
+  (``opt_state/<key path>``) and the RNG key data (``rng``). Never a base weight.
+* ``meta``: JSON: format version, jpeft version, the method config (``config.to_dict()``), the
+  base-model fingerprint (its config and every parameter's path, shape and dtype, plus an
+  optional content hash), the step, the data position, the metrics, and an index of every
+  array with its shape, dtype and SHA-256.
+
+Orbax writes each step into a temporary directory and renames it into place once complete,
+so a process killed mid-save leaves the previous step restorable; the manager removes
+leftover temporary directories when it starts. A checkpoint whose files were damaged later
+is caught by the SHA-256 index and raises :class:`~jpeft.errors.CheckpointError`.
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jpeft, tempfile
+>>> model = nn.Dense(4); params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+>>> cfg = jpeft.LoraConfig(r=2, target_modules=".*"); opt = optax.adam(1e-3)
+>>> adapter = jpeft.init(cfg, params, jax.random.key(1))
+>>> with jpeft.checkpoint.CheckpointManager(tempfile.mkdtemp(), cfg, params, optimizer=opt) as mngr:
+...     mngr.save(10, adapter, opt.init(adapter), jax.random.key(2), data_position=640)
+...     mngr.wait()
+...     state = mngr.restore_latest()
+True
+>>> state.step, state.data_position, bool(jnp.array_equal(state.adapter[""].lora_A, adapter[""].lora_A))
+(10, 640, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import numpy as np
+
+from jpeft.config import AdapterConfig
+from jpeft.errors import (
+    CheckpointError,
+    ConfigError,
+    JpeftError,
+    LoadError,
+    SaveError,
+    ShapeMismatchError,
+)
+from jpeft.io import (
+    _check_index,
+    _fp_difference,
+    _host,
+    _np_dtype,
+    _sha256,
+    _version,
+    base_fingerprint,
+    check_base,
+    leaf_names,
+    resolve_target,
+    template_adapter,
+)
+
+FORMAT = "jpeft-train-checkpoint"
+FORMAT_VERSION = 1
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """A restored training checkpoint.
+
+    Attributes:
+      step: the step the checkpoint was saved at.
+      adapter: the adapter dict, nodes rebuilt from the config.
+      opt_state: the optimizer state in the structure of ``optimizer.init(adapter)`` (or of
+        the ``opt_state`` template given to :meth:`CheckpointManager.restore`); a flat dict
+        ``{key path: array}`` when neither was given; ``None`` when none was saved.
+      key: the RNG key as saved (a typed key stays typed), or ``None``.
+      data_position: what was given as ``data_position`` (any JSON value).
+      metrics: the metrics given to ``save`` (or ``None``).
+      metadata: the checkpoint's JSON metadata (jpeft version, config, base fingerprint).
+    """
+
+    step: int
+    adapter: dict
+    opt_state: Any
+    key: Any
+    data_position: Any
+    metrics: Optional[dict]
+    metadata: dict
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _named_host(tree, prefix: str) -> tuple[dict, dict]:
+    """``({name: host array}, {name: index entry})`` for a pytree of arrays."""
+    named = leaf_names(tree)
+    leaves = [leaf for _, leaf in named]
+    for name, leaf in named:
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise ConfigError(f"cannot save {prefix}/{name}: it is abstract (jax.ShapeDtypeStruct), not an array.")
+    addressable = all(getattr(x, "is_fully_addressable", True) for x in leaves)
+    if addressable:
+        # One batched device->host copy; the host copies are what Orbax writes, so the
+        # caller may donate or overwrite its device buffers as soon as save() returns.
+        host = jax.device_get([jax.random.key_data(x) if _is_key(x) else x for x in leaves])
+        host = [np.asarray(h) for h in host]
+    else:  # multi-host: Orbax writes each host's shards; no whole-array hash
+        host = leaves
+    arrays, index = {}, {}
+    for (name, _), h in zip(named, host):
+        full = f"{prefix}/{name}" if name else prefix
+        arrays[name] = h
+        index[full] = {
+            "shape": [int(d) for d in h.shape],
+            "dtype": str(np.dtype(h.dtype)),
+            "sha256": _sha256(h) if isinstance(h, np.ndarray) else None,
+        }
+    return arrays, index
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _wrap(e: BaseException, what: str, cls=CheckpointError):
+    if isinstance(e, JpeftError):
+        return e
+    return cls(f"{what}: {type(e).__name__}: {str(e)[:500]}")
+
+
+class CheckpointManager:
+    """Saves and restores adapter-only training checkpoints under ``directory``.
+
+    Args:
+      directory: where the step directories go (created if needed).
+      config: the method config of the adapter being trained.
+      params: the base model's params (arrays or ``jax.ShapeDtypeStruct``): only their
+        fingerprint is stored, never a weight.
+      optimizer: the optax optimizer; lets :meth:`restore` rebuild the optimizer state's
+        structure without a template.
+      model, example_args: what was given to :func:`jpeft.init` after ``key``, when the
+        adapter was created by tracing the model.
+      base_config: the base model's config (dict, dataclass or transformers config), added to
+        the fingerprint.
+      with_content_hash: also hash the base weights' bytes into the fingerprint (costs one
+        pass over the weights at construction; needs concrete params).
+      save_every: :meth:`save` writes only at steps that are multiples of this (unless
+        ``force=True``).
+      keep_last: keep the newest ``keep_last`` checkpoints (``None`` keeps all).
+      keep_best: also keep the ``keep_best`` best checkpoints by ``best_metric``.
+      best_metric: the key of the ``metrics`` dict given to :meth:`save` that ranks them.
+      best_mode: ``"min"`` (a loss) or ``"max"`` (an accuracy).
+      async_save: write in a background thread; :meth:`save` returns once the arrays are on
+        the host. Call :meth:`wait` (or :meth:`close`) before relying on the files.
+      root: confine ``directory`` to this directory (``..``, absolute paths and symlinks
+        raise :class:`~jpeft.errors.PathEscapeError`).
+      allow_base_mismatch: default for :meth:`restore`'s flag of the same name.
+    """
+
+    def __init__(
+        self,
+        directory,
+        config: AdapterConfig,
+        params,
+        *,
+        optimizer=None,
+        model=None,
+        example_args: Sequence[Any] = (),
+        base_config=None,
+        with_content_hash: bool = False,
+        save_every: int = 1,
+        keep_last: Optional[int] = 3,
+        keep_best: int = 0,
+        best_metric: Optional[str] = None,
+        best_mode: str = "min",
+        async_save: bool = True,
+        root=None,
+        allow_base_mismatch: bool = False,
+    ):
+        if not isinstance(config, AdapterConfig):
+            raise ConfigError(f"CheckpointManager needs a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
+        if not isinstance(save_every, int) or save_every < 1:
+            raise ConfigError(f"save_every must be a positive integer, found {save_every!r}.")
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise ConfigError(f"keep_last must be a positive integer or None, found {keep_last!r}.")
+        if not isinstance(keep_best, int) or keep_best < 0:
+            raise ConfigError(f"keep_best must be a non-negative integer, found {keep_best!r}.")
+        if keep_best and not best_metric:
+            raise ConfigError("keep_best > 0 needs best_metric, the key of the metrics dict that ranks checkpoints (e.g. 'loss').")
+        if best_mode not in ("min", "max"):
+            raise ConfigError(f"best_mode must be 'min' or 'max', found {best_mode!r}.")
+        self.directory = resolve_target(directory, root).absolute()
+        self.config = config
+        self.params = params
+        self.optimizer = optimizer
+        self.model = model
+        self.example_args = tuple(example_args)
+        self.base_config = base_config
+        self.save_every = save_every
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.async_save = async_save
+        self.allow_base_mismatch = allow_base_mismatch
+        self.fingerprint = base_fingerprint(params, base_config, with_content_hash=with_content_hash)
+        self._config_dict = config.to_dict()
+        self._mngr = self._open()
+
+    # -- orbax plumbing ------------------------------------------------------------------------
+    def _open(self):
+        ocp = _ocp()
+        pp = ocp.checkpoint_managers
+        policies = [pp.LatestN(n=self.keep_last)]
+        best_fn = None
+        if self.keep_best:
+            metric = self.best_metric
+
+            def best_fn(m, metric=metric):
+                return float(m[metric])
+
+            policies.append(pp.BestN(get_metric_fn=best_fn, reverse=(self.best_mode == "min"), n=self.keep_best,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1,
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            best_fn=best_fn,
+            best_mode=self.best_mode,
+            keep_checkpoints_without_metrics=False,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=self.async_save,
+        )
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._cleanup_incomplete()
+            return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        except OSError as e:
+            raise SaveError(f"cannot open the checkpoint directory {self.directory}: {e}") from e
+
+    def _cleanup_incomplete(self) -> None:
+        """Removes step directories that never completed (Orbax's temporary directories, and
+        step directories without Orbax's commit marker)."""
+        for p in self.directory.iterdir():
+            name = p.name
+            if ".orbax-checkpoint-tmp" in name and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases Orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
+
+    def wait(self) -> None:
+        """Blocks until every asynchronous save is on disk.
+
+        Raises:
+          SaveError: a background save failed (the earlier checkpoints are intact).
+        """
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # surfaced from the background thread
+            raise _wrap(e, f"an asynchronous save into {self.directory} failed; earlier checkpoints are intact", SaveError) from e
+
+    # -- queries -----------------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """The steps with a complete checkpoint, oldest first."""
+        return sorted(int(s) for s in self._mngr.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> Optional[int]:
+        """The kept step with the best ``best_metric`` (``None`` when none has metrics)."""
+        if not self.best_metric:
+            return None
+        best = None
+        for s in self.all_steps():
+            m = self.metrics(s)
+            if not m or self.best_metric not in m:
+                continue
+            v = float(m[self.best_metric])
+            if best is None or (v < best[0] if self.best_mode == "min" else v > best[0]):
+                best = (v, s)
+        return None if best is None else best[1]
+
+    def metrics(self, step: int) -> Optional[dict]:
+        """The metrics saved with ``step`` (from its JSON metadata)."""
+        return self.read_metadata(step).get("metrics")
+
+    def should_save(self, step: int) -> bool:
+        return step % self.save_every == 0 and step not in self.all_steps()
+
+    # -- save ----------------------------------------------------------------------------------------
+    def save(self, step: int, adapter: Mapping[str, Any], opt_state=None, key=None, *, data_position: Any = None,
+             metrics: Optional[Mapping[str, float]] = None, force: bool = False) -> bool:
+        """Saves the training state at ``step`` if ``step`` is a multiple of ``save_every`` (or
+        ``force``). Returns whether a checkpoint was started.
+
+        Only the adapter, the optimizer state, the RNG key, the data position and JSON
+        metadata are written. With ``async_save`` the call returns once the arrays are copied
+        to the host; the device buffers may then be donated to the next step.
+
+        Raises:
+          SaveError: the write failed (earlier checkpoints are intact).
+          ConfigError: ``step`` is invalid or already saved, or an argument is not JSON-able.
+        """
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ConfigError(f"step must be a non-negative integer, found {step!r}.")
+        step = int(step)
+        if not force and step % self.save_every != 0:
+            return False
+        if step in self.all_steps():
+            raise ConfigError(f"step {step} is already saved in {self.directory}; checkpoints are never overwritten.")
+        if not isinstance(adapter, Mapping) or not adapter:
+            raise ConfigError(f"save expects the adapter dict from jpeft.init, found {type(adapter).__name__}.")
+        arrays: dict[str, Any] = {}
+        index: dict[str, Any] = {}
+        a, i = _named_host(dict(adapter), "adapter")
+        arrays["adapter"] = a
+        index.update(i)
+        if opt_state is not None and jax.tree.leaves(opt_state):
+            o, i = _named_host(opt_state, "opt_state")
+            arrays["opt_state"] = o
+            index.update(i)
+        rng = None
+        if key is not None:
+            typed = _is_key(key)
+            data = np.asarray(jax.device_get(jax.random.key_data(key) if typed else key))
+            rng = {"typed": bool(typed), "impl": str(jax.random.key_impl(key)) if typed else None}
+            arrays["rng"] = data
+            index["rng"] = {"shape": list(data.shape), "dtype": str(data.dtype), "sha256": _sha256(data)}
+        clean_metrics = None
+        if metrics is not None:
+            try:
+                clean_metrics = {str(k): float(np.asarray(jax.device_get(v))) for k, v in dict(metrics).items()}
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"metrics must map names to scalars: {e}") from None
+            if self.keep_best and self.best_metric not in clean_metrics:
+                raise ConfigError(f"metrics must include best_metric={self.best_metric!r}; found keys {sorted(clean_metrics)}.")
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "jpeft_version": _version(),
+            "step": step,
+            "config": self._config_dict,
+            "base": self.fingerprint,
+            "data_position": data_position,
+            "rng": rng,
+            "metrics": clean_metrics,
+            "arrays": index,
+        }
+        import json
+
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"data_position must be JSON-able (an int, a dict of ints, ...): {e}") from None
+        ocp = _ocp()
+        try:
+            return bool(
+                self._mngr.save(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
+                    metrics=clean_metrics if self.keep_best else None,
+                    force=True,
+                )
+            )
+        except Exception as e:
+            self._cleanup_incomplete()
+            raise _wrap(e, f"saving step {step} into {self.directory} failed; earlier checkpoints are intact", SaveError) from e
+
+    # -- restore -------------------------------------------------------------------------------------
+    def read_metadata(self, step: Optional[int] = None) -> dict:
+        """The JSON metadata of ``step`` (latest by default), without reading any array.
+
+        Raises:
+          CheckpointError: no such step, or its metadata is corrupted.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no complete checkpoint in {self.directory}.")
+        meta_file = self._step_dir(step) / "meta" / "metadata"
+        from jpeft.io import read_json
+
+        try:
+            d = read_json(meta_file, what=f"checkpoint metadata of step {step}")
+        except LoadError as e:
+            raise CheckpointError(str(e)) from None
+        where = f"checkpoint step {step} in {self.directory}"
+        if d.get("format") != FORMAT:
+            raise CheckpointError(f"{where} is not a jpeft training checkpoint ('format' is {str(d.get('format'))[:60]!r}).")
+        v = d.get("format_version")
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= FORMAT_VERSION:
+            raise CheckpointError(f"{where}: unsupported format_version {str(v)[:60]!r} (this jpeft reads 1..{FORMAT_VERSION}).")
+        if d.get("step") != step:
+            raise CheckpointError(f"{where}: its metadata says step {str(d.get('step'))[:40]!r}; the files are corrupted or were moved.")
+        if not isinstance(d.get("config"), dict):
+            raise CheckpointError(f"{where}: 'config' is missing or not an object.")
+        base = d.get("base")
+        if base is not None and not (isinstance(base, dict) and isinstance(base.get("params"), list)
+                                     and all(isinstance(r, list) and len(r) == 3 for r in base["params"])
+                                     and (base.get("config") is None or isinstance(base.get("config"), dict))):
+            raise CheckpointError(f"{where}: the base fingerprint is malformed.")
+        _check_index(d.get("arrays"), where)
+        rng = d.get("rng")
+        if rng is not None and not (isinstance(rng, dict) and isinstance(rng.get("typed"), bool)):
+            raise CheckpointError(f"{where}: the 'rng' entry is malformed.")
+        if d.get("metrics") is not None and not isinstance(d["metrics"], dict):
+            raise CheckpointError(f"{where}: 'metrics' is not an object.")
+        return d
+
+    def _step_dir(self, step: int) -> Path:
+        return Path(self._mngr.directory) / str(step)
+
+    def restore_latest(self, **kwargs) -> Optional[TrainState]:
+        """:meth:`restore` of the newest complete checkpoint, or ``None`` when there is none
+        (so ``state = mngr.restore_latest()`` then "start fresh if None")."""
+        if self.latest_step() is None:
+            return None
+        return self.restore(None, **kwargs)
+
+    def restore_best(self, **kwargs) -> Optional[TrainState]:
+        """:meth:`restore` of :meth:`best_step`, or ``None``."""
+        s = self.best_step()
+        return None if s is None else self.restore(s, **kwargs)
+
+    def restore(
+        self,
+        step: Optional[int] = None,
+        *,
+        adapter=None,
+        opt_state=None,
+        shardings: Union[None, jax.sharding.Sharding, Callable[[str, tuple], jax.sharding.Sharding]] = None,
+        allow_base_mismatch: Optional[bool] = None,
+    ) -> TrainState:
+        """Restores ``step`` (latest by default) onto this manager's base.
+
+        Args:
+          step: the step; ``None`` for the latest.
+          adapter: optional template (arrays or ``jax.ShapeDtypeStruct``) of the adapter;
+            built from the config with :func:`jpeft.init` under ``jax.eval_shape`` otherwise.
+            The shardings of its leaves are used as target shardings.
+          opt_state: optional template of the optimizer state; ``optimizer.init`` of the
+            adapter template otherwise (when the manager has an ``optimizer``).
+          shardings: target shardings for every restored array: one
+            :class:`jax.sharding.Sharding`, or ``fn(name, shape) -> Sharding`` with names like
+            ``"adapter/model/q_proj/lora_A"``. Overrides the templates' shardings. By default
+            arrays land on the first local device. Saved and restored device layouts need not
+            match: Orbax reads each target shard's slice.
+          allow_base_mismatch: restore even though the base fingerprint differs (warns).
+
+        Raises:
+          BaseMismatchError: the checkpoint was saved for another base (says what differs).
+          CheckpointError: the checkpoint is missing, corrupted or truncated.
+          ShapeMismatchError: the saved arrays do not fit the templates.
+          ConfigError: the checkpoint was saved with a different method config.
+        """
+        allow = self.allow_base_mismatch if allow_base_mismatch is None else allow_base_mismatch
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no complete checkpoint in {self.directory}; nothing to restore.")
+        if step not in self.all_steps():
+            raise CheckpointError(f"step {step} has no complete checkpoint in {self.directory}; available: {self.all_steps()}.")
+        meta = self.read_metadata(step)
+        where = f"checkpoint step {step} in {self.directory}"
+        check_base(meta.get("base"), self.params, self.base_config, allow_base_mismatch=allow, what="checkpoint")
+        if meta["config"] != self._config_dict:
+            saved, now = meta["config"], self._config_dict
+            k = next(k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+            raise ConfigError(
+                f"{where} was saved with a different method config: {k!r} is {saved.get(k)!r} there, {now.get(k)!r} here. "
+                "Create the CheckpointManager with the config the run was started with."
+            )
+        index = meta["arrays"]
+        # -- templates -------------------------------------------------------------------------
+        if adapter is None:
+            try:
+                adapter = template_adapter(self.config, self.params, self.model, *self.example_args)
+            except JpeftError:
+                raise
+        if opt_state is None and self.optimizer is not None and any(k.startswith("opt_state/") for k in index):
+            opt_state = jax.eval_shape(self.optimizer.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter))
+        groups = {"adapter": adapter}
+        if opt_state is not None:
+            groups["opt_state"] = opt_state
+        expected: dict[str, Any] = {}
+        for g, tree in groups.items():
+            for name, leaf in leaf_names(tree):
+                expected[f"{g}/{name}" if name else g] = leaf
+        saved_names = [k for k in index if k != "rng"]
+        for g in groups:
+            want = [k for k in expected if k == g or k.startswith(g + "/")]
+            have = [k for k in saved_names if k == g or k.startswith(g + "/")]
+            if set(want) != set(have):
+                miss = sorted(set(want) - set(have))
+                extra = sorted(set(have) - set(want))
+                raise ShapeMismatchError(
+                    f"{where}: the saved {g} does not fit the template"
+                    + (f"; the template has {miss[0]!r} that was not saved ({len(miss)} in all)" if miss else "")
+                    + (f"; the checkpoint has {extra[0]!r} that the template lacks ({len(extra)} in all)" if extra else "")
+                    + ". Restore with the config, model and optimizer the run was saved with."
+                )
+            for k in want:
+                e = index[k]
+                if tuple(e["shape"]) != tuple(expected[k].shape):
+                    raise ShapeMismatchError(
+                        f"{where}: {k!r} was saved with shape {tuple(e['shape'])}, the template has {tuple(expected[k].shape)}."
+                    )
+        # -- abstract target with shardings ---------------------------------------------------------
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+        def target_sharding(name, shape):
+            if shardings is not None:
+                return shardings(name, shape) if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding) else shardings
+            leaf = expected.get(name)
+            s = getattr(leaf, "sharding", None) if leaf is not None else None
+            return s if isinstance(s, jax.sharding.Sharding) else default
+
+        abstract: dict[str, Any] = {}
+        for full, e in index.items():
+            shape = tuple(e["shape"])
+            dtype = _np_dtype(e["dtype"])
+            sds = jax.ShapeDtypeStruct(shape, dtype, sharding=target_sharding(full, shape))
+            g, _, rest = full.partition("/")
+            if g == "rng":
+                abstract["rng"] = sds
+            else:
+                abstract.setdefault(g, {})[rest] = sds
+        ocp = _ocp()
+        try:
+            restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            state = restored["state"]
+        except Exception as e:
+            raise _wrap(e, f"{where} is corrupted or truncated (Orbax could not read it)") from None
+        # -- integrity ---------------------------------------------------------------------------------
+        flat: dict[str, Any] = {}
+        try:
+            for g, v in state.items():
+                if g == "rng":
+                    flat["rng"] = v
+                else:
+                    for name, arr in v.items():
+                        flat[f"{g}/{name}" if name else g] = arr
+        except AttributeError:
+            raise CheckpointError(f"{where} is corrupted: its array tree has an unexpected structure.") from None
+        if set(flat) != set(index):
+            raise CheckpointError(f"{where} is corrupted: its arrays do not match its metadata index.")
+        for name, arr in flat.items():
+            e = index[name]
+            if tuple(arr.shape) != tuple(e["shape"]) or str(np.dtype(arr.dtype)) != e["dtype"]:
+                raise CheckpointError(f"{where} is corrupted: {name!r} restored as {arr.dtype}{tuple(arr.shape)}, expected {e['dtype']}{e['shape']}.")
+            if e.get("sha256") and getattr(arr, "is_fully_addressable", True):
+                if _sha256(_host(arr)) != e["sha256"]:
+                    raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in the metadata.")
+        # -- rebuild trees --------------------------------------------------------------------------------
+        def rebuild(g, template):
+            named = leaf_names(template)
+            leaves = [flat[f"{g}/{n}" if n else g] for n, _ in named]
+            return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+        new_adapter = rebuild("adapter", adapter)
+        if opt_state is not None:
+            new_opt = rebuild("opt_state", opt_state)
+        else:
+            saved_opt = {k[len("opt_state/"):]: v for k, v in flat.items() if k.startswith("opt_state/")}
+            new_opt = saved_opt or None
+        key = None
+        rng = meta.get("rng")
+        if rng is not None and "rng" in flat:
+            key = flat["rng"]
+            if rng["typed"]:
+                try:
+                    key = jax.random.wrap_key_data(key, impl=rng.get("impl") or None)
+                except Exception as e:
+                    raise CheckpointError(f"{where}: cannot rebuild the RNG key ({e}).") from None
+        return TrainState(step, new_adapter, new_opt, key, meta.get("data_position"), meta.get("metrics"), meta)
+
+
+__all__ = ["CheckpointManager", "TrainState"]

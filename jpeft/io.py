@@ -1,0 +1,840 @@
+"""Finished adapters on disk, the base-model fingerprint, and safe writing.
+
+A finished adapter is a directory holding two files and nothing that can execute code:
+
+* ``jpeft_adapter.json``: the format version, the jpeft version, the method config
+  (``config.to_dict()``), the fingerprint of the base model the adapter was trained on, and an
+  index of the arrays (``shape``, ``dtype``, ``sha256`` of the bytes);
+* ``jpeft_adapter.safetensors``: the adapter arrays, keyed ``"<module path>/<field>"``
+  (``"model/layers_0/self_attn/q_proj/lora_A"``).
+
+Loading never unpickles: the JSON is parsed with :mod:`json`, the arrays with
+:mod:`safetensors` after the header has been checked, and a pickle, zip (``torch.save``) or
+``.npy`` file offered as an adapter is refused with :class:`~jpeft.errors.UnsafeFileError`.
+Nodes are not stored: :func:`load_adapter` rebuilds them by calling :func:`jpeft.init` with
+the stored config (under :func:`jax.eval_shape`, so nothing is computed) and fills the
+arrays in, so each method's node type stays the one source of truth for its structure.
+
+Writing goes to a temporary sibling directory that is renamed into place only once every
+file is written and flushed: a save that fails part-way (disk full, permission denied)
+raises :class:`~jpeft.errors.SaveError` and leaves the previous files untouched. Paths can be
+confined to a root directory (``root=``); ``..``, absolute names and symlinks that would
+lead outside it raise :class:`~jpeft.errors.PathEscapeError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+
+from jpeft.config import AdapterConfig
+from jpeft.errors import (
+    BaseMismatchError,
+    CheckpointError,
+    ConfigError,
+    JpeftError,
+    LoadError,
+    OverwriteError,
+    PathEscapeError,
+    SaveError,
+    ShapeMismatchError,
+    UnsafeFileError,
+)
+
+ADAPTER_JSON = "jpeft_adapter.json"
+ADAPTER_WEIGHTS = "jpeft_adapter.safetensors"
+FORMAT = "jpeft-adapter"
+FORMAT_VERSION = 1
+MAX_JSON_BYTES = 64 << 20  # a metadata file larger than this is refused unread
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit for the JSON header
+
+# safetensors dtype names <-> numpy dtype names (ml_dtypes provides bfloat16 & co.)
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+# config keys that describe the software, not the model; ignored by the fingerprint
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
+     "torch_dtype", "dtype", "name_or_path", "architectures"}
+)
+
+
+def _version() -> str:
+    from jpeft import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------------------------
+# naming: adapter (and any pytree) <-> {"path/field": array}
+# --------------------------------------------------------------------------------------------
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_names(tree) -> list[tuple[str, Any]]:
+    """``[(name, leaf)]`` in tree order, where ``name`` joins the key path with ``/`` and
+    drops empty components (the root module's path is ``""``).
+
+    For an adapter the names are ``"<module path>/<field>"``:
+
+    >>> import jax.numpy as jnp
+    >>> [n for n, _ in leaf_names({"a/q": {"lora_A": jnp.zeros(1)}, "": {"w": jnp.zeros(1)}})]
+    ['w', 'a/q/lora_A']
+
+    Raises:
+      ConfigError: when two leaves would get the same name.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out, seen = [], set()
+    for kp, leaf in flat:
+        name = "/".join(s for s in (_key_str(k) for k in kp) if s != "")
+        if name in seen:
+            raise ConfigError(f"two leaves of the tree are both named {name!r}; rename a module or a field.")
+        seen.add(name)
+        out.append((name, leaf))
+    return out
+
+
+def _sha256(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def _host(x) -> np.ndarray:
+    """A host numpy copy of ``x`` (gathers a sharded array on a single host)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(jax.device_get(x))
+
+
+# --------------------------------------------------------------------------------------------
+# base fingerprint
+# --------------------------------------------------------------------------------------------
+def _config_dict(base_config) -> Optional[dict]:
+    if base_config is None:
+        return None
+    if isinstance(base_config, Mapping):
+        d = dict(base_config)
+    elif hasattr(base_config, "to_dict"):
+        d = base_config.to_dict()
+    elif dataclasses.is_dataclass(base_config) and not isinstance(base_config, type):
+        d = dataclasses.asdict(base_config)
+    else:
+        raise ConfigError(
+            f"base_config must be a dict, a dataclass or an object with to_dict() (a transformers config), "
+            f"found {type(base_config).__name__}."
+        )
+    d = {k: v for k, v in d.items() if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def content_hash(params) -> str:
+    """SHA-256 over every parameter's path, shape, dtype and bytes (in path order)."""
+    from jpeft.tree import unwrap_params
+
+    inner, _ = unwrap_params(params)
+    h = hashlib.sha256()
+    for name, leaf in sorted(leaf_names(inner), key=lambda t: t[0]):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise ConfigError(
+                "content_hash needs the base weights themselves, found an abstract jax.ShapeDtypeStruct "
+                f"at {name!r}. Pass concrete params, or content_hash=False."
+            )
+        a = _host(leaf)
+        h.update(f"{name}|{a.shape}|{a.dtype}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def base_fingerprint(params, base_config=None, *, with_content_hash: bool = False) -> dict:
+    """A JSON-able fingerprint of a base model: its config (when given) and every parameter's
+    path, shape and dtype, plus optionally a hash of the weights' bytes.
+
+    Works on ``jax.ShapeDtypeStruct`` trees (no weights needed) unless ``with_content_hash``.
+
+    >>> import jax.numpy as jnp
+    >>> fp = base_fingerprint({"params": {"q": {"kernel": jnp.zeros((2, 3))}}}, {"hidden_size": 3})
+    >>> fp["params"], fp["config"]
+    ([['q/kernel', [2, 3], 'float32']], {'hidden_size': 3})
+    """
+    from jpeft.tree import unwrap_params
+
+    inner, _ = unwrap_params(params)
+    rows = []
+    for name, leaf in leaf_names(inner):
+        if not hasattr(leaf, "shape"):
+            continue
+        rows.append([name, [int(d) for d in leaf.shape], str(np.dtype(leaf.dtype))])
+    return {
+        "config": _config_dict(base_config),
+        "params": rows,
+        "num_params": int(sum(math.prod(r[1]) for r in rows)),
+        "content_hash": content_hash(params) if with_content_hash else None,
+    }
+
+
+def _fp_difference(saved: Mapping, current: Mapping) -> Optional[str]:
+    sc, cc = saved.get("config"), current.get("config")
+    if sc is not None and cc is not None and sc != cc:
+        for k in sorted(set(sc) | set(cc)):
+            if sc.get(k, "<absent>") != cc.get(k, "<absent>"):
+                return f"base config field {k!r}: saved {sc.get(k, '<absent>')!r}, this base {cc.get(k, '<absent>')!r}"
+    sp = {r[0]: (tuple(r[1]), r[2]) for r in saved.get("params", [])}
+    cp = {r[0]: (tuple(r[1]), r[2]) for r in current.get("params", [])}
+    for name, (shape, dtype) in sp.items():
+        if name not in cp:
+            return f"parameter {name!r} ({shape}, {dtype}) is missing from this base"
+        cs, cd = cp[name]
+        if cs != shape:
+            return f"parameter {name!r} has shape {cs} in this base, the saved base had {shape}"
+        if cd != dtype:
+            return f"parameter {name!r} has dtype {cd} in this base, the saved base had {dtype}"
+    extra = [n for n in cp if n not in sp]
+    if extra:
+        return f"this base has parameter {extra[0]!r} that the saved base did not have ({len(extra)} extra in all)"
+    return None
+
+
+def check_base(saved: Optional[Mapping], params, base_config=None, *, allow_base_mismatch: bool = False,
+               what: str = "adapter") -> None:
+    """Compares a stored fingerprint with ``params`` (and ``base_config`` when given).
+
+    Raises:
+      BaseMismatchError: naming the first config field, or the first parameter whose
+        presence, shape or dtype differs, or a differing content hash. With
+        ``allow_base_mismatch=True`` a :class:`UserWarning` is issued instead.
+    """
+    if saved is None or params is None:
+        return
+    current = base_fingerprint(params, base_config)
+    diff = _fp_difference(saved, current)
+    if diff is None and saved.get("content_hash"):
+        leaves = jax.tree.leaves(params)
+        if leaves and not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+            got = content_hash(params)
+            if got != saved["content_hash"]:
+                diff = "the base weights' content hash differs (same shapes, different values)"
+    if diff is None:
+        return
+    msg = (f"this {what} was saved for a different base model: {diff}. Load it onto the base it was "
+           f"trained on, or pass allow_base_mismatch=True to load it anyway.")
+    if allow_base_mismatch:
+        warnings.warn(msg.replace("pass allow_base_mismatch=True to load it anyway", "allow_base_mismatch=True was given"),
+                      stacklevel=3)
+        return
+    raise BaseMismatchError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# path safety and atomic writes
+# --------------------------------------------------------------------------------------------
+def safe_join(root, name) -> Path:
+    """``root / name``, refusing names that would lead outside ``root``.
+
+    Raises:
+      PathEscapeError: for an absolute ``name``, a ``..`` component, an empty name, or an
+        existing symlink anywhere between ``root`` and the target.
+
+    >>> safe_join("/tmp/adapters", "task_a").as_posix()
+    '/tmp/adapters/task_a'
+    >>> safe_join("/tmp/adapters", "../etc")
+    Traceback (most recent call last):
+    ...
+    jpeft.errors.PathEscapeError: name '../etc' would leave the directory /tmp/adapters: '..' components are not allowed. Use a plain name such as 'task_a'.
+    """
+    root = Path(root)
+    s = os.fspath(name)
+    if not s or s.strip() in ("", "."):
+        raise PathEscapeError(f"empty name for a path under {root}; give a plain name such as 'task_a'.")
+    if "\x00" in s:
+        raise PathEscapeError(f"name {s!r} contains a NUL byte.")
+    p = Path(s)
+    if p.is_absolute() or s.startswith(("/", "\\")) or (len(s) > 1 and s[1] == ":"):
+        raise PathEscapeError(f"name {s!r} is absolute; under {root} only relative names are allowed.")
+    if any(part == ".." for part in p.parts) or any(part == ".." for part in s.replace("\\", "/").split("/")):
+        raise PathEscapeError(
+            f"name {s!r} would leave the directory {root}: '..' components are not allowed. "
+            "Use a plain name such as 'task_a'."
+        )
+    target = root / p
+    _check_no_symlink(root, target)
+    return target
+
+
+def _check_no_symlink(root: Path, target: Path) -> None:
+    cur = root
+    for part in target.relative_to(root).parts:
+        cur = cur / part
+        if cur.is_symlink():
+            raise PathEscapeError(
+                f"{cur} is a symlink (to {os.readlink(cur)}); jpeft does not write through symlinks under {root}, "
+                "since they can lead outside it. Remove the link or choose another name."
+            )
+    if root.exists():
+        rr = root.resolve()
+        tr = target.resolve()
+        if tr != rr and rr not in tr.parents:
+            raise PathEscapeError(f"{target} resolves to {tr}, outside {rr}.")
+
+
+def resolve_target(path, root=None) -> Path:
+    """The directory a save writes to: ``safe_join(root, path)`` when ``root`` is given, else
+    ``path`` itself, which must not be a symlink."""
+    if root is not None:
+        return safe_join(root, path)
+    p = Path(path)
+    if not os.fspath(path):
+        raise PathEscapeError("empty output path; give a directory such as 'out/adapter'.")
+    if p.is_symlink():
+        raise PathEscapeError(
+            f"{p} is a symlink (to {os.readlink(p)}); jpeft does not save through symlinks. "
+            "Give the real directory instead."
+        )
+    return p
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Writes all of ``data`` with ``os.write`` and fsyncs; raises ``OSError`` on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short write to {path}")
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(target, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary directory next to ``target``; when the block ends without an
+    error it replaces ``target`` in one rename. On any error the temporary directory is removed
+    and ``target`` is left as it was.
+
+    Raises:
+      OverwriteError: ``target`` exists and ``overwrite`` is false.
+      SaveError: writing, flushing or renaming failed (disk full, permission denied, ...).
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise OverwriteError(
+            f"{target} already exists; jpeft does not replace an existing adapter or checkpoint unless asked. "
+            "Pass overwrite=True, or choose another path."
+        )
+    parent = target.parent
+    tag = uuid.uuid4().hex[:10]
+    tmp = parent / f".{target.name}.tmp-{tag}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise SaveError(f"cannot create a directory next to {target}: {e}. Nothing was written.") from e
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if target.exists():
+            old = parent / f".{target.name}.old-{tag}"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(
+            f"saving to {target} failed: {e}. The previous contents of {target} (if any) are intact; "
+            "free space or fix permissions and save again."
+        ) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# reading files defensively
+# --------------------------------------------------------------------------------------------
+def sniff_unsafe(path) -> Optional[str]:
+    """A description of the format when ``path`` is a file whose loading could execute code
+    (a pickle, a ``torch.save`` zip archive, a ``.npy``/``.npz`` file), else ``None``."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return f"a Python pickle (protocol {head[1]})"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "a zip archive (torch.save / .npz format, which holds pickles)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a .npy file (which may hold pickled objects)"
+    if p.suffix.lower() in (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy", ".npz"):
+        return f"a {p.suffix} file (a pickle-based format)"
+    return None
+
+
+def refuse_unsafe(path) -> None:
+    """Raises :class:`UnsafeFileError` when :func:`sniff_unsafe` recognises ``path``."""
+    kind = sniff_unsafe(path)
+    if kind is not None:
+        raise UnsafeFileError(
+            f"refusing to load {path}: it is {kind}, and loading it could execute arbitrary code. jpeft reads "
+            "adapters only from safetensors + JSON. Convert it once, in an environment you trust, e.g. "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'adapter_model.safetensors')."
+        )
+
+
+def read_json(path, *, what: str = "metadata", max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """Reads a JSON object from ``path`` with a size limit; every failure is a named error."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        raise LoadError(f"{what} file {p} does not exist.") from None
+    except OSError as e:
+        raise LoadError(f"cannot read {what} file {p}: {e}") from None
+    if size > max_bytes:
+        raise CheckpointError(f"{what} file {p} is {size:,} bytes, more than the {max_bytes:,} allowed; it is not a jpeft file.")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise LoadError(f"cannot read {what} file {p}: {e}") from None
+    try:
+        d = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise CheckpointError(f"{what} file {p} is corrupted or truncated: not valid JSON ({type(e).__name__}: {e}).") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{what} file {p} must hold a JSON object, found {type(d).__name__}.")
+    return d
+
+
+def _check_index(index, where: str) -> dict:
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{where}: 'arrays' must be an object mapping names to {{shape, dtype, sha256}}.")
+    out = {}
+    for name, e in index.items():
+        if not (isinstance(e, dict) and isinstance(e.get("shape"), list) and isinstance(e.get("dtype"), str)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"])
+                and (e.get("sha256") is None or isinstance(e.get("sha256"), str))):
+            raise CheckpointError(f"{where}: the index entry for {name!r} is malformed: {str(e)[:200]}.")
+        try:
+            np.dtype(_np_dtype(e["dtype"]))
+        except TypeError:
+            raise CheckpointError(f"{where}: the index entry for {name!r} has an unknown dtype {e['dtype']!r}.") from None
+        out[name] = e
+    return out
+
+
+def _np_dtype(name: str):
+    import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy)
+
+    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        return getattr(ml_dtypes, name)
+    if not isinstance(name, str) or not name.replace("_", "").isalnum():
+        raise TypeError(name)
+    return np.dtype(name)
+
+
+def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[str, np.ndarray], dict]:
+    """Reads a safetensors file after validating its header (length, JSON, dtypes, shapes and
+    offsets); returns ``(arrays, header_metadata)``. Never unpickles.
+
+    Raises:
+      UnsafeFileError: the file is a pickle / zip / npy file.
+      CheckpointError: the file is truncated, its header malformed or its data inconsistent.
+    """
+    p = Path(path)
+    refuse_unsafe(p) if p.suffix != ".safetensors" else None
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise LoadError(f"weights file {p} does not exist.") from None
+    except OSError as e:
+        raise LoadError(f"cannot read {p}: {e}") from None
+    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5 or data.startswith(b"PK\x03\x04"):
+        refuse_unsafe(p.with_suffix(".pkl"))
+    if len(data) < 8:
+        raise CheckpointError(f"{p} is truncated: {len(data)} bytes, a safetensors file has at least 8.")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > max_header or n > len(data) - 8:
+        raise CheckpointError(
+            f"{p} is corrupted or truncated: its header claims {n:,} bytes but the file has {len(data) - 8:,} after the "
+            f"length field (limit {max_header:,})."
+        )
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise CheckpointError(f"{p} is corrupted: its safetensors header is not valid JSON ({e}).") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{p} is corrupted: its safetensors header is a {type(header).__name__}, not an object.")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p} is corrupted: __metadata__ is not an object.")
+    body = len(data) - 8 - n
+    spans = []
+    for name, e in header.items():
+        if not (isinstance(e, dict) and e.get("dtype") in _ST_DTYPES and isinstance(e.get("shape"), list)
+                and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"])
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in e["data_offsets"])):
+            raise CheckpointError(f"{p} is corrupted: the header entry for {name!r} is malformed: {str(e)[:200]}.")
+        b, en = e["data_offsets"]
+        item = np.dtype(_np_dtype(_ST_DTYPES[e["dtype"]])).itemsize
+        if not (0 <= b <= en <= body) or en - b != math.prod(e["shape"]) * item:
+            raise CheckpointError(
+                f"{p} is corrupted or truncated: tensor {name!r} ({e['dtype']}{e['shape']}) claims bytes [{b}, {en}) "
+                f"of a {body:,}-byte data section."
+            )
+        spans.append((b, en))
+    spans.sort()
+    for (b0, e0), (b1, e1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{p} is corrupted: two tensors overlap in the data section.")
+    import safetensors.numpy
+
+    try:
+        arrays = safetensors.numpy.load(data)
+    except Exception as e:  # the library's own checks; any failure is a corrupt file
+        raise CheckpointError(f"{p} is corrupted: safetensors refused it ({type(e).__name__}: {e}).") from None
+    return arrays, meta
+
+
+# --------------------------------------------------------------------------------------------
+# finished adapters
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """What :func:`read_adapter_info` returns: everything about a saved adapter but its arrays.
+
+    Attributes:
+      path: the adapter directory.
+      config: the method config (an :class:`~jpeft.AdapterConfig` subclass).
+      base: the base-model fingerprint (``{"config", "params", "num_params", "content_hash"}``)
+        or ``None`` when the adapter was saved without ``params``.
+      arrays: ``{name: (shape, dtype)}``.
+      num_params: number of adapter parameters.
+      nbytes: bytes of the adapter arrays.
+      jpeft_version: the jpeft version that wrote it.
+      metadata: the user's own ``metadata`` dict given to :func:`save_adapter`.
+    """
+
+    path: Path
+    config: AdapterConfig
+    base: Optional[dict]
+    arrays: dict
+    num_params: int
+    nbytes: int
+    jpeft_version: str
+    metadata: dict
+
+
+def _resolve_adapter_dir(path) -> Path:
+    p = Path(path)
+    if p.is_file():
+        if p.name in (ADAPTER_JSON, ADAPTER_WEIGHTS):
+            return p.parent
+        refuse_unsafe(p)
+        raise LoadError(
+            f"{p} is a file; jpeft.load_adapter expects the adapter directory written by jpeft.save_adapter "
+            f"(holding {ADAPTER_JSON} and {ADAPTER_WEIGHTS})."
+        )
+    if not p.exists():
+        raise LoadError(f"adapter directory {p} does not exist.")
+    if not (p / ADAPTER_JSON).exists():
+        for f in sorted(p.iterdir()) if p.is_dir() else []:
+            if f.is_file() and sniff_unsafe(f) is not None:
+                refuse_unsafe(f)
+        if (p / "adapter_config.json").exists():
+            raise LoadError(
+                f"{p} holds a Hugging Face PEFT adapter (adapter_config.json), not a jpeft adapter; "
+                "load it with jpeft.hf.load_peft."
+            )
+        raise LoadError(f"{p} is not a jpeft adapter directory: {ADAPTER_JSON} is missing.")
+    return p
+
+
+def _parse_info(p: Path) -> tuple[AdapterInfo, dict]:
+    d = read_json(p / ADAPTER_JSON, what="adapter metadata")
+    where = str(p / ADAPTER_JSON)
+    if d.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not jpeft adapter metadata: 'format' is {str(d.get('format'))[:80]!r}, expected {FORMAT!r}.")
+    v = d.get("format_version")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise CheckpointError(f"{where}: 'format_version' must be a positive integer, found {str(v)[:80]!r}.")
+    if v > FORMAT_VERSION:
+        raise LoadError(f"{where} has format_version {v}; this jpeft reads up to {FORMAT_VERSION}. Upgrade jpeft.")
+    cfg = d.get("config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: 'config' must be an object, found {type(cfg).__name__}.")
+    try:
+        config = AdapterConfig.from_dict(cfg)
+    except JpeftError:
+        raise
+    except Exception as e:  # a config class rejecting a malformed value
+        raise CheckpointError(f"{where}: the stored config is invalid ({type(e).__name__}: {e}).") from None
+    base = d.get("base")
+    if base is not None:
+        if not (isinstance(base, dict) and isinstance(base.get("params"), list)
+                and all(isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and isinstance(r[1], list)
+                        and isinstance(r[2], str) for r in base["params"])
+                and (base.get("config") is None or isinstance(base.get("config"), dict))):
+            raise CheckpointError(f"{where}: the base fingerprint is malformed.")
+    index = _check_index(d.get("arrays"), where)
+    meta = d.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: 'metadata' must be an object.")
+    arrays = {k: (tuple(e["shape"]), e["dtype"]) for k, e in index.items()}
+    num = sum(math.prod(s) for s, _ in arrays.values())
+    nbytes = sum(math.prod(s) * np.dtype(_np_dtype(dt)).itemsize for s, dt in arrays.values())
+    info = AdapterInfo(p, config, base, arrays, int(num), int(nbytes), str(d.get("jpeft_version", "?")), meta)
+    return info, index
+
+
+def read_adapter_info(path) -> AdapterInfo:
+    """Reads a saved adapter's metadata (config, base fingerprint, array shapes) without
+    loading its arrays.
+
+    Raises:
+      LoadError: the directory or its metadata is missing; CheckpointError: it is malformed;
+      UnsafeFileError: a pickle-based file was offered.
+    """
+    return _parse_info(_resolve_adapter_dir(path))[0]
+
+
+def save_adapter(
+    path,
+    config: AdapterConfig,
+    adapter: Mapping[str, Any],
+    *,
+    params=None,
+    base_config=None,
+    with_content_hash: bool = False,
+    metadata: Optional[Mapping[str, Any]] = None,
+    overwrite: bool = False,
+    root=None,
+) -> Path:
+    """Saves a finished adapter as ``path/jpeft_adapter.json`` + ``path/jpeft_adapter.safetensors``.
+
+    Only the adapter's arrays are written, never a base weight. The write is atomic: the files
+    go to a temporary sibling directory that replaces ``path`` in one rename.
+
+    Args:
+      path: the adapter directory to create (relative to ``root`` when ``root`` is given).
+      config: the method config the adapter was made with.
+      adapter: the adapter dict from :func:`jpeft.init` (after training).
+      params: the base model's params (arrays or ``jax.ShapeDtypeStruct``); strongly
+        recommended: their fingerprint lets :func:`load_adapter` refuse a wrong base.
+      base_config: the base model's config (dict, dataclass or transformers config), added
+        to the fingerprint.
+      with_content_hash: also hash the base weights' bytes (needs concrete params).
+      metadata: a JSON-able dict of your own (task name, metrics, ...).
+      overwrite: replace an existing ``path``.
+      root: confine ``path`` to this directory (``..``, absolute paths and symlinks refused).
+
+    Returns:
+      The directory written.
+
+    Raises:
+      OverwriteError: ``path`` exists and ``overwrite`` is false.
+      PathEscapeError: ``path`` would leave ``root``, or is a symlink.
+      SaveError: the write failed; nothing at ``path`` changed.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft, tempfile, os
+    >>> model = nn.Dense(4); params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*")
+    >>> adapter = jpeft.init(cfg, params, jax.random.key(1))
+    >>> d = jpeft.save_adapter(os.path.join(tempfile.mkdtemp(), "a"), cfg, adapter, params=params)
+    >>> cfg2, adapter2 = jpeft.load_adapter(d, params)
+    >>> cfg2 == cfg, bool(jnp.array_equal(adapter2[""].lora_A, adapter[""].lora_A))
+    (True, True)
+    >>> jpeft.read_adapter_info(d).arrays
+    {'lora_A': ((3, 2), 'float32'), 'lora_B': ((2, 4), 'float32')}
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"save_adapter expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
+    if not isinstance(adapter, Mapping) or not adapter:
+        raise ConfigError(f"save_adapter expects the adapter dict {{module_path: node}} from jpeft.init, found {type(adapter).__name__}.")
+    target = resolve_target(path, root)
+    named = leaf_names(dict(adapter))
+    arrays, index = {}, {}
+    for name, leaf in named:
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise ConfigError(f"adapter leaf {name!r} is abstract (jax.ShapeDtypeStruct); save a concrete adapter.")
+        a = _host(leaf)
+        arrays[name] = a
+        index[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "jpeft_version": _version(),
+        "config": config.to_dict(),
+        "base": base_fingerprint(params, base_config, with_content_hash=with_content_hash) if params is not None else None,
+        "arrays": index,
+        "metadata": dict(metadata or {}),
+    }
+    try:
+        meta_bytes = json.dumps(meta, indent=1, sort_keys=True).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"metadata must be JSON-able: {e}") from None
+    import safetensors.numpy
+
+    weights = safetensors.numpy.save(arrays, metadata={"format": "jpeft"})
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        _write_file(tmp / ADAPTER_WEIGHTS, weights)
+        _write_file(tmp / ADAPTER_JSON, meta_bytes)
+    return target
+
+
+def template_adapter(config: AdapterConfig, params, model=None, *model_args, **model_kwargs):
+    """The adapter :func:`jpeft.init` would create for ``params``, as ``jax.ShapeDtypeStruct``
+    leaves (nothing is computed): the structure loaders fill with saved arrays."""
+    from jpeft.core import init
+
+    def make(p):
+        return init(config, p, jax.random.key(0), model, *model_args, **model_kwargs)
+
+    return jax.eval_shape(make, params)
+
+
+def fill_template(template, arrays: Mapping[str, Any], *, where: str, exact_dtype: bool = False):
+    """Puts ``arrays`` (named as :func:`leaf_names` names them) into ``template``'s structure.
+
+    Raises:
+      ShapeMismatchError: a name is missing or extra, or a shape differs.
+    """
+    named = leaf_names(template)
+    want = {n for n, _ in named}
+    missing = [n for n, _ in named if n not in arrays]
+    extra = [n for n in arrays if n not in want]
+    if missing or extra:
+        raise ShapeMismatchError(
+            f"{where} does not fit this base: "
+            + (f"it lacks {missing[0]!r} ({len(missing)} missing)" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"it has {extra[0]!r} that the config does not create here ({len(extra)} extra)" if extra else "")
+            + ". Was it saved for another model, or with a different model tracing (model, *example_args)?"
+        )
+    leaves = []
+    for name, t in named:
+        a = arrays[name]
+        if tuple(a.shape) != tuple(t.shape):
+            raise ShapeMismatchError(
+                f"{where}: array {name!r} has shape {tuple(a.shape)}, but the config creates {tuple(t.shape)} on this base. "
+                "Load it onto the base it was trained on."
+            )
+        tdt, adt = np.dtype(t.dtype), np.dtype(a.dtype)
+        if tdt != adt and (exact_dtype or not (jax.dtypes.issubdtype(tdt, np.inexact) and jax.dtypes.issubdtype(adt, np.inexact))):
+            raise ShapeMismatchError(f"{where}: array {name!r} has dtype {adt}, expected {tdt}.")
+        leaves.append(a)
+    treedef = jax.tree.structure(template)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def load_adapter(path, params, model=None, *model_args, base_config=None, allow_base_mismatch: bool = False,
+                 **model_kwargs) -> tuple[AdapterConfig, dict]:
+    """Loads an adapter saved by :func:`save_adapter`: ``config, adapter = load_adapter(path, params)``.
+
+    The nodes are rebuilt by :func:`jpeft.init` with the stored config on ``params`` (under
+    :func:`jax.eval_shape`), and the saved arrays, checked against their stored SHA-256, are
+    filled in. Give ``model, *example_args`` when the adapter was created with them.
+
+    Args:
+      path: the adapter directory (or one of its two files).
+      params: the base model's params (arrays or ``jax.ShapeDtypeStruct``).
+      model, *model_args, **model_kwargs: as for :func:`jpeft.init`.
+      base_config: the base model's config, compared with the stored fingerprint's.
+      allow_base_mismatch: load onto a base whose fingerprint differs (a warning instead of
+        :class:`~jpeft.errors.BaseMismatchError`); shapes must still fit.
+
+    Raises:
+      UnsafeFileError: a pickle-based file was offered.
+      BaseMismatchError: the adapter was saved for another base (says what differs).
+      CheckpointError: a file is corrupted or truncated.
+      ShapeMismatchError: the arrays do not fit the nodes the config creates on ``params``.
+      LoadError: files are missing.
+    """
+    p = _resolve_adapter_dir(path)
+    info, index = _parse_info(p)
+    check_base(info.base, params, base_config, allow_base_mismatch=allow_base_mismatch)
+    arrays, _ = read_safetensors(p / ADAPTER_WEIGHTS)
+    where = str(p / ADAPTER_WEIGHTS)
+    if set(arrays) != set(index):
+        diff = sorted(set(arrays) ^ set(index))
+        raise CheckpointError(f"{where} does not match {ADAPTER_JSON}: array {diff[0]!r} is in one but not the other.")
+    for name, e in index.items():
+        a = arrays[name]
+        if list(a.shape) != e["shape"] or str(a.dtype) != e["dtype"]:
+            raise CheckpointError(
+                f"{where} is corrupted: {name!r} is {a.dtype}{list(a.shape)}, the metadata says {e['dtype']}{e['shape']}."
+            )
+        if e.get("sha256") and _sha256(a) != e["sha256"]:
+            raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in {ADAPTER_JSON}.")
+    try:
+        template = template_adapter(info.config, params, model, *model_args, **model_kwargs)
+    except JpeftError:
+        raise
+    adapter = fill_template(template, arrays, where=str(p))
+    adapter = jax.tree.map(jax.numpy.asarray, adapter)
+    return info.config, adapter
+
+
+__all__ = [
+    "AdapterInfo",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter_info",
+    "base_fingerprint",
+    "check_base",
+    "content_hash",
+    "safe_join",
+    "atomic_directory",
+    "sniff_unsafe",
+    "refuse_unsafe",
+    "read_json",
+    "read_safetensors",
+    "leaf_names",
+    "template_adapter",
+    "fill_template",
+]
