@@ -18,3 +18,7 @@ def register(config_cls):
         return fn
 
     return deco
+
+
+# Each method registers its init on import (one line per method).
+from jpeft.methods import ia3  # noqa: E402,F401

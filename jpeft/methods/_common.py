@@ -54,3 +54,53 @@ def broadcast_bias(bias, ndim: int, lay: Optional[Layout]):
         shape = tuple(lay.kernel_shape[k_sub.index(c)] if c in ko else 1 for c in out)
         return bias.reshape(shape)
     return bias.reshape((1,) * (ndim - bias.ndim) + tuple(bias.shape))
+
+
+def broadcast_in(vec, x_ndim: int, lay: Layout, module=None):
+    """A flat ``[in_features]`` vector (kernel input-axis order) shaped to broadcast against a
+    module's input of rank ``x_ndim``. For ``conv`` the vector is per input channel."""
+    if lay.kind == "conv":
+        return vec.reshape((1,) * (x_ndim - 1) + (-1,))
+    in_dims = tuple(lay.in_dims)
+    v = vec.reshape(in_dims)
+    if lay.kind == "dense":
+        return v.reshape((1,) * (x_ndim - 1) + in_dims)
+    if lay.kind == "dense_general":
+        axis = module.axis if module is not None else -1
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        axes = sorted(a % x_ndim for a in axes)  # flax sorts them; the kernel follows that order
+        shape = [1] * x_ndim
+        for i, a in enumerate(axes):
+            shape[a] = in_dims[i]
+        return v.reshape(shape)
+    if lay.kind == "einsum":
+        x_sub, k_sub, _ = _einsum_letters(lay)
+        ki = [k_sub[i] for i in lay.in_axes]
+        xo = [c for c in x_sub if c in ki]
+        v = jnp.transpose(v, tuple(ki.index(c) for c in xo))
+        return v.reshape(tuple(lay.kernel_shape[k_sub.index(c)] if c in ki else 1 for c in x_sub))
+    raise ValueError(f"no input-side broadcast for a {lay.kind} layout")
+
+
+def linear_layout(path: str, own, infos):
+    """The layout of a targeted linear module, from the traced model when given, else from
+    its parameters (unambiguous 2-D kernels and embeddings only)."""
+    from jpeft import _inject
+    from jpeft.errors import UnsupportedModuleError
+
+    if infos is not None and path in infos:
+        if infos[path].layout is None:
+            raise UnsupportedModuleError(
+                f"module {path!r} is a {infos[path].cls_name}, not a linear module this method can adapt "
+                "(nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed). Remove it from target_modules."
+            )
+        return infos[path].layout
+    return _inject.infer_layout(path, own)
+
+
+def linear_candidates(params):
+    """``(module_leaves, paths of modules holding a kernel or an embedding)``."""
+    from jpeft.tree import module_leaves
+
+    leaves = module_leaves(params)
+    return leaves, [p for p, own in leaves.items() if ("kernel" in own or "embedding" in own)]

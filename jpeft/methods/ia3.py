@@ -1,0 +1,192 @@
+"""(IA)^3 (Liu et al. 2022): learned vectors that rescale activations, as Hugging Face PEFT does it.
+
+For a targeted linear module ``y = x @ W + b`` the adapter holds one vector ``l``:
+
+* on an ordinary target (keys, values): ``y' = y * l`` with ``l: [out]`` (the bias is scaled
+  too, exactly as PEFT's ``IA3Layer`` multiplies the module's result);
+* on a *feed-forward* target (``feedforward_modules``, e.g. ``down_proj``):
+  ``y' = (x * l) @ W + b`` with ``l: [in]`` (per input channel for convolutions).
+
+Both fold into the weights: ``merge`` scales the kernel's output columns and bias, or its
+input rows. ``l`` starts at ones, so the adapter starts as the identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.config import AdapterConfig, _as_targets, register_config
+from jpeft.errors import ConfigError, NotInvertibleError, ShapeMismatchError, UnsupportedModuleError
+from jpeft.methods import register
+from jpeft.methods._common import (
+    broadcast_bias,
+    broadcast_in,
+    broadcast_out,
+    from_matrix,
+    linear_candidates,
+    linear_layout,
+    to_matrix,
+)
+from jpeft.methods.base import Call, Layout, Site, static_field
+from jpeft.tree import matches, select
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class IA3Config(AdapterConfig):
+    """Configuration of an (IA)^3 adapter.
+
+    Args:
+      target_modules: modules to rescale (a regex or a list of names / path suffixes, as for
+        :class:`jpeft.LoraConfig`). The default is Hugging Face PEFT's choice for Llama.
+      feedforward_modules: the subset of the targets whose *input* is rescaled (the
+        feed-forward output projection in the paper); the others have their output rescaled.
+      init_ia3_weights: start the vectors at one (identity); ``False`` draws them from a
+        standard normal, as Hugging Face PEFT does (useful for tests only).
+
+    >>> from jpeft.methods.ia3 import IA3Config
+    >>> c = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    >>> IA3Config.from_dict(c.to_dict()) == c
+    True
+    >>> c.to_dict()["peft_type"]
+    'IA3'
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+
+    target_modules: Any = ("k_proj", "v_proj", "down_proj")
+    feedforward_modules: Any = ("down_proj",)
+    init_ia3_weights: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        object.__setattr__(self, "feedforward_modules", _as_targets(self.feedforward_modules) or ())
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ConfigError("IA3Config.target_modules is empty; give a regex or names such as ['k_proj', 'v_proj', 'down_proj'].")
+        if not isinstance(self.target_modules, str) and not isinstance(self.feedforward_modules, str):
+            extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if extra:
+                raise ConfigError(
+                    f"IA3Config.feedforward_modules must be a subset of target_modules (as in Hugging Face PEFT); "
+                    f"{extra} are not targets {list(self.target_modules)}. Add them to target_modules or remove them."
+                )
+        if not isinstance(self.init_ia3_weights, bool):
+            raise ConfigError(f"IA3Config.init_ia3_weights must be a bool, found {self.init_ia3_weights!r}.")
+
+    def __hash__(self):
+        return hash((self.target_modules, self.feedforward_modules, self.init_ia3_weights))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class IA3Weights(Site):
+    """One (IA)^3 site: ``ia3_l`` is ``[out_features]`` (output side) or ``[in_features]``
+    (``feedforward``; per input channel for convolutions)."""
+
+    ia3_l: jax.Array
+    layout: Layout = static_field(default=None)
+    feedforward: bool = static_field(default=False)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    def handles(self, method_name: str) -> bool:
+        return method_name == "__call__"
+
+    def check(self, path: str, module) -> None:
+        self.check_params(path, module.variables.get("params", {}))
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        pname = self.layout.param_name
+        if pname not in own:
+            raise ShapeMismatchError(f"(IA)^3 adapter at {path!r} expects a {pname!r} parameter; the module has {sorted(own)}.")
+        got = tuple(own[pname].shape)
+        if got != tuple(self.layout.kernel_shape):
+            raise ShapeMismatchError(
+                f"(IA)^3 adapter at {path!r} was built for a {pname} of shape {tuple(self.layout.kernel_shape)}, "
+                f"but the params hold shape {got}. Re-create the adapter for this base model."
+            )
+
+    def intercept(self, call: Call):
+        lay = self.layout
+        if not self.feedforward:
+            y = call.run()
+            return (y * broadcast_out(self.ia3_l, y.ndim, lay).astype(y.dtype)).astype(y.dtype)
+        x = call.args[0] if call.args else call.kwargs["inputs"]
+        xs = (x * broadcast_in(self.ia3_l, x.ndim, lay, call.module).astype(x.dtype)).astype(x.dtype)
+        if call.args:
+            return call.next_fun(xs, *call.args[1:], **call.kwargs)
+        return call.next_fun(**{**call.kwargs, "inputs": xs})
+
+    def _row_scale(self):
+        lay = self.layout
+        if lay.kind == "conv":  # per input channel, repeated over the kernel window
+            return jnp.broadcast_to(self.ia3_l.astype(jnp.float32), tuple(lay.in_dims)).reshape(-1, 1)
+        return self.ia3_l.astype(jnp.float32).reshape(-1, 1)
+
+    def _fold(self, own, invert: bool):
+        lay = self.layout
+        pname = lay.param_name
+        w = jnp.asarray(own[pname])
+        l = self.ia3_l.astype(jnp.float32)
+        if invert:
+            l = 1.0 / l
+        mat = to_matrix(w.astype(jnp.float32), lay)
+        if self.feedforward:
+            rows = self._row_scale() if not invert else 1.0 / self._row_scale()
+            mat = mat * rows
+        else:
+            mat = mat * l.reshape(1, -1)
+        out = dict(own)
+        out[pname] = from_matrix(mat, lay).astype(w.dtype)
+        if not self.feedforward and "bias" in own and own["bias"] is not None:
+            b = jnp.asarray(own["bias"])
+            nd = len(lay.equation.split("->")[1]) if lay.kind == "einsum" else b.ndim
+            bb = broadcast_bias(b.astype(jnp.float32), nd, lay) * broadcast_out(l, nd, lay)
+            out["bias"] = bb.reshape(b.shape).astype(b.dtype)
+        return out
+
+    def merge(self, own):
+        """Scales the kernel's output columns and bias (or its input rows for feed-forward
+        targets) by ``ia3_l``."""
+        return self._fold(own, invert=False)
+
+    def unmerge(self, own):
+        """Divides the scaling back out. Raises
+        :class:`~jpeft.errors.NotInvertibleError` when a vector entry is zero."""
+        try:
+            has_zero = bool(np.any(np.asarray(self.ia3_l) == 0))
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            has_zero = False  # under jit: cannot look; the division gives inf there
+        if has_zero:
+            raise NotInvertibleError(
+                "this (IA)^3 adapter has zero entries in ia3_l, which erased those features when merged; "
+                "they cannot be recovered. Keep the original params (jpeft.merge never modifies them)."
+            )
+        return self._fold(own, invert=True)
+
+
+@register(IA3Config)
+def init(config: IA3Config, params, key, infos) -> dict:
+    """Creates the (IA)^3 vectors for every targeted linear module."""
+    leaves, cands = linear_candidates(params)
+    paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)")
+    keys = jax.random.split(key, len(paths))
+    out = {}
+    for k, path in zip(keys, paths):
+        lay = linear_layout(path, leaves[path], infos)
+        ff = bool(config.feedforward_modules) and matches(config.feedforward_modules, path)
+        if lay.kind == "embed":
+            raise UnsupportedModuleError(
+                f"module {path!r} is an embedding; (IA)^3 rescales linear and convolution modules "
+                "(as in Hugging Face PEFT). Remove it from target_modules."
+            )
+        n = (lay.in_dims[-1] if lay.kind == "conv" else lay.in_features) if ff else lay.out_features
+        vec = jnp.ones((n,), jnp.float32) if config.init_ia3_weights else jax.random.normal(k, (n,), jnp.float32)
+        out[path] = IA3Weights(vec, lay, ff)
+    return out
