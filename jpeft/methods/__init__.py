@@ -22,3 +22,5 @@ def register(config_cls):
 
 # Each method registers its init on import (one line per method).
 from jpeft.methods import ia3  # noqa: E402,F401
+from jpeft.methods import bottleneck  # noqa: E402,F401
+from jpeft.methods import pissa  # noqa: E402,F401

@@ -1,0 +1,109 @@
+"""PiSSA initialisation of LoRA (Meng et al. 2024): principal singular values and vectors.
+
+With ``W = U S V^T`` (the kernel viewed as ``[in, out]``) and the LoRA scale ``s``, PiSSA sets
+
+``A = U_r sqrt(S_r / s)``, ``B = sqrt(S_r / s) V_r^T`` and the base to the residual ``W - s A B``,
+
+so the model's function is unchanged at the start while the adapter holds the ``r`` principal
+directions of ``W`` (Hugging Face PEFT's ``init_lora_weights="pissa"``, same formulas). Because
+the base changes, PiSSA needs its own entry point, :func:`init_pissa`, which returns the residual
+params with the adapter; ``jpeft.init`` with ``LoraConfig(init="pissa")`` refuses and points here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.errors import ConfigError
+from jpeft.methods._common import from_matrix, to_matrix
+from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
+
+
+def _svd_top(w, r: int, niter: Optional[int], key):
+    """Top-``r`` singular triplets of ``w: [m, n]`` (exact, or randomized with ``niter``
+    subspace iterations as ``torch.svd_lowrank`` does, oversampling ``min(r, ...)``)."""
+    if niter is None:
+        u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+        return u[:, :r], s[:r], vh[:r]
+    m, n = w.shape
+    q = min(r + min(r, 10), m, n)  # a little oversampling
+    omega = jax.random.normal(key, (n, q), w.dtype)
+    y, _ = jnp.linalg.qr(w @ omega)
+    for _ in range(int(niter)):
+        z, _ = jnp.linalg.qr(w.T @ y)
+        y, _ = jnp.linalg.qr(w @ z)
+    b = y.T @ w
+    ub, s, vh = jnp.linalg.svd(b, full_matrices=False)
+    u = y @ ub
+    return u[:, :r], s[:r], vh[:r]
+
+
+def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int] = None, **model_kwargs):
+    """Creates a PiSSA-initialised LoRA (or DoRA) adapter and the residual base.
+
+    Args:
+      config: a :class:`jpeft.LoraConfig` (its ``init`` field is ignored; ``use_dora``,
+        ``rank_pattern`` and ``alpha_pattern`` are honoured).
+      params: the base model's variables.
+      key: a ``jax.random`` key (used only by the randomized SVD).
+      model, *model_args: optional, as for :func:`jpeft.init` (needed for modules whose kernel
+        layout cannot be told from its shape).
+      niter: ``None`` for an exact SVD; an integer for a randomized SVD with that many power
+        iterations (Hugging Face PEFT's ``"pissa_niter_K"``), much faster on large kernels.
+
+    Returns:
+      ``(residual_params, adapter)``: ``jpeft.apply(model, residual_params, adapter, x)``
+      equals ``model.apply(params, x)`` at the start (up to float rounding), and
+      ``jpeft.merge(residual_params, adapter)`` gives the trained full weights.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> from jpeft.methods.pissa import init_pissa
+    >>> model = nn.Dense(6); x = jnp.ones((2, 8))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> res, ad = init_pissa(jpeft.LoraConfig(r=2, alpha=2, target_modules=".*"), params, jax.random.key(1))
+    >>> bool(jnp.allclose(jpeft.apply(model, res, ad, x), model.apply(params, x), atol=1e-5))
+    True
+    """
+    from jpeft import core
+    from jpeft.methods import dora
+    from jpeft.methods.lora import LoraConfig
+
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"init_pissa expects a jpeft.LoraConfig, found {type(config).__name__}.")
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+        raise ConfigError(f"init_pissa: niter must be None (exact SVD) or a non-negative integer, found {niter!r}.")
+    base_cfg = dataclasses.replace(config, init="default", use_dora=False)
+    skeleton = core.init(base_cfg, params, jax.random.key(0), model, *model_args, **model_kwargs)
+    inner, wrapped = unwrap_params(params)
+    new = inner
+    out = {}
+    keys = jax.random.split(key, max(len(skeleton), 1))
+    for k, (path, node) in zip(keys, skeleton.items()):
+        lay = node.layout
+        own = get_subtree(new, path)
+        pname = lay.param_name
+        w = jnp.asarray(own[pname])
+        r = node.r
+        if r > min(lay.in_features, lay.out_features):
+            raise ConfigError(
+                f"PiSSA rank r={r} exceeds the rank of module {path!r} ({lay.in_features} x {lay.out_features}); "
+                "lower r (or its rank_pattern entry)."
+            )
+        mat = to_matrix(w.astype(jnp.float32), lay)
+        u, s, vh = _svd_top(mat, r, niter, k)
+        sr = jnp.sqrt(s / node.scale)
+        a = u * sr.reshape(1, -1)
+        b = sr.reshape(-1, 1) * vh
+        node = dataclasses.replace(node, lora_A=a, lora_B=b)
+        residual = mat - node.delta_matrix()
+        own_new = dict(own)
+        own_new[pname] = from_matrix(residual, lay).astype(w.dtype)
+        new = set_subtree(new, path, own_new)
+        if config.use_dora:
+            node = dora.with_magnitude(node, own_new)
+        out[path] = node
+    return rewrap_params(params, new, wrapped), out

@@ -1,0 +1,78 @@
+"""PiSSA initialisation against Hugging Face PEFT's ``init_lora_weights="pissa"``."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.methods.pissa import init_pissa
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+
+def _t(x):
+    return np.asarray(x.detach().numpy())
+
+
+def test_matches_peft_pissa():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 9))
+    w0 = _t(net[0].weight).copy()
+    b0 = _t(net[0].bias).copy()
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0"], init_lora_weights="pissa"))
+    lay = pm.base_model.model[0]
+    hf_A, hf_B, hf_res = _t(lay.lora_A["default"].weight), _t(lay.lora_B["default"].weight), _t(lay.base_layer.weight)
+
+    model = nn.Dense(9)
+    params = {"params": {"kernel": jnp.asarray(w0.T), "bias": jnp.asarray(b0)}}
+    res, ad = init_pissa(jpeft.LoraConfig(r=3, alpha=6, target_modules=".*"), params, jax.random.key(0))
+    node = ad[""]
+    # residual base and the principal part equal PEFT's (singular vectors only up to sign)
+    np.testing.assert_allclose(res["params"]["kernel"], hf_res.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(node.delta_matrix(), 2.0 * (hf_B @ hf_A).T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.abs(node.lora_A), np.abs(hf_A.T), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.abs(node.lora_B), np.abs(hf_B.T), rtol=1e-4, atol=1e-5)
+    x = np.random.RandomState(0).randn(4, 12).astype(np.float32)
+    np.testing.assert_allclose(jpeft.apply(model, res, ad, jnp.asarray(x)), _t(pm(torch.tensor(x))), rtol=1e-4, atol=1e-5)
+    # identity at the start: residual + adapter == original model
+    np.testing.assert_allclose(jpeft.apply(model, res, ad, jnp.asarray(x)), model.apply(params, jnp.asarray(x)), rtol=1e-4, atol=1e-5)
+    # the adapter holds the principal directions: the residual has the remaining singular values
+    s_full = np.linalg.svd(w0, compute_uv=False)
+    s_res = np.linalg.svd(np.asarray(res["params"]["kernel"]), compute_uv=False)
+    np.testing.assert_allclose(s_res[: 9 - 3], s_full[3:], rtol=1e-4, atol=1e-5)
+
+
+def test_randomized_svd_dora_and_layouts():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(7, name="b")(nn.DenseGeneral((3, 4), name="a")(x).reshape(x.shape[:-1] + (12,)))
+
+    # a kernel with a clear spectral gap, so the randomized SVD finds the same top space
+    model = Net()
+    x = jax.random.normal(jax.random.key(0), (2, 10))
+    params = model.init(jax.random.key(1), x)
+    u, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(2), (10, 10)))
+    v, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(3), (12, 12)))
+    s = jnp.array([10.0, 8.0, 6.0] + [0.1] * 7)
+    params["params"]["a"]["kernel"] = ((u * s.reshape(1, -1)) @ v[:10]).reshape(10, 3, 4)
+    cfg = jpeft.LoraConfig(r=3, alpha=3, target_modules=["a", "b"], use_dora=True)
+    res_e, ad_e = init_pissa(cfg, params, jax.random.key(4), model, x)
+    res_r, ad_r = init_pissa(cfg, params, jax.random.key(4), model, x, niter=4)
+    ref = model.apply(params, x)
+    for res, ad in ((res_e, ad_e), (res_r, ad_r)):
+        np.testing.assert_allclose(jpeft.apply(model, res, ad, x), ref, rtol=1e-4, atol=1e-4)
+        assert ad["a"].magnitude is not None
+    np.testing.assert_allclose(ad_r["a"].delta_matrix(), ad_e["a"].delta_matrix(), rtol=1e-3, atol=1e-3)
+
+
+def test_errors():
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    with pytest.raises(jpeft.ConfigError, match="init_pissa"):
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="pissa"), params, jax.random.key(0))
+    with pytest.raises(jpeft.ConfigError, match="exceeds the rank"):
+        init_pissa(jpeft.LoraConfig(r=4, target_modules=".*"), params, jax.random.key(0))
