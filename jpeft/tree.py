@@ -26,6 +26,9 @@ import numpy as np
 from jpeft.errors import TargetNotFoundError
 
 _INDEX = re.compile(r"^(.*)_(\d+)$")
+# Hugging Face module names that end in ``_<digit>`` but are not list entries (GPT-2's
+# ``ln_1``/``ln_2``); hf_name keeps them whole.
+_NOT_INDEXED = frozenset({"ln_1", "ln_2"})
 
 
 def unwrap_params(variables: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
@@ -47,7 +50,7 @@ def hf_name(path: str) -> str:
     """Hugging Face module name of a jpeft module path (``a/layers_3/q`` -> ``a.layers.3.q``)."""
     parts = []
     for comp in path.split("/"):
-        m = _INDEX.match(comp)
+        m = None if comp in _NOT_INDEXED else _INDEX.match(comp)
         if m and m.group(1):
             parts.extend([m.group(1), m.group(2)])
         else:

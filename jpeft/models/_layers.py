@@ -1,0 +1,350 @@
+"""Building blocks shared by jpeft's model families: norms, rotary embeddings, activations,
+attention masks, the key/value cache and the attention kernel call.
+
+Everything here is numerically matched to the Hugging Face PyTorch implementations
+(``transformers`` 5): statistics of norms in float32, rotary frequencies in float32, and
+``jax.nn.dot_product_attention`` for the attention itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jpeft.errors import ConfigError, InputValidationError, UnsupportedModelError
+
+Array = jax.Array
+
+
+# -- activations -----------------------------------------------------------------------------
+
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+    """The activation function Hugging Face calls ``name`` (``ACT2FN``)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"activation {name!r} is not supported; jpeft implements {sorted(ACTIVATIONS)}. "
+            "Pick one of these in the model config."
+        ) from None
+
+
+def check_activation(name: str) -> None:
+    activation(name)
+
+
+# -- norms ---------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm as Llama computes it: statistics in float32, the result cast back
+    to the compute dtype and then multiplied by ``scale`` (parameter name ``scale``)."""
+
+    features: int
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (self.features,), self.param_dtype)
+        h = x.astype(jnp.float32)
+        var = jnp.mean(h * h, axis=-1, keepdims=True)
+        h = h * jax.lax.rsqrt(var + self.eps)
+        scale = scale.reshape((1,) * (x.ndim - 1) + (-1,))
+        return scale.astype(self.dtype) * h.astype(self.dtype)
+
+
+def layer_norm(features_eps: float, dtype, param_dtype, name: str):
+    """``nn.LayerNorm`` with statistics in float32 (parameters ``scale`` and ``bias``)."""
+    return nn.LayerNorm(epsilon=features_eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
+
+
+# -- rotary position embeddings -------------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> Any:
+    """Inverse frequencies ``[head_dim // 2]`` (float32) for ``rope_type`` default, linear or llama3."""
+    import numpy as np
+
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv = inv.astype(np.float32)
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return (inv / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling["low_freq_factor"])
+        high = float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        low_wl, high_wl = old / low, old / high
+        wavelen = (2 * math.pi / inv).astype(np.float32)
+        inv_l = np.where(wavelen > low_wl, inv / np.float32(factor), inv).astype(np.float32)
+        smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * inv_l / np.float32(factor) + smooth * inv_l).astype(np.float32)
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, inv_l).astype(np.float32)
+    raise UnsupportedModelError(
+        f"rope_type {kind!r} is not supported; jpeft implements 'default', 'linear' and 'llama3'. "
+        "Models with dynamic, yarn or longrope scaling cannot be loaded yet."
+    )
+
+
+def rope_cos_sin(position_ids: Array, inv_freq) -> tuple[Array, Array]:
+    """``cos, sin`` of shape ``[batch, seq, head_dim]`` in float32 (Hugging Face layout: the
+    frequencies repeated twice, for ``rotate_half``)."""
+    inv = jnp.asarray(inv_freq, jnp.float32).reshape((1,) * position_ids.ndim + (-1,))
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates ``x: [batch, seq, heads, head_dim]`` (cos/sin cast to ``x``'s dtype, as HF does)."""
+    c = cos[:, :, None, :].astype(x.dtype)
+    s = sin[:, :, None, :].astype(x.dtype)
+    return x * c + _rotate_half(x) * s
+
+
+# -- key/value cache ------------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Key/value cache for decoding, a pytree (jit and ``lax`` loops carry it).
+
+    Attributes:
+      keys, values: one array per layer, ``[batch, max_length, num_kv_heads, head_dim]``.
+      mask: ``[batch, max_length]`` bool, True where a slot holds a real (non-padding) token.
+      index: int32 scalar, the next slot to write.
+    """
+
+    keys: tuple
+    values: tuple
+    mask: Array
+    index: Array
+
+    @property
+    def max_length(self) -> int:
+        return int(self.mask.shape[1])
+
+
+def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty :class:`KVCache` for a decoder ``config`` (a jpeft model config).
+
+    >>> import jpeft
+    >>> cfg = jpeft.models.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+    ...                                num_layers=2, num_heads=2, num_kv_heads=1)
+    >>> c = jpeft.models.init_cache(cfg, batch_size=3, max_length=5)
+    >>> len(c.keys), c.keys[0].shape, c.mask.shape
+    (2, (3, 5, 1, 4), (3, 5))
+    """
+    dtype = dtype or config.dtype
+    shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+    ks = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    vs = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(ks, vs, jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32))
+
+
+# -- masks and positions ----------------------------------------------------------------------------
+
+def check_ids_mask(input_ids, attention_mask, inputs_embeds, what: str):
+    """Validates the input triple; returns ``(batch, seq)``."""
+    if input_ids is None and inputs_embeds is None:
+        raise InputValidationError(f"{what}: pass input_ids [batch, seq] (or inputs_embeds [batch, seq, hidden]).")
+    if input_ids is not None and inputs_embeds is not None:
+        raise InputValidationError(f"{what}: pass either input_ids or inputs_embeds, not both.")
+    if inputs_embeds is not None:
+        if inputs_embeds.ndim != 3:
+            raise InputValidationError(
+                f"{what}: inputs_embeds must be [batch, seq, hidden], found shape {tuple(inputs_embeds.shape)}."
+            )
+        b, s = inputs_embeds.shape[:2]
+    else:
+        if input_ids.ndim != 2:
+            raise InputValidationError(
+                f"{what}: input_ids must be [batch, seq], found shape {tuple(input_ids.shape)}; "
+                "add a batch axis with input_ids[None]."
+            )
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise InputValidationError(f"{what}: input_ids must be integers, found dtype {input_ids.dtype}.")
+        b, s = input_ids.shape
+    if attention_mask is not None and tuple(attention_mask.shape) != (b, s):
+        raise InputValidationError(
+            f"{what}: attention_mask must have the shape of the inputs ({b}, {s}), found {tuple(attention_mask.shape)}."
+        )
+    return b, s
+
+
+def default_positions(attention_mask: Array, cache: Optional[KVCache]) -> Array:
+    """Position ids counting only real tokens: ``cumsum(mask) - 1`` (clipped at 0), continued
+    from the cache's real-token count. This matches Hugging Face ``generate`` with left padding
+    and equals ``arange(seq)`` without padding."""
+    m = attention_mask.astype(jnp.int32)
+    pos = jnp.cumsum(m, axis=1) - 1
+    if cache is not None:
+        pos = pos + jnp.sum(cache.mask.astype(jnp.int32), axis=1, keepdims=True)
+    return jnp.maximum(pos, 0)
+
+
+def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window: Optional[int] = None):
+    """Boolean mask ``[batch, 1, q, k]`` for causal attention over the current tokens (no
+    cache) or over all cache slots (with a cache), plus the updated slot mask.
+
+    Returns:
+      ``(mask, kv_valid)``, ``kv_valid`` being the cache's new slot mask (or ``attention_mask``).
+    """
+    b, s = attention_mask.shape
+    valid = attention_mask.astype(bool)
+    if cache is None:
+        kv_valid = valid
+        q = jnp.arange(s)
+        k = jnp.arange(s)
+    else:
+        kv_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, cache.index))
+        q = cache.index + jnp.arange(s)
+        k = jnp.arange(cache.mask.shape[1])
+    allowed = k[None, :] <= q[:, None]
+    if sliding_window is not None:
+        allowed = allowed & ((q[:, None] - k[None, :]) < sliding_window)
+    mask = kv_valid[:, None, None, :] & allowed[None, None, :, :]
+    return mask, kv_valid
+
+
+def bidirectional_mask(attention_mask: Array) -> Array:
+    valid = attention_mask.astype(bool)
+    s = valid.shape[1]
+    return jnp.broadcast_to(valid[:, None, None, :], (valid.shape[0], 1, s, s))
+
+
+# -- attention -------------------------------------------------------------------------------------------
+
+def check_prefix(prefix_kv, batch: int, num_kv_heads: int, head_dim: int, path: str = "attention"):
+    if prefix_kv is None:
+        return None
+    if not isinstance(prefix_kv, (tuple, list)) or len(prefix_kv) != 2:
+        raise InputValidationError(
+            f"{path}: prefix_kv must be a pair (k, v) of arrays [batch, n_prefix, num_kv_heads, head_dim], "
+            f"found {type(prefix_kv).__name__}."
+        )
+    pk, pv = prefix_kv
+    for name, a in (("k", pk), ("v", pv)):
+        if a.ndim != 4 or a.shape[0] not in (1, batch) or tuple(a.shape[2:]) != (num_kv_heads, head_dim):
+            raise InputValidationError(
+                f"{path}: prefix {name} must be [batch, n_prefix, {num_kv_heads}, {head_dim}] (batch {batch} or 1), "
+                f"found {tuple(a.shape)}."
+            )
+    if pk.shape[1] != pv.shape[1]:
+        raise InputValidationError(f"{path}: prefix k and v have different lengths {pk.shape[1]} and {pv.shape[1]}.")
+    return pk, pv
+
+
+def attend(q, k, v, mask, *, scale: float, cache_layer=None, prefix_kv=None, dtype=jnp.float32):
+    """Scaled dot-product attention with an optional cache write and an optional prefix.
+
+    Args:
+      q: ``[batch, q_len, heads, head_dim]``; k, v: ``[batch, q_len, kv_heads, head_dim]``.
+      mask: bool ``[batch, 1, q_len, k_len]`` over the current keys (or all cache slots).
+      cache_layer: ``(k_cache, v_cache, index)`` or ``None``.
+      prefix_kv: ``(k, v)`` ``[batch, n_prefix, kv_heads, head_dim]``, always attended.
+
+    Returns:
+      ``(out [batch, q_len, heads, head_dim], (k_cache, v_cache) or None)``.
+    """
+    new_cache = None
+    if cache_layer is not None:
+        kc, vc, idx = cache_layer
+        kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, idx, 0, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, idx, 0, 0))
+        new_cache = (kc, vc)
+        k, v = kc.astype(dtype), vc.astype(dtype)
+    b = q.shape[0]
+    if prefix_kv is not None:
+        pk, pv = prefix_kv
+        pk = jnp.broadcast_to(pk, (b,) + tuple(pk.shape[1:])).astype(k.dtype)
+        pv = jnp.broadcast_to(pv, (b,) + tuple(pv.shape[1:])).astype(v.dtype)
+        k = jnp.concatenate([pk, k], axis=1)
+        v = jnp.concatenate([pv, v], axis=1)
+        ones = jnp.ones(mask.shape[:3] + (pk.shape[1],), bool)
+        mask = jnp.concatenate([ones, mask], axis=-1)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    return out, new_cache
+
+
+def dense(features: int, use_bias: bool, cfg, name: str, transpose_init: bool = False):
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.initializers.normal(cfg.initializer_range),
+        name=name,
+    )
+
+
+def remat_wrap(cls, cfg, static_argnums: Sequence[int]):
+    """``nn.remat(cls)`` with ``cfg.remat_policy`` when ``cfg.remat``; otherwise ``cls``."""
+    if not cfg.remat:
+        return cls
+    policy = None
+    if cfg.remat_policy:
+        policy = getattr(jax.checkpoint_policies, cfg.remat_policy, None)
+        if policy is None:
+            raise ConfigError(
+                f"remat_policy {cfg.remat_policy!r} is not a jax.checkpoint_policies name; try "
+                "'nothing_saveable', 'dots_saveable' or 'dots_with_no_batch_dims_saveable'."
+            )
+    return nn.remat(cls, policy=policy, static_argnums=tuple(static_argnums))
+
+
+def canonical_dtype(x):
+    return jnp.dtype(x) if x is not None else None
+
+
+def validate_common(cfg, name: str):
+    """Checks shared by all configs (positive sizes, head divisibility)."""
+    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
+        v = getattr(cfg, f)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{name}.{f} must be a positive integer, found {v!r}.")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(
+            f"{name}: num_heads ({cfg.num_heads}) must be a multiple of num_kv_heads ({cfg.num_kv_heads})."
+        )
+    if cfg.remat_policy is not None and not hasattr(jax.checkpoint_policies, cfg.remat_policy):
+        raise ConfigError(
+            f"{name}.remat_policy {cfg.remat_policy!r} is not a jax.checkpoint_policies name; try "
+            "'nothing_saveable', 'dots_saveable' or 'dots_with_no_batch_dims_saveable'."
+        )

@@ -1,0 +1,217 @@
+"""BERT (encoder) with a sequence-classification head, as ``flax.linen`` modules named like
+Hugging Face's (``bert/encoder/layer_0/attention/self/query``, ``classifier``, ...).
+
+>>> import jax, jax.numpy as jnp, jpeft
+>>> cfg = jpeft.models.BertConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+...                               intermediate_size=64, num_labels=3)
+>>> model = jpeft.models.BertForSequenceClassification(cfg)
+>>> ids = jnp.ones((2, 6), jnp.int32)
+>>> model.apply(model.init(jax.random.key(0), ids), ids).shape
+(2, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jpeft.errors import ConfigError
+from jpeft.models import _layers as L
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Configuration of BERT (Hugging Face names in brackets).
+
+    Args:
+      vocab_size, hidden_size, num_layers [num_hidden_layers], num_heads [num_attention_heads],
+      intermediate_size, max_position_embeddings, type_vocab_size, layer_norm_eps,
+      hidden_act (``"gelu"``, exact), hidden_dropout_prob, num_labels (classifier outputs,
+      from ``id2label`` when loading), initializer_range, dtype, param_dtype, remat, remat_policy.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    num_labels: int = 2
+    model_type: str = "bert"
+    initializer_range: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    remat_policy: Optional[str] = None
+    pad_token_id: Any = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"BertConfig: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})."
+            )
+        if not isinstance(self.num_labels, int) or self.num_labels <= 0:
+            raise ConfigError(f"BertConfig.num_labels must be a positive integer, found {self.num_labels!r}.")
+        object.__setattr__(self, "dtype", L.canonical_dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", L.canonical_dtype(self.param_dtype))
+        L.validate_common(self, "BertConfig")
+        L.check_activation(self.hidden_act)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **kw) -> "BertConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _ln(c, name):
+    return L.layer_norm(c.layer_norm_eps, c.dtype, c.param_dtype, name)
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds=None, deterministic=True):
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init)
+        if inputs_embeds is None:
+            inputs_embeds = nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings", **kw)(input_ids)
+        else:
+            nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings", **kw)  # keep the parameter
+        h = inputs_embeds
+        h = h + nn.Embed(c.max_position_embeddings, c.hidden_size, name="position_embeddings", **kw)(position_ids)
+        h = h + nn.Embed(c.type_vocab_size, c.hidden_size, name="token_type_embeddings", **kw)(token_type_ids)
+        h = _ln(c, "LayerNorm")(h)
+        return nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, hidden, mask, prefix_kv=None, deterministic: bool = True):
+        c = self.config
+        b, s, d = hidden.shape
+        shape = (b, s, c.num_heads, c.head_dim)
+        q = L.dense(d, True, c, "query")(hidden).reshape(shape)
+        k = L.dense(d, True, c, "key")(hidden).reshape(shape)
+        v = L.dense(d, True, c, "value")(hidden).reshape(shape)
+        prefix_kv = L.check_prefix(prefix_kv, b, c.num_heads, c.head_dim, "attention/self")
+        out, _ = L.attend(q, k, v, mask, scale=c.head_dim ** -0.5, prefix_kv=prefix_kv, dtype=c.dtype)
+        return out.reshape(b, s, d)
+
+
+class BertSelfOutput(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h, residual, deterministic: bool = True):
+        c = self.config
+        h = nn.Dropout(c.hidden_dropout_prob)(L.dense(c.hidden_size, True, c, "dense")(h), deterministic=deterministic)
+        return _ln(c, "LayerNorm")(h + residual)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, hidden, mask, prefix_kv=None, deterministic: bool = True):
+        a = BertSelfAttention(self.config, name="self")(hidden, mask, prefix_kv=prefix_kv, deterministic=deterministic)
+        return BertSelfOutput(self.config, name="output")(a, hidden, deterministic=deterministic)
+
+
+class BertIntermediate(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h):
+        c = self.config
+        return L.activation(c.hidden_act)(L.dense(c.intermediate_size, True, c, "dense")(h))
+
+
+class BertLayer(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, hidden, mask, prefix_kv=None, deterministic: bool = True):
+        c = self.config
+        a = BertAttention(c, name="attention")(hidden, mask, prefix_kv=prefix_kv, deterministic=deterministic)
+        i = BertIntermediate(c, name="intermediate")(a)
+        return BertSelfOutput(c, name="output")(i, a, deterministic=deterministic)
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, hidden, mask, prefix_kv=None, deterministic: bool = True):
+        c = self.config
+        layer_cls = L.remat_wrap(BertLayer, c, static_argnums=(4,))
+        for i in range(c.num_layers):
+            hidden = layer_cls(c, name=f"layer_{i}")(hidden, mask, None if prefix_kv is None else prefix_kv[i], deterministic)
+        return hidden
+
+
+class BertPooler(nn.Module):
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, h):
+        return jnp.tanh(L.dense(self.config.hidden_size, True, self.config, "dense")(h[:, 0]))
+
+
+class BertModel(nn.Module):
+    """``embeddings``, ``encoder/layer_{i}``, ``pooler``. Returns ``(sequence_output, pooled)``."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
+                 position_ids=None, prefix_kv=None, deterministic=True):
+        c = self.config
+        b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, "BertModel")
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s), bool)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((b, s), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+        h = BertEmbeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, inputs_embeds, deterministic)
+        h = BertEncoder(c, name="encoder")(h, L.bidirectional_mask(attention_mask), prefix_kv, deterministic)
+        pooled = BertPooler(c, name="pooler")(h)
+        return h, pooled
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT + pooler + ``classifier``: ``__call__(input_ids=None, attention_mask=None,
+    token_type_ids=None, *, inputs_embeds=None, position_ids=None, prefix_kv=None,
+    deterministic=True)`` returns logits ``[batch, num_labels]``. Positions default to
+    ``arange(seq)`` as in Hugging Face (BERT is usually right-padded)."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
+                 position_ids=None, prefix_kv=None, deterministic=True):
+        c = self.config
+        _, pooled = BertModel(c, name="bert")(
+            input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+            prefix_kv=prefix_kv, deterministic=deterministic,
+        )
+        pooled = nn.Dropout(c.hidden_dropout_prob)(pooled, deterministic=deterministic)
+        return L.dense(c.num_labels, True, c, "classifier")(pooled)

@@ -1,0 +1,220 @@
+"""GPT-2 as a ``flax.linen`` module with Hugging Face's module names
+(``transformer/h_0/attn/c_attn``, ``transformer/h_0/mlp/c_fc``, ...).
+
+Hugging Face's GPT-2 uses ``Conv1D`` layers whose weight is stored ``[in, out]``; that is
+exactly the layout of a Flax ``nn.Dense`` kernel, so jpeft's ``c_attn``/``c_proj``/``c_fc``
+are plain ``nn.Dense`` modules and load the weights untransposed. (Hugging Face PEFT marks
+such targets with ``fan_in_fan_out=True``; :func:`jpeft.hf.save_peft` sets it.)
+
+>>> import jax, jax.numpy as jnp, jpeft
+>>> cfg = jpeft.models.GPT2Config(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+...                               max_position_embeddings=16)
+>>> model = jpeft.models.GPT2LMHeadModel(cfg)
+>>> ids = jnp.ones((1, 4), jnp.int32)
+>>> model.apply(model.init(jax.random.key(0), ids), ids).shape
+(1, 4, 50)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jpeft.errors import ConfigError, InputValidationError
+from jpeft.models import _layers as L
+from jpeft.models.llama import decoder_inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """Configuration of GPT-2 (Hugging Face names in brackets).
+
+    Args:
+      vocab_size, hidden_size [n_embd], num_layers [n_layer], num_heads [n_head].
+      intermediate_size [n_inner]: default ``4 * hidden_size``.
+      max_position_embeddings [n_positions]: number of learned positions.
+      layer_norm_epsilon, hidden_act [activation_function] (``"gelu_new"``).
+      scale_attn_weights: divide scores by ``sqrt(head_dim)``.
+      scale_attn_by_inverse_layer_idx: also divide by ``layer_idx + 1``.
+      embd_pdrop, resid_pdrop: dropout rates (active with ``deterministic=False`` and a
+        ``"dropout"`` rng).
+      tie_word_embeddings: logits use ``wte`` (GPT-2's default).
+      dtype, param_dtype, remat, remat_policy, initializer_range: as in :class:`LlamaConfig`.
+    """
+
+    vocab_size: int = 50257
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: Optional[int] = None
+    max_position_embeddings: int = 1024
+    layer_norm_epsilon: float = 1e-5
+    hidden_act: str = "gelu_new"
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    embd_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    tie_word_embeddings: bool = True
+    model_type: str = "gpt2"
+    initializer_range: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    remat_policy: Optional[str] = None
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    pad_token_id: Any = None
+
+    def __post_init__(self):
+        if self.intermediate_size is None:
+            object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"GPT2Config: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})."
+            )
+        object.__setattr__(self, "dtype", L.canonical_dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", L.canonical_dtype(self.param_dtype))
+        L.validate_common(self, "GPT2Config")
+        L.check_activation(self.hidden_act)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **kw) -> "GPT2Config":
+        return dataclasses.replace(self, **kw)
+
+
+class GPT2Attention(nn.Module):
+    config: GPT2Config
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(self, hidden, mask, cache=None, prefix_kv=None, deterministic: bool = True):
+        c = self.config
+        b, s, d = hidden.shape
+        qkv = L.dense(3 * d, True, c, "c_attn")(hidden)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q = q.reshape(b, s, c.num_heads, c.head_dim)
+        k = k.reshape(b, s, c.num_heads, c.head_dim)
+        v = v.reshape(b, s, c.num_heads, c.head_dim)
+        scale = (c.head_dim ** -0.5) if c.scale_attn_weights else 1.0
+        if c.scale_attn_by_inverse_layer_idx:
+            scale = scale / float(self.layer_idx + 1)
+        prefix_kv = L.check_prefix(prefix_kv, b, c.num_heads, c.head_dim, "attn")
+        out, new = L.attend(q, k, v, mask, scale=scale, cache_layer=cache, prefix_kv=prefix_kv, dtype=c.dtype)
+        out = L.dense(d, True, c, "c_proj")(out.reshape(b, s, d))
+        out = nn.Dropout(c.resid_pdrop)(out, deterministic=deterministic)
+        return out if cache is None else (out, new)
+
+
+class GPT2MLP(nn.Module):
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        c = self.config
+        h = L.activation(c.hidden_act)(L.dense(c.intermediate_size, True, c, "c_fc")(x))
+        h = L.dense(c.hidden_size, True, c, "c_proj")(h)
+        return nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic)
+
+
+class GPT2Block(nn.Module):
+    config: GPT2Config
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(self, hidden, mask, cache=None, prefix_kv=None, deterministic: bool = True):
+        c = self.config
+        h = L.layer_norm(c.layer_norm_epsilon, c.dtype, c.param_dtype, "ln_1")(hidden)
+        a = GPT2Attention(c, self.layer_idx, name="attn")(h, mask, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic)
+        new = None
+        if cache is not None:
+            a, new = a
+        hidden = hidden + a
+        h = L.layer_norm(c.layer_norm_epsilon, c.dtype, c.param_dtype, "ln_2")(hidden)
+        hidden = hidden + GPT2MLP(c, name="mlp")(h, deterministic=deterministic)
+        return hidden if cache is None else (hidden, new)
+
+
+class GPT2Model(nn.Module):
+    """``wte``, ``wpe``, ``h_{i}``, ``ln_f``."""
+
+    config: GPT2Config
+
+    def setup(self):
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init)
+        self.wpe = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                            embedding_init=init)
+        block = L.remat_wrap(GPT2Block, c, static_argnums=(5,))
+        self.h = [block(c, i) for i in range(c.num_layers)]
+        self.ln_f = L.layer_norm(c.layer_norm_epsilon, c.dtype, c.param_dtype, "ln_f")
+        self.drop = nn.Dropout(c.embd_pdrop)
+
+    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
+                 cache=None, prefix_kv=None, deterministic=True):
+        c = self.config
+        hidden, attention_mask, position_ids = decoder_inputs(
+            input_ids, attention_mask, inputs_embeds, position_ids, cache, self.wte, "GPT2Model"
+        )
+        if prefix_kv is not None and len(prefix_kv) != c.num_layers:
+            raise InputValidationError(
+                f"prefix_kv must hold one (k, v) pair per layer ({c.num_layers}), found {len(prefix_kv)}."
+            )
+        hidden = (hidden + self.wpe(position_ids)).astype(c.dtype)
+        hidden = self.drop(hidden, deterministic=deterministic)
+        mask, kv_valid = L.causal_mask(attention_mask, cache)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.h):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
+            out = block(hidden, mask, layer_cache, None if prefix_kv is None else prefix_kv[i], deterministic)
+            if cache is None:
+                hidden = out
+            else:
+                hidden, (kc, vc) = out
+                new_k.append(kc)
+                new_v.append(vc)
+        hidden = self.ln_f(hidden)
+        if cache is None:
+            return hidden, None
+        return hidden, L.KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + hidden.shape[1])
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with its language-model head (tied to ``wte`` unless ``tie_word_embeddings=False``).
+
+    Same call signature and outputs as :class:`~jpeft.models.LlamaForCausalLM`; learned
+    positions default to ``cumsum(attention_mask) - 1``.
+    """
+
+    config: GPT2Config
+
+    def setup(self):
+        self.transformer = GPT2Model(self.config)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = L.dense(self.config.vocab_size, False, self.config, "lm_head")
+
+    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
+                 cache=None, prefix_kv=None, deterministic=True):
+        hidden, new_cache = self.transformer(
+            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
+            cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
+        )
+        if self.config.tie_word_embeddings:
+            logits = self.transformer.wte.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> L.KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        return L.init_cache(self.config, batch_size, max_length, dtype)

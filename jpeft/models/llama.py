@@ -1,0 +1,340 @@
+"""Llama-family decoders (Llama 2 and 3, Mistral, Qwen2) as ``flax.linen`` modules whose
+submodule names mirror Hugging Face's, so a module path such as
+``model/layers_0/self_attn/q_proj`` has the Hugging Face name
+``model.layers.0.self_attn.q_proj`` and ``target_modules`` written for Hugging Face PEFT
+select the same modules.
+
+>>> import jax, jax.numpy as jnp, jpeft
+>>> cfg = jpeft.models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+...                                num_layers=2, num_heads=4, num_kv_heads=2)
+>>> model = jpeft.models.LlamaForCausalLM(cfg)
+>>> ids = jnp.ones((2, 5), jnp.int32)
+>>> params = model.init(jax.random.key(0), ids)
+>>> model.apply(params, ids).shape
+(2, 5, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jpeft.errors import ConfigError, InputValidationError
+from jpeft.models import _layers as L
+
+
+def _freeze_mapping(d):
+    if d is None:
+        return None
+    if isinstance(d, tuple):
+        return d
+    return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in dict(d).items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Configuration of a Llama-family decoder (also Mistral and Qwen2).
+
+    Field names follow jpeft's common model-config vocabulary (``num_layers``, ``num_heads``,
+    ``num_kv_heads``); :func:`jpeft.models.config_from_hf` maps the Hugging Face names
+    (``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ...).
+
+    Args:
+      vocab_size, hidden_size, intermediate_size, num_layers, num_heads: sizes.
+      num_kv_heads: key/value heads for grouped-query attention (default ``num_heads``).
+      head_dim: per-head width (default ``hidden_size // num_heads``).
+      max_position_embeddings: the longest sequence the model was trained for.
+      rms_norm_eps: epsilon of the RMS norms.
+      rope_theta: rotary base.
+      rope_scaling: ``None`` or a mapping with ``rope_type`` ``"linear"`` (``factor``) or
+        ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+        ``original_max_position_embeddings``); stored as a sorted tuple of pairs so the
+        config stays hashable.
+      hidden_act: MLP activation (``"silu"``).
+      attention_bias: bias on q/k/v projections (Qwen2: True).
+      attention_out_bias: bias on o_proj (Llama's ``attention_bias=True`` sets both).
+      mlp_bias: bias on gate/up/down projections.
+      tie_word_embeddings: logits use the input embedding matrix (no ``lm_head``).
+      sliding_window: attention window for layers whose ``layer_types`` entry is
+        ``"sliding_attention"`` (``layer_types=None`` with a window: every layer, as Mistral).
+      layer_types: per-layer ``"full_attention"`` / ``"sliding_attention"``.
+      model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"`` (informational; used when saving).
+      initializer_range: std of the normal initializer for fresh models.
+      dtype: compute dtype; param_dtype: dtype of freshly initialised parameters.
+      remat, remat_policy: rematerialise each decoder layer (``nn.remat``) with the named
+        ``jax.checkpoint_policies`` policy (``None``: save nothing).
+      bos_token_id, eos_token_id, pad_token_id: special tokens from the Hugging Face config.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Any = None
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: Optional[int] = None
+    layer_types: Optional[tuple] = None
+    model_type: str = "llama"
+    initializer_range: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    remat_policy: Optional[str] = None
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+    pad_token_id: Any = None
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(
+                    f"LlamaConfig: hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); "
+                    "set head_dim explicitly."
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        object.__setattr__(self, "rope_scaling", _freeze_mapping(self.rope_scaling))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(
+                    f"LlamaConfig.layer_types has {len(self.layer_types)} entries, expected num_layers={self.num_layers}."
+                )
+            bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+            if bad:
+                raise ConfigError(f"LlamaConfig.layer_types: unknown entries {bad}; use 'full_attention' or 'sliding_attention'.")
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        object.__setattr__(self, "dtype", L.canonical_dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", L.canonical_dtype(self.param_dtype))
+        L.validate_common(self, "LlamaConfig")
+        if self.head_dim % 2:
+            raise ConfigError(f"LlamaConfig.head_dim must be even for rotary embeddings, found {self.head_dim}.")
+        L.check_activation(self.hidden_act)
+        L.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)  # validates rope_type
+
+    @property
+    def rope_scaling_dict(self) -> Optional[dict]:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def window(self, layer: int) -> Optional[int]:
+        """The sliding window of ``layer`` (``None``: full attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None:
+            return int(self.sliding_window)
+        return int(self.sliding_window) if self.layer_types[layer] == "sliding_attention" else None
+
+    def replace(self, **kw) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        act = L.activation(c.hidden_act)
+        g = L.dense(c.intermediate_size, c.mlp_bias, c, "gate_proj")(x)
+        u = L.dense(c.intermediate_size, c.mlp_bias, c, "up_proj")(x)
+        return L.dense(c.hidden_size, c.mlp_bias, c, "down_proj")(act(g) * u)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention with rotary embeddings, an optional KV cache and an optional
+    key/value prefix. Returns the output ``[batch, seq, hidden]``, or ``(output, (k, v))``
+    when ``cache`` is given."""
+
+    config: LlamaConfig
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(self, hidden, mask, rope, cache=None, prefix_kv=None, deterministic: bool = True):
+        c = self.config
+        b, s, _ = hidden.shape
+        q = L.dense(c.num_heads * c.head_dim, c.attention_bias, c, "q_proj")(hidden)
+        k = L.dense(c.num_kv_heads * c.head_dim, c.attention_bias, c, "k_proj")(hidden)
+        v = L.dense(c.num_kv_heads * c.head_dim, c.attention_bias, c, "v_proj")(hidden)
+        q = q.reshape(b, s, c.num_heads, c.head_dim)
+        k = k.reshape(b, s, c.num_kv_heads, c.head_dim)
+        v = v.reshape(b, s, c.num_kv_heads, c.head_dim)
+        cos, sin = rope
+        q = L.apply_rope(q, cos, sin)
+        k = L.apply_rope(k, cos, sin)
+        prefix_kv = L.check_prefix(prefix_kv, b, c.num_kv_heads, c.head_dim, "self_attn")
+        out, new = L.attend(q, k, v, mask, scale=c.head_dim ** -0.5, cache_layer=cache, prefix_kv=prefix_kv, dtype=c.dtype)
+        out = L.dense(c.hidden_size, c.attention_out_bias, c, "o_proj")(out.reshape(b, s, c.num_heads * c.head_dim))
+        return out if cache is None else (out, new)
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+    layer_idx: int = 0
+
+    @nn.compact
+    def __call__(self, hidden, mask, rope, cache=None, prefix_kv=None, deterministic: bool = True):
+        c = self.config
+        h = L.RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype, name="input_layernorm")(hidden)
+        a = LlamaAttention(c, self.layer_idx, name="self_attn")(
+            h, mask, rope, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic
+        )
+        new = None
+        if cache is not None:
+            a, new = a
+        hidden = hidden + a
+        h = L.RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype, name="post_attention_layernorm")(hidden)
+        hidden = hidden + LlamaMLP(c, name="mlp")(h)
+        return hidden if cache is None else (hidden, new)
+
+
+def _prefix_for(prefix_kv, i):
+    if prefix_kv is None:
+        return None
+    return prefix_kv[i]
+
+
+def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache, embeds, what):
+    """Shared prologue of the decoders: embeddings, the mask and the positions.
+
+    If the embedding module returns more positions than ``input_ids`` has (an input-site
+    adapter prepending virtual tokens), the extra leading positions are treated as real
+    tokens: the mask gets leading ones and default positions are recomputed.
+    """
+    b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, what)
+    hidden = embeds(input_ids) if inputs_embeds is None else inputs_embeds
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, s), bool)
+    n_extra = hidden.shape[1] - s
+    if n_extra:
+        attention_mask = jnp.concatenate([jnp.ones((b, n_extra), attention_mask.dtype), attention_mask], axis=1)
+        if position_ids is not None:
+            raise InputValidationError(
+                f"{what}: the embeddings have {n_extra} more positions than input_ids (virtual tokens), "
+                "so explicit position_ids cannot be used; leave position_ids=None."
+            )
+    if position_ids is None:
+        position_ids = L.default_positions(attention_mask, cache)
+    elif tuple(position_ids.shape) != tuple(attention_mask.shape):
+        raise InputValidationError(
+            f"{what}: position_ids must have shape {tuple(attention_mask.shape)}, found {tuple(position_ids.shape)}."
+        )
+    return hidden, attention_mask, position_ids
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack: ``embed_tokens``, ``layers_{i}``, ``norm``."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+            embedding_init=nn.initializers.normal(c.initializer_range),
+        )
+        layer_cls = L.remat_wrap(LlamaDecoderLayer, c, static_argnums=(6,))
+        self.layers = [layer_cls(c, i) for i in range(c.num_layers)]
+        self.norm = L.RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype)
+
+    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
+                 cache=None, prefix_kv=None, deterministic=True):
+        c = self.config
+        hidden, attention_mask, position_ids = decoder_inputs(
+            input_ids, attention_mask, inputs_embeds, position_ids, cache, self.embed_tokens, "LlamaModel"
+        )
+        if prefix_kv is not None and len(prefix_kv) != c.num_layers:
+            raise InputValidationError(
+                f"prefix_kv must hold one (k, v) pair per layer ({c.num_layers}), found {len(prefix_kv)}."
+            )
+        hidden = hidden.astype(c.dtype)
+        inv = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_dict)
+        rope = L.rope_cos_sin(position_ids, inv)
+        masks = {}
+        kv_valid = None
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            w = c.window(i)
+            if w not in masks:
+                masks[w], kv_valid = L.causal_mask(attention_mask, cache, w)
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
+            out = layer(hidden, masks[w], rope, layer_cache, _prefix_for(prefix_kv, i), deterministic)
+            if cache is None:
+                hidden = out
+            else:
+                hidden, (kc, vc) = out
+                new_k.append(kc)
+                new_v.append(vc)
+        hidden = self.norm(hidden)
+        if cache is None:
+            return hidden, None
+        new_cache = L.KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + hidden.shape[1])
+        return hidden, new_cache
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM (``model`` + ``lm_head``; Mistral and Qwen2 are the same class
+    with their config flags).
+
+    ``__call__(input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
+    cache=None, prefix_kv=None, deterministic=True)`` returns logits ``[batch, seq, vocab]``
+    (compute dtype), or ``(logits, new_cache)`` when a :class:`~jpeft.models.KVCache` is given.
+    Default ``position_ids`` count real tokens only (``cumsum(attention_mask) - 1``), so a
+    left-padded row gives the logits of the unpadded row.
+    """
+
+    config: LlamaConfig
+
+    def setup(self):
+        self.model = LlamaModel(self.config)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = L.dense(self.config.vocab_size, False, self.config, "lm_head")
+
+    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
+                 cache=None, prefix_kv=None, deterministic=True):
+        hidden, new_cache = self.model(
+            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
+            cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
+        )
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> L.KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        return L.init_cache(self.config, batch_size, max_length, dtype)
+
+
+MistralForCausalLM = LlamaForCausalLM
+Qwen2ForCausalLM = LlamaForCausalLM
+
+
+def MistralConfig(**kw) -> LlamaConfig:
+    """A :class:`LlamaConfig` with Mistral's defaults (``model_type="mistral"``)."""
+    kw.setdefault("model_type", "mistral")
+    return LlamaConfig(**kw)
+
+
+def Qwen2Config(**kw) -> LlamaConfig:
+    """A :class:`LlamaConfig` with Qwen2's q/k/v bias (``model_type="qwen2"``)."""
+    kw.setdefault("model_type", "qwen2")
+    kw.setdefault("attention_bias", True)
+    kw.setdefault("tie_word_embeddings", False)
+    return LlamaConfig(**kw)

@@ -1,0 +1,456 @@
+"""Loading Hugging Face checkpoint folders (``config.json`` + safetensors) into jpeft models.
+
+The weights are read tensor by tensor from the safetensors files (one tensor in host memory
+at a time, each converted and placed before the next is read), after every name and shape
+has been checked against the model from the file headers alone, so a bad checkpoint fails
+before anything large is allocated and nothing partially loaded is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.errors import CheckpointError, LoadError, UnsafeFileError, UnsupportedModelError, WeightShapeError
+from jpeft.models.bert import BertConfig, BertForSequenceClassification
+from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
+from jpeft.tree import hf_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one Hugging Face ``model_type`` maps onto a jpeft model."""
+
+    config_from_hf: Callable[[Mapping[str, Any], Any, Any], Any]
+    model_cls: type
+    base_prefix: str  # "model", "transformer", "bert"
+    untransposed: Callable[[str], bool] = lambda path: False  # kernels stored [in, out] (Conv1D)
+    ignored: tuple = ()  # regexes of checkpoint keys that are not parameters of the model
+    fresh: tuple = ()  # regexes of module paths that may be missing (task heads): freshly initialised
+
+
+def _get(d, *names, default=None):
+    for n in names:
+        if n in d and d[n] is not None:
+            return d[n]
+    return default
+
+
+def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> LlamaConfig:
+    rp = dict(d.get("rope_parameters") or {})
+    if not rp:
+        rp = dict(d.get("rope_scaling") or {})
+    theta = float(_get(rp, "rope_theta", default=_get(d, "rope_theta", default=10000.0)))
+    scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if float(scaling.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise UnsupportedModelError("partial_rotary_factor != 1 is not supported by jpeft's Llama-family models.")
+    if kind == "default":
+        scaling = None
+    else:
+        scaling = {k: v for k, v in scaling.items() if k in ("rope_type", "type", "factor", "low_freq_factor",
+                                                              "high_freq_factor", "original_max_position_embeddings")}
+        scaling["rope_type"] = kind
+        scaling.pop("type", None)
+    heads = int(d["num_attention_heads"])
+    hidden = int(d["hidden_size"])
+    attn_bias = bool(d.get("attention_bias", False))
+    kw = dict(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(d["intermediate_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(_get(d, "num_key_value_heads", default=heads)),
+        head_dim=int(_get(d, "head_dim", default=hidden // heads)),
+        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        hidden_act=str(d.get("hidden_act", "silu")),
+        attention_bias=attn_bias,
+        attention_out_bias=attn_bias,
+        mlp_bias=bool(d.get("mlp_bias", False)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        model_type=model_type,
+        initializer_range=float(d.get("initializer_range", 0.02)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+        pad_token_id=d.get("pad_token_id"),
+    )
+    if model_type == "mistral":
+        kw.update(attention_bias=False, attention_out_bias=False, mlp_bias=False, sliding_window=d.get("sliding_window"))
+    if model_type == "qwen2":
+        kw.update(attention_bias=True, attention_out_bias=False, mlp_bias=False)
+        window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+        layer_types = d.get("layer_types")
+        if window is not None and layer_types is None:
+            mwl = int(d.get("max_window_layers", 28))
+            layer_types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(kw["num_layers"])]
+        kw.update(sliding_window=window, layer_types=tuple(layer_types) if (window is not None and layer_types) else None)
+    return LlamaConfig(**kw)
+
+
+def _gpt2(d, dtype, param_dtype) -> GPT2Config:
+    if d.get("add_cross_attention"):
+        raise UnsupportedModelError("GPT-2 with add_cross_attention=True (encoder-decoder use) is not supported.")
+    return GPT2Config(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["n_embd"]),
+        num_layers=int(d["n_layer"]),
+        num_heads=int(d["n_head"]),
+        intermediate_size=d.get("n_inner"),
+        max_position_embeddings=int(d.get("n_positions", 1024)),
+        layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+        hidden_act=str(d.get("activation_function", "gelu_new")),
+        scale_attn_weights=bool(d.get("scale_attn_weights", True)),
+        scale_attn_by_inverse_layer_idx=bool(d.get("scale_attn_by_inverse_layer_idx", False)),
+        embd_pdrop=float(d.get("embd_pdrop", 0.1)),
+        resid_pdrop=float(d.get("resid_pdrop", 0.1)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        initializer_range=float(d.get("initializer_range", 0.02)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+        pad_token_id=d.get("pad_token_id"),
+    )
+
+
+def _bert(d, dtype, param_dtype) -> BertConfig:
+    if d.get("position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedModelError(
+            f"BERT with position_embedding_type={d.get('position_embedding_type')!r} is not supported; "
+            "jpeft implements 'absolute'."
+        )
+    if d.get("is_decoder") or d.get("add_cross_attention"):
+        raise UnsupportedModelError("BERT as a decoder (is_decoder / add_cross_attention) is not supported.")
+    num_labels = len(d["id2label"]) if d.get("id2label") else int(d.get("num_labels", 2))
+    return BertConfig(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=int(d["num_attention_heads"]),
+        intermediate_size=int(d["intermediate_size"]),
+        max_position_embeddings=int(d.get("max_position_embeddings", 512)),
+        type_vocab_size=int(d.get("type_vocab_size", 2)),
+        layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
+        hidden_act=str(d.get("hidden_act", "gelu")),
+        hidden_dropout_prob=float(d.get("hidden_dropout_prob", 0.1)),
+        num_labels=num_labels,
+        initializer_range=float(d.get("initializer_range", 0.02)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        pad_token_id=d.get("pad_token_id", 0),
+    )
+
+
+_DECODER_IGNORED = (r".*\.rotary_emb\.inv_freq",)
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(lambda d, a, b: _llama_like(d, a, b, "llama"), LlamaForCausalLM, "model", ignored=_DECODER_IGNORED),
+    "mistral": Family(lambda d, a, b: _llama_like(d, a, b, "mistral"), LlamaForCausalLM, "model", ignored=_DECODER_IGNORED),
+    "qwen2": Family(lambda d, a, b: _llama_like(d, a, b, "qwen2"), LlamaForCausalLM, "model", ignored=_DECODER_IGNORED),
+    "gpt2": Family(
+        _gpt2, GPT2LMHeadModel, "transformer",
+        untransposed=lambda path: path.startswith("transformer/h_"),
+        ignored=(r".*\.attn\.bias", r".*\.attn\.masked_bias"),
+    ),
+    "bert": Family(
+        _bert, BertForSequenceClassification, "bert",
+        ignored=(r"cls\..*", r".*\.position_ids", r"bert\.embeddings\.position_ids"),
+        fresh=(r"classifier", r"bert/pooler/dense"),
+    ),
+}
+
+
+def supported_model_types() -> list[str]:
+    """The Hugging Face ``model_type`` values :func:`from_pretrained` can load."""
+    return sorted(FAMILIES)
+
+
+def read_config(path: str) -> dict:
+    """The parsed ``config.json`` of a checkpoint folder (named errors when absent or malformed)."""
+    if not os.path.isdir(path):
+        raise LoadError(
+            f"{path!r} is not a folder. jpeft loads local Hugging Face checkpoint folders holding config.json and "
+            "model.safetensors (or model.safetensors.index.json with its shards); nothing is downloaded."
+        )
+    cpath = os.path.join(path, "config.json")
+    if not os.path.isfile(cpath):
+        raise LoadError(
+            f"{path!r} has no config.json (found: {sorted(os.listdir(path))[:10]}). A Hugging Face checkpoint folder "
+            "needs config.json next to its weights; write it with transformers' save_pretrained."
+        )
+    try:
+        with open(cpath) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{cpath!r} is not valid JSON ({e}); re-save the checkpoint.") from None
+    if not isinstance(d, dict):
+        raise LoadError(f"{cpath!r} must hold a JSON object, found {type(d).__name__}.")
+    return d
+
+
+def config_from_hf(d: Mapping[str, Any], dtype=jnp.float32, param_dtype=None):
+    """A jpeft model config from a Hugging Face config dict (``config.json``).
+
+    Raises:
+      UnsupportedModelError: for a ``model_type`` jpeft does not implement (the message lists
+        the supported ones) or an option it does not implement (rope types other than
+        default/linear/llama3, cross-attention, relative BERT positions).
+    """
+    mt = d.get("model_type")
+    if mt not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type {mt!r} is not supported; jpeft.models implements {supported_model_types()}. "
+            "Check config.json's model_type, or load the model with transformers instead."
+        )
+    param_dtype = dtype if param_dtype is None else param_dtype
+    try:
+        return FAMILIES[mt].config_from_hf(d, dtype, param_dtype)
+    except KeyError as e:
+        raise LoadError(f"config.json of a {mt!r} model lacks the field {e.args[0]!r}; re-save it with transformers.") from None
+
+
+def model_from_config(config) -> nn.Module:
+    """The jpeft module for a jpeft config (``LlamaConfig`` -> ``LlamaForCausalLM``, ...)."""
+    if isinstance(config, LlamaConfig):
+        return LlamaForCausalLM(config)
+    if isinstance(config, GPT2Config):
+        return GPT2LMHeadModel(config)
+    if isinstance(config, BertConfig):
+        return BertForSequenceClassification(config)
+    raise UnsupportedModelError(f"no jpeft model for a config of type {type(config).__name__}.")
+
+
+def _family_of(config) -> Family:
+    return FAMILIES[config.model_type]
+
+
+# -- weight files ------------------------------------------------------------------------------------
+
+def weight_files(path: str) -> tuple[list[str], Optional[dict]]:
+    """``(files, weight_map)`` of a folder: the sharded index when present, else ``model.safetensors``.
+
+    Raises:
+      LoadError: no safetensors weights (UnsafeFileError when only pickle ``.bin`` files are there).
+    """
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                wm = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index!r} is malformed ({e!r}); it must hold a 'weight_map' object.") from None
+        files = sorted(set(wm.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(
+                f"the sharded checkpoint {path!r} lists shards that are not there: {missing[:5]}. Copy all shards "
+                "named in model.safetensors.index.json."
+            )
+        return [os.path.join(path, f) for f in files], wm
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single], None
+    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if others:
+        return [os.path.join(path, f) for f in others], None
+    pickles = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    if pickles:
+        raise UnsafeFileError(
+            f"{path!r} holds only pickle weights {pickles[:5]}; jpeft reads safetensors only, because unpickling "
+            "can run arbitrary code. Convert once with transformers: "
+            "AutoModel.from_pretrained(path).save_pretrained(path, safe_serialization=True)."
+        )
+    raise LoadError(
+        f"{path!r} has config.json but no weights: expected model.safetensors or model.safetensors.index.json "
+        f"with its shards (found: {sorted(os.listdir(path))[:10]})."
+    )
+
+
+def _open(fname: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(fname, framework="flax")
+    except Exception as e:  # SafetensorError, OSError
+        raise CheckpointError(
+            f"cannot read {fname!r}: {e}. The file is truncated or corrupted (an interrupted download or copy?); "
+            "copy it again."
+        ) from None
+
+
+def _dtype_name(s: str):
+    return {"F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16, "F64": jnp.float64}.get(s)
+
+
+# -- the parameter <-> checkpoint-key map ------------------------------------------------------------
+
+_PARAM_TO_HF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def hf_key_map(params_shape, family: Family) -> dict[str, tuple[tuple, str, bool]]:
+    """``{hf_key: (tree_path, module_path, transposed)}`` for every parameter leaf."""
+    out = {}
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params_shape)[0]:
+        keys = tuple(str(k.key) for k in kp)
+        mpath = "/".join(keys[:-1])
+        pname = keys[-1]
+        hf = hf_name(mpath) + "." + _PARAM_TO_HF[pname]
+        transposed = pname == "kernel" and not family.untransposed(mpath)
+        out[hf] = (keys, mpath, transposed, tuple(leaf.shape))
+    return out
+
+
+def _normalise_key(k: str, add_prefix: Optional[str]) -> str:
+    if k.endswith(".gamma"):
+        k = k[: -len(".gamma")] + ".weight"
+    elif k.endswith(".beta"):
+        k = k[: -len(".beta")] + ".bias"
+    if add_prefix and not k.startswith(add_prefix + ".") and not k.startswith(("lm_head.", "classifier.", "cls.")):
+        k = add_prefix + "." + k
+    return k
+
+
+def _set(tree: dict, keys: tuple, value):
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None, **config_overrides):
+    """Loads a local Hugging Face checkpoint folder into a jpeft model.
+
+    Args:
+      path: a folder with ``config.json`` and ``model.safetensors`` (or
+        ``model.safetensors.index.json`` and its shards).
+      dtype: compute dtype, and the dtype the weights are stored in (``jnp.bfloat16`` halves
+        the memory).
+      param_dtype: dtype of the loaded parameters when it should differ from ``dtype``.
+      key: ``jax.random`` key for task-head parameters a checkpoint may lack (BERT's
+        ``classifier`` and ``pooler``, freshly initialised with a warning, as transformers does).
+      **config_overrides: fields of the jpeft config to change (``remat=True``, ...).
+
+    Returns:
+      ``(model, params)`` with ``params = {"params": ...}``: ``model.apply(params, input_ids,
+      attention_mask=None)`` gives the logits and ``jpeft.apply(model, params, adapter,
+      input_ids)`` the adapted ones.
+
+    Raises:
+      LoadError: no folder, no config.json or no weights (``UnsafeFileError`` for pickle-only).
+      UnsupportedModelError: unsupported ``model_type`` (the supported ones are listed).
+      WeightShapeError: a weight's shape disagrees with the config.
+      CheckpointError: a truncated/corrupted file, missing or unexpected weights.
+    """
+    d = read_config(path)
+    cfg = config_from_hf(d, dtype, param_dtype)
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    fam = _family_of(cfg)
+    model = model_from_config(cfg)
+    files, _ = weight_files(path)
+
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda k: model.init(k, dummy), jax.random.key(0))["params"]
+    expected = hf_key_map(shapes, fam)
+
+    # 1. names and shapes from the headers only.
+    handles = [_open(f) for f in files]
+    raw_keys = {}
+    for h, fname in zip(handles, files):
+        for k in h.keys():
+            raw_keys[k] = (h, fname)
+    has_prefix = any(k.startswith(fam.base_prefix + ".") for k in raw_keys)
+    where = {}
+    for k, v in raw_keys.items():
+        where[_normalise_key(k, None if has_prefix else fam.base_prefix)] = (k, *v)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    ignored = [re.compile(p) for p in fam.ignored] + ([re.compile(r"lm_head\.weight")] if tied else [])
+    unexpected = sorted(k for k in where if k not in expected and not any(p.fullmatch(k) for p in ignored))
+    missing = sorted(k for k in expected if k not in where)
+    fresh = [k for k in missing if any(re.fullmatch(p, expected[k][1]) for p in fam.fresh)]
+    missing = [k for k in missing if k not in fresh]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the weights in {path!r} do not match its config.json ({type(model).__name__}, {cfg.num_layers} layers): "
+            f"missing {len(missing)} weights {missing[:6]}, unexpected {len(unexpected)} {unexpected[:6]}. "
+            "Is config.json from the same model as the weights?"
+        )
+    for k, (tree_keys, mpath, transposed, shape) in expected.items():
+        if k in fresh:
+            continue
+        raw, h, fname = where[k]
+        file_shape = tuple(h.get_slice(raw).get_shape())
+        want = tuple(reversed(shape)) if transposed else shape
+        if file_shape != want:
+            raise WeightShapeError(
+                f"weight {raw!r} in {os.path.basename(fname)} has shape {file_shape}, but config.json implies {want} "
+                f"for module {mpath!r}. The config and the weights come from different models; fix config.json."
+            )
+
+    # 2. tensor by tensor.
+    pdt = cfg.param_dtype
+    params: dict = {}
+    for k, (tree_keys, mpath, transposed, shape) in expected.items():
+        if k in fresh:
+            continue
+        raw, h, fname = where[k]
+        try:
+            t = h.get_tensor(raw)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor {raw!r} from {fname!r}: {e}. The file is corrupted; copy it again.") from None
+        t = jnp.asarray(t)
+        if transposed:
+            t = t.T
+        _set(params, tree_keys, t.astype(pdt))
+        del t
+    if fresh:
+        warnings.warn(
+            f"{path!r} has no weights for {sorted({expected[k][1] for k in fresh})}; they are freshly initialised "
+            "(train them, e.g. as a task head).",
+            stacklevel=2,
+        )
+        init = model.init(jax.random.key(0) if key is None else key, dummy)["params"]
+        for k in fresh:
+            tree_keys = expected[k][0]
+            node = init
+            for c in tree_keys:
+                node = node[c]
+            _set(params, tree_keys, node.astype(pdt))
+    return model, {"params": params}
+
+
+def load_tokenizer(path: str, **kwargs):
+    """``transformers.AutoTokenizer.from_pretrained(path, **kwargs)`` on a local folder (never
+    downloads).
+
+    Raises:
+      LoadError: the folder has no tokenizer files.
+    """
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise LoadError(f"{path!r} is not a folder; pass the local checkpoint folder holding the tokenizer files.")
+    kwargs.setdefault("local_files_only", True)
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise LoadError(
+            f"no usable tokenizer in {path!r} ({str(e).splitlines()[0][:200]}). Save one there with "
+            "tokenizer.save_pretrained(path)."
+        ) from None

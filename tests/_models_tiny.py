@@ -1,0 +1,111 @@
+"""Tiny randomly initialised transformers models, built once per test process and saved with
+``save_pretrained`` (shared by tests/test_models*.py, test_generate.py and test_hf_*.py)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import numpy as np
+
+ROOT = tempfile.mkdtemp(prefix="jpeft_tiny_models_")
+
+VOCAB = 100
+
+
+def _randomize(model, seed: int):
+    """Replaces every parameter by a random value of a useful scale (norm weights near 1, the
+    rest N(0, 0.15^2)) so that logits are far from uniform and every weight matters."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name.lower() or ".ln_" in name or "LayerNorm" in name:
+                p.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
+            else:
+                p.copy_(0.15 * noise)
+    model.eval()
+    return model
+
+
+def _hf_config(family: str):
+    import transformers as t
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama2":
+        return t.LlamaConfig(**common, num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=128)
+    if family == "llama3":
+        return t.LlamaConfig(
+            **common, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        )
+    if family == "mistral":
+        return t.MistralConfig(**common, num_key_value_heads=2, sliding_window=5, max_position_embeddings=128,
+                               tie_word_embeddings=False)
+    if family == "qwen2":
+        return t.Qwen2Config(**common, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if family == "gpt2":
+        return t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=0)
+    if family == "bert":
+        return t.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    raise KeyError(family)
+
+
+DECODERS = ("llama2", "llama3", "mistral", "qwen2", "gpt2")
+FAMILIES = DECODERS + ("bert",)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_model(family: str):
+    """``(torch_model, folder)``: the model in eval mode and the folder it was saved to."""
+    import torch
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = _hf_config(family)
+    cls = {"llama2": t.LlamaForCausalLM, "llama3": t.LlamaForCausalLM, "mistral": t.MistralForCausalLM,
+           "qwen2": t.Qwen2ForCausalLM, "gpt2": t.GPT2LMHeadModel, "bert": t.BertForSequenceClassification}[family]
+    model = _randomize(cls(cfg), seed=len(family))
+    folder = os.path.join(ROOT, family)
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def batch(family: str, seed: int = 0):
+    """``(ids, mask)`` numpy int arrays [3, 8]: left padding for decoders, right for BERT."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, VOCAB, size=(3, 8)).astype(np.int64)
+    lengths = [8, 6, 3]
+    mask = np.zeros((3, 8), np.int64)
+    for i, n in enumerate(lengths):
+        if family == "bert":
+            mask[i, :n] = 1
+        else:
+            mask[i, 8 - n:] = 1
+    ids = np.where(mask == 1, ids, 0)
+    return ids, mask
+
+
+def positions(mask):
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+def torch_logits(family: str, ids, mask):
+    import torch
+
+    model, _ = hf_model(family)
+    with torch.no_grad():
+        if family == "bert":
+            out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+        else:
+            out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                        position_ids=torch.tensor(positions(mask)))
+    return out.logits.float().numpy()

@@ -1,0 +1,286 @@
+"""jpeft.models against transformers: logits of every family on a padded batch, loading
+(sharded, bf16), the KV cache, key/value prefixes, remat, and every bad checkpoint."""
+
+import functools
+import json
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as T  # noqa: E402
+
+import jpeft  # noqa: E402
+from jpeft import models as M  # noqa: E402
+from jpeft.errors import (  # noqa: E402
+    CheckpointError,
+    InputValidationError,
+    LoadError,
+    UnsafeFileError,
+    UnsupportedModelError,
+    WeightShapeError,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(family, dtype_name="float32"):
+    _, folder = T.hf_model(family)
+    return M.from_pretrained(folder, dtype=jnp.dtype(dtype_name))
+
+
+@pytest.mark.parametrize("family", T.FAMILIES)
+def test_logits_equal_transformers_with_padding(family):
+    ids, mask = T.batch(family)
+    ref = T.torch_logits(family, ids, mask)
+    model, params = loaded(family)
+    out = np.asarray(jax.jit(model.apply)(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert out.shape == ref.shape
+    if family == "bert":
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+    else:  # padded query positions are garbage in both libraries; compare the real tokens
+        sel = mask.astype(bool)
+        np.testing.assert_allclose(out[sel], ref[sel], atol=1e-4, rtol=0)
+    assert np.abs(ref).max() > 0.5  # the random model is far from trivial
+
+
+def test_config_fields_and_names():
+    model, params = loaded("llama3")
+    c = model.config
+    assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (100, 32, 2, 4, 2, 8)
+    assert c.max_position_embeddings == 128 and c.tie_word_embeddings and dict(c.rope_scaling)["rope_type"] == "llama3"
+    assert "lm_head" not in params["params"]  # tied
+    paths = set(jpeft.tree.module_leaves(params["params"]))
+    assert "model/layers_0/self_attn/q_proj" in paths and "model/layers_1/mlp/gate_proj" in paths
+    g, gp = loaded("gpt2")
+    assert "transformer/h_0/attn/c_attn" in jpeft.tree.module_leaves(gp["params"])
+    assert jpeft.tree.hf_name("transformer/h_0/ln_1") == "transformer.h.0.ln_1"
+    b, bp = loaded("bert")
+    assert "bert/encoder/layer_0/attention/self/query" in jpeft.tree.module_leaves(bp["params"])
+    assert bp["params"]["classifier"]["kernel"].shape == (32, 3)
+    q, qp = loaded("qwen2")
+    assert "bias" in qp["params"]["model"]["layers_0"]["self_attn"]["q_proj"]
+    assert "bias" not in qp["params"]["model"]["layers_0"]["self_attn"]["o_proj"]
+
+
+def test_gpt2_conv1d_weights_are_not_transposed():
+    hf, _ = T.hf_model("gpt2")
+    _, params = loaded("gpt2")
+    w = hf.transformer.h[0].attn.c_attn.weight.detach().numpy()  # Conv1D: [in, out]
+    np.testing.assert_array_equal(np.asarray(params["params"]["transformer"]["h_0"]["attn"]["c_attn"]["kernel"]), w)
+    hl, _ = T.hf_model("llama2")
+    _, lp = loaded("llama2")
+    wq = hl.model.layers[0].self_attn.q_proj.weight.detach().numpy()  # Linear: [out, in]
+    np.testing.assert_array_equal(np.asarray(lp["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]), wq.T)
+
+
+def test_hf_target_modules_select_the_same_modules():
+    model, params = loaded("llama2")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], init="random")
+    adapter = jpeft.init(cfg, params, jax.random.key(0))
+    assert sorted(adapter) == [f"model/layers_{i}/self_attn/{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    regex = jpeft.LoraConfig(r=2, target_modules=r".*\.layers\.1\.mlp\.(up|down)_proj")
+    assert sorted(jpeft.init(regex, params, jax.random.key(0))) == ["model/layers_1/mlp/down_proj", "model/layers_1/mlp/up_proj"]
+    ids, mask = T.batch("llama2")
+    out = jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    merged = model.apply(jpeft.merge(params, adapter), jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(merged), atol=1e-4)
+    base = model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    assert np.abs(np.asarray(out) - np.asarray(base)).max() > 1e-2
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf, _ = T.hf_model("llama2")
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    model, params = M.from_pretrained(str(tmp_path))
+    _, ref_params = loaded("llama2")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, ref_params)
+
+
+def test_bf16_loading(tmp_path):
+    import torch
+
+    ids, mask = T.batch("llama2")
+    ref = T.torch_logits("llama2", ids, mask)
+    model, params = loaded("llama2", "bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params)) and model.config.dtype == jnp.bfloat16
+    out = np.asarray(model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask))).astype(np.float32)
+    sel = mask.astype(bool)
+    err = np.abs(out[sel] - ref[sel])
+    assert err.max() < 0.25 and err.mean() < 0.05  # bf16 has ~3 significant digits
+    # A checkpoint stored in bf16 loads exactly into f32 parameters.
+    hf, _ = T.hf_model("gpt2")
+    import copy
+
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path)
+    _, p16 = M.from_pretrained(str(tmp_path), dtype=jnp.float32)
+    w = hf.transformer.wte.weight.detach().to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(p16["params"]["transformer"]["wte"]["embedding"]), w)
+
+
+def test_kv_cache_chunks_equal_full_forward():
+    model, params = loaded("mistral")  # sliding window 5 over 8 tokens
+    ids, mask = T.batch("mistral")
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    full = model.apply(params, ids, attention_mask=mask)
+    cache = model.init_cache(3, 8)
+    a, cache = model.apply(params, ids[:, :5], attention_mask=mask[:, :5], cache=cache)
+    b, cache = model.apply(params, ids[:, 5:], attention_mask=mask[:, 5:], cache=cache)
+    got = np.concatenate([np.asarray(a), np.asarray(b)], axis=1)
+    sel = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(got[sel], np.asarray(full)[sel], atol=1e-5)
+    assert int(cache.index) == 8 and np.array_equal(np.asarray(cache.mask), sel)
+
+
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_prefix_kv_is_attended_like_earlier_tokens(family):
+    """Keys/values of the first tokens given as prefix_kv reproduce the full-sequence logits
+    of the remaining tokens (the prefix is always attended and never masked)."""
+    model, params = loaded(family)
+    ids = jnp.asarray(T.batch(family)[0][:1])  # one unpadded row of 8
+    full = model.apply(params, ids)
+    _, cache = model.apply(params, ids[:, :3], cache=model.init_cache(1, 3))
+    prefix = [(k, v) for k, v in zip(cache.keys, cache.values)]
+    rest = model.apply(params, ids[:, 3:], prefix_kv=prefix, position_ids=jnp.arange(3, 8)[None])
+    np.testing.assert_allclose(np.asarray(rest), np.asarray(full[:, 3:]), atol=1e-5)
+
+
+def test_prefix_kv_reaches_the_attention_module_as_a_keyword():
+    model, params = loaded("llama2")
+    seen = []
+
+    def spy(next_fun, args, kwargs, ctx):
+        if type(ctx.module).__name__ == "LlamaAttention":
+            seen.append(("prefix_kv" in kwargs, ctx.module.path))
+        return next_fun(*args, **kwargs)
+
+    import flax.linen as nn
+
+    with nn.intercept_methods(spy):
+        model.apply(params, jnp.ones((1, 3), jnp.int32))
+    assert seen == [(True, ("model", "layers_0", "self_attn")), (True, ("model", "layers_1", "self_attn"))]
+
+
+def test_inputs_embeds_equal_input_ids():
+    model, params = loaded("qwen2")
+    ids, mask = (jnp.asarray(x) for x in T.batch("qwen2"))
+    emb = params["params"]["model"]["embed_tokens"]["embedding"][ids]
+    np.testing.assert_allclose(
+        np.asarray(model.apply(params, inputs_embeds=emb, attention_mask=mask)),
+        np.asarray(model.apply(params, ids, attention_mask=mask)), atol=1e-6,
+    )
+    with pytest.raises(InputValidationError, match="either input_ids or inputs_embeds"):
+        model.apply(params, ids, inputs_embeds=emb)
+    with pytest.raises(InputValidationError, match=r"attention_mask must have the shape"):
+        model.apply(params, ids, attention_mask=mask[:, :3])
+
+
+def test_remat_gives_the_same_values_and_gradients():
+    model, params = loaded("llama2")
+    rmodel = M.LlamaForCausalLM(model.config.replace(remat=True, remat_policy="nothing_saveable"))
+    ids = jnp.asarray(T.batch("llama2")[0])
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init="random")
+    adapter = jpeft.init(cfg, params, jax.random.key(1))
+
+    def loss(m):
+        return lambda a: jnp.mean(jpeft.apply(m, params, a, ids) ** 2)
+
+    v1, g1 = jax.value_and_grad(loss(model))(adapter)
+    v2, g2 = jax.value_and_grad(loss(rmodel))(adapter)
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), g1, g2)
+    with pytest.raises(jpeft.ConfigError, match="jax.checkpoint_policies"):
+        model.config.replace(remat=True, remat_policy="no_such_policy")
+
+
+def test_tiny_model_from_config_without_files():
+    cfg = M.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    model = M.LlamaForCausalLM(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    assert jpeft.tree.count(params) == 256 * 32 + 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32) + 32
+    assert model.apply(params, jnp.zeros((2, 5), jnp.int32)).shape == (2, 5, 256)
+    with pytest.raises(jpeft.ConfigError, match="multiple of num_kv_heads"):
+        M.LlamaConfig(num_heads=4, num_kv_heads=3, hidden_size=32)
+    with pytest.raises(UnsupportedModelError, match="rope_type 'yarn'"):
+        M.LlamaConfig(hidden_size=32, num_heads=4, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+# -- bad checkpoints -------------------------------------------------------------------------------
+
+def _copy(family, tmp_path):
+    _, folder = T.hf_model(family)
+    dst = tmp_path / family
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_missing_folder_config_and_weights(tmp_path):
+    with pytest.raises(LoadError, match="is not a folder"):
+        M.from_pretrained(str(tmp_path / "nope"))
+    d = _copy("llama2", tmp_path)
+    os.remove(d / "config.json")
+    with pytest.raises(LoadError, match="has no config.json"):
+        M.from_pretrained(str(d))
+    d2 = _copy("gpt2", tmp_path)
+    os.remove(d2 / "model.safetensors")
+    with pytest.raises(LoadError, match="no weights: expected model.safetensors"):
+        M.from_pretrained(str(d2))
+    (d2 / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UnsafeFileError, match="only pickle weights"):
+        M.from_pretrained(str(d2))
+
+
+def test_unsupported_model_type(tmp_path):
+    d = _copy("llama2", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "t5"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"'t5' is not supported.*\['bert', 'gpt2', 'llama', 'mistral', 'qwen2'\]"):
+        M.from_pretrained(str(d))
+
+
+def test_weight_shape_disagrees_with_config(tmp_path):
+    d = _copy("llama2", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightShapeError, match=r"model\.layers\.0\.mlp\.down_proj\.weight.*\(32, 64\).*\(32, 48\)"):
+        M.from_pretrained(str(d))
+    cfg["intermediate_size"] = 64
+    cfg["num_hidden_layers"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"missing 9 weights \['model\.layers\.2\."):
+        M.from_pretrained(str(d))
+
+
+def test_truncated_safetensors(tmp_path):
+    d = _copy("qwen2", tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        M.from_pretrained(str(d))
+
+
+def test_bert_task_head_missing_is_freshly_initialised(tmp_path):
+    import transformers as t
+
+    hf, _ = T.hf_model("bert")
+    base = t.BertModel(hf.config)
+    base.load_state_dict(hf.bert.state_dict())
+    base.save_pretrained(tmp_path)  # keys without the "bert." prefix, no classifier
+    with pytest.warns(UserWarning, match="freshly initialised"):
+        model, params = M.from_pretrained(str(tmp_path))
+    _, ref = loaded("bert")
+    np.testing.assert_array_equal(
+        np.asarray(params["params"]["bert"]["encoder"]["layer_1"]["output"]["dense"]["kernel"]),
+        np.asarray(ref["params"]["bert"]["encoder"]["layer_1"]["output"]["dense"]["kernel"]),
+    )
+    assert params["params"]["classifier"]["kernel"].shape == (32, 3)
