@@ -1,0 +1,310 @@
+"""jpeft side of benchmarks/bench_vs_hf.py (JAX on the CPU).
+
+Modes:
+
+* worker (default): loads ``DIR/base`` with ``jpeft.models.from_pretrained`` and the LoRA
+  adapter that peft wrote to ``DIR/adapter`` (so both frameworks start from the same numbers),
+  compiles the training step (timed), warms up, then runs one step per ``{"cmd": "step"}``
+  line on stdin; ``{"cmd": "breakdown"}`` times the parts of the step and ``{"cmd": "profile"}``
+  writes a ``jax.profiler`` trace and answers with the most expensive XLA ops;
+  ``{"cmd": "done"}`` answers with the peak resident memory above the baseline after imports.
+* ``--memory lora|full``: the LoRA-versus-full-fine-tuning memory comparison on a randomly
+  initialised model of ``--size`` (no files), a few steps, then the peak memory.
+
+Not meant to be run by hand; see ``bench_vs_hf.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+C.quiet_stdout()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jpeft  # noqa: E402
+import jpeft.models  # noqa: E402
+
+mem = C.PeakRSS()  # baseline after imports
+
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------------------------- model
+def logits_of(out):
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def causal_lm_loss(logits, ids):
+    """Mean next-token cross-entropy in float32, as transformers' ``ForCausalLMLoss``."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    labels = ids[:, 1:]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def load(folder: str, dtype):
+    out = jpeft.models.from_pretrained(folder, dtype=dtype)
+    model, params = (out.model, out.params) if hasattr(out, "model") else out
+    return model, params
+
+
+def build_random(size: C.Size, dtype, seed: int = 0):
+    """A randomly initialised jpeft Llama of ``size`` with params created directly in ``dtype``
+    (no float32 copy on the way)."""
+    cfg = jpeft.models.LlamaConfig(
+        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_layers=size.layers, num_heads=size.heads, num_kv_heads=size.kv_heads or size.heads,
+        dtype=dtype, param_dtype=dtype,
+    )
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    ids = jnp.zeros((size.batch, size.seq), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)
+    leaves, treedef = jax.tree.flatten(shapes)
+
+    @jax.jit
+    def make(key):
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(treedef, [
+            (jax.random.normal(k, s.shape, jnp.float32) * 0.02).astype(s.dtype) for k, s in zip(keys, leaves)
+        ])
+
+    return model, make(jax.random.key(seed))
+
+
+def lora_config(r: int):
+    return jpeft.LoraConfig(r=r, alpha=2 * r, dropout=0.0, target_modules=list(C.LORA_TARGETS))
+
+
+def load_peft_adapter(adapter, folder: str):
+    """Replaces the LoRA matrices of ``adapter`` by those peft saved in ``folder`` (transposed
+    to jpeft's ``[in, r] / [r, out]`` orientation)."""
+    from safetensors.numpy import load_file
+
+    from jpeft.tree import hf_name
+
+    sd = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    out = {}
+    for path, node in adapter.items():
+        name = hf_name(path)
+        ka = f"base_model.model.{name}.lora_A.weight"
+        kb = f"base_model.model.{name}.lora_B.weight"
+        if ka not in sd:
+            raise KeyError(f"peft adapter has no {ka}; keys look like {sorted(sd)[:3]}")
+        a = jnp.asarray(sd[ka].T, node.lora_A.dtype)
+        b = jnp.asarray(sd[kb].T, node.lora_B.dtype)
+        assert a.shape == node.lora_A.shape and b.shape == node.lora_B.shape, (path, a.shape, node.lora_A.shape)
+        out[path] = type(node)(a, b, node.magnitude, node.scale, node.layout, node.dropout)
+    return out
+
+
+# --------------------------------------------------------------------------------- measuring
+def peak_matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def best_time(fn, *args, reps=3):
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# ------------------------------------------------------------------------------------ worker
+def worker(args) -> None:
+    size = C.SIZES[args.size]
+    dtype = DTYPES[args.dtype]
+    t0 = time.perf_counter()
+    model, params = load(os.path.join(args.dir, "base"), dtype)
+    data = [jnp.asarray(b) for b in C.batches(size, args.n_batches, seed=1)]
+    adapter = jpeft.init(lora_config(args.r), params, jax.random.key(0))
+    adapter = load_peft_adapter(adapter, os.path.join(args.dir, "adapter"))
+    jax.block_until_ready((params, adapter))
+    load_s = time.perf_counter() - t0
+
+    def loss_fn(params, adapter, batch, key):
+        return causal_lm_loss(logits_of(jpeft.apply(model, params, adapter, batch)), batch)
+
+    opt = optax.adam(args.lr)
+    opt_state = opt.init(adapter)
+    step_fn = jpeft.make_train_step(loss_fn, opt)
+    key = jax.random.key(0)
+
+    t = time.perf_counter()
+    lowered = step_fn.lower(params, adapter, opt_state, data[0], key)
+    lower_s = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        xla_flops = float(ca.get("flops", float("nan")))
+    except Exception:  # cost analysis is best effort
+        xla_flops = float("nan")
+
+    state = {"adapter": adapter, "opt_state": opt_state, "k": 0}
+
+    def step():
+        x = data[state["k"] % len(data)]
+        state["k"] += 1
+        t = time.perf_counter()
+        a, o, m = compiled(params, state["adapter"], state["opt_state"], x, key)
+        loss = float(m["loss"])  # waits for the step
+        s = time.perf_counter() - t
+        state["adapter"], state["opt_state"] = a, o
+        return s, loss
+
+    first_s, first_loss = step()
+    warm = [step()[0] for _ in range(args.warmup)]
+    peak = peak_matmul_flops() if args.peak_flops else None
+    C.emit({
+        "event": "ready", "framework": "jpeft", "dtype": args.dtype, "load_s": load_s, "lower_s": lower_s,
+        "compile_s": compile_s, "first_step_s": first_s, "first_loss": first_loss, "warmup_s": warm,
+        "xla_flops": xla_flops, "peak_matmul_flops": peak,
+        "versions": {"jax": jax.__version__, "jpeft": jpeft.__version__},
+        "baseline_rss": mem.baseline, "mem_method": mem.method, "env": C.env_summary(),
+        "n_params": int(jpeft.tree.count(params)), "n_trainable": int(jpeft.tree.count(state["adapter"])),
+    })
+    for cmd in C.commands():
+        if cmd["cmd"] == "step":
+            s, loss = step()
+            C.emit({"event": "step", "s": s, "loss": loss})
+        elif cmd["cmd"] == "breakdown":
+            C.emit({"event": "breakdown", **breakdown(model, params, state["adapter"], data[0], loss_fn,
+                                                    cmd.get("reps", 3))})
+        elif cmd["cmd"] == "profile":
+            from _profile import top_ops
+
+            d = cmd["dir"]
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for _ in range(cmd.get("steps", 2)):
+                    step()
+            C.emit({"event": "profile", "dir": d, "top": top_ops(d, compiled.as_text(), n=cmd.get("top", 25),
+                                                                steps=cmd.get("steps", 2))})
+        elif cmd["cmd"] == "done":
+            gc.collect()
+            C.emit({"event": "done", "peak_rss_above_baseline": mem.above_baseline()})
+            return
+
+
+def breakdown(model, params, adapter, x, loss_fn, reps):
+    """Times the pieces of the step: base forward, forward with LoRA, value_and_grad (best of
+    ``reps``; the full step is timed by the caller)."""
+    key = jax.random.key(0)
+    fwd_base = jax.jit(lambda p, x: causal_lm_loss(logits_of(model.apply(p, x)), x))
+    fwd = jax.jit(lambda p, a, x: loss_fn(p, a, x, key))
+    grad = jax.jit(lambda p, a, x: jax.value_and_grad(lambda a: loss_fn(p, a, x, key))(a))
+    logits_only = jax.jit(lambda p, a, x: logits_of(jpeft.apply(model, p, a, x)))
+    return {
+        "forward_base_s": best_time(fwd_base, params, x, reps=reps),
+        "forward_lora_s": best_time(fwd, params, adapter, x, reps=reps),
+        "forward_logits_s": best_time(logits_only, params, adapter, x, reps=reps),
+        "value_and_grad_s": best_time(grad, params, adapter, x, reps=reps),
+    }
+
+
+# ------------------------------------------------------------------------------------ memory
+def memory(args) -> None:
+    """LoRA or full fine-tuning on a random model; reports the peak RSS above the baseline."""
+    size = C.SIZES[args.size]
+    dtype = DTYPES[args.dtype]
+    model, params = build_random(size, dtype)
+    jax.block_until_ready(params)
+    after_params = mem.current_above_baseline()
+    ids = jnp.asarray(C.batches(size, 1, seed=1)[0])
+    key = jax.random.key(0)
+    opt = optax.adam(args.lr)
+    times = []
+    if args.memory == "lora":
+        adapter = jpeft.init(lora_config(args.r), params, jax.random.key(1))
+
+        def loss_fn(params, adapter, batch, key):
+            return causal_lm_loss(logits_of(jpeft.apply(model, params, adapter, batch)), batch)
+
+        opt_state = opt.init(adapter)
+        step = jpeft.make_train_step(loss_fn, opt)
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            adapter, opt_state, m = step(params, adapter, opt_state, ids, key)
+            loss = float(m["loss"])
+            times.append(time.perf_counter() - t)
+        trainable = jpeft.tree.count(adapter)
+    else:
+        # Plain full fine-tuning: differentiate every parameter, Adam on all of them, params and
+        # optimizer state donated (the leanest full fine-tuning step there is in JAX).
+        def loss_full(params, batch):
+            return causal_lm_loss(logits_of(model.apply(params, batch)), batch)
+
+        @jax.jit
+        def _step(params, opt_state, batch):
+            loss, grads = jax.value_and_grad(loss_full)(params, batch)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        step = jax.jit(_step, donate_argnums=(0, 1))
+        opt_state = opt.init(params)
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            params, opt_state, loss = step(params, opt_state, ids)
+            loss = float(loss)
+            times.append(time.perf_counter() - t)
+        trainable = jpeft.tree.count(params)
+    gc.collect()
+    C.emit({
+        "event": "memory", "mode": args.memory, "dtype": args.dtype, "size": args.size,
+        "n_params": int(jpeft.tree.count(params)), "n_trainable": int(trainable),
+        "param_bytes": int(jpeft.tree.nbytes(params)), "after_params_above_baseline": int(after_params),
+        "peak_rss_above_baseline": int(mem.above_baseline()), "baseline_rss": mem.baseline,
+        "mem_method": mem.method, "loss": loss, "step_s": times,
+    })
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", help="folder with base/ and adapter/ written by _hf_worker.py --setup")
+    p.add_argument("--size", default="issue", choices=sorted(C.SIZES))
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--n-batches", type=int, default=4)
+    p.add_argument("--peak-flops", action="store_true")
+    p.add_argument("--memory", choices=["lora", "full"])
+    p.add_argument("--steps", type=int, default=3, help="steps of the --memory run")
+    args = p.parse_args()
+    if args.memory:
+        memory(args)
+    else:
+        worker(args)
+
+
+if __name__ == "__main__":
+    main()
