@@ -15,6 +15,12 @@ from jpeft.errors import *  # noqa: F401,F403
 from jpeft.errors import __all__ as _errors_all
 from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.train import make_train_step
+from jpeft import distributed, parallel
+from jpeft.parallel import (
+    adapter_shardings, adapter_specs, cast_base, init_opt_state, make_mesh, make_pmap_train_step,
+    make_sharded_train_step, opt_state_shardings, param_shardings, param_specs, remat, remat_policy,
+    replicate, shard_adapter, shard_batch, shard_params, split_for_pmap, unreplicate, with_precision,
+)
 from jpeft import checkpoint, loop, validate
 from jpeft.io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
 from jpeft.loop import NonFiniteGuard, fit
@@ -40,5 +46,26 @@ __all__ = [
     "AdapterInfo",
     "fit",
     "NonFiniteGuard",
+    "parallel",
+    "distributed",
+    "make_mesh",
+    "shard_params",
+    "param_specs",
+    "param_shardings",
+    "shard_adapter",
+    "adapter_specs",
+    "adapter_shardings",
+    "opt_state_shardings",
+    "init_opt_state",
+    "shard_batch",
+    "make_sharded_train_step",
+    "make_pmap_train_step",
+    "replicate",
+    "unreplicate",
+    "split_for_pmap",
+    "cast_base",
+    "with_precision",
+    "remat",
+    "remat_policy",
     "__version__",
 ] + list(_errors_all)

@@ -1,0 +1,238 @@
+"""Multi-process (multi-host) training on top of ``jax.distributed``.
+
+Every process runs the same program. The pattern::
+
+    info = jpeft.distributed.initialize()            # TPU pods / SLURM: detected; else pass the coordinator
+    mesh = jpeft.make_mesh(fsdp=4)                   # spans the devices of *all* processes
+    rows = jpeft.distributed.process_slice(global_batch_size)
+    batch = jpeft.distributed.global_batch(local_rows_of_this_process, mesh)
+    adapter, opt_state, m = step(params, adapter, opt_state, batch, key)
+    jpeft.distributed.log("step", i, float(m["loss"]))  # printed by process 0 only
+    host = jpeft.distributed.gather(adapter)           # numpy on every process
+    if jpeft.distributed.is_main_process(): save(host)
+
+JAX is the distributed runtime; this module only adds the bookkeeping around it: joining the
+job (and choosing CPU collectives), which rows of the global batch each process loads, the
+assembly of global arrays from per-process shards
+(``jax.make_array_from_process_local_data``), gathering results to the host, and writing or
+logging from process 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jpeft.errors import DistributedError, InputValidationError
+
+__all__ = [
+    "initialize",
+    "shutdown",
+    "is_main_process",
+    "process_index",
+    "process_count",
+    "process_slice",
+    "host_local_batch",
+    "global_batch",
+    "gather",
+    "barrier",
+    "log",
+    "on_main_process",
+]
+
+_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    *,
+    local_device_ids: Optional[Sequence[int]] = None,
+    cpu_collectives: Optional[str] = "gloo",
+    initialization_timeout: int = 300,
+    auto: Optional[bool] = None,
+) -> dict:
+    """Joins this process to the job with ``jax.distributed.initialize``; returns
+    ``{"process_index", "process_count", "local_devices", "global_devices"}``.
+
+    Call it before any other JAX work. With no arguments, on a TPU VM pod slice or under
+    SLURM / Open MPI (``auto``: detected from the environment) JAX finds the coordinator by
+    itself; elsewhere a run with no coordinator is a single-process run and nothing is
+    joined. Calling it again once joined is a no-op.
+
+    Args:
+      coordinator_address: ``"host:port"`` of process 0.
+      num_processes: number of processes in the job.
+      process_id: this process's index, ``0 .. num_processes - 1``.
+      local_device_ids: restrict this process to some local devices (e.g. one GPU each).
+      cpu_collectives: the CPU collectives library (``jax_cpu_collectives_implementation``,
+        ``"gloo"`` or ``"mpi"``) so CPU-only processes can run cross-process collectives;
+        ``None`` leaves the setting alone.
+      initialization_timeout: seconds to wait for every process to join.
+      auto: force (``True``) or forbid (``False``) JAX's cluster auto-detection when no
+        coordinator is given; default: detect from the environment.
+
+    Raises:
+      DistributedError: when only some of ``coordinator_address``, ``num_processes`` and
+        ``process_id`` are given, or joining fails (the message has JAX's reason).
+    """
+    if jax.distributed.is_initialized():
+        return _info()
+    explicit = (coordinator_address, num_processes, process_id)
+    if coordinator_address is not None and (num_processes is None or process_id is None):
+        raise DistributedError(
+            f"initialize: with coordinator_address={coordinator_address!r} also give num_processes and process_id "
+            f"(found num_processes={num_processes!r}, process_id={process_id!r}); every process needs all three, "
+            "with process 0 on the coordinator host."
+        )
+    if coordinator_address is None and (num_processes not in (None, 1) or process_id not in (None, 0)):
+        raise DistributedError(
+            f"initialize: num_processes={num_processes!r} / process_id={process_id!r} need a coordinator_address "
+            "('host:port' of process 0), e.g. initialize('10.0.0.2:1234', 2, 0)."
+        )
+    if auto is None:
+        auto = any(k in os.environ for k in _CLUSTER_ENV)
+    if coordinator_address is None and not auto:
+        return _info()  # single process: nothing to join
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    kw = dict(initialization_timeout=initialization_timeout)
+    if local_device_ids is not None:
+        kw["local_device_ids"] = local_device_ids
+    try:
+        if coordinator_address is None:
+            jax.distributed.initialize(**kw)
+        else:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id, **kw)
+    except Exception as e:  # JAX raises RuntimeError / ValueError / XlaRuntimeError
+        raise DistributedError(
+            f"jax.distributed.initialize failed for coordinator={explicit[0]!r}, num_processes={explicit[1]!r}, "
+            f"process_id={explicit[2]!r}: {e}. Check that every process uses the same coordinator address and "
+            "count, that process 0 runs on the coordinator host, and that the port is open."
+        ) from e
+    return _info()
+
+
+def _info() -> dict:
+    return {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "local_devices": jax.local_device_count(),
+        "global_devices": jax.device_count(),
+    }
+
+
+def shutdown() -> None:
+    """Leaves the job (``jax.distributed.shutdown``); a no-op in a single-process run."""
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def is_main_process() -> bool:
+    """True on process 0, the one that logs and writes."""
+    return jax.process_index() == 0
+
+
+def log(*args, file=None, **kwargs) -> None:
+    """``print`` on process 0 only (flushed), so a pod's log shows each line once."""
+    if is_main_process():
+        print(*args, file=file or sys.stdout, flush=True, **kwargs)
+
+
+def on_main_process(fn: Callable, *args, **kwargs):
+    """Runs ``fn(*args, **kwargs)`` on process 0 only, then waits for every process (so no
+    process reads a file before it is written). Returns ``fn``'s result on process 0 and
+    ``None`` elsewhere."""
+    out = fn(*args, **kwargs) if is_main_process() else None
+    barrier(f"jpeft_on_main_{getattr(fn, '__name__', 'fn')}")
+    return out
+
+
+def barrier(name: str = "jpeft_barrier") -> None:
+    """Waits until every process reaches this point (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def process_slice(global_size: int, *, index: Optional[int] = None, count: Optional[int] = None) -> slice:
+    """The rows of a global batch that this process loads: an equal contiguous block.
+
+    >>> import jpeft.distributed as d
+    >>> d.process_slice(8, index=1, count=2)
+    slice(4, 8, None)
+    """
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    if global_size % count:
+        raise InputValidationError(
+            f"the global batch of {global_size} rows cannot be split evenly over {count} processes; use a global "
+            f"batch size that is a multiple of {count}."
+        )
+    per = global_size // count
+    return slice(index * per, (index + 1) * per)
+
+
+def host_local_batch(batch, *, index: Optional[int] = None, count: Optional[int] = None):
+    """This process's rows (:func:`process_slice`) of a global host batch that every process
+    can compute (e.g. from a shared seed); a loader that reads only its own shard can skip
+    this and pass its rows to :func:`global_batch` directly."""
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        return batch
+    sl = process_slice(int(np.shape(leaves[0])[0]), index=index, count=count)
+    return jax.tree.map(lambda x: np.asarray(x)[sl], batch)
+
+
+def global_batch(local_batch, mesh: Mesh, batch_axes=("data", "fsdp")):
+    """One global ``jax.Array`` per leaf from every process's rows
+    (``jax.make_array_from_process_local_data``): the first axis is split over the mesh axes
+    ``batch_axes``, each process contributing the rows it holds, in process order. In a
+    single-process run this equals :func:`jpeft.shard_batch`."""
+    from jpeft.parallel import _batch_entry
+
+    sharding = NamedSharding(mesh, P(_batch_entry(mesh, batch_axes)))
+    n_proc = jax.process_count()
+
+    def make(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise InputValidationError(
+                "global_batch: every batch leaf needs a leading batch axis; found a scalar. Put per-step "
+                "constants in the loss function instead."
+            )
+        return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * n_proc,) + x.shape[1:])
+
+    return jax.tree.map(make, local_batch)
+
+
+def gather(tree):
+    """Every leaf as a host ``numpy`` array with its full global value, on every process
+    (``process_allgather`` for arrays spread over processes; a local copy otherwise)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)

@@ -1,0 +1,742 @@
+"""Scale-out training: one step body run on one device, with ``jax.pmap`` or on a sharded mesh.
+
+The step body is :func:`jpeft.train.make_step_fn` (value and gradient with respect to the
+adapter, optional gradient accumulation, optional gradient reduction, optimizer update with
+the non-finite guard). This module only decides where the arrays live:
+
+* :func:`make_pmap_train_step`: data parallel with ``jax.pmap``; the base, adapter and
+  optimizer state are replicated (leading device axis, see :func:`replicate`) and gradients,
+  loss and float metrics are averaged with ``lax.pmean``.
+* :func:`make_sharded_train_step`: ``jax.jit`` over a :class:`jax.sharding.Mesh` with a
+  ``data`` axis (the batch) and an ``fsdp`` axis (the frozen base, sharded by
+  :func:`shard_params`). XLA's SPMD partitioner inserts the collectives; the body is the
+  single-device one. A ``data`` only mesh is plain data parallelism; ``fsdp > 1`` is ZeRO-3
+  style: every device holds ``1/fsdp`` of each base weight and sees its own examples.
+
+Placement helpers:
+
+* :func:`param_specs` / :func:`shard_params`: each frozen weight is sharded along ``fsdp`` on
+  its largest dimension divisible by the axis size (a stacked layer axis is never chosen);
+  path-regex ``rules`` override the choice.
+* :func:`adapter_specs` / :func:`shard_adapter`: a LoRA site follows its base weight: ``lora_A
+  [in, r]`` takes the kernel's input-dimension sharding, ``lora_B [r, out]`` the output one.
+* :func:`opt_state_shardings` / :func:`init_opt_state`: every copy of the adapter inside the
+  optimizer state (Adam's ``mu`` and ``nu``, ...) is sharded like the adapter; counters are
+  replicated.
+
+Mixed precision: :func:`cast_base` stores the frozen base in ``bfloat16`` (or any float
+dtype); :func:`with_precision` runs the loss in a compute dtype while the adapter (the master
+weights), its gradients and the optimizer state stay ``float32``. Rematerialization:
+:func:`remat` / :func:`remat_policy` (``jax.checkpoint`` over a linen layer).
+
+A complete 2 x 4 run on eight devices::
+
+    mesh = jpeft.make_mesh(data=2, fsdp=4)
+    params = jpeft.shard_params(params, mesh)
+    adapter = jpeft.shard_adapter(adapter, mesh, params)
+    opt_state = jpeft.init_opt_state(optimizer, adapter)
+    step = jpeft.make_sharded_train_step(loss_fn, optimizer, mesh)
+    adapter, opt_state, metrics = step(params, adapter, opt_state, batch, key)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jpeft.errors import ConfigError, InputValidationError, ShardingError
+from jpeft.train import _split_loss, make_step_fn
+from jpeft.tree import path_str, unwrap_params
+
+DATA = "data"
+FSDP = "fsdp"
+BATCH_AXES = (DATA, FSDP)
+
+__all__ = [
+    "make_mesh",
+    "param_specs",
+    "param_shardings",
+    "shard_params",
+    "adapter_specs",
+    "adapter_shardings",
+    "shard_adapter",
+    "opt_state_shardings",
+    "init_opt_state",
+    "shard_batch",
+    "make_sharded_train_step",
+    "make_pmap_train_step",
+    "replicate",
+    "unreplicate",
+    "split_for_pmap",
+    "cast_base",
+    "with_precision",
+    "remat_policy",
+    "remat",
+    "REMAT_POLICIES",
+]
+
+
+# ------------------------------------------------------------------------------------- mesh
+def make_mesh(data: Optional[int] = None, fsdp: int = 1, *, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (default: every device of every process).
+
+    Args:
+      data: size of the batch axis; default ``len(devices) // fsdp``.
+      fsdp: size of the axis the frozen base is sharded over (``1``: pure data parallel).
+      devices: the devices to use; default ``jax.devices()``.
+
+    Raises:
+      ShardingError: when ``data * fsdp`` is not the number of devices.
+
+    >>> import jpeft
+    >>> mesh = jpeft.make_mesh()
+    >>> dict(mesh.shape) == {"data": len(mesh.devices.flat), "fsdp": 1}
+    True
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    for name, v in (("data", data), ("fsdp", fsdp)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ShardingError(f"make_mesh: {name} must be a positive integer, found {v!r}.")
+    if data is None:
+        if n % fsdp:
+            raise ShardingError(
+                f"make_mesh: fsdp={fsdp} does not divide the {n} available devices; choose fsdp among "
+                f"{[d for d in range(1, n + 1) if n % d == 0]}."
+            )
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ShardingError(
+            f"make_mesh: data * fsdp must equal the number of devices ({n}), found data={data}, fsdp={fsdp} "
+            f"(product {data * fsdp}). Pass devices=jax.devices()[:{data * fsdp}] to use fewer devices."
+        )
+    return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+# -------------------------------------------------------------------------------- placing
+def _put_leaf(x, sharding, copy: bool = False):
+    """``jax.device_put`` that also works for shardings spanning several processes: a value
+    every process holds in full (host array, local array) is cut into this process's shards.
+
+    ``copy``: never share a buffer with ``x`` (``device_put`` reuses the source buffer for the
+    shard on its own device even with ``may_alias=False``; a donated step would then delete
+    ``x``)."""
+    if sharding.is_fully_addressable:
+        if copy and isinstance(x, jax.Array):
+            x = jnp.copy(x)
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, sharding)  # global -> global: a reshard
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_leaf(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _put(tree, shardings, copy: bool = False):
+    """:func:`_put_leaf` over a tree (``shardings``: a tree of shardings or one sharding)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: _put_leaf(x, shardings, copy), tree)
+    return jax.tree.map(lambda x, s: _put_leaf(x, s, copy), tree, shardings)
+
+
+# -------------------------------------------------------------------------- partition specs
+def _leaf_paths(tree):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [path_str(kp) for kp, _ in leaves], [x for _, x in leaves], treedef
+
+
+def _axis_size(mesh: Mesh, entry) -> int:
+    if entry is None:
+        return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return int(math.prod(mesh.shape[a] for a in names))
+
+
+def _check_spec(path: str, shape: tuple, spec: P, mesh: Mesh) -> P:
+    if len(spec) > len(shape):
+        raise ShardingError(
+            f"the rule for {path!r} gives the partition spec {spec} with {len(spec)} entries, but the "
+            f"array has shape {shape} ({len(shape)} dims). Give at most one entry per dimension."
+        )
+    for dim, entry in enumerate(spec):
+        names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        for a in names:
+            if a not in mesh.shape:
+                raise ShardingError(
+                    f"the rule for {path!r} names the mesh axis {a!r}, but the mesh has axes {tuple(mesh.shape)}."
+                )
+        size = _axis_size(mesh, entry)
+        if shape[dim] % size:
+            raise ShardingError(
+                f"the rule for {path!r} shards dimension {dim} (size {shape[dim]}) over {entry!r} "
+                f"(size {size}), which does not divide it. Pick another dimension or replicate it (None)."
+            )
+    return spec
+
+
+def _default_spec(shape: tuple, size: int, axis: str, skip_leading: bool, min_size: int) -> P:
+    if size == 1 or int(math.prod(shape)) < max(min_size, 1):
+        return P()
+    start = 1 if skip_leading else 0
+    best = None
+    for d in range(start, len(shape)):
+        if shape[d] % size == 0 and (best is None or shape[d] > shape[best]):
+            best = d
+    if best is None:
+        return P()
+    return P(*([None] * best + [axis]))
+
+
+def _as_spec(spec) -> P:
+    if spec is None:
+        return P()
+    if isinstance(spec, P):
+        return spec
+    if isinstance(spec, (tuple, list)):
+        return P(*spec)
+    if isinstance(spec, str):
+        return P(spec)
+    raise ShardingError(f"a sharding rule must map to a PartitionSpec, a tuple of axis names or None; found {spec!r}.")
+
+
+def param_specs(
+    params,
+    mesh: Mesh,
+    rules: Optional[Sequence[tuple[str, Any]]] = None,
+    *,
+    axis: str = FSDP,
+    stacked: Optional[str] = None,
+    min_size: int = 0,
+):
+    """The :class:`~jax.sharding.PartitionSpec` of every leaf of the frozen base.
+
+    Args:
+      params: the base variables (``{"params": ...}`` or a bare tree; arrays or
+        ``jax.ShapeDtypeStruct``, so the specs can be computed before anything is allocated).
+      mesh: the mesh; its ``axis`` entry is the sharding axis (``1`` or absent: all replicated).
+      rules: ``[(regex, spec), ...]``; the first regex that :func:`re.fullmatch` es a leaf's path
+        (``"layers_0/q_proj/kernel"``, without the ``params/`` prefix) gives its spec: a
+        ``PartitionSpec``, a tuple of mesh axis names / ``None`` per dimension, or ``None``
+        (replicated). Leaves no rule matches get the default.
+      axis: the mesh axis the default shards over.
+      stacked: a regex matched like ``rules``: leaves whose first dimension stacks layers (a
+        ``nn.scan`` over blocks). The default never shards that dimension, so each scan
+        iteration gathers only its own layer.
+      min_size: leaves with fewer elements stay replicated.
+
+    Default: the largest dimension divisible by the ``axis`` size is sharded (the first
+    such on ties); a leaf with no divisible dimension is replicated.
+
+    Raises:
+      ShardingError: a rule names an unknown mesh axis, has too many entries, or shards a
+        dimension the mesh axis does not divide.
+
+    ``mesh`` may be a :class:`jax.sharding.AbstractMesh` (only its axis sizes are read):
+
+    >>> import jax, jpeft
+    >>> from jax import ShapeDtypeStruct as S
+    >>> mesh = jax.sharding.AbstractMesh((2, 4), ("data", "fsdp"))
+    >>> base = {"params": {"up": {"kernel": S((16, 64), "f4")}, "norm": {"scale": S((6,), "f4")}}}
+    >>> specs = jpeft.param_specs(base, mesh, rules=[(".*norm/.*", None)])
+    >>> specs["params"]["up"]["kernel"], specs["params"]["norm"]["scale"]
+    (P(None, 'fsdp'), P())
+    """
+    size = int(mesh.shape[axis]) if axis in mesh.shape else 1
+    _, wrapped = unwrap_params(params) if isinstance(params, Mapping) else (params, False)
+    paths, leaves, treedef = _leaf_paths(params)
+    rules = list(rules or [])
+    compiled = []
+    for item in rules:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ShardingError(f"rules must be a sequence of (regex, spec) pairs; found the entry {item!r}.")
+        compiled.append((re.compile(item[0]), _as_spec(item[1])))
+    stacked_re = re.compile(stacked) if stacked else None
+    specs = []
+    for path, leaf in zip(paths, leaves):
+        rel = path[len("params/"):] if wrapped and path.startswith("params/") else path
+        shape = tuple(getattr(leaf, "shape", ()))
+        for rx, spec in compiled:
+            if rx.fullmatch(rel):
+                specs.append(_check_spec(rel, shape, spec, mesh))
+                break
+        else:
+            is_stacked = bool(stacked_re and stacked_re.fullmatch(rel))
+            specs.append(_default_spec(shape, size, axis, is_stacked, min_size))
+    return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def param_shardings(params, mesh: Mesh, rules=None, **kw):
+    """:func:`param_specs` as :class:`~jax.sharding.NamedSharding` s on ``mesh``."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, rules, **kw),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(params, mesh: Mesh, rules=None, **kw):
+    """Places the frozen base on ``mesh`` as :func:`param_specs` says (see there for
+    ``rules``, ``axis``, ``stacked`` and ``min_size``). Returns the placed tree.
+
+    With ``fsdp = 4`` every device holds a quarter of each sharded weight::
+
+        params = jpeft.shard_params(params, jpeft.make_mesh(data=2, fsdp=4))
+    """
+    return _put(params, param_shardings(params, mesh, rules, **kw))
+
+
+def _specs_of(params, mesh: Mesh):
+    """Specs of placed params (NamedShardings on ``mesh``) or a tree of specs as given."""
+
+    def one(x):
+        if isinstance(x, P):
+            return x
+        if isinstance(x, NamedSharding):
+            return x.spec
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh.shape == mesh.shape and sh.mesh.axis_names == mesh.axis_names:
+            return sh.spec
+        if sh is not None and len(getattr(sh, "device_set", ())) == 1:
+            return P()
+        raise ShardingError(
+            f"cannot read a mesh placement from a params leaf placed with {sh!r}; place the base with "
+            "jpeft.shard_params(params, mesh) first, or pass the tree of specs from jpeft.param_specs."
+        )
+
+    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, (P, NamedSharding)))
+
+
+def _entries(spec: P, ndim: int) -> list:
+    e = list(spec)
+    return e + [None] * (ndim - len(e))
+
+
+def _flat_entry(entries: list, axes: Sequence[int]):
+    """The spec entry of the flattened dims ``axes`` (in order): the major axis's entry when
+    only it is sharded, else ``None`` (replicated), since other block patterns do not
+    survive the flattening."""
+    sharded = [i for i, a in enumerate(axes) if entries[a] is not None]
+    if not sharded:
+        return None
+    if sharded == [0]:
+        return entries[axes[0]]
+    return None
+
+
+def _site_specs(path: str, node, base_specs):
+    from jpeft.methods.lora import LoraWeights
+
+    if not isinstance(node, LoraWeights) or node.layout is None:
+        return jax.tree.map(lambda _: P(), node)
+    lay = node.layout
+    node_path = f"{path}/{lay.param_name}" if path else lay.param_name
+    own = base_specs
+    try:
+        for comp in node_path.split("/"):
+            own = own[comp]
+    except (KeyError, TypeError):
+        raise ShardingError(
+            f"the adapter site {path!r} adapts the base leaf {node_path!r}, which the params do not have; "
+            "was the adapter made for another model?"
+        ) from None
+    lead = node.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
+    k_nd = len(lay.kernel_shape) + lead
+    entries = _entries(own, k_nd)
+    lead_e, kern_e = entries[:lead], entries[lead:]
+    a_in = _flat_entry(kern_e, lay.in_axes)
+    b_out = _flat_entry(kern_e, lay.out_axes)
+    spec_a = P(*lead_e, a_in, None)
+    spec_b = P(*lead_e, None, b_out)
+    mag = None if node.magnitude is None else P(*lead_e, b_out)
+    return dataclasses.replace(node, lora_A=spec_a, lora_B=spec_b, magnitude=mag)
+
+
+def adapter_specs(adapter: Mapping[str, Any], params_or_specs, mesh: Optional[Mesh] = None):
+    """Partition specs of an adapter, derived from its base weights' specs.
+
+    ``params_or_specs`` is either the placed base (from :func:`shard_params`) or the tree
+    from :func:`param_specs`. A LoRA site's ``lora_A [in, r]`` takes the kernel's
+    input-dimension entry, ``lora_B [r, out]`` (and the DoRA magnitude) its output entry, so
+    ``x @ A`` and ``h @ B`` need no more communication than the base matmul itself. When a
+    kernel has several input (or output) axes only a sharded *major* axis carries over to the
+    flattened matrix; other patterns leave that factor replicated. Sites of other methods
+    (and any site without a layout) are replicated.
+    """
+    if mesh is None:
+        leaves = jax.tree.leaves(params_or_specs, is_leaf=lambda x: isinstance(x, (P, NamedSharding)))
+        mesh = next((getattr(getattr(x, "sharding", x), "mesh", None) for x in leaves
+                     if isinstance(getattr(x, "sharding", x), NamedSharding)), None)
+    specs = params_or_specs if mesh is None else _specs_of(params_or_specs, mesh)
+    inner, _ = unwrap_params(specs) if isinstance(specs, Mapping) else (specs, False)
+    return {path: _site_specs(path, node, inner) for path, node in adapter.items()}
+
+
+def adapter_shardings(adapter: Mapping[str, Any], mesh: Mesh, params_or_specs):
+    """:func:`adapter_specs` as :class:`~jax.sharding.NamedSharding` s on ``mesh``."""
+    specs = adapter_specs(adapter, params_or_specs, mesh)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_adapter(adapter: Mapping[str, Any], mesh: Mesh, params_or_specs):
+    """Places the adapter next to its base weights (see :func:`adapter_specs`). The result
+    never shares buffers with ``adapter``, so a donating step leaves ``adapter`` usable."""
+    return _put(adapter, adapter_shardings(adapter, mesh, params_or_specs), copy=True)
+
+
+def _tree_shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, adapter, adapter_shardings_tree=None):
+    """Shardings of ``optimizer.init(adapter)``: each subtree shaped like the adapter (Adam's
+    ``mu``, ``nu``, ...) gets the adapter's shardings; every other leaf (step counters, scalar
+    schedule state) is replicated on the adapter's mesh.
+
+    ``adapter_shardings_tree`` defaults to the shardings of the (placed) adapter's arrays.
+    """
+    if adapter_shardings_tree is None:
+        adapter_shardings_tree = _tree_shardings(adapter)
+    first = jax.tree.leaves(adapter_shardings_tree)[0]
+    if not isinstance(first, NamedSharding):
+        raise ShardingError(
+            "opt_state_shardings needs the adapter placed on a mesh (NamedSharding leaves); found "
+            f"{first!r}. Place it with jpeft.shard_adapter(adapter, mesh, params) first."
+        )
+    replicated = NamedSharding(first.mesh, P())
+    shapes = jax.eval_shape(optimizer.init, adapter)
+    target = jax.tree.structure(adapter)
+
+    def is_adapter_like(x):
+        try:
+            return jax.tree.structure(x) == target
+        except Exception:  # pragma: no cover - exotic nodes
+            return False
+
+    def pick(x):
+        if is_adapter_like(x):
+            return adapter_shardings_tree
+        return replicated
+
+    return jax.tree.map(pick, shapes, is_leaf=is_adapter_like)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, adapter, adapter_shardings_tree=None):
+    """``optimizer.init(adapter)`` created directly in place, sharded like the adapter
+    (see :func:`opt_state_shardings`); nothing is gathered on one device."""
+    out = opt_state_shardings(optimizer, adapter, adapter_shardings_tree)
+    return jax.jit(optimizer.init, out_shardings=out)(adapter)
+
+
+# -------------------------------------------------------------------------------- batches
+def _batch_entry(mesh: Mesh, batch_axes) -> Any:
+    axes = tuple(a for a in ((batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)) if a in mesh.shape)
+    if not axes:
+        return None
+    return axes if len(axes) > 1 else axes[0]
+
+
+def shard_batch(batch, mesh: Mesh, batch_axes=BATCH_AXES):
+    """Places a host batch on ``mesh`` with its first axis split over ``batch_axes`` (default
+    ``("data", "fsdp")``: every device gets its own examples). In a multi-process job use
+    :func:`jpeft.distributed.global_batch`, which assembles the global batch from each
+    process's shard."""
+    entry = _batch_entry(mesh, batch_axes)
+    n = _axis_size(mesh, entry)
+
+    def put(x):
+        x = x if isinstance(x, jax.Array) else np.asarray(x)
+        if x.ndim == 0 or x.shape[0] % n:
+            raise InputValidationError(
+                f"the batch is split over the mesh axes {entry!r} ({n} devices) along its first axis, but a "
+                f"leaf has shape {tuple(x.shape)}; use a batch size that is a multiple of {n}."
+            )
+        if jax.process_count() > 1 and not (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            raise ShardingError(
+                "shard_batch: in a multi-process job a host batch is ambiguous (global or this process's rows?); "
+                "build the global batch with jpeft.distributed.global_batch(local_rows, mesh)."
+            )
+        return _put_leaf(x, NamedSharding(mesh, P(entry)))
+
+    return jax.tree.map(put, batch)
+
+
+# -------------------------------------------------------------------------- sharded step
+def make_sharded_train_step(
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    batch_axes=BATCH_AXES,
+    accumulate_steps: int = 1,
+    donate: bool = True,
+    skip_nonfinite: bool = True,
+    adapter_shardings_tree=None,
+    opt_state_shardings_tree=None,
+):
+    """The training step jitted over a mesh: ``step(params, adapter, opt_state, batch, key)
+    -> (adapter, opt_state, metrics)``, the same call as :func:`jpeft.make_train_step`.
+
+    The body is the single-device one (:func:`jpeft.train.make_step_fn`); XLA partitions it
+    from the placements: the base as :func:`shard_params` put it, the batch split over
+    ``batch_axes`` (host arrays are placed by the step; global arrays from
+    :func:`jpeft.distributed.global_batch` are used as they are), and the adapter and
+    optimizer state kept where they are (their shardings are read from the first call's
+    arguments unless given). Metrics come back replicated.
+
+    Args:
+      loss_fn: ``loss_fn(params, adapter, batch, key)``, as for :func:`jpeft.make_train_step`.
+      optimizer: an optax transformation.
+      mesh: from :func:`make_mesh`.
+      batch_axes: mesh axes the batch's first axis is split over.
+      accumulate_steps: micro-batches per step (``lax.scan`` inside the step).
+      donate: donate the adapter and optimizer-state buffers.
+      skip_nonfinite: the non-finite guard of :func:`jpeft.train.apply_update`.
+      adapter_shardings_tree, opt_state_shardings_tree: explicit output shardings.
+
+    Raises:
+      ShardingError: (at the first call) when the adapter or optimizer state is not placed
+        on ``mesh``; place them with :func:`shard_adapter` and :func:`init_opt_state`.
+    """
+    body = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps)
+    entry = _batch_entry(mesh, batch_axes)
+    batch_sharding = NamedSharding(mesh, P(entry))
+    replicated = NamedSharding(mesh, P())
+    cache: dict = {}
+
+    def _placed(tree, what, fix):
+        shs = _tree_shardings(tree)
+        for s in jax.tree.leaves(shs):
+            if not (isinstance(s, NamedSharding) and s.mesh.shape == mesh.shape
+                    and set(s.mesh.devices.flat) == set(mesh.devices.flat)):
+                raise ShardingError(
+                    f"the {what} is not placed on the step's mesh {dict(mesh.shape)}: found a leaf placed with "
+                    f"{s!r}. {fix}"
+                )
+        return shs
+
+    def _compiled(adapter, opt_state):
+        key = (jax.tree.structure(adapter), jax.tree.structure(opt_state))
+        fn = cache.get(key)
+        if fn is None:
+            a_sh = adapter_shardings_tree or _placed(
+                adapter, "adapter", "Place it with jpeft.shard_adapter(adapter, mesh, params).")
+            o_sh = opt_state_shardings_tree or _placed(
+                opt_state, "optimizer state", "Create it with jpeft.init_opt_state(optimizer, adapter).")
+            fn = jax.jit(body, out_shardings=(a_sh, o_sh, replicated), donate_argnums=(1, 2) if donate else ())
+            cache[key] = fn
+        return fn
+
+    def step(params, adapter, opt_state, batch, key):
+        fn = _compiled(adapter, opt_state)
+        batch = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and x.sharding == batch_sharding
+                             else shard_batch(x, mesh, batch_axes), batch)
+        if key is not None:
+            key = _put_leaf(key, replicated)
+        return fn(params, adapter, opt_state, batch, key)
+
+    return step
+
+
+# ----------------------------------------------------------------------------- pmap step
+def replicate(tree, devices: Optional[Sequence[Any]] = None):
+    """Copies every leaf onto each device with a leading device axis, as ``jax.pmap`` takes
+    replicated arguments (the base, adapter and optimizer state)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    mesh = Mesh(np.array(devices), ("_pmap",))
+    sharding = NamedSharding(mesh, P("_pmap"))
+
+    def rep(x):
+        x = jnp.asarray(x)
+        return jax.device_put(jnp.broadcast_to(x[None], (len(devices),) + x.shape), sharding)
+
+    return jax.tree.map(rep, tree)
+
+
+def unreplicate(tree):
+    """The first device's copy of a replicated tree (drops the leading device axis)."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def split_for_pmap(batch, n: Optional[int] = None):
+    """``[B, ...] -> [n, B // n, ...]`` for every batch leaf (``n`` defaults to the local
+    device count); device ``i`` gets examples ``i * B/n`` to ``(i + 1) * B/n``."""
+    n = jax.local_device_count() if n is None else n
+
+    def split(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0 or x.shape[0] % n:
+            raise InputValidationError(
+                f"split_for_pmap: every batch leaf is split over {n} devices along its first axis, but a leaf "
+                f"has shape {tuple(x.shape)}; use a batch size that is a multiple of {n}."
+            )
+        return x.reshape((n, x.shape[0] // n) + tuple(x.shape[1:]))
+
+    return jax.tree.map(split, batch)
+
+
+def _pmean_floats(tree, axis_name):
+    def red(x):
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return jax.lax.pmean(x, axis_name)
+        return jax.lax.psum(x, axis_name)
+
+    return jax.tree.map(red, tree)
+
+
+def make_pmap_train_step(
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    axis_name: str = "batch",
+    devices: Optional[Sequence[Any]] = None,
+    accumulate_steps: int = 1,
+    donate: bool = True,
+    skip_nonfinite: bool = True,
+):
+    """Data-parallel step with ``jax.pmap``: ``step(params, adapter, opt_state, batch, key)``.
+
+    ``params``, ``adapter`` and ``opt_state`` carry a leading device axis (:func:`replicate`),
+    ``batch`` is split per device (:func:`split_for_pmap`), ``key`` is one key (each device
+    folds in its index, so dropout masks differ across devices). Gradients, the loss and
+    float metrics are averaged over devices with ``lax.pmean`` before the (identical)
+    optimizer update on every device; integer metrics are summed. Outputs keep the leading
+    device axis; :func:`unreplicate` takes one copy.
+
+    The step body is :func:`jpeft.train.make_step_fn`, the single-device one.
+    """
+    body = make_step_fn(
+        loss_fn,
+        optimizer,
+        skip_nonfinite=skip_nonfinite,
+        accumulate_steps=accumulate_steps,
+        grad_reduce=lambda t: _pmean_floats(t, axis_name),
+    )
+
+    def per_device(params, adapter, opt_state, batch, key):
+        if key is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        return body(params, adapter, opt_state, batch, key)
+
+    return jax.pmap(
+        per_device,
+        axis_name=axis_name,
+        in_axes=(0, 0, 0, 0, None),
+        devices=devices,
+        donate_argnums=(1, 2) if donate else (),
+    )
+
+
+# ------------------------------------------------------------------------ mixed precision
+def _cast_floats(tree, dtype):
+    def c(x):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(c, tree)
+
+
+def _check_float_dtype(dtype, what):
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise ConfigError(f"{what} must be a floating dtype such as jnp.bfloat16 or jnp.float32, found {dtype!r}.")
+    return dt
+
+
+def cast_base(params, dtype=jnp.bfloat16):
+    """The frozen base stored in ``dtype``: every floating leaf cast, others untouched
+    (keeps placements). ``bfloat16`` halves the memory of an ``float32`` base; the adapter
+    is not touched and stays ``float32``.
+
+    >>> import jax.numpy as jnp, jpeft
+    >>> jpeft.cast_base({"w": jnp.ones(2), "i": jnp.arange(2)})["w"].dtype
+    dtype(bfloat16)
+    """
+    return _cast_floats(params, _check_float_dtype(dtype, "cast_base: dtype"))
+
+
+def with_precision(loss_fn: Callable, compute_dtype=jnp.bfloat16, *, cast_batch: bool = True) -> Callable:
+    """Wraps ``loss_fn`` so the forward pass runs in ``compute_dtype``.
+
+    Inside the step, the frozen base (and, with ``cast_batch``, the floating leaves of the
+    batch; integer token ids and labels are left alone) is cast to ``compute_dtype``, so
+    flax layers with ``dtype=None`` compute in it and LoRA casts ``A`` and ``B`` to it (it
+    runs in its module's output dtype). The adapter itself is not cast: it stays the
+    ``float32`` master copy, its gradients come back ``float32`` through the cast, and the
+    optimizer state is ``float32``. The loss is returned as ``float32``.
+
+    Combine with :func:`cast_base` to also *store* the base in ``bfloat16``.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> model = nn.Dense(2); x = jnp.ones((4, 3))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> def loss_fn(params, adapter, batch, key):
+    ...     return jnp.mean(jpeft.apply(model, params, adapter, batch) ** 2)
+    >>> jpeft.with_precision(loss_fn, jnp.bfloat16)(params, None, x, None).dtype
+    dtype('float32')
+    """
+    dt = _check_float_dtype(compute_dtype, "with_precision: compute_dtype")
+
+    def wrapped(params, adapter, batch, key):
+        p = _cast_floats(params, dt)
+        b = _cast_floats(batch, dt) if cast_batch else batch
+        out = loss_fn(p, adapter, b, key)
+        loss, aux = _split_loss(out)
+        loss = jnp.asarray(loss).astype(jnp.float32)
+        return (loss, aux) if isinstance(out, tuple) else loss
+
+    wrapped.__name__ = getattr(loss_fn, "__name__", "loss_fn")
+    wrapped.__doc__ = getattr(loss_fn, "__doc__", None)
+    return wrapped
+
+
+# ------------------------------------------------------------------------ rematerialization
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside the layer: recompute every activation
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(name):
+    """The ``jax.checkpoint`` policy named ``name`` (one of :data:`REMAT_POLICIES`), or a
+    policy callable returned as is.
+
+    * ``"full"`` / ``"nothing_saveable"``: keep only each layer's input; least memory, one
+      extra forward per layer in the backward pass.
+    * ``"dots_saveable"``: keep matmul outputs, recompute the cheap elementwise ops.
+    * ``"dots_with_no_batch_dims_saveable"``: keep only weight matmuls (not attention's
+      batched ``q @ k``).
+    * ``"everything_saveable"``: keep all (no saving; for comparison).
+
+    >>> import jpeft
+    >>> jpeft.remat_policy("full") is None
+    True
+    """
+    if callable(name):
+        return name
+    if name not in REMAT_POLICIES:
+        raise ConfigError(f"remat policy must be one of {sorted(REMAT_POLICIES)} or a jax.checkpoint policy, found {name!r}.")
+    return REMAT_POLICIES[name]
+
+
+def remat(module_cls, policy="full", *, static_argnums=(), prevent_cse: bool = True):
+    """``nn.remat`` (``jax.checkpoint``) of a linen layer class with a named policy: use it
+    for each transformer block, ``Block = jpeft.remat(Block, "dots_saveable")``.
+    ``static_argnums`` counts ``self`` as argument 0 (flax's convention), e.g. ``(2,)`` for a
+    ``deterministic`` flag passed positionally after the input."""
+    return nn.remat(module_cls, policy=remat_policy(policy), static_argnums=static_argnums, prevent_cse=prevent_cse)

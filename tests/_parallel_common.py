@@ -1,0 +1,87 @@
+"""Shared pieces of the scale-out tests (issue 5): the demo model, data and loss of
+``tpu/train_multihost.py`` (one definition, loaded from the script), and the single-device
+reference run. Imported by tests/test_parallel.py and by the subprocess helpers; importing
+it has no side effects (pytest's doctest collection imports every module under tests/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tpu", "train_multihost.py")
+
+# The sizes every parallel test uses: every dimension divisible by 4 (fsdp) and 8 (data).
+WIDTH, LAYERS, SEQ, BATCH, RANK = 16, 1, 8, 16, 4
+
+
+def script():
+    """The ``tpu/train_multihost.py`` module (loaded once, not run)."""
+    mod = sys.modules.get("_jpeft_train_multihost")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("_jpeft_train_multihost", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_jpeft_train_multihost"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def setup(width=WIDTH, layers=LAYERS, seq=SEQ, rank=RANK, seed=0, remat=None):
+    """``(model, params, adapter, loss_fn)``, exactly as the script builds them (unsharded)."""
+    import jax
+
+    import jpeft
+
+    s = script()
+    model = s.build_model(d=width, layers=layers, remat=remat)
+    params = s.init_base(model, seq, seed)
+    adapter = jpeft.init(s.lora_config(rank), params, jax.random.key(seed + 1))
+    return model, params, adapter, s.make_loss(model)
+
+
+def batches(steps, batch=BATCH, seq=SEQ, seed=0):
+    import numpy as np
+
+    s = script()
+    data = s.corpus()
+    return [{"tokens": np.asarray(s.global_rows(data, i, batch, seq, seed))} for i in range(steps)]
+
+
+def random_adapter(adapter, seed=7):
+    """The adapter with B (zero at init) replaced by small random values, so the first steps
+    already move every factor and gradients are not trivially zero for A."""
+    import dataclasses
+
+    import jax
+
+    out = {}
+    for i, (path, node) in enumerate(sorted(adapter.items())):
+        b = 0.05 * jax.random.normal(jax.random.key(seed + i), node.lora_B.shape, node.lora_B.dtype)
+        out[path] = dataclasses.replace(node, lora_B=b)
+    return out
+
+
+def single_device_run(loss_fn, optimizer, params, adapter, data, *, key_seed=0, accumulate_steps=1):
+    """Reference: ``jpeft.make_train_step`` on one device; returns (losses, adapter)."""
+    import jax
+
+    import jpeft
+
+    step = jpeft.make_train_step(loss_fn, optimizer, donate=False, accumulate_steps=accumulate_steps)
+    opt_state = optimizer.init(adapter)
+    key = jax.random.key(key_seed)
+    losses = []
+    for i, b in enumerate(data):
+        adapter, opt_state, m = step(params, adapter, opt_state, b, jax.random.fold_in(key, i))
+        losses.append(float(m["loss"]))
+    return losses, adapter
+
+
+def max_diff(a, b) -> float:
+    import jax
+    import numpy as np
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(la, lb))

@@ -1,0 +1,122 @@
+"""Eight emulated CPU devices: pmap, data-parallel mesh and 2 x 4 (data x fsdp) mesh against one
+device. Run as a script by tests/test_parallel.py (XLA_FLAGS must be set before JAX is
+imported, so this cannot run inside the pytest process); prints one JSON object with the
+measured numbers, and the test asserts on them.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_parallel_worker.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def run(steps: int = 20) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import jpeft
+    import _parallel_common as C
+
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    out: dict = {"devices": jax.device_count()}
+    model, params, adapter0, loss_fn = C.setup()
+    adapter0 = C.random_adapter(adapter0)
+    data = C.batches(steps)
+    optimizers = {"sgd": optax.sgd(0.5), "adam": optax.adam(1e-3)}
+    key = jax.random.key(0)
+
+    def host(tree):
+        return jax.tree.map(np.asarray, tree)
+
+    refs = {}
+    for name, opt in optimizers.items():
+        losses, ad = C.single_device_run(loss_fn, opt, params, adapter0, data)
+        refs[name] = (losses, host(ad))
+        out[f"single/{name}/losses"] = losses
+        out[f"single/{name}/adapter_change"] = C.max_diff(ad, adapter0)
+
+    def record(tag, name, losses, ad):
+        ref_losses, ref_ad = refs[name]
+        out[f"{tag}/{name}/loss_diff"] = float(np.max(np.abs(np.array(losses) - np.array(ref_losses))))
+        out[f"{tag}/{name}/adapter_diff"] = C.max_diff(host(ad), ref_ad)
+
+    # ---- pmap over 8 devices
+    for name, opt in optimizers.items():
+        step = jpeft.make_pmap_train_step(loss_fn, opt)
+        p_r, a_r = jpeft.replicate(params), jpeft.replicate(adapter0)
+        s_r = jpeft.replicate(opt.init(adapter0))
+        losses = []
+        for i, b in enumerate(data):
+            a_r, s_r, m = step(p_r, a_r, s_r, jpeft.split_for_pmap(b), jax.random.fold_in(key, i))
+            losses.append(float(m["loss"][0]))
+        out[f"pmap/{name}/replicas_equal"] = C.max_diff(jax.tree.map(lambda x: x[0], a_r), jax.tree.map(lambda x: x[-1], a_r))
+        record("pmap", name, losses, jpeft.unreplicate(a_r))
+
+    # ---- meshes: 8 x 1 (data parallel) and 2 x 4 (data x fsdp); plus accumulation on 2 x 4
+    cases = [("mesh8", 8, 1, 1), ("mesh2x4", 2, 4, 1), ("mesh2x4_acc2", 2, 4, 2)]
+    for tag, dp, fsdp, acc in cases:
+        mesh = jpeft.make_mesh(data=dp, fsdp=fsdp)
+        p_s = jpeft.shard_params(params, mesh)
+        for name, opt in optimizers.items():
+            if acc > 1 and name == "sgd":
+                continue
+            a_s = jpeft.shard_adapter(adapter0, mesh, p_s)
+            s_s = jpeft.init_opt_state(opt, a_s)
+            step = jpeft.make_sharded_train_step(loss_fn, opt, mesh, accumulate_steps=acc)
+            losses = []
+            for i, b in enumerate(data):
+                a_s, s_s, m = step(p_s, a_s, s_s, b, jax.random.fold_in(key, i))
+                losses.append(float(m["loss"]))
+            record(tag, name, losses, a_s)
+            if tag == "mesh2x4" and name == "adam":
+                # the adapter and Adam's mu / nu stay laid out like their base weights
+                a_specs = jax.tree.map(lambda x: x.sharding.spec, a_s)
+                want = jpeft.adapter_specs(adapter0, p_s)
+                out["mesh2x4/adapter_specs_kept"] = jax.tree.leaves(a_specs) == jax.tree.leaves(want)
+                mu_specs = jax.tree.map(lambda x: x.sharding.spec, s_s[0].mu)
+                nu_specs = jax.tree.map(lambda x: x.sharding.spec, s_s[0].nu)
+                out["mesh2x4/opt_specs_follow_adapter"] = (
+                    jax.tree.leaves(mu_specs) == jax.tree.leaves(want) == jax.tree.leaves(nu_specs)
+                )
+                out["mesh2x4/opt_count_replicated"] = bool(s_s[0].count.sharding.is_fully_replicated)
+                site = "layers_0/up_proj"
+                out["mesh2x4/example_specs"] = {
+                    "kernel": str(p_s["params"]["layers_0"]["up_proj"]["kernel"].sharding.spec),
+                    "lora_A": str(a_s[site].lora_A.sharding.spec),
+                    "lora_B": str(a_s[site].lora_B.sharding.spec),
+                    "q_kernel": str(p_s["params"]["layers_0"]["q_proj"]["kernel"].sharding.spec),
+                    "q_lora_A": str(a_s["layers_0/q_proj"].lora_A.sharding.spec),
+                    "q_lora_B": str(a_s["layers_0/q_proj"].lora_B.sharding.spec),
+                }
+        if fsdp == 4 and acc == 1:
+            shards = []
+            for path, x in jax.tree_util.tree_flatten_with_path(p_s)[0]:
+                spec = x.sharding.spec
+                if not any(e is not None for e in spec):
+                    continue
+                per_dev = {}
+                for sh in x.addressable_shards:
+                    per_dev[sh.device.id] = int(np.prod(sh.data.shape))
+                full = int(np.prod(x.shape))
+                shards.append({
+                    "path": jax.tree_util.keystr(path), "shape": list(x.shape), "spec": str(spec),
+                    "fractions": sorted({n / full for n in per_dev.values()}), "devices": len(per_dev),
+                })
+            n_leaves = len(jax.tree.leaves(p_s))
+            out["fsdp4/sharded"] = shards
+            out["fsdp4/n_leaves"] = n_leaves
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    result = run(steps)
+    print("JSON:" + json.dumps(result))
