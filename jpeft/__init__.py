@@ -15,6 +15,8 @@ from jpeft.errors import *  # noqa: F401,F403
 from jpeft.errors import __all__ as _errors_all
 from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.train import make_train_step
+from jpeft import hf, models
+from jpeft.generate import generate
 from jpeft import distributed, parallel
 from jpeft.parallel import (
     adapter_shardings, adapter_specs, cast_base, init_opt_state, make_mesh, make_pmap_train_step,
@@ -24,6 +26,8 @@ from jpeft.parallel import (
 from jpeft import checkpoint, loop, validate
 from jpeft.io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
 from jpeft.loop import NonFiniteGuard, fit
+from jpeft.bank import AdapterBank
+from jpeft.merging import merge_adapters, merge_into_base
 
 __version__ = "0.1.0"
 
@@ -37,6 +41,12 @@ __all__ = [
     "unmerge",
     "summary",
     "make_train_step",
+    "generate",
+    "models",
+    "hf",
+    "AdapterBank",
+    "merge_adapters",
+    "merge_into_base",
     "checkpoint",
     "validate",
     "loop",

@@ -1,0 +1,702 @@
+"""Many LoRA adapters on one frozen base: a fixed-capacity bank, per-example routing, hot swap.
+
+An :class:`AdapterBank` stacks up to ``capacity`` LoRA adapters (possibly of different ranks)
+site by site: at every adapted module path it holds ``lora_A: [N, in, R]``,
+``lora_B: [N, R, out]`` and ``scales: [N]``, where ``N`` is the capacity and ``R`` the bank's
+maximum rank. An adapter of rank ``r < R`` is stored zero-padded (columns ``r:`` of ``A`` and
+rows ``r:`` of ``B`` are zero), which leaves its update ``s * A @ B`` unchanged. Each adapter
+keeps its own scale (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA), per site.
+
+Adding, replacing and removing adapters by name changes array *contents* only, never shapes:
+the bank is an immutable value (every method returns a new bank), and a jitted function that
+takes ``bank.route(adapter_ids)`` keeps its compiled program for as long as the capacity and
+maximum rank stay the same, so an adapter can be swapped in a live server without recompiling.
+
+Routing. ``bank.route(adapter_ids)`` returns an ordinary adapter dict ``{path: BankedLora}``
+that :func:`jpeft.apply` (and everything built on it) accepts. ``adapter_ids[i]`` is the bank
+slot of example ``i`` (``bank.ids(names)`` converts names), ``-1`` runs that example on the bare
+base. Each :class:`BankedLora` site computes, for every example at once,
+``y[i] = x[i] @ W + s[id_i] * (x[i] @ A[id_i]) @ B[id_i]``.
+
+**The batch axis must be the leading axis of every adapted module's input**: a module input of
+shape ``[batch, seq, ..., features]`` is routed by its first axis (all its tokens use the same
+adapter). A model that folds batch and sequence into one axis before a projection cannot be
+routed per example; such an input is refused with :class:`~jpeft.errors.InputValidationError`.
+
+Two implementations of the routed update (``strategy``):
+
+* ``"gather"`` (the default): gathers each example's ``A`` and ``B`` (``[batch, in, R]``) and runs
+  two batched matmuls. Cost grows with the batch, not with the number of distinct adapters.
+* ``"ragged"``: sorts the examples by adapter and runs two grouped matmuls with
+  :func:`jax.lax.ragged_dot` over all ``N`` slots.
+
+Both give the same numbers; ``"gather"`` is the default because it measured faster on the
+machines we could measure (see docs/BENCHMARKS.md, "Multi-adapter serving (issue 8)": XLA's CPU
+backend lowers ``ragged_dot`` to one dense matmul per group).
+
+Training several adapters at once: differentiate the stacked weights ``bank.weights``
+(``{path: LoraStack}``; float arrays only) and route inside the loss::
+
+    def loss_fn(params, weights, batch, key):
+        routed = bank.route(batch["adapter_ids"], weights=weights)
+        logits = jpeft.apply(model, params, routed, batch["x"])
+        ...
+    step = jpeft.make_train_step(loss_fn, optax.adam(1e-3))
+    weights, opt_state, metrics = step(params, bank.weights, opt.init(bank.weights), batch, key)
+    bank = bank.with_weights(weights)
+
+Each example's loss reaches only its own adapter's slot (gradients of other slots are exactly
+zero), and the zero padding of lower-rank adapters stays exactly zero under gradient descent.
+The bank's scales are captured by ``loss_fn`` as constants: build a new step after adding
+adapters to the bank. ``make_train_step`` donates its adapter argument, so after a step use
+``bank.with_weights(new_weights)``, not the old bank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import _inject
+from jpeft.errors import (
+    BankCapacityError,
+    BankError,
+    BankShapeError,
+    ConfigError,
+    DuplicateAdapterError,
+    InputValidationError,
+    UnknownAdapterError,
+    UnsupportedModuleError,
+)
+from jpeft.methods.base import Call, Layout, Site, dropout as _dropout, static_field
+from jpeft.methods.lora import LoraWeights
+from jpeft.tree import module_leaves, unwrap_params
+
+STRATEGIES = ("gather", "ragged")
+#: The routed-update implementation used unless ``strategy=`` says otherwise (measured; see the
+#: module docstring).
+DEFAULT_STRATEGY = "gather"
+
+_KINDS = ("dense", "dense_general", "embed")
+
+
+# ----------------------------------------------------------------------------------------------
+# pytree nodes
+# ----------------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraStack:
+    """The trainable stack of one site: ``lora_A: [N, in, R]``, ``lora_B: [N, R, out]``."""
+
+    lora_A: jax.Array
+    lora_B: jax.Array
+    layout: Layout = static_field(default=None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BankedLora(Site):
+    """A routed LoRA site: every example of the batch gets its own adapter.
+
+    Children (pytree leaves): ``lora_A [N, in, R]``, ``lora_B [N, R, out]``, ``scales [N]`` and
+    ``adapter_ids [batch]`` (int; ``-1`` or an empty slot means the bare base). Static:
+    ``layout``, ``dropout``, ``strategy``. Changing any array's contents never changes the
+    pytree structure, so jitted callers are not recompiled.
+    """
+
+    lora_A: jax.Array
+    lora_B: jax.Array
+    scales: jax.Array
+    adapter_ids: jax.Array
+    layout: Layout = static_field(default=None)
+    dropout: float = static_field(default=0.0)
+    strategy: str = static_field(default=DEFAULT_STRATEGY)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = False
+
+    def handles(self, method_name: str) -> bool:
+        if self.layout.kind == "embed":
+            return method_name in ("__call__", "attend")
+        return method_name == "__call__"
+
+    def check(self, path: str, module) -> None:
+        own = module.variables.get("params", {})
+        pname = self.layout.param_name
+        if pname not in own:
+            raise BankShapeError(f"bank site {path!r} expects a {pname!r} parameter; the module has {sorted(own)}.")
+        got = tuple(own[pname].shape)
+        if got != tuple(self.layout.kernel_shape):
+            raise BankShapeError(
+                f"the adapter bank was built for a base whose {pname} at {path!r} has shape "
+                f"{tuple(self.layout.kernel_shape)}, but the params hold shape {got}. The bank belongs to another base "
+                "model; build a bank for this one."
+            )
+
+    def merge(self, module_params):
+        from jpeft.errors import NotMergeableError
+
+        raise NotMergeableError(
+            "a routed bank (one adapter per example) cannot be merged into the base weights; merge a single "
+            "adapter with bank.merged_params(params, name), or several with jpeft.merging.merge_into_base."
+        )
+
+    # -- forward --------------------------------------------------------------------------------
+    def intercept(self, call: Call):
+        lay = self.layout
+        if lay.kind != "embed":
+            _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
+        y = call.run()
+        x = call.args[0] if call.args else call.kwargs.get("inputs")
+        ids = self.adapter_ids
+        nb = ids.shape[0]
+        if x.ndim == 0 or x.shape[0] != nb:
+            raise InputValidationError(
+                f"module {call.path!r}: adapter_ids has {nb} entries (one per example) but the module input has "
+                f"shape {tuple(x.shape)}; AdapterBank routes by the leading (batch) axis of each adapted module's "
+                "input. Pass one adapter id per example, and keep the batch axis first (do not fold batch and "
+                "sequence into one axis before an adapted projection)."
+            )
+        n = self.lora_A.shape[0]
+        dt = y.dtype
+        valid = (ids >= 0) & (ids < n)
+        safe = jnp.where(valid, ids, 0)
+        s = jnp.where(valid, jnp.take(self.scales, safe, axis=0), 0).astype(dt)  # [batch]
+        if lay.kind == "embed":
+            return y + self._embed(call, x, safe, s, dt)
+        n_in = len(lay.in_axes)
+        if lay.kind == "dense_general":
+            axes = _inject._normalize_axes(call.module.axis, x.ndim)
+            if axes != tuple(range(x.ndim - n_in, x.ndim)):
+                raise UnsupportedModuleError(
+                    f"module {call.path!r}: nn.DenseGeneral contracts input axes {axes} of a {x.ndim}-D input; "
+                    "AdapterBank routes modules whose contracted axes are the trailing ones. Exclude this module."
+                )
+        lead = x.shape[: x.ndim - n_in]
+        if len(lead) == 0:
+            raise InputValidationError(f"module {call.path!r}: the input {tuple(x.shape)} has no batch axis to route by.")
+        x = _dropout(x, self.dropout, call.dropout_key()).astype(dt)
+        xf = x.reshape((nb, -1, lay.in_features))  # [batch, tokens, in]
+        if self.strategy == "ragged":
+            d = _ragged_update(xf, self.lora_A.astype(dt), self.lora_B.astype(dt), ids, valid, s)
+        else:
+            d = _gather_update(xf, self.lora_A.astype(dt), self.lora_B.astype(dt), safe, s)
+        return y + d.reshape(tuple(lead) + tuple(lay.out_dims))
+
+    def _embed(self, call, x, safe, s, dt):
+        a = self.lora_A.astype(dt)  # [N, V, R]
+        b = self.lora_B.astype(dt)  # [N, R, d]
+        nb = safe.shape[0]
+        bg = jnp.take(b, safe, axis=0)  # [batch, R, d]
+        if call.method_name == "attend":
+            xf = x.astype(dt).reshape((nb, -1, x.shape[-1]))
+            h = jnp.einsum("btd,brd->btr", xf, bg)
+            ag = jnp.take(a, safe, axis=0)  # [batch, V, R]
+            out = jnp.einsum("btr,bvr->btv", h, ag) * s[:, None, None]
+            return out.reshape(tuple(x.shape[:-1]) + (a.shape[1],))
+        tok = x.reshape((nb, -1))
+        slot = jnp.broadcast_to(safe[:, None], tok.shape)
+        h = a[slot, tok]  # [batch, tokens, R]
+        out = jnp.einsum("btr,brd->btd", h, bg) * s[:, None, None]
+        return out.reshape(tuple(x.shape) + (b.shape[-1],))
+
+
+def _gather_update(xf, a, b, safe, s):
+    """``s[i] * (x[i] @ A[id_i]) @ B[id_i]`` with gathered per-example factors."""
+    ag = jnp.take(a, safe, axis=0)  # [batch, in, R]
+    bg = jnp.take(b, safe, axis=0)  # [batch, R, out]
+    h = jnp.einsum("bti,bir->btr", xf, ag) * s[:, None, None]
+    return jnp.einsum("btr,bro->bto", h, bg)
+
+
+def _ragged_update(xf, a, b, ids, valid, s):
+    """The same update with the tokens sorted by adapter and two ``jax.lax.ragged_dot`` calls."""
+    nb, t, n_in = xf.shape
+    n = a.shape[0]
+    group = jnp.where(valid, ids, n).astype(jnp.int32)  # bare-base examples sort last
+    order = jnp.argsort(group, stable=True)
+    inv = jnp.argsort(order)
+    sizes = (jnp.bincount(group, length=n + 1)[:n] * t).astype(jnp.int32)
+    xs = jnp.take(xf, order, axis=0).reshape((nb * t, n_in))
+    h = jax.lax.ragged_dot(xs, a, sizes)  # [batch*tokens, R]; rows past the groups are zero
+    h = h * jnp.repeat(jnp.take(s, order, axis=0), t, total_repeat_length=nb * t)[:, None]
+    d = jax.lax.ragged_dot(h, b, sizes).reshape((nb, t, b.shape[-1]))
+    d = jnp.take(d, inv, axis=0)
+    return jnp.where(valid[:, None, None], d, jnp.zeros((), d.dtype))
+
+
+def route(
+    weights: Mapping[str, LoraStack],
+    scales: Mapping[str, jax.Array],
+    adapter_ids,
+    *,
+    dropout: float = 0.0,
+    strategy: str = DEFAULT_STRATEGY,
+) -> dict[str, BankedLora]:
+    """The pure routing function behind :meth:`AdapterBank.route`: wraps stacked weights, scales
+    and per-example slot ids into an adapter dict for :func:`jpeft.apply`. Usable inside
+    ``jax.jit`` (nothing here depends on the values).
+
+    Args:
+      weights: ``{path: LoraStack}`` (``bank.weights``, or trained copies of it).
+      scales: ``{path: [N] array}`` (``bank.scales``).
+      adapter_ids: ``[batch]`` integer slot per example; ``-1`` means the bare base.
+      dropout: LoRA dropout on the adapter branch (active only with ``rngs={"dropout": key}``).
+      strategy: ``"gather"`` or ``"ragged"``.
+    """
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {STRATEGIES}, found {strategy!r}.")
+    ids = jnp.asarray(adapter_ids)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise InputValidationError(
+            f"adapter_ids must be a 1-D integer array (one bank slot per example, -1 for the bare base); "
+            f"found shape {tuple(ids.shape)} and dtype {ids.dtype}."
+        )
+    ids = ids.astype(jnp.int32)
+    out = {}
+    for path, st in weights.items():
+        if path not in scales:
+            raise BankShapeError(f"weights have a site {path!r} that scales do not have; use the bank's own scales.")
+        out[path] = BankedLora(st.lora_A, st.lora_B, scales[path], ids, st.layout, float(dropout), strategy)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the bank
+# ----------------------------------------------------------------------------------------------
+def _kernel_desc(lay: Layout) -> str:
+    return f"{lay.kind} kernel {tuple(lay.kernel_shape)}"
+
+
+@jax.jit
+def _write_slot(weights, scales, slot, new_a, new_b, new_s):
+    w = {
+        p: LoraStack(st.lora_A.at[slot].set(new_a[p]), st.lora_B.at[slot].set(new_b[p]), st.layout)
+        for p, st in weights.items()
+    }
+    s = {p: v.at[slot].set(new_s[p]) for p, v in scales.items()}
+    return w, s
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AdapterBank:
+    """A fixed-capacity stack of named LoRA adapters on one base model.
+
+    Build one with :meth:`create` (empty, from the sites of a template adapter) or
+    :meth:`from_adapters`. The bank is immutable: :meth:`add`, :meth:`replace`, :meth:`remove`
+    and :meth:`with_weights` return a new bank whose arrays have the same shapes, so jitted
+    functions of ``bank.route(ids)`` (or of ``bank.weights`` / ``bank.scales``) never recompile.
+
+    Attributes:
+      layouts: ``{path: Layout}``, the adapted sites.
+      weights: ``{path: LoraStack}``, the stacked factors ``[capacity, in, max_rank]`` and
+        ``[capacity, max_rank, out]`` (the trainable state when training through the bank).
+      scales: ``{path: [capacity] float32}``, each adapter's scale at each site (0 where a slot
+        is empty or its adapter does not adapt that site).
+      slots: the name held by each slot, ``None`` for a free slot.
+      slot_ranks: for each slot, ``{path: rank}`` of the adapter it holds (``None`` if free).
+      dropout: LoRA dropout of the routed branch when training through the bank.
+      strategy: ``"gather"`` or ``"ragged"`` (see :mod:`jpeft.bank`).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> model = nn.Dense(4); x = jnp.ones((3, 5))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="random")
+    >>> a, b = (jpeft.init(cfg, params, jax.random.key(i)) for i in (1, 2))
+    >>> bank = jpeft.AdapterBank.from_adapters({"a": a, "b": b}, capacity=4)
+    >>> routed = bank.route(bank.ids(["b", None, "a"]))
+    >>> y = jpeft.apply(model, params, routed, x)
+    >>> bool(jnp.allclose(y[0], jpeft.apply(model, params, b, x)[0], atol=1e-6))
+    True
+    >>> bool(jnp.allclose(y[1], model.apply(params, x)[1]))
+    True
+    """
+
+    layouts: Mapping[str, Layout]
+    weights: Mapping[str, LoraStack]
+    scales: Mapping[str, jax.Array]
+    slots: tuple
+    slot_ranks: tuple
+    dropout: float = 0.0
+    strategy: str = DEFAULT_STRATEGY
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        template: Mapping[str, Any],
+        *,
+        capacity: int,
+        max_rank: int,
+        dtype=jnp.float32,
+        dropout: float = 0.0,
+        strategy: str = DEFAULT_STRATEGY,
+    ) -> "AdapterBank":
+        """An empty bank whose sites are those of ``template``.
+
+        Args:
+          template: an adapter ``{path: LoraWeights}`` (e.g. from :func:`jpeft.init`), or
+            ``{path: Layout}``; only its sites and kernel layouts are used.
+          capacity: the number of slots (adapters the bank can hold at once).
+          max_rank: the largest LoRA rank the bank accepts; smaller ranks are zero-padded.
+          dtype: storage dtype of the stacked factors (the forward computes in the module's dtype).
+          dropout: LoRA dropout applied to the routed branch when training.
+          strategy: ``"gather"`` or ``"ragged"``.
+
+        Raises:
+          ConfigError: a non-positive capacity or rank, or an unknown strategy.
+          BankError: a template site that the bank cannot hold.
+        """
+        if not isinstance(capacity, (int, np.integer)) or capacity < 1:
+            raise ConfigError(f"AdapterBank capacity must be a positive integer, found {capacity!r}.")
+        if not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
+            raise ConfigError(f"AdapterBank max_rank must be a positive integer, found {max_rank!r}.")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"AdapterBank strategy must be one of {STRATEGIES}, found {strategy!r}.")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ConfigError(f"AdapterBank dropout must be in [0, 1), found {dropout!r}.")
+        if not template:
+            raise BankError("the template adapter has no sites; give an adapter from jpeft.init or {path: Layout}.")
+        layouts = {}
+        for path, node in template.items():
+            lay = node if isinstance(node, Layout) else getattr(node, "layout", None)
+            if not isinstance(lay, Layout):
+                raise BankError(
+                    f"template site {path!r} is a {type(node).__name__}; AdapterBank holds LoRA adapters "
+                    "(jpeft.LoraWeights). Give a LoRA adapter or {path: Layout}."
+                )
+            if lay.kind not in _KINDS:
+                raise UnsupportedModuleError(
+                    f"bank site {path!r} is a {lay.kind} module; AdapterBank routes {_KINDS} modules. "
+                    "Leave it out of the adapters you put in a bank."
+                )
+            layouts[path] = lay
+        capacity, max_rank = int(capacity), int(max_rank)
+        weights = {
+            p: LoraStack(
+                jnp.zeros((capacity, lay.in_features, max_rank), dtype),
+                jnp.zeros((capacity, max_rank, lay.out_features), dtype),
+                lay,
+            )
+            for p, lay in layouts.items()
+        }
+        scales = {p: jnp.zeros((capacity,), jnp.float32) for p in layouts}
+        return cls(layouts, weights, scales, (None,) * capacity, (None,) * capacity, float(dropout), strategy)
+
+    @classmethod
+    def from_adapters(
+        cls,
+        adapters: Mapping[str, Mapping[str, Any]],
+        *,
+        capacity: Optional[int] = None,
+        max_rank: Optional[int] = None,
+        **kwargs,
+    ) -> "AdapterBank":
+        """A bank holding ``adapters`` (``{name: adapter}``), in that order from slot 0.
+
+        The sites are the union of the adapters' sites. ``capacity`` defaults to the number of
+        adapters and ``max_rank`` to their largest rank; other keywords go to :meth:`create`.
+        """
+        if not adapters:
+            raise BankError("from_adapters needs at least one adapter; use AdapterBank.create for an empty bank.")
+        template: dict[str, Layout] = {}
+        for name, ad in adapters.items():
+            _check_lora(name, ad)
+            for path, node in ad.items():
+                if path in template and not _same_layout(template[path], node.layout):
+                    raise BankShapeError(
+                        f"adapter {name!r} has site {path!r} with a {_kernel_desc(node.layout)}, but another adapter has "
+                        f"a {_kernel_desc(template[path])} there: they were made for different base models."
+                    )
+                template.setdefault(path, node.layout)
+        if max_rank is None:
+            max_rank = max(node.r for ad in adapters.values() for node in ad.values())
+        bank = cls.create(template, capacity=len(adapters) if capacity is None else capacity, max_rank=max_rank, **kwargs)
+        for name, ad in adapters.items():
+            bank = bank.add(name, ad)
+        return bank
+
+    # -- queries --------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    @property
+    def max_rank(self) -> int:
+        return int(next(iter(self.weights.values())).lora_A.shape[-1])
+
+    @property
+    def names(self) -> tuple:
+        """Names of the adapters held, in slot order."""
+        return tuple(n for n in self.slots if n is not None)
+
+    @property
+    def sites(self) -> tuple:
+        return tuple(self.layouts)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name) -> bool:
+        return name in self.slots
+
+    def __repr__(self) -> str:
+        return (
+            f"AdapterBank(capacity={self.capacity}, max_rank={self.max_rank}, sites={len(self.layouts)}, "
+            f"adapters={list(self.names)}, strategy={self.strategy!r})"
+        )
+
+    def slot(self, name: str) -> int:
+        """The slot index holding ``name``.
+
+        Raises:
+          UnknownAdapterError: no adapter of that name is in the bank.
+        """
+        if name is not None and name in self.slots:
+            return self.slots.index(name)
+        raise UnknownAdapterError(
+            f"no adapter named {name!r} in the bank; it holds {list(self.names)}. Add it with bank.add(name, adapter), "
+            "or route the example to the bare base with None (id -1)."
+        )
+
+    def ids(self, names: Sequence[Optional[str]]) -> jax.Array:
+        """Slot ids for a batch of adapter names (``None`` -> ``-1``, the bare base)."""
+        return jnp.asarray([-1 if n is None else self.slot(n) for n in names], jnp.int32)
+
+    def get(self, name: str) -> dict[str, LoraWeights]:
+        """The adapter ``name`` as a plain ``{path: LoraWeights}`` at its own rank (padding removed)."""
+        i = self.slot(name)
+        ranks = self.slot_ranks[i]
+        out = {}
+        for path, r in ranks.items():
+            st = self.weights[path]
+            out[path] = LoraWeights(
+                st.lora_A[i, :, :r], st.lora_B[i, :r, :], None, float(self.scales[path][i]), st.layout, self.dropout
+            )
+        return out
+
+    # -- routing --------------------------------------------------------------------------------
+    def route(
+        self,
+        adapter_ids: Union[jax.Array, Sequence[Optional[str]]],
+        *,
+        weights: Optional[Mapping[str, LoraStack]] = None,
+        strategy: Optional[str] = None,
+    ) -> dict[str, BankedLora]:
+        """An adapter dict for :func:`jpeft.apply` that gives example ``i`` the adapter in slot
+        ``adapter_ids[i]`` (``-1``: the bare base).
+
+        Args:
+          adapter_ids: ``[batch]`` integer slots (see :meth:`ids`), or a list of names / ``None``.
+          weights: stacked weights to use instead of the bank's own (for training; see the
+            module docstring).
+          strategy: override the bank's ``"gather"`` / ``"ragged"`` choice.
+
+        Raises:
+          InputValidationError: ids that are not a 1-D integer array, or (when the ids are
+            concrete) a slot outside ``[-1, capacity)``.
+          UnknownAdapterError: (concrete ids) a slot that holds no adapter, or an unknown name.
+        """
+        if isinstance(adapter_ids, (list, tuple)) and any(isinstance(n, str) or n is None for n in adapter_ids):
+            adapter_ids = self.ids(adapter_ids)
+        ids = jnp.asarray(adapter_ids)
+        if not isinstance(ids, jax.core.Tracer) and ids.ndim == 1 and jnp.issubdtype(ids.dtype, jnp.integer):
+            host = np.asarray(ids)
+            bad = host[(host < -1) | (host >= self.capacity)]
+            if bad.size:
+                raise InputValidationError(
+                    f"adapter_ids must be bank slots in [0, {self.capacity}) or -1 for the bare base; found {bad.tolist()}."
+                )
+            empty = sorted({int(i) for i in host if i >= 0 and self.slots[i] is None})
+            if empty:
+                raise UnknownAdapterError(
+                    f"adapter_ids route examples to empty slots {empty}; the bank holds {dict(self._named_slots())}. "
+                    "Use -1 for the bare base."
+                )
+        if weights is None:
+            weights = self.weights
+        else:
+            self._check_weights(weights)
+        return route(weights, self.scales, ids, dropout=self.dropout, strategy=strategy or self.strategy)
+
+    def _named_slots(self):
+        return [(n, i) for i, n in enumerate(self.slots) if n is not None]
+
+    # -- updates (all return a new bank; shapes never change) -----------------------------------
+    def add(self, name: str, adapter: Mapping[str, LoraWeights]) -> "AdapterBank":
+        """A new bank with ``adapter`` stored under ``name`` in the first free slot.
+
+        Raises:
+          DuplicateAdapterError: ``name`` is already in the bank (use :meth:`replace`).
+          BankCapacityError: every slot is taken, or the adapter's rank exceeds ``max_rank``.
+          BankShapeError: the adapter has a site the bank lacks, or a kernel of another shape.
+        """
+        if not isinstance(name, str) or not name:
+            raise BankError(f"adapter names are non-empty strings, found {name!r}.")
+        if name in self.slots:
+            raise DuplicateAdapterError(
+                f"the bank already holds an adapter named {name!r} (slot {self.slots.index(name)}); "
+                "use bank.replace(name, adapter) to swap it, or pick another name."
+            )
+        self._validate(name, adapter)
+        if None not in self.slots:
+            raise BankCapacityError(
+                f"the bank is full: all {self.capacity} slots are taken by {list(self.names)}. Remove an adapter "
+                f"first (bank.remove(name)), or build a bank with a larger capacity (changing capacity recompiles)."
+            )
+        return self._store(self.slots.index(None), name, adapter)
+
+    def replace(self, name: str, adapter: Mapping[str, LoraWeights]) -> "AdapterBank":
+        """A new bank where the adapter ``name`` is swapped for ``adapter`` (same slot).
+
+        Raises:
+          UnknownAdapterError: ``name`` is not in the bank.
+          BankCapacityError, BankShapeError: as for :meth:`add`.
+        """
+        return self._store(self.slot(name), name, adapter)
+
+    def remove(self, name: str) -> "AdapterBank":
+        """A new bank without ``name``; its slot is zeroed (routes to it act as the bare base) and
+        becomes free.
+
+        Raises:
+          UnknownAdapterError: ``name`` is not in the bank.
+        """
+        i = self.slot(name)
+        za = {p: jnp.zeros(st.lora_A.shape[1:], st.lora_A.dtype) for p, st in self.weights.items()}
+        zb = {p: jnp.zeros(st.lora_B.shape[1:], st.lora_B.dtype) for p, st in self.weights.items()}
+        zs = {p: jnp.zeros((), jnp.float32) for p in self.weights}
+        w, s = _write_slot(self.weights, self.scales, jnp.int32(i), za, zb, zs)
+        slots = self.slots[:i] + (None,) + self.slots[i + 1 :]
+        ranks = self.slot_ranks[:i] + (None,) + self.slot_ranks[i + 1 :]
+        return dataclasses.replace(self, weights=w, scales=s, slots=slots, slot_ranks=ranks)
+
+    def with_weights(self, weights: Mapping[str, LoraStack]) -> "AdapterBank":
+        """A new bank with its stacked factors replaced (e.g. after training through the bank)."""
+        self._check_weights(weights)
+        return dataclasses.replace(self, weights=dict(weights))
+
+    def merged_params(self, params, name: str):
+        """``params`` with the adapter ``name`` folded into the base weights, for serving one
+        tenant without any adapter overhead (:func:`jpeft.merge` of :meth:`get`)."""
+        from jpeft.core import merge
+
+        return merge(params, self.get(name))
+
+    def check(self, params) -> None:
+        """Raises :class:`~jpeft.errors.BankShapeError` unless every bank site exists in
+        ``params`` with the kernel shape the bank was built for."""
+        leaves = module_leaves(unwrap_params(params)[0])
+        for path, lay in self.layouts.items():
+            own = leaves.get(path)
+            pname = lay.param_name
+            if own is None or pname not in own:
+                raise BankShapeError(
+                    f"the bank has a site {path!r} that the params do not have; the bank belongs to another base "
+                    "model. Build a bank for this model."
+                )
+            if tuple(own[pname].shape) != tuple(lay.kernel_shape):
+                raise BankShapeError(
+                    f"the bank was built for a base whose {pname} at {path!r} has shape {tuple(lay.kernel_shape)}, but "
+                    f"the params hold shape {tuple(own[pname].shape)}; the bank belongs to another base model."
+                )
+
+    # -- internals ------------------------------------------------------------------------------
+    def _check_weights(self, weights):
+        if set(weights) != set(self.weights):
+            raise BankShapeError(
+                f"weights have sites {sorted(weights)}, the bank has {sorted(self.weights)}; pass bank.weights "
+                "or a tree of the same structure."
+            )
+        for p, st in weights.items():
+            ref = self.weights[p]
+            if tuple(st.lora_A.shape) != tuple(ref.lora_A.shape) or tuple(st.lora_B.shape) != tuple(ref.lora_B.shape):
+                raise BankShapeError(
+                    f"weights at {p!r} have shapes {tuple(st.lora_A.shape)} / {tuple(st.lora_B.shape)}; the bank "
+                    f"needs {tuple(ref.lora_A.shape)} / {tuple(ref.lora_B.shape)}."
+                )
+
+    def _validate(self, name: str, adapter) -> None:
+        _check_lora(name, adapter)
+        rmax = self.max_rank
+        for path, node in adapter.items():
+            if path not in self.layouts:
+                raise BankShapeError(
+                    f"adapter {name!r} has a site {path!r} that the bank does not hold; the bank's sites are "
+                    f"{sorted(self.layouts)[:20]}. The adapter was made for another model or other target_modules; "
+                    "build the bank from a template that covers every site you need."
+                )
+            lay = self.layouts[path]
+            if not _same_layout(lay, node.layout):
+                raise BankShapeError(
+                    f"adapter {name!r} was made for a {_kernel_desc(node.layout)} at {path!r}, but the bank's base has "
+                    f"a {_kernel_desc(lay)} there: the adapter belongs to another base model shape."
+                )
+            if tuple(node.lora_A.shape) != (lay.in_features, node.r) or tuple(node.lora_B.shape) != (node.r, lay.out_features):
+                raise BankShapeError(
+                    f"adapter {name!r} at {path!r}: lora_A {tuple(node.lora_A.shape)} / lora_B {tuple(node.lora_B.shape)} "
+                    f"do not fit a [{lay.in_features}, r] / [r, {lay.out_features}] LoRA for this base."
+                )
+            if node.r > rmax:
+                raise BankCapacityError(
+                    f"adapter {name!r} has rank {node.r} at {path!r}, above the bank's max_rank={rmax}. Build the bank "
+                    f"with max_rank >= {node.r} (changing max_rank recompiles), or truncate the adapter "
+                    "(jpeft.merging.merge_adapters([adapter], method='svd', rank=...))."
+                )
+
+    def _store(self, i: int, name: str, adapter) -> "AdapterBank":
+        self._validate(name, adapter)
+        rmax = self.max_rank
+        new_a, new_b, new_s = {}, {}, {}
+        for path, st in self.weights.items():
+            node = adapter.get(path)
+            if node is None:
+                new_a[path] = jnp.zeros(st.lora_A.shape[1:], st.lora_A.dtype)
+                new_b[path] = jnp.zeros(st.lora_B.shape[1:], st.lora_B.dtype)
+                new_s[path] = jnp.zeros((), jnp.float32)
+                continue
+            r = node.r
+            new_a[path] = jnp.pad(jnp.asarray(node.lora_A, st.lora_A.dtype), ((0, 0), (0, rmax - r)))
+            new_b[path] = jnp.pad(jnp.asarray(node.lora_B, st.lora_B.dtype), ((0, rmax - r), (0, 0)))
+            new_s[path] = jnp.asarray(node.scale, jnp.float32)
+        w, s = _write_slot(self.weights, self.scales, jnp.int32(i), new_a, new_b, new_s)
+        slots = self.slots[:i] + (name,) + self.slots[i + 1 :]
+        ranks = self.slot_ranks[:i] + ({p: n.r for p, n in adapter.items()},) + self.slot_ranks[i + 1 :]
+        return dataclasses.replace(self, weights=w, scales=s, slots=slots, slot_ranks=ranks)
+
+
+def _same_layout(a: Layout, b: Layout) -> bool:
+    return (
+        tuple(a.kernel_shape) == tuple(b.kernel_shape)
+        and tuple(a.in_axes) == tuple(b.in_axes)
+        and tuple(a.out_axes) == tuple(b.out_axes)
+        and (a.kind == b.kind or {a.kind, b.kind} <= {"dense", "dense_general"})
+    )
+
+
+def _check_lora(name, adapter) -> None:
+    if not isinstance(adapter, Mapping) or not adapter:
+        raise BankError(f"adapter {name!r} must be a non-empty dict {{path: LoraWeights}} (from jpeft.init); found {adapter!r:.80}.")
+    for path, node in adapter.items():
+        if not isinstance(node, LoraWeights):
+            raise BankError(
+                f"adapter {name!r} has a {type(node).__name__} at {path!r}; AdapterBank holds LoRA adapters "
+                "(jpeft.LoraWeights) only."
+            )
+        if node.magnitude is not None:
+            raise BankError(
+                f"adapter {name!r} is a DoRA adapter (it has a magnitude at {path!r}); DoRA's update is not a "
+                "low-rank sum, so it cannot be routed through a LoRA bank. Merge it (jpeft.merge) or serve it alone."
+            )
+        if node.layout is None or node.layout.kind not in _KINDS:
+            kind = None if node.layout is None else node.layout.kind
+            raise UnsupportedModuleError(
+                f"adapter {name!r} adapts a {kind} module at {path!r}; AdapterBank routes {_KINDS} modules only."
+            )
+
+
+__all__ = ["AdapterBank", "BankedLora", "LoraStack", "route", "STRATEGIES", "DEFAULT_STRATEGY"]

@@ -1,0 +1,379 @@
+"""Merging several LoRA adapters into one, or into the base weights.
+
+Every method works on the adapters' **effective updates** ``ΔW_i = s_i * A_i @ B_i`` (with
+each adapter's own scale, ``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA; see
+:meth:`jpeft.LoraWeights.delta_matrix`), site by site, viewed as ``[in, out]`` matrices. With
+weights ``w_i``:
+
+* ``"linear"``: ``Σ w_i ΔW_i`` (task arithmetic).
+* ``"cat"``: the same update, built *factored and exact* by concatenating the factors:
+  ``A = [A_1 | ... | A_n]``, ``B = [w_1 s_1 B_1; ...; w_n s_n B_n]`` (rank ``Σ r_i``, scale 1).
+* ``"svd"``: ``Σ w_i ΔW_i`` truncated to ``rank`` by a singular value decomposition.
+* ``"ties"`` (Yadav et al. 2023): trim each ``ΔW_i`` to its ``density`` fraction of largest
+  magnitudes, elect each entry's sign from the sum of the trimmed updates (``"total"``) or from
+  the count of signs (``"frequency"``), then average the weighted entries that agree with it.
+* ``"dare_linear"`` / ``"dare_ties"`` (Yu et al. 2024): drop each entry of ``ΔW_i`` with
+  probability ``1 - density`` and rescale the kept ones by ``1 / density`` (so the update is
+  unchanged in expectation), then merge linearly or with TIES' sign election.
+
+These follow Hugging Face PEFT's ``peft.utils.merge_utils`` functions (same trimming, sign
+election and disjoint mean). One difference: PEFT's ``add_weighted_adapter`` applies
+``"linear"``, ``"ties"`` and ``"dare_*"`` to the A and B factors separately (``"linear"`` then
+carries cross terms ``A_i B_j``); jpeft always merges the effective updates, which is what
+the methods are defined on (PEFT's ``*_svd`` variants).
+
+Three entry points:
+
+* :func:`merge_deltas` -> ``{path: [in, out] merged update}``;
+* :func:`merge_adapters` -> a LoRA adapter ``{path: LoraWeights}`` (exact for ``"linear"`` and
+  ``"cat"``; SVD-truncated to ``rank`` for the others), usable with :func:`jpeft.apply`, a
+  bank, or :func:`jpeft.merge`;
+* :func:`merge_into_base` -> base params with the merged update folded in (exact, no
+  truncation), for serving one tenant with no adapter overhead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
+from jpeft.methods.base import Layout
+from jpeft.methods.lora import LoraWeights
+from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
+
+METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
+_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties")
+_SIGN_METHODS = ("total", "frequency")
+
+Adapter = Mapping[str, LoraWeights]
+
+
+# ----------------------------------------------------------------------------------------------
+# the elementwise merges on stacked task tensors [n, ...] (PEFT's merge_utils, in JAX)
+# ----------------------------------------------------------------------------------------------
+def magnitude_prune(x: jax.Array, density: float) -> jax.Array:
+    """Keeps the ``int(density * x.size)`` entries of largest magnitude, zeroes the rest.
+
+    >>> import jax.numpy as jnp
+    >>> magnitude_prune(jnp.array([[1., -4.], [3., -2.]]), 0.5).tolist()
+    [[0.0, -4.0], [3.0, 0.0]]
+    """
+    if density >= 1:
+        return x
+    k = int(density * x.size)
+    if k <= 0:
+        return jnp.zeros_like(x)
+    flat = x.reshape(-1)
+    _, idx = jax.lax.top_k(jnp.abs(flat), k)
+    mask = jnp.zeros(flat.shape, bool).at[idx].set(True)
+    return jnp.where(mask, flat, jnp.zeros((), x.dtype)).reshape(x.shape)
+
+
+def random_prune(x: jax.Array, density: float, key, *, rescale: bool = True) -> jax.Array:
+    """DARE's drop-and-rescale: keeps each entry with probability ``density`` and (with
+    ``rescale``) divides the kept ones by ``density``, so ``E[random_prune(x)] == x``."""
+    if density >= 1:
+        return x
+    keep = jax.random.bernoulli(key, density, x.shape)
+    out = jnp.where(keep, x, jnp.zeros((), x.dtype))
+    return out / density if rescale else out
+
+
+def majority_sign_mask(stacked: jax.Array, method: str = "total") -> jax.Array:
+    """``[n, ...]`` bool: entries whose sign equals the elected sign (ties elect ``+``)."""
+    sign = jnp.sign(stacked)
+    if method == "total":
+        mag = stacked.sum(axis=0)
+    elif method == "frequency":
+        mag = sign.sum(axis=0)
+    else:
+        raise ConfigError(f"majority_sign must be one of {_SIGN_METHODS}, found {method!r}.")
+    elected = jnp.where(mag >= 0, 1.0, -1.0).astype(stacked.dtype)
+    return sign == elected[None]
+
+
+def disjoint_merge(weighted: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean over the ``n`` axis of the entries kept by ``mask`` (0 where none is kept)."""
+    total = jnp.where(mask, weighted, jnp.zeros((), weighted.dtype)).sum(axis=0)
+    kept = mask.sum(axis=0).astype(weighted.dtype)
+    return total / jnp.maximum(kept, 1.0)
+
+
+def _weighted(stacked, w):
+    return stacked * w.reshape((-1,) + (1,) * (stacked.ndim - 1))
+
+
+def combine(
+    tensors: Sequence[jax.Array],
+    weights: Sequence[float],
+    method: str,
+    *,
+    density: Optional[float] = None,
+    majority_sign: str = "total",
+    key=None,
+) -> jax.Array:
+    """Merges same-shaped task tensors (e.g. the effective updates of one site).
+
+    ``"linear"``, ``"cat"`` and ``"svd"`` all give ``Σ w_i t_i`` here (they differ only in how
+    :func:`merge_adapters` factors the result).
+
+    >>> import jax.numpy as jnp
+    >>> t1 = jnp.array([3., -1., 2., 0.5]); t2 = jnp.array([-1., -2., -4., 1.])
+    >>> combine([t1, t2], [1.0, 1.0], "ties", density=0.5).tolist()
+    [3.0, -2.0, -4.0, 0.0]
+    """
+    w = jnp.asarray(weights, jnp.float32)
+    stacked = jnp.stack([jnp.asarray(t, jnp.float32) for t in tensors])
+    if method in ("linear", "cat", "svd"):
+        return _weighted(stacked, w).sum(axis=0)
+    if method == "ties":
+        trimmed = jnp.stack([magnitude_prune(t, density) for t in stacked])
+        mask = majority_sign_mask(trimmed, majority_sign)
+        return disjoint_merge(_weighted(trimmed, w), mask)
+    if method in ("dare_linear", "dare_ties"):
+        keys = jax.random.split(key, stacked.shape[0])
+        dropped = jnp.stack([random_prune(t, density, k) for t, k in zip(stacked, keys)])
+        if method == "dare_linear":
+            return _weighted(dropped, w).sum(axis=0)
+        mask = majority_sign_mask(dropped, majority_sign)
+        return disjoint_merge(_weighted(dropped, w), mask)
+    raise ConfigError(f"unknown merge method {method!r}; choose one of {METHODS}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# adapters
+# ----------------------------------------------------------------------------------------------
+def _validate(adapters, weights, method, density, majority_sign, key):
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r}; choose one of {METHODS}.")
+    if isinstance(adapters, Mapping):
+        raise ConfigError(
+            "merging takes a list of adapters ([adapter_a, adapter_b, ...]); found a single dict. "
+            "Wrap it in a list, or use bank.get(name) for adapters held in a bank."
+        )
+    adapters = list(adapters)
+    if not adapters:
+        raise ConfigError("merging needs at least one adapter; found an empty list.")
+    if weights is None:
+        weights = [1.0] * len(adapters)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ConfigError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter.")
+    if method in _NEEDS_DENSITY:
+        if density is None or not (0.0 < float(density) <= 1.0):
+            raise ConfigError(
+                f"method {method!r} needs density in (0, 1] (the fraction of each update's entries kept); found {density!r}."
+            )
+    if majority_sign not in _SIGN_METHODS:
+        raise ConfigError(f"majority_sign must be one of {_SIGN_METHODS}, found {majority_sign!r}.")
+    if method.startswith("dare") and key is None:
+        raise ConfigError(f"method {method!r} drops entries at random; pass key=jax.random.key(...).")
+    layouts: dict[str, Layout] = {}
+    for i, ad in enumerate(adapters):
+        if not isinstance(ad, Mapping):
+            raise ConfigError(f"adapter {i} must be a dict {{path: LoraWeights}}; found {type(ad).__name__}.")
+        for path, node in ad.items():
+            if not isinstance(node, LoraWeights):
+                raise NotMergeableError(
+                    f"adapter {i} has a {type(node).__name__} at {path!r}; adapter merging combines LoRA adapters "
+                    "(jpeft.LoraWeights) only."
+                )
+            if node.magnitude is not None:
+                raise NotMergeableError(
+                    f"adapter {i} is a DoRA adapter (magnitude at {path!r}); its update is not s*A@B, so it cannot "
+                    "be combined linearly. Merge it into the base alone with jpeft.merge."
+                )
+            lay = layouts.get(path)
+            if lay is None:
+                layouts[path] = node.layout
+            elif tuple(lay.kernel_shape) != tuple(node.layout.kernel_shape) or lay.in_axes != node.layout.in_axes:
+                raise ShapeMismatchError(
+                    f"adapter {i} has a {tuple(node.layout.kernel_shape)} kernel at {path!r} but an earlier adapter has "
+                    f"{tuple(lay.kernel_shape)}: the adapters were made for different base models."
+                )
+    return adapters, weights, layouts
+
+
+def merge_deltas(
+    adapters: Sequence[Adapter],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    method: str = "linear",
+    density: Optional[float] = None,
+    majority_sign: str = "total",
+    key=None,
+) -> dict[str, jax.Array]:
+    """The merged effective update ``[in, out]`` (float32) at every site of any adapter.
+
+    Args:
+      adapters: a list of LoRA adapters ``{path: LoraWeights}``. A site missing from an adapter
+        counts as a zero update for it.
+      weights: one weight per adapter (default: all 1).
+      method: one of ``"linear"``, ``"cat"``, ``"svd"``, ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"`` (see the module docstring).
+      density: for TIES and DARE, the fraction of entries kept, in ``(0, 1]``.
+      majority_sign: TIES sign election, ``"total"`` or ``"frequency"``.
+      key: a ``jax.random`` key (DARE only).
+
+    Raises:
+      ConfigError: an unknown method, a missing density or key, weights of the wrong length.
+      NotMergeableError: a non-LoRA or DoRA adapter.
+      ShapeMismatchError: adapters made for different base models.
+    """
+    adapters, weights, layouts = _validate(adapters, weights, method, density, majority_sign, key)
+    out = {}
+    for j, (path, lay) in enumerate(layouts.items()):
+        zero = jnp.zeros((lay.in_features, lay.out_features), jnp.float32)
+        deltas = [ad[path].delta_matrix() if path in ad else zero for ad in adapters]
+        k = None if key is None else jax.random.fold_in(key, j)
+        out[path] = combine(deltas, weights, method, density=density, majority_sign=majority_sign, key=k)
+    return out
+
+
+def _factor(delta: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """Best rank-``rank`` factors of ``delta`` (Eckart-Young), balanced: ``A = U√S``, ``B = √S Vᵀ``."""
+    u, s, vt = jnp.linalg.svd(delta, full_matrices=False)
+    k = min(rank, s.shape[0])
+    root = jnp.sqrt(s[:k])
+    a = u[:, :k] * root[None, :]
+    b = root[:, None] * vt[:k]
+    if k < rank:  # pad so every site has the requested rank
+        a = jnp.pad(a, ((0, 0), (0, rank - k)))
+        b = jnp.pad(b, ((0, rank - k), (0, 0)))
+    return a, b
+
+
+def merge_adapters(
+    adapters: Sequence[Adapter],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    method: str = "linear",
+    rank: Union[int, str, None] = None,
+    density: Optional[float] = None,
+    majority_sign: str = "total",
+    key=None,
+) -> dict[str, LoraWeights]:
+    """Merges LoRA adapters into one LoRA adapter (``scale`` 1, factors in float32).
+
+    Args:
+      adapters, weights, method, density, majority_sign, key: as in :func:`merge_deltas`.
+      rank: the merged adapter's rank. ``None`` means: for ``"linear"`` and ``"cat"`` the
+        exact concatenation (rank ``Σ r_i`` per site; no truncation), for the other methods
+        the largest input rank (as Hugging Face PEFT's ``*_svd`` merges do). An integer
+        truncates by SVD (``"linear"`` with a rank is ``"svd"``); ``"full"`` keeps every
+        singular value (exact, rank ``min(in, out)``). ``"cat"`` is always exact and refuses
+        a rank.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> from jpeft.merging import merge_adapters
+    >>> model = nn.Dense(3); x = jnp.ones((1, 4))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="random")
+    >>> a, b = (jpeft.init(cfg, params, jax.random.key(i)) for i in (1, 2))
+    >>> m = merge_adapters([a, b], [0.5, 2.0], method="cat")
+    >>> m[""].r
+    4
+    >>> want = 0.5 * a[""].delta_matrix() + 2.0 * b[""].delta_matrix()
+    >>> bool(jnp.allclose(m[""].delta_matrix(), want, atol=1e-6))
+    True
+    """
+    if method == "cat" and rank is not None:
+        raise ConfigError("method 'cat' is exact (its rank is the sum of the input ranks); use method='svd' with a rank.")
+    if rank is not None and rank != "full" and (not isinstance(rank, (int, np.integer)) or rank < 1):
+        raise ConfigError(f"rank must be a positive integer, 'full' or None; found {rank!r}.")
+    adapters, weights, layouts = _validate(adapters, weights, method, density, majority_sign, key)
+    if method in ("linear", "cat") and rank is None:
+        return _cat(adapters, weights, layouts)
+    if method == "linear":
+        method = "svd"
+    deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
+    default_rank = max(node.r for ad in adapters for node in ad.values())
+    out = {}
+    for path, d in deltas.items():
+        lay = layouts[path]
+        r = min(lay.in_features, lay.out_features) if rank == "full" else int(rank or default_rank)
+        a, b = _factor(d, r)
+        out[path] = LoraWeights(a, b, None, 1.0, lay, 0.0)
+    return out
+
+
+def _cat(adapters, weights, layouts) -> dict[str, LoraWeights]:
+    out = {}
+    for path, lay in layouts.items():
+        As, Bs = [], []
+        for ad, w in zip(adapters, weights):
+            node = ad.get(path)
+            if node is None:
+                continue
+            As.append(jnp.asarray(node.lora_A, jnp.float32))
+            Bs.append((w * node.scale) * jnp.asarray(node.lora_B, jnp.float32))
+        out[path] = LoraWeights(jnp.concatenate(As, axis=1), jnp.concatenate(Bs, axis=0), None, 1.0, lay, 0.0)
+    return out
+
+
+def _kernel_shaped(lay: Layout, delta: jax.Array) -> jax.Array:
+    d = delta.reshape(tuple(lay.in_dims) + tuple(lay.out_dims))
+    order = tuple(lay.in_axes) + tuple(lay.out_axes)
+    return jnp.transpose(d, tuple(int(i) for i in np.argsort(order)))
+
+
+def merge_into_base(
+    params,
+    adapters: Sequence[Adapter],
+    weights: Optional[Sequence[float]] = None,
+    *,
+    method: str = "linear",
+    density: Optional[float] = None,
+    majority_sign: str = "total",
+    key=None,
+):
+    """A copy of ``params`` with the merged update of ``adapters`` added to the base kernels
+    (exactly, without rank truncation), for single-tenant serving with no adapter overhead.
+    With one adapter and ``method="linear"`` this equals :func:`jpeft.merge`.
+
+    Raises:
+      ShapeMismatchError: an adapter site the params do not have, or of another shape.
+      (and what :func:`merge_deltas` raises)
+    """
+    _, _, layouts = _validate(adapters, weights, method, density, majority_sign, key)
+    deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
+    inner, wrapped = unwrap_params(params)
+    new = inner
+    for path, d in deltas.items():
+        lay = layouts[path]
+        try:
+            own = get_subtree(new, path)
+        except (KeyError, TypeError):
+            raise ShapeMismatchError(
+                f"the adapters have a site {path!r} that the params do not have; were they made for another model?"
+            ) from None
+        pname = lay.param_name
+        if pname not in own or tuple(own[pname].shape) != tuple(lay.kernel_shape):
+            got = tuple(own[pname].shape) if pname in own else None
+            raise ShapeMismatchError(
+                f"the adapters were made for a {pname} of shape {tuple(lay.kernel_shape)} at {path!r}; the params hold "
+                f"{got}. Merge into the base model the adapters were trained on."
+            )
+        w = own[pname]
+        upd = dict(own)
+        upd[pname] = (w.astype(jnp.float32) + _kernel_shaped(lay, d)).astype(w.dtype)
+        new = set_subtree(new, path, upd)
+    return rewrap_params(params, new, wrapped)
+
+
+__all__ = [
+    "METHODS",
+    "merge_adapters",
+    "merge_deltas",
+    "merge_into_base",
+    "combine",
+    "magnitude_prune",
+    "random_prune",
+    "majority_sign_mask",
+    "disjoint_merge",
+]

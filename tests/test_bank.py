@@ -1,0 +1,300 @@
+"""AdapterBank: per-example routing equals each adapter alone, hot swap without recompiling,
+training several adapters at once, and the named errors."""
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft.bank import AdapterBank, BankedLora, LoraStack
+from jpeft.errors import (
+    BankCapacityError,
+    BankError,
+    BankShapeError,
+    DuplicateAdapterError,
+    InputValidationError,
+    NotMergeableError,
+    ShapeMismatchError,
+    UnknownAdapterError,
+)
+
+
+class Tiny(nn.Module):
+    """Embedding (called and attended), a multi-output DenseGeneral, a two-input-axis
+    DenseGeneral and a Dense: every kernel layout the bank routes."""
+
+    vocab: int = 11
+    d: int = 8
+    heads: int = 2
+
+    @nn.compact
+    def __call__(self, tok):
+        emb = nn.Embed(self.vocab, self.d, name="embed")
+        h = emb(tok)
+        qkv = nn.DenseGeneral((3, self.heads, self.d // self.heads), name="qkv")(h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0, axis=-1)
+        o = jnp.einsum("bhqk,bkhd->bqhd", att, v)
+        h = h + nn.DenseGeneral(self.d, axis=(-2, -1), name="o_proj")(o)
+        h = h + nn.Dense(self.d, name="mlp")(jax.nn.gelu(h))
+        return emb.attend(h)
+
+
+MODEL = Tiny()
+TOK = jax.random.randint(jax.random.key(0), (6, 5), 0, 11)
+PARAMS = MODEL.init(jax.random.key(1), TOK)
+
+
+def _adapters():
+    specs = {
+        # name: (rank, alpha, rslora, targets)
+        "r1": (1, 3.0, False, ".*"),
+        "r4": (4, 6.0, True, ".*"),
+        "r2": (2, 5.0, False, ["qkv", "mlp"]),  # adapts a subset of the bank's sites
+    }
+    out = {}
+    for i, (name, (r, alpha, rs, tgt)) in enumerate(specs.items()):
+        cfg = jpeft.LoraConfig(r=r, alpha=alpha, use_rslora=rs, target_modules=tgt, init="random")
+        ad = jpeft.init(cfg, PARAMS, jax.random.key(10 + i), MODEL, TOK)
+        out[name] = jax.tree.map(lambda x: 0.3 * x, ad)  # keeps the logits O(1), so 1e-5 is a tight tolerance
+    return out
+
+
+ADAPTERS = _adapters()
+NAMES = ["r4", None, "r1", "r2", "r4", "r1"]
+
+
+_FWD = jax.jit(lambda p, a, t: jpeft.apply(MODEL, p, a, t))
+_REF = {}
+
+
+def _alone(name):
+    """Each example's reference: the whole batch through its own adapter (or the bare base)."""
+    if name not in _REF:
+        _REF[name] = _FWD(PARAMS, None if name is None else ADAPTERS[name], TOK)
+    return _REF[name]
+
+
+@pytest.mark.parametrize("strategy", ["gather", "ragged"])
+def test_mixed_batch_equals_each_adapter_alone(strategy):
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=5, strategy=strategy)
+    assert bank.max_rank == 4 and bank.capacity == 5 and bank.names == ("r1", "r4", "r2")
+    routed = bank.route(NAMES)
+    assert all(isinstance(n, BankedLora) and n.strategy == strategy for n in routed.values())
+    y = _FWD(PARAMS, routed, TOK)
+    for i, name in enumerate(NAMES):
+        np.testing.assert_allclose(y[i], _alone(name)[i], atol=1e-5, rtol=1e-5)
+    # the adapters really differ from each other and from the base (the test has teeth)
+    assert float(jnp.abs(_alone("r1") - _alone("r4")).max()) > 1e-2
+    assert float(jnp.abs(_alone("r2") - _alone(None)).max()) > 1e-2
+
+
+def test_leading_batch_axis_of_any_rank_and_get_round_trip():
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=3)
+    # get() gives the adapter back at its own rank with its own (rsLoRA) scale
+    back = bank.get("r4")
+    for path, node in ADAPTERS["r4"].items():
+        assert back[path].r == 4 and back[path].scale == pytest.approx(node.scale)
+        np.testing.assert_array_equal(back[path].lora_A, node.lora_A)
+    assert set(bank.get("r2")) == set(ADAPTERS["r2"])
+    # inputs [batch, features] (no sequence axis) route by the leading axis too
+    dense = nn.Dense(3)
+    x = jax.random.normal(jax.random.key(3), (4, 5))
+    p = dense.init(jax.random.key(4), x)
+    ads = {n: jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), p, jax.random.key(i)) for i, n in enumerate("ab")}
+    b2 = AdapterBank.from_adapters(ads)
+    y = jpeft.apply(dense, p, b2.route(["b", "a", None, "b"]), x)
+    np.testing.assert_allclose(y[0], jpeft.apply(dense, p, ads["b"], x)[0], atol=1e-6)
+    np.testing.assert_allclose(y[1], jpeft.apply(dense, p, ads["a"], x)[1], atol=1e-6)
+    np.testing.assert_allclose(y[2], dense.apply(p, x)[2], atol=1e-6)
+
+
+def test_hot_swap_never_recompiles():
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
+    traces = []
+
+    @jax.jit
+    def fwd(params, routed, tok):
+        traces.append(1)  # runs only when jax traces (i.e. compiles) the function
+        return jpeft.apply(MODEL, params, routed, tok)
+
+    fwd(PARAMS, bank.route(NAMES), TOK)
+    # replace with an adapter of another rank, remove, add into the freed slot, reroute
+    new = jpeft.init(jpeft.LoraConfig(r=3, alpha=2.0, target_modules=".*", init="random"), PARAMS, jax.random.key(99), MODEL, TOK)
+    b2 = bank.replace("r4", new)
+    y2 = fwd(PARAMS, b2.route(NAMES), TOK)
+    b3 = b2.remove("r1").add("fresh", ADAPTERS["r1"]).add("extra", ADAPTERS["r2"])
+    names3 = ["extra", "fresh", "r4", None, "r2", "r4"]
+    y3 = fwd(PARAMS, b3.route(names3), TOK)
+    assert len(traces) == 1 and fwd._cache_size() == 1
+    # and the swaps took effect
+    y_new = _FWD(PARAMS, new, TOK)
+    np.testing.assert_allclose(y2[0], y_new[0], atol=1e-5)
+    np.testing.assert_allclose(y3[0], _alone("r2")[0], atol=1e-5)
+    np.testing.assert_allclose(y3[1], _alone("r1")[1], atol=1e-5)
+    np.testing.assert_allclose(y3[2], y_new[2], atol=1e-5)
+    assert b3.slots == ("fresh", "r4", "r2", "extra") and bank.slots == ("r1", "r4", "r2", None)  # old bank untouched
+
+
+def test_removed_slot_acts_as_base_under_jit():
+    bank = AdapterBank.from_adapters(ADAPTERS)
+    ids = bank.ids(["r1", "r4"] + [None] * 4)
+    y = _FWD(PARAMS, _route_unchecked(bank.remove("r1"), ids), TOK)
+    np.testing.assert_allclose(y[0], _alone(None)[0], atol=1e-6)
+    np.testing.assert_allclose(y[1], _alone("r4")[1], atol=1e-5)
+
+
+def _route_unchecked(bank, ids):
+    # what a server does with ids computed before a removal: routing inside jit skips the host check
+    return jax.jit(lambda w, s, i: jpeft.bank.route(w, s, i))(bank.weights, bank.scales, ids)
+
+
+def _per_example_loss(logits, tok):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0].mean(axis=-1)  # [batch]
+
+
+def test_training_several_adapters_gradients_stay_with_their_examples():
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
+    names = ["r4", "r1", "r4", None, "r1", "r4"]
+    ids = bank.ids(names)
+
+    def loss(weights):
+        logits = jpeft.apply(MODEL, PARAMS, bank.route(ids, weights=weights), TOK)
+        return _per_example_loss(logits, TOK).sum()
+
+    g = jax.jit(jax.grad(loss))(bank.weights)
+    for name in ("r4", "r1"):
+        k = bank.slot(name)
+        mine = jnp.asarray([n == name for n in names])
+
+        def own_loss(adapter):
+            per = _per_example_loss(jpeft.apply(MODEL, PARAMS, adapter, TOK), TOK)
+            return jnp.where(mine, per, 0.0).sum()
+
+        ref = jax.jit(jax.grad(own_loss))(ADAPTERS[name])
+        for path, node in ref.items():
+            r = node.r
+            np.testing.assert_allclose(g[path].lora_A[k, :, :r], node.lora_A, atol=1e-5, rtol=1e-4)
+            np.testing.assert_allclose(g[path].lora_B[k, :r], node.lora_B, atol=1e-5, rtol=1e-4)
+            assert float(jnp.abs(g[path].lora_A[k, :, r:]).max(initial=0.0)) == 0.0  # padding gets nothing
+            assert float(jnp.abs(node.lora_A).max()) > 0
+    # "r2" (slot 2) has no example in the batch and the free slot 3 neither: exactly zero gradient
+    for path in g:
+        for k in (bank.slot("r2"), 3):
+            assert float(jnp.abs(g[path].lora_A[k]).max()) == 0.0 and float(jnp.abs(g[path].lora_B[k]).max()) == 0.0
+
+
+def test_train_step_on_a_mixed_batch():
+    cfgs = [jpeft.LoraConfig(r=r, target_modules=".*") for r in (2, 4)]  # default init: B = 0
+    ads = {f"t{i}": jpeft.init(c, PARAMS, jax.random.key(20 + i), MODEL, TOK) for i, c in enumerate(cfgs)}
+    bank = AdapterBank.from_adapters(ads, capacity=3)
+    ids = bank.ids(["t0", "t1", "t0", "t1", "t0", "t1"])
+    target = (TOK + 1) % 11
+
+    def loss_fn(params, weights, batch, key):
+        logits = jpeft.apply(MODEL, params, bank.route(batch["ids"], weights=weights), batch["tok"])
+        return _per_example_loss(logits, batch["target"]).mean()
+
+    opt = optax.adam(3e-2)
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    weights, state = bank.weights, opt.init(bank.weights)
+    losses = []
+    for i in range(8):
+        weights, state, m = step(PARAMS, weights, state, {"ids": ids, "tok": TOK, "target": target}, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] - 0.1
+    trained = bank.with_weights(weights)
+    for path in weights:  # the rank-2 adapter's zero padding is a fixed point of training
+        k = trained.slot("t0")
+        assert float(jnp.abs(weights[path].lora_A[k, :, 2:]).max()) == 0.0
+        assert float(jnp.abs(weights[path].lora_B[k, 2:]).max()) == 0.0
+        assert float(jnp.abs(weights[path].lora_B[trained.slot("t1")]).max()) > 0  # it moved
+    # the trained adapter taken out of the bank gives the same outputs alone
+    t1 = trained.get("t1")
+    y = _FWD(PARAMS, trained.route(ids), TOK)
+    np.testing.assert_allclose(y[1], _FWD(PARAMS, t1, TOK)[1], atol=1e-5)
+
+
+def test_merged_params_for_single_tenant_serving():
+    bank = AdapterBank.from_adapters(ADAPTERS)
+    merged = bank.merged_params(PARAMS, "r4")
+    np.testing.assert_allclose(_FWD(merged, None, TOK), _alone("r4"), atol=1e-5)
+    with pytest.raises(NotMergeableError, match="routed bank"):
+        jpeft.merge(PARAMS, bank.route(NAMES))
+
+
+# ---------------------------------------------------------------------------------------------
+# named errors
+# ---------------------------------------------------------------------------------------------
+def test_over_capacity():
+    bank = AdapterBank.from_adapters({"a": ADAPTERS["r1"], "b": ADAPTERS["r2"]})
+    with pytest.raises(BankCapacityError, match=r"the bank is full: all 2 slots are taken by \['a', 'b'\].*bank.remove"):
+        bank.add("c", ADAPTERS["r1"])
+    small = AdapterBank.from_adapters({"a": ADAPTERS["r1"]}, capacity=2, max_rank=2)
+    with pytest.raises(BankCapacityError, match=r"rank 4 .* above the bank's max_rank=2.*max_rank >= 4"):
+        small.add("big", ADAPTERS["r4"])
+    assert issubclass(BankCapacityError, BankError)
+
+
+def test_adapter_for_another_base_shape():
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
+    other = Tiny(d=12, heads=2)
+    p_other = other.init(jax.random.key(5), TOK)
+    foreign = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), p_other, jax.random.key(6), other, TOK)
+    with pytest.raises(BankShapeError, match=r"made for a dense kernel \(12, 12\) at 'mlp'.*kernel \(8, 8\).*another base model"):
+        bank.add("foreign", {"mlp": foreign["mlp"]})
+    # a site the bank does not hold
+    dense = nn.Dense(8)
+    pd = dense.init(jax.random.key(7), jnp.ones((1, 8)))
+    stray = {"elsewhere/mlp": jpeft.init(jpeft.LoraConfig(r=1, target_modules=".*"), pd, jax.random.key(8))[""]}
+    with pytest.raises(BankShapeError, match="site 'elsewhere/mlp' that the bank does not hold"):
+        bank.add("stray", stray)
+    # the bank applied to another model's params
+    with pytest.raises(BankShapeError, match=r"built for a base whose embedding at 'embed' has shape \(11, 8\), but the params hold shape \(11, 12\)"):
+        jax.eval_shape(lambda: jpeft.apply(other, p_other, bank.route(NAMES), TOK))
+    with pytest.raises(BankShapeError, match="another base model"):
+        bank.check(p_other)
+    bank.check(PARAMS)
+    assert issubclass(BankShapeError, ShapeMismatchError)
+
+
+def test_unknown_and_duplicate_names():
+    bank = AdapterBank.from_adapters(ADAPTERS)
+    for call in (lambda: bank.slot("nope"), lambda: bank.replace("nope", ADAPTERS["r1"]), lambda: bank.remove("nope"),
+                 lambda: bank.get("nope"), lambda: bank.route(["r1", "nope"])):
+        with pytest.raises(UnknownAdapterError, match=r"no adapter named 'nope' in the bank; it holds \['r1', 'r4', 'r2'\]"):
+            call()
+    with pytest.raises(DuplicateAdapterError, match="already holds an adapter named 'r1'.*bank.replace"):
+        bank.add("r1", ADAPTERS["r2"])
+    with pytest.raises(UnknownAdapterError, match=r"empty slots \[0\].*-1 for the bare base"):
+        bank.remove("r1").route(jnp.asarray([0, 1], jnp.int32))
+    assert issubclass(UnknownAdapterError, LookupError)
+
+
+def test_routing_input_errors():
+    bank = AdapterBank.from_adapters(ADAPTERS)
+    with pytest.raises(InputValidationError, match=r"slots in \[0, 3\) or -1.*found \[7\]"):
+        bank.route(jnp.asarray([0, 7], jnp.int32))
+    with pytest.raises(InputValidationError, match="1-D integer array"):
+        bank.route(jnp.zeros((2, 2), jnp.int32))
+    with pytest.raises(InputValidationError, match=r"adapter_ids has 2 entries.*shape \(6, 5\).*leading \(batch\) axis"):
+        jax.eval_shape(lambda: jpeft.apply(MODEL, PARAMS, bank.route(["r1", "r4"]), TOK))
+    with pytest.raises(BankError, match="DoRA"):
+        dora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["mlp"], use_dora=True), PARAMS, jax.random.key(3), MODEL, TOK)
+        bank.add("dora", dora)
+    with pytest.raises(jpeft.ConfigError, match="capacity must be a positive integer"):
+        AdapterBank.create(ADAPTERS["r1"], capacity=0, max_rank=2)
+
+
+def test_weights_are_a_trainable_pytree_of_floats_only():
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
+    leaves = jax.tree.leaves(bank.weights)
+    assert all(jnp.issubdtype(x.dtype, jnp.floating) for x in leaves)
+    assert all(isinstance(v, LoraStack) for v in bank.weights.values())
+    assert bank.weights["mlp"].lora_A.shape == (4, 8, 4) and bank.weights["mlp"].lora_B.shape == (4, 4, 8)
+    assert bank.weights["embed"].lora_A.shape == (4, 11, 4)
+    np.testing.assert_allclose(bank.scales["o_proj"], [3.0, 6.0 / 2.0, 0.0, 0.0])  # r1: 3/1; r4 (rsLoRA): 6/sqrt(4); r2 lacks o_proj

@@ -1,0 +1,179 @@
+"""Adapter merging on hand-computed cases, against Hugging Face PEFT's merge_utils, and DARE's
+rescaling in expectation."""
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
+from jpeft.merging import combine, merge_adapters, merge_deltas, merge_into_base
+from jpeft.methods.base import Layout
+
+
+def lora(A, B, scale, path=""):
+    A, B = jnp.asarray(A, jnp.float32), jnp.asarray(B, jnp.float32)
+    lay = Layout("dense", (A.shape[0], B.shape[1]), (0,), (1,))
+    return {path: jpeft.LoraWeights(A, B, None, float(scale), lay, 0.0)}
+
+
+# Δ1 = 0.5 * [[1],[0]] @ [[2, 0]] = [[1, 0], [0, 0]]
+A1 = lora([[1.0], [0.0]], [[2.0, 0.0]], 0.5)
+# rsLoRA, r = 4, alpha = 2: scale = 2 / sqrt(4) = 1 (plain LoRA would give 0.5)
+_rs = jpeft.LoraConfig(r=4, alpha=2, use_rslora=True, target_modules=".*")
+A2 = lora([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], [[1.0, 3.0], [0, 0], [0, 0], [0, 0]], _rs.scale(4, 2))
+
+
+def test_linear_hand_computed_and_rslora_aware():
+    assert _rs.scale(4, 2) == 1.0
+    d = merge_deltas([A1, A2], [2.0, -1.0], method="linear")[""]
+    np.testing.assert_allclose(d, [[2.0, 0.0], [-1.0, -3.0]], atol=1e-7)
+    # as an adapter: exact (no truncation), rank 1 + 4, scale 1
+    m = merge_adapters([A1, A2], [2.0, -1.0], method="linear")[""]
+    assert m.r == 5 and m.scale == 1.0
+    np.testing.assert_allclose(m.delta_matrix(), [[2.0, 0.0], [-1.0, -3.0]], atol=1e-7)
+    # weights default to 1 (task arithmetic)
+    np.testing.assert_allclose(merge_deltas([A1, A2])[""], [[1.0, 0.0], [1.0, 3.0]], atol=1e-7)
+
+
+def test_cat_is_the_exact_concatenation():
+    m = merge_adapters([A1, A2], [2.0, -1.0], method="cat")[""]
+    # A = [A1 | A2], B = [w1 s1 B1 ; w2 s2 B2]
+    np.testing.assert_allclose(m.lora_A, [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0]])
+    np.testing.assert_allclose(m.lora_B[:2], [[2.0, 0.0], [-1.0, -3.0]])
+    np.testing.assert_allclose(m.lora_B[2:], 0.0)
+    # a site only one adapter has: the other contributes nothing
+    extra = lora([[1.0], [1.0]], [[1.0, 1.0]], 2.0, path="other")
+    mm = merge_adapters([{**A1, **extra}, A2], [1.0, 3.0], method="cat")
+    assert mm["other"].r == 1
+    np.testing.assert_allclose(mm["other"].delta_matrix(), 2.0 * np.ones((2, 2)))
+    with pytest.raises(ConfigError, match="'cat' is exact"):
+        merge_adapters([A1, A2], method="cat", rank=2)
+
+
+def test_ties_hand_computed():
+    t1 = lora([[1.0]], [[3.0, -1.0, 2.0, 0.5]], 1.0)
+    t2 = lora([[1.0]], [[-1.0, -2.0, -4.0, 1.0]], 1.0)
+    # trim to the top half: [3,0,2,0] and [0,-2,-4,0]; elected sign of the sum [3,-2,-2,0]: + - - +;
+    # disjoint mean of the weighted agreeing entries
+    d = merge_deltas([t1, t2], [1.0, 1.0], method="ties", density=0.5)[""]
+    np.testing.assert_allclose(d, [[3.0, -2.0, -4.0, 0.0]])
+    d = merge_deltas([t1, t2], [2.0, 0.5], method="ties", density=0.5)[""]
+    np.testing.assert_allclose(d, [[6.0, -1.0, -2.0, 0.0]])
+    # "frequency" elects by counting signs: [1,-1,0,0] -> + - + +
+    d = merge_deltas([t1, t2], [2.0, 0.5], method="ties", density=0.5, majority_sign="frequency")[""]
+    np.testing.assert_allclose(d, [[6.0, -1.0, 4.0, 0.0]])
+
+
+def test_dare_ties_with_density_one_is_sign_election_and_disjoint_mean():
+    t1 = lora([[1.0]], [[3.0, -1.0, 2.0, 0.5]], 1.0)
+    t2 = lora([[1.0]], [[-1.0, -2.0, -4.0, 1.0]], 1.0)
+    d = merge_deltas([t1, t2], method="dare_ties", density=1.0, key=jax.random.key(0))[""]
+    np.testing.assert_allclose(d, [[3.0, -1.5, -4.0, 0.75]])
+    d = merge_deltas([t1, t2], [1.0, 2.0], method="dare_linear", density=1.0, key=jax.random.key(0))[""]
+    np.testing.assert_allclose(d, [[1.0, -5.0, -6.0, 2.5]])
+
+
+def test_ties_matches_hugging_face_peft():
+    torch = pytest.importorskip("torch")
+    from peft.utils import merge_utils
+
+    keys = jax.random.split(jax.random.key(1), 6)
+    ads = [lora(jax.random.normal(keys[2 * i], (6, 2)), jax.random.normal(keys[2 * i + 1], (2, 5)), 0.5 + i) for i in range(3)]
+    w = [1.0, 0.5, 2.0]
+    deltas = [torch.tensor(np.asarray(a[""].delta_matrix())) for a in ads]
+    for sign in ("total", "frequency"):
+        ref = merge_utils.ties(deltas, torch.tensor(w), 0.4, sign).numpy()
+        got = merge_deltas(ads, w, method="ties", density=0.4, majority_sign=sign)[""]
+        np.testing.assert_allclose(got, ref, atol=1e-6)
+    ref = merge_utils.task_arithmetic(deltas, torch.tensor(w)).numpy()
+    np.testing.assert_allclose(merge_deltas(ads, w, method="linear")[""], ref, atol=1e-6)
+
+
+def test_dare_rescaling_in_expectation():
+    n = 120
+    ones = lora(jnp.ones((n, 1)), jnp.ones((1, n)), 1.0)
+    p = 0.3
+    d = np.asarray(merge_deltas([ones], method="dare_linear", density=p, key=jax.random.key(3))[""])
+    kept = d != 0
+    # kept entries are rescaled by exactly 1/density; about a density fraction is kept
+    np.testing.assert_allclose(d[kept], 1.0 / p, rtol=1e-6)
+    assert abs(kept.mean() - p) < 4 * np.sqrt(p * (1 - p) / n**2)
+    # the mean over entries is the original value (sd of the mean: sqrt((1-p)/p)/n)
+    assert abs(d.mean() - 1.0) < 4 * np.sqrt((1 - p) / p) / n
+    # and over many draws every entry of a non-uniform merge averages to the linear merge
+    t = [jax.random.normal(k, (4, 5)) for k in jax.random.split(jax.random.key(4), 2)]
+    w = [1.0, -0.5]
+    draws = 4000
+    keys = jax.random.split(jax.random.key(5), draws)
+    many = jax.jit(jax.vmap(lambda k: combine(t, w, "dare_linear", density=0.5, key=k)))(keys)
+    lin = combine(t, w, "linear")
+    # per-entry sd of one draw: sqrt(sum_i w_i^2 t_i^2 (1-p)/p)
+    sd = jnp.sqrt(sum((wi * ti) ** 2 for wi, ti in zip(w, t)) * (1 - 0.5) / 0.5) / np.sqrt(draws)
+    assert bool(jnp.all(jnp.abs(many.mean(0) - lin) < 5 * sd + 1e-6))
+    np.testing.assert_allclose(many.std(0), sd * np.sqrt(draws), rtol=0.1)  # and each draw really varies that much
+
+
+def test_svd_truncation_is_the_best_low_rank_approximation():
+    keys = jax.random.split(jax.random.key(7), 4)
+    a = lora(jax.random.normal(keys[0], (7, 2)), jax.random.normal(keys[1], (2, 6)), 0.7)
+    b = lora(jax.random.normal(keys[2], (7, 3)), jax.random.normal(keys[3], (3, 6)), 1.3)
+    full = np.asarray(merge_deltas([a, b], [1.0, 0.5])[""])
+    u, s, vt = np.linalg.svd(full)
+    for r in (1, 3):
+        m = merge_adapters([a, b], [1.0, 0.5], method="svd", rank=r)[""]
+        assert m.r == r
+        np.testing.assert_allclose(m.delta_matrix(), (u[:, :r] * s[:r]) @ vt[:r], atol=1e-4)
+    assert merge_adapters([a, b], [1.0, 0.5], method="svd")[""].r == 3  # default: the largest input rank
+    np.testing.assert_allclose(merge_adapters([a, b], [1.0, 0.5], method="svd", rank=5)[""].delta_matrix(), full, atol=1e-4)
+    m = merge_adapters([a, b], [1.0, 0.5], method="ties", density=0.5, rank="full")[""]
+    np.testing.assert_allclose(m.delta_matrix(), merge_deltas([a, b], [1.0, 0.5], method="ties", density=0.5)[""], atol=1e-4)
+
+
+def test_merge_into_base_for_single_tenant_serving():
+    model = nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(3)])
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    params = model.init(jax.random.key(1), x)
+    cfg = jpeft.LoraConfig(r=2, alpha=3, target_modules=".*", init="random")
+    a = jpeft.init(cfg, params, jax.random.key(2))
+    b = jpeft.init(cfg.replace(r=3, use_rslora=True), params, jax.random.key(3))
+    # one adapter: the same as jpeft.merge
+    one = merge_into_base(params, [a])
+    for k1, k2 in zip(jax.tree.leaves(one), jax.tree.leaves(jpeft.merge(params, a))):
+        np.testing.assert_allclose(k1, k2, atol=1e-6)
+    # two: the base model on the merged params equals the factored exact merge
+    merged = merge_into_base(params, [a, b], [0.7, 0.3])
+    cat = merge_adapters([a, b], [0.7, 0.3], method="cat")
+    np.testing.assert_allclose(model.apply(merged, x), jpeft.apply(model, params, cat, x), atol=1e-5)
+    # TIES into the base: base kernel + the TIES update
+    tm = merge_into_base(params, [a, b], method="ties", density=0.5)
+    d = merge_deltas([a, b], method="ties", density=0.5)
+    for path in d:
+        layer = path.split("/")[-1]
+        np.testing.assert_allclose(tm["params"][layer]["kernel"], params["params"][layer]["kernel"] + d[path], atol=1e-6)
+    # an adapter for another base
+    other = nn.Dense(4).init(jax.random.key(4), jnp.ones((1, 9)))
+    with pytest.raises(ShapeMismatchError, match="params do not have"):
+        merge_into_base(other, [a])
+
+
+def test_merge_errors():
+    with pytest.raises(ConfigError, match=r"unknown merge method 'mean'; choose one of \('linear', 'cat'"):
+        merge_deltas([A1], method="mean")
+    with pytest.raises(ConfigError, match="'ties' needs density in \\(0, 1\\]"):
+        merge_deltas([A1, A2], method="ties")
+    with pytest.raises(ConfigError, match="pass key=jax.random.key"):
+        merge_deltas([A1, A2], method="dare_linear", density=0.5)
+    with pytest.raises(ConfigError, match="got 2 adapters but 1 weights"):
+        merge_deltas([A1, A2], [1.0])
+    with pytest.raises(ConfigError, match="takes a list of adapters"):
+        merge_deltas(A1)
+    with pytest.raises(ShapeMismatchError, match="different base models"):
+        merge_deltas([A1, lora([[1.0]], [[1.0]], 1.0)])
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    dora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", use_dora=True), params, jax.random.key(1))
+    with pytest.raises(NotMergeableError, match="DoRA"):
+        merge_adapters([dora])
