@@ -15,6 +15,8 @@ from jpeft.errors import *  # noqa: F401,F403
 from jpeft.errors import __all__ as _errors_all
 from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.train import make_train_step
+from jpeft import hf, models
+from jpeft.generate import generate
 from jpeft import distributed, parallel
 from jpeft.parallel import (
     adapter_shardings, adapter_specs, cast_base, init_opt_state, make_mesh, make_pmap_train_step,
@@ -39,6 +41,9 @@ __all__ = [
     "unmerge",
     "summary",
     "make_train_step",
+    "generate",
+    "models",
+    "hf",
     "AdapterBank",
     "merge_adapters",
     "merge_into_base",

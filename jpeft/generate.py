@@ -1,0 +1,177 @@
+"""Autoregressive generation with a KV cache, jitted, batched with padding, for any jpeft
+decoder (``jpeft.models``) with or without an adapter.
+
+The adapter goes through :func:`jpeft.apply`, so any adapter dict works (LoRA, IA3,
+prefixes injected at the attention modules, bank nodes routed per example, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.errors import InputValidationError
+from jpeft.models._layers import init_cache
+
+
+def _sample(logits, key, temperature, top_k: int, top_p, greedy: bool):
+    """One token per row from ``logits [batch, vocab]`` (float32)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    neg = jnp.finfo(logits.dtype).min
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep_sorted = (before < top_p) | (top_p >= 1.0)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, neg)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "greedy", "eos", "pad"))
+def _generate(model, params, adapter, input_ids, attention_mask, key, temperature, top_p, *,
+              max_new_tokens: int, top_k: int, greedy: bool, eos: tuple, pad: int):
+    from jpeft.core import apply
+
+    b, s = input_ids.shape
+    cfg = model.config
+    cache = init_cache(cfg, b, s + max_new_tokens, cfg.dtype)
+    logits, cache = apply(model, params, adapter, input_ids, attention_mask=attention_mask, cache=cache)
+    # the next token follows each row's last real token (works for left and right padding)
+    idx = jnp.arange(s)[None, :]
+    last = jnp.max(jnp.where(attention_mask.astype(bool), idx, 0), axis=1)
+    last_logits = logits[jnp.arange(b), last].astype(jnp.float32)
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    def pick(lg, k, done):
+        tok = _sample(lg, k, temperature, top_k, top_p, greedy)
+        tok = jnp.where(done, pad, tok)
+        return tok, done | jnp.any(tok[:, None] == eos_arr[None, :], axis=1)
+
+    keys = jax.random.split(key, max_new_tokens)
+    tok, done = pick(last_logits, keys[0], jnp.zeros((b,), bool))
+    out = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(tok)
+
+    def body(i, carry):
+        cache, tok, done, out = carry
+        step_mask = jnp.ones((b, 1), attention_mask.dtype)
+        lg, cache = apply(model, params, adapter, tok[:, None], attention_mask=step_mask, cache=cache)
+        tok, done = pick(lg[:, -1].astype(jnp.float32), keys[i], done)
+        return cache, tok, done, out.at[:, i].set(tok)
+
+    _, _, _, out = jax.lax.fori_loop(1, max_new_tokens, body, (cache, tok, done, out))
+    return jnp.concatenate([input_ids.astype(jnp.int32), out], axis=1)
+
+
+def _as_eos(eos) -> tuple:
+    if eos is None:
+        return ()
+    if isinstance(eos, (int, np.integer)):
+        return (int(eos),)
+    return tuple(int(e) for e in eos)
+
+
+def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, key=None, attention_mask=None,
+             eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: int = 0):
+    """Generates ``max_new_tokens`` tokens after each prompt.
+
+    Prefill runs once over the prompts, then one token per step reuses the key/value cache
+    (``jax.lax.fori_loop`` inside one ``jax.jit``; recompiled only when shapes or static
+    options change). Prompts are batched with padding: pass ``attention_mask`` (1 for real
+    tokens); left padding is the usual layout, right padding works too (the next token
+    follows each row's last real token, positions count real tokens only).
+
+    Args:
+      model: a jpeft decoder (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ... any module whose
+        ``__call__`` takes ``cache=`` and has ``model.config``).
+      params: the base variables ``{"params": ...}``.
+      adapter: an adapter dict applied with :func:`jpeft.apply`, or ``None`` for the base.
+      input_ids: int ``[batch, prompt_len]``.
+      max_new_tokens: tokens to generate (``>= 1``).
+      temperature: ``0`` for greedy decoding (deterministic, no key needed); ``> 0`` samples
+        from ``softmax(logits / temperature)``.
+      top_k: keep only the ``top_k`` most likely tokens when sampling (``0``: all).
+      top_p: nucleus sampling: keep the most likely tokens whose probability mass reaches
+        ``top_p`` (``1.0``: all).
+      key: ``jax.random`` key, required when sampling.
+      attention_mask: ``[batch, prompt_len]``, 1 for real tokens (default: all ones).
+      eos_token_id: token id(s) that end a row; later positions get ``pad_token_id``
+        (default ``None``: never stop early; the length is fixed for ``jit``).
+      pad_token_id: filler after a row ended.
+
+    Returns:
+      int32 ``[batch, prompt_len + max_new_tokens]``: the prompts followed by the new tokens
+      (as Hugging Face ``generate`` returns them).
+
+    Raises:
+      InputValidationError: bad shapes, a non-positive ``max_new_tokens``, sampling without a
+        key, options out of range, or more positions than the model has (GPT-2).
+
+    >>> import jax, jax.numpy as jnp, jpeft
+    >>> cfg = jpeft.models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                num_layers=1, num_heads=2)
+    >>> model = jpeft.models.LlamaForCausalLM(cfg)
+    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    >>> out = jpeft.generate(model, params, None, jnp.array([[0, 5, 6], [4, 5, 6]]), 4,
+    ...                      attention_mask=jnp.array([[0, 1, 1], [1, 1, 1]]))
+    >>> out.shape
+    (2, 7)
+    """
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise InputValidationError(
+            f"generate: input_ids must be an int array [batch, prompt_len], found {input_ids.dtype} {tuple(input_ids.shape)}."
+        )
+    b, s = input_ids.shape
+    if s == 0 or b == 0:
+        raise InputValidationError("generate: input_ids is empty; give at least one prompt token per row.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise InputValidationError(f"generate: max_new_tokens must be a positive int, found {max_new_tokens!r}.")
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, s), jnp.int32)
+    attention_mask = jnp.asarray(attention_mask)
+    if tuple(attention_mask.shape) != (b, s):
+        raise InputValidationError(
+            f"generate: attention_mask must have input_ids' shape {(b, s)}, found {tuple(attention_mask.shape)}."
+        )
+    if not bool(jnp.all(jnp.any(attention_mask.astype(bool), axis=1))):
+        raise InputValidationError("generate: a row of attention_mask is all zeros; every prompt needs a real token.")
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise InputValidationError(f"generate: {type(model).__name__} has no .config; use a jpeft.models decoder.")
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if getattr(cfg, "model_type", "") == "gpt2" and s + max_new_tokens > limit:
+        raise InputValidationError(
+            f"generate: prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds GPT-2's {limit} learned positions; "
+            "shorten the prompt or generate fewer tokens."
+        )
+    temperature = float(temperature)
+    if temperature < 0:
+        raise InputValidationError(f"generate: temperature must be >= 0 (0 = greedy), found {temperature}.")
+    if not 0.0 < float(top_p) <= 1.0:
+        raise InputValidationError(f"generate: top_p must be in (0, 1], found {top_p}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise InputValidationError(f"generate: top_k must be an int >= 0 (0 = off), found {top_k!r}.")
+    greedy = temperature == 0.0
+    if not greedy and key is None:
+        raise InputValidationError("generate: sampling (temperature > 0) needs key=jax.random.key(seed).")
+    if key is None:
+        key = jax.random.key(0)
+    top_k = int(min(top_k, cfg.vocab_size))
+    return _generate(
+        model, params, adapter if adapter else None, input_ids, attention_mask, key,
+        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
+        max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy, eos=_as_eos(eos_token_id),
+        pad=int(pad_token_id),
+    )

@@ -1,0 +1,471 @@
+"""Hugging Face PEFT adapter folders in and out: ``adapter_config.json`` +
+``adapter_model.safetensors`` exactly as ``peft`` writes and reads them.
+
+* :func:`save_peft` writes a jpeft adapter so that ``peft.PeftModel.from_pretrained(model,
+  path)`` loads it with no missing- or unexpected-key warning;
+* :func:`load_peft` reads one (made by ``peft`` or by :func:`save_peft`) for a jpeft base.
+
+Keys: an adapter site at jpeft module path ``p`` is saved under
+``base_model.model.<hf_name(p)>.<tensor>``, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, in PyTorch's
+orientation (``lora_A.weight: [r, in]``, ``lora_B.weight: [out, r]``; jpeft stores
+``lora_A: [in, r]``, ``lora_B: [r, out]``). Embedding sites use ``lora_embedding_A: [r, num]``
+and ``lora_embedding_B: [dim, r]``; DoRA adds ``lora_magnitude_vector: [out]``.
+
+Each method's format is a pair of functions in a small registry keyed by the Hugging Face
+``peft_type`` (:func:`register_peft_format`), so a method adds its format from its own file.
+LoRA (with rsLoRA, rank_pattern, alpha_pattern, DoRA, and GPT-2's ``fan_in_fan_out``) is
+registered here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import _inject
+from jpeft.config import AdapterConfig
+from jpeft.errors import (
+    BaseMismatchError,
+    CheckpointError,
+    ConfigError,
+    LoadError,
+    SaveError,
+    UnsafeFileError,
+    UnsupportedAdapterError,
+)
+from jpeft.methods.lora import LoraConfig, LoraWeights
+from jpeft.tree import from_hf_name, hf_name, matches, module_leaves, unwrap_params
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+# GPT-2's Conv1D modules (weights stored [in, out]); PEFT needs fan_in_fan_out=True for them.
+_CONV1D = re.compile(r"(^|.*/)h_\d+/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportContext:
+    """What a format's ``to_hf`` may need besides the config and the adapter."""
+
+    fan_in_fan_out: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportContext:
+    """What a format's ``from_hf`` may need: the base params' module leaves and the folder."""
+
+    leaves: Mapping[str, Mapping[str, Any]]  # {module_path: {param_name: array}}
+    folder: str
+    dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftFormat:
+    config_cls: type
+    to_hf: Callable[..., tuple[dict, dict]]
+    from_hf: Callable[..., tuple[AdapterConfig, dict]]
+
+
+_FORMATS: dict[str, PeftFormat] = {}
+
+
+def register_peft_format(config_cls: type, *, to_hf: Callable, from_hf: Callable) -> None:
+    """Registers the Hugging Face PEFT format of a method, keyed by ``config_cls.peft_type``.
+
+    Args:
+      config_cls: the method's config class (its ``peft_type`` is the Hugging Face one,
+        e.g. ``"IA3"``, ``"PREFIX_TUNING"``).
+      to_hf: ``to_hf(config, adapter, ctx: ExportContext) -> (config_dict, tensors)`` where
+        ``config_dict`` holds the method's own ``adapter_config.json`` keys (``save_peft``
+        adds ``peft_type``, ``task_type``, ``base_model_name_or_path``, ...) and ``tensors``
+        maps full PEFT keys (use :func:`peft_key`) to numpy arrays in PyTorch orientation.
+      from_hf: ``from_hf(config_dict, tensors, params, ctx: ImportContext) -> (config, adapter)``;
+        ``tensors`` maps the file's keys to float32 numpy arrays. Raise
+        :class:`~jpeft.errors.BaseMismatchError` (use :func:`check_keys`) when keys do not
+        match the base.
+    """
+    peft_type = getattr(config_cls, "peft_type", "")
+    if not peft_type:
+        raise ConfigError(f"{config_cls.__name__} has no peft_type; set the Hugging Face PEFT type name on the class.")
+    _FORMATS[peft_type] = PeftFormat(config_cls, to_hf, from_hf)
+
+
+def supported_peft_types() -> list[str]:
+    """The ``peft_type`` values :func:`save_peft` / :func:`load_peft` handle."""
+    return sorted(_FORMATS)
+
+
+def peft_key(path: str, tensor: str) -> str:
+    """The PEFT state-dict key of ``tensor`` at jpeft module ``path``.
+
+    >>> peft_key("model/layers_0/self_attn/q_proj", "lora_A.weight")
+    'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    """
+    return f"{PEFT_PREFIX}{hf_name(path)}.{tensor}"
+
+
+def split_peft_key(key: str, tensor_names) -> Optional[tuple[str, str]]:
+    """``(module_path, tensor)`` for a PEFT key ending in one of ``tensor_names``, else ``None``."""
+    if not key.startswith(PEFT_PREFIX):
+        return None
+    rest = key[len(PEFT_PREFIX):]
+    for t in sorted(tensor_names, key=len, reverse=True):
+        if rest.endswith("." + t):
+            return from_hf_name(rest[: -len(t) - 1]), t
+    return None
+
+
+def check_keys(adapter_paths, expected_paths, *, unmatched_keys=(), what: str = "adapter") -> None:
+    """Raises :class:`~jpeft.errors.BaseMismatchError` listing the first unmatched names on
+    both sides when ``adapter_paths`` (modules the file adapts) and ``expected_paths``
+    (modules of the base the config targets) differ, or when ``unmatched_keys`` is non-empty."""
+    a, e = set(adapter_paths), set(expected_paths)
+    only_file = sorted({hf_name(p) for p in a - e}) + sorted(unmatched_keys)
+    only_base = sorted(hf_name(p) for p in e - a)
+    if only_file or only_base:
+        raise BaseMismatchError(
+            f"the {what} does not match the base model: {len(only_file)} key(s) of the file have no matching module "
+            f"in the base (first: {only_file[:5]}), and {len(only_base)} targeted module(s) of the base have no "
+            f"weights in the file (first: {only_base[:5]}). Was the adapter trained on another model (or a different "
+            "number of layers)? Load it on the base it was made for."
+        )
+
+
+# -- LoRA ------------------------------------------------------------------------------------
+
+def _to_np(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(jnp.asarray(x, jnp.float32)))
+
+
+def _hf_targets(config: LoraConfig, paths) -> Any:
+    names = [hf_name(p) for p in paths]
+    t = config.target_modules
+    if isinstance(t, str):
+        if all(re.fullmatch(t, n) for n in names):
+            return t
+        return sorted(names)
+    conv = [hf_name(str(x).replace(".", "/")) for x in t]
+    # keep the user's names when Hugging Face's suffix rule selects every site with them
+    if all(any(n == c or n.endswith("." + c) for c in conv) for n in names):
+        return sorted(set(conv))
+    return sorted(names)
+
+
+def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
+    tensors: dict[str, np.ndarray] = {}
+    rank_pattern, alpha_pattern = {}, {}
+    paths = sorted(adapter)
+    for path in paths:
+        node = adapter[path]
+        if not isinstance(node, LoraWeights):
+            raise UnsupportedAdapterError(
+                f"a LoraConfig adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its "
+                "own config (split the adapter dict by method)."
+            )
+        r = node.r
+        alpha = node.scale * (math.sqrt(r) if config.use_rslora else r)
+        name = hf_name(path)
+        if r != config.r:
+            rank_pattern[re.escape(name)] = r
+        if not math.isclose(alpha, config.alpha, rel_tol=1e-6):
+            alpha_pattern[re.escape(name)] = float(alpha)
+        if node.layout.kind == "embed":
+            tensors[peft_key(path, "lora_embedding_A")] = _to_np(node.lora_A).T.copy()
+            tensors[peft_key(path, "lora_embedding_B")] = _to_np(node.lora_B).T.copy()
+        elif node.layout.kind == "dense":
+            tensors[peft_key(path, "lora_A.weight")] = _to_np(node.lora_A).T.copy()
+            tensors[peft_key(path, "lora_B.weight")] = _to_np(node.lora_B).T.copy()
+        else:
+            raise UnsupportedAdapterError(
+                f"site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
+                "nn.Dense and nn.Embed sites (the layers of jpeft.models)."
+            )
+        if node.magnitude is not None:
+            tensors[peft_key(path, "lora_magnitude_vector")] = _to_np(node.magnitude)
+    d = config.to_dict()
+    d.pop("peft_type", None)
+    d.update(
+        target_modules=_hf_targets(config, paths),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        fan_in_fan_out=ctx.fan_in_fan_out,
+        bias="none",
+        modules_to_save=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        lora_bias=False,
+        init_lora_weights=True if config.init in ("default", "random") else config.init,
+    )
+    return d, tensors
+
+
+_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                 "base_layer.weight")
+# adapter_config.json keys that must hold these values (or be absent) for jpeft to load the file
+_LORA_REQUIRE = {
+    "bias": ("none", None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "layers_pattern": (None, []),
+    "exclude_modules": (None, []),
+    "lora_bias": (False, None),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "target_parameters": (None, []),
+    "alora_invocation_tokens": (None, []),
+    "use_qalora": (False, None),
+    "use_bdlora": (False, None),
+}
+
+
+def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
+    bad = {k: d[k] for k, ok in _LORA_REQUIRE.items() if k in d and d[k] not in ok}
+    if bad:
+        raise UnsupportedAdapterError(
+            f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
+            "rsLoRA, DoRA, rank_pattern and alpha_pattern, with bias='none' and no modules_to_save."
+        )
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
+    kept = {k: v for k, v in d.items() if k in hf_keys}
+    init = kept.get("init_lora_weights", True)
+    if not isinstance(init, bool) and init not in ("gaussian", "pissa"):
+        kept["init_lora_weights"] = True  # how the file was initialised does not matter for loading
+    tm = kept.get("target_modules")
+    if tm is None:
+        raise UnsupportedAdapterError(
+            f"the LoRA adapter in {ctx.folder!r} has target_modules=null (PEFT's per-architecture default); "
+            "set target_modules in adapter_config.json explicitly."
+        )
+    try:
+        config = LoraConfig.from_dict(kept)
+    except ConfigError as e:
+        raise LoadError(f"{os.path.join(ctx.folder, CONFIG_FILE)!r}: {e}") from None
+
+    by_site: dict[str, dict[str, np.ndarray]] = {}
+    unmatched = []
+    for k, v in tensors.items():
+        sp = split_peft_key(k, _LORA_TENSORS)
+        if sp is None:
+            unmatched.append(k)
+            continue
+        path, t = sp
+        if t == "base_layer.weight":  # PEFT saves the base embedding next to an embedding LoRA; jpeft keeps params'
+            continue
+        by_site.setdefault(path, {})[t] = v
+    leaves = ctx.leaves
+    candidates = [p for p, own in leaves.items() if "kernel" in own or "embedding" in own]
+    expected = [p for p in candidates if matches(config.target_modules, p)]
+    unknown = [p for p in by_site if p not in leaves]
+    check_keys([p for p in by_site if p in leaves], expected,
+               unmatched_keys=unmatched + [k for p in unknown for k in _keys_of(p, by_site[p])])
+
+    adapter = {}
+    for path in sorted(by_site):
+        t = by_site[path]
+        own = leaves[path]
+        layout = _inject.infer_layout(path, own)
+        if layout.kind == "embed":
+            need = ("lora_embedding_A", "lora_embedding_B")
+        else:
+            need = ("lora_A.weight", "lora_B.weight")
+        miss = [n for n in need if n not in t]
+        if miss:
+            raise BaseMismatchError(
+                f"adapter site {hf_name(path)!r} lacks {miss} (found {sorted(t)}); the base module is a "
+                f"{layout.kind} layer. Was the adapter made for another architecture?"
+            )
+        a = np.asarray(t[need[0]]).T  # [in, r]
+        b = np.asarray(t[need[1]]).T  # [r, out]
+        r_cfg, alpha = config.rank_alpha(path)
+        if a.shape[1] != b.shape[0] or a.shape[1] != r_cfg:
+            raise CheckpointError(
+                f"adapter site {hf_name(path)!r}: lora_A has rank {a.shape[1]}, lora_B rank {b.shape[0]}, "
+                f"adapter_config.json says r={r_cfg}. The files do not belong together."
+            )
+        if (a.shape[0], b.shape[1]) != (layout.in_features, layout.out_features):
+            raise BaseMismatchError(
+                f"adapter site {hf_name(path)!r} maps {a.shape[0]} -> {b.shape[1]} features, but the base module "
+                f"maps {layout.in_features} -> {layout.out_features}. Load the adapter on the base it was made for."
+            )
+        mag = t.get("lora_magnitude_vector")
+        if config.use_dora and mag is None:
+            raise CheckpointError(f"use_dora is set but site {hf_name(path)!r} has no lora_magnitude_vector.")
+        adapter[path] = LoraWeights(
+            jnp.asarray(a, ctx.dtype), jnp.asarray(b, ctx.dtype),
+            None if mag is None or not config.use_dora else jnp.asarray(mag, ctx.dtype),
+            config.scale(r_cfg, alpha), layout, float(config.dropout),
+        )
+    return config, adapter
+
+
+def _keys_of(path, t):
+    return [peft_key(path, n) for n in sorted(t)]
+
+
+register_peft_format(LoraConfig, to_hf=_lora_to_hf, from_hf=_lora_from_hf)
+
+
+# -- save / load -------------------------------------------------------------------------------------
+
+def _default_task_type(paths) -> Optional[str]:
+    if any(p.startswith(("model/", "transformer/")) for p in paths):
+        return "CAUSAL_LM"
+    return None
+
+
+def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, base_model_name_or_path: Optional[str] = None,
+              task_type: Optional[str] = "auto", fan_in_fan_out: Optional[bool] = None) -> None:
+    """Writes ``adapter`` as a Hugging Face PEFT folder (``adapter_config.json`` +
+    ``adapter_model.safetensors``, float32) that ``peft.PeftModel.from_pretrained`` loads on
+    the matching transformers model.
+
+    Args:
+      path: the folder (created; existing adapter files in it are replaced atomically).
+      config: the adapter's method config (e.g. :class:`jpeft.LoraConfig`).
+      adapter: the adapter dict from :func:`jpeft.init` / training, for a jpeft.models base.
+      base_model_name_or_path: recorded in adapter_config.json (where the base lives).
+      task_type: PEFT's task type; ``"auto"`` writes ``"CAUSAL_LM"`` for decoders, ``None`` otherwise.
+      fan_in_fan_out: written for PEFT; ``None`` sets it when the sites are GPT-2 Conv1D layers.
+
+    Raises:
+      UnsupportedAdapterError: a method without a registered format, or sites PEFT cannot express.
+      SaveError: writing failed (the previous files are left intact).
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"save_peft needs the adapter's config (e.g. jpeft.LoraConfig), found {type(config).__name__}.")
+    if not adapter:
+        raise ConfigError("save_peft got an empty adapter; there is nothing to save.")
+    fmt = _FORMATS.get(config.peft_type)
+    if fmt is None:
+        raise UnsupportedAdapterError(
+            f"no Hugging Face PEFT format is registered for peft_type {config.peft_type!r}; supported: "
+            f"{supported_peft_types()}."
+        )
+    paths = sorted(adapter)
+    if fan_in_fan_out is None:
+        conv = [bool(_CONV1D.match(p)) for p in paths]
+        fan_in_fan_out = any(conv)
+    d, tensors = fmt.to_hf(config, adapter, ExportContext(bool(fan_in_fan_out)))
+    d = dict(d)
+    d["peft_type"] = config.peft_type
+    d["base_model_name_or_path"] = base_model_name_or_path
+    # "auto": the format's own choice (prefix/prompt tuning nodes sit at path "") or the decoder guess
+    d["task_type"] = (d.get("task_type") or _default_task_type(paths)) if task_type == "auto" else task_type
+    d.setdefault("inference_mode", True)
+    d.setdefault("revision", None)
+    from safetensors.numpy import save_file
+
+    os.makedirs(path, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".jpeft_save_", dir=path)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    except OSError as e:
+        raise SaveError(f"could not write the adapter to {path!r}: {e}. The previous files are left as they were.") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_peft_config(path: str) -> dict:
+    """The parsed ``adapter_config.json`` of an adapter folder (named errors when absent/bad)."""
+    if not os.path.isdir(path):
+        raise LoadError(f"{path!r} is not a folder; pass the folder holding adapter_config.json.")
+    cpath = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cpath):
+        raise LoadError(f"{path!r} has no adapter_config.json (found {sorted(os.listdir(path))[:10]}); it is not a PEFT adapter folder.")
+    try:
+        with open(cpath) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{cpath!r} is not valid JSON ({e}).") from None
+    if not isinstance(d, dict):
+        raise LoadError(f"{cpath!r} must hold a JSON object, found {type(d).__name__}.")
+    return d
+
+
+def _read_tensors(path: str) -> dict[str, np.ndarray]:
+    wpath = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(wpath):
+        bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+        if bins:
+            raise UnsafeFileError(
+                f"{path!r} holds only pickle weights {bins}; jpeft reads adapter_model.safetensors only (unpickling can "
+                "run code). Re-save with peft: model.save_pretrained(path, safe_serialization=True)."
+            )
+        raise LoadError(f"{path!r} has no {WEIGHTS_FILE}; save the adapter with weights next to adapter_config.json.")
+    from safetensors import safe_open
+
+    try:
+        out = {}
+        with safe_open(wpath, framework="flax") as f:
+            for k in f.keys():
+                out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
+        return out
+    except Exception as e:
+        raise CheckpointError(f"cannot read {wpath!r}: {e}. The file is truncated or corrupted; copy it again.") from None
+
+
+def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
+    """Reads a Hugging Face PEFT adapter folder for a jpeft base.
+
+    Args:
+      path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the base (``{"params": ...}`` or bare) from :func:`jpeft.models.from_pretrained`.
+      dtype: dtype of the adapter arrays.
+
+    Returns:
+      ``(config, adapter)``: ``jpeft.apply(model, params, adapter, ids)`` gives PEFT's output.
+      lora_alpha, use_rslora, rank_pattern, alpha_pattern and DoRA are honoured.
+
+    Raises:
+      LoadError: missing folder/files or malformed config; UnsafeFileError: pickle only.
+      UnsupportedAdapterError: a ``peft_type`` or option jpeft does not support (the
+        supported types are listed).
+      BaseMismatchError: the adapter's keys do not match the base (first unmatched keys on
+        both sides are listed).
+      CheckpointError: a truncated or corrupted weights file.
+    """
+    d = read_peft_config(path)
+    ptype = d.get("peft_type")
+    fmt = _FORMATS.get(ptype)
+    if fmt is None:
+        raise UnsupportedAdapterError(
+            f"adapter type {ptype!r} in {path!r} is not supported by jpeft.hf; supported peft_type values: "
+            f"{supported_peft_types()}."
+        )
+    tensors = _read_tensors(path)
+    inner, _ = unwrap_params(params)
+    ctx = ImportContext(module_leaves(inner), path, dtype)
+    return fmt.from_hf(d, tensors, params, ctx)
+
+
+__all__ = [
+    "save_peft",
+    "load_peft",
+    "register_peft_format",
+    "supported_peft_types",
+    "peft_key",
+    "split_peft_key",
+    "check_keys",
+    "read_peft_config",
+    "ExportContext",
+    "ImportContext",
+    "PEFT_PREFIX",
+]

@@ -1,0 +1,198 @@
+"""jpeft.generate: greedy tokens identical to transformers' generate for every decoder family,
+adapters of any kind through jpeft.apply (checked against cache-free decoding), sampling
+options, EOS, and bad input."""
+
+import dataclasses
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as T  # noqa: E402
+
+import jpeft  # noqa: E402
+from jpeft import models as M  # noqa: E402
+from jpeft.errors import InputValidationError  # noqa: E402
+from jpeft.methods.base import Site  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(family):
+    return M.from_pretrained(T.hf_model(family)[1])
+
+
+@pytest.mark.parametrize("family", T.DECODERS)
+def test_greedy_equals_transformers_generate(family):
+    import torch
+
+    hf, _ = T.hf_model(family)
+    ids, mask = T.batch(family, seed=1)
+    model, params = loaded(family)
+    out = np.asarray(jpeft.generate(model, params, None, jnp.asarray(ids), 20, attention_mask=jnp.asarray(mask)))
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=20,
+                          do_sample=False, pad_token_id=0).numpy()
+    assert out.shape == (3, 28)
+    np.testing.assert_array_equal(out, ref)
+    assert len(set(out[:, 8:].ravel().tolist())) > 3  # not a degenerate repetition
+
+
+def _naive_greedy(model, params, adapter, ids, mask, n):
+    """Reference without a cache: the whole (fixed-length, causally masked) buffer is re-run
+    for every new token; positions after the current one cannot influence it."""
+    b, s = ids.shape
+    buf = np.concatenate([np.asarray(ids), np.zeros((b, n), np.asarray(ids).dtype)], axis=1)
+    m = np.concatenate([np.asarray(mask), np.zeros((b, n), np.asarray(mask).dtype)], axis=1)
+    fwd = jax.jit(lambda p, a, i, mm: jpeft.apply(model, p, a, i, attention_mask=mm))
+    for t in range(n):
+        logits = fwd(params, adapter, jnp.asarray(buf), jnp.asarray(m))
+        buf[:, s + t] = np.asarray(jnp.argmax(logits[:, s + t - 1], axis=-1))
+        m[:, s + t] = 1
+    return buf
+
+
+def test_lora_adapter_equals_merged_and_cache_free_decoding():
+    model, params = loaded("llama3")
+    ids, mask = T.batch("llama3", seed=2)
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init="random")
+    adapter = jpeft.init(cfg, params, jax.random.key(3))
+    out = np.asarray(jpeft.generate(model, params, adapter, ids, 8, attention_mask=mask))
+    merged = np.asarray(jpeft.generate(model, jpeft.merge(params, adapter), None, ids, 8, attention_mask=mask))
+    base = np.asarray(jpeft.generate(model, params, None, ids, 8, attention_mask=mask))
+    np.testing.assert_array_equal(out, merged)
+    np.testing.assert_array_equal(out, _naive_greedy(model, params, adapter, ids, mask, 8))
+    assert not np.array_equal(out, base)
+    # deterministic and compiled once per shape
+    again = np.asarray(jpeft.generate(model, params, adapter, ids, 8, attention_mask=mask))
+    np.testing.assert_array_equal(out, again)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _PrefixNode(Site):
+    """A prefix node written the way another method would: it injects ``prefix_kv`` into the
+    attention module's call."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def intercept(self, call):
+        kw = dict(call.kwargs)
+        kw["prefix_kv"] = (self.k, self.v)
+        return call.next_fun(*call.args, **kw)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _RowBias(Site):
+    """A per-example routed node: row ``i`` of the batch gets its own output bias."""
+
+    bias: jax.Array  # [batch, out]
+
+    def intercept(self, call):
+        y = call.run()
+        return y + self.bias[:, None, :].astype(y.dtype)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_any_adapter_node_goes_through_jpeft_apply(family):
+    model, params = loaded(family)
+    c = model.config
+    ids, mask = T.batch(family, seed=3)
+    key = jax.random.key(0)
+    attn = "self_attn" if family == "qwen2" else "attn"
+    stack = "model/layers" if family == "qwen2" else "transformer/h"
+    adapter = {
+        f"{stack}_{i}/{attn}": _PrefixNode(
+            jax.random.normal(jax.random.fold_in(key, i), (1, 3, c.num_kv_heads, c.head_dim)),
+            jax.random.normal(jax.random.fold_in(key, 10 + i), (1, 3, c.num_kv_heads, c.head_dim)),
+        )
+        for i in range(c.num_layers)
+    }
+    out_mod = f"{stack}_1/mlp/down_proj" if family == "qwen2" else "transformer/h_1/mlp/c_proj"
+    adapter[out_mod] = _RowBias(jax.random.normal(key, (3, c.hidden_size)))
+    out = np.asarray(jpeft.generate(model, params, adapter, ids, 6, attention_mask=mask))
+    np.testing.assert_array_equal(out, _naive_greedy(model, params, adapter, ids, mask, 6))
+    assert not np.array_equal(out, np.asarray(jpeft.generate(model, params, None, ids, 6, attention_mask=mask)))
+
+
+def test_left_and_right_padding_give_the_same_tokens():
+    model, params = loaded("llama2")
+    ids, mask = T.batch("llama2", seed=4)
+    left = np.asarray(jpeft.generate(model, params, None, ids, 5, attention_mask=mask))
+    right_ids = np.stack([np.roll(r, -int((m == 0).sum())) for r, m in zip(ids, mask)])
+    right_mask = np.stack([np.roll(m, -int((m == 0).sum())) for m in mask])
+    right = np.asarray(jpeft.generate(model, params, None, right_ids, 5, attention_mask=right_mask))
+    np.testing.assert_array_equal(left[:, 8:], right[:, 8:])
+
+
+def test_sampling_options():
+    model, params = loaded("gpt2")
+    ids, mask = T.batch("gpt2", seed=5)
+    greedy = np.asarray(jpeft.generate(model, params, None, ids, 6, attention_mask=mask))
+    k = jax.random.key(7)
+    top1 = jpeft.generate(model, params, None, ids, 6, attention_mask=mask, temperature=1.0, top_k=1, key=k)
+    tiny_p = jpeft.generate(model, params, None, ids, 6, attention_mask=mask, temperature=0.7, top_p=1e-6, key=k)
+    np.testing.assert_array_equal(np.asarray(top1), greedy)
+    np.testing.assert_array_equal(np.asarray(tiny_p), greedy)
+    s1 = np.asarray(jpeft.generate(model, params, None, ids, 6, attention_mask=mask, temperature=2.0, key=k))
+    s2 = np.asarray(jpeft.generate(model, params, None, ids, 6, attention_mask=mask, temperature=2.0, key=k))
+    s3 = np.asarray(jpeft.generate(model, params, None, ids, 6, attention_mask=mask, temperature=2.0,
+                                   key=jax.random.key(8)))
+    np.testing.assert_array_equal(s1, s2)
+    assert not np.array_equal(s1, s3) and not np.array_equal(s1, greedy)
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    from jpeft.generate import _sample
+
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    keys = jax.random.key(0)
+    k2 = np.asarray(_sample(logits, keys, jnp.float32(1.0), 2, jnp.float32(1.0), False))
+    assert set(k2.tolist()) == {0, 1}
+    p = np.asarray(_sample(logits, keys, jnp.float32(1.0), 0, jnp.float32(0.7), False))
+    assert set(p.tolist()) == {0, 1}  # 0.5 < 0.7 so token 1 is needed, token 2 is not
+    assert abs((p == 0).mean() - 0.5 / 0.8) < 0.04
+    full = np.asarray(_sample(logits, keys, jnp.float32(1.0), 0, jnp.float32(1.0), False))
+    np.testing.assert_allclose(np.bincount(full, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
+
+
+def test_eos_pads_the_rest_of_the_row():
+    model, params = loaded("mistral")
+    ids, mask = T.batch("mistral", seed=6)
+    free = np.asarray(jpeft.generate(model, params, None, ids, 10, attention_mask=mask))
+    eos = int(free[0, 8 + 2])
+    out = np.asarray(jpeft.generate(model, params, None, ids, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=99))
+    for row_free, row in zip(free[:, 8:], out[:, 8:]):
+        hits = np.flatnonzero(row_free == eos)
+        if hits.size:
+            n = hits[0]
+            np.testing.assert_array_equal(row[: n + 1], row_free[: n + 1])
+            assert (row[n + 1:] == 99).all()
+        else:
+            np.testing.assert_array_equal(row, row_free)
+
+
+def test_bad_input():
+    model, params = loaded("gpt2")
+    ids = jnp.ones((2, 4), jnp.int32)
+    with pytest.raises(InputValidationError, match=r"input_ids must be an int array \[batch, prompt_len\]"):
+        jpeft.generate(model, params, None, ids[0], 3)
+    with pytest.raises(InputValidationError, match="max_new_tokens must be a positive int"):
+        jpeft.generate(model, params, None, ids, 0)
+    with pytest.raises(InputValidationError, match="needs key=jax.random.key"):
+        jpeft.generate(model, params, None, ids, 3, temperature=0.8)
+    with pytest.raises(InputValidationError, match="top_p must be in"):
+        jpeft.generate(model, params, None, ids, 3, top_p=0.0)
+    with pytest.raises(InputValidationError, match="attention_mask must have input_ids' shape"):
+        jpeft.generate(model, params, None, ids, 3, attention_mask=jnp.ones((2, 3)))
+    with pytest.raises(InputValidationError, match="all zeros"):
+        jpeft.generate(model, params, None, ids, 3, attention_mask=jnp.zeros((2, 4)))
+    with pytest.raises(InputValidationError, match="exceeds GPT-2's 64 learned positions"):
+        jpeft.generate(model, params, None, ids, 61)
