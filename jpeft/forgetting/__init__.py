@@ -1,0 +1,87 @@
+"""Catastrophic forgetting: measure it, prevent it, and compare methods on real data.
+
+* :mod:`jpeft.forgetting.metrics`: average accuracy, backward/forward transfer, forgetting
+  (Chaudhry et al. 2018), retention over a score matrix ``R[i, j]``; language-model loss
+  drift and per-token KL from the base model.
+* :mod:`jpeft.forgetting.regularizers`: EWC and online EWC with a selectable Fisher
+  estimator, L2-SP on effective weights, LwF-style distillation.
+* :mod:`jpeft.forgetting.replay`: a reservoir buffer and batch mixing, as pure functions.
+* :class:`FullFinetuneConfig`: full fine-tuning as a jpeft method, so it goes through the same
+  ``jpeft.init`` / ``jpeft.apply`` / ``jpeft.make_train_step`` code as every adapter.
+* :func:`run` (:mod:`jpeft.forgetting.experiment`): trains a list of methods over a sequence
+  of tasks for several seeds and writes the score matrices, metrics, a CSV, a markdown table
+  and plots. Built-in benchmarks: Split-Digits (task- and class-incremental;
+  :mod:`jpeft.forgetting.digits`) and code-to-prose language adaptation
+  (:mod:`jpeft.forgetting.language`).
+
+Command line: ``python -m jpeft.forgetting --help`` (also ``jpeft forgetting``).
+"""
+
+from jpeft.forgetting import metrics, regularizers, replay
+from jpeft.forgetting.full import FullFinetuneConfig, FullParams
+from jpeft.forgetting.metrics import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+    loss_drift,
+    mean_token_kl,
+    retention_ratio,
+)
+from jpeft.forgetting.regularizers import (
+    EWCState,
+    distillation_kl,
+    ewc_consolidate,
+    ewc_init,
+    ewc_penalty,
+    fisher_diagonal,
+    l2sp_penalty,
+)
+from jpeft.forgetting.replay import ReservoirBuffer, mix_batch, reservoir_add, reservoir_init, reservoir_sample
+
+
+def run(*args, **kwargs):
+    """Runs a forgetting experiment; see :func:`jpeft.forgetting.experiment.run`."""
+    from jpeft.forgetting import experiment
+
+    return experiment.run(*args, **kwargs)
+
+
+def __getattr__(name):  # lazy: the runner pulls in matplotlib and the benchmarks
+    if name in ("experiment", "digits", "language", "cli", "MethodSpec"):
+        import importlib
+
+        if name == "MethodSpec":
+            return importlib.import_module("jpeft.forgetting.experiment").MethodSpec
+        return importlib.import_module(f"jpeft.forgetting.{name}")
+    raise AttributeError(f"module 'jpeft.forgetting' has no attribute {name!r}")
+
+
+__all__ = [
+    "metrics",
+    "regularizers",
+    "replay",
+    "run",
+    "MethodSpec",
+    "FullFinetuneConfig",
+    "FullParams",
+    "average_accuracy",
+    "backward_transfer",
+    "forward_transfer",
+    "forgetting",
+    "retention_ratio",
+    "loss_drift",
+    "mean_token_kl",
+    "fisher_diagonal",
+    "EWCState",
+    "ewc_init",
+    "ewc_consolidate",
+    "ewc_penalty",
+    "l2sp_penalty",
+    "distillation_kl",
+    "ReservoirBuffer",
+    "reservoir_init",
+    "reservoir_add",
+    "reservoir_sample",
+    "mix_batch",
+]

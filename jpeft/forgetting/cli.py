@@ -1,0 +1,149 @@
+"""Command line of the forgetting experiments: ``python -m jpeft.forgetting`` (also
+``jpeft forgetting -- ...``).
+
+:func:`build_parser` / :func:`add_parser` build the argparse parser (standalone or as a
+subcommand), :func:`run_from_args` runs parsed arguments and :func:`main` does both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Optional, Sequence
+
+from jpeft.errors import ConfigError
+
+DESCRIPTION = """\
+Measure catastrophic forgetting: train a list of methods over a sequence of tasks for several
+seeds and write the score matrices (scores.json), per-seed metrics (metrics.csv), a markdown
+table of mean ± std (results.md) and two plots (learning vs forgetting; score-matrix heat maps).
+
+Benchmarks (data ships with the installed software, nothing is downloaded):
+  split-digits-task   sklearn digits as 5 two-class tasks, task identity given (multi-head)
+  split-digits-class  the same, class-incremental (choose among every class seen so far)
+  language            byte-level Llama pretrained on Python stdlib code (task A, cached on
+                      disk), then adapted to English prose from pydoc_data.topics (task B);
+                      forgetting = rise of held-out code loss, learning = fall of prose loss
+"""
+
+EPILOG = """\
+examples:
+  python -m jpeft.forgetting split-digits-task --list-methods
+  python -m jpeft.forgetting split-digits-task --seeds 0 1 2 --out runs/digits-task
+  python -m jpeft.forgetting split-digits-class --seeds 0 1 2 --methods naive,replay,lwf
+  python -m jpeft.forgetting language --seeds 0 1 2 --out runs/language
+  python -m jpeft.forgetting language --methods full,lora-r16 --steps 20 --pretrain-steps 50 \\
+      --cache-dir /tmp/jpeft-cache --no-plots          # a quick smoke run
+
+Method names are matched case-insensitively ignoring spaces and punctuation ("online-ewc"
+selects "online EWC"). Seeds change initialisation (digits) and batch order; the pretrained
+language model is trained once (its own fixed seed) and cached, so every seed adapts the same base.
+"""
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from jpeft.forgetting.experiment import BENCHMARKS
+
+    p.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one full run each (default: 0 1 2)")
+    p.add_argument("--methods", default=None, help="comma-separated method names (default: all of the benchmark's)")
+    p.add_argument("--list-methods", action="store_true", help="print the benchmark's methods and exit")
+    p.add_argument("--steps", type=int, default=None, help="training steps per task (default: digits 300, language 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (digits 32; language 16)")
+    p.add_argument("--out", default=None, help="output folder (default: forgetting_results/<benchmark>)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g = p.add_argument_group("language benchmark")
+    g.add_argument("--pretrain-steps", type=int, default=None, help="steps of code pretraining when not cached (default 1500)")
+    g.add_argument("--cache-dir", default=None, help="where the pretrained code model is cached (default $JPEFT_CACHE or ~/.cache/jpeft)")
+    g.add_argument("--seq-len", type=int, default=None, help="bytes per training sequence (default 64)")
+    g.add_argument("--model-size", dest="size", choices=("micro", "tiny", "small", "base"), default=None,
+                   help="byte-level Llama size: micro ~0.03M, tiny ~0.13M (default), small ~0.9M, base ~5M parameters")
+    return p
+
+
+def build_parser(prog: str = "python -m jpeft.forgetting") -> argparse.ArgumentParser:
+    """The standalone parser (``python -m jpeft.forgetting``)."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _configure(p)
+
+
+def add_parser(subparsers, name: str = "forgetting") -> argparse.ArgumentParser:
+    """Adds the runner as a subcommand to an ``argparse`` subparsers object; run the parsed
+    namespace with :func:`run_from_args`."""
+    p = subparsers.add_parser(name, help="run the catastrophic-forgetting benchmarks", description=DESCRIPTION,
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _configure(p)
+
+
+def benchmark_from_args(args):
+    from jpeft.forgetting.experiment import get_benchmark
+
+    kw = {}
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, found {args.steps}.")
+        kw["steps_per_task"] = args.steps
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, found {args.batch_size}.")
+        kw["batch_size"] = args.batch_size
+    lang = {k: getattr(args, k) for k in ("pretrain_steps", "cache_dir", "seq_len", "size") if getattr(args, k) is not None}
+    if lang and args.benchmark != "language":
+        raise ConfigError(f"--{', --'.join(k.replace('_', '-') for k in lang)} only apply to the language benchmark.")
+    kw.update(lang)
+    return get_benchmark(args.benchmark, **kw)
+
+
+def select_methods(bench, names: Optional[str]):
+    methods = bench.default_methods()
+    if not names:
+        return methods
+    by = {_slug(m.name): m for m in methods}
+    out = []
+    for n in names.split(","):
+        n = n.strip()
+        if not n:
+            continue
+        m = by.get(_slug(n))
+        if m is None:
+            raise ConfigError(f"unknown method {n!r} for {bench.name}; available: {', '.join(m.name for m in methods)}.")
+        out.append(m)
+    return out
+
+
+def run_from_args(args) -> int:
+    from jpeft.forgetting import experiment
+
+    bench = benchmark_from_args(args)
+    methods = select_methods(bench, args.methods)
+    if args.list_methods:
+        for m in bench.default_methods():
+            print(f"{m.name:>20s}  {m.describe()}")
+        unavailable = getattr(bench, "unavailable_methods", lambda: {})()
+        for n, why in unavailable.items():
+            print(f"{n:>20s}  (not available: {why})")
+        return 0
+    out = args.out or f"forgetting_results/{bench.name}"
+    experiment.run(bench, methods, seeds=args.seeds, out_dir=out, progress=not args.no_progress, plots=not args.no_plots)
+    print(f"wrote {out}/scores.json, metrics.csv, results.md" + ("" if args.no_plots else " and the PNG plots"))
+    print(open(f"{out}/results.md").read())
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parses ``argv`` (default ``sys.argv[1:]``) and runs. Returns the exit status; a
+    :class:`~jpeft.errors.JpeftError` is printed as one line and gives status 2."""
+    from jpeft.errors import JpeftError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run_from_args(args)
+    except JpeftError as e:
+        print(f"error: {e}")
+        return 2

@@ -1,0 +1,584 @@
+"""The forgetting experiment runner: a list of methods x a sequence of tasks x several seeds.
+
+:func:`run` trains every :class:`MethodSpec` over the tasks of a :class:`Benchmark`, one seed
+at a time, through the same code path for all of them (``jpeft.init`` / ``jpeft.apply`` /
+``jpeft.make_train_step``; full fine-tuning is :class:`~jpeft.forgetting.FullFinetuneConfig`),
+measures the score matrix ``R[i, j]`` (task ``j`` after training through task ``i``) and
+writes into ``out_dir``:
+
+* ``scores.json``: every score matrix, baseline row, metrics and timings, per method and seed;
+* ``metrics.csv``: one row per (method, seed) with ``acc, bwt, forgetting, retention, fwt,
+  learning`` and the benchmark's extra metrics;
+* ``results.md``: a markdown table of mean +- sample standard deviation over the seeds;
+* ``forgetting_<bench>_tradeoff.png``: learning against forgetting, one point per method
+  (mean, with error bars over seeds);
+* ``forgetting_<bench>_matrices.png``: the mean score matrix of every method as a heat map.
+
+Regularizers and replay compose with any method (:class:`MethodSpec` fields ``ewc``,
+``ewc_gamma``, ``l2sp``, ``distill``, ``replay``); their state (EWC memory, start point,
+teacher) rides in the batch, so each method's step is compiled once.
+
+Benchmarks (see :func:`get_benchmark`): ``split-digits-task``, ``split-digits-class``
+(:mod:`jpeft.forgetting.digits`) and ``language`` (:mod:`jpeft.forgetting.language`).
+
+>>> from jpeft.forgetting import experiment
+>>> sorted(experiment.BENCHMARKS)
+['language', 'split-digits-class', 'split-digits-task']
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jpeft
+from jpeft.config import AdapterConfig
+from jpeft.errors import ConfigError
+from jpeft.forgetting import metrics as M
+from jpeft.forgetting import regularizers as R
+from jpeft.forgetting import replay as RP
+from jpeft.forgetting.full import FullFinetuneConfig
+
+__all__ = ["MethodSpec", "Benchmark", "BENCHMARKS", "get_benchmark", "run", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """One method of a comparison: an adapter config plus optional forgetting countermeasures.
+
+    Args:
+      name: label in tables and plots.
+      config: any jpeft method config; :class:`~jpeft.forgetting.FullFinetuneConfig` for full
+        fine-tuning (the default).
+      lr: Adam learning rate.
+      ewc: EWC strength ``lambda`` (0: off).
+      ewc_gamma: ``None``: original EWC (one penalty term per task); a float: online EWC with
+        this decay (Schwarz et al. 2018).
+      fisher: Fisher estimator for EWC (``"exact"``, ``"sampled"``, ``"empirical"``,
+        ``"batched"``); ``None``: the benchmark's default.
+      fisher_examples: examples of each finished task used to estimate the Fisher.
+      replay: share of each batch replaced by examples of earlier tasks (0: off).
+      replay_capacity: size of the reservoir buffer.
+      distill: weight of the LwF distillation term (KL to the predictions of the model as it
+        was when the current task started; 0: off).
+      temperature: distillation temperature.
+      l2sp: L2-SP strength (distance of the effective weights to the start of each task).
+      per_task_adapter: task-incremental PEFT: the network is fully trained on the first task
+        and then frozen; every later task gets a fresh adapter of ``config``, chosen at test
+        time by the task's identity (so nothing learned earlier can be overwritten).
+
+    >>> MethodSpec("lora r=8", jpeft.LoraConfig(r=8, target_modules=".*"), lr=3e-3).name
+    'lora r=8'
+    """
+
+    name: str
+    config: AdapterConfig = FullFinetuneConfig()
+    lr: float = 1e-3
+    ewc: float = 0.0
+    ewc_gamma: Optional[float] = None
+    fisher: Optional[str] = None
+    fisher_examples: int = 256
+    replay: float = 0.0
+    replay_capacity: int = 200
+    distill: float = 0.0
+    temperature: float = 2.0
+    l2sp: float = 0.0
+    per_task_adapter: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.config, AdapterConfig):
+            raise ConfigError(f"MethodSpec {self.name!r}: config must be a jpeft method config, found {type(self.config).__name__}.")
+        for f in ("lr",):
+            if not getattr(self, f) > 0:
+                raise ConfigError(f"MethodSpec {self.name!r}: {f} must be > 0, found {getattr(self, f)}.")
+        for f in ("ewc", "distill", "l2sp"):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"MethodSpec {self.name!r}: {f} must be >= 0, found {getattr(self, f)}.")
+        if not 0.0 <= self.replay < 1.0:
+            raise ConfigError(f"MethodSpec {self.name!r}: replay must be in [0, 1), found {self.replay}.")
+        if self.fisher is not None and self.fisher not in R.FISHER_ESTIMATORS:
+            raise ConfigError(f"MethodSpec {self.name!r}: fisher must be one of {R.FISHER_ESTIMATORS}, found {self.fisher!r}.")
+
+    def describe(self) -> str:
+        cfg = self.config
+        kind = type(cfg).__name__.replace("Config", "")
+        if isinstance(cfg, jpeft.LoraConfig):
+            kind = f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.alpha:g}"
+        parts = [kind]
+        if self.ewc:
+            parts.append(f"{'online ' if self.ewc_gamma is not None else ''}EWC lambda={self.ewc:g}"
+                         + (f" gamma={self.ewc_gamma:g}" if self.ewc_gamma is not None else ""))
+        if self.replay:
+            parts.append(f"replay {self.replay:g} of batch, buffer {self.replay_capacity}")
+        if self.distill:
+            parts.append(f"distill w={self.distill:g} T={self.temperature:g}")
+        if self.l2sp:
+            parts.append(f"L2-SP {self.l2sp:g}")
+        if self.per_task_adapter:
+            parts.append("one adapter per task")
+        return ", ".join(parts) + f", lr={self.lr:g}"
+
+
+class Benchmark:
+    """A sequence of tasks and how to train and score a model on them. Subclasses set the
+    attributes and implement the methods below (see :mod:`jpeft.forgetting.digits` for a
+    complete example).
+
+    Attributes:
+      name: short name (file names use it).
+      task_names: one name per task.
+      score_name: what ``R`` holds (``"accuracy"``, ``"loss"``).
+      higher_is_better: ``False`` for losses.
+      pretrained_tasks: leading tasks the base parameters have already learned (the
+        language benchmark's code task); they are evaluated, not trained.
+      steps_per_task, batch_size: training length.
+      fisher_estimator: default EWC Fisher estimator.
+      learning_name: what :meth:`learning` measures (axis label).
+    """
+
+    name: str = "benchmark"
+    task_names: tuple = ()
+    score_name: str = "score"
+    higher_is_better: bool = True
+    pretrained_tasks: int = 0
+    steps_per_task: int = 100
+    batch_size: int = 32
+    fisher_estimator: str = "exact"
+    learning_name: str = "learning"
+
+    model: Any = None
+
+    def example_input(self):
+        """An example model input (for ``jpeft.init`` to trace the model)."""
+        raise NotImplementedError
+
+    def base_params(self, seed: int):
+        raise NotImplementedError
+
+    def train_set(self, t: int) -> dict:
+        """Training examples of task ``t``: a dict of numpy arrays with a leading axis."""
+        raise NotImplementedError
+
+    def forward(self, params, adapter, data):
+        """Raw model outputs (logits) on a batch."""
+        return jpeft.apply(self.model, params, adapter, data["x"])
+
+    def loss(self, logits, data, t):
+        raise NotImplementedError
+
+    def distill(self, student, teacher, data, t, temperature):
+        raise NotImplementedError
+
+    def fisher_data(self, t: int, n: int):
+        """``(output_fn, inputs, labels, mask)`` for the Fisher of task ``t`` (``n`` examples)."""
+        raise NotImplementedError
+
+    def evaluate(self, params, adapter, j: int, step: int) -> float:
+        """Score on task ``j`` after training step ``step`` (``adapter`` may be ``None``)."""
+        raise NotImplementedError
+
+    def learning(self, Rm: np.ndarray, baseline: np.ndarray) -> float:
+        """How much was learned (higher = more), for the learning-vs-forgetting plot."""
+        return float(np.mean(np.diag(Rm)[self.pretrained_tasks:]))
+
+    def extra_metrics(self, params, adapter) -> dict:
+        """Benchmark-specific metrics of the final model (e.g. KL from the base)."""
+        return {}
+
+    def default_methods(self) -> list:
+        raise NotImplementedError
+
+
+BENCHMARKS = {
+    "split-digits-task": ("jpeft.forgetting.digits", "SplitDigits", {"scenario": "task"}),
+    "split-digits-class": ("jpeft.forgetting.digits", "SplitDigits", {"scenario": "class"}),
+    "language": ("jpeft.forgetting.language", "CodeToProse", {}),
+}
+
+
+def get_benchmark(name: str, **kwargs) -> Benchmark:
+    """A built-in benchmark by name (``split-digits-task``, ``split-digits-class``, ``language``);
+    ``kwargs`` go to its constructor."""
+    import importlib
+
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r}; built in: {sorted(BENCHMARKS)}.")
+    mod, cls, kw = BENCHMARKS[name]
+    return getattr(importlib.import_module(mod), cls)(**{**kw, **kwargs})
+
+
+# -- one (method, seed) ---------------------------------------------------------------------------
+
+
+def _make_loss(bench: Benchmark, spec: MethodSpec):
+    def loss_fn(params, adapter, batch, key):
+        data, t = batch["data"], batch["t"]
+        out = bench.forward(params, adapter, data)
+        task = bench.loss(out, data, t)
+        loss = task
+        aux = {"task_loss": task}
+        if spec.ewc:
+            pen = R.ewc_penalty(batch["ewc"], adapter, strength=spec.ewc)
+            loss = loss + pen
+            aux["ewc"] = pen
+        if spec.l2sp:
+            pen = R.l2sp_penalty(params, adapter, batch["start"], strength=spec.l2sp)
+            loss = loss + pen
+            aux["l2sp"] = pen
+        if spec.distill:
+            teacher = jax.lax.stop_gradient(bench.forward(params, batch["teacher"], data))
+            d = bench.distill(out, teacher, data, t, spec.temperature)
+            loss = loss + spec.distill * d
+            aux["distill"] = d
+        return loss, aux
+
+    return loss_fn
+
+
+def _snapshot(tree):
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log: Callable = print) -> dict:
+    """Trains ``spec`` over the tasks of ``bench`` with one seed. Returns
+    ``{"R", "baseline", "metrics", "extra", "trainable", "seconds"}``."""
+    T = len(bench.task_names)
+    key = jax.random.key(seed)
+    params = bench.base_params(seed)
+    model_args = bench.example_input()
+    opt = optax.adam(spec.lr)
+    rng = np.random.default_rng(seed)
+
+    def new_adapter(cfg, k, p):
+        return jpeft.init(cfg, p, k, bench.model, *model_args)
+
+    key, k0 = jax.random.split(key)
+    if spec.per_task_adapter:
+        adapters = [None] * T
+        adapter = None
+    else:
+        adapter = new_adapter(spec.config, k0, params)
+    cur = lambda j: adapters[j] if spec.per_task_adapter else adapter
+
+    # baseline: each task before any training on it
+    # (for a benchmark whose first tasks are pretrained, the base model's scores: FWT is then not reported)
+    pre = spec.per_task_adapter or bench.pretrained_tasks > 0
+    baseline = np.array([bench.evaluate(params, None if pre else adapter, j, j) for j in range(T)])
+    Rm = np.full((T, T), np.nan)
+    loss_fn = _make_loss(bench, spec)
+    # compiled steps are kept on the benchmark, per (method, adapter structure), so the seeds
+    # after the first reuse them
+    steps_cache = bench.__dict__.setdefault("_step_cache", {})
+    ewc_state = R.ewc_init()
+    buf = None
+    estimator = spec.fisher or bench.fisher_estimator
+    trainable = 0
+    t0 = time.perf_counter()
+
+    def after_task(t, p, a):
+        nonlocal ewc_state, buf
+        if spec.ewc:
+            out_fn, inputs, labels, mask = bench.fisher_data(t, spec.fisher_examples)
+            F = R.fisher_diagonal(out_fn, p, a, inputs, labels, mask=mask, estimator=estimator,
+                                  key=jax.random.fold_in(jax.random.key(seed), 1000 + t), batch_size=16)
+            ewc_state = R.ewc_consolidate(ewc_state, a, F, gamma=spec.ewc_gamma)
+        if spec.replay:
+            data = bench.train_set(t)
+            n = len(next(iter(data.values())))
+            order = rng.permutation(n)
+            data = {k: jnp.asarray(v[order]) for k, v in data.items()}
+            if buf is None:
+                buf = RP.reservoir_init({k: v[0] for k, v in data.items()}, spec.replay_capacity)
+            buf = RP.reservoir_add(buf, data, jax.random.fold_in(jax.random.key(seed), 2000 + t))
+
+    for t in range(T):
+        if t < bench.pretrained_tasks:
+            after_task(t, params, adapter)
+            Rm[t] = [bench.evaluate(params, None, j, t) for j in range(T)]
+            continue
+        if spec.per_task_adapter:
+            key, kt = jax.random.split(key)
+            cfg = FullFinetuneConfig() if t == 0 else spec.config
+            a = new_adapter(cfg, kt, params)
+        else:
+            a = adapter
+        trainable = jpeft.summary(params, a, print_fn=None)["trainable"]  # per-task adapters: the last one's size
+        sig = (spec, jax.tree.structure(a))
+        if sig not in steps_cache:
+            steps_cache[sig] = jpeft.make_train_step(loss_fn, opt, donate=False)
+        step = steps_cache[sig]
+        opt_state = opt.init(a)
+        extra = {"t": jnp.asarray(t, jnp.int32)}
+        if spec.ewc:
+            extra["ewc"] = ewc_state
+        if spec.l2sp:
+            extra["start"] = _snapshot(a)
+        if spec.distill:
+            extra["teacher"] = _snapshot(a)
+        data_t = bench.train_set(t)
+        n = len(next(iter(data_t.values())))
+        for s in range(bench.steps_per_task):
+            idx = rng.integers(0, n, bench.batch_size)
+            batch = {k: jnp.asarray(v[idx]) for k, v in data_t.items()}
+            key, km, ks = jax.random.split(key, 3)
+            if spec.replay and buf is not None:
+                batch = RP.mix_batch(batch, buf, spec.replay, km)
+            a, opt_state, m = step(params, a, opt_state, {"data": batch, **extra}, ks)
+            if progress is not None:
+                progress.update(1)
+                if s % 20 == 0:
+                    progress.set_postfix(method=spec.name, seed=seed, task=t, loss=f"{float(m['task_loss']):.3f}", refresh=False)
+        if spec.per_task_adapter and t == 0:
+            params = jpeft.merge(params, a)  # the shared network, frozen from now on
+            adapters[0] = None
+        elif spec.per_task_adapter:
+            adapters[t] = a
+        else:
+            adapter = a
+        if not spec.per_task_adapter:
+            after_task(t, params, adapter)
+        Rm[t] = [bench.evaluate(params, cur(j), j, t) for j in range(T)]
+    seconds = time.perf_counter() - t0
+    final_adapter = adapter if not spec.per_task_adapter else adapters[-1]
+    extra_m = bench.extra_metrics(params, final_adapter)
+    hib = bench.higher_is_better
+    met = M.summarize(Rm, baseline if bench.pretrained_tasks == 0 else None, higher_is_better=hib)
+    met["learning"] = bench.learning(Rm, baseline)
+    return {"R": Rm.tolist(), "baseline": baseline.tolist(), "metrics": met, "extra": extra_m,
+            "trainable": int(trainable), "seconds": seconds}
+
+
+# -- the whole experiment ----------------------------------------------------------------------------
+
+
+def _mean_std(xs):
+    xs = np.asarray([x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=np.float64)
+    if xs.size == 0:
+        return float("nan"), float("nan")
+    return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else 0.0
+
+
+def run(
+    benchmark: Benchmark | str,
+    methods: Optional[Sequence[MethodSpec]] = None,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    out_dir: str | os.PathLike = "forgetting_results",
+    progress: bool = True,
+    plots: bool = True,
+    log: Callable = print,
+) -> dict:
+    """Trains every method over the benchmark's tasks for every seed and writes the artifacts.
+
+    Args:
+      benchmark: a :class:`Benchmark` or a built-in name (:data:`BENCHMARKS`).
+      methods: the :class:`MethodSpec` list (default: the benchmark's own list).
+      seeds: one full run per seed; tables report mean and sample std over them.
+      out_dir: where ``scores.json``, ``metrics.csv``, ``results.md`` and the PNGs go.
+      progress: show a tqdm progress bar over all training steps.
+      plots: write the PNG plots (matplotlib, Agg backend).
+      log: where to print one line per finished (method, seed).
+
+    Returns:
+      The dict written to ``scores.json``.
+    """
+    bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
+    methods = list(methods) if methods is not None else bench.default_methods()
+    if not methods:
+        raise ConfigError("run() needs at least one method.")
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method names must be unique, found {names}.")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("run() needs at least one seed.")
+    os.makedirs(out_dir, exist_ok=True)
+    T = len(bench.task_names)
+    trained = T - bench.pretrained_tasks
+    total = len(seeds) * len(methods) * trained * bench.steps_per_task
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"forgetting:{bench.name}", unit="step", dynamic_ncols=True)
+    results = {
+        "benchmark": bench.name,
+        "tasks": list(bench.task_names),
+        "score": bench.score_name,
+        "higher_is_better": bench.higher_is_better,
+        "learning": bench.learning_name,
+        "steps_per_task": bench.steps_per_task,
+        "batch_size": bench.batch_size,
+        "seeds": seeds,
+        "methods": {},
+    }
+    for spec in methods:
+        results["methods"][spec.name] = {"description": spec.describe(), "seeds": {}}
+    try:
+        for seed in seeds:
+            for spec in methods:
+                r = run_one(bench, spec, seed, progress=bar, log=log)
+                results["methods"][spec.name]["seeds"][str(seed)] = r
+                msg = (f"[{bench.name}] {spec.name:>18s} seed {seed}: "
+                       + " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
+                       + f" ({r['seconds']:.1f}s)")
+                if bar is not None:
+                    bar.write(msg)
+                elif log is not None:
+                    log(msg)
+                _write(results, out_dir, bench, plots=False)  # partial results survive an interrupt
+    finally:
+        if bar is not None:
+            bar.close()
+    _write(results, out_dir, bench, plots=plots)
+    return results
+
+
+_COLS = ("acc", "bwt", "forgetting", "retention", "fwt", "learning")
+
+
+def _rows(results):
+    for name, m in results["methods"].items():
+        for seed, r in m["seeds"].items():
+            row = {"method": name, "seed": int(seed)}
+            row.update({k: r["metrics"].get(k, float("nan")) for k in _COLS})
+            row.update(r.get("extra", {}))
+            row["trainable_params"] = r["trainable"]
+            row["train_seconds"] = r["seconds"]
+            yield row
+
+
+def _write(results, out_dir, bench, *, plots):
+    with open(os.path.join(out_dir, "scores.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    rows = list(_rows(results))
+    if not rows:
+        return
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(os.path.join(out_dir, "metrics.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow(row)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown_table(results))
+    if plots:
+        plot(results, out_dir)
+
+
+def markdown_table(results: dict) -> str:
+    """Mean +- sample std over seeds of every metric, one row per method."""
+    hib = results["higher_is_better"]
+    rows = list(_rows(results))
+    extra_keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("method", "seed", "trainable_params", "train_seconds") + _COLS]
+    cols = ["acc", "learning", "forgetting", "bwt", "retention", "fwt"] + extra_keys
+    heads = {
+        "acc": f"final mean {results['score']}",
+        "learning": results["learning"],
+        "forgetting": "forgetting (Chaudhry)" + ("" if hib else ", loss rise"),
+        "bwt": "BWT",
+        "retention": "retention",
+        "fwt": "FWT",
+    }
+    nseeds = len(results["seeds"])
+    out = [f"Benchmark `{results['benchmark']}`; tasks {', '.join(results['tasks'])}; score: {results['score']} "
+           f"({'higher' if hib else 'lower'} is better); {results['steps_per_task']} steps/task, batch "
+           f"{results['batch_size']}; mean ± sample std over {nseeds} seed(s) {results['seeds']}.\n",
+           "| method | trainable params | " + " | ".join(heads.get(c, c) for c in cols) + " | train s |",
+           "|---|---:|" + "---:|" * len(cols) + "---:|"]
+    for name, m in results["methods"].items():
+        rs = list(m["seeds"].values())
+        if not rs:
+            continue
+        cells = []
+        for c in cols:
+            vals = [r["metrics"].get(c, r.get("extra", {}).get(c)) for r in rs]
+            mu, sd = _mean_std([v for v in vals if v is not None])
+            cells.append("n/a" if math.isnan(mu) else f"{mu:.3f} ± {sd:.3f}")
+        secs = _mean_std([r["seconds"] for r in rs])[0]
+        out.append(f"| {name} | {rs[0]['trainable']:,} | " + " | ".join(cells) + f" | {secs:.0f} |")
+    out.append("")
+    out.append("Methods: " + "; ".join(f"**{n}**: {m['description']}" for n, m in results["methods"].items()) + ".")
+    return "\n".join(out) + "\n"
+
+
+def plot(results: dict, out_dir) -> list:
+    """Writes the learning-vs-forgetting plot and the score-matrix heat maps; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bname = results["benchmark"]
+    hib = results["higher_is_better"]
+    names = [n for n, m in results["methods"].items() if m["seeds"]]
+    paths = []
+    # 1. learning vs forgetting
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for i, n in enumerate(names):
+        rs = list(results["methods"][n]["seeds"].values())
+        fx = [r["metrics"]["forgetting"] for r in rs]
+        ly = [r["metrics"]["learning"] for r in rs]
+        (mx, sx), (my, sy) = _mean_std(fx), _mean_std(ly)
+        ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", color=f"C{i % 10}", capsize=3, label=n)
+        ax.scatter(fx, ly, s=8, color=f"C{i % 10}", alpha=0.35)
+        ax.annotate(n, (mx, my), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("forgetting (Chaudhry 2018)" + ("" if hib else f": rise in {results['tasks'][0]} {results['score']}") + "  →  worse")
+    ax.set_ylabel(results["learning"] + "  →  better")
+    ax.set_title(f"{bname}: learning vs forgetting (mean ± std, {len(results['seeds'])} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    p = os.path.join(out_dir, f"forgetting_{bname}_tradeoff.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    # 2. score matrices
+    n = len(names)
+    cols = min(4, n)
+    rows = int(math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    T = len(results["tasks"])
+    mats = [np.mean([np.asarray(r["R"]) for r in results["methods"][nm]["seeds"].values()], axis=0) for nm in names]
+    vmin, vmax = float(np.min(mats)), float(np.max(mats))
+    cmap = "viridis" if hib else "viridis_r"
+    for k, (nm, Rm) in enumerate(zip(names, mats)):
+        ax = axes[k // cols][k % cols]
+        im = ax.imshow(Rm, vmin=vmin, vmax=vmax, cmap=cmap)
+        ax.set_title(nm, fontsize=9)
+        ax.set_xticks(range(T))
+        ax.set_yticks(range(T))
+        ax.set_xticklabels(results["tasks"], fontsize=6, rotation=45)
+        ax.set_yticklabels(results["tasks"], fontsize=6)
+        ax.set_xlabel("evaluated task", fontsize=7)
+        ax.set_ylabel("trained through", fontsize=7)
+        for i in range(T):
+            for j in range(T):
+                ax.text(j, i, f"{Rm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="w" if (Rm[i, j] - vmin) < 0.5 * (vmax - vmin) else "k")
+    for k in range(n, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=results["score"])
+    fig.suptitle(f"{bname}: score matrix R[i, j] (mean over seeds)", fontsize=10)
+    p = os.path.join(out_dir, f"forgetting_{bname}_matrices.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point (``python -m jpeft.forgetting``, ``jpeft forgetting``)."""
+    from jpeft.forgetting import cli
+
+    return cli.main(argv)

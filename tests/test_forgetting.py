@@ -1,0 +1,336 @@
+"""jpeft.forgetting: metrics, Fisher/EWC, L2-SP, distillation, replay, full fine-tuning.
+
+Every number is checked against a hand-computed value or a closed form."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+
+import jpeft
+from jpeft.errors import ConfigError, InputValidationError, JpeftError, NotMergeableError, ShapeMismatchError
+from jpeft.forgetting import (
+    FullFinetuneConfig,
+    distillation_kl,
+    ewc_consolidate,
+    ewc_init,
+    ewc_penalty,
+    fisher_diagonal,
+    l2sp_penalty,
+    metrics,
+    replay,
+)
+from jpeft.forgetting.regularizers import per_example_grads
+
+# ---------------------------------------------------------------------------------- metrics
+
+# R[i, j]: task j after training through task i. Task 0 peaks LATE (at step 1, after task 1
+# was trained: positive backward transfer), then drops; task 1 peaks on time.
+LATE = np.array([
+    [0.70, 0.10, 0.05, 0.00],
+    [0.90, 0.80, 0.10, 0.05],
+    [0.60, 0.75, 0.95, 0.20],
+    [0.50, 0.60, 0.85, 0.90],
+])
+
+
+def test_metrics_hand_computed_with_late_peak():
+    # ACC = mean of last row
+    assert metrics.average_accuracy(LATE) == pytest.approx((0.5 + 0.6 + 0.85 + 0.9) / 4)
+    assert metrics.average_accuracy(LATE, step=1) == pytest.approx((0.9 + 0.8) / 2)
+    # BWT = mean_{i<3} R[3,i] - R[i,i] = ((0.5-0.7) + (0.6-0.8) + (0.85-0.95)) / 3
+    bwt = ((0.5 - 0.7) + (0.6 - 0.8) + (0.85 - 0.95)) / 3
+    assert metrics.backward_transfer(LATE) == pytest.approx(bwt)
+    # Chaudhry: best earlier score - final. Task 0 best is 0.90 (step 1), not R[0,0] = 0.70.
+    f = ((0.90 - 0.5) + (0.80 - 0.6) + (0.95 - 0.85)) / 3
+    assert metrics.forgetting(LATE) == pytest.approx(f)
+    assert metrics.forgetting(LATE) > -metrics.backward_transfer(LATE)  # differs because of the late peak
+    # FWT = mean_{i>0} R[i-1, i] - b[i]
+    b = np.array([0.5, 0.05, 0.1, 0.1])
+    assert metrics.forward_transfer(LATE, b) == pytest.approx(((0.10 - 0.05) + (0.10 - 0.1) + (0.20 - 0.1)) / 3)
+    assert metrics.retention_ratio(LATE) == pytest.approx((0.5 / 0.7 + 0.6 / 0.8 + 0.85 / 0.95) / 3)
+    s = metrics.summarize(LATE, b)
+    assert s["forgetting"] == pytest.approx(f) and s["bwt"] == pytest.approx(bwt)
+
+
+def test_metrics_equal_minus_bwt_without_late_peak():
+    R = np.array([[0.9, 0.0, 0.0], [0.7, 0.8, 0.0], [0.6, 0.5, 0.9]])
+    assert metrics.forgetting(R) == pytest.approx(-metrics.backward_transfer(R))
+    assert metrics.forgetting(R) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.5)) / 2)
+
+
+def test_metrics_on_losses():
+    L = np.array([[1.5, 3.0], [1.9, 2.0]])  # code loss rose 0.4, prose fell 1.0
+    assert metrics.forgetting(L, higher_is_better=False) == pytest.approx(0.4)
+    assert metrics.backward_transfer(L, higher_is_better=False) == pytest.approx(-0.4)
+    assert metrics.retention_ratio(L, higher_is_better=False) == pytest.approx(1.5 / 1.9)
+
+
+def test_metrics_bad_input_errors():
+    with pytest.raises(InputValidationError, match=r"square score matrix \[T, T\].*found shape \(2, 3\)"):
+        metrics.backward_transfer(np.zeros((2, 3)))
+    with pytest.raises(InputValidationError, match="at least 2 tasks"):
+        metrics.forgetting([[1.0]])
+    with pytest.raises(InputValidationError, match=r"one score per task, shape \(4,\), found \(3,\)"):
+        metrics.forward_transfer(LATE, [0.1, 0.2, 0.3])
+    with pytest.raises(InputValidationError, match="non-finite"):
+        metrics.average_accuracy([[1.0, np.nan], [0.0, 1.0]])
+
+
+def test_lm_metrics_against_numpy():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    new = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    tgt = rng.integers(0, 7, size=(2, 5))
+    lp = base - np.log(np.exp(base).sum(-1, keepdims=True))
+    lq = new - np.log(np.exp(new).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(lp, tgt[..., None], -1)[..., 0]
+    assert float(metrics.lm_loss(base, tgt)) == pytest.approx(ce.mean(), rel=1e-5)
+    mask = np.zeros((2, 5)); mask[:, :3] = 1
+    assert float(metrics.lm_loss(base, tgt, mask)) == pytest.approx(ce[:, :3].mean(), rel=1e-5)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    assert float(metrics.mean_token_kl(base, new)) == pytest.approx(kl.mean(), rel=1e-5)
+    d = metrics.loss_drift(1.0, 1.25)
+    assert d["drift"] == pytest.approx(0.25) and d["ppl_after"] == pytest.approx(math.exp(1.25))
+    with pytest.raises(InputValidationError, match=r"found \(2, 4\)\. Shift targets by one"):
+        metrics.lm_loss(base, tgt[:, :4])
+
+
+# ---------------------------------------------------------------------------------- Fisher
+
+
+def _linear_gaussian(n=64, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    w = rng.normal(size=(d,)).astype(np.float32)
+    y = (x @ w + 0.3 * rng.normal(size=n)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(y), {"w": jnp.asarray(w)}
+
+
+def _lin(params, adapter, x):
+    return x @ adapter["w"]
+
+
+def test_fisher_linear_gaussian_closed_form():
+    x, y, a = _linear_gaussian()
+    sigma = 0.5
+    xn, yn, wn = np.asarray(x, np.float64), np.asarray(y, np.float64), np.asarray(a["w"], np.float64)
+    # true Fisher of y ~ N(w.x, sigma^2): E[x x^T] / sigma^2, diagonal
+    exact = fisher_diagonal(_lin, None, a, x, likelihood="gaussian", noise_std=sigma, batch_size=10)
+    np.testing.assert_allclose(exact["w"], (xn**2).mean(0) / sigma**2, rtol=1e-5)
+    # per-example score of the observed label: (y - w.x) x / sigma^2
+    r = yn - xn @ wn
+    emp = fisher_diagonal(_lin, None, a, x, y, estimator="empirical", likelihood="gaussian", noise_std=sigma, batch_size=7)
+    np.testing.assert_allclose(emp["w"], ((r[:, None] * xn) ** 2).mean(0) / sigma**4, rtol=1e-4)
+    g = per_example_grads(lambda p, ad, e: -0.5 * (e[1] - e[0] @ ad["w"]) ** 2 / sigma**2, None, a, (x, y))
+    np.testing.assert_allclose(g["w"], r[:, None] * xn / sigma**2, rtol=1e-4, atol=1e-5)
+    # Avalanche's batched variant: square of the minibatch-mean gradient, averaged over batches
+    bat = fisher_diagonal(_lin, None, a, x, y, estimator="batched", likelihood="gaussian", noise_std=sigma, batch_size=16)
+    gb = (r[:, None] * xn / sigma**2).reshape(4, 16, -1).mean(1)
+    np.testing.assert_allclose(bat["w"], (gb**2).mean(0), rtol=1e-4)
+    # Monte-Carlo labels sampled from the model: unbiased for the true Fisher
+    mc = fisher_diagonal(_lin, None, a, x, estimator="sampled", likelihood="gaussian", noise_std=sigma,
+                         key=jax.random.key(3), num_samples=200, batch_size=32)
+    np.testing.assert_allclose(mc["w"], exact["w"], rtol=0.08)
+
+
+def test_fisher_softmax_regression_exact_closed_form():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(20, 4)).astype(np.float32))
+    W = jnp.asarray(rng.normal(size=(4, 3)).astype(np.float32))
+    f = fisher_diagonal(lambda p, a, xx: xx @ a["W"], None, {"W": W}, x, estimator="exact", batch_size=8)
+    p = np.asarray(jax.nn.softmax(x @ W))
+    # sum_c p_c (x_i (e_c - p)_j)^2 = x_i^2 p_j (1 - p_j)
+    ref = ((np.asarray(x)[:, :, None] ** 2) * (p * (1 - p))[:, None, :]).mean(0)
+    np.testing.assert_allclose(f["W"], ref, rtol=1e-4, atol=1e-7)
+    mc = fisher_diagonal(lambda p_, a, xx: xx @ a["W"], None, {"W": W}, x, estimator="sampled",
+                         key=jax.random.key(0), num_samples=400)
+    np.testing.assert_allclose(mc["W"], ref, rtol=0.15, atol=2e-3)
+
+
+def test_fisher_errors():
+    x, y, a = _linear_gaussian()
+    with pytest.raises(ConfigError, match="estimator must be one of"):
+        fisher_diagonal(_lin, None, a, x, estimator="diag")
+    with pytest.raises(InputValidationError, match="observed labels; pass labels"):
+        fisher_diagonal(_lin, None, a, x, estimator="empirical", likelihood="gaussian")
+    with pytest.raises(InputValidationError, match="pass key="):
+        fisher_diagonal(_lin, None, a, x, estimator="sampled", likelihood="gaussian")
+    seq = lambda p, ad, xx: jnp.stack([xx @ ad["w"], -xx @ ad["w"]], -1)[:, None, :] * jnp.ones((1, 5, 1))
+    with pytest.raises(ConfigError, match="estimator='sampled'"):
+        fisher_diagonal(seq, None, a, x, estimator="exact")
+
+
+# ---------------------------------------------------------------------------------- EWC
+
+
+def test_ewc_penalty_zero_at_anchor_and_quadratic():
+    rng = np.random.default_rng(2)
+    anchor = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    F = jax.tree.map(lambda t: jnp.abs(t) + 0.1, {"a": jnp.ones((3, 2)) * 2.0, "b": jnp.arange(4.0)})
+    s = ewc_consolidate(ewc_init(), anchor, F)
+    assert float(ewc_penalty(s, anchor, strength=5.0)) == 0.0
+    g = jax.grad(lambda p: ewc_penalty(s, p, strength=5.0))(anchor)
+    assert all(float(jnp.max(jnp.abs(t))) == 0.0 for t in jax.tree.leaves(g))
+    d = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    at = lambda t: jax.tree.map(lambda x, y: x + t * y, anchor, d)
+    p1 = float(ewc_penalty(s, at(1.0), strength=5.0))
+    ref = 0.5 * 5.0 * sum(float(jnp.sum(f * dd**2)) for f, dd in zip(jax.tree.leaves(F), jax.tree.leaves(d)))
+    assert p1 == pytest.approx(ref, rel=1e-5)
+    for t in (0.5, -2.0, 3.0):
+        assert float(ewc_penalty(s, at(t), strength=5.0)) == pytest.approx(t * t * p1, rel=1e-5)
+
+
+def test_ewc_original_vs_online():
+    a1, a2 = {"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 2.0])}
+    f1, f2 = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 1.0])}
+    p = {"w": jnp.array([0.5, 0.5])}
+    orig = ewc_consolidate(ewc_consolidate(ewc_init(), a1, f1), a2, f2)
+    assert len(orig.anchors) == 2
+    ref = 0.5 * (1 * 0.25 + 2 * 0.25) + 0.5 * (3 * 0.25 + 1 * 2.25)
+    assert float(ewc_penalty(orig, p)) == pytest.approx(ref)
+    onl = ewc_consolidate(ewc_consolidate(ewc_init(), a1, f1, gamma=0.5), a2, f2, gamma=0.5)
+    np.testing.assert_allclose(onl.fishers[0]["w"], [0.5 * 1 + 3, 0.5 * 2 + 1])
+    assert float(ewc_penalty(onl, p)) == pytest.approx(0.5 * (3.5 * 0.25 + 2.0 * 2.25))
+    with pytest.raises(ConfigError, match=r"gamma must be in \[0, 1\]"):
+        ewc_consolidate(ewc_init(), a1, f1, gamma=1.5)
+    with pytest.raises(ShapeMismatchError, match="adapter's structure"):
+        ewc_consolidate(ewc_init(), a1, {"v": jnp.ones(2)})
+
+
+# ---------------------------------------------------------------------------------- L2-SP
+
+
+def _lora_setup():
+    model = nn.Dense(5)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    a0 = jpeft.init(jpeft.LoraConfig(r=2, alpha=4, target_modules=".*"), params, jax.random.key(1))
+    node = a0[""]
+    rng = np.random.default_rng(3)
+    A = jnp.asarray(rng.normal(size=node.lora_A.shape), jnp.float32)
+    B = jnp.asarray(rng.normal(size=node.lora_B.shape), jnp.float32)
+    return params, a0, A, B
+
+
+def test_l2sp_lora_penalizes_effective_update():
+    params, a0, A, B = _lora_setup()
+    node = a0[""]
+    a = {"": type(node)(A, B, None, node.scale, node.layout)}
+    delta = node.scale * np.asarray(A) @ np.asarray(B)  # start has B = 0, so its update is 0
+    assert float(l2sp_penalty(params, a, a0, strength=3.0)) == pytest.approx(0.5 * 3.0 * (delta**2).sum(), rel=1e-5)
+    # the same update with A scaled up and B down: same function, same penalty
+    a_re = {"": type(node)(A * 4.0, B / 4.0, None, node.scale, node.layout)}
+    assert float(l2sp_penalty(params, a_re, a0)) == pytest.approx(float(l2sp_penalty(params, a, a0)), rel=1e-5)
+    assert float(l2sp_penalty(params, a0, a0)) == 0.0
+
+
+def test_l2sp_full_finetune_is_distance_to_pretrained():
+    params, _, _, _ = _lora_setup()
+    full = jpeft.init(FullFinetuneConfig(), params, jax.random.key(0))
+    moved = jax.tree.map(lambda t: t + 0.5, full)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert float(l2sp_penalty(params, moved, full, strength=2.0)) == pytest.approx(0.5 * 2.0 * 0.25 * n, rel=1e-5)
+
+
+def test_distillation_kl_against_numpy():
+    rng = np.random.default_rng(4)
+    s = rng.normal(size=(3, 6)).astype(np.float32)
+    t = rng.normal(size=(3, 6)).astype(np.float32)
+    T = 2.0
+    lp = t / T - np.log(np.exp(t / T).sum(-1, keepdims=True))
+    lq = s / T - np.log(np.exp(s / T).sum(-1, keepdims=True))
+    ref = T * T * (np.exp(lp) * (lp - lq)).sum(-1).mean()
+    assert float(distillation_kl(s, t, temperature=T)) == pytest.approx(ref, rel=1e-5)
+    g = jax.grad(lambda tt: distillation_kl(jnp.asarray(s), tt))(jnp.asarray(t))
+    assert float(jnp.max(jnp.abs(g))) == 0.0  # the teacher gets no gradient
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        distillation_kl(s, t, temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------- replay
+
+
+def test_reservoir_holds_uniform_sample_of_stream():
+    N, cap, trials = 200, 20, 2000
+    buf0 = replay.reservoir_init(jnp.zeros((), jnp.int32), cap)
+    stream = jnp.arange(N, dtype=jnp.int32)
+
+    def one(k):
+        # offered in 4 chunks, as a training loop would
+        b = buf0
+        for i, kk in enumerate(jax.random.split(k, 4)):
+            b = replay.reservoir_add(b, stream[i * 50:(i + 1) * 50], kk)
+        return b.data
+
+    held = np.asarray(jax.vmap(one)(jax.random.split(jax.random.key(1234), trials)))
+    assert all(len(set(row.tolist())) == cap for row in held[:50])  # no duplicates
+    counts = np.bincount(held.ravel(), minlength=N)
+    assert counts.sum() == trials * cap
+    # each item is held with probability cap / N: chi-square goodness of fit
+    _, p = scipy.stats.chisquare(counts, np.full(N, trials * cap / N))
+    assert p > 0.01, (p, counts.min(), counts.max())
+    # first and last items of the stream are equally likely to be kept
+    assert abs(counts[:50].mean() - counts[-50:].mean()) < 0.1 * trials * cap / N
+
+
+def test_reservoir_fill_sample_and_mix():
+    buf = replay.reservoir_init({"x": jnp.zeros((2,)), "y": jnp.zeros((), jnp.int32)}, capacity=8)
+    buf = replay.reservoir_add(buf, {"x": jnp.ones((5, 2)), "y": jnp.arange(5)}, jax.random.key(0))
+    assert int(buf.size) == 5 and sorted(np.asarray(buf.data["y"][:5]).tolist()) == [0, 1, 2, 3, 4]
+    batch = {"x": jnp.zeros((10, 2)), "y": jnp.full((10,), 99)}
+    mixed = replay.mix_batch(batch, buf, 0.3, jax.random.key(1))
+    ys = np.asarray(mixed["y"])
+    assert (ys == 99).sum() == 7 and set(ys[7:].tolist()) <= {0, 1, 2, 3, 4}
+    assert replay.mix_batch(batch, buf, 0.0, jax.random.key(1)) is batch
+    with pytest.raises(ConfigError, match=r"replay ratio must be in \[0, 1\)"):
+        replay.mix_batch(batch, buf, 1.0, jax.random.key(1))
+    with pytest.raises(InputValidationError, match="buffer is empty"):
+        replay.reservoir_sample(replay.reservoir_init(jnp.zeros(()), 3), 2, jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------------- full fine-tuning
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, scale=1.0):
+        return nn.Dense(2)(nn.relu(nn.Dense(8)(x))) * scale
+
+
+def test_full_finetune_is_a_jpeft_method():
+    model = _MLP()
+    x = jax.random.normal(jax.random.key(0), (16, 3))
+    y = (x[:, 0] > 0).astype(jnp.int32)
+    params = model.init(jax.random.key(1), x)
+    adapter = jpeft.init(FullFinetuneConfig(), params, jax.random.key(2))
+    np.testing.assert_array_equal(jpeft.apply(model, params, adapter, x, scale=2.0), model.apply(params, x, scale=2.0))
+    s = jpeft.summary(params, adapter, print_fn=None)
+    assert s["trainable"] == s["base"]
+
+    def loss_fn(p, a, b, k):
+        return optax.softmax_cross_entropy_with_integer_labels(jpeft.apply(model, p, a, b[0]), b[1]).mean()
+
+    opt = optax.adam(1e-2)
+    step = jpeft.make_train_step(loss_fn, opt)
+    st = opt.init(adapter)
+    l0 = float(loss_fn(params, adapter, (x, y), None))
+    for i in range(30):
+        adapter, st, m = step(params, adapter, st, (x, y), jax.random.key(i))
+    assert float(m["loss"]) < 0.5 * l0
+    merged = jpeft.merge(params, adapter)
+    np.testing.assert_allclose(model.apply(merged, x), jpeft.apply(model, params, adapter, x), rtol=1e-6)
+    # the base tree is untouched
+    np.testing.assert_array_equal(jpeft.apply(model, params, None, x), model.apply(params, x))
+    with pytest.raises(NotMergeableError, match="keep the base params"):
+        jpeft.unmerge(merged, adapter)
+    other = nn.Dense(3).init(jax.random.key(0), x)
+    with pytest.raises(ShapeMismatchError, match="made for another model"):
+        jpeft.apply(nn.Dense(3), other, adapter, x)
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        FullFinetuneConfig(dtype="int8")
+    assert isinstance(ShapeMismatchError("x"), JpeftError)
