@@ -24,3 +24,5 @@ def register(config_cls):
 from jpeft.methods import ia3  # noqa: E402,F401
 from jpeft.methods import bottleneck  # noqa: E402,F401
 from jpeft.methods import pissa  # noqa: E402,F401
+from jpeft.methods import prefix  # noqa: E402,F401
+from jpeft.methods import prompt  # noqa: E402,F401

@@ -190,3 +190,92 @@ def init(config: IA3Config, params, key, infos) -> dict:
         vec = jnp.ones((n,), jnp.float32) if config.init_ia3_weights else jax.random.normal(k, (n,), jnp.float32)
         out[path] = IA3Weights(vec, lay, ff)
     return out
+
+
+# -- Hugging Face PEFT format ----------------------------------------------------------------
+
+def _to_hf(config: IA3Config, adapter, ctx):
+    from jpeft import hf
+    from jpeft.errors import UnsupportedAdapterError
+    from jpeft.tree import hf_name
+
+    tensors, targets, ff = {}, [], []
+    for path in sorted(adapter):
+        node = adapter[path]
+        if not isinstance(node, IA3Weights):
+            raise UnsupportedAdapterError(
+                f"an IA3Config adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its own config."
+            )
+        if node.layout.kind != "dense":
+            raise UnsupportedAdapterError(
+                f"IA3 site {path!r} scales a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
+                "nn.Dense sites (the layers of jpeft.models)."
+            )
+        v = np.asarray(node.ia3_l, np.float32)
+        tensors[hf.peft_key(path, "ia3_l")] = v.reshape(1, -1) if node.feedforward else v.reshape(-1, 1)
+        targets.append(hf_name(path))
+        if node.feedforward:
+            ff.append(hf_name(path))
+    d = {
+        "target_modules": targets,
+        "feedforward_modules": ff,
+        "init_ia3_weights": bool(config.init_ia3_weights),
+        "fan_in_fan_out": ctx.fan_in_fan_out,
+        "modules_to_save": None,
+        "exclude_modules": None,
+    }
+    return d, tensors
+
+
+def _from_hf(d, tensors, params, ctx):
+    from jpeft import _inject, hf
+    from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, UnsupportedAdapterError
+    from jpeft.tree import hf_name
+
+    if d.get("modules_to_save"):
+        raise UnsupportedAdapterError(f"the IA3 adapter in {ctx.folder!r} has modules_to_save={d['modules_to_save']}; jpeft loads plain IA3 only.")
+    keys = {f.name for f in dataclasses.fields(IA3Config)}
+    kept = {k: v for k, v in d.items() if k in keys}
+    if kept.get("target_modules") is None:
+        raise UnsupportedAdapterError(f"the IA3 adapter in {ctx.folder!r} has target_modules=null; set it explicitly.")
+    kept.setdefault("feedforward_modules", ())
+    if kept["feedforward_modules"] is None:
+        kept["feedforward_modules"] = ()
+    try:
+        config = IA3Config.from_dict(kept)
+    except ConfigError as e:
+        raise LoadError(f"{ctx.folder!r}: {e}") from None
+    by_site, unmatched = {}, []
+    for k, v in tensors.items():
+        sp = hf.split_peft_key(k, ("ia3_l",))
+        if sp is None or sp[0] not in ctx.leaves:
+            unmatched.append(k)
+            continue
+        by_site[sp[0]] = v
+    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
+    expected = [p for p in cands if matches(config.target_modules, p)]
+    hf.check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    adapter = {}
+    for path, v in sorted(by_site.items()):
+        lay = _inject.infer_layout(path, ctx.leaves[path])
+        ff = bool(config.feedforward_modules) and matches(config.feedforward_modules, path)
+        n = lay.in_features if ff else lay.out_features
+        want = (1, n) if ff else (n, 1)
+        if tuple(v.shape) != want:
+            raise (BaseMismatchError if v.size != n else CheckpointError)(
+                f"IA3 site {hf_name(path)!r}: ia3_l has shape {tuple(v.shape)}, expected {want} for a "
+                f"{'feed-forward ' if ff else ''}module mapping {lay.in_features} -> {lay.out_features} features."
+            )
+        adapter[path] = IA3Weights(jnp.asarray(v.reshape(-1), ctx.dtype), lay, ff)
+    return config, adapter
+
+
+def _register_format():
+    try:
+        from jpeft import hf
+    except ImportError:  # jpeft.hf absent (partial install): the method works, only the PEFT format is missing
+        return
+    hf.register_peft_format(IA3Config, to_hf=_to_hf, from_hf=_from_hf)
+
+
+_register_format()

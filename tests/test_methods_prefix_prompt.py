@@ -1,0 +1,183 @@
+"""Prefix tuning and prompt tuning on jpeft's models: references computed by hand through the
+models' own ``prefix_kv`` / ``inputs_embeds`` inputs, positions and masks, and the named errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+import jpeft.models
+from jpeft.methods.prefix import PrefixMLPWeights, PrefixTuningConfig, PrefixWeights, fold_prefix
+from jpeft.methods.prompt import PromptTuningConfig, PromptWeights, to_prefix
+
+T = 3
+
+
+def _llama(**kw):
+    cfg = jpeft.models.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, max_position_embeddings=32, **kw)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    ids = jax.random.randint(jax.random.key(5), (2, 6), 0, 40)
+    return model, model.init(jax.random.key(0), ids), ids
+
+
+def _gpt2():
+    cfg = jpeft.models.GPT2Config(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=12)
+    model = jpeft.models.GPT2LMHeadModel(cfg)
+    ids = jax.random.randint(jax.random.key(5), (2, 6), 0, 40)
+    return model, model.init(jax.random.key(0), ids), ids
+
+
+MASK = jnp.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+
+
+def test_prefix_equals_manual_prefix_kv_and_shifted_positions():
+    model, params, ids = _llama()
+    ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=T), params, jax.random.key(1))
+    node = ad[""]
+    assert (node.num_layers, node.token_dim, node.prefix_embeddings.shape) == (2, 8, (T, 2 * 2 * 8))
+    got = jpeft.apply(model, params, ad, ids, MASK)
+    # reference: Hugging Face's layout [T, L*2, H, hd]; layer i keys at 2i, values at 2i+1
+    kv = node.prefix_embeddings.reshape(T, 4, 2, 4)
+    prefix_kv = [(kv[None, :, 2 * i], kv[None, :, 2 * i + 1]) for i in range(2)]
+    pos = jnp.maximum(jnp.cumsum(MASK, axis=1) - 1, 0) + T
+    ref = model.apply(params, ids, MASK, prefix_kv=prefix_kv, position_ids=pos)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # explicit positions for the real tokens are shifted past the prefix, as PEFT does
+    p = jnp.broadcast_to(jnp.arange(6)[None], (2, 6))
+    np.testing.assert_allclose(jpeft.apply(model, params, ad, ids, MASK, position_ids=p),
+                               model.apply(params, ids, MASK, prefix_kv=prefix_kv, position_ids=p + T), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, model.apply(params, ids, MASK))
+
+
+def test_prefix_projection_folds_and_trains():
+    model, params, ids = _llama()
+    cfg = PrefixTuningConfig(num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=12)
+    ad = jpeft.init(cfg, params, jax.random.key(1))
+    node = ad[""]
+    assert isinstance(node, PrefixMLPWeights) and node.w1.shape == (8, 12) and node.w2.shape == (12, 32)
+    ref = jnp.tanh(node.embedding @ node.w1 + node.b1[None]) @ node.w2 + node.b2[None]
+    folded = fold_prefix(ad)
+    assert isinstance(folded[""], PrefixWeights)
+    np.testing.assert_allclose(folded[""].prefix_embeddings, ref, rtol=1e-6)
+    np.testing.assert_allclose(jpeft.apply(model, params, folded, ids), jpeft.apply(model, params, ad, ids), rtol=1e-5, atol=1e-5)
+    zero = jpeft.init(cfg.replace(init_weights="zero"), params, jax.random.key(1))
+    np.testing.assert_array_equal(fold_prefix(zero)[""].prefix_embeddings, 0.0)
+
+
+def test_prefix_generation_with_cache_matches_full_recompute():
+    model, params, ids = _llama()
+    ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=T), params, jax.random.key(1))
+    cache = model.init_cache(2, 8)
+    logits, cache = jpeft.apply(model, params, ad, ids, MASK, cache=cache)
+    nxt = jnp.argmax(logits[:, -1], -1)[:, None]
+    step, _ = jpeft.apply(model, params, ad, nxt, jnp.ones((2, 1), jnp.int32), cache=cache)
+    full = jpeft.apply(model, params, ad, jnp.concatenate([ids, nxt], 1), jnp.concatenate([MASK, jnp.ones((2, 1), jnp.int32)], 1))
+    np.testing.assert_allclose(step[:, 0], full[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_errors():
+    class NoPrefix(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(10, 8)(ids)
+            return nn.Dense(8, name="k_proj")(h)
+
+    m = NoPrefix()
+    ids = jnp.ones((1, 4), jnp.int32)
+    p = m.init(jax.random.key(0), ids)
+    ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=2), p, jax.random.key(0))
+    with pytest.raises(jpeft.PrefixNotSupportedError, match="takes no prefix_kv"):
+        jpeft.apply(m, p, ad, ids)
+    with pytest.raises(jpeft.NotMergeableError, match="key/value positions"):
+        jpeft.merge(p, ad)
+    model, params, ids = _gpt2()
+    ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=8), params, jax.random.key(0))
+    with pytest.raises(jpeft.PromptTooLongError, match="max_position_embeddings=12"):
+        jpeft.apply(model, params, ad, ids)
+    lmodel, lparams, _ = _llama()
+    with pytest.raises(jpeft.ShapeMismatchError, match="Re-create the adapter"):
+        jpeft.apply(lmodel, lparams, jpeft.init(PrefixTuningConfig(num_virtual_tokens=2), params, jax.random.key(0)), ids)
+    with pytest.raises(jpeft.ConfigError, match="num_layers"):
+        jpeft.init(PrefixTuningConfig(), {"params": {"dense": {"kernel": jnp.ones((2, 2))}}}, jax.random.key(0))
+
+
+def test_prompt_equals_manual_inputs_embeds_with_mask_and_positions():
+    model, params, ids = _llama()
+    ad = jpeft.init(PromptTuningConfig(num_virtual_tokens=T), params, jax.random.key(1))
+    node = ad[""]
+    assert node.embed_path == "model/embed_tokens" and node.embedding.shape == (T, 16)
+    got = jpeft.apply(model, params, ad, ids, MASK)
+    table = params["params"]["model"]["embed_tokens"]["embedding"]
+    emb = jnp.concatenate([jnp.broadcast_to(node.embedding[None], (2, T, 16)), table[ids]], axis=1)
+    mask = jnp.concatenate([jnp.ones((2, T), MASK.dtype), MASK], axis=1)
+    ref = model.apply(params, inputs_embeds=emb, attention_mask=mask)[:, T:]
+    assert got.shape == (2, 6, 40)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    # explicit positions: virtual tokens at 0..T-1, real tokens shifted by T
+    p = jnp.broadcast_to(jnp.arange(6)[None], (2, 6))
+    full_p = jnp.concatenate([jnp.broadcast_to(jnp.arange(T)[None], (2, T)), p + T], axis=1)
+    np.testing.assert_allclose(jpeft.apply(model, params, ad, ids, MASK, position_ids=p),
+                               model.apply(params, inputs_embeds=emb, attention_mask=mask, position_ids=full_p)[:, T:],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_inits():
+    model, params, _ = _llama()
+    table = params["params"]["model"]["embed_tokens"]["embedding"]
+    ad = jpeft.init(PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT", init_token_ids=[7, 9]), params, jax.random.key(0))
+    np.testing.assert_array_equal(ad[""].embedding, table[jnp.array([7, 9, 7, 9, 7])])
+    sv = jpeft.init(PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB"), params, jax.random.key(0))[""].embedding
+    assert all(bool(jnp.any(jnp.all(jnp.abs(table - row[None]) < 1e-7, axis=1))) for row in sv)
+    with pytest.raises(jpeft.ConfigError, match="outside the vocabulary"):
+        jpeft.init(PromptTuningConfig(num_virtual_tokens=2, prompt_tuning_init="TEXT", init_token_ids=[99]), params, jax.random.key(0))
+    with pytest.raises(jpeft.ConfigError, match="tokenizer_name_or_path"):
+        PromptTuningConfig(prompt_tuning_init="TEXT")
+
+
+def test_prompt_text_init_with_a_local_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"[UNK]": 0, "classify": 5, "the": 6, "sentiment": 7}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(str(tmp_path))
+    model, params, _ = _llama()
+    cfg = PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text="classify the sentiment",
+                             tokenizer_name_or_path=str(tmp_path))
+    emb = jpeft.init(cfg, params, jax.random.key(0))[""].embedding
+    table = params["params"]["model"]["embed_tokens"]["embedding"]
+    np.testing.assert_array_equal(emb, table[jnp.array([5, 6, 7, 5])])
+
+
+def test_prompt_errors_and_to_prefix():
+    model, params, ids = _gpt2()
+    ad = jpeft.init(PromptTuningConfig(num_virtual_tokens=7), params, jax.random.key(0))
+    with pytest.raises(jpeft.PromptTooLongError, match="at most 5 tokens"):
+        jpeft.apply(model, params, ad, ids)
+    with pytest.raises(jpeft.NotMergeableError):
+        jpeft.merge(params, ad)
+    lmodel, lparams, lids = _llama()
+    pad = jpeft.init(PromptTuningConfig(num_virtual_tokens=T), lparams, jax.random.key(0))
+    with pytest.raises(jpeft.InputValidationError, match="to_prefix"):
+        jpeft.apply(lmodel, lparams, pad, lids, cache=lmodel.init_cache(2, 12))
+    # the equivalent prefix adapter gives the same logits and works with a cache
+    pre = to_prefix(lmodel, lparams, pad)
+    real = np.asarray(MASK).astype(bool)  # padded positions' outputs are don't-cares
+    np.testing.assert_allclose(np.asarray(jpeft.apply(lmodel, lparams, pre, lids, MASK))[real],
+                               np.asarray(jpeft.apply(lmodel, lparams, pad, lids, MASK))[real], rtol=1e-4, atol=1e-5)
+    smodel, sparams, _ = _llama(sliding_window=2)
+    with pytest.raises(jpeft.UnsupportedModuleError, match="sliding attention window"):
+        to_prefix(smodel, sparams, jpeft.init(PromptTuningConfig(num_virtual_tokens=T), sparams, jax.random.key(0)))
+
+    class NoEmbeds(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Embed(10, 4, name="embed_tokens")(ids)
+
+    m = NoEmbeds()
+    p = m.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))
+    with pytest.raises(jpeft.UnsupportedModuleError, match="inputs_embeds"):
+        jpeft.apply(m, p, jpeft.init(PromptTuningConfig(num_virtual_tokens=2), p, jax.random.key(0)), jnp.ones((1, 2), jnp.int32))
