@@ -135,9 +135,13 @@ def check_keys(adapter_paths, expected_paths, *, unmatched_keys=(), what: str = 
     only_file = sorted({hf_name(p) for p in a - e}) + sorted(unmatched_keys)
     only_base = sorted(hf_name(p) for p in e - a)
     if only_file or only_base:
+        hint = ""
+        if any(".lm_head." in k or k.startswith("lm_head") for k in only_file):
+            hint = (" (lm_head: with tie_word_embeddings the jpeft model computes logits with the input embedding "
+                    "and has no separate lm_head module; adapt the embedding instead)")
         raise BaseMismatchError(
             f"the {what} does not match the base model: {len(only_file)} key(s) of the file have no matching module "
-            f"in the base (first: {only_file[:5]}), and {len(only_base)} targeted module(s) of the base have no "
+            f"in the base (first: {only_file[:5]}){hint}, and {len(only_base)} targeted module(s) of the base have no "
             f"weights in the file (first: {only_base[:5]}). Was the adapter trained on another model (or a different "
             "number of layers)? Load it on the base it was made for."
         )

@@ -1,0 +1,243 @@
+"""jpeft.hf against the real peft package: adapters made by peft load into jpeft with equal
+logits, adapters saved by jpeft load in peft.PeftModel.from_pretrained with equal logits and
+no key warnings (LoRA, rsLoRA, rank_pattern/alpha_pattern, GPT-2 fan_in_fan_out, embeddings,
+DoRA), and bad adapters raise named errors."""
+
+import copy
+import functools
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as T  # noqa: E402
+
+import jpeft  # noqa: E402
+from jpeft import hf as H  # noqa: E402
+from jpeft import models as M  # noqa: E402
+from jpeft.errors import (  # noqa: E402
+    BaseMismatchError,
+    CheckpointError,
+    LoadError,
+    UnsafeFileError,
+    UnsupportedAdapterError,
+)
+
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(family):
+    return M.from_pretrained(T.hf_model(family)[1])
+
+
+def _peft_logits(pm, family, ids, mask):
+    with torch.no_grad():
+        if family == "bert":
+            out = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+        else:
+            out = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(T.positions(mask)))
+    return out.logits.float().numpy()
+
+
+def _jpeft_logits(family, adapter, ids, mask):
+    model, params = loaded(family)
+    return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
+def _close(family, a, b, mask):
+    if family == "bert":
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    else:
+        sel = mask.astype(bool)
+        np.testing.assert_allclose(a[sel], b[sel], atol=1e-4, rtol=0)
+
+
+PEFT_CASES = {
+    "llama2": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    "qwen2": dict(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "o_proj", "down_proj"],
+                  rank_pattern={"o_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}, alpha_pattern={"down_proj": 3.0}),
+    "gpt2": dict(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc", "c_proj"], fan_in_fan_out=True),
+    "bert": dict(r=2, lora_alpha=4, target_modules=["query", "value", "dense"]),
+    "mistral": dict(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"], use_dora=True),
+}
+
+
+@pytest.mark.parametrize("family", list(PEFT_CASES))
+def test_peft_made_adapter_loads_into_jpeft(family, tmp_path):
+    hf, _ = T.hf_model(family)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(init_lora_weights=False, **PEFT_CASES[family]))
+    pm.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path)
+    ids, mask = T.batch(family, seed=11)
+    ref = _peft_logits(pm, family, ids, mask)
+    base = T.torch_logits(family, ids, mask)
+    assert np.abs(ref - base).max() > 1e-2  # lora_B is not zero: the adapter changes the output
+    _, params = loaded(family)
+    config, adapter = H.load_peft(str(tmp_path), params)
+    assert isinstance(config, jpeft.LoraConfig)
+    _close(family, _jpeft_logits(family, adapter, ids, mask), ref, mask)
+    if family == "qwen2":
+        assert config.use_rslora and adapter["model/layers_1/self_attn/q_proj"].r == 6
+        assert adapter["model/layers_0/self_attn/o_proj"].r == 2
+        np.testing.assert_allclose(adapter["model/layers_0/mlp/down_proj"].scale, 3.0 / 2.0)  # rsLoRA: 3/sqrt(4)
+
+
+def _key_warnings(records):
+    return [str(r) for r in records if any(w in str(r).lower() for w in ("missing", "unexpected"))]
+
+
+def _peft_load_quietly(hf, path, caplog):
+    with warnings.catch_warnings(record=True) as rec, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(path))
+    msgs = [str(w.message) for w in rec] + [r.getMessage() for r in caplog.records]
+    assert _key_warnings(msgs) == [], msgs
+    pm.eval()
+    return pm
+
+
+def _random_adapter(family, cfg, seed=0):
+    model, params = loaded(family)
+    adapter = jpeft.init(cfg, params, jax.random.key(seed))
+    # trained-looking: every B non-zero (as after some steps)
+    keys = iter(jax.random.split(jax.random.key(seed + 100), len(adapter)))
+    return {p: n.__class__(n.lora_A, 0.2 * jax.random.normal(next(keys), n.lora_B.shape), n.magnitude, n.scale,
+                           n.layout, n.dropout) for p, n in adapter.items()}
+
+
+JPEFT_CASES = {
+    "llama3": jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]),
+    "qwen2": jpeft.LoraConfig(r=4, alpha=4, use_rslora=True, target_modules=r".*\.(q_proj|o_proj|up_proj)",
+                              rank_pattern={"o_proj": 2}, alpha_pattern={"layers_1/mlp/up_proj": 10.0}),
+    "gpt2": jpeft.LoraConfig(r=2, alpha=5, target_modules=["c_attn", "c_proj", "wte"]),
+    "bert": jpeft.LoraConfig(r=2, alpha=4, target_modules=["query", "value"]),
+    "llama2": jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True),
+}
+
+
+@pytest.mark.parametrize("family", list(JPEFT_CASES))
+def test_jpeft_adapter_loads_in_peft_without_key_warnings(family, tmp_path, caplog):
+    cfg = JPEFT_CASES[family]
+    adapter = _random_adapter(family, cfg)
+    H.save_peft(str(tmp_path), cfg, adapter, base_model_name_or_path=T.hf_model(family)[1])
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    hf, _ = T.hf_model(family)
+    pm = _peft_load_quietly(hf, tmp_path, caplog)
+    # exactly the keys and shapes peft itself would save for this config
+    from safetensors.numpy import load_file
+
+    ours = load_file(str(tmp_path / "adapter_model.safetensors"))
+    theirs = peft.get_peft_model_state_dict(pm)
+    theirs = {k: v for k, v in theirs.items() if not k.endswith("base_layer.weight")}
+    assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    ids, mask = T.batch(family, seed=12)
+    ref = _peft_logits(pm, family, ids, mask)
+    out = _jpeft_logits(family, adapter, ids, mask)
+    _close(family, out, ref, mask)
+    assert np.abs(out - T.torch_logits(family, ids, mask)).max() > 1e-2
+    if family == "gpt2":
+        assert saved["fan_in_fan_out"] is True
+    if family == "qwen2":
+        assert saved["use_rslora"] and saved["rank_pattern"] and saved["alpha_pattern"]
+        assert pm.base_model.model.model.layers[0].self_attn.o_proj.r["default"] == 2
+    # and back into jpeft: same arrays
+    config2, adapter2 = H.load_peft(str(tmp_path), loaded(family)[1])
+    assert sorted(adapter2) == sorted(adapter)
+    for p in adapter:
+        np.testing.assert_allclose(np.asarray(adapter2[p].lora_B), np.asarray(adapter[p].lora_B), rtol=1e-6)
+        assert adapter2[p].scale == pytest.approx(adapter[p].scale)
+
+
+# -- bad adapters ---------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def saved_llama(tmp_path):
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    H.save_peft(str(tmp_path / "a"), cfg, _random_adapter("llama2", cfg))
+    return tmp_path / "a"
+
+
+def test_unsupported_adapter_type(saved_llama):
+    d = json.loads((saved_llama / "adapter_config.json").read_text())
+    d["peft_type"] = "LOHA"
+    (saved_llama / "adapter_config.json").write_text(json.dumps(d))
+    with pytest.raises(UnsupportedAdapterError, match=r"adapter type 'LOHA'.*supported peft_type values: \[.*'LORA'"):
+        H.load_peft(str(saved_llama), loaded("llama2")[1])
+
+
+def test_unsupported_lora_options(saved_llama):
+    d = json.loads((saved_llama / "adapter_config.json").read_text())
+    d["modules_to_save"] = ["lm_head"]
+    (saved_llama / "adapter_config.json").write_text(json.dumps(d))
+    with pytest.raises(UnsupportedAdapterError, match=r"options jpeft cannot load: \{'modules_to_save': \['lm_head'\]\}"):
+        H.load_peft(str(saved_llama), loaded("llama2")[1])
+
+
+def test_keys_that_do_not_match_the_base(saved_llama):
+    # a Llama adapter on GPT-2: nothing matches on either side
+    d = json.loads((saved_llama / "adapter_config.json").read_text())
+    d["target_modules"] = ["c_attn", "q_proj"]
+    (saved_llama / "adapter_config.json").write_text(json.dumps(d))
+    with pytest.raises(BaseMismatchError, match=r"(?s)8 key\(s\) of the file.*first: \['base_model\.model\.model\.layers\.0\."
+                       r"self_attn\.q_proj\.lora_A\.weight'.*2 targeted module\(s\) of the base.*'transformer\.h\.0\.attn\.c_attn'"):
+        H.load_peft(str(saved_llama), loaded("gpt2")[1])
+
+
+def test_adapter_for_more_layers_than_the_base(saved_llama):
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(saved_llama / "adapter_model.safetensors"))
+    extra = {k.replace("layers.1.", "layers.7."): v for k, v in t.items() if "layers.1." in k}
+    save_file({**t, **extra}, str(saved_llama / "adapter_model.safetensors"))
+    with pytest.raises(BaseMismatchError, match=r"4 key\(s\) of the file have no matching module.*layers\.7\.self_attn"):
+        H.load_peft(str(saved_llama), loaded("llama2")[1])
+
+
+def test_shape_mismatch_with_the_base(saved_llama):
+    # llama2 has 4 kv heads (v_proj 32 -> 32); qwen2 has 2 (v_proj 32 -> 16)
+    with pytest.raises(BaseMismatchError, match=r"maps 32 -> 32 features, but the base module maps 32 -> 16"):
+        H.load_peft(str(saved_llama), loaded("qwen2")[1])
+
+
+def test_missing_and_truncated_files(saved_llama, tmp_path):
+    params = loaded("llama2")[1]
+    with pytest.raises(LoadError, match="is not a folder"):
+        H.load_peft(str(tmp_path / "nope"), params)
+    b = tmp_path / "b"
+    shutil.copytree(saved_llama, b)
+    f = b / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:-64])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        H.load_peft(str(b), params)
+    os.remove(f)
+    with pytest.raises(LoadError, match="has no adapter_model.safetensors"):
+        H.load_peft(str(b), params)
+    (b / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UnsafeFileError, match="only pickle weights"):
+        H.load_peft(str(b), params)
+    os.remove(b / "adapter_config.json")
+    with pytest.raises(LoadError, match="has no adapter_config.json"):
+        H.load_peft(str(b), params)
+
+
+def test_registry_and_save_errors(tmp_path):
+    assert "LORA" in H.supported_peft_types()
+    with pytest.raises(jpeft.ConfigError, match="empty adapter"):
+        H.save_peft(str(tmp_path), jpeft.LoraConfig(), {})
+    assert H.split_peft_key("base_model.model.transformer.h.0.ln_1.lora_A.weight", ["lora_A.weight"]) == (
+        "transformer/h_0/ln_1", "lora_A.weight")
