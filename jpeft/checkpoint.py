@@ -62,6 +62,8 @@ from jpeft.io import (
     leaf_names,
     resolve_target,
     template_adapter,
+    verify_checksum,
+    with_checksum,
 )
 
 FORMAT = "jpeft-train-checkpoint"
@@ -244,9 +246,15 @@ class CheckpointManager:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._cleanup_incomplete()
-            return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         except OSError as e:
-            raise SaveError(f"cannot open the checkpoint directory {self.directory}: {e}") from e
+            raise SaveError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
+        try:
+            return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        except Exception as e:  # Orbax reads every step's metadata here; a damaged one must not escape raw
+            raise CheckpointError(
+                f"cannot open the checkpoint directory {self.directory}: {type(e).__name__}: {str(e)[:300]}. "
+                "A step's files are damaged; move the damaged step directory away and retry."
+            ) from None
 
     def _cleanup_incomplete(self) -> None:
         """Removes step directories that never completed (Orbax's temporary directories, and
@@ -369,10 +377,8 @@ class CheckpointManager:
             "metrics": clean_metrics,
             "arrays": index,
         }
-        import json
-
         try:
-            json.dumps(meta)
+            meta = with_checksum(meta)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"data_position must be JSON-able (an int, a dict of ints, ...): {e}") from None
         ocp = _ocp()
@@ -408,6 +414,7 @@ class CheckpointManager:
         except LoadError as e:
             raise CheckpointError(str(e)) from None
         where = f"checkpoint step {step} in {self.directory}"
+        verify_checksum(d, f"the metadata of {where}")
         if d.get("format") != FORMAT:
             raise CheckpointError(f"{where} is not a jpeft training checkpoint ('format' is {str(d.get('format'))[:60]!r}).")
         v = d.get("format_version")
@@ -476,6 +483,17 @@ class CheckpointManager:
           ShapeMismatchError: the saved arrays do not fit the templates.
           ConfigError: the checkpoint was saved with a different method config.
         """
+        try:
+            return self._restore(step, adapter, opt_state, shardings, allow_base_mismatch)
+        except JpeftError:
+            raise
+        except Exception as e:  # whatever a damaged file makes Orbax, tensorstore or json raise
+            raise CheckpointError(
+                f"checkpoint step {step if step is not None else 'latest'} in {self.directory} could not be restored: "
+                f"{type(e).__name__}: {str(e)[:300]}. Its files are damaged; restore an earlier step."
+            ) from None
+
+    def _restore(self, step, adapter, opt_state, shardings, allow_base_mismatch) -> TrainState:
         allow = self.allow_base_mismatch if allow_base_mismatch is None else allow_base_mismatch
         if step is None:
             step = self.latest_step()

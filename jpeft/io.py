@@ -392,6 +392,30 @@ def atomic_directory(target, *, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def with_checksum(doc: dict) -> dict:
+    """``doc`` plus ``"checksum"``: the SHA-256 of its canonical JSON, so a metadata file changed
+    after saving (bit rot, a partial write, an edit) is detected on load."""
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    out = dict(body)
+    out["checksum"] = "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def verify_checksum(doc: dict, where: str) -> None:
+    """Raises :class:`CheckpointError` when ``doc["checksum"]`` does not match its content."""
+    if "checksum" not in doc:
+        raise CheckpointError(f"{where} has no 'checksum'; it was not written by jpeft or was damaged.")
+    try:
+        want = with_checksum(doc)["checksum"]
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where} is corrupted: {e}") from None
+    if doc["checksum"] != want:
+        raise CheckpointError(
+            f"{where} is corrupted: its content does not match its checksum (it was changed after saving). "
+            "Use an intact copy, or save it again."
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # reading files defensively
 # --------------------------------------------------------------------------------------------
@@ -600,6 +624,7 @@ def _resolve_adapter_dir(path) -> Path:
 def _parse_info(p: Path) -> tuple[AdapterInfo, dict]:
     d = read_json(p / ADAPTER_JSON, what="adapter metadata")
     where = str(p / ADAPTER_JSON)
+    verify_checksum(d, where)
     if d.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not jpeft adapter metadata: 'format' is {str(d.get('format'))[:80]!r}, expected {FORMAT!r}.")
     v = d.get("format_version")
@@ -642,7 +667,12 @@ def read_adapter_info(path) -> AdapterInfo:
       LoadError: the directory or its metadata is missing; CheckpointError: it is malformed;
       UnsafeFileError: a pickle-based file was offered.
     """
-    return _parse_info(_resolve_adapter_dir(path))[0]
+    try:
+        return _parse_info(_resolve_adapter_dir(path))[0]
+    except JpeftError:
+        raise
+    except Exception as e:  # a damaged file must end in a named error, whatever tripped on it
+        raise CheckpointError(f"adapter at {path} is damaged: {type(e).__name__}: {str(e)[:300]}") from None
 
 
 def save_adapter(
@@ -717,7 +747,7 @@ def save_adapter(
         "metadata": dict(metadata or {}),
     }
     try:
-        meta_bytes = json.dumps(meta, indent=1, sort_keys=True).encode("utf-8")
+        meta_bytes = json.dumps(with_checksum(meta), indent=1, sort_keys=True).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ConfigError(f"metadata must be JSON-able: {e}") from None
     import safetensors.numpy
@@ -797,6 +827,15 @@ def load_adapter(path, params, model=None, *model_args, base_config=None, allow_
       ShapeMismatchError: the arrays do not fit the nodes the config creates on ``params``.
       LoadError: files are missing.
     """
+    try:
+        return _load_adapter(path, params, model, model_args, base_config, allow_base_mismatch, model_kwargs)
+    except JpeftError:
+        raise
+    except Exception as e:  # a damaged file must end in a named error, whatever tripped on it
+        raise CheckpointError(f"adapter at {path} is damaged: {type(e).__name__}: {str(e)[:300]}") from None
+
+
+def _load_adapter(path, params, model, model_args, base_config, allow_base_mismatch, model_kwargs):
     p = _resolve_adapter_dir(path)
     info, index = _parse_info(p)
     check_base(info.base, params, base_config, allow_base_mismatch=allow_base_mismatch)
@@ -835,6 +874,8 @@ __all__ = [
     "sniff_unsafe",
     "refuse_unsafe",
     "read_json",
+    "with_checksum",
+    "verify_checksum",
     "read_safetensors",
     "leaf_names",
     "template_adapter",

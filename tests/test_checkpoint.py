@@ -350,6 +350,9 @@ def test_load_needs_the_same_sites(tmp_path, base):
     data = json.loads((d / "jpeft_adapter.json").read_text())
     data["config"] = other.to_dict()
     (d / "jpeft_adapter.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="does not match its checksum"):  # edited after saving
+        jpeft.load_adapter(d, params)
+    (d / "jpeft_adapter.json").write_text(json.dumps(jpeft.io.with_checksum(data)))
     with pytest.raises(ShapeMismatchError, match="it has 'layers_0/v_proj/lora_A' that the config does not create here"):
         jpeft.load_adapter(d, params)
 
