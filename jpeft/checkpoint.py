@@ -286,7 +286,30 @@ class CheckpointManager:
         try:
             self._mngr.wait_until_finished()
         except Exception as e:  # surfaced from the background thread
+            self._settle()
             raise _wrap(e, f"an asynchronous save into {self.directory} failed; earlier checkpoints are intact", SaveError) from e
+
+    def _settle(self) -> None:
+        """After a failed save: lets Orbax's remaining writer threads finish, then removes the
+        incomplete step directory they leave behind."""
+        for _ in range(3):
+            try:
+                self._mngr.wait_until_finished()
+                break
+            except Exception:  # the failure itself, re-raised by each wait
+                continue
+        # Orbax does not cancel the failed step's sibling writers; they may still create files in
+        # its temporary directory for a moment. Remove it until it stays gone (bounded).
+        import time
+
+        quiet = 0
+        for _ in range(20):
+            had = any(".orbax-checkpoint-tmp" in p.name for p in self.directory.iterdir())
+            self._cleanup_incomplete()
+            quiet = 0 if had else quiet + 1
+            if quiet >= 3:
+                break
+            time.sleep(0.05)
 
     # -- queries -----------------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
@@ -392,7 +415,7 @@ class CheckpointManager:
                 )
             )
         except Exception as e:
-            self._cleanup_incomplete()
+            self._settle()
             raise _wrap(e, f"saving step {step} into {self.directory} failed; earlier checkpoints are intact", SaveError) from e
 
     # -- restore -------------------------------------------------------------------------------------

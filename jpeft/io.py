@@ -428,6 +428,11 @@ def sniff_unsafe(path) -> Optional[str]:
             head = f.read(8)
     except OSError:
         return None
+    return _describe_unsafe(head, p.suffix)
+
+
+def _describe_unsafe(head: bytes, suffix: str = "") -> Optional[str]:
+    p = Path("x" + suffix)
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return f"a Python pickle (protocol {head[1]})"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
@@ -439,9 +444,10 @@ def sniff_unsafe(path) -> Optional[str]:
     return None
 
 
-def refuse_unsafe(path) -> None:
-    """Raises :class:`UnsafeFileError` when :func:`sniff_unsafe` recognises ``path``."""
-    kind = sniff_unsafe(path)
+def refuse_unsafe(path, head: Optional[bytes] = None) -> None:
+    """Raises :class:`UnsafeFileError` when :func:`sniff_unsafe` recognises ``path`` (or, when
+    ``head`` is given, when those first bytes are a pickle / zip / npy signature)."""
+    kind = sniff_unsafe(path) if head is None else _describe_unsafe(head)
     if kind is not None:
         raise UnsafeFileError(
             f"refusing to load {path}: it is {kind}, and loading it could execute arbitrary code. jpeft reads "
@@ -517,8 +523,7 @@ def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[
         raise LoadError(f"weights file {p} does not exist.") from None
     except OSError as e:
         raise LoadError(f"cannot read {p}: {e}") from None
-    if len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5 or data.startswith(b"PK\x03\x04"):
-        refuse_unsafe(p.with_suffix(".pkl"))
+    refuse_unsafe(p, head=data[:8])
     if len(data) < 8:
         raise CheckpointError(f"{p} is truncated: {len(data)} bytes, a safetensors file has at least 8.")
     (n,) = struct.unpack("<Q", data[:8])

@@ -200,6 +200,13 @@ class LoraWeights(Site):
             h = jnp.take(a, x, axis=0)
             return y + self.scale * (h @ b)
         x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
+        if lay.kind == "dense":
+            # Flatten the leading axes: the weight-gradient dots of 2-D operands contract one
+            # axis, which XLA's CPU backend runs without the transposed copies of activations it
+            # makes for several contracted axes (~25% of a Llama LoRA step; docs/BENCHMARKS.md).
+            x2 = x.reshape(-1, x.shape[-1])
+            d = ((x2 @ a) @ b) * self.scale
+            return y + d.reshape(y.shape)
         h = self._down(x, a, mod, call)
         if lay.kind == "einsum":
             return y + self._einsum_up(h, b, call)

@@ -1,0 +1,337 @@
+"""Hardening (issue 11): the non-finite guard, host-boundary validation, no pickle in load
+paths, writes that stay where they are told, atomic saves under simulated disk-full and
+permission errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft import validate
+from jpeft.errors import (
+    CheckpointError,
+    InputValidationError,
+    LoadError,
+    NonFiniteError,
+    OverwriteError,
+    PathEscapeError,
+    SaveError,
+    UnsafeFileError,
+)
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+import ckpt_common as C  # noqa: E402
+
+
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def run():
+    """A run without dropout (so dropping a batch does not shift any random draw) whose loss
+    weights each example by ``batch["w"]``: a NaN there poisons the loss and the gradients."""
+    params = C.params()
+    cfg = C.lora_config(dropout=0.0)
+    adapter = jpeft.init(cfg, params, jax.random.key(1))
+    opt = optax.adam(3e-2)
+    model = C.model()
+
+    def loss_fn(params, adapter, batch, key):
+        logits = jpeft.apply(model, params, adapter, batch["input_ids"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean(axis=-1)
+        return jnp.mean(ce * batch["w"])
+
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    return params, cfg, adapter, opt, step, loss_fn
+
+
+def _batch(i, nan=False):
+    b = C.batch(i)
+    b["w"] = np.full((C.BATCH,), np.nan if nan else 1.0, np.float32)
+    return b
+
+
+# ------------------------------------------------------------------------------------------------
+# non-finite guard
+# ------------------------------------------------------------------------------------------------
+def test_nan_batch_is_skipped_and_training_matches_the_run_without_it(run):
+    params, cfg, adapter, opt, step, loss_fn = run
+    key = jax.random.key(0)
+    with_nan = [_batch(i, nan=(i == 4)) for i in range(10)]
+    without = [b for i, b in enumerate(with_nan) if i != 4]
+    a = jpeft.fit(step, params, adapter, opt.init(adapter), with_nan, key=key)
+    b = jpeft.fit(step, params, adapter, opt.init(adapter), without, key=key)
+    assert a.skipped == 1 and [h["skipped"] for h in a.history] == [0, 0, 0, 0, 1, 0, 0, 0, 0, 0]
+    assert not np.isfinite(a.history[4]["loss"])
+    assert [h["loss"] for i, h in enumerate(a.history) if i != 4] == [h["loss"] for h in b.history]  # bitwise
+    assert _leaves_equal(a.adapter, b.adapter) and _leaves_equal(a.opt_state, b.opt_state)
+    seen = _batch(0)  # training went on after the skipped step: the loss on seen data fell
+    la = loss_fn(params, a.adapter, seen, None)
+    assert float(la) == float(loss_fn(params, b.adapter, seen, None)) < float(loss_fn(params, adapter, seen, None))
+
+
+def test_consecutive_nan_batches_stop_training_and_keep_the_last_good_checkpoint(run, tmp_path):
+    params, cfg, adapter, opt, step, loss_fn = run
+    key = jax.random.key(0)
+    data = [_batch(i, nan=(i >= 4)) for i in range(12)]
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=2, keep_last=2,
+                                            async_save=True) as mngr:
+        with pytest.raises(NonFiniteError, match=r"^step 8: the loss or gradients were not finite for 4 consecutive steps "
+                                                 r"\(steps 5 to 8; limit 3\).*The last step with a finite update was 4"):
+            jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, checkpoint=mngr, max_consecutive_skips=3)
+        assert mngr.all_steps() == [2, 4]  # nothing written during the skips, nothing rotated out
+        state = mngr.restore_latest()
+    good = jpeft.fit(step, params, adapter, opt.init(adapter), data[:4], key=key)
+    assert state.step == 4 and state.data_position == 4
+    assert _leaves_equal(state.adapter, good.adapter) and _leaves_equal(state.opt_state, good.opt_state)
+
+
+def test_guard_resets_after_a_finite_step():
+    g = jpeft.NonFiniteGuard(max_consecutive=1)
+    assert [g.update(s, {"skipped": k}) for s, k in [(1, 1), (2, 0), (3, 1), (4, 0)]] == [True, False, True, False]
+    assert g.total_skipped == 2 and g.last_good_step == 4
+    with pytest.raises(NonFiniteError, match="step 6"):
+        g.update(5, {"skipped": 1})
+        g.update(6, {"skipped": 1})
+    # a step function without the guard's metric: judged by its loss
+    g2 = jpeft.NonFiniteGuard(max_consecutive=0)
+    assert g2.update(1, {"loss": 1.0}) is False
+    with pytest.raises(NonFiniteError, match="step 2"):
+        g2.update(2, {"loss": float("inf")})
+
+
+# ------------------------------------------------------------------------------------------------
+# validation at the host boundary
+# ------------------------------------------------------------------------------------------------
+def _counting(step):
+    calls = []
+
+    def wrapped(*a):
+        calls.append(1)
+        return step(*a)
+
+    return wrapped, calls
+
+
+def test_out_of_range_token_ids_raise_before_any_compute(run):
+    params, cfg, adapter, opt, step, _ = run
+    bad = _batch(1)
+    bad["input_ids"] = bad["input_ids"].copy()
+    bad["input_ids"][2, 5] = C.VOCAB  # one past the end: JAX's gather would clamp it silently
+    counted, calls = _counting(step)
+    with pytest.raises(InputValidationError, match=r"batch 1\['input_ids'\] holds token id 50 at position \(2, 5\), "
+                                                   r"outside the vocabulary \[0, 50\)"):
+        jpeft.fit(counted, params, adapter, opt.init(adapter), [_batch(0), bad], key=jax.random.key(0), vocab_size=C.VOCAB)
+    assert len(calls) == 1  # batch 0 ran; the bad batch never reached the jitted step
+    neg = _batch(0)
+    neg["input_ids"] = neg["input_ids"].copy()
+    neg["input_ids"][0, 0] = -3
+    counted, calls = _counting(step)
+    with pytest.raises(InputValidationError, match=r"token id -3 at position \(0, 0\)"):
+        jpeft.fit(counted, params, adapter, opt.init(adapter), [neg], key=jax.random.key(0), vocab_size=C.VOCAB)
+    assert calls == []
+
+
+def test_too_long_sequences_empty_data_and_shape_changes(run):
+    params, cfg, adapter, opt, step, _ = run
+    counted, calls = _counting(step)
+    with pytest.raises(InputValidationError, match=r"sequences of length 8 .* longer than the model's 6 positions"):
+        jpeft.fit(counted, params, adapter, opt.init(adapter), [_batch(0)], key=jax.random.key(0), max_positions=6)
+    with pytest.raises(InputValidationError, match="batches is empty: expected at least one example, found 0"):
+        jpeft.fit(counted, params, adapter, opt.init(adapter), [], key=jax.random.key(0))
+    with pytest.raises(InputValidationError, match="batches yielded no batch"):
+        jpeft.fit(counted, params, adapter, opt.init(adapter), iter(()), key=jax.random.key(0))
+    short = _batch(1)
+    short = {k: v[:2] for k, v in short.items()}
+    with pytest.raises(InputValidationError, match=r"batch 1\['input_ids'\] has shape \(2, 8\), expected \(4, 8\)"):
+        jpeft.fit(counted, params, adapter, opt.init(adapter), [_batch(0), short], key=jax.random.key(0))
+    assert calls == [1]  # only batch 0 of the last call ran
+
+
+def test_validate_helpers_messages():
+    with pytest.raises(InputValidationError, match=r"batch\['x'\] has dtype float32, expected integer"):
+        validate.check_batch({"x": np.zeros((2, 3), np.float32)}, {"x": ((None, 3), "integer")})
+    with pytest.raises(InputValidationError, match=r"batch lacks key 'y'"):
+        validate.check_batch({"x": np.zeros((2, 3))}, {"y": (None, None)})
+    with pytest.raises(InputValidationError, match="must hold integer token ids, found dtype float32"):
+        validate.check_token_ids(np.zeros((2, 2), np.float32), 10)
+    with pytest.raises(InputValidationError, match=r"holds a non-finite value nan at \(1,\)"):
+        validate.check_finite({"w": np.array([1.0, np.nan])}, name="batch")
+    validate.check_tokens({"input_ids": jnp.arange(8).reshape(2, 4)}, vocab_size=8, max_positions=4)
+    spec = validate.batch_spec(_batch(0), free_leading=True)
+    validate.check_batch(_batch(3), spec)
+
+
+# ------------------------------------------------------------------------------------------------
+# no pickle in load paths
+# ------------------------------------------------------------------------------------------------
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create the marker file
+
+
+def test_pickle_files_are_refused_without_being_executed(tmp_path):
+    marker = tmp_path / "PWNED"
+    payload = pickle.dumps(_Evil(str(marker)), protocol=4)
+    # a pickle offered as an adapter file, under several names
+    for name in ("adapter.pkl", "adapter_model.bin", "weights.safetensors", "jpeft_adapter.safetensors"):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        (d / name).write_bytes(payload)
+        target = d / name if name != "jpeft_adapter.safetensors" else d / name
+        with pytest.raises(UnsafeFileError, match=r"it is a Python pickle \(protocol 4\), and loading it could execute"):
+            if name.endswith(".safetensors") and name != "jpeft_adapter.safetensors":
+                jpeft.io.read_safetensors(target)
+            else:
+                jpeft.load_adapter(target if name.endswith(".pkl") else d, params={})
+    # a torch.save zip archive, and a directory holding one
+    import torch
+
+    tdir = tmp_path / "torch_adapter"
+    tdir.mkdir()
+    torch.save({"w": torch.zeros(2)}, tdir / "adapter_model.bin")
+    with pytest.raises(UnsafeFileError, match="zip archive"):
+        jpeft.load_adapter(tdir, params={})
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    with pytest.raises(UnsafeFileError, match=r"\.npy file"):
+        jpeft.load_adapter(tmp_path / "a.npy", params={})
+    assert not marker.exists()
+
+
+def test_hf_peft_folder_is_pointed_to_load_peft(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(LoadError, match="Hugging Face PEFT adapter .* load it with jpeft.hf.load_peft"):
+        jpeft.load_adapter(tmp_path, params={})
+
+
+# ------------------------------------------------------------------------------------------------
+# writes stay where they are told; no silent overwrite
+# ------------------------------------------------------------------------------------------------
+def test_paths_cannot_escape_the_root(tmp_path, run):
+    params, cfg, adapter, opt, *_ = run
+    root = tmp_path / "adapters"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for bad, msg in [("../evil", "'..' components are not allowed"), ("a/../../evil", "'..' components"),
+                     (str(outside / "x"), "is absolute"), ("", "empty name")]:
+        with pytest.raises(PathEscapeError, match=msg):
+            jpeft.save_adapter(bad, cfg, adapter, root=root)
+    os.symlink(outside, root / "link")
+    with pytest.raises(PathEscapeError, match="is a symlink"):
+        jpeft.save_adapter("link/task", cfg, adapter, root=root)
+    with pytest.raises(PathEscapeError, match="does not save through symlinks"):
+        jpeft.save_adapter(root / "link", cfg, adapter)
+    with pytest.raises(PathEscapeError, match="'..' components"):
+        jpeft.checkpoint.CheckpointManager("../ck", cfg, params, root=root)
+    assert sorted(os.listdir(outside)) == [] and sorted(os.listdir(root)) == ["link"]
+    ok = jpeft.save_adapter("task_a", cfg, adapter, root=root)
+    assert ok == root / "task_a" and ok.is_dir()
+
+
+def test_existing_adapter_is_not_overwritten_unless_asked(tmp_path, run):
+    params, cfg, adapter, *_ = run
+    d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    newer = jax.tree.map(lambda x: x + 1.0, adapter)
+    with pytest.raises(OverwriteError, match="already exists.*Pass overwrite=True"):
+        jpeft.save_adapter(d, cfg, newer, params=params)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    jpeft.save_adapter(d, cfg, newer, params=params, overwrite=True)
+    assert _leaves_equal(jpeft.load_adapter(d, params)[1], newer)
+    assert sorted(os.listdir(tmp_path)) == ["a"]  # no temporary or backup directory left
+
+
+# ------------------------------------------------------------------------------------------------
+# atomic saves under simulated failures
+# ------------------------------------------------------------------------------------------------
+def test_disk_full_and_permission_denied_leave_previous_adapter_intact(tmp_path, run, monkeypatch):
+    params, cfg, adapter, *_ = run
+    d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    newer = jax.tree.map(lambda x: x + 1.0, adapter)
+    real_write = os.write
+    written = []
+
+    def full_disk(fd, data):
+        if sum(written) > 300:  # the first few hundred bytes go through, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, bytes(data)[:200])
+        written.append(n)
+        return n
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(SaveError, match=r"saving to .*/a failed: \[Errno 28\] No space left on device. The previous contents"):
+        jpeft.save_adapter(d, cfg, newer, params=params, overwrite=True)
+    with pytest.raises(SaveError, match="No space left"):
+        jpeft.save_adapter(tmp_path / "fresh", cfg, newer, params=params)
+    monkeypatch.setattr(os, "write", real_write)
+    assert written  # the failure really happened part-way through a file
+    real_rename = os.rename
+
+    def denied(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+
+    monkeypatch.setattr(os, "rename", denied)
+    with pytest.raises(SaveError, match="Permission denied"):
+        jpeft.save_adapter(d, cfg, newer, params=params, overwrite=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["a"]  # temporary directories cleaned up, "fresh" never appeared
+    assert _leaves_equal(jpeft.load_adapter(d, params)[1], adapter)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_disk_full_during_checkpoint_save_keeps_earlier_checkpoint(tmp_path, run, monkeypatch, async_save):
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as jh
+
+    params, cfg, adapter, opt, *_ = run
+    st = opt.init(adapter)
+    ck = tmp_path / "ck"
+    with jpeft.checkpoint.CheckpointManager(ck, cfg, params, optimizer=opt, async_save=async_save) as m:
+        m.save(1, adapter, st, jax.random.key(0), data_position=1)
+        m.wait()
+
+        async def full_disk(self, x, directory):
+            path = directory / self._filename
+            path.write_text(json.dumps(x)[:40])  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", full_disk)
+        with pytest.raises(SaveError, match="step 2 .* failed; earlier checkpoints are intact|asynchronous save .* failed"):
+            m.save(2, jax.tree.map(lambda x: x + 1.0, adapter), st, jax.random.key(0), data_position=2)
+            m.wait()
+        monkeypatch.undo()
+    with jpeft.checkpoint.CheckpointManager(ck, cfg, params, optimizer=opt) as m2:
+        assert m2.all_steps() == [1]  # the failed step is not visible
+        state = m2.restore_latest()
+        assert state.step == 1 and _leaves_equal(state.adapter, adapter)
+        m2.save(3, adapter, st, jax.random.key(0), data_position=3)  # and saving works again
+        m2.wait()
+        assert m2.all_steps() == [1, 3]
+
+
+def test_checkpoint_error_for_missing_step(tmp_path, run):
+    params, cfg, adapter, opt, *_ = run
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt) as m:
+        m.save(1, adapter, opt.init(adapter))
+        m.wait()
+        with pytest.raises(CheckpointError, match=r"step 5 has no complete checkpoint .* available: \[1\]"):
+            m.restore(5)
