@@ -25,9 +25,12 @@ def _linear_candidates(params, infos):
 def _init_lora(config: LoraConfig, params, key, infos):
     leaves, cands = _linear_candidates(params, infos)
     paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
-    keys = jax.random.split(key, len(paths))
+    # Keys go to sites in sorted path order, so the adapter does not depend on the params
+    # dict's insertion order (jax.jit / eval_shape outputs come back with sorted keys).
+    site_key = dict(zip(sorted(paths), jax.random.split(key, len(paths))))
     out = {}
-    for k, path in zip(keys, paths):
+    for path in paths:
+        k = site_key[path]
         own = leaves[path]
         if infos is not None and path in infos and infos[path].layout is not None:
             layout = infos[path].layout
