@@ -404,7 +404,8 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, adapter, adapte
     """
     if adapter_shardings_tree is None:
         adapter_shardings_tree = _tree_shardings(adapter)
-    first = jax.tree.leaves(adapter_shardings_tree)[0]
+    leaves = jax.tree.leaves(adapter_shardings_tree)
+    first = leaves[0] if leaves else None
     if not isinstance(first, NamedSharding):
         raise ShardingError(
             "opt_state_shardings needs the adapter placed on a mesh (NamedSharding leaves); found "
@@ -534,14 +535,25 @@ def make_sharded_train_step(
             cache[key] = fn
         return fn
 
-    def step(params, adapter, opt_state, batch, key):
+    def _prepare(params, adapter, opt_state, batch, key):
         fn = _compiled(adapter, opt_state)
         batch = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and x.sharding == batch_sharding
                              else shard_batch(x, mesh, batch_axes), batch)
         if key is not None:
             key = _put_leaf(key, replicated)
-        return fn(params, adapter, opt_state, batch, key)
+        return fn, (params, adapter, opt_state, batch, key)
 
+    def step(params, adapter, opt_state, batch, key):
+        fn, args = _prepare(params, adapter, opt_state, batch, key)
+        return fn(*args)
+
+    def lower(params, adapter, opt_state, batch, key):
+        """``jax.jit(...).lower`` of the step for these arguments (inspect the HLO, or
+        ``.compile().memory_analysis()`` for per-device memory); runs nothing."""
+        fn, args = _prepare(params, adapter, opt_state, batch, key)
+        return fn.lower(*args)
+
+    step.lower = lower
     return step
 
 

@@ -1,0 +1,546 @@
+"""Scale-out training (issue 5): pmap / mesh / fsdp against one device, placements, mixed
+precision, remat, gradient accumulation, multi-host, and the TPU launch script.
+
+The eight-device checks run in a subprocess (tests/_parallel_worker.py) because XLA_FLAGS
+must be set before JAX is imported; the two-process check runs tpu/train_multihost.py twice
+joined through jax.distributed on 127.0.0.1.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+import jpeft
+from jpeft import distributed as dist
+from jpeft.train import accumulate_loss_and_grad, loss_and_grad
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _load_common():
+    spec = importlib.util.spec_from_file_location("_parallel_common", os.path.join(HERE, "_parallel_common.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+C = _load_common()
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return env
+
+
+# ------------------------------------------------------------------ eight emulated devices
+@pytest.fixture(scope="module")
+def eight():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_parallel_worker.py"), "20"],
+        env=_env(8), cwd=HERE, capture_output=True, text=True, timeout=900,
+    )
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("JSON:")]
+    assert proc.returncode == 0 and lines, f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][5:])
+
+
+def test_eight_devices_really_used(eight):
+    assert eight["devices"] == 8
+    # the runs are not trivial: the adapter moves and the loss falls over the 20 steps
+    for opt in ("sgd", "adam"):
+        assert eight[f"single/{opt}/adapter_change"] > 1e-3
+        losses = eight[f"single/{opt}/losses"]
+        assert len(losses) == 20 and losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("strategy", ["pmap", "mesh8", "mesh2x4"])
+def test_strategies_match_one_device_sgd(eight, strategy):
+    assert eight[f"{strategy}/sgd/loss_diff"] < 1e-5
+    assert eight[f"{strategy}/sgd/adapter_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("strategy", ["pmap", "mesh8", "mesh2x4", "mesh2x4_acc2"])
+def test_strategies_match_one_device_adam(eight, strategy):
+    assert eight[f"{strategy}/adam/loss_diff"] < 1e-4
+    assert eight[f"{strategy}/adam/adapter_diff"] < 1e-4
+
+
+def test_pmap_replicas_identical(eight):
+    assert eight["pmap/sgd/replicas_equal"] == 0.0
+    assert eight["pmap/adam/replicas_equal"] == 0.0
+
+
+def test_fsdp4_each_device_holds_a_quarter(eight):
+    shards = eight["fsdp4/sharded"]
+    # every leaf of the tiny model has a dimension divisible by 4, so every one is sharded
+    assert len(shards) == eight["fsdp4/n_leaves"] == 21
+    for s in shards:
+        assert s["devices"] == 8, s
+        assert s["fractions"] == [0.25], s
+        assert "fsdp" in s["spec"], s
+    by_path = {s["path"]: s for s in shards}
+    # largest divisible dimension: [16, 64] shards its 64, [256, 16] its 256
+    assert by_path["['params']['layers_0']['up_proj']['kernel']"]["spec"] == "P(None, 'fsdp')"
+    assert by_path["['params']['embed']['embedding']"]["spec"] == "P('fsdp',)"
+
+
+def test_adapter_and_optimizer_state_follow_base(eight):
+    ex = eight["mesh2x4/example_specs"]
+    # up_proj kernel [in=16, out=64] sharded on its output dim: B follows, A replicated
+    assert ex["kernel"] == "P(None, 'fsdp')"
+    assert ex["lora_A"] == "P(None, None)" and ex["lora_B"] == "P(None, 'fsdp')"
+    # q_proj kernel [16, 16] sharded on its input dim: A follows, B replicated
+    assert ex["q_kernel"] == "P('fsdp',)"
+    assert ex["q_lora_A"] == "P('fsdp', None)" and ex["q_lora_B"] == "P(None, None)"
+    assert eight["mesh2x4/adapter_specs_kept"] is True
+    assert eight["mesh2x4/opt_specs_follow_adapter"] is True
+    assert eight["mesh2x4/opt_count_replicated"] is True
+
+
+# ------------------------------------------------------------------ partition specs (no devices)
+MESH = AbstractMesh((2, 4), ("data", "fsdp"))
+S = jax.ShapeDtypeStruct
+
+
+def test_default_spec_largest_divisible_dimension():
+    base = {"params": {
+        "a": {"kernel": S((12, 8), jnp.float32)},   # 12 > 8, both divisible -> dim 0
+        "b": {"kernel": S((6, 8), jnp.float32)},    # 6 not divisible -> dim 1
+        "c": {"kernel": S((3, 5), jnp.float32)},    # nothing divisible -> replicated
+        "d": {"kernel": S((8, 8), jnp.float32)},    # tie -> the first
+        "e": {"bias": S((4,), jnp.float32), "n": S((), jnp.int32)},
+    }}
+    sp = jpeft.param_specs(base, MESH)["params"]
+    assert sp["a"]["kernel"] == P("fsdp")
+    assert sp["b"]["kernel"] == P(None, "fsdp")
+    assert sp["c"]["kernel"] == P()
+    assert sp["d"]["kernel"] == P("fsdp")
+    assert sp["e"]["bias"] == P("fsdp") and sp["e"]["n"] == P()
+    # min_size keeps small leaves whole; a data-only mesh replicates everything
+    assert jpeft.param_specs(base, MESH, min_size=50)["params"]["a"]["kernel"] == P("fsdp")
+    assert jpeft.param_specs(base, MESH, min_size=97)["params"]["a"]["kernel"] == P()
+    flat = jax.tree.leaves(jpeft.param_specs(base, AbstractMesh((8, 1), ("data", "fsdp"))),
+                           is_leaf=lambda x: isinstance(x, P))
+    assert all(s == P() for s in flat)
+
+
+def test_stacked_layer_axis_never_sharded():
+    base = {"params": {"blocks": {"mlp": {"kernel": S((64, 16, 32), jnp.float32)}}, "head": {"kernel": S((64, 16, 32), jnp.float32)}}}
+    sp = jpeft.param_specs(base, MESH, stacked=r"blocks/.*")["params"]
+    assert sp["blocks"]["mlp"]["kernel"] == P(None, None, "fsdp")  # 32 of (16, 32), never the 64 layers
+    assert sp["head"]["kernel"] == P("fsdp")  # not stacked: the 64 is fair game
+
+
+def test_rules_override_in_order():
+    base = {"params": {"q": {"kernel": S((16, 64), jnp.float32)}, "k": {"kernel": S((16, 64), jnp.float32)}}}
+    rules = [(r"q/kernel", ("fsdp", None)), (r".*/kernel", None)]
+    sp = jpeft.param_specs(base, MESH, rules)["params"]
+    assert sp["q"]["kernel"] == P("fsdp", None)
+    assert sp["k"]["kernel"] == P()
+    sp = jpeft.param_specs(base, MESH, [(r"k/.*", P(None, ("data", "fsdp")))])["params"]
+    assert sp["k"]["kernel"] == P(None, ("data", "fsdp"))
+    assert sp["q"]["kernel"] == P(None, "fsdp")  # default
+
+
+def test_rule_errors_say_what_and_how():
+    base = {"params": {"q": {"kernel": S((6, 64), jnp.float32)}}}
+    with pytest.raises(jpeft.ShardingError, match=r"names the mesh axis 'model'.*axes \('data', 'fsdp'\)"):
+        jpeft.param_specs(base, MESH, [("q/kernel", ("model", None))])
+    with pytest.raises(jpeft.ShardingError, match=r"dimension 0 \(size 6\) over 'fsdp' \(size 4\).*replicate"):
+        jpeft.param_specs(base, MESH, [("q/kernel", ("fsdp", None))])
+    with pytest.raises(jpeft.ShardingError, match=r"3 entries.*2 dims"):
+        jpeft.param_specs(base, MESH, [("q/kernel", (None, None, "fsdp"))])
+    with pytest.raises(jpeft.ShardingError, match=r"\(regex, spec\) pairs"):
+        jpeft.param_specs(base, MESH, ["q/kernel"])
+
+
+def test_make_mesh_errors():
+    with pytest.raises(jpeft.ShardingError, match=r"fsdp=3 does not divide the 1 available devices"):
+        jpeft.make_mesh(fsdp=3)
+    with pytest.raises(jpeft.ShardingError, match=r"must equal the number of devices \(1\).*data=2, fsdp=1"):
+        jpeft.make_mesh(data=2)
+    with pytest.raises(jpeft.ShardingError, match="positive integer"):
+        jpeft.make_mesh(fsdp=0)
+    mesh = jpeft.make_mesh()
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
+
+
+class _Heads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.DenseGeneral((4, 8), name="qkv")(x)              # kernel [16, 4, 8]: in (0,), out (1, 2)
+        e = nn.Embed(32, 16, name="emb")(jnp.zeros(x.shape[:-1], jnp.int32))
+        return nn.Dense(16, name="out")(h.reshape(x.shape[:-1] + (32,))) + e
+
+
+def test_adapter_specs_follow_kernel_axes():
+    model = _Heads()
+    x = jnp.ones((2, 16))
+    params = model.init(jax.random.key(0), x)
+    cfg = jpeft.LoraConfig(r=4, target_modules=["qkv", "emb", "out"], use_dora=False)
+    adapter = jpeft.init(cfg, params, jax.random.key(1), model, x)
+    specs = {"params": {
+        "qkv": {"kernel": P(None, "fsdp", None), "bias": P()},    # major output axis sharded
+        "emb": {"embedding": P("fsdp", None)},                    # vocab axis = LoRA's input axis
+        "out": {"kernel": P("fsdp", None), "bias": P()},
+    }}
+    got = jpeft.adapter_specs(adapter, specs)
+    assert (got["qkv"].lora_A, got["qkv"].lora_B) == (P(None, None), P(None, "fsdp"))
+    assert (got["emb"].lora_A, got["emb"].lora_B) == (P("fsdp", None), P(None, None))
+    assert (got["out"].lora_A, got["out"].lora_B) == (P("fsdp", None), P(None, None))
+    # a minor output axis cannot be carried over to the flattened [r, 4 * 8] factor
+    specs["params"]["qkv"]["kernel"] = P(None, None, "fsdp")
+    got = jpeft.adapter_specs(adapter, specs)
+    assert got["qkv"].lora_B == P(None, None)
+    # the result is a tree shaped like the adapter (same static fields), usable as shardings
+    assert jax.tree.structure(got) == jax.tree.structure(jax.tree.map(lambda _: P(), adapter))
+
+
+def test_adapter_specs_stacked_and_dora():
+    model = nn.Dense(64)
+    x = jnp.ones((2, 16))
+    params = model.init(jax.random.key(0), x)
+    dora = jpeft.init(jpeft.LoraConfig(r=4, target_modules=".*", use_dora=True), params, jax.random.key(1))
+    got = jpeft.adapter_specs(dora, {"params": {"kernel": P(None, "fsdp"), "bias": P()}})[""]
+    assert (got.lora_A, got.lora_B, got.magnitude) == (P(None, None), P(None, "fsdp"), P("fsdp"))
+    # a scanned site: factors with a leading layer axis [L, in, r] / [L, r, out]
+    node = jpeft.init(jpeft.LoraConfig(r=4, target_modules=".*"), params, jax.random.key(1))[""]
+    stacked = dataclasses.replace(node, lora_A=jnp.zeros((3,) + node.lora_A.shape), lora_B=jnp.zeros((3,) + node.lora_B.shape))
+    got = jpeft.adapter_specs({"blocks": stacked}, {"params": {"blocks": {"kernel": P(None, "fsdp", None)}}})["blocks"]
+    assert (got.lora_A, got.lora_B) == (P(None, "fsdp", None), P(None, None, None))
+
+
+def test_adapter_specs_missing_base_leaf():
+    model = nn.Dense(4)
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    adapter = jpeft.init(jpeft.LoraConfig(target_modules=".*"), params, jax.random.key(1))
+    with pytest.raises(jpeft.ShardingError, match=r"site '' adapts the base leaf 'kernel'.*another model"):
+        jpeft.adapter_specs(adapter, {"params": {"other": {"kernel": P()}}})
+
+
+# ------------------------------------------------------------------ one-device mesh, in process
+def _tiny():
+    model, params, adapter, loss_fn = C.setup()
+    return model, params, C.random_adapter(adapter), loss_fn
+
+
+def test_sharded_step_on_one_device_mesh_equals_train_step():
+    model, params, adapter, loss_fn = _tiny()
+    data = C.batches(3)
+    opt = optax.adam(1e-2)
+    ref_losses, ref = C.single_device_run(loss_fn, opt, params, adapter, data)
+    mesh = jpeft.make_mesh()
+    p = jpeft.shard_params(params, mesh)
+    a = jpeft.shard_adapter(adapter, mesh, p)
+    s = jpeft.init_opt_state(opt, a)
+    step = jpeft.make_sharded_train_step(loss_fn, opt, mesh)
+    key = jax.random.key(0)
+    for i, b in enumerate(data):
+        a, s, m = step(p, a, s, b, jax.random.fold_in(key, i))
+        assert abs(float(m["loss"]) - ref_losses[i]) < 1e-6
+    assert C.max_diff(a, ref) < 1e-6
+    # the donated step left the caller's unsharded adapter intact
+    assert not any(x.is_deleted() for x in jax.tree.leaves(adapter))
+
+
+def test_sharded_step_refuses_unplaced_state():
+    model, params, adapter, loss_fn = _tiny()
+    mesh = jpeft.make_mesh()
+    opt = optax.sgd(0.1)
+    step = jpeft.make_sharded_train_step(loss_fn, opt, mesh)
+    with pytest.raises(jpeft.ShardingError, match=r"adapter is not placed on the step's mesh.*jpeft.shard_adapter"):
+        step(params, adapter, opt.init(adapter), C.batches(1)[0], None)
+
+
+def test_opt_state_shardings_match_adapter_copies():
+    _, params, adapter, _ = _tiny()
+    mesh = jpeft.make_mesh()
+    a = jpeft.shard_adapter(adapter, jpeft.make_mesh(), jpeft.shard_params(params, mesh))
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    sh = jpeft.opt_state_shardings(opt, a)
+    state = jpeft.init_opt_state(opt, a)
+    assert jax.tree.structure(state) == jax.tree.structure(jax.eval_shape(opt.init, adapter))
+    assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state)) == jax.tree.leaves(sh)
+    with pytest.raises(jpeft.ShardingError, match="adapter placed on a mesh"):
+        jpeft.opt_state_shardings(opt, adapter)
+
+
+# ------------------------------------------------------------------ gradient accumulation
+def test_accumulation_equals_big_batch():
+    model, params, adapter, loss_fn = _tiny()
+    big = C.batches(1, batch=16)[0]
+    key = jax.random.key(3)
+    acc4 = jax.jit(lambda a, b: accumulate_loss_and_grad(loss_fn, params, a, b, key, 4))
+    one = jax.jit(lambda a, b: loss_and_grad(loss_fn, params, a, b, key))
+    (l4, _), g4 = acc4(adapter, big)
+    (l1, _), g1 = one(adapter, big)
+    assert abs(float(l4) - float(l1)) < 1e-5
+    assert C.max_diff(g4, g1) < 1e-5
+    # and equals the mean over the four strided micro-batches computed one by one
+    parts = [one(adapter, {"tokens": big["tokens"][j::4]}) for j in range(4)]
+    g_manual = jax.tree.map(lambda *g: sum(g) / 4, *[g for _, g in parts])
+    assert C.max_diff(g4, g_manual) < 1e-6
+    assert float(optax.tree.norm(g4)) > 1e-3  # not trivially zero
+    # whole training runs: 4 micro-batches of 4 == one batch of 16 (Adam, 3 updates)
+    data = C.batches(3, batch=16)
+    opt = optax.adam(1e-2)
+    la, aa = C.single_device_run(loss_fn, opt, params, adapter, data, accumulate_steps=4)
+    lb, ab = C.single_device_run(loss_fn, opt, params, adapter, data)
+    assert np.max(np.abs(np.array(la) - np.array(lb))) < 1e-5
+    assert C.max_diff(aa, ab) < 1e-5
+    assert C.max_diff(aa, adapter) > 1e-3
+
+
+def test_accumulation_errors():
+    _, params, adapter, loss_fn = _tiny()
+    with pytest.raises(jpeft.InputValidationError, match=r"accumulate_steps=3.*shape \(16, 9\).*multiple of 3"):
+        accumulate_loss_and_grad(loss_fn, params, adapter, C.batches(1)[0], None, 3)
+    with pytest.raises(jpeft.ConfigError, match="accumulate_steps must be a positive integer, found 0"):
+        jpeft.make_train_step(loss_fn, optax.sgd(0.1), accumulate_steps=0)
+
+
+# ------------------------------------------------------------------ rematerialization
+_NO_REMAT: dict = {}
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_same_gradients(policy):
+    _, params, adapter, loss_fn = _tiny()
+    _, _, _, loss_remat = C.setup(remat=policy)
+    batch = C.batches(1)[0]
+    if not _NO_REMAT:
+        _NO_REMAT["out"] = jax.jit(lambda a: loss_and_grad(loss_fn, params, a, batch, None))(adapter)
+    (l0, _), g0 = _NO_REMAT["out"]
+    (l1, _), g1 = jax.jit(lambda a: loss_and_grad(loss_remat, params, a, batch, None))(adapter)
+    assert abs(float(l0) - float(l1)) < 1e-6
+    assert C.max_diff(g0, g1) < 1e-6
+    assert float(optax.tree.norm(g1)) > 1e-3
+    # remat is really in the program: a checkpoint primitive appears only with the flag
+    jx = str(jax.make_jaxpr(lambda a: loss_and_grad(loss_remat, params, a, batch, None))(adapter))
+    jx0 = str(jax.make_jaxpr(lambda a: loss_and_grad(loss_fn, params, a, batch, None))(adapter))
+    assert "checkpoint" in jx or "remat" in jx
+    assert "checkpoint" not in jx0 and "remat" not in jx0
+
+
+def test_remat_policy_names():
+    assert jpeft.remat_policy("full") is None
+    assert jpeft.remat_policy("dots_saveable") is jax.checkpoint_policies.dots_saveable
+    pol = jax.checkpoint_policies.nothing_saveable
+    assert jpeft.remat_policy(pol) is pol
+    with pytest.raises(jpeft.ConfigError, match=r"remat policy must be one of .*'dots_saveable'.*found 'fast'"):
+        jpeft.remat_policy("fast")
+
+
+# ------------------------------------------------------------------ mixed precision
+def test_mixed_precision_bf16_base_f32_master():
+    model, params, adapter, loss_fn = _tiny()
+    base16 = jpeft.cast_base(params, jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(base16)} == {jnp.dtype(jnp.bfloat16)}
+    assert jpeft.summary(base16, None, print_fn=None)["base"] == jpeft.summary(params, None, print_fn=None)["base"]
+    lf16 = jpeft.with_precision(loss_fn, jnp.bfloat16)
+    batch = C.batches(1)[0]
+    opt = optax.adam(1e-2)
+    step = jpeft.make_train_step(lf16, opt, donate=False)
+    new, state, m = step(base16, adapter, opt.init(adapter), batch, None)
+    assert m["loss"].dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+    g = jax.eval_shape(lambda a: loss_and_grad(lf16, base16, a, batch, None)[1], adapter)
+    assert {x.dtype for x in jax.tree.leaves(g)} == {jnp.dtype(jnp.float32)}
+    # the forward really runs in bfloat16 (matmuls on bf16 operands), and stays close to f32
+    jx = str(jax.make_jaxpr(lambda a: lf16(base16, a, batch, None))(adapter))
+    assert "dot_general" in jx and "bf16[" in jx
+    l32 = float(jax.jit(loss_fn)(params, adapter, batch, None))
+    assert abs(float(m["loss"]) - l32) / l32 < 2e-2
+    # compute dtype is independent of storage: a bf16-stored base computed in f32
+    lf32 = jpeft.with_precision(loss_fn, jnp.float32)
+    jx32 = str(jax.make_jaxpr(lambda a: lf32(base16, a, batch, None))(adapter))
+    assert "bf16[" in jx32  # the stored weights
+    assert abs(float(jax.jit(lf32)(base16, adapter, batch, None)) - l32) / l32 < 2e-2
+
+
+def test_precision_errors():
+    with pytest.raises(jpeft.ConfigError, match=r"compute_dtype must be a floating dtype.*int32"):
+        jpeft.with_precision(lambda *a: 0.0, jnp.int32)
+    with pytest.raises(jpeft.ConfigError, match=r"cast_base: dtype must be a floating dtype"):
+        jpeft.cast_base({"w": jnp.ones(2)}, "int8")
+
+
+# ------------------------------------------------------------------ multi-process helpers
+def test_process_slices_and_batches():
+    assert dist.process_slice(12, index=2, count=3) == slice(8, 12)
+    with pytest.raises(jpeft.InputValidationError, match=r"12 rows cannot be split evenly over 5 processes"):
+        dist.process_slice(12, index=0, count=5)
+    b = {"tokens": np.arange(24).reshape(12, 2)}
+    np.testing.assert_array_equal(dist.host_local_batch(b, index=1, count=3)["tokens"], b["tokens"][4:8])
+    mesh = jpeft.make_mesh()
+    g = dist.global_batch(b, mesh)
+    np.testing.assert_array_equal(np.asarray(g["tokens"]), b["tokens"])
+    assert g["tokens"].sharding == jpeft.shard_batch(b, mesh)["tokens"].sharding
+    assert dist.gather(g)["tokens"].tolist() == b["tokens"].tolist()
+
+
+def test_initialize_arguments():
+    info = dist.initialize()  # no coordinator, no cluster: a single-process run, nothing joined
+    assert info == {"process_index": 0, "process_count": 1, "local_devices": 1, "global_devices": 1}
+    assert dist.is_main_process()
+    with pytest.raises(jpeft.DistributedError, match=r"also give num_processes and process_id"):
+        dist.initialize("127.0.0.1:1234")
+    with pytest.raises(jpeft.DistributedError, match=r"need a coordinator_address"):
+        dist.initialize(num_processes=2, process_id=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    steps = 10
+    args = ["--steps", str(steps), "--fsdp", "2", "--width", str(C.WIDTH), "--layers", str(C.LAYERS),
+            "--seq-len", str(C.SEQ), "--global-batch", str(C.BATCH), "--rank", str(C.RANK),
+            "--out", str(tmp_path), "--write-every-process", "--log-every", "0"]
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, C.SCRIPT, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+             "--process-id", str(i)] + args,
+            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=600)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n----\n".join(o[-3000:] for o in outs)
+    infos = [json.load(open(tmp_path / f"losses.process{i}.json")) for i in range(2)]
+    assert [i["process_index"] for i in infos] == [0, 1]
+    assert all(i["process_count"] == 2 and i["global_devices"] == 4 for i in infos)
+    a0, a1 = (dict(np.load(tmp_path / f"adapter.process{i}.npz")) for i in range(2))
+    assert sorted(a0) == sorted(a1) and len(a0) == 10
+    for k in a0:
+        np.testing.assert_array_equal(a0[k], a1[k])  # identical on both processes
+    assert infos[0]["losses"] == infos[1]["losses"]
+    # process 0 alone wrote the adapter files
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
+    # a single-process run on the same global batches
+    s = C.script()
+    _, params, adapter, loss_fn = C.setup()
+    opt = s.make_optimizer("adam", 1e-2)
+    ref_losses, ref = C.single_device_run(loss_fn, opt, params, adapter, C.batches(steps))
+    assert np.max(np.abs(np.array(infos[0]["losses"]) - np.array(ref_losses))) < 1e-5
+    for path, node in ref.items():
+        np.testing.assert_allclose(a0[f"{path}.lora_A"], np.asarray(node.lora_A), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a0[f"{path}.lora_B"], np.asarray(node.lora_B), atol=1e-5, rtol=0)
+    assert max(float(np.abs(np.asarray(n.lora_B)).max()) for n in ref.values()) > 1e-3  # it trained
+
+
+# ------------------------------------------------------------------ TPU launch script
+def test_tpu_dry_run_prints_the_command_sequence():
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "tpu", "launch_pod.sh"), "--dry-run", "--name", "jpeft-ci", "--zone", "europe-west4-a",
+         "--accelerator-type", "v5litepod-16", "--project", "proj-1", "--out", "out dir", "--",
+         "--steps", "7", "--fsdp", "4"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cmds = [shlex.split(l) for l in proc.stdout.strip().splitlines()]
+    tpu = [c for c in cmds if c[:4] == ["gcloud", "compute", "tpus", "tpu-vm"]]
+    assert [c[4] for c in tpu] == ["create", "scp", "ssh", "ssh", "scp", "delete"]
+    for c in tpu:
+        assert c[5] == "jpeft-ci" or c[4] == "scp"
+        assert c[c.index("--zone") + 1] == "europe-west4-a" and c[c.index("--project") + 1] == "proj-1"
+    create, copy, setup, train, gather, delete = tpu
+    assert create[create.index("--accelerator-type") + 1] == "v5litepod-16" and "--version" in create
+    assert copy[-1] == "--worker=all" and copy[5:7] == ["/tmp/jpeft-ci-jpeft.tar.gz", "jpeft-ci:jpeft.tar.gz"]
+    assert "--worker=all" in setup and "pip install" in setup[setup.index("--command") + 1]
+    run = train[train.index("--command") + 1]
+    assert "--worker=all" in train
+    assert shlex.split(run)[3:] == ["python3", "tpu/train_multihost.py", "--cluster-auto", "--out",
+                                   "/tmp/jpeft_adapter", "--steps", "7", "--fsdp", "4"]
+    assert "--worker=0" in gather and gather[gather.index("--recurse") + 2] == "out dir/"
+    assert delete[-1] == "--quiet"
+    # the archive is made before it is copied, the local folder before the gather
+    order = [c[0] for c in cmds]
+    assert order.index("git") < [i for i, c in enumerate(cmds) if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"]][0]
+    assert ["mkdir", "-p", "out dir"] in cmds
+    # the training command it runs exists and documents itself
+    help_ = subprocess.run([sys.executable, C.SCRIPT, "--help"], capture_output=True, text=True, timeout=120)
+    assert help_.returncode == 0 and "--cluster-auto" in help_.stdout and "--fsdp" in help_.stdout
+
+
+def test_tpu_launch_rejects_bad_input():
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tpu", "launch_pod.sh"), "--dry-run", "--name", "Bad_Name"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not a valid TPU name" in proc.stderr
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tpu", "launch_pod.sh"), "--bogus"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown option '--bogus'" in proc.stderr
+
+
+def test_remat_flag_of_jpeft_models_same_gradients():
+    """jpeft's Llama with ``remat=True`` (each decoder layer under jax.checkpoint) trains the
+    same adapter gradients as without, and FSDP specs work on its parameter tree."""
+    from jpeft.models import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, max_position_embeddings=16)
+    tokens = jnp.asarray(C.batches(1, batch=4, seq=8)[0]["tokens"] % 64)
+    model = LlamaForCausalLM(cfg)
+    params = model.init(jax.random.key(0), tokens[:, :-1])
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init="random"),
+                         params, jax.random.key(1))
+
+    def make_loss(m):
+        def loss_fn(params, adapter, batch, key):
+            logits = jpeft.apply(m, params, adapter, batch[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        return loss_fn
+
+    ref = jax.jit(lambda a: loss_and_grad(make_loss(model), params, a, tokens, None))(adapter)
+    remat_model = LlamaForCausalLM(cfg.replace(remat=True, remat_policy="dots_saveable"))
+    f = lambda a: loss_and_grad(make_loss(remat_model), params, a, tokens, None)
+    got = jax.jit(f)(adapter)
+    assert abs(float(ref[0][0]) - float(got[0][0])) < 1e-6
+    assert C.max_diff(ref[1], got[1]) < 1e-6 and float(optax.tree.norm(got[1])) > 1e-4
+    jx = str(jax.make_jaxpr(f)(adapter))
+    assert "checkpoint" in jx or "remat" in jx
+    specs = jpeft.param_specs(params, AbstractMesh((2, 2), ("data", "fsdp")))
+    q = specs["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert q == P("fsdp")
+    a_specs = jpeft.adapter_specs(adapter, specs)
+    assert a_specs["model/layers_0/self_attn/q_proj"].lora_A == P("fsdp", None)
+
+
+def test_init_does_not_depend_on_params_key_order():
+    """Params created under jax.jit (as a sharded base is) come back with sorted dict keys;
+    the adapter must be the same as for the eagerly created params (core fix, issue 5)."""
+    _, params, adapter, _ = C.setup()
+    reordered = jax.jit(lambda p: p)(params)
+    assert list(reordered["params"]["layers_0"]) != list(params["params"]["layers_0"])
+    again = jpeft.init(C.script().lora_config(C.RANK), reordered, jax.random.key(1))
+    assert sorted(again) == sorted(adapter)
+    assert C.max_diff({k: adapter[k] for k in sorted(adapter)}, {k: again[k] for k in sorted(again)}) == 0.0
