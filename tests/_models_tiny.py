@@ -37,7 +37,8 @@ def _hf_config(family: str):
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "llama2":
-        return t.LlamaConfig(**common, num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=128)
+        return t.LlamaConfig(**common, num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=128,
+                             attention_bias=True, mlp_bias=True)
     if family == "llama3":
         return t.LlamaConfig(
             **common, num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128,
@@ -49,7 +50,8 @@ def _hf_config(family: str):
                                tie_word_embeddings=False)
     if family == "qwen2":
         return t.Qwen2Config(**common, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                             use_sliding_window=True, sliding_window=4, max_window_layers=1)
     if family == "gpt2":
         return t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
                             eos_token_id=2, pad_token_id=0)

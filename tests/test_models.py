@@ -256,7 +256,7 @@ def test_weight_shape_disagrees_with_config(tmp_path):
     cfg["intermediate_size"] = 64
     cfg["num_hidden_layers"] = 3
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"missing 9 weights \['model\.layers\.2\."):
+    with pytest.raises(CheckpointError, match=r"missing 16 weights \['model\.layers\.2\."):
         M.from_pretrained(str(d))
 
 
@@ -284,3 +284,24 @@ def test_bert_task_head_missing_is_freshly_initialised(tmp_path):
         np.asarray(ref["params"]["bert"]["encoder"]["layer_1"]["output"]["dense"]["kernel"]),
     )
     assert params["params"]["classifier"]["kernel"].shape == (32, 3)
+
+
+def test_bf16_model_generates_and_load_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model, params = loaded("llama3", "bfloat16")
+    out = jpeft.generate(model, params, None, jnp.asarray(T.batch("llama3")[0]), 3)
+    assert out.shape == (3, 11) and out.dtype == jnp.int32
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "hello", "world", "jax"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(tmp_path)
+    t = M.load_tokenizer(str(tmp_path))
+    assert t("hello jax world")["input_ids"] == [2, 4, 3]
+    with pytest.raises(LoadError, match="is not a folder"):
+        M.load_tokenizer(str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LoadError, match="no usable tokenizer"):
+        M.load_tokenizer(str(empty))
