@@ -254,6 +254,7 @@ def main(argv=None):
     p.add_argument("--memory-size", default="400m", choices=sorted(C.SIZES) + ["none"],
                    help="size of the LoRA-vs-full memory runs (default 400m; 'none' skips them)")
     p.add_argument("--memory-steps", type=int, default=2, help="training steps of each memory run (default 2)")
+    p.add_argument("--memory-only", action="store_true", help="only the LoRA-vs-full memory runs (no speed rounds)")
     p.add_argument("--profile", action="store_true", help="after round 1: step breakdowns and jpeft's top XLA ops")
     p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""), help="XLA_FLAGS for the jpeft workers")
     p.add_argument("--workdir", help="keep models, logs and traces here (default: a temporary folder, removed)")
@@ -268,6 +269,17 @@ def main(argv=None):
     t_all = time.perf_counter()
     try:
         log(f"[setup] random Llama ({args.size}) and peft LoRA adapter -> {workdir}/model")
+        if args.memory_only:
+            if args.memory_size == "none":
+                p.error("--memory-only needs a --memory-size")
+            report = {"memory_400m": memory_runs(args, workdir), "memory_size": args.memory_size,
+                      "env": {"xla_flags": args.xla_flags, "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()}}
+            for k in ("ratio_f32", "ratio_bf16"):
+                print(f"LoRA / full peak memory, {k[6:]} base: {report['memory_400m'][k]:.3f}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(report, f, indent=1)
+            return report
         setup = run_once("_hf_worker.py", ["--setup", "--dir", os.path.join(workdir, "model"), "--size", args.size],
                          os.path.join(workdir, "setup.log"))[-1]
         rounds = []

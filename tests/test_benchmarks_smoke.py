@@ -1,0 +1,60 @@
+"""Keeps benchmarks/bench_vs_hf.py from rotting: one toy-sized run end to end (no timing
+assertions; timings on a shared CI machine mean nothing). What is checked are numbers with a
+reference: jpeft and transformers+peft, loaded from the same files, must produce the same
+loss at every training step, and the analytic FLOP count must agree with XLA's own count."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH = os.path.join(os.path.dirname(HERE), "benchmarks")
+sys.path.insert(0, BENCH)
+
+import _common as C  # noqa: E402
+import bench_vs_hf  # noqa: E402
+
+
+def test_peak_rss_sees_an_allocation():
+    mem = C.PeakRSS()
+    block = bytearray(64 * 2**20)
+    block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page
+    del block
+    assert mem.above_baseline() >= 60 * 2**20
+
+
+def test_flop_count_matches_a_hand_count():
+    s = C.Size(hidden=4, layers=1, heads=2, intermediate=6, vocab=10, batch=1, seq=3)
+    f = C.lora_step_flops(s, r=2)
+    T = 3
+    frozen = 4 * 4 * 4 + 3 * 4 * 6 + 4 * 10
+    attn = 2 * 2 * 1 * 3 * 3 * 4
+    lora = sum(2 * T * 2 * (a + b) for a, b in [(4, 4)] * 4 + [(4, 6), (4, 6), (6, 4)])
+    assert f["forward"] == 2 * T * frozen + attn + lora
+    assert f["backward"] == 2 * T * frozen + 2 * attn + 2 * lora
+
+
+def test_toy_run_end_to_end(tmp_path):
+    report = bench_vs_hf.main([
+        "--size", "toy", "--rounds", "1", "--steps", "2", "--warmup", "0", "--no-bf16",
+        "--memory-size", "none", "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "r.json"),
+    ])
+    r = report["ratios"]["step time jpeft_f32 / hf_f32"]
+    assert math.isfinite(r["median"]) and r["median"] > 0
+    # same weights, same adapter, same batches, same optimizer: same losses (f32 round-off only)
+    chk = report["loss_checks"]["jpeft_f32 vs hf_f32"]
+    assert chk["steps"] == 3
+    assert chk["max_abs"] < 1e-4, chk
+    for name in ("hf_f32", "jpeft_f32"):
+        s = report["speed"][name]
+        assert s["peak_rss_above_baseline_mb"] > 0 and s["mfu"] > 0 and s["tokens_per_s"] > 0
+    # XLA's own FLOP count of the compiled step agrees with the analytic one within 10%
+    xla = report["speed"]["jpeft_f32"]["xla_flops"]
+    if math.isfinite(xla):
+        assert abs(xla / 1e9 - report["speed"]["analytic_step_gflop"]) / report["speed"]["analytic_step_gflop"] < 0.1
+    assert (tmp_path / "r.json").exists()
+    assert "| hf_f32 |" in bench_vs_hf.markdown(report)
