@@ -523,10 +523,23 @@ def make_sharded_train_step(
                 )
         return shs
 
-    def _compiled(adapter, opt_state):
-        key = (jax.tree.structure(adapter), jax.tree.structure(opt_state))
+    mesh_devices = set(mesh.devices.flat)
+
+    def _check_params(params):
+        for x in jax.tree.leaves(params):
+            sh = getattr(x, "sharding", None)
+            if sh is None or set(sh.device_set) != mesh_devices:
+                raise ShardingError(
+                    f"the frozen base is not placed on the step's mesh {dict(mesh.shape)}: found a leaf of shape "
+                    f"{tuple(getattr(x, 'shape', ()))} placed with {sh!r}. Place it once with "
+                    "jpeft.shard_params(params, mesh) (otherwise it would be copied to every device each step)."
+                )
+
+    def _compiled(params, adapter, opt_state):
+        key = (jax.tree.structure(params), jax.tree.structure(adapter), jax.tree.structure(opt_state))
         fn = cache.get(key)
         if fn is None:
+            _check_params(params)
             a_sh = adapter_shardings_tree or _placed(
                 adapter, "adapter", "Place it with jpeft.shard_adapter(adapter, mesh, params).")
             o_sh = opt_state_shardings_tree or _placed(
@@ -536,7 +549,7 @@ def make_sharded_train_step(
         return fn
 
     def _prepare(params, adapter, opt_state, batch, key):
-        fn = _compiled(adapter, opt_state)
+        fn = _compiled(params, adapter, opt_state)
         batch = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and x.sharding == batch_sharding
                              else shard_batch(x, mesh, batch_axes), batch)
         if key is not None:

@@ -544,3 +544,14 @@ def test_init_does_not_depend_on_params_key_order():
     again = jpeft.init(C.script().lora_config(C.RANK), reordered, jax.random.key(1))
     assert sorted(again) == sorted(adapter)
     assert C.max_diff({k: adapter[k] for k in sorted(adapter)}, {k: again[k] for k in sorted(again)}) == 0.0
+
+
+def test_sharded_step_refuses_unplaced_base():
+    _, params, adapter, loss_fn = _tiny()
+    mesh = jpeft.make_mesh()
+    opt = optax.sgd(0.1)
+    a = jpeft.shard_adapter(adapter, mesh, jpeft.param_specs(params, mesh))
+    step = jpeft.make_sharded_train_step(loss_fn, opt, mesh)
+    host_params = jax.tree.map(np.asarray, params)
+    with pytest.raises(jpeft.ShardingError, match=r"frozen base is not placed on the step's mesh.*jpeft.shard_params"):
+        step(host_params, a, jpeft.init_opt_state(opt, a), C.batches(1)[0], None)
