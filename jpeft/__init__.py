@@ -28,6 +28,8 @@ from jpeft.io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
 from jpeft.loop import NonFiniteGuard, fit
 from jpeft.bank import AdapterBank
 from jpeft.merging import merge_adapters, merge_into_base
+from jpeft import forgetting
+from jpeft.forgetting import FullFinetuneConfig
 
 __version__ = "0.1.0"
 
@@ -77,5 +79,7 @@ __all__ = [
     "with_precision",
     "remat",
     "remat_policy",
+    "forgetting",
+    "FullFinetuneConfig",
     "__version__",
 ] + list(_errors_all)
