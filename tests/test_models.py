@@ -305,3 +305,40 @@ def test_bf16_model_generates_and_load_tokenizer(tmp_path):
     empty.mkdir()
     with pytest.raises(LoadError, match="no usable tokenizer"):
         M.load_tokenizer(str(empty))
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_save_pretrained_loads_in_transformers(kind, tmp_path):
+    """A model built and adapted in JAX, merged and saved, gives the same logits in transformers."""
+    import torch
+    import transformers as t
+
+    if kind == "llama":
+        cfg = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                            num_kv_heads=2, tie_word_embeddings=True, initializer_range=0.2, rope_theta=500000.0,
+                            rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
+        model = M.LlamaForCausalLM(cfg)
+        ids = np.array([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
+        mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    else:
+        cfg = M.BertConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
+                           num_labels=3, initializer_range=0.2)
+        model = M.BertForSequenceClassification(cfg)
+        ids = np.array([[5, 6, 7, 8, 0, 0], [1, 2, 3, 4, 5, 6]])
+        mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    targets = ["q_proj", "gate_proj"] if kind == "llama" else ["query", "classifier"]
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=targets, init="random"), params, jax.random.key(1))
+    want = np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    M.save_pretrained(str(tmp_path), model, jpeft.merge(params, adapter))
+    hf = t.AutoModelForCausalLM if kind == "llama" else t.AutoModelForSequenceClassification
+    tm = hf.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        kw = dict(position_ids=torch.tensor(T.positions(mask))) if kind == "llama" else {}
+        got = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw).logits.numpy()
+    sel = mask.astype(bool) if kind == "llama" else slice(None)
+    np.testing.assert_allclose(got[sel], want[sel], atol=1e-4)
+    m2, p2 = M.from_pretrained(str(tmp_path))
+    assert m2.config == model.config
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p2, jpeft.merge(params, adapter))

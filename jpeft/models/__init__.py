@@ -24,10 +24,12 @@ from jpeft.models.llama import (
 )
 from jpeft.models.loading import (
     config_from_hf,
+    config_to_hf,
     from_pretrained,
     load_tokenizer,
     model_from_config,
     read_config,
+    save_pretrained,
     supported_model_types,
 )
 
@@ -49,9 +51,11 @@ __all__ = [
     "BertForSequenceClassification",
     "BertModel",
     "config_from_hf",
+    "config_to_hf",
     "from_pretrained",
     "load_tokenizer",
     "model_from_config",
     "read_config",
+    "save_pretrained",
     "supported_model_types",
 ]

@@ -197,7 +197,7 @@ def read_config(path: str) -> dict:
     try:
         with open(cpath) as f:
             d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LoadError(f"{cpath!r} is not valid JSON ({e}); re-save the checkpoint.") from None
     if not isinstance(d, dict):
         raise LoadError(f"{cpath!r} must hold a JSON object, found {type(d).__name__}.")
@@ -358,7 +358,14 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
       CheckpointError: a truncated/corrupted file, missing or unexpected weights.
     """
     d = read_config(path)
-    cfg = config_from_hf(d, dtype, param_dtype)
+    try:
+        cfg = config_from_hf(d, dtype, param_dtype)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
+        from jpeft.errors import JpeftError
+
+        if isinstance(e, JpeftError):
+            raise
+        raise LoadError(f"{path!r}: config.json holds an invalid value ({type(e).__name__}: {e}); re-save the checkpoint.") from None
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     fam = _family_of(cfg)
@@ -454,3 +461,116 @@ def load_tokenizer(path: str, **kwargs):
             f"no usable tokenizer in {path!r} ({str(e).splitlines()[0][:200]}). Save one there with "
             "tokenizer.save_pretrained(path)."
         ) from None
+
+
+# -- saving ---------------------------------------------------------------------------------------------
+
+def config_to_hf(config) -> dict:
+    """The Hugging Face ``config.json`` dict of a jpeft model config (inverse of
+    :func:`config_from_hf` for the fields jpeft models use).
+
+    Raises:
+      UnsupportedModelError: a config Hugging Face's class for its ``model_type`` cannot express
+        (e.g. a Llama with q/k/v bias but no o_proj bias: use ``model_type="qwen2"``).
+    """
+    tokens = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if isinstance(tokens["eos_token_id"], tuple):
+        tokens["eos_token_id"] = list(tokens["eos_token_id"])
+    dtype_name = jnp.dtype(config.param_dtype).name
+    if isinstance(config, LlamaConfig):
+        mt = config.model_type
+        cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(mt)
+        if cls is None:
+            raise UnsupportedModelError(f"LlamaConfig.model_type must be llama, mistral or qwen2, found {mt!r}.")
+        rope = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
+        if config.rope_scaling:
+            rope.update(dict(config.rope_scaling))
+        d = dict(
+            model_type=mt, architectures=[cls], vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+            max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+            hidden_act=config.hidden_act, rope_parameters=rope, rope_theta=float(config.rope_theta),
+            tie_word_embeddings=config.tie_word_embeddings, initializer_range=config.initializer_range,
+            dtype=dtype_name, **tokens,
+        )
+        bias = (config.attention_bias, config.attention_out_bias, config.mlp_bias)
+        if mt == "llama":
+            if config.attention_bias != config.attention_out_bias:
+                raise UnsupportedModelError(
+                    "a Llama checkpoint has one attention_bias flag for q/k/v/o; this config differs between q/k/v "
+                    f"({config.attention_bias}) and o_proj ({config.attention_out_bias}). Use model_type='qwen2' "
+                    "for q/k/v bias only."
+                )
+            d.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+        elif mt == "mistral" and any(bias):
+            raise UnsupportedModelError("Mistral has no biases; this config sets attention_bias/mlp_bias.")
+        elif mt == "qwen2" and bias != (True, False, False):
+            raise UnsupportedModelError("Qwen2 has q/k/v bias only; set attention_bias=True and no other bias.")
+        if mt == "mistral":
+            d["sliding_window"] = config.sliding_window
+        elif config.sliding_window is not None:
+            if mt != "qwen2":
+                raise UnsupportedModelError("a Llama checkpoint cannot express sliding_window; use mistral or qwen2.")
+            d.update(use_sliding_window=True, sliding_window=config.sliding_window,
+                     layer_types=list(config.layer_types or ["sliding_attention"] * config.num_layers),
+                     max_window_layers=0)
+        elif mt == "qwen2":
+            d.update(use_sliding_window=False, sliding_window=None)
+        return d
+    if isinstance(config, GPT2Config):
+        return dict(
+            model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=config.vocab_size, n_embd=config.hidden_size,
+            n_layer=config.num_layers, n_head=config.num_heads, n_inner=config.intermediate_size,
+            n_positions=config.max_position_embeddings, layer_norm_epsilon=config.layer_norm_epsilon,
+            activation_function=config.hidden_act, scale_attn_weights=config.scale_attn_weights,
+            scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx, embd_pdrop=config.embd_pdrop,
+            resid_pdrop=config.resid_pdrop, attn_pdrop=0.0, tie_word_embeddings=config.tie_word_embeddings,
+            initializer_range=config.initializer_range, dtype=dtype_name, **tokens,
+        )
+    if isinstance(config, BertConfig):
+        return dict(
+            model_type="bert", architectures=["BertForSequenceClassification"], vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
+            type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps, hidden_act=config.hidden_act,
+            hidden_dropout_prob=config.hidden_dropout_prob, attention_probs_dropout_prob=0.0,
+            id2label={str(i): f"LABEL_{i}" for i in range(config.num_labels)},
+            label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
+            initializer_range=config.initializer_range, pad_token_id=config.pad_token_id, dtype=dtype_name,
+        )
+    raise UnsupportedModelError(f"no Hugging Face config for a {type(config).__name__}.")
+
+
+def save_pretrained(path: str, model: nn.Module, params) -> None:
+    """Writes ``model``/``params`` as a Hugging Face checkpoint folder (``config.json`` +
+    ``model.safetensors``) that ``transformers``' ``from_pretrained`` and
+    :func:`from_pretrained` load. Use it to serve a merged model
+    (``jpeft.merge(params, adapter)``) in a PyTorch stack, or to hand a model trained from
+    scratch in JAX to transformers. Tensors keep the parameters' dtype.
+
+    Raises:
+      UnsupportedModelError: the config cannot be expressed as a Hugging Face config.
+      SaveError: writing failed.
+    """
+    from safetensors.flax import save_file
+
+    from jpeft.errors import SaveError
+
+    config = model.config
+    d = config_to_hf(config)
+    inner = params["params"] if isinstance(params, Mapping) and "params" in params else params
+    expected = hf_key_map(inner, _family_of(config))
+    tensors = {}
+    for k, (tree_keys, mpath, transposed, shape) in expected.items():
+        node = inner
+        for c in tree_keys:
+            node = node[c]
+        tensors[k] = jnp.asarray(node.T if transposed else node)
+    try:
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+    except OSError as e:
+        raise SaveError(f"could not write the checkpoint to {path!r}: {e}.") from None
