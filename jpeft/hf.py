@@ -210,7 +210,8 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         layers_to_transform=None,
         layers_pattern=None,
         lora_bias=False,
-        init_lora_weights=True if config.init in ("default", "random") else config.init,
+        # the weights are in the file: PEFT must not re-initialise (PiSSA/OLoRA inits would alter the base)
+        init_lora_weights=True,
     )
     return d, tensors
 
@@ -397,7 +398,7 @@ def read_peft_config(path: str) -> dict:
     try:
         with open(cpath) as f:
             d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LoadError(f"{cpath!r} is not valid JSON ({e}).") from None
     if not isinstance(d, dict):
         raise LoadError(f"{cpath!r} must hold a JSON object, found {type(d).__name__}.")
@@ -448,7 +449,7 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
     """
     d = read_peft_config(path)
     ptype = d.get("peft_type")
-    fmt = _FORMATS.get(ptype)
+    fmt = _FORMATS.get(ptype) if isinstance(ptype, str) else None
     if fmt is None:
         raise UnsupportedAdapterError(
             f"adapter type {ptype!r} in {path!r} is not supported by jpeft.hf; supported peft_type values: "

@@ -8,6 +8,7 @@ before anything large is allocated and nothing partially loaded is returned.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -376,8 +377,34 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     shapes = jax.eval_shape(lambda k: model.init(k, dummy), jax.random.key(0))["params"]
     expected = hf_key_map(shapes, fam)
 
-    # 1. names and shapes from the headers only.
-    handles = [_open(f) for f in files]
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(_open(f)) for f in files]
+        params, fresh = _read_weights(path, cfg, fam, expected, handles, files)
+    if fresh:
+        warnings.warn(
+            f"{path!r} has no weights for {sorted({expected[k][1] for k in fresh})}; they are freshly initialised "
+            "(train them, e.g. as a task head).",
+            stacklevel=2,
+        )
+        fresh_keys = [expected[k][0] for k in fresh]
+
+        def pick(k):  # only the missing leaves are computed (the rest of init is dead code under jit)
+            full = model.init(k, dummy)["params"]
+            out = []
+            for tree_keys in fresh_keys:
+                node = full
+                for c in tree_keys:
+                    node = node[c]
+                out.append(node)
+            return out
+
+        for tree_keys, value in zip(fresh_keys, jax.jit(pick)(jax.random.key(0) if key is None else key)):
+            _set(params, tree_keys, value.astype(cfg.param_dtype))
+    return model, {"params": params}
+
+
+def _read_weights(path, cfg, fam, expected, handles, files):
+    """Checks every name and shape from the headers, then reads tensor by tensor."""
     raw_keys = {}
     for h, fname in zip(handles, files):
         for k in h.keys():
@@ -394,7 +421,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     missing = [k for k in missing if k not in fresh]
     if missing or unexpected:
         raise CheckpointError(
-            f"the weights in {path!r} do not match its config.json ({type(model).__name__}, {cfg.num_layers} layers): "
+            f"the weights in {path!r} do not match its config.json ({cfg.model_type}, {cfg.num_layers} layers): "
             f"missing {len(missing)} weights {missing[:6]}, unexpected {len(unexpected)} {unexpected[:6]}. "
             "Is config.json from the same model as the weights?"
         )
@@ -409,8 +436,6 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
                 f"weight {raw!r} in {os.path.basename(fname)} has shape {file_shape}, but config.json implies {want} "
                 f"for module {mpath!r}. The config and the weights come from different models; fix config.json."
             )
-
-    # 2. tensor by tensor.
     pdt = cfg.param_dtype
     params: dict = {}
     for k, (tree_keys, mpath, transposed, shape) in expected.items():
@@ -426,20 +451,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
             t = t.T
         _set(params, tree_keys, t.astype(pdt))
         del t
-    if fresh:
-        warnings.warn(
-            f"{path!r} has no weights for {sorted({expected[k][1] for k in fresh})}; they are freshly initialised "
-            "(train them, e.g. as a task head).",
-            stacklevel=2,
-        )
-        init = model.init(jax.random.key(0) if key is None else key, dummy)["params"]
-        for k in fresh:
-            tree_keys = expected[k][0]
-            node = init
-            for c in tree_keys:
-                node = node[c]
-            _set(params, tree_keys, node.astype(pdt))
-    return model, {"params": params}
+    return params, fresh
 
 
 def load_tokenizer(path: str, **kwargs):
