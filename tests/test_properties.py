@@ -1,0 +1,190 @@
+"""One shared property suite over a table of every method (as Hugging Face PEFT's common tester
+does): identity at init where the method defines it, merged == factored for the mergeable ones,
+save/load round trip, jit / grad / vmap, only adapter leaves trained, and a few training steps
+on a toy task reduce the loss. All on one tiny Llama (grouped-query attention, one layer)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+import jpeft.models
+from jpeft.methods.bottleneck import BottleneckConfig
+from jpeft.methods.ia3 import IA3Config
+from jpeft.methods.pissa import init_pissa
+from jpeft.methods.prefix import PrefixTuningConfig, fold_prefix
+from jpeft.methods.prompt import PromptTuningConfig
+
+CFG = jpeft.models.LlamaConfig(vocab_size=24, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
+                               num_kv_heads=1, max_position_embeddings=32, initializer_range=0.3)
+MODEL = jpeft.models.LlamaForCausalLM(CFG)
+IDS = jax.random.randint(jax.random.key(7), (4, 6), 0, 24)
+PARAMS = MODEL.init(jax.random.key(0), IDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    config: object
+    identity: bool  # the method defines an identity start
+    mergeable: bool
+    invertible: bool = True  # unmerge recovers the base
+    pissa: bool = False
+
+
+CASES = {
+    "lora": Case(jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), True, True),
+    "rslora": Case(jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=True), True, True),
+    "dora": Case(jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True), True, True,
+                 invertible=False),
+    "ia3": Case(IA3Config(), True, True),
+    "houlsby": Case(BottleneckConfig.houlsby(reduction_factor=4, init_weights="mam"), True, False),
+    "pfeiffer": Case(BottleneckConfig.pfeiffer(reduction_factor=4, init_weights="mam"), True, False),
+    "prefix": Case(PrefixTuningConfig(num_virtual_tokens=2), False, False),
+    "prefix_mlp": Case(PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True), False, False),
+    "prompt": Case(PromptTuningConfig(num_virtual_tokens=2), False, False),
+    "pissa": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"], init="pissa"), True, True,
+                  pissa=True),
+}
+
+
+def make(name, key=jax.random.key(1)):
+    """``(params, adapter)`` for a case (PiSSA returns the residual base)."""
+    c = CASES[name]
+    if c.pissa:
+        return init_pissa(c.config, PARAMS, key)
+    return PARAMS, jpeft.init(c.config, PARAMS, key)
+
+
+def perturb(adapter, key, scale=0.3):
+    """Random non-identity values, as after training (every leaf moved)."""
+    leaves, tdef = jax.tree.flatten(adapter)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tdef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def loss_fn(params, adapter, batch, key=None):
+    logits = jpeft.apply(MODEL, params, adapter, batch)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1))
+
+
+# One jitted entry point, compiled once per adapter structure and reused by every property.
+APPLY = jax.jit(lambda p, a, x: jpeft.apply(MODEL, p, a, x))
+BASE = jax.jit(MODEL.apply)(PARAMS, IDS)
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.identity])
+def test_identity_at_init(name):
+    params, ad = make(name)
+    np.testing.assert_allclose(APPLY(params, ad, IDS), BASE, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_merge(name):
+    c = CASES[name]
+    params, ad = make(name)
+    ad = perturb(ad, jax.random.key(2))
+    if not c.mergeable:
+        with pytest.raises(jpeft.NotMergeableError, match="cannot be folded|jpeft.apply"):
+            jpeft.merge(params, ad)
+        return
+    merged = jpeft.merge(params, ad)
+    np.testing.assert_allclose(jax.jit(MODEL.apply)(merged, IDS), APPLY(params, ad, IDS), rtol=1e-4, atol=1e-4)
+    if c.invertible:
+        back = jpeft.unmerge(merged, ad)
+        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    else:
+        with pytest.raises(jpeft.NotInvertibleError):
+            jpeft.unmerge(merged, ad)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_save_load_roundtrip(name, tmp_path):
+    c = CASES[name]
+    params, ad = make(name)
+    ad = perturb(ad, jax.random.key(3))
+    jpeft.save_adapter(tmp_path / "a", c.config, ad, params=params, metadata={"method": name})
+    config, loaded = jpeft.load_adapter(tmp_path / "a", params)
+    assert config == c.config and config.to_dict() == c.config.to_dict()
+    assert jax.tree.structure(loaded) == jax.tree.structure(ad)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ad)):
+        np.testing.assert_array_equal(a, b)
+    # the config alone round-trips through JSON with Hugging Face key names
+    assert type(c.config).from_json(c.config.to_json()) == c.config
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_jit_grad_vmap(name):
+    params, ad = make(name)
+    ad = perturb(ad, jax.random.key(4))
+    eager = jpeft.apply(MODEL, params, ad, IDS)  # op by op, no jit
+    np.testing.assert_allclose(APPLY(params, ad, IDS), eager, rtol=1e-5, atol=1e-5)
+    ad2 = perturb(ad, jax.random.key(5))
+
+    @jax.jit
+    def grads_and_vmapped(params, ad, ad2):
+        g = jax.grad(loss_fn, argnums=1)(params, ad, IDS)
+        stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), ad, ad2)
+        return g, jax.vmap(lambda a: jpeft.apply(MODEL, params, a, IDS))(stacked)
+
+    g, out = grads_and_vmapped(params, ad, ad2)
+    # grad: one gradient per adapter leaf, all finite, none identically zero (every leaf matters)
+    assert jax.tree.structure(g) == jax.tree.structure(ad)
+    for leaf in jax.tree.leaves(g):
+        assert bool(jnp.all(jnp.isfinite(leaf))) and float(jnp.abs(leaf).max()) > 0
+    # vmap over a stack of two adapters equals running each (e.g. per-task adapters)
+    np.testing.assert_allclose(out[0], eager, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[1], APPLY(params, ad2, IDS), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_training_reduces_loss_and_touches_only_the_adapter(name):
+    params, ad = make(name)
+    before = jax.tree.map(np.asarray, params)
+    opt = optax.adam(1e-1)
+    state = opt.init(ad)
+    # the optimizer state exists for adapter leaves only
+    n_ad = sum(x.size for x in jax.tree.leaves(ad))
+    assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == 2 * n_ad
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    losses = []
+    for i in range(25):
+        ad, state, m = step(params, ad, state, IDS, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.9 * losses[0], losses
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_summary_counts_every_method():
+    """Trainable counts are the closed-form sizes of each method's arrays."""
+    h, L, inter, kv, T = 8, 1, 16, 4, 2  # hidden, layers, ffn width, kv width (1 head x 4), virtual tokens
+    expected = {
+        "lora": L * (2 * (h * 2 + 2 * h) // 1) - L * 2 * (2 * h - 2 * kv) // 1,  # q: h->h, v: h->kv
+        "dora": None,
+        "ia3": L * (kv + kv + inter),
+        "houlsby": 2 * L * (h * 2 + 2 + 2 * h + h),
+        "pfeiffer": L * (h * 2 + 2 + 2 * h + h),
+        "prefix": T * L * 2 * kv,
+        "prompt": T * h,
+    }
+    expected["lora"] = L * ((h * 2 + 2 * h) + (h * 2 + 2 * kv))
+    expected["dora"] = expected["lora"] + L * (h + kv) + L * ((h * 2 + 2 * inter) + inter)
+    for name, n in expected.items():
+        _, ad = make(name)
+        s = jpeft.summary(PARAMS, ad, print_fn=None)
+        assert s["trainable"] == n, (name, s["trainable"], n)
+        assert s["base"] == sum(x.size for x in jax.tree.leaves(PARAMS))
+        assert s["share"] == pytest.approx(n / (n + s["base"]))
+
+
+def test_fold_prefix_keeps_outputs():
+    _, ad = make("prefix_mlp")
+    ad = perturb(ad, jax.random.key(6))
+    np.testing.assert_allclose(APPLY(PARAMS, fold_prefix(ad), IDS), APPLY(PARAMS, ad, IDS),
+                               rtol=1e-5, atol=1e-5)
