@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -52,7 +50,6 @@ from jpeft.errors import (
 )
 from jpeft.io import (
     _check_index,
-    _fp_difference,
     _host,
     _np_dtype,
     _sha256,

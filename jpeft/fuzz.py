@@ -7,8 +7,11 @@ rewritten safetensors header: wrong dtype, wrong shape, bad offsets, an oversize
 malformed header; a rewritten JSON file: malformed, truncated, deeply nested, oversized,
 values of the wrong type) and calls the loader. The outcome is
 
-* ``ok``: the loader returned (the damage did not matter, e.g. a flipped byte in JSON
-  whitespace or in a free-text field);
+* ``ok``: the loader returned exactly what the pristine fixture gives (the damage did not
+  matter, e.g. a flipped byte in a file the loader does not need);
+* ``changed``: the loader returned other values, in a format without checksums (a flipped
+  weight byte in a Hugging Face safetensors file is a valid, different number); for jpeft's
+  own formats, which carry SHA-256 checksums, this counts as ``unhandled``;
 * ``named``: it raised a :class:`~jpeft.errors.JpeftError` subclass;
 * ``unhandled``: it raised anything else, or took longer than the time bound.
 
@@ -74,6 +77,9 @@ class Target:
     files: Callable[[Path], list]  # the files of a fixture that mutations pick from
     # reduces a loaded result to comparable data; a case that loads must give the pristine answer
     digest: Callable[[object], object] = lambda r: None
+    # False for formats without checksums (Hugging Face safetensors): a flipped weight byte there
+    # loads as a different number and no loader can tell; such cases are counted as "changed"
+    checksummed: bool = True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,8 +230,10 @@ def run_case(target: Target, pristine: Path, m: Mutation, scratch: Path, *, time
         t0 = time.perf_counter()
         try:
             got = target.digest(target.load(work))
-            if got != expected:
+            if got != expected and target.checksummed:
                 result["status"], result["error"] = "unhandled", "loaded without error but returned different data (silent corruption)"
+            elif got != expected:
+                result["status"], result["error"] = "changed", "loaded different values (the format has no checksum)"
             else:
                 result["status"], result["error"] = "ok", ""
         except JpeftError as e:
@@ -377,14 +385,23 @@ def hf_targets() -> list[Target]:
         transformers.LlamaForCausalLM(cfg).save_pretrained(root)
         return root
 
+    def digest_model(r):
+        model, params = r
+        return repr(getattr(model, "config", model)), _arrays_digest(params)
+
     if from_pretrained is not None:
-        out.append(Target("models.from_pretrained", make_model, lambda p: from_pretrained(p), _files_of))
+        out.append(Target("models.from_pretrained", make_model, lambda p: from_pretrained(p), _files_of, digest_model,
+                          checksummed=False))
     try:
         import peft
 
         from jpeft.hf import load_peft
     except ImportError:
         return out
+    if from_pretrained is None:
+        return out
+
+    base_params: dict = {}
 
     def make_peft(d: Path) -> Path:
         torch.manual_seed(0)
@@ -395,33 +412,18 @@ def hf_targets() -> list[Target]:
         pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
         root = d / "peft_adapter"
         pm.save_pretrained(root)
+        base_params["params"] = from_pretrained(d / "base")[1]  # the jpeft base the adapter is loaded onto
         return root
 
     def load_peft_case(p: Path):
-        base_dir = p.parent.parent / "base" if (p.parent.parent / "base").exists() else None
-        return _load_peft_with_base(load_peft, p, base_dir)
+        return load_peft(p, base_params["params"])
 
-    out.append(Target("hf.load_peft", make_peft, load_peft_case, _files_of))
+    def digest_peft(r):
+        cfg, adapter = r
+        return cfg.to_json(), _arrays_digest(adapter)
+
+    out.append(Target("hf.load_peft", make_peft, load_peft_case, _files_of, digest_peft, checksummed=False))
     return out
-
-
-_PEFT_BASE_CACHE: dict = {}
-
-
-def _load_peft_with_base(load_peft, path: Path, base_dir: Optional[Path]):
-    import inspect
-
-    sig = inspect.signature(load_peft)
-    if base_dir is not None and len([p for p in sig.parameters.values() if p.default is inspect.Parameter.empty]) >= 2:
-        key = str(base_dir)
-        if key not in _PEFT_BASE_CACHE:
-            from jpeft.models import from_pretrained
-
-            _PEFT_BASE_CACHE[key] = from_pretrained(base_dir)
-        loaded = _PEFT_BASE_CACHE[key]
-        params = loaded[1] if isinstance(loaded, tuple) else getattr(loaded, "params", loaded)
-        return load_peft(path, params)
-    return load_peft(path)
 
 
 def all_targets(include_hf: bool = True) -> list[Target]:
@@ -450,7 +452,8 @@ def fuzz(targets: list[Target], cases: int, seed: int, time_bound: float, progre
             fixture_dir.mkdir()
             root = t.make_fixture(fixture_dir)
             expected = t.digest(t.load(root))  # the pristine fixture must load
-            s = {"cases": 0, "ok": 0, "named": 0, "unhandled": 0, "max_seconds": 0.0, "examples": [], "errors": {}}
+            s = {"cases": 0, "ok": 0, "changed": 0, "named": 0, "unhandled": 0, "max_seconds": 0.0, "examples": [],
+                 "errors": {}}
             it = range(cases)
             if progress:
                 from tqdm.auto import tqdm
@@ -474,12 +477,13 @@ def fuzz(targets: list[Target], cases: int, seed: int, time_bound: float, progre
 def table(stats: dict, cases: int, seed: int, time_bound: float) -> str:
     lines = [
         f"<!-- fuzz:begin (python -m jpeft.fuzz --cases {cases} --seed {seed} --time-bound {time_bound:g}) -->",
-        "| loader | cases | loaded fine | named jpeft error | unhandled | slowest case (s) | errors raised |",
-        "|---|---|---|---|---|---|---|",
+        "| loader | cases | loaded, same data | loaded, other values (no checksum in format) | named jpeft error | unhandled | slowest case (s) | errors raised |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in stats.items():
         errs = ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| `{name}` | {s['cases']} | {s['ok']} | {s['named']} | **{s['unhandled']}** | {s['max_seconds']:.2f} | {errs} |")
+        lines.append(f"| `{name}` | {s['cases']} | {s['ok']} | {s['changed']} | {s['named']} | **{s['unhandled']}** | "
+                     f"{s['max_seconds']:.2f} | {errs} |")
     lines.append("<!-- fuzz:end -->")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ jpeft.errors.InputValidationError: input_ids holds token id 50 at position (0, 2
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np

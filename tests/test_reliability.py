@@ -335,3 +335,26 @@ def test_checkpoint_error_for_missing_step(tmp_path, run):
         m.wait()
         with pytest.raises(CheckpointError, match=r"step 5 has no complete checkpoint .* available: \[1\]"):
             m.restore(5)
+
+
+def test_no_load_path_in_jpeft_can_unpickle_or_run_remote_code():
+    """A static scan of the package: no call of pickle/torch/joblib loaders, no np.load with
+    allow_pickle=True, no trust_remote_code=True anywhere in jpeft/."""
+    import ast
+
+    pkg = Path(jpeft.__file__).parent
+    bad = []
+    for f in sorted(pkg.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if not isinstance(node, ast.Call):
+                continue
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            owner = fn.value.id if isinstance(fn, ast.Attribute) and isinstance(fn.value, ast.Name) else ""
+            if (owner, name) in {("pickle", "load"), ("pickle", "loads"), ("torch", "load"), ("joblib", "load"),
+                                 ("dill", "load"), ("cloudpickle", "load"), ("pickle", "Unpickler")}:
+                bad.append(f"{f.relative_to(pkg)}:{node.lineno} {owner}.{name}")
+            for kw in node.keywords:
+                if kw.arg in ("trust_remote_code", "allow_pickle") and isinstance(kw.value, ast.Constant) and kw.value.value is True:
+                    bad.append(f"{f.relative_to(pkg)}:{node.lineno} {kw.arg}=True")
+    assert bad == [], bad
