@@ -72,6 +72,7 @@ class SplitDigits(Benchmark):
       steps_per_task: Adam steps per task.
       batch_size: examples per step.
       hidden: MLP hidden widths.
+      num_tasks: use only the first ``num_tasks`` tasks (for quick checks).
     """
 
     score_name = "accuracy"
@@ -79,14 +80,17 @@ class SplitDigits(Benchmark):
     fisher_estimator = "exact"
     learning_name = "mean accuracy on each task just after training it"
 
-    def __init__(self, scenario: str = "task", *, steps_per_task: int = 300, batch_size: int = 32, hidden=(128, 128)):
+    def __init__(self, scenario: str = "task", *, steps_per_task: int = 300, batch_size: int = 32, hidden=(128, 128),
+                 num_tasks: int = 5):
         if scenario not in ("task", "class"):
             raise ConfigError(f"scenario must be 'task' or 'class', found {scenario!r}.")
+        if num_tasks not in (2, 3, 4, 5):
+            raise ConfigError(f"num_tasks must be 2 to 5 (the first tasks of 0/1, 2/3, 4/5, 6/7, 8/9), found {num_tasks!r}.")
         self.scenario = scenario
         self.name = f"split-digits-{scenario}"
         self.steps_per_task = int(steps_per_task)
         self.batch_size = int(batch_size)
-        self.task_names = ("0/1", "2/3", "4/5", "6/7", "8/9")
+        self.task_names = ("0/1", "2/3", "4/5", "6/7", "8/9")[:num_tasks]
         self.model = MLP(tuple(hidden))
         xtr, ytr, xte, yte = load_split_digits()
         self._train = [{"x": xtr[(ytr // 2) == t], "y": ytr[(ytr // 2) == t]} for t in range(5)]

@@ -313,7 +313,10 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         else:
             a = adapter
         trainable = jpeft.summary(params, a, print_fn=None)["trainable"]  # per-task adapters: the last one's size
-        sig = (spec, jax.tree.structure(a))
+        try:
+            sig = (hash(spec), spec, jax.tree.structure(a))
+        except TypeError:  # a config with an unhashable field: cache per spec object
+            sig = (id(spec), jax.tree.structure(a))
         if sig not in steps_cache:
             steps_cache[sig] = jpeft.make_train_step(loss_fn, opt, donate=False)
         step = steps_cache[sig]
@@ -525,13 +528,16 @@ def plot(results: dict, out_dir) -> list:
     paths = []
     # 1. learning vs forgetting
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    markers = "osD^vP*Xhp<>"
     for i, n in enumerate(names):
+        color = cmap(i % cmap.N)
         rs = list(results["methods"][n]["seeds"].values())
         fx = [r["metrics"]["forgetting"] for r in rs]
         ly = [r["metrics"]["learning"] for r in rs]
         (mx, sx), (my, sy) = _mean_std(fx), _mean_std(ly)
-        ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", color=f"C{i % 10}", capsize=3, label=n)
-        ax.scatter(fx, ly, s=8, color=f"C{i % 10}", alpha=0.35)
+        ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt=markers[i % len(markers)], color=color, capsize=3, label=n)
+        ax.scatter(fx, ly, s=8, color=color, alpha=0.35)
         ax.annotate(n, (mx, my), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("forgetting (Chaudhry 2018)" + ("" if hib else f": rise in {results['tasks'][0]} {results['score']}") + "  →  worse")
     ax.set_ylabel(results["learning"] + "  →  better")
@@ -547,7 +553,8 @@ def plot(results: dict, out_dir) -> list:
     n = len(names)
     cols = min(4, n)
     rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.75, wspace=0.6)
     T = len(results["tasks"])
     mats = [np.mean([np.asarray(r["R"]) for r in results["methods"][nm]["seeds"].values()], axis=0) for nm in names]
     vmin, vmax = float(np.min(mats)), float(np.max(mats))
@@ -564,8 +571,9 @@ def plot(results: dict, out_dir) -> list:
         ax.set_ylabel("trained through", fontsize=7)
         for i in range(T):
             for j in range(T):
+                r, g, b, _ = im.cmap(im.norm(Rm[i, j]))
                 ax.text(j, i, f"{Rm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="w" if (Rm[i, j] - vmin) < 0.5 * (vmax - vmin) else "k")
+                        color="k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w")
     for k in range(n, rows * cols):
         axes[k // cols][k % cols].axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=results["score"])

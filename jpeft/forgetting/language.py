@@ -183,12 +183,15 @@ def lm_loss_fn(model):
     return loss
 
 
-def heldout_loss(model, params, adapter, windows, batch_size: int = 32, _cache={}) -> float:
+_EVAL_FNS: dict = {}
+
+
+def heldout_loss(model, params, adapter, windows, batch_size: int = 32) -> float:
     """Mean next-byte loss over ``windows`` (evaluated in batches, jitted once per model/adapter shape)."""
     key = id(model)
-    if key not in _cache:
-        _cache[key] = (model, jax.jit(lm_loss_fn(model)))
-    f = _cache[key][1]
+    if key not in _EVAL_FNS or _EVAL_FNS[key][0] is not model:
+        _EVAL_FNS[key] = (model, jax.jit(lm_loss_fn(model)))
+    f = _EVAL_FNS[key][1]
     tot, n = 0.0, 0
     for i in range(0, len(windows), batch_size):
         w = jnp.asarray(windows[i : i + batch_size])
@@ -259,7 +262,8 @@ def pretrain_code_model(
     prose_tr, prose_he = prose_corpus()
     params = model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))
     adapter = jpeft.init(FullFinetuneConfig(), params, jax.random.key(seed + 1))
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.1)
+    warm = max(1, steps // 20)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(steps, warm + 1), lr * 0.1)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
     loss = lm_loss_fn(model)
     step = jpeft.make_train_step(lambda p, a, b, k: loss(p, a, b), opt)

@@ -1,0 +1,139 @@
+"""Miniature runs of the built-in forgetting benchmarks (a few steps each): every method path
+runs through jpeft.init / jpeft.apply / jpeft.make_train_step and every artifact is written."""
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jpeft.forgetting import experiment
+from jpeft.forgetting.cli import main
+from jpeft.forgetting.digits import SplitDigits
+from jpeft.forgetting.language import CodeToProse, pretrain_code_model
+
+ARTIFACTS = ("scores.json", "metrics.csv", "results.md")
+
+
+def _check_artifacts(out, bench_name, method_names, seeds, T):
+    for f in ARTIFACTS:
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    res = json.load(open(os.path.join(out, "scores.json")))
+    assert list(res["methods"]) == method_names
+    for name in method_names:
+        for s in seeds:
+            r = res["methods"][name]["seeds"][str(s)]
+            R = np.asarray(r["R"])
+            assert R.shape == (T, T) and np.all(np.isfinite(R)), (name, R)
+            assert set(r["metrics"]) >= {"acc", "bwt", "forgetting", "learning"}
+    rows = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
+    assert [(r["method"], int(r["seed"])) for r in rows] == [(m, s) for m in method_names for s in seeds]
+    md = open(os.path.join(out, "results.md")).read()
+    for name in method_names:
+        assert f"| {name} |" in md
+    import matplotlib.image
+
+    for kind in ("tradeoff", "matrices"):
+        img = matplotlib.image.imread(os.path.join(out, f"forgetting_{bench_name}_{kind}.png"))
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    return res
+
+
+def test_split_digits_task_incremental_miniature(tmp_path):
+    bench = SplitDigits("task", steps_per_task=2, batch_size=8, hidden=(16,), num_tasks=3)
+    by = {m.name: m for m in bench.default_methods()}
+    assert list(by) == ["naive", "EWC", "online EWC", "replay", "LwF", "LoRA per task"]
+    # the countermeasures compose: one spec with EWC + replay + LwF exercises all three paths
+    combo = dataclasses.replace(by["EWC"], name="EWC+replay+LwF", fisher_examples=8, replay=0.5, replay_capacity=16,
+                                distill=1.0)
+    methods = [by["naive"], combo, dataclasses.replace(by["online EWC"], fisher_examples=8), by["LoRA per task"]]
+    names = [m.name for m in methods]
+    res = experiment.run(bench, methods, seeds=[0], out_dir=str(tmp_path), progress=False, log=None)
+    res = _check_artifacts(str(tmp_path), "split-digits-task", names, [0], 3)
+    lora = res["methods"]["LoRA per task"]["seeds"]["0"]
+    # one adapter per task on a frozen network: earlier tasks cannot change after training
+    R = np.asarray(lora["R"])
+    for j in range(3):
+        assert np.all(R[j:, j] == R[j, j])
+    assert lora["trainable"] < res["methods"]["naive"]["seeds"]["0"]["trainable"]
+
+
+def test_split_digits_class_incremental_two_seeds(tmp_path):
+    bench = SplitDigits("class", steps_per_task=2, batch_size=8, hidden=(16,))
+    methods = [m for m in bench.default_methods() if m.name in ("naive", "replay")]
+    methods = [dataclasses.replace(m, replay_capacity=16) for m in methods]
+    experiment.run(bench, methods, seeds=[0, 1], out_dir=str(tmp_path), progress=False, log=None)
+    res = _check_artifacts(str(tmp_path), "split-digits-class", ["naive", "replay"], [0, 1], 5)
+    R = np.asarray(res["methods"]["naive"]["seeds"]["0"]["R"])
+    assert np.all(R[np.triu_indices(5, 1)] == 0.0)  # classes not seen yet cannot be predicted
+    assert "± " in open(tmp_path / "results.md").read()
+
+
+@pytest.fixture(scope="module")
+def lang_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jpeft_cache"))
+
+
+def test_language_miniature_and_cache(tmp_path, lang_cache):
+    cache = lang_cache
+    kw = dict(seq_len=16, size="micro", batch_size=4, progress=False)
+    m1, p1, info1 = pretrain_code_model(cache, 3, **kw)
+    m2, p2, info2 = pretrain_code_model(cache, 3, **kw)
+    assert not info1["cached"] and info2["cached"] and info2["path"] == info1["path"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)))
+    bench = CodeToProse(steps_per_task=2, batch_size=4, seq_len=16, pretrain_steps=3, cache_dir=cache, size="micro",
+                        eval_windows_n=4, progress=False)
+    by = {m.name: m for m in bench.default_methods()}
+    # EWC (sampled Fisher), replay, distillation and L2-SP together on full fine-tuning, and LoRA
+    combo = dataclasses.replace(by["full+EWC"], name="full+EWC+replay+distill+L2SP", fisher_examples=4, replay=0.25,
+                                replay_capacity=8, distill=1.0, l2sp=1e-3)
+    methods = [combo, by["LoRA r=4"]]
+    wanted = [m.name for m in methods]
+    experiment.run(bench, methods, seeds=[0], out_dir=str(tmp_path / "out"), progress=False, log=None)
+    res = _check_artifacts(str(tmp_path / "out"), "language", wanted, [0], 2)
+    rows = [r["R"] for m in res["methods"].values() for r in m["seeds"].values()]
+    assert all(r[0] == rows[0][0] for r in rows)  # row 0 is the pretrained model for every method
+    for m in res["methods"].values():
+        r = m["seeds"]["0"]
+        assert r["metrics"]["forgetting"] == pytest.approx(r["R"][1][0] - r["R"][0][0])  # code-loss rise
+        assert r["metrics"]["learning"] == pytest.approx(r["R"][0][1] - r["R"][1][1])  # prose-loss fall
+        assert r["extra"]["code_kl_from_base"] >= 0.0
+
+
+def test_language_every_listed_method_builds(lang_cache):
+    """Each method the language benchmark lists initialises on the byte-level Llama; those not
+    installed are reported by name with a reason."""
+    import jpeft
+
+    bench = CodeToProse(steps_per_task=1, seq_len=16, pretrain_steps=3, cache_dir=lang_cache, size="micro",
+                        eval_windows_n=2, progress=False)  # the cached model of the test above (or pretrains it)
+    params = bench.base_params(0)
+    x = bench.example_input()
+    for m in bench.default_methods():
+        a = jpeft.init(m.config, params, jax.random.key(0), bench.model, *x)
+        out = jpeft.apply(bench.model, params, a, x[0])
+        assert out.shape == (1, 16, 256), m.name
+    for name, why in bench.unavailable_methods().items():
+        assert name in ("IA3", "bottleneck", "prefix", "prompt") and why
+
+
+def test_cli(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    rc = main(["split-digits-class", "--methods", "naive,Replay", "--steps", "1", "--seeds", "0", "--out", out,
+               "--no-progress", "--no-plots", "--batch-size", "4"])
+    assert rc == 0
+    assert all(os.path.exists(os.path.join(out, f)) for f in ARTIFACTS)
+    assert "| replay |" in capsys.readouterr().out
+    assert main(["split-digits-task", "--methods", "nope", "--steps", "1"]) == 2
+    assert "unknown method 'nope' for split-digits-task; available: naive, EWC" in capsys.readouterr().out
+    assert main(["split-digits-task", "--pretrain-steps", "5"]) == 2
+    assert "only apply to the language benchmark" in capsys.readouterr().out
+    assert main(["split-digits-task", "--list-methods"]) == 0
+    assert "online EWC" in capsys.readouterr().out
+    r = subprocess.run([sys.executable, "-m", "jpeft.forgetting", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "examples:" in r.stdout and "python -m jpeft.forgetting language" in r.stdout
