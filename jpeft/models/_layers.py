@@ -79,9 +79,10 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * h.astype(self.dtype)
 
 
-def layer_norm(features_eps: float, dtype, param_dtype, name: str):
-    """``nn.LayerNorm`` with statistics in float32 (parameters ``scale`` and ``bias``)."""
-    return nn.LayerNorm(epsilon=features_eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
+def layer_norm(eps: float, dtype, param_dtype, name: str):
+    """``nn.LayerNorm`` (parameters ``scale`` and ``bias``; Flax computes its statistics in at
+    least float32)."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
 
 
 # -- rotary position embeddings -------------------------------------------------------------------
@@ -303,7 +304,8 @@ def attend(q, k, v, mask, *, scale: float, cache_layer=None, prefix_kv=None, dty
     return out, new_cache
 
 
-def dense(features: int, use_bias: bool, cfg, name: str, transpose_init: bool = False):
+def dense(features: int, use_bias: bool, cfg, name: str):
+    """``nn.Dense`` with the config's dtypes and normal(initializer_range) kernels."""
     return nn.Dense(
         features,
         use_bias=use_bias,
