@@ -10,7 +10,7 @@ import numpy as np
 import jpeft
 from jpeft.bank import AdapterBank
 
-CFG = jpeft.models.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+CFG = jpeft.models.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                                num_kv_heads=1, max_position_embeddings=64)
 MODEL = jpeft.models.LlamaForCausalLM(CFG)
 PROMPT = jax.random.randint(jax.random.key(0), (5, 6), 1, 48)
@@ -24,7 +24,7 @@ def _adapter(r, key, rslora=False):
     return jpeft.init(cfg, PARAMS, key)
 
 
-ADAPTERS = {"a": _adapter(2, jax.random.key(2)), "b": _adapter(4, jax.random.key(3), rslora=True), "c": _adapter(1, jax.random.key(4))}
+ADAPTERS = {"a": _adapter(2, jax.random.key(2)), "b": _adapter(4, jax.random.key(3), rslora=True), "c": _adapter(2, jax.random.key(4))}
 NAMES = ["b", "a", None, "c", "b"]
 
 
