@@ -1,10 +1,10 @@
 """Subprocess of tests/test_checkpoint.py (run with XLA_FLAGS=--xla_force_host_platform_device_count
 set by the parent). argv: mode, checkpoint dir, reference dir.
 
-* save8: trains 2 steps, shards adapter and Adam state over an 8-device mesh, saves step 2,
-  writes the host values as a reference adapter.
+* save8: changes adapter and Adam state deterministically, shards them over an 8-device mesh,
+  saves step 2, writes the host values as a reference adapter.
 * restore1: on 1 device, restores step 2 with no template (default: first device), checks the
-  values against the reference, trains 2 more steps, saves step 4 and its reference.
+  values against the reference, changes them again, saves step 4 and its reference.
 * restore8: on 8 devices, restores step 4 with target shardings over the mesh, checks that the
   arrays are really split over 8 devices and equal the reference, and runs one step on the mesh.
 Prints one JSON line."""
@@ -29,6 +29,15 @@ def spec(shape):
     return P()
 
 
+def perturbed(tree, seed):
+    """A deterministic, non-trivial change of every float leaf (integer leaves: +seed)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x + seed
+           for x, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, out)
+
+
 def main():
     mode, ckpt, ref = sys.argv[1], sys.argv[2], sys.argv[3]
     params, cfg, adapter, opt, opt_state, key = C.setup()
@@ -36,23 +45,23 @@ def main():
     out = {"mode": mode, "devices": jax.device_count()}
     mngr = jpeft.checkpoint.CheckpointManager(ckpt, cfg, params, optimizer=opt, async_save=False)
     if mode == "save8":
-        res = jpeft.fit(step_fn, params, adapter, opt_state, C.batches(0, 2), key=key)
+        a2, o2 = perturbed(adapter, 2), perturbed(opt_state, 2)
         mesh = Mesh(np.array(jax.devices()), ("x",))
         put = lambda x: jax.device_put(x, NamedSharding(mesh, spec(x.shape)))  # noqa: E731
-        a8, o8 = jax.tree.map(put, res.adapter), jax.tree.map(put, res.opt_state)
+        a8, o8 = jax.tree.map(put, a2), jax.tree.map(put, o2)
         out["sharded_leaves"] = sum(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
                                     for x in jax.tree.leaves((a8, o8)))
         mngr.save(2, a8, o8, key, data_position=2)
-        jpeft.save_adapter(os.path.join(ref, "step2"), cfg, res.adapter, params=params)
+        jpeft.save_adapter(os.path.join(ref, "step2"), cfg, a2, params=params)
     elif mode == "restore1":
         st = mngr.restore(2)
         _, want = jpeft.load_adapter(os.path.join(ref, "step2"), params)
         out["equal"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(st.adapter), jax.tree.leaves(want)))
         out["single_device"] = all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves((st.adapter, st.opt_state)))
-        res = jpeft.fit(step_fn, params, st.adapter, st.opt_state, C.batches(2, 4), key=st.key, start_step=2, data_position=2)
-        mngr.save(4, res.adapter, res.opt_state, st.key, data_position=res.data_position)
-        jpeft.save_adapter(os.path.join(ref, "step4"), cfg, res.adapter, params=params)
-        jpeft.save_adapter(os.path.join(ref, "step4_mu"), cfg, res.opt_state[0].mu, params=params)
+        a4, o4 = perturbed(st.adapter, 4), perturbed(st.opt_state, 4)
+        mngr.save(4, a4, o4, st.key, data_position=4)
+        jpeft.save_adapter(os.path.join(ref, "step4"), cfg, a4, params=params)
+        jpeft.save_adapter(os.path.join(ref, "step4_mu"), cfg, o4[0].mu, params=params)
     elif mode == "restore8":
         mesh = Mesh(np.array(jax.devices()), ("x",))
         st = mngr.restore(4, shardings=lambda name, shape: NamedSharding(mesh, spec(shape)))
