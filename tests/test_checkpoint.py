@@ -407,3 +407,43 @@ def test_async_save_overlapping_training_equals_sync(tmp_path, base):
         ma, mb = dict(a.metadata), dict(b.metadata)
         assert ma == mb  # same JSON metadata, SHA-256 of every array included
     assert _normalized_files(tmp_path / "sync") == _normalized_files(tmp_path / "async")
+
+
+def test_other_methods_round_trip_through_the_generic_rebuild(tmp_path, base):
+    """Nodes are rebuilt from the config by jpeft.init, so other methods (IA3; bottleneck
+    adapters, which need the model traced) save, load and checkpoint with no extra code."""
+    from jpeft.methods.bottleneck import BottleneckConfig
+    from jpeft.methods.ia3 import IA3Config
+
+    params = base[0]
+    model = C.model()
+    x = jnp.asarray(C.batch(0)["input_ids"])
+    cases = [
+        (IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[], init_ia3_weights=False), ()),
+        (BottleneckConfig(target_modules=["o_proj"], reduction_factor=4, init_std=0.5), (model, x)),
+    ]
+    for i, (cfg, traced) in enumerate(cases):
+        adapter = jpeft.init(cfg, params, jax.random.key(7), *traced)
+        want = jpeft.apply(model, params, adapter, x)
+        assert not np.allclose(want, model.apply(params, x))  # the adapter does something
+        d = jpeft.save_adapter(tmp_path / f"a{i}", cfg, adapter, params=params)
+        cfg2, a2 = jpeft.load_adapter(d, params, *traced)
+        assert cfg2 == cfg and jax.tree.structure(a2) == jax.tree.structure(adapter) and _leaves_equal(a2, adapter)
+        np.testing.assert_array_equal(jpeft.apply(model, params, a2, x), want)
+        opt = optax.adam(1e-3)
+        with jpeft.checkpoint.CheckpointManager(tmp_path / f"ck{i}", cfg, params, optimizer=opt, model=traced[0] if traced else None,
+                                                example_args=traced[1:], async_save=False) as m:
+            m.save(1, adapter, opt.init(adapter), jax.random.key(0))
+            st = m.restore_latest()
+        assert _leaves_equal(st.adapter, adapter) and jax.tree.structure(st.opt_state) == jax.tree.structure(opt.init(adapter))
+
+
+def test_read_adapter_info_reads_no_arrays(tmp_path, base):
+    params, cfg, adapter, *_ = base
+    d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
+    (d / "jpeft_adapter.safetensors").unlink()  # metadata alone answers
+    info = jpeft.read_adapter_info(d)
+    assert info.arrays["layers_0/q_proj/lora_A"] == ((C.HIDDEN, 4), "float32")
+    assert info.base["num_params"] == jpeft.summary(params, None, print_fn=None)["base"]
+    with pytest.raises(jpeft.LoadError, match="does not exist"):
+        jpeft.load_adapter(d, params)
