@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -134,7 +135,7 @@ def _st_join(header, body: bytes) -> bytes:
 def apply_mutation(path: Path, m: Mutation) -> None:
     """Applies ``m`` to the file at ``path`` in place (a mutation that does not fit the file's
     format falls back to byte flips, so every case damages something)."""
-    rnd = random.Random(hash((m.kind, m.file, m.pos, m.value)) & 0xFFFFFFFF)
+    rnd = random.Random(zlib.crc32(repr((m.kind, m.file, m.pos, m.value)).encode()))  # stable across processes
     if m.kind == "delete":
         path.unlink()
         return
