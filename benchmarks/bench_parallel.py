@@ -14,7 +14,9 @@ Strategies (same model, same global batch, same LoRA adapter, Adam):
 
 Memory is XLA's own buffer assignment for the compiled step, per device:
 ``argument + output - aliased + temporaries`` from ``compiled.memory_analysis()``; it is
-what one accelerator would have to hold. Step time is the median wall time of ``--steps``
+what one accelerator would have to hold. "XLA FLOPs" is the compiled per-device
+program's own cost analysis (does not depend on machine load). "Frozen base on device 0" counts the bytes of the
+base's shards that live on the first device (what FSDP divides). Step time is the median wall time of ``--steps``
 steps after one warm-up step (the compile).
 
 The eight devices are emulated on the host CPU
@@ -70,6 +72,7 @@ def main(argv=None):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("_train_multihost", os.path.join(root, "tpu", "train_multihost.py"))
     S = importlib.util.module_from_spec(spec)
+    sys.modules["_train_multihost"] = S  # linen dataclasses look their module up
     spec.loader.exec_module(S)
 
     n = jax.device_count()
@@ -83,6 +86,22 @@ def main(argv=None):
         params = S.init_base(model, args.seq)
         adapter = jpeft.init(S.lora_config(args.rank), params, jax.random.key(1))
         return model, params, adapter, S.make_loss(model)
+
+    def base_bytes(params) -> int:
+        """Bytes of the frozen base held by the first device."""
+        d0 = jax.devices()[0]
+        total = 0
+        for x in jax.tree.leaves(params):
+            for sh in x.addressable_shards:
+                if sh.device == d0:
+                    total += sh.data.nbytes
+        return total
+
+    def flops(compiled) -> float:
+        """XLA's FLOP count of the compiled (per-device) step: independent of machine load."""
+        c = compiled.cost_analysis()
+        c = c[0] if isinstance(c, (list, tuple)) else c
+        return float(c.get("flops", float("nan")))
 
     def mem(compiled) -> int:
         m = compiled.memory_analysis()
@@ -107,7 +126,7 @@ def main(argv=None):
         b0 = jax.tree.map(jnp.asarray, batches[0])
         compiled = step.lower(params, adapter, opt_state, b0, key).compile()
         t, first = timed(lambda st, b, k: step(params, *st, b, k)[:2], (adapter, opt_state))
-        return t, mem(compiled), first
+        return t, mem(compiled), first, flops(compiled), base_bytes(jax.device_put(params, jax.devices()[0]))
 
     def pmap():
         model, params, adapter, loss_fn = build()
@@ -116,7 +135,7 @@ def main(argv=None):
         compiled = step.lower(p_r, a_r, s_r, jpeft.split_for_pmap(batches[0]), key).compile()
         t, first = timed(lambda st, b, k: step(p_r, *st, jpeft.split_for_pmap(b), k)[:2], (a_r, s_r))
         # pmap's compiled module is the per-device program
-        return t, mem(compiled), first
+        return t, mem(compiled), first, flops(compiled), base_bytes(p_r)
 
     def mesh(data_axis, fsdp):
         model, params, adapter, loss_fn = build()
@@ -127,7 +146,7 @@ def main(argv=None):
         step = jpeft.make_sharded_train_step(loss_fn, optimizer, m)
         compiled = step.lower(p, a, s, batches[0], key).compile()
         t, first = timed(lambda st, b, k: step(p, *st, b, k)[:2], (a, s))
-        return t, mem(compiled), first
+        return t, mem(compiled), first, flops(compiled), base_bytes(p)
 
     strategies = {
         "single": ("one device", lambda: single()),
@@ -144,18 +163,22 @@ def main(argv=None):
         keys.insert(0, "single")
     results = {}
     for k in tqdm(keys, desc="strategies", file=sys.stderr):
-        t, m, first = strategies[k][1]()
-        results[k] = {"name": strategies[k][0], "step_s": t, "mem_bytes": m, "first_step_s": first}
+        t, m, first, fl, bb = strategies[k][1]()
+        results[k] = {"name": strategies[k][0], "step_s": t, "mem_bytes": m, "first_step_s": first, "flops": fl,
+                      "base_bytes": bb}
     base = results["single"]
     print(f"model: demo transformer width={args.width} layers={args.layers}, LoRA r={args.rank} on 5 projections/block, "
           f"Adam; global batch {args.batch} x {args.seq} tokens; {n} emulated CPU devices; jax {jax.__version__}")
     print()
-    print("| strategy | step time (ms) | step time / one device | memory per device (KiB) | memory / one device |")
-    print("|---|---:|---:|---:|---:|")
+    print("| strategy | step time (ms) | step time / one device | XLA FLOPs per device / one device "
+          "| memory per device (KiB) | memory / one device | frozen base on device 0 (KiB) | base / one device |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for k in keys:
         r = results[k]
         print(f"| {r['name']} | {1e3 * r['step_s']:.1f} | {r['step_s'] / base['step_s']:.2f} | "
-              f"{r['mem_bytes'] / 1024:.0f} | {r['mem_bytes'] / base['mem_bytes']:.2f} |")
+              f"{r['flops'] / base['flops']:.3f} | "
+              f"{r['mem_bytes'] / 1024:.0f} | {r['mem_bytes'] / base['mem_bytes']:.2f} | "
+              f"{r['base_bytes'] / 1024:.0f} | {r['base_bytes'] / base['base_bytes']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
