@@ -1,0 +1,123 @@
+"""The ``jpeft`` command: ``jpeft <subcommand> --help`` teaches each one.
+
+Subcommands (each is a module of this package with ``add_parser`` and ``run``):
+
+====================  ==============================================================
+``jpeft demo``        PEFT against forgetting in minutes, on a CPU, with no downloads
+``jpeft train``       fine-tune a local Hugging Face model folder from a TOML config
+``jpeft eval``        loss and perplexity of a model (plus adapter) on a dataset
+``jpeft merge``       fold an adapter into the base and save a Hugging Face folder
+``jpeft export``      write an adapter in the Hugging Face PEFT format
+``jpeft info``        parameter budget of a method on a model, computed without allocating
+``jpeft forgetting``  the catastrophic-forgetting experiment runner
+====================  ==============================================================
+
+Bad arguments or inputs end with one line ``jpeft <cmd>: error: ...`` on stderr and exit
+status 2; no traceback. :func:`main` returns the exit status instead of exiting, so it can
+be called from Python (``jpeft.cli.main(["info", "llama-2-7b"])``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+_COMMANDS = ("demo", "train", "eval", "merge", "export", "info", "forgetting")
+
+_EPILOG = """\
+examples:
+  jpeft demo                              # the 3-minute tour: PEFT against forgetting
+  jpeft info llama-2-7b --method lora -r 8
+  jpeft train --config config.toml        # see `jpeft train --help` for the file format
+  jpeft export --model ./base --adapter runs/x/adapter --out ./peft-adapter
+
+Run `jpeft <command> --help` for the options and an example of each command.
+"""
+
+
+class UsageError(Exception):
+    """Bad command-line arguments: reported as one line with exit status 2."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) and exit status 2."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*a, **kw)
+
+    def error(self, message):  # noqa: D401 - argparse hook
+        raise UsageError(self.prog, message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (subcommand modules are imported lazily)."""
+    from jpeft import __version__
+
+    parser = _Parser(
+        prog="jpeft",
+        description="jpeft: parameter-efficient fine-tuning for JAX/Flax, and tools to measure and "
+        "prevent catastrophic forgetting.",
+        epilog=_EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"jpeft {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="<command>", parser_class=_Parser)
+    for name in _COMMANDS:
+        mod = importlib.import_module(f"jpeft.cli.{name}_cmd")
+        p = mod.add_parser(sub)
+        p.set_defaults(_run=mod.run, cmd=name)
+    return parser
+
+
+def one_line(msg: str) -> str:
+    """Collapses a (possibly multi-line) message to one line."""
+    parts = [s.strip() for s in str(msg).splitlines() if s.strip()]
+    return " ".join(parts) if parts else "unknown error"
+
+
+def _fail(prog: str, msg: str) -> int:
+    print(f"{prog}: error: {one_line(msg)}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the ``jpeft`` command line and returns its exit status (0 ok, 2 bad input,
+    130 interrupted).
+
+    >>> main(["info", "no-such-model"])  # prints "jpeft info: error: ..." to stderr
+    2
+    """
+    from jpeft.errors import JpeftError
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as e:
+        return _fail(e.prog, f"{e} (see `{e.prog} --help`)")
+    if extra:
+        prog = f"jpeft {args.cmd}" if getattr(args, "cmd", None) else "jpeft"
+        return _fail(prog, f"unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)")
+    if not getattr(args, "cmd", None):
+        parser.print_help(sys.stderr)
+        return 2
+    prog = f"jpeft {args.cmd}"
+    try:
+        rc = args._run(args)
+    except UsageError as e:
+        return _fail(e.prog or prog, f"{e} (see `{e.prog or prog} --help`)")
+    except JpeftError as e:
+        return _fail(prog, f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)

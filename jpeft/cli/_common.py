@@ -1,0 +1,164 @@
+"""Helpers shared by the subcommands: method configs from arguments, model folders, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Mapping, Optional
+
+from jpeft.errors import ConfigError, LoadError
+
+
+def add_method_args(p: argparse.ArgumentParser, *, default: str = "lora") -> None:
+    """``--method``, ``-r``, ``--alpha``, ``--target`` and ``--set KEY=VALUE``."""
+    g = p.add_argument_group("adapter method")
+    g.add_argument("--method", default=default,
+                   help=f"method name: lora, full, or any registered jpeft method's peft_type (default {default})")
+    g.add_argument("-r", "--rank", type=int, default=None, help="rank, for methods that have one (LoRA default 8)")
+    g.add_argument("--alpha", type=float, default=None, help="scaling numerator (LoRA: update scaled by alpha/r)")
+    g.add_argument("--target", default=None,
+                   help="target modules: a comma-separated list of names (q_proj,v_proj) or one regex "
+                        "(re.fullmatch on the module path or its Hugging Face name)")
+    g.add_argument("--set", dest="method_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config field (value parsed as JSON if it can be), e.g. --set use_rslora=true")
+
+
+def _parse_value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def parse_targets(s: Optional[str]):
+    if s is None:
+        return None
+    if "," in s or s.replace("_", "").replace(".", "").isalnum():
+        return [t.strip() for t in s.split(",") if t.strip()]
+    return s
+
+
+def method_names() -> dict[str, type]:
+    """Lower-case method name -> config class, for every registered method."""
+    import jpeft  # noqa: F401  (registers the core methods)
+    from jpeft.config import registered_configs
+
+    _import_optional_methods()
+    out = {}
+    for ptype, cls in registered_configs().items():
+        out[ptype.lower()] = cls
+    if "full_finetune" in out:
+        out.setdefault("full", out["full_finetune"])
+    return out
+
+
+def _import_optional_methods():
+    import importlib
+
+    for mod in ("jpeft.methods.ia3", "jpeft.methods.dora", "jpeft.methods.vera", "jpeft.methods.adapter",
+                "jpeft.methods.prefix", "jpeft.methods.prompt", "jpeft.methods.bottleneck",
+                "jpeft.forgetting.full", "jpeft.forgetting"):
+        try:
+            importlib.import_module(mod)
+        except Exception:
+            pass
+
+
+# Hugging Face PEFT's default LoRA targets per model type
+# (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), used when no target is given.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+}
+
+
+def _with_default_targets(cls, d: dict, model_type: Optional[str]) -> dict:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if "target_modules" in fields and "target_modules" not in d and model_type in DEFAULT_TARGETS:
+        d = dict(d, target_modules=DEFAULT_TARGETS[model_type])
+    return d
+
+
+def method_config(name: str, fields: Optional[Mapping[str, Any]] = None, *, model_type: Optional[str] = None):
+    """Builds a method config from its name and fields (Hugging Face PEFT key names or jpeft
+    field names both work). Without ``target_modules``, the Hugging Face PEFT default for
+    ``model_type`` is used.
+
+    Raises:
+      ConfigError: unknown method name or field.
+    """
+    names = method_names()
+    key = str(name).strip().lower().replace("-", "_")
+    cls = names.get(key)
+    if cls is None:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(names))}.")
+    return cls.from_dict(_with_default_targets(cls, dict(fields or {}), model_type))
+
+
+def method_from_args(args, *, model_type: Optional[str] = None):
+    import dataclasses
+
+    names = method_names()
+    key = str(args.method).strip().lower().replace("-", "_")
+    cls = names.get(key)
+    if cls is None:
+        raise ConfigError(f"unknown method {args.method!r}; available: {', '.join(sorted(names))}.")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    d: dict[str, Any] = {}
+    if args.rank is not None:
+        if "r" not in fields:
+            raise ConfigError(f"method {args.method!r} has no rank; drop -r/--rank.")
+        d["r"] = args.rank
+    if args.alpha is not None:
+        if "alpha" not in fields:
+            raise ConfigError(f"method {args.method!r} has no alpha; drop --alpha.")
+        d["alpha"] = args.alpha
+    if "target_modules" in fields:
+        t = parse_targets(args.target)
+        if t is not None:
+            d["target_modules"] = t
+    elif args.target is not None:
+        raise ConfigError(f"method {args.method!r} takes no target modules; drop --target.")
+    for kv in args.method_set:
+        if "=" not in kv:
+            raise ConfigError(f"--set expects KEY=VALUE, found {kv!r}.")
+        k, v = kv.split("=", 1)
+        d[k.strip()] = _parse_value(v)
+    return cls.from_dict(_with_default_targets(cls, d, model_type))
+
+
+def require_dir(path: str, what: str) -> str:
+    if not os.path.isdir(path):
+        raise LoadError(f"{what} {path!r} is not a directory.")
+    return path
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{int(n)}"
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    """A GitHub-markdown table (also readable in a terminal)."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    def line(r):
+        return "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows])

@@ -1,0 +1,103 @@
+"""Loading (and saving) a local Hugging Face folder for the CLI: model, params, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, NamedTuple
+
+from jpeft.errors import LoadError
+
+
+class Loaded(NamedTuple):
+    model: Any          # a flax.linen Module
+    params: Any         # its variables {"params": ...}
+    tokenizer: Any      # a transformers tokenizer, or None
+    folder: str
+    hf_config: dict     # the folder's config.json
+
+
+def load_folder(folder: str, *, tokenizer: bool = True) -> Loaded:
+    """Loads ``config.json`` + safetensors weights (+ the tokenizer) from a local folder.
+
+    Raises:
+      LoadError: the folder is missing or is not a Hugging Face model folder.
+    """
+    from jpeft.models import from_pretrained, load_tokenizer, read_config
+
+    d = read_config(folder)
+    model, params = from_pretrained(folder)
+    tok = load_tokenizer(folder) if tokenizer else None
+    return Loaded(model, params, tok, folder, d)
+
+
+def model_from_config(config_dict: dict):
+    """The jpeft flax module for a Hugging Face ``config.json`` dict."""
+    from jpeft.models import config_from_hf, model_from_config as _m
+
+    return _m(config_from_hf(config_dict))
+
+
+def example_ids():
+    """A small integer batch used to trace a model once when (re)building adapters."""
+    import jax.numpy as jnp
+
+    return jnp.zeros((1, 8), jnp.int32)
+
+
+def save_folder(out: str, loaded: Loaded, params) -> None:
+    """Writes ``params`` as a Hugging Face folder next to a copy of the base's config and
+    tokenizer files: ``config.json``, ``model.safetensors`` (Hugging Face names and layouts)."""
+    import jax
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from jpeft.models import loading
+
+    cfg = loading.config_from_hf(loaded.hf_config)
+    fam = loading._family_of(cfg)
+    inner = params["params"] if "params" in params else params
+    keymap = loading.hf_key_map(jax.eval_shape(lambda: inner), fam)
+    tensors = {}
+    for hf_key, (keys, _mpath, transposed, _shape) in keymap.items():
+        node = inner
+        for k in keys:
+            node = node[k]
+        a = np.asarray(jax.device_get(node))
+        tensors[hf_key] = np.ascontiguousarray(a.T if transposed else a)
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, "model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out, "model.safetensors"))
+    for name in os.listdir(loaded.folder):
+        if name in ("config.json", "generation_config.json") or name.startswith(("tokenizer", "special_tokens",
+                                                                                 "vocab", "merges", "added_tokens",
+                                                                                 "chat_template")):
+            src = os.path.join(loaded.folder, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(out, name))
+
+
+def logits_of(out):
+    """The logits array of a model output (an array, a tuple whose first item is the logits,
+    or an object/dict with a ``logits`` entry)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def encode_fn(tokenizer):
+    """``str -> list[int]`` without special tokens, plus ``(bos_id, eos_id)``."""
+    if tokenizer is None:
+        raise LoadError("the model folder has no tokenizer files (tokenizer.json or vocab files); "
+                        "save one next to the model with tokenizer.save_pretrained(folder).")
+
+    def encode(s: str):
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    return encode, getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)

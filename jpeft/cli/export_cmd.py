@@ -1,0 +1,41 @@
+"""``jpeft export``: write a jpeft adapter in the Hugging Face PEFT format."""
+
+from __future__ import annotations
+
+HELP = "export an adapter to the Hugging Face PEFT format (adapter_config.json + adapter_model.safetensors)"
+EPILOG = """\
+example:
+  jpeft export --model ./my-model --adapter runs/my-run/adapter --out ./my-peft-adapter
+
+then, in PyTorch:
+  from peft import PeftModel
+  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("./my-model"), "./my-peft-adapter")
+"""
+
+
+def add_parser(sub):
+    p = sub.add_parser("export", help=HELP, description=HELP + ".", epilog=EPILOG)
+    p.add_argument("--model", required=True, help="the base model's local Hugging Face folder")
+    p.add_argument("--adapter", required=True, help="adapter folder written by `jpeft train`")
+    p.add_argument("--out", required=True, help="output folder for the PEFT adapter")
+    p.add_argument("--base-name", default=None,
+                   help="base_model_name_or_path written into adapter_config.json (default: --model)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    return p
+
+
+def run(args) -> int:
+    import os
+
+    from jpeft.cli._ckpt import load_adapter
+    from jpeft.cli._model import example_ids, load_folder
+    from jpeft.cli.merge_cmd import check_out
+
+    check_out(args.out, args.force)
+    loaded = load_folder(args.model, tokenizer=False)
+    adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())
+    from jpeft import hf
+
+    hf.save_peft(args.out, config, adapter, base_model_name_or_path=args.base_name or args.model)
+    print(f"exported {config.peft_type} adapter to {os.path.abspath(args.out)} (Hugging Face PEFT format)")
+    return 0

@@ -1,0 +1,49 @@
+"""``jpeft merge``: fold an adapter into the base weights and save a Hugging Face folder."""
+
+from __future__ import annotations
+
+HELP = "merge an adapter into its base model and save a plain Hugging Face model folder"
+EPILOG = """\
+example:
+  jpeft merge --model ./my-model --adapter runs/my-run/adapter --out ./my-model-merged
+
+The result loads with transformers' AutoModelForCausalLM.from_pretrained and with
+jpeft.hf.from_pretrained, and needs no jpeft or peft to serve. Methods that cannot be
+merged (prefix or prompt tuning, bottleneck adapters) end with a NotMergeableError.
+"""
+
+
+def add_parser(sub):
+    p = sub.add_parser("merge", help=HELP, description=HELP + ".", epilog=EPILOG)
+    p.add_argument("--model", required=True, help="the base model's local Hugging Face folder")
+    p.add_argument("--adapter", required=True, help="adapter folder written by `jpeft train`")
+    p.add_argument("--out", required=True, help="output folder for the merged model")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    return p
+
+
+def check_out(out: str, force: bool) -> None:
+    import os
+
+    from jpeft.errors import SaveError
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SaveError(f"--out {out!r} exists and is a file; give a folder.")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise SaveError(f"--out {out!r} is not empty; pass --force to overwrite its files.")
+
+
+def run(args) -> int:
+    import os
+
+    import jpeft
+    from jpeft.cli._ckpt import load_adapter
+    from jpeft.cli._model import load_folder, save_folder, example_ids
+
+    check_out(args.out, args.force)
+    loaded = load_folder(args.model)
+    adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())
+    merged = jpeft.merge(loaded.params, adapter)
+    save_folder(args.out, loaded, merged)
+    print(f"merged {config.peft_type} adapter {args.adapter} into {args.model}; saved to {os.path.abspath(args.out)}")
+    return 0

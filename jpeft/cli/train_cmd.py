@@ -1,0 +1,197 @@
+"""``jpeft train --config config.toml``: fine-tune a local Hugging Face model folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Mapping
+
+from jpeft.errors import ConfigError, LoadError
+
+HELP = "fine-tune a local Hugging Face model folder with any jpeft method (TOML config)"
+
+EXAMPLE_TOML = """\
+model = "./my-model"          # local Hugging Face folder: config.json, *.safetensors, tokenizer
+output_dir = "runs/my-run"
+seed = 0
+
+[data]
+train = "train.jsonl"         # .jsonl ({"text"} or {"prompt","completion"} per line) or plain text
+eval = "eval.jsonl"           # optional
+seq_len = 256                 # examples are tokenized and packed into rows of seq_len tokens
+
+[method]                      # any jpeft method; keys as in Hugging Face PEFT's adapter_config.json
+name = "lora"                 # lora, ia3, full, ... (target_modules defaults as in PEFT for the model type)
+r = 8
+lora_alpha = 16
+target_modules = ["q_proj", "v_proj"]
+
+[train]
+steps = 1000
+batch_size = 8
+learning_rate = 2e-4          # AdamW, linear warm-up then cosine decay
+warmup_steps = 50
+weight_decay = 0.0
+max_grad_norm = 1.0
+eval_every = 100              # steps between evaluations (0: only at the end)
+save_every = 200              # steps between checkpoints (0: only at the end)
+log_every = 10
+keep_checkpoints = 3
+"""
+
+EPILOG = f"""\
+example:
+  jpeft train --config config.toml
+  jpeft train --config config.toml --resume          # continue from the latest checkpoint
+  jpeft train --config config.toml --set train.steps=50 --set method.r=16
+
+config.toml:
+{EXAMPLE_TOML}
+Writes <output_dir>/metrics.jsonl (one JSON object per log/eval step), TensorBoard events in
+<output_dir>/tb when tensorboard (or tensorboardX) is installed, checkpoints in
+<output_dir>/checkpoints, and the final adapter in <output_dir>/adapter, which
+`jpeft export`, `jpeft merge` and `jpeft eval --adapter` read. Ctrl-C saves a checkpoint
+and exits; `--resume` continues it and ends with the same adapter as an uninterrupted run.
+"""
+
+_DEFAULTS = {
+    "seed": 0,
+    "data": {"seq_len": 256, "text_field": "text", "prompt_field": "prompt", "completion_field": "completion"},
+    "method": {"name": "lora"},
+    "train": {
+        "steps": 1000, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 0, "weight_decay": 0.0,
+        "max_grad_norm": 1.0, "eval_every": 100, "save_every": 200, "log_every": 10,
+        "keep_checkpoints": 3, "eval_batches": 16,
+    },
+}
+_KNOWN = {
+    "": {"model", "output_dir", "seed", "data", "method", "train"},
+    "data": {"train", "eval", "seq_len", "text_field", "prompt_field", "completion_field"},
+    "train": set(_DEFAULTS["train"]),
+}
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help=HELP, description=HELP + ".", epilog=EPILOG)
+    p.add_argument("--config", required=True, help="TOML file (format below)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--output-dir", default=None, help="overrides output_dir of the config")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop (with a checkpoint) after this step; the schedule still spans train.steps")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (value parsed as TOML/JSON)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    return p
+
+
+# ----------------------------------------------------------------------------------- config
+def _load_toml(path: str) -> dict:
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError("reading TOML on Python 3.10 needs the 'tomli' package: pip install tomli") from None
+    if not os.path.isfile(path):
+        raise LoadError(f"config file {path!r} does not exist; see `jpeft train --help` for an example.")
+    with open(path, "rb") as f:
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e}).") from None
+
+
+def _parse_value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".") -> dict:
+    """Merges defaults, the TOML file and ``--set`` overrides; checks keys; resolves paths
+    relative to the config file's folder.
+
+    Raises:
+      ConfigError: unknown keys, missing ``model`` / ``data.train``, bad values.
+    """
+    cfg: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _DEFAULTS.items()}
+    for k, v in raw.items():
+        if isinstance(v, Mapping) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"--set expects SECTION.KEY=VALUE, found {ov!r}.")
+        key, val = ov.split("=", 1)
+        parts = key.strip().split(".")
+        node = cfg
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section.")
+        node[parts[-1]] = _parse_value(val)
+    for section, known in _KNOWN.items():
+        node = cfg if not section else cfg.get(section, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"[{section}] must be a table, found {type(node).__name__}.")
+        unknown = sorted(set(node) - known)
+        if unknown:
+            where = f"[{section}]" if section else "the top level"
+            raise ConfigError(f"unknown key(s) {unknown} in {where} of the config; known: {sorted(known)}.")
+    if "model" not in cfg:
+        raise ConfigError("the config has no `model = \"path/to/hf-folder\"` line.")
+    if "train" not in cfg["data"]:
+        raise ConfigError("the config has no [data] train = \"file.jsonl\" entry.")
+    t = cfg["train"]
+    for k in ("steps", "batch_size"):
+        if not isinstance(t[k], int) or t[k] <= 0:
+            raise ConfigError(f"train.{k} must be a positive integer, found {t[k]!r}.")
+    for k in ("eval_every", "save_every", "log_every", "warmup_steps", "eval_batches"):
+        if not isinstance(t[k], int) or t[k] < 0:
+            raise ConfigError(f"train.{k} must be a non-negative integer, found {t[k]!r}.")
+    if not isinstance(t["learning_rate"], (int, float)) or t["learning_rate"] <= 0:
+        raise ConfigError(f"train.learning_rate must be > 0, found {t['learning_rate']!r}.")
+    if t["keep_checkpoints"] is not None and (not isinstance(t["keep_checkpoints"], int) or t["keep_checkpoints"] < 1):
+        raise ConfigError(f"train.keep_checkpoints must be >= 1, found {t['keep_checkpoints']!r}.")
+
+    def rel(p):
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+
+    cfg["model"] = rel(str(cfg["model"]))
+    cfg["data"]["train"] = rel(str(cfg["data"]["train"]))
+    if cfg["data"].get("eval"):
+        cfg["data"]["eval"] = rel(str(cfg["data"]["eval"]))
+    cfg["output_dir"] = rel(str(cfg.get("output_dir", "jpeft-run")))
+    return cfg
+
+
+def method_of(cfg, model_type=None) -> Any:
+    from jpeft.cli._common import method_config
+
+    m = dict(cfg["method"])
+    name = m.pop("name", None) or m.pop("peft_type", None) or "lora"
+    m.pop("peft_type", None)
+    return method_config(name, m, model_type=model_type)
+
+
+# ----------------------------------------------------------------------------------- run
+def run(args) -> int:
+    cfg_path = os.path.abspath(args.config)
+    raw = _load_toml(cfg_path)
+    cfg = resolve_config(raw, args.overrides, base_dir=os.path.dirname(cfg_path))
+    if args.output_dir:
+        cfg["output_dir"] = os.path.abspath(args.output_dir)
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ConfigError(f"--max-steps must be positive, found {args.max_steps}.")
+    from jpeft.cli._trainer import train
+
+    result = train(cfg, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
+    return 130 if result.get("interrupted") else 0

@@ -1,0 +1,411 @@
+"""End-to-end tests of the ``jpeft`` command: every subcommand on tiny settings in a
+subprocess, one-line errors with exit status 2, exact resume after an interruption, and
+numbers checked against transformers / peft on the same tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.cli import main
+
+COMMANDS = ["demo", "train", "eval", "merge", "export", "info", "forgetting"]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+
+
+def jpeft_cmd(*args, timeout=300, cwd=None):
+    """Runs ``python -m jpeft.cli ARGS`` (the console script's code) in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "jpeft.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=cwd)
+
+
+def error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected a one-line error, got:\n{stderr}"
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random Llama saved by transformers, with a small byte-level BPE tokenizer
+    trained here (nothing downloaded), plus JSONL / text datasets and a train config."""
+    import torch
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny-llama"
+    keys = sorted(topics)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in keys[:30]], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    with open(root / "train.jsonl", "w") as f:
+        for k in keys[:40]:
+            f.write(json.dumps({"prompt": f"Topic {k}:\n", "completion": topics[k][:300]}) + "\n")
+    with open(root / "eval.jsonl", "w") as f:
+        for k in keys[40:48]:
+            f.write(json.dumps({"text": topics[k][:300]}) + "\n")
+    (root / "notes.txt").write_text(" ".join(topics[k][:200] for k in keys[50:60]))
+    return root
+
+
+def write_config(root, name, *, steps=8, save_every=3, eval_every=4):
+    path = root / f"{name}.toml"
+    path.write_text(f"""
+model = "tiny-llama"
+output_dir = "{name}"
+seed = 3
+
+[data]
+train = "train.jsonl"
+eval = "eval.jsonl"
+seq_len = 32
+
+[method]
+name = "lora"
+r = 4
+lora_alpha = 8
+lora_dropout = 0.1
+target_modules = ["q_proj", "v_proj", "down_proj"]
+
+[train]
+steps = {steps}
+batch_size = 4
+learning_rate = 5e-3
+warmup_steps = 2
+eval_every = {eval_every}
+save_every = {save_every}
+log_every = 1
+""")
+    return path
+
+
+def adapter_arrays(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(folder, "jpeft_adapter.safetensors"))
+
+
+# ------------------------------------------------------------------------------ help & errors
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_subcommand_has_help_with_an_example(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"jpeft {cmd}" in out and "example" in out.lower()
+
+
+def test_console_script_is_declared_and_runs():
+    from importlib.metadata import entry_points
+
+    eps = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert eps.get("jpeft") == "jpeft.cli:main"
+    r = jpeft_cmd("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"jpeft {jpeft.__version__}"
+
+
+def test_bad_arguments_exit_2_with_one_line_in_a_subprocess(tmp_path):
+    r = jpeft_cmd("info", "llama-2-7b", "--bogus")
+    assert r.returncode == 2
+    assert error_line(r.stderr) == "jpeft info: error: unrecognized arguments: --bogus (see `jpeft info --help`)"
+    r = jpeft_cmd("train", "--config", tmp_path / "missing.toml")
+    assert r.returncode == 2
+    line = error_line(r.stderr)
+    assert line.startswith("jpeft train: error: LoadError: config file") and "does not exist" in line
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["nope"], "jpeft: error: argument <command>: invalid choice: 'nope'"),
+        (["info"], "jpeft info: error: ConfigError: give a model folder or a published config name"),
+        (["info", "no-such-model"], "jpeft info: error: LoadError: 'no-such-model' is neither a model folder"),
+        (["info", "llama-2-7b", "--method", "nope"], "jpeft info: error: ConfigError: unknown method 'nope'; available:"),
+        (["info", "llama-2-7b", "-r", "0"], "jpeft info: error: ConfigError: LoraConfig.r must be a positive integer, found 0"),
+        (["info", "llama-2-7b", "-r", "x"], "jpeft info: error: argument -r/--rank: invalid int value: 'x'"),
+        (["info", "llama-2-7b", "--target", "nothing_here"], "jpeft info: error: TargetNotFoundError:"),
+        (["demo", "--steps", "0"], "jpeft demo: error: ConfigError: --steps must be >= 1, found 0."),
+        (["demo", "--seq-len", "4"], "jpeft demo: error: ConfigError: --seq-len must be >= 8, found 4."),
+        (["demo", "--replay", "1.5"], "jpeft demo: error: ConfigError: --replay must be in [0, 1), found 1.5."),
+        (["eval", "--data", "x.jsonl"], "jpeft eval: error: the following arguments are required: --model"),
+        (["eval", "--model", "/no/such/dir", "--data", "x.jsonl"], "jpeft eval: error: LoadError: '/no/such/dir' is not a folder"),
+        (["merge", "--model", "m", "--adapter", "a"], "jpeft merge: error: the following arguments are required: --out"),
+        (["export", "--model", "/no/such/dir", "--adapter", "a", "--out", "o"], "jpeft export: error: LoadError:"),
+        (["forgetting", "nope"], "jpeft forgetting: error: argument benchmark: invalid choice: 'nope'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, expect, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert error_line(err).startswith(expect), err
+
+
+def test_train_config_errors(hf_dir, capsys):
+    bad = hf_dir / "bad.toml"
+    bad.write_text('model = "tiny-llama"\n[data]\ntrain = "train.jsonl"\n[train]\nstepz = 3\n')
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown key(s) ['stepz'] in [train] of the config" in error_line(capsys.readouterr().err)
+    bad.write_text('model = "tiny-llama"\n[data]\ntrain = "train.jsonl"\n[method]\nname = "lora"\nr = -1\n')
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "LoraConfig.r must be a positive integer, found -1" in error_line(capsys.readouterr().err)
+    bad.write_text('model = "tiny-llama"\n[data\n')
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "not valid TOML" in error_line(capsys.readouterr().err)
+    bad.write_text('model = "tiny-llama"\n[data]\ntrain = "train.jsonl"\nseq_len = 4096\n')
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "data.seq_len=4096 exceeds the model's max_position_embeddings=128" in error_line(capsys.readouterr().err)
+    (hf_dir / "short.txt").write_text("too short")
+    bad.write_text('model = "tiny-llama"\n[data]\ntrain = "short.txt"\nseq_len = 128\n')
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "fewer than one row of seq_len=128" in error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------------ info
+def test_info_llama2_7b_matches_transformers_and_peft(capsys):
+    """The budget computed with jax.eval_shape equals peft's count on the real architecture
+    (built by transformers on the meta device: no memory)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jpeft.cli import _configs
+
+    assert main(["info", "llama-2-7b", "--method", "lora", "-r", "8", "--target", "q_proj,v_proj", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    with torch.device("meta"):
+        ref = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in _configs.PUBLISHED["llama-2-7b"].items()
+                                              if k not in ("model_type", "architectures")}))
+    base = sum(p.numel() for p in ref.parameters())
+    peft_model = get_peft_model(ref, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert base == 6_738_415_616  # the published Llama-2-7B size
+    assert (got["base_params"], got["trainable_params"], got["total_params"]) == (base, trainable, total)
+    assert trainable == 4_194_304
+    assert got["adapted_sites"] == 64
+
+
+def test_info_text_output_and_list(capsys):
+    assert main(["info", "mistral-7b", "-r", "16", "--target", "q_proj,k_proj,v_proj,o_proj"]) == 0
+    out = capsys.readouterr().out
+    # Mistral-7B: 32 layers; q,o: 4096->4096, k,v: 4096->1024 (grouped-query attention)
+    r = 16
+    expect = 32 * r * ((4096 + 4096) * 2 + (4096 + 1024) * 2)
+    assert f"trainable params: {expect:,}" in out and "7,241,732,096" in out
+    assert main(["info", "--list"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("llama-2-7b", "mistral-7b", "gpt2", "llama-3-8b"):
+        assert name in listing
+
+
+def test_info_on_a_model_folder_and_gpt2(hf_dir, capsys):
+    assert main(["info", str(hf_dir / "tiny-llama"), "--json", "-r", "2", "--target", "q_proj"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["trainable_params"] == 2 * 2 * (32 + 32)  # 2 layers, r=2, [32 -> 32]
+    from safetensors.numpy import load_file
+
+    w = load_file(str(hf_dir / "tiny-llama" / "model.safetensors"))
+    assert got["base_params"] == sum(a.size for a in w.values())
+    assert main(["info", "gpt2", "--target", "c_attn", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["base_params"] == 124_439_808  # GPT-2 small
+    assert got["trainable_params"] == 12 * 8 * (768 + 3 * 768)
+
+
+# ----------------------------------------------------------------------------------- train
+def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir):
+    cfg = write_config(hf_dir, "full_run")
+    r = jpeft_cmd("train", "--config", cfg, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    ref = adapter_arrays(hf_dir / "full_run" / "adapter")
+    lines = [json.loads(x) for x in open(hf_dir / "full_run" / "metrics.jsonl")]
+    assert [x["step"] for x in lines if "loss" in x] == list(range(1, 9))
+    assert [x["step"] for x in lines if "eval_loss" in x] == [4, 8]
+    assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
+
+    cfg2 = write_config(hf_dir, "split_run")
+    r = jpeft_cmd("train", "--config", cfg2, "--max-steps", "5", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "stopped at step 5 of 8" in r.stderr
+    assert not (hf_dir / "split_run" / "adapter").exists()
+    r = jpeft_cmd("train", "--config", cfg2, "--no-progress")  # without --resume: refused
+    assert r.returncode == 2 and "already has checkpoints; pass --resume" in error_line(r.stderr)
+    r = jpeft_cmd("train", "--config", cfg2, "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step 5" in r.stderr
+    got = adapter_arrays(hf_dir / "split_run" / "adapter")
+    assert sorted(got) == sorted(ref) and len(ref) == 12  # 2 layers x 3 modules x (A, B)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    assert any(np.abs(ref[k]).max() > 0 for k in ref if k.endswith("lora_B"))  # it did train
+
+
+def test_train_ctrl_c_saves_a_checkpoint_and_resume_is_exact(hf_dir):
+    steps = 200
+    ref_cfg = write_config(hf_dir, "long_ref", steps=steps, save_every=0, eval_every=0)
+    r = jpeft_cmd("train", "--config", ref_cfg, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    cfg = write_config(hf_dir, "long_int", steps=steps, save_every=0, eval_every=0)
+    p = subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = hf_dir / "long_int" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 130, err
+    assert "Ctrl-C: saving a checkpoint" in err and "interrupted at step" in err
+    stopped = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert 2 <= stopped < steps
+    assert (hf_dir / "long_int" / "checkpoints" / str(stopped)).is_dir()
+    r = jpeft_cmd("train", "--config", cfg, "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    ref, got = adapter_arrays(hf_dir / "long_ref" / "adapter"), adapter_arrays(hf_dir / "long_int" / "adapter")
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+# ------------------------------------------------------------------------- eval/export/merge
+def _torch_loss(model, rows, mask):
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor(rows, dtype=torch.long)).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1)
+    nll = -lp.gather(-1, torch.tensor(rows[:, 1:], dtype=torch.long)[..., None])[..., 0]
+    w = torch.tensor(mask[:, 1:], dtype=torch.float32)
+    return float((nll * w).sum() / w.sum()), logits
+
+
+def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jpeft.data import PackedDataset
+
+    cfg = write_config(hf_dir, "for_export", steps=6)
+    r = jpeft_cmd("train", "--config", cfg, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    model_dir, adapter_dir = hf_dir / "tiny-llama", hf_dir / "for_export" / "adapter"
+
+    # the same packed rows as `jpeft eval` builds, scored by transformers
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ds = PackedDataset.from_file(hf_dir / "notes.txt", lambda s: tok(s, add_special_tokens=False)["input_ids"], 32,
+                                 eos_id=tok.eos_token_id, bos_id=tok.bos_token_id)
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ref_base, _ = _torch_loss(base, ds.input_ids, ds.loss_mask)
+
+    r = jpeft_cmd("eval", "--model", model_dir, "--data", hf_dir / "notes.txt", "--seq-len", 32, "--batch-size", 3,
+                  "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["tokens"] == ds.num_targets
+    np.testing.assert_allclose(got["loss"], ref_base, rtol=1e-5)
+    np.testing.assert_allclose(got["perplexity"], np.exp(ref_base), rtol=1e-5)
+
+    # export -> peft loads it and scores the same as `jpeft eval --adapter`
+    peft_dir = tmp_path / "peft"
+    r = jpeft_cmd("export", "--model", model_dir, "--adapter", adapter_dir, "--out", peft_dir)
+    assert r.returncode == 0, r.stderr
+    assert (peft_dir / "adapter_config.json").is_file() and (peft_dir / "adapter_model.safetensors").is_file()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), peft_dir).eval()
+    ref_adapted, ref_logits = _torch_loss(peft_model, ds.input_ids, ds.loss_mask)
+    assert abs(ref_adapted - ref_base) > 1e-4  # the adapter changes the model
+    r = jpeft_cmd("eval", "--model", model_dir, "--adapter", adapter_dir, "--data", hf_dir / "notes.txt",
+                  "--seq-len", 32, "--json")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(json.loads(r.stdout)["loss"], ref_adapted, rtol=1e-5)
+    r = jpeft_cmd("export", "--model", model_dir, "--adapter", adapter_dir, "--out", peft_dir)
+    assert r.returncode == 2 and "is not empty; pass --force" in error_line(r.stderr)
+
+    # merge -> a plain transformers folder with the adapted logits
+    merged_dir = tmp_path / "merged"
+    r = jpeft_cmd("merge", "--model", model_dir, "--adapter", adapter_dir, "--out", merged_dir)
+    assert r.returncode == 0, r.stderr
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        m_logits = merged(torch.tensor(ds.input_ids, dtype=torch.long)).logits.float()
+    np.testing.assert_allclose(m_logits.numpy(), ref_logits.numpy(), atol=2e-5)
+    assert AutoTokenizer.from_pretrained(merged_dir)("def f():")["input_ids"] == tok("def f():")["input_ids"]
+
+    r = jpeft_cmd("eval", "--model", model_dir, "--adapter", tmp_path / "nowhere", "--data", hf_dir / "notes.txt",
+                  "--seq-len", 32)
+    assert r.returncode == 2 and "adapter folder" in error_line(r.stderr)
+
+
+# ------------------------------------------------------------------------------------ demo
+def test_demo_tiny_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = jpeft_cmd("demo", "--tiny", "--steps", "4", "--pretrain-steps", "6", "--eval-every", "2", "--gen-bytes", "8",
+                  "--out", out, "--cache-dir", tmp_path / "cache", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "demo_results.json").read_text())
+    table = r.stdout.split("\n\n")
+    assert res["table"] in r.stdout
+    rows = res["table"].splitlines()
+    assert [c.strip() for c in rows[0].split("|")[1:-1]] == [
+        "method", "trainable", "checkpoint", "step time", "new-task loss", "old-task loss rise"]
+    full, lora, lora_all, lora_replay = res["runs"]
+    assert [r["method"] for r in res["runs"]] == ["full fine-tuning", "LoRA r=8, q,v", "LoRA r=8, all linear",
+                                                  "LoRA r=8, all linear + 25% code replay"]
+    assert lora_replay["trainable"] == lora_all["trainable"]
+    assert full["trainable_share"] == 1.0 and 0 < lora["trainable_share"] < lora_all["trainable_share"] < 1
+    # tiny setting: 2 layers x width 32; LoRA r=8 on q,v: 2 x 2 x 8 x (32 + 32)
+    assert lora["trainable"] == 2 * 2 * 8 * (32 + 32)
+    assert full["steps"] == lora["steps"] == [0, 2, 4]
+    # the losses at step 0 are the base model's: every method starts from the same model
+    assert full["new_task_loss"][0] == lora["new_task_loss"][0] == res["base_loss"]["new_task"]
+    assert full["old_task_loss"][0] == res["base_loss"]["old_task"]
+    assert lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+    assert (out / "demo_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "lora-adapter" / "jpeft_adapter.json").is_file()
+    assert (out / "lora-all-linear-adapter" / "jpeft_adapter.json").is_file()
+    assert r.stdout.count("[The ]") == 5 and r.stdout.count("[def ]") == 5
+    for row in res["runs"]:  # the table shows the JSON's numbers
+        rise = row["old_task_loss"][-1] - res["base_loss"]["old_task"]
+        line = next(ln for ln in rows if ln.startswith(f"| {row['method']} "))
+        assert f"{row['new_task_loss'][-1]:.3f}" in line and f"{rise:+.3f}" in line
+    # a second run reuses the cached base model
+    r2 = jpeft_cmd("demo", "--tiny", "--steps", "2", "--pretrain-steps", "6", "--gen-bytes", "0", "--out", out,
+                   "--cache-dir", tmp_path / "cache", "--no-progress")
+    assert r2.returncode == 0, r2.stderr
+    assert "cached base model" in r2.stdout
+    res2 = json.loads((out / "demo_results.json").read_text())
+    assert res2["base_loss"] == res["base_loss"]
+
+
+# ------------------------------------------------------------------------------ forgetting
+def test_forgetting_delegates_to_the_runner():
+    r = jpeft_cmd("forgetting", "split-digits-task", "--list-methods")
+    assert r.returncode == 0, r.stderr
+    from jpeft.forgetting.experiment import get_benchmark
+
+    names = [m.name for m in get_benchmark("split-digits-task").default_methods()]
+    for n in names:
+        assert n in r.stdout
