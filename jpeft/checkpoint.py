@@ -57,7 +57,7 @@ from jpeft.io import (
     base_fingerprint,
     check_base,
     leaf_names,
-    resolve_target,
+    safe_join,
     template_adapter,
     verify_checksum,
     with_checksum,
@@ -162,7 +162,8 @@ class CheckpointManager:
       async_save: write in a background thread; :meth:`save` returns once the arrays are on
         the host. Call :meth:`wait` (or :meth:`close`) before relying on the files.
       root: confine ``directory`` to this directory (``..``, absolute paths and symlinks
-        raise :class:`~jpeft.errors.PathEscapeError`).
+        raise :class:`~jpeft.errors.PathEscapeError`). Without ``root``, ``directory`` may
+        itself be a symlink (e.g. to a scratch disk).
       allow_base_mismatch: default for :meth:`restore`'s flag of the same name.
     """
 
@@ -198,7 +199,9 @@ class CheckpointManager:
             raise ConfigError("keep_best > 0 needs best_metric, the key of the metrics dict that ranks checkpoints (e.g. 'loss').")
         if best_mode not in ("min", "max"):
             raise ConfigError(f"best_mode must be 'min' or 'max', found {best_mode!r}.")
-        self.directory = resolve_target(directory, root).absolute()
+        # Without root the directory may itself be a symlink (a scratch disk, say): Orbax writes
+        # inside it and never renames it. With root, nothing may lead outside root.
+        self.directory = (safe_join(root, directory) if root is not None else Path(directory)).absolute()
         self.config = config
         self.params = params
         self.optimizer = optimizer
