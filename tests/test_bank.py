@@ -78,7 +78,7 @@ def _alone(name):
     return _REF[name]
 
 
-@pytest.mark.parametrize("strategy", ["gather", "ragged"])
+@pytest.mark.parametrize("strategy", ["gather", "ragged", "pregather"])
 def test_mixed_batch_equals_each_adapter_alone(strategy):
     bank = AdapterBank.from_adapters(ADAPTERS, capacity=5, strategy=strategy)
     assert bank.max_rank == 4 and bank.capacity == 5 and bank.names == ("r1", "r4", "r2")
