@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -463,12 +464,29 @@ class CheckpointManager:
     def _step_dir(self, step: int) -> Path:
         return Path(self._mngr.directory) / str(step)
 
-    def restore_latest(self, **kwargs) -> Optional[TrainState]:
+    def restore_latest(self, *, fallback: bool = False, **kwargs) -> Optional[TrainState]:
         """:meth:`restore` of the newest complete checkpoint, or ``None`` when there is none
-        (so ``state = mngr.restore_latest()`` then "start fresh if None")."""
-        if self.latest_step() is None:
+        (so ``state = mngr.restore_latest()`` then "start fresh if None").
+
+        Args:
+          fallback: when the newest checkpoint is damaged (:class:`~jpeft.errors.CheckpointError`),
+            warn and try the next older one, down to the oldest; the last error is raised if
+            none restores. A wrong base or a shape mismatch is never skipped.
+          **kwargs: as for :meth:`restore`.
+        """
+        steps = self.all_steps()
+        if not steps:
             return None
-        return self.restore(None, **kwargs)
+        if not fallback:
+            return self.restore(steps[-1], **kwargs)
+        err = None
+        for s in reversed(steps):
+            try:
+                return self.restore(s, **kwargs)
+            except CheckpointError as e:
+                err = e
+                warnings.warn(f"skipping damaged checkpoint step {s}: {e}", stacklevel=2)
+        raise err
 
     def restore_best(self, **kwargs) -> Optional[TrainState]:
         """:meth:`restore` of :meth:`best_step`, or ``None``."""

@@ -309,6 +309,21 @@ def test_corrupted_and_truncated_checkpoints_raise_checkpoint_error(tmp_path, ba
         restore(d)
 
 
+def test_restore_latest_can_fall_back_past_a_damaged_step(tmp_path, base):
+    params, cfg, adapter, opt, opt_state, key = base
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, async_save=False) as m:
+        m.save(1, adapter, opt_state, key, data_position=1)
+        m.save(2, jax.tree.map(lambda x: x + 1, adapter), opt_state, key, data_position=2)
+    for f in _ocdbt_data_files(tmp_path / "ck" / "2"):
+        f.write_bytes(f.read_bytes()[:7])
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt) as m:
+        with pytest.raises(CheckpointError, match="checkpoint step 2"):
+            m.restore_latest()
+        with pytest.warns(UserWarning, match="skipping damaged checkpoint step 2"):
+            st = m.restore_latest(fallback=True)
+    assert st.step == 1 and st.data_position == 1 and _leaves_equal(st.adapter, adapter)
+
+
 def test_corrupted_and_truncated_adapters(tmp_path, base):
     params, cfg, adapter, *_ = base
     d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
