@@ -206,6 +206,17 @@ def test_info_llama2_7b_matches_transformers_and_peft(capsys):
     assert trainable == 4_194_304
     assert got["adapted_sites"] == 64
 
+    # IA3 with PEFT's default targets for llama (k_proj, v_proj; down_proj as feed-forward)
+    from peft import IA3Config
+
+    assert main(["info", "llama-2-7b", "--method", "ia3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    with torch.device("meta"):
+        ref = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in _configs.PUBLISHED["llama-2-7b"].items()
+                                              if k not in ("model_type", "architectures")}))
+    trainable, total = get_peft_model(ref, IA3Config(task_type="CAUSAL_LM")).get_nb_trainable_parameters()
+    assert (got["trainable_params"], got["total_params"]) == (trainable, total) == (614_400, 6_739_030_016)
+
 
 def test_info_text_output_and_list(capsys):
     assert main(["info", "mistral-7b", "-r", "16", "--target", "q_proj,k_proj,v_proj,o_proj"]) == 0

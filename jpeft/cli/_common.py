@@ -65,24 +65,24 @@ def _import_optional_methods():
             pass
 
 
-# Hugging Face PEFT's default LoRA targets per model type
-# (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), used when no target is given.
+# Hugging Face PEFT's default targets per method and model type
+# (TRANSFORMERS_MODELS_TO_{LORA,IA3}_TARGET_MODULES_MAPPING), used when no target is given.
+_LLAMA_LIKE = ("llama", "mistral", "qwen2")
 DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
+    "LORA": {**{m: {"target_modules": ["q_proj", "v_proj"]} for m in _LLAMA_LIKE},
+             "gpt2": {"target_modules": ["c_attn"]}, "bert": {"target_modules": ["query", "value"]}},
+    "IA3": {**{m: {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
+               for m in _LLAMA_LIKE},
+            "gpt2": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
+            "bert": {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]}},
 }
 
 
 def _with_default_targets(cls, d: dict, model_type: Optional[str]) -> dict:
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(cls)}
-    if "target_modules" in fields and "target_modules" not in d and model_type in DEFAULT_TARGETS:
-        d = dict(d, target_modules=DEFAULT_TARGETS[model_type])
-    return d
+    if "target_modules" in d or "target_modules" not in {f.name for f in __import__("dataclasses").fields(cls)}:
+        return d
+    defaults = DEFAULT_TARGETS.get(cls.peft_type, {}).get(model_type)
+    return dict(d, **defaults) if defaults else d
 
 
 def method_config(name: str, fields: Optional[Mapping[str, Any]] = None, *, model_type: Optional[str] = None):
