@@ -14,6 +14,11 @@ from jpeft.core import apply, init, merge, summary, unmerge
 from jpeft.errors import *  # noqa: F401,F403
 from jpeft.errors import __all__ as _errors_all
 from jpeft.methods.lora import LoraConfig, LoraWeights
+from jpeft.methods.ia3 import IA3Config, IA3Weights
+from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
+from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
+from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
+from jpeft.methods.pissa import init_pissa
 from jpeft.train import make_train_step
 from jpeft import hf, models
 from jpeft.generate import generate
@@ -37,6 +42,17 @@ __all__ = [
     "AdapterConfig",
     "LoraConfig",
     "LoraWeights",
+    "IA3Config",
+    "IA3Weights",
+    "BottleneckConfig",
+    "BottleneckWeights",
+    "PrefixTuningConfig",
+    "PrefixWeights",
+    "PrefixMLPWeights",
+    "fold_prefix",
+    "PromptTuningConfig",
+    "PromptWeights",
+    "init_pissa",
     "init",
     "apply",
     "merge",

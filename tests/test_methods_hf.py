@@ -76,8 +76,7 @@ def _compare(method, j, t):
     return t[:, T:] if method == "prompt" else t
 
 
-@pytest.mark.parametrize("method,family", [("dora", "llama3"), ("ia3", "llama3"), ("prefix", "llama3"),
-                                           ("prefix", "gpt2"), ("prompt", "llama3")])
+@pytest.mark.parametrize("method,family", [("dora", "llama3"), ("ia3", "llama3"), ("prefix", "llama3"), ("prompt", "llama3")])
 def test_jpeft_to_peft(method, family, tmp_path):
     jcfg, _ = CASES[method]
     model, params = _jpeft_base(family)
@@ -94,7 +93,7 @@ def test_jpeft_to_peft(method, family, tmp_path):
     _close(jpeft.apply(model, params, ad2, jnp.asarray(ids), jnp.asarray(mask)), np.asarray(j), mask)
 
 
-@pytest.mark.parametrize("method,family", [("dora", "llama3"), ("ia3", "gpt2"), ("prefix", "llama3"), ("prompt", "gpt2")])
+@pytest.mark.parametrize("method,family", [("dora", "llama3"), ("ia3", "gpt2"), ("prefix", "gpt2"), ("prompt", "gpt2")])
 def test_peft_to_jpeft(method, family, tmp_path):
     _, pcfg = CASES[method]
     hf, _ = tiny.hf_model(family)
