@@ -1,6 +1,8 @@
 """Prefix tuning and prompt tuning on jpeft's models: references computed by hand through the
 models' own ``prefix_kv`` / ``inputs_embeds`` inputs, positions and masks, and the named errors."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from jpeft.methods.prompt import PromptTuningConfig, PromptWeights, to_prefix
 T = 3
 
 
+@functools.lru_cache(maxsize=None)
 def _llama(**kw):
     cfg = jpeft.models.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                                    num_kv_heads=2, max_position_embeddings=32, **kw)
@@ -23,6 +26,7 @@ def _llama(**kw):
     return model, model.init(jax.random.key(0), ids), ids
 
 
+@functools.lru_cache(maxsize=None)
 def _gpt2():
     cfg = jpeft.models.GPT2Config(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=12)
     model = jpeft.models.GPT2LMHeadModel(cfg)
