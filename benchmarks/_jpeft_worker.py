@@ -66,7 +66,7 @@ def load(folder: str, dtype):
 
 def build_random(size: C.Size, dtype, seed: int = 0):
     """A randomly initialised jpeft Llama of ``size`` with params created directly in ``dtype``
-    (no float32 copy on the way)."""
+    (drawn in float32 one leaf at a time)."""
     cfg = jpeft.models.LlamaConfig(
         vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_layers=size.layers, num_heads=size.heads, num_kv_heads=size.kv_heads or size.heads,
@@ -76,15 +76,12 @@ def build_random(size: C.Size, dtype, seed: int = 0):
     ids = jnp.zeros((size.batch, size.seq), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), ids)
     leaves, treedef = jax.tree.flatten(shapes)
-
-    @jax.jit
-    def make(key):
-        keys = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(treedef, [
-            (jax.random.normal(k, s.shape, jnp.float32) * 0.02).astype(s.dtype) for k, s in zip(keys, leaves)
-        ])
-
-    return model, make(jax.random.key(seed))
+    # One small jitted generator per distinct (shape, dtype), leaf by leaf: a single jit over
+    # all leaves takes minutes to compile and its peak would be charged to the runs.
+    gen = jax.jit(lambda k, shape, dtype: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype),
+                  static_argnums=(1, 2))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return model, jax.tree.unflatten(treedef, [gen(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
 
 
 def lora_config(r: int):

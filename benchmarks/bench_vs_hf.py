@@ -80,6 +80,12 @@ def start(name, args, workdir, rnd, xla_flags):
     env = {}
     if script == "_jpeft_worker.py" and xla_flags:
         env["XLA_FLAGS"] = xla_flags
+    if args.threads == 1:
+        # one compute thread in each framework: compares kernels, not how each runtime's
+        # thread pool copes with an oversubscribed machine
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        if script == "_jpeft_worker.py":
+            env["XLA_FLAGS"] = (xla_flags + " --xla_cpu_multi_thread_eigen=false").strip()
     w = Worker(script, ["--dir", os.path.join(workdir, "model"), "--size", args.size, "--warmup", str(args.warmup),
                         "--peak-flops"] + extra, os.path.join(workdir, f"{name}.round{rnd}.log"), env)
     try:
@@ -169,7 +175,9 @@ def memory_runs(args, workdir):
             msgs = run_once("_jpeft_worker.py", ["--memory", mode, "--dtype", dtype, "--size", args.memory_size,
                                                  "--steps", str(args.memory_steps)],
                             os.path.join(workdir, f"memory_{mode}_{dtype}.log"), env)
-            res[f"{mode}_{dtype}"] = [m for m in msgs if m.get("event") == "memory"][-1]
+            res[f"{mode}_{dtype}"] = m = [m for m in msgs if m.get("event") == "memory"][-1]
+            log(f"    peak RSS above baseline {m['peak_rss_above_baseline'] / 2**20:.0f} MiB "
+                f"(params {m['param_bytes'] / 2**20:.0f} MiB), steps {[round(t, 1) for t in m['step_s']]} s")
     for dtype in ("f32", "bf16"):
         lo, fu = res[f"lora_{dtype}"], res[f"full_{dtype}"]
         res[f"ratio_{dtype}"] = lo["peak_rss_above_baseline"] / fu["peak_rss_above_baseline"]
@@ -257,6 +265,9 @@ def main(argv=None):
     p.add_argument("--memory-only", action="store_true", help="only the LoRA-vs-full memory runs (no speed rounds)")
     p.add_argument("--profile", action="store_true", help="after round 1: step breakdowns and jpeft's top XLA ops")
     p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""), help="XLA_FLAGS for the jpeft workers")
+    p.add_argument("--threads", type=int, choices=[0, 1], default=0,
+                   help="0: each framework's default threading (default); 1: one compute thread in each "
+                        "(OMP/MKL_NUM_THREADS=1 for PyTorch, --xla_cpu_multi_thread_eigen=false for XLA)")
     p.add_argument("--workdir", help="keep models, logs and traces here (default: a temporary folder, removed)")
     p.add_argument("--json", help="write the full results (every step time and loss) to this file")
     p.add_argument("--markdown", help="write the report table to this file")
@@ -268,18 +279,18 @@ def main(argv=None):
     os.makedirs(workdir, exist_ok=True)
     t_all = time.perf_counter()
     try:
-        log(f"[setup] random Llama ({args.size}) and peft LoRA adapter -> {workdir}/model")
         if args.memory_only:
             if args.memory_size == "none":
                 p.error("--memory-only needs a --memory-size")
             report = {"memory_400m": memory_runs(args, workdir), "memory_size": args.memory_size,
-                      "env": {"xla_flags": args.xla_flags, "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()}}
+                      "env": {"xla_flags": args.xla_flags, "threads": args.threads or "default", "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()}}
             for k in ("ratio_f32", "ratio_bf16"):
                 print(f"LoRA / full peak memory, {k[6:]} base: {report['memory_400m'][k]:.3f}")
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(report, f, indent=1)
             return report
+        log(f"[setup] random Llama ({args.size}) and peft LoRA adapter -> {workdir}/model")
         setup = run_once("_hf_worker.py", ["--setup", "--dir", os.path.join(workdir, "model"), "--size", args.size],
                          os.path.join(workdir, "setup.log"))[-1]
         rounds = []
@@ -313,7 +324,7 @@ def main(argv=None):
             "memory_size_dims": ({k: getattr(C.SIZES[args.memory_size], k) for k in ("batch", "seq")}
                                  if args.memory_size != "none" else None),
             "profile": rounds[0]["extra"] if args.profile else None,
-            "env": {"xla_flags": args.xla_flags, "cpus": os.cpu_count(), "load_avg_end": os.getloadavg(),
+            "env": {"xla_flags": args.xla_flags, "threads": args.threads or "default", "cpus": os.cpu_count(), "load_avg_end": os.getloadavg(),
                     "versions": {**rounds[0]["ready"]["hf_f32"]["versions"],
                                  **rounds[0]["ready"]["jpeft_f32"]["versions"]},
                     "mem_method": rounds[0]["ready"]["jpeft_f32"]["mem_method"],
