@@ -246,7 +246,7 @@ def test_info_on_a_model_folder_and_gpt2(hf_dir, capsys):
 
 
 # ----------------------------------------------------------------------------------- train
-def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir):
+def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
     cfg = write_config(hf_dir, "full_run")
     r = jpeft_cmd("train", "--config", cfg, "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -261,8 +261,8 @@ def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir):
     assert r.returncode == 0, r.stderr
     assert "stopped at step 5 of 8" in r.stderr
     assert not (hf_dir / "split_run" / "adapter").exists()
-    r = jpeft_cmd("train", "--config", cfg2, "--no-progress")  # without --resume: refused
-    assert r.returncode == 2 and "already has checkpoints; pass --resume" in error_line(r.stderr)
+    assert main(["train", "--config", str(cfg2), "--no-progress"]) == 2  # without --resume: refused
+    assert "already has checkpoints; pass --resume" in error_line(capsys.readouterr().err)
     r = jpeft_cmd("train", "--config", cfg2, "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "resumed from step 5" in r.stderr
