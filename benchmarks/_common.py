@@ -111,6 +111,15 @@ class PeakRSS:
         st = _status()
         self.baseline = st.get("VmRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
+    def reset_peak(self) -> bool:
+        """Resets the high-water mark to the current RSS (keeps the baseline); False if the
+        kernel interface is unavailable."""
+        if not self.method.startswith("VmHWM"):
+            return False
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+
     def peak(self) -> int:
         if self.method.startswith("VmHWM"):
             return _status()["VmHWM"]
