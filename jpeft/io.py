@@ -425,14 +425,26 @@ def sniff_unsafe(path) -> Optional[str]:
     p = Path(path)
     try:
         with open(p, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)
     except OSError:
         return None
     return _describe_unsafe(head, p.suffix)
 
 
+def _looks_like_safetensors(head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON object."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= MAX_JSON_BYTES
+
+
 def _describe_unsafe(head: bytes, suffix: str = "") -> Optional[str]:
     p = Path("x" + suffix)
+    if _looks_like_safetensors(head) and p.suffix.lower() in ("", ".safetensors"):
+        # A safetensors header length such as 896 = 0x380 starts with the bytes 0x80 0x03,
+        # which is also the pickle protocol-3 opcode: recognise safetensors first.
+        return None
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return f"a Python pickle (protocol {head[1]})"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
@@ -523,7 +535,7 @@ def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[
         raise LoadError(f"weights file {p} does not exist.") from None
     except OSError as e:
         raise LoadError(f"cannot read {p}: {e}") from None
-    refuse_unsafe(p, head=data[:8])
+    refuse_unsafe(p, head=data[:9])
     if len(data) < 8:
         raise CheckpointError(f"{p} is truncated: {len(data)} bytes, a safetensors file has at least 8.")
     (n,) = struct.unpack("<Q", data[:8])

@@ -358,3 +358,23 @@ def test_no_load_path_in_jpeft_can_unpickle_or_run_remote_code():
                 if kw.arg in ("trust_remote_code", "allow_pickle") and isinstance(kw.value, ast.Constant) and kw.value.value is True:
                     bad.append(f"{f.relative_to(pkg)}:{node.lineno} {kw.arg}=True")
     assert bad == [], bad
+
+
+def test_safetensors_header_length_that_looks_like_a_pickle_opcode_is_not_refused(tmp_path):
+    """A safetensors header of 896 bytes starts with 0x80 0x03, the pickle protocol-3 opcode."""
+    import pickle
+    import struct
+
+    from jpeft import io as jio
+
+    header = b'{"__metadata__":{"pad":"' + b"x" * (896 - 27) + b'"}}'
+    assert len(header) == 896
+    f = tmp_path / "a.safetensors"
+    f.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert f.read_bytes()[:2] == b"\x80\x03"
+    assert jio.sniff_unsafe(f) is None
+    arrays, meta = jio.read_safetensors(f)
+    assert arrays == {}
+    p = tmp_path / "evil.safetensors"
+    p.write_bytes(pickle.dumps({"a": 1}, protocol=3))
+    assert jio.sniff_unsafe(p) is not None
