@@ -1,5 +1,5 @@
 """Command line of the forgetting experiments: ``python -m jpeft.forgetting`` (also
-``jpeft forgetting -- ...``).
+``jpeft forgetting ...``).
 
 :func:`build_parser` / :func:`add_parser` build the argparse parser (standalone or as a
 subcommand), :func:`run_from_args` runs parsed arguments and :func:`main` does both.
