@@ -163,6 +163,14 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
         raise InputValidationError(f"generate: top_p must be in (0, 1], found {top_p}.")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InputValidationError(f"generate: top_k must be an int >= 0 (0 = off), found {top_k!r}.")
+    # JAX clamps out-of-range gather indices silently: check real prompt tokens on the host.
+    from jpeft.validate import check_token_ids
+
+    check_token_ids(np.where(np.asarray(attention_mask).astype(bool), np.asarray(input_ids), 0), int(cfg.vocab_size))
+    if not 0 <= int(pad_token_id) < int(cfg.vocab_size):
+        raise InputValidationError(
+            f"generate: pad_token_id must be a token id in [0, {cfg.vocab_size}), found {pad_token_id}."
+        )
     greedy = temperature == 0.0
     if not greedy and key is None:
         raise InputValidationError("generate: sampling (temperature > 0) needs key=jax.random.key(seed).")

@@ -196,3 +196,21 @@ def test_bad_input():
         jpeft.generate(model, params, None, ids, 3, attention_mask=jnp.zeros((2, 4)))
     with pytest.raises(InputValidationError, match="exceeds GPT-2's 64 learned positions"):
         jpeft.generate(model, params, None, ids, 61)
+
+
+def test_out_of_vocabulary_prompt_is_refused_before_compute():
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    import jpeft
+
+    cfg = jpeft.models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    with pytest.raises(jpeft.InputValidationError) as e:
+        jpeft.generate(model, params, None, jnp.array([[1, 2, 32]]), 2)
+    assert "token id 32" in str(e.value) and "[0, 32)" in str(e.value)
+    # padding positions are not checked: a masked-out id does not reach the embedding table
+    out = jpeft.generate(model, params, None, jnp.array([[99, 2, 3]]), 2, attention_mask=jnp.array([[0, 1, 1]]))
+    assert out.shape == (1, 5)
