@@ -153,16 +153,8 @@ class LoraWeights(Site):
 
     # -- checks ---------------------------------------------------------------------------
     def check(self, path: str, module) -> None:
-        own = module.variables.get("params", {})
-        pname = self.layout.param_name
-        if pname not in own:
-            raise ShapeMismatchError(f"adapter at {path!r} expects a {pname!r} parameter; the module has {sorted(own)}.")
-        got = tuple(own[pname].shape)
-        if got != tuple(self.layout.kernel_shape):
-            raise ShapeMismatchError(
-                f"adapter at {path!r} was built for a {pname} of shape {tuple(self.layout.kernel_shape)}, "
-                f"but the params hold shape {got}. Re-create the adapter for this base model."
-            )
+        """At apply time: the bound module's kernel must have the shape the adapter was made for."""
+        self.check_params(path, module.variables.get("params", {}))
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         pname = self.layout.param_name
