@@ -331,3 +331,18 @@ def test_nothing_half_built_on_error():
         jpeft.init(jpeft.LoraConfig(target_modules=["fc1", "nope"][1:]), params, jax.random.key(0))
     for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(np.asarray(p), q)
+
+
+def test_adapter_does_not_depend_on_params_key_order():
+    """jit and eval_shape return key-sorted dicts; the same params in another order give the same adapter."""
+    model, params, x = _mlp()
+    inner = params["params"]
+    reordered = {"params": {k: inner[k] for k in reversed(list(inner))}}
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["fc1", "fc2", "head"], init="random"),
+                jpeft.BottleneckConfig(target_modules=["fc1", "fc2"], reduction_factor=4)):
+        a = jpeft.init(cfg, params, jax.random.key(0), model, x)
+        b = jpeft.init(cfg, reordered, jax.random.key(0), model, x)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            for u, v in zip(jax.tree.leaves(a[k]), jax.tree.leaves(b[k])):
+                np.testing.assert_array_equal(u, v)

@@ -209,6 +209,8 @@ def init(config: BottleneckConfig, params, key, infos) -> dict:
     else:
         cands = _all_module_paths(params)
     paths = select(config.target_modules, cands, what="module")
+    # sorted: the adapter must not depend on the params dict's key order (jit returns sorted dicts)
+    paths = sorted(paths)
     keys = jax.random.split(key, len(paths))
     out = {}
     for k, path in zip(keys, paths):

@@ -176,6 +176,7 @@ def init(config: IA3Config, params, key, infos) -> dict:
     """Creates the (IA)^3 vectors for every targeted linear module."""
     leaves, cands = linear_candidates(params)
     paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)")
+    paths = sorted(paths)  # independent of the params dict's key order
     keys = jax.random.split(key, len(paths))
     out = {}
     for k, path in zip(keys, paths):
