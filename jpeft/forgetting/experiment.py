@@ -28,6 +28,7 @@ Benchmarks (see :func:`get_benchmark`): ``split-digits-task``, ``split-digits-cl
 
 from __future__ import annotations
 
+import abc
 import csv
 import dataclasses
 import json
@@ -129,7 +130,7 @@ class MethodSpec:
         return ", ".join(parts) + f", lr={self.lr:g}"
 
 
-class Benchmark:
+class Benchmark(abc.ABC):
     """A sequence of tasks and how to train and score a model on them. Subclasses set the
     attributes and implement the methods below (see :mod:`jpeft.forgetting.digits` for a
     complete example).
@@ -158,34 +159,41 @@ class Benchmark:
 
     model: Any = None
 
+    @abc.abstractmethod
     def example_input(self):
         """An example model input (for ``jpeft.init`` to trace the model)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def base_params(self, seed: int):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def train_set(self, t: int) -> dict:
         """Training examples of task ``t``: a dict of numpy arrays with a leading axis."""
-        raise NotImplementedError
+        ...
 
     def forward(self, params, adapter, data):
         """Raw model outputs (logits) on a batch."""
         return jpeft.apply(self.model, params, adapter, data["x"])
 
+    @abc.abstractmethod
     def loss(self, logits, data, t):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def distill(self, student, teacher, data, t, temperature):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def fisher_data(self, t: int, n: int):
         """``(output_fn, inputs, labels, mask)`` for the Fisher of task ``t`` (``n`` examples)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def evaluate(self, params, adapter, j: int, step: int) -> float:
         """Score on task ``j`` after training step ``step`` (``adapter`` may be ``None``)."""
-        raise NotImplementedError
+        ...
 
     def learning(self, Rm: np.ndarray, baseline: np.ndarray) -> float:
         """How much was learned (higher = more), for the learning-vs-forgetting plot."""
@@ -195,8 +203,10 @@ class Benchmark:
         """Benchmark-specific metrics of the final model (e.g. KL from the base)."""
         return {}
 
+    @abc.abstractmethod
     def default_methods(self) -> list:
-        raise NotImplementedError
+        """The methods the benchmark compares when none are named."""
+        ...
 
 
 BENCHMARKS = {

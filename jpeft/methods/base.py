@@ -99,8 +99,8 @@ class Site:
     def handles(self, method_name: str) -> bool:
         return method_name in self.methods
 
-    def intercept(self, call: Call):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def intercept(self, call: Call):  # pragma: no cover - every node class defines it
+        raise TypeError(f"{type(self).__name__} is a site node without an intercept(call) method; define one.")
 
     def check(self, path: str, module_params: Mapping[str, Any]) -> None:
         return None

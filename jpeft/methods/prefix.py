@@ -150,8 +150,8 @@ class _PrefixBase(Site):
     def handles(self, method_name: str) -> bool:
         return method_name == "__call__"
 
-    def prefix(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def prefix(self):  # pragma: no cover - both prefix node classes define it
+        raise TypeError(f"{type(self).__name__} must define prefix() returning the per-layer (k, v) prefixes.")
 
     def merge(self, module_params):
         from jpeft.errors import NotMergeableError
