@@ -59,6 +59,21 @@ class Layout:
     def param_name(self) -> str:
         return "embedding" if self.kind == "embed" else "kernel"
 
+    def check_params(self, path: str, own: Mapping[str, Any], *, what: str = "adapter") -> None:
+        """Raises :class:`~jpeft.errors.ShapeMismatchError` unless the module params ``own``
+        hold a kernel (or embedding) of exactly the shape this layout was made for."""
+        from jpeft.errors import ShapeMismatchError
+
+        pname = self.param_name
+        if pname not in own:
+            raise ShapeMismatchError(f"{what} at {path!r} expects a {pname!r} parameter; the params have {sorted(own)}.")
+        got = tuple(own[pname].shape)
+        if got != tuple(self.kernel_shape):
+            raise ShapeMismatchError(
+                f"{what} at {path!r} was built for a {pname} of shape {tuple(self.kernel_shape)}, "
+                f"but the params hold shape {got}. Re-create the adapter for this base model."
+            )
+
 
 class ModuleInfo(NamedTuple):
     """What tracing the model once records about a module call."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError, NotInvertibleError, ShapeMismatchError, UnsupportedModuleError
+from jpeft.errors import ConfigError, NotInvertibleError, UnsupportedModuleError
 from jpeft.methods import register
 from jpeft.methods._common import (
     broadcast_bias,
@@ -102,15 +102,7 @@ class IA3Weights(Site):
         self.check_params(path, module.variables.get("params", {}))
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
-        pname = self.layout.param_name
-        if pname not in own:
-            raise ShapeMismatchError(f"(IA)^3 adapter at {path!r} expects a {pname!r} parameter; the module has {sorted(own)}.")
-        got = tuple(own[pname].shape)
-        if got != tuple(self.layout.kernel_shape):
-            raise ShapeMismatchError(
-                f"(IA)^3 adapter at {path!r} was built for a {pname} of shape {tuple(self.layout.kernel_shape)}, "
-                f"but the params hold shape {got}. Re-create the adapter for this base model."
-            )
+        self.layout.check_params(path, own, what="(IA)^3 adapter")
 
     def intercept(self, call: Call):
         lay = self.layout

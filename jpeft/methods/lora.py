@@ -19,7 +19,7 @@ import numpy as np
 
 from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError, ShapeMismatchError
+from jpeft.errors import ConfigError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
 from jpeft.tree import hf_name
 
@@ -157,15 +157,7 @@ class LoraWeights(Site):
         self.check_params(path, module.variables.get("params", {}))
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
-        pname = self.layout.param_name
-        if pname not in own:
-            raise ShapeMismatchError(f"adapter at {path!r} expects a {pname!r} parameter; the params have {sorted(own)}.")
-        got = tuple(own[pname].shape)
-        if got != tuple(self.layout.kernel_shape):
-            raise ShapeMismatchError(
-                f"adapter at {path!r} was built for a {pname} of shape {tuple(self.layout.kernel_shape)}, "
-                f"but the params hold shape {got}. Re-create the adapter for this base model."
-            )
+        self.layout.check_params(path, own)
 
     # -- factored forward --------------------------------------------------------------------
     def delta_matrix(self) -> jax.Array:
