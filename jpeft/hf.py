@@ -395,14 +395,9 @@ def read_peft_config(path: str) -> dict:
     cpath = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cpath):
         raise LoadError(f"{path!r} has no adapter_config.json (found {sorted(os.listdir(path))[:10]}); it is not a PEFT adapter folder.")
-    try:
-        with open(cpath) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise LoadError(f"{cpath!r} is not valid JSON ({e}).") from None
-    if not isinstance(d, dict):
-        raise LoadError(f"{cpath!r} must hold a JSON object, found {type(d).__name__}.")
-    return d
+    from jpeft.io import read_json  # size-limited, every failure a named LoadError
+
+    return read_json(cpath, what="adapter_config.json")
 
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:

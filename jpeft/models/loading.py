@@ -195,14 +195,9 @@ def read_config(path: str) -> dict:
             f"{path!r} has no config.json (found: {sorted(os.listdir(path))[:10]}). A Hugging Face checkpoint folder "
             "needs config.json next to its weights; write it with transformers' save_pretrained."
         )
-    try:
-        with open(cpath) as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise LoadError(f"{cpath!r} is not valid JSON ({e}); re-save the checkpoint.") from None
-    if not isinstance(d, dict):
-        raise LoadError(f"{cpath!r} must hold a JSON object, found {type(d).__name__}.")
-    return d
+    from jpeft.io import read_json  # size-limited, every failure a named LoadError
+
+    return read_json(cpath, what="config.json")
 
 
 def config_from_hf(d: Mapping[str, Any], dtype=jnp.float32, param_dtype=None):
