@@ -230,9 +230,14 @@ def causal_lm_loss(logits, input_ids, loss_mask) -> tuple[Any, Any]:
     import jax
     import jax.numpy as jnp
 
-    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tgt = input_ids[:, 1:]
-    nll = -jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
-    w = loss_mask[:, 1:].astype(jnp.float32)
+    # Targets are shifted, not the logits (as transformers' ForCausalLMLoss does): slicing
+    # ``logits[:, :-1]`` would copy the largest activation of the step, and the log-softmax
+    # is never materialised either (logsumexp minus the picked logit).
+    logits = logits.astype(jnp.float32)
+    pad = jnp.zeros_like(input_ids[:, :1])
+    tgt = jnp.concatenate([input_ids[:, 1:], pad], axis=1)
+    w = jnp.concatenate([loss_mask[:, 1:], pad.astype(loss_mask.dtype)], axis=1).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
     n = w.sum()
     return (nll * w).sum() / jnp.maximum(n, 1.0), n

@@ -133,6 +133,48 @@ def test_lora_is_computed_factored_never_materialized():
     assert (24, 24) not in shapes, "the merged [in, out] update must not be formed while applying"
 
 
+def test_many_tokens_use_the_merged_form_with_factored_gradients():
+    """With more tokens than in*out/(in+out) a Dense site computes x @ (W + s A B) (less memory
+    traffic than the two activation-sized factored products); outputs and adapter gradients
+    equal the closed form, and no [in, out] gradient is formed in adapter training."""
+    model = nn.Dense(24)
+    x = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)  # 64 * 40 > 16 * 24
+    params = model.init(jax.random.key(0), x)
+    a = jpeft.init(jpeft.LoraConfig(r=3, alpha=6, target_modules=".*", init="random"), params, jax.random.key(1))
+    node = a[""]
+    W = np.asarray(params["params"]["kernel"], np.float64)
+    b = np.asarray(params["params"]["bias"], np.float64)
+    A, B = np.asarray(node.lora_A, np.float64), np.asarray(node.lora_B, np.float64)
+    np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, a, x)), x @ (W + 2.0 * A @ B) + b, atol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda p, ad, x: jpeft.apply(model, p, ad, x))(params, a, x)
+    assert "name=_merged_matmul" in str(jaxpr), "merged form expected"
+    # gradients: loss = sum(y * G) -> dA = s x^T G B^T, dB = s A^T x^T G (closed form)
+    G = np.random.default_rng(2).normal(size=(64, 24)).astype(np.float32)
+    g = jax.grad(lambda ad: jnp.sum(jpeft.apply(model, params, ad, x) * G))(a)[""]
+    np.testing.assert_allclose(np.asarray(g.lora_A), 2.0 * x.T @ G @ B.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g.lora_B), 2.0 * A.T @ x.T @ G, rtol=1e-4, atol=1e-4)
+    # input gradients too (the residual stream flows through adapted layers)
+    gx = jax.grad(lambda x: jnp.sum(jpeft.apply(model, params, a, x) * G))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(gx), G @ (W + 2.0 * A @ B).T, rtol=1e-4, atol=1e-4)
+    # the kernel's gradient x^T dy (a [16, 24] dot over the tokens) is computed only when asked for
+    import re
+
+    def weight_sized_products(f, *args):  # dots (or XLA CPU matmul fusions) with a [16, 24] result
+        hlo = jax.jit(f).lower(*args).compile().as_text()
+        return len(re.findall(r"= f32\[16,24\]\{[^}]*\} (?:dot|fusion)\(", hlo))
+
+    loss = lambda p, ad, x: jnp.sum(jnp.tanh(jpeft.apply(model, p, ad, x)) * G)  # noqa: E731
+    n_adapter = weight_sized_products(jax.grad(loss, argnums=1), params, a, x)
+    n_both = weight_sized_products(jax.grad(loss, argnums=(0, 1)), params, a, x)
+    assert n_both > n_adapter, (n_adapter, n_both)
+    # the same with few tokens stays factored, and both forms agree
+    few = x[:4]
+    jaxpr = jax.make_jaxpr(lambda p, ad, x: jpeft.apply(model, p, ad, x))(params, a, few)
+    assert "_merged_matmul" not in str(jaxpr)
+    np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, a, few)), np.asarray(jpeft.apply(model, params, a, x))[:4],
+                               atol=1e-5)
+
+
 def test_embed_attend_is_adapted():
     class Tied(nn.Module):
         @nn.compact

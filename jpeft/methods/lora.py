@@ -9,11 +9,13 @@ For a kernel viewed as the matrix ``W: [in, out]`` the adapted output is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, ClassVar, Mapping, Optional
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
@@ -173,8 +175,12 @@ class LoraWeights(Site):
             from jpeft.methods import dora
 
             return dora.intercept(self, call)
-        y = call.run()
         x = call.args[0] if call.args else call.kwargs.get("inputs")
+        if lay.kind == "dense":
+            y = self._merged_dense(call, x)
+            if y is not None:
+                return y
+        y = call.run()
         dt = y.dtype
         a = self.lora_A.astype(dt)
         b = self.lora_B.astype(dt)
@@ -196,6 +202,40 @@ class LoraWeights(Site):
             return y + self._einsum_up(h, b, call)
         d = (h @ b) * self.scale
         return y + d.reshape(d.shape[:-1] + tuple(lay.out_dims))
+
+    def _merged_dense(self, call: Call, x):
+        """``x @ (W + s A B) + bias`` for an ``nn.Dense`` call with many tokens, or ``None``.
+
+        The factored form writes two activation-sized products per call (``(x A) B`` forward,
+        ``(dy B^T) A^T`` backward), which costs more memory traffic than forming the
+        weight-sized ``s A B`` once when ``tokens * (in + out) > in * out`` (a training batch;
+        not decoding). The backward (:func:`_merged_matmul`) still computes the adapter's
+        gradients from rank-``r`` products and never a gradient the size of ``W``. Only for
+        float32 kernels and computation (in lower precision ``W + s A B`` would round the
+        update away) and without active dropout.
+        """
+        mod = call.module
+        if type(mod) is not nn.Dense or getattr(mod, "dot_general", None) is not None \
+                or getattr(mod, "dot_general_cls", None) is not None:
+            return None
+        if self.dropout > 0 and mod.has_rng("dropout"):
+            return None
+        own = mod.variables.get("params", {})
+        w = own.get("kernel")
+        if w is None or x is None or w.ndim != 2 or x.shape[-1] != w.shape[0]:
+            return None
+        f32 = jnp.dtype(jnp.float32)
+        if w.dtype != f32 or x.dtype != f32 or (mod.dtype is not None and jnp.dtype(mod.dtype) != f32):
+            return None
+        n_in, n_out = w.shape
+        tokens = math.prod(x.shape[:-1])
+        if tokens * (n_in + n_out) <= n_in * n_out:
+            return None
+        x2 = x.reshape(-1, n_in)
+        y = _merged_matmul(x2, w, self.lora_A.astype(f32), self.lora_B.astype(f32), float(self.scale), mod.precision)
+        if mod.use_bias and own.get("bias") is not None:
+            y = y + own["bias"].astype(f32).reshape(1, n_out)
+        return y.reshape(x.shape[:-1] + (n_out,))
 
     def _down(self, x, a, mod, call):
         lay = self.layout
@@ -263,6 +303,29 @@ class LoraWeights(Site):
         out = dict(own)
         out[pname] = (w.astype(jnp.float32) - self.kernel_delta()).astype(w.dtype)
         return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _merged_matmul(x, w, a, b, scale, precision):
+    """``x @ (w + scale * a @ b)`` for 2-D ``x``; gradients of ``a`` and ``b`` come from
+    rank-``r`` products (``x^T (dy b^T)`` and ``(x a)^T dy``). ``w``'s gradient ``x^T dy`` is
+    returned for completeness and removed by XLA when (as in adapter training) unused."""
+    return jnp.dot(x, w + scale * (a @ b), precision=precision)
+
+
+def _merged_matmul_fwd(x, w, a, b, scale, precision):
+    return _merged_matmul(x, w, a, b, scale, precision), (x, w, a, b)
+
+
+def _merged_matmul_bwd(scale, precision, res, dy):
+    x, w, a, b = res
+    dx = jnp.dot(dy, (w + scale * (a @ b)).T, precision=precision)
+    da = scale * (x.T @ (dy @ b.T))
+    db = scale * ((x @ a).T @ dy)
+    return dx, x.T @ dy, da, db
+
+
+_merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd)
 
 
 def _free_letter(eq: str) -> str:
