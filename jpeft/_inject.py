@@ -37,7 +37,36 @@ def module_path(module) -> str:
         return ""
 
 
-def _interceptor(adapter: Mapping[str, Any], checked: set):
+def _outer_shapes(params, path: str):
+    node = params
+    for comp in [c for c in path.split("/") if c]:
+        if not isinstance(node, Mapping) or comp not in node:
+            return None
+        node = node[comp]
+    if not isinstance(node, Mapping):
+        return None
+    return {k: tuple(v.shape) for k, v in node.items() if hasattr(v, "shape")}
+
+
+def _check_not_scanned(path: str, node, module, params) -> None:
+    """A per-layer node met inside a layer scan would be shared by every layer; refuse."""
+    outer = _outer_shapes(params, path) if params is not None else None
+    if not outer:
+        return
+    try:
+        own = {k: tuple(v.shape) for k, v in module.variables.get("params", {}).items() if hasattr(v, "shape")}
+    except Exception:
+        return
+    if any(k in outer and len(outer[k]) == len(s) + 1 and outer[k][1:] == s for k, s in own.items()):
+        raise UnsupportedModuleError(
+            f"module {path!r} runs inside a layer scan (its params are stacked over {outer[next(iter(own))][0]} layers), "
+            f"but the adapter holds one {type(node).__name__} for it, which every layer would share. jpeft.init "
+            "makes stacked (per-layer) sites for LoRA, DoRA and (IA)^3 when given the model; for other methods "
+            "use an unrolled model (scan_layers=False)."
+        )
+
+
+def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
     def intercept(next_fun, args, kwargs, ctx):
         if _BYPASS.get():
             return next_fun(*args, **kwargs)
@@ -45,8 +74,13 @@ def _interceptor(adapter: Mapping[str, Any], checked: set):
         node = adapter.get(path)
         if node is None or not node.handles(ctx.method_name):
             return next_fun(*args, **kwargs)
+        stacked = getattr(node, "at_site", None) is not None
+        if stacked:  # a jpeft.scan.Stacked site: this layer's slice
+            node = node.at_site(ctx.module, path)
         if path not in checked:
             checked.add(path)
+            if not stacked:
+                _check_not_scanned(path, node, ctx.module, params)
             node.check(path, ctx.module)
         return node.intercept(Call(ctx.module, ctx.method_name, next_fun, tuple(args), dict(kwargs), path))
 
@@ -55,9 +89,24 @@ def _interceptor(adapter: Mapping[str, Any], checked: set):
 
 def apply_with(model: nn.Module, variables, adapter, *args, **kwargs):
     """``model.apply(variables, *args, **kwargs)`` with every adapter node at its site."""
+    from jpeft import scan
+
+    stacked = scan.variables_for(adapter)
+    if stacked:
+        variables = {**variables, scan.COLLECTION: stacked}
     checked: set = set()
-    with nn.intercept_methods(_interceptor(adapter, checked)):
-        return model.apply(variables, *args, **kwargs)
+    with nn.intercept_methods(_interceptor(adapter, checked, variables.get("params"))):
+        out = model.apply(variables, *args, **kwargs)
+    if adapter and not checked:
+        from jpeft.errors import TargetNotFoundError
+
+        raise TargetNotFoundError(
+            f"none of the adapter's {len(adapter)} sites (e.g. {sorted(adapter)[:3]}) was called by the model, so "
+            "the output would be the bare base's. Was the adapter made for another model? A layer-scanned model "
+            "(scan_layers=True) names its layers 'model/layers/...', an unrolled one 'model/layers_0/...'; convert "
+            "with jpeft.scan.stack_adapter / unstack_adapter."
+        )
+    return out
 
 
 def _normalize_axes(axis, ndim):
@@ -148,8 +197,9 @@ def infer_layout(path: str, own: Mapping[str, Any]) -> Layout:
         return Layout("dense", shape, (0,), (1,))
     raise LayoutError(
         f"module {path!r} has a {len(shape)}-D kernel {shape}; from the parameters alone jpeft cannot tell "
-        "which axes are inputs and which outputs (nn.DenseGeneral, nn.Conv and nn.Einsum differ). Pass the "
-        "model and an example input so jpeft can look: jpeft.init(config, params, key, model, x)."
+        "which axes are inputs and which outputs (nn.DenseGeneral, nn.Conv and nn.Einsum differ, and a "
+        "layer-scanned model stacks its layers' kernels along a leading axis). Pass the model and an example "
+        "input so jpeft can look: jpeft.init(config, params, key, model, x)."
     )
 
 

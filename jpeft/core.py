@@ -7,7 +7,7 @@ from typing import Any, Mapping, Optional
 import jax
 import flax.linen as nn
 
-from jpeft import _inject
+from jpeft import _inject, scan
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, ShapeMismatchError, UnsupportedModuleError
 from jpeft.methods import INIT, register
@@ -41,7 +41,9 @@ def _init_lora(config: LoraConfig, params, key, infos):
             )
         else:
             layout = _inject.infer_layout(path, own)
-        out[path] = init_site(config, path, layout, k, own)
+        if config.init == "pissa" and layout.param_name in own and not isinstance(own[layout.param_name], jax.core.Tracer):
+            init_site(config, path, layout, k, own)  # raises: PiSSA also changes the base (use jpeft.init_pissa)
+        out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o), path, layout, k, own)
     return out
 
 

@@ -340,7 +340,8 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     Args:
       path: the folder (created; existing adapter files in it are replaced atomically).
       config: the adapter's method config (e.g. :class:`jpeft.LoraConfig`).
-      adapter: the adapter dict from :func:`jpeft.init` / training, for a jpeft.models base.
+      adapter: the adapter dict from :func:`jpeft.init` / training, for a jpeft.models base
+        (sites of a layer-scanned model are written per layer, as PEFT names them).
       base_model_name_or_path: recorded in adapter_config.json (where the base lives).
       task_type: PEFT's task type; ``"auto"`` writes ``"CAUSAL_LM"`` for decoders, ``None`` otherwise.
       fan_in_fan_out: written for PEFT; ``None`` sets it when the sites are GPT-2 Conv1D layers.
@@ -359,6 +360,10 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
             f"no Hugging Face PEFT format is registered for peft_type {config.peft_type!r}; supported: "
             f"{supported_peft_types()}."
         )
+    from jpeft import scan
+
+    if scan.is_stacked(adapter):  # PEFT names layers one by one: model.layers.{i}....
+        adapter = scan.unstack_adapter(adapter)
     paths = sorted(adapter)
     if fan_in_fan_out is None:
         conv = [bool(_CONV1D.match(p)) for p in paths]
@@ -427,7 +432,8 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
 
     Args:
       path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
-      params: the base (``{"params": ...}`` or bare) from :func:`jpeft.models.from_pretrained`.
+      params: the base (``{"params": ...}`` or bare) from :func:`jpeft.models.from_pretrained`;
+        for a layer-scanned base the per-layer sites are stacked (:mod:`jpeft.scan`).
       dtype: dtype of the adapter arrays.
 
     Returns:
@@ -452,6 +458,15 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
         )
     tensors = _read_tensors(path)
     inner, _ = unwrap_params(params)
+    from jpeft import scan
+
+    n_scanned = scan.num_stacked_layers(inner)
+    if n_scanned is not None:  # a layer-scanned base: read per layer, then stack (jpeft.scan)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inner)
+        unrolled = scan.unstack_params(abstract)
+        ctx = ImportContext(module_leaves(unrolled), path, dtype)
+        config, adapter = fmt.from_hf(d, tensors, {"params": unrolled}, ctx)
+        return config, scan.stack_adapter(adapter, n_scanned)
     ctx = ImportContext(module_leaves(inner), path, dtype)
     return fmt.from_hf(d, tensors, params, ctx)
 

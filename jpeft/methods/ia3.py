@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft import scan
 from jpeft.config import AdapterConfig, _as_targets, register_config
 from jpeft.errors import ConfigError, NotInvertibleError, UnsupportedModuleError
 from jpeft.methods import register
@@ -180,8 +181,12 @@ def init(config: IA3Config, params, key, infos) -> dict:
                 "(as in Hugging Face PEFT). Remove it from target_modules."
             )
         n = (lay.in_dims[-1] if lay.kind == "conv" else lay.in_features) if ff else lay.out_features
-        vec = jnp.ones((n,), jnp.float32) if config.init_ia3_weights else jax.random.normal(k, (n,), jnp.float32)
-        out[path] = IA3Weights(vec, lay, ff)
+
+        def make(k, own, n=n, lay=lay, ff=ff):
+            vec = jnp.ones((n,), jnp.float32) if config.init_ia3_weights else jax.random.normal(k, (n,), jnp.float32)
+            return IA3Weights(vec, lay, ff)
+
+        out[path] = scan.make_site(make, path, lay, k, leaves[path])
     return out
 
 

@@ -147,7 +147,9 @@ class KVCache:
     """Key/value cache for decoding, a pytree (jit and ``lax`` loops carry it).
 
     Attributes:
-      keys, values: one array per layer, ``[batch, max_length, num_kv_heads, head_dim]``.
+      keys, values: one array per layer, ``[batch, max_length, num_kv_heads, head_dim]``
+        (a tuple), or for a layer-scanned model (``scan_layers=True``) one stacked array
+        ``[num_layers, batch, max_length, num_kv_heads, head_dim]``.
       mask: ``[batch, max_length]`` bool, True where a slot holds a real (non-padding) token.
       index: int32 scalar, the next slot to write.
     """
@@ -174,8 +176,12 @@ def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
     """
     dtype = dtype or config.dtype
     shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
-    ks = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    vs = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    if getattr(config, "scan_layers", False):
+        ks = jnp.zeros((config.num_layers,) + shape, dtype)
+        vs = jnp.zeros((config.num_layers,) + shape, dtype)
+    else:
+        ks = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        vs = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(ks, vs, jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32))
 
 
@@ -329,6 +335,42 @@ def remat_wrap(cls, cfg, static_argnums: Sequence[int]):
                 "'nothing_saveable', 'dots_saveable' or 'dots_with_no_batch_dims_saveable'."
             )
     return nn.remat(cls, policy=policy, static_argnums=tuple(static_argnums))
+
+
+def scan_layers(layer_cls, num_layers: int):
+    """``nn.scan`` of a decoder layer over ``num_layers`` layers whose params (and jpeft's
+    stacked adapter arrays) carry a leading layer axis. The layer is called as
+    ``layer(hidden, mask, rope, kv, prefix_kv, deterministic, cache_index)`` with ``kv`` and
+    ``prefix_kv`` stacked per layer (or ``None``) and returns ``(hidden, new_kv_or_None)``."""
+    from jpeft.scan import COLLECTION
+
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0, COLLECTION: 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast),
+        length=num_layers,
+    )
+
+
+def run_scanned(layers, hidden, mask, rope, cache, kv_valid, prefix_kv, deterministic):
+    """Runs a :func:`scan_layers` stack: stacks per-layer caches / prefixes for the scan and
+    returns ``(hidden, new_cache_or_None)`` with the cache in the form it was given (a tuple
+    per layer or one stacked array)."""
+    kv = None
+    if cache is not None:
+        as_tuple = isinstance(cache.keys, (tuple, list))
+        kv = (jnp.stack(cache.keys), jnp.stack(cache.values)) if as_tuple else (cache.keys, cache.values)
+    pre = None
+    if prefix_kv is not None:
+        pre = (jnp.stack([p[0] for p in prefix_kv]), jnp.stack([p[1] for p in prefix_kv]))
+    hidden, new = layers(hidden, mask, rope, kv, pre, deterministic, None if cache is None else cache.index)
+    if cache is None:
+        return hidden, None
+    ks, vs = new
+    if as_tuple:
+        ks, vs = tuple(ks), tuple(vs)
+    return hidden, KVCache(ks, vs, kv_valid, cache.index + hidden.shape[1])
 
 
 def canonical_dtype(x):

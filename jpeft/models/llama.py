@@ -67,6 +67,11 @@ class LlamaConfig:
       dtype: compute dtype; param_dtype: dtype of freshly initialised parameters.
       remat, remat_policy: rematerialise each decoder layer (``nn.remat``) with the named
         ``jax.checkpoint_policies`` policy (``None``: save nothing).
+      scan_layers: run the decoder layers with ``nn.scan`` over weights stacked along a leading
+        layer axis (params ``model/layers/...`` of shape ``[num_layers, ...]``): XLA compiles one
+        layer, so compile time and compile memory stay flat with depth; with ``remat`` only each
+        layer's input is kept for the backward pass. Needs the same attention window in every
+        layer. See :mod:`jpeft.scan` for adapters on such models.
       bos_token_id, eos_token_id, pad_token_id: special tokens from the Hugging Face config.
     """
 
@@ -94,6 +99,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     remat: bool = False
     remat_policy: Optional[str] = None
+    scan_layers: bool = False
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
@@ -126,6 +132,11 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ConfigError(f"LlamaConfig.head_dim must be even for rotary embeddings, found {self.head_dim}.")
         L.check_activation(self.hidden_act)
+        if self.scan_layers and len({self.window(i) for i in range(self.num_layers)}) > 1:
+            raise ConfigError(
+                "LlamaConfig(scan_layers=True) runs one program for every layer, but layer_types gives the layers "
+                "different attention windows; use scan_layers=False for this model."
+            )
         L.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)  # validates rope_type
 
     @property
@@ -184,12 +195,19 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """One decoder layer. With ``scanned=True`` (the body of ``nn.scan`` over the layers) it
+    takes the cache as ``(keys, values)`` plus a separate ``cache_index`` and always returns
+    ``(hidden, new_cache_or_None)``."""
+
     config: LlamaConfig
     layer_idx: int = 0
+    scanned: bool = False
 
     @nn.compact
-    def __call__(self, hidden, mask, rope, cache=None, prefix_kv=None, deterministic: bool = True):
+    def __call__(self, hidden, mask, rope, cache=None, prefix_kv=None, deterministic: bool = True, cache_index=None):
         c = self.config
+        if self.scanned and cache is not None:
+            cache = (cache[0], cache[1], cache_index)
         h = L.RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype, name="input_layernorm")(hidden)
         a = LlamaAttention(c, self.layer_idx, name="self_attn")(
             h, mask, rope, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic
@@ -200,6 +218,8 @@ class LlamaDecoderLayer(nn.Module):
         hidden = hidden + a
         h = L.RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype, name="post_attention_layernorm")(hidden)
         hidden = hidden + LlamaMLP(c, name="mlp")(h)
+        if self.scanned:
+            return hidden, new
         return hidden if cache is None else (hidden, new)
 
 
@@ -238,7 +258,8 @@ def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache
 
 
 class LlamaModel(nn.Module):
-    """The decoder stack: ``embed_tokens``, ``layers_{i}``, ``norm``."""
+    """The decoder stack: ``embed_tokens``, ``layers_{i}`` (``layers``, stacked, with
+    ``scan_layers``), ``norm``."""
 
     config: LlamaConfig
 
@@ -249,7 +270,10 @@ class LlamaModel(nn.Module):
             embedding_init=nn.initializers.normal(c.initializer_range),
         )
         layer_cls = L.remat_wrap(LlamaDecoderLayer, c, static_argnums=(6,))
-        self.layers = [layer_cls(c, i) for i in range(c.num_layers)]
+        if c.scan_layers:
+            self.layers = L.scan_layers(layer_cls, c.num_layers)(c, 0, True)
+        else:
+            self.layers = [layer_cls(c, i) for i in range(c.num_layers)]
         self.norm = L.RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype)
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
@@ -265,6 +289,10 @@ class LlamaModel(nn.Module):
         hidden = hidden.astype(c.dtype)
         inv = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_dict)
         rope = L.rope_cos_sin(position_ids, inv)
+        if c.scan_layers:
+            mask, kv_valid = L.causal_mask(attention_mask, cache, c.window(0))
+            hidden, new_cache = L.run_scanned(self.layers, hidden, mask, rope, cache, kv_valid, prefix_kv, deterministic)
+            return self.norm(hidden), new_cache
         masks = {}
         kv_valid = None
         new_k, new_v = [], []

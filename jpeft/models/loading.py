@@ -340,7 +340,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
       param_dtype: dtype of the loaded parameters when it should differ from ``dtype``.
       key: ``jax.random`` key for task-head parameters a checkpoint may lack (BERT's
         ``classifier`` and ``pooler``, freshly initialised with a warning, as transformers does).
-      **config_overrides: fields of the jpeft config to change (``remat=True``, ...).
+      **config_overrides: fields of the jpeft config to change (``remat=True``,
+        ``scan_layers=True`` for a layer-scanned Llama whose weights are stacked per layer, ...).
 
     Returns:
       ``(model, params)`` with ``params = {"params": ...}``: ``model.apply(params, input_ids,
@@ -366,10 +367,14 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         cfg = cfg.replace(**config_overrides)
     fam = _family_of(cfg)
     model = model_from_config(cfg)
+    scanned = bool(getattr(cfg, "scan_layers", False))
+    # A layer-scanned model is read into the unrolled layout (one tensor per layer, as the
+    # checkpoint stores them) and stacked afterwards, one parameter at a time.
+    read_model = model_from_config(cfg.replace(scan_layers=False)) if scanned else model
     files, _ = weight_files(path)
 
     dummy = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda k: model.init(k, dummy), jax.random.key(0))["params"]
+    shapes = jax.eval_shape(lambda k: read_model.init(k, dummy), jax.random.key(0))["params"]
     expected = hf_key_map(shapes, fam)
 
     with contextlib.ExitStack() as stack:
@@ -384,7 +389,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         fresh_keys = [expected[k][0] for k in fresh]
 
         def pick(k):  # only the missing leaves are computed (the rest of init is dead code under jit)
-            full = model.init(k, dummy)["params"]
+            full = read_model.init(k, dummy)["params"]
             out = []
             for tree_keys in fresh_keys:
                 node = full
@@ -395,6 +400,10 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
 
         for tree_keys, value in zip(fresh_keys, jax.jit(pick)(jax.random.key(0) if key is None else key)):
             _set(params, tree_keys, value.astype(cfg.param_dtype))
+    if scanned:
+        from jpeft.scan import stack_params
+
+        params = stack_params(params)
     return model, {"params": params}
 
 
@@ -567,6 +576,10 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
     config = model.config
     d = config_to_hf(config)
     inner = params["params"] if isinstance(params, Mapping) and "params" in params else params
+    if getattr(config, "scan_layers", False):
+        from jpeft.scan import unstack_params
+
+        inner = unstack_params(inner)
     expected = hf_key_map(inner, _family_of(config))
     tensors = {}
     for k, (tree_keys, mpath, transposed, shape) in expected.items():

@@ -1,0 +1,317 @@
+"""Adapters on layer-scanned models: one program for all layers.
+
+A model that runs its decoder layers with ``flax.linen.scan`` (``jpeft.models.LlamaConfig(
+scan_layers=True)``) holds every layer's weights stacked along a new leading axis, under one
+module path (``model/layers/self_attn/q_proj`` with a kernel ``[num_layers, in, out]``), and
+XLA compiles one layer instead of ``num_layers`` copies. Compile time and the compiler's
+memory then no longer grow with depth, and the ``while`` loop bounds the live activations.
+
+:func:`jpeft.init` (given the model and an example input) makes a :class:`Stacked` node for
+such a site: the per-layer node (e.g. :class:`jpeft.LoraWeights`) with each array stacked the
+same way. :func:`jpeft.apply` hands each layer its slice through the ``nn.scan``, so
+training, :func:`jpeft.merge`, :func:`jpeft.save_adapter` and checkpoints work unchanged.
+
+The model's ``nn.scan`` must slice the adapter collection like its params:
+``variable_axes={"params": 0, jpeft.scan.COLLECTION: 0}`` (jpeft's models do).
+
+Layer-indexed names (Hugging Face PEFT files, ``target_modules`` regexes naming a layer) use
+the unrolled layout, ``model/layers_3/...``; :func:`unstack_adapter` / :func:`stack_adapter`
+and :func:`unstack_params` / :func:`stack_params` convert between the two, and
+:func:`jpeft.hf.save_peft` / :func:`jpeft.hf.load_peft` call them for you.
+
+>>> import jax, jax.numpy as jnp, jpeft
+>>> cfg = jpeft.models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+...                                num_layers=3, num_heads=4, scan_layers=True)
+>>> model = jpeft.models.LlamaForCausalLM(cfg)
+>>> ids = jnp.ones((1, 5), jnp.int32)
+>>> params = model.init(jax.random.key(0), ids)
+>>> adapter = jpeft.init(jpeft.LoraConfig(r=4, target_modules=["q_proj"]), params,
+...                      jax.random.key(1), model, ids)
+>>> node = adapter["model/layers/self_attn/q_proj"]
+>>> node.length, node.inner.lora_A.shape
+(3, (3, 32, 4))
+>>> sorted(jpeft.scan.unstack_adapter(adapter))
+['model/layers_0/self_attn/q_proj', 'model/layers_1/self_attn/q_proj', 'model/layers_2/self_attn/q_proj']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.errors import LayoutError, ShapeMismatchError
+from jpeft.methods.base import Site, static_field
+
+#: The flax variable collection :func:`jpeft.apply` passes stacked adapter arrays in.
+COLLECTION = "jpeft_adapter"
+_VAR = "stacked"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Stacked(Site):
+    """A site inside a layer scan: ``inner`` is the per-layer node with every array stacked
+    along a new leading axis of size ``length`` (layer ``i`` is ``inner``'s arrays at ``[i]``)."""
+
+    inner: Any
+    length: int = static_field(default=1)
+
+    @property
+    def mergeable(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "mergeable", False))
+
+    @property
+    def site(self) -> str:  # type: ignore[override]
+        return getattr(self.inner, "site", "linear")
+
+    def handles(self, method_name: str) -> bool:
+        return self.inner.handles(method_name)
+
+    def layer(self, i: int):
+        """The node of layer ``i``."""
+        return jax.tree.map(lambda x: x[i], self.inner)
+
+    def at_site(self, module, path: str):
+        """The node for the layer being traced: its slice of the stacked arrays, which the
+        model's ``nn.scan`` passes in through the :data:`COLLECTION` variables."""
+        if not module.has_variable(COLLECTION, _VAR):
+            raise LayoutError(
+                f"adapter site {path!r} holds weights stacked over {self.length} scanned layers, but the module "
+                f"was called without its slice. Either the model does not scan this module, or its nn.scan does "
+                f"not pass jpeft's collection: use variable_axes={{'params': 0, {COLLECTION!r}: 0}}."
+            )
+        leaves = list(module.get_variable(COLLECTION, _VAR))
+        want = [x.shape[1:] for x in jax.tree.leaves(self.inner)]
+        if [tuple(x.shape) for x in leaves] != [tuple(s) for s in want]:
+            raise LayoutError(
+                f"adapter site {path!r}: the stacked adapter arrays reached the module unsliced (shapes "
+                f"{[tuple(x.shape) for x in leaves]}, one layer is {[tuple(s) for s in want]}); the module must "
+                "run inside the nn.scan over its layers."
+            )
+        return jax.tree.unflatten(jax.tree.structure(self.inner), leaves)
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        bad = sorted({tuple(x.shape)[:1] for x in jax.tree.leaves(own)} - {(self.length,)})
+        if bad:
+            raise ShapeMismatchError(
+                f"adapter at {path!r} is stacked over {self.length} layers, but the module's params have "
+                f"leading sizes {bad}. Re-create the adapter for this base model."
+            )
+        if hasattr(self.inner, "check_params"):
+            self.inner.check_params(path, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), own))
+
+    def merge(self, own):
+        if not self.mergeable:
+            return self.inner.merge(own)  # raises the method's NotMergeableError
+        return jax.vmap(lambda node, p: node.merge(p))(self.inner, own)
+
+    def unmerge(self, own):
+        if not self.mergeable:
+            return self.inner.unmerge(own)
+        return jax.vmap(lambda node, p: node.unmerge(p))(self.inner, own)
+
+
+def make_site(make, path: str, layout, key, own):
+    """``make(key, own)`` for an ordinary site; for a site inside a layer scan (its params
+    have one more leading axis than the kernel the module sees) a :class:`Stacked` node with
+    one independently initialised node per layer. Method ``init`` functions call this with
+    the layout from the traced model."""
+    kernel = own.get(layout.param_name)
+    extra = (kernel.ndim - len(layout.kernel_shape)) if kernel is not None else 0
+    if extra == 0:
+        return make(key, own)
+    if extra != 1 or tuple(kernel.shape[1:]) != tuple(layout.kernel_shape):
+        raise ShapeMismatchError(
+            f"module {path!r} sees a {layout.param_name} of shape {tuple(layout.kernel_shape)}, but the params hold "
+            f"{tuple(kernel.shape)}; jpeft supports one scanned (stacked) leading axis."
+        )
+    n = int(kernel.shape[0])
+    return Stacked(jax.vmap(make)(jax.random.split(key, n), dict(own)), n)
+
+
+def variables_for(adapter: Mapping[str, Any]) -> dict:
+    """The :data:`COLLECTION` tree holding the stacked arrays of ``adapter``'s
+    :class:`Stacked` nodes at their module paths (empty when there are none)."""
+    out: dict = {}
+    for path, node in adapter.items():
+        if isinstance(node, Stacked):
+            d = out
+            for comp in [c for c in path.split("/") if c]:
+                d = d.setdefault(comp, {})
+            d[_VAR] = tuple(jax.tree.leaves(node.inner))
+    return out
+
+
+def is_stacked(adapter: Mapping[str, Any]) -> bool:
+    """Whether ``adapter`` has a :class:`Stacked` (layer-scanned) site."""
+    return any(isinstance(n, Stacked) for n in adapter.values())
+
+
+def num_stacked_layers(params: Mapping[str, Any], name: str = "layers"):
+    """The layer count of a scanned params tree (the leading size of the leaves under a
+    ``{name}`` subtree), or ``None`` when the params are unrolled."""
+    stack = [params]
+    while stack:
+        d = stack.pop()
+        if not isinstance(d, Mapping):
+            continue
+        for k, v in d.items():
+            if k == name and isinstance(v, Mapping):
+                leaves = jax.tree.leaves(v)
+                if leaves and getattr(leaves[0], "ndim", len(getattr(leaves[0], "shape", ()))) >= 1:
+                    return int(leaves[0].shape[0])
+            stack.append(v)
+    return None
+
+
+def _split(path: str, name: str) -> tuple[str, str]:
+    comps = path.split("/")
+    if name not in comps:
+        raise LayoutError(
+            f"stacked adapter site {path!r} has no path component {name!r}; pass name= the scanned module's name."
+        )
+    i = comps.index(name)
+    return "/".join(comps[:i]), "/".join(comps[i + 1:])
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+def unstack_adapter(adapter: Mapping[str, Any], name: str = "layers") -> dict:
+    """Per-layer nodes for every :class:`Stacked` site: ``model/layers/X`` becomes
+    ``model/layers_0/X``, ``model/layers_1/X``, ... (the unrolled model's paths, which
+    Hugging Face names ``model.layers.0.X``). Other nodes are kept as they are."""
+    out = {}
+    for path, node in adapter.items():
+        if not isinstance(node, Stacked):
+            out[path] = node
+            continue
+        head, tail = _split(path, name)
+        for i in range(node.length):
+            out[_join(head, f"{name}_{i}", tail)] = node.layer(i)
+    return out
+
+
+def stack_adapter(adapter: Mapping[str, Any], num_layers: int, name: str = "layers") -> dict:
+    """Inverse of :func:`unstack_adapter`: per-layer nodes at ``.../{name}_{i}/X`` for
+    ``i < num_layers`` become one :class:`Stacked` node at ``.../{name}/X``. Every layer
+    must have the site (a scanned model runs the same program for every layer)."""
+    pat = re.compile(rf"^(.*?)(?:^|/){re.escape(name)}_(\d+)(/.*)?$")
+    groups: dict[str, dict[int, Any]] = {}
+    out = {}
+    for path, node in adapter.items():
+        m = pat.match(path)
+        if not m:
+            out[path] = node
+            continue
+        head, idx, tail = m.group(1), int(m.group(2)), (m.group(3) or "").lstrip("/")
+        groups.setdefault(_join(head, name, tail), {})[idx] = node
+    for path, by_layer in sorted(groups.items()):
+        missing = sorted(set(range(num_layers)) - set(by_layer))
+        extra = sorted(set(by_layer) - set(range(num_layers)))
+        if missing or extra:
+            raise ShapeMismatchError(
+                f"a scanned model of {num_layers} layers needs the adapter site {path!r} on every layer; "
+                f"missing layers {missing[:8]}, layers out of range {extra[:8]}. Use an unrolled model "
+                "(scan_layers=False) for adapters on some layers only."
+            )
+        nodes = [by_layer[i] for i in range(num_layers)]
+        structs = {jax.tree.structure(n) for n in nodes}
+        if len(structs) != 1:
+            raise ShapeMismatchError(
+                f"site {path!r}: the per-layer adapters differ in kind or static settings (e.g. rank or alpha "
+                "patterns per layer), so they cannot be stacked for a scanned model; use scan_layers=False."
+            )
+        out[path] = Stacked(jax.tree.map(lambda *xs: jnp.stack(xs), *nodes), num_layers)
+    return out
+
+
+def _get(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def unstack_params(params: Mapping[str, Any], name: str = "layers") -> dict:
+    """A params tree with every ``{name: stacked}`` subtree split into ``{name}_0``,
+    ``{name}_1``, ... (the unrolled model's layout). Works on arrays and on
+    ``jax.ShapeDtypeStruct`` trees; the stacked leaves are sliced, not kept."""
+
+    def split(x, i):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+        return x[i]
+
+    def walk(d):
+        if not isinstance(d, Mapping):
+            return d
+        out = {}
+        for k, v in d.items():
+            if k == name and isinstance(v, Mapping):
+                n = {tuple(x.shape)[:1] for x in jax.tree.leaves(v)}
+                if len(n) != 1 or not next(iter(n)):
+                    raise ShapeMismatchError(f"params under {name!r} are not stacked along one leading axis: {sorted(n)}.")
+                for i in range(next(iter(n))[0]):
+                    out[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: split(x, i), v)
+            else:
+                out[k] = walk(v)
+        return out
+
+    return walk(params)
+
+
+def stack_params(params: Mapping[str, Any], name: str = "layers") -> dict:
+    """Inverse of :func:`unstack_params`: ``{name}_0 ... {name}_{n-1}`` subtrees (which must
+    all be present and alike) become one ``{name}`` subtree of stacked leaves. Each layer's
+    arrays are released as soon as they are stacked, so loading a checkpoint into a scanned
+    model needs about one layer of extra memory."""
+
+    def walk(d):
+        if not isinstance(d, Mapping):
+            return d
+        idx = {}
+        out = {}
+        for k, v in d.items():
+            m = re.fullmatch(rf"{re.escape(name)}_(\d+)", k)
+            if m and isinstance(v, Mapping):
+                idx[int(m.group(1))] = v
+            else:
+                out[k] = walk(v)
+        if idx:
+            n = len(idx)
+            if sorted(idx) != list(range(n)):
+                raise ShapeMismatchError(f"layers {sorted(idx)} are not numbered 0..{n - 1}; cannot stack them.")
+            layers = [dict(idx.pop(i)) for i in range(n)]
+            if len({jax.tree.structure(x) for x in layers}) != 1:
+                raise ShapeMismatchError(f"the {n} {name!r} subtrees differ in structure; they cannot be stacked.")
+            flat = [jax.tree_util.tree_flatten_with_path(x)[0] for x in layers]
+            treedef = jax.tree.structure(layers[0])
+            del layers
+            leaves = []
+            for j in range(len(flat[0])):
+                leaves.append(jnp.stack([flat[i][j][1] for i in range(n)]))
+                for i in range(n):  # drop the per-layer copy as soon as it is stacked
+                    flat[i][j] = (flat[i][j][0], None)
+            out[name] = jax.tree.unflatten(treedef, leaves)
+        return out
+
+    return walk(params)
+
+
+__all__ = [
+    "COLLECTION",
+    "Stacked",
+    "make_site",
+    "variables_for",
+    "is_stacked",
+    "num_stacked_layers",
+    "unstack_adapter",
+    "stack_adapter",
+    "unstack_params",
+    "stack_params",
+]

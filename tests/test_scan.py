@@ -1,0 +1,249 @@
+"""Layer-scanned models (``LlamaConfig(scan_layers=True)``) and stacked adapter sites
+(``jpeft.scan``): everything must equal the unrolled model with the same weights, and the
+Hugging Face interop must go through the per-layer names."""
+
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as T  # noqa: E402
+
+import jpeft  # noqa: E402
+import jpeft.data  # noqa: E402
+from jpeft import scan  # noqa: E402
+from jpeft.errors import (  # noqa: E402
+    ConfigError,
+    LayoutError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+    UnsupportedModuleError,
+)
+
+peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
+torch = __import__("torch")
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _pair(remat=False, **kw):
+    cfg = jpeft.models.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                                   num_kv_heads=2, **kw)
+    unrolled = jpeft.models.LlamaForCausalLM(cfg)
+    scanned = jpeft.models.LlamaForCausalLM(cfg.replace(scan_layers=True, remat=remat))
+    ids = jax.random.randint(jax.random.key(0), (2, 9), 0, 61)
+    p0 = unrolled.init(jax.random.key(0), ids)
+    p1 = {"params": scan.stack_params(p0["params"])}
+    return unrolled, scanned, p0, p1, ids
+
+
+def _trained_looking(adapter, seed=3):
+    """Every B non-zero, as after some training steps (LoRA starts with B = 0)."""
+    leaves, tree = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _max_diff(a, b):
+    return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_params_layout_and_conversions_round_trip():
+    unrolled, scanned, p0, p1, ids = _pair()
+    shapes = jax.eval_shape(scanned.init, jax.random.key(0), ids)
+    assert jax.tree.structure(shapes) == jax.tree.structure(p1)
+    assert p1["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (3, 32, 32)
+    assert scan.num_stacked_layers(p1["params"]) == 3 and scan.num_stacked_layers(p0["params"]) is None
+    back = scan.unstack_params(p1["params"])
+    assert jax.tree.structure(back) == jax.tree.structure(p0["params"])
+    assert _max_diff(back, p0["params"]) == 0.0
+    abstract = scan.unstack_params(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), p1["params"]))
+    assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(lambda x: x.shape, back)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_scanned_equals_unrolled_outputs_and_gradients(method, remat):
+    unrolled, scanned, p0, p1, ids = _pair(remat=remat)
+    np.testing.assert_allclose(scanned.apply(p1, ids), unrolled.apply(p0, ids), atol=2e-6)
+    cfg = {"lora": jpeft.LoraConfig(r=4, alpha=8, target_modules=ALL),
+           "dora": jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"], use_dora=True),
+           "ia3": jpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}[method]
+    a1 = _trained_looking(jpeft.init(cfg, p1, jax.random.key(1), scanned, ids))
+    assert all(isinstance(n, scan.Stacked) and n.length == 3 for n in a1.values())
+    a0 = scan.unstack_adapter(a1)
+    assert len(a0) == 3 * len(a1) and all("layers_" in p for p in a0)
+    y1 = jpeft.apply(scanned, p1, a1, ids)
+    y0 = jpeft.apply(unrolled, p0, a0, ids)
+    assert float(jnp.abs(y0 - unrolled.apply(p0, ids)).max()) > 1e-2  # the adapter matters
+    np.testing.assert_allclose(y1, y0, atol=2e-6)
+
+    def loss(model, p):
+        return lambda a: jnp.mean(jpeft.apply(model, p, a, ids) ** 2)
+
+    g1 = scan.unstack_adapter(jax.grad(loss(scanned, p1))(a1))
+    g0 = jax.grad(loss(unrolled, p0))(a0)
+    assert sorted(g1) == sorted(g0)
+    assert _max_diff({k: g1[k] for k in g0}, g0) < 1e-6
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0)) > 1e-4
+
+
+def test_training_steps_equal_and_merge_unmerge():
+    unrolled, scanned, p0, p1, ids = _pair()
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=ALL)
+    a1 = jpeft.init(cfg, p1, jax.random.key(1), scanned, ids)
+    a0 = scan.unstack_adapter(a1)
+    opt = optax.adam(1e-2)
+
+    def make(model):
+        return jpeft.make_train_step(lambda p, a, b, k: jpeft.data.causal_lm_loss(
+            jpeft.apply(model, p, a, b), b, jnp.ones_like(b))[0], opt)
+
+    s0, s1 = make(unrolled), make(scanned)
+    o0, o1 = opt.init(a0), opt.init(a1)
+    losses = []
+    for i in range(5):
+        a0, o0, m0 = s0(p0, a0, o0, ids, None)
+        a1, o1, m1 = s1(p1, a1, o1, ids, None)
+        np.testing.assert_allclose(float(m1["loss"]), float(m0["loss"]), rtol=1e-6)
+        losses.append(float(m0["loss"]))
+    assert losses[-1] < losses[0] - 0.05
+    u1 = scan.unstack_adapter(a1)
+    assert _max_diff({k: u1[k] for k in a0}, a0) < 1e-5
+    # the counts are the same adapter's
+    assert jpeft.summary(p1, a1, print_fn=None)["trainable"] == jpeft.summary(p0, a0, print_fn=None)["trainable"]
+    # merge into the stacked kernels == merge per layer; unmerge recovers the base
+    m1, m0 = jpeft.merge(p1, a1), jpeft.merge(p0, a0)
+    assert _max_diff(scan.unstack_params(m1["params"]), m0["params"]) < 1e-6
+    np.testing.assert_allclose(scanned.apply(m1, ids), jpeft.apply(scanned, p1, a1, ids), atol=1e-5)
+    assert _max_diff(jpeft.unmerge(m1, a1), p1) < 1e-6
+    # and restacking the per-layer nodes gives the same adapter
+    assert _max_diff(scan.stack_adapter(u1, 3), a1) == 0.0
+
+
+def test_generation_with_tuple_and_stacked_caches():
+    unrolled, scanned, p0, p1, ids = _pair()
+    a1 = _trained_looking(jpeft.init(jpeft.LoraConfig(r=4, target_modules=ALL), p1, jax.random.key(1), scanned, ids))
+    a0 = scan.unstack_adapter(a1)
+    prompt = ids[:, :4]
+    want = jpeft.generate(unrolled, p0, a0, prompt, max_new_tokens=6)
+    got = jpeft.generate(scanned, p1, a1, prompt, max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    cache = scanned.init_cache(2, 12)
+    assert cache.keys.shape == (3, 2, 12, 2, 8)  # one stacked array
+    legacy = jpeft.models.init_cache(unrolled.config, 2, 12)  # a tuple per layer also works
+    _, c_stacked = jpeft.apply(scanned, p1, a1, prompt, cache=cache)
+    _, c_tuple = jpeft.apply(scanned, p1, a1, prompt, cache=legacy)
+    assert isinstance(c_tuple.keys, tuple) and len(c_tuple.keys) == 3
+    np.testing.assert_allclose(np.asarray(c_stacked.keys), np.stack(c_tuple.keys), atol=1e-6)
+
+
+def test_save_and_load_adapter_round_trip(tmp_path):
+    _, scanned, _, p1, ids = _pair()
+    cfg = jpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    a1 = _trained_looking(jpeft.init(cfg, p1, jax.random.key(1), scanned, ids))
+    jpeft.save_adapter(tmp_path / "a", cfg, a1, params=p1)
+    cfg2, back = jpeft.load_adapter(tmp_path / "a", p1, scanned, ids)
+    assert cfg2 == cfg and isinstance(back["model/layers/self_attn/q_proj"], scan.Stacked)
+    assert _max_diff(back, a1) == 0.0
+
+
+def test_hugging_face_checkpoint_and_peft_adapter(tmp_path, caplog):
+    """from_pretrained(scan_layers=True) reproduces transformers' logits; an adapter trained on
+    the scanned model is written per layer, loads in peft with the same logits and loads back."""
+    family = "llama3"  # GQA, tied embeddings, llama3 rope
+    hf, folder = T.hf_model(family)
+    model, params = jpeft.models.from_pretrained(folder, scan_layers=True)
+    assert params["params"]["model"]["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == 2
+    ids, mask = T.batch(family, seed=5)
+    pos = jnp.asarray(T.positions(mask))
+    out = model.apply(params, jnp.asarray(ids), jnp.asarray(mask), position_ids=pos)
+    ref = T.torch_logits(family, ids, mask)
+    np.testing.assert_allclose(np.asarray(out)[mask == 1], ref[mask == 1], atol=1e-4)
+
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    small = jnp.asarray(ids[:1, :4])
+    adapter = _trained_looking(jpeft.init(cfg, params, jax.random.key(2), model, small))
+    jpeft.hf.save_peft(str(tmp_path), cfg, adapter, base_model_name_or_path=folder)
+    from safetensors.numpy import load_file
+
+    keys = sorted(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys and len(keys) == 2 * 3 * 2
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path))
+    with torch.no_grad():
+        pref = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                  position_ids=torch.tensor(T.positions(mask))).logits.float().numpy()
+    ours = np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), jnp.asarray(mask), position_ids=pos))
+    np.testing.assert_allclose(ours[mask == 1], pref[mask == 1], atol=1e-4)
+    assert np.abs(pref - ref).max() > 1e-2
+    pm.unload()
+    cfg2, back = jpeft.hf.load_peft(str(tmp_path), params)
+    assert sorted(back) == sorted(adapter)
+    assert _max_diff(back, adapter) < 1e-6
+    # writing the scanned model as a Hugging Face checkpoint gives the per-layer tensors again
+    jpeft.models.save_pretrained(str(tmp_path / "ckpt"), model, params)
+    m2, p2 = jpeft.models.from_pretrained(str(tmp_path / "ckpt"))
+    assert _max_diff(p2["params"], scan.unstack_params(params["params"])) == 0.0
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_named_errors():
+    unrolled, scanned, p0, p1, ids = _pair()
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"])
+    with pytest.raises(LayoutError, match="scanned|stacks"):
+        jpeft.init(cfg, p1, jax.random.key(0))  # 3-D kernels: the model is needed to see the layout
+    a1 = jpeft.init(cfg, p1, jax.random.key(0), scanned, ids)
+    with pytest.raises(TargetNotFoundError, match="layers_0"):
+        jpeft.apply(unrolled, p0, a1, ids)  # stacked adapter on the unrolled model
+    with pytest.raises(TargetNotFoundError):
+        jpeft.apply(scanned, p1, scan.unstack_adapter(a1), ids)
+    with pytest.raises(ShapeMismatchError, match="every layer"):
+        u = scan.unstack_adapter(a1)
+        u.pop("model/layers_1/self_attn/q_proj")
+        scan.stack_adapter(u, 3)
+    with pytest.raises(ConfigError, match="scan_layers"):
+        jpeft.models.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
+                                 sliding_window=4, layer_types=("full_attention", "sliding_attention"), scan_layers=True)
+    # a per-layer node would be shared by every scanned layer: refused
+    bad = jpeft.init(jpeft.BottleneckConfig(target_modules=["down_proj"], reduction_factor=4), p1, jax.random.key(0))
+    with pytest.raises(UnsupportedModuleError, match="scan"):
+        jpeft.apply(scanned, p1, bad, ids)
+
+
+def test_user_scan_without_the_adapter_collection_is_a_named_error():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.tanh(nn.Dense(4, name="fc")(x)), None
+
+    class Net(nn.Module):
+        collections: tuple
+
+        @nn.compact
+        def __call__(self, x):
+            axes = {c: 0 for c in self.collections}
+            stack = nn.scan(Block, variable_axes=axes, split_rngs={"params": True}, length=3)(name="blocks")
+            return stack(x, None)[0]
+
+    x = jnp.ones((2, 4))
+    good = Net(("params", scan.COLLECTION))
+    params = good.init(jax.random.key(0), x)
+    a = _trained_looking(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc"]), params, jax.random.key(1), good, x))
+    # the scanned result equals applying each layer's merged Dense in turn
+    k = params["params"]["blocks"]["fc"]["kernel"]
+    bias = params["params"]["blocks"]["fc"]["bias"]
+    node = a["blocks/fc"]
+    h = x
+    for i in range(3):
+        la = node.layer(i)
+        h = jnp.tanh(h @ (k[i] + la.scale * la.lora_A @ la.lora_B) + bias[i][None])
+    np.testing.assert_allclose(jpeft.apply(good, params, a, x), h, atol=1e-5)
+    with pytest.raises(LayoutError, match=scan.COLLECTION):
+        jpeft.apply(Net(("params",)), params, a, x)
