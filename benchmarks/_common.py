@@ -25,6 +25,12 @@ from typing import Any
 
 import numpy as np
 
+# ``bench_vs_hf.py --threads 1`` pins every worker to one CPU before torch or jax is imported.
+# Thread-count settings alone are not enough: XLA's CPU matmuls (YNNPACK) use every core
+# whatever --xla_cpu_multi_thread_eigen says, so only the affinity mask makes it one core each.
+if os.environ.get("BENCH_PIN_CPU") and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {int(os.environ["BENCH_PIN_CPU"])})
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

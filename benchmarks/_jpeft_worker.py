@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jpeft  # noqa: E402
+import jpeft.data  # noqa: E402
 import jpeft.models  # noqa: E402
 
 mem = C.PeakRSS()  # baseline after imports
@@ -52,10 +53,10 @@ def logits_of(out):
 
 
 def causal_lm_loss(logits, ids):
-    """Mean next-token cross-entropy in float32, as transformers' ``ForCausalLMLoss``."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    labels = ids[:, 1:]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    """Mean next-token cross-entropy in float32 over every target (what transformers'
+    ``ForCausalLMLoss`` computes): jpeft's own :func:`jpeft.data.causal_lm_loss`, as
+    ``jpeft train`` uses it."""
+    return jpeft.data.causal_lm_loss(logits, ids, jnp.ones_like(ids))[0]
 
 
 def load(folder: str, dtype):
@@ -64,13 +65,14 @@ def load(folder: str, dtype):
     return model, params
 
 
-def build_random(size: C.Size, dtype, seed: int = 0):
+def build_random(size: C.Size, dtype, seed: int = 0, scan: bool = False, remat: bool = False):
     """A randomly initialised jpeft Llama of ``size`` with params created directly in ``dtype``
-    (drawn in float32 one leaf at a time)."""
+    (drawn in float32 one leaf at a time); ``scan``: layer-scanned (stacked weights),
+    ``remat``: rematerialise each layer in the backward pass."""
     cfg = jpeft.models.LlamaConfig(
         vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_layers=size.layers, num_heads=size.heads, num_kv_heads=size.kv_heads or size.heads,
-        dtype=dtype, param_dtype=dtype,
+        dtype=dtype, param_dtype=dtype, scan_layers=scan, remat=remat,
     )
     model = jpeft.models.LlamaForCausalLM(cfg)
     ids = jnp.zeros((size.batch, size.seq), jnp.int32)
@@ -233,7 +235,7 @@ def memory(args) -> None:
     """LoRA or full fine-tuning on a random model; reports the peak RSS above the baseline."""
     size = C.SIZES[args.size]
     dtype = DTYPES[args.dtype]
-    model, params = build_random(size, dtype)
+    model, params = build_random(size, dtype, scan=args.scan, remat=args.remat)
     jax.block_until_ready(params)
     after_params = mem.current_above_baseline()
     ids = jnp.asarray(C.batches(size, 1, seed=1)[0])
@@ -249,7 +251,7 @@ def memory(args) -> None:
             marks["reset"] = mem.reset_peak()
 
     if args.memory == "lora":
-        adapter = jpeft.init(lora_config(args.r), params, jax.random.key(1))
+        adapter = jpeft.init(lora_config(args.r), params, jax.random.key(1), model, ids)
 
         def loss_fn(params, adapter, batch, key):
             return causal_lm_loss(logits_of(jpeft.apply(model, params, adapter, batch)), batch)
@@ -286,7 +288,7 @@ def memory(args) -> None:
         trainable = jpeft.tree.count(params)
     gc.collect()
     C.emit({
-        "event": "memory", "mode": args.memory, "dtype": args.dtype, "size": args.size,
+        "event": "memory", "mode": args.memory, "dtype": args.dtype, "size": args.size, "scan": args.scan, "remat": args.remat,
         "n_params": int(jpeft.tree.count(params)), "n_trainable": int(trainable),
         "param_bytes": int(jpeft.tree.nbytes(params)), "after_params_above_baseline": int(after_params),
         "peak_rss_above_baseline": int(max(mem.above_baseline(), marks.get("through_first_step", 0))),
@@ -308,6 +310,8 @@ def main():
     p.add_argument("--peak-flops", action="store_true")
     p.add_argument("--memory", choices=["lora", "full"])
     p.add_argument("--steps", type=int, default=3, help="steps of the --memory run")
+    p.add_argument("--scan", action="store_true", help="--memory: layer-scanned model (LlamaConfig(scan_layers=True))")
+    p.add_argument("--remat", action="store_true", help="--memory: rematerialise each layer (LlamaConfig(remat=True))")
     args = p.parse_args()
     if args.memory:
         memory(args)

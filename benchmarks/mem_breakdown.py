@@ -10,6 +10,7 @@ Examples:
   python benchmarks/mem_breakdown.py --targets q_proj
   python benchmarks/mem_breakdown.py --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
   python benchmarks/mem_breakdown.py --full          # full fine-tuning with Adam, for comparison
+  python benchmarks/mem_breakdown.py --scan --remat  # the layer-scanned model, rematerialised
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
     p.add_argument("--full", action="store_true", help="full fine-tuning (Adam on every parameter) instead of LoRA")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--scan", action="store_true", help="layer-scanned model (LlamaConfig(scan_layers=True))")
+    p.add_argument("--remat", action="store_true", help="rematerialise each layer (LlamaConfig(remat=True))")
     args = p.parse_args(argv)
 
     proc = psutil.Process()
@@ -39,7 +42,7 @@ def main(argv=None):
     row = lambda what: print(f"{what:<28s} {rss() - base:8.0f} MiB above baseline")  # noqa: E731
 
     cfg = jpeft.models.LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2752,
-                                   num_layers=args.layers, num_heads=16)
+                                   num_layers=args.layers, num_heads=16, scan_layers=args.scan, remat=args.remat)
     model = jpeft.models.LlamaForCausalLM(cfg)
     ids = jnp.zeros((1, 128), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), ids)
@@ -64,7 +67,8 @@ def main(argv=None):
         row("optimizer state")
         lowered = step.lower(params, state, ids)
     else:
-        adapter = jpeft.init(jpeft.LoraConfig(r=8, target_modules=args.targets.split(",")), params, jax.random.key(1))
+        adapter = jpeft.init(jpeft.LoraConfig(r=8, target_modules=args.targets.split(",")), params, jax.random.key(1),
+                             model, ids)
         row("jpeft.init")
         state = opt.init(adapter)
         step = jpeft.make_train_step(lambda p, a, b, k: lm_loss(jpeft.apply(model, p, a, b), b), opt)
