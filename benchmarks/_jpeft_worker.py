@@ -77,13 +77,24 @@ def build_random(size: C.Size, dtype, seed: int = 0, scan: bool = False, remat: 
     model = jpeft.models.LlamaForCausalLM(cfg)
     ids = jnp.zeros((size.batch, size.seq), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), ids)
-    leaves, treedef = jax.tree.flatten(shapes)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     # One small jitted generator per distinct (shape, dtype), leaf by leaf: a single jit over
-    # all leaves takes minutes to compile and its peak would be charged to the runs.
+    # all leaves takes minutes to compile and its peak would be charged to the runs. A
+    # layer-stacked leaf is drawn one layer at a time into its buffer (jpeft.scan.set_layer),
+    # as from_pretrained fills it, so no leaf ever exists twice.
     gen = jax.jit(lambda k, shape, dtype: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype),
                   static_argnums=(1, 2))
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return model, jax.tree.unflatten(treedef, [gen(k, s.shape, s.dtype) for k, s in zip(keys, leaves)])
+    keys = jax.random.split(jax.random.key(seed), len(flat))
+    out = []
+    for k, (path, s) in zip(keys, flat):
+        if scan and any(getattr(p, "key", None) == "layers" for p in path):
+            buf = jnp.zeros(s.shape, s.dtype)
+            for i, ki in enumerate(jax.random.split(k, s.shape[0])):
+                buf = jpeft.scan.set_layer(buf, gen(ki, s.shape[1:], s.dtype), i)
+            out.append(buf)
+        else:
+            out.append(gen(k, s.shape, s.dtype))
+    return model, jax.tree.unflatten(treedef, out)
 
 
 def lora_config(r: int):

@@ -20,7 +20,7 @@ from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWei
 from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
 from jpeft.methods.pissa import init_pissa
 from jpeft.train import make_train_step
-from jpeft import hf, models
+from jpeft import data, hf, models, scan
 from jpeft.generate import generate
 from jpeft import distributed, parallel
 from jpeft.parallel import (
@@ -61,6 +61,8 @@ __all__ = [
     "make_train_step",
     "generate",
     "models",
+    "scan",
+    "data",
     "hf",
     "AdapterBank",
     "merge_adapters",

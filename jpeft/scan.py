@@ -37,6 +37,7 @@ and :func:`unstack_params` / :func:`stack_params` convert between the two, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Mapping
 
@@ -265,38 +266,64 @@ def unstack_params(params: Mapping[str, Any], name: str = "layers") -> dict:
     return walk(params)
 
 
-def stack_params(params: Mapping[str, Any], name: str = "layers") -> dict:
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(buf, x, i):
+    return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0)
+
+
+def set_layer(buf: jax.Array, x, i: int) -> jax.Array:
+    """``buf.at[i].set(x)`` for a stacked ``[num_layers, ...]`` array, written in place
+    (``buf`` is donated: use the returned array). Fills stacked weights one layer at a time
+    without a second copy of the whole stack."""
+    return _set_layer(buf, jnp.asarray(x), jnp.int32(i))
+
+
+def stack_params(params: Mapping[str, Any], name: str = "layers", *, consume: bool = False) -> dict:
     """Inverse of :func:`unstack_params`: ``{name}_0 ... {name}_{n-1}`` subtrees (which must
-    all be present and alike) become one ``{name}`` subtree of stacked leaves. Each layer's
-    arrays are released as soon as they are stacked, so loading a checkpoint into a scanned
-    model needs about one layer of extra memory."""
+    all be present and alike) become one ``{name}`` subtree of stacked leaves.
+
+    With ``consume=True`` the per-layer subtrees are removed from ``params`` (which must be
+    plain dicts) as they are copied into the stack, and each stacked leaf is filled in place
+    layer by layer, so loading a checkpoint into a scanned model needs about one layer of
+    extra memory instead of a second copy of the model (:func:`jpeft.models.from_pretrained`
+    does this)."""
 
     def walk(d):
         if not isinstance(d, Mapping):
             return d
+        keys = list(d)
         idx = {}
         out = {}
-        for k, v in d.items():
+        for k in keys:
+            v = d[k]
             m = re.fullmatch(rf"{re.escape(name)}_(\d+)", k)
             if m and isinstance(v, Mapping):
                 idx[int(m.group(1))] = v
+                if consume:
+                    del d[k]
             else:
                 out[k] = walk(v)
         if idx:
             n = len(idx)
             if sorted(idx) != list(range(n)):
                 raise ShapeMismatchError(f"layers {sorted(idx)} are not numbered 0..{n - 1}; cannot stack them.")
-            layers = [dict(idx.pop(i)) for i in range(n)]
+            layers = [idx.pop(i) for i in range(n)]
             if len({jax.tree.structure(x) for x in layers}) != 1:
                 raise ShapeMismatchError(f"the {n} {name!r} subtrees differ in structure; they cannot be stacked.")
-            flat = [jax.tree_util.tree_flatten_with_path(x)[0] for x in layers]
             treedef = jax.tree.structure(layers[0])
+            flat = [jax.tree.leaves(x) for x in layers]
             del layers
             leaves = []
             for j in range(len(flat[0])):
-                leaves.append(jnp.stack([flat[i][j][1] for i in range(n)]))
-                for i in range(n):  # drop the per-layer copy as soon as it is stacked
-                    flat[i][j] = (flat[i][j][0], None)
+                first = flat[0][j]
+                if consume:
+                    buf = jnp.zeros((n,) + tuple(first.shape), first.dtype)
+                    for i in range(n):
+                        buf = set_layer(buf, flat[i][j], i)
+                        flat[i][j] = None  # drop the per-layer copy as soon as it is in the stack
+                else:
+                    buf = jnp.stack([flat[i][j] for i in range(n)])
+                leaves.append(buf)
             out[name] = jax.tree.unflatten(treedef, leaves)
         return out
 
@@ -314,4 +341,5 @@ __all__ = [
     "stack_adapter",
     "unstack_params",
     "stack_params",
+    "set_layer",
 ]

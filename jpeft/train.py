@@ -11,7 +11,7 @@ optimizer; ``opt_state = optimizer.init(adapter)`` exists for adapter leaves onl
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +155,7 @@ def make_train_step(
     donate: bool = True,
     skip_nonfinite: bool = True,
     accumulate_steps: int = 1,
+    compiler_options: Optional[Mapping[str, Any]] = None,
 ):
     """A jitted ``step(params, adapter, opt_state, batch, key) -> (adapter, opt_state, metrics)``.
 
@@ -163,7 +164,12 @@ def make_train_step(
     non-finite guard skipped the update) and whatever dict ``loss_fn`` returned as aux.
     ``accumulate_steps=k`` averages gradients over ``k`` equal micro-batches of the batch
     inside the step (a ``lax.scan``), equal to one step on the whole batch with ``1/k`` of
-    the activation memory; one call is one optimizer update.
+    the activation memory; one call is one optimizer update. ``compiler_options`` are XLA
+    options for this step's compilation only (``jax.jit(..., compiler_options=...)``); e.g.
+    ``{"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}`` stops XLA's CPU backend
+    from converting a layer-scanned bfloat16 model's whole weight stack to float32 ahead of
+    the layer loop (it upcasts bf16 matmuls; docs/BENCHMARKS.md), which otherwise costs two
+    float32 copies' worth of memory.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jpeft
     >>> model = nn.Dense(1); x = jnp.ones((8, 3)); y = jnp.zeros((8, 1))
@@ -179,4 +185,5 @@ def make_train_step(
     ['grad_norm', 'loss', 'skipped']
     """
     body = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps)
-    return jax.jit(body, donate_argnums=(1, 2) if donate else ())
+    return jax.jit(body, donate_argnums=(1, 2) if donate else (),
+                   compiler_options=dict(compiler_options) if compiler_options else None)

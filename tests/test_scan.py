@@ -66,6 +66,14 @@ def test_params_layout_and_conversions_round_trip():
     assert _max_diff(back, p0["params"]) == 0.0
     abstract = scan.unstack_params(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), p1["params"]))
     assert jax.tree.map(lambda x: x.shape, abstract) == jax.tree.map(lambda x: x.shape, back)
+    # consume=True (how from_pretrained stacks): fills in place and empties the per-layer input
+    src = jax.tree.map(lambda x: x, back)
+    src["model"] = dict(src["model"])
+    consumed = scan.stack_params(src, consume=True)
+    assert _max_diff(consumed, p1["params"]) == 0.0
+    assert not any(k.startswith("layers_") for k in src["model"])
+    buf = scan.set_layer(jnp.zeros((3, 2)), jnp.ones(2), 1)
+    np.testing.assert_array_equal(buf, [[0, 0], [1, 1], [0, 0]])
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -247,3 +255,30 @@ def test_user_scan_without_the_adapter_collection_is_a_named_error():
     np.testing.assert_allclose(jpeft.apply(good, params, a, x), h, atol=1e-5)
     with pytest.raises(LayoutError, match=scan.COLLECTION):
         jpeft.apply(Net(("params",)), params, a, x)
+
+
+def test_bf16_scanned_step_without_the_hoisted_float32_stack():
+    """XLA's CPU backend upcasts bf16 matmuls; its loop-invariant code motion then converts the
+    whole stacked weight array to f32 before the layer loop. compiler_options turns that pass
+    off for this step: its temporaries shrink by about the f32 size of the stacked weights,
+    and it computes the same thing."""
+    cfg = jpeft.models.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                                   dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=True, remat=True)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    ids = jax.random.randint(jax.random.key(0), (1, 16), 0, 64)
+    params = model.init(jax.random.key(0), ids)
+    a = jpeft.init(jpeft.LoraConfig(r=4, target_modules=ALL), params, jax.random.key(1), model, ids)
+    opt = optax.adam(1e-3)
+
+    def loss(p, a, b, k):
+        return jpeft.data.causal_lm_loss(jpeft.apply(model, p, a, b), b, jnp.ones_like(b))[0]
+
+    steps = {name: jpeft.make_train_step(loss, opt, donate=False, compiler_options=o) for name, o in
+             [("default", None), ("no_licm", {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"})]}
+    compiled = {n: s.lower(params, a, opt.init(a), ids, None).compile() for n, s in steps.items()}
+    temp = {n: c.memory_analysis().temp_size_in_bytes for n, c in compiled.items()}
+    stack_f32 = sum(x.size * 4 for x in jax.tree.leaves(params["params"]["model"]["layers"]))
+    assert temp["default"] - temp["no_licm"] > 0.5 * stack_f32, (temp, stack_f32)
+    outs = {n: s(params, a, opt.init(a), ids, None) for n, s in steps.items()}
+    assert float(outs["default"][2]["loss"]) == pytest.approx(float(outs["no_licm"][2]["loss"]), rel=1e-6)
+    assert _max_diff(outs["default"][0], outs["no_licm"][0]) < 1e-6

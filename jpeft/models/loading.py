@@ -403,7 +403,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     if scanned:
         from jpeft.scan import stack_params
 
-        params = stack_params(params)
+        params = stack_params(params, consume=True)
     return model, {"params": params}
 
 
