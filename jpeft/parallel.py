@@ -333,7 +333,10 @@ def _flat_entry(entries: list, axes: Sequence[int]):
 
 def _site_specs(path: str, node, base_specs):
     from jpeft.methods.lora import LoraWeights
+    from jpeft.scan import Stacked
 
+    if isinstance(node, Stacked):  # layer-scanned site: the inner node's arrays lead with the layer axis
+        return dataclasses.replace(node, inner=_site_specs(path, node.inner, base_specs))
     if not isinstance(node, LoraWeights) or node.layout is None:
         return jax.tree.map(lambda _: P(), node)
     lay = node.layout

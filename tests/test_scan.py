@@ -282,3 +282,19 @@ def test_bf16_scanned_step_without_the_hoisted_float32_stack():
     outs = {n: s(params, a, opt.init(a), ids, None) for n, s in steps.items()}
     assert float(outs["default"][2]["loss"]) == pytest.approx(float(outs["no_licm"][2]["loss"]), rel=1e-6)
     assert _max_diff(outs["default"][0], outs["no_licm"][0]) < 1e-6
+
+
+def test_sharding_specs_of_stacked_sites_follow_the_stacked_kernels():
+    from jax.sharding import PartitionSpec as P
+
+    _, scanned, _, p1, ids = _pair()
+    a1 = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]), p1, jax.random.key(1), scanned, ids)
+    specs = jax.tree.map(lambda x: P(), p1)
+    layers = specs["params"]["model"]["layers"]
+    layers["self_attn"]["q_proj"]["kernel"] = P(None, "fsdp", None)  # [layers, in, out]: input dim sharded
+    layers["mlp"]["down_proj"]["kernel"] = P(None, None, "fsdp")  # output dim sharded
+    out = jpeft.adapter_specs(a1, specs)
+    q, d = out["model/layers/self_attn/q_proj"], out["model/layers/mlp/down_proj"]
+    assert isinstance(q, scan.Stacked)
+    assert q.inner.lora_A == P(None, "fsdp", None) and q.inner.lora_B == P(None, None, None)
+    assert d.inner.lora_A == P(None, None, None) and d.inner.lora_B == P(None, None, "fsdp")
