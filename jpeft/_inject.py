@@ -57,12 +57,13 @@ def _check_not_scanned(path: str, node, module, params) -> None:
         own = {k: tuple(v.shape) for k, v in module.variables.get("params", {}).items() if hasattr(v, "shape")}
     except Exception:
         return
-    if any(k in outer and len(outer[k]) == len(s) + 1 and outer[k][1:] == s for k, s in own.items()):
+    stacked = [outer[k][0] for k, s in own.items() if k in outer and len(outer[k]) == len(s) + 1 and outer[k][1:] == s]
+    if stacked:
         raise UnsupportedModuleError(
-            f"module {path!r} runs inside a layer scan (its params are stacked over {outer[next(iter(own))][0]} layers), "
+            f"module {path!r} runs inside a layer scan (its params are stacked over {stacked[0]} layers), "
             f"but the adapter holds one {type(node).__name__} for it, which every layer would share. jpeft.init "
-            "makes stacked (per-layer) sites for LoRA, DoRA and (IA)^3 when given the model; for other methods "
-            "use an unrolled model (scan_layers=False)."
+            "makes stacked (per-layer) sites for LoRA, DoRA and (IA)^3 when given the model (prefix and prompt "
+            "tuning act at the top level and work too); for other methods use an unrolled model (scan_layers=False)."
         )
 
 

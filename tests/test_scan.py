@@ -298,3 +298,13 @@ def test_sharding_specs_of_stacked_sites_follow_the_stacked_kernels():
     assert isinstance(q, scan.Stacked)
     assert q.inner.lora_A == P(None, "fsdp", None) and q.inner.lora_B == P(None, None, None)
     assert d.inner.lora_A == P(None, None, None) and d.inner.lora_B == P(None, None, "fsdp")
+
+
+@pytest.mark.parametrize("cfg", [jpeft.PrefixTuningConfig(num_virtual_tokens=3),
+                                 jpeft.PromptTuningConfig(num_virtual_tokens=3)], ids=["prefix", "prompt"])
+def test_prefix_and_prompt_tuning_act_at_the_top_and_work_on_scanned_models(cfg):
+    unrolled, scanned, p0, p1, ids = _pair()
+    a = _trained_looking(jpeft.init(cfg, p0, jax.random.key(1), unrolled, ids))
+    y0 = jpeft.apply(unrolled, p0, a, ids)
+    assert float(jnp.abs(y0 - unrolled.apply(p0, ids)).max()) > 1e-2
+    np.testing.assert_allclose(jpeft.apply(scanned, p1, a, ids), y0, atol=2e-6)
