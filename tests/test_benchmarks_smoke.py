@@ -58,3 +58,21 @@ def test_toy_run_end_to_end(tmp_path):
         assert abs(xla / 1e9 - report["speed"]["analytic_step_gflop"]) / report["speed"]["analytic_step_gflop"] < 0.1
     assert (tmp_path / "r.json").exists()
     assert "| hf_f32 |" in bench_vs_hf.markdown(report)
+
+
+def test_toy_memory_runs_end_to_end(tmp_path):
+    """The LoRA-vs-full memory runs (scanned + remat model, f32 and bf16 bases), toy size: every
+    run reports, the ratios are formed, and LoRA trains far fewer parameters than full."""
+    out = tmp_path / "m.json"
+    report = bench_vs_hf.main(["--memory-only", "--memory-size", "400m-toy", "--memory-steps", "1",
+                               "--workdir", str(tmp_path / "w"), "--json", str(out)])
+    m = report["memory_400m"]
+    assert m["model"] == "scan-remat"
+    for k in ("lora_f32", "full_f32", "lora_bf16", "full_bf16"):
+        assert m[k]["peak_rss_above_baseline"] > 0 and m[k]["scan"] and m[k]["remat"], k
+        assert math.isfinite(m[k]["loss"])
+    assert m["lora_f32"]["n_trainable"] < m["full_f32"]["n_trainable"] / 10
+    assert m["lora_f32"]["n_params"] == m["full_f32"]["n_params"]
+    for k in ("ratio_f32", "ratio_bf16", "ratio_bf16_vs_full_f32"):
+        assert 0 < m[k] < 10, (k, m[k])
+    assert out.exists()
