@@ -706,7 +706,7 @@ def _check_lora(name, adapter) -> None:
         if not isinstance(node, LoraWeights):
             raise BankError(
                 f"adapter {name!r} has a {type(node).__name__} at {path!r}; AdapterBank holds LoRA adapters "
-                "(jpeft.LoraWeights) only."
+                "(jpeft.LoraWeights) of unrolled models only (a layer-scanned model's sites are jpeft.scan.Stacked)."
             )
         if node.magnitude is not None:
             raise BankError(

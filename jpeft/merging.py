@@ -181,7 +181,8 @@ def _validate(adapters, weights, method, density, majority_sign, key):
             if not isinstance(node, LoraWeights):
                 raise NotMergeableError(
                     f"adapter {i} has a {type(node).__name__} at {path!r}; adapter merging combines LoRA adapters "
-                    "(jpeft.LoraWeights) only."
+                    "(jpeft.LoraWeights) only; for a layer-scanned model's stacked sites, merge "
+                    "jpeft.scan.unstack_adapter(a) of each and restack with jpeft.scan.stack_adapter."
                 )
             if node.magnitude is not None:
                 raise NotMergeableError(

@@ -308,3 +308,18 @@ def test_prefix_and_prompt_tuning_act_at_the_top_and_work_on_scanned_models(cfg)
     y0 = jpeft.apply(unrolled, p0, a, ids)
     assert float(jnp.abs(y0 - unrolled.apply(p0, ids)).max()) > 1e-2
     np.testing.assert_allclose(jpeft.apply(scanned, p1, a, ids), y0, atol=2e-6)
+
+
+def test_training_checkpoint_round_trip(tmp_path):
+    _, scanned, _, p1, ids = _pair()
+    cfg = jpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    a = _trained_looking(jpeft.init(cfg, p1, jax.random.key(1), scanned, ids))
+    opt = optax.adam(1e-3)
+    s = opt.init(a)
+    m = jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, p1, optimizer=opt, model=scanned, example_args=(ids,))
+    m.save(3, a, s, jax.random.key(0), force=True)
+    m.wait()
+    st = m.restore_latest()
+    m.close()
+    assert isinstance(st.adapter["model/layers/self_attn/q_proj"], scan.Stacked)
+    assert _max_diff(st.adapter, a) == 0.0 and _max_diff(st.opt_state, s) == 0.0
