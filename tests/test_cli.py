@@ -313,6 +313,29 @@ def _torch_loss(model, rows, mask):
     return float((nll * w).sum() / w.sum()), logits
 
 
+def test_train_with_scan_layers_saves_a_per_layer_adapter(hf_dir):
+    """train.scan_layers trains the layer-scanned model; the finished adapter is written per
+    layer, so `jpeft eval --adapter` on the ordinary (unrolled) model reads it."""
+    cfg = write_config(hf_dir, "scan_run", steps=4, save_every=2)
+    r = jpeft_cmd("train", "--config", cfg, "--no-progress", "--set", "train.scan_layers=true")
+    assert r.returncode == 0, r.stderr
+    got = adapter_arrays(hf_dir / "scan_run" / "adapter")
+    ref = adapter_arrays(hf_dir / "full_run" / "adapter") if (hf_dir / "full_run").exists() else None
+    assert len(got) == 12 and any("layers_1" in k for k in got)
+    if ref is not None:
+        assert sorted(got) == sorted(ref) and all(got[k].shape == ref[k].shape for k in ref)
+    assert any(np.abs(got[k]).max() > 0 for k in got if k.endswith("lora_B"))  # it did train
+    losses = [json.loads(x)["loss"] for x in open(hf_dir / "scan_run" / "metrics.jsonl") if '"loss"' in x]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    base = jpeft_cmd("eval", "--model", hf_dir / "tiny-llama", "--data", hf_dir / "notes.txt", "--seq-len", 32, "--json")
+    r = jpeft_cmd("eval", "--model", hf_dir / "tiny-llama", "--adapter", hf_dir / "scan_run" / "adapter",
+                  "--data", hf_dir / "notes.txt", "--seq-len", 32, "--json")
+    assert r.returncode == 0 and base.returncode == 0, r.stderr + base.stderr
+    assert json.loads(r.stdout)["loss"] != json.loads(base.stdout)["loss"]
+    r = jpeft_cmd("train", "--config", cfg, "--no-progress", "--set", "train.scan_layers=1")
+    assert r.returncode == 2 and "train.scan_layers must be true or false" in error_line(r.stderr)
+
+
 def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path):
     import torch
     from peft import PeftModel

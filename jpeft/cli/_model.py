@@ -18,16 +18,28 @@ class Loaded(NamedTuple):
     hf_config: dict     # the folder's config.json
 
 
-def load_folder(folder: str, *, tokenizer: bool = True) -> Loaded:
-    """Loads ``config.json`` + safetensors weights (+ the tokenizer) from a local folder.
+def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = False) -> Loaded:
+    """Loads ``config.json`` + safetensors weights (+ the tokenizer) from a local folder;
+    ``scan_layers=True`` gives the layer-scanned variant (Llama family only).
 
     Raises:
       LoadError: the folder is missing or is not a Hugging Face model folder.
+      ConfigError: ``scan_layers`` for a model family without a scanned variant.
     """
+    from jpeft.errors import ConfigError
     from jpeft.models import from_pretrained, load_tokenizer, read_config
 
     d = read_config(folder)
-    model, params = from_pretrained(folder)
+    if scan_layers:
+        try:
+            model, params = from_pretrained(folder, scan_layers=True)
+        except TypeError:
+            raise ConfigError(
+                f"train.scan_layers is for Llama-family models (llama, mistral, qwen2); {folder!r} is a "
+                f"{d.get('model_type')!r} model. Set scan_layers = false."
+            ) from None
+    else:
+        model, params = from_pretrained(folder)
     tok = load_tokenizer(folder) if tokenizer else None
     return Loaded(model, params, tok, folder, d)
 

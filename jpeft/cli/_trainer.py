@@ -132,7 +132,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     d = cfg["data"]
     out_dir = cfg["output_dir"]
     method_of(cfg)  # fail on a bad method before loading anything
-    loaded = load_folder(cfg["model"])
+    loaded = load_folder(cfg["model"], scan_layers=bool(t.get("scan_layers", False)))
     method = method_of(cfg, loaded.hf_config.get("model_type"))
     check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
     encode, bos, eos = encode_fn(loaded.tokenizer)
@@ -256,8 +256,14 @@ def _fit(cfg, t, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, exa
     if step > start or interrupted or step < steps:
         save(step)
     if step >= steps:
-        save_adapter(os.path.join(out_dir, "adapter"), adapter, method, params=params, base_config=loaded.hf_config,
-                     metadata={"steps": steps, "eval": last_eval})
+        final, final_params = adapter, params
+        if jpeft.scan.is_stacked(adapter):
+            # the finished adapter is written per layer, for the unrolled model that
+            # `jpeft eval`, `merge` and `export` load (checkpoints keep the scanned form)
+            final = jpeft.scan.unstack_adapter(adapter)
+            final_params = jpeft.scan.unstack_params(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+        save_adapter(os.path.join(out_dir, "adapter"), final, method, params=final_params,
+                     base_config=loaded.hf_config, metadata={"steps": steps, "eval": last_eval})
     metrics_f.close()
     if tb is not None:
         tb.close()

@@ -42,6 +42,8 @@ eval_every = 100              # steps between evaluations (0: only at the end)
 save_every = 200              # steps between checkpoints (0: only at the end)
 log_every = 10
 keep_checkpoints = 3
+scan_layers = false           # Llama family: nn.scan over the layers (one layer compiled: less compile
+                              # time and memory); the saved adapter is per layer as usual
 """
 
 EPILOG = f"""\
@@ -66,7 +68,7 @@ _DEFAULTS = {
     "train": {
         "steps": 1000, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "eval_every": 100, "save_every": 200, "log_every": 10,
-        "keep_checkpoints": 3, "eval_batches": 16,
+        "keep_checkpoints": 3, "eval_batches": 16, "scan_layers": False,
     },
 }
 _KNOWN = {
@@ -157,6 +159,8 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
     for k in ("eval_every", "save_every", "log_every", "warmup_steps", "eval_batches"):
         if not isinstance(t[k], int) or t[k] < 0:
             raise ConfigError(f"train.{k} must be a non-negative integer, found {t[k]!r}.")
+    if not isinstance(t["scan_layers"], bool):
+        raise ConfigError(f"train.scan_layers must be true or false, found {t['scan_layers']!r}.")
     if not isinstance(t["learning_rate"], (int, float)) or t["learning_rate"] <= 0:
         raise ConfigError(f"train.learning_rate must be > 0, found {t['learning_rate']!r}.")
     if t["keep_checkpoints"] is not None and (not isinstance(t["keep_checkpoints"], int) or t["keep_checkpoints"] < 1):
