@@ -323,3 +323,23 @@ def test_training_checkpoint_round_trip(tmp_path):
     m.close()
     assert isinstance(st.adapter["model/layers/self_attn/q_proj"], scan.Stacked)
     assert _max_diff(st.adapter, a) == 0.0 and _max_diff(st.opt_state, s) == 0.0
+
+
+def test_pissa_and_l2sp_on_stacked_sites():
+    from jpeft.forgetting.regularizers import l2sp_penalty
+    from jpeft.methods.pissa import init_pissa
+
+    unrolled, scanned, p0, p1, ids = _pair()
+    cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "up_proj"])
+    res1, ad1 = init_pissa(cfg, p1, jax.random.key(3), scanned, ids)
+    res0, ad0 = init_pissa(cfg, p0, jax.random.key(3), unrolled, ids)
+    assert isinstance(ad1["model/layers/mlp/up_proj"], scan.Stacked)
+    # the start reproduces the base, and the residual equals the per-layer SVD's (sign-free)
+    np.testing.assert_allclose(jpeft.apply(scanned, res1, ad1, ids), scanned.apply(p1, ids), atol=1e-5)
+    assert _max_diff(scan.unstack_params(res1["params"]), res0["params"]) < 1e-5
+    # L2-SP on LoRA's effective update: the same penalty stacked or per layer
+    moved = _trained_looking(ad1)
+    want = l2sp_penalty(p0, scan.unstack_adapter(moved), scan.unstack_adapter(ad1), strength=2.0)
+    got = l2sp_penalty(p1, moved, ad1, strength=2.0)
+    assert float(want) > 0
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

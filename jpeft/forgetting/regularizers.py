@@ -352,6 +352,10 @@ def _effective(node, own):
         return node.params
     if isinstance(node, LoraWeights) and node.magnitude is None:
         return node.kernel_delta()
+    from jpeft.scan import Stacked
+
+    if isinstance(node, Stacked) and isinstance(node.inner, LoraWeights) and node.inner.magnitude is None:
+        return jax.vmap(lambda n: n.kernel_delta())(node.inner)  # per layer, stacked
     if getattr(node, "mergeable", False) and own is not None:
         try:
             return node.merge(own)

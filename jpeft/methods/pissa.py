@@ -71,6 +71,7 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
     from jpeft import core
     from jpeft.methods import dora
     from jpeft.methods.lora import LoraConfig
+    from jpeft.scan import Stacked
 
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"init_pissa expects a jpeft.LoraConfig, found {type(config).__name__}.")
@@ -82,9 +83,9 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
     new = inner
     out = {}
     keys = jax.random.split(key, max(len(skeleton), 1))
-    for k, (path, node) in zip(keys, skeleton.items()):
+
+    def one(node, own, k, path):
         lay = node.layout
-        own = get_subtree(new, path)
         pname = lay.param_name
         w = jnp.asarray(own[pname])
         r = node.r
@@ -102,8 +103,18 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
         residual = mat - node.delta_matrix()
         own_new = dict(own)
         own_new[pname] = from_matrix(residual, lay).astype(w.dtype)
-        new = set_subtree(new, path, own_new)
         if config.use_dora:
             node = dora.with_magnitude(node, own_new)
+        return node, own_new
+
+    for k, (path, node) in zip(keys, skeleton.items()):
+        own = dict(get_subtree(new, path))
+        if isinstance(node, Stacked):  # a layer-scanned site: one SVD per layer
+            inner, own_new = jax.vmap(lambda n, o, kk: one(n, o, kk, path))(
+                node.inner, own, jax.random.split(k, node.length))
+            node = Stacked(inner, node.length)
+        else:
+            node, own_new = one(node, own, k, path)
+        new = set_subtree(new, path, own_new)
         out[path] = node
     return rewrap_params(params, new, wrapped), out
