@@ -44,6 +44,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from jpeft import _hostmem
 from jpeft.errors import LayoutError, ShapeMismatchError
 from jpeft.methods.base import Site, static_field
 
@@ -321,6 +322,8 @@ def stack_params(params: Mapping[str, Any], name: str = "layers", *, consume: bo
                     for i in range(n):
                         buf = set_layer(buf, flat[i][j], i)
                         flat[i][j] = None  # drop the per-layer copy as soon as it is in the stack
+                    buf.block_until_ready()
+                    _hostmem.release()  # the freed per-layer blocks go back before the next stack
                 else:
                     buf = jnp.stack([flat[i][j] for i in range(n)])
                 leaves.append(buf)

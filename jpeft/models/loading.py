@@ -400,6 +400,9 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
 
         for tree_keys, value in zip(fresh_keys, jax.jit(pick)(jax.random.key(0) if key is None else key)):
             _set(params, tree_keys, value.astype(cfg.param_dtype))
+    from jpeft import _hostmem
+
+    _hostmem.release()  # the per-tensor host copies are gone; hand their pages back
     if scanned:
         from jpeft.scan import stack_params
 
@@ -440,22 +443,65 @@ def _read_weights(path, cfg, fam, expected, handles, files):
                 f"weight {raw!r} in {os.path.basename(fname)} has shape {file_shape}, but config.json implies {want} "
                 f"for module {mpath!r}. The config and the weights come from different models; fix config.json."
             )
-    pdt = cfg.param_dtype
+    pdt = np.dtype(cfg.param_dtype)
     params: dict = {}
+    headers: dict = {}
     for k, (tree_keys, mpath, transposed, shape) in expected.items():
         if k in fresh:
             continue
         raw, h, fname = where[k]
-        try:
-            t = h.get_tensor(raw)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor {raw!r} from {fname!r}: {e}. The file is corrupted; copy it again.") from None
-        t = jnp.asarray(t)
+        if fname not in headers:
+            headers[fname] = _tensor_spans(fname)
+        t = _read_tensor(fname, raw, headers[fname])
+        # Transpose and cast on the host, then one copy into a JAX buffer: the file is read
+        # with plain reads (not memory-mapped, so its pages never count as this process's
+        # memory) and each tensor's host copy is released before the next is read.
         if transposed:
-            t = t.T
-        _set(params, tree_keys, t.astype(pdt))
+            t = np.ascontiguousarray(t.T)
+        if t.dtype != pdt:
+            t = t.astype(pdt)
+        _set(params, tree_keys, jax.device_put(t))
         del t
     return params, fresh
+
+
+def _tensor_spans(fname: str) -> dict:
+    """``{name: (dtype, shape, file_offset, nbytes)}`` from a safetensors header (already
+    validated by ``safe_open``)."""
+    import struct
+
+    from jpeft.io import _ST_DTYPES, _np_dtype
+
+    try:
+        with open(fname, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"cannot read the header of {fname!r}: {e}. The file is corrupted; copy it again.") from None
+    header.pop("__metadata__", None)
+    out = {}
+    for name, e in header.items():
+        dt = np.dtype(_np_dtype(_ST_DTYPES[e["dtype"]])).newbyteorder("<")
+        b, en = e["data_offsets"]
+        out[name] = (dt, tuple(e["shape"]), 8 + n + b, en - b)
+    return out
+
+
+def _read_tensor(fname: str, name: str, spans: dict) -> np.ndarray:
+    dt, shape, offset, nbytes = spans[name]
+    buf = np.empty(shape, dt)
+    try:
+        with open(fname, "rb") as f:
+            f.seek(offset)
+            got = f.readinto(memoryview(buf.reshape(-1).view(np.uint8)))
+    except OSError as e:
+        raise CheckpointError(f"cannot read tensor {name!r} from {fname!r}: {e}. The file is corrupted; copy it again.") from None
+    if got != nbytes:
+        raise CheckpointError(
+            f"{fname!r} is truncated: tensor {name!r} needs {nbytes:,} bytes at offset {offset:,}, the file has {got:,}. "
+            "Copy it again."
+        )
+    return buf
 
 
 def load_tokenizer(path: str, **kwargs):
