@@ -35,6 +35,7 @@ import optax  # noqa: E402
 import jpeft  # noqa: E402
 import jpeft.data  # noqa: E402
 import jpeft.models  # noqa: E402
+from jpeft.cli._model import logits_of  # noqa: E402
 
 mem = C.PeakRSS()  # baseline after imports
 
@@ -42,16 +43,6 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 # ------------------------------------------------------------------------------------- model
-def logits_of(out):
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, dict) and "logits" in out:
-        return out["logits"]
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
 def causal_lm_loss(logits, ids):
     """Mean next-token cross-entropy in float32 over every target (what transformers'
     ``ForCausalLMLoss`` computes): jpeft's own :func:`jpeft.data.causal_lm_loss`, as

@@ -41,8 +41,13 @@ def _init_lora(config: LoraConfig, params, key, infos):
             )
         else:
             layout = _inject.infer_layout(path, own)
-        if config.init == "pissa" and layout.param_name in own and not isinstance(own[layout.param_name], jax.core.Tracer):
-            init_site(config, path, layout, k, own)  # raises: PiSSA also changes the base (use jpeft.init_pissa)
+        if config.init == "pissa" and not isinstance(own.get(layout.param_name), jax.core.Tracer):
+            # Under jax.eval_shape (loading a saved PiSSA adapter, budgets) only the structure is
+            # built; with concrete weights jpeft.init would silently keep the principal part twice.
+            raise ConfigError(
+                "LoraConfig(init='pissa') also changes the base weights (the principal part moves into the adapter); "
+                "create it with jpeft.init_pissa(config, params, key), which returns (residual_params, adapter)."
+            )
         out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o), path, layout, k, own)
     return out
 

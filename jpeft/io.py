@@ -519,33 +519,41 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
-def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[str, np.ndarray], dict]:
-    """Reads a safetensors file after validating its header (length, JSON, dtypes, shapes and
-    offsets); returns ``(arrays, header_metadata)``. Never unpickles.
+def safetensors_index(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[str, tuple], dict]:
+    """Reads and validates a safetensors file's header only (length, JSON, dtypes, shapes and
+    offsets against the file's size); returns ``({name: (dtype, shape, file_offset, nbytes)},
+    header_metadata)`` with little-endian numpy dtypes. Never unpickles, reads no tensor data.
 
     Raises:
       UnsafeFileError: the file is a pickle / zip / npy file.
-      CheckpointError: the file is truncated, its header malformed or its data inconsistent.
+      CheckpointError: the file is truncated, its header malformed or inconsistent.
     """
     p = Path(path)
     refuse_unsafe(p) if p.suffix != ".safetensors" else None
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise LoadError(f"weights file {p} does not exist.") from None
-    except OSError as e:
-        raise LoadError(f"cannot read {p}: {e}") from None
-    refuse_unsafe(p, head=data[:9])
-    if len(data) < 8:
-        raise CheckpointError(f"{p} is truncated: {len(data)} bytes, a safetensors file has at least 8.")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > max_header or n > len(data) - 8:
+    def read(offset: int, n: int) -> bytes:
+        try:
+            with open(p, "rb") as f:
+                f.seek(offset)
+                return f.read(n)
+        except FileNotFoundError:
+            raise LoadError(f"weights file {p} does not exist.") from None
+        except OSError as e:
+            raise LoadError(f"cannot read {p}: {e}") from None
+
+    head = read(0, 9)
+    refuse_unsafe(p, head=head)
+    size = p.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{p} is truncated: {size} bytes, a safetensors file has at least 8.")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > max_header or n > size - 8:
         raise CheckpointError(
-            f"{p} is corrupted or truncated: its header claims {n:,} bytes but the file has {len(data) - 8:,} after the "
-            f"length field (limit {max_header:,})."
+            f"{p} is corrupted or truncated: its header claims {n:,} bytes but the file has {size - 8:,} after "
+            f"the length field (limit {max_header:,})."
         )
+    raw = read(8, n)
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
         raise CheckpointError(f"{p} is corrupted: its safetensors header is not valid JSON ({e}).") from None
     if not isinstance(header, dict):
@@ -553,8 +561,8 @@ def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{p} is corrupted: __metadata__ is not an object.")
-    body = len(data) - 8 - n
-    spans = []
+    body = size - 8 - n
+    index = {}
     for name, e in header.items():
         if not (isinstance(e, dict) and e.get("dtype") in _ST_DTYPES and isinstance(e.get("shape"), list)
                 and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
@@ -562,25 +570,41 @@ def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[
                 and all(isinstance(o, int) and not isinstance(o, bool) for o in e["data_offsets"])):
             raise CheckpointError(f"{p} is corrupted: the header entry for {name!r} is malformed: {str(e)[:200]}.")
         b, en = e["data_offsets"]
-        item = np.dtype(_np_dtype(_ST_DTYPES[e["dtype"]])).itemsize
-        if not (0 <= b <= en <= body) or en - b != math.prod(e["shape"]) * item:
+        dt = np.dtype(_np_dtype(_ST_DTYPES[e["dtype"]])).newbyteorder("<")
+        if not (0 <= b <= en <= body) or en - b != math.prod(e["shape"]) * dt.itemsize:
             raise CheckpointError(
                 f"{p} is corrupted or truncated: tensor {name!r} ({e['dtype']}{e['shape']}) claims bytes [{b}, {en}) "
                 f"of a {body:,}-byte data section."
             )
-        spans.append((b, en))
-    spans.sort()
+        index[name] = (dt, tuple(e["shape"]), 8 + n + b, en - b)
+    spans = sorted((off, off + nb) for _, _, off, nb in index.values())
     for (b0, e0), (b1, e1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise CheckpointError(f"{p} is corrupted: two tensors overlap in the data section.")
-    # The header is fully validated above, so each tensor is a plain slice of the data section
-    # (decoded with numpy, which also covers bfloat16 / float8 through ml_dtypes).
-    start = 8 + n
+    return index, meta
+
+
+def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[str, np.ndarray], dict]:
+    """Reads a safetensors file after validating its header (:func:`safetensors_index`);
+    returns ``(arrays, header_metadata)``. Never unpickles.
+
+    Raises:
+      UnsafeFileError: the file is a pickle / zip / npy file.
+      CheckpointError: the file is truncated, its header malformed or its data inconsistent.
+    """
+    index, meta = safetensors_index(path, max_header=max_header)
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise LoadError(f"cannot read {p}: {e}") from None
+    # The header is fully validated, so each tensor is a plain slice of the file (decoded with
+    # numpy, which also covers bfloat16 / float8 through ml_dtypes).
     arrays = {}
-    for name, e in header.items():
-        b, en = e["data_offsets"]
-        dt = np.dtype(_np_dtype(_ST_DTYPES[e["dtype"]])).newbyteorder("<")
-        arrays[name] = np.frombuffer(data, dtype=dt, count=math.prod(e["shape"]), offset=start + b).reshape(e["shape"]).copy()
+    for name, (dt, shape, off, nbytes) in index.items():
+        if off + nbytes > len(data):
+            raise CheckpointError(f"{p} is truncated: tensor {name!r} ends past the end of the file.")
+        arrays[name] = np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=off).reshape(shape).copy()
     return arrays, meta
 
 
@@ -894,6 +918,7 @@ __all__ = [
     "with_checksum",
     "verify_checksum",
     "read_safetensors",
+    "safetensors_index",
     "leaf_names",
     "template_adapter",
     "fill_template",

@@ -106,15 +106,16 @@ class Stacked(Site):
         if hasattr(self.inner, "check_params"):
             self.inner.check_params(path, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), own))
 
-    def merge(self, own):
+    def _per_layer(self, how: str, own):
         if not self.mergeable:
-            return self.inner.merge(own)  # raises the method's NotMergeableError
-        return jax.vmap(lambda node, p: node.merge(p))(self.inner, own)
+            return getattr(self.inner, how)(own)  # raises the method's NotMergeableError
+        return jax.vmap(lambda node, p: getattr(node, how)(p))(self.inner, own)
+
+    def merge(self, own):
+        return self._per_layer("merge", own)
 
     def unmerge(self, own):
-        if not self.mergeable:
-            return self.inner.unmerge(own)
-        return jax.vmap(lambda node, p: node.unmerge(p))(self.inner, own)
+        return self._per_layer("unmerge", own)
 
 
 def make_site(make, path: str, layout, key, own):

@@ -50,16 +50,15 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
         updates, new_state = optimizer.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), new_state
 
+    finite = jnp.isfinite(loss) & all_finite(grads)
     if skip_nonfinite:
         # One ``lax.cond`` on the flag, not a ``where`` per leaf: XLA would fuse a copy of the
         # scalar flag's computation (an ``and`` over every gradient leaf) into each leaf's
         # update, so the program would grow with the square of the number of adapter leaves
         # (38k extra ops for an 8-layer Llama with LoRA on all linear layers), and with it
         # compile time and compile memory.
-        finite = jnp.isfinite(loss) & all_finite(grads)
         new_adapter, new_state = jax.lax.cond(finite, update, lambda ops: (ops[0], ops[1]), (adapter, opt_state, grads))
     else:
-        finite = jnp.isfinite(loss) & all_finite(grads)
         new_adapter, new_state = update((adapter, opt_state, grads))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": (~finite).astype(jnp.int32)}
     if isinstance(aux, dict):

@@ -111,16 +111,20 @@ def test_factored_equals_merged_and_unmerge_recovers(case):
     assert jax.tree.structure(merged) == jax.tree.structure(params)
 
 
+def _dense_lora(features, x, alpha):
+    """An ``nn.Dense(features)`` on ``x`` with a random r=3 LoRA, and its W, b, A, B in float64."""
+    model = nn.Dense(features)
+    params = model.init(jax.random.key(0), x)
+    a = jpeft.init(jpeft.LoraConfig(r=3, alpha=alpha, target_modules=".*", init="random"), params, jax.random.key(1))
+    f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    p = params["params"]
+    return model, params, a, f64(p["kernel"]), f64(p["bias"]), f64(a[""].lora_A), f64(a[""].lora_B)
+
+
 def test_lora_matches_fully_computed_matrix():
     """Against the closed form x @ (W + s A B) + b, computed by hand in numpy."""
-    model = nn.Dense(6)
     x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
-    params = model.init(jax.random.key(0), x)
-    a = jpeft.init(jpeft.LoraConfig(r=3, alpha=5, target_modules=".*", init="random"), params, jax.random.key(1))
-    node = a[""]
-    W = np.asarray(params["params"]["kernel"], np.float64)
-    b = np.asarray(params["params"]["bias"], np.float64)
-    A, B = np.asarray(node.lora_A, np.float64), np.asarray(node.lora_B, np.float64)
+    model, params, a, W, b, A, B = _dense_lora(6, x, alpha=5)
     want = x @ (W + (5 / 3) * A @ B) + b
     np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, a, x)), want, atol=1e-5)
 
@@ -137,14 +141,8 @@ def test_many_tokens_use_the_merged_form_with_factored_gradients():
     """With more tokens than in*out/(in+out) a Dense site computes x @ (W + s A B) (less memory
     traffic than the two activation-sized factored products); outputs and adapter gradients
     equal the closed form, and no [in, out] gradient is formed in adapter training."""
-    model = nn.Dense(24)
     x = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)  # 64 * 40 > 16 * 24
-    params = model.init(jax.random.key(0), x)
-    a = jpeft.init(jpeft.LoraConfig(r=3, alpha=6, target_modules=".*", init="random"), params, jax.random.key(1))
-    node = a[""]
-    W = np.asarray(params["params"]["kernel"], np.float64)
-    b = np.asarray(params["params"]["bias"], np.float64)
-    A, B = np.asarray(node.lora_A, np.float64), np.asarray(node.lora_B, np.float64)
+    model, params, a, W, b, A, B = _dense_lora(24, x, alpha=6)
     np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, a, x)), x @ (W + 2.0 * A @ B) + b, atol=1e-5)
     jaxpr = jax.make_jaxpr(lambda p, ad, x: jpeft.apply(model, p, ad, x))(params, a, x)
     assert "name=_merged_matmul" in str(jaxpr), "merged form expected"

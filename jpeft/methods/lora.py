@@ -342,13 +342,6 @@ def _kaiming_uniform(key, shape, fan_in, dtype=jnp.float32):
 
 
 def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[str, Any]) -> LoraWeights:
-    if config.init == "pissa" and not isinstance(own.get(layout.param_name), jax.core.Tracer):
-        # Under jax.eval_shape (loading a saved PiSSA adapter, budgets) only the structure is
-        # built; with concrete weights jpeft.init would silently keep the principal part twice.
-        raise ConfigError(
-            "LoraConfig(init='pissa') also changes the base weights (the principal part moves into the adapter); "
-            "create it with jpeft.init_pissa(config, params, key), which returns (residual_params, adapter)."
-        )
     r, alpha = config.rank_alpha(path)
     scale = config.scale(r, alpha)
     n_in, n_out = layout.in_features, layout.out_features

@@ -443,6 +443,8 @@ def _read_weights(path, cfg, fam, expected, handles, files):
                 f"weight {raw!r} in {os.path.basename(fname)} has shape {file_shape}, but config.json implies {want} "
                 f"for module {mpath!r}. The config and the weights come from different models; fix config.json."
             )
+    from jpeft.io import safetensors_index
+
     pdt = np.dtype(cfg.param_dtype)
     params: dict = {}
     headers: dict = {}
@@ -451,7 +453,7 @@ def _read_weights(path, cfg, fam, expected, handles, files):
             continue
         raw, h, fname = where[k]
         if fname not in headers:
-            headers[fname] = _tensor_spans(fname)
+            headers[fname] = safetensors_index(fname)[0]
         t = _read_tensor(fname, raw, headers[fname])
         # Transpose and cast on the host, then one copy into a JAX buffer: the file is read
         # with plain reads (not memory-mapped, so its pages never count as this process's
@@ -463,28 +465,6 @@ def _read_weights(path, cfg, fam, expected, handles, files):
         _set(params, tree_keys, jax.device_put(t))
         del t
     return params, fresh
-
-
-def _tensor_spans(fname: str) -> dict:
-    """``{name: (dtype, shape, file_offset, nbytes)}`` from a safetensors header (already
-    validated by ``safe_open``)."""
-    import struct
-
-    from jpeft.io import _ST_DTYPES, _np_dtype
-
-    try:
-        with open(fname, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (OSError, ValueError, struct.error) as e:
-        raise CheckpointError(f"cannot read the header of {fname!r}: {e}. The file is corrupted; copy it again.") from None
-    header.pop("__metadata__", None)
-    out = {}
-    for name, e in header.items():
-        dt = np.dtype(_np_dtype(_ST_DTYPES[e["dtype"]])).newbyteorder("<")
-        b, en = e["data_offsets"]
-        out[name] = (dt, tuple(e["shape"]), 8 + n + b, en - b)
-    return out
 
 
 def _read_tensor(fname: str, name: str, spans: dict) -> np.ndarray:
