@@ -388,7 +388,11 @@ class CheckpointManager:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"metrics must map names to scalars: {e}") from None
             if self.keep_best and self.best_metric not in clean_metrics:
-                raise ConfigError(f"metrics must include best_metric={self.best_metric!r}; found keys {sorted(clean_metrics)}.")
+                raise ConfigError(
+                    f"metrics must include best_metric={self.best_metric!r}; found keys {sorted(clean_metrics)}. "
+                    "jpeft.fit passes the training loss as {'loss': ...}: rank by best_metric='loss' there, or call "
+                    "save(..., metrics={...}) from your own loop with the metric you rank by."
+                )
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

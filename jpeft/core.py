@@ -146,12 +146,22 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
 
     Returns:
       ``{"trainable", "base", "total", "share", "trainable_bytes", "sites"}`` where ``share``
-      is ``trainable / total`` (as Hugging Face reports it) and ``total = base + trainable``.
+      is ``trainable / total`` (as Hugging Face reports it) and ``total`` is the number of
+      parameters the adapted model has: ``base + trainable``, except that a node which stands
+      in for the base's own weights (full fine-tuning's trainable copy) is not counted twice,
+      so full fine-tuning reports ``total = base`` and a share of 100 %.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> from jpeft.forgetting import FullFinetuneConfig
+    >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> s = jpeft.summary(params, jpeft.init(FullFinetuneConfig(), params, jax.random.key(1)))
+    trainable params: 16 || all params: 16 || trainable%: 100.0000 (base 16; 1 adapted sites)
     """
     inner, _ = unwrap_params(params)
     base = count(inner)
     trainable = count(adapter) if adapter else 0
-    total = base + trainable
+    added = sum(count(node) for node in (adapter or {}).values() if not getattr(node, "replaces_base", False))
+    total = base + added
     share = trainable / total if total else 0.0
     out = {
         "trainable": trainable,

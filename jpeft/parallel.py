@@ -115,9 +115,13 @@ def make_mesh(data: Optional[int] = None, fsdp: int = 1, *, devices: Optional[Se
             )
         data = n // fsdp
     if data * fsdp != n:
+        fix = (f"Pass devices=jax.devices()[:{data * fsdp}] to use fewer devices." if data * fsdp < n else
+               f"To try a {data} x {fsdp} mesh on a CPU, emulate {data * fsdp} devices: set "
+               f"XLA_FLAGS=--xla_force_host_platform_device_count={data * fsdp} in the environment before JAX "
+               "starts (before `import jax`).")
         raise ShardingError(
             f"make_mesh: data * fsdp must equal the number of devices ({n}), found data={data}, fsdp={fsdp} "
-            f"(product {data * fsdp}). Pass devices=jax.devices()[:{data * fsdp}] to use fewer devices."
+            f"(product {data * fsdp}). {fix}"
         )
     return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 

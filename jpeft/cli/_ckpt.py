@@ -1,11 +1,90 @@
-"""Adapters and training checkpoints for the CLI, on :mod:`jpeft.io` (finished adapters)
-and :mod:`jpeft.checkpoint` (Orbax training checkpoints)."""
+"""Adapters and training checkpoints for the CLI, on :mod:`jpeft.io` (finished adapters),
+:mod:`jpeft.hf` (Hugging Face PEFT folders) and :mod:`jpeft.checkpoint` (Orbax training
+checkpoints).
+
+Every command that takes ``--adapter`` reads whatever training or export wrote:
+
+* a jpeft adapter folder (``jpeft_adapter.json``), e.g. ``runs/x/adapter``;
+* a Hugging Face PEFT folder (``adapter_config.json``), e.g. what ``jpeft export`` wrote;
+* a training checkpoint step, e.g. ``runs/x/checkpoints/30`` (an interrupted run);
+* a run folder (``runs/x``): its finished ``adapter/``, else its newest checkpoint;
+* a checkpoints folder (``runs/x/checkpoints``): its newest step.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple, Optional
 
 from jpeft.errors import LoadError
+
+ADAPTER_JSON = "jpeft_adapter.json"
+PEFT_JSON = "adapter_config.json"
+CKPT_META = os.path.join("meta", "metadata")
+
+ACCEPTED = ("a jpeft adapter folder (jpeft_adapter.json, e.g. runs/x/adapter), a Hugging Face PEFT folder "
+            "(adapter_config.json, e.g. from `jpeft export`), a run folder written by `jpeft train`, or one of "
+            "its checkpoints (runs/x/checkpoints/<step>)")
+
+
+class Found(NamedTuple):
+    kind: str   # "jpeft", "peft" or "checkpoint"
+    path: str   # the adapter folder, the PEFT folder, or the checkpoint step folder
+    step: Optional[int] = None
+
+
+def _steps(ckpt_dir: str) -> list[int]:
+    """Complete checkpoint steps in a checkpoints folder (Orbax's temporary folders skipped)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(ckpt_dir)
+                  if n.isdigit() and os.path.isfile(os.path.join(ckpt_dir, n, CKPT_META)))
+
+
+def find_adapter(path: str) -> Found:
+    """Says what ``path`` holds (see the module docstring).
+
+    Raises:
+      LoadError: it does not exist or holds none of the accepted kinds.
+    """
+    if not os.path.exists(path):
+        raise LoadError(f"adapter path {path!r} does not exist; give {ACCEPTED}.")
+    if os.path.isfile(path):
+        name = os.path.basename(path)
+        if name in (ADAPTER_JSON, PEFT_JSON, "jpeft_adapter.safetensors", "adapter_model.safetensors"):
+            return find_adapter(os.path.dirname(path) or ".")
+        raise LoadError(f"adapter path {path!r} is a file; give {ACCEPTED}.")
+    if os.path.isfile(os.path.join(path, ADAPTER_JSON)):
+        return Found("jpeft", path)
+    if os.path.isfile(os.path.join(path, PEFT_JSON)):
+        return Found("peft", path)
+    if os.path.isfile(os.path.join(path, CKPT_META)) and os.path.basename(os.path.normpath(path)).isdigit():
+        return Found("checkpoint", path, int(os.path.basename(os.path.normpath(path))))
+    if os.path.isfile(os.path.join(path, "adapter", ADAPTER_JSON)):
+        return Found("jpeft", os.path.join(path, "adapter"))
+    for ckpt_dir in (os.path.join(path, "checkpoints"), path):
+        steps = _steps(ckpt_dir)
+        if steps:
+            return Found("checkpoint", os.path.join(ckpt_dir, str(steps[-1])), steps[-1])
+    raise LoadError(f"{path!r} holds no adapter (found: {sorted(os.listdir(path))[:8]}); give {ACCEPTED}.")
+
+
+def checkpoint_metadata(step_dir: str) -> dict:
+    """The JSON metadata of one checkpoint step (method config, base fingerprint, array index,
+    metrics), checked as :meth:`jpeft.checkpoint.CheckpointManager.read_metadata` checks it."""
+    from jpeft.checkpoint import FORMAT
+    from jpeft.errors import CheckpointError
+    from jpeft.io import read_json, verify_checksum
+
+    step = int(os.path.basename(os.path.normpath(step_dir)))
+    try:
+        d = read_json(os.path.join(step_dir, CKPT_META), what=f"checkpoint metadata of step {step}")
+    except LoadError as e:
+        raise CheckpointError(str(e)) from None
+    verify_checksum(d, f"the metadata of checkpoint {step_dir}")
+    if d.get("format") != FORMAT or not isinstance(d.get("config"), dict) or not isinstance(d.get("arrays"), dict):
+        raise CheckpointError(f"{step_dir} is not a jpeft training checkpoint (its metadata lacks format, config or arrays).")
+    return d
 
 
 def save_adapter(directory: str, adapter, config, *, params=None, base_config=None, metadata=None):
@@ -17,13 +96,37 @@ def save_adapter(directory: str, adapter, config, *, params=None, base_config=No
                            metadata=metadata, overwrite=True)
 
 
-def load_adapter(directory: str, *, params, model=None, example=None, base_config=None):
-    """Reads an adapter written by :func:`save_adapter` onto ``params``: ``(adapter, config)``."""
-    from jpeft import io
+def load_adapter(path: str, *, params, model=None, example=None, base_config=None):
+    """Reads any adapter :func:`find_adapter` accepts onto ``params``: ``(adapter, config)``.
+    A checkpoint's adapter is restored without its optimizer state."""
+    from jpeft import hf, io
 
-    if not os.path.exists(directory):
-        raise LoadError(f"adapter folder {directory!r} does not exist; give the adapter folder written by "
-                        "`jpeft train` (<output_dir>/adapter).")
+    found = find_adapter(path)
     args = () if example is None else (example,)
-    config, adapter = io.load_adapter(directory, params, model, *args, base_config=base_config)
-    return adapter, config
+    if found.kind == "jpeft":
+        config, adapter = io.load_adapter(found.path, params, model, *args, base_config=base_config)
+        return adapter, config
+    if found.kind == "peft":
+        config, adapter = hf.load_peft(found.path, params)
+        return adapter, config
+    return _restore_checkpoint(found, params, model, args, base_config)
+
+
+def _restore_checkpoint(found: Found, params, model, args, base_config):
+    from jpeft.checkpoint import CheckpointManager
+    from jpeft.config import AdapterConfig
+    from jpeft.errors import ShapeMismatchError
+
+    meta = checkpoint_metadata(found.path)
+    config = AdapterConfig.from_dict(meta["config"])
+    directory = os.path.dirname(os.path.normpath(found.path))
+    with CheckpointManager(directory, config, params, model=model, example_args=args, base_config=base_config,
+                           async_save=False, keep_last=None) as mngr:
+        try:
+            state = mngr.restore(found.step)
+        except ShapeMismatchError as e:
+            raise ShapeMismatchError(
+                f"{e} A run trained with train.scan_layers = true checkpoints the layer-stacked adapter; "
+                "let it finish (or resume it with --max-steps) so that it writes the per-layer adapter/ folder."
+            ) from None
+    return state.adapter, config

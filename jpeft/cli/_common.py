@@ -65,17 +65,7 @@ def _import_optional_methods():
             pass
 
 
-# Hugging Face PEFT's default targets per method and model type
-# (TRANSFORMERS_MODELS_TO_{LORA,IA3}_TARGET_MODULES_MAPPING), used when no target is given.
-_LLAMA_LIKE = ("llama", "mistral", "qwen2")
-DEFAULT_TARGETS = {
-    "LORA": {**{m: {"target_modules": ["q_proj", "v_proj"]} for m in _LLAMA_LIKE},
-             "gpt2": {"target_modules": ["c_attn"]}, "bert": {"target_modules": ["query", "value"]}},
-    "IA3": {**{m: {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
-               for m in _LLAMA_LIKE},
-            "gpt2": {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]},
-            "bert": {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]}},
-}
+from jpeft.methods.budget import DEFAULT_TARGETS  # noqa: E402  (PEFT's defaults per model type, one table)
 
 
 def _with_default_targets(cls, d: dict, model_type: Optional[str]) -> dict:
@@ -131,6 +121,31 @@ def method_from_args(args, *, model_type: Optional[str] = None):
         k, v = kv.split("=", 1)
         d[k.strip()] = _parse_value(v)
     return cls.from_dict(_with_default_targets(cls, d, model_type))
+
+
+def require_causal_lm(folder: str, cmd: str) -> dict:
+    """Reads ``folder``'s ``config.json`` (nothing else is loaded) and refuses a model that
+    ``cmd`` cannot train or score: the CLI's objective is next-token (causal LM) loss, which
+    jpeft's models provide for the decoder families only. Returns the config dict.
+
+    Raises:
+      LoadError: no folder or no ``config.json``.
+      UnsupportedModelError: an encoder such as BERT (jpeft loads it as a sequence classifier).
+    """
+    from jpeft.errors import UnsupportedModelError
+    from jpeft.models import loading
+
+    d = loading.read_config(folder)
+    mt = d.get("model_type")
+    causal = sorted(t for t, fam in loading.FAMILIES.items() if fam.model_cls.__name__.endswith(("CausalLM", "LMHeadModel")))
+    if mt in loading.FAMILIES and mt not in causal:
+        raise UnsupportedModelError(
+            f"{folder!r} is a {mt!r} model, which jpeft loads as {loading.FAMILIES[mt].model_cls.__name__}; "
+            f"`jpeft {cmd}` trains and scores causal language models ({', '.join(causal)}) with next-token loss. "
+            f"Fine-tune {mt!r} models from Python (jpeft.models.from_pretrained, jpeft.init, a classification "
+            "loss; docs/MODELS.md); `jpeft info`, `export` and `merge` accept them."
+        )
+    return d
 
 
 def require_dir(path: str, what: str) -> str:

@@ -19,7 +19,8 @@ The dataset is read, tokenized with the folder's tokenizer and packed exactly as
 def add_parser(sub):
     p = sub.add_parser("eval", help=HELP, description=HELP + ".", epilog=EPILOG)
     p.add_argument("--model", required=True, help="local Hugging Face model folder")
-    p.add_argument("--adapter", default=None, help="adapter folder written by `jpeft train` (default: none, the base)")
+    p.add_argument("--adapter", default=None, help="adapter to read: an adapter folder (runs/x/adapter), a PEFT folder, a run folder (runs/x) "
+                        "or a checkpoint (runs/x/checkpoints/<step>); default: none, the base)")
     p.add_argument("--data", required=True, help=".jsonl or plain-text file")
     p.add_argument("--seq-len", type=int, default=256, help="packed row length in tokens (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
@@ -40,10 +41,12 @@ def run(args) -> int:
     import jax.numpy as jnp
 
     from jpeft.cli._ckpt import load_adapter
+    from jpeft.cli._common import require_causal_lm
     from jpeft.cli._model import encode_fn, load_folder
     from jpeft.cli._trainer import check_seq_len, evaluate, make_loss_fns
     from jpeft.data import PackedDataset
 
+    require_causal_lm(args.model, "eval")
     loaded = load_folder(args.model)
     check_seq_len(args.seq_len, loaded.hf_config, "--seq-len")
     encode, bos, eos = encode_fn(loaded.tokenizer)

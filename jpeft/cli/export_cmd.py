@@ -10,16 +10,24 @@ example:
 then, in PyTorch:
   from peft import PeftModel
   model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("./my-model"), "./my-peft-adapter")
+  # or, from any directory (adapter_config.json names the base by its absolute path):
+  model = AutoPeftModelForCausalLM.from_pretrained("./my-peft-adapter")
+
+--adapter also takes a run folder (runs/my-run) or a checkpoint (runs/my-run/checkpoints/30),
+so an interrupted run can be exported.
 """
 
 
 def add_parser(sub):
     p = sub.add_parser("export", help=HELP, description=HELP + ".", epilog=EPILOG)
     p.add_argument("--model", required=True, help="the base model's local Hugging Face folder")
-    p.add_argument("--adapter", required=True, help="adapter folder written by `jpeft train`")
+    p.add_argument("--adapter", required=True, help="adapter to read: an adapter folder (runs/x/adapter), a PEFT folder, a run folder (runs/x) "
+                        "or a checkpoint (runs/x/checkpoints/<step>)")
     p.add_argument("--out", required=True, help="output folder for the PEFT adapter")
     p.add_argument("--base-name", default=None,
-                   help="base_model_name_or_path written into adapter_config.json (default: --model)")
+                   help="base_model_name_or_path written into adapter_config.json (default: the absolute path of "
+                        "--model, so that AutoPeftModel*.from_pretrained finds the base from any directory; give "
+                        "a hub name such as meta-llama/Llama-2-7b-hf to publish the adapter)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     return p
 
@@ -36,6 +44,6 @@ def run(args) -> int:
     adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())
     from jpeft import hf
 
-    hf.save_peft(args.out, config, adapter, base_model_name_or_path=args.base_name or args.model)
+    hf.save_peft(args.out, config, adapter, base_model_name_or_path=args.base_name or os.path.abspath(args.model))
     print(f"exported {config.peft_type} adapter to {os.path.abspath(args.out)} (Hugging Face PEFT format)")
     return 0

@@ -7,7 +7,8 @@ import os
 
 from jpeft.cli._common import add_method_args, format_table, human_bytes, human_count
 
-HELP = "parameter budget of a method on a model folder or a published config (nothing is allocated)"
+HELP = ("parameter budget of a method on a model folder or a published config (nothing is allocated), "
+        "or what an adapter, PEFT export, run folder or checkpoint holds")
 EPILOG = """\
 example:
   jpeft info llama-2-7b                          # LoRA r=8 on q_proj,v_proj (PEFT's default for llama)
@@ -15,22 +16,37 @@ example:
   jpeft info mistral-7b --method lora -r 16 --target q_proj,k_proj,v_proj,o_proj
   jpeft info ./my-model --method ia3 --json
   jpeft info --list                              # the published configs that ship with jpeft
+  jpeft info runs/my-run                         # what training wrote: adapter or newest checkpoint
+  jpeft info runs/my-run/checkpoints/30          # a checkpoint: method, step, metrics, sizes
 
 The model is built with jax.eval_shape: shapes only, so a 70B model costs no memory.
 Memory estimates assume float32 adapter weights and Adam (two moments per trainable value);
-the frozen base is counted in its stored dtype (--base-dtype).
+the frozen base is counted in its stored dtype (config.json's dtype or torch_dtype;
+bfloat16 when it names none), or in --base-dtype when given.
 """
 
 
 def add_parser(sub):
     p = sub.add_parser("info", help=HELP, description=HELP + ".", epilog=EPILOG)
-    p.add_argument("model", nargs="?", help="a local Hugging Face folder (config.json) or a published name")
+    p.add_argument("model", nargs="?", help="a local Hugging Face folder (config.json), a published name, or an "
+                   "adapter / PEFT / run / checkpoint folder")
     p.add_argument("--list", action="store_true", help="list the published configs and exit")
     add_method_args(p)
-    p.add_argument("--base-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the frozen base weights for the memory estimate (default bfloat16)")
+    p.add_argument("--base-dtype", default=None, choices=list(_BASE_BYTES),
+                   help="dtype the frozen base weights are counted in for the memory estimate (default: the "
+                        "stored dtype named by config.json, else bfloat16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+_BASE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def stored_dtype(cfg: dict) -> str:
+    """The dtype a Hugging Face ``config.json`` says the weights are stored in (``dtype``, or
+    ``torch_dtype`` before transformers 5), ``"bfloat16"`` when it names none."""
+    d = cfg.get("dtype") or cfg.get("torch_dtype")
+    return d if d in _BASE_BYTES else "bfloat16"
 
 
 def _config_dict(spec: str) -> tuple[str, dict]:
@@ -55,20 +71,11 @@ def _config_dict(spec: str) -> tuple[str, dict]:
 
 def budget(config_dict: dict, method) -> dict:
     """Counts base and adapter parameters of ``method`` on the model described by a Hugging
-    Face ``config.json`` dict, using shapes only (``jax.eval_shape``)."""
-    import jax
-    import jax.numpy as jnp
+    Face ``config.json`` dict, using shapes only (:func:`jpeft.methods.budget.budget`, the
+    function behind ``python -m jpeft.methods.budget``)."""
+    from jpeft.methods import budget as _budget
 
-    import jpeft
-    from jpeft.cli._model import model_from_config
-
-    model = model_from_config(config_dict)
-    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
-    key = jax.random.key(0)
-    params = jax.eval_shape(lambda i: model.init(key, i), ids)
-    adapter = jax.eval_shape(lambda p, i: jpeft.init(method, p, key, model, i), params, ids)
-    s = jpeft.summary(params, adapter, print_fn=None)
-    return s
+    return _budget.budget(config_dict, method)
 
 
 def run(args) -> int:
@@ -85,11 +92,14 @@ def run(args) -> int:
         return 0
     if not args.model:
         raise ConfigError("give a model folder or a published config name (see `jpeft info --list`).")
+    if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        return describe_adapter(args.model, as_json=args.json)
     method_from_args(args)  # a bad method fails before anything is loaded
     name, cfg = _config_dict(args.model)
     method = method_from_args(args, model_type=cfg.get("model_type"))
     s = budget(cfg, method)
-    base_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[args.base_dtype]
+    base_dtype = args.base_dtype or stored_dtype(cfg)
+    base_bytes = _BASE_BYTES[base_dtype]
     adam_adapter = s["trainable"] * 4 * 3  # weights + two Adam moments, float32
     full_train = s["base"] * (4 * 3 + 4)  # fp32 master weights + Adam moments + grads
     res = {
@@ -102,6 +112,7 @@ def run(args) -> int:
         "adapted_sites": s["sites"],
         "adapter_bytes_float32": s["trainable"] * 4,
         "base_bytes": s["base"] * base_bytes,
+        "base_dtype": base_dtype,
         "train_state_bytes": adam_adapter,
         "full_finetune_train_state_bytes": full_train,
     }
@@ -113,10 +124,73 @@ def run(args) -> int:
     print(f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || trainable%: {100 * s['share']:.4f}"
           f" (base {s['base']:,}; {s['sites']} adapted sites)")
     rows = [
-        ["frozen base weights", f"{human_count(s['base'])}", human_bytes(res["base_bytes"]) + f" ({args.base_dtype})"],
+        ["frozen base weights", f"{human_count(s['base'])}", human_bytes(res["base_bytes"]) + f" ({base_dtype})"],
         ["adapter weights", f"{human_count(s['trainable'])}", human_bytes(res["adapter_bytes_float32"]) + " (float32)"],
         ["adapter + Adam state", "", human_bytes(adam_adapter)],
         ["full fine-tuning: weights + grads + Adam", f"{human_count(s['base'])}", human_bytes(full_train)],
     ]
     print(format_table(rows, ["", "params", "memory"]))
+    return 0
+
+
+def adapter_summary(path: str) -> dict:
+    """What an adapter, PEFT, run or checkpoint folder holds, read from its metadata and
+    safetensors headers (no array is loaded)."""
+    from jpeft import io
+    from jpeft.cli._ckpt import checkpoint_metadata, find_adapter
+
+    found = find_adapter(path)
+    res: dict = {"path": path, "kind": found.kind, "adapter_path": found.path}
+    if found.kind == "jpeft":
+        info = io.read_adapter_info(found.path)
+        res.update(method=info.config.to_dict(), trainable_params=info.num_params, adapter_bytes=info.nbytes,
+                   arrays=len(info.arrays), base_params=(info.base or {}).get("num_params"),
+                   jpeft_version=info.jpeft_version)
+    elif found.kind == "peft":
+        cfg = io.read_json(os.path.join(found.path, "adapter_config.json"), what="adapter_config.json")
+        index, _ = io.safetensors_index(os.path.join(found.path, "adapter_model.safetensors"))
+        res.update(method=cfg, trainable_params=sum(_prod(e[1]) for e in index.values()),
+                   adapter_bytes=sum(e[3] for e in index.values()), arrays=len(index),
+                   base_model_name_or_path=cfg.get("base_model_name_or_path"))
+    else:
+        meta = checkpoint_metadata(found.path)
+        adapter = {k: e for k, e in meta["arrays"].items() if k.startswith("adapter/")}
+        import numpy as np
+
+        res.update(method=meta["config"], step=meta.get("step"), metrics=meta.get("metrics"),
+                   data_position=meta.get("data_position"),
+                   trainable_params=sum(_prod(e["shape"]) for e in adapter.values()),
+                   adapter_bytes=sum(_prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for e in adapter.values()),
+                   arrays=len(adapter), base_params=(meta.get("base") or {}).get("num_params"),
+                   optimizer_state=any(k.startswith("opt_state/") for k in meta["arrays"]))
+    return res
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def describe_adapter(path: str, *, as_json: bool = False) -> int:
+    res = adapter_summary(path)
+    if as_json:
+        print(json.dumps(res))
+        return 0
+    what = {"jpeft": "jpeft adapter", "peft": "Hugging Face PEFT adapter", "checkpoint": "training checkpoint"}[res["kind"]]
+    method = dict(res["method"])
+    ptype = method.pop("peft_type", "?")
+    print(f"{path}: {what}" + (f" at {res['adapter_path']}" if os.path.normpath(res["adapter_path"]) != os.path.normpath(path) else ""))
+    print(f"method: {ptype} " + json.dumps(method))
+    base = res.get("base_params")
+    print(f"trainable params: {res['trainable_params']:,} in {res['arrays']} arrays ({human_bytes(res['adapter_bytes'])})"
+          + (f"; base {base:,} params" if base else ""))
+    if res["kind"] == "checkpoint":
+        m = res.get("metrics") or {}
+        print(f"step {res['step']}" + (" " + " ".join(f"{k} {v:.4g}" for k, v in m.items()) if m else "")
+              + ("; with optimizer state" if res["optimizer_state"] else "")
+              + ": `jpeft export|merge|eval --adapter` read it")
+    if res.get("base_model_name_or_path"):
+        print(f"base_model_name_or_path: {res['base_model_name_or_path']}")
     return 0

@@ -8,15 +8,18 @@ example:
   jpeft merge --model ./my-model --adapter runs/my-run/adapter --out ./my-model-merged
 
 The result loads with transformers' AutoModelForCausalLM.from_pretrained and with
-jpeft.hf.from_pretrained, and needs no jpeft or peft to serve. Methods that cannot be
-merged (prefix or prompt tuning, bottleneck adapters) end with a NotMergeableError.
+jpeft.models.from_pretrained, and needs no jpeft or peft to serve. The base's tokenizer
+files, when it has any, are copied; none are needed. --adapter also takes a run folder or a
+checkpoint (runs/my-run/checkpoints/30). Methods that cannot be merged (prefix or prompt
+tuning, bottleneck adapters) end with a NotMergeableError.
 """
 
 
 def add_parser(sub):
     p = sub.add_parser("merge", help=HELP, description=HELP + ".", epilog=EPILOG)
     p.add_argument("--model", required=True, help="the base model's local Hugging Face folder")
-    p.add_argument("--adapter", required=True, help="adapter folder written by `jpeft train`")
+    p.add_argument("--adapter", required=True, help="adapter to read: an adapter folder (runs/x/adapter), a PEFT folder, a run folder (runs/x) "
+                        "or a checkpoint (runs/x/checkpoints/<step>)")
     p.add_argument("--out", required=True, help="output folder for the merged model")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
     return p
@@ -41,7 +44,7 @@ def run(args) -> int:
     from jpeft.cli._model import load_folder, save_folder, example_ids
 
     check_out(args.out, args.force)
-    loaded = load_folder(args.model)
+    loaded = load_folder(args.model, tokenizer=False)  # save_folder copies the tokenizer files as they are
     adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())
     merged = jpeft.merge(loaded.params, adapter)
     save_folder(args.out, loaded, merged)

@@ -195,7 +195,9 @@ def run(args) -> int:
         cfg["output_dir"] = os.path.abspath(args.output_dir)
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max-steps must be positive, found {args.max_steps}.")
+    from jpeft.cli._common import require_causal_lm
     from jpeft.cli._trainer import train
 
+    require_causal_lm(cfg["model"], "train")  # one line before anything is loaded
     result = train(cfg, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
     return 130 if result.get("interrupted") else 0

@@ -97,6 +97,8 @@ def benchmark_from_args(args):
     if lang and args.benchmark != "language":
         raise ConfigError(f"--{', --'.join(k.replace('_', '-') for k in lang)} only apply to the language benchmark.")
     kw.update(lang)
+    if args.benchmark == "language":  # its pretraining has a progress bar of its own
+        kw["progress"] = not args.no_progress
     return get_benchmark(args.benchmark, **kw)
 
 

@@ -9,7 +9,8 @@ forgetting comparison needs: "full" is one more entry in the list of methods.
 
 Memory: the base tree stays frozen and the copy is trained, so parameters are held twice
 (plus the optimizer state for the copy); that is the honest price of full fine-tuning in a
-two-tree design, and :func:`jpeft.summary` reports it as 50 % trainable.
+two-tree design. The model still has one set of parameters, so :func:`jpeft.summary` reports
+100 % trainable (the copy stands in for the base; it is not counted on top of it).
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
 >>> from jpeft.forgetting import FullFinetuneConfig
@@ -85,6 +86,7 @@ class FullParams(Site):
 
     site: ClassVar[str] = "model"
     mergeable: ClassVar[bool] = True
+    replaces_base: ClassVar[bool] = True
 
     def handles(self, method_name: str) -> bool:
         return method_name == "__call__" or not (method_name.startswith("_") or method_name == "setup")

@@ -110,6 +110,9 @@ class Site:
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = False
     methods: ClassVar[tuple] = ("__call__",)
+    #: True for a node whose parameters stand in for the base's own (full fine-tuning's
+    #: trainable copy): :func:`jpeft.summary` then counts them once, not on top of the base.
+    replaces_base: ClassVar[bool] = False
 
     def handles(self, method_name: str) -> bool:
         return method_name in self.methods

@@ -17,62 +17,121 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-#: The published Llama-2-7B config (meta-llama/Llama-2-7b-hf config.json), in jpeft's names.
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                 num_kv_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
 def LlamaConfig_7b():
-    """The Llama-2-7B config as a :class:`jpeft.models.LlamaConfig`."""
-    from jpeft.models import LlamaConfig
+    """The Llama-2-7B config (meta-llama/Llama-2-7b-hf, :mod:`jpeft.models.published`) as a
+    :class:`jpeft.models.LlamaConfig`."""
+    from jpeft.models import config_from_hf
+    from jpeft.models.published import PUBLISHED
 
-    return LlamaConfig(**LLAMA2_7B)
+    return config_from_hf(PUBLISHED["llama-2-7b"])
 
 
 BEGIN, END = "<!-- budget:begin -->", "<!-- budget:end -->"
 
+#: Module names per model family: LoRA on Hugging Face PEFT's default targets and on every
+#: linear layer, IA3's targets and feed-forward subset (PEFT's defaults), and the modules whose
+#: outputs the Houlsby and Pfeiffer bottleneck adapters follow.
+FAMILY_TARGETS = {
+    "llama": dict(lora=["q_proj", "v_proj"],
+                  linear=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  ia3=(["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+                  houlsby=["o_proj", "down_proj"], pfeiffer=["down_proj"]),
+    "gpt2": dict(lora=["c_attn"], linear=["c_attn", "c_proj", "c_fc"],
+                 ia3=(["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+                 houlsby=["attn/c_proj", "mlp/c_proj"], pfeiffer=["mlp/c_proj"]),
+    "bert": dict(lora=["query", "value"], linear=["query", "key", "value", "dense"],
+                 ia3=(["key", "value", "output.dense"], ["output.dense"]),
+                 houlsby=["output/dense"], pfeiffer=r".*/layer_\d+/output/dense"),
+}
+FAMILY_TARGETS.update(mistral=FAMILY_TARGETS["llama"], qwen2=FAMILY_TARGETS["llama"])
 
-def methods() -> list[tuple[str, str, Callable]]:
-    """``(name, settings, make_config)`` for the usual settings of each method."""
+#: Hugging Face PEFT's default ``target_modules`` (and IA3's ``feedforward_modules``) per
+#: method and model type, used by ``jpeft info`` and ``jpeft train`` when none are given
+#: (PEFT's TRANSFORMERS_MODELS_TO_{LORA,IA3}_TARGET_MODULES_MAPPING).
+DEFAULT_TARGETS = {
+    "LORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
+    "IA3": {m: {"target_modules": t["ia3"][0], "feedforward_modules": t["ia3"][1]} for m, t in FAMILY_TARGETS.items()},
+}
+
+
+def _names(t) -> str:
+    return t if isinstance(t, str) else "+".join(t)
+
+
+def methods(model_type: str = "llama") -> list[tuple[str, str, Callable]]:
+    """``(name, settings, make_config)`` for the usual settings of each method on a
+    ``model_type`` (LoRA first, on Hugging Face PEFT's default targets). Prefix and prompt
+    tuning need a decoder, so BERT has no rows for them."""
     import jpeft
+    from jpeft.errors import UnsupportedModelError
     from jpeft.methods.bottleneck import BottleneckConfig
     from jpeft.methods.ia3 import IA3Config
     from jpeft.methods.prefix import PrefixTuningConfig
     from jpeft.methods.prompt import PromptTuningConfig
 
-    qv = ["q_proj", "v_proj"]
-    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return [
-        ("LoRA", "r=8, alpha=16, q_proj+v_proj", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv)),
+    t = FAMILY_TARGETS.get(model_type)
+    if t is None:
+        raise UnsupportedModelError(f"no budget targets for model_type {model_type!r}; known: {sorted(FAMILY_TARGETS)}.")
+    qv, every, (ia3, ff) = t["lora"], t["linear"], t["ia3"]
+    hou, pf = t["houlsby"], t["pfeiffer"]
+    rows = [
+        ("LoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv)),
         ("LoRA", "r=8, alpha=16, all linear layers", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=every)),
-        ("rsLoRA", "r=8, alpha=16, q_proj+v_proj", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_rslora=True)),
-        ("DoRA", "r=8, alpha=16, q_proj+v_proj", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_dora=True)),
-        ("PiSSA", "r=8, alpha=8, q_proj+v_proj", lambda: jpeft.LoraConfig(r=8, alpha=8, target_modules=qv, init="pissa")),
-        ("IA3", "k_proj, v_proj, down_proj (feed-forward)", lambda: IA3Config()),
-        ("Houlsby", "reduction 16, after o_proj and down_proj", lambda: BottleneckConfig.houlsby(reduction_factor=16)),
-        ("Pfeiffer", "reduction 16, after down_proj", lambda: BottleneckConfig.pfeiffer(reduction_factor=16)),
-        ("Prefix tuning", "20 virtual tokens", lambda: PrefixTuningConfig(num_virtual_tokens=20)),
-        ("Prefix tuning + MLP", "20 tokens, MLP width 512 (training; folds to the row above)",
-         lambda: PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=512)),
-        ("Prompt tuning", "20 virtual tokens", lambda: PromptTuningConfig(num_virtual_tokens=20)),
+        ("rsLoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_rslora=True)),
+        ("DoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_dora=True)),
+        ("PiSSA", f"r=8, alpha=8, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=8, target_modules=qv, init="pissa")),
+        ("IA3", ", ".join(n + (" (feed-forward)" if n in ff else "") for n in ia3),
+         lambda: IA3Config(target_modules=ia3, feedforward_modules=ff)),
+        ("Houlsby", f"reduction 16, after {' and '.join(hou)}",
+         lambda: BottleneckConfig.houlsby(target_modules=hou, reduction_factor=16)),
+        ("Pfeiffer", f"reduction 16, after {_names(pf)}",
+         lambda: BottleneckConfig.pfeiffer(target_modules=pf, reduction_factor=16)),
     ]
+    if model_type != "bert":
+        rows += [
+            ("Prefix tuning", "20 virtual tokens", lambda: PrefixTuningConfig(num_virtual_tokens=20)),
+            ("Prefix tuning + MLP", "20 tokens, MLP width 512 (training; folds to the row above)",
+             lambda: PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=512)),
+            ("Prompt tuning", "20 virtual tokens", lambda: PromptTuningConfig(num_virtual_tokens=20)),
+        ]
+    return rows
+
+
+def abstract_model(model_config):
+    """``(model, params, ids)``: the jpeft model of a config (a jpeft model config, or a
+    Hugging Face ``config.json`` dict), its parameters as ``jax.ShapeDtypeStruct`` (nothing
+    allocated) and the example input they were traced with."""
+    from jpeft.models import config_from_hf, model_from_config
+
+    if isinstance(model_config, dict):
+        model_config = config_from_hf(model_config)
+    model = model_from_config(model_config)
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return model, jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids), ids
 
 
 def abstract_params(model_config):
     """The base's parameters as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
-    from jpeft.models import model_from_config
+    return abstract_model(model_config)[1]
 
-    model = model_from_config(model_config)
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    return jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)
+
+def budget(model_config, method, *, abstract=None) -> dict:
+    """:func:`jpeft.summary` of ``method`` on the model of ``model_config`` (a jpeft model config
+    or a Hugging Face ``config.json`` dict), from shapes alone. ``jpeft info`` and this module's
+    table both count with it. ``abstract`` reuses an :func:`abstract_model` result."""
+    import jpeft
+
+    model, params, ids = abstract if abstract is not None else abstract_model(model_config)
+    adapter = jax.eval_shape(lambda p, i: jpeft.init(method, p, jax.random.key(0), model, i), params, ids)
+    return jpeft.summary(params, adapter, print_fn=None)
 
 
 def budget_rows(model_config, progress: bool = True) -> list[dict]:
     """One row per method: ``{"method", "settings", "trainable", "base", "share"}``."""
-    import jpeft
-
-    params = abstract_params(model_config)
+    abstract = abstract_model(model_config)
+    model_type = abstract[0].config.model_type
     rows = []
-    items = methods()
+    items = methods(model_type)
     try:
         from tqdm import tqdm
 
@@ -80,11 +139,19 @@ def budget_rows(model_config, progress: bool = True) -> list[dict]:
     except ImportError:  # pragma: no cover
         it = items
     for name, settings, make in it:
-        cfg = make()
-        adapter = jax.eval_shape(lambda p: jpeft.init(cfg, p, jax.random.key(0)), params)
-        s = jpeft.summary(params, adapter, print_fn=None)
+        s = budget(None, make(), abstract=abstract)
         rows.append(dict(method=name, settings=settings, trainable=s["trainable"], base=s["base"], share=s["share"]))
     return rows
+
+
+def hf_config(path: str):
+    """The jpeft model config of a Hugging Face ``config.json`` (or the folder holding it)."""
+    import os
+
+    from jpeft.models import config_from_hf, read_config
+
+    folder = os.path.dirname(path) if path.endswith(".json") else path
+    return config_from_hf(read_config(folder or "."))
 
 
 def markdown(rows: list[dict], title: str) -> str:
@@ -128,14 +195,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help=f"replace the table between {BEGIN} and {END} in this file instead of printing it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    from jpeft.models import config_from_hf, read_config
-
     if a.hf_config:
-        import os
-
-        path = os.path.dirname(a.hf_config) if a.hf_config.endswith(".json") else a.hf_config
-        d = read_config(path or ".")
-        cfg, title = config_from_hf(d), f"{d.get('model_type', 'model')} from {a.hf_config}"
+        cfg = hf_config(a.hf_config)
+        title = f"{cfg.model_type} from {a.hf_config}"
     else:
         cfg, title = LlamaConfig_7b(), "Llama-2-7B (meta-llama/Llama-2-7b-hf config)"
     table = markdown(budget_rows(cfg, progress=not a.quiet), title)
