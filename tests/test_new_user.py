@@ -16,6 +16,9 @@ import pytest
 
 from jpeft.cli import main
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+import tiny_hf  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_PYTHON_CLIENT_PREALLOCATE="false",
            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -35,36 +38,20 @@ def one_error_line(r) -> str:
 # ----------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A tiny Llama with a byte-level BPE tokenizer trained here, a tiny GPT-2 and BERT
-    (config.json + weights, no tokenizer), a JSONL dataset and an interrupted LoRA run."""
+    """A tiny Llama and BERT with a byte-level BPE tokenizer trained here, a tiny GPT-2 with no
+    tokenizer files, a JSONL dataset and an interrupted LoRA run (a checkpoint, no adapter)."""
     import torch
-    from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, PreTrainedTokenizerFast)
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("newuser")
-    keys = sorted(topics)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([topics[k] for k in keys[:20]], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast = tiny_hf.tokenizer()
+    tiny_hf.llama_folder(root / "llama", fast)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                 bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
-                     ).save_pretrained(root / "llama")
-    fast.save_pretrained(root / "llama")
     GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(root / "gpt2")
     BertForSequenceClassification(BertConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                              intermediate_size=32, max_position_embeddings=64)).save_pretrained(root / "bert")
     fast.save_pretrained(root / "bert")
-    with open(root / "data.jsonl", "w") as f:
-        for k in keys[20:36]:
-            f.write(json.dumps({"text": topics[k][:200]}) + "\n")
+    tiny_hf.jsonl(root / "data.jsonl", 20, 16)
     cfg = """
 model = "{model}"
 output_dir = "{out}"
