@@ -343,3 +343,21 @@ def test_make_mesh_on_too_few_devices_says_how_to_emulate_them():
     n = len(jax.devices())
     with pytest.raises(ShardingError, match=f"xla_force_host_platform_device_count={2 * 4 * n}"):
         jpeft.make_mesh(data=2 * n, fsdp=4)
+
+
+def test_a_scan_layers_checkpoint_exports_as_its_finished_adapter(work, tmp_path, monkeypatch):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    monkeypatch.chdir(work)
+    cfg = (work / "run.toml").read_text().replace('output_dir = "run"', 'output_dir = "scan-run"')
+    (work / "scan.toml").write_text(cfg.replace("[train]", "[train]\nscan_layers = true"))
+    assert main(["train", "--config", "scan.toml", "--set", "train.steps=2", "--no-progress"]) == 0
+    assert (work / "scan-run" / "checkpoints" / "2").is_dir()
+    for adapter, out in (("scan-run/adapter", "a"), ("scan-run/checkpoints/2", "c")):
+        assert main(["export", "--model", "llama", "--adapter", adapter, "--out", str(tmp_path / out)]) == 0
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    c = load_file(str(tmp_path / "c" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(c) and len(a) > 0
+    for k in a:
+        np.testing.assert_array_equal(a[k], c[k])

@@ -113,20 +113,41 @@ def load_adapter(path: str, *, params, model=None, example=None, base_config=Non
 
 
 def _restore_checkpoint(found: Found, params, model, args, base_config):
-    from jpeft.checkpoint import CheckpointManager
+    """The adapter of one checkpoint step. A ``scan_layers = true`` run checkpoints the
+    layer-stacked adapter of the scanned model: it is restored onto the stacked base and
+    written back per layer (:func:`jpeft.scan.unstack_adapter`), as the run's finished
+    ``adapter/`` is."""
+    from jpeft import scan
     from jpeft.config import AdapterConfig
-    from jpeft.errors import ShapeMismatchError
+    from jpeft.errors import BaseMismatchError, ShapeMismatchError
 
     meta = checkpoint_metadata(found.path)
     config = AdapterConfig.from_dict(meta["config"])
     directory = os.path.dirname(os.path.normpath(found.path))
+    try:
+        return _restore(directory, found.step, config, params, model, args, base_config), config
+    except (BaseMismatchError, ShapeMismatchError) as e:
+        cfg = getattr(model, "config", None)
+        if not hasattr(cfg, "scan_layers") or cfg.scan_layers or not _stacked(meta["arrays"]):
+            raise
+        first = e
+    scanned = type(model)(cfg.replace(scan_layers=True))
+    try:
+        stacked = _restore(directory, found.step, config, scan.stack_params(params), scanned, args, base_config)
+    except (BaseMismatchError, ShapeMismatchError):
+        raise first from None
+    return scan.unstack_adapter(stacked), config
+
+
+def _stacked(arrays) -> bool:
+    """Whether a checkpoint's array names hold a layer-stacked site (``.../layers/...``, where
+    an unrolled model has ``.../layers_0/...``)."""
+    return any(k.startswith("adapter/") and "layers" in k.split("/") for k in arrays)
+
+
+def _restore(directory, step, config, params, model, args, base_config):
+    from jpeft.checkpoint import CheckpointManager
+
     with CheckpointManager(directory, config, params, model=model, example_args=args, base_config=base_config,
                            async_save=False, keep_last=None) as mngr:
-        try:
-            state = mngr.restore(found.step)
-        except ShapeMismatchError as e:
-            raise ShapeMismatchError(
-                f"{e} A run trained with train.scan_layers = true checkpoints the layer-stacked adapter; "
-                "let it finish (or resume it with --max-steps) so that it writes the per-layer adapter/ folder."
-            ) from None
-    return state.adapter, config
+        return mngr.restore(step).adapter
