@@ -166,6 +166,9 @@ class CheckpointManager:
         raise :class:`~jpeft.errors.PathEscapeError`). Without ``root``, ``directory`` may
         itself be a symlink (e.g. to a scratch disk).
       allow_base_mismatch: default for :meth:`restore`'s flag of the same name.
+      read_only: open for reading and restoring only (``jpeft export --adapter
+        runs/x/checkpoints/30``): nothing is created or deleted, so a run that is still
+        writing keeps its temporary directories; :meth:`save` raises :class:`ConfigError`.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class CheckpointManager:
         async_save: bool = True,
         root=None,
         allow_base_mismatch: bool = False,
+        read_only: bool = False,
     ):
         if not isinstance(config, AdapterConfig):
             raise ConfigError(f"CheckpointManager needs a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
@@ -216,6 +220,7 @@ class CheckpointManager:
         self.best_mode = best_mode
         self.async_save = async_save
         self.allow_base_mismatch = allow_base_mismatch
+        self.read_only = bool(read_only)
         self.fingerprint = base_fingerprint(params, base_config, with_content_hash=with_content_hash)
         self._config_dict = config.to_dict()
         self._mngr = self._open()
@@ -240,15 +245,20 @@ class CheckpointManager:
             best_fn=best_fn,
             best_mode=self.best_mode,
             keep_checkpoints_without_metrics=False,
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not self.read_only,
+            cleanup_tmp_directories=not self.read_only,
+            read_only=self.read_only,
             enable_async_checkpointing=self.async_save,
         )
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._cleanup_incomplete()
-        except OSError as e:
-            raise SaveError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
+        if self.read_only:
+            if not self.directory.is_dir():
+                raise CheckpointError(f"checkpoint directory {self.directory} does not exist.")
+        else:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self._cleanup_incomplete()
+            except OSError as e:
+                raise SaveError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
         try:
             return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         except Exception as e:  # Orbax reads every step's metadata here; a damaged one must not escape raw
@@ -356,6 +366,9 @@ class CheckpointManager:
           SaveError: the write failed (earlier checkpoints are intact).
           ConfigError: ``step`` is invalid or already saved, or an argument is not JSON-able.
         """
+        if self.read_only:
+            raise ConfigError(f"this CheckpointManager of {self.directory} was opened with read_only=True; "
+                              "open it without read_only to save.")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ConfigError(f"step must be a non-negative integer, found {step!r}.")
         step = int(step)

@@ -302,6 +302,11 @@ def test_merge_needs_no_tokenizer_and_its_help_names_a_real_loader(work, tmp_pat
     want = jpeft.merge(params, adapter)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(want)):
         assert abs(float((a - b).max())) < 1e-6
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "a"), "--json"]) == 0  # a jpeft adapter folder
+    res = json.loads(capsys.readouterr().out)
+    assert res["kind"] == "jpeft" and res["method"]["peft_type"] == "LORA"
+    assert res["trainable_params"] == sum(int(x.size) for x in jax.tree.leaves(adapter))
     with pytest.raises(SystemExit):
         main(["merge", "--help"])
     text = capsys.readouterr().out
@@ -361,3 +366,30 @@ def test_a_scan_layers_checkpoint_exports_as_its_finished_adapter(work, tmp_path
     assert sorted(a) == sorted(c) and len(a) > 0
     for k in a:
         np.testing.assert_array_equal(a[k], c[k])
+
+
+def test_reading_a_checkpoint_leaves_a_running_saves_temporary_folder(work, tmp_path):
+    """`jpeft export --adapter runs/x/checkpoints/N` while the run is still saving must not
+    delete the save in progress (a writable CheckpointManager cleans such folders up)."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    import jpeft
+    from jpeft.cli._ckpt import load_adapter
+    from jpeft.errors import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(work / "run", run)
+    pending = run / "checkpoints" / "4.orbax-checkpoint-tmp-123"
+    pending.mkdir()
+    model, params = jpeft.models.from_pretrained(str(work / "llama"))
+    adapter, config = load_adapter(str(run / "checkpoints" / "2"), params=params, model=model,
+                                   example=jnp.zeros((1, 8), jnp.int32))
+    assert pending.is_dir() and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", pending.name]
+    with jpeft.checkpoint.CheckpointManager(run / "checkpoints", config, params, model=model,
+                                            example_args=(jnp.zeros((1, 8), jnp.int32),), read_only=True) as m:
+        assert m.all_steps() == [2]
+        with pytest.raises(ConfigError, match="read_only"):
+            m.save(3, adapter, force=True)
+    assert pending.is_dir()

@@ -149,5 +149,5 @@ def _restore(directory, step, config, params, model, args, base_config):
     from jpeft.checkpoint import CheckpointManager
 
     with CheckpointManager(directory, config, params, model=model, example_args=args, base_config=base_config,
-                           async_save=False, keep_last=None) as mngr:
+                           async_save=False, keep_last=None, read_only=True) as mngr:
         return mngr.restore(step).adapter
