@@ -8,6 +8,7 @@ import os
 from typing import Any, Mapping, Optional
 
 from jpeft.errors import ConfigError, LoadError
+from jpeft.methods.budget import DEFAULT_TARGETS  # PEFT's default targets per model type (one table)
 
 
 def add_method_args(p: argparse.ArgumentParser, *, default: str = "lora") -> None:
@@ -63,9 +64,6 @@ def _import_optional_methods():
             importlib.import_module(mod)
         except Exception:
             pass
-
-
-from jpeft.methods.budget import DEFAULT_TARGETS  # noqa: E402  (PEFT's defaults per model type, one table)
 
 
 def _with_default_targets(cls, d: dict, model_type: Optional[str]) -> dict:
