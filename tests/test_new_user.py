@@ -129,12 +129,14 @@ def test_the_documented_install_has_every_package_the_commands_import():
 
 
 # ------------------------------------------------------------------ 2. BERT in `jpeft train` / `jpeft eval`
-def test_bert_folder_is_refused_in_one_line_before_loading(work):
-    for args in (["train", "--config", work / "bert.toml"], ["eval", "--model", work / "bert", "--data", work / "data.jsonl"]):
-        line = one_error_line(jpeft_cmd(*args))
-        assert line.startswith(f"jpeft {args[0]}: error: UnsupportedModelError:") and "'bert'" in line
-        assert "causal language models" in line and "Traceback" not in line
+def test_bert_folder_is_refused_in_one_line_before_loading(work, capsys):
+    line = one_error_line(jpeft_cmd("train", "--config", work / "bert.toml"))  # the console script's process
+    assert line.startswith("jpeft train: error: UnsupportedModelError:") and "'bert'" in line
+    assert "causal language models" in line and "Traceback" not in line
     assert not (work / "bert-run" / "checkpoints").exists()
+    assert main(["eval", "--model", str(work / "bert"), "--data", str(work / "data.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("jpeft eval: error: UnsupportedModelError:") and "'bert'" in err
 
 
 # ---------------------------------------------------------------- 4. full fine-tuning is 100 % trainable
@@ -275,13 +277,14 @@ def test_eval_export_merge_and_info_read_checkpoints_runs_and_peft_folders(work,
     assert "training checkpoint" in out and f"trainable params: {n_lora:,}" in out and "step 2" in out
 
 
-def test_adapter_path_errors_are_one_line(work, tmp_path):
+def test_adapter_path_errors_are_one_line(work, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     line = one_error_line(jpeft_cmd("export", "--model", work / "llama", "--adapter", tmp_path / "empty",
                                     "--out", tmp_path / "o"))
     assert "holds no adapter" in line and "checkpoints/<step>" in line
-    line = one_error_line(jpeft_cmd("info", tmp_path / "empty"))
-    assert "holds no adapter" in line
+    assert main(["info", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("jpeft info: error: LoadError:") and "holds no adapter" in err
 
 
 # ------------------------------------------------------------------------------------- 9. smaller
