@@ -45,7 +45,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
 )
 from jpeft.methods.lora import LoraConfig, LoraWeights
-from jpeft.tree import from_hf_name, hf_name, matches, module_leaves, unwrap_params
+from jpeft.io import read_safetensors, safetensors_index
+from jpeft.tree import count, from_hf_name, hf_name, matches, module_leaves, regex_fullmatch, unwrap_params
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -157,7 +158,7 @@ def _hf_targets(config: LoraConfig, paths) -> Any:
     names = [hf_name(p) for p in paths]
     t = config.target_modules
     if isinstance(t, str):
-        if all(re.fullmatch(t, n) for n in names):
+        if all(regex_fullmatch(t, n) for n in names):
             return t
         return sorted(names)
     conv = [hf_name(str(x).replace(".", "/")) for x in t]
@@ -405,7 +406,7 @@ def read_peft_config(path: str) -> dict:
     return read_json(cpath, what="adapter_config.json")
 
 
-def _read_tensors(path: str) -> dict[str, np.ndarray]:
+def _read_tensors(path: str, base_numel: int) -> dict[str, np.ndarray]:
     wpath = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(wpath):
         bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
@@ -415,16 +416,16 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
                 "run code). Re-save with peft: model.save_pretrained(path, safe_serialization=True)."
             )
         raise LoadError(f"{path!r} has no {WEIGHTS_FILE}; save the adapter with weights next to adapter_config.json.")
-    from safetensors import safe_open
-
-    try:
-        out = {}
-        with safe_open(wpath, framework="flax") as f:
-            for k in f.keys():
-                out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
-        return out
-    except Exception as e:
-        raise CheckpointError(f"cannot read {wpath!r}: {e}. The file is truncated or corrupted; copy it again.") from None
+    # The header is checked before any data is read: an adapter cannot hold more numbers than the
+    # whole base model, so a (sparse) file declaring more is refused without allocating it.
+    declared = sum(math.prod(shape) for _, shape, _, _ in safetensors_index(wpath)[0].values())
+    if declared > max(base_numel, 1):
+        raise CheckpointError(
+            f"{wpath!r} declares {declared:,} adapter numbers, more than the {base_numel:,} parameters of the whole "
+            "base model; it is corrupted or not an adapter for this base."
+        )
+    arrays, _ = read_safetensors(wpath)
+    return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 
 def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
@@ -456,8 +457,8 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
             f"adapter type {ptype!r} in {path!r} is not supported by jpeft.hf; supported peft_type values: "
             f"{supported_peft_types()}."
         )
-    tensors = _read_tensors(path)
     inner, _ = unwrap_params(params)
+    tensors = _read_tensors(path, count(inner))
     from jpeft import scan
 
     n_scanned = scan.num_stacked_layers(inner)

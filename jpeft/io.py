@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import struct
 import uuid
 import warnings
@@ -419,15 +420,72 @@ def verify_checksum(doc: dict, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 # reading files defensively
 # --------------------------------------------------------------------------------------------
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_regular(path, *, what: str = "file") -> int:
+    """A read-only file descriptor of ``path``, refusing anything but a regular file.
+
+    A FIFO, a device such as ``/dev/zero`` (directly or through a symlink) or a socket has no
+    meaningful size and can block or stream forever; the file is opened non-blocking, so even a
+    FIFO without a writer returns at once, and refused after ``fstat``. The caller closes the
+    descriptor.
+
+    Raises:
+      LoadError: ``path`` is missing, unreadable or not a regular file.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise LoadError(f"{what} {p} does not exist.") from None
+    except OSError as e:
+        raise LoadError(f"cannot read {what} {p}: {e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise LoadError(f"cannot read {what} {p}: {e}") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise LoadError(
+            f"{what} {p} is a {_kind(mode)}, not a regular file; jpeft reads only regular files, since a pipe or a "
+            "device can block or stream without end. Replace it with the real file."
+        )
+    return fd
+
+
+def read_bounded(fd: int, n: int, offset: int = 0) -> bytes:
+    """At most ``n`` bytes from ``offset``, counted as they are read (never trusting ``st_size``)."""
+    chunks, got = [], 0
+    while got < n:
+        b = os.pread(fd, min(n - got, 1 << 24), offset + got)
+        if not b:
+            break
+        chunks.append(b)
+        got += len(b)
+    return b"".join(chunks)
+
+
 def sniff_unsafe(path) -> Optional[str]:
     """A description of the format when ``path`` is a file whose loading could execute code
     (a pickle, a ``torch.save`` zip archive, a ``.npy``/``.npz`` file), else ``None``."""
     p = Path(path)
     try:
-        with open(p, "rb") as f:
-            head = f.read(9)
+        fd = open_regular(p)
+    except LoadError:
+        return None
+    try:
+        head = read_bounded(fd, 9)
     except OSError:
         return None
+    finally:
+        os.close(fd)
     return _describe_unsafe(head, p.suffix)
 
 
@@ -471,18 +529,15 @@ def refuse_unsafe(path, head: Optional[bytes] = None) -> None:
 def read_json(path, *, what: str = "metadata", max_bytes: int = MAX_JSON_BYTES) -> dict:
     """Reads a JSON object from ``path`` with a size limit; every failure is a named error."""
     p = Path(path)
+    fd = open_regular(p, what=f"{what} file")
     try:
-        size = p.stat().st_size
-    except FileNotFoundError:
-        raise LoadError(f"{what} file {p} does not exist.") from None
+        raw = read_bounded(fd, max_bytes + 1)
     except OSError as e:
         raise LoadError(f"cannot read {what} file {p}: {e}") from None
-    if size > max_bytes:
-        raise CheckpointError(f"{what} file {p} is {size:,} bytes, more than the {max_bytes:,} allowed; it is not a jpeft file.")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise LoadError(f"cannot read {what} file {p}: {e}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > max_bytes:
+        raise CheckpointError(f"{what} file {p} is more than the {max_bytes:,} bytes allowed; it is not a jpeft file.")
     try:
         d = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
@@ -522,36 +577,53 @@ def _np_dtype(name: str):
 def safetensors_index(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[str, tuple], dict]:
     """Reads and validates a safetensors file's header only (length, JSON, dtypes, shapes and
     offsets against the file's size); returns ``({name: (dtype, shape, file_offset, nbytes)},
-    header_metadata)`` with little-endian numpy dtypes. Never unpickles, reads no tensor data.
+    header_metadata)`` with little-endian numpy dtypes. Never unpickles, reads no tensor data,
+    and reads only a regular file (never a FIFO or a device such as ``/dev/zero``).
 
     Raises:
       UnsafeFileError: the file is a pickle / zip / npy file.
+      LoadError: the file is missing, unreadable or not a regular file.
       CheckpointError: the file is truncated, its header malformed or inconsistent.
     """
     p = Path(path)
     refuse_unsafe(p) if p.suffix != ".safetensors" else None
-    def read(offset: int, n: int) -> bytes:
-        try:
-            with open(p, "rb") as f:
-                f.seek(offset)
-                return f.read(n)
-        except FileNotFoundError:
-            raise LoadError(f"weights file {p} does not exist.") from None
-        except OSError as e:
-            raise LoadError(f"cannot read {p}: {e}") from None
+    fd = open_regular(p, what="weights file")
+    try:
+        return _index_fd(p, fd, max_header)
+    except JpeftError:
+        raise
+    except OSError as e:
+        raise LoadError(f"cannot read {p}: {e}") from None
+    finally:
+        os.close(fd)
 
-    head = read(0, 9)
+
+def _check_shape(p: Path, name: str, e: dict, itemsize: int) -> None:
+    shape = e["shape"]
+    # numpy refuses more than 64 dimensions, and a size whose byte count overflows even when a
+    # zero dimension makes it empty; refuse both here with a named error.
+    if len(shape) > 64 or math.prod(d or 1 for d in shape) * itemsize >= 1 << 62:
+        raise CheckpointError(
+            f"{p} is corrupted: tensor {name!r} has an impossible shape ({len(shape)} dimensions, "
+            f"{str(shape)[:120]})."
+        )
+
+
+def _index_fd(p: Path, fd: int, max_header: int) -> tuple[dict[str, tuple], dict]:
+    head = read_bounded(fd, 9)
     refuse_unsafe(p, head=head)
-    size = p.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{p} is truncated: {size} bytes, a safetensors file has at least 8.")
+    size = os.fstat(fd).st_size
+    if len(head) < 8:
+        raise CheckpointError(f"{p} is truncated: {len(head)} bytes, a safetensors file has at least 8.")
     (n,) = struct.unpack("<Q", head[:8])
     if n > max_header or n > size - 8:
         raise CheckpointError(
             f"{p} is corrupted or truncated: its header claims {n:,} bytes but the file has {size - 8:,} after "
             f"the length field (limit {max_header:,})."
         )
-    raw = read(8, n)
+    raw = read_bounded(fd, n, 8)
+    if len(raw) != n:
+        raise CheckpointError(f"{p} is truncated: its header claims {n:,} bytes, {len(raw):,} could be read.")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
@@ -571,6 +643,7 @@ def safetensors_index(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict
             raise CheckpointError(f"{p} is corrupted: the header entry for {name!r} is malformed: {str(e)[:200]}.")
         b, en = e["data_offsets"]
         dt = np.dtype(_np_dtype(_ST_DTYPES[e["dtype"]])).newbyteorder("<")
+        _check_shape(p, name, e, dt.itemsize)
         if not (0 <= b <= en <= body) or en - b != math.prod(e["shape"]) * dt.itemsize:
             raise CheckpointError(
                 f"{p} is corrupted or truncated: tensor {name!r} ({e['dtype']}{e['shape']}) claims bytes [{b}, {en}) "
@@ -584,27 +657,73 @@ def safetensors_index(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict
     return index, meta
 
 
-def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[str, np.ndarray], dict]:
+def _read_tensor_fd(p: Path, fd: int, name: str, dt, shape: tuple, offset: int, nbytes: int) -> np.ndarray:
+    """One tensor read straight into its own buffer: memory is the tensor's size, bounded by the
+    bytes actually read."""
+    buf = np.empty(shape, dt)
+    view = memoryview(buf.reshape(-1).view(np.uint8))
+    got = 0
+    while got < nbytes:
+        k = os.preadv(fd, [view[got:]], offset + got)
+        if k <= 0:
+            break
+        got += k
+    if got != nbytes:
+        raise CheckpointError(
+            f"{p} is truncated: tensor {name!r} needs {nbytes:,} bytes at offset {offset:,}, {got:,} could be read."
+        )
+    return buf
+
+
+def check_expected(index: Mapping[str, tuple], expect: Mapping[str, tuple], where: str) -> None:
+    """Compares a safetensors index with the expected ``{name: (shape, dtype name)}`` before any
+    data is read, so a header that declares a huge or unexpected tensor costs nothing.
+
+    Raises:
+      CheckpointError: a name is missing or extra, or a shape or dtype differs.
+    """
+    if set(index) != set(expect):
+        diff = sorted(set(index) ^ set(expect))
+        side = "the file" if diff[0] in index else "the expected arrays"
+        raise CheckpointError(f"{where} does not match what was expected: array {diff[0]!r} is only in {side}.")
+    for name, (shape, dtype) in expect.items():
+        dt, fshape = index[name][0], index[name][1]
+        if tuple(fshape) != tuple(shape) or (dtype is not None and str(dt.newbyteorder("=")) != str(np.dtype(_np_dtype(dtype)))):
+            raise CheckpointError(
+                f"{where} is corrupted: {name!r} is {dt.newbyteorder('=')}{list(fshape)} in the file, "
+                f"expected {dtype}{list(shape)}."
+            )
+
+
+def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES,
+                     expect: Optional[Mapping[str, tuple]] = None) -> tuple[dict[str, np.ndarray], dict]:
     """Reads a safetensors file after validating its header (:func:`safetensors_index`);
-    returns ``(arrays, header_metadata)``. Never unpickles.
+    returns ``(arrays, header_metadata)``. Never unpickles, reads only a regular file, and
+    reads each tensor into its own buffer (peak memory is the arrays themselves).
+
+    Args:
+      expect: ``{name: (shape, dtype name or None)}``; when given, the header must declare
+        exactly these before any tensor data is read.
 
     Raises:
       UnsafeFileError: the file is a pickle / zip / npy file.
+      LoadError: the file is missing, unreadable or not a regular file.
       CheckpointError: the file is truncated, its header malformed or its data inconsistent.
     """
-    index, meta = safetensors_index(path, max_header=max_header)
     p = Path(path)
+    refuse_unsafe(p) if p.suffix != ".safetensors" else None
+    fd = open_regular(p, what="weights file")
     try:
-        data = p.read_bytes()
+        index, meta = _index_fd(p, fd, max_header)
+        if expect is not None:
+            check_expected(index, expect, str(p))
+        arrays = {name: _read_tensor_fd(p, fd, name, *spec) for name, spec in index.items()}
+    except JpeftError:
+        raise
     except OSError as e:
         raise LoadError(f"cannot read {p}: {e}") from None
-    # The header is fully validated, so each tensor is a plain slice of the file (decoded with
-    # numpy, which also covers bfloat16 / float8 through ml_dtypes).
-    arrays = {}
-    for name, (dt, shape, off, nbytes) in index.items():
-        if off + nbytes > len(data):
-            raise CheckpointError(f"{p} is truncated: tensor {name!r} ends past the end of the file.")
-        arrays[name] = np.frombuffer(data, dtype=dt, count=math.prod(shape), offset=off).reshape(shape).copy()
+    finally:
+        os.close(fd)
     return arrays, meta
 
 
@@ -880,23 +999,19 @@ def _load_adapter(path, params, model, model_args, base_config, allow_base_misma
     p = _resolve_adapter_dir(path)
     info, index = _parse_info(p)
     check_base(info.base, params, base_config, allow_base_mismatch=allow_base_mismatch)
-    arrays, _ = read_safetensors(p / ADAPTER_WEIGHTS)
-    where = str(p / ADAPTER_WEIGHTS)
-    if set(arrays) != set(index):
-        diff = sorted(set(arrays) ^ set(index))
-        raise CheckpointError(f"{where} does not match {ADAPTER_JSON}: array {diff[0]!r} is in one but not the other.")
-    for name, e in index.items():
-        a = arrays[name]
-        if list(a.shape) != e["shape"] or str(a.dtype) != e["dtype"]:
-            raise CheckpointError(
-                f"{where} is corrupted: {name!r} is {a.dtype}{list(a.shape)}, the metadata says {e['dtype']}{e['shape']}."
-            )
-        if e.get("sha256") and _sha256(a) != e["sha256"]:
-            raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in {ADAPTER_JSON}.")
     try:
         template = template_adapter(info.config, params, model, *model_args, **model_kwargs)
     except JpeftError:
         raise
+    # Names and shapes are checked against the config's template and the metadata index before
+    # any tensor data is read: a header declaring a 1 GiB tensor in a sparse file costs nothing.
+    fill_template(template, {k: jax.ShapeDtypeStruct(tuple(e["shape"]), _np_dtype(e["dtype"])) for k, e in index.items()},
+                  where=str(p))
+    where = str(p / ADAPTER_WEIGHTS)
+    arrays, _ = read_safetensors(p / ADAPTER_WEIGHTS, expect={k: (e["shape"], e["dtype"]) for k, e in index.items()})
+    for name, e in index.items():
+        if e.get("sha256") and _sha256(arrays[name]) != e["sha256"]:
+            raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in {ADAPTER_JSON}.")
     adapter = fill_template(template, arrays, where=str(p))
     adapter = jax.tree.map(jax.numpy.asarray, adapter)
     return info.config, adapter
@@ -919,6 +1034,9 @@ __all__ = [
     "verify_checksum",
     "read_safetensors",
     "safetensors_index",
+    "check_expected",
+    "open_regular",
+    "read_bounded",
     "leaf_names",
     "template_adapter",
     "fill_template",

@@ -119,6 +119,33 @@ def test_each_format_attack_is_a_named_error(adapter_fixtures, scratch, kind):
             assert o.status == "named", (kind, fi, value, o)
 
 
+def _hostile_cases(fixture, scratch):
+    t, root, expected = fixture
+    files = (t.hostile_files or t.files)(root)
+    assert files
+    for kind in fuzz.HOSTILE_KINDS:
+        for fi in range(len(files)):
+            o = fuzz.run_case(t, root, fuzz.Mutation(kind, fi, 0.0, 0), scratch, time_bound=TIME_BOUND, expected=expected)
+            assert o.status in ("named", "ok"), (t.name, kind, files[fi].name, o)  # ok: a file it never opens
+            assert o.seconds < 2.0, (t.name, kind, files[fi].name, o)
+
+
+def test_hostile_files_in_an_adapter_folder(adapter_fixtures, scratch):
+    """A FIFO, a symlink to /dev/zero, or a sparse file declaring a 1 GiB tensor in place of
+    either file of a saved adapter: a named error at once (never a hang, never 1 GiB read)."""
+    for name in ("load_adapter", "read_adapter_info"):
+        _hostile_cases(adapter_fixtures[name], scratch)
+
+
+def test_hostile_checkpoint_metadata(checkpoint_fixture, scratch):
+    _hostile_cases(checkpoint_fixture, scratch)
+
+
+def test_hostile_files_in_hf_folders(hf_fixtures, scratch):
+    for name in ("models.from_pretrained", "hf.load_peft"):
+        _hostile_cases(hf_fixtures[name], scratch)
+
+
 def test_cli_reports_and_updates_a_doc(tmp_path, capsys):
     doc = tmp_path / "R.md"
     doc.write_text("before\n<!-- fuzz:begin -->old<!-- fuzz:end -->\nafter\n")
@@ -126,7 +153,7 @@ def test_cli_reports_and_updates_a_doc(tmp_path, capsys):
                     "--write-doc", str(doc)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "| `read_adapter_info` | 5 |" in out and "**0**" in out
+    assert "| `read_adapter_info` | 5 + 6 |" in out and "**0**" in out
     text = doc.read_text()
     assert text.startswith("before\n<!-- fuzz:begin (python -m jpeft.fuzz --cases 5 --seed 1") and text.endswith("<!-- fuzz:end -->\nafter\n")
     assert "old" not in text

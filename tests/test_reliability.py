@@ -378,3 +378,126 @@ def test_safetensors_header_length_that_looks_like_a_pickle_opcode_is_not_refuse
     p = tmp_path / "evil.safetensors"
     p.write_bytes(pickle.dumps({"a": 1}, protocol=3))
     assert jio.sniff_unsafe(p) is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: hostile folders (FIFOs, devices, sparse files), regex denial of service
+# ------------------------------------------------------------------------------------------------
+def _within(seconds, fn):
+    """``fn()``'s result or exception, failing the test if it takes longer than ``seconds`` (the
+    call runs in a daemon thread, so a hang cannot hang the test run)."""
+    import threading
+
+    out = {}
+
+    def call():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    th = threading.Thread(target=call, daemon=True)
+    th.start()
+    th.join(seconds)
+    assert not th.is_alive(), f"no answer within {seconds}s (a hang)"
+    return out
+
+
+def _saved(tmp_path, run, name="a"):
+    params, cfg, adapter, *_ = run
+    return params, jpeft.save_adapter(tmp_path / name, cfg, adapter, params=params)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_fifo_or_dev_zero_in_place_of_a_file_is_refused_at_once(tmp_path, run, kind):
+    from jpeft import fuzz
+
+    params, d = _saved(tmp_path, run)
+    for fname in ("jpeft_adapter.json", "jpeft_adapter.safetensors"):
+        work = tmp_path / f"{kind}_{fname}"
+        import shutil
+
+        shutil.copytree(d, work)
+        fuzz.apply_mutation(work / fname, fuzz.Mutation(kind, 0, 0.0, 0))
+        out = _within(5, lambda: jpeft.load_adapter(work, params))
+        assert isinstance(out.get("error"), LoadError), out
+        assert "not a regular file" in str(out["error"])
+    # the safetensors reader and the JSON reader refuse them directly too
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    for fn in (lambda: jpeft.io.read_safetensors(tmp_path / "pipe.safetensors"),
+               lambda: jpeft.io.read_json(tmp_path / "pipe.safetensors"),
+               lambda: jpeft.io.read_json("/dev/zero")):
+        out = _within(5, fn)
+        assert isinstance(out.get("error"), LoadError) and "not a regular file" in str(out["error"]), out
+
+
+def test_sparse_file_declaring_a_huge_tensor_is_refused_before_reading_it(tmp_path, run):
+    """A 1 GiB tensor declared in a sparse file (a few kB on disk): the names and shapes are
+    compared with the metadata before any data is read, so memory stays small."""
+    import tracemalloc
+
+    from jpeft import fuzz
+
+    params, d = _saved(tmp_path, run)
+    f = d / "jpeft_adapter.safetensors"
+    fuzz.apply_mutation(f, fuzz.Mutation("sparse_tensor", 0, 0.0, 0))
+    assert f.stat().st_size > fuzz.SPARSE_BYTES and f.stat().st_blocks * 512 < (1 << 20)  # really sparse
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="in the file, expected"):
+            jpeft.load_adapter(d, params)
+        with pytest.raises(CheckpointError, match="only in the file|expected"):
+            jpeft.io.read_safetensors(f, expect={})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (32 << 20), f"peak {peak / 2**20:.0f} MiB while refusing a sparse 1 GiB tensor"
+
+
+@pytest.mark.parametrize("shape", [[0, 2 ** 62], [0] + [2] * 70])
+def test_impossible_safetensors_shapes_are_named_errors(tmp_path, shape):
+    h = json.dumps({"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    (tmp_path / "x.safetensors").write_bytes(len(h).to_bytes(8, "little") + h)
+    with pytest.raises(CheckpointError, match="impossible shape"):
+        jpeft.io.read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_backtracking_regex_matches_in_linear_time(tmp_path, run):
+    """``(.|.)*X`` takes 2^n steps in Python's re on an n-character path; RE2 answers at once,
+    in jpeft.tree, in a config's rank_pattern, and when loading a downloaded adapter."""
+    from jpeft.errors import ConfigError, TargetNotFoundError
+
+    paths = ["model/layers_0/self_attn/q_proj_with_a_long_name"]
+    out = _within(2, lambda: jpeft.tree.select("(.|.)*X", paths))
+    assert isinstance(out.get("error"), TargetNotFoundError), out
+    cfg = jpeft.LoraConfig(target_modules=".*q_proj.*", rank_pattern={"(.|.)*X": 2})
+    assert _within(2, lambda: cfg.rank_alpha(paths[0]))["value"] == (8, 16.0)
+    # a saved adapter whose config was edited to the pattern (checksum recomputed, as an attacker would)
+    params, d = _saved(tmp_path, run)
+    meta = json.loads((d / "jpeft_adapter.json").read_text())
+    meta["config"]["target_modules"] = "(.|.)*X"
+    (d / "jpeft_adapter.json").write_text(json.dumps(jpeft.io.with_checksum(meta)))
+    out = _within(5, lambda: jpeft.load_adapter(d, params))
+    assert isinstance(out.get("error"), TargetNotFoundError), out
+    # what RE2 does not accept is a named error that says so
+    for bad in ("(?=q)proj", r"(q)\1", "(", r"q_proj\Z"):
+        with pytest.raises(ConfigError, match="not a valid module-path regex"):
+            jpeft.LoraConfig(target_modules=bad)
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=float("inf")), dict(alpha=1e308), dict(alpha=float("nan")),
+                                dict(alpha_pattern={"q_proj": float("inf")}), dict(alpha_pattern={"q_proj": 1e308}),
+                                dict(alpha_pattern={"q_proj": "x"}), dict(alpha_pattern={"q_proj": None}),
+                                dict(alpha_pattern=5), dict(rank_pattern=5), dict(rank_pattern={"q": "x"}),
+                                dict(rank_pattern={"(": 2}), dict(target_modules=5), dict(target_modules=True),
+                                dict(target_modules=[1, 2]), dict(target_modules="(")])
+def test_non_finite_alpha_and_wrongly_typed_lora_fields_are_config_errors(kw):
+    from jpeft.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        jpeft.LoraConfig(**kw)
+    # the same values in a stored config: a named error, never a raw TypeError or re.error
+    d = jpeft.LoraConfig().to_dict()
+    d.update({{"alpha": "lora_alpha"}.get(k, k): v for k, v in kw.items()})
+    with pytest.raises(ConfigError):
+        jpeft.AdapterConfig.from_dict(d)
