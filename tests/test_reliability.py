@@ -501,3 +501,24 @@ def test_non_finite_alpha_and_wrongly_typed_lora_fields_are_config_errors(kw):
     d.update({{"alpha": "lora_alpha"}.get(k, k): v for k, v in kw.items()})
     with pytest.raises(ConfigError):
         jpeft.AdapterConfig.from_dict(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: the update itself is guarded
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt", [optax.adam(1e-2, eps=0.0), optax.sgd(float("nan")), optax.adam(float("inf"))],
+                         ids=["adam_eps0_at_B0", "lr_nan", "lr_inf"])
+def test_a_non_finite_update_is_skipped_even_with_finite_loss_and_gradients(run, opt):
+    """adam(eps=0) at LoRA's B=0 start gives 0/0 for A; a NaN or inf learning rate makes every
+    update non-finite. The loss and gradients are finite, so only a guard on the update itself
+    keeps the adapter (and the checkpoint written from it) intact."""
+    params, cfg, adapter, _, _, loss_fn = run
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    state = opt.init(adapter)
+    new_adapter, new_state, metrics = step(params, adapter, state, _batch(0), jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert int(metrics["skipped"]) == 1
+    assert _leaves_equal(new_adapter, adapter) and _leaves_equal(new_state, state)
+    with pytest.raises(NonFiniteError):
+        jpeft.fit(step, params, adapter, state, [_batch(i) for i in range(4)], key=jax.random.key(0),
+                  max_consecutive_skips=2)
