@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -229,8 +230,12 @@ class CheckpointManager:
         if self.keep_best:
             metric = self.best_metric
 
-            def best_fn(m, metric=metric):
-                return float(m[metric])
+            worst = float("inf") if self.best_mode == "min" else float("-inf")
+
+            def best_fn(m, metric=metric, worst=worst):
+                # a NaN metric ranks last: a diverged step must never push the best one out
+                v = float(m[metric])
+                return worst if math.isnan(v) else v
 
             policies.append(pp.BestN(get_metric_fn=best_fn, reverse=(self.best_mode == "min"), n=self.keep_best,
                                      keep_checkpoints_without_metrics=False))
@@ -331,6 +336,8 @@ class CheckpointManager:
             if not m or self.best_metric not in m:
                 continue
             v = float(m[self.best_metric])
+            if math.isnan(v):  # a diverged step is never the best
+                continue
             if best is None or (v < best[0] if self.best_mode == "min" else v > best[0]):
                 best = (v, s)
         return None if best is None else best[1]

@@ -418,13 +418,15 @@ def _read_tensors(path: str, base_numel: int) -> dict[str, np.ndarray]:
         raise LoadError(f"{path!r} has no {WEIGHTS_FILE}; save the adapter with weights next to adapter_config.json.")
     # The header is checked before any data is read: an adapter cannot hold more numbers than the
     # whole base model, so a (sparse) file declaring more is refused without allocating it.
-    declared = sum(math.prod(shape) for _, shape, _, _ in safetensors_index(wpath)[0].values())
-    if declared > max(base_numel, 1):
-        raise CheckpointError(
-            f"{wpath!r} declares {declared:,} adapter numbers, more than the {base_numel:,} parameters of the whole "
-            "base model; it is corrupted or not an adapter for this base."
-        )
-    arrays, _ = read_safetensors(wpath)
+    try:
+        declared = sum(math.prod(shape) for _, shape, _, _ in safetensors_index(wpath)[0].values())
+        if declared > max(base_numel, 1):
+            raise CheckpointError(
+                f"it declares {declared:,} adapter numbers, more than the {base_numel:,} parameters of the whole base model"
+            )
+        arrays, _ = read_safetensors(wpath)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot read {wpath!r}: {e}. The file is truncated or corrupted; copy it again.") from None
     return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 

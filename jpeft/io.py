@@ -25,6 +25,7 @@ lead outside it raise :class:`~jpeft.errors.PathEscapeError`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import hashlib
@@ -343,10 +344,69 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (AttributeError, OSError):  # not Linux, or a libc without renameat2 (glibc < 2.28)
+    _renameat2 = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``): there is no
+    moment at which neither exists. False where the system or the file system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(p: Path) -> None:
+    """Removes a file or a directory tree (a save may replace either)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _sibling(target: Path, tag: str, kind: str) -> Path:
+    # A fixed-length name keyed by a hash of the target's name: a 250-character target name
+    # still gives a temporary name under the 255-byte limit, and recover() finds the siblings.
+    key = hashlib.sha256(os.fsencode(target.name)).hexdigest()[:16]
+    return target.parent / f".jpeft-{key}-{tag}.{kind}"
+
+
+def recover(target) -> Optional[Path]:
+    """Finishes a replacement that a killed process left between its two renames (only where
+    :func:`atomic_directory` could not swap in one step): when ``target`` is missing and a
+    ``.old`` sibling is there, the complete new version (its ``.tmp`` sibling) is moved into
+    place, or else the old one is put back. Returns the path restored, if any."""
+    target = Path(target)
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return None
+    olds = sorted(target.parent.glob(_sibling(target, "*", "old").name))
+    if not olds:
+        return None
+    old = olds[-1]
+    new = old.with_suffix(".tmp")
+    os.rename(new if new.exists() else old, target)
+    for o in olds:
+        _remove(o)
+    _fsync_dir(target.parent)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_directory(target, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary directory next to ``target``; when the block ends without an
-    error it replaces ``target`` in one rename. On any error the temporary directory is removed
+    error it replaces ``target`` in one atomic step (an exchange of the two names on Linux, so
+    no moment exists without ``target``; elsewhere two renames, which :func:`recover` completes
+    if the process is killed between them). On any error the temporary directory is removed
     and ``target`` is left as it was.
 
     Raises:
@@ -354,6 +414,10 @@ def atomic_directory(target, *, overwrite: bool = False) -> Iterator[Path]:
       SaveError: writing, flushing or renaming failed (disk full, permission denied, ...).
     """
     target = Path(target)
+    try:
+        recover(target)
+    except OSError as e:
+        raise SaveError(f"cannot finish an interrupted earlier save of {target}: {e}. Nothing was written.") from e
     if target.exists() and not overwrite:
         raise OverwriteError(
             f"{target} already exists; jpeft does not replace an existing adapter or checkpoint unless asked. "
@@ -361,7 +425,7 @@ def atomic_directory(target, *, overwrite: bool = False) -> Iterator[Path]:
         )
     parent = target.parent
     tag = uuid.uuid4().hex[:10]
-    tmp = parent / f".{target.name}.tmp-{tag}"
+    tmp = _sibling(target, tag, "tmp")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(tmp)
@@ -370,26 +434,29 @@ def atomic_directory(target, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_dir(tmp)
-        if target.exists():
-            old = parent / f".{target.name}.old-{tag}"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+        if target.exists() or target.is_symlink():
+            if _exchange(tmp, target):
+                _remove(tmp)  # it now holds the previous version
+            else:
+                old = _sibling(target, tag, "old")
+                os.rename(target, old)
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    os.rename(old, target)
+                    raise
+                _remove(old)
         else:
             os.rename(tmp, target)
         _fsync_dir(parent)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise SaveError(
             f"saving to {target} failed: {e}. The previous contents of {target} (if any) are intact; "
             "free space or fix permissions and save again."
         ) from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
 
 
@@ -758,6 +825,10 @@ class AdapterInfo:
 
 def _resolve_adapter_dir(path) -> Path:
     p = Path(path)
+    try:
+        recover(p)  # a save killed between its two renames (systems without an atomic exchange)
+    except OSError as e:
+        raise LoadError(f"cannot finish an interrupted save of {p}: {e}") from None
     if p.is_file():
         if p.name in (ADAPTER_JSON, ADAPTER_WEIGHTS):
             return p.parent
@@ -1027,6 +1098,7 @@ __all__ = [
     "content_hash",
     "safe_join",
     "atomic_directory",
+    "recover",
     "sniff_unsafe",
     "refuse_unsafe",
     "read_json",

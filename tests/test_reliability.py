@@ -290,6 +290,7 @@ def test_disk_full_and_permission_denied_leave_previous_adapter_intact(tmp_path,
         raise PermissionError(errno.EACCES, "Permission denied", str(dst))
 
     monkeypatch.setattr(os, "rename", denied)
+    monkeypatch.setattr(jpeft.io, "_exchange", lambda a, b: denied(a, b))  # the atomic swap (renameat2) too
     with pytest.raises(SaveError, match="Permission denied"):
         jpeft.save_adapter(d, cfg, newer, params=params, overwrite=True)
     monkeypatch.setattr(os, "rename", real_rename)
@@ -522,3 +523,53 @@ def test_a_non_finite_update_is_skipped_even_with_finite_loss_and_gradients(run,
     with pytest.raises(NonFiniteError):
         jpeft.fit(step, params, adapter, state, [_batch(i) for i in range(4)], key=jax.random.key(0),
                   max_consecutive_skips=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: replacing an adapter is one atomic step; a kill between two renames is recovered
+# ------------------------------------------------------------------------------------------------
+_KILL_BETWEEN_RENAMES = r"""
+import os, signal, sys
+sys.path.insert(0, {helpers!r})
+import jax, jpeft, jpeft.io
+import ckpt_common as C
+params = C.params(); cfg = C.lora_config(dropout=0.0)
+adapter = jax.tree.map(lambda x: x + 1.0, jpeft.init(cfg, params, jax.random.key(1)))
+jpeft.io._renameat2 = None  # a system without an atomic exchange: two renames
+real = os.rename
+def rename(src, dst):
+    real(src, dst)
+    if str(dst).endswith(".old"):
+        os.kill(os.getpid(), signal.SIGKILL)  # between the two renames
+os.rename = rename
+jpeft.save_adapter({path!r}, cfg, adapter, params=params, overwrite=True)
+"""
+
+
+def test_kill_between_the_two_renames_of_an_overwrite_is_recovered(tmp_path, run):
+    import subprocess
+
+    params, cfg, adapter, *_ = run
+    d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
+    code = _KILL_BETWEEN_RENAMES.format(helpers=os.path.join(os.path.dirname(__file__), "helpers"), path=str(d))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, env=C.env())
+    assert r.returncode == -9, r.stderr.decode()[-2000:]
+    assert not d.exists() and any(p.name.endswith(".old") for p in tmp_path.iterdir())  # the exact point
+    _, loaded = jpeft.load_adapter(d, params)  # recovered: the complete new version is moved into place
+    assert _leaves_equal(loaded, jax.tree.map(lambda x: x + 1.0, adapter))
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_overwrite_is_an_exchange_and_leaves_no_sibling(tmp_path, run):
+    params, cfg, adapter, *_ = run
+    d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
+    newer = jax.tree.map(lambda x: x + 1.0, adapter)
+    jpeft.save_adapter(d, cfg, newer, params=params, overwrite=True)
+    assert _leaves_equal(jpeft.load_adapter(d, params)[1], newer)
+    f = tmp_path / "file"
+    f.write_text("a regular file")
+    jpeft.save_adapter(f, cfg, adapter, params=params, overwrite=True)
+    long = "n" * 245  # the temporary sibling's name must stay under 255 bytes
+    jpeft.save_adapter(tmp_path / long, cfg, adapter, params=params)
+    assert sorted(os.listdir(tmp_path)) == sorted(["a", "file", long])  # no .old or .tmp left
+    assert _leaves_equal(jpeft.load_adapter(f, params)[1], adapter)
