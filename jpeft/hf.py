@@ -21,6 +21,7 @@ registered here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -39,13 +40,14 @@ from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
+    JpeftError,
     LoadError,
     SaveError,
     UnsafeFileError,
     UnsupportedAdapterError,
 )
 from jpeft.methods.lora import LoraConfig, LoraWeights
-from jpeft.io import read_safetensors, safetensors_index
+from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_safetensors, safetensors_index
 from jpeft.tree import count, from_hf_name, hf_name, matches, module_leaves, regex_fullmatch, unwrap_params
 
 PEFT_PREFIX = "base_model.model."
@@ -379,25 +381,65 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     d.setdefault("revision", None)
     from safetensors.numpy import save_file
 
-    os.makedirs(path, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".jpeft_save_", dir=path)
+    config_bytes = json.dumps(d, indent=2, sort_keys=True).encode()
+    tmp = None
     try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(d, f, indent=2, sort_keys=True)
+        os.makedirs(path, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=_SAVE_PREFIX, dir=path)
+        with open(os.path.join(tmp, CONFIG_FILE), "wb") as f:
+            f.write(config_bytes)
+        # the weights name their config, so a kill between the two replaces below is finished on load
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+                  metadata={"format": "pt", _CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest()})
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
     except OSError as e:
         raise SaveError(f"could not write the adapter to {path!r}: {e}. The previous files are left as they were.") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_SAVE_PREFIX = ".jpeft_save_"
+_CONFIG_HASH = "jpeft_config_sha256"
+
+
+def _finish_interrupted_save(path: str) -> None:
+    """A :func:`save_peft` killed between its two replaces leaves the new weights beside the old
+    ``adapter_config.json``, with the new config still in its temporary folder: the weights'
+    header names the SHA-256 of their config, so that config is put in place here."""
+    wpath, cpath = os.path.join(path, WEIGHTS_FILE), os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(wpath) or not any(n.startswith(_SAVE_PREFIX) for n in os.listdir(path)):
+        return
+    want = safetensors_index(wpath)[1].get(_CONFIG_HASH)
+
+    def sha(f):
+        fd = open_regular(f, what="adapter_config.json")
+        try:
+            return hashlib.sha256(read_bounded(fd, MAX_JSON_BYTES + 1)).hexdigest()
+        finally:
+            os.close(fd)
+
+    if not want or (os.path.isfile(cpath) and sha(cpath) == want):
+        return
+    for name in sorted(os.listdir(path)):
+        cand = os.path.join(path, name, CONFIG_FILE)
+        if name.startswith(_SAVE_PREFIX) and os.path.isfile(cand) and sha(cand) == want:
+            os.replace(cand, cpath)
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+            return
 
 
 def read_peft_config(path: str) -> dict:
     """The parsed ``adapter_config.json`` of an adapter folder (named errors when absent/bad)."""
     if not os.path.isdir(path):
         raise LoadError(f"{path!r} is not a folder; pass the folder holding adapter_config.json.")
+    try:
+        _finish_interrupted_save(path)
+    except JpeftError:
+        raise
+    except OSError as e:
+        raise LoadError(f"cannot finish an interrupted save in {path!r}: {e}") from None
     cpath = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cpath):
         raise LoadError(f"{path!r} has no adapter_config.json (found {sorted(os.listdir(path))[:10]}); it is not a PEFT adapter folder.")

@@ -573,3 +573,60 @@ def test_overwrite_is_an_exchange_and_leaves_no_sibling(tmp_path, run):
     jpeft.save_adapter(tmp_path / long, cfg, adapter, params=params)
     assert sorted(os.listdir(tmp_path)) == sorted(["a", "file", long])  # no .old or .tmp left
     assert _leaves_equal(jpeft.load_adapter(f, params)[1], adapter)
+
+
+_KILL_BETWEEN_PEFT_REPLACES = r"""
+import os, signal, sys
+sys.path.insert(0, {helpers!r})
+import jax, jpeft, jpeft.hf as H
+import ckpt_common as C
+params = C.params()
+cfg = jpeft.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
+adapter = jax.tree.map(lambda x: x + 1.0, jpeft.init(cfg, params, jax.random.key(1)))
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if str(dst).endswith("adapter_model.safetensors"):
+        os.kill(os.getpid(), signal.SIGKILL)  # new weights in place, the old config beside them
+os.replace = replace
+H.save_peft({path!r}, cfg, adapter)
+"""
+
+
+def test_kill_between_save_peft_replaces_is_finished_on_load(tmp_path, run):
+    """Without the fix the new weights load with the old config's alpha (8 instead of 32)."""
+    import subprocess
+
+    from jpeft import hf
+
+    params = run[0]
+    old_cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    hf.save_peft(str(tmp_path / "p"), old_cfg, jpeft.init(old_cfg, params, jax.random.key(1)))
+    code = _KILL_BETWEEN_PEFT_REPLACES.format(helpers=os.path.join(os.path.dirname(__file__), "helpers"),
+                                              path=str(tmp_path / "p"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, env=C.env())
+    assert r.returncode == -9, r.stderr.decode()[-2000:]
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["lora_alpha"] == 8  # the exact point
+    cfg, adapter = hf.load_peft(str(tmp_path / "p"), params)
+    assert cfg.alpha == 32
+    new_cfg = jpeft.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
+    assert _leaves_equal(adapter, jax.tree.map(lambda x: x + 1.0, jpeft.init(new_cfg, params, jax.random.key(1))))
+    assert sorted(os.listdir(tmp_path / "p")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_peft_to_a_read_only_filesystem_is_a_save_error(tmp_path, run, monkeypatch):
+    import tempfile
+
+    from jpeft import hf
+
+    params, cfg, adapter, *_ = run
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # the folder exists; nothing can be created in it
+    with pytest.raises(SaveError, match="could not write the adapter .*Read-only file system"):
+        hf.save_peft(str(tmp_path), cfg, adapter)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(SaveError, match="Read-only file system"):
+        hf.save_peft(str(tmp_path / "new"), cfg, adapter)
