@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject
-from jpeft.config import AdapterConfig
+from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
@@ -48,7 +48,8 @@ from jpeft.errors import (
 )
 from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_safetensors, safetensors_index
-from jpeft.tree import count, from_hf_name, hf_name, matches, module_leaves, regex_fullmatch, unwrap_params
+from jpeft.tree import (compile_pattern, count, from_hf_name, hf_name, matches, module_leaves, regex_fullmatch,
+                        unwrap_params)
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -472,6 +473,44 @@ def _read_tensors(path: str, base_numel: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 
+# adapter_config.json keys read by jpeft's formats, and the JSON types their values may have
+_VALUE_TYPES = {
+    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
+    "use_dora": (bool,), "fan_in_fan_out": (bool,), "bias": (str,), "target_modules": (str, list, type(None)),
+    "rank_pattern": (dict, type(None)), "alpha_pattern": (dict, type(None)), "modules_to_save": (list, type(None)),
+    "feedforward_modules": (str, list, type(None)), "task_type": (str, type(None)),
+}
+
+
+def check_config_values(d: Mapping[str, Any], where: str) -> None:
+    """Checks the types of a loaded ``adapter_config.json``'s values before any format reads
+    them: a wrongly typed value, a regex RE2 rejects, or a non-finite alpha is a
+    :class:`~jpeft.errors.LoadError` that names the key (never a raw TypeError or ``re.error``)."""
+    for k, types in _VALUE_TYPES.items():
+        v = d.get(k)
+        if k in d and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            want = " or ".join("null" if t is type(None) else {"str": "a string", "list": "a list", "dict": "an object",
+                                                               "int": "an integer", "float": "a number",
+                                                               "bool": "true/false"}[t.__name__] for t in types)
+            raise LoadError(f"{where}: {k!r} must be {want}, found {type(v).__name__} {str(v)[:80]}.")
+    try:
+        for k in ("target_modules", "feedforward_modules"):
+            if d.get(k) is not None:
+                _as_targets(d[k], k)
+        for k in ("rank_pattern", "alpha_pattern"):
+            for pat, v in (d.get(k) or {}).items():
+                compile_pattern(pat)
+                ok = (isinstance(v, int) and v > 0) if k == "rank_pattern" else (
+                    isinstance(v, (int, float)) and 0 < v <= float(np.finfo(np.float32).max))
+                if isinstance(v, bool) or not ok:
+                    raise ConfigError(f"{k}[{pat!r}] must be a positive {'integer' if k == 'rank_pattern' else 'finite number'}, "
+                                      f"found {str(v)[:80]}")
+        if "lora_alpha" in d and not 0 < d["lora_alpha"] <= float(np.finfo(np.float32).max):
+            raise ConfigError(f"'lora_alpha' must be a positive finite number, found {d['lora_alpha']!r}")
+    except ConfigError as e:
+        raise LoadError(f"{where}: {e}") from None
+
+
 def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     """Reads a Hugging Face PEFT adapter folder for a jpeft base.
 
@@ -494,6 +533,7 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
       CheckpointError: a truncated or corrupted weights file.
     """
     d = read_peft_config(path)
+    check_config_values(d, os.path.join(path, CONFIG_FILE))
     ptype = d.get("peft_type")
     fmt = _FORMATS.get(ptype) if isinstance(ptype, str) else None
     if fmt is None:

@@ -157,3 +157,41 @@ def test_cli_reports_and_updates_a_doc(tmp_path, capsys):
     text = doc.read_text()
     assert text.startswith("before\n<!-- fuzz:begin (python -m jpeft.fuzz --cases 5 --seed 1") and text.endswith("<!-- fuzz:end -->\nafter\n")
     assert "old" not in text
+
+
+_BAD_PEFT_VALUES = [("target_modules", 5), ("target_modules", True), ("target_modules", "("), ("target_modules", [1]),
+                    ("target_modules", "(.|.)*X"), ("rank_pattern", 5), ("rank_pattern", "x"), ("rank_pattern", {"(": 2}),
+                    ("rank_pattern", {"q_proj": "x"}), ("alpha_pattern", {"q_proj": "x"}),
+                    ("alpha_pattern", {"q_proj": None}), ("alpha_pattern", 5), ("alpha_pattern", {"q_proj": 1e308}),
+                    ("lora_alpha", 1e308), ("lora_alpha", "x"), ("r", "4"), ("use_rslora", "yes"), ("use_dora", 1)]
+
+
+def test_wrongly_typed_peft_config_values_are_named_errors(hf_fixtures, scratch):
+    """Each value, written into adapter_config.json, ends in a named jpeft error (before the
+    fix: raw TypeError, ValueError or re.error; and ``(.|.)*X`` hung)."""
+    import json as _json
+
+    from jpeft.errors import JpeftError
+
+    t, root, _ = hf_fixtures["hf.load_peft"]
+    for i, (key, value) in enumerate(_BAD_PEFT_VALUES):
+        work = scratch / f"peft_value_{i}"
+        shutil.copytree(root, work)
+        cfg = _json.loads((work / "adapter_config.json").read_text())
+        cfg[key] = value
+        (work / "adapter_config.json").write_text(_json.dumps(cfg))
+        out = {}
+
+        def call():
+            try:
+                t.load(work)
+            except BaseException as e:  # noqa: BLE001 - checked below
+                out["e"] = e
+
+        import threading
+
+        th = threading.Thread(target=call, daemon=True)
+        th.start()
+        th.join(TIME_BOUND)
+        assert not th.is_alive(), f"{key}={value!r}: no answer within {TIME_BOUND}s"
+        assert isinstance(out.get("e"), JpeftError), (key, value, out)
