@@ -474,7 +474,7 @@ class CheckpointManager:
         }
         try:
             meta = with_checksum(meta)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise ConfigError(f"data_position must be JSON-able (an int, a dict of ints, ...): {e}") from None
         ocp = _ocp()
         try:

@@ -475,7 +475,7 @@ def verify_checksum(doc: dict, where: str) -> None:
         raise CheckpointError(f"{where} has no 'checksum'; it was not written by jpeft or was damaged.")
     try:
         want = with_checksum(doc)["checksum"]
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{where} is corrupted: {e}") from None
     if doc["checksum"] != want:
         raise CheckpointError(

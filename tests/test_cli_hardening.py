@@ -145,3 +145,27 @@ def test_closed_pipe_and_subprocess_exit_codes(folder):
     r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg)], capture_output=True,
                        text=True, env=ENV, timeout=300)
     assert r.returncode == 2 and "learning_rate must be a finite number" in one_line(r.stderr)
+
+
+def test_a_tokenizer_larger_than_the_model_is_one_line(folder, capsys, tmp_path):
+    """Token ids past the embedding table would be clamped to its last row (``loss`` finite but
+    wrong, or NaN): ``jpeft eval`` and ``jpeft train`` refuse the pair up front."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = tmp_path / "small"
+    shutil.copytree(folder / "m", small)
+    cfg = json.loads((small / "config.json").read_text())
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k in LlamaConfig().to_dict() and k != "vocab_size"},
+                                      vocab_size=cfg["vocab_size"] - 20))
+    hf.save_pretrained(small)
+    capsys.readouterr()  # transformers' own progress output
+    assert main(["eval", "--model", str(small), "--data", str(folder / "train.jsonl"), "--seq-len", "16"]) == 2
+    assert "have no embedding row" in one_line(capsys.readouterr().err)
+    (folder / "small").exists() or shutil.copytree(small, folder / "small")
+    assert main(["train", "--config", str(config(folder, top="").with_name("c.toml")), "--no-progress",
+                 "--set", 'model="small"']) == 2
+    assert "have no embedding row" in one_line(capsys.readouterr().err)

@@ -630,3 +630,51 @@ def test_save_peft_to_a_read_only_filesystem_is_a_save_error(tmp_path, run, monk
     monkeypatch.setattr(os, "makedirs", read_only)
     with pytest.raises(SaveError, match="Read-only file system"):
         hf.save_peft(str(tmp_path / "new"), cfg, adapter)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: token ids at the models' entry points; generate's and save's remaining raw errors
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama():
+    cfg = jpeft.models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+
+
+def test_out_of_vocabulary_ids_at_the_models_entry_point(tiny_llama):
+    model, params = tiny_llama
+    for bad, val in (([[1, -1, 3]], -1), ([[1, 2, 32]], 32)):
+        with pytest.raises(InputValidationError, match=f"token id {val} at position"):
+            model.apply(params, jnp.array(bad))
+        cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"])
+        with pytest.raises(InputValidationError, match=f"token id {val}"):
+            jpeft.apply(model, params, jpeft.init(cfg, params, jax.random.key(1)), jnp.array(bad))
+    # a masked-out (padding) position is not checked: it never reaches the embedding table
+    model.apply(params, jnp.array([[99, 2, 3]]), attention_mask=jnp.array([[0, 1, 1]]))  # does not raise
+    # inside jit the ids are abstract: the check is the host's job (jpeft.fit(vocab_size=), the CLI)
+    assert jax.jit(model.apply)(params, jnp.array([[1, 2, 3]])) is not None
+
+
+def test_generate_refuses_nan_temperature_and_ragged_prompts(tiny_llama):
+    model, params = tiny_llama
+    ids = jnp.ones((1, 3), jnp.int32)
+    for t in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(InputValidationError, match="temperature must be a finite number >= 0"):
+            jpeft.generate(model, params, None, ids, 2, temperature=t, key=jax.random.key(0))
+    with pytest.raises(InputValidationError, match="pad ragged prompts"):
+        jpeft.generate(model, params, None, [[1, 2, 3], [1, 2]], 2)
+
+
+def test_deeply_nested_data_position_is_a_config_error(tmp_path, run):
+    from jpeft.errors import ConfigError
+
+    params, cfg, adapter, opt, *_ = run
+    deep = 0
+    for _ in range(5000):
+        deep = [deep]
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, async_save=False) as m:
+        with pytest.raises(ConfigError, match="data_position must be JSON-able"):
+            m.save(1, adapter, opt.init(adapter), data_position=deep)
+        m.save(1, adapter, opt.init(adapter), data_position={"index": 1})  # and the manager still works
+        assert m.all_steps() == [1]
