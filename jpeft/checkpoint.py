@@ -418,8 +418,15 @@ class CheckpointManager:
         metadata are written. With ``async_save`` the call returns once the arrays are copied
         to the host; the device buffers may then be donated to the next step.
 
+        The first save takes this directory's writer lock (held until :meth:`close`): a second
+        manager saving into the same directory, in this or another process, is refused. A
+        step that :meth:`restore_latest` skipped as damaged is moved aside to
+        ``<step>.damaged-<id>`` and saved anew.
+
         Raises:
-          SaveError: the write failed (earlier checkpoints are intact).
+          SaveError: the write failed (earlier checkpoints are intact), or another manager
+            holds the writer lock.
+          PathEscapeError: a step directory is a symlink.
           ConfigError: ``step`` is invalid or already saved, or an argument is not JSON-able.
         """
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
