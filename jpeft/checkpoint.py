@@ -30,9 +30,14 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
+import math
+import os
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -46,6 +51,7 @@ from jpeft.errors import (
     ConfigError,
     JpeftError,
     LoadError,
+    PathEscapeError,
     SaveError,
     ShapeMismatchError,
 )
@@ -66,6 +72,7 @@ from jpeft.io import (
 
 FORMAT = "jpeft-train-checkpoint"
 FORMAT_VERSION = 1
+_LOCK_FILE = ".jpeft-writer.lock"  # flock-ed by the one manager allowed to save into a directory
 
 _log = logging.getLogger(__name__)
 
@@ -223,6 +230,9 @@ class CheckpointManager:
         self.read_only = bool(read_only)
         self.fingerprint = base_fingerprint(params, base_config, with_content_hash=with_content_hash)
         self._config_dict = config.to_dict()
+        self._lock = None  # the writer lock, taken at the first save
+        self._pending: Optional[int] = None  # the step of the last asynchronous save started
+        self._damaged: set[int] = set()  # steps restore_latest(fallback=True) skipped as damaged
         self._mngr = self._open()
 
     # -- orbax plumbing ------------------------------------------------------------------------
@@ -234,8 +244,12 @@ class CheckpointManager:
         if self.keep_best:
             metric = self.best_metric
 
-            def best_fn(m, metric=metric):
-                return float(m[metric])
+            worst = float("inf") if self.best_mode == "min" else float("-inf")
+
+            def best_fn(m, metric=metric, worst=worst):
+                # a NaN metric ranks last: a diverged step must never push the best one out
+                v = float(m[metric])
+                return worst if math.isnan(v) else v
 
             policies.append(pp.BestN(get_metric_fn=best_fn, reverse=(self.best_mode == "min"), n=self.keep_best,
                                      keep_checkpoints_without_metrics=False))
@@ -246,7 +260,7 @@ class CheckpointManager:
             best_mode=self.best_mode,
             keep_checkpoints_without_metrics=False,
             create=not self.read_only,
-            cleanup_tmp_directories=not self.read_only,
+            cleanup_tmp_directories=False,  # done by _cleanup_incomplete, only when no other writer is active
             read_only=self.read_only,
             enable_async_checkpointing=self.async_save,
         )
@@ -256,7 +270,9 @@ class CheckpointManager:
         else:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                self._cleanup_incomplete()
+                with self._writer_lock(blocking=False) as free:
+                    if free:  # never remove the temporary directory of another writer's save in progress
+                        self._cleanup_incomplete()
             except OSError as e:
                 raise SaveError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
         try:
@@ -275,6 +291,51 @@ class CheckpointManager:
             if ".orbax-checkpoint-tmp" in name and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
 
+    def _refuse_symlinked_steps(self) -> None:
+        """A step directory that is a symlink would be written or deleted through (Orbax's
+        rotation fails on it after the new step was written); refuse it up front."""
+        for p in self.directory.iterdir():
+            if p.name.isdigit() and p.is_symlink():
+                raise PathEscapeError(
+                    f"checkpoint step directory {p} is a symlink (to {os.readlink(p)}); jpeft does not write or delete "
+                    "through symlinks. Replace it with the real directory (or move it out of the checkpoint directory)."
+                )
+
+    @contextlib.contextmanager
+    def _writer_lock(self, *, blocking: bool):
+        """Yields whether the writer lock was free (then holds it for the block)."""
+        with open(self.directory / _LOCK_FILE, "a+b") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except OSError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _take_lock(self) -> None:
+        """Makes this manager the only writer of its directory (two managers saving the same
+        step, in two processes or in one, would overwrite each other). The lock is an ``flock``
+        held until :meth:`close`, released by the kernel if the process dies."""
+        if self._lock is not None:
+            return
+        try:
+            f = open(self.directory / _LOCK_FILE, "a+b")
+        except OSError as e:
+            raise SaveError(f"cannot create the writer lock in {self.directory}: {e}") from e
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise SaveError(
+                f"another CheckpointManager (in this or another process) is saving into {self.directory}; two writers "
+                "would overwrite each other's steps. Close the other manager first, or save into another directory."
+            ) from None
+        self._lock = f
+        self._mngr.reload()  # steps the other writer saved before this one took the lock
+
     def __enter__(self):
         return self
 
@@ -287,6 +348,9 @@ class CheckpointManager:
             self.wait()
         finally:
             self._mngr.close()
+            if self._lock is not None:
+                self._lock.close()  # releases the flock
+                self._lock = None
 
     def wait(self) -> None:
         """Blocks until every asynchronous save is on disk.
@@ -341,6 +405,8 @@ class CheckpointManager:
             if not m or self.best_metric not in m:
                 continue
             v = float(m[self.best_metric])
+            if math.isnan(v):  # a diverged step is never the best
+                continue
             if best is None or (v < best[0] if self.best_mode == "min" else v > best[0]):
                 best = (v, s)
         return None if best is None else best[1]
@@ -362,8 +428,15 @@ class CheckpointManager:
         metadata are written. With ``async_save`` the call returns once the arrays are copied
         to the host; the device buffers may then be donated to the next step.
 
+        The first save takes this directory's writer lock (held until :meth:`close`): a second
+        manager saving into the same directory, in this or another process, is refused. A
+        step that :meth:`restore_latest` skipped as damaged is moved aside to
+        ``<step>.damaged-<id>`` and saved anew.
+
         Raises:
-          SaveError: the write failed (earlier checkpoints are intact).
+          SaveError: the write failed (earlier checkpoints are intact), or another manager
+            holds the writer lock.
+          PathEscapeError: a step directory is a symlink.
           ConfigError: ``step`` is invalid or already saved, or an argument is not JSON-able.
         """
         if self.read_only:
@@ -374,8 +447,13 @@ class CheckpointManager:
         step = int(step)
         if not force and step % self.save_every != 0:
             return False
+        self._take_lock()
+        self._refuse_symlinked_steps()
+        self._drain_failed_async_save(step)
         if step in self.all_steps():
-            raise ConfigError(f"step {step} is already saved in {self.directory}; checkpoints are never overwritten.")
+            if step not in self._damaged:
+                raise ConfigError(f"step {step} is already saved in {self.directory}; checkpoints are never overwritten.")
+            self._set_aside(step)
         if not isinstance(adapter, Mapping) or not adapter:
             raise ConfigError(f"save expects the adapter dict from jpeft.init, found {type(adapter).__name__}.")
         arrays: dict[str, Any] = {}
@@ -420,11 +498,11 @@ class CheckpointManager:
         }
         try:
             meta = with_checksum(meta)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise ConfigError(f"data_position must be JSON-able (an int, a dict of ints, ...): {e}") from None
         ocp = _ocp()
         try:
-            return bool(
+            started = bool(
                 self._mngr.save(
                     step,
                     args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
@@ -432,9 +510,41 @@ class CheckpointManager:
                     force=True,
                 )
             )
+            self._pending = step
+            return started
         except Exception as e:
             self._settle()
             raise _wrap(e, f"saving step {step} into {self.directory} failed; earlier checkpoints are intact", SaveError) from e
+
+    def _drain_failed_async_save(self, step: int) -> None:
+        """A failed asynchronous save is reported by the next call into Orbax; report it as the
+        failure of the step it belongs to (a warning), so that this save, after space was
+        freed, is not failed by the old error."""
+        if not self.async_save:
+            return
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # the earlier background save's error
+            self._settle()
+            warnings.warn(
+                f"the asynchronous save of step {self._pending} into {self.directory} failed ({type(e).__name__}: "
+                f"{str(e)[:300]}); that step is not on disk, earlier checkpoints are intact. Now saving step {step}.",
+                stacklevel=3,
+            )
+
+    def _set_aside(self, step: int) -> None:
+        """Moves a step that restore_latest(fallback=True) found damaged to ``<step>.damaged-<id>``
+        (kept for inspection, invisible to Orbax), so that training resumed from an earlier step can
+        save this step again."""
+        src = self._step_dir(step)
+        dst = self.directory / f"{step}.damaged-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(src, dst)
+        except OSError as e:
+            raise SaveError(f"cannot move the damaged step {src} aside: {e}") from e
+        warnings.warn(f"checkpoint step {step} was damaged; moved to {dst} and saving step {step} again.", stacklevel=3)
+        self._damaged.discard(step)
+        self._mngr.reload()
 
     # -- restore -------------------------------------------------------------------------------------
     def read_metadata(self, step: Optional[int] = None) -> dict:
@@ -502,6 +612,7 @@ class CheckpointManager:
                 return self.restore(s, **kwargs)
             except CheckpointError as e:
                 err = e
+                self._damaged.add(s)  # a later save of this step replaces it (set aside, not deleted)
                 warnings.warn(f"skipping damaged checkpoint step {s}: {e}", stacklevel=2)
         raise err
 

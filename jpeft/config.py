@@ -13,6 +13,7 @@ import json
 from typing import Any, ClassVar, Mapping
 
 from jpeft.errors import ConfigError
+from jpeft.tree import compile_pattern
 
 _REGISTRY: dict[str, type["AdapterConfig"]] = {}
 
@@ -111,10 +112,21 @@ def registered_configs() -> dict[str, type[AdapterConfig]]:
     return dict(_REGISTRY)
 
 
-def _as_targets(v):
-    """Normalises ``target_modules``: a str stays a regex; a list becomes a tuple."""
+def _as_targets(v, field: str = "target_modules"):
+    """Normalises ``target_modules``: a str stays a regex (checked by RE2); a list becomes a
+    tuple of names.
+
+    Raises:
+      ConfigError: a value of another type, a list holding a non-string, or an invalid regex.
+    """
     if v is None:
         return None
     if isinstance(v, str):
+        compile_pattern(v)
         return v
-    return tuple(str(x) for x in v)
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise ConfigError(
+            f"{field} must be a regex string or a list of module names such as ['q_proj', 'v_proj'], found "
+            f"{type(v).__name__} {str(v)[:120]}."
+        )
+    return tuple(v)

@@ -60,6 +60,14 @@ def load_examples(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise LoadError(f"dataset file {path!r} does not exist (expected a .txt or .jsonl file).")
+    try:
+        return _read_examples(path, text_field, prompt_field, completion_field)
+    except UnicodeDecodeError as e:
+        raise LoadError(f"dataset file {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "give a UTF-8 .txt or .jsonl file.") from None
+
+
+def _read_examples(path: str, text_field: str, prompt_field: str, completion_field: str) -> list[dict[str, str]]:
     if not path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -75,6 +83,8 @@ def load_examples(
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LoadError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object.") from None
+            except RecursionError:
+                raise LoadError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one flat object.") from None
             if not isinstance(row, Mapping):
                 raise LoadError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}.")
             if prompt_field in row and completion_field in row:

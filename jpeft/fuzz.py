@@ -57,6 +57,15 @@ KINDS = (
     "empty",           # the file is empty
 )
 
+# What a downloaded folder can hold instead of a file: these run on every file a jpeft reader
+# opens itself (Target.hostile_files), each case, not by chance.
+HOSTILE_KINDS = (
+    "fifo",            # a named pipe with no writer (reading it would block for ever)
+    "dev_zero",        # a symlink to /dev/zero (st_size 0, endless zeros)
+    "sparse_tensor",   # safetensors: a header declaring a 1 GiB tensor, the file extended sparsely
+)
+SPARSE_BYTES = 1 << 30
+
 
 @dataclasses.dataclass(frozen=True)
 class Mutation:
@@ -81,6 +90,9 @@ class Target:
     # False for formats without checksums (Hugging Face safetensors): a flipped weight byte there
     # loads as a different number and no loader can tell; such cases are counted as "changed"
     checksummed: bool = True
+    # the files a hostile folder may replace by a FIFO, a device or a sparse file: those jpeft
+    # opens itself (Orbax's own data files are read by tensorstore); None means every file
+    hostile_files: Optional[Callable[[Path], list]] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,12 +144,40 @@ def _st_join(header, body: bytes) -> bytes:
     return struct.pack("<Q", len(h)) + h + body
 
 
+def _sparse_tensor(path: Path) -> None:
+    """Rewrites the first tensor of a safetensors file as a 1 GiB float32 tensor at the end of the
+    data section and extends the file sparsely to fit (a few kB on disk); a JSON file becomes a
+    sparse 1 GiB document."""
+    data = path.read_bytes()
+    split = _st_split(data)
+    names = [k for k in split[0] if k != "__metadata__"] if split is not None else []
+    if not names:
+        path.write_bytes(b'{"pad": "')
+        with open(path, "r+b") as f:
+            f.truncate(SPARSE_BYTES)
+        return
+    header, body = split
+    header[sorted(names)[0]] = {"dtype": "F32", "shape": [SPARSE_BYTES // 4],
+                                "data_offsets": [len(body), len(body) + SPARSE_BYTES]}
+    out = _st_join(header, body)
+    path.write_bytes(out)
+    with open(path, "r+b") as f:
+        f.truncate(len(out) + SPARSE_BYTES)
+
+
 def apply_mutation(path: Path, m: Mutation) -> None:
     """Applies ``m`` to the file at ``path`` in place (a mutation that does not fit the file's
     format falls back to byte flips, so every case damages something)."""
     rnd = random.Random(zlib.crc32(repr((m.kind, m.file, m.pos, m.value)).encode()))  # stable across processes
     if m.kind == "delete":
         path.unlink()
+        return
+    if m.kind in ("fifo", "dev_zero"):
+        path.unlink()
+        os.mkfifo(path) if m.kind == "fifo" else os.symlink("/dev/zero", path)
+        return
+    if m.kind == "sparse_tensor":
+        _sparse_tensor(path)
         return
     data = path.read_bytes()
     n = len(data)
@@ -223,7 +263,7 @@ def run_case(target: Target, pristine: Path, m: Mutation, scratch: Path, *, time
     return exactly that."""
     work = scratch / f"case_{time.monotonic_ns()}"
     shutil.copytree(pristine, work, symlinks=True)
-    files = target.files(work)
+    files = (target.hostile_files or target.files)(work) if m.kind in HOSTILE_KINDS else target.files(work)
     apply_mutation(files[m.file % len(files)], m)
     result: dict = {}
 
@@ -361,7 +401,10 @@ def checkpoint_target() -> Target:
         return (st.step, json.dumps(st.data_position, sort_keys=True), json.dumps(st.metrics, sort_keys=True),
                 _arrays_digest((st.adapter, st.opt_state, jax.random.key_data(st.key))))
 
-    return Target("checkpoint_restore", make, load, files, digest)
+    def own_files(root: Path) -> list:
+        return [p for p in files(root) if p.parent.name == "meta" and p.name == "metadata"]
+
+    return Target("checkpoint_restore", make, load, files, digest, hostile_files=own_files)
 
 
 def hf_targets() -> list[Target]:
@@ -460,30 +503,41 @@ def fuzz(targets: list[Target], cases: int, seed: int, time_bound: float, progre
                 from tqdm.auto import tqdm
 
                 it = tqdm(it, desc=t.name, unit="case")
+            hostile = [Mutation(kind, i, 0.0, 0) for kind in HOSTILE_KINDS
+                       for i in range(len((t.hostile_files or t.files)(root)))]
             for _ in it:
                 m = random_mutation(rnd)
                 o = run_case(t, root, m, tmp, time_bound=time_bound, expected=expected)
-                s["cases"] += 1
-                s[o.status] += 1
-                s["max_seconds"] = max(s["max_seconds"], o.seconds)
-                if o.status == "named":
-                    name = o.error.split(":", 1)[0]
-                    s["errors"][name] = s["errors"].get(name, 0) + 1
-                if o.status == "unhandled" and len(s["examples"]) < 5:
-                    s["examples"].append({"mutation": dataclasses.asdict(m), "error": o.error})
+                record(s, m, o)
+            for m in hostile:
+                record(s, m, run_case(t, root, m, tmp, time_bound=time_bound, expected=expected))
+            s["hostile"] = len(hostile)
             stats[t.name] = s
     return stats
+
+
+def record(s: dict, m: Mutation, o: Outcome) -> None:
+    """Adds one case's outcome to a target's statistics."""
+    s["cases"] += 1
+    s[o.status] += 1
+    s["max_seconds"] = max(s["max_seconds"], o.seconds)
+    if o.status == "named":
+        name = o.error.split(":", 1)[0]
+        s["errors"][name] = s["errors"].get(name, 0) + 1
+    if o.status == "unhandled" and len(s["examples"]) < 5:
+        s["examples"].append({"mutation": dataclasses.asdict(m), "error": o.error})
 
 
 def table(stats: dict, cases: int, seed: int, time_bound: float) -> str:
     lines = [
         f"<!-- fuzz:begin (python -m jpeft.fuzz --cases {cases} --seed {seed} --time-bound {time_bound:g}) -->",
-        "| loader | cases | loaded, same data | loaded, other values (no checksum in format) | named jpeft error | unhandled | slowest case (s) | errors raised |",
+        "| loader | cases (random + hostile) | loaded, same data | loaded, other values (no checksum in format) | named jpeft error | unhandled | slowest case (s) | errors raised |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in stats.items():
         errs = ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"| `{name}` | {s['cases']} | {s['ok']} | {s['changed']} | {s['named']} | **{s['unhandled']}** | "
+        n = f"{s['cases'] - s.get('hostile', 0)} + {s['hostile']}" if s.get("hostile") else f"{s['cases']}"
+        lines.append(f"| `{name}` | {n} | {s['ok']} | {s['changed']} | {s['named']} | **{s['unhandled']}** | "
                      f"{s['max_seconds']:.2f} | {errs} |")
     lines.append("<!-- fuzz:end -->")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ prefixes injected at the attention modules, bank nodes routed per example, ...).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional, Sequence
 
 import jax
@@ -128,7 +129,13 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     >>> out.shape
     (2, 7)
     """
-    input_ids = jnp.asarray(input_ids)
+    try:
+        input_ids = jnp.asarray(input_ids)
+    except (TypeError, ValueError) as e:  # a ragged list of prompts, or values that are not numbers
+        raise InputValidationError(
+            f"generate: input_ids must be an int array [batch, prompt_len] ({str(e)[:120]}); pad ragged prompts to one "
+            "length and pass attention_mask with 0 at the padding."
+        ) from None
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise InputValidationError(
             f"generate: input_ids must be an int array [batch, prompt_len], found {input_ids.dtype} {tuple(input_ids.shape)}."
@@ -156,10 +163,13 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
             f"generate: prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds GPT-2's {limit} learned positions; "
             "shorten the prompt or generate fewer tokens."
         )
-    temperature = float(temperature)
-    if temperature < 0:
-        raise InputValidationError(f"generate: temperature must be >= 0 (0 = greedy), found {temperature}.")
-    if not 0.0 < float(top_p) <= 1.0:
+    try:
+        temperature, top_p = float(temperature), float(top_p)
+    except (TypeError, ValueError):
+        raise InputValidationError(f"generate: temperature and top_p must be numbers, found {temperature!r}, {top_p!r}.") from None
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise InputValidationError(f"generate: temperature must be a finite number >= 0 (0 = greedy), found {temperature}.")
+    if not 0.0 < top_p <= 1.0:
         raise InputValidationError(f"generate: top_p must be in (0, 1], found {top_p}.")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InputValidationError(f"generate: top_k must be an int >= 0 (0 = off), found {top_k!r}.")

@@ -21,6 +21,7 @@ registered here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -34,18 +35,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject
-from jpeft.config import AdapterConfig
+from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
+    JpeftError,
     LoadError,
     SaveError,
     UnsafeFileError,
     UnsupportedAdapterError,
 )
 from jpeft.methods.lora import LoraConfig, LoraWeights
-from jpeft.tree import from_hf_name, hf_name, matches, module_leaves, unwrap_params
+from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_safetensors, safetensors_index
+from jpeft.tree import (compile_pattern, count, from_hf_name, hf_name, matches, module_leaves, regex_fullmatch,
+                        unwrap_params)
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -157,7 +161,7 @@ def _hf_targets(config: LoraConfig, paths) -> Any:
     names = [hf_name(p) for p in paths]
     t = config.target_modules
     if isinstance(t, str):
-        if all(re.fullmatch(t, n) for n in names):
+        if all(regex_fullmatch(t, n) for n in names):
             return t
         return sorted(names)
     conv = [hf_name(str(x).replace(".", "/")) for x in t]
@@ -378,25 +382,65 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     d.setdefault("revision", None)
     from safetensors.numpy import save_file
 
-    os.makedirs(path, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".jpeft_save_", dir=path)
+    config_bytes = json.dumps(d, indent=2, sort_keys=True).encode()
+    tmp = None
     try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(d, f, indent=2, sort_keys=True)
+        os.makedirs(path, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=_SAVE_PREFIX, dir=path)
+        with open(os.path.join(tmp, CONFIG_FILE), "wb") as f:
+            f.write(config_bytes)
+        # the weights name their config, so a kill between the two replaces below is finished on load
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+                  metadata={"format": "pt", _CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest()})
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
     except OSError as e:
         raise SaveError(f"could not write the adapter to {path!r}: {e}. The previous files are left as they were.") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_SAVE_PREFIX = ".jpeft_save_"
+_CONFIG_HASH = "jpeft_config_sha256"
+
+
+def _finish_interrupted_save(path: str) -> None:
+    """A :func:`save_peft` killed between its two replaces leaves the new weights beside the old
+    ``adapter_config.json``, with the new config still in its temporary folder: the weights'
+    header names the SHA-256 of their config, so that config is put in place here."""
+    wpath, cpath = os.path.join(path, WEIGHTS_FILE), os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(wpath) or not any(n.startswith(_SAVE_PREFIX) for n in os.listdir(path)):
+        return
+    want = safetensors_index(wpath)[1].get(_CONFIG_HASH)
+
+    def sha(f):
+        fd = open_regular(f, what="adapter_config.json")
+        try:
+            return hashlib.sha256(read_bounded(fd, MAX_JSON_BYTES + 1)).hexdigest()
+        finally:
+            os.close(fd)
+
+    if not want or (os.path.isfile(cpath) and sha(cpath) == want):
+        return
+    for name in sorted(os.listdir(path)):
+        cand = os.path.join(path, name, CONFIG_FILE)
+        if name.startswith(_SAVE_PREFIX) and os.path.isfile(cand) and sha(cand) == want:
+            os.replace(cand, cpath)
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+            return
 
 
 def read_peft_config(path: str) -> dict:
     """The parsed ``adapter_config.json`` of an adapter folder (named errors when absent/bad)."""
     if not os.path.isdir(path):
         raise LoadError(f"{path!r} is not a folder; pass the folder holding adapter_config.json.")
+    try:
+        _finish_interrupted_save(path)
+    except JpeftError:
+        raise
+    except OSError as e:
+        raise LoadError(f"cannot finish an interrupted save in {path!r}: {e}") from None
     cpath = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cpath):
         raise LoadError(f"{path!r} has no adapter_config.json (found {sorted(os.listdir(path))[:10]}); it is not a PEFT adapter folder.")
@@ -405,7 +449,7 @@ def read_peft_config(path: str) -> dict:
     return read_json(cpath, what="adapter_config.json")
 
 
-def _read_tensors(path: str) -> dict[str, np.ndarray]:
+def _read_tensors(path: str, base_numel: int) -> dict[str, np.ndarray]:
     wpath = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(wpath):
         bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
@@ -415,16 +459,56 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
                 "run code). Re-save with peft: model.save_pretrained(path, safe_serialization=True)."
             )
         raise LoadError(f"{path!r} has no {WEIGHTS_FILE}; save the adapter with weights next to adapter_config.json.")
-    from safetensors import safe_open
-
+    # The header is checked before any data is read: an adapter cannot hold more numbers than the
+    # whole base model, so a (sparse) file declaring more is refused without allocating it.
     try:
-        out = {}
-        with safe_open(wpath, framework="flax") as f:
-            for k in f.keys():
-                out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
-        return out
-    except Exception as e:
+        declared = sum(math.prod(shape) for _, shape, _, _ in safetensors_index(wpath)[0].values())
+        if declared > max(base_numel, 1):
+            raise CheckpointError(
+                f"it declares {declared:,} adapter numbers, more than the {base_numel:,} parameters of the whole base model"
+            )
+        arrays, _ = read_safetensors(wpath)
+    except CheckpointError as e:
         raise CheckpointError(f"cannot read {wpath!r}: {e}. The file is truncated or corrupted; copy it again.") from None
+    return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+
+
+# adapter_config.json keys read by jpeft's formats, and the JSON types their values may have
+_VALUE_TYPES = {
+    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
+    "use_dora": (bool,), "fan_in_fan_out": (bool,), "bias": (str,), "target_modules": (str, list, type(None)),
+    "rank_pattern": (dict, type(None)), "alpha_pattern": (dict, type(None)), "modules_to_save": (list, type(None)),
+    "feedforward_modules": (str, list, type(None)), "task_type": (str, type(None)),
+}
+
+
+def check_config_values(d: Mapping[str, Any], where: str) -> None:
+    """Checks the types of a loaded ``adapter_config.json``'s values before any format reads
+    them: a wrongly typed value, a regex RE2 rejects, or a non-finite alpha is a
+    :class:`~jpeft.errors.LoadError` that names the key (never a raw TypeError or ``re.error``)."""
+    for k, types in _VALUE_TYPES.items():
+        v = d.get(k)
+        if k in d and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            want = " or ".join("null" if t is type(None) else {"str": "a string", "list": "a list", "dict": "an object",
+                                                               "int": "an integer", "float": "a number",
+                                                               "bool": "true/false"}[t.__name__] for t in types)
+            raise LoadError(f"{where}: {k!r} must be {want}, found {type(v).__name__} {str(v)[:80]}.")
+    try:
+        for k in ("target_modules", "feedforward_modules"):
+            if d.get(k) is not None:
+                _as_targets(d[k], k)
+        for k in ("rank_pattern", "alpha_pattern"):
+            for pat, v in (d.get(k) or {}).items():
+                compile_pattern(pat)
+                ok = (isinstance(v, int) and v > 0) if k == "rank_pattern" else (
+                    isinstance(v, (int, float)) and 0 < v <= float(np.finfo(np.float32).max))
+                if isinstance(v, bool) or not ok:
+                    raise ConfigError(f"{k}[{pat!r}] must be a positive {'integer' if k == 'rank_pattern' else 'finite number'}, "
+                                      f"found {str(v)[:80]}")
+        if "lora_alpha" in d and not 0 < d["lora_alpha"] <= float(np.finfo(np.float32).max):
+            raise ConfigError(f"'lora_alpha' must be a positive finite number, found {d['lora_alpha']!r}")
+    except ConfigError as e:
+        raise LoadError(f"{where}: {e}") from None
 
 
 def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
@@ -449,6 +533,7 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
       CheckpointError: a truncated or corrupted weights file.
     """
     d = read_peft_config(path)
+    check_config_values(d, os.path.join(path, CONFIG_FILE))
     ptype = d.get("peft_type")
     fmt = _FORMATS.get(ptype) if isinstance(ptype, str) else None
     if fmt is None:
@@ -456,8 +541,8 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
             f"adapter type {ptype!r} in {path!r} is not supported by jpeft.hf; supported peft_type values: "
             f"{supported_peft_types()}."
         )
-    tensors = _read_tensors(path)
     inner, _ = unwrap_params(params)
+    tensors = _read_tensors(path, count(inner))
     from jpeft import scan
 
     n_scanned = scan.num_stacked_layers(inner)

@@ -43,12 +43,20 @@ def loss_and_grad(loss_fn: Callable, params, adapter, batch, key):
 
 def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, grads, loss, aux, *, skip_nonfinite=True):
     """Optimizer update with the non-finite guard: a step whose loss or gradients are not
-    finite leaves the adapter and optimizer state unchanged and reports ``skipped = 1``."""
+    finite, or whose update would make the adapter or optimizer state non-finite (a NaN or inf
+    learning rate, ``adam(eps=0)`` on a zero gradient), leaves the adapter and optimizer state
+    unchanged and reports ``skipped = 1``."""
 
     def update(operands):
         adapter, opt_state, grads = operands
         updates, new_state = optimizer.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), new_state
+
+    def guarded(operands):
+        new_adapter, new_state = update(operands)
+        ok = all_finite(new_adapter) & all_finite(new_state)
+        kept = jax.lax.cond(ok, lambda ops: ops[:2], lambda ops: ops[2:], (new_adapter, new_state, *operands[:2]))
+        return (*kept, ok)
 
     finite = jnp.isfinite(loss) & all_finite(grads)
     if skip_nonfinite:
@@ -57,7 +65,9 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
         # update, so the program would grow with the square of the number of adapter leaves
         # (38k extra ops for an 8-layer Llama with LoRA on all linear layers), and with it
         # compile time and compile memory.
-        new_adapter, new_state = jax.lax.cond(finite, update, lambda ops: (ops[0], ops[1]), (adapter, opt_state, grads))
+        new_adapter, new_state, applied = jax.lax.cond(finite, guarded, lambda ops: (ops[0], ops[1], jnp.asarray(False)),
+                                                       (adapter, opt_state, grads))
+        finite = finite & applied
     else:
         new_adapter, new_state = update((adapter, opt_state, grads))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": (~finite).astype(jnp.int32)}

@@ -7,8 +7,13 @@ module, e.g. ``"model/layers_0/self_attn/q_proj"``. Its *Hugging Face name* repl
 
 Target matching (one definition, used by every method):
 
-* a ``str`` is a regular expression matched with :func:`re.fullmatch` against the module
-  path *or* its Hugging Face name, so regexes written for Hugging Face PEFT work unchanged;
+* a ``str`` is a regular expression matched in full against the module path *or* its
+  Hugging Face name, so regexes written for Hugging Face PEFT work unchanged. Matching uses
+  RE2 (:func:`compile_pattern`), whose time is linear in the path's length whatever the
+  pattern: a pattern such as ``(.|.)*X`` from a downloaded ``adapter_config.json`` cannot
+  hang loading. RE2 does not accept look-arounds (``(?=``, ``(?!``, ``(?<=``, ``(?<!``),
+  backreferences (``\1``, ``(?P=name)``), possessive quantifiers, atomic groups or
+  ``\Z``; such a pattern raises :class:`~jpeft.errors.ConfigError` naming the construct;
 * a list/tuple of names matches a module whose path equals a name or ends with it on a
   component boundary (``"q_proj"`` matches ``"model/layers_0/self_attn/q_proj"``;
   ``"self_attn.q_proj"`` and ``"self_attn/q_proj"`` are the same suffix).
@@ -17,13 +22,15 @@ Target matching (one definition, used by every method):
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
+import re2
 
-from jpeft.errors import TargetNotFoundError
+from jpeft.errors import ConfigError, TargetNotFoundError
 
 _INDEX = re.compile(r"^(.*)_(\d+)$")
 # Hugging Face module names that end in ``_<digit>`` but are not list entries (GPT-2's
@@ -106,6 +113,40 @@ def set_subtree(params: Mapping[str, Any], path: str, value: Mapping[str, Any]) 
     return rec(params, 0)
 
 
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error is raised as a ConfigError, not logged to stderr
+
+
+@functools.lru_cache(maxsize=512)
+def compile_pattern(pattern: str):
+    """``pattern`` compiled with RE2, a regex engine whose matching time is linear in the input
+    (Python's :mod:`re` backtracks: ``(.|.)*X`` on a 31-character path takes minutes).
+
+    Raises:
+      ConfigError: ``pattern`` is not a string, or not a regex RE2 accepts (look-arounds,
+        backreferences, possessive quantifiers, atomic groups and ``\Z`` are not supported).
+
+    >>> bool(compile_pattern("(.|.)*X").fullmatch("model.layers.0.self_attn.q_proj"))
+    False
+    """
+    if not isinstance(pattern, str):
+        raise ConfigError(f"a module-path regex must be a string, found {type(pattern).__name__} {str(pattern)[:80]!r}.")
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as e:
+        msg = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ConfigError(
+            f"{pattern[:200]!r} is not a valid module-path regex: {msg}. jpeft matches with RE2 (linear time), which "
+            "does not accept look-arounds, backreferences, possessive quantifiers, atomic groups or \\Z; "
+            "rewrite the pattern without them, or give a list of module names instead."
+        ) from None
+
+
+def regex_fullmatch(pattern: str, s: str) -> bool:
+    """Whether RE2-compiled ``pattern`` matches all of ``s`` (see :func:`compile_pattern`)."""
+    return compile_pattern(pattern).fullmatch(s) is not None
+
+
 def _suffix_match(path: str, name: str) -> bool:
     name = name.replace(".", "/") if "/" not in name else name
     # Both the jpeft path and the HF-style name may be used as suffixes.
@@ -118,7 +159,7 @@ def _suffix_match(path: str, name: str) -> bool:
 def matches(target_modules: str | Sequence[str], path: str) -> bool:
     """True when ``path`` is selected by ``target_modules`` (see the module docstring)."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, path) is not None or re.fullmatch(target_modules, hf_name(path)) is not None
+        return regex_fullmatch(target_modules, path) or regex_fullmatch(target_modules, hf_name(path))
     return any(_suffix_match(path, str(t)) for t in target_modules)
 
 
@@ -193,6 +234,8 @@ __all__ = [
     "from_hf_name",
     "matches",
     "select",
+    "compile_pattern",
+    "regex_fullmatch",
     "module_leaves",
     "count",
     "nbytes",

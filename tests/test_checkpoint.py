@@ -470,3 +470,121 @@ def test_read_adapter_info_reads_no_arrays(tmp_path, base):
     assert info.base["num_params"] == jpeft.summary(params, None, print_fn=None)["base"]
     with pytest.raises(jpeft.LoadError, match="does not exist"):
         jpeft.load_adapter(d, params)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: saved work is not lost or mislabelled
+# ------------------------------------------------------------------------------------------------
+def test_a_nan_metric_never_pushes_the_best_checkpoint_out(tmp_path, base):
+    params, cfg, adapter, opt, opt_state, key = base
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, keep_last=2, keep_best=1,
+                                            best_metric="loss", async_save=False) as m:
+        for step, loss in zip((1, 2, 3, 4), (1.0, float("nan"), 2.0, 3.0)):
+            m.save(step, jax.tree.map(lambda x: x + step, adapter), opt_state, key, metrics={"loss": loss})
+        assert m.all_steps() == [1, 3, 4]  # the best (loss 1 at step 1) and the last two
+        assert m.best_step() == 1
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "mx", cfg, params, optimizer=opt, keep_last=1, keep_best=1,
+                                            best_metric="acc", best_mode="max", async_save=False) as m:
+        for step, acc in zip((1, 2, 3), (0.5, float("nan"), 0.1)):
+            m.save(step, adapter, opt_state, key, metrics={"acc": acc})
+        assert m.all_steps() == [1, 3] and m.best_step() == 1
+
+
+_HOLD_WRITER = r"""
+import sys
+import jax, jpeft, ckpt_common as C
+params, cfg, adapter, opt, opt_state, key = C.setup()
+with jpeft.checkpoint.CheckpointManager(sys.argv[1], cfg, params, optimizer=opt, async_save=False) as m:
+    m.save(1, adapter, opt_state, key)
+    print("saved", flush=True)
+    sys.stdin.readline()  # hold the manager (and its writer lock) open until told
+"""
+
+
+def test_two_writers_on_one_directory_are_refused(tmp_path, base):
+    """Two managers saving into one directory would overwrite each other's steps: the second
+    writer, in another process or in the same one (sync beside async), gets a SaveError."""
+    from jpeft.errors import SaveError
+
+    params, cfg, adapter, opt, opt_state, key = base
+    d = tmp_path / "ck"
+    p = subprocess.Popen([C.PY, "-c", _HOLD_WRITER, str(d)], env=C.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "saved", p.stderr.read()[-2000:]
+        with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, async_save=True) as m:
+            with pytest.raises(SaveError, match="another CheckpointManager .* is saving into"):
+                m.save(1, jax.tree.map(lambda x: x + 1, adapter), opt_state, key)
+            p.communicate("\n", timeout=60)  # the other process closes its manager
+            with pytest.raises(ConfigError, match="step 1 is already saved"):  # its step 1 is seen now
+                m.save(1, jax.tree.map(lambda x: x + 1, adapter), opt_state, key)
+            m.save(2, adapter, opt_state, key)
+            with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, async_save=False) as other:
+                with pytest.raises(SaveError, match="another CheckpointManager"):
+                    other.save(3, adapter, opt_state, key)
+            m.wait()
+        st = jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt).restore(1)
+        assert _leaves_equal(st.adapter, adapter)  # the first writer's step 1, not overwritten
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_a_save_after_a_failed_async_save_is_not_failed_by_the_old_error(tmp_path, base, monkeypatch):
+    import errno
+
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler as jh
+
+    params, cfg, adapter, opt, opt_state, key = base
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, async_save=True) as m:
+        m.save(1, adapter, opt_state, key)
+        m.wait()
+
+        async def full_disk(self, x, directory):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", full_disk)
+        m.save(2, adapter, opt_state, key)  # fails in the background
+        monkeypatch.undo()  # space is freed
+        with pytest.warns(UserWarning, match=r"asynchronous save of step 2 .* failed .*No space left.*Now saving step 3"):
+            m.save(3, adapter, opt_state, key)
+        m.save(4, adapter, opt_state, key)
+        m.wait()
+        assert m.all_steps() == [1, 3, 4]
+
+
+def test_fit_resumed_past_a_damaged_step_saves_that_step_again(tmp_path, base):
+    params, cfg, adapter, opt, opt_state, key = base
+    step = jpeft.make_train_step(C.loss_fn(), opt, donate=False)
+    data = list(C.batches(0, 4))
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, async_save=False) as m:
+        full = jpeft.fit(step, params, adapter, opt_state, data, key=key, checkpoint=m)
+        assert m.all_steps() == [2, 3, 4]
+    for f in _ocdbt_data_files(tmp_path / "ck" / "4"):
+        f.write_bytes(f.read_bytes()[:7])
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, async_save=False) as m:
+        with pytest.warns(UserWarning, match="skipping damaged checkpoint step 4"):
+            st = m.restore_latest(fallback=True)
+        assert st.step == 3
+        with pytest.warns(UserWarning, match="step 4 was damaged; moved to .*4.damaged-"):
+            jpeft.fit(step, params, st.adapter, st.opt_state, data[st.data_position:], key=st.key,
+                      checkpoint=m, start_step=st.step, data_position=st.data_position)
+        assert m.all_steps() == [2, 3, 4] and _leaves_equal(m.restore(4).adapter, full.adapter)
+    assert any(p.name.startswith("4.damaged-") for p in (tmp_path / "ck").iterdir())
+
+
+def test_a_symlinked_step_directory_is_refused_before_anything_is_written(tmp_path, base):
+    from jpeft.errors import PathEscapeError
+
+    params, cfg, adapter, opt, opt_state, key = base
+    d = tmp_path / "ck"
+    with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, async_save=False, keep_last=1) as m:
+        m.save(1, adapter, opt_state, key)
+    os.rename(d / "1", tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", d / "1")
+    with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, async_save=False, keep_last=1) as m:
+        assert m.restore(1).step == 1  # reading through it is fine
+        with pytest.raises(PathEscapeError, match="step directory .*1 is a symlink"):
+            m.save(2, adapter, opt_state, key)
+        assert m.all_steps() == [1]
+    assert (tmp_path / "elsewhere").is_dir()

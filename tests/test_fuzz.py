@@ -119,6 +119,33 @@ def test_each_format_attack_is_a_named_error(adapter_fixtures, scratch, kind):
             assert o.status == "named", (kind, fi, value, o)
 
 
+def _hostile_cases(fixture, scratch):
+    t, root, expected = fixture
+    files = (t.hostile_files or t.files)(root)
+    assert files
+    for kind in fuzz.HOSTILE_KINDS:
+        for fi in range(len(files)):
+            o = fuzz.run_case(t, root, fuzz.Mutation(kind, fi, 0.0, 0), scratch, time_bound=TIME_BOUND, expected=expected)
+            assert o.status in ("named", "ok"), (t.name, kind, files[fi].name, o)  # ok: a file it never opens
+            assert o.seconds < 2.0, (t.name, kind, files[fi].name, o)
+
+
+def test_hostile_files_in_an_adapter_folder(adapter_fixtures, scratch):
+    """A FIFO, a symlink to /dev/zero, or a sparse file declaring a 1 GiB tensor in place of
+    either file of a saved adapter: a named error at once (never a hang, never 1 GiB read)."""
+    for name in ("load_adapter", "read_adapter_info"):
+        _hostile_cases(adapter_fixtures[name], scratch)
+
+
+def test_hostile_checkpoint_metadata(checkpoint_fixture, scratch):
+    _hostile_cases(checkpoint_fixture, scratch)
+
+
+def test_hostile_files_in_hf_folders(hf_fixtures, scratch):
+    for name in ("models.from_pretrained", "hf.load_peft"):
+        _hostile_cases(hf_fixtures[name], scratch)
+
+
 def test_cli_reports_and_updates_a_doc(tmp_path, capsys):
     doc = tmp_path / "R.md"
     doc.write_text("before\n<!-- fuzz:begin -->old<!-- fuzz:end -->\nafter\n")
@@ -126,7 +153,45 @@ def test_cli_reports_and_updates_a_doc(tmp_path, capsys):
                     "--write-doc", str(doc)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "| `read_adapter_info` | 5 |" in out and "**0**" in out
+    assert "| `read_adapter_info` | 5 + 6 |" in out and "**0**" in out
     text = doc.read_text()
     assert text.startswith("before\n<!-- fuzz:begin (python -m jpeft.fuzz --cases 5 --seed 1") and text.endswith("<!-- fuzz:end -->\nafter\n")
     assert "old" not in text
+
+
+_BAD_PEFT_VALUES = [("target_modules", 5), ("target_modules", True), ("target_modules", "("), ("target_modules", [1]),
+                    ("target_modules", "(.|.)*X"), ("rank_pattern", 5), ("rank_pattern", "x"), ("rank_pattern", {"(": 2}),
+                    ("rank_pattern", {"q_proj": "x"}), ("alpha_pattern", {"q_proj": "x"}),
+                    ("alpha_pattern", {"q_proj": None}), ("alpha_pattern", 5), ("alpha_pattern", {"q_proj": 1e308}),
+                    ("lora_alpha", 1e308), ("lora_alpha", "x"), ("r", "4"), ("use_rslora", "yes"), ("use_dora", 1)]
+
+
+def test_wrongly_typed_peft_config_values_are_named_errors(hf_fixtures, scratch):
+    """Each value, written into adapter_config.json, ends in a named jpeft error (before the
+    fix: raw TypeError, ValueError or re.error; and ``(.|.)*X`` hung)."""
+    import json as _json
+
+    from jpeft.errors import JpeftError
+
+    t, root, _ = hf_fixtures["hf.load_peft"]
+    for i, (key, value) in enumerate(_BAD_PEFT_VALUES):
+        work = scratch / f"peft_value_{i}"
+        shutil.copytree(root, work)
+        cfg = _json.loads((work / "adapter_config.json").read_text())
+        cfg[key] = value
+        (work / "adapter_config.json").write_text(_json.dumps(cfg))
+        out = {}
+
+        def call():
+            try:
+                t.load(work)
+            except BaseException as e:  # noqa: BLE001 - checked below
+                out["e"] = e
+
+        import threading
+
+        th = threading.Thread(target=call, daemon=True)
+        th.start()
+        th.join(TIME_BOUND)
+        assert not th.is_alive(), f"{key}={value!r}: no answer within {TIME_BOUND}s"
+        assert isinstance(out.get("e"), JpeftError), (key, value, out)

@@ -290,6 +290,7 @@ def test_disk_full_and_permission_denied_leave_previous_adapter_intact(tmp_path,
         raise PermissionError(errno.EACCES, "Permission denied", str(dst))
 
     monkeypatch.setattr(os, "rename", denied)
+    monkeypatch.setattr(jpeft.io, "_exchange", lambda a, b: denied(a, b))  # the atomic swap (renameat2) too
     with pytest.raises(SaveError, match="Permission denied"):
         jpeft.save_adapter(d, cfg, newer, params=params, overwrite=True)
     monkeypatch.setattr(os, "rename", real_rename)
@@ -378,3 +379,302 @@ def test_safetensors_header_length_that_looks_like_a_pickle_opcode_is_not_refuse
     p = tmp_path / "evil.safetensors"
     p.write_bytes(pickle.dumps({"a": 1}, protocol=3))
     assert jio.sniff_unsafe(p) is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: hostile folders (FIFOs, devices, sparse files), regex denial of service
+# ------------------------------------------------------------------------------------------------
+def _within(seconds, fn):
+    """``fn()``'s result or exception, failing the test if it takes longer than ``seconds`` (the
+    call runs in a daemon thread, so a hang cannot hang the test run)."""
+    import threading
+
+    out = {}
+
+    def call():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    th = threading.Thread(target=call, daemon=True)
+    th.start()
+    th.join(seconds)
+    assert not th.is_alive(), f"no answer within {seconds}s (a hang)"
+    return out
+
+
+def _saved(tmp_path, run, name="a"):
+    params, cfg, adapter, *_ = run
+    return params, jpeft.save_adapter(tmp_path / name, cfg, adapter, params=params)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_fifo_or_dev_zero_in_place_of_a_file_is_refused_at_once(tmp_path, run, kind):
+    from jpeft import fuzz
+
+    params, d = _saved(tmp_path, run)
+    for fname in ("jpeft_adapter.json", "jpeft_adapter.safetensors"):
+        work = tmp_path / f"{kind}_{fname}"
+        import shutil
+
+        shutil.copytree(d, work)
+        fuzz.apply_mutation(work / fname, fuzz.Mutation(kind, 0, 0.0, 0))
+        out = _within(5, lambda: jpeft.load_adapter(work, params))
+        assert isinstance(out.get("error"), LoadError), out
+        assert "not a regular file" in str(out["error"])
+    # the safetensors reader and the JSON reader refuse them directly too
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    for fn in (lambda: jpeft.io.read_safetensors(tmp_path / "pipe.safetensors"),
+               lambda: jpeft.io.read_json(tmp_path / "pipe.safetensors"),
+               lambda: jpeft.io.read_json("/dev/zero")):
+        out = _within(5, fn)
+        assert isinstance(out.get("error"), LoadError) and "not a regular file" in str(out["error"]), out
+
+
+def test_sparse_file_declaring_a_huge_tensor_is_refused_before_reading_it(tmp_path, run):
+    """A 1 GiB tensor declared in a sparse file (a few kB on disk): the names and shapes are
+    compared with the metadata before any data is read, so memory stays small."""
+    import tracemalloc
+
+    from jpeft import fuzz
+
+    params, d = _saved(tmp_path, run)
+    f = d / "jpeft_adapter.safetensors"
+    fuzz.apply_mutation(f, fuzz.Mutation("sparse_tensor", 0, 0.0, 0))
+    assert f.stat().st_size > fuzz.SPARSE_BYTES and f.stat().st_blocks * 512 < (1 << 20)  # really sparse
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="in the file, expected"):
+            jpeft.load_adapter(d, params)
+        with pytest.raises(CheckpointError, match="only in the file|expected"):
+            jpeft.io.read_safetensors(f, expect={})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (32 << 20), f"peak {peak / 2**20:.0f} MiB while refusing a sparse 1 GiB tensor"
+
+
+@pytest.mark.parametrize("shape", [[0, 2 ** 62], [0] + [2] * 70])
+def test_impossible_safetensors_shapes_are_named_errors(tmp_path, shape):
+    h = json.dumps({"t": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}}).encode()
+    (tmp_path / "x.safetensors").write_bytes(len(h).to_bytes(8, "little") + h)
+    with pytest.raises(CheckpointError, match="impossible shape"):
+        jpeft.io.read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_backtracking_regex_matches_in_linear_time(tmp_path, run):
+    """``(.|.)*X`` takes 2^n steps in Python's re on an n-character path; RE2 answers at once,
+    in jpeft.tree, in a config's rank_pattern, and when loading a downloaded adapter."""
+    from jpeft.errors import ConfigError, TargetNotFoundError
+
+    paths = ["model/layers_0/self_attn/q_proj_with_a_long_name"]
+    out = _within(2, lambda: jpeft.tree.select("(.|.)*X", paths))
+    assert isinstance(out.get("error"), TargetNotFoundError), out
+    cfg = jpeft.LoraConfig(target_modules=".*q_proj.*", rank_pattern={"(.|.)*X": 2})
+    assert _within(2, lambda: cfg.rank_alpha(paths[0]))["value"] == (8, 16.0)
+    # a saved adapter whose config was edited to the pattern (checksum recomputed, as an attacker would)
+    params, d = _saved(tmp_path, run)
+    meta = json.loads((d / "jpeft_adapter.json").read_text())
+    meta["config"]["target_modules"] = "(.|.)*X"
+    (d / "jpeft_adapter.json").write_text(json.dumps(jpeft.io.with_checksum(meta)))
+    out = _within(5, lambda: jpeft.load_adapter(d, params))
+    assert isinstance(out.get("error"), TargetNotFoundError), out
+    # what RE2 does not accept is a named error that says so
+    for bad in ("(?=q)proj", r"(q)\1", "(", r"q_proj\Z"):
+        with pytest.raises(ConfigError, match="not a valid module-path regex"):
+            jpeft.LoraConfig(target_modules=bad)
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=float("inf")), dict(alpha=1e308), dict(alpha=float("nan")),
+                                dict(alpha_pattern={"q_proj": float("inf")}), dict(alpha_pattern={"q_proj": 1e308}),
+                                dict(alpha_pattern={"q_proj": "x"}), dict(alpha_pattern={"q_proj": None}),
+                                dict(alpha_pattern=5), dict(rank_pattern=5), dict(rank_pattern={"q": "x"}),
+                                dict(rank_pattern={"(": 2}), dict(target_modules=5), dict(target_modules=True),
+                                dict(target_modules=[1, 2]), dict(target_modules="(")])
+def test_non_finite_alpha_and_wrongly_typed_lora_fields_are_config_errors(kw):
+    from jpeft.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        jpeft.LoraConfig(**kw)
+    # the same values in a stored config: a named error, never a raw TypeError or re.error
+    d = jpeft.LoraConfig().to_dict()
+    d.update({{"alpha": "lora_alpha"}.get(k, k): v for k, v in kw.items()})
+    with pytest.raises(ConfigError):
+        jpeft.AdapterConfig.from_dict(d)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: the update itself is guarded
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt", [optax.adam(1e-2, eps=0.0), optax.sgd(float("nan")), optax.adam(float("inf"))],
+                         ids=["adam_eps0_at_B0", "lr_nan", "lr_inf"])
+def test_a_non_finite_update_is_skipped_even_with_finite_loss_and_gradients(run, opt):
+    """adam(eps=0) at LoRA's B=0 start gives 0/0 for A; a NaN or inf learning rate makes every
+    update non-finite. The loss and gradients are finite, so only a guard on the update itself
+    keeps the adapter (and the checkpoint written from it) intact."""
+    params, cfg, adapter, _, _, loss_fn = run
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    state = opt.init(adapter)
+    new_adapter, new_state, metrics = step(params, adapter, state, _batch(0), jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert int(metrics["skipped"]) == 1
+    assert _leaves_equal(new_adapter, adapter) and _leaves_equal(new_state, state)
+    with pytest.raises(NonFiniteError):
+        jpeft.fit(step, params, adapter, state, [_batch(i) for i in range(4)], key=jax.random.key(0),
+                  max_consecutive_skips=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: replacing an adapter is one atomic step; a kill between two renames is recovered
+# ------------------------------------------------------------------------------------------------
+_KILL_BETWEEN_RENAMES = r"""
+import os, signal, sys
+sys.path.insert(0, {helpers!r})
+import jax, jpeft, jpeft.io
+import ckpt_common as C
+params = C.params(); cfg = C.lora_config(dropout=0.0)
+adapter = jax.tree.map(lambda x: x + 1.0, jpeft.init(cfg, params, jax.random.key(1)))
+jpeft.io._renameat2 = None  # a system without an atomic exchange: two renames
+real = os.rename
+def rename(src, dst):
+    real(src, dst)
+    if str(dst).endswith(".old"):
+        os.kill(os.getpid(), signal.SIGKILL)  # between the two renames
+os.rename = rename
+jpeft.save_adapter({path!r}, cfg, adapter, params=params, overwrite=True)
+"""
+
+
+def test_kill_between_the_two_renames_of_an_overwrite_is_recovered(tmp_path, run):
+    import subprocess
+
+    params, cfg, adapter, *_ = run
+    d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
+    code = _KILL_BETWEEN_RENAMES.format(helpers=os.path.join(os.path.dirname(__file__), "helpers"), path=str(d))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, env=C.env())
+    assert r.returncode == -9, r.stderr.decode()[-2000:]
+    assert not d.exists() and any(p.name.endswith(".old") for p in tmp_path.iterdir())  # the exact point
+    _, loaded = jpeft.load_adapter(d, params)  # recovered: the complete new version is moved into place
+    assert _leaves_equal(loaded, jax.tree.map(lambda x: x + 1.0, adapter))
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_overwrite_is_an_exchange_and_leaves_no_sibling(tmp_path, run):
+    params, cfg, adapter, *_ = run
+    d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
+    newer = jax.tree.map(lambda x: x + 1.0, adapter)
+    jpeft.save_adapter(d, cfg, newer, params=params, overwrite=True)
+    assert _leaves_equal(jpeft.load_adapter(d, params)[1], newer)
+    f = tmp_path / "file"
+    f.write_text("a regular file")
+    jpeft.save_adapter(f, cfg, adapter, params=params, overwrite=True)
+    long = "n" * 245  # the temporary sibling's name must stay under 255 bytes
+    jpeft.save_adapter(tmp_path / long, cfg, adapter, params=params)
+    assert sorted(os.listdir(tmp_path)) == sorted(["a", "file", long])  # no .old or .tmp left
+    assert _leaves_equal(jpeft.load_adapter(f, params)[1], adapter)
+
+
+_KILL_BETWEEN_PEFT_REPLACES = r"""
+import os, signal, sys
+sys.path.insert(0, {helpers!r})
+import jax, jpeft, jpeft.hf as H
+import ckpt_common as C
+params = C.params()
+cfg = jpeft.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
+adapter = jax.tree.map(lambda x: x + 1.0, jpeft.init(cfg, params, jax.random.key(1)))
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if str(dst).endswith("adapter_model.safetensors"):
+        os.kill(os.getpid(), signal.SIGKILL)  # new weights in place, the old config beside them
+os.replace = replace
+H.save_peft({path!r}, cfg, adapter)
+"""
+
+
+def test_kill_between_save_peft_replaces_is_finished_on_load(tmp_path, run):
+    """Without the fix the new weights load with the old config's alpha (8 instead of 32)."""
+    import subprocess
+
+    from jpeft import hf
+
+    params = run[0]
+    old_cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    hf.save_peft(str(tmp_path / "p"), old_cfg, jpeft.init(old_cfg, params, jax.random.key(1)))
+    code = _KILL_BETWEEN_PEFT_REPLACES.format(helpers=os.path.join(os.path.dirname(__file__), "helpers"),
+                                              path=str(tmp_path / "p"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, env=C.env())
+    assert r.returncode == -9, r.stderr.decode()[-2000:]
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["lora_alpha"] == 8  # the exact point
+    cfg, adapter = hf.load_peft(str(tmp_path / "p"), params)
+    assert cfg.alpha == 32
+    new_cfg = jpeft.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
+    assert _leaves_equal(adapter, jax.tree.map(lambda x: x + 1.0, jpeft.init(new_cfg, params, jax.random.key(1))))
+    assert sorted(os.listdir(tmp_path / "p")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_peft_to_a_read_only_filesystem_is_a_save_error(tmp_path, run, monkeypatch):
+    import tempfile
+
+    from jpeft import hf
+
+    params, cfg, adapter, *_ = run
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # the folder exists; nothing can be created in it
+    with pytest.raises(SaveError, match="could not write the adapter .*Read-only file system"):
+        hf.save_peft(str(tmp_path), cfg, adapter)
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(SaveError, match="Read-only file system"):
+        hf.save_peft(str(tmp_path / "new"), cfg, adapter)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 16: token ids at the models' entry points; generate's and save's remaining raw errors
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama():
+    cfg = jpeft.models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+
+
+def test_out_of_vocabulary_ids_at_the_models_entry_point(tiny_llama):
+    model, params = tiny_llama
+    for bad, val in (([[1, -1, 3]], -1), ([[1, 2, 32]], 32)):
+        with pytest.raises(InputValidationError, match=f"token id {val} at position"):
+            model.apply(params, jnp.array(bad))
+        cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"])
+        with pytest.raises(InputValidationError, match=f"token id {val}"):
+            jpeft.apply(model, params, jpeft.init(cfg, params, jax.random.key(1)), jnp.array(bad))
+    # a masked-out (padding) position is not checked: it never reaches the embedding table
+    model.apply(params, jnp.array([[99, 2, 3]]), attention_mask=jnp.array([[0, 1, 1]]))  # does not raise
+    # inside jit the ids are abstract: the check is the host's job (jpeft.fit(vocab_size=), the CLI)
+    assert jax.jit(model.apply)(params, jnp.array([[1, 2, 3]])) is not None
+
+
+def test_generate_refuses_nan_temperature_and_ragged_prompts(tiny_llama):
+    model, params = tiny_llama
+    ids = jnp.ones((1, 3), jnp.int32)
+    for t in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(InputValidationError, match="temperature must be a finite number >= 0"):
+            jpeft.generate(model, params, None, ids, 2, temperature=t, key=jax.random.key(0))
+    with pytest.raises(InputValidationError, match="pad ragged prompts"):
+        jpeft.generate(model, params, None, [[1, 2, 3], [1, 2]], 2)
+
+
+def test_deeply_nested_data_position_is_a_config_error(tmp_path, run):
+    from jpeft.errors import ConfigError
+
+    params, cfg, adapter, opt, *_ = run
+    deep = 0
+    for _ in range(5000):
+        deep = [deep]
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, async_save=False) as m:
+        with pytest.raises(ConfigError, match="data_position must be JSON-able"):
+            m.save(1, adapter, opt.init(adapter), data_position=deep)
+        m.save(1, adapter, opt.init(adapter), data_position={"index": 1})  # and the manager still works
+        assert m.all_steps() == [1]

@@ -13,7 +13,10 @@ Subcommands (each is a module of this package with ``add_parser`` and ``run``):
 ====================  ==============================================================
 
 Bad arguments or inputs end with one line ``jpeft <cmd>: error: ...`` on stderr and exit
-status 2; no traceback. :func:`main` returns the exit status instead of exiting, so it can
+status 2; no traceback. That covers jpeft's named errors and what the environment or a
+hostile input raises: a file that is not UTF-8, JSON or TOML nested thousands of levels
+deep, a read-only or full disk (``OSError``). Ctrl-C exits with status 130 and one line; a
+closed stdout (``jpeft info ... | head -3``) ends quietly with status 141, as SIGPIPE would. :func:`main` returns the exit status instead of exiting, so it can
 be called from Python (``jpeft.cli.main(["info", "llama-2-7b"])``).
 """
 
@@ -91,7 +94,7 @@ def _fail(prog: str, msg: str) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the ``jpeft`` command line and returns its exit status (0 ok, 2 bad input,
-    130 interrupted).
+    130 interrupted, 141 stdout closed).
 
     >>> main(["info", "no-such-model"])  # prints "jpeft info: error: ..." to stderr
     2
@@ -104,6 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     except UsageError as e:
         return _fail(e.prog, f"{e} (see `{e.prog} --help`)")
+    except KeyboardInterrupt:  # Ctrl-C while the subcommands are imported
+        print("jpeft: interrupted", file=sys.stderr)
+        return 130
     if extra:
         prog = f"jpeft {args.cmd}" if getattr(args, "cmd", None) else "jpeft"
         return _fail(prog, f"unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)")
@@ -113,6 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prog = f"jpeft {args.cmd}"
     try:
         rc = args._run(args)
+        sys.stdout.flush()  # a closed pipe (`jpeft info ... | head -3`) shows here, not at exit
+    except BrokenPipeError:
+        return _closed_stdout()
     except UsageError as e:
         return _fail(e.prog or prog, f"{e} (see `{e.prog or prog} --help`)")
     except JpeftError as e:
@@ -120,4 +129,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except UnicodeDecodeError as e:  # a data or config file that is binary, or not UTF-8
+        return _fail(prog, f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 text file.")
+    except RecursionError:  # JSON lines or TOML nested thousands of levels deep
+        return _fail(prog, "an input file is nested too deeply to read (thousands of levels); it is not a jpeft input.")
+    except OSError as e:  # the environment: a read-only or full disk, a missing permission
+        return _fail(prog, f"{type(e).__name__}: {e}")
     return int(rc or 0)
+
+
+def _closed_stdout() -> int:
+    """The reader of our stdout went away (``| head``): stop quietly, as a command killed by
+    SIGPIPE would, and keep Python from reporting the failed flush at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Any, Mapping, Optional
 
@@ -144,6 +145,52 @@ def require_causal_lm(folder: str, cmd: str) -> dict:
             "loss; docs/MODELS.md); `jpeft info`, `export` and `merge` accept them."
         )
     return d
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_train_values(cfg: Mapping[str, Any]) -> None:
+    """Type and range checks of a resolved ``jpeft train`` config, before anything is loaded:
+    a NaN or infinite learning rate, a string where a number belongs (``--set
+    train.learning_rate='"1e-3"'``), a ``method`` that is not a table.
+
+    Raises:
+      ConfigError: naming the key, what it must be, and what was found.
+    """
+    def fail(key, want, v):
+        raise ConfigError(f"{key} must be {want}, found {type(v).__name__} {str(v)[:80]!r}.")
+
+    for key in ("model", "output_dir"):
+        if key in cfg and not isinstance(cfg[key], str):
+            fail(key, "a string (a path)", cfg[key])
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        fail("seed", "an integer", seed)
+    if not isinstance(cfg.get("method"), Mapping):
+        fail("[method]", 'a table such as [method] name = "lora" (or --set method.name=lora)', cfg.get("method"))
+    d = cfg.get("data", {})
+    for key in ("train", "eval", "text_field", "prompt_field", "completion_field"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            fail(f"data.{key}", "a string", d[key])
+    sl = d.get("seq_len")
+    if not isinstance(sl, int) or isinstance(sl, bool) or sl <= 0:
+        fail("data.seq_len", "a positive integer", sl)
+    t = cfg.get("train", {})
+    lr = t.get("learning_rate")
+    if not _number(lr):
+        fail("train.learning_rate", "a number (e.g. 2e-4)", lr)
+    if not (math.isfinite(lr) and lr > 0):
+        fail("train.learning_rate", "a finite number > 0", lr)
+    for key in ("weight_decay", "max_grad_norm"):
+        v = t.get(key)
+        if key == "max_grad_norm" and v is None:
+            continue
+        if not _number(v):
+            fail(f"train.{key}", "a number", v)
+        if not (math.isfinite(v) and v >= 0):
+            fail(f"train.{key}", "a finite number >= 0", v)
 
 
 def require_dir(path: str, what: str) -> str:

@@ -26,7 +26,7 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
       LoadError: the folder is missing or is not a Hugging Face model folder.
       ConfigError: ``scan_layers`` for a model family without a scanned variant.
     """
-    from jpeft.errors import ConfigError
+    from jpeft.errors import ConfigError, InputValidationError
     from jpeft.models import from_pretrained, load_tokenizer, read_config
 
     d = read_config(folder)
@@ -41,6 +41,13 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
     else:
         model, params = from_pretrained(folder)
     tok = load_tokenizer(folder) if tokenizer else None
+    vocab = d.get("vocab_size")
+    if tok is not None and isinstance(vocab, int) and len(tok) > vocab:
+        # ids past the embedding table would be clamped to its last row: a NaN-free, wrong loss
+        raise InputValidationError(
+            f"the tokenizer in {folder!r} has {len(tok):,} tokens but the model's vocab_size is {vocab:,}: token ids "
+            f">= {vocab:,} have no embedding row. Use the model's own tokenizer, or resize the embeddings."
+        )
     return Loaded(model, params, tok, folder, d)
 
 

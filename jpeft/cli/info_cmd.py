@@ -6,6 +6,7 @@ import json
 import os
 
 from jpeft.cli._common import add_method_args, format_table, human_bytes, human_count
+from jpeft.io import read_json
 
 HELP = ("parameter budget of a method on a model folder or a published config (nothing is allocated), "
         "or what an adapter, PEFT export, run folder or checkpoint holds")
@@ -40,6 +41,7 @@ def add_parser(sub):
 
 
 _BASE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_LAYERS = 1024  # ``jpeft info`` traces every layer's shapes; far beyond any published model
 
 
 def stored_dtype(cfg: dict) -> str:
@@ -57,11 +59,9 @@ def _config_dict(spec: str) -> tuple[str, dict]:
         path = os.path.join(spec, "config.json")
         if not os.path.isfile(path):
             raise LoadError(f"{spec!r} has no config.json; it is not a Hugging Face model folder.")
-        with open(path) as f:
-            return spec, json.load(f)
+        return spec, read_json(path, what="config.json")  # size-limited; malformed/binary/list: named errors
     if spec.endswith(".json") and os.path.isfile(spec):
-        with open(spec) as f:
-            return spec, json.load(f)
+        return spec, read_json(spec, what="config.json")
     hit = _configs.lookup(spec)
     if hit is None:
         raise LoadError(f"{spec!r} is neither a model folder nor a published config; published configs: "
@@ -81,7 +81,7 @@ def budget(config_dict: dict, method) -> dict:
 def run(args) -> int:
     from jpeft.cli import _configs
     from jpeft.cli._common import method_from_args
-    from jpeft.errors import ConfigError
+    from jpeft.errors import ConfigError, JpeftError, LoadError
 
     if args.list:
         rows = []
@@ -97,7 +97,16 @@ def run(args) -> int:
     method_from_args(args)  # a bad method fails before anything is loaded
     name, cfg = _config_dict(args.model)
     method = method_from_args(args, model_type=cfg.get("model_type"))
-    s = budget(cfg, method)
+    layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+    if isinstance(layers, int) and layers > MAX_LAYERS:
+        raise ConfigError(f"{name}: {layers:,} layers is more than jpeft info's limit of {MAX_LAYERS:,} (the largest "
+                          "published models have about 130); tracing them would take minutes. Check config.json.")
+    try:
+        s = budget(cfg, method)
+    except (TypeError, ValueError, KeyError, OverflowError, ZeroDivisionError) as e:
+        if isinstance(e, JpeftError):
+            raise
+        raise LoadError(f"{name}: config.json holds an invalid value ({type(e).__name__}: {str(e)[:200]}).") from None
     base_dtype = args.base_dtype or stored_dtype(cfg)
     base_bytes = _BASE_BYTES[base_dtype]
     adam_adapter = s["trainable"] * 4 * 3  # weights + two Adam moments, float32

@@ -11,6 +11,7 @@ import sys
 import time
 from typing import Any, Mapping
 
+from jpeft.cli._common import check_train_values
 from jpeft.errors import ConfigError, LoadError
 
 HELP = "fine-tune a local Hugging Face model folder with any jpeft method (TOML config)"
@@ -150,6 +151,7 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
             raise ConfigError(f"unknown key(s) {unknown} in {where} of the config; known: {sorted(known)}.")
     if "model" not in cfg:
         raise ConfigError("the config has no `model = \"path/to/hf-folder\"` line.")
+    check_train_values(cfg)  # types and ranges, a NaN learning rate (issue 16)
     if "train" not in cfg["data"]:
         raise ConfigError("the config has no [data] train = \"file.jsonl\" entry.")
     t = cfg["train"]

@@ -66,7 +66,7 @@ class IA3Config(AdapterConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        object.__setattr__(self, "feedforward_modules", _as_targets(self.feedforward_modules) or ())
+        object.__setattr__(self, "feedforward_modules", _as_targets(self.feedforward_modules, "feedforward_modules") or ())
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("IA3Config.target_modules is empty; give a regex or names such as ['k_proj', 'v_proj', 'down_proj'].")
         if not isinstance(self.target_modules, str) and not isinstance(self.feedforward_modules, str):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from typing import Any, ClassVar, Mapping, Optional
 
 import jax
@@ -23,7 +22,7 @@ from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
 from jpeft.errors import ConfigError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
-from jpeft.tree import hf_name
+from jpeft.tree import compile_pattern, hf_name, regex_fullmatch
 
 _INITS = ("default", "gaussian", "pissa", "random")
 
@@ -39,7 +38,7 @@ class LoraConfig(AdapterConfig):
         with ``use_rslora``).
       dropout: dropout rate on the LoRA branch's input, in ``[0, 1)``; active only when
         :func:`jpeft.apply` gets ``rngs={"dropout": key}``.
-      target_modules: a regex (``re.fullmatch`` on the module path or its Hugging Face
+      target_modules: a regex (matched in full, with RE2, on the module path or its Hugging Face
         dotted name) or a list of names / path suffixes; see :mod:`jpeft.tree`.
       use_rslora: scale by ``alpha / sqrt(r)``.
       init: ``"default"`` (A Kaiming-uniform, B zero, so the adapter starts as the identity),
@@ -77,8 +76,13 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+        for name in ("rank_pattern", "alpha_pattern"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, Mapping):
+                raise ConfigError(f"LoraConfig.{name} must be a dict {{module regex: value}}, found {type(v).__name__} {str(v)[:80]}.")
+            object.__setattr__(self, name, dict(v or {}))
+            for k in getattr(self, name):
+                compile_pattern(k)  # a key of another type, or an invalid regex, is a ConfigError
         init = self.init
         if init is True:
             init = "default"
@@ -87,8 +91,8 @@ class LoraConfig(AdapterConfig):
         object.__setattr__(self, "init", init)
         if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer, found {self.r!r}. Typical values: 4 to 64.")
-        if not isinstance(self.alpha, (int, float, np.number)) or isinstance(self.alpha, bool) or not self.alpha > 0:
-            raise ConfigError(f"LoraConfig.alpha must be > 0, found {self.alpha!r}. A common choice is alpha = 2 * r.")
+        if not _finite_positive(self.alpha):
+            raise ConfigError(f"LoraConfig.alpha must be > 0 and finite (at most float32's 3.4e38), found {self.alpha!r}. A common choice is alpha = 2 * r.")
         if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), found {self.dropout!r}.")
         if self.init not in _INITS:
@@ -96,11 +100,11 @@ class LoraConfig(AdapterConfig):
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("LoraConfig.target_modules is empty; give a regex or a list of module names such as ['q_proj', 'v_proj'].")
         for k, v in self.rank_pattern.items():
-            if not isinstance(v, (int, np.integer)) or v <= 0:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be a positive integer, found {v!r}.")
         for k, v in self.alpha_pattern.items():
-            if not v > 0:
-                raise ConfigError(f"LoraConfig.alpha_pattern[{k!r}] must be > 0, found {v!r}.")
+            if not _finite_positive(v):
+                raise ConfigError(f"LoraConfig.alpha_pattern[{k!r}] must be > 0 and finite (at most float32's 3.4e38), found {v!r}.")
 
     def __hash__(self):
         return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
@@ -118,7 +122,7 @@ class LoraConfig(AdapterConfig):
         def lookup(pattern, default):
             for key, val in pattern.items():
                 k = key.replace("/", ".")
-                if re.match(rf"(.*\.)?({k})$", name) or re.match(rf"(.*/)?({key})$", path):
+                if regex_fullmatch(rf"(.*\.)?({k})", name) or regex_fullmatch(rf"(.*/)?({key})", path):
                     return val
             return default
 
@@ -126,6 +130,13 @@ class LoraConfig(AdapterConfig):
 
     def scale(self, r: int, alpha: float) -> float:
         return float(alpha / math.sqrt(r)) if self.use_rslora else float(alpha / r)
+
+
+def _finite_positive(v) -> bool:
+    """A real number, not a bool, > 0 and finite in float32 (alpha = inf or 1e308 would make the
+    float32 scale, and so every output, non-finite)."""
+    return (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and v > 0
+            and float(v) <= float(np.finfo(np.float32).max))
 
 
 @jax.tree_util.register_dataclass

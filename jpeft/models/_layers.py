@@ -15,8 +15,10 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError, UnsupportedModelError
+from jpeft.validate import check_token_ids
 
 Array = jax.Array
 
@@ -187,8 +189,10 @@ def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
 
 # -- masks and positions ----------------------------------------------------------------------------
 
-def check_ids_mask(input_ids, attention_mask, inputs_embeds, what: str):
-    """Validates the input triple; returns ``(batch, seq)``."""
+def check_ids_mask(input_ids, attention_mask, inputs_embeds, what: str, vocab_size: Optional[int] = None):
+    """Validates the input triple; returns ``(batch, seq)``. When ``vocab_size`` is given and
+    the ids are concrete (a call outside ``jit``), real tokens outside ``[0, vocab_size)`` raise:
+    the embedding gather would silently clamp them to another row (issue 16)."""
     if input_ids is None and inputs_embeds is None:
         raise InputValidationError(f"{what}: pass input_ids [batch, seq] (or inputs_embeds [batch, seq, hidden]).")
     if input_ids is not None and inputs_embeds is not None:
@@ -208,6 +212,12 @@ def check_ids_mask(input_ids, attention_mask, inputs_embeds, what: str):
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise InputValidationError(f"{what}: input_ids must be integers, found dtype {input_ids.dtype}.")
         b, s = input_ids.shape
+        concrete = not any(isinstance(x, jax.core.Tracer) for x in (input_ids, attention_mask))
+        if vocab_size is not None and concrete:
+            ids = np.asarray(input_ids)
+            if attention_mask is not None and tuple(np.shape(attention_mask)) == ids.shape:
+                ids = np.where(np.asarray(attention_mask).astype(bool), ids, 0)  # padding never reaches a row
+            check_token_ids(ids, int(vocab_size), name=f"{what}: input_ids")
     if attention_mask is not None and tuple(attention_mask.shape) != (b, s):
         raise InputValidationError(
             f"{what}: attention_mask must have the shape of the inputs ({b}, {s}), found {tuple(attention_mask.shape)}."

@@ -184,7 +184,7 @@ class BertModel(nn.Module):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
                  position_ids=None, prefix_kv=None, deterministic=True):
         c = self.config
-        b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, "BertModel")
+        b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, "BertModel", self.config.vocab_size)
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), bool)
         if token_type_ids is None:

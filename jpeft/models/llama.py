@@ -236,7 +236,7 @@ def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache
     adapter prepending virtual tokens), the extra leading positions are treated as real
     tokens: the mask gets leading ones and default positions are recomputed.
     """
-    b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, what)
+    b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, what, getattr(embeds, "num_embeddings", None))
     hidden = embeds(input_ids) if inputs_embeds is None else inputs_embeds
     if attention_mask is None:
         attention_mask = jnp.ones((b, s), bool)

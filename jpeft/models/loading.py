@@ -246,11 +246,11 @@ def weight_files(path: str) -> tuple[list[str], Optional[dict]]:
     """
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index!r} is malformed ({e!r}); it must hold a 'weight_map' object.") from None
+        from jpeft.io import read_json  # size-limited, regular files only, every failure a named error
+
+        wm = read_json(index, what="model.safetensors.index.json").get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise CheckpointError(f"{index!r} is malformed; it must hold a 'weight_map' object of file names.")
         files = sorted(set(wm.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
@@ -281,6 +281,9 @@ def weight_files(path: str) -> tuple[list[str], Optional[dict]]:
 def _open(fname: str):
     from safetensors import safe_open
 
+    from jpeft.io import open_regular
+
+    os.close(open_regular(fname, what="weights file"))  # a FIFO or /dev/zero would block or stream forever
     try:
         return safe_open(fname, framework="flax")
     except Exception as e:  # SafetensorError, OSError

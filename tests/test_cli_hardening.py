@@ -1,0 +1,171 @@
+"""Issue 16: the ``jpeft`` command ends every bad input in one stderr line and exit status 2
+(never a traceback): wrongly typed or non-finite config values, binary or deeply nested
+files, a broken ``config.json`` for ``jpeft info``, a read-only output place, a closed pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jpeft.cli import main
+
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny random Llama saved by transformers with a byte-level BPE tokenizer trained here,
+    a training file and a valid config (nothing downloaded)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("clih")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>", "</s>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(root / "m")
+    fast.save_pretrained(root / "m")
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": "the quick brown fox " * 8}) + "\n" for _ in range(8)))
+    return root
+
+
+def config(root, extra_train="", method='name = "lora"\nr = 2\ntarget_modules = ["q_proj"]', data="train.jsonl",
+           top=""):
+    p = root / "c.toml"
+    p.write_text(f'model = "m"\noutput_dir = "out"\n{top}\n[data]\ntrain = "{data}"\nseq_len = 16\n'
+                 f"[method]\n{method}\n[train]\nsteps = 2\nbatch_size = 2\n{extra_train}\n")
+    return p
+
+
+@pytest.mark.parametrize("extra, top, method, expect", [
+    ("learning_rate = nan", "", None, "train.learning_rate must be a finite number > 0, found float 'nan'"),
+    ("learning_rate = inf", "", None, "train.learning_rate must be a finite number > 0"),
+    ("learning_rate = \"1e-3\"", "", None, "train.learning_rate must be a number (e.g. 2e-4), found str '1e-3'"),
+    ("weight_decay = \"x\"", "", None, "train.weight_decay must be a number"),
+    ("max_grad_norm = [1]", "", None, "train.max_grad_norm must be a number"),
+    ("max_grad_norm = -inf", "", None, "train.max_grad_norm must be a finite number >= 0"),
+    ("", "seed = 1.5", None, "seed must be an integer, found float"),
+    ("", "", 'name = "lora"\ntarget_modules = 5', "target_modules must be a regex string or a list of module names"),
+    ("", "", 'name = "lora"\ntarget_modules = "("', "is not a valid module-path regex"),
+    ("", "", 'name = "lora"\nrank_pattern = 5', "rank_pattern must be a dict"),
+    ("", "", 'name = "lora"\nlora_alpha = inf', "alpha must be > 0 and finite"),
+])
+def test_bad_train_values_are_one_line(folder, capsys, extra, top, method, expect):
+    cfg = config(folder, extra, top=top, **({"method": method} if method else {}))
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    assert expect in one_line(capsys.readouterr().err)
+
+
+def test_bad_train_values_from_the_command_line(folder, capsys):
+    cfg = config(folder)
+    for sets, expect in ([["train.learning_rate=\"1e-3\""], "train.learning_rate must be a number"],
+                         [["method=5"], "[method] must be a table"],
+                         [["data.seq_len=\"x\""], "data.seq_len must be a positive integer"]):
+        argv = ["train", "--config", str(cfg), "--no-progress"] + [a for s in sets for a in ("--set", s)]
+        assert main(argv) == 2
+        assert expect in one_line(capsys.readouterr().err)
+    (folder / "s.toml").write_text('method = "lora"\nmodel = "m"\n[data]\ntrain = "train.jsonl"\n')
+    assert main(["train", "--config", str(folder / "s.toml")]) == 2
+    assert "[method] must be a table" in one_line(capsys.readouterr().err)
+
+
+def test_binary_nested_and_non_utf8_inputs_are_one_line(folder, capsys):
+    (folder / "bin.jsonl").write_bytes(b"\xff\xfe\x00\x81" * 100)
+    (folder / "deep.jsonl").write_text("[" * 60000 + "]" * 60000 + "\n")
+    (folder / "bin.txt").write_bytes(bytes(range(256)) * 4)
+    for data, expect in (("bin.jsonl", "is not UTF-8 text"), ("bin.txt", "is not UTF-8 text"),
+                         ("deep.jsonl", "nested too deeply")):
+        assert main(["train", "--config", str(config(folder, data=data)), "--no-progress"]) == 2
+        assert expect in one_line(capsys.readouterr().err)
+    toml = folder / "bad.toml"
+    for body, expect in ((b"\xff\xfe model = 1", "not UTF-8"), (b"a = " + b"[" * 60000 + b"]" * 60000, "nested too deeply")):
+        toml.write_bytes(body)
+        assert main(["train", "--config", str(toml)]) == 2
+        assert expect in one_line(capsys.readouterr().err)
+
+
+def test_info_on_broken_config_json_is_one_line(folder, capsys, tmp_path):
+    good = json.loads((folder / "m" / "config.json").read_text())
+    cases = [(b"{not json", "not valid JSON"), (b"[1, 2]", "must hold a JSON object"), (bytes(range(256)), "not valid JSON"),
+             (json.dumps(dict(good, num_attention_heads=0)).encode(), "invalid value"),
+             (json.dumps(dict(good, num_hidden_layers="x")).encode(), ""),
+             (json.dumps(dict(good, num_hidden_layers=20000)).encode(), "20,000 layers is more than")]
+    for i, (body, expect) in enumerate(cases):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        (d / "config.json").write_bytes(body)
+        assert main(["info", str(d)]) == 2, body[:60]
+        assert expect in one_line(capsys.readouterr().err)
+
+
+def test_export_and_merge_to_an_unwritable_place_are_one_line(folder, capsys, tmp_path):
+    import jax
+
+    import jpeft
+    from jpeft.models import from_pretrained
+
+    _, params = from_pretrained(str(folder / "m"))
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"])
+    jpeft.save_adapter(tmp_path / "a", cfg, jpeft.init(cfg, params, jax.random.key(0)), params=params)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder would go")
+    for cmd in ("export", "merge"):
+        # /proc refuses new entries even to root: a read-only place
+        for out in ("/proc/jpeft-out", str(blocker / "out")):
+            assert main([cmd, "--model", str(folder / "m"), "--adapter", str(tmp_path / "a"), "--out", out]) == 2
+            line = one_line(capsys.readouterr().err)
+            assert line.startswith(f"jpeft {cmd}: error: "), line
+
+
+def test_closed_pipe_and_subprocess_exit_codes(folder):
+    r = subprocess.run(f"{sys.executable} -m jpeft.cli info llama-2-7b | head -1", shell=True, capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    assert r.stdout.startswith("model: llama-2-7b") and r.stderr.strip() == "", r.stderr
+    cfg = config(folder, "learning_rate = nan")
+    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg)], capture_output=True,
+                       text=True, env=ENV, timeout=300)
+    assert r.returncode == 2 and "learning_rate must be a finite number" in one_line(r.stderr)
+
+
+def test_a_tokenizer_larger_than_the_model_is_one_line(folder, capsys, tmp_path):
+    """Token ids past the embedding table would be clamped to its last row (``loss`` finite but
+    wrong, or NaN): ``jpeft eval`` and ``jpeft train`` refuse the pair up front."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = tmp_path / "small"
+    shutil.copytree(folder / "m", small)
+    cfg = json.loads((small / "config.json").read_text())
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k in LlamaConfig().to_dict() and k != "vocab_size"},
+                                      vocab_size=cfg["vocab_size"] - 20))
+    hf.save_pretrained(small)
+    capsys.readouterr()  # transformers' own progress output
+    assert main(["eval", "--model", str(small), "--data", str(folder / "train.jsonl"), "--seq-len", "16"]) == 2
+    assert "have no embedding row" in one_line(capsys.readouterr().err)
+    (folder / "small").exists() or shutil.copytree(small, folder / "small")
+    assert main(["train", "--config", str(config(folder, top="").with_name("c.toml")), "--no-progress",
+                 "--set", 'model="small"']) == 2
+    assert "have no embedding row" in one_line(capsys.readouterr().err)
