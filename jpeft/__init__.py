@@ -30,7 +30,7 @@ from jpeft.parallel import (
 )
 from jpeft import checkpoint, loop, validate
 from jpeft.io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
-from jpeft.loop import NonFiniteGuard, fit
+from jpeft.loop import FitResult, MetricLog, NonFiniteGuard, fit
 from jpeft.bank import AdapterBank
 from jpeft.merging import merge_adapters, merge_into_base
 from jpeft import forgetting
@@ -75,6 +75,8 @@ __all__ = [
     "read_adapter_info",
     "AdapterInfo",
     "fit",
+    "FitResult",
+    "MetricLog",
     "NonFiniteGuard",
     "parallel",
     "distributed",
