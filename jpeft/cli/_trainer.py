@@ -130,7 +130,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                           "output_dir.")
     if resume and has_ckpts:
         _check_resumable(out_dir, cfg)
-    loaded = load_folder(cfg["model"], scan_layers=bool(t.get("scan_layers", False)))
+    mesh = make_run_mesh(cfg, int(t["batch_size"]))
+    loaded = load_folder(cfg["model"], scan_layers=bool(t.get("scan_layers", False)), mesh=mesh)
     method = method_of(cfg, loaded.hf_config.get("model_type"))
     check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
     encode, bos, eos = encode_fn(loaded.tokenizer)
@@ -140,7 +141,6 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                if d.get("eval") else None)
 
     os.makedirs(out_dir, exist_ok=True)
-    mesh = make_run_mesh(cfg, int(t["batch_size"]))
     seed = int(cfg.get("seed", 0))
     k_init, k_train = jax.random.split(jax.random.key(seed))
     example = jnp.asarray(train_ds.input_ids[:1, : min(8, train_ds.seq_len)])
@@ -230,19 +230,21 @@ def _run(cfg, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, exampl
     t = cfg["train"]
     out_dir = cfg["output_dir"]
     model, params = loaded.model, loaded.params
-    adapter = jpeft.init(method, params, k_init, model, example)
     vocab, max_pos = (int(loaded.hf_config["vocab_size"]) if "vocab_size" in loaded.hf_config else None,
                       _max_positions(loaded.hf_config))
     loss_fn, eval_sums = make_loss_fns(model)
     if mesh is None:
         place = None
+        adapter = jpeft.init(method, params, k_init, model, example)
         opt_state = optimizer.init(adapter)
         step_fn = jpeft.make_train_step(loss_fn, optimizer)
     else:
-        # the base split over fsdp, the adapter and optimizer state laid out like their base
-        # weights, every batch split over data x fsdp with each process holding its own rows
-        params = jpeft.shard_params(params, mesh)
-        adapter = jpeft.shard_adapter(adapter, mesh, params)
+        # the base was read straight into its fsdp shards; the adapter is created in place,
+        # laid out like its base weights, and so is the optimizer state; every batch is split
+        # over data x fsdp with each process holding its own rows
+        init = lambda p, k: jpeft.init(method, p, k, model, example)
+        a_shard = jpeft.adapter_shardings(jax.eval_shape(init, params, k_init), mesh, params)
+        adapter = jax.jit(init, out_shardings=a_shard)(params, k_init)
         opt_state = jpeft.init_opt_state(optimizer, adapter)
         step_fn = jpeft.make_sharded_train_step(loss_fn, optimizer, mesh)
 
