@@ -26,6 +26,7 @@ from jpeft import distributed, parallel
 from jpeft.parallel import (
     adapter_shardings, adapter_specs, cast_base, init_opt_state, make_mesh, make_pmap_train_step,
     make_sharded_train_step, opt_state_shardings, param_shardings, param_specs, remat, remat_policy,
+    tensor_parallel_rules,
     replicate, shard_adapter, shard_batch, shard_params, split_for_pmap, unreplicate, with_precision,
 )
 from jpeft import checkpoint, loop, validate
@@ -84,6 +85,7 @@ __all__ = [
     "shard_params",
     "param_specs",
     "param_shardings",
+    "tensor_parallel_rules",
     "shard_adapter",
     "adapter_specs",
     "adapter_shardings",

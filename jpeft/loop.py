@@ -206,7 +206,7 @@ class MetricLog:
             self._f.flush()
         if self._tb is not None:
             for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, rec["step"])
         if self.echo:
             parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()

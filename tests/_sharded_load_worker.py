@@ -23,20 +23,22 @@ def main(single: str, sharded: str) -> dict:
     real = loading._read_slice
 
     def counting(fname, name, spans, index):
-        out = real(fname, name, spans, index)
-        reads.append((name, out.nbytes, int(np.prod(spans[name][1])) * np.dtype(spans[name][0]).itemsize))
-        return out
+        block = real(fname, name, spans, index)
+        reads.append((name, block.nbytes, int(np.prod(spans[name][1])) * np.dtype(spans[name][0]).itemsize))
+        return block
 
     loading._read_slice = counting
     mesh = jpeft.make_mesh(data=2, fsdp=2)
     ids = jnp.asarray(np.arange(24, dtype=np.int32).reshape(2, 12) % 200)
     out: dict = {"devices": jax.device_count()}
+    tp = jpeft.make_mesh(data=1, fsdp=2, tensor=2)
     for tag, path, kw in [("f32", single, {}), ("index", sharded, {}), ("bf16", single, {"dtype": jnp.bfloat16}),
-                          ("scan", sharded, {"scan_layers": True})]:
+                          ("scan", sharded, {"scan_layers": True}), ("tensor", single, {})]:
         reads.clear()
+        m, rules = (tp, jpeft.tensor_parallel_rules()) if tag == "tensor" else (mesh, None)
         model, ref = jpeft.models.from_pretrained(path, **kw)
-        _, got = jpeft.models.from_pretrained(path, mesh=mesh, **kw)
-        want = jpeft.param_shardings(ref, mesh, stacked=r".*layers/.*" if kw.get("scan_layers") else None)
+        _, got = jpeft.models.from_pretrained(path, mesh=m, rules=rules, **kw)
+        want = jpeft.param_shardings(ref, m, rules, stacked=r".*layers/.*" if kw.get("scan_layers") else None)
         flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
         flat_ref, flat_want = jax.tree.leaves(ref), jax.tree.leaves(want)
         bad_sharding, bad_values, sharded_leaves = [], [], 0
@@ -59,6 +61,19 @@ def main(single: str, sharded: str) -> dict:
             "bytes_read": int(sum(b for _, b, _ in reads)),
             "bytes_in_files": int(sum({n: f for n, _, f in reads}.values())),
         }
+    # tensor parallel: the Megatron layout, and LoRA factors that follow it
+    p = got["params"]["model"]["layers_0"]
+    adapter = jpeft.init(jpeft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]), ref, jax.random.key(0))
+    specs = jpeft.adapter_specs(adapter, got)
+    sp = lambda spec: list(spec)  # noqa: E731 - a PartitionSpec as a JSON list
+    q, o = specs["model/layers_0/self_attn/q_proj"], specs["model/layers_0/self_attn/o_proj"]
+    out["tensor_specs"] = {
+        "q_proj": sp(p["self_attn"]["q_proj"]["kernel"].sharding.spec),
+        "o_proj": sp(p["self_attn"]["o_proj"]["kernel"].sharding.spec),
+        "embed": sp(got["params"]["model"]["embed_tokens"]["embedding"].sharding.spec),
+        "q_lora": [sp(q.lora_A), sp(q.lora_B)],
+        "o_lora": [sp(o.lora_A), sp(o.lora_B)],
+    }
     return out
 
 

@@ -346,10 +346,11 @@ def _metrics(folder):
 
 
 def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys):
-    """The same TOML on 1 device, on 1 process x 4 devices (data=2, fsdp=2) and, resumed from
-    the 1-device run's checkpoint at step 2, on 2 processes x 2 devices over 127.0.0.1 (the
-    multi-host run writes the final adapter): the same adapter (|diff| <= 1e-5 + 1e-4 |x|;
-    measured ~2e-6, reduction order) and the same eval loss (rtol 1e-5)."""
+    """The same TOML on 1 device, on 1 process x 4 devices (data=2, fsdp=2), on 1 process x 4
+    devices (fsdp=2, tensor=2) and, resumed from the 1-device run's checkpoint at step 2, on 2
+    processes x 2 devices over 127.0.0.1 (the multi-host run writes the final adapter): the
+    same adapter (|diff| <= 1e-5 + 1e-4 |x|; measured <= 2.2e-6, reduction order) and the
+    same eval loss (rtol 1e-5)."""
     import socket
 
     cfg = write_config(hf_dir, "mesh_ref", steps=4, save_every=2, eval_every=2)
@@ -363,6 +364,11 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
                        capture_output=True, text=True, timeout=300, env=env4)
     assert r.returncode == 0, r.stderr
     assert "mesh data=2 x fsdp=2 over 1 process(es)" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
+                        "--output-dir", str(hf_dir / "mesh_tp"), "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2"],
+                       capture_output=True, text=True, timeout=300, env=env4)
+    assert r.returncode == 0, r.stderr
+    assert "mesh data=1 x fsdp=2 x tensor=2 over 1 process(es)" in r.stderr
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -383,7 +389,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     ref = adapter_arrays(hf_dir / "mesh_ref" / "adapter")
     ref_eval = [m["eval_loss"] for m in _metrics(hf_dir / "mesh_ref") if "eval_loss" in m]
     assert len(ref_eval) == 2 and any(np.abs(ref[k]).max() > 0 for k in ref if k.endswith("lora_B"))
-    for run in ("mesh_4d", "mesh_2p"):
+    for run in ("mesh_4d", "mesh_tp", "mesh_2p"):
         got = adapter_arrays(hf_dir / run / "adapter")
         assert sorted(got) == sorted(ref)
         for k in ref:
@@ -393,7 +399,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     assert sorted(os.listdir(hf_dir / "mesh_2p" / "checkpoints")) == ["2", "4"]
     capsys.readouterr()
     assert main(["train", "--config", str(cfg), "--output-dir", str(hf_dir / "mesh_bad"), "--set", "mesh.fsdp=2"]) == 2
-    assert "[mesh] data=0, fsdp=2 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)
+    assert "[mesh] data=0, fsdp=2, tensor=1 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------- eval/export/merge

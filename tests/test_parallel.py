@@ -613,12 +613,18 @@ def test_from_pretrained_on_a_mesh_reads_only_its_shards(tmp_path):
     assert proc.returncode == 0 and lines, f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     got = json.loads(lines[-1][5:])
     assert got["devices"] == 4
-    for tag in ("f32", "index", "bf16", "scan"):
+    for tag in ("f32", "index", "bf16", "scan", "tensor"):
         r = got[tag]
         assert r["bad_sharding"] == [] and r["bad_values"] == [], (tag, r)
         assert r["sharded_leaves"] == r["leaves"], (tag, r)  # every weight of this model splits over fsdp=2
         assert r["partial_reads"] == r["reads"] > 0, (tag, r)  # no read of a whole tensor
-        # each of the 4 devices read its half of every weight: the files' bytes once per data replica
-        assert r["bytes_read"] == 2 * r["bytes_in_files"], (tag, r)
+        if tag != "tensor":  # each of the 4 devices read its half of every weight: once per data replica
+            assert r["bytes_read"] == 2 * r["bytes_in_files"], (tag, r)
+        else:  # matmul weights in quarters (read once), norms in halves over fsdp (once per tensor rank)
+            assert r["bytes_in_files"] < r["bytes_read"] < 1.1 * r["bytes_in_files"], (tag, r)
         # the weights are bitwise equal (above); the logits differ by the sharded matmuls' summation order
         assert r["logits_diff"] <= (1e-5 if tag != "bf16" else 0.05), (tag, r)
+    t = got["tensor_specs"]  # Megatron: q column-split, o row-split, embedding by vocabulary
+    assert t["q_proj"] == ["fsdp", "tensor"] and t["o_proj"] == ["tensor", "fsdp"] and t["embed"] == ["tensor", "fsdp"]
+    # LoRA follows: q's B split by columns over tensor, o's A by rows over tensor (no gather of the base)
+    assert t["q_lora"] == [["fsdp", None], [None, "tensor"]] and t["o_lora"] == [["tensor", None], [None, "fsdp"]]

@@ -113,6 +113,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     import jax
     import jax.numpy as jnp
 
+    import jpeft
     from jpeft.checkpoint import CheckpointManager
     from jpeft.cli._model import encode_fn, load_folder
     from jpeft.cli.train_cmd import method_of
@@ -131,7 +132,9 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     if resume and has_ckpts:
         _check_resumable(out_dir, cfg)
     mesh = make_run_mesh(cfg, int(t["batch_size"]))
-    loaded = load_folder(cfg["model"], scan_layers=bool(t.get("scan_layers", False)), mesh=mesh)
+    scan = bool(t.get("scan_layers", False))
+    rules = jpeft.tensor_parallel_rules(stacked=scan) if mesh is not None and "tensor" in mesh.shape else None
+    loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules)
     method = method_of(cfg, loaded.hf_config.get("model_type"))
     check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
     encode, bos, eos = encode_fn(loaded.tokenizer)
@@ -173,12 +176,13 @@ def make_run_mesh(cfg: dict, batch_size: int):
     m = cfg["mesh"]
     n, procs = jax.device_count(), jax.process_count()
     if n == 1 and procs == 1:
-        if m["fsdp"] != 1 or m["data"] not in (0, 1):
-            raise ConfigError(f"[mesh] data={m['data']}, fsdp={m['fsdp']} needs {max(1, m['data']) * m['fsdp']} "
-                              "devices, but this run has 1; drop the [mesh] table or run on more devices.")
+        if m["fsdp"] != 1 or m["tensor"] != 1 or m["data"] not in (0, 1):
+            raise ConfigError(f"[mesh] data={m['data']}, fsdp={m['fsdp']}, tensor={m['tensor']} needs "
+                              f"{max(1, m['data']) * m['fsdp'] * m['tensor']} devices, but this run has 1; drop the "
+                              "[mesh] table or run on more devices.")
         return None
     try:
-        mesh = jpeft.make_mesh(data=m["data"] or None, fsdp=m["fsdp"])
+        mesh = jpeft.make_mesh(data=m["data"] or None, fsdp=m["fsdp"], tensor=m["tensor"])
     except ShardingError as e:
         raise ConfigError(f"[mesh]: {e}") from None
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -273,7 +277,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, exampl
     bs = int(t["batch_size"])
     summary = jpeft.summary(params, adapter, print_fn=None)
     where_run = "1 device" if mesh is None else (
-        f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over {jax.process_count()} process(es)")
+        "mesh " + " x ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" over {jax.process_count()} process(es)")
     _say(f"jpeft train: {method.peft_type} on {cfg['model']}: {summary['trainable']:,} trainable of "
          f"{summary['total']:,} params ({100 * summary['share']:.3f}%); {len(train_ds)} packed rows of "
          f"{train_ds.seq_len} tokens; {where_run}; steps {start}->{stop_at} of {steps}")

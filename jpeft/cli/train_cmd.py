@@ -49,6 +49,7 @@ scan_layers = false           # Llama family: nn.scan over the layers (one layer
 [mesh]                        # optional; used when the run has more than one device or process
 data = 0                      # batch axis (0: every device not used by fsdp)
 fsdp = 1                      # axis the frozen base is sharded over
+tensor = 1                    # Megatron-style tensor parallelism (Llama family)
 """
 
 EPILOG = f"""\
@@ -77,7 +78,7 @@ _DEFAULTS = {
         "max_grad_norm": 1.0, "eval_every": 100, "save_every": 200, "log_every": 10,
         "keep_checkpoints": 3, "eval_batches": 0, "scan_layers": False,
     },
-    "mesh": {"data": 0, "fsdp": 1},
+    "mesh": {"data": 0, "fsdp": 1, "tensor": 1},
 }
 _KNOWN = {
     "": {"model", "output_dir", "seed", "data", "method", "train", "mesh"},
@@ -174,7 +175,7 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
     for k in ("eval_every", "save_every", "log_every", "warmup_steps", "eval_batches"):
         if not isinstance(t[k], int) or t[k] < 0:
             raise ConfigError(f"train.{k} must be a non-negative integer, found {t[k]!r}.")
-    for k, low in (("data", 0), ("fsdp", 1)):
+    for k, low in (("data", 0), ("fsdp", 1), ("tensor", 1)):
         v = cfg["mesh"][k]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ConfigError(f"mesh.{k} must be an integer >= {low}, found {v!r}.")
