@@ -115,17 +115,18 @@ def make_mesh(data: Optional[int] = None, fsdp: int = 1, *, tensor: int = 1,
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
             raise ShardingError(f"make_mesh: {name} must be a positive integer, found {v!r}.")
     model = fsdp * tensor
+    axes, sizes = ("fsdp", f"fsdp={fsdp}") if tensor == 1 else ("fsdp * tensor", f"fsdp={fsdp}, tensor={tensor}")
     if data is None:
         if n % model:
             raise ShardingError(
-                f"make_mesh: fsdp * tensor = {model} does not divide the {n} available devices; choose sizes whose "
-                f"product is among {[d for d in range(1, n + 1) if n % d == 0]}."
+                f"make_mesh: {sizes} does not divide the {n} available devices; choose {axes} among "
+                f"{[d for d in range(1, n + 1) if n % d == 0]}."
             )
         data = n // model
     if data * model != n:
         raise ShardingError(
-            f"make_mesh: data * fsdp * tensor must equal the number of devices ({n}), found data={data}, fsdp={fsdp}, "
-            f"tensor={tensor} (product {data * model}). Pass devices=jax.devices()[:{data * model}] to use fewer devices."
+            f"make_mesh: data * {axes} must equal the number of devices ({n}), found data={data}, {sizes} "
+            f"(product {data * model}). Pass devices=jax.devices()[:{data * model}] to use fewer devices."
         )
     if tensor == 1:
         return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)

@@ -178,8 +178,11 @@ def test_make_mesh_errors():
         jpeft.make_mesh(data=2)
     with pytest.raises(jpeft.ShardingError, match="positive integer"):
         jpeft.make_mesh(fsdp=0)
+    with pytest.raises(jpeft.ShardingError, match=r"fsdp=1, tensor=2 does not divide the 1 available devices"):
+        jpeft.make_mesh(tensor=2)
     mesh = jpeft.make_mesh()
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
+    assert dict(jpeft.make_mesh(tensor=1).shape) == {"data": 1, "fsdp": 1}  # no tensor axis unless asked for
 
 
 class _Heads(nn.Module):
