@@ -8,6 +8,8 @@ Examples:
   python benchmarks/mem_load.py                     # f32, unrolled layers
   python benchmarks/mem_load.py --scan              # LlamaConfig(scan_layers=True)
   python benchmarks/mem_load.py --scan --dtype bf16
+  python benchmarks/mem_load.py --processes 2       # from_pretrained(path, mesh=...) over 2 processes
+                                                    # (127.0.0.1, one CPU device each, fsdp=2): peak per process
 """
 
 from __future__ import annotations
@@ -42,18 +44,26 @@ def write(folder: str, size: str) -> None:
     jpeft.models.save_pretrained(folder, model, params)
 
 
-def load(folder: str, scan: bool, dtype: str) -> None:
+def load(folder: str, scan: bool, dtype: str, coordinator=None, processes: int = 1, index: int = 0) -> None:
     import jax
     import jax.numpy as jnp
 
     import jpeft
 
-    base = _status("VmRSS")
     kw = {"scan_layers": True} if scan else {}
+    if processes > 1:
+        from jpeft import distributed
+
+        distributed.initialize(coordinator, processes, index)
+        kw["mesh"] = jpeft.make_mesh(data=1, fsdp=jax.device_count())
+        jax.block_until_ready(jnp.zeros(()))  # the runtime's own memory belongs to the baseline
+    base = _status("VmRSS")
     _, params = jpeft.models.from_pretrained(folder, dtype={"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype], **kw)
     jax.block_until_ready(params)
-    print(json.dumps({"weights_mib": jpeft.tree.nbytes(params) / 2**20, "after_load_mib": _status("VmRSS") - base,
-                      "peak_mib": _status("VmHWM") - base, "scan": scan, "dtype": dtype}))
+    local = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards)
+    print(json.dumps({"weights_mib": jpeft.tree.nbytes(params) / 2**20, "local_shards_mib": local / 2**20,
+                      "after_load_mib": _status("VmRSS") - base, "peak_mib": _status("VmHWM") - base, "scan": scan,
+                      "dtype": dtype, "process": index, "processes": processes}))
 
 
 def main(argv=None):
@@ -62,17 +72,38 @@ def main(argv=None):
     p.add_argument("--scan", action="store_true", help="load as a layer-scanned model")
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     p.add_argument("--dir", help="checkpoint folder (written if missing; default: a temporary folder)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="load sharded over this many processes on this machine (one CPU device each, fsdp mesh)")
+    p.add_argument("--_coordinator", help=argparse.SUPPRESS)
+    p.add_argument("--_index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--_write", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_load", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._write:
         return write(args.dir, args.size)
     if args._load:
-        return load(args.dir, args.scan, args.dtype)
+        return load(args.dir, args.scan, args.dtype, args._coordinator, args.processes, args._index)
     folder = args.dir or os.path.join(tempfile.mkdtemp(prefix="jpeft_mem_load_"), args.size)
     if not os.path.exists(os.path.join(folder, "config.json")):
         subprocess.run([sys.executable, __file__, "--_write", "--dir", folder, "--size", args.size], check=True)
     cmd = [sys.executable, __file__, "--_load", "--dir", folder, "--dtype", args.dtype] + (["--scan"] if args.scan else [])
+    if args.processes > 1:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+        procs = [subprocess.Popen(cmd + ["--processes", str(args.processes), "--_coordinator", f"127.0.0.1:{port}",
+                                         "--_index", str(i)], stdout=subprocess.PIPE, text=True, env=env)
+                 for i in range(args.processes)]
+        outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        for r in outs:
+            print(f"from_pretrained ({args.size}, {args.dtype}, {'scanned' if args.scan else 'unrolled'}, mesh fsdp="
+                  f"{args.processes}) process {r['process']}: weights {r['weights_mib']:.0f} MiB, its shards "
+                  f"{r['local_shards_mib']:.0f} MiB, resident after loading {r['after_load_mib']:.0f} MiB, peak "
+                  f"{r['peak_mib']:.0f} MiB (above the post-initialisation baseline)")
+        return
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     r = json.loads(out)
     print(f"from_pretrained ({args.size}, {args.dtype}, {'scanned' if args.scan else 'unrolled'}): weights "

@@ -26,11 +26,12 @@ from jpeft import distributed, parallel
 from jpeft.parallel import (
     adapter_shardings, adapter_specs, cast_base, init_opt_state, make_mesh, make_pmap_train_step,
     make_sharded_train_step, opt_state_shardings, param_shardings, param_specs, remat, remat_policy,
+    tensor_parallel_rules,
     replicate, shard_adapter, shard_batch, shard_params, split_for_pmap, unreplicate, with_precision,
 )
 from jpeft import checkpoint, loop, validate
 from jpeft.io import AdapterInfo, load_adapter, read_adapter_info, save_adapter
-from jpeft.loop import NonFiniteGuard, fit
+from jpeft.loop import FitResult, MetricLog, NonFiniteGuard, fit
 from jpeft.bank import AdapterBank
 from jpeft.merging import merge_adapters, merge_into_base
 from jpeft import forgetting
@@ -75,6 +76,8 @@ __all__ = [
     "read_adapter_info",
     "AdapterInfo",
     "fit",
+    "FitResult",
+    "MetricLog",
     "NonFiniteGuard",
     "parallel",
     "distributed",
@@ -82,6 +85,7 @@ __all__ = [
     "shard_params",
     "param_specs",
     "param_shardings",
+    "tensor_parallel_rules",
     "shard_adapter",
     "adapter_specs",
     "adapter_shardings",

@@ -1,12 +1,22 @@
-"""A small host-side training loop with the non-finite guard, input validation and
-checkpointing wired in.
+"""The training loop: every trainer in jpeft (``jpeft train``, ``jpeft demo``, the
+forgetting runner, the code-model pretraining and the multi-host entry point in ``tpu/``)
+runs :func:`fit`.
+
+:func:`fit` owns what every run needs: host-side batch validation, the jitted step (any
+``step(params, adapter, opt_state, batch, key)``: single device, pmap or mesh-sharded, with
+gradient accumulation inside it), the non-finite guard, evaluation every N steps,
+checkpoints through :class:`jpeft.checkpoint.CheckpointManager` with exact resume, Ctrl-C
+handling, a progress bar and metric records (:class:`MetricLog`: JSONL, TensorBoard when
+installed, log lines). What a caller adds (regularisers, replay, extra metrics) rides in
+the batches it feeds and in the ``on_step`` / ``eval_fn`` callbacks.
 
 The jitted step (:func:`jpeft.make_train_step`) already skips an update whose loss or
 gradients are not finite and reports ``metrics["skipped"] = 1``. On the host,
 :class:`NonFiniteGuard` counts consecutive skips and raises
 :class:`~jpeft.errors.NonFiniteError` naming the step once ``max_consecutive`` is reached;
-:func:`fit` never saves a checkpoint while skips are pending, so the last good checkpoint
-stays untouched and restorable.
+a run that *ends* with skipped steps pending raises too, so a diverged run never looks like
+a finished one. :func:`fit` never saves a checkpoint while skips are pending, so the last
+good checkpoint stays untouched and restorable.
 
 The step key is ``jax.random.fold_in(key, step)``: it depends on the step number only, so a
 run resumed from a checkpoint draws exactly the keys the uninterrupted run would have drawn.
@@ -16,6 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
+import signal
+import sys
+import threading
+import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
@@ -24,7 +40,7 @@ import numpy as np
 from jpeft import validate as _validate
 from jpeft.errors import ConfigError, InputValidationError, NonFiniteError
 
-__all__ = ["NonFiniteGuard", "FitResult", "fit"]
+__all__ = ["NonFiniteGuard", "FitResult", "MetricLog", "fit"]
 
 
 class NonFiniteGuard:
@@ -72,14 +88,32 @@ class NonFiniteGuard:
         if self._first_bad is None:
             self._first_bad = step
         if self.consecutive > self.max_consecutive:
-            last = "none" if self.last_good_step is None else str(self.last_good_step)
             raise NonFiniteError(
                 f"step {step}: the loss or gradients were not finite for {self.consecutive} consecutive steps "
-                f"(steps {self._first_bad} to {step}; limit {self.max_consecutive}), so training stopped. The last step "
-                f"with a finite update was {last}. Lower the learning rate, enable gradient clipping "
-                "(optax.clip_by_global_norm), or check the data around these steps."
+                f"(steps {self._first_bad} to {step}; limit {self.max_consecutive}), so training stopped. {self._last()} "
+                "Lower the learning rate, enable gradient clipping (optax.clip_by_global_norm), or check the data "
+                "around these steps."
             )
         return True
+
+    def _last(self) -> str:
+        last = "none" if self.last_good_step is None else str(self.last_good_step)
+        return f"The last step with a finite update was {last}."
+
+    def check_finished(self, step: int) -> None:
+        """Raises when the run ends while skipped steps are pending: its last updates were
+        not finite, so its result must not pass for a finished run.
+
+        Raises:
+          NonFiniteError: the last ``consecutive`` steps were skipped.
+        """
+        if self.consecutive:
+            raise NonFiniteError(
+                f"step {step}: the run ended with {self.consecutive} consecutive non-finite step(s) (steps "
+                f"{self._first_bad} to {step}), so its adapter is not a trained result and was not saved. {self._last()} "
+                "Check the base weights and the data for NaN/inf (`jpeft info` on the model folder), lower the "
+                "learning rate, or enable gradient clipping (train.max_grad_norm)."
+            )
 
 
 @dataclasses.dataclass
@@ -87,7 +121,9 @@ class FitResult:
     """What :func:`fit` returns: the final state and the per-step history.
 
     ``history`` holds one dict per step with ``step``, ``loss``, ``skipped`` and the other
-    scalar metrics, as Python floats."""
+    scalar metrics, as Python floats. ``step_seconds`` is each step's wall time (host to
+    host, the first one includes compilation); ``eval`` the last ``eval_fn`` result;
+    ``interrupted`` whether Ctrl-C stopped the run."""
 
     adapter: Any
     opt_state: Any
@@ -96,6 +132,107 @@ class FitResult:
     data_position: int
     history: list
     skipped: int
+    interrupted: bool = False
+    eval: Optional[dict] = None
+    step_seconds: list = dataclasses.field(default_factory=list)
+
+
+class _Interrupt:
+    """SIGINT sets a flag (the loop saves and stops); a second Ctrl-C stops at once. Only
+    installed in the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\njpeft: Ctrl-C: saving a checkpoint, then stopping (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _summary_writer(logdir: str):
+    """A TensorBoard SummaryWriter when tensorboard or tensorboardX is installed, else None
+    (TensorBoard is optional: metrics always go to the JSONL file)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+    except Exception:
+        try:
+            from tensorboardX import SummaryWriter
+        except Exception:
+            return None
+    try:
+        return SummaryWriter(logdir)
+    except Exception:
+        return None
+
+
+class MetricLog:
+    """Metric records of a run: one JSON object per line in ``jsonl``, scalars to
+    TensorBoard under ``tensorboard`` (when tensorboard or tensorboardX is installed) and,
+    with ``echo``, a short line on stderr. Only the main process (``jax.process_index() == 0``)
+    writes, so a multi-host run has one log.
+
+    >>> import tempfile, os, json
+    >>> d = tempfile.mkdtemp()
+    >>> with MetricLog(os.path.join(d, "m.jsonl")) as log:
+    ...     log({"step": 1, "loss": 2.5})
+    >>> json.loads(open(os.path.join(d, "m.jsonl")).read())
+    {'step': 1, 'loss': 2.5}
+    """
+
+    def __init__(self, jsonl: Optional[str] = None, *, tensorboard: Optional[str] = None, echo: bool = False):
+        self.main = jax.process_index() == 0
+        self.echo = echo
+        self._f = open(jsonl, "a") if (jsonl and self.main) else None
+        self._tb = _summary_writer(tensorboard) if (tensorboard and self.main) else None
+
+    def __call__(self, rec: Mapping[str, Any]) -> None:
+        if not self.main:
+            return
+        if self._f is not None:
+            self._f.write(json.dumps(dict(rec)) + "\n")
+            self._f.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, rec["step"])
+        if self.echo:
+            parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
+                     if k not in ("step", "elapsed_s") and v is not None]
+            print(f"step {rec.get('step')}: " + ", ".join(parts), file=sys.stderr)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _tokens(batch, token_key: str) -> int:
+    x = batch.get(token_key) if isinstance(batch, Mapping) else batch
+    if x is None:
+        return 0
+    return int(np.prod(np.shape(x)))
 
 
 def fit(
@@ -110,82 +247,158 @@ def fit(
     start_step: int = 0,
     data_position: int = 0,
     checkpoint=None,
+    save_last: bool = False,
     max_consecutive_skips: int = 5,
     vocab_size: Optional[int] = None,
     max_positions: Optional[int] = None,
     token_key: str = "input_ids",
     progress: bool = False,
+    desc: str = "fit",
     on_step: Optional[Callable[[int, dict], None]] = None,
+    eval_fn: Optional[Callable[[Any, int], dict]] = None,
+    eval_every: int = 0,
+    total_steps: Optional[int] = None,
+    log: Optional[Callable[[dict], None]] = None,
+    log_every: int = 1,
+    schedule: Optional[Callable] = None,
+    handle_interrupt: bool = False,
 ) -> FitResult:
-    """Runs ``step_fn`` over ``batches`` with the guard, validation and checkpoints.
+    """Runs ``step_fn`` over ``batches`` with the guard, validation, evaluation, logging and
+    checkpoints.
 
     Args:
       step_fn: ``step(params, adapter, opt_state, batch, key) -> (adapter, opt_state, metrics)``
-        as made by :func:`jpeft.make_train_step`.
+        as made by :func:`jpeft.make_train_step`, :func:`jpeft.make_pmap_train_step` or
+        :func:`jpeft.make_sharded_train_step`.
       params, adapter, opt_state: the frozen base, the adapter and the optimizer state.
       batches: an iterable of batches, already positioned at ``data_position``.
       key: the run's base key; step ``s`` uses ``jax.random.fold_in(key, s)``.
-      num_steps: stop after this many steps (default: when ``batches`` ends).
+      num_steps: stop after this many steps of this call (default: when ``batches`` ends).
       start_step: the number of steps already done (``state.step`` after a restore).
       data_position: the number of batches already consumed (``state.data_position``).
       checkpoint: a :class:`jpeft.checkpoint.CheckpointManager`; after each step whose
         update was finite, ``checkpoint.save`` is called (it writes every ``save_every``
         steps) with ``data_position`` and ``{"loss": ...}``. Nothing is saved while
         non-finite steps are pending.
+      save_last: also save the last step (finished, stopped by ``num_steps`` or by Ctrl-C)
+        when ``save_every`` did not, so the run can be resumed from where it stopped.
       max_consecutive_skips: see :class:`NonFiniteGuard`.
       vocab_size, max_positions, token_key: when given, ``batch[token_key]`` is checked
         before each step (:func:`jpeft.validate.check_tokens`).
-      progress: show a tqdm progress bar.
+      progress, desc: show a tqdm progress bar (on the main process) labelled ``desc``.
       on_step: called as ``on_step(step, metrics)`` with host floats after each step.
+      eval_fn: ``eval_fn(adapter, step) -> dict`` of floats, run every ``eval_every`` steps
+        and at ``total_steps``; its result is logged with an ``eval_`` prefix.
+      total_steps: the length of the whole run (progress bar, final evaluation); default
+        ``start_step + num_steps``.
+      log, log_every: ``log(record)`` (e.g. a :class:`MetricLog`) receives ``step``,
+        ``loss``, ``grad_norm``, ``lr`` (from ``schedule``), ``tokens_per_s`` (tokens of
+        ``batch[token_key]``, the first, compiling step left out) and ``elapsed_s`` every
+        ``log_every`` steps and at the last step, and every evaluation.
+      schedule: the optimizer's learning-rate schedule, for the ``lr`` record.
+      handle_interrupt: catch Ctrl-C (SIGINT): finish the running step, save it
+        (``save_last``) and return with ``interrupted=True``; a second Ctrl-C aborts.
 
     Returns:
       A :class:`FitResult`.
 
     Raises:
-      NonFiniteError: too many consecutive non-finite steps (names the step).
+      NonFiniteError: too many consecutive non-finite steps, or the run ended on
+        non-finite steps (names the step).
       InputValidationError: an empty dataset, a batch whose structure, shape or dtype
         differs from the first batch's, or bad token ids / sequence lengths.
     """
     _validate.check_not_empty(batches, name="batches")
+    for name, v in (("eval_every", eval_every), ("log_every", log_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{name} must be a non-negative integer, found {v!r}.")
     guard = NonFiniteGuard(max_consecutive_skips)
     history: list[dict] = []
     step = int(start_step)
     pos = int(data_position)
+    if total_steps is None and num_steps is not None:
+        total_steps = step + int(num_steps)
     reference = None
     it = iter(batches)
     if num_steps is not None:
         it = itertools.islice(it, int(num_steps))
+    main = jax.process_index() == 0
     bar = None
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_steps, desc="fit", unit="step")
+        bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
     ran = 0
+    last_eval = None
+    seconds: list[float] = []
+    tokens, timed = 0, 0.0
+    t_start = time.perf_counter()
+    interrupted = False
+
+    def evaluate(step):
+        nonlocal last_eval
+        last_eval = dict(eval_fn(adapter, step))
+        if log is not None:
+            log({"step": step, **{f"eval_{k}": v for k, v in last_eval.items()}})
+        if bar is not None:
+            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+
     try:
-        for batch in it:
-            if reference is None:
-                reference = batch
-            else:
-                _validate.check_like(batch, reference, name=f"batch {pos}")
-            if vocab_size is not None or max_positions is not None:
-                _validate.check_tokens(batch, vocab_size=vocab_size, max_positions=max_positions, key=token_key,
-                                       name=f"batch {pos}")
-            step += 1
-            adapter, opt_state, metrics = step_fn(params, adapter, opt_state, batch, jax.random.fold_in(key, step))
-            pos += 1
-            ran += 1
-            host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-            host["step"] = step
-            history.append(host)
-            if on_step is not None:
-                on_step(step, host)
-            skipped = guard.update(step, host)  # raises NonFiniteError after too many
-            if checkpoint is not None and not skipped:
-                checkpoint.save(step, adapter, opt_state, key, data_position=pos,
-                                metrics={"loss": host["loss"]} if "loss" in host else None)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=host.get("loss"), skipped=guard.total_skipped)
+        with _Interrupt(handle_interrupt) as intr:
+            for batch in it:
+                if intr.hit:
+                    interrupted = True
+                    break
+                if reference is None:
+                    reference = batch
+                else:
+                    _validate.check_like(batch, reference, name=f"batch {pos}")
+                if vocab_size is not None or max_positions is not None:
+                    _validate.check_tokens(batch, vocab_size=vocab_size, max_positions=max_positions, key=token_key,
+                                           name=f"batch {pos}")
+                t0 = time.perf_counter()
+                adapter, opt_state, metrics = step_fn(params, adapter, opt_state, batch, jax.random.fold_in(key, step + 1))
+                host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+                dt = time.perf_counter() - t0
+                step += 1
+                pos += 1
+                ran += 1
+                seconds.append(dt)
+                if ran > 1:  # the first step includes compilation
+                    tokens += _tokens(batch, token_key)
+                    timed += dt
+                host["step"] = step
+                history.append(host)
+                if on_step is not None:
+                    on_step(step, host)
+                skipped = guard.update(step, host)  # raises NonFiniteError after too many
+                if log is not None and ((log_every and step % log_every == 0) or step == total_steps):
+                    rec = {"step": step, "loss": host.get("loss"), "grad_norm": host.get("grad_norm")}
+                    if schedule is not None:
+                        rec["lr"] = float(schedule(step - 1))
+                    rec["tokens_per_s"] = tokens / timed if timed > 0 else None
+                    rec["elapsed_s"] = time.perf_counter() - t_start
+                    if host.get("skipped"):
+                        rec["skipped"] = 1
+                    log(rec)
+                if eval_fn is not None and not skipped and ((eval_every and step % eval_every == 0) or step == total_steps):
+                    evaluate(step)
+                if checkpoint is not None and not skipped:
+                    checkpoint.save(step, adapter, opt_state, key, data_position=pos,
+                                    metrics={"loss": host["loss"]} if "loss" in host else None)
+                if bar is not None:
+                    bar.update(1)
+                    tps = f"{tokens / timed:,.0f}" if timed > 0 else "-"
+                    bar.set_postfix(loss=f"{host.get('loss', float('nan')):.4f}", tok_s=tps,
+                                    skipped=guard.total_skipped, refresh=False)
+            if not interrupted and intr.hit:  # Ctrl-C during the last step
+                interrupted = True
+        if ran == 0 and not interrupted:
+            raise InputValidationError("batches yielded no batch: expected at least one. Check the data source and its filters.")
+        guard.check_finished(step)
+        if checkpoint is not None and save_last and ran and step not in checkpoint.all_steps():
+            checkpoint.save(step, adapter, opt_state, key, data_position=pos,
+                            metrics={"loss": history[-1]["loss"]} if "loss" in history[-1] else None, force=True)
     except NonFiniteError:
         if checkpoint is not None:
             checkpoint.wait()
@@ -193,8 +406,6 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
-    if ran == 0:
-        raise InputValidationError("batches yielded no batch: expected at least one. Check the data source and its filters.")
     if checkpoint is not None:
         checkpoint.wait()
-    return FitResult(adapter, opt_state, key, step, pos, history, guard.total_skipped)
+    return FitResult(adapter, opt_state, key, step, pos, history, guard.total_skipped, interrupted, last_eval, seconds)

@@ -59,10 +59,12 @@ from jpeft.tree import path_str, unwrap_params
 
 DATA = "data"
 FSDP = "fsdp"
+TENSOR = "tensor"
 BATCH_AXES = (DATA, FSDP)
 
 __all__ = [
     "make_mesh",
+    "tensor_parallel_rules",
     "param_specs",
     "param_shardings",
     "shard_params",
@@ -86,16 +88,21 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------- mesh
-def make_mesh(data: Optional[int] = None, fsdp: int = 1, *, devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A ``(data, fsdp)`` mesh over ``devices`` (default: every device of every process).
+def make_mesh(data: Optional[int] = None, fsdp: int = 1, *, tensor: int = 1,
+              devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (default: every device of every process), or a
+    ``(data, fsdp, tensor)`` mesh when ``tensor > 1``.
 
     Args:
-      data: size of the batch axis; default ``len(devices) // fsdp``.
+      data: size of the batch axis; default ``len(devices) // (fsdp * tensor)``.
       fsdp: size of the axis the frozen base is sharded over (``1``: pure data parallel).
+      tensor: size of the tensor-parallel axis (Megatron-style splits of each layer's
+        matmuls; place the base with :func:`tensor_parallel_rules`). The batch is not split
+        over it.
       devices: the devices to use; default ``jax.devices()``.
 
     Raises:
-      ShardingError: when ``data * fsdp`` is not the number of devices.
+      ShardingError: when ``data * fsdp * tensor`` is not the number of devices.
 
     >>> import jpeft
     >>> mesh = jpeft.make_mesh()
@@ -104,26 +111,53 @@ def make_mesh(data: Optional[int] = None, fsdp: int = 1, *, devices: Optional[Se
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    for name, v in (("data", data), ("fsdp", fsdp)):
+    for name, v in (("data", data), ("fsdp", fsdp), ("tensor", tensor)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
             raise ShardingError(f"make_mesh: {name} must be a positive integer, found {v!r}.")
+    model = fsdp * tensor
+    axes, sizes = ("fsdp", f"fsdp={fsdp}") if tensor == 1 else ("fsdp * tensor", f"fsdp={fsdp}, tensor={tensor}")
     if data is None:
-        if n % fsdp:
+        if n % model:
             raise ShardingError(
-                f"make_mesh: fsdp={fsdp} does not divide the {n} available devices; choose fsdp among "
+                f"make_mesh: {sizes} does not divide the {n} available devices; choose {axes} among "
                 f"{[d for d in range(1, n + 1) if n % d == 0]}."
             )
-        data = n // fsdp
-    if data * fsdp != n:
-        fix = (f"Pass devices=jax.devices()[:{data * fsdp}] to use fewer devices." if data * fsdp < n else
-               f"To try a {data} x {fsdp} mesh on a CPU, emulate {data * fsdp} devices: set "
-               f"XLA_FLAGS=--xla_force_host_platform_device_count={data * fsdp} in the environment before JAX "
+        data = n // model
+    if data * model != n:
+        mesh_shape = f"{data} x {fsdp}" + ("" if tensor == 1 else f" x {tensor}")
+        fix = (f"Pass devices=jax.devices()[:{data * model}] to use fewer devices." if data * model < n else
+               f"To try a {mesh_shape} mesh on a CPU, emulate {data * model} devices: set "
+               f"XLA_FLAGS=--xla_force_host_platform_device_count={data * model} in the environment before JAX "
                "starts (before `import jax`).")
         raise ShardingError(
-            f"make_mesh: data * fsdp must equal the number of devices ({n}), found data={data}, fsdp={fsdp} "
-            f"(product {data * fsdp}). {fix}"
+            f"make_mesh: data * {axes} must equal the number of devices ({n}), found data={data}, {sizes} "
+            f"(product {data * model}). {fix}"
         )
-    return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+    if tensor == 1:
+        return jax.make_mesh((data, fsdp), (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+    return jax.make_mesh((data, fsdp, tensor), (DATA, FSDP, TENSOR), axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def tensor_parallel_rules(*, stacked: bool = False, tensor: str = TENSOR, fsdp: str = FSDP) -> list:
+    """Megatron-style :func:`param_specs` rules for the Llama family (jpeft's Llama, Mistral,
+    Qwen2 module names): ``q/k/v/gate/up_proj`` kernels ``[in, out]`` split column-wise
+    (``out`` over ``tensor``), ``o_proj`` and ``down_proj`` row-wise (``in`` over ``tensor``),
+    the embedding and ``lm_head`` by vocabulary; the other dimension of each goes over
+    ``fsdp``. Norms and biases fall back to the default spec. LoRA factors follow their base
+    weight (:func:`adapter_specs`): a column-split layer's ``lora_B`` is split by columns, a
+    row-split layer's ``lora_A`` by rows, so no base weight is all-gathered for the adapter.
+    ``stacked``: the layer-scanned layout (a leading layer axis, never split).
+
+    >>> tensor_parallel_rules()[0]
+    ('.*(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel', ('fsdp', 'tensor'))
+    """
+    lead = (None,) if stacked else ()
+    return [
+        (r".*(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel", lead + (fsdp, tensor)),
+        (r".*(o_proj|down_proj)/kernel", lead + (tensor, fsdp)),
+        (r".*embed_tokens/embedding", (tensor, fsdp)),
+        (r".*lm_head/kernel", (fsdp, tensor)),
+    ]
 
 
 # -------------------------------------------------------------------------------- placing

@@ -95,6 +95,12 @@ def batch_spec(batch: Mapping[str, Any], *, free_leading: bool = False) -> dict:
     return out
 
 
+def _dtype(x) -> np.dtype:
+    """The dtype of a leaf without reading its values (a global ``jax.Array`` of a multi-host
+    run cannot be fetched by one process)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
 def check_like(batch, reference, *, name: str = "batch") -> None:
     """Checks that ``batch`` has the tree structure, shapes and dtypes of ``reference`` (a
     batch of a different shape would re-trigger compilation or fail deep inside the step).
@@ -110,7 +116,7 @@ def check_like(batch, reference, *, name: str = "batch") -> None:
         xs, ys = tuple(np.shape(x)), tuple(np.shape(y))
         if xs != ys:
             raise InputValidationError(f"{where} has shape {xs}, expected {ys} (as in the first batch). Pad or drop the remainder batch.")
-        xd, yd = np.asarray(x).dtype if not hasattr(x, "dtype") else np.dtype(x.dtype), np.dtype(getattr(y, "dtype", np.asarray(y).dtype))
+        xd, yd = _dtype(x), _dtype(y)
         if xd != yd:
             raise InputValidationError(f"{where} has dtype {xd}, expected {yd} (as in the first batch).")
 

@@ -76,3 +76,28 @@ def test_toy_memory_runs_end_to_end(tmp_path):
     for k in ("ratio_f32", "ratio_bf16", "ratio_bf16_vs_full_f32"):
         assert 0 < m[k] < 10, (k, m[k])
     assert out.exists()
+
+
+def test_accelerator_benchmark_toy_run(tmp_path):
+    """benchmarks/accelerator.py at toy size on the CPU: the jpeft LoRA and full fine-tuning
+    runs go through jpeft.fit and report their numbers; the full step counts the weight
+    gradients on top of the LoRA count without LoRA."""
+    import json
+    import subprocess
+
+    import accelerator as A
+
+    size = A.SIZES["toy"]
+    h, i, v, n, T = size.hidden, size.intermediate, size.vocab, size.layers, size.tokens
+    weights = n * (4 * h * h + 3 * h * i) + h * v
+    assert A.full_step_flops(size) == C.lora_step_flops(size, r=0)["step"] + 2 * T * weights
+    out = tmp_path / "acc.json"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "accelerator.py"), "--size", "toy", "--steps", "2",
+                        "--runs", "jpeft-lora,jpeft-full", "--json", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = {x["run"]: x for x in json.loads(out.read_text())["results"]}
+    lora, full = res["jpeft-lora"], res["jpeft-full"]
+    assert full["trainable"] == full["params"] > lora["trainable"] > 0
+    for x in (lora, full):
+        assert x["tokens_per_s"] > 0 and 0 < x["mfu"] and len(x["loss"]) == 3 and all(map(math.isfinite, x["loss"]))

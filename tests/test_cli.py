@@ -273,6 +273,46 @@ def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
     assert any(np.abs(ref[k]).max() > 0 for k in ref if k.endswith("lora_B"))  # it did train
 
 
+def test_train_refuses_resume_past_steps_and_names_a_scan_layers_change(hf_dir, capsys):
+    cfg = write_config(hf_dir, "past_run", steps=2, save_every=1, eval_every=0)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", "train.steps=1"]) == 2
+    assert "latest checkpoint in" in (line := error_line(capsys.readouterr().err))
+    assert "is at step 2, past train.steps = 1; resume with train.steps >= 2" in line
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", "train.scan_layers=true"]) == 2
+    assert ("were written with train.scan_layers = false (a per-layer adapter), but this run has "
+            "train.scan_layers = true; resume with --set train.scan_layers=false") in error_line(capsys.readouterr().err)
+
+
+def test_train_with_a_nan_base_weight_fails_instead_of_saving(hf_dir, capsys, monkeypatch):
+    """`jpeft train` runs jpeft.fit, whose guard skips every non-finite step and refuses to
+    end a run on them: exit status 2, no adapter written (issue #16, item 5)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    nan_dir = hf_dir / "nan-llama"
+    if not nan_dir.exists():
+        shutil.copytree(hf_dir / "tiny-llama", nan_dir)
+        w = load_file(nan_dir / "model.safetensors")
+        w["model.layers.0.mlp.down_proj.weight"][0, 0] = np.nan
+        save_file(w, nan_dir / "model.safetensors", metadata={"format": "pt"})
+    cfg = write_config(hf_dir, "nan_run", steps=3, save_every=1, eval_every=0)
+    cfg.write_text(cfg.read_text().replace('model = "tiny-llama"', 'model = "nan-llama"'))
+    calls = []
+    real = jpeft.fit
+    monkeypatch.setattr(jpeft, "fit", lambda *a, **kw: calls.append(kw["desc"]) or real(*a, **kw))
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    assert calls == ["train"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [ln.split(",")[0] for ln in err[-4:-1]] == [f"step {i}: loss nan" for i in (1, 2, 3)]  # --no-progress log
+    assert err[-1].startswith("jpeft train: error: NonFiniteError: step 3: the run ended with 3 consecutive "
+                              "non-finite step(s)")
+    assert not (hf_dir / "nan_run" / "adapter").exists()
+    assert not any(n.isdigit() for n in os.listdir(hf_dir / "nan_run" / "checkpoints"))
+
+
 def test_train_ctrl_c_saves_a_checkpoint_and_resume_is_exact(hf_dir):
     steps = 200
     ref_cfg = write_config(hf_dir, "long_ref", steps=steps, save_every=0, eval_every=0)
@@ -299,6 +339,67 @@ def test_train_ctrl_c_saves_a_checkpoint_and_resume_is_exact(hf_dir):
     ref, got = adapter_arrays(hf_dir / "long_ref" / "adapter"), adapter_arrays(hf_dir / "long_int" / "adapter")
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def _metrics(folder):
+    return [json.loads(x) for x in open(folder / "metrics.jsonl")]
+
+
+def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys):
+    """The same TOML on 1 device, on 1 process x 4 devices (data=2, fsdp=2), on 1 process x 4
+    devices (fsdp=2, tensor=2) and, resumed from the 1-device run's checkpoint at step 2, on 2
+    processes x 2 devices over 127.0.0.1 (the multi-host run writes the final adapter): the
+    same adapter (|diff| <= 1e-5 + 1e-4 |x|; measured <= 2.2e-6, reduction order) and the
+    same eval loss (rtol 1e-5)."""
+    import socket
+
+    cfg = write_config(hf_dir, "mesh_ref", steps=4, save_every=2, eval_every=2)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    assert main(["train", "--config", str(cfg), "--no-progress", "--output-dir", str(hf_dir / "mesh_2p"),
+                 "--max-steps", "2"]) == 0
+    assert "1 device;" in capsys.readouterr().err
+    env4 = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
+                        "--output-dir", str(hf_dir / "mesh_4d"), "--set", "mesh.fsdp=2", "--set", "mesh.data=2"],
+                       capture_output=True, text=True, timeout=300, env=env4)
+    assert r.returncode == 0, r.stderr
+    assert "mesh data=2 x fsdp=2 over 1 process(es)" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
+                        "--output-dir", str(hf_dir / "mesh_tp"), "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2"],
+                       capture_output=True, text=True, timeout=300, env=env4)
+    assert r.returncode == 0, r.stderr
+    assert "mesh data=1 x fsdp=2 x tensor=2 over 1 process(es)" in r.stderr
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env2 = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
+                               "--output-dir", str(hf_dir / "mesh_2p"), "--resume", "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env2) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n----\n".join(o[-3000:] for o in outs)
+    assert "resumed from step 2" in outs[0] and "mesh data=4 x fsdp=1 over 2 process(es)" in outs[0]
+    assert "resumed from step 2" not in outs[1]  # status lines come from process 0 only
+    ref = adapter_arrays(hf_dir / "mesh_ref" / "adapter")
+    ref_eval = [m["eval_loss"] for m in _metrics(hf_dir / "mesh_ref") if "eval_loss" in m]
+    assert len(ref_eval) == 2 and any(np.abs(ref[k]).max() > 0 for k in ref if k.endswith("lora_B"))
+    for run in ("mesh_4d", "mesh_tp", "mesh_2p"):
+        got = adapter_arrays(hf_dir / run / "adapter")
+        assert sorted(got) == sorted(ref)
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=f"{run}: {k}")
+        evals = [m["eval_loss"] for m in _metrics(hf_dir / run) if "eval_loss" in m]
+        np.testing.assert_allclose(evals, ref_eval, rtol=1e-5, err_msg=run)
+    assert sorted(os.listdir(hf_dir / "mesh_2p" / "checkpoints")) == ["2", "4"]
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--output-dir", str(hf_dir / "mesh_bad"), "--set", "mesh.fsdp=2"]) == 2
+    assert "[mesh] data=0, fsdp=2, tensor=1 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------------- eval/export/merge

@@ -178,8 +178,11 @@ def test_make_mesh_errors():
         jpeft.make_mesh(data=2)
     with pytest.raises(jpeft.ShardingError, match="positive integer"):
         jpeft.make_mesh(fsdp=0)
+    with pytest.raises(jpeft.ShardingError, match=r"fsdp=1, tensor=2 does not divide the 1 available devices"):
+        jpeft.make_mesh(tensor=2)
     mesh = jpeft.make_mesh()
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
+    assert dict(jpeft.make_mesh(tensor=1).shape) == {"data": 1, "fsdp": 1}  # no tensor axis unless asked for
 
 
 class _Heads(nn.Module):
@@ -492,6 +495,38 @@ def test_tpu_dry_run_prints_the_command_sequence():
     assert help_.returncode == 0 and "--cluster-auto" in help_.stdout and "--fsdp" in help_.stdout
 
 
+def test_pod_scripts_run_jpeft_train_on_a_config():
+    """launch_pod.sh --config and slurm_gpu.sbatch run `jpeft train --cluster-auto` on the
+    example Llama configs, which resolve (paths, [mesh], method) with the CLI's own checks."""
+    from jpeft.cli.train_cmd import _load_toml, resolve_config
+
+    cfg = os.path.join(ROOT, "tpu", "llama_tpu.toml")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tpu", "launch_pod.sh"), "--dry-run", "--name", "llama-ci",
+                           "--config", cfg, "--run-dir", "/mnt/gcs/runs/x", "--", "--set", "train.steps=5"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cmds = [shlex.split(l) for l in proc.stdout.strip().splitlines()]
+    copy = next(c for c in cmds if c[4:5] == ["scp"] and c[5] == cfg)
+    assert copy[6] == "llama-ci:jpeft-config.toml" and "--worker=all" in copy
+    train = next(c for c in cmds if c[4:5] == ["ssh"] and "jpeft.cli" in c[c.index("--command") + 1])
+    assert shlex.split(train[train.index("--command") + 1])[3:] == [
+        "python3", "-m", "jpeft.cli", "train", "--config", "../jpeft-config.toml", "--cluster-auto", "--no-progress",
+        "--output-dir", "/mnt/gcs/runs/x", "--set", "train.steps=5"]
+    gather = next(c for c in cmds if "--recurse" in c)
+    assert gather[gather.index("--recurse") + 1] == "llama-ci:/mnt/gcs/runs/x/adapter/*"
+    env = dict(os.environ, DRY_RUN="1", CONFIG="tpu/llama_gpu.toml", RUN_DIR="/shared/r", SLURM_JOB_ID="7")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tpu", "slurm_gpu.sbatch")], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert shlex.split(proc.stdout) == ["srun", "--kill-on-bad-exit=1", "python", "-m", "jpeft.cli", "train", "--config",
+                                        "tpu/llama_gpu.toml", "--cluster-auto", "--no-progress", "--output-dir", "/shared/r"]
+    for name, ways in (("llama_tpu.toml", 16), ("llama_gpu.toml", 16)):
+        path = os.path.join(ROOT, "tpu", name)
+        c = resolve_config(_load_toml(path), base_dir=os.path.dirname(path))
+        assert c["mesh"]["data"] * c["mesh"]["fsdp"] == ways and c["train"]["batch_size"] % ways == 0
+        assert c["method"]["target_modules"][-1] == "down_proj" and c["model"].endswith("Llama-3.1-8B")
+
+
 def test_tpu_launch_rejects_bad_input():
     proc = subprocess.run(["bash", os.path.join(ROOT, "tpu", "launch_pod.sh"), "--dry-run", "--name", "Bad_Name"],
                           capture_output=True, text=True, timeout=60)
@@ -555,3 +590,44 @@ def test_sharded_step_refuses_unplaced_base():
     host_params = jax.tree.map(np.asarray, params)
     with pytest.raises(jpeft.ShardingError, match=r"frozen base is not placed on the step's mesh.*jpeft.shard_params"):
         step(host_params, a, jpeft.init_opt_state(opt, a), C.batches(1)[0], None)
+
+
+# ------------------------------------------------------------ sharded Hugging Face loading
+def test_from_pretrained_on_a_mesh_reads_only_its_shards(tmp_path):
+    """`from_pretrained(path, mesh=...)` on 4 emulated devices (data=2 x fsdp=2): every leaf in
+    the sharding `param_shardings` gives, each device holding exactly its block of the weight,
+    logits equal to the ordinary load, and every fsdp-sharded weight read from the file in
+    blocks (never the whole tensor) -- for one file, a sharded folder (index.json), bf16 and
+    the layer-scanned layout."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf = LlamaForCausalLM(cfg)
+    hf.save_pretrained(tmp_path / "single")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_sharded_load_worker.py"), str(tmp_path / "single"),
+                           str(tmp_path / "sharded")], env=_env(4), cwd=HERE, capture_output=True, text=True,
+                          timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("JSON:")]
+    assert proc.returncode == 0 and lines, f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+    got = json.loads(lines[-1][5:])
+    assert got["devices"] == 4
+    for tag in ("f32", "index", "bf16", "scan", "tensor"):
+        r = got[tag]
+        assert r["bad_sharding"] == [] and r["bad_values"] == [], (tag, r)
+        assert r["sharded_leaves"] == r["leaves"], (tag, r)  # every weight of this model splits over fsdp=2
+        assert r["partial_reads"] == r["reads"] > 0, (tag, r)  # no read of a whole tensor
+        if tag != "tensor":  # each of the 4 devices read its half of every weight: once per data replica
+            assert r["bytes_read"] == 2 * r["bytes_in_files"], (tag, r)
+        else:  # matmul weights in quarters (read once), norms in halves over fsdp (once per tensor rank)
+            assert r["bytes_in_files"] < r["bytes_read"] < 1.1 * r["bytes_in_files"], (tag, r)
+        # the weights are bitwise equal (above); the logits differ by the sharded matmuls' summation order
+        assert r["logits_diff"] <= (1e-5 if tag != "bf16" else 0.05), (tag, r)
+    t = got["tensor_specs"]  # Megatron: q column-split, o row-split, embedding by vocabulary
+    assert t["q_proj"] == ["fsdp", "tensor"] and t["o_proj"] == ["tensor", "fsdp"] and t["embed"] == ["tensor", "fsdp"]
+    # LoRA follows: q's B split by columns over tensor, o's A by rows over tensor (no gather of the base)
+    assert t["q_lora"] == [["fsdp", None], [None, "tensor"]] and t["o_lora"] == [["tensor", None], [None, "fsdp"]]

@@ -15,8 +15,9 @@ What each process does:
 3. the LoRA adapter and the Adam state are created in place, laid out like their base
    weights;
 4. each step, every process builds only its rows of the global batch
-   (``process_slice``), ``global_batch`` assembles the global array, and the jitted
-   sharded step updates the adapter;
+   (``process_slice``), ``global_batch`` assembles the global array, and
+   :func:`jpeft.fit` (the one training loop: non-finite guard, validation, progress,
+   logging) runs the jitted sharded step;
 5. process 0 logs, and writes the adapter (``adapter_model.safetensors`` +
    ``adapter_config.json``, keys ``<module path>.lora_A``) to ``--out``.
 
@@ -39,6 +40,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -226,7 +228,6 @@ def main(argv=None):
 
     import jax.numpy as jnp
     import numpy as np
-    from tqdm import tqdm
 
     import jpeft
 
@@ -258,16 +259,22 @@ def main(argv=None):
     step = jpeft.make_sharded_train_step(loss_fn, optimizer, mesh, accumulate_steps=args.accumulate_steps)
 
     data = corpus()
-    losses = []
+
+    def batches():
+        for i in itertools.count():
+            rows = global_rows(data, i, args.global_batch, args.seq_len, args.seed)
+            local = dist.host_local_batch({"tokens": rows})  # in a real loader: read only these rows
+            yield dist.global_batch(local, mesh)
+
+    def log(rec):
+        dist.log(f"step {rec['step']:4d}  loss {rec['loss']:.5f}  grad_norm {rec['grad_norm']:.4f}")
+
     t0 = time.perf_counter()
-    for i in tqdm(range(args.steps), disable=not dist.is_main_process(), desc="train"):
-        rows = global_rows(data, i, args.global_batch, args.seq_len, args.seed)
-        local = dist.host_local_batch({"tokens": rows})  # in a real loader: read only these rows
-        batch = dist.global_batch(local, mesh)
-        adapter, opt_state, metrics = step(params, adapter, opt_state, batch, jax.random.fold_in(key, i))
-        losses.append(float(metrics["loss"]))
-        if args.log_every and (i % args.log_every == 0 or i == args.steps - 1):
-            dist.log(f"step {i:4d}  loss {losses[-1]:.5f}  grad_norm {float(metrics['grad_norm']):.4f}")
+    result = jpeft.fit(step, params, adapter, opt_state, batches(), key=key, num_steps=args.steps,
+                       token_key="tokens", progress=dist.is_main_process(), desc="train",
+                       log=log if args.log_every else None, log_every=args.log_every)
+    adapter = result.adapter
+    losses = [h["loss"] for h in result.history]
     dist.log(f"{args.steps} steps in {time.perf_counter() - t0:.2f} s")
 
     host = dist.gather(adapter)  # collective: every process takes part

@@ -1,12 +1,14 @@
 """The ``jpeft demo`` pipeline: a tiny byte-level Llama pretrained on Python code, fine-tuned on
 English prose with full fine-tuning and with LoRA; forgetting measured as the rise of the
-code loss. Everything runs on a CPU in minutes, from data that ships with Python."""
+code loss. Everything runs on a CPU in minutes, from data that ships with Python.
+
+Data, model and pretraining are :mod:`jpeft.forgetting.language`'s (the language forgetting
+benchmark's), and every run trains through :func:`jpeft.fit`."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -15,143 +17,61 @@ from typing import Any, Optional
 
 import numpy as np
 
+from jpeft.forgetting import language as L
+
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    hidden: int
-    layers: int
-    heads: int
-    mlp: int
+    size: str  # a model size of jpeft.forgetting.language.tiny_llama_config
     pretrain_steps: int
     steps: int
     pretrain_lr: float = 3e-3
+    code_bytes: int = 6_000_000
+    eval_rows: int = 64
 
 
-DEFAULT = Setting(hidden=128, layers=2, heads=4, mlp=384, pretrain_steps=800, steps=200)
-TINY = Setting(hidden=32, layers=2, heads=2, mlp=64, pretrain_steps=30, steps=20)
+DEFAULT = Setting(size="demo", pretrain_steps=800, steps=200)
+TINY = Setting(size="demo-tiny", pretrain_steps=30, steps=20, code_bytes=300_000, eval_rows=32)
 
 
 def cache_root(arg: Optional[str]) -> str:
-    return arg or os.environ.get("JPEFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jpeft")
+    return arg or L.default_cache_dir()
 
 
 # ------------------------------------------------------------------------------------ data
-def _bytes_rows(data: bytes, seq_len: int) -> np.ndarray:
-    a = np.frombuffer(data, np.uint8).astype(np.int32)
-    n = len(a) // seq_len
-    return a[: n * seq_len].reshape(n, seq_len)
-
-
-def prose_text() -> bytes:
-    """English prose that ships with Python: the documentation topics of ``pydoc_data``."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
-
-
 class Data:
-    """Byte rows for the old task (code) and the new task (prose): train / held-out."""
+    """Byte data of :mod:`jpeft.forgetting.language`: the old task (standard-library code)
+    and the new task (``pydoc_data`` prose), train and held-out (split by file / topic), with
+    fixed held-out windows of ``seq_len + 1`` bytes."""
 
-    def __init__(self, seq_len: int, tiny: bool):
-        from jpeft.cli import _langdata
+    def __init__(self, seq_len: int, s: Setting):
+        self.seq_len = seq_len
+        self.code_train, code_held = L.code_corpus(s.code_bytes)
+        self.prose_train, prose_held = L.prose_corpus()
+        self.code_eval = L.eval_windows(code_held, seq_len, s.eval_rows)
+        self.prose_eval = L.eval_windows(prose_held, seq_len, s.eval_rows)
 
-        code_train, code_eval = _langdata.code_bytes(tiny)
-        prose = prose_text()
-        if tiny:
-            prose = prose[: 200_000]
-        cut = int(len(prose) * 0.9)
-        self.code_train = _bytes_rows(code_train, seq_len)
-        self.code_eval = _bytes_rows(code_eval, seq_len)[: 32 if tiny else 64]
-        self.prose_train = _bytes_rows(prose[:cut], seq_len)
-        self.prose_eval = _bytes_rows(prose[cut:], seq_len)[: 32 if tiny else 64]
-
-    @staticmethod
-    def batch(rows: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
-        rng = np.random.default_rng([seed, step])
-        return rows[rng.integers(0, len(rows), batch_size)]
+    def batches(self, batch_size: int, seed: int, replay: float = 0.0):
+        """Endless random prose windows; with ``replay``, that share of every batch is code."""
+        n_old = int(round(replay * batch_size))
+        prose = L.byte_batches(self.prose_train, self.seq_len, batch_size - n_old, seed + 7)
+        code = L.byte_batches(self.code_train, self.seq_len, n_old, seed + 9) if n_old else None
+        for rows in prose:
+            if code is not None:  # experience replay: part of each batch is old-task (code) data
+                rows = np.concatenate([rows, next(code)])
+            yield rows
 
 
 # ----------------------------------------------------------------------------------- model
-def make_model(s: Setting, seq_len: int):
-    from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=s.hidden, intermediate_size=s.mlp, num_layers=s.layers,
-                      num_heads=s.heads, num_kv_heads=s.heads, max_position_embeddings=max(512, seq_len),
-                      rope_theta=10000.0, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg), cfg
-
-
-def _loss(model, variables, ids):
-    import jax
-    import jax.numpy as jnp
-
-    logits = model.apply(variables, ids)
-    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-    return -jnp.take_along_axis(lp, ids[:, 1:, None], -1).mean()
-
-
-def pretrain(model, s: Setting, data: Data, *, batch_size: int, seed: int, progress: bool):
-    """Plain next-byte pretraining on code (AdamW, cosine decay)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from tqdm.auto import tqdm
-
-    ids0 = jnp.asarray(data.code_train[:1])
-    params = model.init(jax.random.key(seed), ids0)
-    sched = optax.warmup_cosine_decay_schedule(0.0, s.pretrain_lr, min(100, s.pretrain_steps // 10 + 1),
-                                               s.pretrain_steps, end_value=0.1 * s.pretrain_lr)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, ids):
-        loss, g = jax.value_and_grad(lambda p: _loss(model, p, ids))(params)
-        upd, state = opt.update(g, state, params)
-        return optax.apply_updates(params, upd), state, loss
-
-    bar = tqdm(range(s.pretrain_steps), desc="pretrain on Python code", unit="step", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
-    for i in bar:
-        params, state, loss = step(params, state, jnp.asarray(data.batch(data.code_train, i, batch_size, seed)))
-        if i % 20 == 0 or i == s.pretrain_steps - 1:
-            bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
-    bar.close()
-    return params
-
-
-def base_model(s: Setting, data: Data, args, seq_len: int):
-    """The pretrained base: loaded from the cache when an identical setting was trained before."""
-    import jax
-    import jax.numpy as jnp
-    from safetensors.numpy import load_file, save_file
-
-    model, cfg = make_model(s, seq_len)
-    key = dict(dataclasses.asdict(s), seq_len=seq_len, batch_size=args.batch_size, seed=args.seed, version=1)
-    tag = "demo-base-" + str(abs(hash(json.dumps(key, sort_keys=True))) % 10**10)
-    import hashlib
-
-    tag = "demo-base-" + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    folder = os.path.join(cache_root(args.cache_dir), tag)
-    path = os.path.join(folder, "params.safetensors")
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [jax.tree_util.keystr(k) for k, _ in flat]
-    if os.path.isfile(path) and not args.no_cache:
-        arrays = load_file(path)
-        if set(arrays) == set(names):
-            params = jax.tree.unflatten(treedef, [jnp.asarray(arrays[n]) for n in names])
-            return model, params, f"cached base model {folder}"
-    t0 = time.perf_counter()
-    params = pretrain(model, s, data, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
-    os.makedirs(folder, exist_ok=True)
-    leaves = jax.tree.leaves(params)
-    tmp = path + ".tmp"
-    save_file({n: np.asarray(x) for n, x in zip(names, leaves)}, tmp)
-    os.replace(tmp, path)
-    with open(os.path.join(folder, "setting.json"), "w") as f:
-        json.dump(key, f, indent=1)
-    return model, params, f"pretrained the base model in {time.perf_counter() - t0:.0f} s (cached in {folder})"
+def base_model(s: Setting, args, seq_len: int):
+    """The pretrained base of :func:`jpeft.forgetting.language.pretrain_code_model` (cached
+    when an identical setting was trained before)."""
+    model, params, info = L.pretrain_code_model(
+        cache_root(args.cache_dir), s.pretrain_steps, seq_len=seq_len, batch_size=args.batch_size, lr=s.pretrain_lr,
+        size=s.size, seed=args.seed, use_cache=not args.no_cache, progress=not args.no_progress)
+    how = (f"cached base model {info['path']}" if info["cached"] else
+           f"pretrained the base model in {info['train_seconds']:.0f} s (cached in {info['path']})")
+    return model, params, how
 
 
 # -------------------------------------------------------------------------------- fine-tune
@@ -170,41 +90,24 @@ class RunResult:
 
 
 def make_eval(model):
-    import jax
-
-    import jpeft
-
-    @jax.jit
-    def ev(params, adapter, ids):
-        import jax.numpy as jnp
-
-        logits = jpeft.apply(model, params, adapter, ids)
-        lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-        return -jnp.take_along_axis(lp, ids[:, 1:, None], -1).mean()
-
-    def evaluate(params, adapter, rows, bs=32):
-        import jax.numpy as jnp
-
-        vals = [float(ev(params, adapter, jnp.asarray(rows[i:i + bs]))) for i in range(0, len(rows) - bs + 1, bs)]
-        if not vals:
-            vals = [float(ev(params, adapter, jnp.asarray(rows)))]
-        return float(np.mean(vals))
+    def evaluate(params, adapter, windows):
+        return L.heldout_loss(model, params, adapter, windows)
 
     return evaluate
 
 
 def finetune(name, config, lr, model, params, data: Data, args, steps: int, eval_every: int, evaluate, base_losses,
              replay: float = 0.0):
+    """One fine-tuning run on prose through :func:`jpeft.fit`, with held-out prose and code
+    losses every ``eval_every`` steps."""
     import jax
     import jax.numpy as jnp
     import optax
-    from tqdm.auto import tqdm
 
     import jpeft
 
     key = jax.random.key(args.seed + 1)
-    ids0 = jnp.asarray(data.prose_train[:1, :8])
-    adapter = jpeft.init(config, params, key, model, ids0)
+    adapter = jpeft.init(config, params, key, model, jnp.asarray(data.prose_eval[:1, :8]))
     s = jpeft.summary(params, adapter, print_fn=None)
     # the share of the model's own parameters that are trained (full fine-tuning: 100 %)
     trainable = s["trainable"]
@@ -212,38 +115,22 @@ def finetune(name, config, lr, model, params, data: Data, args, steps: int, eval
     opt = optax.chain(optax.clip_by_global_norm(1.0),
                       optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps, 0.1 * lr),
                                   weight_decay=0.0))
-
-    def loss_fn(p, a, ids, k):
-        logits = jpeft.apply(model, p, a, ids)
-        lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-        return -jnp.take_along_axis(lp, ids[:, 1:, None], -1).mean()
-
-    step_fn = jpeft.make_train_step(loss_fn, opt)
-    opt_state = opt.init(adapter)
+    loss = L.lm_loss_fn(model)
+    step_fn = jpeft.make_train_step(lambda p, a, w, k: loss(p, a, w), opt)
     xs, new, old = [0], [base_losses[0]], [base_losses[1]]
-    times = []
-    bar = tqdm(range(steps), desc=f"fine-tune on English: {name}", unit="step", disable=args.no_progress,
-               dynamic_ncols=True, file=sys.stderr)
-    for i in bar:
-        rows = data.batch(data.prose_train, i, args.batch_size, args.seed + 7)
-        n_old = int(round(replay * args.batch_size))
-        if n_old:  # experience replay: part of each batch is old-task (code) data
-            rows = np.concatenate([rows[: args.batch_size - n_old], data.batch(data.code_train, i, n_old, args.seed + 9)])
-        ids = jnp.asarray(rows)
-        t0 = time.perf_counter()
-        adapter, opt_state, m = step_fn(params, adapter, opt_state, ids, jax.random.fold_in(key, i))
-        loss = float(m["loss"])  # blocks until the step is done
-        if i > 0:
-            times.append(time.perf_counter() - t0)
-        if (i + 1) % eval_every == 0 or i + 1 == steps:
-            xs.append(i + 1)
-            new.append(evaluate(params, adapter, data.prose_eval))
-            old.append(evaluate(params, adapter, data.code_eval))
-            bar.set_postfix(english=f"{new[-1]:.3f}", code=f"{old[-1]:.3f}", refresh=False)
-        else:
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    bar.close()
-    return RunResult(name, adapter, xs, new, old, float(np.median(times)) if times else float("nan"),
+
+    def eval_fn(adapter, step):
+        xs.append(step)
+        new.append(evaluate(params, adapter, data.prose_eval))
+        old.append(evaluate(params, adapter, data.code_eval))
+        return {"english": new[-1], "code": old[-1]}
+
+    batches = (jnp.asarray(w) for w in data.batches(args.batch_size, args.seed, replay))
+    res = jpeft.fit(step_fn, params, adapter, opt.init(adapter), batches, key=key, num_steps=steps,
+                    progress=not args.no_progress, desc=f"fine-tune on English: {name}", eval_fn=eval_fn,
+                    eval_every=eval_every)
+    times = res.step_seconds[1:]  # the first step includes compilation
+    return RunResult(name, res.adapter, xs, new, old, float(np.median(times)) if times else float("nan"),
                      trainable, s["total"], share)
 
 
@@ -352,11 +239,11 @@ def run_demo(args) -> dict:
     say(f"jpeft demo: PEFT against catastrophic forgetting ({'tiny setting' if args.tiny else 'default setting'}; "
         f"{jax.device_count()} {jax.default_backend().upper()} device(s))")
 
-    data = Data(seq_len, args.tiny)
+    data = Data(seq_len, s)
     say(f"  old task: Python standard-library source, {data.code_train.size / 1e6:.1f} MB of code for pretraining")
     say(f"  new task: Python documentation prose (pydoc_data), {data.prose_train.size / 1e6:.2f} MB")
-    model, params, how = base_model(s, data, args, seq_len)
-    say(f"  base: byte-level Llama, {s.layers} layers x {s.hidden} wide, "
+    model, params, how = base_model(s, args, seq_len)
+    say(f"  base: byte-level Llama, {model.config.num_layers} layers x {model.config.hidden_size} wide, "
         f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters; {how}")
     evaluate = make_eval(model)
     base_losses = (evaluate(params, None, data.prose_eval), evaluate(params, None, data.code_eval))

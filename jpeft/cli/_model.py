@@ -18,9 +18,10 @@ class Loaded(NamedTuple):
     hf_config: dict     # the folder's config.json
 
 
-def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = False) -> Loaded:
+def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = False, mesh=None, rules=None) -> Loaded:
     """Loads ``config.json`` + safetensors weights (+ the tokenizer) from a local folder;
-    ``scan_layers=True`` gives the layer-scanned variant (Llama family only).
+    ``scan_layers=True`` gives the layer-scanned variant (Llama family only); with ``mesh``
+    every weight is read straight into its shard (``from_pretrained(..., mesh=mesh, rules=rules)``).
 
     Raises:
       LoadError: the folder is missing or is not a Hugging Face model folder.
@@ -32,14 +33,14 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
     d = read_config(folder)
     if scan_layers:
         try:
-            model, params = from_pretrained(folder, scan_layers=True)
+            model, params = from_pretrained(folder, scan_layers=True, mesh=mesh, rules=rules)
         except TypeError:
             raise ConfigError(
                 f"train.scan_layers is for Llama-family models (llama, mistral, qwen2); {folder!r} is a "
                 f"{d.get('model_type')!r} model. Set scan_layers = false."
             ) from None
     else:
-        model, params = from_pretrained(folder)
+        model, params = from_pretrained(folder, mesh=mesh, rules=rules)
     tok = load_tokenizer(folder) if tokenizer else None
     vocab = d.get("vocab_size")
     if tok is not None and isinstance(vocab, int) and len(tok) > vocab:

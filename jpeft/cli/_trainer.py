@@ -1,57 +1,17 @@
-"""The fit loop behind ``jpeft train``: packed data, AdamW, periodic eval and checkpoints,
-metrics to JSONL (and TensorBoard when installed), exact resume, Ctrl-C saves."""
+"""``jpeft train``: a Hugging Face folder, packed data and AdamW handed to :func:`jpeft.fit`,
+the one training loop (guard, validation, periodic eval, checkpoints with exact resume,
+Ctrl-C, progress bar, JSONL/TensorBoard metrics)."""
 
 from __future__ import annotations
 
 import json
+import itertools
 import math
 import os
-import signal
 import sys
-import time
 from typing import Any, Optional
 
 import numpy as np
-
-
-def _summary_writer(logdir: str):
-    """A TensorBoard SummaryWriter when tensorboard or tensorboardX is installed, else None."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-    except Exception:
-        try:
-            from tensorboardX import SummaryWriter
-        except Exception:
-            return None
-    try:
-        return SummaryWriter(logdir)
-    except Exception:
-        return None
-
-
-class _Interrupt:
-    """SIGINT sets a flag (the loop saves and stops); a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.hit = False
-        self._old = None
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.hit:
-            raise KeyboardInterrupt
-        self.hit = True
-        print("\njpeft train: Ctrl-C: saving a checkpoint, then stopping (Ctrl-C again to abort)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
 
 
 def check_seq_len(seq_len: int, hf_config: dict, what: str) -> None:
@@ -63,6 +23,11 @@ def check_seq_len(seq_len: int, hf_config: dict, what: str) -> None:
     if limit is not None and seq_len > int(limit):
         raise ConfigError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}; "
                           f"use at most {limit}.")
+
+
+def _max_positions(hf_config: dict) -> Optional[int]:
+    limit = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
+    return None if limit is None else int(limit)
 
 
 def make_optimizer(t: dict, total_steps: int):
@@ -103,36 +68,73 @@ def make_loss_fns(model):
     return loss_fn, eval_sums
 
 
-def evaluate(eval_sums, params, adapter, ds, batch_size: int, max_batches: Optional[int] = None) -> dict:
-    """Mean loss and perplexity over (up to ``max_batches`` batches of) ``ds``."""
+def evaluate(eval_sums, params, adapter, ds, batch_size: int, max_batches: Optional[int] = None, place=None) -> dict:
+    """Mean loss and perplexity over (up to ``max_batches`` batches of) ``ds``; ``place(batch)``
+    puts a host batch where the step wants it (a mesh run: a global array split over the
+    batch axes)."""
     tot, n = 0.0, 0.0
     rows = None if not max_batches else max_batches * batch_size
     for b in ds.eval_batches(batch_size, rows):
-        s, k = eval_sums(params, adapter, b)
+        s, k = eval_sums(params, adapter, b if place is None else place(b))
         tot += float(s)
         n += float(k)
     loss = tot / max(n, 1.0)
     return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "tokens": int(n)}
 
 
+
+
+def _check_resumable(out_dir: str, cfg: dict) -> None:
+    """Names the cause when ``--resume`` meets checkpoints of a run with another layout:
+    checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled model cannot use
+    (and the other way round)."""
+    from jpeft.errors import ConfigError
+
+    path = os.path.join(out_dir, "resolved_config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            before = json.load(f)
+        was = bool(before["train"]["scan_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = bool(cfg["train"]["scan_layers"])
+    if was != now:
+        raise ConfigError(
+            f"the checkpoints in {out_dir!r} were written with train.scan_layers = {str(was).lower()} (a "
+            f"{'layer-stacked' if was else 'per-layer'} adapter), but this run has train.scan_layers = "
+            f"{str(now).lower()}; resume with --set train.scan_layers={str(was).lower()}, or choose another output_dir.")
+
+
 def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, progress: bool = True) -> dict:
-    """Runs a resolved ``jpeft train`` config (see :mod:`jpeft.cli.train_cmd`)."""
+    """Runs a resolved ``jpeft train`` config (see :mod:`jpeft.cli.train_cmd`) through
+    :func:`jpeft.fit`."""
     import jax
     import jax.numpy as jnp
 
     import jpeft
     from jpeft.checkpoint import CheckpointManager
-    from jpeft.cli._ckpt import save_adapter
     from jpeft.cli._model import encode_fn, load_folder
     from jpeft.cli.train_cmd import method_of
     from jpeft.data import PackedDataset
-    from jpeft.errors import CheckpointError
+    from jpeft.errors import ConfigError
 
     t = cfg["train"]
     d = cfg["data"]
     out_dir = cfg["output_dir"]
     method_of(cfg)  # fail on a bad method before loading anything
-    loaded = load_folder(cfg["model"], scan_layers=bool(t.get("scan_layers", False)))
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    has_ckpts = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    if not resume and has_ckpts:
+        raise ConfigError(f"{out_dir!r} already has checkpoints; pass --resume to continue, or choose another "
+                          "output_dir.")
+    if resume and has_ckpts:
+        _check_resumable(out_dir, cfg)
+    mesh = make_run_mesh(cfg, int(t["batch_size"]))
+    scan = bool(t.get("scan_layers", False))
+    rules = jpeft.tensor_parallel_rules(stacked=scan) if mesh is not None and "tensor" in mesh.shape else None
+    loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules)
     method = method_of(cfg, loaded.hf_config.get("model_type"))
     check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
     encode, bos, eos = encode_fn(loaded.tokenizer)
@@ -143,135 +145,184 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
 
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
-    key = jax.random.key(seed)
-    k_init, k_train = jax.random.split(key)
-    model, params = loaded.model, loaded.params
+    k_init, k_train = jax.random.split(jax.random.key(seed))
     example = jnp.asarray(train_ds.input_ids[:1, : min(8, train_ds.seq_len)])
     steps = int(t["steps"])
     optimizer, sched = make_optimizer(t, steps)
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    if not resume and os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
-        from jpeft.errors import ConfigError
-
-        raise ConfigError(f"{out_dir!r} already has checkpoints; pass --resume to continue, or choose another "
-                          "output_dir.")
-    ckpts = CheckpointManager(ckpt_dir, method, params, optimizer=optimizer, model=model,
+    ckpts = CheckpointManager(ckpt_dir, method, loaded.params, optimizer=optimizer, model=loaded.model,
                               example_args=(example,), base_config=loaded.hf_config,
+                              save_every=int(t["save_every"]) or steps + 1,
                               keep_last=t["keep_checkpoints"], async_save=False)
     try:
-        return _fit(cfg, t, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, example, k_init, k_train,
-                    seed, steps, resume, max_steps, progress)
+        return _run(cfg, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
+                    steps, resume, max_steps, progress, mesh)
     finally:
         ckpts.close()
 
 
-def _fit(cfg, t, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, example, k_init, k_train, seed, steps,
-         resume, max_steps, progress):
+def make_run_mesh(cfg: dict, batch_size: int):
+    """The ``[mesh]`` of a run, or ``None`` for a single-device, single-process run (the plain
+    jitted step). ``mesh.data = 0`` takes every device not used by ``fsdp``.
+
+    Raises:
+      ConfigError: the mesh does not fit the devices, or ``batch_size`` does not split over
+        it and over the processes.
+    """
     import jax
-    import jax.numpy as jnp
 
     import jpeft
-    from jpeft.cli._ckpt import save_adapter
+    from jpeft.errors import ConfigError, ShardingError
 
+    m = cfg["mesh"]
+    n, procs = jax.device_count(), jax.process_count()
+    if n == 1 and procs == 1:
+        if m["fsdp"] != 1 or m["tensor"] != 1 or m["data"] not in (0, 1):
+            raise ConfigError(f"[mesh] data={m['data']}, fsdp={m['fsdp']}, tensor={m['tensor']} needs "
+                              f"{max(1, m['data']) * m['fsdp'] * m['tensor']} devices, but this run has 1; drop the "
+                              "[mesh] table or run on more devices.")
+        return None
+    try:
+        mesh = jpeft.make_mesh(data=m["data"] or None, fsdp=m["fsdp"], tensor=m["tensor"])
+    except ShardingError as e:
+        raise ConfigError(f"[mesh]: {e}") from None
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % ways or batch_size % procs:
+        raise ConfigError(f"train.batch_size={batch_size} must be a multiple of the mesh's data x fsdp = {ways} and "
+                          f"of the {procs} process(es), so every device and process gets whole rows.")
+    return mesh
+
+
+def _restore(ckpts, out_dir: str, steps: int, **templates):
+    """The latest checkpoint's state, or ``None``; refuses one past ``train.steps`` and names
+    the cause of a base mismatch. ``templates`` (``adapter``, ``opt_state``) give the target
+    shardings, so a run resumes on another mesh or number of processes."""
+    from jpeft.errors import BaseMismatchError, ConfigError
+
+    try:
+        state = ckpts.restore_latest(**templates)
+    except BaseMismatchError as e:
+        raise ConfigError(
+            f"the checkpoints in {out_dir!r} were saved for a different base model than this config's `model` "
+            f"({str(e).split('. ')[0]}); resume with the model (and train.scan_layers) of that run, or choose another "
+            "output_dir.") from None
+    if state is not None and int(state.step) > steps:
+        raise ConfigError(
+            f"the latest checkpoint in {out_dir!r} is at step {int(state.step)}, past train.steps = {steps}; resume "
+            f"with train.steps >= {int(state.step)} (e.g. --set train.steps={int(state.step)}), or choose another "
+            "output_dir.")
+    return state
+
+
+def _say(msg: str) -> None:
+    """A status line on stderr, from the main process only."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr)
+
+
+def _run(cfg, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, example, k_init, k_train, seed, steps,
+         resume, max_steps, progress, mesh):
+    import jax
+
+    import jpeft
+    from jpeft import distributed as dist
+    from jpeft.cli._ckpt import save_adapter
+    from jpeft.errors import ConfigError
+    from jpeft.validate import check_tokens
+
+    t = cfg["train"]
     out_dir = cfg["output_dir"]
     model, params = loaded.model, loaded.params
-    with open(os.path.join(out_dir, "resolved_config.json"), "w") as f:
-        json.dump(dict(cfg, method_config=method.to_dict()), f, indent=1)
+    vocab, max_pos = (int(loaded.hf_config["vocab_size"]) if "vocab_size" in loaded.hf_config else None,
+                      _max_positions(loaded.hf_config))
+    loss_fn, eval_sums = make_loss_fns(model)
+    if mesh is None:
+        place = None
+        adapter = jpeft.init(method, params, k_init, model, example)
+        opt_state = optimizer.init(adapter)
+        step_fn = jpeft.make_train_step(loss_fn, optimizer)
+    else:
+        # the base was read straight into its fsdp shards; the adapter is created in place,
+        # laid out like its base weights, and so is the optimizer state; every batch is split
+        # over data x fsdp with each process holding its own rows
+        init = lambda p, k: jpeft.init(method, p, k, model, example)
+        a_shard = jpeft.adapter_shardings(jax.eval_shape(init, params, k_init), mesh, params)
+        adapter = jax.jit(init, out_shardings=a_shard)(params, k_init)
+        opt_state = jpeft.init_opt_state(optimizer, adapter)
+        step_fn = jpeft.make_sharded_train_step(loss_fn, optimizer, mesh)
 
-    adapter = jpeft.init(method, params, k_init, model, example)
-    opt_state = optimizer.init(adapter)
+        def place(b):
+            local = dist.host_local_batch(b)
+            check_tokens(local, vocab_size=vocab, max_positions=max_pos)  # host values, before the step
+            return dist.global_batch(local, mesh)
+
     start = 0
     if resume:
-        state = ckpts.restore_latest()
+        templates = {} if mesh is None else {"adapter": adapter, "opt_state": opt_state}
+        state = _restore(ckpts, out_dir, steps, **templates)
         if state is None:
-            print(f"jpeft train: no checkpoint in {ckpts.directory}; starting from step 0", file=sys.stderr)
+            _say(f"jpeft train: no checkpoint in {ckpts.directory}; starting from step 0")
         else:
             adapter, opt_state, start = state.adapter, state.opt_state, int(state.step)
-            print(f"jpeft train: resumed from step {start}", file=sys.stderr)
-
-    loss_fn, eval_sums = make_loss_fns(model)
-    step_fn = jpeft.make_train_step(loss_fn, optimizer)
+            _say(f"jpeft train: resumed from step {start}")
     stop_at = steps if max_steps is None else min(steps, int(max_steps))
+    if start >= stop_at and start < steps:
+        raise ConfigError(f"--max-steps {max_steps} is not past the checkpoint's step {start}; give a larger "
+                          "--max-steps, or none to finish the run.")
+    if jax.process_index() == 0:
+        with open(os.path.join(out_dir, "resolved_config.json"), "w") as f:
+            json.dump(dict(cfg, method_config=method.to_dict()), f, indent=1)
+
     bs = int(t["batch_size"])
     summary = jpeft.summary(params, adapter, print_fn=None)
-    print(f"jpeft train: {method.peft_type} on {cfg['model']}: {summary['trainable']:,} trainable of "
-          f"{summary['total']:,} params ({100 * summary['share']:.3f}%); {len(train_ds)} packed rows of "
-          f"{train_ds.seq_len} tokens; steps {start}->{stop_at} of {steps}", file=sys.stderr)
+    where_run = "1 device" if mesh is None else (
+        "mesh " + " x ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" over {jax.process_count()} process(es)")
+    _say(f"jpeft train: {method.peft_type} on {cfg['model']}: {summary['trainable']:,} trainable of "
+         f"{summary['total']:,} params ({100 * summary['share']:.3f}%); {len(train_ds)} packed rows of "
+         f"{train_ds.seq_len} tokens; {where_run}; steps {start}->{stop_at} of {steps}")
 
-    metrics_f = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-    tb = _summary_writer(os.path.join(out_dir, "tb"))
+    eval_fn = None
+    if eval_ds is not None:
+        def eval_fn(adapter, step):
+            return evaluate(eval_sums, params, adapter, eval_ds, bs, t["eval_batches"] or None, place)
 
-    def log(rec):
-        metrics_f.write(json.dumps(rec) + "\n")
-        metrics_f.flush()
-        if tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    tb.add_scalar(k, v, rec["step"])
-
-    def save(step):
-        if step not in ckpts.all_steps():
-            ckpts.save(step, adapter, opt_state, k_train, data_position=step, force=True)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=stop_at, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               disable=not progress, file=sys.stderr)
-    interrupted = False
-    last_eval = None
-    step = start
-    t0 = time.perf_counter()
-    tok_window, time_window = 0, 0.0
-    with _Interrupt() as intr:
-        while step < stop_at:
-            if intr.hit:
-                interrupted = True
-                break
-            b = train_ds.batch(step, bs, seed)
-            batch = {"input_ids": jnp.asarray(b["input_ids"]), "loss_mask": jnp.asarray(b["loss_mask"])}
-            ts = time.perf_counter()
-            adapter, opt_state, m = step_fn(params, adapter, opt_state, batch, jax.random.fold_in(k_train, step))
-            loss = float(m["loss"])
-            dt = time.perf_counter() - ts
-            step += 1
-            if step > start + 1:  # the first step includes compilation
-                tok_window += b["input_ids"].size
-                time_window += dt
-            tps = tok_window / time_window if time_window > 0 else float("nan")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}" if tps == tps else "-", refresh=False)
-            if (t["log_every"] and step % t["log_every"] == 0) or step == stop_at:
-                log({"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                     "lr": float(sched(step - 1)), "tokens_per_s": tps if tps == tps else None,
-                     "elapsed_s": time.perf_counter() - t0})
-                if not progress:
-                    print(f"step {step}/{stop_at} loss {loss:.4f} tok/s {tps:,.0f}", file=sys.stderr)
-            if eval_ds is not None and ((t["eval_every"] and step % t["eval_every"] == 0) or step == steps):
-                last_eval = evaluate(eval_sums, params, adapter, eval_ds, bs, t["eval_batches"] or None)
-                log({"step": step, "eval_loss": last_eval["loss"], "eval_perplexity": last_eval["perplexity"]})
-                bar.write(f"step {step}: eval loss {last_eval['loss']:.4f}, perplexity {last_eval['perplexity']:.2f}")
-            if t["save_every"] and step % t["save_every"] == 0 and step < stop_at:
-                save(step)
-    bar.close()
-    if step > start or interrupted or step < steps:
-        save(step)
+    result = None
+    if start < stop_at:
+        batches = (train_ds.batch(s, bs, seed) for s in itertools.count(start))
+        if place is not None:
+            batches = map(place, batches)
+        with jpeft.MetricLog(os.path.join(out_dir, "metrics.jsonl"), tensorboard=os.path.join(out_dir, "tb"),
+                             echo=not progress) as log:
+            result = jpeft.fit(
+                step_fn, params, adapter, opt_state, batches, key=k_train, num_steps=stop_at - start,
+                start_step=start, data_position=start, checkpoint=ckpts, save_last=True,
+                vocab_size=vocab if mesh is None else None, max_positions=max_pos if mesh is None else None,
+                progress=progress, desc="train", eval_fn=eval_fn, eval_every=int(t["eval_every"]), total_steps=steps,
+                log=log, log_every=int(t["log_every"]), schedule=sched, handle_interrupt=jax.process_count() == 1)
+        adapter, step, interrupted, last_eval = result.adapter, result.step, result.interrupted, result.eval
+    else:
+        step, interrupted, last_eval = start, False, None
     if step >= steps:
-        final, final_params = adapter, params
-        if jpeft.scan.is_stacked(adapter):
+        if last_eval is None and eval_fn is not None:
+            last_eval = eval_fn(adapter, step)
+        final = dist.gather(adapter) if mesh is not None else adapter  # collective: every process takes part
+        final_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        if jpeft.scan.is_stacked(final):
             # the finished adapter is written per layer, for the unrolled model that
             # `jpeft eval`, `merge` and `export` load (checkpoints keep the scanned form)
-            final = jpeft.scan.unstack_adapter(adapter)
-            final_params = jpeft.scan.unstack_params(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
-        save_adapter(os.path.join(out_dir, "adapter"), final, method, params=final_params,
-                     base_config=loaded.hf_config, metadata={"steps": steps, "eval": last_eval})
-    metrics_f.close()
-    if tb is not None:
-        tb.close()
+            final = jpeft.scan.unstack_adapter(final)
+            final_params = jpeft.scan.unstack_params(final_params)
+        if jax.process_index() == 0:
+            save_adapter(os.path.join(out_dir, "adapter"), final, method, params=final_params,
+                         base_config=loaded.hf_config, metadata={"steps": steps, "eval": last_eval})
+        if jax.process_count() > 1:
+            dist.barrier("jpeft_train_adapter_written")
     where = os.path.join(out_dir, "adapter") if step >= steps else os.path.join(str(ckpts.directory), str(step))
     if interrupted:
-        print(f"jpeft train: interrupted at step {step}; checkpoint saved. Continue with --resume.", file=sys.stderr)
+        _say(f"jpeft train: interrupted at step {step}; checkpoint saved. Continue with --resume.")
     elif step < steps:
-        print(f"jpeft train: stopped at step {step} of {steps} (--max-steps); continue with --resume.", file=sys.stderr)
+        _say(f"jpeft train: stopped at step {step} of {steps} (--max-steps); continue with --resume.")
     else:
-        print(f"jpeft train: done; adapter saved to {where}", file=sys.stderr)
+        _say(f"jpeft train: done; adapter saved to {where}")
     return {"step": step, "interrupted": interrupted, "eval": last_eval, "adapter_dir": where}

@@ -40,11 +40,17 @@ warmup_steps = 50
 weight_decay = 0.0
 max_grad_norm = 1.0
 eval_every = 100              # steps between evaluations (0: only at the end)
+eval_batches = 0              # batches of the eval set per evaluation (0: all of it, as `jpeft eval`)
 save_every = 200              # steps between checkpoints (0: only at the end)
 log_every = 10
 keep_checkpoints = 3
 scan_layers = false           # Llama family: nn.scan over the layers (one layer compiled: less compile
                               # time and memory); the saved adapter is per layer as usual
+
+[mesh]                        # optional; used when the run has more than one device or process
+data = 0                      # batch axis (0: every device not used by fsdp)
+fsdp = 1                      # axis the frozen base is sharded over
+tensor = 1                    # Megatron-style tensor parallelism (Llama family)
 """
 
 EPILOG = f"""\
@@ -52,6 +58,8 @@ example:
   jpeft train --config config.toml
   jpeft train --config config.toml --resume          # continue from the latest checkpoint
   jpeft train --config config.toml --set train.steps=50 --set method.r=16
+  jpeft train --config config.toml --coordinator 10.0.0.2:1234 --num-processes 2 --process-id 0
+  jpeft train --config config.toml --cluster-auto     # every worker of a TPU pod slice / SLURM job
 
 config.toml:
 {EXAMPLE_TOML}
@@ -69,13 +77,15 @@ _DEFAULTS = {
     "train": {
         "steps": 1000, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "eval_every": 100, "save_every": 200, "log_every": 10,
-        "keep_checkpoints": 3, "eval_batches": 16, "scan_layers": False,
+        "keep_checkpoints": 3, "eval_batches": 0, "scan_layers": False,
     },
+    "mesh": {"data": 0, "fsdp": 1, "tensor": 1},
 }
 _KNOWN = {
-    "": {"model", "output_dir", "seed", "data", "method", "train"},
+    "": {"model", "output_dir", "seed", "data", "method", "train", "mesh"},
     "data": {"train", "eval", "seq_len", "text_field", "prompt_field", "completion_field"},
     "train": set(_DEFAULTS["train"]),
+    "mesh": set(_DEFAULTS["mesh"]),
 }
 
 
@@ -89,6 +99,12 @@ def add_parser(sub):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (value parsed as TOML/JSON)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    g = p.add_argument_group("many processes (run the same command on every process)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes in the job")
+    g.add_argument("--process-id", type=int, default=None, help="index of this process, 0..N-1")
+    g.add_argument("--cluster-auto", action="store_true",
+                   help="let JAX find the job's processes (TPU VM pod slices, SLURM, Open MPI)")
     return p
 
 
@@ -161,6 +177,10 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
     for k in ("eval_every", "save_every", "log_every", "warmup_steps", "eval_batches"):
         if not isinstance(t[k], int) or t[k] < 0:
             raise ConfigError(f"train.{k} must be a non-negative integer, found {t[k]!r}.")
+    for k, low in (("data", 0), ("fsdp", 1), ("tensor", 1)):
+        v = cfg["mesh"][k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"mesh.{k} must be an integer >= {low}, found {v!r}.")
     if not isinstance(t["scan_layers"], bool):
         raise ConfigError(f"train.scan_layers must be true or false, found {t['scan_layers']!r}.")
     if not isinstance(t["learning_rate"], (int, float)) or t["learning_rate"] <= 0:
@@ -198,8 +218,15 @@ def run(args) -> int:
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max-steps must be positive, found {args.max_steps}.")
     from jpeft.cli._common import require_causal_lm
-    from jpeft.cli._trainer import train
 
     require_causal_lm(cfg["model"], "train")  # one line before anything is loaded
+    if args.coordinator is not None or args.num_processes is not None or args.process_id is not None \
+            or args.cluster_auto:
+        from jpeft import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               auto=True if args.cluster_auto else None)
+    from jpeft.cli._trainer import train
+
     result = train(cfg, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
     return 130 if result.get("interrupted") else 0

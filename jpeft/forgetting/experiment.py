@@ -2,7 +2,7 @@
 
 :func:`run` trains every :class:`MethodSpec` over the tasks of a :class:`Benchmark`, one seed
 at a time, through the same code path for all of them (``jpeft.init`` / ``jpeft.apply`` /
-``jpeft.make_train_step``; full fine-tuning is :class:`~jpeft.forgetting.FullFinetuneConfig`),
+``jpeft.make_train_step`` and :func:`jpeft.fit`, the one training loop; full fine-tuning is :class:`~jpeft.forgetting.FullFinetuneConfig`),
 measures the score matrix ``R[i, j]`` (task ``j`` after training through task ``i``) and
 writes into ``out_dir``:
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 import abc
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -340,17 +341,24 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
             extra["teacher"] = _snapshot(a)
         data_t = bench.train_set(t)
         n = len(next(iter(data_t.values())))
-        for s in range(bench.steps_per_task):
-            idx = rng.integers(0, n, bench.batch_size)
-            batch = {k: jnp.asarray(v[idx]) for k, v in data_t.items()}
-            key, km, ks = jax.random.split(key, 3)
-            if spec.replay and buf is not None:
-                batch = RP.mix_batch(batch, buf, spec.replay, km)
-            a, opt_state, m = step(params, a, opt_state, {"data": batch, **extra}, ks)
+        key, kt, km = jax.random.split(key, 3)
+
+        def batches(data_t=data_t, n=n, extra=extra, km=km):
+            for s in itertools.count():
+                idx = rng.integers(0, n, bench.batch_size)
+                batch = {k: jnp.asarray(v[idx]) for k, v in data_t.items()}
+                if spec.replay and buf is not None:
+                    batch = RP.mix_batch(batch, buf, spec.replay, jax.random.fold_in(km, s))
+                yield {"data": batch, **extra}
+
+        def on_step(s, m, t=t):
             if progress is not None:
                 progress.update(1)
-                if s % 20 == 0:
-                    progress.set_postfix(method=spec.name, seed=seed, task=t, loss=f"{float(m['task_loss']):.3f}", refresh=False)
+                if (s - 1) % 20 == 0:
+                    progress.set_postfix(method=spec.name, seed=seed, task=t, loss=f"{m['task_loss']:.3f}", refresh=False)
+
+        a = jpeft.fit(step, params, a, opt_state, batches(), key=kt, num_steps=bench.steps_per_task,
+                      on_step=on_step).adapter
         if spec.per_task_adapter and t == 0:
             params = jpeft.merge(params, a)  # the shared network, frozen from now on
             adapters[0] = None

@@ -158,12 +158,15 @@ _SIZES = {
     "tiny": (64, 176, 2, 4),
     "small": (128, 352, 4, 4),
     "base": (256, 704, 6, 8),
+    "demo-tiny": (32, 64, 2, 2),  # `jpeft demo --tiny`
+    "demo": (128, 384, 2, 4),  # `jpeft demo`
 }
 
 
 def tiny_llama_config(seq_len: int = 64, size: str = "tiny", *, extra_positions: int = 64):
     """A byte-level Llama config (vocab 256, untied embeddings) of size ``micro`` (~0.03 M
-    parameters, for tests), ``tiny`` (~0.13 M, the default), ``small`` (~0.9 M) or ``base`` (~5 M)."""
+    parameters, for tests), ``tiny`` (~0.13 M, the default), ``small`` (~0.9 M), ``base`` (~5 M),
+    or ``demo`` / ``demo-tiny`` (the models of ``jpeft demo`` and ``jpeft demo --tiny``)."""
     from jpeft.models import LlamaConfig
 
     if size not in _SIZES:
@@ -268,21 +271,10 @@ def pretrain_code_model(
     loss = lm_loss_fn(model)
     step = jpeft.make_train_step(lambda p, a, b, k: loss(p, a, b), opt)
     state = opt.init(adapter)
-    batches = byte_batches(code_tr, seq_len, batch_size, seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="pretraining the code model", unit="step", dynamic_ncols=True)
+    batches = (jnp.asarray(b) for b in byte_batches(code_tr, seq_len, batch_size, seed))
     t0 = time.perf_counter()
-    for s in range(steps):
-        adapter, state, m = step(params, adapter, state, jnp.asarray(next(batches)), jax.random.key(s))
-        if bar is not None:
-            bar.update(1)
-            if s % 25 == 0:
-                bar.set_postfix(loss=f"{float(m['loss']):.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
+    adapter = jpeft.fit(step, params, adapter, state, batches, key=jax.random.key(seed), num_steps=steps,
+                        progress=progress, desc="pretraining the code model").adapter
     secs = time.perf_counter() - t0
     params = jpeft.merge(params, adapter)
     info = dict(settings)

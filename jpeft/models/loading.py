@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -21,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft import _hostmem
 from jpeft.errors import CheckpointError, LoadError, UnsafeFileError, UnsupportedModelError, WeightShapeError
 from jpeft.models.bert import BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
+from jpeft.parallel import _put_leaf, param_shardings
 from jpeft.tree import hf_name
 
 
@@ -332,7 +335,8 @@ def _set(tree: dict, keys: tuple, value):
     node[keys[-1]] = value
 
 
-def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None, **config_overrides):
+def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None, mesh=None, rules=None,
+                    **config_overrides):
     """Loads a local Hugging Face checkpoint folder into a jpeft model.
 
     Args:
@@ -343,6 +347,12 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
       param_dtype: dtype of the loaded parameters when it should differ from ``dtype``.
       key: ``jax.random`` key for task-head parameters a checkpoint may lack (BERT's
         ``classifier`` and ``pooler``, freshly initialised with a warning, as transformers does).
+      mesh: a :class:`jax.sharding.Mesh` (:func:`jpeft.make_mesh`): every weight is placed
+        directly in its final sharding (:func:`jpeft.param_shardings` with ``rules``), and
+        each process reads from the safetensors files only the byte ranges of the shards its
+        devices hold, so no process ever holds the whole model (also for a layer-scanned
+        model, whose stacked leaves are filled layer by layer, and for sharded folders).
+      rules: ``[(regex, spec), ...]`` for :func:`jpeft.param_specs` (with ``mesh``).
       **config_overrides: fields of the jpeft config to change (``remat=True``,
         ``scan_layers=True`` for a layer-scanned Llama whose weights are stacked per layer, ...).
 
@@ -380,9 +390,13 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     shapes = jax.eval_shape(lambda k: read_model.init(k, dummy), jax.random.key(0))["params"]
     expected = hf_key_map(shapes, fam)
 
+    placer = None
+    if mesh is not None:
+        final = shapes if not scanned else jax.eval_shape(lambda k: model.init(k, dummy), jax.random.key(0))["params"]
+        placer = _ShardedPlacer(final, mesh, rules, scanned)
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(_open(f)) for f in files]
-        params, fresh = _read_weights(path, cfg, fam, expected, handles, files)
+        params, fresh = _read_weights(path, cfg, fam, expected, handles, files, placer)
     if fresh:
         warnings.warn(
             f"{path!r} has no weights for {sorted({expected[k][1] for k in fresh})}; they are freshly initialised "
@@ -402,19 +416,21 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
             return out
 
         for tree_keys, value in zip(fresh_keys, jax.jit(pick)(jax.random.key(0) if key is None else key)):
-            _set(params, tree_keys, value.astype(cfg.param_dtype))
-    from jpeft import _hostmem
-
+            value = value.astype(cfg.param_dtype)
+            _set(params, tree_keys, value if placer is None else placer.place_fresh(tree_keys, value))
     _hostmem.release()  # the per-tensor host copies are gone; hand their pages back
-    if scanned:
+    if placer is not None:
+        params = placer.finish(params)
+    elif scanned:
         from jpeft.scan import stack_params
 
         params = stack_params(params, consume=True)
     return model, {"params": params}
 
 
-def _read_weights(path, cfg, fam, expected, handles, files):
-    """Checks every name and shape from the headers, then reads tensor by tensor."""
+def _read_weights(path, cfg, fam, expected, handles, files, placer=None):
+    """Checks every name and shape from the headers, then reads tensor by tensor (with a
+    ``placer``: only the slices of the shards this process holds)."""
     raw_keys = {}
     for h, fname in zip(handles, files):
         for k in h.keys():
@@ -457,6 +473,9 @@ def _read_weights(path, cfg, fam, expected, handles, files):
         raw, h, fname = where[k]
         if fname not in headers:
             headers[fname] = safetensors_index(fname)[0]
+        if placer is not None:
+            placer.add(tree_keys, fname, raw, headers[fname], transposed, shape)
+            continue
         t = _read_tensor(fname, raw, headers[fname])
         # Transpose and cast on the host, then one copy into a JAX buffer: the file is read
         # with plain reads (not memory-mapped, so its pages never count as this process's
@@ -468,6 +487,103 @@ def _read_weights(path, cfg, fam, expected, handles, files):
         _set(params, tree_keys, jax.device_put(t))
         del t
     return params, fresh
+
+
+def _read_slice(fname: str, name: str, spans: dict, index: tuple) -> np.ndarray:
+    """``tensor[index]`` of a row-major safetensors tensor, reading only the bytes of that
+    block: one read per contiguous run (the runs span the dimensions after the last one the
+    index cuts; the dimensions before it are walked)."""
+    dt, shape, offset, nbytes = spans[name]
+    shape = tuple(int(d) for d in shape)
+    ranges = [range(*sl.indices(n)) for sl, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape)]
+    if any(r.step != 1 for r in ranges):
+        raise CheckpointError(f"a shard of {name!r} is a strided slice {index}; shards are contiguous blocks.")
+    out = np.empty(tuple(len(r) for r in ranges), dt)
+    if out.size == 0:
+        return out
+    cut = max([i for i, (r, n) in enumerate(zip(ranges, shape)) if len(r) != n], default=0)
+    itemsize = np.dtype(dt).itemsize
+    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) * itemsize for i in range(len(shape))]
+    run = len(ranges[cut]) * strides[cut] if shape else itemsize
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    pos = 0
+    try:
+        with open(fname, "rb") as f:
+            for lead in itertools.product(*ranges[:cut]):
+                start = offset + sum(i * st for i, st in zip(lead, strides)) + (ranges[cut].start * strides[cut] if shape else 0)
+                f.seek(start)
+                got = f.readinto(view[pos:pos + run])
+                if got != run:
+                    raise CheckpointError(
+                        f"{fname!r} is truncated: tensor {name!r} needs {run:,} bytes at offset {start:,}, the file has "
+                        f"{got:,}. Copy it again.")
+                pos += run
+    except OSError as e:
+        raise CheckpointError(f"cannot read tensor {name!r} from {fname!r}: {e}. The file is corrupted; copy it again.") from None
+    return out
+
+
+class _ShardedPlacer:
+    """Builds every parameter as a global ``jax.Array`` in its final sharding, each shard
+    read from the file by the process whose device holds it (``jax.make_array_from_callback``
+    asks only for this process's shards). A layer-scanned leaf is assembled from the
+    per-layer tensors of the checkpoint, each read only for the shard's block."""
+
+    def __init__(self, final_shapes, mesh, rules, scanned: bool):
+        self.scanned = scanned
+        self.shapes = final_shapes
+        self.shardings = param_shardings(final_shapes, mesh, rules, stacked=r".*layers/.*" if scanned else None)
+        self.sources: dict = {}  # final tree path -> [(fname, raw, spans, transposed)] (one per layer if stacked)
+
+    def _final_keys(self, tree_keys):
+        if not self.scanned:
+            return tree_keys, None
+        out, layer = [], None
+        for k in tree_keys:
+            m = re.fullmatch(r"layers_(\d+)", k)
+            if m:
+                layer = int(m.group(1))
+                k = "layers"
+            out.append(k)
+        return tuple(out), layer
+
+    def _get(self, tree, keys):
+        for k in keys:
+            tree = tree[k]
+        return tree
+
+    def add(self, tree_keys, fname, raw, spans, transposed, shape):
+        keys, layer = self._final_keys(tree_keys)
+        self.sources.setdefault(keys, {})[layer] = (fname, raw, spans, transposed)
+
+    def place_fresh(self, tree_keys, value):
+        keys, layer = self._final_keys(tree_keys)
+        if layer is not None:
+            raise CheckpointError(f"a layer-scanned model cannot initialise the missing weight {'/'.join(tree_keys)}.")
+        return _put_leaf(value, self._get(self.shardings, keys))
+
+    def _read(self, src, index, dtype):
+        fname, raw, spans, transposed = src
+        file_index = tuple(reversed(index)) if transposed else index
+        t = _read_slice(fname, raw, spans, file_index)
+        if transposed:
+            t = np.ascontiguousarray(t.T)
+        return t.astype(dtype, copy=False)
+
+    def finish(self, params):
+        for keys, srcs in self.sources.items():
+            leaf = self._get(self.shapes, keys)
+            dtype = np.dtype(leaf.dtype)
+            sharding = self._get(self.shardings, keys)
+            if None in srcs:
+                cb = lambda index, src=srcs[None]: self._read(src, index, dtype)
+            else:
+                def cb(index, srcs=srcs, n=leaf.shape[0]):
+                    layers = range(*index[0].indices(n))
+                    return np.stack([self._read(srcs[i], tuple(index[1:]), dtype) for i in layers])
+            _set(params, keys, jax.make_array_from_callback(tuple(leaf.shape), sharding, cb))
+            _hostmem.release()
+        return params
 
 
 def _read_tensor(fname: str, name: str, spans: dict) -> np.ndarray:

@@ -1,0 +1,197 @@
+"""LoRA and full fine-tuning steps on an accelerator: tokens/s, MFU and peak device memory,
+with Hugging Face PEFT on the same device when torch sees it.
+
+A ~1.1B-parameter Llama (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocabulary
+32000: the TinyLlama shape) is built from its config with random weights (nothing is
+downloaded) in bfloat16. Each measurement runs in its own process (so one framework's memory
+pool never counts against another's), trains through ``jpeft.fit`` (the project's one
+training loop) and reports the median step time after the compiling step:
+
+* ``jpeft-lora``: LoRA r=16 on all seven projections, AdamW on the adapter;
+* ``jpeft-full``: full fine-tuning (``FullFinetuneConfig``), AdamW on every weight;
+* ``peft-lora``: transformers + peft, the same LoRA, AdamW, ``torch.cuda`` (when available).
+
+MFU is model FLOPs per second (``benchmarks/_common.lora_step_flops`` for LoRA; for full
+fine-tuning the same count plus the weight gradients, another ``2 T W``) over the device's
+dense bf16 peak (a table of known devices; ``--peak-tflops`` overrides it; on an unknown
+device a measured bf16 matmul peak is used and said so).
+
+Examples:
+  python benchmarks/accelerator.py                        # on the accelerator: ~1.1B, batch 8 x 1024
+  python benchmarks/accelerator.py --size toy --steps 3   # a smoke test at toy size (CPU)
+  python benchmarks/accelerator.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _common as C  # noqa: E402
+
+_STDOUT = sys.stdout  # the worker module sends prints to stderr; results go here
+
+SIZES = {
+    "1b": C.Size(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000, batch=8, seq=1024),
+    "toy": C.SIZES["toy"],
+}
+
+# dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity)
+PEAK_BF16 = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+}
+RANK = 16
+
+
+def full_step_flops(size: C.Size) -> float:
+    """:func:`_common.lora_step_flops` without LoRA, plus the frozen weights' own gradients."""
+    h, i, v, n = size.hidden, size.intermediate, size.vocab, size.layers
+    kv = (size.kv_heads or size.heads) * (h // size.heads)
+    weights = n * (h * h * 2 + h * kv * 2 + 3 * h * i) + h * v
+    return C.lora_step_flops(size, r=0)["step"] + 2 * size.tokens * weights
+
+
+def _peak(kind: str, override, measure) -> tuple[float, str]:
+    if override:
+        return override * 1e12, "given (--peak-tflops)"
+    for name, flops in PEAK_BF16.items():
+        if name.lower() in kind.lower():
+            return flops, f"data sheet ({name}, dense bf16)"
+    return measure(), "measured (bf16 matmul, unknown device)"
+
+
+def run_jpeft(size: C.Size, mode: str, steps: int, peak_override) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import _jpeft_worker as W
+    import jpeft
+    from jpeft.cli._model import logits_of
+    from jpeft.forgetting import FullFinetuneConfig
+
+    model, params = W.build_random(size, jnp.bfloat16)
+    cfg = W.lora_config(RANK) if mode == "lora" else FullFinetuneConfig()
+    adapter = jpeft.init(cfg, params, jax.random.key(0))
+    opt = optax.adamw(1e-4)
+
+    def loss_fn(params, adapter, batch, key):
+        return W.causal_lm_loss(logits_of(jpeft.apply(model, params, adapter, batch)), batch)
+
+    step = jpeft.make_train_step(loss_fn, opt)
+    data = [jnp.asarray(b) for b in C.batches(size, 4, seed=1)]
+    batches = (data[i % len(data)] for i in range(steps + 1))
+    res = jpeft.fit(step, params, adapter, opt.init(adapter), batches, key=jax.random.key(1), num_steps=steps + 1,
+                    token_key="input_ids")
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+
+    def measure():
+        a = jnp.ones((4096, 4096), jnp.bfloat16)
+        f = jax.jit(jnp.dot)
+        f(a, a).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(10):
+            out = f(a, a)
+        out.block_until_ready()
+        return 10 * 2 * 4096**3 / (time.perf_counter() - t)
+
+    secs = sorted(res.step_seconds[1:])
+    s = secs[len(secs) // 2]
+    flops = C.lora_step_flops(size, RANK)["step"] if mode == "lora" else full_step_flops(size)
+    peak, how = _peak(dev.device_kind, peak_override, measure)
+    return {"framework": "jpeft", "mode": mode, "device": dev.device_kind, "platform": dev.platform,
+            "params": int(jpeft.tree.count(params)), "trainable": int(jpeft.tree.count(res.adapter)),
+            "step_s": s, "tokens_per_s": size.tokens / s, "mfu": flops / s / peak, "peak_flops": peak, "peak_source": how,
+            "peak_device_mem_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
+            "first_step_s": res.step_seconds[0], "loss": [h["loss"] for h in res.history]}
+
+
+def run_peft(size: C.Size, steps: int, peak_override) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not torch.cuda.is_available():
+        return {"framework": "peft", "mode": "lora", "skipped": "torch sees no CUDA device"}
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**size.hf_config_kwargs())).to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
+                                             target_modules=list(C.LORA_TARGETS)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    data = [torch.as_tensor(b, dtype=torch.long, device="cuda") for b in C.batches(size, 4, seed=1)]
+    secs, losses = [], []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(steps + 1):
+        x = data[i % len(data)]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        torch.cuda.synchronize()
+        secs.append(time.perf_counter() - t)
+    s = sorted(secs[1:])[len(secs[1:]) // 2]
+    kind = torch.cuda.get_device_name()
+    peak, how = _peak(kind, peak_override, lambda: float("nan"))
+    return {"framework": "peft", "mode": "lora", "device": kind, "step_s": s, "tokens_per_s": size.tokens / s,
+            "mfu": C.lora_step_flops(size, RANK)["step"] / s / peak, "peak_flops": peak, "peak_source": how,
+            "peak_device_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": losses}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="1b", choices=sorted(SIZES))
+    p.add_argument("--steps", type=int, default=10, help="measured steps after the compiling one")
+    p.add_argument("--runs", default="jpeft-lora,jpeft-full,peft-lora", help="comma-separated")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    size = SIZES[args.size]
+    if args._one:
+        fw, mode = args._one.split("-")
+        out = run_jpeft(size, mode, args.steps, args.peak_tflops) if fw == "jpeft" else run_peft(size, args.steps,
+                                                                                                   args.peak_tflops)
+        print("RESULT:" + json.dumps(out), file=_STDOUT, flush=True)
+        return 0
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_CPP_MIN_LOG_LEVEL="3")
+    results = []
+    for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
+        cmd = [sys.executable, __file__, "--_one", run, "--size", args.size, "--steps", str(args.steps)]
+        if args.peak_tflops:
+            cmd += ["--peak-tflops", str(args.peak_tflops)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT:")]
+        r = json.loads(lines[-1][7:]) if proc.returncode == 0 and lines else {
+            "run": run, "error": (proc.stderr or proc.stdout)[-1500:]}
+        r["run"] = run
+        results.append(r)
+        if "step_s" in r:
+            mem = "-" if r["peak_device_mem_gib"] is None else f"{r['peak_device_mem_gib']:.1f} GiB"
+            print(f"{run:>10} on {r['device']}: step {1000 * r['step_s']:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s, "
+                  f"MFU {100 * r['mfu']:.1f}% (peak {r['peak_flops'] / 1e12:.3g} TFLOP/s, {r['peak_source']}), "
+                  f"peak device memory {mem}")
+        else:
+            print(f"{run:>10}: {r.get('skipped') or r.get('error')}")
+    print(f"size {args.size}: {size.n_params() / 1e6:,.1f} M parameters, batch {size.batch} x {size.seq} tokens, "
+          f"bf16, LoRA r={RANK} on {', '.join(C.LORA_TARGETS)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"size": args.size, "results": results}, f, indent=1)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The one training loop, :func:`jpeft.fit`: its guard, eval, logging, accumulation, Ctrl-C
+and resume are tested here once; the trainers built on it (``jpeft train``, ``jpeft demo``,
+the forgetting runner, the code-model pretraining) are checked to call it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft.errors import NonFiniteError
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+import ckpt_common as C  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run():
+    params, cfg, adapter, opt, state, key = C.setup()
+    step = jpeft.make_train_step(C.loss_fn(), opt, donate=False)
+    return params, cfg, adapter, opt, state, key, step
+
+
+def _equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_eval_log_and_progress_records(run, tmp_path):
+    params, cfg, adapter, opt, state, key, step = run
+    seen = []
+
+    def eval_fn(a, s):
+        seen.append(s)
+        return {"loss": float(C.loss_fn()(params, a, C.batch(99), jax.random.key(0)))}
+
+    sched = optax.constant_schedule(3e-2)
+    with jpeft.MetricLog(str(tmp_path / "m.jsonl")) as log:
+        res = jpeft.fit(step, params, adapter, state, C.batches(0, 100), key=key, num_steps=7, eval_fn=eval_fn,
+                        eval_every=3, log=log, log_every=2, schedule=sched, progress=True, desc="test")
+    assert res.step == 7 and res.data_position == 7 and len(res.history) == len(res.step_seconds) == 7
+    assert seen == [3, 6, 7]  # every 3 steps and at the end of the run
+    recs = [json.loads(x) for x in open(tmp_path / "m.jsonl")]
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 7]
+    assert [r["step"] for r in recs if "eval_loss" in r] == [3, 6, 7]
+    assert all(r["lr"] == pytest.approx(3e-2) for r in train)
+    assert train[0]["tokens_per_s"] > 0  # tokens of batch["input_ids"], the compiling step left out
+    assert [r["loss"] for r in train] == [res.history[s - 1]["loss"] for s in (2, 4, 6, 7)]
+    assert res.eval["loss"] == recs[-1]["eval_loss"] < res.history[0]["loss"]
+
+
+def test_run_ending_on_nonfinite_steps_raises_and_saves_nothing(run, tmp_path):
+    """Fewer non-finite steps than the guard's limit, but at the end of the run: its adapter
+    is not a trained result, so fit raises instead of returning it (issue #16, item 5)."""
+    params, cfg, adapter, opt, state, key, step = run
+    nan = jax.tree.map(lambda x: x * jnp.nan if x.dtype == jnp.float32 else x, params)
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, nan, optimizer=opt, save_every=1,
+                                            async_save=False) as mngr:
+        with pytest.raises(NonFiniteError, match=r"^step 2: the run ended with 2 consecutive non-finite step\(s\) "
+                                                 r"\(steps 1 to 2\).*The last step with a finite update was none"):
+            jpeft.fit(step, nan, adapter, state, C.batches(0, 2), key=key, checkpoint=mngr, save_last=True)
+        assert mngr.all_steps() == []
+
+
+def test_accumulation_equals_one_step_on_the_whole_batch(run):
+    params, cfg, _, opt, _, key, _ = run
+    adapter = jpeft.init(C.lora_config(dropout=0.0), params, jax.random.key(1))
+    state = opt.init(adapter)
+    one = jpeft.make_train_step(C.loss_fn(), opt, donate=False)
+    acc = jpeft.make_train_step(C.loss_fn(), opt, donate=False, accumulate_steps=2)
+    a = jpeft.fit(one, params, adapter, state, C.batches(0, 4), key=key)
+    b = jpeft.fit(acc, params, adapter, state, C.batches(0, 4), key=key)
+    np.testing.assert_allclose([h["loss"] for h in a.history], [h["loss"] for h in b.history], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(a.adapter), jax.tree.leaves(b.adapter)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_saves_the_step_and_resume_is_exact(run, tmp_path):
+    params, cfg, adapter, opt, state, key, step = run
+    straight = jpeft.fit(step, params, adapter, state, C.batches(0, 9), key=key)
+    handler = signal.getsignal(signal.SIGINT)
+
+    def interrupt_at_4(s, m):
+        if s == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler sets a flag; the loop stops after this step
+
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=100,
+                                            async_save=False) as mngr:
+        first = jpeft.fit(step, params, adapter, state, C.batches(0, 9), key=key, checkpoint=mngr, save_last=True,
+                          handle_interrupt=True, on_step=interrupt_at_4)
+        assert first.interrupted and first.step == 4 and mngr.all_steps() == [4]
+        st = mngr.restore_latest()
+    assert st.step == 4 and st.data_position == 4
+    rest = jpeft.fit(step, params, st.adapter, st.opt_state, C.batches(st.data_position, 9), key=st.key,
+                     start_step=st.step, data_position=st.data_position)
+    assert [h["loss"] for h in first.history + rest.history] == [h["loss"] for h in straight.history]  # bitwise
+    assert _equal(rest.adapter, straight.adapter) and not _equal(straight.adapter, adapter)
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop's handler was removed
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = jpeft.fit
+
+    def spy(*a, **kw):
+        calls.append(kw.get("desc", "fit"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(jpeft, "fit", spy)
+    return calls
+
+
+def test_forgetting_runner_pretraining_and_demo_train_through_fit(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from jpeft.cli import _demo
+    from jpeft.forgetting import experiment, language
+
+    calls = _spy(monkeypatch)
+    bench = experiment.get_benchmark("split-digits-task", steps_per_task=2)
+    spec = experiment.MethodSpec("LoRA", jpeft.LoraConfig(r=2, target_modules=".*"), lr=1e-2, replay=0.25)
+    res = experiment.run_one(bench, spec, seed=0)
+    assert len(calls) == len(bench.task_names) and np.all(np.isfinite(res["R"]))
+
+    calls.clear()
+    setting = _demo.Setting(size="micro", pretrain_steps=2, steps=2, code_bytes=60_000, eval_rows=4)
+    args = SimpleNamespace(cache_dir=str(tmp_path), no_cache=False, batch_size=4, seed=0, no_progress=True)
+    model, params, how = _demo.base_model(setting, args, 16)
+    assert calls == ["pretraining the code model"] and "pretrained the base model" in how
+    data = _demo.Data(16, setting)
+    ev = _demo.make_eval(model)
+    base = (ev(params, None, data.prose_eval), ev(params, None, data.code_eval))
+    r = _demo.finetune("LoRA", jpeft.LoraConfig(r=2, target_modules=["q_proj"]), 1e-2, model, params, data, args,
+                       2, 1, ev, base, replay=0.5)
+    assert calls[-1] == "fine-tune on English: LoRA" and r.steps == [0, 1, 2] and len(r.old_loss) == 3
+    assert language.pretrain_code_model(str(tmp_path), 2, seq_len=16, batch_size=4, size="micro")[2]["cached"]
