@@ -10,8 +10,8 @@ handling, a progress bar and metric records (:class:`MetricLog`: JSONL, TensorBo
 installed, log lines). What a caller adds (regularisers, replay, extra metrics) rides in
 the batches it feeds and in the ``on_step`` / ``eval_fn`` callbacks.
 
-The jitted step (:func:`jpeft.make_train_step`) already skips an update whose loss or
-gradients are not finite and reports ``metrics["skipped"] = 1``. On the host,
+The jitted step (:func:`jpeft.make_train_step`) already skips an update whose loss, gradients or
+resulting adapter and optimizer state are not finite and reports ``metrics["skipped"] = 1``. On the host,
 :class:`NonFiniteGuard` counts consecutive skips and raises
 :class:`~jpeft.errors.NonFiniteError` naming the step once ``max_consecutive`` is reached;
 a run that *ends* with skipped steps pending raises too, so a diverged run never looks like
@@ -55,7 +55,7 @@ class NonFiniteGuard:
     >>> g.update(4, {"skipped": 1})
     Traceback (most recent call last):
     ...
-    jpeft.errors.NonFiniteError: step 4: the loss or gradients were not finite for 3 consecutive steps (steps 2 to 4; limit 2), so training stopped. The last step with a finite update was 1. Lower the learning rate, enable gradient clipping (optax.clip_by_global_norm), or check the data around these steps.
+    jpeft.errors.NonFiniteError: step 4: the loss, gradients or update were not finite for 3 consecutive steps (steps 2 to 4; limit 2), so training stopped. The last step with a finite update was 1. Lower the learning rate, enable gradient clipping (optax.clip_by_global_norm), or check the data around these steps.
     """
 
     def __init__(self, max_consecutive: int = 5):
@@ -89,7 +89,7 @@ class NonFiniteGuard:
             self._first_bad = step
         if self.consecutive > self.max_consecutive:
             raise NonFiniteError(
-                f"step {step}: the loss or gradients were not finite for {self.consecutive} consecutive steps "
+                f"step {step}: the loss, gradients or update were not finite for {self.consecutive} consecutive steps "
                 f"(steps {self._first_bad} to {step}; limit {self.max_consecutive}), so training stopped. {self._last()} "
                 "Lower the learning rate, enable gradient clipping (optax.clip_by_global_norm), or check the data "
                 "around these steps."

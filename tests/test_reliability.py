@@ -89,7 +89,7 @@ def test_consecutive_nan_batches_stop_training_and_keep_the_last_good_checkpoint
     data = [_batch(i, nan=(i >= 4)) for i in range(12)]
     with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=2, keep_last=2,
                                             async_save=True) as mngr:
-        with pytest.raises(NonFiniteError, match=r"^step 8: the loss or gradients were not finite for 4 consecutive steps "
+        with pytest.raises(NonFiniteError, match=r"^step 8: the loss, gradients or update were not finite for 4 consecutive steps "
                                                  r"\(steps 5 to 8; limit 3\).*The last step with a finite update was 4"):
             jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, checkpoint=mngr, max_consecutive_skips=3)
         assert mngr.all_steps() == [2, 4]  # nothing written during the skips, nothing rotated out
