@@ -270,9 +270,10 @@ class CheckpointManager:
         else:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                with self._writer_lock(blocking=False) as free:
-                    if free:  # never remove the temporary directory of another writer's save in progress
-                        self._cleanup_incomplete()
+                if jax.process_index() == 0:  # the job's primary process cleans up for all of them
+                    with self._writer_lock(blocking=False) as free:
+                        if free:  # never remove the temporary directory of another writer's save in progress
+                            self._cleanup_incomplete()
             except OSError as e:
                 raise SaveError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
         try:
@@ -318,8 +319,10 @@ class CheckpointManager:
     def _take_lock(self) -> None:
         """Makes this manager the only writer of its directory (two managers saving the same
         step, in two processes or in one, would overwrite each other). The lock is an ``flock``
-        held until :meth:`close`, released by the kernel if the process dies."""
-        if self._lock is not None:
+        held until :meth:`close`, released by the kernel if the process dies. In a multi-process
+        JAX job every process takes part in the same save (Orbax coordinates them), so the job's
+        primary process holds the lock for all of them."""
+        if self._lock is not None or jax.process_index() != 0:
             return
         try:
             f = open(self.directory / _LOCK_FILE, "a+b")
