@@ -11,7 +11,7 @@ from jpeft import _inject, scan
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, ShapeMismatchError, UnsupportedModuleError
 from jpeft.methods import INIT, register
-from jpeft.methods.lora import LoraConfig, init_site
+from jpeft.methods.lora import RESIDUAL_INITS, LoraConfig, init_site
 from jpeft.tree import count, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
 
 
@@ -41,14 +41,17 @@ def _init_lora(config: LoraConfig, params, key, infos):
             )
         else:
             layout = _inject.infer_layout(path, own)
-        if config.init == "pissa" and not isinstance(own.get(layout.param_name), jax.core.Tracer):
+        if config.init in RESIDUAL_INITS and not isinstance(own.get(layout.param_name), jax.core.Tracer):
             # Under jax.eval_shape (loading a saved PiSSA adapter, budgets) only the structure is
             # built; with concrete weights jpeft.init would silently keep the principal part twice.
             raise ConfigError(
-                "LoraConfig(init='pissa') also changes the base weights (the principal part moves into the adapter); "
-                "create it with jpeft.init_pissa(config, params, key), which returns (residual_params, adapter)."
+                f"LoraConfig(init={config.init!r}) also changes the base weights (the initial adapter is taken out "
+                f"of them); create it with jpeft.init_{config.init}(config, params, key), which returns "
+                "(residual_params, adapter)."
             )
-        out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o), path, layout, k, own)
+        # an embedding the model also reads through attend (tied output projection); unknown without the model
+        tied = None if infos is None or path not in infos else ("attend" in infos[path].methods)
+        out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own)
     return out
 
 

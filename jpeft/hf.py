@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject
+from jpeft import _inject, scan
 from jpeft.config import AdapterConfig
 from jpeft.errors import (
     BaseMismatchError,
@@ -44,6 +44,7 @@ from jpeft.errors import (
     UnsafeFileError,
     UnsupportedAdapterError,
 )
+from jpeft.methods import pissa
 from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.tree import from_hf_name, hf_name, matches, module_leaves, unwrap_params
 
@@ -198,6 +199,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             )
         if node.magnitude is not None:
             tensors[peft_key(path, "lora_magnitude_vector")] = _to_np(node.magnitude)
+    init = _residual_init_for_peft(adapter, ctx)
     d = config.to_dict()
     d.pop("peft_type", None)
     d.update(
@@ -210,10 +212,44 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         layers_to_transform=None,
         layers_pattern=None,
         lora_bias=False,
-        # the weights are in the file: PEFT must not re-initialise (PiSSA/OLoRA inits would alter the base)
-        init_lora_weights=True,
+        # PEFT re-runs the init when it loads: True leaves the base alone; "pissa"/"olora" make it
+        # recompute the residual base these factors are relative to (jpeft.init_pissa/init_olora)
+        init_lora_weights=init,
     )
     return d, tensors
+
+
+def _residual_init_for_peft(adapter, ctx: ExportContext):
+    """``init_lora_weights`` to write: ``True``, or the residual init every site shares, after
+    refusing what PEFT would rebuild differently on load."""
+    kinds = {node.residual for node in adapter.values()}
+    if kinds == {None}:
+        return True
+    if len(kinds) > 1:
+        raise UnsupportedAdapterError(
+            f"the adapter mixes sites relative to different bases ({sorted(map(str, kinds))}); PEFT records one "
+            "init_lora_weights per adapter. Save the sites of each init as separate adapters."
+        )
+    (kind,) = kinds
+    if kind.startswith("pissa_niter_"):
+        raise UnsupportedAdapterError(
+            f"this adapter comes from jpeft.init_pissa(..., niter={kind.rsplit('_', 1)[1]}): its base is the residual "
+            "of a randomized SVD, which PEFT would redo with its own random draw on load (a different base). "
+            "Re-create it with niter=None (exact SVD, which PEFT reproduces), or merge it "
+            "(jpeft.merge(residual_params, adapter)) and save full weights with jpeft.models.save_pretrained."
+        )
+    embeds = [p for p, n in adapter.items() if n.layout.kind == "embed"]
+    if embeds:
+        raise UnsupportedAdapterError(
+            f"sites {embeds} are {kind} embeddings, but PEFT's LoRA Embedding layer has no {kind} init (it would load "
+            "the factors onto the unchanged embedding). Leave embeddings out of target_modules for PiSSA/OLoRA."
+        )
+    if kind == "olora" and ctx.fan_in_fan_out:
+        raise UnsupportedAdapterError(
+            "PEFT's OLoRA init factors the stored weight without honouring fan_in_fan_out (GPT-2's Conv1D), so it "
+            "cannot rebuild this adapter's base; use PiSSA (jpeft.init_pissa) or plain LoRA on GPT-2."
+        )
+    return kind
 
 
 _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -245,9 +281,8 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
     kept = {k: v for k, v in d.items() if k in hf_keys}
-    init = kept.get("init_lora_weights", True)
-    if not isinstance(init, bool) and init not in ("gaussian", "pissa"):
-        kept["init_lora_weights"] = True  # how the file was initialised does not matter for loading
+    residual = _residual_of(kept.get("init_lora_weights", True), ctx.folder)
+    kept["init_lora_weights"] = residual or True  # besides the residual inits, the init does not matter for loading
     tm = kept.get("target_modules")
     if tm is None:
         raise UnsupportedAdapterError(
@@ -312,8 +347,37 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             jnp.asarray(a, ctx.dtype), jnp.asarray(b, ctx.dtype),
             None if mag is None or not config.use_dora else jnp.asarray(mag, ctx.dtype),
             config.scale(r_cfg, alpha), layout, float(config.dropout),
+            residual if layout.kind != "embed" else None,
         )
     return config, adapter
+
+
+# PEFT inits that leave the base weight alone: the file's factors are all there is to load
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def _residual_of(init, folder) -> Optional[str]:
+    """``None`` for an init that leaves the base alone, ``"pissa"``/``"olora"`` for one whose
+    residual base jpeft recomputes as PEFT does; a named error for the others."""
+    if any(init is v or (isinstance(init, str) and init == v) for v in _PLAIN_INITS):
+        return None
+    if init in ("pissa", "olora"):
+        return init
+    convert = (
+        "Convert it with PEFT to a plain LoRA relative to the original base: "
+        "peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=<folder of the adapter saved before "
+        "training>), then load `out`."
+    )
+    if isinstance(init, str) and init.startswith(("pissa_niter_", "corda", "loftq")):
+        raise UnsupportedAdapterError(
+            f"the LoRA adapter in {folder!r} was saved with init_lora_weights={init!r}: its factors are relative to a "
+            "base PEFT rebuilds on load with a randomized SVD, data statistics or quantization, which jpeft cannot "
+            f"reproduce. {convert}"
+        )
+    raise UnsupportedAdapterError(
+        f"the LoRA adapter in {folder!r} has init_lora_weights={init!r}, which jpeft does not know; supported: "
+        f"{list(_PLAIN_INITS)}, 'pissa' and 'olora'. {convert}"
+    )
 
 
 def _keys_of(path, t):
@@ -427,27 +491,8 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"cannot read {wpath!r}: {e}. The file is truncated or corrupted; copy it again.") from None
 
 
-def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
-    """Reads a Hugging Face PEFT adapter folder for a jpeft base.
-
-    Args:
-      path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
-      params: the base (``{"params": ...}`` or bare) from :func:`jpeft.models.from_pretrained`;
-        for a layer-scanned base the per-layer sites are stacked (:mod:`jpeft.scan`).
-      dtype: dtype of the adapter arrays.
-
-    Returns:
-      ``(config, adapter)``: ``jpeft.apply(model, params, adapter, ids)`` gives PEFT's output.
-      lora_alpha, use_rslora, rank_pattern, alpha_pattern and DoRA are honoured.
-
-    Raises:
-      LoadError: missing folder/files or malformed config; UnsafeFileError: pickle only.
-      UnsupportedAdapterError: a ``peft_type`` or option jpeft does not support (the
-        supported types are listed).
-      BaseMismatchError: the adapter's keys do not match the base (first unmatched keys on
-        both sides are listed).
-      CheckpointError: a truncated or corrupted weights file.
-    """
+def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
+    """The parsing behind :func:`load_peft` and :func:`load_peft_with_base` (see there)."""
     d = read_peft_config(path)
     ptype = d.get("peft_type")
     fmt = _FORMATS.get(ptype) if isinstance(ptype, str) else None
@@ -471,9 +516,77 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
     return fmt.from_hf(d, tensors, params, ctx)
 
 
+def _residual_kind(adapter) -> Optional[str]:
+    kinds = {getattr(n, "residual", None) for n in adapter.values()} - {None}
+    return next(iter(kinds)) if kinds else None
+
+
+def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
+    """Reads a Hugging Face PEFT adapter folder for a jpeft base.
+
+    Args:
+      path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the base (``{"params": ...}`` or bare) from :func:`jpeft.models.from_pretrained`;
+        for a layer-scanned base the per-layer sites are stacked (:mod:`jpeft.scan`).
+      dtype: dtype of the adapter arrays.
+
+    Returns:
+      ``(config, adapter)``: ``jpeft.apply(model, params, adapter, ids)`` gives the output of
+      PEFT's unmerged ``PeftModel.from_pretrained``. lora_alpha, use_rslora, rank_pattern,
+      alpha_pattern, DoRA and ensure_weight_tying are honoured.
+
+    Raises:
+      LoadError: missing folder/files or malformed config; UnsafeFileError: pickle only.
+      UnsupportedAdapterError: a ``peft_type`` or option jpeft does not support (the
+        supported types are listed), or a PiSSA/OLoRA adapter, which needs the residual base
+        :func:`load_peft_with_base` returns.
+      BaseMismatchError: the adapter's keys do not match the base (first unmatched keys on
+        both sides are listed).
+      CheckpointError: a truncated or corrupted weights file.
+    """
+    config, adapter = _load(path, params, dtype)
+    kind = _residual_kind(adapter)
+    if kind is not None:
+        raise UnsupportedAdapterError(
+            f"the adapter in {path!r} was saved with init_lora_weights={kind!r}: its factors are relative to the residual "
+            f"base (the base minus its initial {kind} factors) that PEFT recomputes when it loads the adapter, so it "
+            "cannot be applied to the original params. Use jpeft.hf.load_peft_with_base(path, params), which returns "
+            "(config, residual_params, adapter), or convert it in PEFT with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) into a plain LoRA on the original base."
+        )
+    return config, adapter
+
+
+def load_peft_with_base(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, Any, dict]:
+    """Like :func:`load_peft`, and also returns the base the adapter applies to, as
+    ``peft.PeftModel.from_pretrained`` builds it: for an adapter saved with
+    ``init_lora_weights="pissa"`` or ``"olora"`` the targeted kernels become the residual
+    ``W - s A0 B0`` (``A0, B0``: the exact SVD / QR factors of ``W``, as PEFT computes them on
+    load); for any other adapter ``params`` is returned unchanged.
+
+    Returns:
+      ``(config, params_for_the_adapter, adapter)``.
+
+    Raises:
+      as :func:`load_peft`; UnsupportedAdapterError also for a residual adapter on a
+      layer-scanned base (load it on ``scan_layers=False`` params, then stack).
+    """
+    config, adapter = _load(path, params, dtype)
+    kind = _residual_kind(adapter)
+    if kind is None:
+        return config, params, adapter
+    if scan.is_stacked(adapter):
+        raise UnsupportedAdapterError(
+            f"the {kind} adapter in {path!r} needs its residual base computed per layer; load it on a base made with "
+            "scan_layers=False, then stack with jpeft.scan.stack_params / stack_adapter."
+        )
+    return config, pissa.residual_params(config, params, adapter, kind), adapter
+
+
 __all__ = [
     "save_peft",
     "load_peft",
+    "load_peft_with_base",
     "register_peft_format",
     "supported_peft_types",
     "peft_key",

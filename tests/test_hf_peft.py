@@ -241,3 +241,84 @@ def test_registry_and_save_errors(tmp_path):
         H.save_peft(str(tmp_path), jpeft.LoraConfig(), {})
     assert H.split_peft_key("base_model.model.transformer.h.0.ln_1.lora_A.weight", ["lora_A.weight"]) == (
         "transformer/h_0/ln_1", "lora_A.weight")
+
+
+# -- PiSSA / OLoRA: adapters relative to a residual base ---------------------------------------------------
+
+def _perturbed(adapter, seed):
+    """Every factor moved away from its initial value (as after training)."""
+    leaves, tdef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tdef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("init,family", [("pissa", "llama2"), ("olora", "qwen2"), ("pissa", "gpt2")])
+def test_residual_inits_peft_to_jpeft(init, family, tmp_path):
+    hf, _ = T.hf_model(family)
+    targets = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                init_lora_weights=init))
+    with torch.no_grad():  # "train": move every factor
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path)
+        # what a user gets from PEFT: the residual base is recomputed from the original weights
+        ref_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+    ids, mask = T.batch(family, seed=5)
+    ref = _peft_logits(ref_model, family, ids, mask)
+    assert np.abs(ref - T.torch_logits(family, ids, mask)).max() > 1e-2
+    model, params = loaded(family)
+    with pytest.raises(UnsupportedAdapterError, match=rf"init_lora_weights='{init}'.*load_peft_with_base"):
+        H.load_peft(str(tmp_path), params)
+    config, res, adapter = H.load_peft_with_base(str(tmp_path), params)
+    assert config.init == init
+    out = np.asarray(jpeft.apply(model, res, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(family, out, ref, mask)
+
+
+@pytest.mark.parametrize("init,family", [("pissa", "llama2"), ("olora", "llama2"), ("pissa", "gpt2")])
+def test_residual_inits_jpeft_to_peft(init, family, tmp_path, caplog):
+    model, params = loaded(family)
+    targets = ["c_attn", "c_proj"] if family == "gpt2" else ["q_proj", "o_proj", "up_proj"]
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=targets)
+    make = jpeft.init_pissa if init == "pissa" else jpeft.init_olora
+    res, adapter = make(cfg, params, jax.random.key(0))
+    adapter = _perturbed(adapter, 1)
+    H.save_peft(str(tmp_path), cfg, adapter)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == init
+    pm = _peft_load_quietly(T.hf_model(family)[0], tmp_path, caplog)
+    ids, mask = T.batch(family, seed=6)
+    out = np.asarray(jpeft.apply(model, res, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(family, out, _peft_logits(pm, family, ids, mask), mask)
+    # and back: the residual base recomputed from the original params is the one init_* returned
+    _, res2, adapter2 = H.load_peft_with_base(str(tmp_path), params)
+    out2 = np.asarray(jpeft.apply(model, res2, adapter2, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(family, out2, out, mask)
+
+
+def test_residual_inits_peft_cannot_rebuild_are_refused(tmp_path):
+    model, params = loaded("llama2")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"])
+    _, ad = jpeft.init_pissa(cfg, params, jax.random.key(0), niter=2)
+    with pytest.raises(UnsupportedAdapterError, match=r"niter=2.*randomized SVD.*niter=None"):
+        H.save_peft(str(tmp_path / "a"), cfg, ad)
+    _, ad = jpeft.init_pissa(jpeft.LoraConfig(r=2, alpha=4, target_modules=["embed_tokens"]), params, jax.random.key(0))
+    with pytest.raises(UnsupportedAdapterError, match="no pissa init"):
+        H.save_peft(str(tmp_path / "b"), cfg, ad)
+    _, gparams = loaded("gpt2")
+    gcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["c_attn"])
+    _, ad = jpeft.init_olora(gcfg, gparams, jax.random.key(0))
+    with pytest.raises(UnsupportedAdapterError, match="fan_in_fan_out"):
+        H.save_peft(str(tmp_path / "c"), gcfg, ad)
+    # PEFT files whose base PEFT itself rebuilds at random (or from data) are refused with the conversion
+    H.save_peft(str(tmp_path / "d"), cfg, _random_adapter("llama2", cfg))
+    for init in ("pissa_niter_4", "corda", "loftq", "something_new"):
+        d = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+        d["init_lora_weights"] = init
+        (tmp_path / "d" / "adapter_config.json").write_text(json.dumps(d))
+        with pytest.raises(UnsupportedAdapterError, match=rf"{init}.*path_initial_model_for_weight_conversion"):
+            H.load_peft(str(tmp_path / "d"), params)

@@ -21,11 +21,14 @@ import numpy as np
 
 from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
 from jpeft.tree import hf_name
 
-_INITS = ("default", "gaussian", "pissa", "random")
+_INITS = ("default", "gaussian", "pissa", "olora", "random")
+# inits whose adapter is relative to a *residual* base (the base minus the initial adapter):
+# jpeft.init_pissa / jpeft.init_olora return that base; Hugging Face PEFT recomputes it on load
+RESIDUAL_INITS = ("pissa", "olora")
 
 
 @register_config
@@ -44,11 +47,16 @@ class LoraConfig(AdapterConfig):
       use_rslora: scale by ``alpha / sqrt(r)``.
       init: ``"default"`` (A Kaiming-uniform, B zero, so the adapter starts as the identity),
         ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"pissa"`` (principal singular
-        vectors of W; use :func:`jpeft.init_pissa`, which also returns the residual base) or
-        ``"random"`` (A and B both random: not the identity; useful for tests).
+        vectors of W; use :func:`jpeft.init_pissa`, which also returns the residual base),
+        ``"olora"`` (QR factors of W; :func:`jpeft.init_olora`, also with the residual base) or
+        ``"random"`` (A and B both random: not the identity; useful for tests). Hugging Face
+        PEFT's ``init_lora_weights`` values ``True``/``False`` map to ``"default"``/``"random"``.
       use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024).
       rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``, keyed by a
         name or regex matched as Hugging Face PEFT does.
+      ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
+        output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
+        the input lookup is adapted, as in PEFT's unmerged model.
 
     >>> import jpeft
     >>> c = jpeft.LoraConfig(r=4, alpha=8, target_modules=["Dense_0"])
@@ -74,6 +82,7 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    ensure_weight_tying: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
@@ -89,6 +98,8 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"LoraConfig.r must be a positive integer, found {self.r!r}. Typical values: 4 to 64.")
         if not isinstance(self.alpha, (int, float, np.number)) or isinstance(self.alpha, bool) or not self.alpha > 0:
             raise ConfigError(f"LoraConfig.alpha must be > 0, found {self.alpha!r}. A common choice is alpha = 2 * r.")
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ConfigError(f"LoraConfig.ensure_weight_tying must be true or false, found {self.ensure_weight_tying!r}.")
         if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), found {self.dropout!r}.")
         if self.init not in _INITS:
@@ -104,7 +115,8 @@ class LoraConfig(AdapterConfig):
 
     def __hash__(self):
         return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
-                     self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items()))))
+                     self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items())),
+                     self.ensure_weight_tying))
 
     def to_dict(self):
         d = super().to_dict()
@@ -132,7 +144,20 @@ class LoraConfig(AdapterConfig):
 @dataclasses.dataclass(frozen=True)
 class LoraWeights(Site):
     """One LoRA site: ``lora_A: [in, r]``, ``lora_B: [r, out]`` (JAX orientation), plus the
-    DoRA magnitude ``[out]`` when ``use_dora``."""
+    DoRA magnitude ``[out]`` when ``use_dora``.
+
+    Static fields besides the scale, layout and dropout rate:
+
+    * ``residual``: ``None``, or the init (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``) whose
+      residual base this site's factors are relative to (set by :func:`jpeft.init_pissa` /
+      :func:`jpeft.init_olora`; :func:`jpeft.hf.save_peft` writes it as ``init_lora_weights``).
+    * ``tie_output`` (embeddings only): also adapt the embedding's ``attend`` (a tied output
+      projection), as Hugging Face PEFT's ``ensure_weight_tying=True`` does on Llama-style
+      models. ``False`` (PEFT's default) adapts the input lookup only.
+    * ``tied_output`` (embeddings only): whether the model reads this embedding through
+      ``attend`` too (known when :func:`jpeft.init` traced the model; ``None`` when unknown).
+      :func:`jpeft.merge` uses it to refuse a merge that would change the output projection.
+    """
 
     lora_A: jax.Array
     lora_B: jax.Array
@@ -140,6 +165,9 @@ class LoraWeights(Site):
     scale: float = static_field(default=1.0)
     layout: Layout = static_field(default=None)
     dropout: float = static_field(default=0.0)
+    residual: Optional[str] = static_field(default=None)
+    tie_output: bool = static_field(default=False)
+    tied_output: Optional[bool] = static_field(default=None)
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
@@ -149,7 +177,7 @@ class LoraWeights(Site):
         return int(self.lora_A.shape[-1])
 
     def handles(self, method_name: str) -> bool:
-        if self.layout.kind == "embed":
+        if self.layout.kind == "embed" and self.tie_output:
             return method_name in ("__call__", "attend")
         return method_name == "__call__"
 
@@ -282,7 +310,18 @@ class LoraWeights(Site):
         inv = tuple(int(i) for i in np.argsort(order))
         return jnp.transpose(d, inv).astype(dtype)
 
+    def _check_tied_merge(self):
+        if self.layout.kind == "embed" and not self.tie_output and self.tied_output:
+            raise NotMergeableError(
+                "this LoRA adapts the input embedding only (Hugging Face PEFT's unmerged model), but the model also "
+                "reads the embedding as its tied output projection (attend): merging into the shared weight would "
+                "change the output projection too, giving different logits (PEFT's merge_and_unload does exactly "
+                "that). Keep the adapter unmerged, untie the output projection (give the model its own lm_head), or "
+                "adapt both on purpose with LoraConfig(ensure_weight_tying=True)."
+            )
+
     def merge(self, own):
+        self._check_tied_merge()
         if self.magnitude is not None:
             from jpeft.methods import dora
 
@@ -294,6 +333,7 @@ class LoraWeights(Site):
         return out
 
     def unmerge(self, own):
+        self._check_tied_merge()
         if self.magnitude is not None:
             from jpeft.methods import dora
 
@@ -341,7 +381,8 @@ def _kaiming_uniform(key, shape, fan_in, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[str, Any]) -> LoraWeights:
+def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[str, Any],
+              tied_output: Optional[bool] = None) -> LoraWeights:
     r, alpha = config.rank_alpha(path)
     scale = config.scale(r, alpha)
     n_in, n_out = layout.in_features, layout.out_features
@@ -362,7 +403,9 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
     else:  # default; "pissa" is handled by jpeft.init_pissa
         a = _kaiming_uniform(ka, (n_in, r), n_in)
         b = jnp.zeros((r, n_out), jnp.float32)
-    node = LoraWeights(a, b, None, scale, layout, float(config.dropout))
+    residual = config.init if config.init in RESIDUAL_INITS else None
+    tie = bool(config.ensure_weight_tying) and layout.kind == "embed"
+    node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output)
     if config.use_dora:
         from jpeft.methods import dora
 
