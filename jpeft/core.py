@@ -11,8 +11,8 @@ from jpeft import _inject, scan
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, ShapeMismatchError, UnsupportedModuleError
 from jpeft.methods import INIT, register
-from jpeft.methods.lora import RESIDUAL_INITS, LoraConfig, init_site
-from jpeft.tree import count, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
+from jpeft.methods.lora import RESIDUAL_INITS, LoraConfig, init_site, tied_output_from_params
+from jpeft.tree import count, linear_only, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
 
 
 def _linear_candidates(params, infos):
@@ -24,6 +24,7 @@ def _linear_candidates(params, infos):
 @register(LoraConfig)
 def _init_lora(config: LoraConfig, params, key, infos):
     leaves, cands = _linear_candidates(params, infos)
+    cands = linear_only(config.target_modules, leaves, cands)
     paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
     # Keys go to sites in sorted path order, so the adapter does not depend on the params
     # dict's insertion order (jax.jit / eval_shape outputs come back with sorted keys).
@@ -50,7 +51,10 @@ def _init_lora(config: LoraConfig, params, key, infos):
                 "(residual_params, adapter)."
             )
         # an embedding the model also reads through attend (tied output projection); unknown without the model
-        tied = None if infos is None or path not in infos else ("attend" in infos[path].methods)
+        if infos is not None and path in infos:
+            tied = "attend" in infos[path].methods
+        else:
+            tied = tied_output_from_params(path, leaves) if layout.kind == "embed" else None
         out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own)
     return out
 

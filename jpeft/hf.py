@@ -45,8 +45,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
 )
 from jpeft.methods import pissa
-from jpeft.methods.lora import LoraConfig, LoraWeights
-from jpeft.tree import from_hf_name, hf_name, matches, module_leaves, unwrap_params
+from jpeft.methods.lora import LoraConfig, LoraWeights, tied_output_from_params
+from jpeft.tree import from_hf_name, hf_name, linear_only, matches, module_leaves, unwrap_params
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -61,6 +61,8 @@ class ExportContext:
     """What a format's ``to_hf`` may need besides the config and the adapter."""
 
     fan_in_fan_out: bool
+    # the base's Hugging Face config.json when save_peft can read it (base_model_name_or_path is a local folder)
+    hf_config: Optional[Mapping[str, Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +174,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     tensors: dict[str, np.ndarray] = {}
     rank_pattern, alpha_pattern = {}, {}
     paths = sorted(adapter)
+    tied = False
     for path in paths:
         node = adapter[path]
         if not isinstance(node, LoraWeights):
@@ -189,6 +192,12 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         if node.layout.kind == "embed":
             tensors[peft_key(path, "lora_embedding_A")] = _to_np(node.lora_A).T.copy()
             tensors[peft_key(path, "lora_embedding_B")] = _to_np(node.lora_B).T.copy()
+            if node.tie_output and node.tied_output is not False:
+                _check_peft_ties(path, node)
+                # PEFT's ensure_weight_tying gives lm_head a LoRA sharing the embedding's factors
+                tensors[peft_key("lm_head", "lora_A.weight")] = _to_np(node.lora_B).copy()
+                tensors[peft_key("lm_head", "lora_B.weight")] = _to_np(node.lora_A).copy()
+                tied = True
         elif node.layout.kind == "dense":
             tensors[peft_key(path, "lora_A.weight")] = _to_np(node.lora_A).T.copy()
             tensors[peft_key(path, "lora_B.weight")] = _to_np(node.lora_B).T.copy()
@@ -212,11 +221,24 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         layers_to_transform=None,
         layers_pattern=None,
         lora_bias=False,
+        ensure_weight_tying=tied,
         # PEFT re-runs the init when it loads: True leaves the base alone; "pissa"/"olora" make it
         # recompute the residual base these factors are relative to (jpeft.init_pissa/init_olora)
         init_lora_weights=init,
     )
     return d, tensors
+
+
+def _check_peft_ties(path, node):
+    if path != "model/embed_tokens" or node.tied_output is None:
+        raise UnsupportedAdapterError(
+            f"site {path!r} adapts the embedding and its tied output projection together (ensure_weight_tying), but "
+            "PEFT ties the output projection's LoRA only for Llama-style models with tie_word_embeddings "
+            "(model.embed_tokens -> lm_head); for this model its unmerged adapter changes the input embedding only. "
+            "Use LoraConfig(ensure_weight_tying=False) to save an adapter PEFT reproduces."
+        )
+    if node.residual is not None or node.magnitude is not None:
+        raise UnsupportedAdapterError(f"site {path!r}: a tied embedding LoRA is saved for PEFT as plain LoRA only.")
 
 
 def _residual_init_for_peft(adapter, ctx: ExportContext):
@@ -254,29 +276,18 @@ def _residual_init_for_peft(adapter, ctx: ExportContext):
 
 _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                  "base_layer.weight")
-# adapter_config.json keys that must hold these values (or be absent) for jpeft to load the file
-_LORA_REQUIRE = {
-    "bias": ("none", None),
-    "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
-    "layers_pattern": (None, []),
-    "exclude_modules": (None, []),
-    "lora_bias": (False, None),
-    "layer_replication": (None, []),
-    "trainable_token_indices": (None, [], {}),
-    "target_parameters": (None, []),
-    "alora_invocation_tokens": (None, []),
-    "use_qalora": (False, None),
-    "use_bdlora": (False, None),
-}
 
 
 def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
-    bad = {k: d[k] for k, ok in _LORA_REQUIRE.items() if k in d and d[k] not in ok}
+    # the PEFT options jpeft does not implement, at anything but their "off" value (one list:
+    # LoraConfig._unsupported_hf_options; modules_to_save was checked with the classifier copy)
+    bad = {k: d[k] for k, ok in LoraConfig._unsupported_hf_options.items()
+           if k in d and k != "modules_to_save" and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
     if bad:
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
-            "rsLoRA, DoRA, rank_pattern and alpha_pattern, with bias='none' and no modules_to_save."
+            "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern and ensure_weight_tying, with bias='none' and no "
+            "modules_to_save (but SEQ_CLS's untrained classifier)."
         )
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
@@ -306,7 +317,9 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             continue
         by_site.setdefault(path, {})[t] = v
     leaves = ctx.leaves
+    tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
     candidates = [p for p, own in leaves.items() if "kernel" in own or "embedding" in own]
+    candidates = linear_only(config.target_modules, leaves, candidates)
     expected = [p for p in candidates if matches(config.target_modules, p)]
     unknown = [p for p in by_site if p not in leaves]
     check_keys([p for p in by_site if p in leaves], expected,
@@ -348,8 +361,35 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             None if mag is None or not config.use_dora else jnp.asarray(mag, ctx.dtype),
             config.scale(r_cfg, alpha), layout, float(config.dropout),
             residual if layout.kind != "embed" else None,
+            path in tied_paths,
+            tied_output_from_params(path, leaves) if layout.kind == "embed" else None,
         )
     return config, adapter
+
+
+def _take_tied_output(d, by_site, leaves, folder) -> set:
+    """PEFT's ``ensure_weight_tying=True`` on a Llama-style tied model also gives ``lm_head`` a
+    LoRA whose factors are the embedding's, transposed: check that, drop those keys (jpeft
+    applies the embedding site at ``attend`` too) and return the tied embedding paths."""
+    head = by_site.get("lm_head")
+    if head is None or "lm_head" in leaves:
+        return set()
+    emb = by_site.get("model/embed_tokens", {})
+    if not d.get("ensure_weight_tying") or "lora_embedding_A" not in emb or set(head) != {"lora_A.weight", "lora_B.weight"}:
+        raise BaseMismatchError(
+            f"the adapter in {folder!r} has LoRA weights for lm_head, but this base ties lm_head to "
+            "model.embed_tokens (no lm_head of its own); jpeft loads such weights only as PEFT's ensure_weight_tying "
+            "copy of a model.embed_tokens LoRA. Load the adapter on a base with tie_word_embeddings=False."
+        )
+    same = (np.array_equal(head["lora_A.weight"], emb["lora_embedding_B"].T)
+            and np.array_equal(head["lora_B.weight"], emb["lora_embedding_A"].T))
+    if not same:
+        raise CheckpointError(
+            f"the adapter in {folder!r} says ensure_weight_tying=True, but lm_head's LoRA factors differ from "
+            "model.embed_tokens' (transposed); the file is inconsistent. Re-save it with PEFT."
+        )
+    del by_site["lm_head"]
+    return {"model/embed_tokens"}
 
 
 # PEFT inits that leave the base weight alone: the file's factors are all there is to load
@@ -389,14 +429,94 @@ register_peft_format(LoraConfig, to_hf=_lora_to_hf, from_hf=_lora_from_hf)
 
 # -- save / load -------------------------------------------------------------------------------------
 
-def _default_task_type(paths) -> Optional[str]:
-    if any(p.startswith(("model/", "transformer/")) for p in paths):
-        return "CAUSAL_LM"
+_ENCODER_ROOTS = ("bert",)
+_DECODER_ROOTS = ("model", "transformer")
+# PEFT task types that load and run on jpeft.models' bases, by (base kind, method kind);
+# "SEQ_CLS" also needs the classifier PEFT keeps as a module to save (written from params).
+_TASKS = {
+    ("decoder", "linear"): (None, "CAUSAL_LM"),
+    ("decoder", "prompt"): ("CAUSAL_LM",),
+    ("decoder", "prefix"): ("CAUSAL_LM",),
+    ("encoder", "linear"): (None, "FEATURE_EXTRACTION", "SEQ_CLS"),
+    ("encoder", "prompt"): ("FEATURE_EXTRACTION", "SEQ_CLS"),
+    ("encoder", "prefix"): (),  # PEFT's prefix tuning cannot build BERT's past_key_values
+}
+_DEFAULT_TASK = {"decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
+
+
+def _base_kind(paths, params) -> Optional[str]:
+    """``"encoder"`` (BERT), ``"decoder"`` (Llama family, GPT-2) or ``None`` when neither the
+    params nor the adapter's site paths tell."""
+    roots = set(unwrap_params(params)[0]) if params is not None else {p.split("/")[0] for p in paths if p}
+    if roots & set(_ENCODER_ROOTS):
+        return "encoder"
+    if roots & set(_DECODER_ROOTS):
+        return "decoder"
     return None
 
 
+def _task_type(config, paths, params, requested, fmt_choice) -> Optional[str]:
+    kind = _base_kind(paths, params)
+    method = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}.get(config.peft_type, "linear")
+    if requested == "auto":
+        task = fmt_choice or _DEFAULT_TASK.get(kind, "CAUSAL_LM" if method != "linear" else None)
+    else:
+        task = requested
+    ok = _TASKS.get((kind, method))
+    if ok is not None and task not in ok:
+        can = "nothing (PEFT cannot build this method for it)" if not ok else f"task_type in {list(ok)}"
+        raise UnsupportedAdapterError(
+            f"PEFT cannot load a {config.peft_type} adapter with task_type={task!r} on this {kind} base (jpeft.models' "
+            f"{'BERT' if kind == 'encoder' else 'Llama/Mistral/Qwen2/GPT-2'}): it can take {can}. Nothing was written."
+        )
+    return task
+
+
+def _classifier_tensors(config, params, prefix: str) -> dict:
+    """The frozen classifier PEFT's SEQ_CLS keeps as a module to save, from the base params."""
+    if params is None:
+        raise UnsupportedAdapterError(
+            "task_type='SEQ_CLS' makes PEFT load the classifier as a module to save: pass params= (the base the "
+            "adapter was trained on) so save_peft can write it. Nothing was written."
+        )
+    own = module_leaves(unwrap_params(params)[0]).get("classifier")
+    if own is None or "kernel" not in own:
+        raise UnsupportedAdapterError("task_type='SEQ_CLS' needs a 'classifier' Dense in the base params; none was found.")
+    out = {f"{prefix}classifier.weight": _to_np(own["kernel"]).T.copy()}
+    if "bias" in own:
+        out[f"{prefix}classifier.bias"] = _to_np(own["bias"]).copy()
+    return out
+
+
+def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder: str, prefix: str) -> None:
+    """Removes from ``tensors`` the classifier a SEQ_CLS adapter file carries as PEFT's module to
+    save, after checking it equals the base's (jpeft trains no copy of it); a trained copy or
+    any other module to save is refused by name."""
+    mts = d.get("modules_to_save") or []
+    keys = [k for k in tensors if k[len(prefix):] in ("classifier.weight", "classifier.bias", "score.weight", "score.bias")
+            and k.startswith(prefix)]
+    if not mts and not keys:
+        return
+    if not set(mts) <= {"classifier", "score"}:
+        raise UnsupportedAdapterError(
+            f"the adapter in {folder!r} has modules_to_save={list(mts)} (trainable full copies of modules), which jpeft "
+            "does not load; only SEQ_CLS's untrained classifier copy is accepted."
+        )
+    own = leaves.get("classifier", {})
+    for k in keys:
+        name = k[len(prefix):]
+        base = own.get({"classifier.weight": "kernel", "classifier.bias": "bias"}.get(name, ""))
+        want = None if base is None else (np.asarray(base, np.float32).T if name.endswith("weight") else np.asarray(base, np.float32))
+        if want is None or want.shape != tensors[k].shape or not np.allclose(tensors[k], want, atol=1e-6):
+            raise UnsupportedAdapterError(
+                f"the adapter in {folder!r} carries a trained copy of {name.rsplit('.', 1)[0]!r} (modules_to_save), which "
+                "jpeft does not load; it differs from the base's. Only adapters that leave the classifier frozen load."
+            )
+        del tensors[k]
+
+
 def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, base_model_name_or_path: Optional[str] = None,
-              task_type: Optional[str] = "auto", fan_in_fan_out: Optional[bool] = None) -> None:
+              task_type: Optional[str] = "auto", fan_in_fan_out: Optional[bool] = None, params=None) -> None:
     """Writes ``adapter`` as a Hugging Face PEFT folder (``adapter_config.json`` +
     ``adapter_model.safetensors``, float32) that ``peft.PeftModel.from_pretrained`` loads on
     the matching transformers model.
@@ -407,8 +527,14 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
       adapter: the adapter dict from :func:`jpeft.init` / training, for a jpeft.models base
         (sites of a layer-scanned model are written per layer, as PEFT names them).
       base_model_name_or_path: recorded in adapter_config.json (where the base lives).
-      task_type: PEFT's task type; ``"auto"`` writes ``"CAUSAL_LM"`` for decoders, ``None`` otherwise.
+      task_type: PEFT's task type; ``"auto"`` writes the config's own ``task_type`` (prefix and
+        prompt tuning) or ``"CAUSAL_LM"`` for decoders and ``"FEATURE_EXTRACTION"`` for BERT.
+        A type PEFT cannot load for the base and method (e.g. ``"CAUSAL_LM"`` on BERT, any
+        prefix tuning on BERT) is refused before anything is written; ``"SEQ_CLS"`` needs
+        ``params`` to write the frozen classifier PEFT expects as a module to save.
       fan_in_fan_out: written for PEFT; ``None`` sets it when the sites are GPT-2 Conv1D layers.
+      params: the base params (optional): tell the base's kind for prompt/prefix adapters and
+        give the classifier for ``"SEQ_CLS"``.
 
     Raises:
       UnsupportedAdapterError: a method without a registered format, or sites PEFT cannot express.
@@ -432,12 +558,17 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     if fan_in_fan_out is None:
         conv = [bool(_CONV1D.match(p)) for p in paths]
         fan_in_fan_out = any(conv)
-    d, tensors = fmt.to_hf(config, adapter, ExportContext(bool(fan_in_fan_out)))
+    # "auto": the config's own choice (prefix/prompt tuning configs may carry one) or the base's default
+    task = _task_type(config, paths, params, task_type, getattr(config, "task_type", None))
+    d, tensors = fmt.to_hf(config, adapter, ExportContext(bool(fan_in_fan_out), _local_hf_config(base_model_name_or_path)))
     d = dict(d)
     d["peft_type"] = config.peft_type
     d["base_model_name_or_path"] = base_model_name_or_path
-    # "auto": the format's own choice (prefix/prompt tuning nodes sit at path "") or the decoder guess
-    d["task_type"] = (d.get("task_type") or _default_task_type(paths)) if task_type == "auto" else task_type
+    d["task_type"] = task
+    if d["task_type"] == "SEQ_CLS":
+        prompt_learning = config.peft_type in ("PREFIX_TUNING", "PROMPT_TUNING")
+        tensors = dict(tensors, **_classifier_tensors(config, params, "base_model." if prompt_learning else PEFT_PREFIX))
+        d["modules_to_save"] = ["classifier", "score"]
     d.setdefault("inference_mode", True)
     d.setdefault("revision", None)
     from safetensors.numpy import save_file
@@ -455,6 +586,15 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
         raise SaveError(f"could not write the adapter to {path!r}: {e}. The previous files are left as they were.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _local_hf_config(base) -> Optional[dict]:
+    """The base's config.json when ``base`` is a local model folder, else ``None``."""
+    if not isinstance(base, str) or not os.path.isfile(os.path.join(base, "config.json")):
+        return None
+    from jpeft.io import read_json
+
+    return read_json(os.path.join(base, "config.json"), what="config.json")
 
 
 def read_peft_config(path: str) -> dict:
@@ -503,6 +643,8 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
         )
     tensors = _read_tensors(path)
     inner, _ = unwrap_params(params)
+    prefix = "base_model." if ptype in ("PREFIX_TUNING", "PROMPT_TUNING") else PEFT_PREFIX
+    _take_frozen_classifier(d, tensors, module_leaves(inner), path, prefix)  # SEQ_CLS's copy of the base's classifier
     from jpeft import scan
 
     n_scanned = scan.num_stacked_layers(inner)

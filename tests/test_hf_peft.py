@@ -4,6 +4,7 @@ no key warnings (LoRA, rsLoRA, rank_pattern/alpha_pattern, GPT-2 fan_in_fan_out,
 DoRA), and bad adapters raise named errors."""
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -113,10 +114,11 @@ def _peft_load_quietly(hf, path, caplog):
 def _random_adapter(family, cfg, seed=0):
     model, params = loaded(family)
     adapter = jpeft.init(cfg, params, jax.random.key(seed))
-    # trained-looking: every B non-zero (as after some steps)
-    keys = iter(jax.random.split(jax.random.key(seed + 100), len(adapter)))
-    return {p: n.__class__(n.lora_A, 0.2 * jax.random.normal(next(keys), n.lora_B.shape), n.magnitude, n.scale,
-                           n.layout, n.dropout) for p, n in adapter.items()}
+    # trained-looking: every factor random and non-zero (an embedding LoRA starts with A = 0)
+    keys = iter(jax.random.split(jax.random.key(seed + 100), 2 * len(adapter)))
+    return {p: dataclasses.replace(n, lora_A=n.lora_A + 0.2 * jax.random.normal(next(keys), n.lora_A.shape),
+                                   lora_B=0.2 * jax.random.normal(next(keys), n.lora_B.shape))
+            for p, n in adapter.items()}
 
 
 JPEFT_CASES = {
@@ -183,8 +185,17 @@ def test_unsupported_lora_options(saved_llama):
     d = json.loads((saved_llama / "adapter_config.json").read_text())
     d["modules_to_save"] = ["lm_head"]
     (saved_llama / "adapter_config.json").write_text(json.dumps(d))
-    with pytest.raises(UnsupportedAdapterError, match=r"options jpeft cannot load: \{'modules_to_save': \['lm_head'\]\}"):
+    with pytest.raises(UnsupportedAdapterError, match=r"modules_to_save=\['lm_head'\] \(trainable full copies"):
         H.load_peft(str(saved_llama), loaded("llama2")[1])
+    for k, v in (("bias", "all"), ("layers_to_transform", [0]), ("exclude_modules", ["v_proj"]), ("lora_bias", True),
+                 ("trainable_token_indices", [1, 2]), ("use_bdlora", True)):
+        e = dict(d, modules_to_save=None, **{k: v})
+        (saved_llama / "adapter_config.json").write_text(json.dumps(e))
+        with pytest.raises(UnsupportedAdapterError, match=rf"options jpeft cannot load: \{{'{k}'"):
+            H.load_peft(str(saved_llama), loaded("llama2")[1])
+        # and the same options in a config (jpeft train's [method] table, LoraConfig.from_dict) are refused too
+        with pytest.raises(jpeft.ConfigError, match=rf"options jpeft does not implement: \{{'{k}'"):
+            jpeft.LoraConfig.from_dict({"r": 2, k: v})
 
 
 def test_keys_that_do_not_match_the_base(saved_llama):
@@ -322,3 +333,67 @@ def test_residual_inits_peft_cannot_rebuild_are_refused(tmp_path):
         (tmp_path / "d" / "adapter_config.json").write_text(json.dumps(d))
         with pytest.raises(UnsupportedAdapterError, match=rf"{init}.*path_initial_model_for_weight_conversion"):
             H.load_peft(str(tmp_path / "d"), params)
+
+
+# -- tied embeddings ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,emb", [("llama3", "embed_tokens"), ("gpt2", "wte")])
+def test_tied_embedding_lora_is_the_unmerged_peft_model(family, emb, tmp_path, caplog):
+    """A LoRA on the input embedding of a tied model adapts the lookup only (PEFT's unmerged
+    model), both ways; merging into the shared weight is refused rather than changing lm_head."""
+    model, params = loaded(family)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=[emb])
+    adapter = _random_adapter(family, cfg)
+    site = adapter[next(iter(adapter))]
+    assert site.tied_output is True and not site.tie_output
+    H.save_peft(str(tmp_path / "j"), cfg, adapter)
+    pm = _peft_load_quietly(T.hf_model(family)[0], tmp_path / "j", caplog)
+    ids, mask = T.batch(family, seed=7)
+    out = _jpeft_logits(family, adapter, ids, mask)
+    _close(family, out, _peft_logits(pm, family, ids, mask), mask)
+    with pytest.raises(jpeft.NotMergeableError, match="tied output projection"):
+        jpeft.merge(params, adapter)
+    # PEFT-made, every factor random
+    torch.manual_seed(4)
+    pm = peft.get_peft_model(copy.deepcopy(T.hf_model(family)[0]),
+                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=[emb, "c_attn" if family == "gpt2" else "q_proj"],
+                                             init_lora_weights=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "p")
+    _, ad = H.load_peft(str(tmp_path / "p"), params)
+    _close(family, _jpeft_logits(family, ad, ids, mask), _peft_logits(pm.eval(), family, ids, mask), mask)
+
+
+def test_ensure_weight_tying_both_ways(tmp_path, caplog):
+    """PEFT's ensure_weight_tying=True on a tied Llama gives lm_head the embedding's LoRA:
+    jpeft loads it as one embedding site applied at attend too, saves it back the same way,
+    and merging is then exact."""
+    family = "llama3"
+    model, params = loaded(family)
+    hf = T.hf_model(family)[0]
+    torch.manual_seed(5)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
+                                                                init_lora_weights=False, ensure_weight_tying=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "p")
+    ids, mask = T.batch(family, seed=8)
+    ref = _peft_logits(pm.eval(), family, ids, mask)
+    config, ad = H.load_peft(str(tmp_path / "p"), params)
+    assert config.ensure_weight_tying and ad["model/embed_tokens"].tie_output
+    out = _jpeft_logits(family, ad, ids, mask)
+    _close(family, out, ref, mask)
+    merged = np.asarray(model.apply(jpeft.merge(params, ad), jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(family, merged, out, mask)
+    # jpeft-made, saved for PEFT: lm_head's tied copy is written, no key warnings
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["embed_tokens"], ensure_weight_tying=True)
+    adapter = _random_adapter(family, cfg, seed=3)
+    H.save_peft(str(tmp_path / "j"), cfg, adapter)
+    assert json.loads((tmp_path / "j" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    pm2 = _peft_load_quietly(hf, tmp_path / "j", caplog)
+    _close(family, _jpeft_logits(family, adapter, ids, mask), _peft_logits(pm2, family, ids, mask), mask)
+    # GPT-2: PEFT does not tie its lm_head's LoRA, so a tied jpeft site cannot be written
+    gcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["wte"], ensure_weight_tying=True)
+    with pytest.raises(UnsupportedAdapterError, match="ties the output projection's LoRA only for Llama-style"):
+        H.save_peft(str(tmp_path / "g"), gcfg, _random_adapter("gpt2", gcfg))

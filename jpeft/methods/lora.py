@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import re
+import warnings
 from typing import Any, ClassVar, Mapping, Optional
 
 import jax
@@ -311,7 +312,15 @@ class LoraWeights(Site):
         return jnp.transpose(d, inv).astype(dtype)
 
     def _check_tied_merge(self):
-        if self.layout.kind == "embed" and not self.tie_output and self.tied_output:
+        if self.layout.kind != "embed" or self.tie_output:
+            return
+        if self.tied_output is None:
+            warnings.warn(
+                "merging a LoRA into an embedding: jpeft cannot tell whether the model also reads this embedding as "
+                "a tied output projection (attend), where the merged weight would act but the unmerged adapter does "
+                "not. Pass the model to jpeft.init (it then refuses such a merge), or set "
+                "LoraConfig(ensure_weight_tying=True) to adapt both.", UserWarning, stacklevel=4)
+        if self.tied_output:
             raise NotMergeableError(
                 "this LoRA adapts the input embedding only (Hugging Face PEFT's unmerged model), but the model also "
                 "reads the embedding as its tied output projection (attend): merging into the shared weight would "
@@ -373,6 +382,23 @@ def _free_letter(eq: str) -> str:
         if c not in eq:
             return c
     raise ValueError("einsum uses every letter")
+
+
+# embeddings of jpeft.models that a tied model also reads as its output projection (attend)
+_TIEABLE_EMBEDDINGS = ("model/embed_tokens", "transformer/wte")
+
+
+def tied_output_from_params(path: str, leaves: Mapping[str, Any]) -> Optional[bool]:
+    """Whether the embedding at ``path`` is also the model's output projection, told from the
+    params alone for jpeft.models (Llama/Mistral/Qwen2 ``model/embed_tokens`` with no
+    ``lm_head``, GPT-2 ``transformer/wte``; BERT's word embeddings never); ``None`` when the
+    params cannot tell.
+    ``leaves`` is :func:`jpeft.tree.module_leaves` of the params."""
+    if path == "bert/embeddings/word_embeddings":  # jpeft's BERT never reads it as an output projection
+        return False
+    if path not in _TIEABLE_EMBEDDINGS:
+        return None
+    return "lm_head" not in leaves
 
 
 def _kaiming_uniform(key, shape, fan_in, dtype=jnp.float32):
