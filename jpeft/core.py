@@ -9,7 +9,7 @@ import flax.linen as nn
 
 from jpeft import _inject, scan
 from jpeft.config import AdapterConfig
-from jpeft.errors import ConfigError, ShapeMismatchError, UnsupportedModuleError
+from jpeft.errors import ConfigError, ShapeMismatchError, TargetNotFoundError, UnsupportedModuleError
 from jpeft.methods import INIT, register
 from jpeft.methods.lora import RESIDUAL_INITS, LoraConfig, init_site, tied_output_from_params
 from jpeft.tree import count, linear_only, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
@@ -26,6 +26,13 @@ def _init_lora(config: LoraConfig, params, key, infos):
     leaves, cands = _linear_candidates(params, infos)
     cands = linear_only(config.target_modules, leaves, cands)
     paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
+    paths = [p for p in paths if config.selects(p)]
+    if not paths:
+        raise TargetNotFoundError(
+            f"target_modules={config.target_modules!r} matched modules, but exclude_modules={config.exclude_modules!r} / "
+            f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) removed "
+            "every one of them; widen those options."
+        )
     # Keys go to sites in sorted path order, so the adapter does not depend on the params
     # dict's insertion order (jax.jit / eval_shape outputs come back with sorted keys).
     site_key = dict(zip(sorted(paths), jax.random.split(key, len(paths))))

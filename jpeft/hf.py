@@ -218,8 +218,6 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         fan_in_fan_out=ctx.fan_in_fan_out,
         bias="none",
         modules_to_save=None,
-        layers_to_transform=None,
-        layers_pattern=None,
         lora_bias=False,
         ensure_weight_tying=tied,
         # PEFT re-runs the init when it loads: True leaves the base alone; "pissa"/"olora" make it
@@ -279,17 +277,18 @@ _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_emb
 
 
 def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
     # the PEFT options jpeft does not implement, at anything but their "off" value (one list:
     # LoraConfig._unsupported_hf_options; modules_to_save was checked with the classifier copy)
     bad = {k: d[k] for k, ok in LoraConfig._unsupported_hf_options.items()
-           if k in d and k != "modules_to_save" and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
+           if k in d and k != "modules_to_save" and k not in fields and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
     if bad:
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
-            "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern and ensure_weight_tying, with bias='none' and no "
+            "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules and "
+            "layers_to_transform/layers_pattern, with bias='none' and no "
             "modules_to_save (but SEQ_CLS's untrained classifier)."
         )
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
     kept = {k: v for k, v in d.items() if k in hf_keys}
     residual = _residual_of(kept.get("init_lora_weights", True), ctx.folder)
@@ -320,7 +319,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
     candidates = [p for p, own in leaves.items() if "kernel" in own or "embedding" in own]
     candidates = linear_only(config.target_modules, leaves, candidates)
-    expected = [p for p in candidates if matches(config.target_modules, p)]
+    expected = [p for p in candidates if config.selects(p)]
     unknown = [p for p in by_site if p not in leaves]
     check_keys([p for p in by_site if p in leaves], expected,
                unmatched_keys=unmatched + [k for p in unknown for k in _keys_of(p, by_site[p])])

@@ -187,8 +187,7 @@ def test_unsupported_lora_options(saved_llama):
     (saved_llama / "adapter_config.json").write_text(json.dumps(d))
     with pytest.raises(UnsupportedAdapterError, match=r"modules_to_save=\['lm_head'\] \(trainable full copies"):
         H.load_peft(str(saved_llama), loaded("llama2")[1])
-    for k, v in (("bias", "all"), ("layers_to_transform", [0]), ("exclude_modules", ["v_proj"]), ("lora_bias", True),
-                 ("trainable_token_indices", [1, 2]), ("use_bdlora", True)):
+    for k, v in (("bias", "all"), ("lora_bias", True), ("trainable_token_indices", [1, 2]), ("use_bdlora", True)):
         e = dict(d, modules_to_save=None, **{k: v})
         (saved_llama / "adapter_config.json").write_text(json.dumps(e))
         with pytest.raises(UnsupportedAdapterError, match=rf"options jpeft cannot load: \{{'{k}'"):
@@ -397,3 +396,65 @@ def test_ensure_weight_tying_both_ways(tmp_path, caplog):
     gcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["wte"], ensure_weight_tying=True)
     with pytest.raises(UnsupportedAdapterError, match="ties the output projection's LoRA only for Llama-style"):
         H.save_peft(str(tmp_path / "g"), gcfg, _random_adapter("gpt2", gcfg))
+
+
+# -- config names and targets as PEFT spells them ----------------------------------------------------------
+
+def test_peft_key_names_are_config_aliases():
+    c = jpeft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, init_lora_weights=False, target_modules=["q_proj"])
+    assert c == jpeft.LoraConfig(r=4, alpha=16, dropout=0.1, init="random", target_modules=["q_proj"])
+    assert c.replace(alpha=8).alpha == 8
+    with pytest.raises(jpeft.ConfigError, match="both alpha= and its Hugging Face PEFT alias lora_alpha="):
+        jpeft.LoraConfig(alpha=8, lora_alpha=16)
+
+
+def test_all_linear_selects_what_peft_selects():
+    """PEFT's "all-linear": every Linear/Conv1D but the output projection, no embeddings."""
+    for family in ("mistral", "gpt2", "bert"):
+        _, params = loaded(family)
+        ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules="all-linear"), params, jax.random.key(0))
+        hf, _ = T.hf_model(family)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules="all-linear"))
+        theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
+                  and not n.endswith(("lora_A", "lora_B"))}
+        assert {H.hf_name(p) for p in ad} == theirs, family
+        assert all(ad[p].layout.kind != "embed" for p in ad) and "lm_head" not in ad
+
+
+def test_layer_and_exclude_filters_select_as_peft():
+    """layers_to_transform / layers_pattern / exclude_modules pick the same sites as PEFT."""
+    _, params = loaded("llama2")
+    cases = [dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+             dict(target_modules=["q_proj", "v_proj"], layers_to_transform=0),
+             dict(target_modules="all-linear", exclude_modules=["v_proj", "down_proj"]),
+             dict(target_modules=r".*\.(q_proj|o_proj)", exclude_modules=r".*layers\.0\..*")]
+    for kw in cases:
+        ad = jpeft.init(jpeft.LoraConfig(r=2, **kw), params, jax.random.key(0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(T.hf_model("llama2")[0]), peft.LoraConfig(r=2, **kw))
+        theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
+                  and not n.endswith(("lora_A", "lora_B"))}
+        assert {H.hf_name(p) for p in ad} == theirs, kw
+    with pytest.raises(jpeft.TargetNotFoundError, match="removed every one of them"):
+        jpeft.init(jpeft.LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]), params, jax.random.key(0))
+    with pytest.raises(jpeft.ConfigError, match="layers_to_transform"):
+        jpeft.LoraConfig(layers_to_transform=[-1])
+    with pytest.raises(jpeft.ConfigError, match="put the layer indices in the regex"):  # PEFT refuses it too
+        jpeft.LoraConfig(target_modules=".*q_proj", layers_to_transform=[0])
+
+
+def test_train_method_table_refuses_unimplemented_options():
+    """`jpeft train`'s [method] table goes through LoraConfig.from_dict: an option jpeft would not
+    apply is refused by name instead of being dropped."""
+    from jpeft.cli.train_cmd import method_of
+
+    for k, v in (("modules_to_save", ["lm_head"]), ("bias", "lora_only"), ("lora_bias", True),
+                 ("trainable_token_indices", [3])):
+        with pytest.raises(jpeft.ConfigError, match=rf"does not implement: \{{'{k}'"):
+            method_of({"method": {"name": "lora", "r": 4, k: v}}, "llama")
+    cfg = method_of({"method": {"name": "lora", "r": 4, "layers_to_transform": [1], "layers_pattern": "layers",
+                                "exclude_modules": ["o_proj"]}}, "llama")
+    assert cfg.layers_to_transform == (1,) and cfg.exclude_modules == ("o_proj",)

@@ -24,7 +24,7 @@ from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
 from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
-from jpeft.tree import hf_name
+from jpeft.tree import hf_name, matches
 
 _INITS = ("default", "gaussian", "pissa", "olora", "random")
 # inits whose adapter is relative to a *residual* base (the base minus the initial adapter):
@@ -55,6 +55,8 @@ class LoraConfig(AdapterConfig):
       use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024).
       rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``, keyed by a
         name or regex matched as Hugging Face PEFT does.
+      exclude_modules, layers_to_transform, layers_pattern: narrow the selection as Hugging
+        Face PEFT's options of these names do (see :meth:`selects`).
       ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
         output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
         the input lookup is adapted, as in PEFT's unmerged model.
@@ -84,9 +86,30 @@ class LoraConfig(AdapterConfig):
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     ensure_weight_tying: bool = False
+    exclude_modules: Any = None
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules) or None)
+        ltt = self.layers_to_transform
+        if ltt is not None and not isinstance(ltt, (int, np.integer)):
+            ltt = tuple(ltt) or None
+        if ltt is not None and not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
+                                       for i in ((ltt,) if isinstance(ltt, (int, np.integer)) else ltt)):
+            raise ConfigError(f"LoraConfig.layers_to_transform must be a layer index or a list of them, found {ltt!r}.")
+        object.__setattr__(self, "layers_to_transform", ltt)
+        lp = self.layers_pattern
+        lp = lp if lp is None or isinstance(lp, str) else (tuple(str(x) for x in lp) or None)
+        object.__setattr__(self, "layers_pattern", lp or None)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ConfigError(
+                "LoraConfig.layers_to_transform / layers_pattern filter a list of target_modules (as in Hugging Face "
+                f"PEFT); with the regex target_modules={self.target_modules!r} put the layer indices in the regex instead."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("LoraConfig.layers_pattern needs layers_to_transform (the layer indices it selects).")
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
         init = self.init
@@ -117,12 +140,45 @@ class LoraConfig(AdapterConfig):
     def __hash__(self):
         return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
                      self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items())),
-                     self.ensure_weight_tying))
+                     self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern))
 
     def to_dict(self):
         d = super().to_dict()
         d["init_lora_weights"] = {"default": True, "random": False}.get(self.init, self.init)
         return d
+
+    def selects(self, path: str) -> bool:
+        """Whether the module at ``path`` gets a site, as Hugging Face PEFT decides: it matches
+        ``target_modules`` (:func:`jpeft.tree.matches`), is not in ``exclude_modules`` (a regex
+        fullmatched against the dotted name, or names matched as suffixes) and, when
+        ``layers_to_transform`` is set (``target_modules`` is then a list), sits in one of those
+        layers (the index after ``layers_pattern``, or after the first numbered component)."""
+        if not matches(self.target_modules, path):
+            return False
+        name = hf_name(path)
+        ex = self.exclude_modules
+        if ex is not None:
+            if isinstance(ex, str):
+                if re.fullmatch(ex, name):
+                    return False
+            elif name in ex or any(name.endswith("." + e) for e in ex):
+                return False
+        ltt = self.layers_to_transform
+        if ltt is None or name in self.target_modules:
+            return True  # PEFT applies the layer filter to suffix matches only, not to full names
+        if self.layers_pattern is None:
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        else:
+            pats = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern
+            m = None
+            for pat in pats:
+                m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
+                if m is not None:
+                    break
+        if m is None:
+            return False
+        idx = int(m.group("idx"))
+        return idx == ltt if isinstance(ltt, (int, np.integer)) else idx in ltt
 
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does."""
