@@ -208,7 +208,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             )
         if node.magnitude is not None:
             tensors[peft_key(path, "lora_magnitude_vector")] = _to_np(node.magnitude)
-    init = _residual_init_for_peft(adapter, ctx)
+    init = _residual_init_for_peft(config, adapter, ctx)
     d = config.to_dict()
     d.pop("peft_type", None)
     d.update(
@@ -239,11 +239,17 @@ def _check_peft_ties(path, node):
         raise UnsupportedAdapterError(f"site {path!r}: a tied embedding LoRA is saved for PEFT as plain LoRA only.")
 
 
-def _residual_init_for_peft(adapter, ctx: ExportContext):
+def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     """``init_lora_weights`` to write: ``True``, or the residual init every site shares, after
     refusing what PEFT would rebuild differently on load."""
     kinds = {node.residual for node in adapter.values()}
     if kinds == {None}:
+        if config.init in ("pissa", "olora"):
+            raise UnsupportedAdapterError(
+                f"the config says init={config.init!r}, but the adapter's sites are not relative to a residual base "
+                f"(they do not come from jpeft.init_{config.init}); PEFT would subtract the initial factors from the "
+                "base on load. Save with the config the adapter was made with (init='default')."
+            )
         return True
     if len(kinds) > 1:
         raise UnsupportedAdapterError(

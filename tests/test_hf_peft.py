@@ -324,6 +324,9 @@ def test_residual_inits_peft_cannot_rebuild_are_refused(tmp_path):
     _, ad = jpeft.init_olora(gcfg, gparams, jax.random.key(0))
     with pytest.raises(UnsupportedAdapterError, match="fan_in_fan_out"):
         H.save_peft(str(tmp_path / "c"), gcfg, ad)
+    # a config that claims a residual init for plain sites would make PEFT subtract factors from the base
+    with pytest.raises(UnsupportedAdapterError, match="not relative to a residual base"):
+        H.save_peft(str(tmp_path / "e"), cfg.replace(init="pissa"), _random_adapter("llama2", cfg))
     # PEFT files whose base PEFT itself rebuilds at random (or from data) are refused with the conversion
     H.save_peft(str(tmp_path / "d"), cfg, _random_adapter("llama2", cfg))
     for init in ("pissa_niter_4", "corda", "loftq", "something_new"):
