@@ -18,7 +18,7 @@ from jpeft.methods.ia3 import IA3Config, IA3Weights
 from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
 from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
-from jpeft.methods.pissa import init_pissa
+from jpeft.methods.pissa import init_olora, init_pissa
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
 from jpeft.generate import generate
@@ -54,6 +54,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptWeights",
     "init_pissa",
+    "init_olora",
     "init",
     "apply",
     "merge",

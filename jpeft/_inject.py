@@ -158,10 +158,13 @@ def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]
     """Runs ``model.apply`` abstractly (``jax.eval_shape``, nothing computed) and records,
     for every module called, its class, kernel layout and output shape."""
     record: dict[str, ModuleInfo] = {}
+    other: dict[str, set] = {}  # module path -> methods besides __call__ (a tied embedding's attend)
 
     def intercept(next_fun, a, kw, ctx):
         out = next_fun(*a, **kw)
         if ctx.method_name != "__call__":
+            if not ctx.method_name.startswith("_"):
+                other.setdefault(module_path(ctx.module), set()).add(ctx.method_name)
             return out
         mod = ctx.module
         path = module_path(mod)
@@ -185,7 +188,7 @@ def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]
             return model.apply(v, *args, **kwargs)
 
     jax.eval_shape(run, variables)
-    return record
+    return {p: info._replace(methods=frozenset(other.get(p, ()))) for p, info in record.items()}
 
 
 def infer_layout(path: str, own: Mapping[str, Any]) -> Layout:

@@ -127,8 +127,7 @@ class BankedLora(Site):
     mergeable: ClassVar[bool] = False
 
     def handles(self, method_name: str) -> bool:
-        if self.layout.kind == "embed":
-            return method_name in ("__call__", "attend")
+        # an embedding LoRA adapts the lookup only, as jpeft.LoraWeights does without ensure_weight_tying
         return method_name == "__call__"
 
     def check(self, path: str, module) -> None:
@@ -205,12 +204,6 @@ class BankedLora(Site):
         if pre:
             safe = jnp.arange(nb)
         bg = b if pre else jnp.take(b, safe, axis=0)  # [batch, R, d]
-        if call.method_name == "attend":
-            xf = x.astype(dt).reshape((nb, -1, x.shape[-1]))
-            h = jnp.einsum("btd,brd->btr", xf, bg)
-            ag = a if pre else jnp.take(a, safe, axis=0)  # [batch, V, R]
-            out = jnp.einsum("btr,bvr->btv", h, ag) * s[:, None, None]
-            return out.reshape(tuple(x.shape[:-1]) + (a.shape[1],))
         tok = x.reshape((nb, -1))
         slot = jnp.broadcast_to(safe[:, None], tok.shape)
         h = a[slot, tok]  # [batch, tokens, R]
@@ -344,6 +337,9 @@ class AdapterBank:
     slot_ranks: tuple
     dropout: float = 0.0
     strategy: str = DEFAULT_STRATEGY
+    # embedding sites: whether the model also reads them as a tied output projection (attend);
+    # from the template's LoraWeights.tied_output, so get() / merged_params() can refuse such a merge
+    tied_output: Mapping[str, Optional[bool]] = dataclasses.field(default_factory=dict)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -382,9 +378,10 @@ class AdapterBank:
             raise ConfigError(f"AdapterBank dropout must be in [0, 1), found {dropout!r}.")
         if not template:
             raise BankError("the template adapter has no sites; give an adapter from jpeft.init or {path: Layout}.")
-        layouts = {}
+        layouts, tied = {}, {}
         for path, node in template.items():
             lay = node if isinstance(node, Layout) else getattr(node, "layout", None)
+            tied[path] = getattr(node, "tied_output", None)
             if not isinstance(lay, Layout):
                 raise BankError(
                     f"template site {path!r} is a {type(node).__name__}; AdapterBank holds LoRA adapters "
@@ -406,7 +403,7 @@ class AdapterBank:
             for p, lay in layouts.items()
         }
         scales = {p: jnp.zeros((capacity,), jnp.float32) for p in layouts}
-        return cls(layouts, weights, scales, (None,) * capacity, (None,) * capacity, float(dropout), strategy)
+        return cls(layouts, weights, scales, (None,) * capacity, (None,) * capacity, float(dropout), strategy, tied)
 
     @classmethod
     def from_adapters(
@@ -424,16 +421,16 @@ class AdapterBank:
         """
         if not adapters:
             raise BankError("from_adapters needs at least one adapter; use AdapterBank.create for an empty bank.")
-        template: dict[str, Layout] = {}
+        template: dict[str, LoraWeights] = {}
         for name, ad in adapters.items():
             _check_lora(name, ad)
             for path, node in ad.items():
-                if path in template and not _same_layout(template[path], node.layout):
+                if path in template and not _same_layout(template[path].layout, node.layout):
                     raise BankShapeError(
                         f"adapter {name!r} has site {path!r} with a {_kernel_desc(node.layout)}, but another adapter has "
-                        f"a {_kernel_desc(template[path])} there: they were made for different base models."
+                        f"a {_kernel_desc(template[path].layout)} there: they were made for different base models."
                     )
-                template.setdefault(path, node.layout)
+                template.setdefault(path, node)
         if max_rank is None:
             max_rank = max(node.r for ad in adapters.values() for node in ad.values())
         bank = cls.create(template, capacity=len(adapters) if capacity is None else capacity, max_rank=max_rank, **kwargs)
@@ -496,7 +493,8 @@ class AdapterBank:
         for path, r in ranks.items():
             st = self.weights[path]
             out[path] = LoraWeights(
-                st.lora_A[i, :, :r], st.lora_B[i, :r, :], None, float(self.scales[path][i]), st.layout, self.dropout
+                st.lora_A[i, :, :r], st.lora_B[i, :r, :], None, float(self.scales[path][i]), st.layout, self.dropout,
+                tied_output=self.tied_output.get(path) if st.layout.kind == "embed" else None,
             )
         return out
 
@@ -707,6 +705,11 @@ def _check_lora(name, adapter) -> None:
             raise BankError(
                 f"adapter {name!r} has a {type(node).__name__} at {path!r}; AdapterBank holds LoRA adapters "
                 "(jpeft.LoraWeights) of unrolled models only (a layer-scanned model's sites are jpeft.scan.Stacked)."
+            )
+        if node.tie_output:
+            raise BankError(
+                f"adapter {name!r} adapts the tied output projection too at {path!r} (ensure_weight_tying); a bank routes "
+                "the input lookup only. Serve it alone with jpeft.apply."
             )
         if node.magnitude is not None:
             raise BankError(

@@ -9,6 +9,7 @@ Hugging Face PEFT's ``adapter_config.json`` through ``_hf_keys`` so that
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, ClassVar, Mapping
 
@@ -19,8 +20,27 @@ _REGISTRY: dict[str, type["AdapterConfig"]] = {}
 
 
 def register_config(cls):
-    """Class decorator: makes ``AdapterConfig.from_dict`` able to find ``cls`` by ``peft_type``."""
+    """Class decorator (put it above ``@dataclasses.dataclass``): makes ``AdapterConfig.from_dict``
+    able to find ``cls`` by ``peft_type``, and lets the constructor take Hugging Face PEFT's
+    key names as aliases of the fields (``LoraConfig(lora_alpha=16)`` is ``LoraConfig(alpha=16)``),
+    so Python, TOML and ``adapter_config.json`` use the same names."""
     _REGISTRY[cls.peft_type] = cls
+    aliases = {hf: name for name, hf in cls._hf_keys.items() if hf != name}
+    if aliases:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            for hf, name in aliases.items():
+                if hf in kwargs:
+                    if name in kwargs:
+                        raise ConfigError(
+                            f"{cls.__name__} got both {name}= and its Hugging Face PEFT alias {hf}=; give one of them."
+                        )
+                    kwargs[name] = kwargs.pop(hf)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
     return cls
 
 
@@ -31,17 +51,35 @@ class AdapterConfig:
     peft_type: ClassVar[str] = ""
     # field name -> Hugging Face adapter_config.json key (only where they differ)
     _hf_keys: ClassVar[Mapping[str, str]] = {}
-    # keys Hugging Face writes that jpeft accepts and ignores (documented per method)
+    # keys Hugging Face writes that do not change what the adapter computes: accepted and ignored
     _ignored_hf_keys: ClassVar[frozenset] = frozenset(
         {
             "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping",
-            "peft_version", "modules_to_save", "bias", "fan_in_fan_out", "layers_to_transform",
-            "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "layer_replication",
-            "runtime_config", "exclude_modules", "lora_bias", "eva_config", "corda_config",
-            "trainable_token_indices", "qalora_group_size", "use_qalora", "target_parameters",
-            "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "lora_ga_config",
+            "peft_version", "fan_in_fan_out", "megatron_core", "runtime_config", "qalora_group_size",
         }
     )
+    # Hugging Face PEFT options jpeft does not implement: accepted only at their "off" values
+    # (what PEFT writes by default), refused by name otherwise, never silently dropped
+    _unsupported_hf_options: ClassVar[Mapping[str, tuple]] = {
+        "modules_to_save": (None, [], ()),
+        "bias": ("none", None),
+        "layers_to_transform": (None, [], ()),
+        "layers_pattern": (None, [], (), ""),
+        "exclude_modules": (None, [], ()),
+        "lora_bias": (False, None),
+        "trainable_token_indices": (None, [], (), {}),
+        "layer_replication": (None, [], ()),
+        "megatron_config": (None, {}),
+        "loftq_config": (None, {}),
+        "eva_config": (None, {}),
+        "corda_config": (None, {}),
+        "use_qalora": (False, None),
+        "target_parameters": (None, [], ()),
+        "alora_invocation_tokens": (None, [], ()),
+        "arrow_config": (None, {}),
+        "lora_ga_config": (None, {}),
+        "use_bdlora": (False, None),
+    }
 
     def replace(self, **changes) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
@@ -77,15 +115,24 @@ class AdapterConfig:
             target = _REGISTRY[ptype]
         inv = {v: k for k, v in target._hf_keys.items()}
         names = {f.name for f in dataclasses.fields(target)}
-        kwargs, unknown = {}, []
+        kwargs, unknown, unsupported = {}, [], {}
         for k, v in d.items():
             name = inv.get(k, k)
             if name in names:
                 kwargs[name] = v
             elif k in target._ignored_hf_keys:
                 continue
+            elif k in target._unsupported_hf_options:
+                if not any(v is ok or (type(v) is type(ok) and v == ok) for ok in target._unsupported_hf_options[k]):
+                    unsupported[k] = v
             else:
                 unknown.append(k)
+        if unsupported:
+            raise ConfigError(
+                f"{target.__name__}.from_dict got Hugging Face PEFT options jpeft does not implement: {unsupported}. "
+                "jpeft would not apply them, so training, merging and export would differ from PEFT's; remove them "
+                f"(or set them to PEFT's defaults: {({k: target._unsupported_hf_options[k][0] for k in unsupported})})."
+            )
         if unknown:
             raise ConfigError(
                 f"{target.__name__}.from_dict got unknown keys {sorted(unknown)}; "

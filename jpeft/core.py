@@ -9,10 +9,10 @@ import flax.linen as nn
 
 from jpeft import _inject, scan
 from jpeft.config import AdapterConfig
-from jpeft.errors import ConfigError, ShapeMismatchError, UnsupportedModuleError
+from jpeft.errors import ConfigError, ShapeMismatchError, TargetNotFoundError, UnsupportedModuleError
 from jpeft.methods import INIT, register
-from jpeft.methods.lora import LoraConfig, init_site
-from jpeft.tree import count, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
+from jpeft.methods.lora import RESIDUAL_INITS, LoraConfig, init_site, tied_output_from_params
+from jpeft.tree import count, linear_only, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
 
 
 def _linear_candidates(params, infos):
@@ -24,7 +24,15 @@ def _linear_candidates(params, infos):
 @register(LoraConfig)
 def _init_lora(config: LoraConfig, params, key, infos):
     leaves, cands = _linear_candidates(params, infos)
+    cands = linear_only(config.target_modules, leaves, cands)
     paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
+    paths = [p for p in paths if config.selects(p)]
+    if not paths:
+        raise TargetNotFoundError(
+            f"target_modules={config.target_modules!r} matched modules, but exclude_modules={config.exclude_modules!r} / "
+            f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) removed "
+            "every one of them; widen those options."
+        )
     # Keys go to sites in sorted path order, so the adapter does not depend on the params
     # dict's insertion order (jax.jit / eval_shape outputs come back with sorted keys).
     site_key = dict(zip(sorted(paths), jax.random.split(key, len(paths))))
@@ -41,14 +49,20 @@ def _init_lora(config: LoraConfig, params, key, infos):
             )
         else:
             layout = _inject.infer_layout(path, own)
-        if config.init == "pissa" and not isinstance(own.get(layout.param_name), jax.core.Tracer):
+        if config.init in RESIDUAL_INITS and not isinstance(own.get(layout.param_name), jax.core.Tracer):
             # Under jax.eval_shape (loading a saved PiSSA adapter, budgets) only the structure is
             # built; with concrete weights jpeft.init would silently keep the principal part twice.
             raise ConfigError(
-                "LoraConfig(init='pissa') also changes the base weights (the principal part moves into the adapter); "
-                "create it with jpeft.init_pissa(config, params, key), which returns (residual_params, adapter)."
+                f"LoraConfig(init={config.init!r}) also changes the base weights (the initial adapter is taken out "
+                f"of them); create it with jpeft.init_{config.init}(config, params, key), which returns "
+                "(residual_params, adapter)."
             )
-        out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o), path, layout, k, own)
+        # an embedding the model also reads through attend (tied output projection); unknown without the model
+        if infos is not None and path in infos:
+            tied = "attend" in infos[path].methods
+        else:
+            tied = tied_output_from_params(path, leaves) if layout.kind == "embed" else None
+        out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own)
     return out
 
 

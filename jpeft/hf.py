@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject
+from jpeft import _inject, scan
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
@@ -46,10 +46,11 @@ from jpeft.errors import (
     UnsafeFileError,
     UnsupportedAdapterError,
 )
-from jpeft.methods.lora import LoraConfig, LoraWeights
-from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_safetensors, safetensors_index
-from jpeft.tree import (compile_pattern, count, from_hf_name, hf_name, matches, module_leaves, regex_fullmatch,
-                        unwrap_params)
+from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
+from jpeft.methods import pissa
+from jpeft.methods.lora import LoraConfig, LoraWeights, tied_output_from_params
+from jpeft.tree import (compile_pattern, count, from_hf_name, hf_name, linear_only, matches, module_leaves,
+                        regex_fullmatch, unwrap_params)
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -64,6 +65,8 @@ class ExportContext:
     """What a format's ``to_hf`` may need besides the config and the adapter."""
 
     fan_in_fan_out: bool
+    # the base's Hugging Face config.json when save_peft can read it (base_model_name_or_path is a local folder)
+    hf_config: Optional[Mapping[str, Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +178,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     tensors: dict[str, np.ndarray] = {}
     rank_pattern, alpha_pattern = {}, {}
     paths = sorted(adapter)
+    tied = False
     for path in paths:
         node = adapter[path]
         if not isinstance(node, LoraWeights):
@@ -192,6 +196,12 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         if node.layout.kind == "embed":
             tensors[peft_key(path, "lora_embedding_A")] = _to_np(node.lora_A).T.copy()
             tensors[peft_key(path, "lora_embedding_B")] = _to_np(node.lora_B).T.copy()
+            if node.tie_output and node.tied_output is not False:
+                _check_peft_ties(path, node)
+                # PEFT's ensure_weight_tying gives lm_head a LoRA sharing the embedding's factors
+                tensors[peft_key("lm_head", "lora_A.weight")] = _to_np(node.lora_B).copy()
+                tensors[peft_key("lm_head", "lora_B.weight")] = _to_np(node.lora_A).copy()
+                tied = True
         elif node.layout.kind == "dense":
             tensors[peft_key(path, "lora_A.weight")] = _to_np(node.lora_A).T.copy()
             tensors[peft_key(path, "lora_B.weight")] = _to_np(node.lora_B).T.copy()
@@ -202,6 +212,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             )
         if node.magnitude is not None:
             tensors[peft_key(path, "lora_magnitude_vector")] = _to_np(node.magnitude)
+    init = _residual_init_for_peft(config, adapter, ctx)
     d = config.to_dict()
     d.pop("peft_type", None)
     d.update(
@@ -211,47 +222,87 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         fan_in_fan_out=ctx.fan_in_fan_out,
         bias="none",
         modules_to_save=None,
-        layers_to_transform=None,
-        layers_pattern=None,
         lora_bias=False,
-        # the weights are in the file: PEFT must not re-initialise (PiSSA/OLoRA inits would alter the base)
-        init_lora_weights=True,
+        ensure_weight_tying=tied,
+        # PEFT re-runs the init when it loads: True leaves the base alone; "pissa"/"olora" make it
+        # recompute the residual base these factors are relative to (jpeft.init_pissa/init_olora)
+        init_lora_weights=init,
     )
     return d, tensors
 
 
+def _check_peft_ties(path, node):
+    if path != "model/embed_tokens" or node.tied_output is None:
+        raise UnsupportedAdapterError(
+            f"site {path!r} adapts the embedding and its tied output projection together (ensure_weight_tying), but "
+            "PEFT ties the output projection's LoRA only for Llama-style models with tie_word_embeddings "
+            "(model.embed_tokens -> lm_head); for this model its unmerged adapter changes the input embedding only. "
+            "Use LoraConfig(ensure_weight_tying=False) to save an adapter PEFT reproduces."
+        )
+    if node.residual is not None or node.magnitude is not None:
+        raise UnsupportedAdapterError(f"site {path!r}: a tied embedding LoRA is saved for PEFT as plain LoRA only.")
+
+
+def _residual_init_for_peft(config, adapter, ctx: ExportContext):
+    """``init_lora_weights`` to write: ``True``, or the residual init every site shares, after
+    refusing what PEFT would rebuild differently on load."""
+    kinds = {node.residual for node in adapter.values()}
+    if kinds == {None}:
+        if config.init in ("pissa", "olora"):
+            raise UnsupportedAdapterError(
+                f"the config says init={config.init!r}, but the adapter's sites are not relative to a residual base "
+                f"(they do not come from jpeft.init_{config.init}); PEFT would subtract the initial factors from the "
+                "base on load. Save with the config the adapter was made with (init='default')."
+            )
+        return True
+    if len(kinds) > 1:
+        raise UnsupportedAdapterError(
+            f"the adapter mixes sites relative to different bases ({sorted(map(str, kinds))}); PEFT records one "
+            "init_lora_weights per adapter. Save the sites of each init as separate adapters."
+        )
+    (kind,) = kinds
+    if kind.startswith("pissa_niter_"):
+        raise UnsupportedAdapterError(
+            f"this adapter comes from jpeft.init_pissa(..., niter={kind.rsplit('_', 1)[1]}): its base is the residual "
+            "of a randomized SVD, which PEFT would redo with its own random draw on load (a different base). "
+            "Re-create it with niter=None (exact SVD, which PEFT reproduces), or merge it "
+            "(jpeft.merge(residual_params, adapter)) and save full weights with jpeft.models.save_pretrained."
+        )
+    embeds = [p for p, n in adapter.items() if n.layout.kind == "embed"]
+    if embeds:
+        raise UnsupportedAdapterError(
+            f"sites {embeds} are {kind} embeddings, but PEFT's LoRA Embedding layer has no {kind} init (it would load "
+            "the factors onto the unchanged embedding). Leave embeddings out of target_modules for PiSSA/OLoRA."
+        )
+    if kind == "olora" and ctx.fan_in_fan_out:
+        raise UnsupportedAdapterError(
+            "PEFT's OLoRA init factors the stored weight without honouring fan_in_fan_out (GPT-2's Conv1D), so it "
+            "cannot rebuild this adapter's base; use PiSSA (jpeft.init_pissa) or plain LoRA on GPT-2."
+        )
+    return kind
+
+
 _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                  "base_layer.weight")
-# adapter_config.json keys that must hold these values (or be absent) for jpeft to load the file
-_LORA_REQUIRE = {
-    "bias": ("none", None),
-    "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
-    "layers_pattern": (None, []),
-    "exclude_modules": (None, []),
-    "lora_bias": (False, None),
-    "layer_replication": (None, []),
-    "trainable_token_indices": (None, [], {}),
-    "target_parameters": (None, []),
-    "alora_invocation_tokens": (None, []),
-    "use_qalora": (False, None),
-    "use_bdlora": (False, None),
-}
 
 
 def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
-    bad = {k: d[k] for k, ok in _LORA_REQUIRE.items() if k in d and d[k] not in ok}
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    # the PEFT options jpeft does not implement, at anything but their "off" value (one list:
+    # LoraConfig._unsupported_hf_options; modules_to_save was checked with the classifier copy)
+    bad = {k: d[k] for k, ok in LoraConfig._unsupported_hf_options.items()
+           if k in d and k != "modules_to_save" and k not in fields and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
     if bad:
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
-            "rsLoRA, DoRA, rank_pattern and alpha_pattern, with bias='none' and no modules_to_save."
+            "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules and "
+            "layers_to_transform/layers_pattern, with bias='none' and no "
+            "modules_to_save (but SEQ_CLS's untrained classifier)."
         )
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
     kept = {k: v for k, v in d.items() if k in hf_keys}
-    init = kept.get("init_lora_weights", True)
-    if not isinstance(init, bool) and init not in ("gaussian", "pissa"):
-        kept["init_lora_weights"] = True  # how the file was initialised does not matter for loading
+    residual = _residual_of(kept.get("init_lora_weights", True), ctx.folder)
+    kept["init_lora_weights"] = residual or True  # besides the residual inits, the init does not matter for loading
     tm = kept.get("target_modules")
     if tm is None:
         raise UnsupportedAdapterError(
@@ -275,8 +326,10 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             continue
         by_site.setdefault(path, {})[t] = v
     leaves = ctx.leaves
+    tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
     candidates = [p for p, own in leaves.items() if "kernel" in own or "embedding" in own]
-    expected = [p for p in candidates if matches(config.target_modules, p)]
+    candidates = linear_only(config.target_modules, leaves, candidates)
+    expected = [p for p in candidates if config.selects(p)]
     unknown = [p for p in by_site if p not in leaves]
     check_keys([p for p in by_site if p in leaves], expected,
                unmatched_keys=unmatched + [k for p in unknown for k in _keys_of(p, by_site[p])])
@@ -316,8 +369,64 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             jnp.asarray(a, ctx.dtype), jnp.asarray(b, ctx.dtype),
             None if mag is None or not config.use_dora else jnp.asarray(mag, ctx.dtype),
             config.scale(r_cfg, alpha), layout, float(config.dropout),
+            residual if layout.kind != "embed" else None,
+            path in tied_paths,
+            tied_output_from_params(path, leaves) if layout.kind == "embed" else None,
         )
     return config, adapter
+
+
+def _take_tied_output(d, by_site, leaves, folder) -> set:
+    """PEFT's ``ensure_weight_tying=True`` on a Llama-style tied model also gives ``lm_head`` a
+    LoRA whose factors are the embedding's, transposed: check that, drop those keys (jpeft
+    applies the embedding site at ``attend`` too) and return the tied embedding paths."""
+    head = by_site.get("lm_head")
+    if head is None or "lm_head" in leaves:
+        return set()
+    emb = by_site.get("model/embed_tokens", {})
+    if not d.get("ensure_weight_tying") or "lora_embedding_A" not in emb or set(head) != {"lora_A.weight", "lora_B.weight"}:
+        raise BaseMismatchError(
+            f"the adapter in {folder!r} has LoRA weights for lm_head, but this base ties lm_head to "
+            "model.embed_tokens (no lm_head of its own); jpeft loads such weights only as PEFT's ensure_weight_tying "
+            "copy of a model.embed_tokens LoRA. Load the adapter on a base with tie_word_embeddings=False."
+        )
+    same = (np.array_equal(head["lora_A.weight"], emb["lora_embedding_B"].T)
+            and np.array_equal(head["lora_B.weight"], emb["lora_embedding_A"].T))
+    if not same:
+        raise CheckpointError(
+            f"the adapter in {folder!r} says ensure_weight_tying=True, but lm_head's LoRA factors differ from "
+            "model.embed_tokens' (transposed); the file is inconsistent. Re-save it with PEFT."
+        )
+    del by_site["lm_head"]
+    return {"model/embed_tokens"}
+
+
+# PEFT inits that leave the base weight alone: the file's factors are all there is to load
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def _residual_of(init, folder) -> Optional[str]:
+    """``None`` for an init that leaves the base alone, ``"pissa"``/``"olora"`` for one whose
+    residual base jpeft recomputes as PEFT does; a named error for the others."""
+    if any(init is v or (isinstance(init, str) and init == v) for v in _PLAIN_INITS):
+        return None
+    if init in ("pissa", "olora"):
+        return init
+    convert = (
+        "Convert it with PEFT to a plain LoRA relative to the original base: "
+        "peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=<folder of the adapter saved before "
+        "training>), then load `out`."
+    )
+    if isinstance(init, str) and init.startswith(("pissa_niter_", "corda", "loftq")):
+        raise UnsupportedAdapterError(
+            f"the LoRA adapter in {folder!r} was saved with init_lora_weights={init!r}: its factors are relative to a "
+            "base PEFT rebuilds on load with a randomized SVD, data statistics or quantization, which jpeft cannot "
+            f"reproduce. {convert}"
+        )
+    raise UnsupportedAdapterError(
+        f"the LoRA adapter in {folder!r} has init_lora_weights={init!r}, which jpeft does not know; supported: "
+        f"{list(_PLAIN_INITS)}, 'pissa' and 'olora'. {convert}"
+    )
 
 
 def _keys_of(path, t):
@@ -329,14 +438,94 @@ register_peft_format(LoraConfig, to_hf=_lora_to_hf, from_hf=_lora_from_hf)
 
 # -- save / load -------------------------------------------------------------------------------------
 
-def _default_task_type(paths) -> Optional[str]:
-    if any(p.startswith(("model/", "transformer/")) for p in paths):
-        return "CAUSAL_LM"
+_ENCODER_ROOTS = ("bert",)
+_DECODER_ROOTS = ("model", "transformer")
+# PEFT task types that load and run on jpeft.models' bases, by (base kind, method kind);
+# "SEQ_CLS" also needs the classifier PEFT keeps as a module to save (written from params).
+_TASKS = {
+    ("decoder", "linear"): (None, "CAUSAL_LM"),
+    ("decoder", "prompt"): ("CAUSAL_LM",),
+    ("decoder", "prefix"): ("CAUSAL_LM",),
+    ("encoder", "linear"): (None, "FEATURE_EXTRACTION", "SEQ_CLS"),
+    ("encoder", "prompt"): ("FEATURE_EXTRACTION", "SEQ_CLS"),
+    ("encoder", "prefix"): (),  # PEFT's prefix tuning cannot build BERT's past_key_values
+}
+_DEFAULT_TASK = {"decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
+
+
+def _base_kind(paths, params) -> Optional[str]:
+    """``"encoder"`` (BERT), ``"decoder"`` (Llama family, GPT-2) or ``None`` when neither the
+    params nor the adapter's site paths tell."""
+    roots = set(unwrap_params(params)[0]) if params is not None else {p.split("/")[0] for p in paths if p}
+    if roots & set(_ENCODER_ROOTS):
+        return "encoder"
+    if roots & set(_DECODER_ROOTS):
+        return "decoder"
     return None
 
 
+def _task_type(config, paths, params, requested, fmt_choice) -> Optional[str]:
+    kind = _base_kind(paths, params)
+    method = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}.get(config.peft_type, "linear")
+    if requested == "auto":
+        task = fmt_choice or _DEFAULT_TASK.get(kind, "CAUSAL_LM" if method != "linear" else None)
+    else:
+        task = requested
+    ok = _TASKS.get((kind, method))
+    if ok is not None and task not in ok:
+        can = "nothing (PEFT cannot build this method for it)" if not ok else f"task_type in {list(ok)}"
+        raise UnsupportedAdapterError(
+            f"PEFT cannot load a {config.peft_type} adapter with task_type={task!r} on this {kind} base (jpeft.models' "
+            f"{'BERT' if kind == 'encoder' else 'Llama/Mistral/Qwen2/GPT-2'}): it can take {can}. Nothing was written."
+        )
+    return task
+
+
+def _classifier_tensors(config, params, prefix: str) -> dict:
+    """The frozen classifier PEFT's SEQ_CLS keeps as a module to save, from the base params."""
+    if params is None:
+        raise UnsupportedAdapterError(
+            "task_type='SEQ_CLS' makes PEFT load the classifier as a module to save: pass params= (the base the "
+            "adapter was trained on) so save_peft can write it. Nothing was written."
+        )
+    own = module_leaves(unwrap_params(params)[0]).get("classifier")
+    if own is None or "kernel" not in own:
+        raise UnsupportedAdapterError("task_type='SEQ_CLS' needs a 'classifier' Dense in the base params; none was found.")
+    out = {f"{prefix}classifier.weight": _to_np(own["kernel"]).T.copy()}
+    if "bias" in own:
+        out[f"{prefix}classifier.bias"] = _to_np(own["bias"]).copy()
+    return out
+
+
+def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder: str, prefix: str) -> None:
+    """Removes from ``tensors`` the classifier a SEQ_CLS adapter file carries as PEFT's module to
+    save, after checking it equals the base's (jpeft trains no copy of it); a trained copy or
+    any other module to save is refused by name."""
+    mts = d.get("modules_to_save") or []
+    keys = [k for k in tensors if k[len(prefix):] in ("classifier.weight", "classifier.bias", "score.weight", "score.bias")
+            and k.startswith(prefix)]
+    if not mts and not keys:
+        return
+    if not set(mts) <= {"classifier", "score"}:
+        raise UnsupportedAdapterError(
+            f"the adapter in {folder!r} has modules_to_save={list(mts)} (trainable full copies of modules), which jpeft "
+            "does not load; only SEQ_CLS's untrained classifier copy is accepted."
+        )
+    own = leaves.get("classifier", {})
+    for k in keys:
+        name = k[len(prefix):]
+        base = own.get({"classifier.weight": "kernel", "classifier.bias": "bias"}.get(name, ""))
+        want = None if base is None else (np.asarray(base, np.float32).T if name.endswith("weight") else np.asarray(base, np.float32))
+        if want is None or want.shape != tensors[k].shape or not np.allclose(tensors[k], want, atol=1e-6):
+            raise UnsupportedAdapterError(
+                f"the adapter in {folder!r} carries a trained copy of {name.rsplit('.', 1)[0]!r} (modules_to_save), which "
+                "jpeft does not load; it differs from the base's. Only adapters that leave the classifier frozen load."
+            )
+        del tensors[k]
+
+
 def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, base_model_name_or_path: Optional[str] = None,
-              task_type: Optional[str] = "auto", fan_in_fan_out: Optional[bool] = None) -> None:
+              task_type: Optional[str] = "auto", fan_in_fan_out: Optional[bool] = None, params=None) -> None:
     """Writes ``adapter`` as a Hugging Face PEFT folder (``adapter_config.json`` +
     ``adapter_model.safetensors``, float32) that ``peft.PeftModel.from_pretrained`` loads on
     the matching transformers model.
@@ -347,8 +536,14 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
       adapter: the adapter dict from :func:`jpeft.init` / training, for a jpeft.models base
         (sites of a layer-scanned model are written per layer, as PEFT names them).
       base_model_name_or_path: recorded in adapter_config.json (where the base lives).
-      task_type: PEFT's task type; ``"auto"`` writes ``"CAUSAL_LM"`` for decoders, ``None`` otherwise.
+      task_type: PEFT's task type; ``"auto"`` writes the config's own ``task_type`` (prefix and
+        prompt tuning) or ``"CAUSAL_LM"`` for decoders and ``"FEATURE_EXTRACTION"`` for BERT.
+        A type PEFT cannot load for the base and method (e.g. ``"CAUSAL_LM"`` on BERT, any
+        prefix tuning on BERT) is refused before anything is written; ``"SEQ_CLS"`` needs
+        ``params`` to write the frozen classifier PEFT expects as a module to save.
       fan_in_fan_out: written for PEFT; ``None`` sets it when the sites are GPT-2 Conv1D layers.
+      params: the base params (optional): tell the base's kind for prompt/prefix adapters and
+        give the classifier for ``"SEQ_CLS"``.
 
     Raises:
       UnsupportedAdapterError: a method without a registered format, or sites PEFT cannot express.
@@ -364,20 +559,23 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
             f"no Hugging Face PEFT format is registered for peft_type {config.peft_type!r}; supported: "
             f"{supported_peft_types()}."
         )
-    from jpeft import scan
-
     if scan.is_stacked(adapter):  # PEFT names layers one by one: model.layers.{i}....
         adapter = scan.unstack_adapter(adapter)
     paths = sorted(adapter)
     if fan_in_fan_out is None:
         conv = [bool(_CONV1D.match(p)) for p in paths]
         fan_in_fan_out = any(conv)
-    d, tensors = fmt.to_hf(config, adapter, ExportContext(bool(fan_in_fan_out)))
+    # "auto": the config's own choice (prefix/prompt tuning configs may carry one) or the base's default
+    task = _task_type(config, paths, params, task_type, getattr(config, "task_type", None))
+    d, tensors = fmt.to_hf(config, adapter, ExportContext(bool(fan_in_fan_out), _local_hf_config(base_model_name_or_path)))
     d = dict(d)
     d["peft_type"] = config.peft_type
     d["base_model_name_or_path"] = base_model_name_or_path
-    # "auto": the format's own choice (prefix/prompt tuning nodes sit at path "") or the decoder guess
-    d["task_type"] = (d.get("task_type") or _default_task_type(paths)) if task_type == "auto" else task_type
+    d["task_type"] = task
+    if d["task_type"] == "SEQ_CLS":
+        prompt_learning = config.peft_type in ("PREFIX_TUNING", "PROMPT_TUNING")
+        tensors = dict(tensors, **_classifier_tensors(config, params, "base_model." if prompt_learning else PEFT_PREFIX))
+        d["modules_to_save"] = ["classifier", "score"]
     d.setdefault("inference_mode", True)
     d.setdefault("revision", None)
     from safetensors.numpy import save_file
@@ -431,6 +629,13 @@ def _finish_interrupted_save(path: str) -> None:
             return
 
 
+def _local_hf_config(base) -> Optional[dict]:
+    """The base's config.json when ``base`` is a local model folder, else ``None``."""
+    if not isinstance(base, str) or not os.path.isfile(os.path.join(base, "config.json")):
+        return None
+    return read_json(os.path.join(base, "config.json"), what="config.json")
+
+
 def read_peft_config(path: str) -> dict:
     """The parsed ``adapter_config.json`` of an adapter folder (named errors when absent/bad)."""
     if not os.path.isdir(path):
@@ -444,8 +649,6 @@ def read_peft_config(path: str) -> dict:
     cpath = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cpath):
         raise LoadError(f"{path!r} has no adapter_config.json (found {sorted(os.listdir(path))[:10]}); it is not a PEFT adapter folder.")
-    from jpeft.io import read_json  # size-limited, every failure a named LoadError
-
     return read_json(cpath, what="adapter_config.json")
 
 
@@ -511,27 +714,8 @@ def check_config_values(d: Mapping[str, Any], where: str) -> None:
         raise LoadError(f"{where}: {e}") from None
 
 
-def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
-    """Reads a Hugging Face PEFT adapter folder for a jpeft base.
-
-    Args:
-      path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
-      params: the base (``{"params": ...}`` or bare) from :func:`jpeft.models.from_pretrained`;
-        for a layer-scanned base the per-layer sites are stacked (:mod:`jpeft.scan`).
-      dtype: dtype of the adapter arrays.
-
-    Returns:
-      ``(config, adapter)``: ``jpeft.apply(model, params, adapter, ids)`` gives PEFT's output.
-      lora_alpha, use_rslora, rank_pattern, alpha_pattern and DoRA are honoured.
-
-    Raises:
-      LoadError: missing folder/files or malformed config; UnsafeFileError: pickle only.
-      UnsupportedAdapterError: a ``peft_type`` or option jpeft does not support (the
-        supported types are listed).
-      BaseMismatchError: the adapter's keys do not match the base (first unmatched keys on
-        both sides are listed).
-      CheckpointError: a truncated or corrupted weights file.
-    """
+def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
+    """The parsing behind :func:`load_peft` and :func:`load_peft_with_base` (see there)."""
     d = read_peft_config(path)
     check_config_values(d, os.path.join(path, CONFIG_FILE))
     ptype = d.get("peft_type")
@@ -543,8 +727,8 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
         )
     inner, _ = unwrap_params(params)
     tensors = _read_tensors(path, count(inner))
-    from jpeft import scan
-
+    prefix = "base_model." if ptype in ("PREFIX_TUNING", "PROMPT_TUNING") else PEFT_PREFIX
+    _take_frozen_classifier(d, tensors, module_leaves(inner), path, prefix)  # SEQ_CLS's copy of the base's classifier
     n_scanned = scan.num_stacked_layers(inner)
     if n_scanned is not None:  # a layer-scanned base: read per layer, then stack (jpeft.scan)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inner)
@@ -556,9 +740,77 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
     return fmt.from_hf(d, tensors, params, ctx)
 
 
+def _residual_kind(adapter) -> Optional[str]:
+    kinds = {getattr(n, "residual", None) for n in adapter.values()} - {None}
+    return next(iter(kinds)) if kinds else None
+
+
+def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
+    """Reads a Hugging Face PEFT adapter folder for a jpeft base.
+
+    Args:
+      path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the base (``{"params": ...}`` or bare) from :func:`jpeft.models.from_pretrained`;
+        for a layer-scanned base the per-layer sites are stacked (:mod:`jpeft.scan`).
+      dtype: dtype of the adapter arrays.
+
+    Returns:
+      ``(config, adapter)``: ``jpeft.apply(model, params, adapter, ids)`` gives the output of
+      PEFT's unmerged ``PeftModel.from_pretrained``. lora_alpha, use_rslora, rank_pattern,
+      alpha_pattern, DoRA and ensure_weight_tying are honoured.
+
+    Raises:
+      LoadError: missing folder/files or malformed config; UnsafeFileError: pickle only.
+      UnsupportedAdapterError: a ``peft_type`` or option jpeft does not support (the
+        supported types are listed), or a PiSSA/OLoRA adapter, which needs the residual base
+        :func:`load_peft_with_base` returns.
+      BaseMismatchError: the adapter's keys do not match the base (first unmatched keys on
+        both sides are listed).
+      CheckpointError: a truncated or corrupted weights file.
+    """
+    config, adapter = _load(path, params, dtype)
+    kind = _residual_kind(adapter)
+    if kind is not None:
+        raise UnsupportedAdapterError(
+            f"the adapter in {path!r} was saved with init_lora_weights={kind!r}: its factors are relative to the residual "
+            f"base (the base minus its initial {kind} factors) that PEFT recomputes when it loads the adapter, so it "
+            "cannot be applied to the original params. Use jpeft.hf.load_peft_with_base(path, params), which returns "
+            "(config, residual_params, adapter), or convert it in PEFT with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...) into a plain LoRA on the original base."
+        )
+    return config, adapter
+
+
+def load_peft_with_base(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, Any, dict]:
+    """Like :func:`load_peft`, and also returns the base the adapter applies to, as
+    ``peft.PeftModel.from_pretrained`` builds it: for an adapter saved with
+    ``init_lora_weights="pissa"`` or ``"olora"`` the targeted kernels become the residual
+    ``W - s A0 B0`` (``A0, B0``: the exact SVD / QR factors of ``W``, as PEFT computes them on
+    load); for any other adapter ``params`` is returned unchanged.
+
+    Returns:
+      ``(config, params_for_the_adapter, adapter)``.
+
+    Raises:
+      as :func:`load_peft`; UnsupportedAdapterError also for a residual adapter on a
+      layer-scanned base (load it on ``scan_layers=False`` params, then stack).
+    """
+    config, adapter = _load(path, params, dtype)
+    kind = _residual_kind(adapter)
+    if kind is None:
+        return config, params, adapter
+    if scan.is_stacked(adapter):
+        raise UnsupportedAdapterError(
+            f"the {kind} adapter in {path!r} needs its residual base computed per layer; load it on a base made with "
+            "scan_layers=False, then stack with jpeft.scan.stack_params / stack_adapter."
+        )
+    return config, pissa.residual_params(config, params, adapter, kind), adapter
+
+
 __all__ = [
     "save_peft",
     "load_peft",
+    "load_peft_with_base",
     "register_peft_format",
     "supported_peft_types",
     "peft_key",

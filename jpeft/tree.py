@@ -16,7 +16,10 @@ Target matching (one definition, used by every method):
   ``\Z``; such a pattern raises :class:`~jpeft.errors.ConfigError` naming the construct;
 * a list/tuple of names matches a module whose path equals a name or ends with it on a
   component boundary (``"q_proj"`` matches ``"model/layers_0/self_attn/q_proj"``;
-  ``"self_attn.q_proj"`` and ``"self_attn/q_proj"`` are the same suffix).
+  ``"self_attn.q_proj"`` and ``"self_attn/q_proj"`` are the same suffix);
+* ``"all-linear"`` (any case; Hugging Face PEFT's shorthand) selects every linear module
+  (a module with a ``kernel``: Dense, DenseGeneral, Conv, Einsum; no embeddings) except the
+  output projection ``lm_head``; :func:`linear_only` applies the "no embeddings" part.
 """
 
 from __future__ import annotations
@@ -156,8 +159,26 @@ def _suffix_match(path: str, name: str) -> bool:
     return False
 
 
+ALL_LINEAR = "all-linear"
+
+
+def is_all_linear(target_modules) -> bool:
+    """True for Hugging Face PEFT's ``"all-linear"`` shorthand."""
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
+def linear_only(target_modules, leaves: Mapping[str, Mapping[str, Any]], candidates: Iterable[str]) -> list[str]:
+    """``candidates`` without embedding modules when ``target_modules`` is ``"all-linear"``
+    (``leaves`` is :func:`module_leaves` of the params); unchanged otherwise."""
+    if not is_all_linear(target_modules):
+        return list(candidates)
+    return [p for p in candidates if "kernel" in leaves.get(p, {})]
+
+
 def matches(target_modules: str | Sequence[str], path: str) -> bool:
     """True when ``path`` is selected by ``target_modules`` (see the module docstring)."""
+    if is_all_linear(target_modules):
+        return path.split("/")[-1] != "lm_head"
     if isinstance(target_modules, str):
         return regex_fullmatch(target_modules, path) or regex_fullmatch(target_modules, hf_name(path))
     return any(_suffix_match(path, str(t)) for t in target_modules)
@@ -185,7 +206,8 @@ def select(target_modules, candidates: Iterable[str], *, what: str = "module") -
     raise TargetNotFoundError(
         f"target_modules={target_modules!r} matched no {what}. A string is a regex matched in full "
         f"against the module path (or its Hugging Face dotted name); a list matches names or path "
-        f"suffixes. Available {what} paths, nearest first:\n  {listing}"
+        f"suffixes; 'all-linear' selects every linear module but lm_head. Available {what} paths, nearest "
+        f"first:\n  {listing}"
     )
 
 
@@ -236,6 +258,8 @@ __all__ = [
     "select",
     "compile_pattern",
     "regex_fullmatch",
+    "is_all_linear",
+    "linear_only",
     "module_leaves",
     "count",
     "nbytes",

@@ -173,7 +173,10 @@ def test_many_tokens_use_the_merged_form_with_factored_gradients():
                                atol=1e-5)
 
 
-def test_embed_attend_is_adapted():
+def test_tied_embedding_lora():
+    """An embedding LoRA adapts the lookup only (Hugging Face PEFT's unmerged model), so merging
+    it into an embedding the model also reads through attend is refused; with
+    ensure_weight_tying=True it adapts attend too and merging is exact."""
     class Tied(nn.Module):
         @nn.compact
         def __call__(self, ids):
@@ -183,8 +186,22 @@ def test_embed_attend_is_adapted():
     m = Tied()
     ids = jnp.arange(6).reshape(2, 3)
     p = m.init(jax.random.key(0), ids)
-    a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["wte"], init="random"), p, jax.random.key(1))
-    np.testing.assert_allclose(jpeft.apply(m, p, a, ids), m.apply(jpeft.merge(p, a), ids), rtol=1e-5, atol=1e-5)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["wte"], init="random")
+    a = jpeft.init(cfg, p, jax.random.key(1), m, ids)  # the trace sees attend: tied
+    assert a["wte"].tied_output is True
+    e = p["params"]["wte"]["embedding"]
+    e2 = e + a["wte"].delta_matrix()
+    np.testing.assert_allclose(jpeft.apply(m, p, a, ids), e2[ids] @ e.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(jpeft.NotMergeableError, match="tied output projection"):
+        jpeft.merge(p, a)
+    b = jpeft.init(cfg.replace(ensure_weight_tying=True), p, jax.random.key(1), m, ids)
+    np.testing.assert_allclose(jpeft.apply(m, p, b, ids), e2[ids] @ e2.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jpeft.apply(m, p, b, ids), m.apply(jpeft.merge(p, b), ids), rtol=1e-5, atol=1e-5)
+    # without the model jpeft cannot tell whether the embedding is tied: merging says so
+    c = jpeft.init(cfg, p, jax.random.key(1))
+    assert c["wte"].tied_output is None
+    with pytest.warns(UserWarning, match="cannot tell whether"):
+        jpeft.merge(p, c)
 
 
 # ---------------------------------------------------------------- transforms

@@ -4,6 +4,7 @@ no key warnings (LoRA, rsLoRA, rank_pattern/alpha_pattern, GPT-2 fan_in_fan_out,
 DoRA), and bad adapters raise named errors."""
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -113,10 +114,11 @@ def _peft_load_quietly(hf, path, caplog):
 def _random_adapter(family, cfg, seed=0):
     model, params = loaded(family)
     adapter = jpeft.init(cfg, params, jax.random.key(seed))
-    # trained-looking: every B non-zero (as after some steps)
-    keys = iter(jax.random.split(jax.random.key(seed + 100), len(adapter)))
-    return {p: n.__class__(n.lora_A, 0.2 * jax.random.normal(next(keys), n.lora_B.shape), n.magnitude, n.scale,
-                           n.layout, n.dropout) for p, n in adapter.items()}
+    # trained-looking: every factor random and non-zero (an embedding LoRA starts with A = 0)
+    keys = iter(jax.random.split(jax.random.key(seed + 100), 2 * len(adapter)))
+    return {p: dataclasses.replace(n, lora_A=n.lora_A + 0.2 * jax.random.normal(next(keys), n.lora_A.shape),
+                                   lora_B=0.2 * jax.random.normal(next(keys), n.lora_B.shape))
+            for p, n in adapter.items()}
 
 
 JPEFT_CASES = {
@@ -183,8 +185,16 @@ def test_unsupported_lora_options(saved_llama):
     d = json.loads((saved_llama / "adapter_config.json").read_text())
     d["modules_to_save"] = ["lm_head"]
     (saved_llama / "adapter_config.json").write_text(json.dumps(d))
-    with pytest.raises(UnsupportedAdapterError, match=r"options jpeft cannot load: \{'modules_to_save': \['lm_head'\]\}"):
+    with pytest.raises(UnsupportedAdapterError, match=r"modules_to_save=\['lm_head'\] \(trainable full copies"):
         H.load_peft(str(saved_llama), loaded("llama2")[1])
+    for k, v in (("bias", "all"), ("lora_bias", True), ("trainable_token_indices", [1, 2]), ("use_bdlora", True)):
+        e = dict(d, modules_to_save=None, **{k: v})
+        (saved_llama / "adapter_config.json").write_text(json.dumps(e))
+        with pytest.raises(UnsupportedAdapterError, match=rf"options jpeft cannot load: \{{'{k}'"):
+            H.load_peft(str(saved_llama), loaded("llama2")[1])
+        # and the same options in a config (jpeft train's [method] table, LoraConfig.from_dict) are refused too
+        with pytest.raises(jpeft.ConfigError, match=rf"options jpeft does not implement: \{{'{k}'"):
+            jpeft.LoraConfig.from_dict({"r": 2, k: v})
 
 
 def test_keys_that_do_not_match_the_base(saved_llama):
@@ -241,3 +251,213 @@ def test_registry_and_save_errors(tmp_path):
         H.save_peft(str(tmp_path), jpeft.LoraConfig(), {})
     assert H.split_peft_key("base_model.model.transformer.h.0.ln_1.lora_A.weight", ["lora_A.weight"]) == (
         "transformer/h_0/ln_1", "lora_A.weight")
+
+
+# -- PiSSA / OLoRA: adapters relative to a residual base ---------------------------------------------------
+
+def _perturbed(adapter, seed):
+    """Every factor moved away from its initial value (as after training)."""
+    leaves, tdef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tdef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("init,family", [("pissa", "llama2"), ("olora", "qwen2"), ("pissa", "gpt2")])
+def test_residual_inits_peft_to_jpeft(init, family, tmp_path):
+    hf, _ = T.hf_model(family)
+    targets = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                init_lora_weights=init))
+    with torch.no_grad():  # "train": move every factor
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path)
+        # what a user gets from PEFT: the residual base is recomputed from the original weights
+        ref_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+    ids, mask = T.batch(family, seed=5)
+    ref = _peft_logits(ref_model, family, ids, mask)
+    assert np.abs(ref - T.torch_logits(family, ids, mask)).max() > 1e-2
+    model, params = loaded(family)
+    with pytest.raises(UnsupportedAdapterError, match=rf"init_lora_weights='{init}'.*load_peft_with_base"):
+        H.load_peft(str(tmp_path), params)
+    config, res, adapter = H.load_peft_with_base(str(tmp_path), params)
+    assert config.init == init
+    out = np.asarray(jpeft.apply(model, res, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(family, out, ref, mask)
+
+
+@pytest.mark.parametrize("init,family", [("pissa", "llama2"), ("olora", "llama2"), ("pissa", "gpt2")])
+def test_residual_inits_jpeft_to_peft(init, family, tmp_path, caplog):
+    model, params = loaded(family)
+    targets = ["c_attn", "c_proj"] if family == "gpt2" else ["q_proj", "o_proj", "up_proj"]
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=targets)
+    make = jpeft.init_pissa if init == "pissa" else jpeft.init_olora
+    res, adapter = make(cfg, params, jax.random.key(0))
+    adapter = _perturbed(adapter, 1)
+    H.save_peft(str(tmp_path), cfg, adapter)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == init
+    pm = _peft_load_quietly(T.hf_model(family)[0], tmp_path, caplog)
+    ids, mask = T.batch(family, seed=6)
+    out = np.asarray(jpeft.apply(model, res, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(family, out, _peft_logits(pm, family, ids, mask), mask)
+    # and back: the residual base recomputed from the original params is the one init_* returned
+    _, res2, adapter2 = H.load_peft_with_base(str(tmp_path), params)
+    out2 = np.asarray(jpeft.apply(model, res2, adapter2, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(family, out2, out, mask)
+
+
+def test_residual_inits_peft_cannot_rebuild_are_refused(tmp_path):
+    model, params = loaded("llama2")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"])
+    _, ad = jpeft.init_pissa(cfg, params, jax.random.key(0), niter=2)
+    with pytest.raises(UnsupportedAdapterError, match=r"niter=2.*randomized SVD.*niter=None"):
+        H.save_peft(str(tmp_path / "a"), cfg, ad)
+    _, ad = jpeft.init_pissa(jpeft.LoraConfig(r=2, alpha=4, target_modules=["embed_tokens"]), params, jax.random.key(0))
+    with pytest.raises(UnsupportedAdapterError, match="no pissa init"):
+        H.save_peft(str(tmp_path / "b"), cfg, ad)
+    _, gparams = loaded("gpt2")
+    gcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["c_attn"])
+    _, ad = jpeft.init_olora(gcfg, gparams, jax.random.key(0))
+    with pytest.raises(UnsupportedAdapterError, match="fan_in_fan_out"):
+        H.save_peft(str(tmp_path / "c"), gcfg, ad)
+    # a config that claims a residual init for plain sites would make PEFT subtract factors from the base
+    with pytest.raises(UnsupportedAdapterError, match="not relative to a residual base"):
+        H.save_peft(str(tmp_path / "e"), cfg.replace(init="pissa"), _random_adapter("llama2", cfg))
+    # PEFT files whose base PEFT itself rebuilds at random (or from data) are refused with the conversion
+    H.save_peft(str(tmp_path / "d"), cfg, _random_adapter("llama2", cfg))
+    for init in ("pissa_niter_4", "corda", "loftq", "something_new"):
+        d = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
+        d["init_lora_weights"] = init
+        (tmp_path / "d" / "adapter_config.json").write_text(json.dumps(d))
+        with pytest.raises(UnsupportedAdapterError, match=rf"{init}.*path_initial_model_for_weight_conversion"):
+            H.load_peft(str(tmp_path / "d"), params)
+
+
+# -- tied embeddings ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,emb", [("llama3", "embed_tokens"), ("gpt2", "wte")])
+def test_tied_embedding_lora_is_the_unmerged_peft_model(family, emb, tmp_path, caplog):
+    """A LoRA on the input embedding of a tied model adapts the lookup only (PEFT's unmerged
+    model), both ways; merging into the shared weight is refused rather than changing lm_head."""
+    model, params = loaded(family)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=[emb])
+    adapter = _random_adapter(family, cfg)
+    site = adapter[next(iter(adapter))]
+    assert site.tied_output is True and not site.tie_output
+    H.save_peft(str(tmp_path / "j"), cfg, adapter)
+    pm = _peft_load_quietly(T.hf_model(family)[0], tmp_path / "j", caplog)
+    ids, mask = T.batch(family, seed=7)
+    out = _jpeft_logits(family, adapter, ids, mask)
+    _close(family, out, _peft_logits(pm, family, ids, mask), mask)
+    with pytest.raises(jpeft.NotMergeableError, match="tied output projection"):
+        jpeft.merge(params, adapter)
+    # PEFT-made, every factor random
+    torch.manual_seed(4)
+    pm = peft.get_peft_model(copy.deepcopy(T.hf_model(family)[0]),
+                             peft.LoraConfig(r=2, lora_alpha=4, target_modules=[emb, "c_attn" if family == "gpt2" else "q_proj"],
+                                             init_lora_weights=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "p")
+    _, ad = H.load_peft(str(tmp_path / "p"), params)
+    _close(family, _jpeft_logits(family, ad, ids, mask), _peft_logits(pm.eval(), family, ids, mask), mask)
+
+
+def test_ensure_weight_tying_both_ways(tmp_path, caplog):
+    """PEFT's ensure_weight_tying=True on a tied Llama gives lm_head the embedding's LoRA:
+    jpeft loads it as one embedding site applied at attend too, saves it back the same way,
+    and merging is then exact."""
+    family = "llama3"
+    model, params = loaded(family)
+    hf = T.hf_model(family)[0]
+    torch.manual_seed(5)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
+                                                                init_lora_weights=False, ensure_weight_tying=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "p")
+    ids, mask = T.batch(family, seed=8)
+    ref = _peft_logits(pm.eval(), family, ids, mask)
+    config, ad = H.load_peft(str(tmp_path / "p"), params)
+    assert config.ensure_weight_tying and ad["model/embed_tokens"].tie_output
+    out = _jpeft_logits(family, ad, ids, mask)
+    _close(family, out, ref, mask)
+    merged = np.asarray(model.apply(jpeft.merge(params, ad), jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(family, merged, out, mask)
+    # jpeft-made, saved for PEFT: lm_head's tied copy is written, no key warnings
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["embed_tokens"], ensure_weight_tying=True)
+    adapter = _random_adapter(family, cfg, seed=3)
+    H.save_peft(str(tmp_path / "j"), cfg, adapter)
+    assert json.loads((tmp_path / "j" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    pm2 = _peft_load_quietly(hf, tmp_path / "j", caplog)
+    _close(family, _jpeft_logits(family, adapter, ids, mask), _peft_logits(pm2, family, ids, mask), mask)
+    # GPT-2: PEFT does not tie its lm_head's LoRA, so a tied jpeft site cannot be written
+    gcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["wte"], ensure_weight_tying=True)
+    with pytest.raises(UnsupportedAdapterError, match="ties the output projection's LoRA only for Llama-style"):
+        H.save_peft(str(tmp_path / "g"), gcfg, _random_adapter("gpt2", gcfg))
+
+
+# -- config names and targets as PEFT spells them ----------------------------------------------------------
+
+def test_peft_key_names_are_config_aliases():
+    c = jpeft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, init_lora_weights=False, target_modules=["q_proj"])
+    assert c == jpeft.LoraConfig(r=4, alpha=16, dropout=0.1, init="random", target_modules=["q_proj"])
+    assert c.replace(alpha=8).alpha == 8
+    with pytest.raises(jpeft.ConfigError, match="both alpha= and its Hugging Face PEFT alias lora_alpha="):
+        jpeft.LoraConfig(alpha=8, lora_alpha=16)
+
+
+def test_all_linear_selects_what_peft_selects():
+    """PEFT's "all-linear": every Linear/Conv1D but the output projection, no embeddings."""
+    for family in ("mistral", "gpt2", "bert"):
+        _, params = loaded(family)
+        ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules="all-linear"), params, jax.random.key(0))
+        hf, _ = T.hf_model(family)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules="all-linear"))
+        theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
+                  and not n.endswith(("lora_A", "lora_B"))}
+        assert {H.hf_name(p) for p in ad} == theirs, family
+        assert all(ad[p].layout.kind != "embed" for p in ad) and "lm_head" not in ad
+
+
+def test_layer_and_exclude_filters_select_as_peft():
+    """layers_to_transform / layers_pattern / exclude_modules pick the same sites as PEFT."""
+    _, params = loaded("llama2")
+    cases = [dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+             dict(target_modules=["q_proj", "v_proj"], layers_to_transform=0),
+             dict(target_modules="all-linear", exclude_modules=["v_proj", "down_proj"]),
+             dict(target_modules=r".*\.(q_proj|o_proj)", exclude_modules=r".*layers\.0\..*")]
+    for kw in cases:
+        ad = jpeft.init(jpeft.LoraConfig(r=2, **kw), params, jax.random.key(0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(T.hf_model("llama2")[0]), peft.LoraConfig(r=2, **kw))
+        theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
+                  and not n.endswith(("lora_A", "lora_B"))}
+        assert {H.hf_name(p) for p in ad} == theirs, kw
+    with pytest.raises(jpeft.TargetNotFoundError, match="removed every one of them"):
+        jpeft.init(jpeft.LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]), params, jax.random.key(0))
+    with pytest.raises(jpeft.ConfigError, match="layers_to_transform"):
+        jpeft.LoraConfig(layers_to_transform=[-1])
+    with pytest.raises(jpeft.ConfigError, match="put the layer indices in the regex"):  # PEFT refuses it too
+        jpeft.LoraConfig(target_modules=".*q_proj", layers_to_transform=[0])
+
+
+def test_train_method_table_refuses_unimplemented_options():
+    """`jpeft train`'s [method] table goes through LoraConfig.from_dict: an option jpeft would not
+    apply is refused by name instead of being dropped."""
+    from jpeft.cli.train_cmd import method_of
+
+    for k, v in (("modules_to_save", ["lm_head"]), ("bias", "lora_only"), ("lora_bias", True),
+                 ("trainable_token_indices", [3])):
+        with pytest.raises(jpeft.ConfigError, match=rf"does not implement: \{{'{k}'"):
+            method_of({"method": {"name": "lora", "r": 4, k: v}}, "llama")
+    cfg = method_of({"method": {"name": "lora", "r": 4, "layers_to_transform": [1], "layers_pattern": "layers",
+                                "exclude_modules": ["o_proj"]}}, "llama")
+    assert cfg.layers_to_transform == (1,) and cfg.exclude_modules == ("o_proj",)

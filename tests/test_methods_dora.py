@@ -140,7 +140,9 @@ def test_merge_equals_factored_for_every_layout():
     ids = jnp.array([[1, 2, 3], [4, 5, 6]])
     model = Net()
     params = model.init(jax.random.key(1), x, ids)
-    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["dg", "ein", "emb"], use_dora=True, init="random")
+    # the embedding is also read through attend: ensure_weight_tying adapts both uses, so merging is exact
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["dg", "ein", "emb"], use_dora=True, init="random",
+                           ensure_weight_tying=True)
     ad = jpeft.init(cfg, params, jax.random.key(2), model, x, ids)
     ad = {k: rep(v, magnitude=v.magnitude * jnp.linspace(0.7, 1.3, v.magnitude.size)) for k, v in ad.items()}
     fact = jpeft.apply(model, params, ad, x, ids)

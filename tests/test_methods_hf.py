@@ -83,7 +83,7 @@ def test_jpeft_to_peft(method, family, tmp_path):
     ad = _perturb(jpeft.init(jcfg(family), params, jax.random.key(0)), jax.random.key(1))
     ids, mask = _batch(method, family)
     j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
-    save_peft(str(tmp_path), jcfg(family), ad)
+    save_peft(str(tmp_path), jcfg(family), ad, base_model_name_or_path=tiny.hf_model(family)[1])
     hf, _ = tiny.hf_model(family)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
     t = _torch_logits(pm, ids, mask, with_positions=method != "prompt")
@@ -121,7 +121,85 @@ def test_peft_to_jpeft(method, family, tmp_path):
 def test_prefix_load_on_wrong_base_is_named(tmp_path):
     model, params = _jpeft_base("llama3")
     ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=T), params, jax.random.key(0))
-    save_peft(str(tmp_path), PrefixTuningConfig(num_virtual_tokens=T), ad)
+    save_peft(str(tmp_path), PrefixTuningConfig(num_virtual_tokens=T), ad, base_model_name_or_path=tiny.hf_model("llama3")[1])
     _, gparams = _jpeft_base("gpt2")
     with pytest.raises(jpeft.BaseMismatchError, match="layers of key width"):
         load_peft(str(tmp_path), gparams)
+
+
+def test_prefix_records_kv_heads_for_peft(tmp_path):
+    """Qwen2 has 2 key/value heads of width 8 and no head_dim in its config: PEFT splits the
+    prefix by the num_attention_heads the file records, so save_peft writes the kv head count
+    (read from the base folder's config.json) or refuses."""
+    family = "qwen2"
+    model, params = _jpeft_base(family)
+    cfg = PrefixTuningConfig(num_virtual_tokens=2)
+    ad = _perturb(jpeft.init(cfg, params, jax.random.key(0)), jax.random.key(2))
+    with pytest.raises(jpeft.UnsupportedAdapterError, match="num_attention_heads"):
+        save_peft(str(tmp_path / "x"), cfg, ad)
+    save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=tiny.hf_model(family)[1])
+    import json
+
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["num_attention_heads"] == 2
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model(family)[0]), str(tmp_path)).eval()
+    ids = np.asarray(tiny.batch(family)[0])
+    # 2 virtual + 2 real tokens fit Qwen2's sliding window (4); longer rows are issue #15 item 3 (attention masking)
+    ids = ids[:, :2].copy()
+    mask = np.ones_like(ids)
+    j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
+    _close(j, _torch_logits(pm, ids, mask), mask)
+
+
+BERT_TASKS = [("lora", "auto", "FEATURE_EXTRACTION"), ("lora", "SEQ_CLS", "SEQ_CLS"), ("lora", None, None),
+              ("prompt", "auto", "FEATURE_EXTRACTION"), ("prompt", "SEQ_CLS", "SEQ_CLS")]
+
+
+@pytest.mark.parametrize("method,task,written", BERT_TASKS)
+def test_bert_task_types_load_in_peft(method, task, written, tmp_path):
+    """Each task type save_peft writes for BERT loads in PEFT with equal logits (SEQ_CLS with the
+    frozen classifier PEFT expects as a module to save) and loads back into jpeft."""
+    model, params = _jpeft_base("bert")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["query", "value"]) if method == "lora" else PromptTuningConfig(num_virtual_tokens=T)
+    ad = _perturb(jpeft.init(cfg, params, jax.random.key(0)), jax.random.key(1))
+    save_peft(str(tmp_path), cfg, ad, task_type=task, params=params)
+    import json
+
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == written
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model("bert")[0]), str(tmp_path)).eval()
+    ids, mask = tiny.batch("bert")
+    j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
+    t = _torch_logits(pm, ids, mask, with_positions=False)
+    np.testing.assert_allclose(np.asarray(j), t, rtol=1e-4, atol=1e-4)
+    _, ad2 = load_peft(str(tmp_path), params)
+    np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, ad2, jnp.asarray(ids), jnp.asarray(mask))), np.asarray(j),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_task_types_peft_cannot_load_are_refused_before_writing(tmp_path):
+    _, params = _jpeft_base("bert")
+    lora = jpeft.LoraConfig(r=2, alpha=4, target_modules=["query"])
+    ad = jpeft.init(lora, params, jax.random.key(0))
+    with pytest.raises(jpeft.UnsupportedAdapterError, match="task_type='CAUSAL_LM' on this encoder"):
+        save_peft(str(tmp_path / "a"), lora, ad, task_type="CAUSAL_LM")
+    with pytest.raises(jpeft.UnsupportedAdapterError, match="pass params="):
+        save_peft(str(tmp_path / "b"), lora, ad, task_type="SEQ_CLS")
+    prefix = PrefixTuningConfig(num_virtual_tokens=T)
+    with pytest.raises(jpeft.UnsupportedAdapterError, match="PEFT cannot build this method"):
+        save_peft(str(tmp_path / "c"), prefix, jpeft.init(prefix, params, jax.random.key(0)), params=params)
+    prompt = PromptTuningConfig(num_virtual_tokens=T)
+    with pytest.raises(jpeft.UnsupportedAdapterError, match="task_type='CAUSAL_LM'"):
+        save_peft(str(tmp_path / "d"), prompt, jpeft.init(prompt, params, jax.random.key(0)), params=params, task_type="CAUSAL_LM")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_trained_classifier_copy_is_refused(tmp_path):
+    hf, _ = tiny.hf_model("bert")
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS",
+                                                                init_lora_weights=False))
+    with torch.no_grad():
+        pm.base_model.model.classifier.modules_to_save["default"].weight.add_(0.1)
+    pm.save_pretrained(str(tmp_path))
+    _, params = _jpeft_base("bert")
+    with pytest.raises(jpeft.UnsupportedAdapterError, match="trained copy of 'classifier'"):
+        load_peft(str(tmp_path), params)

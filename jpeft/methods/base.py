@@ -82,6 +82,7 @@ class ModuleInfo(NamedTuple):
     layout: Optional[Layout]
     out_shape: Any  # pytree of jax.ShapeDtypeStruct, the module's __call__ output
     in_shape: Any
+    methods: frozenset = frozenset()  # the module's other methods the model called ("attend", ...)
 
 
 class Call(NamedTuple):

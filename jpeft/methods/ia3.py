@@ -230,7 +230,7 @@ def _from_hf(d, tensors, params, ctx):
     from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, UnsupportedAdapterError
     from jpeft.tree import hf_name
 
-    if d.get("modules_to_save"):
+    if set(d.get("modules_to_save") or ()) - {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
         raise UnsupportedAdapterError(f"the IA3 adapter in {ctx.folder!r} has modules_to_save={d['modules_to_save']}; jpeft loads plain IA3 only.")
     keys = {f.name for f in dataclasses.fields(IA3Config)}
     kept = {k: v for k, v in d.items() if k in keys}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
+import warnings
 from typing import Any, ClassVar, Mapping, Optional
 
 import jax
@@ -20,11 +22,14 @@ import numpy as np
 
 from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
-from jpeft.tree import compile_pattern, hf_name, regex_fullmatch
+from jpeft.tree import compile_pattern, hf_name, matches, regex_fullmatch
 
-_INITS = ("default", "gaussian", "pissa", "random")
+_INITS = ("default", "gaussian", "pissa", "olora", "random")
+# inits whose adapter is relative to a *residual* base (the base minus the initial adapter):
+# jpeft.init_pissa / jpeft.init_olora return that base; Hugging Face PEFT recomputes it on load
+RESIDUAL_INITS = ("pissa", "olora")
 
 
 @register_config
@@ -43,11 +48,18 @@ class LoraConfig(AdapterConfig):
       use_rslora: scale by ``alpha / sqrt(r)``.
       init: ``"default"`` (A Kaiming-uniform, B zero, so the adapter starts as the identity),
         ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"pissa"`` (principal singular
-        vectors of W; use :func:`jpeft.init_pissa`, which also returns the residual base) or
-        ``"random"`` (A and B both random: not the identity; useful for tests).
+        vectors of W; use :func:`jpeft.init_pissa`, which also returns the residual base),
+        ``"olora"`` (QR factors of W; :func:`jpeft.init_olora`, also with the residual base) or
+        ``"random"`` (A and B both random: not the identity; useful for tests). Hugging Face
+        PEFT's ``init_lora_weights`` values ``True``/``False`` map to ``"default"``/``"random"``.
       use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024).
       rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``, keyed by a
         name or regex matched as Hugging Face PEFT does.
+      exclude_modules, layers_to_transform, layers_pattern: narrow the selection as Hugging
+        Face PEFT's options of these names do (see :meth:`selects`).
+      ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
+        output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
+        the input lookup is adapted, as in PEFT's unmerged model.
 
     >>> import jpeft
     >>> c = jpeft.LoraConfig(r=4, alpha=8, target_modules=["Dense_0"])
@@ -73,9 +85,31 @@ class LoraConfig(AdapterConfig):
     use_dora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    ensure_weight_tying: bool = False
+    exclude_modules: Any = None
+    layers_to_transform: Any = None
+    layers_pattern: Any = None
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules) or None)
+        ltt = self.layers_to_transform
+        if ltt is not None and not isinstance(ltt, (int, np.integer)):
+            ltt = tuple(ltt) or None
+        if ltt is not None and not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
+                                       for i in ((ltt,) if isinstance(ltt, (int, np.integer)) else ltt)):
+            raise ConfigError(f"LoraConfig.layers_to_transform must be a layer index or a list of them, found {ltt!r}.")
+        object.__setattr__(self, "layers_to_transform", ltt)
+        lp = self.layers_pattern
+        lp = lp if lp is None or isinstance(lp, str) else (tuple(str(x) for x in lp) or None)
+        object.__setattr__(self, "layers_pattern", lp or None)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ConfigError(
+                "LoraConfig.layers_to_transform / layers_pattern filter a list of target_modules (as in Hugging Face "
+                f"PEFT); with the regex target_modules={self.target_modules!r} put the layer indices in the regex instead."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("LoraConfig.layers_pattern needs layers_to_transform (the layer indices it selects).")
         for name in ("rank_pattern", "alpha_pattern"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, Mapping):
@@ -93,6 +127,8 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"LoraConfig.r must be a positive integer, found {self.r!r}. Typical values: 4 to 64.")
         if not _finite_positive(self.alpha):
             raise ConfigError(f"LoraConfig.alpha must be > 0 and finite (at most float32's 3.4e38), found {self.alpha!r}. A common choice is alpha = 2 * r.")
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ConfigError(f"LoraConfig.ensure_weight_tying must be true or false, found {self.ensure_weight_tying!r}.")
         if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), found {self.dropout!r}.")
         if self.init not in _INITS:
@@ -108,12 +144,46 @@ class LoraConfig(AdapterConfig):
 
     def __hash__(self):
         return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
-                     self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items()))))
+                     self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items())),
+                     self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern))
 
     def to_dict(self):
         d = super().to_dict()
         d["init_lora_weights"] = {"default": True, "random": False}.get(self.init, self.init)
         return d
+
+    def selects(self, path: str) -> bool:
+        """Whether the module at ``path`` gets a site, as Hugging Face PEFT decides: it matches
+        ``target_modules`` (:func:`jpeft.tree.matches`), is not in ``exclude_modules`` (a regex
+        fullmatched against the dotted name, or names matched as suffixes) and, when
+        ``layers_to_transform`` is set (``target_modules`` is then a list), sits in one of those
+        layers (the index after ``layers_pattern``, or after the first numbered component)."""
+        if not matches(self.target_modules, path):
+            return False
+        name = hf_name(path)
+        ex = self.exclude_modules
+        if ex is not None:
+            if isinstance(ex, str):
+                if regex_fullmatch(ex, name):  # RE2: a downloaded pattern cannot hang loading
+                    return False
+            elif name in ex or any(name.endswith("." + e) for e in ex):
+                return False
+        ltt = self.layers_to_transform
+        if ltt is None or name in self.target_modules:
+            return True  # PEFT applies the layer filter to suffix matches only, not to full names
+        if self.layers_pattern is None:
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        else:
+            pats = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern
+            m = None
+            for pat in pats:
+                m = compile_pattern(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.").match(name)
+                if m is not None:
+                    break
+        if m is None:
+            return False
+        idx = int(m.group("idx"))
+        return idx == ltt if isinstance(ltt, (int, np.integer)) else idx in ltt
 
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does."""
@@ -143,7 +213,20 @@ def _finite_positive(v) -> bool:
 @dataclasses.dataclass(frozen=True)
 class LoraWeights(Site):
     """One LoRA site: ``lora_A: [in, r]``, ``lora_B: [r, out]`` (JAX orientation), plus the
-    DoRA magnitude ``[out]`` when ``use_dora``."""
+    DoRA magnitude ``[out]`` when ``use_dora``.
+
+    Static fields besides the scale, layout and dropout rate:
+
+    * ``residual``: ``None``, or the init (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``) whose
+      residual base this site's factors are relative to (set by :func:`jpeft.init_pissa` /
+      :func:`jpeft.init_olora`; :func:`jpeft.hf.save_peft` writes it as ``init_lora_weights``).
+    * ``tie_output`` (embeddings only): also adapt the embedding's ``attend`` (a tied output
+      projection), as Hugging Face PEFT's ``ensure_weight_tying=True`` does on Llama-style
+      models. ``False`` (PEFT's default) adapts the input lookup only.
+    * ``tied_output`` (embeddings only): whether the model reads this embedding through
+      ``attend`` too (known when :func:`jpeft.init` traced the model; ``None`` when unknown).
+      :func:`jpeft.merge` uses it to refuse a merge that would change the output projection.
+    """
 
     lora_A: jax.Array
     lora_B: jax.Array
@@ -151,6 +234,9 @@ class LoraWeights(Site):
     scale: float = static_field(default=1.0)
     layout: Layout = static_field(default=None)
     dropout: float = static_field(default=0.0)
+    residual: Optional[str] = static_field(default=None)
+    tie_output: bool = static_field(default=False)
+    tied_output: Optional[bool] = static_field(default=None)
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
@@ -160,7 +246,7 @@ class LoraWeights(Site):
         return int(self.lora_A.shape[-1])
 
     def handles(self, method_name: str) -> bool:
-        if self.layout.kind == "embed":
+        if self.layout.kind == "embed" and self.tie_output:
             return method_name in ("__call__", "attend")
         return method_name == "__call__"
 
@@ -293,7 +379,26 @@ class LoraWeights(Site):
         inv = tuple(int(i) for i in np.argsort(order))
         return jnp.transpose(d, inv).astype(dtype)
 
+    def _check_tied_merge(self):
+        if self.layout.kind != "embed" or self.tie_output:
+            return
+        if self.tied_output is None:
+            warnings.warn(
+                "merging a LoRA into an embedding: jpeft cannot tell whether the model also reads this embedding as "
+                "a tied output projection (attend), where the merged weight would act but the unmerged adapter does "
+                "not. Pass the model to jpeft.init (it then refuses such a merge), or set "
+                "LoraConfig(ensure_weight_tying=True) to adapt both.", UserWarning, stacklevel=4)
+        if self.tied_output:
+            raise NotMergeableError(
+                "this LoRA adapts the input embedding only (Hugging Face PEFT's unmerged model), but the model also "
+                "reads the embedding as its tied output projection (attend): merging into the shared weight would "
+                "change the output projection too, giving different logits (PEFT's merge_and_unload does exactly "
+                "that). Keep the adapter unmerged, untie the output projection (give the model its own lm_head), or "
+                "adapt both on purpose with LoraConfig(ensure_weight_tying=True)."
+            )
+
     def merge(self, own):
+        self._check_tied_merge()
         if self.magnitude is not None:
             from jpeft.methods import dora
 
@@ -305,6 +410,7 @@ class LoraWeights(Site):
         return out
 
     def unmerge(self, own):
+        self._check_tied_merge()
         if self.magnitude is not None:
             from jpeft.methods import dora
 
@@ -346,13 +452,31 @@ def _free_letter(eq: str) -> str:
     raise ValueError("einsum uses every letter")
 
 
+# embeddings of jpeft.models that a tied model also reads as its output projection (attend)
+_TIEABLE_EMBEDDINGS = ("model/embed_tokens", "transformer/wte")
+
+
+def tied_output_from_params(path: str, leaves: Mapping[str, Any]) -> Optional[bool]:
+    """Whether the embedding at ``path`` is also the model's output projection, told from the
+    params alone for jpeft.models (Llama/Mistral/Qwen2 ``model/embed_tokens`` with no
+    ``lm_head``, GPT-2 ``transformer/wte``; BERT's word embeddings never); ``None`` when the
+    params cannot tell.
+    ``leaves`` is :func:`jpeft.tree.module_leaves` of the params."""
+    if path == "bert/embeddings/word_embeddings":  # jpeft's BERT never reads it as an output projection
+        return False
+    if path not in _TIEABLE_EMBEDDINGS:
+        return None
+    return "lm_head" not in leaves
+
+
 def _kaiming_uniform(key, shape, fan_in, dtype=jnp.float32):
     # torch.nn.init.kaiming_uniform_(a=sqrt(5)) as HF PEFT uses: bound = 1/sqrt(fan_in)
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[str, Any]) -> LoraWeights:
+def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[str, Any],
+              tied_output: Optional[bool] = None) -> LoraWeights:
     r, alpha = config.rank_alpha(path)
     scale = config.scale(r, alpha)
     n_in, n_out = layout.in_features, layout.out_features
@@ -373,7 +497,9 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
     else:  # default; "pissa" is handled by jpeft.init_pissa
         a = _kaiming_uniform(ka, (n_in, r), n_in)
         b = jnp.zeros((r, n_out), jnp.float32)
-    node = LoraWeights(a, b, None, scale, layout, float(config.dropout))
+    residual = config.init if config.init in RESIDUAL_INITS else None
+    tie = bool(config.ensure_weight_tying) and layout.kind == "embed"
+    node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output)
     if config.use_dora:
         from jpeft.methods import dora
 

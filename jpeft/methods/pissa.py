@@ -1,4 +1,5 @@
-"""PiSSA initialisation of LoRA (Meng et al. 2024): principal singular values and vectors.
+"""Residual-base initialisations of LoRA: PiSSA (Meng et al. 2024; principal singular values
+and vectors) and OLoRA (Büyükakyüz 2024; QR factors).
 
 With ``W = U S V^T`` (the kernel viewed as ``[in, out]``) and the LoRA scale ``s``, PiSSA sets
 
@@ -8,6 +9,9 @@ so the model's function is unchanged at the start while the adapter holds the ``
 directions of ``W`` (Hugging Face PEFT's ``init_lora_weights="pissa"``, same formulas). Because
 the base changes, PiSSA needs its own entry point, :func:`init_pissa`, which returns the residual
 params with the adapter; ``jpeft.init`` with ``LoraConfig(init="pissa")`` refuses and points here.
+:func:`init_olora` does the same with ``W^T = Q R``. The sites record their init
+(``LoraWeights.residual``) so :func:`jpeft.hf.save_peft` can tell Hugging Face PEFT which
+residual base to recompute on load.
 """
 
 from __future__ import annotations
@@ -68,15 +72,81 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
     >>> bool(jnp.allclose(jpeft.apply(model, res, ad, x), model.apply(params, x), atol=1e-5))
     True
     """
+    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+        raise ConfigError(f"init_pissa: niter must be None (exact SVD) or a non-negative integer, found {niter!r}.")
+
+    def factors(mat, r, scale, k):
+        u, s, vh = _svd_top(mat, r, niter, k)
+        sr = jnp.sqrt(s / scale)
+        return u * sr.reshape(1, -1), sr.reshape(-1, 1) * vh
+
+    tag = "pissa" if niter is None else f"pissa_niter_{niter}"
+    return _residual_init("init_pissa", tag, factors, config, params, key, model, model_args, model_kwargs)
+
+
+def init_olora(config, params, key, model=None, *model_args, **model_kwargs):
+    """Creates an OLoRA-initialised LoRA (or DoRA) adapter (Büyükakyüz 2024) and the residual base.
+
+    With the kernel as Hugging Face stores it, ``W_t = W^T: [out, in] = Q R`` (QR decomposition),
+    OLoRA sets PEFT's ``lora_B = Q[:, :r]``, ``lora_A = R[:r]`` (so jpeft's ``lora_A = R[:r]^T``,
+    ``lora_B = Q[:, :r]^T``) and the base to ``W - s A B``, as Hugging Face PEFT's
+    ``init_lora_weights="olora"`` does. ``Q_r R_r`` is unique, so the residual matches PEFT's
+    whatever sign convention the QR routine uses.
+
+    Args and returns: as :func:`init_pissa` (``key`` is unused; the QR is deterministic).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> model = nn.Dense(6); x = jnp.ones((2, 8))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> res, ad = jpeft.init_olora(jpeft.LoraConfig(r=2, alpha=2, target_modules=".*"), params, jax.random.key(1))
+    >>> bool(jnp.allclose(jpeft.apply(model, res, ad, x), model.apply(params, x), atol=1e-5))
+    True
+    """
+
+    def factors(mat, r, scale, k):
+        q, rr = jnp.linalg.qr(mat.T)  # mat.T is PEFT's [out, in] weight
+        return rr[:r].T, q[:, :r].T
+
+    return _residual_init("init_olora", "olora", factors, config, params, key, model, model_args, model_kwargs)
+
+
+def residual_params(config, params, adapter, init: str):
+    """The residual base Hugging Face PEFT computes when it loads an adapter saved with
+    ``init_lora_weights=init`` (``"pissa"`` or ``"olora"``): for each site of ``adapter``,
+    ``W - s A0 B0`` with ``A0, B0`` the initial factors of the base's ``W`` (exact SVD or QR).
+    Used by :func:`jpeft.hf.load_peft_with_base`."""
+    inner, wrapped = unwrap_params(params)
+    new = inner
+    for path in sorted(adapter):
+        lay = adapter[path].layout
+        if lay.kind == "embed":  # PEFT's Embedding layer has no PiSSA/OLoRA init: its base is unchanged
+            continue
+        r, alpha = config.rank_alpha(path)
+        scale = config.scale(r, alpha)
+        own = dict(get_subtree(new, path))
+        w = jnp.asarray(own[lay.param_name])
+        mat = to_matrix(w.astype(jnp.float32), lay)
+        if init == "pissa":
+            u, s, vh = _svd_top(mat, r, None, None)
+            delta = (u * s.reshape(1, -1)) @ vh
+        elif init == "olora":
+            q, rr = jnp.linalg.qr(mat.T)
+            delta = scale * (q[:, :r] @ rr[:r]).T
+        else:
+            raise ConfigError(f"no residual base is known for init_lora_weights={init!r}; expected 'pissa' or 'olora'.")
+        own[lay.param_name] = from_matrix(mat - delta, lay).astype(w.dtype)
+        new = set_subtree(new, path, own)
+    return rewrap_params(params, new, wrapped)
+
+
+def _residual_init(name, tag, factors, config, params, key, model, model_args, model_kwargs):
     from jpeft import core
     from jpeft.methods import dora
     from jpeft.methods.lora import LoraConfig
     from jpeft.scan import Stacked
 
     if not isinstance(config, LoraConfig):
-        raise ConfigError(f"init_pissa expects a jpeft.LoraConfig, found {type(config).__name__}.")
-    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
-        raise ConfigError(f"init_pissa: niter must be None (exact SVD) or a non-negative integer, found {niter!r}.")
+        raise ConfigError(f"{name} expects a jpeft.LoraConfig, found {type(config).__name__}.")
     base_cfg = dataclasses.replace(config, init="default", use_dora=False)
     skeleton = core.init(base_cfg, params, jax.random.key(0), model, *model_args, **model_kwargs)
     inner, wrapped = unwrap_params(params)
@@ -91,15 +161,12 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
         r = node.r
         if r > min(lay.in_features, lay.out_features):
             raise ConfigError(
-                f"PiSSA rank r={r} exceeds the rank of module {path!r} ({lay.in_features} x {lay.out_features}); "
+                f"{name}: rank r={r} exceeds the rank of module {path!r} ({lay.in_features} x {lay.out_features}); "
                 "lower r (or its rank_pattern entry)."
             )
         mat = to_matrix(w.astype(jnp.float32), lay)
-        u, s, vh = _svd_top(mat, r, niter, k)
-        sr = jnp.sqrt(s / node.scale)
-        a = u * sr.reshape(1, -1)
-        b = sr.reshape(-1, 1) * vh
-        node = dataclasses.replace(node, lora_A=a, lora_B=b)
+        a, b = factors(mat, r, node.scale, k)
+        node = dataclasses.replace(node, lora_A=a, lora_B=b, residual=tag)
         residual = mat - node.delta_matrix()
         own_new = dict(own)
         own_new[pname] = from_matrix(residual, lay).astype(w.dtype)
@@ -109,7 +176,7 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
 
     for k, (path, node) in zip(keys, skeleton.items()):
         own = dict(get_subtree(new, path))
-        if isinstance(node, Stacked):  # a layer-scanned site: one SVD per layer
+        if isinstance(node, Stacked):  # a layer-scanned site: one factorisation per layer
             inner, own_new = jax.vmap(lambda n, o, kk: one(n, o, kk, path))(
                 node.inner, own, jax.random.split(k, node.length))
             node = Stacked(inner, node.length)

@@ -348,12 +348,28 @@ def _to_hf(config: PrefixTuningConfig, adapter, ctx):
         )
     d = config.to_dict()
     d.pop("peft_type", None)
-    d["task_type"] = config.task_type or "CAUSAL_LM"
-    heads = node.num_heads or config.num_attention_heads
+    d["task_type"] = config.task_type  # None: save_peft picks the base's default
+    heads = node.num_heads or config.num_attention_heads or _kv_heads(ctx.hf_config)
+    if heads is None:
+        raise UnsupportedAdapterError(
+            "PEFT needs num_attention_heads (the key/value head count) to split a prefix's token_dim, and this adapter "
+            "does not record it: set PrefixTuningConfig(num_attention_heads=<the model's num_key_value_heads>), or "
+            "pass save_peft(..., base_model_name_or_path=<the local model folder>) so jpeft reads it from config.json."
+        )
     d.update(num_virtual_tokens=node.num_virtual_tokens, num_layers=node.num_layers, token_dim=node.token_dim,
              num_attention_heads=heads, encoder_hidden_size=config.encoder_hidden_size or node.token_dim,
              modules_to_save=None)
     return d, {"prompt_embeddings": np.ascontiguousarray(np.asarray(node.prefix_embeddings, np.float32))}
+
+
+def _kv_heads(hf_config):
+    """Key/value heads from a Hugging Face config.json dict (``None`` without one)."""
+    if not hf_config:
+        return None
+    for k in ("num_key_value_heads", "num_attention_heads", "n_head"):
+        if isinstance(hf_config.get(k), int):
+            return hf_config[k]
+    return None
 
 
 def _from_hf(d, tensors, params, ctx):

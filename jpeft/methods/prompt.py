@@ -329,7 +329,7 @@ def _to_hf(config: PromptTuningConfig, adapter, ctx):
         )
     d = config.to_dict()
     d.pop("peft_type", None)
-    d["task_type"] = config.task_type or "CAUSAL_LM"
+    d["task_type"] = config.task_type  # None: save_peft picks the base's default
     d.pop("init_token_ids", None)
     d.pop("word_embeddings", None)
     if config.prompt_tuning_init == "TEXT" and config.prompt_tuning_init_text is None:
@@ -349,10 +349,10 @@ def _from_hf(d, tensors, params, ctx):
         config = PromptTuningConfig.from_dict(kept)
     except ConfigError as e:
         raise LoadError(f"{ctx.folder!r}: {e}") from None
+    inner = params["params"] if isinstance(params, Mapping) and isinstance(params.get("params"), Mapping) else params
     if set(tensors) != {"prompt_embeddings"}:
         raise CheckpointError(f"a prompt-tuning adapter holds one tensor 'prompt_embeddings'; {ctx.folder!r} has {sorted(tensors)}.")
     emb = tensors["prompt_embeddings"]
-    inner = params["params"] if isinstance(params, Mapping) and isinstance(params.get("params"), Mapping) else params
     path = find_embedding(inner)
     dim = int(get_subtree(inner, path)["embedding"].shape[1])
     if emb.ndim != 2 or emb.shape[1] != dim:

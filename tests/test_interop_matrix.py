@@ -1,0 +1,344 @@
+"""The Hugging Face interop matrix (issue #15): every method x option x model family, both ways
+through the PEFT format, against the real ``peft`` package on tiny random models.
+
+Each cell either matches the unmerged ``peft.PeftModel`` (logits to 1e-4, every adapter tensor
+random; greedy generation token for token for plain LoRA on the decoders) or is a named jpeft
+error, asserted as such. ``MATRIX`` is the one source: the tests are parametrised from it and
+docs/MODELS.md carries it as a table (``test_models_md_table_is_the_matrix`` checks the copy;
+``python tests/test_interop_matrix.py`` prints it).
+
+Kept fast: one tiny saved model per family (tests/_models_tiny.py, cached per process), eager
+jpeft forwards on [3, 8] batches, no training.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
+
+import jpeft  # noqa: E402
+import jpeft.models  # noqa: E402
+from jpeft import hf as H  # noqa: E402
+from jpeft.errors import ConfigError, UnsupportedAdapterError  # noqa: E402
+from jpeft.methods.ia3 import IA3Config  # noqa: E402
+from jpeft.methods.prefix import PrefixTuningConfig  # noqa: E402
+from jpeft.methods.prompt import PromptTuningConfig  # noqa: E402
+
+peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
+torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
+
+FAMILIES = {"Llama": "llama3", "Mistral": "mistral", "Qwen2": "qwen2", "GPT-2": "gpt2", "BERT": "bert"}
+# Llama here is the tiny llama3 model (tie_word_embeddings=True); Mistral is untied.
+TIED = {"llama3", "qwen2", "gpt2"}
+SLIDING = {"mistral", "qwen2"}  # windows 5 and 4: prefix/prompt cases stay inside them (issue #15 item 3)
+T = 2  # virtual tokens
+
+TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+REGEX = {"llama": r".*\.(q_proj|v_proj)", "gpt2": r".*\.c_attn", "bert": r".*\.(query|value)"}
+PATTERNS = {  # targets, rank_pattern, alpha_pattern
+    "llama": (["q_proj", "v_proj", "o_proj"], {"o_proj": 2}, {"v_proj": 3.0}),
+    "gpt2": (["c_attn", "c_fc"], {"c_fc": 2}, {"c_attn": 3.0}),
+    "bert": (["query", "value"], {"value": 2}, {"query": 3.0}),
+}
+EMBED = {"llama": "embed_tokens", "gpt2": "wte", "bert": "word_embeddings"}
+IA3_TARGETS = {  # PEFT's defaults per model type
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+}
+LAYERS_PATTERN = {"llama": "layers", "gpt2": "h", "bert": "layer"}
+
+
+def kind(family):
+    return {"gpt2": "gpt2", "bert": "bert"}.get(family, "llama")
+
+
+def lora(family, **kw):
+    return {"r": 4, "lora_alpha": 8, "target_modules": TARGETS[kind(family)], **kw}
+
+
+def _opts(case, family):
+    """The case's LoRA options in PEFT's names (shared by both directions)."""
+    k = kind(family)
+    if case == "LoRA list":
+        return lora(family)
+    if case == "LoRA regex":
+        return lora(family, target_modules=REGEX[k])
+    if case == "LoRA all-linear":
+        return lora(family, target_modules="all-linear")
+    if case == "rsLoRA":
+        return lora(family, use_rslora=True)
+    if case == "rank/alpha patterns":
+        t, rp, ap = PATTERNS[k]
+        return lora(family, target_modules=t, rank_pattern=rp, alpha_pattern=ap)
+    if case == "DoRA":
+        return lora(family, use_dora=True)
+    if case in ("PiSSA", "OLoRA"):
+        return lora(family, init_lora_weights=case.lower())
+    if case == "embedding":
+        return lora(family, target_modules=[EMBED[k]] + TARGETS[k][:1])
+    if case == "embedding, ensure_weight_tying":
+        return lora(family, target_modules=[EMBED[k]] + TARGETS[k][:1], ensure_weight_tying=True)
+    if case == "modules_to_save":
+        return lora(family, modules_to_save=["lm_head" if k != "bert" else "pooler"])
+    if case == "bias='lora_only'":
+        return lora(family, bias="lora_only")
+    if case == "bias='all'":
+        return lora(family, bias="all")
+    if case == "lora_bias":
+        return lora(family, lora_bias=True)
+    if case == "layers_to_transform":
+        return lora(family, layers_to_transform=[0], layers_pattern=LAYERS_PATTERN[k])
+    if case == "exclude_modules":
+        return lora(family, target_modules="all-linear", exclude_modules=TARGETS[k][:1])
+    if case == "trainable_token_indices":
+        return lora(family, trainable_token_indices=[3, 5])
+    raise KeyError(case)
+
+
+# -- the matrix ---------------------------------------------------------------------------------------
+# cell: "match", or (error class, regex) for a named refusal, or "peft cannot" (PEFT itself fails
+# to build or load that combination, so there is nothing for jpeft to match).
+
+OK = "match"
+PEFT_CANNOT = "peft cannot"
+
+
+def _refused_option(name):
+    return {"jpeft->peft": (ConfigError, f"options jpeft does not implement: {{'{name}'"),
+            "peft->jpeft": (UnsupportedAdapterError, name)}
+
+
+def _cells(case, family):
+    both = {"jpeft->peft": OK, "peft->jpeft": OK}
+    k = kind(family)
+    if case == "OLoRA" and k == "gpt2":  # PEFT's OLoRA ignores fan_in_fan_out: its Conv1D factors have the wrong shapes
+        return {"jpeft->peft": (UnsupportedAdapterError, "fan_in_fan_out"), "peft->jpeft": PEFT_CANNOT}
+    if case == "embedding, ensure_weight_tying" and k == "gpt2":  # PEFT does not tie GPT-2's lm_head LoRA
+        return {"jpeft->peft": (UnsupportedAdapterError, "only for Llama-style"), "peft->jpeft": OK}
+    if case == "modules_to_save":
+        return {"jpeft->peft": (ConfigError, "options jpeft does not implement: {'modules_to_save'"),
+                "peft->jpeft": (UnsupportedAdapterError, "modules_to_save")}
+    if case in ("bias='lora_only'", "bias='all'"):
+        return _refused_option("bias")
+    if case in ("lora_bias", "trainable_token_indices"):
+        return _refused_option(case)
+    if case.startswith("prefix") and k == "bert":  # PEFT cannot build BERT's past_key_values
+        return {"jpeft->peft": (UnsupportedAdapterError, "PEFT cannot build this method"), "peft->jpeft": PEFT_CANNOT}
+    return both
+
+
+CASES = ["LoRA list", "LoRA regex", "LoRA all-linear", "rsLoRA", "rank/alpha patterns", "DoRA", "PiSSA", "OLoRA",
+         "embedding", "embedding, ensure_weight_tying", "IA3", "prefix", "prefix + projection", "prompt",
+         "modules_to_save", "bias='lora_only'", "bias='all'", "lora_bias", "layers_to_transform", "exclude_modules",
+         "trainable_token_indices"]
+MATRIX = {(case, fam): _cells(case, fam) for case in CASES for fam in FAMILIES.values()}
+PARAMS = [(case, fam, d) for (case, fam), cells in MATRIX.items() for d in ("jpeft->peft", "peft->jpeft")
+          if cells[d] != PEFT_CANNOT]
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def base(family):
+    return jpeft.models.from_pretrained(tiny.hf_model(family)[1])
+
+
+def _batch(case, family):
+    ids, mask = tiny.batch(family, seed=3)
+    if case.startswith(("prefix", "prompt")):
+        if family in SLIDING:  # virtual + real tokens inside the window (sliding-window prefixes: item 3)
+            ids, mask = ids[:, -2:].copy(), np.ones((3, 2), np.int64)
+        elif case == "prompt" and family != "bert":  # PEFT drops position_ids for prompt tuning: unpadded rows
+            mask = np.ones_like(mask)
+    return ids, mask
+
+
+def _torch_logits(pm, case, family, ids, mask):
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    if family != "bert" and case != "prompt":
+        kw["position_ids"] = torch.tensor(tiny.positions(mask))
+    with torch.no_grad():
+        out = pm(**kw).logits.float().numpy()
+    if case == "prompt" and family != "bert":
+        out = out[:, T:]  # PEFT returns the virtual positions too; jpeft returns the real tokens' logits
+    return out
+
+
+def _jpeft_logits(family, params, adapter, ids, mask):
+    model, _ = base(family)
+    return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
+def _close(family, a, b, mask):
+    if family == "bert":
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    else:
+        sel = np.asarray(mask).astype(bool)
+        np.testing.assert_allclose(a[sel], b[sel], atol=1e-4, rtol=0)
+
+
+def _randomize(adapter, seed):
+    """Every adapter tensor random (never a zero B): x + 0.3 N(0, 1)."""
+    leaves, tdef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def _jpeft_config(case, family):
+    k = kind(family)
+    if case == "IA3":
+        t, ff = IA3_TARGETS[k]
+        return IA3Config(target_modules=t, feedforward_modules=ff)
+    if case.startswith("prefix"):
+        return PrefixTuningConfig(num_virtual_tokens=T, prefix_projection=case.endswith("projection"))
+    if case == "prompt":
+        return PromptTuningConfig(num_virtual_tokens=T)
+    opts = dict(_opts(case, family))
+    if case in ("PiSSA", "OLoRA"):
+        opts.pop("init_lora_weights")
+    return jpeft.LoraConfig.from_dict(opts)  # PEFT's key names: the same dict makes both sides' configs
+
+
+def _peft_config(case, family):
+    k = kind(family)
+    if case == "IA3":
+        t, ff = IA3_TARGETS[k]
+        return peft.IA3Config(target_modules=t, feedforward_modules=ff, init_ia3_weights=False)
+    if case.startswith("prefix"):
+        return peft.PrefixTuningConfig(num_virtual_tokens=T, prefix_projection=case.endswith("projection"),
+                                       task_type="CAUSAL_LM")
+    if case == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=T,
+                                       task_type="FEATURE_EXTRACTION" if k == "bert" else "CAUSAL_LM")
+    opts = _opts(case, family)
+    if "init_lora_weights" not in opts:
+        opts = dict(opts, init_lora_weights=False)  # A and B random
+    return peft.LoraConfig(**opts)
+
+
+def _peft_randomize(pm, case):
+    """Moves every trainable PEFT tensor away from its initial value (PiSSA/OLoRA factors, DoRA
+    magnitudes, prefix MLP), as training would."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+# -- the tests ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case,family,direction", PARAMS, ids=[f"{c}|{f}|{d}" for c, f, d in PARAMS])
+def test_interop(case, family, direction, tmp_path):
+    cell = MATRIX[(case, family)][direction]
+    hf, folder = tiny.hf_model(family)
+    model, params = base(family)
+    if direction == "jpeft->peft":
+        if cell != OK:
+            err, pattern = cell
+            with pytest.raises(err, match=pattern):
+                cfg = _jpeft_config(case, family)
+                _, ad = (jpeft.init_olora(cfg, params, jax.random.key(0)) if case == "OLoRA"
+                         else (params, jpeft.init(cfg, params, jax.random.key(0))))
+                H.save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=folder, params=params)
+            assert not (tmp_path / "adapter_config.json").exists()
+            return
+        cfg = _jpeft_config(case, family)
+        if case in ("PiSSA", "OLoRA"):
+            run_params, ad = (jpeft.init_pissa if case == "PiSSA" else jpeft.init_olora)(cfg, params, jax.random.key(0))
+        else:
+            run_params, ad = params, jpeft.init(cfg, params, jax.random.key(0))
+        ad = _randomize(ad, 1)
+        H.save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=folder, params=params)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+        ids, mask = _batch(case, family)
+        ref = _torch_logits(pm, case, family, ids, mask)
+        out = _jpeft_logits(family, run_params, ad, ids, mask)
+        _close(family, out, ref, mask)
+        if case == "LoRA list" and family != "bert":
+            _greedy_tokens_match(pm, model, run_params, ad, family)
+        return
+    # peft -> jpeft
+    torch.manual_seed(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), _peft_config(case, family))
+        if case in ("PiSSA", "OLoRA", "DoRA", "prefix + projection"):
+            _peft_randomize(pm, case)
+        pm.eval()
+        pm.save_pretrained(str(tmp_path))
+    if cell != OK:
+        err, pattern = cell
+        with pytest.raises(err, match=pattern):
+            H.load_peft_with_base(str(tmp_path), params)
+        return
+    ids, mask = _batch(case, family)
+    ref = _torch_logits(pm, case, family, ids, mask)
+    if case != "prompt":  # the adapter really changes the output (the comparison has teeth)
+        assert np.abs(ref - _torch_logits(hf, case, family, ids, mask)).max() > 1e-3
+    if case in ("PiSSA", "OLoRA"):
+        with pytest.raises(UnsupportedAdapterError, match="load_peft_with_base"):
+            H.load_peft(str(tmp_path), params)
+    _, run_params, ad = H.load_peft_with_base(str(tmp_path), params)
+    _close(family, _jpeft_logits(family, run_params, ad, ids, mask), ref, mask)
+
+
+def _greedy_tokens_match(pm, model, params, adapter, family):
+    ids = np.asarray(tiny.batch(family, seed=4)[0][:1, :5])  # one unpadded prompt
+    got = np.asarray(jpeft.generate(model, params, adapter, jnp.asarray(ids), 6, eos_token_id=None))
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+                          max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(got[:, -6:], ref[:, -6:])
+
+
+# -- the docs table -----------------------------------------------------------------------------------
+
+def _cell_text(cell):
+    if cell == OK:
+        return "yes"
+    if cell == PEFT_CANNOT:
+        return "PEFT cannot"
+    return f"refused ({cell[0].__name__})"
+
+
+def table() -> str:
+    """The matrix as the Markdown table docs/MODELS.md carries."""
+    fams = list(FAMILIES)
+    head = "| method / option | " + " | ".join(f"{f} jpeft→PEFT | {f} PEFT→jpeft" for f in fams) + " |"
+    sep = "|---|" + "---|---|" * len(fams)
+    rows = [head, sep]
+    for case in CASES:
+        cells = []
+        for f in fams:
+            c = MATRIX[(case, FAMILIES[f])]
+            cells += [_cell_text(c["jpeft->peft"]), _cell_text(c["peft->jpeft"])]
+        rows.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def test_models_md_table_is_the_matrix():
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "MODELS.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert table() in text, "docs/MODELS.md's interop table differs from tests/test_interop_matrix.py: paste " \
+                            "the output of `python tests/test_interop_matrix.py`"
+
+
+if __name__ == "__main__":
+    print(table())
