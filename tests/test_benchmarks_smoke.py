@@ -76,3 +76,31 @@ def test_toy_memory_runs_end_to_end(tmp_path):
     for k in ("ratio_f32", "ratio_bf16", "ratio_bf16_vs_full_f32"):
         assert 0 < m[k] < 10, (k, m[k])
     assert out.exists()
+
+
+def test_scaling_sweep_toy_end_to_end(tmp_path):
+    """benchmarks/bench_scaling.py at toy size: one sequence point and the LoRA-vs-full point,
+    both frameworks, one round; checks the report's structure, not its timings."""
+    import bench_scaling
+
+    report = bench_scaling.main([
+        "--base", "toy", "--axes", "seq,mode", "--seq", "16", "--tokens", "32", "--depth-seq", "16",
+        "--rounds", "1", "--steps", "1", "--per-turn", "1", "--warmup", "0", "--workdir", str(tmp_path / "w"),
+        "--json", str(tmp_path / "s.json"),
+    ])
+    assert [(p["axis"], p["value"]) for p in report["points"]] == [("seq", 16), ("mode", "lora+full")]
+    full = report["points"][1]
+    for m in ("lora", "full"):
+        assert math.isfinite(full[f"ratio_{m}"]["median"]) and full[f"ratio_{m}"]["median"] > 0
+        assert full["workers"][f"jpeft_{m}"]["xla_temp_mib"] > 0
+    # full fine-tuning counts the weight gradients: more FLOPs than LoRA's step
+    assert full["workers"]["jpeft_full"]["step_gflop"] > full["workers"]["jpeft_lora"]["step_gflop"]
+    assert "| seq (lora) | 16 |" in bench_scaling.markdown(report)
+    assert (tmp_path / "s.json").exists()
+
+
+def test_size_specs_and_full_flops():
+    s = C.size("toy:seq=64,batch=1,layers=3")
+    assert (s.seq, s.batch, s.layers, s.hidden) == (64, 1, 3, C.SIZES["toy"].hidden)
+    f, lo = C.full_step_flops(s), C.lora_step_flops(s, r=0)
+    assert f["forward"] == lo["forward"] and f["backward"] > lo["backward"]
