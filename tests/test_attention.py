@@ -127,9 +127,10 @@ def test_segments_block_diagonal_and_positions():
 
 
 def test_auto_and_bad_names():
-    assert A.resolve("auto", jnp.float32, 64) == "blockwise"
+    assert A.resolve("auto", jnp.float32, 64, 1024, 512) == "blockwise"
+    assert A.resolve("auto", jnp.float32, 64, 512, 512) == "reference"  # one block: the same scores
     if jax.default_backend() == "cpu":
-        assert A.resolve("auto", jnp.bfloat16, 64) == "blockwise"
+        assert A.resolve("auto", jnp.bfloat16, 64, 4096, 512) == "blockwise"
         with pytest.raises(jpeft.ConfigError, match="GPU"):
             A.resolve("cudnn", jnp.bfloat16, 64)
     with pytest.raises(jpeft.ConfigError, match="not known"):

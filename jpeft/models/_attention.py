@@ -21,7 +21,9 @@ Kernels (``implementation=``):
   information, no prefix and no cache is passed as ``is_causal`` / ``local_window_size``;
   anything else goes as the dense boolean mask.
 * ``"auto"`` (the default): ``"cudnn"`` on a GPU backend for float16/bfloat16 and a head
-  width cuDNN takes (a multiple of 8, at most 128), ``"blockwise"`` everywhere else.
+  width cuDNN takes (a multiple of 8, at most 128); elsewhere ``"blockwise"`` when the keys
+  span more than one block, and ``"reference"`` when they fit in one (the blockwise kernel
+  would then hold the same score matrix and only add the backward recomputation).
 """
 
 from __future__ import annotations
@@ -140,13 +142,18 @@ def check_implementation(name: str, what: str = "attention") -> None:
         )
 
 
-def resolve(implementation: str, dtype, head_dim: int) -> str:
-    """The kernel ``implementation`` stands for on this backend (``"auto"`` resolved)."""
+def resolve(implementation: str, dtype, head_dim: int, k_len: Optional[int] = None, block_size: int = 512) -> str:
+    """The kernel ``implementation`` stands for on this backend (``"auto"`` resolved for
+    ``k_len`` keys: with at most one key block the blockwise kernel would hold the whole score
+    matrix anyway, so the reference program, which keeps the probabilities for the backward
+    pass instead of recomputing them, is used)."""
     check_implementation(implementation)
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if implementation == "auto":
         on_gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
-        return "cudnn" if (on_gpu and half and head_dim % 8 == 0 and head_dim <= 128) else "blockwise"
+        if on_gpu and half and head_dim % 8 == 0 and head_dim <= 128:
+            return "cudnn"
+        return "reference" if (k_len is not None and k_len <= block_size) else "blockwise"
     if implementation == "cudnn":
         if jax.default_backend() not in ("gpu", "cuda"):
             raise ConfigError(
@@ -170,7 +177,7 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     current tokens (no cache, no prefix, no padding, no segments), which lets the cuDNN kernel
     run without a dense mask.
     """
-    impl = resolve(implementation, q.dtype, q.shape[-1])
+    impl = resolve(implementation, q.dtype, q.shape[-1], k.shape[1], block_size)
     if impl == "reference":
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale).astype(q.dtype)
     if impl == "cudnn":

@@ -237,7 +237,9 @@ def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window:
       cache: the :class:`KVCache` being extended, or None.
       sliding_window: window width of a sliding-attention layer.
       segment_ids: ``[batch, seq]`` document ids of packed rows (block-diagonal causal
-        attention; the window counts slots inside each document). Not with a cache.
+        attention; the window counts slots inside each document). Each document must be one
+        contiguous run of tokens (as :func:`jpeft.data.pack_documents` makes them): slots
+        restart wherever the id changes. Not with a cache.
       padded: False when the caller passed no attention mask (every token is real).
 
     Returns:
