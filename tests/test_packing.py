@@ -76,7 +76,7 @@ def _sum_loss(model, params, ad, ids, mask, **kw):
     return loss * n
 
 
-@pytest.mark.parametrize("impl,method", [("blockwise", "lora"), ("reference", "lora"), ("blockwise", "prefix")])
+@pytest.mark.parametrize("impl,method", [("blockwise", "lora"), ("reference", "prefix")])
 def test_packed_losses_and_grads_equal_documents_alone(impl, method):
     model = _llama(impl)
     docs = _docs()[:3]
