@@ -84,6 +84,21 @@ SIZES = {
 }
 
 
+def size(spec: str) -> Size:
+    """A named size, optionally with fields replaced: ``"issue"`` or
+    ``"issue:seq=1024,batch=2,layers=8"`` (the scaling sweep's points)."""
+    name, _, over = spec.partition(":")
+    if name not in SIZES:
+        raise SystemExit(f"unknown size {name!r}; known: {sorted(SIZES)}")
+    kw = {}
+    for item in filter(None, over.split(",")):
+        k, _, v = item.partition("=")
+        if k not in Size.__dataclass_fields__:
+            raise SystemExit(f"size field {k!r} is not one of {sorted(Size.__dataclass_fields__)}")
+        kw[k] = int(v)
+    return dataclasses.replace(SIZES[name], **kw)
+
+
 # --------------------------------------------------------------------------------------- memory
 def _status() -> dict[str, int]:
     try:
@@ -169,6 +184,17 @@ def lora_step_flops(size: Size, r: int = 8) -> dict[str, float]:
     fwd = 2 * T * frozen + attn_fwd + lora_fwd
     bwd = 2 * T * frozen + 2 * attn_fwd + 2 * lora_fwd
     return {"forward": float(fwd), "backward": float(bwd), "step": float(fwd + bwd)}
+
+
+def full_step_flops(size: Size) -> dict[str, float]:
+    """Matmul FLOPs of one full fine-tuning step: as :func:`lora_step_flops` without LoRA, and
+    the backward pass also forms every weight gradient (another ``2 * T * W``)."""
+    f = lora_step_flops(size, r=0)
+    h, i, v, n = size.hidden, size.intermediate, size.vocab, size.layers
+    kv = (size.kv_heads or size.heads) * (h // size.heads)
+    weights = n * (h * h * 2 + h * kv * 2 + 3 * h * i) + h * v
+    bwd = f["backward"] + 2 * size.tokens * weights
+    return {"forward": f["forward"], "backward": float(bwd), "step": float(f["forward"] + bwd)}
 
 
 # ------------------------------------------------------------------------------------- protocol

@@ -60,12 +60,13 @@ def peak_matmul_flops(n: int = 2048, reps: int = 5) -> float:
 
 
 def worker(args) -> None:
-    size = C.SIZES[args.size]
+    size = C.size(args.size)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = LlamaForCausalLM.from_pretrained(os.path.join(args.dir, "base"), dtype=dtype)
-    model = peft.PeftModel.from_pretrained(model, os.path.join(args.dir, "adapter"), is_trainable=True)
+    if not args.full:
+        model = peft.PeftModel.from_pretrained(model, os.path.join(args.dir, "adapter"), is_trainable=True)
     # peft keeps LoRA weights in f32 even on a bf16 base (autocast_adapter_dtype=True).
     model.train()
     load_s = time.perf_counter() - t0
@@ -129,7 +130,8 @@ def breakdown(model, opt, x, reps):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", required=True)
-    p.add_argument("--size", default="issue", choices=sorted(C.SIZES))
+    p.add_argument("--size", default="issue", help="a name of _common.SIZES, optionally ':field=value,...'")
+    p.add_argument("--full", action="store_true", help="full fine-tuning (every parameter, no adapter)")
     p.add_argument("--setup", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--r", type=int, default=8)
@@ -140,7 +142,7 @@ def main():
     p.add_argument("--peak-flops", action="store_true")
     args = p.parse_args()
     if args.setup:
-        setup(C.SIZES[args.size], args.dir, args.seed, args.r)
+        setup(C.size(args.size), args.dir, args.seed, args.r)
     else:
         worker(args)
 

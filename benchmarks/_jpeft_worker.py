@@ -50,8 +50,8 @@ def causal_lm_loss(logits, ids):
     return jpeft.data.causal_lm_loss(logits, ids, jnp.ones_like(ids))[0]
 
 
-def load(folder: str, dtype):
-    out = jpeft.models.from_pretrained(folder, dtype=dtype)
+def load(folder: str, dtype, attention: str = "auto"):
+    out = jpeft.models.from_pretrained(folder, dtype=dtype, attention=attention)
     model, params = (out.model, out.params) if hasattr(out, "model") else out
     return model, params
 
@@ -140,17 +140,22 @@ def best_time(fn, *args, reps=3):
 
 # ------------------------------------------------------------------------------------ worker
 def worker(args) -> None:
-    size = C.SIZES[args.size]
+    size = C.size(args.size)
     dtype = DTYPES[args.dtype]
     t0 = time.perf_counter()
-    model, params = load(os.path.join(args.dir, "base"), dtype)
+    model, params = load(os.path.join(args.dir, "base"), dtype, args.attention)
     data = [jnp.asarray(b) for b in C.batches(size, args.n_batches, seed=1)]
-    adapter = jpeft.init(lora_config(args.r), params, jax.random.key(0))
-    adapter = load_peft_adapter(adapter, os.path.join(args.dir, "adapter"))
+    if args.full:  # every parameter is the trainable tree; nothing frozen
+        params, adapter = {}, params
+    else:
+        adapter = jpeft.init(lora_config(args.r), params, jax.random.key(0))
+        adapter = load_peft_adapter(adapter, os.path.join(args.dir, "adapter"))
     jax.block_until_ready((params, adapter))
     load_s = time.perf_counter() - t0
 
     def loss_fn(params, adapter, batch, key):
+        if args.full:
+            return causal_lm_loss(logits_of(model.apply(adapter, batch)), batch)
         return causal_lm_loss(logits_of(jpeft.apply(model, params, adapter, batch)), batch)
 
     opt = optax.adam(args.lr)
@@ -170,6 +175,10 @@ def worker(args) -> None:
         xla_flops = float(ca.get("flops", float("nan")))
     except Exception:  # cost analysis is best effort
         xla_flops = float("nan")
+    try:
+        xla_temp = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # memory analysis is best effort (not every backend reports it)
+        xla_temp = -1
 
     state = {"adapter": adapter, "opt_state": opt_state, "k": 0}
 
@@ -189,7 +198,7 @@ def worker(args) -> None:
     C.emit({
         "event": "ready", "framework": "jpeft", "dtype": args.dtype, "load_s": load_s, "lower_s": lower_s,
         "compile_s": compile_s, "first_step_s": first_s, "first_loss": first_loss, "warmup_s": warm,
-        "xla_flops": xla_flops, "peak_matmul_flops": peak,
+        "xla_flops": xla_flops, "xla_temp_bytes": xla_temp, "peak_matmul_flops": peak,
         "versions": {"jax": jax.__version__, "jpeft": jpeft.__version__},
         "baseline_rss": mem.baseline, "mem_method": mem.method, "env": C.env_summary(),
         "n_params": int(jpeft.tree.count(params)), "n_trainable": int(jpeft.tree.count(state["adapter"])),
@@ -235,7 +244,7 @@ def breakdown(model, params, adapter, x, loss_fn, reps):
 # ------------------------------------------------------------------------------------ memory
 def memory(args) -> None:
     """LoRA or full fine-tuning on a random model; reports the peak RSS above the baseline."""
-    size = C.SIZES[args.size]
+    size = C.size(args.size)
     dtype = DTYPES[args.dtype]
     model, params = build_random(size, dtype, scan=args.scan, remat=args.remat)
     jax.block_until_ready(params)
@@ -303,7 +312,9 @@ def memory(args) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", help="folder with base/ and adapter/ written by _hf_worker.py --setup")
-    p.add_argument("--size", default="issue", choices=sorted(C.SIZES))
+    p.add_argument("--size", default="issue", help="a name of _common.SIZES, optionally ':field=value,...'")
+    p.add_argument("--full", action="store_true", help="full fine-tuning (every parameter trainable, Adam on all)")
+    p.add_argument("--attention", default="auto", help="LlamaConfig.attention: auto, blockwise, reference, cudnn")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
     p.add_argument("--lr", type=float, default=1e-3)

@@ -8,20 +8,32 @@ A dataset file is either
   trained on) or ``{"prompt": ..., "completion": ...}`` (the loss is taken on the
   completion tokens only, as in supervised instruction tuning). Field names are configurable.
 
-Documents are tokenized, joined with the end-of-sequence token and **packed** into rows of
-``seq_len`` tokens, so no compute is spent on padding. A row of the result holds
-``input_ids[seq_len]`` and ``loss_mask[seq_len]``; position ``t`` of ``loss_mask`` says
-whether token ``t`` is a target (it is predicted from tokens ``< t``), so the loss of a
-causal model is taken on ``logits[:, :-1]`` against ``input_ids[:, 1:]`` weighted by
-``loss_mask[:, 1:]`` (see :func:`causal_lm_loss`).
+Documents are tokenized and **packed** into rows of ``seq_len`` tokens. Two packings:
+
+* ``"documents"`` (the default): whole documents are placed one after another into rows
+  (a document longer than ``seq_len`` is cut into ``seq_len`` chunks, each its own
+  document); every token carries a ``segment_ids`` entry (1, 2, ... per document in the
+  row, 0 for the padding that fills the row's tail) and a ``position_ids`` entry restarting
+  at 0 in each document. Given ``segment_ids``, jpeft's models attend block-diagonally
+  (causal inside each document, never across), so a packed row's loss equals the loss of
+  its documents run one at a time (tests/test_packing.py).
+* ``"stream"``: the documents are joined into one token stream and cut into rows; no
+  padding, but attention crosses document boundaries inside a row.
+
+A row holds ``input_ids[seq_len]`` and ``loss_mask[seq_len]`` (and, packed by documents,
+``segment_ids`` and ``position_ids``); position ``t`` of ``loss_mask`` says whether token
+``t`` is a target (it is predicted from tokens ``< t``), so the loss of a causal model is
+taken on ``logits[:, :-1]`` against ``input_ids[:, 1:]`` weighted by ``loss_mask[:, 1:]``
+(see :func:`causal_lm_loss`). :func:`model_inputs` turns a batch into the keyword arguments
+of the model call.
 
 Batches are a pure function of ``(seed, step)`` (:meth:`PackedDataset.batch`), which is what
 makes a resumed training run reproduce an uninterrupted one exactly.
 
 >>> ds = PackedDataset.from_examples(
-...     [{"prompt": "ab", "completion": "cd"}], encode=lambda s: [ord(c) for c in s], seq_len=4, eos_id=0)
->>> ds.input_ids.tolist(), ds.loss_mask.astype(int).tolist()
-([[97, 98, 99, 100]], [[0, 0, 1, 1]])
+...     [{"prompt": "ab", "completion": "cd"}], encode=lambda s: [ord(c) for c in s], seq_len=6, eos_id=2)
+>>> ds.input_ids.tolist(), ds.loss_mask.astype(int).tolist(), ds.segment_ids.tolist()
+([[97, 98, 99, 100, 2, 0]], [[0, 0, 1, 1, 1, 0]], [[1, 1, 1, 1, 1, 0]])
 """
 
 from __future__ import annotations
@@ -35,7 +47,12 @@ import numpy as np
 
 from jpeft.errors import InputValidationError, LoadError
 
-__all__ = ["load_examples", "tokenize_examples", "pack", "PackedDataset", "causal_lm_loss"]
+__all__ = [
+    "load_examples", "tokenize_examples", "tokenize_documents", "pack", "pack_documents", "PackedDataset",
+    "model_inputs", "causal_lm_loss", "PACKINGS",
+]
+
+PACKINGS = ("documents", "stream")
 
 
 def load_examples(
@@ -102,25 +119,23 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
     return out
 
 
-def tokenize_examples(
+def tokenize_documents(
     examples: Iterable[Mapping[str, str]],
     encode: Callable[[str], Sequence[int]],
     *,
     eos_id: Optional[int] = None,
     bos_id: Optional[int] = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenizes examples into one token stream and a loss mask of the same length.
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Tokenizes each example into ``(ids int32[n], mask bool[n])``.
 
     Each document is ``[bos] + tokens + [eos]`` (when those ids are given). For a
     prompt/completion pair the prompt tokens (and the ``bos``) are masked out; the
     completion tokens and the closing ``eos`` are targets.
-
-    Returns:
-      ``(ids int32[n], mask bool[n])``.
     """
-    ids: list[int] = []
-    mask: list[bool] = []
+    docs = []
     for ex in examples:
+        ids: list[int] = []
+        mask: list[bool] = []
         if bos_id is not None:
             ids.append(int(bos_id))
             mask.append(False)
@@ -138,7 +153,27 @@ def tokenize_examples(
         if eos_id is not None:
             ids.append(int(eos_id))
             mask.append(True)
-    return np.asarray(ids, np.int32), np.asarray(mask, bool)
+        if ids:
+            docs.append((np.asarray(ids, np.int32), np.asarray(mask, bool)))
+    return docs
+
+
+def tokenize_examples(
+    examples: Iterable[Mapping[str, str]],
+    encode: Callable[[str], Sequence[int]],
+    *,
+    eos_id: Optional[int] = None,
+    bos_id: Optional[int] = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`tokenize_documents` joined into one token stream and one loss mask.
+
+    Returns:
+      ``(ids int32[n], mask bool[n])``.
+    """
+    docs = tokenize_documents(examples, encode, eos_id=eos_id, bos_id=bos_id)
+    if not docs:
+        return np.zeros((0,), np.int32), np.zeros((0,), bool)
+    return np.concatenate([d[0] for d in docs]), np.concatenate([d[1] for d in docs])
 
 
 def pack(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,8 +182,7 @@ def pack(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[np.ndarray, n
     Raises:
       InputValidationError: ``seq_len < 2`` or the stream is shorter than one row.
     """
-    if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
-        raise InputValidationError(f"seq_len must be an integer >= 2, found {seq_len!r}.")
+    _check_seq_len(seq_len)
     n = len(ids) // seq_len
     if n == 0:
         raise InputValidationError(
@@ -161,22 +195,93 @@ def pack(ids: np.ndarray, mask: np.ndarray, seq_len: int) -> tuple[np.ndarray, n
     )
 
 
+def _check_seq_len(seq_len):
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
+        raise InputValidationError(f"seq_len must be an integer >= 2, found {seq_len!r}.")
+
+
+def pack_documents(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int):
+    """Packs whole documents into rows of ``seq_len`` tokens, in order: a document goes into
+    the current row if it fits, else starts the next one; a document longer than ``seq_len``
+    is cut into chunks of ``seq_len`` tokens, each packed as its own document. The tail of a
+    row is padding (id 0, no loss, segment 0).
+
+    The first token of every document gets no loss (in a row it would be predicted from the
+    previous document, and run alone it is never predicted).
+
+    Returns:
+      ``(input_ids, loss_mask, segment_ids, position_ids)``, each ``[rows, seq_len]``
+      (int32, bool, int32, int32); segments are numbered 1, 2, ... within each row.
+
+    >>> docs = [(np.array([5, 6, 7]), np.ones(3, bool)), (np.array([8, 9]), np.ones(2, bool))]
+    >>> ids, mask, seg, pos = pack_documents(docs, 4)
+    >>> ids.tolist(), seg.tolist(), pos.tolist(), mask.astype(int).tolist()
+    ([[5, 6, 7, 0], [8, 9, 0, 0]], [[1, 1, 1, 0], [1, 1, 0, 0]], [[0, 1, 2, 0], [0, 1, 0, 0]], [[0, 1, 1, 0], [0, 1, 0, 0]])
+    """
+    _check_seq_len(seq_len)
+    chunks = []
+    for ids, mask in docs:
+        for i in range(0, len(ids), seq_len):
+            chunks.append((np.asarray(ids[i:i + seq_len], np.int32), np.asarray(mask[i:i + seq_len], bool)))
+    if not chunks:
+        raise InputValidationError("the dataset has no tokens to pack; add data.")
+    rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
+    used = 0
+    for c in chunks:
+        if used + len(c[0]) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(c)
+        used += len(c[0])
+    n = len(rows)
+    out_ids = np.zeros((n, seq_len), np.int32)
+    out_mask = np.zeros((n, seq_len), bool)
+    out_seg = np.zeros((n, seq_len), np.int32)
+    out_pos = np.zeros((n, seq_len), np.int32)
+    for r, row in enumerate(rows):
+        at = 0
+        for j, (ids, mask) in enumerate(row):
+            k = len(ids)
+            out_ids[r, at:at + k] = ids
+            out_mask[r, at:at + k] = mask
+            out_mask[r, at] = False
+            out_seg[r, at:at + k] = j + 1
+            out_pos[r, at:at + k] = np.arange(k)
+            at += k
+    return out_ids, out_mask, out_seg, out_pos
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedDataset:
-    """Packed rows ``input_ids[rows, seq_len]`` and ``loss_mask[rows, seq_len]``."""
+    """Packed rows ``input_ids[rows, seq_len]`` and ``loss_mask[rows, seq_len]``, plus
+    ``segment_ids`` and ``position_ids`` when packed by documents (None for a stream)."""
 
     input_ids: np.ndarray
     loss_mask: np.ndarray
+    segment_ids: Optional[np.ndarray] = None
+    position_ids: Optional[np.ndarray] = None
 
     @classmethod
-    def from_examples(cls, examples, encode, seq_len: int, *, eos_id=None, bos_id=None) -> "PackedDataset":
-        ids, mask = tokenize_examples(examples, encode, eos_id=eos_id, bos_id=bos_id)
-        return cls(*pack(ids, mask, seq_len))
+    def from_examples(cls, examples, encode, seq_len: int, *, eos_id=None, bos_id=None,
+                      packing: str = "documents") -> "PackedDataset":
+        """Tokenizes and packs ``examples``; ``packing`` is ``"documents"`` (no attention across
+        documents, the default) or ``"stream"`` (one token stream cut into rows)."""
+        if packing not in PACKINGS:
+            raise InputValidationError(
+                f"packing must be one of {list(PACKINGS)}, found {packing!r}: 'documents' keeps documents apart "
+                "(segment ids, per-document positions), 'stream' cuts one token stream into rows."
+            )
+        if packing == "stream":
+            ids, mask = tokenize_examples(examples, encode, eos_id=eos_id, bos_id=bos_id)
+            return cls(*pack(ids, mask, seq_len))
+        return cls(*pack_documents(tokenize_documents(examples, encode, eos_id=eos_id, bos_id=bos_id), seq_len))
 
     @classmethod
-    def from_file(cls, path, encode, seq_len: int, *, eos_id=None, bos_id=None, **fields) -> "PackedDataset":
+    def from_file(cls, path, encode, seq_len: int, *, eos_id=None, bos_id=None, packing: str = "documents",
+                  **fields) -> "PackedDataset":
         """:func:`load_examples` then :meth:`from_examples`."""
-        return cls.from_examples(load_examples(path, **fields), encode, seq_len, eos_id=eos_id, bos_id=bos_id)
+        return cls.from_examples(load_examples(path, **fields), encode, seq_len, eos_id=eos_id, bos_id=bos_id,
+                                 packing=packing)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -205,7 +310,14 @@ class PackedDataset:
             perm = np.random.default_rng([int(seed), int(e)]).permutation(n)
             sel = epochs == e
             idx[sel] = perm[within[sel]]
-        return {"input_ids": self.input_ids[idx], "loss_mask": self.loss_mask[idx]}
+        return self._rows(idx)
+
+    def _rows(self, idx) -> dict[str, np.ndarray]:
+        out = {"input_ids": self.input_ids[idx], "loss_mask": self.loss_mask[idx]}
+        if self.segment_ids is not None:
+            out["segment_ids"] = self.segment_ids[idx]
+            out["position_ids"] = self.position_ids[idx]
+        return out
 
     def eval_batches(self, batch_size: int, max_rows: Optional[int] = None):
         """Yields the rows in order, for evaluation. Every batch has ``batch_size`` rows (one
@@ -213,12 +325,25 @@ class PackedDataset:
         n = len(self) if max_rows is None else min(len(self), max_rows)
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
-            ids, mask = self.input_ids[i:j], self.loss_mask[i:j]
+            rows = self._rows(slice(i, j))
             if j - i < batch_size:
                 pad = batch_size - (j - i)
-                ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-                mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), bool)])
-            yield {"input_ids": ids, "loss_mask": mask}
+                rows = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in rows.items()}
+            yield rows
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a batch adds to the model call beside ``input_ids``: for rows
+    packed by documents ``segment_ids``, ``position_ids`` and ``attention_mask``
+    (``segment_ids > 0``); nothing for a stream.
+
+    >>> model_inputs({"input_ids": np.zeros((1, 2))})
+    {}
+    """
+    if batch.get("segment_ids") is None:
+        return {}
+    seg = batch["segment_ids"]
+    return {"attention_mask": seg > 0, "segment_ids": seg, "position_ids": batch["position_ids"]}
 
 
 def causal_lm_loss(logits, input_ids, loss_mask) -> tuple[Any, Any]:

@@ -101,3 +101,34 @@ def test_accelerator_benchmark_toy_run(tmp_path):
     assert full["trainable"] == full["params"] > lora["trainable"] > 0
     for x in (lora, full):
         assert x["tokens_per_s"] > 0 and 0 < x["mfu"] and len(x["loss"]) == 3 and all(map(math.isfinite, x["loss"]))
+
+
+@pytest.mark.slow
+def test_scaling_sweep_toy_end_to_end(tmp_path):
+    """benchmarks/bench_scaling.py at toy size: the LoRA-vs-full point (four workers: LoRA and
+    full fine-tuning in both frameworks), one round; checks the report's structure, not its
+    timings."""
+    import bench_scaling
+
+    report = bench_scaling.main([
+        "--base", "toy", "--axes", "mode", "--tokens", "32", "--depth-seq", "16",
+        "--rounds", "1", "--steps", "1", "--per-turn", "1", "--warmup", "0", "--workdir", str(tmp_path / "w"),
+        "--json", str(tmp_path / "s.json"),
+    ])
+    assert [(p["axis"], p["value"]) for p in report["points"]] == [("mode", "lora+full")]
+    full = report["points"][0]
+    for m in ("lora", "full"):
+        assert math.isfinite(full[f"ratio_{m}"]["median"]) and full[f"ratio_{m}"]["median"] > 0
+        assert full["workers"][f"jpeft_{m}"]["xla_temp_mib"] > 0
+    # full fine-tuning counts the weight gradients: more FLOPs than LoRA's step
+    assert full["workers"]["jpeft_full"]["step_gflop"] > full["workers"]["jpeft_lora"]["step_gflop"]
+    md = bench_scaling.markdown(report)
+    assert "| mode (lora) |" in md and "| mode (full) |" in md
+    assert (tmp_path / "s.json").exists()
+
+
+def test_size_specs_and_full_flops():
+    s = C.size("toy:seq=64,batch=1,layers=3")
+    assert (s.seq, s.batch, s.layers, s.hidden) == (64, 1, 3, C.SIZES["toy"].hidden)
+    f, lo = C.full_step_flops(s), C.lora_step_flops(s, r=0)
+    assert f["forward"] == lo["forward"] and f["backward"] > lo["backward"]

@@ -179,9 +179,12 @@ def test_prompt_errors_and_to_prefix():
     real = np.asarray(MASK).astype(bool)  # padded positions' outputs are don't-cares
     np.testing.assert_allclose(np.asarray(jpeft.apply(lmodel, lparams, pre, lids, MASK))[real],
                                np.asarray(jpeft.apply(lmodel, lparams, pad, lids, MASK))[real], rtol=1e-4, atol=1e-5)
-    smodel, sparams, _ = _llama(sliding_window=2)
-    with pytest.raises(jpeft.UnsupportedModuleError, match="sliding attention window"):
-        to_prefix(smodel, sparams, jpeft.init(PromptTuningConfig(num_virtual_tokens=T), sparams, jax.random.key(0)))
+    # under a sliding window the prefix leaves the window as the virtual tokens do
+    smodel, sparams, sids = _llama(sliding_window=2)
+    spad = jpeft.init(PromptTuningConfig(num_virtual_tokens=T), sparams, jax.random.key(0))
+    spre = to_prefix(smodel, sparams, spad)
+    np.testing.assert_allclose(np.asarray(jpeft.apply(smodel, sparams, spre, sids, MASK))[real],
+                               np.asarray(jpeft.apply(smodel, sparams, spad, sids, MASK))[real], rtol=1e-4, atol=1e-5)
 
     class NoEmbeds(nn.Module):
         @nn.compact

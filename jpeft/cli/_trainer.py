@@ -52,16 +52,16 @@ def make_loss_fns(model):
 
     import jpeft
     from jpeft.cli._model import logits_of
-    from jpeft.data import causal_lm_loss
+    from jpeft.data import causal_lm_loss, model_inputs
 
     def loss_fn(params, adapter, batch, key):
-        out = jpeft.apply(model, params, adapter, batch["input_ids"], rngs={"dropout": key})
+        out = jpeft.apply(model, params, adapter, batch["input_ids"], rngs={"dropout": key}, **model_inputs(batch))
         loss, n = causal_lm_loss(logits_of(out), batch["input_ids"], batch["loss_mask"])
         return loss, {"targets": n}
 
     @jax.jit
     def eval_sums(params, adapter, batch):
-        out = jpeft.apply(model, params, adapter, batch["input_ids"])
+        out = jpeft.apply(model, params, adapter, batch["input_ids"], **model_inputs(batch))
         loss, n = causal_lm_loss(logits_of(out), batch["input_ids"], batch["loss_mask"])
         return loss * n, n
 
@@ -139,6 +139,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
     encode, bos, eos = encode_fn(loaded.tokenizer)
     fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}
+    fields["packing"] = d["packing"]
     train_ds = PackedDataset.from_file(d["train"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
     eval_ds = (PackedDataset.from_file(d["eval"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
                if d.get("eval") else None)

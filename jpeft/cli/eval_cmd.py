@@ -23,6 +23,9 @@ def add_parser(sub):
                         "or a checkpoint (runs/x/checkpoints/<step>); default: none, the base)")
     p.add_argument("--data", required=True, help=".jsonl or plain-text file")
     p.add_argument("--seq-len", type=int, default=256, help="packed row length in tokens (default 256)")
+    p.add_argument("--packing", choices=("documents", "stream"), default="documents",
+                   help="as [data] packing in `jpeft train`: whole documents per row, attention never crossing them "
+                        "(default), or one token stream cut into rows")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     p.add_argument("--max-batches", type=int, default=0, help="evaluate at most this many batches (default 0: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -50,7 +53,7 @@ def run(args) -> int:
     loaded = load_folder(args.model)
     check_seq_len(args.seq_len, loaded.hf_config, "--seq-len")
     encode, bos, eos = encode_fn(loaded.tokenizer)
-    ds = PackedDataset.from_file(args.data, encode, args.seq_len, eos_id=eos, bos_id=bos)
+    ds = PackedDataset.from_file(args.data, encode, args.seq_len, eos_id=eos, bos_id=bos, packing=args.packing)
     adapter = None
     if args.adapter:
         example = jnp.asarray(ds.input_ids[:1, : min(8, ds.seq_len)])

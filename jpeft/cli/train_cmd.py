@@ -25,6 +25,8 @@ seed = 0
 train = "train.jsonl"         # .jsonl ({"text"} or {"prompt","completion"} per line) or plain text
 eval = "eval.jsonl"           # optional
 seq_len = 256                 # examples are tokenized and packed into rows of seq_len tokens
+packing = "documents"         # whole documents per row, attention never crosses them; "stream":
+                              # one token stream cut into rows (needed for prompt tuning)
 
 [method]                      # any jpeft method; keys as in Hugging Face PEFT's adapter_config.json
 name = "lora"                 # lora, ia3, full, ... (target_modules defaults as in PEFT for the model type)
@@ -72,7 +74,8 @@ and exits; `--resume` continues it and ends with the same adapter as an uninterr
 
 _DEFAULTS = {
     "seed": 0,
-    "data": {"seq_len": 256, "text_field": "text", "prompt_field": "prompt", "completion_field": "completion"},
+    "data": {"seq_len": 256, "packing": "documents", "text_field": "text", "prompt_field": "prompt",
+             "completion_field": "completion"},
     "method": {"name": "lora"},
     "train": {
         "steps": 1000, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 0, "weight_decay": 0.0,
@@ -83,7 +86,7 @@ _DEFAULTS = {
 }
 _KNOWN = {
     "": {"model", "output_dir", "seed", "data", "method", "train", "mesh"},
-    "data": {"train", "eval", "seq_len", "text_field", "prompt_field", "completion_field"},
+    "data": {"train", "eval", "seq_len", "packing", "text_field", "prompt_field", "completion_field"},
     "train": set(_DEFAULTS["train"]),
     "mesh": set(_DEFAULTS["mesh"]),
 }

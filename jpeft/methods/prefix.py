@@ -210,14 +210,19 @@ class _PrefixBase(Site):
         if bound.arguments.get("position_ids") is not None:  # given for the real tokens: shift past the prefix
             bound.arguments["position_ids"] = bound.arguments["position_ids"] + t
         elif "position_ids" in sig.parameters and n is not None:
-            from jpeft.models._layers import default_positions
+            from jpeft.models._layers import default_positions, segment_slots
 
-            mask = bound.arguments.get("attention_mask")
-            if mask is None:
-                b = (bound.arguments.get("input_ids") if bound.arguments.get("input_ids") is not None
-                     else bound.arguments["inputs_embeds"]).shape[0]
-                mask = jnp.ones((b, n), bool)
-            bound.arguments["position_ids"] = default_positions(mask, cache) + t
+            seg = bound.arguments.get("segment_ids")
+            if seg is not None:  # packed documents: positions restart in each document
+                pos = segment_slots(jnp.asarray(seg, jnp.int32))
+            else:
+                mask = bound.arguments.get("attention_mask")
+                if mask is None:
+                    b = (bound.arguments.get("input_ids") if bound.arguments.get("input_ids") is not None
+                         else bound.arguments["inputs_embeds"]).shape[0]
+                    mask = jnp.ones((b, n), bool)
+                pos = default_positions(mask, cache)
+            bound.arguments["position_ids"] = pos + t
         return _call_bound(call, bound)
 
 

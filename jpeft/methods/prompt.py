@@ -176,6 +176,12 @@ class PromptWeights(Site):
                 "(prefill) call. Convert the adapter with jpeft.methods.prompt.to_prefix(model, params, adapter), "
                 "which runs the virtual tokens once and gives an equivalent prefix-tuning adapter, then generate."
             )
+        if a.get("segment_ids") is not None:
+            raise InputValidationError(
+                "prompt tuning prepends its virtual tokens once per row, so packed documents (segment_ids) cannot "
+                "share them; pack one token stream instead (jpeft.data packing='stream'; in `jpeft train`, "
+                "[data] packing = \"stream\")."
+            )
         t = self.num_virtual_tokens
         ids, emb = a.get("input_ids"), a.get("inputs_embeds")
         if emb is None:
@@ -275,8 +281,9 @@ def to_prefix(model, params, adapter: Mapping[str, Any]) -> dict:
     at every layer are fixed: this runs them through the model once (positions ``0 .. T-1``) and
     keeps those keys and values as prefixes. The resulting :class:`~jpeft.methods.prefix.PrefixWeights`
     gives the real tokens positions ``T, T+1, ...``, exactly as prompt tuning does, so the logits
-    are the same (for models without a sliding attention window), and it works with
-    ``jpeft.generate``. Other nodes of ``adapter`` are applied while computing the prefixes and
+    are the same, and it works with
+    ``jpeft.generate``. Under a sliding attention window the prefix keys sit in the slots the
+    virtual tokens held, so they leave the window exactly as the virtual tokens do. Other nodes of ``adapter`` are applied while computing the prefixes and
     returned unchanged.
 
     Raises:
@@ -293,12 +300,6 @@ def to_prefix(model, params, adapter: Mapping[str, Any]) -> dict:
             f"{type(model).__name__} has no init_cache: to_prefix needs a causal jpeft decoder (Llama, Mistral, Qwen2, GPT-2)."
         )
     cfg = model.config
-    if getattr(cfg, "sliding_window", None) is not None and any(cfg.window(i) is not None for i in range(cfg.num_layers)):
-        raise UnsupportedModuleError(
-            "to_prefix: this model uses a sliding attention window, under which real tokens stop seeing the virtual "
-            "tokens after a while but always see a prefix; the conversion would change the outputs. Generate without "
-            "a cache (jpeft.apply on the growing sequence) or use a model without sliding windows."
-        )
     rest = {k: v for k, v in adapter.items() if k != ""}
     t = node.num_virtual_tokens
     cache = model.init_cache(1, t)

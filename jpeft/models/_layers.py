@@ -2,8 +2,8 @@
 attention masks, the key/value cache and the attention kernel call.
 
 Everything here is numerically matched to the Hugging Face PyTorch implementations
-(``transformers`` 5): statistics of norms in float32, rotary frequencies in float32, and
-``jax.nn.dot_product_attention`` for the attention itself.
+(``transformers`` 5): statistics of norms in float32, rotary frequencies in float32. The
+attention kernels and their structured mask live in :mod:`jpeft.models._attention`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError, UnsupportedModelError
 from jpeft.validate import check_token_ids
+from jpeft.models._attention import AttentionMask, check_implementation, dot_product_attention, segment_slots
 
 Array = jax.Array
 
@@ -236,34 +237,56 @@ def default_positions(attention_mask: Array, cache: Optional[KVCache]) -> Array:
     return jnp.maximum(pos, 0)
 
 
-def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window: Optional[int] = None):
-    """Boolean mask ``[batch, 1, q, k]`` for causal attention over the current tokens (no
-    cache) or over all cache slots (with a cache), plus the updated slot mask.
+def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window: Optional[int] = None, *,
+                segment_ids: Optional[Array] = None, padded: bool = True):
+    """The :class:`AttentionMask` of causal attention over the current tokens (no cache) or
+    over all cache slots (with a cache), plus the updated slot mask.
+
+    Args:
+      attention_mask: ``[batch, seq]``, True/1 for real tokens.
+      cache: the :class:`KVCache` being extended, or None.
+      sliding_window: window width of a sliding-attention layer.
+      segment_ids: ``[batch, seq]`` document ids of packed rows (block-diagonal causal
+        attention; the window counts slots inside each document). Each document must be one
+        contiguous run of tokens (as :func:`jpeft.data.pack_documents` makes them): slots
+        restart wherever the id changes. Not with a cache.
+      padded: False when the caller passed no attention mask (every token is real).
 
     Returns:
       ``(mask, kv_valid)``, ``kv_valid`` being the cache's new slot mask (or ``attention_mask``).
     """
     b, s = attention_mask.shape
     valid = attention_mask.astype(bool)
+    q_seg = None
     if cache is None:
         kv_valid = valid
-        q = jnp.arange(s)
-        k = jnp.arange(s)
+        if segment_ids is not None:
+            q_seg = segment_ids.astype(jnp.int32)
+            q_pos = segment_slots(q_seg)
+        else:
+            q_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        k_pos = q_pos
     else:
+        if segment_ids is not None:
+            raise InputValidationError(
+                "segment_ids (packed documents) cannot be combined with a KV cache; decode one document per row."
+            )
         kv_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, cache.index))
-        q = cache.index + jnp.arange(s)
-        k = jnp.arange(cache.mask.shape[1])
-    allowed = k[None, :] <= q[:, None]
-    if sliding_window is not None:
-        allowed = allowed & ((q[:, None] - k[None, :]) < sliding_window)
-    mask = kv_valid[:, None, None, :] & allowed[None, None, :, :]
+        q_pos = jnp.broadcast_to(cache.index + jnp.arange(s, dtype=jnp.int32), (b, s))
+        k_pos = jnp.broadcast_to(jnp.arange(cache.mask.shape[1], dtype=jnp.int32), (b, cache.mask.shape[1]))
+        padded = True
+    mask = AttentionMask(kv_valid, q_pos, k_pos, q_seg, q_seg, causal=True, window=sliding_window, padded=padded)
     return mask, kv_valid
 
 
-def bidirectional_mask(attention_mask: Array) -> Array:
-    valid = attention_mask.astype(bool)
-    s = valid.shape[1]
-    return jnp.broadcast_to(valid[:, None, None, :], (valid.shape[0], 1, s, s))
+def bidirectional_mask(attention_mask: Array, *, segment_ids: Optional[Array] = None,
+                       padded: bool = True) -> AttentionMask:
+    """The :class:`AttentionMask` of an encoder (every real token sees every real token of
+    its segment)."""
+    b, s = attention_mask.shape
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    return AttentionMask(attention_mask.astype(bool), pos, pos, seg, seg, causal=False, window=None, padded=padded)
 
 
 # -- attention -------------------------------------------------------------------------------------------
@@ -288,19 +311,23 @@ def check_prefix(prefix_kv, batch: int, num_kv_heads: int, head_dim: int, path: 
     return pk, pv
 
 
-def attend(q, k, v, mask, *, scale: float, cache_layer=None, prefix_kv=None, dtype=jnp.float32):
+def attend(q, k, v, mask: AttentionMask, *, scale: float, cache_layer=None, prefix_kv=None, dtype=jnp.float32,
+           implementation: str = "auto", block_size: int = 512):
     """Scaled dot-product attention with an optional cache write and an optional prefix.
 
     Args:
       q: ``[batch, q_len, heads, head_dim]``; k, v: ``[batch, q_len, kv_heads, head_dim]``.
-      mask: bool ``[batch, 1, q_len, k_len]`` over the current keys (or all cache slots).
+      mask: the :class:`AttentionMask` over the current keys (or all cache slots).
       cache_layer: ``(k_cache, v_cache, index)`` or ``None``.
-      prefix_kv: ``(k, v)`` ``[batch, n_prefix, kv_heads, head_dim]``, always attended.
+      prefix_kv: ``(k, v)`` ``[batch, n_prefix, kv_heads, head_dim]``, attended by every query
+        (inside the sliding window, if the layer has one: the prefix sits before slot 0).
+      implementation, block_size: the kernel (:mod:`jpeft.models._attention`).
 
     Returns:
       ``(out [batch, q_len, heads, head_dim], (k_cache, v_cache) or None)``.
     """
     new_cache = None
+    plain = not mask.padded and mask.q_seg is None and cache_layer is None and prefix_kv is None
     if cache_layer is not None:
         kc, vc, idx = cache_layer
         kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, idx, 0, 0))
@@ -314,9 +341,9 @@ def attend(q, k, v, mask, *, scale: float, cache_layer=None, prefix_kv=None, dty
         pv = jnp.broadcast_to(pv, (b,) + tuple(pv.shape[1:])).astype(v.dtype)
         k = jnp.concatenate([pk, k], axis=1)
         v = jnp.concatenate([pv, v], axis=1)
-        ones = jnp.ones(mask.shape[:3] + (pk.shape[1],), bool)
-        mask = jnp.concatenate([ones, mask], axis=-1)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+        mask = mask.with_prefix(pk.shape[1])
+    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale,
+                                implementation=implementation, block_size=block_size, plain=plain)
     return out, new_cache
 
 
@@ -402,3 +429,7 @@ def validate_common(cfg, name: str):
             f"{name}.remat_policy {cfg.remat_policy!r} is not a jax.checkpoint_policies name; try "
             "'nothing_saveable', 'dots_saveable' or 'dots_with_no_batch_dims_saveable'."
         )
+    check_implementation(cfg.attention, f"{name}.attention")
+    bs = cfg.attention_block_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ConfigError(f"{name}.attention_block_size must be a positive integer, found {bs!r}.")

@@ -31,7 +31,8 @@ class BertConfig:
       vocab_size, hidden_size, num_layers [num_hidden_layers], num_heads [num_attention_heads],
       intermediate_size, max_position_embeddings, type_vocab_size, layer_norm_eps,
       hidden_act (``"gelu"``, exact), hidden_dropout_prob, num_labels (classifier outputs,
-      from ``id2label`` when loading), initializer_range, dtype, param_dtype, remat, remat_policy.
+      from ``id2label`` when loading), initializer_range, dtype, param_dtype, remat, remat_policy,
+      attention, attention_block_size (as in :class:`~jpeft.models.LlamaConfig`).
     """
 
     vocab_size: int = 30522
@@ -51,6 +52,8 @@ class BertConfig:
     param_dtype: Any = jnp.float32
     remat: bool = False
     remat_policy: Optional[str] = None
+    attention: str = "auto"
+    attention_block_size: int = 512
     pad_token_id: Any = 0
 
     def __post_init__(self):
@@ -112,7 +115,8 @@ class BertSelfAttention(nn.Module):
         k = L.dense(d, True, c, "key")(hidden).reshape(shape)
         v = L.dense(d, True, c, "value")(hidden).reshape(shape)
         prefix_kv = L.check_prefix(prefix_kv, b, c.num_heads, c.head_dim, "attention/self")
-        out, _ = L.attend(q, k, v, mask, scale=c.head_dim ** -0.5, prefix_kv=prefix_kv, dtype=c.dtype)
+        out, _ = L.attend(q, k, v, mask, scale=c.head_dim ** -0.5, prefix_kv=prefix_kv, dtype=c.dtype,
+                          implementation=c.attention, block_size=c.attention_block_size)
         return out.reshape(b, s, d)
 
 
@@ -182,17 +186,21 @@ class BertModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
-                 position_ids=None, prefix_kv=None, deterministic=True):
+                 position_ids=None, segment_ids=None, prefix_kv=None, deterministic=True):
         c = self.config
         b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, "BertModel", self.config.vocab_size)
+        padded = attention_mask is not None
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), bool)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, s), jnp.int32)
-        if position_ids is None:
+        if position_ids is None and segment_ids is not None:
+            position_ids = L.segment_slots(segment_ids.astype(jnp.int32))
+        elif position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
         h = BertEmbeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, inputs_embeds, deterministic)
-        h = BertEncoder(c, name="encoder")(h, L.bidirectional_mask(attention_mask), prefix_kv, deterministic)
+        mask = L.bidirectional_mask(attention_mask, segment_ids=segment_ids, padded=padded)
+        h = BertEncoder(c, name="encoder")(h, mask, prefix_kv, deterministic)
         pooled = BertPooler(c, name="pooler")(h)
         return h, pooled
 

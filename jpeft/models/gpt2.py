@@ -42,7 +42,8 @@ class GPT2Config:
       embd_pdrop, resid_pdrop: dropout rates (active with ``deterministic=False`` and a
         ``"dropout"`` rng).
       tie_word_embeddings: logits use ``wte`` (GPT-2's default).
-      dtype, param_dtype, remat, remat_policy, initializer_range: as in :class:`LlamaConfig`.
+      dtype, param_dtype, remat, remat_policy, initializer_range, attention,
+        attention_block_size: as in :class:`LlamaConfig`.
     """
 
     vocab_size: int = 50257
@@ -64,6 +65,8 @@ class GPT2Config:
     param_dtype: Any = jnp.float32
     remat: bool = False
     remat_policy: Optional[str] = None
+    attention: str = "auto"
+    attention_block_size: int = 512
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
@@ -109,7 +112,8 @@ class GPT2Attention(nn.Module):
         if c.scale_attn_by_inverse_layer_idx:
             scale = scale / float(self.layer_idx + 1)
         prefix_kv = L.check_prefix(prefix_kv, b, c.num_heads, c.head_dim, "attn")
-        out, new = L.attend(q, k, v, mask, scale=scale, cache_layer=cache, prefix_kv=prefix_kv, dtype=c.dtype)
+        out, new = L.attend(q, k, v, mask, scale=scale, cache_layer=cache, prefix_kv=prefix_kv, dtype=c.dtype,
+                            implementation=c.attention, block_size=c.attention_block_size)
         out = L.dense(d, True, c, "c_proj")(out.reshape(b, s, d))
         out = nn.Dropout(c.resid_pdrop)(out, deterministic=deterministic)
         return out if cache is None else (out, new)
@@ -161,10 +165,10 @@ class GPT2Model(nn.Module):
         self.drop = nn.Dropout(c.embd_pdrop)
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                 cache=None, prefix_kv=None, deterministic=True):
+                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
         c = self.config
-        hidden, attention_mask, position_ids = decoder_inputs(
-            input_ids, attention_mask, inputs_embeds, position_ids, cache, self.wte, "GPT2Model"
+        hidden, attention_mask, position_ids, padded = decoder_inputs(
+            input_ids, attention_mask, inputs_embeds, position_ids, cache, self.wte, "GPT2Model", segment_ids
         )
         if prefix_kv is not None and len(prefix_kv) != c.num_layers:
             raise InputValidationError(
@@ -172,7 +176,7 @@ class GPT2Model(nn.Module):
             )
         hidden = (hidden + self.wpe(position_ids)).astype(c.dtype)
         hidden = self.drop(hidden, deterministic=deterministic)
-        mask, kv_valid = L.causal_mask(attention_mask, cache)
+        mask, kv_valid = L.causal_mask(attention_mask, cache, segment_ids=segment_ids, padded=padded)
         new_k, new_v = [], []
         for i, block in enumerate(self.h):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
@@ -204,10 +208,10 @@ class GPT2LMHeadModel(nn.Module):
             self.lm_head = L.dense(self.config.vocab_size, False, self.config, "lm_head")
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                 cache=None, prefix_kv=None, deterministic=True):
+                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
         hidden, new_cache = self.transformer(
             input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
-            cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
+            segment_ids=segment_ids, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
         )
         if self.config.tie_word_embeddings:
             logits = self.transformer.wte.attend(hidden)

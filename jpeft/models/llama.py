@@ -72,6 +72,11 @@ class LlamaConfig:
         layer, so compile time and compile memory stay flat with depth; with ``remat`` only each
         layer's input is kept for the backward pass. Needs the same attention window in every
         layer. See :mod:`jpeft.scan` for adapters on such models.
+      attention: the attention kernel: ``"auto"`` (cuDNN's fused kernel on GPU for 16-bit
+        dtypes, else ``"blockwise"``), ``"blockwise"`` (online softmax over key blocks, memory
+        linear in the sequence length), ``"reference"`` (dense scores) or ``"cudnn"``; see
+        :mod:`jpeft.models._attention`.
+      attention_block_size: key block of the blockwise kernel.
       bos_token_id, eos_token_id, pad_token_id: special tokens from the Hugging Face config.
     """
 
@@ -100,6 +105,8 @@ class LlamaConfig:
     remat: bool = False
     remat_policy: Optional[str] = None
     scan_layers: bool = False
+    attention: str = "auto"
+    attention_block_size: int = 512
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
@@ -189,7 +196,8 @@ class LlamaAttention(nn.Module):
         q = L.apply_rope(q, cos, sin)
         k = L.apply_rope(k, cos, sin)
         prefix_kv = L.check_prefix(prefix_kv, b, c.num_kv_heads, c.head_dim, "self_attn")
-        out, new = L.attend(q, k, v, mask, scale=c.head_dim ** -0.5, cache_layer=cache, prefix_kv=prefix_kv, dtype=c.dtype)
+        out, new = L.attend(q, k, v, mask, scale=c.head_dim ** -0.5, cache_layer=cache, prefix_kv=prefix_kv, dtype=c.dtype,
+                            implementation=c.attention, block_size=c.attention_block_size)
         out = L.dense(c.hidden_size, c.attention_out_bias, c, "o_proj")(out.reshape(b, s, c.num_heads * c.head_dim))
         return out if cache is None else (out, new)
 
@@ -229,19 +237,39 @@ def _prefix_for(prefix_kv, i):
     return prefix_kv[i]
 
 
-def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache, embeds, what):
+def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache, embeds, what, segment_ids=None):
     """Shared prologue of the decoders: embeddings, the mask and the positions.
 
     If the embedding module returns more positions than ``input_ids`` has (an input-site
     adapter prepending virtual tokens), the extra leading positions are treated as real
     tokens: the mask gets leading ones and default positions are recomputed.
+
+    With ``segment_ids`` (packed documents, ``[batch, seq]`` int, 0 or any id for padding
+    that ``attention_mask`` marks) default positions restart at 0 in every document.
+
+    Returns:
+      ``(hidden, attention_mask, position_ids, padded)``, ``padded`` being False when no
+      attention mask was given (every token is real, known at trace time).
     """
     b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, what, getattr(embeds, "num_embeddings", None))
     hidden = embeds(input_ids) if inputs_embeds is None else inputs_embeds
+    padded = attention_mask is not None
     if attention_mask is None:
         attention_mask = jnp.ones((b, s), bool)
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (b, s) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise InputValidationError(
+                f"{what}: segment_ids must be integers of shape {(b, s)} (one document id per token), "
+                f"found {segment_ids.dtype} {tuple(segment_ids.shape)}."
+            )
     n_extra = hidden.shape[1] - s
     if n_extra:
+        if segment_ids is not None:
+            raise InputValidationError(
+                f"{what}: the embeddings have {n_extra} more positions than input_ids (virtual tokens of prompt "
+                "tuning, prepended once per row), which cannot be shared by packed documents; pass no "
+                "segment_ids (in `jpeft train`, set packing = \"stream\" in [data])."
+            )
         attention_mask = jnp.concatenate([jnp.ones((b, n_extra), attention_mask.dtype), attention_mask], axis=1)
         if position_ids is not None:
             raise InputValidationError(
@@ -249,12 +277,15 @@ def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache
                 "so explicit position_ids cannot be used; leave position_ids=None."
             )
     if position_ids is None:
-        position_ids = L.default_positions(attention_mask, cache)
+        if segment_ids is not None:
+            position_ids = L.segment_slots(segment_ids.astype(jnp.int32))
+        else:
+            position_ids = L.default_positions(attention_mask, cache)
     elif tuple(position_ids.shape) != tuple(attention_mask.shape):
         raise InputValidationError(
             f"{what}: position_ids must have shape {tuple(attention_mask.shape)}, found {tuple(position_ids.shape)}."
         )
-    return hidden, attention_mask, position_ids
+    return hidden, attention_mask, position_ids, padded
 
 
 class LlamaModel(nn.Module):
@@ -277,10 +308,10 @@ class LlamaModel(nn.Module):
         self.norm = L.RMSNorm(c.hidden_size, c.rms_norm_eps, c.dtype, c.param_dtype)
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                 cache=None, prefix_kv=None, deterministic=True):
+                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
         c = self.config
-        hidden, attention_mask, position_ids = decoder_inputs(
-            input_ids, attention_mask, inputs_embeds, position_ids, cache, self.embed_tokens, "LlamaModel"
+        hidden, attention_mask, position_ids, padded = decoder_inputs(
+            input_ids, attention_mask, inputs_embeds, position_ids, cache, self.embed_tokens, "LlamaModel", segment_ids
         )
         if prefix_kv is not None and len(prefix_kv) != c.num_layers:
             raise InputValidationError(
@@ -290,7 +321,7 @@ class LlamaModel(nn.Module):
         inv = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_dict)
         rope = L.rope_cos_sin(position_ids, inv)
         if c.scan_layers:
-            mask, kv_valid = L.causal_mask(attention_mask, cache, c.window(0))
+            mask, kv_valid = L.causal_mask(attention_mask, cache, c.window(0), segment_ids=segment_ids, padded=padded)
             hidden, new_cache = L.run_scanned(self.layers, hidden, mask, rope, cache, kv_valid, prefix_kv, deterministic)
             return self.norm(hidden), new_cache
         masks = {}
@@ -299,7 +330,7 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             w = c.window(i)
             if w not in masks:
-                masks[w], kv_valid = L.causal_mask(attention_mask, cache, w)
+                masks[w], kv_valid = L.causal_mask(attention_mask, cache, w, segment_ids=segment_ids, padded=padded)
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
             out = layer(hidden, masks[w], rope, layer_cache, _prefix_for(prefix_kv, i), deterministic)
             if cache is None:
@@ -320,10 +351,13 @@ class LlamaForCausalLM(nn.Module):
     with their config flags).
 
     ``__call__(input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-    cache=None, prefix_kv=None, deterministic=True)`` returns logits ``[batch, seq, vocab]``
-    (compute dtype), or ``(logits, new_cache)`` when a :class:`~jpeft.models.KVCache` is given.
-    Default ``position_ids`` count real tokens only (``cumsum(attention_mask) - 1``), so a
-    left-padded row gives the logits of the unpadded row.
+    segment_ids=None, cache=None, prefix_kv=None, deterministic=True)`` returns logits
+    ``[batch, seq, vocab]`` (compute dtype), or ``(logits, new_cache)`` when a
+    :class:`~jpeft.models.KVCache` is given. Default ``position_ids`` count real tokens only
+    (``cumsum(attention_mask) - 1``), so a left-padded row gives the logits of the unpadded
+    row. ``segment_ids`` (packed rows, one document id per token) make attention
+    block-diagonal causal: no token sees another document, and default positions restart
+    at 0 in each document.
     """
 
     config: LlamaConfig
@@ -334,10 +368,10 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = L.dense(self.config.vocab_size, False, self.config, "lm_head")
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                 cache=None, prefix_kv=None, deterministic=True):
+                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
         hidden, new_cache = self.model(
             input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
-            cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
+            segment_ids=segment_ids, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
         )
         if self.config.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(hidden)

@@ -1,0 +1,258 @@
+"""How jpeft's lead over Hugging Face PEFT holds as the work grows: a scaling sweep.
+
+Axes (each point changes one thing from the base, the ``issue`` Llama of bench_vs_hf.py):
+
+* ``seq``: sequence length 128 .. 4096 at a fixed number of tokens per batch (``--tokens``,
+  default 4096: batch = tokens / seq);
+* ``depth``: 2 .. 32 layers at sequence 256;
+* ``rank``: LoRA rank 4 .. 256;
+* ``mode``: LoRA against full fine-tuning (every parameter trainable, Adam on all), in both
+  frameworks.
+
+Every point is measured in the style of bench_vs_hf.py: each framework in its own process
+(transformers + peft on the PyTorch CPU, jpeft), loaded from the same saved weights and the
+same peft adapter, compiled and warmed up one at a time; then the workers take turns, each turn
+``--per-turn`` back-to-back steps, so machine noise hits them alike; ``--rounds`` fresh rounds,
+the per-round ratio of median step times, and the median over rounds. Reported per point:
+step-time ratio jpeft / HF, model FLOPs utilisation of each (analytic step FLOPs / step time /
+the peak f32 matmul FLOP/s measured in the same worker), peak resident memory above each
+worker's baseline, and XLA's compiled temporary memory of jpeft's step (load-independent).
+
+Goals of issue 24: ratio <= 0.70 and jpeft MFU >= 0.45 at every point; peak memory growing
+linearly with the sequence and at most HF PEFT's.
+
+Examples::
+
+    # the whole sweep (hours on a 2-core machine; run it on an idle one)
+    python benchmarks/bench_scaling.py --json /tmp/scaling.json --markdown /tmp/scaling.md --plot /tmp/scaling.png
+
+    # one axis
+    python benchmarks/bench_scaling.py --axes seq --seq 256,1024,4096 --rounds 2
+
+    # toy sizes (the smoke test uses this)
+    python benchmarks/bench_scaling.py --base toy --axes seq,mode --seq 16,32 --tokens 64 --rounds 1 --steps 1 --warmup 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+from _workers import Worker, WorkerError, run_once  # noqa: E402
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def _ints(s):
+    return [int(x) for x in s.split(",") if x]
+
+
+def points(args):
+    """``[(axis, value, size_spec, r, modes)]`` of the sweep."""
+    out = []
+    base = C.SIZES[args.base]
+    seq0 = args.depth_seq or base.seq
+
+    def spec(**kw):
+        return args.base + ":" + ",".join(f"{k}={v}" for k, v in kw.items())
+
+    axes = args.axes.split(",")
+    if "seq" in axes:
+        for s in _ints(args.seq):
+            out.append(("seq", s, spec(seq=s, batch=max(1, args.tokens // s)), args.r, ("lora",)))
+    if "depth" in axes:
+        for n in _ints(args.depth):
+            out.append(("depth", n, spec(layers=n, seq=seq0, batch=max(1, args.tokens // seq0)), args.r, ("lora",)))
+    if "rank" in axes:
+        for r in _ints(args.rank):
+            out.append(("rank", r, spec(seq=seq0, batch=max(1, args.tokens // seq0)), r, ("lora",)))
+    if "mode" in axes:
+        out.append(("mode", "lora+full", spec(seq=seq0, batch=max(1, args.tokens // seq0)), args.r, ("lora", "full")))
+    return out
+
+
+def start(framework, mode, size_spec, r, args, workdir, tag):
+    script = "_hf_worker.py" if framework == "hf" else "_jpeft_worker.py"
+    argv = ["--dir", os.path.join(workdir, "model"), "--size", size_spec, "--r", str(r), "--warmup", str(args.warmup),
+            "--peak-flops", "--dtype", "f32"]
+    if mode == "full":
+        argv.append("--full")
+    if framework == "jpeft":
+        argv += ["--attention", args.attention]
+    env = {"XLA_FLAGS": args.xla_flags} if (framework == "jpeft" and args.xla_flags) else {}
+    w = Worker(script, argv, os.path.join(workdir, f"{framework}_{mode}.{tag}.log"), env)
+    try:
+        return w, w.read("ready")
+    except Exception:
+        w.kill()
+        raise
+
+
+def one_point(args, axis, value, size_spec, r, modes, workdir):
+    size = C.size(size_spec)
+    log(f"[{axis}={value}] {size_spec}, r={r}: setup")
+    run_once("_hf_worker.py", ["--setup", "--dir", os.path.join(workdir, "model"), "--size", size_spec, "--r", str(r)],
+             os.path.join(workdir, f"setup.{axis}{value}.log"))
+    names = [(f, m) for m in modes for f in ("hf", "jpeft")]
+    rounds = []
+    for rnd in range(args.rounds):
+        order = names[rnd % len(names):] + names[: rnd % len(names)]
+        workers, ready = {}, {}
+        try:
+            for n in order:
+                log(f"  round {rnd + 1}: starting {n[0]} {n[1]}")
+                workers[n], ready[n] = start(n[0], n[1], size_spec, r, args, workdir, f"{axis}{value}.r{rnd}")
+            steps = {n: [] for n in names}
+            for i in range(args.steps):
+                rot = order[i % len(order):] + order[: i % len(order)]
+                for n in rot:
+                    for _ in range(args.per_turn):
+                        steps[n].append(workers[n].ask("step", expect="step")["s"])
+            done = {n: workers[n].finish() for n in order}
+        finally:
+            for w in workers.values():
+                w.kill()
+        rounds.append({"steps": steps, "ready": ready, "done": done})
+    res = {"axis": axis, "value": value, "size": size_spec, "r": r, "tokens": size.tokens, "workers": {}}
+    for f, m in names:
+        flops = (C.full_step_flops(size) if m == "full" else C.lora_step_flops(size, r))["step"]
+        step_s = C.median([C.median(rd["steps"][(f, m)]) for rd in rounds])
+        peak = C.median([rd["ready"][(f, m)]["peak_matmul_flops"] for rd in rounds])
+        w = {"step_s": step_s, "mfu": flops / step_s / peak, "step_gflop": flops / 1e9,
+             "peak_rss_mib": C.median([rd["done"][(f, m)]["peak_rss_above_baseline"] for rd in rounds]) / 2**20}
+        if f == "jpeft":
+            w["xla_temp_mib"] = rounds[0]["ready"][(f, m)].get("xla_temp_bytes", -1) / 2**20
+        res["workers"][f"{f}_{m}"] = w
+    for m in modes:
+        per_round = [C.median(rd["steps"][("jpeft", m)]) / C.median(rd["steps"][("hf", m)]) for rd in rounds]
+        res[f"ratio_{m}"] = {"median": C.median(per_round), "min": float(min(per_round)),
+                             "max": float(max(per_round)), "per_round": per_round}
+    return res
+
+
+def goals(results):
+    """Which of the issue's goals the measured points meet (None where not measured)."""
+    lora = [p for p in results if "ratio_lora" in p]
+    if not lora:
+        return {}
+    seq = sorted((p["value"], p["workers"]["jpeft_lora"]["peak_rss_mib"], p["workers"]["hf_lora"]["peak_rss_mib"])
+                 for p in results if p["axis"] == "seq")
+    out = {
+        "ratio <= 0.70 at every point": all(p["ratio_lora"]["median"] <= 0.70 for p in lora),
+        "jpeft MFU >= 0.45 at every point": all(p["workers"]["jpeft_lora"]["mfu"] >= 0.45 for p in lora),
+    }
+    if len(seq) >= 2:
+        out["jpeft peak memory <= HF PEFT's at every sequence length"] = all(j <= h for _, j, h in seq)
+        # linear: memory per extra token does not grow along the axis (within 25%)
+        slopes = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(seq, seq[1:])]
+        out["jpeft peak memory linear in sequence length"] = all(s2 <= 1.25 * max(s1, 1e-9) for s1, s2 in
+                                                                  zip(slopes, slopes[1:]))
+    return out
+
+
+def markdown(report) -> str:
+    L = [f"Base size {report['base']}; {report['tokens']} tokens per batch; {report['rounds']} rounds x "
+         f"{report['steps']} turns x {report['per_turn']} steps per worker; jpeft attention={report['attention']}.",
+         "", "| axis | value | size | r | jpeft / HF step (median, spread) | jpeft MFU | HF MFU | jpeft peak MiB | "
+         "HF peak MiB | jpeft XLA temp MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in report["points"]:
+        for m in ("lora", "full"):
+            if f"ratio_{m}" not in p:
+                continue
+            j, h, q = p["workers"][f"jpeft_{m}"], p["workers"][f"hf_{m}"], p[f"ratio_{m}"]
+            L.append(f"| {p['axis']} ({m}) | {p['value']} | `{p['size']}` | {p['r']} | {q['median']:.3f} "
+                     f"({q['min']:.3f}-{q['max']:.3f}) | {j['mfu']:.2f} | {h['mfu']:.2f} | {j['peak_rss_mib']:.0f} | "
+                     f"{h['peak_rss_mib']:.0f} | {j.get('xla_temp_mib', -1):.1f} |")
+    L.append("")
+    for k, v in report["goals"].items():
+        L.append(f"* {k}: {'met' if v else 'NOT met'} (as measured)")
+    L.append("")
+    L.append(f"Environment: {json.dumps(report['env'])}")
+    return "\n".join(L)
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = [a for a in ("seq", "depth", "rank") if any(p["axis"] == a for p in report["points"])]
+    fig, ax = plt.subplots(1, max(1, len(axes)), figsize=(4.5 * max(1, len(axes)), 3.5), squeeze=False)
+    for k, a in enumerate(axes):
+        pts = sorted((p["value"], p["ratio_lora"]["median"], p["workers"]["jpeft_lora"]["mfu"])
+                     for p in report["points"] if p["axis"] == a)
+        x = [p[0] for p in pts]
+        ax[0, k].plot(x, [p[1] for p in pts], "o-", label="step time jpeft / HF PEFT")
+        ax[0, k].plot(x, [p[2] for p in pts], "s--", label="jpeft MFU")
+        ax[0, k].axhline(0.70, color="grey", lw=0.8)
+        ax[0, k].set_xscale("log", base=2)
+        ax[0, k].set_xlabel(a)
+        ax[0, k].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="issue", choices=sorted(C.SIZES), help="base size (default: issue)")
+    p.add_argument("--axes", default="seq,depth,rank,mode", help="comma list of seq, depth, rank, mode")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per batch (default 4096)")
+    p.add_argument("--seq", default="128,256,512,1024,2048,4096")
+    p.add_argument("--depth", default="2,4,8,16,32")
+    p.add_argument("--depth-seq", type=int, default=256, help="sequence length of the depth/rank/mode points")
+    p.add_argument("--rank", default="4,16,64,256")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank of the seq/depth/mode points (default 8)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="turns per worker per round (default 4)")
+    p.add_argument("--per-turn", type=int, default=3, help="back-to-back steps per turn (default 3)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--attention", default="auto", help="jpeft LlamaConfig.attention (default auto)")
+    p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""))
+    p.add_argument("--workdir")
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    p.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
+    args = p.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="jpeft_scaling_")
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        results = [one_point(args, *pt, workdir) for pt in points(args)]
+        report = {"base": args.base, "tokens": args.tokens, "rounds": args.rounds, "steps": args.steps,
+                  "per_turn": args.per_turn, "attention": args.attention, "points": results,
+                  "goals": goals(results),
+                  "env": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg(), "xla_flags": args.xla_flags,
+                          "wall_s": time.perf_counter() - t0}}
+        md = markdown(report)
+        print(md)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(md + "\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1, default=float)
+        if args.plot:
+            plot(report, args.plot)
+        return report
+    except WorkerError as e:
+        log(f"error: {e}")
+        raise SystemExit(2)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

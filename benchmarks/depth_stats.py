@@ -1,0 +1,104 @@
+"""Load-independent statistics of jpeft's compiled LoRA training step as the model gets deeper
+or the sequence longer: XLA's FLOP count, bytes accessed and temporary memory (from
+``compiled.cost_analysis()`` and ``compiled.memory_analysis()``), per point and per added
+layer, against the analytic matmul FLOPs of benchmarks/_common.py. No timing: the numbers
+do not depend on what else the machine is doing.
+
+Loops (``lax.scan`` over layers or attention blocks) are counted once by XLA's cost analysis,
+so FLOPs and bytes are only comparable between unrolled programs; temporary memory is exact.
+
+Examples::
+
+    python benchmarks/depth_stats.py --axis depth --values 2,4,8 --attention blockwise
+    python benchmarks/depth_stats.py --axis seq --values 256,1024,4096 --tokens 4096 --attention reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import jpeft  # noqa: E402
+import jpeft.models  # noqa: E402
+from jpeft.data import causal_lm_loss  # noqa: E402
+
+
+def stats(size: C.Size, attention: str, r: int, scan: bool, remat: bool) -> dict:
+    cfg = jpeft.models.LlamaConfig(
+        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate, num_layers=size.layers,
+        num_heads=size.heads, num_kv_heads=size.kv_heads or size.heads, max_position_embeddings=max(2048, size.seq),
+        attention=attention, scan_layers=scan, remat=remat)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    ids = jax.ShapeDtypeStruct((size.batch, size.seq), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)
+    lora = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=list(C.LORA_TARGETS))
+    adapter = jax.eval_shape(lambda p: jpeft.init(lora, p, jax.random.key(1), model, jnp.zeros((1, 8), jnp.int32)),
+                             params)
+    opt = optax.adam(1e-3)
+    opt_state = jax.eval_shape(opt.init, adapter)
+
+    def loss_fn(params, adapter, batch, key):
+        ids = batch
+        return causal_lm_loss(jpeft.apply(model, params, adapter, ids), ids, jnp.ones_like(ids))[0]
+
+    step = jpeft.make_train_step(loss_fn, opt)
+    compiled = step.lower(params, adapter, opt_state, ids, jax.random.key(0)).compile()
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    ma = compiled.memory_analysis()
+    return {"layers": size.layers, "seq": size.seq, "batch": size.batch,
+            "xla_gflop": float(ca.get("flops", float("nan"))) / 1e9,
+            "xla_gb_accessed": float(ca.get("bytes accessed", float("nan"))) / 1e9,
+            "analytic_gflop": C.lora_step_flops(size, r)["step"] / 1e9,
+            "temp_mib": ma.temp_size_in_bytes / 2**20, "argument_mib": ma.argument_size_in_bytes / 2**20}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="issue", choices=sorted(C.SIZES))
+    p.add_argument("--axis", default="depth", choices=["depth", "seq"])
+    p.add_argument("--values", default="2,4,8")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per batch of the seq axis (default 2048)")
+    p.add_argument("--attention", default="blockwise")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--scan", action="store_true")
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    base = C.SIZES[args.base]
+    rows = []
+    for v in (int(x) for x in args.values.split(",")):
+        size = (dataclasses.replace(base, layers=v) if args.axis == "depth"
+                else dataclasses.replace(base, seq=v, batch=max(1, args.tokens // v)))
+        rows.append(stats(size, args.attention, args.r, args.scan, args.remat))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| {args.axis} | XLA GFLOP | analytic GFLOP | XLA GB accessed | temp MiB |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layers'] if args.axis == 'depth' else r['seq']} | {r['xla_gflop']:.2f} | "
+              f"{r['analytic_gflop']:.2f} | {r['xla_gb_accessed']:.2f} | {r['temp_mib']:.1f} |")
+    if args.axis == "depth" and len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        n = b["layers"] - a["layers"]
+        print(f"\nper added layer: XLA {(b['xla_gflop'] - a['xla_gflop']) / n:.3f} GFLOP "
+              f"(analytic {(b['analytic_gflop'] - a['analytic_gflop']) / n:.3f}), "
+              f"{(b['xla_gb_accessed'] - a['xla_gb_accessed']) / n:.3f} GB accessed, "
+              f"{(b['temp_mib'] - a['temp_mib']) / n:.1f} MiB temporary")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

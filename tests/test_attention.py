@@ -1,0 +1,295 @@
+"""The blockwise (online-softmax, linear-memory) attention equals the reference (dense scores,
+``jax.nn.dot_product_attention``) in float32, forward and gradient, over a grid of shapes:
+lengths not divisible by the block, grouped-query heads, sliding windows, prefixes, padding,
+packed segments and a KV cache; every model family gives the same logits and adapter gradients
+with either kernel. Prefix tuning on sliding-window models (Mistral, Qwen2) follows
+transformers + peft: the prefix leaves the window like any other key."""
+
+import copy
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+import jpeft.data
+import jpeft.models
+from jpeft.hf import load_peft
+from jpeft.methods.prefix import PrefixTuningConfig
+from jpeft.models import _attention as A
+from jpeft.models import _layers as L
+
+torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
+peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _rand(key, shape):
+    return jax.random.normal(key, shape, jnp.float32)
+
+
+def _both(q, k, v, mask, prefix=None, cache=None, block=4):
+    """Outputs and (q, k, v, prefix) gradients of the blockwise and reference kernels."""
+    ct = _rand(jax.random.key(9), q.shape)
+
+    def run(impl):
+        def f(q, k, v, prefix):
+            cl = None if cache is None else cache
+            out, _ = L.attend(q, k, v, mask, scale=0.37, cache_layer=cl, prefix_kv=prefix,
+                              implementation=impl, block_size=block)
+            return out
+
+        out, vjp = jax.vjp(f, q, k, v, prefix)
+        return out, vjp(ct)
+
+    return run("blockwise"), run("reference")
+
+
+def _assert_same(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL), a, b)
+
+
+# (q_len, heads, kv_heads, window, n_prefix, block, padding kind, segments)
+GRID = [
+    (10, 6, 2, 3, 0, 4, "left", False),        # GQA, sliding window, left padding (fully masked rows), 10 % 4 != 0
+    (8, 4, 1, 3, 3, 3, "left", False),         # window + prefix (the prefix leaves the window)
+    (11, 4, 2, None, 2, 5, "right", True),     # packed segments + prefix + right padding
+    (5, 2, 2, None, 0, 16, "none", False),     # no padding, one block longer than the sequence
+]
+
+
+@pytest.mark.parametrize("s,h,kvh,window,n_pre,block,padding,segments", GRID)
+def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padding, segments):
+    b, d = 2, 8
+    ks = jax.random.split(jax.random.key(s * 10 + h), 6)
+    q, k, v = _rand(ks[0], (b, s, h, d)), _rand(ks[1], (b, s, kvh, d)), _rand(ks[2], (b, s, kvh, d))
+    am = np.ones((b, s), bool)
+    if padding == "left":
+        am[1, :3] = False
+    elif padding == "right":
+        am[1, -2:] = False
+    seg = None
+    if segments:
+        seg = np.array([[1] * 4 + [2] * 3 + [3] * (s - 7), [1] * 5 + [2] * (s - 7) + [0] * 2], np.int32)
+        seg = jnp.asarray(seg)
+    prefix = None
+    if n_pre:
+        prefix = (_rand(ks[3], (b, n_pre, kvh, d)), _rand(ks[4], (1, n_pre, kvh, d)))
+    mask, _ = L.causal_mask(jnp.asarray(am), None, window, segment_ids=seg)
+    (o1, g1), (o2, g2) = _both(q, k, v, mask, prefix, block=block)
+    _assert_same(o1, o2)
+    _assert_same(g1, g2)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g1))  # gradients reach every input
+
+
+def test_blockwise_equals_reference_bidirectional():
+    b, s, h, d = 2, 9, 4, 8
+    ks = jax.random.split(jax.random.key(1), 5)
+    q, k, v = (_rand(kk, (b, s, h, d)) for kk in ks[:3])
+    am = jnp.asarray(np.array([[1] * 9, [1] * 6 + [0] * 3], bool))
+    prefix = (_rand(ks[3], (b, 2, h, d)), _rand(ks[4], (b, 2, h, d)))
+    (o1, g1), (o2, g2) = _both(q, k, v, L.bidirectional_mask(am), prefix, block=4)
+    _assert_same(o1, o2)
+    _assert_same(g1, g2)
+
+
+def test_blockwise_equals_reference_with_cache():
+    """A decoding step (one query over 10 cache slots, left padding, window, prefix)."""
+    b, h, kvh, d, n = 2, 4, 2, 8, 10
+    ks = jax.random.split(jax.random.key(2), 7)
+    cmask = jnp.asarray(np.array([[1] * 7 + [0] * 3, [0, 0] + [1] * 5 + [0] * 3], bool))
+    cache = L.KVCache((_rand(ks[0], (b, n, kvh, d)),), (_rand(ks[1], (b, n, kvh, d)),), cmask, jnp.asarray(7))
+    q, k, v = _rand(ks[2], (b, 1, h, d)), _rand(ks[3], (b, 1, kvh, d)), _rand(ks[4], (b, 1, kvh, d))
+    prefix = (_rand(ks[5], (b, 3, kvh, d)), _rand(ks[6], (b, 3, kvh, d)))
+    mask, _ = L.causal_mask(jnp.ones((b, 1), bool), cache, 4)
+    layer = (cache.keys[0], cache.values[0], cache.index)
+    (o1, g1), (o2, g2) = _both(q, k, v, mask, prefix, cache=layer, block=3)
+    _assert_same(o1, o2)
+    _assert_same(g1, g2)
+
+
+def test_segments_block_diagonal_and_positions():
+    seg = jnp.array([[1, 1, 1, 2, 2, 0]])
+    np.testing.assert_array_equal(np.asarray(A.segment_slots(seg)), [[0, 1, 2, 0, 1, 0]])
+    mask, _ = L.causal_mask(seg > 0, None, segment_ids=seg)
+    m = np.asarray(mask.dense())[0, 0]
+    want = np.zeros((6, 6), bool)
+    want[:3, :3] = np.tril(np.ones((3, 3), bool))
+    want[3:5, 3:5] = np.tril(np.ones((2, 2), bool))
+    np.testing.assert_array_equal(m, want)
+
+
+def test_auto_and_bad_names():
+    assert A.resolve("auto", jnp.float32, 64, 1024, 512) == "blockwise"
+    assert A.resolve("auto", jnp.float32, 64, 512, 512) == "reference"  # one block: the same scores
+    if jax.default_backend() == "cpu":
+        assert A.resolve("auto", jnp.bfloat16, 64, 4096, 512) == "blockwise"
+        with pytest.raises(jpeft.ConfigError, match="GPU"):
+            A.resolve("cudnn", jnp.bfloat16, 64)
+    with pytest.raises(jpeft.ConfigError, match="not known"):
+        jpeft.models.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                                 attention="flash")
+    with pytest.raises(jpeft.ConfigError, match="attention_block_size"):
+        jpeft.models.GPT2Config(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, attention_block_size=0)
+
+
+# -- every model family, logits and adapter gradients ---------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _family(name, impl):
+    kw = dict(attention=impl, attention_block_size=3)
+    if name == "llama":
+        cfg = jpeft.models.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                                       num_kv_heads=2, sliding_window=4, layer_types=("sliding_attention", "full_attention"),
+                                       **kw)
+        model = jpeft.models.LlamaForCausalLM(cfg)
+    elif name == "llama_scan":
+        cfg = jpeft.models.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                                       num_kv_heads=1, scan_layers=True, remat=True, **kw)
+        model = jpeft.models.LlamaForCausalLM(cfg)
+    elif name == "gpt2":
+        cfg = jpeft.models.GPT2Config(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+                                      max_position_embeddings=32, **kw)
+        model = jpeft.models.GPT2LMHeadModel(cfg)
+    else:
+        cfg = jpeft.models.BertConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
+                                      max_position_embeddings=32, num_labels=3, **kw)
+        model = jpeft.models.BertForSequenceClassification(cfg)
+    return model
+
+
+@pytest.mark.parametrize("name,method", [("llama", "lora"), ("llama_scan", "lora"), ("gpt2", "prefix"),
+                                         ("bert", "prefix")])
+def test_families_same_logits_and_grads(name, method):
+    ids = jax.random.randint(jax.random.key(3), (2, 10), 1, 50)
+    am = jnp.asarray(np.array([[1] * 10, [0] * 3 + [1] * 7] if name != "bert" else [[1] * 10, [1] * 7 + [0] * 3]))
+    ref, blk = _family(name, "reference"), _family(name, "blockwise")
+    params = ref.init(jax.random.key(0), ids)
+    if method == "lora":
+        cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=".*(q_proj|v_proj|c_attn|query|value)")
+    else:
+        cfg = PrefixTuningConfig(num_virtual_tokens=3)
+    ad = jpeft.init(cfg, params, jax.random.key(1), ref, ids)
+    leaves, tdef = jax.tree.flatten(ad)  # every adapter tensor random (no zero LoRA B)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    ad = jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(kk, x.shape) for x, kk in zip(leaves, keys)])
+
+    def loss(model, ad):
+        out = jpeft.apply(model, params, ad, ids, am)
+        w = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        if out.ndim == 3:
+            w = w * am[:, :, None]
+        return jnp.sum(out * w), out
+
+    (l1, o1), g1 = jax.value_and_grad(functools.partial(loss, blk), has_aux=True)(ad)
+    (l2, o2), g2 = jax.value_and_grad(functools.partial(loss, ref), has_aux=True)(ad)
+    _assert_same(o1, o2)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5), g1, g2)
+
+
+def test_generation_same_tokens():
+    name = "llama"
+    ids = jax.random.randint(jax.random.key(4), (2, 6), 1, 50)
+    am = jnp.array([[1] * 6, [0, 0] + [1] * 4])
+    ref, blk = _family(name, "reference"), _family(name, "blockwise")
+    params = ref.init(jax.random.key(0), ids)
+    a = np.asarray(jpeft.generate(blk, params, None, ids, 8, attention_mask=am))
+    b = np.asarray(jpeft.generate(ref, params, None, ids, 8, attention_mask=am))
+    np.testing.assert_array_equal(a, b)
+
+
+# -- prefix tuning on sliding-window models, against transformers + peft ---------------------------
+
+
+def _peft_prefix(family, tmp_path):
+    """A peft prefix-tuning model with random prefix values, and the same adapter in jpeft."""
+    hf, folder = tiny.hf_model(family)
+    torch.manual_seed(3)
+    pcfg = peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    pm = peft.get_peft_model(copy.deepcopy(hf), pcfg).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "prompt_encoder" in n:
+                p.copy_(0.5 * torch.randn(p.shape))
+    pm.save_pretrained(str(tmp_path))
+    model, params = jpeft.models.from_pretrained(folder)
+    _, ad = load_peft(str(tmp_path), params)
+    return pm, model, params, ad
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_prefix_leaves_the_sliding_window_like_transformers(family, tmp_path):
+    pm, model, params, ad = _peft_prefix(family, tmp_path)
+    window = model.config.sliding_window
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, tiny.VOCAB, size=(2, 12))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = 0
+    assert 4 + ids.shape[1] > window + 4  # prefix + sequence well past the window
+    with torch.no_grad():
+        t = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+               position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
+    j = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)))
+    m = mask.astype(bool)
+    np.testing.assert_allclose(j[m], t[m], rtol=1e-4, atol=1e-4)
+
+    out = np.asarray(jpeft.generate(model, params, ad, jnp.asarray(ids), 8, attention_mask=jnp.asarray(mask)))
+    if family == "mistral":
+        with torch.no_grad():
+            ref = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8,
+                              do_sample=False).numpy()
+    else:
+        # transformers' cached generate with peft's prefix cache on a model mixing full and
+        # sliding layers (this Qwen2) disagrees with its own uncached forward; compare with
+        # greedy decoding by full recomputation through transformers instead.
+        seq, am = torch.tensor(ids), torch.tensor(mask)
+        for _ in range(8):
+            pos = torch.clamp(am.cumsum(1) - 1, min=0)
+            with torch.no_grad():
+                nxt = pm(input_ids=seq, attention_mask=am, position_ids=pos).logits[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+            am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+        ref = seq.numpy()
+    np.testing.assert_array_equal(out, ref)
+
+
+# -- memory of the compiled training step -----------------------------------------------------------
+
+
+def _step_temp_bytes(impl, seq_len):
+    """XLA's temporary-buffer size of the compiled LoRA gradient step of a tiny Llama (batch 1)."""
+    cfg = jpeft.models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                                   num_kv_heads=2, attention=impl, attention_block_size=64,
+                                   max_position_embeddings=4096)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)
+    lora = jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    ad = jax.eval_shape(lambda p: jpeft.init(lora, p, jax.random.key(1)), params)
+
+    def loss(ad, params, ids):
+        return jpeft.data.causal_lm_loss(jpeft.apply(model, params, ad, ids), ids, jnp.ones_like(ids))[0]
+
+    compiled = jax.jit(jax.grad(loss)).lower(ad, params, ids).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_compiled_step_memory_grows_linearly_with_sequence_length():
+    """From the compiled program's statistics, not timing: doubling the sequence doubles the
+    blockwise step's temporary memory (linear), while the reference step's grows ~4x
+    (the score matrix), which shows the measurement sees the attention."""
+    lens = (256, 512, 1024)
+    blk = [_step_temp_bytes("blockwise", n) for n in lens]
+    assert all(1.8 < b / a < 2.2 for a, b in zip(blk, blk[1:])), blk
+    ref = [_step_temp_bytes("reference", n) for n in lens[1:]]
+    assert ref[1] / ref[0] > 3.5, ref
+    assert blk[-1] < ref[-1] / 4

@@ -1,0 +1,140 @@
+"""Packed sequences with document boundaries: ``jpeft.data`` packs whole documents with segment
+ids and per-document positions, and jpeft's models then attend block-diagonally, so a packed
+row's per-document losses and adapter gradients equal each document run alone (with either
+attention kernel), and no token depends on another document."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+import jpeft.models
+from jpeft.data import PackedDataset, causal_lm_loss, model_inputs, pack_documents, tokenize_documents
+from jpeft.methods.prefix import PrefixTuningConfig
+
+
+def _docs():
+    rng = np.random.default_rng(0)
+    lens = [5, 3, 4, 7]
+    return [(rng.integers(3, 60, n).astype(np.int32), rng.random(n) > 0.2) for n in lens]
+
+
+def test_pack_documents_layout():
+    docs = _docs()
+    ids, mask, seg, pos = pack_documents(docs, 9)
+    # rows: [5 + 3], [4], [7] (4 + 7 > 9 would split a document across rows)
+    assert ids.shape == (3, 9)
+    np.testing.assert_array_equal(seg, [[1] * 5 + [2] * 3 + [0], [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
+    np.testing.assert_array_equal(pos[0], [0, 1, 2, 3, 4, 0, 1, 2, 0])
+    np.testing.assert_array_equal(ids[0, 5:8], docs[1][0])
+    assert not mask[0, 0] and not mask[0, 5] and not mask[0, 8]  # first tokens and padding carry no loss
+    np.testing.assert_array_equal(mask[0, 6:8], docs[1][1][1:])
+    # a document longer than a row is cut into row-sized documents
+    ids2, _, seg2, _ = pack_documents([(np.arange(10, 21, dtype=np.int32), np.ones(11, bool))], 4)
+    np.testing.assert_array_equal(ids2.ravel()[:11], np.arange(10, 21))
+    np.testing.assert_array_equal(seg2, [[1] * 4, [1] * 4, [1] * 3 + [0]])
+
+
+def test_dataset_packings_and_batches():
+    ex = [{"text": "abcd"}, {"prompt": "xy", "completion": "zw"}]
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    docs = PackedDataset.from_examples(ex, enc, 8, eos_id=2, bos_id=1)
+    assert [len(d[0]) for d in tokenize_documents(ex, enc, eos_id=2, bos_id=1)] == [6, 6]
+    assert len(docs) == 2 and docs.segment_ids is not None
+    b = docs.batch(0, 2)
+    assert set(b) == {"input_ids", "loss_mask", "segment_ids", "position_ids"}
+    kw = model_inputs(b)
+    np.testing.assert_array_equal(kw["attention_mask"], b["segment_ids"] > 0)
+    (eb,) = list(docs.eval_batches(3))
+    assert eb["segment_ids"].shape == (3, 8) and not eb["loss_mask"][2].any()
+    stream = PackedDataset.from_examples(ex, enc, 8, eos_id=2, bos_id=1, packing="stream")
+    assert stream.segment_ids is None and model_inputs(stream.batch(0, 1)) == {}
+    np.testing.assert_array_equal(stream.input_ids[0], [1] + enc("abcd") + [2, 1, ord("x")])
+    with pytest.raises(jpeft.InputValidationError, match="packing"):
+        PackedDataset.from_examples(ex, enc, 8, packing="greedy")
+
+
+@functools.lru_cache(maxsize=None)
+def _llama(impl):
+    cfg = jpeft.models.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, sliding_window=4, attention=impl, attention_block_size=4)
+    return jpeft.models.LlamaForCausalLM(cfg)
+
+
+def _random_adapter(config, params, model, ids):
+    ad = jpeft.init(config, params, jax.random.key(1), model, ids)
+    leaves, tdef = jax.tree.flatten(ad)  # every tensor random (no zero LoRA B)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    return jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _sum_loss(model, params, ad, ids, mask, **kw):
+    loss, n = causal_lm_loss(jpeft.apply(model, params, ad, ids, **kw), ids, mask)
+    return loss * n
+
+
+@pytest.mark.parametrize("impl,method", [("blockwise", "lora"), ("reference", "prefix")])
+def test_packed_losses_and_grads_equal_documents_alone(impl, method):
+    model = _llama(impl)
+    docs = _docs()[:3]
+    ids, mask, seg, pos = pack_documents(docs, 13)  # one row: 5 + 3 + 4 tokens and one pad
+    assert ids.shape == (1, 13)
+    params = model.init(jax.random.key(0), jnp.asarray(ids))
+    cfg = (jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]) if method == "lora"
+           else PrefixTuningConfig(num_virtual_tokens=2))
+    ad = _random_adapter(cfg, params, model, jnp.asarray(ids))
+    batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": seg, "position_ids": pos}
+    kw = {k: jnp.asarray(v) for k, v in model_inputs(batch).items()}
+    ids_j = jnp.asarray(ids)
+    # without explicit position_ids the positions restart per document too (prefix tuning shifts them)
+    no_pos = {k: v for k, v in kw.items() if k != "position_ids"}
+    np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, ad, ids_j, **no_pos)),
+                               np.asarray(jpeft.apply(model, params, ad, ids_j, **kw)), rtol=1e-6, atol=1e-6)
+
+    def packed_doc_loss(ad, d):  # the packed row's loss on document d's targets only
+        return _sum_loss(model, params, ad, ids_j, jnp.asarray(mask & (seg == d + 1)), **kw)
+
+    for d, (dids, dmask) in enumerate(docs):
+        alone_mask = dmask.copy()
+        alone_mask[0] = False
+        la, ga = jax.value_and_grad(
+            lambda a: _sum_loss(model, params, a, jnp.asarray(dids[None]), jnp.asarray(alone_mask[None])))(ad)
+        lp, gp = jax.value_and_grad(packed_doc_loss)(ad, d)
+        np.testing.assert_allclose(float(lp), float(la), rtol=1e-5, atol=1e-5)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6),
+                     gp, ga)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_no_token_depends_on_another_document(family):
+    """The Jacobian of each document's logits with respect to another document's input
+    embeddings is exactly zero (so the attention weights across documents are zero)."""
+    if family == "llama":
+        model = _llama("blockwise")
+    else:
+        model = jpeft.models.GPT2LMHeadModel(jpeft.models.GPT2Config(
+            vocab_size=60, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=16, attention_block_size=3))
+    ids, _, seg, pos = pack_documents(_docs()[:3], 13)
+    params = model.init(jax.random.key(0), jnp.asarray(ids))
+    emb = jax.random.normal(jax.random.key(5), ids.shape + (model.config.hidden_size,))
+    kw = {"attention_mask": jnp.asarray(seg > 0), "segment_ids": jnp.asarray(seg), "position_ids": jnp.asarray(pos)}
+    jac = jax.jacobian(lambda e: model.apply(params, inputs_embeds=e, **kw).sum(-1))(emb)  # [1, q, 1, k, hidden]
+    dep = np.abs(np.asarray(jac)[0, :, 0]).sum(-1) > 0  # [q, k]: output q depends on input k
+    s = seg[0]
+    real = s > 0
+    same = s[:, None] == s[None, :]
+    causal = np.tril(np.ones_like(same))
+    assert not dep[np.ix_(real, real)][~same[np.ix_(real, real)]].any()
+    assert dep[np.ix_(real, real)][(same & causal)[np.ix_(real, real)]].all()
+
+
+def test_prompt_tuning_refuses_segments():
+    model = _llama("blockwise")
+    ids, _, seg, pos = pack_documents(_docs()[:2], 9)
+    params = model.init(jax.random.key(0), jnp.asarray(ids))
+    ad = jpeft.init(jpeft.PromptTuningConfig(num_virtual_tokens=2), params, jax.random.key(1))
+    with pytest.raises(jpeft.InputValidationError, match="stream"):
+        jpeft.apply(model, params, ad, jnp.asarray(ids), segment_ids=jnp.asarray(seg))
