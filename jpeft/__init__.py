@@ -36,6 +36,7 @@ from jpeft.bank import AdapterBank
 from jpeft.merging import merge_adapters, merge_into_base
 from jpeft import forgetting
 from jpeft.forgetting import FullFinetuneConfig
+from jpeft.forgetting.guard import ForgettingGuard, lr_scale
 
 __version__ = "0.1.0"
 
@@ -104,5 +105,7 @@ __all__ = [
     "remat_policy",
     "forgetting",
     "FullFinetuneConfig",
+    "ForgettingGuard",
+    "lr_scale",
     "__version__",
 ] + list(_errors_all)

@@ -123,7 +123,9 @@ class FitResult:
     ``history`` holds one dict per step with ``step``, ``loss``, ``skipped`` and the other
     scalar metrics, as Python floats. ``step_seconds`` is each step's wall time (host to
     host, the first one includes compilation); ``eval`` the last ``eval_fn`` result;
-    ``interrupted`` whether Ctrl-C stopped the run."""
+    ``interrupted`` whether Ctrl-C stopped the run; ``forgetting`` the forgetting guard's
+    report (``None`` without a guard): on a stop, ``adapter`` and ``opt_state`` are those of
+    step ``forgetting["kept_step"]`` while ``step`` is the step that crossed the budget."""
 
     adapter: Any
     opt_state: Any
@@ -135,6 +137,7 @@ class FitResult:
     interrupted: bool = False
     eval: Optional[dict] = None
     step_seconds: list = dataclasses.field(default_factory=list)
+    forgetting: Optional[dict] = None
 
 
 class _Interrupt:
@@ -228,6 +231,11 @@ class MetricLog:
         self.close()
 
 
+def _stderr(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr)
+
+
 def _tokens(batch, token_key: str) -> int:
     x = batch.get(token_key) if isinstance(batch, Mapping) else batch
     if x is None:
@@ -262,6 +270,7 @@ def fit(
     log_every: int = 1,
     schedule: Optional[Callable] = None,
     handle_interrupt: bool = False,
+    forgetting=None,
 ) -> FitResult:
     """Runs ``step_fn`` over ``batches`` with the guard, validation, evaluation, logging and
     checkpoints.
@@ -298,6 +307,14 @@ def fit(
       schedule: the optimizer's learning-rate schedule, for the ``lr`` record.
       handle_interrupt: catch Ctrl-C (SIGINT): finish the running step, save it
         (``save_last``) and return with ``interrupted=True``; a second Ctrl-C aborts.
+      forgetting: a :class:`jpeft.ForgettingGuard`: canary loss rise and KL from the base
+        measured at the start and every ``forgetting.every`` steps (and at ``total_steps``),
+        logged (``canary_loss``, ``canary_loss_rise``, ``canary_kl``) and shown in the
+        progress bar. Over budget, ``"stop"`` ends the run and returns the state of the last
+        within-budget check (no ``save_last`` checkpoint of the over-budget state);
+        ``"rollback"`` continues from that state with a lower learning rate. The guard's
+        report is ``FitResult.forgetting``. Within budget the run is bit-identical to one
+        without the guard.
 
     Returns:
       A :class:`FitResult`.
@@ -334,6 +351,11 @@ def fit(
     tokens, timed = 0, 0.0
     t_start = time.perf_counter()
     interrupted = False
+    canary = None  # the last canary metrics, for the progress bar
+    if forgetting is not None:
+        canary = forgetting.start(params, adapter, opt_state, step)
+        if log is not None:
+            log({"step": step, **canary})
 
     def evaluate(step):
         nonlocal last_eval
@@ -383,20 +405,33 @@ def fit(
                     log(rec)
                 if eval_fn is not None and not skipped and ((eval_every and step % eval_every == 0) or step == total_steps):
                     evaluate(step)
-                if checkpoint is not None and not skipped:
+                decision = "ok"
+                if forgetting is not None and not skipped and forgetting.due(step, total_steps):
+                    canary, decision, kept = forgetting.check(params, adapter, opt_state, step)
+                    if log is not None:
+                        log({"step": step, **canary, **({} if decision == "ok" else {"canary_action": decision})})
+                    if decision != "ok":
+                        adapter, opt_state = kept
+                        (bar.write if bar is not None else _stderr)(f"jpeft: forgetting guard: {forgetting.message}")
+                if checkpoint is not None and not skipped and decision != "stop":
                     checkpoint.save(step, adapter, opt_state, key, data_position=pos,
                                     metrics={"loss": host["loss"]} if "loss" in host else None)
                 if bar is not None:
                     bar.update(1)
                     tps = f"{tokens / timed:,.0f}" if timed > 0 else "-"
+                    extra = {} if canary is None else {"canary_rise": f"{canary['canary_loss_rise']:.4f}",
+                                                       "canary_kl": f"{canary['canary_kl']:.4f}"}
                     bar.set_postfix(loss=f"{host.get('loss', float('nan')):.4f}", tok_s=tps,
-                                    skipped=guard.total_skipped, refresh=False)
+                                    skipped=guard.total_skipped, refresh=False, **extra)
+                if decision == "stop":
+                    break
             if not interrupted and intr.hit:  # Ctrl-C during the last step
                 interrupted = True
         if ran == 0 and not interrupted:
             raise InputValidationError("batches yielded no batch: expected at least one. Check the data source and its filters.")
         guard.check_finished(step)
-        if checkpoint is not None and save_last and ran and step not in checkpoint.all_steps():
+        stopped = forgetting is not None and forgetting.report["stopped"]
+        if checkpoint is not None and save_last and ran and not stopped and step not in checkpoint.all_steps():
             checkpoint.save(step, adapter, opt_state, key, data_position=pos,
                             metrics={"loss": history[-1]["loss"]} if "loss" in history[-1] else None, force=True)
     except NonFiniteError:
@@ -408,4 +443,5 @@ def fit(
             bar.close()
     if checkpoint is not None:
         checkpoint.wait()
-    return FitResult(adapter, opt_state, key, step, pos, history, guard.total_skipped, interrupted, last_eval, seconds)
+    return FitResult(adapter, opt_state, key, step, pos, history, guard.total_skipped, interrupted, last_eval, seconds,
+                     None if forgetting is None else forgetting.report)

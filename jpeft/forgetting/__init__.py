@@ -19,6 +19,7 @@ Command line: ``python -m jpeft.forgetting --help`` (also ``jpeft forgetting``).
 
 from jpeft.forgetting import metrics, regularizers, replay
 from jpeft.forgetting.full import FullFinetuneConfig, FullParams
+from jpeft.forgetting.guard import ForgettingGuard, canary_stats, lr_scale, scale_lr
 from jpeft.forgetting.metrics import (
     average_accuracy,
     backward_transfer,
@@ -65,6 +66,10 @@ __all__ = [
     "MethodSpec",
     "FullFinetuneConfig",
     "FullParams",
+    "ForgettingGuard",
+    "canary_stats",
+    "lr_scale",
+    "scale_lr",
     "average_accuracy",
     "backward_transfer",
     "forward_transfer",

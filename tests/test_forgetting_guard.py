@@ -1,0 +1,154 @@
+"""The forgetting guard in :func:`jpeft.fit`: a run pushed away from its canary data stops
+(or rolls back) at the first check over budget and keeps the last within-budget state; a
+run within budget is bit-identical to one without the guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft.errors import ConfigError
+from jpeft.forgetting.guard import canary_stats, current_lr_scale, scale_lr
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+import ckpt_common as C  # noqa: E402
+
+EVERY = 2
+N = 12
+
+
+def _logits_fn():
+    m = C.model()
+    return lambda p, a, b: jpeft.apply(m, p, a, b["input_ids"])
+
+
+def _canary():
+    rng = np.random.default_rng(7)
+    return [{"input_ids": rng.integers(0, C.VOCAB, (C.BATCH, C.SEQ)).astype(np.int32)} for _ in range(2)]
+
+
+def _skewed(start, stop):
+    """Training batches unlike the canary: every label is token 3, so the canary loss rises."""
+    for i in range(start, stop):
+        b = C.batch(i)
+        yield {"input_ids": b["input_ids"], "labels": np.full_like(b["labels"], 3)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params, cfg, adapter, _, _, key = C.setup()
+    opt = optax.chain(optax.adam(3e-2), jpeft.lr_scale())
+    step = jpeft.make_train_step(C.loss_fn(), opt, donate=False)
+    return params, adapter, opt, step, key
+
+
+def _equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _rises(setup):
+    """The canary loss rise after each check step of the unguarded run, and its states."""
+    params, adapter, opt, step, key = setup
+    a, o = adapter, opt.init(adapter)
+    out = {}
+    for s in range(0, N, EVERY):
+        r = jpeft.fit(step, params, a, o, _skewed(s, s + EVERY), key=key, start_step=s, data_position=s)
+        a, o = r.adapter, r.opt_state
+        st = canary_stats(_logits_fn(), params, a, _canary())
+        out[s + EVERY] = (st["loss_rise"], st["kl_mean"], a, o)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rises(setup):
+    return _rises(setup)
+
+
+def _budget(rises):
+    """A loss-rise budget crossed for the first time at a check in the middle of the run."""
+    steps = sorted(rises)
+    vals = [rises[s][0] for s in steps]
+    assert vals[3] > max(vals[:3]) + 0.1 and vals[-1] > vals[3], vals  # the skewed data pushes the canary loss up
+    return (max(vals[:3]) + vals[3]) / 2, steps[3], steps[2]  # budget, first step over it, last within it
+
+
+def test_stop_at_the_first_check_over_budget_keeps_the_last_state_within_it(setup, rises, tmp_path):
+    params, adapter, opt, step, key = setup
+    budget, bad, good = _budget(rises)
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=budget, every=EVERY, action="stop")
+    with jpeft.MetricLog(str(tmp_path / "m.jsonl")) as log:
+        res = jpeft.fit(step, params, adapter, opt.init(adapter), _skewed(0, N), key=key, num_steps=N, log=log,
+                        forgetting=guard, log_every=100, progress=True)
+    assert res.step == bad and len(res.history) == bad  # stopped right at the crossing check
+    rep = res.forgetting
+    assert rep["stopped"] and rep["kept_step"] == good and rep["rollbacks"] == 0
+    assert [e["action"] for e in rep["events"]] == ["stop"] and rep["events"][0]["step"] == bad
+    assert _equal(res.adapter, rises[good][2]) and _equal(res.opt_state, rises[good][3])
+    kept = canary_stats(_logits_fn(), params, res.adapter, _canary())
+    assert kept["loss_rise"] <= budget == guard.max_loss_rise
+    assert kept["loss_rise"] == pytest.approx(rises[good][0], abs=1e-6)
+    recs = [json.loads(x) for x in open(tmp_path / "m.jsonl")]
+    canary = [r for r in recs if "canary_loss_rise" in r]
+    assert [r["step"] for r in canary] == [0, 2, 4, 6, 8][: bad // EVERY + 1]
+    assert canary[0]["canary_loss_rise"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the base (B = 0)
+    assert canary[-1]["canary_action"] == "stop"
+    assert canary[-1]["canary_loss_rise"] == pytest.approx(rises[bad][0], abs=1e-6)
+
+
+def test_a_run_within_budget_is_bit_identical_with_and_without_the_guard(setup):
+    params, adapter, opt, step, key = setup
+    plain = jpeft.fit(step, params, adapter, opt.init(adapter), _skewed(0, 6), key=key, num_steps=6)
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=1e3, max_kl=1e3, every=EVERY,
+                                  action="rollback")
+    guarded = jpeft.fit(step, params, adapter, opt.init(adapter), _skewed(0, 6), key=key, num_steps=6,
+                        forgetting=guard)
+    assert _equal(plain.adapter, guarded.adapter) and _equal(plain.opt_state, guarded.opt_state)
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in guarded.history]
+    rep = guarded.forgetting
+    assert not rep["stopped"] and rep["events"] == [] and rep["kept_step"] == 6
+    assert [c["step"] for c in rep["checks"]] == [0, 2, 4, 6]
+    assert plain.forgetting is None
+
+
+def test_rollback_restores_the_kept_state_lowers_the_lr_and_continues_exactly(setup, rises):
+    params, adapter, opt, step, key = setup
+    budget, bad, good = _budget(rises)
+    kw = dict(max_loss_rise=budget, every=EVERY, lr_factor=0.25)
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), action="rollback", max_rollbacks=1, **kw)
+    res = jpeft.fit(step, params, adapter, opt.init(adapter), _skewed(0, N), key=key, num_steps=N, forgetting=guard)
+    ev = res.forgetting["events"]
+    assert ev[0] == {"step": bad, "action": "rollback", "to_step": good, "why": ev[0]["why"], "lr_scale": 0.25}
+    # the reference: from the kept state of step `good`, lr x 0.25, the data from step `bad` on,
+    # with a stop guard (the rollback run has no rollback left)
+    a, o = rises[good][2], scale_lr(rises[good][3], 0.25)
+    ref_guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), action="stop", **kw)
+    ref = jpeft.fit(step, params, a, o, _skewed(bad, N), key=key, start_step=bad, data_position=bad,
+                    total_steps=N, forgetting=ref_guard)
+    assert res.step == ref.step and _equal(res.adapter, ref.adapter) and _equal(res.opt_state, ref.opt_state)
+    assert [h["loss"] for h in res.history[bad:]] == [h["loss"] for h in ref.history]
+    assert float(current_lr_scale(res.opt_state)) == 0.25
+    assert res.forgetting["stopped"] == ref.forgetting["stopped"]
+    final = canary_stats(_logits_fn(), params, res.adapter, _canary())
+    assert final["loss_rise"] <= budget
+
+
+def test_guard_arguments_are_checked(setup):
+    params, adapter, _, _, key = setup
+    make = lambda **kw: jpeft.ForgettingGuard(_canary(), _logits_fn(), **{"max_loss_rise": 0.1, **kw})
+    for kw, msg in (({"max_loss_rise": None}, "needs a budget"), ({"action": "halt"}, "action must be one of"),
+                    ({"lr_factor": 1.5}, "lr_factor must be a number in (0, 1)"),
+                    ({"every": 0}, "every must be a positive integer"), ({"max_kl": -1.0}, "max_kl must be")):
+        with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            make(**kw)
+    plain = optax.adam(1e-2)
+    step = jpeft.make_train_step(C.loss_fn(), plain, donate=False)
+    with pytest.raises(ConfigError, match=r"optax.chain\(..., jpeft.lr_scale\(\)\)"):
+        jpeft.fit(step, params, adapter, plain.init(adapter), _skewed(0, 2), key=key,
+                  forgetting=make(action="rollback"))
