@@ -30,8 +30,12 @@ def _max_positions(hf_config: dict) -> Optional[int]:
     return None if limit is None else int(limit)
 
 
-def make_optimizer(t: dict, total_steps: int):
+def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
+    """AdamW with warm-up and cosine decay (and clipping); ``lr_scale`` appends
+    :func:`jpeft.lr_scale`, the stage a forgetting-guard rollback lowers."""
     import optax
+
+    import jpeft
 
     lr = float(t["learning_rate"])
     warm = int(t["warmup_steps"])
@@ -43,6 +47,8 @@ def make_optimizer(t: dict, total_steps: int):
     if t.get("max_grad_norm"):
         parts.append(optax.clip_by_global_norm(float(t["max_grad_norm"])))
     parts.append(optax.adamw(sched, weight_decay=float(t["weight_decay"])))
+    if lr_scale:
+        parts.append(jpeft.lr_scale())
     return optax.chain(*parts), sched
 
 
@@ -66,6 +72,27 @@ def make_loss_fns(model):
         return loss * n, n
 
     return loss_fn, eval_sums
+
+
+def make_logits_fn(model):
+    """``logits(params, adapter, batch)`` without dropout (``adapter=None``: the base), the
+    forward pass of the forgetting guard and of ``jpeft eval --canary``."""
+    import jax
+
+    import jpeft
+    from jpeft.cli._model import logits_of
+    from jpeft.data import model_inputs
+
+    @jax.jit
+    def logits(params, adapter, batch):
+        return logits_of(jpeft.apply(model, params, adapter, batch["input_ids"], **model_inputs(batch)))
+
+    return logits
+
+
+def canary_batches(ds, batch_size: int, max_batches: Optional[int]) -> list:
+    """The first ``max_batches`` batches of the packed canary set (all of it when ``None``)."""
+    return list(ds.eval_batches(batch_size, None if not max_batches else max_batches * batch_size))
 
 
 def evaluate(eval_sums, params, adapter, ds, batch_size: int, max_batches: Optional[int] = None, place=None) -> dict:
@@ -149,13 +176,16 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     k_init, k_train = jax.random.split(jax.random.key(seed))
     example = jnp.asarray(train_ds.input_ids[:1, : min(8, train_ds.seq_len)])
     steps = int(t["steps"])
-    optimizer, sched = make_optimizer(t, steps)
+    fg = cfg.get("forgetting")
+    canary_ds = (PackedDataset.from_file(fg["canary"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
+                 if fg else None)
+    optimizer, sched = make_optimizer(t, steps, lr_scale=bool(fg) and fg["action"] == "rollback")
     ckpts = CheckpointManager(ckpt_dir, method, loaded.params, optimizer=optimizer, model=loaded.model,
                               example_args=(example,), base_config=loaded.hf_config,
                               save_every=int(t["save_every"]) or steps + 1,
                               keep_last=t["keep_checkpoints"], async_save=False)
     try:
-        return _run(cfg, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
+        return _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
                     steps, resume, max_steps, progress, mesh)
     finally:
         ckpts.close()
@@ -222,7 +252,7 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _run(cfg, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, example, k_init, k_train, seed, steps,
+def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed, steps,
          resume, max_steps, progress, mesh):
     import jax
 
@@ -288,6 +318,15 @@ def _run(cfg, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, exampl
         def eval_fn(adapter, step):
             return evaluate(eval_sums, params, adapter, eval_ds, bs, t["eval_batches"] or None, place)
 
+    guard = None
+    fg = cfg.get("forgetting")
+    if fg:
+        rows = canary_batches(canary_ds, bs, fg["canary_batches"])
+        guard = jpeft.ForgettingGuard(
+            rows if place is None else [place(b) for b in rows], make_logits_fn(model),
+            max_loss_rise=fg["max_loss_rise"], max_kl=fg["max_kl"], every=fg["every"], action=fg["action"],
+            lr_factor=fg["lr_factor"], max_rollbacks=fg["max_rollbacks"])
+
     result = None
     if start < stop_at:
         batches = (train_ds.batch(s, bs, seed) for s in itertools.count(start))
@@ -300,11 +339,16 @@ def _run(cfg, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, exampl
                 start_step=start, data_position=start, checkpoint=ckpts, save_last=True,
                 vocab_size=vocab if mesh is None else None, max_positions=max_pos if mesh is None else None,
                 progress=progress, desc="train", eval_fn=eval_fn, eval_every=int(t["eval_every"]), total_steps=steps,
-                log=log, log_every=int(t["log_every"]), schedule=sched, handle_interrupt=jax.process_count() == 1)
+                log=log, log_every=int(t["log_every"]), schedule=sched, handle_interrupt=jax.process_count() == 1,
+                forgetting=guard)
         adapter, step, interrupted, last_eval = result.adapter, result.step, result.interrupted, result.eval
     else:
         step, interrupted, last_eval = start, False, None
-    if step >= steps:
+    report = None if result is None else result.forgetting
+    stopped = bool(report and report["stopped"])
+    if stopped and eval_fn is not None:
+        last_eval = eval_fn(adapter, report["kept_step"])  # the eval of the adapter that is kept
+    if step >= steps or stopped:
         if last_eval is None and eval_fn is not None:
             last_eval = eval_fn(adapter, step)
         final = dist.gather(adapter) if mesh is not None else adapter  # collective: every process takes part
@@ -316,14 +360,39 @@ def _run(cfg, method, loaded, train_ds, eval_ds, ckpts, optimizer, sched, exampl
             final_params = jpeft.scan.unstack_params(final_params)
         if jax.process_index() == 0:
             save_adapter(os.path.join(out_dir, "adapter"), final, method, params=final_params,
-                         base_config=loaded.hf_config, metadata={"steps": steps, "eval": last_eval})
+                         base_config=loaded.hf_config,
+                         metadata={"steps": report["kept_step"] if stopped else steps, "eval": last_eval,
+                                   **({"forgetting": _canary_summary(report)} if report else {})})
         if jax.process_count() > 1:
             dist.barrier("jpeft_train_adapter_written")
-    where = os.path.join(out_dir, "adapter") if step >= steps else os.path.join(str(ckpts.directory), str(step))
-    if interrupted:
+    where = (os.path.join(out_dir, "adapter") if step >= steps or stopped
+             else os.path.join(str(ckpts.directory), str(step)))
+    if report:
+        _say(_canary_line(report, fg))
+    if stopped:
+        _say(f"jpeft train: stopped by the forgetting guard at step {step} of {steps}; the adapter of step "
+             f"{report['kept_step']} (the last within budget) saved to {where}")
+    elif interrupted:
         _say(f"jpeft train: interrupted at step {step}; checkpoint saved. Continue with --resume.")
     elif step < steps:
         _say(f"jpeft train: stopped at step {step} of {steps} (--max-steps); continue with --resume.")
     else:
         _say(f"jpeft train: done; adapter saved to {where}")
-    return {"step": step, "interrupted": interrupted, "eval": last_eval, "adapter_dir": where}
+    return {"step": step, "interrupted": interrupted, "eval": last_eval, "adapter_dir": where,
+            "forgetting": None if report is None else _canary_summary(report)}
+
+
+def _canary_summary(report: dict) -> dict:
+    """The forgetting guard's result as stored in the adapter's metadata: the kept state's
+    canary numbers, the last check, and the stops and rollbacks."""
+    return {"kept_step": report["kept_step"], **report["kept"], "last_check": report["checks"][-1],
+            "stopped": report["stopped"], "rollbacks": report["rollbacks"], "events": report["events"]}
+
+
+def _canary_line(report: dict, fg: dict) -> str:
+    k = report["kept"]
+    budget = ", ".join(f"{n} {fg[n]:g}" for n in ("max_loss_rise", "max_kl") if fg[n] is not None)
+    return (f"jpeft train: canary {os.path.basename(fg['canary'])}: loss {k['canary_loss']:.4f}, rise "
+            f"{k['canary_loss_rise']:+.4f} nats, mean KL {k['canary_kl']:.4f} nats at step {report['kept_step']} "
+            f"(budget {budget}; {len(report['checks'])} checks, {report['rollbacks']} rollback(s)"
+            f"{', stopped' if report['stopped'] else ''})")

@@ -10,6 +10,11 @@ EPILOG = """\
 example:
   jpeft eval --model ./my-model --data eval.jsonl
   jpeft eval --model ./my-model --adapter runs/my-run/adapter --data eval.jsonl --json
+  jpeft eval --model ./my-model --adapter runs/my-run/adapter --canary general.txt --worst 5
+
+With --canary, a forgetting report of the adapter against its base on that data: the canary
+loss of both, the loss rise, the mean per-token KL(base || adapted), and the packed rows
+whose loss rose the most.
 
 The dataset is read, tokenized with the folder's tokenizer and packed exactly as
 `jpeft train` does (prompt/completion lines are scored on the completion only).
@@ -21,7 +26,11 @@ def add_parser(sub):
     p.add_argument("--model", required=True, help="local Hugging Face model folder")
     p.add_argument("--adapter", default=None, help="adapter to read: an adapter folder (runs/x/adapter), a PEFT folder, a run folder (runs/x) "
                         "or a checkpoint (runs/x/checkpoints/<step>); default: none, the base)")
-    p.add_argument("--data", required=True, help=".jsonl or plain-text file")
+    p.add_argument("--data", default=None, help=".jsonl or plain-text file (needed unless --canary is given)")
+    p.add_argument("--canary", default=None, metavar="DATA",
+                   help="forgetting report of --adapter against the base on this .jsonl or text file: loss rise, "
+                        "mean per-token KL and the worst-affected rows")
+    p.add_argument("--worst", type=int, default=5, help="with --canary: how many worst-affected rows to list (default 5)")
     p.add_argument("--seq-len", type=int, default=256, help="packed row length in tokens (default 256)")
     p.add_argument("--packing", choices=("documents", "stream"), default="documents",
                    help="as [data] packing in `jpeft train`: whole documents per row, attention never crossing them "
@@ -41,6 +50,13 @@ def run(args) -> int:
         raise ConfigError(f"--batch-size must be >= 1, found {args.batch_size}.")
     if args.max_batches < 0:
         raise ConfigError(f"--max-batches must be >= 0, found {args.max_batches}.")
+    if args.data is None and args.canary is None:
+        raise ConfigError("jpeft eval needs --data FILE (loss and perplexity) or --canary FILE (a forgetting report).")
+    if args.canary is not None and not args.adapter:
+        raise ConfigError("--canary compares an adapter with its base: give --adapter (a run, adapter or checkpoint "
+                          "folder).")
+    if args.worst < 0:
+        raise ConfigError(f"--worst must be >= 0, found {args.worst}.")
     import jax.numpy as jnp
 
     from jpeft.cli._ckpt import load_adapter
@@ -53,11 +69,14 @@ def run(args) -> int:
     loaded = load_folder(args.model)
     check_seq_len(args.seq_len, loaded.hf_config, "--seq-len")
     encode, bos, eos = encode_fn(loaded.tokenizer)
-    ds = PackedDataset.from_file(args.data, encode, args.seq_len, eos_id=eos, bos_id=bos, packing=args.packing)
+    ds = PackedDataset.from_file(args.canary or args.data, encode, args.seq_len, eos_id=eos, bos_id=bos,
+                                 packing=args.packing)
     adapter = None
     if args.adapter:
         example = jnp.asarray(ds.input_ids[:1, : min(8, ds.seq_len)])
         adapter, _ = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example)
+    if args.canary is not None:
+        return _canary_report(args, loaded, adapter, ds)
     _, eval_sums = make_loss_fns(loaded.model)
     res = evaluate(eval_sums, loaded.params, adapter, ds, args.batch_size, args.max_batches or None)
     res.update(model=args.model, adapter=args.adapter, data=args.data)
@@ -65,4 +84,39 @@ def run(args) -> int:
         print(json.dumps(res))
     else:
         print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  ({res['tokens']:,} target tokens)")
+    return 0
+
+
+def _canary_report(args, loaded, adapter, ds) -> int:
+    """Prints the forgetting report of ``adapter`` against the base on the canary rows."""
+    import numpy as np
+
+    from jpeft.cli._trainer import canary_batches, make_logits_fn
+    from jpeft.forgetting.guard import canary_stats
+
+    batches = canary_batches(ds, args.batch_size, args.max_batches or None)
+    s = canary_stats(make_logits_fn(loaded.model), loaded.params, adapter, batches)
+    ids = np.concatenate([b["input_ids"] for b in batches])
+    mask = np.concatenate([b["loss_mask"] for b in batches]).astype(bool)
+    real = np.flatnonzero(s["tokens"] > 0)  # padding rows of the last batch have no target
+    rise = s["loss"] - s["base_loss"]
+    order = real[np.argsort(-rise[real], kind="stable")][: args.worst]
+    worst = [{"row": int(i), "loss_rise": float(rise[i]), "base_loss": float(s["base_loss"][i]),
+              "loss": float(s["loss"][i]), "kl": float(s["kl"][i]), "tokens": int(s["tokens"][i]),
+              "text": loaded.tokenizer.decode([int(t) for t in ids[i][mask[i]]])} for i in order]
+    res = {"model": args.model, "adapter": args.adapter, "canary": args.canary, "rows": int(real.size),
+           "tokens": int(s["tokens"].sum()), "base_loss": s["base_loss_mean"], "loss": s["canary_loss"],
+           "loss_rise": s["loss_rise"], "kl": s["kl_mean"], "worst": worst}
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"forgetting on {args.canary}: {res['rows']} rows, {res['tokens']:,} target tokens")
+    print(f"  loss     base {res['base_loss']:.4f}  adapted {res['loss']:.4f}  rise {res['loss_rise']:+.4f} nats")
+    print(f"  mean per-token KL(base || adapted) {res['kl']:.4f} nats")
+    if worst:
+        print("  worst-affected rows (by loss rise):")
+        for w in worst:
+            text = " ".join(w["text"].split())
+            text = text if len(text) <= 60 else text[:57] + "..."
+            print(f"    row {w['row']:>4}  rise {w['loss_rise']:+.4f}  KL {w['kl']:.4f}  {text!r}")
     return 0

@@ -53,6 +53,16 @@ scan_layers = false           # Llama family: nn.scan over the layers (one layer
 data = 0                      # batch axis (0: every device not used by fsdp)
 fsdp = 1                      # axis the frozen base is sharded over
 tensor = 1                    # Megatron-style tensor parallelism (Llama family)
+
+[forgetting]                  # optional forgetting guard: canary text that must not be forgotten
+canary = "general.txt"        # .jsonl or plain text, packed like [data]
+every = 100                   # steps between canary checks (and at the last step)
+max_loss_rise = 0.1           # budget: canary loss rise over the base, nats (max_kl: mean per-token KL)
+action = "stop"               # "stop": end the run, keep the last adapter within budget;
+                              # "rollback": restore it, lower the learning rate, continue
+lr_factor = 0.5               # learning-rate multiplier of a rollback
+max_rollbacks = 3             # then the next crossing stops the run
+canary_batches = 4            # batches of train.batch_size canary rows per check
 """
 
 EPILOG = f"""\
@@ -84,8 +94,11 @@ _DEFAULTS = {
     },
     "mesh": {"data": 0, "fsdp": 1, "tensor": 1},
 }
+FORGETTING_DEFAULTS = {"every": 100, "max_loss_rise": None, "max_kl": None, "action": "stop", "lr_factor": 0.5,
+                       "max_rollbacks": 3, "canary_batches": 4}
 _KNOWN = {
-    "": {"model", "output_dir", "seed", "data", "method", "train", "mesh"},
+    "": {"model", "output_dir", "seed", "data", "method", "train", "mesh", "forgetting"},
+    "forgetting": {"canary", *FORGETTING_DEFAULTS},
     "data": {"train", "eval", "seq_len", "packing", "text_field", "prompt_field", "completion_field"},
     "train": set(_DEFAULTS["train"]),
     "mesh": set(_DEFAULTS["mesh"]),
@@ -194,12 +207,52 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
     def rel(p):
         return p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
 
+    if "forgetting" in cfg:
+        cfg["forgetting"] = check_forgetting(cfg["forgetting"])
+        cfg["forgetting"]["canary"] = rel(cfg["forgetting"]["canary"])
+
     cfg["model"] = rel(str(cfg["model"]))
     cfg["data"]["train"] = rel(str(cfg["data"]["train"]))
     if cfg["data"].get("eval"):
         cfg["data"]["eval"] = rel(str(cfg["data"]["eval"]))
     cfg["output_dir"] = rel(str(cfg.get("output_dir", "jpeft-run")))
     return cfg
+
+
+def check_forgetting(f: Mapping[str, Any]) -> dict:
+    """The ``[forgetting]`` table with its defaults, checked before anything is loaded.
+
+    Raises:
+      ConfigError: a missing canary, no budget, or a value of the wrong type or range (one line).
+    """
+    f = {**FORGETTING_DEFAULTS, **f}
+
+    def fail(key, want):
+        raise ConfigError(f"forgetting.{key} must be {want}, found {f[key]!r}.")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(f.get("canary"), str) or not f["canary"]:
+        raise ConfigError(f"[forgetting] needs canary = \"file.txt\" (a .jsonl or text file of what must not be "
+                          f"forgotten), found {f.get('canary')!r}.")
+    for k in ("max_loss_rise", "max_kl"):
+        if f[k] is not None and not (is_num(f[k]) and f[k] >= 0):
+            fail(k, "a non-negative number (nats)")
+    if f["max_loss_rise"] is None and f["max_kl"] is None:
+        raise ConfigError("[forgetting] needs a budget: set max_loss_rise (nats of canary loss rise), max_kl (mean "
+                          "per-token KL from the base, nats) or both.")
+    for k, low in (("every", 1), ("canary_batches", 1), ("max_rollbacks", 0)):
+        if not is_int(f[k]) or f[k] < low:
+            fail(k, f"an integer >= {low}")
+    if f["action"] not in ("stop", "rollback"):
+        fail("action", '"stop" or "rollback"')
+    if not (is_num(f["lr_factor"]) and 0 < f["lr_factor"] < 1):
+        fail("lr_factor", "a number in (0, 1)")
+    return f
 
 
 def method_of(cfg, model_type=None) -> Any:

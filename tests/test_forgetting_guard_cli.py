@@ -1,0 +1,112 @@
+"""``jpeft train`` with a ``[forgetting]`` table (errors, a run within budget, rollback then
+stop) and ``jpeft eval --canary`` (numbers against transformers on the same rows)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from jpeft.cli import main
+sys.path.insert(0, os.path.dirname(__file__))
+from test_cli import adapter_arrays, error_line, hf_dir, write_config  # noqa: F401  E402 (hf_dir: the fixture)
+
+
+def _with_forgetting(path, table: str):
+    path.write_text(path.read_text() + "\n[forgetting]\n" + table)
+    return path
+
+
+@pytest.mark.parametrize("table, expect", [
+    ('every = 2\nmax_kl = 0.1\n', '[forgetting] needs canary = "file.txt"'),
+    ('canary = "eval.jsonl"\n', "[forgetting] needs a budget: set max_loss_rise"),
+    ('canary = "eval.jsonl"\nmax_kl = 0.1\naction = "halt"\n', 'forgetting.action must be "stop" or "rollback", found \'halt\''),
+    ('canary = "eval.jsonl"\nmax_kl = 0.1\nlr_factor = 2\n', "forgetting.lr_factor must be a number in (0, 1), found 2"),
+    ('canary = "eval.jsonl"\nmax_loss_rise = -1\n', "forgetting.max_loss_rise must be a non-negative number"),
+    ('canary = "eval.jsonl"\nmax_kl = 0.1\nevery = 0\n', "forgetting.every must be an integer >= 1, found 0"),
+    ('canary = "eval.jsonl"\nmax_kl = 0.1\nbudget = 1\n', "unknown key(s) ['budget'] in [forgetting]"),
+])
+def test_forgetting_table_errors_exit_2_with_one_line(hf_dir, capsys, table, expect):
+    path = _with_forgetting(write_config(hf_dir, "fg-bad"), table)
+    assert main(["train", "--config", str(path)]) == 2
+    assert expect in error_line(capsys.readouterr().err)
+
+
+def _canary_records(out):
+    return [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "canary_kl" in r]
+
+
+def _metadata(out):
+    return json.load(open(os.path.join(out, "adapter", "jpeft_adapter.json")))["metadata"]
+
+
+def test_train_within_budget_logs_the_canary_and_summarises_it(hf_dir, capsys):
+    path = _with_forgetting(write_config(hf_dir, "fg-ok", steps=4, save_every=0, eval_every=0),
+                            'canary = "notes.txt"\nevery = 2\nmax_loss_rise = 100.0\nmax_kl = 100.0\n'
+                            'canary_batches = 1\n')
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    out = hf_dir / "fg-ok"
+    assert [r["step"] for r in _canary_records(out)] == [0, 2, 4]
+    line = [ln for ln in err.splitlines() if "canary notes.txt" in ln]
+    assert len(line) == 1 and "at step 4" in line[0] and "3 checks, 0 rollback(s))" in line[0], err
+    rec = _canary_records(out)[-1]
+    assert rec["canary_kl"] > 0 and f"mean KL {rec['canary_kl']:.4f}" in line[0]
+    meta = _metadata(out)
+    assert meta["steps"] == 4 and meta["forgetting"]["kept_step"] == 4 and not meta["forgetting"]["stopped"]
+    assert meta["forgetting"]["canary_kl"] == rec["canary_kl"]
+
+
+def test_train_rollback_then_stop_keeps_the_base_adapter(hf_dir, capsys):
+    # any update moves the predictions: KL > 0 crosses max_kl = 0 at the first check
+    path = _with_forgetting(write_config(hf_dir, "fg-stop", steps=8, save_every=0, eval_every=0),
+                            'canary = "notes.txt"\nevery = 2\nmax_kl = 0.0\naction = "rollback"\n'
+                            'max_rollbacks = 1\nlr_factor = 0.5\ncanary_batches = 1\n')
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "step 2: canary KL" in err and "rolled back to the state of step 0" in err and "x0.5" in err, err
+    assert "step 4: canary KL" in err and "training stopped after 1 rollback(s), keeping the adapter of step 0" in err
+    assert "stopped by the forgetting guard at step 4 of 8; the adapter of step 0" in err
+    recs = _canary_records(hf_dir / "fg-stop")
+    assert [(r["step"], r.get("canary_action")) for r in recs] == [(0, None), (2, "rollback"), (4, "stop")]
+    arrays = adapter_arrays(hf_dir / "fg-stop" / "adapter")
+    b = [v for k, v in arrays.items() if "lora_B" in k or "lora_b" in k.lower()]
+    assert b and all(not np.any(v) for v in b)  # the step-0 LoRA: B = 0, the base itself
+    meta = _metadata(hf_dir / "fg-stop")
+    assert meta["steps"] == 0 and meta["forgetting"]["stopped"] and meta["forgetting"]["rollbacks"] == 1
+
+
+def test_eval_canary_report_matches_transformers(hf_dir, capsys):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from jpeft.data import PackedDataset
+
+    path = write_config(hf_dir, "fg-eval", steps=3, save_every=0, eval_every=0)
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    capsys.readouterr()
+    args = ["eval", "--model", str(hf_dir / "tiny-llama"), "--adapter", str(hf_dir / "fg-eval"),
+            "--canary", str(hf_dir / "notes.txt"), "--seq-len", "32", "--packing", "stream", "--batch-size", "4",
+            "--worst", "2"]
+    assert main(args + ["--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    # the base's loss from transformers on the same packed rows
+    tok = AutoTokenizer.from_pretrained(hf_dir / "tiny-llama")
+    ds = PackedDataset.from_file(str(hf_dir / "notes.txt"), lambda s: tok(s, add_special_tokens=False)["input_ids"],
+                                 32, eos_id=tok.eos_token_id, bos_id=tok.bos_token_id, packing="stream")
+    model = LlamaForCausalLM.from_pretrained(hf_dir / "tiny-llama").eval()
+    ids = torch.tensor(np.asarray(ds.input_ids), dtype=torch.long)
+    with torch.no_grad():
+        ref = model(ids, labels=ids).loss.item()
+    assert res["rows"] == len(ds) and res["base_loss"] == pytest.approx(ref, abs=2e-4)
+    assert res["loss_rise"] == pytest.approx(res["loss"] - res["base_loss"], abs=1e-9) and res["kl"] > 0
+    assert len(res["worst"]) == 2 and res["worst"][0]["loss_rise"] >= res["worst"][1]["loss_rise"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"rise {res['loss_rise']:+.4f} nats" in out and f"KL(base || adapted) {res['kl']:.4f}" in out
+    assert out.count("  row ") == 2
+    assert main(["eval", "--model", str(hf_dir / "tiny-llama"), "--canary", str(hf_dir / "notes.txt")]) == 2
+    assert "--canary compares an adapter with its base: give --adapter" in error_line(capsys.readouterr().err)
