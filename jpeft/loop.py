@@ -403,8 +403,6 @@ def fit(
                     if host.get("skipped"):
                         rec["skipped"] = 1
                     log(rec)
-                if eval_fn is not None and not skipped and ((eval_every and step % eval_every == 0) or step == total_steps):
-                    evaluate(step)
                 decision = "ok"
                 if forgetting is not None and not skipped and forgetting.due(step, total_steps):
                     canary, decision, kept = forgetting.check(params, adapter, opt_state, step)
@@ -413,6 +411,8 @@ def fit(
                     if decision != "ok":
                         adapter, opt_state = kept
                         (bar.write if bar is not None else _stderr)(f"jpeft: forgetting guard: {forgetting.message}")
+                if eval_fn is not None and not skipped and ((eval_every and step % eval_every == 0) or step == total_steps):
+                    evaluate(step)  # after the guard: of the state that is kept
                 if checkpoint is not None and not skipped and decision != "stop":
                     checkpoint.save(step, adapter, opt_state, key, data_position=pos,
                                     metrics={"loss": host["loss"]} if "loss" in host else None)

@@ -54,7 +54,7 @@ def test_train_within_budget_logs_the_canary_and_summarises_it(hf_dir, capsys):
     line = [ln for ln in err.splitlines() if "canary notes.txt" in ln]
     assert len(line) == 1 and "at step 4" in line[0] and "3 checks, 0 rollback(s))" in line[0], err
     rec = _canary_records(out)[-1]
-    assert rec["canary_kl"] > 0 and f"mean KL {rec['canary_kl']:.4f}" in line[0]
+    assert rec["canary_kl"] > 0 and f"mean KL {rec['canary_kl']:.4g} nats" in line[0]
     meta = _metadata(out)
     assert meta["steps"] == 4 and meta["forgetting"]["kept_step"] == 4 and not meta["forgetting"]["stopped"]
     assert meta["forgetting"]["canary_kl"] == rec["canary_kl"]
@@ -110,3 +110,5 @@ def test_eval_canary_report_matches_transformers(hf_dir, capsys):
     assert out.count("  row ") == 2
     assert main(["eval", "--model", str(hf_dir / "tiny-llama"), "--canary", str(hf_dir / "notes.txt")]) == 2
     assert "--canary compares an adapter with its base: give --adapter" in error_line(capsys.readouterr().err)
+    assert main(args + ["--data", str(hf_dir / "eval.jsonl")]) == 2
+    assert "are two reports; give one of them" in error_line(capsys.readouterr().err)

@@ -393,6 +393,6 @@ def _canary_line(report: dict, fg: dict) -> str:
     k = report["kept"]
     budget = ", ".join(f"{n} {fg[n]:g}" for n in ("max_loss_rise", "max_kl") if fg[n] is not None)
     return (f"jpeft train: canary {os.path.basename(fg['canary'])}: loss {k['canary_loss']:.4f}, rise "
-            f"{k['canary_loss_rise']:+.4f} nats, mean KL {k['canary_kl']:.4f} nats at step {report['kept_step']} "
+            f"{k['canary_loss_rise']:+.4f} nats, mean KL {k['canary_kl']:.4g} nats at step {report['kept_step']} "
             f"(budget {budget}; {len(report['checks'])} checks, {report['rollbacks']} rollback(s)"
             f"{', stopped' if report['stopped'] else ''})")

@@ -52,6 +52,9 @@ def run(args) -> int:
         raise ConfigError(f"--max-batches must be >= 0, found {args.max_batches}.")
     if args.data is None and args.canary is None:
         raise ConfigError("jpeft eval needs --data FILE (loss and perplexity) or --canary FILE (a forgetting report).")
+    if args.data is not None and args.canary is not None:
+        raise ConfigError("--data (loss and perplexity) and --canary (a forgetting report) are two reports; give one "
+                          "of them per `jpeft eval` call.")
     if args.canary is not None and not args.adapter:
         raise ConfigError("--canary compares an adapter with its base: give --adapter (a run, adapter or checkpoint "
                           "folder).")

@@ -201,9 +201,9 @@ class ForgettingGuard:
         """The budget lines ``m`` crosses (empty: within budget)."""
         out = []
         if self.max_loss_rise is not None and m["canary_loss_rise"] > self.max_loss_rise:
-            out.append(f"canary loss rise {m['canary_loss_rise']:.4f} > max_loss_rise {self.max_loss_rise:g}")
+            out.append(f"canary loss rise {m['canary_loss_rise']:.4g} > max_loss_rise {self.max_loss_rise:g}")
         if self.max_kl is not None and m["canary_kl"] > self.max_kl:
-            out.append(f"canary KL {m['canary_kl']:.4f} > max_kl {self.max_kl:g}")
+            out.append(f"canary KL {m['canary_kl']:.4g} > max_kl {self.max_kl:g}")
         return out
 
     def due(self, step: int, total_steps: Optional[int]) -> bool:
@@ -249,6 +249,6 @@ class ForgettingGuard:
         self.report["events"].append({"step": step, "action": "stop", "to_step": kept_step, "why": why})
         self.report["stopped"] = True
         self.message = (f"step {step}: {why}; training stopped{limit}, keeping the adapter of step {kept_step} "
-                        f"(canary loss rise {km['canary_loss_rise']:.4f}, KL {km['canary_kl']:.4f}), a copy kept "
+                        f"(canary loss rise {km['canary_loss_rise']:.4g}, KL {km['canary_kl']:.4g}), a copy kept "
                         "in memory at its check")
         return m, "stop", (ka, ko)
