@@ -31,7 +31,7 @@ changing it does not recompile the step. At 1.0 it is bit-exact (``x * 1.0 == x`
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +110,7 @@ def _stats(base_logits, logits, input_ids, loss_mask):
 _stats_jit = jax.jit(_stats)
 
 
-def _mask(batch) -> np.ndarray:
+def _mask(batch):
     ids = batch["input_ids"]
     m = batch.get("loss_mask")
     return jnp.ones(jnp.shape(ids), jnp.int32) if m is None else m
