@@ -152,3 +152,24 @@ def test_guard_arguments_are_checked(setup):
     with pytest.raises(ConfigError, match=r"optax.chain\(..., jpeft.lr_scale\(\)\)"):
         jpeft.fit(step, params, adapter, plain.init(adapter), _skewed(0, 2), key=key,
                   forgetting=make(action="rollback"))
+
+
+def test_checkpoints_hold_the_rolled_back_state_and_its_lower_lr(setup, rises, tmp_path):
+    """The checkpoint of the rollback step holds the restored state with the lowered
+    ``lr_scale``, so a resumed run continues as the uninterrupted one; a stop adds no
+    checkpoint of the over-budget state."""
+    params, adapter, opt, step, key = setup
+    budget, bad, good = _budget(rises)
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=budget, every=EVERY, action="rollback",
+                                  max_rollbacks=1, lr_factor=0.25)
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", C.lora_config(), params, optimizer=opt,
+                                            save_every=EVERY, keep_last=None, async_save=False) as mngr:
+        res = jpeft.fit(step, params, adapter, opt.init(adapter), _skewed(0, N), key=key, num_steps=N,
+                        checkpoint=mngr, save_last=True, forgetting=guard)
+        st = mngr.restore(bad)
+        saved = mngr.all_steps()
+    assert st.data_position == bad and _equal(st.adapter, rises[good][2])
+    assert float(current_lr_scale(st.opt_state)) == 0.25
+    stop_step = res.step if res.forgetting["stopped"] else None
+    assert stop_step is None or stop_step not in saved  # stopped: the over-budget state is not checkpointed
+    assert saved == [s for s in range(EVERY, N + 1, EVERY) if s != stop_step]
