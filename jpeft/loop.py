@@ -410,7 +410,11 @@ def fit(
                         log({"step": step, **canary, **({} if decision == "ok" else {"canary_action": decision})})
                     if decision != "ok":
                         adapter, opt_state = kept
-                        (bar.write if bar is not None else _stderr)(f"jpeft: forgetting guard: {forgetting.message}")
+                        msg = f"jpeft: forgetting guard: {forgetting.message}"
+                        if bar is not None:
+                            bar.write(msg, file=sys.stderr)
+                        else:
+                            _stderr(msg)
                 if eval_fn is not None and not skipped and ((eval_every and step % eval_every == 0) or step == total_steps):
                     evaluate(step)  # after the guard: of the state that is kept
                 if checkpoint is not None and not skipped and decision != "stop":

@@ -79,7 +79,7 @@ def _budget(rises):
     return (max(vals[:3]) + vals[3]) / 2, steps[3], steps[2]  # budget, first step over it, last within it
 
 
-def test_stop_at_the_first_check_over_budget_keeps_the_last_state_within_it(setup, rises, tmp_path):
+def test_stop_at_the_first_check_over_budget_keeps_the_last_state_within_it(setup, rises, tmp_path, capsys):
     params, adapter, opt, step, key = setup
     budget, bad, good = _budget(rises)
     guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=budget, every=EVERY, action="stop")
@@ -100,6 +100,9 @@ def test_stop_at_the_first_check_over_budget_keeps_the_last_state_within_it(setu
     assert canary[0]["canary_loss_rise"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts as the base (B = 0)
     assert canary[-1]["canary_action"] == "stop"
     assert canary[-1]["canary_loss_rise"] == pytest.approx(rises[bad][0], abs=1e-6)
+    err = capsys.readouterr().err  # the progress bar's last state and the guard's message
+    assert f"canary_rise={rises[bad][0]:.4f}" in err and f"step {bad}: canary loss rise" in err
+    assert f"training stopped, keeping the adapter of step {good}" in err
 
 
 def test_a_run_within_budget_is_bit_identical_with_and_without_the_guard(setup):
