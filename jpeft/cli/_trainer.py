@@ -151,6 +151,10 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     d = cfg["data"]
     out_dir = cfg["output_dir"]
     method_of(cfg)  # fail on a bad method before loading anything
+    if cfg.get("forgetting") and jax.process_count() > 1:
+        raise ConfigError(f"[forgetting] runs in a single process (its canary metrics are read on the host); this job "
+                          f"has {jax.process_count()} processes. Drop the [forgetting] table, or train on one host "
+                          "(any number of local devices).")
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     has_ckpts = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
     if not resume and has_ckpts:
@@ -185,8 +189,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                               save_every=int(t["save_every"]) or steps + 1,
                               keep_last=t["keep_checkpoints"], async_save=False)
     try:
-        return _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
-                    steps, resume, max_steps, progress, mesh)
+        return _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
+                    k_train, seed, steps, resume, max_steps, progress, mesh)
     finally:
         ckpts.close()
 
@@ -252,8 +256,8 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed, steps,
-         resume, max_steps, progress, mesh):
+def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
+         steps, resume, max_steps, progress, mesh):
     import jax
 
     import jpeft
