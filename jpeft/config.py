@@ -66,7 +66,6 @@ class AdapterConfig:
         "layers_to_transform": (None, [], ()),
         "layers_pattern": (None, [], (), ""),
         "exclude_modules": (None, [], ()),
-        "lora_bias": (False, None),
         "trainable_token_indices": (None, [], (), {}),
         "layer_replication": (None, [], ()),
         "megatron_config": (None, {}),

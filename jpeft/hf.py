@@ -10,7 +10,8 @@ Keys: an adapter site at jpeft module path ``p`` is saved under
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, in PyTorch's
 orientation (``lora_A.weight: [r, in]``, ``lora_B.weight: [out, r]``; jpeft stores
 ``lora_A: [in, r]``, ``lora_B: [r, out]``). Embedding sites use ``lora_embedding_A: [r, num]``
-and ``lora_embedding_B: [dim, r]``; DoRA adds ``lora_magnitude_vector: [out]``.
+and ``lora_embedding_B: [dim, r]``; DoRA adds ``lora_magnitude_vector: [out]`` and
+``lora_bias=True`` adds ``lora_B.bias: [out]``.
 
 Each method's format is a pair of functions in a small registry keyed by the Hugging Face
 ``peft_type`` (:func:`register_peft_format`), so a method adds its format from its own file.
@@ -205,6 +206,8 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         elif node.layout.kind == "dense":
             tensors[peft_key(path, "lora_A.weight")] = _to_np(node.lora_A).T.copy()
             tensors[peft_key(path, "lora_B.weight")] = _to_np(node.lora_B).T.copy()
+            if node.lora_bias is not None:
+                tensors[peft_key(path, "lora_B.bias")] = _to_np(node.lora_bias)
         else:
             raise UnsupportedAdapterError(
                 f"site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
@@ -212,6 +215,12 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             )
         if node.magnitude is not None:
             tensors[peft_key(path, "lora_magnitude_vector")] = _to_np(node.magnitude)
+        if (node.lora_bias is not None) != config.lora_bias:
+            raise UnsupportedAdapterError(
+                f"the config says lora_bias={config.lora_bias}, but the site {path!r} "
+                f"{'has' if node.lora_bias is not None else 'has no'} LoRA bias; PEFT records one lora_bias per adapter. "
+                "Save with the config the adapter was made with."
+            )
     init = _residual_init_for_peft(config, adapter, ctx)
     d = config.to_dict()
     d.pop("peft_type", None)
@@ -222,7 +231,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         fan_in_fan_out=ctx.fan_in_fan_out,
         bias="none",
         modules_to_save=None,
-        lora_bias=False,
+        lora_bias=config.lora_bias,
         ensure_weight_tying=tied,
         # PEFT re-runs the init when it loads: True leaves the base alone; "pissa"/"olora" make it
         # recompute the residual base these factors are relative to (jpeft.init_pissa/init_olora)
@@ -282,7 +291,7 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     return kind
 
 
-_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                  "base_layer.weight")
 
 
@@ -295,8 +304,8 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     if bad:
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
-            "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules and "
-            "layers_to_transform/layers_pattern, with bias='none' and no "
+            "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules, "
+            "layers_to_transform/layers_pattern and lora_bias, with bias='none' and no "
             "modules_to_save (but SEQ_CLS's untrained classifier)."
         )
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
@@ -365,6 +374,13 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         mag = t.get("lora_magnitude_vector")
         if config.use_dora and mag is None:
             raise CheckpointError(f"use_dora is set but site {hf_name(path)!r} has no lora_magnitude_vector.")
+        bias = t.get("lora_B.bias")
+        if (bias is not None) != config.lora_bias or (bias is not None and bias.shape != (layout.out_features,)):
+            raise CheckpointError(
+                f"adapter site {hf_name(path)!r}: adapter_config.json says lora_bias={config.lora_bias}, the file "
+                f"{'has a lora_B.bias of shape ' + str(tuple(bias.shape)) if bias is not None else 'has no lora_B.bias'}"
+                f" (the module has {layout.out_features} outputs). The files do not belong together."
+            )
         adapter[path] = LoraWeights(
             jnp.asarray(a, ctx.dtype), jnp.asarray(b, ctx.dtype),
             None if mag is None or not config.use_dora else jnp.asarray(mag, ctx.dtype),
@@ -372,6 +388,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             residual if layout.kind != "embed" else None,
             path in tied_paths,
             tied_output_from_params(path, leaves) if layout.kind == "embed" else None,
+            None if bias is None else jnp.asarray(bias, ctx.dtype),
         )
     return config, adapter
 

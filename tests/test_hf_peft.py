@@ -187,7 +187,7 @@ def test_unsupported_lora_options(saved_llama):
     (saved_llama / "adapter_config.json").write_text(json.dumps(d))
     with pytest.raises(UnsupportedAdapterError, match=r"modules_to_save=\['lm_head'\] \(trainable full copies"):
         H.load_peft(str(saved_llama), loaded("llama2")[1])
-    for k, v in (("bias", "all"), ("lora_bias", True), ("trainable_token_indices", [1, 2]), ("use_bdlora", True)):
+    for k, v in (("bias", "all"), ("trainable_token_indices", [1, 2]), ("use_bdlora", True)):
         e = dict(d, modules_to_save=None, **{k: v})
         (saved_llama / "adapter_config.json").write_text(json.dumps(e))
         with pytest.raises(UnsupportedAdapterError, match=rf"options jpeft cannot load: \{{'{k}'"):
@@ -454,8 +454,7 @@ def test_train_method_table_refuses_unimplemented_options():
     apply is refused by name instead of being dropped."""
     from jpeft.cli.train_cmd import method_of
 
-    for k, v in (("modules_to_save", ["lm_head"]), ("bias", "lora_only"), ("lora_bias", True),
-                 ("trainable_token_indices", [3])):
+    for k, v in (("modules_to_save", ["lm_head"]), ("bias", "lora_only"), ("trainable_token_indices", [3])):
         with pytest.raises(jpeft.ConfigError, match=rf"does not implement: \{{'{k}'"):
             method_of({"method": {"name": "lora", "r": 4, k: v}}, "llama")
     cfg = method_of({"method": {"name": "lora", "r": 4, "layers_to_transform": [1], "layers_pattern": "layers",

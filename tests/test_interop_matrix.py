@@ -133,7 +133,7 @@ def _cells(case, family):
                 "peft->jpeft": (UnsupportedAdapterError, "modules_to_save")}
     if case in ("bias='lora_only'", "bias='all'"):
         return _refused_option("bias")
-    if case in ("lora_bias", "trainable_token_indices"):
+    if case == "trainable_token_indices":
         return _refused_option(case)
     if case.startswith("prefix") and k == "bert":  # PEFT cannot build BERT's past_key_values
         return {"jpeft->peft": (UnsupportedAdapterError, "PEFT cannot build this method"), "peft->jpeft": PEFT_CANNOT}

@@ -22,7 +22,7 @@ import numpy as np
 
 from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError, NotMergeableError
+from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
 from jpeft.tree import compile_pattern, hf_name, matches, regex_fullmatch
 
@@ -57,6 +57,11 @@ class LoraConfig(AdapterConfig):
         name or regex matched as Hugging Face PEFT does.
       exclude_modules, layers_to_transform, layers_pattern: narrow the selection as Hugging
         Face PEFT's options of these names do (see :meth:`selects`).
+      lora_bias: give each site a trainable bias ``[out]`` on LoRA's B (Hugging Face PEFT's
+        ``lora_bias=True``): the update becomes ``s * ((x @ A) @ B + lora_bias)``, and
+        :func:`jpeft.merge` adds ``s * lora_bias`` to the base bias (refused where the base layer
+        has none). Only with ``init`` ``"default"`` (bias zero) or ``"random"``, not with DoRA,
+        not on embeddings (as in PEFT).
       ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
         output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
         the input lookup is adapted, as in PEFT's unmerged model.
@@ -89,6 +94,7 @@ class LoraConfig(AdapterConfig):
     exclude_modules: Any = None
     layers_to_transform: Any = None
     layers_pattern: Any = None
+    lora_bias: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
@@ -129,12 +135,19 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"LoraConfig.alpha must be > 0 and finite (at most float32's 3.4e38), found {self.alpha!r}. A common choice is alpha = 2 * r.")
         if not isinstance(self.ensure_weight_tying, bool):
             raise ConfigError(f"LoraConfig.ensure_weight_tying must be true or false, found {self.ensure_weight_tying!r}.")
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"LoraConfig.lora_bias must be true or false, found {self.lora_bias!r}.")
         if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), found {self.dropout!r}.")
         if self.init not in _INITS:
             raise ConfigError(f"LoraConfig.init must be one of {_INITS}, found {self.init!r}.")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("LoraConfig.target_modules is empty; give a regex or a list of module names such as ['q_proj', 'v_proj'].")
+        if self.lora_bias and (self.use_dora or self.init not in ("default", "random")):
+            raise ConfigError(
+                f"LoraConfig.lora_bias=True works with init 'default' or 'random' and without DoRA (as in Hugging Face "
+                f"PEFT), found init={self.init!r}, use_dora={self.use_dora}. Drop lora_bias or use a plain LoRA init."
+            )
         for k, v in self.rank_pattern.items():
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be a positive integer, found {v!r}.")
@@ -145,7 +158,8 @@ class LoraConfig(AdapterConfig):
     def __hash__(self):
         return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
                      self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items())),
-                     self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern))
+                     self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern,
+                     self.lora_bias))
 
     def to_dict(self):
         d = super().to_dict()
@@ -213,7 +227,8 @@ def _finite_positive(v) -> bool:
 @dataclasses.dataclass(frozen=True)
 class LoraWeights(Site):
     """One LoRA site: ``lora_A: [in, r]``, ``lora_B: [r, out]`` (JAX orientation), plus the
-    DoRA magnitude ``[out]`` when ``use_dora``.
+    DoRA magnitude ``[out]`` when ``use_dora`` and the bias ``lora_bias: [out]`` on B when
+    ``LoraConfig.lora_bias`` (the update is then ``s * ((x @ A) @ B + lora_bias)``).
 
     Static fields besides the scale, layout and dropout rate:
 
@@ -237,6 +252,7 @@ class LoraWeights(Site):
     residual: Optional[str] = static_field(default=None)
     tie_output: bool = static_field(default=False)
     tied_output: Optional[bool] = static_field(default=None)
+    lora_bias: Optional[jax.Array] = None
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
@@ -257,6 +273,16 @@ class LoraWeights(Site):
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own)
+        if self.lora_bias is not None and self.lora_bias.shape[-1:] != (self.layout.out_features,):
+            raise ShapeMismatchError(
+                f"the LoRA site at {path!r} has a lora_bias of shape {tuple(self.lora_bias.shape)}, but the module has "
+                f"{self.layout.out_features} output features. Was the adapter made for another model?"
+            )
+
+    def _bias_out(self, dt, ndim: int) -> jax.Array:
+        """``s * lora_bias`` shaped to broadcast over an output of ``ndim`` dims (output dims last)."""
+        out = tuple(self.layout.out_dims)
+        return (self.scale * self.lora_bias.astype(dt)).reshape((1,) * (ndim - len(out)) + out)
 
     # -- factored forward --------------------------------------------------------------------
     def delta_matrix(self) -> jax.Array:
@@ -293,12 +319,14 @@ class LoraWeights(Site):
             # makes for several contracted axes (~25% of a Llama LoRA step; docs/BENCHMARKS.md).
             x2 = x.reshape(-1, x.shape[-1])
             d = ((x2 @ a) @ b) * self.scale
-            return y + d.reshape(y.shape)
+            y = y + d.reshape(y.shape)
+            return y if self.lora_bias is None else y + self._bias_out(dt, y.ndim)
         h = self._down(x, a, mod, call)
         if lay.kind == "einsum":
             return y + self._einsum_up(h, b, call)
         d = (h @ b) * self.scale
-        return y + d.reshape(d.shape[:-1] + tuple(lay.out_dims))
+        y = y + d.reshape(d.shape[:-1] + tuple(lay.out_dims))
+        return y if self.lora_bias is None else y + self._bias_out(dt, y.ndim)
 
     def _merged_dense(self, call: Call, x):
         """``x @ (W + s A B) + bias`` for an ``nn.Dense`` call with many tokens, or ``None``.
@@ -332,6 +360,8 @@ class LoraWeights(Site):
         y = _merged_matmul(x2, w, self.lora_A.astype(f32), self.lora_B.astype(f32), float(self.scale), mod.precision)
         if mod.use_bias and own.get("bias") is not None:
             y = y + own["bias"].astype(f32).reshape(1, n_out)
+        if self.lora_bias is not None:
+            y = y + self._bias_out(f32, 2)
         return y.reshape(x.shape[:-1] + (n_out,))
 
     def _down(self, x, a, mod, call):
@@ -397,6 +427,20 @@ class LoraWeights(Site):
                 "adapt both on purpose with LoraConfig(ensure_weight_tying=True)."
             )
 
+    def _merge_bias(self, own, out, sign: float) -> None:
+        """Adds ``sign * s * lora_bias`` to the base bias in ``out`` (PEFT refuses too when there is none)."""
+        if self.lora_bias is None:
+            return
+        b = own.get("bias")
+        if b is None or b.size != self.layout.out_features:
+            raise NotMergeableError(
+                f"this LoRA has a lora_bias (LoraConfig.lora_bias=True), but the base layer has "
+                f"{'no bias' if b is None else f'a bias of shape {tuple(b.shape)}'} to fold it into (PEFT refuses this "
+                "merge too). Keep the adapter unmerged, or train it with lora_bias=False for a layer without a bias."
+            )
+        d = (sign * self.scale) * self.lora_bias.astype(jnp.float32).reshape(b.shape)
+        out["bias"] = (b.astype(jnp.float32) + d).astype(b.dtype)
+
     def merge(self, own):
         self._check_tied_merge()
         if self.magnitude is not None:
@@ -407,6 +451,7 @@ class LoraWeights(Site):
         w = own[pname]
         out = dict(own)
         out[pname] = (w.astype(jnp.float32) + self.kernel_delta()).astype(w.dtype)
+        self._merge_bias(own, out, 1.0)
         return out
 
     def unmerge(self, own):
@@ -419,6 +464,7 @@ class LoraWeights(Site):
         w = own[pname]
         out = dict(own)
         out[pname] = (w.astype(jnp.float32) - self.kernel_delta()).astype(w.dtype)
+        self._merge_bias(own, out, -1.0)
         return out
 
 
@@ -499,7 +545,18 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
         b = jnp.zeros((r, n_out), jnp.float32)
     residual = config.init if config.init in RESIDUAL_INITS else None
     tie = bool(config.ensure_weight_tying) and layout.kind == "embed"
-    node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output)
+    bias = None
+    if config.lora_bias:
+        if layout.kind not in ("dense", "dense_general", "conv"):
+            raise ConfigError(
+                f"LoraConfig.lora_bias=True cannot adapt the {layout.kind} module at {path!r}: the LoRA bias is for "
+                "dense and convolution layers (Hugging Face PEFT refuses it on embeddings too). Leave this module out "
+                "of target_modules (exclude_modules) or set lora_bias=False."
+            )
+        # PEFT: zero with the default init (the identity), torch.nn.Linear's own init (bound 1/sqrt(r)) otherwise
+        bias = (jnp.zeros((n_out,), jnp.float32) if config.init == "default"
+                else _kaiming_uniform(jax.random.fold_in(kb, 1), (n_out,), r))
+    node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output, bias)
     if config.use_dora:
         from jpeft.methods import dora
 
