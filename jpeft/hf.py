@@ -49,7 +49,7 @@ from jpeft.errors import (
 )
 from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
 from jpeft.methods import pissa
-from jpeft.methods.lora import LoraConfig, LoraWeights, tied_output_from_params
+from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, tied_output_from_params
 from jpeft.tree import (compile_pattern, count, from_hf_name, hf_name, linear_only, matches, module_leaves,
                         regex_fullmatch, unwrap_params)
 
@@ -175,9 +175,57 @@ def _hf_targets(config: LoraConfig, paths) -> Any:
     return sorted(names)
 
 
+def _saved_to_hf(path: str, node: SavedModule) -> dict:
+    """PEFT's keys for a module of modules_to_save: the module's own PyTorch parameter names
+    (PEFT saves the copy without its ``modules_to_save.<adapter>`` infix)."""
+    out = {}
+    for name, x in dict(node.params).items():
+        x = _to_np(x)
+        if name == "kernel" and x.ndim == 2:
+            out[peft_key(path, "weight")] = x.copy() if _CONV1D.match(path) else x.T.copy()
+        elif name in ("embedding", "scale") and x.ndim <= 2 or name == "bias" and x.ndim == 1:
+            out[peft_key(path, "bias" if name == "bias" else "weight")] = x.copy()
+        else:
+            raise UnsupportedAdapterError(
+                f"modules_to_save copy of {path!r} has a parameter {name!r} of shape {x.shape}; jpeft writes PEFT's "
+                "copies of Dense, Embed and LayerNorm modules only (kernel, embedding, scale, bias)."
+            )
+    return out
+
+
+def _saved_from_hf(path: str, t: Mapping[str, np.ndarray], own: Mapping[str, Any], folder: str, dtype) -> SavedModule:
+    """A module of modules_to_save from PEFT's keys (``weight``/``bias``), checked against the base module."""
+    want = "kernel" if "kernel" in own else "embedding" if "embedding" in own else "scale" if "scale" in own else None
+    names = {"weight": want, "bias": "bias"}
+    got = {names[k]: v for k, v in t.items()}
+    if want is None or set(got) != set(own):
+        raise CheckpointError(
+            f"the adapter in {folder!r} saves a copy of {hf_name(path)!r} with {sorted(t)}, but the base module has "
+            f"parameters {sorted(own)}; jpeft loads copies of Dense, Embed and LayerNorm modules with every parameter."
+        )
+    if want == "kernel" and got[want].ndim == 2 and not _CONV1D.match(path):
+        got[want] = got[want].T
+    for k, v in got.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise BaseMismatchError(
+                f"the saved copy of {hf_name(path)!r} has {k} of shape {tuple(v.shape)}, the base module "
+                f"{tuple(own[k].shape)}. Load the adapter on the base it was made for."
+            )
+    return SavedModule({k: jnp.asarray(v, dtype) for k, v in got.items()})
+
+
 def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     tensors: dict[str, np.ndarray] = {}
     rank_pattern, alpha_pattern = {}, {}
+    saved = {p: n for p, n in adapter.items() if isinstance(n, SavedModule)}
+    for path, node in saved.items():
+        if not config.saves(path):
+            raise UnsupportedAdapterError(
+                f"the adapter holds a full copy of {path!r}, but the config's modules_to_save="
+                f"{list(config.modules_to_save or [])} does not name it; save with the config the adapter was made with."
+            )
+        tensors.update(_saved_to_hf(path, node))
+    adapter = {p: n for p, n in adapter.items() if p not in saved}
     paths = sorted(adapter)
     tied = False
     for path in paths:
@@ -230,7 +278,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         alpha_pattern=alpha_pattern,
         fan_in_fan_out=ctx.fan_in_fan_out,
         bias="none",
-        modules_to_save=None,
+        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
         lora_bias=config.lora_bias,
         ensure_weight_tying=tied,
         # PEFT re-runs the init when it loads: True leaves the base alone; "pissa"/"olora" make it
@@ -255,7 +303,7 @@ def _check_peft_ties(path, node):
 def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     """``init_lora_weights`` to write: ``True``, or the residual init every site shares, after
     refusing what PEFT would rebuild differently on load."""
-    kinds = {node.residual for node in adapter.values()}
+    kinds = {node.residual for node in adapter.values() if isinstance(node, LoraWeights)}
     if kinds == {None}:
         if config.init in ("pissa", "olora"):
             raise UnsupportedAdapterError(
@@ -277,7 +325,7 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
             "Re-create it with niter=None (exact SVD, which PEFT reproduces), or merge it "
             "(jpeft.merge(residual_params, adapter)) and save full weights with jpeft.models.save_pretrained."
         )
-    embeds = [p for p, n in adapter.items() if n.layout.kind == "embed"]
+    embeds = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == "embed"]
     if embeds:
         raise UnsupportedAdapterError(
             f"sites {embeds} are {kind} embeddings, but PEFT's LoRA Embedding layer has no {kind} init (it would load "
@@ -298,15 +346,14 @@ _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embeddin
 def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     # the PEFT options jpeft does not implement, at anything but their "off" value (one list:
-    # LoraConfig._unsupported_hf_options; modules_to_save was checked with the classifier copy)
+    # LoraConfig._unsupported_hf_options)
     bad = {k: d[k] for k, ok in LoraConfig._unsupported_hf_options.items()
-           if k in d and k != "modules_to_save" and k not in fields and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
+           if k in d and k not in fields and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
     if bad:
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
             "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules, "
-            "layers_to_transform/layers_pattern and lora_bias, with bias='none' and no "
-            "modules_to_save (but SEQ_CLS's untrained classifier)."
+            "layers_to_transform/layers_pattern, lora_bias and modules_to_save, with bias='none'."
         )
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
     kept = {k: v for k, v in d.items() if k in hf_keys}
@@ -324,11 +371,16 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         raise LoadError(f"{os.path.join(ctx.folder, CONFIG_FILE)!r}: {e}") from None
 
     by_site: dict[str, dict[str, np.ndarray]] = {}
+    saved: dict[str, dict[str, np.ndarray]] = {}
     unmatched = []
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
         if sp is None:
-            unmatched.append(k)
+            sm = split_peft_key(k, ("weight", "bias")) if config.modules_to_save else None
+            if sm is not None and sm[0] in ctx.leaves and config.saves(sm[0]):
+                saved.setdefault(sm[0], {})[sm[1]] = v
+            else:
+                unmatched.append(k)
             continue
         path, t = sp
         if t == "base_layer.weight":  # PEFT saves the base embedding next to an embedding LoRA; jpeft keeps params'
@@ -390,6 +442,8 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             tied_output_from_params(path, leaves) if layout.kind == "embed" else None,
             None if bias is None else jnp.asarray(bias, ctx.dtype),
         )
+    for path in sorted(saved):
+        adapter[path] = _saved_from_hf(path, saved[path], leaves[path], ctx.folder, ctx.dtype)
     return config, adapter
 
 
@@ -523,6 +577,11 @@ def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder:
             and k.startswith(prefix)]
     if not mts and not keys:
         return
+    if d.get("peft_type") == "LORA":  # LoRA loads modules_to_save; an untrained classifier copy is dropped below
+        keys = [k for k in keys if _equals_base_classifier(k[len(prefix):], tensors[k], leaves.get("classifier", {}))]
+        for k in keys:
+            del tensors[k]
+        return
     if not set(mts) <= {"classifier", "score"}:
         raise UnsupportedAdapterError(
             f"the adapter in {folder!r} has modules_to_save={list(mts)} (trainable full copies of modules), which jpeft "
@@ -539,6 +598,12 @@ def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder:
                 "jpeft does not load; it differs from the base's. Only adapters that leave the classifier frozen load."
             )
         del tensors[k]
+
+
+def _equals_base_classifier(name: str, x: np.ndarray, own) -> bool:
+    base = own.get({"classifier.weight": "kernel", "classifier.bias": "bias"}.get(name, ""))
+    want = None if base is None else (np.asarray(base, np.float32).T if name.endswith("weight") else np.asarray(base, np.float32))
+    return want is not None and want.shape == x.shape and bool(np.allclose(x, want, atol=1e-6))
 
 
 def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, base_model_name_or_path: Optional[str] = None,
@@ -591,8 +656,9 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     d["task_type"] = task
     if d["task_type"] == "SEQ_CLS":
         prompt_learning = config.peft_type in ("PREFIX_TUNING", "PROMPT_TUNING")
-        tensors = dict(tensors, **_classifier_tensors(config, params, "base_model." if prompt_learning else PEFT_PREFIX))
-        d["modules_to_save"] = ["classifier", "score"]
+        # a trained copy of the classifier (LoRA's modules_to_save) wins over the base's
+        tensors = dict(_classifier_tensors(config, params, "base_model." if prompt_learning else PEFT_PREFIX), **tensors)
+        d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + ["classifier", "score"]))
     d.setdefault("inference_mode", True)
     d.setdefault("revision", None)
     from safetensors.numpy import save_file

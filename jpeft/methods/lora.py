@@ -22,7 +22,7 @@ import numpy as np
 
 from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
+from jpeft.errors import ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
 from jpeft.tree import compile_pattern, hf_name, matches, regex_fullmatch
 
@@ -62,6 +62,10 @@ class LoraConfig(AdapterConfig):
         :func:`jpeft.merge` adds ``s * lora_bias`` to the base bias (refused where the base layer
         has none). Only with ``init`` ``"default"`` (bias zero) or ``"random"``, not with DoRA,
         not on embeddings (as in PEFT).
+      modules_to_save: names of modules trained in full, as Hugging Face PEFT's option of that name
+        (e.g. ``["lm_head"]``, ``["classifier"]``): a module whose dotted name ends with one of
+        them gets a :class:`SavedModule` site holding a trainable copy of its parameters, which
+        :func:`jpeft.apply` uses instead of the base's and :func:`jpeft.merge` writes into the base.
       ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
         output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
         the input lookup is adapted, as in PEFT's unmerged model.
@@ -95,8 +99,16 @@ class LoraConfig(AdapterConfig):
     layers_to_transform: Any = None
     layers_pattern: Any = None
     lora_bias: bool = False
+    modules_to_save: Any = None
 
     def __post_init__(self):
+        mts = self.modules_to_save
+        if isinstance(mts, str):
+            mts = (mts,)
+        mts = None if mts is None else tuple(mts)
+        if mts is not None and not all(isinstance(m, str) and m for m in mts):
+            raise ConfigError(f"LoraConfig.modules_to_save must be a list of module names, found {self.modules_to_save!r}.")
+        object.__setattr__(self, "modules_to_save", mts or None)
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
         object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules) or None)
         ltt = self.layers_to_transform
@@ -159,7 +171,7 @@ class LoraConfig(AdapterConfig):
         return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
                      self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items())),
                      self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern,
-                     self.lora_bias))
+                     self.lora_bias, self.modules_to_save))
 
     def to_dict(self):
         d = super().to_dict()
@@ -198,6 +210,12 @@ class LoraConfig(AdapterConfig):
             return False
         idx = int(m.group("idx"))
         return idx == ltt if isinstance(ltt, (int, np.integer)) else idx in ltt
+
+    def saves(self, path: str) -> bool:
+        """Whether the module at ``path`` is one of ``modules_to_save``: its dotted name ends with
+        one of the names (Hugging Face PEFT's rule, a plain suffix test)."""
+        name = hf_name(path)
+        return any(name.endswith(m) for m in (self.modules_to_save or ()))
 
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does."""
@@ -466,6 +484,64 @@ class LoraWeights(Site):
         out[pname] = (w.astype(jnp.float32) - self.kernel_delta()).astype(w.dtype)
         self._merge_bias(own, out, -1.0)
         return out
+
+
+def _same_shapes(a, b) -> bool:
+    sa = jax.tree.map(lambda x: tuple(x.shape), dict(a))
+    sb = jax.tree.map(lambda x: tuple(x.shape), dict(b))
+    return jax.tree.structure(sa) == jax.tree.structure(sb) and jax.tree.leaves(sa) == jax.tree.leaves(sb)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SavedModule(Site):
+    """One of ``LoraConfig.modules_to_save``: a trainable full copy of a module's parameters
+    (Hugging Face PEFT's ``ModulesToSaveWrapper``). The module runs with ``params`` in place of
+    its own; :func:`jpeft.merge` writes the copy into the base (not invertible)."""
+
+    params: Any
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    def check(self, path: str, module) -> None:
+        self.check_params(path, module.variables.get("params", {}))
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        if not _same_shapes(own, self.params):
+            raise ShapeMismatchError(
+                f"the saved copy of module {path!r} (modules_to_save) has parameters "
+                f"{jax.tree.map(lambda x: tuple(x.shape), dict(self.params))}, the model's module has "
+                f"{jax.tree.map(lambda x: tuple(x.shape), dict(own))}. Was the adapter made for another model?"
+            )
+
+    def _cast(self, own):
+        return jax.tree.map(lambda new, old: new.astype(old.dtype), dict(self.params), dict(own))
+
+    def intercept(self, call: Call):
+        mod = call.module
+        variables = {k: v for k, v in mod.variables.items() if k != "params"}
+        variables["params"] = self._cast(mod.variables.get("params", {}))
+        kwargs = dict(call.kwargs)
+        key = call.dropout_key()
+        if key is not None:
+            kwargs["rngs"] = {"dropout": key}
+        with _inject.bypass():
+            return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **kwargs)
+
+    def merge(self, own):
+        return self._cast(own)
+
+    def unmerge(self, own):
+        raise NotInvertibleError(
+            "a module of modules_to_save is replaced by its trained copy when merged, so its base weights cannot be "
+            "recovered from the merged params; keep the base params tree (jpeft never modifies it) instead."
+        )
+
+
+def init_saved(path: str, own: Mapping[str, Any]) -> SavedModule:
+    """The copy of one module of ``modules_to_save``: its parameters, as they are (PEFT's start)."""
+    return SavedModule(jax.tree.map(lambda x: jnp.array(x, copy=True), dict(own)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
