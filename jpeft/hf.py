@@ -49,7 +49,7 @@ from jpeft.errors import (
 )
 from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
 from jpeft.methods import pissa
-from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, tied_output_from_params
+from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, TrainableTokens, tied_output_from_params, token_sites
 from jpeft.tree import (compile_pattern, count, from_hf_name, hf_name, linear_only, matches, module_leaves,
                         regex_fullmatch, unwrap_params)
 
@@ -226,6 +226,12 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             )
         tensors.update(_saved_to_hf(path, node))
     adapter = {p: n for p, n in adapter.items() if p not in saved}
+    tokens = {p: n for p, n in adapter.items() if isinstance(n, TrainableTokens)}
+    for path, node in tokens.items():
+        _check_peft_token_tie(path, node)
+        tensors[peft_key(path, _TOKENS_KEY)] = _to_np(node.values)
+    token_indices = _hf_token_indices(config, tokens)
+    adapter = {p: n for p, n in adapter.items() if p not in tokens}
     paths = sorted(adapter)
     tied = False
     for path in paths:
@@ -279,6 +285,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         fan_in_fan_out=ctx.fan_in_fan_out,
         bias="none",
         modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        trainable_token_indices=token_indices,
         lora_bias=config.lora_bias,
         ensure_weight_tying=tied,
         # PEFT re-runs the init when it loads: True leaves the base alone; "pissa"/"olora" make it
@@ -286,6 +293,37 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         init_lora_weights=init,
     )
     return d, tensors
+
+
+_TOKENS_KEY = "token_adapter.trainable_tokens_delta"
+
+
+def _hf_token_indices(config: LoraConfig, tokens: Mapping[str, TrainableTokens]):
+    """``trainable_token_indices`` as PEFT reads it: the config's list when one site holds it,
+    else ``{dotted embedding name: ids}``."""
+    if not tokens:
+        if config.trainable_token_indices is not None:
+            raise UnsupportedAdapterError(
+                "the config sets trainable_token_indices, but the adapter has no trainable tokens; save with the "
+                "config the adapter was made with."
+            )
+        return None
+    if isinstance(config.trainable_token_indices, tuple) and len(tokens) == 1:
+        (node,) = tokens.values()
+        if node.indices == config.trainable_token_indices:
+            return list(node.indices)
+    return {hf_name(p): list(n.indices) for p, n in sorted(tokens.items())}
+
+
+def _check_peft_token_tie(path, node):
+    """PEFT applies trainable tokens to a tied output projection exactly when the model ties its
+    word embeddings; refuse a site whose tie PEFT would not reproduce."""
+    if node.tie_output is None:
+        raise UnsupportedAdapterError(
+            f"the trainable tokens at {path!r} do not know whether the model reads the embedding as its tied output "
+            "projection (PEFT then uses the rows there too); create the adapter with jpeft.init(config, params, key, "
+            "model, *example_inputs) or on jpeft.models params."
+        )
 
 
 def _check_peft_ties(path, node):
@@ -339,7 +377,7 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     return kind
 
 
-_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", _TOKENS_KEY, "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                  "base_layer.weight")
 
 
@@ -353,7 +391,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
             "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules, "
-            "layers_to_transform/layers_pattern, lora_bias and modules_to_save, with bias='none'."
+            "layers_to_transform/layers_pattern, lora_bias, modules_to_save and trainable_token_indices, with bias='none'."
         )
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
     kept = {k: v for k, v in d.items() if k in hf_keys}
@@ -372,6 +410,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
 
     by_site: dict[str, dict[str, np.ndarray]] = {}
     saved: dict[str, dict[str, np.ndarray]] = {}
+    token_values: dict[str, np.ndarray] = {}
     unmatched = []
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
@@ -384,6 +423,9 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             continue
         path, t = sp
         if t == "base_layer.weight":  # PEFT saves the base embedding next to an embedding LoRA; jpeft keeps params'
+            continue
+        if t == _TOKENS_KEY:
+            token_values[path] = v
             continue
         by_site.setdefault(path, {})[t] = v
     leaves = ctx.leaves
@@ -444,7 +486,30 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         )
     for path in sorted(saved):
         adapter[path] = _saved_from_hf(path, saved[path], leaves[path], ctx.folder, ctx.dtype)
+    adapter.update(_tokens_from_hf(config, token_values, leaves, ctx))
     return config, adapter
+
+
+def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves, ctx: ImportContext) -> dict:
+    """The TrainableTokens sites of a PEFT file (``...token_adapter.trainable_tokens_delta``)."""
+    want = token_sites(config, leaves) if config.trainable_token_indices is not None else {}
+    if set(want) != set(values):
+        raise BaseMismatchError(
+            f"the adapter in {ctx.folder!r} has trainable tokens for {sorted(hf_name(p) for p in values)}, but its "
+            f"trainable_token_indices select {sorted(hf_name(p) for p in want)} in this base. Load it on the base it "
+            "was made for."
+        )
+    out = {}
+    for path, ids in want.items():
+        v = np.asarray(values[path])
+        e = leaves[path]["embedding"]
+        if v.shape != (len(ids), e.shape[1]) or max(ids) >= e.shape[0]:
+            raise BaseMismatchError(
+                f"the trainable tokens of {hf_name(path)!r} have shape {v.shape} for ids {list(ids)[:8]}, but the base "
+                f"embedding is {tuple(e.shape)}. Load the adapter on the base it was made for."
+            )
+        out[path] = TrainableTokens(jnp.asarray(v, ctx.dtype), tuple(ids), bool(tied_output_from_params(path, leaves)))
+    return out
 
 
 def _take_tied_output(d, by_site, leaves, folder) -> set:

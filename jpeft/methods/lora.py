@@ -22,7 +22,7 @@ import numpy as np
 
 from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError
+from jpeft.errors import ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, TargetNotFoundError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
 from jpeft.tree import compile_pattern, hf_name, matches, regex_fullmatch
 
@@ -66,6 +66,11 @@ class LoraConfig(AdapterConfig):
         (e.g. ``["lm_head"]``, ``["classifier"]``): a module whose dotted name ends with one of
         them gets a :class:`SavedModule` site holding a trainable copy of its parameters, which
         :func:`jpeft.apply` uses instead of the base's and :func:`jpeft.merge` writes into the base.
+      trainable_token_indices: train only these rows of an embedding (Hugging Face PEFT's
+        option, its TrainableTokens): a list of token ids for the model's input embedding, or
+        ``{embedding name: ids}``. The site (:class:`TrainableTokens`) holds the rows' new values;
+        on a model whose output projection is tied to the embedding the rows act there too, as
+        in PEFT.
       ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
         output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
         the input lookup is adapted, as in PEFT's unmerged model.
@@ -100,8 +105,23 @@ class LoraConfig(AdapterConfig):
     layers_pattern: Any = None
     lora_bias: bool = False
     modules_to_save: Any = None
+    trainable_token_indices: Any = None
 
     def __post_init__(self):
+        tti = self.trainable_token_indices
+        if tti is not None:
+            def ids(v, where):
+                v = (v,) if isinstance(v, (int, np.integer)) else tuple(v)
+                if not v or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in v) \
+                        or len(set(v)) != len(v):
+                    raise ConfigError(f"LoraConfig.trainable_token_indices{where} must be distinct token ids >= 0, found {v!r}.")
+                return tuple(int(i) for i in v)
+
+            if isinstance(tti, Mapping):
+                tti = {str(k): ids(v, f"[{k!r}]") for k, v in tti.items()} or None
+            else:
+                tti = ids(tti, "")
+        object.__setattr__(self, "trainable_token_indices", tti)
         mts = self.modules_to_save
         if isinstance(mts, str):
             mts = (mts,)
@@ -171,7 +191,9 @@ class LoraConfig(AdapterConfig):
         return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
                      self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items())),
                      self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern,
-                     self.lora_bias, self.modules_to_save))
+                     self.lora_bias, self.modules_to_save,
+                     tuple(sorted(self.trainable_token_indices.items())) if isinstance(self.trainable_token_indices, dict)
+                     else self.trainable_token_indices))
 
     def to_dict(self):
         d = super().to_dict()
@@ -537,6 +559,103 @@ class SavedModule(Site):
             "a module of modules_to_save is replaced by its trained copy when merged, so its base weights cannot be "
             "recovered from the merged params; keep the base params tree (jpeft never modifies it) instead."
         )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainableTokens(Site):
+    """``LoraConfig.trainable_token_indices`` on one embedding: ``values: [k, dim]`` replace the
+    embedding's rows ``indices`` (Hugging Face PEFT's TrainableTokens; its
+    ``trainable_tokens_delta`` holds these values, not a difference). With ``tie_output`` the
+    embedding's ``attend`` (a tied output projection) uses the new rows too, as PEFT ties them."""
+
+    values: jax.Array
+    indices: tuple = static_field(default=())
+    tie_output: Optional[bool] = static_field(default=False)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    def handles(self, method_name: str) -> bool:
+        return method_name == "__call__" or (method_name == "attend" and bool(self.tie_output))
+
+    def check(self, path: str, module) -> None:
+        self.check_params(path, module.variables.get("params", {}))
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        e = own.get("embedding")
+        if e is None or e.ndim != 2 or self.values.shape != (len(self.indices), e.shape[1]) \
+                or max(self.indices) >= e.shape[0]:
+            raise ShapeMismatchError(
+                f"the trainable tokens at {path!r} hold rows {list(self.indices)[:8]} of width "
+                f"{self.values.shape[-1]}, but the module's embedding is "
+                f"{None if e is None else tuple(e.shape)}. Was the adapter made for another model?"
+            )
+
+    def _table(self, e):
+        return e.at[jnp.asarray(self.indices)].set(self.values.astype(e.dtype))
+
+    def intercept(self, call: Call):
+        mod = call.module
+        variables = dict(mod.variables)
+        params = dict(variables.get("params", {}))
+        params["embedding"] = self._table(params["embedding"])
+        variables["params"] = params
+        with _inject.bypass():
+            return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **call.kwargs)
+
+    def merge(self, own):
+        if self.tie_output is None:
+            warnings.warn(
+                "merging trainable tokens into an embedding: jpeft cannot tell whether the model also reads it as a "
+                "tied output projection (attend), where the merged rows would act too. Pass the model to jpeft.init.",
+                UserWarning, stacklevel=4)
+        out = dict(own)
+        out["embedding"] = self._table(own["embedding"])
+        return out
+
+    def unmerge(self, own):
+        raise NotInvertibleError(
+            "merged trainable tokens replace rows of the embedding, so the base rows cannot be recovered from the "
+            "merged params; keep the base params tree (jpeft never modifies it) instead."
+        )
+
+
+_INPUT_EMBEDDINGS = ("model/embed_tokens", "transformer/wte", "bert/embeddings/word_embeddings")
+
+
+def token_sites(config: LoraConfig, leaves: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple]:
+    """``{embedding path: token ids}`` for ``config.trainable_token_indices``: a list goes to the
+    model's input embedding (jpeft.models' or a module named ``embed_tokens``, PEFT's default), a
+    dict's keys match embedding names by suffix as PEFT does."""
+    tti = config.trainable_token_indices
+    embeds = [p for p, own in leaves.items() if "embedding" in own]
+    if isinstance(tti, dict):
+        out = {}
+        for name, ids in tti.items():
+            hits = [p for p in embeds if hf_name(p).endswith(name)]
+            if len(hits) != 1:
+                raise TargetNotFoundError(
+                    f"trainable_token_indices names {name!r}, which matches {len(hits)} embeddings ({hits}); name "
+                    f"exactly one of {[hf_name(p) for p in embeds]}."
+                )
+            out[hits[0]] = ids
+        return out
+    hits = [p for p in _INPUT_EMBEDDINGS if p in leaves] or [p for p in embeds if p.endswith("embed_tokens")]
+    if len(hits) != 1:
+        raise TargetNotFoundError(
+            f"trainable_token_indices is a list, for the model's input embedding, but jpeft cannot tell which of "
+            f"{[hf_name(p) for p in embeds]} that is. Give {{embedding name: ids}} instead."
+        )
+    return {hits[0]: tti}
+
+
+def init_tokens(values_of: Mapping[str, Any], ids: tuple, tie_output: Optional[bool]) -> TrainableTokens:
+    """The site for rows ``ids`` of an embedding: their current values (PEFT's start)."""
+    e = values_of["embedding"]
+    if max(ids) >= e.shape[0]:
+        raise ConfigError(f"trainable_token_indices {list(ids)} reach past the embedding's {e.shape[0]} rows.")
+    return TrainableTokens(jnp.asarray(e)[jnp.asarray(ids)].astype(jnp.float32), tuple(ids), tie_output)
 
 
 def init_saved(path: str, own: Mapping[str, Any]) -> SavedModule:
