@@ -11,8 +11,8 @@ from jpeft import _inject, scan
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, ShapeMismatchError, TargetNotFoundError, UnsupportedModuleError
 from jpeft.methods import INIT, register
-from jpeft.methods.lora import (RESIDUAL_INITS, LoraConfig, init_saved, init_site, init_tokens, tied_output_from_params,
-                                token_sites)
+from jpeft.methods.lora import (RESIDUAL_INITS, LoraConfig, init_site, init_tokens, saved_modules, tied_output_from_params,
+                                token_sites, with_trainable_biases)
 from jpeft.tree import count, linear_only, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
 
 
@@ -65,7 +65,9 @@ def _init_lora(config: LoraConfig, params, key, infos):
             tied = tied_output_from_params(path, leaves) if layout.kind == "embed" else None
         out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own)
     if config.modules_to_save:
-        out.update(_saved_modules(config, leaves, out))
+        out.update(saved_modules(config, leaves, out))
+    if config.bias != "none":
+        out = with_trainable_biases(config, leaves, out)
     if config.trainable_token_indices is not None:
         for path, ids in token_sites(config, leaves).items():
             if path in out:
@@ -77,25 +79,6 @@ def _init_lora(config: LoraConfig, params, key, infos):
                 else tied_output_from_params(path, leaves)
             out[path] = init_tokens(leaves[path], ids, tied)
     return out
-
-
-def _saved_modules(config: LoraConfig, leaves, sites) -> dict:
-    """The trainable full copies of ``config.modules_to_save`` (modules holding parameters)."""
-    saved = sorted(p for p in leaves if config.saves(p))
-    if not saved:
-        tied = " (a model with tied word embeddings has no lm_head of its own: jpeft computes its logits with the " \
-               "input embedding)" if any(m.endswith("lm_head") for m in config.modules_to_save) else ""
-        raise TargetNotFoundError(
-            f"modules_to_save={list(config.modules_to_save)} names no module with parameters in these params{tied}; "
-            f"modules with parameters end with e.g. {sorted({p.rsplit('/', 1)[-1] for p in leaves})[:12]}."
-        )
-    both = [p for p in saved if p in sites]
-    if both:
-        raise ConfigError(
-            f"modules {both} are both LoRA targets and modules_to_save; a module is either adapted or trained in full. "
-            "Remove them from one of target_modules and modules_to_save."
-        )
-    return {p: init_saved(p, leaves[p]) for p in saved}
 
 
 def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, *model_args, **model_kwargs) -> dict:

@@ -219,7 +219,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     rank_pattern, alpha_pattern = {}, {}
     saved = {p: n for p, n in adapter.items() if isinstance(n, SavedModule)}
     for path, node in saved.items():
-        if not config.saves(path):
+        if not config.saves(path) and not (config.bias == "all" and set(node.params) == {"bias"}):
             raise UnsupportedAdapterError(
                 f"the adapter holds a full copy of {path!r}, but the config's modules_to_save="
                 f"{list(config.modules_to_save or [])} does not name it; save with the config the adapter was made with."
@@ -262,6 +262,13 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             tensors[peft_key(path, "lora_B.weight")] = _to_np(node.lora_B).T.copy()
             if node.lora_bias is not None:
                 tensors[peft_key(path, "lora_B.bias")] = _to_np(node.lora_bias)
+            if node.base_bias is not None:
+                if config.bias == "none":
+                    raise UnsupportedAdapterError(
+                        f"the site {path!r} trains its base bias, but the config says bias='none'; save with the config "
+                        "the adapter was made with (bias='lora_only' or 'all')."
+                    )
+                tensors[peft_key(path, "base_layer.bias")] = _to_np(node.base_bias).reshape(-1)
         else:
             raise UnsupportedAdapterError(
                 f"site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
@@ -283,7 +290,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         fan_in_fan_out=ctx.fan_in_fan_out,
-        bias="none",
+        bias=config.bias,
         modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
         trainable_token_indices=token_indices,
         lora_bias=config.lora_bias,
@@ -377,7 +384,7 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     return kind
 
 
-_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", _TOKENS_KEY, "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "base_layer.bias", _TOKENS_KEY, "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                  "base_layer.weight")
 
 
@@ -391,7 +398,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
             "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules, "
-            "layers_to_transform/layers_pattern, lora_bias, modules_to_save and trainable_token_indices, with bias='none'."
+            "layers_to_transform/layers_pattern, lora_bias, modules_to_save, trainable_token_indices and bias."
         )
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
     kept = {k: v for k, v in d.items() if k in hf_keys}
@@ -411,13 +418,16 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     by_site: dict[str, dict[str, np.ndarray]] = {}
     saved: dict[str, dict[str, np.ndarray]] = {}
     token_values: dict[str, np.ndarray] = {}
+    biases: dict[str, np.ndarray] = {}  # bias="all": the biases of modules without a LoRA site
     unmatched = []
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
         if sp is None:
-            sm = split_peft_key(k, ("weight", "bias")) if config.modules_to_save else None
+            sm = split_peft_key(k, ("weight", "bias")) if config.modules_to_save or config.bias == "all" else None
             if sm is not None and sm[0] in ctx.leaves and config.saves(sm[0]):
                 saved.setdefault(sm[0], {})[sm[1]] = v
+            elif sm is not None and sm[1] == "bias" and config.bias == "all" and "bias" in ctx.leaves.get(sm[0], {}):
+                biases[sm[0]] = v
             else:
                 unmatched.append(k)
             continue
@@ -468,6 +478,14 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         mag = t.get("lora_magnitude_vector")
         if config.use_dora and mag is None:
             raise CheckpointError(f"use_dora is set but site {hf_name(path)!r} has no lora_magnitude_vector.")
+        base_bias = None
+        if config.bias != "none" and "bias" in own:  # PEFT keeps the base's value for a bias missing from the file
+            base_bias = np.asarray(t.get("base_layer.bias", own["bias"]), np.float32).reshape(np.shape(own["bias"]))
+        elif "base_layer.bias" in t:
+            raise CheckpointError(
+                f"adapter site {hf_name(path)!r} carries a trained base_layer.bias, but adapter_config.json says "
+                f"bias={config.bias!r}{'' if 'bias' in own else ' and the base module has no bias'}. The files do not belong together."
+            )
         bias = t.get("lora_B.bias")
         if (bias is not None) != config.lora_bias or (bias is not None and bias.shape != (layout.out_features,)):
             raise CheckpointError(
@@ -483,10 +501,22 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             path in tied_paths,
             tied_output_from_params(path, leaves) if layout.kind == "embed" else None,
             None if bias is None else jnp.asarray(bias, ctx.dtype),
+            None if base_bias is None else jnp.asarray(base_bias, ctx.dtype),
         )
     for path in sorted(saved):
         adapter[path] = _saved_from_hf(path, saved[path], leaves[path], ctx.folder, ctx.dtype)
     adapter.update(_tokens_from_hf(config, token_values, leaves, ctx))
+    for path, v in biases.items():
+        if path in adapter:
+            continue  # a module of modules_to_save holds its bias already
+        b = leaves[path]["bias"]
+        if tuple(np.shape(v)) != tuple(np.shape(b)):
+            raise BaseMismatchError(f"the bias of {hf_name(path)!r} has shape {np.shape(v)}, the base's {tuple(np.shape(b))}.")
+        adapter[path] = SavedModule({"bias": jnp.asarray(v, ctx.dtype)})
+    if config.bias == "all":  # PEFT trains every bias; one missing from the file keeps the base's value
+        for path, own in leaves.items():
+            if path not in adapter and "bias" in own:
+                adapter[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), ctx.dtype)})
     return config, adapter
 
 

@@ -398,7 +398,8 @@ def _site_specs(path: str, node, base_specs):
     spec_b = P(*lead_e, None, b_out)
     mag = None if node.magnitude is None else P(*lead_e, b_out)
     bias = None if node.lora_bias is None else P(*lead_e, b_out)
-    return dataclasses.replace(node, lora_A=spec_a, lora_B=spec_b, magnitude=mag, lora_bias=bias)
+    base_bias = None if node.base_bias is None else P()
+    return dataclasses.replace(node, lora_A=spec_a, lora_B=spec_b, magnitude=mag, lora_bias=bias, base_bias=base_bias)
 
 
 def adapter_specs(adapter: Mapping[str, Any], params_or_specs, mesh: Optional[Mesh] = None):

@@ -141,3 +141,39 @@ def test_adapter_merging_and_bank_refuse_the_bias():
         merge_adapters([ad, ad])
     with pytest.raises(BankError, match="LoRA bias"):
         AdapterBank.from_adapters({"a": ad})
+
+
+# -- bias="lora_only" / "all": trainable base biases ---------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["lora_only", "all"])
+def test_bias_modes_merge_train_and_refusals(mode):
+    model = Net()
+    params = model.init(jax.random.key(1), X)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["d"], bias=mode, init="random")
+    ad = jpeft.init(cfg, params, jax.random.key(2), model, X)
+    assert ad["d"].base_bias.shape == (6,)
+    assert set(ad) == ({"d", "dg", "conv"} if mode == "all" else {"d"})  # "nobias" has no bias to train
+    if mode == "all":
+        assert set(ad["dg"].params) == {"bias"}
+    plain = jpeft.init(cfg.replace(bias="none"), params, jax.random.key(2), model, X)  # the copies start at the base's
+    np.testing.assert_allclose(jpeft.apply(model, params, ad, X), jpeft.apply(model, params, plain, X), atol=1e-6)
+    leaves, tdef = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    ad = jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    fact = jpeft.apply(model, params, ad, X)
+    merged = jpeft.merge(params, ad)
+    np.testing.assert_allclose(model.apply(merged, X), fact, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(merged["params"]["d"]["bias"], ad["d"].base_bias, rtol=1e-6)
+    with pytest.raises(NotMergeableError, match="keep the base params"):
+        jpeft.unmerge(merged, ad)
+    before = jax.tree.map(np.array, params)
+    grads = jax.grad(lambda a: jnp.sum(jpeft.apply(model, params, a, X) ** 2))(ad)
+    assert np.abs(np.asarray(grads["d"].base_bias)).min() > 0
+    if mode == "all":
+        assert np.abs(np.asarray(grads["conv"].params["bias"])).min() > 0
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match="DoRA"):
+        jpeft.LoraConfig(target_modules=["d"], bias=mode, use_dora=True)
+    with pytest.raises(ConfigError, match="'none', 'lora_only' or 'all'"):
+        jpeft.LoraConfig(target_modules=["d"], bias="some")

@@ -24,6 +24,7 @@ from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
 from jpeft.errors import ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, TargetNotFoundError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
+from jpeft.scan import Stacked
 from jpeft.tree import compile_pattern, hf_name, matches, regex_fullmatch
 
 _INITS = ("default", "gaussian", "pissa", "olora", "random")
@@ -71,6 +72,10 @@ class LoraConfig(AdapterConfig):
         ``{embedding name: ids}``. The site (:class:`TrainableTokens`) holds the rows' new values;
         on a model whose output projection is tied to the embedding the rows act there too, as
         in PEFT.
+      bias: ``"none"``, ``"lora_only"`` (the base biases of the LoRA-adapted layers are trained
+        too, held as ``LoraWeights.base_bias``) or ``"all"`` (every base bias of the model, the
+        others as :class:`SavedModule` sites holding only ``bias``), as Hugging Face PEFT's
+        option of that name. Not with DoRA.
       ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
         output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
         the input lookup is adapted, as in PEFT's unmerged model.
@@ -106,8 +111,13 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     modules_to_save: Any = None
     trainable_token_indices: Any = None
+    bias: str = "none"
 
     def __post_init__(self):
+        if self.bias is None:
+            object.__setattr__(self, "bias", "none")
+        if self.bias not in ("none", "lora_only", "all"):
+            raise ConfigError(f"LoraConfig.bias must be 'none', 'lora_only' or 'all', found {self.bias!r}.")
         tti = self.trainable_token_indices
         if tti is not None:
             def ids(v, where):
@@ -175,6 +185,11 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"LoraConfig.init must be one of {_INITS}, found {self.init!r}.")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("LoraConfig.target_modules is empty; give a regex or a list of module names such as ['q_proj', 'v_proj'].")
+        if self.bias != "none" and self.use_dora:
+            raise ConfigError(
+                f"LoraConfig.bias={self.bias!r} (trainable base biases) is not implemented with DoRA in jpeft; use "
+                "bias='none' with DoRA, or plain LoRA with trainable biases."
+            )
         if self.lora_bias and (self.use_dora or self.init not in ("default", "random")):
             raise ConfigError(
                 f"LoraConfig.lora_bias=True works with init 'default' or 'random' and without DoRA (as in Hugging Face "
@@ -193,7 +208,7 @@ class LoraConfig(AdapterConfig):
                      self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern,
                      self.lora_bias, self.modules_to_save,
                      tuple(sorted(self.trainable_token_indices.items())) if isinstance(self.trainable_token_indices, dict)
-                     else self.trainable_token_indices))
+                     else self.trainable_token_indices, self.bias))
 
     def to_dict(self):
         d = super().to_dict()
@@ -293,6 +308,7 @@ class LoraWeights(Site):
     tie_output: bool = static_field(default=False)
     tied_output: Optional[bool] = static_field(default=None)
     lora_bias: Optional[jax.Array] = None
+    base_bias: Optional[jax.Array] = None
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
@@ -345,6 +361,9 @@ class LoraWeights(Site):
                 return y
         y = call.run()
         dt = y.dtype
+        if self.base_bias is not None:  # LoraConfig.bias: the trained base bias replaces the module's own
+            own_b = mod.variables["params"]["bias"]
+            y = y + (self.base_bias.astype(dt) - own_b.astype(dt)).reshape((1,) * (y.ndim - own_b.ndim) + own_b.shape)
         a = self.lora_A.astype(dt)
         b = self.lora_B.astype(dt)
         if lay.kind == "embed":
@@ -398,8 +417,9 @@ class LoraWeights(Site):
             return None
         x2 = x.reshape(-1, n_in)
         y = _merged_matmul(x2, w, self.lora_A.astype(f32), self.lora_B.astype(f32), float(self.scale), mod.precision)
-        if mod.use_bias and own.get("bias") is not None:
-            y = y + own["bias"].astype(f32).reshape(1, n_out)
+        b = own.get("bias") if self.base_bias is None else self.base_bias
+        if mod.use_bias and b is not None:
+            y = y + b.astype(f32).reshape(1, n_out)
         if self.lora_bias is not None:
             y = y + self._bias_out(f32, 2)
         return y.reshape(x.shape[:-1] + (n_out,))
@@ -471,7 +491,7 @@ class LoraWeights(Site):
         """Adds ``sign * s * lora_bias`` to the base bias in ``out`` (PEFT refuses too when there is none)."""
         if self.lora_bias is None:
             return
-        b = own.get("bias")
+        b = out.get("bias")
         if b is None or b.size != self.layout.out_features:
             raise NotMergeableError(
                 f"this LoRA has a lora_bias (LoraConfig.lora_bias=True), but the base layer has "
@@ -491,6 +511,8 @@ class LoraWeights(Site):
         w = own[pname]
         out = dict(own)
         out[pname] = (w.astype(jnp.float32) + self.kernel_delta()).astype(w.dtype)
+        if self.base_bias is not None:
+            out["bias"] = self.base_bias.reshape(own["bias"].shape).astype(own["bias"].dtype)
         self._merge_bias(own, out, 1.0)
         return out
 
@@ -503,6 +525,11 @@ class LoraWeights(Site):
         pname = self.layout.param_name
         w = own[pname]
         out = dict(own)
+        if self.base_bias is not None:
+            raise NotInvertibleError(
+                "this LoRA trains the base bias too (LoraConfig.bias), which merge replaces, so the base bias cannot be "
+                "recovered from merged params; keep the base params tree (jpeft never modifies it) instead."
+            )
         out[pname] = (w.astype(jnp.float32) - self.kernel_delta()).astype(w.dtype)
         self._merge_bias(own, out, -1.0)
         return out
@@ -518,8 +545,9 @@ def _same_shapes(a, b) -> bool:
 @dataclasses.dataclass(frozen=True)
 class SavedModule(Site):
     """One of ``LoraConfig.modules_to_save``: a trainable full copy of a module's parameters
-    (Hugging Face PEFT's ``ModulesToSaveWrapper``). The module runs with ``params`` in place of
-    its own; :func:`jpeft.merge` writes the copy into the base (not invertible)."""
+    (Hugging Face PEFT's ``ModulesToSaveWrapper``), or with ``LoraConfig(bias="all")`` a copy of
+    just its ``bias``. The module runs with ``params`` in place of its own;
+    :func:`jpeft.merge` writes the copy into the base (not invertible)."""
 
     params: Any
 
@@ -530,6 +558,7 @@ class SavedModule(Site):
         self.check_params(path, module.variables.get("params", {}))
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        own = {k: v for k, v in dict(own).items() if k in self.params}  # a bias-only copy (LoraConfig.bias='all')
         if not _same_shapes(own, self.params):
             raise ShapeMismatchError(
                 f"the saved copy of module {path!r} (modules_to_save) has parameters "
@@ -538,7 +567,9 @@ class SavedModule(Site):
             )
 
     def _cast(self, own):
-        return jax.tree.map(lambda new, old: new.astype(old.dtype), dict(self.params), dict(own))
+        own = dict(own)
+        return {**own, **{k: jax.tree.map(lambda new, old: new.astype(old.dtype), v, own[k])
+                          for k, v in dict(self.params).items()}}
 
     def intercept(self, call: Call):
         mod = call.module
@@ -656,6 +687,45 @@ def init_tokens(values_of: Mapping[str, Any], ids: tuple, tie_output: Optional[b
     if max(ids) >= e.shape[0]:
         raise ConfigError(f"trainable_token_indices {list(ids)} reach past the embedding's {e.shape[0]} rows.")
     return TrainableTokens(jnp.asarray(e)[jnp.asarray(ids)].astype(jnp.float32), tuple(ids), tie_output)
+
+
+def with_trainable_biases(config: LoraConfig, leaves: Mapping[str, Mapping[str, Any]], sites: Mapping[str, Any]) -> dict:
+    """``bias="lora_only"``: the LoRA sites' base biases become trainable (``base_bias``);
+    ``"all"``: every other module's bias too (a bias-only :class:`SavedModule`)."""
+    out = dict(sites)
+    for path, node in sites.items():
+        if isinstance(node, Stacked):
+            raise ConfigError(
+                f"LoraConfig.bias={config.bias!r} is not implemented for layer-scanned models (site {path!r}); "
+                "use an unrolled model (scan_layers=False)."
+            )
+        b = leaves[path].get("bias")
+        if isinstance(node, LoraWeights) and b is not None:
+            out[path] = dataclasses.replace(node, base_bias=jnp.array(b, jnp.float32, copy=True))
+    if config.bias == "all":
+        for path, own in leaves.items():
+            if path not in out and "bias" in own:
+                out[path] = SavedModule({"bias": jnp.array(own["bias"], jnp.float32, copy=True)})
+    return out
+
+
+def saved_modules(config: LoraConfig, leaves, sites) -> dict:
+    """The trainable full copies of ``config.modules_to_save`` (modules holding parameters)."""
+    saved = sorted(p for p in leaves if config.saves(p))
+    if not saved:
+        tied = " (a model with tied word embeddings has no lm_head of its own: jpeft computes its logits with the " \
+               "input embedding)" if any(m.endswith("lm_head") for m in config.modules_to_save) else ""
+        raise TargetNotFoundError(
+            f"modules_to_save={list(config.modules_to_save)} names no module with parameters in these params{tied}; "
+            f"modules with parameters end with e.g. {sorted({p.rsplit('/', 1)[-1] for p in leaves})[:12]}."
+        )
+    both = [p for p in saved if p in sites]
+    if both:
+        raise ConfigError(
+            f"modules {both} are both LoRA targets and modules_to_save; a module is either adapted or trained in full. "
+            "Remove them from one of target_modules and modules_to_save."
+        )
+    return {p: init_saved(p, leaves[p]) for p in saved}
 
 
 def init_saved(path: str, own: Mapping[str, Any]) -> SavedModule:
