@@ -137,9 +137,16 @@ def test_config_round_trip_and_refusals():
 
 def test_adapter_merging_and_bank_refuse_the_bias():
     _, _, _, ad = _setup(targets=("d",))
-    with pytest.raises(NotMergeableError, match="LoRA bias"):
+    with pytest.raises(NotMergeableError, match="trains a bias"):
         merge_adapters([ad, ad])
-    with pytest.raises(BankError, match="LoRA bias"):
+    with pytest.raises(BankError, match="trains a bias"):
+        AdapterBank.from_adapters({"a": ad})
+    model = Net()
+    params = model.init(jax.random.key(1), X)
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], bias="lora_only"), params, jax.random.key(2))
+    with pytest.raises(NotMergeableError, match="trains a bias"):
+        merge_adapters([ad, ad])
+    with pytest.raises(BankError, match="trains a bias"):
         AdapterBank.from_adapters({"a": ad})
 
 
