@@ -13,7 +13,7 @@ from jpeft.config import AdapterConfig
 from jpeft.core import apply, init, merge, summary, unmerge
 from jpeft.errors import *  # noqa: F401,F403
 from jpeft.errors import __all__ as _errors_all
-from jpeft.methods.lora import LoraConfig, LoraWeights
+from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, TrainableTokens
 from jpeft.methods.ia3 import IA3Config, IA3Weights
 from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
@@ -44,6 +44,8 @@ __all__ = [
     "AdapterConfig",
     "LoraConfig",
     "LoraWeights",
+    "SavedModule",
+    "TrainableTokens",
     "IA3Config",
     "IA3Weights",
     "BottleneckConfig",

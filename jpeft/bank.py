@@ -716,6 +716,11 @@ def _check_lora(name, adapter) -> None:
                 f"adapter {name!r} is a DoRA adapter (it has a magnitude at {path!r}); DoRA's update is not a "
                 "low-rank sum, so it cannot be routed through a LoRA bank. Merge it (jpeft.merge) or serve it alone."
             )
+        if node.lora_bias is not None or node.base_bias is not None:
+            raise BankError(
+                f"adapter {name!r} trains a bias at {path!r} (LoraConfig.lora_bias or bias); a bank routes the low-rank "
+                "update only. Merge it (jpeft.merge) or serve it alone with jpeft.apply."
+            )
         if node.layout is None or node.layout.kind not in _KINDS:
             kind = None if node.layout is None else node.layout.kind
             raise UnsupportedModuleError(

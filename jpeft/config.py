@@ -59,7 +59,10 @@ class AdapterConfig:
         }
     )
     # Hugging Face PEFT options jpeft does not implement: accepted only at their "off" values
-    # (what PEFT writes by default), refused by name otherwise, never silently dropped
+    # (what PEFT writes by default), refused by name otherwise, never silently dropped. A config
+    # with a field of that name implements it (LoraConfig: layers_to_transform, layers_pattern,
+    # exclude_modules, lora_bias, modules_to_save, bias,
+    # trainable_token_indices) and the list does not apply to it.
     _unsupported_hf_options: ClassVar[Mapping[str, tuple]] = {
         "modules_to_save": (None, [], ()),
         "bias": ("none", None),

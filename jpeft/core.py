@@ -11,7 +11,8 @@ from jpeft import _inject, scan
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, ShapeMismatchError, TargetNotFoundError, UnsupportedModuleError
 from jpeft.methods import INIT, register
-from jpeft.methods.lora import RESIDUAL_INITS, LoraConfig, init_site, tied_output_from_params
+from jpeft.methods.lora import (RESIDUAL_INITS, LoraConfig, init_site, init_tokens, saved_modules, tied_output_from_params,
+                                token_sites, with_trainable_biases)
 from jpeft.tree import count, linear_only, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
 
 
@@ -63,6 +64,20 @@ def _init_lora(config: LoraConfig, params, key, infos):
         else:
             tied = tied_output_from_params(path, leaves) if layout.kind == "embed" else None
         out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own)
+    if config.modules_to_save:
+        out.update(saved_modules(config, leaves, out))
+    if config.bias != "none":
+        out = with_trainable_biases(config, leaves, out)
+    if config.trainable_token_indices is not None:
+        for path, ids in token_sites(config, leaves).items():
+            if path in out:
+                raise ConfigError(
+                    f"the embedding {path!r} is both in target_modules / modules_to_save and in trainable_token_indices "
+                    "(PEFT refuses that too); use one of them."
+                )
+            tied = ("attend" in infos[path].methods) if infos is not None and path in infos \
+                else tied_output_from_params(path, leaves)
+            out[path] = init_tokens(leaves[path], ids, tied)
     return out
 
 

@@ -10,7 +10,8 @@ Keys: an adapter site at jpeft module path ``p`` is saved under
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``, in PyTorch's
 orientation (``lora_A.weight: [r, in]``, ``lora_B.weight: [out, r]``; jpeft stores
 ``lora_A: [in, r]``, ``lora_B: [r, out]``). Embedding sites use ``lora_embedding_A: [r, num]``
-and ``lora_embedding_B: [dim, r]``; DoRA adds ``lora_magnitude_vector: [out]``.
+and ``lora_embedding_B: [dim, r]``; DoRA adds ``lora_magnitude_vector: [out]`` and
+``lora_bias=True`` adds ``lora_B.bias: [out]``.
 
 Each method's format is a pair of functions in a small registry keyed by the Hugging Face
 ``peft_type`` (:func:`register_peft_format`), so a method adds its format from its own file.
@@ -48,7 +49,7 @@ from jpeft.errors import (
 )
 from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
 from jpeft.methods import pissa
-from jpeft.methods.lora import LoraConfig, LoraWeights, tied_output_from_params
+from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, TrainableTokens, tied_output_from_params, token_sites
 from jpeft.tree import (compile_pattern, count, from_hf_name, hf_name, linear_only, matches, module_leaves,
                         regex_fullmatch, unwrap_params)
 
@@ -174,9 +175,63 @@ def _hf_targets(config: LoraConfig, paths) -> Any:
     return sorted(names)
 
 
+def _saved_to_hf(path: str, node: SavedModule) -> dict:
+    """PEFT's keys for a module of modules_to_save: the module's own PyTorch parameter names
+    (PEFT saves the copy without its ``modules_to_save.<adapter>`` infix)."""
+    out = {}
+    for name, x in dict(node.params).items():
+        x = _to_np(x)
+        if name == "kernel" and x.ndim == 2:
+            out[peft_key(path, "weight")] = x.copy() if _CONV1D.match(path) else x.T.copy()
+        elif name in ("embedding", "scale") and x.ndim <= 2 or name == "bias" and x.ndim == 1:
+            out[peft_key(path, "bias" if name == "bias" else "weight")] = x.copy()
+        else:
+            raise UnsupportedAdapterError(
+                f"modules_to_save copy of {path!r} has a parameter {name!r} of shape {x.shape}; jpeft writes PEFT's "
+                "copies of Dense, Embed and LayerNorm modules only (kernel, embedding, scale, bias)."
+            )
+    return out
+
+
+def _saved_from_hf(path: str, t: Mapping[str, np.ndarray], own: Mapping[str, Any], folder: str, dtype) -> SavedModule:
+    """A module of modules_to_save from PEFT's keys (``weight``/``bias``), checked against the base module."""
+    want = "kernel" if "kernel" in own else "embedding" if "embedding" in own else "scale" if "scale" in own else None
+    names = {"weight": want, "bias": "bias"}
+    got = {names[k]: v for k, v in t.items()}
+    if want is None or set(got) != set(own):
+        raise CheckpointError(
+            f"the adapter in {folder!r} saves a copy of {hf_name(path)!r} with {sorted(t)}, but the base module has "
+            f"parameters {sorted(own)}; jpeft loads copies of Dense, Embed and LayerNorm modules with every parameter."
+        )
+    if want == "kernel" and got[want].ndim == 2 and not _CONV1D.match(path):
+        got[want] = got[want].T
+    for k, v in got.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise BaseMismatchError(
+                f"the saved copy of {hf_name(path)!r} has {k} of shape {tuple(v.shape)}, the base module "
+                f"{tuple(own[k].shape)}. Load the adapter on the base it was made for."
+            )
+    return SavedModule({k: jnp.asarray(v, dtype) for k, v in got.items()})
+
+
 def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     tensors: dict[str, np.ndarray] = {}
     rank_pattern, alpha_pattern = {}, {}
+    saved = {p: n for p, n in adapter.items() if isinstance(n, SavedModule)}
+    for path, node in saved.items():
+        if not config.saves(path) and not (config.bias == "all" and set(node.params) == {"bias"}):
+            raise UnsupportedAdapterError(
+                f"the adapter holds a full copy of {path!r}, but the config's modules_to_save="
+                f"{list(config.modules_to_save or [])} does not name it; save with the config the adapter was made with."
+            )
+        tensors.update(_saved_to_hf(path, node))
+    adapter = {p: n for p, n in adapter.items() if p not in saved}
+    tokens = {p: n for p, n in adapter.items() if isinstance(n, TrainableTokens)}
+    for path, node in tokens.items():
+        _check_peft_token_tie(path, node)
+        tensors[peft_key(path, _TOKENS_KEY)] = _to_np(node.values)
+    token_indices = _hf_token_indices(config, tokens)
+    adapter = {p: n for p, n in adapter.items() if p not in tokens}
     paths = sorted(adapter)
     tied = False
     for path in paths:
@@ -205,6 +260,15 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         elif node.layout.kind == "dense":
             tensors[peft_key(path, "lora_A.weight")] = _to_np(node.lora_A).T.copy()
             tensors[peft_key(path, "lora_B.weight")] = _to_np(node.lora_B).T.copy()
+            if node.lora_bias is not None:
+                tensors[peft_key(path, "lora_B.bias")] = _to_np(node.lora_bias)
+            if node.base_bias is not None:
+                if config.bias == "none":
+                    raise UnsupportedAdapterError(
+                        f"the site {path!r} trains its base bias, but the config says bias='none'; save with the config "
+                        "the adapter was made with (bias='lora_only' or 'all')."
+                    )
+                tensors[peft_key(path, "base_layer.bias")] = _to_np(node.base_bias).reshape(-1)
         else:
             raise UnsupportedAdapterError(
                 f"site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
@@ -212,6 +276,12 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             )
         if node.magnitude is not None:
             tensors[peft_key(path, "lora_magnitude_vector")] = _to_np(node.magnitude)
+        if (node.lora_bias is not None) != config.lora_bias:
+            raise UnsupportedAdapterError(
+                f"the config says lora_bias={config.lora_bias}, but the site {path!r} "
+                f"{'has' if node.lora_bias is not None else 'has no'} LoRA bias; PEFT records one lora_bias per adapter. "
+                "Save with the config the adapter was made with."
+            )
     init = _residual_init_for_peft(config, adapter, ctx)
     d = config.to_dict()
     d.pop("peft_type", None)
@@ -220,15 +290,47 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         fan_in_fan_out=ctx.fan_in_fan_out,
-        bias="none",
-        modules_to_save=None,
-        lora_bias=False,
+        bias=config.bias,
+        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        trainable_token_indices=token_indices,
+        lora_bias=config.lora_bias,
         ensure_weight_tying=tied,
         # PEFT re-runs the init when it loads: True leaves the base alone; "pissa"/"olora" make it
         # recompute the residual base these factors are relative to (jpeft.init_pissa/init_olora)
         init_lora_weights=init,
     )
     return d, tensors
+
+
+_TOKENS_KEY = "token_adapter.trainable_tokens_delta"
+
+
+def _hf_token_indices(config: LoraConfig, tokens: Mapping[str, TrainableTokens]):
+    """``trainable_token_indices`` as PEFT reads it: the config's list when one site holds it,
+    else ``{dotted embedding name: ids}``."""
+    if not tokens:
+        if config.trainable_token_indices is not None:
+            raise UnsupportedAdapterError(
+                "the config sets trainable_token_indices, but the adapter has no trainable tokens; save with the "
+                "config the adapter was made with."
+            )
+        return None
+    if isinstance(config.trainable_token_indices, tuple) and len(tokens) == 1:
+        (node,) = tokens.values()
+        if node.indices == config.trainable_token_indices:
+            return list(node.indices)
+    return {hf_name(p): list(n.indices) for p, n in sorted(tokens.items())}
+
+
+def _check_peft_token_tie(path, node):
+    """PEFT applies trainable tokens to a tied output projection exactly when the model ties its
+    word embeddings; refuse a site whose tie PEFT would not reproduce."""
+    if node.tie_output is None:
+        raise UnsupportedAdapterError(
+            f"the trainable tokens at {path!r} do not know whether the model reads the embedding as its tied output "
+            "projection (PEFT then uses the rows there too); create the adapter with jpeft.init(config, params, key, "
+            "model, *example_inputs) or on jpeft.models params."
+        )
 
 
 def _check_peft_ties(path, node):
@@ -246,7 +348,7 @@ def _check_peft_ties(path, node):
 def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     """``init_lora_weights`` to write: ``True``, or the residual init every site shares, after
     refusing what PEFT would rebuild differently on load."""
-    kinds = {node.residual for node in adapter.values()}
+    kinds = {node.residual for node in adapter.values() if isinstance(node, LoraWeights)}
     if kinds == {None}:
         if config.init in ("pissa", "olora"):
             raise UnsupportedAdapterError(
@@ -268,7 +370,7 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
             "Re-create it with niter=None (exact SVD, which PEFT reproduces), or merge it "
             "(jpeft.merge(residual_params, adapter)) and save full weights with jpeft.models.save_pretrained."
         )
-    embeds = [p for p, n in adapter.items() if n.layout.kind == "embed"]
+    embeds = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == "embed"]
     if embeds:
         raise UnsupportedAdapterError(
             f"sites {embeds} are {kind} embeddings, but PEFT's LoRA Embedding layer has no {kind} init (it would load "
@@ -282,22 +384,21 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     return kind
 
 
-_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "base_layer.bias", _TOKENS_KEY, "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                  "base_layer.weight")
 
 
 def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     # the PEFT options jpeft does not implement, at anything but their "off" value (one list:
-    # LoraConfig._unsupported_hf_options; modules_to_save was checked with the classifier copy)
+    # LoraConfig._unsupported_hf_options)
     bad = {k: d[k] for k, ok in LoraConfig._unsupported_hf_options.items()
-           if k in d and k != "modules_to_save" and k not in fields and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
+           if k in d and k not in fields and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
     if bad:
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
-            "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules and "
-            "layers_to_transform/layers_pattern, with bias='none' and no "
-            "modules_to_save (but SEQ_CLS's untrained classifier)."
+            "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules, "
+            "layers_to_transform/layers_pattern, lora_bias, modules_to_save, trainable_token_indices and bias."
         )
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
     kept = {k: v for k, v in d.items() if k in hf_keys}
@@ -315,14 +416,26 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         raise LoadError(f"{os.path.join(ctx.folder, CONFIG_FILE)!r}: {e}") from None
 
     by_site: dict[str, dict[str, np.ndarray]] = {}
+    saved: dict[str, dict[str, np.ndarray]] = {}
+    token_values: dict[str, np.ndarray] = {}
+    biases: dict[str, np.ndarray] = {}  # bias="all": the biases of modules without a LoRA site
     unmatched = []
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
         if sp is None:
-            unmatched.append(k)
+            sm = split_peft_key(k, ("weight", "bias")) if config.modules_to_save or config.bias == "all" else None
+            if sm is not None and sm[0] in ctx.leaves and config.saves(sm[0]):
+                saved.setdefault(sm[0], {})[sm[1]] = v
+            elif sm is not None and sm[1] == "bias" and config.bias == "all" and "bias" in ctx.leaves.get(sm[0], {}):
+                biases[sm[0]] = v
+            else:
+                unmatched.append(k)
             continue
         path, t = sp
         if t == "base_layer.weight":  # PEFT saves the base embedding next to an embedding LoRA; jpeft keeps params'
+            continue
+        if t == _TOKENS_KEY:
+            token_values[path] = v
             continue
         by_site.setdefault(path, {})[t] = v
     leaves = ctx.leaves
@@ -365,6 +478,21 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         mag = t.get("lora_magnitude_vector")
         if config.use_dora and mag is None:
             raise CheckpointError(f"use_dora is set but site {hf_name(path)!r} has no lora_magnitude_vector.")
+        base_bias = None
+        if config.bias != "none" and "bias" in own:  # PEFT keeps the base's value for a bias missing from the file
+            base_bias = np.asarray(t.get("base_layer.bias", own["bias"]), np.float32).reshape(np.shape(own["bias"]))
+        elif "base_layer.bias" in t:
+            raise CheckpointError(
+                f"adapter site {hf_name(path)!r} carries a trained base_layer.bias, but adapter_config.json says "
+                f"bias={config.bias!r}{'' if 'bias' in own else ' and the base module has no bias'}. The files do not belong together."
+            )
+        bias = t.get("lora_B.bias")
+        if (bias is not None) != config.lora_bias or (bias is not None and bias.shape != (layout.out_features,)):
+            raise CheckpointError(
+                f"adapter site {hf_name(path)!r}: adapter_config.json says lora_bias={config.lora_bias}, the file "
+                f"{'has a lora_B.bias of shape ' + str(tuple(bias.shape)) if bias is not None else 'has no lora_B.bias'}"
+                f" (the module has {layout.out_features} outputs). The files do not belong together."
+            )
         adapter[path] = LoraWeights(
             jnp.asarray(a, ctx.dtype), jnp.asarray(b, ctx.dtype),
             None if mag is None or not config.use_dora else jnp.asarray(mag, ctx.dtype),
@@ -372,8 +500,46 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             residual if layout.kind != "embed" else None,
             path in tied_paths,
             tied_output_from_params(path, leaves) if layout.kind == "embed" else None,
+            None if bias is None else jnp.asarray(bias, ctx.dtype),
+            None if base_bias is None else jnp.asarray(base_bias, ctx.dtype),
         )
+    for path in sorted(saved):
+        adapter[path] = _saved_from_hf(path, saved[path], leaves[path], ctx.folder, ctx.dtype)
+    adapter.update(_tokens_from_hf(config, token_values, leaves, ctx))
+    for path, v in biases.items():
+        if path in adapter:
+            continue  # a module of modules_to_save holds its bias already
+        b = leaves[path]["bias"]
+        if tuple(np.shape(v)) != tuple(np.shape(b)):
+            raise BaseMismatchError(f"the bias of {hf_name(path)!r} has shape {np.shape(v)}, the base's {tuple(np.shape(b))}.")
+        adapter[path] = SavedModule({"bias": jnp.asarray(v, ctx.dtype)})
+    if config.bias == "all":  # PEFT trains every bias; one missing from the file keeps the base's value
+        for path, own in leaves.items():
+            if path not in adapter and "bias" in own:
+                adapter[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), ctx.dtype)})
     return config, adapter
+
+
+def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves, ctx: ImportContext) -> dict:
+    """The TrainableTokens sites of a PEFT file (``...token_adapter.trainable_tokens_delta``)."""
+    want = token_sites(config, leaves) if config.trainable_token_indices is not None else {}
+    if set(want) != set(values):
+        raise BaseMismatchError(
+            f"the adapter in {ctx.folder!r} has trainable tokens for {sorted(hf_name(p) for p in values)}, but its "
+            f"trainable_token_indices select {sorted(hf_name(p) for p in want)} in this base. Load it on the base it "
+            "was made for."
+        )
+    out = {}
+    for path, ids in want.items():
+        v = np.asarray(values[path])
+        e = leaves[path]["embedding"]
+        if v.shape != (len(ids), e.shape[1]) or max(ids) >= e.shape[0]:
+            raise BaseMismatchError(
+                f"the trainable tokens of {hf_name(path)!r} have shape {v.shape} for ids {list(ids)[:8]}, but the base "
+                f"embedding is {tuple(e.shape)}. Load the adapter on the base it was made for."
+            )
+        out[path] = TrainableTokens(jnp.asarray(v, ctx.dtype), tuple(ids), bool(tied_output_from_params(path, leaves)))
+    return out
 
 
 def _take_tied_output(d, by_site, leaves, folder) -> set:
@@ -506,6 +672,11 @@ def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder:
             and k.startswith(prefix)]
     if not mts and not keys:
         return
+    if d.get("peft_type") == "LORA":  # LoRA loads modules_to_save; an untrained classifier copy is dropped below
+        keys = [k for k in keys if _equals_base_classifier(k[len(prefix):], tensors[k], leaves.get("classifier", {}))]
+        for k in keys:
+            del tensors[k]
+        return
     if not set(mts) <= {"classifier", "score"}:
         raise UnsupportedAdapterError(
             f"the adapter in {folder!r} has modules_to_save={list(mts)} (trainable full copies of modules), which jpeft "
@@ -522,6 +693,12 @@ def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder:
                 "jpeft does not load; it differs from the base's. Only adapters that leave the classifier frozen load."
             )
         del tensors[k]
+
+
+def _equals_base_classifier(name: str, x: np.ndarray, own) -> bool:
+    base = own.get({"classifier.weight": "kernel", "classifier.bias": "bias"}.get(name, ""))
+    want = None if base is None else (np.asarray(base, np.float32).T if name.endswith("weight") else np.asarray(base, np.float32))
+    return want is not None and want.shape == x.shape and bool(np.allclose(x, want, atol=1e-6))
 
 
 def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, base_model_name_or_path: Optional[str] = None,
@@ -574,8 +751,9 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     d["task_type"] = task
     if d["task_type"] == "SEQ_CLS":
         prompt_learning = config.peft_type in ("PREFIX_TUNING", "PROMPT_TUNING")
-        tensors = dict(tensors, **_classifier_tensors(config, params, "base_model." if prompt_learning else PEFT_PREFIX))
-        d["modules_to_save"] = ["classifier", "score"]
+        # a trained copy of the classifier (LoRA's modules_to_save) wins over the base's
+        tensors = dict(_classifier_tensors(config, params, "base_model." if prompt_learning else PEFT_PREFIX), **tensors)
+        d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + ["classifier", "score"]))
     d.setdefault("inference_mode", True)
     d.setdefault("revision", None)
     from safetensors.numpy import save_file

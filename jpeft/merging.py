@@ -189,6 +189,11 @@ def _validate(adapters, weights, method, density, majority_sign, key):
                     f"adapter {i} is a DoRA adapter (magnitude at {path!r}); its update is not s*A@B, so it cannot "
                     "be combined linearly. Merge it into the base alone with jpeft.merge."
                 )
+            if node.lora_bias is not None or node.base_bias is not None:
+                raise NotMergeableError(
+                    f"adapter {i} trains a bias at {path!r} (LoraConfig.lora_bias or bias); adapter merging combines "
+                    "the updates s*A@B only. Merge it into the base alone with jpeft.merge."
+                )
             lay = layouts.get(path)
             if lay is None:
                 layouts[path] = node.layout

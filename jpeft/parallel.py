@@ -397,7 +397,9 @@ def _site_specs(path: str, node, base_specs):
     spec_a = P(*lead_e, a_in, None)
     spec_b = P(*lead_e, None, b_out)
     mag = None if node.magnitude is None else P(*lead_e, b_out)
-    return dataclasses.replace(node, lora_A=spec_a, lora_B=spec_b, magnitude=mag)
+    bias = None if node.lora_bias is None else P(*lead_e, b_out)
+    base_bias = None if node.base_bias is None else P()
+    return dataclasses.replace(node, lora_A=spec_a, lora_B=spec_b, magnitude=mag, lora_bias=bias, base_bias=base_bias)
 
 
 def adapter_specs(adapter: Mapping[str, Any], params_or_specs, mesh: Optional[Mesh] = None):

@@ -183,12 +183,8 @@ def test_unsupported_adapter_type(saved_llama):
 
 def test_unsupported_lora_options(saved_llama):
     d = json.loads((saved_llama / "adapter_config.json").read_text())
-    d["modules_to_save"] = ["lm_head"]
-    (saved_llama / "adapter_config.json").write_text(json.dumps(d))
-    with pytest.raises(UnsupportedAdapterError, match=r"modules_to_save=\['lm_head'\] \(trainable full copies"):
-        H.load_peft(str(saved_llama), loaded("llama2")[1])
-    for k, v in (("bias", "all"), ("lora_bias", True), ("trainable_token_indices", [1, 2]), ("use_bdlora", True)):
-        e = dict(d, modules_to_save=None, **{k: v})
+    for k, v in (("layer_replication", [[0, 1]]), ("use_bdlora", True)):
+        e = dict(d, **{k: v})
         (saved_llama / "adapter_config.json").write_text(json.dumps(e))
         with pytest.raises(UnsupportedAdapterError, match=rf"options jpeft cannot load: \{{'{k}'"):
             H.load_peft(str(saved_llama), loaded("llama2")[1])
@@ -454,10 +450,13 @@ def test_train_method_table_refuses_unimplemented_options():
     apply is refused by name instead of being dropped."""
     from jpeft.cli.train_cmd import method_of
 
-    for k, v in (("modules_to_save", ["lm_head"]), ("bias", "lora_only"), ("lora_bias", True),
-                 ("trainable_token_indices", [3])):
+    for k, v in (("layer_replication", [[0, 1]]), ("use_qalora", True)):
         with pytest.raises(jpeft.ConfigError, match=rf"does not implement: \{{'{k}'"):
             method_of({"method": {"name": "lora", "r": 4, k: v}}, "llama")
     cfg = method_of({"method": {"name": "lora", "r": 4, "layers_to_transform": [1], "layers_pattern": "layers",
                                 "exclude_modules": ["o_proj"]}}, "llama")
     assert cfg.layers_to_transform == (1,) and cfg.exclude_modules == ("o_proj",)
+    cfg = method_of({"method": {"name": "lora", "r": 4, "lora_bias": True, "modules_to_save": ["lm_head"],
+                                "trainable_token_indices": [3], "bias": "all"}}, "llama")
+    assert cfg.lora_bias and cfg.modules_to_save == ("lm_head",) and cfg.trainable_token_indices == (3,)
+    assert cfg.bias == "all"

@@ -192,14 +192,26 @@ def test_task_types_peft_cannot_load_are_refused_before_writing(tmp_path):
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
-def test_trained_classifier_copy_is_refused(tmp_path):
+def test_trained_classifier_copy_loads_as_module_to_save(tmp_path):
+    """SEQ_CLS trains PEFT's classifier copy (modules_to_save): LoRA loads it as a SavedModule and
+    matches PEFT's logits; saved back, PEFT reads the trained copy (not the base's)."""
     hf, _ = tiny.hf_model("bert")
     torch.manual_seed(0)
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS",
                                                                 init_lora_weights=False))
     with torch.no_grad():
         pm.base_model.model.classifier.modules_to_save["default"].weight.add_(0.1)
-    pm.save_pretrained(str(tmp_path))
-    _, params = _jpeft_base("bert")
-    with pytest.raises(jpeft.UnsupportedAdapterError, match="trained copy of 'classifier'"):
-        load_peft(str(tmp_path), params)
+        pm.base_model.model.classifier.modules_to_save["default"].bias.add_(0.1)
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "a"))
+    model, params = _jpeft_base("bert")
+    cfg, ad = load_peft(str(tmp_path / "a"), params)
+    assert isinstance(ad["classifier"], jpeft.SavedModule) and cfg.modules_to_save == ("classifier", "score")
+    ids, mask = tiny.batch("bert")
+    t = _torch_logits(pm, ids, mask, with_positions=False)
+    j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(j), t, rtol=1e-4, atol=1e-4)
+    assert np.abs(np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask))) - t).max() > 1e-3
+    save_peft(str(tmp_path / "b"), cfg, ad, task_type="SEQ_CLS", params=params)
+    pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "b")).eval()
+    np.testing.assert_allclose(_torch_logits(pm2, ids, mask, with_positions=False), t, rtol=1e-4, atol=1e-4)

@@ -22,8 +22,9 @@ import numpy as np
 
 from jpeft import _inject
 from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError, NotMergeableError
+from jpeft.errors import ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, TargetNotFoundError
 from jpeft.methods.base import Call, Layout, Site, dropout, static_field
+from jpeft.scan import Stacked
 from jpeft.tree import compile_pattern, hf_name, matches, regex_fullmatch
 
 _INITS = ("default", "gaussian", "pissa", "olora", "random")
@@ -57,6 +58,24 @@ class LoraConfig(AdapterConfig):
         name or regex matched as Hugging Face PEFT does.
       exclude_modules, layers_to_transform, layers_pattern: narrow the selection as Hugging
         Face PEFT's options of these names do (see :meth:`selects`).
+      lora_bias: give each site a trainable bias ``[out]`` on LoRA's B (Hugging Face PEFT's
+        ``lora_bias=True``): the update becomes ``s * ((x @ A) @ B + lora_bias)``, and
+        :func:`jpeft.merge` adds ``s * lora_bias`` to the base bias (refused where the base layer
+        has none). Only with ``init`` ``"default"`` (bias zero) or ``"random"``, not with DoRA,
+        not on embeddings (as in PEFT).
+      modules_to_save: names of modules trained in full, as Hugging Face PEFT's option of that name
+        (e.g. ``["lm_head"]``, ``["classifier"]``): a module whose dotted name ends with one of
+        them gets a :class:`SavedModule` site holding a trainable copy of its parameters, which
+        :func:`jpeft.apply` uses instead of the base's and :func:`jpeft.merge` writes into the base.
+      trainable_token_indices: train only these rows of an embedding (Hugging Face PEFT's
+        option, its TrainableTokens): a list of token ids for the model's input embedding, or
+        ``{embedding name: ids}``. The site (:class:`TrainableTokens`) holds the rows' new values;
+        on a model whose output projection is tied to the embedding the rows act there too, as
+        in PEFT.
+      bias: ``"none"``, ``"lora_only"`` (the base biases of the LoRA-adapted layers are trained
+        too, held as ``LoraWeights.base_bias``) or ``"all"`` (every base bias of the model, the
+        others as :class:`SavedModule` sites holding only ``bias``), as Hugging Face PEFT's
+        option of that name. Not with DoRA.
       ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
         output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
         the input lookup is adapted, as in PEFT's unmerged model.
@@ -89,8 +108,37 @@ class LoraConfig(AdapterConfig):
     exclude_modules: Any = None
     layers_to_transform: Any = None
     layers_pattern: Any = None
+    lora_bias: bool = False
+    modules_to_save: Any = None
+    trainable_token_indices: Any = None
+    bias: str = "none"
 
     def __post_init__(self):
+        if self.bias is None:
+            object.__setattr__(self, "bias", "none")
+        if self.bias not in ("none", "lora_only", "all"):
+            raise ConfigError(f"LoraConfig.bias must be 'none', 'lora_only' or 'all', found {self.bias!r}.")
+        tti = self.trainable_token_indices
+        if tti is not None:
+            def ids(v, where):
+                v = (v,) if isinstance(v, (int, np.integer)) else tuple(v)
+                if not v or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in v) \
+                        or len(set(v)) != len(v):
+                    raise ConfigError(f"LoraConfig.trainable_token_indices{where} must be distinct token ids >= 0, found {v!r}.")
+                return tuple(int(i) for i in v)
+
+            if isinstance(tti, Mapping):
+                tti = {str(k): ids(v, f"[{k!r}]") for k, v in tti.items()} or None
+            else:
+                tti = ids(tti, "")
+        object.__setattr__(self, "trainable_token_indices", tti)
+        mts = self.modules_to_save
+        if isinstance(mts, str):
+            mts = (mts,)
+        mts = None if mts is None else tuple(mts)
+        if mts is not None and not all(isinstance(m, str) and m for m in mts):
+            raise ConfigError(f"LoraConfig.modules_to_save must be a list of module names, found {self.modules_to_save!r}.")
+        object.__setattr__(self, "modules_to_save", mts or None)
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
         object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules) or None)
         ltt = self.layers_to_transform
@@ -129,12 +177,24 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"LoraConfig.alpha must be > 0 and finite (at most float32's 3.4e38), found {self.alpha!r}. A common choice is alpha = 2 * r.")
         if not isinstance(self.ensure_weight_tying, bool):
             raise ConfigError(f"LoraConfig.ensure_weight_tying must be true or false, found {self.ensure_weight_tying!r}.")
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"LoraConfig.lora_bias must be true or false, found {self.lora_bias!r}.")
         if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), found {self.dropout!r}.")
         if self.init not in _INITS:
             raise ConfigError(f"LoraConfig.init must be one of {_INITS}, found {self.init!r}.")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("LoraConfig.target_modules is empty; give a regex or a list of module names such as ['q_proj', 'v_proj'].")
+        if self.bias != "none" and self.use_dora:
+            raise ConfigError(
+                f"LoraConfig.bias={self.bias!r} (trainable base biases) is not implemented with DoRA in jpeft; use "
+                "bias='none' with DoRA, or plain LoRA with trainable biases."
+            )
+        if self.lora_bias and (self.use_dora or self.init not in ("default", "random")):
+            raise ConfigError(
+                f"LoraConfig.lora_bias=True works with init 'default' or 'random' and without DoRA (as in Hugging Face "
+                f"PEFT), found init={self.init!r}, use_dora={self.use_dora}. Drop lora_bias or use a plain LoRA init."
+            )
         for k, v in self.rank_pattern.items():
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be a positive integer, found {v!r}.")
@@ -145,7 +205,10 @@ class LoraConfig(AdapterConfig):
     def __hash__(self):
         return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
                      self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items())),
-                     self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern))
+                     self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern,
+                     self.lora_bias, self.modules_to_save,
+                     tuple(sorted(self.trainable_token_indices.items())) if isinstance(self.trainable_token_indices, dict)
+                     else self.trainable_token_indices, self.bias))
 
     def to_dict(self):
         d = super().to_dict()
@@ -185,6 +248,12 @@ class LoraConfig(AdapterConfig):
         idx = int(m.group("idx"))
         return idx == ltt if isinstance(ltt, (int, np.integer)) else idx in ltt
 
+    def saves(self, path: str) -> bool:
+        """Whether the module at ``path`` is one of ``modules_to_save``: its dotted name ends with
+        one of the names (Hugging Face PEFT's rule, a plain suffix test)."""
+        name = hf_name(path)
+        return any(name.endswith(m) for m in (self.modules_to_save or ()))
+
     def rank_alpha(self, path: str) -> tuple[int, float]:
         """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does."""
         name = hf_name(path)
@@ -213,7 +282,8 @@ def _finite_positive(v) -> bool:
 @dataclasses.dataclass(frozen=True)
 class LoraWeights(Site):
     """One LoRA site: ``lora_A: [in, r]``, ``lora_B: [r, out]`` (JAX orientation), plus the
-    DoRA magnitude ``[out]`` when ``use_dora``.
+    DoRA magnitude ``[out]`` when ``use_dora`` and the bias ``lora_bias: [out]`` on B when
+    ``LoraConfig.lora_bias`` (the update is then ``s * ((x @ A) @ B + lora_bias)``).
 
     Static fields besides the scale, layout and dropout rate:
 
@@ -237,6 +307,8 @@ class LoraWeights(Site):
     residual: Optional[str] = static_field(default=None)
     tie_output: bool = static_field(default=False)
     tied_output: Optional[bool] = static_field(default=None)
+    lora_bias: Optional[jax.Array] = None
+    base_bias: Optional[jax.Array] = None
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
@@ -257,6 +329,16 @@ class LoraWeights(Site):
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own)
+        if self.lora_bias is not None and self.lora_bias.shape[-1:] != (self.layout.out_features,):
+            raise ShapeMismatchError(
+                f"the LoRA site at {path!r} has a lora_bias of shape {tuple(self.lora_bias.shape)}, but the module has "
+                f"{self.layout.out_features} output features. Was the adapter made for another model?"
+            )
+
+    def _bias_out(self, dt, ndim: int) -> jax.Array:
+        """``s * lora_bias`` shaped to broadcast over an output of ``ndim`` dims (output dims last)."""
+        out = tuple(self.layout.out_dims)
+        return (self.scale * self.lora_bias.astype(dt)).reshape((1,) * (ndim - len(out)) + out)
 
     # -- factored forward --------------------------------------------------------------------
     def delta_matrix(self) -> jax.Array:
@@ -279,6 +361,9 @@ class LoraWeights(Site):
                 return y
         y = call.run()
         dt = y.dtype
+        if self.base_bias is not None:  # LoraConfig.bias: the trained base bias replaces the module's own
+            own_b = mod.variables["params"]["bias"]
+            y = y + (self.base_bias.astype(dt) - own_b.astype(dt)).reshape((1,) * (y.ndim - own_b.ndim) + own_b.shape)
         a = self.lora_A.astype(dt)
         b = self.lora_B.astype(dt)
         if lay.kind == "embed":
@@ -293,12 +378,14 @@ class LoraWeights(Site):
             # makes for several contracted axes (~25% of a Llama LoRA step; docs/BENCHMARKS.md).
             x2 = x.reshape(-1, x.shape[-1])
             d = ((x2 @ a) @ b) * self.scale
-            return y + d.reshape(y.shape)
+            y = y + d.reshape(y.shape)
+            return y if self.lora_bias is None else y + self._bias_out(dt, y.ndim)
         h = self._down(x, a, mod, call)
         if lay.kind == "einsum":
             return y + self._einsum_up(h, b, call)
         d = (h @ b) * self.scale
-        return y + d.reshape(d.shape[:-1] + tuple(lay.out_dims))
+        y = y + d.reshape(d.shape[:-1] + tuple(lay.out_dims))
+        return y if self.lora_bias is None else y + self._bias_out(dt, y.ndim)
 
     def _merged_dense(self, call: Call, x):
         """``x @ (W + s A B) + bias`` for an ``nn.Dense`` call with many tokens, or ``None``.
@@ -330,8 +417,11 @@ class LoraWeights(Site):
             return None
         x2 = x.reshape(-1, n_in)
         y = _merged_matmul(x2, w, self.lora_A.astype(f32), self.lora_B.astype(f32), float(self.scale), mod.precision)
-        if mod.use_bias and own.get("bias") is not None:
-            y = y + own["bias"].astype(f32).reshape(1, n_out)
+        b = own.get("bias") if self.base_bias is None else self.base_bias
+        if mod.use_bias and b is not None:
+            y = y + b.astype(f32).reshape(1, n_out)
+        if self.lora_bias is not None:
+            y = y + self._bias_out(f32, 2)
         return y.reshape(x.shape[:-1] + (n_out,))
 
     def _down(self, x, a, mod, call):
@@ -397,6 +487,20 @@ class LoraWeights(Site):
                 "adapt both on purpose with LoraConfig(ensure_weight_tying=True)."
             )
 
+    def _merge_bias(self, own, out, sign: float) -> None:
+        """Adds ``sign * s * lora_bias`` to the base bias in ``out`` (PEFT refuses too when there is none)."""
+        if self.lora_bias is None:
+            return
+        b = out.get("bias")
+        if b is None or b.size != self.layout.out_features:
+            raise NotMergeableError(
+                f"this LoRA has a lora_bias (LoraConfig.lora_bias=True), but the base layer has "
+                f"{'no bias' if b is None else f'a bias of shape {tuple(b.shape)}'} to fold it into (PEFT refuses this "
+                "merge too). Keep the adapter unmerged, or train it with lora_bias=False for a layer without a bias."
+            )
+        d = (sign * self.scale) * self.lora_bias.astype(jnp.float32).reshape(b.shape)
+        out["bias"] = (b.astype(jnp.float32) + d).astype(b.dtype)
+
     def merge(self, own):
         self._check_tied_merge()
         if self.magnitude is not None:
@@ -407,6 +511,9 @@ class LoraWeights(Site):
         w = own[pname]
         out = dict(own)
         out[pname] = (w.astype(jnp.float32) + self.kernel_delta()).astype(w.dtype)
+        if self.base_bias is not None:
+            out["bias"] = self.base_bias.reshape(own["bias"].shape).astype(own["bias"].dtype)
+        self._merge_bias(own, out, 1.0)
         return out
 
     def unmerge(self, own):
@@ -418,8 +525,212 @@ class LoraWeights(Site):
         pname = self.layout.param_name
         w = own[pname]
         out = dict(own)
+        if self.base_bias is not None:
+            raise NotInvertibleError(
+                "this LoRA trains the base bias too (LoraConfig.bias), which merge replaces, so the base bias cannot be "
+                "recovered from merged params; keep the base params tree (jpeft never modifies it) instead."
+            )
         out[pname] = (w.astype(jnp.float32) - self.kernel_delta()).astype(w.dtype)
+        self._merge_bias(own, out, -1.0)
         return out
+
+
+def _same_shapes(a, b) -> bool:
+    sa = jax.tree.map(lambda x: tuple(x.shape), dict(a))
+    sb = jax.tree.map(lambda x: tuple(x.shape), dict(b))
+    return jax.tree.structure(sa) == jax.tree.structure(sb) and jax.tree.leaves(sa) == jax.tree.leaves(sb)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SavedModule(Site):
+    """One of ``LoraConfig.modules_to_save``: a trainable full copy of a module's parameters
+    (Hugging Face PEFT's ``ModulesToSaveWrapper``), or with ``LoraConfig(bias="all")`` a copy of
+    just its ``bias``. The module runs with ``params`` in place of its own;
+    :func:`jpeft.merge` writes the copy into the base (not invertible)."""
+
+    params: Any
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    def check(self, path: str, module) -> None:
+        self.check_params(path, module.variables.get("params", {}))
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        own = {k: v for k, v in dict(own).items() if k in self.params}  # a bias-only copy (LoraConfig.bias='all')
+        if not _same_shapes(own, self.params):
+            raise ShapeMismatchError(
+                f"the saved copy of module {path!r} (modules_to_save) has parameters "
+                f"{jax.tree.map(lambda x: tuple(x.shape), dict(self.params))}, the model's module has "
+                f"{jax.tree.map(lambda x: tuple(x.shape), dict(own))}. Was the adapter made for another model?"
+            )
+
+    def _cast(self, own):
+        own = dict(own)
+        return {**own, **{k: jax.tree.map(lambda new, old: new.astype(old.dtype), v, own[k])
+                          for k, v in dict(self.params).items()}}
+
+    def intercept(self, call: Call):
+        mod = call.module
+        variables = {k: v for k, v in mod.variables.items() if k != "params"}
+        variables["params"] = self._cast(mod.variables.get("params", {}))
+        kwargs = dict(call.kwargs)
+        key = call.dropout_key()
+        if key is not None:
+            kwargs["rngs"] = {"dropout": key}
+        with _inject.bypass():
+            return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **kwargs)
+
+    def merge(self, own):
+        return self._cast(own)
+
+    def unmerge(self, own):
+        raise NotInvertibleError(
+            "a module of modules_to_save is replaced by its trained copy when merged, so its base weights cannot be "
+            "recovered from the merged params; keep the base params tree (jpeft never modifies it) instead."
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainableTokens(Site):
+    """``LoraConfig.trainable_token_indices`` on one embedding: ``values: [k, dim]`` replace the
+    embedding's rows ``indices`` (Hugging Face PEFT's TrainableTokens; its
+    ``trainable_tokens_delta`` holds these values, not a difference). With ``tie_output`` the
+    embedding's ``attend`` (a tied output projection) uses the new rows too, as PEFT ties them."""
+
+    values: jax.Array
+    indices: tuple = static_field(default=())
+    tie_output: Optional[bool] = static_field(default=False)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    def handles(self, method_name: str) -> bool:
+        return method_name == "__call__" or (method_name == "attend" and bool(self.tie_output))
+
+    def check(self, path: str, module) -> None:
+        self.check_params(path, module.variables.get("params", {}))
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        e = own.get("embedding")
+        if e is None or e.ndim != 2 or self.values.shape != (len(self.indices), e.shape[1]) \
+                or max(self.indices) >= e.shape[0]:
+            raise ShapeMismatchError(
+                f"the trainable tokens at {path!r} hold rows {list(self.indices)[:8]} of width "
+                f"{self.values.shape[-1]}, but the module's embedding is "
+                f"{None if e is None else tuple(e.shape)}. Was the adapter made for another model?"
+            )
+
+    def _table(self, e):
+        return e.at[jnp.asarray(self.indices)].set(self.values.astype(e.dtype))
+
+    def intercept(self, call: Call):
+        mod = call.module
+        variables = dict(mod.variables)
+        params = dict(variables.get("params", {}))
+        params["embedding"] = self._table(params["embedding"])
+        variables["params"] = params
+        with _inject.bypass():
+            return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **call.kwargs)
+
+    def merge(self, own):
+        if self.tie_output is None:
+            warnings.warn(
+                "merging trainable tokens into an embedding: jpeft cannot tell whether the model also reads it as a "
+                "tied output projection (attend), where the merged rows would act too. Pass the model to jpeft.init.",
+                UserWarning, stacklevel=4)
+        out = dict(own)
+        out["embedding"] = self._table(own["embedding"])
+        return out
+
+    def unmerge(self, own):
+        raise NotInvertibleError(
+            "merged trainable tokens replace rows of the embedding, so the base rows cannot be recovered from the "
+            "merged params; keep the base params tree (jpeft never modifies it) instead."
+        )
+
+
+_INPUT_EMBEDDINGS = ("model/embed_tokens", "transformer/wte", "bert/embeddings/word_embeddings")
+
+
+def token_sites(config: LoraConfig, leaves: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple]:
+    """``{embedding path: token ids}`` for ``config.trainable_token_indices``: a list goes to the
+    model's input embedding (jpeft.models' or a module named ``embed_tokens``, PEFT's default), a
+    dict's keys match embedding names by suffix as PEFT does."""
+    tti = config.trainable_token_indices
+    embeds = [p for p, own in leaves.items() if "embedding" in own]
+    if isinstance(tti, dict):
+        out = {}
+        for name, ids in tti.items():
+            hits = [p for p in embeds if hf_name(p).endswith(name)]
+            if len(hits) != 1:
+                raise TargetNotFoundError(
+                    f"trainable_token_indices names {name!r}, which matches {len(hits)} embeddings ({hits}); name "
+                    f"exactly one of {[hf_name(p) for p in embeds]}."
+                )
+            out[hits[0]] = ids
+        return out
+    hits = [p for p in _INPUT_EMBEDDINGS if p in leaves] or [p for p in embeds if p.endswith("embed_tokens")]
+    if len(hits) != 1:
+        raise TargetNotFoundError(
+            f"trainable_token_indices is a list, for the model's input embedding, but jpeft cannot tell which of "
+            f"{[hf_name(p) for p in embeds]} that is. Give {{embedding name: ids}} instead."
+        )
+    return {hits[0]: tti}
+
+
+def init_tokens(values_of: Mapping[str, Any], ids: tuple, tie_output: Optional[bool]) -> TrainableTokens:
+    """The site for rows ``ids`` of an embedding: their current values (PEFT's start)."""
+    e = values_of["embedding"]
+    if max(ids) >= e.shape[0]:
+        raise ConfigError(f"trainable_token_indices {list(ids)} reach past the embedding's {e.shape[0]} rows.")
+    return TrainableTokens(jnp.asarray(e)[jnp.asarray(ids)].astype(jnp.float32), tuple(ids), tie_output)
+
+
+def with_trainable_biases(config: LoraConfig, leaves: Mapping[str, Mapping[str, Any]], sites: Mapping[str, Any]) -> dict:
+    """``bias="lora_only"``: the LoRA sites' base biases become trainable (``base_bias``);
+    ``"all"``: every other module's bias too (a bias-only :class:`SavedModule`)."""
+    out = dict(sites)
+    for path, node in sites.items():
+        if isinstance(node, Stacked):
+            raise ConfigError(
+                f"LoraConfig.bias={config.bias!r} is not implemented for layer-scanned models (site {path!r}); "
+                "use an unrolled model (scan_layers=False)."
+            )
+        b = leaves[path].get("bias")
+        if isinstance(node, LoraWeights) and b is not None:
+            out[path] = dataclasses.replace(node, base_bias=jnp.array(b, jnp.float32, copy=True))
+    if config.bias == "all":
+        for path, own in leaves.items():
+            if path not in out and "bias" in own:
+                out[path] = SavedModule({"bias": jnp.array(own["bias"], jnp.float32, copy=True)})
+    return out
+
+
+def saved_modules(config: LoraConfig, leaves, sites) -> dict:
+    """The trainable full copies of ``config.modules_to_save`` (modules holding parameters)."""
+    saved = sorted(p for p in leaves if config.saves(p))
+    if not saved:
+        tied = " (a model with tied word embeddings has no lm_head of its own: jpeft computes its logits with the " \
+               "input embedding)" if any(m.endswith("lm_head") for m in config.modules_to_save) else ""
+        raise TargetNotFoundError(
+            f"modules_to_save={list(config.modules_to_save)} names no module with parameters in these params{tied}; "
+            f"modules with parameters end with e.g. {sorted({p.rsplit('/', 1)[-1] for p in leaves})[:12]}."
+        )
+    both = [p for p in saved if p in sites]
+    if both:
+        raise ConfigError(
+            f"modules {both} are both LoRA targets and modules_to_save; a module is either adapted or trained in full. "
+            "Remove them from one of target_modules and modules_to_save."
+        )
+    return {p: init_saved(p, leaves[p]) for p in saved}
+
+
+def init_saved(path: str, own: Mapping[str, Any]) -> SavedModule:
+    """The copy of one module of ``modules_to_save``: its parameters, as they are (PEFT's start)."""
+    return SavedModule(jax.tree.map(lambda x: jnp.array(x, copy=True), dict(own)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -499,7 +810,18 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
         b = jnp.zeros((r, n_out), jnp.float32)
     residual = config.init if config.init in RESIDUAL_INITS else None
     tie = bool(config.ensure_weight_tying) and layout.kind == "embed"
-    node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output)
+    bias = None
+    if config.lora_bias:
+        if layout.kind not in ("dense", "dense_general", "conv"):
+            raise ConfigError(
+                f"LoraConfig.lora_bias=True cannot adapt the {layout.kind} module at {path!r}: the LoRA bias is for "
+                "dense and convolution layers (Hugging Face PEFT refuses it on embeddings too). Leave this module out "
+                "of target_modules (exclude_modules) or set lora_bias=False."
+            )
+        # PEFT: zero with the default init (the identity), torch.nn.Linear's own init (bound 1/sqrt(r)) otherwise
+        bias = (jnp.zeros((n_out,), jnp.float32) if config.init == "default"
+                else _kaiming_uniform(jax.random.fold_in(kb, 1), (n_out,), r))
+    node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output, bias)
     if config.use_dora:
         from jpeft.methods import dora
 

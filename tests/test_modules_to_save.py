@@ -1,0 +1,105 @@
+"""LoRA's ``modules_to_save`` (Hugging Face PEFT's option): a trainable full copy of the named
+modules, used by apply, written into the base by merge, and trained while the base stays
+bit-identical. The PEFT format both ways is in tests/test_interop_matrix.py (row
+``modules_to_save``) and tests/test_methods_hf.py (SEQ_CLS's trained classifier)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft.errors import ConfigError, NotInvertibleError, TargetNotFoundError
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(6, name="d")(x)
+        h = nn.LayerNorm(name="norm")(h)
+        return nn.Dense(3, name="head")(h)
+
+
+X = jax.random.normal(jax.random.key(0), (2, 5, 4))
+
+
+def _setup(**kw):
+    model = Net()
+    params = model.init(jax.random.key(1), X)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["d"], modules_to_save=["head", "norm"], init="random", **kw)
+    ad = jpeft.init(cfg, params, jax.random.key(2), model, X)
+    leaves, tdef = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    ad = jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return model, params, cfg, ad
+
+
+def test_copy_starts_equal_and_is_used_by_apply():
+    model = Net()
+    params = model.init(jax.random.key(1), X)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["d"], modules_to_save=["head"])
+    ad = jpeft.init(cfg, params, jax.random.key(2))
+    assert isinstance(ad["head"], jpeft.SavedModule) and set(ad) == {"d", "head"}
+    np.testing.assert_array_equal(ad["head"].params["kernel"], params["params"]["head"]["kernel"])
+    np.testing.assert_array_equal(jpeft.apply(model, params, ad, X), model.apply(params, X))
+    # the copy, not the base's head, computes the output: closed form with the copy's weights
+    p2 = jax.tree.map(lambda x: x + 1.0, ad["head"].params)
+    ad2 = dict(ad, head=jpeft.SavedModule(p2))
+    h = nn.LayerNorm().apply({"params": params["params"]["norm"]}, nn.Dense(6).apply({"params": params["params"]["d"]}, X))
+    want = h @ p2["kernel"] + p2["bias"].reshape(1, 1, 3)
+    np.testing.assert_allclose(jpeft.apply(model, params, ad2, X), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_equals_apply_and_unmerge_refuses():
+    model, params, cfg, ad = _setup()
+    fact = jpeft.apply(model, params, ad, X)
+    assert np.abs(np.asarray(fact) - np.asarray(model.apply(params, X))).max() > 1e-2
+    merged = jpeft.merge(params, ad)
+    np.testing.assert_allclose(model.apply(merged, X), fact, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(merged["params"]["head"]["kernel"], ad["head"].params["kernel"])
+    with pytest.raises(NotInvertibleError, match="keep the base params"):
+        jpeft.unmerge(merged, ad)
+
+
+def test_training_moves_the_copy_and_leaves_the_base_alone():
+    model, params, cfg, ad = _setup()
+    before = jax.tree.map(np.array, params)
+    y = jax.random.normal(jax.random.key(5), (2, 5, 3))
+
+    def loss(p, a):
+        return jnp.mean((jpeft.apply(model, p, a, X) - y) ** 2)
+
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def step(p, a, s):
+        g = jax.grad(loss, argnums=1)(p, a)
+        u, s = opt.update(g, s, a)
+        return optax.apply_updates(a, u), s
+
+    new, _ = step(params, ad, opt.init(ad))
+    for path in ("head", "norm"):
+        for k in ad[path].params:
+            assert np.abs(np.asarray(new[path].params[k] - ad[path].params[k])).min() > 0, (path, k)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+    assert float(loss(params, new)) < float(loss(params, ad))
+
+
+def test_config_round_trip_and_refusals():
+    c = jpeft.LoraConfig(r=2, target_modules=["d"], modules_to_save=["head"])
+    assert c.to_dict()["modules_to_save"] == ["head"]
+    assert jpeft.LoraConfig.from_dict(c.to_dict()) == c
+    assert jpeft.LoraConfig(modules_to_save="head").modules_to_save == ("head",)
+    with pytest.raises(ConfigError, match="list of module names"):
+        jpeft.LoraConfig(modules_to_save=[3])
+    model = Net()
+    params = model.init(jax.random.key(1), X)
+    with pytest.raises(ConfigError, match="both LoRA targets and modules_to_save"):
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "head"], modules_to_save=["head"]), params, jax.random.key(0))
+    with pytest.raises(TargetNotFoundError, match="no lm_head of its own"):
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], modules_to_save=["lm_head"]), params, jax.random.key(0))
