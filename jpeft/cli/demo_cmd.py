@@ -5,9 +5,9 @@ from __future__ import annotations
 HELP = "pretrain a tiny model on Python code, fine-tune it on English with full FT and LoRA, compare forgetting"
 EPILOG = """\
 example:
-  jpeft demo                       # ~3-5 minutes on 2 CPU cores; the base model is cached
+  jpeft demo                       # ~2 minutes on 2 CPU cores the first time; the base model is cached
   jpeft demo --out demo --steps 400 --rank 16
-  jpeft demo --tiny --steps 5      # a smoke test in seconds
+  jpeft demo --tiny --steps 5      # a smoke test: ~20 s cold on 2 cores
 
 What it does:
   1. pretrains (or reuses the cached) tiny byte-level Llama on the Python standard
