@@ -5,12 +5,17 @@ the refusals PEFT makes too. The PEFT format both ways is in tests/test_interop_
 
 from __future__ import annotations
 
+import os
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+from adam_step import step_moves_adapter_only  # noqa: E402
 
 import jpeft
 from jpeft.bank import AdapterBank
@@ -89,27 +94,9 @@ def test_merge_refused_without_a_base_bias():
 
 def test_training_moves_the_bias_and_leaves_the_base_alone():
     model, params, cfg, ad = _setup()
-    before = jax.tree.map(np.array, params)
-    y = jax.random.normal(jax.random.key(5), (2, 5, 4))
-
-    def loss(p, a):
-        return jnp.mean((jpeft.apply(model, p, a, X) - y) ** 2)
-
-    opt = optax.adam(1e-2)
-    state = opt.init(ad)
-
-    @jax.jit
-    def step(p, a, s):
-        g = jax.grad(loss, argnums=1)(p, a)
-        u, s = opt.update(g, s, a)
-        return optax.apply_updates(a, u), s
-
-    new, _ = step(params, ad, state)
+    new = step_moves_adapter_only(model, params, ad, X, (2, 5, 4))
     for path in ad:
         assert np.abs(np.asarray(new[path].lora_bias - ad[path].lora_bias)).min() > 0, path
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
-        np.testing.assert_array_equal(a, b)
-    assert float(loss(params, new)) < float(loss(params, ad))
 
 
 def test_config_round_trip_and_refusals():

@@ -5,12 +5,17 @@ ways, on every family, is in tests/test_interop_matrix.py (row ``trainable_token
 
 from __future__ import annotations
 
+import os
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+from adam_step import step_moves_adapter_only  # noqa: E402
 
 import jpeft
 from jpeft.errors import ConfigError, NotInvertibleError, TargetNotFoundError
@@ -69,25 +74,8 @@ def test_starts_as_the_base_and_merge_equals_apply():
 
 def test_training_moves_the_rows_and_leaves_the_base_alone():
     model, params, cfg, ad = _setup()
-    before = jax.tree.map(np.array, params)
-    y = jax.random.normal(jax.random.key(5), (2, 4, 8))
-
-    def loss(p, a):
-        return jnp.mean((jpeft.apply(model, p, a, IDS) - y) ** 2)
-
-    opt = optax.adam(1e-2)
-
-    @jax.jit
-    def step(p, a, s):
-        g = jax.grad(loss, argnums=1)(p, a)
-        u, s = opt.update(g, s, a)
-        return optax.apply_updates(a, u), s
-
-    new, _ = step(params, ad, opt.init(ad))
+    new = step_moves_adapter_only(model, params, ad, IDS, (2, 4, 8))
     assert np.abs(np.asarray(new["embed_tokens"].values - ad["embed_tokens"].values)).min() > 0
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
-        np.testing.assert_array_equal(a, b)
-    assert float(loss(params, new)) < float(loss(params, ad))
 
 
 def test_config_forms_and_refusals():
