@@ -1,0 +1,387 @@
+"""What LoHa (:mod:`jpeft.methods.loha`) and LoKr (:mod:`jpeft.methods.lokr`) share, as
+Hugging Face PEFT's ``lycoris_utils`` does for its two LyCORIS tuners.
+
+Both methods build a full-size weight update from a few small tensors (a Hadamard product of
+two low-rank matrices for LoHa, a Kronecker product for LoKr) and add the module's output on
+that update: ``y = f(x; W) + f(x; dW)``. They store their tensors in **PyTorch's orientation
+and under PEFT's names** (``hada_w1_a: [out, r]``, ``lokr_w1: [out_l, in_m]``, ...), so the
+update is first formed as PEFT forms it, ``[out, in]`` (``[out, in, *window]`` for a
+convolution), and then laid out as the module's kernel (:func:`kernel_from_torch`). The PEFT
+format then needs no transposes, and the math here is PEFT's line for line.
+
+Pieces kept as small pure functions (the method files hold the rest):
+
+* :func:`torch_shape`, :func:`kernel_from_torch`, :func:`matrix_from_torch`: the update's
+  PyTorch shape for a layout and its conversion to the flax kernel / the ``[in, out]`` matrix;
+* :func:`kaiming_uniform`: ``torch.nn.init.kaiming_uniform_(t, a=sqrt(5))`` on a PyTorch shape;
+* :class:`LycorisConfig`: the fields both configs share (rank and alpha, their per-module
+  patterns, the two training-time dropouts, the effective-convolution switch);
+* :class:`LycorisSite`: the node skeleton (forward, dropouts, merge) over a method's
+  ``torch_delta()``;
+* :func:`to_hf` / :func:`from_hf`: the PEFT format, driven by the method's tensor shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import _inject, hf, scan
+from jpeft.config import AdapterConfig, _as_targets
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, LoadError, UnsupportedAdapterError,
+                          UnsupportedModuleError)
+from jpeft.methods._common import linear_candidates, linear_layout, to_matrix
+from jpeft.methods.base import Call, Layout, Site, static_field
+from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
+
+
+# -- shapes and layouts -----------------------------------------------------------------------
+
+def window(lay: Layout) -> tuple:
+    """The spatial window of a convolution kernel (``()`` for every other layout)."""
+    return tuple(lay.kernel_shape[:-2]) if lay.kind == "conv" else ()
+
+
+def in_channels(lay: Layout) -> int:
+    """Input channels of a convolution, input features otherwise (PyTorch's ``weight.shape[1]``
+    before the window)."""
+    return int(lay.kernel_shape[-2]) if lay.kind == "conv" else lay.in_features
+
+
+def torch_shape(lay: Layout) -> tuple:
+    """The shape PyTorch gives this module's weight: ``(out, in)``, or ``(out, in, *window)``
+    for a convolution (flax's conv kernel is ``(*window, in, out)``)."""
+    return (lay.out_features, in_channels(lay)) + window(lay)
+
+
+def kernel_from_torch(delta, lay: Layout):
+    """A weight update in PyTorch's shape (:func:`torch_shape`, or anything of that size) laid
+    out as the module's kernel."""
+    delta = delta.reshape(torch_shape(lay))
+    if lay.kind == "conv":
+        nd = delta.ndim
+        return jnp.transpose(delta, tuple(range(2, nd)) + (1, 0))
+    mat = delta.T  # [in, out] in the layout's input / output axis order
+    order = tuple(lay.in_axes) + tuple(lay.out_axes)
+    inv = tuple(int(i) for i in np.argsort(order))
+    return jnp.transpose(mat.reshape(tuple(lay.in_dims) + tuple(lay.out_dims)), inv)
+
+
+def matrix_from_torch(delta, lay: Layout):
+    """The update as the matrix ``[in_features, out_features]`` (kernel input axes first, in
+    layout order), the view merging, L2-SP and adapter merging use."""
+    return to_matrix(kernel_from_torch(delta, lay), lay)
+
+
+def kaiming_uniform(key, shape: tuple, dtype=jnp.float32):
+    """``torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))`` for a tensor of PyTorch shape
+    ``shape``: uniform in ``+-1/sqrt(fan_in)`` with ``fan_in = shape[1] * prod(shape[2:])``."""
+    fan_in = int(shape[1]) * int(math.prod(shape[2:])) if len(shape) > 1 else int(shape[0])
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def check_site(path: str, lay: Layout, method: str) -> None:
+    """Refuses the layouts PEFT's LyCORIS layers do not have: embeddings and convolutions
+    with more than two spatial axes (PEFT adapts Linear, Conv1d and Conv2d)."""
+    if lay.kind == "embed":
+        raise UnsupportedModuleError(
+            f"module {path!r} is an embedding; {method} adapts linear and convolution modules, as in Hugging Face "
+            "PEFT (which has no embedding layer for it). Remove it from target_modules."
+        )
+    if lay.kind == "conv" and len(window(lay)) > 2:
+        raise UnsupportedModuleError(
+            f"module {path!r} is a {len(window(lay))}-D convolution; {method} adapts 1-D and 2-D convolutions, as "
+            "Hugging Face PEFT does (Conv1d, Conv2d). Remove it from target_modules."
+        )
+
+
+# -- config -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LycorisConfig(AdapterConfig):
+    """Fields LoHa and LoKr share (Hugging Face PEFT's ``LycorisConfig`` and the fields both
+    tuners' configs declare), with PEFT's names and defaults (``r=8``, ``alpha=8``); the
+    target default is PEFT's for Llama (``q_proj``, ``v_proj``)."""
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    target_modules: Any = ("q_proj", "v_proj")
+    init_weights: Any = True
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    _init_values: ClassVar[tuple] = (True, False)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ConfigError(f"{name}.target_modules is empty; give a regex or a list of module names such as "
+                              "['q_proj', 'v_proj'].")
+        if not _positive_int(self.r):
+            raise ConfigError(f"{name}.r must be a positive integer, found {self.r!r}. Typical values: 4 to 32.")
+        if not _finite_positive(self.alpha):
+            raise ConfigError(f"{name}.alpha must be > 0 and finite, found {self.alpha!r}; the update is scaled "
+                              "by alpha / r.")
+        for f in ("rank_dropout", "module_dropout"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name}.{f} must be in [0, 1), found {v!r}.")
+        if not isinstance(self.use_effective_conv2d, bool):
+            raise ConfigError(f"{name}.use_effective_conv2d must be true or false, found {self.use_effective_conv2d!r}.")
+        if not any(self.init_weights is v or (isinstance(v, str) and self.init_weights == v) for v in self._init_values):
+            raise ConfigError(f"{name}.init_weights must be one of {list(self._init_values)}, found "
+                              f"{self.init_weights!r}.")
+        for f, ok, what in (("rank_pattern", _positive_int, "a positive integer"),
+                            ("alpha_pattern", _finite_positive, "a positive finite number")):
+            v = getattr(self, f)
+            if v is not None and not isinstance(v, Mapping):
+                raise ConfigError(f"{name}.{f} must be a dict {{module regex: value}}, found {type(v).__name__}.")
+            object.__setattr__(self, f, dict(v or {}))
+            for k, val in getattr(self, f).items():
+                compile_pattern(k)  # an invalid regex (or a key of another type) is a ConfigError
+                if not ok(val):
+                    raise ConfigError(f"{name}.{f}[{k!r}] must be {what}, found {val!r}.")
+
+    def _hash_fields(self) -> tuple:
+        return tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v
+                     for v in (getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    def __hash__(self):
+        return hash((type(self).__name__,) + self._hash_fields())
+
+    def rank_alpha(self, path: str) -> tuple[int, float]:
+        """``(r, alpha)`` of one module: the first ``rank_pattern`` / ``alpha_pattern`` key that
+        matches the end of its Hugging Face name (PEFT's ``get_pattern_key``:
+        ``(.*\\.)?(key)`` in full), else ``r`` / ``alpha``."""
+        name = hf_name(path)
+
+        def lookup(pattern, default):
+            for key, val in pattern.items():
+                if regex_fullmatch(rf"(.*\.)?({key})", name):
+                    return val
+            return default
+
+        return int(lookup(self.rank_pattern, self.r)), float(lookup(self.alpha_pattern, self.alpha))
+
+    def effective_conv(self, lay: Layout) -> bool:
+        """PEFT's ``use_effective_conv2d``, which it turns off for linear layers and for
+        convolutions whose window is a single position (1x1)."""
+        return bool(self.use_effective_conv2d) and lay.kind == "conv" and math.prod(window(lay)) != 1
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
+def _finite_positive(v) -> bool:
+    return (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and v > 0
+            and float(v) <= float(np.finfo(np.float32).max))
+
+
+# -- the site node ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LycorisSite(Site):
+    """Skeleton of a LoHa / LoKr site: subclasses hold their tensors (PyTorch orientation) as
+    pytree children and define :meth:`torch_delta`. Static fields: the module layout, the scale
+    ``alpha / r`` and PEFT's two training-time dropouts.
+
+    Forward: ``y = f(x; W) + f(x; dW)`` where ``f`` is the module itself run on the update as
+    its kernel, without bias (for ``nn.Dense`` simply ``x @ dW``), as PEFT's layers add
+    ``F.linear(x, dW)`` / ``F.conv2d(x, dW, ...)`` to the base output. With
+    ``rngs={"dropout": key}`` given to :func:`jpeft.apply`, ``rank_dropout`` zeroes random
+    output rows of ``dW`` and ``module_dropout`` skips the whole update, as PEFT does in training
+    mode (LoHa rescales the kept rows by their mean; LoKr only with ``rank_dropout_scale``).
+    """
+
+    layout: Layout = static_field(default=None)
+    scale: float = static_field(default=1.0)
+    rank_dropout: float = static_field(default=0.0)
+    module_dropout: float = static_field(default=0.0)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+    #: LoHa always rescales rank dropout's kept rows by their mean; LoKr when rank_dropout_scale.
+    rescale_rank_dropout: ClassVar[bool] = True
+
+    def torch_delta(self):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError(f"{type(self).__name__} must define torch_delta()")
+
+    def delta_matrix(self):
+        """``dW`` as ``[in, out]`` float32 (used by merge; the forward uses the kernel form)."""
+        return matrix_from_torch(self.torch_delta(), self.layout)
+
+    def kernel_delta(self, dtype=jnp.float32):
+        """``dW`` in the kernel's own shape and axis order."""
+        return kernel_from_torch(self.torch_delta(), self.layout).astype(dtype)
+
+    # -- checks
+    def check(self, path: str, module) -> None:
+        self.check_params(path, module.variables.get("params", {}))
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        self.layout.check_params(path, own, what=f"{type(self).__name__} adapter")
+
+    # -- forward
+    def _dropped_delta(self, key):
+        d = self.torch_delta()
+        if key is None or (self.rank_dropout <= 0 and self.module_dropout <= 0):
+            return d
+        k_rank, k_module = jax.random.split(key)
+        if self.rank_dropout > 0:
+            keep = jax.random.bernoulli(k_rank, 1.0 - self.rank_dropout, (d.shape[0],)).astype(d.dtype)
+            if self.rescale_rank_dropout:  # PEFT divides by the kept share; all rows dropped gives 0, not NaN
+                mean = jnp.mean(keep)
+                keep = jnp.where(mean > 0, keep / jnp.where(mean > 0, mean, 1.0), 0.0)
+            d = d * keep.reshape((-1,) + (1,) * (d.ndim - 1))
+        if self.module_dropout > 0:
+            d = d * jax.random.bernoulli(k_module, 1.0 - self.module_dropout).astype(d.dtype)
+        return d
+
+    def intercept(self, call: Call):
+        lay = self.layout
+        _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
+        y = call.run()
+        key = call.dropout_key() if (self.rank_dropout > 0 or self.module_dropout > 0) else None
+        dk = kernel_from_torch(self._dropped_delta(key), lay).astype(y.dtype)
+        x = call.args[0] if call.args else call.kwargs["inputs"]
+        if lay.kind == "dense":
+            d = x.astype(y.dtype).reshape(-1, x.shape[-1]) @ dk
+            return y + d.reshape(y.shape)
+        helper = call.module.clone(parent=None, use_bias=False, name=None)
+        with _inject.bypass():
+            return y + helper.apply({"params": {"kernel": dk}}, *call.args, **call.kwargs)
+
+    # -- merge
+    def _fold(self, own, sign: float):
+        pname = self.layout.param_name
+        w = own[pname]
+        out = dict(own)
+        out[pname] = (w.astype(jnp.float32) + sign * self.kernel_delta()).astype(w.dtype)
+        return out
+
+    def merge(self, own):
+        """Adds ``dW`` to the kernel."""
+        return self._fold(own, 1.0)
+
+    def unmerge(self, own):
+        """Subtracts ``dW`` from the kernel (exact up to float rounding)."""
+        return self._fold(own, -1.0)
+
+
+# -- init -------------------------------------------------------------------------------------
+
+def init_sites(config: LycorisConfig, params, key, infos, *, method: str,
+               make_node: Callable[[LycorisConfig, Layout, int, float, Any], Site]) -> dict:
+    """``{path: node}`` for every module ``config.target_modules`` selects:
+    ``make_node(config, layout, r, alpha, key)`` per site (stacked per layer for a scanned
+    model), keys assigned in sorted path order."""
+    leaves, cands = linear_candidates(params)
+    cands = linear_only(config.target_modules, leaves, cands)
+    paths = sorted(select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)"))
+    out = {}
+    for k, path in zip(jax.random.split(key, len(paths)), paths):
+        lay = linear_layout(path, leaves[path], infos)
+        check_site(path, lay, method)
+        r, alpha = config.rank_alpha(path)
+        out[path] = scan.make_site(lambda kk, own, lay=lay, r=r, alpha=alpha: make_node(config, lay, r, alpha, kk),
+                                   path, lay, k, leaves[path])
+    return out
+
+
+# -- Hugging Face PEFT format -----------------------------------------------------------------
+
+def to_hf(config: LycorisConfig, adapter, ctx, *, node_cls: type, tensor_names: tuple):
+    """``(adapter_config dict, tensors)`` for PEFT: each site's tensors under
+    ``base_model.model.<name>.<tensor>`` as they are (they are stored in PyTorch's orientation
+    already). Only ``nn.Dense`` sites: the layers of jpeft.models, which PEFT builds as Linear."""
+    tensors, targets = {}, []
+    for path in sorted(adapter):
+        node = adapter[path]
+        if not isinstance(node, node_cls):
+            raise UnsupportedAdapterError(
+                f"a {type(config).__name__} adapter holds a {type(node).__name__} at {path!r}; save each method's "
+                "sites with its own config."
+            )
+        if node.layout.kind != "dense":
+            raise UnsupportedAdapterError(
+                f"{type(config).__name__} site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT "
+                "format is written for nn.Dense sites (the layers of jpeft.models, PEFT's Linear)."
+            )
+        if ctx.fan_in_fan_out:
+            raise UnsupportedAdapterError(
+                f"{type(config).__name__} site {path!r} is a GPT-2 Conv1D layer (fan_in_fan_out): Hugging Face PEFT's "
+                f"{config.peft_type} has no Conv1D layer, so it cannot load the adapter. Target another model's Linear layers."
+            )
+        for name in tensor_names:
+            v = getattr(node, name)
+            if v is not None:
+                tensors[hf.peft_key(path, name)] = np.asarray(v, np.float32)
+        targets.append(hf_name(path))
+    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    d.update(target_modules=targets, rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern),
+             exclude_modules=None, layers_to_transform=None, layers_pattern=None, modules_to_save=None)
+    return d, tensors
+
+
+def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, method: str,
+            make_node: Callable[[LycorisConfig, Layout, int, float, Any], Site]):
+    """``(config, adapter)`` from a PEFT folder's config dict and tensors. Each site's tensors
+    must be exactly those ``config`` gives that module (names and shapes, found by building the
+    site under :func:`jax.eval_shape`); anything else names the mismatch."""
+    if set(d.get("modules_to_save") or ()) - {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+        raise UnsupportedAdapterError(
+            f"the {method} adapter in {ctx.folder!r} has modules_to_save={d['modules_to_save']}; jpeft loads plain "
+            f"{method} only (no trainable module copies)."
+        )
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    kept = {k: v for k, v in d.items() if k in names or k in config_cls._unsupported_hf_options}
+    kept.pop("modules_to_save", None)
+    if kept.get("target_modules") is None:
+        raise UnsupportedAdapterError(f"the {method} adapter in {ctx.folder!r} has target_modules=null; set it explicitly.")
+    for k in ("rank_pattern", "alpha_pattern"):
+        if kept.get(k) is None:
+            kept[k] = {}
+    try:
+        config = config_cls.from_dict(kept)
+    except ConfigError as e:
+        raise LoadError(f"{ctx.folder!r}: {e}") from None
+    by_site, unmatched = {}, []
+    for k, v in tensors.items():
+        sp = hf.split_peft_key(k, tensor_names)
+        if sp is None or sp[0] not in ctx.leaves:
+            unmatched.append(k)
+            continue
+        by_site.setdefault(sp[0], {})[sp[1]] = v
+    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
+    expected = [p for p in cands if matches(config.target_modules, p)]
+    hf.check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    adapter = {}
+    for path, got in sorted(by_site.items()):
+        lay = _inject.infer_layout(path, ctx.leaves[path])
+        check_site(path, lay, method)
+        r, alpha = config.rank_alpha(path)
+        want = jax.eval_shape(lambda: make_node(config, lay, r, alpha, jax.random.key(0)))
+        want_shapes = {n: tuple(getattr(want, n).shape) for n in tensor_names if getattr(want, n) is not None}
+        got_shapes = {n: tuple(v.shape) for n, v in got.items()}
+        if got_shapes != want_shapes:
+            err = BaseMismatchError if set(got_shapes) == set(want_shapes) else CheckpointError
+            raise err(
+                f"{method} site {hf_name(path)!r}: the file holds {got_shapes}, but the config (r={r}, and the "
+                f"factorisation options) gives a module mapping {lay.in_features} -> {lay.out_features} features the "
+                f"tensors {want_shapes}. Was the adapter made for another base model or with other options?"
+            )
+        arrays = {n: jnp.asarray(got[n], ctx.dtype) for n in want_shapes}
+        adapter[path] = dataclasses.replace(want, **arrays)
+    return config, adapter
+

@@ -1,0 +1,334 @@
+"""LoHa and LoKr against Hugging Face PEFT 0.21: the same base weights and every adapter tensor
+random (``init_weights=False``), outputs and merged weights on Linear, Conv2d (3x3 and 1x1) and
+Conv1d layers, and a tiny Llama through the PEFT format in both directions (logits to 1e-4).
+The shared properties (identity at init, merge, save/load, jit/grad/vmap) are in
+tests/test_properties.py."""
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
+
+import jpeft  # noqa: E402
+import jpeft.models  # noqa: E402
+from jpeft import scan  # noqa: E402
+from jpeft.errors import ConfigError, UnsupportedAdapterError, UnsupportedModuleError  # noqa: E402
+from jpeft.methods import loha, lokr  # noqa: E402
+from jpeft.methods.loha import LoHaConfig  # noqa: E402
+from jpeft.methods.lokr import LoKrConfig  # noqa: E402
+
+torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
+peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
+
+TARGETS = ["q_proj", "v_proj", "conv", "conv1x1", "conv1d"]
+
+
+class TorchNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(16, 12)
+        self.v_proj = torch.nn.Linear(12, 8)
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.conv1x1 = torch.nn.Conv2d(6, 8, 1)
+        self.conv1d = torch.nn.Conv1d(4, 6, 3)
+
+    def forward(self, x, img, seq):
+        return self.v_proj(torch.relu(self.q_proj(x))), self.conv1x1(self.conv(img)), self.conv1d(seq)
+
+
+class FlaxNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, img, seq):
+        h = nn.Conv(6, (3, 3), padding=1, name="conv")(img)
+        y = nn.Dense(8, name="v_proj")(nn.relu(nn.Dense(12, name="q_proj")(x)))
+        return y, nn.Conv(8, (1, 1), name="conv1x1")(h), nn.Conv(6, (3,), padding="VALID", name="conv1d")(seq)
+
+
+# (name, PEFT config class, jpeft config class, options in PEFT's names)
+CASES = [
+    ("loha", peft.LoHaConfig, LoHaConfig, dict(r=2, alpha=3, rank_pattern={"v_proj": 3}, alpha_pattern={"conv": 5})),
+    ("loha-cp", peft.LoHaConfig, LoHaConfig, dict(r=2, alpha=4, use_effective_conv2d=True)),
+    ("lokr-both", peft.LoKrConfig, LoKrConfig, dict(r=1, alpha=3, decompose_both=True)),
+    # PEFT fails on LoKr's CP form for Conv1d (jpeft refuses it, test_config_refusals): rank 4 keeps conv1d's w2 full
+    ("lokr-cp", peft.LoKrConfig, LoKrConfig, dict(r=1, alpha=2, use_effective_conv2d=True, decompose_factor=2,
+                                                  rank_pattern={"conv1d": 4})),
+    ("lokr-full", peft.LoKrConfig, LoKrConfig, dict(r=4, alpha=2, rank_pattern={"conv1d": 1})),
+]
+
+
+def _t(x):
+    return jnp.asarray(x.detach().numpy())
+
+
+def _inputs():
+    rs = np.random.RandomState(0)
+    x, img, seq = rs.randn(3, 16), rs.randn(2, 4, 5, 5), rs.randn(2, 4, 9)
+    return [a.astype(np.float32) for a in (x, img, seq)]
+
+
+def _jax_inputs(x, img, seq):
+    return jnp.asarray(x), jnp.asarray(img).transpose(0, 2, 3, 1), jnp.asarray(seq).transpose(0, 2, 1)
+
+
+def _flax_params(b):
+    lin = lambda m: {"kernel": _t(m.weight).T, "bias": _t(m.bias)}
+    conv = lambda m: {"kernel": _t(m.weight).transpose(tuple(range(2, m.weight.ndim)) + (1, 0)), "bias": _t(m.bias)}
+    return {"params": {n: (lin if n.endswith("proj") else conv)(getattr(b, n).get_base_layer()
+                                                                   if hasattr(getattr(b, n), "base_layer") else getattr(b, n))
+                       for n in TARGETS}}
+
+
+def _from_peft(ad, b, names):
+    """jpeft's nodes with PEFT's tensors; the tensor names and shapes must be PEFT's exactly."""
+    out = {}
+    for path, node in ad.items():
+        layer = getattr(b, path)
+        theirs = {n: _t(getattr(layer, n)["default"]) for n in names if "default" in getattr(layer, n)}
+        ours = {n: getattr(node, n) for n in names if getattr(node, n) is not None}
+        assert {n: v.shape for n, v in ours.items()} == {n: v.shape for n, v in theirs.items()}, path
+        out[path] = dataclasses.replace(node, **theirs)
+    return out
+
+
+@pytest.mark.parametrize("name,pcls,jcls,opts", CASES, ids=[c[0] for c in CASES])
+def test_matches_peft_forward_and_merge_on_linear_and_conv(name, pcls, jcls, opts):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(TorchNet(), pcls(target_modules=TARGETS, init_weights=False, **opts)).eval()
+    b = pm.base_model.model
+    params = _flax_params(b)
+    x, img, seq = _inputs()
+    jx = _jax_inputs(x, img, seq)
+    model = FlaxNet()
+    ad = jpeft.init(jcls(target_modules=TARGETS, init_weights=False, **opts), params, jax.random.key(0), model, *jx)
+    names = loha.TENSORS if jcls is LoHaConfig else lokr.TENSORS
+    ad = _from_peft(ad, b, names)
+    with torch.no_grad():
+        ref = [_t(t) for t in pm(torch.tensor(x), torch.tensor(img), torch.tensor(seq))]
+        base = [_t(t) for t in TorchNet.forward(b, torch.tensor(x), torch.tensor(img), torch.tensor(seq))]
+    ref = [ref[0], ref[1].transpose(0, 2, 3, 1), ref[2].transpose(0, 2, 1)]
+    out = jpeft.apply(model, params, ad, *jx)
+    for got, want in zip(out, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert all(float(jnp.abs(o - r).max()) > 1e-3 for o, r in zip(out, model.apply(params, *jx)))  # the adapter matters
+    merged = jpeft.merge(params, ad)["params"]
+    un = pm.merge_and_unload()
+    for n in TARGETS:
+        w = _t(getattr(un, n).weight)
+        want = w.T if n.endswith("proj") else w.transpose(tuple(range(2, w.ndim)) + (1, 0))
+        np.testing.assert_allclose(merged[n]["kernel"], want, rtol=1e-5, atol=1e-6)
+    back = jpeft.unmerge(jpeft.merge(params, ad), ad)
+    for a, c in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, c, atol=1e-5)
+
+
+# -- the PEFT format on a tiny Llama, both ways ------------------------------------------------------
+
+FAMILY = "llama2"  # untied, attention and MLP biases
+LLAMA = {
+    "loha": (peft.LoHaConfig, LoHaConfig, dict(r=2, alpha=3, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                rank_pattern={"down_proj": 3}, alpha_pattern={"v_proj": 5})),
+    "lokr": (peft.LoKrConfig, LoKrConfig, dict(r=2, alpha=3, target_modules="all-linear", decompose_both=True,
+                                                decompose_factor=4, rank_pattern={"o_proj": 8})),
+}
+
+
+def _llama_logits_torch(pm, ids, mask):
+    with torch.no_grad():
+        return pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                  position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
+
+
+def _randomize(adapter, seed):
+    leaves, tdef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("method", sorted(LLAMA))
+def test_peft_format_both_ways_on_llama(method, tmp_path):
+    pcls, jcls, opts = LLAMA[method]
+    hf_model, folder = tiny.hf_model(FAMILY)
+    model, params = jpeft.models.from_pretrained(folder)
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    sel = mask.astype(bool)
+    jlogits = lambda p, a: np.asarray(jpeft.apply(model, p, a, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+    # jpeft -> peft: every tensor random (init_weights=False, then moved)
+    cfg = jcls.from_dict(dict(opts, init_weights=False))
+    ad = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 1)
+    jpeft.hf.save_peft(str(tmp_path / "j"), cfg, ad, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "j")).eval()
+    ref = _llama_logits_torch(pm, ids, mask)
+    assert np.abs(ref - _llama_logits_torch(hf_model, ids, mask))[sel].max() > 1e-3  # the adapter matters
+    np.testing.assert_allclose(jlogits(params, ad)[sel], ref[sel], atol=1e-4, rtol=0)
+
+    # peft -> jpeft
+    torch.manual_seed(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf_model), pcls(init_weights=False, **opts)).eval()
+        pm.save_pretrained(str(tmp_path / "p"))
+    ref = _llama_logits_torch(pm, ids, mask)
+    config, loaded = jpeft.hf.load_peft(str(tmp_path / "p"), params)
+    assert isinstance(config, jcls) and config.r == 2 and config.init_weights is False
+    assert sorted(loaded) == sorted(ad)  # the same sites, and (below) the same tensor shapes as jpeft.init makes
+    assert jax.tree.map(jnp.shape, loaded) == jax.tree.map(jnp.shape, ad)
+    np.testing.assert_allclose(jlogits(params, loaded)[sel], ref[sel], atol=1e-4, rtol=0)
+    # the trainable count is PEFT's own
+    n_peft = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert jpeft.summary(params, loaded, print_fn=None)["trainable"] == n_peft
+
+
+def test_peft_format_refusals(tmp_path):
+    _, folder = tiny.hf_model(FAMILY)
+    model, params = jpeft.models.from_pretrained(folder)
+    ad = jpeft.init(LoHaConfig(), params, jax.random.key(0))
+    jpeft.hf.save_peft(str(tmp_path), LoHaConfig(), ad)
+
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    # a PEFT option jpeft does not implement is refused by name, never dropped
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(d, layers_to_transform=[0])))
+    with pytest.raises(jpeft.LoadError, match="layers_to_transform"):
+        jpeft.hf.load_peft(str(tmp_path), params)
+    # a LoKr config written over LoHa tensors: the sites' tensors do not match what the config builds
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(d, peft_type="LOKR")))
+    with pytest.raises(jpeft.BaseMismatchError, match="no matching module"):
+        jpeft.hf.load_peft(str(tmp_path), params)
+    # wrong rank in the config: same tensor names, other shapes
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(d, r=3)))
+    with pytest.raises(jpeft.LoadError, match="r=3"):
+        jpeft.hf.load_peft(str(tmp_path), params)
+    # GPT-2's Conv1D layers: PEFT's LoHa/LoKr have no layer for them
+    _, gfolder = tiny.hf_model("gpt2")
+    _, gparams = jpeft.models.from_pretrained(gfolder)
+    gad = jpeft.init(LoKrConfig(target_modules=["c_attn"]), gparams, jax.random.key(0))
+    with pytest.raises(UnsupportedAdapterError, match="Conv1D"):
+        jpeft.hf.save_peft(str(tmp_path / "g"), LoKrConfig(target_modules=["c_attn"]), gad)
+
+
+# -- what PEFT does not have, and refusals -----------------------------------------------------------
+
+def test_config_refusals():
+    with pytest.raises(ConfigError, match="layers_to_transform"):
+        LoHaConfig.from_dict({"peft_type": "LOHA", "layers_to_transform": [0]})
+    with pytest.raises(ConfigError, match="exclude_modules"):
+        LoKrConfig.from_dict({"peft_type": "LOKR", "exclude_modules": ["q_proj"]})
+    with pytest.raises(ConfigError, match="modules_to_save"):
+        LoKrConfig.from_dict({"peft_type": "LOKR", "modules_to_save": ["lm_head"]})
+    with pytest.raises(ConfigError, match="init_weights"):
+        LoHaConfig(init_weights="lycoris")  # LoKr only
+    assert LoKrConfig(init_weights="lycoris").init_weights == "lycoris"
+    with pytest.raises(ConfigError, match="r must be"):
+        LoKrConfig(r=0)
+    with pytest.raises(ConfigError, match="rank_dropout"):
+        LoHaConfig(rank_dropout=1.0)
+    with pytest.raises(ConfigError, match="decompose_factor"):
+        LoKrConfig(decompose_factor=0)
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        LoHaConfig(rank_pattern={"q_proj": 0})
+    conv1d = nn.Conv(4, (3,))
+    p = conv1d.init(jax.random.key(0), jnp.ones((1, 5, 6)))
+    with pytest.raises(UnsupportedModuleError, match="1-D convolution"):
+        jpeft.init(LoKrConfig(r=1, target_modules=".*", use_effective_conv2d=True), p, jax.random.key(0), conv1d,
+                   jnp.ones((1, 5, 6)))
+    emb = nn.Embed(7, 4)
+    p = emb.init(jax.random.key(0), jnp.array([1]))
+    with pytest.raises(UnsupportedModuleError, match="embedding"):
+        jpeft.init(LoHaConfig(target_modules=".*"), p, jax.random.key(0))
+
+
+def test_identity_inits_and_kaiming_bounds():
+    lay = jpeft.methods.base.Layout("dense", (16, 12), (0,), (1,))
+    for cfg, zero in [(LoHaConfig(r=2), "hada_w2_b"), (LoKrConfig(r=1), "lokr_w1"),
+                      (LoKrConfig(r=1, init_weights="lycoris"), "lokr_w2_b"),
+                      (LoKrConfig(r=1, decompose_both=True), "lokr_w1_a")]:
+        node = (loha if isinstance(cfg, LoHaConfig) else lokr).make_node(cfg, lay, cfg.r, cfg.alpha, jax.random.key(0))
+        assert float(jnp.abs(getattr(node, zero)).max()) == 0.0, (cfg, zero)
+        assert float(jnp.abs(node.delta_matrix()).max()) == 0.0
+        for n, v in vars(node).items():
+            if hasattr(v, "shape") and n != zero:  # torch's kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in))
+                bound = 1 / np.sqrt(np.prod(v.shape[1:]))
+                assert 0.5 * bound < float(jnp.abs(v).max()) <= bound, (n, v.shape)
+
+
+def test_dense_general_and_einsum_merge_equals_apply():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.DenseGeneral((2, 4), name="k_proj")(x)
+            h = nn.Einsum((2, 4, 6), "btnh,nhd->btd", name="o_proj")(h)
+            return nn.DenseGeneral(4, axis=(-2, -1), name="ff")(h.reshape(h.shape[:-1] + (2, 3)))
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 6))
+    model = Net()
+    params = model.init(jax.random.key(1), x)
+    for cfg in (LoHaConfig(r=2, target_modules=".*", init_weights=False),
+                LoKrConfig(r=1, target_modules=".*", init_weights=False, decompose_both=True)):
+        ad = jpeft.init(cfg, params, jax.random.key(2), model, x)
+        y = jpeft.apply(model, params, ad, x)
+        assert float(jnp.abs(y - model.apply(params, x)).max()) > 1e-3
+        np.testing.assert_allclose(y, model.apply(jpeft.merge(params, ad), x), rtol=1e-4, atol=1e-5)
+        # the update on k_proj is x @ dW with dW the [in, out] matrix
+        node = ad["k_proj"]
+        k = params["params"]["k_proj"]
+        want = (x @ (k["kernel"].reshape(6, 8) + node.delta_matrix())).reshape(2, 3, 2, 4) + k["bias"][None, None]
+        got = jpeft.apply(nn.DenseGeneral((2, 4)), {"params": k}, {"": node}, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_and_module_dropout_in_training_only():
+    model = nn.Dense(8)
+    x = jax.random.normal(jax.random.key(0), (5, 16))
+    params = model.init(jax.random.key(1), x)
+    base = model.apply(params, x)
+    for cfg in (LoKrConfig(r=1, target_modules=".*", init_weights=False, rank_dropout=0.5),
+                LoHaConfig(r=2, target_modules=".*", init_weights=False, rank_dropout=0.5)):
+        ad = jpeft.init(cfg, params, jax.random.key(2))
+        full = jpeft.apply(model, params, ad, x) - base  # no rngs: no dropout
+        assert float(jnp.abs(full).max()) > 1e-2
+        d = jpeft.apply(model, params, ad, x, rngs={"dropout": jax.random.key(3)}) - base
+        # each output feature's update is dropped (0) or kept: LoKr as is, LoHa rescaled by the kept share
+        kept = np.asarray(jnp.abs(d).max(axis=0) > 1e-6)
+        assert 0 < kept.sum() < 8
+        factor = 8 / kept.sum() if isinstance(cfg, LoHaConfig) else 1.0
+        np.testing.assert_allclose(d[:, kept], factor * full[:, kept], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(d[:, ~kept], 0.0, atol=1e-6)
+    ad = jpeft.init(LoHaConfig(r=2, target_modules=".*", init_weights=False, module_dropout=0.5), params,
+                    jax.random.key(2))
+    full = jpeft.apply(model, params, ad, x) - base
+    outs = {bool(jnp.abs(jpeft.apply(model, params, ad, x, rngs={"dropout": jax.random.key(i)}) - base).max() > 1e-6)
+            for i in range(12)}
+    assert outs == {True, False}  # some calls skip the whole update, some keep it
+
+
+def test_scanned_llama_equals_unrolled():
+    cfg = jpeft.models.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                                   num_kv_heads=1)
+    unrolled = jpeft.models.LlamaForCausalLM(cfg)
+    scanned = jpeft.models.LlamaForCausalLM(cfg.replace(scan_layers=True))
+    ids = jax.random.randint(jax.random.key(0), (2, 5), 0, 40)
+    p0 = unrolled.init(jax.random.key(0), ids)
+    p1 = {"params": scan.stack_params(p0["params"])}
+    for c in (LoHaConfig(r=2, init_weights=False, target_modules=["q_proj", "down_proj"]),
+              LoKrConfig(r=1, init_weights=False, target_modules=["v_proj", "up_proj"])):
+        a1 = jpeft.init(c, p1, jax.random.key(1), scanned, ids)
+        assert all(isinstance(n, scan.Stacked) and n.length == 2 for n in a1.values())
+        a0 = scan.unstack_adapter(a1)
+        y = jpeft.apply(scanned, p1, a1, ids)
+        np.testing.assert_allclose(y, jpeft.apply(unrolled, p0, a0, ids), atol=2e-5)
+        np.testing.assert_allclose(scanned.apply(jpeft.merge(p1, a1), ids), y, atol=2e-5)
