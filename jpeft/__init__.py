@@ -15,6 +15,8 @@ from jpeft.errors import *  # noqa: F401,F403
 from jpeft.errors import __all__ as _errors_all
 from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, TrainableTokens
 from jpeft.methods.ia3 import IA3Config, IA3Weights
+from jpeft.methods.loha import LoHaConfig
+from jpeft.methods.lokr import LoKrConfig
 from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
 from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
@@ -48,6 +50,8 @@ __all__ = [
     "TrainableTokens",
     "IA3Config",
     "IA3Weights",
+    "LoHaConfig",
+    "LoKrConfig",
     "BottleneckConfig",
     "BottleneckWeights",
     "PrefixTuningConfig",

@@ -112,7 +112,8 @@ def test_matches_peft_forward_and_merge_on_linear_and_conv(name, pcls, jcls, opt
     x, img, seq = _inputs()
     jx = _jax_inputs(x, img, seq)
     model = FlaxNet()
-    ad = jpeft.init(jcls(target_modules=TARGETS, init_weights=False, **opts), params, jax.random.key(0), model, *jx)
+    cfg = jcls(target_modules=TARGETS, init_weights=False, **opts)
+    ad = jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0), model, *jx))  # shapes; values: PEFT's
     names = loha.TENSORS if jcls is LoHaConfig else lokr.TENSORS
     ad = _from_peft(ad, b, names)
     with torch.no_grad():
@@ -151,10 +152,11 @@ def _llama_logits_torch(pm, ids, mask):
                   position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
 
 
-def _randomize(adapter, seed):
-    leaves, tdef = jax.tree.flatten(adapter)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+def _random_like(adapter, seed):
+    """Every tensor random, N(0, 0.3^2) drawn with numpy (no compile per shape); the structure
+    (sites, tensor names and shapes) is the adapter's."""
+    rs = np.random.RandomState(seed)
+    return jax.tree.map(lambda x: jnp.asarray(0.3 * rs.randn(*x.shape), jnp.float32), adapter)
 
 
 @pytest.mark.parametrize("method", sorted(LLAMA))
@@ -164,11 +166,12 @@ def test_peft_format_both_ways_on_llama(method, tmp_path):
     model, params = jpeft.models.from_pretrained(folder)
     ids, mask = tiny.batch(FAMILY, seed=3)
     sel = mask.astype(bool)
-    jlogits = lambda p, a: np.asarray(jpeft.apply(model, p, a, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    run = jax.jit(lambda p, a: jpeft.apply(model, p, a, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    jlogits = lambda p, a: np.asarray(run(p, a))  # one compile for both directions (same adapter structure)
 
     # jpeft -> peft: every tensor random (init_weights=False, then moved)
     cfg = jcls.from_dict(dict(opts, init_weights=False))
-    ad = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 1)
+    ad = _random_like(jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0))), 1)
     jpeft.hf.save_peft(str(tmp_path / "j"), cfg, ad, base_model_name_or_path=folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -219,6 +222,30 @@ def test_peft_format_refusals(tmp_path):
     gad = jpeft.init(LoKrConfig(target_modules=["c_attn"]), gparams, jax.random.key(0))
     with pytest.raises(UnsupportedAdapterError, match="Conv1D"):
         jpeft.hf.save_peft(str(tmp_path / "g"), LoKrConfig(target_modules=["c_attn"]), gad)
+
+
+def test_llama2_7b_budget_is_peft_count():
+    """The budget table's LoHa and LoKr rows (python -m jpeft.methods.budget) equal the trainable
+    count PEFT itself reports for the same configs on a Llama-2-7B built on the meta device."""
+    import transformers
+
+    from jpeft.methods import budget
+    from jpeft.models.published import PUBLISHED
+
+    abstract = budget.abstract_model(budget.LlamaConfig_7b())
+    rows = {name: (settings, make()) for name, settings, make in budget.methods("llama") if name in ("LoHa", "LoKr")}
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in PUBLISHED["llama-2-7b"].items()
+                                         if k not in ("architectures", "model_type")})
+    for name, (settings, cfg) in rows.items():
+        assert settings == "r=8, alpha=8, q_proj+v_proj"
+        ours = budget.budget(None, cfg, abstract=abstract, trace=False)["trainable"]
+        pcls = peft.LoHaConfig if name == "LoHa" else peft.LoKrConfig
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(transformers.LlamaForCausalLM(hf_cfg),
+                                     pcls(r=cfg.r, alpha=cfg.alpha, target_modules=list(cfg.target_modules)))
+        assert ours == sum(p.numel() for p in pm.parameters() if p.requires_grad), name
+    assert budget.budget(None, rows["LoHa"][1], abstract=abstract, trace=False)["trainable"] == 8_388_608
 
 
 # -- what PEFT does not have, and refusals -----------------------------------------------------------
@@ -277,12 +304,13 @@ def test_dense_general_and_einsum_merge_equals_apply():
     x = jax.random.normal(jax.random.key(0), (2, 3, 6))
     model = Net()
     params = model.init(jax.random.key(1), x)
+    run = jax.jit(lambda p, a: jpeft.apply(model, p, a, x))
     for cfg in (LoHaConfig(r=2, target_modules=".*", init_weights=False),
                 LoKrConfig(r=1, target_modules=".*", init_weights=False, decompose_both=True)):
-        ad = jpeft.init(cfg, params, jax.random.key(2), model, x)
-        y = jpeft.apply(model, params, ad, x)
-        assert float(jnp.abs(y - model.apply(params, x)).max()) > 1e-3
-        np.testing.assert_allclose(y, model.apply(jpeft.merge(params, ad), x), rtol=1e-4, atol=1e-5)
+        ad = _random_like(jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(2), model, x)), 0)
+        y = run(params, ad)
+        assert float(jnp.abs(y - run(params, {})).max()) > 1e-3
+        np.testing.assert_allclose(y, run(jax.jit(jpeft.merge)(params, ad), {}), rtol=1e-4, atol=1e-5)
         # the update on k_proj is x @ dW with dW the [in, out] matrix
         node = ad["k_proj"]
         k = params["params"]["k_proj"]
@@ -317,18 +345,23 @@ def test_rank_and_module_dropout_in_training_only():
 
 
 def test_scanned_llama_equals_unrolled():
+    """Stacked (layer-scanned) sites: one vmapped init per site, the same outputs as the unrolled
+    model with the per-layer nodes, and merge per layer (LoKr's absent tensors are None leaves)."""
     cfg = jpeft.models.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                                    num_kv_heads=1)
     unrolled = jpeft.models.LlamaForCausalLM(cfg)
     scanned = jpeft.models.LlamaForCausalLM(cfg.replace(scan_layers=True))
     ids = jax.random.randint(jax.random.key(0), (2, 5), 0, 40)
-    p0 = unrolled.init(jax.random.key(0), ids)
+    p0 = jax.jit(unrolled.init)(jax.random.key(0), ids)
     p1 = {"params": scan.stack_params(p0["params"])}
+    run = jax.jit(lambda m, p, a: jpeft.apply(m, p, a, ids), static_argnums=0)
+    a1 = {}
     for c in (LoHaConfig(r=2, init_weights=False, target_modules=["q_proj", "down_proj"]),
               LoKrConfig(r=1, init_weights=False, target_modules=["v_proj", "up_proj"])):
-        a1 = jpeft.init(c, p1, jax.random.key(1), scanned, ids)
-        assert all(isinstance(n, scan.Stacked) and n.length == 2 for n in a1.values())
-        a0 = scan.unstack_adapter(a1)
-        y = jpeft.apply(scanned, p1, a1, ids)
-        np.testing.assert_allclose(y, jpeft.apply(unrolled, p0, a0, ids), atol=2e-5)
-        np.testing.assert_allclose(scanned.apply(jpeft.merge(p1, a1), ids), y, atol=2e-5)
+        a1.update(jpeft.init(c, p1, jax.random.key(1), scanned, ids))
+    assert all(isinstance(n, scan.Stacked) and n.length == 2 for n in a1.values()) and len(a1) == 4
+    a0 = scan.unstack_adapter(a1)
+    y = run(scanned, p1, a1)
+    assert float(jnp.abs(y - run(scanned, p1, {})).max()) > 1e-3
+    np.testing.assert_allclose(y, run(unrolled, p0, a0), atol=2e-5)
+    np.testing.assert_allclose(run(scanned, jax.jit(jpeft.merge)(p1, a1), {}), y, atol=2e-5)

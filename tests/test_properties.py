@@ -15,6 +15,8 @@ import jpeft
 import jpeft.models
 from jpeft.methods.bottleneck import BottleneckConfig
 from jpeft.methods.ia3 import IA3Config
+from jpeft.methods.loha import LoHaConfig
+from jpeft.methods.lokr import LoKrConfig
 from jpeft.methods.pissa import init_pissa
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, fold_prefix
 from jpeft.methods.prompt import PromptTuningConfig
@@ -47,6 +49,8 @@ CASES = {
     "prompt": Case(PromptTuningConfig(num_virtual_tokens=2), False, False),
     "pissa": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"], init="pissa"), True, True,
                   pissa=True),
+    "loha": Case(LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), True, True),
+    "lokr": Case(LoKrConfig(r=1, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"]), True, True),
 }
 
 
@@ -171,6 +175,9 @@ def test_summary_counts_every_method():
         "pfeiffer": L * (h * 2 + 2 + 2 * h + h),
         "prefix": T * L * 2 * kv,
         "prompt": T * h,
+        "loha": L * 2 * 2 * ((h + h) + (h + kv)),  # two rank-2 pairs [out, r], [r, in] on q (8->8) and v (8->4)
+        # w1 [a, c] + w2_a [b, 1] + w2_b [1, d] with out = a*b, in = c*d: q 8=2*4 <- 8=2*4, v 4=2*2 <- 8, up 16=4*4 <- 8
+        "lokr": L * ((2 * 2 + 4 + 4) + (2 * 2 + 2 + 4) + (4 * 2 + 4 + 4)),
     }
     expected["lora"] = L * ((h * 2 + 2 * h) + (h * 2 + 2 * kv))
     expected["dora"] = expected["lora"] + L * (h + kv) + L * ((h * 2 + 2 * inter) + inter)

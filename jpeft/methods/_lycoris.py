@@ -13,7 +13,7 @@ Pieces kept as small pure functions (the method files hold the rest):
 
 * :func:`torch_shape`, :func:`kernel_from_torch`, :func:`matrix_from_torch`: the update's
   PyTorch shape for a layout and its conversion to the flax kernel / the ``[in, out]`` matrix;
-* :func:`kaiming_uniform`: ``torch.nn.init.kaiming_uniform_(t, a=sqrt(5))`` on a PyTorch shape;
+* :func:`kaiming_uniform`: ``torch.nn.init.kaiming_uniform_(t, a=sqrt(5))`` on PyTorch shapes;
 * :class:`LycorisConfig`: the fields both configs share (rank and alpha, their per-module
   patterns, the two training-time dropouts, the effective-convolution switch);
 * :class:`LycorisSite`: the node skeleton (forward, dropouts, merge) over a method's
@@ -24,6 +24,7 @@ Pieces kept as small pure functions (the method files hold the rest):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -78,12 +79,32 @@ def matrix_from_torch(delta, lay: Layout):
     return to_matrix(kernel_from_torch(delta, lay), lay)
 
 
-def kaiming_uniform(key, shape: tuple, dtype=jnp.float32):
-    """``torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))`` for a tensor of PyTorch shape
-    ``shape``: uniform in ``+-1/sqrt(fan_in)`` with ``fan_in = shape[1] * prod(shape[2:])``."""
+def kaiming_bound(shape: tuple) -> float:
+    """The bound of ``torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5))`` for a tensor of
+    PyTorch shape ``shape``: ``1/sqrt(fan_in)`` with ``fan_in = shape[1] * prod(shape[2:])``."""
     fan_in = int(shape[1]) * int(math.prod(shape[2:])) if len(shape) > 1 else int(shape[0])
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return 1.0 / math.sqrt(fan_in)
+
+
+def kaiming_uniform(key, shapes: Mapping[str, tuple], zero=()) -> dict:
+    """``{name: array}``: each tensor of PyTorch shape ``shapes[name]`` uniform in
+    ``+-kaiming_bound(shape)`` (PEFT's ``kaiming_uniform_(a=sqrt(5))``), those named in ``zero``
+    zero. One jitted program per site signature draws all of a site's tensors (eager, every
+    slice and random draw of each shape would compile on its own)."""
+    spec = tuple((n, tuple(int(d) for d in s), n in zero) for n, s in shapes.items())
+    return dict(zip(shapes, _draw(key, spec)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _draw(key, spec):
+    total = sum(math.prod(s) for _, s, _ in spec)
+    u = jax.random.uniform(key, (total,), jnp.float32, -1.0, 1.0)
+    out, at = [], 0
+    for _, s, is_zero in spec:
+        n = math.prod(s)
+        out.append(jnp.zeros(s, jnp.float32) if is_zero else u[at:at + n].reshape(s) * kaiming_bound(s))
+        at += n
+    return out
 
 
 def check_site(path: str, lay: Layout, method: str) -> None:

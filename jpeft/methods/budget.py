@@ -52,6 +52,7 @@ DEFAULT_TARGETS = {
     "LORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
     "IA3": {m: {"target_modules": t["ia3"][0], "feedforward_modules": t["ia3"][1]} for m, t in FAMILY_TARGETS.items()},
 }
+DEFAULT_TARGETS.update(LOHA=DEFAULT_TARGETS["LORA"], LOKR=DEFAULT_TARGETS["LORA"])  # PEFT copies LoRA's mapping
 
 
 def _names(t) -> str:
@@ -66,6 +67,8 @@ def methods(model_type: str = "llama") -> list[tuple[str, str, Callable]]:
     from jpeft.errors import UnsupportedModelError
     from jpeft.methods.bottleneck import BottleneckConfig
     from jpeft.methods.ia3 import IA3Config
+    from jpeft.methods.loha import LoHaConfig
+    from jpeft.methods.lokr import LoKrConfig
     from jpeft.methods.prefix import PrefixTuningConfig
     from jpeft.methods.prompt import PromptTuningConfig
 
@@ -80,6 +83,8 @@ def methods(model_type: str = "llama") -> list[tuple[str, str, Callable]]:
         ("rsLoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_rslora=True)),
         ("DoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_dora=True)),
         ("PiSSA", f"r=8, alpha=8, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=8, target_modules=qv, init="pissa")),
+        ("LoHa", f"r=8, alpha=8, {_names(qv)}", lambda: LoHaConfig(r=8, alpha=8, target_modules=qv)),
+        ("LoKr", f"r=8, alpha=8, {_names(qv)}", lambda: LoKrConfig(r=8, alpha=8, target_modules=qv)),
         ("IA3", ", ".join(n + (" (feed-forward)" if n in ff else "") for n in ia3),
          lambda: IA3Config(target_modules=ia3, feedforward_modules=ff)),
         ("Houlsby", f"reduction 16, after {' and '.join(hou)}",
@@ -188,7 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m jpeft.methods.budget",
         description=(
-            "Print the trainable-parameter budget of every jpeft method (LoRA, rsLoRA, DoRA, PiSSA, IA3, Houlsby and "
+            "Print the trainable-parameter budget of every jpeft method (LoRA, rsLoRA, DoRA, PiSSA, LoHa, LoKr, IA3, Houlsby and "
             "Pfeiffer bottleneck adapters, prefix and prompt tuning) on a model config, as a Markdown table. "
             "Shapes only: jax.eval_shape builds the base and each adapter without allocating, so a 7B model "
             "takes seconds and no memory."

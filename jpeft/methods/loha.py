@@ -130,11 +130,7 @@ def shapes(config: LoHaConfig, lay: Layout, r: int) -> dict:
 def make_node(config: LoHaConfig, lay: Layout, r: int, alpha: float, key) -> LoHaWeights:
     """A freshly initialised site (PEFT's ``reset_adapter_parameters``, or ``..._random`` with
     ``init_weights=False``)."""
-    sh = shapes(config, lay, r)
-    keys = dict(zip(sorted(sh), jax.random.split(key, len(sh))))
-    arrays = {n: _lycoris.kaiming_uniform(keys[n], s) for n, s in sh.items()}
-    if config.init_weights is True:
-        arrays["hada_w2_b"] = jnp.zeros(sh["hada_w2_b"], jnp.float32)
+    arrays = _lycoris.kaiming_uniform(key, shapes(config, lay, r), zero=("hada_w2_b",) if config.init_weights else ())
     return LoHaWeights(layout=lay, scale=float(alpha / r), rank_dropout=float(config.rank_dropout),
                        module_dropout=float(config.module_dropout), **arrays)
 

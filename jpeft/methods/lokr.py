@@ -193,13 +193,8 @@ def shapes(config: LoKrConfig, lay: Layout, r: int) -> dict:
 def make_node(config: LoKrConfig, lay: Layout, r: int, alpha: float, key) -> LoKrWeights:
     """A freshly initialised site (PEFT's ``reset_adapter_parameters``, ``..._lycoris_way`` or
     ``..._random``)."""
-    sh = shapes(config, lay, r)
-    keys = dict(zip(sorted(sh), jax.random.split(key, len(sh))))
-    arrays = {n: _lycoris.kaiming_uniform(keys[n], s) for n, s in sh.items()}
     zero = {True: ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b")}.get(config.init_weights, ())
-    for n in zero:
-        if n in arrays:
-            arrays[n] = jnp.zeros(sh[n], jnp.float32)
+    arrays = _lycoris.kaiming_uniform(key, shapes(config, lay, r), zero=zero)
     return LoKrWeights(layout=lay, scale=float(alpha / r), rank_dropout=float(config.rank_dropout),
                        module_dropout=float(config.module_dropout), rank_dropout_scale=bool(config.rank_dropout_scale),
                        **arrays)
