@@ -218,8 +218,10 @@ class LycorisSite(Site):
     ``alpha / r`` and PEFT's two training-time dropouts.
 
     Forward: ``y = f(x; W) + f(x; dW)`` where ``f`` is the module itself run on the update as
-    its kernel, without bias (for ``nn.Dense`` simply ``x @ dW``), as PEFT's layers add
-    ``F.linear(x, dW)`` / ``F.conv2d(x, dW, ...)`` to the base output. With
+    its kernel, without bias, as PEFT's layers add ``F.linear(x, dW)`` / ``F.conv2d(x, dW, ...)``
+    to the base output. For ``nn.Dense`` the method's :meth:`dense_update` computes ``x @ dW``
+    from the factors where that is cheaper than forming ``dW`` (the design's "factored while
+    training"; a full-size ``dW`` is then only built by merge). With
     ``rngs={"dropout": key}`` given to :func:`jpeft.apply`, ``rank_dropout`` zeroes random
     output rows of ``dW`` and ``module_dropout`` skips the whole update, as PEFT does in training
     mode (LoHa rescales the kept rows by their mean; LoKr only with ``rank_dropout_scale``).
@@ -254,34 +256,55 @@ class LycorisSite(Site):
         self.layout.check_params(path, own, what=f"{type(self).__name__} adapter")
 
     # -- forward
-    def _dropped_delta(self, key):
-        d = self.torch_delta()
+    def dense_update(self, x2):
+        """``x2 @ dW`` for ``x2: [tokens, in]`` (an ``nn.Dense`` call) computed from the factors
+        without forming ``dW``, or ``None`` where forming ``dW`` is cheaper (then the forward
+        uses :meth:`kernel_delta`). Subclasses override it; output columns in PyTorch's row order."""
+        return None
+
+    def _dropout(self, key, n_out: int):
+        """``(row_scale, keep)``: PEFT's training-time rank dropout as a scale per output row
+        (``None`` when off) and module dropout as a 0/1 scalar (``None`` when off)."""
         if key is None or (self.rank_dropout <= 0 and self.module_dropout <= 0):
-            return d
+            return None, None
         k_rank, k_module = jax.random.split(key)
+        rows = keep = None
         if self.rank_dropout > 0:
-            keep = jax.random.bernoulli(k_rank, 1.0 - self.rank_dropout, (d.shape[0],)).astype(d.dtype)
+            rows = jax.random.bernoulli(k_rank, 1.0 - self.rank_dropout, (n_out,)).astype(jnp.float32)
             if self.rescale_rank_dropout:  # PEFT divides by the kept share; all rows dropped gives 0, not NaN
-                mean = jnp.mean(keep)
-                keep = jnp.where(mean > 0, keep / jnp.where(mean > 0, mean, 1.0), 0.0)
-            d = d * keep.reshape((-1,) + (1,) * (d.ndim - 1))
+                mean = jnp.mean(rows)
+                rows = jnp.where(mean > 0, rows / jnp.where(mean > 0, mean, 1.0), 0.0)
         if self.module_dropout > 0:
-            d = d * jax.random.bernoulli(k_module, 1.0 - self.module_dropout).astype(d.dtype)
-        return d
+            keep = jax.random.bernoulli(k_module, 1.0 - self.module_dropout).astype(jnp.float32)
+        return rows, keep
 
     def intercept(self, call: Call):
         lay = self.layout
         _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
         y = call.run()
+        dt = y.dtype
         key = call.dropout_key() if (self.rank_dropout > 0 or self.module_dropout > 0) else None
-        dk = kernel_from_torch(self._dropped_delta(key), lay).astype(y.dtype)
+        rows, keep = self._dropout(key, lay.out_features)
         x = call.args[0] if call.args else call.kwargs["inputs"]
         if lay.kind == "dense":
-            d = x.astype(y.dtype).reshape(-1, x.shape[-1]) @ dk
+            x2 = x.astype(dt).reshape(-1, x.shape[-1])
+            d = self.dense_update(x2)
+            if d is None:
+                d = x2 @ self.kernel_delta(dt)
+            if rows is not None:
+                d = d * rows.astype(dt).reshape(1, -1)
+            if keep is not None:
+                d = d * keep.astype(dt)
             return y + d.reshape(y.shape)
+        delta = self.torch_delta()
+        if rows is not None:
+            delta = delta * rows.reshape((-1,) + (1,) * (delta.ndim - 1))
+        if keep is not None:
+            delta = delta * keep
         helper = call.module.clone(parent=None, use_bias=False, name=None)
         with _inject.bypass():
-            return y + helper.apply({"params": {"kernel": dk}}, *call.args, **call.kwargs)
+            return y + helper.apply({"params": {"kernel": kernel_from_torch(delta, lay).astype(dt)}},
+                                    *call.args, **call.kwargs)
 
     # -- merge
     def _fold(self, own, sign: float):
