@@ -101,8 +101,18 @@ def _from_peft(ad, b, names):
     return out
 
 
+def _autograd_weight_cp(t1, w1a, w1b, t2, w2a, w2b, scale):
+    """PEFT's LoHa CP forward (``make_weight_cp``) differentiated by autograd: PEFT 0.21's
+    hand-written ``HadaWeightCP.backward`` returns wrong gradients for ``hada_w1_a`` and
+    ``hada_w2_a`` (it contracts each with the other factor's partial product), so the reference
+    gradient is autograd of PEFT's own forward formula."""
+    one = torch.einsum("i j k l, j r, i p -> p r k l", t1, w1b, w1a)
+    return one * torch.einsum("i j k l, j r, i p -> p r k l", t2, w2b, w2a) * scale
+
+
 @pytest.mark.parametrize("name,pcls,jcls,opts", CASES, ids=[c[0] for c in CASES])
-def test_matches_peft_forward_and_merge_on_linear_and_conv(name, pcls, jcls, opts):
+def test_matches_peft_forward_gradients_and_merge_on_linear_and_conv(name, pcls, jcls, opts, monkeypatch):
+    monkeypatch.setattr(peft.tuners.loha.layer, "make_weight_cp", _autograd_weight_cp)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -116,14 +126,19 @@ def test_matches_peft_forward_and_merge_on_linear_and_conv(name, pcls, jcls, opt
     ad = jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0), model, *jx))  # shapes; values: PEFT's
     names = loha.TENSORS if jcls is LoHaConfig else lokr.TENSORS
     ad = _from_peft(ad, b, names)
-    with torch.no_grad():
-        ref = [_t(t) for t in pm(torch.tensor(x), torch.tensor(img), torch.tensor(seq))]
-        base = [_t(t) for t in TorchNet.forward(b, torch.tensor(x), torch.tensor(img), torch.tensor(seq))]
-    ref = [ref[0], ref[1].transpose(0, 2, 3, 1), ref[2].transpose(0, 2, 1)]
+    touts = pm(torch.tensor(x), torch.tensor(img), torch.tensor(seq))
+    sum(o.pow(2).sum() for o in touts).backward()  # PEFT's gradients (its own HadaWeight backward for LoHa)
+    ref = [_t(touts[0]), _t(touts[1]).transpose(0, 2, 3, 1), _t(touts[2]).transpose(0, 2, 1)]
     out = jpeft.apply(model, params, ad, *jx)
     for got, want in zip(out, ref):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert all(float(jnp.abs(o - r).max()) > 1e-3 for o, r in zip(out, model.apply(params, *jx)))  # the adapter matters
+    grads = jax.grad(lambda a: sum(jnp.sum(o ** 2) for o in jpeft.apply(model, params, a, *jx)))(ad)
+    for path, node in grads.items():
+        for n in names:
+            if getattr(node, n) is not None:
+                want = _t(getattr(getattr(b, path), n)["default"].grad)
+                np.testing.assert_allclose(getattr(node, n), want, rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()))
     merged = jpeft.merge(params, ad)["params"]
     un = pm.merge_and_unload()
     for n in TARGETS:
