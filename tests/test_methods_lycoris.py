@@ -153,10 +153,10 @@ def test_matches_peft_forward_gradients_and_merge_on_linear_and_conv(name, pcls,
 # -- the PEFT format on a tiny Llama, both ways ------------------------------------------------------
 
 FAMILY = "llama2"  # untied, attention and MLP biases
-LLAMA = {
-    "loha": (peft.LoHaConfig, LoHaConfig, dict(r=2, alpha=3, target_modules=["q_proj", "v_proj", "down_proj"],
+LLAMA = {  # method: (PEFT config, jpeft config, options, tiny family: llama3 is tied with grouped-query attention)
+    "loha": (peft.LoHaConfig, LoHaConfig, "llama2", dict(r=2, alpha=3, target_modules=["q_proj", "v_proj", "down_proj"],
                                                 rank_pattern={"down_proj": 3}, alpha_pattern={"v_proj": 5})),
-    "lokr": (peft.LoKrConfig, LoKrConfig, dict(r=2, alpha=3, target_modules="all-linear", decompose_both=True,
+    "lokr": (peft.LoKrConfig, LoKrConfig, "llama3", dict(r=2, alpha=3, target_modules="all-linear", decompose_both=True,
                                                 decompose_factor=4, rank_pattern={"o_proj": 8})),
 }
 
@@ -176,10 +176,10 @@ def _random_like(adapter, seed):
 
 @pytest.mark.parametrize("method", sorted(LLAMA))
 def test_peft_format_both_ways_on_llama(method, tmp_path):
-    pcls, jcls, opts = LLAMA[method]
-    hf_model, folder = tiny.hf_model(FAMILY)
+    pcls, jcls, family, opts = LLAMA[method]
+    hf_model, folder = tiny.hf_model(family)
     model, params = jpeft.models.from_pretrained(folder)
-    ids, mask = tiny.batch(FAMILY, seed=3)
+    ids, mask = tiny.batch(family, seed=3)
     sel = mask.astype(bool)
     run = jax.jit(lambda p, a: jpeft.apply(model, p, a, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     jlogits = lambda p, a: np.asarray(run(p, a))  # one compile for both directions (same adapter structure)
