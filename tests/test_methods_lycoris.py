@@ -380,3 +380,27 @@ def test_scanned_llama_equals_unrolled():
     assert float(jnp.abs(y - run(scanned, p1, {})).max()) > 1e-3
     np.testing.assert_allclose(y, run(unrolled, p0, a0), atol=2e-5)
     np.testing.assert_allclose(run(scanned, jax.jit(jpeft.merge)(p1, a1), {}), y, atol=2e-5)
+
+
+def test_partition_specs_and_l2sp_through_the_protocol():
+    """Sharding specs follow the kernel's (LoHa's factors take its output / input entries, LoKr's
+    small Kronecker factors are replicated), and L2-SP penalises the update dW itself."""
+    from jax.sharding import PartitionSpec as P
+
+    from jpeft.forgetting.regularizers import l2sp_penalty
+
+    model = nn.Dense(8)
+    x = jnp.ones((2, 16))
+    params = model.init(jax.random.key(0), x)
+    pspecs = {"params": {"kernel": P("fsdp", "tensor"), "bias": P()}}
+    ha = _random_like(jax.eval_shape(lambda: jpeft.init(LoHaConfig(r=2, target_modules=".*"), params,
+                                                        jax.random.key(1))), 2)
+    s = jpeft.adapter_specs(ha, pspecs)[""]
+    assert (s.hada_w1_a, s.hada_w2_a, s.hada_w1_b, s.hada_w2_b) == (P("tensor", None),) * 2 + (P(None, "fsdp"),) * 2
+    kr = _random_like(jax.eval_shape(lambda: jpeft.init(LoKrConfig(r=1, target_modules=".*"), params,
+                                                        jax.random.key(1))), 3)
+    assert all(v == P() for v in jax.tree.leaves(jpeft.adapter_specs(kr, pspecs), is_leaf=lambda v: isinstance(v, P)))
+    for ad in (ha, kr):
+        start = jax.tree.map(jnp.zeros_like, ad)  # dW = 0
+        dw = ad[""].delta_matrix()
+        np.testing.assert_allclose(l2sp_penalty(params, ad, start, strength=2.0), jnp.sum(dw ** 2), rtol=1e-5)

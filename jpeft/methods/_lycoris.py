@@ -19,6 +19,9 @@ Pieces kept as small pure functions (the method files hold the rest):
 * :class:`LycorisSite`: the node skeleton (forward, dropouts, merge) over a method's
   ``torch_delta()``;
 * :func:`to_hf` / :func:`from_hf`: the PEFT format, driven by the method's tensor shapes.
+
+Each method file registers itself with one :func:`jpeft.methods.base.register_method` call;
+this module is a helper of those two files only and registers nothing.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject, hf, scan
+from jpeft import _inject, scan
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, LoadError, UnsupportedAdapterError,
                           UnsupportedModuleError)
 from jpeft.methods._common import linear_candidates, linear_layout, to_matrix
-from jpeft.methods.base import Call, Layout, Site, static_field
+from jpeft.methods.base import Call, Kind, Layout, Site, static_field
+from jpeft.peft_format import check_keys, peft_key, split_peft_key
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
 
 
@@ -45,13 +49,13 @@ from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_ful
 
 def window(lay: Layout) -> tuple:
     """The spatial window of a convolution kernel (``()`` for every other layout)."""
-    return tuple(lay.kernel_shape[:-2]) if lay.kind == "conv" else ()
+    return tuple(lay.kernel_shape[:-2]) if lay.kind == Kind.CONV else ()
 
 
 def in_channels(lay: Layout) -> int:
     """Input channels of a convolution, input features otherwise (PyTorch's ``weight.shape[1]``
     before the window)."""
-    return int(lay.kernel_shape[-2]) if lay.kind == "conv" else lay.in_features
+    return int(lay.kernel_shape[-2]) if lay.kind == Kind.CONV else lay.in_features
 
 
 def torch_shape(lay: Layout) -> tuple:
@@ -64,7 +68,7 @@ def kernel_from_torch(delta, lay: Layout):
     """A weight update in PyTorch's shape (:func:`torch_shape`, or anything of that size) laid
     out as the module's kernel."""
     delta = delta.reshape(torch_shape(lay))
-    if lay.kind == "conv":
+    if lay.kind == Kind.CONV:
         nd = delta.ndim
         return jnp.transpose(delta, tuple(range(2, nd)) + (1, 0))
     mat = delta.T  # [in, out] in the layout's input / output axis order
@@ -110,12 +114,12 @@ def _draw(key, spec):
 def check_site(path: str, lay: Layout, method: str) -> None:
     """Refuses the layouts PEFT's LyCORIS layers do not have: embeddings and convolutions
     with more than two spatial axes (PEFT adapts Linear, Conv1d and Conv2d)."""
-    if lay.kind == "embed":
+    if lay.kind == Kind.EMBED:
         raise UnsupportedModuleError(
             f"module {path!r} is an embedding; {method} adapts linear and convolution modules, as in Hugging Face "
             "PEFT (which has no embedding layer for it). Remove it from target_modules."
         )
-    if lay.kind == "conv" and len(window(lay)) > 2:
+    if lay.kind == Kind.CONV and len(window(lay)) > 2:
         raise UnsupportedModuleError(
             f"module {path!r} is a {len(window(lay))}-D convolution; {method} adapts 1-D and 2-D convolutions, as "
             "Hugging Face PEFT does (Conv1d, Conv2d). Remove it from target_modules."
@@ -197,7 +201,7 @@ class LycorisConfig(AdapterConfig):
     def effective_conv(self, lay: Layout) -> bool:
         """PEFT's ``use_effective_conv2d``, which it turns off for linear layers and for
         convolutions whose window is a single position (1x1)."""
-        return bool(self.use_effective_conv2d) and lay.kind == "conv" and math.prod(window(lay)) != 1
+        return bool(self.use_effective_conv2d) and lay.kind == Kind.CONV and math.prod(window(lay)) != 1
 
 
 def _positive_int(v) -> bool:
@@ -286,7 +290,7 @@ class LycorisSite(Site):
         key = call.dropout_key() if (self.rank_dropout > 0 or self.module_dropout > 0) else None
         rows, keep = self._dropout(key, lay.out_features)
         x = call.args[0] if call.args else call.kwargs["inputs"]
-        if lay.kind == "dense":
+        if lay.kind == Kind.DENSE:
             x2 = x.astype(dt).reshape(-1, x.shape[-1])
             d = self.dense_update(x2)
             if d is None:
@@ -305,6 +309,10 @@ class LycorisSite(Site):
         with _inject.bypass():
             return y + helper.apply({"params": {"kernel": kernel_from_torch(delta, lay).astype(dt)}},
                                     *call.args, **call.kwargs)
+
+    def effective(self, own):
+        """L2-SP's effective weights: the update ``dW`` in the kernel's shape (it is additive)."""
+        return self.kernel_delta()
 
     # -- merge
     def _fold(self, own, sign: float):
@@ -357,7 +365,7 @@ def to_hf(config: LycorisConfig, adapter, ctx, *, node_cls: type, tensor_names: 
                 f"a {type(config).__name__} adapter holds a {type(node).__name__} at {path!r}; save each method's "
                 "sites with its own config."
             )
-        if node.layout.kind != "dense":
+        if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
                 f"{type(config).__name__} site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT "
                 "format is written for nn.Dense sites (the layers of jpeft.models, PEFT's Linear)."
@@ -370,7 +378,7 @@ def to_hf(config: LycorisConfig, adapter, ctx, *, node_cls: type, tensor_names: 
         for name in tensor_names:
             v = getattr(node, name)
             if v is not None:
-                tensors[hf.peft_key(path, name)] = np.asarray(v, np.float32)
+                tensors[peft_key(path, name)] = np.asarray(v, np.float32)
         targets.append(hf_name(path))
     d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     d.update(target_modules=targets, rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern),
@@ -402,14 +410,14 @@ def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, m
         raise LoadError(f"{ctx.folder!r}: {e}") from None
     by_site, unmatched = {}, []
     for k, v in tensors.items():
-        sp = hf.split_peft_key(k, tensor_names)
+        sp = split_peft_key(k, tensor_names)
         if sp is None or sp[0] not in ctx.leaves:
             unmatched.append(k)
             continue
         by_site.setdefault(sp[0], {})[sp[1]] = v
     cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
     expected = [p for p in cands if matches(config.target_modules, p)]
-    hf.check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    check_keys(list(by_site), expected, unmatched_keys=unmatched)
     adapter = {}
     for path, got in sorted(by_site.items()):
         lay = _inject.infer_layout(path, ctx.leaves[path])

@@ -35,15 +35,15 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
-from jpeft import hf
-from jpeft.config import register_config
-from jpeft.methods import _lycoris, register
-from jpeft.methods.base import Layout
+from jax.sharding import PartitionSpec as P
+
+from jpeft.errors import ShardingError
+from jpeft.methods import _lycoris
+from jpeft.methods.base import Kind, Layout, Method, flat_spec_entry, register_method, spec_entries
 
 TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class LoHaConfig(_lycoris.LycorisConfig):
     """Configuration of a LoHa adapter (Hugging Face PEFT's ``LoHaConfig``, same field names).
@@ -101,6 +101,24 @@ class LoHaWeights(_lycoris.LycorisSite):
         if r1 * r2 * (in_f + out_f) >= in_f * out_f:
             return None
         return dense_update(x2, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale)
+
+    def partition_specs(self, module_specs):
+        """``hada_w*_a [out, r]`` take the kernel's output-dimension entry and ``hada_w*_b
+        [r, in]`` its input entry (as LoRA's factors do), so the update's rows and columns sit
+        where the kernel's do; convolutions (whose PyTorch input order differs from flax's) and
+        the CP form are replicated."""
+        lay = self.layout
+        if module_specs is None or lay.param_name not in module_specs:
+            raise ShardingError(f"a LoHa site adapts a {lay.param_name!r} the params do not have at its path; was "
+                                "the adapter made for another model?")
+        lead = self.hada_w1_a.ndim - 2  # stacked (scanned) sites carry leading layer axes
+        entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
+        lead_e, kern_e = entries[:lead], entries[lead:]
+        if self.hada_t1 is not None or lay.kind == Kind.CONV:
+            return super().partition_specs(module_specs)
+        a = P(*lead_e, flat_spec_entry(kern_e, lay.out_axes), None)
+        b = P(*lead_e, None, flat_spec_entry(kern_e, lay.in_axes))
+        return dataclasses.replace(self, hada_w1_a=a, hada_w2_a=a, hada_w1_b=b, hada_w2_b=b)
 
     def torch_delta(self):
         """``dW`` in PyTorch's weight shape, float32."""
@@ -163,7 +181,6 @@ def make_node(config: LoHaConfig, lay: Layout, r: int, alpha: float, key) -> LoH
                        module_dropout=float(config.module_dropout), **arrays)
 
 
-@register(LoHaConfig)
 def init(config: LoHaConfig, params, key, infos) -> dict:
     """LoHa sites for every targeted linear or convolution module."""
     return _lycoris.init_sites(config, params, key, infos, method="LoHa", make_node=make_node)
@@ -178,4 +195,12 @@ def _from_hf(d, tensors, params, ctx):
                             make_node=make_node)
 
 
-hf.register_peft_format(LoHaConfig, to_hf=_to_hf, from_hf=_from_hf)
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: LoHa with PEFT's defaults (r=8, alpha=8) on PEFT's default targets
+    (LoRA's)."""
+    qv = targets["lora"]
+    return [("LoHa", f"r=8, alpha=8, {'+'.join(qv)}", lambda: LoHaConfig(r=8, alpha=8, target_modules=qv))]
+
+
+LOHA = register_method(Method(config=LoHaConfig, init=init, nodes=(LoHaWeights,), to_hf=_to_hf, from_hf=_from_hf,
+                              budget=budget_rows))

@@ -37,11 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import hf
-from jpeft.config import register_config
 from jpeft.errors import ConfigError, UnsupportedModuleError
-from jpeft.methods import _lycoris, register
-from jpeft.methods.base import Layout, static_field
+from jpeft.methods import _lycoris
+from jpeft.methods.base import Layout, Method, register_method, static_field
 
 TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -66,7 +64,6 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class LoKrConfig(_lycoris.LycorisConfig):
     """Configuration of a LoKr adapter (Hugging Face PEFT's ``LoKrConfig``, same field names).
@@ -227,7 +224,6 @@ def make_node(config: LoKrConfig, lay: Layout, r: int, alpha: float, key) -> LoK
                        **arrays)
 
 
-@register(LoKrConfig)
 def init(config: LoKrConfig, params, key, infos) -> dict:
     """LoKr sites for every targeted linear or convolution module."""
     return _lycoris.init_sites(config, params, key, infos, method="LoKr", make_node=make_node)
@@ -242,4 +238,12 @@ def _from_hf(d, tensors, params, ctx):
                             make_node=make_node)
 
 
-hf.register_peft_format(LoKrConfig, to_hf=_to_hf, from_hf=_from_hf)
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: LoKr with PEFT's defaults (r=8, alpha=8) on PEFT's default targets
+    (LoRA's)."""
+    qv = targets["lora"]
+    return [("LoKr", f"r=8, alpha=8, {'+'.join(qv)}", lambda: LoKrConfig(r=8, alpha=8, target_modules=qv))]
+
+
+LOKR = register_method(Method(config=LoKrConfig, init=init, nodes=(LoKrWeights,), to_hf=_to_hf, from_hf=_from_hf,
+                              budget=budget_rows))
