@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -129,25 +130,27 @@ def test_matches_peft_forward_gradients_and_merge_on_linear_and_conv(name, pcls,
     touts = pm(torch.tensor(x), torch.tensor(img), torch.tensor(seq))
     sum(o.pow(2).sum() for o in touts).backward()  # PEFT's gradients (its own HadaWeight backward for LoHa)
     ref = [_t(touts[0]), _t(touts[1]).transpose(0, 2, 3, 1), _t(touts[2]).transpose(0, 2, 1)]
-    out = jpeft.apply(model, params, ad, *jx)
+    def loss(a):
+        outs = jpeft.apply(model, params, a, *jx)
+        return sum(jnp.sum(o ** 2) for o in outs), outs
+
+    grads, out = jax.jit(jax.grad(loss, has_aux=True))(ad)  # one compile: outputs and gradients
     for got, want in zip(out, ref):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert all(float(jnp.abs(o - r).max()) > 1e-3 for o, r in zip(out, model.apply(params, *jx)))  # the adapter matters
-    grads = jax.grad(lambda a: sum(jnp.sum(o ** 2) for o in jpeft.apply(model, params, a, *jx)))(ad)
     for path, node in grads.items():
         for n in names:
             if getattr(node, n) is not None:
                 want = _t(getattr(getattr(b, path), n)["default"].grad)
                 np.testing.assert_allclose(getattr(node, n), want, rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()))
-    merged = jpeft.merge(params, ad)["params"]
+    merged, back = jax.jit(lambda p, a: (jpeft.merge(p, a), jpeft.unmerge(jpeft.merge(p, a), a)))(params, ad)
+    merged = merged["params"]
     un = pm.merge_and_unload()
     for n in TARGETS:
         w = _t(getattr(un, n).weight)
         want = w.T if n.endswith("proj") else w.transpose(tuple(range(2, w.ndim)) + (1, 0))
         np.testing.assert_allclose(merged[n]["kernel"], want, rtol=1e-5, atol=1e-6)
-    back = jpeft.unmerge(jpeft.merge(params, ad), ad)
-    for a, c in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-        np.testing.assert_allclose(a, c, atol=1e-5)
+    chex.assert_trees_all_close(back, params, atol=1e-5)
 
 
 # -- the PEFT format on a tiny Llama, both ways ------------------------------------------------------
@@ -205,7 +208,7 @@ def test_peft_format_both_ways_on_llama(method, tmp_path):
     config, loaded = jpeft.hf.load_peft(str(tmp_path / "p"), params)
     assert isinstance(config, jcls) and config.r == 2 and config.init_weights is False
     assert sorted(loaded) == sorted(ad)  # the same sites, and (below) the same tensor shapes as jpeft.init makes
-    assert jax.tree.map(jnp.shape, loaded) == jax.tree.map(jnp.shape, ad)
+    chex.assert_trees_all_equal_shapes_and_dtypes(loaded, ad)
     np.testing.assert_allclose(jlogits(params, loaded)[sel], ref[sel], atol=1e-4, rtol=0)
     # the trainable count is PEFT's own
     n_peft = sum(p.numel() for p in pm.parameters() if p.requires_grad)
@@ -339,12 +342,14 @@ def test_rank_and_module_dropout_in_training_only():
     x = jax.random.normal(jax.random.key(0), (5, 16))
     params = model.init(jax.random.key(1), x)
     base = model.apply(params, x)
+    plain = jax.jit(lambda a: jpeft.apply(model, params, a, x))
+    train = jax.jit(lambda a, k: jpeft.apply(model, params, a, x, rngs={"dropout": k}))
     for cfg in (LoKrConfig(r=1, target_modules=".*", init_weights=False, rank_dropout=0.5),
                 LoHaConfig(r=2, target_modules=".*", init_weights=False, rank_dropout=0.5)):
         ad = jpeft.init(cfg, params, jax.random.key(2))
-        full = jpeft.apply(model, params, ad, x) - base  # no rngs: no dropout
+        full = plain(ad) - base  # no rngs: no dropout
         assert float(jnp.abs(full).max()) > 1e-2
-        d = jpeft.apply(model, params, ad, x, rngs={"dropout": jax.random.key(3)}) - base
+        d = train(ad, jax.random.key(3)) - base
         # each output feature's update is dropped (0) or kept: LoKr as is, LoHa rescaled by the kept share
         kept = np.asarray(jnp.abs(d).max(axis=0) > 1e-6)
         assert 0 < kept.sum() < 8
@@ -353,9 +358,7 @@ def test_rank_and_module_dropout_in_training_only():
         np.testing.assert_allclose(d[:, ~kept], 0.0, atol=1e-6)
     ad = jpeft.init(LoHaConfig(r=2, target_modules=".*", init_weights=False, module_dropout=0.5), params,
                     jax.random.key(2))
-    full = jpeft.apply(model, params, ad, x) - base
-    outs = {bool(jnp.abs(jpeft.apply(model, params, ad, x, rngs={"dropout": jax.random.key(i)}) - base).max() > 1e-6)
-            for i in range(12)}
+    outs = {bool(jnp.abs(train(ad, jax.random.key(i)) - base).max() > 1e-6) for i in range(12)}
     assert outs == {True, False}  # some calls skip the whole update, some keep it
 
 
