@@ -380,9 +380,11 @@ def test_scanned_llama_equals_unrolled():
     assert all(isinstance(n, scan.Stacked) and n.length == 2 for n in a1.values()) and len(a1) == 4
     a0 = scan.unstack_adapter(a1)
     y = run(scanned, p1, a1)
-    assert float(jnp.abs(y - run(scanned, p1, {})).max()) > 1e-3
     np.testing.assert_allclose(y, run(unrolled, p0, a0), atol=2e-5)
-    np.testing.assert_allclose(run(scanned, jax.jit(jpeft.merge)(p1, a1), {}), y, atol=2e-5)
+    merged = jax.jit(jpeft.merge)(p1, a1)
+    kernel = lambda p: p["params"]["model"]["layers"]["mlp"]["down_proj"]["kernel"]
+    assert float(jnp.abs(kernel(merged) - kernel(p1)).max(axis=(1, 2)).min()) > 1e-3  # every layer's update is non-zero
+    np.testing.assert_allclose(run(scanned, merged, {}), y, atol=2e-5)
 
 
 def test_partition_specs_and_l2sp_through_the_protocol():
