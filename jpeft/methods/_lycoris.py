@@ -79,7 +79,7 @@ def kernel_from_torch(delta, lay: Layout):
 
 def matrix_from_torch(delta, lay: Layout):
     """The update as the matrix ``[in_features, out_features]`` (kernel input axes first, in
-    layout order), the view merging, L2-SP and adapter merging use."""
+    layout order): the effective weight delta of a site in jpeft's matrix view."""
     return to_matrix(kernel_from_torch(delta, lay), lay)
 
 

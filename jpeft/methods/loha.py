@@ -34,7 +34,6 @@ from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from jpeft.errors import ShardingError
