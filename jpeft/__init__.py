@@ -21,6 +21,7 @@ from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
 from jpeft.methods.pissa import init_olora, init_pissa
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
+from jpeft.methods.oft import OFTConfig  # after jpeft.hf: registers OFT and its PEFT format
 from jpeft.generate import generate
 from jpeft import distributed, parallel
 from jpeft.parallel import (
@@ -56,6 +57,7 @@ __all__ = [
     "fold_prefix",
     "PromptTuningConfig",
     "PromptWeights",
+    "OFTConfig",
     "init_pissa",
     "init_olora",
     "init",

@@ -15,6 +15,7 @@ import jpeft
 import jpeft.models
 from jpeft.methods.bottleneck import BottleneckConfig
 from jpeft.methods.ia3 import IA3Config
+from jpeft.methods.oft import OFTConfig
 from jpeft.methods.pissa import init_pissa
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, fold_prefix
 from jpeft.methods.prompt import PromptTuningConfig
@@ -47,6 +48,7 @@ CASES = {
     "prompt": Case(PromptTuningConfig(num_virtual_tokens=2), False, False),
     "pissa": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"], init="pissa"), True, True,
                   pissa=True),
+    "oft": Case(OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"]), True, True),
 }
 
 
@@ -171,6 +173,7 @@ def test_summary_counts_every_method():
         "pfeiffer": L * (h * 2 + 2 + 2 * h + h),
         "prefix": T * L * 2 * kv,
         "prompt": T * h,
+        "oft": L * 2 * (h // 4) * (4 * 3 // 2),  # q, v: h/4 blocks of 4, 6 numbers each
     }
     expected["lora"] = L * ((h * 2 + 2 * h) + (h * 2 + 2 * kv))
     expected["dora"] = expected["lora"] + L * (h + kv) + L * ((h * 2 + 2 * inter) + inter)

@@ -1,0 +1,245 @@
+"""OFT against Hugging Face PEFT 0.21 (forward, merge, unmerge; every option jpeft supports),
+through the PEFT format both ways on a tiny Mistral, on a layer-scanned Llama, and its refusals.
+
+Every adapter tensor is random (``init_weights=False`` draws ``oft_R ~ N(0, 0.1^2)`` in both
+libraries, plus a perturbation), so no block is the identity."""
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
+
+import jpeft  # noqa: E402
+import jpeft.models  # noqa: E402
+from jpeft import hf as H  # noqa: E402
+from jpeft import scan  # noqa: E402
+from jpeft.methods import oft  # noqa: E402
+from jpeft.methods.oft import OFTConfig  # noqa: E402
+
+torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
+peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
+
+
+class TorchNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(8, 12)
+        self.v_proj = torch.nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.v_proj(torch.tanh(self.q_proj(x)))
+
+
+class FlaxNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="v_proj")(jnp.tanh(nn.Dense(12, name="q_proj")(x)))
+
+
+def _t(x):
+    return jnp.asarray(x.detach().numpy())
+
+
+# (PEFT / jpeft options): block size and count, both Cayley forms and several series lengths,
+# a shared block, constrained OFT with a radius that clips some blocks and not others
+OPTIONS = {
+    "neumann5": dict(oft_block_size=4),
+    "neumann3": dict(oft_block_size=4, num_cayley_neumann_terms=3),
+    "neumann8": dict(oft_block_size=2, num_cayley_neumann_terms=8),
+    "exact": dict(oft_block_size=4, use_cayley_neumann=False),
+    "r=2": dict(r=2, oft_block_size=0),
+    "block_share": dict(oft_block_size=4, block_share=True),
+    "coft": dict(oft_block_size=4, coft=True, eps=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_matches_peft_forward_merge_unmerge(name):
+    opts = OPTIONS[name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(TorchNet(), peft.OFTConfig(target_modules=["q_proj", "v_proj"], init_weights=False,
+                                                            **opts)).eval()
+    b = pm.base_model.model
+    with torch.no_grad():  # move every block further from the identity
+        for n, p in pm.named_parameters():
+            if "oft_R" in n:
+                p.add_(0.3 * torch.randn(p.shape))
+    raw = {k: _t(getattr(b, k).oft_R["default"].weight) for k in ("q_proj", "v_proj")}  # before PEFT's coft write-back
+    params = {"params": {k: {"kernel": _t(getattr(b, k).base_layer.weight).T, "bias": _t(getattr(b, k).base_layer.bias)}
+                         for k in ("q_proj", "v_proj")}}
+    x = np.random.RandomState(0).randn(3, 2, 8).astype(np.float32)
+    cfg = OFTConfig(target_modules=["q_proj", "v_proj"], **opts)
+    ad = jpeft.init(cfg, params, jax.random.key(0))
+    stored = 1 if opts.get("block_share") else None
+    assert {k: v.oft_R.shape for k, v in ad.items()} == {k: tuple(raw[k].shape) for k in raw}
+    assert all(v.oft_R.shape[0] == (stored or v.blocks) for v in ad.values())
+    np.testing.assert_array_equal(ad["q_proj"].oft_R, 0.0)  # the identity start
+    ad = {k: dataclasses.replace(v, oft_R=raw[k]) for k, v in ad.items()}
+    with torch.no_grad():
+        ref = _t(pm(torch.tensor(x)))
+    base = FlaxNet().apply(params, jnp.asarray(x))
+    assert float(jnp.abs(ref - base).max()) > 1e-2  # the rotation matters
+    got = jpeft.apply(FlaxNet(), params, ad, jnp.asarray(x))
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    if opts.get("coft"):  # some blocks were clipped, some not (the projection has teeth both ways)
+        q = oft.skew(raw["q_proj"], 4)
+        norms = np.sqrt((np.asarray(q) ** 2).sum((-2, -1)))
+        radius = 0.5 / np.sqrt(q.shape[0])
+        assert (norms > radius).any()
+
+    merged = jpeft.merge(params, ad)
+    np.testing.assert_allclose(FlaxNet().apply(merged, jnp.asarray(x)), ref, atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.merge_adapter()
+    for k in ("q_proj", "v_proj"):
+        np.testing.assert_allclose(merged["params"][k]["kernel"], _t(getattr(b, k).base_layer.weight).T, atol=2e-6)
+        np.testing.assert_array_equal(merged["params"][k]["bias"], params["params"][k]["bias"])
+    back = jpeft.unmerge(merged, ad)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5), back, params)
+    # the effective weight delta is R @ W - W
+    d = ad["q_proj"].delta(params["params"]["q_proj"])
+    np.testing.assert_allclose(d + params["params"]["q_proj"]["kernel"], merged["params"]["q_proj"]["kernel"], atol=1e-6)
+
+
+def test_cayley_blocks_are_orthogonal_exactly_and_nearly():
+    v = 0.05 * jax.random.normal(jax.random.key(0), (3, oft.n_elements(5)))
+    exact = oft.cayley(v, 5, False, 0)
+    np.testing.assert_allclose(jnp.einsum("bij,bkj->bik", exact, exact), np.broadcast_to(np.eye(5), (3, 5, 5)), atol=1e-6)
+    series = oft.cayley(v, 5, True, 12)
+    # PEFT's series approximates the Cayley transform of -Q (R^T of the exact form)
+    np.testing.assert_allclose(series, jnp.swapaxes(exact, -1, -2), atol=1e-5)
+    assert oft.block_size_of(oft.n_elements(7)) == 7 and oft.block_size_of(4) == -1
+
+
+# -- through the PEFT format, on a tiny Mistral -------------------------------------------------------
+
+FAMILY = "mistral"
+
+
+def _base():
+    return jpeft.models.from_pretrained(tiny.hf_model(FAMILY)[1])
+
+
+def _logits(model, params, adapter, ids, mask):
+    return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
+def _torch_logits(pm, ids, mask):
+    with torch.no_grad():
+        return pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                  position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
+
+
+def _close(a, b, mask):
+    sel = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(a[sel], b[sel], atol=1e-4, rtol=0)
+
+
+def _randomize(adapter, seed):
+    leaves, tdef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("opts", [dict(oft_block_size=8), dict(r=2, oft_block_size=0, use_cayley_neumann=False,
+                                                                block_share=True)], ids=["neumann", "exact+share"])
+def test_jpeft_to_peft(opts, tmp_path):
+    hf_model, folder = tiny.hf_model(FAMILY)
+    model, params = _base()
+    cfg = OFTConfig(target_modules=["q_proj", "v_proj", "down_proj"], **opts)
+    ad = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 1)
+    H.save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path)).eval()
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    ref = _torch_logits(pm, ids, mask)
+    assert np.abs(ref - _torch_logits(hf_model, ids, mask)).max() > 1e-3
+    _close(_logits(model, params, ad, ids, mask), ref, mask)
+
+
+def test_peft_to_jpeft_and_scanned(tmp_path):
+    hf_model, folder = tiny.hf_model(FAMILY)
+    model, params = _base()
+    torch.manual_seed(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf_model), peft.OFTConfig(
+            target_modules=["q_proj", "v_proj", "o_proj"], oft_block_size=4, coft=True, eps=0.3,
+            num_cayley_neumann_terms=4, init_weights=False)).eval()
+        pm.save_pretrained(str(tmp_path))
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    ref = _torch_logits(pm, ids, mask)
+    assert np.abs(ref - _torch_logits(hf_model, ids, mask)).max() > 1e-3
+    cfg, ad = H.load_peft(str(tmp_path), params)
+    assert sorted(cfg.target_modules) == ["o_proj", "q_proj", "v_proj"]  # PEFT writes a set: any order
+    assert cfg.replace(target_modules=("o_proj",)) == OFTConfig(target_modules=["o_proj"], oft_block_size=4, coft=True, eps=0.3,
+                            num_cayley_neumann_terms=4, init_weights=False)
+    assert len(ad) == 6 and all(n.oft_R.shape == (8, 6) for n in ad.values())
+    _close(_logits(model, params, ad, ids, mask), ref, mask)
+    # merged weights serve the same logits
+    _close(_logits(model, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
+    # the same file on the layer-scanned model: stacked sites, same logits, merge per layer
+    smodel, sparams = jpeft.models.from_pretrained(folder, scan_layers=True)
+    _, sad = H.load_peft(str(tmp_path), sparams)
+    assert all(isinstance(n, scan.Stacked) and n.length == 2 for n in sad.values())
+    _close(_logits(smodel, sparams, sad, ids, mask), ref, mask)
+    _close(_logits(smodel, jpeft.merge(sparams, sad), {}, ids, mask), ref, mask)
+    # and init on the scanned model (traced) makes the same structure as the loaded adapter
+    init_sc = jpeft.init(cfg, sparams, jax.random.key(0), smodel, jnp.asarray(ids))
+    assert jax.tree.structure(init_sc) == jax.tree.structure(sad)
+
+
+def test_module_dropout_replaces_blocks_by_identity_only_in_training():
+    model = FlaxNet()
+    x = jnp.ones((2, 8))
+    params = model.init(jax.random.key(0), x)
+    cfg = OFTConfig(target_modules=["q_proj"], oft_block_size=2, module_dropout=0.5, init_weights=False)
+    ad = jpeft.init(cfg, params, jax.random.key(1))
+    r = ad["q_proj"].rotation()
+    dropped = oft.block_dropout(r, 0.5, jax.random.key(3))
+    is_eye = [bool(jnp.allclose(b, jnp.eye(2))) for b in dropped]
+    assert sum(is_eye) == 2 and not any(bool(jnp.allclose(b, jnp.eye(2))) for b in r)  # int(0.5 * 4) blocks
+    eval_out = jpeft.apply(model, params, ad, x)
+    np.testing.assert_allclose(eval_out, model.apply(jpeft.merge(params, ad), x), atol=1e-5)
+    train_out = jpeft.apply(model, params, ad, x, rngs={"dropout": jax.random.key(3)})
+    assert float(jnp.abs(train_out - eval_out).max()) > 1e-4
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(jpeft.ConfigError, match="exactly one of r"):
+        OFTConfig(r=4, oft_block_size=8)
+    with pytest.raises(jpeft.ConfigError, match="bias"):
+        OFTConfig.from_dict({"peft_type": "OFT", "bias": "all", "oft_block_size": 4})
+    model = FlaxNet()
+    params = model.init(jax.random.key(0), jnp.ones((1, 8)))
+    with pytest.raises(jpeft.ConfigError, match="does not divide the 12 input features.*oft_block_size=4"):
+        jpeft.init(OFTConfig(target_modules=["v_proj"], oft_block_size=5), params, jax.random.key(0))
+    emb = nn.Embed(10, 8)
+    eparams = emb.init(jax.random.key(0), jnp.array([1]))
+    with pytest.raises(jpeft.UnsupportedModuleError, match="nn.Dense"):
+        jpeft.init(OFTConfig(target_modules=".*", oft_block_size=4), eparams, jax.random.key(0))
+    # a PEFT < 0.14 OFT file (no oft_block_size) is refused by name
+    hf_model, folder = tiny.hf_model(FAMILY)
+    _, mparams = _base()
+    cfg = OFTConfig(target_modules=["q_proj"], oft_block_size=8)
+    H.save_peft(str(tmp_path), cfg, jpeft.init(cfg, mparams, jax.random.key(0)))
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    del d["oft_block_size"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    with pytest.raises(jpeft.UnsupportedAdapterError, match="PEFT < 0.14"):
+        H.load_peft(str(tmp_path), mparams)
