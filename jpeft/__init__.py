@@ -21,7 +21,8 @@ from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
 from jpeft.methods.pissa import init_olora, init_pissa
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
-from jpeft.methods.oft import OFTConfig  # after jpeft.hf: registers OFT and its PEFT format
+from jpeft.methods.oft import OFTConfig  # after jpeft.hf: these register their PEFT formats
+from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.generate import generate
 from jpeft import distributed, parallel
 from jpeft.parallel import (
@@ -58,6 +59,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptWeights",
     "OFTConfig",
+    "LNTuningConfig",
     "init_pissa",
     "init_olora",
     "init",

@@ -15,6 +15,7 @@ import jpeft
 import jpeft.models
 from jpeft.methods.bottleneck import BottleneckConfig
 from jpeft.methods.ia3 import IA3Config
+from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.methods.oft import OFTConfig
 from jpeft.methods.pissa import init_pissa
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, fold_prefix
@@ -49,6 +50,7 @@ CASES = {
     "pissa": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"], init="pissa"), True, True,
                   pissa=True),
     "oft": Case(OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"]), True, True),
+    "ln_tuning": Case(LNTuningConfig(), True, True, invertible=False),
 }
 
 
@@ -183,6 +185,9 @@ def test_summary_counts_every_method():
         assert s["trainable"] == n, (name, s["trainable"], n)
         assert s["base"] == sum(x.size for x in jax.tree.leaves(PARAMS))
         assert s["share"] == pytest.approx(n / (n + s["base"]))
+    # LN tuning's copies stand in for the norms' own parameters: counted once
+    s = jpeft.summary(PARAMS, make("ln_tuning")[1], print_fn=None)
+    assert s["trainable"] == 2 * L * h + h and s["total"] == s["base"]
 
 
 def test_prefix_mlp_folds_saves_and_trains(tmp_path):
