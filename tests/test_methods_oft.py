@@ -6,6 +6,7 @@ libraries, plus a perturbation), so no block is the identity."""
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -90,12 +91,17 @@ def test_matches_peft_forward_merge_unmerge(name):
     assert all(v.oft_R.shape[0] == (stored or v.blocks) for v in ad.values())
     np.testing.assert_array_equal(ad["q_proj"].oft_R, 0.0)  # the identity start
     ad = {k: dataclasses.replace(v, oft_R=raw[k]) for k, v in ad.items()}
-    with torch.no_grad():
-        ref = _t(pm(torch.tensor(x)))
+    cot = np.random.RandomState(1).randn(3, 2, 5).astype(np.float32)
+    out = pm(torch.tensor(x))
+    (out * torch.tensor(cot)).sum().backward()  # PEFT's gradients w.r.t. oft_R (at the projected point for coft)
+    ref = _t(out)
     base = FlaxNet().apply(params, jnp.asarray(x))
     assert float(jnp.abs(ref - base).max()) > 1e-2  # the rotation matters
     got = jpeft.apply(FlaxNet(), params, ad, jnp.asarray(x))
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    grads = jax.grad(lambda a: jnp.sum(jpeft.apply(FlaxNet(), params, a, jnp.asarray(x)) * cot))(ad)
+    for k in ("q_proj", "v_proj"):
+        np.testing.assert_allclose(grads[k].oft_R, _t(getattr(b, k).oft_R["default"].weight.grad), atol=1e-5, rtol=1e-4)
     if opts.get("coft"):  # some blocks were clipped, some not (the projection has teeth both ways)
         q = oft.skew(raw["q_proj"], 4)
         norms = np.sqrt((np.asarray(q) ** 2).sum((-2, -1)))
@@ -202,6 +208,38 @@ def test_peft_to_jpeft_and_scanned(tmp_path):
     # and init on the scanned model (traced) makes the same structure as the loaded adapter
     init_sc = jpeft.init(cfg, sparams, jax.random.key(0), smodel, jnp.asarray(ids))
     assert jax.tree.structure(init_sc) == jax.tree.structure(sad)
+
+
+@functools.lru_cache(maxsize=None)
+def _scan_pair():
+    cfg = jpeft.models.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=2,
+                                   num_kv_heads=1)
+    unrolled, scanned = jpeft.models.LlamaForCausalLM(cfg), jpeft.models.LlamaForCausalLM(cfg.replace(scan_layers=True))
+    ids = jax.random.randint(jax.random.key(0), (2, 7), 0, 61)
+    p0 = jax.jit(unrolled.init)(jax.random.key(0), ids)
+    return unrolled, scanned, ids, p0, {"params": scan.stack_params(p0["params"])}
+
+
+@pytest.mark.parametrize("method", ["oft", "ln_tuning"])
+def test_scanned_gradients_equal_unrolled(method):
+    unrolled, scanned, ids, p0, p1 = _scan_pair()
+    config = (OFTConfig(oft_block_size=4, target_modules=["q_proj", "down_proj"], init_weights=False) if method == "oft"
+              else jpeft.LNTuningConfig())
+    a1 = jpeft.init(config, p1, jax.random.key(1), scanned, ids)
+    leaves, tdef = jax.tree.flatten(a1)
+    a1 = jax.tree.unflatten(tdef, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+    a0 = scan.unstack_adapter(a1)
+    assert any(isinstance(n, scan.Stacked) for n in a1.values())
+
+    def loss(model, p):
+        return lambda a: jnp.mean(jpeft.apply(model, p, a, ids) ** 2)
+
+    g1 = scan.unstack_adapter(jax.jit(jax.grad(loss(scanned, p1)))(a1))
+    g0 = jax.jit(jax.grad(loss(unrolled, p0)))(a0)
+    assert sorted(g1) == sorted(g0)
+    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g0))
+    for k in g0:
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-8, rtol=1e-4), g1[k], g0[k])
 
 
 def test_module_dropout_replaces_blocks_by_identity_only_in_training():
