@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,7 +118,7 @@ def test_matches_peft_forward_merge_unmerge(name):
         np.testing.assert_allclose(merged["params"][k]["kernel"], _t(getattr(b, k).base_layer.weight).T, atol=2e-6)
         np.testing.assert_array_equal(merged["params"][k]["bias"], params["params"][k]["bias"])
     back = jpeft.unmerge(merged, ad)
-    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5), back, params)
+    chex.assert_trees_all_close(back, params, atol=1e-5)
     # the effective weight delta is R @ W - W
     d = ad["q_proj"].delta(params["params"]["q_proj"])
     np.testing.assert_allclose(d + params["params"]["q_proj"]["kernel"], merged["params"]["q_proj"]["kernel"], atol=1e-6)
@@ -238,8 +239,7 @@ def test_scanned_gradients_equal_unrolled(method):
     g0 = jax.jit(jax.grad(loss(unrolled, p0)))(a0)
     assert sorted(g1) == sorted(g0)
     assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g0))
-    for k in g0:
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-8, rtol=1e-4), g1[k], g0[k])
+    chex.assert_trees_all_close({k: g1[k] for k in g0}, g0, atol=1e-8, rtol=1e-4)
 
 
 def test_module_dropout_replaces_blocks_by_identity_only_in_training():
