@@ -276,7 +276,7 @@ class OFTWeights(Site):
     def check(self, path: str, module) -> None:
         self.check_params(path, module.variables.get("params", {}))
         axis = getattr(module, "axis", -1)
-        if axis not in (-1,) and axis != (-1,):
+        if axis not in (-1, (-1,)):
             raise UnsupportedModuleError(
                 f"OFT at {path!r} rotates the input's last axis, but the module contracts axis {axis!r}; "
                 "target nn.Dense modules (or DenseGeneral with axis=-1)."
