@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject, hf, scan
-from jpeft.config import AdapterConfig, _as_targets, register_config
+from jpeft import _inject, scan
+from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
@@ -31,17 +31,17 @@ from jpeft.errors import (
     LoadError,
     NotInvertibleError,
     ShapeMismatchError,
+    ShardingError,
     UnsupportedAdapterError,
 )
-from jpeft.methods import register
-from jpeft.methods.base import Call, Site
+from jpeft.methods.base import Call, Method, Site, register_method
+from jpeft.peft_format import check_keys, peft_key, split_peft_key
 from jpeft.tree import hf_name, matches, module_leaves, select
 
 #: the parameters of a norm layer LN tuning copies (flax names), and PEFT's names for them
 NORM_PARAMS = {"scale": "weight", "bias": "bias"}
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class LNTuningConfig(AdapterConfig):
     """Configuration of LN tuning (Hugging Face PEFT's ``LNTuningConfig``).
@@ -125,6 +125,16 @@ class LNTuningWeights(Site):
         with _inject.bypass():
             return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **call.kwargs)
 
+    def partition_specs(self, module_specs):
+        """The copy is sharded exactly as the norm's own parameters (for a layer-scanned site
+        the base's specs carry the leading layer axis too)."""
+        if module_specs is None or set(module_specs) != set(self.params):
+            raise ShardingError(
+                f"an LN tuning site holds {sorted(self.params)}, but the base module at its path has "
+                f"{None if module_specs is None else sorted(module_specs)}; was the adapter made for another model?"
+            )
+        return dataclasses.replace(self, params={k: module_specs[k] for k in self.params})
+
     def delta(self, own):
         """``copy - base`` per parameter (float32)."""
         return delta(self.params, own)
@@ -155,7 +165,6 @@ def _stacked_layers(path: str, own, params) -> int:
     return n
 
 
-@register(LNTuningConfig)
 def init(config: LNTuningConfig, params, key, infos) -> dict:
     """A trainable copy of every targeted norm's parameters."""
     leaves = module_leaves(params)
@@ -186,7 +195,7 @@ def _to_hf(config: LNTuningConfig, adapter, ctx):
                 "own config."
             )
         for name, v in node.params.items():
-            tensors[hf.peft_key(path, f"{PREFIX}.{NORM_PARAMS[name]}")] = np.asarray(v, np.float32)
+            tensors[peft_key(path, f"{PREFIX}.{NORM_PARAMS[name]}")] = np.asarray(v, np.float32)
         targets.append(hf_name(path))
     return {"target_modules": targets, "exclude_modules": None, "modules_to_save": None}, tensors
 
@@ -206,13 +215,13 @@ def _from_hf(d, tensors, params, ctx):
     flax_name = {v: k for k, v in NORM_PARAMS.items()}
     by_site, unmatched = {}, []
     for k, v in tensors.items():
-        sp = hf.split_peft_key(k, _TENSORS)
+        sp = split_peft_key(k, _TENSORS)
         if sp is None or sp[0] not in ctx.leaves or not is_norm(ctx.leaves[sp[0]]):
             unmatched.append(k)
             continue
         by_site.setdefault(sp[0], {})[flax_name[sp[1].split(".", 1)[1]]] = v
     expected = [p for p, own in ctx.leaves.items() if is_norm(own) and matches(config.target_modules, p)]
-    hf.check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    check_keys(list(by_site), expected, unmatched_keys=unmatched)
     adapter = {}
     for path, got in sorted(by_site.items()):
         own = ctx.leaves[path]
@@ -232,4 +241,11 @@ def _from_hf(d, tensors, params, ctx):
     return config, adapter
 
 
-hf.register_peft_format(LNTuningConfig, to_hf=_to_hf, from_hf=_from_hf)
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: the family's norm layers (PEFT's LN tuning targets for Llama, GPT-2)."""
+    ln = targets["ln"]
+    return [("LN tuning", ln if isinstance(ln, str) else "+".join(ln), lambda: LNTuningConfig(target_modules=ln))]
+
+
+LN_TUNING = register_method(Method(config=LNTuningConfig, init=init, nodes=(LNTuningWeights,), to_hf=_to_hf,
+                                   from_hf=_from_hf, budget=budget_rows))

@@ -47,9 +47,10 @@ from typing import Any, ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from jpeft import _inject, hf, scan
-from jpeft.config import AdapterConfig, _as_targets, register_config
+from jpeft import _inject, scan
+from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
@@ -58,13 +59,12 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods import register
 from jpeft.methods._common import linear_candidates, linear_layout
-from jpeft.methods.base import Call, Layout, Site, static_field
+from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
+from jpeft.peft_format import check_keys, peft_key, split_peft_key
 from jpeft.tree import hf_name, matches, select
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class OFTConfig(AdapterConfig):
     """Configuration of an OFT adapter (Hugging Face PEFT's ``OFTConfig`` names and defaults).
@@ -295,6 +295,11 @@ class OFTWeights(Site):
             return call.next_fun(xr, *call.args[1:], **call.kwargs)
         return call.next_fun(**{**call.kwargs, "inputs": xr})
 
+    def partition_specs(self, module_specs):
+        """Replicated: ``oft_R`` is small (``in * (k - 1) / 2`` numbers per site), and its block
+        axis need not divide by the mesh axis that shards the kernel's input."""
+        return dataclasses.replace(self, oft_R=P())
+
     def delta(self, own):
         """The effective weight delta ``R @ W - W`` as ``[in, out]`` (float32)."""
         w = jnp.asarray(own["kernel"]).astype(jnp.float32).reshape(self.layout.in_features, -1)
@@ -318,7 +323,7 @@ class OFTWeights(Site):
 
 def _site_layout(path: str, own, infos) -> Layout:
     lay = linear_layout(path, own, infos)
-    if lay.kind not in ("dense", "dense_general") or len(lay.in_axes) != 1 or tuple(lay.in_axes) != (0,):
+    if lay.kind not in (Kind.DENSE, Kind.DENSE_GENERAL) or len(lay.in_axes) != 1 or tuple(lay.in_axes) != (0,):
         raise UnsupportedModuleError(
             f"module {path!r} is a {lay.kind} module{'' if lay.kind != 'dense_general' else ' with several input axes'}; "
             "jpeft's OFT adapts nn.Dense kernels (Hugging Face PEFT's OFT on torch.nn.Linear). Remove it from "
@@ -327,7 +332,6 @@ def _site_layout(path: str, own, infos) -> Layout:
     return lay
 
 
-@register(OFTConfig)
 def init(config: OFTConfig, params, key, infos) -> dict:
     """Creates the OFT parameters for every targeted ``nn.Dense`` module."""
     leaves, cands = linear_candidates(params)
@@ -362,12 +366,12 @@ def _to_hf(config: OFTConfig, adapter, ctx):
             raise UnsupportedAdapterError(
                 f"an OFTConfig adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its own config."
             )
-        if node.layout.kind != "dense":
+        if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
                 f"OFT site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
                 "nn.Dense sites (the layers of jpeft.models)."
             )
-        tensors[hf.peft_key(path, TENSOR)] = np.asarray(node.oft_R, np.float32)
+        tensors[peft_key(path, TENSOR)] = np.asarray(node.oft_R, np.float32)
         targets.append(hf_name(path))
     d = {f: getattr(config, f) for f in ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",
                                           "use_cayley_neumann", "num_cayley_neumann_terms", "init_weights")}
@@ -393,14 +397,14 @@ def _from_hf(d, tensors, params, ctx):
         raise LoadError(f"{ctx.folder!r}: {e}") from None
     by_site, unmatched = {}, []
     for k, v in tensors.items():
-        sp = hf.split_peft_key(k, (TENSOR,))
+        sp = split_peft_key(k, (TENSOR,))
         if sp is None or sp[0] not in ctx.leaves:
             unmatched.append(k)
             continue
         by_site[sp[0]] = v
     cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
     expected = [p for p in cands if matches(config.target_modules, p)]
-    hf.check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    check_keys(list(by_site), expected, unmatched_keys=unmatched)
     adapter = {}
     for path, v in sorted(by_site.items()):
         lay = _inject.infer_layout(path, ctx.leaves[path])
@@ -424,4 +428,12 @@ def _from_hf(d, tensors, params, ctx):
     return config, adapter
 
 
-hf.register_peft_format(OFTConfig, to_hf=_to_hf, from_hf=_from_hf)
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: PEFT's default OFT (block size 32) on its default targets (LoRA's)."""
+    qv = targets["lora"]
+    names = qv if isinstance(qv, str) else "+".join(qv)
+    return [("OFT", f"oft_block_size=32, {names}", lambda: OFTConfig(oft_block_size=32, target_modules=qv))]
+
+
+OFT = register_method(Method(config=OFTConfig, init=init, nodes=(OFTWeights,), to_hf=_to_hf, from_hf=_from_hf,
+                             budget=budget_rows))
