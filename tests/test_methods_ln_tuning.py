@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _models_tiny as tiny  # noqa: E402
@@ -113,3 +114,22 @@ def test_refusals():
     other = {"model/norm": LNTuningWeights({"scale": jnp.ones((5,))})}
     with pytest.raises(jpeft.ShapeMismatchError, match="another model"):
         jpeft.merge(params, other)
+
+
+def test_partition_specs_follow_the_norms():
+    """LN tuning's copy is sharded as the norm's own parameters (scanned: with the layer axis);
+    OFT's small oft_R is replicated."""
+    cfg = jpeft.models.LlamaConfig(vocab_size=24, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                                   num_kv_heads=1, scan_layers=True)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    params = jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)
+    specs = jax.tree.map(lambda x: P("fsdp") if x.ndim == 1 else P(None, "fsdp"), params)
+    ad = jax.eval_shape(lambda p: jpeft.init(LNTuningConfig(), p, jax.random.key(0), model, jnp.ones((1, 4), jnp.int32)),
+                        params)
+    got = jpeft.adapter_specs(ad, specs)
+    assert got["model/norm"].params == {"scale": P("fsdp")}
+    assert got["model/layers/input_layernorm"].inner.params == {"scale": P(None, "fsdp")}
+    oft_ad = jax.eval_shape(lambda p: jpeft.init(jpeft.OFTConfig(oft_block_size=4), p, jax.random.key(0), model,
+                                                 jnp.ones((1, 4), jnp.int32)), params)
+    assert all(s == P() for s in jax.tree.leaves(jpeft.adapter_specs(oft_ad, specs), is_leaf=lambda v: isinstance(v, P)))

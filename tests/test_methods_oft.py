@@ -119,9 +119,9 @@ def test_matches_peft_forward_merge_unmerge(name):
         np.testing.assert_array_equal(merged["params"][k]["bias"], params["params"][k]["bias"])
     back = jpeft.unmerge(merged, ad)
     chex.assert_trees_all_close(back, params, atol=1e-5)
-    # the effective weight delta is R @ W - W
-    d = ad["q_proj"].delta(params["params"]["q_proj"])
-    np.testing.assert_allclose(d + params["params"]["q_proj"]["kernel"], merged["params"]["q_proj"]["kernel"], atol=1e-6)
+    # the effective weights (L2-SP) of this multiplicative method: the merged kernel R @ W
+    eff = ad["q_proj"].effective(params["params"]["q_proj"])
+    np.testing.assert_allclose(eff["kernel"], merged["params"]["q_proj"]["kernel"], atol=1e-6)
 
 
 def test_cayley_blocks_are_orthogonal_exactly_and_nearly():

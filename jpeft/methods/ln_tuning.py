@@ -83,11 +83,6 @@ def copy_params(own: Mapping[str, Any]) -> dict:
     return {k: jnp.array(v, copy=True) for k, v in own.items()}
 
 
-def delta(new: Mapping[str, Any], own: Mapping[str, Any]) -> dict:
-    """The effective change of each norm parameter, ``copy - base`` (float32)."""
-    return {k: jnp.asarray(new[k], jnp.float32) - jnp.asarray(own[k], jnp.float32) for k in own}
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LNTuningWeights(Site):
@@ -134,10 +129,6 @@ class LNTuningWeights(Site):
                 f"{None if module_specs is None else sorted(module_specs)}; was the adapter made for another model?"
             )
         return dataclasses.replace(self, params={k: module_specs[k] for k in self.params})
-
-    def delta(self, own):
-        """``copy - base`` per parameter (float32)."""
-        return delta(self.params, own)
 
     def merge(self, own):
         """The module's parameters replaced by the trained copy."""

@@ -226,11 +226,6 @@ def unmerge_matrix(r_blocks, w):
     return jnp.linalg.solve(r_blocks, w.reshape(n, k, -1)).reshape(w.shape)
 
 
-def delta_matrix(r_blocks, w):
-    """The effective weight delta ``R @ W - W`` (``[in, out]``) of a rotation on kernel ``W``."""
-    return merge_matrix(r_blocks, w) - w
-
-
 def block_dropout(r_blocks, rate: float, key):
     """PEFT's documented multiplicative dropout: ``int(rate * n)`` random blocks become the
     identity (none when one block is shared, or without a key)."""
@@ -299,11 +294,6 @@ class OFTWeights(Site):
         """Replicated: ``oft_R`` is small (``in * (k - 1) / 2`` numbers per site), and its block
         axis need not divide by the mesh axis that shards the kernel's input."""
         return dataclasses.replace(self, oft_R=P())
-
-    def delta(self, own):
-        """The effective weight delta ``R @ W - W`` as ``[in, out]`` (float32)."""
-        w = jnp.asarray(own["kernel"]).astype(jnp.float32).reshape(self.layout.in_features, -1)
-        return delta_matrix(self.rotation(), w)
 
     def _fold(self, own, fn):
         w = jnp.asarray(own["kernel"])
