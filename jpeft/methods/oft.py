@@ -30,9 +30,10 @@ Differences from PEFT, by name:
   never calls it. jpeft applies it as PEFT documents it (each training step, with a dropout key,
   ``int(p * n)`` random blocks are replaced by the identity), so training with
   ``module_dropout > 0`` differs from PEFT's; inference is the same.
-* Sites: PEFT's OFT adapts ``torch.nn.Linear`` (and Conv2d / Embedding, whose PEFT forwards do
-  not equal their merged weights); jpeft adapts ``nn.Dense`` kernels (and 2-D ``DenseGeneral``
-  with its last axis as input) and refuses other modules with
+* Sites: PEFT's OFT also adapts Conv2d (its forward rotates stride-1, unpadded patches and sums
+  them back with ``F.fold``, which is not the merged convolution) and Embedding (the lookup is
+  rotated; merging also changes a tied output head). jpeft adapts ``nn.Dense`` kernels (and
+  2-D ``DenseGeneral`` with its last axis as input) and refuses other modules with
   :class:`~jpeft.errors.UnsupportedModuleError`. A block size that does not divide a targeted
   module's input width is refused with :class:`~jpeft.errors.ConfigError` (PEFT warns and picks
   another size; jpeft names it instead).
