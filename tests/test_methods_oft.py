@@ -281,6 +281,12 @@ def test_refusals(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(d))
     with pytest.raises(jpeft.UnsupportedAdapterError, match="PEFT < 0.14"):
         H.load_peft(str(tmp_path), mparams)
+    # GPT-2's Conv1D sites: PEFT's OFT cannot build them, so nothing is written
+    _, gparams = jpeft.models.from_pretrained(tiny.hf_model("gpt2")[1])
+    gcfg = OFTConfig(target_modules=["c_attn"], oft_block_size=8)
+    with pytest.raises(jpeft.UnsupportedAdapterError, match="Conv1D"):
+        H.save_peft(str(tmp_path / "gpt2"), gcfg, jpeft.init(gcfg, gparams, jax.random.key(0)))
+    assert not (tmp_path / "gpt2" / "adapter_config.json").exists()
 
 
 def test_info_llama2_7b_matches_peft_counts(capsys):

@@ -350,6 +350,11 @@ TENSOR = "oft_R.weight"
 
 
 def _to_hf(config: OFTConfig, adapter, ctx):
+    if ctx.fan_in_fan_out:
+        raise UnsupportedAdapterError(
+            "these OFT sites are GPT-2 Conv1D layers (fan_in_fan_out); Hugging Face PEFT's OFT adapts torch.nn.Linear "
+            "only and cannot load them. Nothing was written; keep the adapter in jpeft's format (jpeft.save_adapter)."
+        )
     tensors, targets = {}, []
     for path in sorted(adapter):
         node = adapter[path]
