@@ -170,9 +170,10 @@ def test_jpeft_to_peft(tmp_path):
     cfg = OFTConfig(target_modules=["q_proj", "v_proj", "down_proj"], oft_block_size=8)
     ad = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 1)
     H.save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=folder)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path)).eval()
+    assert not [w for w in caught if "cayley" in str(w.message).lower()]  # the file says which series it uses
     ids, mask = tiny.batch(FAMILY, seed=3)
     ref = _torch_logits(pm, ids, mask)
     assert np.abs(ref - _torch_logits(hf_model, ids, mask)).max() > 1e-3
@@ -281,6 +282,10 @@ def test_refusals(tmp_path):
     del d["oft_block_size"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(d))
     with pytest.raises(jpeft.UnsupportedAdapterError, match="PEFT < 0.14"):
+        H.load_peft(str(tmp_path), mparams)
+    d["oft_block_size"], d["peft_version"] = 8, "0.17.1"  # the Cayley-Neumann series before PEFT 0.18
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    with pytest.raises(jpeft.UnsupportedAdapterError, match="PEFT 0.18 changed that series"):
         H.load_peft(str(tmp_path), mparams)
     # GPT-2's Conv1D sites: PEFT's OFT cannot build them, so nothing is written
     _, gparams = jpeft.models.from_pretrained(tiny.hf_model("gpt2")[1])

@@ -37,12 +37,15 @@ Differences from PEFT, by name:
   :class:`~jpeft.errors.UnsupportedModuleError`. A block size that does not divide a targeted
   module's input width is refused with :class:`~jpeft.errors.ConfigError` (PEFT warns and picks
   another size; jpeft names it instead).
+* Files: a Cayley-Neumann adapter written by PEFT < 0.18 (whose series differed) is refused with
+  :class:`~jpeft.errors.UnsupportedAdapterError`; files jpeft writes say ``peft_version: 0.18.0``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, ClassVar, Mapping
 
 import jax
@@ -150,7 +153,7 @@ def blocks_for(config: OFTConfig, in_features: int, path: str) -> tuple[int, int
         raise ConfigError(
             f"OFTConfig.{name}={given} does not divide the {in_features} input features of {path!r}; OFT needs "
             f"r x oft_block_size = in_features. Use a divisor of {in_features}, e.g. {name}={near} (Hugging Face PEFT "
-            "would silently change it per layer)."
+            "would pick another size for this layer with a warning)."
         )
     other = in_features // given
     return (given, other) if config.r else (other, given)
@@ -372,7 +375,10 @@ def _to_hf(config: OFTConfig, adapter, ctx):
     d = {f: getattr(config, f) for f in ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",
                                           "use_cayley_neumann", "num_cayley_neumann_terms", "init_weights")}
     d.update(target_modules=targets, fan_in_fan_out=False, bias="none", modules_to_save=None, exclude_modules=None,
-             layers_to_transform=None, layers_pattern=None)
+             layers_to_transform=None, layers_pattern=None,
+             # the Cayley-Neumann series as PEFT >= 0.18 computes it; without a version PEFT warns that the
+             # adapter may use the older series
+             peft_version="0.18.0")
     return d, tensors
 
 
@@ -383,6 +389,14 @@ def _from_hf(d, tensors, params, ctx):
         raise UnsupportedAdapterError(
             f"the OFT adapter in {ctx.folder!r} has no oft_block_size: it was written by PEFT < 0.14, whose OFT "
             "parametrisation differs (PEFT itself refuses it). Retrain it with a current PEFT."
+        )
+    version = str(d.get("peft_version") or "0.0").partition("@")[0]
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if d.get("use_cayley_neumann", True) and (not m or (int(m.group(1)), int(m.group(2))) < (0, 18)):
+        raise UnsupportedAdapterError(
+            f"the OFT adapter in {ctx.folder!r} uses the Cayley-Neumann series and was written by PEFT "
+            f"{d.get('peft_version') or '< 0.18 (no peft_version)'}; PEFT 0.18 changed that series, and jpeft computes "
+            "the new one, so its outputs would differ. Retrain it with PEFT >= 0.18 (PEFT itself warns about this)."
         )
     kept = dict(d)
     if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
