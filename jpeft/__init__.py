@@ -26,6 +26,8 @@ from jpeft.methods.lokr import LoKrConfig
 from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
 from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
+from jpeft.methods.oft import OFTConfig
+from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.methods.pissa import init_olora, init_pissa
 from jpeft.methods.full import FullFinetuneConfig
 from jpeft.train import make_train_step
@@ -66,6 +68,8 @@ __all__ = [
     "fold_prefix",
     "PromptTuningConfig",
     "PromptWeights",
+    "OFTConfig",
+    "LNTuningConfig",
     "init_pissa",
     "init_olora",
     "init",

@@ -16,6 +16,9 @@ def test_llama2_7b_budget_matches_peft_figures(capsys):
     assert rows[("Prefix tuning", "20 virtual tokens")]["trainable"] == 20 * 32 * 2 * 4096
     assert rows[("Prompt tuning", "20 virtual tokens")]["trainable"] == 20 * 4096
     assert rows[("Pfeiffer", "reduction 16, after down_proj")]["trainable"] == 32 * (2 * 4096 * 256 + 256 + 4096)
+    # PEFT's print_trainable_parameters for its default OFTConfig / LNTuningConfig on a meta-device Llama-2-7B
+    assert rows[("OFT", "oft_block_size=32, q_proj+v_proj")]["trainable"] == 4_063_232 == 32 * 2 * 128 * (32 * 31 // 2)
+    assert rows[("LN tuning", "input_layernorm+post_attention_layernorm+norm")]["trainable"] == 266_240
     # nothing was allocated: the budget ran on shapes only
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(budget.abstract_params(budget.LlamaConfig_7b())))
 

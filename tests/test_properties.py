@@ -18,6 +18,8 @@ from jpeft.methods.bottleneck import BottleneckConfig
 from jpeft.methods.ia3 import IA3Config
 from jpeft.methods.loha import LoHaConfig
 from jpeft.methods.lokr import LoKrConfig
+from jpeft.methods.ln_tuning import LNTuningConfig
+from jpeft.methods.oft import OFTConfig
 from jpeft.methods.pissa import init_pissa
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, fold_prefix
 from jpeft.methods.prompt import PromptTuningConfig
@@ -52,6 +54,8 @@ CASES = {
                   pissa=True),
     "loha": Case(LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), True, True),
     "lokr": Case(LoKrConfig(r=1, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"]), True, True),
+    "oft": Case(OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"]), True, True),
+    "ln_tuning": Case(LNTuningConfig(), True, True, invertible=False),
 }
 
 
@@ -177,6 +181,7 @@ def test_summary_counts_every_method():
         "loha": L * 2 * 2 * ((h + h) + (h + kv)),  # two rank-2 pairs [out, r], [r, in] on q (8->8) and v (8->4)
         # w1 [a, c] + w2_a [b, 1] + w2_b [1, d] with out = a*b, in = c*d: q 8=2*4 <- 8=2*4, v 4=2*2 <- 8, up 16=4*4 <- 8
         "lokr": L * ((2 * 2 + 4 + 4) + (2 * 2 + 2 + 4) + (4 * 2 + 4 + 4)),
+        "oft": L * 2 * (h // 4) * (4 * 3 // 2),  # q, v: h/4 blocks of 4, 6 numbers each
     }
     expected["lora"] = L * ((h * 2 + 2 * h) + (h * 2 + 2 * kv))
     expected["dora"] = expected["lora"] + L * (h + kv) + L * ((h * 2 + 2 * inter) + inter)
@@ -186,6 +191,9 @@ def test_summary_counts_every_method():
         assert s["trainable"] == n, (name, s["trainable"], n)
         assert s["base"] == sum(x.size for x in jax.tree.leaves(PARAMS))
         assert s["share"] == pytest.approx(n / (n + s["base"]))
+    # LN tuning's copies stand in for the norms' own parameters: counted once
+    s = jpeft.summary(PARAMS, make("ln_tuning")[1], print_fn=None)
+    assert s["trainable"] == 2 * L * h + h and s["total"] == s["base"]
 
 
 def test_prefix_mlp_folds_saves_and_trains(tmp_path):

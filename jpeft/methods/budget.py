@@ -38,13 +38,14 @@ FAMILY_TARGETS = {
     "llama": dict(lora=["q_proj", "v_proj"],
                   linear=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                   ia3=(["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-                  houlsby=["o_proj", "down_proj"], pfeiffer=["down_proj"]),
+                  houlsby=["o_proj", "down_proj"], pfeiffer=["down_proj"],
+                  ln=["input_layernorm", "post_attention_layernorm", "norm"]),
     "gpt2": dict(lora=["c_attn"], linear=["c_attn", "c_proj", "c_fc"],
                  ia3=(["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-                 houlsby=["attn/c_proj", "mlp/c_proj"], pfeiffer=["mlp/c_proj"]),
+                 houlsby=["attn/c_proj", "mlp/c_proj"], pfeiffer=["mlp/c_proj"], ln=["ln_1", "ln_2", "ln_f"]),
     "bert": dict(lora=["query", "value"], linear=["query", "key", "value", "dense"],
                  ia3=(["key", "value", "output.dense"], ["output.dense"]),
-                 houlsby=["output/dense"], pfeiffer=r".*/layer_\d+/output/dense"),
+                 houlsby=["output/dense"], pfeiffer=r".*/layer_\d+/output/dense", ln=["LayerNorm"]),
 }
 FAMILY_TARGETS.update(mistral=FAMILY_TARGETS["llama"], qwen2=FAMILY_TARGETS["llama"])
 
@@ -54,6 +55,9 @@ FAMILY_TARGETS.update(mistral=FAMILY_TARGETS["llama"], qwen2=FAMILY_TARGETS["lla
 DEFAULT_TARGETS = {
     "LORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
     "IA3": {m: {"target_modules": t["ia3"][0], "feedforward_modules": t["ia3"][1]} for m, t in FAMILY_TARGETS.items()},
+    "OFT": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
+    "LN_TUNING": {m: {"target_modules": ["post_attention_layernorm"] if m == "qwen2" else t["ln"]}
+                  for m, t in FAMILY_TARGETS.items() if m != "bert"},  # PEFT has no BERT default
 }
 DEFAULT_TARGETS.update(LOHA=DEFAULT_TARGETS["LORA"], LOKR=DEFAULT_TARGETS["LORA"])  # PEFT copies LoRA's mapping
 
@@ -165,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         prog="python -m jpeft.methods.budget",
         description=(
             "Print the trainable-parameter budget of every jpeft method (LoRA, rsLoRA, DoRA, PiSSA, IA3, Houlsby and "
-            "Pfeiffer bottleneck adapters, prefix and prompt tuning) on a model config, as a Markdown table. "
+            "Pfeiffer bottleneck adapters, OFT, LN tuning, prefix and prompt tuning) on a model config, as a Markdown table. "
             "Shapes only: jax.eval_shape builds the base and each adapter without allocating, so a 7B model "
             "takes seconds and no memory."
         ),

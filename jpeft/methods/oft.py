@@ -1,0 +1,449 @@
+"""OFT (Qiu et al. 2023), orthogonal fine-tuning, as Hugging Face PEFT 0.21 computes it.
+
+A targeted linear module ``y = x @ W + b`` (``W: [in, out]``) becomes ``y = (x @ R) @ W + b``:
+``R`` is a block-diagonal ``[in, in]`` matrix of ``n`` orthogonal blocks of size ``k``
+(``n * k = in``), so OFT rotates the module's *input* features block by block and leaves the
+bias alone. Each block comes from a skew-symmetric matrix ``Q = U - U^T`` (``U``: the strictly
+upper triangle, ``k (k - 1) / 2`` trainable numbers per block, stored as ``oft_R: [n, k(k-1)/2]``
+in PEFT's row-major triangle order) by the Cayley transform
+
+* exact (``use_cayley_neumann=False``): ``R_j = (I - Q) (I + Q)^-1``;
+* Cayley-Neumann (the default): PEFT's truncated series
+  ``R_j = I + 2 Q + 2 Q^2 + ... + 2 Q^(t-2) + Q^(t-1)`` with ``t = num_cayley_neumann_terms``
+  (for ``t <= 4`` the terms PEFT's loop actually adds; see :func:`cayley`).
+
+``oft_R = 0`` is the identity, so the adapter starts as the base model. ``block_share`` keeps one
+block for all ``n`` positions; ``coft`` (constrained OFT) projects each block's ``Q`` onto the
+Frobenius ball of radius ``eps / sqrt(stored blocks)`` before the transform.
+
+Merging folds the rotation into the kernel, ``W' = R @ W``; unmerging solves with each block
+(``R`` is exactly orthogonal only for the exact Cayley transform, so the inverse is not taken
+as the transpose), as PEFT's ``torch.linalg.inv`` does.
+
+Differences from PEFT, by name:
+
+* ``coft``: PEFT writes the projected value back into ``oft_R`` in place at every forward;
+  jpeft is pure, so it projects in the forward with a straight-through gradient (the same
+  outputs and the same gradient at the projected point) and keeps the stored array unprojected.
+  Saved adapters give the same outputs in both libraries.
+* ``module_dropout``: PEFT 0.21 builds its multiplicative dropout but its ``Linear.forward``
+  never calls it. jpeft applies it as PEFT documents it (each training step, with a dropout key,
+  ``int(p * n)`` random blocks are replaced by the identity), so training with
+  ``module_dropout > 0`` differs from PEFT's; inference is the same.
+* Sites: PEFT's OFT also adapts Conv2d (its forward rotates stride-1, unpadded patches and sums
+  them back with ``F.fold``, which is not the merged convolution) and Embedding (the lookup is
+  rotated; merging also changes a tied output head). jpeft adapts ``nn.Dense`` kernels (and
+  2-D ``DenseGeneral`` with its last axis as input) and refuses other modules with
+  :class:`~jpeft.errors.UnsupportedModuleError`. A block size that does not divide a targeted
+  module's input width is refused with :class:`~jpeft.errors.ConfigError` (PEFT warns and picks
+  another size; jpeft names it instead).
+* Files: a Cayley-Neumann adapter written by PEFT < 0.18 (whose series differed) is refused with
+  :class:`~jpeft.errors.UnsupportedAdapterError`; files jpeft writes say ``peft_version: 0.18.0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jpeft import _inject, scan
+from jpeft.config import AdapterConfig, _as_targets
+from jpeft.errors import (
+    BaseMismatchError,
+    CheckpointError,
+    ConfigError,
+    LoadError,
+    UnsupportedAdapterError,
+    UnsupportedModuleError,
+)
+from jpeft.methods._common import linear_candidates, linear_layout
+from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
+from jpeft.peft_format import check_keys, peft_key, split_peft_key
+from jpeft.tree import hf_name, matches, select
+
+
+@dataclasses.dataclass(frozen=True)
+class OFTConfig(AdapterConfig):
+    """Configuration of an OFT adapter (Hugging Face PEFT's ``OFTConfig`` names and defaults).
+
+    Args:
+      r: number of blocks per module; give either ``r`` or ``oft_block_size`` (the other ``0``).
+      oft_block_size: size ``k`` of each orthogonal block (must divide every targeted module's
+        input width); the default ``32`` with ``r=0`` is PEFT's.
+      target_modules: as for :class:`jpeft.LoraConfig`; the default is PEFT's for Llama.
+      module_dropout: probability of replacing a block by the identity during training
+        (with ``rngs={"dropout": key}``); see the module notes for how PEFT 0.21 differs.
+      coft, eps: constrained OFT and its radius.
+      block_share: one block shared by all positions of a module.
+      use_cayley_neumann, num_cayley_neumann_terms: the truncated-series Cayley transform.
+      init_weights: ``True`` starts at the identity (``oft_R = 0``); ``False`` draws
+        ``oft_R ~ N(0, 0.1^2)`` as PEFT does (for tests).
+
+    >>> from jpeft.methods.oft import OFTConfig
+    >>> c = OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"])
+    >>> OFTConfig.from_dict(c.to_dict()) == c
+    True
+    >>> c.to_dict()["peft_type"]
+    'OFT'
+    """
+
+    peft_type: ClassVar[str] = "OFT"
+
+    r: int = 0
+    oft_block_size: int = 32
+    target_modules: Any = ("q_proj", "v_proj")
+    module_dropout: float = 0.0
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+    init_weights: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ConfigError("OFTConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
+        for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"OFTConfig.{name} must be a non-negative integer, found {v!r}.")
+        if (self.r == 0) == (self.oft_block_size == 0):
+            raise ConfigError(
+                f"OFTConfig needs exactly one of r (blocks per module) and oft_block_size (block size) non-zero, as in "
+                f"Hugging Face PEFT (r x oft_block_size = in_features); found r={self.r}, "
+                f"oft_block_size={self.oft_block_size}. Set the other one to 0."
+            )
+        for name in ("coft", "block_share", "use_cayley_neumann", "init_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"OFTConfig.{name} must be a bool, found {getattr(self, name)!r}.")
+        if isinstance(self.module_dropout, bool) or not isinstance(self.module_dropout, (int, float)) \
+                or not 0.0 <= self.module_dropout < 1.0:
+            raise ConfigError(f"OFTConfig.module_dropout must be in [0, 1), found {self.module_dropout!r}.")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
+            raise ConfigError(f"OFTConfig.eps must be a positive finite number, found {self.eps!r}.")
+
+
+# -- the math, as small pure functions --------------------------------------------------------------
+
+def n_elements(block_size: int) -> int:
+    """Trainable numbers per block: the strict upper triangle of a ``[k, k]`` matrix."""
+    return block_size * (block_size - 1) // 2
+
+
+def block_size_of(n_elem: int) -> int:
+    """Inverse of :func:`n_elements` (``-1`` when ``n_elem`` is not a triangle number)."""
+    k = int(round((1 + math.sqrt(1 + 8 * n_elem)) / 2))
+    return k if n_elements(k) == n_elem and k >= 1 else -1
+
+
+def blocks_for(config: OFTConfig, in_features: int, path: str) -> tuple[int, int]:
+    """``(blocks, block_size)`` of a module with ``in_features`` inputs, or a ConfigError."""
+    given, name = (config.r, "r") if config.r else (config.oft_block_size, "oft_block_size")
+    if given > in_features or in_features % given:
+        divisors = [d for d in range(1, in_features + 1) if in_features % d == 0]
+        near = min(divisors, key=lambda d: (abs(d - given), d))
+        raise ConfigError(
+            f"OFTConfig.{name}={given} does not divide the {in_features} input features of {path!r}; OFT needs "
+            f"r x oft_block_size = in_features. Use a divisor of {in_features}, e.g. {name}={near} (Hugging Face PEFT "
+            "would pick another size for this layer with a warning)."
+        )
+    other = in_features // given
+    return (given, other) if config.r else (other, given)
+
+
+def skew(vec, block_size: int):
+    """``[b, k(k-1)/2] -> [b, k, k]``: ``U - U^T`` with ``U``'s strict upper triangle filled
+    row by row (PEFT's ``torch.triu_indices`` order)."""
+    rows, cols = np.triu_indices(block_size, 1)
+    u = jnp.zeros(vec.shape[:-1] + (block_size, block_size), vec.dtype).at[..., rows, cols].set(vec)
+    return u - jnp.swapaxes(u, -1, -2)
+
+
+def coft_project(vec, block_size: int, eps: float):
+    """Constrained OFT: each block's ``Q`` scaled onto the Frobenius ball of radius
+    ``eps / sqrt(b)`` (``b`` stored blocks) when outside it (PEFT's ``_project_batch``)."""
+    q = skew(vec, block_size)
+    radius = eps / math.sqrt(vec.shape[0])
+    norm = jnp.sqrt(jnp.sum(q * q, axis=(-2, -1), keepdims=True))
+    safe = jnp.where(norm > radius, norm, 1.0)
+    out = jnp.where(norm <= radius, q, radius * q / safe)
+    rows, cols = np.triu_indices(block_size, 1)
+    return out[..., rows, cols]
+
+
+def cayley(vec, block_size: int, neumann: bool, terms: int):
+    """The orthogonal blocks ``[b, k, k]`` from ``oft_R: [b, k(k-1)/2]`` (float32)."""
+    q = skew(vec.astype(jnp.float32), block_size)
+    eye = jnp.broadcast_to(jnp.eye(block_size, dtype=jnp.float32), q.shape)
+    if not neumann:
+        # R (I + Q) = I - Q, i.e. R = (I - Q)(I + Q)^-1: solve (I + Q)^T R^T = (I - Q)^T
+        return jnp.swapaxes(jnp.linalg.solve(jnp.swapaxes(eye + q, -1, -2), jnp.swapaxes(eye - q, -1, -2)), -1, -2)
+    r = eye
+    if terms > 1:  # PEFT's series, term for term (for 3 and 4 terms it adds the same powers)
+        r = r + 2.0 * q
+        if terms > 2:
+            power = q @ q
+            r = r + 2.0 * power
+            for _ in range(3, terms - 1):
+                power = power @ q
+                r = r + 2.0 * power
+            r = r + power @ q
+    return r
+
+
+def rotation_blocks(oft_r, *, blocks: int, block_size: int, neumann: bool, terms: int, coft: bool, eps: float):
+    """``[blocks, k, k]``: the rotation's diagonal blocks (one stored block repeated under
+    ``block_share``). ``coft`` projects with a straight-through gradient."""
+    v = oft_r.astype(jnp.float32)
+    if coft:
+        v = v + jax.lax.stop_gradient(coft_project(v, block_size, eps) - v)
+    r = cayley(v, block_size, neumann, terms)
+    if r.shape[0] != blocks:
+        r = jnp.broadcast_to(r, (blocks,) + r.shape[1:])
+    return r
+
+
+def rotate(x, r_blocks):
+    """``x @ R`` on the last axis of ``x`` (``[..., n*k]``), block by block."""
+    n, k, _ = r_blocks.shape
+    xs = x.reshape(x.shape[:-1] + (n, k))
+    return jnp.einsum("...rk,rkc->...rc", xs, r_blocks.astype(x.dtype)).reshape(x.shape)
+
+
+def merge_matrix(r_blocks, w):
+    """``R @ W`` for ``W: [in, out]`` (the merged kernel)."""
+    n, k, _ = r_blocks.shape
+    return jnp.einsum("rkc,rco->rko", r_blocks, w.reshape(n, k, -1)).reshape(w.shape)
+
+
+def unmerge_matrix(r_blocks, w):
+    """``R^-1 @ W``: one linear solve per block."""
+    n, k, _ = r_blocks.shape
+    return jnp.linalg.solve(r_blocks, w.reshape(n, k, -1)).reshape(w.shape)
+
+
+def block_dropout(r_blocks, rate: float, key):
+    """PEFT's documented multiplicative dropout: ``int(rate * n)`` random blocks become the
+    identity (none when one block is shared, or without a key)."""
+    stored = r_blocks.shape[0]
+    drop = int(rate * stored)
+    if key is None or rate <= 0.0 or drop == 0:
+        return r_blocks
+    mask = jax.random.permutation(key, jnp.arange(stored) < drop).astype(r_blocks.dtype)[:, None, None]
+    eye = jnp.eye(r_blocks.shape[-1], dtype=r_blocks.dtype)[None]
+    return (1.0 - mask) * r_blocks + mask * eye
+
+
+# -- the site node ----------------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OFTWeights(Site):
+    """One OFT site: ``oft_R: [stored blocks, k(k-1)/2]`` (stored blocks: ``blocks``, or 1 with
+    ``block_share``), rotating the input of an ``nn.Dense`` kernel of ``blocks * block_size``
+    input features."""
+
+    oft_R: jax.Array
+    layout: Layout = static_field(default=None)
+    blocks: int = static_field(default=1)
+    block_size: int = static_field(default=1)
+    neumann: bool = static_field(default=True)
+    terms: int = static_field(default=5)
+    coft: bool = static_field(default=False)
+    eps: float = static_field(default=6e-5)
+    module_dropout: float = static_field(default=0.0)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    def handles(self, method_name: str) -> bool:
+        return method_name == "__call__"
+
+    def rotation(self):
+        """The ``[blocks, k, k]`` orthogonal blocks (float32)."""
+        return rotation_blocks(self.oft_R, blocks=self.blocks, block_size=self.block_size, neumann=self.neumann,
+                               terms=self.terms, coft=self.coft, eps=self.eps)
+
+    def check(self, path: str, module) -> None:
+        self.check_params(path, module.variables.get("params", {}))
+        axis = getattr(module, "axis", -1)
+        if axis not in (-1, (-1,)):
+            raise UnsupportedModuleError(
+                f"OFT at {path!r} rotates the input's last axis, but the module contracts axis {axis!r}; "
+                "target nn.Dense modules (or DenseGeneral with axis=-1)."
+            )
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        self.layout.check_params(path, own, what="OFT adapter")
+
+    def intercept(self, call: Call):
+        x = call.args[0] if call.args else call.kwargs["inputs"]
+        r = self.rotation()
+        if self.module_dropout > 0.0 and self.oft_R.shape[0] > 1:  # PEFT: a shared block is never dropped
+            r = block_dropout(r, self.module_dropout, call.dropout_key())
+        xr = rotate(x.astype(jnp.float32), r).astype(x.dtype)
+        if call.args:
+            return call.next_fun(xr, *call.args[1:], **call.kwargs)
+        return call.next_fun(**{**call.kwargs, "inputs": xr})
+
+    def partition_specs(self, module_specs):
+        """Replicated: ``oft_R`` is small (``in * (k - 1) / 2`` numbers per site), and its block
+        axis need not divide by the mesh axis that shards the kernel's input."""
+        return dataclasses.replace(self, oft_R=P())
+
+    def _fold(self, own, fn):
+        w = jnp.asarray(own["kernel"])
+        mat = w.astype(jnp.float32).reshape(self.layout.in_features, -1)
+        out = dict(own)
+        out["kernel"] = fn(self.rotation(), mat).reshape(w.shape).astype(w.dtype)
+        return out
+
+    def merge(self, own):
+        """``W' = R @ W`` (the bias is not rotated)."""
+        return self._fold(own, merge_matrix)
+
+    def unmerge(self, own):
+        """``W = R^-1 @ W'``, one solve per block."""
+        return self._fold(own, unmerge_matrix)
+
+
+def _site_layout(path: str, own, infos) -> Layout:
+    lay = linear_layout(path, own, infos)
+    if lay.kind not in (Kind.DENSE, Kind.DENSE_GENERAL) or len(lay.in_axes) != 1 or tuple(lay.in_axes) != (0,):
+        raise UnsupportedModuleError(
+            f"module {path!r} is a {lay.kind} module{'' if lay.kind != 'dense_general' else ' with several input axes'}; "
+            "jpeft's OFT adapts nn.Dense kernels (Hugging Face PEFT's OFT on torch.nn.Linear). Remove it from "
+            "target_modules."
+        )
+    return lay
+
+
+def init(config: OFTConfig, params, key, infos) -> dict:
+    """Creates the OFT parameters for every targeted ``nn.Dense`` module."""
+    leaves, cands = linear_candidates(params)
+    paths = sorted(select(config.target_modules, cands, what="linear module (Dense)"))
+    keys = jax.random.split(key, len(paths))
+    out = {}
+    for k, path in zip(keys, paths):
+        lay = _site_layout(path, leaves[path], infos)
+        blocks, size = blocks_for(config, lay.in_features, path)
+        stored = 1 if config.block_share else blocks
+
+        def make(k, own, lay=lay, blocks=blocks, size=size, stored=stored):
+            shape = (stored, n_elements(size))
+            v = jnp.zeros(shape, jnp.float32) if config.init_weights else 0.1 * jax.random.normal(k, shape, jnp.float32)
+            return OFTWeights(v, lay, blocks, size, config.use_cayley_neumann, config.num_cayley_neumann_terms,
+                              config.coft, float(config.eps), float(config.module_dropout))
+
+        out[path] = scan.make_site(make, path, lay, k, leaves[path])
+    return out
+
+
+# -- Hugging Face PEFT format -----------------------------------------------------------------------
+
+TENSOR = "oft_R.weight"
+
+
+def _to_hf(config: OFTConfig, adapter, ctx):
+    if ctx.fan_in_fan_out:
+        raise UnsupportedAdapterError(
+            "these OFT sites are GPT-2 Conv1D layers (fan_in_fan_out); Hugging Face PEFT's OFT adapts torch.nn.Linear "
+            "only and cannot load them. Nothing was written; keep the adapter in jpeft's format (jpeft.save_adapter)."
+        )
+    tensors, targets = {}, []
+    for path in sorted(adapter):
+        node = adapter[path]
+        if not isinstance(node, OFTWeights):
+            raise UnsupportedAdapterError(
+                f"an OFTConfig adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its own config."
+            )
+        if node.layout.kind != Kind.DENSE:
+            raise UnsupportedAdapterError(
+                f"OFT site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
+                "nn.Dense sites (the layers of jpeft.models)."
+            )
+        tensors[peft_key(path, TENSOR)] = np.asarray(node.oft_R, np.float32)
+        targets.append(hf_name(path))
+    d = {f: getattr(config, f) for f in ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",
+                                          "use_cayley_neumann", "num_cayley_neumann_terms", "init_weights")}
+    d.update(target_modules=targets, fan_in_fan_out=False, bias="none", modules_to_save=None, exclude_modules=None,
+             layers_to_transform=None, layers_pattern=None,
+             # the Cayley-Neumann series as PEFT >= 0.18 computes it; without a version PEFT warns that the
+             # adapter may use the older series
+             peft_version="0.18.0")
+    return d, tensors
+
+
+def _from_hf(d, tensors, params, ctx):
+    if d.get("target_modules") is None:
+        raise UnsupportedAdapterError(f"the OFT adapter in {ctx.folder!r} has target_modules=null; set it explicitly.")
+    if "oft_block_size" not in d:
+        raise UnsupportedAdapterError(
+            f"the OFT adapter in {ctx.folder!r} has no oft_block_size: it was written by PEFT < 0.14, whose OFT "
+            "parametrisation differs (PEFT itself refuses it). Retrain it with a current PEFT."
+        )
+    version = str(d.get("peft_version") or "0.0").partition("@")[0]
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if d.get("use_cayley_neumann", True) and (not m or (int(m.group(1)), int(m.group(2))) < (0, 18)):
+        raise UnsupportedAdapterError(
+            f"the OFT adapter in {ctx.folder!r} uses the Cayley-Neumann series and was written by PEFT "
+            f"{d.get('peft_version') or '< 0.18 (no peft_version)'}; PEFT 0.18 changed that series, and jpeft computes "
+            "the new one, so its outputs would differ. Retrain it with PEFT >= 0.18 (PEFT itself warns about this)."
+        )
+    kept = dict(d)
+    if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+        kept["modules_to_save"] = None
+    try:
+        config = OFTConfig.from_dict(kept)
+    except ConfigError as e:
+        raise LoadError(f"{ctx.folder!r}: {e}") from None
+    by_site, unmatched = {}, []
+    for k, v in tensors.items():
+        sp = split_peft_key(k, (TENSOR,))
+        if sp is None or sp[0] not in ctx.leaves:
+            unmatched.append(k)
+            continue
+        by_site[sp[0]] = v
+    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
+    expected = [p for p in cands if matches(config.target_modules, p)]
+    check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    adapter = {}
+    for path, v in sorted(by_site.items()):
+        lay = _inject.infer_layout(path, ctx.leaves[path])
+        try:
+            blocks, size = blocks_for(config, lay.in_features, path)
+        except ConfigError as e:
+            raise UnsupportedAdapterError(
+                f"the OFT adapter in {ctx.folder!r}: {e} (PEFT changed the block size of this layer when it built the "
+                "adapter; jpeft keeps one block size per config)."
+            ) from None
+        want = (1 if config.block_share else blocks, n_elements(size))
+        if tuple(v.shape) != want:
+            raise (BaseMismatchError if v.ndim == 2 and block_size_of(v.shape[1]) != size else CheckpointError)(
+                f"OFT site {hf_name(path)!r}: oft_R has shape {tuple(v.shape)}, expected {want} for a module with "
+                f"{lay.in_features} input features, {blocks} blocks of size {size}"
+                f"{' (one shared block)' if config.block_share else ''}."
+            )
+        adapter[path] = OFTWeights(jnp.asarray(v, ctx.dtype), lay, blocks, size, config.use_cayley_neumann,
+                                   config.num_cayley_neumann_terms, config.coft, float(config.eps),
+                                   float(config.module_dropout))
+    return config, adapter
+
+
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: PEFT's default OFT (block size 32) on its default targets (LoRA's)."""
+    qv = targets["lora"]
+    names = qv if isinstance(qv, str) else "+".join(qv)
+    return [("OFT", f"oft_block_size=32, {names}", lambda: OFTConfig(oft_block_size=32, target_modules=qv))]
+
+
+OFT = register_method(Method(config=OFTConfig, init=init, nodes=(OFTWeights,), to_hf=_to_hf, from_hf=_from_hf,
+                             budget=budget_rows))
