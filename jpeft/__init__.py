@@ -18,6 +18,7 @@ from jpeft.methods.ia3 import IA3Config, IA3Weights
 from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
 from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
+from jpeft.methods.vera import VeraConfig, VeraWeights
 from jpeft.methods.pissa import init_olora, init_pissa
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
@@ -56,6 +57,8 @@ __all__ = [
     "fold_prefix",
     "PromptTuningConfig",
     "PromptWeights",
+    "VeraConfig",
+    "VeraWeights",
     "init_pissa",
     "init_olora",
     "init",

@@ -26,3 +26,4 @@ from jpeft.methods import bottleneck  # noqa: E402,F401
 from jpeft.methods import pissa  # noqa: E402,F401
 from jpeft.methods import prefix  # noqa: E402,F401
 from jpeft.methods import prompt  # noqa: E402,F401
+from jpeft.methods import vera  # noqa: E402,F401

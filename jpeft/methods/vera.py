@@ -1,0 +1,418 @@
+"""VeRA (Kopiczko et al. 2024): vector-based random matrix adaptation, as Hugging Face PEFT 0.21
+implements it (``peft/tuners/vera``).
+
+Every adapted linear module shares one pair of frozen random projections, made once from
+``projection_prng_key`` for the largest targeted input and output widths: ``vera_A: [max_in, r]``
+and ``vera_B: [r, max_out]`` (JAX orientation; PEFT stores ``vera_A: [r, max_in]`` and
+``vera_B: [max_out, r]``). A module with ``in`` inputs and ``out`` outputs uses the slices
+``A = vera_A[:in]`` and ``B = vera_B[:, :out]`` and trains only two vectors, ``lambda_d: [r]``
+and ``lambda_b: [out]``:
+
+    y = x @ W + (((dropout(x) @ A) * lambda_d) @ B) * lambda_b
+
+so its weight update is ``(A * lambda_d) @ (B * lambda_b)`` as ``[in, out]`` (there is no
+scaling factor). At init ``lambda_d = d_initial`` and ``lambda_b = 0``: the adapter starts as
+the identity.
+
+Where the projections live: each site's node holds a reference to the *whole* shared pair
+(field ``projections``), not its own slice. Built by :func:`jpeft.init` (or read by
+:func:`jpeft.hf.load_peft`) every node points at the same two arrays, so they are in memory
+once, as in PEFT (per-site slices would cost ``sites * r * (in + out)`` numbers, 134M for
+r=256 on Llama-2-7B's q/v projections, against 2M for the shared pair); the slicing happens at
+the site, with static sizes. The Hugging Face PEFT file holds them once too
+(``base_model.vera_A`` / ``base_model.vera_B``), and :func:`jpeft.hf.save_peft` checks that every
+site holds the same pair before writing it. The projections are not trained: they are the
+adapter's frozen state.
+
+JAX cannot reproduce torch's random generator, so a PEFT adapter saved without its
+projections (``save_projection=False``) is refused on import, and jpeft always exports them.
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+>>> model = nn.Dense(6); x = jnp.ones((2, 4))
+>>> params = model.init(jax.random.key(0), x)
+>>> adapter = jpeft.init(jpeft.VeraConfig(r=3, target_modules=".*"), params, jax.random.key(1))
+>>> node = adapter[""]
+>>> node.lambda_d.shape, node.lambda_b.shape, node.projections.vera_A.shape, node.projections.vera_B.shape
+((3,), (6,), (4, 3), (3, 6))
+>>> bool(jnp.array_equal(jpeft.apply(model, params, adapter, x), model.apply(params, x)))
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import _inject, scan
+from jpeft.config import AdapterConfig, _as_targets, register_config
+from jpeft.errors import (
+    BaseMismatchError,
+    CheckpointError,
+    ConfigError,
+    ShapeMismatchError,
+    UnsupportedAdapterError,
+    UnsupportedModuleError,
+)
+from jpeft.methods import register
+from jpeft.methods._common import linear_candidates, linear_layout
+from jpeft.methods.base import Call, Layout, Site, dropout, static_field
+from jpeft.tree import hf_name, linear_only, matches, select
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class VeraConfig(AdapterConfig):
+    """Configuration of a VeRA adapter (Hugging Face PEFT's ``VeraConfig``; same key names in
+    ``adapter_config.json``).
+
+    Args:
+      r: width of the shared random projections (PEFT's default 256; VeRA's vectors are so
+        small that ranks far above LoRA's are usual).
+      target_modules: linear modules to adapt (a regex or a list of names / path suffixes, as
+        for :class:`jpeft.LoraConfig`; ``"all-linear"`` too). Only ``nn.Dense``-style 2-D
+        kernels, as PEFT adapts ``nn.Linear`` only. The default is PEFT's for Llama.
+      projection_prng_key: seed of the shared projections (``jax.random.key(seed)``: the same
+        seed gives the same projections in jpeft, but not PEFT's, which come from torch's
+        generator; that is why they are always saved).
+      save_projection: must stay ``True``: the projections are written with the adapter (see
+        the module docstring).
+      dropout: dropout rate on the input of the VeRA branch (PEFT's ``vera_dropout``), active
+        only when :func:`jpeft.apply` gets ``rngs={"dropout": key}``.
+      d_initial: the initial value of every ``lambda_d`` entry (PEFT's default 0.1).
+      init_weights: ``True``: ``lambda_d = d_initial``, ``lambda_b = 0`` (the identity);
+        ``False``: ``lambda_d`` standard normal and ``lambda_b = 1``, as PEFT does (tests only).
+
+    PEFT's ``bias``, ``modules_to_save``, ``layers_to_transform`` and ``layers_pattern`` are
+    not implemented: :meth:`from_dict` refuses them by name unless they hold PEFT's defaults.
+
+    >>> from jpeft.methods.vera import VeraConfig
+    >>> c = VeraConfig(r=16, target_modules=["q_proj", "v_proj"])
+    >>> VeraConfig.from_dict(c.to_dict()) == c
+    True
+    >>> c.to_dict()["vera_dropout"], c.to_dict()["peft_type"]
+    (0.0, 'VERA')
+    """
+
+    peft_type: ClassVar[str] = "VERA"
+    _hf_keys: ClassVar[Mapping[str, str]] = {"dropout": "vera_dropout"}
+
+    r: int = 256
+    target_modules: Any = ("q_proj", "v_proj")
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    dropout: float = 0.0
+    d_initial: float = 0.1
+    init_weights: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ConfigError("VeraConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
+        if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
+            raise ConfigError(f"VeraConfig.r must be a positive integer, found {self.r!r}. PEFT's default is 256.")
+        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, (int, np.integer)) \
+                or not 0 <= self.projection_prng_key < 2 ** 63:
+            raise ConfigError(f"VeraConfig.projection_prng_key must be an integer seed >= 0, found {self.projection_prng_key!r}.")
+        if self.save_projection is not True:
+            raise ConfigError(
+                f"VeraConfig.save_projection must be True, found {self.save_projection!r}: jpeft makes the shared "
+                "projections with JAX's random generator, which Hugging Face PEFT cannot regenerate from "
+                "projection_prng_key (it uses torch's), so jpeft always saves them with the adapter."
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"VeraConfig.dropout (vera_dropout) must be in [0, 1), found {self.dropout!r}.")
+        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)) or not math.isfinite(self.d_initial):
+            raise ConfigError(f"VeraConfig.d_initial must be a finite number, found {self.d_initial!r} (PEFT's default: 0.1).")
+        if not isinstance(self.init_weights, bool):
+            raise ConfigError(f"VeraConfig.init_weights must be true or false, found {self.init_weights!r}.")
+
+    def __hash__(self):
+        return hash((self.r, self.target_modules, self.projection_prng_key, self.save_projection, self.dropout,
+                     self.d_initial, self.init_weights))
+
+
+# -- the math, as small pure functions -----------------------------------------------------------
+
+def make_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[jax.Array, jax.Array]:
+    """The shared frozen pair ``(vera_A: [max_in, r], vera_B: [r, max_out])``, drawn as PEFT
+    draws its ``vera_A: [r, max_in]`` and ``vera_B: [max_out, r]`` (Kaiming-uniform with gain
+    ``sqrt(2)`` on PEFT's second axis: bounds ``sqrt(6 / max_in)`` and ``sqrt(6 / r)``), from
+    ``jax.random.key(seed)``."""
+    ka, kb = jax.random.split(jax.random.key(seed))
+    ba, bb = math.sqrt(6.0 / max_in), math.sqrt(6.0 / r)
+    a = jax.random.uniform(ka, (max_in, r), jnp.float32, -ba, ba)
+    b = jax.random.uniform(kb, (r, max_out), jnp.float32, -bb, bb)
+    return a, b
+
+
+def delta_matrix(lambda_d, lambda_b, vera_A, vera_B, n_in: int, n_out: int) -> jax.Array:
+    """The weight update ``(A * lambda_d) @ (B * lambda_b)`` as ``[n_in, n_out]`` (float32),
+    ``A``, ``B`` the slices of the shared projections."""
+    f = jnp.float32
+    a = vera_A[:n_in].astype(f) * lambda_d.astype(f)[None, :]
+    b = vera_B[:, :n_out].astype(f) * lambda_b.astype(f)[None, :]
+    return a @ b
+
+
+def branch(x2, lambda_d, lambda_b, vera_A, vera_B, n_in: int, n_out: int) -> jax.Array:
+    """The VeRA branch on 2-D inputs ``[tokens, n_in]``: ``((x A) * lambda_d) B * lambda_b``,
+    in ``x2``'s dtype, never forming the ``[n_in, n_out]`` update."""
+    dt = x2.dtype
+    h = (x2 @ vera_A[:n_in].astype(dt)) * lambda_d.astype(dt)[None, :]
+    return (h @ vera_B[:, :n_out].astype(dt)) * lambda_b.astype(dt)[None, :]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VeraProjections:
+    """The shared frozen projections ``vera_A: [max_in, r]``, ``vera_B: [r, max_out]``."""
+
+    vera_A: jax.Array
+    vera_B: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VeraWeights(Site):
+    """One VeRA site on a dense module: trainable ``lambda_d: [r]`` and ``lambda_b: [out]``, and
+    the shared frozen ``projections`` (every site of an adapter holds the same pair)."""
+
+    lambda_d: jax.Array
+    lambda_b: jax.Array
+    projections: VeraProjections
+    layout: Layout = static_field(default=None)
+    dropout: float = static_field(default=0.0)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    @property
+    def r(self) -> int:
+        return int(self.lambda_d.shape[-1])
+
+    def handles(self, method_name: str) -> bool:
+        return method_name == "__call__"
+
+    def check(self, path: str, module) -> None:
+        self.check_params(path, module.variables.get("params", {}))
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        self.layout.check_params(path, own, what="VeRA adapter")
+        a, b = self.projections.vera_A, self.projections.vera_B
+        n_in, n_out = self.layout.in_features, self.layout.out_features
+        if a.shape[-2] < n_in or b.shape[-1] < n_out or a.shape[-1] != self.r or b.shape[-2] != self.r \
+                or self.lambda_b.shape[-1] != n_out:
+            raise ShapeMismatchError(
+                f"the VeRA site at {path!r} maps {n_in} -> {n_out} features with r={self.r}, but holds projections "
+                f"vera_A {tuple(a.shape[-2:])}, vera_B {tuple(b.shape[-2:])} and lambda_b {tuple(self.lambda_b.shape[-1:])} "
+                f"(needed: vera_A at least ({n_in}, {self.r}), vera_B at least ({self.r}, {n_out}), lambda_b ({n_out},)). "
+                "Was the adapter made for another model?"
+            )
+
+    def delta_matrix(self) -> jax.Array:
+        """The update ``[in, out]`` (float32); used by merge, never while training."""
+        p = self.projections
+        return delta_matrix(self.lambda_d, self.lambda_b, p.vera_A, p.vera_B,
+                            self.layout.in_features, self.layout.out_features)
+
+    def intercept(self, call: Call):
+        lay = self.layout
+        _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
+        y = call.run()
+        x = call.args[0] if call.args else call.kwargs["inputs"]
+        x = dropout(x, self.dropout, call.dropout_key()).astype(y.dtype)
+        p = self.projections
+        d = branch(x.reshape(-1, x.shape[-1]), self.lambda_d, self.lambda_b, p.vera_A, p.vera_B,
+                   lay.in_features, lay.out_features)
+        return y + d.reshape(y.shape)
+
+    def _fold(self, own, sign: float):
+        w = own["kernel"]
+        out = dict(own)
+        out["kernel"] = (w.astype(jnp.float32) + sign * self.delta_matrix()).astype(w.dtype)
+        return out
+
+    def merge(self, own):
+        """Adds ``(A * lambda_d) @ (B * lambda_b)`` to the kernel."""
+        return self._fold(own, 1.0)
+
+    def unmerge(self, own):
+        """Subtracts the update again (exact up to float rounding)."""
+        return self._fold(own, -1.0)
+
+
+def _layouts(config: VeraConfig, params, infos) -> tuple[dict, dict]:
+    """``(module_leaves, {path: layout})`` of the targeted modules, each a dense 2-D kernel."""
+    leaves, cands = linear_candidates(params)
+    cands = linear_only(config.target_modules, leaves, cands)
+    paths = select(config.target_modules, cands, what="linear module (nn.Dense)")
+    out = {}
+    for path in sorted(paths):
+        lay = linear_layout(path, leaves[path], infos)
+        if lay.kind != "dense":
+            raise UnsupportedModuleError(
+                f"module {path!r} is a {lay.kind} module; VeRA adapts dense layers (a 2-D kernel applied to the "
+                "input's last axis), as Hugging Face PEFT adapts nn.Linear only. Remove it from target_modules."
+            )
+        out[path] = lay
+    return leaves, out
+
+
+@register(VeraConfig)
+def init(config: VeraConfig, params, key, infos) -> dict:
+    """Creates the shared projections and the two vectors of every targeted dense module."""
+    leaves, layouts = _layouts(config, params, infos)
+    max_in = max(lay.in_features for lay in layouts.values())
+    max_out = max(lay.out_features for lay in layouts.values())
+    proj = VeraProjections(*make_projections(int(config.projection_prng_key), int(config.r), max_in, max_out))
+    r = int(config.r)
+    out = {}
+    for k, (path, lay) in zip(jax.random.split(key, len(layouts)), layouts.items()):
+        def make(k, own, lay=lay):
+            if config.init_weights:
+                d = jnp.full((r,), config.d_initial, jnp.float32)
+                b = jnp.zeros((lay.out_features,), jnp.float32)
+            else:
+                d = jax.random.normal(k, (r,), jnp.float32)
+                b = jnp.ones((lay.out_features,), jnp.float32)
+            return VeraWeights(d, b, proj, lay, float(config.dropout))
+
+        out[path] = scan.make_site(make, path, lay, k, leaves[path])
+    return out
+
+
+# -- Hugging Face PEFT format ------------------------------------------------------------------
+# Per site: ``<prefix><module>.vera_lambda_b: [out]`` and ``.vera_lambda_d: [r]``; once per
+# adapter: ``base_model.vera_A: [r, max_in]`` and ``base_model.vera_B: [max_out, r]``, where the
+# maxima run over the targeted modules (PEFT checks these shapes when it loads).
+
+PEFT_A, PEFT_B = "base_model.vera_A", "base_model.vera_B"
+_SITE_TENSORS = ("vera_lambda_b", "vera_lambda_d")
+
+
+def projections_to_peft(vera_A, vera_B, max_in: int, max_out: int) -> dict:
+    """The shared pair in PEFT's keys and orientation, cut to the targets' largest widths."""
+    return {PEFT_A: np.ascontiguousarray(np.asarray(vera_A, np.float32)[:max_in].T),
+            PEFT_B: np.ascontiguousarray(np.asarray(vera_B, np.float32)[:, :max_out].T)}
+
+
+def projections_from_peft(a, b) -> VeraProjections:
+    """PEFT's ``vera_A: [r, max_in]``, ``vera_B: [max_out, r]`` as jpeft's pair."""
+    return VeraProjections(jnp.asarray(np.asarray(a).T), jnp.asarray(np.asarray(b).T))
+
+
+def _to_hf(config: VeraConfig, adapter, ctx):
+    from jpeft import hf
+
+    tensors, targets, first = {}, [], None
+    max_in = max_out = 0
+    for path in sorted(adapter):
+        node = adapter[path]
+        if not isinstance(node, VeraWeights):
+            raise UnsupportedAdapterError(
+                f"a VeraConfig adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its own config."
+            )
+        a, b = (np.asarray(x, np.float32) for x in (node.projections.vera_A, node.projections.vera_B))
+        if first is None:
+            first = (path, a, b)
+        elif a.shape != first[1].shape or b.shape != first[2].shape or not (np.array_equal(a, first[1]) and np.array_equal(b, first[2])):
+            raise UnsupportedAdapterError(
+                f"the VeRA sites {first[0]!r} and {path!r} hold different projections; the Hugging Face PEFT format "
+                "stores one shared pair per adapter. Save adapters made by different jpeft.init calls separately."
+            )
+        max_in, max_out = max(max_in, node.layout.in_features), max(max_out, node.layout.out_features)
+        tensors[hf.peft_key(path, "vera_lambda_b")] = np.asarray(node.lambda_b, np.float32)
+        tensors[hf.peft_key(path, "vera_lambda_d")] = np.asarray(node.lambda_d, np.float32)
+        targets.append(hf_name(path))
+    tensors.update(projections_to_peft(first[1], first[2], max_in, max_out))
+    d = {
+        "r": int(config.r),
+        "target_modules": targets,
+        "projection_prng_key": int(config.projection_prng_key),
+        "save_projection": True,
+        "vera_dropout": float(config.dropout),
+        "d_initial": float(config.d_initial),
+        "init_weights": bool(config.init_weights),
+        "fan_in_fan_out": ctx.fan_in_fan_out,
+        "bias": "none",
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    return d, tensors
+
+
+def _from_hf(d, tensors, params, ctx):
+    from jpeft import hf
+
+    folder = ctx.folder
+    if d.get("save_projection") is False or PEFT_A not in tensors or PEFT_B not in tensors:
+        raise UnsupportedAdapterError(
+            f"the VeRA adapter in {folder!r} was saved without its shared projections (save_projection="
+            f"{d.get('save_projection')!r}; keys {PEFT_A!r} / {PEFT_B!r} {'absent' if PEFT_A not in tensors else 'present'}). "
+            "PEFT regenerates them from projection_prng_key with torch's random generator, which JAX cannot reproduce, "
+            "so jpeft cannot rebuild this adapter. Re-save it in PEFT with VeraConfig(save_projection=True)."
+        )
+    kept = dict(d)
+    if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+        kept["modules_to_save"] = None
+    if kept.get("target_modules") is None:
+        raise UnsupportedAdapterError(f"the VeRA adapter in {folder!r} has target_modules=null; set it explicitly.")
+    try:
+        config = VeraConfig.from_dict(kept)
+    except ConfigError as e:
+        raise UnsupportedAdapterError(f"the VeRA adapter in {folder!r}: {e}") from None
+    a, b = tensors[PEFT_A], tensors[PEFT_B]
+    by_site, unmatched = {}, []
+    for k, v in tensors.items():
+        if k in (PEFT_A, PEFT_B):
+            continue
+        sp = hf.split_peft_key(k, _SITE_TENSORS)
+        if sp is None or sp[0] not in ctx.leaves:
+            unmatched.append(k)
+            continue
+        by_site.setdefault(sp[0], {})[sp[1]] = v
+    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
+    expected = [p for p in cands if matches(config.target_modules, p)]
+    hf.check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    r = int(config.r)
+    layouts = {p: _inject.infer_layout(p, ctx.leaves[p]) for p in sorted(by_site)}
+    max_in = max(lay.in_features for lay in layouts.values())
+    max_out = max(lay.out_features for lay in layouts.values())
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r or a.shape[1] < max_in or b.shape[0] < max_out:
+        raise BaseMismatchError(
+            f"the VeRA adapter in {folder!r} has projections vera_A {tuple(a.shape)} and vera_B {tuple(b.shape)}; "
+            f"r={r} and the targeted modules (up to {max_in} inputs, {max_out} outputs) need vera_A ({r}, >= {max_in}) "
+            f"and vera_B (>= {max_out}, {r}). Was it saved for another model?"
+        )
+    proj = jax.tree.map(lambda x: x.astype(ctx.dtype), projections_from_peft(a, b))
+    adapter = {}
+    for path, lay in layouts.items():
+        t = by_site[path]
+        missing = [n for n in _SITE_TENSORS if n not in t]
+        if missing:
+            raise CheckpointError(f"VeRA site {hf_name(path)!r} in {folder!r} lacks {missing}; the file is incomplete.")
+        want = {"vera_lambda_b": (lay.out_features,), "vera_lambda_d": (r,)}
+        for n, shape in want.items():
+            if tuple(t[n].shape) != shape:
+                raise BaseMismatchError(
+                    f"VeRA site {hf_name(path)!r}: {n} has shape {tuple(t[n].shape)}, expected {shape} for r={r} on a "
+                    f"module mapping {lay.in_features} -> {lay.out_features} features."
+                )
+        adapter[path] = VeraWeights(jnp.asarray(t["vera_lambda_d"], ctx.dtype), jnp.asarray(t["vera_lambda_b"], ctx.dtype),
+                                    proj, lay, float(config.dropout))
+    return config, adapter
+
+
+def _register_format():
+    from jpeft import hf
+
+    hf.register_peft_format(VeraConfig, to_hf=_to_hf, from_hf=_from_hf)
+
+
+_register_format()

@@ -1,0 +1,213 @@
+"""VeRA against Hugging Face PEFT 0.21 (logits, merged weights, the PEFT format both ways), on the
+tiny random models of tests/_models_tiny.py; plus what jpeft refuses and the scanned model."""
+
+import copy
+import dataclasses
+import os
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
+
+import jpeft  # noqa: E402
+import jpeft.models  # noqa: E402
+from jpeft import hf as H  # noqa: E402
+from jpeft.errors import ConfigError, UnsupportedAdapterError, UnsupportedModuleError  # noqa: E402
+from jpeft.methods.vera import VeraConfig, VeraWeights  # noqa: E402
+
+torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
+peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
+
+# modules of different widths, so that every site uses a different slice of the shared projections
+# (llama3: q 32->32, v 32->16 (2 kv heads), up 32->64, down 64->32; gpt2: c_attn 32->96, c_fc 32->128)
+TARGETS = {"llama3": ["q_proj", "v_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+R = 4
+
+
+def _base(family):
+    return jpeft.models.from_pretrained(tiny.hf_model(family)[1])
+
+
+def _logits_jpeft(family, params, adapter, ids, mask):
+    model, _ = _base(family)
+    return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
+def _logits_torch(m, ids, mask):
+    with torch.no_grad():
+        return m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
+
+
+def _close(a, b, mask):
+    sel = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(a[sel], b[sel], atol=1e-4, rtol=0)
+
+
+def _randomize(adapter, seed):
+    """Every trainable vector random and away from its start (lambda_b is zero at init)."""
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(adapter)))
+    return {p: VeraWeights(n.lambda_d + 0.5 * jax.random.normal(next(keys), n.lambda_d.shape),
+                           n.lambda_b + 0.5 * jax.random.normal(next(keys), n.lambda_b.shape),
+                           n.projections, n.layout, n.dropout) for p, n in adapter.items()}
+
+
+def _peft_model(family, **kw):
+    hf, _ = tiny.hf_model(family)
+    torch.manual_seed(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.VeraConfig(r=R, target_modules=TARGETS[family],
+                                                                     init_weights=False, **kw))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # every trainable vector random (init_weights=False leaves lambda_b at one)
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return pm.eval()
+
+
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_peft_to_jpeft_logits_merge_and_projections(family, tmp_path):
+    pm = _peft_model(family)
+    pm.save_pretrained(str(tmp_path))
+    _, params = _base(family)
+    ids, mask = tiny.batch(family, seed=3)
+    ref = _logits_torch(pm, ids, mask)
+    assert np.abs(ref - tiny.torch_logits(family, ids, mask)).max() > 1e-2  # the adapter changes the output
+    config, ad = H.load_peft(str(tmp_path), params)
+    assert isinstance(config, VeraConfig) and config.r == R
+    _close(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
+    # one shared pair, PEFT's own values (not regenerated), read once for every site
+    nodes = list(ad.values())
+    assert all(n.projections.vera_A is nodes[0].projections.vera_A for n in nodes)
+    np.testing.assert_array_equal(nodes[0].projections.vera_A, pm.base_model.vera_A["default"].numpy().T)
+    np.testing.assert_array_equal(nodes[0].projections.vera_B, pm.base_model.vera_B["default"].numpy().T)
+    # the weight update equals PEFT's get_delta_weight at every site (torch [out, in]; GPT-2's Conv1D [in, out])
+    mods = dict(pm.base_model.model.named_modules())
+    for path, node in ad.items():
+        ref_delta = mods[jpeft.tree.hf_name(path)].get_delta_weight("default").detach().numpy()
+        got = np.asarray(node.delta_matrix())
+        np.testing.assert_allclose(got, ref_delta if family == "gpt2" else ref_delta.T, atol=1e-6, rtol=1e-5)
+    # merged params give the adapter's logits, and unmerge gives the base back
+    merged = jpeft.merge(params, ad)
+    _close(_logits_jpeft(family, merged, {}, ids, mask), ref, mask)
+    for a, b in zip(jax.tree.leaves(jpeft.unmerge(merged, ad)), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_jpeft_to_peft_logits(family, tmp_path):
+    hf, folder = tiny.hf_model(family)
+    _, params = _base(family)
+    cfg = VeraConfig(r=R, target_modules=TARGETS[family], projection_prng_key=3)
+    ad = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 1)
+    H.save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+    # PEFT's keys and shapes: the shared pair once, at the targets' largest widths
+    a = pm.base_model.vera_A["default"].numpy()
+    widths = [(n.layout.in_features, n.layout.out_features) for n in ad.values()]
+    assert a.shape == (R, max(w[0] for w in widths))
+    assert pm.base_model.vera_B["default"].shape == (max(w[1] for w in widths), R)
+    node = next(iter(ad.values()))
+    np.testing.assert_array_equal(a, np.asarray(node.projections.vera_A)[: a.shape[1]].T)
+    ids, mask = tiny.batch(family, seed=3)
+    ref = _logits_torch(pm, ids, mask)
+    assert np.abs(ref - tiny.torch_logits(family, ids, mask)).max() > 1e-2
+    _close(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
+
+
+def test_init_is_identity_and_projections_are_shared_and_deterministic():
+    _, params = _base("llama3")
+    cfg = VeraConfig(r=R, target_modules=TARGETS["llama3"], d_initial=0.3)
+    ad = jpeft.init(cfg, params, jax.random.key(0))
+    nodes = list(ad.values())
+    assert all(n.projections is nodes[0].projections for n in nodes)
+    assert nodes[0].projections.vera_A.shape == (64, R) and nodes[0].projections.vera_B.shape == (R, 64)
+    np.testing.assert_array_equal(nodes[0].lambda_d, np.full(R, 0.3, np.float32))
+    assert all(float(jnp.abs(n.lambda_b).max()) == 0 for n in nodes)
+    # another key, same projection_prng_key: the same projections (as in PEFT, where every adapter shares them)
+    again = jpeft.init(cfg, params, jax.random.key(5))
+    np.testing.assert_array_equal(next(iter(again.values())).projections.vera_A, nodes[0].projections.vera_A)
+    other = jpeft.init(cfg.replace(projection_prng_key=1), params, jax.random.key(0))
+    assert not np.array_equal(next(iter(other.values())).projections.vera_A, nodes[0].projections.vera_A)
+    # PEFT's distribution: Kaiming-uniform bounds sqrt(6 / fan_in) on PEFT's second axis
+    assert float(jnp.abs(nodes[0].projections.vera_A).max()) <= np.sqrt(6 / 64)
+    assert float(jnp.abs(nodes[0].projections.vera_B).max()) <= np.sqrt(6 / R)
+
+
+def test_peft_adapter_without_projections_is_refused(tmp_path):
+    pm = _peft_model("llama3", save_projection=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(tmp_path))
+    _, params = _base("llama3")
+    with pytest.raises(UnsupportedAdapterError, match="torch's random generator"):
+        H.load_peft(str(tmp_path), params)
+
+
+def test_unsupported_options_are_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="save_projection must be True"):
+        VeraConfig(save_projection=False)
+    for opt in ({"bias": "vera_only"}, {"modules_to_save": ["lm_head"]}, {"layers_to_transform": [0]}):
+        with pytest.raises(ConfigError, match="does not implement"):
+            VeraConfig.from_dict({**VeraConfig().to_dict(), **opt})
+    with pytest.raises(ConfigError, match="positive integer"):
+        VeraConfig(r=0)
+    # a PEFT file with such an option: named refusal, not a silently different adapter
+    pm = _peft_model("llama3", bias="all")
+    pm.save_pretrained(str(tmp_path))
+    with pytest.raises(UnsupportedAdapterError, match="bias"):
+        H.load_peft(str(tmp_path), _base("llama3")[1])
+
+
+def test_non_dense_module_and_mixed_projections_are_refused(tmp_path):
+    _, params = _base("llama3")
+    with pytest.raises(UnsupportedModuleError, match="dense"):
+        jpeft.init(VeraConfig(r=R, target_modules=["embed_tokens"]), params, jax.random.key(0))
+    cfg = VeraConfig(r=R, target_modules=["q_proj"])
+    a = jpeft.init(cfg, params, jax.random.key(0))
+    b = jpeft.init(cfg.replace(projection_prng_key=9, target_modules=["v_proj"]), params, jax.random.key(0))
+    with pytest.raises(UnsupportedAdapterError, match="different projections"):
+        H.save_peft(str(tmp_path), cfg, {**a, **b})
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_dropout_only_with_a_dropout_key():
+    model, params = _base("llama3")
+    cfg = VeraConfig(r=R, target_modules=["q_proj"], dropout=0.5)
+    ad = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 2)
+    ids = jnp.asarray(tiny.batch("llama3")[0])
+    plain = jpeft.apply(model, params, ad, ids)
+    np.testing.assert_array_equal(plain, jpeft.apply(model, params, ad, ids))
+    dropped = jpeft.apply(model, params, ad, ids, rngs={"dropout": jax.random.key(1)})
+    assert float(jnp.abs(dropped - plain).max()) > 1e-4
+
+
+def test_layer_scanned_model_equals_unrolled_and_exports(tmp_path):
+    kw = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
+    scanned = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(**kw, scan_layers=True))
+    unrolled = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(**kw))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 40, (2, 5)))
+    params = scanned.init(jax.random.key(0), ids)
+    cfg = VeraConfig(r=R, target_modules=["v_proj", "down_proj"])
+    ad = jpeft.init(cfg, params, jax.random.key(1), scanned, ids)
+    node = ad["model/layers/self_attn/v_proj"]
+    assert node.length == 2 and node.inner.lambda_b.shape == (2, 8) and node.inner.projections.vera_A.shape == (2, 32, R)
+    ad = {p: dataclasses.replace(n, inner=_randomize({p: n.inner}, 3)[p]) for p, n in ad.items()}  # the projections stay shared
+    out = jpeft.apply(scanned, params, ad, ids)
+    flat_params, flat_ad = jpeft.scan.unstack_params(params), jpeft.scan.unstack_adapter(ad)
+    np.testing.assert_allclose(jpeft.apply(unrolled, flat_params, flat_ad, ids), out, atol=1e-5)
+    assert float(jnp.abs(out - scanned.apply(params, ids)).max()) > 1e-3
+    np.testing.assert_allclose(scanned.apply(jpeft.merge(params, ad), ids), out, atol=1e-4)
+    H.save_peft(str(tmp_path), cfg, ad)
+    _, back = H.load_peft(str(tmp_path), params)
+    np.testing.assert_allclose(jpeft.apply(scanned, params, back, ids), out, atol=1e-6)
