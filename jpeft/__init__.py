@@ -19,6 +19,7 @@ from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
 from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
 from jpeft.methods.vera import VeraConfig, VeraWeights
+from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights
 from jpeft.methods.pissa import init_olora, init_pissa
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
@@ -59,6 +60,8 @@ __all__ = [
     "PromptWeights",
     "VeraConfig",
     "VeraWeights",
+    "AdaLoraConfig",
+    "AdaLoraWeights",
     "init_pissa",
     "init_olora",
     "init",

@@ -27,3 +27,4 @@ from jpeft.methods import pissa  # noqa: E402,F401
 from jpeft.methods import prefix  # noqa: E402,F401
 from jpeft.methods import prompt  # noqa: E402,F401
 from jpeft.methods import vera  # noqa: E402,F401
+from jpeft.methods import adalora  # noqa: E402,F401
