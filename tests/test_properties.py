@@ -47,6 +47,8 @@ CASES = {
     "prompt": Case(PromptTuningConfig(num_virtual_tokens=2), False, False),
     "pissa": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"], init="pissa"), True, True,
                   pissa=True),
+    "vera": Case(jpeft.VeraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]), True, True),
+    "adalora": Case(jpeft.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"]), True, True),
 }
 
 

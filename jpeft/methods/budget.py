@@ -51,6 +51,9 @@ FAMILY_TARGETS.update(mistral=FAMILY_TARGETS["llama"], qwen2=FAMILY_TARGETS["lla
 DEFAULT_TARGETS = {
     "LORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
     "IA3": {m: {"target_modules": t["ia3"][0], "feedforward_modules": t["ia3"][1]} for m, t in FAMILY_TARGETS.items()},
+    # PEFT's VeRA and AdaLoRA defaults are LoRA's (TRANSFORMERS_MODELS_TO_{VERA,ADALORA}_TARGET_MODULES_MAPPING)
+    "VERA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
+    "ADALORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
 }
 
 
@@ -65,6 +68,7 @@ def methods(model_type: str = "llama") -> list[tuple[str, str, Callable]]:
     import jpeft
     from jpeft.errors import UnsupportedModelError
     from jpeft.methods.bottleneck import BottleneckConfig
+    from jpeft.methods.adalora import AdaLoraConfig
     from jpeft.methods.ia3 import IA3Config
     from jpeft.methods.prefix import PrefixTuningConfig
     from jpeft.methods.prompt import PromptTuningConfig
@@ -80,6 +84,8 @@ def methods(model_type: str = "llama") -> list[tuple[str, str, Callable]]:
         ("rsLoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_rslora=True)),
         ("DoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_dora=True)),
         ("PiSSA", f"r=8, alpha=8, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=8, target_modules=qv, init="pissa")),
+        ("AdaLoRA", f"init_r=12, target_r=8, {_names(qv)} (at the start)",
+         lambda: AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=qv)),
         ("IA3", ", ".join(n + (" (feed-forward)" if n in ff else "") for n in ia3),
          lambda: IA3Config(target_modules=ia3, feedforward_modules=ff)),
         ("Houlsby", f"reduction 16, after {' and '.join(hou)}",
