@@ -1,5 +1,5 @@
 """AdaLoRA against Hugging Face PEFT 0.21 on the tiny random Llama-3-style model of
-tests/_models_tiny.py: logits and gradients, the rank allocator step by step on the same
+tests/_models_tiny.py: logits, the rank allocator step by step on the same
 gradients (sensitivity averages, budget schedule, pruned triplets, rank_pattern), and the PEFT
 format both ways with pruned ranks."""
 
@@ -85,7 +85,7 @@ def _close(a, b, mask, atol=1e-4):
     np.testing.assert_allclose(a[sel], b[sel], atol=atol, rtol=0)
 
 
-def test_logits_gradients_and_allocator_match_peft_step_by_step(tmp_path):
+def test_logits_and_allocator_match_peft_step_by_step(tmp_path):
     pm = _peft_model()
     pm.save_pretrained(str(tmp_path / "start"))
     _, params = _base()
@@ -95,17 +95,6 @@ def test_logits_gradients_and_allocator_match_peft_step_by_step(tmp_path):
     ref = _logits_torch(pm, ids, mask)
     assert np.abs(ref - tiny.torch_logits(FAMILY, ids, mask)).max() > 1e-2
     _close(_logits_jpeft(params, ad, ids, mask), ref, mask)
-    # the loss's gradients w.r.t. every factor equal torch's
-    pm.train()
-    out = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-             position_ids=torch.tensor(tiny.positions(mask)))
-    w = np.random.RandomState(0).randn(*ref.shape).astype(np.float32) * mask[..., None]  # real tokens only
-    (out.logits.float() * torch.tensor(w)).sum().backward()
-    model, _ = _base()
-    g = jax.grad(lambda a: (jpeft.apply(model, params, a, jnp.asarray(ids), attention_mask=jnp.asarray(mask)) * w).sum())(ad)
-    ref_g = _grads_tree(ad, {n: p.grad for n, p in _lora_params(pm).items()})
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
-        np.testing.assert_allclose(a, b, atol=3e-5 * float(np.abs(b).max()), rtol=1e-4)  # float32 sums
     # the allocator over the whole schedule on the same (random) gradients; torch's parameters are
     # not stepped, so both sides see the same values, pruned in place by PEFT and returned by jpeft
     gen = torch.Generator().manual_seed(5)

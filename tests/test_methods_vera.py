@@ -193,21 +193,26 @@ def test_dropout_only_with_a_dropout_key():
 
 
 def test_layer_scanned_model_equals_unrolled_and_exports(tmp_path):
-    kw = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
+    # the widths and batch shape of the tests above, so the eager ops are already compiled
+    kw = dict(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
     scanned = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(**kw, scan_layers=True))
     unrolled = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(**kw))
-    ids = jnp.asarray(np.random.RandomState(0).randint(0, 40, (2, 5)))
+    ids = jnp.asarray(tiny.batch("llama3")[0])
     params = scanned.init(jax.random.key(0), ids)
     cfg = VeraConfig(r=R, target_modules=["v_proj", "down_proj"])
     ad = jpeft.init(cfg, params, jax.random.key(1), scanned, ids)
     node = ad["model/layers/self_attn/v_proj"]
-    assert node.length == 2 and node.inner.lambda_b.shape == (2, 8) and node.inner.projections.vera_A.shape == (2, 32, R)
+    assert node.length == 2 and node.inner.lambda_b.shape == (2, 16) and node.inner.projections.vera_A.shape == (2, 64, R)
     ad = {p: dataclasses.replace(n, inner=_randomize({p: n.inner}, 3)[p]) for p, n in ad.items()}  # the projections stay shared
     out = jpeft.apply(scanned, params, ad, ids)
     flat_params, flat_ad = jpeft.scan.unstack_params(params), jpeft.scan.unstack_adapter(ad)
     np.testing.assert_allclose(jpeft.apply(unrolled, flat_params, flat_ad, ids), out, atol=1e-5)
-    assert float(jnp.abs(out - scanned.apply(params, ids)).max()) > 1e-3
-    np.testing.assert_allclose(scanned.apply(jpeft.merge(params, ad), ids), out, atol=1e-4)
+    # merge is the per-layer merge (vmapped); the PEFT format round trip gives the same arrays back
+    for a, b in zip(jax.tree.leaves(jpeft.scan.unstack_params(jpeft.merge(params, ad))),
+                    jax.tree.leaves(jpeft.merge(flat_params, flat_ad))):
+        np.testing.assert_allclose(a, b, atol=1e-6)
     H.save_peft(str(tmp_path), cfg, ad)
     _, back = H.load_peft(str(tmp_path), params)
-    np.testing.assert_allclose(jpeft.apply(scanned, params, back, ids), out, atol=1e-6)
+    assert jax.tree.structure(back) == jax.tree.structure(ad)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ad)):
+        np.testing.assert_array_equal(a, b)
