@@ -177,6 +177,8 @@ def test_identity_at_init_orthogonal_penalty_and_refusals():
         jpeft.init(cfg.replace(target_modules=["embed_tokens"]), params, jax.random.key(0))
     with pytest.raises(ConfigError, match="rank_pattern"):
         cfg.replace(rank_pattern={"model.layers.0.self_attn.q_proj.lora_E": [True]})
+    with pytest.raises(UnsupportedModuleError, match="unrolled model"):  # the allocator ranks across modules
+        AL.orthogonal_regularization({"model/layers/self_attn/q_proj": jpeft.scan.Stacked(node, 1)})
     with pytest.raises(UnsupportedAdapterError, match="LoraWeights"):
         AL.orthogonal_regularization(jpeft.init(jpeft.LoraConfig(target_modules=["q_proj"]), params, jax.random.key(0)))
 
