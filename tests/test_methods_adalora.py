@@ -190,3 +190,20 @@ def test_llama2_7b_budget_row_is_peft_count():
 
     rows = {(r["method"], r["settings"]): r for r in budget.budget_rows(budget.LlamaConfig_7b(), progress=False)}
     assert rows[("AdaLoRA", "init_r=12, target_r=8, q_proj+v_proj (at the start)")]["trainable"] == 6_292_224
+
+
+def test_layer_scanned_model_equals_unrolled():
+    kw = dict(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    scanned = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(**kw, scan_layers=True))
+    unrolled = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(**kw))
+    ids = jnp.asarray(tiny.batch(FAMILY)[0])
+    params = scanned.init(jax.random.key(0), ids)
+    cfg = AL.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["v_proj", "down_proj"], init_lora_weights=False)
+    ad = jpeft.init(cfg, params, jax.random.key(1), scanned, ids)
+    assert ad["model/layers/mlp/down_proj"].inner.lora_A.shape == (2, 64, 3)
+    flat_params, flat_ad = jpeft.scan.unstack_params(params), jpeft.scan.unstack_adapter(ad)
+    np.testing.assert_allclose(jpeft.apply(unrolled, flat_params, flat_ad, ids), jpeft.apply(scanned, params, ad, ids),
+                               atol=1e-5)
+    for a, b in zip(jax.tree.leaves(jpeft.scan.unstack_params(jpeft.merge(params, ad))),
+                    jax.tree.leaves(jpeft.merge(flat_params, flat_ad))):
+        np.testing.assert_allclose(a, b, atol=1e-6)
