@@ -19,6 +19,7 @@ import jpeft  # noqa: E402
 import jpeft.models  # noqa: E402
 from jpeft import hf as H  # noqa: E402
 from jpeft.errors import ConfigError, UnsupportedAdapterError, UnsupportedModuleError  # noqa: E402
+from jpeft.methods import vera as VM  # noqa: E402
 from jpeft.methods.vera import VeraConfig, VeraWeights  # noqa: E402
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
@@ -139,6 +140,9 @@ def test_init_is_identity_and_projections_are_shared_and_deterministic():
     np.testing.assert_array_equal(next(iter(again.values())).projections.vera_A, nodes[0].projections.vera_A)
     other = jpeft.init(cfg.replace(projection_prng_key=1), params, jax.random.key(0))
     assert not np.array_equal(next(iter(other.values())).projections.vera_A, nodes[0].projections.vera_A)
+    # seeds differing above 32 bits give different projections too (jax.random.key alone would truncate them)
+    big = [VM.make_projections(s, R, 8, 8)[0] for s in (2 ** 40, 2 ** 40 + 2 ** 32, 0)]
+    assert not np.array_equal(big[0], big[1]) and not np.array_equal(big[0], big[2])
     # PEFT's distribution: Kaiming-uniform bounds sqrt(6 / fan_in) on PEFT's second axis
     assert float(jnp.abs(nodes[0].projections.vera_A).max()) <= np.sqrt(6 / 64)
     assert float(jnp.abs(nodes[0].projections.vera_B).max()) <= np.sqrt(6 / R)

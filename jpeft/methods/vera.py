@@ -76,8 +76,8 @@ class VeraConfig(AdapterConfig):
       target_modules: linear modules to adapt (a regex or a list of names / path suffixes, as
         for :class:`jpeft.LoraConfig`; ``"all-linear"`` too). Only ``nn.Dense``-style 2-D
         kernels, as PEFT adapts ``nn.Linear`` only. The default is PEFT's for Llama.
-      projection_prng_key: seed of the shared projections (``jax.random.key(seed)``: the same
-        seed gives the same projections in jpeft, but not PEFT's, which come from torch's
+      projection_prng_key: seed (0 to 2**63 - 1) of the shared projections (JAX's generator: the
+        same seed gives the same projections in jpeft, but not PEFT's, which come from torch's
         generator; that is why they are always saved).
       save_projection: must stay ``True``: the projections are written with the adapter (see
         the module docstring).
@@ -142,8 +142,9 @@ def make_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[jax.
     """The shared frozen pair ``(vera_A: [max_in, r], vera_B: [r, max_out])``, drawn as PEFT
     draws its ``vera_A: [r, max_in]`` and ``vera_B: [max_out, r]`` (Kaiming-uniform with gain
     ``sqrt(2)`` on PEFT's second axis: bounds ``sqrt(6 / max_in)`` and ``sqrt(6 / r)``), from
-    ``jax.random.key(seed)``."""
-    ka, kb = jax.random.split(jax.random.key(seed))
+    JAX's generator seeded with all 64 bits of ``seed``."""
+    # both 32-bit halves of the seed (jax.random.key alone keeps the low 32 bits without x64)
+    ka, kb = jax.random.split(jax.random.fold_in(jax.random.key(seed % 2 ** 32), seed // 2 ** 32))
     ba, bb = math.sqrt(6.0 / max_in), math.sqrt(6.0 / r)
     a = jax.random.uniform(ka, (max_in, r), jnp.float32, -ba, ba)
     b = jax.random.uniform(kb, (r, max_out), jnp.float32, -bb, bb)
