@@ -207,3 +207,23 @@ def test_layer_scanned_model_equals_unrolled():
     for a, b in zip(jax.tree.leaves(jpeft.scan.unstack_params(jpeft.merge(params, ad))),
                     jax.tree.leaves(jpeft.merge(flat_params, flat_ad))):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_gpt2_conv1d_to_peft_and_back(tmp_path):
+    """GPT-2's Conv1D layers (PEFT's fan_in_fan_out): a random jpeft adapter loads in PEFT with the same logits."""
+    hf, folder = tiny.hf_model("gpt2")
+    model, params = jpeft.models.from_pretrained(folder)
+    cfg = AL.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    ad = jpeft.init(cfg, params, jax.random.key(0))
+    H.save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+    ids, mask = tiny.batch("gpt2", seed=3)
+    ref = _logits_torch(pm, ids, mask)
+    assert np.abs(ref - tiny.torch_logits("gpt2", ids, mask)).max() > 1e-2
+    out = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(out, ref, mask)
+    _, back = H.load_peft(str(tmp_path), params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ad)):
+        np.testing.assert_array_equal(a, b)
