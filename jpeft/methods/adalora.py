@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject, scan
+from jpeft import _inject, hf, scan
 from jpeft.config import AdapterConfig, _as_targets, register_config
 from jpeft.errors import (
     BaseMismatchError,
@@ -418,8 +418,6 @@ _TENSORS = ("lora_A", "lora_E", "lora_B")
 
 
 def _to_hf(config: AdaLoraConfig, adapter, ctx):
-    from jpeft import hf
-
     tensors, targets = {}, []
     rp = config.rank_pattern or {}
     for path, node in sorted(_sites(adapter).items()):
@@ -443,8 +441,6 @@ def _to_hf(config: AdaLoraConfig, adapter, ctx):
 
 
 def _from_hf(d, tensors, params, ctx):
-    from jpeft import hf
-
     kept = dict(d)
     if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
         kept["modules_to_save"] = None
@@ -493,10 +489,4 @@ def _from_hf(d, tensors, params, ctx):
     return config, adapter
 
 
-def _register_format():
-    from jpeft import hf
-
-    hf.register_peft_format(AdaLoraConfig, to_hf=_to_hf, from_hf=_from_hf)
-
-
-_register_format()
+hf.register_peft_format(AdaLoraConfig, to_hf=_to_hf, from_hf=_from_hf)

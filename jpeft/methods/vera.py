@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject, scan
+from jpeft import _inject, hf, scan
 from jpeft.config import AdapterConfig, _as_targets, register_config
 from jpeft.errors import (
     BaseMismatchError,
@@ -308,8 +308,6 @@ def projections_from_peft(a, b) -> VeraProjections:
 
 
 def _to_hf(config: VeraConfig, adapter, ctx):
-    from jpeft import hf
-
     tensors, targets, first = {}, [], None
     max_in = max_out = 0
     for path in sorted(adapter):
@@ -349,8 +347,6 @@ def _to_hf(config: VeraConfig, adapter, ctx):
 
 
 def _from_hf(d, tensors, params, ctx):
-    from jpeft import hf
-
     folder = ctx.folder
     if d.get("save_projection") is False or PEFT_A not in tensors or PEFT_B not in tensors:
         raise UnsupportedAdapterError(
@@ -410,10 +406,4 @@ def _from_hf(d, tensors, params, ctx):
     return config, adapter
 
 
-def _register_format():
-    from jpeft import hf
-
-    hf.register_peft_format(VeraConfig, to_hf=_to_hf, from_hf=_from_hf)
-
-
-_register_format()
+hf.register_peft_format(VeraConfig, to_hf=_to_hf, from_hf=_from_hf)
