@@ -76,10 +76,9 @@ def run_jpeft(size: C.Size, mode: str, steps: int, peak_override) -> dict:
     import _jpeft_worker as W
     import jpeft
     from jpeft.cli._model import logits_of
-    from jpeft.forgetting import FullFinetuneConfig
 
     model, params = W.build_random(size, jnp.bfloat16)
-    cfg = W.lora_config(RANK) if mode == "lora" else FullFinetuneConfig()
+    cfg = W.lora_config(RANK) if mode == "lora" else jpeft.FullFinetuneConfig()
     adapter = jpeft.init(cfg, params, jax.random.key(0))
     opt = optax.adamw(1e-4)
 

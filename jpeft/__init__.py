@@ -13,7 +13,13 @@ from jpeft.config import AdapterConfig
 from jpeft.core import apply, init, merge, summary, unmerge
 from jpeft.errors import *  # noqa: F401,F403
 from jpeft.errors import __all__ as _errors_all
+from jpeft.methods.base import join_frozen, split_frozen, trainable
+
+# The methods. Importing a method's module registers it (its one register_method call); this
+# is the only module outside jpeft/methods/ that imports method modules, to re-export what
+# users call (configs, PiSSA/OLoRA inits, fold_prefix) and the node types they inspect.
 from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, TrainableTokens
+from jpeft.methods import lora_hf as _lora_hf  # noqa: F401  (LoRA's PEFT format and its registration)
 from jpeft.methods.ia3 import IA3Config, IA3Weights
 from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
@@ -21,6 +27,7 @@ from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
 from jpeft.methods.vera import VeraConfig, VeraWeights
 from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights
 from jpeft.methods.pissa import init_olora, init_pissa
+from jpeft.methods.full import FullFinetuneConfig
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
 from jpeft.generate import generate
@@ -37,10 +44,9 @@ from jpeft.loop import FitResult, MetricLog, NonFiniteGuard, fit
 from jpeft.bank import AdapterBank
 from jpeft.merging import merge_adapters, merge_into_base
 from jpeft import forgetting
-from jpeft.forgetting import FullFinetuneConfig
 from jpeft.forgetting.guard import ForgettingGuard, lr_scale
 
-__version__ = "0.1.0"
+from jpeft._version import __version__
 
 __all__ = [
     "AdapterConfig",
@@ -69,6 +75,9 @@ __all__ = [
     "merge",
     "unmerge",
     "summary",
+    "trainable",
+    "split_frozen",
+    "join_frozen",
     "make_train_step",
     "generate",
     "models",

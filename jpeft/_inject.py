@@ -13,8 +13,9 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 
-from jpeft.errors import LayoutError, UnsupportedModuleError
-from jpeft.methods.base import Call, Layout, ModuleInfo
+from jpeft import scan
+from jpeft.errors import LayoutError, TargetNotFoundError, UnsupportedModuleError
+from jpeft.methods.base import Call, Kind, Layout, ModuleInfo
 
 _BYPASS = contextvars.ContextVar("jpeft_bypass", default=False)
 
@@ -90,8 +91,6 @@ def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
 
 def apply_with(model: nn.Module, variables, adapter, *args, **kwargs):
     """``model.apply(variables, *args, **kwargs)`` with every adapter node at its site."""
-    from jpeft import scan
-
     stacked = scan.variables_for(adapter)
     if stacked:
         variables = {**variables, scan.COLLECTION: stacked}
@@ -99,8 +98,6 @@ def apply_with(model: nn.Module, variables, adapter, *args, **kwargs):
     with nn.intercept_methods(_interceptor(adapter, checked, variables.get("params"))):
         out = model.apply(variables, *args, **kwargs)
     if adapter and not checked:
-        from jpeft.errors import TargetNotFoundError
-
         raise TargetNotFoundError(
             f"none of the adapter's {len(adapter)} sites (e.g. {sorted(adapter)[:3]}) was called by the model, so "
             "the output would be the bare base's. Was the adapter made for another model? A layer-scanned model "
@@ -119,9 +116,9 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
     """The layout of a supported module instance, or ``None`` for modules without a kernel."""
     nd = len(kernel_shape)
     if isinstance(module, nn.Embed):
-        return Layout("embed", kernel_shape, (0,), (1,))
+        return Layout(Kind.EMBED, kernel_shape, (0,), (1,))
     if isinstance(module, nn.Dense):
-        return Layout("dense", kernel_shape, (0,), (1,))
+        return Layout(Kind.DENSE, kernel_shape, (0,), (1,))
     if isinstance(module, nn.DenseGeneral):
         if tuple(module.batch_dims) if not isinstance(module.batch_dims, int) else (module.batch_dims,):
             raise UnsupportedModuleError(
@@ -130,14 +127,14 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
             )
         axis = module.axis
         n_in = 1 if isinstance(axis, int) else len(axis)
-        return Layout("dense_general", kernel_shape, tuple(range(n_in)), tuple(range(n_in, nd)))
+        return Layout(Kind.DENSE_GENERAL, kernel_shape, tuple(range(n_in)), tuple(range(n_in, nd)))
     if isinstance(module, nn.Conv):
         if module.feature_group_count != 1:
             raise UnsupportedModuleError(
                 f"module {path!r}: grouped convolutions (feature_group_count={module.feature_group_count}) "
                 "are not supported by LoRA; exclude this module from target_modules."
             )
-        return Layout("conv", kernel_shape, tuple(range(nd - 1)), (nd - 1,))
+        return Layout(Kind.CONV, kernel_shape, tuple(range(nd - 1)), (nd - 1,))
     if isinstance(module, nn.Einsum):
         eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
         eq = eq.replace(" ", "")
@@ -150,7 +147,7 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
                 f"module {path!r}: einsum {eq!r} has kernel axes that are neither contracted nor output-only; "
                 "jpeft can adapt einsums whose kernel axes are each an input or an output axis."
             )
-        return Layout("einsum", kernel_shape, in_axes, out_axes, eq)
+        return Layout(Kind.EINSUM, kernel_shape, in_axes, out_axes, eq)
     return None
 
 
@@ -195,10 +192,10 @@ def infer_layout(path: str, own: Mapping[str, Any]) -> Layout:
     """Layout from a module's parameters alone; only unambiguous (2-D) cases."""
     if "embedding" in own and "kernel" not in own:
         shape = tuple(own["embedding"].shape)
-        return Layout("embed", shape, (0,), (1,))
+        return Layout(Kind.EMBED, shape, (0,), (1,))
     shape = tuple(own["kernel"].shape)
     if len(shape) == 2:
-        return Layout("dense", shape, (0,), (1,))
+        return Layout(Kind.DENSE, shape, (0,), (1,))
     raise LayoutError(
         f"module {path!r} has a {len(shape)}-D kernel {shape}; from the parameters alone jpeft cannot tell "
         "which axes are inputs and which outputs (nn.DenseGeneral, nn.Conv and nn.Einsum differ, and a "
@@ -220,7 +217,7 @@ def check_layout(path: str, node_layout: Layout, module, args, kwargs) -> None:
             "nn.Conv, nn.Einsum and nn.Embed. Remove it from target_modules."
         )
     if (actual.kind, actual.in_axes, actual.out_axes) != (node_layout.kind, node_layout.in_axes, node_layout.out_axes) and not (
-        {actual.kind, node_layout.kind} <= {"dense", "dense_general"} and actual.in_axes == node_layout.in_axes
+        {actual.kind, node_layout.kind} <= {Kind.DENSE, Kind.DENSE_GENERAL} and actual.in_axes == node_layout.in_axes
     ):
         raise LayoutError(
             f"module {path!r}: the adapter was built for a {node_layout.kind} layout with input axes "

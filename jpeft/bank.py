@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject
+from jpeft.core import merge
 from jpeft.errors import (
     BankCapacityError,
     BankError,
@@ -76,11 +77,11 @@ from jpeft.errors import (
     ConfigError,
     DuplicateAdapterError,
     InputValidationError,
+    NotMergeableError,
     UnknownAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods.base import Call, Layout, Site, dropout as _dropout, static_field
-from jpeft.methods.lora import LoraWeights
+from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, dropout as _dropout, low_rank_node, static_field
 from jpeft.tree import module_leaves, unwrap_params
 
 STRATEGIES = ("gather", "ragged", "pregather")
@@ -88,7 +89,7 @@ STRATEGIES = ("gather", "ragged", "pregather")
 #: module docstring).
 DEFAULT_STRATEGY = "gather"
 
-_KINDS = ("dense", "dense_general", "embed")
+_KINDS = (Kind.DENSE, Kind.DENSE_GENERAL, Kind.EMBED)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class BankedLora(Site):
     mergeable: ClassVar[bool] = False
 
     def handles(self, method_name: str) -> bool:
-        # an embedding LoRA adapts the lookup only, as jpeft.LoraWeights does without ensure_weight_tying
+        # an embedding LoRA adapts the lookup only, as a LoRA site does without ensure_weight_tying
         return method_name == "__call__"
 
     def check(self, path: str, module) -> None:
@@ -144,8 +145,6 @@ class BankedLora(Site):
             )
 
     def merge(self, module_params):
-        from jpeft.errors import NotMergeableError
-
         raise NotMergeableError(
             "a routed bank (one adapter per example) cannot be merged into the base weights; merge a single "
             "adapter with bank.merged_params(params, name), or several with jpeft.merging.merge_into_base."
@@ -154,7 +153,7 @@ class BankedLora(Site):
     # -- forward --------------------------------------------------------------------------------
     def intercept(self, call: Call):
         lay = self.layout
-        if lay.kind != "embed":
+        if lay.kind != Kind.EMBED:
             _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
         y = call.run()
         x = call.args[0] if call.args else call.kwargs.get("inputs")
@@ -175,10 +174,10 @@ class BankedLora(Site):
             valid = (ids >= 0) & (ids < n)
             safe = jnp.where(valid, ids, 0)
             s = jnp.where(valid, jnp.take(self.scales, safe, axis=0), 0).astype(dt)  # [batch]
-        if lay.kind == "embed":
+        if lay.kind == Kind.EMBED:
             return y + self._embed(call, x, safe, s, dt)
         n_in = len(lay.in_axes)
-        if lay.kind == "dense_general":
+        if lay.kind == Kind.DENSE_GENERAL:
             axes = _inject._normalize_axes(call.module.axis, x.ndim)
             if axes != tuple(range(x.ndim - n_in, x.ndim)):
                 raise UnsupportedModuleError(
@@ -338,7 +337,7 @@ class AdapterBank:
     dropout: float = 0.0
     strategy: str = DEFAULT_STRATEGY
     # embedding sites: whether the model also reads them as a tied output projection (attend);
-    # from the template's LoraWeights.tied_output, so get() / merged_params() can refuse such a merge
+    # from the template's low_rank().tied_output, so get() / merged_params() can refuse such a merge
     tied_output: Mapping[str, Optional[bool]] = dataclasses.field(default_factory=dict)
 
     # -- construction ---------------------------------------------------------------------------
@@ -356,7 +355,7 @@ class AdapterBank:
         """An empty bank whose sites are those of ``template``.
 
         Args:
-          template: an adapter ``{path: LoraWeights}`` (e.g. from :func:`jpeft.init`), or
+          template: a LoRA adapter (e.g. from :func:`jpeft.init`), or
             ``{path: Layout}``; only its sites and kernel layouts are used.
           capacity: the number of slots (adapters the bank can hold at once).
           max_rank: the largest LoRA rank the bank accepts; smaller ranks are zero-padded.
@@ -380,13 +379,10 @@ class AdapterBank:
             raise BankError("the template adapter has no sites; give an adapter from jpeft.init or {path: Layout}.")
         layouts, tied = {}, {}
         for path, node in template.items():
-            lay = node if isinstance(node, Layout) else getattr(node, "layout", None)
-            tied[path] = getattr(node, "tied_output", None)
-            if not isinstance(lay, Layout):
-                raise BankError(
-                    f"template site {path!r} is a {type(node).__name__}; AdapterBank holds LoRA adapters "
-                    "(jpeft.LoraWeights). Give a LoRA adapter or {path: Layout}."
-                )
+            if not isinstance(node, (Layout, LowRank)):
+                node = _low_rank_of(f"template site {path!r}", node)
+            lay = node if isinstance(node, Layout) else node.layout
+            tied[path] = None if isinstance(node, Layout) else node.tied_output
             if lay.kind not in _KINDS:
                 raise UnsupportedModuleError(
                     f"bank site {path!r} is a {lay.kind} module; AdapterBank routes {_KINDS} modules. "
@@ -421,10 +417,9 @@ class AdapterBank:
         """
         if not adapters:
             raise BankError("from_adapters needs at least one adapter; use AdapterBank.create for an empty bank.")
-        template: dict[str, LoraWeights] = {}
+        template: dict[str, LowRank] = {}
         for name, ad in adapters.items():
-            _check_lora(name, ad)
-            for path, node in ad.items():
+            for path, node in _check_lora(name, ad).items():
                 if path in template and not _same_layout(template[path].layout, node.layout):
                     raise BankShapeError(
                         f"adapter {name!r} has site {path!r} with a {_kernel_desc(node.layout)}, but another adapter has "
@@ -432,7 +427,7 @@ class AdapterBank:
                     )
                 template.setdefault(path, node)
         if max_rank is None:
-            max_rank = max(node.r for ad in adapters.values() for node in ad.values())
+            max_rank = max(int(lr.a.shape[-1]) for t in map(_check_lora, adapters, adapters.values()) for lr in t.values())
         bank = cls.create(template, capacity=len(adapters) if capacity is None else capacity, max_rank=max_rank, **kwargs)
         for name, ad in adapters.items():
             bank = bank.add(name, ad)
@@ -485,17 +480,17 @@ class AdapterBank:
         """Slot ids for a batch of adapter names (``None`` -> ``-1``, the bare base)."""
         return jnp.asarray([-1 if n is None else self.slot(n) for n in names], jnp.int32)
 
-    def get(self, name: str) -> dict[str, LoraWeights]:
-        """The adapter ``name`` as a plain ``{path: LoraWeights}`` at its own rank (padding removed)."""
+    def get(self, name: str) -> dict:
+        """The adapter ``name`` as a plain LoRA adapter at its own rank (padding removed)."""
         i = self.slot(name)
         ranks = self.slot_ranks[i]
         out = {}
         for path, r in ranks.items():
             st = self.weights[path]
-            out[path] = LoraWeights(
-                st.lora_A[i, :, :r], st.lora_B[i, :r, :], None, float(self.scales[path][i]), st.layout, self.dropout,
-                tied_output=self.tied_output.get(path) if st.layout.kind == "embed" else None,
-            )
+            out[path] = low_rank_node(LowRank(
+                st.lora_A[i, :, :r], st.lora_B[i, :r, :], float(self.scales[path][i]), st.layout,
+                tied_output=self.tied_output.get(path) if st.layout.kind == Kind.EMBED else None, dropout=self.dropout,
+            ))
         return out
 
     # -- routing --------------------------------------------------------------------------------
@@ -546,7 +541,7 @@ class AdapterBank:
         return [(n, i) for i, n in enumerate(self.slots) if n is not None]
 
     # -- updates (all return a new bank; shapes never change) -----------------------------------
-    def add(self, name: str, adapter: Mapping[str, LoraWeights]) -> "AdapterBank":
+    def add(self, name: str, adapter: Mapping[str, Any]) -> "AdapterBank":
         """A new bank with ``adapter`` stored under ``name`` in the first free slot.
 
         Raises:
@@ -569,7 +564,7 @@ class AdapterBank:
             )
         return self._store(self.slots.index(None), name, adapter)
 
-    def replace(self, name: str, adapter: Mapping[str, LoraWeights]) -> "AdapterBank":
+    def replace(self, name: str, adapter: Mapping[str, Any]) -> "AdapterBank":
         """A new bank where the adapter ``name`` is swapped for ``adapter`` (same slot).
 
         Raises:
@@ -602,8 +597,6 @@ class AdapterBank:
     def merged_params(self, params, name: str):
         """``params`` with the adapter ``name`` folded into the base weights, for serving one
         tenant without any adapter overhead (:func:`jpeft.merge` of :meth:`get`)."""
-        from jpeft.core import merge
-
         return merge(params, self.get(name))
 
     def check(self, params) -> None:
@@ -639,10 +632,11 @@ class AdapterBank:
                     f"needs {tuple(ref.lora_A.shape)} / {tuple(ref.lora_B.shape)}."
                 )
 
-    def _validate(self, name: str, adapter) -> None:
-        _check_lora(name, adapter)
+    def _validate(self, name: str, adapter) -> dict:
+        low = _check_lora(name, adapter)
         rmax = self.max_rank
-        for path, node in adapter.items():
+        for path, node in low.items():
+            r = int(node.a.shape[-1])
             if path not in self.layouts:
                 raise BankShapeError(
                     f"adapter {name!r} has a site {path!r} that the bank does not hold; the bank's sites are "
@@ -655,20 +649,21 @@ class AdapterBank:
                     f"adapter {name!r} was made for a {_kernel_desc(node.layout)} at {path!r}, but the bank's base has "
                     f"a {_kernel_desc(lay)} there: the adapter belongs to another base model shape."
                 )
-            if tuple(node.lora_A.shape) != (lay.in_features, node.r) or tuple(node.lora_B.shape) != (node.r, lay.out_features):
+            if tuple(node.a.shape) != (lay.in_features, r) or tuple(node.b.shape) != (r, lay.out_features):
                 raise BankShapeError(
-                    f"adapter {name!r} at {path!r}: lora_A {tuple(node.lora_A.shape)} / lora_B {tuple(node.lora_B.shape)} "
+                    f"adapter {name!r} at {path!r}: lora_A {tuple(node.a.shape)} / lora_B {tuple(node.b.shape)} "
                     f"do not fit a [{lay.in_features}, r] / [r, {lay.out_features}] LoRA for this base."
                 )
-            if node.r > rmax:
+            if r > rmax:
                 raise BankCapacityError(
-                    f"adapter {name!r} has rank {node.r} at {path!r}, above the bank's max_rank={rmax}. Build the bank "
-                    f"with max_rank >= {node.r} (changing max_rank recompiles), or truncate the adapter "
+                    f"adapter {name!r} has rank {r} at {path!r}, above the bank's max_rank={rmax}. Build the bank "
+                    f"with max_rank >= {r} (changing max_rank recompiles), or truncate the adapter "
                     "(jpeft.merging.merge_adapters([adapter], method='svd', rank=...))."
                 )
+        return low
 
     def _store(self, i: int, name: str, adapter) -> "AdapterBank":
-        self._validate(name, adapter)
+        adapter = self._validate(name, adapter)
         rmax = self.max_rank
         new_a, new_b, new_s = {}, {}, {}
         for path, st in self.weights.items():
@@ -678,13 +673,13 @@ class AdapterBank:
                 new_b[path] = jnp.zeros(st.lora_B.shape[1:], st.lora_B.dtype)
                 new_s[path] = jnp.zeros((), jnp.float32)
                 continue
-            r = node.r
-            new_a[path] = jnp.pad(jnp.asarray(node.lora_A, st.lora_A.dtype), ((0, 0), (0, rmax - r)))
-            new_b[path] = jnp.pad(jnp.asarray(node.lora_B, st.lora_B.dtype), ((0, rmax - r), (0, 0)))
+            r = int(node.a.shape[-1])
+            new_a[path] = jnp.pad(jnp.asarray(node.a, st.lora_A.dtype), ((0, 0), (0, rmax - r)))
+            new_b[path] = jnp.pad(jnp.asarray(node.b, st.lora_B.dtype), ((0, rmax - r), (0, 0)))
             new_s[path] = jnp.asarray(node.scale, jnp.float32)
         w, s = _write_slot(self.weights, self.scales, jnp.int32(i), new_a, new_b, new_s)
         slots = self.slots[:i] + (name,) + self.slots[i + 1 :]
-        ranks = self.slot_ranks[:i] + ({p: n.r for p, n in adapter.items()},) + self.slot_ranks[i + 1 :]
+        ranks = self.slot_ranks[:i] + ({p: int(n.a.shape[-1]) for p, n in adapter.items()},) + self.slot_ranks[i + 1 :]
         return dataclasses.replace(self, weights=w, scales=s, slots=slots, slot_ranks=ranks)
 
 
@@ -693,39 +688,44 @@ def _same_layout(a: Layout, b: Layout) -> bool:
         tuple(a.kernel_shape) == tuple(b.kernel_shape)
         and tuple(a.in_axes) == tuple(b.in_axes)
         and tuple(a.out_axes) == tuple(b.out_axes)
-        and (a.kind == b.kind or {a.kind, b.kind} <= {"dense", "dense_general"})
+        and (a.kind == b.kind or {a.kind, b.kind} <= {Kind.DENSE, Kind.DENSE_GENERAL})
     )
 
 
-def _check_lora(name, adapter) -> None:
+def _low_rank_of(where: str, node) -> LowRank:
+    """``node.low_rank()``, or a :class:`BankError` saying why the bank cannot hold it."""
+    if not isinstance(node, Site):
+        raise BankError(f"{where} is a {type(node).__name__}, not an adapter site; AdapterBank holds LoRA adapters.")
+    try:
+        return node.low_rank()
+    except NotMergeableError as e:
+        raise BankError(
+            f"{where}: {e} AdapterBank holds LoRA adapters of unrolled models only (a layer-scanned model's sites are "
+            "jpeft.scan.Stacked; unstack them with jpeft.scan.unstack_adapter)."
+        ) from None
+
+
+def _check_lora(name, adapter) -> dict:
+    """``{path: LowRank}`` of an adapter the bank can hold (named errors otherwise)."""
     if not isinstance(adapter, Mapping) or not adapter:
-        raise BankError(f"adapter {name!r} must be a non-empty dict {{path: LoraWeights}} (from jpeft.init); found {adapter!r:.80}.")
+        raise BankError(f"adapter {name!r} must be a non-empty dict {{path: node}} of a LoRA adapter (from jpeft.init); "
+                        f"found {adapter!r:.80}.")
+    out = {}
     for path, node in adapter.items():
-        if not isinstance(node, LoraWeights):
-            raise BankError(
-                f"adapter {name!r} has a {type(node).__name__} at {path!r}; AdapterBank holds LoRA adapters "
-                "(jpeft.LoraWeights) of unrolled models only (a layer-scanned model's sites are jpeft.scan.Stacked)."
-            )
-        if node.tie_output:
+        lr = _low_rank_of(f"adapter {name!r} at {path!r}", node)
+        if lr.tie_output:
             raise BankError(
                 f"adapter {name!r} adapts the tied output projection too at {path!r} (ensure_weight_tying); a bank routes "
                 "the input lookup only. Serve it alone with jpeft.apply."
             )
-        if node.magnitude is not None:
-            raise BankError(
-                f"adapter {name!r} is a DoRA adapter (it has a magnitude at {path!r}); DoRA's update is not a "
-                "low-rank sum, so it cannot be routed through a LoRA bank. Merge it (jpeft.merge) or serve it alone."
-            )
-        if node.lora_bias is not None or node.base_bias is not None:
-            raise BankError(
-                f"adapter {name!r} trains a bias at {path!r} (LoraConfig.lora_bias or bias); a bank routes the low-rank "
-                "update only. Merge it (jpeft.merge) or serve it alone with jpeft.apply."
-            )
-        if node.layout is None or node.layout.kind not in _KINDS:
-            kind = None if node.layout is None else node.layout.kind
+        if lr.layout is None or lr.layout.kind not in _KINDS:
+            kind = None if lr.layout is None else lr.layout.kind
             raise UnsupportedModuleError(
-                f"adapter {name!r} adapts a {kind} module at {path!r}; AdapterBank routes {_KINDS} modules only."
+                f"adapter {name!r} adapts a {kind} module at {path!r}; AdapterBank routes {[str(k) for k in _KINDS]} "
+                "modules only."
             )
+        out[path] = lr
+    return out
 
 
 __all__ = ["AdapterBank", "BankedLora", "LoraStack", "route", "STRATEGIES", "DEFAULT_STRATEGY"]

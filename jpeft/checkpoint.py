@@ -64,6 +64,7 @@ from jpeft.io import (
     base_fingerprint,
     check_base,
     leaf_names,
+    read_json,
     safe_join,
     template_adapter,
     verify_checksum,
@@ -561,8 +562,6 @@ class CheckpointManager:
             if step is None:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}.")
         meta_file = self._step_dir(step) / "meta" / "metadata"
-        from jpeft.io import read_json
-
         try:
             d = read_json(meta_file, what=f"checkpoint metadata of step {step}")
         except LoadError as e:

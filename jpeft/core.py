@@ -4,81 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-import jax
 import flax.linen as nn
 
-from jpeft import _inject, scan
+from jpeft import _inject
 from jpeft.config import AdapterConfig
-from jpeft.errors import ConfigError, ShapeMismatchError, TargetNotFoundError, UnsupportedModuleError
-from jpeft.methods import INIT, register
-from jpeft.methods.lora import (RESIDUAL_INITS, LoraConfig, init_site, init_tokens, saved_modules, tied_output_from_params,
-                                token_sites, with_trainable_biases)
-from jpeft.tree import count, linear_only, module_leaves, nbytes, rewrap_params, select, set_subtree, unwrap_params, get_subtree
-
-
-def _linear_candidates(params, infos):
-    leaves = module_leaves(params)
-    cands = [p for p, own in leaves.items() if ("kernel" in own or "embedding" in own)]
-    return leaves, cands
-
-
-@register(LoraConfig)
-def _init_lora(config: LoraConfig, params, key, infos):
-    leaves, cands = _linear_candidates(params, infos)
-    cands = linear_only(config.target_modules, leaves, cands)
-    paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
-    paths = [p for p in paths if config.selects(p)]
-    if not paths:
-        raise TargetNotFoundError(
-            f"target_modules={config.target_modules!r} matched modules, but exclude_modules={config.exclude_modules!r} / "
-            f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) removed "
-            "every one of them; widen those options."
-        )
-    # Keys go to sites in sorted path order, so the adapter does not depend on the params
-    # dict's insertion order (jax.jit / eval_shape outputs come back with sorted keys).
-    site_key = dict(zip(sorted(paths), jax.random.split(key, len(paths))))
-    out = {}
-    for path in paths:
-        k = site_key[path]
-        own = leaves[path]
-        if infos is not None and path in infos and infos[path].layout is not None:
-            layout = infos[path].layout
-        elif infos is not None and path in infos:
-            raise UnsupportedModuleError(
-                f"module {path!r} is a {infos[path].cls_name}, not a module LoRA can adapt "
-                "(nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed). Remove it from target_modules."
-            )
-        else:
-            layout = _inject.infer_layout(path, own)
-        if config.init in RESIDUAL_INITS and not isinstance(own.get(layout.param_name), jax.core.Tracer):
-            # Under jax.eval_shape (loading a saved PiSSA adapter, budgets) only the structure is
-            # built; with concrete weights jpeft.init would silently keep the principal part twice.
-            raise ConfigError(
-                f"LoraConfig(init={config.init!r}) also changes the base weights (the initial adapter is taken out "
-                f"of them); create it with jpeft.init_{config.init}(config, params, key), which returns "
-                "(residual_params, adapter)."
-            )
-        # an embedding the model also reads through attend (tied output projection); unknown without the model
-        if infos is not None and path in infos:
-            tied = "attend" in infos[path].methods
-        else:
-            tied = tied_output_from_params(path, leaves) if layout.kind == "embed" else None
-        out[path] = scan.make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own)
-    if config.modules_to_save:
-        out.update(saved_modules(config, leaves, out))
-    if config.bias != "none":
-        out = with_trainable_biases(config, leaves, out)
-    if config.trainable_token_indices is not None:
-        for path, ids in token_sites(config, leaves).items():
-            if path in out:
-                raise ConfigError(
-                    f"the embedding {path!r} is both in target_modules / modules_to_save and in trainable_token_indices "
-                    "(PEFT refuses that too); use one of them."
-                )
-            tied = ("attend" in infos[path].methods) if infos is not None and path in infos \
-                else tied_output_from_params(path, leaves)
-            out[path] = init_tokens(leaves[path], ids, tied)
-    return out
+from jpeft.errors import ConfigError, ShapeMismatchError
+from jpeft.methods.base import method_of, split_frozen
+from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unwrap_params
 
 
 def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, *model_args, **model_kwargs) -> dict:
@@ -104,9 +36,7 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
     """
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"jpeft.init expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
-    fn = INIT.get(type(config))
-    if fn is None:
-        raise ConfigError(f"no init registered for {type(config).__name__}; known: {[c.__name__ for c in INIT]}.")
+    fn = method_of(config).init
     inner, _ = unwrap_params(params)
     infos = None
     if model is not None:
@@ -174,35 +104,42 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
     budget can be computed with ``jax.eval_shape`` without allocating.
 
     Returns:
-      ``{"trainable", "base", "total", "share", "trainable_bytes", "sites"}`` where ``share``
+      ``{"trainable", "frozen", "base", "total", "share", "trainable_bytes", "sites"}`` where
+      ``frozen`` counts the adapter's frozen arrays (saved with it, never trained; see
+      :func:`jpeft.methods.base.split_frozen`), which ``trainable`` leaves out, and ``share``
       is ``trainable / total`` (as Hugging Face reports it) and ``total`` is the number of
       parameters the adapted model has: ``base + trainable``, except that a node which stands
       in for the base's own weights (full fine-tuning's trainable copy) is not counted twice,
       so full fine-tuning reports ``total = base`` and a share of 100 %.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
-    >>> from jpeft.forgetting import FullFinetuneConfig
+    >>> from jpeft import FullFinetuneConfig
     >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
     >>> s = jpeft.summary(params, jpeft.init(FullFinetuneConfig(), params, jax.random.key(1)))
     trainable params: 16 || all params: 16 || trainable%: 100.0000 (base 16; 1 adapted sites)
     """
     inner, _ = unwrap_params(params)
     base = count(inner)
-    trainable = count(adapter) if adapter else 0
-    added = sum(count(node) for node in (adapter or {}).values() if not getattr(node, "replaces_base", False))
+    train, froz = split_frozen(adapter) if adapter else ({}, {})
+    trainable = count(train)
+    frozen = count(froz)
+    # frozen arrays are not parameters of the model (PEFT's VeRA keeps its projections as buffers, outside "all params")
+    added = sum(count(train[p]) for p, node in (adapter or {}).items() if not getattr(node, "replaces_base", False))
     total = base + added
     share = trainable / total if total else 0.0
     out = {
         "trainable": trainable,
+        "frozen": frozen,
         "base": base,
         "total": total,
         "share": share,
-        "trainable_bytes": nbytes(adapter) if adapter else 0,
+        "trainable_bytes": nbytes(train),
         "sites": len(adapter) if adapter else 0,
     }
     if print_fn is not None:
+        extra = f"; {frozen:,} frozen adapter params" if frozen else ""
         print_fn(
             f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * share:.4f} "
-            f"(base {base:,}; {out['sites']} adapted sites)"
+            f"(base {base:,}; {out['sites']} adapted sites{extra})"
         )
     return out

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpeft.errors import DistributedError, InputValidationError
+from jpeft.parallel import _batch_entry
 
 __all__ = [
     "initialize",
@@ -204,8 +205,6 @@ def global_batch(local_batch, mesh: Mesh, batch_axes=("data", "fsdp")):
     (``jax.make_array_from_process_local_data``): the first axis is split over the mesh axes
     ``batch_axes``, each process contributing the rows it holds, in process order. In a
     single-process run this equals :func:`jpeft.shard_batch`."""
-    from jpeft.parallel import _batch_entry
-
     sharding = NamedSharding(mesh, P(_batch_entry(mesh, batch_axes)))
     n_proc = jax.process_count()
 

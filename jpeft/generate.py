@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.core import apply
 from jpeft.errors import InputValidationError
 from jpeft.models._layers import init_cache
+from jpeft.validate import check_token_ids
 
 
 def _sample(logits, key, temperature, top_k: int, top_p, greedy: bool):
@@ -42,8 +44,6 @@ def _sample(logits, key, temperature, top_k: int, top_p, greedy: bool):
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "greedy", "eos", "pad"))
 def _generate(model, params, adapter, input_ids, attention_mask, key, temperature, top_p, *,
               max_new_tokens: int, top_k: int, greedy: bool, eos: tuple, pad: int):
-    from jpeft.core import apply
-
     b, s = input_ids.shape
     cfg = model.config
     cache = init_cache(cfg, b, s + max_new_tokens, cfg.dtype)
@@ -174,8 +174,6 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InputValidationError(f"generate: top_k must be an int >= 0 (0 = off), found {top_k!r}.")
     # JAX clamps out-of-range gather indices silently: check real prompt tokens on the host.
-    from jpeft.validate import check_token_ids
-
     check_token_ids(np.where(np.asarray(attention_mask).astype(bool), np.asarray(input_ids), 0), int(cfg.vocab_size))
     if not 0 <= int(pad_token_id) < int(cfg.vocab_size):
         raise InputValidationError(

@@ -43,7 +43,9 @@ from typing import Any, Iterator, Mapping, Optional
 import jax
 import numpy as np
 
+from jpeft._version import __version__
 from jpeft.config import AdapterConfig
+from jpeft.core import init
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
@@ -56,6 +58,7 @@ from jpeft.errors import (
     ShapeMismatchError,
     UnsafeFileError,
 )
+from jpeft.tree import unwrap_params
 
 ADAPTER_JSON = "jpeft_adapter.json"
 ADAPTER_WEIGHTS = "jpeft_adapter.safetensors"
@@ -80,8 +83,6 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 
 
 def _version() -> str:
-    from jpeft import __version__
-
     return __version__
 
 
@@ -153,8 +154,6 @@ def _config_dict(base_config) -> Optional[dict]:
 
 def content_hash(params) -> str:
     """SHA-256 over every parameter's path, shape, dtype and bytes (in path order)."""
-    from jpeft.tree import unwrap_params
-
     inner, _ = unwrap_params(params)
     h = hashlib.sha256()
     for name, leaf in sorted(leaf_names(inner), key=lambda t: t[0]):
@@ -180,8 +179,6 @@ def base_fingerprint(params, base_config=None, *, with_content_hash: bool = Fals
     >>> fp["params"], fp["config"]
     ([['q/kernel', [2, 3], 'float32']], {'hidden_size': 3})
     """
-    from jpeft.tree import unwrap_params
-
     inner, _ = unwrap_params(params)
     rows = []
     for name, leaf in leaf_names(inner):
@@ -993,8 +990,6 @@ def save_adapter(
 def template_adapter(config: AdapterConfig, params, model=None, *model_args, **model_kwargs):
     """The adapter :func:`jpeft.init` would create for ``params``, as ``jax.ShapeDtypeStruct``
     leaves (nothing is computed): the structure loaders fill with saved arrays."""
-    from jpeft.core import init
-
     def make(p):
         return init(config, p, jax.random.key(0), model, *model_args, **model_kwargs)
 

@@ -34,7 +34,6 @@ Three entry points:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
@@ -42,15 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
-from jpeft.methods.base import Layout
-from jpeft.methods.lora import LoraWeights
+from jpeft.methods.base import Layout, LowRank, low_rank_node
 from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 _NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties")
 _SIGN_METHODS = ("total", "frequency")
 
-Adapter = Mapping[str, LoraWeights]
+#: an adapter whose sites are low-rank updates (``node.low_rank()``: LoRA)
+Adapter = Mapping[str, Any]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,35 +173,29 @@ def _validate(adapters, weights, method, density, majority_sign, key):
     if method.startswith("dare") and key is None:
         raise ConfigError(f"method {method!r} drops entries at random; pass key=jax.random.key(...).")
     layouts: dict[str, Layout] = {}
+    low: list[dict[str, LowRank]] = []
     for i, ad in enumerate(adapters):
         if not isinstance(ad, Mapping):
-            raise ConfigError(f"adapter {i} must be a dict {{path: LoraWeights}}; found {type(ad).__name__}.")
+            raise ConfigError(f"adapter {i} must be a dict {{path: node}} of a LoRA adapter; found {type(ad).__name__}.")
+        low.append({})
         for path, node in ad.items():
-            if not isinstance(node, LoraWeights):
+            try:
+                lr = node if isinstance(node, LowRank) else node.low_rank()
+            except NotMergeableError as e:
                 raise NotMergeableError(
-                    f"adapter {i} has a {type(node).__name__} at {path!r}; adapter merging combines LoRA adapters "
-                    "(jpeft.LoraWeights) only; for a layer-scanned model's stacked sites, merge "
-                    "jpeft.scan.unstack_adapter(a) of each and restack with jpeft.scan.stack_adapter."
-                )
-            if node.magnitude is not None:
-                raise NotMergeableError(
-                    f"adapter {i} is a DoRA adapter (magnitude at {path!r}); its update is not s*A@B, so it cannot "
-                    "be combined linearly. Merge it into the base alone with jpeft.merge."
-                )
-            if node.lora_bias is not None or node.base_bias is not None:
-                raise NotMergeableError(
-                    f"adapter {i} trains a bias at {path!r} (LoraConfig.lora_bias or bias); adapter merging combines "
-                    "the updates s*A@B only. Merge it into the base alone with jpeft.merge."
-                )
+                    f"adapter {i} at {path!r}: {e} (for a layer-scanned model's stacked sites, merge "
+                    "jpeft.scan.unstack_adapter(a) of each and restack with jpeft.scan.stack_adapter)."
+                ) from None
+            low[i][path] = lr
             lay = layouts.get(path)
             if lay is None:
-                layouts[path] = node.layout
-            elif tuple(lay.kernel_shape) != tuple(node.layout.kernel_shape) or lay.in_axes != node.layout.in_axes:
+                layouts[path] = lr.layout
+            elif tuple(lay.kernel_shape) != tuple(lr.layout.kernel_shape) or lay.in_axes != lr.layout.in_axes:
                 raise ShapeMismatchError(
-                    f"adapter {i} has a {tuple(node.layout.kernel_shape)} kernel at {path!r} but an earlier adapter has "
+                    f"adapter {i} has a {tuple(lr.layout.kernel_shape)} kernel at {path!r} but an earlier adapter has "
                     f"{tuple(lay.kernel_shape)}: the adapters were made for different base models."
                 )
-    return adapters, weights, layouts
+    return low, weights, layouts
 
 
 def merge_deltas(
@@ -235,10 +228,15 @@ def merge_deltas(
     out = {}
     for j, (path, lay) in enumerate(layouts.items()):
         zero = jnp.zeros((lay.in_features, lay.out_features), jnp.float32)
-        deltas = [ad[path].delta_matrix() if path in ad else zero for ad in adapters]
+        deltas = [_delta(ad[path]) if path in ad else zero for ad in adapters]
         k = None if key is None else jax.random.fold_in(key, j)
         out[path] = combine(deltas, weights, method, density=density, majority_sign=majority_sign, key=k)
     return out
+
+
+def _delta(lr: LowRank) -> jax.Array:
+    """``s * A @ B`` as ``[in, out]`` float32."""
+    return lr.scale * (jnp.asarray(lr.a, jnp.float32) @ jnp.asarray(lr.b, jnp.float32))
 
 
 def _factor(delta: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
@@ -263,7 +261,7 @@ def merge_adapters(
     density: Optional[float] = None,
     majority_sign: str = "total",
     key=None,
-) -> dict[str, LoraWeights]:
+) -> dict:
     """Merges LoRA adapters into one LoRA adapter (``scale`` 1, factors in float32).
 
     Args:
@@ -298,17 +296,17 @@ def merge_adapters(
     if method == "linear":
         method = "svd"
     deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
-    default_rank = max(node.r for ad in adapters for node in ad.values())
+    default_rank = max(int(lr.a.shape[-1]) for ad in adapters for lr in ad.values())
     out = {}
     for path, d in deltas.items():
         lay = layouts[path]
         r = min(lay.in_features, lay.out_features) if rank == "full" else int(rank or default_rank)
         a, b = _factor(d, r)
-        out[path] = LoraWeights(a, b, None, 1.0, lay, 0.0)
+        out[path] = low_rank_node(LowRank(a, b, 1.0, lay))
     return out
 
 
-def _cat(adapters, weights, layouts) -> dict[str, LoraWeights]:
+def _cat(adapters, weights, layouts) -> dict:
     out = {}
     for path, lay in layouts.items():
         As, Bs = [], []
@@ -316,9 +314,9 @@ def _cat(adapters, weights, layouts) -> dict[str, LoraWeights]:
             node = ad.get(path)
             if node is None:
                 continue
-            As.append(jnp.asarray(node.lora_A, jnp.float32))
-            Bs.append((w * node.scale) * jnp.asarray(node.lora_B, jnp.float32))
-        out[path] = LoraWeights(jnp.concatenate(As, axis=1), jnp.concatenate(Bs, axis=0), None, 1.0, lay, 0.0)
+            As.append(jnp.asarray(node.a, jnp.float32))
+            Bs.append((w * node.scale) * jnp.asarray(node.b, jnp.float32))
+        out[path] = low_rank_node(LowRank(jnp.concatenate(As, axis=1), jnp.concatenate(Bs, axis=0), 1.0, lay))
     return out
 
 

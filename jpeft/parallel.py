@@ -41,7 +41,6 @@ A complete 2 x 4 run on eight devices::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -54,6 +53,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jpeft.errors import ConfigError, InputValidationError, ShardingError
+from jpeft.methods.base import trainable
 from jpeft.train import _split_loss, make_step_fn
 from jpeft.tree import path_str, unwrap_params
 
@@ -352,54 +352,19 @@ def _specs_of(params, mesh: Mesh):
     return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, (P, NamedSharding)))
 
 
-def _entries(spec: P, ndim: int) -> list:
-    e = list(spec)
-    return e + [None] * (ndim - len(e))
-
-
-def _flat_entry(entries: list, axes: Sequence[int]):
-    """The spec entry of the flattened dims ``axes`` (in order): the major axis's entry when
-    only it is sharded, else ``None`` (replicated), since other block patterns do not
-    survive the flattening."""
-    sharded = [i for i, a in enumerate(axes) if entries[a] is not None]
-    if not sharded:
-        return None
-    if sharded == [0]:
-        return entries[axes[0]]
-    return None
-
-
 def _site_specs(path: str, node, base_specs):
-    from jpeft.methods.lora import LoraWeights
-    from jpeft.scan import Stacked
-
-    if isinstance(node, Stacked):  # layer-scanned site: the inner node's arrays lead with the layer axis
-        return dataclasses.replace(node, inner=_site_specs(path, node.inner, base_specs))
-    if not isinstance(node, LoraWeights) or node.layout is None:
-        return jax.tree.map(lambda _: P(), node)
-    lay = node.layout
-    node_path = f"{path}/{lay.param_name}" if path else lay.param_name
+    """The node's own ``partition_specs`` (:class:`jpeft.methods.base.Site`), given the base
+    module's spec subtree at ``path`` (``None`` where the base has no such module)."""
     own = base_specs
     try:
-        for comp in node_path.split("/"):
+        for comp in (path.split("/") if path else ()):
             own = own[comp]
     except (KeyError, TypeError):
-        raise ShardingError(
-            f"the adapter site {path!r} adapts the base leaf {node_path!r}, which the params do not have; "
-            "was the adapter made for another model?"
-        ) from None
-    lead = node.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
-    k_nd = len(lay.kernel_shape) + lead
-    entries = _entries(own, k_nd)
-    lead_e, kern_e = entries[:lead], entries[lead:]
-    a_in = _flat_entry(kern_e, lay.in_axes)
-    b_out = _flat_entry(kern_e, lay.out_axes)
-    spec_a = P(*lead_e, a_in, None)
-    spec_b = P(*lead_e, None, b_out)
-    mag = None if node.magnitude is None else P(*lead_e, b_out)
-    bias = None if node.lora_bias is None else P(*lead_e, b_out)
-    base_bias = None if node.base_bias is None else P()
-    return dataclasses.replace(node, lora_A=spec_a, lora_B=spec_b, magnitude=mag, lora_bias=bias, base_bias=base_bias)
+        own = None
+    try:
+        return node.partition_specs(own if isinstance(own, Mapping) else None)
+    except ShardingError as e:
+        raise ShardingError(f"adapter site {path!r}: {e}") from None
 
 
 def adapter_specs(adapter: Mapping[str, Any], params_or_specs, mesh: Optional[Mesh] = None):
@@ -439,14 +404,18 @@ def _tree_shardings(tree):
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, adapter, adapter_shardings_tree=None):
-    """Shardings of ``optimizer.init(adapter)``: each subtree shaped like the adapter (Adam's
+    """Shardings of ``optimizer.init(jpeft.trainable(adapter))`` (an adapter's frozen arrays get
+    no optimizer state): each subtree shaped like the adapter (Adam's
     ``mu``, ``nu``, ...) gets the adapter's shardings; every other leaf (step counters, scalar
     schedule state) is replicated on the adapter's mesh.
 
     ``adapter_shardings_tree`` defaults to the shardings of the (placed) adapter's arrays.
     """
+    adapter = trainable(adapter) if isinstance(adapter, Mapping) else adapter
     if adapter_shardings_tree is None:
         adapter_shardings_tree = _tree_shardings(adapter)
+    elif isinstance(adapter_shardings_tree, Mapping):
+        adapter_shardings_tree = trainable(adapter_shardings_tree)
     leaves = jax.tree.leaves(adapter_shardings_tree)
     first = leaves[0] if leaves else None
     if not isinstance(first, NamedSharding):
@@ -473,10 +442,12 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, adapter, adapte
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, adapter, adapter_shardings_tree=None):
-    """``optimizer.init(adapter)`` created directly in place, sharded like the adapter
-    (see :func:`opt_state_shardings`); nothing is gathered on one device."""
+    """``optimizer.init(jpeft.trainable(adapter))`` (no state for an adapter's frozen arrays)
+    created directly in place, sharded like the adapter (see :func:`opt_state_shardings`);
+    nothing is gathered on one device."""
     out = opt_state_shardings(optimizer, adapter, adapter_shardings_tree)
-    return jax.jit(optimizer.init, out_shardings=out)(adapter)
+    train = trainable(adapter) if isinstance(adapter, Mapping) else adapter
+    return jax.jit(optimizer.init, out_shardings=out)(train)
 
 
 # -------------------------------------------------------------------------------- batches

@@ -117,6 +117,24 @@ class Stacked(Site):
     def unmerge(self, own):
         return self._per_layer("unmerge", own)
 
+    def effective(self, own):
+        """The inner node's effective weights, per layer (stacked)."""
+        if own is None:
+            return jax.vmap(lambda node: node.effective(None))(self.inner)
+        return jax.vmap(lambda node, p: node.effective(p))(self.inner, own)
+
+    def partition_specs(self, module_specs):
+        """The inner node's specs; its arrays lead with the layer axis, which the base's
+        stacked kernel spec carries too."""
+        return dataclasses.replace(self, inner=self.inner.partition_specs(module_specs))
+
+    def split_frozen(self):
+        t, f = self.inner.split_frozen()
+        return dataclasses.replace(self, inner=t), (None if f is None else dataclasses.replace(self, inner=f))
+
+    def join_frozen(self, frozen):
+        return dataclasses.replace(self, inner=self.inner.join_frozen(None if frozen is None else frozen.inner))
+
 
 def make_site(make, path: str, layout, key, own):
     """``make(key, own)`` for an ordinary site; for a site inside a layer scan (its params

@@ -6,7 +6,12 @@
     adapter, opt_state, metrics = step(params, adapter, opt_state, batch, key)
 
 ``params`` (the frozen base) is never differentiated, never copied and never handed to the
-optimizer; ``opt_state = optimizer.init(adapter)`` exists for adapter leaves only.
+optimizer. Nor are an adapter's frozen arrays (a node's ``frozen`` fields, e.g. VeRA's shared
+projections): the step splits the adapter with :func:`jpeft.methods.base.split_frozen`,
+differentiates and updates the trainable part only and joins the frozen part back unchanged,
+so the optimizer state is ``optimizer.init(jpeft.trainable(adapter))`` (what
+:func:`jpeft.init_opt_state` builds); for an adapter without frozen arrays that is
+``optimizer.init(adapter)``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import optax
+
+from jpeft.errors import ConfigError, InputValidationError
+from jpeft.methods.base import join_frozen, split_frozen
 
 
 def _split_loss(out):
@@ -78,6 +86,31 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
     return new_adapter, new_state, metrics
 
 
+def _split(adapter):
+    """``(trainable, frozen)``; an adapter that is not a ``{path: node}`` dict is all trainable."""
+    if isinstance(adapter, Mapping):
+        return split_frozen(adapter)
+    return adapter, None
+
+
+def _join(train, frozen):
+    return train if frozen is None else join_frozen(train, frozen)
+
+
+def _check_opt_state(optimizer, train, opt_state, frozen) -> None:
+    """At trace time: an optimizer state built for the whole adapter (frozen arrays included)
+    is refused by name, not left to a tree-structure error deep inside optax."""
+    if frozen is None or not jax.tree.leaves(frozen):
+        return
+    want = jax.tree.structure(jax.eval_shape(optimizer.init, train))
+    if jax.tree.structure(opt_state) != want:
+        raise ConfigError(
+            "the optimizer state does not match the adapter's trainable arrays: this adapter holds frozen arrays "
+            f"({len(jax.tree.leaves(frozen))} leaves, never trained), which get no optimizer state. Build it with "
+            "jpeft.init_opt_state(optimizer, adapter) or optimizer.init(jpeft.trainable(adapter))."
+        )
+
+
 def _split_micro(x, k: int):
     """``[k * m, ...] -> [k, m, ...]`` with micro-batch ``j`` = examples ``j, j + k, j + 2k, ...``.
 
@@ -85,8 +118,6 @@ def _split_micro(x, k: int):
     along its first axis stays local to its devices (no resharding inside the scan)."""
     x = jnp.asarray(x)
     if x.ndim == 0 or x.shape[0] % k:
-        from jpeft.errors import InputValidationError
-
         raise InputValidationError(
             f"accumulate_steps={k} splits every batch leaf along its first axis, but found a leaf of shape "
             f"{tuple(x.shape)}; give a batch whose leading dimension is a multiple of {k} "
@@ -144,15 +175,21 @@ def make_step_fn(
     ``lax.pmean`` over a ``pmap`` axis (:func:`jpeft.make_pmap_train_step` uses it).
     """
     if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
-        from jpeft.errors import ConfigError
-
         raise ConfigError(f"accumulate_steps must be a positive integer, found {accumulate_steps!r}.")
 
     def step(params, adapter, opt_state, batch, key):
-        (loss, aux), grads = accumulate_loss_and_grad(loss_fn, params, adapter, batch, key, accumulate_steps)
+        train, frozen = _split(adapter)
+
+        def loss_of_trainable(params, train, batch, key):
+            return loss_fn(params, _join(train, frozen), batch, key)
+
+        (loss, aux), grads = accumulate_loss_and_grad(loss_of_trainable, params, train, batch, key, accumulate_steps)
         if grad_reduce is not None:
             loss, aux, grads = grad_reduce((loss, aux, grads))
-        return apply_update(optimizer, adapter, opt_state, grads, loss, aux, skip_nonfinite=skip_nonfinite)
+        _check_opt_state(optimizer, train, opt_state, frozen)
+        new_train, new_state, metrics = apply_update(optimizer, train, opt_state, grads, loss, aux,
+                                                     skip_nonfinite=skip_nonfinite)
+        return _join(new_train, frozen), new_state, metrics
 
     return step
 

@@ -120,7 +120,7 @@ def test_console_script_is_declared_and_runs():
     from importlib.metadata import entry_points
 
     eps = {e.name: e.value for e in entry_points(group="console_scripts")}
-    assert eps.get("jpeft") == "jpeft.cli:main"
+    assert eps.get("jpeft") == "_jpeft_launcher:main"
     r = jpeft_cmd("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"jpeft {jpeft.__version__}"
 

@@ -169,3 +169,61 @@ def test_a_tokenizer_larger_than_the_model_is_one_line(folder, capsys, tmp_path)
     assert main(["train", "--config", str(config(folder, top="").with_name("c.toml")), "--no-progress",
                  "--set", 'model="small"']) == 2
     assert "have no embedding row" in one_line(capsys.readouterr().err)
+
+
+def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_the_command(monkeypatch, capsys):
+    """A Ctrl-C that Python raises inside a callback whose exceptions it ignores (here a gc
+    callback, as JAX installs one) is delivered again, so the command stops with status 130
+    instead of finishing and exiting 0 (issue #16, item 13)."""
+    import gc
+    import time
+
+    import jpeft.cli.info_cmd as info_cmd
+
+    fired, finished = [], []
+
+    def raise_once(phase, info):
+        if not fired:
+            fired.append(phase)
+            raise KeyboardInterrupt
+
+    def run(args):
+        gc.callbacks.append(raise_once)
+        try:
+            gc.collect()  # the interrupt is raised in the callback and printed as "ignored" by default
+        finally:
+            gc.callbacks.remove(raise_once)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            time.sleep(0.01)
+        finished.append(True)
+        return 0
+
+    monkeypatch.setattr(info_cmd, "run", run)
+    assert main(["info", "llama-2-7b"]) == 130
+    assert fired and not finished
+    assert one_line(capsys.readouterr().err) == "jpeft info: interrupted"
+
+
+def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(folder):
+    """The console script's entry point (_jpeft_launcher) sends SIGINT to `jpeft train` at
+    moments spread over importing JAX, loading, compiling and the first steps: every run stops
+    with status 130 and no traceback, and never goes on to save the final adapter."""
+    import shutil
+    import signal
+    import time
+
+    cfg = config(folder, extra_train="log_every = 1", top="")
+    cfg.write_text(cfg.read_text().replace("steps = 2", "steps = 100000"))
+    launcher = [sys.executable, "-c", "import sys, _jpeft_launcher; sys.exit(_jpeft_launcher.main())"]
+    for delay in (0.05, 0.5, 1.2, 2.5):
+        shutil.rmtree(folder / "out", ignore_errors=True)
+        p = subprocess.Popen([*launcher, "train", "--config", str(cfg), "--no-progress"], cwd=folder, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 130, (delay, err)
+        assert "Traceback" not in err and "Exception ignored" not in err, (delay, err)
+        assert "interrupted" in err.strip().splitlines()[-1], (delay, err)
+        assert not (folder / "out" / "adapter").exists(), delay

@@ -118,8 +118,6 @@ def test_language_every_listed_method_builds(lang_cache):
         a = jpeft.init(m.config, params, jax.random.key(0), bench.model, *x)
         out = jpeft.apply(bench.model, params, a, x[0])
         assert out.shape == (1, 16, 256), m.name
-    for name, why in bench.unavailable_methods().items():
-        assert name in ("IA3", "bottleneck", "prefix", "prompt") and why
 
 
 def test_cli(tmp_path, capsys):

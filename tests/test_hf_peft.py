@@ -418,7 +418,7 @@ def test_all_linear_selects_what_peft_selects():
             pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules="all-linear"))
         theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
                   and not n.endswith(("lora_A", "lora_B"))}
-        assert {H.hf_name(p) for p in ad} == theirs, family
+        assert {jpeft.tree.hf_name(p) for p in ad} == theirs, family
         assert all(ad[p].layout.kind != "embed" for p in ad) and "lm_head" not in ad
 
 
@@ -436,7 +436,7 @@ def test_layer_and_exclude_filters_select_as_peft():
             pm = peft.get_peft_model(copy.deepcopy(T.hf_model("llama2")[0]), peft.LoraConfig(r=2, **kw))
         theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
                   and not n.endswith(("lora_A", "lora_B"))}
-        assert {H.hf_name(p) for p in ad} == theirs, kw
+        assert {jpeft.tree.hf_name(p) for p in ad} == theirs, kw
     with pytest.raises(jpeft.TargetNotFoundError, match="removed every one of them"):
         jpeft.init(jpeft.LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]), params, jax.random.key(0))
     with pytest.raises(jpeft.ConfigError, match="layers_to_transform"):

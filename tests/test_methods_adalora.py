@@ -8,6 +8,8 @@ import os
 import sys
 import warnings
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,7 +175,7 @@ def test_identity_at_init_orthogonal_penalty_and_refusals():
     for opt in ({"use_rslora": True}, {"bias": "all"}, {"modules_to_save": ["lm_head"]}, {"use_dora": True}):
         with pytest.raises(ConfigError, match="does not implement"):
             AL.AdaLoraConfig.from_dict({**cfg.to_dict(), **opt})
-    with pytest.raises(UnsupportedModuleError, match="dense"):
+    with pytest.raises(UnsupportedModuleError, match="embedding"):
         jpeft.init(cfg.replace(target_modules=["embed_tokens"]), params, jax.random.key(0))
     with pytest.raises(ConfigError, match="rank_pattern"):
         cfg.replace(rank_pattern={"model.layers.0.self_attn.q_proj.lora_E": [True]})
@@ -227,3 +229,29 @@ def test_gpt2_conv1d_to_peft_and_back(tmp_path):
     _, back = H.load_peft(str(tmp_path), params)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ad)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_dense_general_conv_and_einsum_merge_equals_apply(tmp_path):
+    """jpeft's other linear layouts through the shared dispatch: merge equals the factored apply,
+    unmerge restores; the PEFT export (dense modules only) refuses them by name."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, img):
+            h = nn.DenseGeneral((2, 3), name="k_proj")(x)
+            h = nn.Einsum((2, 3, 4), "btnh,nhd->btd", name="o_proj")(h)
+            return h, nn.Conv(4, (3, 3), padding="VALID", name="conv")(img)
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    img = jax.random.normal(jax.random.key(3), (2, 6, 6, 3))
+    model = Net()
+    params = model.init(jax.random.key(1), x, img)
+    cfg = AL.AdaLoraConfig(init_r=2, target_r=1, total_step=10, target_modules=["k_proj", "o_proj", "conv"],
+                           init_lora_weights=False)
+    ad = jpeft.init(cfg, params, jax.random.key(2), model, x, img)
+    y = jpeft.apply(model, params, ad, x, img)
+    assert all(float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(y, model.apply(params, x, img)))
+    merged = jpeft.merge(params, ad)
+    chex.assert_trees_all_close(model.apply(merged, x, img), y, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(jpeft.unmerge(merged, ad), params, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UnsupportedAdapterError, match="dense"):
+        H.save_peft(str(tmp_path), cfg, ad)

@@ -7,9 +7,12 @@ import os
 import sys
 import warnings
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -54,9 +57,9 @@ def _close(a, b, mask):
 def _randomize(adapter, seed):
     """Every trainable vector random and away from its start (lambda_b is zero at init)."""
     keys = iter(jax.random.split(jax.random.key(seed), 2 * len(adapter)))
-    return {p: VeraWeights(n.lambda_d + 0.5 * jax.random.normal(next(keys), n.lambda_d.shape),
-                           n.lambda_b + 0.5 * jax.random.normal(next(keys), n.lambda_b.shape),
-                           n.projections, n.layout, n.dropout) for p, n in adapter.items()}
+    return {p: dataclasses.replace(n, lambda_d=n.lambda_d + 0.5 * jax.random.normal(next(keys), n.lambda_d.shape),
+                                   lambda_b=n.lambda_b + 0.5 * jax.random.normal(next(keys), n.lambda_b.shape))
+            for p, n in adapter.items()}
 
 
 def _peft_model(family, **kw):
@@ -85,11 +88,11 @@ def test_peft_to_jpeft_logits_merge_and_projections(family, tmp_path):
     config, ad = H.load_peft(str(tmp_path), params)
     assert isinstance(config, VeraConfig) and config.r == R
     _close(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
-    # one shared pair, PEFT's own values (not regenerated), read once for every site
-    nodes = list(ad.values())
-    assert all(n.projections.vera_A is nodes[0].projections.vera_A for n in nodes)
-    np.testing.assert_array_equal(nodes[0].projections.vera_A, pm.base_model.vera_A["default"].numpy().T)
-    np.testing.assert_array_equal(nodes[0].projections.vera_B, pm.base_model.vera_B["default"].numpy().T)
+    # each site holds its slices of PEFT's own shared pair (not regenerated)
+    full_a, full_b = pm.base_model.vera_A["default"].numpy().T, pm.base_model.vera_B["default"].numpy().T
+    for n in ad.values():
+        np.testing.assert_array_equal(n.vera_A, full_a[:n.layout.in_features])
+        np.testing.assert_array_equal(n.vera_B, full_b[:, :n.layout.out_features])
     # the weight update equals PEFT's get_delta_weight at every site (torch [out, in]; GPT-2's Conv1D [in, out])
     mods = dict(pm.base_model.model.named_modules())
     for path, node in ad.items():
@@ -118,8 +121,8 @@ def test_jpeft_to_peft_logits(family, tmp_path):
     widths = [(n.layout.in_features, n.layout.out_features) for n in ad.values()]
     assert a.shape == (R, max(w[0] for w in widths))
     assert pm.base_model.vera_B["default"].shape == (max(w[1] for w in widths), R)
-    node = next(iter(ad.values()))
-    np.testing.assert_array_equal(a, np.asarray(node.projections.vera_A)[: a.shape[1]].T)
+    widest = max(ad.values(), key=lambda n: n.layout.in_features)
+    np.testing.assert_array_equal(a, np.asarray(widest.vera_A).T)
     ids, mask = tiny.batch(family, seed=3)
     ref = _logits_torch(pm, ids, mask)
     assert np.abs(ref - tiny.torch_logits(family, ids, mask)).max() > 1e-2
@@ -130,22 +133,25 @@ def test_init_is_identity_and_projections_are_shared_and_deterministic():
     _, params = _base("llama3")
     cfg = VeraConfig(r=R, target_modules=TARGETS["llama3"], d_initial=0.3)
     ad = jpeft.init(cfg, params, jax.random.key(0))
-    nodes = list(ad.values())
-    assert all(n.projections is nodes[0].projections for n in nodes)
-    assert nodes[0].projections.vera_A.shape == (64, R) and nodes[0].projections.vera_B.shape == (R, 64)
-    np.testing.assert_array_equal(nodes[0].lambda_d, np.full(R, 0.3, np.float32))
-    assert all(float(jnp.abs(n.lambda_b).max()) == 0 for n in nodes)
+    # every site holds its slices of one shared pair, made for the widest targets (64 in, 64 out)
+    full_a, full_b = VM.make_projections(0, R, 64, 64)
+    for n in ad.values():
+        np.testing.assert_array_equal(n.vera_A, full_a[:n.layout.in_features])
+        np.testing.assert_array_equal(n.vera_B, full_b[:, :n.layout.out_features])
+        np.testing.assert_array_equal(n.lambda_d, np.full(R, 0.3, np.float32))
+        assert float(jnp.abs(n.lambda_b).max()) == 0
+    assert ad["model/layers_0/mlp/down_proj"].vera_A.shape == (64, R)
     # another key, same projection_prng_key: the same projections (as in PEFT, where every adapter shares them)
     again = jpeft.init(cfg, params, jax.random.key(5))
-    np.testing.assert_array_equal(next(iter(again.values())).projections.vera_A, nodes[0].projections.vera_A)
+    chex.assert_trees_all_equal(jpeft.split_frozen(again)[1], jpeft.split_frozen(ad)[1])
     other = jpeft.init(cfg.replace(projection_prng_key=1), params, jax.random.key(0))
-    assert not np.array_equal(next(iter(other.values())).projections.vera_A, nodes[0].projections.vera_A)
+    assert not np.array_equal(next(iter(other.values())).vera_A, next(iter(ad.values())).vera_A)
     # seeds differing above 32 bits give different projections too (jax.random.key alone would truncate them)
     big = [VM.make_projections(s, R, 8, 8)[0] for s in (2 ** 40, 2 ** 40 + 2 ** 32, 0)]
     assert not np.array_equal(big[0], big[1]) and not np.array_equal(big[0], big[2])
     # PEFT's distribution: Kaiming-uniform bounds sqrt(6 / fan_in) on PEFT's second axis
-    assert float(jnp.abs(nodes[0].projections.vera_A).max()) <= np.sqrt(6 / 64)
-    assert float(jnp.abs(nodes[0].projections.vera_B).max()) <= np.sqrt(6 / R)
+    assert np.sqrt(6 / 64) * 0.9 < float(jnp.abs(full_a).max()) <= np.sqrt(6 / 64)
+    assert float(jnp.abs(full_b).max()) <= np.sqrt(6 / R)
 
 
 def test_peft_adapter_without_projections_is_refused(tmp_path):
@@ -173,9 +179,9 @@ def test_unsupported_options_are_refused_by_name(tmp_path):
         H.load_peft(str(tmp_path), _base("llama3")[1])
 
 
-def test_non_dense_module_and_mixed_projections_are_refused(tmp_path):
+def test_embedding_and_mixed_projections_are_refused(tmp_path):
     _, params = _base("llama3")
-    with pytest.raises(UnsupportedModuleError, match="dense"):
+    with pytest.raises(UnsupportedModuleError, match="embedding"):
         jpeft.init(VeraConfig(r=R, target_modules=["embed_tokens"]), params, jax.random.key(0))
     cfg = VeraConfig(r=R, target_modules=["q_proj"])
     a = jpeft.init(cfg, params, jax.random.key(0))
@@ -206,7 +212,7 @@ def test_layer_scanned_model_equals_unrolled_and_exports(tmp_path):
     cfg = VeraConfig(r=R, target_modules=["v_proj", "down_proj"])
     ad = jpeft.init(cfg, params, jax.random.key(1), scanned, ids)
     node = ad["model/layers/self_attn/v_proj"]
-    assert node.length == 2 and node.inner.lambda_b.shape == (2, 16) and node.inner.projections.vera_A.shape == (2, 64, R)
+    assert node.length == 2 and node.inner.lambda_b.shape == (2, 16) and node.inner.vera_A.shape == (2, 32, R)
     ad = {p: dataclasses.replace(n, inner=_randomize({p: n.inner}, 3)[p]) for p, n in ad.items()}  # the projections stay shared
     out = jpeft.apply(scanned, params, ad, ids)
     flat_params, flat_ad = jpeft.scan.unstack_params(params), jpeft.scan.unstack_adapter(ad)
@@ -220,3 +226,70 @@ def test_layer_scanned_model_equals_unrolled_and_exports(tmp_path):
     assert jax.tree.structure(back) == jax.tree.structure(ad)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ad)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_projections_are_frozen_state():
+    """The slices of the shared projections get no gradient and no optimizer state, are not counted as
+    trainable (PEFT counts lambda_b + lambda_d only), stay bitwise unchanged through training steps (which
+    donate the adapter), and are saved and loaded with it."""
+    model, params = _base("llama3")
+    ids = jnp.asarray(tiny.batch("llama3")[0])
+    ad = _randomize(jpeft.init(VeraConfig(r=R, target_modules=["q_proj", "v_proj"]), params, jax.random.key(0)), 4)
+    train, frozen = jpeft.split_frozen(ad)
+    assert all(n.vera_A is None and n.vera_B is None for n in train.values())
+    s = jpeft.summary(params, ad, print_fn=None)
+    assert s["trainable"] == sum(R + n.layout.out_features for n in ad.values())  # 2 layers x (q: 4 + 32, v: 4 + 16)
+    assert s["frozen"] == sum(R * (n.layout.in_features + n.layout.out_features) for n in ad.values())
+    opt = optax.adam(1e-2)
+    state = opt.init(jpeft.trainable(ad))
+    assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == 2 * s["trainable"]
+
+    def loss_fn(p, a, batch, key=None):
+        logp = jax.nn.log_softmax(jpeft.apply(model, p, a, batch)[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1))
+
+    g = jax.grad(loss_fn, argnums=1)(params, ad, ids)  # differentiating the whole adapter: the projections have a gradient
+    assert float(jnp.abs(g["model/layers_0/self_attn/q_proj"].vera_A).max()) > 0  # ... which the step never takes
+    frozen0, lambdas0 = jax.tree.map(np.array, frozen), {p: np.array(n.lambda_b) for p, n in train.items()}
+    step = jpeft.make_train_step(loss_fn, opt)  # donates the adapter and the optimizer state
+    new, state, m = step(params, ad, state, ids, jax.random.key(1))
+    new, state, m = step(params, new, state, ids, jax.random.key(2))
+    chex.assert_trees_all_equal(jpeft.split_frozen(new)[1], frozen0)
+    assert all(float(np.abs(np.asarray(new[p].lambda_b) - b).max()) > 0 for p, b in lambdas0.items())
+
+
+def test_dense_general_conv_and_einsum_merge_equals_apply(tmp_path):
+    """jpeft's other linear layouts (PEFT has nn.Linear only): merge equals the factored apply,
+    unmerge restores, and the PEFT export refuses them by name."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, img):
+            h = nn.DenseGeneral((2, 3), name="k_proj")(x)
+            h = nn.Einsum((2, 3, 4), "btnh,nhd->btd", name="o_proj")(h)
+            h = nn.DenseGeneral(3, axis=(-2, -1), name="ff")(h.reshape(h.shape[:-1] + (2, 2)))
+            return h, nn.Conv(4, (3, 3), padding="VALID", name="conv")(img)
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    img = jax.random.normal(jax.random.key(3), (2, 6, 6, 3))
+    model = Net()
+    params = model.init(jax.random.key(1), x, img)
+    cfg = VeraConfig(r=3, target_modules=["k_proj", "o_proj", "ff", "conv"], init_weights=False)
+    ad = _randomize(jpeft.init(cfg, params, jax.random.key(2), model, x, img), 5)
+    assert ad["conv"].vera_A.shape == (27, 3) and ad["k_proj"].lambda_b.shape == (6,)
+    y = jpeft.apply(model, params, ad, x, img)
+    base = model.apply(params, x, img)
+    assert all(float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(y, base))
+    merged = jpeft.merge(params, ad)
+    chex.assert_trees_all_close(model.apply(merged, x, img), y, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(jpeft.unmerge(merged, ad), params, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UnsupportedAdapterError, match="nn.Linear"):
+        H.save_peft(str(tmp_path), cfg, ad)
+
+
+def test_llama2_7b_budget_row_is_peft_count():
+    """PEFT's print_trainable_parameters for VeraConfig(r=256) on Llama-2-7B (meta device, its default targets
+    q_proj, v_proj): 278,528 = 64 sites x (256 + 4096); the frozen projections are not counted."""
+    from jpeft.methods import budget
+
+    rows = {(r["method"], r["settings"]): r for r in budget.budget_rows(budget.LlamaConfig_7b(), progress=False)}
+    assert rows[("VeRA", "r=256, q_proj+v_proj")]["trainable"] == 278_528

@@ -145,11 +145,10 @@ def test_full_finetuning_counts_the_base_once(work, capsys):
     import jax.numpy as jnp
 
     import jpeft
-    from jpeft.forgetting import FullFinetuneConfig
 
     model, params = jpeft.models.from_pretrained(str(work / "llama"))
     n = jpeft.tree.count(params)
-    s = jpeft.summary(params, jpeft.init(FullFinetuneConfig(), params, jax.random.key(0)), print_fn=None)
+    s = jpeft.summary(params, jpeft.init(jpeft.FullFinetuneConfig(), params, jax.random.key(0)), print_fn=None)
     assert (s["trainable"], s["base"], s["total"], s["share"]) == (n, n, n, 1.0)
     lora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj"]), params, jax.random.key(0))
     s = jpeft.summary(params, lora, print_fn=None)

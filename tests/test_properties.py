@@ -5,6 +5,7 @@ on a toy task reduce the loss. All on one tiny Llama (grouped-query attention, o
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,9 +98,7 @@ def test_merge(name):
     merged = jpeft.merge(params, ad)
     np.testing.assert_allclose(BASE_APPLY(merged, IDS), APPLY(params, ad, IDS), rtol=1e-4, atol=1e-4)
     if c.invertible:
-        back = jpeft.unmerge(merged, ad)
-        for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        chex.assert_trees_all_close(jpeft.unmerge(merged, ad), params, rtol=1e-4, atol=1e-5)
     else:
         with pytest.raises(jpeft.NotInvertibleError):
             jpeft.unmerge(merged, ad)
@@ -113,9 +112,7 @@ def test_save_load_roundtrip(name, tmp_path):
     jpeft.save_adapter(tmp_path / "a", c.config, ad, params=params, metadata={"method": name})
     config, loaded = jpeft.load_adapter(tmp_path / "a", params)
     assert config == c.config and config.to_dict() == c.config.to_dict()
-    assert jax.tree.structure(loaded) == jax.tree.structure(ad)
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ad)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(loaded, ad)  # structure (node types, static fields) and every array
     # the config alone round-trips through JSON with Hugging Face key names
     assert type(c.config).from_json(c.config.to_json()) == c.config
 
@@ -139,9 +136,9 @@ def test_grad_training_reduces_loss_and_touches_only_the_adapter(name):
     params, ad = make(name)
     before = jax.tree.map(np.asarray, params)
     opt = optax.adam(1e-1)
-    state = opt.init(ad)
-    # the optimizer state exists for adapter leaves only
-    n_ad = sum(x.size for x in jax.tree.leaves(ad))
+    state = opt.init(jpeft.trainable(ad))
+    # the optimizer state exists for the adapter's trainable leaves only (not its frozen arrays, if any)
+    n_ad = sum(x.size for x in jax.tree.leaves(jpeft.trainable(ad)))
     assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == 2 * n_ad
     step = jpeft.make_train_step(loss_fn, opt, donate=False)
     ad = perturb(ad, jax.random.key(4), scale=0.05)  # off the identity start, where some gradients are exactly 0
@@ -149,17 +146,19 @@ def test_grad_training_reduces_loss_and_touches_only_the_adapter(name):
     # grad (inside the jitted step): finite, and every adapter leaf receives a non-zero gradient, so Adam
     # moves every leaf (a leaf with a zero gradient would not move)
     assert float(m["grad_norm"]) > 0 and np.isfinite(float(m["grad_norm"]))
-    for name_, a, b in zip(jax.tree.leaves(jax.tree_util.tree_map_with_path(lambda p, x: jax.tree_util.keystr(p), ad)),
-                           jax.tree.leaves(first), jax.tree.leaves(ad)):
+    train0, frozen0 = jpeft.split_frozen(ad)
+    train1, frozen1 = jpeft.split_frozen(first)
+    for name_, a, b in zip(jax.tree.leaves(jax.tree_util.tree_map_with_path(lambda p, x: jax.tree_util.keystr(p), train0)),
+                           jax.tree.leaves(train1), jax.tree.leaves(train0)):
         assert float(jnp.abs(a - b).max()) > 0, f"{name_} received no gradient"
+    chex.assert_trees_all_equal(frozen1, frozen0)  # frozen arrays (if any) are never updated
     losses = [float(m["loss"])]
     ad, state = first, state1
     for i in range(1, 25):
         ad, state, m = step(params, ad, state, IDS, jax.random.key(i))
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.9 * losses[0], losses
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(params, before)
 
 
 def test_summary_counts_every_method():
@@ -173,6 +172,8 @@ def test_summary_counts_every_method():
         "pfeiffer": L * (h * 2 + 2 + 2 * h + h),
         "prefix": T * L * 2 * kv,
         "prompt": T * h,
+        "vera": L * (3 * 4 + h + kv + inter),  # lambda_d [r=4] + lambda_b [out] on q, v, up; projections are frozen
+        "adalora": L * (3 * (h + h) + 3 + 3 * (h + kv) + 3),  # A [in, 3], B [3, out], E [3] on q and v
     }
     expected["lora"] = L * ((h * 2 + 2 * h) + (h * 2 + 2 * kv))
     expected["dora"] = expected["lora"] + L * (h + kv) + L * ((h * 2 + 2 * inter) + inter)
@@ -196,5 +197,4 @@ def test_prefix_mlp_folds_saves_and_trains(tmp_path):
     assert isinstance(fold_prefix(ad)[""], PrefixWeights)
     jpeft.save_adapter(tmp_path / "a", cfg, ad, params=PARAMS)
     _, loaded = jpeft.load_adapter(tmp_path / "a", PARAMS)
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ad)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(loaded, ad)

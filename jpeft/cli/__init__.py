@@ -22,10 +22,13 @@ be called from Python (``jpeft.cli.main(["info", "llama-2-7b"])``).
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser", "UsageError"]
@@ -99,6 +102,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     >>> main(["info", "no-such-model"])  # prints "jpeft info: error: ..." to stderr
     2
     """
+    with _ctrl_c_never_swallowed():
+        return _main(argv)
+
+
+@contextlib.contextmanager
+def _ctrl_c_never_swallowed():
+    """A Ctrl-C that lands while Python runs a callback whose exceptions it ignores (JAX's
+    garbage-collection hook, a ``__del__``) would be printed as "Exception ignored" and lost,
+    and the run would go on to exit 0. This delivers it to the main thread again, from a
+    helper thread so that it arrives after the callback has returned (if it lands in such a
+    callback again, it is delivered again)."""
+    previous, active = sys.unraisablehook, [True]
+
+    def hook(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            _thread.start_new_thread(_interrupt_main_soon, (active,))
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+        active[0] = False
+
+
+def _interrupt_main_soon(active):
+    time.sleep(0.01)
+    if active[0]:
+        _thread.interrupt_main()
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     from jpeft.errors import JpeftError
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

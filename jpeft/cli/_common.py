@@ -9,6 +9,7 @@ import os
 from typing import Any, Mapping, Optional
 
 from jpeft.errors import ConfigError, LoadError
+from jpeft.methods.base import registered_methods
 from jpeft.methods.budget import DEFAULT_TARGETS  # PEFT's default targets per model type (one table)
 
 
@@ -42,29 +43,12 @@ def parse_targets(s: Optional[str]):
 
 
 def method_names() -> dict[str, type]:
-    """Lower-case method name -> config class, for every registered method."""
-    import jpeft  # noqa: F401  (registers the core methods)
-    from jpeft.config import registered_configs
-
-    _import_optional_methods()
-    out = {}
-    for ptype, cls in registered_configs().items():
-        out[ptype.lower()] = cls
+    """Lower-case method name (the ``peft_type``; ``full`` for full fine-tuning) -> config
+    class, for every registered method (:func:`jpeft.methods.base.registered_methods`)."""
+    out = {m.peft_type.lower(): m.config for m in registered_methods()}
     if "full_finetune" in out:
         out.setdefault("full", out["full_finetune"])
     return out
-
-
-def _import_optional_methods():
-    import importlib
-
-    for mod in ("jpeft.methods.ia3", "jpeft.methods.dora", "jpeft.methods.vera", "jpeft.methods.adapter",
-                "jpeft.methods.prefix", "jpeft.methods.prompt", "jpeft.methods.bottleneck",
-                "jpeft.forgetting.full", "jpeft.forgetting"):
-        try:
-            importlib.import_module(mod)
-        except Exception:
-            pass
 
 
 def _with_default_targets(cls, d: dict, model_type: Optional[str]) -> dict:

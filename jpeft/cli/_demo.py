@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Any, Optional
 
@@ -126,7 +125,7 @@ def finetune(name, config, lr, model, params, data: Data, args, steps: int, eval
         return {"english": new[-1], "code": old[-1]}
 
     batches = (jnp.asarray(w) for w in data.batches(args.batch_size, args.seed, replay))
-    res = jpeft.fit(step_fn, params, adapter, opt.init(adapter), batches, key=key, num_steps=steps,
+    res = jpeft.fit(step_fn, params, adapter, opt.init(jpeft.trainable(adapter)), batches, key=key, num_steps=steps,
                     progress=not args.no_progress, desc=f"fine-tune on English: {name}", eval_fn=eval_fn,
                     eval_every=eval_every)
     times = res.step_seconds[1:]  # the first step includes compilation
@@ -224,7 +223,6 @@ def run_demo(args) -> dict:
     import jpeft
     from jpeft.cli._ckpt import save_adapter
     from jpeft.cli._common import format_table, human_bytes
-    from jpeft.forgetting import FullFinetuneConfig
 
     t_start = time.perf_counter()
     s = TINY if args.tiny else DEFAULT
@@ -252,7 +250,7 @@ def run_demo(args) -> dict:
     lora_qv = jpeft.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=["q_proj", "v_proj"])
     lora_all = jpeft.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=all_linear)
     runs = [
-        ("full fine-tuning", FullFinetuneConfig(), args.lr_full, "full-finetune"),
+        ("full fine-tuning", jpeft.FullFinetuneConfig(), args.lr_full, "full-finetune"),
         (f"LoRA r={args.rank}, q,v", lora_qv, args.lr_lora, "lora-adapter"),
         (f"LoRA r={args.rank}, all linear", lora_all, args.lr_lora, "lora-all-linear-adapter"),
     ]
@@ -269,7 +267,7 @@ def run_demo(args) -> dict:
         path = os.path.join(out, folder)
         if os.path.isdir(path):
             shutil.rmtree(path)
-        if isinstance(cfg, FullFinetuneConfig):
+        if isinstance(cfg, jpeft.FullFinetuneConfig):
             save_full(path, r.adapter)
         else:
             save_adapter(path, r.adapter, cfg, params=params,

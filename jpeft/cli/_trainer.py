@@ -9,9 +9,8 @@ import itertools
 import math
 import os
 import sys
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 
 
 def check_seq_len(seq_len: int, hf_config: dict, what: str) -> None:
@@ -275,7 +274,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     if mesh is None:
         place = None
         adapter = jpeft.init(method, params, k_init, model, example)
-        opt_state = optimizer.init(adapter)
+        opt_state = optimizer.init(jpeft.trainable(adapter))
         step_fn = jpeft.make_train_step(loss_fn, optimizer)
     else:
         # the base was read straight into its fsdp shards; the adapter is created in place,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 HELP = "loss and perplexity of a model (optionally with an adapter) on a text or JSONL dataset"
 EPILOG = """\

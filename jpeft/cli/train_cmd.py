@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import signal
-import sys
-import time
 from typing import Any, Mapping
 
 from jpeft.cli._common import check_train_values

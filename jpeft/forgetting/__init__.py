@@ -6,8 +6,9 @@
 * :mod:`jpeft.forgetting.regularizers`: EWC and online EWC with a selectable Fisher
   estimator, L2-SP on effective weights, LwF-style distillation.
 * :mod:`jpeft.forgetting.replay`: a reservoir buffer and batch mixing, as pure functions.
-* :class:`FullFinetuneConfig`: full fine-tuning as a jpeft method, so it goes through the same
-  ``jpeft.init`` / ``jpeft.apply`` / ``jpeft.make_train_step`` code as every adapter.
+* full fine-tuning is a jpeft method (:class:`jpeft.FullFinetuneConfig`, in ``jpeft/methods/full.py``),
+  so it goes through the same ``jpeft.init`` / ``jpeft.apply`` / ``jpeft.make_train_step`` code as
+  every adapter.
 * :func:`run` (:mod:`jpeft.forgetting.experiment`): trains a list of methods over a sequence
   of tasks for several seeds and writes the score matrices, metrics, a CSV, a markdown table
   and plots. Built-in benchmarks: Split-Digits (task- and class-incremental;
@@ -18,7 +19,6 @@ Command line: ``python -m jpeft.forgetting --help`` (also ``jpeft forgetting``).
 """
 
 from jpeft.forgetting import metrics, regularizers, replay
-from jpeft.forgetting.full import FullFinetuneConfig, FullParams
 from jpeft.forgetting.guard import ForgettingGuard, canary_stats, lr_scale, scale_lr
 from jpeft.forgetting.metrics import (
     average_accuracy,
@@ -64,8 +64,6 @@ __all__ = [
     "replay",
     "run",
     "MethodSpec",
-    "FullFinetuneConfig",
-    "FullParams",
     "ForgettingGuard",
     "canary_stats",
     "lr_scale",

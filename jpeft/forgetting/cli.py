@@ -127,9 +127,6 @@ def run_from_args(args) -> int:
     if args.list_methods:
         for m in bench.default_methods():
             print(f"{m.name:>20s}  {m.describe()}")
-        unavailable = getattr(bench, "unavailable_methods", lambda: {})()
-        for n, why in unavailable.items():
-            print(f"{n:>20s}  (not available: {why})")
         return 0
     out = args.out or f"forgetting_results/{bench.name}"
     experiment.run(bench, methods, seeds=args.seeds, out_dir=out, progress=not args.no_progress, plots=not args.no_plots)

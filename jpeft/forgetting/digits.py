@@ -33,7 +33,6 @@ import jpeft
 from jpeft.errors import ConfigError
 from jpeft.forgetting import regularizers as R
 from jpeft.forgetting.experiment import Benchmark, MethodSpec
-from jpeft.forgetting.full import FullFinetuneConfig
 
 NEG = -1e9
 
@@ -159,7 +158,7 @@ class SplitDigits(Benchmark):
         """naive, EWC, online EWC, replay, LwF and (task-incremental only) one LoRA adapter per
         task. Hyper-parameters were set once, before the runs reported in docs/FORGETTING.md,
         from the values the literature uses; none were tuned on these results."""
-        full = FullFinetuneConfig()
+        full = jpeft.FullFinetuneConfig()
         out = [
             MethodSpec("naive", full, lr=1e-3),
             MethodSpec("EWC", full, lr=1e-3, ewc=1000.0),

@@ -2,7 +2,7 @@
 
 :func:`run` trains every :class:`MethodSpec` over the tasks of a :class:`Benchmark`, one seed
 at a time, through the same code path for all of them (``jpeft.init`` / ``jpeft.apply`` /
-``jpeft.make_train_step`` and :func:`jpeft.fit`, the one training loop; full fine-tuning is :class:`~jpeft.forgetting.FullFinetuneConfig`),
+``jpeft.make_train_step`` and :func:`jpeft.fit`, the one training loop; full fine-tuning is :class:`~jpeft.FullFinetuneConfig`),
 measures the score matrix ``R[i, j]`` (task ``j`` after training through task ``i``) and
 writes into ``out_dir``:
 
@@ -49,7 +49,6 @@ from jpeft.errors import ConfigError
 from jpeft.forgetting import metrics as M
 from jpeft.forgetting import regularizers as R
 from jpeft.forgetting import replay as RP
-from jpeft.forgetting.full import FullFinetuneConfig
 
 __all__ = ["MethodSpec", "Benchmark", "BENCHMARKS", "get_benchmark", "run", "main"]
 
@@ -60,7 +59,7 @@ class MethodSpec:
 
     Args:
       name: label in tables and plots.
-      config: any jpeft method config; :class:`~jpeft.forgetting.FullFinetuneConfig` for full
+      config: any jpeft method config; :class:`~jpeft.FullFinetuneConfig` for full
         fine-tuning (the default).
       lr: Adam learning rate.
       ewc: EWC strength ``lambda`` (0: off).
@@ -84,7 +83,7 @@ class MethodSpec:
     """
 
     name: str
-    config: AdapterConfig = FullFinetuneConfig()
+    config: AdapterConfig = dataclasses.field(default_factory=lambda: jpeft.FullFinetuneConfig())
     lr: float = 1e-3
     ewc: float = 0.0
     ewc_gamma: Optional[float] = None
@@ -319,7 +318,7 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
             continue
         if spec.per_task_adapter:
             key, kt = jax.random.split(key)
-            cfg = FullFinetuneConfig() if t == 0 else spec.config
+            cfg = jpeft.FullFinetuneConfig() if t == 0 else spec.config
             a = new_adapter(cfg, kt, params)
         else:
             a = adapter
@@ -331,7 +330,7 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         if sig not in steps_cache:
             steps_cache[sig] = jpeft.make_train_step(loss_fn, opt, donate=False)
         step = steps_cache[sig]
-        opt_state = opt.init(a)
+        opt_state = opt.init(jpeft.trainable(a))
         extra = {"t": jnp.asarray(t, jnp.int32)}
         if spec.ewc:
             extra["ewc"] = ewc_state

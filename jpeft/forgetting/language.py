@@ -31,7 +31,6 @@ Reusable API (``jpeft demo`` builds on it):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -39,7 +38,7 @@ import sys
 import sysconfig
 import time
 import zlib
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,7 @@ from jpeft.errors import ConfigError, InputValidationError, LoadError
 from jpeft.forgetting import metrics as M
 from jpeft.forgetting import regularizers as R
 from jpeft.forgetting.experiment import Benchmark, MethodSpec
-from jpeft.forgetting.full import FullFinetuneConfig
+from jpeft.models import LlamaConfig, LlamaForCausalLM
 
 __all__ = [
     "code_corpus",
@@ -167,8 +166,6 @@ def tiny_llama_config(seq_len: int = 64, size: str = "tiny", *, extra_positions:
     """A byte-level Llama config (vocab 256, untied embeddings) of size ``micro`` (~0.03 M
     parameters, for tests), ``tiny`` (~0.13 M, the default), ``small`` (~0.9 M), ``base`` (~5 M),
     or ``demo`` / ``demo-tiny`` (the models of ``jpeft demo`` and ``jpeft demo --tiny``)."""
-    from jpeft.models import LlamaConfig
-
     if size not in _SIZES:
         raise ConfigError(f"size must be one of {sorted(_SIZES)}, found {size!r}.")
     h, i, layers, heads = _SIZES[size]
@@ -223,7 +220,7 @@ def pretrain_code_model(
     """The byte-level code model (task A): a tiny Llama trained on standard-library code.
 
     Trains with AdamW (warm-up then cosine decay) from a random initialisation, through the
-    same jpeft path as everything else (a :class:`~jpeft.forgetting.FullFinetuneConfig`
+    same jpeft path as everything else (a :class:`~jpeft.FullFinetuneConfig`
     adapter, merged at the end). The result is cached under ``cache_dir`` keyed by every
     argument that changes it; a cached model is loaded instead of retrained.
 
@@ -239,8 +236,6 @@ def pretrain_code_model(
       ``path`` (the cache folder of this model).
     """
     from flax import serialization
-    from jpeft.models import LlamaForCausalLM
-
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, found {steps}.")
     cfg = tiny_llama_config(seq_len, size)
@@ -264,13 +259,13 @@ def pretrain_code_model(
     code_tr, code_he = code_corpus()
     prose_tr, prose_he = prose_corpus()
     params = model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))
-    adapter = jpeft.init(FullFinetuneConfig(), params, jax.random.key(seed + 1))
+    adapter = jpeft.init(jpeft.FullFinetuneConfig(), params, jax.random.key(seed + 1))
     warm = max(1, steps // 20)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(steps, warm + 1), lr * 0.1)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
     loss = lm_loss_fn(model)
     step = jpeft.make_train_step(lambda p, a, b, k: loss(p, a, b), opt)
-    state = opt.init(adapter)
+    state = opt.init(jpeft.trainable(adapter))
     batches = (jnp.asarray(b) for b in byte_batches(code_tr, seq_len, batch_size, seed))
     t0 = time.perf_counter()
     adapter = jpeft.fit(step, params, adapter, state, batches, key=jax.random.key(seed), num_steps=steps,
@@ -301,26 +296,11 @@ def pretrain_code_model(
 _ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _registered(peft_type: str):
-    from jpeft.config import registered_configs
-
-    import importlib
-
-    for mod in ("jpeft.methods.ia3", "jpeft.methods.bottleneck", "jpeft.methods.prefix", "jpeft.methods.prompt",
-                "jpeft.methods.prefix_tuning", "jpeft.methods.prompt_tuning"):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
-    return registered_configs().get(peft_type)
-
-
-def language_methods() -> tuple[list, dict]:
-    """``(methods, unavailable)``: the benchmark's :class:`MethodSpec` list, and for each
-    method whose implementation is not in this install, the reason. Learning rates and
-    regularizer strengths were fixed before the reported runs (common values for each
-    method: adapters train at a higher rate than full fine-tuning), not tuned on results."""
-    full = FullFinetuneConfig()
+def language_methods() -> list:
+    """The benchmark's :class:`MethodSpec` list. Learning rates and regularizer strengths were
+    fixed before the reported runs (common values for each method: adapters train at a higher
+    rate than full fine-tuning), not tuned on results."""
+    full = jpeft.FullFinetuneConfig()
     methods = [
         MethodSpec("full", full, lr=1e-3),
         MethodSpec("full+EWC", full, lr=1e-3, ewc=100.0, fisher="sampled", fisher_examples=128),
@@ -329,27 +309,15 @@ def language_methods() -> tuple[list, dict]:
     ]
     for r in (4, 16, 64):
         methods.append(MethodSpec(f"LoRA r={r}", jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=_ALL_LINEAR), lr=3e-3))
-    unavailable = {}
-    methods.append(MethodSpec("DoRA r=16", jpeft.LoraConfig(r=16, alpha=32, target_modules=_ALL_LINEAR, use_dora=True), lr=3e-3))
-    extra = [
-        ("IA3", "IA3", {}, 1e-2),
-        ("bottleneck", "BOTTLENECK", {"target_modules": ["self_attn/o_proj", "mlp/down_proj"], "reduction_factor": 8,
-                                       "init_weights": "mam"}, 3e-3),
-        ("prefix", "PREFIX_TUNING", {"num_virtual_tokens": 16}, 1e-2),
-        ("prompt", "PROMPT_TUNING", {"num_virtual_tokens": 16}, 1e-2),
+    methods += [
+        MethodSpec("DoRA r=16", jpeft.LoraConfig(r=16, alpha=32, target_modules=_ALL_LINEAR, use_dora=True), lr=3e-3),
+        MethodSpec("IA3", jpeft.IA3Config(), lr=1e-2),
+        MethodSpec("bottleneck", jpeft.BottleneckConfig(target_modules=["self_attn/o_proj", "mlp/down_proj"],
+                                                        reduction_factor=8, init_weights="mam"), lr=3e-3),
+        MethodSpec("prefix", jpeft.PrefixTuningConfig(num_virtual_tokens=16), lr=1e-2),
+        MethodSpec("prompt", jpeft.PromptTuningConfig(num_virtual_tokens=16), lr=1e-2),
     ]
-    for name, ptype, fields, lr in extra:
-        cls = _registered(ptype)
-        if cls is None:
-            unavailable[name] = f"no jpeft method with peft_type {ptype!r} is installed"
-            continue
-        try:
-            cfg = cls.from_dict(fields) if fields else cls()
-        except Exception as e:  # noqa: BLE001
-            unavailable[name] = f"{cls.__name__} rejected {fields}: {e}"
-            continue
-        methods.append(MethodSpec(name, cfg, lr=lr))
-    return methods, unavailable
+    return methods
 
 
 class CodeToProse(Benchmark):
@@ -402,10 +370,7 @@ class CodeToProse(Benchmark):
             self._fwd = jax.jit(lambda p, a, w: jpeft.apply(self.model, p, a, w[:, :-1]))
 
     def default_methods(self):
-        return language_methods()[0]
-
-    def unavailable_methods(self) -> dict:
-        return language_methods()[1]
+        return language_methods()
 
     def example_input(self):
         return (jnp.zeros((1, self.seq_len), jnp.int32),)

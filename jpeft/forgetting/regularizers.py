@@ -1,5 +1,5 @@
 """Loss terms that prevent forgetting; they compose with any jpeft method and with full
-fine-tuning (:class:`~jpeft.forgetting.FullFinetuneConfig`), because they act on the adapter
+fine-tuning (:class:`~jpeft.FullFinetuneConfig`), because they act on the adapter
 tree, whatever it holds.
 
 * **EWC** (Kirkpatrick et al. 2017): ``strength/2 * sum_i F_i (theta_i - theta*_i)^2`` with a
@@ -53,7 +53,6 @@ is compiled once)::
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
@@ -61,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError, ShapeMismatchError
+from jpeft.tree import get_subtree, unwrap_params
 
 __all__ = [
     "FISHER_ESTIMATORS",
@@ -344,24 +344,9 @@ def ewc_penalty(state: EWCState, adapter, *, strength: float = 1.0) -> jax.Array
 
 
 def _effective(node, own):
-    """The effective weights a node contributes, as a tree of arrays (for L2-SP)."""
-    from jpeft.forgetting.full import FullParams
-    from jpeft.methods.lora import LoraWeights
-
-    if isinstance(node, FullParams):
-        return node.params
-    if isinstance(node, LoraWeights) and node.magnitude is None:
-        return node.kernel_delta()
-    from jpeft.scan import Stacked
-
-    if isinstance(node, Stacked) and isinstance(node.inner, LoraWeights) and node.inner.magnitude is None:
-        return jax.vmap(lambda n: n.kernel_delta())(node.inner)  # per layer, stacked
-    if getattr(node, "mergeable", False) and own is not None:
-        try:
-            return node.merge(own)
-        except Exception:  # noqa: BLE001 - a node that cannot merge here falls back to its arrays
-            pass
-    return node
+    """The effective weights a node contributes, as a tree of arrays (for L2-SP): the node's
+    own ``effective`` (:class:`jpeft.methods.base.Site`)."""
+    return node.effective(own)
 
 
 def l2sp_penalty(params, adapter: Mapping[str, Any], start: Mapping[str, Any], *, strength: float = 1.0) -> jax.Array:
@@ -386,8 +371,6 @@ def l2sp_penalty(params, adapter: Mapping[str, Any], start: Mapping[str, Any], *
     >>> float(l2sp_penalty(params, a, a0, strength=2.0))   # delta = ones(2, 3), start delta 0
     6.0
     """
-    from jpeft.tree import get_subtree, unwrap_params
-
     if set(adapter) != set(start):
         raise ShapeMismatchError(f"start must have the adapter's sites; found {sorted(start)} for {sorted(adapter)}.")
     inner = unwrap_params(params)[0] if params is not None else None

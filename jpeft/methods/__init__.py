@@ -1,30 +1,12 @@
-"""Method registry: config type -> init function.
+"""jpeft's methods, one file each, on the protocol in :mod:`jpeft.methods.base`.
 
-Adding a method touches one new file and one line here (:data:`INIT`)."""
+A method registers itself with one :func:`~jpeft.methods.base.register_method` call in its own
+file; ``jpeft/__init__.py`` imports the method modules (re-exporting their public config
+classes), which is what registers them. See docs/ARCHITECTURE.md, "Adding a method".
 
-from __future__ import annotations
-
-from typing import Any, Callable
-
-# Each entry: config class -> ``init(config, params, key, infos) -> {path: node}``, where
-# ``params`` is the bare params collection and ``infos`` is ``{path: ModuleInfo}`` from tracing
-# the model (or ``None`` when no model was given).
-INIT: dict[type, Callable[..., dict[str, Any]]] = {}
-
-
-def register(config_cls):
-    def deco(fn):
-        INIT[config_cls] = fn
-        return fn
-
-    return deco
-
-
-# Each method registers its init on import (one line per method).
-from jpeft.methods import ia3  # noqa: E402,F401
-from jpeft.methods import bottleneck  # noqa: E402,F401
-from jpeft.methods import pissa  # noqa: E402,F401
-from jpeft.methods import prefix  # noqa: E402,F401
-from jpeft.methods import prompt  # noqa: E402,F401
-from jpeft.methods import vera  # noqa: E402,F401
-from jpeft.methods import adalora  # noqa: E402,F401
+The protocol modules here are :mod:`jpeft.methods.base` (the node protocol, :class:`Layout`,
+the :class:`~jpeft.methods.base.Method` registry, frozen-state splitting) and
+:mod:`jpeft.methods._common` (the shared layout dispatch); :mod:`jpeft.methods.budget` is the
+budget table. Every other module in this package is a method module, which nothing outside
+``jpeft/methods/`` (except ``jpeft/__init__.py``) imports.
+"""

@@ -1,6 +1,10 @@
-"""Small helpers shared by the linear-site methods (DoRA, IA3, PiSSA): viewing a kernel as
-the matrix ``[in, out]`` and broadcasting a per-output-feature vector against a module's
-output without implicit rank promotion."""
+"""The layout dispatch shared by the linear-site methods (LoRA, DoRA, IA3, PiSSA, and every
+new method at a linear site): viewing a kernel as the matrix ``[in, out]``, projecting a
+module's input through an ``[in, k]`` matrix and a ``[k, out]`` matrix back to the module's
+output shape for each :class:`~jpeft.methods.base.Kind` of layout (:func:`down_project`,
+:func:`up_project`), and broadcasting per-feature vectors against a module's input or output
+without implicit rank promotion. A method writes its math on ``[in, out]`` matrices and lets
+these helpers handle dense, dense_general, conv, einsum and embed modules."""
 
 from __future__ import annotations
 
@@ -9,7 +13,10 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.methods.base import Layout
+from jpeft import _inject
+from jpeft.errors import UnsupportedModuleError
+from jpeft.methods.base import Kind, Layout
+from jpeft.tree import module_leaves
 
 
 def to_matrix(kernel, lay: Layout):
@@ -36,7 +43,7 @@ def broadcast_out(vec, ndim: int, lay: Layout):
     against a module output of rank ``ndim``."""
     out_dims = tuple(lay.out_dims)
     v = vec.reshape(out_dims)
-    if lay.kind == "einsum":
+    if lay.kind == Kind.EINSUM:
         _, k_sub, out = _einsum_letters(lay)
         ko = [k_sub[i] for i in lay.out_axes]
         ro = [c for c in out if c in ko]
@@ -48,7 +55,7 @@ def broadcast_out(vec, ndim: int, lay: Layout):
 
 def broadcast_bias(bias, ndim: int, lay: Optional[Layout]):
     """A module's bias shaped as the module itself adds it (flax conventions)."""
-    if lay is not None and lay.kind == "einsum":
+    if lay is not None and lay.kind == Kind.EINSUM:
         _, k_sub, out = _einsum_letters(lay)
         ko = {k_sub[i] for i in lay.out_axes}
         shape = tuple(lay.kernel_shape[k_sub.index(c)] if c in ko else 1 for c in out)
@@ -59,13 +66,13 @@ def broadcast_bias(bias, ndim: int, lay: Optional[Layout]):
 def broadcast_in(vec, x_ndim: int, lay: Layout, module=None):
     """A flat ``[in_features]`` vector (kernel input-axis order) shaped to broadcast against a
     module's input of rank ``x_ndim``. For ``conv`` the vector is per input channel."""
-    if lay.kind == "conv":
+    if lay.kind == Kind.CONV:
         return vec.reshape((1,) * (x_ndim - 1) + (-1,))
     in_dims = tuple(lay.in_dims)
     v = vec.reshape(in_dims)
-    if lay.kind == "dense":
+    if lay.kind == Kind.DENSE:
         return v.reshape((1,) * (x_ndim - 1) + in_dims)
-    if lay.kind == "dense_general":
+    if lay.kind == Kind.DENSE_GENERAL:
         axis = module.axis if module is not None else -1
         axes = (axis,) if isinstance(axis, int) else tuple(axis)
         axes = sorted(a % x_ndim for a in axes)  # flax sorts them; the kernel follows that order
@@ -73,7 +80,7 @@ def broadcast_in(vec, x_ndim: int, lay: Layout, module=None):
         for i, a in enumerate(axes):
             shape[a] = in_dims[i]
         return v.reshape(shape)
-    if lay.kind == "einsum":
+    if lay.kind == Kind.EINSUM:
         x_sub, k_sub, _ = _einsum_letters(lay)
         ki = [k_sub[i] for i in lay.in_axes]
         xo = [c for c in x_sub if c in ki]
@@ -85,9 +92,6 @@ def broadcast_in(vec, x_ndim: int, lay: Layout, module=None):
 def linear_layout(path: str, own, infos):
     """The layout of a targeted linear module, from the traced model when given, else from
     its parameters (unambiguous 2-D kernels and embeddings only)."""
-    from jpeft import _inject
-    from jpeft.errors import UnsupportedModuleError
-
     if infos is not None and path in infos:
         if infos[path].layout is None:
             raise UnsupportedModuleError(
@@ -100,7 +104,56 @@ def linear_layout(path: str, own, infos):
 
 def linear_candidates(params):
     """``(module_leaves, paths of modules holding a kernel or an embedding)``."""
-    from jpeft.tree import module_leaves
-
     leaves = module_leaves(params)
     return leaves, [p for p, own in leaves.items() if ("kernel" in own or "embedding" in own)]
+
+
+def _free_letter(eq: str) -> str:
+    for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA":
+        if c not in eq:
+            return c
+    raise UnsupportedModuleError(f"the einsum {eq!r} uses every letter; jpeft needs one free letter for the rank axis.")
+
+
+def down_project(x, a, lay: Layout, module=None):
+    """``x`` (the module's input) through ``a: [in_features, k]`` (kernel input-axis order):
+    ``[..., k]``, contracting the axes the module's kernel contracts. For ``embed`` ``x`` holds
+    ids and the result is ``a``'s rows; ``dense_general`` and ``conv`` need the bound
+    ``module`` (its ``axis``, its strides and padding)."""
+    k = a.shape[-1]
+    if lay.kind == Kind.EMBED:
+        return jnp.take(a, x, axis=0)
+    if lay.kind == Kind.DENSE:
+        return x @ a
+    if lay.kind == Kind.DENSE_GENERAL:
+        axes = _inject._normalize_axes(module.axis, x.ndim)
+        ak = a.reshape(tuple(lay.in_dims) + (k,))
+        return jnp.tensordot(x, ak, axes=(axes, tuple(range(len(axes)))))
+    if lay.kind == Kind.CONV:
+        ak = a.reshape(tuple(lay.in_dims) + (k,))
+        helper = module.clone(parent=None, features=k, use_bias=False, name=None)
+        with _inject.bypass():
+            return helper.apply({"params": {"kernel": ak}}, x)
+    if lay.kind == Kind.EINSUM:
+        x_sub, k_sub, out = _einsum_letters(lay)
+        free = _free_letter(lay.equation)
+        in_letters = "".join(k_sub[i] for i in lay.in_axes)
+        batch = "".join(c for c in out if c in x_sub)
+        ak = a.reshape(tuple(lay.in_dims) + (k,))
+        return jnp.einsum(f"{x_sub},{in_letters}{free}->{batch}{free}", x, ak)
+    raise UnsupportedModuleError(f"no input projection for a {lay.kind} layout")
+
+
+def up_project(h, b, lay: Layout):
+    """``h: [..., k]`` (from :func:`down_project`) through ``b: [k, out_features]`` (kernel
+    output-axis order), shaped as the module's output so it can be added to it."""
+    if lay.kind == Kind.EINSUM:
+        _, k_sub, out = _einsum_letters(lay)
+        x_sub = _einsum_letters(lay)[0]
+        free = _free_letter(lay.equation)
+        out_letters = "".join(k_sub[i] for i in lay.out_axes)
+        batch = "".join(c for c in out if c in x_sub)
+        bk = b.reshape((b.shape[0],) + tuple(lay.out_dims))
+        return jnp.einsum(f"{batch}{free},{free}{out_letters}->{out}", h, bk)
+    d = h @ b
+    return d.reshape(d.shape[:-1] + tuple(lay.out_dims))

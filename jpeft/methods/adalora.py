@@ -33,26 +33,28 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from jpeft import _inject, hf, scan
-from jpeft.config import AdapterConfig, _as_targets, register_config
+from jpeft import _inject, scan
+from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
     ShapeMismatchError,
+    ShardingError,
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods import register
-from jpeft.methods._common import linear_candidates, linear_layout
-from jpeft.methods.base import Call, Layout, Site, dropout, static_field
+from jpeft.methods._common import down_project, from_matrix, linear_candidates, linear_layout, up_project
+from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
+                                spec_entries, static_field)
+from jpeft.peft_format import check_keys, peft_key, split_peft_key
 from jpeft.tree import hf_name, linear_only, matches, select
 
 _OFF = (None, {}, [], ())
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class AdaLoraConfig(AdapterConfig):
     """Configuration of an AdaLoRA adapter (Hugging Face PEFT's ``AdaLoraConfig``; same key names).
@@ -219,14 +221,41 @@ class AdaLoraWeights(Site):
         dt = y.dtype
         x = call.args[0] if call.args else call.kwargs["inputs"]
         x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
-        x2 = x.reshape(-1, x.shape[-1])
-        h = (x2 @ self.lora_A.astype(dt)) * self.lora_E.astype(dt)[None, :]
-        d = (h @ self.lora_B.astype(dt)) * self.scale
-        return y + d.reshape(y.shape)
+        if lay.kind == Kind.DENSE:  # the 2-D form (one contracted axis; see LoRA's note on XLA's CPU backend)
+            x2 = x.reshape(-1, x.shape[-1])
+            h = (x2 @ self.lora_A.astype(dt)) * self.lora_E.astype(dt)[None, :]
+            return y + ((h @ self.lora_B.astype(dt)) * self.scale).reshape(y.shape)
+        h = down_project(x, self.lora_A.astype(dt), lay, call.module)
+        h = h * self.lora_E.astype(dt).reshape((1,) * (h.ndim - 1) + (-1,))
+        return y + up_project(h, self.lora_B.astype(dt), lay) * self.scale
+
+    def effective(self, own):
+        """L2-SP's effective weights: the update in the kernel's shape."""
+        return from_matrix(self.delta_matrix(), self.layout)
+
+    def low_rank(self) -> LowRank:
+        """The update as ``scale * (A * E) @ B``, so adapter merging and the bank can combine it."""
+        f = jnp.float32
+        return LowRank(self.lora_A.astype(f) * self.lora_E.astype(f)[None, :], self.lora_B.astype(f), self.scale,
+                       self.layout, None, False, float(self.dropout))
+
+    def partition_specs(self, module_specs):
+        """``lora_A [in, r]`` takes the kernel's input-dimension entry, ``lora_B [r, out]`` its output
+        entry (as LoRA's), ``lora_E`` is replicated."""
+        lay = self.layout
+        if module_specs is None or lay.param_name not in module_specs:
+            raise ShardingError(f"an AdaLoRA site adapts a {lay.param_name!r} the params do not have at its path; was "
+                                "the adapter made for another model?")
+        lead = self.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
+        entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
+        lead_e, kern_e = entries[:lead], entries[lead:]
+        return dataclasses.replace(self, lora_A=P(*lead_e, flat_spec_entry(kern_e, lay.in_axes), None),
+                                   lora_E=P(*lead_e, None), lora_B=P(*lead_e, None, flat_spec_entry(kern_e, lay.out_axes)))
 
     def _fold(self, own, sign: float):
-        w = own["kernel"]
-        return {**own, "kernel": (w.astype(jnp.float32) + sign * self.delta_matrix()).astype(w.dtype)}
+        pname = self.layout.param_name
+        w = own[pname]
+        return {**own, pname: (w.astype(jnp.float32) + sign * from_matrix(self.delta_matrix(), self.layout)).astype(w.dtype)}
 
     def merge(self, own):
         return self._fold(own, 1.0)
@@ -239,12 +268,12 @@ def _layouts(config, params, infos):
     leaves, cands = linear_candidates(params)
     cands = linear_only(config.target_modules, leaves, cands)
     out = {}
-    for path in sorted(select(config.target_modules, cands, what="linear module (nn.Dense)")):
+    for path in sorted(select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)")):
         lay = linear_layout(path, leaves[path], infos)
-        if lay.kind != "dense":
+        if lay.kind == Kind.EMBED:
             raise UnsupportedModuleError(
-                f"module {path!r} is a {lay.kind} module; jpeft's AdaLoRA adapts dense layers (a 2-D kernel on the "
-                "input's last axis: Hugging Face PEFT's nn.Linear and GPT-2's Conv1D). Remove it from target_modules."
+                f"module {path!r} is an embedding; jpeft's AdaLoRA adapts linear modules (Dense, DenseGeneral, Conv, "
+                "Einsum; PEFT's nn.Linear, Conv1D and Conv2d). Remove it from target_modules."
             )
         out[path] = lay
     return leaves, out
@@ -264,9 +293,8 @@ def init_site(config: AdaLoraConfig, layout: Layout, key) -> AdaLoraWeights:
     return AdaLoraWeights(a, e, b, config.scaling, layout, float(config.dropout))
 
 
-@register(AdaLoraConfig)
 def init(config: AdaLoraConfig, params, key, infos) -> dict:
-    """Creates the SVD-form factors of every targeted dense module (rank ``init_r``)."""
+    """Creates the SVD-form factors of every targeted linear module (rank ``init_r``)."""
     leaves, layouts = _layouts(config, params, infos)
     out = {}
     for k, (path, lay) in zip(jax.random.split(key, len(layouts)), layouts.items()):
@@ -421,6 +449,11 @@ def _to_hf(config: AdaLoraConfig, adapter, ctx):
     tensors, targets = {}, []
     rp = config.rank_pattern or {}
     for path, node in sorted(_sites(adapter).items()):
+        if node.layout.kind != Kind.DENSE:
+            raise UnsupportedAdapterError(
+                f"AdaLoRA site {path!r} adapts a {node.layout.kind} kernel; jpeft writes PEFT's AdaLoRA for dense "
+                "(nn.Linear / Conv1D) modules only. Keep this adapter in jpeft's own format (jpeft.save_adapter)."
+            )
         keep = np.asarray(rp.get(rank_key(path), (True,) * node.lora_E.shape[0]), bool)
         if keep.shape != node.lora_E.shape:
             raise UnsupportedAdapterError(
@@ -428,9 +461,9 @@ def _to_hf(config: AdaLoraConfig, adapter, ctx):
                 f"{keep.shape[0]} entries for it; use the config the adapter was trained with."
             )
         a, e, b = (np.asarray(x, np.float32) for x in (node.lora_A, node.lora_E, node.lora_B))
-        tensors[hf.peft_key(path, "lora_A")] = np.ascontiguousarray(a.T[keep])
-        tensors[hf.peft_key(path, "lora_E")] = np.ascontiguousarray(e[keep].reshape(-1, 1))
-        tensors[hf.peft_key(path, "lora_B")] = np.ascontiguousarray(b.T[:, keep])
+        tensors[peft_key(path, "lora_A")] = np.ascontiguousarray(a.T[keep])
+        tensors[peft_key(path, "lora_E")] = np.ascontiguousarray(e[keep].reshape(-1, 1))
+        tensors[peft_key(path, "lora_B")] = np.ascontiguousarray(b.T[:, keep])
         targets.append(hf_name(path))
     d = {k: v for k, v in config.to_dict().items() if k != "peft_type"}
     d["target_modules"] = targets
@@ -456,13 +489,13 @@ def _from_hf(d, tensors, params, ctx):
         raise UnsupportedAdapterError(f"the AdaLoRA adapter in {ctx.folder!r}: {e}") from None
     by_site, unmatched = {}, []
     for k, v in tensors.items():
-        sp = hf.split_peft_key(k, _TENSORS)
+        sp = split_peft_key(k, _TENSORS)
         if sp is None or sp[0] not in ctx.leaves:
             unmatched.append(k)
             continue
         by_site.setdefault(sp[0], {})[sp[1]] = v
     cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
-    hf.check_keys(list(by_site), [p for p in cands if matches(config.target_modules, p)], unmatched_keys=unmatched)
+    check_keys(list(by_site), [p for p in cands if matches(config.target_modules, p)], unmatched_keys=unmatched)
     rp, r0 = config.rank_pattern or {}, int(config.init_r)
     adapter = {}
     for path in sorted(by_site):
@@ -489,4 +522,13 @@ def _from_hf(d, tensors, params, ctx):
     return config, adapter
 
 
-hf.register_peft_format(AdaLoraConfig, to_hf=_to_hf, from_hf=_from_hf)
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: AdaLoRA's starting rank (PEFT's defaults) on PEFT's default targets (LoRA's)."""
+    t = targets["lora"]
+    names = t if isinstance(t, str) else "+".join(t)
+    return [("AdaLoRA", f"init_r=12, target_r=8, {names} (at the start)",
+             lambda: AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=t))]
+
+
+ADALORA = register_method(Method(config=AdaLoraConfig, init=init, nodes=(AdaLoraWeights,), to_hf=_to_hf,
+                                 from_hf=_from_hf, budget=budget_rows))

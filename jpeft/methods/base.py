@@ -1,43 +1,76 @@
-"""What every method shares: the per-site node protocol and the module layout record.
+"""The method protocol: what every method shares, and the one place a method registers.
 
-A method is a frozen config dataclass, an ``init`` function and one small pytree node type
-per site it attaches to. A node holds the trainable arrays as pytree children and the few
-static facts it needs (scale, layout) as static fields, so ``jax.tree.leaves(adapter)`` is
-exactly the trainable state and an optax optimizer built over it never sees a base weight.
+A method is one file in ``jpeft/methods/`` holding a frozen config dataclass, an ``init``
+function, one small pytree node type per kind of site it attaches to, and a single
+:func:`register_method` call that hands jpeft a :class:`Method` record. Everything the rest of
+jpeft needs from a method is reached through that record (init, Hugging Face PEFT conversion,
+residual base, budget table) or through the node's own methods (the :class:`Site` protocol:
+apply, merge, effective update, partition specs, frozen arrays), so no module outside
+``jpeft/methods/`` names a method's classes or imports a method's module.
 
-Node protocol (duck-typed, see :class:`Site`):
+Node protocol (see :class:`Site`, whose defaults a node inherits):
 
 * ``handles(method_name) -> bool``: which module methods the node intercepts;
 * ``intercept(call) -> output``: the function applied at the site;
-* ``check(path, module_params)``: raise :class:`~jpeft.errors.ShapeMismatchError` if the
-  node does not fit the module's parameters;
+* ``check(path, module)`` / ``check_params(path, module_params)``: raise
+  :class:`~jpeft.errors.ShapeMismatchError` if the node does not fit the module;
 * ``merge(module_params) / unmerge(module_params)``: fold into / out of the base
-  (``mergeable`` is ``False`` where this is impossible).
+  (``mergeable`` is ``False`` where this is impossible);
+* ``effective(module_params)``: the effective weights the node contributes (L2-SP);
+* ``low_rank()``: the update as ``s * A @ B`` (:class:`LowRank`) for adapter merging and the
+  bank, or a :class:`~jpeft.errors.NotMergeableError` saying why not;
+* ``partition_specs(module_specs)``: the node with a ``PartitionSpec`` in place of each array;
+* ``frozen``: names of the node's array fields that are saved and loaded but never trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional
 
 import jax
+from jax.sharding import PartitionSpec as P
+
+from jpeft.config import register_config, registered_configs
+from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
+
+
+class Kind(str, enum.Enum):
+    """The kinds of kernel layout a linear site can have. A ``str`` enum, so a kind compares
+    equal to its name (``Kind.EMBED == "embed"``) and layouts written as JSON stay readable."""
+
+    DENSE = "dense"
+    DENSE_GENERAL = "dense_general"
+    CONV = "conv"
+    EINSUM = "einsum"
+    EMBED = "embed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How a module's kernel maps inputs to outputs.
 
-    ``kind`` is one of ``dense``, ``dense_general``, ``conv``, ``einsum``, ``embed``.
-    ``in_axes`` / ``out_axes`` index ``kernel_shape``; the adapter treats the kernel as the
-    matrix ``[prod(in dims), prod(out dims)]``. ``equation`` is set for ``einsum``.
+    ``kind`` is a :class:`Kind`. ``in_axes`` / ``out_axes`` index ``kernel_shape``; the adapter
+    treats the kernel as the matrix ``[prod(in dims), prod(out dims)]``. ``equation`` is set for
+    ``einsum``.
     """
 
-    kind: str
+    kind: Kind
     kernel_shape: tuple
     in_axes: tuple
     out_axes: tuple
     equation: Optional[str] = None
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "kind", Kind(self.kind))
+        except ValueError:
+            raise ConfigError(f"Layout.kind must be one of {[k.value for k in Kind]}, found {self.kind!r}.") from None
 
     @property
     def in_dims(self) -> tuple:
@@ -57,13 +90,11 @@ class Layout:
 
     @property
     def param_name(self) -> str:
-        return "embedding" if self.kind == "embed" else "kernel"
+        return "embedding" if self.kind == Kind.EMBED else "kernel"
 
     def check_params(self, path: str, own: Mapping[str, Any], *, what: str = "adapter") -> None:
         """Raises :class:`~jpeft.errors.ShapeMismatchError` unless the module params ``own``
         hold a kernel (or embedding) of exactly the shape this layout was made for."""
-        from jpeft.errors import ShapeMismatchError
-
         pname = self.param_name
         if pname not in own:
             raise ShapeMismatchError(f"{what} at {path!r} expects a {pname!r} parameter; the params have {sorted(own)}.")
@@ -105,8 +136,24 @@ class Call(NamedTuple):
         return None
 
 
+class LowRank(NamedTuple):
+    """A site's update written as ``scale * a @ b`` on the ``[in, out]`` matrix view of the
+    kernel (:class:`Layout`): what adapter merging (:mod:`jpeft.merging`) and the adapter bank
+    (:mod:`jpeft.bank`) combine. For an embedding, ``tied_output`` says whether the model also
+    reads it as its tied output projection (``None``: unknown) and ``tie_output`` whether the
+    update acts there too; ``dropout`` is the rate on the update's input."""
+
+    a: jax.Array  # [in, r]
+    b: jax.Array  # [r, out]
+    scale: float
+    layout: Layout
+    tied_output: Optional[bool] = None
+    tie_output: bool = False
+    dropout: float = 0.0
+
+
 class Site:
-    """Base class of per-site nodes (documentation of the protocol, plus defaults)."""
+    """Base class of per-site nodes: the protocol, with the defaults a node inherits."""
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = False
@@ -114,6 +161,9 @@ class Site:
     #: True for a node whose parameters stand in for the base's own (full fine-tuning's
     #: trainable copy): :func:`jpeft.summary` then counts them once, not on top of the base.
     replaces_base: ClassVar[bool] = False
+    #: names of the node's array fields that are saved and loaded with the adapter but never
+    #: trained (no gradient, no optimizer state, not counted as trainable); see :func:`split_frozen`.
+    frozen: ClassVar[tuple] = ()
 
     def handles(self, method_name: str) -> bool:
         return method_name in self.methods
@@ -125,8 +175,6 @@ class Site:
         return None
 
     def merge(self, module_params):
-        from jpeft.errors import NotMergeableError
-
         raise NotMergeableError(
             f"{type(self).__name__} adapters cannot be merged into the base weights; "
             "serve them with jpeft.apply instead."
@@ -134,6 +182,66 @@ class Site:
 
     def unmerge(self, module_params):
         return self.merge(module_params)
+
+    def effective(self, module_params):
+        """The effective weights the node contributes, as a tree of arrays (L2-SP compares
+        these between the adapter and its start): the merged module params for a mergeable
+        node, else the node itself. Additive methods override it with their update."""
+        if self.mergeable and module_params is not None:
+            return self.merge(module_params)
+        return self
+
+    def low_rank(self) -> LowRank:
+        """The node's update as ``s * A @ B`` (:class:`LowRank`), for adapter merging and the
+        bank; methods whose update is not of that form raise :class:`NotMergeableError`."""
+        raise NotMergeableError(
+            f"{type(self).__name__} is not a low-rank update s*A@B; adapter merging and the adapter bank combine "
+            "LoRA adapters only. Merge it into the base alone with jpeft.merge, or serve it with jpeft.apply."
+        )
+
+    def partition_specs(self, module_specs):
+        """The node with a ``jax.sharding.PartitionSpec`` in place of each array.
+        ``module_specs`` is the base module's own spec tree (``{"kernel": P(...), ...}``) or
+        ``None`` when the base has no module at the site's path. Default: replicated."""
+        return jax.tree.map(lambda _: P(), self)
+
+    def split_frozen(self):
+        """``(trainable, frozen)``: two copies of the node, the first with ``None`` for every
+        field in :attr:`frozen`, the second with ``None`` for every other array field."""
+        names = set(self.frozen)
+        if not names:
+            return self, None
+        fields = [f.name for f in dataclasses.fields(self) if not f.metadata.get("static", False)]
+        unknown = names - set(fields)
+        if unknown:
+            raise ConfigError(f"{type(self).__name__}.frozen names {sorted(unknown)}, which are not array fields of the node.")
+        train = dataclasses.replace(self, **{n: None for n in names})
+        froz = dataclasses.replace(self, **{n: None for n in fields if n not in names})
+        return train, froz
+
+    def join_frozen(self, frozen):
+        """Inverse of :meth:`split_frozen` (``self`` is the trainable part)."""
+        if frozen is None:
+            return self
+        return dataclasses.replace(self, **{n: getattr(frozen, n) for n in self.frozen})
+
+
+def spec_entries(spec, ndim: int) -> list:
+    """A ``PartitionSpec``'s entries padded with ``None`` to ``ndim``."""
+    e = list(spec)
+    return e + [None] * (ndim - len(e))
+
+
+def flat_spec_entry(entries: list, axes) -> Any:
+    """The spec entry of the flattened dims ``axes`` (in order) of a kernel: the major axis's
+    entry when only it is sharded, else ``None`` (replicated), since other block patterns do
+    not survive the flattening to the ``[in, out]`` matrix view."""
+    sharded = [i for i, a in enumerate(axes) if entries[a] is not None]
+    if not sharded:
+        return None
+    if sharded == [0]:
+        return entries[axes[0]]
+    return None
 
 
 def static_field(**kw):
@@ -146,3 +254,154 @@ def dropout(x, rate: float, key):
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jax.numpy.where(keep, x / (1.0 - rate), jax.numpy.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# frozen adapter state: split an adapter into what is trained and what is only carried along
+# ----------------------------------------------------------------------------------------------
+def _is_node(x) -> bool:
+    return isinstance(x, Site)
+
+
+def split_frozen(adapter: Mapping[str, Any]) -> tuple[dict, dict]:
+    """``(trainable, frozen)`` for an adapter ``{path: node}``. Both are adapters of the same
+    paths; a node's frozen fields (its class's :attr:`Site.frozen`) are ``None`` in
+    ``trainable`` and its other arrays ``None`` in ``frozen`` (a site without frozen arrays
+    maps to ``None`` there). ``jax.tree.leaves(trainable)`` is exactly what training
+    differentiates and what the optimizer state is built for; :func:`join_frozen` inverts it.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
+    >>> t, f = split_frozen(a)
+    >>> len(jax.tree.leaves(t)), jax.tree.leaves(f)
+    (2, [])
+    """
+    train, froz = {}, {}
+    for path, node in adapter.items():
+        train[path], froz[path] = node.split_frozen() if _is_node(node) else (node, None)
+    return train, froz
+
+
+def join_frozen(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
+    """Inverse of :func:`split_frozen`."""
+    return {p: (n.join_frozen(frozen.get(p)) if _is_node(n) else n) for p, n in trainable.items()}
+
+
+def trainable(adapter: Mapping[str, Any]) -> dict:
+    """The adapter without its frozen arrays: build optimizer states for this
+    (``optimizer.init(jpeft.trainable(adapter))``, :func:`jpeft.init_opt_state` does it)."""
+    return split_frozen(adapter)[0]
+
+
+def has_frozen(adapter: Mapping[str, Any]) -> bool:
+    return bool(jax.tree.leaves(split_frozen(adapter)[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# the method registry: one Method record per method, registered from the method's own file
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Everything jpeft needs to know about a method, handed over in one
+    :func:`register_method` call from the method's file.
+
+    Args:
+      config: the config class (a frozen dataclass subclassing
+        :class:`jpeft.config.AdapterConfig`, with ``peft_type`` set).
+      init: ``init(config, params, key, infos) -> {path: node}``; ``params`` is the bare params
+        tree, ``infos`` is ``{path: ModuleInfo}`` from tracing the model (``None`` without a
+        model). :func:`jpeft.init` calls it.
+      nodes: the node classes the method creates (documentation, and the import-graph test's
+        list of names nothing outside the method may use).
+      to_hf: ``to_hf(config, adapter, ctx: ExportContext) -> (config_dict, tensors)``: the
+        Hugging Face PEFT format (see :mod:`jpeft.peft_format`); ``None``: not exportable.
+      from_hf: ``from_hf(config_dict, tensors, params, ctx: ImportContext) -> (config, adapter)``.
+      hf_base: ``hf_base(config, params, adapter) -> params``: the base a loaded PEFT adapter
+        applies to when it is not the stored one (PiSSA/OLoRA's residual base); ``None``: the
+        stored base.
+      budget: ``budget(targets) -> config``: the config the budget table (``python -m
+        jpeft.methods.budget``, ``jpeft info``) counts for a model family, given PEFT's default
+        target names for it (``{"lora": [...], "ia3": [...], "ia3_ff": [...]}``); ``None``: the
+        method is not in the table.
+      from_low_rank: ``from_low_rank(LowRank) -> node``: builds this method's node from a
+        low-rank update (adapter merging and the bank return such nodes). One method provides it.
+    """
+
+    config: type
+    init: Callable[..., dict]
+    nodes: tuple = ()
+    to_hf: Optional[Callable] = None
+    from_hf: Optional[Callable] = None
+    hf_base: Optional[Callable] = None
+    budget: Optional[Callable] = None
+    from_low_rank: Optional[Callable] = None
+
+    @property
+    def peft_type(self) -> str:
+        return self.config.peft_type
+
+    @property
+    def name(self) -> str:
+        return self.config.__name__
+
+
+_METHODS: dict[type, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Registers a method (call it once, at the end of the method's file). Also registers its
+    config class for :meth:`jpeft.config.AdapterConfig.from_dict` (by ``peft_type``).
+
+    Raises:
+      ConfigError: the config has no ``peft_type``, or another method already uses it.
+    """
+    cfg = method.config
+    ptype = getattr(cfg, "peft_type", "")
+    if not ptype:
+        raise ConfigError(f"{cfg.__name__} has no peft_type; set the Hugging Face PEFT type name on the class.")
+    for other in _METHODS.values():
+        if other.peft_type == ptype and other.config is not cfg:
+            raise ConfigError(
+                f"{cfg.__name__} and {other.config.__name__} both use peft_type {ptype!r}; each method needs its own."
+            )
+    if registered_configs().get(ptype) is not cfg:
+        register_config(cfg)
+    _METHODS[cfg] = method
+    return method
+
+
+def registered_methods() -> tuple[Method, ...]:
+    """Every registered method, in registration order."""
+    return tuple(_METHODS.values())
+
+
+def method_of(config) -> Method:
+    """The :class:`Method` of a config (instance or class).
+
+    Raises:
+      ConfigError: no method is registered for it."""
+    cls = config if isinstance(config, type) else type(config)
+    m = _METHODS.get(cls)
+    if m is None:
+        raise ConfigError(
+            f"no method is registered for {cls.__name__}; known: {[c.__name__ for c in _METHODS]}. A method "
+            "registers itself with jpeft.methods.base.register_method(Method(...)) in its own file."
+        )
+    return m
+
+
+def method_for_peft_type(peft_type: str) -> Optional[Method]:
+    """The method whose config has this Hugging Face ``peft_type``, or ``None``."""
+    return next((m for m in _METHODS.values() if m.peft_type == peft_type), None)
+
+
+def low_rank_node(lr: LowRank):
+    """A node of the method that builds nodes from a :class:`LowRank` update (LoRA).
+
+    Raises:
+      ConfigError: no registered method provides ``from_low_rank``."""
+    m = next((m for m in _METHODS.values() if m.from_low_rank is not None), None)
+    if m is None:
+        raise ConfigError("no registered method builds nodes from low-rank factors (Method.from_low_rank); import jpeft.")
+    return m.from_low_rank(lr)

@@ -26,10 +26,9 @@ from typing import Any, ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
-from jpeft.config import AdapterConfig, _as_targets, register_config
+from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import BottleneckTargetError, ConfigError, NotMergeableError
-from jpeft.methods import register
-from jpeft.methods.base import Call, Site, static_field
+from jpeft.methods.base import Call, Method, Site, register_method, static_field
 from jpeft.tree import module_leaves, select
 
 ACTIVATIONS = {
@@ -49,7 +48,6 @@ HOULSBY_TARGETS = ("self_attn/o_proj", "mlp/down_proj")
 PFEIFFER_TARGETS = ("mlp/down_proj",)
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class BottleneckConfig(AdapterConfig):
     """Configuration of bottleneck adapters.
@@ -200,7 +198,6 @@ def _width_from_params(path: str, params) -> int:
     )
 
 
-@register(BottleneckConfig)
 def init(config: BottleneckConfig, params, key, infos) -> dict:
     """Creates one bottleneck adapter per targeted module output. The width comes from the
     traced output shape when a model was given, else from the module's kernel (last axis)."""
@@ -241,3 +238,17 @@ def init(config: BottleneckConfig, params, key, infos) -> dict:
         out[path] = BottleneckWeights(down, jnp.zeros((b,), jnp.float32), up, jnp.zeros((d,), jnp.float32),
                                       config.non_linearity, float(config.scaling))
     return out
+
+
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: Houlsby and Pfeiffer adapters (reduction 16) after the family's modules."""
+    hou, pf = targets["houlsby"], targets["pfeiffer"]
+    return [
+        ("Houlsby", f"reduction 16, after {' and '.join(hou)}",
+         lambda: BottleneckConfig.houlsby(target_modules=hou, reduction_factor=16)),
+        ("Pfeiffer", f"reduction 16, after {pf if isinstance(pf, str) else '+'.join(pf)}",
+         lambda: BottleneckConfig.pfeiffer(target_modules=pf, reduction_factor=16)),
+    ]
+
+
+BOTTLENECK = register_method(Method(config=BottleneckConfig, init=init, nodes=(BottleneckWeights,), budget=budget_rows))

@@ -17,6 +17,9 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from jpeft.errors import UnsupportedModelError
+from jpeft.methods.base import registered_methods
+
 def LlamaConfig_7b():
     """The Llama-2-7B config (meta-llama/Llama-2-7b-hf, :mod:`jpeft.models.published`) as a
     :class:`jpeft.models.LlamaConfig`."""
@@ -62,45 +65,14 @@ def _names(t) -> str:
 
 
 def methods(model_type: str = "llama") -> list[tuple[str, str, Callable]]:
-    """``(name, settings, make_config)`` for the usual settings of each method on a
-    ``model_type`` (LoRA first, on Hugging Face PEFT's default targets). Prefix and prompt
-    tuning need a decoder, so BERT has no rows for them."""
-    import jpeft
-    from jpeft.errors import UnsupportedModelError
-    from jpeft.methods.bottleneck import BottleneckConfig
-    from jpeft.methods.adalora import AdaLoraConfig
-    from jpeft.methods.ia3 import IA3Config
-    from jpeft.methods.prefix import PrefixTuningConfig
-    from jpeft.methods.prompt import PromptTuningConfig
-
+    """``(name, settings, make_config)`` for the usual settings of each registered method on a
+    ``model_type``, in registration order (LoRA first, on Hugging Face PEFT's default
+    targets): each method's ``Method.budget`` rows (:class:`jpeft.methods.base.Method`).
+    Prefix and prompt tuning need a decoder, so BERT has no rows for them."""
     t = FAMILY_TARGETS.get(model_type)
     if t is None:
         raise UnsupportedModelError(f"no budget targets for model_type {model_type!r}; known: {sorted(FAMILY_TARGETS)}.")
-    qv, every, (ia3, ff) = t["lora"], t["linear"], t["ia3"]
-    hou, pf = t["houlsby"], t["pfeiffer"]
-    rows = [
-        ("LoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv)),
-        ("LoRA", "r=8, alpha=16, all linear layers", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=every)),
-        ("rsLoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_rslora=True)),
-        ("DoRA", f"r=8, alpha=16, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=16, target_modules=qv, use_dora=True)),
-        ("PiSSA", f"r=8, alpha=8, {_names(qv)}", lambda: jpeft.LoraConfig(r=8, alpha=8, target_modules=qv, init="pissa")),
-        ("AdaLoRA", f"init_r=12, target_r=8, {_names(qv)} (at the start)",
-         lambda: AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=qv)),
-        ("IA3", ", ".join(n + (" (feed-forward)" if n in ff else "") for n in ia3),
-         lambda: IA3Config(target_modules=ia3, feedforward_modules=ff)),
-        ("Houlsby", f"reduction 16, after {' and '.join(hou)}",
-         lambda: BottleneckConfig.houlsby(target_modules=hou, reduction_factor=16)),
-        ("Pfeiffer", f"reduction 16, after {_names(pf)}",
-         lambda: BottleneckConfig.pfeiffer(target_modules=pf, reduction_factor=16)),
-    ]
-    if model_type != "bert":
-        rows += [
-            ("Prefix tuning", "20 virtual tokens", lambda: PrefixTuningConfig(num_virtual_tokens=20)),
-            ("Prefix tuning + MLP", "20 tokens, MLP width 512 (training; folds to the row above)",
-             lambda: PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=512)),
-            ("Prompt tuning", "20 virtual tokens", lambda: PromptTuningConfig(num_virtual_tokens=20)),
-        ]
-    return rows
+    return [row for m in registered_methods() if m.budget is not None for row in m.budget(model_type, t)]
 
 
 def abstract_model(model_config):

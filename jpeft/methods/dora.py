@@ -37,9 +37,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from jpeft import _inject
 from jpeft.errors import NotInvertibleError
-from jpeft.methods._common import broadcast_bias, broadcast_out, from_matrix, to_matrix
-from jpeft.methods.base import Call, dropout
+from jpeft.methods._common import broadcast_bias, broadcast_out, down_project, from_matrix, to_matrix, up_project
+from jpeft.methods.base import Call, Kind, dropout
 
 
 def weight_norm(w_mat, lora_A, lora_B, scale: float):
@@ -98,7 +99,7 @@ def intercept(node, call: Call):
     mod = call.module
     mn = _mag_scale(node, mod)
     x = call.args[0] if call.args else call.kwargs.get("inputs")
-    if lay.kind == "embed":
+    if lay.kind == Kind.EMBED:
         return _embed(node, call, x, mn)
     key = call.dropout_key() if node.dropout > 0 else None
     y = call.run()
@@ -119,16 +120,14 @@ def intercept(node, call: Call):
 def _linear_no_bias(node, x, mod, call, dt):
     """The module's linear map without its bias, on another input (a module may not be
     called twice inside one intercepted call, so this recomputes it from the kernel)."""
-    from jpeft import _inject
-
     lay = node.layout
     k = jnp.asarray(mod.variables["params"]["kernel"]).astype(dt)
-    if lay.kind == "dense":
+    if lay.kind == Kind.DENSE:
         return x @ k
-    if lay.kind == "dense_general":
+    if lay.kind == Kind.DENSE_GENERAL:
         axes = _inject._normalize_axes(mod.axis, x.ndim)
         return jnp.tensordot(x, k, axes=(axes, tuple(range(len(axes)))))
-    if lay.kind == "conv":
+    if lay.kind == Kind.CONV:
         helper = mod.clone(parent=None, use_bias=False, name=None)
         with _inject.bypass():
             return helper.apply({"params": {"kernel": k}}, x)
@@ -140,11 +139,7 @@ def _lora_out(node, x, mod, call, dt):
     lay = node.layout
     a = node.lora_A.astype(dt)
     b = node.lora_B.astype(dt)
-    h = node._down(x, a, mod, call)
-    if lay.kind == "einsum":
-        return node._einsum_up(h, b, call)
-    d = (h @ b) * node.scale
-    return d.reshape(d.shape[:-1] + tuple(lay.out_dims))
+    return node.scale * up_project(down_project(x, a, lay, mod), b, lay)
 
 
 def _embed(node, call: Call, x, mn):

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import scan
-from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError, NotInvertibleError, UnsupportedModuleError
-from jpeft.methods import register
+from jpeft import _inject, scan
+from jpeft.config import AdapterConfig, _as_targets
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, LoadError, NotInvertibleError,
+                          UnsupportedAdapterError, UnsupportedModuleError)
 from jpeft.methods._common import (
     broadcast_bias,
     broadcast_in,
@@ -33,11 +33,11 @@ from jpeft.methods._common import (
     linear_layout,
     to_matrix,
 )
-from jpeft.methods.base import Call, Layout, Site, static_field
-from jpeft.tree import matches, select
+from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
+from jpeft.peft_format import check_keys, peft_key, split_peft_key
+from jpeft.tree import hf_name, matches, select
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class IA3Config(AdapterConfig):
     """Configuration of an (IA)^3 adapter.
@@ -118,7 +118,7 @@ class IA3Weights(Site):
 
     def _row_scale(self):
         lay = self.layout
-        if lay.kind == "conv":  # per input channel, repeated over the kernel window
+        if lay.kind == Kind.CONV:  # per input channel, repeated over the kernel window
             return jnp.broadcast_to(self.ia3_l.astype(jnp.float32), tuple(lay.in_dims)).reshape(-1, 1)
         return self.ia3_l.astype(jnp.float32).reshape(-1, 1)
 
@@ -139,7 +139,7 @@ class IA3Weights(Site):
         out[pname] = from_matrix(mat, lay).astype(w.dtype)
         if not self.feedforward and "bias" in own and own["bias"] is not None:
             b = jnp.asarray(own["bias"])
-            nd = len(lay.equation.split("->")[1]) if lay.kind == "einsum" else b.ndim
+            nd = len(lay.equation.split("->")[1]) if lay.kind == Kind.EINSUM else b.ndim
             bb = broadcast_bias(b.astype(jnp.float32), nd, lay) * broadcast_out(l, nd, lay)
             out["bias"] = bb.reshape(b.shape).astype(b.dtype)
         return out
@@ -164,7 +164,6 @@ class IA3Weights(Site):
         return self._fold(own, invert=True)
 
 
-@register(IA3Config)
 def init(config: IA3Config, params, key, infos) -> dict:
     """Creates the (IA)^3 vectors for every targeted linear module."""
     leaves, cands = linear_candidates(params)
@@ -175,12 +174,12 @@ def init(config: IA3Config, params, key, infos) -> dict:
     for k, path in zip(keys, paths):
         lay = linear_layout(path, leaves[path], infos)
         ff = bool(config.feedforward_modules) and matches(config.feedforward_modules, path)
-        if lay.kind == "embed":
+        if lay.kind == Kind.EMBED:
             raise UnsupportedModuleError(
                 f"module {path!r} is an embedding; (IA)^3 rescales linear and convolution modules "
                 "(as in Hugging Face PEFT). Remove it from target_modules."
             )
-        n = (lay.in_dims[-1] if lay.kind == "conv" else lay.in_features) if ff else lay.out_features
+        n = (lay.in_dims[-1] if lay.kind == Kind.CONV else lay.in_features) if ff else lay.out_features
 
         def make(k, own, n=n, lay=lay, ff=ff):
             vec = jnp.ones((n,), jnp.float32) if config.init_ia3_weights else jax.random.normal(k, (n,), jnp.float32)
@@ -193,10 +192,6 @@ def init(config: IA3Config, params, key, infos) -> dict:
 # -- Hugging Face PEFT format ----------------------------------------------------------------
 
 def _to_hf(config: IA3Config, adapter, ctx):
-    from jpeft import hf
-    from jpeft.errors import UnsupportedAdapterError
-    from jpeft.tree import hf_name
-
     tensors, targets, ff = {}, [], []
     for path in sorted(adapter):
         node = adapter[path]
@@ -204,13 +199,13 @@ def _to_hf(config: IA3Config, adapter, ctx):
             raise UnsupportedAdapterError(
                 f"an IA3Config adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its own config."
             )
-        if node.layout.kind != "dense":
+        if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
                 f"IA3 site {path!r} scales a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
                 "nn.Dense sites (the layers of jpeft.models)."
             )
         v = np.asarray(node.ia3_l, np.float32)
-        tensors[hf.peft_key(path, "ia3_l")] = v.reshape(1, -1) if node.feedforward else v.reshape(-1, 1)
+        tensors[peft_key(path, "ia3_l")] = v.reshape(1, -1) if node.feedforward else v.reshape(-1, 1)
         targets.append(hf_name(path))
         if node.feedforward:
             ff.append(hf_name(path))
@@ -226,10 +221,6 @@ def _to_hf(config: IA3Config, adapter, ctx):
 
 
 def _from_hf(d, tensors, params, ctx):
-    from jpeft import _inject, hf
-    from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, UnsupportedAdapterError
-    from jpeft.tree import hf_name
-
     if set(d.get("modules_to_save") or ()) - {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
         raise UnsupportedAdapterError(f"the IA3 adapter in {ctx.folder!r} has modules_to_save={d['modules_to_save']}; jpeft loads plain IA3 only.")
     keys = {f.name for f in dataclasses.fields(IA3Config)}
@@ -245,14 +236,14 @@ def _from_hf(d, tensors, params, ctx):
         raise LoadError(f"{ctx.folder!r}: {e}") from None
     by_site, unmatched = {}, []
     for k, v in tensors.items():
-        sp = hf.split_peft_key(k, ("ia3_l",))
+        sp = split_peft_key(k, ("ia3_l",))
         if sp is None or sp[0] not in ctx.leaves:
             unmatched.append(k)
             continue
         by_site[sp[0]] = v
     cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
     expected = [p for p in cands if matches(config.target_modules, p)]
-    hf.check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    check_keys(list(by_site), expected, unmatched_keys=unmatched)
     adapter = {}
     for path, v in sorted(by_site.items()):
         lay = _inject.infer_layout(path, ctx.leaves[path])
@@ -268,12 +259,12 @@ def _from_hf(d, tensors, params, ctx):
     return config, adapter
 
 
-def _register_format():
-    try:
-        from jpeft import hf
-    except ImportError:  # jpeft.hf absent (partial install): the method works, only the PEFT format is missing
-        return
-    hf.register_peft_format(IA3Config, to_hf=_to_hf, from_hf=_from_hf)
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: IA3 on PEFT's default targets and feed-forward modules."""
+    ia3, ff = targets["ia3"]
+    return [("IA3", ", ".join(n + (" (feed-forward)" if n in ff else "") for n in ia3),
+             lambda: IA3Config(target_modules=ia3, feedforward_modules=ff))]
 
 
-_register_format()
+IA3 = register_method(Method(config=IA3Config, init=init, nodes=(IA3Weights,), to_hf=_to_hf, from_hf=_from_hf,
+                             budget=budget_rows))

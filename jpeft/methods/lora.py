@@ -19,13 +19,17 @@ import jax
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject
-from jpeft.config import AdapterConfig, _as_targets, register_config
-from jpeft.errors import ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, TargetNotFoundError
-from jpeft.methods.base import Call, Layout, Site, dropout, static_field
-from jpeft.scan import Stacked
-from jpeft.tree import compile_pattern, hf_name, matches, regex_fullmatch
+from jpeft.config import AdapterConfig, _as_targets
+from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
+                          TargetNotFoundError, UnsupportedModuleError)
+from jpeft.methods import dora
+from jpeft.methods._common import down_project, linear_candidates, up_project
+from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, dropout, flat_spec_entry, spec_entries, static_field
+from jpeft.scan import Stacked, make_site
+from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
 
 _INITS = ("default", "gaussian", "pissa", "olora", "random")
 # inits whose adapter is relative to a *residual* base (the base minus the initial adapter):
@@ -33,7 +37,6 @@ _INITS = ("default", "gaussian", "pissa", "olora", "random")
 RESIDUAL_INITS = ("pissa", "olora")
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class LoraConfig(AdapterConfig):
     """Configuration of a LoRA adapter.
@@ -318,7 +321,7 @@ class LoraWeights(Site):
         return int(self.lora_A.shape[-1])
 
     def handles(self, method_name: str) -> bool:
-        if self.layout.kind == "embed" and self.tie_output:
+        if self.layout.kind == Kind.EMBED and self.tie_output:
             return method_name in ("__call__", "attend")
         return method_name == "__call__"
 
@@ -348,14 +351,12 @@ class LoraWeights(Site):
     def intercept(self, call: Call):
         lay = self.layout
         mod = call.module
-        if lay.kind != "embed":
+        if lay.kind != Kind.EMBED:
             _inject.check_layout(call.path, lay, mod, call.args, call.kwargs)
         if self.magnitude is not None:
-            from jpeft.methods import dora
-
             return dora.intercept(self, call)
         x = call.args[0] if call.args else call.kwargs.get("inputs")
-        if lay.kind == "dense":
+        if lay.kind == Kind.DENSE:
             y = self._merged_dense(call, x)
             if y is not None:
                 return y
@@ -366,13 +367,13 @@ class LoraWeights(Site):
             y = y + (self.base_bias.astype(dt) - own_b.astype(dt)).reshape((1,) * (y.ndim - own_b.ndim) + own_b.shape)
         a = self.lora_A.astype(dt)
         b = self.lora_B.astype(dt)
-        if lay.kind == "embed":
+        if lay.kind == Kind.EMBED:
             if call.method_name == "attend":
                 return y + self.scale * ((x.astype(dt) @ b.T) @ a.T)
             h = jnp.take(a, x, axis=0)
             return y + self.scale * (h @ b)
         x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
-        if lay.kind == "dense":
+        if lay.kind == Kind.DENSE:
             # Flatten the leading axes: the weight-gradient dots of 2-D operands contract one
             # axis, which XLA's CPU backend runs without the transposed copies of activations it
             # makes for several contracted axes (~25% of a Llama LoRA step; docs/BENCHMARKS.md).
@@ -380,11 +381,8 @@ class LoraWeights(Site):
             d = ((x2 @ a) @ b) * self.scale
             y = y + d.reshape(y.shape)
             return y if self.lora_bias is None else y + self._bias_out(dt, y.ndim)
-        h = self._down(x, a, mod, call)
-        if lay.kind == "einsum":
-            return y + self._einsum_up(h, b, call)
-        d = (h @ b) * self.scale
-        y = y + d.reshape(d.shape[:-1] + tuple(lay.out_dims))
+        h = down_project(x, a, lay, mod)
+        y = y + self.scale * up_project(h, b, lay)
         return y if self.lora_bias is None else y + self._bias_out(dt, y.ndim)
 
     def _merged_dense(self, call: Call, x):
@@ -424,42 +422,6 @@ class LoraWeights(Site):
             y = y + self._bias_out(f32, 2)
         return y.reshape(x.shape[:-1] + (n_out,))
 
-    def _down(self, x, a, mod, call):
-        lay = self.layout
-        r = a.shape[-1]
-        if lay.kind == "dense":
-            return x @ a
-        if lay.kind == "dense_general":
-            axes = _inject._normalize_axes(mod.axis, x.ndim)
-            ak = a.reshape(tuple(lay.in_dims) + (r,))
-            return jnp.tensordot(x, ak, axes=(axes, tuple(range(len(axes)))))
-        if lay.kind == "conv":
-            ak = a.reshape(tuple(lay.in_dims) + (r,))
-            helper = mod.clone(parent=None, features=r, use_bias=False, name=None)
-            with _inject.bypass():
-                return helper.apply({"params": {"kernel": ak}}, x)
-        if lay.kind == "einsum":
-            eq = lay.equation
-            lhs, out = eq.split("->")
-            x_sub, k_sub = lhs.split(",")
-            free = _free_letter(eq)
-            in_letters = "".join(k_sub[i] for i in lay.in_axes)
-            batch = "".join(c for c in out if c in x_sub)
-            ak = a.reshape(tuple(lay.in_dims) + (r,))
-            return jnp.einsum(f"{x_sub},{in_letters}{free}->{batch}{free}", x, ak)
-        raise AssertionError(lay.kind)
-
-    def _einsum_up(self, h, b, call):
-        lay = self.layout
-        eq = lay.equation
-        lhs, out = eq.split("->")
-        x_sub, k_sub = lhs.split(",")
-        free = _free_letter(eq)
-        out_letters = "".join(k_sub[i] for i in lay.out_axes)
-        batch = "".join(c for c in out if c in x_sub)
-        bk = b.reshape((b.shape[0],) + tuple(lay.out_dims))
-        return self.scale * jnp.einsum(f"{batch}{free},{free}{out_letters}->{out}", h, bk)
-
     # -- merge ----------------------------------------------------------------------------------
     def kernel_delta(self, dtype=jnp.float32) -> jax.Array:
         """The update in the kernel's own shape and axis order."""
@@ -470,7 +432,7 @@ class LoraWeights(Site):
         return jnp.transpose(d, inv).astype(dtype)
 
     def _check_tied_merge(self):
-        if self.layout.kind != "embed" or self.tie_output:
+        if self.layout.kind != Kind.EMBED or self.tie_output:
             return
         if self.tied_output is None:
             warnings.warn(
@@ -504,8 +466,6 @@ class LoraWeights(Site):
     def merge(self, own):
         self._check_tied_merge()
         if self.magnitude is not None:
-            from jpeft.methods import dora
-
             return dora.merge(self, own)
         pname = self.layout.param_name
         w = own[pname]
@@ -519,8 +479,6 @@ class LoraWeights(Site):
     def unmerge(self, own):
         self._check_tied_merge()
         if self.magnitude is not None:
-            from jpeft.methods import dora
-
             return dora.unmerge(self, own)
         pname = self.layout.param_name
         w = own[pname]
@@ -534,6 +492,56 @@ class LoraWeights(Site):
         self._merge_bias(own, out, -1.0)
         return out
 
+
+    # -- the rest of the protocol ----------------------------------------------------------------
+    def effective(self, own):
+        """L2-SP's effective weights: the update ``s * A @ B`` in the kernel's shape (plain LoRA;
+        DoRA's is its merged kernel, which depends on the base)."""
+        if self.magnitude is None:
+            return self.kernel_delta()
+        return Site.effective(self, own)
+
+    def low_rank(self) -> LowRank:
+        if self.magnitude is not None:
+            raise NotMergeableError(
+                "this is a DoRA adapter (it has a magnitude); its update is not s*A@B, so it cannot be combined "
+                "linearly. Merge it into the base alone with jpeft.merge."
+            )
+        if self.lora_bias is not None or self.base_bias is not None:
+            raise NotMergeableError(
+                "this LoRA trains a bias (LoraConfig.lora_bias or bias); adapter merging and the bank combine the "
+                "updates s*A@B only. Merge it into the base alone with jpeft.merge."
+            )
+        return LowRank(self.lora_A, self.lora_B, self.scale, self.layout,
+                       self.tied_output if self.layout.kind == Kind.EMBED else None, bool(self.tie_output),
+                       float(self.dropout))
+
+    def partition_specs(self, module_specs):
+        """``lora_A [in, r]`` takes the kernel's input-dimension entry, ``lora_B [r, out]`` (and
+        the DoRA magnitude, the LoRA bias) its output entry, so ``x @ A`` and ``h @ B`` need no
+        more communication than the base matmul; a trained base bias is replicated."""
+        lay = self.layout
+        if module_specs is None or lay.param_name not in module_specs:
+            raise ShardingError(
+                f"a LoRA site adapts a {lay.param_name!r} the params do not have at its path; was the adapter made "
+                "for another model?"
+            )
+        lead = self.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
+        entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
+        lead_e, kern_e = entries[:lead], entries[lead:]
+        a_in = flat_spec_entry(kern_e, lay.in_axes)
+        b_out = flat_spec_entry(kern_e, lay.out_axes)
+        out = P(*lead_e, b_out)
+        return dataclasses.replace(
+            self, lora_A=P(*lead_e, a_in, None), lora_B=P(*lead_e, None, b_out),
+            magnitude=None if self.magnitude is None else out, lora_bias=None if self.lora_bias is None else out,
+            base_bias=None if self.base_bias is None else P())
+
+
+def from_low_rank(lr: LowRank) -> LoraWeights:
+    """``Method.from_low_rank`` of LoRA: the plain LoRA site of a low-rank update."""
+    return LoraWeights(lr.a, lr.b, None, float(lr.scale), lr.layout, float(lr.dropout),
+                       tied_output=lr.tied_output if lr.layout.kind == Kind.EMBED else None)
 
 def _same_shapes(a, b) -> bool:
     sa = jax.tree.map(lambda x: tuple(x.shape), dict(a))
@@ -756,13 +764,6 @@ def _merged_matmul_bwd(scale, precision, res, dy):
 _merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd)
 
 
-def _free_letter(eq: str) -> str:
-    for c in "zyxwvutsrqponmlkjihgfedcbaZYXWVUTSRQPONMLKJIHGFEDCBA":
-        if c not in eq:
-            return c
-    raise ValueError("einsum uses every letter")
-
-
 # embeddings of jpeft.models that a tied model also reads as its output projection (attend)
 _TIEABLE_EMBEDDINGS = ("model/embed_tokens", "transformer/wte")
 
@@ -792,7 +793,7 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
     scale = config.scale(r, alpha)
     n_in, n_out = layout.in_features, layout.out_features
     ka, kb = jax.random.split(key)
-    if layout.kind == "embed":
+    if layout.kind == Kind.EMBED:
         # HF PEFT: for embeddings A is zero and B normal, so the start is the identity.
         if config.init == "random":
             a = jax.random.normal(ka, (n_in, r), jnp.float32)
@@ -809,10 +810,10 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
         a = _kaiming_uniform(ka, (n_in, r), n_in)
         b = jnp.zeros((r, n_out), jnp.float32)
     residual = config.init if config.init in RESIDUAL_INITS else None
-    tie = bool(config.ensure_weight_tying) and layout.kind == "embed"
+    tie = bool(config.ensure_weight_tying) and layout.kind == Kind.EMBED
     bias = None
     if config.lora_bias:
-        if layout.kind not in ("dense", "dense_general", "conv"):
+        if layout.kind not in (Kind.DENSE, Kind.DENSE_GENERAL, Kind.CONV):
             raise ConfigError(
                 f"LoraConfig.lora_bias=True cannot adapt the {layout.kind} module at {path!r}: the LoRA bias is for "
                 "dense and convolution layers (Hugging Face PEFT refuses it on embeddings too). Leave this module out "
@@ -823,7 +824,81 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
                 else _kaiming_uniform(jax.random.fold_in(kb, 1), (n_out,), r))
     node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output, bias)
     if config.use_dora:
-        from jpeft.methods import dora
-
         node = dora.with_magnitude(node, own)
     return node
+
+
+def init_lora(config: LoraConfig, params, key, infos):
+    """``Method.init`` of LoRA: a :class:`LoraWeights` site per selected linear module, plus the
+    :class:`SavedModule` and :class:`TrainableTokens` sites of ``modules_to_save``, ``bias`` and
+    ``trainable_token_indices``."""
+    leaves, cands = linear_candidates(params)
+    cands = linear_only(config.target_modules, leaves, cands)
+    paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
+    paths = [p for p in paths if config.selects(p)]
+    if not paths:
+        raise TargetNotFoundError(
+            f"target_modules={config.target_modules!r} matched modules, but exclude_modules={config.exclude_modules!r} / "
+            f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) removed "
+            "every one of them; widen those options."
+        )
+    # Keys go to sites in sorted path order, so the adapter does not depend on the params
+    # dict's insertion order (jax.jit / eval_shape outputs come back with sorted keys).
+    site_key = dict(zip(sorted(paths), jax.random.split(key, len(paths))))
+    out = {}
+    for path in paths:
+        k = site_key[path]
+        own = leaves[path]
+        if infos is not None and path in infos and infos[path].layout is not None:
+            layout = infos[path].layout
+        elif infos is not None and path in infos:
+            raise UnsupportedModuleError(
+                f"module {path!r} is a {infos[path].cls_name}, not a module LoRA can adapt "
+                "(nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed). Remove it from target_modules."
+            )
+        else:
+            layout = _inject.infer_layout(path, own)
+        if config.init in RESIDUAL_INITS and not isinstance(own.get(layout.param_name), jax.core.Tracer):
+            # Under jax.eval_shape (loading a saved PiSSA adapter, budgets) only the structure is
+            # built; with concrete weights jpeft.init would silently keep the principal part twice.
+            raise ConfigError(
+                f"LoraConfig(init={config.init!r}) also changes the base weights (the initial adapter is taken out "
+                f"of them); create it with jpeft.init_{config.init}(config, params, key), which returns "
+                "(residual_params, adapter)."
+            )
+        # an embedding the model also reads through attend (tied output projection); unknown without the model
+        if infos is not None and path in infos:
+            tied = "attend" in infos[path].methods
+        else:
+            tied = tied_output_from_params(path, leaves) if layout.kind == Kind.EMBED else None
+        out[path] = make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own)
+    if config.modules_to_save:
+        out.update(saved_modules(config, leaves, out))
+    if config.bias != "none":
+        out = with_trainable_biases(config, leaves, out)
+    if config.trainable_token_indices is not None:
+        for path, ids in token_sites(config, leaves).items():
+            if path in out:
+                raise ConfigError(
+                    f"the embedding {path!r} is both in target_modules / modules_to_save and in trainable_token_indices "
+                    "(PEFT refuses that too); use one of them."
+                )
+            tied = ("attend" in infos[path].methods) if infos is not None and path in infos \
+                else tied_output_from_params(path, leaves)
+            out[path] = init_tokens(leaves[path], ids, tied)
+    return out
+
+
+
+def budget_rows(model_type: str, targets: Mapping[str, Any]) -> list:
+    """``Method.budget`` of LoRA: the budget table's LoRA, rsLoRA, DoRA and PiSSA rows on
+    PEFT's default targets (and LoRA on every linear layer)."""
+    qv, every = targets["lora"], targets["linear"]
+    names = "+".join(qv)
+    return [
+        ("LoRA", f"r=8, alpha=16, {names}", lambda: LoraConfig(r=8, alpha=16, target_modules=qv)),
+        ("LoRA", "r=8, alpha=16, all linear layers", lambda: LoraConfig(r=8, alpha=16, target_modules=every)),
+        ("rsLoRA", f"r=8, alpha=16, {names}", lambda: LoraConfig(r=8, alpha=16, target_modules=qv, use_rslora=True)),
+        ("DoRA", f"r=8, alpha=16, {names}", lambda: LoraConfig(r=8, alpha=16, target_modules=qv, use_dora=True)),
+        ("PiSSA", f"r=8, alpha=8, {names}", lambda: LoraConfig(r=8, alpha=8, target_modules=qv, init="pissa")),
+    ]

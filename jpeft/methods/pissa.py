@@ -22,8 +22,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jpeft import core
 from jpeft.errors import ConfigError
+from jpeft.methods import dora
 from jpeft.methods._common import from_matrix, to_matrix
+from jpeft.methods.base import Kind
+from jpeft.methods.lora import LoraConfig
+from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
 
 
@@ -119,7 +124,7 @@ def residual_params(config, params, adapter, init: str):
     new = inner
     for path in sorted(adapter):
         lay = adapter[path].layout
-        if lay.kind == "embed":  # PEFT's Embedding layer has no PiSSA/OLoRA init: its base is unchanged
+        if lay.kind == Kind.EMBED:  # PEFT's Embedding layer has no PiSSA/OLoRA init: its base is unchanged
             continue
         r, alpha = config.rank_alpha(path)
         scale = config.scale(r, alpha)
@@ -140,11 +145,6 @@ def residual_params(config, params, adapter, init: str):
 
 
 def _residual_init(name, tag, factors, config, params, key, model, model_args, model_kwargs):
-    from jpeft import core
-    from jpeft.methods import dora
-    from jpeft.methods.lora import LoraConfig
-    from jpeft.scan import Stacked
-
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"{name} expects a jpeft.LoraConfig, found {type(config).__name__}.")
     base_cfg = dataclasses.replace(config, init="default", use_dora=False)

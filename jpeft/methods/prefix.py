@@ -31,11 +31,13 @@ from typing import Any, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jpeft.config import AdapterConfig, register_config
-from jpeft.errors import ConfigError, PrefixNotSupportedError, PromptTooLongError, ShapeMismatchError
-from jpeft.methods import register
-from jpeft.methods.base import Call, Site, static_field
+from jpeft.config import AdapterConfig
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, LoadError, NotMergeableError,
+                          PrefixNotSupportedError, PromptTooLongError, ShapeMismatchError, UnsupportedAdapterError)
+from jpeft.methods.base import Call, Method, Site, register_method, static_field
+from jpeft.models._layers import default_positions, segment_slots
 from jpeft.tree import module_leaves
 
 # Key projections that tell the number of layers and the key width, per family:
@@ -43,7 +45,6 @@ from jpeft.tree import module_leaves
 _KEY_PROJ = {"k_proj": 1, "key": 1, "c_attn": 3}
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class PrefixTuningConfig(AdapterConfig):
     """Configuration of prefix tuning (Hugging Face PEFT's ``PrefixTuningConfig`` keys).
@@ -154,8 +155,6 @@ class _PrefixBase(Site):
         raise TypeError(f"{type(self).__name__} must define prefix() returning the per-layer (k, v) prefixes.")
 
     def merge(self, module_params):
-        from jpeft.errors import NotMergeableError
-
         raise NotMergeableError(
             "prefix tuning adds key/value positions to attention; it cannot be folded into the base weights. "
             "Serve it with jpeft.apply (use jpeft.fold_prefix to drop the training-time MLP)."
@@ -210,8 +209,6 @@ class _PrefixBase(Site):
         if bound.arguments.get("position_ids") is not None:  # given for the real tokens: shift past the prefix
             bound.arguments["position_ids"] = bound.arguments["position_ids"] + t
         elif "position_ids" in sig.parameters and n is not None:
-            from jpeft.models._layers import default_positions, segment_slots
-
             seg = bound.arguments.get("segment_ids")
             if seg is not None:  # packed documents: positions restart in each document
                 pos = segment_slots(jnp.asarray(seg, jnp.int32))
@@ -309,7 +306,6 @@ def infer_dims(params) -> tuple[int, int]:
     return len(widths), widths[0]
 
 
-@register(PrefixTuningConfig)
 def init(config: PrefixTuningConfig, params, key, infos) -> dict:
     """Creates the prefix node at the model's top-level call."""
     nl, td = config.num_layers, config.token_dim
@@ -341,10 +337,6 @@ def init(config: PrefixTuningConfig, params, key, infos) -> dict:
 # PEFT saves the (folded) prefixes as one tensor "prompt_embeddings": [T, num_layers * 2 * token_dim].
 
 def _to_hf(config: PrefixTuningConfig, adapter, ctx):
-    import numpy as np
-
-    from jpeft.errors import UnsupportedAdapterError
-
     node = fold_prefix(adapter).get("")
     if not isinstance(node, PrefixWeights) or len(adapter) != 1:
         raise UnsupportedAdapterError(
@@ -378,8 +370,6 @@ def _kv_heads(hf_config):
 
 
 def _from_hf(d, tensors, params, ctx):
-    from jpeft.errors import BaseMismatchError, CheckpointError, LoadError
-
     names = {f.name for f in dataclasses.fields(PrefixTuningConfig)}
     try:
         config = PrefixTuningConfig.from_dict({k: v for k, v in d.items() if k in names})
@@ -403,12 +393,17 @@ def _from_hf(d, tensors, params, ctx):
     return config, {"": PrefixWeights(jnp.asarray(emb, ctx.dtype), nl, td, config.num_attention_heads)}
 
 
-def _register_format():
-    try:
-        from jpeft import hf
-    except ImportError:  # jpeft.hf absent (partial install): the method works, only the PEFT format is missing
-        return
-    hf.register_peft_format(PrefixTuningConfig, to_hf=_to_hf, from_hf=_from_hf)
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: 20 virtual tokens, with and without the MLP (decoders only: PEFT's
+    prefix tuning cannot build BERT's past_key_values)."""
+    if model_type == "bert":
+        return []
+    return [
+        ("Prefix tuning", "20 virtual tokens", lambda: PrefixTuningConfig(num_virtual_tokens=20)),
+        ("Prefix tuning + MLP", "20 tokens, MLP width 512 (training; folds to the row above)",
+         lambda: PrefixTuningConfig(num_virtual_tokens=20, prefix_projection=True, encoder_hidden_size=512)),
+    ]
 
 
-_register_format()
+PREFIX = register_method(Method(config=PrefixTuningConfig, init=init, nodes=(PrefixWeights, PrefixMLPWeights),
+                                to_hf=_to_hf, from_hf=_from_hf, budget=budget_rows))

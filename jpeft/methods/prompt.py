@@ -29,18 +29,21 @@ from typing import Any, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jpeft.config import AdapterConfig, register_config
-from jpeft.errors import ConfigError, InputValidationError, PromptTooLongError, ShapeMismatchError, UnsupportedModuleError
-from jpeft.methods import register
-from jpeft.methods.base import Call, Site, static_field
+from jpeft.config import AdapterConfig
+from jpeft import core
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, InputValidationError, LoadError,
+                          NotMergeableError, PromptTooLongError, ShapeMismatchError, UnsupportedAdapterError,
+                          UnsupportedModuleError)
+from jpeft.methods.base import Call, Method, Site, register_method, static_field
+from jpeft.methods.prefix import PrefixWeights
 from jpeft.tree import get_subtree, module_leaves
 
 _INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 _EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed", "embedding", "token_embedding")
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class PromptTuningConfig(AdapterConfig):
     """Configuration of prompt tuning (Hugging Face PEFT's ``PromptTuningConfig`` keys).
@@ -154,8 +157,6 @@ class PromptWeights(Site):
         return method_name == "__call__"
 
     def merge(self, module_params):
-        from jpeft.errors import NotMergeableError
-
         raise NotMergeableError(
             "prompt tuning adds input positions; it cannot be folded into the base weights. Serve it with jpeft.apply."
         )
@@ -246,7 +247,6 @@ def find_embedding(params, path: Optional[str] = None) -> str:
     )
 
 
-@register(PromptTuningConfig)
 def init(config: PromptTuningConfig, params, key, infos) -> dict:
     """Creates the virtual-token embeddings at the model's top-level call."""
     path = find_embedding(params, config.word_embeddings)
@@ -289,9 +289,6 @@ def to_prefix(model, params, adapter: Mapping[str, Any]) -> dict:
     Raises:
       UnsupportedModuleError: the model has no ``init_cache`` (it is not a jpeft decoder).
     """
-    from jpeft import core
-    from jpeft.methods.prefix import PrefixWeights
-
     node = adapter.get("")
     if not isinstance(node, PromptWeights):
         raise ConfigError("to_prefix expects an adapter made with PromptTuningConfig (a PromptWeights node at path '').")
@@ -318,10 +315,6 @@ def to_prefix(model, params, adapter: Mapping[str, Any]) -> dict:
 # PEFT saves the virtual-token embeddings as one tensor "prompt_embeddings": [T, hidden].
 
 def _to_hf(config: PromptTuningConfig, adapter, ctx):
-    import numpy as np
-
-    from jpeft.errors import UnsupportedAdapterError
-
     node = adapter.get("")
     if not isinstance(node, PromptWeights) or len(adapter) != 1:
         raise UnsupportedAdapterError(
@@ -340,8 +333,6 @@ def _to_hf(config: PromptTuningConfig, adapter, ctx):
 
 
 def _from_hf(d, tensors, params, ctx):
-    from jpeft.errors import BaseMismatchError, CheckpointError, LoadError
-
     names = {f.name for f in dataclasses.fields(PromptTuningConfig)} - {"init_token_ids", "word_embeddings"}
     kept = {k: v for k, v in d.items() if k in names}
     if kept.get("prompt_tuning_init") == "TEXT":
@@ -368,12 +359,12 @@ def _from_hf(d, tensors, params, ctx):
     return config, {"": PromptWeights(jnp.asarray(emb, ctx.dtype), path)}
 
 
-def _register_format():
-    try:
-        from jpeft import hf
-    except ImportError:  # jpeft.hf absent (partial install): the method works, only the PEFT format is missing
-        return
-    hf.register_peft_format(PromptTuningConfig, to_hf=_to_hf, from_hf=_from_hf)
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: 20 virtual tokens (decoders; BERT has no row, as for prefix tuning)."""
+    if model_type == "bert":
+        return []
+    return [("Prompt tuning", "20 virtual tokens", lambda: PromptTuningConfig(num_virtual_tokens=20))]
 
 
-_register_format()
+PROMPT = register_method(Method(config=PromptTuningConfig, init=init, nodes=(PromptWeights,), to_hf=_to_hf,
+                                from_hf=_from_hf, budget=budget_rows))

@@ -14,15 +14,17 @@ so its weight update is ``(A * lambda_d) @ (B * lambda_b)`` as ``[in, out]`` (th
 scaling factor). At init ``lambda_d = d_initial`` and ``lambda_b = 0``: the adapter starts as
 the identity.
 
-Where the projections live: each site's node holds a reference to the *whole* shared pair
-(field ``projections``), not its own slice. Built by :func:`jpeft.init` (or read by
-:func:`jpeft.hf.load_peft`) every node points at the same two arrays, so they are in memory
-once, as in PEFT (per-site slices would cost ``sites * r * (in + out)`` numbers, 134M for
-r=256 on Llama-2-7B's q/v projections, against 2M for the shared pair); the slicing happens at
-the site, with static sizes. The Hugging Face PEFT file holds them once too
-(``base_model.vera_A`` / ``base_model.vera_B``), and :func:`jpeft.hf.save_peft` checks that every
-site holds the same pair before writing it. The projections are not trained: they are the
-adapter's frozen state.
+Where the projections live: each site's node holds its own slices ``vera_A: [in, r]`` and
+``vera_B: [r, out]`` as frozen arrays (:attr:`VeraWeights.frozen`: saved and loaded with the
+adapter, never differentiated, no optimizer state, not counted as trainable). Nodes are
+independent pytrees, so holding one pair by reference in every node would alias one buffer under
+several leaves, and a training step that donates the adapter then fails ("Attempt to donate the
+same buffer twice"); per-site slices also shard like the kernel they sit beside. The cost is
+memory: ``r * (in + out)`` frozen numbers per site, 134,217,728 for r=256 on Llama-2-7B's q/v
+projections, where PEFT holds one pair of 2,097,152. The Hugging Face PEFT file holds the pair
+once (``base_model.vera_A`` / ``base_model.vera_B``): :func:`jpeft.hf.save_peft` rebuilds it from
+the widest sites' slices after checking that every site's slices are its prefixes, and
+:func:`jpeft.hf.load_peft` slices it per site.
 
 JAX cannot reproduce torch's random generator, so a PEFT adapter saved without its
 projections (``save_projection=False``) is refused on import, and jpeft always exports them.
@@ -32,7 +34,7 @@ projections (``save_projection=False``) is refused on import, and jpeft always e
 >>> params = model.init(jax.random.key(0), x)
 >>> adapter = jpeft.init(jpeft.VeraConfig(r=3, target_modules=".*"), params, jax.random.key(1))
 >>> node = adapter[""]
->>> node.lambda_d.shape, node.lambda_b.shape, node.projections.vera_A.shape, node.projections.vera_B.shape
+>>> node.lambda_d.shape, node.lambda_b.shape, node.vera_A.shape, node.vera_B.shape
 ((3,), (6,), (4, 3), (3, 6))
 >>> bool(jnp.array_equal(jpeft.apply(model, params, adapter, x), model.apply(params, x)))
 True
@@ -42,29 +44,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from jpeft import _inject, hf, scan
-from jpeft.config import AdapterConfig, _as_targets, register_config
+from jpeft import _inject, scan
+from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
     ShapeMismatchError,
+    ShardingError,
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods import register
-from jpeft.methods._common import linear_candidates, linear_layout
-from jpeft.methods.base import Call, Layout, Site, dropout, static_field
+from jpeft.methods._common import broadcast_out, down_project, from_matrix, linear_candidates, linear_layout, up_project
+from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
+                                spec_entries, static_field)
+from jpeft.peft_format import check_keys, peft_key, split_peft_key
 from jpeft.tree import hf_name, linear_only, matches, select
 
-
-@register_config
 @dataclasses.dataclass(frozen=True)
 class VeraConfig(AdapterConfig):
     """Configuration of a VeRA adapter (Hugging Face PEFT's ``VeraConfig``; same key names in
@@ -151,46 +154,39 @@ def make_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[jax.
     return a, b
 
 
-def delta_matrix(lambda_d, lambda_b, vera_A, vera_B, n_in: int, n_out: int) -> jax.Array:
-    """The weight update ``(A * lambda_d) @ (B * lambda_b)`` as ``[n_in, n_out]`` (float32),
-    ``A``, ``B`` the slices of the shared projections."""
+def delta_matrix(lambda_d, lambda_b, vera_A, vera_B) -> jax.Array:
+    """The weight update ``(A * lambda_d) @ (B * lambda_b)`` as ``[in, out]`` (float32), from a
+    site's slices ``A: [in, r]``, ``B: [r, out]``."""
     f = jnp.float32
-    a = vera_A[:n_in].astype(f) * lambda_d.astype(f)[None, :]
-    b = vera_B[:, :n_out].astype(f) * lambda_b.astype(f)[None, :]
-    return a @ b
+    return (vera_A.astype(f) * lambda_d.astype(f)[None, :]) @ (vera_B.astype(f) * lambda_b.astype(f)[None, :])
 
 
-def branch(x2, lambda_d, lambda_b, vera_A, vera_B, n_in: int, n_out: int) -> jax.Array:
-    """The VeRA branch on 2-D inputs ``[tokens, n_in]``: ``((x A) * lambda_d) B * lambda_b``,
-    in ``x2``'s dtype, never forming the ``[n_in, n_out]`` update."""
+def branch(x2, lambda_d, lambda_b, vera_A, vera_B) -> jax.Array:
+    """The VeRA branch on 2-D inputs ``[tokens, in]``: ``((x A) * lambda_d) B * lambda_b``, in
+    ``x2``'s dtype, never forming the ``[in, out]`` update."""
     dt = x2.dtype
-    h = (x2 @ vera_A[:n_in].astype(dt)) * lambda_d.astype(dt)[None, :]
-    return (h @ vera_B[:, :n_out].astype(dt)) * lambda_b.astype(dt)[None, :]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class VeraProjections:
-    """The shared frozen projections ``vera_A: [max_in, r]``, ``vera_B: [r, max_out]``."""
-
-    vera_A: jax.Array
-    vera_B: jax.Array
+    h = (x2 @ vera_A.astype(dt)) * lambda_d.astype(dt)[None, :]
+    return (h @ vera_B.astype(dt)) * lambda_b.astype(dt)[None, :]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VeraWeights(Site):
-    """One VeRA site on a dense module: trainable ``lambda_d: [r]`` and ``lambda_b: [out]``, and
-    the shared frozen ``projections`` (every site of an adapter holds the same pair)."""
+    """One VeRA site: trainable ``lambda_d: [r]`` and ``lambda_b: [out]``, and this site's
+    slices of the shared projections, ``vera_A: [in, r]`` and ``vera_B: [r, out]``, which
+    :attr:`frozen` names: they get no gradient and no optimizer state, are not counted as
+    trainable, and are saved and loaded with the adapter."""
 
     lambda_d: jax.Array
     lambda_b: jax.Array
-    projections: VeraProjections
+    vera_A: Optional[jax.Array]
+    vera_B: Optional[jax.Array]
     layout: Layout = static_field(default=None)
     dropout: float = static_field(default=0.0)
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
+    frozen: ClassVar[tuple] = ("vera_A", "vera_B")
 
     @property
     def r(self) -> int:
@@ -204,39 +200,70 @@ class VeraWeights(Site):
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own, what="VeRA adapter")
-        a, b = self.projections.vera_A, self.projections.vera_B
-        n_in, n_out = self.layout.in_features, self.layout.out_features
-        if a.shape[-2] < n_in or b.shape[-1] < n_out or a.shape[-1] != self.r or b.shape[-2] != self.r \
-                or self.lambda_b.shape[-1] != n_out:
+        n_in, n_out, r = self.layout.in_features, self.layout.out_features, self.r
+        got = (tuple(self.vera_A.shape[-2:]), tuple(self.vera_B.shape[-2:]), tuple(self.lambda_b.shape[-1:]))
+        if got != ((n_in, r), (r, n_out), (n_out,)):
             raise ShapeMismatchError(
-                f"the VeRA site at {path!r} maps {n_in} -> {n_out} features with r={self.r}, but holds projections "
-                f"vera_A {tuple(a.shape[-2:])}, vera_B {tuple(b.shape[-2:])} and lambda_b {tuple(self.lambda_b.shape[-1:])} "
-                f"(needed: vera_A at least ({n_in}, {self.r}), vera_B at least ({self.r}, {n_out}), lambda_b ({n_out},)). "
-                "Was the adapter made for another model?"
+                f"the VeRA site at {path!r} maps {n_in} -> {n_out} features with r={r}, but holds vera_A {got[0]}, "
+                f"vera_B {got[1]} and lambda_b {got[2]} (needed ({n_in}, {r}), ({r}, {n_out}), ({n_out},)). Was the "
+                "adapter made for another model?"
             )
+
+    def _factors(self):
+        """``(A * lambda_d, B * lambda_b)``: the update as ``[in, r] @ [r, out]`` (float32)."""
+        f = jnp.float32
+        return (self.vera_A.astype(f) * self.lambda_d.astype(f)[None, :],
+                self.vera_B.astype(f) * self.lambda_b.astype(f)[None, :])
 
     def delta_matrix(self) -> jax.Array:
         """The update ``[in, out]`` (float32); used by merge, never while training."""
-        p = self.projections
-        return delta_matrix(self.lambda_d, self.lambda_b, p.vera_A, p.vera_B,
-                            self.layout.in_features, self.layout.out_features)
+        return delta_matrix(self.lambda_d, self.lambda_b, self.vera_A, self.vera_B)
 
     def intercept(self, call: Call):
         lay = self.layout
         _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
         y = call.run()
+        dt = y.dtype
         x = call.args[0] if call.args else call.kwargs["inputs"]
-        x = dropout(x, self.dropout, call.dropout_key()).astype(y.dtype)
-        p = self.projections
-        d = branch(x.reshape(-1, x.shape[-1]), self.lambda_d, self.lambda_b, p.vera_A, p.vera_B,
-                   lay.in_features, lay.out_features)
-        return y + d.reshape(y.shape)
+        x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
+        if lay.kind == Kind.DENSE:  # the 2-D form (one contracted axis; see LoRA's note on XLA's CPU backend)
+            d = branch(x.reshape(-1, x.shape[-1]), self.lambda_d, self.lambda_b, self.vera_A, self.vera_B)
+            return y + d.reshape(y.shape)
+        h = down_project(x, self.vera_A.astype(dt), lay, call.module)
+        h = h * self.lambda_d.astype(dt).reshape((1,) * (h.ndim - 1) + (-1,))
+        d = up_project(h, self.vera_B.astype(dt), lay)
+        return y + d * broadcast_out(self.lambda_b.astype(dt), d.ndim, lay)
+
+    def effective(self, own):
+        """L2-SP's effective weights: the update in the kernel's shape."""
+        return from_matrix(self.delta_matrix(), self.layout)
+
+    def low_rank(self) -> LowRank:
+        """The update ``(A * lambda_d) @ (B * lambda_b)`` as low-rank factors (scale 1), so
+        adapter merging and the bank can combine VeRA adapters."""
+        a, b = self._factors()
+        return LowRank(a, b, 1.0, self.layout, None, False, float(self.dropout))
+
+    def partition_specs(self, module_specs):
+        """Like LoRA's factors: ``vera_A [in, r]`` takes the kernel's input-dimension entry,
+        ``vera_B [r, out]`` and ``lambda_b [out]`` its output entry; ``lambda_d`` is replicated."""
+        lay = self.layout
+        if module_specs is None or lay.param_name not in module_specs:
+            raise ShardingError(f"a VeRA site adapts a {lay.param_name!r} the params do not have at its path; was the "
+                                "adapter made for another model?")
+        lead = self.lambda_d.ndim - 1  # stacked (scanned) sites carry leading layer axes
+        entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
+        lead_e, kern_e = entries[:lead], entries[lead:]
+        a_in, b_out = flat_spec_entry(kern_e, lay.in_axes), flat_spec_entry(kern_e, lay.out_axes)
+        return dataclasses.replace(
+            self, lambda_d=P(*lead_e, None), lambda_b=P(*lead_e, b_out),
+            vera_A=None if self.vera_A is None else P(*lead_e, a_in, None),
+            vera_B=None if self.vera_B is None else P(*lead_e, None, b_out))
 
     def _fold(self, own, sign: float):
-        w = own["kernel"]
-        out = dict(own)
-        out["kernel"] = (w.astype(jnp.float32) + sign * self.delta_matrix()).astype(w.dtype)
-        return out
+        pname = self.layout.param_name
+        w = own[pname]
+        return {**own, pname: (w.astype(jnp.float32) + sign * from_matrix(self.delta_matrix(), self.layout)).astype(w.dtype)}
 
     def merge(self, own):
         """Adds ``(A * lambda_d) @ (B * lambda_b)`` to the kernel."""
@@ -248,29 +275,28 @@ class VeraWeights(Site):
 
 
 def _layouts(config: VeraConfig, params, infos) -> tuple[dict, dict]:
-    """``(module_leaves, {path: layout})`` of the targeted modules, each a dense 2-D kernel."""
+    """``(module_leaves, {path: layout})`` of the targeted linear modules (no embeddings)."""
     leaves, cands = linear_candidates(params)
     cands = linear_only(config.target_modules, leaves, cands)
-    paths = select(config.target_modules, cands, what="linear module (nn.Dense)")
+    paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)")
     out = {}
     for path in sorted(paths):
         lay = linear_layout(path, leaves[path], infos)
-        if lay.kind != "dense":
+        if lay.kind == Kind.EMBED:
             raise UnsupportedModuleError(
-                f"module {path!r} is a {lay.kind} module; VeRA adapts dense layers (a 2-D kernel applied to the "
-                "input's last axis), as Hugging Face PEFT adapts nn.Linear only. Remove it from target_modules."
+                f"module {path!r} is an embedding; VeRA adapts linear modules (Dense, DenseGeneral, Conv, Einsum), as "
+                "Hugging Face PEFT adapts nn.Linear only. Remove it from target_modules."
             )
         out[path] = lay
     return leaves, out
 
 
-@register(VeraConfig)
 def init(config: VeraConfig, params, key, infos) -> dict:
-    """Creates the shared projections and the two vectors of every targeted dense module."""
+    """Creates the shared projections and the two vectors of every targeted linear module."""
     leaves, layouts = _layouts(config, params, infos)
     max_in = max(lay.in_features for lay in layouts.values())
     max_out = max(lay.out_features for lay in layouts.values())
-    proj = VeraProjections(*make_projections(int(config.projection_prng_key), int(config.r), max_in, max_out))
+    full_a, full_b = make_projections(int(config.projection_prng_key), int(config.r), max_in, max_out)
     r = int(config.r)
     out = {}
     for k, (path, lay) in zip(jax.random.split(key, len(layouts)), layouts.items()):
@@ -281,7 +307,11 @@ def init(config: VeraConfig, params, key, infos) -> dict:
             else:
                 d = jax.random.normal(k, (r,), jnp.float32)
                 b = jnp.ones((lay.out_features,), jnp.float32)
-            return VeraWeights(d, b, proj, lay, float(config.dropout))
+            # copies: a slice covering the whole pair would otherwise be the same buffer at several sites,
+            # which a step donating the adapter refuses ("donate the same buffer twice")
+            a = jnp.array(full_a[:lay.in_features], copy=True)
+            b_proj = jnp.array(full_b[:, :lay.out_features], copy=True)
+            return VeraWeights(d, b, a, b_proj, lay, float(config.dropout))
 
         out[path] = scan.make_site(make, path, lay, k, leaves[path])
     return out
@@ -296,39 +326,49 @@ PEFT_A, PEFT_B = "base_model.vera_A", "base_model.vera_B"
 _SITE_TENSORS = ("vera_lambda_b", "vera_lambda_d")
 
 
-def projections_to_peft(vera_A, vera_B, max_in: int, max_out: int) -> dict:
-    """The shared pair in PEFT's keys and orientation, cut to the targets' largest widths."""
-    return {PEFT_A: np.ascontiguousarray(np.asarray(vera_A, np.float32)[:max_in].T),
-            PEFT_B: np.ascontiguousarray(np.asarray(vera_B, np.float32)[:, :max_out].T)}
+def projections_to_peft(vera_A, vera_B) -> dict:
+    """The shared pair (jpeft's ``[max_in, r]``, ``[r, max_out]``) in PEFT's keys and orientation."""
+    return {PEFT_A: np.ascontiguousarray(np.asarray(vera_A, np.float32).T),
+            PEFT_B: np.ascontiguousarray(np.asarray(vera_B, np.float32).T)}
 
 
-def projections_from_peft(a, b) -> VeraProjections:
-    """PEFT's ``vera_A: [r, max_in]``, ``vera_B: [max_out, r]`` as jpeft's pair."""
-    return VeraProjections(jnp.asarray(np.asarray(a).T), jnp.asarray(np.asarray(b).T))
+def shared_pair(slices_a, slices_b) -> tuple[np.ndarray, np.ndarray]:
+    """The shared ``(vera_A [max_in, r], vera_B [r, max_out])`` from the sites' slices (the widest
+    ones), or ``None`` when some site's slice is not a prefix of them (sites of different
+    ``jpeft.init`` calls)."""
+    a = max(slices_a, key=lambda x: x.shape[0])
+    b = max(slices_b, key=lambda x: x.shape[1])
+    ok = all(x.shape[1] == a.shape[1] and np.array_equal(x, a[:x.shape[0]]) for x in slices_a) and \
+        all(x.shape[0] == b.shape[0] and np.array_equal(x, b[:, :x.shape[1]]) for x in slices_b)
+    return (a, b) if ok else None
 
 
 def _to_hf(config: VeraConfig, adapter, ctx):
-    tensors, targets, first = {}, [], None
-    max_in = max_out = 0
+    tensors, targets, slices_a, slices_b = {}, [], [], []
     for path in sorted(adapter):
         node = adapter[path]
         if not isinstance(node, VeraWeights):
             raise UnsupportedAdapterError(
                 f"a VeraConfig adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its own config."
             )
-        a, b = (np.asarray(x, np.float32) for x in (node.projections.vera_A, node.projections.vera_B))
-        if first is None:
-            first = (path, a, b)
-        elif a.shape != first[1].shape or b.shape != first[2].shape or not (np.array_equal(a, first[1]) and np.array_equal(b, first[2])):
+        if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
-                f"the VeRA sites {first[0]!r} and {path!r} hold different projections; the Hugging Face PEFT format "
-                "stores one shared pair per adapter. Save adapters made by different jpeft.init calls separately."
+                f"VeRA site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format holds VeRA on "
+                "nn.Linear (dense) modules only. Keep this adapter in jpeft's own format (jpeft.save_adapter)."
             )
-        max_in, max_out = max(max_in, node.layout.in_features), max(max_out, node.layout.out_features)
-        tensors[hf.peft_key(path, "vera_lambda_b")] = np.asarray(node.lambda_b, np.float32)
-        tensors[hf.peft_key(path, "vera_lambda_d")] = np.asarray(node.lambda_d, np.float32)
+        slices_a.append(np.asarray(node.vera_A, np.float32))
+        slices_b.append(np.asarray(node.vera_B, np.float32))
+        tensors[peft_key(path, "vera_lambda_b")] = np.asarray(node.lambda_b, np.float32)
+        tensors[peft_key(path, "vera_lambda_d")] = np.asarray(node.lambda_d, np.float32)
         targets.append(hf_name(path))
-    tensors.update(projections_to_peft(first[1], first[2], max_in, max_out))
+    pair = shared_pair(slices_a, slices_b)
+    if pair is None:
+        raise UnsupportedAdapterError(
+            "the VeRA sites hold slices of different projections (not prefixes of one shared pair); the Hugging Face "
+            "PEFT format stores one shared pair per adapter. Save adapters made by different jpeft.init calls "
+            "(different projection_prng_key) separately."
+        )
+    tensors.update(projections_to_peft(*pair))
     d = {
         "r": int(config.r),
         "target_modules": targets,
@@ -369,14 +409,14 @@ def _from_hf(d, tensors, params, ctx):
     for k, v in tensors.items():
         if k in (PEFT_A, PEFT_B):
             continue
-        sp = hf.split_peft_key(k, _SITE_TENSORS)
+        sp = split_peft_key(k, _SITE_TENSORS)
         if sp is None or sp[0] not in ctx.leaves:
             unmatched.append(k)
             continue
         by_site.setdefault(sp[0], {})[sp[1]] = v
     cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
     expected = [p for p in cands if matches(config.target_modules, p)]
-    hf.check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    check_keys(list(by_site), expected, unmatched_keys=unmatched)
     r = int(config.r)
     layouts = {p: _inject.infer_layout(p, ctx.leaves[p]) for p in sorted(by_site)}
     max_in = max(lay.in_features for lay in layouts.values())
@@ -387,7 +427,7 @@ def _from_hf(d, tensors, params, ctx):
             f"r={r} and the targeted modules (up to {max_in} inputs, {max_out} outputs) need vera_A ({r}, >= {max_in}) "
             f"and vera_B (>= {max_out}, {r}). Was it saved for another model?"
         )
-    proj = jax.tree.map(lambda x: x.astype(ctx.dtype), projections_from_peft(a, b))
+    full_a, full_b = np.asarray(a, np.float32).T, np.asarray(b, np.float32).T  # [max_in, r], [r, max_out]
     adapter = {}
     for path, lay in layouts.items():
         t = by_site[path]
@@ -402,8 +442,16 @@ def _from_hf(d, tensors, params, ctx):
                     f"module mapping {lay.in_features} -> {lay.out_features} features."
                 )
         adapter[path] = VeraWeights(jnp.asarray(t["vera_lambda_d"], ctx.dtype), jnp.asarray(t["vera_lambda_b"], ctx.dtype),
-                                    proj, lay, float(config.dropout))
+                                    jnp.array(full_a[:lay.in_features], ctx.dtype, copy=True),
+                                    jnp.array(full_b[:, :lay.out_features], ctx.dtype, copy=True), lay, float(config.dropout))
     return config, adapter
 
 
-hf.register_peft_format(VeraConfig, to_hf=_to_hf, from_hf=_from_hf)
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: VeRA with PEFT's default rank on PEFT's default targets (LoRA's)."""
+    t = targets["lora"]
+    return [("VeRA", f"r=256, {t if isinstance(t, str) else '+'.join(t)}", lambda: VeraConfig(r=256, target_modules=t))]
+
+
+VERA = register_method(Method(config=VeraConfig, init=init, nodes=(VeraWeights,), to_hf=_to_hf,
+                              from_hf=_from_hf, budget=budget_rows))

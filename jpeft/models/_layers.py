@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError, UnsupportedModelError
+from jpeft.scan import COLLECTION
 from jpeft.validate import check_token_ids
 from jpeft.models._attention import AttentionMask, check_implementation, dot_product_attention, segment_slots
 
@@ -379,8 +380,6 @@ def scan_layers(layer_cls, num_layers: int):
     stacked adapter arrays) carry a leading layer axis. The layer is called as
     ``layer(hidden, mask, rope, kv, prefix_kv, deterministic, cache_index)`` with ``kv`` and
     ``prefix_kv`` stacked per layer (or ``None``) and returns ``(hidden, new_kv_or_None)``."""
-    from jpeft.scan import COLLECTION
-
     return nn.scan(
         layer_cls,
         variable_axes={"params": 0, COLLECTION: 0, "intermediates": 0},

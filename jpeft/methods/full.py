@@ -13,7 +13,7 @@ two-tree design. The model still has one set of parameters, so :func:`jpeft.summ
 100 % trainable (the copy stands in for the base; it is not counted on top of it).
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
->>> from jpeft.forgetting import FullFinetuneConfig
+>>> from jpeft import FullFinetuneConfig
 >>> model = nn.Dense(2); x = jnp.ones((1, 3))
 >>> params = model.init(jax.random.key(0), x)
 >>> adapter = jpeft.init(FullFinetuneConfig(), params, jax.random.key(1))
@@ -29,21 +29,19 @@ True
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jpeft import _inject
-from jpeft.config import AdapterConfig, register_config
+from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
-from jpeft.methods import register
-from jpeft.methods.base import Call, Site
+from jpeft.methods.base import Call, Method, Site, register_method
 
 _DTYPES = (None, "float32", "bfloat16", "float16", "float64")
 
 
-@register_config
 @dataclasses.dataclass(frozen=True)
 class FullFinetuneConfig(AdapterConfig):
     """Full fine-tuning: every parameter of the model is trainable.
@@ -52,7 +50,7 @@ class FullFinetuneConfig(AdapterConfig):
       dtype: dtype of the trainable copy (``None`` keeps each leaf's own dtype). Training in
         ``"float32"`` over a ``bfloat16`` base is the usual mixed-precision choice.
 
-    >>> from jpeft.forgetting import FullFinetuneConfig
+    >>> from jpeft import FullFinetuneConfig
     >>> FullFinetuneConfig.from_dict(FullFinetuneConfig(dtype="float32").to_dict())
     FullFinetuneConfig(dtype='float32')
     """
@@ -119,6 +117,10 @@ class FullParams(Site):
         with _inject.bypass():
             return clone.apply(variables, *call.args, method=call.method_name, **kwargs)
 
+    def effective(self, own):
+        """L2-SP's effective weights: the weights themselves (so its start is the pre-trained model)."""
+        return self.params
+
     def merge(self, own):
         self.check_params("", own)
         return jax.tree.map(lambda new, old: new.astype(old.dtype), self.params, own)
@@ -130,13 +132,10 @@ class FullParams(Site):
         )
 
 
-@register(FullFinetuneConfig)
 def _init_full(config: FullFinetuneConfig, params, key, infos) -> dict:
     dt = None if config.dtype is None else jnp.dtype(config.dtype)
     copy = jax.tree.map(lambda x: jnp.array(x, dtype=dt or x.dtype, copy=True), dict(params))
     return {"": FullParams(copy)}
 
 
-def is_full(adapter: Mapping[str, Any]) -> bool:
-    """True when ``adapter`` is a full fine-tuning adapter."""
-    return isinstance(adapter, Mapping) and isinstance(adapter.get(""), FullParams)
+FULL = register_method(Method(config=FullFinetuneConfig, init=_init_full, nodes=(FullParams,)))

@@ -1,0 +1,91 @@
+"""The Hugging Face PEFT format's shared vocabulary, for the methods' converters.
+
+A method's :class:`~jpeft.methods.base.Method` gives ``to_hf`` / ``from_hf`` functions;
+:func:`jpeft.hf.save_peft` and :func:`jpeft.hf.load_peft` call them with the contexts below.
+The helpers name PEFT state-dict keys (:func:`peft_key`, :func:`split_peft_key`) and check a
+file's sites against the base (:func:`check_keys`). This module imports no method, so a
+method's file can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.errors import BaseMismatchError
+from jpeft.tree import from_hf_name, hf_name
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+# GPT-2's Conv1D modules (weights stored [in, out]); PEFT needs fan_in_fan_out=True for them.
+CONV1D = re.compile(r"(^|.*/)h_\d+/(attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportContext:
+    """What a format's ``to_hf`` may need besides the config and the adapter."""
+
+    fan_in_fan_out: bool
+    # the base's Hugging Face config.json when save_peft can read it (base_model_name_or_path is a local folder)
+    hf_config: Optional[Mapping[str, Any]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportContext:
+    """What a format's ``from_hf`` may need: the base params' module leaves and the folder."""
+
+    leaves: Mapping[str, Mapping[str, Any]]  # {module_path: {param_name: array}}
+    folder: str
+    dtype: Any
+
+
+
+def to_np(x) -> np.ndarray:
+    """A float32, C-contiguous numpy copy of an array (what the PEFT file stores)."""
+    return np.ascontiguousarray(np.asarray(jnp.asarray(x, jnp.float32)))
+
+
+def peft_key(path: str, tensor: str) -> str:
+    """The PEFT state-dict key of ``tensor`` at jpeft module ``path``.
+
+    >>> peft_key("model/layers_0/self_attn/q_proj", "lora_A.weight")
+    'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    """
+    return f"{PEFT_PREFIX}{hf_name(path)}.{tensor}"
+
+
+def split_peft_key(key: str, tensor_names) -> Optional[tuple[str, str]]:
+    """``(module_path, tensor)`` for a PEFT key ending in one of ``tensor_names``, else ``None``."""
+    if not key.startswith(PEFT_PREFIX):
+        return None
+    rest = key[len(PEFT_PREFIX):]
+    for t in sorted(tensor_names, key=len, reverse=True):
+        if rest.endswith("." + t):
+            return from_hf_name(rest[: -len(t) - 1]), t
+    return None
+
+
+def check_keys(adapter_paths, expected_paths, *, unmatched_keys=(), what: str = "adapter") -> None:
+    """Raises :class:`~jpeft.errors.BaseMismatchError` listing the first unmatched names on
+    both sides when ``adapter_paths`` (modules the file adapts) and ``expected_paths``
+    (modules of the base the config targets) differ, or when ``unmatched_keys`` is non-empty."""
+    a, e = set(adapter_paths), set(expected_paths)
+    only_file = sorted({hf_name(p) for p in a - e}) + sorted(unmatched_keys)
+    only_base = sorted(hf_name(p) for p in e - a)
+    if only_file or only_base:
+        hint = ""
+        if any(".lm_head." in k or k.startswith("lm_head") for k in only_file):
+            hint = (" (lm_head: with tie_word_embeddings the jpeft model computes logits with the input embedding "
+                    "and has no separate lm_head module; adapt the embedding instead)")
+        raise BaseMismatchError(
+            f"the {what} does not match the base model: {len(only_file)} key(s) of the file have no matching module "
+            f"in the base (first: {only_file[:5]}){hint}, and {len(only_base)} targeted module(s) of the base have no "
+            f"weights in the file (first: {only_base[:5]}). Was the adapter trained on another model (or a different "
+            "number of layers)? Load it on the base it was made for."
+        )

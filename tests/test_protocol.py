@@ -1,0 +1,283 @@
+"""The method protocol (jpeft.methods.base): a toy method defined here, outside the package,
+through the public protocol only, gets init, apply, merge, save/load, sharding specs and
+summary with no change to jpeft; frozen adapter arrays get no gradient and no optimizer state;
+and the import graph keeps methods behind the protocol."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import pathlib
+from typing import Any, ClassVar
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jpeft
+from jpeft.config import AdapterConfig, _as_targets
+from jpeft.methods._common import (broadcast_out, down_project, from_matrix, linear_candidates, linear_layout, to_matrix,
+                                   up_project)
+from jpeft.methods.base import (Call, Method, Site, method_of, register_method, registered_methods, split_frozen,
+                                static_field)
+from jpeft.scan import make_site
+from jpeft.tree import select
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "jpeft"
+
+
+# -- a toy method, written the way docs/ARCHITECTURE.md "Adding a method" says --------------------------
+@dataclasses.dataclass(frozen=True)
+class ToyConfig(AdapterConfig):
+    """``y + s * (x @ P) * d``: a frozen random projection ``P: [in, out]`` (saved, never
+    trained) and a trainable per-output scale ``d`` (zero at init, so the start is the base)."""
+
+    peft_type: ClassVar[str] = "JPEFT_TEST_TOY"
+    target_modules: Any = ".*"
+    scale: float = 0.5
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ToyWeights(Site):
+    d: jax.Array
+    proj: jax.Array
+    layout: Any = static_field(default=None)
+    scale: float = static_field(default=1.0)
+
+    mergeable: ClassVar[bool] = True
+    frozen: ClassVar[tuple] = ("proj",)
+
+    def delta(self):
+        return self.scale * self.proj * self.d[None, :]
+
+    def intercept(self, call: Call):
+        y = call.run()
+        x = call.args[0]
+        h = down_project(x.astype(y.dtype), self.proj.astype(y.dtype), self.layout, call.module)
+        return y + self.scale * h * broadcast_out(self.d.astype(y.dtype), h.ndim, self.layout)
+
+    def merge(self, own):
+        k = self.layout.param_name
+        return {**own, k: from_matrix(to_matrix(own[k], self.layout) + self.delta(), self.layout).astype(own[k].dtype)}
+
+    def unmerge(self, own):
+        k = self.layout.param_name
+        return {**own, k: from_matrix(to_matrix(own[k], self.layout) - self.delta(), self.layout).astype(own[k].dtype)}
+
+
+def toy_init(config: ToyConfig, params, key, infos):
+    leaves, cands = linear_candidates(params)
+    out = {}
+    for k, path in zip(jax.random.split(key, len(cands)), sorted(select(config.target_modules, cands))):
+        lay = linear_layout(path, leaves[path], infos)
+
+        def make(kk, own, lay=lay):
+            proj = jax.random.normal(kk, (lay.in_features, lay.out_features)) / np.sqrt(lay.in_features)
+            return ToyWeights(jnp.zeros((lay.out_features,)), proj, lay, config.scale)
+
+        out[path] = make_site(make, path, lay, k, leaves[path])
+    return out
+
+
+TOY = register_method(Method(config=ToyConfig, init=toy_init, nodes=(ToyWeights,)))
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="out")(jax.nn.relu(nn.Dense(5, name="hidden")(x)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = Net()
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    params = model.init(jax.random.key(1), x)
+    adapter = jpeft.init(ToyConfig(), params, jax.random.key(2), model, x)
+    # every adapter tensor random (d is zero at init: identity; moved here so nothing is a no-op)
+    adapter = {p: dataclasses.replace(n, d=jax.random.normal(jax.random.fold_in(jax.random.key(3), i), n.d.shape))
+               for i, (p, n) in enumerate(sorted(adapter.items()))}
+    return model, params, x, adapter
+
+
+def _closed_form(params, adapter, x):
+    p = params["params"]
+    h = x @ p["hidden"]["kernel"] + p["hidden"]["bias"][None, :]
+    n = adapter["hidden"]
+    h = h + n.scale * (x @ n.proj) * n.d[None, :]
+    h = jax.nn.relu(h)
+    y = h @ p["out"]["kernel"] + p["out"]["bias"][None, :]
+    n = adapter["out"]
+    return y + n.scale * (h @ n.proj) * n.d[None, :]
+
+
+def test_toy_registered_through_the_protocol():
+    assert method_of(ToyConfig()) is TOY and TOY in registered_methods()
+    assert AdapterConfig.from_dict(ToyConfig(scale=0.25).to_dict()) == ToyConfig(scale=0.25)
+
+
+def test_toy_init_apply_merge(setup):
+    model, params, x, adapter = setup
+    fresh = jpeft.init(ToyConfig(), params, jax.random.key(2), model, x)
+    chex.assert_trees_all_equal(jpeft.apply(model, params, fresh, x), model.apply(params, x))  # identity at init
+    y = jpeft.apply(model, params, adapter, x)
+    chex.assert_trees_all_close(y, _closed_form(params, adapter, x), atol=1e-5)
+    assert float(jnp.max(jnp.abs(y - model.apply(params, x)))) > 1e-2
+    merged = jpeft.merge(params, adapter)
+    chex.assert_trees_all_close(model.apply(merged, x), y, atol=1e-5)
+    chex.assert_trees_all_close(jpeft.unmerge(merged, adapter), params, atol=1e-5)
+
+
+def test_toy_summary_counts_frozen_apart(setup):
+    model, params, x, adapter = setup
+    s = jpeft.summary(params, adapter, print_fn=None)
+    assert s["trainable"] == 5 + 3
+    assert s["frozen"] == 6 * 5 + 5 * 3
+    assert s["trainable_bytes"] == 4 * (5 + 3)
+
+
+def test_toy_save_load(setup, tmp_path):
+    model, params, x, adapter = setup
+    jpeft.save_adapter(tmp_path / "toy", ToyConfig(), adapter, params=params)
+    config, loaded = jpeft.load_adapter(tmp_path / "toy", params, model, x)
+    assert config == ToyConfig()
+    chex.assert_trees_all_equal(loaded, adapter)
+
+
+def test_toy_sharding_specs(setup):
+    model, params, x, adapter = setup
+    specs = jpeft.adapter_specs(adapter, jax.tree.map(lambda _: P(), params))
+    assert set(specs) == set(adapter)
+    assert all(s == P() for s in jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, P)))
+
+
+def _loss(model):
+    def loss_fn(params, adapter, batch, key):
+        return jnp.mean((jpeft.apply(model, params, adapter, batch["x"]) - batch["y"]) ** 2)
+
+    return loss_fn
+
+
+def test_frozen_arrays_get_no_gradient_and_no_optimizer_state(setup):
+    model, params, x, adapter = setup
+    opt = optax.adam(1e-2)
+    train, frozen = split_frozen(adapter)
+    assert [n.proj for n in train.values()] == [None, None]
+    state = jpeft.init_opt_state(opt, jax.device_put(adapter, jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)), P())))
+    mu = state[0].mu
+    assert sorted(jax.tree.leaves(jax.tree.map(lambda a: a.size, mu))) == [3, 5]  # d only, no proj
+    step = jpeft.make_train_step(_loss(model), opt, donate=False)
+    batch = {"x": x, "y": jnp.ones((4, 3))}
+    new, new_state, metrics = step(params, adapter, opt.init(jpeft.trainable(adapter)), batch, jax.random.key(0))
+    assert int(metrics["skipped"]) == 0
+    for p in adapter:
+        chex.assert_trees_all_equal(new[p].proj, adapter[p].proj)  # frozen: unchanged
+        assert not np.allclose(new[p].d, adapter[p].d)  # trained
+    grads = jax.grad(lambda t: _loss(model)(params, jpeft.join_frozen(t, frozen), batch, None))(train)
+    assert sorted(x.size for x in jax.tree.leaves(grads)) == [3, 5]
+
+
+def test_optimizer_state_over_frozen_arrays_is_refused(setup):
+    model, params, x, adapter = setup
+    opt = optax.adam(1e-2)
+    step = jpeft.make_train_step(_loss(model), opt, donate=False)
+    with pytest.raises(jpeft.ConfigError, match="init_opt_state"):
+        step(params, adapter, opt.init(adapter), {"x": x, "y": jnp.ones((4, 3))}, jax.random.key(0))
+
+
+def test_repeated_steps_compile_once(setup):
+    model, params, x, adapter = setup
+    opt = optax.sgd(1e-2)
+    step = jpeft.make_train_step(chex.assert_max_traces(_loss(model), n=1), opt, donate=False)
+    state = opt.init(jpeft.trainable(adapter))
+    for i in range(3):
+        batch = {"x": x + i, "y": jnp.ones((4, 3))}
+        adapter, state, _ = step(params, adapter, state, batch, jax.random.key(i))
+
+
+def test_layout_dispatch_matches_the_kernel(setup):
+    """down_project / up_project through a kernel's own matrix reproduce the module's output."""
+    model, params, x, adapter = setup
+    lay = adapter["hidden"].layout
+    w = params["params"]["hidden"]["kernel"]
+    mat = to_matrix(w, lay)
+    got = up_project(down_project(x, mat[:, :2], lay), jnp.eye(2, lay.out_features), lay)
+    chex.assert_shape(got, (4, 5))
+    chex.assert_trees_all_close(got[:, :2], (x @ w)[:, :2], atol=1e-5)
+
+
+# -- the import graph -------------------------------------------------------------------------------------
+_PROTOCOL = {"jpeft.methods", "jpeft.methods.base", "jpeft.methods._common", "jpeft.methods.budget"}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _imports(path: pathlib.Path, known: set) -> set:
+    """Every jpeft module ``path`` imports (at any depth: top level or inside functions)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in known}
+    return {m for m in out if m.startswith("jpeft")}
+
+
+def test_import_graph_keeps_methods_behind_the_protocol():
+    """Outside jpeft/methods/ no module imports a method module, except jpeft/__init__.py, which
+    re-exports the methods' public names (and so registers them)."""
+    files = sorted(ROOT.rglob("*.py"))
+    known = {_module_name(f) for f in files}
+    method_modules = {m for m in known if m.startswith("jpeft.methods.")} - _PROTOCOL
+    registered = {m.config.__module__ for m in registered_methods()} | {
+        n.__module__ for m in registered_methods() for n in m.nodes}
+    assert {m for m in registered if m.startswith("jpeft.")} <= method_modules
+    bad = {}
+    for f in files:
+        name = _module_name(f)
+        if name.startswith("jpeft.methods") or name == "jpeft":
+            continue
+        hits = _imports(f, known) & method_modules
+        if hits:
+            bad[name] = sorted(hits)
+    assert bad == {}, f"modules outside jpeft/methods/ import method modules: {bad}"
+
+
+def test_no_node_class_is_named_outside_its_method():
+    """The node classes of every registered method appear in no code outside jpeft/methods/
+    (jpeft/__init__.py re-exports some for users)."""
+    node_names = {n.__name__ for m in registered_methods() for n in m.nodes if n.__module__.startswith("jpeft.")}
+    bad = {}
+    for f in sorted(ROOT.rglob("*.py")):
+        name = _module_name(f)
+        if name.startswith("jpeft.methods") or name == "jpeft":
+            continue
+        used = {n.id for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Name)}
+        used |= {n.attr for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Attribute)}
+        if used & node_names:
+            bad[name] = sorted(used & node_names)
+    assert bad == {}, bad
+
+
+def test_the_protocol_imports_no_method():
+    files = sorted(ROOT.rglob("*.py"))
+    known = {_module_name(f) for f in files}
+    method_modules = {m for m in known if m.startswith("jpeft.methods.")} - _PROTOCOL
+    for mod in _PROTOCOL - {"jpeft.methods.budget"}:
+        f = ROOT.parent / (mod.replace(".", "/") + ("/__init__.py" if mod == "jpeft.methods" else ".py"))
+        assert not (_imports(f, known) & method_modules), mod
