@@ -1,7 +1,7 @@
 """AdaLoRA (Zhang et al. 2023): LoRA in SVD form with a rank budget that shrinks during training,
 as Hugging Face PEFT 0.21 implements it (``peft/tuners/adalora``).
 
-Each targeted dense module holds ``lora_A: [in, r]``, ``lora_E: [r]`` and ``lora_B: [r, out]``
+Each targeted linear module holds ``lora_A: [in, r]``, ``lora_E: [r]`` and ``lora_B: [r, out]``
 (JAX orientation; PEFT stores ``lora_A: [r, in]``, ``lora_E: [r, 1]``, ``lora_B: [out, r]``),
 ``r = init_r``, and computes
 
@@ -70,7 +70,8 @@ class AdaLoraConfig(AdapterConfig):
       orth_reg_weight: the weight of :func:`orthogonal_regularization` in the loss (>= 0).
       alpha: ``lora_alpha``; the update is scaled by ``alpha / init_r`` (PEFT's default 8).
       dropout: ``lora_dropout``, active only with ``rngs={"dropout": key}``.
-      target_modules: dense modules to adapt (as for :class:`jpeft.LoraConfig`).
+      target_modules: linear modules to adapt (as for :class:`jpeft.LoraConfig`); the PEFT
+        format holds dense sites only.
       init_lora_weights: ``True``: ``E = 0`` (the identity), ``A``, ``B`` normal with std 0.02;
         ``False``: all three standard normal (tests only), as PEFT.
       rank_pattern: which triplets each module keeps, ``{"<module>.lora_E": [bool] * init_r}``,

@@ -77,8 +77,9 @@ class VeraConfig(AdapterConfig):
       r: width of the shared random projections (PEFT's default 256; VeRA's vectors are so
         small that ranks far above LoRA's are usual).
       target_modules: linear modules to adapt (a regex or a list of names / path suffixes, as
-        for :class:`jpeft.LoraConfig`; ``"all-linear"`` too). Only ``nn.Dense``-style 2-D
-        kernels, as PEFT adapts ``nn.Linear`` only. The default is PEFT's for Llama.
+        for :class:`jpeft.LoraConfig`; ``"all-linear"`` too). Dense, DenseGeneral, Conv
+        and Einsum; the PEFT format holds dense sites only (PEFT adapts ``nn.Linear``). The
+        default is PEFT's for Llama.
       projection_prng_key: seed (0 to 2**63 - 1) of the shared projections (JAX's generator: the
         same seed gives the same projections in jpeft, but not PEFT's, which come from torch's
         generator; that is why they are always saved).
