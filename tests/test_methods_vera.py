@@ -293,3 +293,16 @@ def test_llama2_7b_budget_row_is_peft_count():
 
     rows = {(r["method"], r["settings"]): r for r in budget.budget_rows(budget.LlamaConfig_7b(), progress=False)}
     assert rows[("VeRA", "r=256, q_proj+v_proj")]["trainable"] == 278_528
+
+
+def test_jpeft_info_counts_vera_as_peft_prints(capsys):
+    """`jpeft info`: PEFT's "trainable params: 278,528 || all params: 6,738,694,144" (VeraConfig(r=256) on a
+    meta-device Llama-2-7B), and the frozen projections apart (64 sites x 256 x (4096 + 4096))."""
+    import json
+
+    from jpeft.cli import main
+
+    assert main(["info", "llama-2-7b", "--method", "vera", "-r", "256", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (res["trainable_params"], res["total_params"], res["frozen_adapter_params"]) == (278_528, 6_738_694_144,
+                                                                                           134_217_728)
