@@ -255,3 +255,14 @@ def test_dense_general_conv_and_einsum_merge_equals_apply(tmp_path):
     chex.assert_trees_all_close(jpeft.unmerge(merged, ad), params, rtol=1e-4, atol=1e-5)
     with pytest.raises(UnsupportedAdapterError, match="dense"):
         H.save_peft(str(tmp_path), cfg, ad)
+
+
+def test_sharding_specs_follow_the_kernel():
+    from jax.sharding import PartitionSpec as P
+
+    _, params = _base()
+    ad = jpeft.init(AL.AdaLoraConfig(init_r=2, target_r=1, total_step=5, target_modules=["q_proj"]), params,
+                    jax.random.key(0))
+    specs = jax.tree.map(lambda x: P("fsdp", "tensor") if x.ndim == 2 else P(), params)
+    node = jpeft.adapter_specs(ad, specs)["model/layers_0/self_attn/q_proj"]
+    assert (node.lora_A, node.lora_E, node.lora_B) == (P("fsdp", None), P(None), P(None, "tensor"))

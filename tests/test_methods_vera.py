@@ -306,3 +306,29 @@ def test_jpeft_info_counts_vera_as_peft_prints(capsys):
     res = json.loads(capsys.readouterr().out)
     assert (res["trainable_params"], res["total_params"], res["frozen_adapter_params"]) == (278_528, 6_738_694_144,
                                                                                            134_217_728)
+
+
+def test_sharding_specs_follow_the_kernel():
+    """vera_A takes the kernel's input entry, vera_B and lambda_b its output entry (as LoRA's A and B);
+    lambda_d is replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    _, params = _base("llama3")
+    ad = jpeft.init(VeraConfig(r=R, target_modules=["q_proj"]), params, jax.random.key(0))
+    specs = jax.tree.map(lambda x: P("fsdp", "tensor") if x.ndim == 2 else P(), params)
+    node = jpeft.adapter_specs(ad, specs)["model/layers_0/self_attn/q_proj"]
+    assert (node.vera_A, node.vera_B, node.lambda_b, node.lambda_d) == (P("fsdp", None), P(None, "tensor"),
+                                                                        P("tensor"), P(None))
+
+
+def test_low_rank_form_merges_with_lora_adapters():
+    """VeRA's update is (A * lambda_d) @ (B * lambda_b): adapter merging combines it with a LoRA
+    adapter, and the merged LoRA adapter computes the same outputs as the two applied together."""
+    model = nn.Dense(6)
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    params = model.init(jax.random.key(1), x)
+    vera = _randomize(jpeft.init(VeraConfig(r=3, target_modules=".*"), params, jax.random.key(2)), 6)
+    lora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(3))
+    merged = jpeft.merge_adapters([vera, lora], [1.0, 1.0], method="cat")
+    both = model.apply(jpeft.merge(jpeft.merge(params, vera), lora), x)
+    np.testing.assert_allclose(jpeft.apply(model, params, merged, x), both, rtol=1e-5, atol=1e-5)
