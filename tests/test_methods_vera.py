@@ -23,7 +23,7 @@ import jpeft.models  # noqa: E402
 from jpeft import hf as H  # noqa: E402
 from jpeft.errors import ConfigError, UnsupportedAdapterError, UnsupportedModuleError  # noqa: E402
 from jpeft.methods import vera as VM  # noqa: E402
-from jpeft.methods.vera import VeraConfig, VeraWeights  # noqa: E402
+from jpeft.methods.vera import VeraConfig  # noqa: E402
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
