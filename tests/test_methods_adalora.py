@@ -266,3 +266,16 @@ def test_sharding_specs_follow_the_kernel():
     specs = jax.tree.map(lambda x: P("fsdp", "tensor") if x.ndim == 2 else P(), params)
     node = jpeft.adapter_specs(ad, specs)["model/layers_0/self_attn/q_proj"]
     assert (node.lora_A, node.lora_E, node.lora_B) == (P("fsdp", None), P(None), P(None, "tensor"))
+
+
+def test_stock_training_loops_refuse_adalora_by_name():
+    """jpeft train and the forgetting runner run plain optimizer steps: AdaLoRA there would be a fixed-rank
+    SVD LoRA without its budget, so they refuse it and say what to do."""
+    from jpeft.cli.train_cmd import method_of
+    from jpeft.forgetting.experiment import MethodSpec
+
+    with pytest.raises(ConfigError, match="update_and_allocate"):
+        method_of({"method": {"name": "adalora", "total_step": 10}})
+    with pytest.raises(ConfigError, match="update_and_allocate"):
+        MethodSpec("adalora", AL.AdaLoraConfig(total_step=10))
+    assert isinstance(method_of({"method": {"name": "vera"}}), jpeft.VeraConfig)

@@ -91,6 +91,12 @@ class AdaLoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
+    #: why jpeft's stock training loops (``jpeft train``, the forgetting runner) refuse this method:
+    #: they run plain optimizer steps, which would train SVD-form LoRA at a fixed rank, silently
+    needs_own_training_loop: ClassVar[str] = (
+        "AdaLoRA's rank budget needs jpeft.methods.adalora.update_and_allocate after every optimizer step, with that "
+        "step's gradients (as PEFT's update_and_allocate); write the loop as docs/METHODS.md shows"
+    )
     _hf_keys: ClassVar[Mapping[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
     _ignored_hf_keys: ClassVar[frozenset] = AdapterConfig._ignored_hf_keys | {"r"}
     _unsupported_hf_options: ClassVar[Mapping[str, tuple]] = {
