@@ -28,6 +28,8 @@ from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWei
 from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
 from jpeft.methods.oft import OFTConfig
 from jpeft.methods.ln_tuning import LNTuningConfig
+from jpeft.methods.vera import VeraConfig, VeraWeights
+from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights
 from jpeft.methods.pissa import init_olora, init_pissa
 from jpeft.methods.full import FullFinetuneConfig
 from jpeft.train import make_train_step
@@ -70,6 +72,10 @@ __all__ = [
     "PromptWeights",
     "OFTConfig",
     "LNTuningConfig",
+    "VeraConfig",
+    "VeraWeights",
+    "AdaLoraConfig",
+    "AdaLoraWeights",
     "init_pissa",
     "init_olora",
     "init",

@@ -123,7 +123,8 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
     train, froz = split_frozen(adapter) if adapter else ({}, {})
     trainable = count(train)
     frozen = count(froz)
-    added = sum(count(node) for node in (adapter or {}).values() if not getattr(node, "replaces_base", False))
+    # frozen arrays are not parameters of the model (PEFT's VeRA keeps its projections as buffers, outside "all params")
+    added = sum(count(train[p]) for p, node in (adapter or {}).items() if not getattr(node, "replaces_base", False))
     total = base + added
     share = trainable / total if total else 0.0
     out = {

@@ -340,8 +340,9 @@ def check_config_values(d: Mapping[str, Any], where: str) -> None:
         for k in ("rank_pattern", "alpha_pattern"):
             for pat, v in (d.get(k) or {}).items():
                 compile_pattern(pat)
-                ok = (isinstance(v, int) and v > 0) if k == "rank_pattern" else (
-                    isinstance(v, (int, float)) and 0 < v <= float(np.finfo(np.float32).max))
+                # rank_pattern: LoRA's ranks, or AdaLoRA's kept-triplet masks (checked by its config)
+                ok = ((isinstance(v, int) and v > 0) or (isinstance(v, list) and all(isinstance(b, bool) for b in v))) \
+                    if k == "rank_pattern" else (isinstance(v, (int, float)) and 0 < v <= float(np.finfo(np.float32).max))
                 if isinstance(v, bool) or not ok:
                     raise ConfigError(f"{k}[{pat!r}] must be a positive {'integer' if k == 'rank_pattern' else 'finite number'}, "
                                       f"found {str(v)[:80]}")

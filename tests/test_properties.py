@@ -56,6 +56,8 @@ CASES = {
     "lokr": Case(LoKrConfig(r=1, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"]), True, True),
     "oft": Case(OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"]), True, True),
     "ln_tuning": Case(LNTuningConfig(), True, True, invertible=False),
+    "vera": Case(jpeft.VeraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]), True, True),
+    "adalora": Case(jpeft.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"]), True, True),
 }
 
 
@@ -182,6 +184,8 @@ def test_summary_counts_every_method():
         # w1 [a, c] + w2_a [b, 1] + w2_b [1, d] with out = a*b, in = c*d: q 8=2*4 <- 8=2*4, v 4=2*2 <- 8, up 16=4*4 <- 8
         "lokr": L * ((2 * 2 + 4 + 4) + (2 * 2 + 2 + 4) + (4 * 2 + 4 + 4)),
         "oft": L * 2 * (h // 4) * (4 * 3 // 2),  # q, v: h/4 blocks of 4, 6 numbers each
+        "vera": L * (3 * 4 + h + kv + inter),  # lambda_d [r=4] + lambda_b [out] on q, v, up; projections are frozen
+        "adalora": L * (3 * (h + h) + 3 + 3 * (h + kv) + 3),  # A [in, 3], B [3, out], E [3] on q and v
     }
     expected["lora"] = L * ((h * 2 + 2 * h) + (h * 2 + 2 * kv))
     expected["dora"] = expected["lora"] + L * (h + kv) + L * ((h * 2 + 2 * inter) + inter)

@@ -120,6 +120,7 @@ def run(args) -> int:
         "trainable_share": s["share"],
         "adapted_sites": s["sites"],
         "adapter_bytes_float32": s["trainable"] * 4,
+        "frozen_adapter_params": s["frozen"],  # saved with the adapter, never trained (VeRA's projections)
         "base_bytes": s["base"] * base_bytes,
         "base_dtype": base_dtype,
         "train_state_bytes": adam_adapter,
@@ -136,6 +137,8 @@ def run(args) -> int:
         ["frozen base weights", f"{human_count(s['base'])}", human_bytes(res["base_bytes"]) + f" ({base_dtype})"],
         ["adapter weights", f"{human_count(s['trainable'])}", human_bytes(res["adapter_bytes_float32"]) + " (float32)"],
         ["adapter + Adam state", "", human_bytes(adam_adapter)],
+    ] + ([["frozen adapter arrays (never trained)", f"{human_count(s['frozen'])}", human_bytes(s["frozen"] * 4) + " (float32)"]]
+         if s["frozen"] else []) + [
         ["full fine-tuning: weights + grads + Adam", f"{human_count(s['base'])}", human_bytes(full_train)],
     ]
     print(format_table(rows, ["", "params", "memory"]))

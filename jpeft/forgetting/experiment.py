@@ -99,6 +99,10 @@ class MethodSpec:
     def __post_init__(self):
         if not isinstance(self.config, AdapterConfig):
             raise ConfigError(f"MethodSpec {self.name!r}: config must be a jpeft method config, found {type(self.config).__name__}.")
+        why = getattr(self.config, "needs_own_training_loop", None)  # more than optimizer steps
+        if why:
+            raise ConfigError(f"MethodSpec {self.name!r}: the runner's plain optimizer steps cannot train "
+                              f"{type(self.config).__name__}: {why}.")
         for f in ("lr",):
             if not getattr(self, f) > 0:
                 raise ConfigError(f"MethodSpec {self.name!r}: {f} must be > 0, found {getattr(self, f)}.")

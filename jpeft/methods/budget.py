@@ -58,6 +58,9 @@ DEFAULT_TARGETS = {
     "OFT": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
     "LN_TUNING": {m: {"target_modules": ["post_attention_layernorm"] if m == "qwen2" else t["ln"]}
                   for m, t in FAMILY_TARGETS.items() if m != "bert"},  # PEFT has no BERT default
+    # PEFT's VeRA and AdaLoRA defaults are LoRA's (TRANSFORMERS_MODELS_TO_{VERA,ADALORA}_TARGET_MODULES_MAPPING)
+    "VERA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
+    "ADALORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
 }
 DEFAULT_TARGETS.update(LOHA=DEFAULT_TARGETS["LORA"], LOKR=DEFAULT_TARGETS["LORA"])  # PEFT copies LoRA's mapping
 

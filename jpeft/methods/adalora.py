@@ -1,0 +1,541 @@
+"""AdaLoRA (Zhang et al. 2023): LoRA in SVD form with a rank budget that shrinks during training,
+as Hugging Face PEFT 0.21 implements it (``peft/tuners/adalora``).
+
+Each targeted linear module holds ``lora_A: [in, r]``, ``lora_E: [r]`` and ``lora_B: [r, out]``
+(JAX orientation; PEFT stores ``lora_A: [r, in]``, ``lora_E: [r, 1]``, ``lora_B: [out, r]``),
+``r = init_r``, and computes
+
+    y = x @ W + ((dropout(x) @ (A * E)) @ B) * alpha / (init_r + 1e-5)
+
+(PEFT's ``scaling = lora_alpha`` over ``ranknum``, which stays ``init_r`` when ranks are pruned).
+At init ``E = 0`` and ``A``, ``B`` are ``N(0, 0.02^2)``: the identity.
+
+Training: the rank budget starts at ``init_r`` per module and falls on a cubic schedule to
+``target_r`` per module between steps ``tinit`` and ``total_step - tfinal``
+(:func:`budget_schedule`). After each optimizer step, :func:`update_and_allocate` takes the
+adapter, its gradients and the step; it keeps exponential averages of each entry's sensitivity
+``|p * grad|`` and of its uncertainty (:class:`AllocatorState`), scores each singular triplet
+``(A[:, i], E[i], B[i])`` and sets the ``E`` entries of the lowest-scoring triplets to zero so
+that the budget holds (PEFT's ``RankAllocator``). It returns the ``rank_pattern`` (which
+triplets each module keeps, keyed ``"<module>.lora_E"`` as PEFT writes them), which goes into the
+config (``config.replace(rank_pattern=...)``) so that :func:`jpeft.hf.save_peft` writes only the
+kept triplets. Shapes never change in jpeft (a pruned triplet is a zero ``E`` entry), so the
+training step compiles once. :func:`orthogonal_regularization` is PEFT's penalty
+``mean ||A^T A - I||_F, ||B B^T - I||_F``; add ``orth_reg_weight`` times it to the loss, as
+PEFT adds it to the model's loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jpeft import _inject, scan
+from jpeft.config import AdapterConfig, _as_targets
+from jpeft.errors import (
+    BaseMismatchError,
+    CheckpointError,
+    ConfigError,
+    ShapeMismatchError,
+    ShardingError,
+    UnsupportedAdapterError,
+    UnsupportedModuleError,
+)
+from jpeft.methods._common import down_project, from_matrix, linear_candidates, linear_layout, up_project
+from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
+                                spec_entries, static_field)
+from jpeft.peft_format import check_keys, peft_key, split_peft_key
+from jpeft.tree import hf_name, linear_only, matches, select
+
+_OFF = (None, {}, [], ())
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaLoraConfig(AdapterConfig):
+    """Configuration of an AdaLoRA adapter (Hugging Face PEFT's ``AdaLoraConfig``; same key names).
+
+    Args:
+      init_r: the starting rank of every module (PEFT's default 12).
+      target_r: the average rank per module at the end of the budget schedule (8).
+      tinit, tfinal, total_step: the schedule: the budget stays at ``init_r`` per module up to
+        step ``tinit``, falls cubically to ``target_r`` per module at ``total_step - tfinal``, and
+        the ranks are then fixed for the last ``tfinal`` steps. ``total_step`` is required.
+      deltaT: re-allocate the budget every ``deltaT`` steps during the falling phase.
+      beta1, beta2: the averaging factors of the sensitivity and its uncertainty, in (0, 1).
+      orth_reg_weight: the weight of :func:`orthogonal_regularization` in the loss (>= 0).
+      alpha: ``lora_alpha``; the update is scaled by ``alpha / init_r`` (PEFT's default 8).
+      dropout: ``lora_dropout``, active only with ``rngs={"dropout": key}``.
+      target_modules: linear modules to adapt (as for :class:`jpeft.LoraConfig`); the PEFT
+        format holds dense sites only.
+      init_lora_weights: ``True``: ``E = 0`` (the identity), ``A``, ``B`` normal with std 0.02;
+        ``False``: all three standard normal (tests only), as PEFT.
+      rank_pattern: which triplets each module keeps, ``{"<module>.lora_E": [bool] * init_r}``,
+        as :func:`update_and_allocate` returns it and PEFT saves it.
+
+    PEFT's LoRA options that AdaLoRA inherits but jpeft's AdaLoRA does not implement
+    (``bias``, ``modules_to_save``, ``layers_to_transform``, ``use_rslora``, ``alpha_pattern``, ...)
+    are refused by name unless they hold PEFT's defaults; PEFT's ``r`` is ignored by AdaLoRA
+    (it uses ``init_r``) and so by jpeft.
+
+    >>> from jpeft.methods.adalora import AdaLoraConfig
+    >>> c = AdaLoraConfig(init_r=6, target_r=2, total_step=100, tinit=10, tfinal=20)
+    >>> AdaLoraConfig.from_dict(c.to_dict()) == c
+    True
+    >>> c.to_dict()["lora_alpha"], c.to_dict()["peft_type"]
+    (8, 'ADALORA')
+    """
+
+    peft_type: ClassVar[str] = "ADALORA"
+    #: why jpeft's stock training loops (``jpeft train``, the forgetting runner) refuse this method:
+    #: they run plain optimizer steps, which would train SVD-form LoRA at a fixed rank, silently
+    needs_own_training_loop: ClassVar[str] = (
+        "AdaLoRA's rank budget needs jpeft.methods.adalora.update_and_allocate after every optimizer step, with that "
+        "step's gradients (as PEFT's update_and_allocate); write the loop as docs/METHODS.md shows"
+    )
+    _hf_keys: ClassVar[Mapping[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+    _ignored_hf_keys: ClassVar[frozenset] = AdapterConfig._ignored_hf_keys | {"r"}
+    _unsupported_hf_options: ClassVar[Mapping[str, tuple]] = {
+        **AdapterConfig._unsupported_hf_options,
+        "use_rslora": (False, None),
+        "use_dora": (False, None),
+        "alpha_pattern": _OFF,
+        "ensure_weight_tying": (False, None),
+        "kasa_config": _OFF,
+        "monteclora_config": _OFF,
+        "velora_config": _OFF,
+        "use_bdlora": (False, None),
+    }
+
+    init_r: int = 12
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None
+    alpha: float = 8
+    dropout: float = 0.0
+    target_modules: Any = ("q_proj", "v_proj")
+    init_lora_weights: bool = True
+    rank_pattern: Optional[Mapping[str, Any]] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ConfigError("AdaLoraConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
+
+        def whole(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ConfigError(f"AdaLoraConfig.{name} must be an integer >= {lo}, found {v!r}.")
+
+        for name, lo in (("init_r", 1), ("target_r", 1), ("tinit", 0), ("tfinal", 0), ("deltaT", 1)):
+            whole(name, lo)
+        if self.total_step is None:
+            raise ConfigError("AdaLoraConfig.total_step is required (> 0): the budget schedule needs the training length, "
+                              "as in Hugging Face PEFT.")
+        whole("total_step", 1)
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ConfigError(
+                f"AdaLoraConfig: tinit={self.tinit} >= total_step - tfinal = {self.total_step - self.tfinal} leaves no "
+                "budgeting phase; decrease tfinal/tinit or increase total_step (PEFT refuses this too)."
+            )
+        if self.target_r > self.init_r:
+            raise ConfigError(f"AdaLoraConfig.target_r={self.target_r} exceeds init_r={self.init_r}; the budget only shrinks.")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ConfigError(f"AdaLoraConfig.{name} must be in (0, 1), found {v!r}.")
+        if isinstance(self.orth_reg_weight, bool) or not isinstance(self.orth_reg_weight, (int, float)) \
+                or not 0 <= self.orth_reg_weight < float("inf"):
+            raise ConfigError(f"AdaLoraConfig.orth_reg_weight must be a finite number >= 0, found {self.orth_reg_weight!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < float("inf"):
+            raise ConfigError(f"AdaLoraConfig.alpha (lora_alpha) must be a finite number > 0, found {self.alpha!r}.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"AdaLoraConfig.dropout (lora_dropout) must be in [0, 1), found {self.dropout!r}.")
+        if not isinstance(self.init_lora_weights, bool):
+            raise ConfigError(f"AdaLoraConfig.init_lora_weights must be true or false, found {self.init_lora_weights!r}.")
+        rp = self.rank_pattern
+        if rp is not None:
+            if not isinstance(rp, Mapping) or not all(
+                    isinstance(k, str) and k.endswith(".lora_E") and isinstance(v, (list, tuple)) and len(v) == self.init_r
+                    and all(isinstance(b, bool) for b in v) for k, v in rp.items()):
+                raise ConfigError(
+                    f"AdaLoraConfig.rank_pattern must map '<module>.lora_E' to init_r={self.init_r} booleans (as "
+                    f"update_and_allocate returns it), found {str(rp)[:160]}."
+                )
+            object.__setattr__(self, "rank_pattern", {k: tuple(v) for k, v in rp.items()} or None)
+
+    def __hash__(self):
+        rp = None if self.rank_pattern is None else tuple(sorted(self.rank_pattern.items()))
+        return hash((self.init_r, self.target_r, self.tinit, self.tfinal, self.deltaT, self.beta1, self.beta2,
+                     self.orth_reg_weight, self.total_step, self.alpha, self.dropout, self.target_modules,
+                     self.init_lora_weights, rp))
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / (init_r + 1e-5)``: PEFT's ``scaling / ranknum``."""
+        return float(self.alpha) / (float(self.init_r) + 1e-5)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdaLoraWeights(Site):
+    """One AdaLoRA site: ``lora_A: [in, r]``, ``lora_E: [r]``, ``lora_B: [r, out]``."""
+
+    lora_A: jax.Array
+    lora_E: jax.Array
+    lora_B: jax.Array
+    scale: float = static_field(default=1.0)  # alpha / (init_r + 1e-5)
+    layout: Layout = static_field(default=None)
+    dropout: float = static_field(default=0.0)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    def handles(self, method_name: str) -> bool:
+        return method_name == "__call__"
+
+    def check(self, path: str, module) -> None:
+        self.check_params(path, module.variables.get("params", {}))
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        self.layout.check_params(path, own, what="AdaLoRA adapter")
+        n_in, n_out = self.layout.in_features, self.layout.out_features
+        a, e, b = self.lora_A.shape[-2:], self.lora_E.shape[-1:], self.lora_B.shape[-2:]
+        if a[0] != n_in or b[1] != n_out or not a[1] == e[0] == b[0]:
+            raise ShapeMismatchError(
+                f"the AdaLoRA site at {path!r} maps {n_in} -> {n_out} features but holds lora_A {a}, lora_E {e}, "
+                f"lora_B {b}. Was the adapter made for another model?"
+            )
+
+    def delta_matrix(self) -> jax.Array:
+        """``(A * E) @ B * scale`` as ``[in, out]`` (float32; merge only)."""
+        f = jnp.float32
+        return ((self.lora_A.astype(f) * self.lora_E.astype(f)[None, :]) @ self.lora_B.astype(f)) * self.scale
+
+    def intercept(self, call: Call):
+        lay = self.layout
+        _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
+        y = call.run()
+        dt = y.dtype
+        x = call.args[0] if call.args else call.kwargs["inputs"]
+        x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
+        if lay.kind == Kind.DENSE:  # the 2-D form (one contracted axis; see LoRA's note on XLA's CPU backend)
+            x2 = x.reshape(-1, x.shape[-1])
+            h = (x2 @ self.lora_A.astype(dt)) * self.lora_E.astype(dt)[None, :]
+            return y + ((h @ self.lora_B.astype(dt)) * self.scale).reshape(y.shape)
+        h = down_project(x, self.lora_A.astype(dt), lay, call.module)
+        h = h * self.lora_E.astype(dt).reshape((1,) * (h.ndim - 1) + (-1,))
+        return y + up_project(h, self.lora_B.astype(dt), lay) * self.scale
+
+    def effective(self, own):
+        """L2-SP's effective weights: the update in the kernel's shape."""
+        return from_matrix(self.delta_matrix(), self.layout)
+
+    def low_rank(self) -> LowRank:
+        """The update as ``scale * (A * E) @ B``, so adapter merging and the bank can combine it."""
+        f = jnp.float32
+        return LowRank(self.lora_A.astype(f) * self.lora_E.astype(f)[None, :], self.lora_B.astype(f), self.scale,
+                       self.layout, None, False, float(self.dropout))
+
+    def partition_specs(self, module_specs):
+        """``lora_A [in, r]`` takes the kernel's input-dimension entry, ``lora_B [r, out]`` its output
+        entry (as LoRA's), ``lora_E`` is replicated."""
+        lay = self.layout
+        if module_specs is None or lay.param_name not in module_specs:
+            raise ShardingError(f"an AdaLoRA site adapts a {lay.param_name!r} the params do not have at its path; was "
+                                "the adapter made for another model?")
+        lead = self.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
+        entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
+        lead_e, kern_e = entries[:lead], entries[lead:]
+        return dataclasses.replace(self, lora_A=P(*lead_e, flat_spec_entry(kern_e, lay.in_axes), None),
+                                   lora_E=P(*lead_e, None), lora_B=P(*lead_e, None, flat_spec_entry(kern_e, lay.out_axes)))
+
+    def _fold(self, own, sign: float):
+        pname = self.layout.param_name
+        w = own[pname]
+        return {**own, pname: (w.astype(jnp.float32) + sign * from_matrix(self.delta_matrix(), self.layout)).astype(w.dtype)}
+
+    def merge(self, own):
+        return self._fold(own, 1.0)
+
+    def unmerge(self, own):
+        return self._fold(own, -1.0)
+
+
+def _layouts(config, params, infos):
+    leaves, cands = linear_candidates(params)
+    cands = linear_only(config.target_modules, leaves, cands)
+    out = {}
+    for path in sorted(select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)")):
+        lay = linear_layout(path, leaves[path], infos)
+        if lay.kind == Kind.EMBED:
+            raise UnsupportedModuleError(
+                f"module {path!r} is an embedding; jpeft's AdaLoRA adapts linear modules (Dense, DenseGeneral, Conv, "
+                "Einsum; PEFT's nn.Linear, Conv1D and Conv2d). Remove it from target_modules."
+            )
+        out[path] = lay
+    return leaves, out
+
+
+def init_site(config: AdaLoraConfig, layout: Layout, key) -> AdaLoraWeights:
+    r, n_in, n_out = int(config.init_r), layout.in_features, layout.out_features
+    ka, ke, kb = jax.random.split(key, 3)
+    if config.init_lora_weights:
+        a = 0.02 * jax.random.normal(ka, (n_in, r), jnp.float32)
+        e = jnp.zeros((r,), jnp.float32)
+        b = 0.02 * jax.random.normal(kb, (r, n_out), jnp.float32)
+    else:
+        a = jax.random.normal(ka, (n_in, r), jnp.float32)
+        e = jax.random.normal(ke, (r,), jnp.float32)
+        b = jax.random.normal(kb, (r, n_out), jnp.float32)
+    return AdaLoraWeights(a, e, b, config.scaling, layout, float(config.dropout))
+
+
+def init(config: AdaLoraConfig, params, key, infos) -> dict:
+    """Creates the SVD-form factors of every targeted linear module (rank ``init_r``)."""
+    leaves, layouts = _layouts(config, params, infos)
+    out = {}
+    for k, (path, lay) in zip(jax.random.split(key, len(layouts)), layouts.items()):
+        out[path] = scan.make_site(lambda kk, own, lay=lay: init_site(config, lay, kk), path, lay, k, leaves[path])
+    return out
+
+
+# -- training: the rank allocator -----------------------------------------------------------------
+
+def orthogonal_regularization(adapter: Mapping[str, Any]) -> jax.Array:
+    """PEFT's AdaLoRA penalty: the mean over every ``A`` and ``B`` of ``||A^T A - I||_F`` and
+    ``||B B^T - I||_F`` (the ``r x r`` Gram matrices). Add ``config.orth_reg_weight`` times it
+    to the training loss."""
+    terms = []
+    for node in _sites(adapter).values():
+        a, b = node.lora_A.astype(jnp.float32), node.lora_B.astype(jnp.float32)
+        eye = jnp.eye(a.shape[1], dtype=jnp.float32)
+        terms.append(jnp.linalg.norm(a.T @ a - eye))
+        terms.append(jnp.linalg.norm(b @ b.T - eye))
+    return sum(terms) / len(terms)
+
+
+class AllocatorState(NamedTuple):
+    """Exponential averages per adapter entry (trees shaped like the adapter): smoothed
+    sensitivity ``|p * grad|`` (``ipt``) and its uncertainty (``unc``); ``None`` before the first
+    update and after the final allocation (PEFT's ``reset_ipt``)."""
+
+    ipt: Any = None
+    unc: Any = None
+
+
+def _sites(adapter) -> dict:
+    out = {}
+    for path, node in adapter.items():
+        if isinstance(node, scan.Stacked):
+            raise UnsupportedModuleError(
+                f"AdaLoRA's rank allocator ranks each module's triplets across the model, but {path!r} is a "
+                "layer-scanned (stacked) site; train AdaLoRA on an unrolled model (scan_layers=False)."
+            )
+        if not isinstance(node, AdaLoraWeights):
+            raise UnsupportedAdapterError(f"an AdaLoRA adapter holds a {type(node).__name__} at {path!r}.")
+        out[path] = node
+    return out
+
+
+def budget_schedule(config: AdaLoraConfig, step: int, init_bgt: int, target_bgt: int) -> tuple[int, bool]:
+    """``(budget, mask_now)`` at ``step``: PEFT's cubic schedule (``RankAllocator.budget_schedule``)."""
+    tinit, tfinal, total = config.tinit, config.tfinal, config.total_step
+    if step <= tinit:
+        return init_bgt, False
+    if step > total - tfinal:
+        return target_bgt, True
+    mul = 1 - (step - tinit) / (total - tfinal - tinit)
+    return int((init_bgt - target_bgt) * (mul ** 3) + target_bgt), step % config.deltaT == 0
+
+
+def _update_ipt(config: AdaLoraConfig, state: AllocatorState, adapter, grads) -> AllocatorState:
+    ipt = jax.tree.map(lambda p, g: jnp.abs(p * g), adapter, grads)
+    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+    avg = jax.tree.map(lambda e, i: config.beta1 * e + (1 - config.beta1) * i,
+                       state.ipt if state.ipt is not None else zeros(ipt), ipt)
+    unc = jax.tree.map(lambda u, i, e: config.beta2 * u + (1 - config.beta2) * jnp.abs(i - e),
+                       state.unc if state.unc is not None else zeros(ipt), ipt, avg)
+    return AllocatorState(avg, unc)
+
+
+def triplet_scores(state: AllocatorState, adapter) -> dict:
+    """``{path: [r]}``: each triplet's importance, ``s(E_i) + mean_j s(A_ji) + mean_j s(B_ij)``
+    with ``s = ipt * unc`` per entry (PEFT's ``mask_to_budget``)."""
+    out = {}
+    for path in _sites(adapter):
+        ipt, unc = state.ipt[path], state.unc[path]
+        s = jax.tree.map(lambda i, u: i * u, ipt, unc)
+        out[path] = s.lora_E + jnp.mean(s.lora_A, axis=0) + jnp.mean(s.lora_B, axis=1)
+    return out
+
+
+def rank_key(path: str) -> str:
+    """The ``rank_pattern`` key of a module, as PEFT saves it (``model.layers.0.self_attn.q_proj.lora_E``)."""
+    return f"{hf_name(path)}.lora_E"
+
+
+def mask_to_budget(state: AllocatorState, adapter, budget: int) -> tuple[dict, dict]:
+    """Zeroes the ``E`` entries of the lowest-scoring triplets so that ``budget`` remain
+    (ties at the threshold are pruned too, as in PEFT). Returns ``(adapter, rank_pattern)``."""
+    sites = _sites(adapter)
+    scores = triplet_scores(state, adapter)
+    init_bgt = sum(int(n.lora_E.shape[0]) for n in sites.values())
+    k = init_bgt - int(budget)
+    if k <= 0:  # nothing to prune (PEFT's kthvalue has no k = 0: it never asks for it in a valid schedule)
+        thr = -jnp.inf
+    else:
+        thr = jnp.sort(jnp.concatenate([scores[p] for p in sites]))[k - 1]
+    out, pattern = dict(adapter), {}
+    for path, node in sites.items():
+        keep = scores[path] > thr
+        out[path] = dataclasses.replace(node, lora_E=jnp.where(keep, node.lora_E, jnp.zeros_like(node.lora_E)))
+        pattern[rank_key(path)] = tuple(bool(b) for b in np.asarray(keep))
+    return out, pattern
+
+
+def mask_using_rank_pattern(adapter, rank_pattern: Mapping[str, Any]) -> dict:
+    """Zeroes the ``E`` entries ``rank_pattern`` drops (the ranks stay fixed after the schedule)."""
+    out = dict(adapter)
+    for path, node in _sites(adapter).items():
+        keep = rank_pattern.get(rank_key(path))
+        if keep is not None:
+            out[path] = dataclasses.replace(node, lora_E=jnp.where(jnp.asarray(keep), node.lora_E, 0.0).astype(node.lora_E.dtype))
+    return out
+
+
+def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, adapter, grads, step: int):
+    """One step of PEFT's ``AdaLoraModel.update_and_allocate``: call it after each optimizer
+    update with the new adapter and the gradients of that step.
+
+    Returns:
+      ``(adapter, state, rank_pattern)``: the adapter with the pruned triplets' ``E`` set to zero,
+      the new averages, and the rank pattern when this step allocated (``None`` otherwise); keep
+      the latest with ``config = config.replace(rank_pattern=rank_pattern)``.
+    """
+    sites = _sites(adapter)
+    init_bgt = sum(int(n.lora_E.shape[0]) for n in sites.values())
+    target_bgt = int(config.target_r) * len(sites)
+    final = config.total_step - config.tfinal
+    if step < final:
+        state = _update_ipt(config, state, adapter, grads)
+        budget, now = budget_schedule(config, step, init_bgt, target_bgt)
+        if not now:
+            return adapter, state, None
+        adapter, pattern = mask_to_budget(state, adapter, budget)
+        return adapter, state, pattern
+    if step == final:
+        budget, _ = budget_schedule(config, step, init_bgt, target_bgt)
+        adapter, pattern = mask_to_budget(state, adapter, budget)
+        return adapter, AllocatorState(), pattern
+    if config.rank_pattern is None:
+        raise ConfigError(
+            f"update_and_allocate at step {step} (after total_step - tfinal = {final}) masks with config.rank_pattern, "
+            "which is None; pass config.replace(rank_pattern=...) with the pattern the final allocation returned."
+        )
+    return mask_using_rank_pattern(adapter, config.rank_pattern), state, None
+
+
+# -- Hugging Face PEFT format -------------------------------------------------------------------
+# per site: lora_A [r, in], lora_E [r, 1], lora_B [out, r] (no ".weight"); with a rank_pattern only
+# the kept triplets are written and PEFT resizes its modules to them on load.
+
+_TENSORS = ("lora_A", "lora_E", "lora_B")
+
+
+def _to_hf(config: AdaLoraConfig, adapter, ctx):
+    tensors, targets = {}, []
+    rp = config.rank_pattern or {}
+    for path, node in sorted(_sites(adapter).items()):
+        if node.layout.kind != Kind.DENSE:
+            raise UnsupportedAdapterError(
+                f"AdaLoRA site {path!r} adapts a {node.layout.kind} kernel; jpeft writes PEFT's AdaLoRA for dense "
+                "(nn.Linear / Conv1D) modules only. Keep this adapter in jpeft's own format (jpeft.save_adapter)."
+            )
+        keep = np.asarray(rp.get(rank_key(path), (True,) * node.lora_E.shape[0]), bool)
+        if keep.shape != node.lora_E.shape:
+            raise UnsupportedAdapterError(
+                f"the AdaLoRA site {path!r} has rank {node.lora_E.shape[0]}, but config.rank_pattern holds "
+                f"{keep.shape[0]} entries for it; use the config the adapter was trained with."
+            )
+        a, e, b = (np.asarray(x, np.float32) for x in (node.lora_A, node.lora_E, node.lora_B))
+        tensors[peft_key(path, "lora_A")] = np.ascontiguousarray(a.T[keep])
+        tensors[peft_key(path, "lora_E")] = np.ascontiguousarray(e[keep].reshape(-1, 1))
+        tensors[peft_key(path, "lora_B")] = np.ascontiguousarray(b.T[:, keep])
+        targets.append(hf_name(path))
+    d = {k: v for k, v in config.to_dict().items() if k != "peft_type"}
+    d["target_modules"] = targets
+    d["rank_pattern"] = None if config.rank_pattern is None else {k: list(v) for k, v in config.rank_pattern.items()}
+    d.update(r=8, fan_in_fan_out=ctx.fan_in_fan_out, bias="none", modules_to_save=None, use_rslora=False,
+             use_dora=False, alpha_pattern={}, layers_to_transform=None, layers_pattern=None, exclude_modules=None)
+    return d, tensors
+
+
+def _from_hf(d, tensors, params, ctx):
+    kept = dict(d)
+    if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+        kept["modules_to_save"] = None
+    if kept.get("target_modules") is None:
+        raise UnsupportedAdapterError(f"the AdaLoRA adapter in {ctx.folder!r} has target_modules=null; set it explicitly.")
+    if kept.get("init_lora_weights") not in (True, False):
+        raise UnsupportedAdapterError(
+            f"the AdaLoRA adapter in {ctx.folder!r} has init_lora_weights={kept.get('init_lora_weights')!r}; jpeft's "
+            "AdaLoRA loads the default (true) or random (false) init only.")
+    try:
+        config = AdaLoraConfig.from_dict(kept)
+    except ConfigError as e:
+        raise UnsupportedAdapterError(f"the AdaLoRA adapter in {ctx.folder!r}: {e}") from None
+    by_site, unmatched = {}, []
+    for k, v in tensors.items():
+        sp = split_peft_key(k, _TENSORS)
+        if sp is None or sp[0] not in ctx.leaves:
+            unmatched.append(k)
+            continue
+        by_site.setdefault(sp[0], {})[sp[1]] = v
+    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
+    check_keys(list(by_site), [p for p in cands if matches(config.target_modules, p)], unmatched_keys=unmatched)
+    rp, r0 = config.rank_pattern or {}, int(config.init_r)
+    adapter = {}
+    for path in sorted(by_site):
+        t, lay = by_site[path], _inject.infer_layout(path, ctx.leaves[path])
+        missing = [n for n in _TENSORS if n not in t]
+        if missing:
+            raise CheckpointError(f"AdaLoRA site {hf_name(path)!r} in {ctx.folder!r} lacks {missing}; the file is incomplete.")
+        keep = np.asarray(rp.get(rank_key(path), (True,) * r0), bool)
+        r = int(keep.sum())
+        want = {"lora_A": (r, lay.in_features), "lora_E": (r, 1), "lora_B": (lay.out_features, r)}
+        bad = {n: tuple(t[n].shape) for n, s in want.items() if tuple(t[n].shape) != s}
+        if bad:
+            raise BaseMismatchError(
+                f"AdaLoRA site {hf_name(path)!r}: tensors {bad}, expected {want} for {r} kept triplets of init_r={r0} on a "
+                f"module mapping {lay.in_features} -> {lay.out_features} features."
+            )
+        # back to init_r rows (the dropped triplets as zeros), so every site keeps one shape
+        a = np.zeros((lay.in_features, r0), np.float32)
+        e = np.zeros((r0,), np.float32)
+        b = np.zeros((r0, lay.out_features), np.float32)
+        a[:, keep], e[keep], b[keep] = t["lora_A"].T, t["lora_E"].reshape(-1), t["lora_B"].T
+        adapter[path] = AdaLoraWeights(jnp.asarray(a, ctx.dtype), jnp.asarray(e, ctx.dtype), jnp.asarray(b, ctx.dtype),
+                                       config.scaling, lay, float(config.dropout))
+    return config, adapter
+
+
+def budget_rows(model_type: str, targets):
+    """``Method.budget``: AdaLoRA's starting rank (PEFT's defaults) on PEFT's default targets (LoRA's)."""
+    t = targets["lora"]
+    names = t if isinstance(t, str) else "+".join(t)
+    return [("AdaLoRA", f"init_r=12, target_r=8, {names} (at the start)",
+             lambda: AdaLoraConfig(init_r=12, target_r=8, total_step=1000, target_modules=t))]
+
+
+ADALORA = register_method(Method(config=AdaLoraConfig, init=init, nodes=(AdaLoraWeights,), to_hf=_to_hf,
+                                 from_hf=_from_hf, budget=budget_rows))

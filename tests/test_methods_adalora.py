@@ -1,0 +1,281 @@
+"""AdaLoRA against Hugging Face PEFT 0.21 on the tiny random Llama-3-style model of
+tests/_models_tiny.py: logits, the rank allocator step by step on the same
+gradients (sensitivity averages, budget schedule, pruned triplets, rank_pattern), and the PEFT
+format both ways with pruned ranks."""
+
+import copy
+import os
+import sys
+import warnings
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
+
+import jpeft  # noqa: E402
+import jpeft.models  # noqa: E402
+from jpeft import hf as H  # noqa: E402
+from jpeft.errors import ConfigError, UnsupportedAdapterError, UnsupportedModuleError  # noqa: E402
+from jpeft.methods import adalora as AL  # noqa: E402
+
+torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
+peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
+
+FAMILY = "llama3"
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # widths differ: 32->32, 32->16, 64->32
+SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, total_step=7, deltaT=1, lora_alpha=6)
+
+
+def _base():
+    return jpeft.models.from_pretrained(tiny.hf_model(FAMILY)[1])
+
+
+def _peft_model():
+    hf, _ = tiny.hf_model(FAMILY)
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.AdaLoraConfig(
+            target_modules=TARGETS, init_lora_weights=False, **SCHEDULE))  # A, E, B all random
+    return pm
+
+
+def _lora_params(pm):
+    return {n: p for n, p in pm.named_parameters() if "lora_" in n}
+
+
+def _path(torch_name):
+    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default`` -> (jpeft path, tensor)."""
+    mod, t, _ = torch_name[len("base_model.model."):].rsplit(".", 2)
+    return jpeft.tree.from_hf_name(mod), t
+
+
+def _to_jpeft(name, x):
+    """A PEFT lora tensor (or its gradient) in jpeft's orientation."""
+    x = np.asarray(x.detach().numpy() if hasattr(x, "detach") else x, np.float32)
+    return x.reshape(-1) if name == "lora_E" else x.T
+
+
+def _grads_tree(adapter, torch_grads):
+    g = {}
+    for n, v in torch_grads.items():
+        path, t = _path(n)
+        g.setdefault(path, {})[t] = jnp.asarray(_to_jpeft(t, v))
+    return {p: AL.AdaLoraWeights(g[p]["lora_A"], g[p]["lora_E"], g[p]["lora_B"], node.scale, node.layout, node.dropout)
+            for p, node in adapter.items()}
+
+
+def _logits_torch(m, ids, mask):
+    with torch.no_grad():
+        return m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
+
+
+def _logits_jpeft(params, adapter, ids, mask):
+    model, _ = _base()
+    return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
+def _close(a, b, mask, atol=1e-4):
+    sel = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(a[sel], b[sel], atol=atol, rtol=0)
+
+
+def test_logits_and_allocator_match_peft_step_by_step(tmp_path):
+    pm = _peft_model()
+    pm.save_pretrained(str(tmp_path / "start"))
+    _, params = _base()
+    config, ad = H.load_peft(str(tmp_path / "start"), params)
+    assert isinstance(config, AL.AdaLoraConfig) and config.init_r == 4 and config.alpha == 6
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    ref = _logits_torch(pm, ids, mask)
+    assert np.abs(ref - tiny.torch_logits(FAMILY, ids, mask)).max() > 1e-2
+    _close(_logits_jpeft(params, ad, ids, mask), ref, mask)
+    # the allocator over the whole schedule on the same (random) gradients; torch's parameters are
+    # not stepped, so both sides see the same values, pruned in place by PEFT and returned by jpeft
+    gen = torch.Generator().manual_seed(5)
+    state, pattern, patterns = AL.AllocatorState(), None, []
+    for step in range(1, SCHEDULE["total_step"] + 1):
+        with torch.no_grad():
+            for p in _lora_params(pm).values():
+                p.grad = torch.randn(p.shape, generator=gen)
+        grads = _grads_tree(ad, {n: p.grad for n, p in _lora_params(pm).items()})
+        pm.base_model.update_and_allocate(step)
+        ad, state, rp = AL.update_and_allocate(config, state, ad, grads, step)
+        if rp is not None:
+            pattern = rp
+            config = config.replace(rank_pattern=rp)
+            ref_rp = {k.replace(".default", ""): tuple(v) for k, v in pm.peft_config["default"].rank_pattern.items()}
+            assert rp == ref_rp, step
+            patterns.append(sum(map(sum, rp.values())))
+        for n, p in _lora_params(pm).items():
+            path, t = _path(n)
+            np.testing.assert_allclose(getattr(ad[path], t), _to_jpeft(t, p), atol=1e-6)
+    # the budget fell from 6 sites * 4 towards 6 * 2 kept triplets on the cubic schedule (PEFT's numbers: 17, 13, 12, 12)
+    assert patterns == [17, 13, 12, 12], patterns
+    assert any(not all(v) for v in pattern.values())
+    # pruned: the same logits, and both ways through the PEFT format (only the kept triplets written)
+    pm.eval()
+    ref = _logits_torch(pm, ids, mask)
+    _close(_logits_jpeft(params, ad, ids, mask), ref, mask)
+    H.save_peft(str(tmp_path / "jpeft"), config, ad, base_model_name_or_path=tiny.hf_model(FAMILY)[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model(FAMILY)[0]), str(tmp_path / "jpeft")).eval()
+    kept = {jpeft.tree.from_hf_name(k[: -len(".lora_E")]): sum(v) for k, v in pattern.items()}
+    for path, r in kept.items():
+        assert back.base_model.model.get_submodule(jpeft.tree.hf_name(path)).lora_E["default"].shape == (r, 1)
+    _close(_logits_torch(back, ids, mask), ref, mask)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    config2, ad2 = H.load_peft(str(tmp_path / "peft"), params)
+    assert config2.rank_pattern == config.rank_pattern
+    _close(_logits_jpeft(params, ad2, ids, mask), ref, mask)
+    # merge equals apply; unmerge restores
+    merged = jpeft.merge(params, ad2)
+    _close(_logits_jpeft(merged, {}, ids, mask), ref, mask)
+    for a, b in zip(jax.tree.leaves(jpeft.unmerge(merged, ad2)), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_budget_schedule_is_peft_cubic():
+    cfg = AL.AdaLoraConfig(init_r=12, target_r=4, tinit=10, tfinal=20, total_step=100, deltaT=5)
+    hf, _ = tiny.hf_model(FAMILY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.AdaLoraConfig(init_r=12, target_r=4, tinit=10, tfinal=20,
+                                                                        total_step=100, deltaT=5, target_modules=TARGETS))
+    alloc = pm.base_model.rankallocator
+    for step in range(0, 101):
+        assert AL.budget_schedule(cfg, step, alloc.init_bgt, alloc.target_bgt) == alloc.budget_schedule(step), step
+
+
+def test_identity_at_init_orthogonal_penalty_and_refusals():
+    model, params = _base()
+    cfg = AL.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=TARGETS)
+    ad = jpeft.init(cfg, params, jax.random.key(0))
+    ids, mask = tiny.batch(FAMILY)
+    _close(_logits_jpeft(params, ad, ids, mask), _logits_jpeft(params, {}, ids, mask), mask, atol=1e-6)
+    node = ad["model/layers_0/mlp/down_proj"]
+    assert node.lora_A.shape == (64, 3) and node.lora_E.shape == (3,) and node.lora_B.shape == (3, 32)
+    assert 0.015 < float(jnp.std(node.lora_A)) < 0.025  # PEFT's N(0, 0.02^2)
+    # PEFT's penalty: mean over A and B of ||gram - I||_F
+    expect = np.mean([np.linalg.norm(np.asarray(n.lora_A).T @ np.asarray(n.lora_A) - np.eye(3)) for n in ad.values()]
+                     + [np.linalg.norm(np.asarray(n.lora_B) @ np.asarray(n.lora_B).T - np.eye(3)) for n in ad.values()])
+    np.testing.assert_allclose(float(AL.orthogonal_regularization(ad)), expect, rtol=1e-5)
+    with pytest.raises(ConfigError, match="total_step is required"):
+        AL.AdaLoraConfig()
+    with pytest.raises(ConfigError, match="no budgeting phase"):
+        AL.AdaLoraConfig(total_step=10, tinit=5, tfinal=5)
+    for opt in ({"use_rslora": True}, {"bias": "all"}, {"modules_to_save": ["lm_head"]}, {"use_dora": True}):
+        with pytest.raises(ConfigError, match="does not implement"):
+            AL.AdaLoraConfig.from_dict({**cfg.to_dict(), **opt})
+    with pytest.raises(UnsupportedModuleError, match="embedding"):
+        jpeft.init(cfg.replace(target_modules=["embed_tokens"]), params, jax.random.key(0))
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        cfg.replace(rank_pattern={"model.layers.0.self_attn.q_proj.lora_E": [True]})
+    with pytest.raises(UnsupportedModuleError, match="unrolled model"):  # the allocator ranks across modules
+        AL.orthogonal_regularization({"model/layers/self_attn/q_proj": jpeft.scan.Stacked(node, 1)})
+    with pytest.raises(UnsupportedAdapterError, match="LoraWeights"):
+        AL.orthogonal_regularization(jpeft.init(jpeft.LoraConfig(target_modules=["q_proj"]), params, jax.random.key(0)))
+
+
+def test_llama2_7b_budget_row_is_peft_count():
+    """PEFT counts lora_A + lora_B + lora_E per site (a 1-layer Llama: 232 for init_r=4 on q, v, the same
+    per-site formula); for Llama-2-7B on q_proj and v_proj with init_r=12: 64 * 12 * (4096 + 4096 + 1)."""
+    from jpeft.methods import budget
+
+    rows = {(r["method"], r["settings"]): r for r in budget.budget_rows(budget.LlamaConfig_7b(), progress=False)}
+    assert rows[("AdaLoRA", "init_r=12, target_r=8, q_proj+v_proj (at the start)")]["trainable"] == 6_292_224
+
+
+def test_layer_scanned_model_equals_unrolled():
+    kw = dict(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    scanned = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(**kw, scan_layers=True))
+    unrolled = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(**kw))
+    ids = jnp.asarray(tiny.batch(FAMILY)[0])
+    params = scanned.init(jax.random.key(0), ids)
+    cfg = AL.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["v_proj", "down_proj"], init_lora_weights=False)
+    ad = jpeft.init(cfg, params, jax.random.key(1), scanned, ids)
+    assert ad["model/layers/mlp/down_proj"].inner.lora_A.shape == (2, 64, 3)
+    flat_params, flat_ad = jpeft.scan.unstack_params(params), jpeft.scan.unstack_adapter(ad)
+    np.testing.assert_allclose(jpeft.apply(unrolled, flat_params, flat_ad, ids), jpeft.apply(scanned, params, ad, ids),
+                               atol=1e-5)
+    for a, b in zip(jax.tree.leaves(jpeft.scan.unstack_params(jpeft.merge(params, ad))),
+                    jax.tree.leaves(jpeft.merge(flat_params, flat_ad))):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_gpt2_conv1d_to_peft_and_back(tmp_path):
+    """GPT-2's Conv1D layers (PEFT's fan_in_fan_out): a random jpeft adapter loads in PEFT with the same logits."""
+    hf, folder = tiny.hf_model("gpt2")
+    model, params = jpeft.models.from_pretrained(folder)
+    cfg = AL.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    ad = jpeft.init(cfg, params, jax.random.key(0))
+    H.save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+    ids, mask = tiny.batch("gpt2", seed=3)
+    ref = _logits_torch(pm, ids, mask)
+    assert np.abs(ref - tiny.torch_logits("gpt2", ids, mask)).max() > 1e-2
+    out = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(out, ref, mask)
+    _, back = H.load_peft(str(tmp_path), params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(ad)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dense_general_conv_and_einsum_merge_equals_apply(tmp_path):
+    """jpeft's other linear layouts through the shared dispatch: merge equals the factored apply,
+    unmerge restores; the PEFT export (dense modules only) refuses them by name."""
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, img):
+            h = nn.DenseGeneral((2, 3), name="k_proj")(x)
+            h = nn.Einsum((2, 3, 4), "btnh,nhd->btd", name="o_proj")(h)
+            return h, nn.Conv(4, (3, 3), padding="VALID", name="conv")(img)
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    img = jax.random.normal(jax.random.key(3), (2, 6, 6, 3))
+    model = Net()
+    params = model.init(jax.random.key(1), x, img)
+    cfg = AL.AdaLoraConfig(init_r=2, target_r=1, total_step=10, target_modules=["k_proj", "o_proj", "conv"],
+                           init_lora_weights=False)
+    ad = jpeft.init(cfg, params, jax.random.key(2), model, x, img)
+    y = jpeft.apply(model, params, ad, x, img)
+    assert all(float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(y, model.apply(params, x, img)))
+    merged = jpeft.merge(params, ad)
+    chex.assert_trees_all_close(model.apply(merged, x, img), y, rtol=1e-4, atol=1e-4)
+    chex.assert_trees_all_close(jpeft.unmerge(merged, ad), params, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UnsupportedAdapterError, match="dense"):
+        H.save_peft(str(tmp_path), cfg, ad)
+
+
+def test_sharding_specs_follow_the_kernel():
+    from jax.sharding import PartitionSpec as P
+
+    _, params = _base()
+    ad = jpeft.init(AL.AdaLoraConfig(init_r=2, target_r=1, total_step=5, target_modules=["q_proj"]), params,
+                    jax.random.key(0))
+    specs = jax.tree.map(lambda x: P("fsdp", "tensor") if x.ndim == 2 else P(), params)
+    node = jpeft.adapter_specs(ad, specs)["model/layers_0/self_attn/q_proj"]
+    assert (node.lora_A, node.lora_E, node.lora_B) == (P("fsdp", None), P(None), P(None, "tensor"))
+
+
+def test_stock_training_loops_refuse_adalora_by_name():
+    """jpeft train and the forgetting runner run plain optimizer steps: AdaLoRA there would be a fixed-rank
+    SVD LoRA without its budget, so they refuse it and say what to do."""
+    from jpeft.cli.train_cmd import method_of
+    from jpeft.forgetting.experiment import MethodSpec
+
+    with pytest.raises(ConfigError, match="update_and_allocate"):
+        method_of({"method": {"name": "adalora", "total_step": 10}})
+    with pytest.raises(ConfigError, match="update_and_allocate"):
+        MethodSpec("adalora", AL.AdaLoraConfig(total_step=10))
+    assert isinstance(method_of({"method": {"name": "vera"}}), jpeft.VeraConfig)
