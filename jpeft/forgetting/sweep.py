@@ -392,8 +392,9 @@ def report(results: dict) -> str:
     conf = "95 % percentile bootstrap interval over seeds"
     out = [f"# Sweep: {results['benchmark']}", "",
            f"Tasks {', '.join(results['tasks'])}; score {results['score']} "
-           f"({'higher' if results['higher_is_better'] else 'lower'} is better). Learning: {results['learning_name']}. "
-           f"Forgetting: Chaudhry et al. 2018 ({'best earlier score minus final' if results['higher_is_better'] else 'rise of the earlier tasks loss'}). "
+           f"({'higher' if results['higher_is_better'] else 'lower'} is better). {results['learning_name'][0].upper()}"
+           f"{results['learning_name'][1:]}. Forgetting: Chaudhry et al. 2018 ("
+           f"{'best earlier score minus final' if results['higher_is_better'] else 'rise of the earlier tasks held-out loss'}). "
            f"{n} seeds {results['seeds']}; evaluated at steps {results['checkpoints']} of the last task "
            f"(one run per grid point and seed); batch {results['batch_size']}. Intervals: {conf} "
            f"({an['n_resamples']} resamples).", "",
