@@ -17,7 +17,7 @@ from jpeft.forgetting import stats as S
 from jpeft.forgetting.cli import families_from_args, main
 from jpeft.forgetting.digits import SplitDigits
 from jpeft.forgetting.experiment import MethodSpec, run_one
-from jpeft.forgetting.sweep import SweepSpec, analyse, sweep
+from jpeft.forgetting.sweep import SweepSpec, analyse, combine, sweep
 
 # -- Pareto front and interpolation -------------------------------------------------------------
 
@@ -182,3 +182,17 @@ def test_miniature_sweep_writes_every_artifact(tmp_path):
 
     img = matplotlib.image.imread(os.path.join(out, "sweep_split-digits-task_pareto.png"))
     assert img.ndim == 3 and img.shape[0] > 100
+
+    # two sweeps of the same setting combine into one analysis; different settings are refused
+    half = {**saved, "families": {"naive": saved["families"]["naive"]},
+            "points": [p for p in saved["points"] if p["family"] == "naive"],
+            "runs": [r for r in saved["runs"] if r["family"] == "naive"]}
+    rest = {**saved, "families": {"lwf": saved["families"]["lwf"]},
+            "points": [p for p in saved["points"] if p["family"] == "lwf"],
+            "runs": [r for r in saved["runs"] if r["family"] == "lwf"]}
+    both = combine([half, rest], n_resamples=500)
+    assert both["analysis"]["fronts"] == res["analysis"]["fronts"] and len(both["points"]) == len(res["points"])
+    with pytest.raises(ConfigError, match="must share seeds"):
+        combine([half, {**rest, "seeds": [0, 1]}])
+    with pytest.raises(ConfigError, match="distinct families"):
+        combine([half, half])

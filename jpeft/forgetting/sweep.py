@@ -47,7 +47,7 @@ from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.forgetting import stats as S
 from jpeft.forgetting.experiment import Benchmark, MethodSpec, get_benchmark, run_one
 
-__all__ = ["SweepSpec", "sweep", "budget", "analyse", "plot_sweep", "STRENGTHS"]
+__all__ = ["SweepSpec", "sweep", "combine", "write", "report", "budget", "analyse", "plot_sweep", "STRENGTHS"]
 
 STRENGTHS = ("ewc", "l2sp", "distill", "replay")
 
@@ -348,6 +348,34 @@ def spectrum_table(results: dict) -> list:
             cor.append(f"{k} rho = {rho:+.2f} (p = {p:.2g})")
         out.append(f"Spearman correlation with forgetting over {len(fy)} runs (every family, grid point and seed): "
                    + "; ".join(cor) + ".")
+    return out
+
+
+_SAME = ("benchmark", "tasks", "score", "higher_is_better", "learning_name", "steps_per_task", "batch_size", "seeds",
+         "checkpoints")
+
+
+def combine(results: Sequence[dict], *, levels: Optional[Sequence[float]] = None, n_resamples: int = 10_000) -> dict:
+    """One sweep from several run separately on the same benchmark, seeds, checkpoints, steps
+    and batch size (so the seeds still pair: same data order), with distinct family names;
+    the analysis is recomputed over all families. Write it with :func:`write`."""
+    if not results:
+        raise ConfigError("combine() needs at least one sweep result.")
+    first = results[0]
+    out = {k: first[k] for k in _SAME}
+    out.update(families={}, points=[], runs=[])
+    for r in results:
+        diff = [k for k in _SAME if r[k] != first[k]]
+        if diff:
+            raise ConfigError(f"sweeps to combine must share {', '.join(diff)}; found {[r[k] for k in diff]} against "
+                              f"{[first[k] for k in diff]}. Rerun one of them with the other's settings.")
+        dup = set(r["families"]) & set(out["families"])
+        if dup:
+            raise ConfigError(f"sweeps to combine must have distinct families; {sorted(dup)} appear twice.")
+        out["families"].update(r["families"])
+        out["points"] += r["points"]
+        out["runs"] += r["runs"]
+    out["analysis"] = analyse(out["points"], out["seeds"], levels=levels, n_resamples=n_resamples)
     return out
 
 
