@@ -89,6 +89,15 @@ def test_paired_test_by_hand_and_against_scipy():
         S.paired_test([1.0, 2.0], [1.0])
 
 
+def test_holm_by_hand():
+    # sorted p: 0.01 (x3 = 0.03), 0.02 (x2 = 0.04), 0.04 (x1 = 0.04), then kept monotone
+    assert S.holm([0.04, 0.01, 0.02]).tolist() == pytest.approx([0.04, 0.03, 0.04])
+    assert S.holm([0.5, 0.01]).tolist() == pytest.approx([0.5, 0.02])
+    assert S.holm([0.3, 0.2]).tolist() == pytest.approx([0.4, 0.4])  # monotone: max(0.4, 0.3)
+    out = S.holm([float("nan"), 0.01])
+    assert math.isnan(out[0]) and out[1] == pytest.approx(0.01)
+
+
 def test_analyse_finds_the_family_that_forgets_less_at_equal_learning():
     # per seed s, family A: (0.1, 0.1), (0.3, 0.3); family B is A shifted up by 0.1 + 0.01 s
     pts = []
@@ -105,6 +114,7 @@ def test_analyse_finds_the_family_that_forgets_less_at_equal_learning():
     assert (pair["a"], pair["b"], pair["less"]) == ("A", "B", "A")
     assert pair["mean_diff"] == pytest.approx(-0.11)
     assert pair["t"] == pytest.approx(-0.11 / (0.01 / math.sqrt(3)))
+    assert pair["p_holm"] == pytest.approx(pair["p_t"])  # one test: nothing to correct
     assert an["fronts"]["A"] == [[1e-3, None, 10], [3e-3, None, 10]]
     # default levels lie where both fronts reach in every seed; none outside [0.1, 0.3]
     auto = analyse(pts, [0, 1, 2], n_resamples=200)

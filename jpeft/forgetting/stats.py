@@ -14,6 +14,8 @@ A *point* is ``(learning, forgetting)``: more learning is better, less forgettin
   (permutation) test. With 5 seeds the sign-flip test cannot go below ``2 / 2**5 = 0.0625``
   (nor can the Wilcoxon signed-rank test), so the t-test is the decision rule and the
   sign-flip p-value is reported beside it as the assumption-free check.
+* :func:`holm`: Holm-Bonferroni adjusted p-values, for the many (learning level, pair) tests
+  of one sweep.
 
 >>> pareto_front([0.1, 0.3, 0.2], [0.1, 0.2, 0.3]).tolist()   # (0.2, 0.3) is dominated by (0.3, 0.2)
 [0, 1]
@@ -32,7 +34,7 @@ import scipy.stats
 
 from jpeft.errors import InputValidationError
 
-__all__ = ["pareto_front", "forgetting_at_learning", "bootstrap_ci", "paired_test"]
+__all__ = ["pareto_front", "forgetting_at_learning", "bootstrap_ci", "paired_test", "holm"]
 
 
 def _vector(x, name) -> np.ndarray:
@@ -154,3 +156,24 @@ def paired_test(a: Sequence[float], b: Sequence[float], *, confidence: float = 0
     flipped = np.abs((signs * d).mean(axis=1))
     p_flip = float(np.mean(flipped >= obs - 1e-12 * max(1.0, obs)))
     return {"n": int(d.size), "mean_diff": float(d.mean()), "ci": (lo, hi), "t": t, "p_t": p_t, "p_sign_flip": p_flip}
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (same order as given): the ``i``-th smallest of ``m``
+    becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``. Rejecting where the adjusted value is
+    below ``alpha`` keeps the chance of any false rejection among the ``m`` tests below
+    ``alpha``. ``nan`` entries are left ``nan`` and not counted.
+
+    >>> holm([0.01, 0.04, 0.03]).round(3).tolist()
+    [0.03, 0.06, 0.06]
+    """
+    p = _vector(pvalues, "pvalues")
+    out = np.full(p.shape, np.nan)
+    ok = np.nonzero(np.isfinite(p))[0]
+    if ok.size == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = ok.size
+    adj = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(adj)
+    return out

@@ -166,8 +166,9 @@ def analyse(points: Sequence[dict], seeds: Sequence[int], *, levels: Optional[Se
     level and family the per-seed forgetting on that seed's front (``nan`` where the front
     does not reach the level) with mean and interval when every seed reaches it; per level and
     pair of families reached in every seed, the paired test of their forgetting, ``a - b``
-    (negative: ``a`` forgets less), with ``"less"`` naming the one that forgets significantly
-    less (``p_t < alpha`` and the interval excludes 0) or ``None``.
+    (negative: ``a`` forgets less), its Holm-adjusted t-test p-value ``p_holm`` over all the
+    sweep's (level, pair) tests, and ``"less"`` naming the one that forgets significantly less
+    (``p_holm < alpha`` and the interval excludes 0) or ``None``.
     """
     seeds = [int(s) for s in seeds]
     finite = [p for p in points if np.isfinite(p["learning"]) and np.isfinite(p["forgetting"])]
@@ -206,9 +207,12 @@ def analyse(points: Sequence[dict], seeds: Sequence[int], *, levels: Optional[Se
             if not (per[a]["reached"] and per[b]["reached"]):
                 continue
             r = S.paired_test(per[a]["per_seed"], per[b]["per_seed"], n_resamples=n_resamples)
-            sig = np.isfinite(r["p_t"]) and r["p_t"] < alpha and (r["ci"][0] > 0 or r["ci"][1] < 0)
-            r["less"] = (a if r["mean_diff"] < 0 else b) if sig else None
             pairs.append({"learning": float(L), "a": a, "b": b, **r})
+    # the decision is corrected for all (level, pair) tests of the sweep (Holm-Bonferroni)
+    for r, ph in zip(pairs, S.holm([r["p_t"] for r in pairs])):
+        r["p_holm"] = float(ph)
+        sig = np.isfinite(ph) and ph < alpha and (r["ci"][0] > 0 or r["ci"][1] < 0)
+        r["less"] = (r["a"] if r["mean_diff"] < 0 else r["b"]) if sig else None
     return {"configs": configs, "fronts": fronts, "levels": levels, "at_level": at_level, "pairs": pairs,
             "alpha": alpha, "n_resamples": n_resamples}
 
@@ -450,8 +454,9 @@ def report(results: dict) -> str:
     out += ["", "## Forgetting at equal learning", "",
             "Per seed, each family's Pareto front (over its learning rates, strengths and checkpoints) is "
             "interpolated linearly at the learning level; n/a: the front does not reach that learning in every seed "
-            "(no extrapolation). Pairs are compared over the same seeds with the paired t-test (decision rule, "
-            f"alpha = {an['alpha']}), the exact sign-flip test (assumption-free; its smallest possible p with {n} seeds "
+            "(no extrapolation). Pairs are compared over the same seeds with the paired t-test (decision rule: its "
+            f"p-value after the Holm-Bonferroni correction over all {len(an['pairs'])} tests below < alpha = {an['alpha']}, "
+            "and the bootstrap interval excludes 0), the exact sign-flip test (assumption-free; its smallest possible p with {n} seeds "
             f"is {2 / 2 ** n:.4g}) and the paired-bootstrap interval of the mean difference.", ""]
     fams = list(results["families"])
     if not an["at_level"]:
@@ -465,11 +470,12 @@ def report(results: dict) -> str:
             d = lv["families"].get(fam)
             cells.append("n/a" if d is None or not d["reached"] else f"{d['mean']:.3f} {_ci(d['ci'])}")
         out.append(f"| {lv['learning']:.3f} | " + " | ".join(cells) + " |")
-    out += ["", "| learning | a | b | mean a - b | 95 % CI | t | p (t) | p (sign flip) | forgets less |",
-            "|---:|---|---|---:|---|---:|---:|---:|---|"]
+    out += ["", "| learning | a | b | mean a - b | 95 % CI | t | p (t) | p (t, Holm) | p (sign flip) | forgets less |",
+            "|---:|---|---|---:|---|---:|---:|---:|---:|---|"]
     for p in an["pairs"]:
         out.append(f"| {p['learning']:.3f} | {p['a']} | {p['b']} | {p['mean_diff']:+.3f} | {_ci(p['ci'])} | "
-                   f"{p['t']:.2f} | {p['p_t']:.3g} | {p['p_sign_flip']:.3g} | {p['less'] or 'no significant difference'} |")
+                   f"{p['t']:.2f} | {p['p_t']:.3g} | {p['p_holm']:.3g} | {p['p_sign_flip']:.3g} | "
+                   f"{p['less'] or 'no significant difference'} |")
     out += ["", "## The update's spectrum and forgetting (last step)", "",
             "Per changed 2-D kernel of `jpeft.merge(params, adapter)` minus the base, analysed as `[out, in]`: "
             "effective rank (Roy & Vetterli 2007), the rank holding 90 % of the update's energy (Biderman et al. 2024) "
