@@ -188,6 +188,7 @@ def test_miniature_sweep_writes_every_artifact(tmp_path):
                     "## Dominance at equal learning"):
         assert heading in md
     assert "| lwf | lr 0.01; distill 0.5, 2 | 4 | 32 | n/a | 32 | none |" in md
+    assert "{" not in md  # every placeholder filled in
     import matplotlib.image
 
     img = matplotlib.image.imread(os.path.join(out, "sweep_split-digits-task_pareto.png"))

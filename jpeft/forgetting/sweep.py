@@ -456,7 +456,7 @@ def report(results: dict) -> str:
             "interpolated linearly at the learning level; n/a: the front does not reach that learning in every seed "
             "(no extrapolation). Pairs are compared over the same seeds with the paired t-test (decision rule: its "
             f"p-value after the Holm-Bonferroni correction over all {len(an['pairs'])} tests below < alpha = {an['alpha']}, "
-            "and the bootstrap interval excludes 0), the exact sign-flip test (assumption-free; its smallest possible p with {n} seeds "
+            f"and the bootstrap interval excludes 0), the exact sign-flip test (assumption-free; its smallest possible p with {n} seeds "
             f"is {2 / 2 ** n:.4g}) and the paired-bootstrap interval of the mean difference.", ""]
     fams = list(results["families"])
     if not an["at_level"]:
