@@ -398,7 +398,9 @@ def _write_points(results, out_dir):
 
 def write(results: dict, out_dir, *, plots: bool = True) -> list:
     """Writes ``sweep.json``, ``points.csv``, ``summary.csv``, ``report.md`` and (``plots``)
-    the PNG from a finished sweep's results (with ``"analysis"``); returns the paths."""
+    the PNG from a finished sweep's results (with ``"analysis"``) into ``out_dir`` (created if
+    missing); returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
     _write_points(results, out_dir)
     an = results["analysis"]
     on_front = {(fam, *k) for fam, ks in an["fronts"].items() for k in (tuple(x) for x in ks)}
