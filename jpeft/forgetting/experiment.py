@@ -14,6 +14,11 @@ writes into ``out_dir``:
   (mean, with error bars over seeds);
 * ``forgetting_<bench>_matrices.png``: the mean score matrix of every method as a heat map.
 
+:func:`run_one` also evaluates every task at ``checkpoints`` along the last task's training
+(the training-length axis of :mod:`jpeft.forgetting.sweep`, which sweeps learning rates and
+regularizer strengths over it). The learning rate lives in the optimizer state and the
+strengths in the batch, so neither recompiles a method's step.
+
 Regularizers and replay compose with any method (:class:`MethodSpec` fields ``ewc``,
 ``ewc_gamma``, ``l2sp``, ``distill``, ``replay``); their state (EWC memory, start point,
 teacher) rides in the batch, so each method's step is compiled once.
