@@ -517,7 +517,7 @@ def plot_sweep(results: dict, out_dir) -> str:
 
     an = results["analysis"]
     fams = list(results["families"])
-    fig, ax = plt.subplots(figsize=(7.2, 5.4))
+    fig, ax = plt.subplots(figsize=(8.4, 5.4))
     cmap = plt.get_cmap("tab10" if len(fams) <= 10 else "tab20")
     steps = results["checkpoints"]
     byk = {(c["family"], c["lr"], c["strength"], c["step"]): c for c in an["configs"]}
@@ -535,13 +535,28 @@ def plot_sweep(results: dict, out_dir) -> str:
         yerr = np.array([[c["learning"] - c["learning_ci"][0], c["learning_ci"][1] - c["learning"]] for c in fr]).T
         xerr, yerr = np.nan_to_num(xerr), np.nan_to_num(yerr)
         ax.errorbar(fx, ly, xerr=xerr, yerr=yerr, fmt="-o", color=color, ms=4, lw=1.5, capsize=2, label=fam)
+    # the axes frame the fronts (diverged grid points would squeeze them); what falls outside is counted on the plot
+    fr_all = [byk[(fam, *k)] for fam in fams for k in an["fronts"].get(fam, [])]
+    if fr_all:
+        fx_all = [c["forgetting_ci"][1] if np.isfinite(c["forgetting_ci"][1]) else c["forgetting"] for c in fr_all]
+        ly_all = [c["learning_ci"][0] if np.isfinite(c["learning_ci"][0]) else c["learning"] for c in fr_all]
+        x0, x1 = min(0.0, min(c["forgetting"] for c in fr_all)), max(fx_all)
+        y0, y1 = min(ly_all), max(c["learning"] for c in fr_all)
+        mx, my = 0.08 * (x1 - x0 or 1.0), 0.08 * (y1 - y0 or 1.0)
+        ax.set_xlim(x0 - mx, x1 + mx)
+        ax.set_ylim(y0 - my, y1 + my)
+        outside = sum(not (x0 - mx <= c["forgetting"] <= x1 + mx and y0 - my <= c["learning"] <= y1 + my)
+                      for c in an["configs"])
+        if outside:
+            ax.text(0.99, 0.01, f"{outside} grid point(s) outside these axes (summary.csv)", transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=7, color="0.4")
     ax.set_xlabel("forgetting (Chaudhry 2018)" + ("" if results["higher_is_better"] else
                                                   f": rise in {results['tasks'][0]} loss") + "  →  worse")
     ax.set_ylabel(results["learning_name"] + "  →  better")
     ax.set_title(f"{results['benchmark']}: learning vs forgetting, Pareto fronts "
                  f"({len(results['seeds'])} seeds, 95 % bootstrap CI)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     p = os.path.join(out_dir, f"sweep_{results['benchmark']}_pareto.png")
     fig.savefig(p, dpi=110)
