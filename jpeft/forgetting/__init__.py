@@ -14,6 +14,9 @@
   and plots. Built-in benchmarks: Split-Digits (task- and class-incremental;
   :mod:`jpeft.forgetting.digits`) and code-to-prose language adaptation
   (:mod:`jpeft.forgetting.language`).
+* :mod:`jpeft.forgetting.sweep` / :mod:`jpeft.forgetting.stats`: learning-versus-forgetting
+  curves (learning rate, training length, regularizer strength), Pareto fronts, bootstrap
+  intervals over seeds and paired tests at equal learning.
 
 Command line: ``python -m jpeft.forgetting --help`` (also ``jpeft forgetting``).
 """
@@ -49,11 +52,13 @@ def run(*args, **kwargs):
 
 
 def __getattr__(name):  # lazy: the runner pulls in matplotlib and the benchmarks
-    if name in ("experiment", "digits", "language", "cli", "MethodSpec"):
+    if name in ("experiment", "digits", "language", "cli", "stats", "sweep", "MethodSpec", "SweepSpec"):
         import importlib
 
         if name == "MethodSpec":
             return importlib.import_module("jpeft.forgetting.experiment").MethodSpec
+        if name == "SweepSpec":
+            return importlib.import_module("jpeft.forgetting.sweep").SweepSpec
         return importlib.import_module(f"jpeft.forgetting.{name}")
     raise AttributeError(f"module 'jpeft.forgetting' has no attribute {name!r}")
 
@@ -64,6 +69,7 @@ __all__ = [
     "replay",
     "run",
     "MethodSpec",
+    "SweepSpec",
     "ForgettingGuard",
     "canary_stats",
     "lr_scale",

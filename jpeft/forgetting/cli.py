@@ -34,6 +34,9 @@ examples:
   python -m jpeft.forgetting language --seeds 0 1 2 --out runs/language
   python -m jpeft.forgetting language --methods full,lora-r16 --steps 20 --pretrain-steps 50 \\
       --cache-dir /tmp/jpeft-cache --no-plots          # a quick smoke run
+  python -m jpeft.forgetting language --sweep --seeds 0 1 2 3 4 --methods full,full+distill,lora-r4 \\
+      --lr-factors 0.25 0.5 1 2 --strength-factors 0.3 1 3 --checkpoints 50 100 200
+                                                       # learning-vs-forgetting curves and Pareto fronts
 
 Method names are matched case-insensitively ignoring spaces and punctuation ("online-ewc"
 selects "online EWC"). Seeds change initialisation (digits) and batch order; the pretrained
@@ -57,6 +60,17 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: forgetting_results/<benchmark>)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g = p.add_argument_group("sweep (learning-vs-forgetting curves; see jpeft.forgetting.sweep)")
+    g.add_argument("--sweep", action="store_true",
+                   help="sweep every selected method over learning rates (and regularizer strengths) and checkpoints; "
+                        "writes sweep.json, points.csv, summary.csv, report.md and a Pareto plot")
+    g.add_argument("--lr-factors", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0],
+                   help="with --sweep: learning rates as multiples of each method's own (default: 0.25 0.5 1 2)")
+    g.add_argument("--strength-factors", type=float, nargs="+", default=[1.0],
+                   help="with --sweep: regularizer strengths (EWC lambda, L2-SP, distillation weight, replay share) "
+                        "as multiples of each method's own (default: 1)")
+    g.add_argument("--checkpoints", type=int, nargs="+", default=[],
+                   help="with --sweep: steps of the last task at which every task is also evaluated (the last step always is)")
     g = p.add_argument_group("language benchmark")
     g.add_argument("--pretrain-steps", type=int, default=None, help="steps of code pretraining when not cached (default 1500)")
     g.add_argument("--cache-dir", default=None, help="where the pretrained code model is cached (default $JPEFT_CACHE or ~/.cache/jpeft)")
@@ -128,10 +142,45 @@ def run_from_args(args) -> int:
         for m in bench.default_methods():
             print(f"{m.name:>20s}  {m.describe()}")
         return 0
+    if args.sweep:
+        return _run_sweep(args, bench, methods)
+    if args.checkpoints:
+        raise ConfigError("--checkpoints only applies with --sweep.")
     out = args.out or f"forgetting_results/{bench.name}"
     experiment.run(bench, methods, seeds=args.seeds, out_dir=out, progress=not args.no_progress, plots=not args.no_plots)
     print(f"wrote {out}/scores.json, metrics.csv, results.md" + ("" if args.no_plots else " and the PNG plots"))
     print(open(f"{out}/results.md").read())
+    return 0
+
+
+def families_from_args(methods, lr_factors, strength_factors) -> list:
+    """One :class:`~jpeft.forgetting.sweep.SweepSpec` per method: its learning rate times each of
+    ``lr_factors`` and, for a method with a regularizer, its strength times each of
+    ``strength_factors``."""
+    from jpeft.forgetting.sweep import STRENGTHS, SweepSpec
+
+    if any(not f > 0 for f in list(lr_factors) + list(strength_factors)):
+        raise ConfigError(f"--lr-factors and --strength-factors must be > 0, found {lr_factors} and {strength_factors}.")
+    fams = []
+    for m in methods:
+        regs = [k for k in STRENGTHS if getattr(m, k)]
+        if len(regs) > 1:
+            raise ConfigError(f"method {m.name!r} combines {regs}; a sweep scales one strength per family.")
+        strength = regs[0] if regs else None
+        strengths = [getattr(m, strength) * f for f in strength_factors] if strength else []
+        fams.append(SweepSpec(m.name, m, lrs=[m.lr * f for f in lr_factors], strength=strength, strengths=strengths))
+    return fams
+
+
+def _run_sweep(args, bench, methods) -> int:
+    from jpeft.forgetting import sweep as SW
+
+    fams = families_from_args(methods, args.lr_factors, args.strength_factors)
+    out = args.out or f"forgetting_results/{bench.name}-sweep"
+    SW.sweep(bench, fams, seeds=args.seeds, checkpoints=args.checkpoints, out_dir=out, progress=not args.no_progress,
+             plots=not args.no_plots)
+    print(f"wrote {out}/sweep.json, points.csv, summary.csv, report.md" + ("" if args.no_plots else " and the Pareto plot"))
+    print(open(f"{out}/report.md").read())
     return 0
 
 

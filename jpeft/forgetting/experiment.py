@@ -14,6 +14,11 @@ writes into ``out_dir``:
   (mean, with error bars over seeds);
 * ``forgetting_<bench>_matrices.png``: the mean score matrix of every method as a heat map.
 
+:func:`run_one` also evaluates every task at ``checkpoints`` along the last task's training
+(the training-length axis of :mod:`jpeft.forgetting.sweep`, which sweeps learning rates and
+regularizer strengths over it). The learning rate lives in the optimizer state and the
+strengths in the batch, so neither recompiles a method's step.
+
 Regularizers and replay compose with any method (:class:`MethodSpec` fields ``ewc``,
 ``ewc_gamma``, ``l2sp``, ``distill``, ``replay``); their state (EWC memory, start point,
 teacher) rides in the batch, so each method's step is compiled once.
@@ -241,18 +246,19 @@ def _make_loss(bench: Benchmark, spec: MethodSpec):
         task = bench.loss(out, data, t)
         loss = task
         aux = {"task_loss": task}
+        coef = batch.get("coef", {})  # strengths ride in the batch: a sweep over them compiles once
         if spec.ewc:
-            pen = R.ewc_penalty(batch["ewc"], adapter, strength=spec.ewc)
+            pen = R.ewc_penalty(batch["ewc"], adapter, strength=coef["ewc"])
             loss = loss + pen
             aux["ewc"] = pen
         if spec.l2sp:
-            pen = R.l2sp_penalty(params, adapter, batch["start"], strength=spec.l2sp)
+            pen = R.l2sp_penalty(params, adapter, batch["start"], strength=coef["l2sp"])
             loss = loss + pen
             aux["l2sp"] = pen
         if spec.distill:
             teacher = jax.lax.stop_gradient(bench.forward(params, batch["teacher"], data))
             d = bench.distill(out, teacher, data, t, spec.temperature)
-            loss = loss + spec.distill * d
+            loss = loss + coef["distill"] * d
             aux["distill"] = d
         return loss, aux
 
@@ -263,14 +269,29 @@ def _snapshot(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log: Callable = print) -> dict:
+def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log: Callable = print,
+            checkpoints: Sequence[int] = (), keep_adapter: bool = False) -> dict:
     """Trains ``spec`` over the tasks of ``bench`` with one seed. Returns
-    ``{"R", "baseline", "metrics", "extra", "trainable", "seconds"}``."""
+    ``{"R", "baseline", "metrics", "extra", "trainable", "seconds", "curve"}``.
+
+    ``checkpoints``: steps of the last task's training at which every task is evaluated, along
+    the one run (the training-length axis of a sweep). ``curve`` holds, per checkpoint and for
+    the final step, ``{"step", "R", "metrics"}`` where ``R`` is the score matrix with its last
+    row measured at that step. ``keep_adapter``: also return the final ``"params"`` and
+    ``"adapter"`` (for :func:`jpeft.spectral.update_spectrum`).
+    """
     T = len(bench.task_names)
+    checkpoints = sorted({int(c) for c in checkpoints})
+    if checkpoints and (checkpoints[0] < 1 or checkpoints[-1] > bench.steps_per_task):
+        raise ConfigError(f"checkpoints must lie in [1, steps_per_task = {bench.steps_per_task}], found {checkpoints}.")
+    if checkpoints and spec.per_task_adapter:
+        raise ConfigError(f"MethodSpec {spec.name!r}: checkpoints along a run are not supported with per_task_adapter; "
+                          "drop one of the two.")
     key = jax.random.key(seed)
     params = bench.base_params(seed)
     model_args = bench.example_input()
-    opt = optax.adam(spec.lr)
+    # the learning rate lives in the optimizer state, so a sweep over it compiles each method once
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=spec.lr)
     rng = np.random.default_rng(seed)
 
     def new_adapter(cfg, k, p):
@@ -297,6 +318,7 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     buf = None
     estimator = spec.fisher or bench.fisher_estimator
     trainable = 0
+    curve = []  # (step, last row of R) at the checkpoints
     t0 = time.perf_counter()
 
     def after_task(t, p, a):
@@ -327,15 +349,18 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         else:
             a = adapter
         trainable = jpeft.summary(params, a, print_fn=None)["trainable"]  # per-task adapters: the last one's size
+        # what the compiled step depends on: not the name, learning rate or strengths (those are data)
+        shape = (spec.config, bool(spec.ewc), bool(spec.l2sp), bool(spec.distill), spec.temperature)
         try:
-            sig = (hash(spec), spec, jax.tree.structure(a))
+            sig = (hash(shape), shape, jax.tree.structure(a))
         except TypeError:  # a config with an unhashable field: cache per spec object
             sig = (id(spec), jax.tree.structure(a))
         if sig not in steps_cache:
             steps_cache[sig] = jpeft.make_train_step(loss_fn, opt, donate=False)
         step = steps_cache[sig]
         opt_state = opt.init(jpeft.trainable(a))
-        extra = {"t": jnp.asarray(t, jnp.int32)}
+        extra = {"t": jnp.asarray(t, jnp.int32),
+                 "coef": {k: jnp.asarray(getattr(spec, k), jnp.float32) for k in ("ewc", "l2sp", "distill")}}
         if spec.ewc:
             extra["ewc"] = ewc_state
         if spec.l2sp:
@@ -360,8 +385,15 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
                 if (s - 1) % 20 == 0:
                     progress.set_postfix(method=spec.name, seed=seed, task=t, loss=f"{m['task_loss']:.3f}", refresh=False)
 
+        eval_fn = None
+        if checkpoints and t == T - 1:
+            def eval_fn(a_now, s, t=t):
+                if s in checkpoints and s != bench.steps_per_task:  # the final step is the last row of R
+                    curve.append((s, [bench.evaluate(params, a_now, j, t) for j in range(T)]))
+                return {}
+
         a = jpeft.fit(step, params, a, opt_state, batches(), key=kt, num_steps=bench.steps_per_task,
-                      on_step=on_step).adapter
+                      on_step=on_step, eval_fn=eval_fn, eval_every=1 if eval_fn is not None else 0).adapter
         if spec.per_task_adapter and t == 0:
             params = jpeft.merge(params, a)  # the shared network, frozen from now on
             adapters[0] = None
@@ -378,8 +410,18 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     hib = bench.higher_is_better
     met = M.summarize(Rm, baseline if bench.pretrained_tasks == 0 else None, higher_is_better=hib)
     met["learning"] = bench.learning(Rm, baseline)
-    return {"R": Rm.tolist(), "baseline": baseline.tolist(), "metrics": met, "extra": extra_m,
-            "trainable": int(trainable), "seconds": seconds}
+    points = []
+    for s, row in curve + [(bench.steps_per_task, Rm[T - 1].tolist())]:
+        Rc = Rm.copy()
+        Rc[T - 1] = row
+        mc = M.summarize(Rc, baseline if bench.pretrained_tasks == 0 else None, higher_is_better=hib)
+        mc["learning"] = bench.learning(Rc, baseline)
+        points.append({"step": int(s), "R": Rc.tolist(), "metrics": mc})
+    out = {"R": Rm.tolist(), "baseline": baseline.tolist(), "metrics": met, "extra": extra_m,
+           "trainable": int(trainable), "seconds": seconds, "curve": points}
+    if keep_adapter:
+        out.update(params=params, adapter=final_adapter)
+    return out
 
 
 # -- the whole experiment ----------------------------------------------------------------------------

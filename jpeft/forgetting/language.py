@@ -369,6 +369,11 @@ class CodeToProse(Benchmark):
                 self.cache_dir, self.pretrain_steps, seq_len=self.seq_len, size=self.size, progress=self._progress)
             self._fwd = jax.jit(lambda p, a, w: jpeft.apply(self.model, p, a, w[:, :-1]))
 
+    @property
+    def tokens_per_example(self) -> int:
+        """Bytes (tokens) predicted per training window, for the budgets of a sweep."""
+        return self.seq_len
+
     def default_methods(self):
         return language_methods()
 

@@ -1,0 +1,209 @@
+"""Pareto fronts, bootstrap intervals and paired tests (jpeft.forgetting.stats) on hand-made
+points, the equal-learning analysis of a sweep, and a miniature sweep's artifacts."""
+
+import csv
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from jpeft.errors import ConfigError, InputValidationError
+from jpeft.forgetting import FullFinetuneConfig
+from jpeft.forgetting import stats as S
+from jpeft.forgetting.cli import families_from_args, main
+from jpeft.forgetting.digits import SplitDigits
+from jpeft.forgetting.experiment import MethodSpec, run_one
+from jpeft.forgetting.sweep import SweepSpec, analyse, combine, sweep
+
+# -- Pareto front and interpolation -------------------------------------------------------------
+
+
+def test_pareto_front_by_hand():
+    # (learning, forgetting): c is dominated by b (learns less, forgets more); e by d; a, b, d trade off
+    learning = [0.1, 0.3, 0.2, 0.5, 0.4, 0.3]
+    forgetting = [0.05, 0.2, 0.25, 0.4, 0.45, 0.2]
+    # index 5 equals index 1: identical points do not dominate each other, both stay
+    assert S.pareto_front(learning, forgetting).tolist() == [0, 1, 5, 3]
+    assert S.pareto_front([0.2], [0.1]).tolist() == [0]
+    # a point that learns the same but forgets less removes the other
+    assert S.pareto_front([0.2, 0.2], [0.1, 0.3]).tolist() == [0]
+    with pytest.raises(InputValidationError, match="same length"):
+        S.pareto_front([0.1, 0.2], [0.1])
+    with pytest.raises(InputValidationError, match="finite"):
+        S.pareto_front([0.1, float("nan")], [0.1, 0.2])
+
+
+def test_forgetting_at_learning_interpolates_the_front_only():
+    learning = [0.1, 0.2, 0.4, 0.3]
+    forgetting = [0.0, 0.1, 0.5, 0.9]  # (0.3, 0.9) is dominated by (0.4, 0.5) and must not count
+    assert S.forgetting_at_learning(learning, forgetting, 0.3) == pytest.approx(0.1 + 0.5 * (0.5 - 0.1))
+    assert S.forgetting_at_learning(learning, forgetting, 0.1) == pytest.approx(0.0)
+    assert S.forgetting_at_learning(learning, forgetting, 0.4) == pytest.approx(0.5)
+    assert math.isnan(S.forgetting_at_learning(learning, forgetting, 0.45))  # no extrapolation
+    assert math.isnan(S.forgetting_at_learning(learning, forgetting, 0.05))
+
+
+# -- bootstrap and paired tests ------------------------------------------------------------------
+
+
+def test_bootstrap_ci_matches_the_exact_bootstrap_distribution_and_scipy():
+    x = np.array([0.3, 0.1, 0.7, 0.4])
+    # the exact bootstrap distribution: all 4**4 resamples are equally likely
+    exact = np.array([x[list(i)].mean() for i in itertools.product(range(4), repeat=4)])
+    lo_ex, hi_ex = np.quantile(exact, [0.025, 0.975])
+    lo, hi = S.bootstrap_ci(x, n_resamples=40_000, seed=1)
+    assert lo == pytest.approx(lo_ex, abs=0.02) and hi == pytest.approx(hi_ex, abs=0.02)
+    ref = scipy.stats.bootstrap((x,), np.mean, method="percentile", n_resamples=40_000, random_state=2)
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=0.02)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=0.02)
+    assert S.bootstrap_ci(x, seed=3) == S.bootstrap_ci(x, seed=3)  # seeded: reproducible
+    assert all(math.isnan(v) for v in S.bootstrap_ci([0.5]))
+    with pytest.raises(InputValidationError, match="confidence"):
+        S.bootstrap_ci(x, confidence=1.5)
+
+
+def test_paired_test_by_hand_and_against_scipy():
+    a = np.array([0.50, 0.42, 0.61, 0.48, 0.55])
+    b = np.array([0.40, 0.41, 0.50, 0.45, 0.47])
+    d = a - b
+    r = S.paired_test(a, b, n_resamples=20_000)
+    t_hand = d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
+    assert r["n"] == 5 and r["mean_diff"] == pytest.approx(d.mean())
+    assert r["t"] == pytest.approx(t_hand)
+    assert r["p_t"] == pytest.approx(2 * scipy.stats.t.sf(abs(t_hand), d.size - 1))
+    # every difference is positive: only the two all-same-sign patterns of 2**5 reach |mean|
+    assert r["p_sign_flip"] == pytest.approx(2 / 32)
+    ref = scipy.stats.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf)
+    assert r["p_sign_flip"] == pytest.approx(ref.pvalue)
+    mixed = np.array([0.1, -0.05, 0.2, 0.02, -0.01])
+    r2 = S.paired_test(mixed, np.zeros(5))
+    ref2 = scipy.stats.permutation_test((mixed,), np.mean, permutation_type="samples", n_resamples=np.inf)
+    assert r2["p_sign_flip"] == pytest.approx(ref2.pvalue)
+    lo, hi = r2["ci"]
+    assert lo < mixed.mean() < hi
+    with pytest.raises(InputValidationError, match="one value of each method per seed"):
+        S.paired_test([1.0, 2.0], [1.0])
+
+
+def test_holm_by_hand():
+    # sorted p: 0.01 (x3 = 0.03), 0.02 (x2 = 0.04), 0.04 (x1 = 0.04), then kept monotone
+    assert S.holm([0.04, 0.01, 0.02]).tolist() == pytest.approx([0.04, 0.03, 0.04])
+    assert S.holm([0.5, 0.01]).tolist() == pytest.approx([0.5, 0.02])
+    assert S.holm([0.3, 0.2]).tolist() == pytest.approx([0.4, 0.4])  # monotone: max(0.4, 0.3)
+    out = S.holm([float("nan"), 0.01])
+    assert math.isnan(out[0]) and out[1] == pytest.approx(0.01)
+
+
+def test_analyse_finds_the_family_that_forgets_less_at_equal_learning():
+    # per seed s, family A: (0.1, 0.1), (0.3, 0.3); family B is A shifted up by 0.1 + 0.01 s
+    pts = []
+    for s in range(3):
+        for fam, shift in (("A", 0.0), ("B", 0.1 + 0.01 * s)):
+            for lr, (lv, fv) in zip((1e-3, 3e-3), ((0.1, 0.1), (0.3, 0.3))):
+                pts.append({"family": fam, "lr": lr, "strength": None, "step": 10, "seed": s, "learning": lv,
+                            "forgetting": fv + shift})
+    an = analyse(pts, [0, 1, 2], levels=[0.2], n_resamples=2000)
+    lv = an["at_level"][0]["families"]
+    assert lv["A"]["per_seed"] == pytest.approx([0.2, 0.2, 0.2])
+    assert lv["B"]["per_seed"] == pytest.approx([0.3, 0.31, 0.32])
+    (pair,) = an["pairs"]
+    assert (pair["a"], pair["b"], pair["less"]) == ("A", "B", "A")
+    assert pair["mean_diff"] == pytest.approx(-0.11)
+    assert pair["t"] == pytest.approx(-0.11 / (0.01 / math.sqrt(3)))
+    assert pair["p_holm"] == pytest.approx(pair["p_t"])  # one test: nothing to correct
+    assert an["fronts"]["A"] == [[1e-3, None, 10], [3e-3, None, 10]]
+    # default levels lie where both fronts reach in every seed; none outside [0.1, 0.3]
+    auto = analyse(pts, [0, 1, 2], n_resamples=200)
+    assert auto["levels"] and all(0.1 <= x <= 0.3 for x in auto["levels"])
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+
+
+def test_sweep_spec_and_cli_families():
+    base = MethodSpec("full+distill", FullFinetuneConfig(), lr=1e-3, distill=1.0)
+    (fam,) = families_from_args([base], [0.5, 2.0], [0.1, 1.0])
+    assert [(m.lr, m.distill) for m in fam.grid()] == [(5e-4, 0.1), (5e-4, 1.0), (2e-3, 0.1), (2e-3, 1.0)]
+    with pytest.raises(ConfigError, match="not a distill method"):
+        SweepSpec("x", MethodSpec("x", FullFinetuneConfig()), strength="distill", strengths=(1.0,))
+    with pytest.raises(ConfigError, match="without the field"):
+        SweepSpec("x", MethodSpec("x", FullFinetuneConfig()), strengths=(1.0,))
+    assert main(["split-digits-task", "--checkpoints", "2"]) == 2  # only with --sweep
+
+
+def test_checkpoint_along_a_run_equals_a_shorter_run():
+    """The training-length axis: evaluating at step 3 of a 6-step run gives the same score
+    matrix as a run of 3 steps (same batches and keys), bit for bit."""
+    spec = MethodSpec("naive", FullFinetuneConfig(), lr=1e-2)
+
+    def one_task(steps):  # Split-Digits' first task alone, so that only the trained task's length differs
+        b = SplitDigits("task", steps_per_task=steps, batch_size=8, hidden=(16,), num_tasks=2)
+        b.task_names = b.task_names[:1]
+        return b
+
+    long = run_one(one_task(6), spec, 0, checkpoints=[3])
+    short = run_one(one_task(3), spec, 0)
+    assert [c["step"] for c in long["curve"]] == [3, 6]
+    assert long["curve"][0]["R"] == short["R"] and long["curve"][1]["R"] == long["R"]
+    assert long["R"] != short["R"]  # the run went on learning after the checkpoint
+    with pytest.raises(ConfigError, match="checkpoints must lie"):
+        run_one(one_task(3), spec, 0, checkpoints=[4])
+
+
+def test_miniature_sweep_writes_every_artifact(tmp_path):
+    bench = SplitDigits("task", steps_per_task=4, batch_size=8, hidden=(16,), num_tasks=2)
+    fams = [SweepSpec("naive", MethodSpec("naive", FullFinetuneConfig()), lrs=(1e-3, 3e-3, 1e-2, 3e-2)),
+            SweepSpec("lwf", MethodSpec("lwf", FullFinetuneConfig(), distill=1.0), lrs=(1e-2,), strength="distill",
+                      strengths=(0.5, 2.0))]
+    seeds = [0, 1, 2, 3, 4]
+    out = str(tmp_path)
+    res = sweep(bench, fams, seeds=seeds, checkpoints=[1, 2], out_dir=out, progress=False, log=None, n_resamples=500)
+    names = ["sweep.json", "points.csv", "summary.csv", "report.md", "sweep_split-digits-task_pareto.png"]
+    for n in names:
+        assert os.path.getsize(os.path.join(out, n)) > 0, n
+    grid = 4 + 2
+    assert len(res["points"]) == grid * len(seeds) * 3 and len(res["runs"]) == grid * len(seeds)
+    saved = json.load(open(os.path.join(out, "sweep.json")))
+    assert saved["checkpoints"] == [1, 2, 4] and len(saved["points"]) == len(res["points"])
+    rows = list(csv.DictReader(open(os.path.join(out, "points.csv"))))
+    assert len(rows) == len(res["points"])
+    assert [float(r["forgetting"]) for r in rows] == pytest.approx([p["forgetting"] for p in res["points"]])
+    summary = list(csv.DictReader(open(os.path.join(out, "summary.csv"))))
+    assert len(summary) == grid * 3 and all(int(r["n_seeds"]) == 5 for r in summary)
+    for r in summary:  # each mean is the mean of its points, inside its interval
+        key = (r["family"], float(r["lr"]), None if r["strength"] == "" else float(r["strength"]), int(r["step"]))
+        pts = [p["learning"] for p in res["points"] if (p["family"], p["lr"], p["strength"], p["step"]) == key]
+        assert float(r["learning"]) == pytest.approx(np.mean(pts))
+        assert float(r["learning_lo"]) <= float(r["learning"]) + 1e-12 <= float(r["learning_hi"]) + 2e-12
+    fronts = res["analysis"]["fronts"]
+    assert sum(int(r["on_front"]) for r in summary) == sum(len(v) for v in fronts.values())
+    for run in res["runs"]:  # full fine-tuning changes both Dense kernels of the 64-16-10 MLP
+        assert run["spectrum"]["changed"] == 2 and run["spectrum"]["mean_effective_rank"] >= 1.0
+    md = open(os.path.join(out, "report.md")).read()
+    for heading in ("## Budgets", "## Pareto fronts", "## Forgetting at equal learning", "## The update's spectrum",
+                    "## Dominance at equal learning"):
+        assert heading in md
+    assert "| lwf | lr 0.01; distill 0.5, 2 | 4 | 32 | n/a | 32 | none |" in md
+    assert "{" not in md  # every placeholder filled in
+    import matplotlib.image
+
+    img = matplotlib.image.imread(os.path.join(out, "sweep_split-digits-task_pareto.png"))
+    assert img.ndim == 3 and img.shape[0] > 100
+
+    # two sweeps of the same setting combine into one analysis; different settings are refused
+    half = {**saved, "families": {"naive": saved["families"]["naive"]},
+            "points": [p for p in saved["points"] if p["family"] == "naive"],
+            "runs": [r for r in saved["runs"] if r["family"] == "naive"]}
+    rest = {**saved, "families": {"lwf": saved["families"]["lwf"]},
+            "points": [p for p in saved["points"] if p["family"] == "lwf"],
+            "runs": [r for r in saved["runs"] if r["family"] == "lwf"]}
+    both = combine([half, rest], n_resamples=500)
+    assert both["analysis"]["fronts"] == res["analysis"]["fronts"] and len(both["points"]) == len(res["points"])
+    with pytest.raises(ConfigError, match="must share seeds"):
+        combine([half, {**rest, "seeds": [0, 1]}])
+    with pytest.raises(ConfigError, match="distinct families"):
+        combine([half, half])

@@ -1,0 +1,140 @@
+"""Intruder dimensions (Shuttleworth et al. 2024) and PEFT 0.21's reduce_intruder_dimension:
+jpeft's detection and reduction against PEFT's on the same random LoRA adapter; the spectral
+helpers against closed forms."""
+
+import dataclasses
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft import spectral
+from jpeft.errors import ConfigError
+from jpeft.methods.intruders import intruder_report, reduce_intruder_dimension
+
+torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
+peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
+from peft.tuners.lora.intruders import reduce_intruder_dimension as peft_reduce  # noqa: E402
+
+DIMS = {"q_proj": (48, 40), "v_proj": (40, 36), "down_proj": (36, 24)}  # name: (in, out)
+
+
+class TorchNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        for name, (i, o) in DIMS.items():
+            setattr(self, name, torch.nn.Linear(i, o))
+
+    def forward(self, x):
+        return self.down_proj(torch.tanh(self.v_proj(torch.tanh(self.q_proj(x)))))
+
+
+class FlaxNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(40, name="q_proj")(x))
+        h = jnp.tanh(nn.Dense(36, name="v_proj")(h))
+        return nn.Dense(24, name="down_proj")(h)
+
+
+def _t(x):
+    return np.asarray(x.detach().numpy())
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The same base and the same random LoRA (r=4, alpha=8, every factor random) in PEFT and
+    jpeft. q_proj's update is large (intruders expected), down_proj's tiny (none expected)."""
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(TorchNet(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(DIMS))).eval()
+    b = pm.base_model.model
+    rng = np.random.RandomState(0)
+    params = {"params": {n: {"kernel": jnp.asarray(_t(getattr(b, n).base_layer.weight).T),
+                             "bias": jnp.asarray(_t(getattr(b, n).base_layer.bias))} for n in DIMS}}
+    x = rng.randn(5, 48).astype(np.float32)
+    model = FlaxNet()
+    ad = jpeft.init(jpeft.LoraConfig(r=4, alpha=8, target_modules=list(DIMS)), params, jax.random.key(0), model,
+                    jnp.asarray(x))
+    size = {"q_proj": 0.6, "v_proj": 0.3, "down_proj": 0.002}
+    for n, (i, o) in DIMS.items():
+        A = (rng.randn(4, i) * size[n]).astype(np.float32)  # PyTorch orientation [r, in], [out, r]
+        B = (rng.randn(o, 4) * size[n]).astype(np.float32)
+        layer = getattr(b, n)
+        layer.lora_A["default"].weight.data = torch.tensor(A)
+        layer.lora_B["default"].weight.data = torch.tensor(B)
+        ad[n] = dataclasses.replace(ad[n], lora_A=jnp.asarray(A.T), lora_B=jnp.asarray(B.T))
+    np.testing.assert_allclose(jpeft.apply(model, params, ad, jnp.asarray(x)), _t(pm(torch.tensor(x))), rtol=1e-5,
+                               atol=1e-5)
+    return pm, model, params, ad, x
+
+
+def test_detection_and_reduction_equal_peft(pair):
+    pm, model, params, ad, x = pair
+    before = _t(pm(torch.tensor(x)))
+    lines = []
+    peft_reduce(pm, top_k=10, threshold_epsilon=0.5, mitigation_lambda=0.75, logging_sink=lines.append)
+    counts = {}
+    for line in lines:
+        m = re.match(r".*?(\w+): (?:Intruders: (\d+)|No intruders)$", line)
+        if m:
+            counts[m.group(1)] = int(m.group(2) or 0)
+    report = intruder_report(params, ad, top_k=10, threshold_epsilon=0.5)
+    assert {k: len(v["indices"]) for k, v in report.items()} == counts
+    assert counts["q_proj"] > 0 and counts["down_proj"] == 0  # both branches are exercised
+
+    new = reduce_intruder_dimension(params, ad, top_k=10, threshold_epsilon=0.5, mitigation_lambda=0.75)
+    b = pm.base_model.model
+    for n in DIMS:
+        layer = getattr(b, n)
+        d_peft = _t(layer.get_delta_weight("intruder_reduced"))
+        np.testing.assert_allclose(np.asarray(new[n].delta_matrix()).T, d_peft, rtol=1e-4, atol=2e-5, err_msg=n)
+        # the factors themselves: equal up to the sign of each singular pair (SVD's only freedom)
+        A_p, B_p = _t(layer.lora_A["intruder_reduced"].weight), _t(layer.lora_B["intruder_reduced"].weight)
+        A_j, B_j = np.asarray(new[n].lora_A).T, np.asarray(new[n].lora_B).T
+        sign = np.sign(np.sum(A_p * A_j, axis=1))
+        np.testing.assert_allclose(A_j * sign[:, None], A_p, rtol=1e-3, atol=2e-4, err_msg=n)
+        np.testing.assert_allclose(B_j * sign[None, :], B_p, rtol=1e-3, atol=2e-4, err_msg=n)
+        if counts[n] == 0:  # unchanged, bit for bit
+            assert new[n] is ad[n]
+    after = _t(pm(torch.tensor(x)))
+    assert np.max(np.abs(after - before)) > 1e-3  # the mitigation changed the model
+    np.testing.assert_allclose(jpeft.apply(model, params, new, jnp.asarray(x)), after, rtol=1e-4, atol=2e-5)
+    # the reduction removed intruder energy: fewer or equal intruders, never more
+    again = intruder_report(params, new, top_k=10, threshold_epsilon=0.5)
+    assert sum(len(v["indices"]) for v in again.values()) <= sum(counts.values())
+
+
+def test_refusals(pair):
+    _, model, params, ad, x = pair
+    dora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), params, jax.random.key(0), model,
+                      jnp.asarray(x))
+    with pytest.raises(ConfigError, match="DoRA"):
+        reduce_intruder_dimension(params, dora)
+    with pytest.raises(ConfigError, match="mitigation_lambda"):
+        reduce_intruder_dimension(params, ad, mitigation_lambda=1.5)
+
+
+def test_spectral_closed_forms():
+    rng = np.random.RandomState(0)
+    q1, _ = np.linalg.qr(rng.randn(6, 6))
+    q2, _ = np.linalg.qr(rng.randn(5, 5))
+    s = np.array([4.0, 2.0, 1.0, 1.0, 0.0])
+    w = q1[:, :5] @ np.diag(s) @ q2.T  # [6, 5] with known singular values
+    p = s[:4] / s.sum()
+    assert spectral.effective_rank(w) == pytest.approx(np.exp(-np.sum(p * np.log(p))))
+    assert spectral.rank_for_energy(w, 0.9) == 2  # (16 + 4) / 22 = 0.909
+    assert spectral.rank_for_energy(w, 0.95) == 3
+    assert spectral.effective_rank(np.zeros((3, 2))) == 0.0
+    # base [4, 3] = diag(3, 2, 1): left singular vectors e1, e2, e3. Adding 10 at (4, 3) makes the
+    # top singular vector (0, 0, 1, 10) / sqrt(101), |cos| 1/sqrt(101) with e3 and 0 with e1, e2:
+    # an intruder; the second (singular value 3) is e1 itself
+    base = np.diag([3.0, 2.0, 1.0, 0.0])[:, :3]
+    tuned = base.copy()
+    tuned[3, 2] = 10.0
+    rep = spectral.intruder_dimensions(base, tuned, top_k=2, epsilon=0.5)
+    assert rep["indices"] == [0]
+    assert rep["similarity"] == pytest.approx([1 / np.sqrt(101), 1.0])
