@@ -12,7 +12,7 @@ import pytest
 import scipy.stats
 
 from jpeft.errors import ConfigError, InputValidationError
-from jpeft.forgetting import FullFinetuneConfig
+from jpeft import FullFinetuneConfig
 from jpeft.forgetting import stats as S
 from jpeft.forgetting.cli import families_from_args, main
 from jpeft.forgetting.digits import SplitDigits
