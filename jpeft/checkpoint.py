@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -379,8 +380,6 @@ class CheckpointManager:
                 continue
         # Orbax does not cancel the failed step's sibling writers; they may still create files in
         # its temporary directory for a moment. Remove it until it stays gone (bounded).
-        import time
-
         quiet = 0
         for _ in range(20):
             had = any(".orbax-checkpoint-tmp" in p.name for p in self.directory.iterdir())

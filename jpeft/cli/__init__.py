@@ -28,6 +28,9 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from jpeft._version import __version__
+from jpeft.errors import JpeftError
+
 __all__ = ["main", "build_parser", "UsageError"]
 
 _COMMANDS = ("demo", "train", "eval", "merge", "export", "info", "forgetting")
@@ -64,8 +67,6 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (subcommand modules are imported lazily)."""
-    from jpeft import __version__
-
     parser = _Parser(
         prog="jpeft",
         description="jpeft: parameter-efficient fine-tuning for JAX/Flax, and tools to measure and "
@@ -99,8 +100,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     >>> main(["info", "no-such-model"])  # prints "jpeft info: error: ..." to stderr
     2
     """
-    from jpeft.errors import JpeftError
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         parser = build_parser()

@@ -18,7 +18,8 @@
 Command line: ``python -m jpeft.forgetting --help`` (also ``jpeft forgetting``).
 """
 
-from jpeft.forgetting import metrics, regularizers, replay
+from jpeft.forgetting import cli, digits, experiment, language, metrics, regularizers, replay
+from jpeft.forgetting.experiment import MethodSpec, run
 from jpeft.forgetting.guard import ForgettingGuard, canary_stats, lr_scale, scale_lr
 from jpeft.forgetting.metrics import (
     average_accuracy,
@@ -39,24 +40,6 @@ from jpeft.forgetting.regularizers import (
     l2sp_penalty,
 )
 from jpeft.forgetting.replay import ReservoirBuffer, mix_batch, reservoir_add, reservoir_init, reservoir_sample
-
-
-def run(*args, **kwargs):
-    """Runs a forgetting experiment; see :func:`jpeft.forgetting.experiment.run`."""
-    from jpeft.forgetting import experiment
-
-    return experiment.run(*args, **kwargs)
-
-
-def __getattr__(name):  # lazy: the runner pulls in matplotlib and the benchmarks
-    if name in ("experiment", "digits", "language", "cli", "MethodSpec"):
-        import importlib
-
-        if name == "MethodSpec":
-            return importlib.import_module("jpeft.forgetting.experiment").MethodSpec
-        return importlib.import_module(f"jpeft.forgetting.{name}")
-    raise AttributeError(f"module 'jpeft.forgetting' has no attribute {name!r}")
-
 
 __all__ = [
     "metrics",

@@ -294,10 +294,6 @@ def trainable(adapter: Mapping[str, Any]) -> dict:
     return split_frozen(adapter)[0]
 
 
-def has_frozen(adapter: Mapping[str, Any]) -> bool:
-    return bool(jax.tree.leaves(split_frozen(adapter)[1]))
-
-
 # ----------------------------------------------------------------------------------------------
 # the method registry: one Method record per method, registered from the method's own file
 # ----------------------------------------------------------------------------------------------
