@@ -187,6 +187,18 @@ def test_frozen_arrays_get_no_gradient_and_no_optimizer_state(setup):
     assert sorted(x.size for x in jax.tree.leaves(grads)) == [3, 5]
 
 
+def test_checkpoint_restores_frozen_arrays_without_optimizer_state(setup, tmp_path):
+    model, params, x, adapter = setup
+    opt = optax.adam(1e-2)
+    state = opt.init(jpeft.trainable(adapter))
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ckpt", ToyConfig(), params, optimizer=opt) as mngr:
+        mngr.save(3, adapter, state, jax.random.key(0), force=True)
+        mngr.wait()
+        got = mngr.restore_latest()
+    chex.assert_trees_all_equal(got.adapter, adapter)  # the frozen projections come back with it
+    chex.assert_trees_all_equal(got.opt_state, state)  # and the Adam state holds the trainable d only
+
+
 def test_optimizer_state_over_frozen_arrays_is_refused(setup):
     model, params, x, adapter = setup
     opt = optax.adam(1e-2)
