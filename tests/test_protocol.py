@@ -293,3 +293,18 @@ def test_the_protocol_imports_no_method():
     for mod in _PROTOCOL - {"jpeft.methods.budget"}:
         f = ROOT.parent / (mod.replace(".", "/") + ("/__init__.py" if mod == "jpeft.methods" else ".py"))
         assert not (_imports(f, known) & method_modules), mod
+
+
+def test_jpeft_info_counts_frozen_arrays_apart(capsys):
+    """``jpeft info`` on Llama-2-7B (shapes only) with the toy method on q_proj: the frozen
+    projections are not trainable parameters; Adam state is counted for the trainable ones only."""
+    import json
+
+    from jpeft.cli import main
+
+    assert main(["info", "llama-2-7b", "--method", "jpeft_test_toy", "--target", "q_proj", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    layers, hidden = 32, 4096
+    assert got["trainable_params"] == layers * hidden
+    assert got["frozen_adapter_params"] == layers * hidden * hidden
+    assert got["train_state_bytes"] == layers * hidden * 4 * 3 + layers * hidden * hidden * 4
