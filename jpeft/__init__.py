@@ -11,8 +11,10 @@ The whole idea in four calls::
 
 from jpeft.config import AdapterConfig
 from jpeft.core import apply, init, merge, summary, unmerge
-from jpeft.errors import *  # noqa: F401,F403
-from jpeft.errors import __all__ as _errors_all
+from jpeft import errors
+# the errors users catch around the calls above; every error class is jpeft.errors.X
+from jpeft.errors import (ConfigError, InputValidationError, JpeftError, LoadError, NonFiniteError, NotMergeableError,
+                          SaveError, ShapeMismatchError, TargetNotFoundError)
 from jpeft.methods.base import join_frozen, split_frozen, trainable
 
 # The methods. Importing a method's module registers it (its one register_method call); this
@@ -133,4 +135,14 @@ __all__ = [
     "ForgettingGuard",
     "lr_scale",
     "__version__",
-] + list(_errors_all)
+    "errors",
+    "JpeftError",
+    "ConfigError",
+    "TargetNotFoundError",
+    "ShapeMismatchError",
+    "NotMergeableError",
+    "InputValidationError",
+    "NonFiniteError",
+    "LoadError",
+    "SaveError",
+]

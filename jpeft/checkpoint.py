@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -70,6 +71,7 @@ from jpeft.io import (
     verify_checksum,
     with_checksum,
 )
+from jpeft.methods.base import trainable
 
 FORMAT = "jpeft-train-checkpoint"
 FORMAT_VERSION = 1
@@ -85,7 +87,7 @@ class TrainState:
     Attributes:
       step: the step the checkpoint was saved at.
       adapter: the adapter dict, nodes rebuilt from the config.
-      opt_state: the optimizer state in the structure of ``optimizer.init(adapter)`` (or of
+      opt_state: the optimizer state in the structure of ``optimizer.init(jpeft.trainable(adapter))`` (or of
         the ``opt_state`` template given to :meth:`CheckpointManager.restore`); a flat dict
         ``{key path: array}`` when neither was given; ``None`` when none was saved.
       key: the RNG key as saved (a typed key stays typed), or ``None``.
@@ -379,8 +381,6 @@ class CheckpointManager:
                 continue
         # Orbax does not cancel the failed step's sibling writers; they may still create files in
         # its temporary directory for a moment. Remove it until it stays gone (bounded).
-        import time
-
         quiet = 0
         for _ in range(20):
             had = any(".orbax-checkpoint-tmp" in p.name for p in self.directory.iterdir())
@@ -640,7 +640,7 @@ class CheckpointManager:
             built from the config with :func:`jpeft.init` under ``jax.eval_shape`` otherwise.
             The shardings of its leaves are used as target shardings.
           opt_state: optional template of the optimizer state; ``optimizer.init`` of the
-            adapter template otherwise (when the manager has an ``optimizer``).
+            adapter template's trainable arrays otherwise (when the manager has an ``optimizer``).
           shardings: target shardings for every restored array: one
             :class:`jax.sharding.Sharding`, or ``fn(name, shape) -> Sharding`` with names like
             ``"adapter/model/q_proj/lora_A"``. Overrides the templates' shardings. By default
@@ -690,7 +690,8 @@ class CheckpointManager:
             except JpeftError:
                 raise
         if opt_state is None and self.optimizer is not None and any(k.startswith("opt_state/") for k in index):
-            opt_state = jax.eval_shape(self.optimizer.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter))
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter)
+            opt_state = jax.eval_shape(self.optimizer.init, trainable(abstract))  # no state for frozen arrays
         groups = {"adapter": adapter}
         if opt_state is not None:
             groups["opt_state"] = opt_state

@@ -43,6 +43,8 @@ import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import InputValidationError, LoadError
@@ -362,9 +364,6 @@ def causal_lm_loss(logits, input_ids, loss_mask) -> tuple[Any, Any]:
     >>> round(float(loss), 4), int(n)   # uniform logits over 4 classes: log 4
     (1.3863, 2)
     """
-    import jax
-    import jax.numpy as jnp
-
     # Targets are shifted, not the logits (as transformers' ForCausalLMLoss does): slicing
     # ``logits[:, :-1]`` would copy the largest activation of the step, and the log-softmax
     # is never materialised either (logsumexp minus the picked logit).

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -37,7 +38,16 @@ import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jpeft
 from jpeft.errors import JpeftError
+from jpeft.hf import load_peft
+from jpeft.models import from_pretrained
 
 KINDS = (
     "truncate",        # cut the file at a random length
@@ -304,10 +314,6 @@ def random_mutation(rnd: random.Random) -> Mutation:
 # targets
 # ------------------------------------------------------------------------------------------------
 def _tiny_base():
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
     class Tiny(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -320,11 +326,6 @@ def _tiny_base():
 
 def _arrays_digest(tree):
     """Structure, dtypes, shapes and bytes of every leaf, as one comparable tuple."""
-    import hashlib
-
-    import jax
-    import numpy as np
-
     leaves, treedef = jax.tree.flatten(tree)
     h = hashlib.sha256()
     for x in leaves:
@@ -340,10 +341,6 @@ def _files_of(root: Path) -> list:
 
 def adapter_targets() -> list[Target]:
     """``load_adapter`` and ``read_adapter_info`` on a saved LoRA adapter."""
-    import jax
-
-    import jpeft
-
     model, params = _tiny_base()
     cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     adapter = jpeft.init(cfg, params, jax.random.key(1))
@@ -367,11 +364,6 @@ def adapter_targets() -> list[Target]:
 
 def checkpoint_target() -> Target:
     """``CheckpointManager.restore_latest`` on an Orbax training checkpoint (adapter + Adam)."""
-    import jax
-    import optax
-
-    import jpeft
-
     model, params = _tiny_base()
     cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     adapter = jpeft.init(cfg, params, jax.random.key(1))
@@ -396,8 +388,6 @@ def checkpoint_target() -> Target:
         return _files_of(root / "7") if (root / "7").exists() else _files_of(root)
 
     def digest(st):
-        import jax
-
         return (st.step, json.dumps(st.data_position, sort_keys=True), json.dumps(st.metrics, sort_keys=True),
                 _arrays_digest((st.adapter, st.opt_state, jax.random.key_data(st.key))))
 
@@ -409,17 +399,13 @@ def checkpoint_target() -> Target:
 
 def hf_targets() -> list[Target]:
     """``jpeft.models.from_pretrained`` and ``jpeft.hf.load_peft`` on folders written by
-    transformers / peft (only where those jpeft modules and the packages are present)."""
+    transformers / peft (only where those packages are installed)."""
     out = []
     try:
         import torch  # noqa: F401
         import transformers
     except ImportError:
         return out
-    try:
-        from jpeft.models import from_pretrained
-    except ImportError:
-        from_pretrained = None
 
     def make_model(d: Path) -> Path:
         torch.manual_seed(0)
@@ -433,16 +419,11 @@ def hf_targets() -> list[Target]:
         model, params = r
         return repr(getattr(model, "config", model)), _arrays_digest(params)
 
-    if from_pretrained is not None:
-        out.append(Target("models.from_pretrained", make_model, lambda p: from_pretrained(p), _files_of, digest_model,
-                          checksummed=False))
+    out.append(Target("models.from_pretrained", make_model, lambda p: from_pretrained(p), _files_of, digest_model,
+                      checksummed=False))
     try:
         import peft
-
-        from jpeft.hf import load_peft
     except ImportError:
-        return out
-    if from_pretrained is None:
         return out
 
     base_params: dict = {}

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from jpeft import scan
 from jpeft.config import AdapterConfig, _as_targets
@@ -215,7 +216,6 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
         d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + ["classifier", "score"]))
     d.setdefault("inference_mode", True)
     d.setdefault("revision", None)
-    from safetensors.numpy import save_file
 
     config_bytes = json.dumps(d, indent=2, sort_keys=True).encode()
     tmp = None

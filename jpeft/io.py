@@ -42,6 +42,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
+import safetensors.numpy
 
 from jpeft._version import __version__
 from jpeft.config import AdapterConfig
@@ -978,7 +979,6 @@ def save_adapter(
         meta_bytes = json.dumps(with_checksum(meta), indent=1, sort_keys=True).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ConfigError(f"metadata must be JSON-able: {e}") from None
-    import safetensors.numpy
 
     weights = safetensors.numpy.save(arrays, metadata={"format": "jpeft"})
     with atomic_directory(target, overwrite=overwrite) as tmp:

@@ -364,7 +364,7 @@ def _site_specs(path: str, node, base_specs):
     try:
         return node.partition_specs(own if isinstance(own, Mapping) else None)
     except ShardingError as e:
-        raise ShardingError(f"adapter site {path!r}: {e}") from None
+        raise ShardingError(f"the adapter site {path!r} {e}") from None
 
 
 def adapter_specs(adapter: Mapping[str, Any], params_or_specs, mesh: Optional[Mesh] = None):

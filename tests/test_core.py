@@ -375,7 +375,7 @@ def test_adapter_on_params_of_another_shape():
 
 def test_nd_kernel_without_model_says_how_to_fix():
     model, params, x = _tiny()
-    with pytest.raises(jpeft.LayoutError) as e:
+    with pytest.raises(jpeft.errors.LayoutError) as e:
         jpeft.init(jpeft.LoraConfig(target_modules=["query"]), params, jax.random.key(0))
     assert "jpeft.init(config, params, key, model, x)" in str(e.value)
 

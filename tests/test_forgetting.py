@@ -14,8 +14,8 @@ import scipy.stats
 
 import jpeft
 from jpeft.errors import ConfigError, InputValidationError, JpeftError, NotMergeableError, ShapeMismatchError
+from jpeft import FullFinetuneConfig
 from jpeft.forgetting import (
-    FullFinetuneConfig,
     distillation_kl,
     ewc_consolidate,
     ewc_init,

@@ -448,7 +448,7 @@ def test_layer_and_exclude_filters_select_as_peft():
 def test_train_method_table_refuses_unimplemented_options():
     """`jpeft train`'s [method] table goes through LoraConfig.from_dict: an option jpeft would not
     apply is refused by name instead of being dropped."""
-    from jpeft.cli.train_cmd import method_of
+    from jpeft.cli._common import method_of
 
     for k, v in (("layer_replication", [[0, 1]]), ("use_qalora", True)):
         with pytest.raises(jpeft.ConfigError, match=rf"does not implement: \{{'{k}'"):

@@ -59,9 +59,9 @@ def test_init_identity_and_near_identity():
 def test_width_from_tracing_any_module():
     model, x, params = _setup()
     # a module without parameters of its own: the whole root returns a tuple -> named error
-    with pytest.raises(jpeft.BottleneckTargetError, match="not a single"):
+    with pytest.raises(jpeft.errors.BottleneckTargetError, match="not a single"):
         jpeft.init(BottleneckConfig(target_modules="^$"), params, jax.random.key(0), model, x)
-    with pytest.raises(jpeft.BottleneckTargetError, match="pass the model"):
+    with pytest.raises(jpeft.errors.BottleneckTargetError, match="pass the model"):
         jpeft.init(BottleneckConfig(target_modules="^$"), params, jax.random.key(0))
 
     class Outer(nn.Module):
@@ -80,7 +80,7 @@ def test_wrong_width_and_merge_errors():
     model, x, params = _setup()
     ad = jpeft.init(BottleneckConfig(target_modules=["ff_out"], reduction_factor=4), params, jax.random.key(0))
     wrong = {"ff_in": ad["ff_out"]}  # width 12 adapter on a width-24 output
-    with pytest.raises(jpeft.BottleneckTargetError, match="output width of 12"):
+    with pytest.raises(jpeft.errors.BottleneckTargetError, match="output width of 12"):
         jpeft.apply(model, params, wrong, x)
     with pytest.raises(jpeft.NotMergeableError, match="non-linearity"):
         jpeft.merge(params, ad)

@@ -164,7 +164,7 @@ def test_identity_at_init_and_unmerge_refuses():
     ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", use_dora=True), params, jax.random.key(2))
     np.testing.assert_allclose(jpeft.apply(model, params, ad, x), model.apply(params, x), rtol=1e-5, atol=1e-6)
     merged = jpeft.merge(params, ad)
-    with pytest.raises(jpeft.NotInvertibleError, match="keep the original params"):
+    with pytest.raises(jpeft.errors.NotInvertibleError, match="keep the original params"):
         jpeft.unmerge(merged, ad)
 
 

@@ -123,7 +123,7 @@ def test_prefix_load_on_wrong_base_is_named(tmp_path):
     ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=T), params, jax.random.key(0))
     save_peft(str(tmp_path), PrefixTuningConfig(num_virtual_tokens=T), ad, base_model_name_or_path=tiny.hf_model("llama3")[1])
     _, gparams = _jpeft_base("gpt2")
-    with pytest.raises(jpeft.BaseMismatchError, match="layers of key width"):
+    with pytest.raises(jpeft.errors.BaseMismatchError, match="layers of key width"):
         load_peft(str(tmp_path), gparams)
 
 
@@ -135,7 +135,7 @@ def test_prefix_records_kv_heads_for_peft(tmp_path):
     model, params = _jpeft_base(family)
     cfg = PrefixTuningConfig(num_virtual_tokens=2)
     ad = _perturb(jpeft.init(cfg, params, jax.random.key(0)), jax.random.key(2))
-    with pytest.raises(jpeft.UnsupportedAdapterError, match="num_attention_heads"):
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="num_attention_heads"):
         save_peft(str(tmp_path / "x"), cfg, ad)
     save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=tiny.hf_model(family)[1])
     import json
@@ -179,15 +179,15 @@ def test_task_types_peft_cannot_load_are_refused_before_writing(tmp_path):
     _, params = _jpeft_base("bert")
     lora = jpeft.LoraConfig(r=2, alpha=4, target_modules=["query"])
     ad = jpeft.init(lora, params, jax.random.key(0))
-    with pytest.raises(jpeft.UnsupportedAdapterError, match="task_type='CAUSAL_LM' on this encoder"):
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="task_type='CAUSAL_LM' on this encoder"):
         save_peft(str(tmp_path / "a"), lora, ad, task_type="CAUSAL_LM")
-    with pytest.raises(jpeft.UnsupportedAdapterError, match="pass params="):
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="pass params="):
         save_peft(str(tmp_path / "b"), lora, ad, task_type="SEQ_CLS")
     prefix = PrefixTuningConfig(num_virtual_tokens=T)
-    with pytest.raises(jpeft.UnsupportedAdapterError, match="PEFT cannot build this method"):
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="PEFT cannot build this method"):
         save_peft(str(tmp_path / "c"), prefix, jpeft.init(prefix, params, jax.random.key(0)), params=params)
     prompt = PromptTuningConfig(num_virtual_tokens=T)
-    with pytest.raises(jpeft.UnsupportedAdapterError, match="task_type='CAUSAL_LM'"):
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="task_type='CAUSAL_LM'"):
         save_peft(str(tmp_path / "d"), prompt, jpeft.init(prompt, params, jax.random.key(0)), params=params, task_type="CAUSAL_LM")
     assert not any((tmp_path / n).exists() for n in "abcd")
 

@@ -106,7 +106,7 @@ def test_config_errors():
         IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
     model = nn.Embed(5, 3)
     params = model.init(jax.random.key(0), jnp.array([1]))
-    with pytest.raises(jpeft.UnsupportedModuleError, match="embedding"):
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match="embedding"):
         jpeft.init(IA3Config(target_modules=".*", feedforward_modules=()), params, jax.random.key(0))
 
 
@@ -115,5 +115,5 @@ def test_unmerge_refuses_zero_vector():
     params = model.init(jax.random.key(0), jnp.ones((1, 2)))
     ad = jpeft.init(IA3Config(target_modules=".*", feedforward_modules=()), params, jax.random.key(0))
     ad = {"": type(ad[""])(jnp.array([1.0, 0.0, 2.0]), ad[""].layout, False)}
-    with pytest.raises(jpeft.NotInvertibleError, match="zero entries"):
+    with pytest.raises(jpeft.errors.NotInvertibleError, match="zero entries"):
         jpeft.unmerge(jpeft.merge(params, ad), ad)

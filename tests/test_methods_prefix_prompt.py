@@ -100,13 +100,13 @@ def test_prefix_errors():
     ids = jnp.ones((1, 4), jnp.int32)
     p = m.init(jax.random.key(0), ids)
     ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=2), p, jax.random.key(0))
-    with pytest.raises(jpeft.PrefixNotSupportedError, match="takes no prefix_kv"):
+    with pytest.raises(jpeft.errors.PrefixNotSupportedError, match="takes no prefix_kv"):
         jpeft.apply(m, p, ad, ids)
     with pytest.raises(jpeft.NotMergeableError, match="key/value positions"):
         jpeft.merge(p, ad)
     model, params, ids = _gpt2()
     ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=8), params, jax.random.key(0))
-    with pytest.raises(jpeft.PromptTooLongError, match="max_position_embeddings=12"):
+    with pytest.raises(jpeft.errors.PromptTooLongError, match="max_position_embeddings=12"):
         jpeft.apply(model, params, ad, ids)
     lmodel, lparams, _ = _llama()
     with pytest.raises(jpeft.ShapeMismatchError, match="Re-create the adapter"):
@@ -166,7 +166,7 @@ def test_prompt_text_init_with_a_local_tokenizer(tmp_path):
 def test_prompt_errors_and_to_prefix():
     model, params, ids = _gpt2()
     ad = jpeft.init(PromptTuningConfig(num_virtual_tokens=7), params, jax.random.key(0))
-    with pytest.raises(jpeft.PromptTooLongError, match="at most 5 tokens"):
+    with pytest.raises(jpeft.errors.PromptTooLongError, match="at most 5 tokens"):
         jpeft.apply(model, params, ad, ids)
     with pytest.raises(jpeft.NotMergeableError):
         jpeft.merge(params, ad)
@@ -193,5 +193,5 @@ def test_prompt_errors_and_to_prefix():
 
     m = NoEmbeds()
     p = m.init(jax.random.key(0), jnp.ones((1, 2), jnp.int32))
-    with pytest.raises(jpeft.UnsupportedModuleError, match="inputs_embeds"):
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match="inputs_embeds"):
         jpeft.apply(m, p, jpeft.init(PromptTuningConfig(num_virtual_tokens=2), p, jax.random.key(0)), jnp.ones((1, 2), jnp.int32))

@@ -161,24 +161,24 @@ def test_rules_override_in_order():
 
 def test_rule_errors_say_what_and_how():
     base = {"params": {"q": {"kernel": S((6, 64), jnp.float32)}}}
-    with pytest.raises(jpeft.ShardingError, match=r"names the mesh axis 'model'.*axes \('data', 'fsdp'\)"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"names the mesh axis 'model'.*axes \('data', 'fsdp'\)"):
         jpeft.param_specs(base, MESH, [("q/kernel", ("model", None))])
-    with pytest.raises(jpeft.ShardingError, match=r"dimension 0 \(size 6\) over 'fsdp' \(size 4\).*replicate"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"dimension 0 \(size 6\) over 'fsdp' \(size 4\).*replicate"):
         jpeft.param_specs(base, MESH, [("q/kernel", ("fsdp", None))])
-    with pytest.raises(jpeft.ShardingError, match=r"3 entries.*2 dims"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"3 entries.*2 dims"):
         jpeft.param_specs(base, MESH, [("q/kernel", (None, None, "fsdp"))])
-    with pytest.raises(jpeft.ShardingError, match=r"\(regex, spec\) pairs"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"\(regex, spec\) pairs"):
         jpeft.param_specs(base, MESH, ["q/kernel"])
 
 
 def test_make_mesh_errors():
-    with pytest.raises(jpeft.ShardingError, match=r"fsdp=3 does not divide the 1 available devices"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"fsdp=3 does not divide the 1 available devices"):
         jpeft.make_mesh(fsdp=3)
-    with pytest.raises(jpeft.ShardingError, match=r"must equal the number of devices \(1\).*data=2, fsdp=1"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"must equal the number of devices \(1\).*data=2, fsdp=1"):
         jpeft.make_mesh(data=2)
-    with pytest.raises(jpeft.ShardingError, match="positive integer"):
+    with pytest.raises(jpeft.errors.ShardingError, match="positive integer"):
         jpeft.make_mesh(fsdp=0)
-    with pytest.raises(jpeft.ShardingError, match=r"fsdp=1, tensor=2 does not divide the 1 available devices"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"fsdp=1, tensor=2 does not divide the 1 available devices"):
         jpeft.make_mesh(tensor=2)
     mesh = jpeft.make_mesh()
     assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
@@ -234,7 +234,7 @@ def test_adapter_specs_missing_base_leaf():
     model = nn.Dense(4)
     params = model.init(jax.random.key(0), jnp.ones((1, 3)))
     adapter = jpeft.init(jpeft.LoraConfig(target_modules=".*"), params, jax.random.key(1))
-    with pytest.raises(jpeft.ShardingError, match=r"site '' adapts the base leaf 'kernel'.*another model"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"site '' adapts the base leaf 'kernel'.*another model"):
         jpeft.adapter_specs(adapter, {"params": {"other": {"kernel": P()}}})
 
 
@@ -268,7 +268,7 @@ def test_sharded_step_refuses_unplaced_state():
     mesh = jpeft.make_mesh()
     opt = optax.sgd(0.1)
     step = jpeft.make_sharded_train_step(loss_fn, opt, mesh)
-    with pytest.raises(jpeft.ShardingError, match=r"adapter is not placed on the step's mesh.*jpeft.shard_adapter"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"adapter is not placed on the step's mesh.*jpeft.shard_adapter"):
         step(params, adapter, opt.init(adapter), C.batches(1)[0], None)
 
 
@@ -281,7 +281,7 @@ def test_opt_state_shardings_match_adapter_copies():
     state = jpeft.init_opt_state(opt, a)
     assert jax.tree.structure(state) == jax.tree.structure(jax.eval_shape(opt.init, adapter))
     assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state)) == jax.tree.leaves(sh)
-    with pytest.raises(jpeft.ShardingError, match="adapter placed on a mesh"):
+    with pytest.raises(jpeft.errors.ShardingError, match="adapter placed on a mesh"):
         jpeft.opt_state_shardings(opt, adapter)
 
 
@@ -404,9 +404,9 @@ def test_initialize_arguments():
     info = dist.initialize()  # no coordinator, no cluster: a single-process run, nothing joined
     assert info == {"process_index": 0, "process_count": 1, "local_devices": 1, "global_devices": 1}
     assert dist.is_main_process()
-    with pytest.raises(jpeft.DistributedError, match=r"also give num_processes and process_id"):
+    with pytest.raises(jpeft.errors.DistributedError, match=r"also give num_processes and process_id"):
         dist.initialize("127.0.0.1:1234")
-    with pytest.raises(jpeft.DistributedError, match=r"need a coordinator_address"):
+    with pytest.raises(jpeft.errors.DistributedError, match=r"need a coordinator_address"):
         dist.initialize(num_processes=2, process_id=1)
 
 
@@ -588,7 +588,7 @@ def test_sharded_step_refuses_unplaced_base():
     a = jpeft.shard_adapter(adapter, mesh, jpeft.param_specs(params, mesh))
     step = jpeft.make_sharded_train_step(loss_fn, opt, mesh)
     host_params = jax.tree.map(np.asarray, params)
-    with pytest.raises(jpeft.ShardingError, match=r"frozen base is not placed on the step's mesh.*jpeft.shard_params"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"frozen base is not placed on the step's mesh.*jpeft.shard_params"):
         step(host_params, a, jpeft.init_opt_state(opt, a), C.batches(1)[0], None)
 
 

@@ -108,7 +108,7 @@ def test_merge(name):
     if c.invertible:
         chex.assert_trees_all_close(jpeft.unmerge(merged, ad), params, rtol=1e-4, atol=1e-5)
     else:
-        with pytest.raises(jpeft.NotInvertibleError):
+        with pytest.raises(jpeft.errors.NotInvertibleError):
             jpeft.unmerge(merged, ad)
 
 

@@ -187,6 +187,18 @@ def test_frozen_arrays_get_no_gradient_and_no_optimizer_state(setup):
     assert sorted(x.size for x in jax.tree.leaves(grads)) == [3, 5]
 
 
+def test_checkpoint_restores_frozen_arrays_without_optimizer_state(setup, tmp_path):
+    model, params, x, adapter = setup
+    opt = optax.adam(1e-2)
+    state = opt.init(jpeft.trainable(adapter))
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ckpt", ToyConfig(), params, optimizer=opt) as mngr:
+        mngr.save(3, adapter, state, jax.random.key(0), force=True)
+        mngr.wait()
+        got = mngr.restore_latest()
+    chex.assert_trees_all_equal(got.adapter, adapter)  # the frozen projections come back with it
+    chex.assert_trees_all_equal(got.opt_state, state)  # and the Adam state holds the trainable d only
+
+
 def test_optimizer_state_over_frozen_arrays_is_refused(setup):
     model, params, x, adapter = setup
     opt = optax.adam(1e-2)
@@ -281,3 +293,18 @@ def test_the_protocol_imports_no_method():
     for mod in _PROTOCOL - {"jpeft.methods.budget"}:
         f = ROOT.parent / (mod.replace(".", "/") + ("/__init__.py" if mod == "jpeft.methods" else ".py"))
         assert not (_imports(f, known) & method_modules), mod
+
+
+def test_jpeft_info_counts_frozen_arrays_apart(capsys):
+    """``jpeft info`` on Llama-2-7B (shapes only) with the toy method on q_proj: the frozen
+    projections are not trainable parameters; Adam state is counted for the trainable ones only."""
+    import json
+
+    from jpeft.cli import main
+
+    assert main(["info", "llama-2-7b", "--method", "jpeft_test_toy", "--target", "q_proj", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    layers, hidden = 32, 4096
+    assert got["trainable_params"] == layers * hidden
+    assert got["frozen_adapter_params"] == layers * hidden * hidden
+    assert got["train_state_bytes"] == layers * hidden * 4 * 3 + layers * hidden * hidden * 4

@@ -31,6 +31,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from jpeft._version import __version__
+from jpeft.errors import JpeftError
+
 __all__ = ["main", "build_parser", "UsageError"]
 
 _COMMANDS = ("demo", "train", "eval", "merge", "export", "info", "forgetting")
@@ -67,8 +70,6 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (subcommand modules are imported lazily)."""
-    from jpeft import __version__
-
     parser = _Parser(
         prog="jpeft",
         description="jpeft: parameter-efficient fine-tuning for JAX/Flax, and tools to measure and "
@@ -136,8 +137,6 @@ def _interrupt_main_soon(active):
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    from jpeft.errors import JpeftError
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         parser = build_parser()

@@ -16,7 +16,11 @@ from __future__ import annotations
 import os
 from typing import NamedTuple, Optional
 
-from jpeft.errors import LoadError
+from jpeft import hf, io, scan
+from jpeft.checkpoint import CheckpointManager, FORMAT
+from jpeft.config import AdapterConfig
+from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, ShapeMismatchError
+from jpeft.io import read_json, verify_checksum
 
 ADAPTER_JSON = "jpeft_adapter.json"
 PEFT_JSON = "adapter_config.json"
@@ -72,10 +76,6 @@ def find_adapter(path: str) -> Found:
 def checkpoint_metadata(step_dir: str) -> dict:
     """The JSON metadata of one checkpoint step (method config, base fingerprint, array index,
     metrics), checked as :meth:`jpeft.checkpoint.CheckpointManager.read_metadata` checks it."""
-    from jpeft.checkpoint import FORMAT
-    from jpeft.errors import CheckpointError
-    from jpeft.io import read_json, verify_checksum
-
     step = int(os.path.basename(os.path.normpath(step_dir)))
     try:
         d = read_json(os.path.join(step_dir, CKPT_META), what=f"checkpoint metadata of step {step}")
@@ -90,8 +90,6 @@ def checkpoint_metadata(step_dir: str) -> dict:
 def save_adapter(directory: str, adapter, config, *, params=None, base_config=None, metadata=None):
     """Writes a finished adapter (``jpeft_adapter.json`` + ``jpeft_adapter.safetensors``),
     replacing an older one at ``directory``."""
-    from jpeft import io
-
     return io.save_adapter(directory, config, adapter, params=params, base_config=base_config,
                            metadata=metadata, overwrite=True)
 
@@ -99,8 +97,6 @@ def save_adapter(directory: str, adapter, config, *, params=None, base_config=No
 def load_adapter(path: str, *, params, model=None, example=None, base_config=None):
     """Reads any adapter :func:`find_adapter` accepts onto ``params``: ``(adapter, config)``.
     A checkpoint's adapter is restored without its optimizer state."""
-    from jpeft import hf, io
-
     found = find_adapter(path)
     args = () if example is None else (example,)
     if found.kind == "jpeft":
@@ -117,10 +113,6 @@ def _restore_checkpoint(found: Found, params, model, args, base_config):
     layer-stacked adapter of the scanned model: it is restored onto the stacked base and
     written back per layer (:func:`jpeft.scan.unstack_adapter`), as the run's finished
     ``adapter/`` is."""
-    from jpeft import scan
-    from jpeft.config import AdapterConfig
-    from jpeft.errors import BaseMismatchError, ShapeMismatchError
-
     meta = checkpoint_metadata(found.path)
     config = AdapterConfig.from_dict(meta["config"])
     directory = os.path.dirname(os.path.normpath(found.path))
@@ -146,8 +138,6 @@ def _stacked(arrays) -> bool:
 
 
 def _restore(directory, step, config, params, model, args, base_config):
-    from jpeft.checkpoint import CheckpointManager
-
     with CheckpointManager(directory, config, params, model=model, example_args=args, base_config=base_config,
                            async_save=False, keep_last=None, read_only=True) as mngr:
         return mngr.restore(step).adapter

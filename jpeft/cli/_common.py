@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import os
 from typing import Any, Mapping, Optional
 
-from jpeft.errors import ConfigError, LoadError
+from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
 from jpeft.methods.budget import DEFAULT_TARGETS  # PEFT's default targets per model type (one table)
+from jpeft.models import loading
 
 
 def add_method_args(p: argparse.ArgumentParser, *, default: str = "lora") -> None:
@@ -74,8 +75,19 @@ def method_config(name: str, fields: Optional[Mapping[str, Any]] = None, *, mode
     return cls.from_dict(_with_default_targets(cls, dict(fields or {}), model_type))
 
 
+def method_of(cfg, model_type=None) -> Any:
+    """The method config of a resolved ``jpeft train`` TOML config (its ``[method]`` table)."""
+    m = dict(cfg["method"])
+    name = m.pop("name", None) or m.pop("peft_type", None) or "lora"
+    m.pop("peft_type", None)
+    config = method_config(name, m, model_type=model_type)
+    why = getattr(config, "needs_own_training_loop", None)  # a method whose training is more than optimizer steps
+    if why:
+        raise ConfigError(f"jpeft train runs plain optimizer steps, which cannot train {type(config).__name__}: {why}.")
+    return config
+
+
 def method_from_args(args, *, model_type: Optional[str] = None):
-    import dataclasses
 
     names = method_names()
     key = str(args.method).strip().lower().replace("-", "_")
@@ -115,9 +127,6 @@ def require_causal_lm(folder: str, cmd: str) -> dict:
       LoadError: no folder or no ``config.json``.
       UnsupportedModelError: an encoder such as BERT (jpeft loads it as a sequence classifier).
     """
-    from jpeft.errors import UnsupportedModelError
-    from jpeft.models import loading
-
     d = loading.read_config(folder)
     mt = d.get("model_type")
     causal = sorted(t for t, fam in loading.FAMILIES.items() if fam.model_cls.__name__.endswith(("CausalLM", "LMHeadModel")))
@@ -175,12 +184,6 @@ def check_train_values(cfg: Mapping[str, Any]) -> None:
             fail(f"train.{key}", "a number", v)
         if not (math.isfinite(v) and v >= 0):
             fail(f"train.{key}", "a finite number >= 0", v)
-
-
-def require_dir(path: str, what: str) -> str:
-    if not os.path.isdir(path):
-        raise LoadError(f"{what} {path!r} is not a directory.")
-    return path
 
 
 def human_bytes(n: float) -> str:

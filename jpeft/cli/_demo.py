@@ -14,8 +14,15 @@ import shutil
 import time
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from safetensors.numpy import save_file
 
+import jpeft
+from jpeft.cli._ckpt import save_adapter
+from jpeft.cli._common import format_table, human_bytes
 from jpeft.forgetting import language as L
 
 
@@ -99,12 +106,6 @@ def finetune(name, config, lr, model, params, data: Data, args, steps: int, eval
              replay: float = 0.0):
     """One fine-tuning run on prose through :func:`jpeft.fit`, with held-out prose and code
     losses every ``eval_every`` steps."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import jpeft
-
     key = jax.random.key(args.seed + 1)
     adapter = jpeft.init(config, params, key, model, jnp.asarray(data.prose_eval[:1, :8]))
     s = jpeft.summary(params, adapter, print_fn=None)
@@ -142,9 +143,6 @@ def dir_bytes(path: str) -> int:
 
 def save_full(path: str, adapter) -> None:
     """A full fine-tune's checkpoint is the whole model: every weight, as safetensors."""
-    import jax
-    from safetensors.numpy import save_file
-
     os.makedirs(path, exist_ok=True)
     flat = jax.tree_util.tree_flatten_with_path(adapter)[0]
     save_file({jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}, os.path.join(path, "model.safetensors"))
@@ -155,11 +153,6 @@ def generate(model, params, adapter, prompt: bytes, n: int, *, seed: int = 0, te
              top_k: int = 20) -> bytes:
     """Samples ``n`` bytes after ``prompt`` (top-k sampling; a fixed-size buffer so one
     compiled function serves every position)."""
-    import jax
-    import jax.numpy as jnp
-
-    import jpeft
-
     p = np.frombuffer(prompt, np.uint8).astype(np.int32)
     total = len(p) + n
     buf = np.zeros((1, total), np.int32)
@@ -218,12 +211,6 @@ def plot(results: list, base_losses, path: str, title: str) -> None:
 
 # --------------------------------------------------------------------------------------- run
 def run_demo(args) -> dict:
-    import jax
-
-    import jpeft
-    from jpeft.cli._ckpt import save_adapter
-    from jpeft.cli._common import format_table, human_bytes
-
     t_start = time.perf_counter()
     s = TINY if args.tiny else DEFAULT
     if args.pretrain_steps:

@@ -6,7 +6,13 @@ import os
 import shutil
 from typing import Any, NamedTuple
 
-from jpeft.errors import LoadError
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from jpeft.errors import ConfigError, InputValidationError, LoadError
+from jpeft.models import config_from_hf, from_pretrained, load_tokenizer, loading, model_from_config as _m, read_config
 
 
 class Loaded(NamedTuple):
@@ -26,9 +32,6 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
       LoadError: the folder is missing or is not a Hugging Face model folder.
       ConfigError: ``scan_layers`` for a model family without a scanned variant.
     """
-    from jpeft.errors import ConfigError, InputValidationError
-    from jpeft.models import from_pretrained, load_tokenizer, read_config
-
     d = read_config(folder)
     if scan_layers:
         try:
@@ -53,27 +56,17 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
 
 def model_from_config(config_dict: dict):
     """The jpeft flax module for a Hugging Face ``config.json`` dict."""
-    from jpeft.models import config_from_hf, model_from_config as _m
-
     return _m(config_from_hf(config_dict))
 
 
 def example_ids():
     """A small integer batch used to trace a model once when (re)building adapters."""
-    import jax.numpy as jnp
-
     return jnp.zeros((1, 8), jnp.int32)
 
 
 def save_folder(out: str, loaded: Loaded, params) -> None:
     """Writes ``params`` as a Hugging Face folder next to a copy of the base's config and
     tokenizer files: ``config.json``, ``model.safetensors`` (Hugging Face names and layouts)."""
-    import jax
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from jpeft.models import loading
-
     cfg = loading.config_from_hf(loaded.hf_config)
     fam = loading._family_of(cfg)
     inner = params["params"] if "params" in params else params

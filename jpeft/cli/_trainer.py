@@ -4,20 +4,31 @@ Ctrl-C, progress bar, JSONL/TensorBoard metrics)."""
 
 from __future__ import annotations
 
-import json
 import itertools
+import json
 import math
 import os
 import sys
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
+import optax
+
+import jpeft
+from jpeft import distributed as dist
+from jpeft.checkpoint import CheckpointManager
+from jpeft.cli._ckpt import save_adapter
+from jpeft.cli._common import method_of
+from jpeft.cli._model import encode_fn, load_folder, logits_of
+from jpeft.data import causal_lm_loss, model_inputs, PackedDataset
+from jpeft.errors import BaseMismatchError, ConfigError, ShardingError
+from jpeft.validate import check_tokens
 
 
 def check_seq_len(seq_len: int, hf_config: dict, what: str) -> None:
     """Refuses rows longer than the model's position range (Llama's rotary embeddings would
     extrapolate, GPT-2's learned positions would be out of range)."""
-    from jpeft.errors import ConfigError
-
     limit = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
     if limit is not None and seq_len > int(limit):
         raise ConfigError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}; "
@@ -32,10 +43,6 @@ def _max_positions(hf_config: dict) -> Optional[int]:
 def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
     """AdamW with warm-up and cosine decay (and clipping); ``lr_scale`` appends
     :func:`jpeft.lr_scale`, the stage a forgetting-guard rollback lowers."""
-    import optax
-
-    import jpeft
-
     lr = float(t["learning_rate"])
     warm = int(t["warmup_steps"])
     if warm > 0:
@@ -52,13 +59,6 @@ def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
 
 
 def make_loss_fns(model):
-    import jax
-    import jax.numpy as jnp
-
-    import jpeft
-    from jpeft.cli._model import logits_of
-    from jpeft.data import causal_lm_loss, model_inputs
-
     def loss_fn(params, adapter, batch, key):
         out = jpeft.apply(model, params, adapter, batch["input_ids"], rngs={"dropout": key}, **model_inputs(batch))
         loss, n = causal_lm_loss(logits_of(out), batch["input_ids"], batch["loss_mask"])
@@ -76,12 +76,6 @@ def make_loss_fns(model):
 def make_logits_fn(model):
     """``logits(params, adapter, batch)`` without dropout (``adapter=None``: the base), the
     forward pass of the forgetting guard and of ``jpeft eval --canary``."""
-    import jax
-
-    import jpeft
-    from jpeft.cli._model import logits_of
-    from jpeft.data import model_inputs
-
     @jax.jit
     def logits(params, adapter, batch):
         return logits_of(jpeft.apply(model, params, adapter, batch["input_ids"], **model_inputs(batch)))
@@ -114,8 +108,6 @@ def _check_resumable(out_dir: str, cfg: dict) -> None:
     """Names the cause when ``--resume`` meets checkpoints of a run with another layout:
     checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled model cannot use
     (and the other way round)."""
-    from jpeft.errors import ConfigError
-
     path = os.path.join(out_dir, "resolved_config.json")
     if not os.path.isfile(path):
         return
@@ -136,16 +128,6 @@ def _check_resumable(out_dir: str, cfg: dict) -> None:
 def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, progress: bool = True) -> dict:
     """Runs a resolved ``jpeft train`` config (see :mod:`jpeft.cli.train_cmd`) through
     :func:`jpeft.fit`."""
-    import jax
-    import jax.numpy as jnp
-
-    import jpeft
-    from jpeft.checkpoint import CheckpointManager
-    from jpeft.cli._model import encode_fn, load_folder
-    from jpeft.cli.train_cmd import method_of
-    from jpeft.data import PackedDataset
-    from jpeft.errors import ConfigError
-
     t = cfg["train"]
     d = cfg["data"]
     out_dir = cfg["output_dir"]
@@ -202,11 +184,6 @@ def make_run_mesh(cfg: dict, batch_size: int):
       ConfigError: the mesh does not fit the devices, or ``batch_size`` does not split over
         it and over the processes.
     """
-    import jax
-
-    import jpeft
-    from jpeft.errors import ConfigError, ShardingError
-
     m = cfg["mesh"]
     n, procs = jax.device_count(), jax.process_count()
     if n == 1 and procs == 1:
@@ -230,8 +207,6 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
     """The latest checkpoint's state, or ``None``; refuses one past ``train.steps`` and names
     the cause of a base mismatch. ``templates`` (``adapter``, ``opt_state``) give the target
     shardings, so a run resumes on another mesh or number of processes."""
-    from jpeft.errors import BaseMismatchError, ConfigError
-
     try:
         state = ckpts.restore_latest(**templates)
     except BaseMismatchError as e:
@@ -249,22 +224,12 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
 
 def _say(msg: str) -> None:
     """A status line on stderr, from the main process only."""
-    import jax
-
     if jax.process_index() == 0:
         print(msg, file=sys.stderr)
 
 
 def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
          steps, resume, max_steps, progress, mesh):
-    import jax
-
-    import jpeft
-    from jpeft import distributed as dist
-    from jpeft.cli._ckpt import save_adapter
-    from jpeft.errors import ConfigError
-    from jpeft.validate import check_tokens
-
     t = cfg["train"]
     out_dir = cfg["output_dir"]
     model, params = loaded.model, loaded.params

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from jpeft.cli import _demo
+from jpeft.errors import ConfigError
+
 HELP = "pretrain a tiny model on Python code, fine-tune it on English with full FT and LoRA, compare forgetting"
 EPILOG = """\
 example:
@@ -48,8 +51,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from jpeft.errors import ConfigError
-
     for name in ("steps", "pretrain_steps", "eval_every"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -66,7 +67,6 @@ def run(args) -> int:
         raise ConfigError(f"--replay must be in [0, 1), found {args.replay}.")
     if args.gen_bytes < 0:
         raise ConfigError(f"--gen-bytes must be >= 0, found {args.gen_bytes}.")
-    from jpeft.cli import _demo
 
     _demo.run_demo(args)
     return 0

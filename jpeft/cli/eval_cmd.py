@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft.cli._ckpt import load_adapter
+from jpeft.cli._common import require_causal_lm
+from jpeft.cli._model import encode_fn, load_folder
+from jpeft.cli._trainer import canary_batches, check_seq_len, evaluate, make_logits_fn, make_loss_fns
+from jpeft.data import PackedDataset
+from jpeft.errors import ConfigError
+from jpeft.forgetting.guard import canary_stats
+
 HELP = "loss and perplexity of a model (optionally with an adapter) on a text or JSONL dataset"
 EPILOG = """\
 example:
@@ -41,8 +52,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from jpeft.errors import ConfigError
-
     if args.seq_len < 2:
         raise ConfigError(f"--seq-len must be >= 2, found {args.seq_len}.")
     if args.batch_size < 1:
@@ -59,13 +68,6 @@ def run(args) -> int:
                           "folder).")
     if args.worst < 0:
         raise ConfigError(f"--worst must be >= 0, found {args.worst}.")
-    import jax.numpy as jnp
-
-    from jpeft.cli._ckpt import load_adapter
-    from jpeft.cli._common import require_causal_lm
-    from jpeft.cli._model import encode_fn, load_folder
-    from jpeft.cli._trainer import check_seq_len, evaluate, make_loss_fns
-    from jpeft.data import PackedDataset
 
     require_causal_lm(args.model, "eval")
     loaded = load_folder(args.model)
@@ -91,11 +93,6 @@ def run(args) -> int:
 
 def _canary_report(args, loaded, adapter, ds) -> int:
     """Prints the forgetting report of ``adapter`` against the base on the canary rows."""
-    import numpy as np
-
-    from jpeft.cli._trainer import canary_batches, make_logits_fn
-    from jpeft.forgetting.guard import canary_stats
-
     batches = canary_batches(ds, args.batch_size, args.max_batches or None)
     s = canary_stats(make_logits_fn(loaded.model), loaded.params, adapter, batches)
     ids = np.concatenate([b["input_ids"] for b in batches])

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+from jpeft import hf
+from jpeft.cli._ckpt import load_adapter
+from jpeft.cli._model import example_ids, load_folder
+from jpeft.cli.merge_cmd import check_out
+
 HELP = "export an adapter to the Hugging Face PEFT format (adapter_config.json + adapter_model.safetensors)"
 EPILOG = """\
 example:
@@ -33,16 +40,9 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import os
-
-    from jpeft.cli._ckpt import load_adapter
-    from jpeft.cli._model import example_ids, load_folder
-    from jpeft.cli.merge_cmd import check_out
-
     check_out(args.out, args.force)
     loaded = load_folder(args.model, tokenizer=False)
     adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())
-    from jpeft import hf
 
     hf.save_peft(args.out, config, adapter, base_model_name_or_path=args.base_name or os.path.abspath(args.model))
     print(f"exported {config.peft_type} adapter to {os.path.abspath(args.out)} (Hugging Face PEFT format)")

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
+from jpeft.forgetting.cli import add_parser as _add, run_from_args
+
 
 def add_parser(sub):
-    from jpeft.forgetting.cli import add_parser as _add
-
     p = _add(sub, "forgetting")
     p.epilog = (p.epilog or "").replace("python -m jpeft.forgetting", "jpeft forgetting")
     return p
 
 
 def run(args) -> int:
-    from jpeft.forgetting.cli import run_from_args
-
     return int(run_from_args(args) or 0)

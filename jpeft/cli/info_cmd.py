@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 import os
 
-from jpeft.cli._common import add_method_args, format_table, human_bytes, human_count
+import numpy as np
+
+from jpeft import io
+from jpeft.cli import _configs
+from jpeft.cli._ckpt import checkpoint_metadata, find_adapter
+from jpeft.cli._common import add_method_args, format_table, human_bytes, human_count, method_from_args
+from jpeft.errors import ConfigError, JpeftError, LoadError
 from jpeft.io import read_json
+from jpeft.methods import budget as _budget
 
 HELP = ("parameter budget of a method on a model folder or a published config (nothing is allocated), "
         "or what an adapter, PEFT export, run folder or checkpoint holds")
@@ -52,9 +59,6 @@ def stored_dtype(cfg: dict) -> str:
 
 
 def _config_dict(spec: str) -> tuple[str, dict]:
-    from jpeft.cli import _configs
-    from jpeft.errors import LoadError
-
     if os.path.isdir(spec):
         path = os.path.join(spec, "config.json")
         if not os.path.isfile(path):
@@ -73,16 +77,10 @@ def budget(config_dict: dict, method) -> dict:
     """Counts base and adapter parameters of ``method`` on the model described by a Hugging
     Face ``config.json`` dict, using shapes only (:func:`jpeft.methods.budget.budget`, the
     function behind ``python -m jpeft.methods.budget``)."""
-    from jpeft.methods import budget as _budget
-
     return _budget.budget(config_dict, method)
 
 
 def run(args) -> int:
-    from jpeft.cli import _configs
-    from jpeft.cli._common import method_from_args
-    from jpeft.errors import ConfigError, JpeftError, LoadError
-
     if args.list:
         rows = []
         for name, c in sorted(_configs.PUBLISHED.items()):
@@ -109,18 +107,18 @@ def run(args) -> int:
         raise LoadError(f"{name}: config.json holds an invalid value ({type(e).__name__}: {str(e)[:200]}).") from None
     base_dtype = args.base_dtype or stored_dtype(cfg)
     base_bytes = _BASE_BYTES[base_dtype]
-    adam_adapter = s["trainable"] * 4 * 3  # weights + two Adam moments, float32
+    adam_adapter = s["trainable"] * 4 * 3 + s["frozen"] * 4  # weights + two Adam moments (none for frozen arrays), float32
     full_train = s["base"] * (4 * 3 + 4)  # fp32 master weights + Adam moments + grads
     res = {
         "model": name,
         "method": method.to_dict(),
         "base_params": s["base"],
         "trainable_params": s["trainable"],
+        "frozen_adapter_params": s["frozen"],
         "total_params": s["total"],
         "trainable_share": s["share"],
         "adapted_sites": s["sites"],
-        "adapter_bytes_float32": s["trainable"] * 4,
-        "frozen_adapter_params": s["frozen"],  # saved with the adapter, never trained (VeRA's projections)
+        "adapter_bytes_float32": (s["trainable"] + s["frozen"]) * 4,
         "base_bytes": s["base"] * base_bytes,
         "base_dtype": base_dtype,
         "train_state_bytes": adam_adapter,
@@ -132,10 +130,12 @@ def run(args) -> int:
     print(f"model: {name} ({cfg.get('model_type', '?')}; shapes only, nothing allocated)")
     print(f"method: {method.peft_type} " + json.dumps({k: v for k, v in method.to_dict().items() if k != 'peft_type'}))
     print(f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || trainable%: {100 * s['share']:.4f}"
-          f" (base {s['base']:,}; {s['sites']} adapted sites)")
+          f" (base {s['base']:,}; {s['sites']} adapted sites" + (f"; {s['frozen']:,} frozen adapter params)"
+                                                                   if s["frozen"] else ")"))
     rows = [
         ["frozen base weights", f"{human_count(s['base'])}", human_bytes(res["base_bytes"]) + f" ({base_dtype})"],
-        ["adapter weights", f"{human_count(s['trainable'])}", human_bytes(res["adapter_bytes_float32"]) + " (float32)"],
+        ["adapter weights" + (" (trainable + frozen)" if s["frozen"] else ""),
+         f"{human_count(s['trainable'] + s['frozen'])}", human_bytes(res["adapter_bytes_float32"]) + " (float32)"],
         ["adapter + Adam state", "", human_bytes(adam_adapter)],
     ] + ([["frozen adapter arrays (never trained)", f"{human_count(s['frozen'])}", human_bytes(s["frozen"] * 4) + " (float32)"]]
          if s["frozen"] else []) + [
@@ -148,9 +148,6 @@ def run(args) -> int:
 def adapter_summary(path: str) -> dict:
     """What an adapter, PEFT, run or checkpoint folder holds, read from its metadata and
     safetensors headers (no array is loaded)."""
-    from jpeft import io
-    from jpeft.cli._ckpt import checkpoint_metadata, find_adapter
-
     found = find_adapter(path)
     res: dict = {"path": path, "kind": found.kind, "adapter_path": found.path}
     if found.kind == "jpeft":
@@ -167,7 +164,6 @@ def adapter_summary(path: str) -> dict:
     else:
         meta = checkpoint_metadata(found.path)
         adapter = {k: e for k, e in meta["arrays"].items() if k.startswith("adapter/")}
-        import numpy as np
 
         res.update(method=meta["config"], step=meta.get("step"), metrics=meta.get("metrics"),
                    data_position=meta.get("data_position"),

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+import jpeft
+from jpeft.cli._ckpt import load_adapter
+from jpeft.cli._model import example_ids, load_folder, save_folder
+from jpeft.errors import SaveError
+
 HELP = "merge an adapter into its base model and save a plain Hugging Face model folder"
 EPILOG = """\
 example:
@@ -26,10 +33,6 @@ def add_parser(sub):
 
 
 def check_out(out: str, force: bool) -> None:
-    import os
-
-    from jpeft.errors import SaveError
-
     if os.path.exists(out) and not os.path.isdir(out):
         raise SaveError(f"--out {out!r} exists and is a file; give a folder.")
     if os.path.isdir(out) and os.listdir(out) and not force:
@@ -37,12 +40,6 @@ def check_out(out: str, force: bool) -> None:
 
 
 def run(args) -> int:
-    import os
-
-    import jpeft
-    from jpeft.cli._ckpt import load_adapter
-    from jpeft.cli._model import load_folder, save_folder, example_ids
-
     check_out(args.out, args.force)
     loaded = load_folder(args.model, tokenizer=False)  # save_folder copies the tokenizer files as they are
     adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())

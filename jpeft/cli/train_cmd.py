@@ -7,7 +7,9 @@ import math
 import os
 from typing import Any, Mapping
 
-from jpeft.cli._common import check_train_values
+from jpeft import distributed
+from jpeft.cli._common import check_train_values, require_causal_lm
+from jpeft.cli._trainer import train
 from jpeft.errors import ConfigError, LoadError
 
 HELP = "fine-tune a local Hugging Face model folder with any jpeft method (TOML config)"
@@ -251,19 +253,6 @@ def check_forgetting(f: Mapping[str, Any]) -> dict:
     return f
 
 
-def method_of(cfg, model_type=None) -> Any:
-    from jpeft.cli._common import method_config
-
-    m = dict(cfg["method"])
-    name = m.pop("name", None) or m.pop("peft_type", None) or "lora"
-    m.pop("peft_type", None)
-    config = method_config(name, m, model_type=model_type)
-    why = getattr(config, "needs_own_training_loop", None)  # a method whose training is more than optimizer steps
-    if why:
-        raise ConfigError(f"jpeft train runs plain optimizer steps, which cannot train {type(config).__name__}: {why}.")
-    return config
-
-
 # ----------------------------------------------------------------------------------- run
 def run(args) -> int:
     cfg_path = os.path.abspath(args.config)
@@ -273,16 +262,12 @@ def run(args) -> int:
         cfg["output_dir"] = os.path.abspath(args.output_dir)
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max-steps must be positive, found {args.max_steps}.")
-    from jpeft.cli._common import require_causal_lm
 
     require_causal_lm(cfg["model"], "train")  # one line before anything is loaded
     if args.coordinator is not None or args.num_processes is not None or args.process_id is not None \
             or args.cluster_auto:
-        from jpeft import distributed
-
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                auto=True if args.cluster_auto else None)
-    from jpeft.cli._trainer import train
 
     result = train(cfg, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
     return 130 if result.get("interrupted") else 0

@@ -21,7 +21,8 @@
 Command line: ``python -m jpeft.forgetting --help`` (also ``jpeft forgetting``).
 """
 
-from jpeft.forgetting import metrics, regularizers, replay
+from jpeft.forgetting import cli, digits, experiment, language, metrics, regularizers, replay, stats, sweep
+from jpeft.forgetting.experiment import MethodSpec, run
 from jpeft.forgetting.guard import ForgettingGuard, canary_stats, lr_scale, scale_lr
 from jpeft.forgetting.metrics import (
     average_accuracy,
@@ -42,26 +43,7 @@ from jpeft.forgetting.regularizers import (
     l2sp_penalty,
 )
 from jpeft.forgetting.replay import ReservoirBuffer, mix_batch, reservoir_add, reservoir_init, reservoir_sample
-
-
-def run(*args, **kwargs):
-    """Runs a forgetting experiment; see :func:`jpeft.forgetting.experiment.run`."""
-    from jpeft.forgetting import experiment
-
-    return experiment.run(*args, **kwargs)
-
-
-def __getattr__(name):  # lazy: the runner pulls in matplotlib and the benchmarks
-    if name in ("experiment", "digits", "language", "cli", "stats", "sweep", "MethodSpec", "SweepSpec"):
-        import importlib
-
-        if name == "MethodSpec":
-            return importlib.import_module("jpeft.forgetting.experiment").MethodSpec
-        if name == "SweepSpec":
-            return importlib.import_module("jpeft.forgetting.sweep").SweepSpec
-        return importlib.import_module(f"jpeft.forgetting.{name}")
-    raise AttributeError(f"module 'jpeft.forgetting' has no attribute {name!r}")
-
+from jpeft.forgetting.sweep import SweepSpec
 
 __all__ = [
     "metrics",

@@ -11,7 +11,9 @@ import argparse
 import re
 from typing import Optional, Sequence
 
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, JpeftError
+from jpeft.forgetting import experiment
+from jpeft.forgetting.experiment import BENCHMARKS, get_benchmark
 
 DESCRIPTION = """\
 Measure catastrophic forgetting: train a list of methods over a sequence of tasks for several
@@ -49,8 +51,6 @@ def _slug(s: str) -> str:
 
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from jpeft.forgetting.experiment import BENCHMARKS
-
     p.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one full run each (default: 0 1 2)")
     p.add_argument("--methods", default=None, help="comma-separated method names (default: all of the benchmark's)")
@@ -96,8 +96,6 @@ def add_parser(subparsers, name: str = "forgetting") -> argparse.ArgumentParser:
 
 
 def benchmark_from_args(args):
-    from jpeft.forgetting.experiment import get_benchmark
-
     kw = {}
     if args.steps is not None:
         if args.steps < 1:
@@ -134,8 +132,6 @@ def select_methods(bench, names: Optional[str]):
 
 
 def run_from_args(args) -> int:
-    from jpeft.forgetting import experiment
-
     bench = benchmark_from_args(args)
     methods = select_methods(bench, args.methods)
     if args.list_methods:
@@ -187,8 +183,6 @@ def _run_sweep(args, bench, methods) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parses ``argv`` (default ``sys.argv[1:]``) and runs. Returns the exit status; a
     :class:`~jpeft.errors.JpeftError` is printed as one line and gives status 2."""
-    from jpeft.errors import JpeftError
-
     args = build_parser().parse_args(argv)
     try:
         return run_from_args(args)

@@ -55,7 +55,7 @@ from jpeft.forgetting import metrics as M
 from jpeft.forgetting import regularizers as R
 from jpeft.forgetting import replay as RP
 
-__all__ = ["MethodSpec", "Benchmark", "BENCHMARKS", "get_benchmark", "run", "main"]
+__all__ = ["MethodSpec", "Benchmark", "BENCHMARKS", "get_benchmark", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -646,10 +646,3 @@ def plot(results: dict, out_dir) -> list:
     plt.close(fig)
     paths.append(p)
     return paths
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point (``python -m jpeft.forgetting``, ``jpeft forgetting``)."""
-    from jpeft.forgetting import cli
-
-    return cli.main(argv)

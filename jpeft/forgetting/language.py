@@ -44,11 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 
 import jpeft
 from jpeft.errors import ConfigError, InputValidationError, LoadError
-from jpeft.forgetting import metrics as M
-from jpeft.forgetting import regularizers as R
+from jpeft.forgetting import metrics as M, regularizers as R
 from jpeft.forgetting.experiment import Benchmark, MethodSpec
 from jpeft.models import LlamaConfig, LlamaForCausalLM
 
@@ -235,7 +235,6 @@ def pretrain_code_model(
       and a dict with the settings, ``train_seconds``, held-out code and prose losses and
       ``path`` (the cache folder of this model).
     """
-    from flax import serialization
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, found {steps}.")
     cfg = tiny_llama_config(seq_len, size)

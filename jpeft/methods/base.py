@@ -294,10 +294,6 @@ def trainable(adapter: Mapping[str, Any]) -> dict:
     return split_frozen(adapter)[0]
 
 
-def has_frozen(adapter: Mapping[str, Any]) -> bool:
-    return bool(jax.tree.leaves(split_frozen(adapter)[1]))
-
-
 # ----------------------------------------------------------------------------------------------
 # the method registry: one Method record per method, registered from the method's own file
 # ----------------------------------------------------------------------------------------------
@@ -317,13 +313,14 @@ class Method:
       to_hf: ``to_hf(config, adapter, ctx: ExportContext) -> (config_dict, tensors)``: the
         Hugging Face PEFT format (see :mod:`jpeft.peft_format`); ``None``: not exportable.
       from_hf: ``from_hf(config_dict, tensors, params, ctx: ImportContext) -> (config, adapter)``.
-      hf_base: ``hf_base(config, params, adapter) -> params``: the base a loaded PEFT adapter
-        applies to when it is not the stored one (PiSSA/OLoRA's residual base); ``None``: the
-        stored base.
-      budget: ``budget(targets) -> config``: the config the budget table (``python -m
-        jpeft.methods.budget``, ``jpeft info``) counts for a model family, given PEFT's default
-        target names for it (``{"lora": [...], "ia3": [...], "ia3_ff": [...]}``); ``None``: the
-        method is not in the table.
+      hf_base: ``hf_base(config, adapter) -> None | (kind, fn)``: for a loaded PEFT adapter that
+        applies to a base PEFT rebuilds on load (PiSSA/OLoRA's residual base), its ``kind``
+        (named in errors) and ``fn(params) -> params`` computing that base; ``None`` (the
+        default, or the hook's answer): the stored base.
+      budget: ``budget(model_type, targets) -> [(name, settings, make_config), ...]``: the rows
+        the budget table (``python -m jpeft.methods.budget``, ``jpeft info``) counts for a model
+        family, given :data:`jpeft.methods.budget.FAMILY_TARGETS` ``[model_type]`` (PEFT's default
+        target names and the family's linear layers); ``None``: the method has no row.
       from_low_rank: ``from_low_rank(LowRank) -> node``: builds this method's node from a
         low-rank update (adapter merging and the bank return such nodes). One method provides it.
     """

@@ -10,6 +10,7 @@ Run ``python -m jpeft.methods.budget`` for the table in docs/METHODS.md (Llama-2
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Callable, Optional
@@ -17,15 +18,16 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from jpeft.core import init, summary
 from jpeft.errors import UnsupportedModelError
 from jpeft.methods.base import registered_methods
+from jpeft.models import config_from_hf, model_from_config, read_config
+from jpeft.models.published import PUBLISHED
+
 
 def LlamaConfig_7b():
     """The Llama-2-7B config (meta-llama/Llama-2-7b-hf, :mod:`jpeft.models.published`) as a
     :class:`jpeft.models.LlamaConfig`."""
-    from jpeft.models import config_from_hf
-    from jpeft.models.published import PUBLISHED
-
     return config_from_hf(PUBLISHED["llama-2-7b"])
 
 
@@ -65,10 +67,6 @@ DEFAULT_TARGETS = {
 DEFAULT_TARGETS.update(LOHA=DEFAULT_TARGETS["LORA"], LOKR=DEFAULT_TARGETS["LORA"])  # PEFT copies LoRA's mapping
 
 
-def _names(t) -> str:
-    return t if isinstance(t, str) else "+".join(t)
-
-
 def methods(model_type: str = "llama") -> list[tuple[str, str, Callable]]:
     """``(name, settings, make_config)`` for the usual settings of each registered method on a
     ``model_type``, in registration order (LoRA first, on Hugging Face PEFT's default
@@ -84,8 +82,6 @@ def abstract_model(model_config):
     """``(model, params, ids)``: the jpeft model of a config (a jpeft model config, or a
     Hugging Face ``config.json`` dict), its parameters as ``jax.ShapeDtypeStruct`` (nothing
     allocated) and the example input they were traced with."""
-    from jpeft.models import config_from_hf, model_from_config
-
     if isinstance(model_config, dict):
         model_config = config_from_hf(model_config)
     model = model_from_config(model_config)
@@ -105,14 +101,12 @@ def budget(model_config, method, *, abstract=None, trace: bool = True) -> dict:
     ``trace=False`` skips tracing the model in :func:`jpeft.init`: the counts are the same and
     the 11-row Llama-2-7B table is several times faster (``jpeft info`` traces, which checks
     that the targets a user typed are modules the model calls)."""
-    import jpeft
-
     model, params, ids = abstract if abstract is not None else abstract_model(model_config)
     if trace:
-        adapter = jax.eval_shape(lambda p, i: jpeft.init(method, p, jax.random.key(0), model, i), params, ids)
+        adapter = jax.eval_shape(lambda p, i: init(method, p, jax.random.key(0), model, i), params, ids)
     else:
-        adapter = jax.eval_shape(lambda p: jpeft.init(method, p, jax.random.key(0)), params)
-    return jpeft.summary(params, adapter, print_fn=None)
+        adapter = jax.eval_shape(lambda p: init(method, p, jax.random.key(0)), params)
+    return summary(params, adapter, print_fn=None)
 
 
 def budget_rows(model_config, progress: bool = True) -> list[dict]:
@@ -135,10 +129,6 @@ def budget_rows(model_config, progress: bool = True) -> list[dict]:
 
 def hf_config(path: str):
     """The jpeft model config of a Hugging Face ``config.json`` (or the folder holding it)."""
-    import os
-
-    from jpeft.models import config_from_hf, read_config
-
     folder = os.path.dirname(path) if path.endswith(".json") else path
     return config_from_hf(read_config(folder or "."))
 

@@ -523,8 +523,8 @@ class LoraWeights(Site):
         lay = self.layout
         if module_specs is None or lay.param_name not in module_specs:
             raise ShardingError(
-                f"a LoRA site adapts a {lay.param_name!r} the params do not have at its path; was the adapter made "
-                "for another model?"
+                f"adapts the base leaf {lay.param_name!r}, which the params do not have; was the adapter made for "
+                "another model?"
             )
         lead = self.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
         entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)

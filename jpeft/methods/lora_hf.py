@@ -22,7 +22,7 @@ import numpy as np
 from jpeft import _inject, scan
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, LoadError, UnsupportedAdapterError
 from jpeft.methods import pissa
-from jpeft.methods.base import Method, register_method
+from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, check_keys, peft_key,
@@ -31,10 +31,6 @@ from jpeft.tree import hf_name, linear_only, regex_fullmatch
 
 
 # -- LoRA ------------------------------------------------------------------------------------
-
-def to_np(x) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(jnp.asarray(x, jnp.float32)))
-
 
 def _hf_targets(config: LoraConfig, paths) -> Any:
     names = [hf_name(p) for p in paths]
@@ -123,7 +119,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             rank_pattern[re.escape(name)] = r
         if not math.isclose(alpha, config.alpha, rel_tol=1e-6):
             alpha_pattern[re.escape(name)] = float(alpha)
-        if node.layout.kind == "embed":
+        if node.layout.kind == Kind.EMBED:
             tensors[peft_key(path, "lora_embedding_A")] = to_np(node.lora_A).T.copy()
             tensors[peft_key(path, "lora_embedding_B")] = to_np(node.lora_B).T.copy()
             if node.tie_output and node.tied_output is not False:
@@ -132,7 +128,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
                 tensors[peft_key("lm_head", "lora_A.weight")] = to_np(node.lora_B).copy()
                 tensors[peft_key("lm_head", "lora_B.weight")] = to_np(node.lora_A).copy()
                 tied = True
-        elif node.layout.kind == "dense":
+        elif node.layout.kind == Kind.DENSE:
             tensors[peft_key(path, "lora_A.weight")] = to_np(node.lora_A).T.copy()
             tensors[peft_key(path, "lora_B.weight")] = to_np(node.lora_B).T.copy()
             if node.lora_bias is not None:
@@ -245,7 +241,7 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
             "Re-create it with niter=None (exact SVD, which PEFT reproduces), or merge it "
             "(jpeft.merge(residual_params, adapter)) and save full weights with jpeft.models.save_pretrained."
         )
-    embeds = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == "embed"]
+    embeds = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == Kind.EMBED]
     if embeds:
         raise UnsupportedAdapterError(
             f"sites {embeds} are {kind} embeddings, but PEFT's LoRA Embedding layer has no {kind} init (it would load "
@@ -327,7 +323,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         t = by_site[path]
         own = leaves[path]
         layout = _inject.infer_layout(path, own)
-        if layout.kind == "embed":
+        if layout.kind == Kind.EMBED:
             need = ("lora_embedding_A", "lora_embedding_B")
         else:
             need = ("lora_A.weight", "lora_B.weight")
@@ -372,9 +368,9 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             jnp.asarray(a, ctx.dtype), jnp.asarray(b, ctx.dtype),
             None if mag is None or not config.use_dora else jnp.asarray(mag, ctx.dtype),
             config.scale(r_cfg, alpha), layout, float(config.dropout),
-            residual if layout.kind != "embed" else None,
+            residual if layout.kind != Kind.EMBED else None,
             path in tied_paths,
-            tied_output_from_params(path, leaves) if layout.kind == "embed" else None,
+            tied_output_from_params(path, leaves) if layout.kind == Kind.EMBED else None,
             None if bias is None else jnp.asarray(bias, ctx.dtype),
             None if base_bias is None else jnp.asarray(base_bias, ctx.dtype),
         )

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError, UnsupportedModelError
+from jpeft.models._attention import AttentionMask, check_implementation, dot_product_attention, segment_slots
 from jpeft.scan import COLLECTION
 from jpeft.validate import check_token_ids
-from jpeft.models._attention import AttentionMask, check_implementation, dot_product_attention, segment_slots
 
 Array = jax.Array
 
@@ -93,8 +93,6 @@ def layer_norm(eps: float, dtype, param_dtype, name: str):
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> Any:
     """Inverse frequencies ``[head_dim // 2]`` (float32) for ``rope_type`` default, linear or llama3."""
-    import numpy as np
-
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
     inv = inv.astype(np.float32)
     if not scaling:

@@ -21,13 +21,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.flax import save_file
 
 from jpeft import _hostmem
-from jpeft.errors import CheckpointError, LoadError, UnsafeFileError, UnsupportedModelError, WeightShapeError
+from jpeft.errors import CheckpointError, JpeftError, LoadError, SaveError, UnsafeFileError, UnsupportedModelError, WeightShapeError
+from jpeft.io import open_regular, read_json, safetensors_index
 from jpeft.models.bert import BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
 from jpeft.parallel import _put_leaf, param_shardings
+from jpeft.scan import stack_params, unstack_params
 from jpeft.tree import hf_name
 
 
@@ -198,7 +202,6 @@ def read_config(path: str) -> dict:
             f"{path!r} has no config.json (found: {sorted(os.listdir(path))[:10]}). A Hugging Face checkpoint folder "
             "needs config.json next to its weights; write it with transformers' save_pretrained."
         )
-    from jpeft.io import read_json  # size-limited, every failure a named LoadError
 
     return read_json(cpath, what="config.json")
 
@@ -249,8 +252,6 @@ def weight_files(path: str) -> tuple[list[str], Optional[dict]]:
     """
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        from jpeft.io import read_json  # size-limited, regular files only, every failure a named error
-
         wm = read_json(index, what="model.safetensors.index.json").get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index!r} is malformed; it must hold a 'weight_map' object of file names.")
@@ -282,9 +283,6 @@ def weight_files(path: str) -> tuple[list[str], Optional[dict]]:
 
 
 def _open(fname: str):
-    from safetensors import safe_open
-
-    from jpeft.io import open_regular
 
     os.close(open_regular(fname, what="weights file"))  # a FIFO or /dev/zero would block or stream forever
     try:
@@ -294,10 +292,6 @@ def _open(fname: str):
             f"cannot read {fname!r}: {e}. The file is truncated or corrupted (an interrupted download or copy?); "
             "copy it again."
         ) from None
-
-
-def _dtype_name(s: str):
-    return {"F32": jnp.float32, "F16": jnp.float16, "BF16": jnp.bfloat16, "F64": jnp.float64}.get(s)
 
 
 # -- the parameter <-> checkpoint-key map ------------------------------------------------------------
@@ -371,8 +365,6 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     try:
         cfg = config_from_hf(d, dtype, param_dtype)
     except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
-        from jpeft.errors import JpeftError
-
         if isinstance(e, JpeftError):
             raise
         raise LoadError(f"{path!r}: config.json holds an invalid value ({type(e).__name__}: {e}); re-save the checkpoint.") from None
@@ -422,8 +414,6 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     if placer is not None:
         params = placer.finish(params)
     elif scanned:
-        from jpeft.scan import stack_params
-
         params = stack_params(params, consume=True)
     return model, {"params": params}
 
@@ -462,7 +452,6 @@ def _read_weights(path, cfg, fam, expected, handles, files, placer=None):
                 f"weight {raw!r} in {os.path.basename(fname)} has shape {file_shape}, but config.json implies {want} "
                 f"for module {mpath!r}. The config and the weights come from different models; fix config.json."
             )
-    from jpeft.io import safetensors_index
 
     pdt = np.dtype(cfg.param_dtype)
     params: dict = {}
@@ -714,16 +703,10 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
       UnsupportedModelError: the config cannot be expressed as a Hugging Face config.
       SaveError: writing failed.
     """
-    from safetensors.flax import save_file
-
-    from jpeft.errors import SaveError
-
     config = model.config
     d = config_to_hf(config)
     inner = params["params"] if isinstance(params, Mapping) and "params" in params else params
     if getattr(config, "scan_layers", False):
-        from jpeft.scan import unstack_params
-
         inner = unstack_params(inner)
     expected = hf_key_map(inner, _family_of(config))
     tensors = {}
