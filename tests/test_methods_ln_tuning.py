@@ -109,7 +109,7 @@ def test_refusals():
     with pytest.raises(jpeft.ConfigError, match="modules_to_save"):
         LNTuningConfig.from_dict({"peft_type": "LN_TUNING", "target_modules": ["norm"], "modules_to_save": ["lm_head"]})
     ad = jpeft.init(LNTuningConfig(target_modules=["norm"]), params, jax.random.key(0))
-    with pytest.raises(jpeft.NotInvertibleError, match="keep the original params"):
+    with pytest.raises(jpeft.errors.NotInvertibleError, match="keep the original params"):
         jpeft.unmerge(jpeft.merge(params, ad), ad)
     other = {"model/norm": LNTuningWeights({"scale": jnp.ones((5,))})}
     with pytest.raises(jpeft.ShapeMismatchError, match="another model"):

@@ -228,7 +228,7 @@ def test_peft_format_refusals(tmp_path):
         jpeft.hf.load_peft(str(tmp_path), params)
     # a LoKr config written over LoHa tensors: the sites' tensors do not match what the config builds
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(d, peft_type="LOKR")))
-    with pytest.raises(jpeft.BaseMismatchError, match="no matching module"):
+    with pytest.raises(jpeft.errors.BaseMismatchError, match="no matching module"):
         jpeft.hf.load_peft(str(tmp_path), params)
     # wrong rank in the config: same tensor names, other shapes
     (tmp_path / "adapter_config.json").write_text(json.dumps(dict(d, r=3)))

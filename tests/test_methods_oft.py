@@ -271,7 +271,7 @@ def test_refusals(tmp_path):
         jpeft.init(OFTConfig(target_modules=["v_proj"], oft_block_size=5), params, jax.random.key(0))
     emb = nn.Embed(10, 8)
     eparams = emb.init(jax.random.key(0), jnp.array([1]))
-    with pytest.raises(jpeft.UnsupportedModuleError, match="nn.Dense"):
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match="nn.Dense"):
         jpeft.init(OFTConfig(target_modules=".*", oft_block_size=4), eparams, jax.random.key(0))
     # a PEFT < 0.14 OFT file (no oft_block_size) is refused by name
     hf_model, folder = tiny.hf_model(FAMILY)
@@ -281,16 +281,16 @@ def test_refusals(tmp_path):
     d = json.loads((tmp_path / "adapter_config.json").read_text())
     del d["oft_block_size"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(d))
-    with pytest.raises(jpeft.UnsupportedAdapterError, match="PEFT < 0.14"):
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="PEFT < 0.14"):
         H.load_peft(str(tmp_path), mparams)
     d["oft_block_size"], d["peft_version"] = 8, "0.17.1"  # the Cayley-Neumann series before PEFT 0.18
     (tmp_path / "adapter_config.json").write_text(json.dumps(d))
-    with pytest.raises(jpeft.UnsupportedAdapterError, match="PEFT 0.18 changed that series"):
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="PEFT 0.18 changed that series"):
         H.load_peft(str(tmp_path), mparams)
     # GPT-2's Conv1D sites: PEFT's OFT cannot build them, so nothing is written
     _, gparams = jpeft.models.from_pretrained(tiny.hf_model("gpt2")[1])
     gcfg = OFTConfig(target_modules=["c_attn"], oft_block_size=8)
-    with pytest.raises(jpeft.UnsupportedAdapterError, match="Conv1D"):
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="Conv1D"):
         H.save_peft(str(tmp_path / "gpt2"), gcfg, jpeft.init(gcfg, gparams, jax.random.key(0)))
     assert not (tmp_path / "gpt2" / "adapter_config.json").exists()
 
