@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import BaseMismatchError
-from jpeft.tree import from_hf_name, hf_name
+from jpeft.tree import from_hf_name, hf_name, matches
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -69,6 +69,31 @@ def split_peft_key(key: str, tensor_names) -> Optional[tuple[str, str]]:
         if rest.endswith("." + t):
             return from_hf_name(rest[: -len(t) - 1]), t
     return None
+
+
+def site_tensors(tensors: Mapping[str, np.ndarray], tensor_names, leaves: Mapping[str, Any], targets, *,
+                 is_site=lambda own: "kernel" in own, skip=()) -> dict[str, dict[str, np.ndarray]]:
+    """A PEFT file's tensors grouped by the module they adapt, ``{path: {tensor name: array}}``.
+
+    ``leaves`` are the base's modules (``{path: module params}``), ``targets`` the config's
+    ``target_modules``, ``is_site`` which modules a method can adapt (a kernel by default) and
+    ``skip`` keys that are not per-site (shared tensors). Raises
+    :class:`~jpeft.errors.BaseMismatchError` (:func:`check_keys`) unless the file adapts exactly
+    the modules ``targets`` selects, so a key that names no module of the base is never dropped.
+    """
+    by_site: dict[str, dict[str, np.ndarray]] = {}
+    unmatched = []
+    for k, v in tensors.items():
+        if k in skip:
+            continue
+        sp = split_peft_key(k, tensor_names)
+        if sp is None or sp[0] not in leaves or not is_site(leaves[sp[0]]):
+            unmatched.append(k)
+            continue
+        by_site.setdefault(sp[0], {})[sp[1]] = v
+    expected = [p for p, own in leaves.items() if is_site(own) and matches(targets, p)]
+    check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    return by_site
 
 
 def check_keys(adapter_paths, expected_paths, *, unmatched_keys=(), what: str = "adapter") -> None:

@@ -271,7 +271,7 @@ def test_sharding_specs_follow_the_kernel():
 def test_stock_training_loops_refuse_adalora_by_name():
     """jpeft train and the forgetting runner run plain optimizer steps: AdaLoRA there would be a fixed-rank
     SVD LoRA without its budget, so they refuse it and say what to do."""
-    from jpeft.cli.train_cmd import method_of
+    from jpeft.cli._common import method_of
     from jpeft.forgetting.experiment import MethodSpec
 
     with pytest.raises(ConfigError, match="update_and_allocate"):

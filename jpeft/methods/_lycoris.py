@@ -41,8 +41,8 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, LoadE
                           UnsupportedModuleError)
 from jpeft.methods._common import linear_candidates, linear_layout, to_matrix
 from jpeft.methods.base import Call, Kind, Layout, Site, static_field
-from jpeft.peft_format import check_keys, peft_key, split_peft_key
-from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
+from jpeft.peft_format import peft_key, site_tensors
+from jpeft.tree import compile_pattern, hf_name, linear_only, regex_fullmatch, select
 
 
 # -- shapes and layouts -----------------------------------------------------------------------
@@ -408,16 +408,7 @@ def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, m
         config = config_cls.from_dict(kept)
     except ConfigError as e:
         raise LoadError(f"{ctx.folder!r}: {e}") from None
-    by_site, unmatched = {}, []
-    for k, v in tensors.items():
-        sp = split_peft_key(k, tensor_names)
-        if sp is None or sp[0] not in ctx.leaves:
-            unmatched.append(k)
-            continue
-        by_site.setdefault(sp[0], {})[sp[1]] = v
-    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
-    expected = [p for p in cands if matches(config.target_modules, p)]
-    check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    by_site = site_tensors(tensors, tensor_names, ctx.leaves, config.target_modules)
     adapter = {}
     for path, got in sorted(by_site.items()):
         lay = _inject.infer_layout(path, ctx.leaves[path])

@@ -49,8 +49,8 @@ from jpeft.errors import (
 from jpeft.methods._common import down_project, from_matrix, linear_candidates, linear_layout, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
-from jpeft.peft_format import check_keys, peft_key, split_peft_key
-from jpeft.tree import hf_name, linear_only, matches, select
+from jpeft.peft_format import peft_key, site_tensors
+from jpeft.tree import hf_name, linear_only, select
 
 _OFF = (None, {}, [], ())
 
@@ -494,15 +494,7 @@ def _from_hf(d, tensors, params, ctx):
         config = AdaLoraConfig.from_dict(kept)
     except ConfigError as e:
         raise UnsupportedAdapterError(f"the AdaLoRA adapter in {ctx.folder!r}: {e}") from None
-    by_site, unmatched = {}, []
-    for k, v in tensors.items():
-        sp = split_peft_key(k, _TENSORS)
-        if sp is None or sp[0] not in ctx.leaves:
-            unmatched.append(k)
-            continue
-        by_site.setdefault(sp[0], {})[sp[1]] = v
-    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
-    check_keys(list(by_site), [p for p in cands if matches(config.target_modules, p)], unmatched_keys=unmatched)
+    by_site = site_tensors(tensors, _TENSORS, ctx.leaves, config.target_modules)
     rp, r0 = config.rank_pattern or {}, int(config.init_r)
     adapter = {}
     for path in sorted(by_site):

@@ -34,7 +34,7 @@ from jpeft.methods._common import (
     to_matrix,
 )
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
-from jpeft.peft_format import check_keys, peft_key, split_peft_key
+from jpeft.peft_format import peft_key, site_tensors
 from jpeft.tree import hf_name, matches, select
 
 
@@ -234,18 +234,10 @@ def _from_hf(d, tensors, params, ctx):
         config = IA3Config.from_dict(kept)
     except ConfigError as e:
         raise LoadError(f"{ctx.folder!r}: {e}") from None
-    by_site, unmatched = {}, []
-    for k, v in tensors.items():
-        sp = split_peft_key(k, ("ia3_l",))
-        if sp is None or sp[0] not in ctx.leaves:
-            unmatched.append(k)
-            continue
-        by_site[sp[0]] = v
-    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
-    expected = [p for p in cands if matches(config.target_modules, p)]
-    check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    by_site = site_tensors(tensors, ("ia3_l",), ctx.leaves, config.target_modules)
     adapter = {}
-    for path, v in sorted(by_site.items()):
+    for path, got in sorted(by_site.items()):
+        v = got["ia3_l"]
         lay = _inject.infer_layout(path, ctx.leaves[path])
         ff = bool(config.feedforward_modules) and matches(config.feedforward_modules, path)
         n = lay.in_features if ff else lay.out_features

@@ -35,8 +35,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
 )
 from jpeft.methods.base import Call, Method, Site, register_method
-from jpeft.peft_format import check_keys, peft_key, split_peft_key
-from jpeft.tree import hf_name, matches, module_leaves, select
+from jpeft.peft_format import peft_key, site_tensors
+from jpeft.tree import hf_name, module_leaves, select
 
 #: the parameters of a norm layer LN tuning copies (flax names), and PEFT's names for them
 NORM_PARAMS = {"scale": "weight", "bias": "bias"}
@@ -204,15 +204,9 @@ def _from_hf(d, tensors, params, ctx):
     except ConfigError as e:
         raise LoadError(f"{ctx.folder!r}: {e}") from None
     flax_name = {v: k for k, v in NORM_PARAMS.items()}
-    by_site, unmatched = {}, []
-    for k, v in tensors.items():
-        sp = split_peft_key(k, _TENSORS)
-        if sp is None or sp[0] not in ctx.leaves or not is_norm(ctx.leaves[sp[0]]):
-            unmatched.append(k)
-            continue
-        by_site.setdefault(sp[0], {})[flax_name[sp[1].split(".", 1)[1]]] = v
-    expected = [p for p, own in ctx.leaves.items() if is_norm(own) and matches(config.target_modules, p)]
-    check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    by_site = {path: {flax_name[t.split(".", 1)[1]]: v for t, v in got.items()}
+               for path, got in site_tensors(tensors, _TENSORS, ctx.leaves, config.target_modules,
+                                             is_site=is_norm).items()}
     adapter = {}
     for path, got in sorted(by_site.items()):
         own = ctx.leaves[path]

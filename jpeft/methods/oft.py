@@ -65,8 +65,8 @@ from jpeft.errors import (
 )
 from jpeft.methods._common import linear_candidates, linear_layout
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
-from jpeft.peft_format import check_keys, peft_key, split_peft_key
-from jpeft.tree import hf_name, matches, select
+from jpeft.peft_format import peft_key, site_tensors
+from jpeft.tree import hf_name, select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,18 +405,10 @@ def _from_hf(d, tensors, params, ctx):
         config = OFTConfig.from_dict(kept)
     except ConfigError as e:
         raise LoadError(f"{ctx.folder!r}: {e}") from None
-    by_site, unmatched = {}, []
-    for k, v in tensors.items():
-        sp = split_peft_key(k, (TENSOR,))
-        if sp is None or sp[0] not in ctx.leaves:
-            unmatched.append(k)
-            continue
-        by_site[sp[0]] = v
-    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
-    expected = [p for p in cands if matches(config.target_modules, p)]
-    check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    by_site = site_tensors(tensors, (TENSOR,), ctx.leaves, config.target_modules)
     adapter = {}
-    for path, v in sorted(by_site.items()):
+    for path, got in sorted(by_site.items()):
+        v = got[TENSOR]
         lay = _inject.infer_layout(path, ctx.leaves[path])
         try:
             blocks, size = blocks_for(config, lay.in_features, path)

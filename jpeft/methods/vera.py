@@ -65,8 +65,8 @@ from jpeft.errors import (
 from jpeft.methods._common import broadcast_out, down_project, from_matrix, linear_candidates, linear_layout, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
-from jpeft.peft_format import check_keys, peft_key, split_peft_key
-from jpeft.tree import hf_name, linear_only, matches, select
+from jpeft.peft_format import peft_key, site_tensors
+from jpeft.tree import hf_name, linear_only, select
 
 @dataclasses.dataclass(frozen=True)
 class VeraConfig(AdapterConfig):
@@ -406,18 +406,7 @@ def _from_hf(d, tensors, params, ctx):
     except ConfigError as e:
         raise UnsupportedAdapterError(f"the VeRA adapter in {folder!r}: {e}") from None
     a, b = tensors[PEFT_A], tensors[PEFT_B]
-    by_site, unmatched = {}, []
-    for k, v in tensors.items():
-        if k in (PEFT_A, PEFT_B):
-            continue
-        sp = split_peft_key(k, _SITE_TENSORS)
-        if sp is None or sp[0] not in ctx.leaves:
-            unmatched.append(k)
-            continue
-        by_site.setdefault(sp[0], {})[sp[1]] = v
-    cands = [p for p, own in ctx.leaves.items() if "kernel" in own]
-    expected = [p for p in cands if matches(config.target_modules, p)]
-    check_keys(list(by_site), expected, unmatched_keys=unmatched)
+    by_site = site_tensors(tensors, _SITE_TENSORS, ctx.leaves, config.target_modules, skip=(PEFT_A, PEFT_B))
     r = int(config.r)
     layouts = {p: _inject.infer_layout(p, ctx.leaves[p]) for p in sorted(by_site)}
     max_in = max(lay.in_features for lay in layouts.values())
