@@ -241,9 +241,6 @@ class LycorisSite(Site):
     #: LoHa always rescales rank dropout's kept rows by their mean; LoKr when rank_dropout_scale.
     rescale_rank_dropout: ClassVar[bool] = True
 
-    def torch_delta(self):  # pragma: no cover - every subclass defines it
-        raise NotImplementedError(f"{type(self).__name__} must define torch_delta()")
-
     def delta_matrix(self):
         """``dW`` as ``[in, out]`` float32 (used by merge; the forward uses the kernel form)."""
         return matrix_from_torch(self.torch_delta(), self.layout)
