@@ -175,9 +175,9 @@ def saved_llama(tmp_path):
 
 def test_unsupported_adapter_type(saved_llama):
     d = json.loads((saved_llama / "adapter_config.json").read_text())
-    d["peft_type"] = "LOHA"
+    d["peft_type"] = "BOFT"
     (saved_llama / "adapter_config.json").write_text(json.dumps(d))
-    with pytest.raises(UnsupportedAdapterError, match=r"adapter type 'LOHA'.*supported peft_type values: \[.*'LORA'"):
+    with pytest.raises(UnsupportedAdapterError, match=r"adapter type 'BOFT'.*supported peft_type values: \[.*'LORA'"):
         H.load_peft(str(saved_llama), loaded("llama2")[1])
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import init, summary
-from jpeft.errors import UnsupportedModelError
+from jpeft.errors import ConfigError, JpeftError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
 from jpeft.models import config_from_hf, model_from_config, read_config
 from jpeft.models.published import PUBLISHED
@@ -110,7 +110,9 @@ def budget(model_config, method, *, abstract=None, trace: bool = True) -> dict:
 
 
 def budget_rows(model_config, progress: bool = True) -> list[dict]:
-    """One row per method: ``{"method", "settings", "trainable", "base", "share"}``."""
+    """One row per method: ``{"method", "settings", "trainable", "base", "share"}``. A method whose
+    default settings do not fit this model (OFT's block size 32 on a model 16 wide) gets
+    ``trainable = share = None`` and ``"unfit"``: the reason, as the method's config error says it."""
     abstract = abstract_model(model_config)
     model_type = abstract[0].config.model_type
     rows = []
@@ -122,7 +124,11 @@ def budget_rows(model_config, progress: bool = True) -> list[dict]:
     except ImportError:  # pragma: no cover
         it = items
     for name, settings, make in it:
-        s = budget(None, make(), abstract=abstract, trace=False)
+        try:
+            s = budget(None, make(), abstract=abstract, trace=False)
+        except ConfigError as e:
+            rows.append(dict(method=name, settings=settings, trainable=None, base=None, share=None, unfit=str(e)))
+            continue
         rows.append(dict(method=name, settings=settings, trainable=s["trainable"], base=s["base"], share=s["share"]))
     return rows
 
@@ -134,7 +140,7 @@ def hf_config(path: str):
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    base = rows[0]["base"]
+    base = next(r["base"] for r in rows if r["base"] is not None)
     lines = [
         f"Base: {title}, {base:,} parameters. Trainable share = trainable / (base + trainable), "
         "as Hugging Face PEFT's `print_trainable_parameters` reports it.",
@@ -143,7 +149,10 @@ def markdown(rows: list[dict], title: str) -> str:
         "|---|---|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['settings']} | {r['trainable']:,} | {100 * r['share']:.3f}% |")
+        if r["trainable"] is None:
+            lines.append(f"| {r['method']} | {r['settings']}: does not fit this model ({r['unfit'].split(';')[0]}) | n/a | n/a |")
+        else:
+            lines.append(f"| {r['method']} | {r['settings']} | {r['trainable']:,} | {100 * r['share']:.3f}% |")
     return "\n".join(lines)
 
 
@@ -161,8 +170,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m jpeft.methods.budget",
         description=(
-            "Print the trainable-parameter budget of every jpeft method (LoRA, rsLoRA, DoRA, PiSSA, IA3, Houlsby and "
-            "Pfeiffer bottleneck adapters, OFT, LN tuning, prefix and prompt tuning) on a model config, as a Markdown table. "
+            "Print the trainable-parameter budget of every registered jpeft method (LoRA, rsLoRA, DoRA, PiSSA, IA3, "
+            "LoHa, LoKr, Houlsby and Pfeiffer bottleneck adapters, prefix and prompt tuning, OFT, LN tuning, VeRA, "
+            "AdaLoRA) on a model config, as a Markdown table. "
             "Shapes only: jax.eval_shape builds the base and each adapter without allocating, so a 7B model "
             "takes seconds and no memory."
         ),
@@ -174,12 +184,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help=f"replace the table between {BEGIN} and {END} in this file instead of printing it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    if a.hf_config:
-        cfg = hf_config(a.hf_config)
-        title = f"{cfg.model_type} from {a.hf_config}"
-    else:
-        cfg, title = LlamaConfig_7b(), "Llama-2-7B (meta-llama/Llama-2-7b-hf config)"
-    table = markdown(budget_rows(cfg, progress=not a.quiet), title)
+    try:
+        if a.hf_config:
+            cfg = hf_config(a.hf_config)
+            title = f"{cfg.model_type} from {a.hf_config}"
+        else:
+            cfg, title = LlamaConfig_7b(), "Llama-2-7B (meta-llama/Llama-2-7b-hf config)"
+        table = markdown(budget_rows(cfg, progress=not a.quiet), title)
+    except JpeftError as e:  # a missing or unsupported config.json: one line, as `jpeft info` says it
+        print(f"{p.prog}: error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     if a.write:
         write_into(a.write, table)
         print(f"wrote the budget table into {a.write}")
