@@ -20,7 +20,7 @@ from jpeft.methods.loha import LoHaConfig
 from jpeft.methods.lokr import LoKrConfig
 from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.methods.oft import OFTConfig
-from jpeft.methods.pissa import init_pissa
+from jpeft.methods.pissa import init_olora, init_pissa
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, fold_prefix
 from jpeft.methods.prompt import PromptTuningConfig
 
@@ -37,7 +37,7 @@ class Case:
     identity: bool  # the method defines an identity start
     mergeable: bool
     invertible: bool = True  # unmerge recovers the base
-    pissa: bool = False
+    residual: object = None  # init_pissa / init_olora: the adapter comes with a residual base
 
 
 CASES = {
@@ -51,7 +51,12 @@ CASES = {
     "prefix": Case(PrefixTuningConfig(num_virtual_tokens=2), False, False),
     "prompt": Case(PromptTuningConfig(num_virtual_tokens=2), False, False),
     "pissa": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"], init="pissa"), True, True,
-                  pissa=True),
+                  residual=init_pissa),
+    "olora": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"], init="olora"), True, True,
+                  residual=init_olora),
+    # trainable tokens (PEFT's trainable_token_indices): rows 1 and 3 of the embedding, beside LoRA on q
+    "tokens": Case(jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], trainable_token_indices=[1, 3]), True, True,
+                   invertible=False),  # merged rows replace the base rows
     "loha": Case(LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]), True, True),
     "lokr": Case(LoKrConfig(r=1, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"]), True, True),
     "oft": Case(OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"]), True, True),
@@ -62,10 +67,10 @@ CASES = {
 
 
 def make(name, key=jax.random.key(1)):
-    """``(params, adapter)`` for a case (PiSSA returns the residual base)."""
+    """``(params, adapter)`` for a case (PiSSA and OLoRA return the residual base)."""
     c = CASES[name]
-    if c.pissa:
-        return init_pissa(c.config, PARAMS, key)
+    if c.residual is not None:
+        return c.residual(c.config, PARAMS, key)
     return PARAMS, jpeft.init(c.config, PARAMS, key)
 
 
@@ -186,9 +191,12 @@ def test_summary_counts_every_method():
         "oft": L * 2 * (h // 4) * (4 * 3 // 2),  # q, v: h/4 blocks of 4, 6 numbers each
         "vera": L * (3 * 4 + h + kv + inter),  # lambda_d [r=4] + lambda_b [out] on q, v, up; projections are frozen
         "adalora": L * (3 * (h + h) + 3 + 3 * (h + kv) + 3),  # A [in, 3], B [3, out], E [3] on q and v
+        "olora": None,  # LoRA's count
+        "tokens": L * (h * 2 + 2 * h) + 2 * h,  # LoRA r=2 on q, plus two embedding rows of width h
     }
     expected["lora"] = L * ((h * 2 + 2 * h) + (h * 2 + 2 * kv))
     expected["dora"] = expected["lora"] + L * (h + kv) + L * ((h * 2 + 2 * inter) + inter)
+    expected["olora"] = expected["lora"]
     for name, n in expected.items():
         _, ad = make(name)
         s = jpeft.summary(PARAMS, ad, print_fn=None)
