@@ -250,9 +250,6 @@ class LycorisSite(Site):
         return kernel_from_torch(self.torch_delta(), self.layout).astype(dtype)
 
     # -- checks
-    def check(self, path: str, module) -> None:
-        self.check_params(path, module.variables.get("params", {}))
-
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own, what=f"{type(self).__name__} adapter")
 

@@ -200,12 +200,6 @@ class AdaLoraWeights(Site):
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
 
-    def handles(self, method_name: str) -> bool:
-        return method_name == "__call__"
-
-    def check(self, path: str, module) -> None:
-        self.check_params(path, module.variables.get("params", {}))
-
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own, what="AdaLoRA adapter")
         n_in, n_out = self.layout.in_features, self.layout.out_features

@@ -171,7 +171,12 @@ class Site:
     def intercept(self, call: Call):  # pragma: no cover - every node class defines it
         raise TypeError(f"{type(self).__name__} is a site node without an intercept(call) method; define one.")
 
-    def check(self, path: str, module_params: Mapping[str, Any]) -> None:
+    def check(self, path: str, module) -> None:
+        """At apply time, on the bound module: :meth:`check_params` on its parameters."""
+        self.check_params(path, module.variables.get("params", {}))
+
+    def check_params(self, path: str, module_params: Mapping[str, Any]) -> None:
+        """Raise :class:`~jpeft.errors.ShapeMismatchError` if the node does not fit these params."""
         return None
 
     def merge(self, module_params):

@@ -96,12 +96,6 @@ class IA3Weights(Site):
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
 
-    def handles(self, method_name: str) -> bool:
-        return method_name == "__call__"
-
-    def check(self, path: str, module) -> None:
-        self.check_params(path, module.variables.get("params", {}))
-
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own, what="(IA)^3 adapter")
 

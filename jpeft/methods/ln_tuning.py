@@ -95,9 +95,6 @@ class LNTuningWeights(Site):
     mergeable: ClassVar[bool] = True
     replaces_base: ClassVar[bool] = True
 
-    def handles(self, method_name: str) -> bool:
-        return method_name == "__call__"
-
     def check(self, path: str, module) -> None:
         self.check_params(path, module.variables.get("params", {}), stacked=False)
 

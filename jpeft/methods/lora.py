@@ -325,11 +325,7 @@ class LoraWeights(Site):
             return method_name in ("__call__", "attend")
         return method_name == "__call__"
 
-    # -- checks ---------------------------------------------------------------------------
-    def check(self, path: str, module) -> None:
-        """At apply time: the bound module's kernel must have the shape the adapter was made for."""
-        self.check_params(path, module.variables.get("params", {}))
-
+    # -- checks (Site.check runs check_params on the bound module's params) ------------------
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own)
         if self.lora_bias is not None and self.lora_bias.shape[-1:] != (self.layout.out_features,):
@@ -562,9 +558,6 @@ class SavedModule(Site):
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
 
-    def check(self, path: str, module) -> None:
-        self.check_params(path, module.variables.get("params", {}))
-
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         own = {k: v for k, v in dict(own).items() if k in self.params}  # a bias-only copy (LoraConfig.bias='all')
         if not _same_shapes(own, self.params):
@@ -617,9 +610,6 @@ class TrainableTokens(Site):
 
     def handles(self, method_name: str) -> bool:
         return method_name == "__call__" or (method_name == "attend" and bool(self.tie_output))
-
-    def check(self, path: str, module) -> None:
-        self.check_params(path, module.variables.get("params", {}))
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         e = own.get("embedding")

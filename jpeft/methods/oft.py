@@ -264,9 +264,6 @@ class OFTWeights(Site):
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
 
-    def handles(self, method_name: str) -> bool:
-        return method_name == "__call__"
-
     def rotation(self):
         """The ``[blocks, k, k]`` orthogonal blocks (float32)."""
         return rotation_blocks(self.oft_R, blocks=self.blocks, block_size=self.block_size, neumann=self.neumann,

@@ -193,12 +193,6 @@ class VeraWeights(Site):
     def r(self) -> int:
         return int(self.lambda_d.shape[-1])
 
-    def handles(self, method_name: str) -> bool:
-        return method_name == "__call__"
-
-    def check(self, path: str, module) -> None:
-        self.check_params(path, module.variables.get("params", {}))
-
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own, what="VeRA adapter")
         n_in, n_out, r = self.layout.in_features, self.layout.out_features, self.r
