@@ -1,4 +1,4 @@
-"""Pytree utilities: module paths, target matching, parameter counts, partition/combine.
+r"""Pytree utilities: module paths, target matching, parameter counts, partition/combine.
 
 A *module path* is the ``/``-joined chain of linen submodule names from the root to a
 module, e.g. ``"model/layers_0/self_attn/q_proj"``. Its *Hugging Face name* replaces
@@ -122,7 +122,7 @@ _RE2_OPTIONS.log_errors = False  # the error is raised as a ConfigError, not log
 
 @functools.lru_cache(maxsize=512)
 def compile_pattern(pattern: str):
-    """``pattern`` compiled with RE2, a regex engine whose matching time is linear in the input
+    r"""``pattern`` compiled with RE2, a regex engine whose matching time is linear in the input
     (Python's :mod:`re` backtracks: ``(.|.)*X`` on a 31-character path takes minutes).
 
     Raises:
