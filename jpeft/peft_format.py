@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.errors import BaseMismatchError
+from jpeft.errors import BaseMismatchError, ConfigError, UnsupportedAdapterError
 from jpeft.tree import from_hf_name, hf_name, matches
 
 PEFT_PREFIX = "base_model.model."
@@ -44,6 +44,17 @@ class ImportContext:
     folder: str
     dtype: Any
 
+
+
+def config_from_peft(config_cls, d: Mapping[str, Any], where: str):
+    """``config_cls.from_dict(d)`` for a config read from a PEFT ``adapter_config.json`` at
+    ``where``: a value jpeft's config rejects becomes one error type for every method,
+    :class:`~jpeft.errors.UnsupportedAdapterError` (a :class:`~jpeft.errors.LoadError`), naming
+    the file and what was rejected."""
+    try:
+        return config_cls.from_dict(d)
+    except ConfigError as e:
+        raise UnsupportedAdapterError(f"the adapter in {where!r} cannot be loaded by jpeft: {e}") from None
 
 
 def to_np(x) -> np.ndarray:

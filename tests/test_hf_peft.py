@@ -241,6 +241,27 @@ def test_missing_and_truncated_files(saved_llama, tmp_path):
         H.load_peft(str(b), params)
 
 
+def test_a_config_value_jpeft_rejects_is_one_error_type(saved_llama, tmp_path):
+    """Every method's importer turns a PEFT config value that jpeft's config rejects into
+    UnsupportedAdapterError (a LoadError) naming the file (jpeft.peft_format.config_from_peft)."""
+    import json
+
+    from jpeft.errors import UnsupportedAdapterError
+
+    b = tmp_path / "b"
+    shutil.copytree(saved_llama, b)
+    cfg = json.loads((b / "adapter_config.json").read_text())
+    (b / "adapter_config.json").write_text(json.dumps({**cfg, "r": 0}))
+    with pytest.raises(UnsupportedAdapterError, match=r"adapter_config\.json.*cannot be loaded by jpeft.*r"):
+        H.load_peft(str(b), loaded("llama2")[1])
+    from jpeft.peft_format import config_from_peft
+
+    for cls, bad in [(jpeft.IA3Config, {"target_modules": 3}), (jpeft.VeraConfig, {"r": -1}),
+                     (jpeft.OFTConfig, {"r": 0, "oft_block_size": 0})]:
+        with pytest.raises(UnsupportedAdapterError, match="cannot be loaded by jpeft"):
+            config_from_peft(cls, bad, "somewhere")
+
+
 def test_registry_and_save_errors(tmp_path):
     assert "LORA" in H.supported_peft_types()
     with pytest.raises(jpeft.ConfigError, match="empty adapter"):

@@ -37,11 +37,11 @@ import numpy as np
 
 from jpeft import _inject, scan
 from jpeft.config import AdapterConfig, _as_targets
-from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, LoadError, UnsupportedAdapterError,
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
 from jpeft.methods._common import linear_candidates, linear_layout, to_matrix
 from jpeft.methods.base import Call, Kind, Layout, Site, static_field
-from jpeft.peft_format import peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import compile_pattern, hf_name, linear_only, regex_fullmatch, select
 
 
@@ -398,10 +398,7 @@ def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, m
     for k in ("rank_pattern", "alpha_pattern"):
         if kept.get(k) is None:
             kept[k] = {}
-    try:
-        config = config_cls.from_dict(kept)
-    except ConfigError as e:
-        raise LoadError(f"{ctx.folder!r}: {e}") from None
+    config = config_from_peft(config_cls, kept, ctx.folder)
     by_site = site_tensors(tensors, tensor_names, ctx.leaves, config.target_modules)
     adapter = {}
     for path, got in sorted(by_site.items()):

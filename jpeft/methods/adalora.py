@@ -49,7 +49,7 @@ from jpeft.errors import (
 from jpeft.methods._common import down_project, from_matrix, linear_candidates, linear_layout, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
-from jpeft.peft_format import peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, linear_only, select
 
 _OFF = (None, {}, [], ())
@@ -484,10 +484,7 @@ def _from_hf(d, tensors, params, ctx):
         raise UnsupportedAdapterError(
             f"the AdaLoRA adapter in {ctx.folder!r} has init_lora_weights={kept.get('init_lora_weights')!r}; jpeft's "
             "AdaLoRA loads the default (true) or random (false) init only.")
-    try:
-        config = AdaLoraConfig.from_dict(kept)
-    except ConfigError as e:
-        raise UnsupportedAdapterError(f"the AdaLoRA adapter in {ctx.folder!r}: {e}") from None
+    config = config_from_peft(AdaLoraConfig, kept, ctx.folder)
     by_site = site_tensors(tensors, _TENSORS, ctx.leaves, config.target_modules)
     rp, r0 = config.rank_pattern or {}, int(config.init_r)
     adapter = {}

@@ -22,7 +22,7 @@ import numpy as np
 
 from jpeft import _inject, scan
 from jpeft.config import AdapterConfig, _as_targets
-from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, LoadError, NotInvertibleError,
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotInvertibleError,
                           UnsupportedAdapterError, UnsupportedModuleError)
 from jpeft.methods._common import (
     broadcast_bias,
@@ -34,7 +34,7 @@ from jpeft.methods._common import (
     to_matrix,
 )
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
-from jpeft.peft_format import peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, matches, select
 
 
@@ -224,10 +224,7 @@ def _from_hf(d, tensors, params, ctx):
     kept.setdefault("feedforward_modules", ())
     if kept["feedforward_modules"] is None:
         kept["feedforward_modules"] = ()
-    try:
-        config = IA3Config.from_dict(kept)
-    except ConfigError as e:
-        raise LoadError(f"{ctx.folder!r}: {e}") from None
+    config = config_from_peft(IA3Config, kept, ctx.folder)
     by_site = site_tensors(tensors, ("ia3_l",), ctx.leaves, config.target_modules)
     adapter = {}
     for path, got in sorted(by_site.items()):

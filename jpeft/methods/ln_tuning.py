@@ -28,14 +28,13 @@ from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
-    LoadError,
     NotInvertibleError,
     ShapeMismatchError,
     ShardingError,
     UnsupportedAdapterError,
 )
 from jpeft.methods.base import Call, Method, Site, register_method
-from jpeft.peft_format import peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, module_leaves, select
 
 #: the parameters of a norm layer LN tuning copies (flax names), and PEFT's names for them
@@ -196,10 +195,7 @@ def _from_hf(d, tensors, params, ctx):
     kept = dict(d)
     if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
         kept["modules_to_save"] = None
-    try:
-        config = LNTuningConfig.from_dict(kept)
-    except ConfigError as e:
-        raise LoadError(f"{ctx.folder!r}: {e}") from None
+    config = config_from_peft(LNTuningConfig, kept, ctx.folder)
     flax_name = {v: k for k, v in NORM_PARAMS.items()}
     by_site = {path: {flax_name[t.split(".", 1)[1]]: v for t, v in got.items()}
                for path, got in site_tensors(tensors, _TENSORS, ctx.leaves, config.target_modules,

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject, scan
-from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, LoadError, UnsupportedAdapterError
+from jpeft.errors import BaseMismatchError, CheckpointError, UnsupportedAdapterError
 from jpeft.methods import pissa
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, tied_output_from_params, token_sites)
-from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, check_keys, peft_key,
+from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, check_keys, config_from_peft, peft_key,
                                split_peft_key, to_np)
 from jpeft.tree import hf_name, linear_only, regex_fullmatch
 
@@ -281,10 +281,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             f"the LoRA adapter in {ctx.folder!r} has target_modules=null (PEFT's per-architecture default); "
             "set target_modules in adapter_config.json explicitly."
         )
-    try:
-        config = LoraConfig.from_dict(kept)
-    except ConfigError as e:
-        raise LoadError(f"{os.path.join(ctx.folder, CONFIG_FILE)!r}: {e}") from None
+    config = config_from_peft(LoraConfig, kept, os.path.join(ctx.folder, CONFIG_FILE))
 
     by_site: dict[str, dict[str, np.ndarray]] = {}
     saved: dict[str, dict[str, np.ndarray]] = {}

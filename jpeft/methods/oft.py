@@ -59,13 +59,12 @@ from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
-    LoadError,
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
 from jpeft.methods._common import linear_candidates, linear_layout
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
-from jpeft.peft_format import peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, select
 
 
@@ -398,10 +397,7 @@ def _from_hf(d, tensors, params, ctx):
     kept = dict(d)
     if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
         kept["modules_to_save"] = None
-    try:
-        config = OFTConfig.from_dict(kept)
-    except ConfigError as e:
-        raise LoadError(f"{ctx.folder!r}: {e}") from None
+    config = config_from_peft(OFTConfig, kept, ctx.folder)
     by_site = site_tensors(tensors, (TENSOR,), ctx.leaves, config.target_modules)
     adapter = {}
     for path, got in sorted(by_site.items()):

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.config import AdapterConfig
-from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, LoadError, NotMergeableError,
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotMergeableError,
                           PrefixNotSupportedError, PromptTooLongError, ShapeMismatchError, UnsupportedAdapterError)
+from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
 from jpeft.models._layers import default_positions, segment_slots
 from jpeft.tree import module_leaves
@@ -371,10 +372,7 @@ def _kv_heads(hf_config):
 
 def _from_hf(d, tensors, params, ctx):
     names = {f.name for f in dataclasses.fields(PrefixTuningConfig)}
-    try:
-        config = PrefixTuningConfig.from_dict({k: v for k, v in d.items() if k in names})
-    except ConfigError as e:
-        raise LoadError(f"{ctx.folder!r}: {e}") from None
+    config = config_from_peft(PrefixTuningConfig, {k: v for k, v in d.items() if k in names}, ctx.folder)
     if set(tensors) != {"prompt_embeddings"}:
         raise CheckpointError(f"a prefix-tuning adapter holds one tensor 'prompt_embeddings'; {ctx.folder!r} has {sorted(tensors)}.")
     emb = tensors["prompt_embeddings"]

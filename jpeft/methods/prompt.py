@@ -33,9 +33,9 @@ import numpy as np
 
 from jpeft.config import AdapterConfig
 from jpeft import core
-from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, InputValidationError, LoadError,
-                          NotMergeableError, PromptTooLongError, ShapeMismatchError, UnsupportedAdapterError,
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, InputValidationError, NotMergeableError, PromptTooLongError, ShapeMismatchError, UnsupportedAdapterError,
                           UnsupportedModuleError)
+from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
 from jpeft.methods.prefix import PrefixWeights
 from jpeft.tree import get_subtree, module_leaves
@@ -337,10 +337,7 @@ def _from_hf(d, tensors, params, ctx):
     kept = {k: v for k, v in d.items() if k in names}
     if kept.get("prompt_tuning_init") == "TEXT":
         kept["prompt_tuning_init"] = "RANDOM" if not (kept.get("prompt_tuning_init_text") and kept.get("tokenizer_name_or_path")) else "TEXT"
-    try:
-        config = PromptTuningConfig.from_dict(kept)
-    except ConfigError as e:
-        raise LoadError(f"{ctx.folder!r}: {e}") from None
+    config = config_from_peft(PromptTuningConfig, kept, ctx.folder)
     inner = params["params"] if isinstance(params, Mapping) and isinstance(params.get("params"), Mapping) else params
     if set(tensors) != {"prompt_embeddings"}:
         raise CheckpointError(f"a prompt-tuning adapter holds one tensor 'prompt_embeddings'; {ctx.folder!r} has {sorted(tensors)}.")

@@ -65,7 +65,7 @@ from jpeft.errors import (
 from jpeft.methods._common import broadcast_out, down_project, from_matrix, linear_candidates, linear_layout, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
-from jpeft.peft_format import peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, linear_only, select
 
 @dataclasses.dataclass(frozen=True)
@@ -395,10 +395,7 @@ def _from_hf(d, tensors, params, ctx):
         kept["modules_to_save"] = None
     if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(f"the VeRA adapter in {folder!r} has target_modules=null; set it explicitly.")
-    try:
-        config = VeraConfig.from_dict(kept)
-    except ConfigError as e:
-        raise UnsupportedAdapterError(f"the VeRA adapter in {folder!r}: {e}") from None
+    config = config_from_peft(VeraConfig, kept, folder)
     a, b = tensors[PEFT_A], tensors[PEFT_B]
     by_site = site_tensors(tensors, _SITE_TENSORS, ctx.leaves, config.target_modules, skip=(PEFT_A, PEFT_B))
     r = int(config.r)
