@@ -39,6 +39,7 @@ import numpy as np
 from jpeft.bank import AdapterBank, route
 from jpeft.core import apply
 from jpeft.errors import (
+    BankCapacityError,
     ConfigError,
     InputValidationError,
     OverloadedError,
@@ -131,12 +132,29 @@ def _keys(seeds, steps):
     return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
 
 
+class _NoBank:
+    """The bank of an engine that serves its base alone."""
+
+    weights: dict = {}
+    scales: dict = {}
+    slots: tuple = ()
+    names: tuple = ()
+    capacity = 0
+
+    def slot(self, name):
+        raise UnknownAdapterError(f"no adapter named {name!r}; this server serves its base model only.")
+
+    def add(self, name, adapter):
+        raise BankCapacityError("this server was started without an adapter bank (capacity 0); restart it with one.")
+
+
 class Engine:
     """Continuous batching of many adapters on one base (see the module docstring).
 
     Args:
       model, params: a jpeft decoder (``jpeft.models``) and its variables.
-      bank: the :class:`~jpeft.bank.AdapterBank` whose adapters requests may name.
+      bank: the :class:`~jpeft.bank.AdapterBank` whose adapters requests may name; ``None``
+        serves the base alone (e.g. a merged model) with no routing at all.
       tokenizer: a transformers tokenizer (text out, stop strings); ``None``: token ids only.
       slots: decode rows (requests generating at once).
       max_len: prompt + generated tokens per request at most (default: the model's
@@ -150,6 +168,8 @@ class Engine:
     def __init__(self, model, params, bank: AdapterBank, *, tokenizer=None, slots: int = 8,
                  max_len: Optional[int] = None, chunk: int = 32, max_queue: int = 64,
                  queue_timeout: float = 30.0, request_timeout: float = 300.0, eos_ids: Optional[Sequence[int]] = None):
+        if bank is None:
+            bank = _NoBank()
         cfg = model.config
         for name, v in (("slots", slots), ("chunk", chunk), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -158,7 +178,8 @@ class Engine:
             max_len = min(int(getattr(cfg, "max_position_embeddings", 2048) or 2048), 2048)
         if max_len < 2:
             raise ConfigError(f"Engine max_len must be >= 2, found {max_len}.")
-        bank.check(params)
+        if not isinstance(bank, _NoBank):
+            bank.check(params)
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.slots, self.max_len, self.chunk = slots, int(max_len), chunk
         self.max_queue, self.queue_timeout, self.request_timeout = max_queue, queue_timeout, request_timeout
@@ -189,7 +210,7 @@ class Engine:
         row = _slice_rows(cache, slot)
         row = dataclasses.replace(row, mask=jnp.where(reset, False, row.mask), index=jnp.where(reset, 0, row.index))
         mask = (jnp.arange(tokens.shape[1]) < n_real)[None].astype(jnp.int32)
-        adapter = route(weights, scales, adapter_id[None])
+        adapter = route(weights, scales, adapter_id[None]) if weights else None
         logits, new = apply(self.model, params, adapter, tokens, attention_mask=mask, cache=row)
         new = dataclasses.replace(new, index=row.index + n_real)
         seed, step, temp, top_p = opts
@@ -199,7 +220,7 @@ class Engine:
 
     def _decode_impl(self, params, weights, scales, cache, tokens, ids, active, opts):
         self.traces["decode"] += 1
-        adapter = route(weights, scales, ids)
+        adapter = route(weights, scales, ids) if weights else None
         logits, new = apply(self.model, params, adapter, tokens[:, None], attention_mask=active[:, None].astype(jnp.int32),
                             cache=cache)
         new = dataclasses.replace(new, index=jnp.where(active, cache.index + 1, cache.index))
