@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import os
 
+import jax
+
+import jpeft
+from jpeft.bank import AdapterBank
+from jpeft.cli._ckpt import load_adapter
+from jpeft.cli._common import parse_targets
+from jpeft.cli._model import example_ids, load_folder
 from jpeft.errors import ConfigError, LoadError
+from jpeft.models import load_tokenizer
+from jpeft.serve.engine import Engine
 
 HELP = "serve a base model and many LoRA adapters over the OpenAI API (continuous batching, hot loading)"
 EPILOG = """\
@@ -63,19 +72,10 @@ def _parse_adapters(items) -> dict:
 
 def build(args):
     """``(server, host, port)`` from the parsed arguments (loads the model and adapters)."""
-    try:
+    try:  # Starlette and uvicorn are the optional `serve` extra
         from jpeft.serve.app import Server
     except ImportError as e:
         raise ConfigError(f"jpeft serve needs the serve extra ({e}); pip install 'jpeft[serve]'.") from None
-    import jax
-
-    import jpeft
-    from jpeft.bank import AdapterBank
-    from jpeft.cli._ckpt import load_adapter
-    from jpeft.cli._common import parse_targets
-    from jpeft.cli._model import example_ids, load_folder
-    from jpeft.models import load_tokenizer
-    from jpeft.serve.engine import Engine
 
     for name in ("slots", "chunk", "max_queue"):
         if getattr(args, name) < 1:
@@ -114,7 +114,7 @@ def build(args):
 
 
 def run(args) -> int:
-    from jpeft.serve.app import run as serve
+    from jpeft.serve.app import run as serve  # the optional `serve` extra (build() checked it is there)
 
     server = build(args)
     print(f"jpeft serve: {server.base_name} with adapters {list(server.engine.adapters())} on "
