@@ -286,3 +286,40 @@ def test_load_200_requests_16_clients_nothing_lost(server):
         assert _ids(text) == refs[None if m == "tiny" else m][:4]
     h = _get(port, "/health")[1]
     assert h["busy"] == 0 and h["waiting"] == 0 and h["traces"] == {"prefill": 1, "decode": 1}, h
+
+
+def test_engine_bookkeeping_timeouts_overload_and_deferred_removal():
+    """The engine's queue rules without running a step (nothing is compiled): a full queue
+    raises OverloadedError, a request past its queue time ends with a timeout event, a removed
+    adapter leaves the bank only after the requests already accepted for it are gone."""
+    from jpeft.bank import AdapterBank
+    from jpeft.errors import OverloadedError, UnknownAdapterError
+    from jpeft.serve import Engine, Request
+    from jpeft.serve.app import ApiError, Server
+
+    bank = AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=2)
+    eng = Engine(MODEL, PARAMS, bank, slots=1, max_len=32, max_queue=2, queue_timeout=5.0)
+    eng._running = True  # accept requests; the loop's thread is not started
+    events = []
+    reqs = [eng.submit(Request([1, 2], "a", 4, events.append)) for _ in range(2)]
+    with pytest.raises(OverloadedError, match="retry later"):
+        eng.submit(Request([1, 2], None, 4, events.append))
+    with pytest.raises(UnknownAdapterError, match=r"available: \['a'\]"):
+        eng.submit(Request([1, 2], "zz", 4, events.append))
+    assert eng.remove_adapter("a") == 2 and "a" in eng.bank.names and eng.adapters() == ()
+    eng._housekeeping()  # the first request takes the only row, the second waits
+    assert eng._rows[0] is reqs[0] and list(eng._pending) == [reqs[1]]
+    reqs[1].created -= 10.0  # waited past queue_timeout
+    eng._housekeeping()
+    assert [e.error for e in events] == ["timeout"] and "no decode slot" in events[0].message
+    assert "a" in eng.bank.names  # still used by the running request
+    eng.cancel(reqs[0])
+    eng._housekeeping()
+    assert eng.bank.names == () and eng.stats()["cancelled"] == 1 and eng.stats()["timed_out"] == 1
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(ApiError, match="no chat template") as e:
+        Server(eng, base_name="tiny", tokenizer=NoTemplate())._chat_ids({"messages": [{"role": "user", "content": "x"}]})
+    assert e.value.status == 400
