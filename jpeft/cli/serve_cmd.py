@@ -117,6 +117,7 @@ def run(args) -> int:
     from jpeft.serve.app import run as serve  # the optional `serve` extra (build() checked it is there)
 
     server = build(args)
+    server.engine.warmup()  # compile before listening: the first request does not wait for XLA
     print(f"jpeft serve: {server.base_name} with adapters {list(server.engine.adapters())} on "
           f"http://{args.host}:{args.port}/v1 ({server.engine.slots} slots, bank capacity "
           f"{server.engine.bank.capacity})", flush=True)

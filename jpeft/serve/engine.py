@@ -238,6 +238,22 @@ class Engine:
         with self._cv:
             return tuple(n for n in self._bank.names if n not in self._retiring)
 
+    def warmup(self) -> "Engine":
+        """Compiles the two programs now (one prefill chunk into row 0 and one decode step with
+        every row idle), so the first request does not wait for the compiler. Call it before
+        :meth:`start`; it leaves no trace in the cache (a row's first chunk resets the row)."""
+        bank = self._bank
+        zeros = (np.int32(0), np.int32(0), np.float32(0), np.float32(1))
+        self._cache, _ = self._prefill(self.params, bank.weights, bank.scales, self._cache, np.int32(0), np.int32(-1),
+                                       np.zeros((1, self.chunk), np.int32), np.int32(1), np.bool_(True), zeros)
+        n = self.slots
+        self._cache, tok = self._decode(self.params, bank.weights, bank.scales, self._cache, np.zeros((n,), np.int32),
+                                        np.full((n,), -1, np.int32), np.zeros((n,), bool),
+                                        (np.zeros((n,), np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.float32),
+                                         np.ones((n,), np.float32)))
+        jax.block_until_ready(tok)
+        return self
+
     def start(self) -> "Engine":
         with self._cv:
             if self._thread is None:
