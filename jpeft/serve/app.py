@@ -15,6 +15,7 @@ Starlette is imported here only, so ``import jpeft`` works without the ``serve``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -372,10 +373,13 @@ def make_app(server: Server) -> Starlette:
         Route("/health", server.health, methods=["GET"]),
     ]
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         server.engine.start()
-        yield
-        server.engine.stop()
+        try:
+            yield
+        finally:
+            server.engine.stop()
 
     return Starlette(routes=routes, lifespan=lifespan)
 
