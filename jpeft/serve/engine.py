@@ -379,14 +379,17 @@ class Engine:
                 self._bank = self._bank.remove(name)
                 self._retiring.discard(name)
 
+    def _send(self, req: Request, event: Event):
+        try:
+            req.sink(event)
+        except Exception:  # a sink whose consumer went away must not stop the engine
+            self.counters["sink_errors"] += 1
+
     def _finish(self, req: Request, event: Optional[Event], counter: str):
         req.done = True
         self.counters[counter] += 1
         if event is not None:
-            try:
-                req.sink(event)
-            except Exception:  # a sink whose consumer went away must not stop the engine
-                self.counters["sink_errors"] += 1
+            self._send(req, event)
 
     def _loop(self):
         try:
@@ -513,7 +516,7 @@ class Engine:
             final = reason is not None
             new = self._new_text(r, text, final)
             if new or (self.tokenizer is None and not eos):
-                r.sink(Event("text", new, () if eos else (t,)))
+                self._send(r, Event("text", new, () if eos else (t,)))
             if final:
                 with self._cv:
                     if self._rows[i] is r:
