@@ -166,6 +166,7 @@ def test_completions_and_chat_equal_generate_token_for_token(server):
     full = " ".join(WORDS[i] for i in refs["a"])
     stop = " " + WORDS[refs["a"][3]]
     assert _complete(client, "a", stop=["w99", stop]) == (full[:full.index(stop)], "stop")
+    assert _stream_text(client, "a", stop=["w99", stop]) == (full[:full.index(stop)], "stop")  # held back, then cut
     s1 = _complete(client, "b", temperature=1.5, top_p=0.9, seed=7)
     assert s1 == _complete(client, "b", temperature=1.5, top_p=0.9, seed=7)
 
@@ -229,6 +230,7 @@ def test_error_paths_keep_the_server_serving(server):
     with pytest.raises(openai.BadRequestError, match="limit of 96"):
         client.completions.create(model="a", prompt=PROMPT, max_tokens=95)
     assert _request(port, "POST", "/v1/completions", raw="{not json")[0] == 400
+    assert _request(port, "POST", "/v1/completions", raw=" " * (5 << 20))[0] == 413
     assert _request(port, "POST", "/v1/completions", {"model": "a", "prompt": [1, 2, 999]})[0] == 400
     assert _request(port, "DELETE", "/v1/adapters/nope")[0] == 404
     for hostile in ("../outside", str(server["root"] / "outside"), "link", "a/../../outside"):
