@@ -129,6 +129,11 @@ class UnsupportedAdapterError(LoadError):
     """An adapter on disk uses a method or an option jpeft cannot load."""
 
 
+class OverloadedError(JpeftError, RuntimeError):
+    """A server's bounded request queue is full, or its engine is not running (``jpeft serve``
+    answers 429 / 503): retry later."""
+
+
 __all__ = [
     "JpeftError",
     "ConfigError",
@@ -160,4 +165,5 @@ __all__ = [
     "DistributedError",
     "WeightShapeError",
     "UnsupportedAdapterError",
+    "OverloadedError",
 ]

@@ -21,24 +21,42 @@ from jpeft.models._layers import init_cache
 from jpeft.validate import check_token_ids
 
 
-def _sample(logits, key, temperature, top_k: int, top_p, greedy: bool):
-    """One token per row from ``logits [batch, vocab]`` (float32)."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def _filter(logits, temperature, top_k: int, top_p):
+    """``logits / temperature`` with every token outside the top-k and outside the nucleus
+    (the smallest set of most likely tokens whose mass reaches ``top_p``) set to the minimum.
+    ``temperature`` and ``top_p`` are scalars or ``[batch, 1]`` columns (one value per row)."""
     logits = logits / temperature
     neg = jnp.finfo(logits.dtype).min
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)
-    # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
     keep_sorted = (before < top_p) | (top_p >= 1.0)
     keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    logits = jnp.where(keep, logits, neg)
+    return jnp.where(keep, logits, neg)
+
+
+def _sample(logits, key, temperature, top_k: int, top_p, greedy: bool):
+    """One token per row from ``logits [batch, vocab]`` (float32)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = _filter(logits, temperature, top_k, top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits, keys, temperature, top_p):
+    """One token per row with per-row options, for servers whose rows belong to different
+    requests: ``logits [batch, vocab]`` (float32), ``keys [batch]`` (typed ``jax.random`` keys;
+    row ``i`` samples with its own key, so its draw does not depend on the other rows),
+    ``temperature [batch]`` (``0``: greedy, the argmax) and ``top_p [batch]``."""
+    greedy = temperature <= 0
+    t = jnp.where(greedy, 1.0, temperature)[:, None]
+    filtered = _filter(logits, t, 0, top_p[:, None])
+    drawn = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, filtered)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "greedy", "eos", "pad"))

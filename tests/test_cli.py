@@ -17,7 +17,7 @@ import pytest
 import jpeft
 from jpeft.cli import main
 
-COMMANDS = ["demo", "train", "eval", "merge", "export", "info", "forgetting"]
+COMMANDS = ["demo", "train", "eval", "merge", "export", "info", "forgetting", "serve"]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_PYTHON_CLIENT_PREALLOCATE="false")
 
 

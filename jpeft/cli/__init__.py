@@ -10,6 +10,7 @@ Subcommands (each is a module of this package with ``add_parser`` and ``run``):
 ``jpeft export``      write an adapter in the Hugging Face PEFT format
 ``jpeft info``        parameter budget of a method on a model, computed without allocating
 ``jpeft forgetting``  the catastrophic-forgetting experiment runner
+``jpeft serve``       an OpenAI-compatible server: one base, many LoRA adapters
 ====================  ==============================================================
 
 Bad arguments or inputs end with one line ``jpeft <cmd>: error: ...`` on stderr and exit
@@ -36,7 +37,7 @@ from jpeft.errors import JpeftError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
-_COMMANDS = ("demo", "train", "eval", "merge", "export", "info", "forgetting")
+_COMMANDS = ("demo", "train", "eval", "merge", "export", "info", "forgetting", "serve")
 
 _EPILOG = """\
 examples:

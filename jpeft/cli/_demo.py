@@ -134,6 +134,33 @@ def finetune(name, config, lr, model, params, data: Data, args, steps: int, eval
                      trainable, s["total"], share)
 
 
+def _byte_chars() -> dict:
+    """GPT-2's byte -> printable character table (what the ``ByteLevel`` pre-tokenizer writes)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def save_base(path: str, model, params) -> None:
+    """Writes the byte-level base as a Hugging Face folder with a tokenizer whose token id is the
+    byte's value (a BPE without merges over the 256 bytes), so `jpeft serve` and transformers
+    can load it (docs/SERVING.md)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    jpeft.models.loading.save_pretrained(path, model, params)
+    ch = _byte_chars()
+    tok = Tokenizer(models.BPE({ch[b]: b for b in range(256)}, [], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+
+
 def dir_bytes(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
@@ -230,6 +257,7 @@ def run_demo(args) -> dict:
     model, params, how = base_model(s, args, seq_len)
     say(f"  base: byte-level Llama, {model.config.num_layers} layers x {model.config.hidden_size} wide, "
         f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters; {how}")
+    save_base(os.path.join(out, "base-model"), model, params)
     evaluate = make_eval(model)
     base_losses = (evaluate(params, None, data.prose_eval), evaluate(params, None, data.code_eval))
 
@@ -279,7 +307,8 @@ def run_demo(args) -> dict:
     say("")
     say("  losses: held-out next-byte cross-entropy (nats/byte); old-task rise: code loss after - before")
     say(f"  plot: {png}")
-    say(f"  saved: {', '.join(os.path.join(out, f) for *_, f in runs)}")
+    say(f"  saved: {', '.join(os.path.join(out, f) for *_, f in runs)}; the base as {os.path.join(out, 'base-model')} "
+        f"(serve them: jpeft serve --model {os.path.join(out, 'base-model')} --adapter lora={adapter_dir})")
 
     if args.gen_bytes:
         say("")

@@ -153,7 +153,9 @@ class KVCache:
         (a tuple), or for a layer-scanned model (``scan_layers=True``) one stacked array
         ``[num_layers, batch, max_length, num_kv_heads, head_dim]``.
       mask: ``[batch, max_length]`` bool, True where a slot holds a real (non-padding) token.
-      index: int32 scalar, the next slot to write.
+      index: int32 scalar, the next slot to write; or int32 ``[batch]``, each row's own next
+        slot (rows written at different offsets, as a continuous-batching server keeps them:
+        ``jpeft.serve``). The caller keeps ``index + seq_len <= max_length``.
     """
 
     keys: tuple
@@ -185,6 +187,22 @@ def init_cache(config, batch_size: int, max_length: int, dtype=None) -> KVCache:
         ks = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
         vs = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(ks, vs, jnp.zeros((batch_size, max_length), bool), jnp.zeros((), jnp.int32))
+
+
+def _row_index(index: Array) -> Array:
+    """A cache index as a column broadcastable against ``[batch, seq]`` (scalar stays scalar)."""
+    index = jnp.asarray(index)
+    return index if index.ndim == 0 else index[:, None]
+
+
+def write_at(buf: Array, update: Array, index: Array) -> Array:
+    """``buf[:, index:index + seq] = update`` along axis 1 (``buf: [batch, length, ...]``), with
+    one ``index`` for every row (a scalar) or one per row (``[batch]``)."""
+    index = jnp.asarray(index)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, update, (0, index) + (0,) * (buf.ndim - 2))
+    row = lambda b, u, i: jax.lax.dynamic_update_slice(b, u, (i,) + (0,) * (b.ndim - 1))  # noqa: E731
+    return jax.vmap(row)(buf, update, index)
 
 
 # -- masks and positions ----------------------------------------------------------------------------
@@ -270,8 +288,8 @@ def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window:
             raise InputValidationError(
                 "segment_ids (packed documents) cannot be combined with a KV cache; decode one document per row."
             )
-        kv_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, cache.index))
-        q_pos = jnp.broadcast_to(cache.index + jnp.arange(s, dtype=jnp.int32), (b, s))
+        kv_valid = write_at(cache.mask, valid, cache.index)
+        q_pos = jnp.broadcast_to(_row_index(cache.index) + jnp.arange(s, dtype=jnp.int32), (b, s))
         k_pos = jnp.broadcast_to(jnp.arange(cache.mask.shape[1], dtype=jnp.int32), (b, cache.mask.shape[1]))
         padded = True
     mask = AttentionMask(kv_valid, q_pos, k_pos, q_seg, q_seg, causal=True, window=sliding_window, padded=padded)
@@ -329,8 +347,8 @@ def attend(q, k, v, mask: AttentionMask, *, scale: float, cache_layer=None, pref
     plain = not mask.padded and mask.q_seg is None and cache_layer is None and prefix_kv is None
     if cache_layer is not None:
         kc, vc, idx = cache_layer
-        kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, idx, 0, 0))
-        vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, idx, 0, 0))
+        kc = write_at(kc, k.astype(kc.dtype), idx)
+        vc = write_at(vc, v.astype(vc.dtype), idx)
         new_cache = (kc, vc)
         k, v = kc.astype(dtype), vc.astype(dtype)
     b = q.shape[0]

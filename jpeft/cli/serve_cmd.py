@@ -1,0 +1,125 @@
+"""``jpeft serve``: an OpenAI-compatible server for one base model and many LoRA adapters."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+import jpeft
+from jpeft.bank import AdapterBank
+from jpeft.cli._ckpt import load_adapter
+from jpeft.cli._common import parse_targets
+from jpeft.cli._model import example_ids, load_folder
+from jpeft.errors import ConfigError, LoadError
+from jpeft.models import load_tokenizer
+from jpeft.serve.engine import Engine
+
+HELP = "serve a base model and many LoRA adapters over the OpenAI API (continuous batching, hot loading)"
+EPILOG = """\
+example:
+  jpeft serve --model ./base --adapter english=runs/en/adapter --adapter code=./peft-code \\
+              --adapters-root ./adapters --port 8000
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "english", "prompt": "The ", "max_tokens": 32, "temperature": 0}'
+  curl http://127.0.0.1:8000/v1/adapters -d '{"name": "legal", "path": "legal-v2"}'   # add live
+  curl -X DELETE http://127.0.0.1:8000/v1/adapters/legal
+
+A request picks its adapter with "model": the adapter's name, or the base model's name (--name,
+default the model folder's name) for no adapter. See docs/SERVING.md.
+Needs the serve extra: pip install 'jpeft[serve]'.
+"""
+
+
+def add_parser(sub):
+    p = sub.add_parser("serve", help=HELP, description=HELP + ".", epilog=EPILOG)
+    p.add_argument("--model", required=True, help="a local Hugging Face model folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="an adapter to load at start (jpeft or PEFT folder, run folder or checkpoint); repeatable")
+    p.add_argument("--adapters-root", default=None,
+                   help="folder that POST /v1/adapters paths are relative to (and confined to); without it adapters "
+                        "cannot be added while serving")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="adapters held at once (bank slots; default max(8, number of --adapter))")
+    p.add_argument("--max-rank", type=int, default=None, help="largest LoRA rank accepted (default max(16, the --adapter ranks))")
+    p.add_argument("--targets", default="all-linear",
+                   help="modules live-added adapters may adapt (names or a regex; default all-linear), besides the "
+                        "modules of the --adapter adapters")
+    p.add_argument("--name", default=None, help="the base model's name in the API (default: the folder's name)")
+    p.add_argument("--slots", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="prompt + generated tokens per request (default the model's maximum, at most 2048)")
+    p.add_argument("--chunk", type=int, default=32, help="prefill chunk length in tokens (default 32)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait for a slot (503 after)")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may run in all (504 after)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    return p
+
+
+def _parse_adapters(items) -> dict:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--adapter expects NAME=PATH, found {item!r}.")
+        if name in out:
+            raise ConfigError(f"--adapter {name!r} is given twice.")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def build(args):
+    """``(server, host, port)`` from the parsed arguments (loads the model and adapters)."""
+    try:  # Starlette and uvicorn are the optional `serve` extra
+        from jpeft.serve.app import Server
+    except ImportError as e:
+        raise ConfigError(f"jpeft serve needs the serve extra ({e}); pip install 'jpeft[serve]'.") from None
+
+    for name in ("slots", "chunk", "max_queue"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}.")
+    if args.adapters_root is not None and not os.path.isdir(args.adapters_root):
+        raise LoadError(f"--adapters-root {args.adapters_root!r} is not a folder.")
+    named = _parse_adapters(args.adapter)
+    loaded = load_folder(args.model, tokenizer=False)
+    model, params = loaded.model, loaded.params
+    try:
+        tok = load_tokenizer(args.model)
+    except LoadError:
+        tok = None  # prompts must then be token ids
+    example = example_ids()
+
+    def loader(path):
+        return load_adapter(path, params=params, model=model, example=example)[0]
+
+    adapters = {n: loader(p) for n, p in named.items()}
+    cfg = jpeft.LoraConfig(r=1, target_modules=parse_targets(args.targets))
+    template = dict(jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0), model, example)))
+    for ad in adapters.values():
+        template.update(ad)
+    ranks = [int(lr.a.shape[-1]) for ad in adapters.values() for lr in (n.low_rank() for n in ad.values())]
+    max_rank = args.max_rank or max([16] + ranks)
+    capacity = args.capacity or max(8, len(adapters))
+    bank = AdapterBank.create({p: n.low_rank().layout for p, n in template.items()}, capacity=capacity,
+                              max_rank=max_rank)
+    for n, ad in adapters.items():
+        bank = bank.add(n, ad)
+    engine = Engine(model, params, bank, tokenizer=tok, slots=args.slots, max_len=args.max_len, chunk=args.chunk,
+                    max_queue=args.max_queue, queue_timeout=args.queue_timeout, request_timeout=args.request_timeout)
+    base = args.name or os.path.basename(os.path.normpath(args.model))
+    server = Server(engine, base_name=base, tokenizer=tok, adapters_root=args.adapters_root, loader=loader)
+    return server
+
+
+def run(args) -> int:
+    from jpeft.serve.app import run as serve  # the optional `serve` extra (build() checked it is there)
+
+    server = build(args)
+    server.engine.warmup()  # compile before listening: the first request does not wait for XLA
+    print(f"jpeft serve: {server.base_name} with adapters {list(server.engine.adapters())} on "
+          f"http://{args.host}:{args.port}/v1 ({server.engine.slots} slots, bank capacity "
+          f"{server.engine.bank.capacity})", flush=True)
+    serve(server, args.host, args.port)
+    return 0

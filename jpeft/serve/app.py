@@ -1,0 +1,394 @@
+"""The HTTP layer of ``jpeft serve``: the OpenAI API subset clients use, on Starlette + uvicorn.
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
+``"stream": true`` as server-sent events), ``POST /v1/adapters`` (``{"name", "path"}``, a path
+under the adapters root), ``DELETE /v1/adapters/{name}``, ``GET /health`` (the engine's counters).
+Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 a malformed
+request, 403 adding adapters on a server without an adapters root, 404 an unknown model or
+adapter (the message lists the available names), 409 a full bank or a taken name, 413 a body
+over 4 MiB, 429 a full queue, 503 an engine that is not running or no free slot in time,
+504 a request that ran past the server's time limit.
+
+Starlette is imported here only, so ``import jpeft`` works without the ``serve`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from typing import Any, Callable, Optional
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from jpeft.errors import (
+    BankCapacityError,
+    DuplicateAdapterError,
+    JpeftError,
+    LoadError,
+    OverloadedError,
+    PathEscapeError,
+    UnknownAdapterError,
+)
+from jpeft.io import safe_join
+from jpeft.serve.engine import Engine, Event, Request
+
+MAX_BODY = 4 << 20
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.status}}, status_code=self.status)
+
+
+def _bad(message: str, param: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+# -- request parsing ----------------------------------------------------------------------------------
+def _number(body: dict, key: str, default, lo: float, hi: float) -> float:
+    v = body.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise _bad(f"{key!r} must be a number in [{lo}, {hi}], found {v!r}.", key)
+    return float(v)
+
+
+def _int(body: dict, key: str, default, lo: int) -> Optional[int]:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise _bad(f"{key!r} must be an integer >= {lo}, found {v!r}.", key)
+    return v
+
+
+def _stop(body: dict) -> tuple:
+    s = body.get("stop")
+    if s is None:
+        return ()
+    if isinstance(s, str):
+        s = [s]
+    if not isinstance(s, list) or len(s) > 4 or not all(isinstance(x, str) and x for x in s):
+        raise _bad(f"'stop' must be a non-empty string or a list of up to 4 of them, found {s!r}.", "stop")
+    return tuple(s)
+
+
+def _unsupported(body: dict) -> None:
+    if body.get("n", 1) not in (1, None):
+        raise _bad("'n' > 1 is not supported; send one request per completion.", "n")
+    if body.get("best_of", 1) not in (1, None):
+        raise _bad("'best_of' is not supported.", "best_of")
+    for key in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias"):
+        if body.get(key) not in (None, False, 0, [], {}):
+            raise _bad(f"{key!r} is not supported by jpeft serve.", key)
+    for key in ("frequency_penalty", "presence_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            raise _bad(f"{key!r} is not supported by jpeft serve (only 0).", key)
+
+
+class Server:
+    """The state behind the routes: the engine, the tokenizer, the base model's name, the
+    adapters root and the function that reads an adapter folder (``loader(path) -> adapter``)."""
+
+    def __init__(self, engine: Engine, *, base_name: str, tokenizer=None, adapters_root: Optional[str] = None,
+                 loader: Optional[Callable[[str], Any]] = None):
+        self.engine, self.base_name, self.tokenizer = engine, base_name, tokenizer
+        self.adapters_root, self.loader = adapters_root, loader
+        self.created = int(time.time())
+
+    # -- helpers ----------------------------------------------------------------------------------
+    async def _json(self, request: HttpRequest) -> dict:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"the request body has {len(raw):,} bytes; the limit is {MAX_BODY:,}.")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise _bad(f"the request body is not valid JSON ({str(e)[:120]}).") from None
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object.")
+        return body
+
+    def _adapter_of(self, body: dict) -> Optional[str]:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _bad(f"'model' must name the base model {self.base_name!r} or an adapter.", "model")
+        if model == self.base_name:
+            return None
+        names = self.engine.adapters()
+        if model not in names:
+            raise ApiError(404, f"the model {model!r} does not exist; available: {[self.base_name, *names]}.",
+                           "not_found_error", "model")
+        return model
+
+    def _encode(self, text: str) -> list:
+        if self.tokenizer is None:
+            raise _bad("this server has no tokenizer; send 'prompt' as a list of token ids.", "prompt")
+        return list(self.tokenizer(text)["input_ids"])
+
+    def _prompt_ids(self, body: dict) -> list:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+            p = p[0]
+        if isinstance(p, str):
+            if not p:
+                raise _bad("'prompt' is empty.", "prompt")
+            return self._encode(p)
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            return p
+        raise _bad("'prompt' must be a string or a list of token ids (one prompt per request).", "prompt")
+
+    def _chat_ids(self, body: dict) -> list:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise _bad("'messages' must be a non-empty list of {\"role\": str, \"content\": str}.", "messages")
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise _bad("this model's tokenizer has no chat template, so /v1/chat/completions cannot format messages; "
+                       "use /v1/completions with a prompt, or serve a model folder whose tokenizer_config.json has a "
+                       "chat_template.", "messages")
+        try:
+            text = self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
+                                                      add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template that raises on these messages (jinja's raise_exception)
+            raise _bad(f"the chat template refused the messages: {str(e)[:200]}", "messages") from None
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _submit(self, body: dict, ids: list, adapter: Optional[str], max_default: Optional[int], sink) -> Request:
+        _unsupported(body)
+        max_tokens = _int(body, "max_tokens", None, 1)
+        if max_tokens is None:
+            max_tokens = _int(body, "max_completion_tokens", None, 1)
+        if max_tokens is None:
+            max_tokens = max_default if max_default is not None else max(1, self.engine.max_len - len(ids))
+        seed = _int(body, "seed", None, 0)
+        req = Request(ids, adapter, max_tokens, sink, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                      top_p=_number(body, "top_p", 1.0, 1e-9, 1.0), seed=seed, stop=_stop(body))
+        try:
+            return self.engine.submit(req)
+        except UnknownAdapterError as e:
+            raise ApiError(404, str(e), "not_found_error", "model") from None
+        except OverloadedError as e:
+            if self.engine.alive:
+                raise ApiError(429, str(e), "rate_limit_error") from None
+            raise ApiError(503, str(e), "server_error") from None
+        except JpeftError as e:
+            raise _bad(str(e)) from None
+
+    # -- generation routes ---------------------------------------------------------------------
+    async def completions(self, request: HttpRequest):
+        return await self._generate(request, chat=False)
+
+    async def chat(self, request: HttpRequest):
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: HttpRequest, chat: bool):
+        try:
+            body = await self._json(request)
+            adapter = self._adapter_of(body)
+            ids = self._chat_ids(body) if chat else self._prompt_ids(body)
+            stream = body.get("stream", False)
+            if not isinstance(stream, bool):
+                raise _bad("'stream' must be true or false.", "stream")
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+
+            def sink(ev: Event):
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, ev)
+                except RuntimeError:  # the event loop is gone (shutdown)
+                    pass
+
+            req = self._submit(body, ids, adapter, None if chat else 16, sink)
+        except ApiError as e:
+            return e.response()
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        model = body["model"]
+        if stream:
+            return StreamingResponse(self._stream(req, queue, rid, model, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await self._collect(request, req, queue, rid, model, chat)
+
+    async def _collect(self, request: HttpRequest, req: Request, queue: asyncio.Queue, rid, model, chat):
+        parts = []
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), 1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self.engine.cancel(req)
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if ev.kind == "text":
+                    parts.append(ev.text)
+                elif ev.kind == "error":
+                    return _engine_error(ev, started=req.started is not None).response()
+                else:
+                    break
+        except asyncio.CancelledError:
+            self.engine.cancel(req)
+            raise
+        text = "".join(parts)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": ev.finish_reason}
+                  if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish_reason})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": model, "choices": [choice], "usage": ev.usage})
+
+    async def _stream(self, req: Request, queue: asyncio.Queue, rid, model, chat):
+        created = int(time.time())
+
+        def chunk(text=None, finish=None, role=False, usage=None):
+            if chat:
+                delta = {}
+                if role:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                obj = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                obj = "text_completion"
+            d = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            if usage is not None:
+                d["usage"] = usage
+            return f"data: {json.dumps(d)}\n\n"
+
+        try:
+            if chat:
+                yield chunk(role=True, text="")
+            while True:
+                ev = await queue.get()
+                if ev.kind == "text":
+                    if ev.text:
+                        yield chunk(text=ev.text)
+                elif ev.kind == "error":
+                    err = _engine_error(ev, started=True)
+                    yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.status}})}\n\n"
+                    return
+                else:
+                    yield chunk(text="" if not chat else None, finish=ev.finish_reason, usage=ev.usage)
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            if not req.done:  # the client went away (or the server stops): free the slot
+                self.engine.cancel(req)
+
+    # -- models and adapters --------------------------------------------------------------------
+    async def models(self, request: HttpRequest):
+        data = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "jpeft"}]
+        data += [{"id": n, "object": "model", "created": self.created, "owned_by": "jpeft", "parent": self.base_name}
+                 for n in self.engine.adapters()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self, request: HttpRequest):
+        st = self.engine.stats()
+        st["status"] = "ok" if self.engine.alive else "stopped"
+        return JSONResponse(st, status_code=200 if self.engine.alive else 503)
+
+    async def add_adapter(self, request: HttpRequest):
+        try:
+            if self.adapters_root is None or self.loader is None:
+                raise ApiError(403, "this server was started without --adapters-root, so adapters cannot be added "
+                               "while it runs; restart it with --adapters-root DIR.", "permission_error")
+            body = await self._json(request)
+            name, path = body.get("name"), body.get("path")
+            if not isinstance(name, str) or not _NAME.fullmatch(name) or name == self.base_name:
+                raise _bad(f"'name' must be 1-128 characters of letters, digits and ._:- (starting with a letter or "
+                           f"digit), other than the base model's name {self.base_name!r}; found {name!r}.", "name")
+            if not isinstance(path, str) or not path:
+                raise _bad("'path' must be the adapter folder, relative to the server's adapters root.", "path")
+            try:
+                folder = safe_join(self.adapters_root, path)
+            except PathEscapeError as e:
+                raise _bad(f"{e} Paths are relative to the adapters root.", "path") from None
+            if name in self.engine.bank.slots:
+                raise ApiError(409, f"an adapter named {name!r} is already loaded (or being removed); DELETE "
+                               f"/v1/adapters/{name} first, or pick another name.", "conflict_error", "name")
+            try:
+                adapter = await run_in_threadpool(self.loader, str(folder))
+            except LoadError as e:
+                raise _bad(f"could not load an adapter from {path!r}: {e}", "path") from None
+            except JpeftError as e:
+                raise _bad(f"the adapter at {path!r} does not fit this base: {e}", "path") from None
+            try:
+                await run_in_threadpool(self.engine.add_adapter, name, adapter)
+            except BankCapacityError as e:
+                bank = self.engine.bank
+                if None not in bank.slots:
+                    raise ApiError(409, f"the adapter bank is full: all {bank.capacity} slots are taken by "
+                                   f"{list(bank.names)}. Free a slot with DELETE /v1/adapters/NAME, or restart the "
+                                   "server with a larger --capacity.", "conflict_error") from None
+                raise _bad(f"{e}", "path") from None
+            except DuplicateAdapterError as e:
+                raise ApiError(409, str(e), "conflict_error", "name") from None
+            except JpeftError as e:
+                raise _bad(f"the adapter at {path!r} cannot join this server's bank: {e}", "path") from None
+        except ApiError as e:
+            return e.response()
+        return JSONResponse({"id": name, "object": "model", "created": int(time.time()), "owned_by": "jpeft",
+                             "parent": self.base_name}, status_code=201)
+
+    async def delete_adapter(self, request: HttpRequest):
+        name = request.path_params["name"]
+        try:
+            waiting = self.engine.remove_adapter(name)
+        except UnknownAdapterError:
+            return ApiError(404, f"no adapter named {name!r}; loaded: {list(self.engine.adapters())}.",
+                            "not_found_error", "name").response()
+        return JSONResponse({"id": name, "object": "model", "deleted": True, "requests_finishing": waiting})
+
+
+def _engine_error(ev: Event, started: bool) -> ApiError:
+    if ev.error == "timeout":
+        return ApiError(504 if started else 503, ev.message, "timeout_error")
+    return ApiError(503, ev.message, "server_error")
+
+
+def make_app(server: Server) -> Starlette:
+    """The Starlette application of ``server`` (starts and stops its engine with the app)."""
+    routes = [
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/chat/completions", server.chat, methods=["POST"]),
+        Route("/v1/adapters", server.add_adapter, methods=["POST"]),
+        Route("/v1/adapters/{name:path}", server.delete_adapter, methods=["DELETE"]),
+        Route("/health", server.health, methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            server.engine.stop()
+
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    """Serves ``server`` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(make_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+__all__ = ["Server", "make_app", "run", "ApiError"]

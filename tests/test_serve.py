@@ -1,0 +1,328 @@
+"""`jpeft serve` as a real server (a subprocess of `python -m jpeft.cli serve` on a free port of
+127.0.0.1), driven by the official `openai` client: completions and chat, streaming and not, equal
+token for token to `jpeft.generate` with the same adapter; concurrent mixed adapters; hot add and
+remove with no failed request and no recompilation; the error paths; a bounded load test."""
+
+import concurrent.futures as cf
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+
+openai = pytest.importorskip("openai")
+
+V = 40
+WORDS = [f"w{i}" for i in range(V)]
+CFG = jpeft.models.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                               num_kv_heads=2, max_position_embeddings=128)
+MODEL = jpeft.models.LlamaForCausalLM(CFG)
+PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w1{% endif %}"
+
+
+def _lora(key, targets, r=4):
+    cfg = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=targets, init="random")
+    return cfg, jpeft.init(cfg, PARAMS, jax.random.key(key))
+
+
+# one adapter structure, so the references compile jpeft.generate once for all of them
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+ADAPTERS = {k: _lora(i, TARGETS) for i, k in enumerate("abcd", start=1)}
+
+
+def _ids(text):
+    return [WORDS.index(w) for w in text.split()]
+
+
+def _ref(name, prompt_ids, n):
+    ad = None if name is None else ADAPTERS[name][1]
+    out = jpeft.generate(MODEL, PARAMS, ad, jnp.asarray([prompt_ids], jnp.int32), n)
+    return np.asarray(out[0, len(prompt_ids):]).tolist()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("serve")
+    folder, adapters = root / "tiny", root / "adapters"
+    jpeft.models.loading.save_pretrained(str(folder), MODEL, PARAMS)
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
+    fast.chat_template = TEMPLATE
+    fast.save_pretrained(str(folder))
+    for name, (cfg, ad) in ADAPTERS.items():
+        if name == "c":  # a PEFT-format folder, added live
+            jpeft.hf.save_peft(str(adapters / name), cfg, ad, params=PARAMS)
+        else:
+            jpeft.save_adapter(str(adapters / name), cfg, ad, params=PARAMS)
+    outside = root / "outside"
+    jpeft.save_adapter(str(outside), *ADAPTERS["d"], params=PARAMS)
+    os.symlink(outside, adapters / "link")
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jpeft.cli", "serve", "--model", str(folder), "--name", "tiny",
+         "--adapter", f"a={adapters / 'a'}", "--adapter", f"b={adapters / 'b'}", "--adapters-root", str(adapters),
+         "--capacity", "3", "--max-rank", "8", "--slots", "4", "--chunk", "4", "--max-queue", "16",
+         "--max-len", "96", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    refs = {}
+    try:
+        # the references are computed while the server starts
+        for name in (None, "a", "b", "c"):
+            refs[name] = _ref(name, _ids("w3 w5 w7 w9 w11 w2"), 10)
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"jpeft serve exited: {proc.stdout.read()[-3000:]}")
+            try:
+                if _get(port, "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("jpeft serve did not start in 180 s")
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        yield {"port": port, "client": client, "refs": refs, "root": root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _request(port, method, path, body=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    data = raw if raw is not None else (None if body is None else json.dumps(body))
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    out = r.status, json.loads(r.read() or b"{}")
+    conn.close()
+    return out
+
+
+def _get(port, path):
+    return _request(port, "GET", path)
+
+
+PROMPT = "w3 w5 w7 w9 w11 w2"
+
+
+def _complete(client, model, **kw):
+    kw.setdefault("max_tokens", 10)
+    kw.setdefault("temperature", 0)
+    r = client.completions.create(model=model, prompt=PROMPT, **kw)
+    return r.choices[0].text, r.choices[0].finish_reason
+
+
+def _stream_text(client, model, **kw):
+    parts, reason = [], None
+    for ch in client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0, stream=True, **kw):
+        parts.append(ch.choices[0].text)
+        reason = ch.choices[0].finish_reason or reason
+    return "".join(parts), reason
+
+
+def test_completions_and_chat_equal_generate_token_for_token(server):
+    client, refs = server["client"], server["refs"]
+    ids = sorted(m.id for m in client.models.list().data)
+    assert ids == ["a", "b", "tiny"]
+    assert len({tuple(v) for v in refs.values()}) == 4  # every adapter changes the output
+    for model, name in (("tiny", None), ("a", "a"), ("b", "b")):
+        text, reason = _complete(client, model)
+        assert _ids(text) == refs[name] and reason == "length"
+        assert _stream_text(client, model) == (text, "length")
+    # chat: the template renders the contents and appends w1 (the generation prompt)
+    msgs = [{"role": "user", "content": "w3 w5 w7"}, {"role": "user", "content": "w9 w11"}]
+    chat = client.chat.completions.create(model="a", messages=msgs, max_tokens=10, temperature=0)
+    assert _ids(chat.choices[0].message.content) == _ref("a", _ids("w3 w5 w7 w9 w11 w1"), 10)
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="a", messages=msgs, max_tokens=10, temperature=0, stream=True)]
+    assert "".join(parts) == chat.choices[0].message.content
+    # stop: the text ends before the stop string; sampling with a seed is reproducible
+    full = " ".join(WORDS[i] for i in refs["a"])
+    stop = " " + WORDS[refs["a"][3]]
+    assert _complete(client, "a", stop=["w99", stop]) == (full[:full.index(stop)], "stop")
+    assert _stream_text(client, "a", stop=["w99", stop]) == (full[:full.index(stop)], "stop")  # held back, then cut
+    s1 = _complete(client, "b", temperature=1.5, top_p=0.9, seed=7)
+    assert s1 == _complete(client, "b", temperature=1.5, top_p=0.9, seed=7)
+
+    # concurrent requests for different adapters: each gets its own adapter's output
+    names = ["a", "tiny", "b", "a", "b", "tiny", "a", "b"] * 2
+    with cf.ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(lambda m: _complete(client, m)[0], names))
+    for m, text in zip(names, outs):
+        assert _ids(text) == refs[None if m == "tiny" else m], m
+
+
+def test_hot_add_and_remove_while_serving_no_failure_no_recompile(server):
+    client, refs, port = server["client"], server["refs"], server["port"]
+    traces0 = _get(port, "/health")[1]["traces"]
+    stop, failures, done = threading.Event(), [], []
+
+    def worker(model, name):
+        while not stop.is_set():
+            try:
+                text, _ = _complete(client, model)
+                if _ids(text) != refs[name]:
+                    failures.append((model, text))
+                done.append(model)
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                failures.append((model, repr(e)))
+
+    threads = [threading.Thread(target=worker, args=a) for a in (("tiny", None), ("a", "a"), ("b", "b"))]
+    for t in threads:
+        t.start()
+    try:
+        st, body = _request(port, "POST", "/v1/adapters", {"name": "c", "path": "c"})  # PEFT format
+        assert st == 201, body
+        assert _ids(_complete(client, "c")[0]) == refs["c"]
+        st, body = _request(port, "DELETE", "/v1/adapters/c")
+        assert st == 200 and body["deleted"], body
+        with pytest.raises(openai.NotFoundError, match="available"):
+            _complete(client, "c")
+        st, body = _request(port, "POST", "/v1/adapters", {"name": "c2", "path": "c"})
+        assert st == 201, body
+        assert _ids(_complete(client, "c2")[0]) == refs["c"]
+        # the bank (capacity 3) is full now: 409 that says how to free a slot
+        st, body = _request(port, "POST", "/v1/adapters", {"name": "d", "path": "d"})
+        assert st == 409 and "DELETE /v1/adapters/" in body["error"]["message"], body
+        assert _request(port, "DELETE", "/v1/adapters/c2")[0] == 200
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert failures == [] and len(done) >= 3
+    health = _get(port, "/health")[1]
+    assert health["traces"] == traces0 == {"prefill": 1, "decode": 1}, health
+
+
+def test_error_paths_keep_the_server_serving(server):
+    client, refs, port = server["client"], server["refs"], server["port"]
+    with pytest.raises(openai.NotFoundError, match=r"available: \['tiny', 'a', 'b'\]"):
+        client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="a", prompt=PROMPT, max_tokens=2, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="limit of 96"):
+        client.completions.create(model="a", prompt=PROMPT, max_tokens=95)
+    assert _request(port, "POST", "/v1/completions", raw="{not json")[0] == 400
+    assert _request(port, "POST", "/v1/completions", raw=" " * (5 << 20))[0] == 413
+    assert _request(port, "POST", "/v1/completions", {"model": "a", "prompt": [1, 2, 999]})[0] == 400
+    assert _request(port, "DELETE", "/v1/adapters/nope")[0] == 404
+    for hostile in ("../outside", str(server["root"] / "outside"), "link", "a/../../outside"):
+        st, body = _request(port, "POST", "/v1/adapters", {"name": "evil", "path": hostile})
+        assert st == 400 and body["error"]["param"] == "path", (hostile, body)
+    st, body = _request(port, "POST", "/v1/adapters", {"name": "x", "path": "no-such-folder"})
+    assert st == 400 and "does not exist" in body["error"]["message"]
+    assert "evil" not in {m.id for m in client.models.list().data}
+
+    # overload: 40 concurrent long requests on 4 slots and a queue of 16 -> some 429, none lost
+    def one(i):
+        try:
+            return client.completions.create(model="ab"[i % 2], prompt=PROMPT, max_tokens=60,
+                                              temperature=0).choices[0].finish_reason
+        except openai.RateLimitError:
+            return 429
+
+    with cf.ThreadPoolExecutor(40) as ex:
+        got = list(ex.map(one, range(40)))
+    assert got.count(429) > 0 and got.count("length") + got.count(429) == 40, got
+
+    # a client that disconnects mid-stream frees its slot
+    before = _get(port, "/health")[1].get("cancelled", 0)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(
+        {"model": "a", "prompt": PROMPT, "max_tokens": 80, "stream": True, "temperature": 0}),
+        headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        h = _get(port, "/health")[1]
+        if h.get("cancelled", 0) > before and h["busy"] == 0:
+            break
+        time.sleep(0.1)
+    assert h.get("cancelled", 0) > before and h["busy"] == 0, h
+    assert _ids(_complete(client, "a")[0]) == refs["a"]  # still serving
+
+
+def test_load_200_requests_16_clients_nothing_lost(server):
+    client, refs, port = server["client"], server["refs"], server["port"]
+    names = ["tiny", "a", "b"]
+
+    def one(i):
+        m = names[i % 3]
+        r = client.completions.create(model=m, prompt=PROMPT, max_tokens=4, temperature=0)
+        return m, r.choices[0].text
+
+    t0 = time.time()
+    with cf.ThreadPoolExecutor(16) as ex:
+        outs = list(ex.map(one, range(200)))
+    assert len(outs) == 200 and time.time() - t0 < 120
+    for m, text in outs:
+        assert _ids(text) == refs[None if m == "tiny" else m][:4]
+    h = _get(port, "/health")[1]
+    assert h["busy"] == 0 and h["waiting"] == 0 and h["traces"] == {"prefill": 1, "decode": 1}, h
+
+
+def test_engine_bookkeeping_timeouts_overload_and_deferred_removal():
+    """The engine's queue rules without running a step (nothing is compiled): a full queue
+    raises OverloadedError, a request past its queue time ends with a timeout event, a removed
+    adapter leaves the bank only after the requests already accepted for it are gone."""
+    from jpeft.bank import AdapterBank
+    from jpeft.errors import OverloadedError, UnknownAdapterError
+    from jpeft.serve import Engine, Request
+    from jpeft.serve.app import ApiError, Server
+
+    bank = AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=2)
+    eng = Engine(MODEL, PARAMS, bank, slots=1, max_len=32, max_queue=2, queue_timeout=5.0)
+    eng._running = True  # accept requests; the loop's thread is not started
+    events = []
+    reqs = [eng.submit(Request([1, 2], "a", 4, events.append)) for _ in range(2)]
+    with pytest.raises(OverloadedError, match="retry later"):
+        eng.submit(Request([1, 2], None, 4, events.append))
+    with pytest.raises(UnknownAdapterError, match=r"available: \['a'\]"):
+        eng.submit(Request([1, 2], "zz", 4, events.append))
+    assert eng.remove_adapter("a") == 2 and "a" in eng.bank.names and eng.adapters() == ()
+    eng._housekeeping()  # the first request takes the only row, the second waits
+    assert eng._rows[0] is reqs[0] and list(eng._pending) == [reqs[1]]
+    reqs[1].created -= 10.0  # waited past queue_timeout
+    eng._housekeeping()
+    assert [e.error for e in events] == ["timeout"] and "no decode slot" in events[0].message
+    assert "a" in eng.bank.names  # still used by the running request
+    eng.cancel(reqs[0])
+    eng._housekeeping()
+    assert eng.bank.names == () and eng.stats()["cancelled"] == 1 and eng.stats()["timed_out"] == 1
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(ApiError, match="no chat template") as e:
+        Server(eng, base_name="tiny", tokenizer=NoTemplate())._chat_ids({"messages": [{"role": "user", "content": "x"}]})
+    assert e.value.status == 400
