@@ -268,11 +268,16 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
                 f"the adapter's site {path!r} is a layer-stacked site (jpeft.scan.Stacked) made for a layer-scanned "
                 "linen model; NNX models are adapted layer by layer. Convert it with jpeft.scan.unstack_adapter."
             )
+    if "" in adapter:
+        raise UnsupportedModuleError(
+            f"the adapter has a site at the model's root path '' (a {type(adapter['']).__name__}: "
+            "full fine-tuning, prefix or prompt tuning), which acts on the whole linen model (its params, or the "
+            "prefix_kv= / inputs_embeds= keywords of jpeft's models); an NNX model has no such hook. Use a method "
+            "with sites at submodules (LoRA, DoRA, IA3, ...), or fine-tune the NNX model's state directly."
+        )
     proxies = {path: _Site(modules[path], path, node, ctx) for path, node in adapter.items()}
-    root = proxies.pop("", None)
     _replace(model, {id(modules[p]): proxy for p, proxy in proxies.items()})
-    target = root if root is not None else model
-    fn = target if method == "__call__" else getattr(target, method)
+    fn = model if method == "__call__" else getattr(model, method)
     return fn(*args, **kwargs)
 
 
