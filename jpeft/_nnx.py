@@ -16,6 +16,7 @@ NNX module.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -63,7 +64,10 @@ def _dot_general(m):
 
 def twin(module, path: str) -> Optional[nn.Module]:
     """The linen module that computes what the NNX ``module`` computes from the same
-    parameters, or ``None`` when jpeft has none for its class."""
+    parameters, or ``None`` when jpeft has none for its class. A module of one's own can
+    name its twin with a ``linen_twin()`` method (jpeft's NNX Llama's ``RMSNorm`` does)."""
+    if callable(getattr(type(module), "linen_twin", None)):
+        return module.linen_twin()
     if not isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed, nnx.LayerNorm,
                                nnx.RMSNorm)):
         return None
@@ -160,7 +164,7 @@ class _Site:
 
     def __getattr__(self, name):
         attr = getattr(self._module, name)
-        if callable(attr) and not name.startswith("_") and self._node.handles(name):
+        if inspect.ismethod(attr) and not name.startswith("_") and self._node.handles(name):
             return lambda *a, **k: self._run(name, a, k)
         return attr
 
@@ -195,7 +199,7 @@ class _Recorder:
 
     def __getattr__(self, name):
         attr = getattr(self._module, name)
-        if callable(attr) and not name.startswith("_") and not isinstance(attr, nnx.Module):
+        if inspect.ismethod(attr) and not name.startswith("_"):
             def method(*a, **k):
                 self._other.setdefault(self._path, set()).add(name)
                 return attr(*a, **k)
@@ -210,10 +214,10 @@ def _shape(x):
 def _info(module, path: str, args, kwargs, out) -> ModuleInfo:
     own = _own_params(module)
     layout = None
-    tw = twin(module, path) if not isinstance(module, (nnx.LayerNorm, nnx.RMSNorm)) else None
     pname = "embedding" if isinstance(module, nnx.Embed) else "kernel"
-    if tw is not None and pname in own:
-        layout = _inject.layout_of(tw, tuple(own[pname].shape), args, kwargs, path)
+    if pname in own:
+        tw = twin(module, path)
+        layout = None if tw is None else _inject.layout_of(tw, tuple(own[pname].shape), args, kwargs, path)
     return ModuleInfo(type(module).__name__, layout, _shape(out), _shape(args[0]) if args else None)
 
 
