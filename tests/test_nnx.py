@@ -19,7 +19,7 @@ from flax import nnx
 import jpeft
 from jpeft import _nnx, hf  # noqa: F401  (jpeft.hf)
 from jpeft.errors import UnsupportedModuleError
-from jpeft.tree import nnx_params
+from jpeft.tree import nnx_params, nnx_with_params
 
 D = 16
 
@@ -90,6 +90,15 @@ class LinenConvNet(nn.Module):
         return self.head(h.mean(axis=(1, 2)))
 
 
+def _build(make, seed=0):
+    """``make()``'s module with random NumPy weights: built abstractly (``nnx.eval_shape``), so
+    no initializer is compiled per parameter shape."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda t: jnp.asarray(0.3 * rng.standard_normal(t.shape), t.dtype), nnx_params(abstract))
+    return nnx.merge(graphdef, nnx_with_params(abstract, params))
+
+
 def _x(name):
     if name == "conv":
         return jax.random.randint(jax.random.key(7), (2, 4, 4), 0, 10)
@@ -119,7 +128,7 @@ def _configs(name):
 def case(request):
     name = request.param
     nnx_cls, linen_cls = _MODELS[name]
-    model = nnx_cls(nnx.Rngs(0))
+    model = _build(lambda: nnx_cls(nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     x = _x(name)
     linen_model = linen_cls()
@@ -137,21 +146,20 @@ def _randomize(adapter, seed=3):
 
 def test_linen_twins_compute_what_the_nnx_modules_compute():
     """The sites' math runs on each NNX module's linen twin: it must be the same function."""
-    r = nnx.Rngs(1)
     x3 = jax.random.normal(jax.random.key(0), (2, 3, 6))
     mods = [
-        (nnx.Linear(6, 5, rngs=r), x3),
-        (nnx.LinearGeneral(6, (2, 3), rngs=r), x3),
-        (nnx.LinearGeneral((3, 6), 4, axis=(-2, -1), rngs=r), x3),
-        (nnx.Einsum("btd,dhk->bthk", (6, 2, 3), (2, 3), rngs=r), x3),
-        (nnx.Conv(6, 4, (2,), strides=2, padding="VALID", rngs=r), x3),
-        (nnx.Embed(7, 6, rngs=r), jnp.array([[0, 3, 6]])),
-        (nnx.LayerNorm(6, rngs=r), x3),
-        (nnx.RMSNorm(6, rngs=r), x3),
+        (lambda: nnx.Linear(6, 5, rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.LinearGeneral(6, (2, 3), rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.LinearGeneral((3, 6), 4, axis=(-2, -1), rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.Einsum("btd,dhk->bthk", (6, 2, 3), (2, 3), rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.Conv(6, 4, (2,), strides=2, padding="VALID", rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.Embed(7, 6, rngs=nnx.Rngs(1)), jnp.array([[0, 3, 6]])),
+        (lambda: nnx.LayerNorm(6, rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.RMSNorm(6, rngs=nnx.Rngs(1)), x3),
     ]
-    for mod, x in mods:
-        own = _randomize(nnx_params(nnx.state(mod)), seed=5)
-        nnx.update(mod, nnx.State(jax.tree.map(lambda v: v, own)))
+    for make, x in mods:
+        mod = _build(make, seed=5)
+        own = nnx_params(nnx.state(mod))
         tw = _nnx.twin(mod, "m")
         np.testing.assert_allclose(tw.apply({"params": own}, x), mod(x), rtol=1e-6, atol=1e-6,
                                    err_msg=type(mod).__name__)
@@ -198,7 +206,7 @@ def test_identity_merge_unmerge(case):
 
 
 def test_jit_grad_vmap():
-    model = Block(nnx.Rngs(0))
+    model = _build(lambda: Block(nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     x = _x("block")
     adapter = _randomize(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["query", "up", "down"]), state,
@@ -224,7 +232,7 @@ def test_jit_grad_vmap():
 
 
 def test_fit_trains_the_adapter_with_the_base_state_bit_identical(tmp_path):
-    model = MLP(nnx.Rngs(0))
+    model = _build(lambda: MLP(nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     before = jax.tree.map(np.array, state)
     cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"])
@@ -262,15 +270,14 @@ def test_fit_trains_the_adapter_with_the_base_state_bit_identical(tmp_path):
 
 
 def test_more_methods_on_nnx_sites():
-    """Methods whose sites exist on NNX models (beyond LoRA, DoRA, IA3): merge equals apply."""
-    model = Block(nnx.Rngs(0))
+    """Methods whose sites exist on NNX models beyond LoRA, DoRA, IA3 (the rest of the table runs on the
+    NNX Llama in tests/test_properties.py): merge equals apply, or the output changes (bottleneck)."""
+    model = _build(lambda: Block(nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     x = _x("block")
-    cfgs = [jpeft.LoHaConfig(r=2, target_modules=["query"]), jpeft.LoKrConfig(r=2, target_modules=["up"]),
-            jpeft.VeraConfig(r=2, target_modules=["up"]),
-            jpeft.AdaLoraConfig(init_r=2, target_r=1, target_modules=["value"], total_step=10),
-            jpeft.LNTuningConfig(target_modules=["ln"]),
-            jpeft.LoraConfig(r=2, target_modules=["up"], modules_to_save=["down"])]
+    cfgs = [jpeft.LoHaConfig(r=2, target_modules=["query"]),  # a LinearGeneral with two output axes
+            jpeft.LNTuningConfig(target_modules=["ln"]),  # nnx.LayerNorm's twin
+            jpeft.LoraConfig(r=2, target_modules=["up"], modules_to_save=["down"])]  # reruns the Einsum's twin
     for cfg in cfgs:
         adapter = _randomize(jpeft.init(cfg, state, jax.random.key(1), graphdef, x))
         y = jpeft.apply(graphdef, state, adapter, x)
@@ -280,7 +287,7 @@ def test_more_methods_on_nnx_sites():
     adapter = _randomize(jpeft.init(jpeft.BottleneckConfig(target_modules=["attn"]), state, jax.random.key(1),
                                     graphdef, x))
     assert float(jnp.abs(jpeft.apply(graphdef, state, adapter, x) - model(x)).max()) > 1e-3
-    mlp = MLP(nnx.Rngs(0))
+    mlp = _build(lambda: MLP(nnx.Rngs(0)))
     adapter = _randomize(jpeft.init(jpeft.OFTConfig(oft_block_size=8, target_modules=["fc1"]), mlp,
                                     jax.random.key(1), mlp, _x("mlp")))
     np.testing.assert_allclose(jpeft.merge(mlp, adapter)(_x("mlp")), jpeft.apply(mlp, None, adapter, _x("mlp")),
@@ -288,7 +295,7 @@ def test_more_methods_on_nnx_sites():
 
 
 def test_named_errors_where_a_method_does_not_apply():
-    model = Block(nnx.Rngs(0))
+    model = _build(lambda: Block(nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     x = _x("block")
     # a site at the model's root (full fine-tuning) needs the linen model itself
@@ -311,16 +318,16 @@ def test_named_errors_where_a_method_does_not_apply():
         def __call__(self, x):
             return self.gain(self.fc(x))
 
-    scaled = Scaled(nnx.Rngs(0))
+    scaled = _build(lambda: Scaled(nnx.Rngs(0)))
     cfg = jpeft.LoraConfig(r=2, target_modules=["fc"], modules_to_save=["gain"])
     adapter = jpeft.init(cfg, scaled, jax.random.key(1), scaled, _x("mlp"))
     with pytest.raises(UnsupportedModuleError, match="Gain"):
         jpeft.apply(scaled, None, adapter, _x("mlp"))
     # a transposed convolution is not a linear module LoRA adapts
-    deconv = nnx.ConvTranspose(4, 4, (2,), rngs=nnx.Rngs(0))
+    deconv = _build(lambda: nnx.ConvTranspose(4, 4, (2,), rngs=nnx.Rngs(0)))
     with pytest.raises(UnsupportedModuleError, match="ConvTranspose"):
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), deconv, jax.random.key(1), deconv, jnp.ones((1, 3, 4)))
     # an adapter made for another model
-    other = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"]), MLP(nnx.Rngs(0)), jax.random.key(1))
+    other = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"]), _build(lambda: MLP(nnx.Rngs(0))), jax.random.key(1))
     with pytest.raises(jpeft.TargetNotFoundError):
         jpeft.apply(graphdef, state, other, x)

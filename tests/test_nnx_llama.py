@@ -53,10 +53,8 @@ def test_nnx_llama_equals_transformers_and_linen(both):
 def test_one_adapter_on_linen_and_nnx_llama(both):
     model, params, graphdef, state, ids, mask = both
     rng = np.random.default_rng(0)
-    for cfg in (jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
-                jpeft.LoraConfig(r=2, use_dora=True, target_modules=["k_proj", "o_proj"]),
-                jpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
-                jpeft.LNTuningConfig(target_modules=["post_attention_layernorm"])):
+    # every method on the NNX Llama is in tests/test_properties.py; here one adapter on the 2-layer Qwen2 with biases
+    for cfg in (jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),):
         a_nnx = jpeft.init(cfg, state, jax.random.key(0), graphdef, ids)
         a_linen = jpeft.init(cfg, params, jax.random.key(0), model, ids)
         assert jax.tree.structure(a_nnx) == jax.tree.structure(a_linen)
