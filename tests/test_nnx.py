@@ -8,6 +8,8 @@ base, jit/grad/vmap, training with ``jpeft.fit`` with the base state bit-identic
 files and the PEFT format, and named errors where a method does not apply.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -221,6 +223,13 @@ def test_jit_grad_vmap():
     def loss(a):
         return jnp.mean(jpeft.apply(graphdef, state, a, x) ** 2)
 
+    # LoRA dropout draws from rngs={"dropout": key}, as for linen: same key, same output
+    drop = {p: dataclasses.replace(n, dropout=0.5) if p == "up" else n for p, n in adapter.items()}
+    y1 = jpeft.apply(graphdef, state, drop, x, rngs={"dropout": jax.random.key(5)})
+    assert not np.allclose(y1, y)
+    np.testing.assert_array_equal(y1, jpeft.apply(graphdef, state, drop, x, rngs={"dropout": jax.random.key(5)}))
+    np.testing.assert_array_equal(jpeft.apply(graphdef, state, drop, x), y)  # no key: no dropout
+
     g = jax.jit(jax.grad(loss))(adapter)
     assert jax.tree.structure(g) == jax.tree.structure(adapter)
     # a central difference along the (unit) gradient direction equals the gradient's norm
@@ -263,6 +272,15 @@ def test_fit_trains_the_adapter_with_the_base_state_bit_identical(tmp_path):
     cfg2, a2 = jpeft.load_adapter(d, state, graphdef, _x("mlp"))
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, a2, res.adapter)
+    # the mesh-sharded step takes the NNX state as it takes linen params (one device here; the
+    # placement rules are the ones tests/test_parallel.py runs on several)
+    mesh = jpeft.make_mesh(data=1, fsdp=1)
+    sharded = jpeft.make_sharded_train_step(loss_fn, opt, mesh)
+    placed = jpeft.shard_params(state, mesh)
+    assert isinstance(placed, nnx.State)
+    ad_s = jpeft.shard_adapter(res.adapter, mesh, placed)
+    _, _, m = sharded(placed, ad_s, jpeft.init_opt_state(opt, ad_s), batches[0], jax.random.key(4))
+    np.testing.assert_allclose(float(m["loss"]), loss1, rtol=1e-5)
     jpeft.hf.save_peft(str(tmp_path / "peft"), cfg, res.adapter)
     cfg3, a3 = jpeft.hf.load_peft(str(tmp_path / "peft"), state)
     np.testing.assert_allclose(jpeft.apply(graphdef, state, a3, xs), jpeft.apply(graphdef, state, res.adapter, xs),
