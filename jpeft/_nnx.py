@@ -282,7 +282,14 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
     proxies = {path: _Site(modules[path], path, node, ctx) for path, node in adapter.items()}
     _replace(model, {id(modules[p]): proxy for p, proxy in proxies.items()})
     fn = model if method == "__call__" else getattr(model, method)
-    return fn(*args, **kwargs)
+    out = fn(*args, **kwargs)
+    if adapter and not ctx.checked:
+        raise TargetNotFoundError(
+            f"none of the adapter's {len(adapter)} sites (e.g. {sorted(adapter)[:3]}) was called by the NNX model, so "
+            "the output would be the bare base's. Was the adapter made for another model, or for a method the model "
+            "does not call?"
+        )
+    return out
 
 
 def trace(graphdef, state, *args, **kwargs) -> dict[str, ModuleInfo]:

@@ -21,6 +21,9 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
       config: a method config such as :class:`jpeft.LoraConfig`.
       params: the base model's variables (``{"params": ...}``) or its bare params tree.
       key: a ``jax.random`` key.
+      params may also be the ``nnx.State`` of a ``flax.nnx`` model (``graphdef, state =
+        nnx.split(model)``) or the ``nnx.Module`` itself, and ``model`` its ``graphdef`` or the
+        module (docs/NNX.md).
       model, *model_args, **model_kwargs: optional. Needed only when a targeted module has a
         kernel whose input and output axes cannot be told from its shape (``nn.DenseGeneral``
         with several feature axes, ``nn.Conv``, ``nn.Einsum``) or when the method needs
@@ -57,6 +60,10 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     with each targeted module's call adapted. ``model`` is any ``flax.linen.Module``; it needs
     no jpeft code. ``adapter=None`` runs the bare base. Extra keyword arguments go to
     ``model.apply`` (``method=``, ``mutable=``, the model's own keywords).
+
+    For a ``flax.nnx`` model, ``model`` is its ``graphdef`` (or the ``nnx.Module``, with
+    ``params=None`` for its own state) and ``params`` the ``nnx.State`` from ``nnx.split``:
+    a pure function of ``(graphdef, state, adapter, inputs)`` (``jpeft/_nnx.py``, docs/NNX.md).
 
     LoRA dropout is active only when ``rngs`` holds a ``"dropout"`` key.
 
