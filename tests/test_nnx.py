@@ -351,3 +351,25 @@ def test_named_errors_where_a_method_does_not_apply():
     other = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"]), _build(lambda: MLP(nnx.Rngs(0))), jax.random.key(1))
     with pytest.raises(jpeft.TargetNotFoundError):
         jpeft.apply(graphdef, state, other, x)
+
+
+def test_lists_and_sequential_name_paths_like_nnx_split():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(2)])
+            self.seq = nnx.Sequential(nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs))
+
+        def __call__(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.seq(x)
+
+    net = _build(lambda: Net(nnx.Rngs(0)))
+    x = jnp.ones((2, 4))
+    # a regex on the path or on its Hugging Face name ("blocks.1"), as for linen
+    cfg = jpeft.LoraConfig(r=2, target_modules=r"blocks\.1|seq/layers/0")
+    adapter = _randomize(jpeft.init(cfg, net, jax.random.key(1), net, x))
+    assert sorted(adapter) == ["blocks/1", "seq/layers/0"]
+    y = jpeft.apply(net, None, adapter, x)
+    assert float(jnp.abs(y - net(x)).max()) > 1e-2
+    np.testing.assert_allclose(jpeft.merge(net, adapter)(x), y, rtol=1e-5, atol=1e-5)
