@@ -2,7 +2,7 @@
 
 NNX has no ``intercept_methods``. The adapted forward pass is therefore a pure function of
 ``(graphdef, state, adapter, inputs)`` that builds a *fresh* module with ``nnx.merge`` and,
-in that throw-away copy only, puts a small proxy (:class:`_Site`) in place of each targeted
+in that throw-away copy only, puts a small proxy (:class:`_SiteProxy`) in place of each targeted
 submodule; the user's module is never touched. The proxy hands the call to the node through
 the same :class:`~jpeft.methods.base.Call` the linen interceptor builds, so every method's
 math (LoRA, DoRA, IA3, ...) is the one written for linen: the call's ``module`` is the
@@ -153,7 +153,7 @@ def _bound(module, path: str, own, rngs):
 
 # -- the proxies --------------------------------------------------------------------------------
 
-class _Site:
+class _SiteProxy:
     """In the throw-away copy, the stand-in for one targeted module: calls its node."""
 
     def __init__(self, module, path: str, node, ctx: "_Context"):
@@ -279,7 +279,7 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
             "prefix_kv= / inputs_embeds= keywords of jpeft's models); an NNX model has no such hook. Use a method "
             "with sites at submodules (LoRA, DoRA, IA3, ...), or fine-tune the NNX model's state directly."
         )
-    proxies = {path: _Site(modules[path], path, node, ctx) for path, node in adapter.items()}
+    proxies = {path: _SiteProxy(modules[path], path, node, ctx) for path, node in adapter.items()}
     _replace(model, {id(modules[p]): proxy for p, proxy in proxies.items()})
     fn = model if method == "__call__" else getattr(model, method)
     out = fn(*args, **kwargs)
