@@ -6,7 +6,7 @@ from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 
-from jpeft import _inject
+from jpeft import _inject, _nnx
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
@@ -21,6 +21,9 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
       config: a method config such as :class:`jpeft.LoraConfig`.
       params: the base model's variables (``{"params": ...}``) or its bare params tree.
       key: a ``jax.random`` key.
+      params may also be the ``nnx.State`` of a ``flax.nnx`` model (``graphdef, state =
+        nnx.split(model)``) or the ``nnx.Module`` itself, and ``model`` its ``graphdef`` or the
+        module (docs/NNX.md).
       model, *model_args, **model_kwargs: optional. Needed only when a targeted module has a
         kernel whose input and output axes cannot be told from its shape (``nn.DenseGeneral``
         with several feature axes, ``nn.Conv``, ``nn.Einsum``) or when the method needs
@@ -37,6 +40,13 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"jpeft.init expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
     fn = method_of(config).init
+    if _nnx.is_nnx(params) or (model is not None and _nnx.is_nnx(model)):
+        state = _nnx.split(params, None)[1] if _nnx.is_nnx(params) else params
+        infos = None
+        if model is not None:
+            graphdef, state = _nnx.split(model, state)
+            infos = _nnx.trace(graphdef, state, *model_args, **model_kwargs)
+        return fn(config, unwrap_params(state)[0], key, infos)
     inner, _ = unwrap_params(params)
     infos = None
     if model is not None:
@@ -51,6 +61,10 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     no jpeft code. ``adapter=None`` runs the bare base. Extra keyword arguments go to
     ``model.apply`` (``method=``, ``mutable=``, the model's own keywords).
 
+    For a ``flax.nnx`` model, ``model`` is its ``graphdef`` (or the ``nnx.Module``, with
+    ``params=None`` for its own state) and ``params`` the ``nnx.State`` from ``nnx.split``:
+    a pure function of ``(graphdef, state, adapter, inputs)`` (``jpeft/_nnx.py``, docs/NNX.md).
+
     LoRA dropout is active only when ``rngs`` holds a ``"dropout"`` key.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
@@ -60,6 +74,9 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     >>> bool(jnp.array_equal(jpeft.apply(model, params, adapter, x), model.apply(params, x)))
     True
     """
+    if _nnx.is_nnx(model):
+        graphdef, state = _nnx.split(model, params)
+        return _nnx.apply_with(graphdef, state, adapter or {}, *args, rngs=rngs, **kwargs)
     variables = params if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping) else {"params": params}
     if rngs is not None:
         kwargs["rngs"] = rngs
@@ -69,6 +86,9 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
 
 
 def _fold(params, adapter, how: str):
+    if isinstance(params, _nnx.nnx.Module):  # an NNX model in, a new NNX model out
+        graphdef, state = _nnx.split(params, None)
+        return _nnx.nnx.merge(graphdef, _fold(state, adapter, how))
     inner, wrapped = unwrap_params(params)
     new = inner
     for path, node in adapter.items():
@@ -118,7 +138,7 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
     >>> s = jpeft.summary(params, jpeft.init(FullFinetuneConfig(), params, jax.random.key(1)))
     trainable params: 16 || all params: 16 || trainable%: 100.0000 (base 16; 1 adapted sites)
     """
-    inner, _ = unwrap_params(params)
+    inner, _ = unwrap_params(_nnx.split(params, None)[1] if isinstance(params, _nnx.nnx.Module) else params)
     base = count(inner)
     train, froz = split_frozen(adapter) if adapter else ({}, {})
     trainable = count(train)

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 import re2
+from flax import nnx
 
 from jpeft.errors import ConfigError, TargetNotFoundError
 
@@ -42,18 +43,51 @@ _NOT_INDEXED = frozenset({"ln_1", "ln_2"})
 
 
 def unwrap_params(variables: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
-    """Returns ``(params_collection, was_wrapped)`` for either ``{'params': ...}`` or bare params."""
+    """Returns ``(params_collection, was_wrapped)`` for either ``{'params': ...}`` or bare params.
+    An ``nnx.State`` (from ``nnx.split``) gives its :func:`nnx_params` dict."""
+    if isinstance(variables, nnx.State):
+        return nnx_params(variables), True
     if isinstance(variables, Mapping) and "params" in variables and isinstance(variables["params"], Mapping):
         return variables["params"], True
     return variables, False
 
 
 def rewrap_params(variables: Mapping[str, Any], new_params: Mapping[str, Any], was_wrapped: bool):
+    if isinstance(variables, nnx.State):
+        return nnx_with_params(variables, new_params)
     if not was_wrapped:
         return new_params
     out = dict(variables)
     out["params"] = new_params
     return type(variables)(out) if not isinstance(variables, dict) else out
+
+
+def nnx_params(state: nnx.State) -> dict:
+    """The ``nnx.Param`` values of an NNX state as the nested dict jpeft uses for linen params:
+    keys are the attribute names and list indices (as strings), so module paths read
+    ``"layers/0/attn/query"``. Other variables (batch statistics, RNG counters) are left out."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        if isinstance(var, nnx.Param):
+            node = out
+            for comp in path[:-1]:
+                node = node.setdefault(str(comp), {})
+            node[str(path[-1])] = var.get_value()
+    return out
+
+
+def nnx_with_params(state: nnx.State, params: Mapping[str, Any]) -> nnx.State:
+    """A copy of ``state`` whose ``nnx.Param`` values are taken from ``params`` (a
+    :func:`nnx_params`-shaped dict); every other variable is kept as it is."""
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if isinstance(var, nnx.Param):
+            node = params
+            for comp in path:
+                node = node[str(comp)]
+            var = var.replace(node)
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
 
 
 def hf_name(path: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
-NOTEBOOKS = ["quickstart.ipynb", "hf_finetune_export.ipynb", "forgetting.ipynb", "bank_routing.ipynb"]
+NOTEBOOKS = ["quickstart.ipynb", "hf_finetune_export.ipynb", "forgetting.ipynb", "bank_routing.ipynb", "nnx_lora.ipynb"]
 
 
 def _builder():
@@ -43,7 +43,7 @@ def test_committed_notebooks_match_the_builder():
 
     b = _builder()
     books = {"quickstart.ipynb": b.QUICKSTART, "hf_finetune_export.ipynb": b.HF,
-             "forgetting.ipynb": b.FORGETTING, "bank_routing.ipynb": b.BANK}
+             "forgetting.ipynb": b.FORGETTING, "bank_routing.ipynb": b.BANK, "nnx_lora.ipynb": b.NNX}
     assert sorted(books) == sorted(NOTEBOOKS)
     for name, cells in books.items():
         nb = nbformat.read(os.path.join(EXAMPLES, name), as_version=4)

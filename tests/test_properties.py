@@ -4,6 +4,7 @@ save/load round trip, jit / grad / vmap, only adapter leaves trained, and a few 
 on a toy task reduce the loss. All on one tiny Llama (grouped-query attention, one layer)."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -11,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import jpeft
 import jpeft.models
+from jpeft.models import llama_nnx
 from jpeft.methods.bottleneck import BottleneckConfig
 from jpeft.methods.ia3 import IA3Config
 from jpeft.methods.loha import LoHaConfig
@@ -221,3 +224,27 @@ def test_prefix_mlp_folds_saves_and_trains(tmp_path):
     jpeft.save_adapter(tmp_path / "a", cfg, ad, params=PARAMS)
     _, loaded = jpeft.load_adapter(tmp_path / "a", PARAMS)
     chex.assert_trees_all_equal(loaded, ad)
+
+
+# -- the same table on the NNX Llama (#20): same weights, same module paths, same adapters --------
+# prefix and prompt tuning act at the model's root (the linen models' prefix_kv= / inputs_embeds=),
+# which NNX models refuse by name (tests/test_nnx.py); every other method runs here.
+NNX_GRAPH, NNX_STATE = llama_nnx.from_params(CFG, PARAMS)
+# op by op (no jit): the ops' compiles are shared by every case, a jit would compile each case's graph
+NNX_APPLY = functools.partial(jpeft.apply, NNX_GRAPH)
+NNX_BASE = jax.jit(lambda s, x: nnx.merge(NNX_GRAPH, s)(x))  # one structure for every case: one compile
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n not in ("prefix", "prompt")])
+def test_nnx_model_identity_same_outputs_and_merge(name):
+    c = CASES[name]
+    params, ad = make(name)
+    state = llama_nnx.from_params(CFG, params)[1]  # PiSSA/OLoRA's residual base, as NNX state
+    np.testing.assert_allclose(NNX_BASE(NNX_STATE, IDS), BASE, rtol=1e-5, atol=1e-5)
+    if c.identity:
+        np.testing.assert_allclose(NNX_APPLY(state, ad, IDS), BASE, rtol=1e-4, atol=1e-5)
+    ad = perturb(ad, jax.random.key(2))
+    y = NNX_APPLY(state, ad, IDS)
+    np.testing.assert_allclose(y, APPLY(params, ad, IDS), rtol=1e-5, atol=1e-5)
+    if c.mergeable:
+        np.testing.assert_allclose(NNX_BASE(jpeft.merge(state, ad), IDS), y, rtol=1e-4, atol=1e-4)

@@ -25,10 +25,11 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from jpeft import _hostmem
-from jpeft.errors import CheckpointError, JpeftError, LoadError, SaveError, UnsafeFileError, UnsupportedModelError, WeightShapeError
+from jpeft.errors import CheckpointError, ConfigError, JpeftError, LoadError, SaveError, UnsafeFileError, UnsupportedModelError, WeightShapeError
 from jpeft.io import open_regular, read_json, safetensors_index
 from jpeft.models.bert import BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from jpeft.models import llama_nnx
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
 from jpeft.parallel import _put_leaf, param_shardings
 from jpeft.scan import stack_params, unstack_params
@@ -330,7 +331,7 @@ def _set(tree: dict, keys: tuple, value):
 
 
 def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None, mesh=None, rules=None,
-                    **config_overrides):
+                    api: str = "linen", **config_overrides):
     """Loads a local Hugging Face checkpoint folder into a jpeft model.
 
     Args:
@@ -347,13 +348,17 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         devices hold, so no process ever holds the whole model (also for a layer-scanned
         model, whose stacked leaves are filled layer by layer, and for sharded folders).
       rules: ``[(regex, spec), ...]`` for :func:`jpeft.param_specs` (with ``mesh``).
+      api: ``"linen"`` (default) or ``"nnx"``: the Llama family as ``flax.nnx`` modules
+        (:mod:`jpeft.models.llama_nnx`; same weights, same module paths, so the same adapters).
       **config_overrides: fields of the jpeft config to change (``remat=True``,
         ``scan_layers=True`` for a layer-scanned Llama whose weights are stacked per layer, ...).
 
     Returns:
       ``(model, params)`` with ``params = {"params": ...}``: ``model.apply(params, input_ids,
       attention_mask=None)`` gives the logits and ``jpeft.apply(model, params, adapter,
-      input_ids)`` the adapted ones.
+      input_ids)`` the adapted ones. With ``api="nnx"``: ``(graphdef, state)`` (``nnx.split``
+      of the NNX model): ``nnx.merge(graphdef, state)(input_ids)`` gives the logits and
+      ``jpeft.apply(graphdef, state, adapter, input_ids)`` the adapted ones.
 
     Raises:
       LoadError: no folder, no config.json or no weights (``UnsafeFileError`` for pickle-only).
@@ -361,6 +366,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
       WeightShapeError: a weight's shape disagrees with the config.
       CheckpointError: a truncated/corrupted file, missing or unexpected weights.
     """
+    if api not in ("linen", "nnx"):
+        raise ConfigError(f"from_pretrained: api must be 'linen' or 'nnx', found {api!r}.")
     d = read_config(path)
     try:
         cfg = config_from_hf(d, dtype, param_dtype)
@@ -370,6 +377,13 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         raise LoadError(f"{path!r}: config.json holds an invalid value ({type(e).__name__}: {e}); re-save the checkpoint.") from None
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
+    if api == "nnx" and not isinstance(cfg, LlamaConfig):
+        raise UnsupportedModelError(
+            f"{path!r} is a {cfg.model_type} model; jpeft's NNX models are the Llama family (llama, mistral, qwen2). "
+            "Load it with api='linen'."
+        )
+    if api == "nnx":
+        llama_nnx.check_config(cfg)
     fam = _family_of(cfg)
     model = model_from_config(cfg)
     scanned = bool(getattr(cfg, "scan_layers", False))
@@ -415,6 +429,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         params = placer.finish(params)
     elif scanned:
         params = stack_params(params, consume=True)
+    if api == "nnx":
+        return llama_nnx.from_params(cfg, params)
     return model, {"params": params}
 
 

@@ -1,0 +1,311 @@
+"""The one place that knows how to put adapter nodes into ``flax.nnx`` models.
+
+NNX has no ``intercept_methods``. The adapted forward pass is therefore a pure function of
+``(graphdef, state, adapter, inputs)`` that builds a *fresh* module with ``nnx.merge`` and,
+in that throw-away copy only, puts a small proxy (:class:`_SiteProxy`) in place of each targeted
+submodule; the user's module is never touched. The proxy hands the call to the node through
+the same :class:`~jpeft.methods.base.Call` the linen interceptor builds, so every method's
+math (LoRA, DoRA, IA3, ...) is the one written for linen: the call's ``module`` is the
+module's *linen twin* (``nnx.Linear`` -> ``nn.Dense``, ``nnx.LinearGeneral`` ->
+``nn.DenseGeneral``, ``nnx.Einsum`` -> ``nn.Einsum``, ``nnx.Conv`` -> ``nn.Conv``,
+``nnx.Embed`` -> ``nn.Embed``, the norms for LN tuning) bound to the NNX module's own
+parameters, and its ``next_fun`` is the NNX module's own method, so the base output is
+exactly what the NNX model computes. ``tests/test_nnx.py`` checks each twin against its
+NNX module.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+from flax import nnx
+from flax.nnx.nn import dtypes as _dtypes
+
+from jpeft import _inject
+from jpeft.errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
+from jpeft.methods.base import Call, ModuleInfo
+
+_CONTAINERS = (nnx.List, nnx.Dict)
+
+
+def is_nnx(model) -> bool:
+    """Whether ``model`` is an NNX module or the graph definition of one."""
+    return isinstance(model, (nnx.Module, nnx.GraphDef))
+
+
+def split(model, state):
+    """``(graphdef, state)`` from an ``nnx.Module`` (split here unless ``state`` is given) or a
+    ``GraphDef`` and its state."""
+    if isinstance(model, nnx.Module):
+        graphdef, own = nnx.split(model)
+        return graphdef, own if state is None else state
+    if state is None:
+        raise ConfigError(
+            "jpeft got an nnx.GraphDef without its state; pass both: graphdef, state = nnx.split(model), then "
+            "jpeft.apply(graphdef, state, adapter, x)."
+        )
+    return model, state
+
+
+# -- linen twins ------------------------------------------------------------------------------
+
+def _same_promote(m) -> bool:
+    return getattr(m, "promote_dtype", _dtypes.promote_dtype) is _dtypes.promote_dtype \
+        and getattr(m, "preferred_element_type", None) is None
+
+
+def _dot_general(m):
+    fn = getattr(m, "dot_general", None)
+    return None if fn is jax.lax.dot_general else fn
+
+
+def twin(module, path: str) -> Optional[nn.Module]:
+    """The linen module that computes what the NNX ``module`` computes from the same
+    parameters, or ``None`` when jpeft has none for its class. A module of one's own can
+    name its twin with a ``linen_twin()`` method (jpeft's NNX Llama's ``RMSNorm`` does)."""
+    if callable(getattr(type(module), "linen_twin", None)):
+        return module.linen_twin()
+    if not isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed, nnx.LayerNorm,
+                               nnx.RMSNorm)):
+        return None
+    if not _same_promote(module):
+        raise UnsupportedModuleError(
+            f"module {path!r}: an {type(module).__name__} with a custom promote_dtype or preferred_element_type is "
+            "not supported by jpeft's adapters (their math assumes flax's default dtype promotion); remove it from "
+            "target_modules."
+        )
+    m = module
+    if isinstance(m, nnx.Linear):
+        return nn.Dense(m.out_features, use_bias=m.use_bias, dtype=m.dtype, param_dtype=m.param_dtype,
+                        precision=m.precision, dot_general=_dot_general(m), parent=None)
+    if isinstance(m, nnx.LinearGeneral):
+        if m.batch_axis:
+            raise UnsupportedModuleError(
+                f"module {path!r}: nnx.LinearGeneral with batch_axis={dict(m.batch_axis)!r} is not supported by "
+                "jpeft's linear adapters; target the projections without batch axes."
+            )
+        return nn.DenseGeneral(m.out_features, axis=m.axis, use_bias=m.use_bias, dtype=m.dtype,
+                               param_dtype=m.param_dtype, precision=m.precision, dot_general=_dot_general(m),
+                               parent=None)
+    if isinstance(m, nnx.Einsum):
+        return nn.Einsum(m.kernel_shape, m.einsum_str, use_bias=m.bias_shape is not None, dtype=m.dtype,
+                         param_dtype=m.param_dtype, precision=m.precision, parent=None)
+    if isinstance(m, nnx.Conv):
+        if m.conv_general_dilated is not jax.lax.conv_general_dilated:
+            raise UnsupportedModuleError(
+                f"module {path!r}: nnx.Conv with a custom conv_general_dilated is not supported; remove it from "
+                "target_modules."
+            )
+        return nn.Conv(m.out_features, m.kernel_size, strides=m.strides, padding=m.padding,
+                       input_dilation=m.input_dilation, kernel_dilation=m.kernel_dilation,
+                       feature_group_count=m.feature_group_count, use_bias=m.use_bias, mask=m.mask, dtype=m.dtype,
+                       param_dtype=m.param_dtype, precision=m.precision, parent=None)
+    if isinstance(m, nnx.Embed):
+        return nn.Embed(m.num_embeddings, m.features, dtype=m.dtype, param_dtype=m.param_dtype, parent=None)
+    if isinstance(m, nnx.LayerNorm):
+        return nn.LayerNorm(epsilon=m.epsilon, dtype=m.dtype, param_dtype=m.param_dtype, use_bias=m.use_bias,
+                            use_scale=m.use_scale, reduction_axes=m.reduction_axes, feature_axes=m.feature_axes,
+                            use_fast_variance=m.use_fast_variance, parent=None)
+    return nn.RMSNorm(epsilon=m.epsilon, dtype=m.dtype, param_dtype=m.param_dtype, use_scale=m.use_scale,
+                      reduction_axes=m.reduction_axes, feature_axes=m.feature_axes,
+                      use_fast_variance=m.use_fast_variance, parent=None)
+
+
+class _NoTwin:
+    """Stands in for the linen module at a site whose NNX module has no linen twin: enough for
+    nodes that only look at the params and the output (bottleneck adapters); anything else
+    raises a named error instead of computing something else."""
+
+    def __init__(self, module, path: str, own):
+        self._cls = type(module).__name__
+        self._path = path
+        self.variables = {"params": own}
+
+    def has_rng(self, name) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        raise UnsupportedModuleError(
+            f"module {self._path!r} is an {self._cls}; the adapter at this site needs the module itself (its "
+            f"{name!r}), which jpeft provides for nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed, "
+            "nnx.LayerNorm and nnx.RMSNorm (and nnx.MultiHeadAttention's projections). Target one of those, or use a "
+            "method acting on outputs (bottleneck adapters)."
+        )
+
+
+def _own_params(module) -> dict:
+    own = {}
+    for name, value in vars(module).items():
+        if isinstance(value, nnx.Param):
+            own[name] = value.get_value()
+    return own
+
+
+def _bound(module, path: str, own, rngs):
+    tw = twin(module, path)
+    if tw is None:
+        return _NoTwin(module, path, own)
+    return tw.bind({"params": own}, rngs=rngs)
+
+
+# -- the proxies --------------------------------------------------------------------------------
+
+class _SiteProxy:
+    """In the throw-away copy, the stand-in for one targeted module: calls its node."""
+
+    def __init__(self, module, path: str, node, ctx: "_Context"):
+        self._module, self._path, self._node, self._ctx = module, path, node, ctx
+
+    def __call__(self, *args, **kwargs):
+        return self._run("__call__", args, kwargs)
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if inspect.ismethod(attr) and not name.startswith("_") and self._node.handles(name):
+            return lambda *a, **k: self._run(name, a, k)
+        return attr
+
+    def _run(self, name: str, args, kwargs):
+        fn = getattr(self._module, name)
+        if not self._node.handles(name):
+            return fn(*args, **kwargs)
+        kwargs = dict(kwargs)
+        sharding = kwargs.pop("out_sharding", None)
+
+        def next_fun(*a, **k):
+            return fn(*a, **k) if sharding is None else fn(*a, out_sharding=sharding, **k)
+
+        bound = _bound(self._module, self._path, _own_params(self._module), self._ctx.rngs_for())
+        if self._path not in self._ctx.checked:
+            self._ctx.checked.add(self._path)
+            self._node.check(self._path, bound)
+        return self._node.intercept(Call(bound, name, next_fun, tuple(args), kwargs, self._path))
+
+
+class _Recorder:
+    """In the traced copy, the stand-in for every module: records what ``init`` needs."""
+
+    def __init__(self, module, path: str, record: dict, other: dict):
+        self._module, self._path, self._record, self._other = module, path, record, other
+
+    def __call__(self, *args, **kwargs):
+        out = self._module(*args, **kwargs)
+        if self._path not in self._record:
+            self._record[self._path] = _info(self._module, self._path, args, kwargs, out)
+        return out
+
+    def __getattr__(self, name):
+        attr = getattr(self._module, name)
+        if inspect.ismethod(attr) and not name.startswith("_"):
+            def method(*a, **k):
+                self._other.setdefault(self._path, set()).add(name)
+                return attr(*a, **k)
+            return method
+        return attr
+
+
+def _shape(x):
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype) if hasattr(v, "shape") else v, x)
+
+
+def _info(module, path: str, args, kwargs, out) -> ModuleInfo:
+    own = _own_params(module)
+    layout = None
+    pname = "embedding" if isinstance(module, nnx.Embed) else "kernel"
+    if pname in own:
+        tw = twin(module, path)
+        layout = None if tw is None else _inject.layout_of(tw, tuple(own[pname].shape), args, kwargs, path)
+    return ModuleInfo(type(module).__name__, layout, _shape(out), _shape(args[0]) if args else None)
+
+
+def _modules(root):
+    """``{path: module}`` for every module in the graph (first path of a shared one)."""
+    return {"/".join(str(c) for c in p): m for p, m in nnx.iter_graph(root) if isinstance(m, nnx.Module)}
+
+
+def _replace(root, wrap: Mapping[int, Any]) -> None:
+    """Points every reference to a module in ``wrap`` (by id) at its proxy, in the fresh copy only."""
+    for _, parent in list(nnx.iter_graph(root)):
+        if not isinstance(parent, nnx.Pytree):
+            continue
+        for name, value in list(vars(parent).items()):
+            if id(value) in wrap:
+                object.__setattr__(parent, name, wrap[id(value)])
+            elif isinstance(value, (list, tuple)) and any(id(v) in wrap for v in value):
+                object.__setattr__(parent, name, type(value)(wrap.get(id(v), v) for v in value))
+            elif isinstance(value, dict) and any(id(v) in wrap for v in value.values()):
+                object.__setattr__(parent, name, {k: wrap.get(id(v), v) for k, v in value.items()})
+
+
+class _Context:
+    def __init__(self, rngs):
+        self.checked: set = set()
+        self._key = None if rngs is None else (rngs.get("dropout") if isinstance(rngs, Mapping) else rngs)
+        self._count = 0
+
+    def rngs_for(self):
+        if self._key is None:
+            return None
+        self._count += 1
+        return {"dropout": jax.random.fold_in(self._key, self._count)}
+
+
+def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, method: str = "__call__", **kwargs):
+    """The NNX model ``nnx.merge(graphdef, state)`` called on ``args`` with every adapter
+    node at its site. Variables the call mutates (batch statistics, RNG counters) belong to
+    the throw-away copy and are dropped: the result is the output only."""
+    model = nnx.merge(graphdef, state)
+    modules = _modules(model)
+    ctx = _Context(rngs)
+    missing = [p for p in adapter if p not in modules]
+    if missing:
+        raise TargetNotFoundError(
+            f"the adapter has sites {missing[:3]} that the NNX model does not have (its modules are e.g. "
+            f"{sorted(modules)[:5]}). Was the adapter made for another model?"
+        )
+    for path, node in adapter.items():
+        if getattr(node, "at_site", None) is not None:
+            raise UnsupportedModuleError(
+                f"the adapter's site {path!r} is a layer-stacked site (jpeft.scan.Stacked) made for a layer-scanned "
+                "linen model; NNX models are adapted layer by layer. Convert it with jpeft.scan.unstack_adapter."
+            )
+    if "" in adapter:
+        raise UnsupportedModuleError(
+            f"the adapter has a site at the model's root path '' (a {type(adapter['']).__name__}: "
+            "full fine-tuning, prefix or prompt tuning), which acts on the whole linen model (its params, or the "
+            "prefix_kv= / inputs_embeds= keywords of jpeft's models); an NNX model has no such hook. Use a method "
+            "with sites at submodules (LoRA, DoRA, IA3, ...), or fine-tune the NNX model's state directly."
+        )
+    proxies = {path: _SiteProxy(modules[path], path, node, ctx) for path, node in adapter.items()}
+    _replace(model, {id(modules[p]): proxy for p, proxy in proxies.items()})
+    fn = model if method == "__call__" else getattr(model, method)
+    out = fn(*args, **kwargs)
+    if adapter and not ctx.checked:
+        raise TargetNotFoundError(
+            f"none of the adapter's {len(adapter)} sites (e.g. {sorted(adapter)[:3]}) was called by the NNX model, so "
+            "the output would be the bare base's. Was the adapter made for another model, or for a method the model "
+            "does not call?"
+        )
+    return out
+
+
+def trace(graphdef, state, *args, **kwargs) -> dict[str, ModuleInfo]:
+    """Runs the NNX model abstractly (``jax.eval_shape``, nothing computed) and records, for
+    every module called, its class, kernel layout and output shape (as ``_inject.trace`` does
+    for linen)."""
+    record: dict[str, ModuleInfo] = {}
+    other: dict[str, set] = {}
+
+    def run(s):
+        model = nnx.merge(graphdef, s)
+        modules = {p: m for p, m in _modules(model).items() if not isinstance(m, _CONTAINERS)}
+        recs = {p: _Recorder(m, p, record, other) for p, m in modules.items()}
+        root = recs.pop("", None)
+        _replace(model, {id(modules[p]): r for p, r in recs.items()})
+        return (root if root is not None else model)(*args, **kwargs)
+
+    jax.eval_shape(run, state)
+    return {p: info._replace(methods=frozenset(other.get(p, ()))) for p, info in record.items()}

@@ -1,0 +1,375 @@
+"""Flax NNX models (#20): the same two-tree PEFT on ``nnx.Module``.
+
+Three NNX models written here (an MLP, a transformer block with ``nnx.MultiHeadAttention``,
+a conv net with an embedding), each with its linen equivalent (same submodule names, same
+params): the same targets give the same sites, and the same adapter (every tensor random)
+gives the same outputs on both; identity at init, merge equals apply, unmerge restores the
+base, jit/grad/vmap, training with ``jpeft.fit`` with the base state bit-identical, adapter
+files and the PEFT format, and named errors where a method does not apply.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jpeft
+from jpeft import _nnx, hf  # noqa: F401  (jpeft.hf)
+from jpeft.errors import UnsupportedModuleError
+from jpeft.tree import nnx_params, nnx_with_params
+
+D = 16
+
+
+# -- the models, NNX and linen -------------------------------------------------------------------
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(8, D, rngs=rngs)
+        self.fc2 = nnx.Linear(D, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+class LinenMLP(nn.Module):
+    def setup(self):
+        self.fc1 = nn.Dense(D)
+        self.fc2 = nn.Dense(4)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.relu(self.fc1(x)))
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.ln = nnx.LayerNorm(D, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=D, qkv_features=D, decode=False, rngs=rngs)
+        self.up = nnx.LinearGeneral(D, (2, 8), rngs=rngs)
+        self.down = nnx.Einsum("bthk,hkd->btd", (2, 8, D), (D,), rngs=rngs)
+
+    def __call__(self, x):
+        h = x + self.attn(self.ln(x))
+        return h + self.down(jax.nn.gelu(self.up(h)))
+
+
+class LinenBlock(nn.Module):
+    def setup(self):
+        self.ln = nn.LayerNorm()
+        self.attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=D, out_features=D)
+        self.up = nn.DenseGeneral((2, 8))
+        self.down = nn.Einsum((2, 8, D), "bthk,hkd->btd")
+
+    def __call__(self, x):
+        h = x + self.attn(self.ln(x))
+        return h + self.down(jax.nn.gelu(self.up(h)))
+
+
+class ConvNet(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(10, 8, rngs=rngs)
+        self.conv = nnx.Conv(8, 8, (3, 3), padding="SAME", rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, ids):
+        h = jax.nn.relu(self.conv(self.embed(ids)))
+        return self.head(h.mean(axis=(1, 2)))
+
+
+class LinenConvNet(nn.Module):
+    def setup(self):
+        self.embed = nn.Embed(10, 8)
+        self.conv = nn.Conv(8, (3, 3), padding="SAME")
+        self.head = nn.Dense(3)
+
+    def __call__(self, ids):
+        h = jax.nn.relu(self.conv(self.embed(ids)))
+        return self.head(h.mean(axis=(1, 2)))
+
+
+def _build(make, seed=0):
+    """``make()``'s module with random NumPy weights: built abstractly (``nnx.eval_shape``), so
+    no initializer is compiled per parameter shape."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda t: jnp.asarray(0.3 * rng.standard_normal(t.shape), t.dtype), nnx_params(abstract))
+    return nnx.merge(graphdef, nnx_with_params(abstract, params))
+
+
+def _x(name):
+    if name == "conv":
+        return jax.random.randint(jax.random.key(7), (2, 4, 4), 0, 10)
+    shape = {"mlp": (3, 8), "block": (2, 5, D)}[name]
+    return jax.random.normal(jax.random.key(7), shape)
+
+
+_MODELS = {"mlp": (MLP, LinenMLP), "block": (Block, LinenBlock), "conv": (ConvNet, LinenConvNet)}
+# per model: (LoRA / DoRA targets, IA3 config)
+_TARGETS = {
+    "mlp": (["fc1", "fc2"], dict(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"])),
+    "block": (".*(query|key|value|out|up|down)", dict(target_modules=["query", "value", "out", "down"],
+                                                      feedforward_modules=["out", "down"])),
+    "conv": (["embed", "conv", "head"], dict(target_modules=["conv", "head"], feedforward_modules=["head"])),
+}
+
+
+def _configs(name):
+    lora_t, ia3 = _TARGETS[name]
+    cfgs = {"lora": jpeft.LoraConfig(r=2, alpha=4, target_modules=lora_t), "ia3": jpeft.IA3Config(**ia3)}
+    if name != "conv":  # PEFT's DoRA has no embedding layers; jpeft follows it
+        cfgs["dora"] = jpeft.LoraConfig(r=2, alpha=4, use_dora=True, target_modules=lora_t)
+    return cfgs
+
+
+@pytest.fixture(scope="module", params=sorted(_MODELS))
+def case(request):
+    name = request.param
+    nnx_cls, linen_cls = _MODELS[name]
+    model = _build(lambda: nnx_cls(nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    x = _x(name)
+    linen_model = linen_cls()
+    linen_params = {"params": nnx_params(state)}  # the same weights, under the same names
+    return name, model, graphdef, state, x, linen_model, linen_params
+
+
+def _randomize(adapter, seed=3):
+    """Every adapter tensor random (far from its identity init)."""
+    rng = np.random.default_rng(seed)  # NumPy: no XLA compile per shape
+    return jax.tree.map(lambda t: jnp.asarray(0.3 * rng.standard_normal(t.shape), t.dtype), adapter)
+
+
+# -- tests ------------------------------------------------------------------------------------------
+
+def test_linen_twins_compute_what_the_nnx_modules_compute():
+    """The sites' math runs on each NNX module's linen twin: it must be the same function."""
+    x3 = jax.random.normal(jax.random.key(0), (2, 3, 6))
+    mods = [
+        (lambda: nnx.Linear(6, 5, rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.LinearGeneral(6, (2, 3), rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.LinearGeneral((3, 6), 4, axis=(-2, -1), rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.Einsum("btd,dhk->bthk", (6, 2, 3), (2, 3), rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.Conv(6, 4, (2,), strides=2, padding="VALID", rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.Embed(7, 6, rngs=nnx.Rngs(1)), jnp.array([[0, 3, 6]])),
+        (lambda: nnx.LayerNorm(6, rngs=nnx.Rngs(1)), x3),
+        (lambda: nnx.RMSNorm(6, rngs=nnx.Rngs(1)), x3),
+    ]
+    for make, x in mods:
+        mod = _build(make, seed=5)
+        own = nnx_params(nnx.state(mod))
+        tw = _nnx.twin(mod, "m")
+        np.testing.assert_allclose(tw.apply({"params": own}, x), mod(x), rtol=1e-6, atol=1e-6,
+                                   err_msg=type(mod).__name__)
+
+
+def test_same_targets_give_the_same_sites_and_outputs_as_linen(case):
+    name, model, graphdef, state, x, linen_model, linen_params = case
+    np.testing.assert_allclose(linen_model.apply(linen_params, x), model(x), rtol=1e-5, atol=1e-5)
+    for method, cfg in _configs(name).items():
+        a_nnx = jpeft.init(cfg, state, jax.random.key(1), graphdef, x)
+        a_linen = jpeft.init(cfg, linen_params, jax.random.key(1), linen_model, x)
+        assert sorted(a_nnx) == sorted(a_linen), method
+        assert {p: n.layout for p, n in a_nnx.items()} == {p: n.layout for p, n in a_linen.items()}, method
+        assert jax.tree.structure(a_nnx) == jax.tree.structure(a_linen), method
+        adapter = _randomize(a_linen)
+        y_linen = jpeft.apply(linen_model, linen_params, adapter, x)
+        y_nnx = jpeft.apply(graphdef, state, adapter, x)
+        assert float(jnp.abs(y_nnx - model(x)).max()) > 1e-2, method  # the adapter does act
+        np.testing.assert_allclose(y_nnx, y_linen, rtol=1e-5, atol=1e-5, err_msg=method)
+
+
+def test_identity_merge_unmerge(case):
+    name, model, graphdef, state, x, _, _ = case
+    y0 = model(x)
+    for method, cfg in _configs(name).items():
+        adapter = jpeft.init(cfg, model, jax.random.key(1), model, x)  # an nnx.Module in place of (graphdef, state)
+        np.testing.assert_allclose(jpeft.apply(model, None, adapter, x), y0, rtol=1e-5, atol=1e-6, err_msg=method)
+        adapter = _randomize(adapter)
+        y = jpeft.apply(graphdef, state, adapter, x)
+        merged = jpeft.merge(state, adapter)
+        assert isinstance(merged, nnx.State)
+        np.testing.assert_allclose(nnx.merge(graphdef, merged)(x), y, rtol=1e-4, atol=1e-5, err_msg=method)
+        np.testing.assert_allclose(jpeft.merge(model, adapter)(x), y, rtol=1e-4, atol=1e-5, err_msg=method)
+        if method == "dora":  # m * V / ||V|| forgets ||V||: refused by name, as for linen
+            with pytest.raises(jpeft.errors.NotInvertibleError):
+                jpeft.unmerge(merged, adapter)
+        else:
+            restored = jpeft.unmerge(merged, adapter)
+            for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=method)
+        s = jpeft.summary(state, adapter, print_fn=None)
+        assert s["trainable"] == sum(v.size for v in jax.tree.leaves(adapter))
+        assert s["base"] == sum(v.size for v in jax.tree.leaves(nnx_params(state)))
+
+
+def test_jit_grad_vmap():
+    """The proxies live in a copy built inside the traced function, so every transform sees a pure
+    function (the MLP keeps it quick; the other models run under jit in the property suite)."""
+    model = _build(lambda: MLP(nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    x = _x("mlp")
+    adapter = _randomize(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1", "fc2"]), state,
+                                    jax.random.key(1), graphdef, x))
+    f = jax.jit(jpeft.apply, static_argnums=0)
+    y = jpeft.apply(graphdef, state, adapter, x)
+    np.testing.assert_allclose(f(graphdef, state, adapter, x), y, rtol=1e-5, atol=1e-5)
+    yv = jax.vmap(lambda xi: jpeft.apply(graphdef, state, adapter, xi[None])[0])(x)
+    np.testing.assert_allclose(yv, y, rtol=1e-5, atol=1e-5)
+
+    @jax.jit
+    def loss(a):
+        return jnp.mean(jpeft.apply(graphdef, state, a, x) ** 2)
+
+    # LoRA dropout draws from rngs={"dropout": key}, as for linen: same key, same output
+    drop = {p: dataclasses.replace(n, dropout=0.5) if p == "fc1" else n for p, n in adapter.items()}
+    y1 = jpeft.apply(graphdef, state, drop, x, rngs={"dropout": jax.random.key(5)})
+    assert not np.allclose(y1, y)
+    np.testing.assert_array_equal(y1, jpeft.apply(graphdef, state, drop, x, rngs={"dropout": jax.random.key(5)}))
+    np.testing.assert_array_equal(jpeft.apply(graphdef, state, drop, x), y)  # no key: no dropout
+
+    g = jax.jit(jax.grad(loss))(adapter)
+    assert jax.tree.structure(g) == jax.tree.structure(adapter)
+    # a central difference along the (unit) gradient direction equals the gradient's norm
+    norm = float(optax.global_norm(g))
+    eps = 1e-2
+    step = jax.tree.map(lambda t: eps * t / norm, g)
+    d = (loss(jax.tree.map(jnp.add, adapter, step)) - loss(jax.tree.map(jnp.subtract, adapter, step))) / (2 * eps)
+    np.testing.assert_allclose(float(d), norm, rtol=2e-2)
+
+
+def test_fit_trains_the_adapter_with_the_base_state_bit_identical(tmp_path):
+    model = _build(lambda: MLP(nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    before = jax.tree.map(np.array, state)
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"])
+    adapter = jpeft.init(cfg, state, jax.random.key(1), graphdef, _x("mlp"))
+    xs = jax.random.normal(jax.random.key(2), (64, 8))
+    ys = jnp.sin(xs[:, :4] * 2.0)
+
+    def loss_fn(params, adapter, batch, key):
+        return jnp.mean((jpeft.apply(graphdef, params, adapter, batch["x"]) - batch["y"]) ** 2)
+
+    opt = optax.adam(1e-2)
+    step = jpeft.make_train_step(loss_fn, opt)
+    batches = [{"x": xs, "y": ys}] * 60
+    loss0 = float(loss_fn(state, adapter, batches[0], None))
+    ckpt = jpeft.checkpoint.CheckpointManager(tmp_path / "ckpt", cfg, state, optimizer=opt, model=graphdef,
+                                              example_args=(_x("mlp"),), save_every=30, async_save=False)
+    res = jpeft.fit(step, state, adapter, opt.init(adapter), batches, key=jax.random.key(3), checkpoint=ckpt)
+    loss1 = float(loss_fn(state, res.adapter, batches[0], None))
+    assert loss1 < 0.5 * loss0, (loss0, loss1)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, state), before)
+    # the checkpoint holds the adapter only, and restores onto the same base
+    restored = jpeft.checkpoint.CheckpointManager(tmp_path / "ckpt", cfg, state, optimizer=opt, model=graphdef,
+                                                  example_args=(_x("mlp"),)).restore()
+    assert restored.step == 60
+    jax.tree.map(np.testing.assert_array_equal, restored.adapter, res.adapter)
+    # adapter files and the Hugging Face PEFT format, as for linen
+    d = jpeft.save_adapter(str(tmp_path / "adapter"), cfg, res.adapter, params=state)
+    cfg2, a2 = jpeft.load_adapter(d, state, graphdef, _x("mlp"))
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, a2, res.adapter)
+    # the mesh-sharded step takes the NNX state as it takes linen params (one device here; the
+    # placement rules are the ones tests/test_parallel.py runs on several)
+    mesh = jpeft.make_mesh(data=1, fsdp=1)
+    sharded = jpeft.make_sharded_train_step(loss_fn, opt, mesh)
+    placed = jpeft.shard_params(state, mesh)
+    assert isinstance(placed, nnx.State)
+    ad_s = jpeft.shard_adapter(res.adapter, mesh, placed)
+    _, _, m = sharded(placed, ad_s, jpeft.init_opt_state(opt, ad_s), batches[0], jax.random.key(4))
+    np.testing.assert_allclose(float(m["loss"]), loss1, rtol=1e-5)
+    jpeft.hf.save_peft(str(tmp_path / "peft"), cfg, res.adapter)
+    cfg3, a3 = jpeft.hf.load_peft(str(tmp_path / "peft"), state)
+    np.testing.assert_allclose(jpeft.apply(graphdef, state, a3, xs), jpeft.apply(graphdef, state, res.adapter, xs),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_more_methods_on_nnx_sites():
+    """Methods whose sites exist on NNX models beyond LoRA, DoRA, IA3 (the rest of the table runs on the
+    NNX Llama in tests/test_properties.py): merge equals apply, or the output changes (bottleneck)."""
+    model = _build(lambda: Block(nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    x = _x("block")
+    cfgs = [jpeft.LoHaConfig(r=2, target_modules=["query"]),  # a LinearGeneral with two output axes
+            jpeft.LNTuningConfig(target_modules=["ln"]),  # nnx.LayerNorm's twin
+            jpeft.LoraConfig(r=2, target_modules=["up"], modules_to_save=["down"])]  # reruns the Einsum's twin
+    for cfg in cfgs:
+        adapter = _randomize(jpeft.init(cfg, state, jax.random.key(1), graphdef, x))
+        y = jpeft.apply(graphdef, state, adapter, x)
+        assert float(jnp.abs(y - model(x)).max()) > 1e-3, type(cfg).__name__
+        np.testing.assert_allclose(nnx.merge(graphdef, jpeft.merge(state, adapter))(x), y, rtol=1e-4, atol=1e-5,
+                                   err_msg=type(cfg).__name__)
+    adapter = _randomize(jpeft.init(jpeft.BottleneckConfig(target_modules=["attn"]), state, jax.random.key(1),
+                                    graphdef, x))
+    assert float(jnp.abs(jpeft.apply(graphdef, state, adapter, x) - model(x)).max()) > 1e-3
+    mlp = _build(lambda: MLP(nnx.Rngs(0)))
+    adapter = _randomize(jpeft.init(jpeft.OFTConfig(oft_block_size=8, target_modules=["fc1"]), mlp,
+                                    jax.random.key(1), mlp, _x("mlp")))
+    np.testing.assert_allclose(jpeft.merge(mlp, adapter)(_x("mlp")), jpeft.apply(mlp, None, adapter, _x("mlp")),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_named_errors_where_a_method_does_not_apply():
+    model = _build(lambda: Block(nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    x = _x("block")
+    # a site at the model's root (full fine-tuning) needs the linen model itself
+    full = jpeft.init(jpeft.FullFinetuneConfig(), state, jax.random.key(1))
+    with pytest.raises(UnsupportedModuleError, match="root"):
+        jpeft.apply(graphdef, state, full, x)
+    # modules_to_save on a module of the user's own, which has no linen twin to rerun
+    class Gain(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.full((4,), 2.0))
+
+        def __call__(self, x):
+            return x * self.w[...][None]
+
+    class Scaled(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(8, 4, rngs=rngs)
+            self.gain = Gain()
+
+        def __call__(self, x):
+            return self.gain(self.fc(x))
+
+    scaled = _build(lambda: Scaled(nnx.Rngs(0)))
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc"], modules_to_save=["gain"])
+    adapter = jpeft.init(cfg, scaled, jax.random.key(1), scaled, _x("mlp"))
+    with pytest.raises(UnsupportedModuleError, match="Gain"):
+        jpeft.apply(scaled, None, adapter, _x("mlp"))
+    # a transposed convolution is not a linear module LoRA adapts
+    deconv = _build(lambda: nnx.ConvTranspose(4, 4, (2,), rngs=nnx.Rngs(0)))
+    with pytest.raises(UnsupportedModuleError, match="ConvTranspose"):
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), deconv, jax.random.key(1), deconv, jnp.ones((1, 3, 4)))
+    # an adapter made for another model
+    other = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"]), _build(lambda: MLP(nnx.Rngs(0))), jax.random.key(1))
+    with pytest.raises(jpeft.TargetNotFoundError):
+        jpeft.apply(graphdef, state, other, x)
+
+
+def test_lists_and_sequential_name_paths_like_nnx_split():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.blocks = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(2)])
+            self.seq = nnx.Sequential(nnx.Linear(4, 4, rngs=rngs), nnx.Linear(4, 4, rngs=rngs))
+
+        def __call__(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return self.seq(x)
+
+    net = _build(lambda: Net(nnx.Rngs(0)))
+    x = jnp.ones((2, 4))
+    # a regex on the path or on its Hugging Face name ("blocks.1"), as for linen
+    cfg = jpeft.LoraConfig(r=2, target_modules=r"blocks\.1|seq/layers/0")
+    adapter = _randomize(jpeft.init(cfg, net, jax.random.key(1), net, x))
+    assert sorted(adapter) == ["blocks/1", "seq/layers/0"]
+    y = jpeft.apply(net, None, adapter, x)
+    assert float(jnp.abs(y - net(x)).max()) > 1e-2
+    np.testing.assert_allclose(jpeft.merge(net, adapter)(x), y, rtol=1e-5, atol=1e-5)
