@@ -32,7 +32,7 @@ from jpeft.methods.oft import OFTConfig
 from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.methods.vera import VeraConfig, VeraWeights
 from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights
-from jpeft.methods.pissa import init_olora, init_pissa
+from jpeft.methods.pissa import init_milora, init_olora, init_pissa
 from jpeft.methods.full import FullFinetuneConfig
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
@@ -80,6 +80,7 @@ __all__ = [
     "AdaLoraWeights",
     "init_pissa",
     "init_olora",
+    "init_milora",
     "init",
     "apply",
     "merge",

@@ -241,6 +241,13 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
             "Re-create it with niter=None (exact SVD, which PEFT reproduces), or merge it "
             "(jpeft.merge(residual_params, adapter)) and save full weights with jpeft.models.save_pretrained."
         )
+    if kind == "milora":
+        raise UnsupportedAdapterError(
+            "this adapter comes from jpeft.init_milora: its base is the principal part of each kernel, and Hugging "
+            "Face PEFT 0.21 has no MiLoRA init to rebuild that base on load (its 'mica' init is a different method). "
+            "Merge it (jpeft.merge(residual_params, adapter)) and save full weights with "
+            "jpeft.models.save_pretrained, or use PiSSA/OLoRA or plain LoRA for a PEFT adapter."
+        )
     embeds = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == Kind.EMBED]
     if embeds:
         raise UnsupportedAdapterError(
