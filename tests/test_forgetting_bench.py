@@ -47,7 +47,7 @@ def _check_artifacts(out, bench_name, method_names, seeds, T):
 def test_split_digits_task_incremental_miniature(tmp_path):
     bench = SplitDigits("task", steps_per_task=2, batch_size=8, hidden=(16,), num_tasks=3)
     by = {m.name: m for m in bench.default_methods()}
-    assert list(by) == ["naive", "EWC", "online EWC", "replay", "LwF", "LoRA per task"]
+    assert list(by) == ["naive", "EWC", "online EWC", "replay", "LwF", "O-LoRA", "LoRA per task"]
     # the countermeasures compose: one spec with EWC + replay + LwF exercises all three paths
     combo = dataclasses.replace(by["EWC"], name="EWC+replay+LwF", fisher_examples=8, replay=0.5, replay_capacity=16,
                                 distill=1.0)
@@ -115,9 +115,11 @@ def test_language_every_listed_method_builds(lang_cache):
     params = bench.base_params(0)
     x = bench.example_input()
     for m in bench.default_methods():
-        a = jpeft.init(m.config, params, jax.random.key(0), bench.model, *x)
-        out = jpeft.apply(bench.model, params, a, x[0])
+        p, a = experiment.init_adapter(bench, m.config, jax.random.key(0), params)
+        out = jpeft.apply(bench.model, p, a, x[0])
         assert out.shape == (1, 16, 256), m.name
+        if p is not params:  # a residual-base init (PiSSA, MiLoRA): the model is unchanged at the start
+            np.testing.assert_allclose(out, jpeft.apply(bench.model, params, None, x[0]), rtol=1e-4, atol=1e-4)
 
 
 def test_cli(tmp_path, capsys):

@@ -308,6 +308,11 @@ def language_methods() -> list:
     ]
     for r in (4, 16, 64):
         methods.append(MethodSpec(f"LoRA r={r}", jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=_ALL_LINEAR), lr=3e-3))
+    # residual-base inits at the LoRA rate (not tuned): PiSSA trains the principal singular
+    # directions of each kernel, MiLoRA the minor ones (jpeft.init_pissa / jpeft.init_milora)
+    for init, label in (("pissa", "PiSSA"), ("milora", "MiLoRA")):
+        methods.append(MethodSpec(f"{label} r=16", jpeft.LoraConfig(r=16, alpha=32, target_modules=_ALL_LINEAR, init=init),
+                                  lr=3e-3))
     methods += [
         MethodSpec("DoRA r=16", jpeft.LoraConfig(r=16, alpha=32, target_modules=_ALL_LINEAR, use_dora=True), lr=3e-3),
         MethodSpec("IA3", jpeft.IA3Config(), lr=1e-2),
