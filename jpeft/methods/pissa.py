@@ -83,7 +83,7 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
         raise ConfigError(f"init_pissa: niter must be None (exact SVD) or a non-negative integer, found {niter!r}.")
 
-    def factors(mat, r, scale, k):
+    def factors(mat, r, scale, k, path):
         u, s, vh = _svd_top(mat, r, niter, k)
         sr = jnp.sqrt(s / scale)
         return u * sr.reshape(1, -1), sr.reshape(-1, 1) * vh
@@ -122,7 +122,7 @@ def init_milora(config, params, key, model=None, *model_args, **model_kwargs):
     True
     """
 
-    def factors(mat, r, scale, k):
+    def factors(mat, r, scale, k, path):
         u, s, vh = _svd_bottom(mat, r)
         sr = jnp.sqrt(s / scale)
         return u * sr.reshape(1, -1), sr.reshape(-1, 1) * vh
@@ -149,7 +149,7 @@ def init_olora(config, params, key, model=None, *model_args, **model_kwargs):
     True
     """
 
-    def factors(mat, r, scale, k):
+    def factors(mat, r, scale, k, path):
         q, rr = jnp.linalg.qr(mat.T)  # mat.T is PEFT's [out, in] weight
         return rr[:r].T, q[:, :r].T
 
@@ -206,7 +206,7 @@ def _residual_init(name, tag, factors, config, params, key, model, model_args, m
                 "lower r (or its rank_pattern entry)."
             )
         mat = to_matrix(w.astype(jnp.float32), lay)
-        a, b = factors(mat, r, node.scale, k)
+        a, b = factors(mat, r, node.scale, k, path)
         node = dataclasses.replace(node, lora_A=a, lora_B=b, residual=tag)
         residual = mat - node.delta_matrix()
         own_new = dict(own)
