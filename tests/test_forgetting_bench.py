@@ -137,3 +137,20 @@ def test_cli(tmp_path, capsys):
     assert "online EWC" in capsys.readouterr().out
     r = subprocess.run([sys.executable, "-m", "jpeft.forgetting", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "examples:" in r.stdout and "python -m jpeft.forgetting language" in r.stdout
+
+
+def test_cli_replay_sizes(capsys):
+    from jpeft.forgetting.cli import with_replay_sizes
+
+    bench = SplitDigits("class", steps_per_task=1)
+    methods = [m for m in bench.default_methods() if m.name in ("naive", "replay")]
+    out = with_replay_sizes(methods, [4, 8])
+    assert [m.name for m in out] == ["naive", "replay buffer 4", "replay buffer 8"]
+    assert [m.replay_capacity for m in out[1:]] == [4, 8] and all(m.replay == methods[1].replay for m in out[1:])
+    assert "buffer 8" in out[2].describe()
+    assert with_replay_sizes(methods, None) == methods
+    # through the command line: the sizes reach the runner, and a selection without replay is refused
+    assert main(["split-digits-class", "--methods", "naive", "--replay-sizes", "4", "--steps", "1"]) == 2
+    assert "none of the selected methods uses replay" in capsys.readouterr().out
+    assert main(["split-digits-class", "--methods", "replay", "--replay-sizes", "0", "--steps", "1"]) == 2
+    assert "--replay-sizes must be positive" in capsys.readouterr().out

@@ -8,6 +8,7 @@ subcommand), :func:`run_from_args` runs parsed arguments and :func:`main` does b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from typing import Optional, Sequence
 
@@ -33,6 +34,8 @@ examples:
   python -m jpeft.forgetting split-digits-task --list-methods
   python -m jpeft.forgetting split-digits-task --seeds 0 1 2 --out runs/digits-task
   python -m jpeft.forgetting split-digits-class --seeds 0 1 2 --methods naive,replay,lwf
+  python -m jpeft.forgetting split-digits-class --methods naive,replay --replay-sizes 10 50 200
+                                                       # the replay buffer at several sizes
   python -m jpeft.forgetting language --seeds 0 1 2 --out runs/language
   python -m jpeft.forgetting language --methods full,lora-r16 --steps 20 --pretrain-steps 50 \\
       --cache-dir /tmp/jpeft-cache --no-plots          # a quick smoke run
@@ -58,6 +61,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per task (default: digits 300, language 300)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (digits 32; language 16)")
     p.add_argument("--out", default=None, help="output folder (default: forgetting_results/<benchmark>)")
+    p.add_argument("--replay-sizes", type=int, nargs="+", default=None,
+                   help="run every selected replay method once per buffer size (examples of earlier tasks kept), "
+                        "named '<method> buffer N'")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g = p.add_argument_group("sweep (learning-vs-forgetting curves; see jpeft.forgetting.sweep)")
@@ -131,9 +137,28 @@ def select_methods(bench, names: Optional[str]):
     return out
 
 
+def with_replay_sizes(methods, sizes) -> list:
+    """``methods`` with every replay method (``replay > 0``) replaced by one copy per buffer
+    size in ``sizes``, named ``"<name> buffer <size>"``; the others unchanged."""
+    if not sizes:
+        return list(methods)
+    if any(n < 1 for n in sizes):
+        raise ConfigError(f"--replay-sizes must be positive integers, found {sizes}.")
+    if not any(m.replay for m in methods):
+        raise ConfigError("--replay-sizes given, but none of the selected methods uses replay; select one "
+                          f"(available: {', '.join(m.name for m in methods)}).")
+    out = []
+    for m in methods:
+        if m.replay:
+            out += [dataclasses.replace(m, name=f"{m.name} buffer {n}", replay_capacity=int(n)) for n in sizes]
+        else:
+            out.append(m)
+    return out
+
+
 def run_from_args(args) -> int:
     bench = benchmark_from_args(args)
-    methods = select_methods(bench, args.methods)
+    methods = with_replay_sizes(select_methods(bench, args.methods), args.replay_sizes)
     if args.list_methods:
         for m in bench.default_methods():
             print(f"{m.name:>20s}  {m.describe()}")
