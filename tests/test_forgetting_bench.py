@@ -15,7 +15,7 @@ import pytest
 from jpeft.forgetting import experiment
 from jpeft.forgetting.cli import main
 from jpeft.forgetting.digits import SplitDigits
-from jpeft.forgetting.language import CodeToProse, pretrain_code_model
+from jpeft.forgetting.language import CodeProseData, CodeToProse, pretrain_code_model
 
 ARTIFACTS = ("scores.json", "metrics.csv", "results.md")
 
@@ -92,17 +92,33 @@ def test_language_miniature_and_cache(tmp_path, lang_cache):
     # EWC (sampled Fisher), replay, distillation and L2-SP together on full fine-tuning, and LoRA
     combo = dataclasses.replace(by["full+EWC"], name="full+EWC+replay+distill+L2SP", fisher_examples=4, replay=0.25,
                                 replay_capacity=8, distill=1.0, l2sp=1e-3)
-    methods = [combo, by["LoRA r=4"]]
+    methods = [combo, by["LoRA r=4"], by["MiLoRA r=16"]]
     wanted = [m.name for m in methods]
     experiment.run(bench, methods, seeds=[0], out_dir=str(tmp_path / "out"), progress=False, log=None)
     res = _check_artifacts(str(tmp_path / "out"), "language", wanted, [0], 2)
     rows = [r["R"] for m in res["methods"].values() for r in m["seeds"].values()]
-    assert all(r[0] == rows[0][0] for r in rows)  # row 0 is the pretrained model for every method
+    # row 0 and the baseline are the pretrained model for every method (MiLoRA's residual base included)
+    assert all(r[0] == rows[0][0] for r in rows)
+    assert all(r["baseline"] == rows[0][0] for m in res["methods"].values() for r in m["seeds"].values())
     for m in res["methods"].values():
         r = m["seeds"]["0"]
         assert r["metrics"]["forgetting"] == pytest.approx(r["R"][1][0] - r["R"][0][0])  # code-loss rise
         assert r["metrics"]["learning"] == pytest.approx(r["R"][0][1] - r["R"][1][1])  # prose-loss fall
         assert r["extra"]["code_kl_from_base"] >= 0.0
+
+
+def test_three_domain_miniature(tmp_path, lang_cache):
+    """code -> prose -> CSV data (held-out sets of at least 64 kB each, checked when the benchmark
+    is built): a 3 x 3 score matrix and every artifact for O-LoRA, whose task-C adapter is a
+    fresh one kept orthogonal to task B's; learning is the mean fall of each new task's loss."""
+    bench = CodeProseData(steps_per_task=2, batch_size=4, seq_len=16, pretrain_steps=3, cache_dir=lang_cache,
+                          size="micro", eval_windows_n=4, progress=False)
+    (olora,) = [m for m in bench.default_methods() if m.name == "O-LoRA r=16"]
+    res = experiment.run(bench, [olora], seeds=[0], out_dir=str(tmp_path), progress=False, log=None)
+    _check_artifacts(str(tmp_path), "language3", [olora.name], [0], 3)
+    r = res["methods"][olora.name]["seeds"]["0"]
+    R = np.asarray(r["R"])
+    assert r["metrics"]["learning"] == pytest.approx(((R[0, 1] - R[1, 1]) + (R[1, 2] - R[2, 2])) / 2)
 
 
 def test_language_every_listed_method_builds(lang_cache):

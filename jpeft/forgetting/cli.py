@@ -27,6 +27,8 @@ Benchmarks (data ships with the installed software, nothing is downloaded):
   language            byte-level Llama pretrained on Python stdlib code (task A, cached on
                       disk), then adapted to English prose from pydoc_data.topics (task B);
                       forgetting = rise of held-out code loss, learning = fall of prose loss
+  language3           the same code model (default size small), then prose, then CSV data
+                      files shipped with scikit-learn: three domains in sequence
 """
 
 EPILOG = """\
@@ -112,10 +114,10 @@ def benchmark_from_args(args):
             raise ConfigError(f"--batch-size must be >= 1, found {args.batch_size}.")
         kw["batch_size"] = args.batch_size
     lang = {k: getattr(args, k) for k in ("pretrain_steps", "cache_dir", "seq_len", "size") if getattr(args, k) is not None}
-    if lang and args.benchmark != "language":
+    if lang and not args.benchmark.startswith("language"):
         raise ConfigError(f"--{', --'.join(k.replace('_', '-') for k in lang)} only apply to the language benchmark.")
     kw.update(lang)
-    if args.benchmark == "language":  # its pretraining has a progress bar of its own
+    if args.benchmark.startswith("language"):  # its pretraining has a progress bar of its own
         kw["progress"] = not args.no_progress
     return get_benchmark(args.benchmark, **kw)
 

@@ -27,11 +27,12 @@ penalised; :func:`jpeft.forgetting.regularizers.orthogonal_penalty`). Residual-b
 inits (``LoraConfig(init="pissa" | "olora" | "milora")``) go through :func:`init_adapter`.
 
 Benchmarks (see :func:`get_benchmark`): ``split-digits-task``, ``split-digits-class``
-(:mod:`jpeft.forgetting.digits`) and ``language`` (:mod:`jpeft.forgetting.language`).
+(:mod:`jpeft.forgetting.digits`), ``language`` and ``language3`` (code, then prose, then CSV
+data; :mod:`jpeft.forgetting.language`).
 
 >>> from jpeft.forgetting import experiment
 >>> sorted(experiment.BENCHMARKS)
-['language', 'split-digits-class', 'split-digits-task']
+['language', 'language3', 'split-digits-class', 'split-digits-task']
 """
 
 from __future__ import annotations
@@ -250,6 +251,7 @@ BENCHMARKS = {
     "split-digits-task": ("jpeft.forgetting.digits", "SplitDigits", {"scenario": "task"}),
     "split-digits-class": ("jpeft.forgetting.digits", "SplitDigits", {"scenario": "class"}),
     "language": ("jpeft.forgetting.language", "CodeToProse", {}),
+    "language3": ("jpeft.forgetting.language", "CodeProseData", {}),
 }
 
 
@@ -355,7 +357,8 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     # baseline: each task before any training on it
     # (for a benchmark whose first tasks are pretrained, the base model's scores: FWT is then not reported)
     pre = spec.per_task_adapter or bench.pretrained_tasks > 0
-    baseline = np.array([bench.evaluate(params, None if pre else adapter, j, j) for j in range(T)])
+    # (the pretrained model is the benchmark's base: params may already be a residual base here)
+    baseline = np.array([bench.evaluate(base if pre else params, None if pre else adapter, j, j) for j in range(T)])
     Rm = np.full((T, T), np.nan)
     loss_fn = _make_loss(bench, spec)
     # compiled steps are kept on the benchmark, per (method, adapter structure), so the seeds
@@ -388,7 +391,7 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     for t in range(T):
         if t < bench.pretrained_tasks:
             after_task(t, params, adapter)
-            Rm[t] = [bench.evaluate(params, None, j, t) for j in range(T)]
+            Rm[t] = [bench.evaluate(base, None, j, t) for j in range(T)]
             continue
         if spec.per_task_adapter:
             key, kt = jax.random.split(key)
