@@ -114,10 +114,11 @@ def test_three_domain_miniature(tmp_path, lang_cache):
     bench = CodeProseData(steps_per_task=2, batch_size=4, seq_len=16, pretrain_steps=3, cache_dir=lang_cache,
                           size="micro", eval_windows_n=4, progress=False)
     (olora,) = [m for m in bench.default_methods() if m.name == "O-LoRA r=16"]
-    res = experiment.run(bench, [olora], seeds=[0], out_dir=str(tmp_path), progress=False, log=None)
-    _check_artifacts(str(tmp_path), "language3", [olora.name], [0], 3)
+    res = experiment.run(bench, [olora], seeds=[0], out_dir=str(tmp_path), progress=False, log=None, plots=False)
+    assert os.path.getsize(tmp_path / "scores.json") > 0 and f"| {olora.name} |" in open(tmp_path / "results.md").read()
     r = res["methods"][olora.name]["seeds"]["0"]
     R = np.asarray(r["R"])
+    assert R.shape == (3, 3) and np.all(np.isfinite(R))
     assert r["metrics"]["learning"] == pytest.approx(((R[0, 1] - R[1, 1]) + (R[1, 2] - R[2, 2])) / 2)
 
 
