@@ -32,7 +32,8 @@ from jpeft.methods.oft import OFTConfig
 from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.methods.vera import VeraConfig, VeraWeights
 from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights
-from jpeft.methods.pissa import init_olora, init_pissa
+from jpeft.methods.corda import init_corda
+from jpeft.methods.pissa import init_milora, init_olora, init_pissa
 from jpeft.methods.full import FullFinetuneConfig
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
@@ -80,6 +81,8 @@ __all__ = [
     "AdaLoraWeights",
     "init_pissa",
     "init_olora",
+    "init_milora",
+    "init_corda",
     "init",
     "apply",
     "merge",

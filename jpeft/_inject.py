@@ -188,6 +188,25 @@ def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]
     return {p: info._replace(methods=frozenset(other.get(p, ()))) for p, info in record.items()}
 
 
+def call_inputs(model: nn.Module, variables, paths, *args, **kwargs) -> dict[str, list]:
+    """``{path: [x, ...]}``: the first argument of every ``__call__`` of the modules at
+    ``paths`` during ``model.apply(variables, *args, **kwargs)`` (one entry per call, in call
+    order; traceable, so it runs under ``jax.jit``). For data-dependent inits (CorDA)."""
+    want = set(paths)
+    got: dict[str, list] = {p: [] for p in want}
+
+    def intercept(next_fun, a, kw, ctx):
+        if ctx.method_name == "__call__" and a:
+            path = module_path(ctx.module)
+            if path in want:
+                got[path].append(a[0])
+        return next_fun(*a, **kw)
+
+    with nn.intercept_methods(intercept):
+        model.apply(variables, *args, **kwargs)
+    return got
+
+
 def infer_layout(path: str, own: Mapping[str, Any]) -> Layout:
     """Layout from a module's parameters alone; only unambiguous (2-D) cases."""
     if "embedding" in own and "kernel" not in own:

@@ -15,7 +15,7 @@ import pytest
 from jpeft.forgetting import experiment
 from jpeft.forgetting.cli import main
 from jpeft.forgetting.digits import SplitDigits
-from jpeft.forgetting.language import CodeToProse, pretrain_code_model
+from jpeft.forgetting.language import CodeProseData, CodeToProse, pretrain_code_model
 
 ARTIFACTS = ("scores.json", "metrics.csv", "results.md")
 
@@ -47,7 +47,7 @@ def _check_artifacts(out, bench_name, method_names, seeds, T):
 def test_split_digits_task_incremental_miniature(tmp_path):
     bench = SplitDigits("task", steps_per_task=2, batch_size=8, hidden=(16,), num_tasks=3)
     by = {m.name: m for m in bench.default_methods()}
-    assert list(by) == ["naive", "EWC", "online EWC", "replay", "LwF", "LoRA per task"]
+    assert list(by) == ["naive", "EWC", "online EWC", "replay", "LwF", "O-LoRA", "LoRA per task"]
     # the countermeasures compose: one spec with EWC + replay + LwF exercises all three paths
     combo = dataclasses.replace(by["EWC"], name="EWC+replay+LwF", fisher_examples=8, replay=0.5, replay_capacity=16,
                                 distill=1.0)
@@ -92,17 +92,34 @@ def test_language_miniature_and_cache(tmp_path, lang_cache):
     # EWC (sampled Fisher), replay, distillation and L2-SP together on full fine-tuning, and LoRA
     combo = dataclasses.replace(by["full+EWC"], name="full+EWC+replay+distill+L2SP", fisher_examples=4, replay=0.25,
                                 replay_capacity=8, distill=1.0, l2sp=1e-3)
-    methods = [combo, by["LoRA r=4"]]
+    methods = [combo, by["LoRA r=4"], by["MiLoRA r=16"]]
     wanted = [m.name for m in methods]
     experiment.run(bench, methods, seeds=[0], out_dir=str(tmp_path / "out"), progress=False, log=None)
     res = _check_artifacts(str(tmp_path / "out"), "language", wanted, [0], 2)
     rows = [r["R"] for m in res["methods"].values() for r in m["seeds"].values()]
-    assert all(r[0] == rows[0][0] for r in rows)  # row 0 is the pretrained model for every method
+    # row 0 and the baseline are the pretrained model for every method (MiLoRA's residual base included)
+    assert all(r[0] == rows[0][0] for r in rows)
+    assert all(r["baseline"] == rows[0][0] for m in res["methods"].values() for r in m["seeds"].values())
     for m in res["methods"].values():
         r = m["seeds"]["0"]
         assert r["metrics"]["forgetting"] == pytest.approx(r["R"][1][0] - r["R"][0][0])  # code-loss rise
         assert r["metrics"]["learning"] == pytest.approx(r["R"][0][1] - r["R"][1][1])  # prose-loss fall
         assert r["extra"]["code_kl_from_base"] >= 0.0
+
+
+def test_three_domain_miniature(tmp_path, lang_cache):
+    """code -> prose -> CSV data (held-out sets of at least 64 kB each, checked when the benchmark
+    is built): a 3 x 3 score matrix and every artifact for O-LoRA, whose task-C adapter is a
+    fresh one kept orthogonal to task B's; learning is the mean fall of each new task's loss."""
+    bench = CodeProseData(steps_per_task=2, batch_size=4, seq_len=16, pretrain_steps=3, cache_dir=lang_cache,
+                          size="micro", eval_windows_n=4, progress=False)
+    (olora,) = [m for m in bench.default_methods() if m.name == "O-LoRA r=16"]
+    res = experiment.run(bench, [olora], seeds=[0], out_dir=str(tmp_path), progress=False, log=None, plots=False)
+    assert os.path.getsize(tmp_path / "scores.json") > 0 and f"| {olora.name} |" in open(tmp_path / "results.md").read()
+    r = res["methods"][olora.name]["seeds"]["0"]
+    R = np.asarray(r["R"])
+    assert R.shape == (3, 3) and np.all(np.isfinite(R))
+    assert r["metrics"]["learning"] == pytest.approx(((R[0, 1] - R[1, 1]) + (R[1, 2] - R[2, 2])) / 2)
 
 
 def test_language_every_listed_method_builds(lang_cache):
@@ -115,9 +132,11 @@ def test_language_every_listed_method_builds(lang_cache):
     params = bench.base_params(0)
     x = bench.example_input()
     for m in bench.default_methods():
-        a = jpeft.init(m.config, params, jax.random.key(0), bench.model, *x)
-        out = jpeft.apply(bench.model, params, a, x[0])
+        p, a = experiment.init_adapter(bench, m.config, jax.random.key(0), params)
+        out = jpeft.apply(bench.model, p, a, x[0])
         assert out.shape == (1, 16, 256), m.name
+        if p is not params:  # a residual-base init (PiSSA, MiLoRA): the model is unchanged at the start
+            np.testing.assert_allclose(out, jpeft.apply(bench.model, params, None, x[0]), rtol=1e-4, atol=1e-4)
 
 
 def test_cli(tmp_path, capsys):
@@ -135,3 +154,20 @@ def test_cli(tmp_path, capsys):
     assert "online EWC" in capsys.readouterr().out
     r = subprocess.run([sys.executable, "-m", "jpeft.forgetting", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "examples:" in r.stdout and "python -m jpeft.forgetting language" in r.stdout
+
+
+def test_cli_replay_sizes(capsys):
+    from jpeft.forgetting.cli import with_replay_sizes
+
+    bench = SplitDigits("class", steps_per_task=1)
+    methods = [m for m in bench.default_methods() if m.name in ("naive", "replay")]
+    out = with_replay_sizes(methods, [4, 8])
+    assert [m.name for m in out] == ["naive", "replay buffer 4", "replay buffer 8"]
+    assert [m.replay_capacity for m in out[1:]] == [4, 8] and all(m.replay == methods[1].replay for m in out[1:])
+    assert "buffer 8" in out[2].describe()
+    assert with_replay_sizes(methods, None) == methods
+    # through the command line: the sizes reach the runner, and a selection without replay is refused
+    assert main(["split-digits-class", "--methods", "naive", "--replay-sizes", "4", "--steps", "1"]) == 2
+    assert "none of the selected methods uses replay" in capsys.readouterr().out
+    assert main(["split-digits-class", "--methods", "replay", "--replay-sizes", "0", "--steps", "1"]) == 2
+    assert "--replay-sizes must be positive" in capsys.readouterr().out

@@ -41,6 +41,9 @@ from jpeft.forgetting.regularizers import (
     ewc_penalty,
     fisher_diagonal,
     l2sp_penalty,
+    orthogonal_consolidate,
+    orthogonal_init,
+    orthogonal_penalty,
 )
 from jpeft.forgetting.replay import ReservoirBuffer, mix_batch, reservoir_add, reservoir_init, reservoir_sample
 from jpeft.forgetting.sweep import SweepSpec
@@ -69,6 +72,9 @@ __all__ = [
     "ewc_consolidate",
     "ewc_penalty",
     "l2sp_penalty",
+    "orthogonal_init",
+    "orthogonal_consolidate",
+    "orthogonal_penalty",
     "distillation_kl",
     "ReservoirBuffer",
     "reservoir_init",

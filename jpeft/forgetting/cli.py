@@ -8,6 +8,7 @@ subcommand), :func:`run_from_args` runs parsed arguments and :func:`main` does b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 from typing import Optional, Sequence
 
@@ -26,6 +27,8 @@ Benchmarks (data ships with the installed software, nothing is downloaded):
   language            byte-level Llama pretrained on Python stdlib code (task A, cached on
                       disk), then adapted to English prose from pydoc_data.topics (task B);
                       forgetting = rise of held-out code loss, learning = fall of prose loss
+  language3           the same code model (default size small), then prose, then CSV data
+                      files shipped with scikit-learn: three domains in sequence
 """
 
 EPILOG = """\
@@ -33,6 +36,8 @@ examples:
   python -m jpeft.forgetting split-digits-task --list-methods
   python -m jpeft.forgetting split-digits-task --seeds 0 1 2 --out runs/digits-task
   python -m jpeft.forgetting split-digits-class --seeds 0 1 2 --methods naive,replay,lwf
+  python -m jpeft.forgetting split-digits-class --methods naive,replay --replay-sizes 10 50 200
+                                                       # the replay buffer at several sizes
   python -m jpeft.forgetting language --seeds 0 1 2 --out runs/language
   python -m jpeft.forgetting language --methods full,lora-r16 --steps 20 --pretrain-steps 50 \\
       --cache-dir /tmp/jpeft-cache --no-plots          # a quick smoke run
@@ -58,6 +63,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per task (default: digits 300, language 300)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (digits 32; language 16)")
     p.add_argument("--out", default=None, help="output folder (default: forgetting_results/<benchmark>)")
+    p.add_argument("--replay-sizes", type=int, nargs="+", default=None,
+                   help="run every selected replay method once per buffer size (examples of earlier tasks kept), "
+                        "named '<method> buffer N'")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g = p.add_argument_group("sweep (learning-vs-forgetting curves; see jpeft.forgetting.sweep)")
@@ -106,10 +114,10 @@ def benchmark_from_args(args):
             raise ConfigError(f"--batch-size must be >= 1, found {args.batch_size}.")
         kw["batch_size"] = args.batch_size
     lang = {k: getattr(args, k) for k in ("pretrain_steps", "cache_dir", "seq_len", "size") if getattr(args, k) is not None}
-    if lang and args.benchmark != "language":
+    if lang and not args.benchmark.startswith("language"):
         raise ConfigError(f"--{', --'.join(k.replace('_', '-') for k in lang)} only apply to the language benchmark.")
     kw.update(lang)
-    if args.benchmark == "language":  # its pretraining has a progress bar of its own
+    if args.benchmark.startswith("language"):  # its pretraining has a progress bar of its own
         kw["progress"] = not args.no_progress
     return get_benchmark(args.benchmark, **kw)
 
@@ -131,9 +139,28 @@ def select_methods(bench, names: Optional[str]):
     return out
 
 
+def with_replay_sizes(methods, sizes) -> list:
+    """``methods`` with every replay method (``replay > 0``) replaced by one copy per buffer
+    size in ``sizes``, named ``"<name> buffer <size>"``; the others unchanged."""
+    if not sizes:
+        return list(methods)
+    if any(n < 1 for n in sizes):
+        raise ConfigError(f"--replay-sizes must be positive integers, found {sizes}.")
+    if not any(m.replay for m in methods):
+        raise ConfigError("--replay-sizes given, but none of the selected methods uses replay; select one "
+                          f"(available: {', '.join(m.name for m in methods)}).")
+    out = []
+    for m in methods:
+        if m.replay:
+            out += [dataclasses.replace(m, name=f"{m.name} buffer {n}", replay_capacity=int(n)) for n in sizes]
+        else:
+            out.append(m)
+    return out
+
+
 def run_from_args(args) -> int:
     bench = benchmark_from_args(args)
-    methods = select_methods(bench, args.methods)
+    methods = with_replay_sizes(select_methods(bench, args.methods), args.replay_sizes)
     if args.list_methods:
         for m in bench.default_methods():
             print(f"{m.name:>20s}  {m.describe()}")

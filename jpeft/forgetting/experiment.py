@@ -21,14 +21,18 @@ strengths in the batch, so neither recompiles a method's step.
 
 Regularizers and replay compose with any method (:class:`MethodSpec` fields ``ewc``,
 ``ewc_gamma``, ``l2sp``, ``distill``, ``replay``); their state (EWC memory, start point,
-teacher) rides in the batch, so each method's step is compiled once.
+teacher) rides in the batch, so each method's step is compiled once. ``orthogonal`` is O-LoRA
+(a fresh LoRA per task, earlier ones merged into the frozen base, their ``A`` subspaces
+penalised; :func:`jpeft.forgetting.regularizers.orthogonal_penalty`). Residual-base LoRA
+inits (``LoraConfig(init="pissa" | "olora" | "milora")``) go through :func:`init_adapter`.
 
 Benchmarks (see :func:`get_benchmark`): ``split-digits-task``, ``split-digits-class``
-(:mod:`jpeft.forgetting.digits`) and ``language`` (:mod:`jpeft.forgetting.language`).
+(:mod:`jpeft.forgetting.digits`), ``language`` and ``language3`` (code, then prose, then CSV
+data; :mod:`jpeft.forgetting.language`).
 
 >>> from jpeft.forgetting import experiment
 >>> sorted(experiment.BENCHMARKS)
-['language', 'split-digits-class', 'split-digits-task']
+['language', 'language3', 'split-digits-class', 'split-digits-task']
 """
 
 from __future__ import annotations
@@ -82,6 +86,12 @@ class MethodSpec:
       per_task_adapter: task-incremental PEFT: the network is fully trained on the first task
         and then frozen; every later task gets a fresh adapter of ``config``, chosen at test
         time by the task's identity (so nothing learned earlier can be overwritten).
+      orthogonal: O-LoRA (Wang et al. 2023) strength ``lambda_1`` (0: off). Needs a LoRA
+        ``config``. Every trained task gets a fresh adapter; the adapters of earlier tasks are
+        merged into the frozen base (so they are summed and never change again) and their
+        ``A`` matrices kept; the loss adds ``lambda_1 * sum_sites ||A_old^T A_new||_F^2``
+        (:func:`jpeft.forgetting.regularizers.orthogonal_penalty`). No task identity is used
+        at test time.
 
     >>> MethodSpec("lora r=8", jpeft.LoraConfig(r=8, target_modules=".*"), lr=3e-3).name
     'lora r=8'
@@ -100,6 +110,7 @@ class MethodSpec:
     temperature: float = 2.0
     l2sp: float = 0.0
     per_task_adapter: bool = False
+    orthogonal: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.config, AdapterConfig):
@@ -111,11 +122,25 @@ class MethodSpec:
         for f in ("lr",):
             if not getattr(self, f) > 0:
                 raise ConfigError(f"MethodSpec {self.name!r}: {f} must be > 0, found {getattr(self, f)}.")
-        for f in ("ewc", "distill", "l2sp"):
+        for f in ("ewc", "distill", "l2sp", "orthogonal"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"MethodSpec {self.name!r}: {f} must be >= 0, found {getattr(self, f)}.")
         if not 0.0 <= self.replay < 1.0:
             raise ConfigError(f"MethodSpec {self.name!r}: replay must be in [0, 1), found {self.replay}.")
+        residual = isinstance(self.config, jpeft.LoraConfig) and self.config.init in _RESIDUAL_INITS
+        if residual and self.per_task_adapter:
+            raise ConfigError(f"MethodSpec {self.name!r}: LoraConfig(init={self.config.init!r}) changes the base "
+                              "weights, which per_task_adapter shares between tasks; use init='default'.")
+        if self.orthogonal and (not isinstance(self.config, jpeft.LoraConfig) or residual or self.config.use_dora):
+            raise ConfigError(f"MethodSpec {self.name!r}: orthogonal (O-LoRA) needs a plain LoRA config "
+                              "(jpeft.LoraConfig, init 'default'/'gaussian', no DoRA): the penalty is on LoRA's A "
+                              f"matrices; found {self.config!r}.")
+        if self.orthogonal and self.ewc:
+            raise ConfigError(f"MethodSpec {self.name!r}: EWC anchors the adapter it was computed on, and O-LoRA "
+                              "trains a fresh adapter per task; set one of ewc and orthogonal.")
+        if self.orthogonal and self.per_task_adapter:
+            raise ConfigError(f"MethodSpec {self.name!r}: orthogonal (O-LoRA) and per_task_adapter are two different "
+                              "ways to give each task its own adapter; set one of them.")
         if self.fisher is not None and self.fisher not in R.FISHER_ESTIMATORS:
             raise ConfigError(f"MethodSpec {self.name!r}: fisher must be one of {R.FISHER_ESTIMATORS}, found {self.fisher!r}.")
 
@@ -124,6 +149,8 @@ class MethodSpec:
         kind = type(cfg).__name__.replace("Config", "")
         if isinstance(cfg, jpeft.LoraConfig):
             kind = f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.alpha:g}"
+            if cfg.init in _RESIDUAL_INITS:
+                kind += f" ({_RESIDUAL_NAMES[cfg.init]} init, residual base)"
         parts = [kind]
         if self.ewc:
             parts.append(f"{'online ' if self.ewc_gamma is not None else ''}EWC lambda={self.ewc:g}"
@@ -136,6 +163,8 @@ class MethodSpec:
             parts.append(f"L2-SP {self.l2sp:g}")
         if self.per_task_adapter:
             parts.append("one adapter per task")
+        if self.orthogonal:
+            parts.append(f"O-LoRA lambda={self.orthogonal:g} (fresh adapter per task, earlier ones merged)")
         return ", ".join(parts) + f", lr={self.lr:g}"
 
 
@@ -222,6 +251,7 @@ BENCHMARKS = {
     "split-digits-task": ("jpeft.forgetting.digits", "SplitDigits", {"scenario": "task"}),
     "split-digits-class": ("jpeft.forgetting.digits", "SplitDigits", {"scenario": "class"}),
     "language": ("jpeft.forgetting.language", "CodeToProse", {}),
+    "language3": ("jpeft.forgetting.language", "CodeProseData", {}),
 }
 
 
@@ -255,6 +285,10 @@ def _make_loss(bench: Benchmark, spec: MethodSpec):
             pen = R.l2sp_penalty(params, adapter, batch["start"], strength=coef["l2sp"])
             loss = loss + pen
             aux["l2sp"] = pen
+        if spec.orthogonal:
+            pen = R.orthogonal_penalty(batch["orth"], adapter, strength=coef["orthogonal"])
+            loss = loss + pen
+            aux["orthogonal"] = pen
         if spec.distill:
             teacher = jax.lax.stop_gradient(bench.forward(params, batch["teacher"], data))
             d = bench.distill(out, teacher, data, t, spec.temperature)
@@ -263,6 +297,22 @@ def _make_loss(bench: Benchmark, spec: MethodSpec):
         return loss, aux
 
     return loss_fn
+
+
+_RESIDUAL_NAMES = {"pissa": "PiSSA", "olora": "OLoRA", "milora": "MiLoRA"}
+_RESIDUAL_INITS = tuple(_RESIDUAL_NAMES)
+
+
+def init_adapter(bench: Benchmark, config, key, params):
+    """``(params, adapter)``: a fresh adapter of ``config`` on the benchmark's model. For a
+    residual-base LoRA init (``LoraConfig(init="pissa" | "olora" | "milora")``) ``params``
+    becomes the residual base (:func:`jpeft.init_pissa`, :func:`jpeft.init_olora`,
+    :func:`jpeft.init_milora`); otherwise it is returned unchanged."""
+    args = bench.example_input()
+    if isinstance(config, jpeft.LoraConfig) and config.init in _RESIDUAL_INITS:
+        make = {"pissa": jpeft.init_pissa, "olora": jpeft.init_olora, "milora": jpeft.init_milora}[config.init]
+        return make(config, params, key, bench.model, *args)
+    return params, jpeft.init(config, params, key, bench.model, *args)
 
 
 def _snapshot(tree):
@@ -278,7 +328,10 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     the one run (the training-length axis of a sweep). ``curve`` holds, per checkpoint and for
     the final step, ``{"step", "R", "metrics"}`` where ``R`` is the score matrix with its last
     row measured at that step. ``keep_adapter``: also return the final ``"params"`` and
-    ``"adapter"`` (for :func:`jpeft.spectral.update_spectrum`).
+    ``"adapter"``, and ``"base"``, the benchmark's base params (for
+    :func:`jpeft.spectral.update_spectrum`: the update is ``merge(params, adapter) - base``,
+    which differs from what merging adds when ``params`` is a residual base or holds the
+    merged adapters of earlier tasks).
     """
     T = len(bench.task_names)
     checkpoints = sorted({int(c) for c in checkpoints})
@@ -288,33 +341,31 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         raise ConfigError(f"MethodSpec {spec.name!r}: checkpoints along a run are not supported with per_task_adapter; "
                           "drop one of the two.")
     key = jax.random.key(seed)
-    params = bench.base_params(seed)
-    model_args = bench.example_input()
+    params = base = bench.base_params(seed)
     # the learning rate lives in the optimizer state, so a sweep over it compiles each method once
     opt = optax.inject_hyperparams(optax.adam)(learning_rate=spec.lr)
     rng = np.random.default_rng(seed)
-
-    def new_adapter(cfg, k, p):
-        return jpeft.init(cfg, p, k, bench.model, *model_args)
 
     key, k0 = jax.random.split(key)
     if spec.per_task_adapter:
         adapters = [None] * T
         adapter = None
     else:
-        adapter = new_adapter(spec.config, k0, params)
+        params, adapter = init_adapter(bench, spec.config, k0, params)
     cur = lambda j: adapters[j] if spec.per_task_adapter else adapter
 
     # baseline: each task before any training on it
     # (for a benchmark whose first tasks are pretrained, the base model's scores: FWT is then not reported)
     pre = spec.per_task_adapter or bench.pretrained_tasks > 0
-    baseline = np.array([bench.evaluate(params, None if pre else adapter, j, j) for j in range(T)])
+    # (the pretrained model is the benchmark's base: params may already be a residual base here)
+    baseline = np.array([bench.evaluate(base if pre else params, None if pre else adapter, j, j) for j in range(T)])
     Rm = np.full((T, T), np.nan)
     loss_fn = _make_loss(bench, spec)
     # compiled steps are kept on the benchmark, per (method, adapter structure), so the seeds
     # after the first reuse them
     steps_cache = bench.__dict__.setdefault("_step_cache", {})
     ewc_state = R.ewc_init()
+    orth = R.orthogonal_init()  # O-LoRA: the A's of the earlier tasks' adapters
     buf = None
     estimator = spec.fisher or bench.fisher_estimator
     trainable = 0
@@ -340,17 +391,25 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     for t in range(T):
         if t < bench.pretrained_tasks:
             after_task(t, params, adapter)
-            Rm[t] = [bench.evaluate(params, None, j, t) for j in range(T)]
+            Rm[t] = [bench.evaluate(base, None, j, t) for j in range(T)]
             continue
         if spec.per_task_adapter:
             key, kt = jax.random.split(key)
             cfg = jpeft.FullFinetuneConfig() if t == 0 else spec.config
-            a = new_adapter(cfg, kt, params)
+            _, a = init_adapter(bench, cfg, kt, params)
+        elif spec.orthogonal and t > bench.pretrained_tasks:
+            # O-LoRA: the finished task's adapter joins the frozen base; a fresh one learns this task
+            orth = R.orthogonal_consolidate(orth, adapter)
+            params = jpeft.merge(params, adapter)
+            key, kt = jax.random.split(key)
+            params, a = init_adapter(bench, spec.config, kt, params)
+            adapter = a
         else:
             a = adapter
         trainable = jpeft.summary(params, a, print_fn=None)["trainable"]  # per-task adapters: the last one's size
         # what the compiled step depends on: not the name, learning rate or strengths (those are data)
-        shape = (spec.config, bool(spec.ewc), bool(spec.l2sp), bool(spec.distill), spec.temperature)
+        shape = (spec.config, bool(spec.ewc), bool(spec.l2sp), bool(spec.distill), spec.temperature,
+                 bool(spec.orthogonal))
         try:
             sig = (hash(shape), shape, jax.tree.structure(a))
         except TypeError:  # a config with an unhashable field: cache per spec object
@@ -360,7 +419,9 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         step = steps_cache[sig]
         opt_state = opt.init(jpeft.trainable(a))
         extra = {"t": jnp.asarray(t, jnp.int32),
-                 "coef": {k: jnp.asarray(getattr(spec, k), jnp.float32) for k in ("ewc", "l2sp", "distill")}}
+                 "coef": {k: jnp.asarray(getattr(spec, k), jnp.float32) for k in ("ewc", "l2sp", "distill", "orthogonal")}}
+        if spec.orthogonal:
+            extra["orth"] = orth
         if spec.ewc:
             extra["ewc"] = ewc_state
         if spec.l2sp:
@@ -420,7 +481,7 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     out = {"R": Rm.tolist(), "baseline": baseline.tolist(), "metrics": met, "extra": extra_m,
            "trainable": int(trainable), "seconds": seconds, "curve": points}
     if keep_adapter:
-        out.update(params=params, adapter=final_adapter)
+        out.update(params=params, adapter=final_adapter, base=base)
     return out
 
 

@@ -14,6 +14,13 @@ tree, whatever it holds.
   for other mergeable methods (IA3, DoRA) the change of the merged kernel; for methods that
   cannot merge (prefix, prompt, bottleneck) the distance of the adapter's own arrays to where
   they started.
+* **O-LoRA** (Wang et al. 2023, "Orthogonal Subspace Learning for Language Model Continual
+  Learning"): each task trains a fresh LoRA while the earlier tasks' adapters stay frozen
+  (summed into the base); the loss adds ``strength * sum_sites ||A_old^T A_new||_F^2``, which
+  pushes the new update's input subspace (the columns of ``A``) orthogonal to every earlier
+  one. :func:`orthogonal_consolidate` keeps the finished adapters' ``A`` matrices,
+  :func:`orthogonal_penalty` computes the term (``norm="l1"``: the sum of absolute entries,
+  which the authors' released code uses instead of the paper's squares).
 * **Distillation** (LwF, Li & Hoiem 2016): :func:`distillation_kl`, ``T^2 * KL(p_teacher || p_student)``
   at temperature ``T`` against the base model's (or the previous task's) predictions.
 
@@ -59,7 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.errors import ConfigError, InputValidationError, ShapeMismatchError
+from jpeft.errors import ConfigError, InputValidationError, NotMergeableError, ShapeMismatchError
+from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, unwrap_params
 
 __all__ = [
@@ -71,6 +79,9 @@ __all__ = [
     "ewc_consolidate",
     "ewc_penalty",
     "l2sp_penalty",
+    "orthogonal_init",
+    "orthogonal_consolidate",
+    "orthogonal_penalty",
     "distillation_kl",
 ]
 
@@ -387,6 +398,75 @@ def l2sp_penalty(params, adapter: Mapping[str, Any], start: Mapping[str, Any], *
         d = jax.tree.map(lambda x, y: jnp.sum(jnp.square(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))), cur, ref)
         total = total + sum(jax.tree.leaves(d), jnp.zeros((), jnp.float32))
     return 0.5 * strength * total
+
+
+def orthogonal_init() -> dict:
+    """An empty O-LoRA memory: ``{site path: A_old}`` with ``A_old: [..., in, r_total]``."""
+    return {}
+
+
+def _lora_a(path, node):
+    inner = node.inner if isinstance(node, Stacked) else node  # a layer-scanned site: A is [L, in, r]
+    try:
+        return inner.low_rank().a
+    except NotMergeableError as e:
+        raise ConfigError(f"O-LoRA needs a LoRA update s*A@B at every site; site {path!r} is a "
+                          f"{type(inner).__name__}: {e}") from None
+
+
+def orthogonal_consolidate(memory: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict:
+    """The memory with the ``A`` of every site of a finished task's LoRA ``adapter`` appended
+    (along the rank axis, as a frozen copy).
+
+    Raises:
+      ConfigError: a site is not a LoRA update (DoRA, another method).
+      ShapeMismatchError: the adapter's sites differ from the remembered ones.
+    """
+    if memory and set(memory) != set(adapter):
+        raise ShapeMismatchError(f"O-LoRA: the adapter's sites {sorted(adapter)} differ from the earlier tasks' "
+                                 f"{sorted(memory)}; every task's adapter must target the same modules.")
+    out = {}
+    for path, node in adapter.items():
+        a = jax.lax.stop_gradient(jnp.asarray(_lora_a(path, node), jnp.float32))
+        out[path] = a if path not in memory else jnp.concatenate([memory[path], a], axis=-1)
+    return out
+
+
+def orthogonal_penalty(memory: Mapping[str, Any], adapter: Mapping[str, Any], *, strength: float = 1.0,
+                       norm: str = "squared") -> jax.Array:
+    """O-LoRA's orthogonality loss: ``strength * sum_sites sum_jk |(A_old^T A_new)[j, k]|^p``
+    with ``p = 2`` (``norm="squared"``, the paper's Eq. 6) or ``p = 1`` (``norm="l1"``, the
+    authors' code). ``A`` is the ``[in, r]`` down-projection (PEFT's ``lora_A.weight``
+    transposed), so the term is zero exactly when every new input direction is orthogonal to
+    every earlier one. An empty memory (the first task) gives 0.
+
+    >>> import dataclasses, jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> params = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> node = jpeft.init(jpeft.LoraConfig(r=1, alpha=1, target_modules=".*"), params, jax.random.key(1))[""]
+    >>> e = jnp.eye(4)
+    >>> old = {"": dataclasses.replace(node, lora_A=e[:, :1])}
+    >>> new = {"": dataclasses.replace(node, lora_A=e[:, :1] + 2 * e[:, 1:2])}
+    >>> mem = orthogonal_consolidate(orthogonal_init(), old)
+    >>> float(orthogonal_penalty(mem, new, strength=0.5))   # (A_old^T A_new)^2 = 1
+    0.5
+    """
+    if norm not in ("squared", "l1"):
+        raise ConfigError(f"orthogonal_penalty: norm must be 'squared' or 'l1', found {norm!r}.")
+    total = jnp.zeros((), jnp.float32)
+    if not memory:
+        return total
+    if set(memory) != set(adapter):
+        raise ShapeMismatchError(f"O-LoRA: the adapter's sites {sorted(adapter)} differ from the earlier tasks' "
+                                 f"{sorted(memory)}; every task's adapter must target the same modules.")
+    for path, node in adapter.items():
+        a_new = jnp.asarray(_lora_a(path, node), jnp.float32)
+        a_old = jax.lax.stop_gradient(jnp.asarray(memory[path], jnp.float32))
+        if a_old.shape[:-1] != a_new.shape[:-1]:
+            raise ShapeMismatchError(f"O-LoRA: site {path!r} has A of shape {a_new.shape}, the earlier tasks' "
+                                     f"{a_old.shape}; the input dimension (and layers) must agree.")
+        o = jnp.einsum("...ir,...is->...rs", a_old, a_new)
+        total = total + (jnp.sum(jnp.square(o)) if norm == "squared" else jnp.sum(jnp.abs(o)))
+    return strength * total
 
 
 def distillation_kl(student_logits, teacher_logits, *, temperature: float = 2.0, mask=None) -> jax.Array:

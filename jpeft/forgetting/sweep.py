@@ -49,7 +49,7 @@ from jpeft.forgetting.experiment import Benchmark, MethodSpec, get_benchmark, ru
 
 __all__ = ["SweepSpec", "sweep", "combine", "write", "report", "budget", "analyse", "plot_sweep", "STRENGTHS"]
 
-STRENGTHS = ("ewc", "l2sp", "distill", "replay")
+STRENGTHS = ("ewc", "l2sp", "distill", "replay", "orthogonal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +287,7 @@ def sweep(
                     results["runs"].append({"family": f.name, "lr": spec.lr, "strength": strength, "seed": seed,
                                             "trainable": r["trainable"], "seconds": r["seconds"], "extra": r["extra"],
                                             "learning": r["metrics"]["learning"], "forgetting": r["metrics"]["forgetting"],
-                                            "spectrum": _spectrum(r["params"], r["adapter"])})
+                                            "spectrum": _spectrum(r["base"], r["params"], r["adapter"])})
                     for c in r["curve"]:
                         results["points"].append({"family": f.name, "lr": spec.lr, "strength": strength,
                                                   "step": c["step"], "seed": seed, **c["metrics"]})
@@ -307,14 +307,16 @@ def sweep(
     return results
 
 
-def _spectrum(params, adapter) -> dict:
-    """The update's spectrum (:func:`jpeft.spectral.update_spectrum`) or, for a method that
-    cannot merge (prefix, prompt), the reason it has no weight update to measure."""
+def _spectrum(base, params, adapter) -> dict:
+    """The spectrum of the update from the benchmark's ``base`` to ``merge(params, adapter)``
+    (:func:`jpeft.spectral.update_spectrum`; ``params`` differs from ``base`` for residual-base
+    inits and O-LoRA's merged earlier adapters) or, for a method that cannot merge (prefix,
+    prompt), the reason it has no weight update to measure."""
     try:
         merged = jpeft.merge(params, adapter)
     except NotMergeableError as e:
         return {"not_mergeable": str(e)}
-    return spectral.update_spectrum(params, merged)
+    return spectral.update_spectrum(base, merged)
 
 
 def spectrum_table(results: dict) -> list:

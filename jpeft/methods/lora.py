@@ -31,10 +31,11 @@ from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, dropout, flat_
 from jpeft.scan import Stacked, make_site
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
 
-_INITS = ("default", "gaussian", "pissa", "olora", "random")
+_INITS = ("default", "gaussian", "pissa", "olora", "milora", "random")
 # inits whose adapter is relative to a *residual* base (the base minus the initial adapter):
-# jpeft.init_pissa / jpeft.init_olora return that base; Hugging Face PEFT recomputes it on load
-RESIDUAL_INITS = ("pissa", "olora")
+# jpeft.init_pissa / init_olora / init_milora return that base; Hugging Face PEFT recomputes it on
+# load for "pissa" and "olora" (it has no MiLoRA init, so save_peft refuses those adapters)
+RESIDUAL_INITS = ("pissa", "olora", "milora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,8 @@ class LoraConfig(AdapterConfig):
       init: ``"default"`` (A Kaiming-uniform, B zero, so the adapter starts as the identity),
         ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"pissa"`` (principal singular
         vectors of W; use :func:`jpeft.init_pissa`, which also returns the residual base),
-        ``"olora"`` (QR factors of W; :func:`jpeft.init_olora`, also with the residual base) or
+        ``"olora"`` (QR factors of W; :func:`jpeft.init_olora`, also with the residual base),
+        ``"milora"`` (minor singular vectors of W; :func:`jpeft.init_milora`, with the residual base) or
         ``"random"`` (A and B both random: not the identity; useful for tests). Hugging Face
         PEFT's ``init_lora_weights`` values ``True``/``False`` map to ``"default"``/``"random"``.
       use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024).

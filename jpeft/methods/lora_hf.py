@@ -241,6 +241,16 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
             "Re-create it with niter=None (exact SVD, which PEFT reproduces), or merge it "
             "(jpeft.merge(residual_params, adapter)) and save full weights with jpeft.models.save_pretrained."
         )
+    if kind == "milora" or kind.startswith("corda"):
+        why = ("its base is the principal part of each kernel, and Hugging Face PEFT 0.21 has no MiLoRA init to "
+               "rebuild that base on load (its 'mica' init is a different method)") if kind == "milora" else (
+               "its base depends on calibration data, which PEFT rebuilds on load only after preprocess_corda on "
+               "the same data")
+        raise UnsupportedAdapterError(
+            f"this adapter comes from jpeft.init_{kind.split('_')[0]}: {why}. Merge it (jpeft.merge(residual_params, "
+            "adapter)) and save full weights with jpeft.models.save_pretrained, or use PiSSA/OLoRA or plain LoRA "
+            "for a PEFT adapter."
+        )
     embeds = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == Kind.EMBED]
     if embeds:
         raise UnsupportedAdapterError(

@@ -1,5 +1,6 @@
 """Residual-base initialisations of LoRA: PiSSA (Meng et al. 2024; principal singular values
-and vectors) and OLoRA (Büyükakyüz 2024; QR factors).
+and vectors), MiLoRA (Wang et al. 2024; minor singular values and vectors) and OLoRA
+(Büyükakyüz 2024; QR factors).
 
 With ``W = U S V^T`` (the kernel viewed as ``[in, out]``) and the LoRA scale ``s``, PiSSA sets
 
@@ -9,7 +10,9 @@ so the model's function is unchanged at the start while the adapter holds the ``
 directions of ``W`` (Hugging Face PEFT's ``init_lora_weights="pissa"``, same formulas). Because
 the base changes, PiSSA needs its own entry point, :func:`init_pissa`, which returns the residual
 params with the adapter; ``jpeft.init`` with ``LoraConfig(init="pissa")`` refuses and points here.
-:func:`init_olora` does the same with ``W^T = Q R``. The sites record their init
+:func:`init_milora` takes the ``r`` *smallest* singular triplets instead, so the base keeps the
+principal part and the adapter starts in the directions the pretrained weight uses least (the
+aim is to disturb pretrained knowledge less). :func:`init_olora` does the same with ``W^T = Q R``. The sites record their init
 (``LoraWeights.residual``) so :func:`jpeft.hf.save_peft` can tell Hugging Face PEFT which
 residual base to recompute on load.
 """
@@ -80,13 +83,51 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
     if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
         raise ConfigError(f"init_pissa: niter must be None (exact SVD) or a non-negative integer, found {niter!r}.")
 
-    def factors(mat, r, scale, k):
+    def factors(mat, r, scale, k, path):
         u, s, vh = _svd_top(mat, r, niter, k)
         sr = jnp.sqrt(s / scale)
         return u * sr.reshape(1, -1), sr.reshape(-1, 1) * vh
 
     tag = "pissa" if niter is None else f"pissa_niter_{niter}"
     return _residual_init("init_pissa", tag, factors, config, params, key, model, model_args, model_kwargs)
+
+
+def _svd_bottom(w, r: int):
+    """The ``r`` smallest of the ``min(m, n)`` singular triplets of ``w: [m, n]`` (exact SVD; a
+    randomized SVD finds the top of the spectrum, not its tail)."""
+    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    return u[:, -r:], s[-r:], vh[-r:]
+
+
+def init_milora(config, params, key, model=None, *model_args, **model_kwargs):
+    """Creates a MiLoRA-initialised LoRA (or DoRA) adapter (Wang et al. 2024, "MiLoRA:
+    Harnessing Minor Singular Components for Parameter-Efficient LLM Finetuning") and the
+    residual base.
+
+    As :func:`init_pissa`, but from the ``r`` *minor* singular triplets of each kernel
+    (``W = U S V^T``, singular values in decreasing order): ``A = U[:, -r:] sqrt(S[-r:] / s)``,
+    ``B = sqrt(S[-r:] / s) V[:, -r:]^T`` and the base becomes ``W - s A B``, the principal part
+    (the paper's code does the same in PEFT's PiSSA routine with the last ``r`` components).
+    Hugging Face PEFT 0.21 has no MiLoRA init (its ``"mica"`` also uses the minor left singular
+    vectors, but zeroes ``A``, freezes ``B`` and keeps the base), so :func:`jpeft.hf.save_peft`
+    refuses these adapters; merge them to share the result.
+
+    Args and returns: as :func:`init_pissa` (exact SVD only; ``key`` is unused).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> model = nn.Dense(6); x = jnp.ones((2, 8))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> res, ad = jpeft.init_milora(jpeft.LoraConfig(r=2, alpha=2, target_modules=".*"), params, jax.random.key(1))
+    >>> bool(jnp.allclose(jpeft.apply(model, res, ad, x), model.apply(params, x), atol=1e-5))
+    True
+    """
+
+    def factors(mat, r, scale, k, path):
+        u, s, vh = _svd_bottom(mat, r)
+        sr = jnp.sqrt(s / scale)
+        return u * sr.reshape(1, -1), sr.reshape(-1, 1) * vh
+
+    return _residual_init("init_milora", "milora", factors, config, params, key, model, model_args, model_kwargs)
 
 
 def init_olora(config, params, key, model=None, *model_args, **model_kwargs):
@@ -108,7 +149,7 @@ def init_olora(config, params, key, model=None, *model_args, **model_kwargs):
     True
     """
 
-    def factors(mat, r, scale, k):
+    def factors(mat, r, scale, k, path):
         q, rr = jnp.linalg.qr(mat.T)  # mat.T is PEFT's [out, in] weight
         return rr[:r].T, q[:, :r].T
 
@@ -165,7 +206,7 @@ def _residual_init(name, tag, factors, config, params, key, model, model_args, m
                 "lower r (or its rank_pattern entry)."
             )
         mat = to_matrix(w.astype(jnp.float32), lay)
-        a, b = factors(mat, r, node.scale, k)
+        a, b = factors(mat, r, node.scale, k, path)
         node = dataclasses.replace(node, lora_A=a, lora_B=b, residual=tag)
         residual = mat - node.delta_matrix()
         own_new = dict(own)
