@@ -7,10 +7,15 @@ do not depend on what else the machine is doing.
 Loops (``lax.scan`` over layers or attention blocks) are counted once by XLA's cost analysis,
 so FLOPs and bytes are only comparable between unrolled programs; temporary memory is exact.
 
+``--axis attention`` compiles the gradient of the attention kernel alone (one layer's shape of
+the chosen size, batch 1) with its tile loop unrolled, and gives XLA's FLOPs with the causal
+tile skipping, with every tile visited, and for the dense reference.
+
 Examples::
 
     python benchmarks/depth_stats.py --axis depth --values 2,4,8 --attention blockwise
     python benchmarks/depth_stats.py --axis seq --values 256,1024,4096 --tokens 4096 --attention reference
+    python benchmarks/depth_stats.py --axis attention --values 1024,2048,4096 --block 512
 """
 
 from __future__ import annotations
@@ -63,10 +68,40 @@ def stats(size: C.Size, attention: str, r: int, scan: bool, remat: bool) -> dict
             "temp_mib": ma.temp_size_in_bytes / 2**20, "argument_mib": ma.argument_size_in_bytes / 2**20}
 
 
+def attention_stats(size: C.Size, block: int, window) -> dict:
+    from jpeft.models import _attention as A, _layers as L
+
+    h, kvh = size.heads, size.kv_heads or size.heads
+    d = size.hidden // h
+    q = jax.ShapeDtypeStruct((1, size.seq, h, d), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, size.seq, kvh, d), jnp.float32)
+
+    def gflop(kind):
+        def f(q, k, v):
+            mask, _ = L.causal_mask(jnp.ones((1, size.seq), bool), None, window)
+            if kind == "reference":
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=d ** -0.5)
+            else:
+                mask = mask if kind == "skip" else dataclasses.replace(mask, diagonal=None)
+                out = A.blockwise_attention(q, k, v, mask, scale=d ** -0.5, block_size=block, unroll=True)
+            return jnp.sum(jnp.sin(out))
+
+        compiled = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
+        ca = compiled.cost_analysis()
+        return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"]) / 1e9
+
+    n = -(-size.seq // block)
+    tiles = len(A.block_pairs(size.seq, min(block, size.seq), n, min(block, size.seq), 0, window))
+    return {"seq": size.seq, "block": block, "window": window, "tiles": tiles, "all_tiles": n * n,
+            "skip_gflop": gflop("skip"), "every_tile_gflop": gflop("every"), "reference_gflop": gflop("reference")}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="issue", choices=sorted(C.SIZES))
-    p.add_argument("--axis", default="depth", choices=["depth", "seq"])
+    p.add_argument("--axis", default="depth", choices=["depth", "seq", "attention"])
+    p.add_argument("--block", type=int, default=512, help="attention block size of --axis attention")
+    p.add_argument("--window", type=int, default=None, help="sliding window of --axis attention")
     p.add_argument("--values", default="2,4,8")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per batch of the seq axis (default 2048)")
     p.add_argument("--attention", default="blockwise")
@@ -77,6 +112,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     base = C.SIZES[args.base]
     rows = []
+    if args.axis == "attention":
+        print("| seq | tiles computed | XLA GFLOP, skipping | every tile | reference | skipping / every tile |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for v in (int(x) for x in args.values.split(",")):
+            r = attention_stats(dataclasses.replace(base, seq=v), args.block, args.window)
+            rows.append(r)
+            print(f"| {v} | {r['tiles']} of {r['all_tiles']} | {r['skip_gflop']:.2f} | {r['every_tile_gflop']:.2f} | "
+                  f"{r['reference_gflop']:.2f} | {r['skip_gflop'] / r['every_tile_gflop']:.3f} |", flush=True)
+        return rows
     for v in (int(x) for x in args.values.split(",")):
         size = (dataclasses.replace(base, layers=v) if args.axis == "depth"
                 else dataclasses.replace(base, seq=v, batch=max(1, args.tokens // v)))

@@ -274,7 +274,8 @@ def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window:
         q_pos = jnp.broadcast_to(cache.index + jnp.arange(s, dtype=jnp.int32), (b, s))
         k_pos = jnp.broadcast_to(jnp.arange(cache.mask.shape[1], dtype=jnp.int32), (b, cache.mask.shape[1]))
         padded = True
-    mask = AttentionMask(kv_valid, q_pos, k_pos, q_seg, q_seg, causal=True, window=sliding_window, padded=padded)
+    mask = AttentionMask(kv_valid, q_pos, k_pos, q_seg, q_seg, causal=True, window=sliding_window, padded=padded,
+                         diagonal=0 if cache is None else None)
     return mask, kv_valid
 
 
