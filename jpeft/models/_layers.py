@@ -58,6 +58,14 @@ def activation(name: str):
         ) from None
 
 
+def gated(act, g, u):
+    """``act(g) * u`` (a gated MLP's product) that keeps only ``g`` and ``u`` for the backward
+    pass and recomputes the activation there: XLA then writes one activation-sized tensor per
+    layer here instead of three (``sigmoid(g)``, ``silu(g)`` and the product), fewer bytes per
+    layer for the same FLOPs (docs/BENCHMARKS.md, "Depth")."""
+    return jax.checkpoint(lambda g, u: act(g) * u)(g, u)
+
+
 def check_activation(name: str) -> None:
     activation(name)
 
