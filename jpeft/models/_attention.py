@@ -9,13 +9,17 @@ Kernels (``implementation=``):
 
 * ``"reference"``: the dense mask and ``jax.nn.dot_product_attention`` (XLA); the score
   matrix ``[batch, heads, q, k]`` is materialised, so memory grows with ``q * k``.
-* ``"blockwise"``: online-softmax attention over key blocks of ``block_size`` (as in
-  memory-efficient / flash attention), written with ``jax.lax.scan``, with a ``custom_vjp``
-  whose backward pass recomputes each block's probabilities from the saved row maximum and
-  normaliser. Forward and backward hold one ``[batch, heads, q, block_size]`` tile at a time,
-  so memory grows linearly with the sequence length. It equals the reference to float32
-  rounding (tests/test_attention.py), including fully masked (padding) query rows, which
-  both average the values of every real key.
+* ``"blockwise"``: online-softmax attention over tiles of ``block_size`` queries by
+  ``block_size`` keys (as in memory-efficient / flash attention), one ``jax.lax.scan`` over a
+  static list of tiles, with a ``custom_vjp`` whose backward pass recomputes each tile's
+  probabilities from the saved row maximum and normaliser. Forward and backward hold one
+  ``[batch, heads, block_size, block_size]`` tile at a time, so memory grows linearly with
+  the sequence length. Causal attention over the current tokens (``AttentionMask.diagonal``)
+  computes only the tiles on or below the diagonal and inside the sliding window, about half
+  of them at long sequences (a window of ``w`` keeps about ``w / block_size + 1`` per query
+  block); other masks (a cache, bidirectional) take one query tile of the whole length over
+  every key block. It equals the reference to float32 rounding (tests/test_attention.py),
+  including fully masked (padding) query rows, which both average the values of every key.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused kernel on
   NVIDIA GPUs; float16/bfloat16 only. A plain causal or sliding-window mask with no padding
   information, no prefix and no cache is passed as ``is_causal`` / ``local_window_size``;
@@ -50,7 +54,7 @@ _MASKED = float(-0.7 * np.finfo(np.float32).max)
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["kv_valid", "q_pos", "k_pos", "q_seg", "k_seg"],
-    meta_fields=["causal", "window", "padded"],
+    meta_fields=["causal", "window", "padded", "diagonal"],
 )
 @dataclasses.dataclass(frozen=True)
 class AttentionMask:
@@ -69,6 +73,11 @@ class AttentionMask:
       causal: keys after the query are hidden.
       window: sliding-window width (Mistral / Qwen2 sliding layers) or None.
       padded: False when the caller knows statically that every key slot is real.
+      diagonal: a static promise about the layout, or None: query index ``i`` sees no key
+        index ``j > i + diagonal`` and, with a ``window``, none with ``i + diagonal - j >=
+        window``. :func:`jpeft.models._layers.causal_mask` gives it (0) over the current tokens
+        without a cache (documents are contiguous runs, so slots grow with the index inside
+        each); the blockwise kernel then skips the key blocks that lie wholly outside.
     """
 
     kv_valid: Array
@@ -79,6 +88,7 @@ class AttentionMask:
     causal: bool = True
     window: Optional[int] = None
     padded: bool = True
+    diagonal: Optional[int] = None
 
     def allowed(self, kv_valid=None, k_pos=None, k_seg=None) -> Array:
         """``[batch, q, k]`` bool for the given key arrays (default: all keys)."""
@@ -101,9 +111,12 @@ class AttentionMask:
         pre_pos = jnp.broadcast_to(jnp.arange(-n, 0, dtype=self.k_pos.dtype), (b, n))
         k_pos = jnp.concatenate([pre_pos, self.k_pos], axis=1)
         k_seg = self.k_seg
+        diagonal = None if self.diagonal is None else self.diagonal + n
         if k_seg is not None:
             k_seg = jnp.concatenate([jnp.full((b, n), -1, k_seg.dtype), k_seg], axis=1)
-        return dataclasses.replace(self, kv_valid=kv_valid, k_pos=k_pos, k_seg=k_seg)
+            if self.window is not None:
+                diagonal = None  # a later document's slots restart: the prefix is in its window again
+        return dataclasses.replace(self, kv_valid=kv_valid, k_pos=k_pos, k_seg=k_seg, diagonal=diagonal)
 
 
 def _allowed(q_pos, q_seg, kv_valid, k_pos, k_seg, causal, window):
@@ -191,33 +204,69 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     return blockwise_attention(q, k, v, mask, scale=scale, block_size=block_size)
 
 
-def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_size: int = 512):
-    """Online-softmax attention over key blocks of ``block_size`` (see the module docstring)."""
+def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_size: int = 512,
+                        unroll: bool = False):
+    """Online-softmax attention over tiles of ``block_size`` queries by ``block_size`` keys (see
+    the module docstring). With ``mask.diagonal`` set (causal attention over the current tokens)
+    only the tiles on or below the diagonal, and inside the sliding window, are computed.
+
+    ``unroll``: unroll the loop over tiles (for XLA's cost analysis, which counts a loop's body
+    once; the numbers are the same).
+    """
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     if h % kvh:
         raise InputValidationError(f"attention: {h} query heads are not a multiple of {kvh} key/value heads.")
     bk = min(block_size, sk)
     nk = -(-sk // bk)
-    pad = nk * bk - sk
+    skip = mask.causal and mask.diagonal is not None
+    # Without a diagonal every query sees every key block: one query tile of the whole length.
+    bq = min(block_size, sq) if skip else sq
+    nq = -(-sq // bq)
+    pairs = block_pairs(sq, bq, nk, bk, mask.diagonal if skip else None, mask.window)
 
-    def blocks(x, fill):
+    def blocks(x, n, size, fill):
+        pad = n * size - x.shape[1]
         if pad:
             widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
             x = jnp.pad(x, widths, constant_values=fill)
-        return jnp.moveaxis(x.reshape((b, nk, bk) + x.shape[2:]), 1, 0)
+        return jnp.moveaxis(x.reshape((b, n, size) + x.shape[2:]), 1, 0)
 
-    kb, vb = blocks(k, 0), blocks(v, 0)
-    kvb, kpb = blocks(mask.kv_valid, False), blocks(mask.k_pos, 0)
-    ksb = None if mask.k_seg is None else blocks(mask.k_seg, 0)
-    static = (float(scale), bool(mask.causal), mask.window, int(sk), int(bk))
-    out = _flash(static, q, kb, vb, kvb, kpb, ksb, mask.q_pos, mask.q_seg)
+    kb, vb = blocks(k, nk, bk, 0), blocks(v, nk, bk, 0)
+    kvb, kpb = blocks(mask.kv_valid, nk, bk, False), blocks(mask.k_pos, nk, bk, 0)
+    ksb = None if mask.k_seg is None else blocks(mask.k_seg, nk, bk, 0)
+    qb = blocks(q.reshape(b, sq, kvh, h // kvh, d), nq, bq, 0)
+    qpb = blocks(mask.q_pos, nq, bq, 0)
+    qsb = None if mask.q_seg is None else blocks(mask.q_seg, nq, bq, 0)
+    static = (float(scale), bool(mask.causal), mask.window, int(sk), int(bk), pairs, bool(unroll))
+    out = _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)  # [nq, b, bq, kvh, g, d]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, h, -1)[:, :sq]
     return out.astype(q.dtype)
 
 
+def block_pairs(sq: int, bq: int, nk: int, bk: int, diagonal: Optional[int], window: Optional[int]):
+    """The ``(query block, key block)`` tiles the blockwise kernel computes, as a tuple of pairs.
+
+    With ``diagonal`` (see :class:`AttentionMask`) query block ``a`` needs only the key blocks
+    holding a key index ``<= i + diagonal`` for some query ``i`` of the block, and, with a
+    ``window``, one ``> i + diagonal - window``; every other tile is wholly masked. Without it,
+    every tile.
+    """
+    nq = -(-sq // bq)
+    pairs = []
+    for a in range(nq):
+        lo, hi = 0, nk - 1
+        if diagonal is not None:
+            hi = min(hi, (min(sq, (a + 1) * bq) - 1 + diagonal) // bk)
+            if window is not None:
+                lo = min(hi, max(0, a * bq + diagonal - window + 1) // bk)
+        pairs.extend((a, j) for j in range(lo, hi + 1))
+    return tuple(pairs)
+
+
 def _block_logits(static, qg, kblk, kv_valid, k_pos, k_seg, q_pos, q_seg, start):
-    """Masked logits ``[b, kvh, g, q, bk]`` (f32) of one key block, and where they are allowed."""
-    scale, causal, window, sk, bk = static
+    """Masked logits ``[b, kvh, g, bq, bk]`` (f32) of one tile, and where they are allowed."""
+    scale, causal, window, sk, bk = static[:5]
     s = jnp.einsum("bqkgd,bskd->bkgqs", qg, kblk, preferred_element_type=jnp.float32) * scale
     ok = _allowed(q_pos, q_seg, kv_valid, k_pos, k_seg, causal, window)[:, None, None]
     s = jnp.where(ok, s, _MASKED)
@@ -226,78 +275,98 @@ def _block_logits(static, qg, kblk, kv_valid, k_pos, k_seg, q_pos, q_seg, start)
     return s, ok & in_range
 
 
-def _group(q, kvh):
-    b, sq, h, d = q.shape
-    return q.reshape(b, sq, kvh, h // kvh, d)
+def _take(x, i):
+    return None if x is None else jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
 
 
-def _forward(static, q, kb, vb, kvb, kpb, ksb, q_pos, q_seg):
-    bk = static[4]
-    b, sq, h, d = q.shape
-    kvh = kb.shape[3]
-    qg = _group(q, kvh)
-    g = h // kvh
-    m0 = jnp.full((b, kvh, g, sq), _MASKED, jnp.float32)
-    l0 = jnp.zeros((b, kvh, g, sq), jnp.float32)
-    a0 = jnp.zeros((b, kvh, g, sq, vb.shape[-1]), jnp.float32)
+def _put(x, i, value):
+    return jax.lax.dynamic_update_index_in_dim(x, value, i, 0)
 
-    def step(carry, xs):
+
+def _tiles(static, body, carry):
+    """``lax.scan`` of ``body(carry, (a, j))`` over the static tile list."""
+    pairs, unroll = static[5], static[6]
+    idx = np.asarray(pairs, np.int32).reshape(-1, 2)
+    carry, _ = jax.lax.scan(lambda c, x: (body(c, x), None), carry, (idx[:, 0], idx[:, 1]), unroll=unroll)
+    return carry
+
+
+def _forward(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
+    """Returns the output ``[nq, b, bq, kvh, g, d]`` (f32), the row maxima and ``1 / row sums``
+    ``[nq, b, kvh, g, bq]`` (0 on fully masked rows) for the backward pass."""
+    sk, bk = static[3], static[4]
+    nq, b, bq, kvh, g, _ = qb.shape
+    dv = vb.shape[-1]
+    m0 = jnp.full((nq, b, kvh, g, bq), _MASKED, jnp.float32)
+    l0 = jnp.zeros((nq, b, kvh, g, bq), jnp.float32)
+    a0 = jnp.zeros((nq, b, kvh, g, bq, dv), jnp.float32)
+
+    def step(carry, ij):
         m, l, acc = carry
-        i, kblk, vblk, kv, kp, ks = xs
-        s, _ = _block_logits(static, qg, kblk, kv, kp, ks, q_pos, q_seg, i * bk)
-        m_new = jnp.maximum(m, s.max(-1))
-        corr = jnp.exp(m - m_new)
+        a, j = ij
+        s, _ = _block_logits(static, _take(qb, a), _take(kb, j), _take(kvb, j), _take(kpb, j), _take(ksb, j),
+                             _take(qpb, a), _take(qsb, a), j * bk)
+        ma, la, acca = _take(m, a), _take(l, a), _take(acc, a)
+        m_new = jnp.maximum(ma, s.max(-1))
+        corr = jnp.exp(ma - m_new)
         p = jnp.exp(s - m_new[..., None])
-        l = l * corr + p.sum(-1)
+        la = la * corr + p.sum(-1)
+        vblk = _take(vb, j)
         pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
-        acc = acc * corr[..., None] + pv
-        return (m_new, l, acc), None
+        acca = acca * corr[..., None] + pv
+        return _put(m, a, m_new), _put(l, a, la), _put(acc, a, acca)
 
-    nk = kb.shape[0]
-    (m, l, acc), _ = jax.lax.scan(step, (m0, l0, a0), (jnp.arange(nk), kb, vb, kvb, kpb, ksb))
-    out = acc / l[..., None]  # [b, kvh, g, q, d]
-    out = jnp.moveaxis(out, 3, 1).reshape(b, sq, h, -1)
-    return out, m, l
+    m, l, acc = _tiles(static, step, (m0, l0, a0))
+    # A query row with no allowed key (padding) averages every key, as the reference does; the
+    # tiles it skipped would have counted too, so it is taken from the mean of all values.
+    full = m <= _MASKED
+    vmean = vb.astype(jnp.float32).sum((0, 2)) / sk  # [b, kvh, d]; block padding holds zeros
+    out = jnp.where(full[..., None], vmean[None, :, :, None, None, :], acc / l[..., None])
+    linv = jnp.where(full, 0.0, 1.0 / l)
+    return jnp.transpose(out, (0, 1, 4, 2, 3, 5)), m, linv, full
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static, q, kb, vb, kvb, kpb, ksb, q_pos, q_seg):
-    return _forward(static, q, kb, vb, kvb, kpb, ksb, q_pos, q_seg)[0].astype(q.dtype)
+def _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
+    return _forward(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)[0].astype(qb.dtype)
 
 
-def _flash_fwd(static, q, kb, vb, kvb, kpb, ksb, q_pos, q_seg):
-    out, m, l = _forward(static, q, kb, vb, kvb, kpb, ksb, q_pos, q_seg)
-    out = out.astype(q.dtype)
-    return out, (q, kb, vb, kvb, kpb, ksb, q_pos, q_seg, out, m, l)
+def _flash_fwd(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
+    out, m, linv, full = _forward(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)
+    out = out.astype(qb.dtype)
+    return out, (qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, m, linv, full)
 
 
 def _flash_bwd(static, res, dout):
-    q, kb, vb, kvb, kpb, ksb, q_pos, q_seg, out, m, l = res
-    scale, bk = static[0], static[4]
-    b, sq, h, d = q.shape
-    kvh = kb.shape[3]
-    qg = _group(q, kvh)
-    dog = _group(dout, kvh).astype(jnp.float32)
+    qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, m, linv, full = res
+    scale, sk, bk = static[0], static[3], static[4]
+    dob = dout.astype(jnp.float32)  # [nq, b, bq, kvh, g, d]
     # D_i = sum_d dO_id O_id, the row term of the softmax backward.
-    dsum = jnp.einsum("bqkgd,bqkgd->bkgq", dog, _group(out, kvh).astype(jnp.float32))
+    dsum = jnp.einsum("nbqkgd,nbqkgd->nbkgq", dob, out.astype(jnp.float32))
 
-    def step(dq, xs):
-        i, kblk, vblk, kv, kp, ks = xs
-        s, ok = _block_logits(static, qg, kblk, kv, kp, ks, q_pos, q_seg, i * bk)
-        p = jnp.exp(s - m[..., None]) / l[..., None]
-        dv = jnp.einsum("bkgqs,bqkgd->bskd", p, dog)
-        dp = jnp.einsum("bqkgd,bskd->bkgqs", dog, vblk.astype(jnp.float32))
-        ds = jnp.where(ok, p * (dp - dsum[..., None]), 0.0) * scale
-        dq = dq + jnp.einsum("bkgqs,bskd->bqkgd", ds, kblk.astype(jnp.float32))
-        dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, qg.astype(jnp.float32))
-        return dq, (dk.astype(kblk.dtype), dv.astype(vblk.dtype))
+    def step(carry, ij):
+        dq, dk, dv = carry
+        a, j = ij
+        qa, kj, vj = _take(qb, a).astype(jnp.float32), _take(kb, j).astype(jnp.float32), _take(vb, j)
+        doa = _take(dob, a)
+        s, ok = _block_logits(static, _take(qb, a), _take(kb, j), _take(kvb, j), _take(kpb, j), _take(ksb, j),
+                              _take(qpb, a), _take(qsb, a), j * bk)
+        p = jnp.exp(s - _take(m, a)[..., None]) * _take(linv, a)[..., None]
+        dvj = jnp.einsum("bkgqs,bqkgd->bskd", p, doa)
+        dp = jnp.einsum("bqkgd,bskd->bkgqs", doa, vj.astype(jnp.float32))
+        ds = jnp.where(ok, p * (dp - _take(dsum, a)[..., None]), 0.0) * scale
+        dqa = jnp.einsum("bkgqs,bskd->bqkgd", ds, kj)
+        dkj = jnp.einsum("bkgqs,bqkgd->bskd", ds, qa)
+        return (_put(dq, a, _take(dq, a) + dqa), _put(dk, j, _take(dk, j) + dkj), _put(dv, j, _take(dv, j) + dvj))
 
-    nk = kb.shape[0]
-    dq0 = jnp.zeros(qg.shape, jnp.float32)
-    dq, (dkb, dvb) = jax.lax.scan(step, dq0, (jnp.arange(nk), kb, vb, kvb, kpb, ksb))
-    zeros_like = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
-    return (dq.reshape(q.shape).astype(q.dtype), dkb, dvb, zeros_like(kvb), zeros_like(kpb), zeros_like(ksb),
-            zeros_like(q_pos), zeros_like(q_seg))
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    dq, dk, dv = _tiles(static, step, (zeros(qb), zeros(kb), zeros(vb)))
+    # Fully masked rows took the mean of all values: each key's value gets 1/sk of their cotangent.
+    dfull = jnp.einsum("nbqkgd,nbkgq->bkd", dob, full.astype(jnp.float32)) / sk
+    dv = dv + dfull[None, :, None]  # block padding rows are dropped by the padding's own transpose
+    float0 = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
+    return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), float0(kvb), float0(kpb), float0(ksb),
+            float0(qpb), float0(qsb))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -58,6 +58,14 @@ def activation(name: str):
         ) from None
 
 
+def gated(act, g, u):
+    """``act(g) * u`` (a gated MLP's product) that keeps only ``g`` and ``u`` for the backward
+    pass and recomputes the activation there: XLA then writes one activation-sized tensor per
+    layer here instead of three (``sigmoid(g)``, ``silu(g)`` and the product), fewer bytes per
+    layer for the same FLOPs (docs/BENCHMARKS.md, "Depth")."""
+    return jax.checkpoint(lambda g, u: act(g) * u)(g, u)
+
+
 def check_activation(name: str) -> None:
     activation(name)
 
@@ -292,7 +300,8 @@ def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window:
         q_pos = jnp.broadcast_to(_row_index(cache.index) + jnp.arange(s, dtype=jnp.int32), (b, s))
         k_pos = jnp.broadcast_to(jnp.arange(cache.mask.shape[1], dtype=jnp.int32), (b, cache.mask.shape[1]))
         padded = True
-    mask = AttentionMask(kv_valid, q_pos, k_pos, q_seg, q_seg, causal=True, window=sliding_window, padded=padded)
+    mask = AttentionMask(kv_valid, q_pos, k_pos, q_seg, q_seg, causal=True, window=sliding_window, padded=padded,
+                         diagonal=0 if cache is None else None)
     return mask, kv_valid
 
 

@@ -170,7 +170,7 @@ class LlamaMLP(nn.Module):
         act = L.activation(c.hidden_act)
         g = L.dense(c.intermediate_size, c.mlp_bias, c, "gate_proj")(x)
         u = L.dense(c.intermediate_size, c.mlp_bias, c, "up_proj")(x)
-        return L.dense(c.hidden_size, c.mlp_bias, c, "down_proj")(act(g) * u)
+        return L.dense(c.hidden_size, c.mlp_bias, c, "down_proj")(L.gated(act, g, u))
 
 
 class LlamaAttention(nn.Module):
