@@ -6,7 +6,7 @@ from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 
-from jpeft import _inject
+from jpeft import _inject, quant
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
@@ -37,6 +37,8 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"jpeft.init expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
     fn = method_of(config).init
+    if quant.has_quantized(params):  # methods read the kernels they adapt (DoRA's norms, PiSSA's SVD)
+        params = quant.dequantize(params)
     inner, _ = unwrap_params(params)
     infos = None
     if model is not None:
@@ -63,12 +65,14 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     variables = params if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping) else {"params": params}
     if rngs is not None:
         kwargs["rngs"] = rngs
-    if not adapter:
+    if not adapter and not quant.has_quantized(variables):
         return model.apply(variables, *args, **kwargs)
-    return _inject.apply_with(model, variables, adapter, *args, **kwargs)
+    return _inject.apply_with(model, variables, adapter or {}, *args, **kwargs)
 
 
 def _fold(params, adapter, how: str):
+    if quant.has_quantized(params):
+        params = quant.dequantize(params)
     inner, wrapped = unwrap_params(params)
     new = inner
     for path, node in adapter.items():
@@ -89,7 +93,11 @@ def _fold(params, adapter, how: str):
 def merge(params, adapter: Mapping[str, Any]):
     """Folds the adapter into a copy of the base weights: ``model.apply(merge(p, a), x)``
     equals ``jpeft.apply(model, p, a, x)``. Raises
-    :class:`~jpeft.errors.NotMergeableError` for methods that cannot merge."""
+    :class:`~jpeft.errors.NotMergeableError` for methods that cannot merge.
+
+    On a quantized base (:func:`jpeft.quantize`) the result is the dequantized base with the
+    adapter folded in, in the kernels' original dtype: re-quantizing would round the update
+    away, as PEFT warns. ``jpeft.quantize(jpeft.merge(q, a), scheme)`` does it on purpose."""
     return _fold(params, adapter, "merge")
 
 
@@ -119,7 +127,7 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
     trainable params: 16 || all params: 16 || trainable%: 100.0000 (base 16; 1 adapted sites)
     """
     inner, _ = unwrap_params(params)
-    base = count(inner)
+    base = count(quant.abstract(inner))
     train, froz = split_frozen(adapter) if adapter else ({}, {})
     trainable = count(train)
     frozen = count(froz)

@@ -128,6 +128,10 @@ class WeightShapeError(LoadError, ShapeMismatchError):
 class UnsupportedAdapterError(LoadError):
     """An adapter on disk uses a method or an option jpeft cannot load."""
 
+class QuantizationError(JpeftError, ValueError):
+    """A base cannot be quantized as asked, or an operation cannot run on a quantized base."""
+
+
 
 __all__ = [
     "JpeftError",
@@ -160,4 +164,5 @@ __all__ = [
     "DistributedError",
     "WeightShapeError",
     "UnsupportedAdapterError",
+    "QuantizationError",
 ]
