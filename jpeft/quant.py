@@ -23,6 +23,7 @@ of a quantized leaf, so ``nn.scan`` slices a quantized kernel like a plain one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, Literal, Mapping, Optional
 
@@ -30,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from jax.sharding import PartitionSpec as P
 
 from jpeft.errors import QuantizationError
@@ -159,7 +162,14 @@ def _channel_axes(ndim: int) -> tuple:
 
 
 def quantize_array(w, scheme: Scheme):
-    """One kernel ``[..., in, out]`` quantized with ``scheme`` (see :data:`SCHEMES`)."""
+    """One kernel ``[..., in, out]`` quantized with ``scheme`` (see :data:`SCHEMES`); jitted,
+    so :func:`quantize` and ``from_pretrained(quantize=...)`` give the same bits."""
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    return _quantize_jit(w, scheme)
+
+
+def _quantize_array(w, scheme):
     if scheme == "nf4":
         return _nf4_quantize(w)
     w = jnp.asarray(w)
@@ -170,6 +180,9 @@ def quantize_array(w, scheme: Scheme):
     if scheme == "fp8":
         return qwix.quantize(w, jnp.float8_e4m3fn, channelwise_axes=_channel_axes(w.ndim))
     raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+
+
+_quantize_jit = jax.jit(_quantize_array, static_argnums=1)
 
 
 def is_quantized(x) -> bool:
@@ -261,6 +274,78 @@ def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
             "name module paths such as 'q_proj' or a regex over 'model/layers_0/self_attn/q_proj'."
         )
     return out
+
+
+# ------------------------------------------------------------------------------ safetensors
+def to_tensors(params) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` for ``safetensors``: every leaf of ``params`` under its ``/``
+    path, a quantized leaf as its arrays (``path.codes``, ``path.qvalue``, ...; fp8 values as
+    their raw bytes, ``uint8``) and a metadata entry (``{path: json}``) saying how to rebuild
+    it. :func:`from_tensors` inverts it bit for bit."""
+    tensors, meta = {}, {}
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+    for kp, x in flat:
+        name = path_str(kp)
+        if isinstance(x, NF4Array):
+            for f in ("codes", "absmax_codes", "absmax_scales", "absmax_offset"):
+                tensors[f"{name}.{f}"] = np.asarray(getattr(x, f))
+            meta[name] = json.dumps({"scheme": "nf4", "matrix": list(x.matrix), "dtype": x.dtype_name})
+        elif isinstance(x, qwix.QArray):
+            qv = np.asarray(x.qvalue)
+            tensors[f"{name}.qvalue"] = qv.view(np.uint8) if scheme_of(x) == "fp8" else qv
+            tensors[f"{name}.scale"] = np.asarray(x.scale)
+            meta[name] = json.dumps({"scheme": scheme_of(x)})
+        else:
+            tensors[name] = np.asarray(x)
+    return tensors, meta
+
+
+def from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> dict:
+    """Inverse of :func:`to_tensors` (a nested dict of ``jax.Array`` s and quantized leaves)."""
+    out: dict = {}
+
+    def put(name, value):
+        node = out
+        *parents, last = name.split("/")
+        for c in parents:
+            node = node.setdefault(c, {})
+        node[last] = value
+
+    for name, js in metadata.items():
+        if not isinstance(js, str) or not js.startswith("{"):
+            continue
+        m = json.loads(js)
+        try:
+            if m["scheme"] == "nf4":
+                arrs = [jnp.asarray(tensors[f"{name}.{f}"]) for f in ("codes", "absmax_codes", "absmax_scales", "absmax_offset")]
+                put(name, NF4Array(*arrs, tuple(m["matrix"]), m["dtype"]))
+            else:
+                qv = np.asarray(tensors[f"{name}.qvalue"])
+                qtype = jnp.int8 if m["scheme"] == "int8" else jnp.float8_e4m3fn
+                qv = qv.view(qtype) if m["scheme"] == "fp8" else qv
+                put(name, qwix.QArray(jnp.asarray(qv), jnp.asarray(tensors[f"{name}.scale"]), None, qtype))
+        except KeyError as e:
+            raise QuantizationError(f"the file has a quantized leaf {name!r} ({m}) without its array {e}; is it truncated?") from None
+    for name, value in tensors.items():
+        if name.rsplit(".", 1)[0] in metadata and name not in metadata:
+            continue
+        put(name, jnp.asarray(value))
+    return out
+
+
+def save(path: str, params) -> None:
+    """Writes a (quantized) base to one safetensors file; :func:`load` reads it back bit for bit."""
+    tensors, meta = to_tensors(params)
+    save_file(tensors, path, metadata={"jpeft_quantized": "1", **meta})
+
+
+def load(path: str) -> dict:
+    """Reads a file written by :func:`save`."""
+    with safe_open(path, framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop("jpeft_quantized", None)
+    return from_tensors(tensors, meta)
 
 
 def logical_spec(spec_node):
