@@ -105,8 +105,11 @@ def _dequantized_call(ctx, args, kwargs, redirect):
         finally:
             _REDIRECT.reset(token)
 
-    run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
-    return run(own, rng, [leaves[i] for i in where])
+    arrays = [leaves[i] for i in where]
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((own, rng, arrays, redirect[1]))):
+        run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
+    # else: eager, nothing to differentiate (and a checkpoint would compile at every call)
+    return run(own, rng, arrays)
 
 
 def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):

@@ -12,9 +12,13 @@ full-precision copy of the model never exists while training.
   (Dettmers et al. 2023): the kernel in PyTorch's ``[out, in]`` orientation, flattened, cut
   into blocks of 64; each block's absmax scales it into ``[-1, 1]``, each value becomes the
   index of the nearest of the 16 NF4 levels (:data:`NF4_LEVELS`), two indices a byte (the
-  first in the high nibble). The fp32 absmaxes are double-quantized: their mean is
+  first in the high nibble). The fp32 absmaxes are double-quantized: an offset is
   subtracted and the rest quantized blockwise (256 a block) to the 8-bit signed dynamic code
-  (:func:`dynamic_code`) with one fp32 scale a block. About 4.127 bits per weight.
+  (:func:`dynamic_code`) with one fp32 scale a block. About 4.127 bits per weight. The offset
+  is the absmaxes' midrange ``(max + min) / 2`` where bitsandbytes takes their mean: a float32
+  mean's last bits depend on XLA's summation order (which even differs between two fusions of
+  one program), the midrange is exact, and it minimises the largest centred value, so the
+  8-bit code is no coarser. Codes and scales are thus reproducible bit for bit.
 
 Leading kernel axes (a layer-scanned model's stacked layers) stay leading axes of every array
 of a quantized leaf, so ``nn.scan`` slices a quantized kernel like a plain one.
@@ -125,7 +129,7 @@ def _nf4_quantize(w) -> NF4Array:
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     idx = _nearest(NF4_LEVELS, blocks / _safe(absmax)[..., None])
     codes = ((idx[..., 0::2] << 4) | idx[..., 1::2]).reshape(lead + (nb * BLOCK // 2,))
-    offset = jnp.mean(absmax, axis=-1)
+    offset = (jnp.max(absmax, axis=-1) + jnp.min(absmax, axis=-1)) / 2
     ng = -(-nb // BLOCK2)
     centred = jnp.pad(absmax - offset[..., None], [(0, 0)] * len(lead) + [(0, ng * BLOCK2 - nb)])
     groups = centred.reshape(lead + (ng, BLOCK2))
