@@ -304,3 +304,26 @@ def test_two_by_two_mesh_equals_one_device():
     assert got["devices"] == 4 and got["sharded_leaves"] > 0
     assert got["loss_fell"] and got["base_unchanged"]
     assert got["loss_diff"] < 1e-5 and got["adapter_diff"] < 1e-5
+
+
+def test_jpeft_train_with_a_quantized_model_table(tmp_path):
+    """``[model] path = ..., quantize = "nf4"``: jpeft train loads the base in NF4 and trains;
+    the adapter it writes loads on the unquantized base (same fingerprint)."""
+    sys.path.insert(0, os.path.join(HERE, "helpers"))
+    import tiny_hf
+
+    from jpeft.cli import main
+
+    folder = tiny_hf.llama_folder(tmp_path / "llama", tiny_hf.tokenizer())
+    tiny_hf.jsonl(tmp_path / "train.jsonl", 0, 12)
+    (tmp_path / "run.toml").write_text(
+        'output_dir = "run"\n[model]\npath = "llama"\nquantize = "nf4"\n[data]\ntrain = "train.jsonl"\nseq_len = 16\n'
+        '[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj", "down_proj"]\n'
+        "[train]\nsteps = 3\nbatch_size = 2\nlearning_rate = 1e-2\neval_every = 0\nsave_every = 0\nlog_every = 1\n")
+    assert main(["train", "--config", str(tmp_path / "run.toml"), "--no-progress"]) == 0
+    model, params = jpeft.models.from_pretrained(folder)
+    cfg, adapter = jpeft.io.load_adapter(str(tmp_path / "run" / "adapter"), params, model, jnp.ones((1, 4), jnp.int32))
+    assert sorted(adapter) == ["model/layers_0/mlp/down_proj", "model/layers_0/self_attn/q_proj"]
+    assert any(np.abs(np.asarray(n.lora_B)).max() > 0 for n in adapter.values())  # it trained
+    (tmp_path / "bad.toml").write_text('[model]\npath = "llama"\nquantize = "int4"\n[data]\ntrain = "train.jsonl"\n')
+    assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
