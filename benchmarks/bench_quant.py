@@ -11,7 +11,7 @@ Python's own documentation (``pydoc_data.topics``) as bytes, the first 90 % for 
 the rest held out. Quantized bases dequantize to bf16 (the QLoRA recipe: bf16 compute).
 
 Examples:
-  python benchmarks/bench_quant.py --size cpu                # ~15M Llama, a few minutes on a CPU
+  python benchmarks/bench_quant.py --size cpu                # ~3M-parameter Llama, ~8 minutes on a shared CPU
   python benchmarks/bench_quant.py --size 1b --json out.json # ~1.1B (TinyLlama shape), on a GPU
 """
 
