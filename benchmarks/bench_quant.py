@@ -189,7 +189,7 @@ def markdown(report: dict) -> str:
     lines = [f"Llama {report['size']} ({report['rows'][0]['params']:,} parameters), device {report['rows'][0]['device']}, "
              f"LoRA r={RANK} on all linear layers, {report['steps']} steps of batch {report['batch']} x {report['seq']}.", "",
              "| base | bytes | vs bf16 (all) | kernels vs bf16 | logit rel. err vs bf16 | step (s) | peak memory | "
-             "held-out loss before -> after |", "|---|---|---|---|---|---|---|---|---|"]
+             "held-out loss before -> after |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['base']} | {r['bytes'] / 2**20:.1f} MiB | {r['bytes_vs_bf16']:.3f} | {r['kernel_bytes_vs_bf16']:.3f} | "
                      f"{r['logit_rel_err_vs_bf16']:.4f} | {r['step_s_median']:.3f} | {r['peak_bytes'] / 2**20:.0f} MiB "
