@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 
-def run(steps: int = 3) -> dict:
+def run(steps: int = 2) -> dict:
     import jax
     import numpy as np
     import optax

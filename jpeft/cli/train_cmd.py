@@ -194,10 +194,10 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
         if unknown or not isinstance(m.get("path"), str):
             raise ConfigError(f"[model] takes path = \"hf-folder\" and optionally quantize = \"nf4\" | \"int8\" | "
                               f"\"fp8\"; found keys {sorted(m)}.")
-        if m.get("quantize") is not None and m["quantize"] not in SCHEMES:
-            raise ConfigError(f"model.quantize must be one of {list(SCHEMES)}, found {m['quantize']!r}.")
         cfg["quantize"] = m.get("quantize")
         cfg["model"] = m["path"]
+    if cfg.get("quantize") is not None and cfg["quantize"] not in SCHEMES:
+        raise ConfigError(f"model.quantize must be one of {list(SCHEMES)}, found {cfg['quantize']!r}.")
     check_train_values(cfg)  # types and ranges, a NaN learning rate (issue 16)
     if "train" not in cfg["data"]:
         raise ConfigError("the config has no [data] train = \"file.jsonl\" entry.")
