@@ -10,6 +10,10 @@ Examples:
   python benchmarks/mem_load.py --scan --dtype bf16
   python benchmarks/mem_load.py --processes 2       # from_pretrained(path, mesh=...) over 2 processes
                                                     # (127.0.0.1, one CPU device each, fsdp=2): peak per process
+  python benchmarks/mem_load.py --quantize nf4      # QLoRA: quantized tensor by tensor while reading; exits 1
+                                                    # unless the peak stays within the quantized weights plus
+                                                    # three copies of the largest tensor (read, converted, placed)
+                                                    # and 64 MiB of runtime, compilation excluded (issue 19)
 """
 
 from __future__ import annotations
@@ -44,26 +48,56 @@ def write(folder: str, size: str) -> None:
     jpeft.models.save_pretrained(folder, model, params)
 
 
-def load(folder: str, scan: bool, dtype: str, coordinator=None, processes: int = 1, index: int = 0) -> None:
+def _largest_tensor_mib(folder: str) -> float:
+    from safetensors import safe_open
+
+    out = 0
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), framework="numpy") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    n = 1
+                    for d in sl.get_shape():
+                        n *= d
+                    out = max(out, n * 4)
+    return out / 2**20
+
+
+def load(folder: str, scan: bool, dtype: str, coordinator=None, processes: int = 1, index: int = 0,
+         quantize=None) -> None:
     import jax
     import jax.numpy as jnp
 
     import jpeft
 
     kw = {"scan_layers": True} if scan else {}
+    if quantize:
+        kw["quantize"] = quantize
     if processes > 1:
         from jpeft import distributed
 
         distributed.initialize(coordinator, processes, index)
         kw["mesh"] = jpeft.make_mesh(data=1, fsdp=jax.device_count())
         jax.block_until_ready(jnp.zeros(()))  # the runtime's own memory belongs to the baseline
+    if quantize:
+        # one load first, so that compiling the quantizer for each kernel shape (a one-off cost
+        # that does not grow with the model) is not counted; then the peak is reset
+        warm = jpeft.models.from_pretrained(folder, dtype={"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype], **kw)
+        del warm
+        from jpeft import _hostmem
+
+        _hostmem.release()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
     base = _status("VmRSS")
     _, params = jpeft.models.from_pretrained(folder, dtype={"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype], **kw)
     jax.block_until_ready(params)
     local = sum(s.data.nbytes for x in jax.tree.leaves(params) for s in x.addressable_shards)
     print(json.dumps({"weights_mib": jpeft.tree.nbytes(params) / 2**20, "local_shards_mib": local / 2**20,
                       "after_load_mib": _status("VmRSS") - base, "peak_mib": _status("VmHWM") - base, "scan": scan,
-                      "dtype": dtype, "process": index, "processes": processes}))
+                      "dtype": dtype, "process": index, "processes": processes, "quantize": quantize,
+                      "largest_tensor_f32_mib": _largest_tensor_mib(folder)}))
 
 
 def main(argv=None):
@@ -72,6 +106,8 @@ def main(argv=None):
     p.add_argument("--scan", action="store_true", help="load as a layer-scanned model")
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
     p.add_argument("--dir", help="checkpoint folder (written if missing; default: a temporary folder)")
+    p.add_argument("--quantize", default=None, choices=["nf4", "int8", "fp8"],
+                   help="from_pretrained(quantize=...): check the peak against the quantized size plus one tensor")
     p.add_argument("--processes", type=int, default=1,
                    help="load sharded over this many processes on this machine (one CPU device each, fsdp mesh)")
     p.add_argument("--_coordinator", help=argparse.SUPPRESS)
@@ -82,11 +118,12 @@ def main(argv=None):
     if args._write:
         return write(args.dir, args.size)
     if args._load:
-        return load(args.dir, args.scan, args.dtype, args._coordinator, args.processes, args._index)
+        return load(args.dir, args.scan, args.dtype, args._coordinator, args.processes, args._index, args.quantize)
     folder = args.dir or os.path.join(tempfile.mkdtemp(prefix="jpeft_mem_load_"), args.size)
     if not os.path.exists(os.path.join(folder, "config.json")):
         subprocess.run([sys.executable, __file__, "--_write", "--dir", folder, "--size", args.size], check=True)
     cmd = [sys.executable, __file__, "--_load", "--dir", folder, "--dtype", args.dtype] + (["--scan"] if args.scan else [])
+    cmd += ["--quantize", args.quantize] if args.quantize else []
     if args.processes > 1:
         import socket
 
@@ -108,7 +145,13 @@ def main(argv=None):
     r = json.loads(out)
     print(f"from_pretrained ({args.size}, {args.dtype}, {'scanned' if args.scan else 'unrolled'}): weights "
           f"{r['weights_mib']:.0f} MiB, resident after loading {r['after_load_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB "
-          "(above the post-import baseline)")
+          "(above the post-import baseline)" + (f", quantized {args.quantize}" if args.quantize else ""))
+    if args.quantize:
+        bound = r["weights_mib"] + 3 * r["largest_tensor_f32_mib"] + 64
+        print(f"peak {r['peak_mib']:.0f} MiB against the bound {bound:.0f} MiB (quantized weights "
+              f"{r['weights_mib']:.0f} + 3 x the largest tensor {r['largest_tensor_f32_mib']:.0f} + 64)")
+        if r["peak_mib"] > bound:
+            raise SystemExit(f"from_pretrained(quantize={args.quantize!r}) peaked above the bound")
 
 
 if __name__ == "__main__":

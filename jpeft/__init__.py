@@ -11,6 +11,7 @@ The whole idea in four calls::
 
 from jpeft.config import AdapterConfig
 from jpeft.core import apply, init, merge, summary, unmerge
+from jpeft.quant import dequantize, quantize  # QLoRA: a quantized frozen base (issue 19)
 from jpeft import errors
 # the errors users catch around the calls above; every error class is jpeft.errors.X
 from jpeft.errors import (ConfigError, InputValidationError, JpeftError, LoadError, NonFiniteError, NotMergeableError,
@@ -86,6 +87,8 @@ __all__ = [
     "init",
     "apply",
     "merge",
+    "quantize",
+    "dequantize",
     "unmerge",
     "summary",
     "trainable",

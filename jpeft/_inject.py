@@ -13,11 +13,13 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 
-from jpeft import scan
+from jpeft import quant, scan
 from jpeft.errors import LayoutError, TargetNotFoundError, UnsupportedModuleError
 from jpeft.methods.base import Call, Kind, Layout, ModuleInfo
 
 _BYPASS = contextvars.ContextVar("jpeft_bypass", default=False)
+# (path, node, check): set while a module with quantized params re-runs on its dequantized params
+_REDIRECT = contextvars.ContextVar("jpeft_redirect", default=None)
 
 
 class bypass:
@@ -68,21 +70,80 @@ def _check_not_scanned(path: str, node, module, params) -> None:
         )
 
 
+def _own_params(module) -> Mapping[str, Any]:
+    try:
+        return module.variables.get("params", {})
+    except Exception:  # unbound helper modules
+        return {}
+
+
+def _dequantized_call(ctx, args, kwargs, redirect):
+    """Runs the module's method on its own params dequantized (a clone applied to them), so
+    one layer's kernel is dequantized at a time inside the traced step. The re-run's first
+    call is handed to the adapter node at the original path (``_REDIRECT``).
+
+    The re-run is a ``jax.checkpoint`` that saves nothing: the backward pass dequantizes the
+    kernel again instead of keeping every layer's full-precision kernel alive from the forward
+    pass to the backward pass (which would hold a dequantized copy of the model)."""
+    mod = ctx.module
+    own = _own_params(mod)
+    others = {k: v for k, v in mod.variables.items() if k not in ("params", scan.COLLECTION)}
+    rng = mod.make_rng("dropout") if mod.has_rng("dropout") else None
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+
+    def run(own, rng, arrays):
+        full = list(leaves)
+        for i, x in zip(where, arrays):
+            full[i] = x
+        a, kw = jax.tree.unflatten(tree, full)
+        variables = {**others, "params": {k: quant.dequantize_array(v) for k, v in own.items()}}
+        token = _REDIRECT.set(redirect)
+        try:
+            return mod.clone(parent=None).apply(variables, *a, method=ctx.method_name,
+                                                rngs=None if rng is None else {"dropout": rng}, **kw)
+        finally:
+            _REDIRECT.reset(token)
+
+    arrays = [leaves[i] for i in where]
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((own, rng, arrays, redirect[1]))):
+        run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
+    # else: eager, nothing to differentiate (and a checkpoint would compile at every call)
+    return run(own, rng, arrays)
+
+
 def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
     def intercept(next_fun, args, kwargs, ctx):
         if _BYPASS.get():
             return next_fun(*args, **kwargs)
+        redirect = _REDIRECT.get()
+        if redirect is not None:  # a quantized module's re-run: its own method, at its original path
+            _REDIRECT.set(None)
+            path, node, check = redirect
+            if node is None:
+                return next_fun(*args, **kwargs)
+            if check:
+                node.check(path, ctx.module)
+            return node.intercept(Call(ctx.module, ctx.method_name, next_fun, tuple(args), dict(kwargs), path))
         path = module_path(ctx.module)
         node = adapter.get(path)
-        if node is None or not node.handles(ctx.method_name):
+        if node is not None and not node.handles(ctx.method_name):
+            node = None
+        check = False
+        if node is not None:
+            stacked = getattr(node, "at_site", None) is not None
+            if stacked:  # a jpeft.scan.Stacked site: this layer's slice
+                node = node.at_site(ctx.module, path)
+            if path not in checked:
+                checked.add(path)
+                check = True
+                if not stacked:
+                    _check_not_scanned(path, node, ctx.module, params)
+        if any(quant.is_quantized(v) for v in _own_params(ctx.module).values()):
+            return _dequantized_call(ctx, args, kwargs, (path, node, check))
+        if node is None:
             return next_fun(*args, **kwargs)
-        stacked = getattr(node, "at_site", None) is not None
-        if stacked:  # a jpeft.scan.Stacked site: this layer's slice
-            node = node.at_site(ctx.module, path)
-        if path not in checked:
-            checked.add(path)
-            if not stacked:
-                _check_not_scanned(path, node, ctx.module, params)
+        if check:
             node.check(path, ctx.module)
         return node.intercept(Call(ctx.module, ctx.method_name, next_fun, tuple(args), dict(kwargs), path))
 

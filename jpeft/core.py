@@ -6,7 +6,7 @@ from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 
-from jpeft import _inject, _nnx
+from jpeft import _inject, _nnx, quant
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
@@ -47,6 +47,8 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
             graphdef, state = _nnx.split(model, state)
             infos = _nnx.trace(graphdef, state, *model_args, **model_kwargs)
         return fn(config, unwrap_params(state)[0], key, infos)
+    if quant.has_quantized(params):  # methods read the kernels they adapt (DoRA's norms, PiSSA's SVD)
+        params = quant.dequantize(params)
     inner, _ = unwrap_params(params)
     infos = None
     if model is not None:
@@ -80,15 +82,17 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     variables = params if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping) else {"params": params}
     if rngs is not None:
         kwargs["rngs"] = rngs
-    if not adapter:
+    if not adapter and not quant.has_quantized(variables):
         return model.apply(variables, *args, **kwargs)
-    return _inject.apply_with(model, variables, adapter, *args, **kwargs)
+    return _inject.apply_with(model, variables, adapter or {}, *args, **kwargs)
 
 
 def _fold(params, adapter, how: str):
     if isinstance(params, _nnx.nnx.Module):  # an NNX model in, a new NNX model out
         graphdef, state = _nnx.split(params, None)
         return _nnx.nnx.merge(graphdef, _fold(state, adapter, how))
+    if quant.has_quantized(params):
+        params = quant.dequantize(params)
     inner, wrapped = unwrap_params(params)
     new = inner
     for path, node in adapter.items():
@@ -109,7 +113,11 @@ def _fold(params, adapter, how: str):
 def merge(params, adapter: Mapping[str, Any]):
     """Folds the adapter into a copy of the base weights: ``model.apply(merge(p, a), x)``
     equals ``jpeft.apply(model, p, a, x)``. Raises
-    :class:`~jpeft.errors.NotMergeableError` for methods that cannot merge."""
+    :class:`~jpeft.errors.NotMergeableError` for methods that cannot merge.
+
+    On a quantized base (:func:`jpeft.quantize`) the result is the dequantized base with the
+    adapter folded in, in the kernels' original dtype: re-quantizing would round the update
+    away, as PEFT warns. ``jpeft.quantize(jpeft.merge(q, a), scheme)`` does it on purpose."""
     return _fold(params, adapter, "merge")
 
 
@@ -139,7 +147,7 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
     trainable params: 16 || all params: 16 || trainable%: 100.0000 (base 16; 1 adapted sites)
     """
     inner, _ = unwrap_params(_nnx.split(params, None)[1] if isinstance(params, _nnx.nnx.Module) else params)
-    base = count(inner)
+    base = count(quant.abstract(inner))
     train, froz = split_frozen(adapter) if adapter else ({}, {})
     trainable = count(train)
     frozen = count(froz)

@@ -129,6 +129,10 @@ class UnsupportedAdapterError(LoadError):
     """An adapter on disk uses a method or an option jpeft cannot load."""
 
 
+class QuantizationError(JpeftError, ValueError):
+    """A base cannot be quantized as asked, or an operation cannot run on a quantized base."""
+
+
 class OverloadedError(JpeftError, RuntimeError):
     """A server's bounded request queue is full, or its engine is not running (``jpeft serve``
     answers 429 / 503): retry later."""
@@ -166,4 +170,5 @@ __all__ = [
     "WeightShapeError",
     "UnsupportedAdapterError",
     "OverloadedError",
+    "QuantizationError",
 ]

@@ -45,6 +45,7 @@ import numpy as np
 import safetensors.numpy
 
 from jpeft._version import __version__
+from jpeft import quant
 from jpeft.config import AdapterConfig
 from jpeft.core import init
 from jpeft.errors import (
@@ -181,6 +182,7 @@ def base_fingerprint(params, base_config=None, *, with_content_hash: bool = Fals
     ([['q/kernel', [2, 3], 'float32']], {'hidden_size': 3})
     """
     inner, _ = unwrap_params(params)
+    inner = quant.abstract(inner)  # a quantized base has the fingerprint of the model it stands for
     rows = []
     for name, leaf in leaf_names(inner):
         if not hasattr(leaf, "shape"):

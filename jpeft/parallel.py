@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jpeft import quant
 from jpeft.errors import ConfigError, InputValidationError, ShardingError
 from jpeft.methods.base import trainable
 from jpeft.train import _split_loss, make_step_fn
@@ -190,7 +191,7 @@ def _put(tree, shardings, copy: bool = False):
 
 # -------------------------------------------------------------------------- partition specs
 def _leaf_paths(tree):
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=quant.is_quantized)
     return [path_str(kp) for kp, _ in leaves], [x for _, x in leaves], treedef
 
 
@@ -306,11 +307,13 @@ def param_specs(
         shape = tuple(getattr(leaf, "shape", ()))
         for rx, spec in compiled:
             if rx.fullmatch(rel):
-                specs.append(_check_spec(rel, shape, spec, mesh))
+                spec = _check_spec(rel, shape, spec, mesh)
                 break
         else:
             is_stacked = bool(stacked_re and stacked_re.fullmatch(rel))
-            specs.append(_default_spec(shape, size, axis, is_stacked, min_size))
+            spec = _default_spec(shape, size, axis, is_stacked, min_size)
+        # a quantized kernel (jpeft.quantize): the kernel's spec, carried to each of its arrays
+        specs.append(quant.leaf_specs(leaf, spec, dict(mesh.shape)) if quant.is_quantized(leaf) else spec)
     return jax.tree_util.tree_unflatten(treedef, specs)
 
 
@@ -361,6 +364,8 @@ def _site_specs(path: str, node, base_specs):
             own = own[comp]
     except (KeyError, TypeError):
         own = None
+    if isinstance(own, Mapping):  # a quantized kernel's spec tree -> the kernel's own spec
+        own = {k: quant.logical_spec(v) for k, v in own.items()}
     try:
         return node.partition_specs(own if isinstance(own, Mapping) else None)
     except ShardingError as e:

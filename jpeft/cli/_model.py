@@ -12,6 +12,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jpeft.errors import ConfigError, InputValidationError, LoadError
+from jpeft.parallel import shard_params
 from jpeft.models import config_from_hf, from_pretrained, load_tokenizer, loading, model_from_config as _m, read_config
 
 
@@ -23,10 +24,13 @@ class Loaded(NamedTuple):
     hf_config: dict     # the folder's config.json
 
 
-def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = False, mesh=None, rules=None) -> Loaded:
+def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = False, mesh=None, rules=None,
+                quantize=None) -> Loaded:
     """Loads ``config.json`` + safetensors weights (+ the tokenizer) from a local folder;
     ``scan_layers=True`` gives the layer-scanned variant (Llama family only); with ``mesh``
-    every weight is read straight into its shard (``from_pretrained(..., mesh=mesh, rules=rules)``).
+    every weight is read straight into its shard (``from_pretrained(..., mesh=mesh, rules=rules)``);
+    ``quantize``: ``"nf4"`` | ``"int8"`` | ``"fp8"`` quantizes the linear kernels while reading
+    (then placed on ``mesh`` with :func:`jpeft.shard_params`).
 
     Raises:
       LoadError: the folder is missing or is not a Hugging Face model folder.
@@ -35,14 +39,17 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
     d = read_config(folder)
     if scan_layers:
         try:
-            model, params = from_pretrained(folder, scan_layers=True, mesh=mesh, rules=rules)
+            model, params = from_pretrained(folder, scan_layers=True, mesh=None if quantize else mesh, rules=rules,
+                                            quantize=quantize)
         except TypeError:
             raise ConfigError(
                 f"train.scan_layers is for Llama-family models (llama, mistral, qwen2); {folder!r} is a "
                 f"{d.get('model_type')!r} model. Set scan_layers = false."
             ) from None
     else:
-        model, params = from_pretrained(folder, mesh=mesh, rules=rules)
+        model, params = from_pretrained(folder, mesh=None if quantize else mesh, rules=rules, quantize=quantize)
+    if quantize and mesh is not None:
+        params = shard_params(params, mesh, rules, stacked=r".*layers/.*" if scan_layers else None)
     tok = load_tokenizer(folder) if tokenizer else None
     vocab = d.get("vocab_size")
     if tok is not None and isinstance(vocab, int) and len(tok) > vocab:

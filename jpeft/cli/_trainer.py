@@ -146,7 +146,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     mesh = make_run_mesh(cfg, int(t["batch_size"]))
     scan = bool(t.get("scan_layers", False))
     rules = jpeft.tensor_parallel_rules(stacked=scan) if mesh is not None and "tensor" in mesh.shape else None
-    loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules)
+    loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules, quantize=cfg.get("quantize"))
     method = method_of(cfg, loaded.hf_config.get("model_type"))
     check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
     encode, bos, eos = encode_fn(loaded.tokenizer)

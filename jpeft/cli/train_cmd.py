@@ -11,6 +11,7 @@ from jpeft import distributed
 from jpeft.cli._common import check_train_values, require_causal_lm
 from jpeft.cli._trainer import train
 from jpeft.errors import ConfigError, LoadError
+from jpeft.quant import SCHEMES
 
 HELP = "fine-tune a local Hugging Face model folder with any jpeft method (TOML config)"
 
@@ -46,6 +47,12 @@ log_every = 10
 keep_checkpoints = 3
 scan_layers = false           # Llama family: nn.scan over the layers (one layer compiled: less compile
                               # time and memory); the saved adapter is per layer as usual
+
+# QLoRA: instead of the top-level model = "...", a table whose quantize = "nf4" | "int8" | "fp8"
+# loads the base quantized (the adapter trains in float32 and loads on the unquantized base too):
+# [model]
+# path = "hf-folder"
+# quantize = "nf4"
 
 [mesh]                        # optional; used when the run has more than one device or process
 data = 0                      # batch axis (0: every device not used by fsdp)
@@ -95,7 +102,7 @@ _DEFAULTS = {
 FORGETTING_DEFAULTS = {"every": 100, "max_loss_rise": None, "max_kl": None, "action": "stop", "lr_factor": 0.5,
                        "max_rollbacks": 3, "canary_batches": 4}
 _KNOWN = {
-    "": {"model", "output_dir", "seed", "data", "method", "train", "mesh", "forgetting"},
+    "": {"model", "output_dir", "seed", "data", "method", "train", "mesh", "forgetting", "quantize"},
     "forgetting": {"canary", *FORGETTING_DEFAULTS},
     "data": {"train", "eval", "seq_len", "packing", "text_field", "prompt_field", "completion_field"},
     "train": set(_DEFAULTS["train"]),
@@ -181,6 +188,16 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
             raise ConfigError(f"unknown key(s) {unknown} in {where} of the config; known: {sorted(known)}.")
     if "model" not in cfg:
         raise ConfigError("the config has no `model = \"path/to/hf-folder\"` line.")
+    if isinstance(cfg["model"], dict):  # [model] path = "...", quantize = "nf4" (QLoRA)
+        m = cfg["model"]
+        unknown = sorted(set(m) - {"path", "quantize"})
+        if unknown or not isinstance(m.get("path"), str):
+            raise ConfigError(f"[model] takes path = \"hf-folder\" and optionally quantize = \"nf4\" | \"int8\" | "
+                              f"\"fp8\"; found keys {sorted(m)}.")
+        cfg["quantize"] = m.get("quantize")
+        cfg["model"] = m["path"]
+    if cfg.get("quantize") is not None and cfg["quantize"] not in SCHEMES:
+        raise ConfigError(f"model.quantize must be one of {list(SCHEMES)}, found {cfg['quantize']!r}.")
     check_train_values(cfg)  # types and ranges, a NaN learning rate (issue 16)
     if "train" not in cfg["data"]:
         raise ConfigError("the config has no [data] train = \"file.jsonl\" entry.")

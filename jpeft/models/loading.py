@@ -24,8 +24,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from jpeft import _hostmem
-from jpeft.errors import CheckpointError, ConfigError, JpeftError, LoadError, SaveError, UnsafeFileError, UnsupportedModelError, WeightShapeError
+from jpeft import _hostmem, quant
+from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, QuantizationError, SaveError,
+                          UnsafeFileError, UnsupportedModelError, WeightShapeError)
 from jpeft.io import open_regular, read_json, safetensors_index
 from jpeft.models.bert import BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -331,7 +332,7 @@ def _set(tree: dict, keys: tuple, value):
 
 
 def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None, mesh=None, rules=None,
-                    api: str = "linen", **config_overrides):
+                    api: str = "linen", quantize: Optional[quant.Scheme] = None, **config_overrides):
     """Loads a local Hugging Face checkpoint folder into a jpeft model.
 
     Args:
@@ -350,6 +351,11 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
       rules: ``[(regex, spec), ...]`` for :func:`jpeft.param_specs` (with ``mesh``).
       api: ``"linen"`` (default) or ``"nnx"``: the Llama family as ``flax.nnx`` modules
         (:mod:`jpeft.models.llama_nnx`; same weights, same module paths, so the same adapters).
+      quantize: ``"nf4"``, ``"int8"`` or ``"fp8"``: the linear kernels are quantized as they
+        are read, one tensor at a time (as :func:`jpeft.quantize` would quantize them; the
+        LM head, embeddings and norms stay in ``param_dtype``), so host and device memory
+        stay near the quantized model's size plus one tensor. Not with ``mesh``: shard the
+        quantized tree with :func:`jpeft.shard_params` instead.
       **config_overrides: fields of the jpeft config to change (``remat=True``,
         ``scan_layers=True`` for a layer-scanned Llama whose weights are stacked per layer, ...).
 
@@ -368,6 +374,18 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     """
     if api not in ("linen", "nnx"):
         raise ConfigError(f"from_pretrained: api must be 'linen' or 'nnx', found {api!r}.")
+    if quantize is not None and quantize not in quant.SCHEMES:
+        raise QuantizationError(f"from_pretrained(quantize={quantize!r}): expected one of {list(quant.SCHEMES)} or None.")
+    if quantize is not None and mesh is not None:
+        raise QuantizationError(
+            "from_pretrained(quantize=..., mesh=...) is not supported: load with quantize= and no mesh, then place "
+            "the quantized tree with jpeft.shard_params(params, mesh) (its specs carry over to the quantized arrays)."
+        )
+    if quantize is not None and api == "nnx":
+        raise QuantizationError(
+            "from_pretrained(quantize=..., api='nnx') is not supported: quantized bases are linen trees; "
+            "load with api='linen' to quantize."
+        )
     d = read_config(path)
     try:
         cfg = config_from_hf(d, dtype, param_dtype)
@@ -402,7 +420,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         placer = _ShardedPlacer(final, mesh, rules, scanned)
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(_open(f)) for f in files]
-        params, fresh = _read_weights(path, cfg, fam, expected, handles, files, placer)
+        params, fresh = _read_weights(path, cfg, fam, expected, handles, files, placer, quantize)
     if fresh:
         warnings.warn(
             f"{path!r} has no weights for {sorted({expected[k][1] for k in fresh})}; they are freshly initialised "
@@ -434,7 +452,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     return model, {"params": params}
 
 
-def _read_weights(path, cfg, fam, expected, handles, files, placer=None):
+def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantize=None):
     """Checks every name and shape from the headers, then reads tensor by tensor (with a
     ``placer``: only the slices of the shards this process holds)."""
     raw_keys = {}
@@ -489,8 +507,12 @@ def _read_weights(path, cfg, fam, expected, handles, files, placer=None):
             t = np.ascontiguousarray(t.T)
         if t.dtype != pdt:
             t = t.astype(pdt)
-        _set(params, tree_keys, jax.device_put(t))
+        value = jax.device_put(t)
         del t
+        if quantize is not None and quant.selects("/".join(tree_keys[:-1]), tree_keys[-1], value):
+            value = quant.quantize_array(value, quantize)
+        _set(params, tree_keys, value)
+        del value
     return params, fresh
 
 

@@ -1,0 +1,394 @@
+"""Quantized frozen bases (QLoRA): NF4, int8 and fp8 kernels as pytree leaves.
+
+``quantize(params, "nf4")`` replaces the base's linear kernels with quantized leaves; every
+other jpeft call takes the result where it takes ``params``. The leaves are dequantized at the
+point of use, one module call at a time inside the jitted step (``jpeft/_inject.py``), so a
+full-precision copy of the model never exists while training.
+
+* ``"int8"`` (absmax per output channel) and ``"fp8"`` (``float8_e4m3fn``, absmax per output
+  channel) are qwix's :class:`qwix.QArray` (``qwix.quantize`` / ``qwix.dequantize``).
+* ``"nf4"`` is :class:`NF4Array`, written here because qwix has no double quantization and
+  stores NF4 as one ``uint4`` per code: the QLoRA layout of bitsandbytes' ``quantize_4bit``
+  (Dettmers et al. 2023): the kernel in PyTorch's ``[out, in]`` orientation, flattened, cut
+  into blocks of 64; each block's absmax scales it into ``[-1, 1]``, each value becomes the
+  index of the nearest of the 16 NF4 levels (:data:`NF4_LEVELS`), two indices a byte (the
+  first in the high nibble). The fp32 absmaxes are double-quantized: an offset is
+  subtracted and the rest quantized blockwise (256 a block) to the 8-bit signed dynamic code
+  (:func:`dynamic_code`) with one fp32 scale a block. About 4.127 bits per weight. The offset
+  is the absmaxes' midrange ``(max + min) / 2`` where bitsandbytes takes their mean: a float32
+  mean's last bits depend on XLA's summation order (which even differs between two fusions of
+  one program), the midrange is exact, and it minimises the largest centred value, so the
+  8-bit code is no coarser. Codes and scales are thus reproducible bit for bit.
+
+Leading kernel axes (a layer-scanned model's stacked layers) stay leading axes of every array
+of a quantized leaf, so ``nn.scan`` slices a quantized kernel like a plain one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Literal, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from jax.sharding import PartitionSpec as P
+
+from jpeft.errors import QuantizationError
+from jpeft.tree import matches, path_str
+
+Scheme = Literal["nf4", "int8", "fp8"]
+SCHEMES: tuple = ("nf4", "int8", "fp8")
+BLOCK = 64  # NF4 block (QLoRA)
+BLOCK2 = 256  # block of the double quantization of the absmaxes (QLoRA)
+
+#: The 16 NF4 levels (QLoRA, appendix E; bitsandbytes' ``get_4bit_type("nf4")``).
+NF4_LEVELS = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+], np.float32)
+
+
+def dynamic_code() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic code (``create_dynamic_map(signed=True)``, Dettmers
+    2016): for each decade ``10**-6 .. 10**0``, 2**i evenly spaced fractions of it with either
+    sign, plus 0 and 1; 256 float32 values, sorted."""
+    vals = []
+    for i in range(7):
+        bounds = np.linspace(0.1, 1, 2 ** i + 1, dtype=np.float32)
+        means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+        scaled = (np.float32(10.0 ** (i - 6)) * means).astype(np.float32)
+        vals += list(scaled) + list(-scaled)
+    vals += [np.float32(0.0), np.float32(1.0)]
+    return np.sort(np.asarray(vals, np.float32))
+
+
+_DYN = dynamic_code()
+
+
+def _nearest(levels: np.ndarray, x):
+    """Index of the nearest level (sorted ``levels``); a tie goes to the lower one."""
+    mids = jnp.asarray((levels[:-1] + levels[1:]) / np.float32(2))
+    return jnp.searchsorted(mids, x, side="left").astype(jnp.uint8)
+
+
+def _safe(s):
+    return jnp.where(s == 0, jnp.ones_like(s), s)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NF4Array:
+    """A kernel ``[..., in, out]`` in NF4 with double-quantized block scales (see the module
+    docstring). ``shape`` and ``dtype`` are the kernel's; :meth:`dequantize` rebuilds it."""
+
+    codes: jax.Array  # uint8 [..., nblocks * 32]
+    absmax_codes: jax.Array  # uint8 [..., nblocks]
+    absmax_scales: jax.Array  # float32 [..., ceil(nblocks / 256)]
+    absmax_offset: jax.Array  # float32 [...]
+    matrix: tuple = dataclasses.field(metadata=dict(static=True), default=())  # (in, out)
+    dtype_name: str = dataclasses.field(metadata=dict(static=True), default="float32")
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.absmax_offset.shape) + tuple(self.matrix)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.dtype_name)
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+    def dequantize(self) -> jax.Array:
+        return _nf4_dequantize(self)
+
+
+def _nf4_quantize(w) -> NF4Array:
+    w = jnp.asarray(w)
+    if w.ndim < 2:
+        raise QuantizationError(f"NF4 quantizes kernels of 2 or more dims; found shape {tuple(w.shape)}.")
+    lead, (i, o) = tuple(w.shape[:-2]), tuple(w.shape[-2:])
+    n = i * o
+    nb = -(-n // BLOCK)
+    flat = jnp.swapaxes(w, -1, -2).astype(jnp.float32).reshape(lead + (n,))
+    flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, nb * BLOCK - n)])
+    blocks = flat.reshape(lead + (nb, BLOCK))
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    idx = _nearest(NF4_LEVELS, blocks / _safe(absmax)[..., None])
+    codes = ((idx[..., 0::2] << 4) | idx[..., 1::2]).reshape(lead + (nb * BLOCK // 2,))
+    offset = (jnp.max(absmax, axis=-1) + jnp.min(absmax, axis=-1)) / 2
+    ng = -(-nb // BLOCK2)
+    centred = jnp.pad(absmax - offset[..., None], [(0, 0)] * len(lead) + [(0, ng * BLOCK2 - nb)])
+    groups = centred.reshape(lead + (ng, BLOCK2))
+    scale2 = jnp.max(jnp.abs(groups), axis=-1)
+    q2 = _nearest(_DYN, groups / _safe(scale2)[..., None]).reshape(lead + (ng * BLOCK2,))[..., :nb]
+    return NF4Array(codes, q2, scale2, offset, (i, o), jnp.dtype(w.dtype).name)
+
+
+def nf4_absmax(q: NF4Array) -> jax.Array:
+    """The block absmaxes a :class:`NF4Array` decodes to (double quantization undone)."""
+    lead = q.absmax_offset.shape
+    nb = q.absmax_codes.shape[-1]
+    ng = q.absmax_scales.shape[-1]
+    vals = jnp.asarray(_DYN)[q.absmax_codes.astype(jnp.int32)]
+    vals = jnp.pad(vals, [(0, 0)] * len(lead) + [(0, ng * BLOCK2 - nb)]).reshape(lead + (ng, BLOCK2))
+    vals = (vals * q.absmax_scales[..., None]).reshape(lead + (ng * BLOCK2,))[..., :nb]
+    return vals + q.absmax_offset[..., None]
+
+
+def _nf4_dequantize(q: NF4Array) -> jax.Array:
+    lead = q.absmax_offset.shape
+    i, o = q.matrix
+    nb = q.absmax_codes.shape[-1]
+    packed = q.codes.reshape(lead + (nb, BLOCK // 2))
+    idx = jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(lead + (nb, BLOCK)).astype(jnp.int32)
+    vals = jnp.asarray(NF4_LEVELS)[idx] * nf4_absmax(q)[..., None]
+    mat = vals.reshape(lead + (nb * BLOCK,))[..., : i * o].reshape(lead + (o, i))
+    return jnp.swapaxes(mat, -1, -2).astype(q.dtype)
+
+
+def _channel_axes(ndim: int) -> tuple:
+    """Every axis but the input axis (``-2``): one scale per output channel (and per layer)."""
+    return tuple(a for a in range(ndim) if a != ndim - 2)
+
+
+def quantize_array(w, scheme: Scheme):
+    """One kernel ``[..., in, out]`` quantized with ``scheme`` (see :data:`SCHEMES`); jitted,
+    so :func:`quantize` and ``from_pretrained(quantize=...)`` give the same bits."""
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    return _quantize_jit(w, scheme)
+
+
+def _quantize_array(w, scheme):
+    if scheme == "nf4":
+        return _nf4_quantize(w)
+    w = jnp.asarray(w)
+    if w.ndim < 2:
+        raise QuantizationError(f"{scheme} quantizes kernels of 2 or more dims; found shape {tuple(w.shape)}.")
+    if scheme == "int8":
+        return qwix.quantize(w, jnp.int8, channelwise_axes=_channel_axes(w.ndim))
+    if scheme == "fp8":
+        return qwix.quantize(w, jnp.float8_e4m3fn, channelwise_axes=_channel_axes(w.ndim))
+    raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+
+
+_quantize_jit = jax.jit(_quantize_array, static_argnums=1)
+
+
+def is_quantized(x) -> bool:
+    """Whether ``x`` is a quantized leaf (:class:`NF4Array` or :class:`qwix.QArray`)."""
+    return isinstance(x, (NF4Array, qwix.QArray))
+
+
+def has_quantized(tree) -> bool:
+    return any(is_quantized(x) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
+
+
+def dequantize_array(x):
+    """A quantized leaf as a plain array in its original dtype (other leaves pass through)."""
+    if isinstance(x, NF4Array):
+        return x.dequantize()
+    if isinstance(x, qwix.QArray):
+        return qwix.dequantize(x)
+    return x
+
+
+def dequantize(params):
+    """``params`` with every quantized leaf dequantized (the whole model at once: for
+    :func:`jpeft.merge` and export, not for training, which dequantizes layer by layer)."""
+    return jax.tree.map(dequantize_array, params, is_leaf=is_quantized)
+
+
+def abstract(params):
+    """``params`` with every quantized leaf as a ``jax.ShapeDtypeStruct`` of the kernel it
+    stands for (parameter counts, tracing)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x, params,
+                        is_leaf=is_quantized)
+
+
+def scheme_of(x) -> Optional[str]:
+    if isinstance(x, NF4Array):
+        return "nf4"
+    if isinstance(x, qwix.QArray):
+        return "int8" if jnp.dtype(x.qvalue.dtype) == jnp.int8 else "fp8"
+    return None
+
+
+DEFAULT_SKIP = ("lm_head",)
+
+
+def selects(path: str, name: str, leaf, target_modules=None, skip=DEFAULT_SKIP) -> bool:
+    """Whether the leaf ``name`` of module ``path`` is quantized: by default every ``kernel``
+    of 2+ dims except the LM head's; with ``target_modules`` (matched as PEFT's, see
+    :func:`jpeft.tree.matches`) the kernels and embeddings of those modules."""
+    if getattr(leaf, "ndim", len(getattr(leaf, "shape", ()))) < 2 or is_quantized(leaf):
+        return False
+    if target_modules is not None:
+        return name in ("kernel", "embedding") and matches(target_modules, path)
+    if name != "kernel":
+        return False
+    last = path.rsplit("/", 1)[-1]
+    return last not in skip
+
+
+def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
+    """The base ``params`` with its linear kernels quantized: NF4 (block 64, double-quantized
+    scales), int8 or fp8 e4m3 (absmax per output channel). Embeddings, norms, biases and the
+    LM head keep their dtype unless ``target_modules`` names them (a regex or list, as
+    ``LoraConfig.target_modules``; then those modules' kernels and embeddings are quantized).
+
+    The result goes wherever ``params`` go (:func:`jpeft.init`, :func:`jpeft.apply`, training,
+    sharding, checkpoints); :func:`jpeft.merge` returns a dequantized merged tree.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> model = nn.Dense(128); x = jnp.ones((2, 64))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> q = jpeft.quantize(params, "int8", target_modules=".*")
+    >>> y = jpeft.apply(model, q, None, x)
+    >>> bool(jnp.allclose(y, model.apply(params, x), atol=0.05))
+    True
+    """
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    def one(kp, leaf):
+        parts = path_str(kp).split("/")
+        if parts and parts[0] == "params" and isinstance(params, Mapping) and "params" in params:
+            parts = parts[1:]
+        path, name = "/".join(parts[:-1]), parts[-1]
+        return quantize_array(leaf, scheme) if selects(path, name, leaf, target_modules) else leaf
+
+    out = jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
+    if target_modules is not None and not has_quantized(out):
+        raise QuantizationError(
+            f"target_modules={target_modules!r} selected no kernel or embedding to quantize; "
+            "name module paths such as 'q_proj' or a regex over 'model/layers_0/self_attn/q_proj'."
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------ safetensors
+def to_tensors(params) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` for ``safetensors``: every leaf of ``params`` under its ``/``
+    path, a quantized leaf as its arrays (``path.codes``, ``path.qvalue``, ...; fp8 values as
+    their raw bytes, ``uint8``) and a metadata entry (``{path: json}``) saying how to rebuild
+    it. :func:`from_tensors` inverts it bit for bit."""
+    tensors, meta = {}, {}
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+    for kp, x in flat:
+        name = path_str(kp)
+        if isinstance(x, NF4Array):
+            for f in ("codes", "absmax_codes", "absmax_scales", "absmax_offset"):
+                tensors[f"{name}.{f}"] = np.asarray(getattr(x, f))
+            meta[name] = json.dumps({"scheme": "nf4", "matrix": list(x.matrix), "dtype": x.dtype_name})
+        elif isinstance(x, qwix.QArray):
+            qv = np.asarray(x.qvalue)
+            tensors[f"{name}.qvalue"] = qv.view(np.uint8) if scheme_of(x) == "fp8" else qv
+            tensors[f"{name}.scale"] = np.asarray(x.scale)
+            meta[name] = json.dumps({"scheme": scheme_of(x)})
+        else:
+            tensors[name] = np.asarray(x)
+    return tensors, meta
+
+
+def from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> dict:
+    """Inverse of :func:`to_tensors` (a nested dict of ``jax.Array`` s and quantized leaves)."""
+    out: dict = {}
+
+    def put(name, value):
+        node = out
+        *parents, last = name.split("/")
+        for c in parents:
+            node = node.setdefault(c, {})
+        node[last] = value
+
+    for name, js in metadata.items():
+        if not isinstance(js, str) or not js.startswith("{"):
+            continue
+        m = json.loads(js)
+        try:
+            if m["scheme"] == "nf4":
+                arrs = [jnp.asarray(tensors[f"{name}.{f}"]) for f in ("codes", "absmax_codes", "absmax_scales", "absmax_offset")]
+                put(name, NF4Array(*arrs, tuple(m["matrix"]), m["dtype"]))
+            else:
+                qv = np.asarray(tensors[f"{name}.qvalue"])
+                qtype = jnp.int8 if m["scheme"] == "int8" else jnp.float8_e4m3fn
+                qv = qv.view(qtype) if m["scheme"] == "fp8" else qv
+                put(name, qwix.QArray(jnp.asarray(qv), jnp.asarray(tensors[f"{name}.scale"]), None, qtype))
+        except KeyError as e:
+            raise QuantizationError(f"the file has a quantized leaf {name!r} ({m}) without its array {e}; is it truncated?") from None
+    for name, value in tensors.items():
+        if name.rsplit(".", 1)[0] in metadata and name not in metadata:
+            continue
+        put(name, jnp.asarray(value))
+    return out
+
+
+def save(path: str, params) -> None:
+    """Writes a (quantized) base to one safetensors file; :func:`load` reads it back bit for bit."""
+    tensors, meta = to_tensors(params)
+    save_file(tensors, path, metadata={"jpeft_quantized": "1", **meta})
+
+
+def load(path: str) -> dict:
+    """Reads a file written by :func:`save`."""
+    with safe_open(path, framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.pop("jpeft_quantized", None)
+    return from_tensors(tensors, meta)
+
+
+def logical_spec(spec_node):
+    """The kernel's own partition spec from a quantized leaf's tree of specs."""
+    if isinstance(spec_node, qwix.QArray):
+        return spec_node.qvalue
+    if isinstance(spec_node, NF4Array):  # leaf_specs records it; a tree-mapped copy replicates the matrix
+        return getattr(spec_node, "matrix_spec", None) or P(*spec_node.absmax_offset, None, None)
+    return spec_node
+
+
+def _entry_size(mesh_shape: Mapping[str, int], entry) -> int:
+    if entry is None:
+        return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return int(math.prod(mesh_shape[a] for a in names))
+
+
+def leaf_specs(leaf, spec: P, mesh_shape: Mapping[str, int]):
+    """The quantized ``leaf`` with a :class:`PartitionSpec` per array, from the kernel's own
+    ``spec``: leading (layer) axes keep their entries; int8/fp8 values shard like the kernel and
+    their scales like it on the axes they keep; NF4's flat arrays take the kernel's output (else
+    input) entry where the mesh axis divides them, which cuts them along output rows."""
+    e = list(spec) + [None] * (leaf.ndim - len(spec))
+    if isinstance(leaf, qwix.QArray):
+        scale = P(*[en if leaf.scale.shape[d] == leaf.shape[d] else None for d, en in enumerate(e)])
+        return dataclasses.replace(leaf, qvalue=P(*e), scale=scale,
+                                   zero_point=None if leaf.zero_point is None else scale)
+    lead = e[: leaf.ndim - 2]
+    flat = e[-1] if e[-1] is not None else e[-2]
+
+    def cut(n):
+        return P(*lead, flat if flat is not None and n % _entry_size(mesh_shape, flat) == 0 else None)
+
+    out = NF4Array(cut(leaf.codes.shape[-1]), cut(leaf.absmax_codes.shape[-1]), P(*lead, None), P(*lead),
+                   leaf.matrix, leaf.dtype_name)
+    object.__setattr__(out, "matrix_spec", P(*e))
+    return out
+
+
+__all__ = ["quantize", "dequantize", "is_quantized", "has_quantized", "NF4Array", "NF4_LEVELS", "SCHEMES",
+           "dynamic_code", "quantize_array", "dequantize_array", "scheme_of"]
