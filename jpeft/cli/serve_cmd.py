@@ -27,7 +27,6 @@ example:
 
 A request picks its adapter with "model": the adapter's name, or the base model's name (--name,
 default the model folder's name) for no adapter. See docs/SERVING.md.
-Needs the serve extra: pip install 'jpeft[serve]'.
 """
 
 
@@ -72,10 +71,10 @@ def _parse_adapters(items) -> dict:
 
 def build(args):
     """``(server, host, port)`` from the parsed arguments (loads the model and adapters)."""
-    try:  # Starlette and uvicorn are the optional `serve` extra
+    try:  # Starlette and uvicorn: dependencies of jpeft, imported only here
         from jpeft.serve.app import Server
     except ImportError as e:
-        raise ConfigError(f"jpeft serve needs the serve extra ({e}); pip install 'jpeft[serve]'.") from None
+        raise ConfigError(f"jpeft serve needs Starlette and uvicorn ({e}); reinstall jpeft (pip install -e .) or pip install starlette uvicorn.") from None
 
     for name in ("slots", "chunk", "max_queue"):
         if getattr(args, name) < 1:
