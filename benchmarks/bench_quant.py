@@ -11,7 +11,8 @@ Python's own documentation (``pydoc_data.topics``) as bytes, the first 90 % for 
 the rest held out. Quantized bases dequantize to bf16 (the QLoRA recipe: bf16 compute).
 
 Examples:
-  python benchmarks/bench_quant.py --size cpu                # ~3M-parameter Llama, ~8 minutes on a shared CPU
+  python benchmarks/bench_quant.py --size cpu                # ~3M-parameter Llama, ~3 minutes on an idle 2-core CPU
+  python benchmarks/bench_quant.py --size 1b-cpu              # the same ~1.1B, batch 1 x 128, 40 steps: ~15 minutes on 2 cores
   python benchmarks/bench_quant.py --size 1b --json out.json # ~1.1B (TinyLlama shape), on a GPU
 """
 
@@ -22,10 +23,12 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +42,16 @@ class Size:
     batch: int
     seq: int
     steps: int
+    held: int = 8  # held-out rows of seq tokens
 
 
 SIZES = {
     "toy": Size(64, 1, 4, 2, 128, 256, 2, 32, 3),
     "cpu": Size(256, 4, 8, 4, 704, 256, 4, 128, 40),
+    # the same 1.1B model as "1b" at a batch a 2-core CPU steps through in 2-4 s: the largest
+    # Llama whose f32 run (the f32 base beside the bf16 reference: 11.8 GB peak RSS) fits a
+    # 24 GiB machine with room to spare
+    "1b-cpu": Size(2048, 22, 32, 4, 5632, 32000, 1, 128, 40),
     "1b": Size(2048, 22, 32, 4, 5632, 32000, 4, 1024, 60),
 }
 BASES = ("f32", "bf16", "int8", "fp8", "nf4")
@@ -95,7 +103,8 @@ def worker(size: Size, base: str) -> dict:
     else:
         params = jpeft.quantize(ref, base)
     train, held = _text()
-    held_rows = jnp.asarray(_rows(held, 8, size.seq, 123))
+    held_rows = jnp.asarray(_rows(held, size.held, size.seq, 123))
+    dev = jax.devices()[0]
     fwd = jax.jit(lambda p, a, x: jpeft.apply(model, p, a, x).astype(jnp.float32))
     ref_logits = jax.jit(lambda p, x: bf16_model.apply(p, x).astype(jnp.float32))(ref, held_rows[:, :-1])
     logits = fwd(params, None, held_rows[:, :-1])
@@ -107,30 +116,39 @@ def worker(size: Size, base: str) -> dict:
     def loss_fn(p, a, rows, key):
         return xent(jpeft.apply(model, p, a, rows[:, :-1]).astype(jnp.float32), rows)
 
+    kernel_ratio = _kernel_ratio(params, ref)
     lcfg = jpeft.LoraConfig(r=RANK, alpha=2 * RANK, target_modules="all-linear")
     adapter = jpeft.init(lcfg, params, jax.random.key(1), model, dummy)
     opt = optax.adamw(2e-3)
     state = opt.init(adapter)
-    step = jpeft.make_train_step(loss_fn, opt)
+    batches = [jnp.asarray(_rows(train, size.batch, size.seq, i)) for i in range(size.steps)]
+    # compiled ahead, so that the peak below is the training's (this base, the adapter, Adam,
+    # activations, the runtime), not XLA's compiler's; the bf16 reference model is freed first
+    step = jpeft.make_train_step(loss_fn, opt).lower(params, adapter, state, batches[0], jax.random.key(0)).compile()
+    evaluate = fwd.lower(params, adapter, held_rows[:, :-1]).compile()
+    logits.block_until_ready()
+    del ref
+    if dev.platform == "cpu":
+        peak_rss = C.PeakRSS()
     times, losses = [], []
-    for i in range(size.steps):
-        rows = jnp.asarray(_rows(train, size.batch, size.seq, i))
+    for i, rows in enumerate(batches):
         t0 = time.perf_counter()
         adapter, state, m = step(params, adapter, state, rows, jax.random.key(i))
         losses.append(float(m["loss"]))  # blocks
         times.append(time.perf_counter() - t0)
-    held_loss = float(xent(fwd(params, adapter, held_rows[:, :-1]), held_rows))
+        print(f"[{base}] step {i + 1}/{size.steps}: loss {losses[-1]:.3f}, {times[-1]:.2f} s", file=sys.stderr, flush=True)
+    held_loss = float(xent(evaluate(params, adapter, held_rows[:, :-1]), held_rows))
     held_loss0 = float(xent(logits, held_rows))
-    dev = jax.devices()[0]
     stats = dev.memory_stats() if dev.platform != "cpu" else None
-    peak = stats.get("peak_bytes_in_use") if stats else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = stats.get("peak_bytes_in_use") if stats else peak_rss.peak()
     return {
         "base": base, "device": dev.device_kind, "params": int(jpeft.summary(params, None, print_fn=None)["base"]),
         "bytes": nbytes(params), "bf16_bytes": ref_bytes, "bytes_vs_bf16": nbytes(params) / ref_bytes,
-        "kernel_bytes_vs_bf16": _kernel_ratio(params, ref), "logit_rel_err_vs_bf16": logit_err,
+        "kernel_bytes_vs_bf16": kernel_ratio, "logit_rel_err_vs_bf16": logit_err,
         "heldout_loss_before": held_loss0, "heldout_loss_after": held_loss, "train_loss_first": losses[0],
         "train_loss_last": losses[-1], "step_s_median": float(np.median(times[2:] if len(times) > 3 else times)),
-        "peak_bytes": int(peak), "peak_kind": "device peak_bytes_in_use" if stats else "host peak RSS",
+        "peak_bytes": int(peak), "rss_at_training_start": None if stats else int(peak_rss.baseline),
+        "peak_kind": "device peak_bytes_in_use" if stats else "host peak RSS while training",
     }
 
 
@@ -187,13 +205,17 @@ def kernel_eval(shape=(2048, 2048), reps: int = 20) -> list:
 
 def markdown(report: dict) -> str:
     lines = [f"Llama {report['size']} ({report['rows'][0]['params']:,} parameters), device {report['rows'][0]['device']}, "
-             f"LoRA r={RANK} on all linear layers, {report['steps']} steps of batch {report['batch']} x {report['seq']}.", "",
+             f"LoRA r={RANK} on all linear layers, {report['steps']} steps of batch {report['batch']} x {report['seq']}, "
+             f"held-out loss on {report.get('held', 8)} rows.", "",
              "| base | bytes | vs bf16 (all) | kernels vs bf16 | logit rel. err vs bf16 | step (s) | peak memory | "
              "held-out loss before -> after |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
+        start = r.get("rss_at_training_start")
+        peak = f"{r['peak_bytes'] / 2**20:.0f} MiB ({r['peak_kind']}" + (
+            f"; {start / 2**20:.0f} MiB when it started)" if start else ")")
         lines.append(f"| {r['base']} | {r['bytes'] / 2**20:.1f} MiB | {r['bytes_vs_bf16']:.3f} | {r['kernel_bytes_vs_bf16']:.3f} | "
-                     f"{r['logit_rel_err_vs_bf16']:.4f} | {r['step_s_median']:.3f} | {r['peak_bytes'] / 2**20:.0f} MiB "
-                     f"({r['peak_kind']}) | {r['heldout_loss_before']:.3f} -> {r['heldout_loss_after']:.3f} |")
+                     f"{r['logit_rel_err_vs_bf16']:.4f} | {r['step_s_median']:.3f} | {peak} | "
+                     f"{r['heldout_loss_before']:.3f} -> {r['heldout_loss_after']:.3f} |")
     if report.get("kernels"):
         lines += ["", "| one kernel | bits/weight (jax nbytes) | bits/weight (uint4 packed) | rel. error | max abs error | x @ dequant(w) (ms) |",
                   "|---|---|---|---|---|---|"]
@@ -223,13 +245,13 @@ def main(argv=None) -> dict:
     for base in args.bases.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--worker", base,
                "--steps", str(size.steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the worker's progress goes to stderr
         got = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON:")]
         if proc.returncode or not got:
-            raise SystemExit(f"worker {base} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"worker {base} failed (exit {proc.returncode}); its output is above")
         rows.append(json.loads(got[-1][5:]))
         print(f"{base}: {rows[-1]}", file=sys.stderr, flush=True)
-    report = {"size": args.size, "steps": size.steps, "batch": size.batch, "seq": size.seq, "rows": rows,
+    report = {"size": args.size, "steps": size.steps, "batch": size.batch, "seq": size.seq, "held": size.held, "rows": rows,
               "kernels": None if args.no_kernel_eval else kernel_eval()}
     if args.json:
         with open(args.json, "w") as f:

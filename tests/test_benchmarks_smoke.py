@@ -5,8 +5,10 @@ loss at every training step, and the analytic FLOP count must agree with XLA's o
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -132,3 +134,16 @@ def test_size_specs_and_full_flops():
     assert (s.seq, s.batch, s.layers, s.hidden) == (64, 1, 3, C.SIZES["toy"].hidden)
     f, lo = C.full_step_flops(s), C.lora_step_flops(s, r=0)
     assert f["forward"] == lo["forward"] and f["backward"] > lo["backward"]
+
+
+def test_quant_benchmark_toy_run(tmp_path):
+    """bench_quant.py end to end at toy size: one process per base, the report's columns."""
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_quant.py"), "--size", "toy", "--bases", "bf16,nf4",
+                        "--no-kernel-eval", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    bf16, nf4 = rep["rows"]
+    assert (bf16["base"], nf4["base"]) == ("bf16", "nf4") and bf16["bytes_vs_bf16"] == 1.0
+    assert nf4["kernel_bytes_vs_bf16"] < 0.3 and nf4["logit_rel_err_vs_bf16"] > 0
+    assert "step 3/3" in r.stderr and "| nf4 |" in r.stdout
