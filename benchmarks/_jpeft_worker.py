@@ -50,8 +50,15 @@ def causal_lm_loss(logits, ids):
     return jpeft.data.causal_lm_loss(logits, ids, jnp.ones_like(ids))[0]
 
 
-def load(folder: str, dtype, attention: str = "auto"):
-    out = jpeft.models.from_pretrained(folder, dtype=dtype, attention=attention)
+def _value(v: str):
+    return {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+
+
+def load(folder: str, dtype, attention: str = "auto", block: int = 0, config: str = ""):
+    """The saved Llama; ``config`` is ``key=value,...`` of LlamaConfig fields (``scan_layers=true``)."""
+    extra = {"attention_block_size": block} if block else {}
+    extra.update({k: _value(v) for k, v in (kv.split("=", 1) for kv in config.split(",") if kv)})
+    out = jpeft.models.from_pretrained(folder, dtype=dtype, attention=attention, **extra)
     model, params = (out.model, out.params) if hasattr(out, "model") else out
     return model, params
 
@@ -143,13 +150,16 @@ def worker(args) -> None:
     size = C.size(args.size)
     dtype = DTYPES[args.dtype]
     t0 = time.perf_counter()
-    model, params = load(os.path.join(args.dir, "base"), dtype, args.attention)
+    model, params = load(os.path.join(args.dir, "base"), dtype, args.attention, args.attention_block, args.config)
     data = [jnp.asarray(b) for b in C.batches(size, args.n_batches, seed=1)]
     if args.full:  # every parameter is the trainable tree; nothing frozen
         params, adapter = {}, params
     else:
-        adapter = jpeft.init(lora_config(args.r), params, jax.random.key(0))
-        adapter = load_peft_adapter(adapter, os.path.join(args.dir, "adapter"))
+        if "scan_layers=true" in args.config.lower():  # stacked sites: jpeft's own PEFT loader stacks them
+            _, adapter = jpeft.hf.load_peft(os.path.join(args.dir, "adapter"), params, dtype=dtype)
+        else:
+            adapter = jpeft.init(lora_config(args.r), params, jax.random.key(0))
+            adapter = load_peft_adapter(adapter, os.path.join(args.dir, "adapter"))
     jax.block_until_ready((params, adapter))
     load_s = time.perf_counter() - t0
 
@@ -315,6 +325,8 @@ def main():
     p.add_argument("--size", default="issue", help="a name of _common.SIZES, optionally ':field=value,...'")
     p.add_argument("--full", action="store_true", help="full fine-tuning (every parameter trainable, Adam on all)")
     p.add_argument("--attention", default="auto", help="LlamaConfig.attention: auto, blockwise, reference, cudnn")
+    p.add_argument("--attention-block", type=int, default=0, help="LlamaConfig.attention_block_size (0: the default)")
+    p.add_argument("--config", default="", help="more LlamaConfig fields, key=value,... (e.g. scan_layers=true,remat=true)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
     p.add_argument("--lr", type=float, default=1e-3)

@@ -89,7 +89,7 @@ def start(framework, mode, size_spec, r, args, workdir, tag):
     if mode == "full":
         argv.append("--full")
     if framework == "jpeft":
-        argv += ["--attention", args.attention]
+        argv += ["--attention", args.attention, "--attention-block", str(args.attention_block), "--config", args.jpeft_config]
     env = {"XLA_FLAGS": args.xla_flags} if (framework == "jpeft" and args.xla_flags) else {}
     w = Worker(script, argv, os.path.join(workdir, f"{framework}_{mode}.{tag}.log"), env)
     try:
@@ -163,7 +163,9 @@ def goals(results):
 
 def markdown(report) -> str:
     L = [f"Base size {report['base']}; {report['tokens']} tokens per batch; {report['rounds']} rounds x "
-         f"{report['steps']} turns x {report['per_turn']} steps per worker; jpeft attention={report['attention']}.",
+         f"{report['steps']} turns x {report['per_turn']} steps per worker; jpeft attention={report['attention']}"
+         + (f", attention_block_size={report['attention_block']}" if report.get("attention_block") else "")
+         + (f", {report['jpeft_config']}" if report.get("jpeft_config") else "") + ".",
          "", "| axis | value | size | r | jpeft / HF step (median, spread) | jpeft MFU | HF MFU | jpeft peak MiB | "
          "HF peak MiB | jpeft XLA temp MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in report["points"]:
@@ -219,6 +221,10 @@ def main(argv=None):
     p.add_argument("--per-turn", type=int, default=3, help="back-to-back steps per turn (default 3)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="auto", help="jpeft LlamaConfig.attention (default auto)")
+    p.add_argument("--attention-block", type=int, default=0,
+                   help="jpeft LlamaConfig.attention_block_size (default 0: the model's default, 512)")
+    p.add_argument("--jpeft-config", default="",
+                   help="more jpeft LlamaConfig fields, key=value,... (e.g. scan_layers=true,remat=true)")
     p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""))
     p.add_argument("--workdir")
     p.add_argument("--json")
@@ -231,7 +237,9 @@ def main(argv=None):
     try:
         results = [one_point(args, *pt, workdir) for pt in points(args)]
         report = {"base": args.base, "tokens": args.tokens, "rounds": args.rounds, "steps": args.steps,
-                  "per_turn": args.per_turn, "attention": args.attention, "points": results,
+                  "per_turn": args.per_turn, "attention": args.attention, "attention_block": args.attention_block,
+                  "jpeft_config": args.jpeft_config,
+                  "points": results,
                   "goals": goals(results),
                   "env": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg(), "xla_flags": args.xla_flags,
                           "wall_s": time.perf_counter() - t0}}
