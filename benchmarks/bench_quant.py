@@ -76,7 +76,7 @@ def _rows(data, n, seq, seed):
     return np.stack([data[s:s + seq + 1] for s in starts])
 
 
-def worker(size: Size, base: str) -> dict:
+def worker(size: Size, base: str, compute: str = "") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -86,9 +86,10 @@ def worker(size: Size, base: str) -> dict:
     from jpeft.tree import nbytes
 
     dt = jnp.float32 if base == "f32" else jnp.bfloat16
+    cdt = {"": dt, "f32": jnp.float32, "bf16": jnp.bfloat16}[compute]  # --compute overrides the compute dtype
     cfg = jpeft.models.LlamaConfig(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
                                    num_layers=size.layers, num_heads=size.heads, num_kv_heads=size.kv_heads,
-                                   dtype=dt, param_dtype=dt)
+                                   dtype=cdt, param_dtype=dt)
     model = jpeft.models.LlamaForCausalLM(cfg)
     bf16_model = jpeft.models.LlamaForCausalLM(cfg.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
     dummy = jnp.zeros((1, 8), jnp.int32)
@@ -142,7 +143,7 @@ def worker(size: Size, base: str) -> dict:
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     peak = stats.get("peak_bytes_in_use") if stats else peak_rss.peak()
     return {
-        "base": base, "device": dev.device_kind, "params": int(jpeft.summary(params, None, print_fn=None)["base"]),
+        "base": base + (f" ({compute} compute)" if compute else ""), "device": dev.device_kind, "params": int(jpeft.summary(params, None, print_fn=None)["base"]),
         "bytes": nbytes(params), "bf16_bytes": ref_bytes, "bytes_vs_bf16": nbytes(params) / ref_bytes,
         "kernel_bytes_vs_bf16": kernel_ratio, "logit_rel_err_vs_bf16": logit_err,
         "heldout_loss_before": held_loss0, "heldout_loss_after": held_loss, "train_loss_first": losses[0],
@@ -231,6 +232,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--bases", default=",".join(BASES))
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--compute", default="", choices=["", "f32", "bf16"],
+                    help="compute dtype for every base (default: f32 for the f32 base, bf16 for the others)")
     ap.add_argument("--json", default=None, help="write the report here")
     ap.add_argument("--no-kernel-eval", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -239,12 +242,12 @@ def main(argv=None) -> dict:
     if args.steps:
         size = dataclasses.replace(size, steps=args.steps)
     if args.worker:
-        print("JSON:" + json.dumps(worker(size, args.worker)), flush=True)
+        print("JSON:" + json.dumps(worker(size, args.worker, args.compute)), flush=True)
         return {}
     rows = []
     for base in args.bases.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--worker", base,
-               "--steps", str(size.steps)]
+               "--steps", str(size.steps), "--compute", args.compute]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the worker's progress goes to stderr
         got = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON:")]
         if proc.returncode or not got:
