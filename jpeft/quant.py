@@ -22,7 +22,7 @@ docs/BENCHMARKS.md "QLoRA".)
   Against bitsandbytes 0.50's own ``quantize_4bit`` on the CPU (tests/test_quantize.py): the
   4-bit codes are equal bit for bit, the offset to an ulp, and given the same offset the
   absmax scales bit for bit; the absmax codes are the nearest code, where bitsandbytes' CPU
-  search takes the other neighbour of a near-tie for a fraction of a percent of them.
+  binary search (not an exact nearest) takes a neighbour for 0.2-2% of them.
 
 Leading kernel axes (a layer-scanned model's stacked layers) stay leading axes of every array
 of a quantized leaf, so ``nn.scan`` slices a quantized kernel like a plain one.

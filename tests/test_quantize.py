@@ -109,8 +109,9 @@ def test_nf4_equals_bitsandbytes_quantize_4bit(shape):
     """bitsandbytes' own quantize_4bit(blocksize=64, "nf4", compress_statistics=True) on the
     same [out, in] weight: the 4-bit codes bit for bit; the offset (the absmaxes' mean) to an
     ulp; given the same offset and 8-bit code, the absmax scales bit for bit and the absmax
-    codes bit for bit except for a few percent of them (0.2-2% measured), where bitsandbytes' CPU binary search
-    (not an exact nearest) takes the neighbour of the nearest code, which jpeft takes."""
+    codes bit for bit except for a few percent of them (0.2-2% measured), where bitsandbytes'
+    CPU binary search (not an exact nearest) takes a neighbour of the nearest code, which
+    jpeft takes."""
     import bitsandbytes.functional as F
     import torch
 
