@@ -54,7 +54,7 @@ SIZES = {
     "1b-cpu": Size(2048, 22, 32, 4, 5632, 32000, 1, 128, 40),
     "1b": Size(2048, 22, 32, 4, 5632, 32000, 4, 1024, 60),
 }
-BASES = ("f32", "bf16", "int8", "fp8", "nf4")
+BASES = ("f32", "bf16", "int8", "fp8", "nf4")  # and "nf4-all": every kernel and embedding, LM head included
 RANK = 16
 
 
@@ -76,7 +76,7 @@ def _rows(data, n, seq, seed):
     return np.stack([data[s:s + seq + 1] for s in starts])
 
 
-def worker(size: Size, base: str, compute: str = "") -> dict:
+def worker(size: Size, base: str, compute: str = "", scan_layers: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -89,7 +89,7 @@ def worker(size: Size, base: str, compute: str = "") -> dict:
     cdt = {"": dt, "f32": jnp.float32, "bf16": jnp.bfloat16}[compute]  # --compute overrides the compute dtype
     cfg = jpeft.models.LlamaConfig(vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
                                    num_layers=size.layers, num_heads=size.heads, num_kv_heads=size.kv_heads,
-                                   dtype=cdt, param_dtype=dt)
+                                   dtype=cdt, param_dtype=dt, scan_layers=scan_layers)
     model = jpeft.models.LlamaForCausalLM(cfg)
     bf16_model = jpeft.models.LlamaForCausalLM(cfg.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
     dummy = jnp.zeros((1, 8), jnp.int32)
@@ -101,6 +101,8 @@ def worker(size: Size, base: str, compute: str = "") -> dict:
         params = jax.tree.map(lambda x: x.astype(jnp.float32), ref)
     elif base == "bf16":
         params = ref
+    elif base == "nf4-all":  # the embeddings and the LM head in NF4 too (QLoRA keeps them in bf16)
+        params = jpeft.quantize(ref, "nf4", target_modules=".*")
     else:
         params = jpeft.quantize(ref, base)
     train, held = _text()
@@ -143,7 +145,7 @@ def worker(size: Size, base: str, compute: str = "") -> dict:
     stats = dev.memory_stats() if dev.platform != "cpu" else None
     peak = stats.get("peak_bytes_in_use") if stats else peak_rss.peak()
     return {
-        "base": base + (f" ({compute} compute)" if compute else ""), "device": dev.device_kind, "params": int(jpeft.summary(params, None, print_fn=None)["base"]),
+        "base": base + (f" ({compute} compute)" if compute else "") + (", layer scan" if scan_layers else ""), "device": dev.device_kind, "params": int(jpeft.summary(params, None, print_fn=None)["base"]),
         "bytes": nbytes(params), "bf16_bytes": ref_bytes, "bytes_vs_bf16": nbytes(params) / ref_bytes,
         "kernel_bytes_vs_bf16": kernel_ratio, "logit_rel_err_vs_bf16": logit_err,
         "heldout_loss_before": held_loss0, "heldout_loss_after": held_loss, "train_loss_first": losses[0],
@@ -230,10 +232,14 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    ap.add_argument("--bases", default=",".join(BASES))
+    ap.add_argument("--bases", default=",".join(BASES),
+                    help="comma list of f32, bf16, int8, fp8, nf4 and nf4-all (NF4 for the embeddings and the LM head too)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--compute", default="", choices=["", "f32", "bf16"],
                     help="compute dtype for every base (default: f32 for the f32 base, bf16 for the others)")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="run the decoder layers with nn.scan (LlamaConfig(scan_layers=True)); on the CPU this is "
+                         "what keeps a quantized base's training memory near its quantized size (docs/MODELS.md)")
     ap.add_argument("--json", default=None, help="write the report here")
     ap.add_argument("--no-kernel-eval", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -242,19 +248,19 @@ def main(argv=None) -> dict:
     if args.steps:
         size = dataclasses.replace(size, steps=args.steps)
     if args.worker:
-        print("JSON:" + json.dumps(worker(size, args.worker, args.compute)), flush=True)
+        print("JSON:" + json.dumps(worker(size, args.worker, args.compute, args.scan_layers)), flush=True)
         return {}
     rows = []
     for base in args.bases.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--worker", base,
-               "--steps", str(size.steps), "--compute", args.compute]
+               "--steps", str(size.steps), "--compute", args.compute] + ["--scan-layers"] * args.scan_layers
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the worker's progress goes to stderr
         got = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON:")]
         if proc.returncode or not got:
             raise SystemExit(f"worker {base} failed (exit {proc.returncode}); its output is above")
         rows.append(json.loads(got[-1][5:]))
         print(f"{base}: {rows[-1]}", file=sys.stderr, flush=True)
-    report = {"size": args.size, "steps": size.steps, "batch": size.batch, "seq": size.seq, "held": size.held, "rows": rows,
+    report = {"size": args.size, "scan_layers": args.scan_layers, "steps": size.steps, "batch": size.batch, "seq": size.seq, "held": size.held, "rows": rows,
               "kernels": None if args.no_kernel_eval else kernel_eval()}
     if args.json:
         with open(args.json, "w") as f:

@@ -3,9 +3,9 @@
 ``quantize(params, "nf4")`` replaces the base's linear kernels with quantized leaves; every
 other jpeft call takes the result where it takes ``params``. The leaves are dequantized at the
 point of use, one module call at a time inside the jitted step (``jpeft/_inject.py``), and
-the backward pass keeps codes, not dequantized kernels. (On the CPU, training memory
-measured at 1.1B still grows by the kernels' f32 size, for a plain bf16 base too:
-docs/BENCHMARKS.md "QLoRA".)
+the backward pass keeps codes, not dequantized kernels. (On the CPU that holds for a
+layer-scanned model only: unrolled, XLA's CPU backend keeps every layer's dequantized kernel
+for the backward pass; docs/MODELS.md, docs/BENCHMARKS.md "QLoRA".)
 
 * ``"int8"`` (absmax per output channel) and ``"fp8"`` (``float8_e4m3fn``, absmax per output
   channel) are qwix's :class:`qwix.QArray` (``qwix.quantize`` / ``qwix.dequantize``).

@@ -147,6 +147,11 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     scan = bool(t.get("scan_layers", False))
     rules = jpeft.tensor_parallel_rules(stacked=scan) if mesh is not None and "tensor" in mesh.shape else None
     loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules, quantize=cfg.get("quantize"))
+    if cfg.get("quantize") and not scan and jax.default_backend() == "cpu":
+        _say(f"note: on the CPU an unrolled model holds every layer's {cfg['quantize']} kernels dequantized while it "
+             "trains (XLA's CPU backend merges the backward pass's re-dequantization into the forward pass's), so the "
+             "quantized base saves no training memory; train.scan_layers = true (Llama family) keeps one layer's "
+             "(docs/MODELS.md).")
     method = method_of(cfg, loaded.hf_config.get("model_type"))
     check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
     encode, bos, eos = encode_fn(loaded.tokenizer)

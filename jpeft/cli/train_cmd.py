@@ -46,7 +46,8 @@ save_every = 200              # steps between checkpoints (0: only at the end)
 log_every = 10
 keep_checkpoints = 3
 scan_layers = false           # Llama family: nn.scan over the layers (one layer compiled: less compile
-                              # time and memory); the saved adapter is per layer as usual
+                              # time and memory); the saved adapter is per layer as usual. On the CPU a
+                              # quantized base saves training memory only with scan_layers = true
 
 # QLoRA: instead of the top-level model = "...", a table whose quantize = "nf4" | "int8" | "fp8"
 # loads the base quantized (the adapter trains in float32 and loads on the unquantized base too):
