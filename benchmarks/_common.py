@@ -230,6 +230,23 @@ class Timer:
         self.s = time.perf_counter() - self.t0
 
 
+def add_huge_pages_arg(parser) -> None:
+    parser.add_argument(
+        "--huge-pages", default="both", choices=["both", "jpeft", "none"],
+        help="which workers run with glibc's transparent-huge-page malloc tunable "
+             "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1), as the `jpeft` command sets for itself: both frameworks "
+             "(default: the same process environment for both), jpeft only (what each gets out of the box), or none")
+
+
+def host_pages_env(framework: str, huge_pages: str) -> dict[str, str]:
+    """The worker environment for ``--huge-pages`` (``framework``: ``"jpeft"`` or ``"hf"``)."""
+    if huge_pages == "both" or (huge_pages == "jpeft" and framework == "jpeft"):
+        from _jpeft_launcher import huge_pages_env
+
+        return {"GLIBC_TUNABLES": huge_pages_env()["GLIBC_TUNABLES"]}
+    return {}
+
+
 def env_summary() -> dict[str, Any]:
-    keys = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "JAX_PLATFORMS")
+    keys = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "JAX_PLATFORMS", "GLIBC_TUNABLES")
     return {k: os.environ.get(k) for k in keys if os.environ.get(k) is not None}

@@ -91,6 +91,7 @@ def start(framework, mode, size_spec, r, args, workdir, tag):
     if framework == "jpeft":
         argv += ["--attention", args.attention, "--attention-block", str(args.attention_block), "--config", args.jpeft_config]
     env = {"XLA_FLAGS": args.xla_flags} if (framework == "jpeft" and args.xla_flags) else {}
+    env.update(C.host_pages_env(framework, args.huge_pages))
     w = Worker(script, argv, os.path.join(workdir, f"{framework}_{mode}.{tag}.log"), env)
     try:
         return w, w.read("ready")
@@ -226,6 +227,7 @@ def main(argv=None):
     p.add_argument("--jpeft-config", default="",
                    help="more jpeft LlamaConfig fields, key=value,... (e.g. scan_layers=true,remat=true)")
     p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""))
+    C.add_huge_pages_arg(p)
     p.add_argument("--workdir")
     p.add_argument("--json")
     p.add_argument("--markdown")
@@ -242,7 +244,7 @@ def main(argv=None):
                   "points": results,
                   "goals": goals(results),
                   "env": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg(), "xla_flags": args.xla_flags,
-                          "wall_s": time.perf_counter() - t0}}
+                          "huge_pages": args.huge_pages, "wall_s": time.perf_counter() - t0}}
         md = markdown(report)
         print(md)
         if args.markdown:

@@ -80,6 +80,7 @@ def start(name, args, workdir, rnd, xla_flags):
     env = {}
     if script == "_jpeft_worker.py" and xla_flags:
         env["XLA_FLAGS"] = xla_flags
+    env.update(C.host_pages_env("jpeft" if script == "_jpeft_worker.py" else "hf", args.huge_pages))
     if args.threads == 1:
         # one compute thread in each framework: compares kernels, not how each runtime's
         # thread pool copes with an oversubscribed machine
@@ -172,6 +173,7 @@ def memory_runs(args, workdir):
         for mode in ("lora", "full"):
             log(f"  400M-class memory run: {mode} with a {dtype} base")
             env = {"XLA_FLAGS": args.xla_flags} if args.xla_flags else {}
+            env.update(C.host_pages_env("jpeft", args.huge_pages))
             layout = {"unrolled": [], "scan": ["--scan"], "scan-remat": ["--scan", "--remat"]}[args.memory_model]
             msgs = run_once("_jpeft_worker.py", ["--memory", mode, "--dtype", dtype, "--size", args.memory_size,
                                                  "--steps", str(args.memory_steps)] + layout,
@@ -277,6 +279,7 @@ def main(argv=None):
                         "remat=True; default)")
     p.add_argument("--profile", action="store_true", help="after round 1: step breakdowns and jpeft's top XLA ops")
     p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""), help="XLA_FLAGS for the jpeft workers")
+    C.add_huge_pages_arg(p)
     p.add_argument("--threads", type=int, choices=[0, 1], default=0,
                    help="0: each framework's default threading (default); 1: one core each: every worker "
                         "pinned to CPU 0 (sched_setaffinity) with OMP/MKL_NUM_THREADS=1 for PyTorch and "
@@ -297,7 +300,7 @@ def main(argv=None):
                 p.error("--memory-only needs a --memory-size")
             report = {"memory_400m": memory_runs(args, workdir), "memory_size": args.memory_size,
                       "memory_size_dims": {k: getattr(C.SIZES[args.memory_size], k) for k in ("batch", "seq")},
-                      "env": {"xla_flags": args.xla_flags, "threads": args.threads or "default", "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()}}
+                      "env": {"xla_flags": args.xla_flags, "huge_pages": args.huge_pages, "threads": args.threads or "default", "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()}}
             for k in ("ratio_f32", "ratio_bf16", "ratio_bf16_vs_full_f32"):
                 print(f"LoRA / full peak memory, {k[6:]}: {report['memory_400m'][k]:.3f}")
             if args.json:
@@ -338,7 +341,7 @@ def main(argv=None):
             "memory_size_dims": ({k: getattr(C.SIZES[args.memory_size], k) for k in ("batch", "seq")}
                                  if args.memory_size != "none" else None),
             "profile": rounds[0]["extra"] if args.profile else None,
-            "env": {"xla_flags": args.xla_flags, "threads": args.threads or "default", "cpus": os.cpu_count(), "load_avg_end": os.getloadavg(),
+            "env": {"xla_flags": args.xla_flags, "huge_pages": args.huge_pages, "threads": args.threads or "default", "cpus": os.cpu_count(), "load_avg_end": os.getloadavg(),
                     "versions": {**rounds[0]["ready"]["hf_f32"]["versions"],
                                  **rounds[0]["ready"]["jpeft_f32"]["versions"]},
                     "mem_method": rounds[0]["ready"]["jpeft_f32"]["mem_method"],

@@ -115,8 +115,9 @@ def test_scaling_sweep_toy_end_to_end(tmp_path):
     report = bench_scaling.main([
         "--base", "toy", "--axes", "mode", "--tokens", "32", "--depth-seq", "16",
         "--rounds", "1", "--steps", "1", "--per-turn", "1", "--warmup", "0", "--workdir", str(tmp_path / "w"),
-        "--json", str(tmp_path / "s.json"),
+        "--json", str(tmp_path / "s.json"), "--huge-pages", "jpeft",
     ])
+    assert report["env"]["huge_pages"] == "jpeft"
     assert [(p["axis"], p["value"]) for p in report["points"]] == [("mode", "lora+full")]
     full = report["points"][0]
     for m in ("lora", "full"):
@@ -127,6 +128,21 @@ def test_scaling_sweep_toy_end_to_end(tmp_path):
     md = bench_scaling.markdown(report)
     assert "| mode (lora) |" in md and "| mode (full) |" in md
     assert (tmp_path / "s.json").exists()
+
+
+def test_huge_pages_reach_the_workers_asked_for():
+    on = C.host_pages_env("jpeft", "jpeft")
+    assert "glibc.malloc.hugetlb=1" in on["GLIBC_TUNABLES"]
+    assert C.host_pages_env("hf", "jpeft") == {} and C.host_pages_env("jpeft", "none") == {}
+    assert C.host_pages_env("hf", "both") == on
+
+
+def test_host_pages_script_counts_a_steps_faults():
+    import host_pages
+
+    rep = host_pages.main(["--layers", "1", "--batch", "1", "--seq", "8", "--steps", "2"])
+    assert rep["temp_bytes"] > 0 and rep["peak_rss"] > 0 and len(rep["steps"]) == 2
+    assert all(r["step_s"] > 0 and r["minor_faults"] >= 0 for r in rep["steps"])
 
 
 def test_size_specs_and_full_flops():

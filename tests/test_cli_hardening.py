@@ -227,3 +227,61 @@ def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(fold
         assert "Traceback" not in err and "Exception ignored" not in err, (delay, err)
         assert "interrupted" in err.strip().splitlines()[-1], (delay, err)
         assert not (folder / "out" / "adapter").exists(), delay
+
+
+def test_huge_pages_env_merges_with_the_users_tunables(monkeypatch):
+    """The console script's glibc tunable: added to GLIBC_TUNABLES (other tunables kept), left
+    alone when the user sets it (to 0 or 1), and not applied with JPEFT_HUGE_PAGES=0."""
+    import platform
+
+    import _jpeft_launcher as L
+
+    assert L.huge_pages_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert L.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert L.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv("JPEFT_HUGE_PAGES", "0")
+    assert L._reexec_env() is None
+    monkeypatch.delenv("JPEFT_HUGE_PAGES")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    assert L._reexec_env() is None
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    got = L._reexec_env()
+    assert (got["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1") if glibc else got is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/environ (Linux)")
+def test_the_jpeft_command_trains_with_huge_pages_in_the_same_process(folder):
+    """On glibc the console script re-executes itself (same PID) with the huge-page tunable,
+    and a Ctrl-C then still ends the run with one line and status 130."""
+    import platform
+    import signal
+    import time
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("the tunable is glibc's; this C library is not glibc")
+    cfg = config(folder, extra_train="log_every = 1", top="")
+    cfg.write_text(cfg.read_text().replace("steps = 2", "steps = 100000"))
+    env = {k: v for k, v in ENV.items() if k not in ("GLIBC_TUNABLES", "JPEFT_HUGE_PAGES")}
+    launcher = [sys.executable, "-c", "import sys, _jpeft_launcher; sys.exit(_jpeft_launcher.main())"]
+    p = subprocess.Popen([*launcher, "train", "--config", str(cfg), "--no-progress"], cwd=folder, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        for _ in range(300):
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                seen = f.read().decode(errors="replace")
+            if "glibc.malloc.hugetlb=1" in seen:
+                break
+            time.sleep(0.05)
+        assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in seen.split("\0")
+        with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+            assert b"_jpeft_launcher" in f.read()
+        time.sleep(1.0)
+    finally:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
