@@ -11,7 +11,7 @@ On Linux with glibc the command first re-executes itself with glibc's transparen
 tunable (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, glibc 2.35 and later): XLA's CPU backend
 allocates each step's temporaries afresh, and with 4 KiB pages the kernel faults every page of
 them in (and zeroes it) on every step, about a fifth of a CPU training step's time; with huge
-pages that cost mostly goes (docs/BENCHMARKS.md "Host memory pages"). ``JPEFT_HUGE_PAGES=0``
+pages that cost mostly goes (docs/ARCHITECTURE.md "Host memory pages on the CPU"). ``JPEFT_HUGE_PAGES=0``
 turns this off; a ``GLIBC_TUNABLES`` that already sets ``glibc.malloc.hugetlb`` is kept as it
 is. SIGINT is blocked across the re-execution (a blocked signal stays pending through
 ``execve``) and unblocked once the flag handler is in place, so no Ctrl-C is lost or turned
