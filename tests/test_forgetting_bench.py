@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from jpeft.errors import ConfigError
 from jpeft.forgetting import experiment
 from jpeft.forgetting.cli import main
 from jpeft.forgetting.digits import SplitDigits
@@ -132,11 +133,55 @@ def test_language_every_listed_method_builds(lang_cache):
     params = bench.base_params(0)
     x = bench.example_input()
     for m in bench.default_methods():
-        p, a = experiment.init_adapter(bench, m.config, jax.random.key(0), params)
+        p, a = experiment.init_adapter(bench, m.config, jax.random.key(0), params, corda=m.corda,
+                                       calibration_examples=m.calibration_examples)
         out = jpeft.apply(bench.model, p, a, x[0])
         assert out.shape == (1, 16, 256), m.name
-        if p is not params:  # a residual-base init (PiSSA, MiLoRA): the model is unchanged at the start
+        if p is not params:  # a residual-base init (PiSSA, MiLoRA, CorDA): the model is unchanged at the start
             np.testing.assert_allclose(out, jpeft.apply(bench.model, params, None, x[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_corda_in_the_runner_calibrates_on_what_must_not_be_forgotten(tmp_path, lang_cache):
+    """MethodSpec(corda="kpm") is jpeft.init_corda on windows of the pretrained task's (code's)
+    training data, "ipm" on the first trained task's (prose); computed once per base and config;
+    a short run trains it. KPM on a benchmark with nothing pretrained, and CorDA on anything
+    but a plain LoRA, are refused by name."""
+    import jpeft
+
+    bench = CodeToProse(steps_per_task=2, batch_size=4, seq_len=16, pretrain_steps=3, cache_dir=lang_cache,
+                        size="micro", eval_windows_n=4, progress=False)
+    params = bench.base_params(0)
+    (spec,) = [m for m in bench.default_methods() if m.name == "CorDA r=16"]
+    assert spec.corda == "kpm" and "CorDA KPM" in spec.describe()
+    small = dataclasses.replace(spec, calibration_examples=6)
+    for mode, task in (("kpm", 0), ("ipm", 1)):
+        res, ad = experiment.init_adapter(bench, small.config, jax.random.key(3), params, corda=mode,
+                                          calibration_examples=6)
+        calib = [(np.asarray(w[None, :-1]),) for w in bench.train_set(task)["tokens"][:6]]
+        ref_res, ref_ad = jpeft.init_corda(small.config, params, None, bench.model, calib, mode=mode)
+        for got, want in ((res, ref_res), (ad, ref_ad)):
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        again = experiment.init_adapter(bench, small.config, jax.random.key(4), params, corda=mode, calibration_examples=6)
+        assert again[0] is res and again[1] is ad  # cached: CorDA does not depend on the key
+        if mode == "kpm":
+            kpm_a = np.asarray(jax.tree.leaves(ad)[0])
+        else:
+            assert not np.allclose(np.asarray(jax.tree.leaves(ad)[0]), kpm_a)  # different directions
+    out = experiment.run(bench, [small], seeds=[0], out_dir=str(tmp_path), progress=False, log=None, plots=False)
+    r = out["methods"][small.name]["seeds"]["0"]
+    assert r["baseline"][0] == pytest.approx(r["R"][0][0])  # the residual base + adapter is the pretrained model
+    assert np.isfinite(r["metrics"]["forgetting"]) and r["metrics"]["learning"] > 0
+
+    digits = SplitDigits(scenario="task", steps_per_task=1)
+    with pytest.raises(ConfigError, match="no pretrained task"):
+        experiment.init_adapter(digits, spec.config, jax.random.key(0), digits.base_params(0), corda="kpm")
+    with pytest.raises(ConfigError, match="corda needs a plain LoRA"):
+        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*", use_dora=True), corda="kpm")
+    with pytest.raises(ConfigError, match="'kpm', 'ipm' or None"):
+        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*"), corda="KPM")
+    with pytest.raises(ConfigError, match="no CorDA"):
+        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*"), corda="kpm", orthogonal=0.5)
 
 
 def test_cli(tmp_path, capsys):

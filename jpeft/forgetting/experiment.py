@@ -24,7 +24,9 @@ Regularizers and replay compose with any method (:class:`MethodSpec` fields ``ew
 teacher) rides in the batch, so each method's step is compiled once. ``orthogonal`` is O-LoRA
 (a fresh LoRA per task, earlier ones merged into the frozen base, their ``A`` subspaces
 penalised; :func:`jpeft.forgetting.regularizers.orthogonal_penalty`). Residual-base LoRA
-inits (``LoraConfig(init="pissa" | "olora" | "milora")``) go through :func:`init_adapter`.
+inits (``LoraConfig(init="pissa" | "olora" | "milora")``) and CorDA (``MethodSpec(corda="kpm" |
+"ipm")``, calibrated on the benchmark's :meth:`Benchmark.calibration_inputs`) go through
+:func:`init_adapter`.
 
 Benchmarks (see :func:`get_benchmark`): ``split-digits-task``, ``split-digits-class``
 (:mod:`jpeft.forgetting.digits`), ``language`` and ``language3`` (code, then prose, then CSV
@@ -92,6 +94,14 @@ class MethodSpec:
         ``A`` matrices kept; the loss adds ``lambda_1 * sum_sites ||A_old^T A_new||_F^2``
         (:func:`jpeft.forgetting.regularizers.orthogonal_penalty`). No task identity is used
         at test time.
+      corda: CorDA's knowledge-preserving initialisation (Yang et al. 2024;
+        :func:`jpeft.init_corda`): ``"kpm"`` starts the adapter in the directions the
+        benchmark's pretrained tasks use least (calibrated on their training data: what must
+        not be forgotten), ``"ipm"`` in those the first trained task uses most; ``None``: off.
+        Needs a plain LoRA ``config`` (init ``"default"``); the base becomes the residual, as
+        for PiSSA.
+      calibration_examples: CorDA's calibration passes (one example each, as PEFT's hook
+        assumes).
 
     >>> MethodSpec("lora r=8", jpeft.LoraConfig(r=8, target_modules=".*"), lr=3e-3).name
     'lora r=8'
@@ -111,6 +121,8 @@ class MethodSpec:
     l2sp: float = 0.0
     per_task_adapter: bool = False
     orthogonal: float = 0.0
+    corda: Optional[str] = None
+    calibration_examples: int = 128
 
     def __post_init__(self):
         if not isinstance(self.config, AdapterConfig):
@@ -127,13 +139,25 @@ class MethodSpec:
                 raise ConfigError(f"MethodSpec {self.name!r}: {f} must be >= 0, found {getattr(self, f)}.")
         if not 0.0 <= self.replay < 1.0:
             raise ConfigError(f"MethodSpec {self.name!r}: replay must be in [0, 1), found {self.replay}.")
-        residual = isinstance(self.config, jpeft.LoraConfig) and self.config.init in _RESIDUAL_INITS
+        if self.corda is not None:
+            if self.corda not in ("kpm", "ipm"):
+                raise ConfigError(f"MethodSpec {self.name!r}: corda must be 'kpm', 'ipm' or None, found {self.corda!r}.")
+            if (not isinstance(self.config, jpeft.LoraConfig) or self.config.init != "default"
+                    or self.config.use_dora):
+                raise ConfigError(f"MethodSpec {self.name!r}: corda needs a plain LoRA config (jpeft.LoraConfig with "
+                                  f"init='default', no DoRA): CorDA sets LoRA's A and B itself; found {self.config!r}.")
+            if self.calibration_examples < 1:
+                raise ConfigError(f"MethodSpec {self.name!r}: calibration_examples must be >= 1, found "
+                                  f"{self.calibration_examples}.")
+        residual = self.corda is not None or (isinstance(self.config, jpeft.LoraConfig)
+                                              and self.config.init in _RESIDUAL_INITS)
+        init_name = f"corda={self.corda!r}" if self.corda else f"LoraConfig(init={getattr(self.config, 'init', None)!r})"
         if residual and self.per_task_adapter:
-            raise ConfigError(f"MethodSpec {self.name!r}: LoraConfig(init={self.config.init!r}) changes the base "
+            raise ConfigError(f"MethodSpec {self.name!r}: {init_name} changes the base "
                               "weights, which per_task_adapter shares between tasks; use init='default'.")
         if self.orthogonal and (not isinstance(self.config, jpeft.LoraConfig) or residual or self.config.use_dora):
             raise ConfigError(f"MethodSpec {self.name!r}: orthogonal (O-LoRA) needs a plain LoRA config "
-                              "(jpeft.LoraConfig, init 'default'/'gaussian', no DoRA): the penalty is on LoRA's A "
+                              "(jpeft.LoraConfig, init 'default'/'gaussian', no DoRA, no CorDA): the penalty is on LoRA's A "
                               f"matrices; found {self.config!r}.")
         if self.orthogonal and self.ewc:
             raise ConfigError(f"MethodSpec {self.name!r}: EWC anchors the adapter it was computed on, and O-LoRA "
@@ -151,6 +175,9 @@ class MethodSpec:
             kind = f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.alpha:g}"
             if cfg.init in _RESIDUAL_INITS:
                 kind += f" ({_RESIDUAL_NAMES[cfg.init]} init, residual base)"
+            if self.corda:
+                kind += (f" (CorDA {self.corda.upper()} init on {self.calibration_examples} calibration examples, "
+                         "residual base)")
         parts = [kind]
         if self.ewc:
             parts.append(f"{'online ' if self.ewc_gamma is not None else ''}EWC lambda={self.ewc:g}"
@@ -233,6 +260,16 @@ class Benchmark(abc.ABC):
         """Score on task ``j`` after training step ``step`` (``adapter`` may be ``None``)."""
         ...
 
+    def calibration_inputs(self, t: int, n: int) -> list:
+        """Model inputs of ``n`` training examples of task ``t``, one example per item (each a
+        tuple of positional arguments of the model), for CorDA's calibration. The default
+        takes ``train_set(t)["x"]``."""
+        x = self.train_set(t).get("x")
+        if x is None:
+            raise ConfigError(f"benchmark {self.name!r}: its training data has no 'x' array; override "
+                              "calibration_inputs to give CorDA model inputs.")
+        return [(jnp.asarray(x[i : i + 1]),) for i in range(min(n, len(x)))]
+
     def learning(self, Rm: np.ndarray, baseline: np.ndarray) -> float:
         """How much was learned (higher = more), for the learning-vs-forgetting plot."""
         return float(np.mean(np.diag(Rm)[self.pretrained_tasks:]))
@@ -303,12 +340,36 @@ _RESIDUAL_NAMES = {"pissa": "PiSSA", "olora": "OLoRA", "milora": "MiLoRA"}
 _RESIDUAL_INITS = tuple(_RESIDUAL_NAMES)
 
 
-def init_adapter(bench: Benchmark, config, key, params):
+def init_adapter(bench: Benchmark, config, key, params, *, corda: Optional[str] = None, calibration_examples: int = 128):
     """``(params, adapter)``: a fresh adapter of ``config`` on the benchmark's model. For a
-    residual-base LoRA init (``LoraConfig(init="pissa" | "olora" | "milora")``) ``params``
-    becomes the residual base (:func:`jpeft.init_pissa`, :func:`jpeft.init_olora`,
-    :func:`jpeft.init_milora`); otherwise it is returned unchanged."""
+    residual-base LoRA init (``LoraConfig(init="pissa" | "olora" | "milora")``, or
+    ``corda="kpm" | "ipm"``) ``params`` becomes the residual base (:func:`jpeft.init_pissa`,
+    :func:`jpeft.init_olora`, :func:`jpeft.init_milora`, :func:`jpeft.init_corda`); otherwise
+    it is returned unchanged.
+
+    CorDA calibrates on ``calibration_examples`` examples of the benchmark's pretrained tasks
+    (``"kpm"``: what must not be forgotten; refused when the benchmark has none) or of its first
+    trained task (``"ipm"``), from :meth:`Benchmark.calibration_inputs`. Its result does not
+    depend on ``key``, so it is computed once per benchmark, base and config."""
     args = bench.example_input()
+    if corda is not None:
+        if corda == "kpm":
+            if bench.pretrained_tasks < 1:
+                raise ConfigError(f"CorDA KPM keeps what the base already knows, and benchmark {bench.name!r} has no "
+                                  "pretrained task to calibrate on; use corda='ipm' or another init.")
+            tasks = range(bench.pretrained_tasks)
+        else:
+            tasks = [bench.pretrained_tasks]
+        cache = bench.__dict__.setdefault("_corda_cache", {})
+        ck = (repr(config), corda, int(calibration_examples))
+        hit = cache.get(ck)
+        if hit is not None and hit[0] is params:
+            return hit[1], hit[2]
+        per = -(-int(calibration_examples) // len(tasks))
+        calib = [c for t in tasks for c in bench.calibration_inputs(t, per)][: int(calibration_examples)]
+        res, adapter = jpeft.init_corda(config, params, key, bench.model, calib, mode=corda)
+        cache[ck] = (params, res, adapter)
+        return res, adapter
     if isinstance(config, jpeft.LoraConfig) and config.init in _RESIDUAL_INITS:
         make = {"pissa": jpeft.init_pissa, "olora": jpeft.init_olora, "milora": jpeft.init_milora}[config.init]
         return make(config, params, key, bench.model, *args)
@@ -351,7 +412,8 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         adapters = [None] * T
         adapter = None
     else:
-        params, adapter = init_adapter(bench, spec.config, k0, params)
+        params, adapter = init_adapter(bench, spec.config, k0, params, corda=spec.corda,
+                                       calibration_examples=spec.calibration_examples)
     cur = lambda j: adapters[j] if spec.per_task_adapter else adapter
 
     # baseline: each task before any training on it

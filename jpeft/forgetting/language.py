@@ -316,6 +316,10 @@ def language_methods() -> list:
     for init, label in (("pissa", "PiSSA"), ("milora", "MiLoRA")):
         methods.append(MethodSpec(f"{label} r=16", jpeft.LoraConfig(r=16, alpha=32, target_modules=_ALL_LINEAR, init=init),
                                   lr=3e-3))
+    # CorDA's knowledge-preserved mode: the adapter starts in the directions that code (what
+    # must not be forgotten) uses least, calibrated on 128 training windows of code
+    methods.append(MethodSpec("CorDA r=16", jpeft.LoraConfig(r=16, alpha=32, target_modules=_ALL_LINEAR), lr=3e-3,
+                              corda="kpm", calibration_examples=128))
     methods += [
         MethodSpec("DoRA r=16", jpeft.LoraConfig(r=16, alpha=32, target_modules=_ALL_LINEAR, use_dora=True), lr=3e-3),
         MethodSpec("IA3", jpeft.IA3Config(), lr=1e-2),
@@ -408,6 +412,11 @@ class CodeToProse(Benchmark):
     def fisher_data(self, t: int, n: int):
         w = jnp.asarray(self._train[t]["tokens"][:n])
         return self._fisher_out, w[:, :-1], w[:, 1:], None
+
+    def calibration_inputs(self, t: int, n: int) -> list:
+        """``n`` training windows of task ``t`` as model inputs, one window per item (CorDA)."""
+        w = self._train[t]["tokens"][:n]
+        return [(jnp.asarray(x[None, :-1]),) for x in w]
 
     def _fisher_out(self, params, adapter, tokens):
         return jpeft.apply(self.model, params, adapter, tokens)
