@@ -308,6 +308,9 @@ def language_methods() -> list:
         MethodSpec("full+EWC", full, lr=1e-3, ewc=100.0, fisher="sampled", fisher_examples=128),
         MethodSpec("full+replay", full, lr=1e-3, replay=0.25, replay_capacity=1024),
         MethodSpec("full+distill", full, lr=1e-3, distill=1.0, temperature=1.0),
+        # L2-SP pulls every weight back to the pretrained one: strength/2 * ||W - W_0||^2
+        # summed over the 0.13 M weights (set before any run; sweep it with --strength-factors)
+        MethodSpec("full+L2-SP", full, lr=1e-3, l2sp=0.01),
     ]
     for r in (4, 16, 64):
         methods.append(MethodSpec(f"LoRA r={r}", jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=_ALL_LINEAR), lr=3e-3))
