@@ -701,6 +701,21 @@ def markdown_table(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def forgetting_unit(tasks, score) -> str:
+    """What a lower-is-better forgetting axis measures: the rise of the first task's score, or
+    with more than two tasks the mean rise over every task before the last (Chaudhry's
+    forgetting averages them).
+
+    >>> forgetting_unit(("code (A)", "prose (B)"), "loss")
+    ': rise in code (A) loss'
+    >>> forgetting_unit(("code (A)", "prose (B)", "data (C)"), "loss")
+    ': mean rise in the loss of code (A), prose (B)'
+    """
+    if len(tasks) <= 2:
+        return f": rise in {tasks[0]} {score}"
+    return f": mean rise in the {score} of {', '.join(tasks[:-1])}"
+
+
 def plot(results: dict, out_dir) -> list:
     """Writes the learning-vs-forgetting plot and the score-matrix heat maps; returns the paths."""
     import matplotlib
@@ -725,7 +740,7 @@ def plot(results: dict, out_dir) -> list:
         ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt=markers[i % len(markers)], color=color, capsize=3, label=n)
         ax.scatter(fx, ly, s=8, color=color, alpha=0.35)
         ax.annotate(n, (mx, my), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("forgetting (Chaudhry 2018)" + ("" if hib else f": rise in {results['tasks'][0]} {results['score']}") + "  →  worse")
+    ax.set_xlabel("forgetting (Chaudhry 2018)" + ("" if hib else forgetting_unit(results["tasks"], results["score"])) + "  →  worse")
     ax.set_ylabel(results["learning"] + "  →  better")
     ax.set_title(f"{bname}: learning vs forgetting (mean ± std, {len(results['seeds'])} seeds)")
     ax.grid(alpha=0.3)

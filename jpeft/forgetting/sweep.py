@@ -45,7 +45,7 @@ import jpeft
 from jpeft import spectral
 from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.forgetting import stats as S
-from jpeft.forgetting.experiment import Benchmark, MethodSpec, get_benchmark, run_one
+from jpeft.forgetting.experiment import Benchmark, MethodSpec, forgetting_unit, get_benchmark, run_one
 
 __all__ = ["SweepSpec", "sweep", "combine", "write", "report", "budget", "analyse", "plot_sweep", "STRENGTHS"]
 
@@ -552,8 +552,8 @@ def plot_sweep(results: dict, out_dir) -> str:
         if outside:
             ax.text(0.99, 0.01, f"{outside} grid point(s) outside these axes (summary.csv)", transform=ax.transAxes,
                     ha="right", va="bottom", fontsize=7, color="0.4")
-    ax.set_xlabel("forgetting (Chaudhry 2018)" + ("" if results["higher_is_better"] else
-                                                  f": rise in {results['tasks'][0]} loss") + "  →  worse")
+    ax.set_xlabel("forgetting (Chaudhry 2018)" + ("" if results["higher_is_better"] else forgetting_unit(results["tasks"], "loss"))
+                  + "  →  worse")
     ax.set_ylabel(results["learning_name"] + "  →  better")
     ax.set_title(f"{results['benchmark']}: learning vs forgetting, Pareto fronts "
                  f"({len(results['seeds'])} seeds, 95 % bootstrap CI)", fontsize=9)
