@@ -151,10 +151,11 @@ class MethodSpec:
                                   f"{self.calibration_examples}.")
         residual = self.corda is not None or (isinstance(self.config, jpeft.LoraConfig)
                                               and self.config.init in _RESIDUAL_INITS)
-        init_name = f"corda={self.corda!r}" if self.corda else f"LoraConfig(init={getattr(self.config, 'init', None)!r})"
         if residual and self.per_task_adapter:
-            raise ConfigError(f"MethodSpec {self.name!r}: {init_name} changes the base "
-                              "weights, which per_task_adapter shares between tasks; use init='default'.")
+            what, fix = ((f"corda={self.corda!r}", "drop corda") if self.corda else
+                         (f"LoraConfig(init={self.config.init!r})", "use init='default'"))
+            raise ConfigError(f"MethodSpec {self.name!r}: {what} changes the base weights, which per_task_adapter "
+                              f"shares between tasks; {fix}.")
         if self.orthogonal and (not isinstance(self.config, jpeft.LoraConfig) or residual or self.config.use_dora):
             raise ConfigError(f"MethodSpec {self.name!r}: orthogonal (O-LoRA) needs a plain LoRA config "
                               "(jpeft.LoraConfig, init 'default'/'gaussian', no DoRA, no CorDA): the penalty is on LoRA's A "

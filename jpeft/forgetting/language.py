@@ -309,7 +309,7 @@ def language_methods() -> list:
         MethodSpec("full+replay", full, lr=1e-3, replay=0.25, replay_capacity=1024),
         MethodSpec("full+distill", full, lr=1e-3, distill=1.0, temperature=1.0),
         # L2-SP pulls every weight back to the pretrained one: strength/2 * ||W - W_0||^2
-        # summed over the 0.13 M weights (set before any run; sweep it with --strength-factors)
+        # summed over every weight (set before any run; sweep it with --strength-factors)
         MethodSpec("full+L2-SP", full, lr=1e-3, l2sp=0.01),
     ]
     for r in (4, 16, 64):
