@@ -208,7 +208,15 @@ def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_the_command(monkeypatch, 
         return 0
 
     monkeypatch.setattr(info_cmd, "run", run)
-    assert main(["info", "llama-2-7b"]) == 130
+    # a user's shell starts jpeft with Python's Ctrl-C handler; a test worker may have inherited
+    # SIGINT ignored (seen in loaded suite runs), under which Ctrl-C can never arrive
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["info", "llama-2-7b"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert fired and not finished
     assert one_line(capsys.readouterr().err) == "jpeft info: interrupted"
 
@@ -226,8 +234,10 @@ def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(fold
     launcher = [sys.executable, "-c", "import sys, _jpeft_launcher; sys.exit(_jpeft_launcher.main())"]
     for delay in (0.05, 0.5, 1.2, 2.5):
         shutil.rmtree(folder / "out", ignore_errors=True)
+        # as from a terminal: SIGINT at its default even if this test worker inherited it ignored
         p = subprocess.Popen([*launcher, "train", "--config", str(cfg), "--no-progress"], cwd=folder, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
@@ -275,7 +285,8 @@ def test_the_jpeft_command_trains_with_huge_pages_in_the_same_process(folder):
     env = {k: v for k, v in ENV.items() if k not in ("GLIBC_TUNABLES", "JPEFT_HUGE_PAGES")}
     launcher = [sys.executable, "-c", "import sys, _jpeft_launcher; sys.exit(_jpeft_launcher.main())"]
     p = subprocess.Popen([*launcher, "train", "--config", str(cfg), "--no-progress"], cwd=folder, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = ""
         for _ in range(300):
