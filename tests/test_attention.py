@@ -62,6 +62,12 @@ GRID = [
     (8, 4, 1, 3, 3, 3, "left", False),         # window + prefix (the prefix leaves the window)
     (11, 4, 2, None, 2, 5, "right", True),     # packed segments + prefix + right padding
     (5, 2, 2, None, 0, 16, "none", False),     # no padding, one block longer than the sequence
+    # many blocks, so that most tiles lie wholly below the diagonal (and inside the window) and
+    # skip the causal mask: "unpadded" is a mask built without padding information
+    (37, 4, 2, None, 0, 8, "unpadded", False),
+    (37, 6, 3, 20, 2, 8, "unpadded", False),   # window + prefix: interior tiles only inside the window
+    (37, 4, 2, None, 0, 8, "left", True),      # padding and segments still apply on interior tiles
+    (35, 4, 1, 19, 0, 8, "right", True),
 ]
 
 
@@ -76,13 +82,17 @@ def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padd
     elif padding == "right":
         am[1, -2:] = False
     seg = None
-    if segments:
+    if segments:  # in row 1 the padding (segment 0) is where `am` is False
         seg = np.array([[1] * 4 + [2] * 3 + [3] * (s - 7), [1] * 5 + [2] * (s - 7) + [0] * 2], np.int32)
+        if s > 30:  # long documents: whole tiles inside one document
+            seg = np.array([[1] * 20 + [2] * (s - 20), [1] * 3 + [2] * 25 + [3] * (s - 30) + [0] * 2], np.int32)
+        if padding == "left":
+            seg[1] = np.concatenate([[0] * 3, seg[1][seg[1] > 0][: s - 3]])
         seg = jnp.asarray(seg)
     prefix = None
     if n_pre:
         prefix = (_rand(ks[3], (b, n_pre, kvh, d)), _rand(ks[4], (1, n_pre, kvh, d)))
-    mask, _ = L.causal_mask(jnp.asarray(am), None, window, segment_ids=seg)
+    mask, _ = L.causal_mask(jnp.asarray(am), None, window, segment_ids=seg, padded=padding != "unpadded")
     (o1, g1), (o2, g2) = _both(q, k, v, mask, prefix, block=block)
     _assert_same(o1, o2)
     _assert_same(g1, g2)
@@ -322,3 +332,25 @@ def test_causal_kernel_skips_masked_tiles(window):
     assert len(pairs) == (6 if window is None else 5)  # of 9: 1 + 2 + 3, and the window's band
     ratio = _attention_grad_flops(s, block, window, True) / _attention_grad_flops(s, block, window, False)
     assert abs(ratio - len(pairs) / 9) < 0.05, ratio
+
+
+@pytest.mark.parametrize("sq,block,diagonal,window", [(96, 32, 0, None), (96, 32, 0, 24), (96, 32, 0, 64), (100, 16, 0, 40),
+                                                      (37, 8, 2, 20), (50, 16, 5, None)])
+def test_interior_tiles_are_exactly_the_wholly_allowed_ones(sq, block, diagonal, window):
+    """The tiles that skip the causal and window masks are those where every real (query, key)
+    pair is allowed, found by brute force; the others keep the mask."""
+    sk = sq + diagonal
+    nk = -(-sk // block)
+    pairs = A.block_pairs(sq, block, nk, block, diagonal, window)
+    inner = A.interior_pairs(pairs, sq, sk, block, block, diagonal, window)
+    i = np.arange(sq)[:, None]
+    j = np.arange(sk)[None, :]
+    allowed = (j <= i + diagonal) & ((i + diagonal - j < window) if window else True)
+    want = set()
+    for a, kb in pairs:
+        qs, ks = slice(a * block, (a + 1) * block), slice(kb * block, (kb + 1) * block)
+        if (kb + 1) * block <= sk and allowed[qs, ks].all():  # no key padding; query rows past sq are dropped
+            want.add((a, kb))
+    assert set(inner) == want
+    assert len(inner) < len(pairs)
+    assert (len(inner) > 0) == (window is None or window >= 2 * block)  # a window under 2 blocks holds no whole tile

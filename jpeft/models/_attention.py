@@ -208,15 +208,18 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_siz
                         unroll: bool = False):
     """Online-softmax attention over tiles of ``block_size`` queries by ``block_size`` keys (see
     the module docstring). With ``mask.diagonal`` set (causal attention over the current tokens)
-    only the tiles on or below the diagonal, and inside the sliding window, are computed.
+    only the tiles on or below the diagonal, and inside the sliding window, are computed, and the
+    tiles wholly below the diagonal and inside the window skip the causal and window masks
+    (they still apply padding and segments when the mask has them).
 
-    ``unroll``: unroll the loop over tiles (for XLA's cost analysis, which counts a loop's body
+    ``unroll``: unroll the loops over tiles (for XLA's cost analysis, which counts a loop's body
     once; the numbers are the same).
     """
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     if h % kvh:
         raise InputValidationError(f"attention: {h} query heads are not a multiple of {kvh} key/value heads.")
+    g = h // kvh
     bk = min(block_size, sk)
     nk = -(-sk // bk)
     skip = mask.causal and mask.diagonal is not None
@@ -224,23 +227,32 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_siz
     bq = min(block_size, sq) if skip else sq
     nq = -(-sq // bq)
     pairs = block_pairs(sq, bq, nk, bk, mask.diagonal if skip else None, mask.window)
+    inner = interior_pairs(pairs, sq, sk, bq, bk, mask.diagonal, mask.window) if skip else frozenset()
+    edge = tuple(p for p in pairs if p not in inner)
+    inner = tuple(p for p in pairs if p in inner)
 
-    def blocks(x, n, size, fill):
+    def blocks(x, n, size):
+        """``[b, n * size, ...]`` (zero-padded) -> ``[n, b, size, ...]``."""
         pad = n * size - x.shape[1]
         if pad:
-            widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
-            x = jnp.pad(x, widths, constant_values=fill)
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape((b, n, size) + x.shape[2:]), 1, 0)
 
-    kb, vb = blocks(k, nk, bk, 0), blocks(v, nk, bk, 0)
-    kvb, kpb = blocks(mask.kv_valid, nk, bk, False), blocks(mask.k_pos, nk, bk, 0)
-    ksb = None if mask.k_seg is None else blocks(mask.k_seg, nk, bk, 0)
-    qb = blocks(q.reshape(b, sq, kvh, h // kvh, d), nq, bq, 0)
-    qpb = blocks(mask.q_pos, nq, bq, 0)
-    qsb = None if mask.q_seg is None else blocks(mask.q_seg, nq, bq, 0)
-    static = (float(scale), bool(mask.causal), mask.window, int(sk), int(bk), pairs, bool(unroll))
-    out = _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)  # [nq, b, bq, kvh, g, d]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, nq * bq, h, -1)[:, :sq]
+    # Heads first, the query heads of one key/value head and their queries as one row axis
+    # ([n, b, kv_heads, g * block, d]): every tile is then a plain batched matmul on each side.
+    kb = jnp.moveaxis(blocks(k, nk, bk), 3, 2)  # [nk, b, kvh, bk, d]
+    vb = jnp.moveaxis(blocks(v, nk, bk), 3, 2)
+    qs = (q * jnp.asarray(scale, q.dtype)).reshape(b, sq, kvh, g, d)
+    qb = jnp.transpose(blocks(qs, nq, bq), (0, 1, 3, 4, 2, 5)).reshape(nq, b, kvh, g * bq, d)
+    kvb, kpb = blocks(mask.kv_valid, nk, bk), blocks(mask.k_pos, nk, bk)
+    ksb = None if mask.k_seg is None else blocks(mask.k_seg, nk, bk)
+    qpb = blocks(mask.q_pos, nq, bq)
+    qsb = None if mask.q_seg is None else blocks(mask.q_seg, nq, bq)
+    static = _Static(bool(mask.causal), mask.window, bool(mask.padded), mask.diagonal if skip else None, int(sk),
+                     int(bq), int(bk), int(g), edge, inner, bool(unroll))
+    out = _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)  # [nq, b, kvh, g * bq, d]
+    out = out.reshape(nq, b, kvh, g, bq, -1)
+    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, nq * bq, h, -1)[:, :sq]
     return out.astype(q.dtype)
 
 
@@ -264,15 +276,90 @@ def block_pairs(sq: int, bq: int, nk: int, bk: int, diagonal: Optional[int], win
     return tuple(pairs)
 
 
-def _block_logits(static, qg, kblk, kv_valid, k_pos, k_seg, q_pos, q_seg, start):
-    """Masked logits ``[b, kvh, g, bq, bk]`` (f32) of one tile, and where they are allowed."""
-    scale, causal, window, sk, bk = static[:5]
-    s = jnp.einsum("bqkgd,bskd->bkgqs", qg, kblk, preferred_element_type=jnp.float32) * scale
-    ok = _allowed(q_pos, q_seg, kv_valid, k_pos, k_seg, causal, window)[:, None, None]
-    s = jnp.where(ok, s, _MASKED)
-    in_range = ((start + jnp.arange(bk)) < sk).reshape(1, 1, 1, 1, bk)  # block padding never counts
-    s = jnp.where(in_range, s, -jnp.inf)
-    return s, ok & in_range
+def interior_pairs(pairs, sq: int, sk: int, bq: int, bk: int, diagonal: int, window: Optional[int]) -> frozenset:
+    """The tiles of ``pairs`` whose every (query ``i < sq``, key ``j``) pair satisfies the
+    causal mask and the window by the ``diagonal`` promise (``j <= i + diagonal`` and ``i +
+    diagonal - j < window``) and that hold no key block padding: the causal and window masks
+    are all true there (rows past the last query are block padding, computed and dropped)."""
+    out = set()
+    for a, j in pairs:
+        q_lo, q_hi = a * bq, min(sq, (a + 1) * bq) - 1
+        k_lo, k_hi = j * bk, (j + 1) * bk - 1
+        if k_hi >= sk or k_hi > q_lo + diagonal:
+            continue
+        if window is not None and q_hi + diagonal - k_lo >= window:
+            continue
+        out.add((a, j))
+    return frozenset(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The kernel's static settings (hashable: the ``custom_vjp``'s non-differentiable
+    argument)."""
+
+    causal: bool
+    window: Optional[int]
+    padded: bool
+    diagonal: Optional[int]  # the mask's diagonal when tiles were skipped by it, else None
+    sk: int
+    bq: int
+    bk: int
+    g: int
+    edge: tuple  # tiles that need the causal / window / block-padding masks
+    inner: tuple  # tiles wholly inside them (only padding and segments, if any)
+    unroll: bool
+
+
+def _tile_mask(static: _Static, interior: bool, kv_valid, k_pos, k_seg, q_pos, q_seg, a, j):
+    """Where tile ``(a, j)``'s logits are allowed, ``[b, bq, bk]`` bool (or ``[1, bq, bk]``),
+    with block padding excluded; None when all are (an interior tile of a mask with no padding
+    and no segments).
+
+    With a ``diagonal`` the causal and window terms are computed from the tile's token indices
+    (the diagonal promise makes them equal to the slot comparisons wherever the segments
+    match), not from the slot arrays: XLA's CPU fusion of a compare between two broadcasts of
+    one dynamically sliced array ran about 4x slower than the logits' own exp."""
+    ok = None
+    if static.padded:
+        ok = kv_valid[:, None, :]
+    if q_seg is not None:
+        same = (q_seg[:, :, None] == k_seg[:, None, :]) | (k_seg[:, None, :] < 0)
+        ok = same if ok is None else ok & same
+    if interior:
+        return ok
+    kidx = j * static.bk + jnp.arange(static.bk)
+    if static.diagonal is None:
+        pos = _allowed(q_pos, None, jnp.ones_like(kv_valid), k_pos, None, static.causal, static.window)
+    else:
+        qidx = a * static.bq + jnp.arange(static.bq) + static.diagonal
+        pos = kidx[None, :] <= qidx[:, None]
+        if static.window is not None:
+            pos = pos & (qidx[:, None] - kidx[None, :] < static.window)
+        pos = pos[None]
+    pos = pos & (kidx < static.sk)[None, None, :]  # block padding never counts
+    return pos if ok is None else ok & pos
+
+
+def _masked(s, ok, static: _Static, key_major: bool, interior: bool, j):
+    """``s`` (``[b, kvh, g * bq, bk]``, or ``[b, kvh, bk, g * bq]`` when ``key_major``) with the
+    disallowed logits set to the reference's masked value, and block padding to ``-inf``.
+
+    The tile's mask is repeated over the ``g`` query heads of a key/value head (a small tensor)
+    so that ``s`` keeps its 4-d layout: reshaping it to split the heads from the queries made
+    XLA's CPU fusion several times slower."""
+    if ok is None:
+        return s
+    bias = jnp.where(ok, 0.0, _MASKED)
+    if not interior:
+        kidx = j * static.bk + jnp.arange(static.bk)
+        bias = jnp.where((kidx < static.sk)[None, None, :], bias, -jnp.inf)
+    b, bq, bk = bias.shape[0], static.bq, static.bk
+    bias = jnp.broadcast_to(bias[:, None], (b, static.g, bq, bk)).reshape(b, static.g * bq, bk)
+    if key_major:
+        bias = jnp.swapaxes(bias, 1, 2)
+    bias = bias[:, None]
+    return jnp.where(bias == 0, s, bias)
 
 
 def _take(x, i):
@@ -283,36 +370,42 @@ def _put(x, i, value):
     return jax.lax.dynamic_update_index_in_dim(x, value, i, 0)
 
 
-def _tiles(static, body, carry):
-    """``lax.scan`` of ``body(carry, (a, j))`` over the static tile list."""
-    pairs, unroll = static[5], static[6]
-    idx = np.asarray(pairs, np.int32).reshape(-1, 2)
-    carry, _ = jax.lax.scan(lambda c, x: (body(c, x), None), carry, (idx[:, 0], idx[:, 1]), unroll=unroll)
+def _tiles(static: _Static, body, carry):
+    """``body(interior, carry, (a, j))`` over the edge tiles, then the interior ones: one
+    ``lax.scan`` each over its static list."""
+    for interior, pairs in ((False, static.edge), (True, static.inner)):
+        if not pairs:
+            continue
+        idx = np.asarray(pairs, np.int32).reshape(-1, 2)
+        step = functools.partial(body, interior)
+        carry, _ = jax.lax.scan(lambda c, x: (step(c, x), None), carry, (idx[:, 0], idx[:, 1]),
+                                unroll=static.unroll)
     return carry
 
 
-def _forward(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
-    """Returns the output ``[nq, b, bq, kvh, g, d]`` (f32), the row maxima and ``1 / row sums``
-    ``[nq, b, kvh, g, bq]`` (0 on fully masked rows) for the backward pass."""
-    sk, bk = static[3], static[4]
-    nq, b, bq, kvh, g, _ = qb.shape
+def _forward(static: _Static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
+    """Returns the output ``[nq, b, kvh, g * bq, d]`` (f32), the row maxima and ``1 / row
+    sums`` ``[nq, b, kvh, g * bq]`` (0 on fully masked rows) and the fully-masked flags."""
+    nq, b, kvh, gq, _ = qb.shape
     dv = vb.shape[-1]
-    m0 = jnp.full((nq, b, kvh, g, bq), _MASKED, jnp.float32)
-    l0 = jnp.zeros((nq, b, kvh, g, bq), jnp.float32)
-    a0 = jnp.zeros((nq, b, kvh, g, bq, dv), jnp.float32)
+    m0 = jnp.full((nq, b, kvh, gq), _MASKED, jnp.float32)
+    l0 = jnp.zeros((nq, b, kvh, gq), jnp.float32)
+    a0 = jnp.zeros((nq, b, kvh, gq, dv), jnp.float32)
 
-    def step(carry, ij):
+    def step(interior, carry, ij):
         m, l, acc = carry
         a, j = ij
-        s, _ = _block_logits(static, _take(qb, a), _take(kb, j), _take(kvb, j), _take(kpb, j), _take(ksb, j),
-                             _take(qpb, a), _take(qsb, a), j * bk)
+        s = jnp.einsum("bkqd,bksd->bkqs", _take(qb, a), _take(kb, j), preferred_element_type=jnp.float32)
+        ok = _tile_mask(static, interior, _take(kvb, j), _take(kpb, j), _take(ksb, j), _take(qpb, a),
+                        _take(qsb, a), a, j)
+        s = _masked(s, ok, static, False, interior, j)
         ma, la, acca = _take(m, a), _take(l, a), _take(acc, a)
         m_new = jnp.maximum(ma, s.max(-1))
         corr = jnp.exp(ma - m_new)
         p = jnp.exp(s - m_new[..., None])
         la = la * corr + p.sum(-1)
         vblk = _take(vb, j)
-        pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkqs,bksd->bkqd", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
         acca = acca * corr[..., None] + pv
         return _put(m, a, m_new), _put(l, a, la), _put(acc, a, acca)
 
@@ -320,10 +413,10 @@ def _forward(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
     # A query row with no allowed key (padding) averages every key, as the reference does; the
     # tiles it skipped would have counted too, so it is taken from the mean of all values.
     full = m <= _MASKED
-    vmean = vb.astype(jnp.float32).sum((0, 2)) / sk  # [b, kvh, d]; block padding holds zeros
-    out = jnp.where(full[..., None], vmean[None, :, :, None, None, :], acc / l[..., None])
+    vmean = vb.astype(jnp.float32).sum((0, 3)) / static.sk  # [b, kvh, d]; block padding holds zeros
+    out = jnp.where(full[..., None], vmean[None, :, :, None, :], acc / l[..., None])
     linv = jnp.where(full, 0.0, 1.0 / l)
-    return jnp.transpose(out, (0, 1, 4, 2, 3, 5)), m, linv, full
+    return out, m, linv, full
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -337,33 +430,36 @@ def _flash_fwd(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
     return out, (qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, m, linv, full)
 
 
-def _flash_bwd(static, res, dout):
+def _flash_bwd(static: _Static, res, dout):
+    """Recomputes each tile's probabilities key-major (``[b, kvh, bk, g * bq]``), so the value
+    and key gradients are plain matmuls and the score-sized tensors are written in one layout."""
     qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, m, linv, full = res
-    scale, sk, bk = static[0], static[3], static[4]
-    dob = dout.astype(jnp.float32)  # [nq, b, bq, kvh, g, d]
+    dob = dout.astype(jnp.float32)  # [nq, b, kvh, g * bq, d]
     # D_i = sum_d dO_id O_id, the row term of the softmax backward.
-    dsum = jnp.einsum("nbqkgd,nbqkgd->nbkgq", dob, out.astype(jnp.float32))
+    dsum = jnp.einsum("nbkqd,nbkqd->nbkq", dob, out.astype(jnp.float32))
 
-    def step(carry, ij):
+    def step(interior, carry, ij):
         dq, dk, dv = carry
         a, j = ij
-        qa, kj, vj = _take(qb, a).astype(jnp.float32), _take(kb, j).astype(jnp.float32), _take(vb, j)
-        doa = _take(dob, a)
-        s, ok = _block_logits(static, _take(qb, a), _take(kb, j), _take(kvb, j), _take(kpb, j), _take(ksb, j),
-                              _take(qpb, a), _take(qsb, a), j * bk)
-        p = jnp.exp(s - _take(m, a)[..., None]) * _take(linv, a)[..., None]
-        dvj = jnp.einsum("bkgqs,bqkgd->bskd", p, doa)
-        dp = jnp.einsum("bqkgd,bskd->bkgqs", doa, vj.astype(jnp.float32))
-        ds = jnp.where(ok, p * (dp - _take(dsum, a)[..., None]), 0.0) * scale
-        dqa = jnp.einsum("bkgqs,bskd->bqkgd", ds, kj)
-        dkj = jnp.einsum("bkgqs,bqkgd->bskd", ds, qa)
+        qa, kj, vj, doa = _take(qb, a), _take(kb, j), _take(vb, j), _take(dob, a)
+        st = jnp.einsum("bksd,bkqd->bksq", kj, qa, preferred_element_type=jnp.float32)
+        ok = _tile_mask(static, interior, _take(kvb, j), _take(kpb, j), _take(ksb, j), _take(qpb, a),
+                        _take(qsb, a), a, j)
+        st = _masked(st, ok, static, True, interior, j)
+        # disallowed logits give exactly 0 (exp of the masked value, or 1 / row sum = 0)
+        pt = jnp.exp(st - _take(m, a)[:, :, None, :]) * _take(linv, a)[:, :, None, :]
+        dvj = jnp.einsum("bksq,bkqd->bksd", pt, doa)
+        dpt = jnp.einsum("bksd,bkqd->bksq", vj.astype(jnp.float32), doa)
+        dst = pt * (dpt - _take(dsum, a)[:, :, None, :])
+        dkj = jnp.einsum("bksq,bkqd->bksd", dst, qa.astype(jnp.float32))
+        dqa = jnp.einsum("bksq,bksd->bkqd", dst, kj.astype(jnp.float32))
         return (_put(dq, a, _take(dq, a) + dqa), _put(dk, j, _take(dk, j) + dkj), _put(dv, j, _take(dv, j) + dvj))
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
     dq, dk, dv = _tiles(static, step, (zeros(qb), zeros(kb), zeros(vb)))
     # Fully masked rows took the mean of all values: each key's value gets 1/sk of their cotangent.
-    dfull = jnp.einsum("nbqkgd,nbkgq->bkd", dob, full.astype(jnp.float32)) / sk
-    dv = dv + dfull[None, :, None]  # block padding rows are dropped by the padding's own transpose
+    dfull = jnp.einsum("nbkqd,nbkq->bkd", dob, full.astype(jnp.float32)) / static.sk
+    dv = dv + dfull[None, :, :, None, :]  # block padding rows are dropped by the padding's own transpose
     float0 = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
     return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), float0(kvb), float0(kpb), float0(ksb),
             float0(qpb), float0(qsb))
