@@ -146,11 +146,13 @@ class _Interrupt:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.hit = False
+        self._installed = False
         self._old = None
 
     def __enter__(self):
         if self.enabled and threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
         return self
 
     def _handle(self, signum, frame):
@@ -160,8 +162,11 @@ class _Interrupt:
         print("\njpeft: Ctrl-C: saving a checkpoint, then stopping (Ctrl-C again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        if self._installed:
+            # None: the handler found was not set from Python (an embedding program's);
+            # Python's own is the nearest that can be put back.
+            signal.signal(signal.SIGINT, signal.default_int_handler if self._old is None else self._old)
+            self._installed = False
 
 
 def _summary_writer(logdir: str):

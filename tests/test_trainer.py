@@ -106,6 +106,23 @@ def test_ctrl_c_saves_the_step_and_resume_is_exact(run, tmp_path):
     assert signal.getsignal(signal.SIGINT) is handler  # the loop's handler was removed
 
 
+
+def test_interrupt_handler_restores_python_handler_when_previous_was_not_set_from_python(monkeypatch):
+    """signal.signal returns None for a handler installed outside Python (an embedding program,
+    or a C extension); leaving the loop then puts Python's own Ctrl-C handler back, not the
+    loop's flag-setter."""
+    from jpeft import loop
+
+    real = signal.signal
+    monkeypatch.setattr(loop.signal, "signal", lambda s, h: (real(s, h), None)[1])  # previous one "from C"
+    try:
+        with loop._Interrupt(True) as it:
+            assert signal.getsignal(signal.SIGINT) == it._handle
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        real(signal.SIGINT, signal.default_int_handler)
+
+
 def _spy(monkeypatch):
     calls = []
     real = jpeft.fit
