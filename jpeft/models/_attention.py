@@ -384,8 +384,8 @@ def _tiles(static: _Static, body, carry):
 
 
 def _forward(static: _Static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
-    """Returns the output ``[nq, b, kvh, g * bq, d]`` (f32), the row maxima and ``1 / row
-    sums`` ``[nq, b, kvh, g * bq]`` (0 on fully masked rows) and the fully-masked flags."""
+    """Returns the output ``[nq, b, kvh, g * bq, d]`` (f32), each row's log-sum-exp ``[nq, b,
+    kvh, g * bq]`` (``+inf`` on fully masked rows) and the fully-masked flags."""
     nq, b, kvh, gq, _ = qb.shape
     dv = vb.shape[-1]
     m0 = jnp.full((nq, b, kvh, gq), _MASKED, jnp.float32)
@@ -415,8 +415,10 @@ def _forward(static: _Static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
     full = m <= _MASKED
     vmean = vb.astype(jnp.float32).sum((0, 3)) / static.sk  # [b, kvh, d]; block padding holds zeros
     out = jnp.where(full[..., None], vmean[None, :, :, None, :], acc / l[..., None])
-    linv = jnp.where(full, 0.0, 1.0 / l)
-    return out, m, linv, full
+    # log-sum-exp of each row, +inf on fully masked rows: exp(logit - lse) is then the
+    # probability, and exactly 0 on every key of a fully masked row (handled by `full`)
+    lse = jnp.where(full, jnp.inf, m + jnp.log(l))
+    return out, lse, full
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -425,15 +427,15 @@ def _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
 
 
 def _flash_fwd(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
-    out, m, linv, full = _forward(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)
+    out, lse, full = _forward(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)
     out = out.astype(qb.dtype)
-    return out, (qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, m, linv, full)
+    return out, (qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, lse, full)
 
 
 def _flash_bwd(static: _Static, res, dout):
     """Recomputes each tile's probabilities key-major (``[b, kvh, bk, g * bq]``), so the value
     and key gradients are plain matmuls and the score-sized tensors are written in one layout."""
-    qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, m, linv, full = res
+    qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, lse, full = res
     dob = dout.astype(jnp.float32)  # [nq, b, kvh, g * bq, d]
     # D_i = sum_d dO_id O_id, the row term of the softmax backward.
     dsum = jnp.einsum("nbkqd,nbkqd->nbkq", dob, out.astype(jnp.float32))
@@ -446,8 +448,8 @@ def _flash_bwd(static: _Static, res, dout):
         ok = _tile_mask(static, interior, _take(kvb, j), _take(kpb, j), _take(ksb, j), _take(qpb, a),
                         _take(qsb, a), a, j)
         st = _masked(st, ok, static, True, interior, j)
-        # disallowed logits give exactly 0 (exp of the masked value, or 1 / row sum = 0)
-        pt = jnp.exp(st - _take(m, a)[:, :, None, :]) * _take(linv, a)[:, :, None, :]
+        # disallowed logits give exactly 0 (exp of the masked value, or of -inf)
+        pt = jnp.exp(st - _take(lse, a)[:, :, None, :])
         dvj = jnp.einsum("bksq,bkqd->bksd", pt, doa)
         dpt = jnp.einsum("bksd,bkqd->bksq", vj.astype(jnp.float32), doa)
         dst = pt * (dpt - _take(dsum, a)[:, :, None, :])
