@@ -247,6 +247,22 @@ def host_pages_env(framework: str, huge_pages: str) -> dict[str, str]:
     return {}
 
 
+def cpu_model() -> str:
+    """The host CPU's vendor and model as /proc/cpuinfo names it ("" where there is none):
+    results from different CPUs are not comparable (PyTorch's and XLA's matmul libraries rank
+    differently on AMD and Intel CPUs; see docs/BENCHMARKS.md, Machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return ""
+    get = lambda key: next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith(key)), "")
+    flags = set(get("flags").split())
+    extra = [f for f in ("avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return " ".join(x for x in (get("vendor_id"), get("model name"), f"family {get('cpu family')}",
+                                f"model {get('model')}", ",".join(extra)) if x.strip())
+
+
 def env_summary() -> dict[str, Any]:
     keys = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "JAX_PLATFORMS", "GLIBC_TUNABLES")
     return {k: os.environ.get(k) for k in keys if os.environ.get(k) is not None}

@@ -243,7 +243,7 @@ def main(argv=None):
                   "jpeft_config": args.jpeft_config,
                   "points": results,
                   "goals": goals(results),
-                  "env": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg(), "xla_flags": args.xla_flags,
+                  "env": {"cpus": os.cpu_count(), "cpu": C.cpu_model(), "load_avg_end": os.getloadavg(), "xla_flags": args.xla_flags,
                           "huge_pages": args.huge_pages, "wall_s": time.perf_counter() - t0}}
         md = markdown(report)
         print(md)

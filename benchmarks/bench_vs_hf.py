@@ -300,7 +300,7 @@ def main(argv=None):
                 p.error("--memory-only needs a --memory-size")
             report = {"memory_400m": memory_runs(args, workdir), "memory_size": args.memory_size,
                       "memory_size_dims": {k: getattr(C.SIZES[args.memory_size], k) for k in ("batch", "seq")},
-                      "env": {"xla_flags": args.xla_flags, "huge_pages": args.huge_pages, "threads": args.threads or "default", "cpus": os.cpu_count(), "load_avg_end": os.getloadavg()}}
+                      "env": {"xla_flags": args.xla_flags, "huge_pages": args.huge_pages, "threads": args.threads or "default", "cpus": os.cpu_count(), "cpu": C.cpu_model(), "load_avg_end": os.getloadavg()}}
             for k in ("ratio_f32", "ratio_bf16", "ratio_bf16_vs_full_f32"):
                 print(f"LoRA / full peak memory, {k[6:]}: {report['memory_400m'][k]:.3f}")
             if args.json:
@@ -341,7 +341,7 @@ def main(argv=None):
             "memory_size_dims": ({k: getattr(C.SIZES[args.memory_size], k) for k in ("batch", "seq")}
                                  if args.memory_size != "none" else None),
             "profile": rounds[0]["extra"] if args.profile else None,
-            "env": {"xla_flags": args.xla_flags, "huge_pages": args.huge_pages, "threads": args.threads or "default", "cpus": os.cpu_count(), "load_avg_end": os.getloadavg(),
+            "env": {"xla_flags": args.xla_flags, "huge_pages": args.huge_pages, "threads": args.threads or "default", "cpus": os.cpu_count(), "cpu": C.cpu_model(), "load_avg_end": os.getloadavg(),
                     "versions": {**rounds[0]["ready"]["hf_f32"]["versions"],
                                  **rounds[0]["ready"]["jpeft_f32"]["versions"]},
                     "mem_method": rounds[0]["ready"]["jpeft_f32"]["mem_method"],

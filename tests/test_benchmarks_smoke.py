@@ -163,3 +163,16 @@ def test_quant_benchmark_toy_run(tmp_path):
     assert (bf16["base"], nf4["base"]) == ("bf16", "nf4") and bf16["bytes_vs_bf16"] == 1.0
     assert nf4["kernel_bytes_vs_bf16"] < 0.3 and nf4["logit_rel_err_vs_bf16"] > 0
     assert "step 3/3" in r.stderr and "| nf4 |" in r.stdout
+
+
+def test_attention_kernel_benchmark_toy_run(tmp_path):
+    """benchmarks/attention_cpu.py runs both frameworks' processes and reports a ratio per block."""
+    out = tmp_path / "att.json"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "attention_cpu.py"), "--seq", "48", "--blocks", "16,64",
+                        "--heads", "2", "--dim", "8", "--rounds", "1", "--reps", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["seq"], x["block"]) for x in rows] == [(48, 16), (48, 64)]
+    assert all(x["jpeft_s"] > 0 and x["torch_s"] > 0 and x["ratio"] > 0 for x in rows)
+    assert "| 48 | jpeft blockwise, blocks of 16 |" in r.stdout

@@ -1,0 +1,133 @@
+"""The attention kernel alone on the CPU: jpeft's blockwise kernel against PyTorch's fused
+scaled-dot-product attention (what Hugging Face's Llama calls), forward + backward of causal
+attention over the current tokens, the shapes of the issue-24 Llama (8 heads of 64).
+
+Each framework runs in its own process, one process at a time, alternating from round to
+round (torch first in odd rounds, jpeft first in even ones); each process compiles / warms up,
+then times ``--reps`` back-to-back forward+backward calls and reports their minimum and median.
+The table gives, per sequence length, the median over rounds of each process's median, and
+the ratio jpeft / torch. A kernel timing, not a training step: ``bench_scaling.py`` measures the
+step.
+
+Examples:
+  python benchmarks/attention_cpu.py                                  # 1024, 2048, 4096 tokens
+  python benchmarks/attention_cpu.py --seq 4096 --blocks 256,512,1024 # block sizes
+  python benchmarks/attention_cpu.py --seq 256 --rounds 1 --reps 2    # seconds (smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _common as C  # noqa: E402
+
+
+def worker(framework: str, seq: int, batch: int, heads: int, dim: int, block: int, reps: int) -> dict:
+    if framework == "torch":
+        import torch
+
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(batch, heads, seq, dim, requires_grad=True) for _ in range(3))
+        ct = torch.randn(batch, heads, seq, dim)
+
+        def call():
+            for x in (q, k, v):
+                x.grad = None
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(ct)
+            return q.grad
+    else:
+        sys.path.insert(0, os.path.dirname(HERE))
+        import jax
+        import jax.numpy as jnp
+
+        from jpeft.models import _attention as A
+        from jpeft.models._layers import causal_mask
+
+        ks = jax.random.split(jax.random.key(0), 4)
+        q, k, v, ct = (jax.random.normal(kk, (batch, seq, heads, dim)) for kk in ks)
+        mask, _ = causal_mask(jnp.ones((batch, seq), bool), None, padded=False)
+
+        def f(q, k, v):
+            out = A.dot_product_attention(q, k, v, mask, scale=dim ** -0.5, implementation="blockwise",
+                                          block_size=block)
+            return jnp.vdot(out, ct)
+
+        g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+
+        def call():
+            return jax.block_until_ready(g(q, k, v))
+
+    call()
+    call()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        call()
+        ts.append(time.perf_counter() - t)
+    return {"min_s": min(ts), "median_s": statistics.median(ts)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", default="1024,2048,4096", help="comma list of sequence lengths")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64, help="head width")
+    p.add_argument("--blocks", default="512", help="comma list of jpeft attention block sizes")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5, help="timed back-to-back calls per process")
+    p.add_argument("--huge-pages", choices=["both", "jpeft", "none"], default="jpeft",
+                   help="which processes run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (the `jpeft` command "
+                        "sets it for itself; default: jpeft only)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        fw, seq, batch, heads, dim, block, reps = a.worker
+        print(json.dumps(worker(fw, *(int(x) for x in (seq, batch, heads, dim, block, reps)))))
+        return
+    seqs = [int(s) for s in a.seq.split(",")]
+    blocks = [int(b) for b in a.blocks.split(",")]
+    runs = {}
+    for rnd in range(a.rounds):
+        for seq in seqs:
+            order = [("torch", 0)] + [("jpeft", b) for b in blocks]
+            if rnd % 2:
+                order.reverse()
+            for fw, block in order:
+                env = dict(os.environ)
+                if a.huge_pages == "both" or a.huge_pages == fw:
+                    env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, str(seq), str(a.batch),
+                       str(a.heads), str(a.dim), str(block), str(a.reps)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                res = json.loads(out.strip().splitlines()[-1])
+                runs.setdefault((seq, fw, block), []).append(res)
+                print(f"round {rnd + 1} seq {seq} {fw}{'' if fw == 'torch' else f' block {block}'}: "
+                      f"min {res['min_s'] * 1e3:.0f} ms, median {res['median_s'] * 1e3:.0f} ms", file=sys.stderr)
+    rows = []
+    print("| sequence | kernel | forward+backward ms (median over rounds of each process's median) | / torch |")
+    print("|---:|---|---:|---:|")
+    for seq in seqs:
+        t_torch = statistics.median(r["median_s"] for r in runs[(seq, "torch", 0)])
+        print(f"| {seq} | torch SDPA | {t_torch * 1e3:.0f} | 1.00 |")
+        for b in blocks:
+            t = statistics.median(r["median_s"] for r in runs[(seq, "jpeft", b)])
+            print(f"| {seq} | jpeft blockwise, blocks of {b} | {t * 1e3:.0f} | {t / t_torch:.2f} |")
+            rows.append({"seq": seq, "block": b, "jpeft_s": t, "torch_s": t_torch, "ratio": t / t_torch})
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "cpu": C.cpu_model(), "rows": rows,
+                       "runs": {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in runs.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
