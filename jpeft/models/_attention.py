@@ -321,9 +321,9 @@ class _Static:
 
 
 def _tile_mask(static: _Static, interior: bool, kv_valid, k_pos, k_seg, q_pos, q_seg, a, j):
-    """Where tile ``(a, j)``'s logits are allowed, ``[b, bq, bk]`` bool (or ``[1, bq, bk]``),
-    with block padding excluded; None when all are (an interior tile of a mask with no padding
-    and no segments).
+    """Where tile ``(a, j)``'s logits are allowed, ``[b, bq, bk]`` bool (or ``[1, bq, bk]``;
+    block padding is left to :func:`_masked`); None when all are (an interior tile of a mask
+    with no padding and no segments).
 
     With a ``diagonal`` the causal and window terms are computed from the tile's token indices
     (the diagonal promise makes them equal to the slot comparisons wherever the segments
@@ -337,16 +337,15 @@ def _tile_mask(static: _Static, interior: bool, kv_valid, k_pos, k_seg, q_pos, q
         ok = same if ok is None else ok & same
     if interior:
         return ok
-    kidx = j * static.bk + jnp.arange(static.bk)
     if static.diagonal is None:
         pos = _allowed(q_pos, None, jnp.ones_like(kv_valid), k_pos, None, static.causal, static.window)
     else:
+        kidx = j * static.bk + jnp.arange(static.bk)
         qidx = a * static.bq + jnp.arange(static.bq) + static.diagonal
         pos = kidx[None, :] <= qidx[:, None]
         if static.window is not None:
             pos = pos & (qidx[:, None] - kidx[None, :] < static.window)
         pos = pos[None]
-    pos = pos & (kidx < static.sk)[None, None, :]  # block padding never counts
     return pos if ok is None else ok & pos
 
 
@@ -360,7 +359,7 @@ def _masked(s, ok, static: _Static, key_major: bool, interior: bool, j):
     if ok is None:
         return s
     bias = jnp.where(ok, 0.0, _MASKED)
-    if not interior:
+    if not interior:  # block padding never counts, not even in a fully masked row
         kidx = j * static.bk + jnp.arange(static.bk)
         bias = jnp.where((kidx < static.sk)[None, None, :], bias, -jnp.inf)
     b, bq, bk = bias.shape[0], static.bq, static.bk
