@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 
 import numpy as np
 
 ROOT = tempfile.mkdtemp(prefix="jpeft_tiny_models_")
+atexit.register(shutil.rmtree, ROOT, ignore_errors=True)  # one folder per test process; gone when it exits
 
 VOCAB = 100
 
