@@ -27,6 +27,7 @@ from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, Sh
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
 from jpeft.methods._common import down_project, linear_candidates, up_project
+from jpeft.models._layers import flat_dot_general
 from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, dropout, flat_spec_entry, spec_entries, static_field
 from jpeft.scan import Stacked, make_site
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
@@ -395,7 +396,7 @@ class LoraWeights(Site):
         update away) and without active dropout.
         """
         mod = call.module
-        if type(mod) is not nn.Dense or getattr(mod, "dot_general", None) is not None \
+        if type(mod) is not nn.Dense or getattr(mod, "dot_general", None) not in (None, flat_dot_general) \
                 or getattr(mod, "dot_general_cls", None) is not None:
             return None
         if self.dropout > 0 and mod.has_rng("dropout"):

@@ -373,14 +373,39 @@ def attend(q, k, v, mask: AttentionMask, *, scale: float, cache_layer=None, pref
     return out, new_cache
 
 
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+    """``jax.lax.dot_general`` that, for a Dense layer's product (``lhs [..., in]`` by ``rhs
+    [in, out]``), flattens ``lhs``'s leading axes into one and restores them on the result.
+
+    Same numbers as the plain product; the difference is in the backward pass: the weight
+    gradient ``x^T dy`` then contracts one token axis instead of two (batch and sequence), and
+    XLA's CPU backend runs a one-axis contraction on the activations as they are, where for
+    two axes it first writes a transposed copy of ``dy`` (with the elementwise backward of the
+    layer after it fused into that copy, at a fraction of memory bandwidth). For full fine-tuning
+    of a Llama that copy was ~23 % of the step (docs/BENCHMARKS.md, "Full fine-tuning"). Any
+    other contraction, and any call with an explicit ``out_sharding`` (nnx passes one), is
+    passed to ``jax.lax.dot_general`` unchanged.
+    """
+    (lc, rc), (lb, rb) = dimension_numbers
+    if (out_sharding is None and lhs.ndim > 2 and rhs.ndim == 2 and not lb and not rb
+            and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,)):
+        out = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
+                                  precision=precision, preferred_element_type=preferred_element_type)
+        return out.reshape(lhs.shape[:-1] + rhs.shape[1:])
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+
 def dense(features: int, use_bias: bool, cfg, name: str):
-    """``nn.Dense`` with the config's dtypes and normal(initializer_range) kernels."""
+    """``nn.Dense`` with the config's dtypes, normal(initializer_range) kernels and
+    :func:`flat_dot_general` (the product over flattened tokens)."""
     return nn.Dense(
         features,
         use_bias=use_bias,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         kernel_init=nn.initializers.normal(cfg.initializer_range),
+        dot_general=flat_dot_general,
         name=name,
     )
 

@@ -55,7 +55,8 @@ class RMSNorm(nnx.Module):
 
 def _dense(n_in: int, n_out: int, bias: bool, c: LlamaConfig, rngs) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype,
-                      kernel_init=nn.initializers.normal(c.initializer_range), rngs=rngs)
+                      kernel_init=nn.initializers.normal(c.initializer_range), dot_general=L.flat_dot_general,
+                      rngs=rngs)
 
 
 class LlamaMLP(nnx.Module):
