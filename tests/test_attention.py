@@ -6,6 +6,7 @@ with either kernel. Prefix tuning on sliding-window models (Mistral, Qwen2) foll
 transformers + peft: the prefix leaves the window like any other key."""
 
 import copy
+import dataclasses
 import functools
 import os
 import sys
@@ -147,7 +148,31 @@ def test_auto_and_bad_names():
         jpeft.models.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                                  attention="flash")
     with pytest.raises(jpeft.ConfigError, match="attention_block_size"):
-        jpeft.models.GPT2Config(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, attention_block_size=0)
+        jpeft.models.GPT2Config(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, attention_block_size=-1)
+    with pytest.raises(jpeft.ConfigError, match="block_size"):
+        q = jnp.zeros((1, 4, 2, 8))
+        A.dot_product_attention(q, q, q, L.causal_mask(jnp.ones((1, 4), bool), None)[0], scale=1.0, block_size=-2)
+
+
+def test_automatic_block_size():
+    """``attention_block_size=0`` (the default): causal attention over the current tokens takes
+    about four query blocks per row (a power of two, 64..512); a cache or a bidirectional mask
+    takes 512. The kernel chosen follows: one block of keys is the reference program."""
+    assert jpeft.models.LlamaConfig().attention_block_size == 0
+    causal = lambda s: L.causal_mask(jnp.ones((1, s), bool), None)[0]  # noqa: E731
+    got = {s: A.auto_block_size(s, causal(s)) for s in (16, 128, 256, 300, 512, 1024, 2048, 4096, 8192)}
+    assert got == {16: 64, 128: 64, 256: 64, 300: 128, 512: 128, 1024: 256, 2048: 512, 4096: 512, 8192: 512}
+    assert A.auto_block_size(1024, L.bidirectional_mask(jnp.ones((1, 1024), bool))) == 512
+    assert A.auto_block_size(1024, dataclasses.replace(causal(1024), diagonal=None)) == 512  # as with a cache
+    # the automatic block is the explicit one of that size, numbers included
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 300, 4, 8)).astype(np.float32)) for _ in range(3))
+    m = L.causal_mask(jnp.ones((2, 300), bool), None)[0]
+    auto = A.dot_product_attention(q, k, v, m, scale=0.3)
+    explicit = A.dot_product_attention(q, k, v, m, scale=0.3, implementation="blockwise", block_size=128)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(explicit))
+    reference = A.dot_product_attention(q, k, v, m, scale=0.3, implementation="reference")
+    np.testing.assert_allclose(np.asarray(auto), np.asarray(reference), rtol=1e-5, atol=1e-5)
 
 
 # -- every model family, logits and adapter gradients ---------------------------------------------

@@ -33,6 +33,13 @@ Kernels (``implementation=``):
   width cuDNN takes (a multiple of 8, at most 128); elsewhere ``"blockwise"`` when the keys
   span more than one block, and ``"reference"`` when they fit in one (the blockwise kernel
   would then hold the same score matrix and only add the backward recomputation).
+
+The block size (``block_size=0``, the models' default, picks it: :func:`auto_block_size`):
+causal attention over the current tokens (a training or prefill step) takes about four query
+blocks per row, a power of two from 64 to 512 (128 at 512 tokens, 256 at 1,024, 512 from
+2,048 on), so the causal skip leaves out 6 of 16 tiles while each tile stays large; any other
+mask (a cache, bidirectional) takes blocks of 512. Measured in the training step on the CPU
+(docs/BENCHMARKS.md, "Block size"); an explicit ``block_size`` overrides it.
 """
 
 from __future__ import annotations
@@ -160,6 +167,19 @@ def check_implementation(name: str, what: str = "attention") -> None:
         )
 
 
+DEFAULT_BLOCK = 512  # the block of masks other than causal-over-current-tokens, and the largest
+
+
+def auto_block_size(q_len: int, mask: AttentionMask) -> int:
+    """The blockwise kernel's block for ``q_len`` queries under ``mask`` (``block_size=0``):
+    with ``mask.diagonal`` (causal over the current tokens) the power of two nearest above
+    ``q_len / 4``, clamped to 64..512; otherwise 512."""
+    if not (mask.causal and mask.diagonal is not None):
+        return DEFAULT_BLOCK
+    quarter = max(1, -(-q_len // 4))
+    return int(min(DEFAULT_BLOCK, max(64, 1 << (quarter - 1).bit_length())))
+
+
 def resolve(implementation: str, dtype, head_dim: int, k_len: Optional[int] = None, block_size: int = 512) -> str:
     """The kernel ``implementation`` stands for on this backend (``"auto"`` resolved for
     ``k_len`` keys: with at most one key block the blockwise kernel would hold the whole score
@@ -187,14 +207,18 @@ def resolve(implementation: str, dtype, head_dim: int, k_len: Optional[int] = No
 
 
 def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, implementation: str = "auto",
-                          block_size: int = 512, plain: bool = False):
+                          block_size: int = 0, plain: bool = False):
     """Attention of ``q [b, q, heads, d]`` over ``k, v [b, k, kv_heads, d]`` (grouped-query when
     ``kv_heads < heads``) under ``mask``; returns ``[b, q, heads, d]`` in ``q``'s dtype.
 
+    ``block_size``: the blockwise kernel's block; ``0`` picks it (:func:`auto_block_size`).
     ``plain``: the caller knows the mask is exactly ``mask.causal`` / ``mask.window`` over the
     current tokens (no cache, no prefix, no padding, no segments), which lets the cuDNN kernel
     run without a dense mask.
     """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
+        raise ConfigError(f"attention block_size must be a positive integer or 0 (automatic), found {block_size!r}.")
+    block_size = block_size or auto_block_size(q.shape[1], mask)
     impl = resolve(implementation, q.dtype, q.shape[-1], k.shape[1], block_size)
     if impl == "reference":
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale).astype(q.dtype)
@@ -204,8 +228,6 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=mask.causal,
                                                 local_window_size=window, implementation="cudnn")
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale, implementation="cudnn")
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ConfigError(f"attention block_size must be a positive integer, found {block_size!r}.")
     return blockwise_attention(q, k, v, mask, scale=scale, block_size=block_size)
 
 

@@ -338,7 +338,7 @@ def check_prefix(prefix_kv, batch: int, num_kv_heads: int, head_dim: int, path: 
 
 
 def attend(q, k, v, mask: AttentionMask, *, scale: float, cache_layer=None, prefix_kv=None, dtype=jnp.float32,
-           implementation: str = "auto", block_size: int = 512):
+           implementation: str = "auto", block_size: int = 0):
     """Scaled dot-product attention with an optional cache write and an optional prefix.
 
     Args:
@@ -347,7 +347,7 @@ def attend(q, k, v, mask: AttentionMask, *, scale: float, cache_layer=None, pref
       cache_layer: ``(k_cache, v_cache, index)`` or ``None``.
       prefix_kv: ``(k, v)`` ``[batch, n_prefix, kv_heads, head_dim]``, attended by every query
         (inside the sliding window, if the layer has one: the prefix sits before slot 0).
-      implementation, block_size: the kernel (:mod:`jpeft.models._attention`).
+      implementation, block_size: the kernel and its block (0: automatic; :mod:`jpeft.models._attention`).
 
     Returns:
       ``(out [batch, q_len, heads, head_dim], (k_cache, v_cache) or None)``.
@@ -480,5 +480,5 @@ def validate_common(cfg, name: str):
         )
     check_implementation(cfg.attention, f"{name}.attention")
     bs = cfg.attention_block_size
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ConfigError(f"{name}.attention_block_size must be a positive integer, found {bs!r}.")
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 0:
+        raise ConfigError(f"{name}.attention_block_size must be a positive integer or 0 (automatic), found {bs!r}.")

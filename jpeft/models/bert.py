@@ -52,7 +52,7 @@ class BertConfig:
     remat: bool = False
     remat_policy: Optional[str] = None
     attention: str = "auto"
-    attention_block_size: int = 512
+    attention_block_size: int = 0
     pad_token_id: Any = 0
 
     def __post_init__(self):

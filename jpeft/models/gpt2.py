@@ -66,7 +66,7 @@ class GPT2Config:
     remat: bool = False
     remat_policy: Optional[str] = None
     attention: str = "auto"
-    attention_block_size: int = 512
+    attention_block_size: int = 0
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None

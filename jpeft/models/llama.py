@@ -75,7 +75,9 @@ class LlamaConfig:
         dtypes, else ``"blockwise"``), ``"blockwise"`` (online softmax over key blocks, memory
         linear in the sequence length), ``"reference"`` (dense scores) or ``"cudnn"``; see
         :mod:`jpeft.models._attention`.
-      attention_block_size: key block of the blockwise kernel.
+      attention_block_size: query and key block of the blockwise kernel; 0 (the default)
+        picks it per call: about a quarter of the sequence (64..512) for causal attention over
+        the current tokens, 512 otherwise (:func:`jpeft.models._attention.auto_block_size`).
       bos_token_id, eos_token_id, pad_token_id: special tokens from the Hugging Face config.
     """
 
@@ -105,7 +107,7 @@ class LlamaConfig:
     remat_policy: Optional[str] = None
     scan_layers: bool = False
     attention: str = "auto"
-    attention_block_size: int = 512
+    attention_block_size: int = 0
     bos_token_id: Any = None
     eos_token_id: Any = None
     pad_token_id: Any = None
