@@ -242,16 +242,18 @@ def test_flat_dot_general_equals_dot_general_values_and_gradients():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_weight_gradients_need_no_transposed_copy_of_activations():
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_gradients_need_no_transposed_copy_of_activations(tied):
     """Full fine-tuning of a jpeft Llama: the weight gradients ``x^T dy`` contract the tokens of
     the activations as XLA holds them. With the 3-D product (batch and sequence both contracted)
     XLA's CPU backend wrote a transposed ``[features, tokens]`` copy of each layer's output
     gradient first (11 in this tiny model; ~23 % of the step of the benchmark's Llama); the
-    compiled gradient must contain none. A statistic of the compiled program, not a timing."""
+    compiled gradient must contain none, also for the logits of a tied embedding (``attend``).
+    A statistic of the compiled program, not a timing."""
     import re
 
     cfg = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=64)
+                        num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
     model = M.LlamaForCausalLM(cfg)
     ids = jnp.zeros((4, 24), jnp.int32)  # 96 tokens
     params = model.init(jax.random.key(0), ids)

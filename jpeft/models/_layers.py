@@ -396,6 +396,18 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
                                preferred_element_type=preferred_element_type, out_sharding=out_sharding)
 
 
+class Embed(nn.Embed):
+    """``nn.Embed`` whose ``attend`` (a tied output projection, ``query @ embedding.T``)
+    multiplies over flattened tokens, as :func:`flat_dot_general` does for Dense layers: the
+    embedding's gradient through the logits then needs no transposed copy of the logits'
+    gradient (the largest activation of a language model). Same parameters and numbers as
+    ``nn.Embed``; adapters intercepting ``attend`` see the query unchanged."""
+
+    def attend(self, query):
+        query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+        return flat_dot_general(query, embedding.T, (((query.ndim - 1,), (0,)), ((), ())))
+
+
 def dense(features: int, use_bias: bool, cfg, name: str):
     """``nn.Dense`` with the config's dtypes, normal(initializer_range) kernels and
     :func:`flat_dot_general` (the product over flattened tokens)."""

@@ -156,7 +156,7 @@ class GPT2Model(nn.Module):
     def setup(self):
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
-        self.wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init)
+        self.wte = L.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, embedding_init=init)
         self.wpe = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                             embedding_init=init)
         block = L.remat_wrap(GPT2Block, c, static_argnums=(5,))

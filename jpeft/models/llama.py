@@ -297,7 +297,7 @@ class LlamaModel(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed_tokens = nn.Embed(
+        self.embed_tokens = L.Embed(
             c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
             embedding_init=nn.initializers.normal(c.initializer_range),
         )
