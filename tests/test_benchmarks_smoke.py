@@ -40,6 +40,22 @@ def test_flop_count_matches_a_hand_count():
     assert f["backward"] == 2 * T * frozen + 2 * attn + 2 * lora
 
 
+def test_scaling_goals_tell_superlinear_memory_from_flat():
+    """bench_scaling's memory verdict: quadratic growth fails; memory that falls and then stays
+    flat within a few MiB (what the blockwise kernel gives) passes."""
+    import bench_scaling
+
+    def points(mib):
+        return [{"axis": "seq", "value": L, "ratio_lora": {"median": 1.0},
+                 "workers": {"jpeft_lora": {"peak_rss_mib": m, "mfu": 0.5}, "hf_lora": {"peak_rss_mib": 1e9}}}
+                for L, m in zip((128, 256, 512, 1024, 2048, 4096), mib)]
+
+    key = "jpeft peak memory linear in sequence length"
+    assert bench_scaling.goals(points([1694, 1612, 1594, 1575, 1623, 1645]))[key] is True  # session 21
+    assert bench_scaling.goals(points([1000 + 10 * k ** 2 for k in (1, 2, 4, 8, 16, 32)]))[key] is False
+    assert bench_scaling.goals(points([1000 + 0.5 * L for L in (128, 256, 512, 1024, 2048, 4096)]))[key] is True
+
+
 def test_toy_run_end_to_end(tmp_path):
     report = bench_vs_hf.main([
         "--size", "toy", "--rounds", "1", "--steps", "2", "--warmup", "0", "--no-bf16",
