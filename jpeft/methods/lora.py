@@ -27,8 +27,8 @@ from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, Sh
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
 from jpeft.methods._common import down_project, linear_candidates, up_project
-from jpeft.models._layers import flat_dot_general
 from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, dropout, flat_spec_entry, spec_entries, static_field
+from jpeft.models._layers import flat_dot_general
 from jpeft.scan import Stacked, make_site
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
 

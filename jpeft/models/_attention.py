@@ -39,7 +39,7 @@ causal attention over the current tokens (a training or prefill step) takes abou
 blocks per row, a power of two from 64 to 512 (128 at 512 tokens, 256 at 1,024, 512 from
 2,048 on), so the causal skip leaves out 6 of 16 tiles while each tile stays large; any other
 mask (a cache, bidirectional) takes blocks of 512. Measured in the training step on the CPU
-(docs/BENCHMARKS.md, "Block size"); an explicit ``block_size`` overrides it.
+(docs/BENCHMARKS.md, "Session 21"); an explicit ``block_size`` overrides it.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ DEFAULT_BLOCK = 512  # the block of masks other than causal-over-current-tokens,
 
 def auto_block_size(q_len: int, mask: AttentionMask) -> int:
     """The blockwise kernel's block for ``q_len`` queries under ``mask`` (``block_size=0``):
-    with ``mask.diagonal`` (causal over the current tokens) the power of two nearest above
+    with ``mask.diagonal`` (causal over the current tokens) the smallest power of two at least
     ``q_len / 4``, clamped to 64..512; otherwise 512."""
     if not (mask.causal and mask.diagonal is not None):
         return DEFAULT_BLOCK

@@ -382,7 +382,7 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
     XLA's CPU backend runs a one-axis contraction on the activations as they are, where for
     two axes it first writes a transposed copy of ``dy`` (with the elementwise backward of the
     layer after it fused into that copy, at a fraction of memory bandwidth). For full fine-tuning
-    of a Llama that copy was ~23 % of the step (docs/BENCHMARKS.md, "Full fine-tuning"). Any
+    of a Llama that copy was ~23 % of the step (docs/BENCHMARKS.md, "Session 21"). Any
     other contraction, and any call with an explicit ``out_sharding`` (nnx passes one), is
     passed to ``jax.lax.dot_general`` unchanged.
     """
