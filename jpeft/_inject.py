@@ -155,6 +155,8 @@ def apply_with(model: nn.Module, variables, adapter, *args, **kwargs):
     stacked = scan.variables_for(adapter)
     if stacked:
         variables = {**variables, scan.COLLECTION: stacked}
+    if "params" in variables:
+        variables = {**variables, "params": quant.as_bytes(variables["params"])}
     checked: set = set()
     with nn.intercept_methods(_interceptor(adapter, checked, variables.get("params"))):
         out = model.apply(variables, *args, **kwargs)
