@@ -72,8 +72,13 @@ GRID = [
 ]
 
 
+@pytest.mark.parametrize("loop", ["unrolled", "scanned"])
 @pytest.mark.parametrize("s,h,kvh,window,n_pre,block,padding,segments", GRID)
-def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padding, segments):
+def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padding, segments, loop, monkeypatch):
+    """Both tile loops: these small tiles are unrolled by default (``should_unroll``); a zero
+    tile limit makes the kernel scan them."""
+    if loop == "scanned":
+        monkeypatch.setattr(A, "UNROLL_TILE", 0)
     b, d = 2, 8
     ks = jax.random.split(jax.random.key(s * 10 + h), 6)
     q, k, v = _rand(ks[0], (b, s, h, d)), _rand(ks[1], (b, s, kvh, d)), _rand(ks[2], (b, s, kvh, d))
@@ -318,13 +323,42 @@ def _step_temp_bytes(impl, seq_len):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+def test_small_tile_loops_are_unrolled():
+    """``unroll=None`` unrolls at most 16 tiles of at most 128 x 128 (the automatic block up to
+    512 tokens of causal attention), scans the rest; both give the same numbers."""
+    assert A.should_unroll(64, 64, 10) and A.should_unroll(128, 128, 16) and A.should_unroll(1, 64, 1)
+    assert not A.should_unroll(256, 256, 10) and not A.should_unroll(64, 64, 17)
+    assert not A.should_unroll(1, 512, 4)  # a decoding step over a cache: key blocks of 512
+    b, s, h, d = 2, 40, 4, 8
+    ks = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (_rand(x, (b, s, h, d)) for x in ks)
+    mask, _ = L.causal_mask(jnp.ones((b, s), bool), None)
+
+    def grads(unroll):
+        f = lambda q, k, v: jnp.sum(jnp.sin(A.blockwise_attention(q, k, v, mask, scale=0.3, block_size=8, unroll=unroll)))
+        fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+        return fn(q, k, v), fn.lower(q, k, v).as_text()
+
+    auto, text_auto = grads(None)
+    scanned, text_scanned = grads(False)
+    _assert_same(auto, scanned)
+    assert "while" not in text_auto and "while" in text_scanned  # 15 tiles of 8 x 8: unrolled
+
+
 def test_compiled_step_memory_grows_linearly_with_sequence_length():
     """From the compiled program's statistics, not timing: doubling the sequence doubles the
     blockwise step's temporary memory (linear), while the reference step's grows ~4x
     (the score matrix), which shows the measurement sees the attention."""
     lens = (256, 512, 1024)
-    blk = [_step_temp_bytes("blockwise", n) for n in lens]
+    # At 256 tokens the 10 tiles of 64 would be unrolled (``should_unroll``), which holds more
+    # tiles' temporaries at once: a bounded extra (at most 16 tiles), so the growth is measured on
+    # the scanned loop that every longer sequence takes, and the unrolled program is checked to
+    # stay below the next length's.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(A, "UNROLL_TILE", 0)
+        blk = [_step_temp_bytes("blockwise", n) for n in lens]
     assert all(1.8 < b / a < 2.2 for a, b in zip(blk, blk[1:])), blk
+    assert _step_temp_bytes("blockwise", lens[0]) < blk[2]
     ref = [_step_temp_bytes("reference", n) for n in lens[1:]]
     assert ref[1] / ref[0] > 3.5, ref
     assert blk[-1] < ref[-1] / 4

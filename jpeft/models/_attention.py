@@ -11,7 +11,8 @@ Kernels (``implementation=``):
   matrix ``[batch, heads, q, k]`` is materialised, so memory grows with ``q * k``.
 * ``"blockwise"``: online-softmax attention over tiles of ``block_size`` queries by
   ``block_size`` keys (as in memory-efficient / flash attention), one ``jax.lax.scan`` over a
-  static list of tiles, with a ``custom_vjp`` whose backward pass recomputes each tile's
+  static list of tiles (unrolled when the tiles are small and few, :func:`should_unroll`),
+  with a ``custom_vjp`` whose backward pass recomputes each tile's
   probabilities from each row's saved log-sum-exp. Forward and backward hold one
   ``[batch, heads, block_size, block_size]`` tile at a time, so memory grows linearly with
   the sequence length. Causal attention over the current tokens (``AttentionMask.diagonal``)
@@ -232,15 +233,17 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
 
 
 def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_size: int = 512,
-                        unroll: bool = False):
+                        unroll: Optional[bool] = None):
     """Online-softmax attention over tiles of ``block_size`` queries by ``block_size`` keys (see
     the module docstring). With ``mask.diagonal`` set (causal attention over the current tokens)
     only the tiles on or below the diagonal, and inside the sliding window, are computed, and the
     tiles wholly below the diagonal and inside the window skip the causal and window masks
     (they still apply padding and segments when the mask has them).
 
-    ``unroll``: unroll the loops over tiles (for XLA's cost analysis, which counts a loop's body
-    once; the numbers are the same).
+    ``unroll``: unroll the loops over tiles instead of scanning them (the numbers are the same).
+    ``None`` (the default) unrolls small tiles only: at most :data:`UNROLL_TILE` queries and
+    keys each, and at most :data:`UNROLL_TILES` of them (see :func:`should_unroll`). ``True``
+    also serves XLA's cost analysis, which counts a loop's body once.
     """
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
@@ -278,12 +281,29 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_siz
     ksb = None if mask.k_seg is None else blocks(mask.k_seg, nk, bk)
     qpb = blocks(mask.q_pos, nq, bq)
     qsb = None if mask.q_seg is None else blocks(mask.q_seg, nq, bq)
+    if unroll is None:
+        unroll = should_unroll(bq, bk, len(pairs))
     static = _Static(1.0 if prescale else float(scale), bool(mask.causal), mask.window, bool(mask.padded),
                      mask.diagonal if skip else None, int(sk), int(bq), int(bk), int(g), edge, inner, bool(unroll))
     out = _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)  # [nq, b, kvh, g * bq, d]
     out = out.reshape(nq, b, kvh, g, bq, -1)
     out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, nq * bq, h, -1)[:, :sq]
     return out.astype(q.dtype)
+
+
+# Small tiles are unrolled: a scanned tile loop reads and writes its carries (the running
+# output, the gradients) through dynamic slices, about a fifth of the kernel's time at tiles of
+# 64 (docs/BENCHMARKS.md, "Session 22"); from tiles of 256 on, unrolling was slower.
+UNROLL_TILE = 128
+UNROLL_TILES = 16
+
+
+def should_unroll(bq: int, bk: int, n_tiles: int) -> bool:
+    """Whether the blockwise kernel unrolls its loop over ``n_tiles`` tiles of ``bq`` queries
+    by ``bk`` keys (``unroll=None``): when both sides are at most :data:`UNROLL_TILE` and the
+    tiles at most :data:`UNROLL_TILES` (the automatic block gives at most 10 up to 512 tokens;
+    more would mostly lengthen compilation)."""
+    return max(bq, bk) <= UNROLL_TILE and n_tiles <= UNROLL_TILES
 
 
 def block_pairs(sq: int, bq: int, nk: int, bk: int, diagonal: Optional[int], window: Optional[int]):
