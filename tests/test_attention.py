@@ -47,7 +47,7 @@ def _both(q, k, v, mask, prefix=None, cache=None, block=4):
                               implementation=impl, block_size=block)
             return out
 
-        out, vjp = jax.vjp(f, q, k, v, prefix)
+        out, vjp = jax.vjp(jax.jit(f), q, k, v, prefix)
         return out, vjp(ct)
 
     return run("blockwise"), run("reference")
@@ -353,7 +353,7 @@ def test_compiled_step_memory_grows_linearly_with_sequence_length():
     # At 256 tokens the 10 tiles of 64 would be unrolled (``should_unroll``), which holds more
     # tiles' temporaries at once: a bounded extra (at most 16 tiles), so the growth is measured on
     # the scanned loop that every longer sequence takes, and the unrolled program is checked to
-    # stay below the next length's.
+    # stay below the scanned 1,024-token one's.
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(A, "UNROLL_TILE", 0)
         blk = [_step_temp_bytes("blockwise", n) for n in lens]

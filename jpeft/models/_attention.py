@@ -14,8 +14,8 @@ Kernels (``implementation=``):
   static list of tiles (unrolled when the tiles are small and few, :func:`should_unroll`),
   with a ``custom_vjp`` whose backward pass recomputes each tile's
   probabilities from each row's saved log-sum-exp. Forward and backward hold one
-  ``[batch, heads, block_size, block_size]`` tile at a time, so memory grows linearly with
-  the sequence length. Causal attention over the current tokens (``AttentionMask.diagonal``)
+  ``[batch, heads, block_size, block_size]`` tile at a time (an unrolled loop, at most 16
+  small tiles, may hold several), so memory grows linearly with the sequence length. Causal attention over the current tokens (``AttentionMask.diagonal``)
   computes only the tiles on or below the diagonal and inside the sliding window, about half
   of them at long sequences (a window of ``w`` keeps about ``w / block_size + 1`` per query
   block), and the tiles wholly below the diagonal and inside the window (28 of the 36 at 4096
