@@ -4,8 +4,10 @@ files, a broken ``config.json`` for ``jpeft info``, a read-only output place, a 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -240,33 +242,81 @@ def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(fold
 
 
 def test_huge_pages_env_merges_with_the_users_tunables(monkeypatch):
-    """The console script's glibc tunable: added to GLIBC_TUNABLES (other tunables kept), left
-    alone when the user sets it (to 0 or 1), and not applied with JPEFT_HUGE_PAGES=0."""
-    import platform
-
+    """The console script's glibc tunables: added to GLIBC_TUNABLES (other tunables kept), each
+    left alone when the user names it, the keep-freed-memory ones only for XLA on the CPU, and
+    none applied with JPEFT_HUGE_PAGES=0."""
     import _jpeft_launcher as L
 
-    assert L.huge_pages_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    assert L.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == \
-        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert L.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    keep = ":".join(L.KEEP_FREED_MEMORY)
+    assert keep == f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2 ** 60}"
+    cpu = {"JAX_PLATFORMS": "cpu"}
+    assert L.huge_pages_env(cpu)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1:" + keep
+    assert L.huge_pages_env({"JAX_PLATFORMS": "cuda,cpu"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert L.huge_pages_env(cpu, keep_freed_memory=False)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert L.huge_pages_env({**cpu, "JPEFT_KEEP_FREED_MEMORY": "0"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    # the user's own value of a tunable wins; the others are added after the user's
+    got = L.huge_pages_env({**cpu, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"]
+    assert got == ("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:"
+                   f"glibc.malloc.trim_threshold={2 ** 60}")
+    got = L.huge_pages_env({"JAX_PLATFORMS": "tpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert got["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    # without JAX_PLATFORMS: the CPU unless an accelerator plugin is installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert L.runs_on_cpu({})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+    assert not L.runs_on_cpu({}) and L.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
+    monkeypatch.undo()
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setenv("JPEFT_HUGE_PAGES", "0")
     assert L._reexec_env() is None
     monkeypatch.delenv("JPEFT_HUGE_PAGES")
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
-    assert L._reexec_env() is None
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0:" + keep)
+    assert L._reexec_env() is None  # everything already named: no re-execution
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     got = L._reexec_env()
-    assert (got["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1") if glibc else got is None
+    assert (got["GLIBC_TUNABLES"].startswith("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1:")) if glibc \
+        else got is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc malloc tunables on Linux")
+def test_the_commands_tunables_keep_a_steps_temporaries_without_page_faults(tmp_path):
+    """What the tunables are for: XLA's CPU temporaries (here 128 MiB a call) are freed at the
+    end of every call; with the command's tunables the next call reuses them without a page
+    fault, where glibc's defaults map them afresh and fault every page in again."""
+    import _jpeft_launcher as L
+
+    script = tmp_path / "faults.py"
+    script.write_text(
+        "import resource, jax, jax.numpy as jnp\n"
+        "f = jax.jit(lambda x, w: (jnp.sin(x) @ w).sum() + (jnp.cos(x) @ w).sum())\n"
+        "x, w = jnp.ones((4096, 4096)) * 0.01, jnp.ones((4096, 8))\n"
+        "for _ in range(3):\n"
+        "    f(x, w).block_until_ready()\n"
+        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(3):\n"
+        "    f(x, w).block_until_ready()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) // 3)\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JPEFT_HUGE_PAGES")}
+    base["JAX_PLATFORMS"] = "cpu"
+    faults = {}
+    for name, env in (("default", base), ("jpeft", L.huge_pages_env(base))):
+        out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        faults[name] = int(out.stdout.strip().splitlines()[-1])
+    # glibc's defaults: the temporaries' 4 KiB pages (32,768 of them) faulted in every call
+    assert faults["default"] > 20_000, faults
+    assert faults["jpeft"] < 500, faults
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/environ (Linux)")
 def test_the_jpeft_command_trains_with_huge_pages_in_the_same_process(folder):
     """On glibc the console script re-executes itself (same PID) with the huge-page tunable,
     and a Ctrl-C then still ends the run with one line and status 130."""
-    import platform
+    import _jpeft_launcher as L
     import signal
     import time
 
@@ -287,7 +337,9 @@ def test_the_jpeft_command_trains_with_huge_pages_in_the_same_process(folder):
             if "glibc.malloc.hugetlb=1" in seen:
                 break
             time.sleep(0.05)
-        assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in seen.split("\0")
+        want = f"GLIBC_TUNABLES={L.huge_pages_env(env)['GLIBC_TUNABLES']}\0"
+        # glibc before 2.38 parses GLIBC_TUNABLES in place, leaving NULs where the colons were
+        assert want in seen or want.replace(":", "\0") in seen, seen
         with open(f"/proc/{p.pid}/cmdline", "rb") as f:
             assert b"_jpeft_launcher" in f.read()
         time.sleep(1.0)

@@ -473,18 +473,32 @@ def _forward(static: _Static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
     return out, lse, full
 
 
+# The kernel's two passes are compiled as units (``static`` is their static argument): inside a
+# jitted step they are inlined as before, and a model applied eagerly (op by op) runs each pass
+# as one cached program instead of dispatching (and compiling) every tile's ops one at a time.
+_forward_jit = jax.jit(_forward, static_argnums=0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
-    return _forward(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)[0].astype(qb.dtype)
+    return _forward_jit(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)[0].astype(qb.dtype)
 
 
 def _flash_fwd(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
-    out, lse, full = _forward(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)
+    out, lse, full = _forward_jit(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)
     out = out.astype(qb.dtype)
     return out, (qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, lse, full)
 
 
 def _flash_bwd(static: _Static, res, dout):
+    qb, kb, vb, kvb, kpb, ksb, qpb, qsb = res[:8]
+    dq, dk, dv = _backward(static, res, dout)
+    float0 = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
+    return dq, dk, dv, float0(kvb), float0(kpb), float0(ksb), float0(qpb), float0(qsb)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _backward(static: _Static, res, dout):
     """Recomputes each tile's probabilities key-major (``[b, kvh, bk, g * bq]``), so the value
     and key gradients are plain matmuls and the score-sized tensors are written in one layout."""
     qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, lse, full = res
@@ -518,9 +532,7 @@ def _flash_bwd(static: _Static, res, dout):
     # Fully masked rows took the mean of all values: each key's value gets 1/sk of their cotangent.
     dfull = jnp.einsum("nbkqd,nbkq->bkd", dob, full.astype(jnp.float32)) / static.sk
     dv = dv + dfull[None, :, :, None, :]  # block padding rows are dropped by the padding's own transpose
-    float0 = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
-    return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), float0(kvb), float0(kpb), float0(ksb),
-            float0(qpb), float0(qsb))
+    return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
