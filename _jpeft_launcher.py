@@ -16,9 +16,10 @@ process will run XLA on the CPU, ``arena_max=1``, ``mmap_max=0`` and a trim thre
 reaches keep the freed buffer in the heap, so the next step reuses it without a single fault
 (docs/ARCHITECTURE.md "Host memory pages on the CPU"). ``JPEFT_KEEP_FREED_MEMORY=0`` keeps only
 the huge pages (the heap can fragment: full fine-tuning's peak measured 43% higher with it);
-``JPEFT_HUGE_PAGES=0`` turns all of this off; a tunable the user already set in ``GLIBC_TUNABLES`` is kept as it is. SIGINT is blocked
-across the re-execution (a blocked signal stays pending through ``execve``) and unblocked once
-the flag handler is in place, so no Ctrl-C is lost or turned into a traceback.
+``JPEFT_HUGE_PAGES=0`` turns all of this off; a tunable the user already set in
+``GLIBC_TUNABLES`` is kept as it is. SIGINT is blocked across the re-execution (a blocked signal
+stays pending through ``execve``) and unblocked once the flag handler is in place, so no Ctrl-C
+is lost or turned into a traceback.
 """
 
 import os
@@ -51,9 +52,9 @@ def runs_on_cpu(env=None) -> bool:
 def huge_pages_env(env=None, keep_freed_memory=None) -> dict:
     """``env`` (default: this process's environment) with the ``jpeft`` command's glibc malloc
     tunables added to ``GLIBC_TUNABLES``: transparent huge pages, and (``keep_freed_memory``;
-    default: :func:`runs_on_cpu`, unless ``JPEFT_KEEP_FREED_MEMORY=0``) freed memory kept for reuse. A tunable the user already names
-    is left as set; other tunables are kept. For launching JAX CPU training processes:
-    ``subprocess.run(cmd, env=huge_pages_env())``."""
+    default: :func:`runs_on_cpu`, unless ``JPEFT_KEEP_FREED_MEMORY=0``) freed memory kept for
+    reuse. A tunable the user already names is left as set; other tunables are kept. For
+    launching JAX CPU training processes: ``subprocess.run(cmd, env=huge_pages_env())``."""
     env = dict(os.environ if env is None else env)
     if keep_freed_memory is None:
         keep_freed_memory = env.get("JPEFT_KEEP_FREED_MEMORY", "1") != "0" and runs_on_cpu(env)
@@ -79,13 +80,15 @@ def _reexec_env():
 
 
 def main() -> int:
+    # SIGINT blocked from here until the flag handler is in place (across the re-execution too):
+    # a Ctrl-C meanwhile stays pending and lands in the handler below
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     env = _reexec_env()
     if env is not None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # no working directory on sys.path
             os.execve(sys.executable, [sys.executable, *safe_path, "-m", "_jpeft_launcher", *sys.argv[1:]], env)
-        except OSError:  # run without huge pages rather than not at all
+        except OSError:  # run without the tunables rather than not at all
             pass
     pressed = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))

@@ -215,6 +215,31 @@ def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_the_command(monkeypatch, 
     assert one_line(capsys.readouterr().err) == "jpeft info: interrupted"
 
 
+def _wait_for_the_launcher(p, timeout=30.0):
+    """Until the launcher's code runs in ``p`` (the moments are counted from there): a Ctrl-C
+    while the interpreter itself starts (its `site` import, before any code of ours) ends
+    Python with its own fatal error, which no program can catch. On Linux with glibc the
+    re-executed command line (`-m _jpeft_launcher`) marks it; elsewhere a fixed 0.2 s."""
+    import time
+
+    import _jpeft_launcher as L
+
+    reexec = L.huge_pages_env(ENV)["GLIBC_TUNABLES"] != ENV.get("GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or \
+            ENV.get("JPEFT_HUGE_PAGES") == "0" or not reexec:
+        time.sleep(0.2)
+        return
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and p.poll() is None:
+        try:
+            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+                if b"-m\0_jpeft_launcher" in f.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.002)
+
+
 def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(folder):
     """The console script's entry point (_jpeft_launcher) sends SIGINT to `jpeft train` at
     moments spread over importing JAX, loading, compiling and the first steps: every run stops
@@ -232,6 +257,7 @@ def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(fold
         p = subprocess.Popen([*launcher, "train", "--config", str(cfg), "--no-progress"], cwd=folder, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        _wait_for_the_launcher(p)
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
