@@ -491,7 +491,7 @@ def _flash_fwd(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
 
 
 def _flash_bwd(static: _Static, res, dout):
-    qb, kb, vb, kvb, kpb, ksb, qpb, qsb = res[:8]
+    kvb, kpb, ksb, qpb, qsb = res[3:8]  # the masks' inputs: no gradient (float0 zeros)
     dq, dk, dv = _backward(static, res, dout)
     float0 = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
     return dq, dk, dv, float0(kvb), float0(kpb), float0(ksb), float0(qpb), float0(qsb)
