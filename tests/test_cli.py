@@ -359,7 +359,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     assert main(["train", "--config", str(cfg), "--no-progress", "--output-dir", str(hf_dir / "mesh_2p"),
                  "--max-steps", "2"]) == 0
     assert "1 device;" in capsys.readouterr().err
-    env4 = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env4 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4")
     r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
                         "--output-dir", str(hf_dir / "mesh_4d"), "--set", "mesh.fsdp=2", "--set", "mesh.data=2"],
                        capture_output=True, text=True, timeout=300, env=env4)
@@ -373,7 +373,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env2 = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env2 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
                                "--output-dir", str(hf_dir / "mesh_2p"), "--resume", "--coordinator",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],

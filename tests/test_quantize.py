@@ -471,7 +471,8 @@ def test_from_pretrained_jpeft_train_and_the_peft_export_on_an_nf4_base(tmp_path
 
 
 def test_two_by_two_mesh_equals_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "_quant_mesh_worker.py")], env=env, cwd=HERE,
                           capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON:")]

@@ -30,7 +30,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-import scipy.stats
 
 from jpeft.errors import InputValidationError
 
@@ -149,6 +148,8 @@ def paired_test(a: Sequence[float], b: Sequence[float], *, confidence: float = 0
     if np.all(d == d[0]):  # no spread: the t statistic is undefined
         t, p_t = (float("nan"), float("nan")) if d[0] == 0 else (math.copysign(math.inf, d[0]), 0.0)
     else:
+        import scipy.stats  # here, not at the top: scipy.stats costs ~1.3 s of every `jpeft` start-up
+
         res = scipy.stats.ttest_rel(x, y)
         t, p_t = float(res.statistic), float(res.pvalue)
     obs = abs(d.mean())

@@ -112,7 +112,7 @@ def setup():
 
 def env(devices: int = 1) -> dict:
     e = dict(os.environ)
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = f"{e.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     e["JAX_PLATFORMS"] = "cpu"
     e["TF_CPP_MIN_LOG_LEVEL"] = "3"
     e["PYTHONPATH"] = HERE + os.pathsep + REPO + os.pathsep + e.get("PYTHONPATH", "")
