@@ -159,3 +159,33 @@ def test_forgetting_runner_pretraining_and_demo_train_through_fit(monkeypatch, t
                        2, 1, ev, base, replay=0.5)
     assert calls[-1] == "fine-tune on English: LoRA" and r.steps == [0, 1, 2] and len(r.old_loss) == 3
     assert language.pretrain_code_model(str(tmp_path), 2, seq_len=16, batch_size=4, size="micro")[2]["cached"]
+
+
+def test_freed_memory_is_handed_back_after_the_first_step_and_after_evaluations(run, monkeypatch):
+    """fit asks glibc, once the step's outputs are ready, to give the freed heap back after the
+    first (compiling) step and after each evaluation, never after a plain step (issue 24: under
+    the kept heap, full fine-tuning's peak otherwise grows by one step's temporaries;
+    benchmarks/kept_heap_peak.py measures it)."""
+    params, cfg, adapter, opt, state, key, step = run
+    calls = []
+
+    def counting_step(*a):
+        out = step(*a)
+        calls.append("step")
+        return out
+
+    def eval_fn(a, s):
+        calls.append("eval")
+        return {"loss": 0.0}
+
+    monkeypatch.setattr(jpeft._hostmem, "release", lambda: calls.append("release") or True)
+    res = jpeft.fit(counting_step, params, adapter, state, C.batches(0, 100), key=key, num_steps=5, eval_fn=eval_fn,
+                    eval_every=2)
+    assert res.step == 5
+    assert calls == ["step", "release", "step", "eval", "release", "step", "step", "eval", "release",
+                     "step", "eval", "release"]
+    # a resumed run (a new fit call) hands its own first step's memory back too; no eval here
+    calls.clear()
+    jpeft.fit(counting_step, params, res.adapter, res.opt_state, C.batches(5, 100), key=key, num_steps=2,
+              start_step=5)
+    assert calls == ["step", "release", "step"]
