@@ -10,7 +10,7 @@ tunables the `jpeft` command sets on the CPU:
 
     T=$(python -c "import _jpeft_launcher as L; print(L.huge_pages_env()['GLIBC_TUNABLES'])")
     GLIBC_TUNABLES=$T python benchmarks/kept_heap_peak.py --full
-    GLIBC_TUNABLES=$T python benchmarks/kept_heap_peak.py --full --no-first-step-trim
+    GLIBC_TUNABLES=$T python benchmarks/kept_heap_peak.py --full --no-release
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--full", action="store_true", help="full fine-tuning (default: LoRA r=8, all linear)")
-    ap.add_argument("--no-first-step-trim", action="store_true",
+    ap.add_argument("--no-release", action="store_true",
                     help="make jpeft.fit's malloc_trim after the first step and after evaluations a no-op (the A/B)")
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate (a jitted loss) every N steps")
     ap.add_argument("--dir", default="", help="where the transformers model is saved (default: a temporary folder)")
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
         LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376,
                                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
                                      max_position_embeddings=512)).save_pretrained(folder)
-    if args.no_first_step_trim:
+    if args.no_release:
         jpeft._hostmem.release = lambda: False
     base = _status("VmRSS")
     model, params = jpeft.models.from_pretrained(folder)
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     for a, b in zip(rows, rows[1:]):
         print(f"step {b['step']}: {b['t'] - a['t']:.2f} s, resident {b['rss_mib']:.0f} MiB above baseline")
     print(f"{'full' if args.full else 'LoRA'}, {args.layers} layers, GLIBC_TUNABLES="
-          f"{os.environ.get('GLIBC_TUNABLES', '')!r}, first-step trim {'off' if args.no_first_step_trim else 'on'}: "
+          f"{os.environ.get('GLIBC_TUNABLES', '')!r}, fit's release {'off' if args.no_release else 'on'}: "
           f"peak {peak:.0f} MiB above baseline")
     return {"peak_mib": peak, "steps": rows}
 
