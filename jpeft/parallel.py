@@ -55,6 +55,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jpeft import quant
 from jpeft.errors import ConfigError, InputValidationError, ShardingError
 from jpeft.methods.base import trainable
+from jpeft.models import _splash
 from jpeft.train import _split_loss, make_step_fn
 from jpeft.tree import path_str, unwrap_params
 
@@ -525,8 +526,16 @@ def make_sharded_train_step(
       ShardingError: (at the first call) when the adapter or optimizer state is not placed
         on ``mesh``; place them with :func:`shard_adapter` and :func:`init_opt_state`.
     """
-    body = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps)
+    step_fn = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps)
     entry = _batch_entry(mesh, batch_axes)
+    split_axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+    def body(*args):
+        # A Pallas TPU kernel (attention="splash") cannot be partitioned by XLA: traced in this
+        # context, the attention runs it inside shard_map over the mesh.
+        with _splash.partitioned(mesh, split_axes, TENSOR):
+            return step_fn(*args)
+
     batch_sharding = NamedSharding(mesh, P(entry))
     replicated = NamedSharding(mesh, P())
     cache: dict = {}

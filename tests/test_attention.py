@@ -442,3 +442,152 @@ def test_blockwise_bfloat16_as_close_to_float32_as_the_reference():
         err_ref = float(jnp.linalg.norm(r - e) / jnp.linalg.norm(e))
         err_blk = float(jnp.linalg.norm(x - e) / jnp.linalg.norm(e))
         assert err_blk <= 1.5 * err_ref + 1e-3, (err_blk, err_ref)
+
+
+# -- the Pallas TPU splash kernel (attention="splash"), run here in Pallas' interpret mode ---------
+
+from jpeft.models import _splash as S  # noqa: E402
+
+# (q_len, heads, kv_heads, window, n_prefix, padding, segments, block): lengths that are not a
+# multiple of the 128 block; one case with several query and key blocks
+SPLASH_GRID = [
+    (37, 4, 2, None, 0, "left", False, 0),     # GQA, left padding
+    (37, 6, 3, 20, 2, "unpadded", False, 0),   # sliding window + prefix (CausalMask offset / LocalMask)
+    (37, 4, 2, None, 0, "right", True, 0),     # packed documents + right padding
+    (35, 4, 1, 19, 0, "left", True, 0),        # multi-query, window, documents, padding
+    (150, 4, 4, 70, 3, "right", False, 128),   # 2 query blocks x 2 key blocks, window, prefix
+]
+
+
+def _splash_vs_reference(q, k, v, mask, prefix, block=0):
+    """Outputs and (q, k, v, prefix) gradients of the splash kernel and the reference, on every
+    row (padding rows included: a left-padding row, which sees no key, averages every value in
+    both)."""
+    ct = _rand(jax.random.key(9), q.shape)
+
+    def run(impl):
+        def f(q, k, v, prefix):
+            return L.attend(q, k, v, mask, scale=0.37, prefix_kv=prefix, implementation=impl, block_size=block)[0]
+
+        out, vjp = jax.vjp(jax.jit(f), q, k, v, prefix)
+        return out, vjp(ct)
+
+    with pytest.warns(S.SplashInterpretWarning, match="interpret"):
+        got = run("splash")
+    return got, run("reference")
+
+
+@pytest.mark.parametrize("s,h,kvh,window,n_pre,padding,segments,block", SPLASH_GRID)
+def test_splash_equals_reference(s, h, kvh, window, n_pre, padding, segments, block):
+    b, d = 2, 8
+    ks = jax.random.split(jax.random.key(s + h), 6)
+    q, k, v = _rand(ks[0], (b, s, h, d)), _rand(ks[1], (b, s, kvh, d)), _rand(ks[2], (b, s, kvh, d))
+    am = np.ones((b, s), bool)
+    if padding == "left":
+        am[1, :3] = False
+    elif padding == "right":
+        am[1, -4:] = False
+    seg = None
+    if segments:  # documents of 12 and the rest; padding outside them
+        seg = np.where(np.arange(s) < 12, 1, 2)[None].repeat(b, 0).astype(np.int32)
+        seg[~am] = 0
+        seg = jnp.asarray(seg)
+    prefix = None
+    if n_pre:
+        prefix = (_rand(ks[3], (b, n_pre, kvh, d)), _rand(ks[4], (1, n_pre, kvh, d)))
+    mask, _ = L.causal_mask(jnp.asarray(am), None, window, segment_ids=seg, padded=padding != "unpadded")
+    (o1, g1), (o2, g2) = _splash_vs_reference(q, k, v, mask, prefix, block)
+    _assert_same(o1, o2)
+    _assert_same(g1, g2)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g1))
+
+
+def test_splash_equals_reference_bidirectional_with_prefix():
+    b, s, h, d = 2, 9, 4, 8
+    ks = jax.random.split(jax.random.key(1), 5)
+    q, k, v = (_rand(kk, (b, s, h, d)) for kk in ks[:3])
+    am = np.array([[1] * 9, [1] * 6 + [0] * 3], bool)
+    prefix = (_rand(ks[3], (b, 2, h, d)), _rand(ks[4], (b, 2, h, d)))
+    (o1, g1), (o2, g2) = _splash_vs_reference(q, k, v, L.bidirectional_mask(jnp.asarray(am)), prefix)
+    _assert_same(o1, o2)
+    _assert_same(g1, g2)
+
+
+def test_splash_refuses_what_it_cannot_express_and_auto_picks_it_only_where_it_runs(monkeypatch):
+    b, h, kvh, d = 2, 4, 2, 8
+    q = jnp.zeros((b, 6, h, d))
+    kv = jnp.zeros((b, 6, kvh, d))
+    # a KV cache (decoding)
+    cache = L.KVCache((jnp.zeros((b, 10, kvh, d)),), (jnp.zeros((b, 10, kvh, d)),), jnp.ones((b, 10), bool),
+                      jnp.asarray(0))
+    cmask, _ = L.causal_mask(jnp.ones((b, 1), bool), cache)
+    with pytest.raises(jpeft.ConfigError, match="splash.*KV-cache"):
+        L.attend(q[:, :1], kv[:, :1], kv[:, :1], cmask, scale=1.0, implementation="splash",
+                 cache_layer=(cache.keys[0], cache.values[0], cache.index))
+    # prefix keys with packed documents
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2]] * b)
+    smask, _ = L.causal_mask(jnp.ones((b, 6), bool), None, segment_ids=seg)
+    with pytest.raises(jpeft.ConfigError, match="prefix keys together with packed documents"):
+        L.attend(q, kv, kv, smask, scale=1.0, implementation="splash", prefix_kv=(kv[:, :2], kv[:, :2]))
+    # "auto": only on a TPU backend, for a mask it expresses, where a Pallas kernel can run
+    plain, _ = L.causal_mask(jnp.ones((b, 6), bool), None)
+    assert not A._splash_fits(plain, 6, 6)  # this CPU
+    monkeypatch.setattr(A.jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(S.jax, "device_count", lambda: 1)
+    assert A._splash_fits(plain, 6, 6)
+    assert A._splash_fits(smask, 6, 6)
+    assert not A._splash_fits(cmask, 1, 10) and not A._splash_fits(smask.with_prefix(2), 6, 8)
+    monkeypatch.setattr(S.jax, "device_count", lambda: 4)  # a multi-device jit cannot partition it...
+    assert not A._splash_fits(plain, 6, 6)
+    with S.partitioned(object(), ("data",), "tensor"):  # ...unless jpeft's mesh step maps it over the mesh
+        assert A._splash_fits(plain, 6, 6)
+
+
+def test_llama_and_bert_with_splash_equal_the_reference():
+    """Whole models (a sliding-window and a full layer, GQA, left padding; an encoder with
+    prefix tuning and right padding): logits and adapter gradients."""
+    ids = jax.random.randint(jax.random.key(3), (2, 10), 1, 50)
+    for name, method, am in (("llama", "lora", [[1] * 10, [0] * 3 + [1] * 7]),
+                             ("bert", "prefix", [[1] * 10, [1] * 7 + [0] * 3])):
+        am = jnp.asarray(np.array(am))
+        ref, spl = _family(name, "reference"), _family(name, "splash")
+        params = ref.init(jax.random.key(0), ids)
+        cfg = (jpeft.LoraConfig(r=2, alpha=4, target_modules=".*(q_proj|v_proj)") if method == "lora"
+               else PrefixTuningConfig(num_virtual_tokens=3))
+        ad = jpeft.init(cfg, params, jax.random.key(1), ref, ids)
+        leaves, tdef = jax.tree.flatten(ad)  # every adapter tensor random
+        keys = jax.random.split(jax.random.key(2), len(leaves))
+        ad = jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(kk, x.shape) for x, kk in zip(leaves, keys)])
+
+        def loss(model, ad):
+            out = jpeft.apply(model, params, ad, ids, am)
+            w = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+            return jnp.sum(out * w), out
+
+        with pytest.warns(S.SplashInterpretWarning):
+            (l1, o1), g1 = jax.value_and_grad(functools.partial(loss, spl), has_aux=True)(ad)
+        (l2, o2), g2 = jax.value_and_grad(functools.partial(loss, ref), has_aux=True)(ad)
+        _assert_same(o1, o2)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5),
+                     g1, g2)
+
+
+def test_splash_in_the_mesh_step_is_mapped_over_the_mesh():
+    """4 emulated devices (data 2 x tensor 2): jpeft's mesh step runs the kernel inside
+    shard_map (a multi-device jit cannot partition a Pallas TPU kernel) and takes the same
+    step as one device with the reference attention."""
+    import json
+    import subprocess
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.join(here, "_splash_mesh_worker.py")], env=env, cwd=here,
+                          capture_output=True, text=True, timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("JSON:")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    r = json.loads(lines[-1][5:])
+    assert r["shard_map_in_program"]
+    assert abs(r["loss_ref"] - r["loss_splash"]) < 1e-5
+    assert r["adapter_moved"] > 1e-3 and r["adapter_diff"] < 1e-5

@@ -54,10 +54,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError
+from jpeft.models import _splash
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "blockwise", "reference", "cudnn")
+IMPLEMENTATIONS = ("auto", "blockwise", "reference", "cudnn", "splash")
 
 # The value jax.nn.dot_product_attention gives masked logits (-0.7 * float32 max): a row whose
 # keys are all masked then averages every key, and the blockwise kernel does the same.
@@ -164,7 +165,7 @@ def check_implementation(name: str, what: str = "attention") -> None:
     if name not in IMPLEMENTATIONS:
         raise ConfigError(
             f"{what} implementation {name!r} is not known; use one of {list(IMPLEMENTATIONS)} "
-            "('auto' picks cuDNN on GPU for 16-bit dtypes, blockwise elsewhere)."
+            "('auto' picks cuDNN on GPU for 16-bit dtypes, the splash kernel on TPU, blockwise elsewhere)."
         )
 
 
@@ -219,6 +220,8 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
         raise ConfigError(f"attention block_size must be a positive integer or 0 (automatic), found {block_size!r}.")
+    if implementation == "splash" or (implementation == "auto" and _splash_fits(mask, q.shape[1], k.shape[1])):
+        return _splash.splash_attention(q, k, v, mask, scale=scale, block_size=block_size)
     block_size = block_size or auto_block_size(q.shape[1], mask)
     impl = resolve(implementation, q.dtype, q.shape[-1], k.shape[1], block_size)
     if impl == "reference":
@@ -230,6 +233,13 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
                                                 local_window_size=window, implementation="cudnn")
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale, implementation="cudnn")
     return blockwise_attention(q, k, v, mask, scale=scale, block_size=block_size)
+
+
+def _splash_fits(mask: AttentionMask, sq: int, sk: int) -> bool:
+    """Whether ``"auto"`` takes the Pallas splash kernel: on a TPU, for a mask it expresses,
+    where a Pallas kernel can run (:func:`jpeft.models._splash.auto_safe`)."""
+    return (jax.default_backend() == "tpu" and _splash.unsupported(mask, sq, sk) is None
+            and _splash.auto_safe())
 
 
 def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_size: int = 512,
