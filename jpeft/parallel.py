@@ -41,6 +41,7 @@ A complete 2 x 4 run on eight devices::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -456,6 +457,18 @@ def init_opt_state(optimizer: optax.GradientTransformation, adapter, adapter_sha
     return jax.jit(optimizer.init, out_shardings=out)(train)
 
 
+def kernels_on(mesh: Optional[Mesh], batch_axes=BATCH_AXES):
+    """Context for tracing a function that is jitted over ``mesh`` with its batch split over
+    ``batch_axes``: a Pallas TPU kernel (``attention="splash"``) cannot be partitioned by XLA,
+    so inside it the models' attention runs that kernel in ``shard_map`` over the mesh (the
+    batch over ``batch_axes``, the heads over ``tensor``). ``mesh=None``: no effect."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    entry = _batch_entry(mesh, batch_axes)
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    return _splash.partitioned(mesh, axes, TENSOR)
+
+
 # -------------------------------------------------------------------------------- batches
 def _batch_entry(mesh: Mesh, batch_axes) -> Any:
     axes = tuple(a for a in ((batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)) if a in mesh.shape)
@@ -510,7 +523,9 @@ def make_sharded_train_step(
     ``batch_axes`` (host arrays are placed by the step; global arrays from
     :func:`jpeft.distributed.global_batch` are used as they are), and the adapter and
     optimizer state kept where they are (their shardings are read from the first call's
-    arguments unless given). Metrics come back replicated.
+    arguments unless given). Metrics come back replicated. The body is traced inside
+    :func:`kernels_on`, so on a TPU the models' attention runs the Pallas splash kernel in
+    ``shard_map`` over the mesh.
 
     Args:
       loss_fn: ``loss_fn(params, adapter, batch, key)``, as for :func:`jpeft.make_train_step`.
@@ -528,12 +543,9 @@ def make_sharded_train_step(
     """
     step_fn = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps)
     entry = _batch_entry(mesh, batch_axes)
-    split_axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
     def body(*args):
-        # A Pallas TPU kernel (attention="splash") cannot be partitioned by XLA: traced in this
-        # context, the attention runs it inside shard_map over the mesh.
-        with _splash.partitioned(mesh, split_axes, TENSOR):
+        with kernels_on(mesh, batch_axes):
             return step_fn(*args)
 
     batch_sharding = NamedSharding(mesh, P(entry))

@@ -456,6 +456,7 @@ SPLASH_GRID = [
     (37, 4, 2, None, 0, "right", True, 0),     # packed documents + right padding
     (35, 4, 1, 19, 0, "left", True, 0),        # multi-query, window, documents, padding
     (150, 4, 4, 70, 3, "right", False, 128),   # 2 query blocks x 2 key blocks, window, prefix
+    (128, 4, 2, None, 0, "unpadded", False, 0),  # one whole block, nothing to mark: no segment ids
 ]
 
 

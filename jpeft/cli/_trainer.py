@@ -23,6 +23,7 @@ from jpeft.cli._common import method_of
 from jpeft.cli._model import encode_fn, load_folder, logits_of
 from jpeft.data import causal_lm_loss, model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, ConfigError, ShardingError
+from jpeft.parallel import kernels_on
 from jpeft.validate import check_tokens
 
 
@@ -58,7 +59,9 @@ def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
     return optax.chain(*parts), sched
 
 
-def make_loss_fns(model):
+def make_loss_fns(model, mesh=None):
+    """The training loss and the jitted evaluation sums; with ``mesh`` (a mesh run) the
+    evaluation traces inside :func:`jpeft.parallel.kernels_on`, as the mesh step does."""
     def loss_fn(params, adapter, batch, key):
         out = jpeft.apply(model, params, adapter, batch["input_ids"], rngs={"dropout": key}, **model_inputs(batch))
         loss, n = causal_lm_loss(logits_of(out), batch["input_ids"], batch["loss_mask"])
@@ -66,19 +69,22 @@ def make_loss_fns(model):
 
     @jax.jit
     def eval_sums(params, adapter, batch):
-        out = jpeft.apply(model, params, adapter, batch["input_ids"], **model_inputs(batch))
+        with kernels_on(mesh):
+            out = jpeft.apply(model, params, adapter, batch["input_ids"], **model_inputs(batch))
         loss, n = causal_lm_loss(logits_of(out), batch["input_ids"], batch["loss_mask"])
         return loss * n, n
 
     return loss_fn, eval_sums
 
 
-def make_logits_fn(model):
+def make_logits_fn(model, mesh=None):
     """``logits(params, adapter, batch)`` without dropout (``adapter=None``: the base), the
-    forward pass of the forgetting guard and of ``jpeft eval --canary``."""
+    forward pass of the forgetting guard and of ``jpeft eval --canary`` (``mesh``: as in
+    :func:`make_loss_fns`)."""
     @jax.jit
     def logits(params, adapter, batch):
-        return logits_of(jpeft.apply(model, params, adapter, batch["input_ids"], **model_inputs(batch)))
+        with kernels_on(mesh):
+            return logits_of(jpeft.apply(model, params, adapter, batch["input_ids"], **model_inputs(batch)))
 
     return logits
 
@@ -240,7 +246,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     model, params = loaded.model, loaded.params
     vocab, max_pos = (int(loaded.hf_config["vocab_size"]) if "vocab_size" in loaded.hf_config else None,
                       _max_positions(loaded.hf_config))
-    loss_fn, eval_sums = make_loss_fns(model)
+    loss_fn, eval_sums = make_loss_fns(model, mesh)
     if mesh is None:
         place = None
         adapter = jpeft.init(method, params, k_init, model, example)
@@ -296,7 +302,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     if fg:
         rows = canary_batches(canary_ds, bs, fg["canary_batches"])
         guard = jpeft.ForgettingGuard(
-            rows if place is None else [place(b) for b in rows], make_logits_fn(model),
+            rows if place is None else [place(b) for b in rows], make_logits_fn(model, mesh),
             max_loss_rise=fg["max_loss_rise"], max_kl=fg["max_kl"], every=fg["every"], action=fg["action"],
             lr_factor=fg["lr_factor"], max_rollbacks=fg["max_rollbacks"])
 

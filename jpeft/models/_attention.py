@@ -30,8 +30,16 @@ Kernels (``implementation=``):
   NVIDIA GPUs; float16/bfloat16 only. A plain causal or sliding-window mask with no padding
   information, no prefix and no cache is passed as ``is_causal`` / ``local_window_size``;
   anything else goes as the dense boolean mask.
+* ``"splash"``: the Pallas TPU splash-attention kernel that JAX ships (fused, skips masked
+  blocks), behind the same call (:mod:`jpeft.models._splash` translates the mask: causal or
+  sliding over the current tokens, prefixes, packed documents, padding, grouped-query heads,
+  bidirectional; not a KV cache, not prefix keys with packed documents). Equal to the
+  reference on every row. Off a TPU it runs in Pallas' interpret mode (exact, slow, with a
+  warning): the way to check on a CPU what a TPU computes.
 * ``"auto"`` (the default): ``"cudnn"`` on a GPU backend for float16/bfloat16 and a head
-  width cuDNN takes (a multiple of 8, at most 128); elsewhere ``"blockwise"`` when the keys
+  width cuDNN takes (a multiple of 8, at most 128); ``"splash"`` on a TPU backend for a mask
+  it expresses, where a Pallas kernel can run (a one-device process, or jpeft's mesh step,
+  which maps it over the mesh with ``shard_map``); elsewhere ``"blockwise"`` when the keys
   span more than one block, and ``"reference"`` when they fit in one (the blockwise kernel
   would then hold the same score matrix and only add the backward recomputation).
 
@@ -213,7 +221,8 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     """Attention of ``q [b, q, heads, d]`` over ``k, v [b, k, kv_heads, d]`` (grouped-query when
     ``kv_heads < heads``) under ``mask``; returns ``[b, q, heads, d]`` in ``q``'s dtype.
 
-    ``block_size``: the blockwise kernel's block; ``0`` picks it (:func:`auto_block_size`).
+    ``block_size``: the blockwise kernel's block; ``0`` picks it (:func:`auto_block_size`); the
+    splash kernel rounds it to a multiple of 128 (``0``: 512).
     ``plain``: the caller knows the mask is exactly ``mask.causal`` / ``mask.window`` over the
     current tokens (no cache, no prefix, no padding, no segments), which lets the cuDNN kernel
     run without a dense mask.

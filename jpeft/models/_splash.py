@@ -8,24 +8,29 @@ what that kernel takes:
 * causal attention over the current tokens (``mask.diagonal``; a prefix of ``n`` keys gives
   ``diagonal == n``) -> ``CausalMask(offset=n)``, with a sliding window ``w`` ->
   ``LocalMask(window_size=(w - 1, 0), offset=n)``; bidirectional attention -> ``FullMask``;
-* packed documents -> the kernel's segment ids; padding -> one more segment id
-  (:data:`PAD`) given to padding tokens, so real tokens never see them;
+* packed documents -> the kernel's segment ids; padding keys -> one more segment id
+  (:data:`PAD`), so no query sees them (queries keep their document's id, so a padding query
+  sees what the reference lets it see);
 * grouped-query heads -> the kernel's multi-query form, mapped over the key/value heads (the
   ``g`` query heads of a key/value head share its keys, which are never repeated);
 * lengths that are not a multiple of the block -> zero padding in segment :data:`PAD`
-  (cut off again), keys padded at least as far as the queries, so every padding query sees
-  at least one key and no row of the softmax is empty.
+  (cut off again), keys padded at least as far as the queries, so every block-padding query
+  sees at least one key;
+* a query that sees no key at all (a left-padding row) -> the mean of every value, set
+  outside the kernel, as the reference and the blockwise kernel give it (the kernel itself
+  would average the keys of the blocks it visited).
 
 What it cannot express it refuses (:func:`unsupported` says why): a KV cache (decoding), or
 prefix keys together with packed documents (a prefix key is seen by every document, which
 segment ids cannot say). ``"auto"`` then uses the blockwise kernel; an explicit ``"splash"``
 raises :class:`jpeft.ConfigError`.
 
-Exactness: on every real (non-padding) query row the output, and so every gradient that
-flows from real tokens, equals the reference attention to float32 rounding. A *padding*
-query row differs: the reference lets it see whatever its mask allows (a fully masked row
-averages every key), here it sees only padding keys. Nothing reads those rows (the loss
-masks padding, and real tokens never attend to padding keys).
+Exactness: every output row, padding rows included, and every gradient equal the reference
+attention to float32 rounding (tests/test_attention.py, in interpret mode). The queries are
+scaled before the kernel (it takes no scale), which in bfloat16 is one more rounding than the
+reference's scaling of the float32 logits. Document ids are expected non-negative, as
+:func:`jpeft.data.pack_documents` makes them (a negative key id is the masks' mark of a prefix
+key, seen by every document).
 
 Off a TPU the kernel runs in Pallas' interpret mode (the same program as ordinary JAX ops:
 exact, but far slower than the blockwise kernel), with a :class:`SplashInterpretWarning`; it
@@ -207,8 +212,11 @@ def _local(q, k, v, mask, *, scale, block_size, interpret):
     kernel = _kernel(sq_pad, sk_pad, g, bool(mask.causal), mask.window, n, bq, bkv, bool(interpret))
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
+    # Without padding, documents or block padding every id is 0: the kernel then skips them.
+    no_ids = not mask.padded and mask.q_seg is None and sq_pad == sq and sk_pad == sk
+
     def one(qg, kk, vv, qseg, kseg):  # [g, sq, d], [sk, d], [sk, d], [sq], [sk]
-        return kernel(qg, kk, vv, segment_ids=SegmentIds(qseg, kseg))
+        return kernel(qg, kk, vv, segment_ids=None if no_ids else SegmentIds(qseg, kseg))
 
     per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
     out = jax.vmap(per_head)(qh, kh, vh, qs, ks)  # [b, kvh, g, sq_pad, d]

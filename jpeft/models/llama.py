@@ -72,9 +72,9 @@ class LlamaConfig:
         layer's input is kept for the backward pass. Needs the same attention window in every
         layer. See :mod:`jpeft.scan` for adapters on such models.
       attention: the attention kernel: ``"auto"`` (cuDNN's fused kernel on GPU for 16-bit
-        dtypes, else ``"blockwise"``), ``"blockwise"`` (online softmax over key blocks, memory
-        linear in the sequence length), ``"reference"`` (dense scores) or ``"cudnn"``; see
-        :mod:`jpeft.models._attention`.
+        dtypes, the Pallas splash kernel on TPU, else ``"blockwise"``), ``"blockwise"`` (online
+        softmax over key blocks, memory linear in the sequence length), ``"reference"`` (dense
+        scores), ``"cudnn"`` or ``"splash"``; see :mod:`jpeft.models._attention`.
       attention_block_size: query and key block of the blockwise kernel; 0 (the default)
         picks it per call: about a quarter of the sequence (64..512) for causal attention over
         the current tokens, 512 otherwise (:func:`jpeft.models._attention.auto_block_size`).
