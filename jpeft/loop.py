@@ -170,6 +170,10 @@ class _Interrupt:
             self._installed = False
 
 
+# fit waits for the heap to settle after steps at least this long (see _hostmem.settle)
+SETTLE_MIN_STEP_S = 0.5
+
+
 def _summary_writer(logdir: str):
     """A TensorBoard SummaryWriter when tensorboard or tensorboardX is installed, else None
     (TensorBoard is optional: metrics always go to the JSONL file)."""
@@ -370,6 +374,7 @@ def fit(
         if bar is not None:
             bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
 
+    settle_misses = 0
     try:
         with _Interrupt(handle_interrupt) as intr:
             for batch in it:
@@ -384,8 +389,17 @@ def fit(
                     _validate.check_tokens(batch, vocab_size=vocab_size, max_positions=max_positions, key=token_key,
                                            name=f"batch {pos}")
                 t0 = time.perf_counter()
+                # C-heap bytes in use before the step: not before the first (it compiles), nor
+                # when steps are short (each look at the heap costs a few milliseconds)
+                heap_before = (_hostmem.in_use() if ran and settle_misses < 2 and seconds[-1] >= SETTLE_MIN_STEP_S
+                               else None)
                 adapter, opt_state, metrics = step_fn(params, adapter, opt_state, batch, jax.random.fold_in(key, step + 1))
                 host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+                if heap_before is not None and not _hostmem.settle(heap_before):
+                    # XLA frees the step's temporaries just after its outputs are ready: wait for
+                    # that before the next step allocates its own (_hostmem.settle); a heap that
+                    # does not settle twice (something else allocating) is not waited for again
+                    settle_misses += 1
                 dt = time.perf_counter() - t0
                 step += 1
                 pos += 1

@@ -189,3 +189,31 @@ def test_freed_memory_is_handed_back_after_the_first_step_and_after_evaluations(
     jpeft.fit(counting_step, params, res.adapter, res.opt_state, C.batches(5, 100), key=key, num_steps=2,
               start_step=5)
     assert calls == ["step", "release", "step"]
+
+
+def test_fit_waits_for_the_heap_to_settle_after_each_long_step(run, monkeypatch):
+    """After each step but the first (which compiles), fit waits until the C heap holds no
+    more than it did before the step (XLA frees the step's temporaries just after its outputs
+    are ready; a next step dispatched before that puts its own elsewhere, issue 24); not after
+    short steps, and not again once the heap failed to settle twice."""
+    params, cfg, adapter, opt, state, key, step = run
+    calls, heap = [], {"n": 0}
+
+    def in_use():
+        heap["n"] += 1
+        return 1000 * heap["n"]
+
+    def settle(before, **kw):
+        calls.append(before)
+        return len(calls) < 3  # the 3rd and 4th steps' heaps do not settle
+
+    monkeypatch.setattr(jpeft._hostmem, "in_use", in_use)
+    monkeypatch.setattr(jpeft._hostmem, "settle", settle)
+    monkeypatch.setattr(jpeft.loop, "SETTLE_MIN_STEP_S", 0.0)
+    jpeft.fit(step, params, adapter, state, C.batches(0, 100), key=key, num_steps=6)
+    assert calls == [1000, 2000, 3000, 4000]  # steps 2-5, each with the value read before it; not step 6
+    calls.clear()
+    heap["n"] = 0
+    monkeypatch.setattr(jpeft.loop, "SETTLE_MIN_STEP_S", 1e9)  # every step counts as short
+    jpeft.fit(step, params, adapter, state, C.batches(0, 100), key=key, num_steps=3)
+    assert calls == [] and heap["n"] == 0
