@@ -53,6 +53,19 @@ def _both(q, k, v, mask, prefix=None, cache=None, block=4):
     return run("blockwise"), run("reference")
 
 
+def _inputs(seed, s, h, kvh, padding, right, b=2, d=8):
+    """Keys for more inputs, random ``q [b, s, h, d]``, ``k, v [b, s, kvh, d]`` and the
+    attention mask: row 1 padded on the left (3 tokens) or the right (``right`` tokens)."""
+    ks = jax.random.split(jax.random.key(seed), 6)
+    q, k, v = _rand(ks[0], (b, s, h, d)), _rand(ks[1], (b, s, kvh, d)), _rand(ks[2], (b, s, kvh, d))
+    am = np.ones((b, s), bool)
+    if padding == "left":
+        am[1, :3] = False
+    elif padding == "right":
+        am[1, -right:] = False
+    return ks, q, k, v, am
+
+
 def _assert_same(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **TOL), a, b)
 
@@ -79,14 +92,8 @@ def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padd
     tile limit makes the kernel scan them."""
     if loop == "scanned":
         monkeypatch.setattr(A, "UNROLL_TILE", 0)
-    b, d = 2, 8
-    ks = jax.random.split(jax.random.key(s * 10 + h), 6)
-    q, k, v = _rand(ks[0], (b, s, h, d)), _rand(ks[1], (b, s, kvh, d)), _rand(ks[2], (b, s, kvh, d))
-    am = np.ones((b, s), bool)
-    if padding == "left":
-        am[1, :3] = False
-    elif padding == "right":
-        am[1, -2:] = False
+    ks, q, k, v, am = _inputs(s * 10 + h, s, h, kvh, padding, right=2)
+    b, d = q.shape[0], q.shape[-1]
     seg = None
     if segments:  # in row 1 the padding (segment 0) is where `am` is False
         seg = np.array([[1] * 4 + [2] * 3 + [3] * (s - 7), [1] * 5 + [2] * (s - 7) + [0] * 2], np.int32)
@@ -480,14 +487,8 @@ def _splash_vs_reference(q, k, v, mask, prefix, block=0):
 
 @pytest.mark.parametrize("s,h,kvh,window,n_pre,padding,segments,block", SPLASH_GRID)
 def test_splash_equals_reference(s, h, kvh, window, n_pre, padding, segments, block):
-    b, d = 2, 8
-    ks = jax.random.split(jax.random.key(s + h), 6)
-    q, k, v = _rand(ks[0], (b, s, h, d)), _rand(ks[1], (b, s, kvh, d)), _rand(ks[2], (b, s, kvh, d))
-    am = np.ones((b, s), bool)
-    if padding == "left":
-        am[1, :3] = False
-    elif padding == "right":
-        am[1, -4:] = False
+    ks, q, k, v, am = _inputs(s + h, s, h, kvh, padding, right=4)
+    b, d = q.shape[0], q.shape[-1]
     seg = None
     if segments:  # documents of 12 and the rest; padding outside them
         seg = np.where(np.arange(s) < 12, 1, 2)[None].repeat(b, 0).astype(np.int32)
