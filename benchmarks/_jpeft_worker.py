@@ -191,15 +191,16 @@ def worker(args) -> None:
         xla_temp = -1
 
     state = {"adapter": adapter, "opt_state": opt_state, "k": 0}
+    heap = jpeft._hostmem.StepHeap()  # as jpeft.fit does around each step (counted in the step's time)
 
     def step():
         x = data[state["k"] % len(data)]
         state["k"] += 1
         t = time.perf_counter()
-        heap = jpeft._hostmem.in_use() if state["k"] > 1 else None
+        heap.before(state["k"] > 1)
         a, o, m = compiled(params, state["adapter"], state["opt_state"], x, key)
         loss = float(m["loss"])  # waits for the step
-        jpeft._hostmem.settle(heap)  # as jpeft.fit does: the step's temporaries freed before the next (counted)
+        heap.after()
         s = time.perf_counter() - t
         state["adapter"], state["opt_state"] = a, o
         return s, loss
@@ -207,7 +208,7 @@ def worker(args) -> None:
     first_s, first_loss = step()
     peak = peak_matmul_flops() if args.peak_flops else None
     jax.block_until_ready(state["adapter"])
-    jpeft._hostmem.release()  # as jpeft.fit (what `jpeft train` runs) does after its first step and other work
+    heap.release()  # as jpeft.fit (what `jpeft train` runs) does after its first step and other work
     warm = [step()[0] for _ in range(args.warmup)]
     C.emit({
         "event": "ready", "framework": "jpeft", "dtype": args.dtype, "load_s": load_s, "lower_s": lower_s,

@@ -1,6 +1,7 @@
 """Peak host memory of a training run through ``jpeft.fit`` under the `jpeft` command's kept
 heap (issue 24): with and without fit's ``malloc_trim`` after the first step and after each
-evaluation.
+evaluation (``--no-release``), or around a step whose temporaries were cut off from the top of the
+heap (``--no-step-release``).
 
 The model is the issue's Llama (hidden 512, MLP 1376, vocabulary 8192) saved by transformers and
 loaded with ``jpeft.models.from_pretrained``, as `jpeft train` loads it; batch 16 x 256 tokens,
@@ -16,6 +17,7 @@ tunables the `jpeft` command sets on the CPU:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import time
@@ -32,7 +34,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--full", action="store_true", help="full fine-tuning (default: LoRA r=8, all linear)")
     ap.add_argument("--no-release", action="store_true",
-                    help="make jpeft.fit's malloc_trim after the first step and after evaluations a no-op (the A/B)")
+                    help="make jpeft.fit's malloc_trim a no-op (the A/B): after the first step, after evaluations, "
+                         "and around steps whose temporaries were cut off from the top of the heap (StepHeap)")
+    ap.add_argument("--no-step-release", action="store_true",
+                    help="keep fit's wait after each step but not its release of a hole cut off from the top of the "
+                         "heap (StepHeap with max_releases=0; the A/B of session 26)")
     ap.add_argument("--eval-every", type=int, default=0, help="evaluate (a jitted loss) every N steps")
     ap.add_argument("--dir", default="", help="where the transformers model is saved (default: a temporary folder)")
     args = ap.parse_args(argv)
@@ -55,6 +61,8 @@ def main(argv=None) -> dict:
                                      max_position_embeddings=512)).save_pretrained(folder)
     if args.no_release:
         jpeft._hostmem.release = lambda: False
+    if args.no_step_release:
+        jpeft._hostmem.StepHeap = functools.partial(jpeft._hostmem.StepHeap, max_releases=0)
     base = _status("VmRSS")
     model, params = jpeft.models.from_pretrained(folder)
     ids = jax.random.randint(jax.random.key(0), (16, 257), 0, 8192)
@@ -83,7 +91,8 @@ def main(argv=None) -> dict:
     for a, b in zip(rows, rows[1:]):
         print(f"step {b['step']}: {b['t'] - a['t']:.2f} s, resident {b['rss_mib']:.0f} MiB above baseline")
     print(f"{'full' if args.full else 'LoRA'}, {args.layers} layers, GLIBC_TUNABLES="
-          f"{os.environ.get('GLIBC_TUNABLES', '')!r}, fit's release {'off' if args.no_release else 'on'}: "
+          f"{os.environ.get('GLIBC_TUNABLES', '')!r}, fit's release {'off' if args.no_release else 'on'}"
+          f"{', step releases off' if args.no_step_release else ''}: "
           f"peak {peak:.0f} MiB above baseline")
     return {"peak_mib": peak, "steps": rows}
 

@@ -6,8 +6,9 @@ process can stay hundreds of MiB above what it holds, and a following large allo
 stacked layer array, the training step's buffers) comes on top. ``release()`` asks glibc to
 give the free pages back (``malloc_trim(0)``); elsewhere it does nothing. The loaders call it
 after releasing per-tensor host copies. ``in_use()`` and ``settle()`` let ``jpeft.fit`` wait,
-after a step, until XLA has freed that step's temporaries (docs/ARCHITECTURE.md, "Host memory
-pages on the CPU").
+after a step, until XLA has freed that step's temporaries, and ``heap()`` lets it see when the
+freed temporaries were cut off from the top of the heap (``StepHeap``, docs/ARCHITECTURE.md,
+"Host memory pages on the CPU").
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,3 +94,114 @@ def settle(before: Optional[int], *, slack: int = SETTLE_SLACK, timeout: float =
         if time.perf_counter() >= deadline:
             return False
         time.sleep(0.001)
+
+
+class Heap(NamedTuple):
+    size: int  # bytes the heap has from the system (``mallinfo2().arena``)
+    top: int  # bytes free at its top, contiguous with what it may still grow (``keepcost``)
+
+
+def heap() -> Optional[Heap]:
+    """The main heap's size and its free top chunk (glibc's ``mallinfo2``), or None where the C
+    library does not say."""
+    fn = _mallinfo2()
+    if fn is None:
+        return None
+    info = fn()
+    return Heap(int(info.arena), int(info.keepcost))
+
+
+def top_residency() -> Optional[tuple[int, int]]:
+    """Of the main heap's free top chunk: bytes not resident *below* its highest resident page,
+    and bytes resident (``mincore`` over the chunk's pages), or None where the C library or
+    system does not say. glibc carves a request from the low end of the top, so a top with
+    released pages under resident ones makes the next large request fault fresh pages in while
+    resident ones stay idle (the never-touched end of the top above the last resident page is
+    not counted: a request reaches it only when it needs more than the top's resident pages)."""
+    libc, info = _libc(), heap()
+    if libc is None or info is None or not hasattr(libc, "sbrk") or not hasattr(libc, "mincore"):
+        return None
+    import numpy as np
+
+    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+    libc.mincore.restype = ctypes.c_int
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    end = libc.sbrk(0) or 0
+    start = -(-(end - info.top) // page) * page  # the first whole page of the top
+    if end - start < page:
+        return 0, 0
+    n = (end - start) // page
+    vec = (ctypes.c_ubyte * n)()
+    if libc.mincore(start, n * page, vec) != 0:
+        return None
+    resident = np.frombuffer(vec, np.uint8) & 1
+    if not resident.any():
+        return 0, 0
+    kept = int(resident.sum())
+    last = n - int(resident[::-1].argmax())  # one past the highest resident page
+    return (last - kept) * page, kept * page
+
+
+class StepHeap:
+    """What ``jpeft.fit`` does around each training step for the `jpeft` command's kept heap
+    (issue 24; docs/ARCHITECTURE.md, "Host memory pages on the CPU").
+
+    * ``before(watch)`` reads :func:`in_use` just before a step (``watch``: the step is long
+      enough for a look at the heap to cost nothing that matters; the first step compiles).
+    * ``after()``, once the step's outputs are ready, waits with :func:`settle` for XLA to free
+      the step's temporaries (given up after ``max_misses`` heaps that do not settle: something
+      else keeps allocating). Then it hands freed pages back (:func:`release`, at most
+      ``max_releases`` times a run) in two cases where the next step would otherwise take
+      fresh pages while as many stay resident and idle:
+
+      - **The freed temporaries are cut off from the top of the heap**: the same heap size as
+        after the last watched step, but a free top smaller by more than the slack, because
+        something the step allocated lies between them and the top. XLA's CPU buffers are
+        allocated aligned (64 bytes), and glibc serves an aligned request from a chunk larger
+        than the request by the alignment and a header, so the next step's temporaries never
+        fit the hole the last ones left (as measured: the hole exactly the size of the chunk
+        they had taken) and go on top: the heap grows by a whole step's temporaries (the issue Llama's LoRA
+        step: ~1,490 -> ~2,340 MiB at a random step in about a quarter of runs). Releasing the
+        hole's pages first keeps the resident peak at one step's temporaries.
+      - **The free top has released pages under resident ones** (:func:`top_residency`):
+        once whatever lay between is freed, the released hole and the resident pages above it
+        form one top, and glibc carves the next request from its low, released end. Trimming
+        the top makes the next step fault its temporaries in once, with nothing idle.
+    """
+
+    def __init__(self, *, slack: int = SETTLE_SLACK, max_misses: int = 2, max_releases: int = 4):
+        self.slack, self.max_misses, self.max_releases = slack, max_misses, max_releases
+        self.misses = self.releases = 0
+        self._before: Optional[int] = None
+        self._last: Optional[Heap] = None
+
+    def release(self) -> bool:
+        """:func:`release` now (``fit`` after its first step and after other work), and the
+        next watched step is not compared with the heap before it (trimmed, not cut off)."""
+        self._last = None
+        return release()
+
+    def before(self, watch: bool) -> None:
+        self._before = in_use() if watch and self.misses < self.max_misses else None
+        if self._before is None:
+            self._last = None  # a step not watched may change the heap: start again
+
+    def after(self) -> None:
+        if self._before is None:
+            return
+        if not settle(self._before, slack=self.slack):
+            self.misses += 1
+            self._last = None
+            return
+        now, last = heap(), self._last
+        if now is not None and self.releases < self.max_releases:
+            cut_off = last is not None and now.size <= last.size + self.slack and now.top + self.slack < last.top
+            if not cut_off:
+                pages = top_residency()
+                cut_off = pages is not None and min(pages) > self.slack
+            if cut_off:
+                release()
+                self.releases += 1
+                now = heap()
+        self._last = now

@@ -374,7 +374,7 @@ def fit(
         if bar is not None:
             bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
 
-    settle_misses = 0
+    heap = _hostmem.StepHeap()
     try:
         with _Interrupt(handle_interrupt) as intr:
             for batch in it:
@@ -389,17 +389,15 @@ def fit(
                     _validate.check_tokens(batch, vocab_size=vocab_size, max_positions=max_positions, key=token_key,
                                            name=f"batch {pos}")
                 t0 = time.perf_counter()
-                # C-heap bytes in use before the step: not before the first (it compiles), nor
-                # when steps are short (each look at the heap costs a few milliseconds)
-                heap_before = (_hostmem.in_use() if ran and settle_misses < 2 and seconds[-1] >= SETTLE_MIN_STEP_S
-                               else None)
+                # the C heap around the step (_hostmem.StepHeap): not watched around the first
+                # step (it compiles), nor when steps are short (a look costs a few milliseconds)
+                heap.before(bool(ran) and seconds[-1] >= SETTLE_MIN_STEP_S)
                 adapter, opt_state, metrics = step_fn(params, adapter, opt_state, batch, jax.random.fold_in(key, step + 1))
                 host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
-                if heap_before is not None and not _hostmem.settle(heap_before):
-                    # XLA frees the step's temporaries just after its outputs are ready: wait for
-                    # that before the next step allocates its own (_hostmem.settle); a heap that
-                    # does not settle twice (something else allocating) is not waited for again
-                    settle_misses += 1
+                # XLA frees the step's temporaries just after its outputs are ready: wait for that
+                # before the next step allocates its own, and hand back their hole if something
+                # came to lie between it and the top of the heap
+                heap.after()
                 dt = time.perf_counter() - t0
                 step += 1
                 pos += 1
@@ -448,7 +446,7 @@ def fit(
                     # avoids that (full fine-tuning, issue size: peak 2,767 -> 1,729 MiB); plain
                     # steps keep reusing the previous step's pages.
                     jax.block_until_ready((adapter, opt_state))
-                    _hostmem.release()
+                    heap.release()
                 if checkpoint is not None and not skipped and decision != "stop":
                     checkpoint.save(step, adapter, opt_state, key, data_position=pos,
                                     metrics={"loss": host["loss"]} if "loss" in host else None)

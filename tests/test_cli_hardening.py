@@ -338,6 +338,36 @@ def test_the_commands_tunables_keep_a_steps_temporaries_without_page_faults(tmp_
     assert faults["jpeft"] < 500, faults
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc malloc tunables on Linux")
+def test_the_heap_readings_fit_acts_on_under_the_commands_tunables(tmp_path):
+    """What jpeft._hostmem.StepHeap reads, on the real glibc heap under the command's tunables:
+    a freed buffer with a live one above it is cut off from the top (same heap size, top
+    small); once its pages are released and the one above is freed, the top has released
+    pages under resident ones; trimming leaves a small top."""
+    import _jpeft_launcher as L
+
+    script = tmp_path / "heap.py"
+    script.write_text(
+        "import json, numpy as np\n"
+        "import jpeft._hostmem as H\n"
+        "M = 1 << 20\n"
+        "x = np.ones(400 * M // 8); y = np.ones(160 * M // 8); h0 = H.heap(); del x\n"
+        "h1 = H.heap(); H.release(); del y\n"
+        "r1 = H.top_residency(); H.release()\n"
+        "print(json.dumps({'h0': h0, 'h1': h1, 'r1': r1, 'h2': H.heap(), 'r2': H.top_residency()}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JPEFT_HUGE_PAGES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, str(script)], env=L.huge_pages_env(env), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    M = 1 << 20
+    assert got["h1"][0] == got["h0"][0] and got["h1"][1] < 64 * M, got  # cut off: the top stayed small
+    assert got["r1"][0] > 380 * M and 150 * M < got["r1"][1] < 200 * M, got  # released under resident
+    assert got["h2"][1] < 16 * M and got["r2"][0] < 16 * M, got  # trimmed
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/environ (Linux)")
 def test_the_jpeft_command_trains_with_huge_pages_in_the_same_process(folder):
     """On glibc the console script re-executes itself (same PID) with the huge-page tunable,

@@ -217,3 +217,55 @@ def test_fit_waits_for_the_heap_to_settle_after_each_long_step(run, monkeypatch)
     monkeypatch.setattr(jpeft.loop, "SETTLE_MIN_STEP_S", 1e9)  # every step counts as short
     jpeft.fit(step, params, adapter, state, C.batches(0, 100), key=key, num_steps=3)
     assert calls == [] and heap["n"] == 0
+
+
+def test_step_heap_hands_back_pages_the_next_step_would_leave_idle(monkeypatch):
+    """Issue 24: after each watched step StepHeap hands freed pages back (malloc_trim) when the
+    freed temporaries were cut off from the top of the heap (same heap size, the free top
+    shrunk by more than the slack: the next step's would go on top) and when the free top has
+    released pages under resident ones (the next step's would fault in while resident ones
+    stay idle); not for a top shrunk by less than the slack, a heap that grew, or a few
+    released pages; at most max_releases times; an unwatched step starts the comparison again."""
+    from jpeft._hostmem import Heap, StepHeap
+
+    state, released = {}, []
+    monkeypatch.setattr(jpeft._hostmem, "in_use", lambda: 0)
+    monkeypatch.setattr(jpeft._hostmem, "settle", lambda before, **kw: True)
+    monkeypatch.setattr(jpeft._hostmem, "heap", lambda: state["heap"])
+    monkeypatch.setattr(jpeft._hostmem, "top_residency", lambda: state["pages"])
+
+    def release():
+        released.append(state["k"])
+        state["heap"] = Heap(state["heap"].size, 0)  # the top trimmed
+        return True
+
+    monkeypatch.setattr(jpeft._hostmem, "release", release)
+
+    def run(h, steps, watched=None):
+        for k, (size_top, pages) in enumerate(steps):
+            state.update(k=k, heap=Heap(*size_top), pages=pages)
+            h.before(watched is None or k in watched)
+            h.after()
+
+    run(StepHeap(slack=5, max_releases=4), [
+        ((100, 50), (0, 50)),  # steady: the temporaries' pages resident in the top
+        ((100, 46), (0, 46)),  # the top a little smaller: nothing
+        ((100, 10), (0, 10)),  # cut off: release
+        ((200, 60), (0, 60)),  # the heap grew (the temporaries went on top): nothing
+        ((200, 110), (50, 60)),  # 50 released under 60 resident: release
+        ((300, 60), (3, 57)),  # 3 released, within the slack: nothing
+        ((300, 10), (0, 10)),  # cut off: release
+        ((300, 100), (10, 90)),  # released under resident: release (the 4th)
+        ((300, 60), (0, 60)),
+        ((300, 10), (0, 10)),  # cut off, but no releases left
+    ])
+    assert released == [2, 4, 6, 7]
+    released.clear()
+    run(StepHeap(slack=5), [((100, 50), (0, 50)), ((100, 50), (0, 50)), ((100, 10), (0, 10))], watched={0, 2})
+    assert released == []  # step 1 not watched: step 2 has nothing to compare with
+    h = StepHeap(slack=5)
+    run(h, [((100, 50), (0, 50))])
+    state["k"] = "fit"
+    h.release()  # fit's own release (after its first step, an evaluation): the top trimmed
+    run(h, [((100, 10), (0, 10))])
+    assert released == ["fit"]  # a top trimmed by fit is not taken for one cut off
