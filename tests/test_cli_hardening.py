@@ -307,16 +307,28 @@ def test_huge_pages_env_merges_with_the_users_tunables(monkeypatch):
         else got is None
 
 
+def _run_on_the_cpu(tmp_path, script: str, *, tunables: bool) -> str:
+    """Runs a Python script in a fresh process on JAX's CPU backend, with the `jpeft` command's
+    glibc tunables or with glibc's defaults; returns its last line of output."""
+    import _jpeft_launcher as L
+
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JPEFT_HUGE_PAGES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, str(path)], env=L.huge_pages_env(env) if tunables else env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="glibc malloc tunables on Linux")
 def test_the_commands_tunables_keep_a_steps_temporaries_without_page_faults(tmp_path):
     """What the tunables are for: XLA's CPU temporaries (here 128 MiB a call) are freed at the
     end of every call; with the command's tunables the next call reuses them without a page
     fault, where glibc's defaults map them afresh and fault every page in again."""
-    import _jpeft_launcher as L
-
-    script = tmp_path / "faults.py"
-    script.write_text(
+    script = (
         "import resource, jax, jax.numpy as jnp\n"
         "f = jax.jit(lambda x, w: (jnp.sin(x) @ w).sum() + (jnp.cos(x) @ w).sum())\n"
         "x, w = jnp.ones((4096, 4096)) * 0.01, jnp.ones((4096, 8))\n"
@@ -326,13 +338,7 @@ def test_the_commands_tunables_keep_a_steps_temporaries_without_page_faults(tmp_
         "for _ in range(3):\n"
         "    f(x, w).block_until_ready()\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) // 3)\n")
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JPEFT_HUGE_PAGES")}
-    base["JAX_PLATFORMS"] = "cpu"
-    faults = {}
-    for name, env in (("default", base), ("jpeft", L.huge_pages_env(base))):
-        out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        faults[name] = int(out.stdout.strip().splitlines()[-1])
+    faults = {name: int(_run_on_the_cpu(tmp_path, script, tunables=name == "jpeft")) for name in ("default", "jpeft")}
     # glibc's defaults: the temporaries' 4 KiB pages (32,768 of them) faulted in every call
     assert faults["default"] > 20_000, faults
     assert faults["jpeft"] < 500, faults
@@ -345,10 +351,7 @@ def test_the_heap_readings_fit_acts_on_under_the_commands_tunables(tmp_path):
     a freed buffer with a live one above it is cut off from the top (same heap size, top
     small); once its pages are released and the one above is freed, the top has released
     pages under resident ones; trimming leaves a small top."""
-    import _jpeft_launcher as L
-
-    script = tmp_path / "heap.py"
-    script.write_text(
+    script = (
         "import json, numpy as np\n"
         "import jpeft._hostmem as H\n"
         "M = 1 << 20\n"
@@ -356,12 +359,7 @@ def test_the_heap_readings_fit_acts_on_under_the_commands_tunables(tmp_path):
         "h1 = H.heap(); H.release(); del y\n"
         "r1 = H.top_residency(); H.release()\n"
         "print(json.dumps({'h0': h0, 'h1': h1, 'r1': r1, 'h2': H.heap(), 'r2': H.top_residency()}))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JPEFT_HUGE_PAGES")}
-    env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, str(script)], env=L.huge_pages_env(env), capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(_run_on_the_cpu(tmp_path, script, tunables=True))
     M = 1 << 20
     assert got["h1"][0] == got["h0"][0] and got["h1"][1] < 64 * M, got  # cut off: the top stayed small
     assert got["r1"][0] > 380 * M and 150 * M < got["r1"][1] < 200 * M, got  # released under resident
