@@ -162,9 +162,9 @@ class StepHeap:
         allocated aligned (64 bytes), and glibc serves an aligned request from a chunk larger
         than the request by the alignment and a header, so the next step's temporaries never
         fit the hole the last ones left (as measured: the hole exactly the size of the chunk
-        they had taken) and go on top: the heap grows by a whole step's temporaries (the issue Llama's LoRA
-        step: ~1,490 -> ~2,340 MiB at a random step in about a quarter of runs). Releasing the
-        hole's pages first keeps the resident peak at one step's temporaries.
+        they had taken) and go on top: the heap grows by a whole step's temporaries (the issue
+        Llama's LoRA step: ~1,490 -> ~2,340 MiB at a random step, in 4 of 8 runs).
+        Releasing the hole's pages first keeps the resident peak at one step's temporaries.
       - **The free top has released pages under resident ones** (:func:`top_residency`):
         once whatever lay between is freed, the released hole and the resident pages above it
         form one top, and glibc carves the next request from its low, released end. Trimming
@@ -183,10 +183,10 @@ class StepHeap:
         (trimmed, not cut off). XLA frees the work's temporaries a moment after its outputs are
         ready, as after a step (:func:`settle`); trimmed before that, they stay resident and
         the next step's aligned temporaries cannot reuse them (full fine-tuning of the issue
-        Llama: in 2 of 6 runs the heap still held the first step's ~1.1 GB of temporaries when
-        ``fit`` trimmed it, and the run peaked at ~2,600 instead of ~1,740 MiB). So for up to
-        ``wait`` seconds it watches for the heap to drop by more than the slack and trims
-        again when it does."""
+        Llama peaked at ~2,600 instead of ~1,740 MiB in 4 of 12 runs, the heap still holding
+        the first step's ~1.1 GB of temporaries when ``fit`` trimmed it). So for up to ``wait``
+        seconds it watches for the heap to drop by more than the slack and trims again when it
+        does."""
         self._last = None
         held = in_use() if wait > 0 else None
         done = release()
