@@ -102,6 +102,19 @@ class Heap(NamedTuple):
     top: int  # bytes free at its top, contiguous with what it may still grow (``keepcost``)
 
 
+@functools.lru_cache(maxsize=1)
+def _sbrk_mincore():
+    """libc's ``sbrk`` and ``mincore`` with their C signatures set once, or None where the C
+    library lacks them."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "sbrk") or not hasattr(libc, "mincore"):
+        return None
+    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+    libc.mincore.restype = ctypes.c_int
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc.sbrk, libc.mincore
+
+
 def heap() -> Optional[Heap]:
     """The main heap's size and its free top chunk (glibc's ``mallinfo2``), or None where the C
     library does not say."""
@@ -119,22 +132,20 @@ def top_residency() -> Optional[tuple[int, int]]:
     released pages under resident ones makes the next large request fault fresh pages in while
     resident ones stay idle (the never-touched end of the top above the last resident page is
     not counted: a request reaches it only when it needs more than the top's resident pages)."""
-    libc, info = _libc(), heap()
-    if libc is None or info is None or not hasattr(libc, "sbrk") or not hasattr(libc, "mincore"):
+    fns, info = _sbrk_mincore(), heap()
+    if fns is None or info is None:
         return None
     import numpy as np
 
-    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
-    libc.mincore.restype = ctypes.c_int
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    sbrk, mincore = fns
     page = os.sysconf("SC_PAGE_SIZE")
-    end = libc.sbrk(0) or 0
+    end = sbrk(0) or 0
     start = -(-(end - info.top) // page) * page  # the first whole page of the top
     if end - start < page:
         return 0, 0
     n = (end - start) // page
     vec = (ctypes.c_ubyte * n)()
-    if libc.mincore(start, n * page, vec) != 0:
+    if mincore(start, n * page, vec) != 0:
         return None
     resident = np.frombuffer(vec, np.uint8) & 1
     if not resident.any():
