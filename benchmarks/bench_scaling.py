@@ -31,6 +31,11 @@ Examples::
     # one axis
     python benchmarks/bench_scaling.py --axes seq --seq 256,1024,4096 --rounds 2
 
+    # a sweep run axis by axis, joined into one report, table and plot
+    python benchmarks/bench_scaling.py --axes seq,mode --json /tmp/a.json
+    python benchmarks/bench_scaling.py --axes depth,rank --json /tmp/b.json
+    python benchmarks/bench_scaling.py --merge /tmp/a.json /tmp/b.json --json /tmp/all.json --plot /tmp/all.png
+
     # toy sizes (the smoke test uses this)
     python benchmarks/bench_scaling.py --base toy --axes seq,mode --seq 16,32 --tokens 64 --rounds 1 --steps 1 --warmup 0
 """
@@ -132,8 +137,9 @@ def one_point(args, axis, value, size_spec, r, modes, workdir):
         flops = (C.full_step_flops(size) if m == "full" else C.lora_step_flops(size, r))["step"]
         step_s = C.median([C.median(rd["steps"][(f, m)]) for rd in rounds])
         peak = C.median([rd["ready"][(f, m)]["peak_matmul_flops"] for rd in rounds])
+        peaks = [rd["done"][(f, m)]["peak_rss_above_baseline"] / 2**20 for rd in rounds]
         w = {"step_s": step_s, "mfu": flops / step_s / peak, "step_gflop": flops / 1e9,
-             "peak_rss_mib": C.median([rd["done"][(f, m)]["peak_rss_above_baseline"] for rd in rounds]) / 2**20}
+             "peak_rss_mib": C.median(peaks), "peak_rss_mib_per_round": peaks}
         if f == "jpeft":
             w["xla_temp_mib"] = rounds[0]["ready"][(f, m)].get("xla_temp_bytes", -1) / 2**20
         res["workers"][f"{f}_{m}"] = w
@@ -225,6 +231,104 @@ def plot(report, path):
     fig.savefig(path, dpi=120)
 
 
+def summary(p) -> str:
+    """One line per measured point, for the log while the sweep runs."""
+    out = []
+    for m in ("lora", "full"):
+        if f"ratio_{m}" in p:
+            j, h = p["workers"][f"jpeft_{m}"], p["workers"][f"hf_{m}"]
+            out.append(f"{m}: jpeft/HF {p[f'ratio_{m}']['median']:.3f}, MFU {j['mfu']:.2f} vs {h['mfu']:.2f}, "
+                       f"peak {j['peak_rss_mib']:.0f} vs {h['peak_rss_mib']:.0f} MiB")
+    return f"{p['axis']}={p['value']}: " + "; ".join(out)
+
+
+# the settings a merged report's parts must share: points measured otherwise are not one sweep
+SHARED = ("base", "tokens", "rounds", "steps", "per_turn", "attention", "attention_block", "jpeft_config")
+SHARED_ENV = ("cpu", "cpus", "xla_flags", "huge_pages")
+
+
+def _report(args, results, t0, complete=True):
+    return {"base": args.base, "tokens": args.tokens, "rounds": args.rounds, "steps": args.steps,
+            "per_turn": args.per_turn, "attention": args.attention, "attention_block": args.attention_block,
+            "jpeft_config": args.jpeft_config,
+            "points": results,
+            "goals": goals(results),
+            "complete": complete,
+            "env": {"cpus": os.cpu_count(), "cpu": C.cpu_model(), "load_avg_end": os.getloadavg(),
+                    "xla_flags": args.xla_flags, "huge_pages": args.huge_pages, "wall_s": time.perf_counter() - t0}}
+
+
+class MergeError(ValueError):
+    """Reports given to ``--merge`` that are not parts of one sweep."""
+
+
+def _load(path):
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"--merge: cannot read {path!r} as a bench_scaling.py --json report: {e}") from None
+    if not isinstance(report, dict) or "points" not in report:
+        raise MergeError(f"--merge: {path!r} has no 'points': expected a report written by bench_scaling.py --json")
+    report["_path"] = path
+    return report
+
+
+def merge(reports):
+    """One report from the parts of a sweep run axis by axis (``--json`` of each run): the
+    points in the order given, the goals judged over all of them. Parts must share the
+    measuring settings and the CPU (:data:`SHARED`, :data:`SHARED_ENV`); a part written by a
+    sweep stopped part-way (``complete: false``) is refused unless it is all that was run of
+    its axes, so say so by rerunning it, not by merging it silently."""
+    if not reports:
+        raise MergeError("--merge: no reports given")
+    first = reports[0]
+    for r in reports[1:]:
+        diff = [k for k in SHARED if r.get(k) != first.get(k)]
+        diff += [f"env.{k}" for k in SHARED_ENV if r.get("env", {}).get(k) != first.get("env", {}).get(k)]
+        if diff:
+            raise MergeError(f"--merge: {r['_path']!r} was measured with other settings than {first['_path']!r} "
+                             f"({', '.join(diff)}); merge only parts of one sweep (same settings, same CPU)")
+    seen = {}
+    for r in reports:
+        if r.get("complete") is False:
+            raise MergeError(f"--merge: {r['_path']!r} is from a sweep stopped part-way (complete: false); "
+                             "rerun its remaining points and merge that run's report instead")
+        for p in r["points"]:
+            key = (p["axis"], str(p["value"]))
+            if key in seen:
+                raise MergeError(f"--merge: point {key[0]}={key[1]} is in both {seen[key]!r} and {r['_path']!r}")
+            seen[key] = r["_path"]
+    results = [p for r in reports for p in r["points"]]
+    out = {k: first.get(k) for k in SHARED}
+    out.update(points=results, goals=goals(results), complete=True,
+               env={**{k: first.get("env", {}).get(k) for k in SHARED_ENV},
+                    "wall_s": sum(r.get("env", {}).get("wall_s", 0.0) for r in reports),
+                    "load_avg_end": [r.get("env", {}).get("load_avg_end") for r in reports],
+                    "merged_from": [os.path.basename(r["_path"]) for r in reports]})
+    return out
+
+
+def _dump(report, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def _write(report, args):
+    md = markdown(report)
+    print(md)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md + "\n")
+    if args.json:
+        _dump(report, args.json)
+    if args.plot:
+        plot(report, args.plot)
+    return report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="issue", choices=sorted(C.SIZES), help="base size (default: issue)")
@@ -250,30 +354,30 @@ def main(argv=None):
     p.add_argument("--json")
     p.add_argument("--markdown")
     p.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
+    p.add_argument("--merge", nargs="+", metavar="REPORT",
+                   help="measure nothing: join the --json reports of a sweep run axis by axis (same settings, same "
+                        "CPU) into one report, and write its --json/--markdown/--plot")
     args = p.parse_args(argv)
+    if args.merge:
+        try:
+            return _write(merge([_load(f) for f in args.merge]), args)
+        except MergeError as e:
+            p.error(str(e))
+    if not points(args):
+        p.error(f"no points to measure: --axes {args.axes!r} names none of seq, depth, rank, mode "
+                "(or their value lists are empty)")
     workdir = args.workdir or tempfile.mkdtemp(prefix="jpeft_scaling_")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        results = [one_point(args, *pt, workdir) for pt in points(args)]
-        report = {"base": args.base, "tokens": args.tokens, "rounds": args.rounds, "steps": args.steps,
-                  "per_turn": args.per_turn, "attention": args.attention, "attention_block": args.attention_block,
-                  "jpeft_config": args.jpeft_config,
-                  "points": results,
-                  "goals": goals(results),
-                  "env": {"cpus": os.cpu_count(), "cpu": C.cpu_model(), "load_avg_end": os.getloadavg(), "xla_flags": args.xla_flags,
-                          "huge_pages": args.huge_pages, "wall_s": time.perf_counter() - t0}}
-        md = markdown(report)
-        print(md)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(md + "\n")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1, default=float)
-        if args.plot:
-            plot(report, args.plot)
-        return report
+        todo, results = points(args), []
+        for k, pt in enumerate(todo):
+            results.append(one_point(args, *pt, workdir))
+            log(f"  [{k + 1}/{len(todo)}] {summary(results[-1])}")
+            report = _report(args, results, t0, complete=k + 1 == len(todo))
+            if args.json:  # after every point: a sweep stopped part-way keeps what it measured
+                _dump(report, args.json)
+        return _write(report, args)
     except WorkerError as e:
         log(f"error: {e}")
         raise SystemExit(2)

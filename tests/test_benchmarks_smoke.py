@@ -56,6 +56,58 @@ def test_scaling_goals_tell_superlinear_memory_from_flat():
     assert bench_scaling.goals(points([1000 + 0.5 * L for L in (128, 256, 512, 1024, 2048, 4096)]))[key] is True
 
 
+def test_scaling_merge_joins_parts_of_one_sweep_and_refuses_others(tmp_path):
+    """``bench_scaling.py --merge``: parts of a sweep run axis by axis become one report whose
+    goals are judged over all points; parts measured otherwise, stopped part-way or measuring a
+    point twice are refused with the reason, and nothing is written."""
+    import bench_scaling
+
+    def point(axis, value, ratio, jpeft_mib=900.0):
+        return {"axis": axis, "value": value, "size": f"issue:{axis}={value}", "r": 8, "tokens": 4096,
+                "ratio_lora": {"median": ratio, "min": ratio, "max": ratio, "per_round": [ratio]},
+                "workers": {"jpeft_lora": {"step_s": ratio, "mfu": 0.6, "peak_rss_mib": jpeft_mib, "xla_temp_mib": 1.0},
+                            "hf_lora": {"step_s": 1.0, "mfu": 0.5, "peak_rss_mib": 1000.0}}}
+
+    def part(name, pts, **kw):
+        rep = {"base": "issue", "tokens": 4096, "rounds": 2, "steps": 3, "per_turn": 2, "attention": "auto",
+               "attention_block": 0, "jpeft_config": "", "points": pts, "complete": True,
+               "env": {"cpu": "AMD EPYC", "cpus": 2, "xla_flags": "", "huge_pages": "jpeft", "wall_s": 10.0,
+                       "load_avg_end": [0.1, 0.1, 0.1]}}
+        for k, v in kw.items():
+            (rep["env"] if k in bench_scaling.SHARED_ENV else rep)[k] = v
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(rep))
+        return str(path)
+
+    a = part("a", [point("seq", 128, 0.65), point("seq", 256, 0.68)])
+    b = part("b", [point("depth", 2, 0.9)])
+    out = tmp_path / "all.json"
+    merged = bench_scaling.main(["--merge", a, b, "--json", str(out), "--markdown", str(tmp_path / "all.md")])
+    assert [(p["axis"], p["value"]) for p in merged["points"]] == [("seq", 128), ("seq", 256), ("depth", 2)]
+    assert merged["goals"]["ratio <= 0.70 at every point"] is False  # the depth point's 0.9 counts
+    assert merged["env"]["wall_s"] == 20.0 and merged["env"]["merged_from"] == ["a.json", "b.json"]
+    assert json.loads(out.read_text())["points"] == merged["points"]
+    assert "| depth (lora) | 2 |" in (tmp_path / "all.md").read_text()
+    assert bench_scaling.merge([bench_scaling._load(a)])["goals"]["ratio <= 0.70 at every point"] is True
+
+    bad = {"other CPU": part("c", [point("rank", 4, 0.7)], cpu="Intel Xeon"),
+           "other rounds": part("d", [point("rank", 4, 0.7)], rounds=3),
+           "stopped part-way": part("e", [point("rank", 4, 0.7)], complete=False),
+           "twice": part("f", [point("seq", 256, 0.7)])}
+    for why, other in bad.items():
+        out.unlink(missing_ok=True)
+        with pytest.raises(SystemExit):
+            bench_scaling.main(["--merge", a, other, "--json", str(out)])
+        assert not out.exists(), why
+    for why, other, says in [("cpu", bad["other CPU"], "env.cpu"), ("rounds", bad["other rounds"], "rounds"),
+                             ("partial", bad["stopped part-way"], "stopped part-way"), ("twice", bad["twice"], "seq=256")]:
+        with pytest.raises(bench_scaling.MergeError, match=says):
+            bench_scaling.merge([bench_scaling._load(a), bench_scaling._load(other)])
+    (tmp_path / "junk.json").write_text("not json")
+    with pytest.raises(bench_scaling.MergeError, match="cannot read"):
+        bench_scaling._load(str(tmp_path / "junk.json"))
+
+
 def test_toy_run_end_to_end(tmp_path):
     report = bench_vs_hf.main([
         "--size", "toy", "--rounds", "1", "--steps", "2", "--warmup", "0", "--no-bf16",
@@ -143,7 +195,8 @@ def test_scaling_sweep_toy_end_to_end(tmp_path):
     assert full["workers"]["jpeft_full"]["step_gflop"] > full["workers"]["jpeft_lora"]["step_gflop"]
     md = bench_scaling.markdown(report)
     assert "| mode (lora) |" in md and "| mode (full) |" in md
-    assert (tmp_path / "s.json").exists()
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["complete"] is True and saved["points"] == json.loads(json.dumps(report["points"], default=float))
 
 
 def test_huge_pages_reach_the_workers_asked_for():
