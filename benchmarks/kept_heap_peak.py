@@ -4,7 +4,8 @@ evaluation (``--no-release``), or around a step whose temporaries were cut off f
 heap (``--no-step-release``).
 
 The model is the issue's Llama (hidden 512, MLP 1376, vocabulary 8192) saved by transformers and
-loaded with ``jpeft.models.from_pretrained``, as `jpeft train` loads it; batch 16 x 256 tokens,
+loaded with ``jpeft.models.from_pretrained``, as `jpeft train` loads it; batch 16 x 256 tokens
+(``--seq``, ``--tokens``),
 Adam; ``--full`` trains every parameter, otherwise LoRA r=8 on every projection. Prints each
 step's time and resident memory above the baseline, then the peak (VmHWM). Run it under the
 tunables the `jpeft` command sets on the CPU:
@@ -32,6 +33,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
+    ap.add_argument("--tokens", type=int, default=4096,
+                    help="tokens per batch (default 4096): batch = tokens / seq, as in bench_scaling.py")
     ap.add_argument("--full", action="store_true", help="full fine-tuning (default: LoRA r=8, all linear)")
     ap.add_argument("--no-release", action="store_true",
                     help="make jpeft.fit's malloc_trim a no-op (the A/B): after the first step, after evaluations, "
@@ -58,14 +62,14 @@ def main(argv=None) -> dict:
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376,
                                      num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
-                                     max_position_embeddings=512)).save_pretrained(folder)
+                                     max_position_embeddings=max(512, args.seq))).save_pretrained(folder)
     if args.no_release:
         jpeft._hostmem.release = lambda: False
     if args.no_step_release:
         jpeft._hostmem.StepHeap = functools.partial(jpeft._hostmem.StepHeap, max_releases=0)
     base = _status("VmRSS")
     model, params = jpeft.models.from_pretrained(folder)
-    ids = jax.random.randint(jax.random.key(0), (16, 257), 0, 8192)
+    ids = jax.random.randint(jax.random.key(0), (max(1, args.tokens // args.seq), args.seq + 1), 0, 8192)
     if args.full:
         frozen, adapter = {}, params
     else:
@@ -90,7 +94,7 @@ def main(argv=None) -> dict:
     peak = (_status("VmHWM") - base) / 2**20
     for a, b in zip(rows, rows[1:]):
         print(f"step {b['step']}: {b['t'] - a['t']:.2f} s, resident {b['rss_mib']:.0f} MiB above baseline")
-    print(f"{'full' if args.full else 'LoRA'}, {args.layers} layers, GLIBC_TUNABLES="
+    print(f"{'full' if args.full else 'LoRA'}, {args.layers} layers, batch {ids.shape[0]} x {args.seq}, GLIBC_TUNABLES="
           f"{os.environ.get('GLIBC_TUNABLES', '')!r}, fit's release {'off' if args.no_release else 'on'}"
           f"{', step releases off' if args.no_step_release else ''}: "
           f"peak {peak:.0f} MiB above baseline")
