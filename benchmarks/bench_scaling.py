@@ -277,9 +277,10 @@ def _load(path):
 def merge(reports):
     """One report from the parts of a sweep run axis by axis (``--json`` of each run): the
     points in the order given, the goals judged over all of them. Parts must share the
-    measuring settings and the CPU (:data:`SHARED`, :data:`SHARED_ENV`); a part written by a
-    sweep stopped part-way (``complete: false``) is refused unless it is all that was run of
-    its axes, so say so by rerunning it, not by merging it silently."""
+    measuring settings and the CPU (:data:`SHARED`, :data:`SHARED_ENV`), and no point may be in
+    two parts. A part written by a sweep stopped part-way (``complete: false``, as ``--json``
+    stands until the last point) is refused: merged, its missing points would pass for a
+    sweep judged whole."""
     if not reports:
         raise MergeError("--merge: no reports given")
     first = reports[0]
