@@ -266,3 +266,19 @@ def cpu_model() -> str:
 def env_summary() -> dict[str, Any]:
     keys = ("XLA_FLAGS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "JAX_PLATFORMS", "GLIBC_TUNABLES")
     return {k: os.environ.get(k) for k in keys if os.environ.get(k) is not None}
+
+
+def write_report(report, md: str, markdown_path=None, json_path=None):
+    """Prints a benchmark's markdown table and writes it and the JSON report where asked (the
+    JSON through a temporary file, so a reader never sees half a report); ``md=""`` writes the
+    JSON only."""
+    if md:
+        print(md)
+    if md and markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(md + "\n")
+    if json_path:
+        tmp = json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1, default=float)
+        os.replace(tmp, json_path)

@@ -310,21 +310,8 @@ def merge(reports):
     return out
 
 
-def _dump(report, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    os.replace(tmp, path)
-
-
 def _write(report, args):
-    md = markdown(report)
-    print(md)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md + "\n")
-    if args.json:
-        _dump(report, args.json)
+    C.write_report(report, markdown(report), args.markdown, args.json)
     if args.plot:
         plot(report, args.plot)
     return report
@@ -377,7 +364,7 @@ def main(argv=None):
             log(f"  [{k + 1}/{len(todo)}] {summary(results[-1])}")
             report = _report(args, results, t0, complete=k + 1 == len(todo))
             if args.json:  # after every point: a sweep stopped part-way keeps what it measured
-                _dump(report, args.json)
+                C.write_report(report, "", json_path=args.json)
         return _write(report, args)
     except WorkerError as e:
         log(f"error: {e}")

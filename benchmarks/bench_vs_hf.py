@@ -348,14 +348,7 @@ def main(argv=None):
                     "wall_s": time.perf_counter() - t_all},
             "raw_rounds": rounds,
         }
-        md = markdown(report)
-        print(md)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(md + "\n")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+        C.write_report(report, markdown(report), args.markdown, args.json)
         return report
     except WorkerError as e:
         log(f"error: {e}")
