@@ -1,6 +1,12 @@
-"""End-to-end tests of the ``jpeft`` command: every subcommand on tiny settings in a
-subprocess, one-line errors with exit status 2, exact resume after an interruption, and
-numbers checked against transformers / peft on the same tiny model."""
+"""End-to-end tests of the ``jpeft`` command: every subcommand on tiny settings, one-line
+errors with exit status 2, exact resume after an interruption, and numbers checked against
+transformers / peft on the same tiny model.
+
+A command runs in a subprocess where the process is what is tested (the console script, exit
+statuses, Ctrl-C, a resume in a fresh process, emulated devices and two processes, the demo as a
+user starts it), and in this process through ``main`` otherwise: each ``jpeft`` process spends
+4-5 s importing and, loading a tokenizer, ~5 s more importing transformers and torch, which
+this test process has already done."""
 
 from __future__ import annotations
 
@@ -25,6 +31,15 @@ def jpeft_cmd(*args, timeout=300, cwd=None):
     """Runs ``python -m jpeft.cli ARGS`` (the console script's code) in a subprocess."""
     return subprocess.run([sys.executable, "-m", "jpeft.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=ENV, cwd=cwd)
+
+
+def jpeft_here(capsys, *args):
+    """Runs ``jpeft ARGS`` in this process through ``main``; the same fields as a subprocess's
+    result (``returncode``, ``stdout``, ``stderr``)."""
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["jpeft", *map(str, args)], rc, out, err)
 
 
 def error_line(stderr: str) -> str:
@@ -249,7 +264,7 @@ def test_info_on_a_model_folder_and_gpt2(hf_dir, capsys):
 # ----------------------------------------------------------------------------------- train
 def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
     cfg = write_config(hf_dir, "full_run")
-    r = jpeft_cmd("train", "--config", cfg, "--no-progress")
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress")
     assert r.returncode == 0, r.stderr
     ref = adapter_arrays(hf_dir / "full_run" / "adapter")
     lines = [json.loads(x) for x in open(hf_dir / "full_run" / "metrics.jsonl")]
@@ -258,13 +273,13 @@ def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
     assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
 
     cfg2 = write_config(hf_dir, "split_run")
-    r = jpeft_cmd("train", "--config", cfg2, "--max-steps", "5", "--no-progress")
+    r = jpeft_here(capsys, "train", "--config", cfg2, "--max-steps", "5", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "stopped at step 5 of 8" in r.stderr
     assert not (hf_dir / "split_run" / "adapter").exists()
     assert main(["train", "--config", str(cfg2), "--no-progress"]) == 2  # without --resume: refused
     assert "already has checkpoints; pass --resume" in error_line(capsys.readouterr().err)
-    r = jpeft_cmd("train", "--config", cfg2, "--resume", "--no-progress")
+    r = jpeft_cmd("train", "--config", cfg2, "--resume", "--no-progress")  # a fresh process: nothing kept in memory
     assert r.returncode == 0, r.stderr
     assert "resumed from step 5" in r.stderr
     got = adapter_arrays(hf_dir / "split_run" / "adapter")
@@ -314,10 +329,10 @@ def test_train_with_a_nan_base_weight_fails_instead_of_saving(hf_dir, capsys, mo
     assert not any(n.isdigit() for n in os.listdir(hf_dir / "nan_run" / "checkpoints"))
 
 
-def test_train_ctrl_c_saves_a_checkpoint_and_resume_is_exact(hf_dir):
+def test_train_ctrl_c_saves_a_checkpoint_and_resume_is_exact(hf_dir, capsys):
     steps = 200
     ref_cfg = write_config(hf_dir, "long_ref", steps=steps, save_every=0, eval_every=0)
-    r = jpeft_cmd("train", "--config", ref_cfg, "--no-progress")
+    r = jpeft_here(capsys, "train", "--config", ref_cfg, "--no-progress")
     assert r.returncode == 0, r.stderr
     cfg = write_config(hf_dir, "long_int", steps=steps, save_every=0, eval_every=0)
     p = subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress"],
@@ -415,11 +430,11 @@ def _torch_loss(model, rows, mask):
     return float((nll * w).sum() / w.sum()), logits
 
 
-def test_train_with_scan_layers_saves_a_per_layer_adapter(hf_dir):
+def test_train_with_scan_layers_saves_a_per_layer_adapter(hf_dir, capsys):
     """train.scan_layers trains the layer-scanned model; the finished adapter is written per
     layer, so `jpeft eval --adapter` on the ordinary (unrolled) model reads it."""
     cfg = write_config(hf_dir, "scan_run", steps=4, save_every=2)
-    r = jpeft_cmd("train", "--config", cfg, "--no-progress", "--set", "train.scan_layers=true")
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "train.scan_layers=true")
     assert r.returncode == 0, r.stderr
     got = adapter_arrays(hf_dir / "scan_run" / "adapter")
     ref = adapter_arrays(hf_dir / "full_run" / "adapter") if (hf_dir / "full_run").exists() else None
@@ -429,16 +444,17 @@ def test_train_with_scan_layers_saves_a_per_layer_adapter(hf_dir):
     assert any(np.abs(got[k]).max() > 0 for k in got if k.endswith("lora_B"))  # it did train
     losses = [json.loads(x)["loss"] for x in open(hf_dir / "scan_run" / "metrics.jsonl") if '"loss"' in x]
     assert len(losses) == 4 and all(np.isfinite(losses))
-    base = jpeft_cmd("eval", "--model", hf_dir / "tiny-llama", "--data", hf_dir / "notes.txt", "--seq-len", 32, "--json")
-    r = jpeft_cmd("eval", "--model", hf_dir / "tiny-llama", "--adapter", hf_dir / "scan_run" / "adapter",
+    base = jpeft_here(capsys, "eval", "--model", hf_dir / "tiny-llama", "--data", hf_dir / "notes.txt", "--seq-len", 32,
+                      "--json")
+    r = jpeft_here(capsys, "eval", "--model", hf_dir / "tiny-llama", "--adapter", hf_dir / "scan_run" / "adapter",
                   "--data", hf_dir / "notes.txt", "--seq-len", 32, "--json")
     assert r.returncode == 0 and base.returncode == 0, r.stderr + base.stderr
     assert json.loads(r.stdout)["loss"] != json.loads(base.stdout)["loss"]
-    r = jpeft_cmd("train", "--config", cfg, "--no-progress", "--set", "train.scan_layers=1")
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "train.scan_layers=1")
     assert r.returncode == 2 and "train.scan_layers must be true or false" in error_line(r.stderr)
 
 
-def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path):
+def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path, capsys):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -446,7 +462,7 @@ def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path):
     from jpeft.data import PackedDataset
 
     cfg = write_config(hf_dir, "for_export", steps=6)
-    r = jpeft_cmd("train", "--config", cfg, "--no-progress")
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress")
     assert r.returncode == 0, r.stderr
     model_dir, adapter_dir = hf_dir / "tiny-llama", hf_dir / "for_export" / "adapter"
 
@@ -457,7 +473,7 @@ def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ref_base, _ = _torch_loss(base, ds.input_ids, ds.loss_mask)
 
-    r = jpeft_cmd("eval", "--model", model_dir, "--data", hf_dir / "notes.txt", "--seq-len", 32, "--batch-size", 3,
+    r = jpeft_here(capsys, "eval", "--model", model_dir, "--data", hf_dir / "notes.txt", "--seq-len", 32, "--batch-size", 3,
                   "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
@@ -467,22 +483,22 @@ def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path):
 
     # export -> peft loads it and scores the same as `jpeft eval --adapter`
     peft_dir = tmp_path / "peft"
-    r = jpeft_cmd("export", "--model", model_dir, "--adapter", adapter_dir, "--out", peft_dir)
+    r = jpeft_here(capsys, "export", "--model", model_dir, "--adapter", adapter_dir, "--out", peft_dir)
     assert r.returncode == 0, r.stderr
     assert (peft_dir / "adapter_config.json").is_file() and (peft_dir / "adapter_model.safetensors").is_file()
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), peft_dir).eval()
     ref_adapted, ref_logits = _torch_loss(peft_model, ds.input_ids, ds.loss_mask)
     assert abs(ref_adapted - ref_base) > 1e-4  # the adapter changes the model
-    r = jpeft_cmd("eval", "--model", model_dir, "--adapter", adapter_dir, "--data", hf_dir / "notes.txt",
+    r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", adapter_dir, "--data", hf_dir / "notes.txt",
                   "--seq-len", 32, "--json")
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(json.loads(r.stdout)["loss"], ref_adapted, rtol=1e-5)
-    r = jpeft_cmd("export", "--model", model_dir, "--adapter", adapter_dir, "--out", peft_dir)
+    r = jpeft_here(capsys, "export", "--model", model_dir, "--adapter", adapter_dir, "--out", peft_dir)
     assert r.returncode == 2 and "is not empty; pass --force" in error_line(r.stderr)
 
     # merge -> a plain transformers folder with the adapted logits
     merged_dir = tmp_path / "merged"
-    r = jpeft_cmd("merge", "--model", model_dir, "--adapter", adapter_dir, "--out", merged_dir)
+    r = jpeft_here(capsys, "merge", "--model", model_dir, "--adapter", adapter_dir, "--out", merged_dir)
     assert r.returncode == 0, r.stderr
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     with torch.no_grad():
@@ -490,13 +506,13 @@ def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path):
     np.testing.assert_allclose(m_logits.numpy(), ref_logits.numpy(), atol=2e-5)
     assert AutoTokenizer.from_pretrained(merged_dir)("def f():")["input_ids"] == tok("def f():")["input_ids"]
 
-    r = jpeft_cmd("eval", "--model", model_dir, "--adapter", tmp_path / "nowhere", "--data", hf_dir / "notes.txt",
+    r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", tmp_path / "nowhere", "--data", hf_dir / "notes.txt",
                   "--seq-len", 32)
     assert r.returncode == 2 and "adapter folder" in error_line(r.stderr)
 
 
 # ------------------------------------------------------------------------------------ demo
-def test_demo_tiny_end_to_end(tmp_path):
+def test_demo_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     r = jpeft_cmd("demo", "--tiny", "--steps", "4", "--pretrain-steps", "6", "--eval-every", "2", "--gen-bytes", "8",
                   "--out", out, "--cache-dir", tmp_path / "cache", "--no-progress")
@@ -527,8 +543,8 @@ def test_demo_tiny_end_to_end(tmp_path):
         rise = row["old_task_loss"][-1] - res["base_loss"]["old_task"]
         line = next(ln for ln in rows if ln.startswith(f"| {row['method']} "))
         assert f"{row['new_task_loss'][-1]:.3f}" in line and f"{rise:+.3f}" in line
-    # a second run reuses the cached base model
-    r2 = jpeft_cmd("demo", "--tiny", "--steps", "2", "--pretrain-steps", "6", "--gen-bytes", "0", "--out", out,
+    # a second run (here, not in a subprocess) reuses the cached base model
+    r2 = jpeft_here(capsys, "demo", "--tiny", "--steps", "2", "--pretrain-steps", "6", "--gen-bytes", "0", "--out", out,
                    "--cache-dir", tmp_path / "cache", "--no-progress")
     assert r2.returncode == 0, r2.stderr
     assert "cached base model" in r2.stdout
