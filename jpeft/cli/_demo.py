@@ -176,6 +176,26 @@ def save_full(path: str, adapter) -> None:
 
 
 # ------------------------------------------------------------------------------- generation
+_NEXT_BYTE: dict = {}
+
+
+def _next_byte_fn(model, temperature: float, top_k: int):
+    """The jitted sampler of one byte for ``model``: the weights are arguments, not constants
+    baked into the program, so every run with the same adapter layout reuses one compilation."""
+    key = (id(model), temperature, top_k)
+    if key not in _NEXT_BYTE or _NEXT_BYTE[key][0] is not model:
+
+        def next_byte(params, adapter, buf, pos, rng):
+            logits = jpeft.apply(model, params, adapter, buf)[0]
+            row = jax.lax.dynamic_index_in_dim(logits, pos - 1, keepdims=False).astype(jnp.float32) / temperature
+            kth = jnp.sort(row)[-top_k]
+            row = jnp.where(row < kth, -jnp.inf, row)
+            return jax.random.categorical(rng, row)
+
+        _NEXT_BYTE[key] = (model, jax.jit(next_byte))
+    return _NEXT_BYTE[key][1]
+
+
 def generate(model, params, adapter, prompt: bytes, n: int, *, seed: int = 0, temperature: float = 0.7,
              top_k: int = 20) -> bytes:
     """Samples ``n`` bytes after ``prompt`` (top-k sampling; a fixed-size buffer so one
@@ -184,19 +204,11 @@ def generate(model, params, adapter, prompt: bytes, n: int, *, seed: int = 0, te
     total = len(p) + n
     buf = np.zeros((1, total), np.int32)
     buf[0, : len(p)] = p
-
-    @jax.jit
-    def next_byte(buf, pos, key):
-        logits = jpeft.apply(model, params, adapter, buf)[0]
-        row = jax.lax.dynamic_index_in_dim(logits, pos - 1, keepdims=False).astype(jnp.float32) / temperature
-        kth = jnp.sort(row)[-top_k]
-        row = jnp.where(row < kth, -jnp.inf, row)
-        return jax.random.categorical(key, row)
-
+    next_byte = _next_byte_fn(model, temperature, top_k)
     key = jax.random.key(seed)
     b = jnp.asarray(buf)
     for pos in range(len(p), total):
-        tok = next_byte(b, pos, jax.random.fold_in(key, pos))
+        tok = next_byte(params, adapter, b, pos, jax.random.fold_in(key, pos))
         b = b.at[0, pos].set(tok)
     return bytes(np.asarray(b[0, len(p):]).astype(np.uint8).tolist())
 
