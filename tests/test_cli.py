@@ -447,7 +447,7 @@ def test_train_with_scan_layers_saves_a_per_layer_adapter(hf_dir, capsys):
     base = jpeft_here(capsys, "eval", "--model", hf_dir / "tiny-llama", "--data", hf_dir / "notes.txt", "--seq-len", 32,
                       "--json")
     r = jpeft_here(capsys, "eval", "--model", hf_dir / "tiny-llama", "--adapter", hf_dir / "scan_run" / "adapter",
-                  "--data", hf_dir / "notes.txt", "--seq-len", 32, "--json")
+                   "--data", hf_dir / "notes.txt", "--seq-len", 32, "--json")
     assert r.returncode == 0 and base.returncode == 0, r.stderr + base.stderr
     assert json.loads(r.stdout)["loss"] != json.loads(base.stdout)["loss"]
     r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "train.scan_layers=1")
@@ -474,7 +474,7 @@ def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path, capsy
     ref_base, _ = _torch_loss(base, ds.input_ids, ds.loss_mask)
 
     r = jpeft_here(capsys, "eval", "--model", model_dir, "--data", hf_dir / "notes.txt", "--seq-len", 32, "--batch-size", 3,
-                  "--json")
+                   "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["tokens"] == ds.num_targets
@@ -490,7 +490,7 @@ def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path, capsy
     ref_adapted, ref_logits = _torch_loss(peft_model, ds.input_ids, ds.loss_mask)
     assert abs(ref_adapted - ref_base) > 1e-4  # the adapter changes the model
     r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", adapter_dir, "--data", hf_dir / "notes.txt",
-                  "--seq-len", 32, "--json")
+                   "--seq-len", 32, "--json")
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(json.loads(r.stdout)["loss"], ref_adapted, rtol=1e-5)
     r = jpeft_here(capsys, "export", "--model", model_dir, "--adapter", adapter_dir, "--out", peft_dir)
@@ -507,7 +507,7 @@ def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path, capsy
     assert AutoTokenizer.from_pretrained(merged_dir)("def f():")["input_ids"] == tok("def f():")["input_ids"]
 
     r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", tmp_path / "nowhere", "--data", hf_dir / "notes.txt",
-                  "--seq-len", 32)
+                   "--seq-len", 32)
     assert r.returncode == 2 and "adapter folder" in error_line(r.stderr)
 
 
