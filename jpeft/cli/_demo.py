@@ -8,6 +8,7 @@ benchmark's), and every run trains through :func:`jpeft.fit`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -176,24 +177,16 @@ def save_full(path: str, adapter) -> None:
 
 
 # ------------------------------------------------------------------------------- generation
-_NEXT_BYTE: dict = {}
-
-
-def _next_byte_fn(model, temperature: float, top_k: int):
-    """The jitted sampler of one byte for ``model``: the weights are arguments, not constants
-    baked into the program, so every run with the same adapter layout reuses one compilation."""
-    key = (id(model), temperature, top_k)
-    if key not in _NEXT_BYTE or _NEXT_BYTE[key][0] is not model:
-
-        def next_byte(params, adapter, buf, pos, rng):
-            logits = jpeft.apply(model, params, adapter, buf)[0]
-            row = jax.lax.dynamic_index_in_dim(logits, pos - 1, keepdims=False).astype(jnp.float32) / temperature
-            kth = jnp.sort(row)[-top_k]
-            row = jnp.where(row < kth, -jnp.inf, row)
-            return jax.random.categorical(rng, row)
-
-        _NEXT_BYTE[key] = (model, jax.jit(next_byte))
-    return _NEXT_BYTE[key][1]
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k"))
+def _next_byte(model, params, adapter, buf, pos, rng, *, temperature: float, top_k: int):
+    """One sampled byte after position ``pos - 1``. The weights are arguments, not constants
+    baked into the program, so every run with the same adapter layout reuses one compilation
+    (a linen model is hashable by its configuration)."""
+    logits = jpeft.apply(model, params, adapter, buf)[0]
+    row = jax.lax.dynamic_index_in_dim(logits, pos - 1, keepdims=False).astype(jnp.float32) / temperature
+    kth = jnp.sort(row)[-top_k]
+    row = jnp.where(row < kth, -jnp.inf, row)
+    return jax.random.categorical(rng, row)
 
 
 def generate(model, params, adapter, prompt: bytes, n: int, *, seed: int = 0, temperature: float = 0.7,
@@ -204,11 +197,11 @@ def generate(model, params, adapter, prompt: bytes, n: int, *, seed: int = 0, te
     total = len(p) + n
     buf = np.zeros((1, total), np.int32)
     buf[0, : len(p)] = p
-    next_byte = _next_byte_fn(model, temperature, top_k)
     key = jax.random.key(seed)
     b = jnp.asarray(buf)
     for pos in range(len(p), total):
-        tok = next_byte(params, adapter, b, pos, jax.random.fold_in(key, pos))
+        tok = _next_byte(model, params, adapter, b, pos, jax.random.fold_in(key, pos), temperature=temperature,
+                         top_k=top_k)
         b = b.at[0, pos].set(tok)
     return bytes(np.asarray(b[0, len(p):]).astype(np.uint8).tolist())
 
