@@ -105,7 +105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     2
     """
     with _ctrl_c_never_swallowed():
-        return _main(argv)
+        rc = _main(argv)
+    _forget_caught_ctrl_c()
+    return rc
 
 
 @contextlib.contextmanager
@@ -129,6 +131,19 @@ def _ctrl_c_never_swallowed():
     finally:
         sys.unraisablehook = previous
         active[0] = False
+
+
+def _forget_caught_ctrl_c():
+    """Keeps a caught Ctrl-C from ending the process by SIGINT instead of the returned status.
+
+    CPython notes a KeyboardInterrupt that leaves the evaluation of source text
+    (``exec``/``eval`` of a string, e.g. a ``dataclass``'s generated ``__init__`` while a module
+    is imported), even one caught further up, and a ``python -m`` run (the ``jpeft`` command
+    re-executes itself as ``python -m _jpeft_launcher``; ``python -m jpeft.cli``) then ends
+    killed by SIGINT, not with status 130 (CPython's ``Py_RunMain``; a script file exits through
+    ``Py_Exit`` and never looks). Every evaluation of source text clears that note as it starts,
+    so one empty one here forgets the interrupt this function's caller has already handled."""
+    exec("")
 
 
 def _interrupt_main_soon(active):
