@@ -215,6 +215,51 @@ def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_the_command(monkeypatch, 
     assert one_line(capsys.readouterr().err) == "jpeft info: interrupted"
 
 
+def test_ctrl_c_swallowed_silently_still_stops_the_command(monkeypatch, capsys):
+    """A Ctrl-C whose KeyboardInterrupt is discarded without a word (C code that clears errors,
+    an ``except BaseException`` that goes on) is delivered again once it is gone, so the command
+    stops with status 130 instead of finishing and exiting 0 (a start-up run once trained on
+    past its Ctrl-C); and a ``threading.Timer`` the interrupt kept from being cancelled is
+    cancelled, so the process does not wait for it before exiting (a start-up run once hung a
+    minute after its one line, JAX's backend start-up timer)."""
+    import signal
+    import time
+
+    import jpeft.cli.info_cmd as info_cmd
+
+    import threading
+
+    swallowed, finished, timers = [], [], []
+
+    def run(args):
+        # as JAX's backend start-up: a timer cancelled in a `finally` the interrupt never reaches
+        timers.append(threading.Timer(60, finished.append, (False,)))
+        timers[0].start()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the interrupt lands here
+        except BaseException as e:  # noqa: BLE001 - the code under test must survive exactly this
+            swallowed.append(type(e))
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            time.sleep(0.01)
+        finished.append(True)
+        return 0
+
+    monkeypatch.setattr(info_cmd, "run", run)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a shell (see above)
+    try:
+        assert main(["info", "llama-2-7b"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert swallowed and issubclass(swallowed[0], KeyboardInterrupt) and not finished
+    assert one_line(capsys.readouterr().err) == "jpeft info: interrupted"
+    assert signal.getsignal(signal.SIGINT) is previous
+    # the timer left running is cancelled: Python would wait the minute for it before exiting
+    timers[0].join(timeout=5)
+    assert not timers[0].is_alive() and not finished
+
+
 def _wait_for_the_launcher(p, timeout=30.0):
     """Until the launcher's code runs in ``p`` (the moments are counted from there): a Ctrl-C
     while the interpreter itself starts (its `site` import, before any code of ours) ends

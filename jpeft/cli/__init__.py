@@ -104,33 +104,87 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     >>> main(["info", "no-such-model"])  # prints "jpeft info: error: ..." to stderr
     2
     """
-    with _ctrl_c_never_swallowed():
-        rc = _main(argv)
+    with _ctrl_c_never_lost() as ctrl_c:
+        rc = _main(argv, ctrl_c)
+    if rc == 130:  # interrupted, however it was handled
+        _cancel_timers_left_running()
     _forget_caught_ctrl_c()
     return rc
 
 
+class _CtrlC(KeyboardInterrupt):
+    """The KeyboardInterrupt a Ctrl-C raises while :func:`main` runs (its own class only so
+    that :func:`_ctrl_c_never_lost` can tell when it is gone)."""
+
+
 @contextlib.contextmanager
-def _ctrl_c_never_swallowed():
-    """A Ctrl-C that lands while Python runs a callback whose exceptions it ignores (JAX's
-    garbage-collection hook, a ``__del__``) would be printed as "Exception ignored" and lost,
-    and the run would go on to exit 0. This delivers it to the main thread again, from a
-    helper thread so that it arrives after the callback has returned (if it lands in such a
-    callback again, it is delivered again)."""
-    previous, active = sys.unraisablehook, [True]
+def _ctrl_c_never_lost():
+    """Delivers a Ctrl-C again when something swallowed its KeyboardInterrupt.
+
+    Python raises a Ctrl-C's KeyboardInterrupt wherever the main thread is. Where that is a
+    callback whose exceptions Python ignores (JAX's garbage-collection hook, a ``__del__``) it
+    was printed as "Exception ignored" and lost; where it is code that discards errors (a C
+    extension clearing them, an ``except BaseException`` that goes on) it was lost silently; the
+    run then trained on and exited 0. While this is active, SIGINT raises a KeyboardInterrupt
+    (:class:`_CtrlC`) that is watched with a weak reference: when it is freed before the
+    command's own ``except`` has handled it (``state["handled"]``), it was swallowed, and a
+    helper thread delivers the Ctrl-C to the main thread again, so that it arrives after the
+    code that swallowed it has returned (to whatever SIGINT handler is current then: this one,
+    or :func:`jpeft.fit`'s, which saves and stops). A KeyboardInterrupt raised some other way
+    that ends in an ignoring callback is delivered again too. The handler is installed only in
+    the main thread over Python's default one (not over an embedding program's own)."""
+    import signal
+    import threading
+    import weakref
+
+    state, watched, previous = {"active": True, "handled": False}, set(), sys.unraisablehook
+
+    def gone(ref):
+        watched.discard(ref)
+        if state["active"] and not state["handled"]:
+            _thread.start_new_thread(_interrupt_main_soon, (state,))
+
+    def watch(interrupt):
+        watched.add(weakref.ref(interrupt, gone))
+        return interrupt
+
+    def on_sigint(signum, frame):
+        raise watch(_CtrlC())  # no local name for it: this frame, in its traceback, must not keep it alive
 
     def hook(unraisable):
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            _thread.start_new_thread(_interrupt_main_soon, (active,))
+            if not isinstance(unraisable.exc_value, _CtrlC):  # ours are delivered again once freed
+                _thread.start_new_thread(_interrupt_main_soon, (state,))
         else:
             previous(unraisable)
 
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
     sys.unraisablehook = hook
+    if ours:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
-        yield
+        yield state
     finally:
+        if ours and signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.unraisablehook = previous
-        active[0] = False
+        state["active"] = False
+
+
+def _cancel_timers_left_running():
+    """Cancels the ``threading.Timer`` threads still waiting after a Ctrl-C stopped the command.
+
+    Code that starts a timer and cancels it in a ``finally`` never cancels it when the
+    interrupt lands in between: JAX's backend start-up runs a 60 s timer (a warning that TPU
+    start-up is slow) around the client's creation, and a Ctrl-C there left it running. Python
+    waits for such threads before it exits, so the command printed "interrupted" and then hung
+    for a minute. After a Ctrl-C nothing they would do is wanted."""
+    import threading
+
+    for t in threading.enumerate():
+        if isinstance(t, threading.Timer) and t.is_alive():
+            t.cancel()
 
 
 def _forget_caught_ctrl_c():
@@ -146,13 +200,13 @@ def _forget_caught_ctrl_c():
     exec("")
 
 
-def _interrupt_main_soon(active):
+def _interrupt_main_soon(state):
     time.sleep(0.01)
-    if active[0]:
+    if state["active"] and not state["handled"]:
         _thread.interrupt_main()
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
+def _main(argv: Optional[Sequence[str]], ctrl_c: dict) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         parser = build_parser()
@@ -160,6 +214,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except UsageError as e:
         return _fail(e.prog, f"{e} (see `{e.prog} --help`)")
     except KeyboardInterrupt:  # Ctrl-C while the subcommands are imported
+        ctrl_c["handled"] = True
         print("jpeft: interrupted", file=sys.stderr)
         return 130
     if extra:
@@ -179,6 +234,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except JpeftError as e:
         return _fail(prog, f"{type(e).__name__}: {e}")
     except KeyboardInterrupt:
+        ctrl_c["handled"] = True
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except UnicodeDecodeError as e:  # a data or config file that is binary, or not UTF-8
