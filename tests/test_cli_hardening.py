@@ -223,11 +223,10 @@ def test_ctrl_c_swallowed_silently_still_stops_the_command(monkeypatch, capsys):
     cancelled, so the process does not wait for it before exiting (a start-up run once hung a
     minute after its one line, JAX's backend start-up timer)."""
     import signal
+    import threading
     import time
 
     import jpeft.cli.info_cmd as info_cmd
-
-    import threading
 
     swallowed, finished, timers = [], [], []
 
