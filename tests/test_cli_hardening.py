@@ -173,12 +173,21 @@ def test_a_tokenizer_larger_than_the_model_is_one_line(folder, capsys, tmp_path)
     assert "have no embedding row" in one_line(capsys.readouterr().err)
 
 
+def _python_for_a_while(seconds: float = 10.0):
+    """Runs Python code for ``seconds``: where a Ctrl-C delivered again lands (one long sleep in
+    C would see it only at its end)."""
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        time.sleep(0.01)
+
+
 def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_the_command(monkeypatch, capsys):
     """A Ctrl-C that Python raises inside a callback whose exceptions it ignores (here a gc
     callback, as JAX installs one) is delivered again, so the command stops with status 130
     instead of finishing and exiting 0 (issue #16, item 13)."""
     import gc
-    import time
 
     import jpeft.cli.info_cmd as info_cmd
 
@@ -195,9 +204,7 @@ def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_the_command(monkeypatch, 
             gc.collect()  # the interrupt is raised in the callback and printed as "ignored" by default
         finally:
             gc.callbacks.remove(raise_once)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            time.sleep(0.01)
+        _python_for_a_while()
         finished.append(True)
         return 0
 
@@ -239,9 +246,7 @@ def test_ctrl_c_swallowed_silently_still_stops_the_command(monkeypatch, capsys):
             time.sleep(5)  # the interrupt lands here
         except BaseException as e:  # noqa: BLE001 - the code under test must survive exactly this
             swallowed.append(type(e))
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            time.sleep(0.01)
+        _python_for_a_while()
         finished.append(True)
         return 0
 
@@ -284,28 +289,47 @@ def _wait_for_the_launcher(p, timeout=30.0):
         time.sleep(0.002)
 
 
-def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(folder):
-    """The console script's entry point (_jpeft_launcher) sends SIGINT to `jpeft train` at
-    moments spread over importing JAX, loading, compiling and the first steps: every run stops
-    with status 130 and no traceback, and never goes on to save the final adapter."""
+def endless_train_config(folder):
+    """A `jpeft train` config of the tiny model that would train 100,000 steps."""
+    cfg = config(folder, extra_train="log_every = 1", top="")
+    cfg.write_text(cfg.read_text().replace("steps = 2", "steps = 100000"))
+    return cfg
+
+
+def interrupt_train(folder, cfg, delay: float, timeout: float = 120.0):
+    """Starts `jpeft train --config cfg` through the console script's entry point
+    (_jpeft_launcher), sends it SIGINT ``delay`` seconds after the launcher's code started, and
+    returns its exit status and stderr; the status is ``None`` when it had not ended ``timeout``
+    seconds later (it is then killed). ``folder/out`` is removed first."""
     import shutil
     import signal
     import time
 
-    cfg = config(folder, extra_train="log_every = 1", top="")
-    cfg.write_text(cfg.read_text().replace("steps = 2", "steps = 100000"))
+    shutil.rmtree(folder / "out", ignore_errors=True)
     launcher = [sys.executable, "-c", "import sys, _jpeft_launcher; sys.exit(_jpeft_launcher.main())"]
+    # as from a terminal: SIGINT at its default even if this test worker inherited it ignored
+    p = subprocess.Popen([*launcher, "train", "--config", str(cfg), "--no-progress"], cwd=folder, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for_the_launcher(p)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        return None, p.communicate()[1]
+    return p.returncode, err
+
+
+def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(folder):
+    """The console script's entry point (_jpeft_launcher) sends SIGINT to `jpeft train` at
+    moments spread over importing JAX, loading, compiling and the first steps: every run stops
+    with status 130 and no traceback, and never goes on to save the final adapter."""
+    cfg = endless_train_config(folder)
     for delay in (0.05, 0.5, 1.2, 2.5):
-        shutil.rmtree(folder / "out", ignore_errors=True)
-        # as from a terminal: SIGINT at its default even if this test worker inherited it ignored
-        p = subprocess.Popen([*launcher, "train", "--config", str(cfg), "--no-progress"], cwd=folder, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        _wait_for_the_launcher(p)
-        time.sleep(delay)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 130, (delay, err)
+        status, err = interrupt_train(folder, cfg, delay)
+        assert status == 130, (delay, err)
         assert "Traceback" not in err and "Exception ignored" not in err, (delay, err)
         assert "interrupted" in err.strip().splitlines()[-1], (delay, err)
         assert not (folder / "out" / "adapter").exists(), delay
