@@ -245,3 +245,19 @@ def test_attention_kernel_benchmark_toy_run(tmp_path):
     assert [(x["seq"], x["block"]) for x in rows] == [(48, 16), (48, 64)]
     assert all(x["jpeft_s"] > 0 and x["torch_s"] > 0 and x["ratio"] > 0 for x in rows)
     assert "| 48 | jpeft blockwise, blocks of 16 |" in r.stdout
+
+
+def test_weight_gradient_benchmark_toy_run(tmp_path):
+    """benchmarks/weight_grad_cpu.py times both pullbacks, says which path jpeft took and that
+    both give the same weight gradient."""
+    out = tmp_path / "wg.json"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "weight_grad_cpu.py"), "--shapes", "16x512x2048,16x64x64",
+                        "--rounds", "1", "--reps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["shape"], x["path"]) for x in rows] == [("16x512x2048", "copy"), ("16x64x64", "plain")]
+    assert all(x["plain_ms"] > 0 and x["jpeft_ms"] > 0 and x["max_rel_diff"] < 1e-5 for x in rows)
+    assert "| 16x512x2048 | copy |" in r.stdout
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "weight_grad_cpu.py"), "--shapes", "16x512"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "expected TOKENSxINxOUT" in bad.stderr

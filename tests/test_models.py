@@ -229,6 +229,8 @@ def test_flat_dot_general_equals_dot_general_values_and_gradients():
         (r(3, 5), r(5, 4), (((1,), (0,)), ((), ()))),             # already 2-D
         (r(5, 3), r(5, 4), (((0,), (0,)), ((), ()))),             # another contraction: passed through
         (r(2, 3, 5), r(2, 5, 4), (((2,), (1,)), ((0,), (0,)))),   # batch dims: passed through
+        (r(2, 3, 512), r(512, 2048), (((2,), (0,)), ((), ()))),   # a wide weight: its gradient from a copy of x^T
+        (r(6, 512), r(512, 2048), (((1,), (0,)), ((), ()))),      # the same, already 2-D
     ]
     for x, w, dims in cases:
         ref = lambda x, w: lax.dot_general(x, w, dims, precision=lax.Precision.HIGHEST)  # noqa: E731,B023
@@ -240,6 +242,54 @@ def test_flat_dot_general_equals_dot_general_values_and_gradients():
         _, vjp_got = jax.vjp(got, x, w)
         for a, b in zip(vjp_got(g), vjp_ref(g)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        # forward mode, and forward over reverse (a Hessian-vector product), work and agree
+        tx, tw = r(*x.shape), r(*w.shape)
+        np.testing.assert_allclose(jax.jvp(got, (x, w), (tx, tw))[1], jax.jvp(ref, (x, w), (tx, tw))[1],
+                                   rtol=1e-5, atol=1e-4)
+        hvp = lambda f: jax.jvp(jax.grad(lambda w: jnp.sum(jnp.tanh(f(x, w)) * g)), (w,), (tw,))[1]  # noqa: E731,B023
+        np.testing.assert_allclose(hvp(got), hvp(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_wide_weight_gradient_multiplies_a_transposed_copy_of_the_input():
+    """On the CPU, a weight gradient ``x^T dy`` at least 2,048 features wide is computed from a
+    copy of ``x^T`` as a row-major product (XLA's CPU backend runs the product with ``x`` as it
+    is, column-major, at about half the speed; docs/BENCHMARKS.md, session 31). The compiled
+    gradient shows it; a frozen weight's program has no such copy; a Llama whose output layer is
+    that wide (tied or not) gets the same gradients either way. Statistics of the compiled
+    program and a comparison of numbers, not timings."""
+    import re
+
+    from jpeft.models import _layers
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the transposed copy is made on the CPU only")
+    x = jnp.ones((8, 512), jnp.float32)
+    w = jnp.ones((512, 2048), jnp.float32)
+
+    def wgrad_dot(argnums):
+        f = lambda x, w: jnp.sum(jnp.tanh(_layers.flat_dot_general(x, w, (((1,), (0,)), ((), ())))))  # noqa: E731
+        hlo = jax.jit(jax.grad(f, argnums=argnums)).lower(x, w).compile().as_text()
+        return hlo, re.findall(r"= f32\[512,2048\]\{1,0\} dot\([^)]*\), lhs_contracting_dims=\{(\d)\}", hlo)
+
+    hlo, dots = wgrad_dot((0, 1))
+    assert dots == ["1"], dots  # x^T [512, 8] (a real array) @ dy [8, 2048]
+    assert re.search(r"= f32\[512,8\]\{1,0\} (?:fusion|copy|transpose)\(", hlo)
+    hlo, dots = wgrad_dot(0)  # the weight frozen: no weight gradient, no copy
+    assert not dots and not re.search(r"= f32\[512,8\]\{1,0\} (?:fusion|copy|transpose)\(", hlo)
+
+    for tied in (False, True):
+        cfg = M.LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=64, num_layers=1, num_heads=8,
+                            num_kv_heads=8, max_position_embeddings=16, tie_word_embeddings=tied)
+        model = M.LlamaForCausalLM(cfg)
+        ids = jnp.asarray(np.random.default_rng(1).integers(0, 2048, (2, 4)), jnp.int32)
+        params = model.init(jax.random.key(0), ids)
+        grad = jax.jit(jax.grad(lambda p: jnp.mean(jax.nn.log_softmax(model.apply(p, ids)) ** 2)))
+        got = grad(params)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_layers, "_WIDE_OUT", 1 << 30)  # the plain product
+            want = jax.jit(jax.grad(lambda p: jnp.mean(jax.nn.log_softmax(model.apply(p, ids)) ** 2)))(params)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * float(jnp.max(jnp.abs(b))), err_msg=str(path))
 
 
 @pytest.mark.parametrize("tied", [False, True])
