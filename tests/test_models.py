@@ -283,11 +283,11 @@ def test_wide_weight_gradient_multiplies_a_transposed_copy_of_the_input():
         model = M.LlamaForCausalLM(cfg)
         ids = jnp.asarray(np.random.default_rng(1).integers(0, 2048, (2, 4)), jnp.int32)
         params = model.init(jax.random.key(0), ids)
-        grad = jax.jit(jax.grad(lambda p: jnp.mean(jax.nn.log_softmax(model.apply(p, ids)) ** 2)))
-        got = grad(params)
+        loss = lambda p: jnp.mean(jax.nn.log_softmax(model.apply(p, ids)) ** 2)  # noqa: E731,B023
+        got = jax.jit(jax.grad(loss))(params)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(_layers, "_WIDE_OUT", 1 << 30)  # the plain product
-            want = jax.jit(jax.grad(lambda p: jnp.mean(jax.nn.log_softmax(model.apply(p, ids)) ** 2)))(params)
+            mp.setattr(_layers, "_WIDE_OUT", 1 << 30)  # the plain product (a new jit: traced again)
+            want = jax.jit(jax.grad(loss))(params)
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * float(jnp.max(jnp.abs(b))), err_msg=str(path))
 

@@ -453,9 +453,6 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
         x2 = lhs.reshape(-1, lhs.shape[-1])
         if _weight_grad_by_copy(x2, rhs):
             out = _dense_product(x2, rhs, precision, preferred_element_type)
-        elif lhs.ndim == 2:
-            return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                       preferred_element_type=preferred_element_type)
         else:
             out = jax.lax.dot_general(x2, rhs, _DENSE_DIMS, precision=precision,
                                       preferred_element_type=preferred_element_type)
