@@ -85,16 +85,13 @@ GRID = [
 ]
 
 
-@pytest.mark.parametrize("loop", ["unrolled", "scanned", "row by row"])
+@pytest.mark.parametrize("loop", ["unrolled", "scanned"])
 @pytest.mark.parametrize("s,h,kvh,window,n_pre,block,padding,segments", GRID)
 def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padding, segments, loop, monkeypatch):
     """Both tile loops: these small tiles are unrolled by default (``should_unroll``); a zero
-    tile limit makes the kernel scan them. "row by row": the kernel maps over the batch one row
-    at a time (``auto_batch_chunk``; the masks' per-row arrays are split with the inputs)."""
+    tile limit makes the kernel scan them."""
     if loop == "scanned":
         monkeypatch.setattr(A, "UNROLL_TILE", 0)
-    if loop == "row by row":
-        monkeypatch.setattr(A, "auto_batch_chunk", lambda b, *_: 1)
     ks, q, k, v, am = _inputs(s * 10 + h, s, h, kvh, padding, right=2)
     b, d = q.shape[0], q.shape[-1]
     seg = None
@@ -353,40 +350,6 @@ def test_small_tile_loops_are_unrolled():
     scanned, text_scanned = grads(False)
     _assert_same(auto, scanned)
     assert "while" not in text_auto and "while" in text_scanned  # 15 tiles of 8 x 8: unrolled
-
-
-def test_small_tiles_take_the_batch_a_few_rows_at_a_time(monkeypatch):
-    """``batch_chunk=None``: tiles of at most 128 x 128 take the largest divisor of the batch
-    whose float32 score tile fits 256 KiB; larger tiles, and other backends, the whole batch.
-    The chunked kernel (a loop over groups of rows) gives the whole batch's numbers."""
-    assert A.auto_batch_chunk(32, 8, 64, 64) == 2  # 128 KiB a row: two rows
-    assert A.auto_batch_chunk(16, 8, 64, 64) == 2 and A.auto_batch_chunk(7, 8, 64, 64) == 1
-    assert A.auto_batch_chunk(8, 8, 128, 128) == 1 and A.auto_batch_chunk(8, 32, 64, 64) == 1
-    assert A.auto_batch_chunk(4, 2, 64, 64) == 4  # 32 KiB a row: eight would fit, four exist
-    assert A.auto_batch_chunk(4, 8, 256, 256) == 4 and A.auto_batch_chunk(2, 8, 1, 512) == 2
-    b, s, h, d = 4, 128, 8, 8
-    ks = jax.random.split(jax.random.key(5), 4)
-    q, k, v = (_rand(x, (b, s, h, d)) for x in ks[:3])
-    am = np.ones((b, s), bool)
-    am[2, :5] = False  # a padded row, so the mask's per-row arrays differ between chunks
-    mask, _ = L.causal_mask(jnp.asarray(am), None)
-    ct = _rand(ks[3], q.shape)
-
-    def run(chunk):
-        f = lambda q, k, v: A.blockwise_attention(q, k, v, mask, scale=0.3, block_size=64, batch_chunk=chunk)
-        fn = jax.jit(lambda q, k, v: (lambda o, vjp: (o, vjp(ct)))(*jax.vjp(f, q, k, v)))
-        return fn(q, k, v), fn.lower(q, k, v).compile().as_text()
-
-    auto, text_auto = run(None)  # two groups of two rows: a loop over the groups each way
-    whole, text_whole = run(b)
-    _assert_same(auto, whole)
-    # the compiled programs: three 64 x 64 tiles are unrolled, so only the groups loop
-    assert text_auto.count(" while(") == 2 and " while(" not in text_whole
-    _assert_same(auto[0], jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=0.3))
-    with pytest.raises(jpeft.ConfigError, match="does not divide"):
-        A.blockwise_attention(q, k, v, mask, scale=0.3, block_size=64, batch_chunk=3)
-    monkeypatch.setattr(A.jax, "default_backend", lambda: "gpu")
-    assert A.auto_batch_chunk(32, 8, 64, 64) == 32
 
 
 def test_compiled_step_memory_grows_linearly_with_sequence_length():

@@ -24,11 +24,8 @@ Kernels (``implementation=``):
   every key block. Queries are laid out heads-first (``[kv_heads, group * block, d]``, the
   query heads of one key/value head stacked), so each tile is a plain batched matmul, and the
   backward pass recomputes a tile key-major so that the key and value gradients are plain
-  matmuls too. On the CPU, small tiles (at most 128 x 128) take the batch a few rows at a
-  time (:func:`auto_batch_chunk`: a ``lax.map`` over groups of rows whose score tile fits 256
-  KiB), so each tile stays in the core's cache. It equals the reference to float32 rounding
-  (tests/test_attention.py), including fully masked (padding) query rows, which both average
-  the values of every key.
+  matmuls too. It equals the reference to float32 rounding (tests/test_attention.py),
+  including fully masked (padding) query rows, which both average the values of every key.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused kernel on
   NVIDIA GPUs; float16/bfloat16 only. A plain causal or sliding-window mask with no padding
   information, no prefix and no cache is passed as ``is_causal`` / ``local_window_size``;
@@ -255,7 +252,7 @@ def _splash_fits(mask: AttentionMask, sq: int, sk: int) -> bool:
 
 
 def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_size: int = 512,
-                        unroll: Optional[bool] = None, batch_chunk: Optional[int] = None):
+                        unroll: Optional[bool] = None):
     """Online-softmax attention over tiles of ``block_size`` queries by ``block_size`` keys (see
     the module docstring). With ``mask.diagonal`` set (causal attention over the current tokens)
     only the tiles on or below the diagonal, and inside the sliding window, are computed, and the
@@ -266,56 +263,17 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_siz
     ``None`` (the default) unrolls small tiles only: at most :data:`UNROLL_TILE` queries and
     keys each, and at most :data:`UNROLL_TILES` of them (see :func:`should_unroll`). ``True``
     also serves XLA's cost analysis, which counts a loop's body once.
-
-    ``batch_chunk``: run the kernel over this many batch rows at a time (a ``lax.map`` over
-    groups of rows; the numbers are the same). ``None`` (the default) picks it
-    (:func:`auto_batch_chunk`): small tiles take groups of rows whose tile fits
-    :data:`CHUNK_TILE_BYTES`, anything else the whole batch.
     """
     b, sq, h, d = q.shape
     sk, kvh = k.shape[1], k.shape[2]
     if h % kvh:
         raise InputValidationError(f"attention: {h} query heads are not a multiple of {kvh} key/value heads.")
-    skip = mask.causal and mask.diagonal is not None
+    g = h // kvh
     bk = min(block_size, sk)
+    nk = -(-sk // bk)
+    skip = mask.causal and mask.diagonal is not None
     # Without a diagonal every query sees every key block: one query tile of the whole length.
     bq = min(block_size, sq) if skip else sq
-    chunk = auto_batch_chunk(b, h, bq, bk) if batch_chunk is None else max(1, min(int(batch_chunk), b))
-    if b % chunk:
-        raise ConfigError(f"attention batch_chunk {chunk} does not divide the batch of {b} rows.")
-    kernel = functools.partial(_blockwise, scale=scale, bq=bq, bk=bk, skip=skip, unroll=unroll)
-    if chunk == b:
-        return kernel(q, k, v, mask)
-    groups = lambda x: x.reshape((b // chunk, chunk) + x.shape[1:])
-    out = jax.lax.map(lambda xs: kernel(*xs), jax.tree.map(groups, (q, k, v, mask)))
-    return out.reshape((b,) + out.shape[2:])
-
-
-# Small tiles hold many small per-head products; over a whole batch their score tile leaves the
-# core's cache (4 MiB at 128 tokens x 32 rows, 8 heads), so the kernel takes a few rows at a
-# time instead (docs/BENCHMARKS.md, "Session 32").
-CHUNK_TILE_BYTES = 256 * 1024
-
-
-def auto_batch_chunk(b: int, heads: int, bq: int, bk: int) -> int:
-    """Batch rows the blockwise kernel takes at a time (``batch_chunk=None``): for tiles of at
-    most :data:`UNROLL_TILE` queries and keys, the largest divisor of ``b`` whose float32 score
-    tile (``rows x heads x bq x bk``) fits :data:`CHUNK_TILE_BYTES` (at least one row); for
-    larger tiles, and off the CPU, all ``b`` rows (measured on the CPU only; no gain there for
-    larger tiles)."""
-    if max(bq, bk) > UNROLL_TILE or jax.default_backend() != "cpu":
-        return b
-    want = max(1, CHUNK_TILE_BYTES // (heads * bq * bk * 4))
-    return max(c for c in range(1, min(b, want) + 1) if b % c == 0)
-
-
-def _blockwise(q, k, v, mask: AttentionMask, *, scale: float, bq: int, bk: int, skip: bool,
-               unroll: Optional[bool]):
-    """:func:`blockwise_attention` over all of its batch rows at once."""
-    b, sq, h, d = q.shape
-    sk, kvh = k.shape[1], k.shape[2]
-    g = h // kvh
-    nk = -(-sk // bk)
     nq = -(-sq // bq)
     pairs = block_pairs(sq, bq, nk, bk, mask.diagonal if skip else None, mask.window)
     inner = interior_pairs(pairs, sq, sk, bq, bk, mask.diagonal, mask.window) if skip else frozenset()
