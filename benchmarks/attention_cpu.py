@@ -1,6 +1,9 @@
 """The attention kernel alone on the CPU: jpeft's blockwise kernel against PyTorch's fused
 scaled-dot-product attention (what Hugging Face's Llama calls), forward + backward of causal
 attention over the current tokens, the shapes of the issue-24 Llama (8 heads of 64).
+``--tokens`` fixes the tokens per batch instead of the batch (``bench_scaling.py``'s sequence
+axis: 4,096 tokens as 32 x 128 ... 1 x 4096); block ``0`` is the kernel's automatic block
+(what the models use by default).
 
 Each framework runs in its own process, one process at a time, alternating from round to
 round (torch first in odd rounds, jpeft first in even ones); each process compiles / warms up,
@@ -13,6 +16,7 @@ Examples:
   python benchmarks/attention_cpu.py                                  # 1024, 2048, 4096 tokens
   python benchmarks/attention_cpu.py --seq 4096 --blocks 256,512,1024 # block sizes
   python benchmarks/attention_cpu.py --seq 256 --rounds 1 --reps 2    # seconds (smoke)
+  python benchmarks/attention_cpu.py --seq 128,256,512,1024 --tokens 4096 --blocks 0   # the sweep's shapes
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def worker(framework: str, seq: int, batch: int, heads: int, dim: int, block: in
         q, k, v, ct = (jax.random.normal(kk, (batch, seq, heads, dim)) for kk in ks)
         mask, _ = causal_mask(jnp.ones((batch, seq), bool), None, padded=False)
 
+        block = block or A.auto_block_size(seq, mask)  # 0: the block the models pick
+
         def f(q, k, v):
             out = A.dot_product_attention(q, k, v, mask, scale=dim ** -0.5, implementation="blockwise",
                                           block_size=block)
@@ -72,16 +78,19 @@ def worker(framework: str, seq: int, batch: int, heads: int, dim: int, block: in
         t = time.perf_counter()
         call()
         ts.append(time.perf_counter() - t)
-    return {"min_s": min(ts), "median_s": statistics.median(ts)}
+    return {"min_s": min(ts), "median_s": statistics.median(ts), "block": block}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", default="1024,2048,4096", help="comma list of sequence lengths")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=0,
+                   help="tokens per batch: the batch of each sequence length is tokens / seq (default 0: --batch)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64, help="head width")
-    p.add_argument("--blocks", default="512", help="comma list of jpeft attention block sizes")
+    p.add_argument("--blocks", default="512",
+                   help="comma list of jpeft attention block sizes (0: the kernel's automatic block)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5, help="timed back-to-back calls per process")
     p.add_argument("--huge-pages", choices=["both", "jpeft", "none"], default="jpeft",
@@ -96,6 +105,7 @@ def main(argv=None):
         return
     seqs = [int(s) for s in a.seq.split(",")]
     blocks = [int(b) for b in a.blocks.split(",")]
+    batch_of = lambda seq: max(1, a.tokens // seq) if a.tokens else a.batch
     runs = {}
     for rnd in range(a.rounds):
         for seq in seqs:
@@ -106,27 +116,30 @@ def main(argv=None):
                 env = dict(os.environ)
                 if a.huge_pages == "both" or a.huge_pages == fw:
                     env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, str(seq), str(a.batch),
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, str(seq), str(batch_of(seq)),
                        str(a.heads), str(a.dim), str(block), str(a.reps)]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
                 res = json.loads(out.strip().splitlines()[-1])
                 runs.setdefault((seq, fw, block), []).append(res)
-                print(f"round {rnd + 1} seq {seq} {fw}{'' if fw == 'torch' else f' block {block}'}: "
+                what = "" if fw == "torch" else f" block {block or 'auto'}"
+                print(f"round {rnd + 1} seq {seq} {fw}{what}: "
                       f"min {res['min_s'] * 1e3:.0f} ms, median {res['median_s'] * 1e3:.0f} ms", file=sys.stderr)
     rows = []
-    print("| sequence | kernel | forward+backward ms (median over rounds of each process's median) | / torch |")
+    print("| sequence x batch | kernel | forward+backward ms (median over rounds of each process's median) | / torch |")
     print("|---:|---|---:|---:|")
     for seq in seqs:
         t_torch = statistics.median(r["median_s"] for r in runs[(seq, "torch", 0)])
-        print(f"| {seq} | torch SDPA | {t_torch * 1e3:.0f} | 1.00 |")
+        print(f"| {seq} x {batch_of(seq)} | torch SDPA | {t_torch * 1e3:.0f} | 1.00 |")
         for b in blocks:
             t = statistics.median(r["median_s"] for r in runs[(seq, "jpeft", b)])
-            print(f"| {seq} | jpeft blockwise, blocks of {b} | {t * 1e3:.0f} | {t / t_torch:.2f} |")
-            rows.append({"seq": seq, "block": b, "jpeft_s": t, "torch_s": t_torch, "ratio": t / t_torch})
+            name = f"blocks of {b}" if b else f"automatic blocks ({runs[(seq, 'jpeft', b)][0]['block']})"
+            print(f"| {seq} x {batch_of(seq)} | jpeft blockwise, {name} | {t * 1e3:.0f} | {t / t_torch:.2f} |")
+            rows.append({"seq": seq, "batch": batch_of(seq), "block": b, "jpeft_s": t, "torch_s": t_torch,
+                         "ratio": t / t_torch})
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "cpu": C.cpu_model(), "rows": rows,
-                       "runs": {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in runs.items()}}, f, indent=1)
+                       "runs": {"/".join(map(str, k)): v for k, v in runs.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

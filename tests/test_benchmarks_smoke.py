@@ -244,7 +244,15 @@ def test_attention_kernel_benchmark_toy_run(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(x["seq"], x["block"]) for x in rows] == [(48, 16), (48, 64)]
     assert all(x["jpeft_s"] > 0 and x["torch_s"] > 0 and x["ratio"] > 0 for x in rows)
-    assert "| 48 | jpeft blockwise, blocks of 16 |" in r.stdout
+    assert "| 48 x 1 | jpeft blockwise, blocks of 16 |" in r.stdout
+    # fixed tokens per batch (the batch follows the length) and the models' automatic block
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "attention_cpu.py"), "--seq", "32,256", "--tokens", "512",
+                        "--blocks", "0", "--heads", "2", "--dim", "8", "--rounds", "1", "--reps", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["seq"], x["batch"], x["block"]) for x in rows] == [(32, 16, 0), (256, 2, 0)]
+    assert "| 256 x 2 | jpeft blockwise, automatic blocks (64) |" in r.stdout
 
 
 def test_weight_gradient_benchmark_toy_run(tmp_path):
