@@ -269,3 +269,28 @@ def test_weight_gradient_benchmark_toy_run(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(BENCH, "weight_grad_cpu.py"), "--shapes", "16x512"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "expected TOKENSxINxOUT" in bad.stderr
+
+
+def test_step_options_benchmark_toy_run(tmp_path):
+    """benchmarks/step_options.py compiles jpeft's step with and without compiler options,
+    compares their adapter gradients and times them in turns; options XLA refuses (which also
+    shows they reach the compiler) and malformed variants end in a named message."""
+    out = tmp_path / "so.json"
+    script = os.path.join(BENCH, "step_options.py")
+    r = subprocess.run([sys.executable, script, "--size", "toy", "--rounds", "2", "--per-turn", "1",
+                        "--variant", "nofm:xla_cpu_enable_fast_min_max=false", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["variants"]
+    assert list(rows) == ["default", "nofm"]
+    assert rows["nofm"]["options"] == {"xla_cpu_enable_fast_min_max": False}
+    assert rows["default"]["grad_max_rel_diff"] == 0.0 and rows["nofm"]["grad_max_rel_diff"] < 1e-5
+    assert all(len(x["steps_s"]) == 2 and x["step_s"] > 0 and x["xla_temp_mib"] > 0 for x in rows.values())
+    assert rows["default"]["ratio"] == 1.0
+    assert "| nofm |" in r.stdout
+    refused = subprocess.run([sys.executable, script, "--size", "toy", "--variant",
+                              "bad:xla_cpu_experimental_ynn_fusion_type=dot"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "XLA refused the options" in refused.stderr
+    assert "LIBRARY_FUSION_TYPE_DOT, not dot" in refused.stderr
+    bad = subprocess.run([sys.executable, script, "--variant", "nolabel"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "expected LABEL:KEY=VALUE" in bad.stderr
