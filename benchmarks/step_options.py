@@ -73,25 +73,20 @@ def main(argv=None) -> int:
         variants[label] = opts
 
     import _common as C
+    import _jpeft_worker as W
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
     import jpeft
-    import jpeft.models
     from jpeft import _hostmem
-    from jpeft.data import causal_lm_loss
 
+    sys.stdout = sys.__stdout__  # importing the worker sent prints to stderr (its stdout is a protocol); the table goes to stdout
     size = C.size(args.size)
-    cfg = jpeft.models.LlamaConfig(
-        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate, num_layers=size.layers,
-        num_heads=size.heads, num_kv_heads=size.kv_heads or size.heads, max_position_embeddings=max(2048, size.seq))
-    model = jpeft.models.LlamaForCausalLM(cfg)
+    model, params = W.build_random(size, jnp.float32)  # the sweep worker's random Llama
     data = [jnp.asarray(b) for b in C.batches(size, 2, seed=1)]
-    params = jax.jit(model.init)(jax.random.key(0), data[0][:1])
-    lora = jpeft.LoraConfig(r=args.r, alpha=2 * args.r, target_modules=list(C.LORA_TARGETS))
-    adapter = jpeft.init(lora, params, jax.random.key(1), model, data[0][:1])
+    adapter = jpeft.init(W.lora_config(args.r), params, jax.random.key(1), model, data[0][:1])
     # every adapter tensor random (LoRA's B starts at zero, which would leave A's gradient zero)
     leaves, tree = jax.tree_util.tree_flatten(adapter)
     keys = jax.random.split(jax.random.key(2), len(leaves))
@@ -100,7 +95,7 @@ def main(argv=None) -> int:
     opt = optax.adam(1e-4)
 
     def loss_fn(params, adapter, ids, key):
-        return causal_lm_loss(jpeft.apply(model, params, adapter, ids), ids, jnp.ones_like(ids))[0]
+        return W.causal_lm_loss(jpeft.apply(model, params, adapter, ids), ids)
 
     key = jax.random.key(3)
     rows, compiled, grads = {}, {}, {}
