@@ -43,11 +43,12 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 # ------------------------------------------------------------------------------------- model
-def causal_lm_loss(logits, ids):
+def step_loss(model, params, adapter, ids):
     """Mean next-token cross-entropy in float32 over every target (what transformers'
-    ``ForCausalLMLoss`` computes): jpeft's own :func:`jpeft.data.causal_lm_loss`, as
-    ``jpeft train`` uses it."""
-    return jpeft.data.causal_lm_loss(logits, ids, jnp.ones_like(ids))[0]
+    ``ForCausalLMLoss`` computes), as ``jpeft train`` takes it (:func:`jpeft.lm_loss`: the output layer
+    and the cross-entropy a chunk of tokens at a time), over every target; ``adapter=None``
+    with ``params`` differentiated is full fine-tuning."""
+    return jpeft.lm_loss(model, params, adapter, ids, jnp.ones_like(ids))[0]
 
 
 def _value(v: str):
@@ -165,8 +166,8 @@ def worker(args) -> None:
 
     def loss_fn(params, adapter, batch, key):
         if args.full:
-            return causal_lm_loss(logits_of(model.apply(adapter, batch)), batch)
-        return causal_lm_loss(logits_of(jpeft.apply(model, params, adapter, batch)), batch)
+            return step_loss(model, adapter, None, batch)
+        return step_loss(model, params, adapter, batch)
 
     opt = optax.adam(args.lr)
     opt_state = opt.init(adapter)
@@ -244,7 +245,7 @@ def breakdown(model, params, adapter, x, loss_fn, reps):
     """Times the pieces of the step: base forward, forward with LoRA, value_and_grad (best of
     ``reps``; the full step is timed by the caller)."""
     key = jax.random.key(0)
-    fwd_base = jax.jit(lambda p, x: causal_lm_loss(logits_of(model.apply(p, x)), x))
+    fwd_base = jax.jit(lambda p, x: step_loss(model, p, None, x))
     fwd = jax.jit(lambda p, a, x: loss_fn(p, a, x, key))
     grad = jax.jit(lambda p, a, x: jax.value_and_grad(lambda a: loss_fn(p, a, x, key))(a))
     logits_only = jax.jit(lambda p, a, x: logits_of(jpeft.apply(model, p, a, x)))
@@ -280,7 +281,7 @@ def memory(args) -> None:
         adapter = jpeft.init(lora_config(args.r), params, jax.random.key(1), model, ids)
 
         def loss_fn(params, adapter, batch, key):
-            return causal_lm_loss(logits_of(jpeft.apply(model, params, adapter, batch)), batch)
+            return step_loss(model, params, adapter, batch)
 
         opt_state = opt.init(adapter)
         step = jpeft.make_train_step(loss_fn, opt)
@@ -295,7 +296,7 @@ def memory(args) -> None:
         # Plain full fine-tuning: differentiate every parameter, Adam on all of them, params and
         # optimizer state donated (the leanest full fine-tuning step there is in JAX).
         def loss_full(params, batch):
-            return causal_lm_loss(logits_of(model.apply(params, batch)), batch)
+            return step_loss(model, params, None, batch)
 
         @jax.jit
         def _step(params, opt_state, batch):

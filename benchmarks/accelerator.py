@@ -75,7 +75,6 @@ def run_jpeft(size: C.Size, mode: str, steps: int, peak_override) -> dict:
 
     import _jpeft_worker as W
     import jpeft
-    from jpeft.cli._model import logits_of
 
     model, params = W.build_random(size, jnp.bfloat16)
     cfg = W.lora_config(RANK) if mode == "lora" else jpeft.FullFinetuneConfig()
@@ -83,7 +82,7 @@ def run_jpeft(size: C.Size, mode: str, steps: int, peak_override) -> dict:
     opt = optax.adamw(1e-4)
 
     def loss_fn(params, adapter, batch, key):
-        return W.causal_lm_loss(logits_of(jpeft.apply(model, params, adapter, batch)), batch)
+        return W.step_loss(model, params, adapter, batch)
 
     step = jpeft.make_train_step(loss_fn, opt)
     data = [jnp.asarray(b) for b in C.batches(size, 4, seed=1)]

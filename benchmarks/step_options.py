@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     opt = optax.adam(1e-4)
 
     def loss_fn(params, adapter, ids, key):
-        return W.causal_lm_loss(jpeft.apply(model, params, adapter, ids), ids)
+        return W.step_loss(model, params, adapter, ids)
 
     key = jax.random.key(3)
     rows, compiled, grads = {}, {}, {}

@@ -10,7 +10,7 @@ The whole idea in four calls::
 """
 
 from jpeft.config import AdapterConfig
-from jpeft.core import apply, init, merge, summary, unmerge
+from jpeft.core import apply, init, lm_loss, merge, summary, unmerge
 from jpeft.quant import dequantize, quantize  # QLoRA: a quantized frozen base (issue 19)
 from jpeft import errors
 # the errors users catch around the calls above; every error class is jpeft.errors.X
@@ -86,6 +86,7 @@ __all__ = [
     "init_corda",
     "init",
     "apply",
+    "lm_loss",
     "merge",
     "quantize",
     "dequantize",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -150,16 +150,27 @@ def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
     return intercept
 
 
-def apply_with(model: nn.Module, variables, adapter, *args, **kwargs):
-    """``model.apply(variables, *args, **kwargs)`` with every adapter node at its site."""
+def apply_with(model: nn.Module, variables, adapter, *args, called: Optional[set] = None, **kwargs):
+    """``model.apply(variables, *args, **kwargs)`` with every adapter node at its site.
+
+    ``called``: a set the paths of the sites this call ran are added to, for a caller that
+    runs the model in parts (``method=``) and checks once, over all of them, that some site
+    ran; without it, a call that runs none of the adapter's sites raises here."""
     stacked = scan.variables_for(adapter)
     if stacked:
         variables = {**variables, scan.COLLECTION: stacked}
     if "params" in variables:
         variables = {**variables, "params": quant.as_bytes(variables["params"])}
-    checked: set = set()
+    checked: set = set() if called is None else called
     with nn.intercept_methods(_interceptor(adapter, checked, variables.get("params"))):
         out = model.apply(variables, *args, **kwargs)
+    if called is None:
+        check_called(adapter, checked)
+    return out
+
+
+def check_called(adapter, checked: set) -> None:
+    """Raises :class:`TargetNotFoundError` when ``adapter`` has sites and none of them ran."""
     if adapter and not checked:
         raise TargetNotFoundError(
             f"none of the adapter's {len(adapter)} sites (e.g. {sorted(adapter)[:3]}) was called by the model, so "
@@ -167,7 +178,6 @@ def apply_with(model: nn.Module, variables, adapter, *args, **kwargs):
             "(scan_layers=True) names its layers 'model/layers/...', an unrolled one 'model/layers_0/...'; convert "
             "with jpeft.scan.stack_adapter / unstack_adapter."
         )
-    return out
 
 
 def _normalize_axes(axis, ndim):

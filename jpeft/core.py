@@ -1,13 +1,15 @@
-"""The public entry points: init, apply, merge, unmerge, summary."""
+"""The public entry points: init, apply, lm_loss, merge, unmerge, summary."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
+import jax
 
 from jpeft import _inject, _nnx, quant
 from jpeft.config import AdapterConfig
+from jpeft.data import causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
 from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unwrap_params
@@ -79,12 +81,103 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     if _nnx.is_nnx(model):
         graphdef, state = _nnx.split(model, params)
         return _nnx.apply_with(graphdef, state, adapter or {}, *args, rngs=rngs, **kwargs)
+    return _apply_linen(model, params, adapter, *args, rngs=rngs, **kwargs)
+
+
+def _apply_linen(model: nn.Module, params, adapter, *args, rngs=None, called: Optional[set] = None, **kwargs):
+    """:func:`apply` for a linen model; ``called`` as in :func:`jpeft._inject.apply_with`."""
     variables = params if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping) else {"params": params}
     if rngs is not None:
         kwargs["rngs"] = rngs
     if not adapter and not quant.has_quantized(variables):
         return model.apply(variables, *args, **kwargs)
-    return _inject.apply_with(model, variables, adapter or {}, *args, **kwargs)
+    return _inject.apply_with(model, variables, adapter or {}, *args, called=called, **kwargs)
+
+
+def logits_of(out):
+    """The logits array of a model output (an array, a tuple whose first item is the logits,
+    or an object/dict with a ``logits`` entry)."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def default_chunk_tokens() -> int:
+    """:func:`lm_loss`'s ``chunk_tokens="auto"``: 256 on the CPU (the fastest of 64-1,024 in
+    docs/BENCHMARKS.md), 2,048 on accelerators (not measured there: large enough to keep a
+    matrix unit busy, small enough that a 256k-word vocabulary's chunk is 2 GiB in float32)."""
+    return 256 if jax.default_backend() == "cpu" else 2048
+
+
+def _root_sites_run_in_parts(adapter) -> bool:
+    """Whether a site at the model's root (prefix and prompt tuning act on the whole call) also
+    acts on the ``hidden_states`` and ``logits`` calls: those adapters take the whole logits."""
+    node = (adapter or {}).get("")
+    return node is None or (node.handles("hidden_states") and node.handles("logits"))
+
+
+def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss_mask, *, rngs=None,
+            chunk_tokens: Any = "auto", **kwargs):
+    """The mean next-token cross-entropy of the adapted causal LM on ``input_ids``, weighted
+    by ``loss_mask``: ``jpeft.data.causal_lm_loss(jpeft.apply(model, params, adapter,
+    input_ids, rngs=rngs, **kwargs), input_ids, loss_mask)``, without the whole logits.
+
+    For a model with ``hidden_states`` and ``logits`` methods (jpeft's causal LMs: the Llama
+    family and GPT-2) the output layer and the loss run a chunk of about ``chunk_tokens``
+    tokens at a time (:func:`jpeft.data.causal_lm_loss_chunked`): the ``[B, L, vocab]``
+    logits and their gradient never exist whole, and the step is faster on the CPU
+    (docs/BENCHMARKS.md). Any other model, an adapter acting on the model's whole call
+    (prefix and prompt tuning), and ``chunk_tokens=None`` take the whole logits.
+    The value and the gradients are the same either way up to float rounding; LoRA dropout
+    at the output layer draws its masks chunk by chunk (the key folded with the chunk's
+    number), so with dropout the two differ by which masks were drawn.
+
+    Args:
+      model, params, adapter, rngs, **kwargs: as for :func:`apply` (``attention_mask``,
+        ``segment_ids``, ``position_ids``, ...).
+      input_ids, loss_mask: ``[B, L]``; ``loss_mask[:, t]`` weighs the prediction of token ``t``.
+      chunk_tokens: tokens per chunk, ``"auto"`` (:func:`default_chunk_tokens`) or ``None``.
+
+    Returns:
+      ``(mean_loss, number_of_targets)``.
+
+    >>> import jax, jax.numpy as jnp, jpeft
+    >>> from jpeft.models import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+    ...                   num_heads=2)
+    >>> model = LlamaForCausalLM(cfg); ids = jnp.arange(12).reshape(2, 6)
+    >>> params = model.init(jax.random.key(0), ids)
+    >>> adapter = jpeft.init(jpeft.LoraConfig(target_modules=["q_proj", "lm_head"]), params, jax.random.key(1))
+    >>> mask = jnp.ones_like(ids)
+    >>> whole = jpeft.data.causal_lm_loss(jpeft.apply(model, params, adapter, ids), ids, mask)
+    >>> chunked = jpeft.lm_loss(model, params, adapter, ids, mask, chunk_tokens=4)
+    >>> bool(jnp.allclose(whole[0], chunked[0], rtol=1e-6)), int(chunked[1])
+    (True, 10)
+    """
+    if isinstance(chunk_tokens, str):
+        if chunk_tokens != "auto":
+            raise ConfigError(f"chunk_tokens must be a positive int, 'auto' or None, found {chunk_tokens!r}.")
+        chunk_tokens = default_chunk_tokens()
+    parts = (not _nnx.is_nnx(model) and callable(getattr(model, "hidden_states", None))
+             and callable(getattr(model, "logits", None)) and _root_sites_run_in_parts(adapter))
+    if chunk_tokens is None or not parts:
+        out = apply(model, params, adapter, input_ids, rngs=rngs, **kwargs)
+        return causal_lm_loss(logits_of(out), input_ids, loss_mask)
+    called: set = set()
+    hidden = _apply_linen(model, params, adapter, input_ids, rngs=rngs, called=called, method="hidden_states", **kwargs)
+
+    def head(args, h, i):
+        p, a, r = args
+        r = None if r is None else {name: jax.random.fold_in(k, i) for name, k in r.items()}
+        return _apply_linen(model, p, a, h, rngs=r, called=called, method="logits")
+
+    out = causal_lm_loss_chunked(head, (params, adapter, rngs), hidden, input_ids, loss_mask, chunk_tokens=chunk_tokens)
+    _inject.check_called(adapter, called)
+    return out
 
 
 def _fold(params, adapter, how: str):

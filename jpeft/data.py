@@ -46,12 +46,13 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from jpeft.errors import InputValidationError, LoadError
 
 __all__ = [
     "load_examples", "tokenize_examples", "tokenize_documents", "pack", "pack_documents", "PackedDataset",
-    "model_inputs", "causal_lm_loss", "PACKINGS",
+    "model_inputs", "causal_lm_loss", "causal_lm_loss_chunked", "PACKINGS",
 ]
 
 PACKINGS = ("documents", "stream")
@@ -367,11 +368,148 @@ def causal_lm_loss(logits, input_ids, loss_mask) -> tuple[Any, Any]:
     # Targets are shifted, not the logits (as transformers' ForCausalLMLoss does): slicing
     # ``logits[:, :-1]`` would copy the largest activation of the step, and the log-softmax
     # is never materialised either (logsumexp minus the picked logit).
-    logits = logits.astype(jnp.float32)
+    tgt, w = _shifted_targets(input_ids, loss_mask)
+    nll, _ = _token_nll(logits, tgt)
+    n = w.sum()
+    return (nll * w).sum() / jnp.maximum(n, 1.0), n
+
+
+def _shifted_targets(input_ids, loss_mask):
+    """Targets and weights aligned with the positions that predict them (position ``t``
+    predicts token ``t + 1``; the last position has no target and weight 0)."""
     pad = jnp.zeros_like(input_ids[:, :1])
     tgt = jnp.concatenate([input_ids[:, 1:], pad], axis=1)
     w = jnp.concatenate([loss_mask[:, 1:], pad.astype(loss_mask.dtype)], axis=1).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
-    n = w.sum()
-    return (nll * w).sum() / jnp.maximum(n, 1.0), n
+    return tgt, w
+
+
+def _token_nll(logits, tgt):
+    """``-log softmax(logits)[tgt]`` per position in float32, and the log-normaliser."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0], lse
+
+
+def causal_lm_loss_chunked(head: Callable, head_args, hidden, input_ids, loss_mask, *,
+                           chunk_tokens: int = 256) -> tuple[Any, Any]:
+    """:func:`causal_lm_loss` of ``head(head_args, hidden)`` computed a few positions at a
+    time, so the ``[B, L, V]`` logits and their gradient never exist whole.
+
+    The output layer of a language model and its loss are a large share of a fine-tuning
+    step (a 32k-256k-word vocabulary at thousands of tokens is gigabytes of logits). Here the
+    sequence is cut into chunks of about ``chunk_tokens`` positions (over the whole batch);
+    each chunk's logits, loss and gradient are computed and dropped before the next, and
+    the gradient is taken in the same pass (the loss is a scalar), so nothing is computed
+    twice. Gradients flow to ``hidden`` and to the leaves of ``head_args`` that are being
+    differentiated, only to those; the value and the gradients equal those of
+    ``causal_lm_loss(head(head_args, hidden, 0), ...)`` up to float rounding.
+
+    Args:
+      head: ``head(head_args, hidden_chunk, index) -> logits_chunk``, ``[B, c, H] -> [B, c, V]``,
+        position by position (a language model's output layer); ``index`` is the chunk's
+        number (an int32 scalar), to fold into a dropout key. It must depend on arrays only
+        through ``head_args``.
+      head_args: a pytree of the head's inputs (parameters, adapter, keys).
+      hidden: ``[B, L, H]`` final hidden states.
+      input_ids, loss_mask: ``[B, L]``, as for :func:`causal_lm_loss`.
+      chunk_tokens: tokens per chunk (``B x`` positions); the default suits CPUs and
+        accelerators alike (measured in docs/BENCHMARKS.md).
+
+    Returns:
+      ``(mean_loss, number_of_targets)`` as :func:`causal_lm_loss`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> w = jax.random.normal(jax.random.key(0), (8, 16)); h = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    >>> ids = jnp.arange(10).reshape(2, 5); mask = jnp.ones((2, 5))
+    >>> a = causal_lm_loss(h @ w, ids, mask)[0]
+    >>> b = causal_lm_loss_chunked(lambda w, x, i: x @ w, w, h, ids, mask, chunk_tokens=4)[0]
+    >>> bool(jnp.allclose(a, b, rtol=1e-6))
+    True
+    """
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+        raise InputValidationError(f"chunk_tokens must be a positive int, found {chunk_tokens!r}.")
+    if hidden.ndim != 3 or input_ids.shape != hidden.shape[:2] or loss_mask.shape != input_ids.shape:
+        raise InputValidationError(
+            f"causal_lm_loss_chunked expects hidden [B, L, H] and input_ids, loss_mask [B, L]; found "
+            f"hidden {hidden.shape}, input_ids {input_ids.shape}, loss_mask {loss_mask.shape}."
+        )
+    b, seq, width = hidden.shape
+    c = max(1, min(seq, chunk_tokens // max(b, 1)))
+    n_chunks = -(-seq // c)
+    tgt, w = _shifted_targets(input_ids, loss_mask)
+    if n_chunks * c != seq:  # padded positions weigh 0
+        extra = n_chunks * c - seq
+        hidden = jnp.pad(hidden, ((0, 0), (0, extra), (0, 0)))
+        tgt, w = jnp.pad(tgt, ((0, 0), (0, extra))), jnp.pad(w, ((0, 0), (0, extra)))
+
+    def by_chunk(x):  # [B, n*c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape((b, n_chunks, c) + x.shape[2:]), 1, 0)
+
+    leaves, treedef = jax.tree.flatten(head_args)
+    fn = _chunked_loss(head, treedef, n_chunks)
+    return fn(list(leaves), by_chunk(hidden), by_chunk(tgt), by_chunk(w))
+
+
+def _chunked_loss(head, treedef, n_chunks):
+    def call(leaves, h, i):
+        return head(jax.tree.unflatten(treedef, leaves), h, i)
+
+    @jax.custom_vjp
+    def loss(leaves, hs, tgt, w):
+        def body(total, x):
+            h, t, wt, i = x
+            nll, _ = _token_nll(call(leaves, h, i), t)
+            return total + (nll * wt).sum(), None
+        idx = jnp.arange(n_chunks, dtype=jnp.int32)
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, tgt, w, idx))
+        n = w.sum()
+        return total / jnp.maximum(n, 1.0), n
+
+    def fwd(leaves, hs, tgt, w):
+        values = [p.value for p in leaves]
+        pert = [i for i, p in enumerate(leaves) if p.perturbed]
+        want_h = hs.perturbed
+        hs, tgt, w = hs.value, tgt.value, w.value
+        n = w.sum()
+        scale = 1.0 / jnp.maximum(n, 1.0)
+
+        def with_diff(diff):
+            full = list(values)
+            for k, v in zip(pert, diff):
+                full[k] = v
+            return full
+
+        def body(carry, x):
+            total, acc = carry
+            h, t, wt, i = x
+            diff = [values[k] for k in pert]
+            if want_h:
+                logits, vjp = jax.vjp(lambda d, h_: call(with_diff(d), h_, i), diff, h)
+            else:
+                logits, vjp = jax.vjp(lambda d: call(with_diff(d), h, i), diff)
+            nll, lse = _token_nll(logits, t)
+            p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+            onehot = jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)
+            dlogits = ((p - onehot) * (wt * scale)[..., None]).astype(logits.dtype)
+            grads = vjp(dlogits)
+            acc = [a + g.astype(a.dtype) for a, g in zip(acc, grads[0])]
+            return (total + (nll * wt).sum(), acc), (grads[1] if want_h else None)
+
+        acc0 = [jnp.zeros(values[k].shape, jnp.promote_types(values[k].dtype, jnp.float32)) for k in pert]
+        idx = jnp.arange(n_chunks, dtype=jnp.int32)
+        (total, acc), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), acc0), (hs, tgt, w, idx))
+        d_leaves = [None] * len(values)
+        for k, a in zip(pert, acc):
+            d_leaves[k] = a.astype(values[k].dtype)
+        return (total * scale, n), (d_leaves, dh)
+
+    def bwd(res, g):
+        d_leaves, dh = res
+        g_loss = g[0]
+        if isinstance(g_loss, SymbolicZero):
+            return [None] * len(d_leaves), None, None, None
+        scaled = [None if d is None else (d * g_loss).astype(d.dtype) for d in d_leaves]
+        return scaled, (None if dh is None else (dh * g_loss).astype(dh.dtype)), None, None
+
+    loss.defvjp(fwd, bwd, symbolic_zeros=True)
+    return loss

@@ -197,6 +197,30 @@ def test_train_config_errors(hf_dir, capsys):
     bad.write_text('model = "tiny-llama"\n[data]\ntrain = "short.txt"\nseq_len = 128\npacking = "stream"\n')
     assert main(["train", "--config", str(bad)]) == 2
     assert "fewer than one row of seq_len=128" in error_line(capsys.readouterr().err)
+    bad.write_text('model = "tiny-llama"\n[data]\ntrain = "train.jsonl"\n[train]\nloss_chunk_tokens = -1\n')
+    assert main(["train", "--config", str(bad)]) == 2
+    assert ('train.loss_chunk_tokens must be "auto" or an integer >= 0 (0: the whole logits at once), found int '
+            "'-1'") in error_line(capsys.readouterr().err)
+
+
+def test_train_with_the_whole_logits_equals_the_chunked_default(hf_dir, capsys):
+    """train.loss_chunk_tokens = 0 (the whole [batch, seq, vocab] logits) trains the same
+    adapter as the default (the output layer and the loss a chunk of tokens at a time)."""
+    runs = {}
+    for name, extra in (("chunked_run", []), ("whole_logits_run", ["--set", "train.loss_chunk_tokens=0"])):
+        cfg = write_config(hf_dir, name, steps=3, save_every=3, eval_every=3)
+        r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", *extra)
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(x) for x in open(hf_dir / name / "metrics.jsonl")]
+        runs[name] = ([x["loss"] for x in lines if "loss" in x], [x["eval_loss"] for x in lines if "eval_loss" in x],
+                      adapter_arrays(hf_dir / name / "adapter"))
+    (loss_c, eval_c, ad_c), (loss_w, eval_w, ad_w) = runs["chunked_run"], runs["whole_logits_run"]
+    assert len(loss_c) == 3 and len(eval_c) == 1
+    np.testing.assert_allclose(loss_c, loss_w, rtol=1e-5)
+    np.testing.assert_allclose(eval_c, eval_w, rtol=1e-5)
+    assert sorted(ad_c) == sorted(ad_w)
+    for k in ad_w:
+        np.testing.assert_allclose(ad_c[k], ad_w[k], rtol=1e-3, atol=1e-5, err_msg=k)
 
 
 # ------------------------------------------------------------------------------------ info

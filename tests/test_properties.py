@@ -177,6 +177,43 @@ def test_grad_training_reduces_loss_and_touches_only_the_adapter(name):
     chex.assert_trees_all_equal(params, before)
 
 
+def _with_head(name):
+    """``make(name)`` with the output layer targeted too where the method takes a list of
+    modules (so the chunked loss runs the method's own node at ``lm_head``)."""
+    c = CASES[name]
+    tm = getattr(c.config, "target_modules", None)
+    if not isinstance(tm, (list, tuple)) or name == "tokens":
+        return make(name)
+    cfg = dataclasses.replace(c.config, target_modules=[*tm, "lm_head"])
+    if c.residual is not None:
+        return c.residual(cfg, PARAMS, jax.random.key(1))
+    return PARAMS, jpeft.init(cfg, PARAMS, jax.random.key(1))
+
+
+LOSS_MASK = (jax.random.uniform(jax.random.key(9), IDS.shape) > 0.25).astype(jnp.int32)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunked_loss_equals_whole_logits(name):
+    """``jpeft.lm_loss`` (the output layer and the loss a few positions at a time) gives the
+    loss and every adapter gradient of the whole-logits loss, with every adapter tensor
+    random and ``lm_head`` among the targets where the method takes a module list."""
+    params, ad = _with_head(name)
+    ad = perturb(ad, jax.random.key(8))
+
+    def whole(a):
+        return jpeft.data.causal_lm_loss(jpeft.apply(MODEL, params, a, IDS), IDS, LOSS_MASK)[0]
+
+    def chunked(a):  # 4 rows x 2 positions a chunk: three chunks
+        return jpeft.lm_loss(MODEL, params, a, IDS, LOSS_MASK, chunk_tokens=8)[0]
+
+    want, gw = jax.jit(jax.value_and_grad(whole))(ad)
+    got, gc = jax.jit(jax.value_and_grad(chunked))(ad)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    chex.assert_trees_all_close(gc, gw, rtol=1e-5, atol=1e-6)
+    assert all(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(jpeft.trainable(gc)))
+
+
 def test_summary_counts_every_method():
     """Trainable counts are the closed-form sizes of each method's arrays."""
     h, L, inter, kv, T = 8, 1, 16, 4, 2  # hidden, layers, ffn width, kv width (1 head x 4), virtual tokens

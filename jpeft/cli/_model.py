@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from jpeft.errors import ConfigError, InputValidationError, LoadError
 from jpeft.parallel import shard_params
+from jpeft.core import logits_of  # noqa: F401  (re-exported for the commands)
 from jpeft.models import config_from_hf, from_pretrained, load_tokenizer, loading, model_from_config as _m, read_config
 
 
@@ -96,18 +97,6 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
             src = os.path.join(loaded.folder, name)
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(out, name))
-
-
-def logits_of(out):
-    """The logits array of a model output (an array, a tuple whose first item is the logits,
-    or an object/dict with a ``logits`` entry)."""
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, dict) and "logits" in out:
-        return out["logits"]
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
 
 
 def encode_fn(tokenizer):

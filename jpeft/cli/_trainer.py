@@ -21,7 +21,7 @@ from jpeft.checkpoint import CheckpointManager
 from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import method_of
 from jpeft.cli._model import encode_fn, load_folder, logits_of
-from jpeft.data import causal_lm_loss, model_inputs, PackedDataset
+from jpeft.data import model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, ConfigError, ShardingError
 from jpeft.parallel import kernels_on
 from jpeft.validate import check_tokens
@@ -59,19 +59,26 @@ def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
     return optax.chain(*parts), sched
 
 
-def make_loss_fns(model, mesh=None):
-    """The training loss and the jitted evaluation sums; with ``mesh`` (a mesh run) the
+def loss_chunk_tokens(t: dict):
+    """``train.loss_chunk_tokens`` as :func:`jpeft.lm_loss` takes it (0: the whole logits)."""
+    v = t.get("loss_chunk_tokens", "auto")
+    return None if v == 0 else v
+
+
+def make_loss_fns(model, mesh=None, chunk_tokens="auto"):
+    """The training loss and the jitted evaluation sums (:func:`jpeft.lm_loss`: the output
+    layer and the loss ``chunk_tokens`` tokens at a time); with ``mesh`` (a mesh run) the
     evaluation traces inside :func:`jpeft.parallel.kernels_on`, as the mesh step does."""
     def loss_fn(params, adapter, batch, key):
-        out = jpeft.apply(model, params, adapter, batch["input_ids"], rngs={"dropout": key}, **model_inputs(batch))
-        loss, n = causal_lm_loss(logits_of(out), batch["input_ids"], batch["loss_mask"])
+        loss, n = jpeft.lm_loss(model, params, adapter, batch["input_ids"], batch["loss_mask"],
+                                rngs={"dropout": key}, chunk_tokens=chunk_tokens, **model_inputs(batch))
         return loss, {"targets": n}
 
     @jax.jit
     def eval_sums(params, adapter, batch):
         with kernels_on(mesh):
-            out = jpeft.apply(model, params, adapter, batch["input_ids"], **model_inputs(batch))
-        loss, n = causal_lm_loss(logits_of(out), batch["input_ids"], batch["loss_mask"])
+            loss, n = jpeft.lm_loss(model, params, adapter, batch["input_ids"], batch["loss_mask"],
+                                    chunk_tokens=chunk_tokens, **model_inputs(batch))
         return loss * n, n
 
     return loss_fn, eval_sums
@@ -246,7 +253,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     model, params = loaded.model, loaded.params
     vocab, max_pos = (int(loaded.hf_config["vocab_size"]) if "vocab_size" in loaded.hf_config else None,
                       _max_positions(loaded.hf_config))
-    loss_fn, eval_sums = make_loss_fns(model, mesh)
+    loss_fn, eval_sums = make_loss_fns(model, mesh, loss_chunk_tokens(t))
     if mesh is None:
         place = None
         adapter = jpeft.init(method, params, k_init, model, example)

@@ -374,11 +374,25 @@ class LlamaForCausalLM(nn.Module):
             input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
             segment_ids=segment_ids, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
         )
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
+        logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
+
+    def hidden_states(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
+                      segment_ids=None, prefix_kv=None, deterministic=True):
+        """The final hidden states ``[batch, seq, hidden]`` (after the last norm): the call
+        without its output layer, so ``logits(hidden_states(...))`` is the call's output.
+        :func:`jpeft.data.causal_lm_loss_chunked` takes the loss from here a few positions at a time."""
+        return self.model(
+            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
+            segment_ids=segment_ids, prefix_kv=prefix_kv, deterministic=deterministic,
+        )[0]
+
+    def logits(self, hidden):
+        """The output layer: ``[..., hidden] -> [..., vocab]`` (``lm_head``, or the input
+        embedding's transpose when ``tie_word_embeddings``)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> L.KVCache:
         """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
