@@ -100,6 +100,41 @@ def lora_config(r: int):
     return jpeft.LoraConfig(r=r, alpha=2 * r, dropout=0.0, target_modules=list(C.LORA_TARGETS))
 
 
+def alternate_steps(compiled: dict, params, adapter, opt, data, key, rounds: int, per_turn: int) -> dict:
+    """Compiled training steps (``{label: step}``, each ``step(params, adapter, opt_state,
+    batch, key)``) timed in turns in one process: each from its own copy of ``adapter`` and
+    optimizer state, one warm-up step each, then ``rounds`` rounds in alternating order of
+    ``per_turn`` back-to-back steps, with the training loop's host-heap handling around each
+    step (``_hostmem.StepHeap``, as ``jpeft.fit``). Returns ``{label: [seconds, ...]}``."""
+    from jpeft import _hostmem
+
+    heap = _hostmem.StepHeap()
+    state = {label: (jax.tree.map(jnp.copy, adapter), opt.init(adapter)) for label in compiled}
+    count = [0]
+
+    def one_step(label):
+        a, o = state[label]
+        count[0] += 1
+        t = time.perf_counter()
+        heap.before(count[0] > 1)
+        a, o, metrics = compiled[label](params, a, o, data[count[0] % len(data)], key)
+        float(metrics["loss"])  # waits for the step
+        heap.after()
+        state[label] = (a, o)
+        return time.perf_counter() - t
+
+    for label in compiled:
+        one_step(label)
+    heap.release()
+    times = {label: [] for label in compiled}
+    order = list(compiled)
+    for r in range(rounds):
+        for label in (order if r % 2 == 0 else order[::-1]):
+            times[label].extend(one_step(label) for _ in range(per_turn))
+    heap.release()
+    return times
+
+
 def load_peft_adapter(adapter, folder: str):
     """Replaces the LoRA matrices of ``adapter`` by those peft saved in ``folder`` (transposed
     to jpeft's ``[in, r] / [r, out]`` orientation)."""

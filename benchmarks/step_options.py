@@ -80,7 +80,6 @@ def main(argv=None) -> int:
     import optax
 
     import jpeft
-    from jpeft import _hostmem
 
     sys.stdout = sys.__stdout__  # importing the worker sent prints to stderr (its stdout is a protocol); the table goes to stdout
     size = C.size(args.size)
@@ -116,30 +115,7 @@ def main(argv=None) -> int:
             float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30)) for a, b in zip(grads[label], ref))
         print(json.dumps({"variant": label, **rows[label]}), file=sys.stderr, flush=True)
 
-    heap = _hostmem.StepHeap()  # as jpeft.fit does around each step
-    state = {label: (jax.tree.map(jnp.copy, adapter), opt.init(adapter)) for label in variants}
-    count = [0]
-
-    def one_step(label):
-        a, o = state[label]
-        count[0] += 1
-        t = time.perf_counter()
-        heap.before(count[0] > 1)
-        a, o, metrics = compiled[label](params, a, o, data[count[0] % 2], key)
-        float(metrics["loss"])
-        heap.after()
-        state[label] = (a, o)
-        return time.perf_counter() - t
-
-    for label in variants:  # warm-up: one step each
-        one_step(label)
-    heap.release()
-    times = {label: [] for label in variants}
-    order = list(variants)
-    for r in range(args.rounds):
-        for label in (order if r % 2 == 0 else order[::-1]):
-            times[label].extend(one_step(label) for _ in range(args.per_turn))
-    heap.release()
+    times = W.alternate_steps(compiled, params, adapter, opt, data, key, args.rounds, args.per_turn)
     base = statistics.median(times["default"])
     for label in variants:
         rows[label].update(step_s=statistics.median(times[label]), steps_s=times[label],

@@ -294,3 +294,26 @@ def test_step_options_benchmark_toy_run(tmp_path):
     assert "LIBRARY_FUSION_TYPE_DOT, not dot" in refused.stderr
     bad = subprocess.run([sys.executable, script, "--variant", "nolabel"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "expected LABEL:KEY=VALUE" in bad.stderr
+
+
+def test_lm_loss_benchmark_toy_run(tmp_path):
+    """benchmarks/lm_loss.py reports the step's XLA temporaries with the whole-logits loss and
+    with jpeft.lm_loss's chunks (from abstract shapes), and with --time compares their adapter
+    gradients and times them in turns; a malformed list ends in a named message."""
+    out = tmp_path / "ll.json"
+    script = os.path.join(BENCH, "lm_loss.py")
+    r = subprocess.run([sys.executable, script, "--size", "toy", "--vocab", "512,2048", "--seq", "32", "--batch", "2",
+                        "--chunks", "16", "--time", "--rounds", "1", "--per-turn", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [(m["vocab"], m["seq"]) for m in res["memory"]] == [(512, 32), (2048, 32)]
+    big = res["memory"][1]
+    assert big["logits_mib"] == 2 * 32 * 2048 * 4 / 2**20
+    assert big["chunk 16"] < big["whole"]  # the whole logits (and their gradient) are not among the temporaries
+    t = res["time"]
+    assert t["whole"]["ratio"] == 1.0 and t["whole"]["grad_max_rel_diff"] == 0.0
+    assert t["chunk 16"]["grad_max_rel_diff"] < 1e-5 and len(t["chunk 16"]["steps_s"]) == 1
+    assert "| chunk 16 |" in r.stdout
+    bad = subprocess.run([sys.executable, script, "--vocab", "8k"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "expected positive integers separated by commas" in bad.stderr
