@@ -107,9 +107,10 @@ def logits_of(out):
 
 
 def default_chunk_tokens() -> int:
-    """:func:`lm_loss`'s ``chunk_tokens="auto"``: 256 on the CPU (the fastest of 64-1,024 in
-    docs/BENCHMARKS.md), 2,048 on accelerators (not measured there: large enough to keep a
-    matrix unit busy, small enough that a 256k-word vocabulary's chunk is 2 GiB in float32)."""
+    """:func:`lm_loss`'s ``chunk_tokens="auto"``: 256 on the CPU (the output layer and loss
+    alone ran fastest with 128-256 tokens a chunk, docs/BENCHMARKS.md "Session 34"), 2,048 on
+    accelerators (not measured there: large enough to keep a matrix unit busy, small enough
+    that a 256k-word vocabulary's chunk is 2 GiB in float32)."""
     return 256 if jax.default_backend() == "cpu" else 2048
 
 
@@ -129,8 +130,9 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
     For a model with ``hidden_states`` and ``logits`` methods (jpeft's causal LMs: the Llama
     family and GPT-2) the output layer and the loss run a chunk of about ``chunk_tokens``
     tokens at a time (:func:`jpeft.data.causal_lm_loss_chunked`): the ``[B, L, vocab]``
-    logits and their gradient never exist whole, and the step is faster on the CPU
-    (docs/BENCHMARKS.md). Any other model, an adapter acting on the model's whole call
+    logits and their gradient never exist whole: the step's temporary memory is 15-78 %
+    smaller at 8k-128k-word vocabularies, its time on the CPU unchanged within the noise
+    (docs/BENCHMARKS.md, "Session 34"). Any other model, an adapter acting on the model's whole call
     (prefix and prompt tuning), and ``chunk_tokens=None`` take the whole logits.
     The value and the gradients are the same either way up to float rounding; LoRA dropout
     at the output layer draws its masks chunk by chunk (the key folded with the chunk's

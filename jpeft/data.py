@@ -412,8 +412,8 @@ def causal_lm_loss_chunked(head: Callable, head_args, hidden, input_ids, loss_ma
       head_args: a pytree of the head's inputs (parameters, adapter, keys).
       hidden: ``[B, L, H]`` final hidden states.
       input_ids, loss_mask: ``[B, L]``, as for :func:`causal_lm_loss`.
-      chunk_tokens: tokens per chunk (``B x`` positions); the default suits CPUs and
-        accelerators alike (measured in docs/BENCHMARKS.md).
+      chunk_tokens: tokens per chunk (``B x`` positions); 256 is :func:`jpeft.lm_loss`'s
+        choice on the CPU (:func:`jpeft.core.default_chunk_tokens`).
 
     Returns:
       ``(mean_loss, number_of_targets)`` as :func:`causal_lm_loss`.
