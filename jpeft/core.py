@@ -108,7 +108,8 @@ def logits_of(out):
 
 def default_chunk_tokens() -> int:
     """:func:`lm_loss`'s ``chunk_tokens="auto"``: 256 on the CPU (the output layer and loss
-    alone ran fastest with 128-256 tokens a chunk, docs/BENCHMARKS.md "Session 34"), 2,048 on
+    alone ran fastest with 256-1,024 tokens a chunk; 256 holds the least memory of those;
+    docs/BENCHMARKS.md "Session 34"), 2,048 on
     accelerators (not measured there: large enough to keep a matrix unit busy, small enough
     that a 256k-word vocabulary's chunk is 2 GiB in float32)."""
     return 256 if jax.default_backend() == "cpu" else 2048
