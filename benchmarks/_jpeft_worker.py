@@ -35,7 +35,7 @@ import optax  # noqa: E402
 import jpeft  # noqa: E402
 import jpeft.data  # noqa: E402
 import jpeft.models  # noqa: E402
-from jpeft.cli._model import logits_of  # noqa: E402
+from jpeft.core import logits_of  # noqa: E402
 
 mem = C.PeakRSS()  # baseline after imports
 

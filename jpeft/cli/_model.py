@@ -13,7 +13,6 @@ from safetensors.numpy import save_file
 
 from jpeft.errors import ConfigError, InputValidationError, LoadError
 from jpeft.parallel import shard_params
-from jpeft.core import logits_of  # noqa: F401  (re-exported for the commands)
 from jpeft.models import config_from_hf, from_pretrained, load_tokenizer, loading, model_from_config as _m, read_config
 
 

@@ -20,7 +20,8 @@ from jpeft import distributed as dist
 from jpeft.checkpoint import CheckpointManager
 from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import method_of
-from jpeft.cli._model import encode_fn, load_folder, logits_of
+from jpeft.cli._model import encode_fn, load_folder
+from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, ConfigError, ShardingError
 from jpeft.parallel import kernels_on
