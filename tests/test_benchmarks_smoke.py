@@ -271,6 +271,25 @@ def test_weight_gradient_benchmark_toy_run(tmp_path):
     assert bad.returncode != 0 and "expected TOKENSxINxOUT" in bad.stderr
 
 
+def test_fused_projections_benchmark_toy_run(tmp_path):
+    """benchmarks/fused_projections.py (in this process: no JAX start-up) times both variants
+    of the q/k/v and gate/up groups, checks their gradients agree and writes the rows; a bad
+    value is refused by name."""
+    import fused_projections
+
+    out = tmp_path / "fp.json"
+    rep = fused_projections.main(["--tokens", "24", "--hidden", "16", "--intermediate", "24", "--rank", "2",
+                                  "--rounds", "2", "--reps", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["group"], x["outs"]) for x in rows] == [("q/k/v", [16, 16, 16]), ("gate/up", [24, 24])]
+    for x in rows:
+        assert x["separate_ms"] > 0 and x["fused_ms"] > 0 and len(x["fused_ms_rounds"]) == 2
+        assert x["max_rel_grad_diff"] < 1e-5
+    assert rep["rows"][0]["fused_over_separate"] == rows[0]["fused_over_separate"]
+    with pytest.raises(SystemExit, match="--rank must be >= 1, found 0"):
+        fused_projections.main(["--rank", "0"])
+
+
 def test_step_options_benchmark_toy_run(tmp_path):
     """benchmarks/step_options.py compiles jpeft's step with and without compiler options,
     compares their adapter gradients and times them in turns; options XLA refuses (which also
