@@ -112,6 +112,37 @@ def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padd
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g1))  # gradients reach every input
 
 
+@pytest.mark.parametrize("row,key_block", [(0, 8), (2, 2), (4, 16), (5, 4), (7, 24)])
+def test_rectangular_tiles_equal_the_reference(row, key_block):
+    """Tiles with more or fewer keys than queries (``key_block_size``, which the tile-shape
+    benchmark sets) give the reference's outputs and gradients: GQA, windows, prefixes, padding
+    and segments from the causal grid, key blocks not dividing the length."""
+    s, h, kvh, window, n_pre, block, padding, segments = GRID[row]
+    ks, q, k, v, am = _inputs(s * 7 + h, s, h, kvh, padding, right=2)
+    b, d = q.shape[0], q.shape[-1]
+    seg = None
+    if segments:
+        seg = jnp.asarray(np.where(am, np.minimum(np.arange(s) // 9 + 1, 3), 0).astype(np.int32))
+    mask, _ = L.causal_mask(jnp.asarray(am), None, window, segment_ids=seg, padded=padding != "unpadded")
+    if n_pre:
+        mask = mask.with_prefix(n_pre)
+        pk, pv = _rand(ks[3], (b, n_pre, kvh, d)), _rand(ks[4], (b, n_pre, kvh, d))
+        k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+    ct = _rand(jax.random.key(9), q.shape)
+
+    def run(f):
+        out, vjp = jax.vjp(jax.jit(f), q, k, v)
+        return out, vjp(ct)
+
+    got = run(lambda q, k, v: A.blockwise_attention(q, k, v, mask, scale=0.37, block_size=block,
+                                                    key_block_size=key_block))
+    want = run(lambda q, k, v: A.dot_product_attention(q, k, v, mask, scale=0.37, implementation="reference"))
+    _assert_same(got, want)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(got[1]))
+    with pytest.raises(jpeft.ConfigError, match="key_block_size must be a positive integer or None, found 0"):
+        A.blockwise_attention(q, k, v, mask, scale=0.37, block_size=block, key_block_size=0)
+
+
 def test_blockwise_equals_reference_bidirectional():
     b, s, h, d = 2, 9, 4, 8
     ks = jax.random.split(jax.random.key(1), 5)
@@ -174,6 +205,11 @@ def test_automatic_block_size():
     causal = lambda s: L.causal_mask(jnp.ones((1, s), bool), None)[0]  # noqa: E731
     got = {s: A.auto_block_size(s, causal(s)) for s in (16, 128, 256, 300, 512, 1024, 2048, 4096, 8192)}
     assert got == {16: 64, 128: 64, 256: 64, 300: 128, 512: 128, 1024: 256, 2048: 512, 4096: 512, 8192: 512}
+    # keys in blocks of 512 where the automatic block is 256 (513 to 1,024 tokens), else square
+    assert {s: A.auto_key_block_size(got[s], causal(s)) for s in got} == {
+        s: (512 if got[s] == 256 else None) for s in got}
+    assert A.auto_key_block_size(256, L.bidirectional_mask(jnp.ones((1, 1024), bool))) is None
+    assert A.auto_key_block_size(256, dataclasses.replace(causal(1024), diagonal=None)) is None
     assert A.auto_block_size(1024, L.bidirectional_mask(jnp.ones((1, 1024), bool))) == 512
     assert A.auto_block_size(1024, dataclasses.replace(causal(1024), diagonal=None)) == 512  # as with a cache
     # the automatic block is the explicit one of that size, numbers included
@@ -182,6 +218,14 @@ def test_automatic_block_size():
     m = L.causal_mask(jnp.ones((2, 300), bool), None)[0]
     auto = A.dot_product_attention(q, k, v, m, scale=0.3)
     explicit = A.dot_product_attention(q, k, v, m, scale=0.3, implementation="blockwise", block_size=128)
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(explicit))
+    reference = A.dot_product_attention(q, k, v, m, scale=0.3, implementation="reference")
+    np.testing.assert_allclose(np.asarray(auto), np.asarray(reference), rtol=1e-5, atol=1e-5)
+    # 600 tokens: blocks of 256 queries by 512 keys
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 600, 2, 8)).astype(np.float32)) for _ in range(3))
+    m = L.causal_mask(jnp.ones((1, 600), bool), None)[0]
+    auto = A.dot_product_attention(q, k, v, m, scale=0.3)
+    explicit = A.blockwise_attention(q, k, v, m, scale=0.3, block_size=256, key_block_size=512)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(explicit))
     reference = A.dot_product_attention(q, k, v, m, scale=0.3, implementation="reference")
     np.testing.assert_allclose(np.asarray(auto), np.asarray(reference), rtol=1e-5, atol=1e-5)

@@ -237,14 +237,18 @@ def test_quant_benchmark_toy_run(tmp_path):
 def test_attention_kernel_benchmark_toy_run(tmp_path):
     """benchmarks/attention_cpu.py runs both frameworks' processes and reports a ratio per block."""
     out = tmp_path / "att.json"
-    r = subprocess.run([sys.executable, os.path.join(BENCH, "attention_cpu.py"), "--seq", "48", "--blocks", "16,64",
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "attention_cpu.py"), "--seq", "48", "--blocks", "16,64,16x32",
                         "--heads", "2", "--dim", "8", "--rounds", "1", "--reps", "1", "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(x["seq"], x["block"]) for x in rows] == [(48, 16), (48, 64)]
+    assert [(x["seq"], x["block"]) for x in rows] == [(48, 16), (48, 64), (48, "16x32")]
     assert all(x["jpeft_s"] > 0 and x["torch_s"] > 0 and x["ratio"] > 0 for x in rows)
     assert "| 48 x 1 | jpeft blockwise, blocks of 16 |" in r.stdout
+    assert "| 48 x 1 | jpeft blockwise, tiles of 16 x 32 |" in r.stdout
+    import attention_cpu
+    with pytest.raises(SystemExit, match="QUERIESxKEYS such as 256x512, got '16x0'"):
+        attention_cpu.parse_block("16x0")
     # fixed tokens per batch (the batch follows the length) and the models' automatic block
     r = subprocess.run([sys.executable, os.path.join(BENCH, "attention_cpu.py"), "--seq", "32,256", "--tokens", "512",
                         "--blocks", "0", "--heads", "2", "--dim", "8", "--rounds", "1", "--reps", "1",

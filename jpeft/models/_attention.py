@@ -48,7 +48,10 @@ causal attention over the current tokens (a training or prefill step) takes abou
 blocks per row, a power of two from 64 to 512 (128 at 512 tokens, 256 at 1,024, 512 from
 2,048 on), so the causal skip leaves out 6 of 16 tiles while each tile stays large; any other
 mask (a cache, bidirectional) takes blocks of 512. Measured in the training step on the CPU
-(docs/BENCHMARKS.md, "Session 21"); an explicit ``block_size`` overrides it.
+(docs/BENCHMARKS.md, "Session 21"); an explicit ``block_size`` overrides it. Where that block is
+256 (513 to 1,024 tokens) the tiles take keys in blocks of 512 (:func:`auto_key_block_size`):
+fewer, wider products, 8-12 % off the LoRA training step at 1,024 tokens on the CPU
+(docs/BENCHMARKS.md, "Session 35"); measured no better at the other lengths.
 """
 
 from __future__ import annotations
@@ -190,6 +193,16 @@ def auto_block_size(q_len: int, mask: AttentionMask) -> int:
     return int(min(DEFAULT_BLOCK, max(64, 1 << (quarter - 1).bit_length())))
 
 
+def auto_key_block_size(block: int, mask: AttentionMask) -> Optional[int]:
+    """The key block that goes with the automatic query ``block`` under ``mask`` (``None``:
+    square tiles): 512 keys for 256 queries under causal attention over the current tokens,
+    the one shape that measured faster than square tiles in the CPU training step
+    (docs/BENCHMARKS.md, "Session 35")."""
+    if block == 256 and mask.causal and mask.diagonal is not None:
+        return 512
+    return None
+
+
 def resolve(implementation: str, dtype, head_dim: int, k_len: Optional[int] = None, block_size: int = 512) -> str:
     """The kernel ``implementation`` stands for on this backend (``"auto"`` resolved for
     ``k_len`` keys: with at most one key block the blockwise kernel would hold the whole score
@@ -221,8 +234,9 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     """Attention of ``q [b, q, heads, d]`` over ``k, v [b, k, kv_heads, d]`` (grouped-query when
     ``kv_heads < heads``) under ``mask``; returns ``[b, q, heads, d]`` in ``q``'s dtype.
 
-    ``block_size``: the blockwise kernel's block; ``0`` picks it (:func:`auto_block_size`); the
-    splash kernel rounds it to a multiple of 128 (``0``: 512).
+    ``block_size``: the blockwise kernel's block; ``0`` picks it (:func:`auto_block_size`, and
+    the keys' with :func:`auto_key_block_size`); the splash kernel rounds it to a multiple of
+    128 (``0``: 512).
     ``plain``: the caller knows the mask is exactly ``mask.causal`` / ``mask.window`` over the
     current tokens (no cache, no prefix, no padding, no segments), which lets the cuDNN kernel
     run without a dense mask.
@@ -231,7 +245,10 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
         raise ConfigError(f"attention block_size must be a positive integer or 0 (automatic), found {block_size!r}.")
     if implementation == "splash" or (implementation == "auto" and _splash_fits(mask, q.shape[1], k.shape[1])):
         return _splash.splash_attention(q, k, v, mask, scale=scale, block_size=block_size)
-    block_size = block_size or auto_block_size(q.shape[1], mask)
+    key_block = None
+    if not block_size:
+        block_size = auto_block_size(q.shape[1], mask)
+        key_block = auto_key_block_size(block_size, mask)
     impl = resolve(implementation, q.dtype, q.shape[-1], k.shape[1], block_size)
     if impl == "reference":
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale).astype(q.dtype)
@@ -241,7 +258,7 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=mask.causal,
                                                 local_window_size=window, implementation="cudnn")
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale, implementation="cudnn")
-    return blockwise_attention(q, k, v, mask, scale=scale, block_size=block_size)
+    return blockwise_attention(q, k, v, mask, scale=scale, block_size=block_size, key_block_size=key_block)
 
 
 def _splash_fits(mask: AttentionMask, sq: int, sk: int) -> bool:
@@ -252,12 +269,17 @@ def _splash_fits(mask: AttentionMask, sq: int, sk: int) -> bool:
 
 
 def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_size: int = 512,
-                        unroll: Optional[bool] = None):
+                        unroll: Optional[bool] = None, key_block_size: Optional[int] = None):
     """Online-softmax attention over tiles of ``block_size`` queries by ``block_size`` keys (see
     the module docstring). With ``mask.diagonal`` set (causal attention over the current tokens)
     only the tiles on or below the diagonal, and inside the sliding window, are computed, and the
     tiles wholly below the diagonal and inside the window skip the causal and window masks
     (they still apply padding and segments when the mask has them).
+
+    ``key_block_size``: the tiles' keys, when they should differ from their queries
+    (``block_size``); ``None`` keeps the tiles square. :func:`dot_product_attention`'s
+    automatic choice sets it (:func:`auto_key_block_size`); ``benchmarks/attention_cpu.py
+    --blocks 256x512`` times other shapes.
 
     ``unroll``: unroll the loops over tiles instead of scanning them (the numbers are the same).
     ``None`` (the default) unrolls small tiles only: at most :data:`UNROLL_TILE` queries and
@@ -269,7 +291,10 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_siz
     if h % kvh:
         raise InputValidationError(f"attention: {h} query heads are not a multiple of {kvh} key/value heads.")
     g = h // kvh
-    bk = min(block_size, sk)
+    if key_block_size is not None and (isinstance(key_block_size, bool) or not isinstance(key_block_size, int)
+                                       or key_block_size < 1):
+        raise ConfigError(f"attention key_block_size must be a positive integer or None, found {key_block_size!r}.")
+    bk = min(key_block_size or block_size, sk)
     nk = -(-sk // bk)
     skip = mask.causal and mask.diagonal is not None
     # Without a diagonal every query sees every key block: one query tile of the whole length.
