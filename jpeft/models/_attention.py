@@ -51,7 +51,9 @@ mask (a cache, bidirectional) takes blocks of 512. Measured in the training step
 (docs/BENCHMARKS.md, "Session 21"); an explicit ``block_size`` overrides it. Where that block is
 256 (513 to 1,024 tokens) the tiles take keys in blocks of 512 (:func:`auto_key_block_size`):
 fewer, wider products, 8-12 % off the LoRA training step at 1,024 tokens on the CPU
-(docs/BENCHMARKS.md, "Session 35"); measured no better at the other lengths.
+(docs/BENCHMARKS.md, "Session 35"). At 2,048 tokens such tiles measured slower, and 128 x 256
+at 512; at 4,096 the kernel alone gained 4-8 %, not measured in the step. The rule is the
+same on every backend the blockwise kernel runs on (measured on the CPU only).
 """
 
 from __future__ import annotations
