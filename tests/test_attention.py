@@ -199,13 +199,13 @@ def test_auto_and_bad_names():
 
 def test_automatic_block_size():
     """``attention_block_size=0`` (the default): causal attention over the current tokens takes
-    about four query blocks per row (a power of two, 64..512); a cache or a bidirectional mask
+    about four query blocks per row (a power of two, 64..256); a cache or a bidirectional mask
     takes 512. The kernel chosen follows: one block of keys is the reference program."""
     assert jpeft.models.LlamaConfig().attention_block_size == 0
     causal = lambda s: L.causal_mask(jnp.ones((1, s), bool), None)[0]  # noqa: E731
     got = {s: A.auto_block_size(s, causal(s)) for s in (16, 128, 256, 300, 512, 1024, 2048, 4096, 8192)}
-    assert got == {16: 64, 128: 64, 256: 64, 300: 128, 512: 128, 1024: 256, 2048: 512, 4096: 512, 8192: 512}
-    # keys in blocks of 512 where the automatic block is 256 (513 to 1,024 tokens), else square
+    assert got == {16: 64, 128: 64, 256: 64, 300: 128, 512: 128, 1024: 256, 2048: 256, 4096: 256, 8192: 256}
+    # keys in blocks of 512 where the automatic block is 256 (from 513 tokens on), else square
     assert {s: A.auto_key_block_size(got[s], causal(s)) for s in got} == {
         s: (512 if got[s] == 256 else None) for s in got}
     assert A.auto_key_block_size(256, L.bidirectional_mask(jnp.ones((1, 1024), bool))) is None
@@ -221,9 +221,9 @@ def test_automatic_block_size():
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(explicit))
     reference = A.dot_product_attention(q, k, v, m, scale=0.3, implementation="reference")
     np.testing.assert_allclose(np.asarray(auto), np.asarray(reference), rtol=1e-5, atol=1e-5)
-    # 600 tokens: blocks of 256 queries by 512 keys
-    q, k, v = (jnp.asarray(rng.normal(size=(1, 600, 2, 8)).astype(np.float32)) for _ in range(3))
-    m = L.causal_mask(jnp.ones((1, 600), bool), None)[0]
+    # 1,100 tokens: blocks of 256 queries by 512 keys (neither dividing the length)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 1100, 2, 8)).astype(np.float32)) for _ in range(3))
+    m = L.causal_mask(jnp.ones((1, 1100), bool), None)[0]
     auto = A.dot_product_attention(q, k, v, m, scale=0.3)
     explicit = A.blockwise_attention(q, k, v, m, scale=0.3, block_size=256, key_block_size=512)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(explicit))

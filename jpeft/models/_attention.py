@@ -45,15 +45,16 @@ Kernels (``implementation=``):
 
 The block size (``block_size=0``, the models' default, picks it: :func:`auto_block_size`):
 causal attention over the current tokens (a training or prefill step) takes about four query
-blocks per row, a power of two from 64 to 512 (128 at 512 tokens, 256 at 1,024, 512 from
-2,048 on), so the causal skip leaves out 6 of 16 tiles while each tile stays large; any other
+blocks per row, a power of two from 64 to 256 (64 up to 256 tokens, 128 at 512, 256 from
+513 on), so the causal skip leaves out the wholly masked tiles while each stays large; any other
 mask (a cache, bidirectional) takes blocks of 512. Measured in the training step on the CPU
 (docs/BENCHMARKS.md, "Session 21"); an explicit ``block_size`` overrides it. Where that block is
-256 (513 to 1,024 tokens) the tiles take keys in blocks of 512 (:func:`auto_key_block_size`):
+256 (from 513 tokens on) the tiles take keys in blocks of 512 (:func:`auto_key_block_size`):
 fewer, wider products, 8-12 % off the LoRA training step at 1,024 tokens on the CPU
-(docs/BENCHMARKS.md, "Session 35"). At 2,048 tokens such tiles measured slower, and 128 x 256
-at 512; at 4,096 the kernel alone gained 4-8 %, not measured in the step. The rule is the
-same on every backend the blockwise kernel runs on (measured on the CPU only).
+(docs/BENCHMARKS.md, "Session 35"), and 4-8 % at 2,048 and 4,096 tokens against the square
+512 x 512 tiles these lengths took before ("Session 36"). 128 x 256 at 512 tokens, 128 x 512
+and 256 x 1,024 at 4,096 measured slower. The rule is the same on every backend the blockwise
+kernel runs on (measured on the CPU only).
 """
 
 from __future__ import annotations
@@ -182,24 +183,26 @@ def check_implementation(name: str, what: str = "attention") -> None:
         )
 
 
-DEFAULT_BLOCK = 512  # the block of masks other than causal-over-current-tokens, and the largest
+DEFAULT_BLOCK = 512  # the block of masks other than causal-over-current-tokens
+CAUSAL_MAX_BLOCK = 256  # the largest automatic query block under causal attention over the current tokens
 
 
 def auto_block_size(q_len: int, mask: AttentionMask) -> int:
     """The blockwise kernel's block for ``q_len`` queries under ``mask`` (``block_size=0``):
     with ``mask.diagonal`` (causal over the current tokens) the smallest power of two at least
-    ``q_len / 4``, clamped to 64..512; otherwise 512."""
+    ``q_len / 4``, clamped to 64..256 (with keys in blocks of 512 at 256:
+    :func:`auto_key_block_size`); otherwise 512."""
     if not (mask.causal and mask.diagonal is not None):
         return DEFAULT_BLOCK
     quarter = max(1, -(-q_len // 4))
-    return int(min(DEFAULT_BLOCK, max(64, 1 << (quarter - 1).bit_length())))
+    return int(min(CAUSAL_MAX_BLOCK, max(64, 1 << (quarter - 1).bit_length())))
 
 
 def auto_key_block_size(block: int, mask: AttentionMask) -> Optional[int]:
     """The key block that goes with the automatic query ``block`` under ``mask`` (``None``:
     square tiles): 512 keys for 256 queries under causal attention over the current tokens,
-    the one shape that measured faster than square tiles in the CPU training step
-    (docs/BENCHMARKS.md, "Session 35")."""
+    the one shape that measured faster than square tiles in the CPU training step, from 1,024
+    to 4,096 tokens (docs/BENCHMARKS.md, "Session 35" and "Session 36")."""
     if block == 256 and mask.causal and mask.diagonal is not None:
         return 512
     return None

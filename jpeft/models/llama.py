@@ -76,7 +76,7 @@ class LlamaConfig:
         softmax over key blocks, memory linear in the sequence length), ``"reference"`` (dense
         scores), ``"cudnn"`` or ``"splash"``; see :mod:`jpeft.models._attention`.
       attention_block_size: query and key block of the blockwise kernel; 0 (the default)
-        picks it per call: about a quarter of the sequence (64..512) for causal attention over
+        picks it per call: about a quarter of the sequence (64..256) for causal attention over
         the current tokens, 512 otherwise (:func:`jpeft.models._attention.auto_block_size`),
         with keys in blocks of 512 where that is 256 (``auto_key_block_size``).
       bos_token_id, eos_token_id, pad_token_id: special tokens from the Hugging Face config.
