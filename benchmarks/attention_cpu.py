@@ -3,8 +3,8 @@ scaled-dot-product attention (what Hugging Face's Llama calls), forward + backwa
 attention over the current tokens, the shapes of the issue-24 Llama (8 heads of 64).
 ``--tokens`` fixes the tokens per batch instead of the batch (``bench_scaling.py``'s sequence
 axis: 4,096 tokens as 32 x 128 ... 1 x 4096); block ``0`` is the kernel's automatic block
-(what the models use by default: square tiles, or 256 queries by 512 keys at 513 to 1,024
-tokens), and ``QxK`` tiles of ``Q`` queries by ``K`` keys (``key_block_size`` of
+(what the models use by default: square tiles, or 256 queries by 512 keys from 513
+tokens on), and ``QxK`` tiles of ``Q`` queries by ``K`` keys (``key_block_size`` of
 ``blockwise_attention``).
 
 Each framework runs in its own process, one process at a time, alternating from round to
