@@ -52,7 +52,8 @@ mask (a cache, bidirectional) takes blocks of 512. Measured in the training step
 256 (from 513 tokens on) the tiles take keys in blocks of 512 (:func:`auto_key_block_size`):
 fewer, wider products, 8-12 % off the LoRA training step at 1,024 tokens on the CPU
 (docs/BENCHMARKS.md, "Session 35"), and 4-8 % at 2,048 and 4,096 tokens against the square
-512 x 512 tiles these lengths took before ("Session 36"). 128 x 256 at 512 tokens, 128 x 512
+512 x 512 tiles these lengths took before, in one process (the paired runs against HF PEFT
+did not show it: "Session 36"). 128 x 256 at 512 tokens, 128 x 512
 and 256 x 1,024 at 4,096 measured slower. The rule is the same on every backend the blockwise
 kernel runs on (measured on the CPU only).
 """
