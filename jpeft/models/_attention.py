@@ -204,16 +204,16 @@ def auto_key_block_size(block: int, mask: AttentionMask) -> Optional[int]:
     square tiles): 512 keys for 256 queries under causal attention over the current tokens,
     the one shape that measured faster than square tiles in the CPU training step, from 1,024
     to 4,096 tokens (docs/BENCHMARKS.md, "Session 35" and "Session 36")."""
-    if block == 256 and mask.causal and mask.diagonal is not None:
-        return 512
+    if block == CAUSAL_MAX_BLOCK and mask.causal and mask.diagonal is not None:
+        return DEFAULT_BLOCK
     return None
 
 
 def resolve(implementation: str, dtype, head_dim: int, k_len: Optional[int] = None, block_size: int = 512) -> str:
     """The kernel ``implementation`` stands for on this backend (``"auto"`` resolved for
-    ``k_len`` keys: with at most one key block the blockwise kernel would hold the whole score
-    matrix anyway, so the reference program, which keeps the probabilities for the backward
-    pass instead of recomputing them, is used)."""
+    ``k_len`` keys taken in blocks of ``block_size``: with at most one key block the blockwise
+    kernel would hold the whole score matrix anyway, so the reference program, which keeps the
+    probabilities for the backward pass instead of recomputing them, is used)."""
     check_implementation(implementation)
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if implementation == "auto":
@@ -255,7 +255,7 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     if not block_size:
         block_size = auto_block_size(q.shape[1], mask)
         key_block = auto_key_block_size(block_size, mask)
-    impl = resolve(implementation, q.dtype, q.shape[-1], k.shape[1], block_size)
+    impl = resolve(implementation, q.dtype, q.shape[-1], k.shape[1], key_block or block_size)
     if impl == "reference":
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale).astype(q.dtype)
     if impl == "cudnn":
