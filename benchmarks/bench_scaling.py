@@ -333,7 +333,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="auto", help="jpeft LlamaConfig.attention (default auto)")
     p.add_argument("--attention-block", type=int, default=0,
-                   help="jpeft LlamaConfig.attention_block_size (default 0: the model's default, 512)")
+                   help="jpeft LlamaConfig.attention_block_size (default 0: the model's automatic tiles, "
+                        "64-256 queries by up to 512 keys by the sequence length)")
     p.add_argument("--jpeft-config", default="",
                    help="more jpeft LlamaConfig fields, key=value,... (e.g. scan_layers=true,remat=true)")
     p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""))
