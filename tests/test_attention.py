@@ -85,13 +85,16 @@ GRID = [
 ]
 
 
-@pytest.mark.parametrize("loop", ["unrolled", "scanned"])
+@pytest.mark.parametrize("loop", ["unrolled", "scanned", "scanned, K^T dS"])
 @pytest.mark.parametrize("s,h,kvh,window,n_pre,block,padding,segments", GRID)
 def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padding, segments, loop, monkeypatch):
     """Both tile loops: these small tiles are unrolled by default (``should_unroll``); a zero
-    tile limit makes the kernel scan them."""
-    if loop == "scanned":
+    tile limit makes the kernel scan them. "K^T dS": the backward pass's query gradient formed
+    transposed, as from key blocks of ``DQ_TRANSPOSED_MIN_KEYS`` on (the kernel as it runs from
+    1,024 tokens on: tiles scanned, the query gradient transposed)."""
+    if loop.startswith("scanned"):
         monkeypatch.setattr(A, "UNROLL_TILE", 0)
+    monkeypatch.setattr(A, "DQ_TRANSPOSED_MIN_KEYS", 1 if "K^T" in loop else 10**9)
     ks, q, k, v, am = _inputs(s * 10 + h, s, h, kvh, padding, right=2)
     b, d = q.shape[0], q.shape[-1]
     seg = None
@@ -113,7 +116,7 @@ def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padd
 
 
 @pytest.mark.parametrize("row,key_block", [(0, 8), (2, 2), (4, 16), (5, 4), (7, 24)])
-def test_rectangular_tiles_equal_the_reference(row, key_block):
+def test_rectangular_tiles_equal_the_reference(row, key_block, monkeypatch):
     """Tiles with more or fewer keys than queries (``key_block_size``, which the tile-shape
     benchmark sets) give the reference's outputs and gradients: GQA, windows, prefixes, padding
     and segments from the causal grid, key blocks not dividing the length."""
@@ -134,11 +137,13 @@ def test_rectangular_tiles_equal_the_reference(row, key_block):
         out, vjp = jax.vjp(jax.jit(f), q, k, v)
         return out, vjp(ct)
 
-    got = run(lambda q, k, v: A.blockwise_attention(q, k, v, mask, scale=0.37, block_size=block,
-                                                    key_block_size=key_block))
     want = run(lambda q, k, v: A.dot_product_attention(q, k, v, mask, scale=0.37, implementation="reference"))
-    _assert_same(got, want)
-    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(got[1]))
+    for dq_transposed in (False, True):  # both forms of the backward pass's query gradient
+        monkeypatch.setattr(A, "DQ_TRANSPOSED_MIN_KEYS", 1 if dq_transposed else 10**9)
+        got = run(lambda q, k, v: A.blockwise_attention(q, k, v, mask, scale=0.37, block_size=block,
+                                                        key_block_size=key_block))
+        _assert_same(got, want)
+        assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(got[1]))
     with pytest.raises(jpeft.ConfigError, match="key_block_size must be a positive integer or None, found 0"):
         A.blockwise_attention(q, k, v, mask, scale=0.37, block_size=block, key_block_size=0)
 

@@ -334,7 +334,8 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_siz
     if unroll is None:
         unroll = should_unroll(bq, bk, len(pairs))
     static = _Static(1.0 if prescale else float(scale), bool(mask.causal), mask.window, bool(mask.padded),
-                     mask.diagonal if skip else None, int(sk), int(bq), int(bk), int(g), edge, inner, bool(unroll))
+                     mask.diagonal if skip else None, int(sk), int(bq), int(bk), int(g), edge, inner, bool(unroll),
+                     bool(bk >= DQ_TRANSPOSED_MIN_KEYS))
     out = _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)  # [nq, b, kvh, g * bq, d]
     out = out.reshape(nq, b, kvh, g, bq, -1)
     out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, nq * bq, h, -1)[:, :sq]
@@ -346,6 +347,15 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_siz
 # 64 (docs/BENCHMARKS.md, "Session 22"); from tiles of 256 on, unrolling was slower.
 UNROLL_TILE = 128
 UNROLL_TILES = 16
+
+# From key blocks of this size on, the backward pass forms each tile's query gradient
+# transposed, K^T @ dS (the tile's keys transposed, a small copy), rather than dS^T @ K: both
+# products contract dS over its key rows, but XLA's CPU dot ran the first ~1.4-1.7x faster at
+# tiles of 128-512 keys (the kernel's forward + backward 0.90-0.97x at 512-4,096 tokens and
+# 0.80-0.84x at 8,192, in one process); at tiles
+# of 64 the two products took the same time and the copy made the kernel ~6 % slower
+# (docs/BENCHMARKS.md, "Session 37").
+DQ_TRANSPOSED_MIN_KEYS = 128
 
 
 def should_unroll(bq: int, bk: int, n_tiles: int) -> bool:
@@ -410,6 +420,7 @@ class _Static:
     edge: tuple  # tiles that need the causal / window / block-padding masks
     inner: tuple  # tiles wholly inside them (only padding and segments, if any)
     unroll: bool
+    dq_transposed: bool  # the backward pass forms K^T @ dS (see DQ_TRANSPOSED_MIN_KEYS)
 
 
 def _tile_mask(static: _Static, interior: bool, kv_valid, k_pos, k_seg, q_pos, q_seg, a, j):
@@ -574,17 +585,18 @@ def _backward(static: _Static, res, dout):
         if static.scale != 1.0:
             dst = dst * static.scale
         dkj = jnp.einsum("bksq,bkqd->bksd", dst, qa.astype(jnp.float32))
-        # the query gradient transposed, [b, kvh, d, g * bq], from the tile's keys transposed
-        # (a small copy): both operands are then contracted along their rows' own order, a
-        # ~1.7x faster product on the CPU than dst's transpose times the keys
-        # (docs/BENCHMARKS.md, "Session 37")
-        dqa = jnp.einsum("bkds,bksq->bkdq", jnp.swapaxes(kj, -1, -2).astype(jnp.float32), dst)
+        if static.dq_transposed:  # [b, kvh, d, g * bq]: see DQ_TRANSPOSED_MIN_KEYS
+            dqa = jnp.einsum("bkds,bksq->bkdq", jnp.swapaxes(kj, -1, -2).astype(jnp.float32), dst)
+        else:
+            dqa = jnp.einsum("bksq,bksd->bkqd", dst, kj.astype(jnp.float32))
         return (_put(dq, a, _take(dq, a) + dqa), _put(dk, j, _take(dk, j) + dkj), _put(dv, j, _take(dv, j) + dvj))
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
     nq, b, kvh, gq, d = qb.shape
-    dq, dk, dv = _tiles(static, step, (jnp.zeros((nq, b, kvh, d, gq), jnp.float32), zeros(kb), zeros(vb)))
-    dq = jnp.swapaxes(dq, -1, -2)
+    dq0 = jnp.zeros((nq, b, kvh, d, gq) if static.dq_transposed else qb.shape, jnp.float32)
+    dq, dk, dv = _tiles(static, step, (dq0, zeros(kb), zeros(vb)))
+    if static.dq_transposed:
+        dq = jnp.swapaxes(dq, -1, -2)
     # Fully masked rows took the mean of all values: each key's value gets 1/sk of their cotangent.
     dfull = jnp.einsum("nbkqd,nbkq->bkd", dob, full.astype(jnp.float32)) / static.sk
     dv = dv + dfull[None, :, :, None, :]  # block padding rows are dropped by the padding's own transpose
