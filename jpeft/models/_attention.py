@@ -24,7 +24,10 @@ Kernels (``implementation=``):
   every key block. Queries are laid out heads-first (``[kv_heads, group * block, d]``, the
   query heads of one key/value head stacked), so each tile is a plain batched matmul, and the
   backward pass recomputes a tile key-major so that the key and value gradients are plain
-  matmuls too. It equals the reference to float32 rounding (tests/test_attention.py),
+  matmuls too; from key blocks of 128 on it forms each tile's query gradient transposed,
+  ``K^T dS`` (the tile's keys copied transposed), since XLA's CPU dot runs the product that
+  contracts its left operand's rows (``dS^T K``) ~1.7x slower (:data:`DQ_TRANSPOSED_MIN_KEYS`;
+  the same reason as the Dense layer's wide weight gradients, ``_layers._dense_product``). It equals the reference to float32 rounding (tests/test_attention.py),
   including fully masked (padding) query rows, which both average the values of every key.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused kernel on
   NVIDIA GPUs; float16/bfloat16 only. A plain causal or sliding-window mask with no padding
