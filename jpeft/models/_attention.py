@@ -27,7 +27,8 @@ Kernels (``implementation=``):
   matmuls too; from key blocks of 128 on it forms each tile's query gradient transposed,
   ``K^T dS`` (the tile's keys copied transposed), since XLA's CPU dot runs the product that
   contracts its left operand's rows (``dS^T K``) ~1.7x slower (:data:`DQ_TRANSPOSED_MIN_KEYS`;
-  the same reason as the Dense layer's wide weight gradients, ``_layers._dense_product``). It equals the reference to float32 rounding (tests/test_attention.py),
+  the reason the Dense layer's wide weight gradients take a transposed copy of the input,
+  ``_layers._dense_product``). It equals the reference to float32 rounding (tests/test_attention.py),
   including fully masked (padding) query rows, which both average the values of every key.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused kernel on
   NVIDIA GPUs; float16/bfloat16 only. A plain causal or sliding-window mask with no padding
@@ -353,11 +354,10 @@ UNROLL_TILES = 16
 
 # From key blocks of this size on, the backward pass forms each tile's query gradient
 # transposed, K^T @ dS (the tile's keys transposed, a small copy), rather than dS^T @ K: both
-# products contract dS over its key rows, but XLA's CPU dot ran the first ~1.4-1.7x faster at
-# tiles of 128-512 keys (the kernel's forward + backward 0.90-0.97x at 512-4,096 tokens and
-# 0.80-0.84x at 8,192, in one process); at tiles
-# of 64 the two products took the same time and the copy made the kernel ~6 % slower
-# (docs/BENCHMARKS.md, "Session 37").
+# products contract dS over its key rows, but XLA's CPU dot ran the first ~1.7x faster at tiles
+# of 512 keys (the kernel's forward + backward 0.90-1.00x at 512-4,096 tokens and 0.80x at
+# 8,192, in one process); at tiles of 64 the two products took the same time and the copy made
+# the kernel ~6 % slower (docs/BENCHMARKS.md, "Session 37").
 DQ_TRANSPOSED_MIN_KEYS = 128
 
 
