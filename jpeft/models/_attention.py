@@ -28,8 +28,9 @@ Kernels (``implementation=``):
   ``K^T dS`` (the tile's keys copied transposed), since XLA's CPU dot runs the product that
   contracts its left operand's rows (``dS^T K``) ~1.7x slower (:data:`DQ_TRANSPOSED_MIN_KEYS`;
   the reason the Dense layer's wide weight gradients take a transposed copy of the input,
-  ``_layers._dense_product``). It equals the reference to float32 rounding (tests/test_attention.py),
-  including fully masked (padding) query rows, which both average the values of every key.
+  ``_layers._dense_product``). It equals the reference to float32 rounding
+  (tests/test_attention.py), including fully masked (padding) query rows, which both average
+  the values of every key.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused kernel on
   NVIDIA GPUs; float16/bfloat16 only. A plain causal or sliding-window mask with no padding
   information, no prefix and no cache is passed as ``is_causal`` / ``local_window_size``;
@@ -357,7 +358,10 @@ UNROLL_TILES = 16
 # products contract dS over its key rows, but XLA's CPU dot ran the first ~1.7x faster at tiles
 # of 512 keys (the kernel's forward + backward 0.90-1.00x at 512-4,096 tokens and 0.80x at
 # 8,192, in one process); at tiles of 64 the two products took the same time and the copy made
-# the kernel ~6 % slower (docs/BENCHMARKS.md, "Session 37").
+# the kernel ~6 % slower (docs/BENCHMARKS.md, "Session 37"). The keys are transposed tile by
+# tile, not once for the whole loop: a transposed copy of all keys held through it added 32 MiB
+# to the 4,096-token step's temporaries with no clear gain in time. blockwise_attention decides
+# once per call (``_Static.dq_transposed``), so the jitted backward pass is keyed by the choice.
 DQ_TRANSPOSED_MIN_KEYS = 128
 
 
