@@ -322,26 +322,31 @@ def main(argv=None):
     p.add_argument("--base", default="issue", choices=sorted(C.SIZES), help="base size (default: issue)")
     p.add_argument("--axes", default="seq,depth,rank,mode", help="comma list of seq, depth, rank, mode")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per batch (default 4096)")
-    p.add_argument("--seq", default="128,256,512,1024,2048,4096")
-    p.add_argument("--depth", default="2,4,8,16,32")
+    p.add_argument("--seq", default="128,256,512,1024,2048,4096",
+                   help="sequence lengths of the seq axis, a comma list (batch = --tokens / length; "
+                        "default %(default)s)")
+    p.add_argument("--depth", default="2,4,8,16,32", help="layer counts of the depth axis (default %(default)s)")
     p.add_argument("--depth-seq", type=int, default=256, help="sequence length of the depth/rank/mode points")
-    p.add_argument("--rank", default="4,16,64,256")
+    p.add_argument("--rank", default="4,16,64,256", help="LoRA ranks of the rank axis (default %(default)s)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank of the seq/depth/mode points (default 8)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="fresh rounds per point, each with new worker processes; the report takes the median (default 3)")
     p.add_argument("--steps", type=int, default=4, help="turns per worker per round (default 4)")
     p.add_argument("--per-turn", type=int, default=3, help="back-to-back steps per turn (default 3)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling (default 2)")
     p.add_argument("--attention", default="auto", help="jpeft LlamaConfig.attention (default auto)")
     p.add_argument("--attention-block", type=int, default=0,
                    help="jpeft LlamaConfig.attention_block_size (default 0: the model's automatic tiles, "
                         "64-256 queries by up to 512 keys by the sequence length)")
     p.add_argument("--jpeft-config", default="",
                    help="more jpeft LlamaConfig fields, key=value,... (e.g. scan_layers=true,remat=true)")
-    p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""))
+    p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""),
+                   help="XLA_FLAGS for jpeft's workers (default: this process's XLA_FLAGS)")
     C.add_huge_pages_arg(p)
-    p.add_argument("--workdir")
-    p.add_argument("--json")
-    p.add_argument("--markdown")
+    p.add_argument("--workdir", help="folder for the saved weights and adapter the workers load, and each worker's "
+                                     "log (default: a new temporary one)")
+    p.add_argument("--json", help="write the report (every worker's numbers, the goals) as JSON here")
+    p.add_argument("--markdown", help="write the report's table as Markdown here (it is also printed)")
     p.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
     p.add_argument("--merge", nargs="+", metavar="REPORT",
                    help="measure nothing: join the --json reports of a sweep run axis by axis (same settings, same "
