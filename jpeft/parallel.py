@@ -57,7 +57,7 @@ from jpeft import quant
 from jpeft.errors import ConfigError, InputValidationError, ShardingError
 from jpeft.methods.base import trainable
 from jpeft.models import _splash
-from jpeft.train import _split_loss, make_step_fn
+from jpeft.train import _split_loss, make_step_fn, weighted_sum
 from jpeft.tree import path_str, unwrap_params
 
 DATA = "data"
@@ -510,6 +510,7 @@ def make_sharded_train_step(
     *,
     batch_axes=BATCH_AXES,
     accumulate_steps: int = 1,
+    loss_weight: Optional[str] = None,
     donate: bool = True,
     skip_nonfinite: bool = True,
     adapter_shardings_tree=None,
@@ -533,6 +534,8 @@ def make_sharded_train_step(
       mesh: from :func:`make_mesh`.
       batch_axes: mesh axes the batch's first axis is split over.
       accumulate_steps: micro-batches per step (``lax.scan`` inside the step).
+      loss_weight: the aux metric counting the loss's terms, to weigh micro-batches by it
+        (as for :func:`jpeft.make_train_step`).
       donate: donate the adapter and optimizer-state buffers.
       skip_nonfinite: the non-finite guard of :func:`jpeft.train.apply_update`.
       adapter_shardings_tree, opt_state_shardings_tree: explicit output shardings.
@@ -541,7 +544,8 @@ def make_sharded_train_step(
       ShardingError: (at the first call) when the adapter or optimizer state is not placed
         on ``mesh``; place them with :func:`shard_adapter` and :func:`init_opt_state`.
     """
-    step_fn = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps)
+    step_fn = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps,
+                           loss_weight=loss_weight)
     entry = _batch_entry(mesh, batch_axes)
 
     def body(*args):
@@ -664,6 +668,7 @@ def make_pmap_train_step(
     axis_name: str = "batch",
     devices: Optional[Sequence[Any]] = None,
     accumulate_steps: int = 1,
+    loss_weight: Optional[str] = None,
     donate: bool = True,
     skip_nonfinite: bool = True,
 ):
@@ -673,8 +678,11 @@ def make_pmap_train_step(
     ``batch`` is split per device (:func:`split_for_pmap`), ``key`` is one key (each device
     folds in its index, so dropout masks differ across devices). Gradients, the loss and
     float metrics are averaged over devices with ``lax.pmean`` before the (identical)
-    optimizer update on every device; integer metrics are summed. Outputs keep the leading
-    device axis; :func:`unreplicate` takes one copy.
+    optimizer update on every device; integer metrics are summed. With ``loss_weight`` (the
+    aux metric counting the loss's terms, as for :func:`jpeft.make_train_step`) each device
+    counts by its terms instead, so a per-token mean over the devices' shards equals the one
+    over the whole batch. Outputs keep the leading device axis; :func:`unreplicate` takes one
+    copy.
 
     The step body is :func:`jpeft.train.make_step_fn`, the single-device one.
     """
@@ -683,7 +691,9 @@ def make_pmap_train_step(
         optimizer,
         skip_nonfinite=skip_nonfinite,
         accumulate_steps=accumulate_steps,
-        grad_reduce=lambda t: _pmean_floats(t, axis_name),
+        loss_weight=loss_weight,
+        grad_reduce=((lambda t: _pmean_floats(t, axis_name)) if loss_weight is None else
+                     (lambda t: weighted_sum(t, loss_weight, lambda x: jax.lax.psum(x, axis_name)))),
     )
 
     def per_device(params, adapter, opt_state, batch, key):

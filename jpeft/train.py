@@ -126,20 +126,78 @@ def _split_micro(x, k: int):
     return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
 
-def accumulate_loss_and_grad(loss_fn: Callable, params, adapter, batch, key, steps: int):
-    """:func:`loss_and_grad` averaged over ``steps`` micro-batches with a ``lax.scan``.
+def _loss_weight_of(aux, loss_weight: str):
+    """The scalar weight named ``loss_weight`` among a loss function's aux metrics."""
+    if not isinstance(aux, Mapping) or loss_weight not in aux:
+        found = sorted(aux) if isinstance(aux, Mapping) else type(aux).__name__
+        raise ConfigError(
+            f"loss_weight={loss_weight!r} names an aux metric of the loss function, but its aux metrics are {found}; "
+            f"return (loss, {{{loss_weight!r}: n, ...}}) with n the number of terms the loss averages over (e.g. "
+            f"`loss, n = jpeft.lm_loss(...); return loss, {{{loss_weight!r}: n}}`), or pass loss_weight=None."
+        )
+    w = jnp.asarray(aux[loss_weight])
+    if w.ndim != 0:
+        raise ConfigError(f"loss_weight={loss_weight!r}: the aux metric must be a scalar (the number of terms the "
+                          f"loss averages over), found shape {tuple(w.shape)}.")
+    return w.astype(jnp.float32)
 
-    Equals one call on the whole batch when the loss is a mean over examples: loss, float
-    aux metrics and gradients are averaged, integer aux metrics summed. Micro-batch ``j``
-    gets the key ``fold_in(key, j)``; ``steps=1`` is exactly :func:`loss_and_grad`.
+
+def _map_weighted(fn, parts, loss_weight: str):
+    """``fn`` over the float leaves of ``(loss, aux, grads)``, except ``aux[loss_weight]``."""
+    loss, aux, grads = parts
+    f = lambda x: fn(x) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) else x  # noqa: E731
+    aux = {k: (v if k == loss_weight else jax.tree.map(f, v)) for k, v in aux.items()}
+    return f(loss), aux, jax.tree.map(f, grads)
+
+
+def weighted_sum(parts, loss_weight: str, sum_parts: Callable):
+    """Joins per-part ``(loss, aux, grads)``, each a mean over its ``aux[loss_weight]`` terms,
+    into the mean over all terms: every float leaf is scaled by its part's weight, summed with
+    ``sum_parts`` (e.g. ``lax.psum`` over devices) and divided by the summed weight (a total
+    of 0, no terms at all, gives 0); the weight itself and integer metrics are summed."""
+    w = _loss_weight_of(parts[1], loss_weight)
+    scaled = _map_weighted(lambda x: x * w.astype(x.dtype), parts, loss_weight)
+    summed = jax.tree.map(sum_parts, scaled)
+    return _divide_by_weight(summed, loss_weight)
+
+
+def _divide_by_weight(summed, loss_weight: str):
+    total = _loss_weight_of(summed[1], loss_weight)
+    denom = jnp.where(total > 0, total, 1.0)
+    return _map_weighted(lambda x: x / denom.astype(x.dtype), summed, loss_weight)
+
+
+def accumulate_loss_and_grad(loss_fn: Callable, params, adapter, batch, key, steps: int, *,
+                             loss_weight: Optional[str] = None):
+    """:func:`loss_and_grad` over ``steps`` micro-batches with a ``lax.scan``.
+
+    Micro-batch ``j`` is examples ``j, j + steps, ...`` and gets the key ``fold_in(key, j)``;
+    ``steps=1`` is exactly :func:`loss_and_grad`. How the micro-batches combine:
+
+    * ``loss_weight=None``: loss, float aux metrics and gradients are averaged, integer aux
+      metrics summed. This equals one call on the whole batch when the loss is a mean over
+      examples (every micro-batch holds the same number).
+    * ``loss_weight="targets"`` (the name of an aux metric holding the number of terms the
+      loss averages over, e.g. the count :func:`jpeft.lm_loss` returns): each micro-batch
+      counts by that number, and the metric itself is summed. This equals one call on the
+      whole batch for a per-token mean whose rows hold different numbers of loss tokens
+      (padding, prompt/completion masks), which the plain average does not.
     """
     if steps == 1:
-        return loss_and_grad(loss_fn, params, adapter, batch, key)
+        (loss, aux), grads = loss_and_grad(loss_fn, params, adapter, batch, key)
+        if loss_weight is not None:
+            _loss_weight_of(aux, loss_weight)
+        return (loss, aux), grads
     micro = jax.tree.map(lambda x: _split_micro(x, steps), batch)
 
     def one(mb, j):
         k = None if key is None else jax.random.fold_in(key, j)
-        return loss_and_grad(loss_fn, params, adapter, mb, k)
+        (loss, aux), grads = loss_and_grad(loss_fn, params, adapter, mb, k)
+        parts = (loss, aux, grads)
+        if loss_weight is None:
+            return parts
+        w = _loss_weight_of(aux, loss_weight)
+        return _map_weighted(lambda x: x * w.astype(x.dtype), parts, loss_weight)
 
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(one, first, jnp.int32(0))
@@ -147,16 +205,18 @@ def accumulate_loss_and_grad(loss_fn: Callable, params, adapter, batch, key, ste
 
     def body(acc, xs):
         mb, j = xs
-        out = one(mb, j)
-        return jax.tree.map(jnp.add, acc, out), None
+        return jax.tree.map(jnp.add, acc, one(mb, j)), None
 
-    total, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(steps, dtype=jnp.int32)))
+    summed, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(steps, dtype=jnp.int32)))
+    if loss_weight is None:
+        loss, aux, grads = summed
 
-    def mean(x):
-        return x / steps if jnp.issubdtype(x.dtype, jnp.inexact) else x
+        def mean(x):
+            return x / steps if jnp.issubdtype(x.dtype, jnp.inexact) else x
 
-    (loss, aux), grads = total
-    return (mean(loss), jax.tree.map(mean, aux)), jax.tree.map(mean, grads)
+        return (mean(loss), jax.tree.map(mean, aux)), jax.tree.map(mean, grads)
+    loss, aux, grads = _divide_by_weight(summed, loss_weight)
+    return (loss, aux), grads
 
 
 def make_step_fn(
@@ -166,11 +226,13 @@ def make_step_fn(
     skip_nonfinite: bool = True,
     accumulate_steps: int = 1,
     grad_reduce: Optional[Callable] = None,
+    loss_weight: Optional[str] = None,
 ):
     """The un-jitted step body, for composing into pmap / shard_map / custom loops.
 
     ``accumulate_steps=k`` splits the batch into ``k`` micro-batches (see
-    :func:`accumulate_loss_and_grad`); one call is still one optimizer update.
+    :func:`accumulate_loss_and_grad`, which also says what ``loss_weight`` does); one call is
+    still one optimizer update.
     ``grad_reduce((loss, aux, grads)) -> (loss, aux, grads)`` runs before the update, e.g. a
     ``lax.pmean`` over a ``pmap`` axis (:func:`jpeft.make_pmap_train_step` uses it).
     """
@@ -183,7 +245,8 @@ def make_step_fn(
         def loss_of_trainable(params, train, batch, key):
             return loss_fn(params, _join(train, frozen), batch, key)
 
-        (loss, aux), grads = accumulate_loss_and_grad(loss_of_trainable, params, train, batch, key, accumulate_steps)
+        (loss, aux), grads = accumulate_loss_and_grad(loss_of_trainable, params, train, batch, key, accumulate_steps,
+                                                      loss_weight=loss_weight)
         if grad_reduce is not None:
             loss, aux, grads = grad_reduce((loss, aux, grads))
         _check_opt_state(optimizer, train, opt_state, frozen)
@@ -201,6 +264,7 @@ def make_train_step(
     donate: bool = True,
     skip_nonfinite: bool = True,
     accumulate_steps: int = 1,
+    loss_weight: Optional[str] = None,
     compiler_options: Optional[Mapping[str, Any]] = None,
 ):
     """A jitted ``step(params, adapter, opt_state, batch, key) -> (adapter, opt_state, metrics)``.
@@ -208,9 +272,13 @@ def make_train_step(
     The adapter and optimizer-state buffers are donated (pass ``donate=False`` to keep the
     inputs usable). ``metrics`` holds ``loss``, ``grad_norm``, ``skipped`` (1 when the
     non-finite guard skipped the update) and whatever dict ``loss_fn`` returned as aux.
-    ``accumulate_steps=k`` averages gradients over ``k`` equal micro-batches of the batch
-    inside the step (a ``lax.scan``), equal to one step on the whole batch with ``1/k`` of
-    the activation memory; one call is one optimizer update. ``compiler_options`` are XLA
+    ``accumulate_steps=k`` computes the gradients ``k`` equal micro-batches of the batch at a
+    time inside the step (a ``lax.scan``), with ``1/k`` of the activation memory; one call is
+    one optimizer update. It equals one step on the whole batch when the loss is a mean over
+    examples; for a mean over tokens (:func:`jpeft.lm_loss`), whose rows hold different
+    numbers of loss tokens, return the count as an aux metric and name it:
+    ``loss_weight="targets"`` with ``return loss, {"targets": n}`` weighs each micro-batch by
+    its tokens (:func:`jpeft.train.accumulate_loss_and_grad`). ``compiler_options`` are XLA
     options for this step's compilation only (``jax.jit(..., compiler_options=...)``); e.g.
     ``{"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}`` stops XLA's CPU backend
     from converting a layer-scanned bfloat16 model's whole weight stack to float32 ahead of
@@ -230,6 +298,7 @@ def make_train_step(
     >>> sorted(metrics)
     ['grad_norm', 'loss', 'skipped']
     """
-    body = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps)
+    body = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps,
+                        loss_weight=loss_weight)
     return jax.jit(body, donate_argnums=(1, 2) if donate else (),
                    compiler_options=dict(compiler_options) if compiler_options else None)

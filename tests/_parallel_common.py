@@ -62,13 +62,15 @@ def random_adapter(adapter, seed=7):
     return out
 
 
-def single_device_run(loss_fn, optimizer, params, adapter, data, *, key_seed=0, accumulate_steps=1):
+def single_device_run(loss_fn, optimizer, params, adapter, data, *, key_seed=0, accumulate_steps=1,
+                      loss_weight=None):
     """Reference: ``jpeft.make_train_step`` on one device; returns (losses, adapter)."""
     import jax
 
     import jpeft
 
-    step = jpeft.make_train_step(loss_fn, optimizer, donate=False, accumulate_steps=accumulate_steps)
+    step = jpeft.make_train_step(loss_fn, optimizer, donate=False, accumulate_steps=accumulate_steps,
+                                 loss_weight=loss_weight)
     opt_state = optimizer.init(adapter)
     key = jax.random.key(key_seed)
     losses = []
@@ -85,3 +87,37 @@ def max_diff(a, b) -> float:
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
     return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(la, lb))
+
+
+def token_mean_loss(model):
+    """A per-token mean over ``batch["mask"]`` (rows with different numbers of loss tokens,
+    as padding and prompt/completion masks make them), with the count as the aux metric
+    ``targets``: the case where micro-batches and devices must count by their tokens."""
+    import jax.numpy as jnp
+    import optax
+
+    import jpeft
+
+    def loss_fn(params, adapter, batch, key):
+        tokens, mask = batch["tokens"], batch["mask"].astype(jnp.float32)
+        logits = jpeft.apply(model, params, adapter, tokens[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:])
+        n = mask.sum()
+        return (ce * mask).sum() / jnp.maximum(n, 1.0), {"targets": n}
+
+    return loss_fn
+
+
+def with_uneven_masks(data):
+    """``data`` with a ``mask [batch, targets]`` (``targets`` = tokens per row - 1) whose row
+    ``i`` keeps its last ``1 + (5 * i) % targets`` targets, so every strided micro-batch and
+    every device shard holds a different number of loss tokens."""
+    import numpy as np
+
+    out = []
+    for b in data:
+        n, t = b["tokens"].shape[0], b["tokens"].shape[1] - 1
+        keep = 1 + (5 * np.arange(n)) % t
+        mask = (np.arange(t)[None, :] >= (t - keep)[:, None]).astype(np.float32)
+        out.append({**b, "mask": mask})
+    return out

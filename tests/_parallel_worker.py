@@ -111,6 +111,39 @@ def run(steps: int = 20) -> dict:
             n_leaves = len(jax.tree.leaves(p_s))
             out["fsdp4/sharded"] = shards
             out["fsdp4/n_leaves"] = n_leaves
+
+    # ---- a per-token mean over rows with different numbers of loss tokens: with
+    # loss_weight="targets" devices (pmap) and micro-batches (mesh + accumulation) count by their
+    # tokens and equal one device on the whole batch; pmap's plain mean of means does not
+    tok_loss, tok_data, sgd = C.token_mean_loss(model), C.with_uneven_masks(data[:3]), optax.sgd(0.5)
+    ref_losses, ref_ad = C.single_device_run(tok_loss, sgd, params, adapter0, tok_data)
+    out["tokens/total"] = float(sum(b["mask"].sum() for b in tok_data))
+
+    def record_tokens(tag, losses, ad, counted):
+        out[f"tokens/{tag}/loss_diff"] = float(np.max(np.abs(np.array(losses) - np.array(ref_losses))))
+        out[f"tokens/{tag}/adapter_diff"] = C.max_diff(host(ad), host(ref_ad))
+        out[f"tokens/{tag}/counted"] = counted
+
+    for tag, weight in (("pmap", "targets"), ("pmap_unweighted", None)):
+        step = jpeft.make_pmap_train_step(tok_loss, sgd, loss_weight=weight)
+        p_r, a_r, s_r = jpeft.replicate(params), jpeft.replicate(adapter0), jpeft.replicate(sgd.init(adapter0))
+        losses, counted = [], 0.0
+        for i, b in enumerate(tok_data):
+            a_r, s_r, m = step(p_r, a_r, s_r, jpeft.split_for_pmap(b), jax.random.fold_in(key, i))
+            losses.append(float(m["loss"][0]))
+            counted += float(m["targets"][0])
+        record_tokens(tag, losses, jpeft.unreplicate(a_r), counted)
+    mesh = jpeft.make_mesh(data=2, fsdp=4)
+    p_s = jpeft.shard_params(params, mesh)
+    a_s = jpeft.shard_adapter(adapter0, mesh, p_s)
+    s_s = jpeft.init_opt_state(sgd, a_s)
+    step = jpeft.make_sharded_train_step(tok_loss, sgd, mesh, accumulate_steps=2, loss_weight="targets")
+    losses, counted = [], 0.0
+    for i, b in enumerate(tok_data):
+        a_s, s_s, m = step(p_s, a_s, s_s, b, jax.random.fold_in(key, i))
+        losses.append(float(m["loss"]))
+        counted += float(m["targets"])
+    record_tokens("mesh2x4_acc2", losses, a_s, counted)
     return out
 
 

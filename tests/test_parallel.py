@@ -82,6 +82,20 @@ def test_strategies_match_one_device_adam(eight, strategy):
     assert eight[f"{strategy}/adam/adapter_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("strategy", ["pmap", "mesh2x4_acc2"])
+def test_token_mean_counts_each_device_and_micro_batch_by_its_tokens(eight, strategy):
+    """loss_weight="targets": a per-token mean over rows with different numbers of loss tokens
+    trains as on one device (the whole batch's mean), and the token count is summed."""
+    assert eight[f"tokens/{strategy}/loss_diff"] < 1e-5
+    assert eight[f"tokens/{strategy}/adapter_diff"] < 1e-5
+    assert eight[f"tokens/{strategy}/counted"] == eight["tokens/total"]
+
+
+def test_token_mean_without_loss_weight_averages_the_devices_means(eight):
+    # the plain pmean (right for per-example means) is not the whole batch's token mean here
+    assert eight["tokens/pmap_unweighted/adapter_diff"] > 1e-3
+
+
 def test_pmap_replicas_identical(eight):
     assert eight["pmap/sgd/replicas_equal"] == 0.0
     assert eight["pmap/adam/replicas_equal"] == 0.0
@@ -309,6 +323,39 @@ def test_accumulation_equals_big_batch():
     assert np.max(np.abs(np.array(la) - np.array(lb))) < 1e-5
     assert C.max_diff(aa, ab) < 1e-5
     assert C.max_diff(aa, adapter) > 1e-3
+
+
+def test_accumulation_of_a_token_mean_counts_each_micro_batch_by_its_tokens():
+    """A per-token mean over rows with different numbers of loss tokens: with
+    ``loss_weight="targets"`` four micro-batches give the whole batch's loss, gradients and
+    updates; the plain average of the micro-batches' means does not (so the test can tell)."""
+    model, params, adapter, _ = _tiny()
+    loss_fn = C.token_mean_loss(model)
+    big = C.with_uneven_masks(C.batches(1, batch=16))[0]
+    counts = [float(big["mask"][j::4].sum()) for j in range(4)]
+    assert len(set(counts)) == 4, counts  # every micro-batch holds a different number of tokens
+    key = jax.random.key(3)
+    (l1, a1), g1 = jax.jit(lambda a: loss_and_grad(loss_fn, params, a, big, key))(adapter)
+    (lw, aw), gw = jax.jit(lambda a: accumulate_loss_and_grad(loss_fn, params, a, big, key, 4,
+                                                              loss_weight="targets"))(adapter)
+    (lp, _), gp = jax.jit(lambda a: accumulate_loss_and_grad(loss_fn, params, a, big, key, 4))(adapter)
+    assert abs(float(lw) - float(l1)) < 1e-5 and C.max_diff(gw, g1) < 1e-5
+    assert float(aw["targets"]) == float(a1["targets"]) == sum(counts)  # the count is summed, not averaged
+    assert C.max_diff(gp, g1) > 1e-3 and abs(float(lp) - float(l1)) > 1e-3
+    # whole runs through the jitted step (Adam, 3 updates): weighted accumulation == one batch
+    data = C.with_uneven_masks(C.batches(3, batch=16))
+    opt = optax.adam(1e-2)
+    la, aa = C.single_device_run(loss_fn, opt, params, adapter, data, accumulate_steps=4, loss_weight="targets")
+    lb, ab = C.single_device_run(loss_fn, opt, params, adapter, data)
+    assert np.max(np.abs(np.array(la) - np.array(lb))) < 1e-5 and C.max_diff(aa, ab) < 1e-5
+    assert C.max_diff(aa, adapter) > 1e-3
+    # a name the loss does not return is refused at the first call, with what it found
+    bad = jpeft.make_train_step(loss_fn, opt, donate=False, accumulate_steps=2, loss_weight="tokens")
+    with pytest.raises(jpeft.ConfigError, match=r"loss_weight='tokens'.*aux metrics are \['targets'\]"):
+        bad(params, adapter, opt.init(adapter), data[0], key)
+    with pytest.raises(jpeft.ConfigError, match=r"loss_weight='targets'.*aux metrics are \[\]"):
+        accumulate_loss_and_grad(lambda p, a, b, k: loss_fn(p, a, b, k)[0], params, adapter, big, key, 1,
+                                 loss_weight="targets")
 
 
 def test_accumulation_errors():
