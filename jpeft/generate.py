@@ -109,7 +109,8 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     (``jax.lax.fori_loop`` inside one ``jax.jit``; recompiled only when shapes or static
     options change). Prompts are batched with padding: pass ``attention_mask`` (1 for real
     tokens); left padding is the usual layout, right padding works too (the next token
-    follows each row's last real token, positions count real tokens only).
+    follows each row's last real token, positions count real tokens only, and a sliding
+    window does not count the padding left in the cache after a prompt's last real token).
 
     Args:
       model: a jpeft decoder (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ... any module whose

@@ -122,14 +122,21 @@ def test_any_adapter_node_goes_through_jpeft_apply(family):
     assert not np.array_equal(out, np.asarray(jpeft.generate(model, params, None, ids, 6, attention_mask=mask)))
 
 
-def test_left_and_right_padding_give_the_same_tokens():
-    model, params = loaded("llama2")
-    ids, mask = T.batch("llama2", seed=4)
-    left = np.asarray(jpeft.generate(model, params, None, ids, 5, attention_mask=mask))
+@pytest.mark.parametrize("family", ["llama2", "mistral", "qwen2"])
+def test_left_and_right_padding_give_each_prompts_own_tokens(family):
+    """Padding on either side gives each row what its prompt alone gives, also past the
+    sliding window (Mistral 5, Qwen2 4 slots), where a right-padded prompt's padding lies in
+    the cache between its last real token and the new ones and must not take window places."""
+    model, params = loaded(family)
+    ids, mask = T.batch(family, seed=4)
+    n = 10
+    left = np.asarray(jpeft.generate(model, params, None, ids, n, attention_mask=mask))
     right_ids = np.stack([np.roll(r, -int((m == 0).sum())) for r, m in zip(ids, mask)])
     right_mask = np.stack([np.roll(m, -int((m == 0).sum())) for m in mask])
-    right = np.asarray(jpeft.generate(model, params, None, right_ids, 5, attention_mask=right_mask))
-    np.testing.assert_array_equal(left[:, 8:], right[:, 8:])
+    right = np.asarray(jpeft.generate(model, params, None, right_ids, n, attention_mask=right_mask))
+    alone = [np.asarray(jpeft.generate(model, params, None, r[m == 1][None], n))[0, -n:] for r, m in zip(ids, mask)]
+    np.testing.assert_array_equal(left[:, 8:], np.stack(alone))
+    np.testing.assert_array_equal(right[:, 8:], np.stack(alone))
 
 
 def test_sampling_options():

@@ -264,6 +264,29 @@ def default_positions(attention_mask: Array, cache: Optional[KVCache]) -> Array:
     return jnp.maximum(pos, 0)
 
 
+def window_slots(kv_valid: Array) -> Array:
+    """``[batch, length]`` int32: each cache slot's place for a sliding window, its index less
+    the padding slots between the row's first real token and it.
+
+    A right-padded prompt leaves its padding in the cache between its last real token and the
+    generated ones; counted as slots, it would take places in the window that belong to real
+    tokens (a generated token would see fewer prompt tokens than the same prompt unpadded).
+    Leading padding (left padding) still counts, as Hugging Face counts it (it only ever lies
+    before every real token, where it changes nothing but how far a prefix reaches). Padding
+    slots are masked whatever their place; the real slots keep their order, so causality is
+    unchanged.
+
+    >>> import jax.numpy as jnp
+    >>> window_slots(jnp.array([[1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 1, 0]], bool)).tolist()
+    [[0, 1, 2, 2, 2, 3], [0, 1, 2, 3, 4, 5]]
+    """
+    pad = ~kv_valid
+    pads_before = jnp.cumsum(pad, axis=1, dtype=jnp.int32) - pad.astype(jnp.int32)
+    first_real = jnp.argmax(kv_valid, axis=1)[:, None].astype(jnp.int32)
+    slots = jnp.arange(kv_valid.shape[1], dtype=jnp.int32)[None, :]
+    return slots - jnp.maximum(pads_before - first_real, 0)
+
+
 def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window: Optional[int] = None, *,
                 segment_ids: Optional[Array] = None, padded: bool = True):
     """The :class:`AttentionMask` of causal attention over the current tokens (no cache) or
@@ -299,8 +322,12 @@ def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window:
                 "segment_ids (packed documents) cannot be combined with a KV cache; decode one document per row."
             )
         kv_valid = write_at(cache.mask, valid, cache.index)
-        q_pos = jnp.broadcast_to(_row_index(cache.index) + jnp.arange(s, dtype=jnp.int32), (b, s))
+        q_slot = jnp.broadcast_to(_row_index(cache.index) + jnp.arange(s, dtype=jnp.int32), (b, s))
         k_pos = jnp.broadcast_to(jnp.arange(cache.mask.shape[1], dtype=jnp.int32), (b, cache.mask.shape[1]))
+        q_pos = q_slot
+        if sliding_window is not None:
+            k_pos = window_slots(kv_valid)
+            q_pos = jnp.take_along_axis(k_pos, q_slot, axis=1)
         padded = True
     mask = AttentionMask(kv_valid, q_pos, k_pos, q_seg, q_seg, causal=True, window=sliding_window, padded=padded,
                          diagonal=0 if cache is None else None)
