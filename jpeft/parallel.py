@@ -449,11 +449,26 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, adapter, adapte
 
 
 def init_opt_state(optimizer: optax.GradientTransformation, adapter, adapter_shardings_tree=None):
-    """``optimizer.init(jpeft.trainable(adapter))`` (no state for an adapter's frozen arrays)
-    created directly in place, sharded like the adapter (see :func:`opt_state_shardings`);
-    nothing is gathered on one device."""
-    out = opt_state_shardings(optimizer, adapter, adapter_shardings_tree)
+    """``optimizer.init(jpeft.trainable(adapter))`` (no state for an adapter's frozen arrays).
+
+    For an adapter placed on a mesh (:func:`shard_adapter`) the state is created directly in
+    place, sharded like the adapter (see :func:`opt_state_shardings`); nothing is gathered on
+    one device. An adapter that is not on a mesh (one device, the usual single-process case)
+    gets the plain ``optimizer.init`` of its trainable arrays.
+
+    >>> import jax, optax, jpeft
+    >>> params = {"params": {"dense": {"kernel": jax.numpy.ones((4, 4))}}}
+    >>> adapter = jpeft.init(jpeft.VeraConfig(r=2, target_modules=["dense"]), params, jax.random.key(0))
+    >>> state = jpeft.init_opt_state(optax.adam(1e-3), adapter)   # no state for VeRA's frozen projections
+    >>> jax.tree.structure(state) == jax.tree.structure(optax.adam(1e-3).init(jpeft.trainable(adapter)))
+    True
+    """
     train = trainable(adapter) if isinstance(adapter, Mapping) else adapter
+    if adapter_shardings_tree is None:
+        leaves = jax.tree.leaves(train)
+        if not any(isinstance(getattr(x, "sharding", None), NamedSharding) for x in leaves):
+            return optimizer.init(train)
+    out = opt_state_shardings(optimizer, adapter, adapter_shardings_tree)
     return jax.jit(optimizer.init, out_shardings=out)(train)
 
 

@@ -205,6 +205,11 @@ def test_optimizer_state_over_frozen_arrays_is_refused(setup):
     step = jpeft.make_train_step(_loss(model), opt, donate=False)
     with pytest.raises(jpeft.ConfigError, match="init_opt_state"):
         step(params, adapter, opt.init(adapter), {"x": x, "y": jnp.ones((4, 3))}, jax.random.key(0))
+    # the fix the error names works as written on one device, no mesh needed
+    state = jpeft.init_opt_state(opt, adapter)
+    chex.assert_trees_all_equal(state, opt.init(jpeft.trainable(adapter)))
+    _, _, metrics = step(params, adapter, state, {"x": x, "y": jnp.ones((4, 3))}, jax.random.key(0))
+    assert int(metrics["skipped"]) == 0
 
 
 def test_repeated_steps_compile_once(setup):
