@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
-from jpeft.methods.base import Layout, LowRank, low_rank_node
+from jpeft.methods.base import Layout, LowRank, check_tied_merge, low_rank_node
 from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -173,6 +173,7 @@ def _validate(adapters, weights, method, density, majority_sign, key):
     if method.startswith("dare") and key is None:
         raise ConfigError(f"method {method!r} drops entries at random; pass key=jax.random.key(...).")
     layouts: dict[str, Layout] = {}
+    ties: dict[str, tuple] = {}  # path -> (first adapter, tied_output, tie_output)
     low: list[dict[str, LowRank]] = []
     for i, ad in enumerate(adapters):
         if not isinstance(ad, Mapping):
@@ -190,12 +191,25 @@ def _validate(adapters, weights, method, density, majority_sign, key):
             lay = layouts.get(path)
             if lay is None:
                 layouts[path] = lr.layout
+                ties[path] = (i, lr.tied_output, bool(lr.tie_output))
             elif tuple(lay.kernel_shape) != tuple(lr.layout.kernel_shape) or lay.in_axes != lr.layout.in_axes:
                 raise ShapeMismatchError(
                     f"adapter {i} has a {tuple(lr.layout.kernel_shape)} kernel at {path!r} but an earlier adapter has "
                     f"{tuple(lay.kernel_shape)}: the adapters were made for different base models."
                 )
-    return low, weights, layouts
+            else:
+                j, tied, tie = ties[path]
+                if bool(lr.tie_output) != tie:
+                    raise NotMergeableError(
+                        f"adapter {i} {'adapts' if lr.tie_output else 'does not adapt'} the tied output projection at "
+                        f"{path!r} (LoraConfig.ensure_weight_tying) but adapter {j} "
+                        f"{'does' if tie else 'does not'}: their updates act on different places, so no merged "
+                        "adapter equals their sum. Train them with the same ensure_weight_tying."
+                    )
+                ties[path] = (j, tied if tied is not None else lr.tied_output, tie)
+    # each merged site as an empty LowRank: its layout, and its embedding tied as its inputs' were
+    sites = {path: LowRank(None, None, 1.0, lay, ties[path][1], ties[path][2]) for path, lay in layouts.items()}
+    return low, weights, sites
 
 
 def merge_deltas(
@@ -224,9 +238,10 @@ def merge_deltas(
       NotMergeableError: a non-LoRA or DoRA adapter.
       ShapeMismatchError: adapters made for different base models.
     """
-    adapters, weights, layouts = _validate(adapters, weights, method, density, majority_sign, key)
+    adapters, weights, sites = _validate(adapters, weights, method, density, majority_sign, key)
     out = {}
-    for j, (path, lay) in enumerate(layouts.items()):
+    for j, (path, site) in enumerate(sites.items()):
+        lay = site.layout
         zero = jnp.zeros((lay.in_features, lay.out_features), jnp.float32)
         deltas = [_delta(ad[path]) if path in ad else zero for ad in adapters]
         k = None if key is None else jax.random.fold_in(key, j)
@@ -290,25 +305,25 @@ def merge_adapters(
         raise ConfigError("method 'cat' is exact (its rank is the sum of the input ranks); use method='svd' with a rank.")
     if rank is not None and rank != "full" and (not isinstance(rank, (int, np.integer)) or rank < 1):
         raise ConfigError(f"rank must be a positive integer, 'full' or None; found {rank!r}.")
-    adapters, weights, layouts = _validate(adapters, weights, method, density, majority_sign, key)
+    adapters, weights, sites = _validate(adapters, weights, method, density, majority_sign, key)
     if method in ("linear", "cat") and rank is None:
-        return _cat(adapters, weights, layouts)
+        return _cat(adapters, weights, sites)
     if method == "linear":
         method = "svd"
     deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
     default_rank = max(int(lr.a.shape[-1]) for ad in adapters for lr in ad.values())
     out = {}
     for path, d in deltas.items():
-        lay = layouts[path]
+        lay = sites[path].layout
         r = min(lay.in_features, lay.out_features) if rank == "full" else int(rank or default_rank)
         a, b = _factor(d, r)
-        out[path] = low_rank_node(LowRank(a, b, 1.0, lay))
+        out[path] = low_rank_node(sites[path]._replace(a=a, b=b))
     return out
 
 
-def _cat(adapters, weights, layouts) -> dict:
+def _cat(adapters, weights, sites) -> dict:
     out = {}
-    for path, lay in layouts.items():
+    for path, site in sites.items():
         As, Bs = [], []
         for ad, w in zip(adapters, weights):
             node = ad.get(path)
@@ -316,7 +331,7 @@ def _cat(adapters, weights, layouts) -> dict:
                 continue
             As.append(jnp.asarray(node.a, jnp.float32))
             Bs.append((w * node.scale) * jnp.asarray(node.b, jnp.float32))
-        out[path] = low_rank_node(LowRank(jnp.concatenate(As, axis=1), jnp.concatenate(Bs, axis=0), 1.0, lay))
+        out[path] = low_rank_node(site._replace(a=jnp.concatenate(As, axis=1), b=jnp.concatenate(Bs, axis=0)))
     return out
 
 
@@ -338,18 +353,24 @@ def merge_into_base(
 ):
     """A copy of ``params`` with the merged update of ``adapters`` added to the base kernels
     (exactly, without rank truncation), for single-tenant serving with no adapter overhead.
-    With one adapter and ``method="linear"`` this equals :func:`jpeft.merge`.
+    With one adapter and ``method="linear"`` this equals :func:`jpeft.merge`, and like it refuses
+    an embedding update that would also act on the model's tied output projection where the
+    unmerged adapters act on the input lookup only.
 
     Raises:
       ShapeMismatchError: an adapter site the params do not have, or of another shape.
+      NotMergeableError: an embedding the model also reads as its tied output projection,
+        adapted on its input lookup only (no ``ensure_weight_tying``).
       (and what :func:`merge_deltas` raises)
     """
-    _, _, layouts = _validate(adapters, weights, method, density, majority_sign, key)
+    _, _, sites = _validate(adapters, weights, method, density, majority_sign, key)
+    for site in sites.values():
+        check_tied_merge(site)
     deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
     inner, wrapped = unwrap_params(params)
     new = inner
     for path, d in deltas.items():
-        lay = layouts[path]
+        lay = sites[path].layout
         try:
             own = get_subtree(new, path)
         except (KeyError, TypeError):

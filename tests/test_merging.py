@@ -177,3 +177,66 @@ def test_merge_errors():
     dora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", use_dora=True), params, jax.random.key(1))
     with pytest.raises(NotMergeableError, match="DoRA"):
         merge_adapters([dora])
+
+
+class _TiedLM(nn.Module):
+    """An embedding that is also the output projection (``attend``), as in tied LMs."""
+
+    @nn.compact
+    def __call__(self, ids):
+        e = nn.Embed(20, 8, name="embed_tokens")
+        return e.attend(nn.Dense(8, name="q_proj")(e(ids)))
+
+
+@pytest.mark.parametrize("method", ["cat", "linear", "svd"])
+def test_merging_keeps_an_embeddings_tied_output_update(method):
+    """A LoRA on a tied embedding with ensure_weight_tying acts on the lookup and the output
+    projection; a merged adapter must do both, or half the update is silently lost."""
+    ids = jnp.array([[1, 5, 7, 3]])
+    params = _TiedLM().init(jax.random.key(2), ids)
+    cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=["embed_tokens", "q_proj"], init="random",
+                           ensure_weight_tying=True)
+    a, b = (jpeft.init(cfg, params, jax.random.key(k), _TiedLM(), ids) for k in (5, 6))
+    w = [0.7, -0.4]
+    merged = merge_adapters([a, b], w, method=method, rank="full" if method == "svd" else None)
+    assert merged["embed_tokens"].tie_output and merged["embed_tokens"].tied_output
+    base = np.asarray(_TiedLM().apply(params, ids))
+    one = merge_adapters([a], [1.0], method=method, rank="full" if method == "svd" else None)
+    alone = np.asarray(jpeft.apply(_TiedLM(), params, a, ids))
+    np.testing.assert_allclose(np.asarray(jpeft.apply(_TiedLM(), params, one, ids)), alone, rtol=1e-5, atol=1e-4)
+    assert np.abs(alone - base).max() > 1.0  # the adapter really moves the logits
+    # and folded into the base (the tied weight carries both halves), as jpeft.merge does
+    folded = np.asarray(_TiedLM().apply(merge_into_base(params, [a], [1.0]), ids))
+    np.testing.assert_allclose(folded, alone, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(_TiedLM().apply(jpeft.merge(params, one), ids)), alone, rtol=1e-5, atol=1e-4)
+    # two adapters (the logits are not linear in an update that acts at both ends, so compare
+    # weights): the merged adapter and the folded base carry the weighted sum of the updates
+    want = params["params"]["embed_tokens"]["embedding"] + sum(
+        wi * ad["embed_tokens"].kernel_delta() for wi, ad in zip(w, [a, b]))
+    np.testing.assert_allclose(jpeft.merge(params, merged)["params"]["embed_tokens"]["embedding"], want, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(merge_into_base(params, [a, b], w)["params"]["embed_tokens"]["embedding"], want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_merging_refuses_what_would_change_a_tied_output():
+    ids = jnp.array([[1, 5, 7, 3]])
+    params = _TiedLM().init(jax.random.key(2), ids)
+    lookup_only = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed_tokens"], init="random"), params,
+                             jax.random.key(5), _TiedLM(), ids)
+    both = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed_tokens"], init="random", ensure_weight_tying=True),
+                      params, jax.random.key(6), _TiedLM(), ids)
+    # folding a lookup-only update into the shared weight would change the output projection:
+    # refused as jpeft.merge refuses it
+    with pytest.raises(NotMergeableError, match="tied output projection"):
+        jpeft.merge(params, lookup_only)
+    with pytest.raises(NotMergeableError, match="tied output projection"):
+        merge_into_base(params, [lookup_only], [1.0])
+    with pytest.raises(NotMergeableError, match="tied output projection"):
+        jpeft.merge(params, merge_adapters([lookup_only], [1.0]))
+    # a lookup-only merged adapter stays usable unmerged, equal to the adapter alone
+    np.testing.assert_allclose(np.asarray(jpeft.apply(_TiedLM(), params, merge_adapters([lookup_only]), ids)),
+                               np.asarray(jpeft.apply(_TiedLM(), params, lookup_only, ids)), rtol=1e-5, atol=1e-5)
+    # updates that act on different places have no single merged adapter
+    with pytest.raises(NotMergeableError, match=r"adapter 1 adapts the tied output projection.*adapter 0 does not"):
+        merge_adapters([lookup_only, both])

@@ -152,6 +152,36 @@ class LowRank(NamedTuple):
     dropout: float = 0.0
 
 
+def check_tied_merge(lr: "LowRank", stacklevel: int = 3) -> None:
+    """Refuses folding an embedding's update into a weight the model also reads as its tied
+    output projection when the unmerged update acts on the input lookup only (the merged
+    model's logits would differ), and warns when it cannot tell; a no-op for other sites and
+    for updates that adapt the tied output too (``tie_output``). Used by :func:`jpeft.merge`
+    (LoRA's ``merge``) and :func:`jpeft.merging.merge_into_base`.
+
+    Raises:
+      NotMergeableError: the embedding is the model's tied output projection.
+    """
+    if lr.layout is None or lr.layout.kind != Kind.EMBED or lr.tie_output:
+        return
+    if lr.tied_output is None:
+        import warnings
+
+        warnings.warn(
+            "merging a LoRA into an embedding: jpeft cannot tell whether the model also reads this embedding as "
+            "a tied output projection (attend), where the merged weight would act but the unmerged adapter does "
+            "not. Pass the model to jpeft.init (it then refuses such a merge), or set "
+            "LoraConfig(ensure_weight_tying=True) to adapt both.", UserWarning, stacklevel=stacklevel)
+    if lr.tied_output:
+        raise NotMergeableError(
+            "this LoRA adapts the input embedding only (Hugging Face PEFT's unmerged model), but the model also "
+            "reads the embedding as its tied output projection (attend): merging into the shared weight would "
+            "change the output projection too, giving different logits (PEFT's merge_and_unload does exactly "
+            "that). Keep the adapter unmerged, untie the output projection (give the model its own lm_head), or "
+            "adapt both on purpose with LoraConfig(ensure_weight_tying=True)."
+        )
+
+
 class Site:
     """Base class of per-site nodes: the protocol, with the defaults a node inherits."""
 

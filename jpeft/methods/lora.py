@@ -27,7 +27,8 @@ from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, Sh
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
 from jpeft.methods._common import down_project, linear_candidates, up_project
-from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, dropout, flat_spec_entry, spec_entries, static_field
+from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge, dropout, flat_spec_entry,
+                                spec_entries, static_field)
 from jpeft.models._layers import flat_dot_general
 from jpeft.scan import Stacked, make_site
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
@@ -431,22 +432,8 @@ class LoraWeights(Site):
         return jnp.transpose(d, inv).astype(dtype)
 
     def _check_tied_merge(self):
-        if self.layout.kind != Kind.EMBED or self.tie_output:
-            return
-        if self.tied_output is None:
-            warnings.warn(
-                "merging a LoRA into an embedding: jpeft cannot tell whether the model also reads this embedding as "
-                "a tied output projection (attend), where the merged weight would act but the unmerged adapter does "
-                "not. Pass the model to jpeft.init (it then refuses such a merge), or set "
-                "LoraConfig(ensure_weight_tying=True) to adapt both.", UserWarning, stacklevel=4)
-        if self.tied_output:
-            raise NotMergeableError(
-                "this LoRA adapts the input embedding only (Hugging Face PEFT's unmerged model), but the model also "
-                "reads the embedding as its tied output projection (attend): merging into the shared weight would "
-                "change the output projection too, giving different logits (PEFT's merge_and_unload does exactly "
-                "that). Keep the adapter unmerged, untie the output projection (give the model its own lm_head), or "
-                "adapt both on purpose with LoraConfig(ensure_weight_tying=True)."
-            )
+        check_tied_merge(LowRank(None, None, 0.0, self.layout, self.tied_output if self.layout.kind == Kind.EMBED
+                                 else None, bool(self.tie_output)), stacklevel=5)
 
     def _merge_bias(self, own, out, sign: float) -> None:
         """Adds ``sign * s * lora_bias`` to the base bias in ``out`` (PEFT refuses too when there is none)."""
@@ -539,8 +526,9 @@ class LoraWeights(Site):
 
 def from_low_rank(lr: LowRank) -> LoraWeights:
     """``Method.from_low_rank`` of LoRA: the plain LoRA site of a low-rank update."""
+    embed = lr.layout.kind == Kind.EMBED
     return LoraWeights(lr.a, lr.b, None, float(lr.scale), lr.layout, float(lr.dropout),
-                       tied_output=lr.tied_output if lr.layout.kind == Kind.EMBED else None)
+                       tie_output=bool(lr.tie_output) and embed, tied_output=lr.tied_output if embed else None)
 
 def _same_shapes(a, b) -> bool:
     sa = jax.tree.map(lambda x: tuple(x.shape), dict(a))
