@@ -74,8 +74,9 @@ def load_examples(
       text_field / prompt_field / completion_field: the JSONL keys to read.
 
     Raises:
-      LoadError: the file is missing, a JSONL line is not a JSON object, or a line has
-        neither ``text_field`` nor both ``prompt_field`` and ``completion_field``.
+      LoadError: the file is missing, a JSONL line is not a JSON object, a line has
+        neither ``text_field`` nor both ``prompt_field`` and ``completion_field``, or one of
+        those values is not a string (``null``, a number, a list).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -85,6 +86,17 @@ def load_examples(
     except UnicodeDecodeError as e:
         raise LoadError(f"dataset file {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
                         "give a UTF-8 .txt or .jsonl file.") from None
+
+
+def _text_value(path: str, lineno: int, row: Mapping, field: str) -> str:
+    """``row[field]``, which must be a string: ``null``, a number, a list or an object would
+    otherwise be trained on as its Python text (``"None"``, ``"['a', 'b']"``)."""
+    v = row[field]
+    if not isinstance(v, str):
+        found = "null" if v is None else f"{type(v).__name__} {json.dumps(v)[:60]}"
+        raise LoadError(f"{path}:{lineno}: the {field!r} field must be a string, found {found}. Write the text as a "
+                        "JSON string (or drop the line); jpeft does not turn other values into text.")
+    return v
 
 
 def _read_examples(path: str, text_field: str, prompt_field: str, completion_field: str) -> list[dict[str, str]]:
@@ -108,9 +120,10 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
             if not isinstance(row, Mapping):
                 raise LoadError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}.")
             if prompt_field in row and completion_field in row:
-                out.append({"prompt": str(row[prompt_field]), "completion": str(row[completion_field])})
+                out.append({"prompt": _text_value(path, lineno, row, prompt_field),
+                            "completion": _text_value(path, lineno, row, completion_field)})
             elif text_field in row:
-                out.append({"text": str(row[text_field])})
+                out.append({"text": _text_value(path, lineno, row, text_field)})
             else:
                 raise LoadError(
                     f"{path}:{lineno}: expected a {text_field!r} field or both {prompt_field!r} and "

@@ -139,3 +139,24 @@ def test_prompt_tuning_refuses_segments():
     ad = jpeft.init(jpeft.PromptTuningConfig(num_virtual_tokens=2), params, jax.random.key(1))
     with pytest.raises(jpeft.InputValidationError, match="stream"):
         jpeft.apply(model, params, ad, jnp.asarray(ids), segment_ids=jnp.asarray(seg))
+
+
+def test_jsonl_values_must_be_strings(tmp_path):
+    """A null, number, list or object in a text field is refused with its line and field, not
+    trained on as its Python text ("None", "['a', 'b']")."""
+    from jpeft.data import load_examples
+    from jpeft.errors import LoadError
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "abc"}\n{"prompt": "Q", "completion": "A"}\n')
+    assert load_examples(good) == [{"text": "abc"}, {"prompt": "Q", "completion": "A"}]
+    cases = [('{"text": null}', r"bad.jsonl:2: the 'text' field must be a string, found null"),
+             ('{"prompt": "Q", "completion": null}', r"bad.jsonl:2: the 'completion' field must be a string, found null"),
+             ('{"text": ["a", "b"]}', r"bad.jsonl:2: the 'text' field must be a string, found list \[\"a\", \"b\"\]"),
+             ('{"text": {"x": 1}}', r"the 'text' field must be a string, found dict"),
+             ('{"prompt": 7, "completion": "A"}', r"the 'prompt' field must be a string, found int 7")]
+    for line, want in cases:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"text": "fine"}\n' + line + "\n")
+        with pytest.raises(LoadError, match=want):
+            load_examples(bad)
