@@ -101,6 +101,37 @@ def test_lm_metrics_against_numpy():
         metrics.lm_loss(base, tgt[:, :4])
 
 
+def test_lm_metrics_with_masked_vocabulary_and_masked_positions():
+    """A class both models give no mass (-inf logits, a masked vocabulary entry) adds 0 log 0 =
+    0 to the KL, not NaN; positions masked out (their logits NaN, their label -100) do not reach
+    the means; and a label outside the vocabulary without a mask is refused by name."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    new = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    base[..., 0] = new[..., 0] = -np.inf
+    lp = base[..., 1:] - np.log(np.exp(base[..., 1:]).sum(-1, keepdims=True))
+    lq = new[..., 1:] - np.log(np.exp(new[..., 1:]).sum(-1, keepdims=True))
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    assert float(metrics.mean_token_kl(base, new)) == pytest.approx(kl.mean(), rel=1e-5)
+    assert float(distillation_kl(new, base, temperature=1.0)) == pytest.approx(kl.mean(), rel=1e-5)
+    g = jax.grad(lambda s: distillation_kl(s, jnp.asarray(base), temperature=1.0))(jnp.asarray(new))
+    assert bool(jnp.all(jnp.isfinite(g)))
+    # masked positions: NaN logits and a -100 label there change nothing
+    mask = np.ones((2, 5)); mask[1, 3:] = 0
+    tgt = rng.integers(1, 7, size=(2, 5))
+    want_ce = -np.take_along_axis(np.concatenate([np.full((2, 5, 1), -np.inf), lp], -1), tgt[..., None], -1)[..., 0]
+    noisy, noisy_new = base.copy(), new.copy()
+    noisy[1, 3:] = np.nan
+    noisy_new[1, 4] = np.nan
+    tgt_ignored = np.where(mask == 1, tgt, -100)
+    assert float(metrics.lm_loss(noisy, tgt_ignored, mask)) == pytest.approx(want_ce[mask == 1].mean(), rel=1e-5)
+    assert float(metrics.mean_token_kl(noisy, noisy_new, mask)) == pytest.approx(kl[mask == 1].mean(), rel=1e-5)
+    assert float(distillation_kl(noisy_new, noisy, temperature=1.0, mask=mask)) == pytest.approx(
+        kl[mask == 1].mean(), rel=1e-5)
+    with pytest.raises(InputValidationError, match=r"token ids in \[0, 7\), found -100\.\.6.*pass a mask"):
+        metrics.lm_loss(base, np.where(mask == 1, tgt, -100))
+
+
 # ---------------------------------------------------------------------------------- Fisher
 
 

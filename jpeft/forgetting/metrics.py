@@ -210,11 +210,28 @@ def _check_logits(logits, targets=None, mask=None):
     return logits
 
 
-def _masked_mean(x, mask):
+def masked_mean(x, mask):
+    """Mean of ``x`` weighted by ``mask`` (``None``: all). Masked-out positions are selected
+    away, not multiplied by 0, so a NaN or inf there (a padded row's logits) does not reach
+    the mean; an all-zero mask gives 0."""
     if mask is None:
         return jnp.mean(x)
     m = jnp.asarray(mask, x.dtype)
-    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+    return jnp.sum(jnp.where(m != 0, x * m, 0)) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def kl_rows(lp, lq):
+    """``KL(p || q)`` over the last axis from log-probabilities, with ``0 log 0 = 0``: a class
+    that ``p`` gives no mass (``-inf``, e.g. a masked vocabulary entry in both models) adds
+    nothing, where ``exp(-inf) * (-inf - -inf)`` would be NaN. Its gradient is finite there too.
+
+    >>> import jax.numpy as jnp
+    >>> lp = jnp.log(jnp.array([0.0, 0.5, 0.5])); lq = jnp.log(jnp.array([0.0, 0.25, 0.75]))
+    >>> round(float(kl_rows(lp, lq)), 6)   # 0.5 log 2 + 0.5 log(2/3)
+    0.143841
+    """
+    p = jnp.exp(lp)
+    return jnp.sum(p * jnp.where(p > 0, lp - lq, 0.0), axis=-1)
 
 
 def lm_loss(logits, targets, mask=None) -> jax.Array:
@@ -226,9 +243,17 @@ def lm_loss(logits, targets, mask=None) -> jax.Array:
     1.3862943649291992
     """
     logits = _check_logits(logits, targets, mask)
+    targets = jnp.asarray(targets)
+    if mask is not None:  # an ignored position may hold any label (Hugging Face's -100)
+        targets = jnp.where(jnp.asarray(mask) != 0, targets, 0)
+    elif not isinstance(targets, jax.core.Tracer) and targets.size and (
+            int(targets.min()) < 0 or int(targets.max()) >= logits.shape[-1]):
+        raise InputValidationError(
+            f"targets must be token ids in [0, {logits.shape[-1]}), found {int(targets.min())}..{int(targets.max())}; "
+            "for ignored positions (such as -100) pass a mask with 0 there.")
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
-    return _masked_mean(nll, mask)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return masked_mean(nll, mask)
 
 
 def perplexity(loss) -> float:
@@ -273,5 +298,4 @@ def mean_token_kl(base_logits, new_logits, mask=None) -> jax.Array:
         raise InputValidationError(f"base and new logits must have the same shape, found {base_logits.shape} and {new_logits.shape}.")
     lp = jax.nn.log_softmax(base_logits.astype(jnp.float32), axis=-1)
     lq = jax.nn.log_softmax(new_logits.astype(jnp.float32), axis=-1)
-    kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-    return _masked_mean(kl, mask)
+    return masked_mean(kl_rows(lp, lq), mask)

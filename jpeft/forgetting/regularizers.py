@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError, NotMergeableError, ShapeMismatchError
+from jpeft.forgetting.metrics import kl_rows, masked_mean
 from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, unwrap_params
 
@@ -489,10 +490,4 @@ def distillation_kl(student_logits, teacher_logits, *, temperature: float = 2.0,
         raise InputValidationError(f"student and teacher logits must have the same shape; found {s.shape} and {t.shape}.")
     lp = jax.nn.log_softmax(t / temperature, axis=-1)
     lq = jax.nn.log_softmax(s / temperature, axis=-1)
-    kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
-    if mask is None:
-        m = jnp.mean(kl)
-    else:
-        mk = jnp.asarray(mask, jnp.float32)
-        m = jnp.sum(kl * mk) / jnp.maximum(jnp.sum(mk), 1.0)
-    return (temperature**2) * m
+    return (temperature**2) * masked_mean(kl_rows(lp, lq), mask)
