@@ -323,6 +323,28 @@ def test_train_refuses_resume_past_steps_and_names_a_scan_layers_change(hf_dir, 
     assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", "train.scan_layers=true"]) == 2
     assert ("were written with train.scan_layers = false (a per-layer adapter), but this run has "
             "train.scan_layers = true; resume with --set train.scan_layers=false") in error_line(capsys.readouterr().err)
+    # settings that change the run (data order, update rule) are refused by name, and the saved
+    # config stays as it was; a clipping change would otherwise fail deep in the optimizer state
+    saved = (hf_dir / "past_run" / "resolved_config.json").read_text()
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", "seed=99",
+                 "--set", "train.max_grad_norm=0"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "--resume would continue the run in" in line and "seed: 3 -> 99; train.max_grad_norm: 1.0 -> 0" in line, line
+    assert "resolved_config.json), or start a new run in another output_dir" in line
+    assert (hf_dir / "past_run" / "resolved_config.json").read_text() == saved
+    # reporting and saving settings may change on resume (and train.steps, with a note)
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", "train.log_every=1",
+                 "--set", "train.steps=3"]) == 0
+    assert "note: train.steps changed from 2 to 3 on resume" in capsys.readouterr().err
+    # extended again but stopped early: the run folder's finished adapter/ (step 3) is older than
+    # its newest checkpoint (step 4); --adapter RUN still reads adapter/, and says so
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", "train.steps=6",
+                 "--max-steps", "4"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(hf_dir / "past_run")]) == 0
+    err = capsys.readouterr().err
+    assert "past_run/adapter is the adapter finished at step 3, but the run has a newer checkpoint (step 4" in err
+    assert "Give --adapter " + str(hf_dir / "past_run" / "checkpoints" / "4") + " for the newer one" in err
 
 
 def test_train_with_a_nan_base_weight_fails_instead_of_saving(hf_dir, capsys, monkeypatch):

@@ -14,6 +14,7 @@ Every command that takes ``--adapter`` reads whatever training or export wrote:
 from __future__ import annotations
 
 import os
+import sys
 from typing import NamedTuple, Optional
 
 from jpeft import hf, io, scan
@@ -29,6 +30,10 @@ CKPT_META = os.path.join("meta", "metadata")
 ACCEPTED = ("a jpeft adapter folder (jpeft_adapter.json, e.g. runs/x/adapter), a Hugging Face PEFT folder "
             "(adapter_config.json, e.g. from `jpeft export`), a run folder written by `jpeft train`, or one of "
             "its checkpoints (runs/x/checkpoints/<step>)")
+
+
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 class Found(NamedTuple):
@@ -65,12 +70,34 @@ def find_adapter(path: str) -> Found:
     if os.path.isfile(os.path.join(path, CKPT_META)) and os.path.basename(os.path.normpath(path)).isdigit():
         return Found("checkpoint", path, int(os.path.basename(os.path.normpath(path))))
     if os.path.isfile(os.path.join(path, "adapter", ADAPTER_JSON)):
+        _warn_if_checkpoints_are_newer(path)
         return Found("jpeft", os.path.join(path, "adapter"))
     for ckpt_dir in (os.path.join(path, "checkpoints"), path):
         steps = _steps(ckpt_dir)
         if steps:
             return Found("checkpoint", os.path.join(ckpt_dir, str(steps[-1])), steps[-1])
     raise LoadError(f"{path!r} holds no adapter (found: {sorted(os.listdir(path))[:8]}); give {ACCEPTED}.")
+
+
+def _warn_if_checkpoints_are_newer(run: str) -> None:
+    """A run folder's finished ``adapter/`` is what ``--adapter RUN`` reads; a run resumed to
+    more steps and not finished yet has newer checkpoints beside it, which the user may have
+    meant. Says so (one line on stderr) and how to read the newer one."""
+    steps = _steps(os.path.join(run, "checkpoints"))
+    if not steps:
+        return
+    try:
+        meta = read_json(os.path.join(run, "adapter", ADAPTER_JSON), what="adapter metadata")["metadata"]
+        done = int(meta["steps"])
+    except (LoadError, KeyError, TypeError, ValueError):
+        return
+    if (meta.get("forgetting") or {}).get("stopped"):
+        return  # the forgetting guard stopped the run and kept an earlier step on purpose
+    if steps[-1] > done:
+        newest = os.path.join(run, "checkpoints", str(steps[-1]))
+        _warn(f"note: {os.path.join(run, 'adapter')} is the adapter finished at step {done}, but the run has a newer "
+              f"checkpoint (step {steps[-1]}: a resumed run not finished yet); reading the finished adapter. Give "
+              f"--adapter {newest} for the newer one.")
 
 
 def checkpoint_metadata(step_dir: str) -> dict:

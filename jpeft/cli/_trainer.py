@@ -118,10 +118,40 @@ def evaluate(eval_sums, params, adapter, ds, batch_size: int, max_batches: Optio
 
 
 
+# Settings a resumed run may change: where and how often it reports and saves, and the mesh (the
+# checkpoints reshard). ``train.steps`` may change too, to extend or shorten a run (noted, since
+# the learning-rate schedule then spans the new number). Anything else changes the training
+# trajectory (the data order, the model, the update rule), so a resume with it is refused.
+_RESUME_MAY_CHANGE = ("output_dir", "model", "data.eval", "train.eval_every", "train.save_every", "train.log_every",
+                      "train.keep_checkpoints", "train.eval_batches", "train.steps", "mesh.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _saved_steps(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(json.load(f)["train"]["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _check_resumable(out_dir: str, cfg: dict) -> None:
-    """Names the cause when ``--resume`` meets checkpoints of a run with another layout:
-    checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled model cannot use
-    (and the other way round)."""
+    """Refuses ``--resume`` with settings that change the run (the seed, the data, the model's
+    layout, the method, the optimizer, ...), naming each with its saved and its new value:
+    the resumed run would no longer be the run its checkpoints belong to, and the saved config
+    would be overwritten. Checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled
+    model cannot use (and the other way round), which gets its own message. Runs without a
+    readable ``resolved_config.json`` are not checked; keys an older jpeft did not save are
+    skipped."""
     path = os.path.join(out_dir, "resolved_config.json")
     if not os.path.isfile(path):
         return
@@ -137,6 +167,21 @@ def _check_resumable(out_dir: str, cfg: dict) -> None:
             f"the checkpoints in {out_dir!r} were written with train.scan_layers = {str(was).lower()} (a "
             f"{'layer-stacked' if was else 'per-layer'} adapter), but this run has train.scan_layers = "
             f"{str(now).lower()}; resume with --set train.scan_layers={str(was).lower()}, or choose another output_dir.")
+    old = _flat({k: v for k, v in before.items() if k != "method_config"})
+    new = _flat(cfg)
+    # a key the saved config lacks counts only where its whole table is new (a [forgetting] or
+    # quantize added now); inside a saved table it is a setting an older jpeft did not write
+    changed = sorted({k for k in old if old[k] != new.get(k)}
+                     | {k for k in new if k not in old and k.split(".")[0] not in before and new[k] is not None})
+    changed = [k for k in changed if not k.startswith(_RESUME_MAY_CHANGE)]
+    if changed:
+        shown = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ConfigError(
+            f"--resume would continue the run in {out_dir!r} with other settings than it was trained with ({shown}{more}): "
+            "its checkpoints' data order, model or update rule no longer apply, and resuming would not be exact. "
+            "Resume with the saved values (drop those --set options or edit the config back; they are in "
+            f"{path}), or start a new run in another output_dir.")
 
 
 def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, progress: bool = True) -> dict:
@@ -289,7 +334,13 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
         raise ConfigError(f"--max-steps {max_steps} is not past the checkpoint's step {start}; give a larger "
                           "--max-steps, or none to finish the run.")
     if jax.process_index() == 0:
-        with open(os.path.join(out_dir, "resolved_config.json"), "w") as f:
+        path = os.path.join(out_dir, "resolved_config.json")
+        if start > 0:
+            was = _saved_steps(path)
+            if was is not None and was != steps:
+                _say(f"note: train.steps changed from {was} to {steps} on resume; the learning-rate schedule now spans "
+                     f"{steps} steps.")
+        with open(path, "w") as f:
             json.dump(dict(cfg, method_config=method.to_dict()), f, indent=1)
 
     bs = int(t["batch_size"])
