@@ -111,6 +111,27 @@ def _ocp():
     return ocp
 
 
+def optimizer_state_kinds(opt_state) -> list:
+    """The class names of an optimizer state's parts, in order (``["ScaleByAdamState",
+    "EmptyState"]`` for ``optax.adam``): what tells two optimizers' states apart when their
+    arrays have the same names and shapes (Adam's ``nu`` against AdaBelief's), so a checkpoint
+    is not restored into another update rule. Adapter-shaped parts (``mu``, ``nu``) are not
+    entered."""
+    out: list = []
+
+    def walk(x):
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            out.append(type(x).__name__)
+            for v in x:
+                walk(v)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                walk(v)
+
+    walk(opt_state)
+    return out
+
+
 def _named_host(tree, prefix: str) -> tuple[dict, dict]:
     """``({name: host array}, {name: index entry})`` for a pytree of arrays."""
     named = leaf_names(tree)
@@ -500,6 +521,8 @@ class CheckpointManager:
             "metrics": clean_metrics,
             "arrays": index,
         }
+        if "opt_state" in arrays:
+            meta["opt_state_kinds"] = optimizer_state_kinds(opt_state)
         try:
             meta = with_checksum(meta)
         except (TypeError, ValueError, RecursionError) as e:
@@ -695,6 +718,14 @@ class CheckpointManager:
         groups = {"adapter": adapter}
         if opt_state is not None:
             groups["opt_state"] = opt_state
+            kinds = meta.get("opt_state_kinds")
+            if isinstance(kinds, list) and kinds != optimizer_state_kinds(opt_state):
+                raise CheckpointError(
+                    f"{where} holds the optimizer state of another optimizer: its parts are {kinds}, this optimizer's "
+                    f"are {optimizer_state_kinds(opt_state)}. Restoring it would hand one update rule's moments to "
+                    "another (Adam's second moment is not AdaBelief's). Create the CheckpointManager with the "
+                    "optimizer the run was trained with, or restore the adapter alone (restore(..., opt_state=None) "
+                    "on a manager made without an optimizer).")
         expected: dict[str, Any] = {}
         for g, tree in groups.items():
             for name, leaf in leaf_names(tree):

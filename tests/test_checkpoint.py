@@ -267,6 +267,16 @@ def test_wrong_base_named_error_and_override(tmp_path, base):
     with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg.replace(r=8), params, optimizer=opt) as m:
         with pytest.raises(ConfigError, match="'r' is 4 there, 8 here"):
             m.restore_latest()
+    # and the state of another optimizer whose arrays have the same names and shapes (AdaBelief's
+    # mu / nu against Adam's): the state's parts are saved by class and compared
+    assert jpeft.checkpoint.optimizer_state_kinds(opt_state) == ["ScaleByAdamState", "EmptyState"]
+    for other in (optax.adabelief(1e-3), optax.adamw(1e-3)):
+        with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=other) as m:
+            with pytest.raises(CheckpointError, match=r"optimizer state of another optimizer: its parts are "
+                                                      r"\['ScaleByAdamState', 'EmptyState'\], this optimizer's are"):
+                m.restore_latest()
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt) as m:
+        assert _leaves_equal(m.restore_latest().opt_state, opt_state)
 
 
 def _ocdbt_data_files(step_dir):
