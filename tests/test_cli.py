@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -303,9 +304,15 @@ def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
     assert not (hf_dir / "split_run" / "adapter").exists()
     assert main(["train", "--config", str(cfg2), "--no-progress"]) == 2  # without --resume: refused
     assert "already has checkpoints; pass --resume" in error_line(capsys.readouterr().err)
+    # as after a crash that lost the newest checkpoint: steps 4-5 were logged, the run resumes at 3
+    shutil.rmtree(hf_dir / "split_run" / "checkpoints" / "5")
     r = jpeft_cmd("train", "--config", cfg2, "--resume", "--no-progress")  # a fresh process: nothing kept in memory
     assert r.returncode == 0, r.stderr
-    assert "resumed from step 5" in r.stderr
+    assert "resumed from step 3" in r.stderr and "3 record(s) of steps after 3 removed" in r.stderr  # 4, its eval, 5
+    # each step logged once, with the uninterrupted run's losses
+    split = [x for x in _metrics(hf_dir / "split_run") if "loss" in x]
+    assert [x["step"] for x in split] == list(range(1, 9))
+    np.testing.assert_allclose([x["loss"] for x in split], [x["loss"] for x in lines if "loss" in x], rtol=1e-6)
     got = adapter_arrays(hf_dir / "split_run" / "adapter")
     assert sorted(got) == sorted(ref) and len(ref) == 12  # 2 layers x 3 modules x (A, B)
     for k in ref:

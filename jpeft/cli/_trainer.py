@@ -136,6 +136,33 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _drop_logged_after(path: str, step: int) -> None:
+    """Removes from ``metrics.jsonl`` the records of steps after ``step``, the checkpoint a run
+    resumes from: a run that crashed after logging them re-runs and re-logs those steps, which
+    would otherwise appear twice. Rewritten through a temporary file (never half-written)."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:
+        return
+
+    def later(line: str) -> bool:
+        try:
+            s = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            return False
+        return isinstance(s, (int, float)) and s > step
+
+    keep = [ln for ln in lines if not later(ln)]
+    if len(keep) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    _say(f"jpeft train: metrics.jsonl: {len(lines) - len(keep)} record(s) of steps after {step} removed; those steps "
+         "run again.")
+
+
 def _saved_steps(path: str) -> Optional[int]:
     try:
         with open(path) as f:
@@ -370,6 +397,8 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
         batches = (train_ds.batch(s, bs, seed) for s in itertools.count(start))
         if place is not None:
             batches = map(place, batches)
+        if start > 0 and jax.process_index() == 0:
+            _drop_logged_after(os.path.join(out_dir, "metrics.jsonl"), start)
         with jpeft.MetricLog(os.path.join(out_dir, "metrics.jsonl"), tensorboard=os.path.join(out_dir, "tb"),
                              echo=not progress) as log:
             result = jpeft.fit(
