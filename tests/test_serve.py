@@ -326,3 +326,16 @@ def test_engine_bookkeeping_timeouts_overload_and_deferred_removal():
     with pytest.raises(ApiError, match="no chat template") as e:
         Server(eng, base_name="tiny", tokenizer=NoTemplate())._chat_ids({"messages": [{"role": "user", "content": "x"}]})
     assert e.value.status == 400
+
+
+def test_sampling_options_it_does_not_take_are_refused_not_ignored():
+    """Options other servers take (top_k, min_p, ...) would otherwise be ignored: a client
+    asking top_k=1 for greedy text would get samples. Their off values pass."""
+    from jpeft.serve.app import ApiError, _unsupported
+
+    for key, value in (("top_k", 1), ("min_p", 0.1), ("typical_p", 0.9), ("repetition_penalty", 1.2),
+                       ("use_beam_search", True), ("logprobs", 2), ("n", 2)):
+        with pytest.raises(ApiError, match=f"'{key}'") as e:
+            _unsupported({"model": "a", "prompt": "x", key: value})
+        assert e.value.status == 400
+    _unsupported({"model": "a", "prompt": "x", "top_k": -1, "min_p": 0, "repetition_penalty": 1.0, "n": 1})

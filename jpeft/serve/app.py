@@ -99,6 +99,13 @@ def _unsupported(body: dict) -> None:
     for key in ("frequency_penalty", "presence_penalty"):
         if body.get(key) not in (None, 0, 0.0):
             raise _bad(f"{key!r} is not supported by jpeft serve (only 0).", key)
+    # sampling options other servers take (vLLM, TGI): ignored, a client asking top_k=1 for
+    # greedy text would silently get samples
+    for key, off in (("top_k", (0, -1)), ("min_p", (0,)), ("typical_p", (1,)), ("repetition_penalty", (1,)),
+                     ("use_beam_search", (False,))):
+        if body.get(key) is not None and body.get(key) not in off:
+            raise _bad(f"{key!r} is not supported by jpeft serve; it samples with 'temperature' and 'top_p' only "
+                       "('temperature': 0 is greedy).", key)
 
 
 class Server:
