@@ -330,7 +330,8 @@ def main(argv=None):
     p.add_argument("--rank", default="4,16,64,256", help="LoRA ranks of the rank axis (default %(default)s)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank of the seq/depth/mode points (default 8)")
     p.add_argument("--rounds", type=int, default=3,
-                   help="fresh rounds per point, each with new worker processes; the report takes the median (default 3)")
+                   help="fresh rounds per point, each with new worker processes; the report takes the median "
+                        "(default 3)")
     p.add_argument("--steps", type=int, default=4, help="turns per worker per round (default 4)")
     p.add_argument("--per-turn", type=int, default=3, help="back-to-back steps per turn (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling (default 2)")

@@ -23,6 +23,8 @@ is ``W.T``), so the singular vectors compared are the same ones Hugging Face PEF
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Mapping
 
 import numpy as np
@@ -84,11 +86,12 @@ def intruder_dimensions(w_base, w_tuned, *, top_k: int = 10, epsilon: float = 0.
     return {"indices": [int(i) for i in np.nonzero(sim < epsilon)[0]], "similarity": sim.tolist()}
 
 
-def _kernels(tree, prefix=()):
+def _kernels(tree, prefix=(), ndim=2):
+    """``(path, kernel)`` for every ``kernel`` leaf with ``ndim`` dimensions (``None``: any)."""
     if isinstance(tree, Mapping):
         for k, v in tree.items():
-            yield from _kernels(v, prefix + (str(k),))
-    elif prefix and prefix[-1] == "kernel" and np.ndim(tree) == 2:
+            yield from _kernels(v, prefix + (str(k),), ndim)
+    elif prefix and prefix[-1] == "kernel" and (ndim is None or np.ndim(tree) == ndim):
         yield "/".join(prefix), tree
 
 
@@ -98,6 +101,8 @@ def update_spectrum(params: Mapping[str, Any], merged: Mapping[str, Any], *, top
     against ``params``: the update's ``effective_rank``, its ``rank_for_energy`` (as a count
     and as a share of ``min(out, in)``) and the number of intruder dimensions of the merged
     matrix. Also their means (``mean_*``) and the total ``intruders`` over the changed kernels.
+    Changed kernels of other ranks (a layer-scanned model's stacked ``[L, in, out]`` kernels,
+    ``DenseGeneral``) are listed under ``skipped``, with a warning, not measured.
 
     ``merged`` is ``jpeft.merge(params, adapter)``: a method's update is what merging adds, so
     every mergeable method (and full fine-tuning) is measured the same way.
@@ -115,7 +120,17 @@ def update_spectrum(params: Mapping[str, Any], merged: Mapping[str, Any], *, top
         k = rank_for_energy(d, energy)
         per[path] = {"effective_rank": effective_rank(d), "rank_for_energy": k, "rank_share": k / min(d.shape),
                      "intruders": len(intruder_dimensions(wb, wt, top_k=top_k, epsilon=epsilon)["indices"])}
-    out = {"kernels": per, "changed": len(per)}
+    base_any = dict(_kernels(params, ndim=None))
+    skipped = sorted(path for path, wt in _kernels(merged, ndim=None) if np.ndim(wt) != 2 and path in base_any
+                     and np.any(np.asarray(wt) != np.asarray(base_any[path])))
+    if skipped:
+        warnings.warn(
+            f"update_spectrum analyses 2-D kernels; {len(skipped)} changed kernel(s) of other ranks are not in its "
+            f"numbers: {skipped[:4]}{' ...' if len(skipped) > 4 else ''} (a layer-scanned model's stacked kernels, "
+            "DenseGeneral or Einsum kernels). Unstack a scanned model's params first (jpeft.scan.unstack_params) "
+            "to measure them.",
+            UserWarning, stacklevel=2)
+    out = {"kernels": per, "changed": len(per), "skipped": skipped}
     for key in ("effective_rank", "rank_for_energy", "rank_share"):
         out[f"mean_{key}"] = float(np.mean([v[key] for v in per.values()])) if per else float("nan")
     out["intruders"] = int(sum(v["intruders"] for v in per.values()))

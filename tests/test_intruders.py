@@ -138,3 +138,26 @@ def test_spectral_closed_forms():
     rep = spectral.intruder_dimensions(base, tuned, top_k=2, epsilon=0.5)
     assert rep["indices"] == [0]
     assert rep["similarity"] == pytest.approx([1 / np.sqrt(101), 1.0])
+
+
+def test_update_spectrum_names_the_changed_kernels_it_cannot_measure():
+    """A LoRA on a DenseGeneral kernel [16, 4, 6] changes it when merged; update_spectrum
+    measures 2-D kernels only, so it lists that one under skipped, with a warning, instead of
+    leaving it out of its numbers unsaid."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.DenseGeneral((4, 6), name="proj")(x)
+            return nn.Dense(5, name="out")(h.reshape(h.shape[:-2] + (24,)))
+
+    x = jnp.ones((2, 16))
+    params = M().init(jax.random.key(0), x)
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["proj", "out"], init="random"), params,
+                         jax.random.key(1), M(), x)
+    merged = jpeft.merge(params, adapter)
+    with pytest.warns(UserWarning, match=r"1 changed kernel\(s\) of other ranks.*'params/proj/kernel'"):
+        rep = spectral.update_spectrum(params, merged)
+    assert rep["skipped"] == ["params/proj/kernel"] and rep["changed"] == 1
+    assert list(rep["kernels"]) == ["params/out/kernel"]
+    assert rep["kernels"]["params/out/kernel"]["rank_for_energy"] <= 2  # a rank-2 update

@@ -205,7 +205,8 @@ def _check_resumable(out_dir: str, cfg: dict) -> None:
         shown = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
         raise ConfigError(
-            f"--resume would continue the run in {out_dir!r} with other settings than it was trained with ({shown}{more}): "
+            f"--resume would continue the run in {out_dir!r} with other settings than it was trained with "
+            f"({shown}{more}): "
             "its checkpoints' data order, model or update rule no longer apply, and resuming would not be exact. "
             "Resume with the saved values (drop those --set options or edit the config back; they are in "
             f"{path}), or start a new run in another output_dir.")
