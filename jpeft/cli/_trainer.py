@@ -398,7 +398,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
         batches = (train_ds.batch(s, bs, seed) for s in itertools.count(start))
         if place is not None:
             batches = map(place, batches)
-        if start > 0 and jax.process_index() == 0:
+        if resume and jax.process_index() == 0:
             _drop_logged_after(os.path.join(out_dir, "metrics.jsonl"), start)
         with jpeft.MetricLog(os.path.join(out_dir, "metrics.jsonl"), tensorboard=os.path.join(out_dir, "tb"),
                              echo=not progress) as log:
