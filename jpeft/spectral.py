@@ -86,12 +86,12 @@ def intruder_dimensions(w_base, w_tuned, *, top_k: int = 10, epsilon: float = 0.
     return {"indices": [int(i) for i in np.nonzero(sim < epsilon)[0]], "similarity": sim.tolist()}
 
 
-def _kernels(tree, prefix=(), ndim=2):
-    """``(path, kernel)`` for every ``kernel`` leaf with ``ndim`` dimensions (``None``: any)."""
+def _kernels(tree, prefix=()):
+    """``(path, kernel)`` for every ``kernel`` leaf."""
     if isinstance(tree, Mapping):
         for k, v in tree.items():
-            yield from _kernels(v, prefix + (str(k),), ndim)
-    elif prefix and prefix[-1] == "kernel" and (ndim is None or np.ndim(tree) == ndim):
+            yield from _kernels(v, prefix + (str(k),))
+    elif prefix and prefix[-1] == "kernel":
         yield "/".join(prefix), tree
 
 
@@ -108,8 +108,12 @@ def update_spectrum(params: Mapping[str, Any], merged: Mapping[str, Any], *, top
     every mergeable method (and full fine-tuning) is measured the same way.
     """
     base = dict(_kernels(params))
-    per = {}
+    per, skipped = {}, []
     for path, wt in _kernels(merged):
+        if np.ndim(wt) != 2:
+            if path in base and np.any(np.asarray(wt) != np.asarray(base[path])):
+                skipped.append(path)
+            continue
         if path not in base:
             raise InputValidationError(f"the merged tree has a kernel at {path!r} that the base does not.")
         wb = np.asarray(base[path], np.float64).T
@@ -120,9 +124,7 @@ def update_spectrum(params: Mapping[str, Any], merged: Mapping[str, Any], *, top
         k = rank_for_energy(d, energy)
         per[path] = {"effective_rank": effective_rank(d), "rank_for_energy": k, "rank_share": k / min(d.shape),
                      "intruders": len(intruder_dimensions(wb, wt, top_k=top_k, epsilon=epsilon)["indices"])}
-    base_any = dict(_kernels(params, ndim=None))
-    skipped = sorted(path for path, wt in _kernels(merged, ndim=None) if np.ndim(wt) != 2 and path in base_any
-                     and np.any(np.asarray(wt) != np.asarray(base_any[path])))
+    skipped.sort()
     if skipped:
         warnings.warn(
             f"update_spectrum analyses 2-D kernels; {len(skipped)} changed kernel(s) of other ranks are not in its "

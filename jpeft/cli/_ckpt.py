@@ -14,11 +14,11 @@ Every command that takes ``--adapter`` reads whatever training or export wrote:
 from __future__ import annotations
 
 import os
-import sys
 from typing import NamedTuple, Optional
 
 from jpeft import hf, io, scan
 from jpeft.checkpoint import CheckpointManager, FORMAT
+from jpeft.cli._common import say
 from jpeft.config import AdapterConfig
 from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, ShapeMismatchError
 from jpeft.io import read_json, verify_checksum
@@ -30,10 +30,6 @@ CKPT_META = os.path.join("meta", "metadata")
 ACCEPTED = ("a jpeft adapter folder (jpeft_adapter.json, e.g. runs/x/adapter), a Hugging Face PEFT folder "
             "(adapter_config.json, e.g. from `jpeft export`), a run folder written by `jpeft train`, or one of "
             "its checkpoints (runs/x/checkpoints/<step>)")
-
-
-def _warn(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 class Found(NamedTuple):
@@ -95,7 +91,7 @@ def _warn_if_checkpoints_are_newer(run: str) -> None:
         return  # the forgetting guard stopped the run and kept an earlier step on purpose
     if steps[-1] > done:
         newest = os.path.join(run, "checkpoints", str(steps[-1]))
-        _warn(f"note: {os.path.join(run, 'adapter')} is the adapter finished at step {done}, but the run has a newer "
+        say(f"note: {os.path.join(run, 'adapter')} is the adapter finished at step {done}, but the run has a newer "
               f"checkpoint (step {steps[-1]}: a resumed run not finished yet); reading the finished adapter. Give "
               f"--adapter {newest} for the newer one.")
 

@@ -6,12 +6,21 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from typing import Any, Mapping, Optional
 
 from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
 from jpeft.methods.budget import DEFAULT_TARGETS  # PEFT's default targets per model type (one table)
 from jpeft.models import loading
+
+
+def say(msg: str) -> None:
+    """A status line on stderr, from the main process only."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def add_method_args(p: argparse.ArgumentParser, *, default: str = "lora") -> None:

@@ -8,7 +8,6 @@ import itertools
 import json
 import math
 import os
-import sys
 from typing import Optional
 
 import jax
@@ -19,7 +18,7 @@ import jpeft
 from jpeft import distributed as dist
 from jpeft.checkpoint import CheckpointManager
 from jpeft.cli._ckpt import save_adapter
-from jpeft.cli._common import method_of
+from jpeft.cli._common import method_of, say as _say
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
@@ -312,12 +311,6 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
             f"with train.steps >= {int(state.step)} (e.g. --set train.steps={int(state.step)}), or choose another "
             "output_dir.")
     return state
-
-
-def _say(msg: str) -> None:
-    """A status line on stderr, from the main process only."""
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr)
 
 
 def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
