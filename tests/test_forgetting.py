@@ -2,6 +2,7 @@
 
 Every number is checked against a hand-computed value or a closed form."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -62,6 +63,15 @@ def test_metrics_equal_minus_bwt_without_late_peak():
     R = np.array([[0.9, 0.0, 0.0], [0.7, 0.8, 0.0], [0.6, 0.5, 0.9]])
     assert metrics.forgetting(R) == pytest.approx(-metrics.backward_transfer(R))
     assert metrics.forgetting(R) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.5)) / 2)
+
+
+def test_forgetting_peak_counts_only_scores_after_the_task_was_trained():
+    # task 1 scores 0.9 zero-shot (row 0, before it was trained), 0.6 after its own step, 0.5 at
+    # the end: it lost 0.1 of what it had once trained, not 0.4 from the zero-shot score
+    R = np.array([[0.8, 0.9, 0.0], [0.7, 0.6, 0.0], [0.5, 0.5, 0.9]])
+    assert metrics.forgetting(R) == pytest.approx(((0.8 - 0.5) + (0.6 - 0.5)) / 2)
+    L = -R  # the same as a loss matrix
+    assert metrics.forgetting(L, higher_is_better=False) == pytest.approx(((0.8 - 0.5) + (0.6 - 0.5)) / 2)
 
 
 def test_metrics_on_losses():
@@ -184,6 +194,38 @@ def test_fisher_softmax_regression_exact_closed_form():
     np.testing.assert_allclose(mc["W"], ref, rtol=0.15, atol=2e-3)
 
 
+def test_fisher_mask_weights_and_padding_rows():
+    x, y, a = _linear_gaussian()
+    xn = np.asarray(x, np.float64)
+    sigma = 0.5
+    # one output per example, weighted 0.5: the log-likelihood is 0.5 * log N, so the score is
+    # 0.5 * (y - mu) x / sigma^2 and the Fisher 0.25 * E[x^2] / sigma^2 (m^2, not m)
+    half = jnp.full((x.shape[0],), 0.5)
+    exact = fisher_diagonal(_lin, None, a, x, likelihood="gaussian", noise_std=sigma, mask=half)
+    np.testing.assert_allclose(exact["w"], 0.25 * (xn**2).mean(0) / sigma**2, rtol=1e-5)
+    mc = fisher_diagonal(_lin, None, a, x, estimator="sampled", likelihood="gaussian", noise_std=sigma, mask=half,
+                         key=jax.random.key(3), num_samples=200, batch_size=32)
+    np.testing.assert_allclose(mc["w"], exact["w"], rtol=0.08)
+    # rows whose mask is all zeros (padding rows) do not dilute the average
+    xp = jnp.concatenate([x, jnp.ones((5, x.shape[1]))])
+    yp = jnp.concatenate([y, jnp.zeros((5,))])
+    mp = jnp.concatenate([jnp.ones((x.shape[0],)), jnp.zeros((5,))])
+    for est in ("exact", "empirical"):
+        want = fisher_diagonal(_lin, None, a, x, y, estimator=est, likelihood="gaussian", noise_std=sigma)
+        got = fisher_diagonal(_lin, None, a, xp, yp, estimator=est, likelihood="gaussian", noise_std=sigma, mask=mp)
+        np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5)
+    # batched: a minibatch's mean gradient is over its real rows; an all-padding minibatch is skipped
+    want = fisher_diagonal(_lin, None, a, x, y, estimator="batched", likelihood="gaussian", noise_std=sigma,
+                           batch_size=16)
+    xb = jnp.concatenate([x, jnp.ones((16, x.shape[1]))])
+    yb, mb = jnp.concatenate([y, jnp.zeros((16,))]), jnp.concatenate([jnp.ones((x.shape[0],)), jnp.zeros((16,))])
+    got = fisher_diagonal(_lin, None, a, xb, yb, estimator="batched", likelihood="gaussian", noise_std=sigma,
+                          mask=mb, batch_size=16)
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5)
+    with pytest.raises(InputValidationError, match="mask is all zeros"):
+        fisher_diagonal(_lin, None, a, x, likelihood="gaussian", mask=jnp.zeros((x.shape[0],)))
+
+
 def test_fisher_errors():
     x, y, a = _linear_gaussian()
     with pytest.raises(ConfigError, match="estimator must be one of"):
@@ -260,6 +302,29 @@ def test_l2sp_lora_penalizes_effective_update():
     assert float(l2sp_penalty(params, a0, a0)) == 0.0
 
 
+@pytest.mark.parametrize("bias", ["lora_bias", "all", "lora_only"])
+def test_l2sp_lora_penalizes_a_trained_bias(bias):
+    model = nn.Dense(5)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    cfg = (jpeft.LoraConfig(r=2, alpha=4, target_modules=".*", lora_bias=True) if bias == "lora_bias"
+           else jpeft.LoraConfig(r=2, alpha=4, target_modules=".*", bias=bias))
+    a0 = jpeft.init(cfg, params, jax.random.key(1))
+    rng = np.random.default_rng(5)
+    a0 = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), jnp.float32), a0)  # every tensor random
+    node0 = a0[""]
+    name = "lora_bias" if bias == "lora_bias" else "base_bias"
+    db = rng.normal(size=getattr(node0, name).shape).astype(np.float32)
+    dA = rng.normal(size=node0.lora_A.shape).astype(np.float32)
+    node = dataclasses.replace(node0, lora_A=node0.lora_A + dA, **{name: getattr(node0, name) + db})
+    dW = node.scale * (np.asarray(node.lora_A) @ np.asarray(node.lora_B) - np.asarray(node0.lora_A) @ np.asarray(node0.lora_B))
+    dbias = (node.scale if bias == "lora_bias" else 1.0) * db
+    want = 0.5 * 2.0 * ((dW**2).sum() + (dbias**2).sum())
+    assert float(l2sp_penalty(params, {"": node}, a0, strength=2.0)) == pytest.approx(want, rel=1e-5)
+    # the bias changes what the layer computes, so its drift must cost something on its own
+    only_bias = dataclasses.replace(node0, **{name: getattr(node0, name) + db})
+    assert float(l2sp_penalty(params, {"": only_bias}, a0)) == pytest.approx(0.5 * (dbias**2).sum(), rel=1e-5)
+
+
 def test_l2sp_full_finetune_is_distance_to_pretrained():
     params, _, _, _ = _lora_setup()
     full = jpeft.init(FullFinetuneConfig(), params, jax.random.key(0))
@@ -318,6 +383,9 @@ def test_reservoir_fill_sample_and_mix():
     ys = np.asarray(mixed["y"])
     assert (ys == 99).sum() == 7 and set(ys[7:].tolist()) <= {0, 1, 2, 3, 4}
     assert replay.mix_batch(batch, buf, 0.0, jax.random.key(1)) is batch
+    # a share that rounds to no row would silently replay nothing: refused
+    with pytest.raises(ConfigError, match=r"rounds to 0 replayed rows.*at least 0.25"):
+        replay.mix_batch({"x": jnp.zeros((4, 2)), "y": jnp.zeros((4,), jnp.int32)}, buf, 0.125, jax.random.key(1))
     with pytest.raises(ConfigError, match=r"replay ratio must be in \[0, 1\)"):
         replay.mix_batch(batch, buf, 1.0, jax.random.key(1))
     with pytest.raises(InputValidationError, match="buffer is empty"):

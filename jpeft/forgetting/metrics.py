@@ -130,12 +130,15 @@ def forward_transfer(R, baseline, *, higher_is_better: bool = True) -> float:
 
 
 def forgetting(R, *, higher_is_better: bool = True) -> float:
-    """Average forgetting (Chaudhry et al. 2018): for each task ``j < T-1``, the best score at
-    any earlier step ``max_{l<T-1} R[l, j]`` minus the final score ``R[T-1, j]``, averaged.
+    """Average forgetting (Chaudhry et al. 2018): for each task ``j < T-1``, the best score it
+    had from the step that trained it on, ``max_{j<=l<T-1} R[l, j]``, minus the final score
+    ``R[T-1, j]``, averaged.
 
     Unlike ``-BWT`` it measures from the task's peak, which may come after the step that
-    trained it (positive backward transfer followed by a drop). On a loss matrix it is the
-    mean rise of the loss above its lowest earlier value.
+    trained it (positive backward transfer followed by a drop). Scores from before the task was
+    trained (rows ``l < j``, a zero-shot score) are not a peak of what was learned and are left
+    out, as in the paper, where task ``j`` is scored only once it has been seen. On a loss
+    matrix it is the mean rise of the loss above its lowest value since training.
 
     >>> forgetting([[0.9, 0.1], [0.6, 0.8]])
     0.30000000000000004
@@ -144,7 +147,7 @@ def forgetting(R, *, higher_is_better: bool = True) -> float:
     T = S.shape[0]
     if T < 2:
         raise InputValidationError("forgetting needs at least 2 tasks; the matrix has 1.")
-    peaks = S[: T - 1, : T - 1].max(axis=0)
+    peaks = np.array([S[j : T - 1, j].max() for j in range(T - 1)])
     return float(np.mean(peaks - S[T - 1, : T - 1]))
 
 

@@ -10,7 +10,7 @@ tree, whatever it holds.
 * **L2-SP** (Li et al. 2018): ``strength/2 * ||W_eff - W_eff_start||^2`` over the *effective*
   weights. For LoRA that is the update ``s * A @ B`` itself (:meth:`jpeft.LoraWeights.kernel_delta`),
   not ``A`` and ``B`` separately (which would penalise a re-parametrisation, not a change of
-  the function); for full fine-tuning it is the classic distance to the pre-trained weights;
+  the function), plus the bias the layer uses when the LoRA trains one (``lora_bias``, ``bias``); for full fine-tuning it is the classic distance to the pre-trained weights;
   for other mergeable methods (IA3, DoRA) the change of the merged kernel; for methods that
   cannot merge (prefix, prompt, bottleneck) the distance of the adapter's own arrays to where
   they started.
@@ -164,7 +164,9 @@ def fisher_diagonal(
       estimator: ``"exact"``, ``"sampled"``, ``"empirical"`` or ``"batched"`` (module docstring).
       likelihood: ``"categorical"`` or ``"gaussian"``.
       key: ``jax.random`` key; needed for ``"sampled"``.
-      mask: optional weights ``[N, ...]`` (0 for padding positions).
+      mask: optional weights ``[N, ...]`` (0 for padding positions). Position ``k`` enters the
+        log-likelihood times ``m_k``, so the Fisher times ``m_k^2`` (0/1 masks: the same). An
+        example whose mask is all zeros (a padding row) is left out of the average.
       batch_size: examples per vmapped chunk; for ``"batched"`` the minibatch whose mean
         gradient is squared.
       num_samples: labels drawn per example for ``"sampled"``.
@@ -203,9 +205,19 @@ def fisher_diagonal(
 
     total = jax.tree.map(lambda t: jnp.zeros(jnp.shape(t), jnp.float32), adapter)
     sl = lambda tree, i, j: None if tree is None else jax.tree.map(lambda t: jnp.asarray(t)[i:j], tree)
+    # an example whose mask is all zeros (a padding row) carries no information: it is not
+    # counted in the average (nor in a minibatch's mean gradient)
+    real = np.ones(n, bool) if mask is None else np.any(np.reshape(np.asarray(mask) != 0, (n, -1)), axis=1)
+    if not real.any():
+        raise InputValidationError(
+            f"every one of the {n} examples' mask is all zeros, so there is nothing to estimate the Fisher from; "
+            "pass a mask with 1 at the positions that count (or mask=None)."
+        )
     n_chunks = 0
     for c, i in enumerate(range(0, n, batch_size)):
         j = min(n, i + batch_size)
+        if not real[i:j].any():
+            continue
         xi, yi, mi = sl(inputs, i, j), sl(labels, i, j), sl(mask, i, j)
         if estimator == "batched":
             part = batch_sq(params, adapter, xi, yi, mi)
@@ -213,7 +225,7 @@ def fisher_diagonal(
             part = chunk_sum(params, adapter, xi, yi, mi, jax.random.fold_in(key, c))
         total = jax.tree.map(jnp.add, total, part)
         n_chunks += 1
-    denom = n_chunks if estimator == "batched" else n
+    denom = n_chunks if estimator == "batched" else int(real.sum())
     return jax.tree.map(lambda t: t / denom, total)
 
 
@@ -264,7 +276,8 @@ def _fisher_fns(output_fn, estimator, likelihood, noise_std, num_samples):
 
         def gk(k_):
             g = jax.grad(lambda a_: jnp.reshape(single_out(params, a_, x), (-1,))[k_].astype(jnp.float32))(a)
-            return jax.tree.map(lambda t: jnp.square(t.astype(jnp.float32)) * jnp.reshape(mm, (-1,))[k_], g)
+            # the log-likelihood weighs position k by m_k, so its score (and the Fisher) by m_k^2
+            return jax.tree.map(lambda t: jnp.square(t.astype(jnp.float32)) * jnp.square(jnp.reshape(mm, (-1,))[k_]), g)
 
         gs = jax.vmap(gk)(jnp.arange(K))
         return jax.tree.map(lambda t: jnp.sum(t, axis=0) / noise_std**2, gs)
@@ -280,7 +293,10 @@ def _fisher_fns(output_fn, estimator, likelihood, noise_std, num_samples):
         def mean_ll(a_):
             outs = output_fn(params, a_, x)
             lls = jax.vmap(lambda o, yy, mmm: _loglik(likelihood, o, yy, mmm, noise_std), in_axes=(0, 0, 0 if m is not None else None))(outs, y, m)
-            return jnp.mean(lls)
+            if m is None:
+                return jnp.mean(lls)
+            real = jnp.any(jnp.reshape(jnp.asarray(m) != 0, (lls.shape[0], -1)), axis=1)
+            return jnp.sum(lls) / jnp.sum(real)
 
         g = jax.grad(mean_ll)(a)
         return jax.tree.map(lambda t: jnp.square(t.astype(jnp.float32)), g)

@@ -118,13 +118,19 @@ def mix_batch(batch, buffer: ReservoirBuffer, ratio: float, key):
     Args:
       batch: pytree of arrays with a leading example axis ``B``.
       buffer: a :class:`ReservoirBuffer` with the same per-example structure.
-      ratio: share of each batch taken from the buffer, in ``[0, 1)``.
+      ratio: share of each batch taken from the buffer, in ``[0, 1)``; a ratio above 0 that
+        rounds to no row of this batch is refused (``ConfigError``).
       key: ``jax.random`` key.
     """
     if not (0.0 <= float(ratio) < 1.0):
         raise ConfigError(f"replay ratio must be in [0, 1), found {ratio}; it is the share of each batch drawn from the buffer.")
     B = _batch_size(batch)
     k = int(round(float(ratio) * B))
+    if k == 0 and float(ratio) > 0:
+        raise ConfigError(
+            f"replay ratio {ratio} of a batch of {B} rounds to 0 replayed rows, so nothing would be replayed; use a "
+            f"ratio of at least {1 / B:.3g} (one row in {B}) or a larger batch, or 0 to turn replay off."
+        )
     if k == 0 or int(buffer.size) == 0:
         return batch
     old = reservoir_sample(buffer, k, key)

@@ -482,10 +482,20 @@ class LoraWeights(Site):
     # -- the rest of the protocol ----------------------------------------------------------------
     def effective(self, own):
         """L2-SP's effective weights: the update ``s * A @ B`` in the kernel's shape (plain LoRA;
-        DoRA's is its merged kernel, which depends on the base)."""
-        if self.magnitude is None:
+        DoRA's is its merged kernel, which depends on the base). A LoRA that trains a bias too
+        (``lora_bias``, or ``bias`` training the base bias) gives ``{"kernel": update, "bias":
+        the bias it makes the layer use}``, so the bias's drift is penalised as well."""
+        if self.magnitude is not None:
+            return Site.effective(self, own)
+        if self.lora_bias is None and self.base_bias is None:
             return self.kernel_delta()
-        return Site.effective(self, own)
+        f = jnp.float32
+        bias = jnp.zeros((self.layout.out_features,), f)
+        if self.base_bias is not None:
+            bias = bias + self.base_bias.astype(f).reshape(-1)
+        if self.lora_bias is not None:
+            bias = bias + self.scale * self.lora_bias.astype(f).reshape(-1)
+        return {"kernel": self.kernel_delta(), "bias": bias}
 
     def low_rank(self) -> LowRank:
         if self.magnitude is not None:
