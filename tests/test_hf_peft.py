@@ -414,8 +414,61 @@ def test_ensure_weight_tying_both_ways(tmp_path, caplog):
     _close(family, _jpeft_logits(family, adapter, ids, mask), _peft_logits(pm2, family, ids, mask), mask)
     # GPT-2: PEFT does not tie its lm_head's LoRA, so a tied jpeft site cannot be written
     gcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["wte"], ensure_weight_tying=True)
-    with pytest.raises(UnsupportedAdapterError, match="ties the output projection's LoRA only for Llama-style"):
+    with pytest.raises(UnsupportedAdapterError, match=r"ties the output projection \(its LoRA.*only for Llama-style"):
         H.save_peft(str(tmp_path / "g"), gcfg, _random_adapter("gpt2", gcfg))
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["input-only", "ensure_weight_tying"])
+def test_modules_to_save_tied_embedding_both_ways(tmp_path, caplog, tie):
+    """A modules_to_save copy of a tied Llama's embedding: by default PEFT's copy changes the
+    input lookup only (merging it would change the tied output projection too: refused); with
+    ensure_weight_tying=True PEFT shares the copy with lm_head, and so does jpeft (and merging
+    is then exact). Every tensor of the adapter random, both directions against PEFT."""
+    family = "llama3"
+    model, params = loaded(family)
+    hf = T.hf_model(family)[0]
+    torch.manual_seed(6)
+    opts = dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**opts, ensure_weight_tying=tie))
+    with torch.no_grad():  # the copy trained away from the base
+        for n, t in pm.named_parameters():
+            if "modules_to_save" in n and "embed_tokens" in n:
+                t.add_(0.5 * torch.randn_like(t))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "p")
+    ids, mask = T.batch(family, seed=9)
+    ref = _peft_logits(pm.eval(), family, ids, mask)
+    base_out = _peft_logits(peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**opts)).eval(), family, ids, mask)
+    assert np.abs(ref - base_out)[mask.astype(bool)].max() > 1e-2  # the copy's change is visible in the logits
+    config, ad = H.load_peft(str(tmp_path / "p"), params)
+    node = ad["model/embed_tokens"]
+    assert config.ensure_weight_tying == tie and node.tie_output == tie and node.tied_output is True
+    out = _jpeft_logits(family, ad, ids, mask)
+    _close(family, out, ref, mask)
+    if tie:
+        merged = np.asarray(model.apply(jpeft.merge(params, ad), jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+        _close(family, merged, out, mask)
+    else:
+        with pytest.raises(jpeft.NotMergeableError, match="modules_to_save copy here changes the input embedding only"):
+            jpeft.merge(params, ad)
+    # jpeft-made, saved for PEFT (lm_head.weight written as PEFT writes it when tied), loaded back by PEFT
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                           ensure_weight_tying=tie)
+    adapter = jpeft.init(cfg, params, jax.random.key(2), model, jnp.asarray(ids))
+    rng = np.random.default_rng(4)
+    adapter = jax.tree.map(lambda t: t + 0.3 * jnp.asarray(rng.normal(size=t.shape), t.dtype), adapter)
+    assert adapter["model/embed_tokens"].tie_output == tie and adapter["model/embed_tokens"].tied_output is True
+    H.save_peft(str(tmp_path / "j"), cfg, adapter)
+    assert json.loads((tmp_path / "j" / "adapter_config.json").read_text())["ensure_weight_tying"] is tie
+    pm2 = _peft_load_quietly(hf, tmp_path / "j", caplog)
+    _close(family, _jpeft_logits(family, adapter, ids, mask), _peft_logits(pm2, family, ids, mask), mask)
+    if tie:  # GPT-2: PEFT ties only model.embed_tokens' copy, so a tied wte copy cannot be written
+        gcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["c_attn"], modules_to_save=["wte"],
+                                ensure_weight_tying=True)
+        gm, gp = loaded("gpt2")
+        with pytest.raises(UnsupportedAdapterError, match="only for Llama-style"):
+            H.save_peft(str(tmp_path / "g"), gcfg, jpeft.init(gcfg, gp, jax.random.key(0)))
 
 
 # -- config names and targets as PEFT spells them ----------------------------------------------------------

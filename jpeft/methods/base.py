@@ -164,17 +164,29 @@ def check_tied_merge(lr: "LowRank", stacklevel: int = 3) -> None:
     """
     if lr.layout is None or lr.layout.kind != Kind.EMBED or lr.tie_output:
         return
-    if lr.tied_output is None:
+    check_input_only_embedding_merge(lr.tied_output, "a LoRA", stacklevel + 1)
+
+
+def check_input_only_embedding_merge(tied_output: Optional[bool], what: str, stacklevel: int = 3) -> None:
+    """The check of :func:`check_tied_merge` for any site that changes an embedding's input
+    lookup only (``what`` names it in the messages: ``"a LoRA"``, ``"a modules_to_save copy"``):
+    refused when ``tied_output`` (the model also reads the embedding as its output projection),
+    a warning when it is ``None`` (unknown).
+
+    Raises:
+      NotMergeableError: the embedding is the model's tied output projection.
+    """
+    if tied_output is None:
         import warnings
 
         warnings.warn(
-            "merging a LoRA into an embedding: jpeft cannot tell whether the model also reads this embedding as "
+            f"merging {what} into an embedding: jpeft cannot tell whether the model also reads this embedding as "
             "a tied output projection (attend), where the merged weight would act but the unmerged adapter does "
             "not. Pass the model to jpeft.init (it then refuses such a merge), or set "
             "LoraConfig(ensure_weight_tying=True) to adapt both.", UserWarning, stacklevel=stacklevel)
-    if lr.tied_output:
+    if tied_output:
         raise NotMergeableError(
-            "this LoRA adapts the input embedding only (Hugging Face PEFT's unmerged model), but the model also "
+            f"{what} here changes the input embedding only (Hugging Face PEFT's unmerged model), but the model also "
             "reads the embedding as its tied output projection (attend): merging into the shared weight would "
             "change the output projection too, giving different logits (PEFT's merge_and_unload does exactly "
             "that). Keep the adapter unmerged, untie the output projection (give the model its own lm_head), or "

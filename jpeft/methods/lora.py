@@ -27,8 +27,8 @@ from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, Sh
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
 from jpeft.methods._common import down_project, linear_candidates, up_project
-from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge, dropout, flat_spec_entry,
-                                spec_entries, static_field)
+from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, check_tied_merge,
+                                dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.models._layers import flat_dot_general
 from jpeft.scan import Stacked, make_site
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
@@ -552,12 +552,23 @@ class SavedModule(Site):
     """One of ``LoraConfig.modules_to_save``: a trainable full copy of a module's parameters
     (Hugging Face PEFT's ``ModulesToSaveWrapper``), or with ``LoraConfig(bias="all")`` a copy of
     just its ``bias``. The module runs with ``params`` in place of its own;
-    :func:`jpeft.merge` writes the copy into the base (not invertible)."""
+    :func:`jpeft.merge` writes the copy into the base (not invertible).
+
+    For an embedding, ``tied_output`` says whether the model also reads it as its tied output
+    projection (``attend``; ``None``: unknown) and ``tie_output`` whether the copy acts there
+    too (``LoraConfig(ensure_weight_tying=True)``, PEFT's copy shared with ``lm_head``); by
+    default the copy changes the input lookup only, as PEFT's, and such a copy of a tied
+    embedding is not merged (the shared weight would change the output projection too)."""
 
     params: Any
+    tie_output: bool = static_field(default=False)
+    tied_output: Optional[bool] = static_field(default=None)
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
+
+    def handles(self, method_name: str) -> bool:
+        return method_name == "__call__" or (method_name == "attend" and bool(self.tie_output))
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         own = {k: v for k, v in dict(own).items() if k in self.params}  # a bias-only copy (LoraConfig.bias='all')
@@ -585,6 +596,8 @@ class SavedModule(Site):
             return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **kwargs)
 
     def merge(self, own):
+        if "embedding" in self.params and not self.tie_output:
+            check_input_only_embedding_merge(self.tied_output, "a modules_to_save copy", stacklevel=4)
         return self._cast(own)
 
     def unmerge(self, own):
@@ -708,8 +721,9 @@ def with_trainable_biases(config: LoraConfig, leaves: Mapping[str, Mapping[str, 
     return out
 
 
-def saved_modules(config: LoraConfig, leaves, sites) -> dict:
-    """The trainable full copies of ``config.modules_to_save`` (modules holding parameters)."""
+def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
+    """The trainable full copies of ``config.modules_to_save`` (modules holding parameters);
+    ``infos`` (from tracing the model) tell whether an embedding is also a tied output projection."""
     saved = sorted(p for p in leaves if config.saves(p))
     if not saved:
         tied = " (a model with tied word embeddings has no lm_head of its own: jpeft computes its logits with the " \
@@ -724,12 +738,19 @@ def saved_modules(config: LoraConfig, leaves, sites) -> dict:
             f"modules {both} are both LoRA targets and modules_to_save; a module is either adapted or trained in full. "
             "Remove them from one of target_modules and modules_to_save."
         )
-    return {p: init_saved(p, leaves[p]) for p in saved}
+    out = {}
+    for p in saved:
+        embed = "embedding" in leaves[p]
+        tied = (("attend" in infos[p].methods) if infos is not None and p in infos
+                else tied_output_from_params(p, leaves)) if embed else None
+        out[p] = init_saved(p, leaves[p], tie_output=bool(config.ensure_weight_tying) and embed, tied_output=tied)
+    return out
 
 
-def init_saved(path: str, own: Mapping[str, Any]) -> SavedModule:
+def init_saved(path: str, own: Mapping[str, Any], *, tie_output: bool = False,
+               tied_output: Optional[bool] = None) -> SavedModule:
     """The copy of one module of ``modules_to_save``: its parameters, as they are (PEFT's start)."""
-    return SavedModule(jax.tree.map(lambda x: jnp.array(x, copy=True), dict(own)))
+    return SavedModule(jax.tree.map(lambda x: jnp.array(x, copy=True), dict(own)), tie_output, tied_output)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -864,7 +885,7 @@ def init_lora(config: LoraConfig, params, key, infos):
             tied = tied_output_from_params(path, leaves) if layout.kind == Kind.EMBED else None
         out[path] = make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own)
     if config.modules_to_save:
-        out.update(saved_modules(config, leaves, out))
+        out.update(saved_modules(config, leaves, out, infos))
     if config.bias != "none":
         out = with_trainable_biases(config, leaves, out)
     if config.trainable_token_indices is not None:

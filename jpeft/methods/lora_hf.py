@@ -96,6 +96,13 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
                 f"{list(config.modules_to_save or [])} does not name it; save with the config the adapter was made with."
             )
         tensors.update(_saved_to_hf(path, node))
+    tied = False
+    for path, node in saved.items():
+        if node.tie_output and node.tied_output is not False and "embedding" in node.params:
+            _check_peft_ties(path, node)
+            # PEFT's ensure_weight_tying shares the embedding's copy with lm_head and saves it under both names
+            tensors[peft_key("lm_head", "weight")] = tensors[peft_key(path, "weight")]
+            tied = True
     adapter = {p: n for p, n in adapter.items() if p not in saved}
     tokens = {p: n for p, n in adapter.items() if isinstance(n, TrainableTokens)}
     for path, node in tokens.items():
@@ -104,7 +111,6 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     token_indices = _hf_token_indices(config, tokens)
     adapter = {p: n for p, n in adapter.items() if p not in tokens}
     paths = sorted(adapter)
-    tied = False
     for path in paths:
         node = adapter[path]
         if not isinstance(node, LoraWeights):
@@ -205,13 +211,17 @@ def _check_peft_token_tie(path, node):
 
 
 def _check_peft_ties(path, node):
+    """A site (an embedding LoRA, or a modules_to_save copy) that acts on the tied output
+    projection too is written for PEFT only where PEFT ties it as well."""
     if path != "model/embed_tokens" or node.tied_output is None:
         raise UnsupportedAdapterError(
             f"site {path!r} adapts the embedding and its tied output projection together (ensure_weight_tying), but "
-            "PEFT ties the output projection's LoRA only for Llama-style models with tie_word_embeddings "
-            "(model.embed_tokens -> lm_head); for this model its unmerged adapter changes the input embedding only. "
-            "Use LoraConfig(ensure_weight_tying=False) to save an adapter PEFT reproduces."
+            "PEFT ties the output projection (its LoRA, or its modules_to_save copy) only for Llama-style models "
+            "with tie_word_embeddings (model.embed_tokens -> lm_head); for this model its unmerged adapter changes "
+            "the input embedding only. Use LoraConfig(ensure_weight_tying=False) to save an adapter PEFT reproduces."
         )
+    if isinstance(node, SavedModule):
+        return
     if node.residual is not None or node.magnitude is not None:
         raise UnsupportedAdapterError(f"site {path!r}: a tied embedding LoRA is saved for PEFT as plain LoRA only.")
 
@@ -297,6 +307,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     saved: dict[str, dict[str, np.ndarray]] = {}
     token_values: dict[str, np.ndarray] = {}
     biases: dict[str, np.ndarray] = {}  # bias="all": the biases of modules without a LoRA site
+    tied_head = None
     unmatched = []
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
@@ -304,6 +315,9 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             sm = split_peft_key(k, ("weight", "bias")) if config.modules_to_save or config.bias == "all" else None
             if sm is not None and sm[0] in ctx.leaves and config.saves(sm[0]):
                 saved.setdefault(sm[0], {})[sm[1]] = v
+            elif sm == ("lm_head", "weight") and "lm_head" not in ctx.leaves and config.ensure_weight_tying \
+                    and config.saves("model/embed_tokens"):
+                tied_head = v  # PEFT's ensure_weight_tying saves the embedding's copy under lm_head too
             elif sm is not None and sm[1] == "bias" and config.bias == "all" and "bias" in ctx.leaves.get(sm[0], {}):
                 biases[sm[0]] = v
             else:
@@ -382,7 +396,18 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             None if base_bias is None else jnp.asarray(base_bias, ctx.dtype),
         )
     for path in sorted(saved):
-        adapter[path] = _saved_from_hf(path, saved[path], leaves[path], ctx.folder, ctx.dtype)
+        node = _saved_from_hf(path, saved[path], leaves[path], ctx.folder, ctx.dtype)
+        if "embedding" in node.params:
+            # PEFT ties a copy of model.embed_tokens to a tied lm_head with ensure_weight_tying only
+            tie = bool(config.ensure_weight_tying) and path == "model/embed_tokens"
+            node = dataclasses.replace(node, tie_output=tie, tied_output=tied_output_from_params(path, leaves))
+            if tied_head is not None and path == "model/embed_tokens" \
+                    and not np.array_equal(np.asarray(tied_head), np.asarray(saved[path]["weight"])):
+                raise CheckpointError(
+                    f"the adapter in {ctx.folder!r} says ensure_weight_tying=True, but its lm_head.weight differs from "
+                    "its copy of model.embed_tokens; the file is inconsistent. Re-save it with PEFT."
+                )
+        adapter[path] = node
     adapter.update(_tokens_from_hf(config, token_values, leaves, ctx))
     for path, v in biases.items():
         if path in adapter:
