@@ -140,6 +140,19 @@ def test_logits_and_allocator_match_peft_step_by_step(tmp_path):
     config2, ad2 = H.load_peft(str(tmp_path / "peft"), params)
     assert config2.rank_pattern == config.rank_pattern
     _close(_logits_jpeft(params, ad2, ids, mask), ref, mask)
+    # resuming from a pruned file: PEFT's modules hold the kept triplets only, jpeft's the dropped
+    # ones as zeros; the orthogonal penalty is PEFT's (over the kept ones) either way
+    norms = []
+    for n, p in back.base_model.model.named_parameters():
+        if n.endswith(("lora_A.default", "lora_B.default")):
+            x = p.detach().double().numpy()
+            gram = x @ x.T if "lora_A" in n else x.T @ x
+            norms.append(np.linalg.norm(gram - np.eye(gram.shape[0])))
+    _, ad3 = H.load_peft(str(tmp_path / "jpeft"), params)
+    for loaded in (ad2, ad3):
+        np.testing.assert_allclose(float(AL.orthogonal_regularization(loaded)), np.mean(norms), rtol=1e-5)
+        g = jax.grad(AL.orthogonal_regularization)(loaded)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g))
     # merge equals apply; unmerge restores
     merged = jpeft.merge(params, ad2)
     _close(_logits_jpeft(merged, {}, ids, mask), ref, mask)

@@ -308,13 +308,24 @@ def init(config: AdaLoraConfig, params, key, infos) -> dict:
 def orthogonal_regularization(adapter: Mapping[str, Any]) -> jax.Array:
     """PEFT's AdaLoRA penalty: the mean over every ``A`` and ``B`` of ``||A^T A - I||_F`` and
     ``||B B^T - I||_F`` (the ``r x r`` Gram matrices). Add ``config.orth_reg_weight`` times it
-    to the training loss."""
+    to the training loss.
+
+    A triplet whose column of ``A`` (row of ``B``) is all zeros is one a loaded adapter dropped
+    (:func:`jpeft.load_peft` puts the triplets a PEFT ``rank_pattern`` pruned back as zeros,
+    where PEFT shrinks the module): its identity entry is left out, so the penalty is PEFT's over
+    the kept triplets, and the same before and after a ``save_peft`` / ``load_peft`` round trip."""
+
+    def frob(x):  # ||x||_F with a zero (not NaN) gradient at x = 0: a site with every triplet pruned
+        n2 = jnp.sum(jnp.square(x))
+        return jnp.where(n2 > 0, jnp.sqrt(jnp.where(n2 > 0, n2, 1.0)), 0.0)
+
     terms = []
     for node in _sites(adapter).values():
         a, b = node.lora_A.astype(jnp.float32), node.lora_B.astype(jnp.float32)
-        eye = jnp.eye(a.shape[1], dtype=jnp.float32)
-        terms.append(jnp.linalg.norm(a.T @ a - eye))
-        terms.append(jnp.linalg.norm(b @ b.T - eye))
+        keep_a = jnp.any(a != 0, axis=0).astype(jnp.float32)
+        keep_b = jnp.any(b != 0, axis=1).astype(jnp.float32)
+        terms.append(frob(a.T @ a - jnp.diag(keep_a)))
+        terms.append(frob(b @ b.T - jnp.diag(keep_b)))
     return sum(terms) / len(terms)
 
 
