@@ -438,20 +438,25 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
                        capture_output=True, text=True, timeout=300, env=env4)
     assert r.returncode == 0, r.stderr
     assert "mesh data=1 x fsdp=2 x tensor=2 over 1 process(es)" in r.stderr
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env2 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
-                               "--output-dir", str(hf_dir / "mesh_2p"), "--resume", "--coordinator",
-                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env2) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+
+    def two_processes(out, extra=((), ())):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
+                                   "--output-dir", str(hf_dir / out), "--resume", "--coordinator",
+                                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *extra[i]],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env2)
+                 for i in range(2)]
+        try:
+            return procs, [p.communicate(timeout=300)[1] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+
+    procs, outs = two_processes("mesh_2p")
     assert all(p.returncode == 0 for p in procs), "\n----\n".join(o[-3000:] for o in outs)
     assert "resumed from step 2" in outs[0] and "mesh data=4 x fsdp=1 over 2 process(es)" in outs[0]
     assert "resumed from step 2" not in outs[1]  # status lines come from process 0 only
@@ -466,6 +471,16 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
         evals = [m["eval_loss"] for m in _metrics(hf_dir / run) if "eval_loss" in m]
         np.testing.assert_allclose(evals, ref_eval, rtol=1e-5, err_msg=run)
     assert sorted(n for n in os.listdir(hf_dir / "mesh_2p" / "checkpoints") if not n.startswith(".")) == ["2", "4"]
+    # processes started with different settings would train a mix of two runs: refused by name on every process
+    procs, outs = two_processes("mesh_2p_seed", ((), ("--set", "seed=8")))
+    assert [p.returncode for p in procs] == [2, 2], "\n----\n".join(o[-3000:] for o in outs)
+    assert all("process(es) [1] of this job were given different settings than process 0" in error_line(o)
+               for o in outs)
+    assert not (hf_dir / "mesh_2p_seed" / "adapter").exists()
+    # a tensor axis across processes leaves the batch rows nowhere to go: a one-line error, not a traceback
+    procs, outs = two_processes("mesh_2p_tp", (("--set", "mesh.tensor=4"),) * 2)
+    assert [p.returncode for p in procs] == [2, 2], "\n----\n".join(o[-3000:] for o in outs)
+    assert all("data x fsdp = 1 must be a multiple of the 2 processes" in error_line(o) for o in outs)
     capsys.readouterr()
     assert main(["train", "--config", str(cfg), "--output-dir", str(hf_dir / "mesh_bad"), "--set", "mesh.fsdp=2"]) == 2
     assert "[mesh] data=0, fsdp=2, tensor=1 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)

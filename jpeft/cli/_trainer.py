@@ -12,6 +12,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import jpeft
@@ -247,6 +248,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     eval_ds = (PackedDataset.from_file(d["eval"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
                if d.get("eval") else None)
 
+    if jax.process_count() > 1:
+        _check_processes_agree(cfg, train_ds)
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
     k_init, k_train = jax.random.split(jax.random.key(seed))
@@ -265,6 +268,30 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                     k_train, seed, steps, resume, max_steps, progress, mesh)
     finally:
         ckpts.close()
+
+
+def _check_processes_agree(cfg: dict, train_ds) -> None:
+    """Every process of a multi-host run computes the same batches and initial adapter from its
+    own copy of the config and data; refuses (one line, on every process) a job whose processes
+    were given different settings or data files, which would otherwise train a mix of two runs.
+    The model folder and output directory may be spelled differently per host."""
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    settings = {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
+    parts = {"settings": json.dumps(settings, sort_keys=True, default=str).encode(),
+             "training data": np.ascontiguousarray(train_ds.input_ids).tobytes()
+             + np.ascontiguousarray(train_ds.loss_mask).tobytes()}
+    mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for v in parts.values()])
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, parts, 8]
+    for i, name in enumerate(parts):
+        differ = [p for p in range(every.shape[0]) if not np.array_equal(every[p, i], every[0, i])]
+        if differ:
+            raise ConfigError(f"process(es) {differ} of this job were given different {name} than process 0 "
+                              f"({'the resolved config, --set options included' if i == 0 else 'the data.train file'}"
+                              "); every process must run the same config on the same data. Start them with the same "
+                              "command line and files.")
 
 
 def make_run_mesh(cfg: dict, batch_size: int):
@@ -288,6 +315,11 @@ def make_run_mesh(cfg: dict, batch_size: int):
     except ShardingError as e:
         raise ConfigError(f"[mesh]: {e}") from None
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if ways % procs:
+        raise ConfigError(f"[mesh] data x fsdp = {ways} must be a multiple of the {procs} processes: each process feeds "
+                          "its own rows to its own devices, so the batch axes must span the processes and "
+                          f"mesh.tensor={mesh.shape['tensor']} must fit within one process's "
+                          f"{jax.local_device_count()} devices. Give data or fsdp more ways, tensor fewer.")
     if batch_size % ways or batch_size % procs:
         raise ConfigError(f"train.batch_size={batch_size} must be a multiple of the mesh's data x fsdp = {ways} and "
                           f"of the {procs} process(es), so every device and process gets whole rows.")
