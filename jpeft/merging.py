@@ -42,6 +42,7 @@ import numpy as np
 
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
 from jpeft.methods.base import Layout, LowRank, check_tied_merge, low_rank_node
+from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -183,10 +184,9 @@ def _validate(adapters, weights, method, density, majority_sign, key):
             try:
                 lr = node if isinstance(node, LowRank) else node.low_rank()
             except NotMergeableError as e:
-                raise NotMergeableError(
-                    f"adapter {i} at {path!r}: {e} (for a layer-scanned model's stacked sites, merge "
-                    "jpeft.scan.unstack_adapter(a) of each and restack with jpeft.scan.stack_adapter)."
-                ) from None
+                hint = (" (for a layer-scanned model's stacked sites, merge jpeft.scan.unstack_adapter(a) of each and "
+                        "restack with jpeft.scan.stack_adapter)") if isinstance(node, Stacked) else ""
+                raise NotMergeableError(f"adapter {i} at {path!r}: {e}{hint}") from None
             low[i][path] = lr
             lay = layouts.get(path)
             if lay is None:
