@@ -22,21 +22,25 @@ from jpeft.validate import check_token_ids
 
 
 def _filter(logits, temperature, top_k: int, top_p):
-    """``logits / temperature`` with every token outside the top-k and outside the nucleus
-    (the smallest set of most likely tokens whose mass reaches ``top_p``) set to the minimum.
+    """``(logits - max) / temperature`` (the same distribution as ``logits / temperature``; a
+    tiny temperature then tends to the argmax instead of overflowing to ``inf``) with every token
+    outside the top-k and outside the nucleus (the smallest set of most likely tokens whose mass
+    reaches ``top_p``) set to the minimum, as transformers' warpers in that order.
     ``temperature`` and ``top_p`` are scalars or ``[batch, 1]`` columns (one value per row)."""
-    logits = logits / temperature
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     neg = jnp.finfo(logits.dtype).min
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, neg, logits)
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
-    keep_sorted = (before < top_p) | (top_p >= 1.0)
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    return jnp.where(keep, logits, neg)
+    # ascending, as transformers' TopPLogitsWarper: the cumulative mass of the least likely tokens
+    # is summed from the small end, where float32 keeps it exact enough for top_p near 1 (a
+    # descending sum loses whole tokens there); among equal logits the higher id ranks higher
+    order = jnp.argsort(logits, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    drop_sorted = (jnp.cumsum(probs, axis=-1) <= 1.0 - top_p) & (top_p < 1.0)
+    drop_sorted = drop_sorted.at[:, -1].set(False)  # the most likely token always stays
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    return jnp.where(drop, neg, logits)
 
 
 def _sample(logits, key, temperature, top_k: int, top_p, greedy: bool):

@@ -170,6 +170,47 @@ def test_top_k_and_top_p_restrict_the_support():
     np.testing.assert_allclose(np.bincount(full, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
 
 
+def test_filter_keeps_transformers_warpers_set_and_a_tiny_temperature_is_the_argmax():
+    """jpeft's filter (temperature, top-k, top-p) keeps exactly the tokens transformers'
+    warpers keep, in that order, with the same renormalised probabilities, including top_p
+    near 1 on a large vocabulary (where a float32 descending sum lost whole tokens); a tiny temperature gives the argmax (logits / T overflowed to inf)."""
+    import torch
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    from jpeft.generate import _filter, _sample
+
+    rng = np.random.default_rng(0)
+    for vocab, top_p, top_k, temp, rows in ((1000, 0.999, 0, 0.8, 200), (1000, 0.99999, 0, 1.0, 100),
+                                            (100, 0.9, 7, 0.5, 200)):
+        top_p = float(np.float32(top_p))  # the value jpeft computes with (float32), given to both
+        logits = rng.normal(scale=3.0, size=(rows, vocab)).astype(np.float32)
+        ref = TemperatureLogitsWarper(temp)(None, torch.tensor(logits))
+        if top_k:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        ref = TopPLogitsWarper(top_p)(None, ref).numpy()
+        got = np.asarray(_filter(jnp.asarray(logits), jnp.float32(temp), top_k, jnp.float32(top_p)))
+        neg = np.finfo(np.float32).min
+        # a token whose mass-with-every-less-likely-token lies within 1e-8 of 1 - top_p is on the
+        # boundary in float32 (transformers and jpeft may round either way): not compared
+        z = np.where(np.isfinite(ref), logits.astype(np.float64) / temp, -np.inf)
+        p64 = np.exp(z - z.max(-1, keepdims=True))
+        p64 /= p64.sum(-1, keepdims=True)
+        order = np.argsort(p64, -1, kind="stable")
+        upto = np.empty_like(p64)
+        np.put_along_axis(upto, order, np.cumsum(np.take_along_axis(p64, order, -1), -1), -1)
+        sure = np.abs(upto - (1 - top_p)) > 1e-8
+        np.testing.assert_array_equal((got > neg)[sure], np.isfinite(ref)[sure], err_msg=f"vocab {vocab}, top_p {top_p}")
+        assert (~sure).sum() <= rows // 10  # the boundary cases are rare
+        p_ref = np.asarray(torch.softmax(torch.tensor(ref), -1))
+        rows_sure = sure.all(-1)
+        np.testing.assert_allclose(np.asarray(jax.nn.softmax(jnp.asarray(got), -1))[rows_sure], p_ref[rows_sure], atol=1e-6)
+    logits = jnp.asarray(rng.normal(scale=10.0, size=(64, 40)).astype(np.float32))
+    for top_p in (1.0, 0.9):
+        picks = np.asarray(_sample(logits, jax.random.key(1), jnp.float32(2e-38), 0, jnp.float32(top_p), False))
+        np.testing.assert_array_equal(picks, np.asarray(jnp.argmax(logits, -1)))
+
+
 def test_eos_pads_the_rest_of_the_row():
     model, params = loaded("mistral")
     ids, mask = T.batch("mistral", seed=6)

@@ -334,8 +334,26 @@ def test_sampling_options_it_does_not_take_are_refused_not_ignored():
     from jpeft.serve.app import ApiError, _unsupported
 
     for key, value in (("top_k", 1), ("min_p", 0.1), ("typical_p", 0.9), ("repetition_penalty", 1.2),
-                       ("use_beam_search", True), ("logprobs", 2), ("n", 2)):
+                       ("use_beam_search", True), ("logprobs", 2), ("n", 2), ("response_format", {"type": "json_object"}),
+                       ("tool_choice", "auto"), ("stop_token_ids", [3]), ("min_tokens", 4), ("ignore_eos", True)):
         with pytest.raises(ApiError, match=f"'{key}'") as e:
             _unsupported({"model": "a", "prompt": "x", key: value})
         assert e.value.status == 400
     _unsupported({"model": "a", "prompt": "x", "top_k": -1, "min_p": 0, "repetition_penalty": 1.0, "n": 1})
+
+
+def test_serve_stops_at_every_eos_id_the_model_folder_names(tmp_path):
+    """Chat models end a turn with another id than the document end (Llama 3 Instruct's
+    generation_config.json: [128001, 128009]); transformers' generate stops at each, and so
+    does jpeft serve: the union of generation_config.json's, config.json's and the tokenizer's."""
+    import json
+
+    from jpeft.cli.serve_cmd import eos_ids_of
+
+    class Tok:
+        eos_token_id = 0
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 253]}))
+    assert eos_ids_of(str(tmp_path), Tok(), {"eos_token_id": 7}) == (0, 7, 253)
+    assert eos_ids_of(str(tmp_path / "missing"), None, {"eos_token_id": [5, 6]}) == (5, 6)
+    assert eos_ids_of(str(tmp_path / "missing"), None, {}) == ()

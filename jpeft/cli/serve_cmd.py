@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -69,6 +70,26 @@ def _parse_adapters(items) -> dict:
     return out
 
 
+def _ids(v) -> set:
+    return set() if v is None else {int(x) for x in (v if isinstance(v, (list, tuple)) else [v])}
+
+
+def eos_ids_of(folder: str, tokenizer, hf_config: dict) -> tuple:
+    """The token ids that end a completion, as transformers' ``generate`` takes them: the union of
+    ``generation_config.json``'s and ``config.json``'s ``eos_token_id`` (an id or a list: chat
+    models end a turn with another id than the document end, e.g. Llama 3 Instruct's
+    ``[128001, 128009]``) and the tokenizer's."""
+    ids = _ids(getattr(tokenizer, "eos_token_id", None)) | _ids(hf_config.get("eos_token_id"))
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                ids |= _ids(json.load(f).get("eos_token_id"))
+        except (OSError, ValueError, TypeError) as e:
+            raise LoadError(f"{path!r} is not a readable generation config ({e}); fix or remove it.") from None
+    return tuple(sorted(ids))
+
+
 def build(args):
     """``(server, host, port)`` from the parsed arguments (loads the model and adapters)."""
     try:  # Starlette and uvicorn: dependencies of jpeft, imported only here
@@ -105,7 +126,8 @@ def build(args):
                               max_rank=max_rank)
     for n, ad in adapters.items():
         bank = bank.add(n, ad)
-    engine = Engine(model, params, bank, tokenizer=tok, slots=args.slots, max_len=args.max_len, chunk=args.chunk,
+    engine = Engine(model, params, bank, tokenizer=tok, eos_ids=eos_ids_of(args.model, tok, loaded.hf_config),
+                    slots=args.slots, max_len=args.max_len, chunk=args.chunk,
                     max_queue=args.max_queue, queue_timeout=args.queue_timeout, request_timeout=args.request_timeout)
     base = args.name or os.path.basename(os.path.normpath(args.model))
     server = Server(engine, base_name=base, tokenizer=tok, adapters_root=args.adapters_root, loader=loader)

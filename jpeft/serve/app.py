@@ -93,7 +93,8 @@ def _unsupported(body: dict) -> None:
         raise _bad("'n' > 1 is not supported; send one request per completion.", "n")
     if body.get("best_of", 1) not in (1, None):
         raise _bad("'best_of' is not supported.", "best_of")
-    for key in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias"):
+    for key in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "tool_choice",
+                "function_call", "response_format", "stop_token_ids", "min_tokens", "ignore_eos"):
         if body.get(key) not in (None, False, 0, [], {}):
             raise _bad(f"{key!r} is not supported by jpeft serve.", key)
     for key in ("frequency_penalty", "presence_penalty"):
