@@ -112,6 +112,13 @@ def initialize(
         else:
             jax.distributed.initialize(coordinator_address, num_processes, process_id, **kw)
     except Exception as e:  # JAX raises RuntimeError / ValueError / XlaRuntimeError
+        if coordinator_address is None and not any(k in os.environ for k in _CLUSTER_ENV):
+            raise DistributedError(
+                f"cluster auto-detection found no cluster: none of {list(_CLUSTER_ENV)} is set (a TPU VM pod slice, "
+                "SLURM or Open MPI sets them), and JAX could not find a coordinator ({e}). Outside such a cluster give "
+                "coordinator_address, num_processes and process_id (jpeft train: --coordinator HOST:PORT "
+                "--num-processes N --process-id I)."
+            ) from e
         raise DistributedError(
             f"jax.distributed.initialize failed for coordinator={explicit[0]!r}, num_processes={explicit[1]!r}, "
             f"process_id={explicit[2]!r}: {e}. Check that every process uses the same coordinator address and "

@@ -438,6 +438,10 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
                        capture_output=True, text=True, timeout=300, env=env4)
     assert r.returncode == 0, r.stderr
     assert "mesh data=1 x fsdp=2 x tensor=2 over 1 process(es)" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
+                        "--output-dir", str(hf_dir / "mesh_bad3"), "--set", "mesh.data=3"],
+                       capture_output=True, text=True, timeout=300, env=env4)
+    assert r.returncode == 2 and "= 3 devices, but this job has 4; jpeft train uses every device" in error_line(r.stderr)
     env2 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
 
     def two_processes(out, extra=((), ())):

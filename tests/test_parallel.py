@@ -455,6 +455,11 @@ def test_initialize_arguments():
         dist.initialize("127.0.0.1:1234")
     with pytest.raises(jpeft.errors.DistributedError, match=r"need a coordinator_address"):
         dist.initialize(num_processes=2, process_id=1)
+    # forced auto-detection outside a cluster says so (in a subprocess: it calls jax.distributed)
+    env = {k: v for k, v in os.environ.items() if k not in dist._CLUSTER_ENV}
+    r = subprocess.run([sys.executable, "-c", "from jpeft import distributed as d; d.initialize(auto=True)"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "cluster auto-detection found no cluster" in r.stderr, r.stderr[-2000:]
 
 
 def _free_port() -> int:

@@ -300,8 +300,9 @@ def test_engine_bookkeeping_timeouts_overload_and_deferred_removal():
     from jpeft.serve import Engine, Request
     from jpeft.serve.app import ApiError, Server
 
-    bank = AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=2)
+    bank = AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=2, strategy="ragged")
     eng = Engine(MODEL, PARAMS, bank, slots=1, max_len=32, max_queue=2, queue_timeout=5.0)
+    assert eng._strategy == "ragged"  # the programs route with the bank's implementation (it was always "gather")
     eng._running = True  # accept requests; the loop's thread is not started
     events = []
     reqs = [eng.submit(Request([1, 2], "a", 4, events.append)) for _ in range(2)]

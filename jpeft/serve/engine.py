@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.bank import AdapterBank, route
+from jpeft.bank import DEFAULT_STRATEGY, AdapterBank, route
 from jpeft.core import apply
 from jpeft.errors import (
     BankCapacityError,
@@ -189,6 +189,7 @@ class Engine:
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.vocab_size = int(cfg.vocab_size)
         self._bank = bank
+        self._strategy = getattr(bank, "strategy", DEFAULT_STRATEGY)  # the bank's routed-update implementation
         self._retiring: set = set()
         self._cv = threading.Condition()
         self._pending: collections.deque = collections.deque()
@@ -210,7 +211,7 @@ class Engine:
         row = _slice_rows(cache, slot)
         row = dataclasses.replace(row, mask=jnp.where(reset, False, row.mask), index=jnp.where(reset, 0, row.index))
         mask = (jnp.arange(tokens.shape[1]) < n_real)[None].astype(jnp.int32)
-        adapter = route(weights, scales, adapter_id[None]) if weights else None
+        adapter = route(weights, scales, adapter_id[None], strategy=self._strategy) if weights else None
         logits, new = apply(self.model, params, adapter, tokens, attention_mask=mask, cache=row)
         new = dataclasses.replace(new, index=row.index + n_real)
         seed, step, temp, top_p = opts
@@ -220,7 +221,7 @@ class Engine:
 
     def _decode_impl(self, params, weights, scales, cache, tokens, ids, active, opts):
         self.traces["decode"] += 1
-        adapter = route(weights, scales, ids) if weights else None
+        adapter = route(weights, scales, ids, strategy=self._strategy) if weights else None
         logits, new = apply(self.model, params, adapter, tokens[:, None], attention_mask=active[:, None].astype(jnp.int32),
                             cache=cache)
         new = dataclasses.replace(new, index=jnp.where(active, cache.index + 1, cache.index))
