@@ -349,6 +349,31 @@ def test_unsupported_model_type(tmp_path):
         M.from_pretrained(str(d))
 
 
+def test_heads_jpeft_does_not_implement_and_a_stray_untied_head_are_refused(tmp_path):
+    """A BertForTokenClassification checkpoint has a classifier of the sequence classifier's
+    shape: it loaded, applied to a fresh pooler. A tied config whose file also holds a
+    different lm_head.weight (an untied fine-tune) is what transformers uses untied: jpeft's
+    tied model would compute other logits. Both refused by name; an identical copy still loads."""
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy("bert", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["BertForTokenClassification"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="architectures names 'BertForTokenClassification'"):
+        M.from_pretrained(str(d))
+    d = _copy("gpt2", tmp_path)
+    assert json.loads((d / "config.json").read_text()).get("tie_word_embeddings", True)
+    w = load_file(str(d / "model.safetensors"))
+    emb = next(k for k in w if k.endswith("wte.weight"))
+    save_file({**w, "lm_head.weight": w[emb] + 1.0}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true, but the weights also hold an lm_head"):
+        M.from_pretrained(str(d))
+    save_file({**w, "lm_head.weight": w[emb].copy()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    _, params = M.from_pretrained(str(d))
+    assert "lm_head" not in params["params"]
+
+
 def test_weight_shape_disagrees_with_config(tmp_path):
     d = _copy("llama2", tmp_path)
     cfg = json.loads((d / "config.json").read_text())

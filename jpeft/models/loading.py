@@ -186,6 +186,11 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# heads of Hugging Face classes no jpeft model implements; a checkpoint of one could otherwise
+# load (BertForTokenClassification's classifier has the shape of the sequence classifier's)
+_OTHER_HEADS = ("ForTokenClassification", "ForQuestionAnswering")
+
+
 def supported_model_types() -> list[str]:
     """The Hugging Face ``model_type`` values :func:`from_pretrained` can load."""
     return sorted(FAMILIES)
@@ -221,6 +226,13 @@ def config_from_hf(d: Mapping[str, Any], dtype=jnp.float32, param_dtype=None):
         raise UnsupportedModelError(
             f"model_type {mt!r} is not supported; jpeft.models implements {supported_model_types()}. "
             "Check config.json's model_type, or load the model with transformers instead."
+        )
+    heads = [a for a in (d.get("architectures") or []) if isinstance(a, str) and a.endswith(_OTHER_HEADS)]
+    if heads:
+        raise UnsupportedModelError(
+            f"config.json's architectures names {heads[0]!r}: a head jpeft.models does not implement (it implements "
+            f"{FAMILIES[mt].model_cls.__name__}; a per-token or span head would be applied where that model's head is). "
+            "Load the encoder from a checkpoint of a supported head (or BertModel), or use transformers."
         )
     param_dtype = dtype if param_dtype is None else param_dtype
     try:
@@ -452,6 +464,27 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     return model, {"params": params}
 
 
+def _check_stored_head_is_tied(path, where) -> None:
+    """A config that ties the output projection to the embedding, with an ``lm_head.weight`` in
+    the file too: jpeft's model has no head of its own, so the stored one must be the embedding
+    (a copy, as some exporters write). A different one (a fine-tune or an FSDP export that untied
+    the head and left the config alone) is what transformers 5 then uses, untied: refused."""
+    emb = [k for k in where if k.endswith((".embed_tokens.weight", ".wte.weight"))]
+    if not emb:
+        return
+    (hr, hh, _), (er, eh, _) = where["lm_head.weight"], where[emb[0]]
+    if tuple(hh.get_slice(hr).get_shape()) == tuple(eh.get_slice(er).get_shape()):
+        head, table = np.asarray(hh.get_tensor(hr)), np.asarray(eh.get_tensor(er))
+        if np.array_equal(head, table):
+            return
+    raise CheckpointError(
+        f"config.json in {path!r} says tie_word_embeddings=true, but the weights also hold an lm_head.weight that "
+        f"differs from {emb[0]}: the head was trained (or exported) untied. transformers then uses the stored head; "
+        "jpeft's tied model would compute logits with the embedding instead. Set \"tie_word_embeddings\": false in "
+        "config.json to load the head as it is stored."
+    )
+
+
 def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantize=None):
     """Checks every name and shape from the headers, then reads tensor by tensor (with a
     ``placer``: only the slices of the shards this process holds)."""
@@ -464,6 +497,8 @@ def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantiz
     for k, v in raw_keys.items():
         where[_normalise_key(k, None if has_prefix else fam.base_prefix)] = (k, *v)
     tied = getattr(cfg, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" in where:
+        _check_stored_head_is_tied(path, where)
     ignored = [re.compile(p) for p in fam.ignored] + ([re.compile(r"lm_head\.weight")] if tied else [])
     unexpected = sorted(k for k in where if k not in expected and not any(p.fullmatch(k) for p in ignored))
     missing = sorted(k for k in expected if k not in where)
