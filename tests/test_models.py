@@ -340,6 +340,39 @@ def test_missing_folder_config_and_weights(tmp_path):
         M.from_pretrained(str(d2))
 
 
+def test_config_fields_read_as_transformers_reads_them():
+    """Defaults and overrides transformers applies to config.json: Mistral / Qwen2 without a
+    sliding_window key take 4096 (an explicit null: none); a Mistral config with layer_types
+    (Ministral) windows per layer; llama3 rope takes a top-level original_max_position_embeddings
+    over the one in rope_parameters (and max_position_embeddings when neither is given);
+    attention_dropout > 0, which jpeft does not implement, warns."""
+    import warnings as W
+
+    from jpeft.models.loading import config_from_hf
+
+    base = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+    assert config_from_hf(dict(base, model_type="mistral")).sliding_window == 4096
+    assert config_from_hf(dict(base, model_type="mistral", sliding_window=None)).sliding_window is None
+    c = config_from_hf(dict(base, model_type="mistral", sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"]))
+    assert c.sliding_window == 8 and c.layer_types == ("sliding_attention", "full_attention")
+    assert config_from_hf(dict(base, model_type="qwen2", use_sliding_window=True, max_window_layers=1)).sliding_window == 4096
+    assert config_from_hf(dict(base, model_type="qwen2")).sliding_window is None
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+    c = config_from_hf(dict(base, model_type="llama", rope_parameters=rope, original_max_position_embeddings=32))
+    assert c.rope_scaling_dict["original_max_position_embeddings"] == 32
+    c = config_from_hf(dict(base, model_type="llama",
+                            rope_parameters={k: v for k, v in rope.items() if k != "original_max_position_embeddings"}))
+    assert c.rope_scaling_dict["original_max_position_embeddings"] == 64
+    with pytest.warns(UserWarning, match="attention_dropout=0.1.*do not implement"):
+        config_from_hf(dict(base, model_type="llama", attention_dropout=0.1))
+    with W.catch_warnings():
+        W.simplefilter("error")
+        config_from_hf(dict(base, model_type="llama", attention_dropout=0.0))
+
+
 def test_unsupported_model_type(tmp_path):
     d = _copy("llama2", tmp_path)
     cfg = json.loads((d / "config.json").read_text())

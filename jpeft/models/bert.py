@@ -44,6 +44,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.1
+    classifier_dropout: Optional[float] = None  # the classifier's input dropout; None: hidden_dropout_prob
     num_labels: int = 2
     model_type: str = "bert"
     initializer_range: float = 0.02
@@ -220,5 +221,6 @@ class BertForSequenceClassification(nn.Module):
             input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
             prefix_kv=prefix_kv, deterministic=deterministic,
         )
-        pooled = nn.Dropout(c.hidden_dropout_prob)(pooled, deterministic=deterministic)
+        rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
+        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
         return L.dense(c.num_labels, True, c, "classifier")(pooled)

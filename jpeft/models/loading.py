@@ -72,6 +72,11 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
                                                               "high_freq_factor", "original_max_position_embeddings")}
         scaling["rope_type"] = kind
         scaling.pop("type", None)
+        if kind == "llama3":  # as transformers' standardize_rope_params: a top-level value wins, else the context
+            if d.get("original_max_position_embeddings") is not None:
+                scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+            elif scaling.get("original_max_position_embeddings") is None and d.get("max_position_embeddings"):
+                scaling["original_max_position_embeddings"] = d["max_position_embeddings"]
     heads = int(d["num_attention_heads"])
     hidden = int(d["hidden_size"])
     attn_bias = bool(d.get("attention_bias", False))
@@ -100,11 +105,21 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"),
     )
+    if float(d.get("attention_dropout") or 0.0) > 0:
+        warnings.warn(f"config.json sets attention_dropout={d['attention_dropout']}; jpeft's {model_type} models do not "
+                      "implement attention-probability dropout, so training with dropout on adds less noise than "
+                      "transformers would (evaluation and generation are unaffected).", UserWarning, stacklevel=4)
+    # transformers' Mistral and Qwen2 configs take a window of 4096 when config.json has no
+    # sliding_window key (an explicit null means none)
     if model_type == "mistral":
-        kw.update(attention_bias=False, attention_out_bias=False, mlp_bias=False, sliding_window=d.get("sliding_window"))
+        # a Mistral config with layer_types is Ministral to transformers' AutoConfig: the window per layer
+        window = d.get("sliding_window", 4096)
+        layer_types = d.get("layer_types")
+        kw.update(attention_bias=False, attention_out_bias=False, mlp_bias=False, sliding_window=window,
+                  layer_types=tuple(layer_types) if (window is not None and layer_types) else None)
     if model_type == "qwen2":
         kw.update(attention_bias=True, attention_out_bias=False, mlp_bias=False)
-        window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+        window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
         layer_types = d.get("layer_types")
         if window is not None and layer_types is None:
             mwl = int(d.get("max_window_layers", 28))
@@ -159,6 +174,7 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
         layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
         hidden_act=str(d.get("hidden_act", "gelu")),
         hidden_dropout_prob=float(d.get("hidden_dropout_prob", 0.1)),
+        classifier_dropout=None if d.get("classifier_dropout") is None else float(d["classifier_dropout"]),
         num_labels=num_labels,
         initializer_range=float(d.get("initializer_range", 0.02)),
         dtype=dtype,
@@ -732,6 +748,8 @@ def config_to_hf(config) -> dict:
             raise UnsupportedModelError("Qwen2 has q/k/v bias only; set attention_bias=True and no other bias.")
         if mt == "mistral":
             d["sliding_window"] = config.sliding_window
+            if config.layer_types is not None:  # per-layer windows: Ministral to transformers' AutoConfig
+                d["layer_types"] = list(config.layer_types)
         elif config.sliding_window is not None:
             if mt != "qwen2":
                 raise UnsupportedModelError("a Llama checkpoint cannot express sliding_window; use mistral or qwen2.")
@@ -758,6 +776,7 @@ def config_to_hf(config) -> dict:
             intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
             type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps, hidden_act=config.hidden_act,
             hidden_dropout_prob=config.hidden_dropout_prob, attention_probs_dropout_prob=0.0,
+            classifier_dropout=config.classifier_dropout,
             id2label={str(i): f"LABEL_{i}" for i in range(config.num_labels)},
             label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
             initializer_range=config.initializer_range, pad_token_id=config.pad_token_id, dtype=dtype_name,
