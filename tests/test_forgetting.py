@@ -316,7 +316,8 @@ def test_l2sp_lora_penalizes_a_trained_bias(bias):
     db = rng.normal(size=getattr(node0, name).shape).astype(np.float32)
     dA = rng.normal(size=node0.lora_A.shape).astype(np.float32)
     node = dataclasses.replace(node0, lora_A=node0.lora_A + dA, **{name: getattr(node0, name) + db})
-    dW = node.scale * (np.asarray(node.lora_A) @ np.asarray(node.lora_B) - np.asarray(node0.lora_A) @ np.asarray(node0.lora_B))
+    ab = lambda n: np.asarray(n.lora_A) @ np.asarray(n.lora_B)
+    dW = node.scale * (ab(node) - ab(node0))
     dbias = (node.scale if bias == "lora_bias" else 1.0) * db
     want = 0.5 * 2.0 * ((dW**2).sum() + (dbias**2).sum())
     assert float(l2sp_penalty(params, {"": node}, a0, strength=2.0)) == pytest.approx(want, rel=1e-5)

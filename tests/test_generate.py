@@ -173,7 +173,8 @@ def test_top_k_and_top_p_restrict_the_support():
 def test_filter_keeps_transformers_warpers_set_and_a_tiny_temperature_is_the_argmax():
     """jpeft's filter (temperature, top-k, top-p) keeps exactly the tokens transformers'
     warpers keep, in that order, with the same renormalised probabilities, including top_p
-    near 1 on a large vocabulary (where a float32 descending sum lost whole tokens); a tiny temperature gives the argmax (logits / T overflowed to inf)."""
+    near 1 on a large vocabulary (where a float32 descending sum lost whole tokens); a tiny
+    temperature gives the argmax (logits / T overflowed to inf)."""
     import torch
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
@@ -204,7 +205,8 @@ def test_filter_keeps_transformers_warpers_set_and_a_tiny_temperature_is_the_arg
         assert (~sure).sum() <= rows // 10  # the boundary cases are rare
         p_ref = np.asarray(torch.softmax(torch.tensor(ref), -1))
         rows_sure = sure.all(-1)
-        np.testing.assert_allclose(np.asarray(jax.nn.softmax(jnp.asarray(got), -1))[rows_sure], p_ref[rows_sure], atol=1e-6)
+        p_got = np.asarray(jax.nn.softmax(jnp.asarray(got), -1))
+        np.testing.assert_allclose(p_got[rows_sure], p_ref[rows_sure], atol=1e-6)
     logits = jnp.asarray(rng.normal(scale=10.0, size=(64, 40)).astype(np.float32))
     for top_p in (1.0, 0.9):
         picks = np.asarray(_sample(logits, jax.random.key(1), jnp.float32(2e-38), 0, jnp.float32(top_p), False))

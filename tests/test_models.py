@@ -357,7 +357,8 @@ def test_config_fields_read_as_transformers_reads_them():
     c = config_from_hf(dict(base, model_type="mistral", sliding_window=8,
                             layer_types=["sliding_attention", "full_attention"]))
     assert c.sliding_window == 8 and c.layer_types == ("sliding_attention", "full_attention")
-    assert config_from_hf(dict(base, model_type="qwen2", use_sliding_window=True, max_window_layers=1)).sliding_window == 4096
+    qwen = config_from_hf(dict(base, model_type="qwen2", use_sliding_window=True, max_window_layers=1))
+    assert qwen.sliding_window == 4096
     assert config_from_hf(dict(base, model_type="qwen2")).sliding_window is None
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16, "rope_theta": 10000.0}

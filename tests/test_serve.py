@@ -335,8 +335,9 @@ def test_sampling_options_it_does_not_take_are_refused_not_ignored():
     from jpeft.serve.app import ApiError, _unsupported
 
     for key, value in (("top_k", 1), ("min_p", 0.1), ("typical_p", 0.9), ("repetition_penalty", 1.2),
-                       ("use_beam_search", True), ("logprobs", 2), ("n", 2), ("response_format", {"type": "json_object"}),
-                       ("tool_choice", "auto"), ("stop_token_ids", [3]), ("min_tokens", 4), ("ignore_eos", True)):
+                       ("use_beam_search", True), ("logprobs", 2), ("n", 2),
+                       ("response_format", {"type": "json_object"}), ("tool_choice", "auto"),
+                       ("stop_token_ids", [3]), ("min_tokens", 4), ("ignore_eos", True)):
         with pytest.raises(ApiError, match=f"'{key}'") as e:
             _unsupported({"model": "a", "prompt": "x", key: value})
         assert e.value.status == 400

@@ -312,9 +312,9 @@ def make_run_mesh(cfg: dict, batch_size: int):
         return None
     want = m["data"] * m["fsdp"] * m["tensor"]
     if m["data"] and want != n:
-        raise ConfigError(f"[mesh] data={m['data']} x fsdp={m['fsdp']} x tensor={m['tensor']} = {want} devices, but this "
-                          f"job has {n}; jpeft train uses every device: set mesh.data = 0 (the devices fsdp x tensor "
-                          "leave), or make the product equal the device count (on a CPU, emulate devices with "
+        raise ConfigError(f"[mesh] data={m['data']} x fsdp={m['fsdp']} x tensor={m['tensor']} = {want} devices, but "
+                          f"this job has {n}; jpeft train uses every device: set mesh.data = 0 (the devices fsdp x "
+                          "tensor leave), or make the product equal the device count (on a CPU, emulate devices with "
                           "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
     try:
         mesh = jpeft.make_mesh(data=m["data"] or None, fsdp=m["fsdp"], tensor=m["tensor"])

@@ -10,8 +10,9 @@ tree, whatever it holds.
 * **L2-SP** (Li et al. 2018): ``strength/2 * ||W_eff - W_eff_start||^2`` over the *effective*
   weights. For LoRA that is the update ``s * A @ B`` itself (:meth:`jpeft.LoraWeights.kernel_delta`),
   not ``A`` and ``B`` separately (which would penalise a re-parametrisation, not a change of
-  the function), plus the bias the layer uses when the LoRA trains one (``lora_bias``, ``bias``); for full fine-tuning it is the classic distance to the pre-trained weights;
-  for other mergeable methods (IA3, DoRA) the change of the merged kernel; for methods that
+  the function), plus the bias the layer uses when the LoRA trains one (``lora_bias``,
+  ``bias``); for full fine-tuning it is the classic distance to the pre-trained weights; for
+  other mergeable methods (IA3, DoRA) the change of the merged kernel; for methods that
   cannot merge (prefix, prompt, bottleneck) the distance of the adapter's own arrays to where
   they started.
 * **O-LoRA** (Wang et al. 2023, "Orthogonal Subspace Learning for Language Model Continual
