@@ -117,6 +117,8 @@ def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
         if _BYPASS.get():
             return next_fun(*args, **kwargs)
         redirect = _REDIRECT.get()
+        if redirect is not None and ctx.method_name == "setup":  # the clone's lazy setup: not the re-run call
+            return next_fun(*args, **kwargs)
         if redirect is not None:  # a quantized module's re-run: its own method, at its original path
             _REDIRECT.set(None)
             path, node, check = redirect

@@ -206,6 +206,12 @@ def quantize_array(w, scheme: Scheme):
     absmax scale may come out an ulp apart.)"""
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(jnp.asarray(w)))):
+        # NF4's absmax and qwix's rounding turn a NaN into a finite code (a block's absmax, or 0)
+        raise QuantizationError(
+            f"a kernel of shape {tuple(jnp.shape(w))} holds NaN or inf values; quantizing would turn them into "
+            "finite codes (NF4, int8) or poison its whole kernel (inf in NF4), silently. Fix the checkpoint first."
+        )
     if scheme == "nf4":
         return _nf4_quantize(w)
     return _quantize_jit(w, scheme)

@@ -271,6 +271,33 @@ def test_quantized_dense_output_equals_dequantized_kernel_times_x(scheme):
     assert not np.allclose(w, params["params"]["kernel"], atol=1e-6)  # really quantized
 
 
+def test_non_finite_kernels_are_refused_and_lora_on_a_quantized_embedding():
+    """A NaN became a finite code (NF4: the block's absmax; int8: 0) with no error: refused.
+    LoRA on an embedding quantized by target_modules (nn.Embed runs setup first, which took
+    the quantized re-run's redirect and crashed) equals the same LoRA on the dequantized base,
+    every adapter tensor random."""
+    w = jnp.ones((64, 64)).at[3, 5].set(jnp.nan)
+    for scheme in quant.SCHEMES:
+        with pytest.raises(QuantizationError, match="NaN or inf"):
+            quant.quantize_array(w, scheme)
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(8, name="out")(nn.Embed(128, 64, name="embed")(ids))
+
+    model, ids = Tiny(), jnp.arange(12).reshape(2, 6)
+    params = model.init(jax.random.key(0), ids)
+    for scheme in ("nf4", "int8"):
+        q = jpeft.quantize(params, scheme, target_modules=["embed"])
+        assert quant.is_quantized(q["params"]["embed"]["embedding"])
+        ad = _randomised(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed", "out"]), q, jax.random.key(1),
+                                    model, ids))
+        got = jpeft.apply(model, q, ad, ids)
+        np.testing.assert_allclose(got, jpeft.apply(model, jpeft.dequantize(q), ad, ids), rtol=1e-5, atol=1e-6)
+        assert np.abs(np.asarray(got) - np.asarray(jpeft.apply(model, jpeft.dequantize(q), None, ids))).max() > 1e-3
+
+
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 def test_lora_at_init_equals_the_quantized_base(llama, scheme):
     _, model, params, ids, qs = llama
