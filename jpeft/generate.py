@@ -96,7 +96,8 @@ def _generate(model, params, adapter, input_ids, attention_mask, key, temperatur
     return jnp.concatenate([input_ids.astype(jnp.int32), out], axis=1)
 
 
-def _as_eos(eos) -> tuple:
+def as_eos_ids(eos) -> tuple:
+    """An end id, a list of them or ``None`` as a tuple of ints (``()`` for none)."""
     if eos is None:
         return ()
     if isinstance(eos, (int, np.integer)):
@@ -211,6 +212,6 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     return _generate(
         model, params, adapter if adapter else None, input_ids, attention_mask, key,
         jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
-        max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy, eos=_as_eos(eos_token_id),
+        max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy, eos=as_eos_ids(eos_token_id),
         pad=int(pad_token_id),
     )

@@ -280,17 +280,17 @@ def _check_processes_agree(cfg: dict, train_ds) -> None:
     from jax.experimental import multihost_utils
 
     settings = {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
-    parts = {"settings": json.dumps(settings, sort_keys=True, default=str).encode(),
-             "training data": np.ascontiguousarray(train_ds.input_ids).tobytes()
-             + np.ascontiguousarray(train_ds.loss_mask).tobytes()}
-    mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for v in parts.values()])
+    parts = [("settings", "the resolved config, --set options included",
+              json.dumps(settings, sort_keys=True, default=str).encode()),
+             ("training data", "the data.train file",
+              np.ascontiguousarray(train_ds.input_ids).tobytes() + np.ascontiguousarray(train_ds.loss_mask).tobytes())]
+    mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for _, _, v in parts])
     every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, parts, 8]
-    for i, name in enumerate(parts):
+    for i, (name, what, _) in enumerate(parts):
         differ = [p for p in range(every.shape[0]) if not np.array_equal(every[p, i], every[0, i])]
         if differ:
-            raise ConfigError(f"process(es) {differ} of this job were given different {name} than process 0 "
-                              f"({'the resolved config, --set options included' if i == 0 else 'the data.train file'}"
-                              "); every process must run the same config on the same data. Start them with the same "
+            raise ConfigError(f"process(es) {differ} of this job were given different {name} than process 0 ({what}); "
+                              "every process must run the same config on the same data. Start them with the same "
                               "command line and files.")
 
 

@@ -13,6 +13,7 @@ from jpeft.cli._ckpt import load_adapter
 from jpeft.cli._common import parse_targets
 from jpeft.cli._model import example_ids, load_folder
 from jpeft.errors import ConfigError, LoadError
+from jpeft.generate import as_eos_ids
 from jpeft.models import load_tokenizer
 from jpeft.serve.engine import Engine
 
@@ -70,21 +71,17 @@ def _parse_adapters(items) -> dict:
     return out
 
 
-def _ids(v) -> set:
-    return set() if v is None else {int(x) for x in (v if isinstance(v, (list, tuple)) else [v])}
-
-
 def eos_ids_of(folder: str, tokenizer, hf_config: dict) -> tuple:
     """The token ids that end a completion, as transformers' ``generate`` takes them: the union of
     ``generation_config.json``'s and ``config.json``'s ``eos_token_id`` (an id or a list: chat
     models end a turn with another id than the document end, e.g. Llama 3 Instruct's
     ``[128001, 128009]``) and the tokenizer's."""
-    ids = _ids(getattr(tokenizer, "eos_token_id", None)) | _ids(hf_config.get("eos_token_id"))
+    ids = set(as_eos_ids(getattr(tokenizer, "eos_token_id", None))) | set(as_eos_ids(hf_config.get("eos_token_id")))
     path = os.path.join(folder, "generation_config.json")
     if os.path.isfile(path):
         try:
             with open(path) as f:
-                ids |= _ids(json.load(f).get("eos_token_id"))
+                ids |= set(as_eos_ids(json.load(f).get("eos_token_id")))
         except (OSError, ValueError, TypeError) as e:
             raise LoadError(f"{path!r} is not a readable generation config ({e}); fix or remove it.") from None
     return tuple(sorted(ids))

@@ -46,7 +46,7 @@ from jpeft.errors import (
     PromptTooLongError,
     UnknownAdapterError,
 )
-from jpeft.generate import sample_rows
+from jpeft.generate import as_eos_ids, sample_rows
 from jpeft.models._layers import KVCache, init_cache
 
 
@@ -184,12 +184,10 @@ class Engine:
         self.slots, self.max_len, self.chunk = slots, int(max_len), chunk
         self.max_queue, self.queue_timeout, self.request_timeout = max_queue, queue_timeout, request_timeout
         if eos_ids is None:
-            eos = getattr(tokenizer, "eos_token_id", None)
-            eos_ids = () if eos is None else (eos if isinstance(eos, (list, tuple)) else (eos,))
+            eos_ids = as_eos_ids(getattr(tokenizer, "eos_token_id", None))
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.vocab_size = int(cfg.vocab_size)
         self._bank = bank
-        self._strategy = getattr(bank, "strategy", DEFAULT_STRATEGY)  # the bank's routed-update implementation
         self._retiring: set = set()
         self._cv = threading.Condition()
         self._pending: collections.deque = collections.deque()
@@ -204,6 +202,11 @@ class Engine:
         self._cache = dataclasses.replace(cache, index=jnp.zeros((slots,), jnp.int32))
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(3,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(3,))
+
+    @property
+    def _strategy(self) -> str:
+        """The bank's routed-update implementation (read when the programs are traced)."""
+        return getattr(self._bank, "strategy", DEFAULT_STRATEGY)
 
     # -- the two compiled programs ----------------------------------------------------------------
     def _prefill_impl(self, params, weights, scales, cache, slot, adapter_id, tokens, n_real, reset, opts):
