@@ -40,6 +40,18 @@ def module_path(module) -> str:
         return ""
 
 
+def _flat_shapes(tree, prefix=()) -> dict:
+    """``{key path: shape}`` of the arrays in a nested params dict (a module's own params and
+    those of its submodules)."""
+    out = {}
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            out.update(_flat_shapes(v, prefix + (k,)))
+    elif hasattr(tree, "shape"):
+        out[prefix] = tuple(tree.shape)
+    return out
+
+
 def _outer_shapes(params, path: str):
     node = params
     for comp in [c for c in path.split("/") if c]:
@@ -48,7 +60,7 @@ def _outer_shapes(params, path: str):
         node = node[comp]
     if not isinstance(node, Mapping):
         return None
-    return {k: tuple(v.shape) for k, v in node.items() if hasattr(v, "shape")}
+    return _flat_shapes(node)
 
 
 def _check_not_scanned(path: str, node, module, params) -> None:
@@ -57,7 +69,8 @@ def _check_not_scanned(path: str, node, module, params) -> None:
     if not outer:
         return
     try:
-        own = {k: tuple(v.shape) for k, v in module.variables.get("params", {}).items() if hasattr(v, "shape")}
+        # the module's own params and its submodules' (a bottleneck on a whole MLP block)
+        own = _flat_shapes(module.variables.get("params", {}))
     except Exception:
         return
     stacked = [outer[k][0] for k, s in own.items() if k in outer and len(outer[k]) == len(s) + 1 and outer[k][1:] == s]

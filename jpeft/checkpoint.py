@@ -291,7 +291,9 @@ class CheckpointManager:
         if self.read_only:
             if not self.directory.is_dir():
                 raise CheckpointError(f"checkpoint directory {self.directory} does not exist.")
-        else:
+        if self.directory.is_dir():
+            self._refuse_foreign_step_names()
+        if not self.read_only:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 if jax.process_index() == 0:  # the job's primary process cleans up for all of them
@@ -315,6 +317,22 @@ class CheckpointManager:
             name = p.name
             if ".orbax-checkpoint-tmp" in name and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _refuse_foreign_step_names(self) -> None:
+        """Orbax takes every entry with a step's name (digits) for a checkpoint step, and its
+        ``keep_last`` rotation deletes it. An entry with such a name that holds none of a
+        checkpoint's parts (a finished adapter saved to ``<dir>/7``, a user's folder) is
+        refused by name before anything is written or deleted."""
+        parts = ("_CHECKPOINT_METADATA", "state", "meta")
+        foreign = sorted(p.name for p in self.directory.iterdir()
+                         if p.name.isdigit() and not p.is_symlink()
+                         and not (p.is_dir() and any((p / n).exists() for n in parts)))
+        if foreign:
+            raise CheckpointError(
+                f"{self.directory} holds {foreign[:5]}, named like checkpoint steps but not checkpoints (no "
+                f"{parts[0]}, state or meta inside); the checkpoint rotation would delete them. Move them out of the "
+                "checkpoint directory, or give the manager a directory of its own."
+            )
 
     def _refuse_symlinked_steps(self) -> None:
         """A step directory that is a symlink would be written or deleted through (Orbax's

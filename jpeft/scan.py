@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import _hostmem
-from jpeft.errors import LayoutError, ShapeMismatchError
+from jpeft.errors import ConfigError, LayoutError, ShapeMismatchError
 from jpeft.methods.base import Site, static_field
 
 #: The flax variable collection :func:`jpeft.apply` passes stacked adapter arrays in.
@@ -136,11 +136,49 @@ class Stacked(Site):
         return dataclasses.replace(self, inner=self.inner.join_frozen(None if frozen is None else frozen.inner))
 
 
-def make_site(make, path: str, layout, key, own):
+def check_same_on_every_layer(config, path: str, n: int, name: str = "layers") -> None:
+    """A stacked site runs one program, with one rank and one scale, for all ``n`` layers. A
+    config whose per-layer options (``exclude_modules``, ``rank_pattern``, ``alpha_pattern``
+    keyed by a layer's name, ``model.layers.3.self_attn.q_proj``) would treat the layers of
+    the unrolled model differently cannot be honoured: refuse it rather than give every
+    layer the stacked path's setting."""
+    comps = path.split("/")
+    if name not in comps:
+        return
+    head, tail = _split(path, name)
+    layer_paths = [_join(head, f"{name}_{i}", tail) for i in range(n)]
+    selects = getattr(config, "selects", None)
+    if selects is not None:
+        from jpeft.tree import matches
+        off = [i for i, p in enumerate(layer_paths)
+               if matches(config.target_modules, p) and not selects(p)]
+        if off:
+            raise ConfigError(
+                f"site {path!r} runs inside a layer scan of {n} layers, but the config leaves out layers {off[:8]} "
+                "(exclude_modules / layers_to_transform); a scanned model adapts every layer alike. Use an unrolled "
+                "model (scan_layers=False) to adapt some layers only."
+            )
+    rank_alpha = getattr(config, "rank_alpha", None)
+    if rank_alpha is not None:
+        stacked = rank_alpha(path)
+        per_layer = {i: rank_alpha(p) for i, p in enumerate(layer_paths)}
+        differ = {i: ra for i, ra in per_layer.items() if ra != stacked}
+        if differ:
+            i, (r, a) = next(iter(differ.items()))
+            raise ConfigError(
+                f"site {path!r} runs inside a layer scan of {n} layers and gets (r, alpha) = {stacked}, but "
+                f"rank_pattern / alpha_pattern give layer {i} ({layer_paths[i]!r}) ({r}, {a}); a scanned model uses one "
+                "rank and one alpha for all its layers. Key the patterns by module name without a layer index "
+                "(e.g. 'q_proj'), or use an unrolled model (scan_layers=False)."
+            )
+
+
+def make_site(make, path: str, layout, key, own, config=None):
     """``make(key, own)`` for an ordinary site; for a site inside a layer scan (its params
     have one more leading axis than the kernel the module sees) a :class:`Stacked` node with
     one independently initialised node per layer. Method ``init`` functions call this with
-    the layout from the traced model."""
+    the layout from the traced model; given the method's ``config``, a stacked site is
+    checked with :func:`check_same_on_every_layer`."""
     kernel = own.get(layout.param_name)
     extra = (kernel.ndim - len(layout.kernel_shape)) if kernel is not None else 0
     if extra == 0:
@@ -151,6 +189,8 @@ def make_site(make, path: str, layout, key, own):
             f"{tuple(kernel.shape)}; jpeft supports one scanned (stacked) leading axis."
         )
     n = int(kernel.shape[0])
+    if config is not None:
+        check_same_on_every_layer(config, path, n)
     return Stacked(jax.vmap(make)(jax.random.split(key, n), dict(own)), n)
 
 
@@ -356,6 +396,7 @@ __all__ = [
     "COLLECTION",
     "Stacked",
     "make_site",
+    "check_same_on_every_layer",
     "variables_for",
     "is_stacked",
     "num_stacked_layers",

@@ -598,3 +598,26 @@ def test_a_symlinked_step_directory_is_refused_before_anything_is_written(tmp_pa
             m.save(2, adapter, opt_state, key)
         assert m.all_steps() == [1]
     assert (tmp_path / "elsewhere").is_dir()
+
+
+def test_a_folder_named_like_a_step_is_refused_not_rotated_away(tmp_path, base):
+    """Orbax takes any folder with a step's name for a checkpoint step; the keep_last rotation
+    deleted a finished adapter the user had saved to <dir>/7 (no error). It is refused by name,
+    before anything is written or deleted; other files in the directory are left alone."""
+    params, cfg, adapter, opt, opt_state, key = base
+    d = tmp_path / "ck"
+    jpeft.save_adapter(str(d / "7"), cfg, adapter, params=params)
+    (d / "notes.txt").write_text("mine")
+    (d / "logs").mkdir()
+    for read_only in (False, True):
+        with pytest.raises(CheckpointError, match=r"\['7'\].*not checkpoints"):
+            jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, keep_last=2, read_only=read_only)
+    assert sorted(os.listdir(d / "7")) == ["jpeft_adapter.json", "jpeft_adapter.safetensors"]
+    (d / "7").rename(tmp_path / "adapter_7")
+    with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, keep_last=2, async_save=False) as m:
+        for s in (8, 9, 10):
+            m.save(s, adapter, opt_state, key)
+        assert m.all_steps() == [9, 10]
+    assert (d / "notes.txt").read_text() == "mine" and (d / "logs").is_dir()
+    with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt) as m:  # reopening its own steps is fine
+        assert m.restore_latest().step == 10

@@ -343,3 +343,44 @@ def test_pissa_and_l2sp_on_stacked_sites():
     got = l2sp_penalty(p1, moved, ad1, strength=2.0)
     assert float(want) > 0
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_per_layer_options_are_refused_on_a_scanned_model():
+    """A stacked site has one rank and one scale for all layers: per-layer rank/alpha patterns
+    and per-layer exclusions were silently given the stacked path's setting (every layer got
+    the default r / alpha, an excluded layer was adapted), so the run trained another model
+    than the unrolled one with the same config. They are refused by name; patterns keyed by a
+    module name without a layer index still apply to every layer."""
+    unrolled, scanned, p0, p1, ids = _pair()
+    layer0 = "model.layers.0.self_attn.q_proj"
+    bad = [jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], rank_pattern={layer0: 4}),
+           jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], alpha_pattern={layer0: 16}),
+           jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"],
+                            exclude_modules=["layers.1.self_attn.q_proj"]),
+           jpeft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj"], alpha_pattern={layer0: 16}),
+           jpeft.LoKrConfig(r=2, alpha=4, target_modules=["q_proj"], rank_pattern={layer0: 4})]
+    for cfg in bad:
+        jpeft.init(cfg, p0, jax.random.key(1), unrolled, ids)  # fine layer by layer
+        with pytest.raises(ConfigError, match="layer scan"):
+            jpeft.init(cfg, p1, jax.random.key(1), scanned, ids)
+    ok = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 4},
+                          alpha_pattern={"v_proj": 16})
+    a1 = jpeft.init(ok, p1, jax.random.key(1), scanned, ids)
+    a0 = jpeft.init(ok, p0, jax.random.key(1), unrolled, ids)
+    u1 = scan.unstack_adapter(a1)
+    assert {p: (n.lora_A.shape, n.scale) for p, n in u1.items()} == {p: (n.lora_A.shape, n.scale) for p, n in a0.items()}
+
+
+def test_an_output_adapter_on_a_block_inside_the_scan_is_refused():
+    """A bottleneck on a module without params of its own (the MLP block) inside the layer scan
+    was one node shared by every layer (half the trainable parameters of the unrolled model's
+    per-layer adapters), with no error; it is refused like one on a projection."""
+    unrolled, scanned, p0, p1, ids = _pair()
+    for target in ("mlp", "self_attn"):
+        bad = jpeft.init(jpeft.BottleneckConfig(target_modules=[target]), p1, jax.random.key(0), scanned, ids)
+        with pytest.raises(UnsupportedModuleError, match="scan"):
+            jpeft.apply(scanned, p1, bad, ids)
+    # on the unrolled model, one per layer
+    a0 = jpeft.init(jpeft.BottleneckConfig(target_modules=["mlp"]), p0, jax.random.key(0), unrolled, ids)
+    assert sorted(a0) == ["model/layers_0/mlp", "model/layers_1/mlp", "model/layers_2/mlp"]
+    jpeft.apply(unrolled, p0, a0, ids)

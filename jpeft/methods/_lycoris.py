@@ -341,7 +341,7 @@ def init_sites(config: LycorisConfig, params, key, infos, *, method: str,
         check_site(path, lay, method)
         r, alpha = config.rank_alpha(path)
         out[path] = scan.make_site(lambda kk, own, lay=lay, r=r, alpha=alpha: make_node(config, lay, r, alpha, kk),
-                                   path, lay, k, leaves[path])
+                                   path, lay, k, leaves[path], config)
     return out
 
 

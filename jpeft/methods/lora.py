@@ -883,7 +883,8 @@ def init_lora(config: LoraConfig, params, key, infos):
             tied = "attend" in infos[path].methods
         else:
             tied = tied_output_from_params(path, leaves) if layout.kind == Kind.EMBED else None
-        out[path] = make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own)
+        out[path] = make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own,
+                              config)
     if config.modules_to_save:
         out.update(saved_modules(config, leaves, out, infos))
     if config.bias != "none":
