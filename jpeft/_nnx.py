@@ -240,6 +240,11 @@ def _replace(root, wrap: Mapping[int, Any]) -> None:
                 object.__setattr__(parent, name, {k: wrap.get(id(v), v) for k, v in value.items()})
 
 
+#: ``fold_in`` data of the key the base model's RNG streams are reseeded from (the adapter's
+#: dropout keys fold in 1, 2, ...).
+_BASE_STREAMS = 0x7FFF_FFFF
+
+
 class _Context:
     def __init__(self, rngs):
         self.checked: set = set()
@@ -256,10 +261,17 @@ class _Context:
 def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, method: str = "__call__", **kwargs):
     """The NNX model ``nnx.merge(graphdef, state)`` called on ``args`` with every adapter
     node at its site. Variables the call mutates (batch statistics, RNG counters) belong to
-    the throw-away copy and are dropped: the result is the output only."""
-    model = nnx.merge(graphdef, state)
+    the throw-away copy and are dropped: the result is the output only. Given a dropout key
+    (``rngs``), the copy's RNG streams are reseeded from it, so the base model's own dropout
+    draws a new mask for every key (its stored counter, never advanced, would repeat one)."""
+    model = nnx.merge(graphdef, state, copy=True)  # the caller's state is never written to
     modules = _modules(model)
     ctx = _Context(rngs)
+    if ctx._key is not None:
+        tags = sorted({v.tag for _, v in nnx.iter_graph(model) if isinstance(v, nnx.RngStream)})
+        if tags:
+            base = jax.random.fold_in(ctx._key, _BASE_STREAMS)
+            nnx.reseed(model, policy="match_shape", **{t: jax.random.fold_in(base, i) for i, t in enumerate(tags)})
     missing = [p for p in adapter if p not in modules]
     if missing:
         raise TargetNotFoundError(

@@ -373,3 +373,47 @@ def test_lists_and_sequential_name_paths_like_nnx_split():
     y = jpeft.apply(net, None, adapter, x)
     assert float(jnp.abs(y - net(x)).max()) > 1e-2
     np.testing.assert_allclose(jpeft.merge(net, adapter)(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_the_callers_state_is_never_mutated_and_base_dropout_follows_the_key():
+    """jpeft.apply ran the NNX model on the caller's own Variables: eagerly it advanced the
+    state's batch statistics and RNG counters in place (the docs promise a throw-away copy),
+    under jit it raised flax's TraceContextError, and the base's own dropout drew one mask
+    whatever key was passed. The copy is now fresh, and its RNG streams are reseeded from the
+    dropout key: a new mask per key, the same mask for the same key."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+            self.bn = nnx.BatchNorm(16, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(self.drop(jax.nn.relu(self.bn(self.fc1(x)))))
+
+    model = Net(nnx.Rngs(0))
+    model.train()
+    gd, st = nnx.split(model)
+
+    def snap(s):
+        return {p: np.asarray(jax.random.key_data(v.get_value()) if jnp.issubdtype(v.get_value().dtype, jax.dtypes.prng_key)
+                              else v.get_value()) for p, v in nnx.to_flat_state(s)}
+
+    before = snap(st)
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"], init="random"), st, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    y1 = jpeft.apply(gd, st, ad, x, rngs={"dropout": jax.random.key(5)})
+    y2 = jpeft.apply(gd, st, ad, x, rngs={"dropout": jax.random.key(5)})
+    y3 = jpeft.apply(gd, st, ad, x, rngs={"dropout": jax.random.key(6)})
+    after = snap(st)
+    assert all(np.array_equal(before[p], after[p]) for p in before)
+    np.testing.assert_array_equal(y1, y2)
+    assert not np.allclose(y1, y3)
+    # under jit, in the one training loop: runs, and a zero learning rate leaves losses that differ per step
+    opt = optax.sgd(0.0)
+    step = jpeft.make_train_step(lambda p, a, b, k: jnp.sum(jpeft.apply(gd, p, a, b, rngs={"dropout": k})), opt)
+    res = jpeft.fit(step, st, ad, opt.init(ad), [x] * 3, key=jax.random.key(3), progress=False)
+    losses = [h["loss"] for h in res.history]
+    assert len(set(losses)) == 3
+    assert all(np.array_equal(before[p], v) for p, v in snap(st).items())
