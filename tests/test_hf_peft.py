@@ -534,3 +534,33 @@ def test_train_method_table_refuses_unimplemented_options():
                                 "trainable_token_indices": [3], "bias": "all"}}, "llama")
     assert cfg.lora_bias and cfg.modules_to_save == ("lm_head",) and cfg.trainable_token_indices == (3,)
     assert cfg.bias == "all"
+
+
+def test_peft_copy_of_a_changed_base_embedding_is_refused(tmp_path):
+    """PEFT saves a targeted embedding's base weight (``...embed_tokens.base_layer.weight``) and
+    PeftModel.from_pretrained loads it into the model: when it differs from jpeft's params (rows
+    re-initialised before training, here), load_peft names the mismatch instead of silently
+    keeping the params' rows (the logits differed by 0.11 on the tiny Mistral); an unchanged copy
+    still loads, with PEFT's logits."""
+    hf, _ = T.hf_model("mistral")
+    _, params = loaded("mistral")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    ids = np.array([[5, 91, 17, 95, 40, 99, 3, 92]]); mask = np.ones_like(ids)
+    for changed in (False, True):
+        work = copy.deepcopy(hf)
+        if changed:
+            with torch.no_grad():
+                work.model.embed_tokens.weight[90:] = work.model.embed_tokens.weight[:90].mean(0, keepdim=True)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(work, cfg).eval()
+            folder = str(tmp_path / str(changed))
+            pm.save_pretrained(folder)
+            ref = _peft_logits(peft.PeftModel.from_pretrained(copy.deepcopy(hf), folder).eval(), "mistral", ids, mask)
+        if changed:
+            with pytest.raises(BaseMismatchError, match=r"embed_tokens\.base_layer\.weight.*10 row\(s\) \(first: \[90"):
+                H.load_peft(folder, params)
+        else:
+            _, ad = H.load_peft(folder, params)
+            np.testing.assert_allclose(_jpeft_logits("mistral", ad, ids, mask), ref, atol=1e-4, rtol=0)

@@ -16,6 +16,7 @@ import os
 import re
 from typing import Any, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -309,6 +310,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     biases: dict[str, np.ndarray] = {}  # bias="all": the biases of modules without a LoRA site
     tied_head = None
     unmatched = []
+    base_copies: dict[str, np.ndarray] = {}  # PEFT's copy of a targeted embedding's base weight
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
         if sp is None:
@@ -325,6 +327,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             continue
         path, t = sp
         if t == "base_layer.weight":  # PEFT saves the base embedding next to an embedding LoRA; jpeft keeps params'
+            base_copies[path] = v   # (after checking that they are the same weights: _check_base_copy)
             continue
         if t == _TOKENS_KEY:
             token_values[path] = v
@@ -339,6 +342,9 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     check_keys([p for p in by_site if p in leaves], expected,
                unmatched_keys=unmatched + [k for p in unknown for k in _keys_of(p, by_site[p])])
 
+    for path, v in sorted(base_copies.items()):
+        if path in leaves:
+            _check_base_copy(path, v, leaves[path], ctx.folder)
     adapter = {}
     for path in sorted(by_site):
         t = by_site[path]
@@ -421,6 +427,40 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             if path not in adapter and "bias" in own:
                 adapter[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), ctx.dtype)})
     return config, adapter
+
+
+def _check_base_copy(path: str, v: np.ndarray, own: Mapping[str, Any], folder: str) -> None:
+    """PEFT saves the base weight of a targeted embedding (``save_embedding_layers``, e.g. after
+    the vocabulary was resized or rows were re-initialised) and ``PeftModel.from_pretrained``
+    loads it into the model; jpeft keeps the params' weight, so the two must be the same weights
+    (compared at the coarser of the two dtypes), else the outputs would differ silently."""
+    name = "embedding" if "embedding" in own else "kernel" if "kernel" in own else None
+    ref = own.get(name) if name else None
+    if ref is None or isinstance(ref, jax.ShapeDtypeStruct) or not getattr(ref, "is_fully_addressable", True) \
+            or not jnp.issubdtype(getattr(ref, "dtype", np.int8), jnp.floating):
+        return  # abstract, sharded across processes or quantized params: nothing to compare here
+    f = np.asarray(v)
+    if name == "kernel" and f.ndim == 2 and not CONV1D.match(path):
+        f = f.T
+    p = np.asarray(ref)
+    if f.shape != p.shape:
+        raise BaseMismatchError(
+            f"the adapter in {folder!r} carries PEFT's copy of the base weight of {hf_name(path)!r} with shape "
+            f"{f.shape}, but the base's is {p.shape} (a resized vocabulary?). PeftModel.from_pretrained would load "
+            "that copy into the model; give jpeft params holding the same weight."
+        )
+    same = (np.array_equal(f.astype(np.float32), p.astype(f.dtype).astype(np.float32))
+            or np.array_equal(f.astype(p.dtype).astype(np.float32), p.astype(np.float32)))
+    if not same:
+        bad = np.unique(np.nonzero(np.any(f.astype(np.float32) != p.astype(np.float32),
+                                          axis=tuple(range(1, f.ndim))))[0])
+        raise BaseMismatchError(
+            f"the adapter in {folder!r} carries PEFT's copy of the base weight of {hf_name(path)!r} "
+            f"({hf_name(path)}.base_layer.weight), and it differs from the base's in {bad.size} row(s) (first: "
+            f"{bad[:8].tolist()}); PeftModel.from_pretrained loads that copy into the model, so jpeft's outputs "
+            "would differ from PEFT's. Put the saved weight into the params first (e.g. re-initialised or "
+            "resized token rows), or load the adapter on the base it was trained on."
+        )
 
 
 def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves, ctx: ImportContext) -> dict:
