@@ -978,7 +978,9 @@ def save_adapter(
         "metadata": dict(metadata or {}),
     }
     try:
-        meta_bytes = json.dumps(with_checksum(meta), indent=1, sort_keys=True).encode("utf-8")
+        # not sort_keys: rank_pattern / alpha_pattern take the first matching key, so their order is meaning
+        # (the checksum is computed over the canonical, sorted form)
+        meta_bytes = json.dumps(with_checksum(meta), indent=1).encode("utf-8")
     except (TypeError, ValueError) as e:
         raise ConfigError(f"metadata must be JSON-able: {e}") from None
 

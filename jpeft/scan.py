@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -136,41 +136,52 @@ class Stacked(Site):
         return dataclasses.replace(self, inner=self.inner.join_frozen(None if frozen is None else frozen.inner))
 
 
-def check_same_on_every_layer(config, path: str, n: int, name: str = "layers") -> None:
-    """A stacked site runs one program, with one rank and one scale, for all ``n`` layers. A
-    config whose per-layer options (``exclude_modules``, ``rank_pattern``, ``alpha_pattern``
-    keyed by a layer's name, ``model.layers.3.self_attn.q_proj``) would treat the layers of
-    the unrolled model differently cannot be honoured: refuse it rather than give every
-    layer the stacked path's setting."""
-    comps = path.split("/")
-    if name not in comps:
-        return
+def layer_paths(path: str, layout, own, name: str = "layers") -> Optional[list]:
+    """The unrolled model's per-layer names of a site inside a layer scan (``model/layers_0/...``,
+    ``model/layers_1/...``: the names PEFT files and the unrolled model use), or ``None`` for an
+    ordinary site (its params have no extra leading axis, or its path no ``name`` component)."""
+    kernel = own.get(layout.param_name)
+    if kernel is None or kernel.ndim != len(layout.kernel_shape) + 1 or name not in path.split("/"):
+        return None
     head, tail = _split(path, name)
-    layer_paths = [_join(head, f"{name}_{i}", tail) for i in range(n)]
+    return [_join(head, f"{name}_{i}", tail) for i in range(int(kernel.shape[0]))]
+
+
+def site_rank_alpha(config, path: str, layout, own) -> tuple:
+    """``config.rank_alpha`` of a site. For a site inside a layer scan the ``rank_pattern`` /
+    ``alpha_pattern`` keys are matched against each layer's own name (as for the unrolled model
+    and in PEFT: a key ``model\\.layers\\.\\d+\\.self_attn\\.v_proj`` reaches every layer); a
+    stacked site runs one program with one rank and one scale, so patterns that give its
+    layers different values are refused instead of giving every layer the stacked name's."""
+    names = layer_paths(path, layout, own)
+    if names is None:
+        return config.rank_alpha(path)
+    per_layer = {config.rank_alpha(p) for p in names}
+    if len(per_layer) != 1:
+        raise ConfigError(
+            f"{type(config).__name__}.rank_pattern / alpha_pattern give the {len(names)} layers of the layer-scanned "
+            f"module {path!r} different (r, alpha): {sorted(per_layer)}; a scanned model uses one rank and one alpha "
+            "for all its layers. Use patterns that name the module in every layer (e.g. 'q_proj'), or an unrolled "
+            "model (scan_layers=False)."
+        )
+    return per_layer.pop()
+
+
+def check_every_layer_selected(config, path: str, names: list) -> None:
+    """A stacked site adapts all its layers: a config whose ``exclude_modules`` (or other
+    per-layer selection) would leave some of the unrolled model's layers out is refused rather
+    than silently adapting them."""
     selects = getattr(config, "selects", None)
-    if selects is not None:
-        from jpeft.tree import matches
-        off = [i for i, p in enumerate(layer_paths)
-               if matches(config.target_modules, p) and not selects(p)]
-        if off:
-            raise ConfigError(
-                f"site {path!r} runs inside a layer scan of {n} layers, but the config leaves out layers {off[:8]} "
-                "(exclude_modules / layers_to_transform); a scanned model adapts every layer alike. Use an unrolled "
-                "model (scan_layers=False) to adapt some layers only."
-            )
-    rank_alpha = getattr(config, "rank_alpha", None)
-    if rank_alpha is not None:
-        stacked = rank_alpha(path)
-        per_layer = {i: rank_alpha(p) for i, p in enumerate(layer_paths)}
-        differ = {i: ra for i, ra in per_layer.items() if ra != stacked}
-        if differ:
-            i, (r, a) = next(iter(differ.items()))
-            raise ConfigError(
-                f"site {path!r} runs inside a layer scan of {n} layers and gets (r, alpha) = {stacked}, but "
-                f"rank_pattern / alpha_pattern give layer {i} ({layer_paths[i]!r}) ({r}, {a}); a scanned model uses one "
-                "rank and one alpha for all its layers. Key the patterns by module name without a layer index "
-                "(e.g. 'q_proj'), or use an unrolled model (scan_layers=False)."
-            )
+    if selects is None:
+        return
+    from jpeft.tree import matches
+    off = [i for i, p in enumerate(names) if matches(config.target_modules, p) and not selects(p)]
+    if off:
+        raise ConfigError(
+            f"site {path!r} runs inside a layer scan of {len(names)} layers, but the config leaves out layers "
+            f"{off[:8]} (exclude_modules / layers_to_transform); a scanned model adapts every layer alike. Use an "
+            "unrolled model (scan_layers=False) to adapt some layers only."
+        )
 
 
 def make_site(make, path: str, layout, key, own, config=None):
@@ -178,7 +189,8 @@ def make_site(make, path: str, layout, key, own, config=None):
     have one more leading axis than the kernel the module sees) a :class:`Stacked` node with
     one independently initialised node per layer. Method ``init`` functions call this with
     the layout from the traced model; given the method's ``config``, a stacked site is
-    checked with :func:`check_same_on_every_layer`."""
+    checked with :func:`check_every_layer_selected` (its rank and scale come from
+    :func:`site_rank_alpha`)."""
     kernel = own.get(layout.param_name)
     extra = (kernel.ndim - len(layout.kernel_shape)) if kernel is not None else 0
     if extra == 0:
@@ -190,7 +202,7 @@ def make_site(make, path: str, layout, key, own, config=None):
         )
     n = int(kernel.shape[0])
     if config is not None:
-        check_same_on_every_layer(config, path, n)
+        check_every_layer_selected(config, path, layer_paths(path, layout, own) or [])
     return Stacked(jax.vmap(make)(jax.random.split(key, n), dict(own)), n)
 
 
@@ -396,7 +408,8 @@ __all__ = [
     "COLLECTION",
     "Stacked",
     "make_site",
-    "check_same_on_every_layer",
+    "site_rank_alpha",
+    "layer_paths",
     "variables_for",
     "is_stacked",
     "num_stacked_layers",

@@ -361,7 +361,7 @@ def test_per_layer_options_are_refused_on_a_scanned_model():
            jpeft.LoKrConfig(r=2, alpha=4, target_modules=["q_proj"], rank_pattern={layer0: 4})]
     for cfg in bad:
         jpeft.init(cfg, p0, jax.random.key(1), unrolled, ids)  # fine layer by layer
-        with pytest.raises(ConfigError, match="layer scan"):
+        with pytest.raises(ConfigError, match="scan_layers=False"):
             jpeft.init(cfg, p1, jax.random.key(1), scanned, ids)
     ok = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 4},
                           alpha_pattern={"v_proj": 16})

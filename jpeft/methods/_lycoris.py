@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Callable, ClassVar, Mapping
 
 import jax
@@ -339,7 +340,7 @@ def init_sites(config: LycorisConfig, params, key, infos, *, method: str,
     for k, path in zip(jax.random.split(key, len(paths)), paths):
         lay = linear_layout(path, leaves[path], infos)
         check_site(path, lay, method)
-        r, alpha = config.rank_alpha(path)
+        r, alpha = scan.site_rank_alpha(config, path, lay, leaves[path])
         out[path] = scan.make_site(lambda kk, own, lay=lay, r=r, alpha=alpha: make_node(config, lay, r, alpha, kk),
                                    path, lay, k, leaves[path], config)
     return out
@@ -347,11 +348,19 @@ def init_sites(config: LycorisConfig, params, key, infos, *, method: str,
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------
 
-def to_hf(config: LycorisConfig, adapter, ctx, *, node_cls: type, tensor_names: tuple):
+def to_hf(config: LycorisConfig, adapter, ctx, *, node_cls: type, tensor_names: tuple,
+          make_node: Callable[[LycorisConfig, Layout, int, float, Any], Site]):
     """``(adapter_config dict, tensors)`` for PEFT: each site's tensors under
     ``base_model.model.<name>.<tensor>`` as they are (they are stored in PyTorch's orientation
-    already). Only ``nn.Dense`` sites: the layers of jpeft.models, which PEFT builds as Linear."""
+    already). Only ``nn.Dense`` sites: the layers of jpeft.models, which PEFT builds as Linear.
+
+    ``rank_pattern`` / ``alpha_pattern`` are written from the sites themselves (one exact key per
+    module whose rank or alpha is not the config's default, as the LoRA exporter does), so PEFT
+    rebuilds each site's own scale whatever the config's patterns (their order, which PEFT's
+    first-match rule depends on, is not kept by the sorted JSON), and a site whose tensors are
+    not what ``config`` builds for it is refused."""
     tensors, targets = {}, []
+    rank_pattern, alpha_pattern = {}, {}
     for path in sorted(adapter):
         node = adapter[path]
         if not isinstance(node, node_cls):
@@ -369,13 +378,29 @@ def to_hf(config: LycorisConfig, adapter, ctx, *, node_cls: type, tensor_names: 
                 f"{type(config).__name__} site {path!r} is a GPT-2 Conv1D layer (fan_in_fan_out): Hugging Face PEFT's "
                 f"{config.peft_type} has no Conv1D layer, so it cannot load the adapter. Target another model's Linear layers."
             )
+        r_site, alpha_cfg = config.rank_alpha(path)  # what PEFT derives for this module's name
+        want = jax.eval_shape(lambda: make_node(config, node.layout, r_site, alpha_cfg, jax.random.key(0)))
+        want_shapes = {n: tuple(getattr(want, n).shape) for n in tensor_names if getattr(want, n) is not None}
+        got_shapes = {n: tuple(getattr(node, n).shape) for n in tensor_names if getattr(node, n) is not None}
+        if got_shapes != want_shapes:
+            raise UnsupportedAdapterError(
+                f"{type(config).__name__} site {path!r} holds {got_shapes}, but the config given to save_peft builds "
+                f"{want_shapes} for it (r={r_site} and the factorisation options), so PEFT could not load it as saved. "
+                "Save with the config the adapter was made with."
+            )
+        alpha_site = float(node.scale) * r_site  # PEFT's scale alpha / r is then the site's own
+        key = re.escape(hf_name(path))
+        if r_site != config.r:
+            rank_pattern[key] = int(r_site)
+        if not math.isclose(alpha_site, float(config.alpha), rel_tol=1e-6):
+            alpha_pattern[key] = alpha_site
         for name in tensor_names:
             v = getattr(node, name)
             if v is not None:
                 tensors[peft_key(path, name)] = np.asarray(v, np.float32)
         targets.append(hf_name(path))
     d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    d.update(target_modules=targets, rank_pattern=dict(config.rank_pattern), alpha_pattern=dict(config.alpha_pattern),
+    d.update(target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
              exclude_modules=None, layers_to_transform=None, layers_pattern=None, modules_to_save=None)
     return d, tensors
 

@@ -35,7 +35,7 @@ from jpeft.methods._common import (
 )
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
-from jpeft.tree import hf_name, matches, select
+from jpeft.tree import hf_name, linear_only, matches, select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +161,7 @@ class IA3Weights(Site):
 def init(config: IA3Config, params, key, infos) -> dict:
     """Creates the (IA)^3 vectors for every targeted linear module."""
     leaves, cands = linear_candidates(params)
+    cands = linear_only(config.target_modules, leaves, cands)  # "all-linear": no embeddings, as in PEFT
     paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)")
     paths = sorted(paths)  # independent of the params dict's key order
     keys = jax.random.split(key, len(paths))

@@ -30,7 +30,7 @@ from jpeft.methods._common import down_project, linear_candidates, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, check_tied_merge,
                                 dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.models._layers import flat_dot_general
-from jpeft.scan import Stacked, make_site
+from jpeft.scan import Stacked, make_site, site_rank_alpha
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
 
 _INITS = ("default", "gaussian", "pissa", "olora", "milora", "random")
@@ -800,8 +800,8 @@ def _kaiming_uniform(key, shape, fan_in, dtype=jnp.float32):
 
 
 def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[str, Any],
-              tied_output: Optional[bool] = None) -> LoraWeights:
-    r, alpha = config.rank_alpha(path)
+              tied_output: Optional[bool] = None, rank_alpha: Optional[tuple] = None) -> LoraWeights:
+    r, alpha = rank_alpha if rank_alpha is not None else config.rank_alpha(path)
     scale = config.scale(r, alpha)
     n_in, n_out = layout.in_features, layout.out_features
     ka, kb = jax.random.split(key)
@@ -883,7 +883,8 @@ def init_lora(config: LoraConfig, params, key, infos):
             tied = "attend" in infos[path].methods
         else:
             tied = tied_output_from_params(path, leaves) if layout.kind == Kind.EMBED else None
-        out[path] = make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied), path, layout, k, own,
+        ra = site_rank_alpha(config, path, layout, own)
+        out[path] = make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied, ra), path, layout, k, own,
                               config)
     if config.modules_to_save:
         out.update(saved_modules(config, leaves, out, infos))

@@ -65,7 +65,7 @@ from jpeft.errors import (
 from jpeft.methods._common import linear_candidates, linear_layout
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
-from jpeft.tree import hf_name, select
+from jpeft.tree import hf_name, linear_only, select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +325,7 @@ def _site_layout(path: str, own, infos) -> Layout:
 def init(config: OFTConfig, params, key, infos) -> dict:
     """Creates the OFT parameters for every targeted ``nn.Dense`` module."""
     leaves, cands = linear_candidates(params)
+    cands = linear_only(config.target_modules, leaves, cands)  # "all-linear": no embeddings, as in PEFT
     paths = sorted(select(config.target_modules, cands, what="linear module (Dense)"))
     keys = jax.random.split(key, len(paths))
     out = {}
@@ -348,6 +349,30 @@ def init(config: OFTConfig, params, key, infos) -> dict:
 TENSOR = "oft_R.weight"
 
 
+def _check_node_matches(config: OFTConfig, path: str, node: OFTWeights) -> None:
+    """Refuses a site whose static settings are not what ``config`` gives it: the PEFT file
+    records the config's, and PEFT would compute another rotation from the same ``oft_R``."""
+    try:
+        blocks, size = blocks_for(config, node.layout.in_features, path)
+    except ConfigError as e:
+        raise UnsupportedAdapterError(f"{e} Save with the config the adapter was made with.") from None
+    got = dict(blocks=node.blocks, block_size=node.block_size, stored=int(node.oft_R.shape[-2]),
+               use_cayley_neumann=node.neumann, coft=node.coft)
+    want = dict(blocks=blocks, block_size=size, stored=1 if config.block_share else blocks,
+                use_cayley_neumann=config.use_cayley_neumann, coft=config.coft)
+    if node.neumann:
+        got["num_cayley_neumann_terms"], want["num_cayley_neumann_terms"] = node.terms, config.num_cayley_neumann_terms
+    if node.coft:
+        got["eps"], want["eps"] = float(node.eps), float(config.eps)
+    diff = {k: (got[k], want[k]) for k in got if got[k] != want[k]}
+    if diff:
+        raise UnsupportedAdapterError(
+            f"OFT site {path!r} was made with other settings than the config given to save_peft "
+            f"(site, config): {diff}; PEFT would compute another rotation from the same oft_R. Save with the config "
+            "the adapter was made with."
+        )
+
+
 def _to_hf(config: OFTConfig, adapter, ctx):
     if ctx.fan_in_fan_out:
         raise UnsupportedAdapterError(
@@ -366,6 +391,7 @@ def _to_hf(config: OFTConfig, adapter, ctx):
                 f"OFT site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
                 "nn.Dense sites (the layers of jpeft.models)."
             )
+        _check_node_matches(config, path, node)
         tensors[peft_key(path, TENSOR)] = np.asarray(node.oft_R, np.float32)
         targets.append(hf_name(path))
     d = {f: getattr(config, f) for f in ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",

@@ -1,0 +1,142 @@
+"""Rank / alpha patterns and saved configs must mean what the adapter computes (audit of the LyCORIS,
+OFT and PEFT-format paths): overlapping first-match patterns through the sorted JSON files, layer-specific
+patterns on a layer-scanned model, and save_peft with another config than the adapter's."""
+
+import copy
+import os
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
+
+import jpeft  # noqa: E402
+import jpeft.models  # noqa: E402
+from jpeft.errors import ConfigError, UnsupportedAdapterError  # noqa: E402
+from jpeft.methods.loha import LoHaConfig  # noqa: E402
+from jpeft.methods.lokr import LoKrConfig  # noqa: E402
+from jpeft.methods.oft import OFTConfig  # noqa: E402
+
+torch = __import__("torch")
+peft = __import__("peft")
+
+FAMILY = "llama2"
+
+
+def _random(adapter, seed=1, std=0.3):
+    rs = np.random.RandomState(seed)
+    leaves, tdef = jax.tree.flatten(adapter)
+    return jax.tree.unflatten(tdef, [jnp.asarray(std * rs.randn(*x.shape), jnp.float32) for x in leaves])
+
+
+def _peft_logits(folder, ids, mask):
+    hf, _ = tiny.hf_model(FAMILY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), folder).eval()
+    with torch.no_grad():
+        return pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                  position_ids=torch.tensor(tiny.positions(mask))).logits.numpy()
+
+
+def _jpeft_logits(model, params, adapter, ids, mask):
+    return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
+@pytest.mark.parametrize("cfg", [
+    # overlapping keys: the first one (v_proj) wins in jpeft and in PEFT's in-memory config, but the JSON is
+    # written with sorted keys, after which PEFT's first match for layer 0 was the other key
+    LoHaConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj"], alpha_pattern={"v_proj": 5, r"layers\.0\.self_attn\.v_proj": 60}),
+    # the adapter made with alpha 16 and saved with a config saying 8
+    "other-config",
+], ids=["overlapping-alpha-pattern", "saved-with-other-alpha"])
+def test_lycoris_export_keeps_each_sites_scale(cfg, tmp_path):
+    _, folder = tiny.hf_model(FAMILY)
+    model, params = jpeft.models.from_pretrained(folder)
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    made = LoKrConfig(r=2, alpha=16, target_modules=["q_proj", "v_proj"]) if cfg == "other-config" else cfg
+    saved = made.replace(alpha=8) if cfg == "other-config" else cfg
+    ad = _random(jpeft.init(made, params, jax.random.key(0)))
+    jpeft.hf.save_peft(str(tmp_path), saved, ad, base_model_name_or_path=folder)
+    sel = mask.astype(bool)
+    np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], _peft_logits(str(tmp_path), ids, mask)[sel],
+                               atol=1e-4, rtol=0)
+    # and back: jpeft reads the file as PEFT does
+    _, back = jpeft.hf.load_peft(str(tmp_path), params)
+    assert {k: v.scale for k, v in back.items()} == pytest.approx({k: v.scale for k, v in ad.items()})
+
+
+def test_lycoris_save_with_a_config_of_other_shapes_is_refused(tmp_path):
+    _, folder = tiny.hf_model(FAMILY)
+    _, params = jpeft.models.from_pretrained(folder)
+    ad = jpeft.init(LoHaConfig(r=2, target_modules=["q_proj"]), params, jax.random.key(0))
+    with pytest.raises(UnsupportedAdapterError, match="the config the adapter was made with"):
+        jpeft.hf.save_peft(str(tmp_path), LoHaConfig(r=4, target_modules=["q_proj"]), ad)
+
+
+def test_scanned_lycoris_matches_patterns_per_layer(tmp_path):
+    _, folder = tiny.hf_model(FAMILY)
+    model, params = jpeft.models.from_pretrained(folder)
+    smodel, sparams = jpeft.models.from_pretrained(folder, scan_layers=True)
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    x = jnp.asarray(ids)
+    # a key naming one layer: refused on the scanned model (it silently applied to no layer)
+    one_layer = LoHaConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj"], alpha_pattern={"model.layers.1.self_attn.q_proj": 30})
+    with pytest.raises(ConfigError, match="scan_layers=False"):
+        jpeft.init(one_layer, sparams, jax.random.key(0), smodel, x)
+    # a key naming every layer by its index: the scanned sites get it, as the unrolled ones (and PEFT) do
+    every = LoKrConfig(r=2, alpha=3, target_modules=["q_proj", "v_proj"], alpha_pattern={r"model\.layers\.\d+\.self_attn\.v_proj": 30})
+    sad = _random(jpeft.init(every, sparams, jax.random.key(0), smodel, x))
+    uad = jpeft.init(every, params, jax.random.key(0))
+    assert sad["model/layers/self_attn/v_proj"].inner.scale == uad["model/layers_0/self_attn/v_proj"].scale == 15.0
+    jpeft.hf.save_peft(str(tmp_path), every, sad, base_model_name_or_path=folder)
+    sel = mask.astype(bool)
+    np.testing.assert_allclose(_jpeft_logits(smodel, sparams, sad, ids, mask)[sel], _peft_logits(str(tmp_path), ids, mask)[sel],
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("made", [OFTConfig(oft_block_size=8, use_cayley_neumann=False, target_modules=["q_proj"]),
+                                  OFTConfig(oft_block_size=8, coft=True, eps=1e-2, target_modules=["q_proj"])],
+                         ids=["exact-cayley", "coft"])
+def test_oft_save_with_other_settings_is_refused(made, tmp_path):
+    _, folder = tiny.hf_model(FAMILY)
+    _, params = jpeft.models.from_pretrained(folder)
+    ad = jpeft.init(made, params, jax.random.key(0))
+    with pytest.raises(UnsupportedAdapterError, match="the config the adapter was made with"):
+        jpeft.hf.save_peft(str(tmp_path), OFTConfig(oft_block_size=8, target_modules=["q_proj"]), ad)
+    jpeft.hf.save_peft(str(tmp_path), made, ad)  # its own config saves
+
+
+@pytest.mark.parametrize("cls", [LoHaConfig, jpeft.LoraConfig])
+def test_native_round_trip_keeps_first_match_pattern_order(cls, tmp_path):
+    _, folder = tiny.hf_model(FAMILY)
+    _, params = jpeft.models.from_pretrained(folder)
+    cfg = cls(r=2, alpha=3, target_modules=["q_proj", "v_proj"], alpha_pattern={"v_proj": 5, r"layers\.0\.self_attn\.v_proj": 60})
+    ad = jpeft.init(cfg, params, jax.random.key(0))
+    jpeft.save_adapter(str(tmp_path / "a"), cfg, ad)
+    back = jpeft.load_adapter(str(tmp_path / "a"), params)
+    back = back[1] if isinstance(back, tuple) else back
+    assert {k: v.scale for k, v in back.items()} == {k: v.scale for k, v in ad.items()}
+
+
+@pytest.mark.parametrize("cfg", [OFTConfig(oft_block_size=4, target_modules="all-linear"),
+                                 jpeft.IA3Config(target_modules="all-linear", feedforward_modules=["down_proj"])],
+                         ids=["oft", "ia3"])
+def test_all_linear_leaves_out_embeddings_as_peft_does(cfg, tmp_path):
+    """OFT and IA3 with PEFT's "all-linear" shorthand refused the embedding with advice to remove
+    it from target_modules (which the user cannot do); they take the linear layers but lm_head, as
+    PEFT does, and the exported adapter (every tensor random) gives PEFT's logits."""
+    _, folder = tiny.hf_model(FAMILY)
+    model, params = jpeft.models.from_pretrained(folder)
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    ad = _random(jpeft.init(cfg, params, jax.random.key(0)), std=0.1)
+    assert len(ad) == 14 and not any("embed" in p or "lm_head" in p for p in ad)
+    jpeft.hf.save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=folder)
+    sel = mask.astype(bool)
+    np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], _peft_logits(str(tmp_path), ids, mask)[sel],
+                               atol=1e-4, rtol=0)
