@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jpeft import _inject, _nnx, quant
 from jpeft.config import AdapterConfig
-from jpeft.data import causal_lm_loss, causal_lm_loss_chunked
+from jpeft.data import _token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
 from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unwrap_params
@@ -135,6 +137,10 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
     smaller at 8k-128k-word vocabularies, its time on the CPU unchanged within the noise
     (docs/BENCHMARKS.md, "Session 34"). Any other model, an adapter acting on the model's whole call
     (prefix and prompt tuning), and ``chunk_tokens=None`` take the whole logits.
+    With prompt tuning the last virtual token's logits predict token 0 (weighted by
+    ``loss_mask[:, 0]``), as in Hugging Face PEFT, whose labels get ``-100`` for the virtual
+    tokens only; ``causal_lm_loss(jpeft.apply(...))`` sees the real tokens' logits alone and
+    leaves that prediction out.
     The value and the gradients are the same either way up to float rounding; LoRA dropout
     at the output layer draws its masks chunk by chunk (the key folded with the chunk's
     number), so with dropout the two differ by which masks were drawn.
@@ -165,6 +171,20 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
         if chunk_tokens != "auto":
             raise ConfigError(f"chunk_tokens must be a positive int, 'auto' or None, found {chunk_tokens!r}.")
         chunk_tokens = default_chunk_tokens()
+    from jpeft.methods.prompt import PromptWeights  # prompt.py imports this module
+
+    root = (adapter or {}).get("")
+    if isinstance(root, PromptWeights):
+        # Prompt tuning: the last virtual token predicts the first real token (Hugging Face PEFT
+        # pads the labels with -100 for the virtual tokens, so that prediction is in its loss).
+        a = dict(adapter)
+        a[""] = dataclasses.replace(root, keep_last_virtual=True)
+        logits = logits_of(apply(model, params, a, input_ids, rngs=rngs, **kwargs))
+        n = input_ids.shape[1]
+        nll, _ = _token_nll(logits[:, :n], input_ids)
+        w = loss_mask.astype(jnp.float32)
+        count = w.sum()
+        return (nll * w).sum() / jnp.maximum(count, 1.0), count
     parts = (not _nnx.is_nnx(model) and callable(getattr(model, "hidden_states", None))
              and callable(getattr(model, "logits", None)) and _root_sites_run_in_parts(adapter))
     if chunk_tokens is None or not parts:

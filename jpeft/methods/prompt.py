@@ -145,6 +145,9 @@ class PromptWeights(Site):
 
     embedding: jax.Array
     embed_path: str = static_field(default="")
+    # jpeft.lm_loss sets this: outputs keep the last virtual token's position (n + 1 positions),
+    # whose logits predict the first real token, as Hugging Face PEFT's -100-padded labels do
+    keep_last_virtual: bool = static_field(default=False)
 
     site: ClassVar[str] = "input"
     mergeable: ClassVar[bool] = False
@@ -220,9 +223,11 @@ class PromptWeights(Site):
             a["token_type_ids"] = jnp.concatenate([jnp.zeros((b, t), tt.dtype), tt], axis=1)
         out = call.next_fun(*bound.args[1:], **bound.kwargs)
 
+        keep = t - 1 if self.keep_last_virtual else t
+
         def strip(x):
             if hasattr(x, "ndim") and x.ndim >= 3 and x.shape[1] == t + n:
-                return x[:, t:]
+                return x[:, keep:]
             return x
 
         return jax.tree.map(strip, out)
