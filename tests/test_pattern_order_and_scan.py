@@ -140,3 +140,33 @@ def test_all_linear_leaves_out_embeddings_as_peft_does(cfg, tmp_path):
     sel = mask.astype(bool)
     np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], _peft_logits(str(tmp_path), ids, mask)[sel],
                                atol=1e-4, rtol=0)
+
+
+def test_ia3_feedforward_suffix_and_exclude_modules_as_peft(tmp_path):
+    """PEFT takes IA3's feedforward_modules entries as plain suffixes (``"proj"`` is every
+    ``*_proj``); jpeft needed a dot boundary and refused PEFT's file as corrupted. A PEFT file
+    with exclude_modules (which IA3Config lacks) is refused by name, not as another model's."""
+    hf, folder = tiny.hf_model(FAMILY)
+    model, params = jpeft.models.from_pretrained(folder)
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    sel = mask.astype(bool)
+    for name, cfg in [("suffix", peft.IA3Config(target_modules=["o_proj", "proj"], feedforward_modules=["proj"])),
+                      ("exclude", peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                                 exclude_modules=["model.layers.0.mlp.down_proj"]))]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(hf), cfg)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+        pm.save_pretrained(str(tmp_path / name))
+        if name == "exclude":
+            with pytest.raises(UnsupportedAdapterError, match="exclude_modules"):
+                jpeft.hf.load_peft(str(tmp_path / name), params)
+            continue
+        _, ad = jpeft.hf.load_peft(str(tmp_path / name), params)
+        assert all(n.feedforward for p, n in ad.items() if not p.endswith("o_proj"))
+        np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel],
+                                   _peft_logits(str(tmp_path / name), ids, mask)[sel], atol=1e-4, rtol=0)

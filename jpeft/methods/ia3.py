@@ -158,6 +158,19 @@ class IA3Weights(Site):
         return self._fold(own, invert=True)
 
 
+def is_feedforward(feedforward_modules, path: str) -> bool:
+    """Whether the site at ``path`` is a feed-forward one, by PEFT's rule: a regex string
+    full-matches the module's name; a list entry is a plain suffix of its Hugging Face name,
+    without a dot boundary (PEFT's ``key.endswith(target_key)``: ``"proj"`` takes every
+    ``*_proj``), or a suffix of its path as for ``target_modules``."""
+    if not feedforward_modules:
+        return False
+    if isinstance(feedforward_modules, str):
+        return matches(feedforward_modules, path)
+    name = hf_name(path)
+    return matches(feedforward_modules, path) or any(name.endswith(str(t)) for t in feedforward_modules)
+
+
 def init(config: IA3Config, params, key, infos) -> dict:
     """Creates the (IA)^3 vectors for every targeted linear module."""
     leaves, cands = linear_candidates(params)
@@ -168,7 +181,7 @@ def init(config: IA3Config, params, key, infos) -> dict:
     out = {}
     for k, path in zip(keys, paths):
         lay = linear_layout(path, leaves[path], infos)
-        ff = bool(config.feedforward_modules) and matches(config.feedforward_modules, path)
+        ff = is_feedforward(config.feedforward_modules, path)
         if lay.kind == Kind.EMBED:
             raise UnsupportedModuleError(
                 f"module {path!r} is an embedding; (IA)^3 rescales linear and convolution modules "
@@ -218,6 +231,12 @@ def _to_hf(config: IA3Config, adapter, ctx):
 def _from_hf(d, tensors, params, ctx):
     if set(d.get("modules_to_save") or ()) - {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
         raise UnsupportedAdapterError(f"the IA3 adapter in {ctx.folder!r} has modules_to_save={d['modules_to_save']}; jpeft loads plain IA3 only.")
+    if d.get("exclude_modules"):
+        raise UnsupportedAdapterError(
+            f"the IA3 adapter in {ctx.folder!r} has exclude_modules={d['exclude_modules']!r}, which jpeft's IA3Config does "
+            "not implement; save it from PEFT with the modules left out of target_modules instead (a regex string can "
+            "exclude them)."
+        )
     keys = {f.name for f in dataclasses.fields(IA3Config)}
     kept = {k: v for k, v in d.items() if k in keys}
     if kept.get("target_modules") is None:
@@ -231,7 +250,7 @@ def _from_hf(d, tensors, params, ctx):
     for path, got in sorted(by_site.items()):
         v = got["ia3_l"]
         lay = _inject.infer_layout(path, ctx.leaves[path])
-        ff = bool(config.feedforward_modules) and matches(config.feedforward_modules, path)
+        ff = is_feedforward(config.feedforward_modules, path)
         n = lay.in_features if ff else lay.out_features
         want = (1, n) if ff else (n, 1)
         if tuple(v.shape) != want:
