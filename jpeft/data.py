@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
@@ -146,9 +147,15 @@ def tokenize_documents(
 
     Each document is ``[bos] + tokens + [eos]`` (when those ids are given). For a
     prompt/completion pair the prompt tokens (and the ``bos``) are masked out; the
-    completion tokens and the closing ``eos`` are targets.
+    completion tokens and the closing ``eos`` are targets. The pair is tokenized as one text,
+    ``encode(prompt + completion)``, as TRL does, and its first ``len(encode(prompt))`` tokens
+    are the prompt's: encoded apart, a SentencePiece-style tokenizer (Llama 2, Mistral) would
+    start the completion with a word-boundary mark the text does not have. Where the joint
+    tokens do not begin with the prompt's (a token spanning the boundary) a ``UserWarning``
+    says in how many examples.
     """
     docs = []
+    mismatched = 0
     for ex in examples:
         ids: list[int] = []
         mask: list[bool] = []
@@ -161,16 +168,23 @@ def tokenize_documents(
             mask.extend([True] * len(t))
         else:
             p = list(encode(ex["prompt"]))
-            c = list(encode(ex["completion"]))
-            ids.extend(p)
-            mask.extend([False] * len(p))
-            ids.extend(c)
-            mask.extend([True] * len(c))
+            joint = list(encode(ex["prompt"] + ex["completion"]))
+            if joint[:len(p)] != p:
+                mismatched += 1
+            ids.extend(joint)
+            mask.extend([False] * min(len(p), len(joint)) + [True] * max(len(joint) - len(p), 0))
         if eos_id is not None:
             ids.append(int(eos_id))
             mask.append(True)
         if ids:
             docs.append((np.asarray(ids, np.int32), np.asarray(mask, bool)))
+    if mismatched:
+        warnings.warn(
+            f"in {mismatched} prompt/completion example(s) the tokens of prompt + completion do not begin with the "
+            "prompt's own tokens (a token spans the boundary); the first len(prompt tokens) tokens were masked as the "
+            "prompt, as TRL does. End prompts at a token boundary (e.g. with a newline or a space) to avoid it.",
+            stacklevel=2,
+        )
     return docs
 
 

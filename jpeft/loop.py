@@ -278,6 +278,7 @@ def fit(
     log: Optional[Callable[[dict], None]] = None,
     log_every: int = 1,
     schedule: Optional[Callable] = None,
+    lr_fn: Optional[Callable] = None,
     handle_interrupt: bool = False,
     forgetting=None,
 ) -> FitResult:
@@ -313,7 +314,11 @@ def fit(
         ``loss``, ``grad_norm``, ``lr`` (from ``schedule``), ``tokens_per_s`` (tokens of
         ``batch[token_key]``, the first, compiling step left out) and ``elapsed_s`` every
         ``log_every`` steps and at the last step, and every evaluation.
-      schedule: the optimizer's learning-rate schedule, for the ``lr`` record.
+      schedule: the optimizer's learning-rate schedule, for the ``lr`` record: ``schedule(step - 1)``,
+        which is the rate applied only while no step was skipped and nothing rewound the optimizer
+        state (a forgetting-guard rollback restores an older state, schedule count included).
+      lr_fn: ``lr_fn(opt_state, skipped) -> float``, the rate the step's update applied read from the
+        optimizer state after it (``skipped``: the guard kept the state); used instead of ``schedule``.
       handle_interrupt: catch Ctrl-C (SIGINT): finish the running step, save it
         (``save_last``) and return with ``interrupted=True``; a second Ctrl-C aborts.
       forgetting: a :class:`jpeft.ForgettingGuard`: canary loss rise and KL from the base
@@ -413,7 +418,9 @@ def fit(
                 skipped = guard.update(step, host)  # raises NonFiniteError after too many
                 if log is not None and ((log_every and step % log_every == 0) or step == total_steps):
                     rec = {"step": step, "loss": host.get("loss"), "grad_norm": host.get("grad_norm")}
-                    if schedule is not None:
+                    if lr_fn is not None:
+                        rec["lr"] = float(lr_fn(opt_state, bool(host.get("skipped"))))
+                    elif schedule is not None:
                         rec["lr"] = float(schedule(step - 1))
                     rec["tokens_per_s"] = tokens / timed if timed > 0 else None
                     rec["elapsed_s"] = time.perf_counter() - t_start

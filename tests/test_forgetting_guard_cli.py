@@ -79,6 +79,26 @@ def test_train_rollback_then_stop_keeps_the_base_adapter(hf_dir, capsys):
     assert meta["steps"] == 0 and meta["forgetting"]["stopped"] and meta["forgetting"]["rollbacks"] == 1
 
 
+def test_logged_lr_is_the_rate_applied_after_a_rollback(hf_dir, capsys):
+    # a rollback restores the optimizer state of the kept step (its schedule count too) and
+    # halves lr_scale: metrics.jsonl's lr must be that applied rate, not schedule(step - 1)
+    from jpeft.cli._trainer import make_optimizer
+
+    path = _with_forgetting(write_config(hf_dir, "fg-lr", steps=8, save_every=0, eval_every=0),
+                            'canary = "notes.txt"\nevery = 2\nmax_kl = 0.0\naction = "rollback"\n'
+                            'max_rollbacks = 1\nlr_factor = 0.5\ncanary_batches = 1\n')
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = hf_dir / "fg-lr"
+    cfg = json.load(open(out / "resolved_config.json"))
+    _, sched = make_optimizer(cfg["train"], cfg["train"]["steps"])
+    lr = {r["step"]: r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "lr" in r}
+    # steps 1, 2 at counts 0, 1; the rollback at step 2 returns to step 0's state (count 0), x0.5
+    want = {1: float(sched(0)), 2: float(sched(1)), 3: 0.5 * float(sched(0)), 4: 0.5 * float(sched(1))}
+    assert {s: lr[s] for s in want} == pytest.approx(want, rel=1e-6), (lr, want)
+    assert lr[4] != pytest.approx(float(sched(3)))
+
+
 def test_eval_canary_report_matches_transformers(hf_dir, capsys):
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM

@@ -160,3 +160,31 @@ def test_jsonl_values_must_be_strings(tmp_path):
         bad.write_text('{"text": "fine"}\n' + line + "\n")
         with pytest.raises(LoadError, match=want):
             load_examples(bad)
+
+
+def test_prompt_and_completion_are_tokenized_as_one_text_as_trl_does():
+    """Encoded apart, a SentencePiece-style tokenizer (Metaspace, Llama 2 / Mistral) started the
+    completion with a word-boundary mark the text does not have ('A:' + 'Paris.' trained on
+    '▁Paris'); the pair is encoded as one text and its first len(encode(prompt)) tokens are the
+    prompt's, as TRL does. A token spanning the boundary gets a warning."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "▁A:", "▁A", ":", "Paris", "▁Paris", ".", "▁is", "is", "▁", "A:Paris"])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix=""))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+
+    def enc(s):
+        return tok.encode(s, add_special_tokens=False).ids
+
+    assert enc("Paris.") == [vocab["▁Paris"], vocab["."]]  # alone, the completion gets the mark
+    (ids, mask), = tokenize_documents([{"prompt": "A:", "completion": "Paris."}], enc, eos_id=99, bos_id=98)
+    joint = enc("A:Paris.")
+    assert ids.tolist() == [98, *joint, 99]
+    n_prompt = len(enc("A:"))
+    assert mask.tolist() == [False] * (1 + n_prompt) + [True] * (len(joint) - n_prompt + 1)
+    assert vocab["▁Paris"] not in ids.tolist()
+    # a tokenizer whose joint tokens do not begin with the prompt's: warned, prompt-length masked
+    merge = lambda s: [7] if s == "ab" else [ord(c) for c in s]  # noqa: E731
+    with pytest.warns(UserWarning, match="1 prompt/completion example"):
+        (ids2, mask2), = tokenize_documents([{"prompt": "a", "completion": "b"}], merge)
+    assert ids2.tolist() == [7] and mask2.tolist() == [False]

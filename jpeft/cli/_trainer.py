@@ -60,6 +60,27 @@ def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
     return optax.chain(*parts), sched
 
 
+def applied_lr(sched):
+    """``lr(opt_state, skipped)``: the learning rate the last update applied, read from the state
+    :func:`make_optimizer`'s optimizer holds after it: ``sched`` at the update's count (the count
+    lags the step number after skipped steps and is rewound by a forgetting-guard rollback) times
+    the :func:`jpeft.lr_scale` a rollback lowered."""
+    from jpeft.forgetting.guard import current_lr_scale
+
+    def host(x):
+        shards = getattr(x, "addressable_shards", None)
+        return np.asarray(jax.device_get(shards[0].data if shards else x))
+
+    def lr(opt_state, skipped: bool) -> float:
+        is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+        found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_sched) if is_sched(x)]
+        count = int(host(found[0].count)) - (0 if skipped else 1)
+        scale = current_lr_scale(opt_state)
+        return float(sched(max(count, 0))) * (1.0 if scale is None else float(host(scale)))
+
+    return lr
+
+
 def loss_chunk_tokens(t: dict):
     """``train.loss_chunk_tokens`` as :func:`jpeft.lm_loss` takes it (0: the whole logits)."""
     v = t.get("loss_chunk_tokens", "auto")
@@ -438,7 +459,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
                 start_step=start, data_position=start, checkpoint=ckpts, save_last=True,
                 vocab_size=vocab if mesh is None else None, max_positions=max_pos if mesh is None else None,
                 progress=progress, desc="train", eval_fn=eval_fn, eval_every=int(t["eval_every"]), total_steps=steps,
-                log=log, log_every=int(t["log_every"]), schedule=sched, handle_interrupt=jax.process_count() == 1,
+                log=log, log_every=int(t["log_every"]), lr_fn=applied_lr(sched), handle_interrupt=jax.process_count() == 1,
                 forgetting=guard)
         adapter, step, interrupted, last_eval = result.adapter, result.step, result.interrupted, result.eval
     else:
