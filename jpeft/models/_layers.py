@@ -217,6 +217,17 @@ def write_at(buf: Array, update: Array, index: Array) -> Array:
 
 # -- masks and positions ----------------------------------------------------------------------------
 
+def padding_ids_in_range(input_ids, attention_mask, vocab_size: Optional[int]):
+    """``input_ids`` with the ids at padded positions (``attention_mask`` 0) clipped into the
+    vocabulary. :func:`check_ids_mask` does not check padding (a collator's ``-100``), but the
+    embedding lookup still runs there, and an out-of-range id gives NaN, which the attention
+    carried into the real tokens (``0 * NaN``). Real positions are left as they are."""
+    if input_ids is None or attention_mask is None or vocab_size is None \
+            or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        return input_ids
+    return jnp.where(attention_mask.astype(bool), input_ids, jnp.clip(input_ids, 0, int(vocab_size) - 1))
+
+
 def check_ids_mask(input_ids, attention_mask, inputs_embeds, what: str, vocab_size: Optional[int] = None):
     """Validates the input triple; returns ``(batch, seq)``. When ``vocab_size`` is given and
     the ids are concrete (a call outside ``jit``), real tokens outside ``[0, vocab_size)`` raise:

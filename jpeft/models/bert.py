@@ -16,9 +16,11 @@ import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, InputValidationError
+from jpeft.validate import check_token_ids
 from jpeft.models import _layers as L
 
 
@@ -189,11 +191,21 @@ class BertModel(nn.Module):
                  position_ids=None, segment_ids=None, prefix_kv=None, deterministic=True):
         c = self.config
         b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, "BertModel", self.config.vocab_size)
+        input_ids = L.padding_ids_in_range(input_ids, attention_mask, self.config.vocab_size)
         padded = attention_mask is not None
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), bool)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, s), jnp.int32)
+        elif not isinstance(token_type_ids, jax.core.Tracer):
+            # the gather would silently wrap a negative type to another row, or give NaN past the table
+            # (transformers raises IndexError)
+            check_token_ids(token_type_ids, c.type_vocab_size, name="BertModel: token_type_ids")
+        if position_ids is None and segment_ids is None and s > c.max_position_embeddings:
+            raise InputValidationError(
+                f"BertModel: sequences of length {s} are longer than the model's {c.max_position_embeddings} "
+                "positions (max_position_embeddings); truncate them (transformers refuses them too)."
+            )
         if position_ids is None and segment_ids is not None:
             position_ids = L.segment_slots(segment_ids.astype(jnp.int32))
         elif position_ids is None:

@@ -174,6 +174,12 @@ class GPT2Model(nn.Module):
             raise InputValidationError(
                 f"prefix_kv must hold one (k, v) pair per layer ({c.num_layers}), found {len(prefix_kv)}."
             )
+        if cache is None and hidden.shape[1] > c.max_position_embeddings:
+            # the position table would be read past its end (NaN, silently); transformers raises too
+            raise InputValidationError(
+                f"GPT2Model: sequences of {hidden.shape[1]} positions are longer than the model's "
+                f"{c.max_position_embeddings} (max_position_embeddings / n_positions); truncate them."
+            )
         hidden = (hidden + self.wpe(position_ids)).astype(c.dtype)
         hidden = self.drop(hidden, deterministic=deterministic)
         mask, kv_valid = L.causal_mask(attention_mask, cache, segment_ids=segment_ids, padded=padded)

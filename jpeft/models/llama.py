@@ -253,7 +253,9 @@ def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache
       ``(hidden, attention_mask, position_ids, padded)``, ``padded`` being False when no
       attention mask was given (every token is real, known at trace time).
     """
-    b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, what, getattr(embeds, "num_embeddings", None))
+    vocab = getattr(embeds, "num_embeddings", None)
+    b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, what, vocab)
+    input_ids = L.padding_ids_in_range(input_ids, attention_mask, vocab)
     hidden = embeds(input_ids) if inputs_embeds is None else inputs_embeds
     padded = attention_mask is not None
     if attention_mask is None:

@@ -1,0 +1,78 @@
+"""BERT refuses token types outside its table and sequences longer than its positions, where
+transformers raises: the gather would otherwise wrap a negative type onto another row (finite,
+wrong logits) or give NaN past the table (found by an audit)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.errors import InputValidationError
+
+
+def _tiny():
+    cfg = jpeft.models.BertConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                                  max_position_embeddings=8, type_vocab_size=2, num_labels=3)
+    model = jpeft.models.BertForSequenceClassification(cfg)
+    ids = jnp.ones((2, 6), jnp.int32)
+    return model, model.init(jax.random.key(0), ids), ids
+
+
+@pytest.mark.parametrize("bad", [-1, 2])
+def test_token_type_outside_the_table_is_refused(bad):
+    model, params, ids = _tiny()
+    tt = np.zeros((2, 6), np.int32)
+    tt[0, 3] = bad
+    with pytest.raises(InputValidationError, match="token_type_ids"):
+        model.apply(params, ids, None, jnp.asarray(tt))
+
+
+def test_valid_token_types_still_run():
+    model, params, ids = _tiny()
+    tt = jnp.asarray(np.array([[0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 0, 1]], np.int32))
+    out = model.apply(params, ids, jnp.ones((2, 6), jnp.int32), tt)
+    assert np.isfinite(np.asarray(out)).all()
+    jitted = jax.jit(lambda p, i, t: model.apply(p, i, None, t))(params, ids, tt)  # traced types are not read
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(model.apply(params, ids, None, tt)), rtol=1e-6, atol=1e-6)
+
+
+def test_sequence_longer_than_the_positions_is_refused():
+    model, params, _ = _tiny()
+    long_ids = jnp.ones((1, 9), jnp.int32)
+    with pytest.raises(InputValidationError, match="max_position_embeddings"):
+        model.apply(params, long_ids)
+    with pytest.raises(InputValidationError, match="max_position_embeddings"):  # the length is static: jit too
+        jax.jit(lambda p, i: model.apply(p, i))(params, long_ids)
+    assert model.apply(params, jnp.ones((1, 8), jnp.int32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_out_of_range_ids_at_padding_do_not_reach_the_real_tokens(family):
+    """The id check skips padded positions (a collator's -100), but the lookup ran there and its
+    NaN reached the real tokens through the attention (0 * NaN); the padded ids are clipped into
+    the vocabulary, so the real tokens' outputs equal those with in-range padding."""
+    if family == "bert":
+        model, params, _ = _tiny()
+    else:
+        cfg = jpeft.models.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
+        model = jpeft.models.LlamaForCausalLM(cfg)
+        params = model.init(jax.random.key(0), jnp.ones((1, 6), jnp.int32))
+    mask = jnp.asarray([[1, 1, 1, 1, 0, 0]])
+    ok = model.apply(params, jnp.asarray([[1, 5, 6, 7, 0, 0]]), mask)
+    for pad in (999, -100):
+        bad = model.apply(params, jnp.asarray([[1, 5, 6, 7, pad, pad]]), mask)
+        jitted = jax.jit(model.apply)(params, jnp.asarray([[1, 5, 6, 7, pad, pad]]), mask)
+        real = slice(None) if family == "bert" else (slice(None), slice(0, 4))
+        np.testing.assert_allclose(np.asarray(bad)[real], np.asarray(ok)[real], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(jitted)[real], np.asarray(ok)[real], rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_sequence_longer_than_its_positions_is_refused():
+    """GPT-2 read its position table past the end: NaN logits, silently (transformers raises)."""
+    cfg = jpeft.models.GPT2Config(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=8)
+    model = jpeft.models.GPT2LMHeadModel(cfg)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    assert np.isfinite(np.asarray(model.apply(params, jnp.ones((1, 8), jnp.int32)))).all()
+    with pytest.raises(InputValidationError, match="max_position_embeddings"):
+        model.apply(params, jnp.ones((1, 9), jnp.int32))
