@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -171,17 +170,17 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
         if chunk_tokens != "auto":
             raise ConfigError(f"chunk_tokens must be a positive int, 'auto' or None, found {chunk_tokens!r}.")
         chunk_tokens = default_chunk_tokens()
-    from jpeft.methods.prompt import PromptWeights  # prompt.py imports this module
-
     root = (adapter or {}).get("")
-    if isinstance(root, PromptWeights):
-        # Prompt tuning: the last virtual token predicts the first real token (Hugging Face PEFT
-        # pads the labels with -100 for the virtual tokens, so that prediction is in its loss).
+    node, lead = (root, 0) if root is None else root.loss_view()
+    if lead:
+        # a root site whose outputs keep `lead` positions before the first real token (prompt
+        # tuning's last virtual token): the last of them predicts token 0, as in Hugging Face
+        # PEFT, whose labels get -100 for the virtual tokens only
         a = dict(adapter)
-        a[""] = dataclasses.replace(root, keep_last_virtual=True)
+        a[""] = node
         logits = logits_of(apply(model, params, a, input_ids, rngs=rngs, **kwargs))
         n = input_ids.shape[1]
-        nll, _ = _token_nll(logits[:, :n], input_ids)
+        nll, _ = _token_nll(logits[:, lead - 1:lead - 1 + n], input_ids)
         w = loss_mask.astype(jnp.float32)
         count = w.sum()
         return (nll * w).sum() / jnp.maximum(count, 1.0), count

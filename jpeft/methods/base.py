@@ -210,6 +210,13 @@ class Site:
     def handles(self, method_name: str) -> bool:
         return method_name in self.methods
 
+    def loss_view(self) -> tuple["Site", int]:
+        """``(node, lead)`` for :func:`jpeft.lm_loss`: the node to run for the next-token loss
+        and how many positions before the first real token its outputs keep (their last one's
+        logits predict token 0). Default ``(self, 0)``; prompt tuning keeps its last virtual
+        token, whose prediction of the first real token Hugging Face PEFT's loss counts."""
+        return self, 0
+
     def intercept(self, call: Call):  # pragma: no cover - every node class defines it
         raise TypeError(f"{type(self).__name__} is a site node without an intercept(call) method; define one.")
 

@@ -149,6 +149,11 @@ class PromptWeights(Site):
     # whose logits predict the first real token, as Hugging Face PEFT's -100-padded labels do
     keep_last_virtual: bool = static_field(default=False)
 
+    def loss_view(self):
+        """Outputs keep the last virtual token (its logits predict the first real token, which
+        PEFT's -100-padded labels count)."""
+        return dataclasses.replace(self, keep_last_virtual=True), 1
+
     site: ClassVar[str] = "input"
     mergeable: ClassVar[bool] = False
 
