@@ -76,3 +76,33 @@ def test_gpt2_sequence_longer_than_its_positions_is_refused():
     assert np.isfinite(np.asarray(model.apply(params, jnp.ones((1, 8), jnp.int32)))).all()
     with pytest.raises(InputValidationError, match="max_position_embeddings"):
         model.apply(params, jnp.ones((1, 9), jnp.int32))
+
+
+def test_save_pretrained_keeps_problem_type_and_label_names(tmp_path):
+    """save_pretrained wrote LABEL_i and no problem_type: transformers then inferred BCE for a
+    3-output regression model it had trained with MSE (loss 0.65 instead of 1.43), and the
+    label names were lost. Both round-trip now, and transformers' loss is the one before."""
+    import torch
+    import transformers as t
+
+    torch.manual_seed(0)
+    cfg = t.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=16, problem_type="regression",
+                       id2label={0: "valence", 1: "arousal", 2: "dominance"},
+                       label2id={"valence": 0, "arousal": 1, "dominance": 2})
+    hf = t.BertForSequenceClassification(cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, params = jpeft.models.from_pretrained(str(tmp_path / "hf"))
+    assert model.config.problem_type == "regression"
+    assert model.config.label_names == ("valence", "arousal", "dominance")
+    jpeft.models.save_pretrained(str(tmp_path / "out"), model, params)
+    back = t.BertForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert back.config.problem_type == "regression"
+    assert back.config.id2label == {0: "valence", 1: "arousal", 2: "dominance"}
+    ids = torch.tensor([[1, 5, 6, 7]])
+    labels = torch.tensor([[0.5, -1.0, 2.0]])
+    with torch.no_grad():
+        want, got = hf(input_ids=ids, labels=labels).loss, back(input_ids=ids, labels=labels).loss
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    with pytest.raises(jpeft.errors.ConfigError, match="problem_type"):
+        jpeft.models.BertConfig(problem_type="ranking")

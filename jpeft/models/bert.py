@@ -32,7 +32,8 @@ class BertConfig:
       vocab_size, hidden_size, num_layers [num_hidden_layers], num_heads [num_attention_heads],
       intermediate_size, max_position_embeddings, type_vocab_size, layer_norm_eps,
       hidden_act (``"gelu"``, exact), hidden_dropout_prob, num_labels (classifier outputs,
-      from ``id2label`` when loading), initializer_range, dtype, param_dtype, remat, remat_policy,
+      from ``id2label`` when loading), problem_type and label_names (``id2label``'s names;
+      kept so that a saved model gets transformers' loss and labels back), initializer_range, dtype, param_dtype, remat, remat_policy,
       attention, attention_block_size (as in :class:`~jpeft.models.LlamaConfig`).
     """
 
@@ -48,6 +49,8 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1
     classifier_dropout: Optional[float] = None  # the classifier's input dropout; None: hidden_dropout_prob
     num_labels: int = 2
+    problem_type: Optional[str] = None  # transformers' loss choice: regression / single_ / multi_label_classification
+    label_names: Optional[tuple] = None  # id2label's names in id order (None: LABEL_0, LABEL_1, ...)
     model_type: str = "bert"
     initializer_range: float = 0.02
     dtype: Any = jnp.float32
@@ -65,6 +68,15 @@ class BertConfig:
             )
         if not isinstance(self.num_labels, int) or self.num_labels <= 0:
             raise ConfigError(f"BertConfig.num_labels must be a positive integer, found {self.num_labels!r}.")
+        kinds = (None, "regression", "single_label_classification", "multi_label_classification")
+        if self.problem_type not in kinds:
+            raise ConfigError(f"BertConfig.problem_type must be one of {kinds}, found {self.problem_type!r}.")
+        if self.label_names is not None:
+            object.__setattr__(self, "label_names", tuple(str(n) for n in self.label_names))
+            if len(self.label_names) != self.num_labels:
+                raise ConfigError(
+                    f"BertConfig.label_names has {len(self.label_names)} names for num_labels={self.num_labels}."
+                )
         object.__setattr__(self, "dtype", L.canonical_dtype(self.dtype))
         object.__setattr__(self, "param_dtype", L.canonical_dtype(self.param_dtype))
         L.validate_common(self, "BertConfig")

@@ -163,6 +163,14 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
     if d.get("is_decoder") or d.get("add_cross_attention"):
         raise UnsupportedModelError("BERT as a decoder (is_decoder / add_cross_attention) is not supported.")
     num_labels = len(d["id2label"]) if d.get("id2label") else int(d.get("num_labels", 2))
+    names = None
+    if d.get("id2label"):
+        try:
+            names = tuple(str(v) for _, v in sorted(d["id2label"].items(), key=lambda kv: int(kv[0])))
+        except (TypeError, ValueError, AttributeError):
+            names = None  # keys that are not label indices: the names are not kept
+        if names == tuple(f"LABEL_{i}" for i in range(len(names or ()))):
+            names = None  # transformers' default names: the same config as none given
     return BertConfig(
         vocab_size=int(d["vocab_size"]),
         hidden_size=int(d["hidden_size"]),
@@ -176,6 +184,8 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
         hidden_dropout_prob=float(d.get("hidden_dropout_prob", 0.1)),
         classifier_dropout=None if d.get("classifier_dropout") is None else float(d["classifier_dropout"]),
         num_labels=num_labels,
+        problem_type=d.get("problem_type"),
+        label_names=names,
         initializer_range=float(d.get("initializer_range", 0.02)),
         dtype=dtype,
         param_dtype=param_dtype,
@@ -777,11 +787,16 @@ def config_to_hf(config) -> dict:
             type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps, hidden_act=config.hidden_act,
             hidden_dropout_prob=config.hidden_dropout_prob, attention_probs_dropout_prob=0.0,
             classifier_dropout=config.classifier_dropout,
-            id2label={str(i): f"LABEL_{i}" for i in range(config.num_labels)},
-            label2id={f"LABEL_{i}": i for i in range(config.num_labels)},
+            id2label={str(i): n for i, n in enumerate(_label_names(config))},
+            label2id={n: i for i, n in enumerate(_label_names(config))},
+            **({} if config.problem_type is None else {"problem_type": config.problem_type}),
             initializer_range=config.initializer_range, pad_token_id=config.pad_token_id, dtype=dtype_name,
         )
     raise UnsupportedModelError(f"no Hugging Face config for a {type(config).__name__}.")
+
+
+def _label_names(config) -> tuple:
+    return config.label_names or tuple(f"LABEL_{i}" for i in range(config.num_labels))
 
 
 def save_pretrained(path: str, model: nn.Module, params) -> None:
