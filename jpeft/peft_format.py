@@ -10,6 +10,7 @@ method's file can import it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping, Optional
 
@@ -60,6 +61,18 @@ def config_from_peft(config_cls, d: Mapping[str, Any], where: str):
 def to_np(x) -> np.ndarray:
     """A float32, C-contiguous numpy copy of an array (what the PEFT file stores)."""
     return np.ascontiguousarray(np.asarray(jnp.asarray(x, jnp.float32)))
+
+
+def add_site_pattern(rank_pattern: dict, alpha_pattern: dict, path: str, r: int, alpha: float, config) -> None:
+    """Records a site's own rank and alpha as exact-name ``rank_pattern`` / ``alpha_pattern``
+    keys where they differ from ``config.r`` / ``config.alpha``: PEFT takes the first matching
+    key and writes ``adapter_config.json`` with sorted keys, so a config's own overlapping
+    patterns could change meaning in the file; one exact key per site cannot."""
+    key = re.escape(hf_name(path))
+    if r != config.r:
+        rank_pattern[key] = int(r)
+    if not math.isclose(float(alpha), float(config.alpha), rel_tol=1e-6):
+        alpha_pattern[key] = float(alpha)
 
 
 def peft_key(path: str, tensor: str) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from typing import Any, Callable, ClassVar, Mapping
 
 import jax
@@ -42,7 +41,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, Unsup
                           UnsupportedModuleError)
 from jpeft.methods._common import linear_candidates, linear_layout, to_matrix
 from jpeft.methods.base import Call, Kind, Layout, Site, static_field
-from jpeft.peft_format import config_from_peft, peft_key, site_tensors
+from jpeft.peft_format import add_site_pattern, config_from_peft, peft_key, site_tensors
 from jpeft.tree import compile_pattern, hf_name, linear_only, regex_fullmatch, select
 
 
@@ -388,12 +387,8 @@ def to_hf(config: LycorisConfig, adapter, ctx, *, node_cls: type, tensor_names: 
                 f"{want_shapes} for it (r={r_site} and the factorisation options), so PEFT could not load it as saved. "
                 "Save with the config the adapter was made with."
             )
-        alpha_site = float(node.scale) * r_site  # PEFT's scale alpha / r is then the site's own
-        key = re.escape(hf_name(path))
-        if r_site != config.r:
-            rank_pattern[key] = int(r_site)
-        if not math.isclose(alpha_site, float(config.alpha), rel_tol=1e-6):
-            alpha_pattern[key] = alpha_site
+        # the site's own alpha (PEFT's scale alpha / r is then the site's)
+        add_site_pattern(rank_pattern, alpha_pattern, path, r_site, float(node.scale) * r_site, config)
         for name in tensor_names:
             v = getattr(node, name)
             if v is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from typing import Any, Mapping, Optional
 
 import jax
@@ -26,8 +25,8 @@ from jpeft.methods import pissa
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, tied_output_from_params, token_sites)
-from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, check_keys, config_from_peft, peft_key,
-                               split_peft_key, to_np)
+from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, add_site_pattern, check_keys,
+                               config_from_peft, peft_key, split_peft_key, to_np)
 from jpeft.tree import hf_name, linear_only, regex_fullmatch
 
 
@@ -121,11 +120,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             )
         r = node.r
         alpha = node.scale * (math.sqrt(r) if config.use_rslora else r)
-        name = hf_name(path)
-        if r != config.r:
-            rank_pattern[re.escape(name)] = r
-        if not math.isclose(alpha, config.alpha, rel_tol=1e-6):
-            alpha_pattern[re.escape(name)] = float(alpha)
+        add_site_pattern(rank_pattern, alpha_pattern, path, r, alpha, config)
         if node.layout.kind == Kind.EMBED:
             tensors[peft_key(path, "lora_embedding_A")] = to_np(node.lora_A).T.copy()
             tensors[peft_key(path, "lora_embedding_B")] = to_np(node.lora_B).T.copy()
