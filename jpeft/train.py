@@ -16,6 +16,7 @@ so the optimizer state is ``optimizer.init(jpeft.trainable(adapter))`` (what
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -84,6 +85,52 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
     elif aux is not None and aux != {}:
         metrics["aux"] = aux
     return new_adapter, new_state, metrics
+
+
+#: the names transformers' ``Trainer`` keeps out of weight decay (``get_decay_parameter_names``),
+#: searched in a parameter's lower-cased dotted name
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+#: the parameters of a norm layer (flax names): a module holding ``scale`` and at most a ``bias``
+_NORM_LEAVES = {"scale", "bias"}
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def decay_mask(tree) -> Any:
+    """Which arrays of a trainable tree weight decay applies to, chosen as transformers'
+    ``Trainer`` chooses them (``get_decay_parameter_names``): every array but biases and the
+    parameters of normalisation layers. An array is left out when its lower-cased dotted name
+    (site path and field, ``/`` read as ``.``) contains ``bias``, ``layernorm`` or ``rmsnorm``,
+    or has a ``norm`` or ``*_norm`` component, or when it belongs to a module whose arrays are a
+    norm's (``scale`` and at most ``bias``: GPT-2's ``ln_1``, which the Trainer leaves out by
+    its type). Pass it as ``optax.adamw(..., mask=jpeft.train.decay_mask)``; ``jpeft train``
+    does.
+
+    >>> import jax, jax.numpy as jnp, jpeft
+    >>> tree = {"": {"params": {"ln_1": {"scale": jnp.ones(2), "bias": jnp.zeros(2)},
+    ...                         "fc": {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}}}}
+    >>> jax.tree.leaves(decay_mask(tree))  # fc.bias, fc.kernel, ln_1.bias, ln_1.scale
+    [False, True, False, False]
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    names = [[n for n in (_key_name(k) for k in path) if n] for path, _ in flat]
+    siblings: dict = {}
+    for parts in names:
+        siblings.setdefault(tuple(parts[:-1]), set()).add(parts[-1] if parts else "")
+
+    def decays(parts) -> bool:
+        dotted = ".".join(q for p in parts for q in p.split("/") if q).lower()
+        if _NO_DECAY.search(dotted):
+            return False
+        leaves = siblings[tuple(parts[:-1])]
+        return not ("scale" in leaves and leaves <= _NORM_LEAVES)
+
+    return jax.tree_util.tree_unflatten(treedef, [decays(parts) for parts in names])
 
 
 def _split(adapter):

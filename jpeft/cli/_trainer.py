@@ -25,6 +25,7 @@ from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, ConfigError, ShardingError
 from jpeft.parallel import kernels_on
+from jpeft.train import decay_mask
 from jpeft.validate import check_tokens
 
 
@@ -43,7 +44,9 @@ def _max_positions(hf_config: dict) -> Optional[int]:
 
 
 def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
-    """AdamW with warm-up and cosine decay (and clipping); ``lr_scale`` appends
+    """AdamW with warm-up and cosine decay (and clipping), weight decay on what
+    :func:`jpeft.train.decay_mask` selects (biases and norms left out, as transformers'
+    ``Trainer`` does); ``lr_scale`` appends
     :func:`jpeft.lr_scale`, the stage a forgetting-guard rollback lowers."""
     lr = float(t["learning_rate"])
     warm = int(t["warmup_steps"])
@@ -54,7 +57,9 @@ def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
     parts = []
     if t.get("max_grad_norm"):
         parts.append(optax.clip_by_global_norm(float(t["max_grad_norm"])))
-    parts.append(optax.adamw(sched, weight_decay=float(t["weight_decay"])))
+    wd = float(t["weight_decay"])
+    # no mask without decay: the optimizer state (and its checkpoints) stays what it was
+    parts.append(optax.adamw(sched, weight_decay=wd, mask=decay_mask if wd else None))
     if lr_scale:
         parts.append(jpeft.lr_scale())
     return optax.chain(*parts), sched

@@ -1,0 +1,78 @@
+"""Weight decay leaves out what transformers' ``Trainer`` leaves out (biases and norms), checked
+against ``Trainer.get_decay_parameter_names`` on the same models, with and without PEFT; and
+``jpeft train``'s optimizer applies it so."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.train import decay_mask
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as mt  # noqa: E402
+
+CONFIGS = {
+    "full": (jpeft.FullFinetuneConfig, {}),
+    "ln_tuning": (jpeft.LNTuningConfig, {"target_modules": r".*(layernorm|norm|ln_\w|LayerNorm)"}),
+    "lora_bias": (jpeft.LoraConfig, {"r": 2, "target_modules": "all-linear", "bias": "lora_only"}),
+}
+
+
+def _hf_sizes(torch_model, name: str, kw: dict):
+    """(decayed, not decayed): sorted element counts of the trainable tensors, as the Trainer splits them."""
+    import peft
+    from transformers import Trainer
+
+    model = copy.deepcopy(torch_model)
+    if name != "full":
+        cls = {"ln_tuning": peft.LNTuningConfig, "lora_bias": peft.LoraConfig}[name]
+        model = peft.get_peft_model(model, cls(**kw))
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    on = sorted(p.numel() for n, p in model.named_parameters() if p.requires_grad and n in decay)
+    off = sorted(p.numel() for n, p in model.named_parameters() if p.requires_grad and n not in decay)
+    return on, off
+
+
+@pytest.mark.parametrize("family", ["llama2", "gpt2", "bert"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decay_mask_leaves_out_what_the_hf_trainer_leaves_out(family, name):
+    torch_model, folder = mt.hf_model(family)
+    cls, kw = CONFIGS[name]
+    _, params = jpeft.models.from_pretrained(folder)
+    if family == "bert" and name == "lora_bias":  # PEFT's all-linear keeps BERT's classifier out, jpeft's too, by another rule
+        kw = dict(kw, target_modules=["query", "key", "value", "dense"])
+    train = jpeft.trainable(jpeft.init(cls(**kw), params, jax.random.key(0)))
+    mask = decay_mask(train)
+    pairs = list(zip(jax.tree.leaves(train), jax.tree.leaves(mask)))
+    on = sorted(int(np.size(x)) for x, m in pairs if m)
+    off = sorted(int(np.size(x)) for x, m in pairs if not m)
+    hf_kw = dict(kw)
+    if name == "ln_tuning":
+        hf_kw = {"target_modules": {"llama2": ["input_layernorm", "post_attention_layernorm", "norm"],
+                                    "gpt2": ["ln_1", "ln_2", "ln_f"], "bert": ["LayerNorm"]}[family]}
+    assert (on, off) == _hf_sizes(torch_model, name, hf_kw)
+    assert off, "every case has biases or norms"
+
+
+def test_jpeft_train_optimizer_decays_weights_only():
+    from jpeft.cli._trainer import make_optimizer
+
+    tree = {"": {"params": {"ln": {"scale": jnp.ones(3), "bias": jnp.ones(3)},
+                            "fc": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}}}
+    t = {"learning_rate": 0.1, "warmup_steps": 0, "weight_decay": 0.5, "max_grad_norm": 0.0}
+    opt, _ = make_optimizer(t, 10)
+    zero = jax.tree.map(jnp.zeros_like, tree)
+    updates, _ = opt.update(zero, opt.init(tree), tree)
+    new = jax.tree.map(lambda p, u: p + u, tree, updates)
+    p = new[""]["params"]
+    np.testing.assert_allclose(p["fc"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)  # AdamW: p -= lr * wd * p
+    for leaf in (p["fc"]["bias"], p["ln"]["scale"], p["ln"]["bias"]):
+        np.testing.assert_array_equal(leaf, 1.0)
