@@ -106,6 +106,9 @@ class Stacked(Site):
         if hasattr(self.inner, "check_params"):
             self.inner.check_params(path, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), own))
 
+    def after_update(self):
+        return dataclasses.replace(self, inner=jax.vmap(lambda node: node.after_update())(self.inner))
+
     def _per_layer(self, how: str, own):
         if not self.mergeable:
             return getattr(self.inner, how)(own)  # raises the method's NotMergeableError

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from jpeft.errors import ConfigError, InputValidationError
-from jpeft.methods.base import join_frozen, split_frozen
+from jpeft.methods.base import after_update, join_frozen, split_frozen
 
 
 def _split_loss(out):
@@ -59,7 +59,7 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
     def update(operands):
         adapter, opt_state, grads = operands
         updates, new_state = optimizer.update(grads, opt_state, adapter)
-        return optax.apply_updates(adapter, updates), new_state
+        return after_update(optax.apply_updates(adapter, updates)), new_state
 
     def guarded(operands):
         new_adapter, new_state = update(operands)

@@ -124,6 +124,55 @@ def test_matches_peft_forward_merge_unmerge(name):
     np.testing.assert_allclose(eff["kernel"], merged["params"]["q_proj"]["kernel"], atol=1e-6)
 
 
+def test_coft_training_steps_from_the_projected_point_as_peft_does():
+    """PEFT writes the projection back into ``oft_R`` at each forward, so its optimizer steps
+    from the projected value; jpeft's train step projects after each update (the node's
+    ``after_update``): three SGD steps give PEFT's outputs, and the stored ``oft_R`` is PEFT's
+    after its next forward."""
+    import optax
+
+    opts = dict(oft_block_size=4, coft=True, eps=1e-2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(TorchNet(), peft.OFTConfig(target_modules=["q_proj", "v_proj"], init_weights=False,
+                                                            **opts))
+    b = pm.base_model.model
+    raw = {k: _t(getattr(b, k).oft_R["default"].weight) for k in ("q_proj", "v_proj")}
+    params = {"params": {k: {"kernel": _t(getattr(b, k).base_layer.weight).T, "bias": _t(getattr(b, k).base_layer.bias)}
+                         for k in ("q_proj", "v_proj")}}
+    x = np.random.RandomState(0).randn(3, 2, 8).astype(np.float32)
+    cot = np.random.RandomState(1).randn(3, 2, 5).astype(np.float32)
+    sgd = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        sgd.zero_grad()
+        (pm(torch.tensor(x)) * torch.tensor(cot)).sum().backward()
+        sgd.step()
+    ref = _t(pm(torch.tensor(x)))  # this forward projects the stored oft_R once more
+    stored = {k: _t(getattr(b, k).oft_R["default"].weight) for k in ("q_proj", "v_proj")}
+
+    ad = jpeft.init(OFTConfig(target_modules=["q_proj", "v_proj"], **opts), params, jax.random.key(0))
+    ad = {k: dataclasses.replace(v, oft_R=raw[k]) for k, v in ad.items()}
+
+    def loss(p, a, batch, key):
+        return jnp.sum(jpeft.apply(FlaxNet(), p, a, batch) * cot)
+
+    step = jpeft.make_train_step(loss, optax.sgd(0.5), donate=False)
+    state, trained, plain = optax.sgd(0.5).init(ad), ad, ad
+    for i in range(3):
+        trained, state, _ = step(params, trained, state, jnp.asarray(x), jax.random.key(i))
+        g = jax.grad(lambda a: loss(params, a, jnp.asarray(x), None))(plain)  # no projection after the update
+        plain = jax.tree.map(lambda w, d: w - 0.5 * d, plain, g)
+    got = jpeft.apply(FlaxNet(), params, trained, jnp.asarray(x))
+    np.testing.assert_allclose(got, ref, atol=2e-6, rtol=1e-5)
+    for k in ("q_proj", "v_proj"):
+        np.testing.assert_allclose(trained[k].oft_R, stored[k], atol=1e-6)
+    effect = float(jnp.abs(got - FlaxNet().apply(params, jnp.asarray(x))).max())
+    unprojected = float(jnp.abs(jpeft.apply(FlaxNet(), params, plain, jnp.asarray(x)) - got).max())
+    # without the projection after each step the outputs miss PEFT's by ~100x the tolerance (3e-4 of an effect of 1e-2)
+    assert unprojected > 1e-4 and effect > 5e-3, (unprojected, effect)
+
+
 def test_cayley_blocks_are_orthogonal_exactly_and_nearly():
     v = 0.05 * jax.random.normal(jax.random.key(0), (3, oft.n_elements(5)))
     exact = oft.cayley(v, 5, False, 0)
@@ -237,6 +286,14 @@ def test_scanned_gradients_equal_unrolled(method):
     def loss(model, p):
         return lambda a: jnp.mean(jpeft.apply(model, p, a, ids) ** 2)
 
+    if method == "oft":  # coft's projection after an update, layer by layer on the stacked node
+        from jpeft.methods.base import after_update
+
+        c1 = {k: dataclasses.replace(v, inner=dataclasses.replace(v.inner, coft=True, eps=0.2)) for k, v in a1.items()}
+        c0 = {k: dataclasses.replace(v, coft=True, eps=0.2) for k, v in a0.items()}
+        projected = after_update(c0)
+        assert any(float(jnp.abs(projected[k].oft_R - c0[k].oft_R).max()) > 1e-3 for k in c0)
+        chex.assert_trees_all_close(scan.unstack_adapter(after_update(c1)), projected, atol=1e-7)
     g1 = scan.unstack_adapter(jax.jit(jax.grad(loss(scanned, p1)))(a1))
     g0 = jax.jit(jax.grad(loss(unrolled, p0)))(a0)
     assert sorted(g1) == sorted(g0)

@@ -217,6 +217,13 @@ class Site:
         token, whose prediction of the first real token Hugging Face PEFT's loss counts."""
         return self, 0
 
+    def after_update(self) -> "Site":
+        """The node after an optimizer update changed its arrays (the train step calls it on
+        every node). A method whose parameters must stay in a set puts them back there: OFT's
+        ``coft`` projects ``oft_R`` onto its ball, which Hugging Face PEFT does in place at its
+        next forward, so the next step starts from the same point. Default: the node as is."""
+        return self
+
     def intercept(self, call: Call):  # pragma: no cover - every node class defines it
         raise TypeError(f"{type(self).__name__} is a site node without an intercept(call) method; define one.")
 
@@ -335,6 +342,14 @@ def split_frozen(adapter: Mapping[str, Any]) -> tuple[dict, dict]:
     for path, node in adapter.items():
         train[path], froz[path] = node.split_frozen() if _is_node(node) else (node, None)
     return train, froz
+
+
+def after_update(adapter):
+    """:meth:`Site.after_update` on every node of an adapter (or of its trainable part); an
+    adapter that is not a ``{path: node}`` dict is returned as it is."""
+    if not isinstance(adapter, Mapping):
+        return adapter
+    return {p: (n.after_update() if _is_node(n) else n) for p, n in adapter.items()}
 
 
 def join_frozen(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:

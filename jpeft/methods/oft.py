@@ -24,8 +24,9 @@ Differences from PEFT, by name:
 
 * ``coft``: PEFT writes the projected value back into ``oft_R`` in place at every forward;
   jpeft is pure, so it projects in the forward with a straight-through gradient (the same
-  outputs and the same gradient at the projected point) and keeps the stored array unprojected.
-  Saved adapters give the same outputs in both libraries.
+  outputs and the same gradient at the projected point), and the train step projects the
+  stored array after each update (:meth:`OFTWeights.after_update`), so training steps from the
+  projected value as PEFT's does. Saved adapters give the same outputs in both libraries.
 * ``module_dropout``: PEFT 0.21 builds its multiplicative dropout but its ``Linear.forward``
   never calls it. jpeft applies it as PEFT documents it (each training step, with a dropout key,
   ``int(p * n)`` random blocks are replaced by the identity), so training with
@@ -170,7 +171,7 @@ def coft_project(vec, block_size: int, eps: float):
     """Constrained OFT: each block's ``Q`` scaled onto the Frobenius ball of radius
     ``eps / sqrt(b)`` (``b`` stored blocks) when outside it (PEFT's ``_project_batch``)."""
     q = skew(vec, block_size)
-    radius = eps / math.sqrt(vec.shape[0])
+    radius = eps / math.sqrt(vec.shape[-2])  # stored blocks (a layer-scanned node has the layers first)
     norm = jnp.sqrt(jnp.sum(q * q, axis=(-2, -1), keepdims=True))
     safe = jnp.where(norm > radius, norm, 1.0)
     out = jnp.where(norm <= radius, q, radius * q / safe)
@@ -267,6 +268,15 @@ class OFTWeights(Site):
         """The ``[blocks, k, k]`` orthogonal blocks (float32)."""
         return rotation_blocks(self.oft_R, blocks=self.blocks, block_size=self.block_size, neumann=self.neumann,
                                terms=self.terms, coft=self.coft, eps=self.eps)
+
+    def after_update(self):
+        """``coft``: ``oft_R`` projected onto its ball after each update, as PEFT writes the
+        projection back into the parameter at its next forward (its optimizer then steps from
+        the projected value)."""
+        if not self.coft:
+            return self
+        return dataclasses.replace(self, oft_R=coft_project(self.oft_R.astype(jnp.float32), self.block_size,
+                                                           self.eps).astype(self.oft_R.dtype))
 
     def check(self, path: str, module) -> None:
         self.check_params(path, module.variables.get("params", {}))
