@@ -115,6 +115,80 @@ def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padd
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g1))  # gradients reach every input
 
 
+@pytest.mark.parametrize("loop", ["unrolled", "scanned, K^T dS"])
+@pytest.mark.parametrize("s,h,kvh,window,n_pre,block,padding,segments", GRID[:3] + GRID[5:7])
+def test_blockwise_equals_reference_with_dropout(s, h, kvh, window, n_pre, block, padding, segments, loop, monkeypatch):
+    """Attention-probability dropout drops the same entries in both kernels (a hash of the
+    indices), forward and gradient, over the grid's masks; another key drops others."""
+    if loop.startswith("scanned"):
+        monkeypatch.setattr(A, "UNROLL_TILE", 0)
+    monkeypatch.setattr(A, "DQ_TRANSPOSED_MIN_KEYS", 1 if "K^T" in loop else 10**9)
+    ks, q, k, v, am = _inputs(s * 10 + h + 1, s, h, kvh, padding, right=2)
+    b, d = q.shape[0], q.shape[-1]
+    seg = None
+    if segments:
+        seg = np.array([[1] * 4 + [2] * 3 + [3] * (s - 7), [1] * 5 + [2] * (s - 7) + [0] * 2], np.int32)
+        if s > 30:
+            seg = np.array([[1] * 20 + [2] * (s - 20), [1] * 3 + [2] * 25 + [3] * (s - 30) + [0] * 2], np.int32)
+        if padding == "left":
+            seg[1] = np.concatenate([[0] * 3, seg[1][seg[1] > 0][: s - 3]])
+        seg = jnp.asarray(seg)
+    prefix = None if not n_pre else (_rand(ks[3], (b, n_pre, kvh, d)), _rand(ks[4], (1, n_pre, kvh, d)))
+    mask, _ = L.causal_mask(jnp.asarray(am), None, window, segment_ids=seg, padded=padding != "unpadded")
+    ct = _rand(jax.random.key(9), q.shape)
+
+    def run(impl, key):
+        def f(q, k, v, prefix):
+            return L.attend(q, k, v, mask, scale=0.37, prefix_kv=prefix, implementation=impl, block_size=block,
+                            dropout_rate=0.3, dropout_key=key)[0]
+
+        out, vjp = jax.vjp(jax.jit(f), q, k, v, prefix)
+        return out, vjp(ct)
+
+    (o1, g1), (o2, g2) = run("blockwise", jax.random.key(3)), run("reference", jax.random.key(3))
+    _assert_same(o1, o2)
+    _assert_same(g1, g2)
+    plain = L.attend(q, k, v, mask, scale=0.37, prefix_kv=prefix, implementation="reference")[0]
+    assert float(jnp.abs(o1 - plain).max()) > 0.1  # entries were dropped
+    other = run("blockwise", jax.random.key(4))[0]
+    assert float(jnp.abs(other - o1).max()) > 0.1  # another key drops other entries
+
+
+def test_dropout_closed_form_and_rate():
+    """The reference with dropout is softmax, then each kept probability times 1 / (1 - rate),
+    then the values (numpy, with the kernel's mask); about ``rate`` of the entries are dropped,
+    independently of their position; rate 0 or no key is no dropout, and a bad rate is refused."""
+    b, s, h, d, rate = 2, 64, 2, 4, 0.25
+    ks = jax.random.split(jax.random.key(0), 3)
+    q, k, v = _rand(ks[0], (b, s, h, d)), _rand(ks[1], (b, s, h, d)), _rand(ks[2], (b, s, h, d))
+    mask, _ = L.causal_mask(jnp.ones((b, s), bool), None)
+    key = jax.random.key(7)
+    got = A.dot_product_attention(q, k, v, mask, scale=0.5, implementation="reference", dropout_rate=rate,
+                                  dropout_key=key)
+    seed = A.dropout_seed(key)
+    rows = A.row_hash(seed, jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], jnp.arange(s)[None, None, :])
+    keep = np.asarray(A.keep_scale(rows[..., None], jnp.arange(s)[None, None, None, :], rate))  # [b, h, q, k]
+    assert set(np.unique(keep)) == {0.0, np.float32(1 / (1 - rate))}
+    frac = float((keep == 0).mean())
+    assert abs(frac - rate) < 4 * np.sqrt(rate * (1 - rate) / keep.size), frac
+    # no structure by position: each row's and each column's drop rate is near `rate`
+    assert abs(float((keep[0, 0] == 0).mean(0).std()) - np.sqrt(rate * (1 - rate) / s)) < 0.03
+    logits = np.einsum("bqhd,bkhd->bhqk", np.asarray(q), np.asarray(k)) * 0.5
+    logits = np.where(np.tril(np.ones((s, s), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bkhd->bqhd", p * keep, np.asarray(v))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    plain = A.dot_product_attention(q, k, v, mask, scale=0.5, implementation="reference")
+    for off in (dict(dropout_rate=0.0, dropout_key=key), dict(dropout_rate=rate, dropout_key=None)):
+        np.testing.assert_array_equal(A.dot_product_attention(q, k, v, mask, scale=0.5, implementation="reference", **off),
+                                      plain)
+    with pytest.raises(jpeft.errors.ConfigError, match=r"in \[0, 1\)"):
+        A.dot_product_attention(q, k, v, mask, scale=0.5, dropout_rate=1.0, dropout_key=key)
+    with pytest.raises(jpeft.errors.ConfigError, match="no attention-probability dropout"):
+        A.dot_product_attention(q, k, v, mask, scale=0.5, implementation="splash", dropout_rate=0.1, dropout_key=key)
+
+
 @pytest.mark.parametrize("row,key_block", [(0, 8), (2, 2), (4, 16), (5, 4), (7, 24)])
 def test_rectangular_tiles_equal_the_reference(row, key_block, monkeypatch):
     """Tiles with more or fewer keys than queries (``key_block_size``, which the tile-shape

@@ -178,6 +178,70 @@ def segment_slots(segment_ids: Array) -> Array:
     return idx - start
 
 
+# -- attention-probability dropout ---------------------------------------------------------------
+# Which probabilities survive is a hash of (seed, batch row, query head, query index, key index),
+# not a draw of a random array of the tile's shape: every kernel and every tiling then drops the
+# same entries, so the blockwise kernel equals the reference with dropout too, and its backward
+# pass recomputes each tile's mask from the indices alone (nothing [q, k]-sized is kept).
+
+_GOLDEN = np.uint32(0x9E3779B9)
+
+
+def _fmix(h):
+    """MurmurHash3's 32-bit finaliser (full avalanche) on a uint32 array."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_seed(key) -> Array:
+    """The uint32 seed of the dropout masks drawn from a JAX ``key``."""
+    return jax.random.bits(key, (), jnp.uint32)
+
+
+def row_hash(seed, b_idx, h_idx, q_idx) -> Array:
+    """The hash of each query row (broadcast of the three index arrays), uint32."""
+    h = _fmix(jnp.asarray(seed, jnp.uint32) ^ (jnp.asarray(b_idx, jnp.uint32) * _GOLDEN))
+    h = _fmix(h ^ (jnp.asarray(h_idx, jnp.uint32) * np.uint32(0x7FEB352D)))
+    return _fmix(h ^ (jnp.asarray(q_idx, jnp.uint32) * np.uint32(0x846CA68B)))
+
+
+def keep_scale(rows, k_idx, rate: float) -> Array:
+    """``1 / (1 - rate)`` where a probability is kept, else 0 (float32): row hashes against key
+    indices, two arrays of one rank that broadcast (``[..., q, 1]`` and ``[..., 1, k]``)."""
+    bits = _fmix(rows ^ (jnp.asarray(k_idx, jnp.uint32) * _GOLDEN))
+    threshold = np.uint32(min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1))
+    return jnp.where(bits >= threshold, np.float32(1.0 / (1.0 - rate)), np.float32(0.0))
+
+
+def check_dropout(rate) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
+        raise ConfigError(f"attention dropout rate must be a number in [0, 1), found {rate!r}.")
+    return float(rate)
+
+
+def _reference_with_dropout(q, k, v, mask: AttentionMask, scale: float, rate: float, seed):
+    """The reference attention with dropout on the probabilities (``softmax``, then each kept
+    entry scaled by ``1 / (1 - rate)``, as torch's attention dropout): the dense ``[b, h, q,
+    k]`` scores. Fully masked query rows (padding) average every key, undropped, as the
+    blockwise kernel does."""
+    b, sq, h, _ = q.shape
+    sk, kvh = k.shape[1], k.shape[2]
+    g = h // kvh
+    kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, kr, preferred_element_type=jnp.float32) * np.float32(scale)
+    allowed = mask.dense()
+    s = jnp.where(allowed, s, _MASKED)
+    p = jax.nn.softmax(s, axis=-1)
+    rows = row_hash(seed, jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], jnp.arange(sq)[None, None, :])
+    keep = keep_scale(rows[..., None], jnp.arange(sk)[None, None, None, :], rate)
+    full = ~allowed.any(-1, keepdims=True)
+    p = p * jnp.where(full, np.float32(1.0), keep)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, vr.astype(jnp.float32)).astype(q.dtype)
+
+
 # -- kernels -------------------------------------------------------------------------------------
 
 
@@ -241,7 +305,7 @@ def resolve(implementation: str, dtype, head_dim: int, k_len: Optional[int] = No
 
 
 def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, implementation: str = "auto",
-                          block_size: int = 0, plain: bool = False):
+                          block_size: int = 0, plain: bool = False, dropout_rate: float = 0.0, dropout_key=None):
     """Attention of ``q [b, q, heads, d]`` over ``k, v [b, k, kv_heads, d]`` (grouped-query when
     ``kv_heads < heads``) under ``mask``; returns ``[b, q, heads, d]`` in ``q``'s dtype.
 
@@ -251,9 +315,19 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     ``plain``: the caller knows the mask is exactly ``mask.causal`` / ``mask.window`` over the
     current tokens (no cache, no prefix, no padding, no segments), which lets the cuDNN kernel
     run without a dense mask.
+    ``dropout_rate``, ``dropout_key``: dropout on the attention probabilities (a training step's
+    ``attn_pdrop``), active when both are set: each probability is dropped with that rate and
+    the kept ones scaled by ``1 / (1 - rate)``. The same entries are dropped by the reference
+    and the blockwise kernel (a hash of the indices, see :func:`keep_scale`); the fused cuDNN and
+    splash kernels take no dropout, so ``"auto"`` then runs the blockwise kernel (or the
+    reference) and naming one of them is a ``ConfigError``.
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
         raise ConfigError(f"attention block_size must be a positive integer or 0 (automatic), found {block_size!r}.")
+    rate = check_dropout(dropout_rate)
+    if rate > 0.0 and dropout_key is not None:
+        return _attention_with_dropout(q, k, v, mask, scale=scale, implementation=implementation,
+                                       block_size=block_size, rate=rate, seed=dropout_seed(dropout_key))
     if implementation == "splash" or (implementation == "auto" and _splash_fits(mask, q.shape[1], k.shape[1])):
         return _splash.splash_attention(q, k, v, mask, scale=scale, block_size=block_size)
     key_block = None
@@ -272,6 +346,22 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     return blockwise_attention(q, k, v, mask, scale=scale, block_size=block_size, key_block_size=key_block)
 
 
+def _attention_with_dropout(q, k, v, mask, *, scale, implementation, block_size, rate, seed):
+    if implementation in ("cudnn", "splash"):
+        raise ConfigError(
+            f"attention={implementation!r} has no attention-probability dropout, but this call drops with rate {rate}; "
+            "use attention='auto' or 'blockwise' for training with dropout (or train with the dropout rate at 0).")
+    check_implementation(implementation)
+    key_block = None
+    if not block_size:
+        block_size = auto_block_size(q.shape[1], mask)
+        key_block = auto_key_block_size(block_size, mask)
+    if implementation == "reference" or (implementation == "auto" and k.shape[1] <= (key_block or block_size)):
+        return _reference_with_dropout(q, k, v, mask, scale, rate, seed)
+    return blockwise_attention(q, k, v, mask, scale=scale, block_size=block_size, key_block_size=key_block,
+                               dropout_rate=rate, dropout_seed=seed)
+
+
 def _splash_fits(mask: AttentionMask, sq: int, sk: int) -> bool:
     """Whether ``"auto"`` takes the Pallas splash kernel: on a TPU, for a mask it expresses,
     where a Pallas kernel can run (:func:`jpeft.models._splash.auto_safe`)."""
@@ -280,7 +370,8 @@ def _splash_fits(mask: AttentionMask, sq: int, sk: int) -> bool:
 
 
 def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_size: int = 512,
-                        unroll: Optional[bool] = None, key_block_size: Optional[int] = None):
+                        unroll: Optional[bool] = None, key_block_size: Optional[int] = None,
+                        dropout_rate: float = 0.0, dropout_seed=None):
     """Online-softmax attention over tiles of ``block_size`` queries by ``block_size`` keys (see
     the module docstring). With ``mask.diagonal`` set (causal attention over the current tokens)
     only the tiles on or below the diagonal, and inside the sliding window, are computed, and the
@@ -291,6 +382,9 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_siz
     (``block_size``); ``None`` keeps the tiles square. :func:`dot_product_attention`'s
     automatic choice sets it (:func:`auto_key_block_size`); ``benchmarks/attention_cpu.py
     --blocks 256x512`` times other shapes.
+
+    ``dropout_rate``, ``dropout_seed``: dropout on the probabilities (:func:`dot_product_attention`),
+    each tile's mask recomputed from its indices in both passes.
 
     ``unroll``: unroll the loops over tiles instead of scanning them (the numbers are the same).
     ``None`` (the default) unrolls small tiles only: at most :data:`UNROLL_TILE` queries and
@@ -338,10 +432,17 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, scale: float, block_siz
     qsb = None if mask.q_seg is None else blocks(mask.q_seg, nq, bq)
     if unroll is None:
         unroll = should_unroll(bq, bk, len(pairs))
+    rate = check_dropout(dropout_rate) if dropout_seed is not None else 0.0
     static = _Static(1.0 if prescale else float(scale), bool(mask.causal), mask.window, bool(mask.padded),
                      mask.diagonal if skip else None, int(sk), int(bq), int(bk), int(g), edge, inner, bool(unroll),
-                     bool(bk >= DQ_TRANSPOSED_MIN_KEYS))
-    out = _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)  # [nq, b, kvh, g * bq, d]
+                     bool(bk >= DQ_TRANSPOSED_MIN_KEYS), rate)
+    rhb = None
+    if rate > 0.0:  # each query row's hash, laid out as the query tiles' rows [nq, b, kvh, g * bq]
+        r = jnp.arange(g * bq)
+        qi = jnp.arange(nq)[:, None, None, None] * bq + (r % bq)[None, None, None, :]
+        head = jnp.arange(kvh)[None, None, :, None] * g + (r // bq)[None, None, None, :]
+        rhb = row_hash(dropout_seed, jnp.arange(b)[None, :, None, None], head, qi)
+    out = _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb, rhb)  # [nq, b, kvh, g * bq, d]
     out = out.reshape(nq, b, kvh, g, bq, -1)
     out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, nq * bq, h, -1)[:, :sq]
     return out.astype(q.dtype)
@@ -428,6 +529,7 @@ class _Static:
     inner: tuple  # tiles wholly inside them (only padding and segments, if any)
     unroll: bool
     dq_transposed: bool  # the backward pass forms K^T @ dS (see DQ_TRANSPOSED_MIN_KEYS)
+    dropout: float = 0.0  # attention-probability dropout rate (the masks from the row hashes)
 
 
 def _tile_mask(static: _Static, interior: bool, kv_valid, k_pos, k_seg, q_pos, q_seg, a, j):
@@ -501,7 +603,7 @@ def _tiles(static: _Static, body, carry):
     return carry
 
 
-def _forward(static: _Static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
+def _forward(static: _Static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb, rhb=None):
     """Returns the output ``[nq, b, kvh, g * bq, d]`` (f32), each row's log-sum-exp ``[nq, b,
     kvh, g * bq]`` (``+inf`` on fully masked rows) and the fully-masked flags."""
     nq, b, kvh, gq, _ = qb.shape
@@ -525,6 +627,9 @@ def _forward(static: _Static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
         p = jnp.exp(s - m_new[..., None])
         la = la * corr + p.sum(-1)
         vblk = _take(vb, j)
+        if static.dropout:  # the normaliser counts every probability; the values see the kept ones
+            kidx = (j * static.bk + jnp.arange(static.bk))[None, None, None, :]
+            p = p * keep_scale(_take(rhb, a)[..., None], kidx, static.dropout)
         pv = jnp.einsum("bkqs,bksd->bkqd", p.astype(vblk.dtype), vblk, preferred_element_type=jnp.float32)
         acca = acca * corr[..., None] + pv
         return _put(m, a, m_new), _put(l, a, la), _put(acc, a, acca)
@@ -548,28 +653,28 @@ _forward_jit = jax.jit(_forward, static_argnums=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
-    return _forward_jit(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)[0].astype(qb.dtype)
+def _flash(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb, rhb):
+    return _forward_jit(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb, rhb)[0].astype(qb.dtype)
 
 
-def _flash_fwd(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb):
-    out, lse, full = _forward_jit(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb)
+def _flash_fwd(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb, rhb):
+    out, lse, full = _forward_jit(static, qb, kb, vb, kvb, kpb, ksb, qpb, qsb, rhb)
     out = out.astype(qb.dtype)
-    return out, (qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, lse, full)
+    return out, (qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, lse, full, rhb)
 
 
 def _flash_bwd(static: _Static, res, dout):
     kvb, kpb, ksb, qpb, qsb = res[3:8]  # the masks' inputs: no gradient (float0 zeros)
     dq, dk, dv = _backward(static, res, dout)
     float0 = lambda x: None if x is None else jnp.zeros(x.shape, jax.dtypes.float0)
-    return dq, dk, dv, float0(kvb), float0(kpb), float0(ksb), float0(qpb), float0(qsb)
+    return dq, dk, dv, float0(kvb), float0(kpb), float0(ksb), float0(qpb), float0(qsb), float0(res[11])
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _backward(static: _Static, res, dout):
     """Recomputes each tile's probabilities key-major (``[b, kvh, bk, g * bq]``), so the value
     and key gradients are plain matmuls and the score-sized tensors are written in one layout."""
-    qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, lse, full = res
+    qb, kb, vb, kvb, kpb, ksb, qpb, qsb, out, lse, full, rhb = res
     dob = dout.astype(jnp.float32)  # [nq, b, kvh, g * bq, d]
     # D_i = sum_d dO_id O_id, the row term of the softmax backward.
     dsum = jnp.einsum("nbkqd,nbkqd->nbkq", dob, out.astype(jnp.float32))
@@ -586,8 +691,14 @@ def _backward(static: _Static, res, dout):
         st = _masked(st, ok, static, True, interior, j)
         # disallowed logits give exactly 0 (exp of the masked value, or of -inf)
         pt = jnp.exp(st - _take(lse, a)[:, :, None, :])
-        dvj = jnp.einsum("bksq,bkqd->bksd", pt, doa)
         dpt = jnp.einsum("bksd,bkqd->bksq", vj.astype(jnp.float32), doa)
+        if static.dropout:  # the values saw the kept probabilities, scaled: so do their gradients
+            kidx = (j * static.bk + jnp.arange(static.bk))[None, None, :, None]
+            keep = keep_scale(_take(rhb, a)[:, :, None, :], kidx, static.dropout)
+            dvj = jnp.einsum("bksq,bkqd->bksd", pt * keep, doa)
+            dpt = dpt * keep
+        else:
+            dvj = jnp.einsum("bksq,bkqd->bksd", pt, doa)
         dst = pt * (dpt - _take(dsum, a)[:, :, None, :])
         if static.scale != 1.0:
             dst = dst * static.scale

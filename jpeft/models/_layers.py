@@ -378,7 +378,7 @@ def check_prefix(prefix_kv, batch: int, num_kv_heads: int, head_dim: int, path: 
 
 
 def attend(q, k, v, mask: AttentionMask, *, scale: float, cache_layer=None, prefix_kv=None, dtype=jnp.float32,
-           implementation: str = "auto", block_size: int = 0):
+           implementation: str = "auto", block_size: int = 0, dropout_rate: float = 0.0, dropout_key=None):
     """Scaled dot-product attention with an optional cache write and an optional prefix.
 
     Args:
@@ -388,6 +388,7 @@ def attend(q, k, v, mask: AttentionMask, *, scale: float, cache_layer=None, pref
       prefix_kv: ``(k, v)`` ``[batch, n_prefix, kv_heads, head_dim]``, attended by every query
         (inside the sliding window, if the layer has one: the prefix sits before slot 0).
       implementation, block_size: the kernel and its block (0: automatic; :mod:`jpeft.models._attention`).
+      dropout_rate, dropout_key: attention-probability dropout, active when both are set.
 
     Returns:
       ``(out [batch, q_len, heads, head_dim], (k_cache, v_cache) or None)``.
@@ -409,7 +410,8 @@ def attend(q, k, v, mask: AttentionMask, *, scale: float, cache_layer=None, pref
         v = jnp.concatenate([pv, v], axis=1)
         mask = mask.with_prefix(pk.shape[1])
     out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale,
-                                implementation=implementation, block_size=block_size, plain=plain)
+                                implementation=implementation, block_size=block_size, plain=plain,
+                                dropout_rate=dropout_rate, dropout_key=dropout_key)
     return out, new_cache
 
 
