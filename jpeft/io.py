@@ -401,6 +401,20 @@ def recover(target) -> Optional[Path]:
     return target
 
 
+def atomic_write(path, data) -> None:
+    """Writes ``data`` (``str`` or ``bytes``) to ``path`` through a temporary file renamed over
+    it, so an interrupted write leaves the previous version, never half a file."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else {"newline": ""})) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 @contextlib.contextmanager
 def atomic_directory(target, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary directory next to ``target``; when the block ends without an

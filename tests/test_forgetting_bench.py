@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, OverwriteError
 from jpeft.forgetting import experiment
 from jpeft.forgetting.cli import main
 from jpeft.forgetting.digits import SplitDigits
@@ -216,3 +216,63 @@ def test_cli_replay_sizes(capsys):
     assert "none of the selected methods uses replay" in capsys.readouterr().out
     assert main(["split-digits-class", "--methods", "replay", "--replay-sizes", "0", "--steps", "1"]) == 2
     assert "--replay-sizes must be positive" in capsys.readouterr().out
+
+
+def _tiny_digits():
+    return SplitDigits("task", steps_per_task=2, batch_size=4, hidden=(4,), num_tasks=2)
+
+
+def test_a_run_does_not_replace_an_earlier_runs_results(tmp_path, capsys):
+    import jpeft
+
+    out = str(tmp_path)
+    naive = experiment.MethodSpec("naive", jpeft.FullFinetuneConfig())
+    experiment.run(_tiny_digits(), [naive], seeds=[0], out_dir=out, progress=False, plots=False, log=None)
+    before = {f: open(os.path.join(out, f)).read() for f in ARTIFACTS}
+    # a second run into the same folder (the CLI's default folder is per benchmark) replaced every file
+    # as soon as its first (method, seed) ended; now it is refused before training, the files untouched
+    ewc = experiment.MethodSpec("EWC", jpeft.FullFinetuneConfig(), ewc=1.0, fisher_examples=4)
+    with pytest.raises(OverwriteError, match=r"already holds the results of an earlier run \(scores.json, metrics.csv, "
+                                             r"results.md\).*--force"):
+        experiment.run(_tiny_digits(), [ewc], seeds=[0], out_dir=out, progress=False, plots=False, log=None)
+    assert {f: open(os.path.join(out, f)).read() for f in ARTIFACTS} == before
+    assert main(["split-digits-task", "--methods", "naive", "--steps", "1", "--seeds", "0", "--out", out,
+                 "--no-progress", "--no-plots"]) == 2
+    assert "already holds the results of an earlier run" in capsys.readouterr().out
+    assert main(["split-digits-task", "--methods", "naive", "--steps", "1", "--seeds", "0", "--out", out,
+                 "--no-progress", "--no-plots", "--force"]) == 0
+    assert json.load(open(os.path.join(out, "scores.json")))["steps_per_task"] == 1
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    # a repeated seed stored one run but reported "mean ± sample std over 2 seed(s)" (std 0.000)
+    with pytest.raises(ConfigError, match=r"seeds must be distinct, found \[0, 0\]"):
+        experiment.run(_tiny_digits(), [naive], seeds=[0, 0], out_dir=str(tmp_path / "dup"), progress=False, log=None)
+
+
+def test_replay_does_not_change_the_batch_order(monkeypatch):
+    # methods of a seed are paired by the sweep as seeing the same batches; replay's buffer order was drawn
+    # from the batch generator, so every task after the first saw other batches than the other methods
+    seen = []
+
+    class Recorder:
+        def __init__(self, g):
+            self.g = g
+
+        def integers(self, *a, **k):
+            r = self.g.integers(*a, **k)
+            seen.append(r.tolist())
+            return r
+
+        def __getattr__(self, name):
+            return getattr(self.g, name)
+
+    make = np.random.default_rng
+    monkeypatch.setattr(experiment.np.random, "default_rng", lambda *a, **k: Recorder(make(*a, **k)))
+    import jpeft
+
+    orders = []
+    for spec in (experiment.MethodSpec("naive", jpeft.FullFinetuneConfig()),
+                 experiment.MethodSpec("replay", jpeft.FullFinetuneConfig(), replay=0.5, replay_capacity=4)):
+        seen.clear()
+        experiment.run_one(_tiny_digits(), spec, 3, log=None)
+        orders.append(list(seen))
+    assert len(orders[0]) == 4 and orders[0] == orders[1]

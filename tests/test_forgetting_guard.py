@@ -5,6 +5,7 @@ run within budget is bit-identical to one without the guard."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -14,7 +15,7 @@ import optax
 import pytest
 
 import jpeft
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, InputValidationError
 from jpeft.forgetting.guard import canary_stats, current_lr_scale, scale_lr
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
@@ -155,6 +156,27 @@ def test_guard_arguments_are_checked(setup):
     with pytest.raises(ConfigError, match=r"optax.chain\(..., jpeft.lr_scale\(\)\)"):
         jpeft.fit(step, params, adapter, plain.init(adapter), _skewed(0, 2), key=key,
                   forgetting=make(action="rollback"))
+
+
+def test_a_canary_without_targets_or_a_non_finite_check_is_not_within_budget(setup):
+    params, adapter, opt, _, _ = setup
+    # a canary whose loss_mask keeps no next-token target measured a rise and a KL of exactly 0 at every
+    # check, whatever the adapter: a guard that could never fire. Refused when it is built.
+    rows = _canary()
+    first_only = np.zeros_like(rows[0]["input_ids"])
+    first_only[:, 0] = 1  # the first token is never a next-token target
+    for mask in (np.zeros_like(first_only), first_only):
+        with pytest.raises(InputValidationError, match="hold no next-token target"):
+            jpeft.ForgettingGuard([{**b, "loss_mask": mask} for b in rows], _logits_fn(), max_loss_rise=0.1)
+    with pytest.raises(InputValidationError, match="loss_mask must have the shape of input_ids"):
+        jpeft.ForgettingGuard([{**rows[0], "loss_mask": np.ones((1, 2))}], _logits_fn(), max_loss_rise=0.1)
+    # a NaN measurement compared as within budget (NaN > x is false) and its state became the kept one
+    g = jpeft.ForgettingGuard(rows, _logits_fn(), max_loss_rise=0.1, max_kl=0.1, every=1)
+    g.start(params, adapter, opt.init(adapter), 0)
+    bad = jax.tree.map(lambda x: x * np.nan if isinstance(x, jax.Array) and x.dtype.kind == "f" else x, adapter)
+    m, decision, kept = g.check(params, bad, opt.init(adapter), 1)
+    assert math.isnan(m["canary_loss_rise"]) and decision == "stop" and g.report["kept_step"] == 0
+    assert "not finite" in g.report["events"][-1]["why"] and _equal(kept[0], adapter)
 
 
 def test_checkpoints_hold_the_rolled_back_state_and_its_lower_lr(setup, rises, tmp_path):

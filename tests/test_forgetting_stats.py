@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from jpeft.errors import ConfigError, InputValidationError
+from jpeft.errors import ConfigError, InputValidationError, OverwriteError
 from jpeft import FullFinetuneConfig
 from jpeft.forgetting import stats as S
 from jpeft.forgetting.cli import families_from_args, main
@@ -119,6 +119,41 @@ def test_analyse_finds_the_family_that_forgets_less_at_equal_learning():
     # default levels lie where both fronts reach in every seed; none outside [0.1, 0.3]
     auto = analyse(pts, [0, 1, 2], n_resamples=200)
     assert auto["levels"] and all(0.1 <= x <= 0.3 for x in auto["levels"])
+
+
+def test_repeated_seeds_and_non_finite_values_are_refused(tmp_path):
+    # a repeated seed is the same run again: counted twice it turned p = 0.04 into 6e-4 (and "less"), and
+    # seeds [0, 0] gave p_t = 0 for any difference; refused in the analysis and before a sweep trains
+    pts = [{"family": fam, "lr": lr, "strength": None, "step": 10, "seed": s, "learning": 0.1 * lr,
+            "forgetting": 0.1 * lr + shift + 0.01 * ((s * 7 + lr) % 3)}
+           for fam, shift in (("A", 0.0), ("B", 0.01)) for s in range(3) for lr in (1, 2, 3)]
+    assert analyse(pts, [0, 1, 2], levels=[0.2], n_resamples=200)["pairs"][0]["n"] == 3
+    for seeds in ([0, 1, 2, 0, 1, 2], [0, 0]):
+        with pytest.raises(ConfigError, match=r"seeds must be distinct.*repeated: \[0"):
+            analyse(pts, seeds, levels=[0.2], n_resamples=200)
+    bench = SplitDigits("task", steps_per_task=1, batch_size=4, hidden=(4,), num_tasks=2)
+    fam = [SweepSpec("naive", MethodSpec("naive", FullFinetuneConfig()))]
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        sweep(bench, fam, seeds=[1, 1], out_dir=str(tmp_path / "s"), progress=False, log=None)
+    assert not os.path.exists(tmp_path / "s")
+    # a NaN (a diverged seed) gave p_sign_flip = 0.0 (every comparison with NaN is false): refused
+    with pytest.raises(InputValidationError, match="a must be finite"):
+        S.paired_test([1.0, float("nan"), 3.0], [1.0, 2.0, 3.5])
+    with pytest.raises(InputValidationError, match="values must be finite"):
+        S.bootstrap_ci([1.0, float("inf")])
+
+
+def test_a_sweep_does_not_replace_an_earlier_sweeps_results(tmp_path):
+    bench = SplitDigits("task", steps_per_task=1, batch_size=4, hidden=(4,), num_tasks=2)
+    fam = [SweepSpec("naive", MethodSpec("naive", FullFinetuneConfig()))]
+    (tmp_path / "sweep.json").write_text('{"earlier": "sweep"}')
+    with pytest.raises(OverwriteError, match=r"already holds the results of an earlier run \(sweep.json\).*--force"):
+        sweep(bench, fam, seeds=[0, 1], out_dir=str(tmp_path), progress=False, log=None)
+    assert (tmp_path / "sweep.json").read_text() == '{"earlier": "sweep"}'
+    res = sweep(bench, fam, seeds=[0, 1], out_dir=str(tmp_path), progress=False, log=None, plots=False,
+                n_resamples=100, overwrite=True)
+    assert json.load(open(tmp_path / "sweep.json"))["points"] == json.loads(json.dumps(res["points"]))
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # written through renamed temporaries
 
 
 # -- the sweep ---------------------------------------------------------------------------------

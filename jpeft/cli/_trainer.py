@@ -24,6 +24,7 @@ from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, ConfigError, ShardingError
+from jpeft.io import atomic_write
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
 from jpeft.validate import check_tokens
@@ -182,9 +183,7 @@ def _drop_logged_after(path: str, step: int) -> None:
     keep = [ln for ln in lines if not later(ln)]
     if len(keep) == len(lines):
         return
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, "".join(keep))
     _say(f"jpeft train: metrics.jsonl: {len(lines) - len(keep)} record(s) of steps after {step} removed; those steps "
          "run again.")
 

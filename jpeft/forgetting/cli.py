@@ -36,7 +36,7 @@ examples:
   python -m jpeft.forgetting split-digits-task --list-methods
   python -m jpeft.forgetting split-digits-task --seeds 0 1 2 --out runs/digits-task
   python -m jpeft.forgetting split-digits-class --seeds 0 1 2 --methods naive,replay,lwf
-  python -m jpeft.forgetting split-digits-class --methods naive,replay --replay-sizes 10 50 200
+  python -m jpeft.forgetting split-digits-class --methods naive,replay --replay-sizes 10 50 200 --out runs/replay-sizes
                                                        # the replay buffer at several sizes
   python -m jpeft.forgetting language --seeds 0 1 2 --out runs/language
   python -m jpeft.forgetting language --methods full,lora-r16 --steps 20 --pretrain-steps 50 \\
@@ -68,6 +68,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "named '<method> buffer N'")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--force", action="store_true",
+                   help="replace the results of an earlier run in the output folder (refused without it)")
     g = p.add_argument_group("sweep (learning-vs-forgetting curves; see jpeft.forgetting.sweep)")
     g.add_argument("--sweep", action="store_true",
                    help="sweep every selected method over learning rates (and regularizer strengths) and checkpoints; "
@@ -170,7 +172,8 @@ def run_from_args(args) -> int:
     if args.checkpoints:
         raise ConfigError("--checkpoints only applies with --sweep.")
     out = args.out or f"forgetting_results/{bench.name}"
-    experiment.run(bench, methods, seeds=args.seeds, out_dir=out, progress=not args.no_progress, plots=not args.no_plots)
+    experiment.run(bench, methods, seeds=args.seeds, out_dir=out, progress=not args.no_progress, plots=not args.no_plots,
+                   overwrite=args.force)
     print(f"wrote {out}/scores.json, metrics.csv, results.md" + ("" if args.no_plots else " and the PNG plots"))
     print(open(f"{out}/results.md").read())
     return 0
@@ -201,7 +204,7 @@ def _run_sweep(args, bench, methods) -> int:
     fams = families_from_args(methods, args.lr_factors, args.strength_factors)
     out = args.out or f"forgetting_results/{bench.name}-sweep"
     SW.sweep(bench, fams, seeds=args.seeds, checkpoints=args.checkpoints, out_dir=out, progress=not args.no_progress,
-             plots=not args.no_plots)
+             plots=not args.no_plots, overwrite=args.force)
     print(f"wrote {out}/sweep.json, points.csv, summary.csv, report.md" + ("" if args.no_plots else " and the Pareto plot"))
     print(open(f"{out}/report.md").read())
     return 0

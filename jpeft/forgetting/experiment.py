@@ -42,6 +42,7 @@ from __future__ import annotations
 import abc
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -56,7 +57,8 @@ import optax
 
 import jpeft
 from jpeft.config import AdapterConfig
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, OverwriteError
+from jpeft.io import atomic_write
 from jpeft.forgetting import metrics as M
 from jpeft.forgetting import regularizers as R
 from jpeft.forgetting import replay as RP
@@ -445,7 +447,9 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         if spec.replay:
             data = bench.train_set(t)
             n = len(next(iter(data.values())))
-            order = rng.permutation(n)
+            # its own generator: drawing from ``rng`` would shift the batch order of every later task, which
+            # must be the same for every method of a seed (the sweep pairs methods by seed)
+            order = np.random.default_rng((seed, 2000 + t)).permutation(n)
             data = {k: jnp.asarray(v[order]) for k, v in data.items()}
             if buf is None:
                 buf = RP.reservoir_init({k: v[0] for k, v in data.items()}, spec.replay_capacity)
@@ -567,6 +571,7 @@ def run(
     progress: bool = True,
     plots: bool = True,
     log: Callable = print,
+    overwrite: bool = False,
 ) -> dict:
     """Trains every method over the benchmark's tasks for every seed and writes the artifacts.
 
@@ -578,9 +583,15 @@ def run(
       progress: show a tqdm progress bar over all training steps.
       plots: write the PNG plots (matplotlib, Agg backend).
       log: where to print one line per finished (method, seed).
+      overwrite: replace the results of an earlier run in ``out_dir``; without it such a
+        folder is refused before anything is trained.
 
     Returns:
       The dict written to ``scores.json``.
+
+    Raises:
+      ConfigError: no method or seed, repeated method names or seeds.
+      OverwriteError: ``out_dir`` holds an earlier run's results and ``overwrite`` is false.
     """
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     methods = list(methods) if methods is not None else bench.default_methods()
@@ -589,9 +600,8 @@ def run(
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ConfigError(f"method names must be unique, found {names}.")
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ConfigError("run() needs at least one seed.")
+    seeds = check_seeds(seeds, "run()")
+    check_out_dir(out_dir, _ARTIFACTS, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     T = len(bench.task_names)
     trained = T - bench.pretrained_tasks
@@ -635,6 +645,30 @@ def run(
 
 
 _COLS = ("acc", "bwt", "forgetting", "retention", "fwt", "learning")
+_ARTIFACTS = ("scores.json", "metrics.csv", "results.md")
+
+
+def check_seeds(seeds, what: str) -> list:
+    """``seeds`` as a list of ints; refused when empty or when a seed repeats (a repeated seed is
+    the same run again: it would count twice in the means, the standard deviations and the
+    paired tests)."""
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError(f"{what} needs at least one seed.")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise ConfigError(f"{what}: seeds must be distinct, found {seeds} (repeated: {dup}); a repeated seed is "
+                          "the same run again and would count as extra evidence in the statistics.")
+    return seeds
+
+
+def check_out_dir(out_dir, artifacts, overwrite: bool) -> None:
+    """Refuses an ``out_dir`` that holds any of ``artifacts`` from an earlier run, unless ``overwrite``."""
+    found = [a for a in artifacts if os.path.exists(os.path.join(out_dir, a))]
+    if found and not overwrite:
+        raise OverwriteError(f"{out_dir} already holds the results of an earlier run ({', '.join(found)}); a new run "
+                             "would replace them. Choose another output folder (--out), or pass overwrite=True "
+                             "(--force) to replace them.")
 
 
 def _rows(results):
@@ -649,19 +683,18 @@ def _rows(results):
 
 
 def _write(results, out_dir, bench, *, plots):
-    with open(os.path.join(out_dir, "scores.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write(os.path.join(out_dir, "scores.json"), json.dumps(results, indent=1))
     rows = list(_rows(results))
     if not rows:
         return
     fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(os.path.join(out_dir, "metrics.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for row in rows:
-            w.writerow(row)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown_table(results))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for row in rows:
+        w.writerow(row)
+    atomic_write(os.path.join(out_dir, "metrics.csv"), buf.getvalue())
+    atomic_write(os.path.join(out_dir, "results.md"), markdown_table(results))
     if plots:
         plot(results, out_dir)
 

@@ -165,10 +165,22 @@ class ForgettingGuard:
         if not self.canary:
             raise InputValidationError("the forgetting guard got no canary batch; expected at least one batch of "
                                        "input_ids. Check the canary file and canary_batches.")
+        targets = 0
         for i, b in enumerate(self.canary):
             if not hasattr(b, "get") or b.get("input_ids") is None or np.ndim(b["input_ids"]) != 2:
                 raise InputValidationError(f"canary batch {i} must be a dict with input_ids [batch, length], found "
                                            f"{type(b).__name__}.")
+            m = b.get("loss_mask")
+            if m is not None and np.shape(m) != np.shape(b["input_ids"]):
+                raise InputValidationError(f"canary batch {i}: loss_mask must have the shape of input_ids "
+                                           f"{tuple(np.shape(b['input_ids']))}, found {tuple(np.shape(m))}.")
+            m = np.ones(np.shape(b["input_ids"])) if m is None else np.asarray(m)
+            targets += int(np.count_nonzero(m[:, 1:]))  # position t > 0 is a next-token target
+        if not targets:
+            raise InputValidationError(
+                f"the forgetting guard's {len(self.canary)} canary batch(es) hold no next-token target (every loss_mask "
+                "entry after the first position is 0), so the canary loss rise and KL would always read 0 and the "
+                "budget could never be crossed. Give canary rows with loss_mask 1 on the tokens to keep.")
         for name, v in (("max_loss_rise", max_loss_rise), ("max_kl", max_kl)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0):
                 raise ConfigError(f"{name} must be a non-negative number or None, found {v!r}.")
@@ -200,6 +212,10 @@ class ForgettingGuard:
     def over_budget(self, m: dict) -> list:
         """The budget lines ``m`` crosses (empty: within budget)."""
         out = []
+        # a non-finite measurement (a diverged adapter, an overflowing canary) is not within any budget
+        for k in ("canary_loss_rise", "canary_kl"):
+            if not np.isfinite(m[k]):
+                out.append(f"{k.replace('_', ' ')} is {m[k]} (not finite)")
         if self.max_loss_rise is not None and m["canary_loss_rise"] > self.max_loss_rise:
             out.append(f"canary loss rise {m['canary_loss_rise']:.4g} > max_loss_rise {self.max_loss_rise:g}")
         if self.max_kl is not None and m["canary_kl"] > self.max_kl:

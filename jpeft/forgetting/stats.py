@@ -43,6 +43,13 @@ def _vector(x, name) -> np.ndarray:
     return a
 
 
+def _finite(a, name) -> np.ndarray:
+    if not np.all(np.isfinite(a)):
+        raise InputValidationError(f"{name} must be finite, found {a.tolist()}; drop the seeds of diverged runs (from "
+                                   "every method, so that the pairs stay paired) first.")
+    return a
+
+
 def _points(learning, forgetting) -> tuple[np.ndarray, np.ndarray]:
     lx, fx = _vector(learning, "learning"), _vector(forgetting, "forgetting")
     if lx.shape != fx.shape:
@@ -108,7 +115,7 @@ def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, n_resampl
     >>> 1.0 < lo < 3.0 < hi < 5.0
     True
     """
-    x = _vector(values, "values")
+    x = _finite(_vector(values, "values"), "values")
     if not 0 < confidence < 1:
         raise InputValidationError(f"confidence must be in (0, 1), found {confidence}.")
     if n_resamples < 1:
@@ -136,7 +143,7 @@ def paired_test(a: Sequence[float], b: Sequence[float], *, confidence: float = 0
     >>> r["n"], round(r["mean_diff"], 3)
     (3, 0.5)
     """
-    x, y = _vector(a, "a"), _vector(b, "b")
+    x, y = _finite(_vector(a, "a"), "a"), _finite(_vector(b, "b"), "b")
     if x.shape != y.shape:
         raise InputValidationError(f"paired_test needs one value of each method per seed, found {x.size} and {y.size}.")
     if x.size < 2:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import math
@@ -44,7 +45,9 @@ import jpeft
 from jpeft import spectral
 from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.forgetting import stats as S
-from jpeft.forgetting.experiment import Benchmark, MethodSpec, forgetting_unit, get_benchmark, run_one
+from jpeft.forgetting.experiment import (Benchmark, MethodSpec, check_out_dir, check_seeds, forgetting_unit,
+                                         get_benchmark, run_one)
+from jpeft.io import atomic_write
 
 __all__ = ["SweepSpec", "sweep", "combine", "write", "report", "budget", "analyse", "plot_sweep", "STRENGTHS"]
 
@@ -168,8 +171,11 @@ def analyse(points: Sequence[dict], seeds: Sequence[int], *, levels: Optional[Se
     (negative: ``a`` forgets less), its Holm-adjusted t-test p-value ``p_holm`` over all the
     sweep's (level, pair) tests, and ``"less"`` naming the one that forgets significantly less
     (``p_holm < alpha`` and the interval excludes 0) or ``None``.
+
+    Raises:
+      ConfigError: no seed, or a repeated seed (its runs would count twice in every paired test).
     """
-    seeds = [int(s) for s in seeds]
+    seeds = check_seeds(seeds, "the sweep analysis")
     finite = [p for p in points if np.isfinite(p["learning"]) and np.isfinite(p["forgetting"])]
     groups: dict = {}
     for p in finite:
@@ -228,6 +234,7 @@ def sweep(
     progress: bool = True,
     plots: bool = True,
     log: Optional[Callable] = print,
+    overwrite: bool = False,
 ) -> dict:
     """Runs every family's grid for every seed and writes the artifacts (module docstring).
 
@@ -244,9 +251,15 @@ def sweep(
         that at least two families reach).
       n_resamples: bootstrap resamples.
       progress, plots, log: a tqdm bar over all steps; the PNG; one line per finished run.
+      overwrite: replace the results of an earlier sweep in ``out_dir``; without it such a
+        folder is refused before anything is trained.
 
     Returns:
       The dict written to ``sweep.json``.
+
+    Raises:
+      ConfigError: no family or seed, repeated family names or seeds.
+      OverwriteError: ``out_dir`` holds an earlier sweep's results and ``overwrite`` is false.
     """
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
     families = list(families)
@@ -255,10 +268,9 @@ def sweep(
     names = [f.name for f in families]
     if len(set(names)) != len(names):
         raise ConfigError(f"family names must be unique, found {names}.")
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ConfigError("sweep() needs at least one seed.")
+    seeds = check_seeds(seeds, "sweep()")
     steps = sorted({int(c) for c in checkpoints} | {bench.steps_per_task})
+    check_out_dir(out_dir, _ARTIFACTS, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     grids = {f.name: f.grid() for f in families}
     trained = len(bench.task_names) - bench.pretrained_tasks
@@ -389,14 +401,17 @@ def combine(results: Sequence[dict], *, levels: Optional[Sequence[float]] = None
 _POINT_COLS = ("family", "lr", "strength", "step", "seed", "learning", "forgetting", "acc", "bwt", "retention", "fwt")
 
 
+_ARTIFACTS = ("sweep.json", "points.csv", "summary.csv", "report.md")
+
+
 def _write_points(results, out_dir):
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "points.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_POINT_COLS, extrasaction="ignore")
-        w.writeheader()
-        for p in results["points"]:
-            w.writerow({k: p.get(k, "") for k in _POINT_COLS})
+    atomic_write(os.path.join(out_dir, "sweep.json"), json.dumps(results, indent=1))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_POINT_COLS, extrasaction="ignore")
+    w.writeheader()
+    for p in results["points"]:
+        w.writerow({k: p.get(k, "") for k in _POINT_COLS})
+    atomic_write(os.path.join(out_dir, "points.csv"), buf.getvalue())
 
 
 def write(results: dict, out_dir, *, plots: bool = True) -> list:
@@ -408,15 +423,15 @@ def write(results: dict, out_dir, *, plots: bool = True) -> list:
     an = results["analysis"]
     on_front = {(fam, *k) for fam, ks in an["fronts"].items() for k in (tuple(x) for x in ks)}
     paths = [os.path.join(out_dir, n) for n in ("sweep.json", "points.csv", "summary.csv", "report.md")]
-    with open(paths[2], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["family", "lr", "strength", "step", "n_seeds", "learning", "learning_lo", "learning_hi",
-                    "forgetting", "forgetting_lo", "forgetting_hi", "on_front"])
-        for c in an["configs"]:
-            w.writerow([c["family"], c["lr"], c["strength"], c["step"], c["n"], c["learning"], *c["learning_ci"],
-                        c["forgetting"], *c["forgetting_ci"], int((c["family"], c["lr"], c["strength"], c["step"]) in on_front)])
-    with open(paths[3], "w") as f:
-        f.write(report(results))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["family", "lr", "strength", "step", "n_seeds", "learning", "learning_lo", "learning_hi",
+                "forgetting", "forgetting_lo", "forgetting_hi", "on_front"])
+    for c in an["configs"]:
+        w.writerow([c["family"], c["lr"], c["strength"], c["step"], c["n"], c["learning"], *c["learning_ci"],
+                    c["forgetting"], *c["forgetting_ci"], int((c["family"], c["lr"], c["strength"], c["step"]) in on_front)])
+    atomic_write(paths[2], buf.getvalue())
+    atomic_write(paths[3], report(results))
     if plots:
         paths.append(plot_sweep(results, out_dir))
     return paths
