@@ -11,6 +11,7 @@ import functools
 import os
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -246,6 +247,53 @@ def test_blockwise_equals_reference_with_cache():
     (o1, g1), (o2, g2) = _both(q, k, v, mask, prefix, cache=layer, block=3)
     _assert_same(o1, o2)
     _assert_same(g1, g2)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_model_attention_dropout_in_training_only_and_the_same_in_both_kernels(family):
+    """Each family's attention-probability dropout (Llama ``attention_dropout``, GPT-2
+    ``attn_pdrop``, BERT ``attention_probs_dropout_prob``; the other dropouts off) acts with
+    ``deterministic=False`` and a dropout key only, draws other masks in each layer and for
+    each key, and gives the same logits and gradients with the reference and blockwise kernels."""
+    M = jpeft.models
+    common = dict(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, initializer_range=0.15)
+    if family == "llama":
+        cfg = M.LlamaConfig(**common, intermediate_size=32, num_kv_heads=1, attention_dropout=0.3)
+        cls = M.LlamaForCausalLM
+    elif family == "gpt2":
+        cfg = M.GPT2Config(**common, max_position_embeddings=32, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.3)
+        cls = M.GPT2LMHeadModel
+    else:
+        cfg = M.BertConfig(**common, intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                           classifier_dropout=0.0, attention_probs_dropout_prob=0.3, num_labels=3)
+        cls = M.BertForSequenceClassification
+    ids = jax.random.randint(jax.random.key(0), (2, 12), 1, 40)
+    am = jnp.ones((2, 12), bool).at[1, :3].set(False)
+    if family == "bert":
+        am = jnp.ones((2, 12), bool).at[1, -3:].set(False)
+    params = cls(cfg).init(jax.random.key(1), ids)
+
+    def run(impl, key, deterministic=False):
+        model = cls(cfg.replace(attention=impl, attention_block_size=4))
+
+        def f(p):
+            out = model.apply(p, ids, am, deterministic=deterministic, rngs=None if key is None else {"dropout": key})
+            return jnp.sum(jnp.where(am[..., None], out, 0.0) if out.ndim == 3 else out), out
+
+        return jax.value_and_grad(f, has_aux=True)(params)
+
+    (_, o1), g1 = run("blockwise", jax.random.key(5))
+    (_, o2), g2 = run("reference", jax.random.key(5))
+    chex.assert_trees_all_close((o1, g1), (o2, g2), rtol=1e-4, atol=1e-5)  # float32 sums in another order
+    (_, plain), _ = run("reference", None, deterministic=True)
+    (_, other), _ = run("blockwise", jax.random.key(6))
+    keep = am[..., None] if o1.ndim == 3 else True
+    assert float(jnp.abs(jnp.where(keep, o1 - plain, 0)).max()) > 1e-2  # dropout acts in training
+    assert float(jnp.abs(jnp.where(keep, o1 - other, 0)).max()) > 1e-2  # another key, other masks
+    # evaluation (deterministic) is untouched: no key needed, the same as a model without dropout
+    rate0 = {"llama": "attention_dropout", "gpt2": "attn_pdrop", "bert": "attention_probs_dropout_prob"}[family]
+    no_drop = cls(cfg.replace(**{rate0: 0.0}, attention="reference")).apply(params, ids, am)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(no_drop))
 
 
 def test_segments_block_diagonal_and_positions():

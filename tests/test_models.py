@@ -345,7 +345,7 @@ def test_config_fields_read_as_transformers_reads_them():
     sliding_window key take 4096 (an explicit null: none); a Mistral config with layer_types
     (Ministral) windows per layer; llama3 rope takes a top-level original_max_position_embeddings
     over the one in rope_parameters (and max_position_embeddings when neither is given);
-    attention_dropout > 0, which jpeft does not implement, warns."""
+    the attention dropout rates of every family are read (and written back by save_pretrained)."""
     import warnings as W
 
     from jpeft.models.loading import config_from_hf
@@ -367,11 +367,21 @@ def test_config_fields_read_as_transformers_reads_them():
     c = config_from_hf(dict(base, model_type="llama",
                             rope_parameters={k: v for k, v in rope.items() if k != "original_max_position_embeddings"}))
     assert c.rope_scaling_dict["original_max_position_embeddings"] == 64
-    with pytest.warns(UserWarning, match="attention_dropout=0.1.*do not implement"):
-        config_from_hf(dict(base, model_type="llama", attention_dropout=0.1))
     with W.catch_warnings():
         W.simplefilter("error")
-        config_from_hf(dict(base, model_type="llama", attention_dropout=0.0))
+        assert config_from_hf(dict(base, model_type="llama", attention_dropout=0.1)).attention_dropout == 0.1
+        assert config_from_hf(dict(base, model_type="llama", attention_dropout=0.0)).attention_dropout == 0.0
+    from jpeft.models.loading import config_to_hf
+
+    gpt2 = dict(model_type="gpt2", vocab_size=100, n_embd=32, n_layer=2, n_head=4)
+    bert = dict(model_type="bert", vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64)
+    for d, field, hf, default in ((gpt2, "attn_pdrop", "attn_pdrop", 0.1),
+                                  (bert, "attention_probs_dropout_prob", "attention_probs_dropout_prob", 0.1),
+                                  (dict(base, model_type="llama"), "attention_dropout", "attention_dropout", 0.0)):
+        assert getattr(config_from_hf(d), field) == default  # transformers' default when config.json has no key
+        c = config_from_hf(dict(d, **{hf: 0.25}))
+        assert getattr(c, field) == 0.25 and config_to_hf(c)[hf] == 0.25  # kept through save_pretrained
 
 
 def test_unsupported_model_type(tmp_path):

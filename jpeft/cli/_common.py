@@ -185,6 +185,8 @@ def check_train_values(cfg: Mapping[str, Any]) -> None:
         fail("train.learning_rate", "a number (e.g. 2e-4)", lr)
     if not (math.isfinite(lr) and lr > 0):
         fail("train.learning_rate", "a finite number > 0", lr)
+    if not isinstance(t.get("model_dropout", True), bool):
+        fail("train.model_dropout", "true or false", t.get("model_dropout"))
     lc = t.get("loss_chunk_tokens", "auto")
     if lc != "auto" and (not isinstance(lc, int) or isinstance(lc, bool) or lc < 0):
         fail("train.loss_chunk_tokens", '"auto" or an integer >= 0 (0: the whole logits at once)', lc)

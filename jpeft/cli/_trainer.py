@@ -93,13 +93,18 @@ def loss_chunk_tokens(t: dict):
     return None if v == 0 else v
 
 
-def make_loss_fns(model, mesh=None, chunk_tokens="auto"):
+def make_loss_fns(model, mesh=None, chunk_tokens="auto", model_dropout: bool = True):
     """The training loss and the jitted evaluation sums (:func:`jpeft.lm_loss`: the output
     layer and the loss ``chunk_tokens`` tokens at a time); with ``mesh`` (a mesh run) the
-    evaluation traces inside :func:`jpeft.parallel.kernels_on`, as the mesh step does."""
+    evaluation traces inside :func:`jpeft.parallel.kernels_on`, as the mesh step does.
+    ``model_dropout``: training steps run the model with its own dropout
+    (``deterministic=False``), as transformers' ``Trainer`` does; the adapter's dropout is
+    active either way, evaluation never drops."""
+    train_kw = {"deterministic": False} if model_dropout else {}
+
     def loss_fn(params, adapter, batch, key):
         loss, n = jpeft.lm_loss(model, params, adapter, batch["input_ids"], batch["loss_mask"],
-                                rngs={"dropout": key}, chunk_tokens=chunk_tokens, **model_inputs(batch))
+                                rngs={"dropout": key}, chunk_tokens=chunk_tokens, **train_kw, **model_inputs(batch))
         return loss, {"targets": n}
 
     @jax.jit
@@ -383,7 +388,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     model, params = loaded.model, loaded.params
     vocab, max_pos = (int(loaded.hf_config["vocab_size"]) if "vocab_size" in loaded.hf_config else None,
                       _max_positions(loaded.hf_config))
-    loss_fn, eval_sums = make_loss_fns(model, mesh, loss_chunk_tokens(t))
+    loss_fn, eval_sums = make_loss_fns(model, mesh, loss_chunk_tokens(t), bool(t.get("model_dropout", True)))
     if mesh is None:
         place = None
         adapter = jpeft.init(method, params, k_init, model, example)

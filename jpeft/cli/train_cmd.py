@@ -51,6 +51,9 @@ scan_layers = false           # Llama family: nn.scan over the layers (one layer
 loss_chunk_tokens = "auto"    # the output layer and the loss a chunk of tokens at a time (jpeft.lm_loss):
                               # the [batch, seq, vocab] logits never exist whole. "auto": 256 tokens on
                               # the CPU, 2048 on accelerators; 0: the whole logits at once
+model_dropout = true          # the model's own dropout in training steps, at its config.json rates (GPT-2
+                              # embd/resid/attn_pdrop, BERT hidden/attention, Llama attention_dropout), as
+                              # transformers' Trainer trains; evaluation never drops. false: none
 
 # QLoRA: instead of the top-level model = "...", a table whose quantize = "nf4" | "int8" | "fp8"
 # loads the base quantized (the adapter trains in float32 and loads on the unquantized base too):
@@ -100,6 +103,7 @@ _DEFAULTS = {
         "steps": 1000, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "eval_every": 100, "save_every": 200, "log_every": 10,
         "keep_checkpoints": 3, "eval_batches": 0, "scan_layers": False, "loss_chunk_tokens": "auto",
+        "model_dropout": True,
     },
     "mesh": {"data": 0, "fsdp": 1, "tensor": 1},
 }

@@ -377,6 +377,15 @@ def check_prefix(prefix_kv, batch: int, num_kv_heads: int, head_dim: int, path: 
     return pk, pv
 
 
+def attention_dropout_key(module: nn.Module, rate: float, deterministic: bool):
+    """The key of a layer's attention-probability dropout: drawn from the module's
+    ``"dropout"`` rng stream when training (``deterministic=False``) with ``rate > 0``, else
+    ``None`` (no dropout, no rng needed)."""
+    if deterministic or not rate:
+        return None
+    return module.make_rng("dropout")
+
+
 def attend(q, k, v, mask: AttentionMask, *, scale: float, cache_layer=None, prefix_kv=None, dtype=jnp.float32,
            implementation: str = "auto", block_size: int = 0, dropout_rate: float = 0.0, dropout_key=None):
     """Scaled dot-product attention with an optional cache write and an optional prefix.

@@ -31,7 +31,8 @@ class BertConfig:
     Args:
       vocab_size, hidden_size, num_layers [num_hidden_layers], num_heads [num_attention_heads],
       intermediate_size, max_position_embeddings, type_vocab_size, layer_norm_eps,
-      hidden_act (``"gelu"``, exact), hidden_dropout_prob, num_labels (classifier outputs,
+      hidden_act (``"gelu"``, exact), hidden_dropout_prob, attention_probs_dropout_prob (active
+      with ``deterministic=False`` and a ``"dropout"`` rng), num_labels (classifier outputs,
       from ``id2label`` when loading), problem_type and label_names (``id2label``'s names;
       kept so that a saved model gets transformers' loss and labels back), initializer_range, dtype, param_dtype, remat, remat_policy,
       attention, attention_block_size (as in :class:`~jpeft.models.LlamaConfig`).
@@ -47,6 +48,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
     classifier_dropout: Optional[float] = None  # the classifier's input dropout; None: hidden_dropout_prob
     num_labels: int = 2
     problem_type: Optional[str] = None  # transformers' loss choice: regression / single_ / multi_label_classification
@@ -129,8 +131,10 @@ class BertSelfAttention(nn.Module):
         k = L.dense(d, True, c, "key")(hidden).reshape(shape)
         v = L.dense(d, True, c, "value")(hidden).reshape(shape)
         prefix_kv = L.check_prefix(prefix_kv, b, c.num_heads, c.head_dim, "attention/self")
+        rate = c.attention_probs_dropout_prob
         out, _ = L.attend(q, k, v, mask, scale=c.head_dim ** -0.5, prefix_kv=prefix_kv, dtype=c.dtype,
-                          implementation=c.attention, block_size=c.attention_block_size)
+                          implementation=c.attention, block_size=c.attention_block_size,
+                          dropout_rate=rate, dropout_key=L.attention_dropout_key(self, rate, deterministic))
         return out.reshape(b, s, d)
 
 

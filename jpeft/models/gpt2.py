@@ -39,7 +39,8 @@ class GPT2Config:
       layer_norm_epsilon, hidden_act [activation_function] (``"gelu_new"``).
       scale_attn_weights: divide scores by ``sqrt(head_dim)``.
       scale_attn_by_inverse_layer_idx: also divide by ``layer_idx + 1``.
-      embd_pdrop, resid_pdrop: dropout rates (active with ``deterministic=False`` and a
+      embd_pdrop, resid_pdrop, attn_pdrop: dropout rates of the embeddings, the residual
+        branches and the attention probabilities (active with ``deterministic=False`` and a
         ``"dropout"`` rng).
       tie_word_embeddings: logits use ``wte`` (GPT-2's default).
       dtype, param_dtype, remat, remat_policy, initializer_range, attention,
@@ -58,6 +59,7 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     embd_pdrop: float = 0.1
     resid_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
     tie_word_embeddings: bool = True
     model_type: str = "gpt2"
     initializer_range: float = 0.02
@@ -113,7 +115,8 @@ class GPT2Attention(nn.Module):
             scale = scale / float(self.layer_idx + 1)
         prefix_kv = L.check_prefix(prefix_kv, b, c.num_heads, c.head_dim, "attn")
         out, new = L.attend(q, k, v, mask, scale=scale, cache_layer=cache, prefix_kv=prefix_kv, dtype=c.dtype,
-                            implementation=c.attention, block_size=c.attention_block_size)
+                            implementation=c.attention, block_size=c.attention_block_size,
+                            dropout_rate=c.attn_pdrop, dropout_key=L.attention_dropout_key(self, c.attn_pdrop, deterministic))
         out = L.dense(d, True, c, "c_proj")(out.reshape(b, s, d))
         out = nn.Dropout(c.resid_pdrop)(out, deterministic=deterministic)
         return out if cache is None else (out, new)

@@ -96,6 +96,7 @@ class LlamaConfig:
     hidden_act: str = "silu"
     attention_bias: bool = False
     attention_out_bias: bool = False
+    attention_dropout: float = 0.0
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: Optional[int] = None
@@ -199,7 +200,9 @@ class LlamaAttention(nn.Module):
         k = L.apply_rope(k, cos, sin)
         prefix_kv = L.check_prefix(prefix_kv, b, c.num_kv_heads, c.head_dim, "self_attn")
         out, new = L.attend(q, k, v, mask, scale=c.head_dim ** -0.5, cache_layer=cache, prefix_kv=prefix_kv, dtype=c.dtype,
-                            implementation=c.attention, block_size=c.attention_block_size)
+                            implementation=c.attention, block_size=c.attention_block_size,
+                            dropout_rate=c.attention_dropout,
+                            dropout_key=L.attention_dropout_key(self, c.attention_dropout, deterministic))
         out = L.dense(c.hidden_size, c.attention_out_bias, c, "o_proj")(out.reshape(b, s, c.num_heads * c.head_dim))
         return out if cache is None else (out, new)
 

@@ -15,6 +15,8 @@ for the first three; those two methods act at the model's root, which NNX models
 
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -72,6 +74,9 @@ class LlamaMLP(nnx.Module):
 
 class LlamaAttention(nnx.Module):
     def __init__(self, c: LlamaConfig, rngs):
+        if c.attention_dropout:
+            warnings.warn(f"attention_dropout={c.attention_dropout} is not applied by the NNX Llama (it has no dropout); "
+                          "the linen LlamaForCausalLM applies it in training.", UserWarning, stacklevel=3)
         self.c = c
         qd, kd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.q_proj = _dense(c.hidden_size, qd, c.attention_bias, c, rngs)

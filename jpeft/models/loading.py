@@ -96,6 +96,7 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         attention_bias=attn_bias,
         attention_out_bias=attn_bias,
         mlp_bias=bool(d.get("mlp_bias", False)),
+        attention_dropout=float(d.get("attention_dropout") or 0.0),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         model_type=model_type,
         initializer_range=float(d.get("initializer_range", 0.02)),
@@ -105,10 +106,6 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"),
     )
-    if float(d.get("attention_dropout") or 0.0) > 0:
-        warnings.warn(f"config.json sets attention_dropout={d['attention_dropout']}; jpeft's {model_type} models do not "
-                      "implement attention-probability dropout, so training with dropout on adds less noise than "
-                      "transformers would (evaluation and generation are unaffected).", UserWarning, stacklevel=4)
     # transformers' Mistral and Qwen2 configs take a window of 4096 when config.json has no
     # sliding_window key (an explicit null means none)
     if model_type == "mistral":
@@ -144,6 +141,7 @@ def _gpt2(d, dtype, param_dtype) -> GPT2Config:
         scale_attn_by_inverse_layer_idx=bool(d.get("scale_attn_by_inverse_layer_idx", False)),
         embd_pdrop=float(d.get("embd_pdrop", 0.1)),
         resid_pdrop=float(d.get("resid_pdrop", 0.1)),
+        attn_pdrop=float(d.get("attn_pdrop", 0.1)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
         initializer_range=float(d.get("initializer_range", 0.02)),
         dtype=dtype,
@@ -182,6 +180,7 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
         layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
         hidden_act=str(d.get("hidden_act", "gelu")),
         hidden_dropout_prob=float(d.get("hidden_dropout_prob", 0.1)),
+        attention_probs_dropout_prob=float(d.get("attention_probs_dropout_prob", 0.1)),
         classifier_dropout=None if d.get("classifier_dropout") is None else float(d["classifier_dropout"]),
         num_labels=num_labels,
         problem_type=d.get("problem_type"),
@@ -741,7 +740,7 @@ def config_to_hf(config) -> dict:
             max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
             hidden_act=config.hidden_act, rope_parameters=rope, rope_theta=float(config.rope_theta),
             tie_word_embeddings=config.tie_word_embeddings, initializer_range=config.initializer_range,
-            dtype=dtype_name, **tokens,
+            attention_dropout=config.attention_dropout, dtype=dtype_name, **tokens,
         )
         bias = (config.attention_bias, config.attention_out_bias, config.mlp_bias)
         if mt == "llama":
@@ -776,7 +775,7 @@ def config_to_hf(config) -> dict:
             n_positions=config.max_position_embeddings, layer_norm_epsilon=config.layer_norm_epsilon,
             activation_function=config.hidden_act, scale_attn_weights=config.scale_attn_weights,
             scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx, embd_pdrop=config.embd_pdrop,
-            resid_pdrop=config.resid_pdrop, attn_pdrop=0.0, tie_word_embeddings=config.tie_word_embeddings,
+            resid_pdrop=config.resid_pdrop, attn_pdrop=config.attn_pdrop, tie_word_embeddings=config.tie_word_embeddings,
             initializer_range=config.initializer_range, dtype=dtype_name, **tokens,
         )
     if isinstance(config, BertConfig):
@@ -785,7 +784,8 @@ def config_to_hf(config) -> dict:
             hidden_size=config.hidden_size, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
             intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
             type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps, hidden_act=config.hidden_act,
-            hidden_dropout_prob=config.hidden_dropout_prob, attention_probs_dropout_prob=0.0,
+            hidden_dropout_prob=config.hidden_dropout_prob,
+            attention_probs_dropout_prob=config.attention_probs_dropout_prob,
             classifier_dropout=config.classifier_dropout,
             id2label={str(i): n for i, n in enumerate(_label_names(config))},
             label2id={n: i for i, n in enumerate(_label_names(config))},

@@ -1,6 +1,7 @@
-"""Weight decay leaves out what transformers' ``Trainer`` leaves out (biases and norms), checked
-against ``Trainer.get_decay_parameter_names`` on the same models, with and without PEFT; and
-``jpeft train``'s optimizer applies it so."""
+"""``jpeft train`` trains as transformers' ``Trainer`` does: weight decay leaves out what the
+Trainer leaves out (biases and norms), checked against ``Trainer.get_decay_parameter_names`` on
+the same models with and without PEFT, and training steps run the model's own dropout
+(``model.train()``), evaluation none."""
 
 from __future__ import annotations
 
@@ -76,3 +77,29 @@ def test_jpeft_train_optimizer_decays_weights_only():
     np.testing.assert_allclose(p["fc"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)  # AdamW: p -= lr * wd * p
     for leaf in (p["fc"]["bias"], p["ln"]["scale"], p["ln"]["bias"]):
         np.testing.assert_array_equal(leaf, 1.0)
+
+
+def test_jpeft_train_runs_the_models_own_dropout_in_training_steps_only():
+    from jpeft.cli._trainer import make_loss_fns
+
+    cfg = jpeft.models.GPT2Config(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=16,
+                                  initializer_range=0.2)
+    ids = jax.random.randint(jax.random.key(0), (2, 10), 1, 40)
+    batch = {"input_ids": ids, "loss_mask": jnp.ones_like(ids), "attention_mask": jnp.ones_like(ids)}
+    params = jpeft.models.GPT2LMHeadModel(cfg).init(jax.random.key(1), ids)
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["c_attn"]), params, jax.random.key(2))
+
+    def losses(cfg, model_dropout):
+        loss_fn, eval_sums = make_loss_fns(jpeft.models.GPT2LMHeadModel(cfg), None, None, model_dropout)
+        train = float(loss_fn(params, adapter, batch, jax.random.key(3))[0])
+        total, n = eval_sums(params, adapter, batch)
+        return train, float(total / n)
+
+    on, off = losses(cfg, True), losses(cfg, False)
+    assert abs(on[0] - off[0]) > 1e-3 and on[1] == off[1] == off[0]  # dropout in training only
+    for rates in ({"embd_pdrop": 0.0, "resid_pdrop": 0.0}, {"attn_pdrop": 0.0, "resid_pdrop": 0.0},
+                  {"attn_pdrop": 0.0, "embd_pdrop": 0.0}):  # each of GPT-2's three dropouts acts on its own
+        alone = losses(cfg.replace(**rates), True)
+        assert abs(alone[0] - off[0]) > 1e-4, rates
+    none = losses(cfg.replace(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0), True)
+    assert none[0] == off[0]
