@@ -106,3 +106,37 @@ def test_save_pretrained_keeps_problem_type_and_label_names(tmp_path):
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     with pytest.raises(jpeft.errors.ConfigError, match="problem_type"):
         jpeft.models.BertConfig(problem_type="ranking")
+
+
+def _tiny_gpt2():
+    cfg = jpeft.models.GPT2Config(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=8)
+    model = jpeft.models.GPT2LMHeadModel(cfg)
+    ids = jnp.ones((2, 6), jnp.int32)
+    return model, model.init(jax.random.key(0), ids), ids
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_explicit_positions_past_the_table_are_refused(family):
+    """Explicit position_ids past the learned table gave NaN logits silently (transformers
+    raises IndexError); found by an audit. Padded positions are clipped into the table, so an
+    out-of-range position there neither raises nor reaches the real tokens."""
+    model, params, ids = _tiny() if family == "bert" else _tiny_gpt2()
+    def call(pos, mask=None):
+        return model.apply(params, ids, mask, position_ids=pos)
+
+    for bad in (8, -1):
+        pos = np.tile(np.arange(6, dtype=np.int32), (2, 1))
+        pos[1, 2] = bad
+        with pytest.raises(InputValidationError, match="position_ids"):
+            call(pos=jnp.asarray(pos))
+    mask = np.ones((2, 6), np.int32)
+    mask[1, 4:] = 0
+    pos = np.tile(np.arange(6, dtype=np.int32), (2, 1))
+    ok = np.asarray(call(pos=jnp.asarray(pos), mask=jnp.asarray(mask)))
+    pos[1, 4:] = 100
+    out = np.asarray(call(pos=jnp.asarray(pos), mask=jnp.asarray(mask)))
+    assert np.isfinite(out).all()
+    if family == "bert":
+        np.testing.assert_allclose(out, ok, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_allclose(out[1, :4], ok[1, :4], rtol=1e-6, atol=1e-6)

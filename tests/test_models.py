@@ -514,3 +514,93 @@ def test_save_pretrained_loads_in_transformers(kind, tmp_path):
     m2, p2 = M.from_pretrained(str(tmp_path))
     assert m2.config == model.config
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p2, jpeft.merge(params, adapter))
+
+
+def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
+    """A config.json holding both an older rope_scaling (added by hand to extend the context)
+    and transformers 5's rope_parameters: transformers uses rope_scaling, with the top-level
+    rope_theta (else 10000); jpeft read rope_parameters (found by an audit: 2.2 in the logits)."""
+    from jpeft.models.loading import config_from_hf
+
+    base = dict(model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    c = config_from_hf(dict(base, rope_scaling={"type": "linear", "factor": 4.0}))
+    assert c.rope_theta == 10000.0 and c.rope_scaling_dict == {"rope_type": "linear", "factor": 4.0}
+    c = config_from_hf(dict(base, rope_scaling={"type": "linear", "factor": 4.0}, rope_theta=1000.0))
+    assert c.rope_theta == 1000.0
+    c = config_from_hf(dict(base, rope_scaling=None))  # a null rope_scaling: rope_parameters as before
+    assert c.rope_theta == 500000.0 and c.rope_scaling is None
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(rope_scaling={"rope_type": "linear"}), "lacks 'factor'"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks 'low_freq_factor'"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 0.0}), "factor must be positive"),
+    (dict(rope_theta=0.0), "rope_theta"),
+    (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(head_dim=0), "head_dim"),
+    (dict(num_kv_heads=0), "num_kv_heads"),
+])
+def test_llama_config_values_that_give_nan_or_a_raw_error_are_refused(bad, match):
+    """Each of these gave NaN logits, or a KeyError / ZeroDivisionError from inside the config."""
+    from jpeft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        M.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, **bad)
+
+
+def _scaled(params, factor):
+    return jax.tree.map(lambda x: x * factor, params)
+
+
+def test_save_pretrained_over_a_sharded_checkpoint_replaces_it(tmp_path):
+    """Saving into the folder of a sharded checkpoint wrote model.safetensors next to the old
+    index and shards; jpeft's loader then read the index (the old weights, silently) while
+    transformers read model.safetensors (found by an audit). The stale shards are now removed
+    as transformers removes them, and a folder holding both loads model.safetensors, as in
+    transformers."""
+    hf, _ = T.hf_model("llama2")
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    model, params = M.from_pretrained(str(tmp_path))
+    new = _scaled(params, 1.5)
+    M.save_pretrained(str(tmp_path), model, new)
+    assert not list(tmp_path.glob("model-*.safetensors")) and not (tmp_path / "model.safetensors.index.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+    _, p2 = M.from_pretrained(str(tmp_path))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p2, new)
+    # a folder with both (copied together, or saved by another tool): model.safetensors, as transformers
+    old = tmp_path / "old"
+    hf.save_pretrained(old, max_shard_size="40KB")
+    for f in os.listdir(old):
+        if f.startswith("model"):
+            shutil.copy(old / f, tmp_path / f)
+    _, p3 = M.from_pretrained(str(tmp_path))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p3, new)
+
+
+def test_save_pretrained_failure_keeps_the_previous_checkpoint_and_quantized_bases_save(tmp_path, monkeypatch):
+    """A failed save left a half-written model.safetensors in place of the previous one (it was
+    written in place); a quantized base raised AttributeError from deep in the key map."""
+    from jpeft.errors import SaveError
+    from jpeft.models import loading
+
+    model, params = loaded("llama2")
+    M.save_pretrained(str(tmp_path), model, params)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+
+    def fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loading, "save_file", fail)
+    with pytest.raises(SaveError, match="No space left"):
+        M.save_pretrained(str(tmp_path), model, _scaled(params, 2.0))
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+    monkeypatch.undo()
+    q = jpeft.quantize(params, "int8")
+    M.save_pretrained(str(tmp_path / "q"), model, q)
+    _, pq = M.from_pretrained(str(tmp_path / "q"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), pq,
+                 jpeft.quant.dequantize(q))

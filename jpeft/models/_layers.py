@@ -264,6 +264,29 @@ def check_ids_mask(input_ids, attention_mask, inputs_embeds, what: str, vocab_si
     return b, s
 
 
+def learned_positions(position_ids: Array, attention_mask: Array, n_positions: int, what: str) -> Array:
+    """Position ids for a learned position table of ``n_positions`` rows (GPT-2's ``wpe``,
+    BERT's ``position_embeddings``).
+
+    The gather gives NaN past the table (transformers raises ``IndexError``), so when the ids
+    are concrete (a call outside ``jit``) a real token's position outside ``[0, n_positions)``
+    raises; padded positions (``attention_mask`` 0) are clipped into the table, as
+    :func:`padding_ids_in_range` does for token ids, so that their NaN cannot reach the real
+    tokens through the attention."""
+    mask = attention_mask.astype(bool)
+    if not any(isinstance(x, jax.core.Tracer) for x in (position_ids, attention_mask)):
+        pos = np.where(np.asarray(mask), np.asarray(position_ids), 0)
+        bad = (pos < 0) | (pos >= n_positions)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InputValidationError(
+                f"{what}: position_ids holds {int(pos[at])} at {at}, outside the model's {n_positions} learned "
+                f"positions [0, {n_positions}) (max_position_embeddings); the lookup would give NaN. Pass positions "
+                f"below {n_positions}, or shorten the sequences."
+            )
+    return jnp.where(mask, position_ids, jnp.clip(position_ids, 0, n_positions - 1))
+
+
 def default_positions(attention_mask: Array, cache: Optional[KVCache]) -> Array:
     """Position ids counting only real tokens: ``cumsum(mask) - 1`` (clipped at 0), continued
     from the cache's real-token count. This matches Hugging Face ``generate`` with left padding
@@ -592,6 +615,10 @@ def canonical_dtype(x):
 def validate_common(cfg, name: str):
     """Checks shared by all configs (positive sizes, head divisibility)."""
     for f in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
+        v = getattr(cfg, f)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"{name}.{f} must be a positive integer, found {v!r}.")
+    for f in ("num_kv_heads", "head_dim"):
         v = getattr(cfg, f)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{name}.{f} must be a positive integer, found {v!r}.")

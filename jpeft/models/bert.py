@@ -226,6 +226,8 @@ class BertModel(nn.Module):
             position_ids = L.segment_slots(segment_ids.astype(jnp.int32))
         elif position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
+        position_ids = L.learned_positions(jnp.broadcast_to(position_ids, (b, s)), attention_mask,
+                                           c.max_position_embeddings, "BertModel")
         h = BertEmbeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, inputs_embeds, deterministic)
         mask = L.bidirectional_mask(attention_mask, segment_ids=segment_ids, padded=padded)
         h = BertEncoder(c, name="encoder")(h, mask, prefix_kv, deterministic)

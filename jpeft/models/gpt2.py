@@ -183,6 +183,7 @@ class GPT2Model(nn.Module):
                 f"GPT2Model: sequences of {hidden.shape[1]} positions are longer than the model's "
                 f"{c.max_position_embeddings} (max_position_embeddings / n_positions); truncate them."
             )
+        position_ids = L.learned_positions(position_ids, attention_mask, c.max_position_embeddings, "GPT2Model")
         hidden = (hidden + self.wpe(position_ids)).astype(c.dtype)
         hidden = self.drop(hidden, deterministic=deterministic)
         mask, kv_valid = L.causal_mask(attention_mask, cache, segment_ids=segment_ids, padded=padded)

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.models import _layers as L
@@ -147,7 +148,28 @@ class LlamaConfig:
                 "LlamaConfig(scan_layers=True) runs one program for every layer, but layer_types gives the layers "
                 "different attention windows; use scan_layers=False for this model."
             )
-        L.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)  # validates rope_type
+        if not self.rope_theta > 0:
+            raise ConfigError(f"LlamaConfig.rope_theta must be positive, found {self.rope_theta!r}.")
+        if not self.rms_norm_eps >= 0:
+            raise ConfigError(f"LlamaConfig.rms_norm_eps must be >= 0, found {self.rms_norm_eps!r}.")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or int(self.sliding_window) <= 0):
+            raise ConfigError(
+                f"LlamaConfig.sliding_window must be a positive number of tokens or None (no window), "
+                f"found {self.sliding_window!r}."
+            )
+        scaling = self.rope_scaling_dict or {}
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default" and "factor" in scaling \
+                and not float(scaling["factor"]) > 0:
+            raise ConfigError(f"LlamaConfig.rope_scaling factor must be positive, found {scaling['factor']!r}.")
+        try:
+            inv = L.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)  # validates rope_type
+        except KeyError as e:
+            raise ConfigError(
+                f"LlamaConfig.rope_scaling of rope_type {scaling.get('rope_type', scaling.get('type'))!r} lacks "
+                f"{e.args[0]!r}; found {scaling}. Add it (as in the model's config.json rope_parameters)."
+            ) from None
+        if not np.all(np.isfinite(inv)):
+            raise ConfigError(f"LlamaConfig.rope_scaling {scaling} gives non-finite rotary frequencies; check its values.")
 
     @property
     def rope_scaling_dict(self) -> Optional[dict]:

@@ -57,9 +57,9 @@ def _get(d, *names, default=None):
 
 
 def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> LlamaConfig:
-    rp = dict(d.get("rope_parameters") or {})
-    if not rp:
-        rp = dict(d.get("rope_scaling") or {})
+    # as transformers' convert_rope_params_to_dict: an older file's rope_scaling, when set, wins over
+    # rope_parameters (whose rope_theta is then not read either: the top-level one or 10000 is)
+    rp = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     theta = float(_get(rp, "rope_theta", default=_get(d, "rope_theta", default=10000.0)))
     scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -284,13 +284,16 @@ def _family_of(config) -> Family:
 # -- weight files ------------------------------------------------------------------------------------
 
 def weight_files(path: str) -> tuple[list[str], Optional[dict]]:
-    """``(files, weight_map)`` of a folder: the sharded index when present, else ``model.safetensors``.
+    """``(files, weight_map)`` of a folder: ``model.safetensors`` when present, else the sharded
+    index, in transformers' order (a folder holding both, such as one an unsharded save wrote over
+    a sharded checkpoint, gives the same model in both libraries).
 
     Raises:
       LoadError: no safetensors weights (UnsafeFileError when only pickle ``.bin`` files are there).
     """
+    single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    if os.path.isfile(index) and not os.path.isfile(single):
         wm = read_json(index, what="model.safetensors.index.json").get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
             raise CheckpointError(f"{index!r} is malformed; it must hold a 'weight_map' object of file names.")
@@ -302,7 +305,6 @@ def weight_files(path: str) -> tuple[list[str], Optional[dict]]:
                 "named in model.safetensors.index.json."
             )
         return [os.path.join(path, f) for f in files], wm
-    single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single], None
     others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -813,6 +815,7 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
     config = model.config
     d = config_to_hf(config)
     inner = params["params"] if isinstance(params, Mapping) and "params" in params else params
+    inner = quant.dequantize(inner)  # a quantized base is written as the kernels it stands for
     if getattr(config, "scan_layers", False):
         inner = unstack_params(inner)
     expected = hf_key_map(inner, _family_of(config))
@@ -822,10 +825,37 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
         for c in tree_keys:
             node = node[c]
         tensors[k] = jnp.asarray(node.T if transposed else node)
+    # Each file is written under a temporary name and renamed into place, weights first, so a
+    # failed save leaves the folder's previous checkpoint as it was; then the shards and index
+    # of an earlier sharded save there are removed (transformers removes stale shards too),
+    # which would otherwise stand next to the new model.safetensors.
+    written = []
     try:
         os.makedirs(path, exist_ok=True)
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(path, "config.json"), "w") as f:
+        tmp = {name: os.path.join(path, f".{name}.jpeft-tmp") for name in ("model.safetensors", "config.json")}
+        written = list(tmp.values())
+        save_file(tensors, tmp["model.safetensors"], metadata={"format": "pt"})
+        with open(tmp["config.json"], "w") as f:
             json.dump(d, f, indent=2, sort_keys=True)
-    except OSError as e:
-        raise SaveError(f"could not write the checkpoint to {path!r}: {e}.") from None
+        stale = _stale_shards(path)
+        for name, t in tmp.items():
+            os.replace(t, os.path.join(path, name))
+    except BaseException as e:
+        for t in written:
+            with contextlib.suppress(OSError):
+                os.remove(t)
+        if isinstance(e, OSError):
+            raise SaveError(f"could not write the checkpoint to {path!r}: {e}. Its previous weights are unchanged.") from None
+        raise
+    for f in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f)
+
+
+def _stale_shards(path: str) -> list[str]:
+    """``model.safetensors.index.json`` in ``path`` and the ``model-XXXXX-of-XXXXX.safetensors``
+    shards there (the files an unsharded save replaces)."""
+    names = [n for n in os.listdir(path) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n)]
+    if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+        names.append("model.safetensors.index.json")
+    return [os.path.join(path, n) for n in sorted(names)]
