@@ -34,12 +34,14 @@ Three entry points:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft import quant
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
 from jpeft.methods.base import Layout, LowRank, check_tied_merge, low_rank_node
 from jpeft.scan import Stacked
@@ -148,6 +150,13 @@ def combine(
 # ----------------------------------------------------------------------------------------------
 # adapters
 # ----------------------------------------------------------------------------------------------
+def _is_number(x) -> bool:
+    """A real number: a Python or NumPy scalar, or a 0-d JAX array (not a bool, not a string)."""
+    if isinstance(x, jax.Array):
+        return x.ndim == 0 and bool(jnp.issubdtype(x.dtype, jnp.number))
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
 def _validate(adapters, weights, method, density, majority_sign, key):
     if method not in METHODS:
         raise ConfigError(f"unknown merge method {method!r}; choose one of {METHODS}.")
@@ -161,18 +170,28 @@ def _validate(adapters, weights, method, density, majority_sign, key):
         raise ConfigError("merging needs at least one adapter; found an empty list.")
     if weights is None:
         weights = [1.0] * len(adapters)
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ConfigError(f"weights must be a list of numbers, one per adapter; found {weights!r}.") from None
     if len(weights) != len(adapters):
         raise ConfigError(f"got {len(adapters)} adapters but {len(weights)} weights; give one weight per adapter.")
+    if not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"weights must be finite numbers; found {weights} (a NaN or infinite weight makes every merged "
+                          "weight NaN or infinite).")
     if method in _NEEDS_DENSITY:
-        if density is None or not (0.0 < float(density) <= 1.0):
+        if not _is_number(density) or not (0.0 < float(density) <= 1.0):
             raise ConfigError(
                 f"method {method!r} needs density in (0, 1] (the fraction of each update's entries kept); found {density!r}."
             )
     if majority_sign not in _SIGN_METHODS:
         raise ConfigError(f"majority_sign must be one of {_SIGN_METHODS}, found {majority_sign!r}.")
-    if method.startswith("dare") and key is None:
-        raise ConfigError(f"method {method!r} drops entries at random; pass key=jax.random.key(...).")
+    if method.startswith("dare"):
+        try:
+            jax.random.fold_in(key, 0)
+        except (TypeError, ValueError):
+            raise ConfigError(f"method {method!r} drops entries at random; pass key=jax.random.key(...), found "
+                              f"{type(key).__name__} {str(key)[:40]}.") from None
     layouts: dict[str, Layout] = {}
     ties: dict[str, tuple] = {}  # path -> (first adapter, tied_output, tie_output)
     low: list[dict[str, LowRank]] = []
@@ -303,7 +322,7 @@ def merge_adapters(
     """
     if method == "cat" and rank is not None:
         raise ConfigError("method 'cat' is exact (its rank is the sum of the input ranks); use method='svd' with a rank.")
-    if rank is not None and rank != "full" and (not isinstance(rank, (int, np.integer)) or rank < 1):
+    if rank is not None and rank != "full" and (not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1):
         raise ConfigError(f"rank must be a positive integer, 'full' or None; found {rank!r}.")
     adapters, weights, sites = _validate(adapters, weights, method, density, majority_sign, key)
     if method in ("linear", "cat") and rank is None:
@@ -353,7 +372,8 @@ def merge_into_base(
 ):
     """A copy of ``params`` with the merged update of ``adapters`` added to the base kernels
     (exactly, without rank truncation), for single-tenant serving with no adapter overhead.
-    With one adapter and ``method="linear"`` this equals :func:`jpeft.merge`, and like it refuses
+    With one adapter and ``method="linear"`` this equals :func:`jpeft.merge` (on a quantized base,
+    too: the result is the dequantized base with the update folded in), and like it refuses
     an embedding update that would also act on the model's tied output projection where the
     unmerged adapters act on the input lookup only.
 
@@ -367,6 +387,8 @@ def merge_into_base(
     for site in sites.values():
         check_tied_merge(site)
     deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
+    if quant.has_quantized(params):  # as jpeft.merge: the dequantized base, the update folded in
+        params = quant.dequantize(params)
     inner, wrapped = unwrap_params(params)
     new = inner
     for path, d in deltas.items():

@@ -633,3 +633,61 @@ def test_forgetting_delegates_to_the_runner():
     names = [m.name for m in get_benchmark("split-digits-task").default_methods()]
     for n in names:
         assert n in r.stdout
+
+
+# ------------------------------------------------------------- merge / export / info: no work lost
+def test_merge_and_export_never_write_into_their_inputs_or_leave_stale_shards(hf_dir, tmp_path, capsys):
+    import jax
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(hf_dir / "tiny-llama", base)
+    model, params = jpeft.models.from_pretrained(str(base))
+    config = jpeft.LoraConfig(r=2, target_modules=["q_proj"], init="random")
+    adapter = jax.tree.map(lambda x: x + 0.05, jpeft.init(config, params, jax.random.key(0)))  # B random too
+    jpeft.save_adapter(str(tmp_path / "a"), config, adapter)
+    weights = (base / "model.safetensors").read_bytes()
+    # --out naming an input folder is refused even with --force (merge overwrote the base's weights,
+    # export made the base folder load with the adapter attached in transformers)
+    for cmd in ("merge", "export"):
+        for out in (base, tmp_path / "a"):
+            r = jpeft_here(capsys, cmd, "--model", base, "--adapter", tmp_path / "a", "--out", out, "--force")
+            assert r.returncode == 2 and "--force does not allow it" in error_line(r.stderr)
+    assert (base / "model.safetensors").read_bytes() == weights
+    assert sorted(os.listdir(base)) == sorted(os.listdir(hf_dir / "tiny-llama"))
+    # --force over a sharded model: its index and shards go (jpeft's loader read the old shards by the index)
+    out = tmp_path / "out"
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(out, max_shard_size="20KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    r = jpeft_here(capsys, "merge", "--model", base, "--adapter", tmp_path / "a", "--out", out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"] + sorted(
+        n for n in os.listdir(base) if n.startswith(("tokenizer", "special_tokens")))
+    _, got = jpeft.models.from_pretrained(str(out))
+    want = jpeft.merge(params, adapter)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_info_on_adapter_folders_counts_what_peft_trains(hf_dir, tmp_path, capsys):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    _, params = jpeft.models.from_pretrained(str(hf_dir / "tiny-llama"))
+    cases = [(peft.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]), 0),
+             (peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"], save_projection=True), 1)]
+    for i, (cfg, has_frozen) in enumerate(cases):
+        pm = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir / "tiny-llama"), cfg)
+        trainable, _ = pm.get_nb_trainable_parameters()
+        pm.save_pretrained(tmp_path / f"peft{i}")  # LoRA: with the embedding's base weight (base_layer)
+        config, adapter = jpeft.hf.load_peft(str(tmp_path / f"peft{i}"), params)
+        jpeft.save_adapter(str(tmp_path / f"jpeft{i}"), config, adapter)
+        s = jpeft.summary(params, adapter, print_fn=None)
+        assert s["trainable"] == trainable and bool(s["frozen"]) == bool(has_frozen)
+        for folder in (tmp_path / f"peft{i}", tmp_path / f"jpeft{i}"):
+            r = jpeft_here(capsys, "info", folder, "--json")
+            assert r.returncode == 0, r.stderr
+            res = json.loads(r.stdout)
+            # before: 4,240 (the saved base embedding counted) and 400 / 1,168 (VeRA's projections counted)
+            assert res["trainable_params"] == trainable, (folder, res)
+            assert (res["frozen_params"] > 0) == bool(has_frozen)

@@ -241,3 +241,39 @@ def test_merging_refuses_what_would_change_a_tied_output():
     # updates that act on different places have no single merged adapter
     with pytest.raises(NotMergeableError, match=r"adapter 1 adapts the tied output projection.*adapter 0 does not"):
         merge_adapters([lookup_only, both])
+
+
+def test_merge_refuses_non_finite_weights_and_wrong_types_by_name():
+    a, b = A1, lora([[0.5], [1.0]], [[1.0, -2.0]], 1.0)
+    # a NaN or infinite weight made every merged base weight NaN, silently
+    for w in ([float("nan"), 1.0], [1.0, float("inf")]):
+        with pytest.raises(ConfigError, match="weights must be finite"):
+            merge_into_base({"params": {"kernel": jnp.ones((2, 2))}}, [a, b], w)
+    # these ended in a TypeError or ValueError from inside the merge
+    with pytest.raises(ConfigError, match="weights must be a list of numbers"):
+        merge_adapters([a, b], 0.5)
+    with pytest.raises(ConfigError, match="weights must be a list of numbers"):
+        merge_adapters([a, b], ["x", 1.0])
+    with pytest.raises(ConfigError, match="needs density in"):
+        merge_deltas([a, b], method="ties", density="0.5")
+    with pytest.raises(ConfigError, match="pass key=jax.random.key"):
+        merge_deltas([a, b], method="dare_linear", density=0.5, key=0)
+    with pytest.raises(ConfigError, match="rank must be a positive integer"):
+        merge_adapters([a, b], method="svd", rank=True)
+    # what is accepted still works: NumPy/JAX scalars, a raw uint32 key
+    d = merge_deltas([a, b], np.array([2.0, -1.0]), method="dare_ties", density=jnp.float32(1.0),
+                     key=jax.random.PRNGKey(0))[""]
+    np.testing.assert_allclose(d, merge_deltas([a, b], [2.0, -1.0], method="ties", density=1.0)[""], atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_merge_into_base_on_a_quantized_base_equals_jpeft_merge(scheme):
+    # an NF4 base raised AttributeError ('NF4Array' object has no attribute 'astype'), int8 a TypeError
+    params = nn.Dense(64).init(jax.random.key(0), jnp.ones((1, 64)))
+    q = jpeft.quantize(params, scheme)
+    a, b = (jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(i)) for i in (1, 2))
+    a, b = (jax.tree.map(lambda t: t + 0.1, x) for x in (a, b))  # B random too
+    got = merge_into_base(q, [a, b], [0.5, -2.0])["params"]["kernel"]
+    want = jpeft.merge(q, merge_adapters([a, b], [0.5, -2.0], method="cat"))["params"]["kernel"]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(merge_into_base(q, [a])["params"]["kernel"], jpeft.merge(q, a)["params"]["kernel"], atol=1e-6)

@@ -86,9 +86,19 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
         a = np.asarray(jax.device_get(node))
         tensors[hf_key] = np.ascontiguousarray(a.T if transposed else a)
     os.makedirs(out, exist_ok=True)
+    # an older sharded model in ``out`` (``--force``): its index and shards go once the new file
+    # is in place, as save_pretrained does (both loaders read model.safetensors first)
+    stale = loading.stale_shards(out)
     tmp = os.path.join(out, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out, "model.safetensors"))
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(out, "model.safetensors"))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    for f in stale:
+        if os.path.isfile(f):
+            os.remove(f)
     for name in os.listdir(loaded.folder):
         if name in ("config.json", "generation_config.json") or name.startswith(("tokenizer", "special_tokens",
                                                                                  "vocab", "merges", "added_tokens",

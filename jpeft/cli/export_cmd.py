@@ -40,7 +40,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    check_out(args.out, args.force)
+    check_out(args.out, args.force, **{"--model": args.model, "--adapter": args.adapter})
     loaded = load_folder(args.model, tokenizer=False)
     adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())
 

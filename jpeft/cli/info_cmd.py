@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from jpeft.cli._ckpt import checkpoint_metadata, find_adapter
 from jpeft.cli._common import add_method_args, format_table, human_bytes, human_count, method_from_args
 from jpeft.errors import ConfigError, JpeftError, LoadError
 from jpeft.io import read_json
+from jpeft.methods.base import registered_methods
 from jpeft.methods import budget as _budget
 
 HELP = ("parameter budget of a method on a model folder or a published config (nothing is allocated), "
@@ -152,26 +154,41 @@ def adapter_summary(path: str) -> dict:
     res: dict = {"path": path, "kind": found.kind, "adapter_path": found.path}
     if found.kind == "jpeft":
         info = io.read_adapter_info(found.path)
-        res.update(method=info.config.to_dict(), trainable_params=info.num_params, adapter_bytes=info.nbytes,
-                   arrays=len(info.arrays), base_params=(info.base or {}).get("num_params"),
+        frozen = _frozen_count(info.config.peft_type, {k: v[0] for k, v in info.arrays.items()})
+        res.update(method=info.config.to_dict(), trainable_params=info.num_params - frozen, frozen_params=frozen,
+                   adapter_bytes=info.nbytes, arrays=len(info.arrays), base_params=(info.base or {}).get("num_params"),
                    jpeft_version=info.jpeft_version)
     elif found.kind == "peft":
         cfg = io.read_json(os.path.join(found.path, "adapter_config.json"), what="adapter_config.json")
         index, _ = io.safetensors_index(os.path.join(found.path, "adapter_model.safetensors"))
-        res.update(method=cfg, trainable_params=sum(_prod(e[1]) for e in index.values()),
+        # PEFT saves a targeted embedding's base weight beside its factors (``...base_layer.weight``):
+        # a copy of the base, not an adapter parameter
+        shapes = {k: e[1] for k, e in index.items() if ".base_layer." not in k}
+        frozen = _frozen_count(cfg.get("peft_type"), shapes)
+        res.update(method=cfg, trainable_params=sum(_prod(s) for s in shapes.values()) - frozen, frozen_params=frozen,
+                   base_copy_params=sum(_prod(e[1]) for k, e in index.items() if k not in shapes),
                    adapter_bytes=sum(e[3] for e in index.values()), arrays=len(index),
                    base_model_name_or_path=cfg.get("base_model_name_or_path"))
     else:
         meta = checkpoint_metadata(found.path)
         adapter = {k: e for k, e in meta["arrays"].items() if k.startswith("adapter/")}
-
+        frozen = _frozen_count((meta["config"] or {}).get("peft_type"), {k: e["shape"] for k, e in adapter.items()})
         res.update(method=meta["config"], step=meta.get("step"), metrics=meta.get("metrics"),
                    data_position=meta.get("data_position"),
-                   trainable_params=sum(_prod(e["shape"]) for e in adapter.values()),
+                   trainable_params=sum(_prod(e["shape"]) for e in adapter.values()) - frozen, frozen_params=frozen,
                    adapter_bytes=sum(_prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for e in adapter.values()),
                    arrays=len(adapter), base_params=(meta.get("base") or {}).get("num_params"),
                    optimizer_state=any(k.startswith("opt_state/") for k in meta["arrays"]))
     return res
+
+
+def _frozen_count(peft_type, shapes: dict) -> int:
+    """How many of the saved numbers are frozen adapter arrays (never trained: VeRA's shared
+    projections), told by their field name, the last part of an array's name (``.../vera_A``,
+    PEFT's ``base_model.vera_A``), among the ``frozen`` fields of the method's node classes."""
+    names = {f for m in registered_methods() if m.config.peft_type == peft_type for node in m.nodes
+             for f in getattr(node, "frozen", ())}
+    return sum(_prod(shape) for k, shape in shapes.items() if re.split(r"[/.]", k)[-1] in names) if names else 0
 
 
 def _prod(shape) -> int:
@@ -193,6 +210,8 @@ def describe_adapter(path: str, *, as_json: bool = False) -> int:
     print(f"method: {ptype} " + json.dumps(method))
     base = res.get("base_params")
     print(f"trainable params: {res['trainable_params']:,} in {res['arrays']} arrays ({human_bytes(res['adapter_bytes'])})"
+          + (f"; {res['frozen_params']:,} frozen adapter params" if res.get("frozen_params") else "")
+          + (f"; {res['base_copy_params']:,} params of base weights PEFT saved with it" if res.get("base_copy_params") else "")
           + (f"; base {base:,} params" if base else ""))
     if res["kind"] == "checkpoint":
         m = res.get("metrics") or {}

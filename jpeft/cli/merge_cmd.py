@@ -32,15 +32,23 @@ def add_parser(sub):
     return p
 
 
-def check_out(out: str, force: bool) -> None:
+def check_out(out: str, force: bool, **inputs: str) -> None:
+    """Refuses an ``--out`` that is a file, a non-empty folder without ``--force``, or one of
+    the command's input folders (``inputs``: option name -> path), even with ``--force``:
+    writing there would replace the base model's weights (``merge``) or make the base folder
+    load with the adapter attached (``export``)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SaveError(f"--out {out!r} exists and is a file; give a folder.")
+    for name, path in inputs.items():
+        if path is not None and os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(out):
+            raise SaveError(f"--out {out!r} is the {name} folder; writing there would replace what the command reads "
+                            f"(--force does not allow it). Give a new folder for the output.")
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise SaveError(f"--out {out!r} is not empty; pass --force to overwrite its files.")
 
 
 def run(args) -> int:
-    check_out(args.out, args.force)
+    check_out(args.out, args.force, **{"--model": args.model, "--adapter": args.adapter})
     loaded = load_folder(args.model, tokenizer=False)  # save_folder copies the tokenizer files as they are
     adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())
     merged = jpeft.merge(loaded.params, adapter)

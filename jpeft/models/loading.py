@@ -837,7 +837,7 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
         save_file(tensors, tmp["model.safetensors"], metadata={"format": "pt"})
         with open(tmp["config.json"], "w") as f:
             json.dump(d, f, indent=2, sort_keys=True)
-        stale = _stale_shards(path)
+        stale = stale_shards(path)
         for name, t in tmp.items():
             os.replace(t, os.path.join(path, name))
     except BaseException as e:
@@ -852,7 +852,7 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
             os.remove(f)
 
 
-def _stale_shards(path: str) -> list[str]:
+def stale_shards(path: str) -> list[str]:
     """``model.safetensors.index.json`` in ``path`` and the ``model-XXXXX-of-XXXXX.safetensors``
     shards there (the files an unsharded save replaces)."""
     names = [n for n in os.listdir(path) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n)]
