@@ -8,6 +8,7 @@ prefixes injected at the attention modules, bank nodes routed per example, ...).
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Optional, Sequence
 
@@ -96,6 +97,32 @@ def _generate(model, params, adapter, input_ids, attention_mask, key, temperatur
     return jnp.concatenate([input_ids.astype(jnp.int32), out], axis=1)
 
 
+def learned_position_limit(cfg) -> Optional[int]:
+    """The number of positions a decoder can read, where reading past them is silently wrong
+    (GPT-2's learned position table gives NaN logits there); ``None`` for rotary models."""
+    if getattr(cfg, "model_type", "") == "gpt2":
+        return int(cfg.max_position_embeddings)
+    return None
+
+
+def check_decoder(model, where: str) -> None:
+    """Raises :class:`InputValidationError` unless ``model`` is a decoder with a key/value cache
+    (its ``__call__`` takes ``cache=``, and it has ``.config``): an encoder such as BERT would
+    fail deep inside tracing instead."""
+    if getattr(model, "config", None) is None:
+        raise InputValidationError(f"{where}: {type(model).__name__} has no .config; use a jpeft.models decoder.")
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+        takes_cache = "cache" in params or any(v.kind == v.VAR_KEYWORD for v in params.values())
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        takes_cache = True
+    if not takes_cache:
+        raise InputValidationError(
+            f"{where}: {type(model).__name__} is not a decoder with a key/value cache (its __call__ takes no cache=); "
+            "generation needs a causal LM such as jpeft.models.LlamaForCausalLM or GPT2LMHeadModel."
+        )
+
+
 def as_eos_ids(eos) -> tuple:
     """An end id, a list of them or ``None`` as a tuple of ints (``()`` for none)."""
     if eos is None:
@@ -141,7 +168,8 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
 
     Raises:
       InputValidationError: bad shapes, a non-positive ``max_new_tokens``, sampling without a
-        key, options out of range, or more positions than the model has (GPT-2).
+        key, options out of range, more positions than the model has (GPT-2), or a model that
+        is not a decoder (no ``cache=``, e.g. BERT).
 
     >>> import jax, jax.numpy as jnp, jpeft
     >>> cfg = jpeft.models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -178,11 +206,10 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
         )
     if not bool(jnp.all(jnp.any(attention_mask.astype(bool), axis=1))):
         raise InputValidationError("generate: a row of attention_mask is all zeros; every prompt needs a real token.")
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        raise InputValidationError(f"generate: {type(model).__name__} has no .config; use a jpeft.models decoder.")
-    limit = getattr(cfg, "max_position_embeddings", None)
-    if getattr(cfg, "model_type", "") == "gpt2" and s + max_new_tokens > limit:
+    check_decoder(model, "generate")
+    cfg = model.config
+    limit = learned_position_limit(cfg)
+    if limit is not None and s + max_new_tokens > limit:
         raise InputValidationError(
             f"generate: prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds GPT-2's {limit} learned positions; "
             "shorten the prompt or generate fewer tokens."

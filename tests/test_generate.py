@@ -264,3 +264,18 @@ def test_out_of_vocabulary_prompt_is_refused_before_compute():
     # padding positions are not checked: a masked-out id does not reach the embedding table
     out = jpeft.generate(model, params, None, jnp.array([[99, 2, 3]]), 2, attention_mask=jnp.array([[0, 1, 1]]))
     assert out.shape == (1, 5)
+
+
+def test_an_encoder_is_refused_by_name_not_deep_in_tracing():
+    """BERT has no key/value cache: generate (and the serving engine) said so with a TypeError
+    from inside jit tracing ('unexpected keyword argument cache')."""
+    cfg = M.BertConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                       max_position_embeddings=16)
+    model = M.BertForSequenceClassification(cfg)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    with pytest.raises(InputValidationError, match="not a decoder with a key/value cache"):
+        jpeft.generate(model, params, None, jnp.ones((1, 4), jnp.int32), 3)
+    from jpeft.serve import Engine
+
+    with pytest.raises(InputValidationError, match="Engine: BertForSequenceClassification is not a decoder"):
+        Engine(model, params, None, slots=1, max_len=8)

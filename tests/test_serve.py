@@ -359,3 +359,75 @@ def test_serve_stops_at_every_eos_id_the_model_folder_names(tmp_path):
     assert eos_ids_of(str(tmp_path), Tok(), {"eos_token_id": 7}) == (0, 7, 253)
     assert eos_ids_of(str(tmp_path / "missing"), None, {"eos_token_id": [5, 6]}) == (5, 6)
     assert eos_ids_of(str(tmp_path / "missing"), None, {}) == ()
+
+
+def _word_tokenizer(words, **kw):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0], **kw)
+
+
+def test_engine_refuses_max_len_past_gpt2s_learned_positions():
+    """Past GPT-2's position table the logits are NaN: a request there got token 0 over and over,
+    silently (jpeft.generate refused the same length)."""
+    from jpeft.errors import ConfigError
+    from jpeft.serve import Engine
+
+    cfg = jpeft.models.GPT2Config(vocab_size=V, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16)
+    model = jpeft.models.GPT2LMHeadModel(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ConfigError, match="16 learned positions"):
+        Engine(model, params, None, slots=1, max_len=20)
+    assert Engine(model, params, None, slots=1).max_len == 16  # the default stays inside
+
+
+def test_text_is_not_lost_when_decoding_rewrites_earlier_text():
+    """A tokenizer whose config sets clean_up_tokenization_spaces rewrites text already streamed
+    ("it '" becomes "it's" once "s" arrives); the engine then sent nothing more, silently
+    ending every such completion early."""
+    from jpeft.serve import Engine, Request
+
+    words = ["<unk>", "it", "'", "s", "a", "good", "day"]
+    tok = _word_tokenizer(words, clean_up_tokenization_spaces=True)
+    eng = Engine(MODEL, PARAMS, None, tokenizer=tok, slots=1, max_len=32, eos_ids=[])  # nothing compiled below
+    events = []
+    req = Request([1], None, 6, events.append, temperature=0.0)
+    eng._rows[0] = req
+    for w in ["it", "'", "s", "a", "good", "day"]:
+        eng._accept([(0, req)], [words.index(w)])
+    assert "".join(e.text for e in events if e.kind == "text") == "it ' s a good day"
+    assert events[-1].finish_reason == "length"
+
+
+def test_without_a_tokenizer_stop_and_the_http_server_are_refused(tmp_path):
+    """Without a tokenizer the engine sends token ids only: the HTTP server answered every
+    completion with empty text (and ignored 'stop'); `jpeft serve` started on such a folder."""
+    import argparse
+
+    from jpeft.cli import serve_cmd
+    from jpeft.errors import ConfigError, InputValidationError, LoadError
+    from jpeft.serve import Engine, Request
+    from jpeft.serve.app import Server
+
+    eng = Engine(MODEL, PARAMS, None, slots=1, max_len=32)
+    eng._running = True
+    with pytest.raises(InputValidationError, match="stop strings need the model's tokenizer"):
+        eng.submit(Request([1, 2], None, 4, lambda e: None, stop=("w3",)))
+    with pytest.raises(ConfigError, match="needs the model's tokenizer"):
+        Server(eng, base_name="tiny")
+
+    folder = tmp_path / "tiny"
+    jpeft.models.loading.save_pretrained(str(folder), MODEL, PARAMS)
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_parser(parser.add_subparsers())
+    with pytest.raises(LoadError, match="needs the model folder's tokenizer"):
+        serve_cmd.build(parser.parse_args(["serve", "--model", str(folder)]))
+    _word_tokenizer(WORDS).save_pretrained(str(folder))
+    cfg, ad = ADAPTERS["a"]
+    jpeft.save_adapter(str(tmp_path / "a"), cfg, ad, params=PARAMS)
+    # an adapter under the base model's API name could never be reached: requests naming it get the base
+    with pytest.raises(ConfigError, match="has the base model's name"):
+        serve_cmd.build(parser.parse_args(["serve", "--model", str(folder), "--adapter", f"tiny={tmp_path / 'a'}"]))

@@ -102,15 +102,19 @@ def build(args):
     named = _parse_adapters(args.adapter)
     loaded = load_folder(args.model, tokenizer=False)
     model, params = loaded.model, loaded.params
-    try:
+    try:  # the API answers with text: without the folder's tokenizer every completion would be empty
         tok = load_tokenizer(args.model)
-    except LoadError:
-        tok = None  # prompts must then be token ids
+    except LoadError as e:
+        raise LoadError(f"jpeft serve answers with text, so it needs the model folder's tokenizer: {e}") from None
     example = example_ids()
 
     def loader(path):
         return load_adapter(path, params=params, model=model, example=example)[0]
 
+    base = args.name or os.path.basename(os.path.normpath(args.model))
+    if base in named:  # requests naming it would reach the base model, never the adapter
+        raise ConfigError(f"--adapter {base!r} has the base model's name in the API; give the adapter another name, "
+                          "or the base another one with --name.")
     adapters = {n: loader(p) for n, p in named.items()}
     cfg = jpeft.LoraConfig(r=1, target_modules=parse_targets(args.targets))
     template = dict(jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0), model, example)))
@@ -126,7 +130,6 @@ def build(args):
     engine = Engine(model, params, bank, tokenizer=tok, eos_ids=eos_ids_of(args.model, tok, loaded.hf_config),
                     slots=args.slots, max_len=args.max_len, chunk=args.chunk,
                     max_queue=args.max_queue, queue_timeout=args.queue_timeout, request_timeout=args.request_timeout)
-    base = args.name or os.path.basename(os.path.normpath(args.model))
     server = Server(engine, base_name=base, tokenizer=tok, adapters_root=args.adapters_root, loader=loader)
     return server
 

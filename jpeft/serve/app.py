@@ -30,6 +30,7 @@ from starlette.routing import Route
 
 from jpeft.errors import (
     BankCapacityError,
+    ConfigError,
     DuplicateAdapterError,
     JpeftError,
     LoadError,
@@ -115,6 +116,9 @@ class Server:
 
     def __init__(self, engine: Engine, *, base_name: str, tokenizer=None, adapters_root: Optional[str] = None,
                  loader: Optional[Callable[[str], Any]] = None):
+        if tokenizer is None:  # the engine would send token ids only, and every completion's text would be empty
+            raise ConfigError("the OpenAI server answers with text and needs the model's tokenizer (tokenizer=None "
+                              "given); load it with jpeft.models.load_tokenizer(folder).")
         self.engine, self.base_name, self.tokenizer = engine, base_name, tokenizer
         self.adapters_root, self.loader = adapters_root, loader
         self.created = int(time.time())
@@ -145,8 +149,6 @@ class Server:
         return model
 
     def _encode(self, text: str) -> list:
-        if self.tokenizer is None:
-            raise _bad("this server has no tokenizer; send 'prompt' as a list of token ids.", "prompt")
         return list(self.tokenizer(text)["input_ids"])
 
     def _prompt_ids(self, body: dict) -> list:

@@ -46,7 +46,7 @@ from jpeft.errors import (
     PromptTooLongError,
     UnknownAdapterError,
 )
-from jpeft.generate import as_eos_ids, sample_rows
+from jpeft.generate import as_eos_ids, check_decoder, learned_position_limit, sample_rows
 from jpeft.models._layers import KVCache, init_cache
 
 
@@ -158,7 +158,8 @@ class Engine:
       tokenizer: a transformers tokenizer (text out, stop strings); ``None``: token ids only.
       slots: decode rows (requests generating at once).
       max_len: prompt + generated tokens per request at most (default: the model's
-        ``max_position_embeddings``, at most 2048).
+        ``max_position_embeddings``, at most 2048; a model with learned positions, GPT-2,
+        refuses more than it has with :class:`~jpeft.errors.ConfigError`).
       chunk: prefill chunk length.
       max_queue: requests waiting for a row at most; more raise :class:`OverloadedError`.
       queue_timeout, request_timeout: seconds a request may wait for a row / run in all.
@@ -178,6 +179,13 @@ class Engine:
             max_len = min(int(getattr(cfg, "max_position_embeddings", 2048) or 2048), 2048)
         if max_len < 2:
             raise ConfigError(f"Engine max_len must be >= 2, found {max_len}.")
+        check_decoder(model, "Engine")
+        limit = learned_position_limit(cfg)
+        if limit is not None and max_len > limit:  # past the position table the logits are NaN: token 0, silently
+            raise ConfigError(
+                f"Engine max_len is {max_len}, but this model has {limit} learned positions (max_position_embeddings); "
+                f"a request could not go past them. Use max_len <= {limit} (--max-len)."
+            )
         if not isinstance(bank, _NoBank):
             bank.check(params)
         self.model, self.params, self.tokenizer = model, params, tokenizer
@@ -283,7 +291,8 @@ class Engine:
         Raises:
           UnknownAdapterError: no adapter of that name (or it is being removed).
           InputValidationError, PromptTooLongError: an empty prompt, ids outside the vocabulary,
-            bad options, or prompt + ``max_tokens`` above ``max_len``.
+            bad options, stop strings on an engine without a tokenizer, or prompt + ``max_tokens``
+            above ``max_len``.
           OverloadedError: ``max_queue`` requests already wait (or the engine is not running).
         """
         ids = [int(t) for t in req.prompt_ids]
@@ -304,6 +313,9 @@ class Engine:
             raise InputValidationError(f"temperature must be in [0, 100], found {req.temperature}.")
         if not (0.0 < req.top_p <= 1.0):
             raise InputValidationError(f"top_p must be in (0, 1], found {req.top_p}.")
+        if req.stop and self.tokenizer is None:
+            raise InputValidationError("stop strings need the model's tokenizer, and this engine has none; stop on token "
+                                       "ids with eos_ids instead.")
         req.prompt_ids = ids
         if req.seed is None:
             req.seed = int(_SEEDS.integers(0, 2**31 - 1))
@@ -535,7 +547,9 @@ class Engine:
         """``(text so far, whether a stop string ended it)``; the text is cut before the stop."""
         if self.tokenizer is None:
             return "", False
-        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        # without clean_up_tokenization_spaces: its merges (" ' s" -> "'s") would rewrite text already sent, and
+        # nothing after it could be sent any more
+        text = self.tokenizer.decode(r.generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if r.stop:
             hits = [p for p in (text.find(s, max(0, len(r.emitted) - len(s))) for s in r.stop) if p >= 0]
             if hits:
