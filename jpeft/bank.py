@@ -419,7 +419,7 @@ class AdapterBank:
             raise BankError("from_adapters needs at least one adapter; use AdapterBank.create for an empty bank.")
         template: dict[str, LowRank] = {}
         for name, ad in adapters.items():
-            for path, node in _check_lora(name, ad).items():
+            for path, node in check_lora(name, ad).items():
                 if path in template and not _same_layout(template[path].layout, node.layout):
                     raise BankShapeError(
                         f"adapter {name!r} has site {path!r} with a {_kernel_desc(node.layout)}, but another adapter has "
@@ -427,7 +427,7 @@ class AdapterBank:
                     )
                 template.setdefault(path, node)
         if max_rank is None:
-            max_rank = max(int(lr.a.shape[-1]) for t in map(_check_lora, adapters, adapters.values()) for lr in t.values())
+            max_rank = max(int(lr.a.shape[-1]) for t in map(check_lora, adapters, adapters.values()) for lr in t.values())
         bank = cls.create(template, capacity=len(adapters) if capacity is None else capacity, max_rank=max_rank, **kwargs)
         for name, ad in adapters.items():
             bank = bank.add(name, ad)
@@ -633,7 +633,7 @@ class AdapterBank:
                 )
 
     def _validate(self, name: str, adapter) -> dict:
-        low = _check_lora(name, adapter)
+        low = check_lora(name, adapter)
         rmax = self.max_rank
         for path, node in low.items():
             r = int(node.a.shape[-1])
@@ -705,7 +705,7 @@ def _low_rank_of(where: str, node) -> LowRank:
         ) from None
 
 
-def _check_lora(name, adapter) -> dict:
+def check_lora(name, adapter) -> dict:
     """``{path: LowRank}`` of an adapter the bank can hold (named errors otherwise)."""
     if not isinstance(adapter, Mapping) or not adapter:
         raise BankError(f"adapter {name!r} must be a non-empty dict {{path: node}} of a LoRA adapter (from jpeft.init); "

@@ -431,3 +431,10 @@ def test_without_a_tokenizer_stop_and_the_http_server_are_refused(tmp_path):
     # an adapter under the base model's API name could never be reached: requests naming it get the base
     with pytest.raises(ConfigError, match="has the base model's name"):
         serve_cmd.build(parser.parse_args(["serve", "--model", str(folder), "--adapter", f"tiny={tmp_path / 'a'}"]))
+    # a DoRA adapter: refused by the bank's check, naming the adapter (the rank scan had raised "merge it into the base")
+    dora_cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)
+    jpeft.save_adapter(str(tmp_path / "d"), dora_cfg, jpeft.init(dora_cfg, PARAMS, jax.random.key(3)), params=PARAMS)
+    from jpeft.errors import BankError
+
+    with pytest.raises(BankError, match="adapter 'd'"):
+        serve_cmd.build(parser.parse_args(["serve", "--model", str(folder), "--adapter", f"d={tmp_path / 'd'}"]))

@@ -8,7 +8,7 @@ import os
 import jax
 
 import jpeft
-from jpeft.bank import AdapterBank
+from jpeft.bank import AdapterBank, check_lora
 from jpeft.cli._ckpt import load_adapter
 from jpeft.cli._common import parse_targets
 from jpeft.cli._model import example_ids, load_folder
@@ -120,7 +120,8 @@ def build(args):
     template = dict(jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0), model, example)))
     for ad in adapters.values():
         template.update(ad)
-    ranks = [int(lr.a.shape[-1]) for ad in adapters.values() for lr in (n.low_rank() for n in ad.values())]
+    # the bank's own check first: a DoRA or IA3 adapter is refused naming the adapter and what the bank holds
+    ranks = [int(lr.a.shape[-1]) for name, ad in adapters.items() for lr in check_lora(name, ad).values()]
     max_rank = args.max_rank or max([16] + ranks)
     capacity = args.capacity or max(8, len(adapters))
     bank = AdapterBank.create({p: n.low_rank().layout for p, n in template.items()}, capacity=capacity,
