@@ -320,6 +320,47 @@ def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
     assert any(np.abs(ref[k]).max() > 0 for k in ref if k.endswith("lora_B"))  # it did train
 
 
+def test_train_afresh_over_a_run_that_died_before_its_first_checkpoint_logs_each_step_once(hf_dir, capsys):
+    """A run killed before its first checkpoint leaves metrics.jsonl (and no checkpoint), so a
+    new run without --resume is allowed there; it used to append to the old records (steps 1-2
+    twice, steps 3-5 of a run that no longer exists)."""
+    cfg = write_config(hf_dir, "died_early", steps=2, save_every=0, eval_every=0)
+    (hf_dir / "died_early" / "checkpoints").mkdir(parents=True)
+    with open(hf_dir / "died_early" / "metrics.jsonl", "w") as f:  # as the killed run left it
+        f.write(json.dumps({"step": 0, "canary_loss": 9.0}) + "\n")
+        for s in range(1, 6):
+            f.write(json.dumps({"step": s, "loss": 9.0 + s}) + "\n")
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "6 record(s) of an earlier run that left no checkpoint removed" in r.stderr
+    recs = _metrics(hf_dir / "died_early")
+    assert [(x["step"], sorted(x)[0]) for x in recs] == [(1, "elapsed_s"), (2, "elapsed_s"), (2, "eval_loss")]
+    assert all(x["loss"] < 9 for x in recs if "loss" in x)
+
+
+def test_train_refuses_a_tensor_axis_for_a_model_it_would_not_split(hf_dir, tmp_path):
+    """`[mesh] tensor` splits the Llama family's layers (jpeft.tensor_parallel_rules); on GPT-2
+    no weight matched, so each tensor group silently computed the same thing. Refused before
+    anything is loaded or written; a tensor size that does not divide a split dimension names
+    the mesh setting (not the rules, which a jpeft train user does not write)."""
+    import transformers
+
+    gpt2 = tmp_path / "tiny-gpt2"
+    transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=64).save_pretrained(gpt2)
+    cfg = write_config(hf_dir, "gpt2_tp", steps=1)
+    env = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
+    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
+                        "--set", f"model={json.dumps(str(gpt2))}", "--set", "mesh.tensor=2"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "is a 'gpt2' model: none of its weights would be split" in error_line(r.stderr)
+    assert not (hf_dir / "gpt2_tp").exists()
+    # a tensor size that does not divide a dimension the rules split: the advice is about the mesh
+    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
+                        "--set", "mesh.tensor=3"], capture_output=True, text=True, timeout=300,
+                       env=dict(env, XLA_FLAGS=env["XLA_FLAGS"].replace("count=2", "count=3")))
+    assert r.returncode == 2 and "[mesh] tensor = 3 does not fit this model" in error_line(r.stderr)
+
+
 def test_train_refuses_resume_past_steps_and_names_a_scan_layers_change(hf_dir, capsys):
     cfg = write_config(hf_dir, "past_run", steps=2, save_every=1, eval_every=0)
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0

@@ -25,6 +25,7 @@ from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, ConfigError, ShardingError
 from jpeft.io import atomic_write
+from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
 from jpeft.validate import check_tokens
@@ -171,7 +172,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _drop_logged_after(path: str, step: int) -> None:
     """Removes from ``metrics.jsonl`` the records of steps after ``step``, the checkpoint a run
     resumes from: a run that crashed after logging them re-runs and re-logs those steps, which
-    would otherwise appear twice. Rewritten through a temporary file (never half-written)."""
+    would otherwise appear twice. ``step = 0`` (a run starting afresh where an earlier one died
+    before its first checkpoint) removes every record, the step-0 canary baseline included: the
+    new run logs its own. Rewritten through a temporary file (never half-written)."""
     try:
         with open(path) as f:
             lines = f.readlines()
@@ -183,14 +186,18 @@ def _drop_logged_after(path: str, step: int) -> None:
             s = json.loads(line).get("step")
         except (ValueError, AttributeError):
             return False
-        return isinstance(s, (int, float)) and s > step
+        return isinstance(s, (int, float)) and (s > step or s == step == 0)
 
     keep = [ln for ln in lines if not later(ln)]
     if len(keep) == len(lines):
         return
     atomic_write(path, "".join(keep))
-    _say(f"jpeft train: metrics.jsonl: {len(lines) - len(keep)} record(s) of steps after {step} removed; those steps "
-         "run again.")
+    if step == 0:
+        _say(f"jpeft train: metrics.jsonl: {len(lines) - len(keep)} record(s) of an earlier run that left no checkpoint "
+             "removed; this run starts from step 0.")
+    else:
+        _say(f"jpeft train: metrics.jsonl: {len(lines) - len(keep)} record(s) of steps after {step} removed; those "
+             "steps run again.")
 
 
 def _saved_steps(path: str) -> Optional[int]:
@@ -261,9 +268,18 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     if resume and has_ckpts:
         _check_resumable(out_dir, cfg)
     mesh = make_run_mesh(cfg, int(t["batch_size"]))
+    if mesh is not None and "tensor" in mesh.shape:
+        check_tensor_axis(cfg["model"], mesh.shape["tensor"])
     scan = bool(t.get("scan_layers", False))
     rules = jpeft.tensor_parallel_rules(stacked=scan) if mesh is not None and "tensor" in mesh.shape else None
-    loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules, quantize=cfg.get("quantize"))
+    try:
+        loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules, quantize=cfg.get("quantize"))
+    except ShardingError as e:
+        if rules is None:
+            raise
+        # the rules are jpeft's own (tensor_parallel_rules), so the fix is the mesh, not a rule
+        raise ConfigError(f"[mesh] tensor = {mesh.shape['tensor']} does not fit this model: {str(e).split('. Pick')[0]}. "
+                          "Choose a mesh.tensor that divides it (1 turns tensor parallelism off).") from None
     if cfg.get("quantize") and not scan and jax.default_backend() == "cpu":
         _say(f"note: on the CPU an unrolled model holds every layer's {cfg['quantize']} kernels dequantized while it "
              "trains (XLA's CPU backend merges the backward pass's re-dequantization into the forward pass's), so the "
@@ -360,6 +376,24 @@ def make_run_mesh(cfg: dict, batch_size: int):
         raise ConfigError(f"train.batch_size={batch_size} must be a multiple of the mesh's data x fsdp = {ways} and "
                           f"of the {procs} process(es), so every device and process gets whole rows.")
     return mesh
+
+
+def check_tensor_axis(folder: str, tensor: int) -> None:
+    """Refuses a ``tensor`` mesh axis for a model :func:`jpeft.tensor_parallel_rules` does not
+    split (they name the Llama family's modules): none of its weights would be split over the
+    axis, so each group of ``tensor`` devices would compute the same thing, silently.
+
+    Raises:
+      ConfigError: the model is not of the Llama family (one line, before anything is loaded).
+    """
+    mt = loading.read_config(folder).get("model_type")
+    llama = sorted(k for k, fam in loading.FAMILIES.items() if fam.model_cls is LlamaForCausalLM)
+    if mt not in llama:
+        raise ConfigError(
+            f"[mesh] tensor = {tensor} splits the layers of Llama-family models ({', '.join(llama)}; "
+            f"jpeft.tensor_parallel_rules), but {folder!r} is a {mt!r} model: none of its weights would be split, "
+            f"and every {tensor} devices would compute the same thing. Set mesh.tensor = 1 (mesh.fsdp shards the "
+            "base of any model).")
 
 
 def _restore(ckpts, out_dir: str, steps: int, **templates):
@@ -459,7 +493,9 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
         batches = (train_ds.batch(s, bs, seed) for s in itertools.count(start))
         if place is not None:
             batches = map(place, batches)
-        if resume and jax.process_index() == 0:
+        if jax.process_index() == 0:
+            # resumed: the steps after the checkpoint run again; fresh (an output_dir without
+            # checkpoints, whose earlier run died before its first): every step does
             _drop_logged_after(os.path.join(out_dir, "metrics.jsonl"), start)
         with jpeft.MetricLog(os.path.join(out_dir, "metrics.jsonl"), tensorboard=os.path.join(out_dir, "tb"),
                              echo=not progress) as log:

@@ -64,7 +64,7 @@ model_dropout = true          # the model's own dropout in training steps, at it
 [mesh]                        # optional; used when the run has more than one device or process
 data = 0                      # batch axis (0: every device not used by fsdp)
 fsdp = 1                      # axis the frozen base is sharded over
-tensor = 1                    # Megatron-style tensor parallelism (Llama family)
+tensor = 1                    # Megatron-style tensor parallelism (Llama family; refused for GPT-2)
 
 [forgetting]                  # optional forgetting guard: canary text that must not be forgotten
 canary = "general.txt"        # .jsonl or plain text, packed like [data]
