@@ -2,9 +2,9 @@
 
 A dataset file is either
 
-* plain text (``.txt``, ``.md``, any suffix other than ``.jsonl``/``.json``): the whole file is
-  one document and every token is trained on; or
-* JSON Lines (``.jsonl``): one object per line, either ``{"text": ...}`` (every token is
+* plain text (``.txt``, ``.md``, any suffix other than ``.jsonl``/``.ndjson``/``.json``, in any
+  letter case): the whole file is one document and every token is trained on; or
+* JSON Lines (``.jsonl``, ``.ndjson``, ``.json``): one object per line, either ``{"text": ...}`` (every token is
   trained on) or ``{"prompt": ..., "completion": ...}`` (the loss is taken on the
   completion tokens only, as in supervised instruction tuning). Field names are configurable.
 
@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 PACKINGS = ("documents", "stream")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")  # compared lower-cased: train.JSONL is JSON Lines too
 
 
 def load_examples(
@@ -85,8 +86,21 @@ def load_examples(
     try:
         return _read_examples(path, text_field, prompt_field, completion_field)
     except UnicodeDecodeError as e:
-        raise LoadError(f"dataset file {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
+        reason, at, line = _first_bad_byte(path, e)
+        raise LoadError(f"dataset file {path!r} is not UTF-8 text ({reason} at byte {at}, line {line}); "
                         "give a UTF-8 .txt or .jsonl file.") from None
+
+
+def _first_bad_byte(path: str, e: UnicodeDecodeError) -> tuple[str, int, int]:
+    """The reason, file offset and line of the first byte that is not UTF-8 (the error of a
+    text-mode read counts from the start of the chunk it was decoding, not of the file)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as whole:
+        return whole.reason, whole.start, data.count(b"\n", 0, whole.start) + 1
+    return e.reason, e.start, 0  # not reached: the file decoded in one piece
 
 
 def _text_value(path: str, lineno: int, row: Mapping, field: str) -> str:
@@ -101,14 +115,14 @@ def _text_value(path: str, lineno: int, row: Mapping, field: str) -> str:
 
 
 def _read_examples(path: str, text_field: str, prompt_field: str, completion_field: str) -> list[dict[str, str]]:
-    if not path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
+    if not path.lower().endswith(JSONL_SUFFIXES):
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
         if not text.strip():
             raise LoadError(f"dataset file {path!r} is empty; put some text in it.")
         return [{"text": text}]
     out: list[dict[str, str]] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -145,9 +159,11 @@ def tokenize_documents(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Tokenizes each example into ``(ids int32[n], mask bool[n])``.
 
-    Each document is ``[bos] + tokens + [eos]`` (when those ids are given). For a
-    prompt/completion pair the prompt tokens (and the ``bos``) are masked out; the
-    completion tokens and the closing ``eos`` are targets. The pair is tokenized as one text,
+    Each document is ``[bos] + tokens + [eos]`` (when those ids are given); a text whose
+    tokens already begin with ``bos`` or end with ``eos`` (a chat template's output, a
+    completion written with its ``</s>``) does not get a second one (TRL appends the EOS only
+    where it is missing too). For a prompt/completion pair the prompt tokens (and the ``bos``)
+    are masked out; the completion tokens and the closing ``eos`` are targets. The pair is tokenized as one text,
     ``encode(prompt + completion)``, as TRL does, and its first ``len(encode(prompt))`` tokens
     are the prompt's: encoded apart, a SentencePiece-style tokenizer (Llama 2, Mistral) would
     start the completion with a word-boundary mark the text does not have. Where the joint
@@ -157,25 +173,22 @@ def tokenize_documents(
     docs = []
     mismatched = 0
     for ex in examples:
-        ids: list[int] = []
-        mask: list[bool] = []
-        if bos_id is not None:
-            ids.append(int(bos_id))
-            mask.append(False)
         if "text" in ex:
             t = list(encode(ex["text"]))
-            ids.extend(t)
-            mask.extend([True] * len(t))
+            ids, mask = t, [True] * len(t)
         else:
             p = list(encode(ex["prompt"]))
             joint = list(encode(ex["prompt"] + ex["completion"]))
             if joint[:len(p)] != p:
                 mismatched += 1
-            ids.extend(joint)
-            mask.extend([False] * min(len(p), len(joint)) + [True] * max(len(joint) - len(p), 0))
-        if eos_id is not None:
-            ids.append(int(eos_id))
-            mask.append(True)
+            ids, mask = joint, [False] * min(len(p), len(joint)) + [True] * max(len(joint) - len(p), 0)
+        if eos_id is not None and ids[-1:] != [int(eos_id)]:
+            ids, mask = ids + [int(eos_id)], mask + [True]
+        if bos_id is not None:
+            if ids[:1] == [int(bos_id)] and (len(ids) > 1 or bos_id != eos_id):  # the text's own BOS: no target
+                mask[0] = False
+            else:
+                ids, mask = [int(bos_id)] + ids, [False] + mask
         if ids:
             docs.append((np.asarray(ids, np.int32), np.asarray(mask, bool)))
     if mismatched:
@@ -303,8 +316,22 @@ class PackedDataset:
             )
         if packing == "stream":
             ids, mask = tokenize_examples(examples, encode, eos_id=eos_id, bos_id=bos_id)
-            return cls(*pack(ids, mask, seq_len))
-        return cls(*pack_documents(tokenize_documents(examples, encode, eos_id=eos_id, bos_id=bos_id), seq_len))
+            ds = cls(*pack(ids, mask, seq_len))
+            lost, total = int(mask[len(ds) * seq_len:].sum()), int(mask.sum())
+            if lost and lost >= 0.1 * total:  # a small eval set can lose half of itself
+                warnings.warn(
+                    f"packing='stream' dropped the last {len(ids) - len(ds) * seq_len} tokens of the stream ({lost} of "
+                    f"its {total} target tokens), which do not fill a row of seq_len={seq_len}; lower seq_len, or pack "
+                    "by 'documents' (nothing dropped), to keep them.", stacklevel=2)
+        else:
+            ds = cls(*pack_documents(tokenize_documents(examples, encode, eos_id=eos_id, bos_id=bos_id), seq_len))
+        if ds.num_targets == 0:
+            # its loss would read 0 (perplexity 1) and training on it would never move the adapter
+            raise InputValidationError(
+                f"the dataset has no target token in its {len(ds)} packed row(s) of seq_len={seq_len}: every token is a "
+                "prompt token, padding, or the first of its document or row (never predicted). Give completions (or "
+                "text lines), a tokenizer with an EOS token, or a larger seq_len.")
+        return ds
 
     @classmethod
     def from_file(cls, path, encode, seq_len: int, *, eos_id=None, bos_id=None, packing: str = "documents",
@@ -332,6 +359,9 @@ class PackedDataset:
         row is seen once per epoch, and ``batch(step)`` needs no iterator state (resuming
         at step ``k`` continues exactly where an uninterrupted run would be).
         """
+        for name, v, low in (("step", step, 0), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise InputValidationError(f"PackedDataset.batch: {name} must be an integer >= {low}, found {v!r}.")
         n = len(self)
         pos = np.arange(step * batch_size, (step + 1) * batch_size)
         epochs, within = pos // n, pos % n
@@ -352,6 +382,8 @@ class PackedDataset:
     def eval_batches(self, batch_size: int, max_rows: Optional[int] = None):
         """Yields the rows in order, for evaluation. Every batch has ``batch_size`` rows (one
         compiled shape): the last one is padded with rows whose ``loss_mask`` is all false."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputValidationError(f"eval_batches: batch_size must be an integer >= 1, found {batch_size!r}.")
         n = len(self) if max_rows is None else min(len(self), max_rows)
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)

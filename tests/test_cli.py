@@ -361,6 +361,25 @@ def test_train_refuses_a_tensor_axis_for_a_model_it_would_not_split(hf_dir, tmp_
     assert r.returncode == 2 and "[mesh] tensor = 3 does not fit this model" in error_line(r.stderr)
 
 
+def test_resume_refuses_changed_training_data(hf_dir, tmp_path, capsys):
+    """--resume after data.train was edited (same path, other rows) continued the run on other
+    batches, silently; the packed rows' fingerprint is saved and compared."""
+    shutil.copy(hf_dir / "train.jsonl", tmp_path / "train.jsonl")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "{hf_dir / "tiny-llama"}"\noutput_dir = "out"\n[data]\ntrain = "train.jsonl"\n'
+                   'seq_len = 16\n[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj"]\n'
+                   '[train]\nsteps = 2\nbatch_size = 2\nwarmup_steps = 0\nsave_every = 1\n')
+    assert main(["train", "--config", str(cfg), "--no-progress", "--max-steps", "1"]) == 0
+    saved = (tmp_path / "out" / "resolved_config.json").read_text()
+    assert '"train_data_sha256"' in saved
+    with open(tmp_path / "train.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more line"}) + "\n")
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 2
+    assert "on other training data than its checkpoints were trained on" in error_line(capsys.readouterr().err)
+    assert (tmp_path / "out" / "resolved_config.json").read_text() == saved
+
+
 def test_train_refuses_resume_past_steps_and_names_a_scan_layers_change(hf_dir, capsys):
     cfg = write_config(hf_dir, "past_run", steps=2, save_every=1, eval_every=0)
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0

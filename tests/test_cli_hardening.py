@@ -66,7 +66,8 @@ def config(root, extra_train="", method='name = "lora"\nr = 2\ntarget_modules = 
     ("weight_decay = \"x\"", "", None, "train.weight_decay must be a number"),
     ("max_grad_norm = [1]", "", None, "train.max_grad_norm must be a number"),
     ("max_grad_norm = -inf", "", None, "train.max_grad_norm must be a finite number >= 0"),
-    ("", "seed = 1.5", None, "seed must be an integer, found float"),
+    ("", "seed = 1.5", None, "seed must be an integer in [0, 2**63), found float"),
+    ("", "seed = -1", None, "seed must be an integer in [0, 2**63), found int '-1'"),  # numpy's traceback after loading
     ("", "", 'name = "lora"\ntarget_modules = 5', "target_modules must be a regex string or a list of module names"),
     ("", "", 'name = "lora"\ntarget_modules = "("', "is not a valid module-path regex"),
     ("", "", 'name = "lora"\nrank_pattern = 5', "rank_pattern must be a dict"),

@@ -188,3 +188,72 @@ def test_prompt_and_completion_are_tokenized_as_one_text_as_trl_does():
     with pytest.warns(UserWarning, match="1 prompt/completion example"):
         (ids2, mask2), = tokenize_documents([{"prompt": "a", "completion": "b"}], merge)
     assert ids2.tolist() == [7] and mask2.tolist() == [False]
+
+
+def test_a_text_with_its_own_bos_or_eos_gets_no_second_one():
+    """Chat-template output or a completion ending in "</s>" already holds the BOS / EOS: it is
+    not doubled (a second EOS would be trained as following the first), as TRL appends the EOS
+    only where it is missing; the text's own BOS is never a target."""
+    enc = lambda s: [1 if c == "^" else 2 if c == "$" else ord(c) for c in s]  # noqa: E731
+    docs = tokenize_documents([{"text": "^ab$"}, {"prompt": "^x", "completion": "y$"}, {"text": "ab"}], enc,
+                              eos_id=2, bos_id=1)
+    assert [d[0].tolist() for d in docs] == [[1, 97, 98, 2], [1, 120, 121, 2], [1, 97, 98, 2]]
+    assert [d[1].astype(int).tolist() for d in docs] == [[0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]]
+    # one id for both (GPT-2's <|endoftext|>): an empty text is still [bos, eos]
+    assert tokenize_documents([{"text": ""}], enc, eos_id=5, bos_id=5)[0][0].tolist() == [5, 5]
+
+
+def test_a_dataset_without_target_tokens_is_refused():
+    """Only prompt tokens (empty completions, no EOS): its loss would read 0 and its perplexity
+    1, and training on it would never move the adapter."""
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    ex = [{"prompt": "abc", "completion": ""}] * 3
+    for packing in ("documents", "stream"):
+        with pytest.raises(jpeft.InputValidationError, match="no target token"):
+            PackedDataset.from_examples(ex, enc, 4, packing=packing)
+    assert PackedDataset.from_examples(ex, enc, 4, eos_id=2).num_targets == 3  # the EOS is a target
+
+
+def test_jsonl_suffixes_in_any_case_are_json_lines(tmp_path):
+    """train.JSONL or data.ndjson was read as one plain-text document: the JSON syntax and the
+    prompts trained on, silently; a byte-order mark was refused as bad JSON (or trained on)."""
+    from jpeft.data import load_examples
+
+    for name in ("a.JSONL", "b.ndjson", "c.Json"):
+        p = tmp_path / name
+        p.write_text('{"prompt": "Q", "completion": "A"}\n{"text": "t"}\n')
+        assert load_examples(p) == [{"prompt": "Q", "completion": "A"}, {"text": "t"}]
+    # a UTF-8 byte-order mark (Windows editors write one) is no text and no JSON error
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "t"}\n')
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfplain")
+    assert load_examples(tmp_path / "bom.jsonl") == [{"text": "t"}]
+    assert load_examples(tmp_path / "bom.txt") == [{"text": "plain"}]
+
+
+def test_a_non_utf8_byte_is_located_in_the_file(tmp_path):
+    """The offset came from the decoder's 8 KiB chunk: 7361 for a byte at 56513."""
+    from jpeft.data import load_examples
+    from jpeft.errors import LoadError
+
+    good = ('{"text": "' + "a" * 100 + '"}\n') * 500
+    (tmp_path / "late.jsonl").write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(LoadError, match=f"at byte {len(good) + 13}, line 501"):
+        load_examples(tmp_path / "late.jsonl")
+
+
+def test_batch_arguments_are_checked():
+    ds = PackedDataset.from_examples([{"text": "abcdefgh"}], lambda s: [ord(c) for c in s], 4)
+    for kw in ({"seed": -1}, {"step": -1}, {"batch_size": 0}):
+        args = {"step": 0, "batch_size": 2, "seed": 0, **kw}
+        with pytest.raises(jpeft.InputValidationError, match=f"{next(iter(kw))} must be an integer"):
+            ds.batch(**args)
+    with pytest.raises(jpeft.InputValidationError, match="batch_size must be an integer >= 1"):
+        list(ds.eval_batches(0))
+
+
+def test_a_stream_that_drops_much_of_its_data_says_so():
+    """511 tokens at seq_len 256: one row, half of the targets dropped without a word."""
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    with pytest.warns(UserWarning, match="dropped the last 255 tokens of the stream \\(255 of its 510 target"):
+        ds = PackedDataset.from_examples([{"text": "x" * 509}], enc, 256, eos_id=2, bos_id=1, packing="stream")
+    assert len(ds) == 1 and ds.num_targets == 255

@@ -168,8 +168,9 @@ def check_train_values(cfg: Mapping[str, Any]) -> None:
         if key in cfg and not isinstance(cfg[key], str):
             fail(key, "a string (a path)", cfg[key])
     seed = cfg.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        fail("seed", "an integer", seed)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        # the data order (numpy) takes no negative seed, the PRNG key (JAX) none past int64
+        fail("seed", "an integer in [0, 2**63)", seed)
     if not isinstance(cfg.get("method"), Mapping):
         fail("[method]", 'a table such as [method] name = "lora" (or --set method.name=lora)', cfg.get("method"))
     d = cfg.get("data", {})

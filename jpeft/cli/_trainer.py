@@ -4,6 +4,7 @@ Ctrl-C, progress bar, JSONL/TensorBoard metrics)."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -231,7 +232,7 @@ def _check_resumable(out_dir: str, cfg: dict) -> None:
             f"the checkpoints in {out_dir!r} were written with train.scan_layers = {str(was).lower()} (a "
             f"{'layer-stacked' if was else 'per-layer'} adapter), but this run has train.scan_layers = "
             f"{str(now).lower()}; resume with --set train.scan_layers={str(was).lower()}, or choose another output_dir.")
-    old = _flat({k: v for k, v in before.items() if k != "method_config"})
+    old = _flat({k: v for k, v in before.items() if k not in ("method_config", "train_data_sha256")})
     new = _flat(cfg)
     # a key the saved config lacks counts only where its whole table is new (a [forgetting] or
     # quantize added now); inside a saved table it is a setting an older jpeft did not write
@@ -247,6 +248,37 @@ def _check_resumable(out_dir: str, cfg: dict) -> None:
             "its checkpoints' data order, model or update rule no longer apply, and resuming would not be exact. "
             "Resume with the saved values (drop those --set options or edit the config back; they are in "
             f"{path}), or start a new run in another output_dir.")
+
+
+def data_fingerprint(ds) -> str:
+    """SHA-256 of a packed dataset's rows (token ids, loss mask, segments, positions): what a
+    resumed run must train on for its batches to continue the checkpointed run's, and what
+    every process of a multi-host run must agree on."""
+    h = hashlib.sha256()
+    for a in (ds.input_ids, ds.loss_mask, ds.segment_ids, ds.position_ids):
+        if a is not None:
+            h.update(str(a.shape).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _check_resumed_data(out_dir: str, sha: str) -> None:
+    """Refuses ``--resume`` on training data whose packed rows differ from those the
+    checkpoints were trained on (the file edited, another tokenizer): batch ``k`` would be
+    another batch, and the resumed run no longer the run it continues. Runs saved without
+    the fingerprint (an older jpeft) are not checked."""
+    path = os.path.join(out_dir, "resolved_config.json")
+    try:
+        with open(path) as f:
+            was = json.load(f).get("train_data_sha256")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(was, str) and was != sha:
+        raise ConfigError(
+            f"--resume would continue the run in {out_dir!r} on other training data than its checkpoints were trained "
+            "on (the packed rows of data.train differ: the file or the tokenizer changed since), so its batches would "
+            "not continue the run's. Restore the data the run was started with, or start a new run in another "
+            "output_dir.")
 
 
 def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, progress: bool = True) -> dict:
@@ -294,8 +326,11 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     eval_ds = (PackedDataset.from_file(d["eval"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
                if d.get("eval") else None)
 
+    data_sha = data_fingerprint(train_ds)
+    if resume and has_ckpts:
+        _check_resumed_data(out_dir, data_sha)
     if jax.process_count() > 1:
-        _check_processes_agree(cfg, train_ds)
+        _check_processes_agree(cfg, data_sha)
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
     k_init, k_train = jax.random.split(jax.random.key(seed))
@@ -311,25 +346,23 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                               keep_last=t["keep_checkpoints"], async_save=False)
     try:
         return _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
-                    k_train, seed, steps, resume, max_steps, progress, mesh)
+                    k_train, seed, steps, resume, max_steps, progress, mesh, data_sha)
     finally:
         ckpts.close()
 
 
-def _check_processes_agree(cfg: dict, train_ds) -> None:
+def _check_processes_agree(cfg: dict, data_sha: str) -> None:
     """Every process of a multi-host run computes the same batches and initial adapter from its
     own copy of the config and data; refuses (one line, on every process) a job whose processes
     were given different settings or data files, which would otherwise train a mix of two runs.
-    The model folder and output directory may be spelled differently per host."""
-    import hashlib
-
+    The model folder and output directory may be spelled differently per host; ``data_sha``
+    is :func:`data_fingerprint` of the packed training data."""
     from jax.experimental import multihost_utils
 
     settings = {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
     parts = [("settings", "the resolved config, --set options included",
               json.dumps(settings, sort_keys=True, default=str).encode()),
-             ("training data", "the data.train file",
-              np.ascontiguousarray(train_ds.input_ids).tobytes() + np.ascontiguousarray(train_ds.loss_mask).tobytes())]
+             ("training data", "the data.train file", data_sha.encode())]
     mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for _, _, v in parts])
     every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, parts, 8]
     for i, (name, what, _) in enumerate(parts):
@@ -416,7 +449,7 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
 
 
 def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
-         steps, resume, max_steps, progress, mesh):
+         steps, resume, max_steps, progress, mesh, data_sha=None):
     t = cfg["train"]
     out_dir = cfg["output_dir"]
     model, params = loaded.model, loaded.params
@@ -464,7 +497,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
                 _say(f"note: train.steps changed from {was} to {steps} on resume; the learning-rate schedule now spans "
                      f"{steps} steps.")
         with open(path, "w") as f:
-            json.dump(dict(cfg, method_config=method.to_dict()), f, indent=1)
+            json.dump(dict(cfg, method_config=method.to_dict(), train_data_sha256=data_sha), f, indent=1)
 
     bs = int(t["batch_size"])
     summary = jpeft.summary(params, adapter, print_fn=None)
