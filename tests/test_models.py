@@ -550,6 +550,29 @@ def test_llama_config_values_that_give_nan_or_a_raw_error_are_refused(bad, match
         M.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, **bad)
 
 
+
+@pytest.mark.parametrize("cls, field", [("LlamaConfig", "attention_dropout"), ("GPT2Config", "attn_pdrop"),
+                                        ("BertConfig", "attention_probs_dropout_prob")])
+def test_attention_dropout_rates_are_checked_by_the_config(cls, field):
+    """A rate outside [0, 1) is refused by the config, naming its field (it was accepted and
+    refused at the first forward with an unnamed 'attention dropout rate'); a numpy float rate
+    is a rate (it was refused as 'must be a number in [0, 1), found np.float32(0.1)')."""
+    from jpeft.errors import ConfigError
+
+    kw = dict(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16)
+    if cls != "GPT2Config":
+        kw["intermediate_size"] = 32
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ConfigError, match=rf"{cls}\.{field} must be a number in \[0, 1\)"):
+            getattr(M, cls)(**kw, **{field: bad})
+    c = getattr(M, cls)(**kw, **{field: np.float32(0.5)})
+    model = (M.BertForSequenceClassification if cls == "BertConfig" else
+             M.GPT2LMHeadModel if cls == "GPT2Config" else M.LlamaForCausalLM)(c)
+    ids = jnp.ones((1, 8), jnp.int32)
+    params = model.init(jax.random.key(0), ids)
+    out = [model.apply(params, ids, deterministic=False, rngs={"dropout": jax.random.key(k)}) for k in (1, 2)]
+    assert float(jnp.abs(jax.tree.leaves(out[0])[0] - jax.tree.leaves(out[1])[0]).max()) > 0  # it drops
+
 def _scaled(params, factor):
     return jax.tree.map(lambda x: x * factor, params)
 

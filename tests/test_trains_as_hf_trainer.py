@@ -103,3 +103,57 @@ def test_jpeft_train_runs_the_models_own_dropout_in_training_steps_only():
         assert abs(alone[0] - off[0]) > 1e-4, rates
     none = losses(cfg.replace(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0), True)
     assert none[0] == off[0]
+
+
+def test_resume_of_a_run_saved_before_model_dropout_keeps_it_off(tmp_path, capsys):
+    """A run whose resolved_config.json predates ``train.model_dropout`` trained without the
+    model's dropout; resumed with the default (true) it switched dropout on mid-run, silently
+    (an audit: losses 5.666/5.662/5.598 against 5.664/5.659/5.597 uninterrupted). It now keeps it
+    off, with a note; a run that saved the setting is compared as it is."""
+    import copy
+    import json
+
+    from jpeft.cli._trainer import _check_resumable, _keep_unsaved_settings
+    from jpeft.cli.train_cmd import resolve_config
+    from jpeft.errors import ConfigError
+
+    raw = {"model": "m", "output_dir": "run", "data": {"train": "t.jsonl"}, "method": {"name": "lora"}}
+    cfg = resolve_config(raw, base_dir=str(tmp_path))
+    assert cfg["train"]["model_dropout"] is True
+    saved = copy.deepcopy(cfg)
+    del saved["train"]["model_dropout"]
+    (tmp_path / "resolved_config.json").write_text(json.dumps(saved))
+    _keep_unsaved_settings(str(tmp_path), cfg)
+    assert cfg["train"]["model_dropout"] is False and "resumes with train.model_dropout = false" in capsys.readouterr().err
+    _check_resumable(str(tmp_path), cfg)
+    saved["train"]["model_dropout"] = False  # a run that saved it: switching it on is a change of the run
+    (tmp_path / "resolved_config.json").write_text(json.dumps(saved))
+    cfg = resolve_config(raw, base_dir=str(tmp_path))
+    _keep_unsaved_settings(str(tmp_path), cfg)
+    assert cfg["train"]["model_dropout"] is True
+    with pytest.raises(ConfigError, match=r"train.model_dropout: false -> true"):
+        _check_resumable(str(tmp_path), cfg)
+
+
+def test_resuming_checkpoints_of_the_earlier_weight_decay_is_refused_with_cli_advice(tmp_path):
+    """Checkpoints of a run with weight decay saved before the decay mask hold AdamW's state
+    without the mask's layer: ``jpeft train --resume`` refuses them with advice a CLI user can
+    follow (the library's CheckpointError speaks of CheckpointManager arguments)."""
+    import flax.linen as nn
+    import optax
+
+    from jpeft.checkpoint import CheckpointManager
+    from jpeft.cli._trainer import _restore, make_optimizer
+    from jpeft.errors import ConfigError
+
+    params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
+    cfg = jpeft.LoraConfig(r=2, target_modules=".*")
+    ad = jpeft.init(cfg, params, jax.random.key(1))
+    t = {"learning_rate": 1e-3, "warmup_steps": 0, "weight_decay": 0.1, "max_grad_norm": 1.0}
+    old = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.1))  # before: no mask
+    with CheckpointManager(str(tmp_path), cfg, params, optimizer=old) as m:
+        m.save(1, ad, old.init(jpeft.trainable(ad)))
+    new, _ = make_optimizer(t, 10)
+    with CheckpointManager(str(tmp_path), cfg, params, optimizer=new) as m:
+        with pytest.raises(ConfigError, match="weight decay left out biases and norms.*jpeft it was started with"):
+            _restore(m, str(tmp_path), 10)

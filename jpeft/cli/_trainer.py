@@ -24,7 +24,7 @@ from jpeft.cli._common import method_of, say as _say
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
-from jpeft.errors import BaseMismatchError, ConfigError, ShardingError
+from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, ShardingError
 from jpeft.io import atomic_write
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
@@ -209,6 +209,21 @@ def _saved_steps(path: str) -> Optional[int]:
         return None
 
 
+def _keep_unsaved_settings(out_dir: str, cfg: dict) -> None:
+    """A run saved by a jpeft without ``train.model_dropout`` trained without the model's own
+    dropout: resumed, it keeps training so (``cfg`` is set to false, with a note) rather than
+    switch dropout on mid-run."""
+    try:
+        with open(os.path.join(out_dir, "resolved_config.json")) as f:
+            saved = json.load(f)["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(saved, dict) and "model_dropout" not in saved and cfg["train"].get("model_dropout", True):
+        cfg["train"]["model_dropout"] = False
+        _say("note: this run was started by a jpeft without train.model_dropout, which trained without the model's "
+             "own dropout; it resumes with train.model_dropout = false.")
+
+
 def _check_resumable(out_dir: str, cfg: dict) -> None:
     """Refuses ``--resume`` with settings that change the run (the seed, the data, the model's
     layout, the method, the optimizer, ...), naming each with its saved and its new value:
@@ -298,6 +313,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         raise ConfigError(f"{out_dir!r} already has checkpoints; pass --resume to continue, or choose another "
                           "output_dir.")
     if resume and has_ckpts:
+        _keep_unsaved_settings(out_dir, cfg)
         _check_resumable(out_dir, cfg)
     mesh = make_run_mesh(cfg, int(t["batch_size"]))
     if mesh is not None and "tensor" in mesh.shape:
@@ -440,6 +456,14 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
             f"the checkpoints in {out_dir!r} were saved for a different base model than this config's `model` "
             f"({str(e).split('. ')[0]}); resume with the model (and train.scan_layers) of that run, or choose another "
             "output_dir.") from None
+    except CheckpointError as e:
+        if "optimizer state of another optimizer" not in str(e):
+            raise
+        raise ConfigError(
+            f"the checkpoints in {out_dir!r} hold another optimizer's state than this run's AdamW "
+            f"({str(e).split(': ', 1)[-1].split('. ')[0]}); a run with train.weight_decay > 0 saved by a jpeft before "
+            "weight decay left out biases and norms has that layout. Resume it with the jpeft it was started with, or "
+            "start a new run in another output_dir.") from None
     if state is not None and int(state.step) > steps:
         raise ConfigError(
             f"the latest checkpoint in {out_dir!r} is at step {int(state.step)}, past train.steps = {steps}; resume "

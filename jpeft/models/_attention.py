@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Optional
 
 import jax
@@ -216,9 +217,10 @@ def keep_scale(rows, k_idx, rate: float) -> Array:
     return jnp.where(bits >= threshold, np.float32(1.0 / (1.0 - rate)), np.float32(0.0))
 
 
-def check_dropout(rate) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
-        raise ConfigError(f"attention dropout rate must be a number in [0, 1), found {rate!r}.")
+def check_dropout(rate, what: str = "attention dropout rate") -> float:
+    """``rate`` as a float in ``[0, 1)`` (numpy scalars included), else a ``ConfigError`` naming ``what``."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= float(rate) < 1.0:
+        raise ConfigError(f"{what} must be a number in [0, 1), found {rate!r}.")
     return float(rate)
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from jpeft.errors import ConfigError, InputValidationError, UnsupportedModelError
-from jpeft.models._attention import AttentionMask, check_implementation, dot_product_attention, segment_slots
+from jpeft.models._attention import (AttentionMask, check_dropout, check_implementation, dot_product_attention,
+                                     segment_slots)
 from jpeft.scan import COLLECTION
 from jpeft.validate import check_token_ids
 
@@ -632,6 +633,9 @@ def validate_common(cfg, name: str):
             "'nothing_saveable', 'dots_saveable' or 'dots_with_no_batch_dims_saveable'."
         )
     check_implementation(cfg.attention, f"{name}.attention")
+    for f in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"):  # Llama, GPT-2, BERT
+        if hasattr(cfg, f):
+            check_dropout(getattr(cfg, f), f"{name}.{f}")
     bs = cfg.attention_block_size
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 0:
         raise ConfigError(f"{name}.attention_block_size must be a positive integer or 0 (automatic), found {bs!r}.")
