@@ -539,6 +539,9 @@ class CheckpointManager:
             "metrics": clean_metrics,
             "arrays": index,
         }
+        sites_config = self.config.saved_config(adapter)
+        if sites_config != self.config:  # marks of the sites the config does not say (LoRA's residual inits)
+            meta["sites_config"] = sites_config.to_dict()
         if "opt_state" in arrays:
             meta["opt_state_kinds"] = optimizer_state_kinds(opt_state)
         try:
@@ -618,6 +621,8 @@ class CheckpointManager:
             raise CheckpointError(f"{where}: its metadata says step {str(d.get('step'))[:40]!r}; the files are corrupted or were moved.")
         if not isinstance(d.get("config"), dict):
             raise CheckpointError(f"{where}: 'config' is missing or not an object.")
+        if d.get("sites_config") is not None and not isinstance(d["sites_config"], dict):
+            raise CheckpointError(f"{where}: 'sites_config' is not an object.")
         base = d.get("base")
         if base is not None and not (isinstance(base, dict) and isinstance(base.get("params"), list)
                                      and all(isinstance(r, list) and len(r) == 3 for r in base["params"])
@@ -726,8 +731,11 @@ class CheckpointManager:
         index = meta["arrays"]
         # -- templates -------------------------------------------------------------------------
         if adapter is None:
+            # the sites as saved: a config that also records their marks (AdapterConfig.saved_config), else the manager's
+            sites = meta.get("sites_config")
+            config = AdapterConfig.from_dict(sites) if isinstance(sites, dict) else self.config
             try:
-                adapter = template_adapter(self.config, self.params, self.model, *self.example_args)
+                adapter = template_adapter(config, self.params, self.model, *self.example_args)
             except JpeftError:
                 raise
         if opt_state is None and self.optimizer is not None and any(k.startswith("opt_state/") for k in index):

@@ -87,6 +87,12 @@ class AdapterConfig:
     def replace(self, **changes) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
 
+    def saved_config(self, adapter) -> "AdapterConfig":
+        """The config :func:`jpeft.save_adapter` records with ``adapter`` (:func:`jpeft.load_adapter`
+        rebuilds the sites from it): this one, unless a method keeps marks of its sites in the
+        config (LoRA's residual inits)."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict with Hugging Face PEFT key names and ``peft_type``."""
         out: dict[str, Any] = {"peft_type": self.peft_type}

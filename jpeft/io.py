@@ -973,6 +973,8 @@ def save_adapter(
         raise ConfigError(f"save_adapter expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
     if not isinstance(adapter, Mapping) or not adapter:
         raise ConfigError(f"save_adapter expects the adapter dict {{module_path: node}} from jpeft.init, found {type(adapter).__name__}.")
+    # the config load_adapter rebuilds these sites from (LoRA: init set to the sites' residual base)
+    config = config.saved_config(adapter)
     target = resolve_target(path, root)
     named = leaf_names(dict(adapter))
     arrays, index = {}, {}

@@ -471,6 +471,22 @@ def test_other_methods_round_trip_through_the_generic_rebuild(tmp_path, base):
         assert _leaves_equal(st.adapter, adapter) and jax.tree.structure(st.opt_state) == jax.tree.structure(opt.init(adapter))
 
 
+def test_restore_keeps_the_residual_mark_of_pissa_sites(tmp_path, base):
+    """The template was rebuilt from the manager's config alone, so a PiSSA (here randomized-SVD)
+    adapter trained under a plain LoraConfig came back unmarked, and jpeft.hf.save_peft then wrote it
+    for PEFT as a plain LoRA on the original base instead of refusing it."""
+    params = base[0]
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"])
+    res, adapter = jpeft.init_pissa(cfg, params, jax.random.key(0), niter=1)
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, res, async_save=False) as m:
+        m.save(1, adapter)
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, res, async_save=False) as m:
+        st = m.restore_latest()
+    assert {n.residual for n in st.adapter.values()} == {"pissa_niter_1"} and _leaves_equal(st.adapter, adapter)
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="niter=1"):
+        jpeft.hf.save_peft(str(tmp_path / "peft"), cfg, st.adapter)
+
+
 def test_read_adapter_info_reads_no_arrays(tmp_path, base):
     params, cfg, adapter, *_ = base
     d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)

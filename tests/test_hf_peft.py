@@ -354,6 +354,43 @@ def test_residual_inits_peft_cannot_rebuild_are_refused(tmp_path):
             H.load_peft(str(tmp_path / "d"), params)
 
 
+def test_residual_mark_survives_save_adapter(tmp_path):
+    # jpeft.save_adapter wrote the config as given and load_adapter rebuilt the sites from it, so a
+    # PiSSA adapter saved with its plain LoraConfig came back unmarked and save_peft wrote
+    # init_lora_weights=True (PEFT then kept the principal part twice: logits 1.3 off of 2.9); a
+    # pissa_niter / CorDA / MiLoRA adapter lost the mark that makes save_peft refuse it
+    model, params = loaded("llama2")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"])
+    calib = [jnp.asarray(np.random.default_rng(i).integers(3, T.VOCAB, (1, 16))) for i in range(4)]
+    made = {
+        "pissa": (jpeft.init_pissa(cfg, params, jax.random.key(0)), cfg),
+        "pissa_niter_1": (jpeft.init_pissa(cfg, params, jax.random.key(0), niter=1), cfg.replace(init="pissa")),
+        "corda_kpm": (jpeft.init_corda(cfg, params, None, model, calib), cfg),
+        "milora": (jpeft.init_milora(cfg, params, jax.random.key(0)), cfg.replace(init="gaussian")),
+    }
+    for mark, ((res, ad), save_cfg) in made.items():
+        jpeft.save_adapter(tmp_path / mark, save_cfg, ad)
+        cfg2, ad2 = jpeft.load_adapter(tmp_path / mark, res)
+        assert cfg2.init == mark and {n.residual for n in ad2.values()} == {mark}, mark
+        if mark == "pissa":
+            H.save_peft(str(tmp_path / "peft"), cfg2, ad2)
+            assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+        else:
+            with pytest.raises(UnsupportedAdapterError, match=mark.split("_")[0]):
+                H.save_peft(str(tmp_path / f"peft_{mark}"), cfg2, ad2)
+    # plain sites saved with a residual init in the config come back plain; a mixed adapter is refused
+    plain = jpeft.init(cfg, params, jax.random.key(1))
+    jpeft.save_adapter(tmp_path / "plain", cfg.replace(init="pissa"), plain)
+    cfg3, ad3 = jpeft.load_adapter(tmp_path / "plain", params)
+    assert cfg3.init == "default" and {n.residual for n in ad3.values()} == {None}
+    mixed = {**made["pissa"][0][1], "x": made["milora"][0][1]["model/layers_0/self_attn/q_proj"]}
+    with pytest.raises(jpeft.ConfigError, match="mixes LoRA sites"):
+        jpeft.save_adapter(tmp_path / "mixed", cfg, mixed)
+    assert not (tmp_path / "mixed").exists()
+    with pytest.raises(jpeft.ConfigError, match=r"jpeft.init_corda\("):
+        jpeft.init(cfg.replace(init="corda_kpm"), params, jax.random.key(0))
+
+
 # -- tied embeddings ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family,emb", [("llama3", "embed_tokens"), ("gpt2", "wte")])

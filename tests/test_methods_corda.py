@@ -97,3 +97,16 @@ def test_corda_refusals(tmp_path):
     res, ad = jpeft.init_corda(cfg, params, None, model, calib)
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="preprocess_corda"):
         jpeft.hf.save_peft(str(tmp_path / "c"), cfg, ad)
+
+
+@pytest.mark.parametrize("bad", ["zeros", "nan"])
+def test_corda_non_finite_covariance_is_a_named_error(bad):
+    # inputs whose largest entry is 0 (0 / |max| = NaN, as in PEFT's hook) or NaN gave a NaN covariance,
+    # and the damping loop doubled `damp` forever: init_corda never returned
+    import flax.linen as nn
+
+    model = nn.Dense(6)
+    params = model.init(jax.random.key(0), jnp.ones((5, 8)))
+    x = jnp.zeros((5, 8)) if bad == "zeros" else jnp.ones((5, 8)).at[0, 0].set(jnp.nan)
+    with pytest.raises(jpeft.errors.InputValidationError, match=r"non-finite covariance.*\|max\(X\)\|"):
+        jpeft.init_corda(jpeft.LoraConfig(r=2, alpha=2, target_modules=".*"), params, None, model, [jnp.ones((5, 8)), x])

@@ -67,3 +67,15 @@ def test_milora_refusals(tmp_path):
     res, ad = jpeft.init_milora(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(0))
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="no MiLoRA init"):
         jpeft.hf.save_peft(str(tmp_path / "milora"), jpeft.LoraConfig(r=2, target_modules=".*", init="milora"), ad, params=res)
+
+
+def test_key_is_optional_where_it_is_unused():
+    # init_milora / init_olora document their key as unused (init_corda takes None), but
+    # key=None raised a bare TypeError from jax.random.split
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=".*")
+    for make in (jpeft.init_milora, jpeft.init_olora, jpeft.init_pissa):
+        res, ad = make(cfg, params, None)
+        ref_res, ref_ad = make(cfg, params, jax.random.key(3))
+        np.testing.assert_allclose(ad[""].delta_matrix(), ref_ad[""].delta_matrix(), atol=1e-6)

@@ -76,3 +76,38 @@ def test_errors():
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="pissa"), params, jax.random.key(0))
     with pytest.raises(jpeft.ConfigError, match="exceeds the rank"):
         init_pissa(jpeft.LoraConfig(r=4, target_modules=".*"), params, jax.random.key(0))
+    # PEFT refuses init_lora_weights='pissa'/'olora' with lora_bias=True (so would jpeft's LoraConfig):
+    # init_pissa accepted it and save_peft wrote a folder PEFT could not load
+    for make in (init_pissa, jpeft.init_olora, jpeft.init_milora):
+        with pytest.raises(jpeft.ConfigError, match="lora_bias"):
+            make(jpeft.LoraConfig(r=2, target_modules=".*", lora_bias=True), params, jax.random.key(0))
+
+
+class _Two(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(10, 8, name="embed_tokens")(ids)
+        h = nn.LayerNorm(name="norm")(nn.Dense(8, name="q_proj")(h))
+        return nn.Dense(10, name="lm_head")(h)
+
+
+@pytest.mark.parametrize("extra", [dict(modules_to_save=["lm_head"]), dict(bias="all"),
+                                   dict(trainable_token_indices=[3, 5])])
+def test_residual_inits_with_non_lora_sites(extra):
+    # modules_to_save copies, bias-only copies and trainable tokens are not LoRA sites: the residual
+    # inits failed on them with AttributeError: 'SavedModule' object has no attribute 'layout'
+    model = _Two()
+    ids = jnp.array([[1, 3, 5, 7]])
+    params = model.init(jax.random.key(0), ids)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], **extra)
+    base = model.apply(params, ids)
+    for make in (init_pissa, jpeft.init_olora, jpeft.init_milora):
+        res, ad = make(cfg, params, jax.random.key(1))
+        assert isinstance(ad["q_proj"], jpeft.LoraWeights) and ad["q_proj"].residual is not None and len(ad) > 1
+        np.testing.assert_allclose(jpeft.apply(model, res, ad, ids), base, atol=1e-5)
+        # PEFT's residual base (jpeft.hf.load_peft_with_base) skips them too
+        back = jpeft.methods.pissa.residual_params(cfg, params, ad, "olora" if make is jpeft.init_olora else "pissa")
+        if make is not jpeft.init_milora:
+            np.testing.assert_allclose(back["params"]["q_proj"]["kernel"], res["params"]["q_proj"]["kernel"], atol=1e-5)
+    res, ad = jpeft.init_corda(cfg, params, None, model, [ids, ids + 1])
+    np.testing.assert_allclose(jpeft.apply(model, res, ad, ids), base, atol=1e-4)

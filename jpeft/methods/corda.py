@@ -28,8 +28,9 @@ import jax
 import numpy as np
 
 from jpeft import _inject, core
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, InputValidationError
 from jpeft.methods.base import Kind
+from jpeft.methods.lora import LoraWeights
 from jpeft.methods.pissa import _residual_init
 from jpeft.scan import Stacked
 
@@ -68,6 +69,14 @@ def input_covariances(model, params, paths, calibration, **model_kwargs) -> dict
     if missing:
         raise ConfigError(f"CorDA: the calibration data never reached the modules {missing}; give inputs that run "
                           "through the whole model (and at least one pass).")
+    bad = [p for p in paths if not np.isfinite(total[p]).all()]
+    if bad:  # PEFT raises too; left in, the damping loop of _damped_inverse would never end on a NaN covariance
+        raise InputValidationError(
+            f"CorDA: the calibration inputs of the modules {bad} give a non-finite covariance: a pass whose inputs "
+            "to such a module are all zero (or whose largest entry is 0) cannot be divided by |max(X)|, as PEFT's "
+            "CorDA hook does, or the inputs hold NaN/inf. Give calibration data that reaches these modules with "
+            "nonzero, finite activations (or leave them out of target_modules)."
+        )
     return {p: (total[p] / count[p]).astype(np.float32) for p in paths}
 
 
@@ -120,6 +129,8 @@ def init_corda(config, params, key, model, calibration, *, mode: Literal["kpm", 
         raise ConfigError("init_corda: calibration is empty; give at least one model input.")
     key = jax.random.key(0) if key is None else key
     skeleton = core.init(dataclasses.replace(config, init="default"), params, key, model, *calibration[0], **model_kwargs)
+    # the LoRA sites (modules_to_save copies, trainable biases and tokens need no statistics)
+    skeleton = {p: n for p, n in skeleton.items() if isinstance(n.inner if isinstance(n, Stacked) else n, LoraWeights)}
     for path, node in skeleton.items():
         if isinstance(node, Stacked):
             raise ConfigError(f"init_corda: site {path!r} is layer-scanned (jpeft.scan); CorDA needs per-layer "

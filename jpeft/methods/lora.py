@@ -38,6 +38,17 @@ _INITS = ("default", "gaussian", "pissa", "olora", "milora", "random")
 # jpeft.init_pissa / init_olora / init_milora return that base; Hugging Face PEFT recomputes it on
 # load for "pissa" and "olora" (it has no MiLoRA init, so save_peft refuses those adapters)
 RESIDUAL_INITS = ("pissa", "olora", "milora")
+# marks of residual bases that only the call that made them can rebuild (a randomized SVD, calibration
+# data): accepted as LoraConfig.init so that jpeft.save_adapter / load_adapter keep a site's mark
+# (LoraConfig.saved_config), never as a way to create an adapter
+_MARK_INITS = ("corda_kpm", "corda_ipm")
+
+
+def is_residual_init(init) -> bool:
+    """Whether ``init`` (a ``LoraConfig.init`` or a site's ``residual``) marks factors relative to a
+    residual base: ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"milora"``, ``"corda_kpm"``/``"corda_ipm"``."""
+    return isinstance(init, str) and (init in RESIDUAL_INITS or init in _MARK_INITS
+                                      or re.fullmatch(r"pissa_niter_[0-9]+", init) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +199,9 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"LoraConfig.lora_bias must be true or false, found {self.lora_bias!r}.")
         if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), found {self.dropout!r}.")
-        if self.init not in _INITS:
-            raise ConfigError(f"LoraConfig.init must be one of {_INITS}, found {self.init!r}.")
+        if self.init not in _INITS and not is_residual_init(self.init):
+            raise ConfigError(f"LoraConfig.init must be one of {_INITS} (or a residual mark jpeft.save_adapter records: "
+                              f"'pissa_niter_K', {', '.join(map(repr, _MARK_INITS))}), found {self.init!r}.")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("LoraConfig.target_modules is empty; give a regex or a list of module names such as ['q_proj', 'v_proj'].")
         if self.bias != "none" and self.use_dora:
@@ -216,6 +228,25 @@ class LoraConfig(AdapterConfig):
                      self.lora_bias, self.modules_to_save,
                      tuple(sorted(self.trainable_token_indices.items())) if isinstance(self.trainable_token_indices, dict)
                      else self.trainable_token_indices, self.bias))
+
+    def saved_config(self, adapter):
+        """The config :func:`jpeft.save_adapter` records: ``init`` set to the residual base the LoRA
+        sites are relative to (their ``residual`` mark, e.g. ``"pissa_niter_4"`` or ``"corda_kpm"``,
+        which ``jpeft.init_*`` set and the config given may not say), so that
+        :func:`jpeft.load_adapter` rebuilds the mark and :func:`jpeft.hf.save_peft` still knows
+        which base PEFT would rebuild (or refuses)."""
+        marks = {getattr(n, "inner", n).residual for n in adapter.values()
+                 if isinstance(getattr(n, "inner", n), LoraWeights)}
+        if len(marks) > 1:
+            raise ConfigError(
+                f"the adapter mixes LoRA sites relative to different bases ({sorted(map(str, marks))}); one config "
+                "records one init. Save the sites of each init as separate adapters."
+            )
+        (mark,) = marks or {None}
+        if mark is not None:
+            return self if self.init == mark else dataclasses.replace(self, init=mark)
+        # plain sites: a residual init in the config would make load_adapter mark them
+        return dataclasses.replace(self, init="default") if is_residual_init(self.init) else self
 
     def to_dict(self):
         d = super().to_dict()
@@ -294,7 +325,8 @@ class LoraWeights(Site):
 
     Static fields besides the scale, layout and dropout rate:
 
-    * ``residual``: ``None``, or the init (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``) whose
+    * ``residual``: ``None``, or the init (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"milora"``,
+      ``"corda_kpm"``/``"corda_ipm"``) whose
       residual base this site's factors are relative to (set by :func:`jpeft.init_pissa` /
       :func:`jpeft.init_olora`; :func:`jpeft.hf.save_peft` writes it as ``init_lora_weights``).
     * ``tie_output`` (embeddings only): also adapt the embedding's ``attend`` (a tied output
@@ -821,7 +853,7 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
     else:  # default; "pissa" is handled by jpeft.init_pissa
         a = _kaiming_uniform(ka, (n_in, r), n_in)
         b = jnp.zeros((r, n_out), jnp.float32)
-    residual = config.init if config.init in RESIDUAL_INITS else None
+    residual = config.init if is_residual_init(config.init) else None
     tie = bool(config.ensure_weight_tying) and layout.kind == Kind.EMBED
     bias = None
     if config.lora_bias:
@@ -870,12 +902,12 @@ def init_lora(config: LoraConfig, params, key, infos):
             )
         else:
             layout = _inject.infer_layout(path, own)
-        if config.init in RESIDUAL_INITS and not isinstance(own.get(layout.param_name), jax.core.Tracer):
+        if is_residual_init(config.init) and not isinstance(own.get(layout.param_name), jax.core.Tracer):
             # Under jax.eval_shape (loading a saved PiSSA adapter, budgets) only the structure is
             # built; with concrete weights jpeft.init would silently keep the principal part twice.
             raise ConfigError(
                 f"LoraConfig(init={config.init!r}) also changes the base weights (the initial adapter is taken out "
-                f"of them); create it with jpeft.init_{config.init}(config, params, key), which returns "
+                f"of them); create it with jpeft.init_{config.init.split('_')[0]}(config, params, key, ...), which returns "
                 "(residual_params, adapter)."
             )
         # an embedding the model also reads through attend (tied output projection); unknown without the model

@@ -24,7 +24,7 @@ from jpeft.errors import BaseMismatchError, CheckpointError, UnsupportedAdapterE
 from jpeft.methods import pissa
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
-                                init_lora, tied_output_from_params, token_sites)
+                                init_lora, is_residual_init, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, add_site_pattern, check_keys,
                                config_from_peft, peft_key, split_peft_key, to_np)
 from jpeft.tree import hf_name, linear_only, regex_fullmatch
@@ -227,10 +227,10 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     refusing what PEFT would rebuild differently on load."""
     kinds = {node.residual for node in adapter.values() if isinstance(node, LoraWeights)}
     if kinds == {None}:
-        if config.init in ("pissa", "olora"):
+        if is_residual_init(config.init):
             raise UnsupportedAdapterError(
                 f"the config says init={config.init!r}, but the adapter's sites are not relative to a residual base "
-                f"(they do not come from jpeft.init_{config.init}); PEFT would subtract the initial factors from the "
+                f"(they do not come from jpeft.init_{config.init.split('_')[0]}); PEFT would subtract the initial factors from the "
                 "base on load. Save with the config the adapter was made with (init='default')."
             )
         return True

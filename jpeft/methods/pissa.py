@@ -30,7 +30,7 @@ from jpeft.errors import ConfigError
 from jpeft.methods import dora
 from jpeft.methods._common import from_matrix, to_matrix
 from jpeft.methods.base import Kind
-from jpeft.methods.lora import LoraConfig
+from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
 
@@ -164,6 +164,8 @@ def residual_params(config, params, adapter, init: str):
     inner, wrapped = unwrap_params(params)
     new = inner
     for path in sorted(adapter):
+        if not isinstance(adapter[path], LoraWeights):  # modules_to_save copies, trainable biases and tokens
+            continue
         lay = adapter[path].layout
         if lay.kind == Kind.EMBED:  # PEFT's Embedding layer has no PiSSA/OLoRA init: its base is unchanged
             continue
@@ -188,12 +190,19 @@ def residual_params(config, params, adapter, init: str):
 def _residual_init(name, tag, factors, config, params, key, model, model_args, model_kwargs):
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"{name} expects a jpeft.LoraConfig, found {type(config).__name__}.")
+    if config.lora_bias:
+        raise ConfigError(
+            f"{name}: lora_bias=True works with the default and random inits only (LoraConfig refuses it with init="
+            f"'pissa'/'olora', and Hugging Face PEFT refuses init_lora_weights='pissa' etc. with lora_bias=True, so a "
+            "saved adapter would not load there). Use lora_bias=False."
+        )
     base_cfg = dataclasses.replace(config, init="default", use_dora=False)
     skeleton = core.init(base_cfg, params, jax.random.key(0), model, *model_args, **model_kwargs)
     inner, wrapped = unwrap_params(params)
     new = inner
     out = {}
-    keys = jax.random.split(key, max(len(skeleton), 1))
+    # init_olora / init_milora / init_corda and exact PiSSA do not use the key (documented so): None is fine
+    keys = jax.random.split(jax.random.key(0) if key is None else key, max(len(skeleton), 1))
 
     def one(node, own, k, path):
         lay = node.layout
@@ -216,6 +225,10 @@ def _residual_init(name, tag, factors, config, params, key, model, model_args, m
         return node, own_new
 
     for k, (path, node) in zip(keys, skeleton.items()):
+        if not isinstance(node.inner if isinstance(node, Stacked) else node, LoraWeights):
+            # modules_to_save copies, trainable biases and tokens start at the original values: no residual
+            out[path] = node
+            continue
         own = dict(get_subtree(new, path))
         if isinstance(node, Stacked):  # a layer-scanned site: one factorisation per layer
             inner, own_new = jax.vmap(lambda n, o, kk: one(n, o, kk, path))(
