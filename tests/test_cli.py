@@ -727,6 +727,21 @@ def test_merge_and_export_never_write_into_their_inputs_or_leave_stale_shards(hf
     want = jpeft.merge(params, adapter)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # a bfloat16 checkpoint is merged in float32 and written back in bfloat16, as its copied config.json says
+    # (it was written in float32: twice the size)
+    bf = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(base, dtype="bfloat16").save_pretrained(bf)
+    r = jpeft_here(capsys, "merge", "--model", bf, "--adapter", tmp_path / "a", "--out", tmp_path / "bf16-merged")
+    assert r.returncode == 0, r.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf16-merged" / "model.safetensors"), "np") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+    _, got = jpeft.models.from_pretrained(str(tmp_path / "bf16-merged"))
+    _, bparams = jpeft.models.from_pretrained(str(bf))
+    want = jpeft.merge(bparams, adapter)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-2, atol=1e-2)  # one bfloat16 rounding
 
 
 def test_info_on_adapter_folders_counts_what_peft_trains(hf_dir, tmp_path, capsys):

@@ -12,6 +12,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jpeft.errors import ConfigError, InputValidationError, LoadError
+from jpeft.io import safetensors_index
 from jpeft.parallel import shard_params
 from jpeft.models import config_from_hf, from_pretrained, load_tokenizer, loading, model_from_config as _m, read_config
 
@@ -73,7 +74,12 @@ def example_ids():
 
 def save_folder(out: str, loaded: Loaded, params) -> None:
     """Writes ``params`` as a Hugging Face folder next to a copy of the base's config and
-    tokenizer files: ``config.json``, ``model.safetensors`` (Hugging Face names and layouts)."""
+    tokenizer files: ``config.json``, ``model.safetensors`` (Hugging Face names and layouts),
+    each tensor in the dtype the base's checkpoint stores it in (a bfloat16 model is computed
+    on in float32 and written back in bfloat16, as its copied config.json says)."""
+    stored = {}
+    for f in loading.weight_files(loaded.folder)[0]:
+        stored.update({k: e[0] for k, e in safetensors_index(f)[0].items()})
     cfg = loading.config_from_hf(loaded.hf_config)
     fam = loading._family_of(cfg)
     inner = params["params"] if "params" in params else params
@@ -84,6 +90,8 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
         for k in keys:
             node = node[k]
         a = np.asarray(jax.device_get(node))
+        if hf_key in stored and a.dtype != stored[hf_key]:
+            a = a.astype(stored[hf_key])
         tensors[hf_key] = np.ascontiguousarray(a.T if transposed else a)
     os.makedirs(out, exist_ok=True)
     # an older sharded model in ``out`` (``--force``): its index and shards go once the new file
