@@ -74,6 +74,10 @@ def test_errors():
     params = model.init(jax.random.key(0), jnp.ones((1, 4)))
     with pytest.raises(jpeft.ConfigError, match="init_pissa"):
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="pissa"), params, jax.random.key(0))
+    nan = jax.tree.map(lambda x: x.at[..., 0].set(jnp.nan) if x.ndim == 2 else x, params)
+    for init in (jpeft.init_pissa, jpeft.init_olora, jpeft.init_milora):  # the factors were NaN, silently
+        with pytest.raises(jpeft.errors.InputValidationError, match="NaN or inf"):
+            init(jpeft.LoraConfig(r=2, target_modules=".*"), nan, jax.random.key(0))
     with pytest.raises(jpeft.ConfigError, match="exceeds the rank"):
         init_pissa(jpeft.LoraConfig(r=4, target_modules=".*"), params, jax.random.key(0))
     # PEFT refuses init_lora_weights='pissa'/'olora' with lora_bias=True (so would jpeft's LoraConfig):

@@ -24,9 +24,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft import core
-from jpeft.errors import ConfigError
+from jpeft.errors import ConfigError, InputValidationError
 from jpeft.methods import dora
 from jpeft.methods._common import from_matrix, to_matrix
 from jpeft.methods.base import Kind
@@ -230,6 +231,12 @@ def _residual_init(name, tag, factors, config, params, key, model, model_args, m
             out[path] = node
             continue
         own = dict(get_subtree(new, path))
+        w = own[(node.inner if isinstance(node, Stacked) else node).layout.param_name]
+        if (isinstance(w, (jax.Array, np.ndarray)) and not isinstance(w, jax.core.Tracer)
+                and not bool(jnp.all(jnp.isfinite(jnp.asarray(w, jnp.float32))))):
+            # the factorisation of a NaN or inf weight is NaN: the adapter and residual would be silently NaN
+            raise InputValidationError(f"{name}: the base weight of {path!r} holds NaN or inf values; its factorisation "
+                                       "would be NaN. Load a finite checkpoint.")
         if isinstance(node, Stacked):  # a layer-scanned site: one factorisation per layer
             inner, own_new = jax.vmap(lambda n, o, kk: one(n, o, kk, path))(
                 node.inner, own, jax.random.split(k, node.length))
