@@ -296,3 +296,26 @@ def test_stock_training_loops_refuse_adalora_by_name():
     with pytest.raises(ConfigError, match="update_and_allocate"):
         MethodSpec("adalora", AL.AdaLoraConfig(total_step=10))
     assert isinstance(method_of({"method": {"name": "vera"}}), jpeft.VeraConfig)
+
+
+def test_allocator_misuse_is_refused_by_name():
+    """A gradient tree of another shape (a raw pytree error), the final allocation with an empty
+    state (a restarted run: a TypeError deep in the scoring) and a rank pattern missing this
+    adapter's sites (it masked the others and skipped them silently) are named errors."""
+    from jpeft.errors import InputValidationError
+
+    params = {"params": {"q": nn.Dense(6).init(jax.random.key(0), jnp.ones((1, 6)))["params"],
+                         "v": nn.Dense(6).init(jax.random.key(1), jnp.ones((1, 6)))["params"]}}
+    config = AL.AdaLoraConfig(target_modules=["q", "v"], init_r=4, target_r=2, tinit=1, tfinal=2, total_step=6,
+                              deltaT=1)
+    ad = jpeft.init(config, params, jax.random.key(2))
+    grads = jax.tree.map(jnp.ones_like, ad)
+    with pytest.raises(InputValidationError, match="gradient tree of this adapter"):
+        AL.update_and_allocate(config, AL.AllocatorState(), ad, {"q": grads["q"]}, 1)
+    with pytest.raises(ConfigError, match="AllocatorState is empty"):
+        AL.update_and_allocate(config, AL.AllocatorState(), ad, grads, 4)
+    _, state, _ = AL.update_and_allocate(config, AL.AllocatorState(), ad, grads, 1)
+    _, _, pattern = AL.update_and_allocate(config, state, ad, grads, 4)  # with the kept state it allocates
+    assert sorted(pattern) == [AL.rank_key("q"), AL.rank_key("v")]
+    with pytest.raises(ConfigError, match="rank_pattern has no entry"):
+        AL.mask_using_rank_pattern(ad, {AL.rank_key("q"): pattern[AL.rank_key("q")]})

@@ -41,6 +41,7 @@ from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
+    InputValidationError,
     ShapeMismatchError,
     ShardingError,
     UnsupportedAdapterError,
@@ -411,7 +412,12 @@ def mask_to_budget(state: AllocatorState, adapter, budget: int) -> tuple[dict, d
 def mask_using_rank_pattern(adapter, rank_pattern: Mapping[str, Any]) -> dict:
     """Zeroes the ``E`` entries ``rank_pattern`` drops (the ranks stay fixed after the schedule)."""
     out = dict(adapter)
-    for path, node in _sites(adapter).items():
+    sites = _sites(adapter)
+    missing = sorted(rank_key(p) for p in sites if rank_key(p) not in rank_pattern)
+    if missing:  # a pattern of another adapter (PEFT raises KeyError); masking the rest would be silent
+        raise ConfigError(f"rank_pattern has no entry for {missing[:3]}{' ...' if len(missing) > 3 else ''} of this "
+                          "adapter's sites; use the pattern the final allocation of this adapter returned.")
+    for path, node in sites.items():
         keep = rank_pattern.get(rank_key(path))
         if keep is not None:
             out[path] = dataclasses.replace(node, lora_E=jnp.where(jnp.asarray(keep), node.lora_E, 0.0).astype(node.lora_E.dtype))
@@ -428,6 +434,10 @@ def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, adapter, g
       the latest with ``config = config.replace(rank_pattern=rank_pattern)``.
     """
     sites = _sites(adapter)
+    if jax.tree.structure(grads) != jax.tree.structure(adapter):
+        raise InputValidationError("update_and_allocate: grads must be the gradient tree of this adapter (the same "
+                                   f"sites and arrays); found {len(jax.tree.leaves(grads))} arrays for the adapter's "
+                                   f"{len(jax.tree.leaves(adapter))}.")
     init_bgt = sum(int(n.lora_E.shape[0]) for n in sites.values())
     target_bgt = int(config.target_r) * len(sites)
     final = config.total_step - config.tfinal
@@ -439,6 +449,12 @@ def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, adapter, g
         adapter, pattern = mask_to_budget(state, adapter, budget)
         return adapter, state, pattern
     if step == final:
+        if state.ipt is None:
+            raise ConfigError(
+                f"update_and_allocate at the final allocation (step {step} = total_step - tfinal) ranks triplets by the "
+                "sensitivity averages the earlier steps kept, but this AllocatorState is empty (a fresh state, e.g. "
+                "after a restart): keep the state returned by each earlier step (it is a pytree of arrays; save it "
+                "with the adapter), or allocate before the final step.")
         budget, _ = budget_schedule(config, step, init_bgt, target_bgt)
         adapter, pattern = mask_to_budget(state, adapter, budget)
         return adapter, AllocatorState(), pattern
