@@ -6,10 +6,7 @@ import os
 import shutil
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
-from safetensors.numpy import save_file
 
 from jpeft.errors import ConfigError, InputValidationError, LoadError
 from jpeft.io import safetensors_index
@@ -80,33 +77,10 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
     stored = {}
     for f in loading.weight_files(loaded.folder)[0]:
         stored.update({k: e[0] for k, e in safetensors_index(f)[0].items()})
-    cfg = loading.config_from_hf(loaded.hf_config)
-    fam = loading._family_of(cfg)
     inner = params["params"] if "params" in params else params
-    keymap = loading.hf_key_map(jax.eval_shape(lambda: inner), fam)
-    tensors = {}
-    for hf_key, (keys, _mpath, transposed, _shape) in keymap.items():
-        node = inner
-        for k in keys:
-            node = node[k]
-        a = np.asarray(jax.device_get(node))
-        if hf_key in stored and a.dtype != stored[hf_key]:
-            a = a.astype(stored[hf_key])
-        tensors[hf_key] = np.ascontiguousarray(a.T if transposed else a)
-    os.makedirs(out, exist_ok=True)
-    # an older sharded model in ``out`` (``--force``): its index and shards go once the new file
-    # is in place, as save_pretrained does (both loaders read model.safetensors first)
-    stale = loading.stale_shards(out)
-    tmp = os.path.join(out, "model.safetensors.tmp")
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(out, "model.safetensors"))
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    for f in stale:
-        if os.path.isfile(f):
-            os.remove(f)
+    tensors = loading.hf_tensors(inner, loading._family_of(loading.config_from_hf(loaded.hf_config)), stored)
+    # an older sharded model in ``out`` (``--force``): its index and shards go once the new file is in place
+    loading.write_weights(out, tensors)
     for name in os.listdir(loaded.folder):
         if name in ("config.json", "generation_config.json") or name.startswith(("tokenizer", "special_tokens",
                                                                                  "vocab", "merges", "added_tokens",

@@ -327,17 +327,27 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
         raise ConfigError(f"attention block_size must be a positive integer or 0 (automatic), found {block_size!r}.")
     rate = check_dropout(dropout_rate)
-    if rate > 0.0 and dropout_key is not None:
-        return _attention_with_dropout(q, k, v, mask, scale=scale, implementation=implementation,
-                                       block_size=block_size, rate=rate, seed=dropout_seed(dropout_key))
-    if implementation == "splash" or (implementation == "auto" and _splash_fits(mask, q.shape[1], k.shape[1])):
+    seed = dropout_seed(dropout_key) if rate > 0.0 and dropout_key is not None else None
+    if seed is not None and implementation in ("cudnn", "splash"):
+        raise ConfigError(
+            f"attention={implementation!r} has no attention-probability dropout, but this call drops with rate {rate}; "
+            "use attention='auto' or 'blockwise' for training with dropout (or train with the dropout rate at 0).")
+    if seed is None and (implementation == "splash"
+                         or (implementation == "auto" and _splash_fits(mask, q.shape[1], k.shape[1]))):
         return _splash.splash_attention(q, k, v, mask, scale=scale, block_size=block_size)
     key_block = None
     if not block_size:
         block_size = auto_block_size(q.shape[1], mask)
         key_block = auto_key_block_size(block_size, mask)
-    impl = resolve(implementation, q.dtype, q.shape[-1], k.shape[1], key_block or block_size)
+    if seed is None:
+        impl = resolve(implementation, q.dtype, q.shape[-1], k.shape[1], key_block or block_size)
+    else:  # the fused kernels take no dropout: the reference where the keys fit one block, else the blockwise one
+        check_implementation(implementation)
+        one_block = implementation == "auto" and k.shape[1] <= (key_block or block_size)
+        impl = "reference" if implementation == "reference" or one_block else "blockwise"
     if impl == "reference":
+        if seed is not None:
+            return _reference_with_dropout(q, k, v, mask, scale, rate, seed)
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale).astype(q.dtype)
     if impl == "cudnn":
         if plain:
@@ -345,23 +355,8 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=mask.causal,
                                                 local_window_size=window, implementation="cudnn")
         return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale, implementation="cudnn")
-    return blockwise_attention(q, k, v, mask, scale=scale, block_size=block_size, key_block_size=key_block)
-
-
-def _attention_with_dropout(q, k, v, mask, *, scale, implementation, block_size, rate, seed):
-    if implementation in ("cudnn", "splash"):
-        raise ConfigError(
-            f"attention={implementation!r} has no attention-probability dropout, but this call drops with rate {rate}; "
-            "use attention='auto' or 'blockwise' for training with dropout (or train with the dropout rate at 0).")
-    check_implementation(implementation)
-    key_block = None
-    if not block_size:
-        block_size = auto_block_size(q.shape[1], mask)
-        key_block = auto_key_block_size(block_size, mask)
-    if implementation == "reference" or (implementation == "auto" and k.shape[1] <= (key_block or block_size)):
-        return _reference_with_dropout(q, k, v, mask, scale, rate, seed)
     return blockwise_attention(q, k, v, mask, scale=scale, block_size=block_size, key_block_size=key_block,
-                               dropout_rate=rate, dropout_seed=seed)
+                               dropout_rate=rate if seed is not None else 0.0, dropout_seed=seed)
 
 
 def _splash_fits(mask: AttentionMask, sq: int, sk: int) -> bool:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
-from safetensors.flax import save_file
+from safetensors.numpy import save_file
 
 from jpeft import _hostmem, quant
 from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, QuantizationError, SaveError,
@@ -818,34 +818,49 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
     inner = quant.dequantize(inner)  # a quantized base is written as the kernels it stands for
     if getattr(config, "scan_layers", False):
         inner = unstack_params(inner)
-    expected = hf_key_map(inner, _family_of(config))
+    try:
+        write_weights(path, hf_tensors(inner, _family_of(config)),
+                      {"config.json": json.dumps(d, indent=2, sort_keys=True)})
+    except OSError as e:
+        raise SaveError(f"could not write the checkpoint to {path!r}: {e}. Its previous weights are unchanged.") from None
+
+
+def hf_tensors(inner, family, dtypes: Optional[Mapping[str, Any]] = None) -> dict:
+    """``{Hugging Face name: numpy array}`` of a params tree (transposed to Hugging Face's
+    layouts), each cast to ``dtypes[name]`` where given (the dtypes a checkpoint stores)."""
     tensors = {}
-    for k, (tree_keys, mpath, transposed, shape) in expected.items():
+    for k, (tree_keys, _mpath, transposed, _shape) in hf_key_map(jax.eval_shape(lambda: inner), family).items():
         node = inner
         for c in tree_keys:
             node = node[c]
-        tensors[k] = jnp.asarray(node.T if transposed else node)
-    # Each file is written under a temporary name and renamed into place, weights first, so a
-    # failed save leaves the folder's previous checkpoint as it was; then the shards and index
-    # of an earlier sharded save there are removed (transformers removes stale shards too),
-    # which would otherwise stand next to the new model.safetensors.
-    written = []
+        a = np.asarray(jax.device_get(node))
+        if dtypes is not None and k in dtypes and a.dtype != dtypes[k]:
+            a = a.astype(dtypes[k])
+        tensors[k] = np.ascontiguousarray(a.T if transposed else a)
+    return tensors
+
+
+def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[Mapping[str, str]] = None) -> None:
+    """Writes ``model.safetensors`` (and the text files ``texts``, e.g. ``config.json``) into
+    ``path``, each under a temporary name renamed into place, weights first, so a failed write
+    leaves the folder's previous checkpoint as it was; then removes the index and shards of an
+    earlier sharded save there (:func:`stale_shards`; transformers removes them too), which
+    would otherwise stand next to the new ``model.safetensors``. ``OSError`` propagates."""
+    names = ["model.safetensors", *(texts or {})]
+    os.makedirs(path, exist_ok=True)
+    tmp = {name: os.path.join(path, f".{name}.jpeft-tmp") for name in names}
     try:
-        os.makedirs(path, exist_ok=True)
-        tmp = {name: os.path.join(path, f".{name}.jpeft-tmp") for name in ("model.safetensors", "config.json")}
-        written = list(tmp.values())
-        save_file(tensors, tmp["model.safetensors"], metadata={"format": "pt"})
-        with open(tmp["config.json"], "w") as f:
-            json.dump(d, f, indent=2, sort_keys=True)
+        save_file(dict(tensors), tmp["model.safetensors"], metadata={"format": "pt"})
+        for name, text in (texts or {}).items():
+            with open(tmp[name], "w") as f:
+                f.write(text)
         stale = stale_shards(path)
-        for name, t in tmp.items():
-            os.replace(t, os.path.join(path, name))
-    except BaseException as e:
-        for t in written:
+        for name in names:
+            os.replace(tmp[name], os.path.join(path, name))
+    except BaseException:
+        for t in tmp.values():
             with contextlib.suppress(OSError):
                 os.remove(t)
-        if isinstance(e, OSError):
-            raise SaveError(f"could not write the checkpoint to {path!r}: {e}. Its previous weights are unchanged.") from None
         raise
     for f in stale:
         with contextlib.suppress(FileNotFoundError):
@@ -853,7 +868,7 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
 
 
 def stale_shards(path: str) -> list[str]:
-    """``model.safetensors.index.json`` in ``path`` and the ``model-XXXXX-of-XXXXX.safetensors``
+    """``model.safetensors.index.json`` in ``path`` and the ``model-00001-of-00003.safetensors``-style
     shards there (the files an unsharded save replaces)."""
     names = [n for n in os.listdir(path) if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", n)]
     if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
