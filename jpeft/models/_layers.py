@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -607,6 +607,166 @@ def run_scanned(layers, hidden, mask, rope, cache, kv_valid, prefix_kv, determin
     if as_tuple:
         ks, vs = tuple(ks), tuple(vs)
     return hidden, KVCache(ks, vs, kv_valid, cache.index + hidden.shape[1])
+
+
+# -- decoder plumbing shared by the families ------------------------------------------------------
+
+def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache, embeds, what, segment_ids=None):
+    """Shared prologue of the decoders: embeddings, the mask and the positions.
+
+    If the embedding module returns more positions than ``input_ids`` has (an input-site
+    adapter prepending virtual tokens), the extra leading positions are treated as real
+    tokens: the mask gets leading ones and default positions are recomputed.
+
+    With ``segment_ids`` (packed documents, ``[batch, seq]`` int, 0 or any id for padding
+    that ``attention_mask`` marks) default positions restart at 0 in every document.
+
+    Returns:
+      ``(hidden, attention_mask, position_ids, padded)``, ``padded`` being False when no
+      attention mask was given (every token is real, known at trace time).
+    """
+    vocab = getattr(embeds, "num_embeddings", None)
+    b, s = check_ids_mask(input_ids, attention_mask, inputs_embeds, what, vocab)
+    input_ids = padding_ids_in_range(input_ids, attention_mask, vocab)
+    hidden = embeds(input_ids) if inputs_embeds is None else inputs_embeds
+    padded = attention_mask is not None
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, s), bool)
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (b, s) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise InputValidationError(
+                f"{what}: segment_ids must be integers of shape {(b, s)} (one document id per token), "
+                f"found {segment_ids.dtype} {tuple(segment_ids.shape)}."
+            )
+    n_extra = hidden.shape[1] - s
+    if n_extra:
+        if segment_ids is not None:
+            raise InputValidationError(
+                f"{what}: the embeddings have {n_extra} more positions than input_ids (virtual tokens of prompt "
+                "tuning, prepended once per row), which cannot be shared by packed documents; pass no "
+                "segment_ids (in `jpeft train`, set packing = \"stream\" in [data])."
+            )
+        attention_mask = jnp.concatenate([jnp.ones((b, n_extra), attention_mask.dtype), attention_mask], axis=1)
+        if position_ids is not None:
+            raise InputValidationError(
+                f"{what}: the embeddings have {n_extra} more positions than input_ids (virtual tokens), "
+                "so explicit position_ids cannot be used; leave position_ids=None."
+            )
+    if position_ids is None:
+        if segment_ids is not None:
+            position_ids = segment_slots(segment_ids.astype(jnp.int32))
+        else:
+            position_ids = default_positions(attention_mask, cache)
+    elif tuple(position_ids.shape) != tuple(attention_mask.shape):
+        raise InputValidationError(
+            f"{what}: position_ids must have shape {tuple(attention_mask.shape)}, found {tuple(position_ids.shape)}."
+        )
+    return hidden, attention_mask, position_ids, padded
+
+
+def check_prefix_count(prefix_kv, num_layers: int) -> None:
+    """``prefix_kv`` (prefix tuning's per-layer keys and values) must hold one pair per layer."""
+    if prefix_kv is not None and len(prefix_kv) != num_layers:
+        raise InputValidationError(
+            f"prefix_kv must hold one (k, v) pair per layer ({num_layers}), found {len(prefix_kv)}."
+        )
+
+
+def run_unrolled(layers, hidden, cache, kv_valid, call):
+    """Runs an unrolled layer list, threading the key/value cache: ``call(i, layer, hidden,
+    layer_cache)`` returns the layer's output (``(hidden, (k, v))`` when a cache is given).
+    Returns ``(hidden, new_cache_or_None)``, as :func:`run_scanned` does for a scanned stack."""
+    new_k, new_v = [], []
+    for i, layer in enumerate(layers):
+        layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
+        out = call(i, layer, hidden, layer_cache)
+        if cache is None:
+            hidden = out
+        else:
+            hidden, (kc, vc) = out
+            new_k.append(kc)
+            new_v.append(vc)
+    if cache is None:
+        return hidden, None
+    return hidden, KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + hidden.shape[1])
+
+
+class CausalLM(nn.Module):
+    """The causal language-model wrapper every decoder family shares: a trunk module (the
+    attribute ``trunk_name``, of class ``trunk_class``, returning ``(hidden, new_cache)``) and
+    the output layer: the trunk's input embedding (attribute ``embed_name``) transposed when
+    ``tie_word_embeddings``, else ``lm_head``. A family subclasses it with its config field
+    and the three names (their Hugging Face module names)."""
+
+    trunk_name: ClassVar[str]
+    trunk_class: ClassVar[type]
+    embed_name: ClassVar[str]
+
+    def setup(self):
+        setattr(self, self.trunk_name, self.trunk_class(self.config))
+        if not self.config.tie_word_embeddings:
+            self.lm_head = dense(self.config.vocab_size, False, self.config, "lm_head")
+
+    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
+                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
+        hidden, new_cache = getattr(self, self.trunk_name)(
+            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
+            segment_ids=segment_ids, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
+        )
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden_states(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
+                      segment_ids=None, prefix_kv=None, deterministic=True):
+        """The final hidden states ``[batch, seq, hidden]`` (after the last norm): the call
+        without its output layer, so ``logits(hidden_states(...))`` is the call's output.
+        :func:`jpeft.data.causal_lm_loss_chunked` takes the loss from here a few positions at a time."""
+        return getattr(self, self.trunk_name)(
+            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
+            segment_ids=segment_ids, prefix_kv=prefix_kv, deterministic=deterministic,
+        )[0]
+
+    def logits(self, hidden):
+        """The output layer: ``[..., hidden] -> [..., vocab]`` (``lm_head``, or the input
+        embedding's transpose when ``tie_word_embeddings``)."""
+        if self.config.tie_word_embeddings:
+            return getattr(getattr(self, self.trunk_name), self.embed_name).attend(hidden)
+        return self.lm_head(hidden)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        return init_cache(self.config, batch_size, max_length, dtype)
+
+
+# -- configs ---------------------------------------------------------------------------------------
+
+class ConfigMethods:
+    """Methods every model config (a frozen dataclass) shares."""
+
+    def replace(self, **kw):
+        """A copy with the given fields changed (validated again)."""
+        return dataclasses.replace(self, **kw)
+
+    def _finish(self, name: str) -> None:
+        """The end of ``__post_init__`` common to the families: dtypes made canonical, the shared
+        checks (:func:`validate_common`) and the activation name."""
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype))
+        validate_common(self, name)
+        check_activation(self.hidden_act)
+
+
+class FullHeadsConfig(ConfigMethods):
+    """A config whose attention gives every head its own keys and values, of width
+    ``hidden_size // num_heads`` (GPT-2, BERT)."""
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
 
 def canonical_dtype(x):

@@ -25,7 +25,7 @@ from jpeft.models import _layers as L
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(L.FullHeadsConfig):
     """Configuration of BERT (Hugging Face names in brackets).
 
     Args:
@@ -79,21 +79,7 @@ class BertConfig:
                 raise ConfigError(
                     f"BertConfig.label_names has {len(self.label_names)} names for num_labels={self.num_labels}."
                 )
-        object.__setattr__(self, "dtype", L.canonical_dtype(self.dtype))
-        object.__setattr__(self, "param_dtype", L.canonical_dtype(self.param_dtype))
-        L.validate_common(self, "BertConfig")
-        L.check_activation(self.hidden_act)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def replace(self, **kw) -> "BertConfig":
-        return dataclasses.replace(self, **kw)
+        self._finish("BertConfig")
 
 
 def _ln(c, name):

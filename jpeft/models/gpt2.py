@@ -18,18 +18,17 @@ such targets with ``fan_in_fan_out=True``; :func:`jpeft.hf.save_peft` sets it.)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.models import _layers as L
-from jpeft.models.llama import decoder_inputs
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class GPT2Config(L.FullHeadsConfig):
     """Configuration of GPT-2 (Hugging Face names in brackets).
 
     Args:
@@ -80,21 +79,7 @@ class GPT2Config:
             raise ConfigError(
                 f"GPT2Config: hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})."
             )
-        object.__setattr__(self, "dtype", L.canonical_dtype(self.dtype))
-        object.__setattr__(self, "param_dtype", L.canonical_dtype(self.param_dtype))
-        L.validate_common(self, "GPT2Config")
-        L.check_activation(self.hidden_act)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.num_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def replace(self, **kw) -> "GPT2Config":
-        return dataclasses.replace(self, **kw)
+        self._finish("GPT2Config")
 
 
 class GPT2Attention(nn.Module):
@@ -170,13 +155,10 @@ class GPT2Model(nn.Module):
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
                  segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
         c = self.config
-        hidden, attention_mask, position_ids, padded = decoder_inputs(
+        hidden, attention_mask, position_ids, padded = L.decoder_inputs(
             input_ids, attention_mask, inputs_embeds, position_ids, cache, self.wte, "GPT2Model", segment_ids
         )
-        if prefix_kv is not None and len(prefix_kv) != c.num_layers:
-            raise InputValidationError(
-                f"prefix_kv must hold one (k, v) pair per layer ({c.num_layers}), found {len(prefix_kv)}."
-            )
+        L.check_prefix_count(prefix_kv, c.num_layers)
         if cache is None and hidden.shape[1] > c.max_position_embeddings:
             # the position table would be read past its end (NaN, silently); transformers raises too
             raise InputValidationError(
@@ -187,23 +169,15 @@ class GPT2Model(nn.Module):
         hidden = (hidden + self.wpe(position_ids)).astype(c.dtype)
         hidden = self.drop(hidden, deterministic=deterministic)
         mask, kv_valid = L.causal_mask(attention_mask, cache, segment_ids=segment_ids, padded=padded)
-        new_k, new_v = [], []
-        for i, block in enumerate(self.h):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
-            out = block(hidden, mask, layer_cache, None if prefix_kv is None else prefix_kv[i], deterministic)
-            if cache is None:
-                hidden = out
-            else:
-                hidden, (kc, vc) = out
-                new_k.append(kc)
-                new_v.append(vc)
-        hidden = self.ln_f(hidden)
-        if cache is None:
-            return hidden, None
-        return hidden, L.KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + hidden.shape[1])
+
+        def call(i, block, hidden, layer_cache):
+            return block(hidden, mask, layer_cache, None if prefix_kv is None else prefix_kv[i], deterministic)
+
+        hidden, new_cache = L.run_unrolled(self.h, hidden, cache, kv_valid, call)
+        return self.ln_f(hidden), new_cache
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(L.CausalLM):
     """GPT-2 with its language-model head (tied to ``wte`` unless ``tie_word_embeddings=False``).
 
     Same call signature and outputs as :class:`~jpeft.models.LlamaForCausalLM`; learned
@@ -211,38 +185,6 @@ class GPT2LMHeadModel(nn.Module):
     """
 
     config: GPT2Config
-
-    def setup(self):
-        self.transformer = GPT2Model(self.config)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = L.dense(self.config.vocab_size, False, self.config, "lm_head")
-
-    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
-        hidden, new_cache = self.transformer(
-            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
-            segment_ids=segment_ids, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
-        )
-        logits = self.logits(hidden)
-        return logits if cache is None else (logits, new_cache)
-
-    def hidden_states(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                      segment_ids=None, prefix_kv=None, deterministic=True):
-        """The final hidden states ``[batch, seq, hidden]`` (after the last norm): the call
-        without its output layer, so ``logits(hidden_states(...))`` is the call's output.
-        :func:`jpeft.data.causal_lm_loss_chunked` takes the loss from here a few positions at a time."""
-        return self.transformer(
-            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
-            segment_ids=segment_ids, prefix_kv=prefix_kv, deterministic=deterministic,
-        )[0]
-
-    def logits(self, hidden):
-        """The output layer: ``[..., hidden] -> [..., vocab]`` (``lm_head``, or the input
-        embedding's transpose when ``tie_word_embeddings``)."""
-        if self.config.tie_word_embeddings:
-            return self.transformer.wte.attend(hidden)
-        return self.lm_head(hidden)
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> L.KVCache:
-        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
-        return L.init_cache(self.config, batch_size, max_length, dtype)
+    trunk_name: ClassVar[str] = "transformer"
+    trunk_class: ClassVar[type] = GPT2Model
+    embed_name: ClassVar[str] = "wte"

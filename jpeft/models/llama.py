@@ -17,7 +17,7 @@ select the same modules.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ def _freeze_mapping(d):
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(L.ConfigMethods):
     """Configuration of a Llama-family decoder (also Mistral and Qwen2).
 
     Field names follow jpeft's common model-config vocabulary (``num_layers``, ``num_heads``,
@@ -137,12 +137,9 @@ class LlamaConfig:
                 raise ConfigError(f"LlamaConfig.layer_types: unknown entries {bad}; use 'full_attention' or 'sliding_attention'.")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        object.__setattr__(self, "dtype", L.canonical_dtype(self.dtype))
-        object.__setattr__(self, "param_dtype", L.canonical_dtype(self.param_dtype))
-        L.validate_common(self, "LlamaConfig")
+        self._finish("LlamaConfig")
         if self.head_dim % 2:
             raise ConfigError(f"LlamaConfig.head_dim must be even for rotary embeddings, found {self.head_dim}.")
-        L.check_activation(self.hidden_act)
         if self.scan_layers and len({self.window(i) for i in range(self.num_layers)}) > 1:
             raise ConfigError(
                 "LlamaConfig(scan_layers=True) runs one program for every layer, but layer_types gives the layers "
@@ -182,9 +179,6 @@ class LlamaConfig:
         if self.layer_types is None:
             return int(self.sliding_window)
         return int(self.sliding_window) if self.layer_types[layer] == "sliding_attention" else None
-
-    def replace(self, **kw) -> "LlamaConfig":
-        return dataclasses.replace(self, **kw)
 
 
 class LlamaMLP(nn.Module):
@@ -258,65 +252,6 @@ class LlamaDecoderLayer(nn.Module):
         return hidden if cache is None else (hidden, new)
 
 
-def _prefix_for(prefix_kv, i):
-    if prefix_kv is None:
-        return None
-    return prefix_kv[i]
-
-
-def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache, embeds, what, segment_ids=None):
-    """Shared prologue of the decoders: embeddings, the mask and the positions.
-
-    If the embedding module returns more positions than ``input_ids`` has (an input-site
-    adapter prepending virtual tokens), the extra leading positions are treated as real
-    tokens: the mask gets leading ones and default positions are recomputed.
-
-    With ``segment_ids`` (packed documents, ``[batch, seq]`` int, 0 or any id for padding
-    that ``attention_mask`` marks) default positions restart at 0 in every document.
-
-    Returns:
-      ``(hidden, attention_mask, position_ids, padded)``, ``padded`` being False when no
-      attention mask was given (every token is real, known at trace time).
-    """
-    vocab = getattr(embeds, "num_embeddings", None)
-    b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, what, vocab)
-    input_ids = L.padding_ids_in_range(input_ids, attention_mask, vocab)
-    hidden = embeds(input_ids) if inputs_embeds is None else inputs_embeds
-    padded = attention_mask is not None
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, s), bool)
-    if segment_ids is not None:
-        if tuple(segment_ids.shape) != (b, s) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise InputValidationError(
-                f"{what}: segment_ids must be integers of shape {(b, s)} (one document id per token), "
-                f"found {segment_ids.dtype} {tuple(segment_ids.shape)}."
-            )
-    n_extra = hidden.shape[1] - s
-    if n_extra:
-        if segment_ids is not None:
-            raise InputValidationError(
-                f"{what}: the embeddings have {n_extra} more positions than input_ids (virtual tokens of prompt "
-                "tuning, prepended once per row), which cannot be shared by packed documents; pass no "
-                "segment_ids (in `jpeft train`, set packing = \"stream\" in [data])."
-            )
-        attention_mask = jnp.concatenate([jnp.ones((b, n_extra), attention_mask.dtype), attention_mask], axis=1)
-        if position_ids is not None:
-            raise InputValidationError(
-                f"{what}: the embeddings have {n_extra} more positions than input_ids (virtual tokens), "
-                "so explicit position_ids cannot be used; leave position_ids=None."
-            )
-    if position_ids is None:
-        if segment_ids is not None:
-            position_ids = L.segment_slots(segment_ids.astype(jnp.int32))
-        else:
-            position_ids = L.default_positions(attention_mask, cache)
-    elif tuple(position_ids.shape) != tuple(attention_mask.shape):
-        raise InputValidationError(
-            f"{what}: position_ids must have shape {tuple(attention_mask.shape)}, found {tuple(position_ids.shape)}."
-        )
-    return hidden, attention_mask, position_ids, padded
-
-
 class LlamaModel(nn.Module):
     """The decoder stack: ``embed_tokens``, ``layers_{i}`` (``layers``, stacked, with
     ``scan_layers``), ``norm``."""
@@ -339,13 +274,10 @@ class LlamaModel(nn.Module):
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
                  segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
         c = self.config
-        hidden, attention_mask, position_ids, padded = decoder_inputs(
+        hidden, attention_mask, position_ids, padded = L.decoder_inputs(
             input_ids, attention_mask, inputs_embeds, position_ids, cache, self.embed_tokens, "LlamaModel", segment_ids
         )
-        if prefix_kv is not None and len(prefix_kv) != c.num_layers:
-            raise InputValidationError(
-                f"prefix_kv must hold one (k, v) pair per layer ({c.num_layers}), found {len(prefix_kv)}."
-            )
+        L.check_prefix_count(prefix_kv, c.num_layers)
         hidden = hidden.astype(c.dtype)
         inv = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_dict)
         rope = L.rope_cos_sin(position_ids, inv)
@@ -354,28 +286,18 @@ class LlamaModel(nn.Module):
             hidden, new_cache = L.run_scanned(self.layers, hidden, mask, rope, cache, kv_valid, prefix_kv, deterministic)
             return self.norm(hidden), new_cache
         masks = {}
-        kv_valid = None
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            w = c.window(i)
-            if w not in masks:
-                masks[w], kv_valid = L.causal_mask(attention_mask, cache, w, segment_ids=segment_ids, padded=padded)
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
-            out = layer(hidden, masks[w], rope, layer_cache, _prefix_for(prefix_kv, i), deterministic)
-            if cache is None:
-                hidden = out
-            else:
-                hidden, (kc, vc) = out
-                new_k.append(kc)
-                new_v.append(vc)
-        hidden = self.norm(hidden)
-        if cache is None:
-            return hidden, None
-        new_cache = L.KVCache(tuple(new_k), tuple(new_v), kv_valid, cache.index + hidden.shape[1])
-        return hidden, new_cache
+        for w in dict.fromkeys(c.window(i) for i in range(c.num_layers)):  # one mask per window width
+            masks[w], kv_valid = L.causal_mask(attention_mask, cache, w, segment_ids=segment_ids, padded=padded)
+
+        def call(i, layer, hidden, layer_cache):
+            pre = None if prefix_kv is None else prefix_kv[i]
+            return layer(hidden, masks[c.window(i)], rope, layer_cache, pre, deterministic)
+
+        hidden, new_cache = L.run_unrolled(self.layers, hidden, cache, kv_valid, call)
+        return self.norm(hidden), new_cache
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(L.CausalLM):
     """A Llama-family causal LM (``model`` + ``lm_head``; Mistral and Qwen2 are the same class
     with their config flags).
 
@@ -390,41 +312,9 @@ class LlamaForCausalLM(nn.Module):
     """
 
     config: LlamaConfig
-
-    def setup(self):
-        self.model = LlamaModel(self.config)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = L.dense(self.config.vocab_size, False, self.config, "lm_head")
-
-    def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
-        hidden, new_cache = self.model(
-            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
-            segment_ids=segment_ids, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
-        )
-        logits = self.logits(hidden)
-        return logits if cache is None else (logits, new_cache)
-
-    def hidden_states(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                      segment_ids=None, prefix_kv=None, deterministic=True):
-        """The final hidden states ``[batch, seq, hidden]`` (after the last norm): the call
-        without its output layer, so ``logits(hidden_states(...))`` is the call's output.
-        :func:`jpeft.data.causal_lm_loss_chunked` takes the loss from here a few positions at a time."""
-        return self.model(
-            input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
-            segment_ids=segment_ids, prefix_kv=prefix_kv, deterministic=deterministic,
-        )[0]
-
-    def logits(self, hidden):
-        """The output layer: ``[..., hidden] -> [..., vocab]`` (``lm_head``, or the input
-        embedding's transpose when ``tie_word_embeddings``)."""
-        if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
-
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> L.KVCache:
-        """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
-        return L.init_cache(self.config, batch_size, max_length, dtype)
+    trunk_name: ClassVar[str] = "model"
+    trunk_class: ClassVar[type] = LlamaModel
+    embed_name: ClassVar[str] = "embed_tokens"
 
 
 MistralForCausalLM = LlamaForCausalLM

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.models import _layers as L
-from jpeft.models.llama import LlamaConfig, decoder_inputs
+from jpeft.models.llama import LlamaConfig
 from jpeft.tree import nnx_with_params, unwrap_params
 
 
@@ -122,7 +122,7 @@ class LlamaModel(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, *, position_ids=None, segment_ids=None):
         c = self.c
-        hidden, attention_mask, position_ids, padded = decoder_inputs(
+        hidden, attention_mask, position_ids, padded = L.decoder_inputs(
             input_ids, attention_mask, None, position_ids, None, self.embed_tokens, "LlamaModel", segment_ids
         )
         hidden = hidden.astype(c.dtype)
