@@ -32,6 +32,26 @@ def from_matrix(mat, lay: Layout):
     return jnp.transpose(mat.reshape(tuple(lay.in_dims) + tuple(lay.out_dims)), inv)
 
 
+class AdditiveMerge:
+    """``merge`` / ``unmerge`` for a site whose update is added to its kernel (``W + dW``, with
+    ``dW = self.effective(own)`` in the kernel's shape): the sum is taken in float32 and stored
+    in the kernel's dtype. Mixed in before :class:`~jpeft.methods.base.Site` (AdaLoRA, VeRA,
+    LoHa, LoKr)."""
+
+    def _fold(self, own, sign: float):
+        pname = self.layout.param_name
+        w = own[pname]
+        return {**own, pname: (w.astype(jnp.float32) + sign * self.effective(own)).astype(w.dtype)}
+
+    def merge(self, own):
+        """Adds the update ``dW`` to the kernel."""
+        return self._fold(own, 1.0)
+
+    def unmerge(self, own):
+        """Subtracts ``dW`` from the kernel again (exact up to float rounding)."""
+        return self._fold(own, -1.0)
+
+
 def _einsum_letters(lay: Layout):
     lhs, out = lay.equation.replace(" ", "").split("->")
     x_sub, k_sub = lhs.split(",")

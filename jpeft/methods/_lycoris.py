@@ -39,7 +39,7 @@ from jpeft import _inject, scan
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
-from jpeft.methods._common import linear_candidates, linear_layout, to_matrix
+from jpeft.methods._common import AdditiveMerge, linear_candidates, linear_layout, to_matrix
 from jpeft.methods.base import Call, Kind, Layout, Site, static_field
 from jpeft.peft_format import add_site_pattern, config_from_peft, peft_key, site_tensors
 from jpeft.tree import compile_pattern, hf_name, linear_only, regex_fullmatch, select
@@ -216,7 +216,7 @@ def _finite_positive(v) -> bool:
 # -- the site node ----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class LycorisSite(Site):
+class LycorisSite(AdditiveMerge, Site):
     """Skeleton of a LoHa / LoKr site: subclasses hold their tensors (PyTorch orientation) as
     pytree children and define :meth:`torch_delta`. Static fields: the module layout, the scale
     ``alpha / r`` and PEFT's two training-time dropouts.
@@ -307,22 +307,6 @@ class LycorisSite(Site):
     def effective(self, own):
         """L2-SP's effective weights: the update ``dW`` in the kernel's shape (it is additive)."""
         return self.kernel_delta()
-
-    # -- merge
-    def _fold(self, own, sign: float):
-        pname = self.layout.param_name
-        w = own[pname]
-        out = dict(own)
-        out[pname] = (w.astype(jnp.float32) + sign * self.kernel_delta()).astype(w.dtype)
-        return out
-
-    def merge(self, own):
-        """Adds ``dW`` to the kernel."""
-        return self._fold(own, 1.0)
-
-    def unmerge(self, own):
-        """Subtracts ``dW`` from the kernel (exact up to float rounding)."""
-        return self._fold(own, -1.0)
 
 
 # -- init -------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import down_project, from_matrix, linear_candidates, linear_layout, up_project
+from jpeft.methods._common import AdditiveMerge, down_project, from_matrix, linear_candidates, linear_layout, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
@@ -188,7 +188,7 @@ class AdaLoraConfig(AdapterConfig):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class AdaLoraWeights(Site):
+class AdaLoraWeights(AdditiveMerge, Site):
     """One AdaLoRA site: ``lora_A: [in, r]``, ``lora_E: [r]``, ``lora_B: [r, out]``."""
 
     lora_A: jax.Array
@@ -253,17 +253,6 @@ class AdaLoraWeights(Site):
         lead_e, kern_e = entries[:lead], entries[lead:]
         return dataclasses.replace(self, lora_A=P(*lead_e, flat_spec_entry(kern_e, lay.in_axes), None),
                                    lora_E=P(*lead_e, None), lora_B=P(*lead_e, None, flat_spec_entry(kern_e, lay.out_axes)))
-
-    def _fold(self, own, sign: float):
-        pname = self.layout.param_name
-        w = own[pname]
-        return {**own, pname: (w.astype(jnp.float32) + sign * from_matrix(self.delta_matrix(), self.layout)).astype(w.dtype)}
-
-    def merge(self, own):
-        return self._fold(own, 1.0)
-
-    def unmerge(self, own):
-        return self._fold(own, -1.0)
 
 
 def _layouts(config, params, infos):

@@ -62,7 +62,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import broadcast_out, down_project, from_matrix, linear_candidates, linear_layout, up_project
+from jpeft.methods._common import (AdditiveMerge, broadcast_out, down_project, from_matrix, linear_candidates, linear_layout,
+                                  up_project)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
@@ -172,7 +173,7 @@ def branch(x2, lambda_d, lambda_b, vera_A, vera_B) -> jax.Array:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class VeraWeights(Site):
+class VeraWeights(AdditiveMerge, Site):
     """One VeRA site: trainable ``lambda_d: [r]`` and ``lambda_b: [out]``, and this site's
     slices of the shared projections, ``vera_A: [in, r]`` and ``vera_B: [r, out]``, which
     :attr:`frozen` names: they get no gradient and no optimizer state, are not counted as
@@ -254,19 +255,6 @@ class VeraWeights(Site):
             self, lambda_d=P(*lead_e, None), lambda_b=P(*lead_e, b_out),
             vera_A=None if self.vera_A is None else P(*lead_e, a_in, None),
             vera_B=None if self.vera_B is None else P(*lead_e, None, b_out))
-
-    def _fold(self, own, sign: float):
-        pname = self.layout.param_name
-        w = own[pname]
-        return {**own, pname: (w.astype(jnp.float32) + sign * from_matrix(self.delta_matrix(), self.layout)).astype(w.dtype)}
-
-    def merge(self, own):
-        """Adds ``(A * lambda_d) @ (B * lambda_b)`` to the kernel."""
-        return self._fold(own, 1.0)
-
-    def unmerge(self, own):
-        """Subtracts the update again (exact up to float rounding)."""
-        return self._fold(own, -1.0)
 
 
 def _layouts(config: VeraConfig, params, infos) -> tuple[dict, dict]:
