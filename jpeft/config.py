@@ -82,6 +82,11 @@ class AdapterConfig:
         "arrow_config": (None, {}),
         "lora_ga_config": (None, {}),
         "use_bdlora": (False, None),
+        # LoRA variants whose files carry extra tensors or a changed base (KaSA truncates it):
+        # named here so the refusal says which option, not that the keys fit no module
+        "kasa_config": (None,),  # {} is the variant on, with its defaults
+        "monteclora_config": (None,),
+        "velora_config": (None,),
     }
 
     def replace(self, **changes) -> "AdapterConfig":

@@ -97,6 +97,39 @@ def test_peft_made_adapter_loads_into_jpeft(family, tmp_path):
         np.testing.assert_allclose(adapter["model/layers_0/mlp/down_proj"].scale, 3.0 / 2.0)  # rsLoRA: 3/sqrt(4)
 
 
+def test_pattern_keys_match_as_peft_not_on_jpeft_paths(tmp_path):
+    """A rank/alpha_pattern key that fits jpeft's path (model/layers_1/...) but not PEFT's dotted
+    name leaves the module at r / lora_alpha in PEFT, and so in jpeft (it was applied: 0.97 off)."""
+    hf, _ = T.hf_model("mistral")
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          alpha_pattern={r".*_1.*q_proj": 32, r".*\.1\.self_attn\.v_proj": 2})
+    pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path)
+    ids, mask = T.batch("mistral", seed=11)
+    _, params = loaded("mistral")
+    config, adapter = H.load_peft(str(tmp_path), params)
+    assert adapter["model/layers_1/self_attn/q_proj"].scale == 2.0  # PEFT: lora_alpha / r, the key does not apply
+    assert adapter["model/layers_1/self_attn/v_proj"].scale == 0.5
+    assert config.rank_alpha("model/layers_1/self_attn/q_proj") == (4, 8.0)  # the config agrees with the sites
+    _close("mistral", _jpeft_logits("mistral", adapter, ids, mask), _peft_logits(pm, "mistral", ids, mask), mask)
+
+
+@pytest.mark.parametrize("option", ["kasa_config", "monteclora_config", "velora_config"])
+def test_lora_variants_are_refused_by_name(saved_llama, tmp_path, option):
+    """PEFT 0.21's KaSA / MonteCLoRA / VeLoRA LoRA variants are named in the refusal (they were a
+    BaseMismatchError saying the adapter was made for another model)."""
+    d = tmp_path / "v"
+    shutil.copytree(saved_llama, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg[option] = {}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedAdapterError, match=option):
+        H.load_peft(str(d), loaded("llama2")[1])
+
+
 def _key_warnings(records):
     return [str(r) for r in records if any(w in str(r).lower() for w in ("missing", "unexpected"))]
 

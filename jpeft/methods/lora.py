@@ -292,14 +292,17 @@ class LoraConfig(AdapterConfig):
         name = hf_name(path)
         return any(name.endswith(m) for m in (self.modules_to_save or ()))
 
-    def rank_alpha(self, path: str) -> tuple[int, float]:
-        """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does."""
+    def rank_alpha(self, path: str, *, hf_only: bool = False) -> tuple[int, float]:
+        """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does.
+        A key may also name the jpeft path (``layers_1/mlp/up_proj``, ``Dense_0``); with
+        ``hf_only`` only PEFT's own rule applies (the end of the dotted name), as for a config
+        read from an ``adapter_config.json``."""
         name = hf_name(path)
 
         def lookup(pattern, default):
             for key, val in pattern.items():
                 k = key.replace("/", ".")
-                if regex_fullmatch(rf"(.*\.)?({k})", name) or regex_fullmatch(rf"(.*/)?({key})", path):
+                if regex_fullmatch(rf"(.*\.)?({k})", name) or (not hf_only and regex_fullmatch(rf"(.*/)?({key})", path)):
                     return val
             return default
 

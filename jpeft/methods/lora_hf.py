@@ -340,6 +340,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     for path, v in sorted(base_copies.items()):
         if path in leaves:
             _check_base_copy(path, v, leaves[path], ctx.folder)
+    config = _peft_patterns(config, [p for p in by_site if p in leaves])
     adapter = {}
     for path in sorted(by_site):
         t = by_site[path]
@@ -422,6 +423,21 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             if path not in adapter and "bias" in own:
                 adapter[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), ctx.dtype)})
     return config, adapter
+
+
+def _peft_patterns(config: LoraConfig, paths) -> LoraConfig:
+    """The config with each site's ``(r, alpha)`` as PEFT derives it from the file's
+    rank_pattern / alpha_pattern (the end of the dotted module name only): where a key would
+    also match a site's jpeft path (``.*_1.*q_proj`` on ``model/layers_1/self_attn/q_proj``,
+    which PEFT leaves at ``r`` / ``lora_alpha``), the patterns become one exact key per site,
+    so the config gives every later use (init, jpeft.save_adapter / load_adapter) PEFT's values."""
+    want = {p: config.rank_alpha(p, hf_only=True) for p in paths}
+    if all(config.rank_alpha(p) == v for p, v in want.items()):
+        return config
+    rank_pattern, alpha_pattern = {}, {}
+    for p, (r, alpha) in sorted(want.items()):
+        add_site_pattern(rank_pattern, alpha_pattern, p, r, alpha, config)
+    return dataclasses.replace(config, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
 def _check_base_copy(path: str, v: np.ndarray, own: Mapping[str, Any], folder: str) -> None:
