@@ -161,12 +161,15 @@ def batches(size: Size, n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------- flops
-def lora_step_flops(size: Size, r: int = 8) -> dict[str, float]:
+def lora_step_flops(size: Size, r: int = 8, causal: bool = False) -> dict[str, float]:
     """Matmul FLOPs of one LoRA training step (multiply-add = 2 FLOPs).
 
     * forward: ``2 * T * W`` for the frozen linear weights W (attention projections, MLP,
       lm_head), plus attention scores and values ``2 * 2 * B * S^2 * H`` per layer (the full,
-      not the causal half, as is usual for MFU), plus the LoRA branches ``2 * T * r * (in + out)``;
+      not the causal half, as is usual for MFU; ``causal=True`` counts only the ``S (S + 1) / 2``
+      query-key pairs a causal kernel computes: both jpeft's blockwise kernel and PyTorch's SDPA
+      skip the masked tiles, so at long sequences the full count is work neither side does and
+      an MFU from it can pass 1), plus the LoRA branches ``2 * T * r * (in + out)``;
     * backward: gradients with respect to activations cost the forward again (frozen weights get
       no weight gradient); attention backward costs twice its forward; LoRA weights get their
       gradients too (twice the LoRA forward).
@@ -178,7 +181,8 @@ def lora_step_flops(size: Size, r: int = 8) -> dict[str, float]:
     T = size.tokens
     lin_per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
     frozen = n * lin_per_layer + h * v
-    attn_fwd = n * 2 * 2 * size.batch * size.seq * size.seq * h
+    pairs = size.seq * (size.seq + 1) // 2 if causal else size.seq * size.seq
+    attn_fwd = n * 2 * 2 * size.batch * pairs * h
     shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
     lora_fwd = n * sum(2 * T * r * (a + b) for a, b in shapes)
     fwd = 2 * T * frozen + attn_fwd + lora_fwd
@@ -186,10 +190,10 @@ def lora_step_flops(size: Size, r: int = 8) -> dict[str, float]:
     return {"forward": float(fwd), "backward": float(bwd), "step": float(fwd + bwd)}
 
 
-def full_step_flops(size: Size) -> dict[str, float]:
+def full_step_flops(size: Size, causal: bool = False) -> dict[str, float]:
     """Matmul FLOPs of one full fine-tuning step: as :func:`lora_step_flops` without LoRA, and
     the backward pass also forms every weight gradient (another ``2 * T * W``)."""
-    f = lora_step_flops(size, r=0)
+    f = lora_step_flops(size, r=0, causal=causal)
     h, i, v, n = size.hidden, size.intermediate, size.vocab, size.layers
     kv = (size.kv_heads or size.heads) * (h // size.heads)
     weights = n * (h * h * 2 + h * kv * 2 + 3 * h * i) + h * v

@@ -118,7 +118,7 @@ def alternate_steps(compiled: dict, params, adapter, opt, data, key, rounds: int
         t = time.perf_counter()
         heap.before(count[0] > 1)
         a, o, metrics = compiled[label](params, a, o, data[count[0] % len(data)], key)
-        float(metrics["loss"])  # waits for the step
+        jax.block_until_ready((a, o, metrics))  # waits for the whole step, the update included
         heap.after()
         state[label] = (a, o)
         return time.perf_counter() - t
@@ -192,7 +192,10 @@ def worker(args) -> None:
         params, adapter = {}, params
     else:
         if "scan_layers=true" in args.config.lower():  # stacked sites: jpeft's own PEFT loader stacks them
-            _, adapter = jpeft.hf.load_peft(os.path.join(args.dir, "adapter"), params, dtype=dtype)
+            # float32 factors whatever the base dtype, as peft keeps them (autocast_adapter_dtype) and
+            # as the unscanned path below gets them from jpeft.init: the same trainable numbers and
+            # Adam state as the HF worker's
+            _, adapter = jpeft.hf.load_peft(os.path.join(args.dir, "adapter"), params, dtype=jnp.float32)
         else:
             adapter = jpeft.init(lora_config(args.r), params, jax.random.key(0))
             adapter = load_peft_adapter(adapter, os.path.join(args.dir, "adapter"))
@@ -235,7 +238,8 @@ def worker(args) -> None:
         t = time.perf_counter()
         heap.before(state["k"] > 1)
         a, o, m = compiled(params, state["adapter"], state["opt_state"], x, key)
-        loss = float(m["loss"])  # waits for the step
+        jax.block_until_ready((a, o))  # the update itself, not only the loss, is in the step's time
+        loss = float(m["loss"])
         heap.after()
         s = time.perf_counter() - t
         state["adapter"], state["opt_state"] = a, o

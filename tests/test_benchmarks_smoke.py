@@ -38,6 +38,12 @@ def test_flop_count_matches_a_hand_count():
     lora = sum(2 * T * 2 * (a + b) for a, b in [(4, 4)] * 4 + [(4, 6), (4, 6), (6, 4)])
     assert f["forward"] == 2 * T * frozen + attn + lora
     assert f["backward"] == 2 * T * frozen + 2 * attn + 2 * lora
+    # causal: the 3 * 4 / 2 = 6 query-key pairs of 3 tokens a causal kernel computes, not all 9
+    c = C.lora_step_flops(s, r=2, causal=True)
+    attn_causal = 2 * 2 * 1 * 6 * 4
+    assert c["forward"] == 2 * T * frozen + attn_causal + lora
+    assert c["backward"] == 2 * T * frozen + 2 * attn_causal + 2 * lora
+    assert C.full_step_flops(s, causal=True)["step"] == C.full_step_flops(s)["step"] - 3 * (attn - attn_causal)
 
 
 def test_scaling_goals_tell_superlinear_memory_from_flat():
@@ -191,6 +197,10 @@ def test_scaling_sweep_toy_end_to_end(tmp_path):
     for m in ("lora", "full"):
         assert math.isfinite(full[f"ratio_{m}"]["median"]) and full[f"ratio_{m}"]["median"] > 0
         assert full["workers"][f"jpeft_{m}"]["xla_temp_mib"] > 0
+        # the same work on both sides: same weights, adapter, batches and updates give the same
+        # loss at every step (the first, and each timed one after the warm-up)
+        chk = full[f"loss_check_{m}"]
+        assert chk["same"] and chk["steps"] == 2 and chk["max_abs"] < 1e-4, (m, chk)
     # full fine-tuning counts the weight gradients: more FLOPs than LoRA's step
     assert full["workers"]["jpeft_full"]["step_gflop"] > full["workers"]["jpeft_lora"]["step_gflop"]
     md = bench_scaling.markdown(report)
