@@ -176,3 +176,68 @@ def test_docs_blocks_run(doc, results):
     failures = [f"{doc}:{r['line']}:\n{r['error']}" for r in got if not r["ok"]]
     assert not failures, "a docs block failed (fix the code or the docs; mark it `<!-- docs-test: skip REASON -->` " \
                          "only if it cannot run here):\n" + "\n".join(failures)
+
+
+def test_every_cli_option_with_a_default_says_it_in_its_help():
+    """`jpeft X --help` states each option's default (the serve timeouts did not)."""
+    import argparse
+
+    from jpeft.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"jpeft {name} {'/'.join(a.option_strings)} (default {a.default!r})"
+               for name, p in sub.choices.items() for a in p._actions
+               if a.option_strings and a.help not in (None, argparse.SUPPRESS) and not isinstance(a.default, bool)
+               and a.default not in (None, [], argparse.SUPPRESS) and "default" not in a.help.lower()]
+    assert not missing, f"options whose --help does not give their default: {missing}"
+
+
+_SCRIPT_FLAGS = r'''
+import argparse, runpy, sys, json
+class Parsed(Exception):
+    pass
+orig = argparse.ArgumentParser.parse_known_args
+def parse_known_args(self, args=None, namespace=None):
+    raise Parsed(orig(self, args, namespace)[1])
+argparse.ArgumentParser.parse_known_args = parse_known_args
+bad = []
+out = sys.argv[2]
+for where, argv in json.loads(sys.argv[1]):
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+        bad.append(f"{where}: {' '.join(argv)}: the script ran without parsing its arguments")
+    except Parsed as e:
+        if e.args[0]:
+            bad.append(f"{where}: {' '.join(argv)}: unrecognized arguments {e.args[0]}")
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            bad.append(f"{where}: {' '.join(argv)}: exits {e.code} (bad arguments)")
+with open(out, "w") as f:  # not stdout: some benchmark modules reassign sys.stdout on import
+    json.dump(bad, f)
+'''
+
+
+def test_every_repository_script_command_in_the_docs_parses(tmp_path):
+    """`python benchmarks/X.py --flags` (and tpu/, examples/) in a shell block: the flags exist.
+    Each script's argument parser is run on the documented arguments and nothing else runs
+    (one subprocess; `[--optional ...]` brackets and `$F` placeholders are dropped)."""
+    cmds, seen = [], set()
+    for b in ALL:
+        if b["lang"] not in SHELL:
+            continue
+        code = re.sub(r"\[--[^\]]*\]\]?", "", b["code"]).replace("$F", "")
+        for argv in docs_runner.shell_commands(code):
+            argv = [a for a in argv if a != "&"]
+            if argv[0].endswith(("python", "python3")) and len(argv) > 1 and argv[1].endswith(".py") \
+                    and (ROOT / argv[1]).is_file() and tuple(argv[1:]) not in seen:
+                seen.add(tuple(argv[1:]))
+                cmds.append((_id(b), argv[1:]))
+    assert cmds, "no `python <script>.py` command found in the docs"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "bad.json"
+    r = subprocess.run([sys.executable, "-c", _SCRIPT_FLAGS, json.dumps(cmds), str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert r.returncode == 0 and out.exists(), r.stderr[-3000:]
+    bad = json.loads(out.read_text())
+    assert not bad, "documented script commands whose arguments do not parse:\n" + "\n".join(bad)

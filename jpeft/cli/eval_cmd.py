@@ -35,7 +35,7 @@ def add_parser(sub):
     p = sub.add_parser("eval", help=HELP, description=HELP + ".", epilog=EPILOG)
     p.add_argument("--model", required=True, help="local Hugging Face model folder")
     p.add_argument("--adapter", default=None, help="adapter to read: an adapter folder (runs/x/adapter), a PEFT folder, a run folder (runs/x) "
-                        "or a checkpoint (runs/x/checkpoints/<step>); default: none, the base)")
+                        "or a checkpoint (runs/x/checkpoints/<step>); default: none, the base alone")
     p.add_argument("--data", default=None, help=".jsonl or plain-text file (needed unless --canary is given)")
     p.add_argument("--canary", default=None, metavar="DATA",
                    help="forgetting report of --adapter against the base on this .jsonl or text file: loss rise, "

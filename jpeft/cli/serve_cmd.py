@@ -52,8 +52,8 @@ def add_parser(sub):
                    help="prompt + generated tokens per request (default the model's maximum, at most 2048)")
     p.add_argument("--chunk", type=int, default=32, help="prefill chunk length in tokens (default 32)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
-    p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait for a slot (503 after)")
-    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may run in all (504 after)")
+    p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait for a slot (503 after; default 30)")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may run in all (504 after; default 300)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     return p
