@@ -292,6 +292,7 @@ class CheckpointManager:
             if not self.directory.is_dir():
                 raise CheckpointError(f"checkpoint directory {self.directory} does not exist.")
         if self.directory.is_dir():
+            self._refuse_other_folder_kinds()
             self._refuse_foreign_step_names()
         if not self.read_only:
             try:
@@ -317,6 +318,33 @@ class CheckpointManager:
             name = p.name
             if ".orbax-checkpoint-tmp" in name and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _refuse_other_folder_kinds(self) -> None:
+        """A manager opened on one checkpoint step (``runs/x/checkpoints/30``), on a run folder
+        (``runs/x``) or on a finished adapter folder finds no steps there, so ``restore_latest()``
+        returns ``None`` (the "fresh run" answer), training restarts from step 0 and new steps are
+        written inside that folder. Refused by what the folder holds, before anything is written."""
+        d = self.directory
+        if (d / "_CHECKPOINT_METADATA").exists() or ((d / "meta").is_dir() and (d / "state").is_dir()):
+            raise CheckpointError(
+                f"{d} is one checkpoint step, not a checkpoint directory: a CheckpointManager takes the folder that "
+                f"holds the step folders ({d.parent}). Open it on that folder and restore(step={d.name}) "
+                f"(jpeft.load_adapter does not read checkpoints; `jpeft export --adapter {d}` does)."
+                if d.name.isdigit() else
+                f"{d} holds the files of one checkpoint step, not step folders; a CheckpointManager takes the folder "
+                "that holds the step folders (<dir>/<step>).")
+        for name, what, how in (("jpeft_adapter.json", "a finished jpeft adapter", "jpeft.load_adapter"),
+                                ("adapter_config.json", "a Hugging Face PEFT adapter", "jpeft.hf.load_peft")):
+            if (d / name).exists():
+                raise CheckpointError(
+                    f"{d} holds {what} ({name}), not training checkpoints; load it with {how}, and give the "
+                    "CheckpointManager a directory of its own (e.g. runs/x/checkpoints).")
+        sub = d / "checkpoints"
+        if sub.is_dir() and not any(p.name.isdigit() for p in d.iterdir()) and any(
+                p.name.isdigit() for p in sub.iterdir()):
+            raise CheckpointError(
+                f"{d} is a run folder whose checkpoints are in {sub}; open the CheckpointManager on {sub} (opened on "
+                f"{d}, it finds no step and would start the run afresh).")
 
     def _refuse_foreign_step_names(self) -> None:
         """Orbax takes every entry with a step's name (digits) for a checkpoint step, and its
@@ -723,7 +751,7 @@ class CheckpointManager:
         check_base(meta.get("base"), self.params, self.base_config, allow_base_mismatch=allow, what="checkpoint")
         if meta["config"] != self._config_dict:
             saved, now = meta["config"], self._config_dict
-            k = next(k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+            k = next(k for k in ["peft_type", *sorted(set(saved) | set(now))] if saved.get(k) != now.get(k))
             raise ConfigError(
                 f"{where} was saved with a different method config: {k!r} is {saved.get(k)!r} there, {now.get(k)!r} here. "
                 "Create the CheckpointManager with the config the run was started with."

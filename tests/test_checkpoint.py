@@ -637,3 +637,32 @@ def test_a_folder_named_like_a_step_is_refused_not_rotated_away(tmp_path, base):
     assert (d / "notes.txt").read_text() == "mine" and (d / "logs").is_dir()
     with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt) as m:  # reopening its own steps is fine
         assert m.restore_latest().step == 10
+
+
+def test_a_manager_on_a_step_run_or_adapter_folder_is_refused_not_started_afresh(tmp_path, base):
+    """A manager opened on one step (runs/x/checkpoints/10), on the run folder (runs/x) or on a
+    finished adapter found no step there: restore_latest() returned None, the documented "fresh
+    run" answer, so training silently restarted from step 0 and wrote new steps inside that
+    folder. Each is refused by name before anything is written."""
+    params, cfg, adapter, opt, opt_state, key = base
+    run = tmp_path / "run"
+    with jpeft.checkpoint.CheckpointManager(run / "checkpoints", cfg, params, optimizer=opt, async_save=False) as m:
+        m.save(10, adapter, opt_state, key, data_position=10)
+    jpeft.save_adapter(run / "adapter", cfg, adapter, params=params)
+    jpeft.hf.save_peft(tmp_path / "peft", cfg, adapter)
+    cases = [(run / "checkpoints" / "10", r"is one checkpoint step.*restore\(step=10\)"), (run, r"is a run folder"),
+             (run / "adapter", r"finished jpeft adapter.*jpeft.load_adapter"),
+             (tmp_path / "peft", r"Hugging Face PEFT adapter.*jpeft.hf.load_peft")]
+    for folder, msg in cases:
+        before = sorted(os.listdir(folder))
+        for read_only in (False, True):
+            with pytest.raises(CheckpointError, match=msg):
+                jpeft.checkpoint.CheckpointManager(folder, cfg, params, optimizer=opt, read_only=read_only)
+        assert sorted(os.listdir(folder)) == before
+    with jpeft.checkpoint.CheckpointManager(run / "checkpoints", cfg, params, optimizer=opt) as m:
+        assert m.restore_latest().step == 10
+    # a checkpoint of another method names the method, not the first differing option
+    ia3 = jpeft.IA3Config(target_modules=["q_proj"], feedforward_modules=[])
+    with jpeft.checkpoint.CheckpointManager(run / "checkpoints", ia3, params, read_only=True) as m:
+        with pytest.raises(ConfigError, match="'peft_type' is 'LORA' there, 'IA3' here"):
+            m.restore_latest()

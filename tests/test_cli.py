@@ -380,6 +380,29 @@ def test_resume_refuses_changed_training_data(hf_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "resolved_config.json").read_text() == saved
 
 
+def test_train_never_replaces_a_finished_adapter_it_cannot_resume_nor_resumes_past_a_damaged_config(hf_dir, capsys):
+    """A finished run whose checkpoints were deleted (to free space) was started again from step
+    0 by a new `jpeft train` (with or without --resume) into the same output_dir: its metrics
+    were dropped at the start and its adapter replaced at the end. And a half-written
+    resolved_config.json (it was written in place) read as "no saved settings", so --resume
+    accepted a changed seed. Both are refused before anything is loaded or written."""
+    cfg = write_config(hf_dir, "kept_run", steps=2, save_every=1, eval_every=0)
+    out = hf_dir / "kept_run"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "jpeft_adapter.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    for extra in ([], ["--resume"]):
+        assert main(["train", "--config", str(cfg), "--no-progress", *extra]) == 2
+        assert "holds the finished adapter of an earlier run" in error_line(capsys.readouterr().err)
+    assert (out / "adapter" / "jpeft_adapter.json").read_text() == "{}"
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    shutil.rmtree(out / "adapter")
+    (out / "checkpoints" / "2").mkdir(parents=True)
+    (out / "resolved_config.json").write_text('{"seed": 3, "train": {"ste')
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", "seed=99"]) == 2
+    assert "resolved_config.json is unreadable" in error_line(capsys.readouterr().err)
+
+
 def test_train_refuses_resume_past_steps_and_names_a_scan_layers_change(hf_dir, capsys):
     cfg = write_config(hf_dir, "past_run", steps=2, save_every=1, eval_every=0)
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0

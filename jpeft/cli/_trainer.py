@@ -230,16 +230,22 @@ def _check_resumable(out_dir: str, cfg: dict) -> None:
     the resumed run would no longer be the run its checkpoints belong to, and the saved config
     would be overwritten. Checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled
     model cannot use (and the other way round), which gets its own message. Runs without a
-    readable ``resolved_config.json`` are not checked; keys an older jpeft did not save are
-    skipped."""
+    ``resolved_config.json`` (an older jpeft) are not checked, a damaged one is refused; keys an
+    older jpeft did not save are skipped."""
     path = os.path.join(out_dir, "resolved_config.json")
     if not os.path.isfile(path):
         return
     try:
         with open(path) as f:
             before = json.load(f)
+    except (OSError, ValueError) as e:  # a file written half (before it was written atomically) or damaged
+        raise ConfigError(
+            f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]}), so --resume cannot check that this run has "
+            "the settings its checkpoints were trained with. Put back a copy of that file, or delete it to resume "
+            "without the check, or start a new run in another output_dir.") from None
+    try:
         was = bool(before["train"]["scan_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return
     now = bool(cfg["train"]["scan_layers"])
     if was != now:
@@ -312,6 +318,13 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     if not resume and has_ckpts:
         raise ConfigError(f"{out_dir!r} already has checkpoints; pass --resume to continue, or choose another "
                           "output_dir.")
+    finished = os.path.join(out_dir, "adapter")
+    if not has_ckpts and os.path.lexists(finished):
+        # a finished run whose checkpoints were deleted: this run would start from step 0, drop the old run's
+        # metrics.jsonl records and replace its adapter when done
+        raise ConfigError(f"{out_dir!r} holds the finished adapter of an earlier run ({finished}) and no checkpoints to "
+                          f"{'resume' if resume else 'continue'} from; this run would start from step 0 and replace it. "
+                          "Choose another output_dir, or move that adapter away first.")
     if resume and has_ckpts:
         _keep_unsaved_settings(out_dir, cfg)
         _check_resumable(out_dir, cfg)
@@ -520,8 +533,9 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
             if was is not None and was != steps:
                 _say(f"note: train.steps changed from {was} to {steps} on resume; the learning-rate schedule now spans "
                      f"{steps} steps.")
-        with open(path, "w") as f:
-            json.dump(dict(cfg, method_config=method.to_dict(), train_data_sha256=data_sha), f, indent=1)
+        # through a temporary file: a half-written resolved_config.json (a full disk, a kill) would read as
+        # "no saved settings" and let a later --resume change the seed, data or optimizer unchecked
+        atomic_write(path, json.dumps(dict(cfg, method_config=method.to_dict(), train_data_sha256=data_sha), indent=1))
 
     bs = int(t["batch_size"])
     summary = jpeft.summary(params, adapter, print_fn=None)
