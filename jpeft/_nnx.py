@@ -294,7 +294,17 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
     proxies = {path: _SiteProxy(modules[path], path, node, ctx) for path, node in adapter.items()}
     _replace(model, {id(modules[p]): proxy for p, proxy in proxies.items()})
     fn = model if method == "__call__" else getattr(model, method)
-    out = fn(*args, **kwargs)
+    try:
+        out = fn(*args, **kwargs)
+    except TypeError as e:
+        if not _through_transform(e):
+            raise
+        raise UnsupportedModuleError(
+            f"the NNX model's forward pass handed an adapted submodule (one of {sorted(adapter)[:3]}) to an NNX "
+            "transform (nnx.remat, nnx.scan, nnx.vmap, nnx.jit, nnx.cond, ...), which jpeft's stand-in for an adapted "
+            "module does not support (docs/NNX.md). Call the submodules directly inside the model, or use the linen "
+            f"model (remat=True, scan_layers=True). Flax said: {e}"
+        ) from e
     if adapter and not ctx.checked:
         raise TargetNotFoundError(
             f"none of the adapter's {len(adapter)} sites (e.g. {sorted(adapter)[:3]}) was called by the NNX model, so "
@@ -302,6 +312,15 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
             "does not call?"
         )
     return out
+
+
+def _through_transform(e: TypeError) -> bool:
+    """Whether ``e`` is what flax raises when an NNX transform splits a module holding a
+    :class:`_SiteProxy` (or, in :func:`trace`, a :class:`_Recorder`): the stand-in comes back as a traced leaf (``'DynamicJaxprTracer' object is
+    not callable``) or is refused as an argument or output (``... _SiteProxy ... is not a valid
+    JAX type``)."""
+    msg = str(e)
+    return "_SiteProxy" in msg or "_Recorder" in msg or "Tracer' object is not callable" in msg
 
 
 def trace(graphdef, state, *args, **kwargs) -> dict[str, ModuleInfo]:
@@ -319,5 +338,15 @@ def trace(graphdef, state, *args, **kwargs) -> dict[str, ModuleInfo]:
         _replace(model, {id(modules[p]): r for p, r in recs.items()})
         return (root if root is not None else model)(*args, **kwargs)
 
-    jax.eval_shape(run, state)
+    try:
+        jax.eval_shape(run, state)
+    except TypeError as e:
+        if not _through_transform(e):
+            raise
+        raise UnsupportedModuleError(
+            "jpeft.init traces the NNX model to read its modules' layouts and output widths, and the model's forward "
+            "pass hands submodules to an NNX transform (nnx.remat, nnx.scan, nnx.vmap, nnx.jit, nnx.cond, ...), which "
+            "jpeft's stand-ins for modules do not support (docs/NNX.md). Call jpeft.init without the model and example "
+            f"input where the method allows it, call the submodules directly, or use the linen model. Flax said: {e}"
+        ) from e
     return {p: info._replace(methods=frozenset(other.get(p, ()))) for p, info in record.items()}

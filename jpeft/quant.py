@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
+from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 from jax.sharding import PartitionSpec as P
@@ -337,6 +338,15 @@ def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
     """
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    if isinstance(params, (nnx.State, nnx.Module)):
+        # its leaves sit under ".../kernel/value", which no kernel selector matches: the state came back
+        # unchanged (full precision, no error), and with target_modules the error blamed the names
+        raise QuantizationError(
+            f"jpeft.quantize got an {type(params).__name__} of a flax.nnx model; quantized bases are linen trees "
+            "(an NNX module cannot run on quantized kernels). Load the model with "
+            "jpeft.models.from_pretrained(path, quantize=...) (api='linen'), or train the NNX model unquantized."
+        )
+
     def one(kp, leaf):
         parts = path_str(kp).split("/")
         if parts and parts[0] == "params" and isinstance(params, Mapping) and "params" in params:

@@ -417,3 +417,41 @@ def test_the_callers_state_is_never_mutated_and_base_dropout_follows_the_key():
     losses = [h["loss"] for h in res.history]
     assert len(set(losses)) == 3
     assert all(np.array_equal(before[p], v) for p, v in snap(st).items())
+
+
+def test_quantize_refuses_an_nnx_state_by_name():
+    """jpeft.quantize(state) walked the nnx.State, whose leaves sit under ".../kernel/value", so no kernel
+    was selected: the state came back in full precision with no error (a QLoRA run that was not one),
+    and with target_modules=["fc1"] the error said that name matched nothing."""
+    model = _build(lambda: MLP(nnx.Rngs(0)))
+    _, state = nnx.split(model)
+    for arg, kw in [(state, {}), (state, {"target_modules": ["fc1"]}), (model, {})]:
+        with pytest.raises(jpeft.errors.QuantizationError, match="nnx"):
+            jpeft.quantize(arg, "int8", **kw)
+
+
+def test_adapted_submodules_under_nnx_transforms_are_refused_by_name():
+    """A forward pass handing an adapted submodule to nnx.remat / nnx.jit (/ nnx.vmap, nnx.cond) raised flax's
+    TypeError ('DynamicJaxprTracer' object is not callable, '_SiteProxy ... is not a valid JAX type'), and
+    jpeft.init tracing such a model raised 'Cannot interpret value of type _Recorder'."""
+
+    class Net(nnx.Module):
+        def __init__(self, how, rngs):
+            self.how = how
+            self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x):
+            if self.how == "remat":
+                return nnx.remat(lambda m, x: m(x))(self.fc, x)
+            return nnx.jit(lambda m, x: m(x))(self.fc, x)
+
+    x = jnp.ones((2, 8))
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc"], init="random")
+    for how in ("remat", "jit"):
+        graphdef, state = nnx.split(Net(how, nnx.Rngs(0)))
+        adapter = jpeft.init(cfg, state, jax.random.key(1))
+        with pytest.raises(UnsupportedModuleError, match="nnx.remat"):
+            jpeft.apply(graphdef, state, adapter, x)
+    graphdef, state = nnx.split(Net("remat", nnx.Rngs(0)))
+    with pytest.raises(UnsupportedModuleError, match="without the model"):
+        jpeft.init(cfg, state, jax.random.key(1), graphdef, x)
