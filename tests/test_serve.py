@@ -438,3 +438,29 @@ def test_without_a_tokenizer_stop_and_the_http_server_are_refused(tmp_path):
 
     with pytest.raises(BankError, match="adapter 'd'"):
         serve_cmd.build(parser.parse_args(["serve", "--model", str(folder), "--adapter", f"d={tmp_path / 'd'}"]))
+
+
+def test_engine_takes_a_bare_stop_string_whole_and_names_bad_option_types():
+    """Request(stop="w3 w4") is one stop string (it used to be iterated as its characters, so the
+    text ended at the first 'w', '3', ' ' or '4'); options of the wrong type get a named error
+    instead of a TypeError from a comparison. Nothing is compiled (submit only)."""
+    from jpeft.errors import InputValidationError
+    from jpeft.serve import Engine, Request
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, **kw):
+            return " ".join(WORDS[i] for i in ids)
+
+    eng = Engine(MODEL, PARAMS, None, tokenizer=Tok(), slots=1, max_len=32)
+    eng._running = True  # accept requests; the loop's thread is not started
+    req = eng.submit(Request([1, 2], None, 4, lambda e: None, stop="w3 w4"))
+    assert req.stop == ("w3 w4",)
+    req.generated = [3, 4, 5]
+    assert eng._text(req) == ("", True)  # cut before "w3 w4", not at the first "w"
+    req.generated = [5, 3, 6]
+    assert eng._text(req) == ("w5 w3 w6", False)
+    for kw in (dict(temperature="0.5"), dict(top_p=None), dict(seed="7"), dict(stop=["w1", ""]), dict(stop=[3])):
+        with pytest.raises(InputValidationError):
+            eng.submit(Request([1, 2], None, 4, lambda e: None, **kw))

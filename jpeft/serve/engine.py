@@ -79,7 +79,7 @@ class Request:
       top_p: nucleus sampling mass (``1``: off).
       seed: the sampling seed (the same seed, prompt and options give the same text whatever
         else is in the batch); ``None`` draws one.
-      stop: strings that end the generation (not included in the text).
+      stop: a string, or strings, that end the generation (not included in the text).
       sink: ``callable(Event)``, called from the engine thread.
     """
 
@@ -309,6 +309,17 @@ class Engine:
                 f"tokens, above this server's limit of {self.max_len} per request. Shorten the prompt or ask for "
                 "fewer tokens."
             )
+        for name in ("temperature", "top_p"):
+            v = getattr(req, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise InputValidationError(f"{name} must be a number, found {v!r}.")
+        if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, (int, np.integer))):
+            raise InputValidationError(f"seed must be an integer or None, found {req.seed!r}.")
+        # a bare string would be iterated as its characters: stop="END" would end at any 'E', 'N' or 'D'
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InputValidationError(f"stop must be a string or a sequence of non-empty strings, found {req.stop!r}.")
+        req.stop = stop
         if not (0.0 <= req.temperature <= 100.0):
             raise InputValidationError(f"temperature must be in [0, 100], found {req.temperature}.")
         if not (0.0 < req.top_p <= 1.0):
