@@ -92,6 +92,9 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
 _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 #: the parameters of a norm layer (flax names): a module holding ``scale`` and at most a ``bias``
 _NORM_LEAVES = {"scale", "bias"}
+#: a bias named by its layer's number (``b1`` beside ``w1``: prefix tuning's projection MLP,
+#: PEFT's ``transform.0.bias``)
+_NUMBERED_BIAS = re.compile(r"b(\d+)")
 
 
 def _key_name(k) -> str:
@@ -108,8 +111,9 @@ def decay_mask(tree) -> Any:
     (site path and field, ``/`` read as ``.``) contains ``bias``, ``layernorm`` or ``rmsnorm``,
     or has a ``norm`` or ``*_norm`` component, or when it belongs to a module whose arrays are a
     norm's (``scale`` and at most ``bias``: GPT-2's ``ln_1``, which the Trainer leaves out by
-    its type). Pass it as ``optax.adamw(..., mask=jpeft.train.decay_mask)``; ``jpeft train``
-    does.
+    its type), or when it is a numbered bias ``b<k>`` beside a ``w<k>`` (prefix tuning's
+    projection MLP, whose biases PEFT names ``transform.<i>.bias``). Pass it as
+    ``optax.adamw(..., mask=jpeft.train.decay_mask)``; ``jpeft train`` does.
 
     >>> import jax, jax.numpy as jnp, jpeft
     >>> tree = {"": {"params": {"ln_1": {"scale": jnp.ones(2), "bias": jnp.zeros(2)},
@@ -128,6 +132,9 @@ def decay_mask(tree) -> Any:
         if _NO_DECAY.search(dotted):
             return False
         leaves = siblings[tuple(parts[:-1])]
+        numbered = _NUMBERED_BIAS.fullmatch(parts[-1]) if parts else None
+        if numbered and f"w{numbered.group(1)}" in leaves:
+            return False
         return not ("scale" in leaves and leaves <= _NORM_LEAVES)
 
     return jax.tree_util.tree_unflatten(treedef, [decays(parts) for parts in names])

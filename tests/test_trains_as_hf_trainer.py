@@ -63,6 +63,27 @@ def test_decay_mask_leaves_out_what_the_hf_trainer_leaves_out(family, name):
     assert off, "every case has biases or norms"
 
 
+@pytest.mark.parametrize("family", ["llama2", "gpt2"])
+def test_decay_mask_leaves_out_prefix_projection_biases_as_the_hf_trainer(family):
+    """Prefix tuning's projection MLP names its biases ``b1``/``b2`` (PEFT: ``transform.0.bias``,
+    ``transform.2.bias``, which the Trainer leaves out of weight decay); they were decayed."""
+    import peft
+    from transformers import Trainer
+
+    torch_model, folder = mt.hf_model(family)
+    _, params = jpeft.models.from_pretrained(folder)
+    cfg = jpeft.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True)
+    train = jpeft.trainable(jpeft.init(cfg, params, jax.random.key(0)))
+    pairs = list(zip(jax.tree.leaves(train), jax.tree.leaves(decay_mask(train))))
+    got = (sorted(int(np.size(x)) for x, m in pairs if m), sorted(int(np.size(x)) for x, m in pairs if not m))
+    pm = peft.get_peft_model(copy.deepcopy(torch_model), peft.PrefixTuningConfig(
+        num_virtual_tokens=2, prefix_projection=True, task_type="CAUSAL_LM"))
+    decay = set(Trainer.get_decay_parameter_names(None, pm))
+    named = [(n, p.numel()) for n, p in pm.named_parameters() if p.requires_grad]
+    assert got == (sorted(k for n, k in named if n in decay), sorted(k for n, k in named if n not in decay))
+    assert len(got[1]) == 2
+
+
 def test_jpeft_train_optimizer_decays_weights_only():
     from jpeft.cli._trainer import make_optimizer
 
