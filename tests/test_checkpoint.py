@@ -666,3 +666,21 @@ def test_a_manager_on_a_step_run_or_adapter_folder_is_refused_not_started_afresh
     with jpeft.checkpoint.CheckpointManager(run / "checkpoints", ia3, params, read_only=True) as m:
         with pytest.raises(ConfigError, match="'peft_type' is 'LORA' there, 'IA3' here"):
             m.restore_latest()
+
+
+def test_an_adapter_initialised_with_the_model_and_its_reload_have_one_tree_structure(tmp_path):
+    """jpeft.init(..., model, x) marked every traced LoRA site tied_output=False (a static field),
+    load_adapter None for all but embeddings, so the two trees differed and an optimizer state of
+    one did not fit the other (optax raised a pytree-metadata error; a jit retraced)."""
+    cfg = jpeft.models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                   tie_word_embeddings=True)
+    model, ids = jpeft.models.LlamaForCausalLM(cfg), jnp.ones((1, 4), jnp.int32)
+    params = model.init(jax.random.key(0), ids)
+    lcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "embed_tokens"])
+    a = jpeft.init(lcfg, params, jax.random.key(1), model, ids)
+    assert a["model/embed_tokens"].tied_output is True and a["model/layers_0/self_attn/q_proj"].tied_output is None
+    jpeft.save_adapter(tmp_path / "a", lcfg, a, params=params)
+    b = jpeft.load_adapter(tmp_path / "a", params)[1]
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    opt = optax.adam(1e-3)
+    opt.update(b, opt.init(a), b)  # the original's optimizer state takes the reloaded adapter's gradients

@@ -913,11 +913,15 @@ def init_lora(config: LoraConfig, params, key, infos):
                 f"of them); create it with jpeft.init_{config.init.split('_')[0]}(config, params, key, ...), which returns "
                 "(residual_params, adapter)."
             )
-        # an embedding the model also reads through attend (tied output projection); unknown without the model
-        if infos is not None and path in infos:
+        # an embedding the model also reads through attend (tied output projection); unknown without the model.
+        # Other layouts keep None whether or not the model was traced, so an adapter from jpeft.init(..., model, x)
+        # and the same adapter loaded from disk have one tree structure (an optimizer state fits both)
+        if layout.kind != Kind.EMBED:
+            tied = None
+        elif infos is not None and path in infos:
             tied = "attend" in infos[path].methods
         else:
-            tied = tied_output_from_params(path, leaves) if layout.kind == Kind.EMBED else None
+            tied = tied_output_from_params(path, leaves)
         ra = site_rank_alpha(config, path, layout, own)
         out[path] = make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied, ra), path, layout, k, own,
                               config)
