@@ -464,3 +464,60 @@ def test_engine_takes_a_bare_stop_string_whole_and_names_bad_option_types():
     for kw in (dict(temperature="0.5"), dict(top_p=None), dict(seed="7"), dict(stop=["w1", ""]), dict(stop=[3])):
         with pytest.raises(InputValidationError):
             eng.submit(Request([1, 2], None, 4, lambda e: None, **kw))
+
+
+def test_a_dropped_non_streaming_request_frees_its_slot_while_tokens_keep_coming():
+    """The disconnect check ran only after a second without events: a client that dropped a long
+    non-streaming request held its slot until max_tokens (thousands of tokens). Nothing compiled."""
+    import asyncio
+
+    from jpeft.serve import Engine, Event, Request
+    from jpeft.serve.app import Server
+
+    eng = Engine(MODEL, PARAMS, None, slots=1, max_len=32)
+    server = Server(eng, base_name="tiny", tokenizer=_word_tokenizer(WORDS))
+    req = Request([1, 2], None, 4, lambda e: None)
+
+    class Gone:  # a client that went away at once
+        async def is_disconnected(self):
+            return True
+
+    async def main():
+        queue = asyncio.Queue()
+
+        async def tokens():  # the engine sends a token every 10 ms, forever
+            while True:
+                queue.put_nowait(Event("text", " w3", (3,)))
+                await asyncio.sleep(0.01)
+
+        feeder = asyncio.ensure_future(tokens())
+        try:
+            return await asyncio.wait_for(server._collect(Gone(), req, queue, "cmpl-x", "tiny", False), 10)
+        finally:
+            feeder.cancel()
+
+    t0 = time.time()
+    resp = asyncio.run(main())
+    assert resp.status_code == 499 and req.cancelled and time.time() - t0 < 3
+
+
+def test_odd_paths_and_routes_get_openai_shaped_errors_not_plain_text_500():
+    """A 'path' too long for the file system (ENAMETOOLONG from the symlink check) was a plain
+    500; unknown routes and methods answered plain-text 404/405. Nothing compiled."""
+    from starlette.testclient import TestClient
+
+    from jpeft.bank import AdapterBank
+    from jpeft.serve import Engine
+    from jpeft.serve.app import Server, make_app
+
+    bank = AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=2)
+    eng = Engine(MODEL, PARAMS, bank, slots=1, max_len=32)
+    server = Server(eng, base_name="tiny", tokenizer=_word_tokenizer(WORDS), adapters_root=os.getcwd(),
+                    loader=lambda path: pytest.fail("must not load"))
+    with TestClient(make_app(server), raise_server_exceptions=False) as client:
+        r = client.post("/v1/adapters", json={"name": "x", "path": "a" * 5000})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "path", r.text
+        r = client.get("/v1/completions")
+        assert r.status_code == 405 and "Method Not Allowed" in r.json()["error"]["message"], r.text
+        r = client.get("/v1/nope")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text

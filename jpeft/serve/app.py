@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -237,15 +238,22 @@ class Server:
 
     async def _collect(self, request: HttpRequest, req: Request, queue: asyncio.Queue, rid, model, chat):
         parts = []
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     ev = await asyncio.wait_for(queue.get(), 1.0)
                 except asyncio.TimeoutError:
+                    ev = None
+                # checked at least once a second, also while tokens keep coming: a client that dropped
+                # a long non-streaming request held its slot until max_tokens
+                if ev is None or time.monotonic() - checked >= 1.0:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         self.engine.cancel(req)
                         return JSONResponse({}, status_code=499)
-                    continue
+                    if ev is None:
+                        continue
                 if ev.kind == "text":
                     parts.append(ev.text)
                 elif ev.kind == "error":
@@ -329,13 +337,16 @@ class Server:
                 folder = safe_join(self.adapters_root, path)
             except PathEscapeError as e:
                 raise _bad(f"{e} Paths are relative to the adapters root.", "path") from None
+            except (OSError, ValueError) as e:  # a name too long for the file system (ENAMETOOLONG): was a 500
+                raise _bad(f"'path' {path[:80]!r} is not a usable folder name under the adapters root ({e.__class__.__name__}: "
+                           f"{str(e)[:120]}).", "path") from None
             if name in self.engine.bank.slots:
                 raise ApiError(409, f"an adapter named {name!r} is already loaded (or being removed); DELETE "
                                f"/v1/adapters/{name} first, or pick another name.", "conflict_error", "name")
             try:
                 adapter = await run_in_threadpool(self.loader, str(folder))
-            except LoadError as e:
-                raise _bad(f"could not load an adapter from {path!r}: {e}", "path") from None
+            except (LoadError, OSError) as e:
+                raise _bad(f"could not load an adapter from {path[:200]!r}: {str(e)[:500]}", "path") from None
             except JpeftError as e:
                 raise _bad(f"the adapter at {path!r} does not fit this base: {e}", "path") from None
             try:
@@ -391,7 +402,16 @@ def make_app(server: Server) -> Starlette:
         finally:
             server.engine.stop()
 
-    return Starlette(routes=routes, lifespan=lifespan)
+    async def http_error(request, exc):  # an unknown route (404) or method (405): OpenAI's shape, not plain text
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}.",
+                        "not_found_error" if exc.status_code == 404 else "invalid_request_error").response()
+
+    async def server_error(request, exc):  # a bug: OpenAI's shape without the traceback (uvicorn logs it)
+        return ApiError(500, f"internal server error ({type(exc).__name__}); the server log has the details.",
+                        "server_error").response()
+
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={HTTPException: http_error, 500: server_error})
 
 
 def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
