@@ -224,6 +224,100 @@ def test_train_with_the_whole_logits_equals_the_chunked_default(hf_dir, capsys):
         np.testing.assert_allclose(ad_c[k], ad_w[k], rtol=1e-3, atol=1e-5, err_msg=k)
 
 
+def test_train_matches_transformers_trainer_with_peft_step_for_step(hf_dir, capsys):
+    """``jpeft train`` (LoRA, warm-up + cosine to 10 %, clipping, weight decay, AdamW) against
+    transformers' ``Trainer`` + peft fed the same packed rows in the same order (documents
+    packing as a 4-D block-diagonal mask), from the same initial adapter: the same loss, grad
+    norm and learning rate at every step, the same final adapter, and ``eval_loss`` equal to the
+    token-weighted mean of the Trainer's model (``Trainer.evaluate`` averages batch means)."""
+    import jax
+    import peft
+    import torch
+    import transformers as T
+    from safetensors.torch import load_file
+
+    from jpeft.cli._common import method_of
+    from jpeft.cli._model import encode_fn, load_folder
+    from jpeft.data import PackedDataset
+
+    cfg = write_config(hf_dir, "vs_trainer", steps=4, save_every=4, eval_every=4)
+    cfg.write_text(cfg.read_text().replace("lora_dropout = 0.1", "lora_dropout = 0.0").replace(
+        ', "down_proj"]', ']').replace("[train]", "[train]\nweight_decay = 0.1\nmodel_dropout = false\n"
+                                       "max_grad_norm = 0.5").replace("batch_size = 4", "batch_size = 2"))
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in open(hf_dir / "vs_trainer" / "metrics.jsonl")]
+    mine = [x for x in recs if "loss" in x]
+    eval_loss = [x["eval_loss"] for x in recs if "eval_loss" in x][-1]
+    rc = json.load(open(hf_dir / "vs_trainer" / "resolved_config.json"))
+    t, d = rc["train"], rc["data"]
+    loaded = load_folder(rc["model"])
+    method = method_of(rc, "llama")
+    enc, bos, eos = encode_fn(loaded.tokenizer)
+    packed = {s: PackedDataset.from_file(d[s], enc, d["seq_len"], eos_id=eos, bos_id=bos) for s in ("train", "eval")}
+    k_init, _ = jax.random.split(jax.random.key(rc["seed"]))  # the initial adapter jpeft train drew
+    a0 = jpeft.init(method, loaded.params, k_init, loaded.model,
+                    jax.numpy.asarray(packed["train"].input_ids[:1, :8]))
+    jpeft.hf.save_peft(str(hf_dir / "vs_trainer_init"), method, a0, base_model_name_or_path=rc["model"])
+    assert main(["export", "--model", rc["model"], "--adapter", str(hf_dir / "vs_trainer"),
+                 "--out", str(hf_dir / "vs_trainer_peft")]) == 0
+
+    def rows(b):
+        out = []
+        for i in range(len(b["input_ids"])):
+            ids = torch.tensor(b["input_ids"][i], dtype=torch.long)
+            seg = torch.tensor(b["segment_ids"][i])
+            n = len(ids)
+            see = (seg[:, None] == seg[None]) & (seg[:, None] > 0) & torch.ones(n, n, dtype=torch.bool).tril()
+            out.append({"input_ids": ids, "labels": torch.where(torch.tensor(b["loss_mask"][i]).bool(), ids, -100),
+                        "position_ids": torch.tensor(b["position_ids"][i], dtype=torch.long),
+                        "attention_mask": torch.where(see | torch.eye(n, dtype=torch.bool), 0.0, -1e30)[None]})
+        return out
+
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, r):
+            self.r = r
+
+        def __len__(self):
+            return len(self.r)
+
+        def __getitem__(self, i):
+            return self.r[i]
+
+    class InOrder(T.Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    train_rows = [x for s in range(t["steps"]) for x in rows(packed["train"].batch(s, t["batch_size"], rc["seed"]))]
+    eval_rows = [x for b in packed["eval"].eval_batches(t["batch_size"]) for x in rows(b) if (x["labels"] != -100).any()]
+    base = T.LlamaForCausalLM.from_pretrained(rc["model"], attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(base, str(hf_dir / "vs_trainer_init"), is_trainable=True)
+    args = T.TrainingArguments(
+        output_dir=str(hf_dir / "vs_trainer_hf"), per_device_train_batch_size=t["batch_size"], max_steps=t["steps"],
+        learning_rate=t["learning_rate"], warmup_steps=t["warmup_steps"], weight_decay=t["weight_decay"],
+        max_grad_norm=t["max_grad_norm"], lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, optim="adamw_torch", logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    trainer = InOrder(model=model, args=args, train_dataset=Rows(train_rows), data_collator=T.default_data_collator)
+    trainer.train()
+    ref = [x for x in trainer.state.log_history if "loss" in x]
+    assert len(ref) == len(mine) == 4
+    for key, hf_key in (("loss", "loss"), ("grad_norm", "grad_norm"), ("lr", "learning_rate")):
+        np.testing.assert_allclose([x[key] for x in mine], [x[hf_key] for x in ref], rtol=2e-5, atol=1e-9, err_msg=key)
+    got = load_file(str(hf_dir / "vs_trainer_peft" / "adapter_model.safetensors"))
+    want = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert sorted(got) == sorted(want)
+    for k in got:
+        np.testing.assert_allclose(got[k].numpy(), want[k].detach().numpy(), rtol=1e-4,
+                                   atol=1e-5 * float(want[k].abs().max()), err_msg=k)
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(
+            model(**{k: v[None] for k, v in x.items() if k != "labels"}).logits[0, :-1], x["labels"][1:],
+            reduction="sum", ignore_index=-100) for x in eval_rows]
+    count = sum(int((x["labels"][1:] != -100).sum()) for x in eval_rows)
+    assert eval_loss == pytest.approx(float(sum(nll)) / count, rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------ info
 def test_info_llama2_7b_matches_transformers_and_peft(capsys):
     """The budget computed with jax.eval_shape equals peft's count on the real architecture

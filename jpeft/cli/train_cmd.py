@@ -36,7 +36,7 @@ target_modules = ["q_proj", "v_proj"]
 [train]
 steps = 1000
 batch_size = 8
-learning_rate = 2e-4          # AdamW, linear warm-up then cosine decay
+learning_rate = 2e-4          # AdamW, linear warm-up then cosine decay to 10 %
 warmup_steps = 50
 weight_decay = 0.0            # AdamW; biases and norms left out, as HF Trainer does
 max_grad_norm = 1.0
