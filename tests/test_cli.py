@@ -224,6 +224,33 @@ def test_train_with_the_whole_logits_equals_the_chunked_default(hf_dir, capsys):
         np.testing.assert_allclose(ad_c[k], ad_w[k], rtol=1e-3, atol=1e-5, err_msg=k)
 
 
+def test_gradient_accumulation_trains_as_the_whole_batch_at_once(hf_dir, capsys):
+    """train.gradient_accumulation_steps = 2 with batch_size = 2 takes the rows a batch of 4
+    takes, in two passes weighted by their target tokens: the same loss and grad norm at every
+    step and the same adapter as batch_size = 4 in one pass (dropout off, so the passes' keys do
+    not matter); an invalid value is refused by name."""
+    runs = {}
+    for name, extra in (("acc_whole", ""), ("acc_two", "\ngradient_accumulation_steps = 2")):
+        cfg = write_config(hf_dir, name, steps=3, save_every=3, eval_every=0)
+        text = cfg.read_text().replace("lora_dropout = 0.1", "lora_dropout = 0.0").replace(
+            "[train]", "[train]\nmodel_dropout = false" + extra)
+        cfg.write_text(text if extra == "" else text.replace("batch_size = 4", "batch_size = 2"))
+        r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress")
+        assert r.returncode == 0, r.stderr
+        recs = [json.loads(x) for x in open(hf_dir / name / "metrics.jsonl") if '"loss"' in x]
+        runs[name] = (recs, adapter_arrays(hf_dir / name / "adapter"))
+    (whole, a), (two, b) = runs["acc_whole"], runs["acc_two"]
+    assert [x["step"] for x in whole] == [x["step"] for x in two] == [1, 2, 3]
+    for x, y in zip(whole, two):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+    cfg = write_config(hf_dir, "acc_bad", steps=1)
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "train.gradient_accumulation_steps=0")
+    assert r.returncode == 2 and "train.gradient_accumulation_steps must be a positive integer" in r.stderr
+
+
 def test_train_matches_transformers_trainer_with_peft_step_for_step(hf_dir, capsys):
     """``jpeft train`` (LoRA, warm-up + cosine to 10 %, clipping, weight decay, AdamW) against
     transformers' ``Trainer`` + peft fed the same packed rows in the same order (documents

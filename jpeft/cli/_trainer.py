@@ -493,11 +493,15 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     vocab, max_pos = (int(loaded.hf_config["vocab_size"]) if "vocab_size" in loaded.hf_config else None,
                       _max_positions(loaded.hf_config))
     loss_fn, eval_sums = make_loss_fns(model, mesh, loss_chunk_tokens(t), bool(t.get("model_dropout", True)))
+    # an update takes batch_size x accum rows in accum passes; its loss and gradient are means over all of
+    # their target tokens (each pass weighted by its count), as the HF Trainer's gradient_accumulation_steps
+    accum = int(t.get("gradient_accumulation_steps", 1))
+    step_kw = {} if accum == 1 else {"accumulate_steps": accum, "loss_weight": "targets"}
     if mesh is None:
         place = None
         adapter = jpeft.init(method, params, k_init, model, example)
         opt_state = optimizer.init(jpeft.trainable(adapter))
-        step_fn = jpeft.make_train_step(loss_fn, optimizer)
+        step_fn = jpeft.make_train_step(loss_fn, optimizer, **step_kw)
     else:
         # the base was read straight into its fsdp shards; the adapter is created in place,
         # laid out like its base weights, and so is the optimizer state; every batch is split
@@ -506,7 +510,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
         a_shard = jpeft.adapter_shardings(jax.eval_shape(init, params, k_init), mesh, params)
         adapter = jax.jit(init, out_shardings=a_shard)(params, k_init)
         opt_state = jpeft.init_opt_state(optimizer, adapter)
-        step_fn = jpeft.make_sharded_train_step(loss_fn, optimizer, mesh)
+        step_fn = jpeft.make_sharded_train_step(loss_fn, optimizer, mesh, **step_kw)
 
         def place(b):
             local = dist.host_local_batch(b)
@@ -543,7 +547,8 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
         "mesh " + " x ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" over {jax.process_count()} process(es)")
     _say(f"jpeft train: {method.peft_type} on {cfg['model']}: {summary['trainable']:,} trainable of "
          f"{summary['total']:,} params ({100 * summary['share']:.3f}%); {len(train_ds)} packed rows of "
-         f"{train_ds.seq_len} tokens; {where_run}; steps {start}->{stop_at} of {steps}")
+         f"{train_ds.seq_len} tokens; {where_run}; steps {start}->{stop_at} of {steps}"
+         + (f"; {accum} passes of {bs} rows per update" if accum > 1 else ""))
 
     eval_fn = None
     if eval_ds is not None:
@@ -561,7 +566,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
 
     result = None
     if start < stop_at:
-        batches = (train_ds.batch(s, bs, seed) for s in itertools.count(start))
+        batches = (train_ds.batch(s, bs * accum, seed) for s in itertools.count(start))
         if place is not None:
             batches = map(place, batches)
         if jax.process_index() == 0:

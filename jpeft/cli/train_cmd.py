@@ -35,7 +35,9 @@ target_modules = ["q_proj", "v_proj"]
 
 [train]
 steps = 1000
-batch_size = 8
+batch_size = 8                # rows per forward/backward pass
+gradient_accumulation_steps = 1  # passes per update (an update takes batch_size x this many rows,
+                              # the loss a mean over all of their target tokens, as HF Trainer's)
 learning_rate = 2e-4          # AdamW, linear warm-up then cosine decay to 10 %
 warmup_steps = 50
 weight_decay = 0.0            # AdamW; biases and norms left out, as HF Trainer does
@@ -103,7 +105,7 @@ _DEFAULTS = {
         "steps": 1000, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "eval_every": 100, "save_every": 200, "log_every": 10,
         "keep_checkpoints": 3, "eval_batches": 0, "scan_layers": False, "loss_chunk_tokens": "auto",
-        "model_dropout": True,
+        "model_dropout": True, "gradient_accumulation_steps": 1,
     },
     "mesh": {"data": 0, "fsdp": 1, "tensor": 1},
 }
@@ -210,8 +212,8 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
     if "train" not in cfg["data"]:
         raise ConfigError("the config has no [data] train = \"file.jsonl\" entry.")
     t = cfg["train"]
-    for k in ("steps", "batch_size"):
-        if not isinstance(t[k], int) or t[k] <= 0:
+    for k in ("steps", "batch_size", "gradient_accumulation_steps"):
+        if isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] <= 0:
             raise ConfigError(f"train.{k} must be a positive integer, found {t[k]!r}.")
     for k in ("eval_every", "save_every", "log_every", "warmup_steps", "eval_batches"):
         if not isinstance(t[k], int) or t[k] < 0:
