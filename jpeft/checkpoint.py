@@ -323,7 +323,9 @@ class CheckpointManager:
         """A manager opened on one checkpoint step (``runs/x/checkpoints/30``), on a run folder
         (``runs/x``) or on a finished adapter folder finds no steps there, so ``restore_latest()``
         returns ``None`` (the "fresh run" answer), training restarts from step 0 and new steps are
-        written inside that folder. Refused by what the folder holds, before anything is written."""
+        written inside that folder. Refused by what the folder holds, before anything is written; a
+        folder that holds steps is a checkpoint directory whatever else it holds (a copied
+        ``adapter_config.json``, an adapter exported beside its checkpoints)."""
         d = self.directory
         if (d / "_CHECKPOINT_METADATA").exists() or ((d / "meta").is_dir() and (d / "state").is_dir()):
             raise CheckpointError(
@@ -333,6 +335,10 @@ class CheckpointManager:
                 if d.name.isdigit() else
                 f"{d} holds the files of one checkpoint step, not step folders; a CheckpointManager takes the folder "
                 "that holds the step folders (<dir>/<step>).")
+        if any(p.name.isdigit() for p in d.iterdir()):
+            # it holds steps (restore_latest() finds them; other files beside them are left alone), or entries
+            # named like steps that _refuse_foreign_step_names judges
+            return
         for name, what, how in (("jpeft_adapter.json", "a finished jpeft adapter", "jpeft.load_adapter"),
                                 ("adapter_config.json", "a Hugging Face PEFT adapter", "jpeft.hf.load_peft")):
             if (d / name).exists():
@@ -340,8 +346,7 @@ class CheckpointManager:
                     f"{d} holds {what} ({name}), not training checkpoints; load it with {how}, and give the "
                     "CheckpointManager a directory of its own (e.g. runs/x/checkpoints).")
         sub = d / "checkpoints"
-        if sub.is_dir() and not any(p.name.isdigit() for p in d.iterdir()) and any(
-                p.name.isdigit() for p in sub.iterdir()):
+        if sub.is_dir() and any(p.name.isdigit() for p in sub.iterdir()):
             raise CheckpointError(
                 f"{d} is a run folder whose checkpoints are in {sub}; open the CheckpointManager on {sub} (opened on "
                 f"{d}, it finds no step and would start the run afresh).")

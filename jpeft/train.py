@@ -92,9 +92,10 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
 _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 #: the parameters of a norm layer (flax names): a module holding ``scale`` and at most a ``bias``
 _NORM_LEAVES = {"scale", "bias"}
-#: a bias named by its layer's number (``b1`` beside ``w1``: prefix tuning's projection MLP,
-#: PEFT's ``transform.0.bias``)
-_NUMBERED_BIAS = re.compile(r"b(\d+)")
+#: the arrays of prefix tuning's projection MLP (``prefix = tanh(e w1 + b1) w2 + b2``): its biases
+#: are PEFT's ``transform.<i>.bias``. Only a node holding exactly these arrays has its ``b1``/``b2``
+#: left out: a user's own parameter named ``b1`` has no "bias" in its name, and the Trainer decays it
+_PREFIX_MLP_LEAVES = frozenset({"embedding", "w1", "b1", "w2", "b2"})
 
 
 def _key_name(k) -> str:
@@ -111,8 +112,8 @@ def decay_mask(tree) -> Any:
     (site path and field, ``/`` read as ``.``) contains ``bias``, ``layernorm`` or ``rmsnorm``,
     or has a ``norm`` or ``*_norm`` component, or when it belongs to a module whose arrays are a
     norm's (``scale`` and at most ``bias``: GPT-2's ``ln_1``, which the Trainer leaves out by
-    its type), or when it is a numbered bias ``b<k>`` beside a ``w<k>`` (prefix tuning's
-    projection MLP, whose biases PEFT names ``transform.<i>.bias``). Pass it as
+    its type), or when it is ``b1`` / ``b2`` of prefix tuning's projection MLP (a node holding
+    ``embedding, w1, b1, w2, b2``; PEFT names them ``transform.<i>.bias``). Pass it as
     ``optax.adamw(..., mask=jpeft.train.decay_mask)``; ``jpeft train`` does.
 
     >>> import jax, jax.numpy as jnp, jpeft
@@ -132,8 +133,7 @@ def decay_mask(tree) -> Any:
         if _NO_DECAY.search(dotted):
             return False
         leaves = siblings[tuple(parts[:-1])]
-        numbered = _NUMBERED_BIAS.fullmatch(parts[-1]) if parts else None
-        if numbered and f"w{numbered.group(1)}" in leaves:
+        if leaves == _PREFIX_MLP_LEAVES and parts[-1] in ("b1", "b2"):
             return False
         return not ("scale" in leaves and leaves <= _NORM_LEAVES)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -661,6 +662,14 @@ def test_a_manager_on_a_step_run_or_adapter_folder_is_refused_not_started_afresh
         assert sorted(os.listdir(folder)) == before
     with jpeft.checkpoint.CheckpointManager(run / "checkpoints", cfg, params, optimizer=opt) as m:
         assert m.restore_latest().step == 10
+    # a folder holding steps is a checkpoint directory whatever lies beside them (it resumed before the refusals)
+    shutil.copy(tmp_path / "peft" / "adapter_config.json", run / "checkpoints")
+    shutil.copy(run / "adapter" / "jpeft_adapter.json", run / "checkpoints")
+    (run / "checkpoints" / "checkpoints" / "3").mkdir(parents=True)
+    for read_only in (False, True):
+        with jpeft.checkpoint.CheckpointManager(run / "checkpoints", cfg, params, optimizer=opt,
+                                                read_only=read_only) as m:
+            assert m.restore_latest().step == 10
     # a checkpoint of another method names the method, not the first differing option
     ia3 = jpeft.IA3Config(target_modules=["q_proj"], feedforward_modules=[])
     with jpeft.checkpoint.CheckpointManager(run / "checkpoints", ia3, params, read_only=True) as m:

@@ -461,9 +461,14 @@ def test_engine_takes_a_bare_stop_string_whole_and_names_bad_option_types():
     assert eng._text(req) == ("", True)  # cut before "w3 w4", not at the first "w"
     req.generated = [5, 3, 6]
     assert eng._text(req) == ("w5 w3 w6", False)
-    for kw in (dict(temperature="0.5"), dict(top_p=None), dict(seed="7"), dict(stop=["w1", ""]), dict(stop=[3])):
+    for kw in (dict(temperature="0.5"), dict(top_p=None), dict(seed="7"), dict(stop=["w1", ""]), dict(stop=[3]),
+               dict(temperature=True), dict(top_p=jnp.ones(2))):
         with pytest.raises(InputValidationError):
             eng.submit(Request([1, 2], None, 4, lambda e: None, **kw))
+    # a 0-d numpy or jax number is a number (accepted before the type check)
+    req = eng.submit(Request([1, 2], None, 4, lambda e: None, temperature=jnp.float32(0.5), top_p=np.float32(0.75),
+                             seed=jnp.int32(7)))
+    assert (req.temperature, req.top_p, req.seed) == (0.5, 0.75, 7)
 
 
 def test_a_dropped_non_streaming_request_frees_its_slot_while_tokens_keep_coming():

@@ -84,6 +84,18 @@ def test_decay_mask_leaves_out_prefix_projection_biases_as_the_hf_trainer(family
     assert len(got[1]) == 2
 
 
+def test_decay_mask_decays_a_users_own_parameter_named_b1():
+    """Only prefix tuning's projection MLP has its b1/b2 left out: a user's own module trained in
+    full (modules_to_save) with parameters w1, b1 is decayed as the Trainer decays ``mine.b1``
+    (no "bias" in its name)."""
+    tree = {"mine": {"params": {"w1": jnp.ones((2, 2)), "b1": jnp.ones(2)}},
+            "prefix": {"embedding": jnp.ones((2, 2)), "w1": jnp.ones((2, 2)), "b1": jnp.ones(2),
+                       "w2": jnp.ones((2, 2)), "b2": jnp.ones(2)}}
+    m = decay_mask(tree)
+    assert m["mine"]["params"] == {"w1": True, "b1": True}
+    assert m["prefix"] == {"embedding": True, "w1": True, "b1": False, "w2": True, "b2": False}
+
+
 def test_jpeft_train_optimizer_decays_weights_only():
     from jpeft.cli._trainer import make_optimizer
 

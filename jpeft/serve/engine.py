@@ -311,9 +311,13 @@ class Engine:
             )
         for name in ("temperature", "top_p"):
             v = getattr(req, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            # a number: a Python, numpy or 0-d jax/numpy array one (as accepted before this check), not a bool
+            if isinstance(v, (bool, np.bool_, str, bytes)) or np.ndim(v) != 0 or not (
+                    np.issubdtype(np.asarray(v).dtype, np.integer) or np.issubdtype(np.asarray(v).dtype, np.floating)):
                 raise InputValidationError(f"{name} must be a number, found {v!r}.")
-        if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, (int, np.integer))):
+            setattr(req, name, float(v))
+        if req.seed is not None and (isinstance(req.seed, (bool, np.bool_, str, bytes)) or np.ndim(req.seed) != 0
+                                     or not np.issubdtype(np.asarray(req.seed).dtype, np.integer)):
             raise InputValidationError(f"seed must be an integer or None, found {req.seed!r}.")
         # a bare string would be iterated as its characters: stop="END" would end at any 'E', 'N' or 'D'
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
