@@ -522,6 +522,9 @@ def test_train_never_replaces_a_finished_adapter_it_cannot_resume_nor_resumes_pa
     (out / "resolved_config.json").write_text('{"seed": 3, "train": {"ste')
     assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", "seed=99"]) == 2
     assert "resolved_config.json is unreadable" in error_line(capsys.readouterr().err)
+    (out / "resolved_config.json").write_text("[1, 2]")  # JSON, but not the settings table: refused too
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", "seed=99"]) == 2
+    assert "holds list JSON" in error_line(capsys.readouterr().err)
 
 
 def test_train_refuses_resume_past_steps_and_names_a_scan_layers_change(hf_dir, capsys):

@@ -243,12 +243,14 @@ def _check_resumable(out_dir: str, cfg: dict) -> None:
             f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]}), so --resume cannot check that this run has "
             "the settings its checkpoints were trained with. Put back a copy of that file, or delete it to resume "
             "without the check, or start a new run in another output_dir.") from None
-    try:
-        was = bool(before["train"]["scan_layers"])
-    except (KeyError, TypeError):
-        return
-    now = bool(cfg["train"]["scan_layers"])
-    if was != now:
+    if not isinstance(before, dict) or not isinstance(before.get("train", {}), dict):
+        raise ConfigError(
+            f"{path} holds {type(before).__name__} JSON, not the settings table jpeft train writes, so --resume cannot "
+            "check that this run has the settings its checkpoints were trained with. Put back a copy of that file, or "
+            "delete it to resume without the check, or start a new run in another output_dir.")
+    was, now = before.get("train", {}).get("scan_layers"), bool(cfg["train"]["scan_layers"])
+    if was is not None and bool(was) != now:  # None: an older jpeft did not save it (the other keys still count)
+        was = bool(was)
         raise ConfigError(
             f"the checkpoints in {out_dir!r} were written with train.scan_layers = {str(was).lower()} (a "
             f"{'layer-stacked' if was else 'per-layer'} adapter), but this run has train.scan_layers = "
