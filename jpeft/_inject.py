@@ -196,8 +196,10 @@ def check_called(adapter, checked: set) -> None:
 
 
 def _normalize_axes(axis, ndim):
+    """``axis`` as non-negative axes in increasing order, as ``nn.DenseGeneral`` normalizes them (its
+    kernel's input axes follow that order, so ``axis=(-1, -2)`` has the kernel ``[x.shape[-2], x.shape[-1], ...]``)."""
     axis = (axis,) if isinstance(axis, int) else tuple(axis)
-    return tuple(a % ndim for a in axis)
+    return tuple(sorted(a % ndim for a in axis))
 
 
 def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | None:
@@ -220,7 +222,12 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
         if module.feature_group_count != 1:
             raise UnsupportedModuleError(
                 f"module {path!r}: grouped convolutions (feature_group_count={module.feature_group_count}) "
-                "are not supported by LoRA; exclude this module from target_modules."
+                "are not supported by jpeft's linear adapters; exclude this module from target_modules."
+            )
+        if getattr(module, "mask", None) is not None:
+            raise UnsupportedModuleError(
+                f"module {path!r}: a masked convolution (nn.Conv(mask=...)) multiplies its kernel by the mask, which "
+                "jpeft's linear adapters do not apply to their update; exclude this module from target_modules."
             )
         return Layout(Kind.CONV, kernel_shape, tuple(range(nd - 1)), (nd - 1,))
     if isinstance(module, nn.Einsum):
@@ -261,11 +268,15 @@ def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]
         except Exception:
             own = {}
         pname = "embedding" if isinstance(mod, nn.Embed) else "kernel"
+        refusal = None
         if pname in own and not isinstance(own[pname], Mapping):
-            layout = layout_of(mod, tuple(own[pname].shape), a, kw, path)
+            try:
+                layout = layout_of(mod, tuple(own[pname].shape), a, kw, path)
+            except UnsupportedModuleError as e:  # refused when targeted (linear_layout), not for being in the model
+                refusal = str(e)
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, out)
         in_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, a[:1])
-        record[path] = ModuleInfo(type(mod).__name__, layout, shapes, in_shapes[0] if in_shapes else None)
+        record[path] = ModuleInfo(type(mod).__name__, layout, shapes, in_shapes[0] if in_shapes else None, refusal=refusal)
         return out
 
     def run(v):

@@ -213,12 +213,15 @@ def _shape(x):
 
 def _info(module, path: str, args, kwargs, out) -> ModuleInfo:
     own = _own_params(module)
-    layout = None
+    layout, refusal = None, None
     pname = "embedding" if isinstance(module, nnx.Embed) else "kernel"
     if pname in own:
         tw = twin(module, path)
-        layout = None if tw is None else _inject.layout_of(tw, tuple(own[pname].shape), args, kwargs, path)
-    return ModuleInfo(type(module).__name__, layout, _shape(out), _shape(args[0]) if args else None)
+        try:
+            layout = None if tw is None else _inject.layout_of(tw, tuple(own[pname].shape), args, kwargs, path)
+        except UnsupportedModuleError as e:  # refused when targeted (linear_layout), not for being in the model
+            refusal = str(e)
+    return ModuleInfo(type(module).__name__, layout, _shape(out), _shape(args[0]) if args else None, refusal=refusal)
 
 
 def _modules(root):

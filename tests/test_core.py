@@ -403,3 +403,71 @@ def test_adapter_does_not_depend_on_params_key_order():
         for k in a:
             for u, v in zip(jax.tree.leaves(a[k]), jax.tree.leaves(b[k])):
                 np.testing.assert_array_equal(u, v)
+
+
+class _UnsortedAxes(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.DenseGeneral(5, axis=(-1, -2), name="layer")(x)
+
+
+def _random_leaves(adapter, seed=2):
+    leaves, tdef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tdef, [0.5 * jax.random.normal(k, v.shape) + (v.ndim == 1) for k, v in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("cfg", [jpeft.LoraConfig(r=2, alpha=3, target_modules=["layer"]),
+                                 jpeft.LoraConfig(r=2, alpha=3, use_dora=True, target_modules=["layer"]),
+                                 jpeft.VeraConfig(r=2, target_modules=["layer"]),
+                                 jpeft.AdaLoraConfig(init_r=2, target_r=1, total_step=4, target_modules=["layer"])],
+                         ids=["lora", "dora", "vera", "adalora"])
+def test_dense_general_axes_out_of_order_contract_as_flax_does(cfg):
+    """nn.DenseGeneral sorts ``axis`` (its kernel for axis=(-1, -2) is [x.shape[-2], x.shape[-1], out]); the
+    factored forward contracted the axes in the given order: equal sizes ran and gave another result (12.7 off)."""
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 3, 4, 4).astype(np.float32))
+    model = _UnsortedAxes()
+    params = model.init(jax.random.key(0), x)
+    a = _random_leaves(jpeft.init(cfg, params, jax.random.key(1), model, x))
+    got = jpeft.apply(model, params, a, x)
+    np.testing.assert_allclose(got, model.apply(jpeft.merge(params, a), x), atol=1e-5)
+    if isinstance(cfg, jpeft.LoraConfig) and not cfg.use_dora:
+        n, w = a["layer"], np.asarray(params["params"]["layer"]["kernel"])
+        w_eff = w + n.scale * (np.asarray(n.lora_A) @ np.asarray(n.lora_B)).reshape(w.shape)
+        want = np.einsum("bsij,ijo->bso", np.asarray(x), w_eff) + np.asarray(params["params"]["layer"]["bias"])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+class _DepthwiseThenDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(6, name="head")(nn.Conv(4, (3, 3), feature_group_count=4, name="dw")(x))
+
+
+def test_a_grouped_conv_blocks_only_when_targeted():
+    """A depthwise conv in the model must not make every jpeft.init fail; targeting it is refused by name."""
+    x = jnp.ones((1, 5, 5, 4))
+    model = _DepthwiseThenDense()
+    params = model.init(jax.random.key(0), x)
+    a = _random_leaves(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["head"]), params, jax.random.key(1), model, x))
+    np.testing.assert_allclose(jpeft.apply(model, params, a, x), model.apply(jpeft.merge(params, a), x), atol=1e-5)
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["dw"]), jpeft.IA3Config(target_modules=["dw"], feedforward_modules=[])):
+        with pytest.raises(jpeft.errors.UnsupportedModuleError, match="feature_group_count=4"):
+            jpeft.init(cfg, params, jax.random.key(1), model, x)
+
+
+def test_a_masked_conv_is_refused_at_init():
+    """nn.Conv(mask=...) ran init and then failed inside flax at apply (the mask's shape against the rank-r helper)."""
+    mask = np.ones((3, 3, 4, 6), np.float32)
+    mask[1, 1] = 0
+    x = jnp.ones((1, 5, 5, 4))
+
+    class Wrap(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(6, (3, 3), mask=jnp.asarray(mask), name="conv")(x)
+
+    wrap = Wrap()
+    params = wrap.init(jax.random.key(0), x)
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match="masked convolution"):
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=["conv"]), params, jax.random.key(1), wrap, x)

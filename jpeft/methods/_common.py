@@ -114,6 +114,8 @@ def linear_layout(path: str, own, infos):
     its parameters (unambiguous 2-D kernels and embeddings only)."""
     if infos is not None and path in infos:
         if infos[path].layout is None:
+            if infos[path].refusal:
+                raise UnsupportedModuleError(infos[path].refusal)
             raise UnsupportedModuleError(
                 f"module {path!r} is a {infos[path].cls_name}, not a linear module this method can adapt "
                 "(nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed). Remove it from target_modules."

@@ -114,6 +114,7 @@ class ModuleInfo(NamedTuple):
     out_shape: Any  # pytree of jax.ShapeDtypeStruct, the module's __call__ output
     in_shape: Any
     methods: frozenset = frozenset()  # the module's other methods the model called ("attend", ...)
+    refusal: Optional[str] = None  # why a module with a kernel has no layout (a grouped conv, ...), raised when targeted
 
 
 class Call(NamedTuple):

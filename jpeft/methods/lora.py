@@ -899,6 +899,8 @@ def init_lora(config: LoraConfig, params, key, infos):
         if infos is not None and path in infos and infos[path].layout is not None:
             layout = infos[path].layout
         elif infos is not None and path in infos:
+            if infos[path].refusal:
+                raise UnsupportedModuleError(infos[path].refusal)
             raise UnsupportedModuleError(
                 f"module {path!r} is a {infos[path].cls_name}, not a module LoRA can adapt "
                 "(nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed). Remove it from target_modules."
