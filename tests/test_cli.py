@@ -246,6 +246,15 @@ def test_gradient_accumulation_trains_as_the_whole_batch_at_once(hf_dir, capsys)
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # the same two-pass run on a 2-device mesh (each pass's 2 rows split over data=2)
+    env2 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
+    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(hf_dir / "acc_two.toml"),
+                        "--no-progress", "--output-dir", str(hf_dir / "acc_mesh"), "--set", "mesh.data=2"],
+                       capture_output=True, text=True, timeout=300, env=env2)
+    assert r.returncode == 0 and "mesh data=2" in r.stderr and "2 passes of 2 rows per update" in r.stderr, r.stderr
+    c = adapter_arrays(hf_dir / "acc_mesh" / "adapter")
+    for k in a:
+        np.testing.assert_allclose(c[k], a[k], rtol=1e-4, atol=1e-5)
     cfg = write_config(hf_dir, "acc_bad", steps=1)
     r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "train.gradient_accumulation_steps=0")
     assert r.returncode == 2 and "train.gradient_accumulation_steps must be a positive integer" in r.stderr
