@@ -319,9 +319,9 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
 
 def _through_transform(e: TypeError) -> bool:
     """Whether ``e`` is what flax raises when an NNX transform splits a module holding a
-    :class:`_SiteProxy` (or, in :func:`trace`, a :class:`_Recorder`): the stand-in comes back as a traced leaf (``'DynamicJaxprTracer' object is
-    not callable``) or is refused as an argument or output (``... _SiteProxy ... is not a valid
-    JAX type``)."""
+    :class:`_SiteProxy` (or, in :func:`trace`, a :class:`_Recorder`): the stand-in comes back
+    as a traced leaf (``'DynamicJaxprTracer' object is not callable``) or is refused as an
+    argument or output (``... _SiteProxy ... is not a valid JAX type``)."""
     msg = str(e)
     return "_SiteProxy" in msg or "_Recorder" in msg or "Tracer' object is not callable" in msg
 
