@@ -369,3 +369,24 @@ def test_info_llama2_7b_matches_peft_counts(capsys):
         assert got["trainable_params"] == trainable == {"oft": 4_063_232, "ln_tuning": 266_240}[method]
         # PEFT keeps LN tuning's original norms beside the copies and counts both; jpeft's copy replaces them
         assert got["total_params"] == (total if method == "oft" else total - trainable)
+
+
+def test_dense_general_contracting_the_last_axis_is_adapted_and_another_axis_refused():
+    """OFT rotates the input's last axis: DenseGeneral(axis=2) on a 3-D input contracts it (it
+    was refused because the check compared the axis with -1 literally) and equals the merged
+    kernel; axis=1 is refused by name."""
+    x = jax.random.normal(jax.random.key(1), (2, 3, 8))
+    for axis, ok in ((2, True), (-1, True), ((2,), True), (1, False)):
+        model = nn.DenseGeneral(6, axis=axis)
+        xin = x if axis != 1 else jnp.swapaxes(x, 1, 2)
+        params = model.init(jax.random.key(0), xin)
+        cfg = OFTConfig(target_modules=".*", oft_block_size=4)
+        ad = jpeft.init(cfg, params, jax.random.key(2))
+        ad = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype) * 0.3, ad)
+        if ok:
+            got = jpeft.apply(model, params, ad, xin)
+            want = model.apply(jpeft.merge(params, ad), xin)
+            np.testing.assert_allclose(got, want, atol=2e-5)
+        else:
+            with pytest.raises(jpeft.errors.UnsupportedModuleError, match="contracts axis 1 of a 3-D input"):
+                jpeft.apply(model, params, ad, xin)

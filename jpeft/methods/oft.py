@@ -278,20 +278,25 @@ class OFTWeights(Site):
         return dataclasses.replace(self, oft_R=coft_project(self.oft_R.astype(jnp.float32), self.block_size,
                                                            self.eps).astype(self.oft_R.dtype))
 
-    def check(self, path: str, module) -> None:
-        self.check_params(path, module.variables.get("params", {}))
-        axis = getattr(module, "axis", -1)
-        if axis not in (-1, (-1,)):
-            raise UnsupportedModuleError(
-                f"OFT at {path!r} rotates the input's last axis, but the module contracts axis {axis!r}; "
-                "target nn.Dense modules (or DenseGeneral with axis=-1)."
-            )
-
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own, what="OFT adapter")
 
+    @staticmethod
+    def _check_axis(module, ndim: int, path: str) -> None:
+        """OFT rotates the input's last axis: a DenseGeneral must contract that axis alone
+        (``axis=-1``, or its non-negative form for this input's rank)."""
+        axis = getattr(module, "axis", -1)
+        axes = (axis,) if isinstance(axis, int) else tuple(axis)
+        if tuple(a % ndim for a in axes) != (ndim - 1,):
+            raise UnsupportedModuleError(
+                f"OFT at {path!r} rotates the input's last axis, but "
+                f"the module contracts axis {axis!r} of a {ndim}-D input; target nn.Dense modules (or DenseGeneral "
+                "contracting the last axis only)."
+            )
+
     def intercept(self, call: Call):
         x = call.args[0] if call.args else call.kwargs["inputs"]
+        self._check_axis(call.module, x.ndim, call.path)
         r = self.rotation()
         if self.module_dropout > 0.0 and self.oft_R.shape[0] > 1:  # PEFT: a shared block is never dropped
             r = block_dropout(r, self.module_dropout, call.dropout_key())
