@@ -201,40 +201,21 @@ def _drop_logged_after(path: str, step: int) -> None:
              "steps run again.")
 
 
-def _saved_steps(path: str) -> Optional[int]:
+def _saved_steps(saved: Optional[dict]) -> Optional[int]:
     try:
-        with open(path) as f:
-            return int(json.load(f)["train"]["steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(saved["train"]["steps"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
-def _keep_unsaved_settings(out_dir: str, cfg: dict) -> None:
-    """A run saved by a jpeft without ``train.model_dropout`` trained without the model's own
-    dropout: resumed, it keeps training so (``cfg`` is set to false, with a note) rather than
-    switch dropout on mid-run."""
-    try:
-        with open(os.path.join(out_dir, "resolved_config.json")) as f:
-            saved = json.load(f)["train"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    if isinstance(saved, dict) and "model_dropout" not in saved and cfg["train"].get("model_dropout", True):
-        cfg["train"]["model_dropout"] = False
-        _say("note: this run was started by a jpeft without train.model_dropout, which trained without the model's "
-             "own dropout; it resumes with train.model_dropout = false.")
-
-
-def _check_resumable(out_dir: str, cfg: dict) -> None:
-    """Refuses ``--resume`` with settings that change the run (the seed, the data, the model's
-    layout, the method, the optimizer, ...), naming each with its saved and its new value:
-    the resumed run would no longer be the run its checkpoints belong to, and the saved config
-    would be overwritten. Checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled
-    model cannot use (and the other way round), which gets its own message. Runs without a
-    ``resolved_config.json`` (an older jpeft) are not checked, a damaged one is refused; keys an
-    older jpeft did not save are skipped."""
+def _read_saved_config(out_dir: str) -> Optional[dict]:
+    """The ``resolved_config.json`` a run wrote (read once per resume: the checks below take it),
+    ``None`` when there is none (an older jpeft: not checked); a damaged one is refused, since
+    ``--resume`` could then not check that the run keeps the settings its checkpoints were
+    trained with."""
     path = os.path.join(out_dir, "resolved_config.json")
     if not os.path.isfile(path):
-        return
+        return None
     try:
         with open(path) as f:
             before = json.load(f)
@@ -248,6 +229,33 @@ def _check_resumable(out_dir: str, cfg: dict) -> None:
             f"{path} holds {type(before).__name__} JSON, not the settings table jpeft train writes, so --resume cannot "
             "check that this run has the settings its checkpoints were trained with. Put back a copy of that file, or "
             "delete it to resume without the check, or start a new run in another output_dir.")
+    return before
+
+
+def _keep_unsaved_settings(out_dir: str, cfg: dict, before: Optional[dict] = None) -> None:
+    """A run saved by a jpeft without ``train.model_dropout`` trained without the model's own
+    dropout: resumed, it keeps training so (``cfg`` is set to false, with a note) rather than
+    switch dropout on mid-run. ``before``: :func:`_read_saved_config` (read here if not given)."""
+    before = _read_saved_config(out_dir) if before is None else before
+    saved = None if before is None else before.get("train")
+    if isinstance(saved, dict) and "model_dropout" not in saved and cfg["train"].get("model_dropout", True):
+        cfg["train"]["model_dropout"] = False
+        _say("note: this run was started by a jpeft without train.model_dropout, which trained without the model's "
+             "own dropout; it resumes with train.model_dropout = false.")
+
+
+def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None) -> None:
+    """Refuses ``--resume`` with settings that change the run (the seed, the data, the model's
+    layout, the method, the optimizer, ...), naming each with its saved and its new value:
+    the resumed run would no longer be the run its checkpoints belong to, and the saved config
+    would be overwritten. Checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled
+    model cannot use (and the other way round), which gets its own message. Runs without a
+    ``resolved_config.json`` (an older jpeft) are not checked; keys an older jpeft did not save
+    are skipped. ``before``: :func:`_read_saved_config` (read here if not given)."""
+    path = os.path.join(out_dir, "resolved_config.json")
+    before = _read_saved_config(out_dir) if before is None else before
+    if before is None:
+        return
     was, now = before.get("train", {}).get("scan_layers"), bool(cfg["train"]["scan_layers"])
     if was is not None and bool(was) != now:  # None: an older jpeft did not save it (the other keys still count)
         was = bool(was)
@@ -285,17 +293,12 @@ def data_fingerprint(ds) -> str:
     return h.hexdigest()
 
 
-def _check_resumed_data(out_dir: str, sha: str) -> None:
+def _check_resumed_data(out_dir: str, sha: str, before: dict) -> None:
     """Refuses ``--resume`` on training data whose packed rows differ from those the
     checkpoints were trained on (the file edited, another tokenizer): batch ``k`` would be
     another batch, and the resumed run no longer the run it continues. Runs saved without
     the fingerprint (an older jpeft) are not checked."""
-    path = os.path.join(out_dir, "resolved_config.json")
-    try:
-        with open(path) as f:
-            was = json.load(f).get("train_data_sha256")
-    except (OSError, ValueError, AttributeError):
-        return
+    was = before.get("train_data_sha256")
     if isinstance(was, str) and was != sha:
         raise ConfigError(
             f"--resume would continue the run in {out_dir!r} on other training data than its checkpoints were trained "
@@ -327,9 +330,10 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         raise ConfigError(f"{out_dir!r} holds the finished adapter of an earlier run ({finished}) and no checkpoints to "
                           f"{'resume' if resume else 'continue'} from; this run would start from step 0 and replace it. "
                           "Choose another output_dir, or move that adapter away first.")
-    if resume and has_ckpts:
-        _keep_unsaved_settings(out_dir, cfg)
-        _check_resumable(out_dir, cfg)
+    saved = _read_saved_config(out_dir) if resume and has_ckpts else None
+    if saved is not None:
+        _keep_unsaved_settings(out_dir, cfg, saved)
+        _check_resumable(out_dir, cfg, saved)
     mesh = make_run_mesh(cfg, int(t["batch_size"]))
     if mesh is not None and "tensor" in mesh.shape:
         check_tensor_axis(cfg["model"], mesh.shape["tensor"])
@@ -358,8 +362,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                if d.get("eval") else None)
 
     data_sha = data_fingerprint(train_ds)
-    if resume and has_ckpts:
-        _check_resumed_data(out_dir, data_sha)
+    if saved is not None:
+        _check_resumed_data(out_dir, data_sha, saved)
     if jax.process_count() > 1:
         _check_processes_agree(cfg, data_sha)
     os.makedirs(out_dir, exist_ok=True)
@@ -377,7 +381,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                               keep_last=t["keep_checkpoints"], async_save=False)
     try:
         return _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
-                    k_train, seed, steps, resume, max_steps, progress, mesh, data_sha)
+                    k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved)
     finally:
         ckpts.close()
 
@@ -488,7 +492,7 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
 
 
 def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
-         steps, resume, max_steps, progress, mesh, data_sha=None):
+         steps, resume, max_steps, progress, mesh, data_sha=None, saved=None):
     t = cfg["train"]
     out_dir = cfg["output_dir"]
     model, params = loaded.model, loaded.params
@@ -535,7 +539,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     if jax.process_index() == 0:
         path = os.path.join(out_dir, "resolved_config.json")
         if start > 0:
-            was = _saved_steps(path)
+            was = _saved_steps(saved)
             if was is not None and was != steps:
                 _say(f"note: train.steps changed from {was} to {steps} on resume; the learning-rate schedule now spans "
                      f"{steps} steps.")
