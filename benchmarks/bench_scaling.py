@@ -137,8 +137,10 @@ def one_point(args, axis, value, size_spec, r, modes, workdir):
         rounds.append({"steps": steps, "losses": losses, "ready": ready, "done": done})
     res = {"axis": axis, "value": value, "size": size_spec, "r": r, "tokens": size.tokens, "workers": {}}
     for f, m in names:
-        flops = (C.full_step_flops(size) if m == "full" else C.lora_step_flops(size, r))["step"]
-        causal = (C.full_step_flops(size, causal=True) if m == "full" else C.lora_step_flops(size, r, causal=True))["step"]
+        def count(causal: bool) -> float:
+            return (C.full_step_flops(size, causal=causal) if m == "full" else C.lora_step_flops(size, r, causal))["step"]
+
+        flops, causal = count(False), count(True)
         step_s = C.median([C.median(rd["steps"][(f, m)]) for rd in rounds])
         peak = C.median([rd["ready"][(f, m)]["peak_matmul_flops"] for rd in rounds])
         peaks = [rd["done"][(f, m)]["peak_rss_above_baseline"] / 2**20 for rd in rounds]

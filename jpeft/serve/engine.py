@@ -105,6 +105,14 @@ class Request:
 _SEEDS = np.random.default_rng()
 
 
+def _is_scalar(v, kinds) -> bool:
+    """Whether ``v`` is one number of the numpy dtype ``kinds`` (a Python, numpy or 0-d jax/numpy
+    array one), not a bool or a string."""
+    if isinstance(v, (bool, np.bool_, str, bytes)) or np.ndim(v) != 0:
+        return False
+    return any(np.issubdtype(np.asarray(v).dtype, k) for k in kinds)
+
+
 def _slice_rows(cache: KVCache, slot):
     """Row ``slot`` of every cache array (a batch-1 :class:`KVCache`)."""
     stacked = not isinstance(cache.keys, (tuple, list))
@@ -311,13 +319,10 @@ class Engine:
             )
         for name in ("temperature", "top_p"):
             v = getattr(req, name)
-            # a number: a Python, numpy or 0-d jax/numpy array one (as accepted before this check), not a bool
-            if isinstance(v, (bool, np.bool_, str, bytes)) or np.ndim(v) != 0 or not (
-                    np.issubdtype(np.asarray(v).dtype, np.integer) or np.issubdtype(np.asarray(v).dtype, np.floating)):
+            if not _is_scalar(v, (np.integer, np.floating)):
                 raise InputValidationError(f"{name} must be a number, found {v!r}.")
             setattr(req, name, float(v))
-        if req.seed is not None and (isinstance(req.seed, (bool, np.bool_, str, bytes)) or np.ndim(req.seed) != 0
-                                     or not np.issubdtype(np.asarray(req.seed).dtype, np.integer)):
+        if req.seed is not None and not _is_scalar(req.seed, (np.integer,)):
             raise InputValidationError(f"seed must be an integer or None, found {req.seed!r}.")
         # a bare string would be iterated as its characters: stop="END" would end at any 'E', 'N' or 'D'
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
