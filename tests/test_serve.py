@@ -402,6 +402,33 @@ def test_text_is_not_lost_when_decoding_rewrites_earlier_text():
     assert events[-1].finish_reason == "length"
 
 
+def test_usage_counts_every_generated_token_the_end_of_sequence_included():
+    """``usage.completion_tokens`` counts the tokens the model generated, as vLLM and TGI count
+    them: an end-of-sequence token is not text but is counted (it was left out), a stop string's
+    tokens are counted, and a completion cut by ``max_tokens`` counts exactly ``max_tokens``."""
+    from jpeft.serve import Engine, Request
+
+    words = ["<unk>", "</s>", "a", "b", "c"]
+    eng = Engine(MODEL, PARAMS, None, tokenizer=_word_tokenizer(words), slots=1, max_len=32,
+                 eos_ids=[1])  # nothing compiled below
+
+    def run(max_tokens, toks, **kw):
+        events = []
+        req = Request([2, 3, 4], None, max_tokens, events.append, temperature=0.0, **kw)
+        eng._rows[0] = req
+        for t in toks:
+            eng._accept([(0, req)], [t])
+        done = events[-1]
+        assert done.kind == "done" and all(e.kind == "text" for e in events[:-1])
+        return "".join(e.text for e in events[:-1]), done.finish_reason, done.usage
+
+    assert run(8, [2, 3, 1]) == ("a b", "stop", {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})
+    assert run(8, [1]) == ("", "stop", {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4})
+    assert run(2, [4, 4]) == ("c c", "length", {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+    assert run(8, [2, 3, 4], stop=["b"])[1:] == ("stop", {"prompt_tokens": 3, "completion_tokens": 2,
+                                                         "total_tokens": 5})
+
+
 def test_without_a_tokenizer_stop_and_the_http_server_are_refused(tmp_path):
     """Without a tokenizer the engine sends token ids only: the HTTP server answered every
     completion with empty text (and ignored 'stop'); `jpeft serve` started on such a folder."""

@@ -557,8 +557,11 @@ class Engine:
                 with self._cv:
                     if self._rows[i] is r:
                         self._rows[i] = None
-                usage = {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(r.generated),
-                         "total_tokens": len(r.prompt_ids) + len(r.generated)}
+                # the end-of-sequence token is generated work too (vLLM and TGI count it): not in the text,
+                # but in the usage
+                n = len(r.generated) + int(eos)
+                usage = {"prompt_tokens": len(r.prompt_ids), "completion_tokens": n,
+                         "total_tokens": len(r.prompt_ids) + n}
                 self._finish(r, Event("done", finish_reason=reason, usage=usage), "completed")
                 with self._cv:
                     self._cv.notify_all()
