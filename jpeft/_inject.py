@@ -202,6 +202,21 @@ def _normalize_axes(axis, ndim):
     return tuple(sorted(a % ndim for a in axis))
 
 
+def input_axes(module, args, kwargs) -> tuple | None:
+    """The axes of a ``nn.Dense`` / ``nn.DenseGeneral`` call's input that its kernel contracts
+    (non-negative, sorted), or ``None`` for other modules."""
+    x = args[0] if args else kwargs.get("inputs")
+    ndim = getattr(x, "ndim", None)
+    if ndim is None:
+        return None
+    if isinstance(module, nn.Dense):
+        return (ndim - 1,)
+    if isinstance(module, nn.DenseGeneral):
+        axis = module.axis
+        return tuple(sorted(a % ndim for a in ((axis,) if isinstance(axis, int) else axis)))
+    return None
+
+
 def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | None:
     """The layout of a supported module instance, or ``None`` for modules without a kernel."""
     nd = len(kernel_shape)
@@ -276,7 +291,8 @@ def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]
                 refusal = str(e)
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, out)
         in_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, a[:1])
-        record[path] = ModuleInfo(type(mod).__name__, layout, shapes, in_shapes[0] if in_shapes else None, refusal=refusal)
+        record[path] = ModuleInfo(type(mod).__name__, layout, shapes, in_shapes[0] if in_shapes else None, refusal=refusal,
+                                  input_axes=input_axes(mod, a, kw))
         return out
 
     def run(v):

@@ -213,7 +213,7 @@ def _shape(x):
 
 def _info(module, path: str, args, kwargs, out) -> ModuleInfo:
     own = _own_params(module)
-    layout, refusal = None, None
+    layout, refusal, tw = None, None, None
     pname = "embedding" if isinstance(module, nnx.Embed) else "kernel"
     if pname in own:
         tw = twin(module, path)
@@ -221,7 +221,8 @@ def _info(module, path: str, args, kwargs, out) -> ModuleInfo:
             layout = None if tw is None else _inject.layout_of(tw, tuple(own[pname].shape), args, kwargs, path)
         except UnsupportedModuleError as e:  # refused when targeted (linear_layout), not for being in the model
             refusal = str(e)
-    return ModuleInfo(type(module).__name__, layout, _shape(out), _shape(args[0]) if args else None, refusal=refusal)
+    return ModuleInfo(type(module).__name__, layout, _shape(out), _shape(args[0]) if args else None, refusal=refusal,
+                      input_axes=None if tw is None else _inject.input_axes(tw, args, kwargs))
 
 
 def _modules(root):

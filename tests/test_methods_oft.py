@@ -390,3 +390,10 @@ def test_dense_general_contracting_the_last_axis_is_adapted_and_another_axis_ref
         else:
             with pytest.raises(jpeft.errors.UnsupportedModuleError, match="contracts axis 1 of a 3-D input"):
                 jpeft.apply(model, params, ad, xin)
+            # given the model, jpeft.init refuses it before any adapter exists (it was refused at apply only)
+            with pytest.raises(jpeft.errors.UnsupportedModuleError, match="contracts axis 1 of a 3-D input"):
+                jpeft.init(cfg, params, jax.random.key(2), model, xin)
+        if ok:  # and the traced init adapts it as the untraced one does
+            ad2 = jpeft.init(cfg, params, jax.random.key(2), model, xin)
+            ad2 = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape, a.dtype) * 0.3, ad2)
+            np.testing.assert_allclose(jpeft.apply(model, params, ad2, xin), want, atol=2e-5)

@@ -115,6 +115,7 @@ class ModuleInfo(NamedTuple):
     in_shape: Any
     methods: frozenset = frozenset()  # the module's other methods the model called ("attend", ...)
     refusal: Optional[str] = None  # why a module with a kernel has no layout (a grouped conv, ...), raised when targeted
+    input_axes: Optional[tuple] = None  # the input's axes a Dense/DenseGeneral contracts (non-negative, sorted)
 
 
 class Call(NamedTuple):

@@ -334,6 +334,15 @@ def _site_layout(path: str, own, infos) -> Layout:
             "jpeft's OFT adapts nn.Dense kernels (Hugging Face PEFT's OFT on torch.nn.Linear). Remove it from "
             "target_modules."
         )
+    info = infos.get(path) if infos else None  # traced (jpeft.init given the model): refused before any apply
+    if info is not None and info.input_axes is not None and info.in_shape is not None:
+        ndim = len(info.in_shape.shape)
+        if info.input_axes != (ndim - 1,):
+            raise UnsupportedModuleError(
+                f"OFT at {path!r} rotates the input's last axis, but the module contracts axis "
+                f"{info.input_axes[0] if len(info.input_axes) == 1 else info.input_axes} of a {ndim}-D input; target "
+                "nn.Dense modules (or DenseGeneral contracting the last axis only)."
+            )
     return lay
 
 
