@@ -78,7 +78,8 @@ def load_examples(
     Raises:
       LoadError: the file is missing, a JSONL line is not a JSON object, a line has
         neither ``text_field`` nor both ``prompt_field`` and ``completion_field``, or one of
-        those values is not a string (``null``, a number, a list).
+        those values is not a string (``null``, a number, a list) or holds a lone surrogate
+        escape (``"\\ud800"``, which JSON reads but is not text).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -111,6 +112,12 @@ def _text_value(path: str, lineno: int, row: Mapping, field: str) -> str:
         found = "null" if v is None else f"{type(v).__name__} {json.dumps(v)[:60]}"
         raise LoadError(f"{path}:{lineno}: the {field!r} field must be a string, found {found}. Write the text as a "
                         "JSON string (or drop the line); jpeft does not turn other values into text.")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape ("\ud800"): JSON reads it, no tokenizer takes it
+        raise LoadError(f"{path}:{lineno}: the {field!r} field holds a lone surrogate {v[e.start]!r} at character "
+                        f"{e.start}, which is not text (an escape such as \\ud800 without its pair); write the "
+                        "character itself, or its full surrogate pair, or drop it.") from None
     return v
 
 

@@ -162,6 +162,22 @@ def test_jsonl_values_must_be_strings(tmp_path):
             load_examples(bad)
 
 
+def test_a_lone_surrogate_escape_is_refused_with_its_line(tmp_path):
+    """JSON reads "\\ud800" (an escape without its pair) into a str no tokenizer takes (a TypeError
+    from deep inside tokenizers, no line); it is refused with its line and field. A full pair is
+    one character and is read."""
+    from jpeft.data import load_examples
+    from jpeft.errors import LoadError
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "ok \\ud83d\\ude00"}\n{"prompt": "Q", "completion": "x \\ud800 y"}\n')
+    with pytest.raises(LoadError, match=r"d.jsonl:2: the 'completion' field holds a lone surrogate '\\ud800' at "
+                                        r"character 2"):
+        load_examples(f)
+    f.write_text('{"text": "ok \\ud83d\\ude00"}\n')
+    assert load_examples(f) == [{"text": "ok \U0001F600"}]
+
+
 def test_prompt_and_completion_are_tokenized_as_one_text_as_trl_does():
     """Encoded apart, a SentencePiece-style tokenizer (Metaspace, Llama 2 / Mistral) started the
     completion with a word-boundary mark the text does not have ('A:' + 'Paris.' trained on
