@@ -83,7 +83,8 @@ def load_examples(
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise LoadError(f"dataset file {path!r} does not exist (expected a .txt or .jsonl file).")
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise LoadError(f"dataset file {path!r} {what} (expected a .txt or .jsonl file).")
     try:
         return _read_examples(path, text_field, prompt_field, completion_field)
     except UnicodeDecodeError as e:

@@ -176,6 +176,9 @@ def test_a_lone_surrogate_escape_is_refused_with_its_line(tmp_path):
         load_examples(f)
     f.write_text('{"text": "ok \\ud83d\\ude00"}\n')
     assert load_examples(f) == [{"text": "ok \U0001F600"}]
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(LoadError, match="dir.jsonl' is a directory"):  # it said "does not exist"
+        load_examples(tmp_path / "dir.jsonl")
 
 
 def test_prompt_and_completion_are_tokenized_as_one_text_as_trl_does():
