@@ -326,6 +326,52 @@ def test_l2sp_lora_penalizes_a_trained_bias(bias):
     assert float(l2sp_penalty(params, {"": only_bias}, a0)) == pytest.approx(0.5 * (dbias**2).sum(), rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_l2sp_merged_kernel_methods_need_the_base(method):
+    # with params=None DoRA and IA3 fell back to the distance of their raw arrays (DoRA 15.13 against the
+    # merged kernels' 4.20 on this example), silently
+    model = nn.Dense(5)
+    params = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    cfg = (jpeft.LoraConfig(r=2, alpha=3, target_modules=".*", use_dora=True) if method == "dora"
+           else jpeft.IA3Config(target_modules=".*", feedforward_modules=()))
+    a0 = jpeft.init(cfg, params, jax.random.key(1))
+    rng = np.random.default_rng(0)
+    rnd = lambda: jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), jnp.float32), a0)  # noqa: E731
+    a1, a2 = rnd(), rnd()
+    kernel = lambda a: np.asarray(jpeft.merge(params, a)["params"]["kernel"])  # noqa: E731
+    want = 0.5 * ((kernel(a1) - kernel(a2)) ** 2).sum()
+    assert float(l2sp_penalty(params, a1, a2)) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(InputValidationError, match="params is None"):
+        l2sp_penalty(None, a1, a2)
+
+
+def test_ewc_state_in_a_batch_split_by_gradient_accumulation_is_refused():
+    # the docstring's pattern (the EWC memory rides in the batch) with make_train_step(accumulate_steps=2): the
+    # step splits the anchors and Fishers into micro-batches; a [1, ...] slice broadcast into a wrong penalty
+    # (59.48 instead of 80.46 here), a larger one failed deep inside jnp with a TypeError
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), jnp.ones((1, 2)))
+    a = jpeft.init(jpeft.LoraConfig(r=2, alpha=2, target_modules=".*"), params, jax.random.key(1))
+    rng = np.random.default_rng(0)
+    a = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), jnp.float32), a)  # every tensor random
+    anchor = jax.tree.map(lambda t: jnp.asarray(rng.normal(size=t.shape), jnp.float32), a)
+    fisher = jax.tree.map(lambda t: jnp.asarray(rng.uniform(size=t.shape), jnp.float32), a)
+    state = ewc_consolidate(ewc_init(), anchor, fisher)
+
+    def loss_fn(p, ad, batch, key):
+        pred = jpeft.apply(model, p, ad, batch["x"])
+        return jnp.mean((pred - batch["y"]) ** 2) + ewc_penalty(batch["ewc"], ad, strength=10.0)
+
+    batch = {"x": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32), "y": jnp.zeros((4, 3)), "ewc": state}
+    opt = optax.sgd(0.0)
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    _, _, m = step(params, a, opt.init(jpeft.trainable(a)), batch, jax.random.key(0))
+    assert float(m["loss"]) == pytest.approx(float(loss_fn(params, a, batch, None)), rel=1e-6)
+    step2 = jpeft.make_train_step(loss_fn, opt, donate=False, accumulate_steps=2)
+    with pytest.raises(ShapeMismatchError, match="accumulate_steps"):
+        step2(params, a, opt.init(jpeft.trainable(a)), batch, jax.random.key(0))
+
+
 def test_l2sp_full_finetune_is_distance_to_pretrained():
     params, _, _, _ = _lora_setup()
     full = jpeft.init(FullFinetuneConfig(), params, jax.random.key(0))

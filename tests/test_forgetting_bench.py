@@ -276,3 +276,43 @@ def test_replay_does_not_change_the_batch_order(monkeypatch):
         experiment.run_one(_tiny_digits(), spec, 3, log=None)
         orders.append(list(seen))
     assert len(orders[0]) == 4 and orders[0] == orders[1]
+
+
+def test_replay_share_rounding_to_no_row_is_refused_before_training(tmp_path):
+    # mix_batch refused it only at the first batch of the second task, after the earlier methods (and the
+    # replay method's own first task) had trained and their partial results had been written
+    import jpeft
+    from jpeft.forgetting import sweep as SW
+
+    bench = SplitDigits("class", steps_per_task=2, batch_size=2, num_tasks=2, hidden=(8,))
+    full = jpeft.FullFinetuneConfig()
+    methods = [experiment.MethodSpec("naive", full), experiment.MethodSpec("replay", full, replay=0.25, replay_capacity=4)]
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"0.25 of a batch of 2 rounds to 0"):
+        experiment.run(bench, methods, seeds=[0], out_dir=str(out), progress=False, plots=False, log=None)
+    assert not out.exists()
+    fam = SW.SweepSpec("replay", methods[1], strength="replay", strengths=(0.5, 0.25))
+    with pytest.raises(ConfigError, match=r"rounds to 0"):
+        SW.sweep(bench, [fam], seeds=[0], out_dir=str(tmp_path / "sweep"), progress=False, plots=False, log=None)
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("field", [{"ewc": 1e6}, {"replay": 0.5}])
+def test_per_task_adapter_refuses_ewc_and_replay(field):
+    # both were accepted, described ("EWC lambda=1e+06, one adapter per task") and silently did nothing: the Fisher
+    # and the replay buffer are built only for a shared adapter (the score matrix equalled plain per-task's)
+    import jpeft
+
+    with pytest.raises(ConfigError, match="with per_task_adapter would do nothing"):
+        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*"), per_task_adapter=True, **field)
+
+
+@pytest.mark.parametrize("field", [{"ewc": 1.0, "ewc_gamma": 1.5}, {"distill": 1.0, "temperature": 0.0},
+                                   {"ewc": 1.0, "fisher_examples": 0}, {"replay": 0.5, "replay_capacity": 0}])
+def test_method_spec_refuses_bad_regularizer_settings_before_training(field):
+    # each was refused only where first used: after the first task had trained (ewc_gamma, fisher_examples,
+    # replay_capacity) or inside the jitted step (temperature)
+    import jpeft
+
+    with pytest.raises(ConfigError, match="MethodSpec 'x'"):
+        experiment.MethodSpec("x", jpeft.FullFinetuneConfig(), **field)

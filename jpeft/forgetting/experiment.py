@@ -81,7 +81,8 @@ class MethodSpec:
       fisher: Fisher estimator for EWC (``"exact"``, ``"sampled"``, ``"empirical"``,
         ``"batched"``); ``None``: the benchmark's default.
       fisher_examples: examples of each finished task used to estimate the Fisher.
-      replay: share of each batch replaced by examples of earlier tasks (0: off).
+      replay: share of each batch replaced by examples of earlier tasks (0: off); a share that
+        rounds to no row of the benchmark's batch is refused before anything is trained.
       replay_capacity: size of the reservoir buffer.
       distill: weight of the LwF distillation term (KL to the predictions of the model as it
         was when the current task started; 0: off).
@@ -141,6 +142,18 @@ class MethodSpec:
                 raise ConfigError(f"MethodSpec {self.name!r}: {f} must be >= 0, found {getattr(self, f)}.")
         if not 0.0 <= self.replay < 1.0:
             raise ConfigError(f"MethodSpec {self.name!r}: replay must be in [0, 1), found {self.replay}.")
+        # checked here, not where they are first used (after the first task has trained)
+        if self.replay and not (isinstance(self.replay_capacity, int) and self.replay_capacity > 0):
+            raise ConfigError(f"MethodSpec {self.name!r}: replay_capacity must be a positive integer, found "
+                              f"{self.replay_capacity!r}.")
+        if self.distill and not self.temperature > 0:
+            raise ConfigError(f"MethodSpec {self.name!r}: temperature must be > 0, found {self.temperature}.")
+        if self.ewc and not (isinstance(self.fisher_examples, int) and self.fisher_examples > 0):
+            raise ConfigError(f"MethodSpec {self.name!r}: fisher_examples must be a positive integer, found "
+                              f"{self.fisher_examples!r}.")
+        if self.ewc_gamma is not None and not 0.0 <= self.ewc_gamma <= 1.0:
+            raise ConfigError(f"MethodSpec {self.name!r}: ewc_gamma (online EWC's decay) must be in [0, 1] or None, "
+                              f"found {self.ewc_gamma}.")
         if self.corda is not None:
             if self.corda not in ("kpm", "ipm"):
                 raise ConfigError(f"MethodSpec {self.name!r}: corda must be 'kpm', 'ipm' or None, found {self.corda!r}.")
@@ -165,6 +178,11 @@ class MethodSpec:
         if self.orthogonal and self.ewc:
             raise ConfigError(f"MethodSpec {self.name!r}: EWC anchors the adapter it was computed on, and O-LoRA "
                               "trains a fresh adapter per task; set one of ewc and orthogonal.")
+        if self.per_task_adapter and (self.ewc or self.replay):
+            what = " and ".join(k for k in ("ewc", "replay") if getattr(self, k))
+            raise ConfigError(f"MethodSpec {self.name!r}: {what} with per_task_adapter would do nothing: each task "
+                              "trains its own fresh adapter on the frozen network, so there is no earlier state to "
+                              f"anchor (EWC) or old data to mix in (replay) for it; drop {what} or per_task_adapter.")
         if self.orthogonal and self.per_task_adapter:
             raise ConfigError(f"MethodSpec {self.name!r}: orthogonal (O-LoRA) and per_task_adapter are two different "
                               "ways to give each task its own adapter; set one of them.")
@@ -404,6 +422,7 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     if checkpoints and spec.per_task_adapter:
         raise ConfigError(f"MethodSpec {spec.name!r}: checkpoints along a run are not supported with per_task_adapter; "
                           "drop one of the two.")
+    check_replay(bench, [spec])
     key = jax.random.key(seed)
     params = base = bench.base_params(seed)
     # the learning rate lives in the optimizer state, so a sweep over it compiles each method once
@@ -601,6 +620,7 @@ def run(
     if len(set(names)) != len(names):
         raise ConfigError(f"method names must be unique, found {names}.")
     seeds = check_seeds(seeds, "run()")
+    check_replay(bench, methods)
     check_out_dir(out_dir, _ARTIFACTS, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     T = len(bench.task_names)
@@ -660,6 +680,18 @@ def check_seeds(seeds, what: str) -> list:
         raise ConfigError(f"{what}: seeds must be distinct, found {seeds} (repeated: {dup}); a repeated seed is "
                           "the same run again and would count as extra evidence in the statistics.")
     return seeds
+
+
+def check_replay(bench: Benchmark, specs) -> None:
+    """Refuses, before anything is trained, a replay share that rounds to no row of the
+    benchmark's batch (:func:`jpeft.forgetting.replay.mix_batch` would refuse it only at the
+    first batch of the second trained task, after the earlier runs)."""
+    for spec in specs:
+        if spec.replay and int(round(spec.replay * bench.batch_size)) == 0:
+            raise ConfigError(
+                f"MethodSpec {spec.name!r}: replay {spec.replay:g} of a batch of {bench.batch_size} rounds to 0 replayed "
+                f"rows, so nothing would be replayed; use a replay share that gives at least one row of "
+                f"{bench.batch_size} or a larger batch size.")
 
 
 def check_out_dir(out_dir, artifacts, overwrite: bool) -> None:

@@ -323,6 +323,14 @@ def _check_like(a, b, what):
     sa, sb = jax.tree.structure(a), jax.tree.structure(b)
     if sa != sb:
         raise ShapeMismatchError(f"{what} must have the adapter's structure; found {sb} for adapter {sa}.")
+    # shapes too: a state that rides in the batch of make_train_step(accumulate_steps=k) is split into
+    # micro-batches along its first axis, and a [1, ...] slice would broadcast into a wrong penalty
+    bad = [(np.shape(x), np.shape(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)) if np.shape(x) != np.shape(y)]
+    if bad:
+        raise ShapeMismatchError(
+            f"{what} must have the adapter's shapes; found {bad[0][1]} for an adapter array of shape {bad[0][0]}. "
+            "If it rides in the batch of make_train_step(..., accumulate_steps=k), that step splits every batch "
+            "array into micro-batches: pass it to the loss function another way (a closure), or accumulate_steps=1.")
 
 
 def ewc_consolidate(state: EWCState, adapter, fisher, *, gamma: Optional[float] = None) -> EWCState:
@@ -387,7 +395,8 @@ def l2sp_penalty(params, adapter: Mapping[str, Any], start: Mapping[str, Any], *
 
     Args:
       params: the frozen base (used for mergeable methods other than LoRA; may be ``None``
-        for LoRA and full fine-tuning).
+        for LoRA and full fine-tuning). A site whose effective weights need the base (DoRA,
+        IA3, ...) without it is refused (``InputValidationError``).
       adapter: the adapter being trained.
       start: the adapter at the start of fine-tuning (its initialisation, or the previous
         task's solution).
@@ -412,6 +421,16 @@ def l2sp_penalty(params, adapter: Mapping[str, Any], start: Mapping[str, Any], *
             except (KeyError, TypeError):
                 own = None
         cur, ref = _effective(node, own), _effective(start[path], own)
+        inner_node = node.inner if isinstance(node, Stacked) else node
+        if own is None and getattr(node, "mergeable", False) and type(cur) is type(inner_node):
+            # a mergeable node whose effective weights are its merged kernel (DoRA, IA3, ...) gave back its own
+            # arrays: without the base's weights at its path the penalty would compare the wrong tensors
+            raise InputValidationError(
+                f"l2sp_penalty: site {path!r} is a {type(inner_node).__name__}, whose effective weights are the merged "
+                f"kernel, so they need the base's weights at that path, but "
+                + ("params is None" if inner is None else "params holds no module there")
+                + f". Pass the frozen base params the adapter was made for (only LoRA and full fine-tuning work "
+                "without them).")
         _check_like(cur, ref, f"start[{path!r}]")
         d = jax.tree.map(lambda x, y: jnp.sum(jnp.square(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))), cur, ref)
         total = total + sum(jax.tree.leaves(d), jnp.zeros((), jnp.float32))

@@ -109,7 +109,9 @@ def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, n_resampl
     resample the values with replacement ``n_resamples`` times and take the
     ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of the resampled means.
     (The BCa variant needs a jackknife estimate that is unstable with 5 values.) With fewer
-    than 2 values the interval is ``(nan, nan)``.
+    than 2 values the interval is ``(nan, nan)``. With few values it undercovers: for 5
+    normal values a nominal 95 % interval holds the true mean about 84 % of the time (the
+    plug-in spread and normal quantiles, where the t interval uses ``t(n-1)``).
 
     >>> lo, hi = bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     >>> 1.0 < lo < 3.0 < hi < 5.0

@@ -45,8 +45,8 @@ import jpeft
 from jpeft import spectral
 from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.forgetting import stats as S
-from jpeft.forgetting.experiment import (Benchmark, MethodSpec, check_out_dir, check_seeds, forgetting_unit,
-                                         get_benchmark, run_one)
+from jpeft.forgetting.experiment import (Benchmark, MethodSpec, check_out_dir, check_replay, check_seeds,
+                                         forgetting_unit, get_benchmark, run_one)
 from jpeft.io import atomic_write
 
 __all__ = ["SweepSpec", "sweep", "combine", "write", "report", "budget", "analyse", "plot_sweep", "STRENGTHS"]
@@ -270,9 +270,10 @@ def sweep(
         raise ConfigError(f"family names must be unique, found {names}.")
     seeds = check_seeds(seeds, "sweep()")
     steps = sorted({int(c) for c in checkpoints} | {bench.steps_per_task})
+    grids = {f.name: f.grid() for f in families}
+    check_replay(bench, [m for g in grids.values() for m in g])
     check_out_dir(out_dir, _ARTIFACTS, overwrite)
     os.makedirs(out_dir, exist_ok=True)
-    grids = {f.name: f.grid() for f in families}
     trained = len(bench.task_names) - bench.pretrained_tasks
     bar = None
     if progress:
