@@ -266,6 +266,29 @@ def test_merge_refuses_non_finite_weights_and_wrong_types_by_name():
     np.testing.assert_allclose(d, merge_deltas([a, b], [2.0, -1.0], method="ties", density=1.0)[""], atol=1e-6)
 
 
+@pytest.mark.parametrize("method,kw", [("svd", {}), ("ties", {"density": 0.5}), ("cat", {})])
+def test_a_merged_adapter_saved_with_its_inputs_config_loads_back_unchanged(method, kw, tmp_path):
+    """A merged adapter has scale 1 and its own ranks; saved with the inputs' config
+    (alpha / r = 8 here) it loaded with scale 8 (svd, ties: every update 8x, silently) or not at
+    all (cat: rank 2 + 3 against the config's 2)."""
+    model = nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(3)])
+    x = jax.random.normal(jax.random.key(0), (2, 5))
+    params = model.init(jax.random.key(1), x)
+    cfg = jpeft.LoraConfig(r=2, alpha=16, target_modules=".*", init="random")
+    a = jpeft.init(cfg, params, jax.random.key(2))
+    b = jpeft.init(cfg.replace(r=3, use_rslora=True), params, jax.random.key(3))
+    a, b = (jax.tree.map(lambda t: t + 0.3, ad) for ad in (a, b))  # B random too
+    merged = merge_adapters([a, b], [0.5, -1.5], method=method, **kw)
+    jpeft.save_adapter(tmp_path / "m", cfg, merged, params=params)
+    _, back = jpeft.load_adapter(tmp_path / "m", params)
+    for path in merged:
+        np.testing.assert_allclose(back[path].delta_matrix(), merged[path].delta_matrix(), atol=1e-5)
+    np.testing.assert_allclose(jpeft.apply(model, params, back, x), jpeft.apply(model, params, merged, x), atol=1e-5)
+    # an adapter that agrees with its config is saved with the config as given
+    jpeft.save_adapter(tmp_path / "a", cfg, a, params=params)
+    assert jpeft.load_adapter(tmp_path / "a", params)[0] == cfg
+
+
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_merge_into_base_on_a_quantized_base_equals_jpeft_merge(scheme):
     # an NF4 base raised AttributeError ('NF4Array' object has no attribute 'astype'), int8 a TypeError

@@ -30,6 +30,7 @@ from jpeft.methods._common import down_project, linear_candidates, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, check_tied_merge,
                                 dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.models._layers import flat_dot_general
+from jpeft.peft_format import add_site_pattern
 from jpeft.scan import Stacked, make_site, site_rank_alpha
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
 
@@ -244,9 +245,32 @@ class LoraConfig(AdapterConfig):
             )
         (mark,) = marks or {None}
         if mark is not None:
-            return self if self.init == mark else dataclasses.replace(self, init=mark)
-        # plain sites: a residual init in the config would make load_adapter mark them
-        return dataclasses.replace(self, init="default") if is_residual_init(self.init) else self
+            cfg = self if self.init == mark else dataclasses.replace(self, init=mark)
+        else:  # plain sites: a residual init in the config would make load_adapter mark them
+            cfg = dataclasses.replace(self, init="default") if is_residual_init(self.init) else self
+        return cfg._with_site_ranks(adapter)
+
+    def _with_site_ranks(self, adapter):
+        """The config with each LoRA site's own rank and alpha (read from its factors and scale)
+        as exact rank_pattern / alpha_pattern keys, where the config would rebuild another: an
+        adapter from :func:`jpeft.merging.merge_adapters` has scale 1 and its own ranks, so saved
+        with its inputs' config it would load with that config's ``alpha / r`` (the update
+        silently rescaled) or fail to load. Unchanged when every site already agrees."""
+        sites = {p: n for p, n in adapter.items() if isinstance(n, LoraWeights)}
+        if not sites or any(isinstance(n, Stacked) for n in adapter.values()):
+            return self
+        want = {p: (n.r, n.scale * (math.sqrt(n.r) if self.use_rslora else n.r)) for p, n in sites.items()}
+
+        def agrees(path, r, alpha):
+            r0, a0 = self.rank_alpha(path)
+            return r0 == r and math.isclose(self.scale(r0, a0), self.scale(r, alpha), rel_tol=1e-6)
+
+        if all(agrees(p, *v) for p, v in want.items()):
+            return self
+        rank_pattern, alpha_pattern = {}, {}
+        for p, (r, alpha) in sorted(want.items()):
+            add_site_pattern(rank_pattern, alpha_pattern, p, r, alpha, self)
+        return dataclasses.replace(self, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
     def to_dict(self):
         d = super().to_dict()
