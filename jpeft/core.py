@@ -251,9 +251,10 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
       ``frozen`` counts the adapter's frozen arrays (saved with it, never trained; see
       :func:`jpeft.methods.base.split_frozen`), which ``trainable`` leaves out, and ``share``
       is ``trainable / total`` (as Hugging Face reports it) and ``total`` is the number of
-      parameters the adapted model has: ``base + trainable``, except that a node which stands
-      in for the base's own weights (full fine-tuning's trainable copy) is not counted twice,
-      so full fine-tuning reports ``total = base`` and a share of 100 %.
+      parameters the adapted model has: ``base + trainable``, except that arrays which stand
+      in for the base's own (full fine-tuning's trainable copy, LoRA's trained base biases)
+      are not counted twice (each node's ``added_params``), so full fine-tuning reports
+      ``total = base`` and a share of 100 %.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> from jpeft import FullFinetuneConfig
@@ -267,7 +268,8 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
     trainable = count(train)
     frozen = count(froz)
     # frozen arrays are not parameters of the model (PEFT's VeRA keeps its projections as buffers, outside "all params")
-    added = sum(count(train[p]) for p, node in (adapter or {}).items() if not getattr(node, "replaces_base", False))
+    added = sum(node.added_params(train[p]) if hasattr(node, "added_params") else count(train[p])
+                for p, node in (adapter or {}).items())
     total = base + added
     share = trainable / total if total else 0.0
     out = {

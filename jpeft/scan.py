@@ -66,6 +66,9 @@ class Stacked(Site):
     def mergeable(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.inner, "mergeable", False))
 
+    def added_params(self, trainable) -> int:
+        return self.inner.added_params(trainable.inner)
+
     @property
     def site(self) -> str:  # type: ignore[override]
         return getattr(self.inner, "site", "linear")

@@ -171,3 +171,31 @@ def test_bias_modes_merge_train_and_refusals(mode):
         jpeft.LoraConfig(target_modules=["d"], bias=mode, use_dora=True)
     with pytest.raises(ConfigError, match="'none', 'lora_only' or 'all'"):
         jpeft.LoraConfig(target_modules=["d"], bias="some")
+
+
+@pytest.mark.parametrize("kw", [{"bias": "lora_only"}, {"bias": "all"}, {"bias": "all", "modules_to_save": ["ln_f"]}])
+def test_summary_counts_trained_base_biases_as_peft_does(kw):
+    """PEFT trains the base biases in place (``bias="lora_only"`` / ``"all"``), so its "all
+    params" stays the base's; jpeft.summary counted its copies on top (an audit: 28,768 and
+    29,216 for PEFT's 28,640 on a tiny Llama). A modules_to_save copy sits beside its original:
+    both are counted."""
+    import copy
+    import warnings
+
+    import peft
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as tiny
+
+    hf_model, folder = tiny.hf_model("gpt2")
+    model, params = jpeft.models.from_pretrained(folder)
+    targets = ["c_attn", "c_fc"]
+    ad = jpeft.init(jpeft.LoraConfig(r=4, alpha=8, target_modules=targets, **kw), params, jax.random.key(0),
+                    model, jnp.zeros((1, 4), jnp.int32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                          **kw))
+    trainable, total = pm.get_nb_trainable_parameters()
+    got = jpeft.summary(params, ad, print_fn=None)
+    assert (got["trainable"], got["total"]) == (trainable, total)

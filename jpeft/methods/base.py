@@ -203,7 +203,8 @@ class Site:
     mergeable: ClassVar[bool] = False
     methods: ClassVar[tuple] = ("__call__",)
     #: True for a node whose parameters stand in for the base's own (full fine-tuning's
-    #: trainable copy): :func:`jpeft.summary` then counts them once, not on top of the base.
+    #: trainable copy): :func:`jpeft.summary` then counts them once, not on top of the base
+    #: (see :meth:`added_params`).
     replaces_base: ClassVar[bool] = False
     #: names of the node's array fields that are saved and loaded with the adapter but never
     #: trained (no gradient, no optimizer state, not counted as trainable); see :func:`split_frozen`.
@@ -267,6 +268,16 @@ class Site:
         ``module_specs`` is the base module's own spec tree (``{"kernel": P(...), ...}``) or
         ``None`` when the base has no module at the site's path. Default: replicated."""
         return jax.tree.map(lambda _: P(), self)
+
+    def added_params(self, trainable) -> int:
+        """How many parameters the node adds to the base model, for :func:`jpeft.summary`'s
+        "all params" (as Hugging Face PEFT counts them); ``trainable`` is the node's trainable
+        part. All of them by default, none for a node that stands in for the base's own weights
+        (:attr:`replaces_base`); a node that trains some base arrays in place (LoRA's trained
+        base biases) leaves those out."""
+        if self.replaces_base:
+            return 0
+        return int(sum(math.prod(x.shape) for x in jax.tree.leaves(trainable) if hasattr(x, "shape")))
 
     def split_frozen(self):
         """``(trainable, frozen)``: two copies of the node, the first with ``None`` for every

@@ -539,6 +539,11 @@ class LoraWeights(Site):
 
 
     # -- the rest of the protocol ----------------------------------------------------------------
+    def added_params(self, trainable) -> int:
+        # the trained base bias (LoraConfig.bias) replaces the module's own, as PEFT trains it in place
+        n = super().added_params(trainable)
+        return n - (0 if self.base_bias is None else math.prod(self.base_bias.shape))
+
     def effective(self, own):
         """L2-SP's effective weights: the update ``s * A @ B`` in the kernel's shape (plain LoRA;
         DoRA's is its merged kernel, which depends on the base). A LoRA that trains a bias too
@@ -628,6 +633,11 @@ class SavedModule(Site):
 
     def handles(self, method_name: str) -> bool:
         return method_name == "__call__" or (method_name == "attend" and bool(self.tie_output))
+
+    def added_params(self, trainable) -> int:
+        # a bias-only copy (LoraConfig.bias="all") is the base's bias, which PEFT trains in place; a module's full
+        # copy (modules_to_save) sits beside its original, and PEFT counts both
+        return 0 if set(self.params) == {"bias"} else super().added_params(trainable)
 
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         own = {k: v for k, v in dict(own).items() if k in self.params}  # a bias-only copy (LoraConfig.bias='all')
