@@ -86,12 +86,12 @@ def intruder_dimensions(w_base, w_tuned, *, top_k: int = 10, epsilon: float = 0.
     return {"indices": [int(i) for i in np.nonzero(sim < epsilon)[0]], "similarity": sim.tolist()}
 
 
-def _kernels(tree, prefix=()):
-    """``(path, kernel)`` for every ``kernel`` leaf."""
+def _kernels(tree, prefix=(), names=("kernel",)):
+    """``(path, leaf)`` for every leaf whose name is in ``names`` (``kernel`` leaves by default)."""
     if isinstance(tree, Mapping):
         for k, v in tree.items():
-            yield from _kernels(v, prefix + (str(k),))
-    elif prefix and prefix[-1] == "kernel":
+            yield from _kernels(v, prefix + (str(k),), names)
+    elif prefix and prefix[-1] in names:
         yield "/".join(prefix), tree
 
 
@@ -102,7 +102,8 @@ def update_spectrum(params: Mapping[str, Any], merged: Mapping[str, Any], *, top
     and as a share of ``min(out, in)``) and the number of intruder dimensions of the merged
     matrix. Also their means (``mean_*``) and the total ``intruders`` over the changed kernels.
     Changed kernels of other ranks (a layer-scanned model's stacked ``[L, in, out]`` kernels,
-    ``DenseGeneral``) are listed under ``skipped``, with a warning, not measured.
+    ``DenseGeneral``) and changed ``embedding`` tables (an embedding LoRA, full fine-tuning) are
+    listed under ``skipped``, with a warning, not measured.
 
     ``merged`` is ``jpeft.merge(params, adapter)``: a method's update is what merging adds, so
     every mergeable method (and full fine-tuning) is measured the same way.
@@ -124,12 +125,17 @@ def update_spectrum(params: Mapping[str, Any], merged: Mapping[str, Any], *, top
         k = rank_for_energy(d, energy)
         per[path] = {"effective_rank": effective_rank(d), "rank_for_energy": k, "rank_share": k / min(d.shape),
                      "intruders": len(intruder_dimensions(wb, wt, top_k=top_k, epsilon=epsilon)["indices"])}
+    # embedding tables an embedding LoRA (or full fine-tuning) changed: not kernels, not measured, but said
+    tables = dict(_kernels(params, names=("embedding",)))
+    skipped += [path for path, wt in _kernels(merged, names=("embedding",))
+                if path in tables and np.shape(wt) == np.shape(tables[path])
+                and np.any(np.asarray(wt) != np.asarray(tables[path]))]
     skipped.sort()
     if skipped:
         warnings.warn(
             f"update_spectrum analyses 2-D kernels; {len(skipped)} changed kernel(s) of other ranks are not in its "
             f"numbers: {skipped[:4]}{' ...' if len(skipped) > 4 else ''} (a layer-scanned model's stacked kernels, "
-            "DenseGeneral or Einsum kernels). Unstack a scanned model's params first (jpeft.scan.unstack_params) "
+            "DenseGeneral or Einsum kernels, embedding tables). Unstack a scanned model's params first (jpeft.scan.unstack_params) "
             "to measure them.",
             UserWarning, stacklevel=2)
     out = {"kernels": per, "changed": len(per), "skipped": skipped}

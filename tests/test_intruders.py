@@ -161,3 +161,27 @@ def test_update_spectrum_names_the_changed_kernels_it_cannot_measure():
     assert rep["skipped"] == ["params/proj/kernel"] and rep["changed"] == 1
     assert list(rep["kernels"]) == ["params/out/kernel"]
     assert rep["kernels"]["params/out/kernel"]["rank_for_energy"] <= 2  # a rank-2 update
+
+
+def test_update_spectrum_names_a_changed_embedding():
+    """A merged embedding LoRA changes the `embedding` table; update_spectrum left it out of its
+    numbers without a word (neither measured nor under skipped). It is named under skipped, with
+    the warning, as the other changed leaves it does not measure."""
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(5, name="out")(nn.Embed(12, 6, name="embed_tokens")(ids))
+
+    ids = jnp.array([[1, 2, 3]])
+    params = M().init(jax.random.key(0), ids)
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed_tokens", "out"], init="random"), params,
+                         jax.random.key(1), M(), ids)
+    merged = jpeft.merge(params, adapter)
+    with pytest.warns(UserWarning, match=r"'params/embed_tokens/embedding'.*embedding tables"):
+        rep = spectral.update_spectrum(params, merged)
+    assert rep["skipped"] == ["params/embed_tokens/embedding"] and list(rep["kernels"]) == ["params/out/kernel"]
+    import warnings
+    with warnings.catch_warnings():  # an unchanged table is not named
+        warnings.simplefilter("error")
+        spectral.update_spectrum(params, jpeft.merge(params, {"out": adapter["out"]}))

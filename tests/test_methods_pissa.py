@@ -115,3 +115,62 @@ def test_residual_inits_with_non_lora_sites(extra):
             np.testing.assert_allclose(back["params"]["q_proj"]["kernel"], res["params"]["q_proj"]["kernel"], atol=1e-5)
     res, ad = jpeft.init_corda(cfg, params, None, model, [ids, ids + 1])
     np.testing.assert_allclose(jpeft.apply(model, res, ad, ids), base, atol=1e-4)
+
+
+class _Tied(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(10, 8, name="embed_tokens")
+        h = nn.Dense(8, name="q_proj")(emb(ids))
+        return emb.attend(h)  # the output projection is the embedding table
+
+
+def test_residual_inits_on_a_tied_embedding():
+    # the residual inits rewrote the shared table while an embedding LoRA without ensure_weight_tying
+    # adds its update to the input lookup only: the tied output head lost the initial factors and the
+    # logits at init moved (by 2.1 on a tiny Llama-3 whose logits are about 3), silently
+    model = _Tied()
+    ids = jnp.array([[1, 3, 5, 7]])
+    params = model.init(jax.random.key(0), ids)
+    base = model.apply(params, ids)
+    for make in (init_pissa, jpeft.init_olora, jpeft.init_milora):
+        cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["embed_tokens", "q_proj"])
+        with pytest.raises(jpeft.ConfigError, match="tied output projection.*ensure_weight_tying=True"):
+            make(cfg, params, jax.random.key(1), model, ids)
+        with pytest.warns(UserWarning, match="cannot tell"):  # no model: the tie is unknown
+            make(cfg, params, jax.random.key(1))
+        res, ad = make(cfg.replace(ensure_weight_tying=True), params, jax.random.key(1), model, ids)
+        np.testing.assert_allclose(jpeft.apply(model, res, ad, ids), base, atol=1e-5)
+        np.testing.assert_allclose(model.apply(jpeft.merge(res, ad), ids), base, atol=1e-5)
+    # jpeft.models params tell the tie without the model (Llama-style embed_tokens without lm_head)
+    llama = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1, tie_word_embeddings=True))
+    lparams = llama.init(jax.random.key(0), ids)
+    with pytest.raises(jpeft.ConfigError, match="tied output projection"):
+        init_pissa(jpeft.LoraConfig(r=2, target_modules=["embed_tokens"]), lparams, jax.random.key(1))
+
+
+def test_load_adapter_says_the_adapter_needs_the_residual_base(tmp_path):
+    # save_adapter / load_adapter of a PiSSA adapter, then jpeft.apply on the original params (what a
+    # model loaded again from disk gives): the logits were silently the wrong model's (1.9 apart on a
+    # tiny Llama whose logits are about 3), with no word that the base must be the residual
+    model = nn.Dense(6)
+    x = jnp.ones((2, 8))
+    params = model.init(jax.random.key(0), x)
+    cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=".*")
+    for make, init in ((init_pissa, "pissa"), (jpeft.init_olora, "olora"), (jpeft.init_milora, "milora")):
+        res, ad = make(cfg, params, jax.random.key(1))
+        ad = jax.tree.map(lambda a: a + 0.3, ad)  # "trained"
+        trained = jpeft.apply(model, res, ad, x)
+        d = jpeft.save_adapter(str(tmp_path / init), cfg, ad, params=params)
+        with pytest.warns(UserWarning, match=f"jpeft.init_{init}.*residual base"):
+            cfg2, ad2 = jpeft.load_adapter(d, params)
+        if init != "milora":  # PiSSA / OLoRA bases can be rebuilt from the original params
+            back = jpeft.methods.pissa.residual_params(cfg2, params, ad2, init)
+            np.testing.assert_allclose(jpeft.apply(model, back, ad2, x), trained, atol=1e-5)
+    plain = jpeft.init(cfg, params, jax.random.key(1))
+    d = jpeft.save_adapter(str(tmp_path / "plain"), cfg, plain, params=params)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jpeft.load_adapter(d, params)

@@ -165,6 +165,12 @@ def residual_params(config, params, adapter, init: str):
     inner, wrapped = unwrap_params(params)
     new = inner
     for path in sorted(adapter):
+        if isinstance(adapter[path], Stacked) and isinstance(adapter[path].inner, LoraWeights):
+            raise ConfigError(
+                f"residual_params: site {path!r} is layer-scanned (stacked); the residual base is computed per layer. "
+                "Use params and an adapter of the unrolled model (scan_layers=False; jpeft.scan.unstack_params / "
+                "unstack_adapter), then stack the result."
+            )
         if not isinstance(adapter[path], LoraWeights):  # modules_to_save copies, trainable biases and tokens
             continue
         lay = adapter[path].layout
@@ -188,6 +194,27 @@ def residual_params(config, params, adapter, init: str):
     return rewrap_params(params, new, wrapped)
 
 
+def _check_untied_embedding(name, path, tied_output):
+    """A residual init rewrites the embedding table, but an embedding LoRA without
+    ``ensure_weight_tying`` adds its update to the input lookup only: where the model also reads
+    the table as its tied output projection (``attend``), the outputs would change."""
+    if tied_output:
+        raise ConfigError(
+            f"{name}: the embedding {path!r} is also the model's tied output projection (attend). The residual init "
+            "replaces the shared table by the residual, but this embedding LoRA adds its update to the input lookup "
+            "only, so the output projection would lose the initial factors and the model would change. Set "
+            "LoraConfig(ensure_weight_tying=True) to adapt both, or leave the embedding out of target_modules."
+        )
+    if tied_output is None:
+        import warnings
+
+        warnings.warn(
+            f"{name}: jpeft cannot tell whether the model also reads the embedding {path!r} as a tied output "
+            "projection (attend); if it does, the residual base changes that projection while the adapter does not "
+            f"act there. Pass the model to {name} (it then refuses such a site), or set "
+            "LoraConfig(ensure_weight_tying=True) to adapt both.", UserWarning, stacklevel=4)
+
+
 def _residual_init(name, tag, factors, config, params, key, model, model_args, model_kwargs):
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"{name} expects a jpeft.LoraConfig, found {type(config).__name__}.")
@@ -208,6 +235,8 @@ def _residual_init(name, tag, factors, config, params, key, model, model_args, m
     def one(node, own, k, path):
         lay = node.layout
         pname = lay.param_name
+        if lay.kind == Kind.EMBED and not node.tie_output:
+            _check_untied_embedding(name, path, node.tied_output)
         w = jnp.asarray(own[pname])
         r = node.r
         if r > min(lay.in_features, lay.out_features):
