@@ -140,3 +140,17 @@ def test_explicit_positions_past_the_table_are_refused(family):
         np.testing.assert_allclose(out, ok, rtol=1e-6, atol=1e-6)
     else:
         np.testing.assert_allclose(out[1, :4], ok[1, :4], rtol=1e-6, atol=1e-6)
+
+
+def test_position_ids_of_another_shape_and_empty_inputs_are_refused_by_name():
+    """BERT's explicit position_ids of a shape that does not broadcast to the inputs raised a raw
+    ValueError from jnp.broadcast_to, and a (batch, 0) input an IndexError from the pooler; the
+    decoders name both. Broadcastable positions ((1, seq), (seq,)) still work."""
+    model, params, ids = _tiny()
+    with pytest.raises(InputValidationError, match=r"position_ids must have the shape of the inputs \(2, 6\)"):
+        model.apply(params, ids, position_ids=jnp.arange(5)[None])
+    with pytest.raises(InputValidationError, match="no tokens"):
+        model.apply(params, jnp.zeros((2, 0), jnp.int32))
+    full = model.apply(params, ids, position_ids=jnp.broadcast_to(jnp.arange(6), (2, 6)))
+    for pos in (jnp.arange(6)[None], jnp.arange(6)):
+        np.testing.assert_array_equal(np.asarray(model.apply(params, ids, position_ids=pos)), np.asarray(full))

@@ -627,3 +627,51 @@ def test_save_pretrained_failure_keeps_the_previous_checkpoint_and_quantized_bas
     _, pq = M.from_pretrained(str(tmp_path / "q"))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), pq,
                  jpeft.quant.dequantize(q))
+
+
+def test_save_pretrained_refuses_params_that_are_not_the_models(tmp_path):
+    """save_pretrained wrote whatever tree it was given under the model's config.json: a resized
+    embedding gave a folder neither library loads, and params missing a layer gave one that
+    transformers loads with that layer freshly initialised (a load report, no error). Both are
+    refused by name before anything is written, and an earlier save in the folder is kept."""
+    model, params = loaded("llama2")
+    M.save_pretrained(str(tmp_path), model, params)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    inner = dict(params["params"])
+    inner["model"] = dict(inner["model"])
+    emb = inner["model"]["embed_tokens"]["embedding"]
+    inner["model"]["embed_tokens"] = {"embedding": jnp.concatenate([emb, jnp.zeros((8, emb.shape[1]), emb.dtype)])}
+    with pytest.raises(WeightShapeError, match="embed_tokens/embedding"):
+        M.save_pretrained(str(tmp_path), model, {"params": inner})
+    inner = dict(params["params"])
+    inner["model"] = {k: v for k, v in inner["model"].items() if k != "layers_1"}
+    with pytest.raises(CheckpointError, match=r"missing 16 \['model/layers_1/"):
+        M.save_pretrained(str(tmp_path), model, {"params": inner})
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+    M.save_pretrained(str(tmp_path / "scanned"), *M.from_pretrained(T.hf_model("llama2")[1], scan_layers=True))
+
+
+def test_config_replace_derives_what_the_constructor_derived():
+    """replace() kept the values derived from the old sizes: LlamaConfig(num_heads=4).replace(
+    num_heads=8) had num_kv_heads 4 (grouped-query attention nobody asked for) and head_dim 8,
+    where LlamaConfig(num_heads=8) has 8 and 4; GPT-2's default n_inner stayed 4x the old width.
+    Values given explicitly (or read from config.json) are kept."""
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1)
+    for change in (dict(num_heads=8), dict(hidden_size=64), dict(hidden_size=64, num_heads=2)):
+        got, want = M.LlamaConfig(**kw, num_heads=4).replace(**change), M.LlamaConfig(**{**kw, "num_heads": 4, **change})
+        assert (got.num_kv_heads, got.head_dim) == (want.num_kv_heads, want.head_dim) and got == want
+    explicit = M.LlamaConfig(**kw, num_heads=4, num_kv_heads=2, head_dim=8).replace(num_heads=8, hidden_size=64)
+    assert (explicit.num_kv_heads, explicit.head_dim) == (2, 8)
+    assert M.LlamaConfig(**kw, num_heads=4).replace(num_kv_heads=1).num_kv_heads == 1
+    g = M.GPT2Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4)
+    assert g.replace(hidden_size=64).intermediate_size == 256 and g.replace(num_layers=2) == g.replace(num_layers=2)
+    assert M.GPT2Config(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=40).replace(
+        hidden_size=64).intermediate_size == 40
+
+
+def test_from_pretrained_names_an_unknown_override():
+    """from_pretrained(path, num_layer=3) raised dataclasses' TypeError; it is a ConfigError that lists the fields."""
+    from jpeft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\['num_layer'\] are not fields of LlamaConfig.*'num_layers'"):
+        M.from_pretrained(T.hf_model("llama2")[1], num_layer=3)

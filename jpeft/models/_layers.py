@@ -744,8 +744,17 @@ class ConfigMethods:
     """Methods every model config (a frozen dataclass) shares."""
 
     def replace(self, **kw):
-        """A copy with the given fields changed (validated again)."""
+        """A copy with the given fields changed (validated again). A field that was derived from
+        others when this config was made (left ``None``: a Llama's ``num_kv_heads`` and
+        ``head_dim``, GPT-2's ``intermediate_size``) is derived again from the new values, as the
+        constructor would, unless ``kw`` sets it."""
+        for f in getattr(self, "_derived", ()):
+            kw.setdefault(f, None)
         return dataclasses.replace(self, **kw)
+
+    def _note_derived(self, *names: str) -> None:
+        """Records which of ``names`` were left ``None`` (to be derived), for :meth:`replace`."""
+        object.__setattr__(self, "_derived", tuple(n for n in names if getattr(self, n) is None))
 
     def _finish(self, name: str) -> None:
         """The end of ``__post_init__`` common to the families: dtypes made canonical, the shared

@@ -193,6 +193,11 @@ class BertModel(nn.Module):
                  position_ids=None, segment_ids=None, prefix_kv=None, deterministic=True):
         c = self.config
         b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, "BertModel", self.config.vocab_size)
+        if s == 0:
+            raise InputValidationError(
+                "BertModel: the inputs have no tokens (shape (batch, 0)); the pooler reads the first token ([CLS]). "
+                "Give every row at least one token."
+            )
         input_ids = L.padding_ids_in_range(input_ids, attention_mask, self.config.vocab_size)
         padded = attention_mask is not None
         if attention_mask is None:
@@ -203,6 +208,13 @@ class BertModel(nn.Module):
             # the gather would silently wrap a negative type to another row, or give NaN past the table
             # (transformers raises IndexError)
             check_token_ids(token_type_ids, c.type_vocab_size, name="BertModel: token_type_ids")
+        if position_ids is not None:
+            ps = tuple(jnp.shape(position_ids))
+            if len(ps) > 2 or any(n not in (1, want) for n, want in zip(ps[::-1], (s, b))):
+                raise InputValidationError(
+                    f"BertModel: position_ids must have the shape of the inputs {(b, s)} (or one that broadcasts to "
+                    f"it, such as {(1, s)}), found {ps}."
+                )
         if position_ids is None and segment_ids is None and s > c.max_position_embeddings:
             raise InputValidationError(
                 f"BertModel: sequences of length {s} are longer than the model's {c.max_position_embeddings} "

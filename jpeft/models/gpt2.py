@@ -73,6 +73,7 @@ class GPT2Config(L.FullHeadsConfig):
     pad_token_id: Any = None
 
     def __post_init__(self):
+        self._note_derived("intermediate_size")
         if self.intermediate_size is None:
             object.__setattr__(self, "intermediate_size", 4 * self.hidden_size)
         if self.hidden_size % self.num_heads:

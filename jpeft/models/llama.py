@@ -116,6 +116,7 @@ class LlamaConfig(L.ConfigMethods):
     pad_token_id: Any = None
 
     def __post_init__(self):
+        self._note_derived("num_kv_heads", "head_dim")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:

@@ -433,6 +433,12 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
             raise
         raise LoadError(f"{path!r}: config.json holds an invalid value ({type(e).__name__}: {e}); re-save the checkpoint.") from None
     if config_overrides:
+        unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(cfg)})
+        if unknown:
+            raise ConfigError(
+                f"from_pretrained: {unknown} are not fields of {type(cfg).__name__}; the overrides it takes are "
+                f"{sorted(f.name for f in dataclasses.fields(cfg))}."
+            )
         cfg = cfg.replace(**config_overrides)
     if api == "nnx" and not isinstance(cfg, LlamaConfig):
         raise UnsupportedModelError(
@@ -797,6 +803,36 @@ def config_to_hf(config) -> dict:
     raise UnsupportedModelError(f"no Hugging Face config for a {type(config).__name__}.")
 
 
+def _check_params_fit(config, inner) -> None:
+    """Raises before anything is written when ``inner`` is not the parameter tree of ``config``'s
+    (unscanned) model: a missing layer, a stray leaf or a resized tensor would otherwise be
+    written under a config.json that does not describe it (transformers then refuses the folder,
+    or re-initialises the missing weights with only a load report)."""
+    model = model_from_config(config.replace(scan_layers=False) if getattr(config, "scan_layers", False) else config)
+    want = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)), jax.random.key(0))["params"]
+
+    def flat(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(getattr(leaf, "shape", ()))
+                for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    want, got = flat(want), flat(jax.eval_shape(lambda: inner))
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"save_pretrained: the params are not those of this {config.model_type} model ({config.num_layers} "
+            f"layers): missing {len(missing)} {missing[:6]}, unexpected {len(unexpected)} {unexpected[:6]}. Pass "
+            "the params of this model (jpeft.merge(params, adapter) for a trained adapter), or build the model from "
+            "a config that matches them; nothing was written."
+        )
+    for k in want:
+        if want[k] != got[k]:
+            raise WeightShapeError(
+                f"save_pretrained: parameter {k!r} has shape {got[k]}, but the model's config implies {want[k]}; "
+                "config.json would not describe the weights. Save with a config that matches them (e.g. "
+                "model.config.replace(vocab_size=...) after resizing the embedding); nothing was written."
+            )
+
+
 def _label_names(config) -> tuple:
     return config.label_names or tuple(f"LABEL_{i}" for i in range(config.num_labels))
 
@@ -810,6 +846,8 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
 
     Raises:
       UnsupportedModelError: the config cannot be expressed as a Hugging Face config.
+      CheckpointError / WeightShapeError: ``params`` are not the parameters of ``model``'s
+        config (missing or extra leaves, another shape); raised before anything is written.
       SaveError: writing failed.
     """
     config = model.config
@@ -818,6 +856,7 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
     inner = quant.dequantize(inner)  # a quantized base is written as the kernels it stands for
     if getattr(config, "scan_layers", False):
         inner = unstack_params(inner)
+    _check_params_fit(config, inner)
     try:
         write_weights(path, hf_tensors(inner, _family_of(config)),
                       {"config.json": json.dumps(d, indent=2, sort_keys=True)})
