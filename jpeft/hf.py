@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from jpeft import scan
+from jpeft import quant, scan
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     CheckpointError,
@@ -117,7 +117,8 @@ def _classifier_tensors(config, params, prefix: str) -> dict:
     own = module_leaves(unwrap_params(params)[0]).get("classifier")
     if own is None or "kernel" not in own:
         raise UnsupportedAdapterError("task_type='SEQ_CLS' needs a 'classifier' Dense in the base params; none was found.")
-    out = {f"{prefix}classifier.weight": to_np(own["kernel"]).T.copy()}
+    # a classifier quantized by jpeft.quantize (its default quantizes every kernel but lm_head): what it stands for
+    out = {f"{prefix}classifier.weight": to_np(quant.dequantize_array(own["kernel"])).T.copy()}
     if "bias" in own:
         out[f"{prefix}classifier.bias"] = to_np(own["bias"]).copy()
     return out
@@ -146,6 +147,7 @@ def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder:
     for k in keys:
         name = k[len(prefix):]
         base = own.get({"classifier.weight": "kernel", "classifier.bias": "bias"}.get(name, ""))
+        base = None if base is None else quant.dequantize_array(base)  # a quantized classifier: what it stands for
         want = None if base is None else (np.asarray(base, np.float32).T if name.endswith("weight") else np.asarray(base, np.float32))
         if want is None or want.shape != tensors[k].shape or not np.allclose(tensors[k], want, atol=1e-6):
             raise UnsupportedAdapterError(
@@ -157,6 +159,7 @@ def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder:
 
 def _equals_base_classifier(name: str, x: np.ndarray, own) -> bool:
     base = own.get({"classifier.weight": "kernel", "classifier.bias": "bias"}.get(name, ""))
+    base = None if base is None else quant.dequantize_array(base)  # a quantized classifier: what it stands for
     want = None if base is None else (np.asarray(base, np.float32).T if name.endswith("weight") else np.asarray(base, np.float32))
     return want is not None and want.shape == x.shape and bool(np.allclose(x, want, atol=1e-6))
 

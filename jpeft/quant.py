@@ -207,6 +207,17 @@ def quantize_array(w, scheme: Scheme):
     absmax scale may come out an ulp apart.)"""
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    dtype = jnp.dtype(getattr(w, "dtype", None) or jnp.asarray(w).dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        # NF4 cast an int, bool or complex kernel to float32 and back (integers rounded to NF4 levels, imaginary
+        # parts dropped) with no error; qwix raised a bare ValueError
+        raise QuantizationError(
+            f"a kernel of shape {tuple(jnp.shape(w))} has dtype {dtype.name}; {scheme} quantizes floating-point "
+            "kernels only. Leave it out (target_modules=) or cast it to a float dtype first."
+        )
+    if 0 in tuple(jnp.shape(w)):
+        raise QuantizationError(f"a kernel of shape {tuple(jnp.shape(w))} is empty; there is nothing to quantize. "
+                                "Leave it out with target_modules=.")
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(jnp.asarray(w)))):
         # NF4's absmax and qwix's rounding turn a NaN into a finite code (a block's absmax, or 0)
         raise QuantizationError(
@@ -352,6 +363,13 @@ def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
         if parts and parts[0] == "params" and isinstance(params, Mapping) and "params" in params:
             parts = parts[1:]
         path, name = "/".join(parts[:-1]), parts[-1]
+        if is_quantized(leaf) and scheme_of(leaf) != scheme and selects(path, name, abstract(leaf), target_modules):
+            # it was kept as it was: asked for int8, the tree stayed NF4 with no word
+            raise QuantizationError(
+                f"{path_str(kp)!r} is already quantized ({scheme_of(leaf)}); jpeft.quantize does not re-quantize it "
+                f"to {scheme}. Quantize the full-precision base, or jpeft.quantize(jpeft.dequantize(params), "
+                f"{scheme!r}) (which adds the first rounding's error to the second's)."
+            )
         return quantize_array(leaf, scheme) if selects(path, name, leaf, target_modules) else leaf
 
     out = jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Optional
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import optax
 
-from jpeft.errors import ConfigError, InputValidationError
+from jpeft import quant
+from jpeft.errors import ConfigError, InputValidationError, QuantizationError
 from jpeft.methods.base import after_update, join_frozen, split_frozen
 
 
@@ -45,7 +47,17 @@ def loss_and_grad(loss_fn: Callable, params, adapter, batch, key):
     """``(loss, aux), grads`` with gradients for the adapter only."""
 
     def f(adapter):
-        return _split_loss(loss_fn(params, adapter, batch, key))
+        try:
+            out = loss_fn(params, adapter, batch, key)
+        except flax.errors.ScopeParamShapeError as e:
+            if quant.has_quantized(params):  # flax's shape error names the kernel, not the cause
+                raise QuantizationError(
+                    "loss_fn ran the model on a quantized base with model.apply, which cannot read quantized kernels "
+                    f"({e.__class__.__name__}: {str(e).split(' (https')[0]}). Call jpeft.apply(model, params, adapter, "
+                    "...) in loss_fn: it dequantizes each layer where it is called."
+                ) from e
+            raise
+        return _split_loss(out)
 
     return jax.value_and_grad(f, has_aux=True)(adapter)
 

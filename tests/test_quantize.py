@@ -508,3 +508,71 @@ def test_two_by_two_mesh_equals_one_device():
     assert got["devices"] == 4 and got["sharded_leaves"] > 0
     assert got["loss_fell"] and got["base_unchanged"]
     assert got["loss_diff"] < 1e-5 and got["adapter_diff"] < 1e-5
+
+
+def test_quantize_refuses_non_float_and_empty_kernels_and_re_quantizing():
+    """NF4 cast an int, bool or complex kernel to float32 and back (integers rounded to NF4
+    levels, the imaginary part dropped) with no error, qwix raised a bare ValueError, and an empty
+    kernel a ZeroDivisionError; quantizing an NF4 tree to int8 returned it still in NF4, silently."""
+    for bad in (jnp.arange(-6, 6, dtype=jnp.int32).reshape(3, 4) * 100, jnp.ones((3, 4), bool),
+                jnp.ones((3, 4), jnp.complex64), jnp.ones((0, 4)), jnp.ones((4, 0))):
+        for scheme in quant.SCHEMES:
+            with pytest.raises(QuantizationError, match="floating-point|empty"):
+                jpeft.quantize({"params": {"kernel": bad}}, scheme)
+    params = {"params": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))}}
+    q = jpeft.quantize(params, "nf4")
+    with pytest.raises(QuantizationError, match="already quantized"):
+        jpeft.quantize(q, "int8")
+    assert jpeft.quantize(q, "nf4") is not None  # the same scheme: nothing left to do, no error
+
+
+def test_residual_inits_on_a_quantized_base_are_refused_by_name(llama):
+    """init_pissa / olora / milora on an NF4 base raised float()'s TypeError, init_corda flax's
+    ScopeParamShapeError; PEFT refuses PiSSA on a quantized layer too."""
+    _, model, params, ids, qs = llama
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"])
+    for fn in (jpeft.init_pissa, jpeft.init_olora, jpeft.init_milora):
+        with pytest.raises(QuantizationError, match="full-precision base"):
+            fn(cfg, qs["nf4"], jax.random.key(1))
+    with pytest.raises(QuantizationError, match="full-precision base"):
+        jpeft.init_corda(cfg, qs["int8"], jax.random.key(1), model, [ids])
+
+
+def test_full_finetune_and_a_bert_classifier_on_a_quantized_base(llama, tmp_path):
+    """FullFinetuneConfig on a quantized base raised ShapeMismatchError ("made for another
+    model"); it now equals full fine-tuning on the dequantized base. save_peft / load_peft of a
+    SEQ_CLS adapter on a BERT base whose classifier jpeft.quantize quantized (its default) raised
+    float()'s TypeError."""
+    _, model, params, ids, qs = llama
+    q = qs["nf4"]
+    deq = jpeft.dequantize(q)
+    ad = _randomised(jpeft.init(jpeft.FullFinetuneConfig(), q, jax.random.key(1), model, ids), seed=4)
+    np.testing.assert_array_equal(jpeft.apply(model, q, ad, ids), jpeft.apply(model, deq, ad, ids))
+    np.testing.assert_array_equal(model.apply(jpeft.merge(q, ad), ids), jpeft.apply(model, deq, ad, ids))
+
+    bcfg = jpeft.models.BertConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                                   num_labels=3)
+    bert = jpeft.models.BertForSequenceClassification(bcfg)
+    bids = jax.random.randint(jax.random.key(0), (2, 7), 0, 64)
+    bq = jpeft.quantize(bert.init(jax.random.key(0), bids), "nf4")
+    assert quant.is_quantized(bq["params"]["classifier"]["kernel"])
+    cfg = jpeft.LoraConfig(r=2, target_modules=["query", "value"])
+    ad = _randomised(jpeft.init(cfg, bq, jax.random.key(1), bert, bids))
+    jpeft.hf.save_peft(str(tmp_path), cfg, ad, params=bq, task_type="SEQ_CLS")
+    _, back = jpeft.hf.load_peft(str(tmp_path), bq)
+    np.testing.assert_array_equal(jpeft.apply(bert, bq, back, bids), jpeft.apply(bert, bq, ad, bids))
+
+
+def test_model_apply_on_a_quantized_base_in_a_train_step_is_a_named_error(llama):
+    """A loss_fn calling model.apply (not jpeft.apply) on a quantized base raised flax's
+    ScopeParamShapeError ("expected to generate shape (64, 64) ... received (2048,)")."""
+    _, model, params, ids, qs = llama
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj"]), qs["nf4"], jax.random.key(1), model, ids)
+
+    def loss_fn(p, a, batch, key):
+        return jnp.mean(model.apply(p, batch) ** 2)
+
+    opt = optax.sgd(1e-2)
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    with pytest.raises(QuantizationError, match="jpeft.apply"):
+        step(qs["nf4"], adapter, opt.init(adapter), ids, jax.random.key(2))

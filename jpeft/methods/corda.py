@@ -31,7 +31,7 @@ from jpeft import _inject, core
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.methods.base import Kind
 from jpeft.methods.lora import LoraWeights
-from jpeft.methods.pissa import _residual_init
+from jpeft.methods.pissa import _residual_init, refuse_quantized
 from jpeft.scan import Stacked
 
 __all__ = ["init_corda", "input_covariances"]
@@ -124,6 +124,7 @@ def init_corda(config, params, key, model, calibration, *, mode: Literal["kpm", 
     if getattr(config, "use_dora", False):
         raise ConfigError("init_corda: CorDA with DoRA is not implemented (PEFT's CorDA sets only lora_A/lora_B); "
                           "use use_dora=False.")
+    refuse_quantized("init_corda", params)  # before the calibration pass, which would run model.apply on it
     calibration = [c if isinstance(c, tuple) else (c,) for c in calibration]
     if not calibration:
         raise ConfigError("init_corda: calibration is empty; give at least one model input.")

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
-from jpeft import _inject
+from jpeft import _inject, quant
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
 from jpeft.methods.base import Call, Method, Site, register_method
@@ -65,6 +65,7 @@ class FullFinetuneConfig(AdapterConfig):
 
 
 def _same_structure(a, b) -> bool:
+    a = quant.abstract(a)  # a quantized base (jpeft.quantize): the kernels its leaves stand for
     sa = jax.tree.map(lambda x: tuple(x.shape), a)
     sb = jax.tree.map(lambda x: tuple(x.shape), b)
     return jax.tree.structure(sa) == jax.tree.structure(sb) and jax.tree.leaves(sa) == jax.tree.leaves(sb)
@@ -108,7 +109,7 @@ class FullParams(Site):
         mod = call.module
         variables = {k: v for k, v in mod.variables.items() if k != "params"}
         base = mod.variables.get("params", {})
-        variables["params"] = jax.tree.map(lambda new, old: new.astype(old.dtype), self.params, base)
+        variables["params"] = jax.tree.map(lambda new, old: new.astype(old.dtype), self.params, quant.abstract(base))
         kwargs = dict(call.kwargs)
         key = call.dropout_key()
         if key is not None:
@@ -123,7 +124,7 @@ class FullParams(Site):
 
     def merge(self, own):
         self.check_params("", own)
-        return jax.tree.map(lambda new, old: new.astype(old.dtype), self.params, own)
+        return jax.tree.map(lambda new, old: new.astype(old.dtype), self.params, quant.abstract(own))
 
     def unmerge(self, own):
         raise NotMergeableError(

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import core
-from jpeft.errors import ConfigError, InputValidationError
+from jpeft import core, quant
+from jpeft.errors import ConfigError, InputValidationError, QuantizationError
 from jpeft.methods import dora
 from jpeft.methods._common import from_matrix, to_matrix
 from jpeft.methods.base import Kind
@@ -215,9 +215,22 @@ def _check_untied_embedding(name, path, tied_output):
             "LoraConfig(ensure_weight_tying=True) to adapt both.", UserWarning, stacklevel=4)
 
 
+def refuse_quantized(name: str, params) -> None:
+    """A residual init rewrites the base kernels it adapts: on a quantized base the residual would be
+    re-quantized (rounding away most of the principal part it moved to the adapter); PEFT refuses
+    PiSSA on a quantized layer too and asks for the init on the float base, then quantizing the residual."""
+    if quant.has_quantized(params):
+        raise QuantizationError(
+            f"{name} rewrites the base kernels into a residual, and these params are quantized (jpeft.quantize); "
+            f"as in PEFT, run {name} on the full-precision base, then quantize the residual it returns: "
+            f"residual, adapter = jpeft.{name}(config, params, key, ...); q = jpeft.quantize(residual, 'nf4')."
+        )
+
+
 def _residual_init(name, tag, factors, config, params, key, model, model_args, model_kwargs):
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"{name} expects a jpeft.LoraConfig, found {type(config).__name__}.")
+    refuse_quantized(name, params)
     if config.lora_bias:
         raise ConfigError(
             f"{name}: lora_bias=True works with the default and random inits only (LoraConfig refuses it with init="
