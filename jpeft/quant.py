@@ -200,11 +200,12 @@ def _channel_axes(ndim: int) -> tuple:
     return tuple(a for a in range(ndim) if a != ndim - 2)
 
 
-def quantize_array(w, scheme: Scheme):
+def quantize_array(w, scheme: Scheme, where: str = ""):
     """One kernel ``[..., in, out]`` quantized with ``scheme`` (see :data:`SCHEMES`) by compiled
     programs, so :func:`quantize` and ``from_pretrained(quantize=...)`` give the same bits.
     (Traced inside a caller's ``jax.jit``, NF4's programs are fused into the caller's and an
     absmax scale may come out an ulp apart.)"""
+    what = f"the kernel {where!r}" if where else "a kernel"  # named in the errors below
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
     dtype = jnp.dtype(getattr(w, "dtype", None) or jnp.asarray(w).dtype)
@@ -212,16 +213,16 @@ def quantize_array(w, scheme: Scheme):
         # NF4 cast an int, bool or complex kernel to float32 and back (integers rounded to NF4 levels, imaginary
         # parts dropped) with no error; qwix raised a bare ValueError
         raise QuantizationError(
-            f"a kernel of shape {tuple(jnp.shape(w))} has dtype {dtype.name}; {scheme} quantizes floating-point "
+            f"{what} of shape {tuple(jnp.shape(w))} has dtype {dtype.name}; {scheme} quantizes floating-point "
             "kernels only. Leave it out (target_modules=) or cast it to a float dtype first."
         )
     if 0 in tuple(jnp.shape(w)):
-        raise QuantizationError(f"a kernel of shape {tuple(jnp.shape(w))} is empty; there is nothing to quantize. "
+        raise QuantizationError(f"{what} of shape {tuple(jnp.shape(w))} is empty; there is nothing to quantize. "
                                 "Leave it out with target_modules=.")
     if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(jnp.asarray(w)))):
         # NF4's absmax and qwix's rounding turn a NaN into a finite code (a block's absmax, or 0)
         raise QuantizationError(
-            f"a kernel of shape {tuple(jnp.shape(w))} holds NaN or inf values; quantizing would turn them into "
+            f"{what} of shape {tuple(jnp.shape(w))} holds NaN or inf values; quantizing would turn them into "
             "finite codes (NF4, int8) or poison its whole kernel (inf in NF4), silently. Fix the checkpoint first."
         )
     if scheme == "nf4":
@@ -370,7 +371,7 @@ def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
                 f"to {scheme}. Quantize the full-precision base, or jpeft.quantize(jpeft.dequantize(params), "
                 f"{scheme!r}) (which adds the first rounding's error to the second's)."
             )
-        return quantize_array(leaf, scheme) if selects(path, name, leaf, target_modules) else leaf
+        return quantize_array(leaf, scheme, path_str(kp)) if selects(path, name, leaf, target_modules) else leaf
 
     out = jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
     if target_modules is not None and not has_quantized(out):

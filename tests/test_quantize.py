@@ -526,6 +526,22 @@ def test_quantize_refuses_non_float_and_empty_kernels_and_re_quantizing():
     assert jpeft.quantize(q, "nf4") is not None  # the same scheme: nothing left to do, no error
 
 
+def test_a_refused_kernel_is_named_by_its_path():
+    """The refusals of a non-float, empty or non-finite kernel said "a kernel of shape (64, 64)":
+    in a model whose layers share shapes that does not tell which one. They name its path, in
+    jpeft.quantize (from_pretrained(quantize=...) passes its tensor path too); integer leaves that are not
+    selected kernels are kept as they are."""
+    good = jax.random.normal(jax.random.key(0), (64, 64))
+    for bad, why in ((jnp.ones((64, 64), jnp.int32), "floating-point"), (good.at[3, 5].set(jnp.nan), "NaN")):
+        params = {"params": {"layers_0": {"q": {"kernel": good}}, "layers_1": {"q": {"kernel": bad}},
+                             "ids": {"table": jnp.ones((4, 4), jnp.int32)}}}
+        with pytest.raises(QuantizationError, match=f"the kernel 'params/layers_1/q/kernel' of shape .*{why}"):
+            jpeft.quantize(params, "nf4")
+    q = jpeft.quantize({"params": {"q": {"kernel": good}, "lut": {"kernel": jnp.ones((64, 64), jnp.int32)}}}, "int8",
+                       target_modules=["q"])
+    assert quant.is_quantized(q["params"]["q"]["kernel"]) and q["params"]["lut"]["kernel"].dtype == jnp.int32
+
+
 def test_residual_inits_on_a_quantized_base_are_refused_by_name(llama):
     """init_pissa / olora / milora on an NF4 base raised float()'s TypeError, init_corda flax's
     ScopeParamShapeError; PEFT refuses PiSSA on a quantized layer too."""

@@ -578,7 +578,7 @@ def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantiz
         value = jax.device_put(t)
         del t
         if quantize is not None and quant.selects("/".join(tree_keys[:-1]), tree_keys[-1], value):
-            value = quant.quantize_array(value, quantize)
+            value = quant.quantize_array(value, quantize, "/".join(tree_keys))
         _set(params, tree_keys, value)
         del value
     return params, fresh
