@@ -288,6 +288,12 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
                 f"the adapter's site {path!r} is a layer-stacked site (jpeft.scan.Stacked) made for a layer-scanned "
                 "linen model; NNX models are adapted layer by layer. Convert it with jpeft.scan.unstack_adapter."
             )
+    if "" in adapter and getattr(adapter[""], "site", None) in ("linear", "output", "module"):
+        raise UnsupportedModuleError(
+            f"the adapter has a {type(adapter['']).__name__} site at the model's root path '': the NNX model is itself "
+            "the targeted module, and jpeft puts its stand-in for an adapted module inside a parent module. Wrap it "
+            "in a module of your own (self.layer = nnx.Linear(...)) and target 'layer'."
+        )
     if "" in adapter:
         raise UnsupportedModuleError(
             f"the adapter has a site at the model's root path '' (a {type(adapter['']).__name__}: "

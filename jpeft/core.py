@@ -70,7 +70,9 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     ``params=None`` for its own state) and ``params`` the ``nnx.State`` from ``nnx.split``:
     a pure function of ``(graphdef, state, adapter, inputs)`` (``jpeft/_nnx.py``, docs/NNX.md).
 
-    LoRA dropout is active only when ``rngs`` holds a ``"dropout"`` key.
+    LoRA dropout is active only when ``rngs`` holds a ``"dropout"`` key; a bare key
+    (``rngs=key``) is that key, ``{"dropout": key}``, for linen as for NNX models (flax's own
+    ``model.apply(..., rngs=key)`` would make it the ``"params"`` stream, leaving dropout off).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> model = nn.Dense(4); x = jnp.ones((2, 3))
@@ -88,11 +90,17 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
 def _apply_linen(model: nn.Module, params, adapter, *args, rngs=None, called: Optional[set] = None, **kwargs):
     """:func:`apply` for a linen model; ``called`` as in :func:`jpeft._inject.apply_with`."""
     variables = params if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping) else {"params": params}
+    rngs = dropout_rngs(rngs)
     if rngs is not None:
         kwargs["rngs"] = rngs
     if not adapter and not quant.has_quantized(variables):
         return model.apply(variables, *args, **kwargs)
     return _inject.apply_with(model, variables, adapter or {}, *args, called=called, **kwargs)
+
+
+def dropout_rngs(rngs):
+    """``rngs`` as a dict of streams: a bare key is the ``"dropout"`` stream's (as for NNX models)."""
+    return rngs if rngs is None or isinstance(rngs, Mapping) else {"dropout": rngs}
 
 
 def logits_of(out):
@@ -166,6 +174,7 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
     >>> bool(jnp.allclose(whole[0], chunked[0], rtol=1e-6)), int(chunked[1])
     (True, 10)
     """
+    rngs = dropout_rngs(rngs)
     if isinstance(chunk_tokens, str):
         if chunk_tokens != "auto":
             raise ConfigError(f"chunk_tokens must be a positive int, 'auto' or None, found {chunk_tokens!r}.")

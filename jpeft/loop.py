@@ -340,8 +340,10 @@ def fit(
         differs from the first batch's, or bad token ids / sequence lengths.
     """
     _validate.check_not_empty(batches, name="batches")
-    for name, v in (("eval_every", eval_every), ("log_every", log_every)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    for name, v in (("eval_every", eval_every), ("log_every", log_every), ("num_steps", num_steps)):
+        if name == "num_steps" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ConfigError(f"{name} must be a non-negative integer, found {v!r}.")
     guard = NonFiniteGuard(max_consecutive_skips)
     history: list[dict] = []

@@ -471,3 +471,33 @@ def test_a_masked_conv_is_refused_at_init():
     params = wrap.init(jax.random.key(0), x)
     with pytest.raises(jpeft.errors.UnsupportedModuleError, match="masked convolution"):
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["conv"]), params, jax.random.key(1), wrap, x)
+
+
+@pytest.mark.parametrize("field, shape", [("lora_A", (1, 2)), ("lora_B", (2, 1)), ("lora_A", (5, 2)), ("lora_B", (3, 8))])
+def test_lora_factors_that_do_not_fit_the_module_are_refused_by_name(field, shape):
+    # a (1, r) lora_A broadcast silently against the kernel in the merged-dense form (16 rows),
+    # the other misfits failed deep inside JAX (a raw TypeError)
+    import dataclasses
+
+    model = nn.Dense(8)
+    params = model.init(jax.random.key(0), jnp.ones((1, 6)))
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
+    bad = {"": dataclasses.replace(adapter[""], **{field: jnp.ones(shape)})}
+    for rows in (16, 1):
+        with pytest.raises(jpeft.ShapeMismatchError, match="lora_A"):
+            jpeft.apply(model, params, bad, jnp.ones((rows, 6)))
+    with pytest.raises(jpeft.ShapeMismatchError, match="lora_A"):
+        jpeft.merge(params, bad)
+
+
+def test_apply_takes_a_bare_key_as_the_dropout_key_as_for_nnx():
+    # flax's model.apply(rngs=key) makes a bare key the "params" stream: LoRA dropout was off, silently
+    model = nn.Dense(8)
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    params = model.init(jax.random.key(1), x)
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, dropout=0.5, target_modules=".*"), params, jax.random.key(2))
+    adapter = {"": adapter[""].__class__(**{**adapter[""].__dict__, "lora_B": jnp.ones_like(adapter[""].lora_B)})}
+    key = jax.random.key(3)
+    bare = jpeft.apply(model, params, adapter, x, rngs=key)
+    assert not np.allclose(bare, jpeft.apply(model, params, adapter, x))
+    np.testing.assert_array_equal(bare, jpeft.apply(model, params, adapter, x, rngs={"dropout": key}))

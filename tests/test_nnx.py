@@ -322,6 +322,12 @@ def test_named_errors_where_a_method_does_not_apply():
     full = jpeft.init(jpeft.FullFinetuneConfig(), state, jax.random.key(1))
     with pytest.raises(UnsupportedModuleError, match="root"):
         jpeft.apply(graphdef, state, full, x)
+    # a model that is one nnx.Linear: its LoRA site is at the root (this was called full
+    # fine-tuning, prefix or prompt tuning)
+    lin_g, lin_s = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    lora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), lin_s, jax.random.key(1))
+    with pytest.raises(UnsupportedModuleError, match="Wrap it in a module of your own"):
+        jpeft.apply(lin_g, lin_s, lora, jnp.ones((2, 4)))
     # modules_to_save on a module of the user's own, which has no linen twin to rerun
     class Gain(nnx.Module):
         def __init__(self):

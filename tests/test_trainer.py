@@ -70,6 +70,14 @@ def test_run_ending_on_nonfinite_steps_raises_and_saves_nothing(run, tmp_path):
         assert mngr.all_steps() == []
 
 
+def test_negative_num_steps_is_a_config_error(run):
+    """A negative num_steps was a raw ValueError from itertools.islice."""
+    params, cfg, adapter, opt, state, key, step = run
+    with pytest.raises(jpeft.ConfigError, match="num_steps must be a non-negative integer, found -1"):
+        jpeft.fit(step, params, adapter, state, C.batches(0, 2), key=key, num_steps=-1)
+    assert jpeft.fit(step, params, adapter, state, C.batches(0, 2), key=key, num_steps=np.int64(1)).step == 1
+
+
 def test_accumulation_equals_one_step_on_the_whole_batch(run):
     params, cfg, _, opt, _, key, _ = run
     adapter = jpeft.init(C.lora_config(dropout=0.0), params, jax.random.key(1))

@@ -391,6 +391,22 @@ class LoraWeights(Site):
     # -- checks (Site.check runs check_params on the bound module's params) ------------------
     def check_params(self, path: str, own: Mapping[str, Any]) -> None:
         self.layout.check_params(path, own)
+        # the factors' trailing axes (a layer-stacked site's inner node has a leading layer axis):
+        # a misfit either fails deep inside JAX or, in the merged-dense form, broadcasts silently
+        a, b = tuple(self.lora_A.shape[-2:]), tuple(self.lora_B.shape[-2:])
+        lay = self.layout
+        if len(a) != 2 or len(b) != 2 or a[0] != lay.in_features or b[1] != lay.out_features or a[1] != b[0]:
+            raise ShapeMismatchError(
+                f"the LoRA site at {path!r} has lora_A of shape {tuple(self.lora_A.shape)} and lora_B of shape "
+                f"{tuple(self.lora_B.shape)}, but the module's {lay.param_name} {tuple(lay.kernel_shape)} needs "
+                f"lora_A [{lay.in_features}, r] and lora_B [r, {lay.out_features}] with the same r. Was the adapter "
+                "made for another model, or its factors edited? Re-create it with jpeft.init."
+            )
+        if self.magnitude is not None and tuple(self.magnitude.shape[-1:]) != (lay.out_features,):
+            raise ShapeMismatchError(
+                f"the DoRA site at {path!r} has a magnitude of shape {tuple(self.magnitude.shape)}, but the module has "
+                f"{lay.out_features} output features. Was the adapter made for another model?"
+            )
         if self.lora_bias is not None and self.lora_bias.shape[-1:] != (self.layout.out_features,):
             raise ShapeMismatchError(
                 f"the LoRA site at {path!r} has a lora_bias of shape {tuple(self.lora_bias.shape)}, but the module has "
