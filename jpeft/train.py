@@ -164,17 +164,24 @@ def _join(train, frozen):
 
 
 def _check_opt_state(optimizer, train, opt_state, frozen) -> None:
-    """At trace time: an optimizer state built for the whole adapter (frozen arrays included)
-    is refused by name, not left to a tree-structure error deep inside optax."""
-    if frozen is None or not jax.tree.leaves(frozen):
-        return
+    """At trace time: an optimizer state that is not ``optimizer.init`` of the trainable arrays
+    (built for another adapter, for the whole adapter with its frozen arrays, or missing) is
+    refused by name, not left to a tree-structure error deep inside optax."""
     want = jax.tree.structure(jax.eval_shape(optimizer.init, train))
-    if jax.tree.structure(opt_state) != want:
+    if jax.tree.structure(opt_state) == want:
+        return
+    if frozen is None or not jax.tree.leaves(frozen):
         raise ConfigError(
-            "the optimizer state does not match the adapter's trainable arrays: this adapter holds frozen arrays "
-            f"({len(jax.tree.leaves(frozen))} leaves, never trained), which get no optimizer state. Build it with "
-            "jpeft.init_opt_state(optimizer, adapter) or optimizer.init(jpeft.trainable(adapter))."
+            f"the optimizer state does not fit this optimizer and adapter: expected the structure of "
+            f"optimizer.init(adapter) ({want.num_leaves} arrays), found {jax.tree.structure(opt_state).num_leaves} "
+            "arrays in another structure. Was it made for another adapter or optimizer? Build it with "
+            "jpeft.init_opt_state(optimizer, adapter)."
         )
+    raise ConfigError(
+        "the optimizer state does not match the adapter's trainable arrays: this adapter holds frozen arrays "
+        f"({len(jax.tree.leaves(frozen))} leaves, never trained), which get no optimizer state. Build it with "
+        "jpeft.init_opt_state(optimizer, adapter) or optimizer.init(jpeft.trainable(adapter))."
+    )
 
 
 def _split_micro(x, k: int):

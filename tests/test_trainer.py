@@ -301,3 +301,15 @@ def test_step_heap_release_trims_again_when_the_last_works_temporaries_are_freed
     heap[:] = [1000]
     StepHeap(slack=64).release(wait=0.0)
     assert calls == [1] and heap == [1000]
+
+
+def test_an_optimizer_state_of_another_adapter_or_none_is_a_config_error(run):
+    """make_train_step given the optimizer state of another adapter (or None) failed with a raw
+    pytree ValueError / TypeError from inside optax; the named check covered only adapters with
+    frozen arrays."""
+    params, cfg, adapter, opt, state, key, step = run
+    other = jax.tree.map(lambda a: a, dict(list(adapter.items())[:1]))  # one site fewer
+    batch = next(iter(C.batches(0, 1)))
+    for bad in (opt.init(other), None):
+        with pytest.raises(jpeft.ConfigError, match="does not fit this optimizer and adapter"):
+            step(params, adapter, bad, batch, key)
