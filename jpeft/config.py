@@ -129,10 +129,16 @@ class AdapterConfig:
             target = _REGISTRY[ptype]
         inv = {v: k for k, v in target._hf_keys.items()}
         names = {f.name for f in dataclasses.fields(target)}
-        kwargs, unknown, unsupported = {}, [], {}
+        kwargs, unknown, unsupported, given_as = {}, [], {}, {}
         for k, v in d.items():
             name = inv.get(k, k)
             if name in names:
+                if name in given_as:  # `alpha` and `lora_alpha`: one value would be dropped silently
+                    raise ConfigError(
+                        f"{target.__name__}.from_dict got both {given_as[name]!r} ({kwargs[name]!r}) and {k!r} ({v!r}), "
+                        f"two names of one field ({name}); give one of them."
+                    )
+                given_as[name] = k
                 kwargs[name] = v
             elif k in target._ignored_hf_keys:
                 continue

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -855,6 +856,12 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert (out / "demo_losses.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "lora-adapter" / "jpeft_adapter.json").is_file()
     assert (out / "lora-all-linear-adapter" / "jpeft_adapter.json").is_file()
+    # the full fine-tune is a Hugging Face folder like base-model/ (it was safetensors under flax key
+    # strings that nothing loads), holding the fine-tuned weights, not the base's
+    fm, fp = jpeft.models.from_pretrained(out / "full-finetune")
+    bm, bp = jpeft.models.from_pretrained(out / "base-model")
+    assert fm.config == bm.config and (out / "full-finetune" / "tokenizer.json").is_file()
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fp), jax.tree.leaves(bp)))
     assert r.stdout.count("[The ]") == 5 and r.stdout.count("[def ]") == 5
     for row in res["runs"]:  # the table shows the JSON's numbers
         rise = row["old_task_loss"][-1] - res["base_loss"]["old_task"]

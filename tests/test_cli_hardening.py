@@ -72,11 +72,27 @@ def config(root, extra_train="", method='name = "lora"\nr = 2\ntarget_modules = 
     ("", "", 'name = "lora"\ntarget_modules = "("', "is not a valid module-path regex"),
     ("", "", 'name = "lora"\nrank_pattern = 5', "rank_pattern must be a dict"),
     ("", "", 'name = "lora"\nlora_alpha = inf', "alpha must be > 0 and finite"),
+    # booleans were read as 0 / 1 (a `warmup_steps = true` run warmed up for one step)
+    ("warmup_steps = true", "", None, "train.warmup_steps must be a non-negative integer, found True"),
+    ("eval_every = false", "", None, "train.eval_every must be a non-negative integer, found False"),
+    ("keep_checkpoints = true", "", None, "train.keep_checkpoints must be >= 1, found True"),
+    # two names of one field: one value was dropped silently
+    ("", "", 'name = "lora"\nlora_alpha = 16\nalpha = 32', "got both 'lora_alpha' (16) and 'alpha' (32)"),
 ])
 def test_bad_train_values_are_one_line(folder, capsys, extra, top, method, expect):
     cfg = config(folder, extra, top=top, **({"method": method} if method else {}))
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
     assert expect in one_line(capsys.readouterr().err)
+
+
+def test_bad_packing_is_refused_before_the_model_is_loaded(folder, capsys, monkeypatch):
+    """It was an InputValidationError raised after loading the model."""
+    import jpeft.cli._trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_folder", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = config(folder, data='train.jsonl"\npacking = "doc')
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    assert 'ConfigError: data.packing must be "documents" or "stream", found \'doc\'' in one_line(capsys.readouterr().err)
 
 
 def test_bad_train_values_from_the_command_line(folder, capsys):

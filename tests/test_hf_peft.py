@@ -549,6 +549,14 @@ def test_peft_key_names_are_config_aliases():
     assert c.replace(alpha=8).alpha == 8
     with pytest.raises(jpeft.ConfigError, match="both alpha= and its Hugging Face PEFT alias lora_alpha="):
         jpeft.LoraConfig(alpha=8, lora_alpha=16)
+    # the same pair in a dict (a `jpeft train` [method] table, adapter_config.json, `jpeft info --alpha
+    # --set lora_alpha=`) was accepted with one value silently dropped
+    for d, pair in (({"lora_alpha": 16, "alpha": 8}, "'lora_alpha' .16. and 'alpha' .8."),
+                    ({"dropout": 0.2, "lora_dropout": 0.1}, "'dropout' .0.2. and 'lora_dropout' .0.1.")):
+        with pytest.raises(jpeft.ConfigError, match=f"from_dict got both {pair}"):
+            jpeft.LoraConfig.from_dict({"r": 4, **d})
+    with pytest.raises(jpeft.ConfigError, match="got both 'lora_alpha'"):
+        jpeft.AdapterConfig.from_dict({"peft_type": "ADALORA", "lora_alpha": 16, "alpha": 8})
 
 
 def test_all_linear_selects_what_peft_selects():

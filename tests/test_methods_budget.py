@@ -32,3 +32,20 @@ def test_cli_prints_and_writes_the_table(tmp_path, capsys):
     budget.main(["--quiet", "--write", str(doc)])
     text = doc.read_text()
     assert "STALE" not in text and "4,194,304" in text and text.startswith("intro") and text.endswith("end\n")
+
+
+def test_default_targets_are_peft_defaults_for_every_family():
+    """`jpeft info` / `jpeft train` without target_modules use PEFT's defaults per model type
+    (Qwen2's IA3 default is q_proj, v_proj, down_proj, not Llama's k_proj: it trained other modules)."""
+    from peft.utils import constants as C
+
+    tables = {"LORA": "LORA", "LOHA": "LOHA", "LOKR": "LOKR", "OFT": "OFT", "VERA": "VERA", "ADALORA": "ADALORA",
+              "IA3": "IA3", "LN_TUNING": "LNTUNING"}
+    for peft_type, name in tables.items():
+        mapping = getattr(C, f"TRANSFORMERS_MODELS_TO_{name}_TARGET_MODULES_MAPPING")
+        for model_type, d in budget.DEFAULT_TARGETS[peft_type].items():
+            if mapping.get(model_type) is None:  # PEFT has none (AdaLoRA on Mistral): jpeft's is LoRA's
+                continue
+            assert list(d["target_modules"]) == list(mapping[model_type]), (peft_type, model_type)
+            if peft_type == "IA3":
+                assert d["feedforward_modules"] == C.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type]

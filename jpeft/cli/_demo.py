@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from safetensors.numpy import save_file
 
 import jpeft
 from jpeft.cli._ckpt import save_adapter
@@ -151,10 +150,15 @@ def save_base(path: str, model, params) -> None:
     """Writes the byte-level base as a Hugging Face folder with a tokenizer whose token id is the
     byte's value (a BPE without merges over the 256 bytes), so `jpeft serve` and transformers
     can load it (docs/SERVING.md)."""
+    jpeft.models.loading.save_pretrained(path, model, params)
+    save_byte_tokenizer(path)
+
+
+def save_byte_tokenizer(path: str) -> None:
+    """The byte-level tokenizer of :func:`save_base` (token id = byte value) into ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    jpeft.models.loading.save_pretrained(path, model, params)
     ch = _byte_chars()
     tok = Tokenizer(models.BPE({ch[b]: b for b in range(256)}, [], ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -169,11 +173,14 @@ def dir_bytes(path: str) -> int:
     return total
 
 
-def save_full(path: str, adapter) -> None:
-    """A full fine-tune's checkpoint is the whole model: every weight, as safetensors."""
-    os.makedirs(path, exist_ok=True)
-    flat = jax.tree_util.tree_flatten_with_path(adapter)[0]
-    save_file({jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}, os.path.join(path, "model.safetensors"))
+def save_full(path: str, model, params, adapter) -> int:
+    """A full fine-tune's checkpoint is the whole model: written as a Hugging Face folder like
+    ``base-model/`` (so `jpeft eval`, `jpeft serve` and transformers load it), and its size, the
+    weights and config.json, returned before the shared byte-level tokenizer is added."""
+    jpeft.models.loading.save_pretrained(path, model, jpeft.merge(params, adapter))
+    size = dir_bytes(path)
+    save_byte_tokenizer(path)
+    return size
 
 
 # ------------------------------------------------------------------------------- generation
@@ -288,11 +295,11 @@ def run_demo(args) -> dict:
         if os.path.isdir(path):
             shutil.rmtree(path)
         if isinstance(cfg, jpeft.FullFinetuneConfig):
-            save_full(path, r.adapter)
+            r.ckpt_bytes = save_full(path, model, params, r.adapter)
         else:
             save_adapter(path, r.adapter, cfg, params=params,
                          metadata={"base": "jpeft demo byte-level Llama", "setting": dataclasses.asdict(s)})
-        r.ckpt_bytes = dir_bytes(path)
+            r.ckpt_bytes = dir_bytes(path)
     full, lora = results[0], results[1]
     adapter_dir = os.path.join(out, "lora-adapter")
 

@@ -136,7 +136,7 @@ def build(args):
 
 
 def run(args) -> int:
-    from jpeft.serve.app import run as serve  # the optional `serve` extra (build() checked it is there)
+    from jpeft.serve.app import run as serve  # Starlette and uvicorn (build() checked they import)
 
     server = build(args)
     server.engine.warmup()  # compile before listening: the first request does not wait for XLA

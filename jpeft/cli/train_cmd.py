@@ -216,7 +216,7 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
         if isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] <= 0:
             raise ConfigError(f"train.{k} must be a positive integer, found {t[k]!r}.")
     for k in ("eval_every", "save_every", "log_every", "warmup_steps", "eval_batches"):
-        if not isinstance(t[k], int) or t[k] < 0:
+        if isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] < 0:  # `true` was read as 1
             raise ConfigError(f"train.{k} must be a non-negative integer, found {t[k]!r}.")
     for k, low in (("data", 0), ("fsdp", 1), ("tensor", 1)):
         v = cfg["mesh"][k]
@@ -224,9 +224,12 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
             raise ConfigError(f"mesh.{k} must be an integer >= {low}, found {v!r}.")
     if not isinstance(t["scan_layers"], bool):
         raise ConfigError(f"train.scan_layers must be true or false, found {t['scan_layers']!r}.")
+    if cfg["data"]["packing"] not in ("documents", "stream"):  # before loading anything, not after the model
+        raise ConfigError(f"data.packing must be \"documents\" or \"stream\", found {cfg['data']['packing']!r}.")
     if not isinstance(t["learning_rate"], (int, float)) or t["learning_rate"] <= 0:
         raise ConfigError(f"train.learning_rate must be > 0, found {t['learning_rate']!r}.")
-    if t["keep_checkpoints"] is not None and (not isinstance(t["keep_checkpoints"], int) or t["keep_checkpoints"] < 1):
+    if t["keep_checkpoints"] is not None and (isinstance(t["keep_checkpoints"], bool)
+                                              or not isinstance(t["keep_checkpoints"], int) or t["keep_checkpoints"] < 1):
         raise ConfigError(f"train.keep_checkpoints must be >= 1, found {t['keep_checkpoints']!r}.")
 
     def rel(p):

@@ -62,7 +62,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--list-methods", action="store_true", help="print the benchmark's methods and exit")
     p.add_argument("--steps", type=int, default=None, help="training steps per task (default: digits 300, language 300)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (digits 32; language 16)")
-    p.add_argument("--out", default=None, help="output folder (default: forgetting_results/<benchmark>)")
+    p.add_argument("--out", default=None, help="output folder (default: forgetting_results/<benchmark>; with --sweep "
+                                               "forgetting_results/<benchmark>-sweep)")
     p.add_argument("--replay-sizes", type=int, nargs="+", default=None,
                    help="run every selected replay method once per buffer size (examples of earlier tasks kept), "
                         "named '<method> buffer N'")

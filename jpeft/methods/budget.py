@@ -49,7 +49,11 @@ FAMILY_TARGETS = {
                  ia3=(["key", "value", "output.dense"], ["output.dense"]),
                  houlsby=["output/dense"], pfeiffer=r".*/layer_\d+/output/dense", ln=["LayerNorm"]),
 }
-FAMILY_TARGETS.update(mistral=FAMILY_TARGETS["llama"], qwen2=FAMILY_TARGETS["llama"])
+# PEFT's IA3 and LN tuning defaults for Qwen2 are not Llama's: q_proj (not k_proj) and only
+# post_attention_layernorm (TRANSFORMERS_MODELS_TO_{IA3,LNTUNING}_TARGET_MODULES_MAPPING["qwen2"])
+FAMILY_TARGETS.update(mistral=FAMILY_TARGETS["llama"],
+                      qwen2=dict(FAMILY_TARGETS["llama"], ia3=(["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+                                 ln=["post_attention_layernorm"]))
 
 #: Hugging Face PEFT's default ``target_modules`` (and IA3's ``feedforward_modules``) per
 #: method and model type, used by ``jpeft info`` and ``jpeft train`` when none are given
@@ -58,8 +62,7 @@ DEFAULT_TARGETS = {
     "LORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
     "IA3": {m: {"target_modules": t["ia3"][0], "feedforward_modules": t["ia3"][1]} for m, t in FAMILY_TARGETS.items()},
     "OFT": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
-    "LN_TUNING": {m: {"target_modules": ["post_attention_layernorm"] if m == "qwen2" else t["ln"]}
-                  for m, t in FAMILY_TARGETS.items() if m != "bert"},  # PEFT has no BERT default
+    "LN_TUNING": {m: {"target_modules": t["ln"]} for m, t in FAMILY_TARGETS.items() if m != "bert"},  # no BERT default
     # PEFT's VeRA and AdaLoRA defaults are LoRA's (TRANSFORMERS_MODELS_TO_{VERA,ADALORA}_TARGET_MODULES_MAPPING)
     "VERA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
     "ADALORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
