@@ -862,6 +862,12 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     bm, bp = jpeft.models.from_pretrained(out / "base-model")
     assert fm.config == bm.config and (out / "full-finetune" / "tokenizer.json").is_file()
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fp), jax.tree.leaves(bp)))
+    # the natural next step, jpeft eval on it without --seq-len: its default (256) was longer than the demo
+    # model's position range and refused; it now takes the model's range when that is shorter
+    (tmp_path / "eval.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    r3 = jpeft_here(capsys, "eval", "--model", out / "full-finetune", "--data", tmp_path / "eval.txt", "--json")
+    assert r3.returncode == 0, r3.stderr
+    assert np.isfinite(json.loads(r3.stdout)["loss"])
     assert r.stdout.count("[The ]") == 5 and r.stdout.count("[def ]") == 5
     for row in res["runs"]:  # the table shows the JSON's numbers
         rise = row["old_task_loss"][-1] - res["base_loss"]["old_task"]

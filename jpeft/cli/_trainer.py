@@ -35,13 +35,14 @@ from jpeft.validate import check_tokens
 def check_seq_len(seq_len: int, hf_config: dict, what: str) -> None:
     """Refuses rows longer than the model's position range (Llama's rotary embeddings would
     extrapolate, GPT-2's learned positions would be out of range)."""
-    limit = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
-    if limit is not None and seq_len > int(limit):
+    limit = max_positions(hf_config)
+    if limit is not None and seq_len > limit:
         raise ConfigError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}; "
                           f"use at most {limit}.")
 
 
-def _max_positions(hf_config: dict) -> Optional[int]:
+def max_positions(hf_config: dict) -> Optional[int]:
+    """The model's position range from its config.json (None when it names none)."""
     limit = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
     return None if limit is None else int(limit)
 
@@ -500,7 +501,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     out_dir = cfg["output_dir"]
     model, params = loaded.model, loaded.params
     vocab, max_pos = (int(loaded.hf_config["vocab_size"]) if "vocab_size" in loaded.hf_config else None,
-                      _max_positions(loaded.hf_config))
+                      max_positions(loaded.hf_config))
     loss_fn, eval_sums = make_loss_fns(model, mesh, loss_chunk_tokens(t), bool(t.get("model_dropout", True)))
     # an update takes batch_size x accum rows in accum passes; its loss and gradient are means over all of
     # their target tokens (each pass weighted by its count), as the HF Trainer's gradient_accumulation_steps

@@ -10,7 +10,7 @@ import numpy as np
 from jpeft.cli._ckpt import load_adapter
 from jpeft.cli._common import require_causal_lm
 from jpeft.cli._model import encode_fn, load_folder
-from jpeft.cli._trainer import canary_batches, check_seq_len, evaluate, make_logits_fn, make_loss_fns
+from jpeft.cli._trainer import max_positions, canary_batches, check_seq_len, evaluate, make_logits_fn, make_loss_fns
 from jpeft.data import PackedDataset
 from jpeft.errors import ConfigError
 from jpeft.forgetting.guard import canary_stats
@@ -41,7 +41,8 @@ def add_parser(sub):
                    help="forgetting report of --adapter against the base on this .jsonl or text file: loss rise, "
                         "mean per-token KL and the worst-affected rows")
     p.add_argument("--worst", type=int, default=5, help="with --canary: how many worst-affected rows to list (default 5)")
-    p.add_argument("--seq-len", type=int, default=256, help="packed row length in tokens (default 256)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="packed row length in tokens (default 256, or the model's position range if it is shorter)")
     p.add_argument("--packing", choices=("documents", "stream"), default="documents",
                    help="as [data] packing in `jpeft train`: whole documents per row, attention never crossing them "
                         "(default), or one token stream cut into rows")
@@ -52,7 +53,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    if args.seq_len < 2:
+    if args.seq_len is not None and args.seq_len < 2:
         raise ConfigError(f"--seq-len must be >= 2, found {args.seq_len}.")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, found {args.batch_size}.")
@@ -71,9 +72,12 @@ def run(args) -> int:
 
     require_causal_lm(args.model, "eval")
     loaded = load_folder(args.model)
-    check_seq_len(args.seq_len, loaded.hf_config, "--seq-len")
+    seq_len = args.seq_len
+    if seq_len is None:  # the default fits the model (the demo's has 192 positions)
+        seq_len = min(256, max_positions(loaded.hf_config) or 256)
+    check_seq_len(seq_len, loaded.hf_config, "--seq-len")
     encode, bos, eos = encode_fn(loaded.tokenizer)
-    ds = PackedDataset.from_file(args.canary or args.data, encode, args.seq_len, eos_id=eos, bos_id=bos,
+    ds = PackedDataset.from_file(args.canary or args.data, encode, seq_len, eos_id=eos, bos_id=bos,
                                  packing=args.packing)
     adapter = None
     if args.adapter:
