@@ -180,18 +180,41 @@ def apply_with(model: nn.Module, variables, adapter, *args, called: Optional[set
     with nn.intercept_methods(_interceptor(adapter, checked, variables.get("params"))):
         out = model.apply(variables, *args, **kwargs)
     if called is None:
-        check_called(adapter, checked)
+        check_called(adapter, checked, variables.get("params"))
     return out
 
 
-def check_called(adapter, checked: set) -> None:
-    """Raises :class:`TargetNotFoundError` when ``adapter`` has sites and none of them ran."""
+_LAYOUT_HINT = ("A layer-scanned model (scan_layers=True) names its layers 'model/layers/...', an unrolled one "
+                "'model/layers_0/...'; convert with jpeft.scan.stack_adapter / unstack_adapter.")
+
+
+def _has_module(params, path: str) -> bool:
+    node = params
+    for comp in [c for c in path.split("/") if c]:
+        if not isinstance(node, Mapping) or comp not in node:
+            return False
+        node = node[comp]
+    return True
+
+
+def check_called(adapter, checked: set, params=None) -> None:
+    """Raises :class:`TargetNotFoundError` when ``adapter`` has sites and none of them ran, or
+    (given the model's ``params``) when a site that did not run names a module the params do
+    not have: it would be left out silently while the others act (an unrolled model's
+    per-layer sites next to a top-level one, on a layer-scanned model)."""
     if adapter and not checked:
         raise TargetNotFoundError(
             f"none of the adapter's {len(adapter)} sites (e.g. {sorted(adapter)[:3]}) was called by the model, so "
-            "the output would be the bare base's. Was the adapter made for another model? A layer-scanned model "
-            "(scan_layers=True) names its layers 'model/layers/...', an unrolled one 'model/layers_0/...'; convert "
-            "with jpeft.scan.stack_adapter / unstack_adapter."
+            "the output would be the bare base's. Was the adapter made for another model? " + _LAYOUT_HINT
+        )
+    if not adapter or not isinstance(params, Mapping):
+        return
+    missing = sorted(p for p in set(adapter) - set(checked) if not _has_module(params, p))
+    if missing:
+        raise TargetNotFoundError(
+            f"{len(missing)} of the adapter's {len(adapter)} sites (e.g. {missing[:3]}) name modules this model's "
+            "params do not have, so they would be left out while the other sites act. Was the adapter made for "
+            "another model? " + _LAYOUT_HINT
         )
 
 

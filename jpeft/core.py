@@ -207,7 +207,7 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
         return _apply_linen(model, p, a, h, rngs=r, called=called, method="logits")
 
     out = causal_lm_loss_chunked(head, (params, adapter, rngs), hidden, input_ids, loss_mask, chunk_tokens=chunk_tokens)
-    _inject.check_called(adapter, called)
+    _inject.check_called(adapter, called, unwrap_params(params)[0])
     return out
 
 

@@ -261,12 +261,22 @@ def _join(*parts: str) -> str:
     return "/".join(p for p in parts if p)
 
 
+def _holds_whole_params(path: str, node) -> bool:
+    """Whether ``node`` holds a copy of the whole params tree (full fine-tuning's node at the
+    root, which replaces the base), whose layers are stacked or not as the model's params are."""
+    return path == "" and bool(getattr(node, "replaces_base", False)) and isinstance(getattr(node, "params", None), Mapping)
+
+
 def unstack_adapter(adapter: Mapping[str, Any], name: str = "layers") -> dict:
     """Per-layer nodes for every :class:`Stacked` site: ``model/layers/X`` becomes
     ``model/layers_0/X``, ``model/layers_1/X``, ... (the unrolled model's paths, which
-    Hugging Face names ``model.layers.0.X``). Other nodes are kept as they are."""
+    Hugging Face names ``model.layers.0.X``). A full fine-tuning node's copy of the params is
+    split with :func:`unstack_params`. Other nodes are kept as they are."""
     out = {}
     for path, node in adapter.items():
+        if _holds_whole_params(path, node):  # full fine-tuning: its copy of the params is per layer too
+            out[path] = dataclasses.replace(node, params=unstack_params(node.params, name))
+            continue
         if not isinstance(node, Stacked):
             out[path] = node
             continue
@@ -284,6 +294,9 @@ def stack_adapter(adapter: Mapping[str, Any], num_layers: int, name: str = "laye
     groups: dict[str, dict[int, Any]] = {}
     out = {}
     for path, node in adapter.items():
+        if _holds_whole_params(path, node):
+            out[path] = dataclasses.replace(node, params=stack_params(node.params, name))
+            continue
         m = pat.match(path)
         if not m:
             out[path] = node

@@ -389,3 +389,57 @@ def test_an_output_adapter_on_a_block_inside_the_scan_is_refused():
     a0 = jpeft.init(jpeft.BottleneckConfig(target_modules=["mlp"]), p0, jax.random.key(0), unrolled, ids)
     assert sorted(a0) == ["model/layers_0/mlp", "model/layers_1/mlp", "model/layers_2/mlp"]
     jpeft.apply(unrolled, p0, a0, ids)
+
+
+def test_prefix_tuning_made_on_the_scanned_model_has_every_layer():
+    """Prefix tuning counted the layers from the key projections' kernels, and the scanned
+    model's one stacked k_proj ([layers, in, out]) counted as one layer: jpeft.init on the
+    scanned model (and `jpeft train` with scan_layers) made a one-layer prefix that apply refused."""
+    unrolled, scanned, p0, p1, ids = _pair()
+    cfg = jpeft.PrefixTuningConfig(num_virtual_tokens=3)
+    a1 = jpeft.init(cfg, p1, jax.random.key(1), scanned, ids)
+    a0 = jpeft.init(cfg, p0, jax.random.key(1), unrolled, ids)
+    assert (a1[""].num_layers, a1[""].token_dim) == (a0[""].num_layers, a0[""].token_dim) == (3, 16)
+    a1 = _trained_looking(a1)
+    np.testing.assert_allclose(jpeft.apply(scanned, p1, a1, ids), jpeft.apply(unrolled, p0, a1, ids), atol=2e-6)
+
+
+def test_full_fine_tuning_converts_between_the_scanned_and_unrolled_layouts():
+    """unstack_adapter kept full fine-tuning's copy of the params stacked, so a `jpeft train`
+    run with scan_layers wrote a finished adapter that eval / merge / export refused."""
+    unrolled, scanned, p0, p1, ids = _pair()
+    a1 = _trained_looking(jpeft.init(jpeft.FullFinetuneConfig(), p1, jax.random.key(1)))
+    a0 = scan.unstack_adapter(a1)
+    assert _max_diff(a0[""].params, scan.unstack_params(a1[""].params)) == 0.0
+    np.testing.assert_allclose(jpeft.apply(unrolled, p0, a0, ids), jpeft.apply(scanned, p1, a1, ids), atol=2e-6)
+    assert _max_diff(scan.stack_adapter(a0, 3), a1) == 0.0
+
+
+def test_an_adapter_of_the_other_layout_with_a_top_level_site_is_refused():
+    """Only an adapter none of whose sites ran was refused: with one top-level site (the final
+    norm of LN tuning, an lm_head in modules_to_save) an unrolled model's per-layer sites were
+    silently left out on the scanned model (and the other way round)."""
+    unrolled, scanned, p0, p1, ids = _pair()
+    for cfg in (jpeft.LNTuningConfig(),
+                jpeft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])):
+        a0 = jpeft.init(cfg, p0, jax.random.key(1), unrolled, ids)
+        a1 = jpeft.init(cfg, p1, jax.random.key(1), scanned, ids)
+        with pytest.raises(TargetNotFoundError, match="unstack_adapter"):
+            jpeft.apply(scanned, p1, a0, ids)
+        with pytest.raises(TargetNotFoundError, match="params do not have"):
+            jpeft.apply(unrolled, p0, a1, ids)
+        with pytest.raises(TargetNotFoundError, match="params do not have"):
+            jpeft.lm_loss(scanned, p1, a0, ids, jnp.ones_like(ids), chunk_tokens=8)
+        jpeft.apply(scanned, p1, scan.stack_adapter(a0, 3), ids)  # converted, it runs
+
+
+def test_remat_policies_that_need_arguments_are_refused_by_name():
+    """remat_policy accepted any jax.checkpoint_policies attribute, and the policy factories
+    (save_only_these_names, ...) then failed inside JAX's tracing with a TypeError."""
+    for name in ("save_only_these_names", "offload_dot_with_no_batch_dims", "save_from_both_policies"):
+        with pytest.raises(ConfigError, match="remat_policy"):
+            jpeft.models.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
+                                     remat=True, remat_policy=name)
+    for name in ("dots_saveable", "nothing_saveable", "checkpoint_dots"):
+        jpeft.models.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
+                                 remat=True, remat_policy=name)

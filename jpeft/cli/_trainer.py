@@ -604,7 +604,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
             last_eval = eval_fn(adapter, step)
         final = dist.gather(adapter) if mesh is not None else adapter  # collective: every process takes part
         final_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        if jpeft.scan.is_stacked(final):
+        if jpeft.scan.is_stacked(final) or jpeft.scan.num_stacked_layers(final_params) is not None:
             # the finished adapter is written per layer, for the unrolled model that
             # `jpeft eval`, `merge` and `export` load (checkpoints keep the scanned form)
             final = jpeft.scan.unstack_adapter(final)

@@ -294,7 +294,10 @@ def infer_dims(params) -> tuple[int, int]:
     for path, own in module_leaves(params).items():
         name = path.split("/")[-1]
         if name in _KEY_PROJ and "kernel" in own:
-            found.setdefault(name, []).append(int(own["kernel"].shape[-1]) // _KEY_PROJ[name])
+            kernel = own["kernel"]
+            # a layer-scanned model's kernel is stacked over its layers ([layers, in, out], jpeft.scan)
+            n = int(kernel.shape[0]) if kernel.ndim == 3 and "layers" in path.split("/") else 1
+            found.setdefault(name, []).extend([int(kernel.shape[-1]) // _KEY_PROJ[name]] * n)
     if len(found) != 1:
         raise ConfigError(
             "prefix tuning could not tell the model's layer count and key width from its params "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -560,13 +561,27 @@ def dense(features: int, use_bias: bool, cfg, name: str):
     )
 
 
+def is_policy_name(name) -> bool:
+    """Whether ``jax.checkpoint_policies.<name>`` is a policy itself (``dots_saveable``), not a
+    function that builds one from arguments (``save_only_these_names``), which the config
+    cannot pass: used as a policy it fails inside JAX's tracing with a TypeError."""
+    fn = getattr(jax.checkpoint_policies, name, None) if isinstance(name, str) and not name.startswith("_") else None
+    if not callable(fn):
+        return False
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def remat_wrap(cls, cfg, static_argnums: Sequence[int]):
     """``nn.remat(cls)`` with ``cfg.remat_policy`` when ``cfg.remat``; otherwise ``cls``."""
     if not cfg.remat:
         return cls
     policy = None
     if cfg.remat_policy:
-        policy = getattr(jax.checkpoint_policies, cfg.remat_policy, None)
+        policy = getattr(jax.checkpoint_policies, cfg.remat_policy, None) if is_policy_name(cfg.remat_policy) else None
         if policy is None:
             raise ConfigError(
                 f"remat_policy {cfg.remat_policy!r} is not a jax.checkpoint_policies name; try "
@@ -796,9 +811,10 @@ def validate_common(cfg, name: str):
         raise ConfigError(
             f"{name}: num_heads ({cfg.num_heads}) must be a multiple of num_kv_heads ({cfg.num_kv_heads})."
         )
-    if cfg.remat_policy is not None and not hasattr(jax.checkpoint_policies, cfg.remat_policy):
+    if cfg.remat_policy is not None and not is_policy_name(cfg.remat_policy):
         raise ConfigError(
-            f"{name}.remat_policy {cfg.remat_policy!r} is not a jax.checkpoint_policies name; try "
+            f"{name}.remat_policy {cfg.remat_policy!r} is not a jax.checkpoint_policies policy name (those that build "
+            "a policy from arguments, like save_only_these_names, cannot be named here); try "
             "'nothing_saveable', 'dots_saveable' or 'dots_with_no_batch_dims_saveable'."
         )
     check_implementation(cfg.attention, f"{name}.attention")
