@@ -78,8 +78,9 @@ def _check_not_scanned(path: str, node, module, params) -> None:
         raise UnsupportedModuleError(
             f"module {path!r} runs inside a layer scan (its params are stacked over {stacked[0]} layers), "
             f"but the adapter holds one {type(node).__name__} for it, which every layer would share. jpeft.init "
-            "makes stacked (per-layer) sites for LoRA, DoRA and (IA)^3 when given the model (prefix and prompt "
-            "tuning act at the top level and work too); for other methods use an unrolled model (scan_layers=False)."
+            "makes stacked (per-layer) sites when given the model (jpeft.init(config, params, key, model, x); prefix "
+            "and prompt tuning act at the top level); a method that refuses them needs an unrolled model "
+            "(scan_layers=False)."
         )
 
 

@@ -197,7 +197,12 @@ def test_identity_at_init_orthogonal_penalty_and_refusals():
     with pytest.raises(ConfigError, match="rank_pattern"):
         cfg.replace(rank_pattern={"model.layers.0.self_attn.q_proj.lora_E": [True]})
     with pytest.raises(UnsupportedModuleError, match="unrolled model"):  # the allocator ranks across modules
-        AL.orthogonal_regularization({"model/layers/self_attn/q_proj": jpeft.scan.Stacked(node, 1)})
+        AL.mask_using_rank_pattern({"model/layers/self_attn/q_proj": jpeft.scan.Stacked(node, 1)}, {})
+    # the penalty is per module: on a layer-scanned adapter it is the unrolled one's (it was refused, naming the
+    # allocator, so AdaLoRA's training loss could not be computed on a scanned model)
+    stacked = jpeft.scan.stack_adapter(ad, len({p.split("/")[1] for p in ad}))
+    assert any(isinstance(n, jpeft.scan.Stacked) for n in stacked.values())
+    np.testing.assert_allclose(float(AL.orthogonal_regularization(stacked)), expect, rtol=1e-5)
     with pytest.raises(UnsupportedAdapterError, match="LoraWeights"):
         AL.orthogonal_regularization(jpeft.init(jpeft.LoraConfig(target_modules=["q_proj"]), params, jax.random.key(0)))
 

@@ -309,14 +309,22 @@ def orthogonal_regularization(adapter: Mapping[str, Any]) -> jax.Array:
         n2 = jnp.sum(jnp.square(x))
         return jnp.where(n2 > 0, jnp.sqrt(jnp.where(n2 > 0, n2, 1.0)), 0.0)
 
-    terms = []
-    for node in _sites(adapter).values():
-        a, b = node.lora_A.astype(jnp.float32), node.lora_B.astype(jnp.float32)
+    def pair(a, b):  # one module's two terms
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         keep_a = jnp.any(a != 0, axis=0).astype(jnp.float32)
         keep_b = jnp.any(b != 0, axis=1).astype(jnp.float32)
-        terms.append(frob(a.T @ a - jnp.diag(keep_a)))
-        terms.append(frob(b @ b.T - jnp.diag(keep_b)))
-    return sum(terms) / len(terms)
+        return jnp.stack([frob(a.T @ a - jnp.diag(keep_a)), frob(b @ b.T - jnp.diag(keep_b))])
+
+    terms = []
+    for path, node in adapter.items():
+        inner = node.inner if isinstance(node, scan.Stacked) else node
+        if not isinstance(inner, AdaLoraWeights):
+            raise UnsupportedAdapterError(f"an AdaLoRA adapter holds a {type(inner).__name__} at {path!r}.")
+        if isinstance(node, scan.Stacked):  # a layer-scanned site: each layer is one of PEFT's modules
+            terms.append(jax.vmap(pair)(inner.lora_A, inner.lora_B).reshape(-1))
+        else:
+            terms.append(pair(inner.lora_A, inner.lora_B))
+    return jnp.mean(jnp.concatenate(terms))
 
 
 class AllocatorState(NamedTuple):
