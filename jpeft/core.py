@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jpeft import _inject, _nnx, quant
+from jpeft import _inject, _nnx, quant, scan
 from jpeft.config import AdapterConfig
 from jpeft.data import _token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, ShapeMismatchError
@@ -288,7 +288,8 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
         "total": total,
         "share": share,
         "trainable_bytes": nbytes(train),
-        "sites": len(adapter) if adapter else 0,
+        # a layer-scanned site is one per layer, as on the unrolled model
+        "sites": sum(n.length if isinstance(n, scan.Stacked) else 1 for n in adapter.values()) if adapter else 0,
     }
     if print_fn is not None:
         extra = f"; {frozen:,} frozen adapter params" if frozen else ""

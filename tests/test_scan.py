@@ -126,7 +126,8 @@ def test_training_steps_equal_and_merge_unmerge():
     u1 = scan.unstack_adapter(a1)
     assert _max_diff({k: u1[k] for k in a0}, a0) < 1e-5
     # the counts are the same adapter's
-    assert jpeft.summary(p1, a1, print_fn=None)["trainable"] == jpeft.summary(p0, a0, print_fn=None)["trainable"]
+    c1, c0 = jpeft.summary(p1, a1, print_fn=None), jpeft.summary(p0, a0, print_fn=None)
+    assert (c1["trainable"], c1["total"], c1["sites"]) == (c0["trainable"], c0["total"], c0["sites"])  # sites: per layer
     # merge into the stacked kernels == merge per layer; unmerge recovers the base
     m1, m0 = jpeft.merge(p1, a1), jpeft.merge(p0, a0)
     assert _max_diff(scan.unstack_params(m1["params"]), m0["params"]) < 1e-6
