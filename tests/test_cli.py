@@ -707,19 +707,24 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     assert "[mesh] data=0, fsdp=2, tensor=1 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)
 
 
-def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_dir):
-    """--max-steps is a command-line option outside the resolved config: processes started with
-    different values used to pass the agreement check, and the one stopping first left the other
-    waiting in the next step's collectives (a hang, then an abort with a C++ stack). Refused by
-    name on every process before training."""
+@pytest.mark.parametrize("case", ["max_steps", "resume"])
+def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_dir, case):
+    """--max-steps and --resume are command-line options outside the resolved config: processes
+    started with different --max-steps used to pass the agreement check, and the one stopping
+    first left the other waiting in the next step's collectives (a hang, then an abort with a C++
+    stack); with checkpoints in the output folder, the process without --resume refused alone
+    and left the one with it waiting in the check. Refused by name on every process first."""
     import socket
 
-    cfg = write_config(hf_dir, "mesh_2p_maxsteps", steps=4, save_every=0, eval_every=0)
+    name = f"mesh_2p_{case}"
+    cfg = write_config(hf_dir, name, steps=4, save_every=0, eval_every=0)
+    if case == "resume":  # a folder with a checkpoint step (never read: the check comes first)
+        (hf_dir / name / "checkpoints" / "1").mkdir(parents=True)
     env1 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    extra = (["--max-steps", "2"], [])
+    extra = (["--max-steps", "2"], []) if case == "max_steps" else (["--resume"], [])
     procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                                *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env1)
@@ -733,7 +738,7 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     assert [p.returncode for p in procs] == [2, 2], "\n----\n".join(o[-3000:] for o in outs)
     assert all("were given different command-line options than process 0 (--resume and --max-steps)" in error_line(o)
                for o in outs)
-    assert not (hf_dir / "mesh_2p_maxsteps" / "checkpoints").exists()
+    assert case == "resume" or not (hf_dir / name / "checkpoints").exists()
 
 
 # ------------------------------------------------------------------------- eval/export/merge

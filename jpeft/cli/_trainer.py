@@ -314,6 +314,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     t = cfg["train"]
     d = cfg["data"]
     out_dir = cfg["output_dir"]
+    if jax.process_count() > 1:  # before any check one process could fail alone, leaving the others waiting
+        _check_processes_agree(cfg, None, {"resume": bool(resume), "max_steps": max_steps})
     method_of(cfg)  # fail on a bad method before loading anything
     if cfg.get("forgetting") and jax.process_count() > 1:
         raise ConfigError(f"[forgetting] runs in a single process (its canary metrics are read on the host); this job "
@@ -366,7 +368,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     if saved is not None:
         _check_resumed_data(out_dir, data_sha, saved)
     if jax.process_count() > 1:
-        _check_processes_agree(cfg, data_sha, {"resume": bool(resume), "max_steps": max_steps})
+        _check_processes_agree(cfg, data_sha)
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
     k_init, k_train = jax.random.split(jax.random.key(seed))
@@ -387,21 +389,26 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         ckpts.close()
 
 
-def _check_processes_agree(cfg: dict, data_sha: str, flags: Optional[dict] = None) -> None:
+def _check_processes_agree(cfg: dict, data_sha: Optional[str], flags: Optional[dict] = None) -> None:
     """Every process of a multi-host run computes the same batches and initial adapter from its
     own copy of the config and data; refuses (one line, on every process) a job whose processes
     were given different settings or data files, which would otherwise train a mix of two runs,
     or different ``flags`` (``--resume``, ``--max-steps``: a process stopping at another step
     leaves the others waiting in the next step's collectives forever).
     The model folder and output directory may be spelled differently per host; ``data_sha``
-    is :func:`data_fingerprint` of the packed training data."""
+    is :func:`data_fingerprint` of the packed training data. :func:`train` calls it twice: with
+    the settings and flags before any check one process could fail alone (a process refusing
+    to run without ``--resume`` would leave one given it waiting here), then with the data."""
     from jax.experimental import multihost_utils
 
-    settings = {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
-    parts = [("settings", "the resolved config, --set options included",
-              json.dumps(settings, sort_keys=True, default=str).encode()),
-             ("training data", "the data.train file", data_sha.encode()),
-             ("command-line options", "--resume and --max-steps", json.dumps(flags or {}, sort_keys=True).encode())]
+    parts = []
+    if data_sha is None:
+        settings = {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
+        parts += [("settings", "the resolved config, --set options included",
+                   json.dumps(settings, sort_keys=True, default=str).encode()),
+                  ("command-line options", "--resume and --max-steps", json.dumps(flags or {}, sort_keys=True).encode())]
+    else:
+        parts.append(("training data", "the data.train file", data_sha.encode()))
     mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for _, _, v in parts])
     every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, parts, 8]
     for i, (name, what, _) in enumerate(parts):
