@@ -444,3 +444,16 @@ def test_remat_policies_that_need_arguments_are_refused_by_name():
     for name in ("dots_saveable", "nothing_saveable", "checkpoint_dots"):
         jpeft.models.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2,
                                  remat=True, remat_policy=name)
+    # "full", jpeft.remat_policy's name for keeping only each layer's input, is the config's too (it was refused):
+    # the same loss and gradient as no remat
+    cfg = jpeft.models.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2)
+    ids = jnp.array([[1, 2, 3, 4]])
+    params = jpeft.models.LlamaForCausalLM(cfg).init(jax.random.key(0), ids)
+
+    def loss(c):
+        m = jpeft.models.LlamaForCausalLM(c)
+        return jax.value_and_grad(lambda p: jnp.sum(m.apply(p, ids) ** 2))(params)
+
+    (l0, g0), (l1, g1) = loss(cfg), loss(cfg.replace(remat=True, remat_policy="full"))
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    assert _max_diff(g1, g0) < 1e-4

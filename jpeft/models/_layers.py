@@ -580,7 +580,7 @@ def remat_wrap(cls, cfg, static_argnums: Sequence[int]):
     if not cfg.remat:
         return cls
     policy = None
-    if cfg.remat_policy:
+    if cfg.remat_policy and cfg.remat_policy != "full":  # "full": keep only each layer's input, as jpeft.remat_policy
         policy = getattr(jax.checkpoint_policies, cfg.remat_policy, None) if is_policy_name(cfg.remat_policy) else None
         if policy is None:
             raise ConfigError(
@@ -811,11 +811,11 @@ def validate_common(cfg, name: str):
         raise ConfigError(
             f"{name}: num_heads ({cfg.num_heads}) must be a multiple of num_kv_heads ({cfg.num_kv_heads})."
         )
-    if cfg.remat_policy is not None and not is_policy_name(cfg.remat_policy):
+    if cfg.remat_policy not in (None, "full") and not is_policy_name(cfg.remat_policy):
         raise ConfigError(
             f"{name}.remat_policy {cfg.remat_policy!r} is not a jax.checkpoint_policies policy name (those that build "
-            "a policy from arguments, like save_only_these_names, cannot be named here); try "
-            "'nothing_saveable', 'dots_saveable' or 'dots_with_no_batch_dims_saveable'."
+            "a policy from arguments, like save_only_these_names, cannot be named here); try 'full' (as "
+            "jpeft.remat_policy: keep only each layer's input), 'dots_saveable' or 'dots_with_no_batch_dims_saveable'."
         )
     check_implementation(cfg.attention, f"{name}.attention")
     for f in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"):  # Llama, GPT-2, BERT
