@@ -50,6 +50,19 @@ def split(model, state):
     return model, state
 
 
+def merge(graphdef, state, *, copy: bool = False):
+    """``nnx.merge(graphdef, state)``, with a named error when the state is not the model's
+    whole state (one part of a filtered ``nnx.split``), which flax reports as a leaf count."""
+    try:
+        return nnx.merge(graphdef, state, copy=copy)
+    except ValueError as e:
+        raise ConfigError(
+            f"the NNX state does not fit the graphdef ({e}). jpeft takes the model's whole state: graphdef, state = "
+            "nnx.split(model). From a filtered split (graphdef, params, rest = nnx.split(model, nnx.Param, ...)) pass "
+            "nnx.merge_state(params, rest); only its nnx.Param leaves are the base jpeft reads and merges into."
+        ) from e
+
+
 # -- linen twins ------------------------------------------------------------------------------
 
 def _same_promote(m) -> bool:
@@ -62,15 +75,28 @@ def _dot_general(m):
     return None if fn is jax.lax.dot_general else fn
 
 
+#: the NNX classes jpeft knows the linen twin of (subclasses that keep their computation too)
+_TWINNED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed, nnx.LayerNorm, nnx.RMSNorm)
+
+
 def twin(module, path: str) -> Optional[nn.Module]:
     """The linen module that computes what the NNX ``module`` computes from the same
     parameters, or ``None`` when jpeft has none for its class. A module of one's own can
     name its twin with a ``linen_twin()`` method (jpeft's NNX Llama's ``RMSNorm`` does)."""
     if callable(getattr(type(module), "linen_twin", None)):
         return module.linen_twin()
-    if not isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed, nnx.LayerNorm,
-                               nnx.RMSNorm)):
+    base = next((c for c in _TWINNED if isinstance(module, c)), None)
+    if base is None:
         return None
+    own = [n for n in ("__call__", "attend") if hasattr(base, n) and getattr(type(module), n) is not getattr(base, n)]
+    if own:
+        raise UnsupportedModuleError(
+            f"module {path!r}: {type(module).__name__} subclasses nnx.{base.__name__} with its own "
+            f"{' and '.join(own)}, but jpeft's adapters compute with nnx.{base.__name__}'s function (its linen twin), "
+            "so saved copies, merges and the adapted outputs would not be this module's. Give the class a "
+            "linen_twin() method returning the linen module that computes what it computes (docs/NNX.md), or remove "
+            "it from target_modules."
+        )
     if not _same_promote(module):
         raise UnsupportedModuleError(
             f"module {path!r}: an {type(module).__name__} with a custom promote_dtype or preferred_element_type is "
@@ -216,11 +242,11 @@ def _info(module, path: str, args, kwargs, out) -> ModuleInfo:
     layout, refusal, tw = None, None, None
     pname = "embedding" if isinstance(module, nnx.Embed) else "kernel"
     if pname in own:
-        tw = twin(module, path)
         try:
+            tw = twin(module, path)
             layout = None if tw is None else _inject.layout_of(tw, tuple(own[pname].shape), args, kwargs, path)
         except UnsupportedModuleError as e:  # refused when targeted (linear_layout), not for being in the model
-            refusal = str(e)
+            tw, refusal = None, str(e)
     return ModuleInfo(type(module).__name__, layout, _shape(out), _shape(args[0]) if args else None, refusal=refusal,
                       input_axes=None if tw is None else _inject.input_axes(tw, args, kwargs))
 
@@ -230,18 +256,37 @@ def _modules(root):
     return {"/".join(str(c) for c in p): m for p, m in nnx.iter_graph(root) if isinstance(m, nnx.Module)}
 
 
+def _swapped(value, wrap: Mapping[int, Any]):
+    """``value`` with every module in ``wrap`` (by id) replaced by its proxy, through plain
+    lists, tuples and dicts nested to any depth (``nnx.data([[block, ...], ...])``); ``value``
+    itself when nothing in it changes. NNX containers (``nnx.List``, ``nnx.Dict``) are graph
+    nodes of their own, handled as parents by :func:`_replace`."""
+    if id(value) in wrap:
+        return wrap[id(value)]
+    if isinstance(value, (list, tuple)) and not isinstance(value, nnx.Pytree):
+        items = [_swapped(v, wrap) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict) and not isinstance(value, nnx.Pytree):
+        items = {k: _swapped(v, wrap) for k, v in value.items()}
+        if all(items[k] is v for k, v in value.items()):
+            return value
+        out = dict.copy(value) if type(value) is dict else type(value)(value)
+        out.update(items)
+        return out
+    return value
+
+
 def _replace(root, wrap: Mapping[int, Any]) -> None:
     """Points every reference to a module in ``wrap`` (by id) at its proxy, in the fresh copy only."""
     for _, parent in list(nnx.iter_graph(root)):
         if not isinstance(parent, nnx.Pytree):
             continue
         for name, value in list(vars(parent).items()):
-            if id(value) in wrap:
-                object.__setattr__(parent, name, wrap[id(value)])
-            elif isinstance(value, (list, tuple)) and any(id(v) in wrap for v in value):
-                object.__setattr__(parent, name, type(value)(wrap.get(id(v), v) for v in value))
-            elif isinstance(value, dict) and any(id(v) in wrap for v in value.values()):
-                object.__setattr__(parent, name, {k: wrap.get(id(v), v) for k, v in value.items()})
+            new = _swapped(value, wrap)
+            if new is not value:
+                object.__setattr__(parent, name, new)
 
 
 #: ``fold_in`` data of the key the base model's RNG streams are reseeded from (the adapter's
@@ -268,7 +313,7 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
     the throw-away copy and are dropped: the result is the output only. Given a dropout key
     (``rngs``), the copy's RNG streams are reseeded from it, so the base model's own dropout
     draws a new mask for every key (its stored counter, never advanced, would repeat one)."""
-    model = nnx.merge(graphdef, state, copy=True)  # the caller's state is never written to
+    model = merge(graphdef, state, copy=True)  # the caller's state is never written to
     modules = _modules(model)
     ctx = _Context(rngs)
     if ctx._key is not None:
@@ -341,7 +386,7 @@ def trace(graphdef, state, *args, **kwargs) -> dict[str, ModuleInfo]:
     other: dict[str, set] = {}
 
     def run(s):
-        model = nnx.merge(graphdef, s)
+        model = merge(graphdef, s)
         modules = {p: m for p, m in _modules(model).items() if not isinstance(m, _CONTAINERS)}
         recs = {p: _Recorder(m, p, record, other) for p, m in modules.items()}
         root = recs.pop("", None)

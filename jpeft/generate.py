@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft import _nnx
 from jpeft.core import apply
 from jpeft.errors import InputValidationError
 from jpeft.models._layers import init_cache
@@ -109,6 +110,12 @@ def check_decoder(model, where: str) -> None:
     """Raises :class:`InputValidationError` unless ``model`` is a decoder with a key/value cache
     (its ``__call__`` takes ``cache=``, and it has ``.config``): an encoder such as BERT would
     fail deep inside tracing instead."""
+    if _nnx.is_nnx(model):
+        raise InputValidationError(
+            f"{where}: got a flax.nnx model ({type(model).__name__}); jpeft's NNX models have no key/value cache "
+            "(docs/NNX.md). Generate with the linen model, which loads the same weights and takes the same adapters: "
+            f"model, params = jpeft.models.from_pretrained(path), and pass those to {where}."
+        )
     if getattr(model, "config", None) is None:
         raise InputValidationError(f"{where}: {type(model).__name__} has no .config; use a jpeft.models decoder.")
     try:

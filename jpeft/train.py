@@ -94,7 +94,7 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": (~finite).astype(jnp.int32)}
     if isinstance(aux, dict):
         metrics.update(aux)
-    elif aux is not None and aux != {}:
+    elif aux is not None and not (isinstance(aux, Mapping) and len(aux) == 0):  # an array aux: no == on tracers
         metrics["aux"] = aux
     return new_adapter, new_state, metrics
 

@@ -381,6 +381,86 @@ def test_lists_and_sequential_name_paths_like_nnx_split():
     np.testing.assert_allclose(jpeft.merge(net, adapter)(x), y, rtol=1e-5, atol=1e-5)
 
 
+def test_sites_in_nested_plain_containers_are_adapted():
+    # nnx.data([[...]]) / a dict of tuples: plain containers nested in one attribute; a site in
+    # one of them was left the bare module (silently, once another site was called)
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(4, 4, rngs=rngs)
+            self.stages = nnx.data([[nnx.Linear(4, 4, rngs=rngs)], [nnx.Linear(4, 4, rngs=rngs)]])
+            self.heads = nnx.data({"a": (nnx.Linear(4, 4, rngs=rngs),)})
+
+        def __call__(self, x):
+            x = self.fc(x)
+            for stage in self.stages:
+                for layer in stage:
+                    x = layer(x)
+            return self.heads["a"][0](x)
+
+    net = _build(lambda: Net(nnx.Rngs(0)))
+    x = jnp.ones((2, 4))
+    adapter = _randomize(jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), net, jax.random.key(1), net, x))
+    assert sorted(adapter) == ["fc", "heads/a/0", "stages/0/0", "stages/1/0"]
+    for ad in (adapter, {k: v for k, v in adapter.items() if k != "fc"}):
+        y = jpeft.apply(net, None, ad, x)
+        np.testing.assert_allclose(jpeft.merge(net, ad)(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_subclasses_with_their_own_forward_and_untargeted_custom_modules():
+    class ScaledLinear(nnx.Linear):  # not nnx.Linear's function: its twin would drop the scale
+        def __call__(self, x):
+            return 2.0 * super().__call__(x) + 1.0
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = ScaledLinear(8, 8, rngs=rngs)
+            self.out = nnx.Linear(8, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jax.nn.tanh(self.fc(x)))
+
+    net = _build(lambda: Net(nnx.Rngs(0)))
+    x = _x("mlp")
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["fc"]), jpeft.LoraConfig(r=2, modules_to_save=["fc"],
+                                                                              target_modules=["out"])):
+        with pytest.raises(UnsupportedModuleError, match="ScaledLinear subclasses nnx.Linear"):
+            jpeft.apply(net, None, jpeft.init(cfg, nnx.split(net)[1], jax.random.key(1)), x)
+    with pytest.raises(UnsupportedModuleError, match="ScaledLinear subclasses nnx.Linear"):
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc"]), net, jax.random.key(1), net, x)
+    # a module jpeft cannot adapt (custom promote_dtype) that is not targeted does not stop init
+    class Plain(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(8, 8, rngs=rngs)
+            self.out = nnx.Linear(8, 4, promote_dtype=lambda a, dtype=None, inexact=True: a, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(self.fc(x))
+
+    plain = _build(lambda: Plain(nnx.Rngs(0)))
+    assert sorted(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc"]), plain, jax.random.key(1), plain, x)) == ["fc"]
+
+
+def test_one_part_of_a_filtered_split_is_a_named_error_and_the_merged_state_works():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(8, 4, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.fc(x))
+
+    graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc"])
+    adapter = _randomize(jpeft.init(cfg, params, jax.random.key(1)))
+    with pytest.raises(jpeft.errors.ConfigError, match="merge_state"):
+        jpeft.apply(graphdef, params, adapter, _x("mlp"))
+    with pytest.raises(jpeft.errors.ConfigError, match="merge_state"):
+        jpeft.init(cfg, params, jax.random.key(1), graphdef, _x("mlp"))
+    state = nnx.merge_state(params, rest)
+    np.testing.assert_allclose(nnx.merge(graphdef, jpeft.merge(state, adapter))(_x("mlp")),
+                               jpeft.apply(graphdef, state, adapter, _x("mlp")), rtol=1e-5, atol=1e-5)
+
+
 def test_the_callers_state_is_never_mutated_and_base_dropout_follows_the_key():
     """jpeft.apply ran the NNX model on the caller's own Variables: eagerly it advanced the
     state's batch statistics and RNG counters in place (the docs promise a throw-away copy),

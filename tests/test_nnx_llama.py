@@ -87,3 +87,9 @@ def test_nnx_api_is_for_the_llama_family():
     _, folder = T.hf_model("gpt2")
     with pytest.raises(UnsupportedModelError, match="Llama family"):
         M.from_pretrained(folder, api="nnx")
+
+
+def test_generate_on_the_nnx_llama_says_to_use_the_linen_model(both):
+    _, _, graphdef, state, ids, mask = both
+    with pytest.raises(jpeft.errors.InputValidationError, match="no key/value cache"):
+        jpeft.generate(graphdef, state, None, ids, 2, attention_mask=mask)

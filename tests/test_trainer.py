@@ -313,3 +313,22 @@ def test_an_optimizer_state_of_another_adapter_or_none_is_a_config_error(run):
     for bad in (opt.init(other), None):
         with pytest.raises(jpeft.ConfigError, match="does not fit this optimizer and adapter"):
             step(params, adapter, bad, batch, key)
+
+
+def test_an_array_aux_such_as_lm_loss_count_is_reported_not_a_tracer_error():
+    # loss_fn returning jpeft.lm_loss's (loss, count) directly: the count was compared to {} (a
+    # TypeError on a tracer from inside the jitted step); it is the step's "aux" metric
+    import flax.linen as nn
+
+    model = nn.Dense(2)
+    x = jnp.ones((4, 3))
+    params = model.init(jax.random.key(0), x)
+    adapter = jpeft.init(jpeft.LoraConfig(r=1, target_modules=".*"), params, jax.random.key(1))
+
+    def loss_fn(p, a, batch, key):
+        y = jpeft.apply(model, p, a, batch)
+        return jnp.mean(y ** 2), jnp.float32(batch.shape[0])
+
+    opt = optax.sgd(0.1)
+    _, _, metrics = jpeft.make_train_step(loss_fn, opt)(params, adapter, opt.init(adapter), x, jax.random.key(2))
+    assert float(metrics["aux"]) == 4.0
