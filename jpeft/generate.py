@@ -134,9 +134,24 @@ def as_eos_ids(eos) -> tuple:
     """An end id, a list of them or ``None`` as a tuple of ints (``()`` for none)."""
     if eos is None:
         return ()
-    if isinstance(eos, (int, np.integer)):
-        return (int(eos),)
-    return tuple(int(e) for e in eos)
+    items = (eos,) if isinstance(eos, (int, np.integer, float, str, bytes)) else eos
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = (eos,)
+    if any(isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, np.integer)) for e in items):
+        raise InputValidationError(f"eos_token_id must be a token id (int), a list of them or None, found {eos!r}.")
+    return tuple(int(e) for e in items)
+
+
+def _is_single_key(key) -> bool:
+    """Whether ``key`` is one ``jax.random`` key: a typed key (``jax.random.key``) of shape ``()``
+    or a legacy ``uint32 [2]`` one (``jax.random.PRNGKey``)."""
+    if not isinstance(key, (jax.Array, np.ndarray)):
+        return False
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.shape == ()
+    return key.dtype == np.uint32 and key.shape == (2,)
 
 
 def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
@@ -233,13 +248,20 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
         raise InputValidationError(f"generate: top_k must be an int >= 0 (0 = off), found {top_k!r}.")
     # JAX clamps out-of-range gather indices silently: check real prompt tokens on the host.
     check_token_ids(np.where(np.asarray(attention_mask).astype(bool), np.asarray(input_ids), 0), int(cfg.vocab_size))
-    if not 0 <= int(pad_token_id) < int(cfg.vocab_size):
+    if isinstance(pad_token_id, (bool, np.bool_)) or not isinstance(pad_token_id, (int, np.integer)) or not (
+            0 <= int(pad_token_id) < int(cfg.vocab_size)):
         raise InputValidationError(
             f"generate: pad_token_id must be a token id in [0, {cfg.vocab_size}), found {pad_token_id}."
         )
     greedy = temperature == 0.0
     if not greedy and key is None:
         raise InputValidationError("generate: sampling (temperature > 0) needs key=jax.random.key(seed).")
+    if key is not None and not _is_single_key(key):
+        raise InputValidationError(
+            f"generate: key must be one jax.random key (jax.random.key(seed), shape ()), found {type(key).__name__} "
+            f"{getattr(key, 'dtype', '')} {tuple(getattr(key, 'shape', ()))}; pass jax.random.key(seed), not a seed or a "
+            "batch of keys."
+        )
     if key is None:
         key = jax.random.key(0)
     top_k = int(min(top_k, cfg.vocab_size))

@@ -246,6 +246,15 @@ def test_bad_input():
         jpeft.generate(model, params, None, ids, 3, attention_mask=jnp.zeros((2, 4)))
     with pytest.raises(InputValidationError, match="exceeds GPT-2's 64 learned positions"):
         jpeft.generate(model, params, None, ids, 61)
+    # a seed or a batch of keys failed deep inside JAX; a float pad id was truncated; a bad eos id was a TypeError
+    for key in (0, jax.random.split(jax.random.key(0), 2)):
+        with pytest.raises(InputValidationError, match="key must be one jax.random key"):
+            jpeft.generate(model, params, None, ids, 3, temperature=0.8, key=key)
+    with pytest.raises(InputValidationError, match="pad_token_id must be a token id"):
+        jpeft.generate(model, params, None, ids, 3, pad_token_id=1.5)
+    for eos in ("a", 2.7, [2, None]):
+        with pytest.raises(InputValidationError, match="eos_token_id must be a token id"):
+            jpeft.generate(model, params, None, ids, 3, eos_token_id=eos)
 
 
 def test_out_of_vocabulary_prompt_is_refused_before_compute():

@@ -402,6 +402,31 @@ def test_text_is_not_lost_when_decoding_rewrites_earlier_text():
     assert events[-1].finish_reason == "length"
 
 
+def test_a_character_split_over_byte_fallback_tokens_does_not_end_the_text():
+    """A byte-fallback tokenizer (Llama 2's, Mistral's) decodes an incomplete UTF-8 character to
+    one U+FFFD per byte; the engine held back only the last one, sent the first, and once the
+    character completed the text no longer began with what was sent: nothing more was sent."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from jpeft.serve import Engine, Request
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    euro = [3 + b for b in "\u20ac".encode()]  # three byte tokens
+    eng = Engine(MODEL, PARAMS, None, tokenizer=fast, slots=1, max_len=32, eos_ids=[])  # nothing compiled below
+    events = []
+    seq = [1, *euro, 2, *euro, 1]
+    req = Request([1], None, len(seq), events.append, temperature=0.0)
+    eng._rows[0] = req
+    for t in seq:
+        eng._accept([(0, req)], [t])
+    assert "".join(e.text for e in events if e.kind == "text") == "a\u20acb\u20aca"
+    assert events[-1].finish_reason == "length"
+
+
 def test_usage_counts_every_generated_token_the_end_of_sequence_included():
     """``usage.completion_tokens`` counts the tokens the model generated, as vLLM and TGI count
     them: an end-of-sequence token is not text but is counted (it was left out), a stop string's

@@ -581,13 +581,15 @@ class Engine:
 
     def _new_text(self, r: Request, text: str, final: bool) -> str:
         """The part of ``text`` not sent yet that is safe to send: held back while it may be the
-        start of a stop string, or ends in an incomplete UTF-8 sequence."""
+        start of a stop string, or ends in an incomplete UTF-8 sequence (every trailing U+FFFD)."""
         if self.tokenizer is None:
             return ""
         safe = len(text)
         if not final:
-            if text.endswith("\ufffd"):
-                safe = len(text) - 1
+            # an incomplete UTF-8 character decodes to U+FFFD: one for a byte-level BPE, but one per byte for a
+            # byte-fallback tokenizer (Llama 2, Mistral); sending any of them would make the text already sent
+            # differ from the text once the character completes, and nothing more could be sent
+            safe = len(text.rstrip("\ufffd"))
             for s in r.stop:
                 for k in range(min(len(s) - 1, len(text)), 0, -1):
                     if text.endswith(s[:k]):
