@@ -1100,27 +1100,16 @@ def _load_adapter(path, params, model, model_args, base_config, allow_base_misma
             raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in {ADAPTER_JSON}.")
     adapter = fill_template(template, arrays, where=str(p))
     adapter = jax.tree.map(jax.numpy.asarray, adapter)
-    _warn_residual_base(p, adapter)
+    _warn_load_notes(p, adapter)
     return info.config, adapter
 
 
-def _warn_residual_base(p, adapter) -> None:
-    """Warns when the loaded sites are relative to a residual base (jpeft.init_pissa & co. mark
-    them): applied to the original weights they give other outputs, and nothing on disk tells
-    which params were given."""
-    marks = sorted({str(m) for n in adapter.values()
-                    if (m := getattr(getattr(n, "inner", n), "residual", None)) is not None})
-    if not marks:
-        return
-    rebuild = [m for m in marks if m in ("pissa", "olora")]
-    warnings.warn(
-        f"the adapter in {str(p)!r} comes from jpeft.init_{marks[0].split('_')[0]} (sites marked {marks}): its factors "
-        "are relative to the residual base that call returned, not to the original weights, so jpeft.apply with the "
-        "original params gives other outputs. Apply it to the residual params you kept (jpeft.merge(residual, "
-        "adapter) gives the trained full weights)"
-        + (f", or rebuild them from the original params with jpeft.methods.pissa.residual_params(config, params, "
-           f"adapter, {rebuild[0]!r})" if rebuild == marks else "; the original params cannot rebuild them")
-        + ".", UserWarning, stacklevel=4)
+def _warn_load_notes(p, adapter) -> None:
+    """Warns what the loaded nodes say a user must know (each node's ``load_note``: LoRA factors
+    relative to a residual base, which nothing on disk ties to the params given), once per note."""
+    notes = sorted({n for node in adapter.values() if (n := node.load_note()) is not None})
+    for note in notes:
+        warnings.warn(f"the adapter in {str(p)!r}: {note}", UserWarning, stacklevel=4)
 
 
 __all__ = [

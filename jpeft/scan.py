@@ -69,6 +69,9 @@ class Stacked(Site):
     def added_params(self, trainable) -> int:
         return self.inner.added_params(trainable.inner)
 
+    def load_note(self):
+        return self.inner.load_note()
+
     @property
     def site(self) -> str:  # type: ignore[override]
         return getattr(self.inner, "site", "linear")

@@ -279,6 +279,11 @@ class Site:
             return 0
         return int(sum(math.prod(x.shape) for x in jax.tree.leaves(trainable) if hasattr(x, "shape")))
 
+    def load_note(self) -> Optional[str]:
+        """What :func:`jpeft.load_adapter` should warn a user about a loaded node of this kind
+        (LoRA factors relative to a residual base), or ``None``."""
+        return None
+
     def split_frozen(self):
         """``(trainable, frozen)``: two copies of the node, the first with ``None`` for every
         field in :attr:`frozen`, the second with ``None`` for every other array field."""

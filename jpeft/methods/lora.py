@@ -555,6 +555,20 @@ class LoraWeights(Site):
 
 
     # -- the rest of the protocol ----------------------------------------------------------------
+    def load_note(self):
+        """A site marked ``residual`` (jpeft.init_pissa & co.): its factors are relative to the
+        residual base that call returned, not to the original weights."""
+        if self.residual is None:
+            return None
+        mark = str(self.residual)
+        rebuild = (f", or rebuild them from the original params with jpeft.methods.pissa.residual_params(config, "
+                   f"params, adapter, {mark!r})" if mark in ("pissa", "olora") else
+                   "; the original params cannot rebuild them")
+        return (f"it comes from jpeft.init_{mark.split('_')[0]} (sites marked {mark!r}): its factors are relative to "
+                "the residual base that call returned, not to the original weights, so jpeft.apply with the original "
+                "params gives other outputs. Apply it to the residual params you kept (jpeft.merge(residual, adapter) "
+                f"gives the trained full weights){rebuild}.")
+
     def added_params(self, trainable) -> int:
         # the trained base bias (LoraConfig.bias) replaces the module's own, as PEFT trains it in place
         n = super().added_params(trainable)
