@@ -13,6 +13,7 @@ from jpeft.config import AdapterConfig
 from jpeft.data import _token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
+from jpeft.validate import check_key
 from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unwrap_params
 
 
@@ -42,6 +43,7 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
     """
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"jpeft.init expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
+    check_key(key, where="jpeft.init")
     fn = method_of(config).init
     if _nnx.is_nnx(params) or (model is not None and _nnx.is_nnx(model)):
         state = _nnx.split(params, None)[1] if _nnx.is_nnx(params) else params

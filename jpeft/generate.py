@@ -20,7 +20,7 @@ from jpeft import _nnx
 from jpeft.core import apply
 from jpeft.errors import InputValidationError
 from jpeft.models._layers import init_cache
-from jpeft.validate import check_token_ids
+from jpeft.validate import check_key, check_token_ids
 
 
 def _filter(logits, temperature, top_k: int, top_p):
@@ -144,16 +144,6 @@ def as_eos_ids(eos) -> tuple:
     return tuple(int(e) for e in items)
 
 
-def _is_single_key(key) -> bool:
-    """Whether ``key`` is one ``jax.random`` key: a typed key (``jax.random.key``) of shape ``()``
-    or a legacy ``uint32 [2]`` one (``jax.random.PRNGKey``)."""
-    if not isinstance(key, (jax.Array, np.ndarray)):
-        return False
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key.shape == ()
-    return key.dtype == np.uint32 and key.shape == (2,)
-
-
 def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, key=None, attention_mask=None,
              eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: int = 0):
@@ -256,12 +246,8 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     greedy = temperature == 0.0
     if not greedy and key is None:
         raise InputValidationError("generate: sampling (temperature > 0) needs key=jax.random.key(seed).")
-    if key is not None and not _is_single_key(key):
-        raise InputValidationError(
-            f"generate: key must be one jax.random key (jax.random.key(seed), shape ()), found {type(key).__name__} "
-            f"{getattr(key, 'dtype', '')} {tuple(getattr(key, 'shape', ()))}; pass jax.random.key(seed), not a seed or a "
-            "batch of keys."
-        )
+    if key is not None:
+        check_key(key, where="generate")
     if key is None:
         key = jax.random.key(0)
     top_k = int(min(top_k, cfg.vocab_size))

@@ -340,6 +340,7 @@ def fit(
         differs from the first batch's, or bad token ids / sequence lengths.
     """
     _validate.check_not_empty(batches, name="batches")
+    _validate.check_key(key, where="fit")
     for name, v in (("eval_every", eval_every), ("log_every", log_every), ("num_steps", num_steps)):
         if name == "num_steps" and v is None:
             continue

@@ -31,6 +31,7 @@ __all__ = [
     "check_sequence_length",
     "check_not_empty",
     "check_finite",
+    "check_key",
     "check_tokens",
     "batch_spec",
 ]
@@ -194,3 +195,37 @@ def check_finite(tree, *, name: str = "batch") -> None:
         if jax.dtypes.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
             pos = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0]) if a.ndim else ()
             raise InputValidationError(f"{name}{jax.tree_util.keystr(kp)} holds a non-finite value {a[pos]} at {pos}.")
+
+
+def is_single_key(key) -> bool:
+    """Whether ``key`` is one ``jax.random`` key: a typed key (``jax.random.key``) of shape ``()``
+    or a legacy ``uint32 [2]`` one (``jax.random.PRNGKey``)."""
+    if not isinstance(key, (jax.Array, np.ndarray)):
+        return False
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key.shape == ()
+    return key.dtype == np.uint32 and key.shape == (2,)
+
+
+def check_key(key, *, name: str = "key", where: str = "") -> None:
+    """Raises unless ``key`` is one ``jax.random`` key (``jax.random.key(seed)`` or the legacy
+    ``jax.random.PRNGKey(seed)``): a seed, a batch of keys or ``None`` would otherwise fail deep
+    inside JAX with its invalid-key error.
+
+    >>> import jax
+    >>> check_key(jax.random.key(0))
+    >>> check_key(0, where="jpeft.init")
+    Traceback (most recent call last):
+    ...
+    jpeft.errors.InputValidationError: jpeft.init: key must be one jax.random key (jax.random.key(seed) or jax.random.PRNGKey(seed)), found int 0; pass jax.random.key(seed), not a seed or a batch of keys.
+    """
+    if is_single_key(key):
+        return
+    if isinstance(key, (jax.Array, np.ndarray)):
+        found = f"{type(key).__name__} {key.dtype} of shape {tuple(key.shape)}"
+    else:
+        found = f"{type(key).__name__} {key!r}"[:120]
+    raise InputValidationError(
+        f"{where + ': ' if where else ''}{name} must be one jax.random key (jax.random.key(seed) or "
+        f"jax.random.PRNGKey(seed)), found {found}; pass jax.random.key(seed), not a seed or a batch of keys."
+    )

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import jpeft
-from jpeft import tree
+from jpeft import loop, tree
 
 
 # ---------------------------------------------------------------- tiny models built in the test
@@ -501,3 +501,19 @@ def test_apply_takes_a_bare_key_as_the_dropout_key_as_for_nnx():
     bare = jpeft.apply(model, params, adapter, x, rngs=key)
     assert not np.allclose(bare, jpeft.apply(model, params, adapter, x))
     np.testing.assert_array_equal(bare, jpeft.apply(model, params, adapter, x, rngs={"dropout": key}))
+
+
+@pytest.mark.parametrize("bad", [0, None, "key", np.uint32(7), "batch"])
+def test_a_seed_or_a_batch_of_keys_is_refused_by_name_where_a_key_is_taken(bad, tmp_path):
+    # jpeft.init(config, params, 0) raised JAX's "invalid PRNG key data" TypeError from inside a
+    # method's init; fit(key=0) failed at the first step's fold_in, after the loop had started
+    model = nn.Dense(4)
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    if bad == "batch":
+        bad = jax.random.split(jax.random.key(0), 2)
+    with pytest.raises(jpeft.errors.InputValidationError, match=r"jpeft.init: key must be one jax.random key"):
+        jpeft.init(jpeft.LoraConfig(target_modules=".*"), params, bad)
+    adapter = jpeft.init(jpeft.LoraConfig(target_modules=".*"), params, jax.random.PRNGKey(1))  # legacy keys still work
+    step = jpeft.make_train_step(lambda p, a, b, k: jnp.mean(jpeft.apply(model, p, a, b["x"]) ** 2), optax.sgd(0.1))
+    with pytest.raises(jpeft.errors.InputValidationError, match=r"fit: key must be one jax.random key"):
+        loop.fit(step, params, adapter, optax.sgd(0.1).init(adapter), [{"x": jnp.ones((2, 3))}], key=bad)

@@ -35,6 +35,7 @@ from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
 from jpeft.parallel import _put_leaf, param_shardings
 from jpeft.scan import stack_params, unstack_params
 from jpeft.tree import hf_name
+from jpeft.validate import check_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +414,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     """
     if api not in ("linen", "nnx"):
         raise ConfigError(f"from_pretrained: api must be 'linen' or 'nnx', found {api!r}.")
+    if key is not None:
+        check_key(key, where="from_pretrained")
     if quantize is not None and quantize not in quant.SCHEMES:
         raise QuantizationError(f"from_pretrained(quantize={quantize!r}): expected one of {list(quant.SCHEMES)} or None.")
     if quantize is not None and mesh is not None:
