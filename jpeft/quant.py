@@ -226,7 +226,16 @@ def quantize_array(w, scheme: Scheme, where: str = ""):
             "finite codes (NF4, int8) or poison its whole kernel (inf in NF4), silently. Fix the checkpoint first."
         )
     if scheme == "nf4":
-        return _nf4_quantize(w)
+        q = _nf4_quantize(w)
+        if not isinstance(w, jax.core.Tracer) and not (bool(jnp.all(jnp.isfinite(q.absmax_offset)))
+                                                       and bool(jnp.all(jnp.isfinite(q.absmax_scales)))):
+            # the double quantization's mean of the block absmaxes overflows float32 (NaN weights, silently)
+            raise QuantizationError(
+                f"{what} of shape {tuple(jnp.shape(w))} holds values up to {float(jnp.max(jnp.abs(w))):.3g}: the mean of "
+                "its NF4 block scales (double quantization) overflows float32, and the kernel would dequantize to NaN. "
+                "Scale the kernel down, or quantize it with 'int8' or 'fp8' (one scale per output channel)."
+            )
+        return q
     return _quantize_jit(w, scheme)
 
 

@@ -280,6 +280,18 @@ def test_non_finite_kernels_are_refused_and_lora_on_a_quantized_embedding():
     for scheme in quant.SCHEMES:
         with pytest.raises(QuantizationError, match="NaN or inf"):
             quant.quantize_array(w, scheme)
+    # finite but huge: NF4's double quantization averages the block absmaxes, and the float32 sum overflowed, so
+    # every weight dequantized to NaN with no error; int8/fp8 keep a scale per channel and hold it (relative error)
+    huge = jax.random.normal(jax.random.key(0), (256, 256)) * 1e36
+    with pytest.raises(QuantizationError, match="NF4 block scales .* overflows float32.*'int8' or 'fp8'"):
+        quant.quantize_array(huge, "nf4")
+    for scheme, tol in (("int8", 1e-2), ("fp8", 1e-1)):
+        back = np.asarray(quant.dequantize_array(quant.quantize_array(huge, scheme)))
+        assert np.abs(back - np.asarray(huge)).max() <= tol * np.abs(np.asarray(huge)).max()
+    big = jax.random.normal(jax.random.key(0), (256, 256)) * 1e30  # large but within range: still quantized
+    err = [float(np.abs(np.asarray(quant.quantize_array(w, "nf4").dequantize()) - np.asarray(w)).mean() / s)
+           for w, s in ((big, 1e30), (big / 1e30, 1.0))]
+    np.testing.assert_allclose(err[0], err[1], rtol=1e-3)  # NF4's error scales with the kernel
 
     class Tiny(nn.Module):
         @nn.compact
