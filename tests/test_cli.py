@@ -707,13 +707,15 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     assert "[mesh] data=0, fsdp=2, tensor=1 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("case", ["max_steps", "resume"])
+@pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder"])
 def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_dir, case):
     """--max-steps and --resume are command-line options outside the resolved config: processes
     started with different --max-steps used to pass the agreement check, and the one stopping
     first left the other waiting in the next step's collectives (a hang, then an abort with a C++
     stack); with checkpoints in the output folder, the process without --resume refused alone
-    and left the one with it waiting in the check. Refused by name on every process first."""
+    and left the one with it waiting in the check. Refused by name on every process first. A
+    process failing a check of its own host's files (``own_folder``) tells the others at the data
+    agreement, which stop with an error naming it."""
     import socket
 
     name = f"mesh_2p_{case}"
@@ -724,7 +726,12 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    extra = (["--max-steps", "2"], []) if case == "max_steps" else (["--resume"], [])
+    extra = {"max_steps": (["--max-steps", "2"], []), "resume": (["--resume"], []),
+             # the output folder may differ per host; process 1's holds a finished adapter, so it refuses alone
+             # after the settings agreement: process 0 used to wait for it in the data agreement until JAX gave up
+             "own_folder": (["--output-dir", str(hf_dir / "own_0")], ["--output-dir", str(hf_dir / name)])}[case]
+    if case == "own_folder":
+        (hf_dir / name / "adapter").mkdir(parents=True)
     procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                                *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env1)
@@ -736,6 +743,11 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in procs] == [2, 2], "\n----\n".join(o[-3000:] for o in outs)
+    if case == "own_folder":
+        assert "process(es) [1] of this job stopped before training with an error of their own" in error_line(outs[0])
+        assert "holds the finished adapter of an earlier run" in error_line(outs[1])
+        assert not (hf_dir / name / "checkpoints").exists() and not (hf_dir / "own_0").exists()
+        return
     assert all("were given different command-line options than process 0 (--resume and --max-steps)" in error_line(o)
                for o in outs)
     assert case == "resume" or not (hf_dir / name / "checkpoints").exists()

@@ -4,6 +4,7 @@ Ctrl-C, progress bar, JSONL/TensorBoard metrics)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -316,59 +317,60 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     out_dir = cfg["output_dir"]
     if jax.process_count() > 1:  # before any check one process could fail alone, leaving the others waiting
         _check_processes_agree(cfg, None, {"resume": bool(resume), "max_steps": max_steps})
-    method_of(cfg)  # fail on a bad method before loading anything
-    if cfg.get("forgetting") and jax.process_count() > 1:
-        raise ConfigError(f"[forgetting] runs in a single process (its canary metrics are read on the host); this job "
-                          f"has {jax.process_count()} processes. Drop the [forgetting] table, or train on one host "
-                          "(any number of local devices).")
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    has_ckpts = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
-    if not resume and has_ckpts:
-        raise ConfigError(f"{out_dir!r} already has checkpoints; pass --resume to continue, or choose another "
-                          "output_dir.")
-    finished = os.path.join(out_dir, "adapter")
-    if not has_ckpts and os.path.lexists(finished):
-        # a finished run whose checkpoints were deleted: this run would start from step 0, drop the old run's
-        # metrics.jsonl records and replace its adapter when done
-        raise ConfigError(f"{out_dir!r} holds the finished adapter of an earlier run ({finished}) and no checkpoints to "
-                          f"{'resume' if resume else 'continue'} from; this run would start from step 0 and replace it. "
-                          "Choose another output_dir, or move that adapter away first.")
-    saved = _read_saved_config(out_dir) if resume and has_ckpts else None
-    if saved is not None:
-        _keep_unsaved_settings(out_dir, cfg, saved)
-        _check_resumable(out_dir, cfg, saved)
-    mesh = make_run_mesh(cfg, int(t["batch_size"]))
-    if mesh is not None and "tensor" in mesh.shape:
-        check_tensor_axis(cfg["model"], mesh.shape["tensor"])
-    scan = bool(t.get("scan_layers", False))
-    rules = jpeft.tensor_parallel_rules(stacked=scan) if mesh is not None and "tensor" in mesh.shape else None
-    try:
-        loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules, quantize=cfg.get("quantize"))
-    except ShardingError as e:
-        if rules is None:
-            raise
-        # the rules are jpeft's own (tensor_parallel_rules), so the fix is the mesh, not a rule
-        raise ConfigError(f"[mesh] tensor = {mesh.shape['tensor']} does not fit this model: {str(e).split('. Pick')[0]}. "
-                          "Choose a mesh.tensor that divides it (1 turns tensor parallelism off).") from None
-    if cfg.get("quantize") and not scan and jax.default_backend() == "cpu":
-        _say(f"note: on the CPU an unrolled model holds every layer's {cfg['quantize']} kernels dequantized while it "
-             "trains (XLA's CPU backend merges the backward pass's re-dequantization into the forward pass's), so the "
-             "quantized base saves no training memory; train.scan_layers = true (Llama family) keeps one layer's "
-             "(docs/MODELS.md).")
-    method = method_of(cfg, loaded.hf_config.get("model_type"))
-    check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
-    encode, bos, eos = encode_fn(loaded.tokenizer)
-    fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}
-    fields["packing"] = d["packing"]
-    train_ds = PackedDataset.from_file(d["train"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
-    eval_ds = (PackedDataset.from_file(d["eval"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
-               if d.get("eval") else None)
+    # every check and read of this host's own files: a process failing one alone tells the others at the data
+    # agreement that ends the block, so they stop too instead of waiting there for it
+    with _host_checks(cfg) as agreed:
+        method_of(cfg)  # fail on a bad method before loading anything
+        if cfg.get("forgetting") and jax.process_count() > 1:
+            raise ConfigError(f"[forgetting] runs in a single process (its canary metrics are read on the host); this job "
+                              f"has {jax.process_count()} processes. Drop the [forgetting] table, or train on one host "
+                              "(any number of local devices).")
+        ckpt_dir = os.path.join(out_dir, "checkpoints")
+        has_ckpts = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+        if not resume and has_ckpts:
+            raise ConfigError(f"{out_dir!r} already has checkpoints; pass --resume to continue, or choose another "
+                              "output_dir.")
+        finished = os.path.join(out_dir, "adapter")
+        if not has_ckpts and os.path.lexists(finished):
+            # a finished run whose checkpoints were deleted: this run would start from step 0, drop the old run's
+            # metrics.jsonl records and replace its adapter when done
+            raise ConfigError(f"{out_dir!r} holds the finished adapter of an earlier run ({finished}) and no checkpoints to "
+                              f"{'resume' if resume else 'continue'} from; this run would start from step 0 and replace it. "
+                              "Choose another output_dir, or move that adapter away first.")
+        saved = _read_saved_config(out_dir) if resume and has_ckpts else None
+        if saved is not None:
+            _keep_unsaved_settings(out_dir, cfg, saved)
+            _check_resumable(out_dir, cfg, saved)
+        mesh = make_run_mesh(cfg, int(t["batch_size"]))
+        if mesh is not None and "tensor" in mesh.shape:
+            check_tensor_axis(cfg["model"], mesh.shape["tensor"])
+        scan = bool(t.get("scan_layers", False))
+        rules = jpeft.tensor_parallel_rules(stacked=scan) if mesh is not None and "tensor" in mesh.shape else None
+        try:
+            loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules, quantize=cfg.get("quantize"))
+        except ShardingError as e:
+            if rules is None:
+                raise
+            # the rules are jpeft's own (tensor_parallel_rules), so the fix is the mesh, not a rule
+            raise ConfigError(f"[mesh] tensor = {mesh.shape['tensor']} does not fit this model: {str(e).split('. Pick')[0]}. "
+                              "Choose a mesh.tensor that divides it (1 turns tensor parallelism off).") from None
+        if cfg.get("quantize") and not scan and jax.default_backend() == "cpu":
+            _say(f"note: on the CPU an unrolled model holds every layer's {cfg['quantize']} kernels dequantized while it "
+                 "trains (XLA's CPU backend merges the backward pass's re-dequantization into the forward pass's), so the "
+                 "quantized base saves no training memory; train.scan_layers = true (Llama family) keeps one layer's "
+                 "(docs/MODELS.md).")
+        method = method_of(cfg, loaded.hf_config.get("model_type"))
+        check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
+        encode, bos, eos = encode_fn(loaded.tokenizer)
+        fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}
+        fields["packing"] = d["packing"]
+        train_ds = PackedDataset.from_file(d["train"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
+        eval_ds = (PackedDataset.from_file(d["eval"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
+                   if d.get("eval") else None)
 
-    data_sha = data_fingerprint(train_ds)
-    if saved is not None:
-        _check_resumed_data(out_dir, data_sha, saved)
-    if jax.process_count() > 1:
-        _check_processes_agree(cfg, data_sha)
+        data_sha = agreed["data_sha"] = data_fingerprint(train_ds)
+        if saved is not None:
+            _check_resumed_data(out_dir, data_sha, saved)
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
     k_init, k_train = jax.random.split(jax.random.key(seed))
@@ -389,7 +391,27 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         ckpts.close()
 
 
-def _check_processes_agree(cfg: dict, data_sha: Optional[str], flags: Optional[dict] = None) -> None:
+@contextlib.contextmanager
+def _host_checks(cfg: dict):
+    """Wraps :func:`train`'s checks and reads of the host's own files (output folder, model,
+    data). With several processes, ends in the data agreement of :func:`_check_processes_agree`
+    (``agreed["data_sha"]``, set inside the block); a process whose block raised joins that
+    agreement as failed and then raises its own error, so the others stop with an error naming
+    it rather than waiting in the agreement for a process that will never reach it."""
+    agreed: dict = {}
+    if jax.process_count() == 1:
+        yield agreed
+        return
+    try:
+        yield agreed
+    except Exception:
+        _check_processes_agree(cfg, "", failed=True)
+        raise
+    _check_processes_agree(cfg, agreed["data_sha"])
+
+
+def _check_processes_agree(cfg: dict, data_sha: Optional[str], flags: Optional[dict] = None, *,
+                           failed: bool = False) -> None:
     """Every process of a multi-host run computes the same batches and initial adapter from its
     own copy of the config and data; refuses (one line, on every process) a job whose processes
     were given different settings or data files, which would otherwise train a mix of two runs,
@@ -398,7 +420,9 @@ def _check_processes_agree(cfg: dict, data_sha: Optional[str], flags: Optional[d
     The model folder and output directory may be spelled differently per host; ``data_sha``
     is :func:`data_fingerprint` of the packed training data. :func:`train` calls it twice: with
     the settings and flags before any check one process could fail alone (a process refusing
-    to run without ``--resume`` would leave one given it waiting here), then with the data."""
+    to run without ``--resume`` would leave one given it waiting here), then with the data
+    (``failed``: this process could not read its files and raises its own error afterwards;
+    the others are told which process stopped)."""
     from jax.experimental import multihost_utils
 
     parts = []
@@ -410,7 +434,17 @@ def _check_processes_agree(cfg: dict, data_sha: Optional[str], flags: Optional[d
     else:
         parts.append(("training data", "the data.train file", data_sha.encode()))
     mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for _, _, v in parts])
-    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, parts, 8]
+    if data_sha is not None:  # the data agreement also says which processes failed their own checks
+        mine = np.concatenate([mine, np.full((1, 8), int(failed), np.uint32)])
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, parts (+1), 8]
+    if data_sha is not None:
+        stopped = [p for p in range(every.shape[0]) if every[p, -1, 0]]
+        if failed:
+            return  # the caller raises this process's own error
+        if stopped:
+            raise ConfigError(f"process(es) {stopped} of this job stopped before training with an error of their own "
+                              "(see their output: a file or folder missing or different on that host, most often); "
+                              "this process stops too. Fix it there and start every process again.")
     for i, (name, what, _) in enumerate(parts):
         differ = [p for p in range(every.shape[0]) if not np.array_equal(every[p, i], every[0, i])]
         if differ:
