@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import signal
 import sys
 import threading
@@ -208,6 +209,13 @@ class MetricLog:
         self.main = jax.process_index() == 0
         self.echo = echo
         self._f = open(jsonl, "a") if (jsonl and self.main) else None
+        if self._f is not None and self._f.tell() > 0:
+            # a record cut off mid-write by a killed run: end its line, so that the next record is not glued
+            # onto it (both unreadable)
+            with open(jsonl, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._f.write("\n")
         self._tb = _summary_writer(tensorboard) if (tensorboard and self.main) else None
 
     def __call__(self, rec: Mapping[str, Any]) -> None:

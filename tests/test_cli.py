@@ -511,6 +511,42 @@ def test_resume_refuses_changed_training_data(hf_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "resolved_config.json").read_text() == saved
 
 
+def test_resume_refuses_another_base_of_the_same_architecture(hf_dir, tmp_path, capsys):
+    """`model` may change on --resume (the folder moved), but a folder holding other weights of
+    the same config and shapes (another fine-tune) passed the checkpoints' base check (config
+    and shapes only) and the run went on on another base, silently (loss 5.69 -> 10.7). A
+    sample of each tensor's bytes is fingerprinted; the same weights in another folder, or
+    sharded into other files, still resume."""
+    from safetensors.numpy import load_file, save_file
+
+    from jpeft.cli._trainer import weights_fingerprint
+
+    src = hf_dir / "tiny-llama"
+    moved, other, sharded = tmp_path / "moved", tmp_path / "other", tmp_path / "sharded"
+    shutil.copytree(src, moved)
+    shutil.copytree(src, other)
+    w = load_file(src / "model.safetensors")
+    rng = np.random.default_rng(0)
+    save_file({k: (v + rng.normal(0, 0.1, v.shape)).astype(v.dtype) for k, v in w.items()}, other / "model.safetensors")
+    sharded.mkdir()
+    names = sorted(w)
+    save_file({k: w[k] for k in names[::2]}, sharded / "a.safetensors")
+    save_file({k: w[k] for k in names[1::2]}, sharded / "b.safetensors")
+    assert weights_fingerprint(str(src)) == weights_fingerprint(str(moved)) == weights_fingerprint(str(sharded))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "{src}"\noutput_dir = "out"\n[data]\ntrain = "{hf_dir / "train.jsonl"}"\n'
+                   'seq_len = 16\n[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj"]\n'
+                   '[train]\nsteps = 3\nbatch_size = 2\nwarmup_steps = 0\nsave_every = 1\n')
+    assert main(["train", "--config", str(cfg), "--no-progress", "--max-steps", "1"]) == 0
+    saved = (tmp_path / "out" / "resolved_config.json").read_text()
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--set", f"model={other}"]) == 2
+    assert "on another base model than its checkpoints were trained on" in error_line(capsys.readouterr().err)
+    assert (tmp_path / "out" / "resolved_config.json").read_text() == saved
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume", "--max-steps", "2",
+                 "--set", f"model={moved}"]) == 0
+
+
 def test_train_never_replaces_a_finished_adapter_it_cannot_resume_nor_resumes_past_a_damaged_config(hf_dir, capsys):
     """A finished run whose checkpoints were deleted (to free space) was started again from step
     0 by a new `jpeft train` (with or without --resume) into the same output_dir: its metrics

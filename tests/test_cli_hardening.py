@@ -156,6 +156,47 @@ def test_export_and_merge_to_an_unwritable_place_are_one_line(folder, capsys, tm
             assert line.startswith(f"jpeft {cmd}: error: "), line
 
 
+def test_merge_force_over_an_earlier_output_leaves_it_whole_when_the_disk_fills(folder, capsys, tmp_path, monkeypatch):
+    """`jpeft merge --force` over an earlier merged folder copied config.json and the tokenizer
+    files over the old ones in place, after the new weights: a full disk (or a kill) left a
+    half-written config.json (the earlier model no longer loads) and a raw OSError. Every file
+    now goes under a temporary name first; the earlier output stays as it was."""
+    import hashlib
+    import shutil
+
+    import jax
+
+    import jpeft
+    from jpeft.models import from_pretrained
+
+    _, params = from_pretrained(str(folder / "m"))
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"])
+    jpeft.save_adapter(tmp_path / "a", cfg, jpeft.init(cfg, params, jax.random.key(0)), params=params)
+    out = tmp_path / "merged"
+    args = ["merge", "--model", str(folder / "m"), "--adapter", str(tmp_path / "a"), "--out", str(out)]
+    assert main(args) == 0
+    def digest():
+        return {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in sorted(os.listdir(out))}
+
+    before = digest()
+    real = shutil.copyfile
+
+    def disk_full(src, dst, *a, **k):
+        if "config.json" in os.path.basename(dst):  # half the file written, then no space left
+            data = open(src, "rb").read()
+            with open(dst, "wb") as f:
+                f.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device", dst)
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    capsys.readouterr()
+    assert main(args + ["--force"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("jpeft merge: error: SaveError:") and "No space left" in line, line
+    assert digest() == before
+
+
 def test_closed_pipe_and_subprocess_exit_codes(folder):
     r = subprocess.run(f"{sys.executable} -m jpeft.cli info llama-2-7b | head -1", shell=True, capture_output=True,
                        text=True, env=ENV, timeout=300)

@@ -332,3 +332,33 @@ def test_an_array_aux_such_as_lm_loss_count_is_reported_not_a_tracer_error():
     opt = optax.sgd(0.1)
     _, _, metrics = jpeft.make_train_step(loss_fn, opt)(params, adapter, opt.init(adapter), x, jax.random.key(2))
     assert float(metrics["aux"]) == 4.0
+
+
+def test_resume_after_a_record_cut_off_mid_write_keeps_every_record_readable(tmp_path):
+    """A run killed while writing metrics.jsonl leaves its last record cut off (no line end);
+    the resumed run's first record was appended onto it, so both were unreadable (the resumed
+    step missing from the log, a reader's json.loads failing). `jpeft train --resume` drops the
+    cut-off record, and MetricLog ends such a line before appending (the library path)."""
+    from jpeft.cli._trainer import _drop_logged_after
+
+    p = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4))
+    p.write_text(whole + '{"step": 5, "loss": 0.9')
+    _drop_logged_after(str(p), 3)  # resumed from the checkpoint of step 3
+    with jpeft.MetricLog(str(p)) as log:
+        log({"step": 4, "loss": 2.0})
+    got = [json.loads(x) for x in p.read_text().splitlines()]
+    assert got[-2:] == [{"step": 3, "loss": 1.0}, {"step": 4, "loss": 2.0}]
+    # a record that is whole but lost its line end is kept, and the library path alone keeps lines apart
+    for cut, want in (('{"step": 2, "loss": 0.9}', [1, 2, 3]), ('{"step": 2, "lo', [1, None, 3])):
+        p.write_text(json.dumps({"step": 1}) + "\n" + cut)
+        with jpeft.MetricLog(str(p)) as log:
+            log({"step": 3})
+        lines = p.read_text().splitlines()
+        got = []
+        for x in lines:
+            try:
+                got.append(json.loads(x)["step"])
+            except ValueError:
+                got.append(None)
+        assert got == want, lines

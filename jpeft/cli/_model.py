@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from jpeft.errors import ConfigError, InputValidationError, LoadError
+from jpeft.errors import ConfigError, InputValidationError, LoadError, SaveError
 from jpeft.io import safetensors_index
 from jpeft.parallel import shard_params
 from jpeft.models import config_from_hf, from_pretrained, load_tokenizer, loading, model_from_config as _m, read_config
@@ -79,15 +78,22 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
         stored.update({k: e[0] for k, e in safetensors_index(f)[0].items()})
     inner = params["params"] if "params" in params else params
     tensors = loading.hf_tensors(inner, loading._family_of(loading.config_from_hf(loaded.hf_config)), stored)
-    # an older sharded model in ``out`` (``--force``): its index and shards go once the new file is in place
-    loading.write_weights(out, tensors)
+    copies = {}
     for name in os.listdir(loaded.folder):
         if name in ("config.json", "generation_config.json") or name.startswith(("tokenizer", "special_tokens",
                                                                                  "vocab", "merges", "added_tokens",
                                                                                  "chat_template")):
             src = os.path.join(loaded.folder, name)
             if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(out, name))
+                copies[name] = src
+    # every file is written under a temporary name first, then renamed into place: a full disk or a kill leaves
+    # no half-written file over an earlier output (``--force``: its config.json was copied over in place); an
+    # older sharded model in ``out``: its index and shards go once the new file is in place
+    try:
+        loading.write_weights(out, tensors, copies=copies)
+    except OSError as e:
+        raise SaveError(f"writing the merged model to {out!r} failed: {e}. The files already there are left as they "
+                        "were; free space or fix permissions and run again.") from None
 
 
 def encode_fn(tokenizer):

@@ -26,7 +26,7 @@ from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, ShardingError
-from jpeft.io import atomic_write
+from jpeft.io import atomic_write, safetensors_index
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
@@ -191,10 +191,23 @@ def _drop_logged_after(path: str, step: int) -> None:
             return False
         return isinstance(s, (int, float)) and (s > step or s == step == 0)
 
+    def partial(line: str) -> bool:  # the last record, cut off by a kill mid-write
+        try:
+            json.loads(line)
+        except ValueError:
+            return True
+        return False
+
     keep = [ln for ln in lines if not later(ln)]
-    if len(keep) == len(lines):
+    if keep and not keep[-1].endswith("\n"):
+        # a record cut off mid-write (a kill, a full disk): the next record appended would be glued onto
+        # it and both lost to a reader; a whole record only lacks its line end
+        keep[-1:] = [] if partial(keep[-1]) else [keep[-1] + "\n"]
+    if keep == lines:
         return
     atomic_write(path, "".join(keep))
+    if len(keep) == len(lines):
+        return
     if step == 0:
         _say(f"jpeft train: metrics.jsonl: {len(lines) - len(keep)} record(s) of an earlier run that left no checkpoint "
              "removed; this run starts from step 0.")
@@ -265,7 +278,8 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None) -> 
             f"the checkpoints in {out_dir!r} were written with train.scan_layers = {str(was).lower()} (a "
             f"{'layer-stacked' if was else 'per-layer'} adapter), but this run has train.scan_layers = "
             f"{str(now).lower()}; resume with --set train.scan_layers={str(was).lower()}, or choose another output_dir.")
-    old = _flat({k: v for k, v in before.items() if k not in ("method_config", "train_data_sha256")})
+    fingerprints = ("method_config", "train_data_sha256", "model_weights_sha256")  # checked on their own
+    old = _flat({k: v for k, v in before.items() if k not in fingerprints})
     new = _flat(cfg)
     # a key the saved config lacks counts only where its whole table is new (a [forgetting] or
     # quantize added now); inside a saved table it is a setting an older jpeft did not write
@@ -293,6 +307,43 @@ def data_fingerprint(ds) -> str:
             h.update(str(a.shape).encode())
             h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
+
+
+def weights_fingerprint(folder: str) -> str:
+    """SHA-256 of a model folder's weights as tensors: each tensor's name, dtype, shape and a
+    sample of its bytes (the first, middle and last 64), so the same weights sharded or named
+    into other files give the same value and another model of the same architecture (another
+    fine-tune, other random weights) almost surely not. Reads the safetensors headers and a few
+    bytes per tensor, not the weights."""
+    h = hashlib.sha256()
+    found = []
+    for f in loading.weight_files(folder)[0]:
+        index = safetensors_index(f)[0]
+        found += [(name, f, e) for name, e in index.items()]
+    for name, f, (dt, shape, off, nbytes) in sorted(found, key=lambda x: x[0]):
+        h.update(json.dumps([name, dt.str, list(shape)]).encode())
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            for at in sorted({0, max(0, nbytes // 2 - 32), max(0, nbytes - 64)}):
+                h.update(os.pread(fd, min(64, nbytes - at), off + at))
+        finally:
+            os.close(fd)
+    return h.hexdigest()
+
+
+def _check_resumed_base(out_dir: str, sha: str, before: dict) -> None:
+    """Refuses ``--resume`` onto a model folder whose weights differ from those the checkpoints
+    were trained on (:func:`weights_fingerprint`): the folder's path may change, but another
+    model of the same architecture (config and shapes alike, so the checkpoints' base check
+    passes) would continue the run on another base. Runs saved without the fingerprint (an
+    older jpeft) are not checked."""
+    was = before.get("model_weights_sha256")
+    if isinstance(was, str) and was != sha:
+        raise ConfigError(
+            f"--resume would continue the run in {out_dir!r} on another base model than its checkpoints were trained "
+            "on: the weights in this config's `model` folder differ from the run's (its config and shapes match, so "
+            "this is another model of the same architecture, or the folder's weights were replaced). Resume with the "
+            "model folder the run was started with, or start a new run in another output_dir.")
 
 
 def _check_resumed_data(out_dir: str, sha: str, before: dict) -> None:
@@ -359,6 +410,9 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                  "trains (XLA's CPU backend merges the backward pass's re-dequantization into the forward pass's), so the "
                  "quantized base saves no training memory; train.scan_layers = true (Llama family) keeps one layer's "
                  "(docs/MODELS.md).")
+        base_sha = weights_fingerprint(cfg["model"])  # a few bytes per tensor, read once the folder loaded
+        if saved is not None:
+            _check_resumed_base(out_dir, base_sha, saved)
         method = method_of(cfg, loaded.hf_config.get("model_type"))
         check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
         encode, bos, eos = encode_fn(loaded.tokenizer)
@@ -386,7 +440,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                               keep_last=t["keep_checkpoints"], async_save=False)
     try:
         return _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
-                    k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved)
+                    k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved, base_sha)
     finally:
         ckpts.close()
 
@@ -537,7 +591,7 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
 
 
 def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
-         steps, resume, max_steps, progress, mesh, data_sha=None, saved=None):
+         steps, resume, max_steps, progress, mesh, data_sha=None, saved=None, base_sha=None):
     t = cfg["train"]
     out_dir = cfg["output_dir"]
     model, params = loaded.model, loaded.params
@@ -590,7 +644,8 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
                      f"{steps} steps.")
         # through a temporary file: a half-written resolved_config.json (a full disk, a kill) would read as
         # "no saved settings" and let a later --resume change the seed, data or optimizer unchecked
-        atomic_write(path, json.dumps(dict(cfg, method_config=method.to_dict(), train_data_sha256=data_sha), indent=1))
+        atomic_write(path, json.dumps(dict(cfg, method_config=method.to_dict(), train_data_sha256=data_sha,
+                                           model_weights_sha256=base_sha), indent=1))
 
     bs = int(t["batch_size"])
     summary = jpeft.summary(params, adapter, print_fn=None)

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import warnings
 from typing import Any, Callable, Mapping, Optional
 
@@ -882,13 +883,16 @@ def hf_tensors(inner, family, dtypes: Optional[Mapping[str, Any]] = None) -> dic
     return tensors
 
 
-def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[Mapping[str, str]] = None) -> None:
-    """Writes ``model.safetensors`` (and the text files ``texts``, e.g. ``config.json``) into
-    ``path``, each under a temporary name renamed into place, weights first, so a failed write
-    leaves the folder's previous checkpoint as it was; then removes the index and shards of an
-    earlier sharded save there (:func:`stale_shards`; transformers removes them too), which
-    would otherwise stand next to the new ``model.safetensors``. ``OSError`` propagates."""
-    names = ["model.safetensors", *(texts or {})]
+def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[Mapping[str, str]] = None,
+                  copies: Optional[Mapping[str, str]] = None) -> None:
+    """Writes ``model.safetensors`` (and the text files ``texts``, e.g. ``config.json``, and
+    copies of the files ``copies`` maps names to, e.g. the base's tokenizer files) into
+    ``path``, each under a temporary name renamed into place once all are written, weights
+    first, so a failed write leaves the folder's previous checkpoint as it was; then removes the
+    index and shards of an earlier sharded save there (:func:`stale_shards`; transformers
+    removes them too), which would otherwise stand next to the new ``model.safetensors``.
+    ``OSError`` propagates."""
+    names = ["model.safetensors", *(texts or {}), *(copies or {})]
     os.makedirs(path, exist_ok=True)
     tmp = {name: os.path.join(path, f".{name}.jpeft-tmp") for name in names}
     try:
@@ -896,6 +900,8 @@ def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[
         for name, text in (texts or {}).items():
             with open(tmp[name], "w") as f:
                 f.write(text)
+        for name, src in (copies or {}).items():
+            shutil.copyfile(src, tmp[name])
         stale = stale_shards(path)
         for name in names:
             os.replace(tmp[name], os.path.join(path, name))
