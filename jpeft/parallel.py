@@ -767,7 +767,9 @@ def with_precision(loss_fn: Callable, compute_dtype=jnp.bfloat16, *, cast_batch:
     ``float32`` master copy, its gradients come back ``float32`` through the cast, and the
     optimizer state is ``float32``. The loss is returned as ``float32``.
 
-    Combine with :func:`cast_base` to also *store* the base in ``bfloat16``.
+    Combine with :func:`cast_base` to also *store* the base in ``bfloat16``. Modules with a
+    fixed ``dtype`` (jpeft's own models: their config's ``dtype``) keep computing in it: load
+    them with ``from_pretrained(path, dtype=jnp.bfloat16)`` for bf16 compute.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> model = nn.Dense(2); x = jnp.ones((4, 3))

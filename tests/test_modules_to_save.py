@@ -90,3 +90,37 @@ def test_config_round_trip_and_refusals():
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "head"], modules_to_save=["head"]), params, jax.random.key(0))
     with pytest.raises(TargetNotFoundError, match="no lm_head of its own"):
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], modules_to_save=["lm_head"]), params, jax.random.key(0))
+
+
+def test_copies_of_a_bfloat16_base_are_float32_master_copies():
+    """On a bfloat16 base the copies (modules_to_save, and LN tuning's) are float32, as the
+    adapter's master copy is (docs/SCALING.md): a bfloat16 copy rounded away every Adam update
+    below its spacing (1e-4 on a weight near 1: no value moved in 5 steps). The module still
+    runs in its own dtype, so the output at init equals the base's bit for bit, and merge
+    writes the base's dtype."""
+    import jax.numpy as jnp
+    import optax
+
+    model = Net()
+    params = jpeft.cast_base(model.init(jax.random.key(1), X), jnp.bfloat16)
+    x = X.astype(jnp.bfloat16)
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["d"], modules_to_save=["head", "norm"]),
+                jpeft.LNTuningConfig(target_modules=["norm"])):
+        ad = jpeft.init(cfg, params, jax.random.key(2), model, x)
+        copies = [ad[p].params for p in ("head", "norm") if p in ad]
+        assert copies and all(v.dtype == jnp.float32 for c in copies for v in jax.tree.leaves(c))
+        out = jpeft.apply(model, params, ad, x)
+        assert out.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(model.apply(params, x), np.float32))
+        merged = jpeft.merge(params, ad)
+        assert {v.dtype for v in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}
+        loss_fn = lambda p, a, b, k: jnp.mean(jpeft.apply(model, p, a, b).astype(jnp.float32) ** 2)  # noqa: E731
+        opt = optax.adam(1e-4)
+        state = opt.init(jpeft.trainable(ad))
+        step = jpeft.make_train_step(loss_fn, opt, donate=False)
+        new = ad
+        for i in range(2):
+            new, state, _ = step(params, new, state, x, jax.random.key(i))
+        moved = [np.mean(np.asarray(n) != np.asarray(o)) for p in ("head", "norm") if p in ad
+                 for n, o in zip(jax.tree.leaves(new[p].params), jax.tree.leaves(ad[p].params))]
+        assert min(moved) > 0.5, moved

@@ -426,6 +426,39 @@ def test_mixed_precision_bf16_base_f32_master():
     assert abs(float(jax.jit(lf32)(base16, adapter, batch, None)) - l32) / l32 < 2e-2
 
 
+def test_with_precision_leaves_a_jpeft_models_compute_dtype():
+    """jpeft's models compute in their config's dtype (docs/SCALING.md): with_precision casts
+    the stored base, but an f32-configured Llama still runs its matmuls in float32, and a
+    bf16-configured one in bfloat16; the LoRA branch follows the module's output dtype."""
+    from jpeft.models import LlamaConfig, LlamaForCausalLM
+
+    ids = jnp.arange(12).reshape(2, 6) % 32
+    batch = {"ids": ids, "mask": jnp.ones_like(ids)}
+
+    def dot_dtypes(model, params, compute):
+        adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), params, jax.random.key(1))
+        loss_fn = lambda p, a, b, k: jpeft.lm_loss(model, p, a, b["ids"], b["mask"])[0]  # noqa: E731
+        jx = jax.make_jaxpr(jpeft.with_precision(loss_fn, compute))(params, adapter, batch, None)
+        found = set()
+
+        def walk(jaxpr):
+            for e in jaxpr.eqns:
+                if e.primitive.name == "dot_general":
+                    found.add(jnp.dtype(e.outvars[0].aval.dtype))
+                for sub in jax.core.jaxprs_in_params(e.params):
+                    walk(sub)
+        walk(jx.jaxpr)
+        return found
+
+    for dt, other in ((jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+                                             num_heads=2, dtype=dt))
+        params = jpeft.cast_base(model.init(jax.random.key(0), ids), jnp.bfloat16)
+        assert jnp.dtype(dt) in dot_dtypes(model, params, other)  # the config's dtype, not with_precision's
+        if dt == jnp.float32:
+            assert dot_dtypes(model, params, other) == {jnp.dtype(jnp.float32)}
+
+
 def test_precision_errors():
     with pytest.raises(jpeft.ConfigError, match=r"compute_dtype must be a floating dtype.*int32"):
         jpeft.with_precision(lambda *a: 0.0, jnp.int32)

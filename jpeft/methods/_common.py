@@ -19,6 +19,16 @@ from jpeft.methods.base import Kind, Layout
 from jpeft.tree import module_leaves
 
 
+def master_copy(x):
+    """A trainable copy of a base array: floating arrays in at least ``float32`` (a copy of a
+    ``bfloat16`` norm or head would round away every optimizer update below its spacing, e.g.
+    ``1e-4`` on a weight near ``1.0``; docs/SCALING.md "Mixed precision"), others as they are."""
+    dt = x.dtype
+    if jnp.issubdtype(dt, jnp.floating):
+        dt = jnp.promote_types(dt, jnp.float32)
+    return jnp.array(x, dtype=dt, copy=True)
+
+
 def to_matrix(kernel, lay: Layout):
     """The kernel as ``[in_features, out_features]`` (input axes first, in layout order)."""
     order = tuple(lay.in_axes) + tuple(lay.out_axes)

@@ -33,6 +33,7 @@ from jpeft.errors import (
     ShardingError,
     UnsupportedAdapterError,
 )
+from jpeft.methods._common import master_copy
 from jpeft.methods.base import Call, Method, Site, register_method
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, module_leaves, select
@@ -78,8 +79,9 @@ def is_norm(own: Mapping[str, Any]) -> bool:
 
 
 def copy_params(own: Mapping[str, Any]) -> dict:
-    """The trainable copy of a norm's parameters (same dtypes)."""
-    return {k: jnp.array(v, copy=True) for k, v in own.items()}
+    """The trainable copy of a norm's parameters, in ``float32`` at least (the master copy; the
+    norm runs with it cast to its own parameters' dtype)."""
+    return {k: master_copy(v) for k, v in own.items()}
 
 
 @jax.tree_util.register_dataclass

@@ -26,7 +26,7 @@ from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
-from jpeft.methods._common import down_project, linear_candidates, up_project
+from jpeft.methods._common import down_project, linear_candidates, master_copy, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, check_tied_merge,
                                 dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.models._layers import flat_dot_general
@@ -848,8 +848,9 @@ def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
 
 def init_saved(path: str, own: Mapping[str, Any], *, tie_output: bool = False,
                tied_output: Optional[bool] = None) -> SavedModule:
-    """The copy of one module of ``modules_to_save``: its parameters, as they are (PEFT's start)."""
-    return SavedModule(jax.tree.map(lambda x: jnp.array(x, copy=True), dict(own)), tie_output, tied_output)
+    """The copy of one module of ``modules_to_save``: its parameters, as they are (PEFT's start),
+    floating ones in ``float32`` at least (the master copy; the module runs in its own dtype)."""
+    return SavedModule(jax.tree.map(master_copy, dict(own)), tie_output, tied_output)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
