@@ -94,6 +94,9 @@ class TrainState:
       data_position: what was given as ``data_position`` (any JSON value).
       metrics: the metrics given to ``save`` (or ``None``).
       metadata: the checkpoint's JSON metadata (jpeft version, config, base fingerprint).
+      extra: what was given to ``save`` as ``extra`` (``{"meta": ..., "adapter": ...,
+        "opt_state": ...}``, the arrays rebuilt like ``adapter`` and ``opt_state``), or ``None``:
+        :func:`jpeft.fit` keeps its forgetting guard's state there.
     """
 
     step: int
@@ -103,6 +106,7 @@ class TrainState:
     data_position: Any
     metrics: Optional[dict]
     metadata: dict
+    extra: Optional[dict] = None
 
 
 def _ocp():
@@ -496,12 +500,16 @@ class CheckpointManager:
 
     # -- save ----------------------------------------------------------------------------------------
     def save(self, step: int, adapter: Mapping[str, Any], opt_state=None, key=None, *, data_position: Any = None,
-             metrics: Optional[Mapping[str, float]] = None, force: bool = False) -> bool:
+             metrics: Optional[Mapping[str, float]] = None, force: bool = False,
+             extra: Optional[Mapping[str, Any]] = None) -> bool:
         """Saves the training state at ``step`` if ``step`` is a multiple of ``save_every`` (or
         ``force``). Returns whether a checkpoint was started.
 
         Only the adapter, the optimizer state, the RNG key, the data position and JSON
-        metadata are written. With ``async_save`` the call returns once the arrays are copied
+        metadata are written, and ``extra`` when given: ``{"meta": JSON-able, "adapter": a tree
+        shaped like the adapter, "opt_state": one shaped like the optimizer state}`` (each part
+        optional; :func:`jpeft.fit` saves its forgetting guard's kept state and report there),
+        restored as :attr:`TrainState.extra`. With ``async_save`` the call returns once the arrays are copied
         to the host; the device buffers may then be donated to the next step.
 
         The first save takes this directory's writer lock (held until :meth:`close`): a second
@@ -548,6 +556,19 @@ class CheckpointManager:
             rng = {"typed": bool(typed), "impl": str(jax.random.key_impl(key)) if typed else None}
             arrays["rng"] = data
             index["rng"] = {"shape": list(data.shape), "dtype": str(data.dtype), "sha256": _sha256(data)}
+        extra_meta = None
+        if extra is not None:
+            unknown = set(extra) - {"meta", "adapter", "opt_state"} if isinstance(extra, Mapping) else set()
+            if not isinstance(extra, Mapping) or unknown:
+                raise ConfigError(f"extra must be a dict with keys 'meta', 'adapter', 'opt_state'; found "
+                                  f"{sorted(unknown) if isinstance(extra, Mapping) else type(extra).__name__}.")
+            extra_meta = {"meta": extra.get("meta"), "parts": []}
+            for part in ("adapter", "opt_state"):
+                if extra.get(part) is not None and jax.tree.leaves(extra[part]):
+                    x, i = _named_host(extra[part] if part == "opt_state" else dict(extra[part]), f"extra_{part}")
+                    arrays[f"extra_{part}"] = x
+                    index.update(i)
+                    extra_meta["parts"].append(part)
         clean_metrics = None
         if metrics is not None:
             try:
@@ -572,6 +593,8 @@ class CheckpointManager:
             "metrics": clean_metrics,
             "arrays": index,
         }
+        if extra_meta is not None:
+            meta["extra"] = extra_meta
         sites_config = self.config.saved_config(adapter)
         if sites_config != self.config:  # marks of the sites the config does not say (LoRA's residual inits)
             meta["sites_config"] = sites_config.to_dict()
@@ -580,7 +603,7 @@ class CheckpointManager:
         try:
             meta = with_checksum(meta)
         except (TypeError, ValueError, RecursionError) as e:
-            raise ConfigError(f"data_position must be JSON-able (an int, a dict of ints, ...): {e}") from None
+            raise ConfigError(f"data_position and extra['meta'] must be JSON-able (an int, a dict of ints, ...): {e}") from None
         ocp = _ocp()
         try:
             started = bool(
@@ -785,6 +808,12 @@ class CheckpointManager:
                     "another (Adam's second moment is not AdaBelief's). Create the CheckpointManager with the "
                     "optimizer the run was trained with, or restore the adapter alone (restore(..., opt_state=None) "
                     "on a manager made without an optimizer).")
+        extra_meta = meta.get("extra")
+        extra_parts = extra_meta.get("parts", []) if isinstance(extra_meta, dict) else []
+        if "adapter" in extra_parts:
+            groups["extra_adapter"] = adapter
+        if "opt_state" in extra_parts and opt_state is not None:
+            groups["extra_opt_state"] = opt_state
         expected: dict[str, Any] = {}
         for g, tree in groups.items():
             for name, leaf in leaf_names(tree):
@@ -875,7 +904,16 @@ class CheckpointManager:
                     key = jax.random.wrap_key_data(key, impl=rng.get("impl") or None)
                 except Exception as e:
                     raise CheckpointError(f"{where}: cannot rebuild the RNG key ({e}).") from None
-        return TrainState(step, new_adapter, new_opt, key, meta.get("data_position"), meta.get("metrics"), meta)
+        extra = None
+        if isinstance(extra_meta, dict):
+            extra = {"meta": extra_meta.get("meta")}
+            if "adapter" in extra_parts:
+                extra["adapter"] = rebuild("extra_adapter", adapter)
+            if "opt_state" in extra_parts:
+                extra["opt_state"] = (rebuild("extra_opt_state", opt_state) if opt_state is not None else
+                                      {k[len("extra_opt_state/"):]: v for k, v in flat.items()
+                                       if k.startswith("extra_opt_state/")})
+        return TrainState(step, new_adapter, new_opt, key, meta.get("data_position"), meta.get("metrics"), meta, extra)
 
 
 __all__ = ["CheckpointManager", "TrainState"]

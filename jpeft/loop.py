@@ -289,6 +289,7 @@ def fit(
     lr_fn: Optional[Callable] = None,
     handle_interrupt: bool = False,
     forgetting=None,
+    forgetting_state: Optional[dict] = None,
 ) -> FitResult:
     """Runs ``step_fn`` over ``batches`` with the guard, validation, evaluation, logging and
     checkpoints.
@@ -336,7 +337,12 @@ def fit(
         within-budget check (no ``save_last`` checkpoint of the over-budget state);
         ``"rollback"`` continues from that state with a lower learning rate. The guard's
         report is ``FitResult.forgetting``. Within budget the run is bit-identical to one
-        without the guard.
+        without the guard. Every checkpoint also holds the guard's state (its kept adapter and
+        optimizer state, checks and rollback count: ``ForgettingGuard.state``).
+      forgetting_state: resuming a run that had ``forgetting``: the guard's state from the
+        checkpoint resumed from (``TrainState.extra``), so the guard continues as in the
+        uninterrupted run (same kept state, checks and rollbacks). Without it a resumed guard
+        starts afresh from the resumed state.
 
     Returns:
       A :class:`FitResult`.
@@ -378,8 +384,8 @@ def fit(
     interrupted = False
     canary = None  # the last canary metrics, for the progress bar
     if forgetting is not None:
-        canary = forgetting.start(params, adapter, opt_state, step)
-        if log is not None:
+        canary = forgetting.start(params, adapter, opt_state, step, resumed=forgetting_state)
+        if log is not None and forgetting_state is None:  # a resumed guard's checks were logged by its run
             log({"step": step, **canary})
 
     def evaluate(step):
@@ -468,7 +474,8 @@ def fit(
                     heap.release(wait=_hostmem.RELEASE_WAIT if seconds[-1] >= SETTLE_MIN_STEP_S else 0.0)
                 if checkpoint is not None and not skipped and decision != "stop":
                     checkpoint.save(step, adapter, opt_state, key, data_position=pos,
-                                    metrics={"loss": host["loss"]} if "loss" in host else None)
+                                    metrics={"loss": host["loss"]} if "loss" in host else None,
+                                    **({} if forgetting is None else {"extra": forgetting.state()}))
                 if bar is not None:
                     bar.update(1)
                     tps = f"{tokens / timed:,.0f}" if timed > 0 else "-"
@@ -486,7 +493,8 @@ def fit(
         stopped = forgetting is not None and forgetting.report["stopped"]
         if checkpoint is not None and save_last and ran and not stopped and step not in checkpoint.all_steps():
             checkpoint.save(step, adapter, opt_state, key, data_position=pos,
-                            metrics={"loss": history[-1]["loss"]} if "loss" in history[-1] else None, force=True)
+                            metrics={"loss": history[-1]["loss"]} if "loss" in history[-1] else None, force=True,
+                            **({} if forgetting is None else {"extra": forgetting.state()}))
     except NonFiniteError:
         if checkpoint is not None:
             checkpoint.wait()

@@ -413,6 +413,23 @@ def test_save_every_keep_last_and_best(tmp_path, base):
         assert m.restore_latest() is None
 
 
+def test_extra_state_round_trips_and_is_checked(tmp_path, base):
+    """``save(extra=...)``: trees shaped like the adapter and the optimizer state plus JSON (what
+    jpeft.fit saves for its forgetting guard) come back as TrainState.extra, bit for bit."""
+    params, cfg, adapter, opt, opt_state, key = base
+    kept = jax.tree.map(lambda x: x + 0.5, adapter)
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, async_save=False) as m:
+        m.save(1, adapter, opt_state, key, extra={"meta": {"kept_step": 0, "checks": [0.25]}, "adapter": kept,
+                                                  "opt_state": opt_state})
+        m.save(2, adapter, opt_state, key)
+        with pytest.raises(ConfigError, match="extra must be a dict with keys 'meta', 'adapter', 'opt_state'"):
+            m.save(3, adapter, opt_state, key, extra={"kept": kept})
+        st = m.restore(1)
+        assert st.extra["meta"] == {"kept_step": 0, "checks": [0.25]}
+        assert _leaves_equal(st.extra["adapter"], kept) and _leaves_equal(st.extra["opt_state"], opt_state)
+        assert _leaves_equal(st.adapter, adapter) and m.restore(2).extra is None
+
+
 def _training_run(directory, async_save, params, cfg, adapter, opt, opt_state, key):
     step = jpeft.make_train_step(C.loss_fn(), opt)  # donates: save() must copy before the next step
     with jpeft.checkpoint.CheckpointManager(directory, cfg, params, optimizer=opt, save_every=2, keep_last=3,

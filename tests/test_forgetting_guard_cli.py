@@ -132,3 +132,29 @@ def test_eval_canary_report_matches_transformers(hf_dir, capsys):
     assert "--canary compares an adapter with its base: give --adapter" in error_line(capsys.readouterr().err)
     assert main(args + ["--data", str(hf_dir / "eval.jsonl")]) == 2
     assert "are two reports; give one of them" in error_line(capsys.readouterr().err)
+
+
+def test_a_resumed_run_continues_the_guard_exactly(hf_dir, capsys):
+    """The guard's kept state, checks and rollback count were not in the checkpoints: a run
+    resumed after a rollback kept the (over-budget) resumed state as "the last within budget",
+    restarted its rollback count and logged an extra canary record. Every checkpoint now holds
+    the guard's state: stopped at step 3 (after the rollback at step 2) and resumed, the run ends
+    as the uninterrupted one, bit for bit, with the same canary records and report."""
+    table = ('canary = "notes.txt"\nevery = 2\nmax_kl = 0.0\naction = "rollback"\nmax_rollbacks = 1\n'
+             'lr_factor = 0.5\ncanary_batches = 1\n')
+    whole = _with_forgetting(write_config(hf_dir, "fg-whole", steps=8, save_every=1, eval_every=0), table)
+    split = _with_forgetting(write_config(hf_dir, "fg-split", steps=8, save_every=1, eval_every=0), table)
+    assert main(["train", "--config", str(whole), "--no-progress"]) == 0
+    assert main(["train", "--config", str(split), "--no-progress", "--max-steps", "3"]) == 0
+    assert main(["train", "--config", str(split), "--no-progress", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step 3" in err
+    a, b = adapter_arrays(hf_dir / "fg-whole" / "adapter"), adapter_arrays(hf_dir / "fg-split" / "adapter")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    want = [(0, None), (2, "rollback"), (4, "stop")]
+    for out in ("fg-whole", "fg-split"):
+        assert [(r["step"], r.get("canary_action")) for r in _canary_records(hf_dir / out)] == want
+    fa, fb = _metadata(hf_dir / "fg-whole")["forgetting"], _metadata(hf_dir / "fg-split")["forgetting"]
+    assert fb == fa and fa["kept_step"] == 0 and fa["rollbacks"] == 1 and fa["stopped"]

@@ -622,7 +622,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
             check_tokens(local, vocab_size=vocab, max_positions=max_pos)  # host values, before the step
             return dist.global_batch(local, mesh)
 
-    start = 0
+    start, resumed_guard = 0, None
     if resume:
         templates = {} if mesh is None else {"adapter": adapter, "opt_state": opt_state}
         state = _restore(ckpts, out_dir, steps, **templates)
@@ -630,6 +630,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
             _say(f"jpeft train: no checkpoint in {ckpts.directory}; starting from step 0")
         else:
             adapter, opt_state, start = state.adapter, state.opt_state, int(state.step)
+            resumed_guard = state.extra  # the forgetting guard's kept state, checks and rollbacks
             _say(f"jpeft train: resumed from step {start}")
     stop_at = steps if max_steps is None else min(steps, int(max_steps))
     if start >= stop_at and start < steps:
@@ -687,7 +688,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
                 vocab_size=vocab if mesh is None else None, max_positions=max_pos if mesh is None else None,
                 progress=progress, desc="train", eval_fn=eval_fn, eval_every=int(t["eval_every"]), total_steps=steps,
                 log=log, log_every=int(t["log_every"]), lr_fn=applied_lr(sched), handle_interrupt=jax.process_count() == 1,
-                forgetting=guard)
+                forgetting=guard, forgetting_state=resumed_guard if guard is not None else None)
         adapter, step, interrupted, last_eval = result.adapter, result.step, result.interrupted, result.eval
     else:
         step, interrupted, last_eval = start, False, None

@@ -31,6 +31,7 @@ changing it does not recompile the step. At 1.0 it is bit-exact (``x * 1.0 == x`
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -226,17 +227,49 @@ class ForgettingGuard:
         return step % self.every == 0 or step == total_steps
 
     # -- the run ---------------------------------------------------------------------------
-    def start(self, params, adapter, opt_state, step: int) -> dict:
-        """Computes the base's canary logits (once), measures and keeps the starting state."""
+    def start(self, params, adapter, opt_state, step: int, resumed: Optional[dict] = None) -> dict:
+        """Computes the base's canary logits (once), measures and keeps the starting state.
+
+        ``resumed``: the :meth:`state` saved with the checkpoint a run resumes from
+        (:attr:`jpeft.checkpoint.TrainState.extra`): the guard continues with that run's kept
+        state, checks and rollback count, as if it had not stopped, and returns the metrics of
+        its last check (nothing is measured)."""
         if self.action == "rollback" and current_lr_scale(opt_state) is None:
             raise ConfigError("action='rollback' lowers the learning rate through jpeft.lr_scale(), but the optimizer "
                               "has no such stage; build it as optax.chain(..., jpeft.lr_scale()), or use action='stop'.")
         self._base_logits = [self.logits_fn(params, None, b) for b in self.canary]
+        if resumed is not None:
+            return self._resume(resumed, step)
         m = self.measure(params, adapter)
         self._kept = (step, _copy(adapter), _copy(opt_state), m)
         self.report = {"checks": [dict(m, step=step)], "events": [], "kept_step": step, "kept": m,
                        "stopped": False, "rollbacks": 0}
         return m
+
+    def state(self) -> dict:
+        """What a checkpoint must hold for a resumed run to continue exactly (:meth:`start` with
+        ``resumed=``): ``{"meta": {"report": ...}, "adapter": kept adapter, "opt_state": kept
+        optimizer state}``. :func:`jpeft.fit` saves it with every checkpoint."""
+        kept_step, ka, ko, km = self._kept
+        report = json.loads(json.dumps(self.report, default=float))  # plain floats: JSON in the checkpoint
+        return {"meta": {"format": 1, "report": report, "kept_step": int(kept_step),
+                         "kept": json.loads(json.dumps(km, default=float))},
+                "adapter": ka, "opt_state": ko}
+
+    def _resume(self, resumed, step: int) -> dict:
+        meta = resumed.get("meta") if isinstance(resumed, dict) else None
+        if not (isinstance(meta, dict) and meta.get("format") == 1 and isinstance(meta.get("report"), dict)
+                and resumed.get("adapter") is not None and resumed.get("opt_state") is not None):
+            raise InputValidationError(
+                "resumed must be the forgetting guard's state saved with the checkpoint (TrainState.extra from a run "
+                f"with this guard), found {type(resumed).__name__}. Resume without it to start the guard afresh.")
+        if int(meta["kept_step"]) > step:
+            raise InputValidationError(f"the resumed forgetting guard kept the state of step {meta['kept_step']}, after "
+                                       f"the step {step} the run resumes from: the state belongs to another run.")
+        self._kept = (int(meta["kept_step"]), _copy(resumed["adapter"]), _copy(resumed["opt_state"]), meta["kept"])
+        self.report = meta["report"]
+        last = self.report["checks"][-1] if self.report.get("checks") else dict(meta["kept"])
+        return {k: last[k] for k in ("canary_loss", "canary_loss_rise", "canary_kl")}
 
     def check(self, params, adapter, opt_state, step: int):
         """One check at ``step``. Returns ``(metrics, decision, state)``: decision ``"ok"`` (the
