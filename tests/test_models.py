@@ -516,6 +516,43 @@ def test_save_pretrained_loads_in_transformers(kind, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p2, jpeft.merge(params, adapter))
 
 
+def test_rope_scaling_older_type_key_survives_save_pretrained(tmp_path):
+    """LlamaConfig(rope_scaling={"type": "linear", ...}) (an older config.json's key, which the
+    model honours) was written as rope_parameters {"rope_type": "default", "type": "linear"}, which
+    transformers and jpeft's loader read as unscaled rope (4.1 off in the logits)."""
+    import torch
+    import transformers as t
+
+    cfg = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                        initializer_range=0.2, rope_scaling={"type": "linear", "factor": 4.0})
+    assert cfg.rope_scaling_dict == {"rope_type": "linear", "factor": 4.0}
+    assert cfg == cfg.replace(rope_scaling={"rope_type": "linear", "factor": 4.0})
+    model = M.LlamaForCausalLM(cfg)
+    ids = np.arange(2, 22).reshape(1, 20)
+    params = model.init(jax.random.key(0), jnp.asarray(ids))
+    M.save_pretrained(str(tmp_path), model, params)
+    want = np.asarray(model.apply(params, jnp.asarray(ids)))
+    m2, p2 = M.from_pretrained(str(tmp_path))
+    assert m2.config.rope_scaling_dict == {"rope_type": "linear", "factor": 4.0}
+    np.testing.assert_array_equal(np.asarray(m2.apply(p2, jnp.asarray(ids))), want)
+    tm = t.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        got = tm(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_rope_theta_inside_rope_scaling_is_the_models_theta():
+    """transformers 5's rope_parameters hold rope_theta: LlamaConfig(rope_scaling=hf.rope_parameters)
+    used 10000 (its rope_theta default) but save_pretrained wrote the dict's 500000 (0.18 off)."""
+    cfg = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                        rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0})
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
+    assert cfg == M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                                rope_theta=500000.0, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    assert M.config_to_hf(cfg)["rope_parameters"]["rope_theta"] == 500000.0
+    assert cfg.replace(rope_theta=1000.0).rope_theta == 1000.0
+
+
 def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
     """A config.json holding both an older rope_scaling (added by hand to extend the context)
     and transformers 5's rope_parameters: transformers uses rope_scaling, with the top-level

@@ -35,6 +35,19 @@ def _freeze_mapping(d):
     return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in dict(d).items()))
 
 
+def _standard_rope_keys(d):
+    """``rope_scaling`` with an older file's ``type`` key read as ``rope_type`` (``rope_type``
+    wins when both are given, as transformers reads them), so that every reader of the config,
+    and the ``rope_parameters`` that :func:`jpeft.models.save_pretrained` writes, see one key."""
+    if d is None:
+        return None
+    d = dict(d)
+    if "type" in d:
+        kind = d.pop("type")
+        d.setdefault("rope_type", kind)
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(L.ConfigMethods):
     """Configuration of a Llama-family decoder (also Mistral and Qwen2).
@@ -52,8 +65,9 @@ class LlamaConfig(L.ConfigMethods):
       rope_theta: rotary base.
       rope_scaling: ``None`` or a mapping with ``rope_type`` ``"linear"`` (``factor``) or
         ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
-        ``original_max_position_embeddings``); stored as a sorted tuple of pairs so the
-        config stays hashable.
+        ``original_max_position_embeddings``; an older file's ``type`` key is read as
+        ``rope_type``, and a ``rope_theta`` in it, as in transformers 5's ``rope_parameters``,
+        sets ``rope_theta``); stored as a sorted tuple of pairs so the config stays hashable.
       hidden_act: MLP activation (``"silu"``).
       attention_bias: bias on q/k/v projections (Qwen2: True).
       attention_out_bias: bias on o_proj (Llama's ``attention_bias=True`` sets both).
@@ -126,7 +140,11 @@ class LlamaConfig(L.ConfigMethods):
                     "set head_dim explicitly."
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        object.__setattr__(self, "rope_scaling", _freeze_mapping(self.rope_scaling))
+        scaling = _standard_rope_keys(self.rope_scaling)
+        if scaling is not None and scaling.get("rope_theta") is not None:
+            # transformers 5's rope_parameters hold the base: it wins over rope_theta, as transformers reads them
+            object.__setattr__(self, "rope_theta", float(scaling.pop("rope_theta")))
+        object.__setattr__(self, "rope_scaling", _freeze_mapping(scaling))
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             if len(self.layer_types) != self.num_layers:
