@@ -205,6 +205,22 @@ def test_train_config_errors(hf_dir, capsys):
             "'-1'") in error_line(capsys.readouterr().err)
 
 
+def test_set_takes_toml_values_as_its_help_says(tmp_path):
+    """`--set` values are "parsed as TOML/JSON": a TOML array of literal strings, an integer with
+    underscores and an inline table were kept as text (a target_modules regex that matched
+    nothing, "train.steps must be a positive integer, found '1_000'")."""
+    from jpeft.cli.train_cmd import resolve_config
+
+    raw = {"model": "m", "data": {"train": "t.jsonl"}}
+    cfg = resolve_config(raw, ["method.target_modules=['q_proj', 'v_proj']", "train.steps=1_000",
+                               "method.rank_pattern={ v_proj = 2 }", "data.eval=my eval.jsonl", "method.name=lora",
+                               "train.scan_layers=true", "output_dir=1979-05-27"], base_dir=str(tmp_path))
+    assert cfg["method"]["target_modules"] == ["q_proj", "v_proj"] and cfg["train"]["steps"] == 1000
+    assert cfg["method"]["rank_pattern"] == {"v_proj": 2} and cfg["method"]["name"] == "lora"
+    assert cfg["data"]["eval"] == str(tmp_path / "my eval.jsonl") and cfg["train"]["scan_layers"] is True
+    assert cfg["output_dir"] == str(tmp_path / "1979-05-27")  # a TOML date is no config value: the text
+
+
 def test_train_with_the_whole_logits_equals_the_chunked_default(hf_dir, capsys):
     """train.loss_chunk_tokens = 0 (the whole [batch, seq, vocab] logits) trains the same
     adapter as the default (the output layer and the loss a chunk of tokens at a time)."""

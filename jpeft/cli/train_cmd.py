@@ -140,7 +140,8 @@ def add_parser(sub):
 
 
 # ----------------------------------------------------------------------------------- config
-def _load_toml(path: str) -> dict:
+def _tomllib():
+    """The standard library's TOML reader (``tomli`` on Python 3.10, a dependency there)."""
     try:
         import tomllib  # Python >= 3.11
     except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -148,6 +149,11 @@ def _load_toml(path: str) -> dict:
             import tomli as tomllib
         except ModuleNotFoundError:
             raise ConfigError("reading TOML on Python 3.10 needs the 'tomli' package: pip install tomli") from None
+    return tomllib
+
+
+def _load_toml(path: str) -> dict:
+    tomllib = _tomllib()
     if not os.path.isfile(path):
         raise LoadError(f"config file {path!r} does not exist; see `jpeft train --help` for an example.")
     with open(path, "rb") as f:
@@ -157,11 +163,32 @@ def _load_toml(path: str) -> dict:
             raise ConfigError(f"{path}: not valid TOML ({e}).") from None
 
 
+def _plain(v) -> bool:
+    """Whether ``v`` is made of the values a TOML config holds that JSON can also write (no
+    dates or times: ``resolved_config.json`` records every value)."""
+    if isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, list):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return False
+
+
 def _parse_value(v: str):
+    """An ``--set`` value: JSON (``true``, ``1e-3``, ``["q_proj", "v_proj"]``), else a TOML value
+    as the config file would hold it (``['q_proj', 'v_proj']``, ``1_000``, ``{ v_proj = 2 }``),
+    else the text itself (``--set data.train=train.jsonl``)."""
     try:
         return json.loads(v)
     except json.JSONDecodeError:
+        pass
+    tomllib = _tomllib()
+    try:
+        parsed = tomllib.loads(f"v = {v}")["v"]
+    except (tomllib.TOMLDecodeError, RecursionError):
         return v
+    return parsed if _plain(parsed) else v
 
 
 def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".") -> dict:
