@@ -117,6 +117,21 @@ def test_pattern_keys_match_as_peft_not_on_jpeft_paths(tmp_path):
     _close("mistral", _jpeft_logits("mistral", adapter, ids, mask), _peft_logits(pm, "mistral", ids, mask), mask)
 
 
+def test_a_peft_config_without_lora_alpha_gets_pefts_default(saved_llama, tmp_path):
+    """PEFT's LoraConfig defaults lora_alpha to 8, jpeft's LoraConfig to 16: a hand-written
+    adapter_config.json without it loaded with every update scaled 2x (as alpha 16), silently;
+    peft itself reads it as 8."""
+    d = tmp_path / "no_alpha"
+    shutil.copytree(saved_llama, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    cfg.pop("alpha_pattern", None)
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    assert peft.LoraConfig.from_pretrained(str(d)).lora_alpha == 8
+    config, adapter = H.load_peft(str(d), loaded("llama2")[1])
+    assert config.alpha == 8 and {float(n.scale) for n in adapter.values()} == {8 / cfg["r"]}
+
+
 @pytest.mark.parametrize("option", ["kasa_config", "monteclora_config", "velora_config"])
 def test_lora_variants_are_refused_by_name(saved_llama, tmp_path, option):
     """PEFT 0.21's KaSA / MonteCLoRA / VeLoRA LoRA variants are named in the refusal (they were a

@@ -99,6 +99,9 @@ class LoraConfig(AdapterConfig):
         output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
         the input lookup is adapted, as in PEFT's unmerged model.
 
+    ``alpha`` defaults to 16 (PEFT's ``LoraConfig`` to 8: give it when porting a PEFT config; a
+    PEFT ``adapter_config.json`` without ``lora_alpha`` is read with PEFT's 8).
+
     >>> import jpeft
     >>> c = jpeft.LoraConfig(r=4, alpha=8, target_modules=["Dense_0"])
     >>> jpeft.LoraConfig.from_dict(c.to_dict()) == c

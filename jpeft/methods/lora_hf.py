@@ -289,6 +289,9 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         )
     hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
     kept = {k: v for k, v in d.items() if k in hf_keys}
+    # a file without lora_alpha (written by hand: PEFT writes every field) means PEFT's default, 8, not
+    # LoraConfig's 16 (which would scale every update 2x); r and the other defaults are PEFT's
+    kept.setdefault("lora_alpha", 8)
     residual = _residual_of(kept.get("init_lora_weights", True), ctx.folder)
     kept["init_lora_weights"] = residual or True  # besides the residual inits, the init does not matter for loading
     tm = kept.get("target_modules")
