@@ -551,3 +551,25 @@ def test_the_jpeft_command_trains_with_huge_pages_in_the_same_process(folder):
         _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1], err
+
+
+def test_an_adapter_of_another_base_names_the_commands_fix(tmp_path):
+    """`jpeft eval/serve --adapter` onto another base ended with the library's fix, "pass
+    allow_base_mismatch=True", which no command has: it names --model (and the Python keyword)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import jpeft
+    from jpeft.cli import _ckpt
+    from jpeft.errors import BaseMismatchError
+
+    x = jnp.ones((1, 4))
+    p1 = nn.Dense(3).init(jax.random.key(0), x)
+    p2 = {"params": {**p1["params"], "extra": jnp.zeros(2)}}  # another base: one more parameter
+    cfg = jpeft.LoraConfig(r=2, target_modules=".*")
+    jpeft.io.save_adapter(tmp_path / "a", cfg, jpeft.init(cfg, p1, jax.random.key(1)), params=p1)
+    with pytest.raises(BaseMismatchError) as e:
+        _ckpt.load_adapter(str(tmp_path / "a"), params=p2)
+    assert "(--model); from Python, allow_base_mismatch=True loads it anyway" in str(e.value)
+    assert "pass allow_base_mismatch" not in str(e.value)

@@ -120,6 +120,16 @@ def save_adapter(directory: str, adapter, config, *, params=None, base_config=No
 def load_adapter(path: str, *, params, model=None, example=None, base_config=None):
     """Reads any adapter :func:`find_adapter` accepts onto ``params``: ``(adapter, config)``.
     A checkpoint's adapter is restored without its optimizer state."""
+    try:
+        return _load_adapter(path, params, model, example, base_config)
+    except BaseMismatchError as e:
+        # the library's fix (allow_base_mismatch=True) is no option of the command
+        msg = str(e).replace(", or pass allow_base_mismatch=True to load it anyway.",
+                             " (--model); from Python, allow_base_mismatch=True loads it anyway.")
+        raise BaseMismatchError(msg) from None
+
+
+def _load_adapter(path, params, model, example, base_config):
     found = find_adapter(path)
     args = () if example is None else (example,)
     if found.kind == "jpeft":
