@@ -80,6 +80,27 @@ _LOCK_FILE = ".jpeft-writer.lock"  # flock-ed by the one manager allowed to save
 _log = logging.getLogger(__name__)
 
 
+class _DropReadOnlyNotes(logging.Filter):
+    """Orbax's two warnings on opening a manager read-only (``save_interval_steps`` set to 0;
+    "Given directory is read only", said of a writable folder): what ``read_only=True`` asked
+    for, not news to the user (``jpeft eval --adapter <checkpoint>`` printed both)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("read_only=True, setting save_interval_steps" in msg or "Given directory is read only" in msg)
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notes():
+    f = _DropReadOnlyNotes()
+    log = logging.getLogger("absl")
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     """A restored training checkpoint.
@@ -281,17 +302,8 @@ class CheckpointManager:
 
             policies.append(pp.BestN(get_metric_fn=best_fn, reverse=(self.best_mode == "min"), n=self.keep_best,
                                      keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=1,
-            preservation_policy=pp.AnyPreservationPolicy(policies),
-            best_fn=best_fn,
-            best_mode=self.best_mode,
-            keep_checkpoints_without_metrics=False,
-            create=not self.read_only,
-            cleanup_tmp_directories=False,  # done by _cleanup_incomplete, only when no other writer is active
-            read_only=self.read_only,
-            enable_async_checkpointing=self.async_save,
-        )
+        with _quiet_read_only_notes():
+            options = self._options(ocp, pp, policies, best_fn)
         if self.read_only:
             if not self.directory.is_dir():
                 raise CheckpointError(f"checkpoint directory {self.directory} does not exist.")
@@ -308,12 +320,26 @@ class CheckpointManager:
             except OSError as e:
                 raise SaveError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
         try:
-            return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+            with _quiet_read_only_notes():
+                return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         except Exception as e:  # Orbax reads every step's metadata here; a damaged one must not escape raw
             raise CheckpointError(
                 f"cannot open the checkpoint directory {self.directory}: {type(e).__name__}: {str(e)[:300]}. "
                 "A step's files are damaged; move the damaged step directory away and retry."
             ) from None
+
+    def _options(self, ocp, pp, policies, best_fn):
+        return ocp.CheckpointManagerOptions(
+            save_interval_steps=1,
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            best_fn=best_fn,
+            best_mode=self.best_mode,
+            keep_checkpoints_without_metrics=False,
+            create=not self.read_only,
+            cleanup_tmp_directories=False,  # done by _cleanup_incomplete, only when no other writer is active
+            read_only=self.read_only,
+            enable_async_checkpointing=self.async_save,
+        )
 
     def _cleanup_incomplete(self) -> None:
         """Removes step directories that never completed (Orbax's temporary directories, and

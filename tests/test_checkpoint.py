@@ -430,6 +430,22 @@ def test_extra_state_round_trips_and_is_checked(tmp_path, base):
         assert _leaves_equal(st.adapter, adapter) and m.restore(2).extra is None
 
 
+def test_opening_read_only_says_nothing(tmp_path, base, caplog):
+    """Orbax warned twice on a read-only open ("Given directory is read only" of a writable
+    folder): `jpeft eval --adapter <checkpoint>` printed both. Dropped; other warnings stay."""
+    import logging
+
+    params, cfg, adapter, opt, opt_state, key = base
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, async_save=False) as m:
+        m.save(1, adapter, None, key, force=True)
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, async_save=False, keep_last=None,
+                                                read_only=True) as m:
+            assert _leaves_equal(m.restore(1).adapter, adapter)
+    assert not [r for r in caplog.records if "read only" in r.getMessage() or "read_only" in r.getMessage()]
+    assert not logging.getLogger("absl").filters  # the filter is only there while opening
+
+
 def _training_run(directory, async_save, params, cfg, adapter, opt, opt_state, key):
     step = jpeft.make_train_step(C.loss_fn(), opt)  # donates: save() must copy before the next step
     with jpeft.checkpoint.CheckpointManager(directory, cfg, params, optimizer=opt, save_every=2, keep_last=3,
