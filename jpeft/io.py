@@ -947,14 +947,15 @@ def save_adapter(
         to the fingerprint.
       with_content_hash: also hash the base weights' bytes (needs concrete params).
       metadata: a JSON-able dict of your own (task name, metrics, ...).
-      overwrite: replace an existing ``path``.
+      overwrite: replace an existing ``path`` that holds an earlier adapter (or is an empty
+        folder); a file or a folder of anything else is refused (:class:`OverwriteError`).
       root: confine ``path`` to this directory (``..``, absolute paths and symlinks refused).
 
     Returns:
       The directory written.
 
     Raises:
-      OverwriteError: ``path`` exists and ``overwrite`` is false.
+      OverwriteError: ``path`` exists and ``overwrite`` is false, or it is not an adapter.
       PathEscapeError: ``path`` would leave ``root``, or is a symlink.
       SaveError: the write failed; nothing at ``path`` changed.
 
@@ -1001,10 +1002,27 @@ def save_adapter(
         raise ConfigError(f"metadata must be JSON-able: {e}") from None
 
     weights = safetensors.numpy.save(arrays, metadata={"format": "jpeft"})
+    if overwrite:
+        _check_replaceable(target)
     with atomic_directory(target, overwrite=overwrite) as tmp:
         _write_file(tmp / ADAPTER_WEIGHTS, weights)
         _write_file(tmp / ADAPTER_JSON, meta_bytes)
     return target
+
+
+def _check_replaceable(target: Path) -> None:
+    """``overwrite=True`` replaces an earlier adapter (or an empty folder), never a file or a
+    folder holding something else: a path given by mistake (a data file, a project folder)
+    would be lost with everything in it."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir():
+        raise OverwriteError(f"{target} is a file, not an adapter folder; overwrite=True replaces an earlier adapter "
+                             "only. Choose another path, or remove the file yourself.")
+    names = sorted(n for n in os.listdir(target) if not n.startswith("."))
+    if names and ADAPTER_JSON not in names:
+        raise OverwriteError(f"{target} holds files that are not a jpeft adapter ({names[0]!r}, {len(names)} in all); "
+                             "overwrite=True replaces an earlier adapter only. Choose another path, or empty it yourself.")
 
 
 def template_adapter(config: AdapterConfig, params, model=None, *model_args, **model_kwargs):

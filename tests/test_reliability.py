@@ -566,13 +566,23 @@ def test_overwrite_is_an_exchange_and_leaves_no_sibling(tmp_path, run):
     newer = jax.tree.map(lambda x: x + 1.0, adapter)
     jpeft.save_adapter(d, cfg, newer, params=params, overwrite=True)
     assert _leaves_equal(jpeft.load_adapter(d, params)[1], newer)
+    # overwrite=True replaces an earlier adapter or an empty folder only: a file or a folder of other work given by
+    # mistake was replaced (and lost) with no error
     f = tmp_path / "file"
     f.write_text("a regular file")
-    jpeft.save_adapter(f, cfg, adapter, params=params, overwrite=True)
+    with pytest.raises(OverwriteError, match="is a file, not an adapter folder"):
+        jpeft.save_adapter(f, cfg, adapter, params=params, overwrite=True)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("keep me")
+    with pytest.raises(OverwriteError, match=r"holds files that are not a jpeft adapter \('notes.txt', 1 in all\)"):
+        jpeft.save_adapter(tmp_path / "work", cfg, adapter, params=params, overwrite=True)
+    assert f.read_text() == "a regular file" and (tmp_path / "work" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    jpeft.save_adapter(tmp_path / "empty", cfg, adapter, params=params, overwrite=True)
     long = "n" * 245  # the temporary sibling's name must stay under 255 bytes
     jpeft.save_adapter(tmp_path / long, cfg, adapter, params=params)
-    assert sorted(os.listdir(tmp_path)) == sorted(["a", "file", long])  # no .old or .tmp left
-    assert _leaves_equal(jpeft.load_adapter(f, params)[1], adapter)
+    assert sorted(os.listdir(tmp_path)) == sorted(["a", "file", "work", "empty", long])  # no .old or .tmp left
+    assert _leaves_equal(jpeft.load_adapter(tmp_path / "empty", params)[1], adapter)
 
 
 _KILL_BETWEEN_PEFT_REPLACES = r"""
