@@ -817,6 +817,33 @@ def _torch_loss(model, rows, mask):
     return float((nll * w).sum() / w.sum()), logits
 
 
+def test_train_and_eval_a_bfloat16_base(hf_dir, capsys):
+    """train.dtype = "bfloat16" (eval/serve --dtype): the base computes and is stored in bf16
+    (half its memory: every command loaded it in float32), the adapter and the loss stay float32;
+    losses follow the float32 run's within bf16 rounding; the dtype cannot change on resume."""
+    cfg = write_config(hf_dir, "bf16_run", steps=4, save_every=2, eval_every=0)
+    ref = write_config(hf_dir, "f32_run", steps=4, save_every=0, eval_every=0)
+    assert jpeft_here(capsys, "train", "--config", ref, "--no-progress").returncode == 0
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "train.dtype=bfloat16")
+    assert r.returncode == 0, r.stderr
+    got = adapter_arrays(hf_dir / "bf16_run" / "adapter")
+    assert got and all(v.dtype == np.float32 for v in got.values())
+    losses = [[m["loss"] for m in _metrics(hf_dir / run) if "loss" in m] for run in ("f32_run", "bf16_run")]
+    assert len(losses[1]) == 4 and losses[0] != losses[1]  # bf16 really ran
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--resume", "--set", "train.steps=6")
+    assert r.returncode == 2 and "train.dtype" in error_line(r.stderr)
+    evals = []
+    for dt in ("float32", "bfloat16"):
+        r = jpeft_here(capsys, "eval", "--model", hf_dir / "tiny-llama", "--data", hf_dir / "notes.txt", "--seq-len", 32,
+                       "--json", "--dtype", dt)
+        assert r.returncode == 0, r.stderr
+        evals.append(json.loads(r.stdout)["loss"])
+    assert evals[0] != evals[1] and abs(evals[1] - evals[0]) < 2e-2 * evals[0]
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "train.dtype=float16")
+    assert r.returncode == 2 and 'train.dtype must be "float32" or "bfloat16"' in error_line(r.stderr)
+
+
 def test_train_with_scan_layers_saves_a_per_layer_adapter(hf_dir, capsys):
     """train.scan_layers trains the layer-scanned model; the finished adapter is written per
     layer, so `jpeft eval --adapter` on the ordinary (unrolled) model reads it."""

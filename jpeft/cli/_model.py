@@ -21,9 +21,14 @@ class Loaded(NamedTuple):
     hf_config: dict     # the folder's config.json
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the base dtypes the commands take
+
+
 def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = False, mesh=None, rules=None,
-                quantize=None) -> Loaded:
+                quantize=None, dtype: str = "float32") -> Loaded:
     """Loads ``config.json`` + safetensors weights (+ the tokenizer) from a local folder;
+    ``dtype``: ``"float32"`` or ``"bfloat16"``, the base's compute and storage dtype
+    (``from_pretrained(dtype=...)``; adapters made on it are float32);
     ``scan_layers=True`` gives the layer-scanned variant (Llama family only); with ``mesh``
     every weight is read straight into its shard (``from_pretrained(..., mesh=mesh, rules=rules)``);
     ``quantize``: ``"nf4"`` | ``"int8"`` | ``"fp8"`` quantizes the linear kernels while reading
@@ -36,15 +41,16 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
     d = read_config(folder)
     if scan_layers:
         try:
-            model, params = from_pretrained(folder, scan_layers=True, mesh=None if quantize else mesh, rules=rules,
-                                            quantize=quantize)
+            model, params = from_pretrained(folder, DTYPES[dtype], scan_layers=True, mesh=None if quantize else mesh,
+                                            rules=rules, quantize=quantize)
         except TypeError:
             raise ConfigError(
                 f"train.scan_layers is for Llama-family models (llama, mistral, qwen2); {folder!r} is a "
                 f"{d.get('model_type')!r} model. Set scan_layers = false."
             ) from None
     else:
-        model, params = from_pretrained(folder, mesh=None if quantize else mesh, rules=rules, quantize=quantize)
+        model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,
+                                        quantize=quantize)
     if quantize and mesh is not None:
         params = shard_params(params, mesh, rules, stacked=r".*layers/.*" if scan_layers else None)
     tok = load_tokenizer(folder) if tokenizer else None

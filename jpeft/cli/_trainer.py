@@ -398,7 +398,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         scan = bool(t.get("scan_layers", False))
         rules = jpeft.tensor_parallel_rules(stacked=scan) if mesh is not None and "tensor" in mesh.shape else None
         try:
-            loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules, quantize=cfg.get("quantize"))
+            loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules, quantize=cfg.get("quantize"),
+                                 dtype=t.get("dtype", "float32"))
         except ShardingError as e:
             if rules is None:
                 raise

@@ -46,6 +46,9 @@ def add_parser(sub):
     p.add_argument("--packing", choices=("documents", "stream"), default="documents",
                    help="as [data] packing in `jpeft train`: whole documents per row, attention never crossing them "
                         "(default), or one token stream cut into rows")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the base model's compute and storage dtype (default float32; bfloat16 halves its memory; "
+                        "the loss is summed in float32)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     p.add_argument("--max-batches", type=int, default=0, help="evaluate at most this many batches (default 0: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -71,7 +74,7 @@ def run(args) -> int:
         raise ConfigError(f"--worst must be >= 0, found {args.worst}.")
 
     require_causal_lm(args.model, "eval")
-    loaded = load_folder(args.model)
+    loaded = load_folder(args.model, dtype=args.dtype)
     seq_len = args.seq_len
     if seq_len is None:  # the default fits the model (the demo's has 192 positions)
         seq_len = min(256, max_positions(loaded.hf_config) or 256)

@@ -47,6 +47,8 @@ def add_parser(sub):
                    help="modules live-added adapters may adapt (names or a regex; default all-linear), besides the "
                         "modules of the --adapter adapters")
     p.add_argument("--name", default=None, help="the base model's name in the API (default: the folder's name)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the base model's compute and storage dtype (default float32; bfloat16 halves its memory)")
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--max-len", type=int, default=None,
                    help="prompt + generated tokens per request (default the model's maximum, at most 2048)")
@@ -100,7 +102,7 @@ def build(args):
     if args.adapters_root is not None and not os.path.isdir(args.adapters_root):
         raise LoadError(f"--adapters-root {args.adapters_root!r} is not a folder.")
     named = _parse_adapters(args.adapter)
-    loaded = load_folder(args.model, tokenizer=False)
+    loaded = load_folder(args.model, tokenizer=False, dtype=args.dtype)
     model, params = loaded.model, loaded.params
     try:  # the API answers with text: without the folder's tokenizer every completion would be empty
         tok = load_tokenizer(args.model)

@@ -53,6 +53,8 @@ scan_layers = false           # Llama family: nn.scan over the layers (one layer
 loss_chunk_tokens = "auto"    # the output layer and the loss a chunk of tokens at a time (jpeft.lm_loss):
                               # the [batch, seq, vocab] logits never exist whole. "auto": 256 tokens on
                               # the CPU, 2048 on accelerators; 0: the whole logits at once
+dtype = "float32"             # the base model's compute and storage dtype: "float32" or "bfloat16" (half
+                              # the base's memory; the adapter, its optimizer state and the loss stay float32)
 model_dropout = true          # the model's own dropout in training steps, at its config.json rates (GPT-2
                               # embd/resid/attn_pdrop, BERT hidden/attention, Llama attention_dropout), as
                               # transformers' Trainer trains; evaluation never drops. false: none
@@ -105,7 +107,7 @@ _DEFAULTS = {
         "steps": 1000, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "eval_every": 100, "save_every": 200, "log_every": 10,
         "keep_checkpoints": 3, "eval_batches": 0, "scan_layers": False, "loss_chunk_tokens": "auto",
-        "model_dropout": True, "gradient_accumulation_steps": 1,
+        "model_dropout": True, "gradient_accumulation_steps": 1, "dtype": "float32",
     },
     "mesh": {"data": 0, "fsdp": 1, "tensor": 1},
 }
@@ -251,6 +253,9 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
             raise ConfigError(f"mesh.{k} must be an integer >= {low}, found {v!r}.")
     if not isinstance(t["scan_layers"], bool):
         raise ConfigError(f"train.scan_layers must be true or false, found {t['scan_layers']!r}.")
+    if t["dtype"] not in ("float32", "bfloat16"):
+        raise ConfigError(f"train.dtype must be \"float32\" or \"bfloat16\" (the base model's dtype), found "
+                          f"{t['dtype']!r}.")
     if cfg["data"]["packing"] not in ("documents", "stream"):  # before loading anything, not after the model
         raise ConfigError(f"data.packing must be \"documents\" or \"stream\", found {cfg['data']['packing']!r}.")
     if not isinstance(t["learning_rate"], (int, float)) or t["learning_rate"] <= 0:
