@@ -331,33 +331,27 @@ def weights_fingerprint(folder: str) -> str:
     return h.hexdigest()
 
 
-def _check_resumed_base(out_dir: str, sha: str, before: dict) -> None:
-    """Refuses ``--resume`` onto a model folder whose weights differ from those the checkpoints
-    were trained on (:func:`weights_fingerprint`): the folder's path may change, but another
-    model of the same architecture (config and shapes alike, so the checkpoints' base check
-    passes) would continue the run on another base. Runs saved without the fingerprint (an
-    older jpeft) are not checked."""
-    was = before.get("model_weights_sha256")
-    if isinstance(was, str) and was != sha:
-        raise ConfigError(
-            f"--resume would continue the run in {out_dir!r} on another base model than its checkpoints were trained "
-            "on: the weights in this config's `model` folder differ from the run's (its config and shapes match, so "
-            "this is another model of the same architecture, or the folder's weights were replaced). Resume with the "
-            "model folder the run was started with, or start a new run in another output_dir.")
-
-
-def _check_resumed_data(out_dir: str, sha: str, before: dict) -> None:
-    """Refuses ``--resume`` on training data whose packed rows differ from those the
-    checkpoints were trained on (the file edited, another tokenizer): batch ``k`` would be
-    another batch, and the resumed run no longer the run it continues. Runs saved without
-    the fingerprint (an older jpeft) are not checked."""
-    was = before.get("train_data_sha256")
-    if isinstance(was, str) and was != sha:
+def _check_resumed_fingerprint(out_dir: str, before: dict, key: str, sha: str) -> None:
+    """Refuses ``--resume`` when the fingerprint ``key`` of ``resolved_config.json`` differs:
+    ``train_data_sha256`` (:func:`data_fingerprint`: the data file edited, another tokenizer, so
+    batch ``k`` would be another batch) or ``model_weights_sha256`` (:func:`weights_fingerprint`:
+    the model folder's path may change, but another model of the same architecture, config and
+    shapes alike, would pass the checkpoints' base check and continue the run on another base).
+    Runs saved without the fingerprint (an older jpeft) are not checked."""
+    was = before.get(key)
+    if not isinstance(was, str) or was == sha:
+        return
+    if key == "train_data_sha256":
         raise ConfigError(
             f"--resume would continue the run in {out_dir!r} on other training data than its checkpoints were trained "
             "on (the packed rows of data.train differ: the file or the tokenizer changed since), so its batches would "
             "not continue the run's. Restore the data the run was started with, or start a new run in another "
             "output_dir.")
+    raise ConfigError(
+        f"--resume would continue the run in {out_dir!r} on another base model than its checkpoints were trained "
+        "on: the weights in this config's `model` folder differ from the run's (its config and shapes match, so "
+        "this is another model of the same architecture, or the folder's weights were replaced). Resume with the "
+        "model folder the run was started with, or start a new run in another output_dir.")
 
 
 def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, progress: bool = True) -> dict:
@@ -413,7 +407,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                  "(docs/MODELS.md).")
         base_sha = weights_fingerprint(cfg["model"])  # a few bytes per tensor, read once the folder loaded
         if saved is not None:
-            _check_resumed_base(out_dir, base_sha, saved)
+            _check_resumed_fingerprint(out_dir, saved, "model_weights_sha256", base_sha)
         method = method_of(cfg, loaded.hf_config.get("model_type"))
         check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
         encode, bos, eos = encode_fn(loaded.tokenizer)
@@ -425,7 +419,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
 
         data_sha = agreed["data_sha"] = data_fingerprint(train_ds)
         if saved is not None:
-            _check_resumed_data(out_dir, data_sha, saved)
+            _check_resumed_fingerprint(out_dir, saved, "train_data_sha256", data_sha)
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
     k_init, k_train = jax.random.split(jax.random.key(seed))
