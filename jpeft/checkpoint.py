@@ -629,7 +629,7 @@ class CheckpointManager:
         try:
             meta = with_checksum(meta)
         except (TypeError, ValueError, RecursionError) as e:
-            raise ConfigError(f"data_position and extra['meta'] must be JSON-able (an int, a dict of ints, ...): {e}") from None
+            raise ConfigError(f"data_position must be JSON-able (an int, a dict of ints, ...), as must extra['meta']: {e}") from None
         ocp = _ocp()
         try:
             started = bool(
