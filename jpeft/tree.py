@@ -218,6 +218,27 @@ def matches(target_modules: str | Sequence[str], path: str) -> bool:
     return any(_suffix_match(path, str(t)) for t in target_modules)
 
 
+_TIED_INPUT_EMBEDDINGS = ("model/embed_tokens", "transformer/wte")  # jpeft.models decoders: tied when no lm_head
+
+
+def _refuse_tied_lm_head(target_modules, candidates: list[str], hit: list[str]) -> None:
+    """A list naming ``lm_head`` on a jpeft decoder with tied word embeddings (no ``lm_head``
+    module: the logits come from the input embedding) would silently leave the head out, while
+    Hugging Face PEFT on the same model adapts its ``lm_head``; refuse it by name."""
+    if isinstance(target_modules, str) or any(p.split("/")[-1] == "lm_head" for p in hit):
+        return
+    named = [str(t) for t in target_modules if str(t).replace("/", ".").split(".")[-1] == "lm_head"]
+    emb = [p for p in _TIED_INPUT_EMBEDDINGS if p in candidates]
+    if named and emb and not any(p.split("/")[-1] == "lm_head" for p in candidates):
+        raise TargetNotFoundError(
+            f"target_modules names {named[0]!r}, but this model ties its output projection to the input embedding "
+            f"{hf_name(emb[0])!r} (tie_word_embeddings): it has no lm_head of its own, so nothing would adapt the "
+            "head, while Hugging Face PEFT adapts the tied model's lm_head. Remove 'lm_head' from target_modules, "
+            f"target {emb[0].split('/')[-1]!r} with ensure_weight_tying=True (LoRA) to adapt input and output together, "
+            "or load the base with tie_word_embeddings=False."
+        )
+
+
 def select(target_modules, candidates: Iterable[str], *, what: str = "module") -> list[str]:
     """Paths among ``candidates`` selected by ``target_modules``.
 
@@ -227,6 +248,7 @@ def select(target_modules, candidates: Iterable[str], *, what: str = "module") -
     """
     candidates = list(candidates)
     hit = [p for p in candidates if matches(target_modules, p)]
+    _refuse_tied_lm_head(target_modules, candidates, hit)
     if hit:
         return hit
     targets = [target_modules] if isinstance(target_modules, str) else [str(t) for t in target_modules]

@@ -205,6 +205,19 @@ def test_train_config_errors(hf_dir, capsys):
             "'-1'") in error_line(capsys.readouterr().err)
 
 
+
+def test_train_refuses_prompt_tuning_on_rows_packed_by_documents_before_loading(hf_dir, capsys):
+    """Prompt tuning prepends its virtual tokens once per row, so it needs ``packing = "stream"``;
+    with the default ``"documents"`` it used to load the model, write ``resolved_config.json``,
+    ``metrics.jsonl`` and ``checkpoints/`` and only then fail in the first step's trace."""
+    bad = hf_dir / "prompt_docs.toml"
+    bad.write_text('model = "tiny-llama"\noutput_dir = "prompt_docs"\n[data]\ntrain = "train.jsonl"\nseq_len = 32\n'
+                   '[method]\nname = "prompt_tuning"\nnum_virtual_tokens = 4\n[train]\nsteps = 1\n')
+    assert main(["train", "--config", str(bad), "--no-progress"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "ConfigError" in line and 'data.packing = "documents"' in line and 'set data.packing = "stream"' in line
+    assert not (hf_dir / "prompt_docs").exists()
+
 def test_set_takes_toml_values_as_its_help_says(tmp_path):
     """`--set` values are "parsed as TOML/JSON": a TOML array of literal strings, an integer with
     underscores and an inline table were kept as text (a target_modules regex that matched
@@ -507,6 +520,23 @@ def test_train_refuses_a_tensor_axis_for_a_model_it_would_not_split(hf_dir, tmp_
                        env=dict(env, XLA_FLAGS=env["XLA_FLAGS"].replace("count=2", "count=3")))
     assert r.returncode == 2 and "[mesh] tensor = 3 does not fit this model" in error_line(r.stderr)
 
+
+
+def test_train_refuses_scan_layers_for_gpt2_naming_the_setting(hf_dir, tmp_path, capsys):
+    """docs/CLI.md: GPT-2 folders refuse train.scan_layers with a one-line error. It used to be
+    from_pretrained's "['scan_layers'] are not fields of GPT2Config; the overrides it takes are
+    [...]", which names no setting of the config the user wrote; now the setting and the fix,
+    from config.json before any weight is read (the folder here has none)."""
+    import transformers
+
+    gpt2 = tmp_path / "tiny-gpt2"
+    transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=64).save_pretrained(gpt2)
+    cfg = write_config(hf_dir, "gpt2_scan", steps=1)
+    assert main(["train", "--config", str(cfg), "--no-progress", "--set", f"model={json.dumps(str(gpt2))}",
+                 "--set", "train.scan_layers=true"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "train.scan_layers is for Llama-family models" in line and "Set scan_layers = false" in line, line
+    assert not (hf_dir / "gpt2_scan").exists()
 
 def test_resume_refuses_changed_training_data(hf_dir, tmp_path, capsys):
     """--resume after data.train was edited (same path, other rows) continued the run on other

@@ -299,6 +299,25 @@ def _greedy_tokens_match(pm, model, params, adapter, family):
     np.testing.assert_array_equal(got[:, -6:], ref[:, -6:])
 
 
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_lm_head_target_on_a_tied_model_is_refused_not_dropped(family):
+    """PEFT adapts a tied model's lm_head when target_modules names it; jpeft's tied models have no
+    lm_head, so every method refuses the name instead of silently adapting the rest only."""
+    hf, _ = tiny.hf_model(family)
+    _, params = base(family)
+    t = ["lm_head"] + TARGETS[kind(family)][:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=t))
+    assert any(n.startswith("base_model.model.lm_head.lora_A") for n, _ in pm.named_parameters())
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=t), IA3Config(target_modules=t, feedforward_modules=[]),
+                jpeft.LoHaConfig(r=2, target_modules=t), jpeft.VeraConfig(r=2, target_modules=t)):
+        with pytest.raises(TargetNotFoundError, match="no lm_head of its own"):
+            jpeft.init(cfg, params, jax.random.key(0))
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]), base("mistral")[1], jax.random.key(0))
+    assert "lm_head" in ad  # an untied model's head is adapted as before
+
+
 # -- the docs table -----------------------------------------------------------------------------------
 
 def _cell_text(cell):

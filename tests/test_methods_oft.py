@@ -352,6 +352,18 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "gpt2" / "adapter_config.json").exists()
 
 
+def test_peft_oft_on_an_embedding_is_refused_by_name(tmp_path):
+    """PEFT 0.21's OFT also wraps nn.Embedding (``oft_embedding_R``); jpeft's adapts Dense only, so
+    the file is refused as such, not as a base mismatch."""
+    hf_model, _ = tiny.hf_model(FAMILY)
+    _, mparams = _base()
+    pm = peft.get_peft_model(copy.deepcopy(hf_model), peft.OFTConfig(r=0, oft_block_size=8,
+                                                                      target_modules=["embed_tokens", "q_proj"]))
+    pm.save_pretrained(str(tmp_path))
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="adapts embedding layers"):
+        H.load_peft(str(tmp_path), mparams)
+
+
 def test_info_llama2_7b_matches_peft_counts(capsys):
     """``jpeft info`` with PEFT's default targets counts what PEFT's own
     ``get_nb_trainable_parameters`` counts for OFTConfig() and LNTuningConfig() on Llama-2-7B

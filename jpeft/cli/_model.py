@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from jpeft.errors import ConfigError, InputValidationError, LoadError, SaveError
 from jpeft.io import safetensors_index
 from jpeft.parallel import shard_params
-from jpeft.models import config_from_hf, from_pretrained, load_tokenizer, loading, model_from_config as _m, read_config
+from jpeft.models import (LlamaForCausalLM, config_from_hf, from_pretrained, load_tokenizer, loading,
+                          model_from_config as _m, read_config)
 
 
 class Loaded(NamedTuple):
@@ -40,6 +41,13 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
     """
     d = read_config(folder)
     if scan_layers:
+        # checked from config.json, before loading: from_pretrained would refuse the override with a ConfigError
+        # about GPT2Config's fields that does not name the setting
+        llama = sorted(k for k, fam in loading.FAMILIES.items() if fam.model_cls is LlamaForCausalLM)
+        fam = loading.FAMILIES.get(d.get("model_type"))
+        if fam is None or fam.model_cls is not LlamaForCausalLM:
+            raise ConfigError(f"train.scan_layers is for Llama-family models ({', '.join(llama)}); {folder!r} is a "
+                              f"{d.get('model_type')!r} model. Set scan_layers = false.")
         try:
             model, params = from_pretrained(folder, DTYPES[dtype], scan_layers=True, mesh=None if quantize else mesh,
                                             rules=rules, quantize=quantize)

@@ -508,10 +508,12 @@ def _take_tied_output(d, by_site, leaves, folder) -> set:
         return set()
     emb = by_site.get("model/embed_tokens", {})
     if not d.get("ensure_weight_tying") or "lora_embedding_A" not in emb or set(head) != {"lora_A.weight", "lora_B.weight"}:
+        tied = "transformer.wte" if "transformer/wte" in leaves else "model.embed_tokens"
         raise BaseMismatchError(
             f"the adapter in {folder!r} has LoRA weights for lm_head, but this base ties lm_head to "
-            "model.embed_tokens (no lm_head of its own); jpeft loads such weights only as PEFT's ensure_weight_tying "
-            "copy of a model.embed_tokens LoRA. Load the adapter on a base with tie_word_embeddings=False."
+            f"{tied} (no lm_head of its own); jpeft loads such weights only as PEFT's ensure_weight_tying "
+            "copy of a model.embed_tokens LoRA (Llama-style models). Load the adapter on a base with "
+            "tie_word_embeddings=False."
         )
     same = (np.array_equal(head["lora_A.weight"], emb["lora_embedding_B"].T)
             and np.array_equal(head["lora_B.weight"], emb["lora_embedding_A"].T))

@@ -429,6 +429,12 @@ def _to_hf(config: OFTConfig, adapter, ctx):
 
 
 def _from_hf(d, tensors, params, ctx):
+    embedded = sorted(k for k in tensors if ".oft_embedding_R" in k)
+    if embedded:
+        raise UnsupportedAdapterError(
+            f"the OFT adapter in {ctx.folder!r} adapts embedding layers (first: {embedded[0]!r}); jpeft's OFT adapts "
+            "linear (nn.Dense) modules only. Retrain it in PEFT without the embedding in target_modules."
+        )
     if d.get("target_modules") is None:
         raise UnsupportedAdapterError(f"the OFT adapter in {ctx.folder!r} has target_modules=null; set it explicitly.")
     if "oft_block_size" not in d:
