@@ -49,6 +49,9 @@ class AdapterConfig:
     """Base class. Subclasses are frozen dataclasses with a ``peft_type`` class attribute."""
 
     peft_type: ClassVar[str] = ""
+    # whether the method can train on rows packed by documents (segment ids): prompt tuning, whose
+    # virtual tokens are prepended once per row, cannot; `jpeft train` refuses that before loading
+    packs_documents: ClassVar[bool] = True
     # field name -> Hugging Face adapter_config.json key (only where they differ)
     _hf_keys: ClassVar[Mapping[str, str]] = {}
     # keys Hugging Face writes that do not change what the adapter computes: accepted and ignored

@@ -365,12 +365,13 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     # every check and read of this host's own files: a process failing one alone tells the others at the data
     # agreement that ends the block, so they stop too instead of waiting there for it
     with _host_checks(cfg) as agreed:
-        if method_of(cfg).peft_type == "PROMPT_TUNING" and d["packing"] == "documents":  # fail on a bad method first
-            # its virtual tokens are prepended once per row, so rows of several documents cannot share them: refused
-            # here, not in the first training step after the model loaded and the output folder was written
-            raise ConfigError("method prompt_tuning prepends its virtual tokens once per packed row, so it cannot train on "
-                              "rows packed by documents (data.packing = \"documents\", the default); set data.packing = "
-                              "\"stream\".")
+        method0 = method_of(cfg)  # fail on a bad method before loading anything
+        if not method0.packs_documents and d["packing"] == "documents":
+            # prompt tuning's virtual tokens are prepended once per row, so rows of several documents cannot share
+            # them: refused here, not in the first training step after the model loaded and the output was written
+            raise ConfigError(f"method {cfg['method']['name']} prepends its virtual tokens once per packed row, so it "
+                              "cannot train on rows packed by documents (data.packing = \"documents\", the default); "
+                              "set data.packing = \"stream\".")
         if cfg.get("forgetting") and jax.process_count() > 1:
             raise ConfigError(f"[forgetting] runs in a single process (its canary metrics are read on the host); this job "
                               f"has {jax.process_count()} processes. Drop the [forgetting] table, or train on one host "

@@ -71,6 +71,7 @@ class PromptTuningConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    packs_documents: ClassVar[bool] = False  # virtual tokens once per row: one token stream per row
 
     num_virtual_tokens: int = 20
     prompt_tuning_init: str = "RANDOM"
