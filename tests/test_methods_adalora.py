@@ -210,7 +210,7 @@ def test_identity_at_init_orthogonal_penalty_and_refusals():
 def test_llama2_7b_budget_row_is_peft_count():
     """PEFT counts lora_A + lora_B + lora_E per site (a 1-layer Llama: 232 for init_r=4 on q, v, the same
     per-site formula); for Llama-2-7B on q_proj and v_proj with init_r=12: 64 * 12 * (4096 + 4096 + 1)."""
-    from jpeft.methods import budget
+    from jpeft import budget
 
     rows = {(r["method"], r["settings"]): r for r in budget.budget_rows(budget.LlamaConfig_7b(), progress=False)}
     assert rows[("AdaLoRA", "init_r=12, target_r=8, q_proj+v_proj (at the start)")]["trainable"] == 6_292_224

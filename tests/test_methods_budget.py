@@ -2,7 +2,7 @@
 
 import jax
 
-from jpeft.methods import budget
+from jpeft import budget
 
 
 def test_llama2_7b_budget_matches_peft_figures(capsys):

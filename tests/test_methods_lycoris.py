@@ -243,11 +243,11 @@ def test_peft_format_refusals(tmp_path):
 
 
 def test_llama2_7b_budget_is_peft_count():
-    """The budget table's LoHa and LoKr rows (python -m jpeft.methods.budget) equal the trainable
+    """The budget table's LoHa and LoKr rows (python -m jpeft.budget) equal the trainable
     count PEFT itself reports for the same configs on a Llama-2-7B built on the meta device."""
     import transformers
 
-    from jpeft.methods import budget
+    from jpeft import budget
     from jpeft.models.published import PUBLISHED
 
     abstract = budget.abstract_model(budget.LlamaConfig_7b())

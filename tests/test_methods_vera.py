@@ -289,7 +289,7 @@ def test_dense_general_conv_and_einsum_merge_equals_apply(tmp_path):
 def test_llama2_7b_budget_row_is_peft_count():
     """PEFT's print_trainable_parameters for VeraConfig(r=256) on Llama-2-7B (meta device, its default targets
     q_proj, v_proj): 278,528 = 64 sites x (256 + 4096); the frozen projections are not counted."""
-    from jpeft.methods import budget
+    from jpeft import budget
 
     rows = {(r["method"], r["settings"]): r for r in budget.budget_rows(budget.LlamaConfig_7b(), progress=False)}
     assert rows[("VeRA", "r=256, q_proj+v_proj")]["trainable"] == 278_528

@@ -163,7 +163,7 @@ def test_full_finetuning_counts_the_base_once(work, capsys):
 # ---------------------------------------------------------------------- 5. the budget tool on GPT-2 and BERT
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_budget_tool_on_gpt2_and_bert_configs(work, family, capsys):
-    from jpeft.methods import budget
+    from jpeft import budget
 
     assert budget.main(["--hf-config", str(work / family / "config.json"), "--quiet"]) == 0
     table = capsys.readouterr().out

@@ -234,7 +234,7 @@ def test_layout_dispatch_matches_the_kernel(setup):
 
 
 # -- the import graph -------------------------------------------------------------------------------------
-_PROTOCOL = {"jpeft.methods", "jpeft.methods.base", "jpeft.methods._common", "jpeft.methods.budget"}
+_PROTOCOL = {"jpeft.methods", "jpeft.methods.base", "jpeft.methods._common"}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -295,7 +295,7 @@ def test_the_protocol_imports_no_method():
     files = sorted(ROOT.rglob("*.py"))
     known = {_module_name(f) for f in files}
     method_modules = {m for m in known if m.startswith("jpeft.methods.")} - _PROTOCOL
-    for mod in _PROTOCOL - {"jpeft.methods.budget"}:
+    for mod in _PROTOCOL:
         f = ROOT.parent / (mod.replace(".", "/") + ("/__init__.py" if mod == "jpeft.methods" else ".py"))
         assert not (_imports(f, known) & method_modules), mod
 

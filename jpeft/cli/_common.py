@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 
 from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
-from jpeft.methods.budget import DEFAULT_TARGETS  # PEFT's default targets per model type (one table)
+from jpeft.budget import DEFAULT_TARGETS  # PEFT's default targets per model type (one table)
 from jpeft.models import loading
 
 

@@ -15,7 +15,7 @@ from jpeft.cli._common import add_method_args, format_table, human_bytes, human_
 from jpeft.errors import ConfigError, JpeftError, LoadError
 from jpeft.io import read_json
 from jpeft.methods.base import registered_methods
-from jpeft.methods import budget as _budget
+from jpeft import budget as _budget
 
 HELP = ("parameter budget of a method on a model folder or a published config (nothing is allocated), "
         "or what an adapter, PEFT export, run folder or checkpoint holds")
@@ -77,8 +77,8 @@ def _config_dict(spec: str) -> tuple[str, dict]:
 
 def budget(config_dict: dict, method) -> dict:
     """Counts base and adapter parameters of ``method`` on the model described by a Hugging
-    Face ``config.json`` dict, using shapes only (:func:`jpeft.methods.budget.budget`, the
-    function behind ``python -m jpeft.methods.budget``)."""
+    Face ``config.json`` dict, using shapes only (:func:`jpeft.budget.budget`, the
+    function behind ``python -m jpeft.budget``)."""
     return _budget.budget(config_dict, method)
 
 

@@ -6,7 +6,7 @@ classes), which is what registers them. See docs/ARCHITECTURE.md, "Adding a meth
 
 The protocol modules here are :mod:`jpeft.methods.base` (the node protocol, :class:`Layout`,
 the :class:`~jpeft.methods.base.Method` registry, frozen-state splitting) and
-:mod:`jpeft.methods._common` (the shared layout dispatch); :mod:`jpeft.methods.budget` is the
-budget table. Every other module in this package is a method module, which nothing outside
-``jpeft/methods/`` (except ``jpeft/__init__.py``) imports.
+:mod:`jpeft.methods._common` (the shared layout dispatch). Every other module in this package
+is a method module, which nothing outside ``jpeft/methods/`` (except ``jpeft/__init__.py``)
+imports (the budget table over every method is :mod:`jpeft.budget`, a consumer).
 """

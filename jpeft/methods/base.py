@@ -405,8 +405,8 @@ class Method:
         (named in errors) and ``fn(params) -> params`` computing that base; ``None`` (the
         default, or the hook's answer): the stored base.
       budget: ``budget(model_type, targets) -> [(name, settings, make_config), ...]``: the rows
-        the budget table (``python -m jpeft.methods.budget``, ``jpeft info``) counts for a model
-        family, given :data:`jpeft.methods.budget.FAMILY_TARGETS` ``[model_type]`` (PEFT's default
+        the budget table (``python -m jpeft.budget``, ``jpeft info``) counts for a model
+        family, given :data:`jpeft.budget.FAMILY_TARGETS` ``[model_type]`` (PEFT's default
         target names and the family's linear layers); ``None``: the method has no row.
       from_low_rank: ``from_low_rank(LowRank) -> node``: builds this method's node from a
         low-rank update (adapter merging and the bank return such nodes). One method provides it.

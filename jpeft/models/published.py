@@ -1,5 +1,5 @@
 """Published model configurations (Hugging Face ``config.json`` fields), so that
-``jpeft info llama-2-7b`` and ``python -m jpeft.methods.budget`` can compute a parameter
+``jpeft info llama-2-7b`` and ``python -m jpeft.budget`` can compute a parameter
 budget without downloading anything.
 
 Values are copied from the models' published ``config.json`` files.

@@ -1,8 +1,8 @@
 """Parameter budgets of every jpeft method on a published model config, computed with
 ``jax.eval_shape`` (no parameter is allocated, so a 7B model costs nothing).
 
-Run ``python -m jpeft.methods.budget`` for the table in docs/METHODS.md (Llama-2-7B), or
-``python -m jpeft.methods.budget --hf-config path/to/config.json`` for any model jpeft loads.
+Run ``python -m jpeft.budget`` for the table in docs/METHODS.md (Llama-2-7B), or
+``python -m jpeft.budget --hf-config path/to/config.json`` for any model jpeft loads.
 ``--write docs/METHODS.md`` replaces the table between its ``<!-- budget:begin -->`` and
 ``<!-- budget:end -->`` markers.
 """
@@ -171,7 +171,7 @@ def write_into(path: str, table: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m jpeft.methods.budget",
+        prog="python -m jpeft.budget",
         description=(
             "Print the trainable-parameter budget of every registered jpeft method (LoRA, rsLoRA, DoRA, PiSSA, IA3, "
             "LoHa, LoKr, Houlsby and Pfeiffer bottleneck adapters, prefix and prompt tuning, OFT, LN tuning, VeRA, "
@@ -179,7 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "Shapes only: jax.eval_shape builds the base and each adapter without allocating, so a 7B model "
             "takes seconds and no memory."
         ),
-        epilog="Example: python -m jpeft.methods.budget --write docs/METHODS.md",
+        epilog="Example: python -m jpeft.budget --write docs/METHODS.md",
     )
     p.add_argument("--hf-config", metavar="CONFIG_JSON",
                    help="a Hugging Face config.json (or its folder) of a model jpeft supports; default: Llama-2-7B")
