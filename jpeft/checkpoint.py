@@ -31,6 +31,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import logging
@@ -282,7 +283,8 @@ class CheckpointManager:
         self._lock = None  # the writer lock, taken at the first save
         self._pending: Optional[int] = None  # the step of the last asynchronous save started
         self._damaged: set[int] = set()  # steps restore_latest(fallback=True) skipped as damaged
-        self._mngr = self._open()
+        with _quiet_read_only_notes():
+            self._mngr = self._open()
 
     # -- orbax plumbing ------------------------------------------------------------------------
     def _open(self):
@@ -302,8 +304,17 @@ class CheckpointManager:
 
             policies.append(pp.BestN(get_metric_fn=best_fn, reverse=(self.best_mode == "min"), n=self.keep_best,
                                      keep_checkpoints_without_metrics=False))
-        with _quiet_read_only_notes():
-            options = self._options(ocp, pp, policies, best_fn)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=1,
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            best_fn=best_fn,
+            best_mode=self.best_mode,
+            keep_checkpoints_without_metrics=False,
+            create=not self.read_only,
+            cleanup_tmp_directories=False,  # done by _cleanup_incomplete, only when no other writer is active
+            read_only=self.read_only,
+            enable_async_checkpointing=self.async_save,
+        )
         if self.read_only:
             if not self.directory.is_dir():
                 raise CheckpointError(f"checkpoint directory {self.directory} does not exist.")
@@ -320,26 +331,12 @@ class CheckpointManager:
             except OSError as e:
                 raise SaveError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
         try:
-            with _quiet_read_only_notes():
-                return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+            return ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         except Exception as e:  # Orbax reads every step's metadata here; a damaged one must not escape raw
             raise CheckpointError(
                 f"cannot open the checkpoint directory {self.directory}: {type(e).__name__}: {str(e)[:300]}. "
                 "A step's files are damaged; move the damaged step directory away and retry."
             ) from None
-
-    def _options(self, ocp, pp, policies, best_fn):
-        return ocp.CheckpointManagerOptions(
-            save_interval_steps=1,
-            preservation_policy=pp.AnyPreservationPolicy(policies),
-            best_fn=best_fn,
-            best_mode=self.best_mode,
-            keep_checkpoints_without_metrics=False,
-            create=not self.read_only,
-            cleanup_tmp_directories=False,  # done by _cleanup_incomplete, only when no other writer is active
-            read_only=self.read_only,
-            enable_async_checkpointing=self.async_save,
-        )
 
     def _cleanup_incomplete(self) -> None:
         """Removes step directories that never completed (Orbax's temporary directories, and
@@ -588,7 +585,8 @@ class CheckpointManager:
             if not isinstance(extra, Mapping) or unknown:
                 raise ConfigError(f"extra must be a dict with keys 'meta', 'adapter', 'opt_state'; found "
                                   f"{sorted(unknown) if isinstance(extra, Mapping) else type(extra).__name__}.")
-            extra_meta = {"meta": extra.get("meta"), "parts": []}
+            # a copy: the caller may change its dicts while an asynchronous save still writes them
+            extra_meta = {"meta": copy.deepcopy(extra.get("meta")), "parts": []}
             for part in ("adapter", "opt_state"):
                 if extra.get(part) is not None and jax.tree.leaves(extra[part]):
                     x, i = _named_host(extra[part] if part == "opt_state" else dict(extra[part]), f"extra_{part}")
@@ -915,12 +913,13 @@ class CheckpointManager:
             leaves = [flat[f"{g}/{n}" if n else g] for n, _ in named]
             return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
+        def rebuild_or_flat(g, template):  # without a template: {key path: array}, as saved
+            if template is not None:
+                return rebuild(g, template)
+            return {k[len(g) + 1:]: v for k, v in flat.items() if k.startswith(g + "/")} or None
+
         new_adapter = rebuild("adapter", adapter)
-        if opt_state is not None:
-            new_opt = rebuild("opt_state", opt_state)
-        else:
-            saved_opt = {k[len("opt_state/"):]: v for k, v in flat.items() if k.startswith("opt_state/")}
-            new_opt = saved_opt or None
+        new_opt = rebuild_or_flat("opt_state", opt_state)
         key = None
         rng = meta.get("rng")
         if rng is not None and "rng" in flat:
@@ -936,9 +935,7 @@ class CheckpointManager:
             if "adapter" in extra_parts:
                 extra["adapter"] = rebuild("extra_adapter", adapter)
             if "opt_state" in extra_parts:
-                extra["opt_state"] = (rebuild("extra_opt_state", opt_state) if opt_state is not None else
-                                      {k[len("extra_opt_state/"):]: v for k, v in flat.items()
-                                       if k.startswith("extra_opt_state/")})
+                extra["opt_state"] = rebuild_or_flat("extra_opt_state", opt_state)
         return TrainState(step, new_adapter, new_opt, key, meta.get("data_position"), meta.get("metrics"), meta, extra)
 
 

@@ -239,13 +239,17 @@ def check_base(saved: Optional[Mapping], params, base_config=None, *, allow_base
                 diff = "the base weights' content hash differs (same shapes, different values)"
     if diff is None:
         return
-    msg = (f"this {what} was saved for a different base model: {diff}. Load it onto the base it was "
-           f"trained on, or pass allow_base_mismatch=True to load it anyway.")
     if allow_base_mismatch:
-        warnings.warn(msg.replace("pass allow_base_mismatch=True to load it anyway", "allow_base_mismatch=True was given"),
-                      stacklevel=3)
+        warnings.warn(base_mismatch_message(what, diff, ", or allow_base_mismatch=True was given"), stacklevel=3)
         return
-    raise BaseMismatchError(msg)
+    err = BaseMismatchError(base_mismatch_message(what, diff))
+    err.what, err.difference = what, diff  # for callers that word the fix their own way (the CLI)
+    raise err
+
+
+def base_mismatch_message(what: str, diff: str, fix: str = ", or pass allow_base_mismatch=True to load it anyway") -> str:
+    """:func:`check_base`'s message: what differs, and ``fix``."""
+    return f"this {what} was saved for a different base model: {diff}. Load it onto the base it was trained on{fix}."
 
 
 # --------------------------------------------------------------------------------------------

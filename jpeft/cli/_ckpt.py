@@ -123,10 +123,11 @@ def load_adapter(path: str, *, params, model=None, example=None, base_config=Non
     try:
         return _load_adapter(path, params, model, example, base_config)
     except BaseMismatchError as e:
+        if getattr(e, "difference", None) is None:
+            raise
         # the library's fix (allow_base_mismatch=True) is no option of the command
-        msg = str(e).replace(", or pass allow_base_mismatch=True to load it anyway.",
-                             " (--model); from Python, allow_base_mismatch=True loads it anyway.")
-        raise BaseMismatchError(msg) from None
+        raise BaseMismatchError(io.base_mismatch_message(
+            e.what, e.difference, " (--model); from Python, allow_base_mismatch=True loads it anyway")) from None
 
 
 def _load_adapter(path, params, model, example, base_config):

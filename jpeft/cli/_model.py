@@ -48,17 +48,8 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
         if fam is None or fam.model_cls is not LlamaForCausalLM:
             raise ConfigError(f"train.scan_layers is for Llama-family models ({', '.join(llama)}); {folder!r} is a "
                               f"{d.get('model_type')!r} model. Set scan_layers = false.")
-        try:
-            model, params = from_pretrained(folder, DTYPES[dtype], scan_layers=True, mesh=None if quantize else mesh,
-                                            rules=rules, quantize=quantize)
-        except TypeError:
-            raise ConfigError(
-                f"train.scan_layers is for Llama-family models (llama, mistral, qwen2); {folder!r} is a "
-                f"{d.get('model_type')!r} model. Set scan_layers = false."
-            ) from None
-    else:
-        model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,
-                                        quantize=quantize)
+    model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,
+                                    quantize=quantize, **({"scan_layers": True} if scan_layers else {}))
     if quantize and mesh is not None:
         params = shard_params(params, mesh, rules, stacked=r".*layers/.*" if scan_layers else None)
     tok = load_tokenizer(folder) if tokenizer else None

@@ -31,7 +31,6 @@ changing it does not recompile the step. At 1.0 it is bit-exact (``x * 1.0 == x`
 
 from __future__ import annotations
 
-import json
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -251,9 +250,9 @@ class ForgettingGuard:
         ``resumed=``): ``{"meta": {"report": ...}, "adapter": kept adapter, "opt_state": kept
         optimizer state}``. :func:`jpeft.fit` saves it with every checkpoint."""
         kept_step, ka, ko, km = self._kept
-        report = json.loads(json.dumps(self.report, default=float))  # plain floats: JSON in the checkpoint
-        return {"meta": {"format": 1, "report": report, "kept_step": int(kept_step),
-                         "kept": json.loads(json.dumps(km, default=float))},
+        # references, no copy (fit passes this at every step; a checkpoint writes the JSON when it saves): the
+        # report holds plain floats and strings only (canary_stats returns floats)
+        return {"meta": {"format": 1, "report": self.report, "kept_step": int(kept_step), "kept": km},
                 "adapter": ka, "opt_state": ko}
 
     def _resume(self, resumed, step: int) -> dict:
