@@ -406,6 +406,19 @@ def test_heads_jpeft_does_not_implement_and_a_stray_untied_head_are_refused(tmp_
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="architectures names 'BertForTokenClassification'"):
         M.from_pretrained(str(d))
+    # a multiple-choice classifier ([hidden, 1]) and a decoder's sequence-classification head
+    # (score in place of lm_head) were refused as shape or missing-weight errors
+    cfg["architectures"] = ["BertForMultipleChoice"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="architectures names 'BertForMultipleChoice'"):
+        M.from_pretrained(str(d))
+    for fam, arch in (("llama2", "LlamaForSequenceClassification"), ("gpt2", "GPT2ForSequenceClassification")):
+        d = _copy(fam, tmp_path / "heads")
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["architectures"] = [arch]
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(UnsupportedModelError, match=f"names '{arch}'.*causal language models only"):
+            M.from_pretrained(str(d))
     d = _copy("gpt2", tmp_path)
     assert json.loads((d / "config.json").read_text()).get("tie_word_embeddings", True)
     w = load_file(str(d / "model.safetensors"))

@@ -215,7 +215,9 @@ FAMILIES: dict[str, Family] = {
 
 # heads of Hugging Face classes no jpeft model implements; a checkpoint of one could otherwise
 # load (BertForTokenClassification's classifier has the shape of the sequence classifier's)
-_OTHER_HEADS = ("ForTokenClassification", "ForQuestionAnswering")
+_OTHER_HEADS = ("ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice", "DoubleHeadsModel")
+# a decoder family's checkpoint with a classification head (``score``) in place of ``lm_head``
+_DECODER_OTHER_HEADS = _OTHER_HEADS + ("ForSequenceClassification",)
 
 
 def supported_model_types() -> list[str]:
@@ -254,12 +256,15 @@ def config_from_hf(d: Mapping[str, Any], dtype=jnp.float32, param_dtype=None):
             f"model_type {mt!r} is not supported; jpeft.models implements {supported_model_types()}. "
             "Check config.json's model_type, or load the model with transformers instead."
         )
-    heads = [a for a in (d.get("architectures") or []) if isinstance(a, str) and a.endswith(_OTHER_HEADS)]
+    other = _OTHER_HEADS if mt == "bert" else _DECODER_OTHER_HEADS
+    heads = [a for a in (d.get("architectures") or []) if isinstance(a, str) and a.endswith(other)]
     if heads:
+        fix = ("Load the encoder from a checkpoint of a supported head (or BertModel)" if mt == "bert"
+               else "jpeft's decoders are causal language models only: load a causal-LM checkpoint")
         raise UnsupportedModelError(
             f"config.json's architectures names {heads[0]!r}: a head jpeft.models does not implement (it implements "
-            f"{FAMILIES[mt].model_cls.__name__}; a per-token or span head would be applied where that model's head is). "
-            "Load the encoder from a checkpoint of a supported head (or BertModel), or use transformers."
+            f"{FAMILIES[mt].model_cls.__name__}, whose head would be applied where that model's head is). "
+            f"{fix}, or use transformers."
         )
     param_dtype = dtype if param_dtype is None else param_dtype
     try:
