@@ -323,12 +323,14 @@ def scheme_of(x) -> Optional[str]:
     return None
 
 
-DEFAULT_SKIP = ("lm_head",)
+# the output layer of a language model or a classifier: transformers with bitsandbytes keeps a model's
+# last module in full precision, and a classifier's few outputs would share NF4 blocks across labels
+DEFAULT_SKIP = ("lm_head", "classifier")
 
 
 def selects(path: str, name: str, leaf, target_modules=None, skip=DEFAULT_SKIP) -> bool:
     """Whether the leaf ``name`` of module ``path`` is quantized: by default every ``kernel``
-    of 2+ dims except the LM head's; with ``target_modules`` (matched as PEFT's, see
+    of 2+ dims except the LM head's and a classifier's; with ``target_modules`` (matched as PEFT's, see
     :func:`jpeft.tree.matches`) the kernels and embeddings of those modules."""
     if getattr(leaf, "ndim", len(getattr(leaf, "shape", ()))) < 2 or is_quantized(leaf):
         return False
@@ -342,8 +344,8 @@ def selects(path: str, name: str, leaf, target_modules=None, skip=DEFAULT_SKIP) 
 
 def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
     """The base ``params`` with its linear kernels quantized: NF4 (block 64, double-quantized
-    scales), int8 or fp8 e4m3 (absmax per output channel). Embeddings, norms, biases and the
-    LM head keep their dtype unless ``target_modules`` names them (a regex or list, as
+    scales), int8 or fp8 e4m3 (absmax per output channel). Embeddings, norms, biases, the
+    LM head and a sequence classifier's head keep their dtype unless ``target_modules`` names them (a regex or list, as
     ``LoraConfig.target_modules``; then those modules' kernels and embeddings are quantized).
 
     The result goes wherever ``params`` go (:func:`jpeft.init`, :func:`jpeft.apply`, training,

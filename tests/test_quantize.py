@@ -569,7 +569,7 @@ def test_residual_inits_on_a_quantized_base_are_refused_by_name(llama):
 def test_full_finetune_and_a_bert_classifier_on_a_quantized_base(llama, tmp_path):
     """FullFinetuneConfig on a quantized base raised ShapeMismatchError ("made for another
     model"); it now equals full fine-tuning on the dequantized base. save_peft / load_peft of a
-    SEQ_CLS adapter on a BERT base whose classifier jpeft.quantize quantized (its default) raised
+    SEQ_CLS adapter on a BERT base whose classifier jpeft.quantize quantized (asked for) raised
     float()'s TypeError."""
     _, model, params, ids, qs = llama
     q = qs["nf4"]
@@ -582,7 +582,12 @@ def test_full_finetune_and_a_bert_classifier_on_a_quantized_base(llama, tmp_path
                                    num_labels=3)
     bert = jpeft.models.BertForSequenceClassification(bcfg)
     bids = jax.random.randint(jax.random.key(0), (2, 7), 0, 64)
-    bq = jpeft.quantize(bert.init(jax.random.key(0), bids), "nf4")
+    bp = bert.init(jax.random.key(0), bids)
+    # the classifier stays full precision by default (as transformers + bitsandbytes keep the last module)
+    default = jpeft.quantize(bp, "nf4")
+    assert not quant.is_quantized(default["params"]["classifier"]["kernel"])
+    assert quant.is_quantized(default["params"]["bert"]["pooler"]["dense"]["kernel"])
+    bq = jpeft.quantize(bp, "nf4", target_modules=r".*(query|key|value|dense|classifier)")
     assert quant.is_quantized(bq["params"]["classifier"]["kernel"])
     cfg = jpeft.LoraConfig(r=2, target_modules=["query", "value"])
     ad = _randomised(jpeft.init(cfg, bq, jax.random.key(1), bert, bids))
