@@ -728,11 +728,13 @@ def make_pmap_train_step(
 # ------------------------------------------------------------------------ mixed precision
 def _cast_floats(tree, dtype):
     def c(x):
+        if quant.is_quantized(x):
+            return quant.astype(x, dtype)  # the dtype it dequantizes to, not its codes or NF4's scales
         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
             return x.astype(dtype)
         return x
 
-    return jax.tree.map(c, tree)
+    return jax.tree.map(c, tree, is_leaf=quant.is_quantized)
 
 
 def _check_float_dtype(dtype, what):
@@ -748,7 +750,9 @@ def _check_float_dtype(dtype, what):
 def cast_base(params, dtype=jnp.bfloat16):
     """The frozen base stored in ``dtype``: every floating leaf cast, others untouched
     (keeps placements). ``bfloat16`` halves the memory of an ``float32`` base; the adapter
-    is not touched and stays ``float32``.
+    is not touched and stays ``float32``. A quantized kernel keeps its codes and then
+    dequantizes to ``dtype`` (NF4 keeps its float32 block scales; int8/fp8 cast their scale,
+    as qwix's ``astype`` does).
 
     >>> import jax.numpy as jnp, jpeft
     >>> jpeft.cast_base({"w": jnp.ones(2), "i": jnp.arange(2)})["w"].dtype

@@ -274,6 +274,19 @@ def dequantize_array(x):
     return x
 
 
+def astype(x, dtype):
+    """A quantized leaf that dequantizes to ``dtype``. NF4 keeps its float32 block scales and
+    changes only the dtype it dequantizes to (casting the scales rounded every block's absmax
+    and left the kernel float32); a qwix int8/fp8 array's scale is cast, qwix's convention
+    (its dtype is its scale's)."""
+    dtype = jnp.dtype(dtype)
+    if isinstance(x, NF4Array):
+        return x if x.dtype == dtype else dataclasses.replace(x, dtype_name=dtype.name)
+    if isinstance(x, qwix.QArray):
+        return x if x.dtype == dtype else x.astype(dtype)
+    raise QuantizationError(f"quant.astype takes a quantized leaf, found {type(x).__name__}.")
+
+
 def _is_fp8(qtype) -> bool:
     try:
         return jnp.dtype(qtype) == jnp.float8_e4m3fn

@@ -609,3 +609,23 @@ def test_model_apply_on_a_quantized_base_in_a_train_step_is_a_named_error(llama)
     step = jpeft.make_train_step(loss_fn, opt, donate=False)
     with pytest.raises(QuantizationError, match="jpeft.apply"):
         step(qs["nf4"], adapter, opt.init(adapter), ids, jax.random.key(2))
+
+
+def test_cast_base_of_a_quantized_base_changes_the_dequantized_dtype_not_nf4s_scales():
+    """cast_base (and with_precision) cast NF4's float32 block scales to bf16: the kernel still
+    dequantized to float32, every block's absmax rounded (0.004 off on a unit-normal kernel)."""
+    w = {"d": {"kernel": jax.random.normal(jax.random.key(0), (256, 128))}}
+    for scheme in ("nf4", "int8"):
+        q = jpeft.quantize(w, scheme, target_modules=".*")
+        c = jpeft.cast_base(q, jnp.bfloat16)
+        k = c["d"]["kernel"]
+        assert quant.scheme_of(k) == scheme and k.dtype == jnp.bfloat16
+        ref = jpeft.dequantize(q)["d"]["kernel"].astype(jnp.bfloat16)
+        got = jpeft.dequantize(c)["d"]["kernel"]
+        assert got.dtype == jnp.bfloat16
+        if scheme == "nf4":  # the codes and the float32 scales untouched: the float32 kernel rounded once
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+            assert c["d"]["kernel"].absmax_scales.dtype == jnp.float32
+        else:  # qwix's convention: the scale is cast (one bf16 ulp at most)
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=2 ** -7)
+    np.testing.assert_array_equal(jpeft.cast_base(c, jnp.float32)["d"]["kernel"].qvalue, c["d"]["kernel"].qvalue)
