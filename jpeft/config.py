@@ -92,6 +92,14 @@ class AdapterConfig:
         "velora_config": (None,),
     }
 
+    @property
+    def extra_positions(self) -> int:
+        """Positions the method puts before every row's tokens (prefix and prompt tuning's
+        virtual tokens), which the row's tokens share the model's position range with:
+        `jpeft train` and `jpeft eval` check ``seq_len`` plus these against it before anything
+        is written (the first step raised ``PromptTooLongError`` after the output folder was)."""
+        return 0
+
     def replace(self, **changes) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
 

@@ -140,6 +140,9 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                 raise LoadError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object.") from None
             except RecursionError:
                 raise LoadError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one flat object.") from None
+            except ValueError as e:  # a number of more than 4,300 digits (Python's int-conversion limit)
+                raise LoadError(f"{path}:{lineno}: not readable JSON ({e}); each line must be one JSON object "
+                                "whose texts are strings.") from None
             if not isinstance(row, Mapping):
                 raise LoadError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}.")
             if prompt_field in row and completion_field in row:

@@ -218,6 +218,34 @@ def test_train_refuses_prompt_tuning_on_rows_packed_by_documents_before_loading(
     assert "ConfigError" in line and 'data.packing = "documents"' in line and 'set data.packing = "stream"' in line
     assert not (hf_dir / "prompt_docs").exists()
 
+
+def test_virtual_tokens_count_against_the_position_range_before_anything_is_written(hf_dir, capsys, tmp_path):
+    """Prefix and prompt tuning put their virtual tokens before every row: with seq_len at the
+    model's 128 positions, `jpeft train` wrote resolved_config.json, metrics.jsonl and
+    checkpoints/ and then failed in the first step (PromptTooLongError: "shorten the input"),
+    and `jpeft eval`'s default --seq-len (the position range) failed the same way."""
+    bad = hf_dir / "prompt_long.toml"
+    bad.write_text('model = "tiny-llama"\noutput_dir = "prompt_long"\n[data]\ntrain = "train.jsonl"\nseq_len = 128\n'
+                   'packing = "stream"\n[method]\nname = "prompt_tuning"\nnum_virtual_tokens = 4\n[train]\nsteps = 1\n')
+    assert main(["train", "--config", str(bad), "--no-progress"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "data.seq_len=128 plus the method's 4 virtual tokens exceeds the model's max_position_embeddings=128" in line
+    assert "use at most 124" in line and not (hf_dir / "prompt_long").exists()
+
+    import jax.numpy as jnp
+    from jpeft import io, models
+    model, params = models.from_pretrained(str(hf_dir / "tiny-llama"))
+    cfg = jpeft.PromptTuningConfig(num_virtual_tokens=4)
+    io.save_adapter(tmp_path / "pt", cfg, jpeft.init(cfg, params, jax.random.key(0), model, jnp.zeros((1, 8), jnp.int32)),
+                    params=params)
+    base = ["eval", "--model", hf_dir / "tiny-llama", "--adapter", tmp_path / "pt", "--data", hf_dir / "notes.txt"]
+    r = jpeft_here(capsys, *base)
+    assert r.returncode == 2 and "--packing stream" in error_line(r.stderr)
+    r = jpeft_here(capsys, *base, "--packing", "stream", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] > 0  # the default --seq-len is 128 - 4
+    r = jpeft_here(capsys, *base, "--packing", "stream", "--seq-len", "128")
+    assert r.returncode == 2 and "use at most 124" in error_line(r.stderr)
+
 def test_set_takes_toml_values_as_its_help_says(tmp_path):
     """`--set` values are "parsed as TOML/JSON": a TOML array of literal strings, an integer with
     underscores and an inline table were kept as text (a target_modules regex that matched

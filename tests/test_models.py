@@ -48,6 +48,20 @@ def test_logits_equal_transformers_with_padding(family):
     assert np.abs(ref).max() > 0.5  # the random model is far from trivial
 
 
+@pytest.mark.parametrize("family", ["llama2", "gpt2"])
+def test_a_mask_of_other_nonzero_values_reads_as_ones(family):
+    """transformers reads any nonzero attention_mask value as a real token (mask.bool()); the
+    default positions counted cumsum(mask) - 1 of the raw values, so a mask of 2s, 0.5s or
+    document numbers (1, 1, 2, 2) moved every position (logits off by 0.8-2.7)."""
+    ids, mask = T.batch(family)
+    model, params = loaded(family)
+    want = np.asarray(model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    for other in (2 * mask, 0.5 * mask, mask.astype(bool), mask * np.arange(1, 9) // 4 + mask):
+        got = np.asarray(model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(other)))
+        sel = mask.astype(bool)
+        np.testing.assert_allclose(got[sel], want[sel], atol=1e-5, rtol=0)
+
+
 def test_config_fields_and_names():
     model, params = loaded("llama3")
     c = model.config

@@ -154,7 +154,9 @@ def test_jsonl_values_must_be_strings(tmp_path):
              ('{"prompt": "Q", "completion": null}', r"bad.jsonl:2: the 'completion' field must be a string, found null"),
              ('{"text": ["a", "b"]}', r"bad.jsonl:2: the 'text' field must be a string, found list \[\"a\", \"b\"\]"),
              ('{"text": {"x": 1}}', r"the 'text' field must be a string, found dict"),
-             ('{"prompt": 7, "completion": "A"}', r"the 'prompt' field must be a string, found int 7")]
+             ('{"prompt": 7, "completion": "A"}', r"the 'prompt' field must be a string, found int 7"),
+             # past Python's int-conversion limit json.loads raised a bare ValueError, no file or line
+             ('{"text": "a", "n": ' + "9" * 5000 + "}", r"bad.jsonl:2: not readable JSON \(Exceeds the limit")]
     for line, want in cases:
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"text": "fine"}\n' + line + "\n")

@@ -666,21 +666,6 @@ def test_out_of_vocabulary_ids_at_the_models_entry_point(tiny_llama):
     assert jax.jit(model.apply)(params, jnp.array([[1, 2, 3]])) is not None
 
 
-def test_attention_masks_other_than_0_1_are_refused_and_read_as_booleans_under_jit(tiny_llama):
-    """A mask value of 2 was read as "real" by the attention but counted twice by the default
-    positions (cumsum), silently shifting every later token's rope angle."""
-    model, params = tiny_llama
-    ids = jnp.array([[1, 2, 3, 4]])
-    ref = model.apply(params, ids, attention_mask=jnp.array([[0, 1, 1, 1]]))[0]
-    for ok in (jnp.array([[False, True, True, True]]), jnp.array([[0.0, 1.0, 1.0, 1.0]])):
-        np.testing.assert_array_equal(model.apply(params, ids, attention_mask=ok)[0], ref)
-    with pytest.raises(InputValidationError, match=r"must hold 1 for real tokens and 0 for padding, found the values \[2\]"):
-        model.apply(params, ids, attention_mask=jnp.array([[0, 2, 2, 2]]))
-    # under jit the values are abstract: non-zero is a real token, for the positions too
-    jitted = jax.jit(lambda p, m: model.apply(p, ids, attention_mask=m)[0])
-    np.testing.assert_allclose(jitted(params, jnp.array([[0, 2, 2, 2]])), ref, atol=1e-6)
-
-
 def test_generate_refuses_nan_temperature_and_ragged_prompts(tiny_llama):
     model, params = tiny_llama
     ids = jnp.ones((1, 3), jnp.int32)

@@ -33,13 +33,15 @@ from jpeft.train import decay_mask
 from jpeft.validate import check_tokens
 
 
-def check_seq_len(seq_len: int, hf_config: dict, what: str) -> None:
+def check_seq_len(seq_len: int, hf_config: dict, what: str, extra: int = 0) -> None:
     """Refuses rows longer than the model's position range (Llama's rotary embeddings would
-    extrapolate, GPT-2's learned positions would be out of range)."""
+    extrapolate, GPT-2's learned positions would be out of range); ``extra``: the positions
+    the method puts before every row (:attr:`jpeft.AdapterConfig.extra_positions`)."""
     limit = max_positions(hf_config)
-    if limit is not None and seq_len > limit:
-        raise ConfigError(f"{what}={seq_len} exceeds the model's max_position_embeddings={limit}; "
-                          f"use at most {limit}.")
+    if limit is not None and seq_len + extra > limit:
+        plus = f" plus the method's {extra} virtual tokens" if extra else ""
+        raise ConfigError(f"{what}={seq_len}{plus} exceeds the model's max_position_embeddings={limit}; "
+                          f"use at most {limit - extra}.")
 
 
 def max_positions(hf_config: dict) -> Optional[int]:
@@ -415,7 +417,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "model_weights_sha256", base_sha)
         method = method_of(cfg, loaded.hf_config.get("model_type"))
-        check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len")
+        check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len", method.extra_positions)
         encode, bos, eos = encode_fn(loaded.tokenizer)
         fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}
         fields["packing"] = d["packing"]

@@ -42,7 +42,8 @@ def add_parser(sub):
                         "mean per-token KL and the worst-affected rows")
     p.add_argument("--worst", type=int, default=5, help="with --canary: how many worst-affected rows to list (default 5)")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="packed row length in tokens (default 256, or the model's position range if it is shorter)")
+                   help="packed row length in tokens (default 256, or the model's position range less the adapter's "
+                        "virtual tokens if that is shorter)")
     p.add_argument("--packing", choices=("documents", "stream"), default="documents",
                    help="as [data] packing in `jpeft train`: whole documents per row, attention never crossing them "
                         "(default), or one token stream cut into rows")
@@ -75,17 +76,22 @@ def run(args) -> int:
 
     require_causal_lm(args.model, "eval")
     loaded = load_folder(args.model, dtype=args.dtype)
-    seq_len = args.seq_len
-    if seq_len is None:  # the default fits the model (the demo's has 192 positions)
-        seq_len = min(256, max_positions(loaded.hf_config) or 256)
-    check_seq_len(seq_len, loaded.hf_config, "--seq-len")
     encode, bos, eos = encode_fn(loaded.tokenizer)
+    limit = max_positions(loaded.hf_config)
+    adapter, extra = None, 0
+    if args.adapter:  # read first: prefix and prompt tuning's virtual tokens share the rows' positions
+        example = jnp.zeros((1, min(8, args.seq_len or 8, limit or 8)), jnp.int32)
+        adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example)
+        extra = config.extra_positions
+        if not config.packs_documents and args.packing == "documents":
+            raise ConfigError(f"the adapter ({config.peft_type}) prepends its virtual tokens once per row, so it cannot "
+                              "score rows packed by documents (--packing documents, the default); pass --packing stream.")
+    seq_len = args.seq_len
+    if seq_len is None:  # the default fits the model (the demo's has 192 positions) and the adapter's virtual tokens
+        seq_len = min(256, (limit - extra) if limit else 256)
+    check_seq_len(seq_len, loaded.hf_config, "--seq-len", extra)
     ds = PackedDataset.from_file(args.canary or args.data, encode, seq_len, eos_id=eos, bos_id=bos,
                                  packing=args.packing)
-    adapter = None
-    if args.adapter:
-        example = jnp.asarray(ds.input_ids[:1, : min(8, ds.seq_len)])
-        adapter, _ = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example)
     if args.canary is not None:
         return _canary_report(args, loaded, adapter, ds)
     _, eval_sums = make_loss_fns(loaded.model)

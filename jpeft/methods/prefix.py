@@ -86,6 +86,10 @@ class PrefixTuningConfig(AdapterConfig):
     num_transformer_submodules: int = 1
     task_type: Optional[str] = None
 
+    @property
+    def extra_positions(self) -> int:  # the virtual tokens take positions before the row's
+        return int(self.num_virtual_tokens)
+
     def __post_init__(self):
         def pos(name, v, allow_none=True):
             if v is None and allow_none:

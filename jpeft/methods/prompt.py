@@ -86,6 +86,10 @@ class PromptTuningConfig(AdapterConfig):
     num_transformer_submodules: int = 1
     task_type: Optional[str] = None
 
+    @property
+    def extra_positions(self) -> int:  # the virtual tokens take positions before the row's
+        return int(self.num_virtual_tokens)
+
     def __post_init__(self):
         t = self.num_virtual_tokens
         if isinstance(t, bool) or not isinstance(t, int) or t <= 0:

@@ -263,26 +263,7 @@ def check_ids_mask(input_ids, attention_mask, inputs_embeds, what: str, vocab_si
         raise InputValidationError(
             f"{what}: attention_mask must have the shape of the inputs ({b}, {s}), found {tuple(attention_mask.shape)}."
         )
-    if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer):
-        check_mask_values(np.asarray(attention_mask), what)
     return b, s
-
-
-def check_mask_values(mask: np.ndarray, what: str) -> None:
-    """A concrete attention mask must hold only 0 (padding) and 1 (real token), or booleans.
-
-    Any other value is ambiguous: the attention would read it as "real" (non-zero) while
-    positions counted from it (``cumsum``) would skip or repeat, and transformers treats such
-    masks differently from one model and code path to another."""
-    if mask.dtype == bool:
-        return
-    odd = mask[(mask != 0) & (mask != 1)]
-    if odd.size:
-        found = np.unique(odd)[:5].tolist()
-        raise InputValidationError(
-            f"{what}: attention_mask must hold 1 for real tokens and 0 for padding, found the values {found}; "
-            "pass (mask != 0) or a boolean mask."
-        )
 
 
 def learned_positions(position_ids: Array, attention_mask: Array, n_positions: int, what: str) -> Array:
@@ -311,8 +292,9 @@ def learned_positions(position_ids: Array, attention_mask: Array, n_positions: i
 def default_positions(attention_mask: Array, cache: Optional[KVCache]) -> Array:
     """Position ids counting only real tokens: ``cumsum(mask) - 1`` (clipped at 0), continued
     from the cache's real-token count. This matches Hugging Face ``generate`` with left padding
-    and equals ``arange(seq)`` without padding."""
-    m = attention_mask.astype(bool).astype(jnp.int32)  # under jit a mask is not checked: non-zero is real
+    and equals ``arange(seq)`` without padding. Any nonzero mask value is a real token (a mask
+    of 2s, 0.5s or segment numbers counts each token once), as transformers reads the mask."""
+    m = attention_mask.astype(bool).astype(jnp.int32)
     pos = jnp.cumsum(m, axis=1) - 1
     if cache is not None:
         pos = pos + jnp.sum(cache.mask.astype(jnp.int32), axis=1, keepdims=True)
