@@ -197,14 +197,27 @@ def check_finite(tree, *, name: str = "batch") -> None:
             raise InputValidationError(f"{name}{jax.tree_util.keystr(kp)} holds a non-finite value {a[pos]} at {pos}.")
 
 
+_RAW_KEY_SHAPES: dict = {}  # the default PRNG implementation's name -> its legacy keys' shape
+
+
+def _raw_key_shape() -> tuple:
+    """The shape of a legacy key (``jax.random.PRNGKey``) under JAX's default PRNG
+    implementation: ``(2,)`` for threefry, ``(4,)`` for ``jax_default_prng_impl = "rbg"``."""
+    impl = str(jax.config.jax_default_prng_impl)
+    if impl not in _RAW_KEY_SHAPES:
+        _RAW_KEY_SHAPES[impl] = tuple(jax.random.key_data(jax.random.key(0)).shape)
+    return _RAW_KEY_SHAPES[impl]
+
+
 def is_single_key(key) -> bool:
     """Whether ``key`` is one ``jax.random`` key: a typed key (``jax.random.key``) of shape ``()``
-    or a legacy ``uint32 [2]`` one (``jax.random.PRNGKey``)."""
+    or a legacy ``uint32`` one (``jax.random.PRNGKey``: ``[2]``, or ``[4]`` when JAX's default
+    PRNG implementation is ``rbg``)."""
     if not isinstance(key, (jax.Array, np.ndarray)):
         return False
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key.shape == ()
-    return key.dtype == np.uint32 and key.shape == (2,)
+    return key.dtype == np.uint32 and tuple(key.shape) == _raw_key_shape()
 
 
 def check_key(key, *, name: str = "key", where: str = "") -> None:

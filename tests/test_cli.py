@@ -902,6 +902,55 @@ def test_train_and_eval_a_bfloat16_base(hf_dir, capsys):
     assert r.returncode == 2 and 'train.dtype must be "float32" or "bfloat16"' in error_line(r.stderr)
 
 
+def test_an_adapter_of_a_bfloat16_run_is_read_onto_the_float32_base_and_back(hf_dir, capsys):
+    """The base fingerprint an adapter or checkpoint keeps holds the dtype the base was loaded in:
+    a train.dtype = "bfloat16" run's adapter was refused by eval (float32 by default), merge and
+    export (no --dtype) as "saved for a different base model", and eval --dtype bfloat16 refused a
+    float32 run's, though --model named the folder it was trained on. Another base is still refused."""
+    cfg = write_config(hf_dir, "bf16_read", steps=2, save_every=2, eval_every=0)
+    assert jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "train.dtype=bfloat16").returncode == 0
+    run = hf_dir / "bf16_read"
+    losses = []
+    for target, dt in ((run / "adapter", "float32"), (run / "checkpoints" / "2", "float32"), (run / "adapter", "bfloat16")):
+        r = jpeft_here(capsys, "eval", "--model", hf_dir / "tiny-llama", "--adapter", target, "--data",
+                       hf_dir / "notes.txt", "--seq-len", 32, "--json", "--dtype", dt)
+        assert r.returncode == 0, r.stderr
+        losses.append(json.loads(r.stdout)["loss"])
+    assert losses[0] == losses[1] and abs(losses[2] - losses[0]) < 2e-2 * losses[0]
+    for cmd in ("merge", "export"):
+        r = jpeft_here(capsys, cmd, "--model", hf_dir / "tiny-llama", "--adapter", run / "adapter", "--out",
+                       hf_dir / f"bf16_read_{cmd}")
+        assert r.returncode == 0, r.stderr
+    other = hf_dir / "bf16_read_other"  # another base (one more vocabulary row) is still refused
+    other.mkdir()
+    conf = json.loads((hf_dir / "tiny-llama" / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(conf, vocab_size=conf["vocab_size"] + 1)))
+    from transformers import AutoConfig, AutoModelForCausalLM
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(other)).save_pretrained(other)
+    r = jpeft_here(capsys, "export", "--model", other, "--adapter", run / "adapter", "--out", hf_dir / "bf16_read_x")
+    assert r.returncode == 2 and "saved for a different base model" in error_line(r.stderr)
+
+
+def test_eval_of_a_prompt_tuning_adapter_names_its_packing_option(hf_dir, capsys):
+    """eval's default --packing documents cannot run a prompt-tuning adapter (virtual tokens once
+    per row): the error names eval's --packing stream (the model's error named train's [data]
+    packing), and --packing stream evaluates it."""
+    import jax
+    import jax.numpy as jnp
+    import jpeft
+    from jpeft.models import from_pretrained
+    model, params = from_pretrained(str(hf_dir / "tiny-llama"))
+    cfg = jpeft.PromptTuningConfig(num_virtual_tokens=4)
+    adapter = jpeft.init(cfg, params, jax.random.key(0), model, jnp.ones((1, 4), jnp.int32))
+    jpeft.save_adapter(hf_dir / "pt_adapter", cfg, adapter, params=params)
+    args = ["eval", "--model", hf_dir / "tiny-llama", "--adapter", hf_dir / "pt_adapter", "--data", hf_dir / "notes.txt",
+            "--seq-len", 32, "--json"]
+    r = jpeft_here(capsys, *args)
+    assert r.returncode == 2 and "pass --packing stream" in error_line(r.stderr)
+    r = jpeft_here(capsys, *args, "--packing", "stream")
+    assert r.returncode == 0, r.stderr
+
+
 def test_train_with_scan_layers_saves_a_per_layer_adapter(hf_dir, capsys):
     """train.scan_layers trains the layer-scanned model; the finished adapter is written per
     layer, so `jpeft eval --adapter` on the ordinary (unrolled) model reads it."""

@@ -517,3 +517,18 @@ def test_a_seed_or_a_batch_of_keys_is_refused_by_name_where_a_key_is_taken(bad, 
     step = jpeft.make_train_step(lambda p, a, b, k: jnp.mean(jpeft.apply(model, p, a, b["x"]) ** 2), optax.sgd(0.1))
     with pytest.raises(jpeft.errors.InputValidationError, match=r"fit: key must be one jax.random key"):
         loop.fit(step, params, adapter, optax.sgd(0.1).init(adapter), [{"x": jnp.ones((2, 3))}], key=bad)
+
+
+def test_a_legacy_key_of_the_default_prng_implementation_is_taken():
+    # with jax_default_prng_impl = "rbg", jax.random.PRNGKey(seed) is uint32[4]: JAX and Flax take it, and
+    # check_key refused it (it took uint32[2] legacy keys only); a uint32[4] under threefry is still refused
+    model = nn.Dense(4)
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    with jax.default_prng_impl("rbg"):
+        key = jax.random.PRNGKey(1)
+        assert key.shape == (4,)
+        adapter = jpeft.init(jpeft.LoraConfig(target_modules=".*"), params, key)
+        step = jpeft.make_train_step(lambda p, a, b, k: jnp.mean(jpeft.apply(model, p, a, b["x"]) ** 2), optax.sgd(0.1))
+        loop.fit(step, params, adapter, optax.sgd(0.1).init(adapter), [{"x": jnp.ones((2, 3))}], key=key)
+    with pytest.raises(jpeft.errors.InputValidationError, match=r"found ArrayImpl uint32 of shape \(4,\)"):
+        jpeft.init(jpeft.LoraConfig(target_modules=".*"), params, key)

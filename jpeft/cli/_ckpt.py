@@ -13,8 +13,12 @@ Every command that takes ``--adapter`` reads whatever training or export wrote:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from typing import NamedTuple, Optional
+
+import jax.numpy as jnp
 
 from jpeft import hf, io, scan
 from jpeft.checkpoint import CheckpointManager, FORMAT
@@ -130,11 +134,40 @@ def load_adapter(path: str, *, params, model=None, example=None, base_config=Non
             e.what, e.difference, " (--model); from Python, allow_base_mismatch=True loads it anyway")) from None
 
 
+def float_dtype_only(saved: Optional[dict], params, base_config=None) -> bool:
+    """Whether the base fingerprint ``saved`` differs from ``params`` only in floating dtypes:
+    the same model folder loaded in another dtype (``train.dtype``, ``eval``/``serve --dtype``;
+    ``merge`` and ``export`` load it in float32), which the commands accept. The library's
+    loaders refuse any dtype difference (``allow_base_mismatch``)."""
+    if not isinstance(saved, dict) or saved.get("content_hash") or params is None:
+        return False
+    current = io.base_fingerprint(params, base_config)
+
+    def loose(fp):
+        rows = [[n, s, "float" if jnp.issubdtype(jnp.dtype(d), jnp.floating) else d] for n, s, d in fp.get("params", [])]
+        return {**fp, "params": rows}
+
+    try:
+        return io._fp_difference(saved, current) is not None and io._fp_difference(loose(saved), loose(current)) is None
+    except (TypeError, ValueError):  # a damaged fingerprint: the library's check names it
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_base_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"this (adapter|checkpoint) was saved for a different base model")
+        yield
+
+
 def _load_adapter(path, params, model, example, base_config):
     found = find_adapter(path)
     args = () if example is None else (example,)
     if found.kind == "jpeft":
-        config, adapter = io.load_adapter(found.path, params, model, *args, base_config=base_config)
+        allow = float_dtype_only(io.read_adapter_info(found.path).base, params, base_config)
+        with _quiet_base_warning():
+            config, adapter = io.load_adapter(found.path, params, model, *args, base_config=base_config,
+                                              allow_base_mismatch=allow)
         return adapter, config
     if found.kind == "peft":
         config, adapter = hf.load_peft(found.path, params)
@@ -172,6 +205,8 @@ def _stacked(arrays) -> bool:
 
 
 def _restore(directory, step, config, params, model, args, base_config):
+    saved = checkpoint_metadata(os.path.join(directory, str(step))).get("base")
+    allow = float_dtype_only(saved, params, base_config)
     with CheckpointManager(directory, config, params, model=model, example_args=args, base_config=base_config,
-                           async_save=False, keep_last=None, read_only=True) as mngr:
-        return mngr.restore(step).adapter
+                           async_save=False, keep_last=None, read_only=True) as mngr, _quiet_base_warning():
+        return mngr.restore(step, allow_base_mismatch=allow).adapter
