@@ -360,6 +360,10 @@ def fit(
             continue
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
             raise ConfigError(f"{name} must be a non-negative integer, found {v!r}.")
+    if forgetting_state is not None and forgetting is None:
+        # the guard's saved state would be dropped with no word: the resumed run would train unguarded
+        raise ConfigError("fit got forgetting_state (a resumed forgetting guard's state) but no forgetting guard; pass "
+                          "the guard it belongs to as forgetting=, or leave forgetting_state out.")
     guard = NonFiniteGuard(max_consecutive_skips)
     history: list[dict] = []
     step = int(start_step)

@@ -156,6 +156,9 @@ def test_guard_arguments_are_checked(setup):
     with pytest.raises(ConfigError, match=r"optax.chain\(..., jpeft.lr_scale\(\)\)"):
         jpeft.fit(step, params, adapter, plain.init(adapter), _skewed(0, 2), key=key,
                   forgetting=make(action="rollback"))
+    # a resumed guard's state without its guard was dropped silently (the run went on unguarded)
+    with pytest.raises(ConfigError, match="forgetting_state .* but no forgetting guard"):
+        jpeft.fit(step, params, adapter, plain.init(adapter), _skewed(0, 2), key=key, forgetting_state={"kept": None})
 
 
 def test_a_canary_without_targets_or_a_non_finite_check_is_not_within_budget(setup):
