@@ -523,6 +523,25 @@ def test_engine_takes_a_bare_stop_string_whole_and_names_bad_option_types():
     assert (req.temperature, req.top_p, req.seed) == (0.5, 0.75, 7)
 
 
+def test_engine_takes_any_integer_seed_and_a_numpy_max_tokens():
+    """A JSON seed past int64 (the HTTP layer passes any integer >= 0) was refused as 'seed must be
+    an integer' (numpy made an object array of it), and Request(max_tokens=np.int64(4)) as 'max_tokens
+    must be a positive integer' (jpeft.generate takes numpy ints). Nothing is compiled (submit only)."""
+    from jpeft.errors import InputValidationError
+    from jpeft.serve import Engine, Request
+
+    eng = Engine(MODEL, PARAMS, None, slots=1, max_len=32)
+    eng._running = True  # accept requests; the loop's thread is not started
+    req = eng.submit(Request([1, 2], None, np.int64(4), lambda e: None, seed=2**64))
+    assert req.max_tokens == 4 and type(req.max_tokens) is int and req.seed == 2**64 % (2**31 - 1)
+    for kw in (dict(seed=2.0), dict(seed=np.bool_(True)), dict(seed="3")):
+        with pytest.raises(InputValidationError, match="seed"):
+            eng.submit(Request([1, 2], None, 4, lambda e: None, **kw))
+    for mt in (np.int64(0), 4.0, True, np.ones(2, np.int32)):
+        with pytest.raises(InputValidationError, match="max_tokens"):
+            eng.submit(Request([1, 2], None, mt, lambda e: None))
+
+
 def test_a_dropped_non_streaming_request_frees_its_slot_while_tokens_keep_coming():
     """The disconnect check ran only after a second without events: a client that dropped a long
     non-streaming request held its slot until max_tokens (thousands of tokens). Nothing compiled."""

@@ -113,6 +113,14 @@ def _is_scalar(v, kinds) -> bool:
     return any(np.issubdtype(np.asarray(v).dtype, k) for k in kinds)
 
 
+def _is_int(v) -> bool:
+    """Whether ``v`` is one integer: a Python int of any size (a JSON seed may exceed int64, where
+    numpy makes an object array of it), or a numpy or 0-d jax/numpy integer; not a bool."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    return isinstance(v, int) or _is_scalar(v, (np.integer,))
+
+
 def _slice_rows(cache: KVCache, slot):
     """Row ``slot`` of every cache array (a batch-1 :class:`KVCache`)."""
     stacked = not isinstance(cache.keys, (tuple, list))
@@ -309,8 +317,9 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InputValidationError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}).")
-        if isinstance(req.max_tokens, bool) or not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+        if not _is_int(req.max_tokens) or int(req.max_tokens) < 1:
             raise InputValidationError(f"max_tokens must be a positive integer, found {req.max_tokens!r}.")
+        req.max_tokens = int(req.max_tokens)
         if len(ids) + req.max_tokens > self.max_len:
             raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens and max_tokens is {req.max_tokens}: {len(ids) + req.max_tokens} "
@@ -322,7 +331,7 @@ class Engine:
             if not _is_scalar(v, (np.integer, np.floating)):
                 raise InputValidationError(f"{name} must be a number, found {v!r}.")
             setattr(req, name, float(v))
-        if req.seed is not None and not _is_scalar(req.seed, (np.integer,)):
+        if req.seed is not None and not _is_int(req.seed):
             raise InputValidationError(f"seed must be an integer or None, found {req.seed!r}.")
         # a bare string would be iterated as its characters: stop="END" would end at any 'E', 'N' or 'D'
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
