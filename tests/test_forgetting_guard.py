@@ -201,3 +201,19 @@ def test_checkpoints_hold_the_rolled_back_state_and_its_lower_lr(setup, rises, t
     stop_step = res.step if res.forgetting["stopped"] else None
     assert stop_step is None or stop_step not in saved  # stopped: the over-budget state is not checkpointed
     assert saved == [s for s in range(EVERY, N + 1, EVERY) if s != stop_step]
+
+
+def test_a_start_over_budget_is_refused_not_kept_as_within_budget(setup):
+    """The starting state is what a stop returns and a rollback restores as "the last within
+    budget"; an adapter that already crosses the budget (prompt tuning's virtual tokens, an
+    adapter trained before) was kept unchecked, so the run ended on an over-budget adapter."""
+    params, adapter, opt, step, key = setup
+    moved = jax.tree.map(lambda x: x + 0.5 if isinstance(x, jax.Array) and x.dtype.kind == "f" else x, adapter)
+    start_kl = canary_stats(_logits_fn(), params, moved, _canary())["kl_mean"]
+    assert start_kl > 1e-3
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_kl=start_kl / 2, every=EVERY, action="rollback")
+    with pytest.raises(ConfigError, match=r"already crossed by the adapter it starts from \(step 0\): canary KL"):
+        jpeft.fit(step, params, moved, opt.init(moved), _skewed(0, N), key=key, num_steps=N, forgetting=guard)
+    # within budget at the start: runs as before
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_kl=start_kl * 2, every=EVERY)
+    assert guard.start(params, moved, opt.init(moved), 0)["canary_kl"] == pytest.approx(start_kl)

@@ -158,3 +158,33 @@ def test_a_resumed_run_continues_the_guard_exactly(hf_dir, capsys):
         assert [(r["step"], r.get("canary_action")) for r in _canary_records(hf_dir / out)] == want
     fa, fb = _metadata(hf_dir / "fg-whole")["forgetting"], _metadata(hf_dir / "fg-split")["forgetting"]
     assert fb == fa and fa["kept_step"] == 0 and fa["rollbacks"] == 1 and fa["stopped"]
+
+
+def test_train_refuses_a_start_over_budget(hf_dir, capsys):
+    # prompt tuning's random virtual tokens change the model at step 0: a budget below that start was
+    # kept as "the last within budget" and the run stopped on the over-budget step-0 adapter
+    path = _with_forgetting(write_config(hf_dir, "fg-start", steps=4, save_every=0, eval_every=0),
+                            'canary = "notes.txt"\nevery = 2\nmax_kl = 0.0\ncanary_batches = 1\n')
+    text = path.read_text().replace('name = "lora"', 'name = "prompt_tuning"\nnum_virtual_tokens = 4')
+    text = "\n".join(ln for ln in text.splitlines() if not ln.startswith(("r =", "lora_", "target_modules")))
+    path.write_text(text.replace("seq_len = 32", 'seq_len = 32\npacking = "stream"'))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's opening line
+    assert line.startswith("jpeft train: error: ConfigError: the forgetting guard's budget is already crossed")
+    assert "by the adapter it starts from (step 0): canary KL" in line and "max_kl 0" in line and "Traceback" not in line
+    assert not (hf_dir / "fg-start").exists()  # the failed start left nothing behind
+    (hf_dir / "fg-start").mkdir()  # in a folder of the user's: what was there stays, what the run wrote goes
+    (hf_dir / "fg-start" / "notes.md").write_text("mine")
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    assert sorted(p.name for p in (hf_dir / "fg-start").iterdir()) == ["notes.md"]
+
+
+@pytest.mark.parametrize("canary, expect", [("missing.txt", "does not exist"), ("empty.txt", "is empty")])
+def test_a_bad_canary_file_leaves_no_output_dir(hf_dir, capsys, canary, expect):
+    # the canary was read after the output folder was made, which a failure left behind (empty)
+    (hf_dir / "empty.txt").write_text("")
+    name = f"fg-bad-canary-{canary.split('.')[0]}"
+    path = _with_forgetting(write_config(hf_dir, name, steps=2), f'canary = "{canary}"\nmax_kl = 1.0\n')
+    assert main(["train", "--config", str(path), "--no-progress"]) == 2
+    assert expect in error_line(capsys.readouterr().err)
+    assert not (hf_dir / name).exists()

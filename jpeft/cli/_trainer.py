@@ -428,24 +428,60 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         data_sha = agreed["data_sha"] = data_fingerprint(train_ds)
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "train_data_sha256", data_sha)
+    fg = cfg.get("forgetting")
+    # before the output folder is made: a missing or empty canary file leaves nothing behind
+    canary_ds = (PackedDataset.from_file(fg["canary"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
+                 if fg else None)
+    before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
     k_init, k_train = jax.random.split(jax.random.key(seed))
     example = jnp.asarray(train_ds.input_ids[:1, : min(8, train_ds.seq_len)])
     steps = int(t["steps"])
-    fg = cfg.get("forgetting")
-    canary_ds = (PackedDataset.from_file(fg["canary"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
-                 if fg else None)
     optimizer, sched = make_optimizer(t, steps, lr_scale=bool(fg) and fg["action"] == "rollback")
     ckpts = CheckpointManager(ckpt_dir, method, loaded.params, optimizer=optimizer, model=loaded.model,
                               example_args=(example,), base_config=loaded.hf_config,
                               save_every=int(t["save_every"]) or steps + 1,
                               keep_last=t["keep_checkpoints"], async_save=False)
+    failed = True
     try:
-        return _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
-                    k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved, base_sha)
+        out = _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
+                   k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved, base_sha)
+        failed = False
+        return out
     finally:
         ckpts.close()
+        if failed and saved is None and jax.process_count() == 1:
+            _remove_unstarted(out_dir, before)
+
+
+# what a run writes before its first step; removed again when it fails before logging one
+_RUN_FILES = ("resolved_config.json", "metrics.jsonl", "tb", "checkpoints")
+
+
+def _remove_unstarted(out_dir: str, before: Optional[set]) -> None:
+    """After a fresh run failed before its first record (a setting refused once the model and
+    adapter exist, such as a forgetting budget its starting adapter already crosses), removes
+    what it wrote (:data:`_RUN_FILES` not there before it started, and the folder if it made
+    it), so a failed start leaves nothing behind. Keeps everything once a step was logged or a
+    checkpoint saved (a crash's records help find its cause)."""
+    import shutil
+
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    saved_any = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    if saved_any or (os.path.isfile(metrics) and os.path.getsize(metrics)):
+        return
+    for name in _RUN_FILES:
+        path = os.path.join(out_dir, name)
+        if before is not None and name in before:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    if before is None and os.path.isdir(out_dir) and not os.listdir(out_dir):
+        os.rmdir(out_dir)
 
 
 @contextlib.contextmanager

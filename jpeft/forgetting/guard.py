@@ -232,7 +232,11 @@ class ForgettingGuard:
         ``resumed``: the :meth:`state` saved with the checkpoint a run resumes from
         (:attr:`jpeft.checkpoint.TrainState.extra`): the guard continues with that run's kept
         state, checks and rollback count, as if it had not stopped, and returns the metrics of
-        its last check (nothing is measured)."""
+        its last check (nothing is measured).
+
+        Raises:
+          ConfigError: ``action="rollback"`` without :func:`lr_scale` in the optimizer, or a
+            starting adapter already over the budget (it would be kept as the state within budget)."""
         if self.action == "rollback" and current_lr_scale(opt_state) is None:
             raise ConfigError("action='rollback' lowers the learning rate through jpeft.lr_scale(), but the optimizer "
                               "has no such stage; build it as optax.chain(..., jpeft.lr_scale()), or use action='stop'.")
@@ -240,6 +244,16 @@ class ForgettingGuard:
         if resumed is not None:
             return self._resume(resumed, step)
         m = self.measure(params, adapter)
+        crossed = self.over_budget(m)
+        if crossed:
+            # the starting state is what a stop returns and a rollback restores, as "the last state within
+            # budget": kept over budget, the run would end (or keep restarting) on an adapter that breaks it
+            raise ConfigError(
+                f"the forgetting guard's budget is already crossed by the adapter it starts from (step {step}): "
+                f"{'; '.join(crossed)}, so no state within budget would be there to keep or roll back to. An "
+                "adapter that changes the model when created (prompt or prefix tuning's virtual tokens) or one "
+                "trained before starts above 0: raise the budget above these values, or start from an adapter "
+                "within it.")
         self._kept = (step, _copy(adapter), _copy(opt_state), m)
         self.report = {"checks": [dict(m, step=step)], "events": [], "kept_step": step, "kept": m,
                        "stopped": False, "rollbacks": 0}
