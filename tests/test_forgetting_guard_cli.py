@@ -79,6 +79,17 @@ def test_train_rollback_then_stop_keeps_the_base_adapter(hf_dir, capsys):
     assert meta["steps"] == 0 and meta["forgetting"]["stopped"] and meta["forgetting"]["rollbacks"] == 1
 
 
+def test_a_rollback_at_the_last_step_saves_the_kept_adapter_and_says_its_step(hf_dir, capsys):
+    # the metadata said "steps": 2 for the restored step-0 adapter
+    path = _with_forgetting(write_config(hf_dir, "fg-last", steps=2, save_every=0, eval_every=0),
+                            'canary = "notes.txt"\nevery = 2\nmax_kl = 0.0\naction = "rollback"\n'
+                            'max_rollbacks = 1\nlr_factor = 0.5\ncanary_batches = 1\n')
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    assert "rolled back at the last step, so the adapter of step 0" in capsys.readouterr().err
+    meta = _metadata(hf_dir / "fg-last")
+    assert meta["steps"] == 0 and meta["forgetting"]["kept_step"] == 0 and meta["forgetting"]["rollbacks"] == 1
+
+
 def test_logged_lr_is_the_rate_applied_after_a_rollback(hf_dir, capsys):
     # a rollback restores the optimizer state of the kept step (its schedule count too) and
     # halves lr_scale: metrics.jsonl's lr must be that applied rate, not schedule(step - 1)

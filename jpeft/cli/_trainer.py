@@ -748,7 +748,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
         if jax.process_index() == 0:
             save_adapter(os.path.join(out_dir, "adapter"), final, method, params=final_params,
                          base_config=loaded.hf_config,
-                         metadata={"steps": report["kept_step"] if stopped else steps, "eval": last_eval,
+                         metadata={"steps": _adapter_step(report, steps), "eval": last_eval,
                                    **({"forgetting": _canary_summary(report)} if report else {})})
         if jax.process_count() > 1:
             dist.barrier("jpeft_train_adapter_written")
@@ -763,10 +763,22 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
         _say(f"jpeft train: interrupted at step {step}; checkpoint saved. Continue with --resume.")
     elif step < steps:
         _say(f"jpeft train: stopped at step {step} of {steps} (--max-steps); continue with --resume.")
+    elif _adapter_step(report, steps) != steps:
+        _say(f"jpeft train: done; the forgetting guard rolled back at the last step, so the adapter of step "
+             f"{report['kept_step']} (the last within budget) saved to {where}")
     else:
         _say(f"jpeft train: done; adapter saved to {where}")
     return {"step": step, "interrupted": interrupted, "eval": last_eval, "adapter_dir": where,
             "forgetting": None if report is None else _canary_summary(report)}
+
+
+def _adapter_step(report: Optional[dict], steps: int) -> int:
+    """The step whose adapter a finished run saves: the kept one when the guard stopped the run
+    or rolled back at its last step (the state it restored), else ``steps``."""
+    if report and (report["stopped"] or any(e["action"] == "rollback" and e["step"] >= steps
+                                            for e in report["events"])):
+        return int(report["kept_step"])
+    return steps
 
 
 def _canary_summary(report: dict) -> dict:
