@@ -362,18 +362,36 @@ def infer_layout(path: str, own: Mapping[str, Any]) -> Layout:
     )
 
 
-def check_layout(path: str, node_layout: Layout, module, args, kwargs) -> None:
-    """At apply time: the module the adapter meets must have the layout it was built for."""
+def check_layout(path: str, node_layout: Layout, module, args, kwargs, *, known_only: bool = False) -> None:
+    """At apply time: the module the adapter meets must have the layout it was built for.
+    ``known_only``: accept modules jpeft has no layout for (a method that scales or rotates
+    the module's input or output alone, as IA3 and OFT, needs none)."""
     own = module.variables.get("params", {})
     pname = node_layout.param_name
     if pname not in own:
+        if known_only:
+            return
         raise UnsupportedModuleError(f"module {path!r} has no {pname!r} parameter; it cannot hold this adapter.")
     actual = layout_of(module, tuple(own[pname].shape), args, kwargs, path)
+    if actual is None and known_only:
+        return
     if actual is None:
         raise UnsupportedModuleError(
             f"module {path!r} is a {type(module).__name__}; linear adapters support nn.Dense, nn.DenseGeneral, "
             "nn.Conv, nn.Einsum and nn.Embed. Remove it from target_modules."
         )
+    if node_layout.kind == Kind.DENSE and actual.kind == Kind.DENSE_GENERAL:
+        # a dense layout (from the kernel's shape alone) takes the input's last axis; a 2-D
+        # DenseGeneral kernel may contract another one (axis=1 of a 3-D input)
+        x_axes = input_axes(module, args, kwargs)
+        x = args[0] if args else kwargs.get("inputs")
+        if x_axes is not None and x_axes != (x.ndim - 1,):
+            raise LayoutError(
+                f"module {path!r}: the adapter was built for a dense layout (from the kernel's shape alone), which "
+                f"takes the input's last axis, but the module is a dense_general contracting axes {x_axes} of a "
+                f"{x.ndim}-D input. Rebuild the adapter with jpeft.init(config, params, key, model, x) so jpeft can "
+                "see the module."
+            )
     if (actual.kind, actual.in_axes, actual.out_axes) != (node_layout.kind, node_layout.in_axes, node_layout.out_axes) and not (
         {actual.kind, node_layout.kind} <= {Kind.DENSE, Kind.DENSE_GENERAL} and actual.in_axes == node_layout.in_axes
     ):

@@ -38,9 +38,11 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 import uuid
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -195,6 +197,25 @@ def _wrap(e: BaseException, what: str, cls=CheckpointError):
     return cls(f"{what}: {type(e).__name__}: {str(e)[:500]}")
 
 
+#: managers with asynchronous saves, finished when the interpreter exits (:func:`_finish_at_exit`)
+_ASYNC_MANAGERS: "weakref.WeakSet" = weakref.WeakSet()
+_EXIT_HOOK = False
+
+
+def _finish_at_exit() -> None:
+    """Waits for every live manager's pending asynchronous saves at interpreter exit. Registered
+    with ``threading``'s exit hooks, which run before ``concurrent.futures`` refuses new work (Orbax's
+    background commit needs it); ``atexit`` would run too late and the last save would be lost
+    (only its ``.orbax-checkpoint-tmp`` directory left) by a script that never called ``close()``.
+    The hooks run last registered first, so this one is registered after Orbax (and with it
+    ``concurrent.futures``) is imported: at the first asynchronous manager."""
+    for m in list(_ASYNC_MANAGERS):
+        try:
+            m.wait()
+        except Exception as e:  # noqa: BLE001  (exiting: report, never raise)
+            warnings.warn(f"jpeft: a pending checkpoint save did not finish at exit: {e}", stacklevel=1)
+
+
 class CheckpointManager:
     """Saves and restores adapter-only training checkpoints under ``directory``.
 
@@ -285,6 +306,12 @@ class CheckpointManager:
         self._damaged: set[int] = set()  # steps restore_latest(fallback=True) skipped as damaged
         with _quiet_read_only_notes():
             self._mngr = self._open()
+        if async_save and not self.read_only:
+            global _EXIT_HOOK
+            if not _EXIT_HOOK:
+                threading._register_atexit(_finish_at_exit)
+                _EXIT_HOOK = True
+            _ASYNC_MANAGERS.add(self)
 
     # -- orbax plumbing ------------------------------------------------------------------------
     def _open(self):

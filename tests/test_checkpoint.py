@@ -726,3 +726,26 @@ def test_an_adapter_initialised_with_the_model_and_its_reload_have_one_tree_stru
     assert jax.tree.structure(a) == jax.tree.structure(b)
     opt = optax.adam(1e-3)
     opt.update(b, opt.init(a), b)  # the original's optimizer state takes the reloaded adapter's gradients
+
+
+_EXIT_WITHOUT_CLOSE = """
+import sys, jax, jax.numpy as jnp, optax, flax.linen as nn, jpeft
+model = nn.Dense(3); params = model.init(jax.random.key(0), jnp.ones((2, 4)))
+cfg = jpeft.LoraConfig(r=2, target_modules=".*")
+ad = jpeft.init(cfg, params, jax.random.key(1))
+m = jpeft.checkpoint.CheckpointManager(sys.argv[1], cfg, params, optimizer=optax.adam(1e-3))  # async_save
+m.save(5, ad, optax.adam(1e-3).init(ad))
+"""
+
+
+def test_a_script_that_exits_without_close_keeps_its_last_async_save(tmp_path):
+    """The last asynchronous save of a script that never calls close() was lost at exit (Orbax's
+    commit thread found concurrent.futures shut down; only a .orbax-checkpoint-tmp directory was
+    left); a threading exit hook now waits for it."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _EXIT_WITHOUT_CLOSE, str(tmp_path / "ck")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if not p.name.startswith(".")) == ["5"], r.stderr[-2000:]
+    assert "cannot schedule new futures" not in r.stderr

@@ -380,6 +380,52 @@ def test_nd_kernel_without_model_says_how_to_fix():
     assert "jpeft.init(config, params, key, model, x)" in str(e.value)
 
 
+class _Axis1(nn.Module):
+    """A 2-D kernel contracting axis 1 of a 3-D input: jpeft.init without the model sees a Dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.DenseGeneral(5, axis=1, name="m")(x)
+
+
+class _OutIn(nn.Module):
+    """A square 2-D kernel stored ``[out, in]`` (PyTorch's orientation)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Einsum((4, 4), "bi,oi->bo", name="m")(x)
+
+
+@pytest.mark.parametrize("make", ["lora", "ia3", "oft"])
+def test_a_kernel_shape_that_hides_its_layout_is_refused_at_apply(make):
+    """Built from the params alone (no model), a 2-D kernel is taken as ``[in, out]`` on the input's
+    last axis; where the module contracts another axis, or stores ``[out, in]``, apply used to
+    compute another function than merge (silently); now a named LayoutError says how to fix."""
+    rng = np.random.default_rng(0)
+    cfg = {"lora": jpeft.LoraConfig(r=2, target_modules=["m"]),
+           "ia3": jpeft.IA3Config(target_modules=["m"], feedforward_modules=["m"]),
+           "oft": jpeft.OFTConfig(oft_block_size=2, r=0, target_modules=["m"])}[make]
+    cases = []
+    if make != "oft":  # OFT refuses this one with its own message (tests/test_methods_oft.py)
+        cases.append((_Axis1(), np.ones((2, 4, 4), np.float32)))
+    if make != "lora":  # LoRA refused this one already
+        cases.append((_OutIn(), np.ones((3, 4), np.float32)))
+    for model, x in cases:
+        params = model.init(jax.random.key(0), x)
+        adapter = jpeft.init(cfg, params, jax.random.key(1))
+        adapter = jax.tree.map(lambda t: jnp.asarray(0.5 * rng.standard_normal(t.shape), t.dtype), adapter)
+        with pytest.raises(jpeft.errors.LayoutError) as e:
+            jpeft.apply(model, params, adapter, x)
+        assert "jpeft.init(config, params, key, model, x)" in str(e.value)
+        if make == "oft":  # OFT adapts nn.Dense only: refused by name at init given the model
+            continue
+        # built with the model, apply and merge compute the same function
+        adapter = jpeft.init(cfg, params, jax.random.key(1), model, x)
+        adapter = jax.tree.map(lambda t: jnp.asarray(0.5 * rng.standard_normal(t.shape), t.dtype), adapter)
+        np.testing.assert_allclose(model.apply(jpeft.merge(params, adapter), x), jpeft.apply(model, params, adapter, x),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_nothing_half_built_on_error():
     """A failing init returns nothing; the params are not modified."""
     model, params, x = _mlp()
