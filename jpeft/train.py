@@ -1,7 +1,7 @@
 """Jitted training steps that differentiate the adapter only.
 
 ``loss_fn(params, adapter, batch, key)`` returns a scalar loss or ``(loss, aux)`` where
-``aux`` is a dict of extra metrics. The step returned by :func:`make_train_step` is::
+``aux`` is a dict of extra metrics (not named ``loss``, ``grad_norm`` or ``skipped``, the step's own). The step returned by :func:`make_train_step` is::
 
     adapter, opt_state, metrics = step(params, adapter, opt_state, batch, key)
 
@@ -93,6 +93,11 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
         new_adapter, new_state = update((adapter, opt_state, grads))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": (~finite).astype(jnp.int32)}
     if isinstance(aux, dict):
+        taken = sorted(set(aux) & set(metrics))
+        if taken:
+            # the step's own loss, gradient norm and skip flag (which fit's non-finite guard reads) would be replaced
+            raise ConfigError(f"the loss function's aux metrics use the step's own name(s) {taken} (the step reports "
+                              f"{sorted(metrics)} itself); rename them, e.g. {'aux_' + taken[0]!r}.")
         metrics.update(aux)
     elif aux is not None and not (isinstance(aux, Mapping) and len(aux) == 0):  # an array aux: no == on tracers
         metrics["aux"] = aux

@@ -333,6 +333,16 @@ def test_an_array_aux_such_as_lm_loss_count_is_reported_not_a_tracer_error():
     _, _, metrics = jpeft.make_train_step(loss_fn, opt)(params, adapter, opt.init(adapter), x, jax.random.key(2))
     assert float(metrics["aux"]) == 4.0
 
+    # an aux dict naming the step's own metrics replaced them (a "skipped" one misled fit's non-finite guard)
+    from jpeft.errors import ConfigError
+
+    for name in ("loss", "skipped"):
+        def named(p, a, batch, key, name=name):
+            return jnp.mean(jpeft.apply(model, p, a, batch) ** 2), {name: jnp.float32(0.0), "mine": jnp.float32(1.0)}
+
+        with pytest.raises(ConfigError, match=f"use the step's own name\\(s\\) \\['{name}'\\]"):
+            jpeft.make_train_step(named, opt)(params, adapter, opt.init(adapter), x, jax.random.key(2))
+
 
 def test_resume_after_a_record_cut_off_mid_write_keeps_every_record_readable(tmp_path):
     """A run killed while writing metrics.jsonl leaves its last record cut off (no line end);
