@@ -1,7 +1,8 @@
 """Jitted training steps that differentiate the adapter only.
 
 ``loss_fn(params, adapter, batch, key)`` returns a scalar loss or ``(loss, aux)`` where
-``aux`` is a dict of extra metrics (not named ``loss``, ``grad_norm`` or ``skipped``, the step's own). The step returned by :func:`make_train_step` is::
+``aux`` is a dict of extra metrics (not named ``loss``, ``grad_norm`` or ``skipped``, the
+step's own). The step returned by :func:`make_train_step` is::
 
     adapter, opt_state, metrics = step(params, adapter, opt_state, batch, key)
 
