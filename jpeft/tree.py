@@ -78,7 +78,10 @@ def nnx_params(state: nnx.State) -> dict:
 
 def nnx_with_params(state: nnx.State, params: Mapping[str, Any]) -> nnx.State:
     """A copy of ``state`` whose ``nnx.Param`` values are taken from ``params`` (a
-    :func:`nnx_params`-shaped dict); every other variable is kept as it is."""
+    :func:`nnx_params`-shaped dict); every other variable keeps its value, in a Variable of
+    its own: ``nnx.merge`` reuses a state's Variable objects, so a model made from the copy
+    (``jpeft.merge(model, adapter)``) must not update ``state``'s batch statistics or RNG
+    counters when it runs."""
     flat = []
     for path, var in nnx.to_flat_state(state):
         if isinstance(var, nnx.Param):
@@ -86,6 +89,8 @@ def nnx_with_params(state: nnx.State, params: Mapping[str, Any]) -> nnx.State:
             for comp in path:
                 node = node[str(comp)]
             var = var.replace(node)
+        else:
+            var = var.copy()
         flat.append((path, var))
     return nnx.from_flat_state(flat)
 

@@ -541,3 +541,33 @@ def test_adapted_submodules_under_nnx_transforms_are_refused_by_name():
     graphdef, state = nnx.split(Net("remat", nnx.Rngs(0)))
     with pytest.raises(UnsupportedModuleError, match="without the model"):
         jpeft.init(cfg, state, jax.random.key(1), graphdef, x)
+
+
+def test_a_merged_nnx_model_shares_no_variables_with_the_original():
+    """jpeft.merge(module, adapter) (and nnx.merge of jpeft.merge(state, adapter)) returned a
+    model holding the original's own BatchStat and RNG Variables: running the merged copy in
+    training mode moved the original model's batch statistics and dropout counter."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(4, 6, rngs=rngs)
+            self.bn = nnx.BatchNorm(6, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.drop(self.bn(self.fc1(x)))
+
+    def snap(m):
+        return [np.asarray(jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v)
+                for v in jax.tree.leaves(nnx.state(m))]
+
+    model = Net(nnx.Rngs(0))
+    model.train()
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"], init="random"), model, jax.random.key(2))
+    before = snap(model)
+    gd, st = nnx.split(model)
+    for merged in (jpeft.merge(model, ad), nnx.merge(gd, jpeft.merge(st, ad))):
+        merged(x)
+        assert merged.bn.mean is not model.bn.mean
+        assert all(np.array_equal(a, b) for a, b in zip(before, snap(model)))
