@@ -49,7 +49,7 @@ from jpeft.errors import (
 from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
 from jpeft.methods.base import Method, method_for_peft_type, registered_methods
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys, peft_key,  # noqa: F401
-                               split_peft_key, to_np)
+                               split_peft_key, take_base_copies, to_np)
 from jpeft.tree import compile_pattern, count, module_leaves, unwrap_params
 
 
@@ -122,6 +122,24 @@ def _classifier_tensors(config, params, prefix: str) -> dict:
     if "bias" in own:
         out[f"{prefix}classifier.bias"] = to_np(own["bias"]).copy()
     return out
+
+
+def _refuse_classifier_sites(tensors: Mapping[str, Any]) -> None:
+    """PEFT's SEQ_CLS wraps the classifier as a module to save (a full copy) and loads no adapter
+    weights onto it: an adapter site on the classifier would be dropped by PEFT without a warning."""
+    heads = tuple(f"{PEFT_PREFIX}{m}." for m in _SEQ_CLS_HEADS)
+    own = {f"{h}{t}" for h in heads for t in ("weight", "bias")}  # a trained copy (modules_to_save) is PEFT's own
+    sites = sorted(k for k in tensors if k.startswith(heads) and k not in own)
+    if sites:
+        raise UnsupportedAdapterError(
+            f"the adapter has a site on the classifier ({sites[:3]}), but task_type='SEQ_CLS' makes PEFT load the "
+            "classifier as a module to save (a full copy) and drop adapter weights on it silently, so PEFT's outputs "
+            "would differ from jpeft's. Save with task_type='FEATURE_EXTRACTION' (PEFT then adapts the classifier as "
+            "jpeft does), or train it as modules_to_save=['classifier'] instead of a target. Nothing was written."
+        )
+
+
+_SEQ_CLS_HEADS = ("classifier", "score")
 
 
 def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder: str, prefix: str) -> None:
@@ -214,6 +232,7 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     d["task_type"] = task
     if d["task_type"] == "SEQ_CLS":
         prompt_learning = config.peft_type in ("PREFIX_TUNING", "PROMPT_TUNING")
+        _refuse_classifier_sites(tensors)
         # a trained copy of the classifier (LoRA's modules_to_save) wins over the base's
         tensors = dict(_classifier_tensors(config, params, "base_model." if prompt_learning else PEFT_PREFIX), **tensors)
         d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + ["classifier", "score"]))
@@ -371,9 +390,13 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     prefix = "base_model." if ptype in ("PREFIX_TUNING", "PROMPT_TUNING") else PEFT_PREFIX
     _take_frozen_classifier(d, tensors, module_leaves(inner), path, prefix)  # SEQ_CLS's copy of the base's classifier
     n_scanned = scan.num_stacked_layers(inner)
+    unrolled = None
     if n_scanned is not None:  # a layer-scanned base: read per layer, then stack (jpeft.scan)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inner)
         unrolled = scan.unstack_params(abstract)
+    # PEFT's copies of targeted embedding-like modules' base weights, checked against the params' and dropped
+    take_base_copies(tensors, module_leaves(inner if unrolled is None else unrolled), path)
+    if n_scanned is not None:
         ctx = ImportContext(module_leaves(unrolled), path, dtype)
         config, adapter = fmt.from_hf(d, tensors, {"params": unrolled}, ctx)
         return config, scan.stack_adapter(adapter, n_scanned)

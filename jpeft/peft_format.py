@@ -14,6 +14,7 @@ import math
 import re
 from typing import Any, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -138,3 +139,51 @@ def check_keys(adapter_paths, expected_paths, *, unmatched_keys=(), what: str = 
             f"weights in the file (first: {only_base[:5]}). Was the adapter trained on another model (or a different "
             "number of layers)? Load it on the base it was made for."
         )
+
+
+def check_base_copy(path: str, v: np.ndarray, own: Mapping[str, Any], folder: str) -> None:
+    """PEFT saves the base weight of a targeted embedding or ``lm_head`` (``save_embedding_layers``, e.g. after
+    the vocabulary was resized or rows were re-initialised) and ``PeftModel.from_pretrained``
+    loads it into the model; jpeft keeps the params' weight, so the two must be the same weights
+    (compared at the coarser of the two dtypes), else the outputs would differ silently."""
+    name = "embedding" if "embedding" in own else "kernel" if "kernel" in own else None
+    ref = own.get(name) if name else None
+    if ref is None or isinstance(ref, jax.ShapeDtypeStruct) or not getattr(ref, "is_fully_addressable", True) \
+            or not jnp.issubdtype(getattr(ref, "dtype", np.int8), jnp.floating):
+        return  # abstract, sharded across processes or quantized params: nothing to compare here
+    f = np.asarray(v)
+    if name == "kernel" and f.ndim == 2 and not CONV1D.match(path):
+        f = f.T
+    p = np.asarray(ref)
+    if f.shape != p.shape:
+        raise BaseMismatchError(
+            f"the adapter in {folder!r} carries PEFT's copy of the base weight of {hf_name(path)!r} with shape "
+            f"{f.shape}, but the base's is {p.shape} (a resized vocabulary?). PeftModel.from_pretrained would load "
+            "that copy into the model; give jpeft params holding the same weight."
+        )
+    same = (np.array_equal(f.astype(np.float32), p.astype(f.dtype).astype(np.float32))
+            or np.array_equal(f.astype(p.dtype).astype(np.float32), p.astype(np.float32)))
+    if not same:
+        # rows as PyTorch stores the weight (a token's row of an embedding or of lm_head)
+        f0, p0 = (f.T, p.T) if name == "kernel" and f.ndim == 2 and not CONV1D.match(path) else (f, p)
+        bad = np.unique(np.nonzero(np.any(f0.astype(np.float32) != p0.astype(np.float32),
+                                          axis=tuple(range(1, f0.ndim))))[0])
+        raise BaseMismatchError(
+            f"the adapter in {folder!r} carries PEFT's copy of the base weight of {hf_name(path)!r} "
+            f"({hf_name(path)}.base_layer.weight), and it differs from the base's in {bad.size} row(s) (first: "
+            f"{bad[:8].tolist()}); PeftModel.from_pretrained loads that copy into the model, so jpeft's outputs "
+            "would differ from PEFT's. Put the saved weight into the params first (e.g. re-initialised or "
+            "resized token rows), or load the adapter on the base it was trained on."
+        )
+
+
+def take_base_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]], folder: str) -> None:
+    """Removes from ``tensors`` PEFT's copies of base weights (``<module>.base_layer.weight``, saved
+    for any method whose targets include an embedding-like module such as ``lm_head``), after
+    :func:`check_base_copy` found each equal to the base's; one of no module is left in place, so
+    the format's key check names it."""
+    for k in sorted(tensors):
+        sp = split_peft_key(k, ("base_layer.weight",))
+        if sp is not None and sp[0] in leaves:
+            check_base_copy(sp[0], tensors[k], leaves[sp[0]], folder)
+            del tensors[k]

@@ -192,6 +192,78 @@ def test_task_types_peft_cannot_load_are_refused_before_writing(tmp_path):
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 
+@pytest.mark.parametrize("targets", ["all-linear", ["query", "classifier"]])
+def test_seq_cls_with_a_classifier_site_is_refused_not_dropped_by_peft(targets, tmp_path):
+    """PEFT's SEQ_CLS loads the classifier as a module to save and silently drops adapter weights on
+    it (logits 4.1 apart for all-linear on the tiny BERT): save_peft refuses that before writing,
+    FEATURE_EXTRACTION keeps the classifier LoRA in PEFT too, and load_peft refuses such a file."""
+    import json
+
+    hf, _ = tiny.hf_model("bert")
+    model, params = _jpeft_base("bert")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=targets)
+    ad = _perturb(jpeft.init(cfg, params, jax.random.key(0)), jax.random.key(1))
+    assert "classifier" in ad
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="drop adapter weights on it"):
+        save_peft(str(tmp_path / "a"), cfg, ad, task_type="SEQ_CLS", params=params)
+    assert not (tmp_path / "a").exists()
+    save_peft(str(tmp_path / "b"), cfg, ad, params=params)  # FEATURE_EXTRACTION: PEFT adapts the classifier
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "b")).eval()
+    ids, mask = tiny.batch("bert")
+    j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(j), _torch_logits(pm, ids, mask, with_positions=False), rtol=1e-4, atol=1e-4)
+    # the file an earlier save_peft wrote: PEFT ignores the classifier LoRA, so jpeft refuses it
+    c = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps(dict(c, task_type="SEQ_CLS", modules_to_save=["classifier", "score"])))
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="ignores its LoRA weights"):
+        load_peft(str(tmp_path / "b"), params)
+
+
+def test_module_both_targeted_and_saved_in_a_peft_file_is_refused_by_name(tmp_path):
+    """PEFT gives a module named in target_modules and modules_to_save a full copy and no LoRA; the
+    file then lacks LoRA keys for it, which read as a base mismatch before."""
+    hf, _ = tiny.hf_model("mistral")
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                                modules_to_save=["lm_head"]))
+    pm.save_pretrained(str(tmp_path))
+    _, params = _jpeft_base("mistral")
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="both in target_modules and in modules_to_save"):
+        load_peft(str(tmp_path), params)
+
+
+@pytest.mark.parametrize("method", ["ia3", "lokr", "oft"])
+def test_non_lora_adapter_on_lm_head_loads_with_peft_base_weight_copy(method, tmp_path):
+    """PEFT saves lm_head's base weight (``lm_head.base_layer.weight``) next to any method that targets
+    it; those files were refused as a tied-embedding mismatch on an untied base. The copy is checked
+    against the base (a different one is refused) and the adapter matches PEFT's logits."""
+    import safetensors.numpy as stn
+
+    hf, _ = tiny.hf_model("mistral")
+    make = {"ia3": lambda: peft.IA3Config(target_modules=["lm_head", "k_proj"], feedforward_modules=[], init_ia3_weights=False),
+            "lokr": lambda: peft.LoKrConfig(r=2, target_modules=["lm_head", "q_proj"], init_weights=False),
+            "oft": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["lm_head", "q_proj"], init_weights=False)}
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), make[method]())
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape))
+    pm.eval()
+    pm.save_pretrained(str(tmp_path))
+    f = str(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.base_layer.weight" in stn.load_file(f)
+    model, params = _jpeft_base("mistral")
+    _, ad = load_peft(str(tmp_path), params)
+    ids, mask = tiny.batch("mistral")
+    _close(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)), _torch_logits(pm, ids, mask), mask)
+    t = stn.load_file(f)
+    t["base_model.model.lm_head.base_layer.weight"][3] += 1.0  # a resized / re-initialised head PEFT would load
+    stn.save_file(t, f, metadata={"format": "pt"})
+    with pytest.raises(jpeft.errors.BaseMismatchError, match="differs from the base's in 1 row"):
+        load_peft(str(tmp_path), params)
+
+
 def test_trained_classifier_copy_loads_as_module_to_save(tmp_path):
     """SEQ_CLS trains PEFT's classifier copy (modules_to_save): LoRA loads it as a SavedModule and
     matches PEFT's logits; saved back, PEFT reads the trained copy (not the base's)."""

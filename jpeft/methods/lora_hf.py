@@ -15,7 +15,6 @@ import math
 import os
 from typing import Any, Mapping, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -308,7 +307,6 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     biases: dict[str, np.ndarray] = {}  # bias="all": the biases of modules without a LoRA site
     tied_head = None
     unmatched = []
-    base_copies: dict[str, np.ndarray] = {}  # PEFT's copy of a targeted embedding's base weight
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
         if sp is None:
@@ -324,8 +322,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
                 unmatched.append(k)
             continue
         path, t = sp
-        if t == "base_layer.weight":  # PEFT saves the base embedding next to an embedding LoRA; jpeft keeps params'
-            base_copies[path] = v   # (after checking that they are the same weights: _check_base_copy)
+        if t == "base_layer.weight":  # a copy of a module this base lacks (jpeft.hf checked and dropped the others)
             continue
         if t == _TOKENS_KEY:
             token_values[path] = v
@@ -336,13 +333,11 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     candidates = [p for p, own in leaves.items() if "kernel" in own or "embedding" in own]
     candidates = linear_only(config.target_modules, leaves, candidates)
     expected = [p for p in candidates if config.selects(p)]
+    _refuse_saved_targets(config, [p for p in by_site if p in leaves], expected, ctx.folder)
     unknown = [p for p in by_site if p not in leaves]
     check_keys([p for p in by_site if p in leaves], expected,
                unmatched_keys=unmatched + [k for p in unknown for k in _keys_of(p, by_site[p])])
 
-    for path, v in sorted(base_copies.items()):
-        if path in leaves:
-            _check_base_copy(path, v, leaves[path], ctx.folder)
     config = _peft_patterns(config, [p for p in by_site if p in leaves])
     adapter = {}
     for path in sorted(by_site):
@@ -428,6 +423,27 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     return config, adapter
 
 
+def _refuse_saved_targets(config: LoraConfig, site_paths, expected, folder: str) -> None:
+    """A module both targeted and in ``modules_to_save``: PEFT wraps it as a full copy and gives it
+    no LoRA (weights for one in the file are dropped silently, as task_type SEQ_CLS does with a
+    classifier LoRA), while jpeft's LoraConfig refuses the overlap; refuse it by name."""
+    with_weights = sorted(hf_name(p) for p in site_paths if config.saves(p))
+    if with_weights:
+        raise UnsupportedAdapterError(
+            f"the adapter in {folder!r} has LoRA weights for {with_weights[:5]}, which its modules_to_save="
+            f"{list(config.modules_to_save)} also names: PEFT loads such a module as a full copy and ignores its "
+            "LoRA weights, so jpeft cannot reproduce PEFT's outputs with them applied. Re-save the adapter without "
+            "the module in modules_to_save (for a SEQ_CLS classifier: task_type 'FEATURE_EXTRACTION')."
+        )
+    both = sorted(hf_name(p) for p in expected if config.saves(p))
+    if both:
+        raise UnsupportedAdapterError(
+            f"the adapter in {folder!r} names {both[:5]} both in target_modules and in modules_to_save; PEFT then trains "
+            "a full copy of the module and no LoRA, but jpeft's LoraConfig keeps a module either adapted or saved. "
+            "Remove those modules from target_modules in adapter_config.json (the file holds no LoRA for them)."
+        )
+
+
 def _peft_patterns(config: LoraConfig, paths) -> LoraConfig:
     """The config with each site's ``(r, alpha)`` as PEFT derives it from the file's
     rank_pattern / alpha_pattern (the end of the dotted module name only): where a key would
@@ -441,40 +457,6 @@ def _peft_patterns(config: LoraConfig, paths) -> LoraConfig:
     for p, (r, alpha) in sorted(want.items()):
         add_site_pattern(rank_pattern, alpha_pattern, p, r, alpha, config)
     return dataclasses.replace(config, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-
-
-def _check_base_copy(path: str, v: np.ndarray, own: Mapping[str, Any], folder: str) -> None:
-    """PEFT saves the base weight of a targeted embedding (``save_embedding_layers``, e.g. after
-    the vocabulary was resized or rows were re-initialised) and ``PeftModel.from_pretrained``
-    loads it into the model; jpeft keeps the params' weight, so the two must be the same weights
-    (compared at the coarser of the two dtypes), else the outputs would differ silently."""
-    name = "embedding" if "embedding" in own else "kernel" if "kernel" in own else None
-    ref = own.get(name) if name else None
-    if ref is None or isinstance(ref, jax.ShapeDtypeStruct) or not getattr(ref, "is_fully_addressable", True) \
-            or not jnp.issubdtype(getattr(ref, "dtype", np.int8), jnp.floating):
-        return  # abstract, sharded across processes or quantized params: nothing to compare here
-    f = np.asarray(v)
-    if name == "kernel" and f.ndim == 2 and not CONV1D.match(path):
-        f = f.T
-    p = np.asarray(ref)
-    if f.shape != p.shape:
-        raise BaseMismatchError(
-            f"the adapter in {folder!r} carries PEFT's copy of the base weight of {hf_name(path)!r} with shape "
-            f"{f.shape}, but the base's is {p.shape} (a resized vocabulary?). PeftModel.from_pretrained would load "
-            "that copy into the model; give jpeft params holding the same weight."
-        )
-    same = (np.array_equal(f.astype(np.float32), p.astype(f.dtype).astype(np.float32))
-            or np.array_equal(f.astype(p.dtype).astype(np.float32), p.astype(np.float32)))
-    if not same:
-        bad = np.unique(np.nonzero(np.any(f.astype(np.float32) != p.astype(np.float32),
-                                          axis=tuple(range(1, f.ndim))))[0])
-        raise BaseMismatchError(
-            f"the adapter in {folder!r} carries PEFT's copy of the base weight of {hf_name(path)!r} "
-            f"({hf_name(path)}.base_layer.weight), and it differs from the base's in {bad.size} row(s) (first: "
-            f"{bad[:8].tolist()}); PeftModel.from_pretrained loads that copy into the model, so jpeft's outputs "
-            "would differ from PEFT's. Put the saved weight into the params first (e.g. re-initialised or "
-            "resized token rows), or load the adapter on the base it was trained on."
-        )
 
 
 def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves, ctx: ImportContext) -> dict:
