@@ -35,6 +35,7 @@ Three entry points:
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
@@ -259,11 +260,13 @@ def merge_deltas(
     """
     adapters, weights, sites = _validate(adapters, weights, method, density, majority_sign, key)
     out = {}
-    for j, (path, site) in enumerate(sites.items()):
+    for path, site in sites.items():
         lay = site.layout
         zero = jnp.zeros((lay.in_features, lay.out_features), jnp.float32)
         deltas = [_delta(ad[path]) if path in ad else zero for ad in adapters]
-        k = None if key is None else jax.random.fold_in(key, j)
+        # each site's draws follow from its path, not from where it stands in the adapters' dicts (a jit, a
+        # save/load or a site only some adapters have reorders them)
+        k = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         out[path] = combine(deltas, weights, method, density=density, majority_sign=majority_sign, key=k)
     return out
 

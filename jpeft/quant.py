@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Literal, Mapping, Optional
 
 import jax
@@ -40,11 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from jax.sharding import PartitionSpec as P
 
-from jpeft.errors import QuantizationError
+from jpeft.errors import QuantizationError, SaveError
 from jpeft.tree import matches, path_str
 
 Scheme = Literal["nf4", "int8", "fp8"]
@@ -444,16 +445,27 @@ def from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> dic
     for name, js in metadata.items():
         if not isinstance(js, str) or not js.startswith("{"):
             continue
-        m = json.loads(js)
+        try:
+            m = json.loads(js)
+        except ValueError:
+            m = None
+        if not isinstance(m, dict) or m.get("scheme") not in SCHEMES:
+            # a damaged entry was a JSONDecodeError, and an unknown scheme was read as fp8 with no word
+            raise QuantizationError(f"the file's metadata for the quantized leaf {name!r} is {js[:120]!r}: expected JSON "
+                                    f"with a scheme in {list(SCHEMES)}. The file is damaged or not written by "
+                                    "jpeft.quant.save; save the base again.")
         try:
             if m["scheme"] == "nf4":
-                arrs = [jnp.asarray(tensors[f"{name}.{f}"]) for f in ("codes", "absmax_codes", "absmax_scales", "absmax_offset")]
-                put(name, NF4Array(*arrs, tuple(m["matrix"]), m["dtype"]))
+                arrs = [np.asarray(tensors[f"{name}.{f}"]) for f in ("codes", "absmax_codes", "absmax_scales", "absmax_offset")]
+                _check_nf4_arrays(name, m, arrs)
+                put(name, NF4Array(*[jnp.asarray(a) for a in arrs], tuple(m["matrix"]), m["dtype"]))
             else:
                 qv = np.asarray(tensors[f"{name}.qvalue"])
+                scale = np.asarray(tensors[f"{name}.scale"])
+                _check_qwix_arrays(name, m, qv, scale)
                 qtype = jnp.int8 if m["scheme"] == "int8" else jnp.float8_e4m3fn
                 qv = qv.view(qtype) if m["scheme"] == "fp8" else qv
-                put(name, qwix.QArray(jnp.asarray(qv), jnp.asarray(tensors[f"{name}.scale"]), None, qtype))
+                put(name, qwix.QArray(jnp.asarray(qv), jnp.asarray(scale), None, qtype))
         except KeyError as e:
             raise QuantizationError(f"the file has a quantized leaf {name!r} ({m}) without its array {e}; is it truncated?") from None
     for name, value in tensors.items():
@@ -463,17 +475,66 @@ def from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> dic
     return out
 
 
-def save(path: str, params) -> None:
-    """Writes a (quantized) base to one safetensors file; :func:`load` reads it back bit for bit."""
+def _mismatch(name, m, what) -> QuantizationError:
+    return QuantizationError(f"the file's quantized leaf {name!r} ({m}) does not hold together: {what}. The file is damaged "
+                             "or its arrays were edited; save the base again with jpeft.quant.save.")
+
+
+def _check_nf4_arrays(name, m, arrs) -> None:
+    """The shapes and dtypes :func:`to_tensors` writes for an NF4 leaf of ``m["matrix"]``; a
+    damaged file dequantized to another shape with no error, or failed in a reshape."""
+    codes, q2, scale2, offset = arrs
+    matrix = m.get("matrix")
+    if (not isinstance(matrix, list) or len(matrix) != 2 or not all(isinstance(d, int) and d > 0 for d in matrix)):
+        raise _mismatch(name, m, f"'matrix' must be [in, out] of positive ints, found {matrix!r}")
+    try:
+        ok_dtype = jnp.issubdtype(jnp.dtype(m.get("dtype")), jnp.floating)
+    except TypeError:
+        ok_dtype = False
+    if not ok_dtype:
+        raise _mismatch(name, m, f"'dtype' must be a float dtype, found {m.get('dtype')!r}")
+    lead = tuple(offset.shape)
+    nb = -(-matrix[0] * matrix[1] // BLOCK)
+    want = {"codes": (codes, lead + (nb * BLOCK // 2,), np.uint8), "absmax_codes": (q2, lead + (nb,), np.uint8),
+            "absmax_scales": (scale2, lead + (-(-nb // BLOCK2),), np.float32), "absmax_offset": (offset, lead, np.float32)}
+    for f, (a, shape, dt) in want.items():
+        if tuple(a.shape) != shape or a.dtype != dt:
+            raise _mismatch(name, m, f"its {f} is {a.dtype}{list(a.shape)}, a {matrix[0]} x {matrix[1]} kernel "
+                                     f"(leading axes {list(lead)}) needs {np.dtype(dt).name}{list(shape)}")
+
+
+def _check_qwix_arrays(name, m, qv, scale) -> None:
+    """int8 / fp8: values of 2+ dims (int8, or fp8 as bytes) and one scale per output channel."""
+    dt = np.int8 if m["scheme"] == "int8" else np.uint8
+    if qv.ndim < 2 or qv.dtype != dt:
+        raise _mismatch(name, m, f"its qvalue is {qv.dtype}{list(qv.shape)}; expected {np.dtype(dt).name} of 2+ dims")
+    want = tuple(qv.shape[:-2]) + (1, qv.shape[-1])
+    if tuple(scale.shape) != want or not np.issubdtype(scale.dtype, np.floating) and scale.dtype.name != "bfloat16":
+        raise _mismatch(name, m, f"its scale is {scale.dtype}{list(scale.shape)}; values of shape {list(qv.shape)} need "
+                                 f"a float scale of shape {list(want)} (one per output channel)")
+
+
+def save(path: str, params, *, overwrite: bool = False) -> None:
+    """Writes a (quantized) base to one safetensors file; :func:`load` reads it back bit for bit.
+    An existing ``path`` is replaced only with ``overwrite=True`` (a model folder's own
+    ``model.safetensors`` given by mistake was replaced by the quantized base, its full-precision
+    weights lost), as :func:`jpeft.save_adapter` does."""
+    if os.path.lexists(path) and not overwrite:
+        raise SaveError(f"{path!r} already exists; jpeft.quant.save does not replace it (it may be the full-precision "
+                        "weights the base was quantized from). Choose another path, or pass overwrite=True.")
     tensors, meta = to_tensors(params)
     save_file(tensors, path, metadata={"jpeft_quantized": "1", **meta})
 
 
 def load(path: str) -> dict:
     """Reads a file written by :func:`save`."""
-    with safe_open(path, framework="numpy") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="numpy") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:  # a truncated or damaged file: safetensors' own error, not jpeft's
+        raise QuantizationError(f"{path!r} is not a readable safetensors file ({e}); is it truncated? "
+                                "Copy it again or save the base again with jpeft.quant.save.") from None
     meta.pop("jpeft_quantized", None)
     return from_tensors(tensors, meta)
 

@@ -197,6 +197,29 @@ def test_merge_force_over_an_earlier_output_leaves_it_whole_when_the_disk_fills(
     assert digest() == before
 
 
+def test_merge_force_over_an_earlier_export_removes_its_adapter_files(folder, capsys, tmp_path):
+    """`jpeft merge --force` into a folder holding an earlier `jpeft export` left its
+    adapter_config.json and adapter_model.safetensors beside the merged model, so transformers'
+    from_pretrained(out) loaded the base named there with the old adapter attached instead of the
+    merged weights (logits 4.5 off on a tiny Llama). They are removed once the merge is in place."""
+    import jax
+    import numpy as np
+
+    import jpeft
+    from jpeft.models import from_pretrained
+
+    _, params = from_pretrained(str(folder / "m"))
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"])
+    jpeft.save_adapter(tmp_path / "a", cfg, jpeft.init(cfg, params, jax.random.key(0)), params=params)
+    out = tmp_path / "out"
+    common = ["--model", str(folder / "m"), "--adapter", str(tmp_path / "a"), "--out", str(out)]
+    assert main(["export", *common]) == 0
+    assert main(["merge", *common, "--force"]) == 0
+    names = set(os.listdir(out))
+    assert "model.safetensors" in names and "config.json" in names
+    assert not names & {"adapter_config.json", "adapter_model.safetensors"}, names
+
+
 def test_closed_pipe_and_subprocess_exit_codes(folder):
     r = subprocess.run(f"{sys.executable} -m jpeft.cli info llama-2-7b | head -1", shell=True, capture_output=True,
                        text=True, env=ENV, timeout=300)

@@ -300,3 +300,26 @@ def test_merge_into_base_on_a_quantized_base_equals_jpeft_merge(scheme):
     want = jpeft.merge(q, merge_adapters([a, b], [0.5, -2.0], method="cat"))["params"]["kernel"]
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(merge_into_base(q, [a])["params"]["kernel"], jpeft.merge(q, a)["params"]["kernel"], atol=1e-6)
+
+
+def test_dare_draws_do_not_depend_on_the_order_of_the_sites():
+    """DARE's per-site key was folded from the site's index in the adapters' dict order: the same
+    adapters and key with the sites listed in another order (a save/load, a dict rebuilt, a site
+    only some adapters have) dropped other entries (3.2 off on a 2.9-sized update)."""
+    rng = np.random.default_rng(0)
+
+    def ad(paths):
+        return {p: next(iter(lora(rng.normal(size=(6, 2)), rng.normal(size=(2, 5)), 0.5, p).values())) for p in paths}
+
+    a, b = ad(["x", "y", "z"]), ad(["x", "y", "z"])
+    key = jax.random.key(7)
+    want = merge_deltas([a, b], method="dare_ties", density=0.5, key=key)
+    rev = lambda d: dict(reversed(list(d.items())))  # noqa: E731
+    got = merge_deltas([rev(a), rev(b)], method="dare_ties", density=0.5, key=key)
+    # a site the first adapter lacks moves the shared ones in the merged site order
+    only_b = merge_deltas([{"y": a["y"]}, {"x": b["x"], "y": b["y"]}], method="dare_linear", density=0.5, key=key)
+    with_both = merge_deltas([{"x": a["x"], "y": a["y"]}, {"x": b["x"], "y": b["y"]}], method="dare_linear",
+                             density=0.5, key=key)
+    for p in want:
+        np.testing.assert_array_equal(got[p], want[p])
+    np.testing.assert_array_equal(only_b["y"], with_both["y"])

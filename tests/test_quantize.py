@@ -629,3 +629,43 @@ def test_cast_base_of_a_quantized_base_changes_the_dequantized_dtype_not_nf4s_sc
         else:  # qwix's convention: the scale is cast (one bf16 ulp at most)
             np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=2 ** -7)
     np.testing.assert_array_equal(jpeft.cast_base(c, jnp.float32)["d"]["kernel"].qvalue, c["d"]["kernel"].qvalue)
+
+
+def test_a_damaged_quant_file_is_a_named_error(tmp_path):
+    """quant.load of a truncated file raised safetensors' SafetensorError, of damaged metadata
+    json's JSONDecodeError; an unknown scheme was read as fp8, and NF4 arrays that do not fit
+    the recorded matrix loaded and then failed in a reshape (or dequantized to another shape)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    w = {"params": {"a": {"kernel": jax.random.normal(jax.random.key(0), (128, 64))}}}
+    for scheme in quant.SCHEMES:
+        p = str(tmp_path / f"{scheme}.safetensors")
+        quant.save(p, jpeft.quantize(w, scheme))
+        before = open(p, "rb").read()  # an existing file (the full-precision weights, say) is not replaced
+        with pytest.raises(jpeft.errors.SaveError, match="already exists"):
+            quant.save(p, jpeft.quantize(w, "int8" if scheme != "int8" else "nf4"))
+        assert open(p, "rb").read() == before
+        quant.save(p, jpeft.quantize(w, scheme), overwrite=True)
+        raw = open(p, "rb").read()
+        (tmp_path / "t.safetensors").write_bytes(raw[:-100])
+        with pytest.raises(QuantizationError, match="truncated"):
+            quant.load(str(tmp_path / "t.safetensors"))
+        with safe_open(p, "numpy") as f:
+            meta = f.metadata()
+        tens = load_file(p)
+
+        def bad(tensors, **entry):
+            m = dict(meta)
+            m["params/a/kernel"] = entry.get("raw") or json.dumps({**json.loads(m["params/a/kernel"]), **entry})
+            save_file(tensors, str(tmp_path / "b.safetensors"), metadata=m)
+            with pytest.raises(QuantizationError, match="params/a/kernel"):
+                quant.load(str(tmp_path / "b.safetensors"))
+
+        bad(tens, scheme="int4")
+        bad(tens, raw="{not json")
+        key = "params/a/kernel." + ("codes" if scheme == "nf4" else "scale")
+        bad({**tens, key: tens[key][..., :1]})
+        if scheme == "nf4":
+            bad(tens, matrix=[100, 64])
+            bad(tens, dtype="int8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, NamedTuple
 
@@ -21,6 +22,9 @@ class Loaded(NamedTuple):
     folder: str
     hf_config: dict     # the folder's config.json
 
+
+#: a Hugging Face PEFT adapter's files, which ``merge --force`` removes from its output folder
+PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the base dtypes the commands take
 
@@ -99,6 +103,11 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
     except OSError as e:
         raise SaveError(f"writing the merged model to {out!r} failed: {e}. The files already there are left as they "
                         "were; free space or fix permissions and run again.") from None
+    # an earlier `jpeft export` there (``--force``): transformers' from_pretrained(out) would load the base its
+    # adapter_config.json names with that old adapter attached, not the merged weights
+    for name in PEFT_ADAPTER_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
 
 
 def encode_fn(tokenizer):
