@@ -256,6 +256,36 @@ def _modules(root):
     return {"/".join(str(c) for c in p): m for p, m in nnx.iter_graph(root) if isinstance(m, nnx.Module)}
 
 
+def shared_params(root) -> dict[str, list[str]]:
+    """``{module path: [other paths of its shared Params]}`` for every module one of whose
+    Variables another module also holds (``self.b.kernel = self.a.kernel``): ``nnx.split``
+    lists such a Variable once, under its first path, so only that module gets an adapter site,
+    and folding the site into the shared kernel would change the other module too. A whole
+    module shared under two names is not listed (every call of it is adapted)."""
+    paths: dict[int, list[tuple]] = {}
+    seen: set[int] = set()
+
+    def walk(node, path):
+        impl = nnx.graph.get_node_impl(node)
+        if impl is None or id(node) in seen:
+            return
+        seen.add(id(node))
+        for k, v in impl.node_dict(node).items():
+            if isinstance(v, nnx.Variable):
+                paths.setdefault(id(v), []).append(path + (k,))
+            else:
+                walk(v, path + (k,))
+
+    walk(root, ())
+    out: dict[str, list[str]] = {}
+    for ps in paths.values():
+        if len(ps) > 1:
+            for p in ps:
+                out.setdefault("/".join(map(str, p[:-1])), []).extend(
+                    "/".join(map(str, q)) for q in ps if q != p)
+    return out
+
+
 def _swapped(value, wrap: Mapping[int, Any]):
     """``value`` with every module in ``wrap`` (by id) replaced by its proxy, through plain
     lists, tuples and dicts nested to any depth (``nnx.data([[block, ...], ...])``); ``value``

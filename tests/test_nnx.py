@@ -571,3 +571,28 @@ def test_a_merged_nnx_model_shares_no_variables_with_the_original():
         merged(x)
         assert merged.bn.mean is not model.bn.mean
         assert all(np.array_equal(a, b) for a, b in zip(before, snap(model)))
+
+
+def test_merging_a_site_on_a_param_shared_with_another_module_is_refused():
+    """`self.b.kernel = self.a.kernel`: apply adapts a's calls only, but merge folded the update
+    into the shared kernel, so b changed too (0.31 off apply on a tiny model). A whole module
+    shared under two names still merges (every call of it is adapted)."""
+    class Tied(nnx.Module):
+        def __init__(self):
+            self.a = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.b = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+            self.b.kernel = self.a.kernel
+            self.alias = self.a
+            self.head = nnx.Linear(4, 2, rngs=nnx.Rngs(2))
+
+        def __call__(self, x):
+            return self.head(self.b(self.alias(self.a(x))))
+
+    model, x = Tied(), jnp.ones((2, 4))
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["a", "head"]), model, jax.random.key(0))
+    ad = jax.tree.map(lambda v: jax.random.normal(jax.random.key(3), v.shape), ad)
+    with pytest.raises(jpeft.errors.NotMergeableError, match=r"site 'a' is on a module whose weights another.*b/kernel"):
+        jpeft.merge(model, ad)
+    head = {k: v for k, v in ad.items() if k == "head"}
+    np.testing.assert_allclose(jpeft.merge(model, head)(x), jpeft.apply(model, None, head, x), atol=1e-6)
+    assert _nnx.shared_params(model) == {"a": ["b/kernel"], "b": ["a/kernel"]}
