@@ -1116,6 +1116,17 @@ def test_merge_and_export_never_write_into_their_inputs_or_leave_stale_shards(hf
             assert r.returncode == 2 and "--force does not allow it" in error_line(r.stderr)
     assert (base / "model.safetensors").read_bytes() == weights
     assert sorted(os.listdir(base)) == sorted(os.listdir(hf_dir / "tiny-llama"))
+    # so is the folder --adapter is read from, and one holding it: a run folder's adapter/ (the export
+    # was written beside its jpeft files), or the run folder itself (a later --adapter RUN read the
+    # exported checkpoint's PEFT files before the run's adapter/)
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "a", run / "adapter")
+    for cmd in ("merge", "export"):
+        for given, out in ((run, run / "adapter"), (run / "adapter", run)):
+            r = jpeft_here(capsys, cmd, "--model", base, "--adapter", given, "--out", out, "--force")
+            assert r.returncode == 2 and "holds the adapter the command reads" in error_line(r.stderr)
+    assert sorted(os.listdir(run)) == ["adapter"]
+    assert sorted(os.listdir(run / "adapter")) == sorted(os.listdir(tmp_path / "a"))
     # --force over a sharded model: its index and shards go (jpeft's loader read the old shards by the index)
     out = tmp_path / "out"
     AutoModelForCausalLM.from_pretrained(base).save_pretrained(out, max_shard_size="20KB")

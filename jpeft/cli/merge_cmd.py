@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import jpeft
-from jpeft.cli._ckpt import load_adapter
+from jpeft.cli._ckpt import find_adapter, load_adapter
 from jpeft.cli._model import example_ids, load_folder, save_folder
 from jpeft.errors import SaveError
 
@@ -36,13 +36,27 @@ def check_out(out: str, force: bool, **inputs: str) -> None:
     """Refuses an ``--out`` that is a file, a non-empty folder without ``--force``, or one of
     the command's input folders (``inputs``: option name -> path), even with ``--force``:
     writing there would replace the base model's weights (``merge``) or make the base folder
-    load with the adapter attached (``export``)."""
+    load with the adapter attached (``export``). The same holds for the folder ``--adapter``
+    is actually read from (a run folder's ``adapter/`` or newest checkpoint) and any folder
+    holding it (the run folder, where an export would be read before the run's ``adapter/``)."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SaveError(f"--out {out!r} exists and is a file; give a folder.")
     for name, path in inputs.items():
         if path is not None and os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(out):
             raise SaveError(f"--out {out!r} is the {name} folder; writing there would replace what the command reads "
                             f"(--force does not allow it). Give a new folder for the output.")
+    adapter = inputs.get("--adapter")
+    if adapter is not None and os.path.isdir(out):
+        # the folder actually read: a run folder's adapter/ or newest checkpoint. Writing into it, or into
+        # a folder holding it (the run folder), mixes the outputs into the run or changes what a later
+        # --adapter RUN reads (a PEFT export in the run folder is read before its adapter/)
+        read = os.path.realpath(find_adapter(adapter).path)
+        o = os.path.realpath(out)
+        if read == o or read.startswith(o.rstrip(os.sep) + os.sep):
+            raise SaveError(f"--out {out!r} holds the adapter the command reads ({find_adapter(adapter).path}); writing "
+                            "there would mix the output into that adapter or its run folder, and a later --adapter of "
+                            "the run could read the output instead (--force does not allow it). Give a new folder for "
+                            "the output.")
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise SaveError(f"--out {out!r} is not empty; pass --force to overwrite its files.")
 
