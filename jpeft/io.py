@@ -196,7 +196,10 @@ def base_fingerprint(params, base_config=None, *, with_content_hash: bool = Fals
     }
 
 
-def _fp_difference(saved: Mapping, current: Mapping) -> Optional[str]:
+def fingerprint_difference(saved: Mapping, current: Mapping) -> Optional[str]:
+    """What differs between two :func:`base_fingerprint` s, in words, or ``None`` when they
+    describe the same base (the config's first differing key, else the first parameter whose
+    name, shape or dtype differs)."""
     sc, cc = saved.get("config"), current.get("config")
     if sc is not None and cc is not None and sc != cc:
         for k in sorted(set(sc) | set(cc)):
@@ -230,7 +233,7 @@ def check_base(saved: Optional[Mapping], params, base_config=None, *, allow_base
     if saved is None or params is None:
         return
     current = base_fingerprint(params, base_config)
-    diff = _fp_difference(saved, current)
+    diff = fingerprint_difference(saved, current)
     if diff is None and saved.get("content_hash"):
         leaves = jax.tree.leaves(params)
         if leaves and not any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):

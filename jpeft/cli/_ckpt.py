@@ -148,7 +148,7 @@ def float_dtype_only(saved: Optional[dict], params, base_config=None) -> bool:
         return {**fp, "params": rows}
 
     try:
-        return io._fp_difference(saved, current) is not None and io._fp_difference(loose(saved), loose(current)) is None
+        return io.fingerprint_difference(saved, current) is not None and io.fingerprint_difference(loose(saved), loose(current)) is None
     except (TypeError, ValueError):  # a damaged fingerprint: the library's check names it
         return False
 
