@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject
+from jpeft import _inject, scan
 from jpeft.core import merge
 from jpeft.errors import (
     BankCapacityError,
@@ -602,10 +602,17 @@ class AdapterBank:
     def check(self, params) -> None:
         """Raises :class:`~jpeft.errors.BankShapeError` unless every bank site exists in
         ``params`` with the kernel shape the bank was built for."""
-        leaves = module_leaves(unwrap_params(params)[0])
+        inner = unwrap_params(params)[0]
+        leaves = module_leaves(inner)
         for path, lay in self.layouts.items():
             own = leaves.get(path)
             pname = lay.param_name
+            if own is None and scan.num_stacked_layers(inner) is not None:
+                raise BankShapeError(
+                    f"the bank has a site {path!r}, and these params are layer-scanned (scan_layers=True: one stacked "
+                    "kernel per projection); a bank routes per-layer sites. Serve the unrolled model "
+                    "(from_pretrained(path) without scan_layers, or jpeft.scan.unstack_params)."
+                )
             if own is None or pname not in own:
                 raise BankShapeError(
                     f"the bank has a site {path!r} that the params do not have; the bank belongs to another base "

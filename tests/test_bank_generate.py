@@ -71,3 +71,14 @@ def count_compiles():
         yield seen
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_a_bank_on_layer_scanned_params_says_so():
+    """The same base with scan_layers was refused as 'the bank belongs to another base model'."""
+    import pytest
+    from jpeft.errors import BankShapeError
+
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
+    with pytest.raises(BankShapeError, match=r"layer-scanned .* Serve the unrolled model"):
+        bank.check(jpeft.scan.stack_params(PARAMS))
+    bank.check(PARAMS)
