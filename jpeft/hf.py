@@ -22,12 +22,14 @@ method: LoRA's format (with rsLoRA, rank_pattern, alpha_pattern, DoRA, and GPT-2
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any, Mapping, Optional
 
 import jax
@@ -374,6 +376,26 @@ def check_config_values(d: Mapping[str, Any], where: str) -> None:
         raise LoadError(f"{where}: {e}") from None
 
 
+def _warn_unknown_keys(config_cls, d: Mapping[str, Any], path: str) -> None:
+    """Warns of ``adapter_config.json`` keys that jpeft does not know for this method (neither
+    a config field, nor an option it ignores as harmless or refuses): most likely an option of a
+    newer PEFT, which jpeft cannot apply and which may change the adapter's outputs. Every key
+    the installed PEFT writes is known (tests/test_methods_hf.py)."""
+    known = set(known_peft_keys(config_cls))
+    unknown = sorted(k for k in d if k not in known)
+    if unknown:
+        warnings.warn(f"the adapter in {path!r} has adapter_config.json keys jpeft does not know for "
+                      f"{config_cls.peft_type}: {unknown[:8]} (from a newer PEFT?). jpeft ignores them; if they change "
+                      "what the adapter computes, jpeft's outputs differ from PEFT's.", UserWarning, stacklevel=4)
+
+
+def known_peft_keys(config_cls) -> frozenset:
+    """Every ``adapter_config.json`` key jpeft reads, ignores as harmless or refuses for a method."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return frozenset(fields | {config_cls._hf_keys.get(n, n) for n in fields} | set(config_cls._ignored_hf_keys)
+                     | set(config_cls._unsupported_hf_options) | {"peft_type"})
+
+
 def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     """The parsing behind :func:`load_peft` and :func:`load_peft_with_base` (see there)."""
     d = read_peft_config(path)
@@ -385,6 +407,7 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
             f"adapter type {ptype!r} in {path!r} is not supported by jpeft.hf; supported peft_type values: "
             f"{supported_peft_types()}."
         )
+    _warn_unknown_keys(fmt.config, d, path)
     inner, _ = unwrap_params(params)
     tensors = _read_tensors(path, count(inner))
     prefix = "base_model." if ptype in ("PREFIX_TUNING", "PROMPT_TUNING") else PEFT_PREFIX

@@ -287,3 +287,34 @@ def test_trained_classifier_copy_loads_as_module_to_save(tmp_path):
     save_peft(str(tmp_path / "b"), cfg, ad, task_type="SEQ_CLS", params=params)
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "b")).eval()
     np.testing.assert_allclose(_torch_logits(pm2, ids, mask, with_positions=False), t, rtol=1e-4, atol=1e-4)
+
+
+def test_every_key_the_installed_peft_writes_is_known_and_an_unknown_one_warns(tmp_path):
+    """LoRA, IA3 and the LyCORIS loaders kept only the keys they knew: an option of a newer PEFT
+    that changes the outputs was dropped with no word. Every key of the installed PEFT's configs is
+    known (so its files load quietly); another key is named in a warning."""
+    import json
+    import warnings
+
+    from jpeft.config import registered_configs
+    from jpeft.hf import known_peft_keys
+
+    made = {"LORA": peft.LoraConfig(), "IA3": peft.IA3Config(), "LOHA": peft.LoHaConfig(), "LOKR": peft.LoKrConfig(),
+            "ADALORA": peft.AdaLoraConfig(total_step=10), "VERA": peft.VeraConfig(),
+            "OFT": peft.OFTConfig(r=0, oft_block_size=4), "LN_TUNING": peft.LNTuningConfig(),
+            "PREFIX_TUNING": peft.PrefixTuningConfig(num_virtual_tokens=2),
+            "PROMPT_TUNING": peft.PromptTuningConfig(num_virtual_tokens=2)}
+    reg = registered_configs()
+    for ptype, cfg in made.items():
+        assert set(cfg.to_dict()) <= known_peft_keys(reg[ptype]), (ptype, set(cfg.to_dict()) - known_peft_keys(reg[ptype]))
+    hf, _ = tiny.hf_model("mistral")
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path))
+    _, params = _jpeft_base("mistral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_peft(str(tmp_path), params)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), lora_future_option=3)))
+    with pytest.warns(UserWarning, match=r"keys jpeft does not know for LORA: \['lora_future_option'\]"):
+        load_peft(str(tmp_path), params)
