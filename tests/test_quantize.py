@@ -484,7 +484,8 @@ def test_from_pretrained_jpeft_train_and_the_peft_export_on_an_nf4_base(tmp_path
 
     tiny_hf.jsonl(tmp_path / "train.jsonl", 0, 12)
     (tmp_path / "run.toml").write_text(
-        'output_dir = "run"\n[model]\npath = "llama"\nquantize = "nf4"\n[data]\ntrain = "train.jsonl"\nseq_len = 16\n'
+        'output_dir = "run"\n[model]\npath = "llama"\nquantize = "nf4"\n[data]\ntrain = "train.jsonl"\n'
+        'eval = "train.jsonl"\nseq_len = 16\n'
         '[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj", "v_proj", "down_proj"]\n'
         "[train]\nsteps = 2\nbatch_size = 2\nlearning_rate = 1e-2\neval_every = 0\nsave_every = 0\nlog_every = 1\n")
     assert main(["train", "--config", str(tmp_path / "run.toml"), "--no-progress"]) == 0
@@ -492,6 +493,15 @@ def test_from_pretrained_jpeft_train_and_the_peft_export_on_an_nf4_base(tmp_path
     assert "train.scan_layers = true" in capsys.readouterr().err
     (tmp_path / "bad.toml").write_text('[model]\npath = "llama"\nquantize = "int4"\n[data]\ntrain = "train.jsonl"\n')
     assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
+    # jpeft eval --quantize scores the adapter on the base it was trained on: the run's logged eval_loss
+    logged = [json.loads(ln) for ln in open(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in ln][-1]["eval_loss"]
+    capsys.readouterr()
+    args = ["eval", "--model", folder, "--adapter", str(tmp_path / "run"), "--data", str(tmp_path / "train.jsonl"),
+            "--seq-len", "16", "--batch-size", "2", "--json"]
+    assert main(args + ["--quantize", "nf4"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(logged, rel=1e-6)
+    assert main(args) == 0  # the full-precision base: another number
+    assert json.loads(capsys.readouterr().out)["loss"] != pytest.approx(logged, rel=1e-6)
 
     ids = np.random.default_rng(5).integers(3, 300, size=(2, 8))
     cfg, adapter = jpeft.io.load_adapter(str(tmp_path / "run" / "adapter"), q, model, jnp.asarray(ids))

@@ -50,6 +50,10 @@ def add_parser(sub):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the base model's compute and storage dtype (default float32; bfloat16 halves its memory; "
                         "the loss is summed in float32)")
+    p.add_argument("--quantize", choices=("nf4", "int8", "fp8"), default=None,
+                   help="quantize the base while reading it, as [model] quantize in `jpeft train` does (default: full "
+                        "precision); give the run's scheme to score a QLoRA adapter on the base it was trained on, as "
+                        "its logged eval_loss was")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
     p.add_argument("--max-batches", type=int, default=0, help="evaluate at most this many batches (default 0: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -75,7 +79,7 @@ def run(args) -> int:
         raise ConfigError(f"--worst must be >= 0, found {args.worst}.")
 
     require_causal_lm(args.model, "eval")
-    loaded = load_folder(args.model, dtype=args.dtype)
+    loaded = load_folder(args.model, dtype=args.dtype, quantize=args.quantize)
     encode, bos, eos = encode_fn(loaded.tokenizer)
     limit = max_positions(loaded.hf_config)
     adapter, extra = None, 0
