@@ -216,6 +216,14 @@ def _finish_at_exit() -> None:
             warnings.warn(f"jpeft: a pending checkpoint save did not finish at exit: {e}", stacklevel=1)
 
 
+def _finish_orbax(mngr) -> None:
+    """Waits for an Orbax manager's pending saves (a collected :class:`CheckpointManager`'s)."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  (a finalizer: report, never raise)
+        warnings.warn(f"jpeft: a pending checkpoint save did not finish: {e}", stacklevel=1)
+
+
 class CheckpointManager:
     """Saves and restores adapter-only training checkpoints under ``directory``.
 
@@ -312,6 +320,9 @@ class CheckpointManager:
                 threading._register_atexit(_finish_at_exit)
                 _EXIT_HOOK = True
             _ASYNC_MANAGERS.add(self)
+            # a manager dropped without close() (made inside a script's main(), which returned) leaves the exit
+            # hook's weak set before the interpreter exits: its pending save is finished when it is collected
+            weakref.finalize(self, _finish_orbax, self._mngr).atexit = False
 
     # -- orbax plumbing ------------------------------------------------------------------------
     def _open(self):

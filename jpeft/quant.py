@@ -458,6 +458,7 @@ def from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> dic
             if m["scheme"] == "nf4":
                 arrs = [np.asarray(tensors[f"{name}.{f}"]) for f in ("codes", "absmax_codes", "absmax_scales", "absmax_offset")]
                 _check_nf4_arrays(name, m, arrs)
+                arrs[2:] = [a.astype(np.float32) for a in arrs[2:]]
                 put(name, NF4Array(*[jnp.asarray(a) for a in arrs], tuple(m["matrix"]), m["dtype"]))
             else:
                 qv = np.asarray(tensors[f"{name}.qvalue"])
@@ -480,6 +481,10 @@ def _mismatch(name, m, what) -> QuantizationError:
                              "or its arrays were edited; save the base again with jpeft.quant.save.")
 
 
+def _is_float(dt) -> bool:
+    return np.issubdtype(dt, np.floating) or np.dtype(dt).name == "bfloat16"
+
+
 def _check_nf4_arrays(name, m, arrs) -> None:
     """The shapes and dtypes :func:`to_tensors` writes for an NF4 leaf of ``m["matrix"]``; a
     damaged file dequantized to another shape with no error, or failed in a reshape."""
@@ -498,7 +503,9 @@ def _check_nf4_arrays(name, m, arrs) -> None:
     want = {"codes": (codes, lead + (nb * BLOCK // 2,), np.uint8), "absmax_codes": (q2, lead + (nb,), np.uint8),
             "absmax_scales": (scale2, lead + (-(-nb // BLOCK2),), np.float32), "absmax_offset": (offset, lead, np.float32)}
     for f, (a, shape, dt) in want.items():
-        if tuple(a.shape) != shape or a.dtype != dt:
+        # the scales in another float dtype: a base cast by jpeft.cast_base before it kept NF4's float32 scales
+        # (bf16), read back as float32 (exactly; dequantizing computed in float32 either way)
+        if tuple(a.shape) != shape or a.dtype != dt and not (dt == np.float32 and _is_float(a.dtype)):
             raise _mismatch(name, m, f"its {f} is {a.dtype}{list(a.shape)}, a {matrix[0]} x {matrix[1]} kernel "
                                      f"(leading axes {list(lead)}) needs {np.dtype(dt).name}{list(shape)}")
 
@@ -509,7 +516,7 @@ def _check_qwix_arrays(name, m, qv, scale) -> None:
     if qv.ndim < 2 or qv.dtype != dt:
         raise _mismatch(name, m, f"its qvalue is {qv.dtype}{list(qv.shape)}; expected {np.dtype(dt).name} of 2+ dims")
     want = tuple(qv.shape[:-2]) + (1, qv.shape[-1])
-    if tuple(scale.shape) != want or not np.issubdtype(scale.dtype, np.floating) and scale.dtype.name != "bfloat16":
+    if tuple(scale.shape) != want or not _is_float(scale.dtype):
         raise _mismatch(name, m, f"its scale is {scale.dtype}{list(scale.shape)}; values of shape {list(qv.shape)} need "
                                  f"a float scale of shape {list(want)} (one per output channel)")
 

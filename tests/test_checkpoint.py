@@ -749,3 +749,17 @@ def test_a_script_that_exits_without_close_keeps_its_last_async_save(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir() if not p.name.startswith(".")) == ["5"], r.stderr[-2000:]
     assert "cannot schedule new futures" not in r.stderr
+
+
+def test_a_manager_dropped_without_close_keeps_its_last_async_save(tmp_path):
+    """A script's manager made inside main() (collected when main returns, before the interpreter
+    exits, so the exit hook's weak set no longer holds it) lost its last asynchronous save; it is
+    finished when the manager is collected."""
+    code = "def main():\n" + "".join(f"    {line}\n" for line in _EXIT_WITHOUT_CLOSE.strip().splitlines()[1:]) + "main()\n"
+    code = _EXIT_WITHOUT_CLOSE.strip().splitlines()[0] + "\n" + code
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ck")], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if not p.name.startswith(".")) == ["5"], r.stderr[-2000:]

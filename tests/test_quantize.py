@@ -679,3 +679,16 @@ def test_a_damaged_quant_file_is_a_named_error(tmp_path):
         if scheme == "nf4":
             bad(tens, matrix=[100, 64])
             bad(tens, dtype="int8")
+
+
+def test_load_reads_an_nf4_file_whose_scales_an_earlier_cast_base_made_bf16(tmp_path):
+    """jpeft.cast_base before it kept NF4's float32 block scales cast them to bf16 (tree.map into the
+    NF4Array); a base saved after that loaded before load checked the arrays, and must still load,
+    dequantizing to the same values (the scales read back as float32, exactly)."""
+    q = {"dense": {"kernel": quant.quantize_array(jax.random.normal(jax.random.key(0), (64, 32)), "nf4")}}
+    old = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, q)
+    assert old["dense"]["kernel"].absmax_scales.dtype == jnp.bfloat16
+    quant.save(str(tmp_path / "q.safetensors"), old)
+    back = quant.load(str(tmp_path / "q.safetensors"))["dense"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(quant.dequantize_array(back)),
+                                  np.asarray(quant.dequantize_array(old["dense"]["kernel"])))
