@@ -27,10 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.config import AdapterConfig, _as_targets
-from jpeft import scan
-from jpeft.errors import BottleneckTargetError, ConfigError, NotMergeableError, UnsupportedModuleError
+from jpeft.errors import BottleneckTargetError, ConfigError, NotMergeableError
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
-from jpeft.tree import module_leaves, select, unwrap_params
+from jpeft.tree import module_leaves, select
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -209,15 +208,6 @@ def init(config: BottleneckConfig, params, key, infos) -> dict:
     paths = select(config.target_modules, cands, what="module")
     # sorted: the adapter must not depend on the params dict's key order (jit returns sorted dicts)
     paths = sorted(paths)
-    n_layers = scan.num_stacked_layers(unwrap_params(params)[0])
-    inside = [p for p in paths if n_layers is not None and "layers" in p.split("/")]
-    if inside:
-        # refused here, not at the first apply (the scan would share one per-layer node among every layer)
-        raise UnsupportedModuleError(
-            f"module {inside[0]!r} runs inside a layer scan ({n_layers} stacked layers); bottleneck adapters make one "
-            "node per module, which every layer would share, and have no stacked form. Use an unrolled model "
-            "(scan_layers=False, or jpeft.scan.unstack_params)."
-        )
     keys = jax.random.split(key, len(paths))
     out = {}
     for k, path in zip(keys, paths):
