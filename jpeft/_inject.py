@@ -395,9 +395,14 @@ def check_layout(path: str, node_layout: Layout, module, args, kwargs, *, known_
     if (actual.kind, actual.in_axes, actual.out_axes) != (node_layout.kind, node_layout.in_axes, node_layout.out_axes) and not (
         {actual.kind, node_layout.kind} <= {Kind.DENSE, Kind.DENSE_GENERAL} and actual.in_axes == node_layout.in_axes
     ):
+        if actual.kind != node_layout.kind and (actual.in_axes, actual.out_axes) == (node_layout.in_axes, node_layout.out_axes):
+            found = (f"the module is a {actual.kind}, whose kernel's axes the {node_layout.kind} layout read from the "
+                     "kernel's shape alone cannot be told to match")
+        else:
+            found = f"the module is a {actual.kind} with input axes {actual.in_axes}"
         raise LayoutError(
             f"module {path!r}: the adapter was built for a {node_layout.kind} layout with input axes "
-            f"{node_layout.in_axes}, but the module is a {actual.kind} with input axes {actual.in_axes}. "
+            f"{node_layout.in_axes}, but {found}. "
             "Rebuild the adapter with jpeft.init(config, params, key, model, x) so jpeft can see the module."
         )
 
