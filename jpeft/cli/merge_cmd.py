@@ -52,7 +52,11 @@ def check_out(out: str, force: bool, **inputs: str) -> None:
         # --adapter RUN reads (a PEFT export in the run folder is read before its adapter/)
         read = os.path.realpath(find_adapter(adapter).path)
         o = os.path.realpath(out)
-        if read == o or read.startswith(o.rstrip(os.sep) + os.sep):
+        # the folder read, and the run folder holding it (RUN/adapter, RUN/checkpoints/N); not any folder above
+        run = (os.path.dirname(read) if os.path.basename(read) == "adapter"
+               else os.path.dirname(os.path.dirname(read)) if os.path.basename(os.path.dirname(read)) == "checkpoints"
+               else None)
+        if o in (read, run):
             raise SaveError(f"--out {out!r} holds the adapter the command reads ({find_adapter(adapter).path}); writing "
                             "there would mix the output into that adapter or its run folder, and a later --adapter of "
                             "the run could read the output instead (--force does not allow it). Give a new folder for "
