@@ -2,7 +2,7 @@
 
 On the code->prose language benchmark (jpeft.forgetting.language), LoRA adapters are trained
 for each seed (jpeft.forgetting.experiment.run_one, the runner's code path), then reduced with
-jpeft.methods.intruders.reduce_intruder_dimension (PEFT 0.21's post-hoc mitigation, same
+jpeft.reduce_intruder_dimension (PEFT 0.21's post-hoc mitigation, same
 arguments), and learning (fall of held-out prose loss) and forgetting (rise of held-out code
 loss) are measured before and after on the same held-out windows. Prints a markdown table with
 95 % bootstrap intervals over seeds and the paired test (after - before), and writes JSON.
@@ -23,7 +23,7 @@ import jpeft
 from jpeft.forgetting import stats as S
 from jpeft.forgetting.experiment import MethodSpec, run_one
 from jpeft.forgetting.language import CodeToProse
-from jpeft.methods.intruders import intruder_report, reduce_intruder_dimension
+from jpeft import intruder_report, reduce_intruder_dimension
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # as the benchmark's LoRA rows
 

@@ -2,9 +2,9 @@
 product per group, forward and backward, on the CPU (docs/BENCHMARKS.md, "Session 35").
 
 A Llama layer's q, k and v projections read the same normed hidden state, and so do gate and
-up. jpeft's LoRA path runs each as its own ``x @ (W + s A B)`` (``_merged_matmul`` in
-``jpeft/methods/lora.py``: the adapter's gradients from rank-``r`` products, none the size of
-``W``). Fused, a group is one ``x @ [W_1 + s A_1 B_1 | W_2 + ...]`` whose backward forms ``dx``
+up. jpeft's LoRA path runs each as its own ``x @ (W + s A B)`` (timed here through
+``jpeft.apply`` on an ``nn.Dense``: LoRA's merged training form, the adapter's gradients from
+rank-``r`` products, none the size of ``W``). Fused, a group is one ``x @ [W_1 + s A_1 B_1 | W_2 + ...]`` whose backward forms ``dx``
 in one product over the concatenated weights and the adapters' gradients from one pass of
 ``x`` through ``[A_1 | A_2 | ...]``. Fusing them in jpeft would mean a site that spans modules
 (the adapter is one node per module); this script measures what it could save before anyone
@@ -53,7 +53,11 @@ def main(argv=None) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jpeft.methods.lora import _merged_matmul
+    import dataclasses
+
+    import flax.linen as nn
+
+    import jpeft
 
     scale = 2.0
 
@@ -77,8 +81,16 @@ def main(argv=None) -> dict:
 
     fused.defvjp(fused_fwd, fused_bwd)
 
+    def project(x, w, a, b):
+        """``x @ (W + s A B)`` as jpeft's LoRA runs an ``nn.Dense`` call in training (its merged form)."""
+        dense = nn.Dense(w.shape[1], use_bias=False)
+        params = {"params": {"kernel": w}}
+        site = jpeft.init(jpeft.LoraConfig(r=a.shape[1], alpha=scale * a.shape[1], target_modules=".*"), params,
+                          jax.random.key(0))[""]
+        return jpeft.apply(dense, params, {"": dataclasses.replace(site, lora_A=a, lora_B=b)}, x)
+
     def separate_loss(ad, x, ws, cots):
-        return sum(jnp.vdot(_merged_matmul(x, w, a, b, scale, None), c) for w, (a, b), c in zip(ws, ad, cots))
+        return sum(jnp.vdot(project(x, w, a, b), c) for w, (a, b), c in zip(ws, ad, cots))
 
     def fused_loss(ad, x, ws, cots):
         y = fused(x, ws, [a for a, _ in ad], [b for _, b in ad], scale)

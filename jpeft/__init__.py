@@ -36,6 +36,7 @@ from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights
 from jpeft.methods.corda import init_corda
 from jpeft.methods.pissa import init_milora, init_olora, init_pissa
 from jpeft.methods.full import FullFinetuneConfig
+from jpeft.methods.intruders import intruder_report, reduce_intruder_dimension
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
 from jpeft.generate import generate
@@ -84,6 +85,8 @@ __all__ = [
     "init_olora",
     "init_milora",
     "init_corda",
+    "intruder_report",
+    "reduce_intruder_dimension",
     "init",
     "apply",
     "lm_loss",
