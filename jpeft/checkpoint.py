@@ -202,6 +202,15 @@ _ASYNC_MANAGERS: "weakref.WeakSet" = weakref.WeakSet()
 _EXIT_HOOK = False
 
 
+def _finish_orbax(mngr) -> None:
+    """Waits for an Orbax manager's pending saves: at interpreter exit (:func:`_finish_at_exit`)
+    or when a :class:`CheckpointManager` that was never closed is collected."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  (at exit or in a finalizer: report, never raise)
+        warnings.warn(f"jpeft: a pending checkpoint save did not finish: {e}", stacklevel=1)
+
+
 def _finish_at_exit() -> None:
     """Waits for every live manager's pending asynchronous saves at interpreter exit. Registered
     with ``threading``'s exit hooks, which run before ``concurrent.futures`` refuses new work (Orbax's
@@ -210,18 +219,7 @@ def _finish_at_exit() -> None:
     The hooks run last registered first, so this one is registered after Orbax (and with it
     ``concurrent.futures``) is imported: at the first asynchronous manager."""
     for m in list(_ASYNC_MANAGERS):
-        try:
-            m.wait()
-        except Exception as e:  # noqa: BLE001  (exiting: report, never raise)
-            warnings.warn(f"jpeft: a pending checkpoint save did not finish at exit: {e}", stacklevel=1)
-
-
-def _finish_orbax(mngr) -> None:
-    """Waits for an Orbax manager's pending saves (a collected :class:`CheckpointManager`'s)."""
-    try:
-        mngr.wait_until_finished()
-    except Exception as e:  # noqa: BLE001  (a finalizer: report, never raise)
-        warnings.warn(f"jpeft: a pending checkpoint save did not finish: {e}", stacklevel=1)
+        _finish_orbax(m._mngr)
 
 
 class CheckpointManager:

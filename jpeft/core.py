@@ -217,7 +217,7 @@ def _fold(params, adapter, how: str):
     if isinstance(params, _nnx.nnx.Module):  # an NNX model in, a new NNX model out
         shared = _nnx.shared_params(params)
         tied = sorted(p for p in adapter if p in shared)
-        if tied and how in ("merge", "unmerge"):
+        if tied:
             raise NotMergeableError(
                 f"the adapter's site {tied[0]!r} is on a module whose weights another module also holds "
                 f"({shared[tied[0]][:3]}): jpeft.apply adapts only {tied[0]!r}'s calls, but folding the update into the "

@@ -126,6 +126,10 @@ def _classifier_tensors(config, params, prefix: str) -> dict:
     return out
 
 
+# the classifier modules PEFT's SEQ_CLS keeps as modules to save (BERT's classifier, a decoder's score)
+_SEQ_CLS_HEADS = ("classifier", "score")
+
+
 def _refuse_classifier_sites(tensors: Mapping[str, Any]) -> None:
     """PEFT's SEQ_CLS wraps the classifier as a module to save (a full copy) and loads no adapter
     weights onto it: an adapter site on the classifier would be dropped by PEFT without a warning."""
@@ -141,16 +145,13 @@ def _refuse_classifier_sites(tensors: Mapping[str, Any]) -> None:
         )
 
 
-_SEQ_CLS_HEADS = ("classifier", "score")
-
-
 def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder: str, prefix: str) -> None:
     """Removes from ``tensors`` the classifier a SEQ_CLS adapter file carries as PEFT's module to
     save, after checking it equals the base's (jpeft trains no copy of it); a trained copy or
     any other module to save is refused by name."""
     mts = d.get("modules_to_save") or []
-    keys = [k for k in tensors if k[len(prefix):] in ("classifier.weight", "classifier.bias", "score.weight", "score.bias")
-            and k.startswith(prefix)]
+    keys = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] in
+            {f"{m}.{t}" for m in _SEQ_CLS_HEADS for t in ("weight", "bias")}]
     if not mts and not keys:
         return
     if d.get("peft_type") == "LORA":  # LoRA loads modules_to_save; an untrained classifier copy is dropped below
@@ -158,7 +159,7 @@ def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder:
         for k in keys:
             del tensors[k]
         return
-    if not set(mts) <= {"classifier", "score"}:
+    if not set(mts) <= set(_SEQ_CLS_HEADS):
         raise UnsupportedAdapterError(
             f"the adapter in {folder!r} has modules_to_save={list(mts)} (trainable full copies of modules), which jpeft "
             "does not load; only SEQ_CLS's untrained classifier copy is accepted."
@@ -237,7 +238,7 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
         _refuse_classifier_sites(tensors)
         # a trained copy of the classifier (LoRA's modules_to_save) wins over the base's
         tensors = dict(_classifier_tensors(config, params, "base_model." if prompt_learning else PEFT_PREFIX), **tensors)
-        d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + ["classifier", "score"]))
+        d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + list(_SEQ_CLS_HEADS)))
     d.setdefault("inference_mode", True)
     d.setdefault("revision", None)
 

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from typing import Optional
 
 import jax
@@ -465,8 +466,6 @@ def _remove_unstarted(out_dir: str, before: Optional[set]) -> None:
     what it wrote (:data:`_RUN_FILES` not there before it started, and the folder if it made
     it), so a failed start leaves nothing behind. Keeps everything once a step was logged or a
     checkpoint saved (a crash's records help find its cause)."""
-    import shutil
-
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     metrics = os.path.join(out_dir, "metrics.jsonl")
     saved_any = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))

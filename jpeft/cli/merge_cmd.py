@@ -47,20 +47,17 @@ def check_out(out: str, force: bool, **inputs: str) -> None:
                             f"(--force does not allow it). Give a new folder for the output.")
     adapter = inputs.get("--adapter")
     if adapter is not None and os.path.isdir(out):
-        # the folder actually read: a run folder's adapter/ or newest checkpoint. Writing into it, or into
-        # a folder holding it (the run folder), mixes the outputs into the run or changes what a later
-        # --adapter RUN reads (a PEFT export in the run folder is read before its adapter/)
-        read = os.path.realpath(find_adapter(adapter).path)
-        o = os.path.realpath(out)
-        # the folder read, and the run folder holding it (RUN/adapter, RUN/checkpoints/N); not any folder above
-        run = (os.path.dirname(read) if os.path.basename(read) == "adapter"
-               else os.path.dirname(os.path.dirname(read)) if os.path.basename(os.path.dirname(read)) == "checkpoints"
-               else None)
-        if o in (read, run):
-            raise SaveError(f"--out {out!r} holds the adapter the command reads ({find_adapter(adapter).path}); writing "
-                            "there would mix the output into that adapter or its run folder, and a later --adapter of "
-                            "the run could read the output instead (--force does not allow it). Give a new folder for "
-                            "the output.")
+        # the folder actually read (a run's adapter/ or newest checkpoint) and the run folder holding it: writing
+        # there mixes the output into the run, and a later --adapter RUN would read a PEFT export before adapter/
+        found = find_adapter(adapter).path
+        read = os.path.realpath(found)
+        parent = os.path.dirname(read)
+        run = (parent if os.path.basename(read) == "adapter"
+               else os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None)
+        if os.path.realpath(out) in (read, run):
+            raise SaveError(f"--out {out!r} holds the adapter the command reads ({found}); writing there would mix the "
+                            "output into that adapter or its run folder, and a later --adapter of the run could read "
+                            "the output instead (--force does not allow it). Give a new folder for the output.")
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise SaveError(f"--out {out!r} is not empty; pass --force to overwrite its files.")
 
