@@ -209,7 +209,7 @@ def test_merge_force_over_an_earlier_export_removes_its_adapter_files(folder, ca
     from jpeft.models import from_pretrained
 
     _, params = from_pretrained(str(folder / "m"))
-    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"])
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"], init="random")  # every adapter tensor random
     jpeft.save_adapter(tmp_path / "a", cfg, jpeft.init(cfg, params, jax.random.key(0)), params=params)
     out = tmp_path / "out"
     common = ["--model", str(folder / "m"), "--adapter", str(tmp_path / "a"), "--out", str(out)]
