@@ -364,7 +364,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     d = cfg["data"]
     out_dir = cfg["output_dir"]
     if jax.process_count() > 1:  # before any check one process could fail alone, leaving the others waiting
-        _check_processes_agree(cfg, None, {"resume": bool(resume), "max_steps": max_steps})
+        _check_settings_agree(cfg, {"resume": bool(resume), "max_steps": max_steps})
     # every check and read of this host's own files: a process failing one alone tells the others at the data
     # agreement that ends the block, so they stop too instead of waiting there for it
     with _host_checks(cfg) as agreed:
@@ -486,7 +486,7 @@ def _remove_unstarted(out_dir: str, before: Optional[set]) -> None:
 @contextlib.contextmanager
 def _host_checks(cfg: dict):
     """Wraps :func:`train`'s checks and reads of the host's own files (output folder, model,
-    data). With several processes, ends in the data agreement of :func:`_check_processes_agree`
+    data). With several processes, ends in the data agreement of :func:`_check_data_agrees`
     (``agreed["data_sha"]``, set inside the block); a process whose block raised joins that
     agreement as failed and then raises its own error, so the others stop with an error naming
     it rather than waiting in the agreement for a process that will never reach it."""
@@ -497,52 +497,61 @@ def _host_checks(cfg: dict):
     try:
         yield agreed
     except Exception:
-        _check_processes_agree(cfg, "", failed=True)
+        _check_data_agrees("", failed=True)
         raise
-    _check_processes_agree(cfg, agreed["data_sha"])
+    _check_data_agrees(agreed["data_sha"])
 
 
-def _check_processes_agree(cfg: dict, data_sha: Optional[str], flags: Optional[dict] = None, *,
-                           failed: bool = False) -> None:
-    """Every process of a multi-host run computes the same batches and initial adapter from its
-    own copy of the config and data; refuses (one line, on every process) a job whose processes
-    were given different settings or data files, which would otherwise train a mix of two runs,
-    or different ``flags`` (``--resume``, ``--max-steps``: a process stopping at another step
-    leaves the others waiting in the next step's collectives forever).
-    The model folder and output directory may be spelled differently per host; ``data_sha``
-    is :func:`data_fingerprint` of the packed training data. :func:`train` calls it twice: with
-    the settings and flags before any check one process could fail alone (a process refusing
-    to run without ``--resume`` would leave one given it waiting here), then with the data
-    (``failed``: this process could not read its files and raises its own error afterwards;
-    the others are told which process stopped)."""
+def _gather_digests(parts, extra=None) -> np.ndarray:
+    """Every process's sha256 of each ``(name, what, bytes)`` of ``parts`` (and an ``extra``
+    row of flags), as ``[processes, rows, 8]`` uint32."""
     from jax.experimental import multihost_utils
 
-    parts = []
-    if data_sha is None:
-        settings = {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
-        parts += [("settings", "the resolved config, --set options included",
-                   json.dumps(settings, sort_keys=True, default=str).encode()),
-                  ("command-line options", "--resume and --max-steps", json.dumps(flags or {}, sort_keys=True).encode())]
-    else:
-        parts.append(("training data", "the data.train file", data_sha.encode()))
     mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for _, _, v in parts])
-    if data_sha is not None:  # the data agreement also says which processes failed their own checks
-        mine = np.concatenate([mine, np.full((1, 8), int(failed), np.uint32)])
-    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, parts (+1), 8]
-    if data_sha is not None:
-        stopped = [p for p in range(every.shape[0]) if every[p, -1, 0]]
-        if failed:
-            return  # the caller raises this process's own error
-        if stopped:
-            raise ConfigError(f"process(es) {stopped} of this job stopped before training with an error of their own "
-                              "(see their output: a file or folder missing or different on that host, most often); "
-                              "this process stops too. Fix it there and start every process again.")
+    if extra is not None:
+        mine = np.concatenate([mine, np.full((1, 8), int(extra), np.uint32)])
+    return np.asarray(multihost_utils.process_allgather(mine))
+
+
+def _refuse_differences(parts, every: np.ndarray) -> None:
     for i, (name, what, _) in enumerate(parts):
         differ = [p for p in range(every.shape[0]) if not np.array_equal(every[p, i], every[0, i])]
         if differ:
             raise ConfigError(f"process(es) {differ} of this job were given different {name} than process 0 ({what}); "
                               "every process must run the same config on the same data. Start them with the same "
                               "command line and files.")
+
+
+def _check_settings_agree(cfg: dict, flags: dict) -> None:
+    """Every process of a multi-host run computes the same batches and initial adapter from its
+    own copy of the config and data; refuses (one line, on every process) a job whose processes
+    were given different settings, which would otherwise train a mix of two runs, or different
+    ``flags`` (``--resume``, ``--max-steps``: a process stopping at another step leaves the
+    others waiting in the next step's collectives forever). The model folder and output
+    directory may be spelled differently per host. :func:`train` calls it before any check one
+    process could fail alone (a process refusing to run without ``--resume`` would leave one
+    given it waiting here); :func:`_check_data_agrees` follows once the data is read."""
+    settings = {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
+    parts = [("settings", "the resolved config, --set options included",
+              json.dumps(settings, sort_keys=True, default=str).encode()),
+             ("command-line options", "--resume and --max-steps", json.dumps(flags, sort_keys=True).encode())]
+    _refuse_differences(parts, _gather_digests(parts))
+
+
+def _check_data_agrees(data_sha: str, *, failed: bool = False) -> None:
+    """The second agreement of a multi-host run: every process packed the same training data
+    (``data_sha``: :func:`data_fingerprint`). ``failed``: this process could not read its files
+    and raises its own error afterwards; the others are told which process stopped."""
+    parts = [("training data", "the data.train file", data_sha.encode())]
+    every = _gather_digests(parts, extra=failed)
+    if failed:
+        return  # the caller raises this process's own error
+    stopped = [p for p in range(every.shape[0]) if every[p, -1, 0]]
+    if stopped:
+        raise ConfigError(f"process(es) {stopped} of this job stopped before training with an error of their own "
+                          "(see their output: a file or folder missing or different on that host, most often); "
+                          "this process stops too. Fix it there and start every process again.")
+    _refuse_differences(parts, every)
 
 
 def make_run_mesh(cfg: dict, batch_size: int):
