@@ -9,6 +9,7 @@ Hugging Face PEFT's ``adapter_config.json`` through ``_hf_keys`` so that
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 from typing import Any, ClassVar, Mapping
@@ -23,25 +24,52 @@ def register_config(cls):
     """Class decorator (put it above ``@dataclasses.dataclass``): makes ``AdapterConfig.from_dict``
     able to find ``cls`` by ``peft_type``, and lets the constructor take Hugging Face PEFT's
     key names as aliases of the fields (``LoraConfig(lora_alpha=16)`` is ``LoraConfig(alpha=16)``),
-    so Python, TOML and ``adapter_config.json`` use the same names."""
+    so Python, TOML and ``adapter_config.json`` use the same names. A keyword that is neither
+    a field nor an alias raises :class:`ConfigError` naming it, the accepted names and the
+    nearest one (for every method's config, in this one place)."""
     _REGISTRY[cls.peft_type] = cls
     aliases = {hf: name for name, hf in cls._hf_keys.items() if hf != name}
-    if aliases:
-        init = cls.__init__
+    init = cls.__init__
 
-        @functools.wraps(init)
-        def __init__(self, *args, **kwargs):
-            for hf, name in aliases.items():
-                if hf in kwargs:
-                    if name in kwargs:
-                        raise ConfigError(
-                            f"{cls.__name__} got both {name}= and its Hugging Face PEFT alias {hf}=; give one of them."
-                        )
-                    kwargs[name] = kwargs.pop(hf)
-            init(self, *args, **kwargs)
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for hf, name in aliases.items():
+            if hf in kwargs:
+                if name in kwargs:
+                    raise ConfigError(
+                        f"{cls.__name__} got both {name}= and its Hugging Face PEFT alias {hf}=; give one of them."
+                    )
+                kwargs[name] = kwargs.pop(hf)
+        _refuse_unknown_keywords(cls, kwargs)
+        init(self, *args, **kwargs)
 
-        cls.__init__ = __init__
+    cls.__init__ = __init__
     return cls
+
+
+def _refuse_unknown_keywords(cls, kwargs) -> None:
+    """Raises :class:`ConfigError` naming the keywords of ``kwargs`` that are no field of the config
+    class ``cls`` (a typo such as ``rnak=4``, or a Hugging Face PEFT option the method does not have),
+    with the accepted names and the nearest one; Python's own error was a bare ``TypeError``."""
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in kwargs if k not in fields]
+    if not unknown:
+        return
+    accepted = sorted(set(fields) | {cls._hf_keys.get(n, n) for n in fields})
+    notes = []
+    for k in unknown:
+        if k in cls._unsupported_hf_options:
+            notes.append(f"{k!r} is a Hugging Face PEFT option jpeft does not implement for {cls.__name__}.")
+        else:
+            spelled = {n: n for n in accepted} | ({"rank": "r"} if "r" in fields else {})  # rank= for r=
+            near = difflib.get_close_matches(k, list(spelled), n=1, cutoff=0.5)
+            if near:
+                notes.append(f"Did you mean {spelled[near[0]]!r} (not {k!r})?")
+    raise ConfigError(
+        f"{cls.__name__} got unknown keyword{'s' if len(unknown) > 1 else ''} {unknown}; it accepts {accepted}."
+        + "".join(" " + n for n in notes)
+        + " Remove unknown keywords or fix their spelling."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +129,17 @@ class AdapterConfig:
         return 0
 
     def replace(self, **changes) -> "AdapterConfig":
+        """A copy with ``changes`` (field names or their Hugging Face PEFT aliases, as the constructor takes).
+
+        Raises:
+          ConfigError: a keyword the config does not have, or a field given under both of its names."""
+        for name, hf in self._hf_keys.items():
+            if hf != name and hf in changes:
+                if name in changes:
+                    raise ConfigError(
+                        f"{type(self).__name__}.replace got both {name}= and its Hugging Face PEFT alias {hf}=; give one of them."
+                    )
+                changes[name] = changes.pop(hf)
         return dataclasses.replace(self, **changes)
 
     def saved_config(self, adapter) -> "AdapterConfig":

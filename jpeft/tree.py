@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -244,8 +245,29 @@ def _refuse_tied_lm_head(target_modules, candidates: list[str], hit: list[str]) 
         )
 
 
+def _warn_unmatched_entries(target_modules, candidates: list[str], what: str) -> None:
+    """Warns (``RuntimeWarning``) naming each entry of a ``target_modules`` list that matches none of
+    ``candidates`` while other entries do: a typo (``'v_prj'``) or a module the method cannot adapt would
+    otherwise leave those modules out without a word (Hugging Face PEFT ignores such an entry silently)."""
+    if isinstance(target_modules, str) or is_all_linear(target_modules):
+        return
+    unmatched = [str(t) for t in target_modules if not any(_suffix_match(p, str(t)) for p in candidates)]
+    if not unmatched:
+        return
+    names = sorted({p.split("/")[-1] for p in candidates})
+    near = {t: difflib.get_close_matches(t.replace(".", "/").split("/")[-1], names, n=1, cutoff=0.6) for t in unmatched}
+    hints = "".join(f" Did you mean {near[t][0]!r} (not {t!r})?" for t in unmatched if near[t])
+    warnings.warn(
+        f"target_modules entries {unmatched} matched no {what} (the other entries did); they are ignored, as Hugging "
+        f"Face PEFT ignores them. {what[0].upper() + what[1:]} names here: {names[:20]}.{hints} Fix or remove them.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def select(target_modules, candidates: Iterable[str], *, what: str = "module") -> list[str]:
-    """Paths among ``candidates`` selected by ``target_modules``.
+    """Paths among ``candidates`` selected by ``target_modules``. An entry of a list that matches
+    nothing while other entries match is named in a ``RuntimeWarning``.
 
     Raises:
       TargetNotFoundError: when nothing matches; the message lists up to 20 available
@@ -255,6 +277,7 @@ def select(target_modules, candidates: Iterable[str], *, what: str = "module") -
     hit = [p for p in candidates if matches(target_modules, p)]
     _refuse_tied_lm_head(target_modules, candidates, hit)
     if hit:
+        _warn_unmatched_entries(target_modules, candidates, what)
         return hit
     targets = [target_modules] if isinstance(target_modules, str) else [str(t) for t in target_modules]
     def score(p):

@@ -578,3 +578,42 @@ def test_a_legacy_key_of_the_default_prng_implementation_is_taken():
         loop.fit(step, params, adapter, optax.sgd(0.1).init(adapter), [{"x": jnp.ones((2, 3))}], key=key)
     with pytest.raises(jpeft.errors.InputValidationError, match=r"found ArrayImpl uint32 of shape \(4,\)"):
         jpeft.init(jpeft.LoraConfig(target_modules=".*"), params, key)
+
+
+def test_every_method_config_refuses_an_unknown_keyword_by_name():
+    """IA3Config(rnak=4) and co. raised Python's bare TypeError; every registered config now raises
+    ConfigError naming the keyword, the accepted names and the nearest one."""
+    from jpeft.config import registered_configs
+
+    for cls in registered_configs().values():
+        with pytest.raises(jpeft.ConfigError, match=r"unknown keyword \['rnak'\]; it accepts"):
+            cls(rnak=4)
+    with pytest.raises(jpeft.ConfigError, match=r"Did you mean 'r' \(not 'rank'\)"):
+        jpeft.LoraConfig(rank=4)
+    with pytest.raises(jpeft.ConfigError, match=r"Did you mean 'oft_block_size'"):
+        jpeft.OFTConfig(r=0, oft_blocksize=4)
+    with pytest.raises(jpeft.ConfigError, match="use_rslora"):
+        jpeft.IA3Config(use_rslora=True)
+    with pytest.raises(jpeft.ConfigError, match="rnak"):
+        jpeft.LoraConfig().replace(rnak=2)
+    assert jpeft.VeraConfig().replace(vera_dropout=0.1).dropout == 0.1  # an alias works in replace too
+
+
+def test_an_unmatched_target_modules_entry_is_named_in_a_warning():
+    """['q_proj', 'v_prj']: the typo matched nothing and was dropped silently (PEFT drops it silently too)."""
+
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, name="v_proj")(nn.Dense(8, name="q_proj")(x))
+
+    x = jnp.ones((2, 4))
+    m = Two()
+    p = m.init(jax.random.key(0), x)
+    with pytest.warns(RuntimeWarning, match=r"\['v_prj'\] matched no linear module.*Did you mean 'v_proj'"):
+        ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_prj"]), p, jax.random.key(1), m, x)
+    assert sorted(ad) == ["q_proj"]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), p, jax.random.key(1), m, x)

@@ -739,3 +739,48 @@ def test_from_pretrained_names_an_unknown_override():
 
     with pytest.raises(ConfigError, match=r"\['num_layer'\] are not fields of LlamaConfig.*'num_layers'"):
         M.from_pretrained(T.hf_model("llama2")[1], num_layer=3)
+
+
+def test_gpt2_token_type_ids_match_transformers_with_and_without_lora():
+    """transformers' GPT-2 adds wte(token_type_ids) to the embeddings; jpeft raised a bare TypeError
+    (model(**batch) with a tokenizer's token_type_ids). Other families refuse them by name."""
+    import copy
+    import tempfile
+    import warnings
+
+    import peft
+    import torch
+    from jpeft import hf as H
+
+    hf, folder = T.hf_model("gpt2")
+    model, params = M.from_pretrained(folder)
+    ids, mask = T.batch("gpt2", seed=3)
+    tt = np.random.default_rng(5).integers(0, T.VOCAB, size=ids.shape)
+    sel = mask.astype(bool)
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(T.positions(mask)),
+              token_type_ids=torch.tensor(tt))
+    with torch.no_grad():
+        ref = hf(**kw).logits.numpy()
+    out = np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask), token_type_ids=jnp.asarray(tt)))
+    np.testing.assert_allclose(out[sel], ref[sel], atol=1e-5, rtol=0)
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(init_lora_weights=False, r=3, lora_alpha=6,
+                             target_modules=["c_attn", "wte"], fan_in_fan_out=True)).eval()
+    d = tempfile.mkdtemp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(d)
+    with torch.no_grad():
+        pref = pm(**kw).logits.numpy()
+    assert np.abs(pref - ref)[sel].max() > 1e-2  # every B is random: the adapter moves the logits
+    _, adapter = H.load_peft(d, params)
+    out = np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask),
+                                 token_type_ids=jnp.asarray(tt)))
+    np.testing.assert_allclose(out[sel], pref[sel], atol=1e-5, rtol=0)
+    with pytest.raises(InputValidationError, match="token_type_ids"):
+        model.apply(params, jnp.asarray(ids), token_type_ids=jnp.asarray(tt[:, :3]))
+    with pytest.raises(InputValidationError, match="outside the vocabulary"):
+        model.apply(params, jnp.asarray(ids), token_type_ids=jnp.asarray(tt + T.VOCAB))
+    lm, lp = M.from_pretrained(T.hf_model("llama2")[1])
+    with pytest.raises(InputValidationError, match="no token type embeddings"):
+        lm.apply(lp, jnp.asarray(ids), token_type_ids=jnp.asarray(tt))

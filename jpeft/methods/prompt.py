@@ -229,6 +229,11 @@ class PromptWeights(Site):
             lead = jnp.broadcast_to(jnp.arange(t, dtype=pos.dtype)[None], (pos.shape[0], t))
             a["position_ids"] = jnp.concatenate([lead, pos + t], axis=1)
         tt = a.get("token_type_ids")
+        if tt is not None and getattr(call.module, "takes_token_type_ids", False):  # a causal LM (GPT-2)
+            raise InputValidationError(
+                "prompt tuning: token_type_ids cannot be used with a causal language model (Hugging Face PEFT drops "
+                "them there with a warning, so the results would differ); pass no token_type_ids."
+            )
         if tt is not None:
             a["token_type_ids"] = jnp.concatenate([jnp.zeros((b, t), tt.dtype), tt], axis=1)
         out = call.next_fun(*bound.args[1:], **bound.kwargs)

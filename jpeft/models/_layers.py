@@ -717,6 +717,9 @@ class CausalLM(nn.Module):
     trunk_name: ClassVar[str]
     trunk_class: ClassVar[type]
     embed_name: ClassVar[str]
+    # whether the trunk takes ``token_type_ids`` (GPT-2 adds ``wte(token_type_ids)``, as transformers
+    # does); the other families have no token types and refuse them by name, not with a TypeError
+    takes_token_type_ids: ClassVar[bool] = False
 
     def setup(self):
         setattr(self, self.trunk_name, self.trunk_class(self.config))
@@ -724,23 +727,38 @@ class CausalLM(nn.Module):
             self.lm_head = dense(self.config.vocab_size, False, self.config, "lm_head")
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
+                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True, token_type_ids=None):
         hidden, new_cache = getattr(self, self.trunk_name)(
             input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
             segment_ids=segment_ids, cache=cache, prefix_kv=prefix_kv, deterministic=deterministic,
+            **self._token_types(token_type_ids),
         )
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
 
     def hidden_states(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                      segment_ids=None, prefix_kv=None, deterministic=True):
+                      segment_ids=None, prefix_kv=None, deterministic=True, token_type_ids=None):
         """The final hidden states ``[batch, seq, hidden]`` (after the last norm): the call
         without its output layer, so ``logits(hidden_states(...))`` is the call's output.
         :func:`jpeft.data.causal_lm_loss_chunked` takes the loss from here a few positions at a time."""
         return getattr(self, self.trunk_name)(
             input_ids, attention_mask, inputs_embeds=inputs_embeds, position_ids=position_ids,
             segment_ids=segment_ids, prefix_kv=prefix_kv, deterministic=deterministic,
+            **self._token_types(token_type_ids),
         )[0]
+
+    def _token_types(self, token_type_ids) -> dict:
+        """The trunk's ``token_type_ids`` keyword, or :class:`InputValidationError` for a family without
+        token types (a tokenizer's batch passed whole, ``model(**batch)``)."""
+        if token_type_ids is None:
+            return {}
+        if not self.takes_token_type_ids:
+            raise InputValidationError(
+                f"{type(self).__name__} has no token type embeddings, so token_type_ids would change nothing "
+                "(transformers' model ignores them); drop them from the batch, e.g. "
+                "model(input_ids, attention_mask) instead of model(**batch)."
+            )
+        return {"token_type_ids": token_type_ids}
 
     def logits(self, hidden):
         """The output layer: ``[..., hidden] -> [..., vocab]`` (``lm_head``, or the input

@@ -21,9 +21,12 @@ import dataclasses
 from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError
+from jpeft.validate import check_token_ids
 from jpeft.models import _layers as L
 
 
@@ -154,8 +157,11 @@ class GPT2Model(nn.Module):
         self.drop = nn.Dropout(c.embd_pdrop)
 
     def __call__(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
-                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True):
+                 segment_ids=None, cache=None, prefix_kv=None, deterministic=True, token_type_ids=None):
+        """``token_type_ids`` (``[batch, seq]`` ids, as transformers' ``GPT2Model`` takes them) add
+        ``wte(token_type_ids)`` to the embeddings: GPT-2 has no token type table of its own."""
         c = self.config
+        n_real = input_ids.shape[1] if input_ids is not None and input_ids.ndim == 2 else None
         hidden, attention_mask, position_ids, padded = L.decoder_inputs(
             input_ids, attention_mask, inputs_embeds, position_ids, cache, self.wte, "GPT2Model", segment_ids
         )
@@ -167,7 +173,15 @@ class GPT2Model(nn.Module):
                 f"{c.max_position_embeddings} (max_position_embeddings / n_positions); truncate them."
             )
         position_ids = L.learned_positions(position_ids, attention_mask, c.max_position_embeddings, "GPT2Model")
-        hidden = (hidden + self.wpe(position_ids)).astype(c.dtype)
+        hidden = hidden + self.wpe(position_ids)
+        if token_type_ids is not None:
+            if prefix_kv is not None:
+                raise InputValidationError(
+                    "GPT2Model: token_type_ids cannot be used with prefix tuning (Hugging Face PEFT drops them there "
+                    "with a warning, so the results would differ); pass no token_type_ids."
+                )
+            hidden = hidden + self._token_type_embeds(token_type_ids, hidden.shape[:2], n_real, attention_mask)
+        hidden = hidden.astype(c.dtype)
         hidden = self.drop(hidden, deterministic=deterministic)
         mask, kv_valid = L.causal_mask(attention_mask, cache, segment_ids=segment_ids, padded=padded)
 
@@ -176,6 +190,33 @@ class GPT2Model(nn.Module):
 
         hidden, new_cache = L.run_unrolled(self.h, hidden, cache, kv_valid, call)
         return self.ln_f(hidden), new_cache
+
+
+    def _token_type_embeds(self, token_type_ids, shape, n_real, attention_mask):
+        """``wte(token_type_ids)``, as transformers adds it. Raises :class:`InputValidationError` for ids
+        that are not integers of the inputs' shape, are out of the vocabulary (concrete ids; the gather
+        would clamp them), or meet virtual tokens an input-site adapter prepended (prompt tuning)."""
+        b, s = shape
+        tt = token_type_ids
+        if n_real is not None and n_real != s:
+            raise InputValidationError(
+                f"GPT2Model: token_type_ids cannot be used with an adapter that prepends {s - n_real} virtual tokens "
+                "to the embeddings (prompt tuning); Hugging Face PEFT drops them with a warning there. Pass no "
+                "token_type_ids."
+            )
+        if jnp.ndim(tt) != 2 or not jnp.issubdtype(jnp.asarray(tt).dtype, jnp.integer) \
+                or tt.shape[1] != s or tt.shape[0] not in (1, b):
+            raise InputValidationError(
+                f"GPT2Model: token_type_ids must be integer ids of shape {(b, s)} (the inputs' shape), found "
+                f"{getattr(tt, 'dtype', type(tt).__name__)} {tuple(jnp.shape(tt))}."
+            )
+        tt = jnp.broadcast_to(tt, (b, s))
+        vocab = self.config.vocab_size
+        if not any(isinstance(x, jax.core.Tracer) for x in (tt, attention_mask)):
+            # the gather would silently clamp an id to another row (transformers raises IndexError)
+            ids = np.where(np.asarray(attention_mask).astype(bool), np.asarray(tt), 0)  # padding reads no row
+            check_token_ids(ids, vocab, name="GPT2Model: token_type_ids")
+        return self.wte(L.padding_ids_in_range(tt, attention_mask, vocab))
 
 
 class GPT2LMHeadModel(L.CausalLM):
@@ -189,3 +230,4 @@ class GPT2LMHeadModel(L.CausalLM):
     trunk_name: ClassVar[str] = "transformer"
     trunk_class: ClassVar[type] = GPT2Model
     embed_name: ClassVar[str] = "wte"
+    takes_token_type_ids: ClassVar[bool] = True

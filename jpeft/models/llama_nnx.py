@@ -158,7 +158,14 @@ class LlamaForCausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _dense(config.hidden_size, config.vocab_size, False, config, rngs)
 
-    def __call__(self, input_ids, attention_mask=None, *, position_ids=None, segment_ids=None, cache=None):
+    def __call__(self, input_ids, attention_mask=None, *, position_ids=None, segment_ids=None, cache=None,
+                 token_type_ids=None):
+        if token_type_ids is not None:
+            raise InputValidationError(
+                "LlamaForCausalLM has no token type embeddings, so token_type_ids would change nothing (transformers' "
+                "model ignores them); drop them from the batch, e.g. model(input_ids, attention_mask) instead of "
+                "model(**batch)."
+            )
         if cache is not None:
             raise InputValidationError(
                 "the NNX Llama has no KV cache; generate with the linen model (jpeft.generate), which loads the same "
