@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1178,3 +1179,160 @@ def test_info_on_adapter_folders_counts_what_peft_trains(hf_dir, tmp_path, capsy
             # before: 4,240 (the saved base embedding counted) and 400 / 1,168 (VeRA's projections counted)
             assert res["trainable_params"] == trainable, (folder, res)
             assert (res["frozen_params"] > 0) == bool(has_frozen)
+
+
+# ------------------------------------------------------------- PiSSA / OLoRA PEFT folders
+def _peft_residual_folder(base, init, out, seed):
+    """A PEFT adapter made with init_lora_weights=init, every LoRA tensor random, saved unconverted."""
+    import copy
+    import warnings
+
+    import peft
+    import torch
+
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=init))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(out)
+        return pm, peft.PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_peft_folders_give_peft_numbers_in_every_command(init, hf_dir, tmp_path, capsys):
+    """A PEFT folder saved unconverted after a PiSSA/OLoRA init applies to the residual base PEFT
+    recomputes on load: merge, export and eval refused it (UnsupportedAdapterError pointing at a
+    library function); now merge equals merge_and_unload(), the export reloads in PEFT to the same
+    logits, eval scores PEFT's loss, and serve (one shared base) refuses it by name."""
+    import argparse
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jpeft.cli import serve_cmd
+    from jpeft.data import PackedDataset
+    from jpeft.errors import UnsupportedAdapterError
+
+    model_dir = hf_dir / "tiny-llama"
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    _, ref = _peft_residual_folder(base, init, tmp_path / "ad", seed=3)
+    ids = torch.tensor(np.random.default_rng(0).integers(3, 200, (2, 12)))
+    with torch.no_grad():
+        want = ref(ids).logits.numpy()
+        assert np.abs(want - base(ids).logits.numpy()).max() > 0.1  # the adapter matters
+
+    r = jpeft_here(capsys, "merge", "--model", model_dir, "--adapter", tmp_path / "ad", "--out", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits.numpy()
+    np.testing.assert_allclose(merged, want, atol=2e-5)
+
+    r = jpeft_here(capsys, "export", "--model", model_dir, "--adapter", tmp_path / "ad", "--out", tmp_path / "exp")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "exp" / "adapter_config.json").read_text())["init_lora_weights"] == init
+    with torch.no_grad():
+        again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "exp").eval()
+        np.testing.assert_allclose(again(ids).logits.numpy(), want, atol=1e-5)
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ds = PackedDataset.from_file(hf_dir / "notes.txt", lambda s: tok(s, add_special_tokens=False)["input_ids"], 32,
+                                 eos_id=tok.eos_token_id, bos_id=tok.bos_token_id)
+    ref_loss, _ = _torch_loss(ref, ds.input_ids, ds.loss_mask)
+    base_loss, _ = _torch_loss(base, ds.input_ids, ds.loss_mask)
+    r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", tmp_path / "ad", "--data", hf_dir / "notes.txt",
+                   "--seq-len", 32, "--json")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(json.loads(r.stdout)["loss"], ref_loss, rtol=1e-5)
+    if init == "pissa":  # the forgetting report: the adapted model against the original base
+        r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", tmp_path / "ad", "--canary",
+                       hf_dir / "notes.txt", "--seq-len", 32, "--json")
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        np.testing.assert_allclose([got["base_loss"], got["loss"]], [base_loss, ref_loss], rtol=1e-5)
+        # on a quantized base: the residual is taken from the full-precision weights, then quantized (int8's
+        # rounding moves the loss a little; the original base quantized instead would be the adapter-less loss)
+        r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", tmp_path / "ad", "--data",
+                       hf_dir / "notes.txt", "--seq-len", 32, "--json", "--quantize", "int8")
+        assert r.returncode == 0, r.stderr
+        q = json.loads(r.stdout)["loss"]
+        assert abs(q - ref_loss) < 0.02 * abs(ref_loss) and abs(q - ref_loss) < abs(base_loss - ref_loss) / 4
+
+    args = serve_cmd.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(
+        ["--model", str(model_dir), "--adapter", f"a={tmp_path / 'ad'}"])
+    with pytest.raises(UnsupportedAdapterError, match=rf"init_lora_weights='{init}'.*path_initial_model_for_weight"):
+        serve_cmd.build(args)
+
+
+def test_residual_peft_folder_converted_by_peft_and_corda_folders(hf_dir, tmp_path, capsys):
+    """PEFT's conversion (path_initial_model_for_weight_conversion) gives a plain LoRA that every
+    command reads, serve included, with the same merged logits; a CorDA folder (PEFT itself
+    rebuilds its base only after preprocess_corda) is refused by name, pointing at that conversion."""
+    import copy
+    import warnings
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = hf_dir / "tiny-llama"
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    pm, ref = _peft_residual_folder(base, "pissa", tmp_path / "ad", seed=4)
+    init_dir = tmp_path / "init"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="pissa"))
+        fresh.save_pretrained(init_dir)  # the initial factors (PEFT's SVD is deterministic), as saved before training
+        pm.save_pretrained(tmp_path / "conv", path_initial_model_for_weight_conversion=str(init_dir))
+    conf = json.loads((tmp_path / "conv" / "adapter_config.json").read_text())
+    assert conf["init_lora_weights"] is True and conf["r"] == 8
+    ids = torch.tensor(np.random.default_rng(1).integers(3, 200, (2, 12)))
+    r = jpeft_here(capsys, "merge", "--model", model_dir, "--adapter", tmp_path / "conv", "--out", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()(ids).logits.numpy()
+        np.testing.assert_allclose(merged, ref(ids).logits.numpy(), atol=5e-5)
+
+    conf["init_lora_weights"] = "corda"
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(conf | {"r": 4, "lora_alpha": 8}))
+    for cmd in ("merge", "export"):
+        r = jpeft_here(capsys, cmd, "--model", model_dir, "--adapter", tmp_path / "ad", "--out", tmp_path / f"c-{cmd}")
+        assert r.returncode == 2 and "init_lora_weights='corda'" in error_line(r.stderr)
+        assert "path_initial_model_for_weight_conversion" in r.stderr and not (tmp_path / f"c-{cmd}").exists()
+
+
+def test_set_values_follow_the_declared_type_of_their_field(tmp_path):
+    """`--set` read `inf`, `nan`, `-inf`, `0x10`, `1e3` as numbers (TOML/JSON) even where the field
+    is a string: data.train=inf ended in "must be a string, found float", method.bias=0x10 became
+    16. Now a string field keeps the text; a typed method field refuses another type by name."""
+    from jpeft.cli._common import method_from_args
+    from jpeft.cli.train_cmd import resolve_config
+    from jpeft.errors import ConfigError
+
+    raw = {"model": "m", "data": {"train": "t.jsonl"}}
+    cfg = resolve_config(raw, ["data.train=inf", "data.eval=nan", "output_dir=0x10", "data.text_field=-inf",
+                               "data.prompt_field=1e3", "method.init=nan", "method.bias=0x10", "train.steps=0x10",
+                               'data.completion_field="true"'], base_dir=str(tmp_path))
+    assert cfg["data"]["train"] == str(tmp_path / "inf") and cfg["data"]["eval"] == str(tmp_path / "nan")
+    assert cfg["output_dir"] == str(tmp_path / "0x10") and cfg["data"]["text_field"] == "-inf"
+    assert cfg["data"]["prompt_field"] == "1e3" and cfg["data"]["completion_field"] == "true"
+    assert cfg["method"]["init"] == "nan" and cfg["method"]["bias"] == "0x10" and cfg["train"]["steps"] == 16
+    assert resolve_config(raw, ["data.eval=null"], base_dir=str(tmp_path))["data"].get("eval") is None
+    for ov, want in (("method.r=abc", "--set method.r: expected an integer, found str 'abc'"),
+                     ("method.use_rslora=1", "--set method.use_rslora: expected true or false"),
+                     ("method.lora_alpha=[1]", "--set method.lora_alpha: expected a number"),
+                     ("data.train=[1, 2]", "--set data.train: expected a string")):
+        with pytest.raises(ConfigError, match=re.escape(want)):
+            resolve_config(raw, [ov], base_dir=str(tmp_path))
+    args = type("A", (), dict(method="lora", rank=None, alpha=None, target=None, method_set=["bias=0x10"]))
+    with pytest.raises(ConfigError, match="bias"):  # a string field: the text itself, refused by LoraConfig by name
+        method_from_args(args)
+    args.method_set = ["r=1e3"]
+    with pytest.raises(ConfigError, match=re.escape("--set r: expected an integer, found float '1e3'")):
+        method_from_args(args)

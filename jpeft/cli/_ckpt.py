@@ -9,6 +9,13 @@ Every command that takes ``--adapter`` reads whatever training or export wrote:
 * a training checkpoint step, e.g. ``runs/x/checkpoints/30`` (an interrupted run);
 * a run folder (``runs/x``): its finished ``adapter/``, else its newest checkpoint;
 * a checkpoints folder (``runs/x/checkpoints``): its newest step.
+
+A PEFT folder saved unconverted after a PiSSA or OLoRA init (``init_lora_weights="pissa"`` /
+``"olora"``) holds factors relative to the residual base PEFT recomputes from the original
+weights when it loads the adapter: :func:`load_adapter_with_base` returns that base with the
+adapter (``merge``, ``export`` and ``eval`` use it, so their numbers are PEFT's), and
+:func:`load_adapter`, for commands that apply every adapter to the ``--model`` base as it is
+(``serve``), refuses it by name.
 """
 
 from __future__ import annotations
@@ -20,11 +27,12 @@ from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 
-from jpeft import hf, io, scan
+from jpeft import hf, io, quant, scan
 from jpeft.checkpoint import CheckpointManager, FORMAT
 from jpeft.cli._common import say
 from jpeft.config import AdapterConfig
-from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, ShapeMismatchError
+from jpeft.errors import (BaseMismatchError, CheckpointError, LoadError, QuantizationError, ShapeMismatchError,
+                          UnsupportedAdapterError)
 from jpeft.io import read_json, verify_checksum
 
 ADAPTER_JSON = "jpeft_adapter.json"
@@ -123,7 +131,50 @@ def save_adapter(directory: str, adapter, config, *, params=None, base_config=No
 
 def load_adapter(path: str, *, params, model=None, example=None, base_config=None):
     """Reads any adapter :func:`find_adapter` accepts onto ``params``: ``(adapter, config)``.
-    A checkpoint's adapter is restored without its optimizer state."""
+    A checkpoint's adapter is restored without its optimizer state.
+
+    For commands that apply the adapter to ``params`` as they are (``serve``, which shares the
+    base among adapters): a PEFT folder whose factors are relative to a residual base PEFT
+    recomputes (PiSSA, OLoRA) is refused by name (:func:`load_adapter_with_base` reads it)."""
+    adapter, config, base = load_adapter_with_base(path, params=params, model=model, example=example,
+                                                   base_config=base_config)
+    if base is not params:
+        kind = residual_kind(path)
+        raise UnsupportedAdapterError(
+            f"the PEFT adapter in {find_adapter(path).path!r} was saved with init_lora_weights={kind!r}: its factors "
+            f"apply to the residual base (the --model weights minus their initial {kind} factors) that PEFT recomputes "
+            "on load, not to the --model weights this command shares among adapters. Convert it in PEFT into a plain "
+            "LoRA on the original base (peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=<the "
+            "adapter saved before training>)) and give that folder, or fold it into the base with `jpeft merge` and "
+            "give the merged folder as --model."
+        )
+    return adapter, config
+
+
+def residual_kind(path: str):
+    """``"pissa"`` / ``"olora"`` when ``path`` is a PEFT folder whose factors are relative to the
+    residual base PEFT recomputes on load, else ``None`` (read from ``adapter_config.json`` only)."""
+    found = find_adapter(path)
+    if found.kind != "peft":
+        return None
+    d = hf.read_peft_config(found.path)
+    init = d.get("init_lora_weights") if d.get("peft_type") == "LORA" else None
+    return init if isinstance(init, str) and init in ("pissa", "olora") else None
+
+
+def load_adapter_with_base(path: str, *, params, model=None, example=None, base_config=None):
+    """As :func:`load_adapter`, with the base the adapter applies to: ``(adapter, config, base)``.
+    ``base`` is ``params`` itself, except for a PEFT folder saved with
+    ``init_lora_weights="pissa"``/``"olora"``, whose base is the residual PEFT's
+    ``PeftModel.from_pretrained`` recomputes from the original weights
+    (:func:`jpeft.hf.load_peft_with_base`): ``jpeft.apply(model, base, adapter, x)`` gives
+    PEFT's outputs and ``jpeft.merge(base, adapter)`` its ``merge_and_unload()`` weights.
+
+    Raises:
+      QuantizationError: such an adapter on quantized ``params`` (the residual is computed from
+        the full-precision kernels: read it onto the full-precision base, then quantize the
+        ``base`` returned).
+    """
     try:
         return _load_adapter(path, params, model, example, base_config)
     except BaseMismatchError as e:
@@ -168,11 +219,20 @@ def _load_adapter(path, params, model, example, base_config):
         with _quiet_base_warning():
             config, adapter = io.load_adapter(found.path, params, model, *args, base_config=base_config,
                                               allow_base_mismatch=allow)
-        return adapter, config
+        return adapter, config, params
     if found.kind == "peft":
-        config, adapter = hf.load_peft(found.path, params)
-        return adapter, config
-    return _restore_checkpoint(found, params, model, args, base_config)
+        kind = residual_kind(found.path)
+        if kind is not None and quant.has_quantized(params):
+            # the residual is W minus the initial factors of the full-precision W (as PEFT refuses its residual
+            # inits on a quantized layer); the commands compute it first and quantize the result
+            raise QuantizationError(
+                f"the PEFT adapter in {found.path!r} (init_lora_weights={kind!r}) applies to a residual base computed "
+                "from the full-precision weights, and this base is quantized; load the base in full precision, then "
+                "quantize the residual."
+            )
+        config, base, adapter = hf.load_peft_with_base(found.path, params)
+        return adapter, config, base
+    return _restore_checkpoint(found, params, model, args, base_config) + (params,)
 
 
 def _restore_checkpoint(found: Found, params, model, args, base_config):

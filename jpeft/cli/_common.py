@@ -44,6 +44,50 @@ def _parse_value(v: str):
         return v
 
 
+def field_type(cls, name: str) -> Optional[str]:
+    """The declared type of the config field ``name`` (or its Hugging Face name, ``lora_alpha``)
+    of the config dataclass ``cls`` as the source writes it (``"str"``, ``"Optional[int]"``,
+    ``"float"``, ...), or ``None`` when ``cls`` has no such field."""
+    name = {v: k for k, v in getattr(cls, "_hf_keys", {}).items()}.get(name, name)
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return None
+
+
+_SCALARS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def typed_value(key: str, text: str, value, declared: Optional[str]):
+    """A ``--set KEY=VALUE`` value as its field declares it: ``value`` is what the untyped parse
+    (JSON, else TOML, else the text) gave for ``text``. A string field takes the text itself when
+    that parse read a number or a boolean (``inf``, ``nan``, ``0x10``, ``1e3``, ``true`` are file
+    names, field names, ... there), or the quoted string's content; ``null`` is ``None`` where the
+    field is optional. A number or boolean field takes only what that type holds.
+
+    Raises:
+      ConfigError: the value cannot be of the field's type (naming the key, the type and the value).
+    """
+    if declared is None:
+        return value
+    optional = declared.startswith("Optional[") and declared.endswith("]")
+    base = declared[len("Optional["):-1] if optional else declared
+    if base not in _SCALARS or (optional and value is None):
+        return value
+    want = _SCALARS[base] + (" (or null)" if optional else "")
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (bool, int, float)) or value is None:
+            return text
+    elif base == "bool":
+        if isinstance(value, bool):
+            return value
+    elif not isinstance(value, bool) and isinstance(value, int if base == "int" else (int, float)):
+        return value
+    raise ConfigError(f"--set {key}: expected {want}, found {type(value).__name__} {text!r}.")
+
+
 def parse_targets(s: Optional[str]):
     if s is None:
         return None
@@ -123,7 +167,7 @@ def method_from_args(args, *, model_type: Optional[str] = None):
         if "=" not in kv:
             raise ConfigError(f"--set expects KEY=VALUE, found {kv!r}.")
         k, v = kv.split("=", 1)
-        d[k.strip()] = _parse_value(v)
+        d[k.strip()] = typed_value(k.strip(), v, _parse_value(v), field_type(cls, k.strip()))
     return cls.from_dict(_with_default_targets(cls, d, model_type))
 
 

@@ -7,7 +7,8 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.cli._ckpt import load_adapter
+from jpeft import quant
+from jpeft.cli._ckpt import load_adapter_with_base, residual_kind
 from jpeft.cli._common import require_causal_lm
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.cli._trainer import max_positions, canary_batches, check_seq_len, evaluate, make_logits_fn, make_loss_fns
@@ -79,13 +80,19 @@ def run(args) -> int:
         raise ConfigError(f"--worst must be >= 0, found {args.worst}.")
 
     require_causal_lm(args.model, "eval")
-    loaded = load_folder(args.model, dtype=args.dtype, quantize=args.quantize)
+    # a PiSSA/OLoRA PEFT folder applies to the residual of the full-precision weights: quantized after it is computed
+    later = args.quantize if args.quantize and args.adapter and residual_kind(args.adapter) else None
+    loaded = load_folder(args.model, dtype=args.dtype, quantize=None if later else args.quantize)
     encode, bos, eos = encode_fn(loaded.tokenizer)
     limit = max_positions(loaded.hf_config)
-    adapter, extra = None, 0
+    adapter, extra, base = None, 0, loaded.params
     if args.adapter:  # read first: prefix and prompt tuning's virtual tokens share the rows' positions
         example = jnp.zeros((1, min(8, args.seq_len or 8, limit or 8)), jnp.int32)
-        adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example)
+        adapter, config, base = load_adapter_with_base(args.adapter, params=loaded.params, model=loaded.model,
+                                                       example=example)
+        if later:
+            loaded = loaded._replace(params=quant.quantize(loaded.params, later))
+            base = quant.quantize(base, later)
         extra = config.extra_positions
         if not config.packs_documents and args.packing == "documents":
             raise ConfigError(f"the adapter ({config.peft_type}) prepends its virtual tokens once per row, so it cannot "
@@ -97,9 +104,9 @@ def run(args) -> int:
     ds = PackedDataset.from_file(args.canary or args.data, encode, seq_len, eos_id=eos, bos_id=bos,
                                  packing=args.packing)
     if args.canary is not None:
-        return _canary_report(args, loaded, adapter, ds)
+        return _canary_report(args, loaded, adapter, ds, base)
     _, eval_sums = make_loss_fns(loaded.model)
-    res = evaluate(eval_sums, loaded.params, adapter, ds, args.batch_size, args.max_batches or None)
+    res = evaluate(eval_sums, base, adapter, ds, args.batch_size, args.max_batches or None)
     res.update(model=args.model, adapter=args.adapter, data=args.data)
     if args.json:
         print(json.dumps(res))
@@ -108,10 +115,13 @@ def run(args) -> int:
     return 0
 
 
-def _canary_report(args, loaded, adapter, ds) -> int:
-    """Prints the forgetting report of ``adapter`` against the base on the canary rows."""
+def _canary_report(args, loaded, adapter, ds, base) -> int:
+    """Prints the forgetting report of ``adapter`` (applied to ``base``: the residual of a
+    PiSSA/OLoRA PEFT folder, else the model's params) against the base model on the canary rows."""
     batches = canary_batches(ds, args.batch_size, args.max_batches or None)
-    s = canary_stats(make_logits_fn(loaded.model), loaded.params, adapter, batches)
+    logits = make_logits_fn(loaded.model)
+    s = canary_stats(lambda p, ad, b: logits(loaded.params if ad is None else base, ad, b), loaded.params, adapter,
+                     batches)
     ids = np.concatenate([b["input_ids"] for b in batches])
     mask = np.concatenate([b["loss_mask"] for b in batches]).astype(bool)
     real = np.flatnonzero(s["tokens"] > 0)  # padding rows of the last batch have no target

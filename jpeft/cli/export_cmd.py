@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from jpeft import hf
-from jpeft.cli._ckpt import load_adapter
+from jpeft.cli._ckpt import load_adapter_with_base
 from jpeft.cli._model import example_ids, load_folder
 from jpeft.cli.merge_cmd import check_out
 
@@ -42,7 +42,9 @@ def add_parser(sub):
 def run(args) -> int:
     check_out(args.out, args.force, **{"--model": args.model, "--adapter": args.adapter})
     loaded = load_folder(args.model, tokenizer=False)
-    adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())
+    # a PiSSA/OLoRA PEFT folder: its sites keep their mark, so the export says init_lora_weights as the input did
+    adapter, config, _ = load_adapter_with_base(args.adapter, params=loaded.params, model=loaded.model,
+                                                example=example_ids())
 
     hf.save_peft(args.out, config, adapter, base_model_name_or_path=args.base_name or os.path.abspath(args.model))
     print(f"exported {config.peft_type} adapter to {os.path.abspath(args.out)} (Hugging Face PEFT format)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import jpeft
-from jpeft.cli._ckpt import find_adapter, load_adapter
+from jpeft.cli._ckpt import find_adapter, load_adapter_with_base
 from jpeft.cli._model import example_ids, load_folder, save_folder
 from jpeft.errors import SaveError
 
@@ -17,8 +17,9 @@ example:
 The result loads with transformers' AutoModelForCausalLM.from_pretrained and with
 jpeft.models.from_pretrained, and needs no jpeft or peft to serve. The base's tokenizer
 files, when it has any, are copied; none are needed. --adapter also takes a run folder or a
-checkpoint (runs/my-run/checkpoints/30). Methods that cannot be merged (prefix or prompt
-tuning, bottleneck adapters) end with a NotMergeableError.
+checkpoint (runs/my-run/checkpoints/30). A PEFT folder saved after a PiSSA or OLoRA init is
+merged into the residual base PEFT recomputes, as PEFT's merge_and_unload() does. Methods that
+cannot be merged (prefix or prompt tuning, bottleneck adapters) end with a NotMergeableError.
 """
 
 
@@ -65,8 +66,10 @@ def check_out(out: str, force: bool, **inputs: str) -> None:
 def run(args) -> int:
     check_out(args.out, args.force, **{"--model": args.model, "--adapter": args.adapter})
     loaded = load_folder(args.model, tokenizer=False)  # save_folder copies the tokenizer files as they are
-    adapter, config = load_adapter(args.adapter, params=loaded.params, model=loaded.model, example=example_ids())
-    merged = jpeft.merge(loaded.params, adapter)
+    # a PiSSA/OLoRA PEFT folder applies to the residual base PEFT recomputes: merged into it, as merge_and_unload()
+    adapter, config, base = load_adapter_with_base(args.adapter, params=loaded.params, model=loaded.model,
+                                                   example=example_ids())
+    merged = jpeft.merge(base, adapter)
     save_folder(args.out, loaded, merged)
     print(f"merged {config.peft_type} adapter {args.adapter} into {args.model}; saved to {os.path.abspath(args.out)}")
     return 0

@@ -8,7 +8,7 @@ import os
 from typing import Any, Mapping
 
 from jpeft import distributed
-from jpeft.cli._common import check_train_values, require_causal_lm
+from jpeft.cli._common import check_train_values, field_type, method_names, require_causal_lm, typed_value
 from jpeft.cli._trainer import train
 from jpeft.errors import ConfigError, LoadError
 from jpeft.quant import SCHEMES
@@ -113,6 +113,12 @@ _DEFAULTS = {
 }
 FORGETTING_DEFAULTS = {"every": 100, "max_loss_rise": None, "max_kl": None, "action": "stop", "lr_factor": 0.5,
                        "max_rollbacks": 3, "canary_batches": 4}
+# the config's string fields (their declared type for --set; None: optional)
+_STRING_KEYS = {k: "str" for k in (("model",), ("output_dir",), ("data", "train"), ("data", "packing"),
+                                   ("data", "text_field"), ("data", "prompt_field"), ("data", "completion_field"),
+                                   ("train", "dtype"), ("forgetting", "canary"), ("forgetting", "action"),
+                                   ("model", "path"), ("method", "name"))}
+_STRING_KEYS.update({k: "Optional[str]" for k in (("data", "eval"), ("quantize",), ("model", "quantize"))})
 _KNOWN = {
     "": {"model", "output_dir", "seed", "data", "method", "train", "mesh", "forgetting", "quantize"},
     "forgetting": {"canary", *FORGETTING_DEFAULTS},
@@ -206,6 +212,7 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
             cfg[k].update(v)
         else:
             cfg[k] = v
+    method_sets = {}
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"--set expects SECTION.KEY=VALUE, found {ov!r}.")
@@ -216,7 +223,16 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p!r} is not a section.")
-        node[parts[-1]] = _parse_value(val)
+        # the field's declared type decides: a string field keeps `inf`, `nan`, `0x10` as the text
+        node[parts[-1]] = typed_value(key.strip(), val, _parse_value(val), _STRING_KEYS.get(tuple(parts)))
+        if len(parts) == 2 and parts[0] == "method" and parts[1] not in ("name", "peft_type"):
+            method_sets[parts[1]] = val
+    if method_sets and isinstance(cfg.get("method"), dict):  # typed once the method (maybe set too) is known
+        m = cfg["method"]
+        cls = method_names().get(str(m.get("name") or m.get("peft_type") or "lora").strip().lower().replace("-", "_"))
+        for k, val in method_sets.items():
+            if cls is not None:
+                m[k] = typed_value(f"method.{k}", val, m[k], field_type(cls, k))
     for section, known in _KNOWN.items():
         node = cfg if not section else cfg.get(section, {})
         if not isinstance(node, dict):
