@@ -81,7 +81,8 @@ from jpeft.errors import (
     UnknownAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, dropout as _dropout, low_rank_node, static_field
+from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, dropout as _dropout, low_rank_node, residual_refusal,
+                               static_field)
 from jpeft.tree import module_leaves, unwrap_params
 
 STRATEGIES = ("gather", "ragged", "pregather")
@@ -720,6 +721,8 @@ def check_lora(name, adapter) -> dict:
     out = {}
     for path, node in adapter.items():
         lr = _low_rank_of(f"adapter {name!r} at {path!r}", node)
+        if lr.residual is not None:
+            raise BankError(residual_refusal(f"adapter {name!r} at {path!r}", lr.residual, "served on the bank's base"))
         if lr.tie_output:
             raise BankError(
                 f"adapter {name!r} adapts the tied output projection too at {path!r} (ensure_weight_tying); a bank routes "

@@ -44,7 +44,7 @@ import numpy as np
 
 from jpeft import quant
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
-from jpeft.methods.base import Layout, LowRank, check_tied_merge, low_rank_node
+from jpeft.methods.base import Layout, LowRank, check_tied_merge, low_rank_node, residual_refusal
 from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
 
@@ -130,7 +130,16 @@ def combine(
     >>> combine([t1, t2], [1.0, 1.0], "ties", density=0.5).tolist()
     [3.0, -2.0, -4.0, 0.0]
     """
+    if method not in METHODS:
+        raise ConfigError(f"unknown merge method {method!r}; choose one of {METHODS}.")
     w = jnp.asarray(weights, jnp.float32)
+    if w.ndim != 1 or w.shape[0] != len(tensors):
+        raise ConfigError(f"got {len(tensors)} tensors but weights of shape {tuple(w.shape)}; give one weight per tensor.")
+    if method in _NEEDS_DENSITY and (not _is_number(density) or not 0.0 < float(density) <= 1.0):
+        raise ConfigError(f"method {method!r} needs density in (0, 1] (the fraction of each tensor's entries kept); "
+                          f"found {density!r}.")
+    if method.startswith("dare") and key is None:
+        raise ConfigError(f"method {method!r} drops entries at random; pass key=jax.random.key(...).")
     stacked = jnp.stack([jnp.asarray(t, jnp.float32) for t in tensors])
     if method in ("linear", "cat", "svd"):
         return _weighted(stacked, w).sum(axis=0)
@@ -145,7 +154,6 @@ def combine(
             return _weighted(dropped, w).sum(axis=0)
         mask = majority_sign_mask(dropped, majority_sign)
         return disjoint_merge(_weighted(dropped, w), mask)
-    raise ConfigError(f"unknown merge method {method!r}; choose one of {METHODS}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +215,8 @@ def _validate(adapters, weights, method, density, majority_sign, key):
                 hint = (" (for a layer-scanned model's stacked sites, merge jpeft.scan.unstack_adapter(a) of each and "
                         "restack with jpeft.scan.stack_adapter)") if isinstance(node, Stacked) else ""
                 raise NotMergeableError(f"adapter {i} at {path!r}: {e}{hint}") from None
+            if lr.residual is not None:
+                raise NotMergeableError(residual_refusal(f"adapter {i} at {path!r}", lr.residual, "merged"))
             low[i][path] = lr
             lay = layouts.get(path)
             if lay is None:

@@ -323,3 +323,41 @@ def test_dare_draws_do_not_depend_on_the_order_of_the_sites():
     for p in want:
         np.testing.assert_array_equal(got[p], want[p])
     np.testing.assert_array_equal(only_b["y"], with_both["y"])
+
+
+@pytest.mark.parametrize("init", ["init_pissa", "init_olora"])
+def test_residual_base_adapters_are_refused_by_name(init, tmp_path):
+    """A PiSSA/OLoRA adapter's s*A@B is relative to the residual base its init returned: merged, the
+    residual mark was dropped, so save_peft wrote a plain LoRA that PEFT applied to the original
+    weights (2.3 off in the logits of a tiny Llama, repros/r2_pissa_merge_export.py), and a merge
+    with other adapters added updates of two different bases. Merging and the bank refuse it."""
+    from jpeft.errors import BankError
+
+    model = nn.Dense(5)
+    params = model.init(jax.random.key(0), jnp.ones((1, 6)))
+    _, res = getattr(jpeft, init)(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
+    plain = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(2))
+    for call in (lambda: merge_adapters([res], method="svd", rank=2), lambda: merge_adapters([plain, res], method="cat"),
+                 lambda: merge_deltas([plain, res]), lambda: merge_into_base(params, [res])):
+        with pytest.raises(NotMergeableError, match=r"adapter \d at '' comes from jpeft.init_.*residual base"):
+            call()
+    with pytest.raises(BankError, match="residual base"):
+        jpeft.AdapterBank.from_adapters({"p": res})
+    assert merge_adapters([plain], method="cat")[""].r == 2  # plain LoRA still merges
+
+
+def test_combine_refuses_bad_input_by_name():
+    """combine is public: one weight for two tensors broadcast silently (t1 - t2 came out as
+    t1 + t2 with weight 1 each), and a missing density or key failed deep inside JAX."""
+    t = [jnp.ones((2, 3)), -jnp.ones((2, 3))]
+    with pytest.raises(ConfigError, match=r"got 2 tensors but weights of shape \(1,\)"):
+        combine(t, [1.0], "linear")
+    with pytest.raises(ConfigError, match="'ties' needs density in \\(0, 1\\]"):
+        combine(t, [1.0, 1.0], "ties")
+    with pytest.raises(ConfigError, match="'ties' needs density"):
+        combine(t, [1.0, 1.0], "ties", density=1.5)
+    with pytest.raises(ConfigError, match="pass key=jax.random.key"):
+        combine(t, [1.0, 1.0], "dare_linear", density=0.5)
+    with pytest.raises(ConfigError, match="unknown merge method"):
+        combine(t, [1.0, 1.0], "mean")
+    np.testing.assert_allclose(combine(t, [1.0, -1.0], "linear"), 2.0 * np.ones((2, 3)))

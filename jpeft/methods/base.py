@@ -143,7 +143,9 @@ class LowRank(NamedTuple):
     kernel (:class:`Layout`): what adapter merging (:mod:`jpeft.merging`) and the adapter bank
     (:mod:`jpeft.bank`) combine. For an embedding, ``tied_output`` says whether the model also
     reads it as its tied output projection (``None``: unknown) and ``tie_output`` whether the
-    update acts there too; ``dropout`` is the rate on the update's input."""
+    update acts there too; ``dropout`` is the rate on the update's input; ``residual`` is the
+    init whose residual base the factors are relative to (``"pissa"``, ``"olora"``, ...; LoRA's
+    ``LoraWeights.residual``), ``None`` for an update of the original weights."""
 
     a: jax.Array  # [in, r]
     b: jax.Array  # [r, out]
@@ -152,6 +154,19 @@ class LowRank(NamedTuple):
     tied_output: Optional[bool] = None
     tie_output: bool = False
     dropout: float = 0.0
+    residual: Optional[str] = None
+
+
+def residual_refusal(where: str, mark: str, what: str) -> str:
+    """Why a LoRA site relative to a residual base (``jpeft.init_pissa`` & co.) cannot be
+    combined: its ``s * A @ B`` is not its change to the original weights, and the combined
+    adapter would lose the mark (so ``jpeft.hf.save_peft`` would write it for the original base)."""
+    return (f"{where} comes from jpeft.init_{str(mark).split('_')[0]} (marked {mark!r}): its factors are relative to "
+            f"the residual base that call returned, not to the original weights, so its s*A@B cannot be {what} as an "
+            "update of the base (and the result would lose the mark: exported, PEFT would apply it to the original "
+            "weights). Merge it alone into its residual params with jpeft.merge(residual_params, adapter), or first "
+            "convert it to a plain LoRA of the original weights (factors [A | A_0] and [B ; -B_0] with A_0, B_0 the "
+            "factors init returned, as PEFT's path_initial_model_for_weight_conversion does).")
 
 
 def check_tied_merge(lr: "LowRank", stacklevel: int = 3) -> None:

@@ -607,7 +607,7 @@ class LoraWeights(Site):
             )
         return LowRank(self.lora_A, self.lora_B, self.scale, self.layout,
                        self.tied_output if self.layout.kind == Kind.EMBED else None, bool(self.tie_output),
-                       float(self.dropout))
+                       float(self.dropout), self.residual)
 
     def partition_specs(self, module_specs):
         """``lora_A [in, r]`` takes the kernel's input-dimension entry, ``lora_B [r, out]`` (and
