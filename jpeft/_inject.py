@@ -63,25 +63,39 @@ def _outer_shapes(params, path: str):
     return _flat_shapes(node)
 
 
-def _check_not_scanned(path: str, node, module, params) -> None:
-    """A per-layer node met inside a layer scan would be shared by every layer; refuse."""
+def _scanned_layers(path: str, module, params) -> Optional[int]:
+    """The number of layers a module's params are stacked over when it runs inside a layer scan
+    (the module sees one layer's slice of the stacked arrays the params hold at its path), else
+    ``None``."""
     outer = _outer_shapes(params, path) if params is not None else None
     if not outer:
-        return
+        return None
     try:
         # the module's own params and its submodules' (a bottleneck on a whole MLP block)
         own = _flat_shapes(module.variables.get("params", {}))
     except Exception:
-        return
+        return None
     stacked = [outer[k][0] for k, s in own.items() if k in outer and len(outer[k]) == len(s) + 1 and outer[k][1:] == s]
-    if stacked:
-        raise UnsupportedModuleError(
-            f"module {path!r} runs inside a layer scan (its params are stacked over {stacked[0]} layers), "
-            f"but the adapter holds one {type(node).__name__} for it, which every layer would share. jpeft.init "
-            "makes stacked (per-layer) sites when given the model (jpeft.init(config, params, key, model, x); prefix "
-            "and prompt tuning act at the top level); a method that refuses them needs an unrolled model "
-            "(scan_layers=False)."
-        )
+    return stacked[0] if stacked else None
+
+
+def scanned_refusal(path: str, node_name: str, layers: int) -> UnsupportedModuleError:
+    """The error for a per-layer node on a module inside a layer scan (raised by :func:`jpeft.apply`,
+    and by a method's ``init`` that sees it in the traced model's :attr:`ModuleInfo.scanned_layers`)."""
+    return UnsupportedModuleError(
+        f"module {path!r} runs inside a layer scan (its params are stacked over {layers} layers), "
+        f"but the adapter holds one {node_name} for it, which every layer would share. jpeft.init "
+        "makes stacked (per-layer) sites when given the model (jpeft.init(config, params, key, model, x); prefix "
+        "and prompt tuning act at the top level); a method that refuses them needs an unrolled model "
+        "(scan_layers=False)."
+    )
+
+
+def _check_not_scanned(path: str, node, module, params) -> None:
+    """A per-layer node met inside a layer scan would be shared by every layer; refuse."""
+    n = _scanned_layers(path, module, params)
+    if n is not None:
+        raise scanned_refusal(path, type(node).__name__, n)
 
 
 def _own_params(module) -> Mapping[str, Any]:
@@ -316,10 +330,14 @@ def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, out)
         in_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, a[:1])
         record[path] = ModuleInfo(type(mod).__name__, layout, shapes, in_shapes[0] if in_shapes else None, refusal=refusal,
-                                  input_axes=input_axes(mod, a, kw))
+                                  input_axes=input_axes(mod, a, kw),
+                                  scanned_layers=_scanned_layers(path, mod, outer.get("params")))
         return out
 
+    outer: dict = {}  # the whole (abstract) variables, to tell a module inside a layer scan by its params' shapes
+
     def run(v):
+        outer.update(v)
         with nn.intercept_methods(intercept):
             return model.apply(v, *args, **kwargs)
 

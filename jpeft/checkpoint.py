@@ -74,7 +74,8 @@ from jpeft.io import (
     verify_checksum,
     with_checksum,
 )
-from jpeft.methods.base import trainable
+from jpeft.methods.base import split_frozen, trainable
+from jpeft.tree import unwrap_params
 
 FORMAT = "jpeft-train-checkpoint"
 FORMAT_VERSION = 1
@@ -158,6 +159,40 @@ def optimizer_state_kinds(opt_state) -> list:
 
     walk(opt_state)
     return out
+
+
+def _key_paths(tree) -> list:
+    return [tuple(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _ends_with(kp: tuple, suffixes: set, lengths: list) -> bool:
+    return any(kp[len(kp) - n:] in suffixes for n in lengths if n <= len(kp))
+
+
+def _misbuilt_leaf(opt_state, adapter: Mapping[str, Any], base_keys: set) -> Optional[tuple[str, str]]:
+    """``(what, leaf name)`` for the first array of ``opt_state`` that was built over the base
+    model's params (``what="base"``: ``optimizer.init(params)``) or over the adapter's frozen
+    arrays (``"frozen"``: ``optimizer.init(adapter)`` of VeRA's shared projections), else ``None``.
+
+    Told by key paths: a leaf of a state built over a tree ends with that tree's key path to it
+    (``mu/<path>`` in Adam's, ``inner_state/0/mu/<path>`` under ``optax.masked``, ...). A leaf
+    ending with a trainable array's key path is the adapter's own (full fine-tuning's copy of the
+    params too, whose key path has the node's field in it), so chains, masked and multi-transform
+    states, factored second moments and empty states pass."""
+    train, frozen = split_frozen(adapter)
+    allowed = set(_key_paths(train))
+    if not allowed:
+        return None
+    refused = [("base", base_keys), ("frozen", set(_key_paths(frozen)))]
+    a_len = sorted({len(k) for k in allowed})
+    for kp, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+        kp = tuple(kp)
+        if _ends_with(kp, allowed, a_len):
+            continue
+        for what, keys in refused:
+            if keys and _ends_with(kp, keys, sorted({len(k) for k in keys})):
+                return what, jax.tree_util.keystr(kp)
+    return None
 
 
 def _named_host(tree, prefix: str) -> tuple[dict, dict]:
@@ -307,6 +342,8 @@ class CheckpointManager:
         self.read_only = bool(read_only)
         self.fingerprint = base_fingerprint(params, base_config, with_content_hash=with_content_hash)
         self._config_dict = config.to_dict()
+        self._base_keys = set(_key_paths(unwrap_params(params)[0]))  # what a state built over the base is told by
+        self._opt_structures: dict = {}  # the adapter's tree structure -> that of optimizer.init of its trainable arrays
         self._lock = None  # the writer lock, taken at the first save
         self._pending: Optional[int] = None  # the step of the last asynchronous save started
         self._damaged: set[int] = set()  # steps restore_latest(fallback=True) skipped as damaged
@@ -580,7 +617,10 @@ class CheckpointManager:
           SaveError: the write failed (earlier checkpoints are intact), or another manager
             holds the writer lock.
           PathEscapeError: a step directory is a symlink.
-          ConfigError: ``step`` is invalid or already saved, or an argument is not JSON-able.
+          ConfigError: ``step`` is invalid or already saved, an argument is not JSON-able, or
+            ``opt_state`` is not a state of the adapter's trainable arrays (built over the base
+            model's params, ``optimizer.init(params)``, or over the adapter's frozen arrays; with
+            the manager's ``optimizer``: not the structure of ``optimizer.init(jpeft.trainable(adapter))``).
         """
         if self.read_only:
             raise ConfigError(f"this CheckpointManager of {self.directory} was opened with read_only=True; "
@@ -590,6 +630,13 @@ class CheckpointManager:
         step = int(step)
         if not force and step % self.save_every != 0:
             return False
+        if not isinstance(adapter, Mapping) or not adapter:
+            raise ConfigError(f"save expects the adapter dict from jpeft.init, found {type(adapter).__name__}.")
+        # refused before the lock, the damaged-step move or any write
+        if opt_state is not None and jax.tree.leaves(opt_state):
+            self._check_opt_state(adapter, opt_state, "the optimizer state")
+        if isinstance(extra, Mapping) and extra.get("opt_state") is not None and jax.tree.leaves(extra["opt_state"]):
+            self._check_opt_state(adapter, extra["opt_state"], "extra['opt_state']")  # restored with the same template
         self._take_lock()
         self._refuse_symlinked_steps()
         self._drain_failed_async_save(step)
@@ -597,8 +644,6 @@ class CheckpointManager:
             if step not in self._damaged:
                 raise ConfigError(f"step {step} is already saved in {self.directory}; checkpoints are never overwritten.")
             self._set_aside(step)
-        if not isinstance(adapter, Mapping) or not adapter:
-            raise ConfigError(f"save expects the adapter dict from jpeft.init, found {type(adapter).__name__}.")
         arrays: dict[str, Any] = {}
         index: dict[str, Any] = {}
         a, i = _named_host(dict(adapter), "adapter")
@@ -679,6 +724,42 @@ class CheckpointManager:
         except Exception as e:
             self._settle()
             raise _wrap(e, f"saving step {step} into {self.directory} failed; earlier checkpoints are intact", SaveError) from e
+
+    def _check_opt_state(self, adapter: Mapping[str, Any], opt_state, what: str) -> None:
+        """Refuses, before anything is written, an optimizer state that the train step and
+        :meth:`restore` would refuse later: one built over the base model's params or over the
+        adapter's frozen arrays, or (when the manager has an ``optimizer``) one whose structure is
+        not that of ``optimizer.init(jpeft.trainable(adapter))``, which restore rebuilds."""
+        bad = _misbuilt_leaf(opt_state, adapter, self._base_keys)
+        fix = ("Build it over the adapter's trainable arrays: jpeft.init_opt_state(optimizer, adapter) or "
+               "optimizer.init(jpeft.trainable(adapter)).")
+        if bad is not None and bad[0] == "base":
+            raise ConfigError(
+                f"cannot save {what}: it was built over the base model's params (its array {bad[1]} is the optimizer "
+                "state of a base weight, e.g. optimizer.init(params)), not over the adapter; the train step refuses it "
+                f"and a restore could not rebuild it. {fix} Nothing was written.")
+        if bad is not None:
+            raise ConfigError(
+                f"cannot save {what}: it holds state for the adapter's frozen arrays (its array {bad[1]}), which are "
+                f"never trained (optimizer.init(adapter) of an adapter with frozen arrays). {fix} Nothing was written.")
+        if self.optimizer is None:
+            return
+        train = trainable(adapter)
+        treedef = jax.tree.structure(train)
+        shapes = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(train))
+        key = (treedef, shapes)
+        want = self._opt_structures.get(key)
+        if want is None:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train)
+            want = self._opt_structures[key] = jax.tree.structure(jax.eval_shape(self.optimizer.init, abstract))
+        got = jax.tree.structure(opt_state)
+        if got != want:
+            raise ConfigError(
+                f"cannot save {what}: it is not a state of this manager's optimizer for this adapter (expected the "
+                f"structure of optimizer.init(jpeft.trainable(adapter)), {want.num_leaves} arrays; found "
+                f"{got.num_leaves} arrays in another structure), so restore could not rebuild it. Give the "
+                "CheckpointManager the optimizer the run trains with, and build the state with "
+                "jpeft.init_opt_state(optimizer, adapter). Nothing was written.")
 
     def _drain_failed_async_save(self, step: int) -> None:
         """A failed asynchronous save is reported by the next call into Orbax; report it as the

@@ -419,7 +419,9 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inner)
         unrolled = scan.unstack_params(abstract)
     # PEFT's copies of targeted embedding-like modules' base weights, checked against the params' and dropped
-    take_base_copies(tensors, module_leaves(inner if unrolled is None else unrolled), path)
+    # (on a layer-scanned base, against the layer's slice of the stacked params: jpeft.scan.layer_module)
+    take_base_copies(tensors, module_leaves(inner if unrolled is None else unrolled), path,
+                     own_of=None if unrolled is None else (lambda p: scan.layer_module(inner, p)))
     if n_scanned is not None:
         ctx = ImportContext(module_leaves(unrolled), path, dtype)
         config, adapter = fmt.from_hf(d, tensors, {"params": unrolled}, ctx)

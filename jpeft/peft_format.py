@@ -145,22 +145,26 @@ def check_base_copy(path: str, v: np.ndarray, own: Mapping[str, Any], folder: st
     """PEFT saves the base weight of a targeted embedding or ``lm_head`` (``save_embedding_layers``, e.g. after
     the vocabulary was resized or rows were re-initialised) and ``PeftModel.from_pretrained``
     loads it into the model; jpeft keeps the params' weight, so the two must be the same weights
-    (compared at the coarser of the two dtypes), else the outputs would differ silently."""
+    (compared at the coarser of the two dtypes), else the outputs would differ silently. Params
+    whose values cannot be read here (abstract ``jax.ShapeDtypeStruct`` params, arrays sharded
+    across processes, quantized kernels) are compared by shape only."""
     name = "embedding" if "embedding" in own else "kernel" if "kernel" in own else None
     ref = own.get(name) if name else None
-    if ref is None or isinstance(ref, jax.ShapeDtypeStruct) or not getattr(ref, "is_fully_addressable", True) \
-            or not jnp.issubdtype(getattr(ref, "dtype", np.int8), jnp.floating):
-        return  # abstract, sharded across processes or quantized params: nothing to compare here
+    if ref is None or getattr(ref, "shape", None) is None:
+        return
     f = np.asarray(v)
     if name == "kernel" and f.ndim == 2 and not CONV1D.match(path):
         f = f.T
-    p = np.asarray(ref)
-    if f.shape != p.shape:
+    if f.shape != tuple(ref.shape):
         raise BaseMismatchError(
             f"the adapter in {folder!r} carries PEFT's copy of the base weight of {hf_name(path)!r} with shape "
-            f"{f.shape}, but the base's is {p.shape} (a resized vocabulary?). PeftModel.from_pretrained would load "
-            "that copy into the model; give jpeft params holding the same weight."
+            f"{f.shape}, but the base's is {tuple(ref.shape)} (a resized vocabulary?). PeftModel.from_pretrained would "
+            "load that copy into the model; give jpeft params holding the same weight."
         )
+    if isinstance(ref, jax.ShapeDtypeStruct) or not getattr(ref, "is_fully_addressable", True) \
+            or not isinstance(ref, (jax.Array, np.ndarray)) or not jnp.issubdtype(ref.dtype, jnp.floating):
+        return  # abstract, sharded across processes or quantized params: the shape is all there is to compare
+    p = np.asarray(ref)
     same = (np.array_equal(f.astype(np.float32), p.astype(f.dtype).astype(np.float32))
             or np.array_equal(f.astype(p.dtype).astype(np.float32), p.astype(np.float32)))
     if not same:
@@ -177,13 +181,17 @@ def check_base_copy(path: str, v: np.ndarray, own: Mapping[str, Any], folder: st
         )
 
 
-def take_base_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]], folder: str) -> None:
+def take_base_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]], folder: str, own_of=None) -> None:
     """Removes from ``tensors`` PEFT's copies of base weights (``<module>.base_layer.weight``, saved
     for any method whose targets include an embedding-like module such as ``lm_head``), after
     :func:`check_base_copy` found each equal to the base's; one of no module is left in place, so
-    the format's key check names it."""
+    the format's key check names it. ``own_of(path)`` gives the params to compare with when
+    ``leaves`` only names the modules: for a layer-scanned base ``leaves`` are the unrolled model's
+    (abstract, never a copy of the weights) and ``own_of`` is :func:`jpeft.scan.layer_module` on the
+    stacked params (the layer's slice of one module)."""
     for k in sorted(tensors):
         sp = split_peft_key(k, ("base_layer.weight",))
         if sp is not None and sp[0] in leaves:
-            check_base_copy(sp[0], tensors[k], leaves[sp[0]], folder)
+            own = own_of(sp[0]) if own_of is not None else None
+            check_base_copy(sp[0], tensors[k], leaves[sp[0]] if own is None else own, folder)
             del tensors[k]

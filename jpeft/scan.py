@@ -43,6 +43,7 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft import _hostmem
 from jpeft.errors import ConfigError, LayoutError, ShapeMismatchError
@@ -360,6 +361,47 @@ def unstack_params(params: Mapping[str, Any], name: str = "layers") -> dict:
     return walk(params)
 
 
+def layer_module(params: Mapping[str, Any], path: str, name: str = "layers") -> Optional[dict]:
+    """The own params (``{param name: array}``) of the unrolled model's module ``path`` in a
+    layer-scanned params tree: for ``model/layers_3/mlp/down_proj`` layer 3's slice of the stacked
+    ``model/layers/mlp/down_proj`` arrays (this module's only, sliced when asked), for a module
+    outside the scan its params as they are. ``None`` when the params hold no such module.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"model": {"layers": {"fc": {"kernel": jnp.arange(6.0).reshape(3, 2, 1)}}}}
+    >>> layer_module(p, "model/layers_2/fc")["kernel"].ravel().tolist()
+    [4.0, 5.0]
+    """
+    node, index = params, None
+    for comp in [c for c in path.split("/") if c]:
+        if not isinstance(node, Mapping):
+            return None
+        m = re.fullmatch(rf"{re.escape(name)}_(\d+)", comp)
+        if comp not in node and m and index is None and isinstance(node.get(name), Mapping):
+            node, index = node[name], int(m.group(1))
+        elif comp in node:
+            node = node[comp]
+        else:
+            return None
+    if not isinstance(node, Mapping):
+        return None
+    own = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+    if index is None:
+        return own
+
+    def one(x):
+        n = tuple(getattr(x, "shape", ()))[:1]
+        if not n or not 0 <= index < n[0]:
+            return None
+        if isinstance(x, jax.ShapeDtypeStruct) or not isinstance(x, (jax.Array, np.ndarray)):
+            # abstract, or quantized (its shape is the kernel's): the layer's shape only
+            return jax.ShapeDtypeStruct(tuple(x.shape)[1:], x.dtype)
+        return x[index]
+
+    out = {k: one(v) for k, v in own.items()}
+    return None if any(v is None for v in out.values()) else out
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(buf, x, i):
     return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0)
@@ -432,6 +474,7 @@ __all__ = [
     "make_site",
     "site_rank_alpha",
     "layer_paths",
+    "layer_module",
     "variables_for",
     "is_stacked",
     "num_stacked_layers",

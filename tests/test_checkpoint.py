@@ -763,3 +763,65 @@ def test_a_manager_dropped_without_close_keeps_its_last_async_save(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir() if not p.name.startswith(".")) == ["5"], r.stderr[-2000:]
+
+
+def test_an_optimizer_state_of_the_base_or_of_frozen_arrays_is_refused_at_save(tmp_path, base):
+    """save() wrote an optimizer state built over the base params (``adam.init(params)`` for
+    ``adam.init(adapter)``) without a word; the train step refused it only later, after the
+    checkpoint (and in it an optimizer state of every base weight) was on disk, and restore then
+    refused the checkpoint. Refused at save now, before anything is written, with or without
+    the manager's optimizer; valid states (chains, masked and multi-transform states, empty and
+    factored states, full fine-tuning's whole-model adapter, an AdapterBank's weights, VeRA's
+    trainable part) still save."""
+    params, cfg, adapter, opt, opt_state, key = base
+    adapter = jax.tree.map(lambda x: x + 0.25, adapter)  # every tensor nonzero (lora_B starts at zero)
+    label = lambda t: jax.tree.map(lambda x: "a" if x.ndim > 1 else "b", t)  # noqa: E731
+    masked = optax.masked(optax.adam(1e-3), lambda t: jax.tree.map(lambda x: x.ndim > 1, t))
+    multi = optax.multi_transform({"a": optax.adam(1e-3), "b": optax.sgd(1e-2, momentum=0.9)}, label)
+    chain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    full_cfg = jpeft.FullFinetuneConfig()
+    full = jpeft.init(full_cfg, params, jax.random.key(3))
+    vera_cfg = jpeft.VeraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    vera = jpeft.init(vera_cfg, params, jax.random.key(4))
+    bank = jpeft.AdapterBank.create(adapter, capacity=2, max_rank=4)
+    bad = [  # (config, adapter, optimizer, state, message)
+        (cfg, adapter, opt, opt.init(params), "base model's params"),
+        (cfg, adapter, opt, opt.init(params["params"]), "base model's params"),
+        (cfg, adapter, chain, chain.init(params), "base model's params"),
+        (cfg, adapter, masked, masked.init(params), "base model's params"),
+        (full_cfg, full, opt, opt.init(params), "base model's params"),
+        (vera_cfg, vera, opt, opt.init(vera), "frozen arrays"),
+    ]
+    for i, (c, a, o, state, msg) in enumerate(bad):
+        for with_opt in (True, False):
+            d = tmp_path / f"bad{i}{with_opt}"
+            with jpeft.checkpoint.CheckpointManager(d, c, params, optimizer=o if with_opt else None,
+                                                    async_save=False) as m:
+                with pytest.raises(ConfigError, match=msg):
+                    m.save(1, a, state, key)
+                with pytest.raises(ConfigError, match=msg):  # also as the forgetting guard's kept state
+                    m.save(1, a, None, key, extra={"opt_state": state})
+                assert m.all_steps() == []
+            assert not [p for p in d.iterdir() if p.name != ".jpeft-writer.lock"]
+    # the state of another optimizer than the manager's: restore could not rebuild it
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "other", cfg, params, optimizer=opt, async_save=False) as m:
+        with pytest.raises(ConfigError, match="not a state of this manager's optimizer"):
+            m.save(1, adapter, optax.sgd(1e-2, momentum=0.9).init(adapter), key)
+    good = [
+        (cfg, adapter, opt, opt.init(adapter)),
+        (cfg, adapter, chain, chain.init(adapter)),
+        (cfg, adapter, masked, masked.init(adapter)),
+        (cfg, adapter, multi, multi.init(adapter)),
+        (cfg, adapter, optax.adafactor(1e-2, min_dim_size_to_factor=2), optax.adafactor(
+            1e-2, min_dim_size_to_factor=2).init(adapter)),
+        (cfg, adapter, optax.sgd(1e-2), optax.sgd(1e-2).init(adapter)),  # empty: nothing saved
+        (full_cfg, full, opt, opt.init(full)),
+        (vera_cfg, vera, opt, jpeft.init_opt_state(opt, vera)),
+        (cfg, bank.weights, opt, opt.init(bank.weights)),
+    ]
+    for i, (c, a, o, state) in enumerate(good):
+        with jpeft.checkpoint.CheckpointManager(tmp_path / f"good{i}", c, params, optimizer=o, async_save=False) as m:
+            assert m.save(1, a, state, key)
+            if a is not bank.weights:  # a bank's weights restore with their own template
+                st = m.restore(1)
+                assert _leaves_equal(st.adapter, a) and _leaves_equal(st.opt_state, state)

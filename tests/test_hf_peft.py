@@ -629,6 +629,58 @@ def test_train_method_table_refuses_unimplemented_options():
     assert cfg.bias == "all"
 
 
+def test_peft_base_copies_are_checked_on_a_layer_scanned_base(tmp_path):
+    """On a layer-scanned base (scan_layers=True) load_peft compared PEFT's base-weight copies
+    with an abstract unrolled view of the params, i.e. never: a file whose embed_tokens copy differs
+    from the params (another base, or re-initialised rows), refused on the unrolled base, loaded
+    on the scanned one without a word. Now both compare the same weights (the embedding as it is,
+    a per-layer module's copy against its layer's slice of the stacked kernel); an abstract base
+    (jax.eval_shape) is compared by shape."""
+    import safetensors.numpy as stn
+
+    hf, base_folder = T.hf_model("mistral")
+    _, p0 = loaded("mistral")
+    _, p1 = M.from_pretrained(base_folder, scan_layers=True)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = str(tmp_path / "same")
+        peft.get_peft_model(copy.deepcopy(hf), cfg).save_pretrained(folder)
+    same = stn.load_file(os.path.join(folder, "adapter_model.safetensors"))
+    emb = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert emb in same
+    _, a0 = H.load_peft(folder, p0)
+    _, a1 = H.load_peft(folder, p1)  # the same weights: loads, and is the unrolled base's adapter stacked
+    u1 = jpeft.scan.unstack_adapter(a1)
+    assert sorted(u1) == sorted(a0)
+    for k in a0:
+        for x, y in zip(jax.tree.leaves(a0[k]), jax.tree.leaves(u1[k])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    q1 = "base_model.model.model.layers.1.self_attn.q_proj.base_layer.weight"
+    q1_w = hf.model.layers[1].self_attn.q_proj.weight.detach().numpy()
+    rows = lambda n, at: (np.arange(n)[:, None] >= at[0]) & (np.arange(n)[:, None] < at[1])  # noqa: E731
+    variants = {
+        "embed": ({emb: same[emb] + rows(100, (90, 100)).astype(np.float32)},
+                  r"embed_tokens\.base_layer\.weight.*10 row\(s\) \(first: \[90"),
+        "layer": ({q1: q1_w + 0.5 * rows(32, (5, 6)).astype(np.float32)},
+                  r"layers\.1\.self_attn\.q_proj\.base_layer\.weight.*1 row\(s\) \(first: \[5\]"),
+        "shape": ({q1: np.zeros((7, 32), np.float32)}, r"q_proj' with shape \(32, 7\)"),
+    }
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), p1)
+    for name, (change, msg) in variants.items():
+        d = tmp_path / name
+        shutil.copytree(folder, d)
+        stn.save_file({**same, **change}, str(d / "adapter_model.safetensors"))
+        for p in (p0, p1):
+            with pytest.raises(BaseMismatchError, match=msg):
+                H.load_peft(str(d), p)
+        if name == "shape":  # no values to compare on an abstract base: the shapes still are
+            with pytest.raises(BaseMismatchError, match=msg):
+                H.load_peft(str(d), abstract)
+    H.load_peft(folder, abstract)
+
+
 def test_peft_copy_of_a_changed_base_embedding_is_refused(tmp_path):
     """PEFT saves a targeted embedding's base weight (``...embed_tokens.base_layer.weight``) and
     PeftModel.from_pretrained loads it into the model: when it differs from jpeft's params (rows

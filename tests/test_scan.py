@@ -380,16 +380,45 @@ def test_per_layer_options_are_refused_on_a_scanned_model():
 def test_an_output_adapter_on_a_block_inside_the_scan_is_refused():
     """A bottleneck on a module without params of its own (the MLP block) inside the layer scan
     was one node shared by every layer (half the trainable parameters of the unrolled model's
-    per-layer adapters), with no error; it is refused like one on a projection."""
+    per-layer adapters), with no error; it is refused like one on a projection. Given the model,
+    jpeft.init refuses it (the traced module sees one layer's slice of the stacked params: an exact
+    test), with the message jpeft.apply gives; from the params alone it is refused at apply."""
     unrolled, scanned, p0, p1, ids = _pair()
-    for target in ("mlp", "self_attn"):
-        bad = jpeft.init(jpeft.BottleneckConfig(target_modules=[target]), p1, jax.random.key(0), scanned, ids)
-        with pytest.raises(UnsupportedModuleError, match="scan"):
-            jpeft.apply(scanned, p1, bad, ids)
+    for target in ("mlp", "self_attn", "down_proj"):
+        cfg = jpeft.BottleneckConfig(target_modules=[target], reduction_factor=4)
+        with pytest.raises(UnsupportedModuleError, match=r"runs inside a layer scan \(its params are stacked over 3 "
+                                                         r"layers\), but the adapter holds one BottleneckWeights"):
+            jpeft.init(cfg, p1, jax.random.key(0), scanned, ids)
+        if target == "down_proj":  # no model: the params alone cannot tell a stacked kernel from a 3-D one
+            bad = jpeft.init(cfg, p1, jax.random.key(0))
+            with pytest.raises(UnsupportedModuleError, match="runs inside a layer scan"):
+                jpeft.apply(scanned, p1, bad, ids)
     # on the unrolled model, one per layer
     a0 = jpeft.init(jpeft.BottleneckConfig(target_modules=["mlp"]), p0, jax.random.key(0), unrolled, ids)
     assert sorted(a0) == ["model/layers_0/mlp", "model/layers_1/mlp", "model/layers_2/mlp"]
     jpeft.apply(unrolled, p0, a0, ids)
+
+
+def test_a_bottleneck_on_an_unrolled_submodule_named_layers_is_made():
+    """An unrolled model whose submodule is named ``layers`` (a reverted init-time refusal took it
+    for a scan by that name) gets its bottleneck adapter, which runs."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(8, name="fc")(x)
+            return nn.Dense(8, name="layers")(nn.Dense(8, name="proj")(h)[None])[0]
+
+    model, x = Net(), jnp.ones((2, 3, 8))
+    params = model.init(jax.random.key(0), x)
+    for args in ((model, x), ()):
+        a = jpeft.init(jpeft.BottleneckConfig(target_modules=["layers", "fc"], reduction_factor=4), params,
+                       jax.random.key(1), *args)
+        assert sorted(a) == ["fc", "layers"]
+        a = jax.tree.map(lambda v: v + 0.5, a)  # every tensor random-looking (up/down biases start at zero)
+        y = jpeft.apply(model, params, a, x)
+        h = jpeft.apply(model, params, {"fc": a["fc"]}, x)
+        assert not np.allclose(np.asarray(y), np.asarray(h))
 
 
 def test_prefix_tuning_made_on_the_scanned_model_has_every_layer():

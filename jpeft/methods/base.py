@@ -116,6 +116,8 @@ class ModuleInfo(NamedTuple):
     methods: frozenset = frozenset()  # the module's other methods the model called ("attend", ...)
     refusal: Optional[str] = None  # why a module with a kernel has no layout (a grouped conv, ...), raised when targeted
     input_axes: Optional[tuple] = None  # the input's axes a Dense/DenseGeneral contracts (non-negative, sorted)
+    # inside a layer scan (nn.scan): the number of layers its params (its own and its submodules') are stacked over
+    scanned_layers: Optional[int] = None
 
 
 class Call(NamedTuple):

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Mapping
 import jax
 import jax.numpy as jnp
 
+from jpeft._inject import scanned_refusal
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import BottleneckTargetError, ConfigError, NotMergeableError
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
@@ -208,6 +209,12 @@ def init(config: BottleneckConfig, params, key, infos) -> dict:
     paths = select(config.target_modules, cands, what="module")
     # sorted: the adapter must not depend on the params dict's key order (jit returns sorted dicts)
     paths = sorted(paths)
+    # a module inside a layer scan (told exactly by the traced model: the module sees one layer's slice of the
+    # stacked params) would share one node among every layer: refused here as jpeft.apply would. Without the
+    # model the params alone cannot tell a stacked kernel from a 3-D one, so that case is refused at apply.
+    inside = [p for p in paths if infos is not None and p in infos and infos[p].scanned_layers]
+    if inside:
+        raise scanned_refusal(inside[0], BottleneckWeights.__name__, infos[inside[0]].scanned_layers)
     keys = jax.random.split(key, len(paths))
     out = {}
     for k, path in zip(keys, paths):
