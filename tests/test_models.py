@@ -445,6 +445,31 @@ def test_heads_jpeft_does_not_implement_and_a_stray_untied_head_are_refused(tmp_
     assert "lm_head" not in params["params"]
 
 
+
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_tied_matrix_stored_only_as_lm_head_loads_as_the_embedding(family, tmp_path):
+    """safetensors.torch.save_model keeps one of a tied tensor's names, the first in order:
+    "lm_head.weight". transformers loads such a file as the tied embedding; it was refused as
+    missing its embedding."""
+    from safetensors.torch import save_model
+
+    hf, _ = T.hf_model(family)
+    d = _copy(family, tmp_path)
+    os.remove(d / "model.safetensors")
+    save_model(hf, str(d / "model.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "np") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" in keys and not any(k.endswith(("embed_tokens.weight", "wte.weight")) for k in keys)
+    model, params = M.from_pretrained(str(d))
+    assert "lm_head" not in params["params"]
+    ids, mask = T.batch(family)
+    out = model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask), position_ids=jnp.asarray(T.positions(mask)))
+    ref = T.torch_logits(family, ids, mask)
+    sel = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(out)[sel], ref[sel], atol=1e-5, rtol=0)
+
 def test_weight_shape_disagrees_with_config(tmp_path):
     d = _copy("llama2", tmp_path)
     cfg = json.loads((d / "config.json").read_text())
@@ -596,6 +621,18 @@ def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
     assert c.rope_theta == 500000.0 and c.rope_scaling is None
 
 
+def test_rope_parameters_per_layer_type_are_refused_not_read_as_default():
+    """transformers 5 writes rope_parameters per layer type for some families; on a Llama-family
+    config.json it was read as one dict without rope_type: default rope with theta 10000, silently."""
+    from jpeft.models import config_from_hf
+
+    d = dict(model_type="qwen2", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    with pytest.raises(UnsupportedModelError, match=r"per layer type \(\['full_attention', 'sliding_attention'\]\)"):
+        config_from_hf(d)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(rope_scaling={"rope_type": "linear"}), "lacks 'factor'"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks 'low_freq_factor'"),
@@ -613,6 +650,23 @@ def test_llama_config_values_that_give_nan_or_a_raw_error_are_refused(bad, match
     with pytest.raises(ConfigError, match=match):
         M.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, **bad)
 
+
+
+@pytest.mark.parametrize("cls, field, bad", [("LlamaConfig", "intermediate_size", -1),
+                                             ("GPT2Config", "intermediate_size", -4), ("BertConfig", "type_vocab_size", 0),
+                                             ("BertConfig", "intermediate_size", -1),
+                                             ("GPT2Config", "max_position_embeddings", 0)])
+def test_sizes_that_gave_a_raw_jax_error_are_refused_by_the_config(cls, field, bad):
+    """A negative MLP width or an empty token-type table was accepted and failed at the first call
+    inside JAX (TypeError "reshape new_sizes must all be positive", IndexError "non-empty
+    jnp.take() from an empty axis"); a config.json holding one now gets a named error."""
+    from jpeft.errors import ConfigError
+
+    kw = dict(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16)
+    if cls != "GPT2Config":
+        kw["intermediate_size"] = 32
+    with pytest.raises(ConfigError, match=rf"{cls}\.{field} must be a positive integer"):
+        getattr(M, cls)(**{**kw, field: bad})
 
 
 @pytest.mark.parametrize("cls, field", [("LlamaConfig", "attention_dropout"), ("GPT2Config", "attn_pdrop"),

@@ -822,7 +822,9 @@ def validate_common(cfg, name: str):
         v = getattr(cfg, f)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{name}.{f} must be a positive integer, found {v!r}.")
-    for f in ("num_kv_heads", "head_dim"):
+    for f in ("num_kv_heads", "head_dim", "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+        if not hasattr(cfg, f):  # type_vocab_size: BERT only
+            continue
         v = getattr(cfg, f)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(f"{name}.{f} must be a positive integer, found {v!r}.")

@@ -62,6 +62,13 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
     # as transformers' convert_rope_params_to_dict: an older file's rope_scaling, when set, wins over
     # rope_parameters (whose rope_theta is then not read either: the top-level one or 10000 is)
     rp = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    if any(isinstance(v, Mapping) for v in rp.values()):
+        # transformers 5's per-layer-type form ({"full_attention": {...}, "sliding_attention": {...}}):
+        # its Llama/Mistral/Qwen2 cannot run it either; read as one dict it gave default rope, theta 10000
+        raise UnsupportedModelError(
+            f"config.json's rope parameters are given per layer type ({sorted(rp)}); jpeft's {model_type} has one "
+            "rotary embedding for every layer. Write one rope_parameters dict (rope_type, rope_theta, ...)."
+        )
     theta = float(_get(rp, "rope_theta", default=_get(d, "rope_theta", default=10000.0)))
     scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -539,7 +546,12 @@ def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantiz
     for k, v in raw_keys.items():
         where[_normalise_key(k, None if has_prefix else fam.base_prefix)] = (k, *v)
     tied = getattr(cfg, "tie_word_embeddings", False)
-    if tied and "lm_head.weight" in where:
+    emb_key = f"{fam.base_prefix}.{getattr(fam.model_cls, 'embed_name', '')}.weight"
+    if tied and "lm_head.weight" in where and emb_key in expected and emb_key not in where:
+        # a tied tensor stored under the head's name only (safetensors' save_model keeps the first
+        # of the shared names, "lm_head.weight"): transformers reads it as the embedding too
+        where[emb_key] = where["lm_head.weight"]
+    elif tied and "lm_head.weight" in where:
         _check_stored_head_is_tied(path, where)
     ignored = [re.compile(p) for p in fam.ignored] + ([re.compile(r"lm_head\.weight")] if tied else [])
     unexpected = sorted(k for k in where if k not in expected and not any(p.fullmatch(k) for p in ignored))
