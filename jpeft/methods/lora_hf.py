@@ -24,7 +24,7 @@ from jpeft.methods import pissa
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_output_from_params, token_sites)
-from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, add_site_pattern, check_keys,
+from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, add_site_pattern, check_base_copy, check_keys,
                                config_from_peft, peft_key, split_peft_key, to_np)
 from jpeft.tree import hf_name, linear_only, regex_fullmatch
 
@@ -323,6 +323,11 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             continue
         path, t = sp
         if t == "base_layer.weight":  # a copy of a module this base lacks (jpeft.hf checked and dropped the others)
+            tied_to = _tied_embedding(path, ctx.leaves)
+            if tied_to is None:
+                unmatched.append(k)  # a module of another model: named by the key check below
+            else:  # lm_head tied to the embedding (no module of its own here): its copy is the embedding
+                check_base_copy(path, v, ctx.leaves[tied_to], ctx.folder)
             continue
         if t == _TOKENS_KEY:
             token_values[path] = v
@@ -479,6 +484,17 @@ def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves
             )
         out[path] = TrainableTokens(jnp.asarray(v, ctx.dtype), tuple(ids), bool(tied_output_from_params(path, leaves)))
     return out
+
+
+def _tied_embedding(path: str, leaves) -> Optional[str]:
+    """The embedding a tied base reads as ``path``'s output projection when ``path`` is an
+    ``lm_head`` the base has no module for, else ``None``."""
+    if path.split("/")[-1] != "lm_head" or path in leaves:
+        return None
+    for emb in ("model/embed_tokens", "transformer/wte"):
+        if "embedding" in leaves.get(emb, {}):
+            return emb
+    return None
 
 
 def _take_tied_output(d, by_site, leaves, folder) -> set:
