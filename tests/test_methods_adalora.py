@@ -324,3 +324,34 @@ def test_allocator_misuse_is_refused_by_name():
     assert sorted(pattern) == [AL.rank_key("q"), AL.rank_key("v")]
     with pytest.raises(ConfigError, match="rank_pattern has no entry"):
         AL.mask_using_rank_pattern(ad, {AL.rank_key("q"): pattern[AL.rank_key("q")]})
+
+
+def test_allocator_reads_clipped_gradients_as_peft_under_the_trainer():
+    """PEFT's allocator reads ``p.grad`` after the step, which the Trainer's
+    ``clip_grad_norm_`` has scaled; a jpeft loop clipping in its optimizer passed raw gradients
+    and ranked other triplets (an audit: 12 steps, deltaT=1, a different triplet pruned at step 5,
+    losses 3.7e-4 apart after it). ``max_grad_norm=c`` scales them as torch does."""
+    params = {"params": {"q": nn.Dense(6).init(jax.random.key(0), jnp.ones((1, 6)))["params"],
+                         "v": nn.Dense(6).init(jax.random.key(1), jnp.ones((1, 6)))["params"]}}
+    config = AL.AdaLoraConfig(target_modules=["q", "v"], init_r=4, target_r=1, tinit=0, tfinal=1, total_step=5,
+                              deltaT=1, init_lora_weights=False)
+    ad = jpeft.init(config, params, jax.random.key(2))
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+    states = {"kw": AL.AllocatorState(), "torch": AL.AllocatorState(), "raw": AL.AllocatorState()}
+    for step in range(1, 3):
+        # per-leaf scales make the clipped and raw scores rank differently
+        grads = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape) * jax.random.uniform(next(keys), (), minval=0.1, maxval=5.0), ad)
+        tg = [torch.tensor(np.asarray(g)) for g in jax.tree.leaves(grads)]
+        for t in tg:
+            t.grad = t.clone()
+        torch.nn.utils.clip_grad_norm_(tg, 0.5)
+        clipped = jax.tree.unflatten(jax.tree.structure(grads), [jnp.asarray(t.grad.numpy()) for t in tg])
+        _, states["kw"], p_kw = AL.update_and_allocate(config, states["kw"], ad, grads, step, max_grad_norm=0.5)
+        _, states["torch"], p_t = AL.update_and_allocate(config, states["torch"], ad, clipped, step)
+        _, states["raw"], _ = AL.update_and_allocate(config, states["raw"], ad, grads, step)
+        assert p_kw == p_t
+    chex.assert_trees_all_close(states["kw"], states["torch"], rtol=1e-6, atol=0)
+    assert not np.allclose(np.asarray(states["kw"].ipt["q"].lora_E), np.asarray(states["raw"].ipt["q"].lora_E))
+    for bad in (0, -1.0, float("nan"), True, "1"):
+        with pytest.raises(ConfigError, match="max_grad_norm must be None or a finite number > 0"):
+            AL.update_and_allocate(config, AL.AllocatorState(), ad, grads, 1, max_grad_norm=bad)

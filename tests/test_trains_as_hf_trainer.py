@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +191,43 @@ def test_resuming_checkpoints_of_the_earlier_weight_decay_is_refused_with_cli_ad
     with CheckpointManager(str(tmp_path), cfg, params, optimizer=new) as m:
         with pytest.raises(ConfigError, match="weight decay left out biases and norms.*jpeft it was started with"):
             _restore(m, str(tmp_path), 10)
+
+
+def test_tied_lora_embedding_gradient_is_the_sum_of_pefts_two_parameters():
+    """docs/METHODS.md's known difference: with ``ensure_weight_tying=True`` PEFT's ``lm_head``
+    adapter is a second Parameter over the embedding adapter's storage, each with its own end's
+    gradient; jpeft's one site gets their sum (the true gradient), so the Trainer's grad norm
+    (which counts the two apart) differs from jpeft's."""
+    import peft
+    import torch
+
+    torch_model, folder = mt.hf_model("llama3")
+    pm = peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["embed_tokens"], ensure_weight_tying=True))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model, params = jpeft.models.from_pretrained(folder)
+    with tempfile.TemporaryDirectory() as d:
+        pm.save_pretrained(d)
+        _, ad = jpeft.hf.load_peft(d, params)
+    ids, _ = mt.batch("llama3")
+    ids = np.where(ids == 0, 5, ids)  # no padding: every token is a target
+    t = torch.tensor(ids)
+    pm.eval()
+    pm(input_ids=t, labels=t).loss.backward()
+    P = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    emb, head = "base_model.model.model.embed_tokens.", "base_model.model.lm_head."
+    assert P[head + "lora_A.default.weight"].data_ptr() == P[emb + "lora_embedding_B.default"].data_ptr()
+    mask = np.ones_like(ids)
+    mask[:, 0] = 0
+    grad = jax.grad(lambda a: jpeft.lm_loss(model, params, a, jnp.asarray(ids), jnp.asarray(mask))[0])(ad)
+    site = grad["model/embed_tokens"]
+    want_a = P[emb + "lora_embedding_A.default"].grad.numpy().T + P[head + "lora_B.default.weight"].grad.numpy()
+    want_b = P[emb + "lora_embedding_B.default"].grad.numpy().T + P[head + "lora_A.default.weight"].grad.numpy()
+    np.testing.assert_allclose(np.asarray(site.lora_A), want_a, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(site.lora_B), want_b, atol=1e-5)
+    peft_norm = np.sqrt(sum(float((p.grad ** 2).sum()) for p in P.values()))
+    assert abs(float(np.sqrt(sum(float(jnp.sum(x ** 2)) for x in jax.tree.leaves(grad)))) - peft_norm) > 1e-3

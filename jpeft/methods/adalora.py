@@ -421,9 +421,34 @@ def mask_using_rank_pattern(adapter, rank_pattern: Mapping[str, Any]) -> dict:
     return out
 
 
-def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, adapter, grads, step: int):
+def _clip_like_torch(grads, max_grad_norm):
+    """``grads`` scaled as ``torch.nn.utils.clip_grad_norm_`` scales them in place (what
+    transformers' ``Trainer`` runs before the optimizer step, so what PEFT's allocator reads as
+    ``p.grad``): by ``min(1, max_grad_norm / (norm + 1e-6))``, the norm over every array."""
+    if max_grad_norm is None:
+        return grads
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float, np.floating)) \
+            or not 0 < max_grad_norm < float("inf"):
+        raise ConfigError(f"update_and_allocate: max_grad_norm must be None or a finite number > 0 (the clipping norm "
+                          f"of the optimizer, e.g. train.max_grad_norm), found {max_grad_norm!r}.")
+    leaves = [jnp.asarray(g, jnp.float32) for g in jax.tree.leaves(grads)]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in leaves)) if leaves else jnp.float32(0)
+    coef = jnp.minimum(1.0, float(max_grad_norm) / (norm + 1e-6))
+    return jax.tree.map(lambda g: (g * coef).astype(g.dtype), grads)
+
+
+def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, adapter, grads, step: int, *,
+                        max_grad_norm: Optional[float] = None):
     """One step of PEFT's ``AdaLoraModel.update_and_allocate``: call it after each optimizer
     update with the new adapter and the gradients of that step.
+
+    PEFT's allocator reads ``p.grad`` after the step, which under transformers' ``Trainer``
+    (or any loop calling ``torch.nn.utils.clip_grad_norm_``) holds the *clipped* gradients.
+    When your optimizer clips (``optax.clip_by_global_norm(c)``, ``jpeft train``'s
+    ``max_grad_norm``), pass ``max_grad_norm=c`` with the raw gradients: they are scaled as
+    torch scales them before the sensitivities are taken, so the ranks equal PEFT's. Without it
+    the raw gradients are used (a loop that does not clip); with clipping active on some steps
+    that ranks other triplets (an audit's 12-step run pruned a different triplet at step 5).
 
     Returns:
       ``(adapter, state, rank_pattern)``: the adapter with the pruned triplets' ``E`` set to zero,
@@ -435,6 +460,7 @@ def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, adapter, g
         raise InputValidationError("update_and_allocate: grads must be the gradient tree of this adapter (the same "
                                    f"sites and arrays); found {len(jax.tree.leaves(grads))} arrays for the adapter's "
                                    f"{len(jax.tree.leaves(adapter))}.")
+    grads = _clip_like_torch(grads, max_grad_norm)
     init_bgt = sum(int(n.lora_E.shape[0]) for n in sites.values())
     target_bgt = int(config.target_r) * len(sites)
     final = config.total_step - config.tfinal
