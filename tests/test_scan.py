@@ -377,6 +377,22 @@ def test_per_layer_options_are_refused_on_a_scanned_model():
     assert {p: (n.lora_A.shape, n.scale) for p, n in u1.items()} == {p: (n.lora_A.shape, n.scale) for p, n in a0.items()}
 
 
+def test_layers_to_transform_on_a_scanned_model():
+    """layers_to_transform was matched against the stacked path (``model/layers/...``, no layer
+    index), so every scanned site was dropped: a list of every layer was refused, and a list of
+    some layers got TargetNotFoundError's "widen those options" instead of the scan's refusal."""
+    unrolled, scanned, p0, p1, ids = _pair()
+    every = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 1, 2])
+    a1 = jpeft.init(every, p1, jax.random.key(1), scanned, ids)
+    a0 = jpeft.init(every, p0, jax.random.key(1), unrolled, ids)
+    assert {p: n.lora_A.shape for p, n in scan.unstack_adapter(a1).items()} == {p: n.lora_A.shape for p, n in a0.items()}
+    for ltt in ([1], 2):
+        some = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], layers_to_transform=ltt)
+        jpeft.init(some, p0, jax.random.key(1), unrolled, ids)  # fine layer by layer
+        with pytest.raises(ConfigError, match="scan_layers=False"):
+            jpeft.init(some, p1, jax.random.key(1), scanned, ids)
+
+
 def test_an_output_adapter_on_a_block_inside_the_scan_is_refused():
     """A bottleneck on a module without params of its own (the MLP block) inside the layer scan
     was one node shared by every layer (half the trainable parameters of the unrolled model's

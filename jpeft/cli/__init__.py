@@ -41,7 +41,7 @@ _COMMANDS = ("demo", "train", "eval", "merge", "export", "info", "forgetting", "
 
 _EPILOG = """\
 examples:
-  jpeft demo                              # the 3-minute tour: PEFT against forgetting
+  jpeft demo                              # the ~2-minute tour: PEFT against forgetting
   jpeft info llama-2-7b --method lora -r 8
   jpeft train --config config.toml        # see `jpeft train --help` for the file format
   jpeft export --model ./base --adapter runs/x/adapter --out ./peft-adapter

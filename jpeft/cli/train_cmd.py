@@ -17,7 +17,7 @@ HELP = "fine-tune a local Hugging Face model folder with any jpeft method (TOML 
 
 EXAMPLE_TOML = """\
 model = "./my-model"          # local Hugging Face folder: config.json, *.safetensors, tokenizer
-output_dir = "runs/my-run"
+output_dir = "runs/my-run"    # default: jpeft-run, next to the config
 seed = 0
 
 [data]
@@ -39,7 +39,7 @@ batch_size = 8                # rows per forward/backward pass
 gradient_accumulation_steps = 1  # passes per update (an update takes batch_size x this many rows,
                               # the loss a mean over all of their target tokens, as HF Trainer's)
 learning_rate = 2e-4          # AdamW, linear warm-up then cosine decay to 10 %
-warmup_steps = 50
+warmup_steps = 50             # linear warm-up steps (default 0: none)
 weight_decay = 0.0            # AdamW; biases and norms left out, as HF Trainer does
 max_grad_norm = 1.0
 eval_every = 100              # steps between evaluations (0: only at the end)

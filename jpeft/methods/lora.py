@@ -31,7 +31,7 @@ from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_input_o
                                 dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.models._layers import flat_dot_general
 from jpeft.peft_format import add_site_pattern
-from jpeft.scan import Stacked, make_site, site_rank_alpha
+from jpeft.scan import Stacked, layer_paths, make_site, site_rank_alpha
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
 
 _INITS = ("default", "gaussian", "pissa", "olora", "milora", "random")
@@ -943,6 +943,18 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
     return node
 
 
+def _selects(config: LoraConfig, path: str, own: Mapping[str, Any], infos) -> bool:
+    """``config.selects(path)``; for a site inside a layer scan (``model/layers/...``, which has
+    no layer index) whether any of its layers' own names (``model/layers_0/...``) is selected:
+    ``layers_to_transform`` naming every layer keeps the site, and one naming only some is
+    refused by name in :func:`jpeft.scan.make_site` instead of dropping the site."""
+    info = infos.get(path) if infos is not None else None
+    names = layer_paths(path, info.layout, own) if info is not None and info.layout is not None else None
+    if names:
+        return any(config.selects(n) for n in names)
+    return config.selects(path)
+
+
 def init_lora(config: LoraConfig, params, key, infos):
     """``Method.init`` of LoRA: a :class:`LoraWeights` site per selected linear module, plus the
     :class:`SavedModule` and :class:`TrainableTokens` sites of ``modules_to_save``, ``bias`` and
@@ -950,7 +962,7 @@ def init_lora(config: LoraConfig, params, key, infos):
     leaves, cands = linear_candidates(params)
     cands = linear_only(config.target_modules, leaves, cands)
     paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
-    paths = [p for p in paths if config.selects(p)]
+    paths = [p for p in paths if _selects(config, p, leaves[p], infos)]
     if not paths:
         raise TargetNotFoundError(
             f"target_modules={config.target_modules!r} matched modules, but exclude_modules={config.exclude_modules!r} / "
