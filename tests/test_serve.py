@@ -206,6 +206,8 @@ def test_hot_add_and_remove_while_serving_no_failure_no_recompile(server):
             _complete(client, "c")
         st, body = _request(port, "POST", "/v1/adapters", {"name": "c2", "path": "c"})
         assert st == 201, body
+        listed = {m["id"]: m for m in _request(port, "GET", "/v1/models")[1]["data"]}
+        assert listed["c2"]["created"] == body["created"] >= listed["a"]["created"]  # when it was added
         assert _ids(_complete(client, "c2")[0]) == refs["c"]
         # the bank (capacity 3) is full now: 409 that says how to free a slot
         st, body = _request(port, "POST", "/v1/adapters", {"name": "d", "path": "d"})

@@ -123,6 +123,7 @@ class Server:
         self.engine, self.base_name, self.tokenizer = engine, base_name, tokenizer
         self.adapters_root, self.loader = adapters_root, loader
         self.created = int(time.time())
+        self._added: dict[str, int] = {}  # adapters added while serving: when (``created`` in /v1/models)
 
     # -- helpers ----------------------------------------------------------------------------------
     async def _json(self, request: HttpRequest) -> dict:
@@ -312,7 +313,8 @@ class Server:
     # -- models and adapters --------------------------------------------------------------------
     async def models(self, request: HttpRequest):
         data = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "jpeft"}]
-        data += [{"id": n, "object": "model", "created": self.created, "owned_by": "jpeft", "parent": self.base_name}
+        data += [{"id": n, "object": "model", "created": self._added.get(n, self.created), "owned_by": "jpeft",
+                  "parent": self.base_name}
                  for n in self.engine.adapters()]
         return JSONResponse({"object": "list", "data": data})
 
@@ -364,7 +366,8 @@ class Server:
                 raise _bad(f"the adapter at {path!r} cannot join this server's bank: {e}", "path") from None
         except ApiError as e:
             return e.response()
-        return JSONResponse({"id": name, "object": "model", "created": int(time.time()), "owned_by": "jpeft",
+        self._added[name] = created = int(time.time())
+        return JSONResponse({"id": name, "object": "model", "created": created, "owned_by": "jpeft",
                              "parent": self.base_name}, status_code=201)
 
     async def delete_adapter(self, request: HttpRequest):
@@ -374,6 +377,7 @@ class Server:
         except UnknownAdapterError:
             return ApiError(404, f"no adapter named {name!r}; loaded: {list(self.engine.adapters())}.",
                             "not_found_error", "name").response()
+        self._added.pop(name, None)
         return JSONResponse({"id": name, "object": "model", "deleted": True, "requests_finishing": waiting})
 
 
