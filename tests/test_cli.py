@@ -207,6 +207,32 @@ def test_train_config_errors(hf_dir, capsys):
 
 
 
+def test_seeds_a_multiple_of_2_to_the_32_apart_draw_other_adapters_and_dropout():
+    """``jax.random.key`` keeps a seed's low 32 bits: ``seed = 3`` and ``seed = 2**32 + 3`` (both
+    accepted, the range is [0, 2**63)) drew the same initial adapter and dropout keys while the data
+    order (numpy) differed. A seed below 2**32 keeps its keys."""
+    import jax
+
+    from jpeft.cli._trainer import run_keys
+
+    data = lambda ks: [jax.random.key_data(k).tolist() for k in ks]  # noqa: E731
+    assert data(run_keys(3)) == data(jax.random.split(jax.random.key(3)))
+    seen = {str(data(run_keys(s))) for s in (3, 3 + 2 ** 32, 3 + 2 ** 33, 2 ** 63 - 1, 2 ** 32 - 1)}
+    assert len(seen) == 5
+
+
+def test_a_top_level_quantize_next_to_a_model_table_is_refused_not_dropped():
+    """``quantize = "nf4"`` at the top level works with ``model = "path"``; next to a ``[model]``
+    table it was silently replaced by the table's (none: a full-precision base)."""
+    from jpeft.cli.train_cmd import resolve_config
+
+    assert resolve_config({"model": "m", "quantize": "nf4", "data": {"train": "t"}})["quantize"] == "nf4"
+    assert resolve_config({"model": {"path": "m", "quantize": "int8"}, "data": {"train": "t"}})["quantize"] == "int8"
+    for table in ({"path": "m"}, {"path": "m", "quantize": "int8"}):
+        with pytest.raises(jpeft.errors.ConfigError, match="quantize = 'nf4' at the top level and a \\[model\\] table"):
+            resolve_config({"model": table, "quantize": "nf4", "data": {"train": "t"}})
+
+
 def test_train_refuses_prompt_tuning_on_rows_packed_by_documents_before_loading(hf_dir, capsys):
     """Prompt tuning prepends its virtual tokens once per row, so it needs ``packing = "stream"``;
     with the default ``"documents"`` it used to load the model, write ``resolved_config.json``,

@@ -51,6 +51,24 @@ def max_positions(hf_config: dict) -> Optional[int]:
     return None if limit is None else int(limit)
 
 
+def run_keys(seed: int):
+    """``(k_init, k_train)`` of a run's ``seed``: the initial adapter's key and the base of the
+    steps' dropout keys. ``jax.random.key`` keeps only the low 32 bits of a seed (JAX's default
+    32-bit mode), so seeds ``s`` and ``s + 2**32`` would draw the same adapter and dropout; the
+    high bits are folded in (a seed below ``2**32`` gives ``jax.random.key(seed)``'s keys, as before).
+
+    >>> import jax
+    >>> a, b = run_keys(3)[0], run_keys(3 + 2 ** 32)[0]
+    >>> bool((jax.random.key_data(a) == jax.random.key_data(b)).all())
+    False
+    """
+    seed = int(seed)
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    if seed >> 32:
+        key = jax.random.fold_in(key, seed >> 32)  # < 2**31: the config's seed is below 2**63
+    return tuple(jax.random.split(key))
+
+
 def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
     """AdamW with warm-up and cosine decay (and clipping), weight decay on what
     :func:`jpeft.train.decay_mask` selects (biases and norms left out, as transformers'
@@ -436,7 +454,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
-    k_init, k_train = jax.random.split(jax.random.key(seed))
+    k_init, k_train = run_keys(seed)
     example = jnp.asarray(train_ds.input_ids[:1, : min(8, train_ds.seq_len)])
     steps = int(t["steps"])
     optimizer, sched = make_optimizer(t, steps, lr_scale=bool(fg) and fg["action"] == "rollback")

@@ -245,6 +245,11 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
         raise ConfigError("the config has no `model = \"path/to/hf-folder\"` line.")
     if isinstance(cfg["model"], dict):  # [model] path = "...", quantize = "nf4" (QLoRA)
         m = cfg["model"]
+        if cfg.get("quantize") is not None:
+            # the table's quantize (or its absence) would replace the top-level one with no word
+            raise ConfigError(f"the config sets quantize = {cfg['quantize']!r} at the top level and a [model] table "
+                              f"(quantize = {m.get('quantize')!r}); give the quantization once: in the [model] table "
+                              "(--set model.quantize=...), or with model = \"hf-folder\" and a top-level quantize.")
         unknown = sorted(set(m) - {"path", "quantize"})
         if unknown or not isinstance(m.get("path"), str):
             raise ConfigError(f"[model] takes path = \"hf-folder\" and optionally quantize = \"nf4\" | \"int8\" | "
