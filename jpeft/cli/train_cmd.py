@@ -22,7 +22,7 @@ seed = 0
 
 [data]
 train = "train.jsonl"         # .jsonl ({"text"} or {"prompt","completion"} per line) or plain text
-eval = "eval.jsonl"           # optional
+eval = "eval.jsonl"           # optional (omit it or "" for no eval set)
 seq_len = 256                 # examples are tokenized and packed into rows of seq_len tokens
 packing = "documents"         # whole documents per row, attention never crosses them; "stream":
                               # one token stream cut into rows (needed for prompt tuning)
@@ -45,7 +45,7 @@ max_grad_norm = 1.0
 eval_every = 100              # steps between evaluations (0: only at the end)
 eval_batches = 0              # batches of the eval set per evaluation (0: all of it, as `jpeft eval`)
 save_every = 200              # steps between checkpoints (0: only at the end)
-log_every = 10
+log_every = 10                # steps between metrics.jsonl records (0: only the last step)
 keep_checkpoints = 3
 scan_layers = false           # Llama family: nn.scan over the layers (one layer compiled: less compile
                               # time and memory); the saved adapter is per layer as usual. On the CPU a
