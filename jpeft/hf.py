@@ -468,8 +468,9 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
             f"the adapter in {path!r} was saved with init_lora_weights={kind!r}: its factors are relative to the residual "
             f"base (the base minus its initial {kind} factors) that PEFT recomputes when it loads the adapter, so it "
             "cannot be applied to the original params. Use jpeft.hf.load_peft_with_base(path, params), which returns "
-            "(config, residual_params, adapter), or convert it in PEFT with save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...) into a plain LoRA on the original base."
+            "(config, residual_params, adapter), then jpeft.convert_residual_adapter(adapter, params, residual_params) "
+            "for a plain LoRA on the original params (or convert it in PEFT with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...))."
         )
     return config, adapter
 

@@ -1234,7 +1234,8 @@ def test_residual_peft_folders_give_peft_numbers_in_every_command(init, hf_dir, 
     """A PEFT folder saved unconverted after a PiSSA/OLoRA init applies to the residual base PEFT
     recomputes on load: merge, export and eval refused it (UnsupportedAdapterError pointing at a
     library function); now merge equals merge_and_unload(), the export reloads in PEFT to the same
-    logits, eval scores PEFT's loss, and serve (one shared base) refuses it by name."""
+    logits, eval scores PEFT's loss, and serve (one shared base) converts it to a plain LoRA of that
+    base, its bank giving PEFT's logits (it refused the folder by name)."""
     import argparse
 
     import torch
@@ -1243,7 +1244,6 @@ def test_residual_peft_folders_give_peft_numbers_in_every_command(init, hf_dir, 
 
     from jpeft.cli import serve_cmd
     from jpeft.data import PackedDataset
-    from jpeft.errors import UnsupportedAdapterError
 
     model_dir = hf_dir / "tiny-llama"
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -1289,10 +1289,18 @@ def test_residual_peft_folders_give_peft_numbers_in_every_command(init, hf_dir, 
         q = json.loads(r.stdout)["loss"]
         assert abs(q - ref_loss) < 0.02 * abs(ref_loss) and abs(q - ref_loss) < abs(base_loss - ref_loss) / 4
 
+    # serve shares the --model base among adapters: the folder is converted to a plain LoRA of that base
+    # (jpeft.convert_residual_adapter; it was refused by name), so the bank's rows give PEFT's logits
     args = serve_cmd.add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(
         ["--model", str(model_dir), "--adapter", f"a={tmp_path / 'ad'}"])
-    with pytest.raises(UnsupportedAdapterError, match=rf"init_lora_weights='{init}'.*path_initial_model_for_weight"):
-        serve_cmd.build(args)
+    engine = serve_cmd.build(args).engine
+    routed = engine.bank.route(["a", None])
+    got = jpeft.apply(engine.model, engine.params, routed, np.asarray(ids.numpy()))
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+    with torch.no_grad():
+        np.testing.assert_allclose(got[1], base(ids).logits.numpy()[1], atol=1e-4)
+    merged = engine.model.apply(engine.bank.merged_params(engine.params, "a"), np.asarray(ids.numpy()))
+    np.testing.assert_allclose(merged, want, atol=1e-4)
 
 
 def test_residual_peft_folder_converted_by_peft_and_corda_folders(hf_dir, tmp_path, capsys):

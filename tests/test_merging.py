@@ -335,15 +335,21 @@ def test_residual_base_adapters_are_refused_by_name(init, tmp_path):
 
     model = nn.Dense(5)
     params = model.init(jax.random.key(0), jnp.ones((1, 6)))
-    _, res = getattr(jpeft, init)(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
+    residual, res = getattr(jpeft, init)(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
     plain = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(2))
     for call in (lambda: merge_adapters([res], method="svd", rank=2), lambda: merge_adapters([plain, res], method="cat"),
                  lambda: merge_deltas([plain, res]), lambda: merge_into_base(params, [res])):
-        with pytest.raises(NotMergeableError, match=r"adapter \d at '' comes from jpeft.init_.*residual base"):
+        with pytest.raises(NotMergeableError, match=r"adapter \d at '' comes from jpeft.init_.*residual base.*"
+                                                    r"jpeft.convert_residual_adapter\(adapter, original_params"):
             call()
-    with pytest.raises(BankError, match="residual base"):
+    with pytest.raises(BankError, match="residual base.*jpeft.convert_residual_adapter"):
         jpeft.AdapterBank.from_adapters({"p": res})
     assert merge_adapters([plain], method="cat")[""].r == 2  # plain LoRA still merges
+    # converted to a plain LoRA of the original params (what the messages name), it merges as its residual model
+    res = jax.tree.map(lambda a: a + 0.3, res)  # "trained"
+    conv = jpeft.convert_residual_adapter(res, params, residual)
+    np.testing.assert_allclose(merge_into_base(params, [conv])["params"]["kernel"],
+                               jpeft.merge(residual, res)["params"]["kernel"], atol=1e-5)
 
 
 def test_combine_refuses_bad_input_by_name():

@@ -174,3 +174,166 @@ def test_load_adapter_says_the_adapter_needs_the_residual_base(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jpeft.load_adapter(d, params)
+
+
+def _tiny_llama(scan_layers=False):
+    cfg = jpeft.models.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
+                                   num_kv_heads=1, tie_word_embeddings=True, scan_layers=scan_layers)
+    return jpeft.models.LlamaForCausalLM(cfg)
+
+
+def _randomized(adapter, seed):
+    leaves, tdef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tdef, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def _convert_cases():
+    model = _tiny_llama()
+    ids = jax.random.randint(jax.random.key(9), (2, 6), 3, 48)
+    params = model.init(jax.random.key(0), ids)
+    calib = [jax.random.randint(jax.random.key(i), (1, 5), 3, 48) for i in range(2)]
+    t = ["q_proj", "v_proj", "down_proj"]
+    cases = [
+        (lambda c, p: init_pissa(c, p, jax.random.key(1), model, ids), dict(target_modules=t + ["embed_tokens"],
+                                                                           ensure_weight_tying=True)),
+        (lambda c, p: init_pissa(c, p, jax.random.key(1), model, ids, niter=1), dict(use_dora=True)),
+        (lambda c, p: jpeft.init_olora(c, p, None, model, ids), dict(use_rslora=True, rank_pattern={"v_proj": 2},
+                                                                     alpha_pattern={"down_proj": 7})),
+        (lambda c, p: jpeft.init_milora(c, p, None, model, ids), {}),
+        (lambda c, p: jpeft.init_corda(c, p, None, model, calib), dict(modules_to_save=["o_proj"])),
+    ]
+    return model, params, ids, t, cases
+
+
+def _check_converted(model, params, ids, t, cases):
+    plains = {}
+    for i, (make, extra) in enumerate(cases):
+        res, ad = make(jpeft.LoraConfig(**{"r": 3, "alpha": 5, "target_modules": t, **extra}), params)
+        ad = _randomized(ad, i)
+        want = jpeft.apply(model, res, ad, ids)
+        assert float(jnp.abs(want - model.apply(params, ids)).max()) > 0.1  # the adapter matters
+        plain = jpeft.convert_residual_adapter(ad, params, res)
+        assert all(getattr(n, "residual", None) is None for n in plain.values())
+        assert plain["model/layers_0/self_attn/q_proj"].r == 6
+        np.testing.assert_allclose(jpeft.apply(model, params, plain, ids), want, atol=1e-5)
+        np.testing.assert_allclose(model.apply(jpeft.merge(params, plain), ids), model.apply(jpeft.merge(res, ad), ids),
+                                   atol=1e-5)
+        if not extra:
+            plains[i] = plain
+    return plains
+
+
+def test_convert_residual_adapter_gives_the_same_model_on_the_original_params():
+    # every residual init (randomized-SVD PiSSA and CorDA too, whose initial factors the original params alone
+    # cannot rebuild), DoRA, rsLoRA with patterns, a tied embedding, modules_to_save: the plain LoRA of the original
+    # params applies and merges to the residual model's numbers, every adapter tensor random
+    model, params, ids, t, cases = _convert_cases()
+    _check_converted(model, params, ids, t, cases[:3])
+
+
+def test_converted_residual_adapters_merge_join_a_bank_and_scan():
+    model, params, ids, t, cases = _convert_cases()
+    plains = _check_converted(model, params, ids, t, cases[3:])
+    # the plain adapters merge (jpeft.merging) and join an AdapterBank, which refused the residual ones
+    (i, plain), = plains.items()
+    both = jpeft.merging.merge_adapters([plain, plain], [0.5, 0.5])
+    np.testing.assert_allclose(jpeft.apply(model, params, both, ids), jpeft.apply(model, params, plain, ids), atol=1e-5)
+    bank = jpeft.AdapterBank.from_adapters({"p": plain})
+    np.testing.assert_allclose(jpeft.apply(model, params, bank.route(["p"]), ids[:1]),
+                               jpeft.apply(model, params, plain, ids[:1]), atol=1e-5)
+    # a layer-scanned model: one factorisation per layer, the stacked site kept
+    smodel = _tiny_llama(scan_layers=True)
+    sparams = jpeft.scan.stack_params(params)
+    res, ad = init_pissa(jpeft.LoraConfig(r=2, alpha=4, target_modules=t), sparams, jax.random.key(1), smodel, ids,
+                         niter=2)
+    ad = _randomized(ad, 7)
+    plain = jpeft.convert_residual_adapter(ad, sparams, res)
+    assert isinstance(plain["model/layers/self_attn/q_proj"], jpeft.scan.Stacked)
+    np.testing.assert_allclose(jpeft.apply(smodel, sparams, plain, ids), jpeft.apply(smodel, res, ad, ids), atol=1e-5)
+    # the config: r and alpha doubled (alpha * sqrt(2) under rsLoRA), as PEFT writes its conversion
+    c = jpeft.convert_residual_config(jpeft.LoraConfig(r=3, alpha=5, init="pissa", use_rslora=True,
+                                                       rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4}))
+    assert (c.init, c.r, c.rank_pattern) == ("default", 6, {"v_proj": 4})
+    np.testing.assert_allclose([c.alpha, c.alpha_pattern["v_proj"]], [5 * 2 ** 0.5, 4 * 2 ** 0.5])
+
+
+def test_convert_residual_adapter_refuses_what_is_not_the_pair():
+    model = nn.Dense(6)
+    x = jnp.ones((2, 8))
+    params = model.init(jax.random.key(0), x)
+    cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=".*")
+    res, ad = init_pissa(cfg, params, jax.random.key(1))
+    E = jpeft.errors
+    with pytest.raises(jpeft.ConfigError, match="no site from a residual init"):
+        jpeft.convert_residual_adapter(jpeft.init(cfg, params, jax.random.key(1)), params, res)
+    with pytest.raises(E.InputValidationError, match="identical at every residual site"):
+        jpeft.convert_residual_adapter(ad, params, params)  # the original twice: the update would be silently dropped
+    merged = jpeft.merge(res, _randomized(ad, 0))
+    with pytest.raises(E.InputValidationError, match="not an update of rank r=2"):
+        jpeft.convert_residual_adapter(ad, params, merged)
+    other = dict(res["params"], bias=res["params"]["bias"] + 1)
+    with pytest.raises(E.InputValidationError, match="differ at 'bias'"):
+        jpeft.convert_residual_adapter(ad, params, {"params": other})
+    with pytest.raises(E.ShapeMismatchError, match="'kernel' is float32\\[8, 6\\] in original_params"):
+        jpeft.convert_residual_adapter(ad, params, {"params": dict(other, kernel=jnp.zeros((8, 5)))})
+    with pytest.raises(E.ShapeMismatchError, match="different structures"):
+        jpeft.convert_residual_adapter(ad, params, {"params": {"kernel": res["params"]["kernel"]}})
+    with pytest.raises(E.QuantizationError, match="quantize the original params"):
+        jpeft.convert_residual_adapter(ad, params, jpeft.quantize(res, "int8"))
+    # a kernel large for its rank (the factors are fitted by a randomized range finder there): exact, and a
+    # residual that differs by more than rank r is still refused
+    big = nn.Dense(72)
+    bparams = big.init(jax.random.key(0), jnp.ones((1, 64)))
+    xb = jax.random.normal(jax.random.key(3), (3, 64))
+    for make in (init_pissa, jpeft.init_milora):
+        res, ad = make(cfg, bparams, jax.random.key(1))
+        ad = _randomized(ad, 2)
+        plain = jpeft.convert_residual_adapter(ad, bparams, res)
+        np.testing.assert_allclose(jpeft.apply(big, bparams, plain, xb), jpeft.apply(big, res, ad, xb), atol=1e-5)
+    with pytest.raises(E.InputValidationError, match="not an update of rank r=2"):
+        jpeft.convert_residual_adapter(ad, bparams, jpeft.merge(res, _randomized(ad, 0)))
+
+
+def test_converted_adapter_saves_for_peft_as_peft_converts(tmp_path):
+    # save_peft of the converted adapter loads in PEFT on the original base to the logits of PEFT's own conversion
+    # (save_pretrained(..., path_initial_model_for_weight_conversion=...)) of the same trained PiSSA adapter
+    import copy
+    import json
+    import sys
+    import warnings
+
+    sys.path.insert(0, __import__("os").path.dirname(__file__))
+    import _models_tiny as T
+
+    base, folder = T.hf_model("llama2")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=2, lora_alpha=6, target_modules=targets, init_lora_weights="pissa"))
+        fresh.save_pretrained(tmp_path / "init")
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for n, p in fresh.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        fresh.save_pretrained(tmp_path / "trained")
+        fresh.save_pretrained(tmp_path / "peft_conv", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    _, params = jpeft.models.from_pretrained(folder)
+    config, res, ad = jpeft.hf.load_peft_with_base(str(tmp_path / "trained"), params)
+    plain = jpeft.convert_residual_adapter(ad, params, res)
+    jpeft.hf.save_peft(str(tmp_path / "ours"), jpeft.convert_residual_config(config), plain)
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft_conv" / "adapter_config.json").read_text())
+    assert [ours[k] for k in ("r", "lora_alpha", "init_lora_weights")] == [theirs[k] for k in
+                                                                           ("r", "lora_alpha", "init_lora_weights")]
+    ids, mask = T.batch("llama2")
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+              position_ids=torch.tensor(T.positions(mask)))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft_conv")).eval()(**kw).logits
+        got = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()(**kw).logits
+        assert float((want - base(**kw).logits).abs().max()) > 0.1
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)

@@ -15,7 +15,7 @@ A PEFT folder saved unconverted after a PiSSA or OLoRA init (``init_lora_weights
 weights when it loads the adapter: :func:`load_adapter_with_base` returns that base with the
 adapter (``merge``, ``export`` and ``eval`` use it, so their numbers are PEFT's), and
 :func:`load_adapter`, for commands that apply every adapter to the ``--model`` base as it is
-(``serve``), refuses it by name.
+(``serve``), converts it to a plain LoRA of that base (:func:`jpeft.convert_residual_adapter`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 
+import jpeft
 from jpeft import hf, io, quant, scan
 from jpeft.checkpoint import CheckpointManager, FORMAT
 from jpeft.cli._common import say
 from jpeft.config import AdapterConfig
-from jpeft.errors import (BaseMismatchError, CheckpointError, LoadError, QuantizationError, ShapeMismatchError,
-                          UnsupportedAdapterError)
+from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, QuantizationError, ShapeMismatchError
 from jpeft.io import read_json, verify_checksum
 
 ADAPTER_JSON = "jpeft_adapter.json"
@@ -135,19 +135,15 @@ def load_adapter(path: str, *, params, model=None, example=None, base_config=Non
 
     For commands that apply the adapter to ``params`` as they are (``serve``, which shares the
     base among adapters): a PEFT folder whose factors are relative to a residual base PEFT
-    recomputes (PiSSA, OLoRA) is refused by name (:func:`load_adapter_with_base` reads it)."""
+    recomputes (PiSSA, OLoRA) is read with that base (:func:`load_adapter_with_base`) and
+    converted to a plain LoRA of ``params`` (:func:`jpeft.convert_residual_adapter`, rank ``2r``,
+    as PEFT's ``path_initial_model_for_weight_conversion``), so it gives PEFT's numbers on the
+    shared base; ``config`` is then the converted one (:func:`jpeft.convert_residual_config`)."""
     adapter, config, base = load_adapter_with_base(path, params=params, model=model, example=example,
                                                    base_config=base_config)
     if base is not params:
-        kind = residual_kind(path)
-        raise UnsupportedAdapterError(
-            f"the PEFT adapter in {find_adapter(path).path!r} was saved with init_lora_weights={kind!r}: its factors "
-            f"apply to the residual base (the --model weights minus their initial {kind} factors) that PEFT recomputes "
-            "on load, not to the --model weights this command shares among adapters. Convert it in PEFT into a plain "
-            "LoRA on the original base (peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=<the "
-            "adapter saved before training>)) and give that folder, or fold it into the base with `jpeft merge` and "
-            "give the merged folder as --model."
-        )
+        adapter = jpeft.convert_residual_adapter(adapter, params, base)
+        config = jpeft.convert_residual_config(config)
     return adapter, config
 
 

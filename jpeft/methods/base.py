@@ -166,9 +166,10 @@ def residual_refusal(where: str, mark: str, what: str) -> str:
     return (f"{where} comes from jpeft.init_{str(mark).split('_')[0]} (marked {mark!r}): its factors are relative to "
             f"the residual base that call returned, not to the original weights, so its s*A@B cannot be {what} as an "
             "update of the base (and the result would lose the mark: exported, PEFT would apply it to the original "
-            "weights). Merge it alone into its residual params with jpeft.merge(residual_params, adapter), or first "
-            "convert it to a plain LoRA of the original weights (factors [A | A_0] and [B ; -B_0] with A_0, B_0 the "
-            "factors init returned, as PEFT's path_initial_model_for_weight_conversion does).")
+            "weights). Convert it first to a plain LoRA of the original weights with "
+            "jpeft.convert_residual_adapter(adapter, original_params, residual_params) (factors [A | A_0] and "
+            "[B ; -B_0], as PEFT's path_initial_model_for_weight_conversion writes them), or merge it alone into its "
+            "residual params with jpeft.merge(residual_params, adapter).")
 
 
 def check_tied_merge(lr: "LowRank", stacklevel: int = 3) -> None:

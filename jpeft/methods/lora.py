@@ -570,7 +570,8 @@ class LoraWeights(Site):
         return (f"it comes from jpeft.init_{mark.split('_')[0]} (sites marked {mark!r}): its factors are relative to "
                 "the residual base that call returned, not to the original weights, so jpeft.apply with the original "
                 "params gives other outputs. Apply it to the residual params you kept (jpeft.merge(residual, adapter) "
-                f"gives the trained full weights){rebuild}.")
+                f"gives the trained full weights), or convert it with them to a plain LoRA of the original params "
+                f"(jpeft.convert_residual_adapter(adapter, params, residual)){rebuild}.")
 
     def added_params(self, trainable) -> int:
         # the trained base bias (LoraConfig.bias) replaces the module's own, as PEFT trains it in place

@@ -243,8 +243,10 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
         raise UnsupportedAdapterError(
             f"this adapter comes from jpeft.init_pissa(..., niter={kind.rsplit('_', 1)[1]}): its base is the residual "
             "of a randomized SVD, which PEFT would redo with its own random draw on load (a different base). "
-            "Re-create it with niter=None (exact SVD, which PEFT reproduces), or merge it "
-            "(jpeft.merge(residual_params, adapter)) and save full weights with jpeft.models.save_pretrained."
+            "Convert it to a plain LoRA of the original params (jpeft.convert_residual_adapter(adapter, params, "
+            "residual_params), saved with jpeft.convert_residual_config(config)), re-create it with niter=None (exact "
+            "SVD, which PEFT reproduces), or merge it (jpeft.merge(residual_params, adapter)) and save full weights "
+            "with jpeft.models.save_pretrained."
         )
     if kind == "milora" or kind.startswith("corda"):
         why = ("its base is the principal part of each kernel, and Hugging Face PEFT 0.21 has no MiLoRA init to "
@@ -252,9 +254,10 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
                "its base depends on calibration data, which PEFT rebuilds on load only after preprocess_corda on "
                "the same data")
         raise UnsupportedAdapterError(
-            f"this adapter comes from jpeft.init_{kind.split('_')[0]}: {why}. Merge it (jpeft.merge(residual_params, "
-            "adapter)) and save full weights with jpeft.models.save_pretrained, or use PiSSA/OLoRA or plain LoRA "
-            "for a PEFT adapter."
+            f"this adapter comes from jpeft.init_{kind.split('_')[0]}: {why}. Convert it to a plain LoRA of the "
+            "original params (jpeft.convert_residual_adapter(adapter, params, residual_params), saved with "
+            "jpeft.convert_residual_config(config)), or merge it (jpeft.merge(residual_params, adapter)) and save "
+            "full weights with jpeft.models.save_pretrained."
         )
     embeds = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == Kind.EMBED]
     if embeds:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import core, quant
-from jpeft.errors import ConfigError, InputValidationError, QuantizationError
+from jpeft.errors import ConfigError, InputValidationError, QuantizationError, ShapeMismatchError
 from jpeft.methods import dora
 from jpeft.methods._common import from_matrix, to_matrix
 from jpeft.methods.base import Kind
@@ -192,6 +192,168 @@ def residual_params(config, params, adapter, init: str):
         own[lay.param_name] = from_matrix(mat - delta, lay).astype(w.dtype)
         new = set_subtree(new, path, own)
     return rewrap_params(params, new, wrapped)
+
+
+def convert_residual_config(config):
+    """The config of :func:`convert_residual_adapter`'s plain adapter, as Hugging Face PEFT's
+    ``save_pretrained(..., path_initial_model_for_weight_conversion=...)`` writes it: ``init``
+    back to ``"default"`` and every rank doubled (``r`` and ``rank_pattern``), with ``alpha``
+    (and ``alpha_pattern``) doubled, or multiplied by ``sqrt(2)`` under ``use_rslora``, so each
+    site keeps its scale. Give it to :func:`jpeft.hf.save_peft` / :func:`jpeft.save_adapter`
+    with the converted adapter.
+
+    >>> import jpeft
+    >>> c = jpeft.convert_residual_config(jpeft.LoraConfig(r=4, alpha=8, init="pissa", target_modules=".*"))
+    >>> (c.r, c.alpha, c.init)
+    (8, 16.0, 'default')
+    """
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"convert_residual_config expects a jpeft.LoraConfig, found {type(config).__name__}.")
+    f = 2 ** 0.5 if config.use_rslora else 2.0
+    return dataclasses.replace(
+        config, init="default", r=2 * int(config.r), alpha=f * float(config.alpha),
+        rank_pattern={k: 2 * int(v) for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: f * float(v) for k, v in config.alpha_pattern.items()})
+
+
+def _initial_delta(w, w_res, lay, r: int, scale: float):
+    """``(a0, b0, tail, size)`` for one kernel: ``s * a0 @ b0`` is the best rank-``r`` fit of
+    ``W - W_res`` (the initial update the residual init moved out of the base, as rounded into
+    the residual's dtype), ``tail`` the Frobenius norm of what that fit leaves out and ``size``
+    the rounding level it may not exceed (the residual's dtype on ``W_res``, plus float32 SVD error)."""
+    wm = to_matrix(w.astype(jnp.float32), lay)
+    rm = to_matrix(w_res.astype(jnp.float32), lay)
+    d = wm - rm
+    if 4 * min(2 * r, r + 10) < min(d.shape):
+        # a large kernel: W - W_res is rank r up to rounding, which a randomized range finder (two power
+        # iterations) captures exactly, at O(m n r) instead of a full SVD's O(m n min(m, n))
+        u, s, vh = _svd_top(d, r, 2, jax.random.key(0))
+    else:
+        u, s, vh = jnp.linalg.svd(d, full_matrices=False)
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    sr = jnp.sqrt(s / scale)
+    a0 = u * sr.reshape(1, -1)
+    b0 = sr.reshape(-1, 1) * vh
+    tail = jnp.linalg.norm(d - (u * s.reshape(1, -1)) @ vh)  # what the rank-r fit leaves out
+    eps = float(jnp.finfo(jnp.dtype(w_res.dtype)).eps)
+    size = eps * jnp.linalg.norm(rm) + 64 * float(jnp.finfo(jnp.float32).eps) * (jnp.linalg.norm(d) + jnp.linalg.norm(wm))
+    return a0, b0, tail, size
+
+
+def convert_residual_adapter(adapter, original_params, residual_params):
+    """A residual-base adapter (:func:`init_pissa` with or without ``niter``, :func:`init_olora`,
+    :func:`init_milora`, :func:`jpeft.init_corda`) as a plain LoRA of the *original* weights.
+
+    The residual init set the base to ``W_res = W - s A0 B0``; after training the adapter holds
+    ``A, B``, so the model is ``W_res + s A B = W + s (A B - A0 B0)``: each marked site becomes
+    ``lora_A = [A | A0]``, ``lora_B = [B ; -B0]`` (rank ``2r``, same scale, unmarked), as Hugging
+    Face PEFT's ``save_pretrained(..., path_initial_model_for_weight_conversion=...)`` writes it.
+    ``A0, B0`` are read from the two params trees (a rank-``r`` SVD of ``W - W_res``), so every
+    init converts, the randomized-SVD PiSSA and CorDA included, without its key or calibration
+    data, and layer-scanned (stacked) sites per layer. The result applies, merges, joins
+    :mod:`jpeft.merging` and an :class:`jpeft.AdapterBank`, and saves for PEFT on the original
+    base; save it with :func:`convert_residual_config` of the config.
+
+    ``jpeft.apply(model, original_params, plain, x)`` equals ``jpeft.apply(model,
+    residual_params, adapter, x)`` and ``jpeft.merge(original_params, plain)`` equals
+    ``jpeft.merge(residual_params, adapter)`` (up to float rounding, at the residual's precision:
+    ``W - W_res`` carries its rounding), in inference. Under training-time dropout the two
+    differ, as PEFT's conversion does: the dropout now also drops inputs of ``-s A0 B0``. A DoRA
+    site converts exactly too (its magnitude is kept: ``W + s A'B'`` is the same matrix, so its
+    column norms are), though PEFT's conversion drops the magnitude. Sites that are not marked
+    (plain LoRA, modules_to_save copies, trainable biases and tokens) are kept as they are.
+
+    Args:
+      adapter: the adapter the residual init returned, trained or not.
+      original_params: the base before the init (what ``init_pissa`` & co. were given).
+      residual_params: the residual base that call returned. The order matters: swapped, the
+        update would be subtracted twice.
+
+    Returns:
+      the plain adapter, for ``original_params``.
+
+    Raises:
+      ConfigError: ``adapter`` has no residual-marked site.
+      QuantizationError: either params tree is quantized (the residual must be the float one the
+        init returned; quantize after converting).
+      ShapeMismatchError: the two trees differ in structure, shapes or dtypes.
+      InputValidationError: they are not the adapter's original/residual pair (they differ outside
+        its sites, are identical at every site, or differ at a site by more than a rank-``r`` update).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> model = nn.Dense(6); x = jnp.ones((2, 8))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> res, ad = jpeft.init_pissa(jpeft.LoraConfig(r=2, alpha=2, target_modules=".*"), params, jax.random.key(1))
+    >>> ad = jax.tree.map(lambda a: a + 0.1, ad)  # "trained"
+    >>> plain = jpeft.convert_residual_adapter(ad, params, res)
+    >>> (plain[""].r, plain[""].residual)
+    (4, None)
+    >>> bool(jnp.allclose(jpeft.apply(model, params, plain, x), jpeft.apply(model, res, ad, x), atol=1e-5))
+    True
+    """
+    marked = {p: n for p, n in adapter.items()
+              if isinstance(getattr(n, "inner", n), LoraWeights) and getattr(n, "inner", n).residual is not None}
+    if not marked:
+        raise ConfigError("convert_residual_adapter: the adapter has no site from a residual init (jpeft.init_pissa, "
+                          "init_olora, init_milora, init_corda); a plain LoRA already applies to the original params.")
+    for name, tree in (("original_params", original_params), ("residual_params", residual_params)):
+        if quant.has_quantized(tree):
+            raise QuantizationError(
+                f"convert_residual_adapter: {name} is quantized (jpeft.quantize); the initial factors are read from "
+                "W - W_res, which a quantized residual rounds away. Convert with the full-precision params the init "
+                "took and returned, then quantize the original params for the converted adapter.")
+    orig, _ = unwrap_params(original_params)
+    res, _ = unwrap_params(residual_params)
+    flat_o, tdef_o = jax.tree_util.tree_flatten_with_path(orig)
+    flat_r, tdef_r = jax.tree_util.tree_flatten_with_path(res)
+    if tdef_o != tdef_r:
+        raise ShapeMismatchError(
+            "convert_residual_adapter: original_params and residual_params have different structures; give the "
+            "params the residual init took and the residual params it returned.")
+    sites = {(p, getattr(n, "inner", n).layout.param_name) for p, n in marked.items()}
+    names = ["/".join(str(getattr(k, "key", k)) for k in kp) for kp, _ in flat_o]
+    for name, (_, a), (_, b) in zip(names, flat_o, flat_r):
+        if (jnp.shape(a), jnp.result_type(a)) != (jnp.shape(b), jnp.result_type(b)):
+            raise ShapeMismatchError(
+                f"convert_residual_adapter: {name!r} is {jnp.result_type(a)}{list(jnp.shape(a))} in original_params but "
+                f"{jnp.result_type(b)}{list(jnp.shape(b))} in residual_params; give the params the residual init took "
+                "and the residual params it returned.")
+    for name, (_, a), (_, b) in zip(names, flat_o, flat_r):
+        where = tuple(name.rsplit("/", 1)) if "/" in name else ("", name)
+        if where not in sites and a is not b and not bool(jnp.array_equal(a, b)):
+            raise InputValidationError(
+                f"convert_residual_adapter: original_params and residual_params differ at {name!r}, which no "
+                "residual site of the adapter covers; they are not the pair the residual init took and returned "
+                "(a residual init changes only the kernels it adapts).")
+    out, same = {}, True
+    for path, node in adapter.items():
+        if path not in marked:
+            out[path] = node
+            continue
+        inner = getattr(node, "inner", node)
+        pname = inner.layout.param_name
+        w, w_res = get_subtree(orig, path)[pname], get_subtree(res, path)[pname]
+        same = same and bool(jnp.array_equal(w, w_res))
+        fn = lambda a, b: _initial_delta(a, b, inner.layout, inner.r, inner.scale)  # noqa: E731
+        a0, b0, tail, size = jax.vmap(fn)(w, w_res) if isinstance(node, Stacked) else fn(w, w_res)
+        bad = np.flatnonzero(np.atleast_1d(np.asarray(tail > size)))
+        if bad.size:
+            where = "" if not isinstance(node, Stacked) else f" (layer {int(bad[0])} of the stack)"
+            raise InputValidationError(
+                f"convert_residual_adapter: at {path!r}{where} original_params - residual_params is not an update "
+                f"of rank r={inner.r} (what is left beyond rank r: {float(np.atleast_1d(np.asarray(tail))[bad[0]]):.3g},"
+                f" rounding allows {float(np.atleast_1d(np.asarray(size))[bad[0]]):.3g}); they are not the params this "
+                "adapter's residual init took and returned (merged params, another model, or an edited base?).")
+        new = dataclasses.replace(
+            inner, residual=None,
+            lora_A=jnp.concatenate([inner.lora_A, a0.astype(inner.lora_A.dtype)], axis=-1),
+            lora_B=jnp.concatenate([inner.lora_B, -b0.astype(inner.lora_B.dtype)], axis=-2))
+        out[path] = Stacked(new, node.length) if isinstance(node, Stacked) else new
+    if same:
+        raise InputValidationError(
+            "convert_residual_adapter: original_params and residual_params are identical at every residual site; "
+            "give the params the residual init took and the residual params it returned (not the same tree twice).")
+    return out
 
 
 def _check_untied_embedding(name, path, tied_output):
