@@ -23,12 +23,22 @@ from jpeft.models._layers import init_cache
 from jpeft.validate import check_key, check_token_ids
 
 
-def _filter(logits, temperature, top_k: int, top_p):
+def nucleus_tail(top_p):
+    """``1 - top_p`` computed in float64 on the host, then rounded to float32: the mass of least
+    likely tokens that nucleus sampling drops, as transformers' ``TopPLogitsWarper`` compares it
+    (``cumulative_probs <= 1 - top_p`` with a Python float ``top_p``). Rounding ``top_p`` to float32
+    first and subtracting there gives another threshold (``1 - float32(0.9)`` is ``0.100000024``,
+    ``float32(1 - 0.9)`` is ``0.1``), and turns a ``top_p`` within 6e-8 of 1 into 1 (off)."""
+    return np.float32(1.0 - np.asarray(top_p, np.float64))
+
+
+def _filter(logits, temperature, top_k: int, tail):
     """``(logits - max) / temperature`` (the same distribution as ``logits / temperature``; a
     tiny temperature then tends to the argmax instead of overflowing to ``inf``) with every token
     outside the top-k and outside the nucleus (the smallest set of most likely tokens whose mass
     reaches ``top_p``) set to the minimum, as transformers' warpers in that order.
-    ``temperature`` and ``top_p`` are scalars or ``[batch, 1]`` columns (one value per row)."""
+    ``temperature`` and ``tail`` (``nucleus_tail(top_p)``; ``0``: no nucleus filtering) are
+    scalars or ``[batch, 1]`` columns (one value per row)."""
     logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     neg = jnp.finfo(logits.dtype).min
     if top_k:
@@ -39,34 +49,35 @@ def _filter(logits, temperature, top_k: int, top_p):
     # descending sum loses whole tokens there); among equal logits the higher id ranks higher
     order = jnp.argsort(logits, axis=-1)
     probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-    drop_sorted = (jnp.cumsum(probs, axis=-1) <= 1.0 - top_p) & (top_p < 1.0)
+    drop_sorted = (jnp.cumsum(probs, axis=-1) <= tail) & (tail > 0.0)
     drop_sorted = drop_sorted.at[:, -1].set(False)  # the most likely token always stays
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
     return jnp.where(drop, neg, logits)
 
 
-def _sample(logits, key, temperature, top_k: int, top_p, greedy: bool):
-    """One token per row from ``logits [batch, vocab]`` (float32)."""
+def _sample(logits, key, temperature, top_k: int, tail, greedy: bool):
+    """One token per row from ``logits [batch, vocab]`` (float32); ``tail``: ``nucleus_tail(top_p)``."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = _filter(logits, temperature, top_k, top_p)
+    logits = _filter(logits, temperature, top_k, tail)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def sample_rows(logits, keys, temperature, top_p):
+def sample_rows(logits, keys, temperature, tail):
     """One token per row with per-row options, for servers whose rows belong to different
     requests: ``logits [batch, vocab]`` (float32), ``keys [batch]`` (typed ``jax.random`` keys;
     row ``i`` samples with its own key, so its draw does not depend on the other rows),
-    ``temperature [batch]`` (``0``: greedy, the argmax) and ``top_p [batch]``."""
+    ``temperature [batch]`` (``0``: greedy, the argmax) and ``tail [batch]``, each row's
+    ``nucleus_tail(top_p)`` (``0``: no nucleus filtering)."""
     greedy = temperature <= 0
     t = jnp.where(greedy, 1.0, temperature)[:, None]
-    filtered = _filter(logits, t, 0, top_p[:, None])
+    filtered = _filter(logits, t, 0, tail[:, None])
     drawn = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, filtered)
     return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "top_k", "greedy", "eos", "pad"))
-def _generate(model, params, adapter, input_ids, attention_mask, key, temperature, top_p, *,
+def _generate(model, params, adapter, input_ids, attention_mask, key, temperature, tail, *,
               max_new_tokens: int, top_k: int, greedy: bool, eos: tuple, pad: int):
     b, s = input_ids.shape
     cfg = model.config
@@ -79,7 +90,7 @@ def _generate(model, params, adapter, input_ids, attention_mask, key, temperatur
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
     def pick(lg, k, done):
-        tok = _sample(lg, k, temperature, top_k, top_p, greedy)
+        tok = _sample(lg, k, temperature, top_k, tail, greedy)
         tok = jnp.where(done, pad, tok)
         return tok, done | jnp.any(tok[:, None] == eos_arr[None, :], axis=1)
 
@@ -221,10 +232,13 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     check_decoder(model, "generate")
     cfg = model.config
     limit = learned_position_limit(cfg)
-    if limit is not None and s + max_new_tokens > limit:
+    # the last new token is returned, never read back: s + max_new_tokens - 1 positions are read (transformers'
+    # generate goes as far)
+    if limit is not None and s + max_new_tokens - 1 > limit:
         raise InputValidationError(
-            f"generate: prompt ({s}) + max_new_tokens ({max_new_tokens}) exceeds GPT-2's {limit} learned positions; "
-            "shorten the prompt or generate fewer tokens."
+            f"generate: prompt ({s}) + max_new_tokens ({max_new_tokens}) reads {s + max_new_tokens - 1} positions (all "
+            f"but the last new token), which exceeds GPT-2's {limit} learned positions; shorten the prompt or generate "
+            "fewer tokens."
         )
     try:
         temperature, top_p = float(temperature), float(top_p)
@@ -253,7 +267,7 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     top_k = int(min(top_k, cfg.vocab_size))
     return _generate(
         model, params, adapter if adapter else None, input_ids, attention_mask, key,
-        jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
+        jnp.float32(temperature if not greedy else 1.0), nucleus_tail(top_p),
         max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy, eos=as_eos_ids(eos_token_id),
         pad=int(pad_token_id),
     )

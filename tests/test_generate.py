@@ -157,16 +157,16 @@ def test_sampling_options():
 
 
 def test_top_k_and_top_p_restrict_the_support():
-    from jpeft.generate import _sample
+    from jpeft.generate import _sample, nucleus_tail
 
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
     keys = jax.random.key(0)
-    k2 = np.asarray(_sample(logits, keys, jnp.float32(1.0), 2, jnp.float32(1.0), False))
+    k2 = np.asarray(_sample(logits, keys, jnp.float32(1.0), 2, nucleus_tail(1.0), False))
     assert set(k2.tolist()) == {0, 1}
-    p = np.asarray(_sample(logits, keys, jnp.float32(1.0), 0, jnp.float32(0.7), False))
+    p = np.asarray(_sample(logits, keys, jnp.float32(1.0), 0, nucleus_tail(0.7), False))
     assert set(p.tolist()) == {0, 1}  # 0.5 < 0.7 so token 1 is needed, token 2 is not
     assert abs((p == 0).mean() - 0.5 / 0.8) < 0.04
-    full = np.asarray(_sample(logits, keys, jnp.float32(1.0), 0, jnp.float32(1.0), False))
+    full = np.asarray(_sample(logits, keys, jnp.float32(1.0), 0, nucleus_tail(1.0), False))
     np.testing.assert_allclose(np.bincount(full, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
 
 
@@ -179,7 +179,7 @@ def test_filter_keeps_transformers_warpers_set_and_a_tiny_temperature_is_the_arg
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
 
-    from jpeft.generate import _filter, _sample
+    from jpeft.generate import _filter, _sample, nucleus_tail
 
     rng = np.random.default_rng(0)
     for vocab, top_p, top_k, temp, rows in ((1000, 0.999, 0, 0.8, 200), (1000, 0.99999, 0, 1.0, 100),
@@ -190,7 +190,7 @@ def test_filter_keeps_transformers_warpers_set_and_a_tiny_temperature_is_the_arg
         if top_k:
             ref = TopKLogitsWarper(top_k)(None, ref)
         ref = TopPLogitsWarper(top_p)(None, ref).numpy()
-        got = np.asarray(_filter(jnp.asarray(logits), jnp.float32(temp), top_k, jnp.float32(top_p)))
+        got = np.asarray(_filter(jnp.asarray(logits), jnp.float32(temp), top_k, nucleus_tail(top_p)))
         neg = np.finfo(np.float32).min
         # a token whose mass-with-every-less-likely-token lies within 1e-8 of 1 - top_p is on the
         # boundary in float32 (transformers and jpeft may round either way): not compared
@@ -209,8 +209,32 @@ def test_filter_keeps_transformers_warpers_set_and_a_tiny_temperature_is_the_arg
         np.testing.assert_allclose(p_got[rows_sure], p_ref[rows_sure], atol=1e-6)
     logits = jnp.asarray(rng.normal(scale=10.0, size=(64, 40)).astype(np.float32))
     for top_p in (1.0, 0.9):
-        picks = np.asarray(_sample(logits, jax.random.key(1), jnp.float32(2e-38), 0, jnp.float32(top_p), False))
+        picks = np.asarray(_sample(logits, jax.random.key(1), jnp.float32(2e-38), 0, nucleus_tail(top_p), False))
         np.testing.assert_array_equal(picks, np.asarray(jnp.argmax(logits, -1)))
+
+
+def test_top_p_threshold_is_one_minus_top_p_rounded_as_transformers_rounds_it():
+    """transformers' TopPLogitsWarper(0.9) drops the least likely tokens while their mass is <=
+    float32(1 - 0.9) = 0.1; jpeft rounded top_p to float32 first and compared with
+    1 - float32(0.9) = 0.100000024, so a token whose tail mass lay between the two (here 0.10000002)
+    was kept by transformers and never sampled by jpeft (library and engine), and a top_p within
+    6e-8 of 1 became 1 (off) where transformers still drops the tail below 1 - top_p."""
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from jpeft.generate import _filter, nucleus_tail, sample_rows
+
+    logits = np.array([[-2.1972243785858154, 0.0], [-22.0, 0.0]], np.float32)  # tails 0.10000002 and 2.8e-10
+    for top_p in (0.9, 1 - 1e-9):
+        ref = torch.softmax(TopPLogitsWarper(top_p)(None, torch.tensor(logits)), -1).numpy()
+        got = np.asarray(jax.nn.softmax(_filter(jnp.asarray(logits), jnp.float32(1.0), 0, nucleus_tail(top_p)), -1))
+        np.testing.assert_array_equal(got > 0, ref > 0, err_msg=f"top_p {top_p}")
+        np.testing.assert_allclose(got, ref, atol=1e-7, err_msg=f"top_p {top_p}")
+    assert ref[0, 0] > 0.09 and ref[1, 0] == 0  # transformers keeps the first boundary token, drops the second
+    n = 2000
+    drawn = np.asarray(sample_rows(jnp.asarray(np.repeat(logits[:1], n, 0)), jax.random.split(jax.random.key(0), n),
+                                   jnp.ones((n,)), jnp.asarray(nucleus_tail(np.full(n, 0.9)))))
+    assert 0.07 < (drawn == 0).mean() < 0.13  # was 0: the engine never drew it
 
 
 def test_eos_pads_the_rest_of_the_row():
@@ -245,7 +269,7 @@ def test_bad_input():
     with pytest.raises(InputValidationError, match="all zeros"):
         jpeft.generate(model, params, None, ids, 3, attention_mask=jnp.zeros((2, 4)))
     with pytest.raises(InputValidationError, match="exceeds GPT-2's 64 learned positions"):
-        jpeft.generate(model, params, None, ids, 61)
+        jpeft.generate(model, params, None, ids, 62)
     # a seed or a batch of keys failed deep inside JAX; a float pad id was truncated; a bad eos id was a TypeError
     for key in (0, jax.random.split(jax.random.key(0), 2)):
         with pytest.raises(InputValidationError, match="key must be one jax.random key"):
@@ -255,6 +279,22 @@ def test_bad_input():
     for eos in ("a", 2.7, [2, None]):
         with pytest.raises(InputValidationError, match="eos_token_id must be a token id"):
             jpeft.generate(model, params, None, ids, 3, eos_token_id=eos)
+
+
+def test_gpt2_generates_up_to_one_past_its_positions_as_transformers():
+    """The last new token is never read back, so prompt + max_new_tokens = n_positions + 1 reads
+    n_positions positions: transformers generates it; jpeft refused it as past the positions."""
+    import torch
+
+    hf, _ = T.hf_model("gpt2")
+    model, params = loaded("gpt2")
+    ids = np.arange(3, 11)[None]
+    n = 64 + 1 - ids.shape[1]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    out = np.asarray(jpeft.generate(model, params, None, jnp.asarray(ids), n))
+    assert out.shape == ref.shape == (1, 65)
+    np.testing.assert_array_equal(out, ref)
 
 
 def test_out_of_vocabulary_prompt_is_refused_before_compute():

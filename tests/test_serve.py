@@ -337,13 +337,17 @@ def test_sampling_options_it_does_not_take_are_refused_not_ignored():
     from jpeft.serve.app import ApiError, _unsupported
 
     for key, value in (("top_k", 1), ("min_p", 0.1), ("typical_p", 0.9), ("repetition_penalty", 1.2),
-                       ("use_beam_search", True), ("logprobs", 2), ("n", 2),
+                       ("use_beam_search", True), ("logprobs", 2), ("logprobs", 0), ("logprobs", True), ("n", 2),
                        ("response_format", {"type": "json_object"}), ("tool_choice", "auto"),
                        ("stop_token_ids", [3]), ("min_tokens", 4), ("ignore_eos", True)):
         with pytest.raises(ApiError, match=f"'{key}'") as e:
             _unsupported({"model": "a", "prompt": "x", key: value})
         assert e.value.status == 400
     _unsupported({"model": "a", "prompt": "x", "top_k": -1, "min_p": 0, "repetition_penalty": 1.0, "n": 1})
+    # /v1/completions' logprobs=0 asks for the chosen tokens' log probabilities: it passed as an off value (0 == False)
+    # and the answer had "logprobs": null; null and false are off
+    _unsupported({"model": "a", "prompt": "x", "logprobs": None, "top_logprobs": 0})
+    _unsupported({"model": "a", "messages": [], "logprobs": False})
 
 
 def test_serve_stops_at_every_eos_id_the_model_folder_names(tmp_path):

@@ -74,10 +74,10 @@ def _parse_adapters(items) -> dict:
 
 
 def eos_ids_of(folder: str, tokenizer, hf_config: dict) -> tuple:
-    """The token ids that end a completion, as transformers' ``generate`` takes them: the union of
-    ``generation_config.json``'s and ``config.json``'s ``eos_token_id`` (an id or a list: chat
-    models end a turn with another id than the document end, e.g. Llama 3 Instruct's
-    ``[128001, 128009]``) and the tokenizer's."""
+    """The token ids that end a completion: the union of ``generation_config.json``'s and
+    ``config.json``'s ``eos_token_id`` (an id or a list: chat models end a turn with another id
+    than the document end, e.g. Llama 3 Instruct's ``[128001, 128009]``) and the tokenizer's
+    (transformers' ``generate`` reads ``generation_config.json``'s alone when there is one)."""
     ids = set(as_eos_ids(getattr(tokenizer, "eos_token_id", None))) | set(as_eos_ids(hf_config.get("eos_token_id")))
     path = os.path.join(folder, "generation_config.json")
     if os.path.isfile(path):

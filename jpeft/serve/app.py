@@ -95,7 +95,11 @@ def _unsupported(body: dict) -> None:
         raise _bad("'n' > 1 is not supported; send one request per completion.", "n")
     if body.get("best_of", 1) not in (1, None):
         raise _bad("'best_of' is not supported.", "best_of")
-    for key in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "tool_choice",
+    # off only when null or false: /v1/completions' "logprobs": 0 asks for the chosen tokens' log probabilities
+    # (OpenAI, vLLM), and 0 == False would let it through below, answered with "logprobs": null
+    if body.get("logprobs") is not None and body.get("logprobs") is not False:
+        raise _bad("'logprobs' is not supported by jpeft serve.", "logprobs")
+    for key in ("top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "tool_choice",
                 "function_call", "response_format", "stop_token_ids", "min_tokens", "ignore_eos"):
         if body.get(key) not in (None, False, 0, [], {}):
             raise _bad(f"{key!r} is not supported by jpeft serve.", key)

@@ -46,7 +46,7 @@ from jpeft.errors import (
     PromptTooLongError,
     UnknownAdapterError,
 )
-from jpeft.generate import as_eos_ids, check_decoder, learned_position_limit, sample_rows
+from jpeft.generate import as_eos_ids, check_decoder, learned_position_limit, nucleus_tail, sample_rows
 from jpeft.models._layers import KVCache, init_cache
 
 
@@ -241,9 +241,9 @@ class Engine:
         adapter = route(weights, scales, adapter_id[None], strategy=self._strategy) if weights else None
         logits, new = apply(self.model, params, adapter, tokens, attention_mask=mask, cache=row)
         new = dataclasses.replace(new, index=row.index + n_real)
-        seed, step, temp, top_p = opts
+        seed, step, temp, tail = opts
         last = jax.lax.dynamic_index_in_dim(logits[0], n_real - 1, axis=0).astype(jnp.float32)
-        tok = sample_rows(last, _keys(seed[None], step[None]), temp[None], top_p[None])[0]
+        tok = sample_rows(last, _keys(seed[None], step[None]), temp[None], tail[None])[0]
         return _put_rows(cache, new, slot), tok
 
     def _decode_impl(self, params, weights, scales, cache, tokens, ids, active, opts):
@@ -252,8 +252,8 @@ class Engine:
         logits, new = apply(self.model, params, adapter, tokens[:, None], attention_mask=active[:, None].astype(jnp.int32),
                             cache=cache)
         new = dataclasses.replace(new, index=jnp.where(active, cache.index + 1, cache.index))
-        seeds, steps, temps, top_ps = opts
-        tok = sample_rows(logits[:, -1].astype(jnp.float32), _keys(seeds, steps), temps, top_ps)
+        seeds, steps, temps, tails = opts
+        tok = sample_rows(logits[:, -1].astype(jnp.float32), _keys(seeds, steps), temps, tails)
         return new, tok
 
     # -- the public surface -----------------------------------------------------------------------
@@ -271,14 +271,14 @@ class Engine:
         every row idle), so the first request does not wait for the compiler. Call it before
         :meth:`start`; it leaves no trace in the cache (a row's first chunk resets the row)."""
         bank = self._bank
-        zeros = (np.int32(0), np.int32(0), np.float32(0), np.float32(1))
+        zeros = (np.int32(0), np.int32(0), np.float32(0), np.float32(0))
         self._cache, _ = self._prefill(self.params, bank.weights, bank.scales, self._cache, np.int32(0), np.int32(-1),
                                        np.zeros((1, self.chunk), np.int32), np.int32(1), np.bool_(True), zeros)
         n = self.slots
         self._cache, tok = self._decode(self.params, bank.weights, bank.scales, self._cache, np.zeros((n,), np.int32),
                                         np.full((n,), -1, np.int32), np.zeros((n,), bool),
                                         (np.zeros((n,), np.int32), np.zeros((n,), np.int32), np.zeros((n,), np.float32),
-                                         np.ones((n,), np.float32)))
+                                         np.zeros((n,), np.float32)))
         jax.block_until_ready(tok)
         return self
 
@@ -511,7 +511,7 @@ class Engine:
 
     def _opts(self, reqs):
         return (np.asarray([r.seed for r in reqs], np.int32), np.asarray([len(r.generated) for r in reqs], np.int32),
-                np.asarray([r.temperature for r in reqs], np.float32), np.asarray([r.top_p for r in reqs], np.float32))
+                np.asarray([r.temperature for r in reqs], np.float32), nucleus_tail([r.top_p for r in reqs]))
 
     def _prefill_chunk(self, bank, i, r):
         start = r.prefilled
@@ -531,13 +531,13 @@ class Engine:
         ids = np.full((self.slots,), -1, np.int32)
         active = np.zeros((self.slots,), bool)
         seeds, steps = np.zeros((self.slots,), np.int32), np.zeros((self.slots,), np.int32)
-        temps, top_ps = np.zeros((self.slots,), np.float32), np.ones((self.slots,), np.float32)
+        temps, tails = np.zeros((self.slots,), np.float32), np.zeros((self.slots,), np.float32)
         for i, r in dec:
             tokens[i], active[i] = r.generated[-1], True
             ids[i] = -1 if r.adapter is None else bank.slot(r.adapter)
-            seeds[i], steps[i], temps[i], top_ps[i] = r.seed, len(r.generated), r.temperature, r.top_p
+            seeds[i], steps[i], temps[i], tails[i] = r.seed, len(r.generated), r.temperature, nucleus_tail(r.top_p)
         self._cache, tok = self._decode(self.params, bank.weights, bank.scales, self._cache, tokens, ids, active,
-                                        (seeds, steps, temps, top_ps))
+                                        (seeds, steps, temps, tails))
         tok = np.asarray(tok)
         self._accept(dec, [int(tok[i]) for i, _ in dec])
         self.counters["decode_steps"] += 1
