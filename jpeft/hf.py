@@ -244,6 +244,7 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
 
     config_bytes = json.dumps(d, indent=2, sort_keys=True).encode()
     tmp = None
+    replaced = []
     try:
         os.makedirs(path, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=_SAVE_PREFIX, dir=path)
@@ -254,10 +255,18 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
                   metadata={"format": "pt", _CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest()})
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
+            replaced.append(name)
     except OSError as e:
+        if replaced == [WEIGHTS_FILE]:
+            raise SaveError(f"could not write the adapter to {path!r}: {e}. Its new weights are in place but not yet "
+                            f"their adapter_config.json, which is kept in {tmp!r}; the next jpeft.hf.load_peft of "
+                            f"{path!r} puts it in place, or save again.") from None
         raise SaveError(f"could not write the adapter to {path!r}: {e}. The previous files are left as they were.") from None
     finally:
-        if tmp is not None:
+        # new weights beside the old config (an error or a Ctrl-C between the two replaces): the temporary folder
+        # holds the config they name, which load_peft puts in place (_finish_interrupted_save); removing it would
+        # let the new weights load with the old config's values (lora_alpha)
+        if tmp is not None and replaced != [WEIGHTS_FILE]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 

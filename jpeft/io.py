@@ -1026,7 +1026,8 @@ def _check_replaceable(target: Path) -> None:
     if not target.is_dir():
         raise OverwriteError(f"{target} is a file, not an adapter folder; overwrite=True replaces an earlier adapter "
                              "only. Choose another path, or remove the file yourself.")
-    names = sorted(n for n in os.listdir(target) if not n.startswith("."))
+    # hidden entries count too (a project's .git, a .env): only the Finder's .DS_Store is nobody's work
+    names = sorted(n for n in os.listdir(target) if n != ".DS_Store")
     if names and ADAPTER_JSON not in names:
         raise OverwriteError(f"{target} holds files that are not a jpeft adapter ({names[0]!r}, {len(names)} in all); "
                              "overwrite=True replaces an earlier adapter only. Choose another path, or empty it yourself.")

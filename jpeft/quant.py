@@ -525,12 +525,23 @@ def save(path: str, params, *, overwrite: bool = False) -> None:
     """Writes a (quantized) base to one safetensors file; :func:`load` reads it back bit for bit.
     An existing ``path`` is replaced only with ``overwrite=True`` (a model folder's own
     ``model.safetensors`` given by mistake was replaced by the quantized base, its full-precision
-    weights lost), as :func:`jpeft.save_adapter` does."""
+    weights lost), as :func:`jpeft.save_adapter` does.
+
+    Raises:
+      SaveError: ``path`` exists (without ``overwrite``) or is a folder, or the write failed.
+    """
     if os.path.lexists(path) and not overwrite:
         raise SaveError(f"{path!r} already exists; jpeft.quant.save does not replace it (it may be the full-precision "
                         "weights the base was quantized from). Choose another path, or pass overwrite=True.")
+    if os.path.isdir(path):
+        raise SaveError(f"{path!r} is a folder; jpeft.quant.save writes one file. Give a file name such as "
+                        f"{os.path.join(path, 'base.safetensors')!r}.")
     tensors, meta = to_tensors(params)
-    save_file(tensors, path, metadata={"jpeft_quantized": "1", **meta})
+    try:
+        save_file(tensors, path, metadata={"jpeft_quantized": "1", **meta})
+    except (OSError, SafetensorError) as e:  # a full disk, a missing folder, no permission: safetensors' own error
+        raise SaveError(f"could not write the quantized base to {path!r}: {e}. Free space, create the folder or fix "
+                        "its permissions, and save again.") from None
 
 
 def load(path: str) -> dict:

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -577,6 +578,12 @@ def test_overwrite_is_an_exchange_and_leaves_no_sibling(tmp_path, run):
     with pytest.raises(OverwriteError, match=r"holds files that are not a jpeft adapter \('notes.txt', 1 in all\)"):
         jpeft.save_adapter(tmp_path / "work", cfg, adapter, params=params, overwrite=True)
     assert f.read_text() == "a regular file" and (tmp_path / "work" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "hidden" / ".git").mkdir(parents=True)  # only hidden entries: replaced (and lost) before
+    (tmp_path / "hidden" / ".env").write_text("KEY=1")
+    with pytest.raises(OverwriteError, match=r"not a jpeft adapter \('.env', 2 in all\)"):
+        jpeft.save_adapter(tmp_path / "hidden", cfg, adapter, params=params, overwrite=True)
+    assert (tmp_path / "hidden" / ".env").read_text() == "KEY=1"
+    shutil.rmtree(tmp_path / "hidden")
     (tmp_path / "empty").mkdir()
     jpeft.save_adapter(tmp_path / "empty", cfg, adapter, params=params, overwrite=True)
     long = "n" * 245  # the temporary sibling's name must stay under 255 bytes
@@ -622,6 +629,93 @@ def test_kill_between_save_peft_replaces_is_finished_on_load(tmp_path, run):
     new_cfg = jpeft.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
     assert _leaves_equal(adapter, jax.tree.map(lambda x: x + 1.0, jpeft.init(new_cfg, params, jax.random.key(1))))
     assert sorted(os.listdir(tmp_path / "p")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.EIO, "I/O error")], ids=["ctrl_c", "oserror"])
+def test_save_peft_failing_between_its_replaces_keeps_the_matching_config(tmp_path, run, monkeypatch, exc):
+    """A Ctrl-C or an error between the two replaces: the temporary folder holding the config the new weights name
+    was removed by ``finally``, so load_peft loaded the new weights with the old config's alpha (8, not 32)."""
+    from jpeft import hf
+
+    params = run[0]
+    p = str(tmp_path / "p")
+    old_cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    hf.save_peft(p, old_cfg, jpeft.init(old_cfg, params, jax.random.key(1)))
+    new_cfg = jpeft.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
+    new = jax.tree.map(lambda x: x + 1.0, jpeft.init(new_cfg, params, jax.random.key(1)))
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("adapter_config.json"):
+            raise exc
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SaveError if isinstance(exc, OSError) else KeyboardInterrupt,
+                       match="new weights are in place" if isinstance(exc, OSError) else None):
+        hf.save_peft(p, new_cfg, new)
+    monkeypatch.setattr(os, "replace", real)
+    cfg, adapter = hf.load_peft(p, params)
+    assert cfg.alpha == 32 and _leaves_equal(adapter, new)
+    assert sorted(os.listdir(p)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.EIO, "I/O error")], ids=["ctrl_c", "oserror"])
+def test_save_pretrained_failing_between_its_renames_puts_the_old_files_back(tmp_path, monkeypatch, exc):
+    """model.safetensors was renamed into place before config.json: a failure between the two left model B's weights
+    beside model A's config.json (loaded with A's rope_theta), under "Its previous weights are unchanged"."""
+    def make(theta, seed):
+        c = jpeft.models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                     rope_theta=theta)
+        m = jpeft.models.LlamaForCausalLM(c)
+        return m, m.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
+
+    d = str(tmp_path / "m")
+    (ma, pa), (mb, pb) = make(10000.0, 0), make(500.0, 1)
+    jpeft.models.save_pretrained(d, ma, pa)
+    before = {n: (tmp_path / "m" / n).read_bytes() for n in os.listdir(d)}
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("config.json"):
+            raise exc
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SaveError if isinstance(exc, OSError) else KeyboardInterrupt):
+        jpeft.models.save_pretrained(d, mb, pb)
+    monkeypatch.setattr(os, "replace", real)
+    assert {n: (tmp_path / "m" / n).read_bytes() for n in os.listdir(d)} == before  # nothing else left either
+    jpeft.models.save_pretrained(d, mb, pb)  # the next attempt succeeds
+    model, params = jpeft.models.from_pretrained(d)[:2]
+    assert model.config.rope_theta == 500.0 and _leaves_equal(params, pb)
+    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
+
+
+def test_quant_save_errors_are_save_errors(tmp_path):
+    """A folder, a missing parent folder and a full disk raised safetensors' own SafetensorError."""
+    import resource
+    import signal
+
+    from jpeft import quant
+
+    q = quant.quantize(C.params(), "nf4")
+    with pytest.raises(SaveError, match="is a folder"):
+        quant.save(str(tmp_path), q, overwrite=True)
+    with pytest.raises(SaveError, match="could not write the quantized base"):
+        quant.save(str(tmp_path / "missing" / "b.safetensors"), q)
+    path = str(tmp_path / "b.safetensors")
+    quant.save(path, q)
+    good = Path(path).read_bytes()
+    old_handler, old_limit = signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(good) // 2, old_limit[1]))  # a full disk, for the Rust writer too
+    try:
+        with pytest.raises(SaveError, match="could not write the quantized base"):
+            quant.save(path, q, overwrite=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert Path(path).read_bytes() == good and sorted(os.listdir(tmp_path)) == ["b.safetensors"]
 
 
 def test_save_peft_to_a_read_only_filesystem_is_a_save_error(tmp_path, run, monkeypatch):

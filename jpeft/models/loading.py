@@ -905,13 +905,17 @@ def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[
     """Writes ``model.safetensors`` (and the text files ``texts``, e.g. ``config.json``, and
     copies of the files ``copies`` maps names to, e.g. the base's tokenizer files) into
     ``path``, each under a temporary name renamed into place once all are written, weights
-    first, so a failed write leaves the folder's previous checkpoint as it was; then removes the
+    first, so a failed write leaves the folder's previous checkpoint as it was (a failure or a
+    Ctrl-C between the renames puts back the files already replaced, kept under a second hard
+    link until all are in place); then removes the
     index and shards of an earlier sharded save there (:func:`stale_shards`; transformers
     removes them too), which would otherwise stand next to the new ``model.safetensors``.
     ``OSError`` propagates."""
     names = ["model.safetensors", *(texts or {}), *(copies or {})]
     os.makedirs(path, exist_ok=True)
     tmp = {name: os.path.join(path, f".{name}.jpeft-tmp") for name in names}
+    old = {name: os.path.join(path, f".{name}.jpeft-old") for name in names}
+    kept, replaced = {}, []
     try:
         save_file(dict(tensors), tmp["model.safetensors"], metadata={"format": "pt"})
         for name, text in (texts or {}).items():
@@ -920,13 +924,35 @@ def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[
         for name, src in (copies or {}).items():
             shutil.copyfile(src, tmp[name])
         stale = stale_shards(path)
+        # a second name for each file about to be replaced: a failure (or a Ctrl-C) after the first rename puts
+        # them back, so new weights never stay beside the old config.json
+        for name in names:
+            dst = os.path.join(path, name)
+            if os.path.isfile(dst) and not os.path.islink(dst):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(old[name])
+                try:
+                    os.link(dst, old[name])
+                except OSError:  # a file system without hard links: no way back, as before
+                    continue
+                kept[name] = old[name]
         for name in names:
             os.replace(tmp[name], os.path.join(path, name))
+            replaced.append(name)
     except BaseException:
-        for t in tmp.values():
+        for name in reversed(replaced):
+            with contextlib.suppress(OSError):
+                if name in kept:
+                    os.replace(kept.pop(name), os.path.join(path, name))
+                else:
+                    os.remove(os.path.join(path, name))
+        for t in (*tmp.values(), *kept.values()):
             with contextlib.suppress(OSError):
                 os.remove(t)
         raise
+    for t in kept.values():
+        with contextlib.suppress(OSError):
+            os.remove(t)
     for f in stale:
         with contextlib.suppress(FileNotFoundError):
             os.remove(f)
