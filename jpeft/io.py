@@ -409,15 +409,21 @@ def recover(target) -> Optional[Path]:
 
 
 def atomic_write(path, data) -> None:
-    """Writes ``data`` (``str`` or ``bytes``) to ``path`` through a temporary file renamed over
-    it, so an interrupted write leaves the previous version, never half a file."""
-    tmp = f"{path}.tmp"
+    """Writes ``data`` (``str`` or ``bytes``) to ``path`` through a temporary file of a fresh
+    name next to it, flushed and renamed over it, so an interrupted write leaves the previous
+    version, never half a file (and a file of the user's named ``<path>.tmp`` is never touched)."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.jpeft-tmp")
     try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else {"newline": ""})) as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as with open()
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",
+                       **({} if isinstance(data, bytes) else {"newline": ""})) as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
 

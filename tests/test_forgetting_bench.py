@@ -242,7 +242,7 @@ def test_a_run_does_not_replace_an_earlier_runs_results(tmp_path, capsys):
     assert main(["split-digits-task", "--methods", "naive", "--steps", "1", "--seeds", "0", "--out", out,
                  "--no-progress", "--no-plots", "--force"]) == 0
     assert json.load(open(os.path.join(out, "scores.json")))["steps_per_task"] == 1
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(out) if f.endswith("tmp")]
     # a repeated seed stored one run but reported "mean ± sample std over 2 seed(s)" (std 0.000)
     with pytest.raises(ConfigError, match=r"seeds must be distinct, found \[0, 0\]"):
         experiment.run(_tiny_digits(), [naive], seeds=[0, 0], out_dir=str(tmp_path / "dup"), progress=False, log=None)

@@ -153,7 +153,7 @@ def test_a_sweep_does_not_replace_an_earlier_sweeps_results(tmp_path):
     res = sweep(bench, fam, seeds=[0, 1], out_dir=str(tmp_path), progress=False, log=None, plots=False,
                 n_resamples=100, overwrite=True)
     assert json.load(open(tmp_path / "sweep.json"))["points"] == json.loads(json.dumps(res["points"]))
-    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # written through renamed temporaries
+    assert not [f for f in os.listdir(tmp_path) if f.endswith("tmp")]  # written through renamed temporaries
 
 
 # -- the sweep ---------------------------------------------------------------------------------

@@ -782,3 +782,25 @@ def test_deeply_nested_data_position_is_a_config_error(tmp_path, run):
             m.save(1, adapter, opt.init(adapter), data_position=deep)
         m.save(1, adapter, opt.init(adapter), data_position={"index": 1})  # and the manager still works
         assert m.all_steps() == [1]
+
+
+def test_atomic_write_leaves_a_users_tmp_file_alone_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    """``jpeft.io.atomic_write`` (metrics.jsonl trims, resolved_config.json, the forgetting
+    reports) wrote through ``<path>.tmp`` and removed it on failure: a user's file of that name
+    was overwritten and deleted. Its temporary file now has a fresh hidden name; a failed
+    write leaves the previous file and no temporary behind."""
+    from jpeft.io import atomic_write
+
+    target, users = tmp_path / "metrics.jsonl", tmp_path / "metrics.jsonl.tmp"
+    users.write_text("mine")
+    atomic_write(target, "first\n")
+    assert target.read_text() == "first\n" and users.read_text() == "mine"
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        atomic_write(target, "second\n")
+    assert target.read_text() == "first\n" and users.read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "metrics.jsonl.tmp"]
