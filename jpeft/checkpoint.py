@@ -514,6 +514,22 @@ class CheckpointManager:
         self._lock = f
         self._mngr.reload()  # steps the other writer saved before this one took the lock
 
+    def lock(self) -> "CheckpointManager":
+        """Makes this manager its directory's only writer now rather than at its first save
+        (what :meth:`save` does), so a program can refuse to start work a second writer would
+        lose: ``jpeft train`` takes it before its first step, so a second run on the same output
+        folder stops before writing its metrics. Returns the manager.
+
+        Raises:
+          ConfigError: the manager was opened with ``read_only=True``.
+          SaveError: another manager (in this or another process) holds the directory.
+        """
+        if self.read_only:
+            raise ConfigError(f"this CheckpointManager of {self.directory} was opened with read_only=True; "
+                              "it never writes, so it takes no writer lock.")
+        self._take_lock()
+        return self
+
     def __enter__(self):
         return self
 

@@ -612,6 +612,33 @@ def test_resume_refuses_changed_training_data(hf_dir, tmp_path, capsys):
     assert (tmp_path / "out" / "resolved_config.json").read_text() == saved
 
 
+def test_a_second_run_in_a_busy_output_folder_stops_before_writing(hf_dir, tmp_path, capsys):
+    """Two runs in one output folder: the checkpoint writer lock was taken at the first save,
+    so a second run appended its records to the first's metrics.jsonl until then. The run now
+    takes the lock before its first step and stops with a named error, the folder untouched."""
+    from jpeft.checkpoint import CheckpointManager
+
+    shutil.copy(hf_dir / "train.jsonl", tmp_path / "train.jsonl")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "{hf_dir / "tiny-llama"}"\noutput_dir = "out"\n[data]\ntrain = "train.jsonl"\n'
+                   'seq_len = 16\n[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj"]\n'
+                   '[train]\nsteps = 3\nbatch_size = 2\nwarmup_steps = 0\nsave_every = 1\nlog_every = 1\n')
+    assert main(["train", "--config", str(cfg), "--no-progress", "--max-steps", "1"]) == 0
+    out = tmp_path / "out"
+    before = {p: (out / p).read_bytes() for p in ("metrics.jsonl", "resolved_config.json")}
+    model, params = jpeft.models.from_pretrained(str(hf_dir / "tiny-llama"))
+    other = CheckpointManager(out / "checkpoints", jpeft.LoraConfig(r=2, target_modules=["q_proj"]), params).lock()
+    try:
+        capsys.readouterr()
+        assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 2
+        assert "another run (a jpeft train, or a program saving checkpoints) is writing into" in \
+            error_line(capsys.readouterr().err)
+        assert {p: (out / p).read_bytes() for p in before} == before
+    finally:
+        other.close()
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 0  # once the other writer is gone
+
+
 def test_resume_refuses_another_base_of_the_same_architecture(hf_dir, tmp_path, capsys):
     """`model` may change on --resume (the folder moved), but a folder holding other weights of
     the same config and shapes (another fine-tune) passed the checkpoints' base check (config

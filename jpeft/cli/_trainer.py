@@ -26,7 +26,7 @@ from jpeft.cli._common import method_of, say as _say
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
-from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, ShardingError
+from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, SaveError, ShardingError
 from jpeft.io import atomic_write, safetensors_index
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
@@ -464,6 +464,13 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                               keep_last=t["keep_checkpoints"], async_save=False)
     failed = True
     try:
+        # the only writer of this run folder from here: a second run started on it stops before writing metrics
+        try:
+            ckpts.lock()
+        except SaveError:
+            raise SaveError(f"another run (a jpeft train, or a program saving checkpoints) is writing into {ckpt_dir}; "
+                            "two runs in one output folder would mix their metrics and overwrite each other's "
+                            "checkpoints. Wait for it to end, or give this run another output_dir.") from None
         out = _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
                    k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved, base_sha)
         failed = False
