@@ -60,6 +60,9 @@ def _refuse_unknown_keywords(cls, kwargs) -> None:
     for k in unknown:
         if k in cls._unsupported_hf_options:
             notes.append(f"{k!r} is a Hugging Face PEFT option jpeft does not implement for {cls.__name__}.")
+        elif k in cls._ignored_hf_keys:  # from_dict (adapter_config.json) skips them; the constructor takes none
+            notes.append(f"{k!r} is a Hugging Face PEFT key that changes nothing in jpeft (from_dict ignores it); "
+                         "drop it here.")
         else:
             spelled = {n: n for n in accepted} | ({"rank": "r"} if "r" in fields else {})  # rank= for r=
             near = difflib.get_close_matches(k, list(spelled), n=1, cutoff=0.5)

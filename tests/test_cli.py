@@ -1368,6 +1368,24 @@ def test_residual_peft_folder_converted_by_peft_and_corda_folders(hf_dir, tmp_pa
         assert "path_initial_model_for_weight_conversion" in r.stderr and not (tmp_path / f"c-{cmd}").exists()
 
 
+def test_set_init_lora_weights_takes_pefts_booleans(tmp_path):
+    """`--set method.init_lora_weights=false` (PEFT's boolean, which LoraConfig maps to 'random')
+    was passed on as the text 'false' once --set followed the field's declared type (str) and
+    refused; the field takes str or bool, and text that is neither stays text."""
+    from jpeft.cli._common import method_from_args
+    from jpeft.cli.train_cmd import resolve_config
+    from jpeft.cli._common import method_of
+
+    raw = {"model": "m", "data": {"train": "t.jsonl"}, "method": {"name": "lora"}}
+    for text, want in (("false", "random"), ("true", "default"), ("pissa", "pissa")):
+        cfg = resolve_config(raw, [f"method.init_lora_weights={text}"], base_dir=str(tmp_path))
+        assert method_of(cfg).init == want
+        args = type("A", (), dict(method="lora", rank=None, alpha=None, target="q_proj",
+                                  method_set=[f"init_lora_weights={text}"]))
+        assert method_from_args(args).init == want
+    assert resolve_config(raw, ["method.init=nan"], base_dir=str(tmp_path))["method"]["init"] == "nan"
+
+
 def test_set_values_follow_the_declared_type_of_their_field(tmp_path):
     """`--set` read `inf`, `nan`, `-inf`, `0x10`, `1e3` as numbers (TOML/JSON) even where the field
     is a string: data.train=inf ended in "must be a string, found float", method.bias=0x10 became

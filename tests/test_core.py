@@ -597,6 +597,9 @@ def test_every_method_config_refuses_an_unknown_keyword_by_name():
     with pytest.raises(jpeft.ConfigError, match="rnak"):
         jpeft.LoraConfig().replace(rnak=2)
     assert jpeft.VeraConfig().replace(vera_dropout=0.1).dropout == 0.1  # an alias works in replace too
+    # a PEFT key adapter_config.json carries and from_dict ignores is named as such (a PEFT user's task_type=)
+    with pytest.raises(jpeft.ConfigError, match="'task_type' is a Hugging Face PEFT key that changes nothing"):
+        jpeft.LoraConfig(r=8, task_type="CAUSAL_LM")
 
 
 def test_an_unmatched_target_modules_entry_is_named_in_a_warning():

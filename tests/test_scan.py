@@ -393,6 +393,25 @@ def test_layers_to_transform_on_a_scanned_model():
             jpeft.init(some, p1, jax.random.key(1), scanned, ids)
 
 
+def test_a_target_entry_naming_one_layer_on_a_scanned_model_is_refused():
+    """['q_proj', 'model.layers.1.self_attn.v_proj'] adapts layer 1's v_proj on the unrolled model;
+    on the scanned one the entry matched nothing and was dropped with a RuntimeWarning whose hint
+    ('did you mean v_proj') would adapt every layer. It is refused by name, as layers_to_transform is."""
+    import warnings
+
+    unrolled, scanned, p0, p1, ids = _pair()
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "model.layers.1.self_attn.v_proj"])
+    a0 = jpeft.init(cfg, p0, jax.random.key(1), unrolled, ids)
+    assert "model/layers_1/self_attn/v_proj" in a0 and "model/layers_0/self_attn/v_proj" not in a0
+    with pytest.raises(ConfigError, match=r"\['model.layers.1.self_attn.v_proj'\] name a module of one layer.*"
+                                          r"scan_layers=False"):
+        jpeft.init(cfg, p1, jax.random.key(1), scanned, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # every entry matches on the scanned model: no warning
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "self_attn.v_proj"]), p1, jax.random.key(1),
+                   scanned, ids)
+
+
 def test_an_output_adapter_on_a_block_inside_the_scan_is_refused():
     """A bottleneck on a module without params of its own (the MLP block) inside the layer scan
     was one node shared by every layer (half the trainable parameters of the unrolled model's

@@ -63,7 +63,9 @@ def typed_value(key: str, text: str, value, declared: Optional[str]):
     (JSON, else TOML, else the text) gave for ``text``. A string field takes the text itself when
     that parse read a number or a boolean (``inf``, ``nan``, ``0x10``, ``1e3``, ``true`` are file
     names, field names, ... there), or the quoted string's content; ``null`` is ``None`` where the
-    field is optional. A number or boolean field takes only what that type holds.
+    field is optional. A number or boolean field takes only what that type holds. A field of
+    several of these types (``str | bool``: LoRA's ``init_lora_weights``, which takes PEFT's
+    ``true``/``false``) takes a value of any of them, else the text when one of them is ``str``.
 
     Raises:
       ConfigError: the value cannot be of the field's type (naming the key, the type and the value).
@@ -72,19 +74,22 @@ def typed_value(key: str, text: str, value, declared: Optional[str]):
         return value
     optional = declared.startswith("Optional[") and declared.endswith("]")
     base = declared[len("Optional["):-1] if optional else declared
-    if base not in _SCALARS or (optional and value is None):
+    kinds = [k.strip() for k in base.split("|")]
+    if "None" in kinds:
+        optional, kinds = True, [k for k in kinds if k != "None"]
+    if not kinds or any(k not in _SCALARS for k in kinds) or (optional and value is None):
         return value
-    want = _SCALARS[base] + (" (or null)" if optional else "")
-    if base == "str":
-        if isinstance(value, str):
+    want = " or ".join(_SCALARS[k] for k in kinds) + (" (or null)" if optional else "")
+    for k in kinds:
+        if k == "str" and isinstance(value, str):
             return value
-        if isinstance(value, (bool, int, float)) or value is None:
-            return text
-    elif base == "bool":
-        if isinstance(value, bool):
+        if k == "bool" and isinstance(value, bool):
             return value
-    elif not isinstance(value, bool) and isinstance(value, int if base == "int" else (int, float)):
-        return value
+        if k in ("int", "float") and not isinstance(value, bool) \
+                and isinstance(value, int if k == "int" else (int, float)):
+            return value
+    if "str" in kinds and (isinstance(value, (bool, int, float)) or value is None):
+        return text
     raise ConfigError(f"--set {key}: expected {want}, found {type(value).__name__} {text!r}.")
 
 

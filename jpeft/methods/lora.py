@@ -122,7 +122,7 @@ class LoraConfig(AdapterConfig):
     dropout: float = 0.0
     target_modules: Any = ("q_proj", "v_proj")
     use_rslora: bool = False
-    init: str = "default"
+    init: str | bool = "default"  # PEFT's True / False: "default" / "random" (__post_init__)
     use_dora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
