@@ -1044,7 +1044,7 @@ def test_eval_export_merge_against_transformers_and_peft(hf_dir, tmp_path, capsy
     # the same packed rows as `jpeft eval` builds, scored by transformers
     tok = AutoTokenizer.from_pretrained(model_dir)
     ds = PackedDataset.from_file(hf_dir / "notes.txt", lambda s: tok(s, add_special_tokens=False)["input_ids"], 32,
-                                 eos_id=tok.eos_token_id, bos_id=tok.bos_token_id)
+                                 eos_id=tok.eos_token_id, bos_id=None)  # tok(s) adds no BOS
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ref_base, _ = _torch_loss(base, ds.input_ids, ds.loss_mask)
 
@@ -1295,7 +1295,7 @@ def test_residual_peft_folders_give_peft_numbers_in_every_command(init, hf_dir, 
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ds = PackedDataset.from_file(hf_dir / "notes.txt", lambda s: tok(s, add_special_tokens=False)["input_ids"], 32,
-                                 eos_id=tok.eos_token_id, bos_id=tok.bos_token_id)
+                                 eos_id=tok.eos_token_id, bos_id=None)  # tok(s) adds no BOS
     ref_loss, _ = _torch_loss(ref, ds.input_ids, ds.loss_mask)
     base_loss, _ = _torch_loss(base, ds.input_ids, ds.loss_mask)
     r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", tmp_path / "ad", "--data", hf_dir / "notes.txt",

@@ -127,7 +127,7 @@ def test_eval_canary_report_matches_transformers(hf_dir, capsys):
     # the base's loss from transformers on the same packed rows
     tok = AutoTokenizer.from_pretrained(hf_dir / "tiny-llama")
     ds = PackedDataset.from_file(str(hf_dir / "notes.txt"), lambda s: tok(s, add_special_tokens=False)["input_ids"],
-                                 32, eos_id=tok.eos_token_id, bos_id=tok.bos_token_id, packing="stream")
+                                 32, eos_id=tok.eos_token_id, bos_id=None, packing="stream")  # no BOS
     model = LlamaForCausalLM.from_pretrained(hf_dir / "tiny-llama").eval()
     ids = torch.tensor(np.asarray(ds.input_ids), dtype=torch.long)
     with torch.no_grad():

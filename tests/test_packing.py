@@ -224,6 +224,32 @@ def test_a_text_with_its_own_bos_or_eos_gets_no_second_one():
     assert tokenize_documents([{"text": ""}], enc, eos_id=5, bos_id=5)[0][0].tolist() == [5, 5]
 
 
+def test_the_bos_is_put_in_front_only_where_the_tokenizer_puts_it():
+    """A tokenizer that names a BOS but does not add it (a Llama tokenizer saved with
+    add_bos_token=False; GPT-2's <|endoftext|>) got it in front of every document anyway, so the
+    rows (and `jpeft eval`'s loss, on one more target) differed from transformers' tokenizer(text)
+    + EOS, as TRL's SFTTrainer and `jpeft serve` tokenize; now the rows are exactly those."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from jpeft.cli._model import encode_fn
+
+    def tokenizer(add_bos, bos="<s>"):
+        vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "hello", "world", "a"])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        if add_bos:
+            tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token=bos, eos_token="</s>")
+
+    for tok, want_bos in [(tokenizer(True), 1), (tokenizer(False), None), (tokenizer(False, bos="</s>"), None)]:
+        enc, bos, eos = encode_fn(tok)
+        assert (bos, eos) == (want_bos, 2)
+        ds = PackedDataset.from_examples([{"text": "hello world"}], enc, 8, eos_id=eos, bos_id=bos)
+        n = len(tok("hello world")["input_ids"]) + 1
+        assert ds.input_ids[0, :n].tolist() == tok("hello world")["input_ids"] + [2] and not ds.segment_ids[0, n:].any()
+
+
 def test_a_dataset_without_target_tokens_is_refused():
     """Only prompt tokens (empty completions, no EOS): its loss would read 0 and its perplexity
     1, and training on it would never move the adapter."""

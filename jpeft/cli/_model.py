@@ -111,7 +111,14 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
 
 
 def encode_fn(tokenizer):
-    """``str -> list[int]`` without special tokens, plus ``(bos_id, eos_id)``."""
+    """``str -> list[int]`` without special tokens, plus ``(bos_id, eos_id)``.
+
+    ``bos_id`` is the tokenizer's BOS only where the tokenizer puts it in front of a text itself
+    (``tokenizer(text)``, as transformers, TRL's ``SFTTrainer`` and ``jpeft serve`` tokenize): a
+    tokenizer saved with ``add_bos_token=False``, or a GPT-2-style one whose ``bos_token`` is
+    ``<|endoftext|>`` but never added, gets ``None``, so the rows hold no BOS the model will not
+    see when it is served. ``eos_id`` is the tokenizer's EOS (appended to every document, as TRL
+    does)."""
     if tokenizer is None:
         raise LoadError("the model folder has no tokenizer files (tokenizer.json or vocab files); "
                         "save one next to the model with tokenizer.save_pretrained(folder).")
@@ -119,4 +126,9 @@ def encode_fn(tokenizer):
     def encode(s: str):
         return tokenizer(s, add_special_tokens=False)["input_ids"]
 
-    return encode, getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        probe = "a"  # a text that is no special token: does the tokenizer's own call start it with the BOS?
+        if tokenizer(probe)["input_ids"][:1] != [bos] or encode(probe)[:1] == [bos]:
+            bos = None
+    return encode, bos, getattr(tokenizer, "eos_token_id", None)
