@@ -191,7 +191,6 @@ class GPT2Model(nn.Module):
         hidden, new_cache = L.run_unrolled(self.h, hidden, cache, kv_valid, call)
         return self.ln_f(hidden), new_cache
 
-
     def _token_type_embeds(self, token_type_ids, shape, n_real, attention_mask):
         """``wte(token_type_ids)``, as transformers adds it. Raises :class:`InputValidationError` for ids
         that are not integers of the inputs' shape, are out of the vocabulary (concrete ids; the gather
