@@ -256,6 +256,11 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
             replaced.append(name)
+        # an earlier save's kept config (failed between its replaces, then saved again): once these files are in
+        # place it is stale, and a later hand edit of adapter_config.json must not be undone by load_peft with it
+        for name in os.listdir(path):
+            if name.startswith(_SAVE_PREFIX) and os.path.join(path, name) != tmp:
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
     except OSError as e:
         if replaced == [WEIGHTS_FILE]:
             raise SaveError(f"could not write the adapter to {path!r}: {e}. Its new weights are in place but not yet "

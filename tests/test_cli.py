@@ -639,6 +639,37 @@ def test_a_second_run_in_a_busy_output_folder_stops_before_writing(hf_dir, tmp_p
     assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 0  # once the other writer is gone
 
 
+def test_a_run_refused_the_lock_leaves_the_other_runs_files(hf_dir, tmp_path, capsys, monkeypatch):
+    """Two fresh runs started on one output folder at about the same time: the second looked at the folder before
+    the first wrote its files, was refused the writer lock, and its failed-start cleanup removed the first run's
+    resolved_config.json, metrics.jsonl, tb/ and checkpoints/ (with its lock): they were not there when it looked,
+    and the first had not logged a step yet. Simulated: the first starts between the second's look and its lock."""
+    import jpeft.cli._trainer as trainer
+
+    shutil.copy(hf_dir / "train.jsonl", tmp_path / "train.jsonl")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "{hf_dir / "tiny-llama"}"\noutput_dir = "out"\n[data]\ntrain = "train.jsonl"\n'
+                   'seq_len = 16\n[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj"]\n'
+                   '[train]\nsteps = 3\nbatch_size = 2\nwarmup_steps = 0\nsave_every = 1\n')
+    out, real, held = tmp_path / "out", trainer.CheckpointManager, []
+
+    def manager(ckpt_dir, method, params, **kw):  # the first run takes the lock and writes its files
+        held.append(real(ckpt_dir, method, params, **kw).lock())
+        (out / "resolved_config.json").write_text("{}")
+        (out / "metrics.jsonl").write_text("")
+        return real(ckpt_dir, method, params, **kw)
+
+    monkeypatch.setattr(trainer, "CheckpointManager", manager)
+    try:
+        assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+        assert "is writing into" in error_line(capsys.readouterr().err)
+        assert sorted(os.listdir(out)) == ["checkpoints", "metrics.jsonl", "resolved_config.json"]
+        assert (out / "checkpoints" / ".jpeft-writer.lock").exists()
+    finally:
+        for m in held:
+            m.close()
+
+
 def test_resume_refuses_another_base_of_the_same_architecture(hf_dir, tmp_path, capsys):
     """`model` may change on --resume (the folder moved), but a folder holding other weights of
     the same config and shapes (another fine-tune) passed the checkpoints' base check (config

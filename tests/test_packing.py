@@ -250,6 +250,26 @@ def test_the_bos_is_put_in_front_only_where_the_tokenizer_puts_it():
         assert ds.input_ids[0, :n].tolist() == tok("hello world")["input_ids"] + [2] and not ds.segment_ids[0, n:].any()
 
 
+def test_the_bos_probe_takes_a_tokenizer_without_the_letter_a():
+    """The BOS probe tokenized "a": a word-level vocabulary of digits and operators without an
+    unknown token (whose data tokenize fine) raised the tokenizers library's bare Exception
+    ("Missing [UNK] token"), so `jpeft train` stopped on it; the probe falls back to "" there."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from jpeft.cli._model import encode_fn
+
+    vocab = {t: i for i, t in enumerate(["<s>", "</s>", "1", "2", "+", "="])}
+    for add_bos, want in ((True, 0), (False, None)):
+        tok = Tokenizer(models.WordLevel(vocab))  # no unk_token
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        if add_bos:
+            tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+        enc, bos, eos = encode_fn(fast)
+        assert (bos, eos) == (want, 1) and enc("1 + 2") == [2, 4, 3]
+
+
 def test_a_dataset_without_target_tokens_is_refused():
     """Only prompt tokens (empty completions, no EOS): its loss would read 0 and its perplexity
     1, and training on it would never move the adapter."""

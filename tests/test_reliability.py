@@ -692,6 +692,66 @@ def test_save_pretrained_failing_between_its_renames_puts_the_old_files_back(tmp
     assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize("case", ["no_hard_links", "symlinked_weights"])
+def test_save_pretrained_failing_never_removes_a_file_it_could_not_keep(tmp_path, monkeypatch, case):
+    """The rollback removed every file already renamed into place that had no second link: where os.link fails (a
+    file system without hard links, a file of another owner under protected_hardlinks) or model.safetensors is a
+    symlink (a Hub cache snapshot), a failure at config.json left the folder without any model.safetensors."""
+    c = jpeft.models.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
+    m = jpeft.models.LlamaForCausalLM(c)
+    p = m.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    d = tmp_path / "m"
+    jpeft.models.save_pretrained(str(d), m, p)
+    if case == "symlinked_weights":
+        os.replace(d / "model.safetensors", tmp_path / "blob")
+        os.symlink(tmp_path / "blob", d / "model.safetensors")
+    else:
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "not permitted")))
+    blob = (d / "model.safetensors").read_bytes()
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("config.json"):
+            raise OSError(errno.EIO, "I/O error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SaveError):
+        jpeft.models.save_pretrained(str(d), m, jax.tree.map(lambda x: x + 1, p))
+    monkeypatch.setattr(os, "replace", real)
+    assert sorted(os.listdir(d)) == ["config.json", "model.safetensors"]
+    if case == "symlinked_weights":  # the link is put back as it was
+        assert (d / "model.safetensors").is_symlink() and (d / "model.safetensors").read_bytes() == blob
+
+
+def test_a_later_save_peft_removes_the_config_an_interrupted_one_kept(tmp_path, run, monkeypatch):
+    """A save failed between its replaces ("... or save again"), then saved again: the kept .jpeft_save_* folder
+    stayed, and load_peft put its config back over a later hand edit of adapter_config.json (lora_alpha 16 -> 32)."""
+    from jpeft import hf
+
+    params = run[0]
+    p = str(tmp_path / "p")
+    cfg = jpeft.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
+    ad = jax.tree.map(lambda x: x + 1.0, jpeft.init(cfg, params, jax.random.key(1)))
+    hf.save_peft(p, jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), ad)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("adapter_config.json"):
+            raise OSError(errno.EIO, "I/O error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(SaveError, match="new weights are in place"):
+        hf.save_peft(p, cfg, ad)
+    monkeypatch.setattr(os, "replace", real)
+    hf.save_peft(p, cfg, ad)
+    assert sorted(os.listdir(p)) == ["adapter_config.json", "adapter_model.safetensors"]
+    d = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps(dict(d, lora_alpha=16)))
+    assert hf.load_peft(p, params)[0].alpha == 16
+
+
 def test_quant_save_errors_are_save_errors(tmp_path):
     """A folder, a missing parent folder and a full disk raised safetensors' own SafetensorError."""
     import resource

@@ -128,7 +128,14 @@ def encode_fn(tokenizer):
 
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None:
-        probe = "a"  # a text that is no special token: does the tokenizer's own call start it with the BOS?
-        if tokenizer(probe)["input_ids"][:1] != [bos] or encode(probe)[:1] == [bos]:
-            bos = None
+        # a text that is no special token: does the tokenizer's own call start it with the BOS? "" where "a" cannot
+        # be tokenized (a word-level vocabulary of digits without an unknown token raises on it)
+        for probe in ("a", ""):
+            try:
+                added, plain = tokenizer(probe)["input_ids"], encode(probe)
+            except Exception:  # the tokenizers library raises a bare Exception
+                continue
+            if added[:1] != [bos] or plain[:1] == [bos]:
+                bos = None
+            break
     return encode, bos, getattr(tokenizer, "eos_token_id", None)

@@ -462,11 +462,12 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                               example_args=(example,), base_config=loaded.hf_config,
                               save_every=int(t["save_every"]) or steps + 1,
                               keep_last=t["keep_checkpoints"], async_save=False)
-    failed = True
+    failed, locked = True, False
     try:
         # the only writer of this run folder from here: a second run started on it stops before writing metrics
         try:
             ckpts.lock()
+            locked = True
         except SaveError:
             raise SaveError(f"another run (a jpeft train, or a program saving checkpoints) is writing into {ckpt_dir}; "
                             "two runs in one output folder would mix their metrics and overwrite each other's "
@@ -477,7 +478,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         return out
     finally:
         ckpts.close()
-        if failed and saved is None and jax.process_count() == 1:
+        # refused the lock: the files not in `before` are the other run's (started since this one looked)
+        if failed and locked and saved is None and jax.process_count() == 1:
             _remove_unstarted(out_dir, before)
 
 

@@ -915,7 +915,7 @@ def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[
     os.makedirs(path, exist_ok=True)
     tmp = {name: os.path.join(path, f".{name}.jpeft-tmp") for name in names}
     old = {name: os.path.join(path, f".{name}.jpeft-old") for name in names}
-    kept, replaced = {}, []
+    kept, existed, replaced = {}, set(), []
     try:
         save_file(dict(tensors), tmp["model.safetensors"], metadata={"format": "pt"})
         for name, text in (texts or {}).items():
@@ -928,12 +928,18 @@ def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[
         # them back, so new weights never stay beside the old config.json
         for name in names:
             dst = os.path.join(path, name)
-            if os.path.isfile(dst) and not os.path.islink(dst):
+            if os.path.lexists(dst):
+                existed.add(name)
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(old[name])
                 try:
-                    os.link(dst, old[name])
-                except OSError:  # a file system without hard links: no way back, as before
+                    if os.path.islink(dst):  # the link itself (a Hub cache snapshot's file), put back as it was
+                        os.symlink(os.readlink(dst), old[name])
+                    elif os.path.isfile(dst):
+                        os.link(dst, old[name])
+                    else:
+                        continue
+                except OSError:  # a file system without hard links: no way back, as before (the new file stays)
                     continue
                 kept[name] = old[name]
         for name in names:
@@ -944,7 +950,7 @@ def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[
             with contextlib.suppress(OSError):
                 if name in kept:
                     os.replace(kept.pop(name), os.path.join(path, name))
-                else:
+                elif name not in existed:  # new here: removed; an old file with no second name is not lost
                     os.remove(os.path.join(path, name))
         for t in (*tmp.values(), *kept.values()):
             with contextlib.suppress(OSError):
