@@ -593,14 +593,21 @@ def test_train_refuses_scan_layers_for_gpt2_naming_the_setting(hf_dir, tmp_path,
     assert "train.scan_layers is for Llama-family models" in line and "Set scan_layers = false" in line, line
     assert not (hf_dir / "gpt2_scan").exists()
 
-def test_resume_refuses_changed_training_data(hf_dir, tmp_path, capsys):
-    """--resume after data.train was edited (same path, other rows) continued the run on other
-    batches, silently; the packed rows' fingerprint is saved and compared."""
+def _tiny_lora_run(hf_dir, tmp_path, *, steps: int, extra: str = ""):
+    """A config of a few LoRA steps on the tiny Llama, saving every step, with its own copy of the
+    training data (tests edit it): the path of the config."""
     shutil.copy(hf_dir / "train.jsonl", tmp_path / "train.jsonl")
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'model = "{hf_dir / "tiny-llama"}"\noutput_dir = "out"\n[data]\ntrain = "train.jsonl"\n'
                    'seq_len = 16\n[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj"]\n'
-                   '[train]\nsteps = 2\nbatch_size = 2\nwarmup_steps = 0\nsave_every = 1\n')
+                   f'[train]\nsteps = {steps}\nbatch_size = 2\nwarmup_steps = 0\nsave_every = 1\n{extra}')
+    return cfg
+
+
+def test_resume_refuses_changed_training_data(hf_dir, tmp_path, capsys):
+    """--resume after data.train was edited (same path, other rows) continued the run on other
+    batches, silently; the packed rows' fingerprint is saved and compared."""
+    cfg = _tiny_lora_run(hf_dir, tmp_path, steps=2)
     assert main(["train", "--config", str(cfg), "--no-progress", "--max-steps", "1"]) == 0
     saved = (tmp_path / "out" / "resolved_config.json").read_text()
     assert '"train_data_sha256"' in saved
@@ -618,11 +625,7 @@ def test_a_second_run_in_a_busy_output_folder_stops_before_writing(hf_dir, tmp_p
     takes the lock before its first step and stops with a named error, the folder untouched."""
     from jpeft.checkpoint import CheckpointManager
 
-    shutil.copy(hf_dir / "train.jsonl", tmp_path / "train.jsonl")
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f'model = "{hf_dir / "tiny-llama"}"\noutput_dir = "out"\n[data]\ntrain = "train.jsonl"\n'
-                   'seq_len = 16\n[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj"]\n'
-                   '[train]\nsteps = 3\nbatch_size = 2\nwarmup_steps = 0\nsave_every = 1\nlog_every = 1\n')
+    cfg = _tiny_lora_run(hf_dir, tmp_path, steps=3, extra="log_every = 1\n")
     assert main(["train", "--config", str(cfg), "--no-progress", "--max-steps", "1"]) == 0
     out = tmp_path / "out"
     before = {p: (out / p).read_bytes() for p in ("metrics.jsonl", "resolved_config.json")}

@@ -631,6 +631,19 @@ def test_kill_between_save_peft_replaces_is_finished_on_load(tmp_path, run):
     assert sorted(os.listdir(tmp_path / "p")) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def _fail_replace(monkeypatch, suffix: str, exc):
+    """Makes ``os.replace`` raise ``exc`` for a destination ending in ``suffix``; returns the real one."""
+    real = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(suffix):
+            raise exc
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return real
+
+
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.EIO, "I/O error")], ids=["ctrl_c", "oserror"])
 def test_save_peft_failing_between_its_replaces_keeps_the_matching_config(tmp_path, run, monkeypatch, exc):
     """A Ctrl-C or an error between the two replaces: the temporary folder holding the config the new weights name
@@ -643,14 +656,7 @@ def test_save_peft_failing_between_its_replaces_keeps_the_matching_config(tmp_pa
     hf.save_peft(p, old_cfg, jpeft.init(old_cfg, params, jax.random.key(1)))
     new_cfg = jpeft.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
     new = jax.tree.map(lambda x: x + 1.0, jpeft.init(new_cfg, params, jax.random.key(1)))
-    real = os.replace
-
-    def replace(src, dst):
-        if str(dst).endswith("adapter_config.json"):
-            raise exc
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+    real = _fail_replace(monkeypatch, "adapter_config.json", exc)
     with pytest.raises(SaveError if isinstance(exc, OSError) else KeyboardInterrupt,
                        match="new weights are in place" if isinstance(exc, OSError) else None):
         hf.save_peft(p, new_cfg, new)
@@ -674,14 +680,7 @@ def test_save_pretrained_failing_between_its_renames_puts_the_old_files_back(tmp
     (ma, pa), (mb, pb) = make(10000.0, 0), make(500.0, 1)
     jpeft.models.save_pretrained(d, ma, pa)
     before = {n: (tmp_path / "m" / n).read_bytes() for n in os.listdir(d)}
-    real = os.replace
-
-    def replace(src, dst):
-        if str(dst).endswith("config.json"):
-            raise exc
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+    real = _fail_replace(monkeypatch, "config.json", exc)
     with pytest.raises(SaveError if isinstance(exc, OSError) else KeyboardInterrupt):
         jpeft.models.save_pretrained(d, mb, pb)
     monkeypatch.setattr(os, "replace", real)
@@ -708,14 +707,7 @@ def test_save_pretrained_failing_never_removes_a_file_it_could_not_keep(tmp_path
     else:
         monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "not permitted")))
     blob = (d / "model.safetensors").read_bytes()
-    real = os.replace
-
-    def replace(src, dst):
-        if str(dst).endswith("config.json"):
-            raise OSError(errno.EIO, "I/O error")
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+    real = _fail_replace(monkeypatch, "config.json", OSError(errno.EIO, "I/O error"))
     with pytest.raises(SaveError):
         jpeft.models.save_pretrained(str(d), m, jax.tree.map(lambda x: x + 1, p))
     monkeypatch.setattr(os, "replace", real)
@@ -734,14 +726,7 @@ def test_a_later_save_peft_removes_the_config_an_interrupted_one_kept(tmp_path, 
     cfg = jpeft.LoraConfig(r=4, alpha=32, target_modules=["q_proj", "v_proj"])
     ad = jax.tree.map(lambda x: x + 1.0, jpeft.init(cfg, params, jax.random.key(1)))
     hf.save_peft(p, jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), ad)
-    real = os.replace
-
-    def replace(src, dst):
-        if str(dst).endswith("adapter_config.json"):
-            raise OSError(errno.EIO, "I/O error")
-        real(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
+    real = _fail_replace(monkeypatch, "adapter_config.json", OSError(errno.EIO, "I/O error"))
     with pytest.raises(SaveError, match="new weights are in place"):
         hf.save_peft(p, cfg, ad)
     monkeypatch.setattr(os, "replace", real)
