@@ -265,9 +265,16 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     if key is None:
         key = jax.random.key(0)
     top_k = int(min(top_k, cfg.vocab_size))
+    eos = as_eos_ids(eos_token_id)
+    outside = [e for e in eos if not 0 <= e < int(cfg.vocab_size)]
+    if outside:  # never generated, so never an end: the rows would run on to max_new_tokens without a word
+        raise InputValidationError(
+            f"generate: eos_token_id holds ids outside the vocabulary [0, {cfg.vocab_size}): {outside}; give the "
+            "tokenizer's eos id(s) (tokenizer.eos_token_id), or None for no end token."
+        )
     return _generate(
         model, params, adapter if adapter else None, input_ids, attention_mask, key,
         jnp.float32(temperature if not greedy else 1.0), nucleus_tail(top_p),
-        max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy, eos=as_eos_ids(eos_token_id),
+        max_new_tokens=int(max_new_tokens), top_k=top_k, greedy=greedy, eos=eos,
         pad=int(pad_token_id),
     )

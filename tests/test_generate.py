@@ -279,6 +279,10 @@ def test_bad_input():
     for eos in ("a", 2.7, [2, None]):
         with pytest.raises(InputValidationError, match="eos_token_id must be a token id"):
             jpeft.generate(model, params, None, ids, 3, eos_token_id=eos)
+    # an id outside the vocabulary never matches a generated token: the rows ran on past the end silently
+    for eos in (-1, model.config.vocab_size, [2, 10 ** 6]):
+        with pytest.raises(InputValidationError, match=r"eos_token_id holds ids outside the vocabulary"):
+            jpeft.generate(model, params, None, ids, 3, eos_token_id=eos)
 
 
 def test_gpt2_generates_up_to_one_past_its_positions_as_transformers():
