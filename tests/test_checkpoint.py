@@ -479,15 +479,12 @@ def test_async_save_overlapping_training_equals_sync(tmp_path, base):
 def test_other_methods_round_trip_through_the_generic_rebuild(tmp_path, base):
     """Nodes are rebuilt from the config by jpeft.init, so other methods (IA3; bottleneck
     adapters, which need the model traced) save, load and checkpoint with no extra code."""
-    from jpeft.methods.bottleneck import BottleneckConfig
-    from jpeft.methods.ia3 import IA3Config
-
     params = base[0]
     model = C.model()
     x = jnp.asarray(C.batch(0)["input_ids"])
     cases = [
-        (IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[], init_ia3_weights=False), ()),
-        (BottleneckConfig(target_modules=["o_proj"], reduction_factor=4, init_std=0.5), (model, x)),
+        (jpeft.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[], init_ia3_weights=False), ()),
+        (jpeft.BottleneckConfig(target_modules=["o_proj"], reduction_factor=4, init_std=0.5), (model, x)),
     ]
     for i, (cfg, traced) in enumerate(cases):
         adapter = jpeft.init(cfg, params, jax.random.key(7), *traced)

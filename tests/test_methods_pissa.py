@@ -337,3 +337,27 @@ def test_converted_adapter_saves_for_peft_as_peft_converts(tmp_path):
         got = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()(**kw).logits
         assert float((want - base(**kw).logits).abs().max()) > 0.1
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+
+def test_residual_params_of_a_layer_scanned_adapter_is_refused_and_unrolled_matches():
+    """Rebuilding the residual base from the original params is per layer: residual_params
+    returned the original params unchanged for stacked sites (the wrong base, silently); it
+    refuses them by name, and on the unrolled model it gives init_pissa's residual."""
+    from jpeft import scan
+    from jpeft.methods.pissa import residual_params
+
+    cfg_m = jpeft.models.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                                     num_kv_heads=2)
+    unrolled = jpeft.models.LlamaForCausalLM(cfg_m)
+    scanned = jpeft.models.LlamaForCausalLM(cfg_m.replace(scan_layers=True))
+    ids = jax.random.randint(jax.random.key(0), (2, 9), 0, 61)
+    p0 = unrolled.init(jax.random.key(0), ids)
+    p1 = {"params": scan.stack_params(p0["params"])}
+    cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "up_proj"])
+    _, ad1 = init_pissa(cfg, p1, jax.random.key(3), scanned, ids)
+    res0, ad0 = init_pissa(cfg, p0, jax.random.key(3), unrolled, ids)
+    with pytest.raises(jpeft.ConfigError, match="layer-scanned"):
+        residual_params(cfg, p1, ad1, "pissa")
+    got = jax.tree.leaves(residual_params(cfg, p0, ad0, "pissa")["params"])
+    for x, y in zip(got, jax.tree.leaves(res0["params"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)

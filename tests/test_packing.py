@@ -13,7 +13,6 @@ import pytest
 import jpeft
 import jpeft.models
 from jpeft.data import PackedDataset, causal_lm_loss, model_inputs, pack_documents, tokenize_documents
-from jpeft.methods.prefix import PrefixTuningConfig
 
 
 def _docs():
@@ -84,7 +83,7 @@ def test_packed_losses_and_grads_equal_documents_alone(impl, method):
     assert ids.shape == (1, 13)
     params = model.init(jax.random.key(0), jnp.asarray(ids))
     cfg = (jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]) if method == "lora"
-           else PrefixTuningConfig(num_virtual_tokens=2))
+           else jpeft.PrefixTuningConfig(num_virtual_tokens=2))
     ad = _random_adapter(cfg, params, model, jnp.asarray(ids))
     batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": seg, "position_ids": pos}
     kw = {k: jnp.asarray(v) for k, v in model_inputs(batch).items()}

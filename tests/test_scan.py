@@ -328,21 +328,15 @@ def test_training_checkpoint_round_trip(tmp_path):
 
 def test_pissa_and_l2sp_on_stacked_sites():
     from jpeft.forgetting.regularizers import l2sp_penalty
-    from jpeft.methods.pissa import init_pissa
 
     unrolled, scanned, p0, p1, ids = _pair()
     cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "up_proj"])
-    res1, ad1 = init_pissa(cfg, p1, jax.random.key(3), scanned, ids)
-    res0, ad0 = init_pissa(cfg, p0, jax.random.key(3), unrolled, ids)
+    res1, ad1 = jpeft.init_pissa(cfg, p1, jax.random.key(3), scanned, ids)
+    res0, ad0 = jpeft.init_pissa(cfg, p0, jax.random.key(3), unrolled, ids)
     assert isinstance(ad1["model/layers/mlp/up_proj"], scan.Stacked)
     # the start reproduces the base, and the residual equals the per-layer SVD's (sign-free)
     np.testing.assert_allclose(jpeft.apply(scanned, res1, ad1, ids), scanned.apply(p1, ids), atol=1e-5)
     assert _max_diff(scan.unstack_params(res1["params"]), res0["params"]) < 1e-5
-    # rebuilding the residual base from the original params is per layer: residual_params returned the
-    # original params unchanged for stacked sites (the wrong base, silently); it refuses them by name
-    with pytest.raises(jpeft.ConfigError, match="layer-scanned"):
-        jpeft.methods.pissa.residual_params(cfg, p1, ad1, "pissa")
-    assert _max_diff(jpeft.methods.pissa.residual_params(cfg, p0, ad0, "pissa")["params"], res0["params"]) < 1e-5
     # L2-SP on LoRA's effective update: the same penalty stacked or per layer
     moved = _trained_looking(ad1)
     want = l2sp_penalty(p0, scan.unstack_adapter(moved), scan.unstack_adapter(ad1), strength=2.0)
