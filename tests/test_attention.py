@@ -21,7 +21,7 @@ import jpeft
 import jpeft.data
 import jpeft.models
 from jpeft.hf import load_peft
-from jpeft.methods.prefix import PrefixTuningConfig
+from jpeft import PrefixTuningConfig
 from jpeft.models import _attention as A
 from jpeft.models import _layers as L
 

@@ -32,9 +32,9 @@ import jpeft  # noqa: E402
 import jpeft.models  # noqa: E402
 from jpeft import hf as H  # noqa: E402
 from jpeft.errors import BaseMismatchError, TargetNotFoundError, UnsupportedAdapterError  # noqa: E402
-from jpeft.methods.ia3 import IA3Config  # noqa: E402
-from jpeft.methods.prefix import PrefixTuningConfig  # noqa: E402
-from jpeft.methods.prompt import PromptTuningConfig  # noqa: E402
+from jpeft import IA3Config  # noqa: E402
+from jpeft import PrefixTuningConfig  # noqa: E402
+from jpeft import PromptTuningConfig  # noqa: E402
 
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip

@@ -14,7 +14,7 @@ import pytest
 import jpeft
 from jpeft import spectral
 from jpeft.errors import ConfigError
-from jpeft.methods.intruders import intruder_report, reduce_intruder_dimension
+from jpeft import intruder_report, reduce_intruder_dimension
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip

@@ -16,7 +16,7 @@ import pytest
 import jpeft
 import jpeft.models
 from jpeft.data import causal_lm_loss, causal_lm_loss_chunked
-from jpeft.methods.prefix import PrefixTuningConfig
+from jpeft import PrefixTuningConfig
 
 B, L, H, V = 3, 7, 8, 11
 K = jax.random.split(jax.random.key(0), 8)

@@ -18,9 +18,9 @@ import _models_tiny as tiny  # noqa: E402
 import jpeft  # noqa: E402
 import jpeft.models  # noqa: E402
 from jpeft.errors import ConfigError, UnsupportedAdapterError  # noqa: E402
-from jpeft.methods.loha import LoHaConfig  # noqa: E402
-from jpeft.methods.lokr import LoKrConfig  # noqa: E402
-from jpeft.methods.oft import OFTConfig  # noqa: E402
+from jpeft import LoHaConfig  # noqa: E402
+from jpeft import LoKrConfig  # noqa: E402
+from jpeft import OFTConfig  # noqa: E402
 
 torch = __import__("torch")
 peft = __import__("peft")

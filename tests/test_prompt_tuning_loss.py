@@ -14,7 +14,7 @@ import pytest
 
 import jpeft
 import jpeft.models
-from jpeft.methods.prompt import PromptWeights
+from jpeft import PromptWeights
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip

@@ -17,15 +17,15 @@ from flax import nnx
 import jpeft
 import jpeft.models
 from jpeft.models import llama_nnx
-from jpeft.methods.bottleneck import BottleneckConfig
-from jpeft.methods.ia3 import IA3Config
-from jpeft.methods.loha import LoHaConfig
-from jpeft.methods.lokr import LoKrConfig
-from jpeft.methods.ln_tuning import LNTuningConfig
-from jpeft.methods.oft import OFTConfig
-from jpeft.methods.pissa import init_olora, init_pissa
-from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, fold_prefix
-from jpeft.methods.prompt import PromptTuningConfig
+from jpeft import BottleneckConfig
+from jpeft import IA3Config
+from jpeft import LoHaConfig
+from jpeft import LoKrConfig
+from jpeft import LNTuningConfig
+from jpeft import OFTConfig
+from jpeft import init_olora, init_pissa
+from jpeft import PrefixTuningConfig, PrefixWeights, fold_prefix
+from jpeft import PromptTuningConfig
 
 CFG = jpeft.models.LlamaConfig(vocab_size=24, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
                                num_kv_heads=1, max_position_embeddings=32, initializer_range=0.3)
