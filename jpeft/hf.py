@@ -44,6 +44,7 @@ from jpeft.errors import (
     ConfigError,
     JpeftError,
     LoadError,
+    QuantizationError,
     SaveError,
     UnsafeFileError,
     UnsupportedAdapterError,
@@ -501,13 +502,22 @@ def load_peft_with_base(path: str, params, *, dtype=jnp.float32) -> tuple[Adapte
 
     Raises:
       as :func:`load_peft`; UnsupportedAdapterError also for a residual adapter on a
-      layer-scanned base (load it on ``scan_layers=False`` params, then stack).
+      layer-scanned base (load it on ``scan_layers=False`` params, then stack);
+      QuantizationError for a residual adapter on quantized params (the residual is taken from
+      the full-precision weights, as PEFT refuses its residual inits on a quantized layer: load
+      onto the float params, then quantize the residual returned).
     """
     config, adapter = _load(path, params, dtype)
     change = _base_change(config, adapter)
     if change is None:
         return config, params, adapter
     kind, base_of = change
+    if quant.has_quantized(params):
+        raise QuantizationError(
+            f"the adapter in {path!r} (init_lora_weights={kind!r}) applies to a residual base computed from the "
+            "full-precision weights, and these params are quantized; load it onto the full-precision params, then "
+            "quantize the residual params returned."
+        )
     if scan.is_stacked(adapter):
         raise UnsupportedAdapterError(
             f"the {kind} adapter in {path!r} needs its residual base computed per layer; load it on a base made with "

@@ -337,6 +337,9 @@ def test_converted_adapter_saves_for_peft_as_peft_converts(tmp_path):
         got = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()(**kw).logits
         assert float((want - base(**kw).logits).abs().max()) > 0.1
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    # the residual is taken from the full-precision weights: a quantized base is refused by name
+    with pytest.raises(jpeft.errors.QuantizationError, match="full-precision params, then quantize the residual"):
+        jpeft.hf.load_peft_with_base(str(tmp_path / "trained"), jpeft.quantize(params, "int8"))
 
 
 def test_residual_params_of_a_layer_scanned_adapter_is_refused_and_unrolled_matches():

@@ -28,11 +28,11 @@ from typing import NamedTuple, Optional
 import jax.numpy as jnp
 
 import jpeft
-from jpeft import hf, io, quant, scan
+from jpeft import hf, io, scan
 from jpeft.checkpoint import CheckpointManager, FORMAT
 from jpeft.cli._common import say
 from jpeft.config import AdapterConfig
-from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, QuantizationError, ShapeMismatchError
+from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, ShapeMismatchError
 from jpeft.io import read_json, verify_checksum
 
 ADAPTER_JSON = "jpeft_adapter.json"
@@ -216,16 +216,7 @@ def _load_adapter(path, params, model, example, base_config):
             config, adapter = io.load_adapter(found.path, params, model, *args, base_config=base_config,
                                               allow_base_mismatch=allow)
         return adapter, config, params
-    if found.kind == "peft":
-        kind = residual_kind(found.path)
-        if kind is not None and quant.has_quantized(params):
-            # the residual is W minus the initial factors of the full-precision W (as PEFT refuses its residual
-            # inits on a quantized layer); the commands compute it first and quantize the result
-            raise QuantizationError(
-                f"the PEFT adapter in {found.path!r} (init_lora_weights={kind!r}) applies to a residual base computed "
-                "from the full-precision weights, and this base is quantized; load the base in full precision, then "
-                "quantize the residual."
-            )
+    if found.kind == "peft":  # a residual (PiSSA/OLoRA) folder on a quantized base: QuantizationError there
         config, base, adapter = hf.load_peft_with_base(found.path, params)
         return adapter, config, base
     return _restore_checkpoint(found, params, model, args, base_config) + (params,)
