@@ -531,13 +531,13 @@ class Engine:
         ids = np.full((self.slots,), -1, np.int32)
         active = np.zeros((self.slots,), bool)
         seeds, steps = np.zeros((self.slots,), np.int32), np.zeros((self.slots,), np.int32)
-        temps, tails = np.zeros((self.slots,), np.float32), np.zeros((self.slots,), np.float32)
+        temps, top_ps = np.zeros((self.slots,), np.float32), np.ones((self.slots,), np.float64)  # idle: off
         for i, r in dec:
             tokens[i], active[i] = r.generated[-1], True
             ids[i] = -1 if r.adapter is None else bank.slot(r.adapter)
-            seeds[i], steps[i], temps[i], tails[i] = r.seed, len(r.generated), r.temperature, nucleus_tail(r.top_p)
+            seeds[i], steps[i], temps[i], top_ps[i] = r.seed, len(r.generated), r.temperature, r.top_p
         self._cache, tok = self._decode(self.params, bank.weights, bank.scales, self._cache, tokens, ids, active,
-                                        (seeds, steps, temps, tails))
+                                        (seeds, steps, temps, nucleus_tail(top_ps)))
         tok = np.asarray(tok)
         self._accept(dec, [int(tok[i]) for i, _ in dec])
         self.counters["decode_steps"] += 1
