@@ -318,6 +318,7 @@ def convert_residual_adapter(adapter, original_params, residual_params):
                 f"convert_residual_adapter: {name!r} is {jnp.result_type(a)}{list(jnp.shape(a))} in original_params but "
                 f"{jnp.result_type(b)}{list(jnp.shape(b))} in residual_params; give the params the residual init took "
                 "and the residual params it returned.")
+    for name, (_, a), (_, b) in zip(names, flat_o, flat_r):
         where = tuple(name.rsplit("/", 1)) if "/" in name else ("", name)
         if where not in sites and a is not b and not bool(jnp.array_equal(a, b)):
             raise InputValidationError(
