@@ -47,10 +47,12 @@ def register_config(cls):
     return cls
 
 
-def _refuse_unknown_keywords(cls, kwargs) -> None:
+def _refuse_unknown_keywords(cls, kwargs, where: str = "", what: str = "keyword") -> None:
     """Raises :class:`ConfigError` naming the keywords of ``kwargs`` that are no field of the config
     class ``cls`` (a typo such as ``rnak=4``, or a Hugging Face PEFT option the method does not have),
-    with the accepted names and the nearest one; Python's own error was a bare ``TypeError``."""
+    with the accepted names and the nearest one; Python's own error was a bare ``TypeError``.
+    :meth:`AdapterConfig.from_dict` names a dict's unknown keys here too (``where=".from_dict"``,
+    ``what="key"``)."""
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in kwargs if k not in fields]
     if not unknown:
@@ -69,9 +71,9 @@ def _refuse_unknown_keywords(cls, kwargs) -> None:
             if near:
                 notes.append(f"Did you mean {spelled[near[0]]!r} (not {k!r})?")
     raise ConfigError(
-        f"{cls.__name__} got unknown keyword{'s' if len(unknown) > 1 else ''} {unknown}; it accepts {accepted}."
+        f"{cls.__name__}{where} got unknown {what}{'s' if len(unknown) > 1 else ''} {unknown}; it accepts {accepted}."
         + "".join(" " + n for n in notes)
-        + " Remove unknown keywords or fix their spelling."
+        + f" Remove unknown {what}s or fix their spelling."
     )
 
 
@@ -206,12 +208,7 @@ class AdapterConfig:
                 "jpeft would not apply them, so training, merging and export would differ from PEFT's; remove them "
                 f"(or set them to PEFT's defaults: {({k: target._unsupported_hf_options[k][0] for k in unsupported})})."
             )
-        if unknown:
-            raise ConfigError(
-                f"{target.__name__}.from_dict got unknown keys {sorted(unknown)}; "
-                f"expected some of {sorted(target._hf_keys.get(n, n) for n in names)}. "
-                "Remove them or fix their spelling."
-            )
+        _refuse_unknown_keywords(target, dict.fromkeys(sorted(unknown)), ".from_dict", "key")
         return target(**kwargs)
 
     def to_json(self) -> str:
