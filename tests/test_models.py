@@ -838,3 +838,10 @@ def test_gpt2_token_type_ids_match_transformers_with_and_without_lora():
     lm, lp = M.from_pretrained(T.hf_model("llama2")[1])
     with pytest.raises(InputValidationError, match="no token type embeddings"):
         lm.apply(lp, jnp.asarray(ids), token_type_ids=jnp.asarray(tt))
+    # PEFT drops token types (with a warning) under prompt and prefix tuning on a causal LM: refused, not
+    # computed another way
+    for cfg, msg in ((jpeft.PromptTuningConfig(num_virtual_tokens=2), "prompt tuning: token_type_ids"),
+                     (jpeft.PrefixTuningConfig(num_virtual_tokens=2), "token_type_ids cannot be used with prefix")):
+        ad = jpeft.init(cfg, params, jax.random.key(1), model, jnp.asarray(ids))
+        with pytest.raises(InputValidationError, match=msg):
+            jpeft.apply(model, params, ad, jnp.asarray(ids), token_type_ids=jnp.asarray(tt))

@@ -161,7 +161,6 @@ class GPT2Model(nn.Module):
         """``token_type_ids`` (``[batch, seq]`` ids, as transformers' ``GPT2Model`` takes them) add
         ``wte(token_type_ids)`` to the embeddings: GPT-2 has no token type table of its own."""
         c = self.config
-        n_real = input_ids.shape[1] if input_ids is not None and input_ids.ndim == 2 else None
         hidden, attention_mask, position_ids, padded = L.decoder_inputs(
             input_ids, attention_mask, inputs_embeds, position_ids, cache, self.wte, "GPT2Model", segment_ids
         )
@@ -180,7 +179,7 @@ class GPT2Model(nn.Module):
                     "GPT2Model: token_type_ids cannot be used with prefix tuning (Hugging Face PEFT drops them there "
                     "with a warning, so the results would differ); pass no token_type_ids."
                 )
-            hidden = hidden + self._token_type_embeds(token_type_ids, hidden.shape[:2], n_real, attention_mask)
+            hidden = hidden + self._token_type_embeds(token_type_ids, hidden.shape[:2], attention_mask)
         hidden = hidden.astype(c.dtype)
         hidden = self.drop(hidden, deterministic=deterministic)
         mask, kv_valid = L.causal_mask(attention_mask, cache, segment_ids=segment_ids, padded=padded)
@@ -191,18 +190,12 @@ class GPT2Model(nn.Module):
         hidden, new_cache = L.run_unrolled(self.h, hidden, cache, kv_valid, call)
         return self.ln_f(hidden), new_cache
 
-    def _token_type_embeds(self, token_type_ids, shape, n_real, attention_mask):
+    def _token_type_embeds(self, token_type_ids, shape, attention_mask):
         """``wte(token_type_ids)``, as transformers adds it. Raises :class:`InputValidationError` for ids
-        that are not integers of the inputs' shape, are out of the vocabulary (concrete ids; the gather
-        would clamp them), or meet virtual tokens an input-site adapter prepended (prompt tuning)."""
+        that are not integers of the inputs' shape or are out of the vocabulary (concrete ids; the gather
+        would clamp them). Prompt tuning refuses token types on a causal LM before this is reached."""
         b, s = shape
         tt = token_type_ids
-        if n_real is not None and n_real != s:
-            raise InputValidationError(
-                f"GPT2Model: token_type_ids cannot be used with an adapter that prepends {s - n_real} virtual tokens "
-                "to the embeddings (prompt tuning); Hugging Face PEFT drops them with a warning there. Pass no "
-                "token_type_ids."
-            )
         if jnp.ndim(tt) != 2 or not jnp.issubdtype(jnp.asarray(tt).dtype, jnp.integer) \
                 or tt.shape[1] != s or tt.shape[0] not in (1, b):
             raise InputValidationError(
