@@ -117,6 +117,19 @@ def _with_default_targets(cls, d: dict, model_type: Optional[str]) -> dict:
     return dict(d, **defaults) if defaults else d
 
 
+def method_class(name) -> type:
+    """The config class of a method given by its CLI name (``lora``, ``LN-tuning``, ``IA3``, ...).
+
+    Raises:
+      ConfigError: no method has that name (the available ones are listed).
+    """
+    names = method_names()
+    cls = names.get(str(name).strip().lower().replace("-", "_"))
+    if cls is None:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(names))}.")
+    return cls
+
+
 def method_config(name: str, fields: Optional[Mapping[str, Any]] = None, *, model_type: Optional[str] = None):
     """Builds a method config from its name and fields (Hugging Face PEFT key names or jpeft
     field names both work). Without ``target_modules``, the Hugging Face PEFT default for
@@ -125,11 +138,7 @@ def method_config(name: str, fields: Optional[Mapping[str, Any]] = None, *, mode
     Raises:
       ConfigError: unknown method name or field.
     """
-    names = method_names()
-    key = str(name).strip().lower().replace("-", "_")
-    cls = names.get(key)
-    if cls is None:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(names))}.")
+    cls = method_class(name)
     return cls.from_dict(_with_default_targets(cls, dict(fields or {}), model_type))
 
 
@@ -147,11 +156,7 @@ def method_of(cfg, model_type=None) -> Any:
 
 def method_from_args(args, *, model_type: Optional[str] = None):
 
-    names = method_names()
-    key = str(args.method).strip().lower().replace("-", "_")
-    cls = names.get(key)
-    if cls is None:
-        raise ConfigError(f"unknown method {args.method!r}; available: {', '.join(sorted(names))}.")
+    cls = method_class(args.method)
     fields = {f.name for f in dataclasses.fields(cls)}
     d: dict[str, Any] = {}
     if args.rank is not None:

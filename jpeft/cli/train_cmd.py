@@ -8,7 +8,7 @@ import os
 from typing import Any, Mapping
 
 from jpeft import distributed
-from jpeft.cli._common import check_train_values, field_type, method_names, require_causal_lm, typed_value
+from jpeft.cli._common import check_train_values, field_type, method_class, require_causal_lm, typed_value
 from jpeft.cli._trainer import train
 from jpeft.errors import ConfigError, LoadError
 from jpeft.quant import SCHEMES
@@ -229,7 +229,10 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
             method_sets[parts[1]] = val
     if method_sets and isinstance(cfg.get("method"), dict):  # typed once the method (maybe set too) is known
         m = cfg["method"]
-        cls = method_names().get(str(m.get("name") or m.get("peft_type") or "lora").strip().lower().replace("-", "_"))
+        try:
+            cls = method_class(m.get("name") or m.get("peft_type") or "lora")
+        except ConfigError:  # an unknown method is named later, with the config's other checks
+            cls = None
         for k, val in method_sets.items():
             if cls is not None:
                 m[k] = typed_value(f"method.{k}", val, m[k], field_type(cls, k))
