@@ -130,16 +130,15 @@ def combine(
     >>> combine([t1, t2], [1.0, 1.0], "ties", density=0.5).tolist()
     [3.0, -2.0, -4.0, 0.0]
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown merge method {method!r}; choose one of {METHODS}.")
+    _check_method(method, density, key, "tensor")
     w = jnp.asarray(weights, jnp.float32)
     if w.ndim != 1 or w.shape[0] != len(tensors):
         raise ConfigError(f"got {len(tensors)} tensors but weights of shape {tuple(w.shape)}; give one weight per tensor.")
-    if method in _NEEDS_DENSITY and (not _is_number(density) or not 0.0 < float(density) <= 1.0):
-        raise ConfigError(f"method {method!r} needs density in (0, 1] (the fraction of each tensor's entries kept); "
-                          f"found {density!r}.")
-    if method.startswith("dare") and key is None:
-        raise ConfigError(f"method {method!r} drops entries at random; pass key=jax.random.key(...).")
+    return _combine(tensors, w, method, density, majority_sign, key)
+
+
+def _combine(tensors, w, method, density, majority_sign, key):
+    """:func:`combine` on checked inputs (``w``: the weights as a float32 vector)."""
     stacked = jnp.stack([jnp.asarray(t, jnp.float32) for t in tensors])
     if method in ("linear", "cat", "svd"):
         return _weighted(stacked, w).sum(axis=0)
@@ -166,9 +165,24 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def _validate(adapters, weights, method, density, majority_sign, key):
+def _check_method(method, density, key, what: str) -> None:
+    """The merge method's own arguments: a known method, ``density`` in (0, 1] where it prunes,
+    a ``jax.random`` key where it drops at random (``what``: the things merged, for the message)."""
     if method not in METHODS:
         raise ConfigError(f"unknown merge method {method!r}; choose one of {METHODS}.")
+    if method in _NEEDS_DENSITY and (not _is_number(density) or not 0.0 < float(density) <= 1.0):
+        raise ConfigError(f"method {method!r} needs density in (0, 1] (the fraction of each {what}'s entries kept); "
+                          f"found {density!r}.")
+    if method.startswith("dare"):
+        try:
+            jax.random.fold_in(key, 0)
+        except (TypeError, ValueError):
+            raise ConfigError(f"method {method!r} drops entries at random; pass key=jax.random.key(...), found "
+                              f"{type(key).__name__} {str(key)[:40]}.") from None
+
+
+def _validate(adapters, weights, method, density, majority_sign, key):
+    _check_method(method, density, key, "update")
     if isinstance(adapters, Mapping):
         raise ConfigError(
             "merging takes a list of adapters ([adapter_a, adapter_b, ...]); found a single dict. "
@@ -188,19 +202,8 @@ def _validate(adapters, weights, method, density, majority_sign, key):
     if not all(math.isfinite(w) for w in weights):
         raise ConfigError(f"weights must be finite numbers; found {weights} (a NaN or infinite weight makes every merged "
                           "weight NaN or infinite).")
-    if method in _NEEDS_DENSITY:
-        if not _is_number(density) or not (0.0 < float(density) <= 1.0):
-            raise ConfigError(
-                f"method {method!r} needs density in (0, 1] (the fraction of each update's entries kept); found {density!r}."
-            )
     if majority_sign not in _SIGN_METHODS:
         raise ConfigError(f"majority_sign must be one of {_SIGN_METHODS}, found {majority_sign!r}.")
-    if method.startswith("dare"):
-        try:
-            jax.random.fold_in(key, 0)
-        except (TypeError, ValueError):
-            raise ConfigError(f"method {method!r} drops entries at random; pass key=jax.random.key(...), found "
-                              f"{type(key).__name__} {str(key)[:40]}.") from None
     layouts: dict[str, Layout] = {}
     ties: dict[str, tuple] = {}  # path -> (first adapter, tied_output, tie_output)
     low: list[dict[str, LowRank]] = []
@@ -269,6 +272,7 @@ def merge_deltas(
       ShapeMismatchError: adapters made for different base models.
     """
     adapters, weights, sites = _validate(adapters, weights, method, density, majority_sign, key)
+    w = jnp.asarray(weights, jnp.float32)
     out = {}
     for path, site in sites.items():
         lay = site.layout
@@ -277,7 +281,7 @@ def merge_deltas(
         # each site's draws follow from its path, not from where it stands in the adapters' dicts (a jit, a
         # save/load or a site only some adapters have reorders them)
         k = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        out[path] = combine(deltas, weights, method, density=density, majority_sign=majority_sign, key=k)
+        out[path] = _combine(deltas, w, method, density, majority_sign, k)
     return out
 
 
