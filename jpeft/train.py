@@ -27,7 +27,7 @@ import optax
 
 from jpeft import quant
 from jpeft.errors import ConfigError, InputValidationError, QuantizationError
-from jpeft.methods.base import after_update, join_frozen, split_frozen
+from jpeft.methods.base import Site, after_update, join_frozen, split_frozen
 
 
 def _split_loss(out):
@@ -110,10 +110,6 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
 _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
 #: the parameters of a norm layer (flax names): a module holding ``scale`` and at most a ``bias``
 _NORM_LEAVES = {"scale", "bias"}
-#: the arrays of prefix tuning's projection MLP (``prefix = tanh(e w1 + b1) w2 + b2``): its biases
-#: are PEFT's ``transform.<i>.bias``. Only a node holding exactly these arrays has its ``b1``/``b2``
-#: left out: a user's own parameter named ``b1`` has no "bias" in its name, and the Trainer decays it
-_PREFIX_MLP_LEAVES = frozenset({"embedding", "w1", "b1", "w2", "b2"})
 
 
 def _key_name(k) -> str:
@@ -130,8 +126,8 @@ def decay_mask(tree) -> Any:
     (site path and field, ``/`` read as ``.``) contains ``bias``, ``layernorm`` or ``rmsnorm``,
     or has a ``norm`` or ``*_norm`` component, or when it belongs to a module whose arrays are a
     norm's (``scale`` and at most ``bias``: GPT-2's ``ln_1``, which the Trainer leaves out by
-    its type), or when it is ``b1`` / ``b2`` of prefix tuning's projection MLP (a node holding
-    ``embedding, w1, b1, w2, b2``; PEFT names them ``transform.<i>.bias``). Pass it as
+    its type), or when its adapter node names it in ``no_decay`` (prefix tuning's projection
+    MLP's ``b1`` / ``b2``, PEFT's ``transform.<i>.bias``). Pass it as
     ``optax.adamw(..., mask=jpeft.train.decay_mask)``; ``jpeft train`` does.
 
     >>> import jax, jax.numpy as jnp, jpeft
@@ -142,6 +138,9 @@ def decay_mask(tree) -> Any:
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     names = [[n for n in (_key_name(k) for k in path) if n] for path, _ in flat]
+    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Site))[0]
+    named = {tuple(n for n in (_key_name(k) for k in path) if n) + (field,)
+            for path, node in nodes if isinstance(node, Site) for field in node.no_decay}
     siblings: dict = {}
     for parts in names:
         siblings.setdefault(tuple(parts[:-1]), set()).add(parts[-1] if parts else "")
@@ -150,9 +149,9 @@ def decay_mask(tree) -> Any:
         dotted = ".".join(q for p in parts for q in p.split("/") if q).lower()
         if _NO_DECAY.search(dotted):
             return False
-        leaves = siblings[tuple(parts[:-1])]
-        if leaves == _PREFIX_MLP_LEAVES and parts[-1] in ("b1", "b2"):
+        if tuple(parts) in named:
             return False
+        leaves = siblings[tuple(parts[:-1])]
         return not ("scale" in leaves and leaves <= _NORM_LEAVES)
 
     return jax.tree_util.tree_unflatten(treedef, [decays(parts) for parts in names])

@@ -86,15 +86,22 @@ def test_decay_mask_leaves_out_prefix_projection_biases_as_the_hf_trainer(family
 
 
 def test_decay_mask_decays_a_users_own_parameter_named_b1():
-    """Only prefix tuning's projection MLP has its b1/b2 left out: a user's own module trained in
-    full (modules_to_save) with parameters w1, b1 is decayed as the Trainer decays ``mine.b1``
-    (no "bias" in its name)."""
+    """Only prefix tuning's projection MLP has its b1/b2 left out (its node's ``no_decay``): a
+    user's own module trained in full (modules_to_save) with parameters w1, b1 -- even one holding
+    the same names as the projection MLP -- is decayed as the Trainer decays ``mine.b1`` (no
+    "bias" in its name)."""
+    _, params = jpeft.models.from_pretrained(mt.hf_model("llama2")[1])
+    cfg = jpeft.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=4)
+    node = jpeft.trainable(jpeft.init(cfg, params, jax.random.key(0)))[""]
     tree = {"mine": {"params": {"w1": jnp.ones((2, 2)), "b1": jnp.ones(2)}},
-            "prefix": {"embedding": jnp.ones((2, 2)), "w1": jnp.ones((2, 2)), "b1": jnp.ones(2),
-                       "w2": jnp.ones((2, 2)), "b2": jnp.ones(2)}}
+            "look_alike": {"embedding": jnp.ones((2, 2)), "w1": jnp.ones((2, 2)), "b1": jnp.ones(2),
+                           "w2": jnp.ones((2, 2)), "b2": jnp.ones(2)},
+            "prefix": node}
     m = decay_mask(tree)
     assert m["mine"]["params"] == {"w1": True, "b1": True}
-    assert m["prefix"] == {"embedding": True, "w1": True, "b1": False, "w2": True, "b2": False}
+    assert all(jax.tree.leaves(m["look_alike"]))
+    assert (m["prefix"].embedding, m["prefix"].w1, m["prefix"].b1, m["prefix"].w2, m["prefix"].b2) == (
+        True, True, False, True, False)
 
 
 def test_jpeft_train_optimizer_decays_weights_only():

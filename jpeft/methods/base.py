@@ -227,6 +227,10 @@ class Site:
     #: names of the node's array fields that are saved and loaded with the adapter but never
     #: trained (no gradient, no optimizer state, not counted as trainable); see :func:`split_frozen`.
     frozen: ClassVar[tuple] = ()
+    #: names of the node's array fields that transformers' ``Trainer`` leaves out of weight decay
+    #: although their names say nothing of it (they are biases under PEFT's names);
+    #: :func:`jpeft.train.decay_mask` reads it.
+    no_decay: ClassVar[tuple] = ()
 
     def handles(self, method_name: str) -> bool:
         return method_name in self.methods

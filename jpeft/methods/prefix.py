@@ -253,6 +253,7 @@ class PrefixMLPWeights(_PrefixBase):
     """Reparameterised prefixes: ``embedding: [T, token_dim]`` through
     ``tanh(e @ w1 + b1) @ w2 + b2`` (``w1: [token_dim, hidden]``, ``w2: [hidden, L*2*token_dim]``)."""
 
+    no_decay = ("b1", "b2")  # PEFT's transform.0.bias / transform.2.bias
     embedding: jax.Array
     w1: jax.Array
     b1: jax.Array
