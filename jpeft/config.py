@@ -53,11 +53,11 @@ def _refuse_unknown_keywords(cls, kwargs, where: str = "", what: str = "keyword"
     with the accepted names and the nearest one; Python's own error was a bare ``TypeError``.
     :meth:`AdapterConfig.from_dict` names a dict's unknown keys here too (``where=".from_dict"``,
     ``what="key"``)."""
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in kwargs if k not in fields]
     if not unknown:
         return
-    accepted = sorted(set(fields) | {cls._hf_keys.get(n, n) for n in fields})
+    accepted = sorted(cls.key_names())
     notes = []
     for k in unknown:
         if k in cls._unsupported_hf_options:
@@ -125,6 +125,24 @@ class AdapterConfig:
         "velora_config": (None,),
     }
 
+    @classmethod
+    def field_of(cls, key: str) -> str:
+        """The field that ``key`` names: ``key`` itself, or the field whose Hugging Face PEFT
+        name it is (``LoraConfig.field_of("lora_alpha") == "alpha"``)."""
+        return {hf: name for name, hf in cls._hf_keys.items()}.get(key, key)
+
+    @classmethod
+    def key_names(cls) -> frozenset:
+        """The names that set a field: every field's name and its Hugging Face PEFT name."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return frozenset(fields | {cls._hf_keys.get(n, n) for n in fields})
+
+    @classmethod
+    def known_hf_keys(cls) -> frozenset:
+        """Every ``adapter_config.json`` key jpeft reads (:meth:`key_names`), ignores as harmless or
+        refuses (PEFT options jpeft does not implement) for this method."""
+        return cls.key_names() | cls._ignored_hf_keys | set(cls._unsupported_hf_options) | {"peft_type"}
+
     @property
     def extra_positions(self) -> int:
         """Positions the method puts before every row's tokens (prefix and prompt tuning's
@@ -182,11 +200,10 @@ class AdapterConfig:
                     "Check the adapter_config.json, or use the config class of the method directly."
                 )
             target = _REGISTRY[ptype]
-        inv = {v: k for k, v in target._hf_keys.items()}
         names = {f.name for f in dataclasses.fields(target)}
         kwargs, unknown, unsupported, given_as = {}, [], {}, {}
         for k, v in d.items():
-            name = inv.get(k, k)
+            name = target.field_of(k)
             if name in names:
                 if name in given_as:  # `alpha` and `lora_alpha`: one value would be dropped silently
                     raise ConfigError(

@@ -22,7 +22,6 @@ method: LoRA's format (with rsLoRA, rank_pattern, alpha_pattern, DoRA, and GPT-2
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -397,19 +396,12 @@ def _warn_unknown_keys(config_cls, d: Mapping[str, Any], path: str) -> None:
     a config field, nor an option it ignores as harmless or refuses): most likely an option of a
     newer PEFT, which jpeft cannot apply and which may change the adapter's outputs. Every key
     the installed PEFT writes is known (tests/test_methods_hf.py)."""
-    known = set(known_peft_keys(config_cls))
+    known = config_cls.known_hf_keys()
     unknown = sorted(k for k in d if k not in known)
     if unknown:
         warnings.warn(f"the adapter in {path!r} has adapter_config.json keys jpeft does not know for "
                       f"{config_cls.peft_type}: {unknown[:8]} (from a newer PEFT?). jpeft ignores them; if they change "
                       "what the adapter computes, jpeft's outputs differ from PEFT's.", UserWarning, stacklevel=4)
-
-
-def known_peft_keys(config_cls) -> frozenset:
-    """Every ``adapter_config.json`` key jpeft reads, ignores as harmless or refuses for a method."""
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    return frozenset(fields | {config_cls._hf_keys.get(n, n) for n in fields} | set(config_cls._ignored_hf_keys)
-                     | set(config_cls._unsupported_hf_options) | {"peft_type"})
 
 
 def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:

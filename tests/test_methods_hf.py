@@ -297,7 +297,6 @@ def test_every_key_the_installed_peft_writes_is_known_and_an_unknown_one_warns(t
     import warnings
 
     from jpeft.config import registered_configs
-    from jpeft.hf import known_peft_keys
 
     made = {"LORA": peft.LoraConfig(), "IA3": peft.IA3Config(), "LOHA": peft.LoHaConfig(), "LOKR": peft.LoKrConfig(),
             "ADALORA": peft.AdaLoraConfig(total_step=10), "VERA": peft.VeraConfig(),
@@ -306,7 +305,7 @@ def test_every_key_the_installed_peft_writes_is_known_and_an_unknown_one_warns(t
             "PROMPT_TUNING": peft.PromptTuningConfig(num_virtual_tokens=2)}
     reg = registered_configs()
     for ptype, cfg in made.items():
-        assert set(cfg.to_dict()) <= known_peft_keys(reg[ptype]), (ptype, set(cfg.to_dict()) - known_peft_keys(reg[ptype]))
+        assert set(cfg.to_dict()) <= reg[ptype].known_hf_keys(), (ptype, set(cfg.to_dict()) - reg[ptype].known_hf_keys())
     hf, _ = tiny.hf_model("mistral")
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     pm.save_pretrained(str(tmp_path))

@@ -48,7 +48,7 @@ def field_type(cls, name: str) -> Optional[str]:
     """The declared type of the config field ``name`` (or its Hugging Face name, ``lora_alpha``)
     of the config dataclass ``cls`` as the source writes it (``"str"``, ``"Optional[int]"``,
     ``"float"``, ...), or ``None`` when ``cls`` has no such field."""
-    name = {v: k for k, v in getattr(cls, "_hf_keys", {}).items()}.get(name, name)
+    name = cls.field_of(name)
     for f in dataclasses.fields(cls):
         if f.name == name:
             return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))

@@ -289,7 +289,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules, "
             "layers_to_transform/layers_pattern, lora_bias, modules_to_save, trainable_token_indices and bias."
         )
-    hf_keys = {LoraConfig._hf_keys.get(n, n) for n in fields}
+    hf_keys = LoraConfig.key_names()
     kept = {k: v for k, v in d.items() if k in hf_keys}
     # a file without lora_alpha (written by hand: PEFT writes every field) means PEFT's default, 8, not
     # LoraConfig's 16 (which would scale every update 2x); r and the other defaults are PEFT's
