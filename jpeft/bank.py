@@ -167,6 +167,8 @@ class BankedLora(Site):
                 "input. Pass one adapter id per example, and keep the batch axis first (do not fold batch and "
                 "sequence into one axis before an adapted projection)."
             )
+        if nb == 0:  # an empty batch: nothing to route (the reshapes below cannot infer a size from 0 rows)
+            return y
         n = self.lora_A.shape[0]
         dt = y.dtype
         if self.strategy == "pregather":  # factors already one per row (see route)
@@ -477,9 +479,15 @@ class AdapterBank:
             "or route the example to the bare base with None (id -1)."
         )
 
-    def ids(self, names: Sequence[Optional[str]]) -> jax.Array:
-        """Slot ids for a batch of adapter names (``None`` -> ``-1``, the bare base)."""
-        return jnp.asarray([-1 if n is None else self.slot(n) for n in names], jnp.int32)
+    def ids(self, names: Sequence[Union[str, int, None]]) -> jax.Array:
+        """Slot ids for a batch of adapter names (``None`` -> ``-1``, the bare base); an integer
+        entry is already a slot id and is kept (``[1, None, "a"]``)."""
+        def slot_id(n):
+            if isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)):
+                return int(n)
+            return -1 if n is None else self.slot(n)
+
+        return jnp.asarray([slot_id(n) for n in names], jnp.int32)
 
     def get(self, name: str) -> dict:
         """The adapter ``name`` as a plain LoRA adapter at its own rank (padding removed)."""
@@ -516,8 +524,10 @@ class AdapterBank:
             concrete) a slot outside ``[-1, capacity)``.
           UnknownAdapterError: (concrete ids) a slot that holds no adapter, or an unknown name.
         """
+        if isinstance(adapter_ids, np.ndarray) and adapter_ids.dtype.kind in "USO":  # names as a numpy array
+            adapter_ids = adapter_ids.tolist()
         if isinstance(adapter_ids, (list, tuple)) and any(isinstance(n, str) or n is None for n in adapter_ids):
-            adapter_ids = self.ids(adapter_ids)
+            adapter_ids = self.ids(adapter_ids)  # names, None (the base) and slot ids, mixed: [1, None] is slot 1
         ids = jnp.asarray(adapter_ids)
         if not isinstance(ids, jax.core.Tracer) and ids.ndim == 1 and jnp.issubdtype(ids.dtype, jnp.integer):
             host = np.asarray(ids)

@@ -319,3 +319,18 @@ def test_weights_are_a_trainable_pytree_of_floats_only():
     assert bank.weights["mlp"].lora_A.shape == (4, 8, 4) and bank.weights["mlp"].lora_B.shape == (4, 4, 8)
     assert bank.weights["embed"].lora_A.shape == (4, 11, 4)
     np.testing.assert_allclose(bank.scales["o_proj"], [3.0, 6.0 / 2.0, 0.0, 0.0])  # r1: 3/1; r4 (rsLoRA): 6/sqrt(4); r2 lacks o_proj
+
+
+def test_route_takes_mixed_slots_and_names_numpy_names_and_an_empty_batch():
+    model = nn.Dense(4)
+    x = jnp.ones((3, 5))
+    params = model.init(jax.random.key(0), x)
+    cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="random")
+    a, b = (jpeft.init(cfg, params, jax.random.key(i)) for i in (1, 2))
+    bank = AdapterBank.from_adapters({"a": a, "b": b}, capacity=3)
+    want = jpeft.apply(model, params, bank.route(jnp.asarray([1, -1, 0])), x)
+    # [1, None, "a"] is slot 1, the base and adapter "a" (a bare 1 was looked up as a name)
+    np.testing.assert_array_equal(jpeft.apply(model, params, bank.route([1, None, "a"]), x), want)
+    np.testing.assert_array_equal(jpeft.apply(model, params, bank.route(np.array(["b", "a", "a"])), x)[0], want[0])
+    # an empty batch routes nothing (was a ZeroDivisionError from a reshape)
+    assert jpeft.apply(model, params, bank.route(jnp.zeros((0,), jnp.int32)), x[:0]).shape == (0, 4)
