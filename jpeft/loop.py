@@ -331,7 +331,8 @@ def fit(
       handle_interrupt: catch Ctrl-C (SIGINT): finish the running step, save it
         (``save_last``) and return with ``interrupted=True``; a second Ctrl-C aborts.
       forgetting: a :class:`jpeft.ForgettingGuard`: canary loss rise and KL from the base
-        measured at the start and every ``forgetting.every`` steps (and at ``total_steps``),
+        measured at the start and every ``forgetting.every`` steps (and at ``total_steps``; without
+        ``total_steps`` and ``num_steps``, at the last step, when the batches end),
         logged (``canary_loss``, ``canary_loss_rise``, ``canary_kl``) and shown in the
         progress bar. Over budget, ``"stop"`` ends the run and returns the state of the last
         within-budget check (no ``save_last`` checkpoint of the over-budget state);
@@ -400,6 +401,21 @@ def fit(
         if bar is not None:
             bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
 
+    def canary_check(step):
+        """The forgetting guard's check at ``step``; over budget, the state it returns replaces the run's."""
+        nonlocal canary, adapter, opt_state
+        canary, decision, kept = forgetting.check(params, adapter, opt_state, step)
+        if log is not None:
+            log({"step": step, **canary, **({} if decision == "ok" else {"canary_action": decision})})
+        if decision != "ok":
+            adapter, opt_state = kept
+            msg = f"jpeft: forgetting guard: {forgetting.message}"
+            if bar is not None:
+                bar.write(msg, file=sys.stderr)
+            else:
+                _stderr(msg)
+        return decision
+
     heap = _hostmem.StepHeap()
     try:
         with _Interrupt(handle_interrupt) as intr:
@@ -452,16 +468,7 @@ def fit(
                 other_work = ran == 1  # the first step compiled
                 if forgetting is not None and not skipped and forgetting.due(step, total_steps):
                     other_work = True
-                    canary, decision, kept = forgetting.check(params, adapter, opt_state, step)
-                    if log is not None:
-                        log({"step": step, **canary, **({} if decision == "ok" else {"canary_action": decision})})
-                    if decision != "ok":
-                        adapter, opt_state = kept
-                        msg = f"jpeft: forgetting guard: {forgetting.message}"
-                        if bar is not None:
-                            bar.write(msg, file=sys.stderr)
-                        else:
-                            _stderr(msg)
+                    decision = canary_check(step)
                 if eval_fn is not None and not skipped and ((eval_every and step % eval_every == 0) or step == total_steps):
                     evaluate(step)  # after the guard: of the state that is kept
                     other_work = True
@@ -494,6 +501,13 @@ def fit(
         if ran == 0 and not interrupted:
             raise InputValidationError("batches yielded no batch: expected at least one. Check the data source and its filters.")
         guard.check_finished(step)
+        if (forgetting is not None and total_steps is None and ran and not interrupted
+                and not forgetting.report["stopped"] and forgetting.report["checks"][-1]["step"] != step):
+            # no total_steps (nor num_steps): the run ends with its batches, so its last step is checked as
+            # total_steps would be; over budget the kept state is returned (a rollback has no batch left).
+            # (With total_steps, batches that end first leave a run that a later call continues.)
+            if canary_check(step) != "ok" and eval_fn is not None and last_eval is not None:
+                evaluate(step)  # of the state that is returned
         stopped = forgetting is not None and forgetting.report["stopped"]
         if checkpoint is not None and save_last and ran and not stopped and step not in checkpoint.all_steps():
             checkpoint.save(step, adapter, opt_state, key, data_position=pos,

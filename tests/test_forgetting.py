@@ -435,6 +435,9 @@ def test_reservoir_fill_sample_and_mix():
         replay.mix_batch({"x": jnp.zeros((4, 2)), "y": jnp.zeros((4,), jnp.int32)}, buf, 0.125, jax.random.key(1))
     with pytest.raises(ConfigError, match=r"replay ratio must be in \[0, 1\)"):
         replay.mix_batch(batch, buf, 1.0, jax.random.key(1))
+    # a share below 1 that rounds to the whole batch would train on old examples only: refused
+    with pytest.raises(ConfigError, match=r"rounds to all 4 rows.*at most 0.75 \(3 rows of 4\)"):
+        replay.mix_batch({"x": jnp.zeros((4, 2)), "y": jnp.zeros((4,), jnp.int32)}, buf, 0.9, jax.random.key(1))
     with pytest.raises(InputValidationError, match="buffer is empty"):
         replay.reservoir_sample(replay.reservoir_init(jnp.zeros(()), 3), 2, jax.random.key(0))
 

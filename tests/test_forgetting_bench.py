@@ -64,6 +64,27 @@ def test_split_digits_task_incremental_miniature(tmp_path):
     assert lora["trainable"] < res["methods"]["naive"]["seeds"]["0"]["trainable"]
 
 
+def test_an_interrupted_plot_leaves_the_previous_png_not_half_a_file(tmp_path, monkeypatch):
+    # the results' files are written through renamed temporaries; the PNGs went straight to their names
+    import matplotlib.figure
+
+    bench = SplitDigits("class", steps_per_task=1, batch_size=4, hidden=(8,), num_tasks=2)
+    experiment.run(bench, [experiment.MethodSpec("naive")], seeds=[0], out_dir=str(tmp_path), progress=False, log=None)
+    png = tmp_path / "forgetting_split-digits-class_tradeoff.png"
+    before = png.read_bytes()
+
+    def interrupted(fig, target, **kw):  # Ctrl-C after the first bytes of the picture were written
+        (open(target, "wb") if isinstance(target, (str, os.PathLike)) else target).write(before[:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.plot(json.load(open(tmp_path / "scores.json")), str(tmp_path))
+    assert png.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == sorted(list(ARTIFACTS) + [f"forgetting_split-digits-class_{k}.png"
+                                                                     for k in ("tradeoff", "matrices")])
+
+
 def test_split_digits_class_incremental_two_seeds(tmp_path):
     bench = SplitDigits("class", steps_per_task=2, batch_size=8, hidden=(16,))
     methods = [m for m in bench.default_methods() if m.name in ("naive", "replay")]
@@ -295,6 +316,10 @@ def test_replay_share_rounding_to_no_row_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"rounds to 0"):
         SW.sweep(bench, [fam], seeds=[0], out_dir=str(tmp_path / "sweep"), progress=False, plots=False, log=None)
     assert not (tmp_path / "sweep").exists()
+    whole = experiment.MethodSpec("replay", full, replay=0.8, replay_capacity=4)  # 0.8 of 2 rounds to 2 of 2
+    with pytest.raises(ConfigError, match=r"0.8 of a batch of 2 rounds to all 2 rows"):
+        experiment.run(bench, [whole], seeds=[0], out_dir=str(out), progress=False, plots=False, log=None)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("field", [{"ewc": 1e6}, {"replay": 0.5}])

@@ -143,6 +143,42 @@ def test_rollback_restores_the_kept_state_lowers_the_lr_and_continues_exactly(se
     assert final["loss_rise"] <= budget
 
 
+def test_the_last_step_is_checked_when_the_batches_end_without_total_steps(setup, rises):
+    # the documented call has no num_steps: the run ends with its batches, and the state it returns must be
+    # checked as at total_steps (it used to come back unchecked, over budget, with stopped False)
+    params, adapter, opt, step, key = setup
+    budget, bad, good = _budget(rises)
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=budget, every=good, action="stop")
+    res = jpeft.fit(step, params, adapter, opt.init(adapter), list(_skewed(0, bad)), key=key, forgetting=guard)
+    rep = res.forgetting
+    assert [c["step"] for c in rep["checks"]] == [0, good, bad]
+    assert rep["stopped"] and rep["kept_step"] == good and res.step == bad
+    assert _equal(res.adapter, rises[good][2]) and _equal(res.opt_state, rises[good][3])
+    within = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=1e3, every=good, action="rollback")
+    res = jpeft.fit(step, params, adapter, opt.init(adapter), list(_skewed(0, bad)), key=key, forgetting=within)
+    assert [c["step"] for c in res.forgetting["checks"]] == [0, good, bad] and res.forgetting["kept_step"] == bad
+    assert not res.forgetting["stopped"] and _equal(res.adapter, rises[bad][2])
+
+
+def test_a_residual_base_run_compares_the_canary_with_the_original_base(setup):
+    # PiSSA & co. train on the residual base: logits_fn(residual, None) is not the base model, so an adapter that
+    # has not changed the model yet read as a loss rise and KL above 0 (measured against the residual model)
+    params, _, _, _, key = setup
+    residual, adapter = jpeft.init_pissa(jpeft.LoraConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj", "lm_head"]),
+                                         params, jax.random.key(0))
+    opt = optax.chain(optax.adam(1e-3), jpeft.lr_scale())
+    step = jpeft.make_train_step(C.loss_fn(), opt, donate=False)
+    args = (step, residual, adapter, opt.init(adapter), [C.batch(i) for i in range(2)])
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_kl=1e3, every=EVERY)
+    with pytest.raises(ConfigError, match=r"residual base \(pissa init\).*base_params="):
+        jpeft.fit(*args, key=key, forgetting=guard)
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_kl=1e3, every=EVERY, base_params=params)
+    first = jpeft.fit(*args, key=key, forgetting=guard).forgetting["checks"][0]
+    assert first["canary_loss_rise"] == pytest.approx(0.0, abs=1e-5) and first["canary_kl"] == pytest.approx(0.0, abs=1e-6)
+    wrong = canary_stats(_logits_fn(), residual, adapter, _canary())  # what the guard measured before
+    assert wrong["kl_mean"] > 1e-3
+
+
 def test_guard_arguments_are_checked(setup):
     params, adapter, _, _, key = setup
     make = lambda **kw: jpeft.ForgettingGuard(_canary(), _logits_fn(), **{"max_loss_rise": 0.1, **kw})

@@ -684,9 +684,14 @@ def check_seeds(seeds, what: str) -> list:
 
 def check_replay(bench: Benchmark, specs) -> None:
     """Refuses, before anything is trained, a replay share that rounds to no row of the
-    benchmark's batch (:func:`jpeft.forgetting.replay.mix_batch` would refuse it only at the
+    benchmark's batch, or to all of them (no example of the task being trained), (:func:`jpeft.forgetting.replay.mix_batch` would refuse it only at the
     first batch of the second trained task, after the earlier runs)."""
     for spec in specs:
+        if spec.replay and int(round(spec.replay * bench.batch_size)) == bench.batch_size:
+            raise ConfigError(
+                f"MethodSpec {spec.name!r}: replay {spec.replay:g} of a batch of {bench.batch_size} rounds to all "
+                f"{bench.batch_size} rows, so no example of the task being trained would reach a step; use a smaller "
+                "replay share or a larger batch size.")
         if spec.replay and int(round(spec.replay * bench.batch_size)) == 0:
             raise ConfigError(
                 f"MethodSpec {spec.name!r}: replay {spec.replay:g} of a batch of {bench.batch_size} rounds to 0 replayed "
@@ -782,6 +787,14 @@ def forgetting_unit(tasks, score) -> str:
     return f": mean rise in the {score} of {', '.join(tasks[:-1])}"
 
 
+def save_png(fig, path) -> None:
+    """``fig`` as a PNG at ``path`` through a renamed temporary (:func:`jpeft.io.atomic_write`), so an
+    interrupted write leaves the previous file, never half a picture."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(path, buf.getvalue())
+
+
 def plot(results: dict, out_dir) -> list:
     """Writes the learning-vs-forgetting plot and the score-matrix heat maps; returns the paths."""
     import matplotlib
@@ -813,7 +826,7 @@ def plot(results: dict, out_dir) -> list:
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     p = os.path.join(out_dir, f"forgetting_{bname}_tradeoff.png")
-    fig.savefig(p, dpi=110)
+    save_png(fig, p)
     plt.close(fig)
     paths.append(p)
     # 2. score matrices
@@ -846,7 +859,7 @@ def plot(results: dict, out_dir) -> list:
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=results["score"])
     fig.suptitle(f"{bname}: score matrix R[i, j] (mean over seeds)", fontsize=10)
     p = os.path.join(out_dir, f"forgetting_{bname}_matrices.png")
-    fig.savefig(p, dpi=110)
+    save_png(fig, p)
     plt.close(fig)
     paths.append(p)
     return paths

@@ -91,6 +91,14 @@ def scale_lr(opt_state, factor: float):
     return jax.tree.map(one, opt_state, is_leaf=_is_scale_state)
 
 
+def _residual_marks(adapter) -> list:
+    """The residual-base inits the adapter's sites are marked with (``jpeft.init_pissa`` & co.)."""
+    if not isinstance(adapter, dict):
+        return []
+    marks = (getattr(getattr(n, "inner", n), "residual", None) for n in adapter.values())
+    return sorted({str(m) for m in marks if isinstance(m, str)})
+
+
 def _copy(tree):
     return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
 
@@ -152,6 +160,11 @@ class ForgettingGuard:
       action: ``"stop"`` or ``"rollback"`` (needs :func:`lr_scale` in the optimizer).
       lr_factor: the learning-rate multiplier of a rollback, in (0, 1).
       max_rollbacks: rollbacks allowed before a crossing stops the run.
+      base_params: the params of the model the canary is compared with (``logits_fn(base_params,
+        None, batch)``); default: the params :func:`jpeft.fit` trains on. Give the original base
+        when those are a residual base (:func:`jpeft.init_pissa`, ``init_olora``, ``init_milora``,
+        ``init_corda``), whose model without the adapter is not the base; an adapter marked as
+        relative to a residual base is refused without it.
 
     After the run, :attr:`report` holds ``checks`` (one dict per check), ``events`` (each
     rollback or stop), ``kept_step`` (the step of the state returned on a stop), ``stopped``
@@ -160,7 +173,7 @@ class ForgettingGuard:
 
     def __init__(self, canary, logits_fn: Callable, *, max_loss_rise: Optional[float] = None,
                  max_kl: Optional[float] = None, every: int = 100, action: str = "stop", lr_factor: float = 0.5,
-                 max_rollbacks: int = 3):
+                 max_rollbacks: int = 3, base_params=None):
         self.canary = list(canary)
         if not self.canary:
             raise InputValidationError("the forgetting guard got no canary batch; expected at least one batch of "
@@ -199,6 +212,7 @@ class ForgettingGuard:
         self.max_kl = None if max_kl is None else float(max_kl)
         self.every, self.action = every, action
         self.lr_factor, self.max_rollbacks = float(lr_factor), max_rollbacks
+        self.base_params = base_params
         self._base_logits = None
         self._kept: Optional[tuple] = None
         self.report: dict = {}
@@ -235,12 +249,23 @@ class ForgettingGuard:
         its last check (nothing is measured).
 
         Raises:
-          ConfigError: ``action="rollback"`` without :func:`lr_scale` in the optimizer, or a
-            starting adapter already over the budget (it would be kept as the state within budget)."""
+          ConfigError: ``action="rollback"`` without :func:`lr_scale` in the optimizer, a
+            starting adapter already over the budget (it would be kept as the state within budget),
+            or an adapter relative to a residual base without ``base_params``."""
         if self.action == "rollback" and current_lr_scale(opt_state) is None:
             raise ConfigError("action='rollback' lowers the learning rate through jpeft.lr_scale(), but the optimizer "
                               "has no such stage; build it as optax.chain(..., jpeft.lr_scale()), or use action='stop'.")
-        self._base_logits = [self.logits_fn(params, None, b) for b in self.canary]
+        marks = _residual_marks(adapter)
+        if marks and self.base_params is None:
+            # params is then the residual base (the base minus the initial adapter): its model without the adapter
+            # is not the base, and every check would measure the distance to that model instead
+            raise ConfigError(
+                f"the forgetting guard's adapter is relative to a residual base ({', '.join(marks)} init), so the "
+                "params fit trains on are that residual, and logits_fn(params, None, batch) is not the base model "
+                "the canary must be compared with. Pass the original base params as ForgettingGuard(..., "
+                "base_params=...).")
+        ref = params if self.base_params is None else self.base_params
+        self._base_logits = [self.logits_fn(ref, None, b) for b in self.canary]
         if resumed is not None:
             return self._resume(resumed, step)
         m = self.measure(params, adapter)

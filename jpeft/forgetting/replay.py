@@ -119,7 +119,8 @@ def mix_batch(batch, buffer: ReservoirBuffer, ratio: float, key):
       batch: pytree of arrays with a leading example axis ``B``.
       buffer: a :class:`ReservoirBuffer` with the same per-example structure.
       ratio: share of each batch taken from the buffer, in ``[0, 1)``; a ratio above 0 that
-        rounds to no row of this batch is refused (``ConfigError``).
+        rounds to no row of this batch, or one that rounds to every row (no example of the current
+        task left), is refused (``ConfigError``).
       key: ``jax.random`` key.
     """
     if not (0.0 <= float(ratio) < 1.0):
@@ -131,6 +132,11 @@ def mix_batch(batch, buffer: ReservoirBuffer, ratio: float, key):
             f"replay ratio {ratio} of a batch of {B} rounds to 0 replayed rows, so nothing would be replayed; use a "
             f"ratio of at least {1 / B:.3g} (one row in {B}) or a larger batch, or 0 to turn replay off."
         )
+    if k == B:
+        raise ConfigError(
+            f"replay ratio {ratio} of a batch of {B} rounds to all {B} rows, so the batch would hold no example of the "
+            f"current task; use a ratio of at most {(B - 1) / B:.6g} ({B - 1} rows of {B}) or a larger "
+            "batch.")
     if k == 0 or int(buffer.size) == 0:
         return batch
     old = reservoir_sample(buffer, k, key)

@@ -46,7 +46,7 @@ from jpeft import spectral
 from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.forgetting import stats as S
 from jpeft.forgetting.experiment import (Benchmark, MethodSpec, check_out_dir, check_replay, check_seeds,
-                                         forgetting_unit, get_benchmark, run_one)
+                                         forgetting_unit, get_benchmark, run_one, save_png)
 from jpeft.io import atomic_write
 
 __all__ = ["SweepSpec", "sweep", "combine", "write", "report", "budget", "analyse", "plot_sweep", "STRENGTHS"]
@@ -578,6 +578,6 @@ def plot_sweep(results: dict, out_dir) -> str:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     p = os.path.join(out_dir, f"sweep_{results['benchmark']}_pareto.png")
-    fig.savefig(p, dpi=110)
+    save_png(fig, p)
     plt.close(fig)
     return p
