@@ -51,7 +51,7 @@ from jpeft.errors import (
 from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
 from jpeft.methods.base import Method, method_for_peft_type, registered_methods
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys, peft_key,  # noqa: F401
-                               split_peft_key, take_base_copies, to_np)
+                               split_peft_key, take_base_copies, take_embedding_copies, to_np)
 from jpeft.tree import compile_pattern, count, module_leaves, unwrap_params
 
 
@@ -214,6 +214,11 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
         raise ConfigError(f"save_peft needs the adapter's config (e.g. jpeft.LoraConfig), found {type(config).__name__}.")
     if not adapter:
         raise ConfigError("save_peft got an empty adapter; there is nothing to save.")
+    if isinstance(base_model_name_or_path, os.PathLike):  # a pathlib.Path: recorded (and read) as its string
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise ConfigError(f"save_peft's base_model_name_or_path must be a string (a Hub id or a folder) or None, found "
+                          f"{type(base_model_name_or_path).__name__}. Nothing was written.")
     fmt = _format(config.peft_type)
     if fmt is None:
         raise UnsupportedAdapterError(
@@ -429,6 +434,8 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     # (on a layer-scanned base, against the layer's slice of the stacked params: jpeft.scan.layer_module)
     take_base_copies(tensors, module_leaves(inner if unrolled is None else unrolled), path,
                      own_of=None if unrolled is None else (lambda p: scan.layer_module(inner, p)))
+    # PEFT's save_embedding_layers copies of the whole embedding / lm_head (not a module to save)
+    take_embedding_copies(tensors, module_leaves(inner), path, d.get("modules_to_save") or ())
     if n_scanned is not None:
         ctx = ImportContext(module_leaves(unrolled), path, dtype)
         config, adapter = fmt.from_hf(d, tensors, {"params": unrolled}, ctx)

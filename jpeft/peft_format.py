@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import BaseMismatchError, ConfigError, UnsupportedAdapterError
-from jpeft.tree import from_hf_name, hf_name, matches
+from jpeft.tree import from_hf_name, hf_name, matches, tied_embedding
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -195,3 +195,30 @@ def take_base_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]], fol
             own = own_of(sp[0]) if own_of is not None else None
             check_base_copy(sp[0], tensors[k], leaves[sp[0]] if own is None else own, folder)
             del tensors[k]
+
+
+def take_embedding_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]], folder: str, saved=()) -> None:
+    """Removes from ``tensors`` the full copies of the input and output embeddings that PEFT's
+    ``save_pretrained(..., save_embedding_layers=True)`` writes (``model.embed_tokens.weight``,
+    ``lm_head.weight``; ``"auto"`` does so after a vocabulary resize), after :func:`check_base_copy`
+    found each equal to the base's (``PeftModel.from_pretrained`` loads them into the model). A tied
+    ``lm_head`` (no module of its own here) is compared with the embedding it reads. Keys of a module
+    that ``saved`` (the config's ``modules_to_save``) names are a trained copy, left to the format."""
+    names = tuple(saved or ())
+    for k in sorted(tensors):
+        sp = split_peft_key(k, ("weight",))
+        if sp is None:
+            continue
+        path, name = sp[0], hf_name(sp[0])
+        own = leaves.get(path)
+        emb = tied_embedding(path, leaves)
+        if emb is not None:  # tied: the embedding is the output projection
+            if any(hf_name(emb).endswith(m) for m in names):
+                continue  # ensure_weight_tying's copy of a saved embedding: the format checks it
+            own = leaves[emb]
+        elif own is None or not ("embedding" in own or path.split("/")[-1] == "lm_head"):
+            continue
+        if any(name.endswith(m) for m in names):
+            continue
+        check_base_copy(path, tensors[k], own, folder)
+        del tensors[k]

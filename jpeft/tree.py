@@ -227,6 +227,15 @@ def matches(target_modules: str | Sequence[str], path: str) -> bool:
 _TIED_INPUT_EMBEDDINGS = ("model/embed_tokens", "transformer/wte")  # jpeft.models decoders: tied when no lm_head
 
 
+def tied_embedding(path: str, leaves: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The input embedding a tied decoder (``tie_word_embeddings``: no ``lm_head`` module, the
+    logits come from the embedding) reads as ``path``'s output projection when ``path`` is an
+    ``lm_head`` that ``leaves`` (:func:`module_leaves`) has no module for; else ``None``."""
+    if path.split("/")[-1] != "lm_head" or path in leaves:
+        return None
+    return next((e for e in _TIED_INPUT_EMBEDDINGS if "embedding" in leaves.get(e, {})), None)
+
+
 def _refuse_tied_lm_head(target_modules, candidates: list[str], hit: list[str]) -> None:
     """A list naming ``lm_head`` on a jpeft decoder with tied word embeddings (no ``lm_head``
     module: the logits come from the input embedding) would silently leave the head out, while

@@ -9,6 +9,7 @@ import functools
 import json
 import logging
 import os
+import pathlib
 import shutil
 import sys
 import warnings
@@ -130,6 +131,46 @@ def test_a_peft_config_without_lora_alpha_gets_pefts_default(saved_llama, tmp_pa
     assert peft.LoraConfig.from_pretrained(str(d)).lora_alpha == 8
     config, adapter = H.load_peft(str(d), loaded("llama2")[1])
     assert config.alpha == 8 and {float(n.scale) for n in adapter.values()} == {8 / cfg["r"]}
+
+
+def test_dora_magnitudes_with_a_config_without_use_dora_are_refused(tmp_path):
+    """A DoRA file whose adapter_config.json says use_dora=false (hand-edited, or a config copied
+    from another run) loaded as a plain LoRA with every lora_magnitude_vector dropped silently (1.6
+    in the logits on the tiny Llama); the same mismatch for lora_bias was already a CheckpointError."""
+    hf, _ = T.hf_model("llama2")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+        pm.save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["use_dora"] = False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lora_magnitude_vector.*use_dora=False"):
+        H.load_peft(str(tmp_path), loaded("llama2")[1])
+
+
+@pytest.mark.parametrize("family", ["mistral", "llama3"])
+def test_save_embedding_layers_copies_load_when_equal_to_the_base(family, tmp_path):
+    """PEFT's save_pretrained(save_embedding_layers=True) (and "auto" after a vocabulary resize)
+    writes full copies of model.embed_tokens and lm_head, which PeftModel.from_pretrained loads into
+    the model: they were refused as keys "with no matching module in the base" (with a hint about
+    tied embeddings even on the untied Mistral); equal to the base they load, changed they are named."""
+    hf, _ = T.hf_model(family)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                     init_lora_weights=False)).eval()
+        pm.save_pretrained(str(tmp_path / "a"), save_embedding_layers=True)
+    ids, mask = T.batch(family, seed=1)
+    _, adapter = H.load_peft(str(tmp_path / "a"), loaded(family)[1])
+    _close(family, _jpeft_logits(family, adapter, ids, mask), _peft_logits(pm, family, ids, mask), mask)
+    with torch.no_grad():
+        pm.get_input_embeddings().weight[5] += 1.0  # a re-initialised row PEFT would load
+        pm.save_pretrained(str(tmp_path / "b"), save_embedding_layers=True)
+    with pytest.raises(BaseMismatchError, match="differs from the base's in 1 row"):
+        H.load_peft(str(tmp_path / "b"), loaded(family)[1])
 
 
 @pytest.mark.parametrize("option", ["kasa_config", "monteclora_config", "velora_config"])
@@ -314,6 +355,16 @@ def test_registry_and_save_errors(tmp_path):
     assert "LORA" in H.supported_peft_types()
     with pytest.raises(jpeft.ConfigError, match="empty adapter"):
         H.save_peft(str(tmp_path), jpeft.LoraConfig(), {})
+    # base_model_name_or_path as a pathlib.Path is recorded as its string (it was a raw TypeError from json)
+    params = loaded("llama2")[1]
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"])
+    adapter = jpeft.init(cfg, params, jax.random.key(0))
+    folder = T.hf_model("llama2")[1]
+    H.save_peft(tmp_path / "p", cfg, adapter, base_model_name_or_path=pathlib.Path(folder))
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["base_model_name_or_path"] == folder
+    with pytest.raises(jpeft.ConfigError, match="base_model_name_or_path must be a string"):
+        H.save_peft(str(tmp_path / "q"), cfg, adapter, base_model_name_or_path=3)
+    assert not (tmp_path / "q").exists()
     assert H.split_peft_key("base_model.model.transformer.h.0.ln_1.lora_A.weight", ["lora_A.weight"]) == (
         "transformer/h_0/ln_1", "lora_A.weight")
 

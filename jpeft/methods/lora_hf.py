@@ -26,7 +26,7 @@ from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableT
                                 init_lora, is_residual_init, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, add_site_pattern, check_base_copy, check_keys,
                                config_from_peft, peft_key, split_peft_key, to_np)
-from jpeft.tree import hf_name, linear_only, regex_fullmatch
+from jpeft.tree import hf_name, linear_only, regex_fullmatch, tied_embedding
 
 
 # -- LoRA ------------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             continue
         path, t = sp
         if t == "base_layer.weight":  # a copy of a module this base lacks (jpeft.hf checked and dropped the others)
-            tied_to = _tied_embedding(path, ctx.leaves)
+            tied_to = tied_embedding(path, ctx.leaves)
             if tied_to is None:
                 unmatched.append(k)  # a module of another model: named by the key check below
             else:  # lm_head tied to the embedding (no module of its own here): its copy is the embedding
@@ -378,6 +378,12 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         mag = t.get("lora_magnitude_vector")
         if config.use_dora and mag is None:
             raise CheckpointError(f"use_dora is set but site {hf_name(path)!r} has no lora_magnitude_vector.")
+        if mag is not None and (not config.use_dora or mag.shape != (layout.out_features,)):
+            raise CheckpointError(
+                f"adapter site {hf_name(path)!r} has a lora_magnitude_vector of shape {tuple(mag.shape)}, but "
+                f"adapter_config.json says use_dora={config.use_dora} (the module has {layout.out_features} outputs); "
+                "loading it would drop or misapply the DoRA magnitudes. The files do not belong together."
+            )
         base_bias = None
         if config.bias != "none" and "bias" in own:  # PEFT keeps the base's value for a bias missing from the file
             base_bias = np.asarray(t.get("base_layer.bias", own["bias"]), np.float32).reshape(np.shape(own["bias"]))
@@ -395,7 +401,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
             )
         adapter[path] = LoraWeights(
             jnp.asarray(a, ctx.dtype), jnp.asarray(b, ctx.dtype),
-            None if mag is None or not config.use_dora else jnp.asarray(mag, ctx.dtype),
+            None if mag is None else jnp.asarray(mag, ctx.dtype),
             config.scale(r_cfg, alpha), layout, float(config.dropout),
             residual if layout.kind != Kind.EMBED else None,
             path in tied_paths,
@@ -487,17 +493,6 @@ def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves
             )
         out[path] = TrainableTokens(jnp.asarray(v, ctx.dtype), tuple(ids), bool(tied_output_from_params(path, leaves)))
     return out
-
-
-def _tied_embedding(path: str, leaves) -> Optional[str]:
-    """The embedding a tied base reads as ``path``'s output projection when ``path`` is an
-    ``lm_head`` the base has no module for, else ``None``."""
-    if path.split("/")[-1] != "lm_head" or path in leaves:
-        return None
-    for emb in ("model/embed_tokens", "transformer/wte"):
-        if "embedding" in leaves.get(emb, {}):
-            return emb
-    return None
 
 
 def _take_tied_output(d, by_site, leaves, folder) -> set:
