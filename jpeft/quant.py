@@ -244,11 +244,17 @@ def _quantize_array(w, scheme):
     w = jnp.asarray(w)
     if w.ndim < 2:
         raise QuantizationError(f"{scheme} quantizes kernels of 2 or more dims; found shape {tuple(w.shape)}.")
-    if scheme == "int8":
-        return qwix.quantize(w, jnp.int8, channelwise_axes=_channel_axes(w.ndim))
-    if scheme == "fp8":
-        return qwix.quantize(w, jnp.float8_e4m3fn, channelwise_axes=_channel_axes(w.ndim))
-    raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    if scheme not in ("int8", "fp8"):
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    qtype = jnp.int8 if scheme == "int8" else jnp.float8_e4m3fn
+    if w.dtype == jnp.float16:
+        # qwix computes the scale in the kernel's dtype and replaces a scale below sqrt(finfo.tiny) by 1: float16's
+        # is 0.0078, so every output channel of absmax below 1.0 (int8; 3.5 for fp8) got scale 1, all-zero int8
+        # codes (the kernel dequantized to zeros) or fp8 codes of the raw values. Computed in float32, the scale
+        # kept in float16 (qwix's convention: the dequantized dtype is the scale's)
+        q = qwix.quantize(w.astype(jnp.float32), qtype, channelwise_axes=_channel_axes(w.ndim))
+        return dataclasses.replace(q, scale=q.scale.astype(jnp.float16))
+    return qwix.quantize(w, qtype, channelwise_axes=_channel_axes(w.ndim))
 
 
 _quantize_jit = jax.jit(_quantize_array, static_argnums=1)

@@ -229,6 +229,27 @@ def test_int8_and_fp8_round_trip_within_their_bounds():
     assert np.all(err <= np.maximum(np.abs(w) * 2.0 ** -4, scale * 2.0 ** -10) * (1 + 1e-5))
 
 
+def test_int8_and_fp8_of_a_float16_kernel_keep_its_values():
+    """qwix computed a float16 kernel's scale in float16 and replaced any scale below
+    sqrt(finfo(float16).tiny) = 0.0078 by 1: every output channel of absmax below 1.0 got int8
+    codes 0 (the kernel dequantized to zeros) and fp8 codes of the raw values. The scale is now
+    computed in float32 and kept in float16, so the codes equal a float32 kernel's."""
+    w = np.asarray(jax.random.normal(jax.random.key(4), (96, 40))) * np.logspace(-2, 0, 40) * 0.1
+    w16 = w.astype(np.float16)
+    absmax = np.abs(w16.astype(np.float32)).max(axis=0, keepdims=True)
+    for scheme, step in (("int8", absmax / 127.5), ("fp8", None)):
+        q = quant.quantize_array(jnp.asarray(w16), scheme)
+        assert q.scale.dtype == jnp.float16 and quant.dequantize_array(q).dtype == jnp.float16
+        q32 = quant.quantize_array(w16.astype(np.float32), scheme)
+        np.testing.assert_array_equal(np.asarray(q.qvalue).view(np.uint8), np.asarray(q32.qvalue).view(np.uint8))
+        deq = np.asarray(quant.dequantize_array(q), np.float32)
+        ref = np.asarray(quant.dequantize_array(q32))
+        # the float16 scale's and product's roundings (a subnormal scale: its absolute spacing, 2**-24, per code)
+        assert np.all(np.abs(deq - ref) <= np.abs(ref) * 2.0 ** -10 + 448 * 2.0 ** -24)
+        if step is not None:  # half a step of absmax / 127.5, plus those roundings
+            assert np.all(np.abs(deq - w16.astype(np.float32)) <= step / 2 + np.abs(ref) * 2.0 ** -10 + 128 * 2.0 ** -24)
+
+
 # ----------------------------------------------------------------------------- a tiny Llama
 @pytest.fixture(scope="module")
 def llama():
