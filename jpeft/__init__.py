@@ -32,7 +32,7 @@ from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
 from jpeft.methods.oft import OFTConfig
 from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.methods.vera import VeraConfig, VeraWeights
-from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights
+from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights, allocator as adalora_allocator
 from jpeft.methods.corda import init_corda
 from jpeft.methods.pissa import convert_residual_adapter, convert_residual_config, init_milora, init_olora, init_pissa
 from jpeft.methods.full import FullFinetuneConfig
@@ -81,6 +81,7 @@ __all__ = [
     "VeraWeights",
     "AdaLoraConfig",
     "AdaLoraWeights",
+    "adalora_allocator",
     "init_pissa",
     "init_olora",
     "init_milora",

@@ -716,8 +716,10 @@ class CheckpointManager:
         }
         if extra_meta is not None:
             meta["extra"] = extra_meta
-        sites_config = self.config.saved_config(adapter)
-        if sites_config != self.config:  # marks of the sites the config does not say (LoRA's residual inits)
+        # marks of the sites the config does not say: LoRA's residual inits, and what training decided and the
+        # optimizer state holds (AdaLoRA's rank_pattern: an export of this step writes the kept triplets)
+        sites_config = self.config.trained_config(opt_state).saved_config(adapter)
+        if sites_config != self.config:
             meta["sites_config"] = sites_config.to_dict()
         if "opt_state" in arrays:
             meta["opt_state_kinds"] = optimizer_state_kinds(opt_state)

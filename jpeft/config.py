@@ -171,6 +171,32 @@ class AdapterConfig:
         config (LoRA's residual inits)."""
         return self
 
+    # -- training: what a method adds to the one training loop (jpeft.fit and its step makers) --------
+    # A method whose training is more than the loss's gradient steps (AdaLoRA's rank allocator, its
+    # orthogonal penalty) says so here; `jpeft train` and the forgetting runner read these three,
+    # never a method module. The defaults are a plain method's: nothing added.
+
+    def wrap_optimizer(self, tx):
+        """The optimizer a training loop runs for this method, given the one it built (``tx``,
+        clipping left outside: ``optax.chain(optax.clip_by_global_norm(c),
+        config.wrap_optimizer(optax.adamw(...)))``): ``tx`` itself, unless the method's
+        training acts on each update (AdaLoRA's rank allocator, which lives in the optimizer
+        state)."""
+        return tx
+
+    def regularizer(self, adapter):
+        """The term a training loop adds to the loss for ``adapter`` (a scalar), or ``None``:
+        none, unless the method trains with a penalty of its own (AdaLoRA's
+        ``orth_reg_weight`` times its orthogonal regularization, as PEFT adds it)."""
+        return None
+
+    def trained_config(self, opt_state) -> "AdapterConfig":
+        """The config to save a trained adapter with, given the optimizer state of the
+        optimizer :meth:`wrap_optimizer` returned: this one, unless training decides something
+        the config records (AdaLoRA's ``rank_pattern``). An ``opt_state`` the method's
+        training did not make (``None``, a plain optimizer's) gives this config too."""
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict with Hugging Face PEFT key names and ``peft_type``."""
         out: dict[str, Any] = {"peft_type": self.peft_type}

@@ -4,6 +4,8 @@ gradients (sensitivity averages, budget schedule, pruned triplets, rank_pattern)
 format both ways with pruned ranks."""
 
 import copy
+import dataclasses
+import json
 import os
 import sys
 import warnings
@@ -13,10 +15,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _models_tiny as tiny  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+import adalora_toy  # noqa: E402
+from test_cli import hf_dir  # noqa: E402, F401  (the fixture: a tiny Llama folder with a tokenizer and JSONL)
 
 import jpeft  # noqa: E402
 import jpeft.models  # noqa: E402
@@ -290,19 +296,6 @@ def test_sharding_specs_follow_the_kernel():
     assert (node.lora_A, node.lora_E, node.lora_B) == (P("fsdp", None), P(None), P(None, "tensor"))
 
 
-def test_stock_training_loops_refuse_adalora_by_name():
-    """jpeft train and the forgetting runner run plain optimizer steps: AdaLoRA there would be a fixed-rank
-    SVD LoRA without its budget, so they refuse it and say what to do."""
-    from jpeft.cli._common import method_of
-    from jpeft.forgetting.experiment import MethodSpec
-
-    with pytest.raises(ConfigError, match="update_and_allocate"):
-        method_of({"method": {"name": "adalora", "total_step": 10}})
-    with pytest.raises(ConfigError, match="update_and_allocate"):
-        MethodSpec("adalora", AL.AdaLoraConfig(total_step=10))
-    assert isinstance(method_of({"method": {"name": "vera"}}), jpeft.VeraConfig)
-
-
 def test_allocator_misuse_is_refused_by_name():
     """A gradient tree of another shape (a raw pytree error), the final allocation with an empty
     state (a restarted run: a TypeError deep in the scoring) and a rank pattern missing this
@@ -355,3 +348,223 @@ def test_allocator_reads_clipped_gradients_as_peft_under_the_trainer():
     for bad in (0, -1.0, float("nan"), True, "1"):
         with pytest.raises(ConfigError, match="max_grad_norm must be None or a finite number > 0"):
             AL.update_and_allocate(config, AL.AllocatorState(), ad, grads, 1, max_grad_norm=bad)
+
+
+# -- the rank allocator in the one training loop (jpeft.fit, `jpeft train`) ------------------------
+
+def test_allocator_in_the_jitted_step_equals_the_host_loop_step_by_step():
+    """``chain(clip, allocator(config, adamw))`` in ``jpeft.make_train_step`` against the host loop
+    (``update_and_allocate`` after each update, equal to PEFT's; ``max_grad_norm=c`` with the raw
+    gradients), over a run that crosses tinit, several deltaT allocations, the final allocation
+    and steps past total_step: the adapters to 1e-6 and the same rank pattern after every step."""
+    config = AL.AdaLoraConfig(target_modules=["q", "v", "o"], init_r=4, target_r=2, tinit=2, tfinal=3, total_step=14,
+                              deltaT=3)
+    params, ad, loss_fn, batch = adalora_toy.net_problem(config)
+    clip = 0.05  # active from step 2 on (step 1's norm is below it)
+    head = [optax.clip_by_global_norm(clip)]
+    host_opt = optax.chain(*head, optax.adamw(5e-2, weight_decay=0.01))
+    opt = optax.chain(*head, jpeft.adalora_allocator(config, optax.adamw(5e-2, weight_decay=0.01)))
+    assert config.wrap_optimizer(host_opt).update is not host_opt.update
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    a_h, st, alloc, cfg, pattern = ad, host_opt.init(ad), AL.AllocatorState(), config, None
+    a_w, ost = ad, jpeft.init_opt_state(opt, ad)
+    norms, kept = [], []
+
+    @jax.jit
+    def host_update(a, st, b):
+        g = jax.grad(lambda a: loss_fn(params, a, b, None))(a)
+        u, st = host_opt.update(g, st, a)
+        return optax.apply_updates(a, u), st, g
+
+    for s in range(1, 17):
+        a_h, st, g = host_update(a_h, st, batch(s))
+        a_h, alloc, rp = AL.update_and_allocate(cfg, alloc, a_h, g, s, max_grad_norm=clip)
+        if rp is not None:
+            pattern, cfg = rp, cfg.replace(rank_pattern=rp)
+        a_w, ost, m = step(params, a_w, ost, batch(s), jax.random.key(0))
+        norms.append(float(m["grad_norm"]))
+        chex.assert_trees_all_close(a_w, a_h, atol=1e-6, rtol=0)
+        assert AL.rank_pattern(ost) == pattern, s
+        assert config.trained_config(ost) == (config if pattern is None else config.replace(rank_pattern=pattern))
+        kept.append(None if pattern is None else sum(map(sum, pattern.values())))
+    # allocations at 3, 6, 9 (deltaT) and the final one at 11 = 14 - 3, then fixed
+    assert kept[:3] == [None, None, 10] and kept[5] == 7 and kept[-1] == 6, kept
+    pruned = [i for i, b in enumerate(pattern[AL.rank_key("q")]) if not b]
+    assert pruned and all(float(a_w["q"].lora_E[i]) == 0.0 for i in pruned)
+    assert norms[0] < clip and all(n > clip for n in norms[1:])  # clipping active from step 2
+    # misuse: named errors
+    with pytest.raises(ConfigError, match="rank_pattern reads the state of one"):
+        AL.rank_pattern(optax.adam(1e-3).init(ad))
+    assert config.trained_config(None) is config
+    with pytest.raises(ConfigError, match="needs params"):
+        opt.update(jax.tree.map(jnp.ones_like, ad), jpeft.init_opt_state(opt, ad))
+    with pytest.raises(UnsupportedAdapterError, match="AdaLoraWeights"):
+        jpeft.adalora_allocator(config, optax.adam(1e-3)).init(
+            jpeft.init(jpeft.LoraConfig(target_modules=["q"]), params, jax.random.key(0)))
+    with pytest.raises(UnsupportedModuleError, match="unrolled model"):
+        jpeft.adalora_allocator(config, optax.adam(1e-3)).init(
+            {"model/layers/q": jpeft.scan.Stacked(ad["q"], 1)})
+    with pytest.raises(ConfigError, match="needs an AdaLoraConfig"):
+        AL.allocator(jpeft.LoraConfig(), optax.adam(1e-3))
+
+
+def _adalora_run(root, name, **kw):
+    """A ``jpeft train`` config of AdaLoRA on the tiny Llama of tests/test_cli.py (6 steps,
+    allocations at 2, 3 and the final one at 4, fixed after), clipping and weight decay on."""
+    from test_cli import write_config
+
+    path = write_config(root, name, **kw)
+    text = path.read_text().replace('name = "lora"\nr = 4\nlora_alpha = 8\n', 'name = "adalora"\ninit_r = 4\ntarget_r = 2\n'
+                                    'tinit = 1\ntfinal = 2\ntotal_step = 6\ndeltaT = 1\nlora_alpha = 8\n')
+    path.write_text(text.replace("[train]", "[train]\nmax_grad_norm = 1.0\nweight_decay = 0.01"))
+    return path
+
+
+def test_jpeft_train_prunes_resumes_exactly_and_peft_loads_the_pruned_adapter(hf_dir, capsys):
+    """`jpeft train` with method = "adalora": the allocator rides in the optimizer state (every step
+    jitted, clipped gradients), the orthogonal penalty in the loss; the finished adapter holds the
+    rank pattern (target_r per module on average), `jpeft export` writes the kept triplets and
+    PEFT loads them with the same logits; --max-steps then --resume equals the uninterrupted run
+    (the allocator's averages and mask survive the checkpoint)."""
+    from test_cli import adapter_arrays, jpeft_here
+    import transformers as T
+
+    r = jpeft_here(capsys, "train", "--config", _adalora_run(hf_dir, "ada_full", steps=6, save_every=3, eval_every=0),
+                   "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "ADALORA" in r.stderr
+    info = jpeft.read_adapter_info(str(hf_dir / "ada_full" / "adapter"))
+    cfg = info.config
+    assert isinstance(cfg, AL.AdaLoraConfig) and cfg.rank_pattern is not None
+    assert len(cfg.rank_pattern) == 6 and sum(map(sum, cfg.rank_pattern.values())) == 2 * 6
+    ref = adapter_arrays(hf_dir / "ada_full" / "adapter")
+    # interrupted at 3, in the budget phase (its checkpoint), resumed
+    split = _adalora_run(hf_dir, "ada_split", steps=6, save_every=3, eval_every=0)
+    r = jpeft_here(capsys, "train", "--config", split, "--max-steps", "3", "--no-progress")
+    assert r.returncode == 0 and "stopped at step 3 of 6" in r.stderr, r.stderr
+    r = jpeft_here(capsys, "train", "--config", split, "--resume", "--no-progress")
+    assert r.returncode == 0 and "resumed from step 3" in r.stderr, r.stderr
+    got = adapter_arrays(hf_dir / "ada_split" / "adapter")
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], atol=1e-6, rtol=0, err_msg=k)
+    assert jpeft.read_adapter_info(str(hf_dir / "ada_split" / "adapter")).config == cfg
+    # PEFT loads the export with the pruned ranks and the same logits
+    out = hf_dir / "ada_peft"
+    r = jpeft_here(capsys, "export", "--model", hf_dir / "tiny-llama", "--adapter", hf_dir / "ada_full", "--out", out)
+    assert r.returncode == 0, r.stderr
+    base = T.LlamaForCausalLM.from_pretrained(str(hf_dir / "tiny-llama"), attn_implementation="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    for k, keep in cfg.rank_pattern.items():
+        assert pm.base_model.model.get_submodule(k[: -len(".lora_E")]).lora_E["default"].shape == (sum(keep), 1)
+    model, params = jpeft.models.from_pretrained(str(hf_dir / "tiny-llama"))
+    _, ad = jpeft.load_adapter(str(hf_dir / "ada_full" / "adapter"), params)
+    for path, node in ad.items():  # the pruned triplets' E are zero
+        keep = np.asarray(cfg.rank_pattern[AL.rank_key(path)])
+        assert (np.asarray(node.lora_E)[~keep] == 0).all() and (np.asarray(node.lora_E)[keep] != 0).all()
+    ids = np.arange(2 * 12).reshape(2, 12) % 200 + 3
+    with torch.no_grad():
+        want = pm(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids))), want, atol=1e-5, rtol=0)
+    assert np.abs(want - np.asarray(model.apply(params, jnp.asarray(ids)))).max() > 1e-4  # it trained
+    # a layer-scanned run: the allocator's refusal by name, one line, nothing left behind
+    r = jpeft_here(capsys, "train", "--config", _adalora_run(hf_dir, "ada_scan", steps=6, eval_every=0), "--no-progress",
+                   "--set", "train.scan_layers=true")
+    assert r.returncode == 2 and "unrolled model (scan_layers=False)" in r.stderr, r.stderr
+    assert not (hf_dir / "ada_scan").exists()
+    # a checkpoint's export carries that step's rank pattern (the allocator's state)
+    step_cfg = AL.AdaLoraConfig.from_dict(json.load(open(hf_dir / "ada_split" / "checkpoints" / "3" / "meta" / "metadata"))
+                                          ["sites_config"])
+    assert step_cfg.rank_pattern is not None
+
+
+def test_fit_trains_adalora_and_peft_loads_the_pruned_result(tmp_path):
+    """`jpeft.fit` with `jpeft.make_train_step`, the optimizer `config.wrap_optimizer(adamw)`
+    and the loss plus `config.regularizer`: the budget is met, `config.trained_config(opt_state)`
+    holds the rank pattern, and what `save_peft` writes with it loads in PEFT (pruned modules)
+    with jpeft's logits."""
+    model, params = _base()
+    config = AL.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=5, deltaT=1, target_modules=TARGETS,
+                              init_lora_weights=False)
+    ad = jpeft.init(config, params, jax.random.key(0))
+    ad = {p: dataclasses.replace(n, lora_A=n.lora_A * 0.1, lora_B=n.lora_B * 0.1) for p, n in ad.items()}
+    ids, mask = tiny.batch(FAMILY, seed=3)
+
+    def loss_fn(params, a, batch, key):
+        loss, _ = jpeft.lm_loss(model, params, a, batch["ids"], batch["mask"], attention_mask=batch["mask"])
+        return loss + config.regularizer(a)
+
+    opt = config.wrap_optimizer(optax.adamw(1e-2))
+    batches = ({"ids": jnp.asarray(ids), "mask": jnp.asarray(mask)} for _ in range(6))
+    res = jpeft.fit(jpeft.make_train_step(loss_fn, opt), params, ad, jpeft.init_opt_state(opt, ad), batches,
+                    key=jax.random.key(1))
+    assert res.step == 6 and all(np.isfinite(h["loss"]) for h in res.history)
+    trained = config.trained_config(res.opt_state)
+    assert sum(map(sum, trained.rank_pattern.values())) == 2 * len(ad)
+    H.save_peft(str(tmp_path), trained, res.adapter, base_model_name_or_path=tiny.hf_model(FAMILY)[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model(FAMILY)[0]), str(tmp_path)).eval()
+    for k, keep in trained.rank_pattern.items():
+        assert back.base_model.model.get_submodule(k[: -len(".lora_E")]).lora_E["default"].shape == (sum(keep), 1)
+    _close(_logits_jpeft(params, res.adapter, ids, mask), _logits_torch(back, ids, mask), mask, atol=1e-5)
+
+
+_MESH_WORKER = r"""
+import dataclasses, json, sys
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
+import jpeft
+from jpeft.methods import adalora as AL
+sys.path.insert(0, sys.argv[1])
+from adalora_toy import net_problem
+assert jax.device_count() == 2
+config = AL.AdaLoraConfig(target_modules=["q", "v", "o"], init_r=4, target_r=2, tinit=1, tfinal=2, total_step=7, deltaT=2)
+params, ad, loss_fn, batch = net_problem(config)
+opt = optax.chain(optax.clip_by_global_norm(0.05), config.wrap_optimizer(optax.adamw(5e-2, weight_decay=0.01)))
+one = jpeft.make_train_step(loss_fn, opt, donate=False)
+a1, s1 = ad, jpeft.init_opt_state(opt, ad)
+mesh = jpeft.make_mesh(data=2)
+p2 = jpeft.shard_params(params, mesh)
+a2 = jpeft.shard_adapter(ad, mesh, p2)
+s2 = jpeft.init_opt_state(opt, a2)
+two = jpeft.make_sharded_train_step(loss_fn, opt, mesh, donate=False)
+diffs, same = [], []
+for s in range(1, 9):
+    a1, s1, _ = one(params, a1, s1, batch(s), jax.random.key(0))
+    a2, s2, _ = two(p2, a2, s2, jpeft.shard_batch(batch(s), mesh), jax.random.key(0))
+    diffs.append(max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a1), jax.tree.leaves(a2))))
+    same.append(AL.rank_pattern(s1) == AL.rank_pattern(s2))
+print("JSON:" + json.dumps({"diffs": diffs, "same": same, "pattern": AL.rank_pattern(s2) is not None}))
+"""
+
+
+def test_allocator_on_a_two_device_mesh_equals_one_device():
+    """The allocator's state is sharded like the adapter (its averages) or replicated (its mask,
+    count): `make_sharded_train_step` over 2 emulated devices takes the steps of one device."""
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", _MESH_WORKER, os.path.join(here, "helpers")], env=env, cwd=here, capture_output=True, text=True,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON:")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    r = json.loads(lines[-1][5:])
+    assert r["pattern"] and all(r["same"]) and max(r["diffs"]) < 1e-6, r
+
+
+def test_forgetting_runner_trains_adalora_with_its_budget():
+    """The forgetting runner refused AdaLoRA by name; its adam is now wrapped in the allocator
+    (each task runs the budget schedule, as a PEFT Trainer run): the adapter ends pruned to
+    target_r per module on average."""
+    from jpeft.forgetting import experiment
+    from jpeft.forgetting.digits import SplitDigits
+
+    bench = SplitDigits("task", steps_per_task=4, batch_size=4, hidden=(8,), num_tasks=2)
+    cfg = AL.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=1, total_step=4, target_modules=["Dense_0", "Dense_1"])
+    out = experiment.run_one(bench, experiment.MethodSpec("adalora", cfg, lr=1e-2), 0, log=None, keep_adapter=True)
+    kept = [int((np.asarray(n.lora_E) != 0).sum()) for n in out["adapter"].values()]
+    assert sum(kept) == 2 * 2 and np.isfinite(out["metrics"]["acc"])

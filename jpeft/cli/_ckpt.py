@@ -229,9 +229,11 @@ def _restore_checkpoint(found: Found, params, model, args, base_config):
     ``adapter/`` is."""
     meta = checkpoint_metadata(found.path)
     config = AdapterConfig.from_dict(meta["config"])
+    # the config the step's sites were saved with (AdaLoRA's rank_pattern of that step, LoRA's residual marks)
+    sites = AdapterConfig.from_dict(meta["sites_config"]) if isinstance(meta.get("sites_config"), dict) else config
     directory = os.path.dirname(os.path.normpath(found.path))
     try:
-        return _restore(directory, found.step, config, params, model, args, base_config), config
+        return _restore(directory, found.step, config, params, model, args, base_config), sites
     except (BaseMismatchError, ShapeMismatchError) as e:
         cfg = getattr(model, "config", None)
         if not hasattr(cfg, "scan_layers") or cfg.scan_layers or not _stacked(meta["arrays"]):
@@ -242,7 +244,7 @@ def _restore_checkpoint(found: Found, params, model, args, base_config):
         stacked = _restore(directory, found.step, config, scan.stack_params(params), scanned, args, base_config)
     except (BaseMismatchError, ShapeMismatchError):
         raise first from None
-    return scan.unstack_adapter(stacked), config
+    return scan.unstack_adapter(stacked), sites
 
 
 def _stacked(arrays) -> bool:

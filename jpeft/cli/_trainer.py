@@ -69,11 +69,13 @@ def run_keys(seed: int):
     return tuple(jax.random.split(key))
 
 
-def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
+def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False, method=None):
     """AdamW with warm-up and cosine decay (and clipping), weight decay on what
     :func:`jpeft.train.decay_mask` selects (biases and norms left out, as transformers'
     ``Trainer`` does); ``lr_scale`` appends
-    :func:`jpeft.lr_scale`, the stage a forgetting-guard rollback lowers."""
+    :func:`jpeft.lr_scale`, the stage a forgetting-guard rollback lowers. ``method`` (a method
+    config) wraps what follows the clipping (:meth:`jpeft.AdapterConfig.wrap_optimizer`: AdaLoRA's
+    rank allocator then reads the clipped gradients, as PEFT's under the ``Trainer``)."""
     lr = float(t["learning_rate"])
     warm = int(t["warmup_steps"])
     if warm > 0:
@@ -85,9 +87,13 @@ def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False):
         parts.append(optax.clip_by_global_norm(float(t["max_grad_norm"])))
     wd = float(t["weight_decay"])
     # no mask without decay: the optimizer state (and its checkpoints) stays what it was
-    parts.append(optax.adamw(sched, weight_decay=wd, mask=decay_mask if wd else None))
+    inner = [optax.adamw(sched, weight_decay=wd, mask=decay_mask if wd else None)]
     if lr_scale:
-        parts.append(jpeft.lr_scale())
+        inner.append(jpeft.lr_scale())
+    tx = inner[0] if len(inner) == 1 else optax.chain(*inner)
+    wrapped = tx if method is None else method.wrap_optimizer(tx)
+    # unwrapped: the flat chain of earlier jpeft versions, whose checkpoints' optimizer state it restores
+    parts += inner if wrapped is tx else [wrapped]
     return optax.chain(*parts), sched
 
 
@@ -118,19 +124,22 @@ def loss_chunk_tokens(t: dict):
     return None if v == 0 else v
 
 
-def make_loss_fns(model, mesh=None, chunk_tokens="auto", model_dropout: bool = True):
+def make_loss_fns(model, mesh=None, chunk_tokens="auto", model_dropout: bool = True, method=None):
     """The training loss and the jitted evaluation sums (:func:`jpeft.lm_loss`: the output
     layer and the loss ``chunk_tokens`` tokens at a time); with ``mesh`` (a mesh run) the
     evaluation traces inside :func:`jpeft.parallel.kernels_on`, as the mesh step does.
     ``model_dropout``: training steps run the model with its own dropout
     (``deterministic=False``), as transformers' ``Trainer`` does; the adapter's dropout is
-    active either way, evaluation never drops."""
+    active either way, evaluation never drops. ``method`` (a method config): the training loss
+    adds its :meth:`jpeft.AdapterConfig.regularizer` (AdaLoRA's orthogonal penalty, as PEFT adds
+    it to a causal LM's loss); evaluation reports the language-model loss alone."""
     train_kw = {"deterministic": False} if model_dropout else {}
 
     def loss_fn(params, adapter, batch, key):
         loss, n = jpeft.lm_loss(model, params, adapter, batch["input_ids"], batch["loss_mask"],
                                 rngs={"dropout": key}, chunk_tokens=chunk_tokens, **train_kw, **model_inputs(batch))
-        return loss, {"targets": n}
+        reg = None if method is None else method.regularizer(adapter)
+        return (loss, {"targets": n}) if reg is None else (loss + reg, {"targets": n})
 
     @jax.jit
     def eval_sums(params, adapter, batch):
@@ -458,7 +467,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     k_init, k_train = run_keys(seed)
     example = jnp.asarray(train_ds.input_ids[:1, : min(8, train_ds.seq_len)])
     steps = int(t["steps"])
-    optimizer, sched = make_optimizer(t, steps, lr_scale=bool(fg) and fg["action"] == "rollback")
+    optimizer, sched = make_optimizer(t, steps, lr_scale=bool(fg) and fg["action"] == "rollback", method=method)
     ckpts = CheckpointManager(ckpt_dir, method, loaded.params, optimizer=optimizer, model=loaded.model,
                               example_args=(example,), base_config=loaded.hf_config,
                               save_every=int(t["save_every"]) or steps + 1,
@@ -672,7 +681,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     model, params = loaded.model, loaded.params
     vocab, max_pos = (int(loaded.hf_config["vocab_size"]) if "vocab_size" in loaded.hf_config else None,
                       max_positions(loaded.hf_config))
-    loss_fn, eval_sums = make_loss_fns(model, mesh, loss_chunk_tokens(t), bool(t.get("model_dropout", True)))
+    loss_fn, eval_sums = make_loss_fns(model, mesh, loss_chunk_tokens(t), bool(t.get("model_dropout", True)), method)
     # an update takes batch_size x accum rows in accum passes; its loss and gradient are means over all of
     # their target tokens (each pass weighted by its count), as the HF Trainer's gradient_accumulation_steps
     accum = int(t.get("gradient_accumulation_steps", 1))
@@ -764,7 +773,8 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
                 progress=progress, desc="train", eval_fn=eval_fn, eval_every=int(t["eval_every"]), total_steps=steps,
                 log=log, log_every=int(t["log_every"]), lr_fn=applied_lr(sched), handle_interrupt=jax.process_count() == 1,
                 forgetting=guard, forgetting_state=resumed_guard if guard is not None else None)
-        adapter, step, interrupted, last_eval = result.adapter, result.step, result.interrupted, result.eval
+        adapter, opt_state = result.adapter, result.opt_state
+        step, interrupted, last_eval = result.step, result.interrupted, result.eval
     else:
         step, interrupted, last_eval = start, False, None
     report = None if result is None else result.forgetting
@@ -782,7 +792,8 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
             final = jpeft.scan.unstack_adapter(final)
             final_params = jpeft.scan.unstack_params(final_params)
         if jax.process_index() == 0:
-            save_adapter(os.path.join(out_dir, "adapter"), final, method, params=final_params,
+            # the config training decided (AdaLoRA's rank_pattern, read from the optimizer state)
+            save_adapter(os.path.join(out_dir, "adapter"), final, method.trained_config(opt_state), params=final_params,
                          base_config=loaded.hf_config,
                          metadata={"steps": _adapter_step(report, steps), "eval": last_eval,
                                    **({"forgetting": _canary_summary(report)} if report else {})})

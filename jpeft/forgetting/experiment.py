@@ -130,10 +130,6 @@ class MethodSpec:
     def __post_init__(self):
         if not isinstance(self.config, AdapterConfig):
             raise ConfigError(f"MethodSpec {self.name!r}: config must be a jpeft method config, found {type(self.config).__name__}.")
-        why = getattr(self.config, "needs_own_training_loop", None)  # more than optimizer steps
-        if why:
-            raise ConfigError(f"MethodSpec {self.name!r}: the runner's plain optimizer steps cannot train "
-                              f"{type(self.config).__name__}: {why}.")
         for f in ("lr",):
             if not getattr(self, f) > 0:
                 raise ConfigError(f"MethodSpec {self.name!r}: {f} must be > 0, found {getattr(self, f)}.")
@@ -327,13 +323,22 @@ def get_benchmark(name: str, **kwargs) -> Benchmark:
 # -- one (method, seed) ---------------------------------------------------------------------------
 
 
-def _make_loss(bench: Benchmark, spec: MethodSpec):
+def _make_loss(bench: Benchmark, spec: MethodSpec, config=None):
+    """The training loss of ``spec``; ``config`` (the method config of the adapter trained, by
+    default ``spec.config``) adds its :meth:`jpeft.AdapterConfig.regularizer` (AdaLoRA's
+    orthogonal penalty, reported as ``method_reg``)."""
+    config = spec.config if config is None else config
+
     def loss_fn(params, adapter, batch, key):
         data, t = batch["data"], batch["t"]
         out = bench.forward(params, adapter, data)
         task = bench.loss(out, data, t)
         loss = task
         aux = {"task_loss": task}
+        reg = config.regularizer(adapter)
+        if reg is not None:
+            loss = loss + reg
+            aux["method_reg"] = reg
         coef = batch.get("coef", {})  # strengths ride in the batch: a sweep over them compiles once
         if spec.ewc:
             pen = R.ewc_penalty(batch["ewc"], adapter, strength=coef["ewc"])
@@ -425,8 +430,9 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     check_replay(bench, [spec])
     key = jax.random.key(seed)
     params = base = bench.base_params(seed)
-    # the learning rate lives in the optimizer state, so a sweep over it compiles each method once
-    opt = optax.inject_hyperparams(optax.adam)(learning_rate=spec.lr)
+    # the learning rate lives in the optimizer state, so a sweep over it compiles each method once; the method
+    # wraps it (AdaLoRA's rank allocator: each task's training runs its budget schedule, as a PEFT Trainer run)
+    adam = optax.inject_hyperparams(optax.adam)(learning_rate=spec.lr)
     rng = np.random.default_rng(seed)
 
     key, k0 = jax.random.split(key)
@@ -444,7 +450,6 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     # (the pretrained model is the benchmark's base: params may already be a residual base here)
     baseline = np.array([bench.evaluate(base if pre else params, None if pre else adapter, j, j) for j in range(T)])
     Rm = np.full((T, T), np.nan)
-    loss_fn = _make_loss(bench, spec)
     # compiled steps are kept on the benchmark, per (method, adapter structure), so the seeds
     # after the first reuse them
     steps_cache = bench.__dict__.setdefault("_step_cache", {})
@@ -500,8 +505,10 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
             sig = (hash(shape), shape, jax.tree.structure(a))
         except TypeError:  # a config with an unhashable field: cache per spec object
             sig = (id(spec), jax.tree.structure(a))
+        cfg = jpeft.FullFinetuneConfig() if spec.per_task_adapter and t == 0 else spec.config
+        opt = cfg.wrap_optimizer(adam)
         if sig not in steps_cache:
-            steps_cache[sig] = jpeft.make_train_step(loss_fn, opt, donate=False)
+            steps_cache[sig] = jpeft.make_train_step(_make_loss(bench, spec, cfg), opt, donate=False)
         step = steps_cache[sig]
         opt_state = opt.init(jpeft.trainable(a))
         extra = {"t": jnp.asarray(t, jnp.int32),

@@ -12,8 +12,12 @@ At init ``E = 0`` and ``A``, ``B`` are ``N(0, 0.02^2)``: the identity.
 
 Training: the rank budget starts at ``init_r`` per module and falls on a cubic schedule to
 ``target_r`` per module between steps ``tinit`` and ``total_step - tfinal``
-(:func:`budget_schedule`). After each optimizer step, :func:`update_and_allocate` takes the
-adapter, its gradients and the step; it keeps exponential averages of each entry's sensitivity
+(:func:`budget_schedule`). In the one training loop (:func:`jpeft.fit` with any step maker,
+``jpeft train``, the forgetting runner) the allocator is an optax transformation around the
+optimizer, :func:`allocator` (``config.wrap_optimizer(tx)``), whose state rides in the optimizer
+state; ``config.trained_config(opt_state)`` is the config with the ``rank_pattern`` and
+``config.regularizer(adapter)`` the loss term. For a loop of your own, after each optimizer step
+:func:`update_and_allocate` takes the adapter, its gradients and the step; it keeps exponential averages of each entry's sensitivity
 ``|p * grad|`` and of its uncertainty (:class:`AllocatorState`), scores each singular triplet
 ``(A[:, i], E[i], B[i])`` and sets the ``E`` entries of the lowest-scoring triplets to zero so
 that the budget holds (PEFT's ``RankAllocator``). It returns the ``rank_pattern`` (which
@@ -33,6 +37,7 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject, scan
@@ -92,12 +97,6 @@ class AdaLoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
-    #: why jpeft's stock training loops (``jpeft train``, the forgetting runner) refuse this method:
-    #: they run plain optimizer steps, which would train SVD-form LoRA at a fixed rank, silently
-    needs_own_training_loop: ClassVar[str] = (
-        "AdaLoRA's rank budget needs jpeft.methods.adalora.update_and_allocate after every optimizer step, with that "
-        "step's gradients (as PEFT's update_and_allocate); write the loop as docs/METHODS.md shows"
-    )
     _hf_keys: ClassVar[Mapping[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
     _ignored_hf_keys: ClassVar[frozenset] = AdapterConfig._ignored_hf_keys | {"r"}
     _unsupported_hf_options: ClassVar[Mapping[str, tuple]] = {
@@ -184,6 +183,29 @@ class AdaLoraConfig(AdapterConfig):
     def scaling(self) -> float:
         """``alpha / (init_r + 1e-5)``: PEFT's ``scaling / ranknum``."""
         return float(self.alpha) / (float(self.init_r) + 1e-5)
+
+    # the training protocol (jpeft.config.AdapterConfig): what jpeft.fit's steps, `jpeft train` and the
+    # forgetting runner add for AdaLoRA
+    def wrap_optimizer(self, tx):
+        """``tx`` wrapped in AdaLoRA's rank allocator (:func:`allocator`)."""
+        return allocator(self, tx)
+
+    def regularizer(self, adapter):
+        """``orth_reg_weight * orthogonal_regularization(adapter)`` (PEFT adds it to the loss of a
+        model with a ``task_type``); ``None`` when the weight is 0."""
+        if not self.orth_reg_weight:
+            return None
+        return self.orth_reg_weight * orthogonal_regularization(adapter)
+
+    def trained_config(self, opt_state):
+        """This config with the ``rank_pattern`` of the allocator in ``opt_state``
+        (:func:`rank_pattern`); unchanged when ``opt_state`` holds no allocator or it has not
+        allocated yet."""
+        states = _allocator_states(opt_state)
+        if len(states) != 1:
+            return self
+        rp = _pattern_of(states[0])
+        return self if rp is None else self.replace(rank_pattern=rp)
 
 
 @jax.tree_util.register_dataclass
@@ -487,6 +509,167 @@ def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, adapter, g
             "which is None; pass config.replace(rank_pattern=...) with the pattern the final allocation returned."
         )
     return mask_using_rank_pattern(adapter, config.rank_pattern), state, None
+
+
+# -- the rank allocator as an optax transformation (the one training loop) --------------------------
+
+class RankAllocatorState(NamedTuple):
+    """The optimizer state of :func:`allocator`: a pytree of arrays, checkpointed, sharded and
+    donated with the rest of the optimizer state.
+
+    ``count``: the updates applied (the step number of the last one, as PEFT's ``global_step``);
+    ``inner``: the wrapped optimizer's state; ``ipt``, ``unc``: the sensitivity and uncertainty
+    averages (float32 trees shaped like the adapter); ``keep``: ``{path: bool[init_r]}``, the
+    triplets the last allocation kept (the fixed mask after ``total_step - tfinal``);
+    ``allocated``: whether an allocation happened (:func:`rank_pattern` is ``None`` before)."""
+
+    count: jax.Array
+    inner: Any
+    ipt: Any
+    unc: Any
+    keep: Any
+    allocated: jax.Array
+
+
+def _allocator_tables(config: AdaLoraConfig, init_bgt: int, target_bgt: int):
+    """``(budget, allocate)`` per step ``0 .. total_step`` (host integers, from
+    :func:`budget_schedule`): the budget PEFT masks to and whether step ``s`` allocates (on
+    PEFT's ``deltaT`` grid before ``total_step - tfinal``, and at it)."""
+    final = config.total_step - config.tfinal
+    budget, alloc = [], []
+    for s in range(config.total_step + 1):
+        b, now = budget_schedule(config, s, init_bgt, target_bgt)
+        budget.append(b)
+        alloc.append((s < final and now) or s == final)
+    return np.asarray(budget, np.int32), np.asarray(alloc, bool)
+
+
+def allocator(config: AdaLoraConfig, inner) -> "optax.GradientTransformation":
+    """AdaLoRA's rank allocator (PEFT's ``update_and_allocate``) around the optimizer ``inner``,
+    as one optax transformation, so AdaLoRA trains in any jitted step
+    (:func:`jpeft.make_train_step`, :func:`jpeft.make_sharded_train_step`,
+    :func:`jpeft.make_pmap_train_step`) run by :func:`jpeft.fit`, and its state
+    (:class:`RankAllocatorState`) is checkpointed and resumed with the optimizer state.
+
+    Each update runs ``inner``, takes the new adapter ``p + inner_update``, updates the
+    sensitivity averages with ``|p_new * grad|`` (PEFT reads ``p`` after the optimizer step and
+    ``p.grad``), and on the steps PEFT allocates zeroes the ``lora_E`` entries of the
+    lowest-scoring triplets (threshold and ties as :func:`mask_to_budget`); after
+    ``total_step - tfinal`` it applies the final mask every step. The step is the count of
+    updates applied (a step the non-finite guard skipped does not count). Place it after any
+    clipping, ``optax.chain(optax.clip_by_global_norm(c), allocator(config, optax.adamw(...)))``:
+    it then reads the clipped gradients, as PEFT under transformers' ``Trainer`` reads ``p.grad``
+    after ``clip_grad_norm_``. :func:`rank_pattern` reads the kept triplets from the state
+    (``config.trained_config(opt_state)``: the config to save with). ``update`` needs
+    ``params`` (the adapter's trainable arrays).
+
+    Raises:
+      ConfigError: ``config`` is not an :class:`AdaLoraConfig` or ``inner`` not an optax
+        transformation; ``update`` without ``params``.
+      UnsupportedAdapterError, UnsupportedModuleError: (at ``init``) an adapter that is not
+        AdaLoRA's, or a layer-scanned site (the allocator ranks each module's triplets).
+    """
+    if not isinstance(config, AdaLoraConfig):
+        raise ConfigError(f"adalora.allocator needs an AdaLoraConfig, found {type(config).__name__}.")
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise ConfigError(f"adalora.allocator wraps an optax transformation (e.g. optax.adamw(1e-3)), found "
+                          f"{type(inner).__name__}.")
+    final = config.total_step - config.tfinal
+
+    def sites_of(params):
+        if not isinstance(params, Mapping):
+            raise UnsupportedAdapterError(f"adalora.allocator optimizes an AdaLoRA adapter ({{path: AdaLoraWeights}}), "
+                                          f"found {type(params).__name__}.")
+        other = [(p, n) for p, n in params.items() if not isinstance(getattr(n, "inner", n), AdaLoraWeights)]
+        if other:
+            raise UnsupportedAdapterError(
+                f"adalora.allocator optimizes an AdaLoRA adapter ({{path: AdaLoraWeights}}), but {other[0][0]!r} holds a "
+                f"{type(getattr(other[0][1], 'inner', other[0][1])).__name__}; wrap the optimizer with the config of the "
+                "adapter it trains (config.wrap_optimizer(tx)).")
+        sites = _sites(params)
+        if not sites:
+            raise UnsupportedAdapterError("adalora.allocator got an adapter with no AdaLoRA site; build it with "
+                                          "jpeft.init(AdaLoraConfig(...), params, key).")
+        return sites
+
+    def init_fn(params):
+        sites = sites_of(params)
+        f32 = lambda t: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), t)  # noqa: E731
+        keep = {p: jnp.ones(jnp.shape(n.lora_E), bool) for p, n in sites.items()}
+        return RankAllocatorState(jnp.zeros((), jnp.int32), inner.init(params), f32(params), f32(params), keep,
+                                  jnp.zeros((), bool))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ConfigError("adalora.allocator's update needs params (the adapter): call "
+                              "optimizer.update(grads, opt_state, adapter), as jpeft's train steps do.")
+        sites = sites_of(params)
+        paths = sorted(sites)
+        init_bgt = sum(int(sites[p].lora_E.shape[0]) for p in paths)
+        budget_t, alloc_t = _allocator_tables(config, init_bgt, int(config.target_r) * len(paths))
+        inner_updates, inner_state = inner.update(updates, state.inner, params)
+        new_p = optax.apply_updates(params, inner_updates)  # what PEFT reads after optimizer.step()
+        step = state.count + 1
+        at = jnp.minimum(step, config.total_step)
+        # the averages, before total_step - tfinal (PEFT's update_ipt)
+        ipt_now = jax.tree.map(lambda p, g: jnp.abs(p.astype(jnp.float32) * g.astype(jnp.float32)), new_p, updates)
+        avg = jax.tree.map(lambda e, i: config.beta1 * e + (1 - config.beta1) * i, state.ipt, ipt_now)
+        unc = jax.tree.map(lambda u, i, e: config.beta2 * u + (1 - config.beta2) * jnp.abs(i - e), state.unc, ipt_now, avg)
+        averaging = step < final
+        avg = jax.tree.map(lambda n, o: jnp.where(averaging, n, o), avg, state.ipt)
+        unc = jax.tree.map(lambda n, o: jnp.where(averaging, n, o), unc, state.unc)
+        # the allocation (PEFT's mask_to_budget): kthvalue of the scores at k = init_bgt - budget
+        scores = {}
+        for p in paths:
+            s = jax.tree.map(lambda i, u: i * u, avg[p], unc[p])
+            scores[p] = s.lora_E + jnp.mean(s.lora_A, axis=0) + jnp.mean(s.lora_B, axis=1)
+        ranked = jnp.sort(jnp.concatenate([scores[p] for p in paths]))
+        k = init_bgt - jnp.asarray(budget_t)[at]
+        thr = jnp.where(k > 0, ranked[jnp.clip(k - 1, 0, init_bgt - 1)], -jnp.inf)
+        allocate = jnp.asarray(alloc_t)[at] & (step <= config.total_step)  # past total_step: the final mask
+        keep = {p: jnp.where(allocate, scores[p] > thr, state.keep[p]) for p in paths}
+        masking = allocate | (step > final)
+        out = dict(inner_updates)
+        for p in paths:  # a pruned E entry's update takes it to zero: p + (-p) = 0 exactly
+            u, old = inner_updates[p], params[p]
+            drop = masking & ~keep[p]
+            out[p] = dataclasses.replace(u, lora_E=jnp.where(drop, -old.lora_E, u.lora_E).astype(u.lora_E.dtype))
+        return out, RankAllocatorState(step, inner_state, avg, unc, keep, state.allocated | allocate)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _allocator_states(opt_state) -> list:
+    is_state = lambda x: isinstance(x, RankAllocatorState)  # noqa: E731
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+
+
+def _host(x) -> np.ndarray:
+    shards = getattr(x, "addressable_shards", None)  # a replicated array of a multi-process mesh
+    return np.asarray(jax.device_get(shards[0].data if shards else x))
+
+
+def _pattern_of(state: RankAllocatorState):
+    if not bool(_host(state.allocated)):
+        return None
+    return {rank_key(p): tuple(bool(b) for b in _host(k)) for p, k in sorted(state.keep.items())}
+
+
+def rank_pattern(opt_state) -> Optional[dict]:
+    """The ``rank_pattern`` (``{"<module>.lora_E": (bool, ...)}``, as :func:`update_and_allocate`
+    returns it and PEFT saves it) of the last allocation of the :func:`allocator` in
+    ``opt_state``; ``None`` before the first. ``config.trained_config(opt_state)`` is the config
+    with it, what :func:`jpeft.hf.save_peft` writes the kept triplets of.
+
+    Raises:
+      ConfigError: ``opt_state`` holds no allocator state, or several.
+    """
+    states = _allocator_states(opt_state)
+    if len(states) != 1:
+        raise ConfigError(f"rank_pattern reads the state of one adalora.allocator in the optimizer state, found "
+                          f"{len(states)}; pass the opt_state of the optimizer config.wrap_optimizer(...) (or "
+                          "adalora.allocator(config, ...)) returned.")
+    return _pattern_of(states[0])
 
 
 # -- Hugging Face PEFT format -------------------------------------------------------------------
