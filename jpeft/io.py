@@ -28,13 +28,16 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import struct
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -408,24 +411,68 @@ def recover(target) -> Optional[Path]:
     return target
 
 
+_WRITE_TMP = ".jpeft-tmp"
+_STALE_WRITE_TMP_S = 60.0  # a temporary file of atomic_write this old and unlocked is a killed writer's
+
+
+def _lock_nb(fd: int) -> bool:
+    """Takes an exclusive ``flock`` on ``fd`` without waiting; False when another process holds
+    it, or the file system has no ``flock``."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _remove_stale_write_temps(path: str) -> None:
+    """Removes the temporary files that :func:`atomic_write` calls to ``path`` killed before
+    their rename left beside it (``.<name>.<12 hex digits>.jpeft-tmp``): only regular files
+    unchanged for :data:`_STALE_WRITE_TMP_S` seconds whose ``flock`` is free (a writer holds its
+    own from creation to rename; the kernel releases it when the writer dies)."""
+    folder, base = os.path.split(path)
+    own = re.compile(re.escape(f".{base}.") + r"[0-9a-f]{12}" + re.escape(_WRITE_TMP))
+    try:
+        names = [n for n in os.listdir(folder or ".") if own.fullmatch(n)]
+    except OSError:
+        return
+    for name in names:
+        tmp = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            st = os.lstat(tmp)
+            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < _STALE_WRITE_TMP_S:
+                continue
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                if _lock_nb(fd) and os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+                    os.remove(tmp)
+            finally:
+                os.close(fd)
+
+
 def atomic_write(path, data) -> None:
     """Writes ``data`` (``str`` or ``bytes``) to ``path`` through a temporary file of a fresh
     name next to it, flushed and renamed over it, so an interrupted write leaves the previous
-    version, never half a file (and a file of the user's named ``<path>.tmp`` is never touched)."""
+    version, never half a file (and a file of the user's named ``<path>.tmp`` is never touched).
+    A writer killed before its rename leaves its hidden ``.<name>.<12 hex>.jpeft-tmp`` behind; a
+    later successful write of the same ``path`` removes those that are a minute old and not
+    held by a live writer (each holds an ``flock`` on its own until the rename)."""
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.jpeft-tmp")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_WRITE_TMP}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as with open()
+        _lock_nb(fd)  # a fresh name: only a cleanup of a stale one could look at it, and it waits a minute
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",
                        **({} if isinstance(data, bytes) else {"newline": ""})) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # still open, so still locked
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+    _remove_stale_write_temps(path)
 
 
 @contextlib.contextmanager

@@ -257,6 +257,24 @@ def _refuse_tied_lm_head(target_modules, candidates: list[str], hit: list[str]) 
 _SCAN_INDEX = re.compile(r"(^|/)layers(?:/|_)\d+(/|$)")  # a layer's index in a module name (layers.3 / layers_3)
 
 
+def _refuse_one_layer_entries(entries: list[str], candidates: list[str]) -> None:
+    """Raises :class:`ConfigError` for entries (matching nothing) that name one layer's module,
+    ``'model.layers.0.self_attn.v_proj'``, of a layer-scanned model (one ``'model/layers/...'``
+    site for every layer): the scan cannot adapt one layer alone, and dropping the entry, or a
+    hint to ``'v_proj'``, would change what the unrolled model adapts."""
+    one_layer = [t for t in entries if (u := _SCAN_INDEX.sub(r"\1layers\2", t.replace(".", "/"))) != t.replace(".", "/")
+                 and any(_suffix_match(p, u) for p in candidates)]
+    if one_layer:
+        raise ConfigError(
+            f"target_modules entries {one_layer} name a module of one layer, but this model runs its layers in a "
+            "layer scan (one site, e.g. 'model/layers/self_attn/q_proj', for every layer), which adapts a module in "
+            f"every layer or in none. Name the module without its layer ({one_layer[0].replace('.', '/').split('/')[-1]!r}) to adapt "
+            "every layer; to adapt some layers only, use an unrolled model (scan_layers=False; "
+            "jpeft.scan.unstack_params unrolls scanned params), where such entries or layers_to_transform select "
+            "layers."
+        )
+
+
 def _warn_unmatched_entries(target_modules, candidates: list[str], what: str) -> None:
     """Warns (``RuntimeWarning``) naming each entry of a ``target_modules`` list that matches none of
     ``candidates`` while other entries do: a typo (``'v_prj'``) or a module the method cannot adapt would
@@ -266,18 +284,7 @@ def _warn_unmatched_entries(target_modules, candidates: list[str], what: str) ->
     unmatched = [str(t) for t in target_modules if not any(_suffix_match(p, str(t)) for p in candidates)]
     if not unmatched:
         return
-    # 'model.layers.0.self_attn.v_proj' on a layer-scanned model (one 'model/layers/...' site for every layer):
-    # the entry names one layer's module, which the scan cannot adapt alone; dropping it (or the warning's
-    # 'did you mean v_proj') would change what the unrolled model adapts
-    one_layer = [t for t in unmatched if (u := _SCAN_INDEX.sub(r"\1layers\2", t.replace(".", "/"))) != t.replace(".", "/")
-                 and any(_suffix_match(p, u) for p in candidates)]
-    if one_layer:
-        raise ConfigError(
-            f"target_modules entries {one_layer} name a module of one layer, but this model runs its layers in a "
-            "layer scan (one site, e.g. 'model/layers/self_attn/q_proj', for every layer), which adapts every layer "
-            "alike. Name the module without its layer to adapt every layer, or use an unrolled model "
-            "(scan_layers=False) to adapt some layers only."
-        )
+    _refuse_one_layer_entries(unmatched, candidates)
     names = sorted({p.split("/")[-1] for p in candidates})
     near = {t: difflib.get_close_matches(t.replace(".", "/").split("/")[-1], names, n=1, cutoff=0.6) for t in unmatched}
     hints = "".join(f" Did you mean {near[t][0]!r} (not {t!r})?" for t in unmatched if near[t])
@@ -306,6 +313,9 @@ def select(target_modules, candidates: Iterable[str], *, what: str = "module") -
         _warn_unmatched_entries(target_modules, candidates, what)
         return hit
     targets = [target_modules] if isinstance(target_modules, str) else [str(t) for t in target_modules]
+    # a dotted name alone (a list's entry, or a string without regex syntax) naming one layer of a scanned model
+    _refuse_one_layer_entries([t for t in targets if not isinstance(target_modules, str) or re.fullmatch(r"[\w.]+", t)],
+                              candidates)
     def score(p):
         return max(
             max(difflib.SequenceMatcher(None, t, p).ratio(), difflib.SequenceMatcher(None, t, p.split("/")[-1]).ratio())

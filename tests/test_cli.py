@@ -905,7 +905,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     assert "[mesh] data=0, fsdp=2, tensor=1 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder"])
+@pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder", "locked"])
 def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_dir, case):
     """--max-steps and --resume are command-line options outside the resolved config: processes
     started with different --max-steps used to pass the agreement check, and the one stopping
@@ -913,7 +913,11 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     stack); with checkpoints in the output folder, the process without --resume refused alone
     and left the one with it waiting in the check. Refused by name on every process first. A
     process failing a check of its own host's files (``own_folder``) tells the others at the data
-    agreement, which stop with an error naming it."""
+    agreement, which stop with an error naming it. Only process 0 takes the output folder's
+    writer lock: refused it (``locked``: another run holds it), it used to stop alone while
+    process 1 waited in the first step's collectives forever; every process now stops naming
+    the lock."""
+    import fcntl
     import socket
 
     name = f"mesh_2p_{case}"
@@ -927,20 +931,33 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     extra = {"max_steps": (["--max-steps", "2"], []), "resume": (["--resume"], []),
              # the output folder may differ per host; process 1's holds a finished adapter, so it refuses alone
              # after the settings agreement: process 0 used to wait for it in the data agreement until JAX gave up
-             "own_folder": (["--output-dir", str(hf_dir / "own_0")], ["--output-dir", str(hf_dir / name)])}[case]
+             "own_folder": (["--output-dir", str(hf_dir / "own_0")], ["--output-dir", str(hf_dir / name)]),
+             "locked": ([], [])}[case]
     if case == "own_folder":
         (hf_dir / name / "adapter").mkdir(parents=True)
+    held = None
+    if case == "locked":  # another run's writer lock on the output folder, held by this test process
+        (hf_dir / name / "checkpoints").mkdir(parents=True)
+        held = open(hf_dir / name / "checkpoints" / ".jpeft-writer.lock", "a+b")
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                                *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env1)
              for i in range(2)]
     try:
-        outs = [p.communicate(timeout=150)[1] for p in procs]
+        outs = [p.communicate(timeout=150 if case != "locked" else 90)[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        if held is not None:
+            held.close()
     assert [p.returncode for p in procs] == [2, 2], "\n----\n".join(o[-3000:] for o in outs)
+    if case == "locked":
+        assert "another run (a jpeft train, or a program saving checkpoints) is writing into" in error_line(outs[0])
+        assert "process(es) [0] of this job could not take the writer lock of the output folder" in error_line(outs[1])
+        assert not (hf_dir / name / "metrics.jsonl").exists() and not (hf_dir / name / "adapter").exists()
+        return
     if case == "own_folder":
         assert "process(es) [1] of this job stopped before training with an error of their own" in error_line(outs[0])
         assert "holds the finished adapter of an earlier run" in error_line(outs[1])

@@ -849,3 +849,42 @@ def test_atomic_write_leaves_a_users_tmp_file_alone_and_keeps_the_old_file_on_fa
         atomic_write(target, "second\n")
     assert target.read_text() == "first\n" and users.read_text() == "mine"
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "metrics.jsonl.tmp"]
+
+
+def test_atomic_write_removes_a_killed_writers_temporary_file_once_stale_and_unlocked(tmp_path):
+    """A process SIGKILLed inside ``atomic_write`` (before its rename) left its hidden
+    ``.<name>.<hex>.jpeft-tmp`` beside the target for good. The next successful write of that
+    target removes it once it is a minute old and no live writer holds its ``flock``; a younger
+    one, one a live process holds, another target's and a user's look-alike stay."""
+    import fcntl
+    import signal
+    import subprocess
+    import time
+
+    from jpeft.io import atomic_write
+
+    target = tmp_path / "resolved_config.json"
+    code = ("import os, signal, sys\nfrom jpeft import io\n"
+            "real = os.replace\n"
+            "def die(src, dst):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "os.replace = die\nio.atomic_write(sys.argv[1], 'half')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    (killed,) = [n for n in os.listdir(tmp_path) if n.endswith(".jpeft-tmp")]
+    assert killed.startswith(".resolved_config.json.") and not target.exists()
+    live = tmp_path / ".resolved_config.json.0123456789ab.jpeft-tmp"  # a writer still at work (holds its flock)
+    live.write_text("busy")
+    other = tmp_path / ".metrics.jsonl.0123456789ab.jpeft-tmp"  # another target's
+    other.write_text("x")
+    users = tmp_path / ".resolved_config.json.mine.jpeft-tmp"  # not a name atomic_write makes
+    users.write_text("mine")
+    atomic_write(target, "{}")
+    assert (tmp_path / killed).exists()  # seconds old: it could be a writer between its open and its flock
+    hour_ago = time.time() - 3600
+    for p in (tmp_path / killed, live, other, users):
+        os.utime(p, (hour_ago, hour_ago))
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        atomic_write(target, '{"a": 1}')
+    assert target.read_text() == '{"a": 1}'
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".")) == sorted([live.name, other.name, users.name])

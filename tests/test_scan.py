@@ -404,6 +404,14 @@ def test_a_target_entry_naming_one_layer_on_a_scanned_model_is_refused():
         warnings.simplefilter("error", RuntimeWarning)  # every entry matches on the scanned model: no warning
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "self_attn.v_proj"]), p1, jax.random.key(1),
                    scanned, ids)
+    # alone (a list of one, or the dotted name as a string) it matched nothing at all: a TargetNotFoundError whose
+    # nearest path, 'model/layers/self_attn/v_proj', adapts every layer. The same named refusal
+    for alone in (["model.layers.1.self_attn.v_proj"], "model.layers.1.self_attn.v_proj", ["model/layers_1/self_attn/v_proj"]):
+        with pytest.raises(ConfigError, match=r"name a module of one layer.*in every layer or in none.*'v_proj'.*"
+                                              r"scan_layers=False.*layers_to_transform"):
+            jpeft.init(cfg.replace(target_modules=alone), p1, jax.random.key(1), scanned, ids)
+    with pytest.raises(jpeft.errors.TargetNotFoundError):  # a regex is not read as one layer's name
+        jpeft.init(cfg.replace(target_modules=r".*layers\.1\.self_attn\.v_proj"), p1, jax.random.key(1), scanned, ids)
 
 
 def test_an_output_adapter_on_a_block_inside_the_scan_is_refused():

@@ -386,8 +386,47 @@ def test_engine_refuses_max_len_past_gpt2s_learned_positions():
     model = jpeft.models.GPT2LMHeadModel(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     with pytest.raises(ConfigError, match="16 learned positions"):
-        Engine(model, params, None, slots=1, max_len=20)
-    assert Engine(model, params, None, slots=1).max_len == 16  # the default stays inside
+        Engine(model, params, None, slots=1, max_len=18)
+    assert Engine(model, params, None, slots=1).max_len == 17  # the default stays inside
+
+
+def test_engine_serves_gpt2_up_to_generates_limit():
+    """GPT-2's last new token is never read back, so jpeft.generate (as transformers) takes a
+    prompt + max_new_tokens of n_positions + 1; the engine refused that one token more by
+    default (max_len = n_positions) and with max_len = n_positions + 1. It now serves a request
+    at exactly that limit with generate's greedy tokens, and refuses one token more by name."""
+    from jpeft.errors import InputValidationError, PromptTooLongError
+    from jpeft.serve import Engine, Request
+
+    cfg = jpeft.models.GPT2Config(vocab_size=V, hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=16)
+    model = jpeft.models.GPT2LMHeadModel(cfg)
+    leaves, tree = jax.tree.flatten(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    keys = jax.random.split(jax.random.key(5), len(leaves))  # every tensor random: the init's tokens all repeat
+    params = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    prompt = [3, 9, 1, 4, 15, 2, 7, 30, 11]
+    n = 16 + 1 - len(prompt)  # reads positions 0..15: the whole table
+    ref = np.asarray(jpeft.generate(model, params, None, jnp.asarray([prompt], jnp.int32), n))[0, len(prompt):]
+    with pytest.raises(InputValidationError, match="exceeds GPT-2's 16 learned positions"):
+        jpeft.generate(model, params, None, jnp.asarray([prompt], jnp.int32), n + 1)
+    eng = Engine(model, params, None, slots=1, chunk=8, eos_ids=[])
+    with pytest.raises(PromptTooLongError, match="18 tokens, above this server's limit of 17"):
+        eng.submit(Request(prompt, None, n + 1, lambda e: None, temperature=0.0))
+    done, events = threading.Event(), []
+
+    def sink(e):
+        events.append(e)
+        if e.kind != "text":
+            done.set()
+
+    eng.start()
+    try:
+        eng.submit(Request(prompt, None, n, sink, temperature=0.0))
+        assert done.wait(120)
+    finally:
+        eng.stop()
+    assert events[-1].kind == "done" and events[-1].finish_reason == "length", events[-1]
+    got = [t for e in events if e.kind == "text" for t in e.token_ids]
+    assert got == ref.tolist() and len(set(got)) > 1
 
 
 def test_text_is_not_lost_when_decoding_rewrites_earlier_text():

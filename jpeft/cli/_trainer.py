@@ -474,14 +474,18 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                               keep_last=t["keep_checkpoints"], async_save=False)
     failed, locked = True, False
     try:
-        # the only writer of this run folder from here: a second run started on it stops before writing metrics
-        try:
-            ckpts.lock()
-            locked = True
-        except SaveError:
-            raise SaveError(f"another run (a jpeft train, or a program saving checkpoints) is writing into {ckpt_dir}; "
-                            "two runs in one output folder would mix their metrics and overwrite each other's "
-                            "checkpoints. Wait for it to end, or give this run another output_dir.") from None
+        # the only writer of this run folder from here: a second run started on it stops before writing metrics.
+        # Only process 0 takes the lock: the others learn its refusal at one more data agreement and stop naming
+        # it, instead of waiting for process 0 in the first step's collectives
+        with _host_checks(cfg) as agreed:
+            agreed["data_sha"] = data_sha
+            try:
+                ckpts.lock()
+                locked = True
+            except SaveError:
+                agreed["stopped"] = _LOCKED_OUT
+                raise SaveError(f"another run (a jpeft train, or a program saving checkpoints) is writing into "
+                                f"{ckpt_dir}; {_TWO_RUNS}") from None
         out = _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
                    k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved, base_sha)
         failed = False
@@ -520,13 +524,21 @@ def _remove_unstarted(out_dir: str, before: Optional[set]) -> None:
         os.rmdir(out_dir)
 
 
+# why a process of a multi-host run stopped before training, as it tells the others at a data agreement
+_OWN_ERROR, _LOCKED_OUT = 1, 2
+_TWO_RUNS = ("two runs in one output folder would mix their metrics and overwrite each other's checkpoints. Wait "
+             "for it to end, or give this run another output_dir.")
+
+
 @contextlib.contextmanager
 def _host_checks(cfg: dict):
     """Wraps :func:`train`'s checks and reads of the host's own files (output folder, model,
-    data). With several processes, ends in the data agreement of :func:`_check_data_agrees`
+    data), and then its taking of the output folder's writer lock (process 0's alone). With
+    several processes, ends in the data agreement of :func:`_check_data_agrees`
     (``agreed["data_sha"]``, set inside the block); a process whose block raised joins that
-    agreement as failed and then raises its own error, so the others stop with an error naming
-    it rather than waiting in the agreement for a process that will never reach it."""
+    agreement as failed (``agreed["stopped"]``: why, :data:`_OWN_ERROR` unless set) and then
+    raises its own error, so the others stop with an error naming it rather than waiting in
+    the agreement, or in the first step's collectives, for a process that will never reach it."""
     agreed: dict = {}
     if jax.process_count() == 1:
         yield agreed
@@ -534,14 +546,14 @@ def _host_checks(cfg: dict):
     try:
         yield agreed
     except Exception:
-        _check_data_agrees("", failed=True)
+        _check_data_agrees("", failed=agreed.get("stopped", _OWN_ERROR))
         raise
     _check_data_agrees(agreed["data_sha"])
 
 
 def _gather_digests(parts, extra=None) -> np.ndarray:
     """Every process's sha256 of each ``(name, what, bytes)`` of ``parts`` (and an ``extra``
-    row of flags), as ``[processes, rows, 8]`` uint32."""
+    row holding that number: why a process stopped), as ``[processes, rows, 8]`` uint32."""
     from jax.experimental import multihost_utils
 
     mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for _, _, v in parts])
@@ -575,14 +587,21 @@ def _check_settings_agree(cfg: dict, flags: dict) -> None:
     _refuse_differences(parts, _gather_digests(parts))
 
 
-def _check_data_agrees(data_sha: str, *, failed: bool = False) -> None:
-    """The second agreement of a multi-host run: every process packed the same training data
-    (``data_sha``: :func:`data_fingerprint`). ``failed``: this process could not read its files
-    and raises its own error afterwards; the others are told which process stopped."""
+def _check_data_agrees(data_sha: str, *, failed: int = 0) -> None:
+    """The second agreement of a multi-host run, held again once process 0 took the writer lock:
+    every process packed the same training data (``data_sha``: :func:`data_fingerprint`).
+    ``failed``: this process stopped (:data:`_OWN_ERROR`: it could not read its files;
+    :data:`_LOCKED_OUT`: another run holds the output folder's writer lock) and raises its own
+    error afterwards; the others are told which process stopped, and why."""
     parts = [("training data", "the data.train file", data_sha.encode())]
     every = _gather_digests(parts, extra=failed)
     if failed:
         return  # the caller raises this process's own error
+    locked_out = [p for p in range(every.shape[0]) if every[p, -1, 0] == _LOCKED_OUT]
+    if locked_out:
+        raise SaveError(f"process(es) {locked_out} of this job could not take the writer lock of the output folder: "
+                        "another run (a jpeft train, or a program saving checkpoints) is writing into its "
+                        f"checkpoints, and this process stops too; {_TWO_RUNS}")
     stopped = [p for p in range(every.shape[0]) if every[p, -1, 0]]
     if stopped:
         raise ConfigError(f"process(es) {stopped} of this job stopped before training with an error of their own "

@@ -359,7 +359,7 @@ def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window:
                 "segment_ids (packed documents) cannot be combined with a KV cache; decode one document per row."
             )
         kv_valid = write_at(cache.mask, valid, cache.index)
-        q_slot = jnp.broadcast_to(_row_index(cache.index) + jnp.arange(s, dtype=jnp.int32), (b, s))
+        q_slot = jnp.broadcast_to(_row_index(cache.index) + jnp.arange(s, dtype=jnp.int32)[None], (b, s))
         k_pos = jnp.broadcast_to(jnp.arange(cache.mask.shape[1], dtype=jnp.int32), (b, cache.mask.shape[1]))
         q_pos = q_slot
         if sliding_window is not None:

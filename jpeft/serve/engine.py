@@ -175,7 +175,8 @@ class Engine:
       slots: decode rows (requests generating at once).
       max_len: prompt + generated tokens per request at most (default: the model's
         ``max_position_embeddings``, at most 2048; a model with learned positions, GPT-2,
-        refuses more than it has with :class:`~jpeft.errors.ConfigError`).
+        reads every position but the last generated token's, as :func:`jpeft.generate` does,
+        so it takes one more by default and refuses more with :class:`~jpeft.errors.ConfigError`).
       chunk: prefill chunk length.
       max_queue: requests waiting for a row at most; more raise :class:`OverloadedError`.
       queue_timeout, request_timeout: seconds a request may wait for a row / run in all.
@@ -191,16 +192,21 @@ class Engine:
         for name, v in (("slots", slots), ("chunk", chunk), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"Engine {name} must be a positive int, found {v!r}.")
+        limit = learned_position_limit(cfg)
         if max_len is None:
             max_len = min(int(getattr(cfg, "max_position_embeddings", 2048) or 2048), 2048)
+            if limit is not None and limit < 2048:
+                max_len = limit + 1  # the last new token is never read back (jpeft.generate and transformers agree)
         if max_len < 2:
             raise ConfigError(f"Engine max_len must be >= 2, found {max_len}.")
         check_decoder(model, "Engine")
-        limit = learned_position_limit(cfg)
-        if limit is not None and max_len > limit:  # past the position table the logits are NaN: token 0, silently
+        # a request ends once prompt + generated reach max_len, and its last token is never fed back: it reads
+        # max_len - 1 positions. Past the position table the logits are NaN: token 0, silently
+        if limit is not None and max_len > limit + 1:
             raise ConfigError(
-                f"Engine max_len is {max_len}, but this model has {limit} learned positions (max_position_embeddings); "
-                f"a request could not go past them. Use max_len <= {limit} (--max-len)."
+                f"Engine max_len is {max_len}, but this model has {limit} learned positions (max_position_embeddings): "
+                f"a request reads every position but its last token's, so it can hold {limit + 1} tokens at most. "
+                f"Use max_len <= {limit + 1} (--max-len)."
             )
         if not isinstance(bank, _NoBank):
             bank.check(params)
