@@ -1285,6 +1285,63 @@ def test_info_on_adapter_folders_counts_what_peft_trains(hf_dir, tmp_path, capsy
             assert (res["frozen_params"] > 0) == bool(has_frozen)
 
 
+def test_info_counts_the_base_biases_peft_trains_with_bias_lora_only_or_all(tmp_path, capsys):
+    """PEFT saves the biases ``bias="lora_only"``/``"all"`` trains of a LoRA layer as
+    ``...q_proj.base_layer.bias``; `jpeft info` took them for base weights saved with the adapter
+    (as a targeted embedding's ``base_layer.weight`` is): 1,024 trainable where PEFT counts 1,152."""
+    import copy
+
+    import peft
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as tiny
+
+    base, _ = tiny.hf_model("llama2")  # biased attention projections
+    for bias in ("lora_only", "all"):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], bias=bias))
+        pm.save_pretrained(tmp_path / bias)
+        res = json.loads(jpeft_here(capsys, "info", tmp_path / bias, "--json").stdout)
+        assert res["trainable_params"] == pm.get_nb_trainable_parameters()[0], (bias, res)
+        assert res["base_copy_params"] == 0
+
+
+def test_merge_and_export_with_force_leave_no_earlier_output_to_be_read_instead(hf_dir, tmp_path, capsys):
+    """`merge --force` over an earlier merge of a base with a tokenizer kept that tokenizer beside the
+    new base's weights (transformers loaded a 300-token tokenizer for a 100-word model); `export
+    --force` into a folder holding a jpeft adapter wrote the PEFT files beside it, and every
+    `--adapter OUT` then read the old jpeft adapter (a merge 2.96 away from the exported adapter);
+    into another run's folder, `--adapter RUN` read the export instead of the run's adapter/."""
+    import jax
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as tiny
+
+    _, plain = tiny.hf_model("llama2")  # no tokenizer files
+    adapters = {}
+    for name, folder in (("tok", hf_dir / "tiny-llama"), ("plain", plain)):
+        _, params = jpeft.models.from_pretrained(str(folder))
+        config = jpeft.LoraConfig(r=2, target_modules=["q_proj"], init="random")
+        jpeft.save_adapter(str(tmp_path / name), config, jpeft.init(config, params, jax.random.key(0)))
+        adapters[name] = folder
+    out = tmp_path / "merged"
+    assert jpeft_here(capsys, "merge", "--model", adapters["tok"], "--adapter", tmp_path / "tok", "--out", out).returncode == 0
+    assert (out / "tokenizer.json").is_file()
+    r = jpeft_here(capsys, "merge", "--model", plain, "--adapter", tmp_path / "plain", "--out", out, "--force")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == sorted(os.listdir(plain))
+    # export --force into a jpeft adapter folder: refused, the adapter left as it was
+    shutil.copytree(tmp_path / "tok", tmp_path / "old")
+    before = {n: (tmp_path / "old" / n).read_bytes() for n in os.listdir(tmp_path / "old")}
+    r = jpeft_here(capsys, "export", "--model", plain, "--adapter", tmp_path / "plain", "--out", tmp_path / "old", "--force")
+    assert r.returncode == 2 and "SaveError" in error_line(r.stderr) and "jpeft_adapter.json" in r.stderr
+    assert {n: (tmp_path / "old" / n).read_bytes() for n in os.listdir(tmp_path / "old")} == before
+    # so is another run's folder: `--adapter RUN` would read the export instead of the run's adapter/
+    shutil.copytree(tmp_path / "tok", tmp_path / "run" / "adapter")
+    r = jpeft_here(capsys, "export", "--model", plain, "--adapter", tmp_path / "plain", "--out", tmp_path / "run", "--force")
+    assert r.returncode == 2 and "a training run" in error_line(r.stderr)
+    assert os.listdir(tmp_path / "run") == ["adapter"]
+
+
 # ------------------------------------------------------------- PiSSA / OLoRA PEFT folders
 def _peft_residual_folder(base, init, out, seed):
     """A PEFT adapter made with init_lora_weights=init, every LoRA tensor random, saved unconverted."""

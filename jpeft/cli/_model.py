@@ -89,9 +89,7 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
     tensors = loading.hf_tensors(inner, loading._family_of(loading.config_from_hf(loaded.hf_config)), stored)
     copies = {}
     for name in os.listdir(loaded.folder):
-        if name in ("config.json", "generation_config.json") or name.startswith(("tokenizer", "special_tokens",
-                                                                                 "vocab", "merges", "added_tokens",
-                                                                                 "chat_template")):
+        if _is_base_file(name):
             src = os.path.join(loaded.folder, name)
             if os.path.isfile(src):
                 copies[name] = src
@@ -104,10 +102,18 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
         raise SaveError(f"writing the merged model to {out!r} failed: {e}. The files already there are left as they "
                         "were; free space or fix permissions and run again.") from None
     # an earlier `jpeft export` there (``--force``): transformers' from_pretrained(out) would load the base its
-    # adapter_config.json names with that old adapter attached, not the merged weights
-    for name in PEFT_ADAPTER_FILES:
+    # adapter_config.json names with that old adapter attached, not the merged weights; an earlier merge of another
+    # base: its tokenizer files and generation_config.json that this base lacks would load with these weights
+    stale = [n for n in os.listdir(out) if _is_base_file(n) and n not in copies and os.path.isfile(os.path.join(out, n))]
+    for name in (*PEFT_ADAPTER_FILES, *stale):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, name))
+
+
+def _is_base_file(name: str) -> bool:
+    """A file ``save_folder`` copies from the base folder: its config, generation config and tokenizer files."""
+    return name in ("config.json", "generation_config.json") or name.startswith(
+        ("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template"))
 
 
 def encode_fn(tokenizer):

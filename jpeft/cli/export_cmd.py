@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 from jpeft import hf
-from jpeft.cli._ckpt import load_adapter_with_base
+from jpeft.cli._ckpt import ADAPTER_JSON, _steps, load_adapter_with_base
 from jpeft.cli._model import example_ids, load_folder
 from jpeft.cli.merge_cmd import check_out
+from jpeft.errors import SaveError
 
 HELP = "export an adapter to the Hugging Face PEFT format (adapter_config.json + adapter_model.safetensors)"
 EPILOG = """\
@@ -41,6 +42,12 @@ def add_parser(sub):
 
 def run(args) -> int:
     check_out(args.out, args.force, **{"--model": args.model, "--adapter": args.adapter})
+    held = _held_adapter(args.out)
+    if held:
+        raise SaveError(f"--out {args.out!r} holds {held}; `--adapter {args.out}` would then read "
+                        + ("it instead of the exported PEFT files" if held.startswith("a jpeft") else
+                           "the exported PEFT files instead of the run's adapter")
+                        + " (--force does not allow it). Give a new folder for the output.")
     loaded = load_folder(args.model, tokenizer=False)
     # a PiSSA/OLoRA PEFT folder: its sites keep their mark, so the export says init_lora_weights as the input did
     adapter, config, _ = load_adapter_with_base(args.adapter, params=loaded.params, model=loaded.model,
@@ -49,3 +56,15 @@ def run(args) -> int:
     hf.save_peft(args.out, config, adapter, base_model_name_or_path=args.base_name or os.path.abspath(args.model))
     print(f"exported {config.peft_type} adapter to {os.path.abspath(args.out)} (Hugging Face PEFT format)")
     return 0
+
+
+def _held_adapter(out: str):
+    """What ``out`` already holds that a PEFT export there would mix with: a jpeft adapter
+    (``jpeft_adapter.json``, read before PEFT files, so the export would be shadowed) or a
+    training run (``adapter/``, ``checkpoints/``: ``--adapter RUN`` would read the export
+    instead of the run's adapter); ``None`` when neither."""
+    if os.path.isfile(os.path.join(out, ADAPTER_JSON)):
+        return f"a jpeft adapter ({ADAPTER_JSON})"
+    if os.path.isfile(os.path.join(out, "adapter", ADAPTER_JSON)) or _steps(os.path.join(out, "checkpoints")) or _steps(out):
+        return "a training run (its adapter/ or checkpoints)"
+    return None

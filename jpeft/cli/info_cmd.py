@@ -162,8 +162,9 @@ def adapter_summary(path: str) -> dict:
         cfg = io.read_json(os.path.join(found.path, "adapter_config.json"), what="adapter_config.json")
         index, _ = io.safetensors_index(os.path.join(found.path, "adapter_model.safetensors"))
         # PEFT saves a targeted embedding's base weight beside its factors (``...base_layer.weight``):
-        # a copy of the base, not an adapter parameter
-        shapes = {k: e[1] for k, e in index.items() if ".base_layer." not in k}
+        # a copy of the base, not an adapter parameter; a ``...base_layer.bias`` is the base bias that
+        # ``bias="lora_only"``/``"all"`` trains, counted as PEFT counts it
+        shapes = {k: e[1] for k, e in index.items() if not k.endswith(".base_layer.weight")}
         frozen = _frozen_count(cfg.get("peft_type"), shapes)
         res.update(method=cfg, trainable_params=sum(_prod(s) for s in shapes.values()) - frozen, frozen_params=frozen,
                    base_copy_params=sum(_prod(e[1]) for k, e in index.items() if k not in shapes),
