@@ -512,6 +512,42 @@ def test_fit_trains_adalora_and_peft_loads_the_pruned_result(tmp_path):
     _close(_logits_jpeft(params, res.adapter, ids, mask), _logits_torch(back, ids, mask), mask, atol=1e-5)
 
 
+
+def test_export_between_two_allocations_keeps_the_triplets_the_optimizer_moved_again(tmp_path):
+    """With deltaT > 1 the steps between two allocations move the E entries the last one zeroed
+    (Adam's momentum; PEFT's too), while trained_config's rank_pattern (what a checkpoint of that
+    step records) still drops them: save_peft wrote only the allocation's triplets, and the
+    exported adapter's logits left jpeft's by 0.11 (silently). Those triplets are written too."""
+    model, params = _base()
+    config = AL.AdaLoraConfig(init_r=4, target_r=1, tinit=1, tfinal=2, total_step=20, deltaT=3,
+                              target_modules=["q_proj", "v_proj"])
+    ad = jpeft.init(config, params, jax.random.key(0))
+    ad = {p: dataclasses.replace(n, lora_E=0.1 * jax.random.normal(jax.random.fold_in(jax.random.key(4), i), n.lora_E.shape))
+          for i, (p, n) in enumerate(sorted(ad.items()))}  # E random too (zero at init)
+    ids, mask = tiny.batch(FAMILY, seed=3)
+
+    def loss_fn(params, a, batch, key):
+        loss, _ = jpeft.lm_loss(model, params, a, batch["ids"], batch["mask"], attention_mask=batch["mask"])
+        return loss + config.regularizer(a)
+
+    opt = config.wrap_optimizer(optax.adam(5e-2))
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    a, st = ad, jpeft.init_opt_state(opt, ad)
+    for s in range(1, 6):  # allocations on PEFT's deltaT grid; step 5 is between two
+        a, st, _ = step(params, a, st, {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask)}, jax.random.key(s))
+    trained = config.trained_config(st)
+    dropped_but_moving = [p for p, n in a.items()
+                          if np.any(~np.asarray(trained.rank_pattern[AL.rank_key(p)]) & (np.asarray(n.lora_E) != 0))]
+    assert trained.rank_pattern is not None and dropped_but_moving
+    H.save_peft(str(tmp_path), trained, a)
+    _, back = H.load_peft(str(tmp_path), params)
+    _close(_logits_jpeft(params, back, ids, mask), _logits_jpeft(params, a, ids, mask), mask, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model(FAMILY)[0]), str(tmp_path)).eval()
+    _close(_logits_jpeft(params, a, ids, mask), _logits_torch(pm, ids, mask), mask, atol=1e-5)
+
+
 _MESH_WORKER = r"""
 import dataclasses, json, sys
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax

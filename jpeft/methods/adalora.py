@@ -682,6 +682,7 @@ _TENSORS = ("lora_A", "lora_E", "lora_B")
 def _to_hf(config: AdaLoraConfig, adapter, ctx):
     tensors, targets = {}, []
     rp = config.rank_pattern or {}
+    written = dict(rp)
     for path, node in sorted(_sites(adapter).items()):
         if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
@@ -695,13 +696,18 @@ def _to_hf(config: AdaLoraConfig, adapter, ctx):
                 f"{keep.shape[0]} entries for it; use the config the adapter was trained with."
             )
         a, e, b = (np.asarray(x, np.float32) for x in (node.lora_A, node.lora_E, node.lora_B))
+        # between two allocations (deltaT > 1, before total_step - tfinal) the optimizer moves the E entries the last
+        # allocation zeroed (as in PEFT); those triplets still act, so they are written (and marked kept) too
+        keep = keep | (e.reshape(-1) != 0)
+        if rank_key(path) in rp:
+            written[rank_key(path)] = tuple(bool(k) for k in keep)
         tensors[peft_key(path, "lora_A")] = np.ascontiguousarray(a.T[keep])
         tensors[peft_key(path, "lora_E")] = np.ascontiguousarray(e[keep].reshape(-1, 1))
         tensors[peft_key(path, "lora_B")] = np.ascontiguousarray(b.T[:, keep])
         targets.append(hf_name(path))
     d = {k: v for k, v in config.to_dict().items() if k != "peft_type"}
     d["target_modules"] = targets
-    d["rank_pattern"] = None if config.rank_pattern is None else {k: list(v) for k, v in config.rank_pattern.items()}
+    d["rank_pattern"] = None if config.rank_pattern is None else {k: list(v) for k, v in written.items()}
     d.update(r=8, fan_in_fan_out=ctx.fan_in_fan_out, bias="none", modules_to_save=None, use_rslora=False,
              use_dora=False, alpha_pattern={}, layers_to_transform=None, layers_pattern=None, exclude_modules=None)
     return d, tensors
