@@ -53,7 +53,7 @@ def _refuse_unknown_keywords(cls, kwargs, where: str = "", what: str = "keyword"
     with the accepted names and the nearest one; Python's own error was a bare ``TypeError``.
     :meth:`AdapterConfig.from_dict` names a dict's unknown keys here too (``where=".from_dict"``,
     ``what="key"``)."""
-    fields = [f.name for f in dataclasses.fields(cls)]
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in kwargs if k not in fields]
     if not unknown:
         return
@@ -134,7 +134,7 @@ class AdapterConfig:
     @classmethod
     def key_names(cls) -> frozenset:
         """The names that set a field: every field's name and its Hugging Face PEFT name."""
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
         return frozenset(fields | {cls._hf_keys.get(n, n) for n in fields})
 
     @classmethod

@@ -409,20 +409,25 @@ def rank_key(path: str) -> str:
     return f"{hf_name(path)}.lora_E"
 
 
+def _above_kth(scores: Mapping[str, jax.Array], k) -> dict:
+    """``{path: bool[r]}``: the triplets scoring above the ``k``-th smallest of all ``scores``
+    (PEFT's ``kthvalue`` threshold; ties at it are pruned), every triplet for ``k <= 0`` (nothing
+    to prune: PEFT's kthvalue has no ``k = 0``, which a valid schedule never asks for). ``k`` may
+    be traced (the jitted :func:`allocator`)."""
+    ranked = jnp.sort(jnp.concatenate([scores[p] for p in sorted(scores)]))
+    thr = jnp.where(k > 0, ranked[jnp.clip(k - 1, 0, ranked.shape[0] - 1)], -jnp.inf)
+    return {p: s > thr for p, s in scores.items()}
+
+
 def mask_to_budget(state: AllocatorState, adapter, budget: int) -> tuple[dict, dict]:
     """Zeroes the ``E`` entries of the lowest-scoring triplets so that ``budget`` remain
     (ties at the threshold are pruned too, as in PEFT). Returns ``(adapter, rank_pattern)``."""
     sites = _sites(adapter)
-    scores = triplet_scores(state, adapter)
     init_bgt = sum(int(n.lora_E.shape[0]) for n in sites.values())
-    k = init_bgt - int(budget)
-    if k <= 0:  # nothing to prune (PEFT's kthvalue has no k = 0: it never asks for it in a valid schedule)
-        thr = -jnp.inf
-    else:
-        thr = jnp.sort(jnp.concatenate([scores[p] for p in sites]))[k - 1]
+    kept = _above_kth(triplet_scores(state, adapter), init_bgt - int(budget))
     out, pattern = dict(adapter), {}
     for path, node in sites.items():
-        keep = scores[path] > thr
+        keep = kept[path]
         out[path] = dataclasses.replace(node, lora_E=jnp.where(keep, node.lora_E, jnp.zeros_like(node.lora_E)))
         pattern[rank_key(path)] = tuple(bool(b) for b in np.asarray(keep))
     return out, pattern
@@ -619,15 +624,9 @@ def allocator(config: AdaLoraConfig, inner) -> "optax.GradientTransformation":
         avg = jax.tree.map(lambda n, o: jnp.where(averaging, n, o), avg, state.ipt)
         unc = jax.tree.map(lambda n, o: jnp.where(averaging, n, o), unc, state.unc)
         # the allocation (PEFT's mask_to_budget): kthvalue of the scores at k = init_bgt - budget
-        scores = {}
-        for p in paths:
-            s = jax.tree.map(lambda i, u: i * u, avg[p], unc[p])
-            scores[p] = s.lora_E + jnp.mean(s.lora_A, axis=0) + jnp.mean(s.lora_B, axis=1)
-        ranked = jnp.sort(jnp.concatenate([scores[p] for p in paths]))
-        k = init_bgt - jnp.asarray(budget_t)[at]
-        thr = jnp.where(k > 0, ranked[jnp.clip(k - 1, 0, init_bgt - 1)], -jnp.inf)
+        kept = _above_kth(triplet_scores(state._replace(ipt=avg, unc=unc), params), init_bgt - jnp.asarray(budget_t)[at])
         allocate = jnp.asarray(alloc_t)[at] & (step <= config.total_step)  # past total_step: the final mask
-        keep = {p: jnp.where(allocate, scores[p] > thr, state.keep[p]) for p in paths}
+        keep = {p: jnp.where(allocate, kept[p], state.keep[p]) for p in paths}
         masking = allocate | (step > final)
         out = dict(inner_updates)
         for p in paths:  # a pruned E entry's update takes it to zero: p + (-p) = 0 exactly
