@@ -119,6 +119,18 @@ def _key_name(k) -> str:
     return str(k)
 
 
+def _no_decay_paths(tree, prefix: tuple = ()) -> set:
+    """The name paths of the arrays that the adapter nodes in ``tree`` name in ``no_decay``,
+    nodes inside nodes included (a layer-scanned site's ``scan.Stacked`` holds its ``inner``)."""
+    out: set = set()
+    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Site) and x is not tree)[0]
+    for path, node in nodes:
+        if isinstance(node, Site):
+            here = prefix + tuple(n for n in (_key_name(k) for k in path) if n)
+            out |= {here + (field,) for field in node.no_decay} | _no_decay_paths(node, here)
+    return out
+
+
 def decay_mask(tree) -> Any:
     """Which arrays of a trainable tree weight decay applies to, chosen as transformers'
     ``Trainer`` chooses them (``get_decay_parameter_names``): every array but biases and the
@@ -138,9 +150,7 @@ def decay_mask(tree) -> Any:
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     names = [[n for n in (_key_name(k) for k in path) if n] for path, _ in flat]
-    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Site))[0]
-    named = {tuple(n for n in (_key_name(k) for k in path) if n) + (field,)
-            for path, node in nodes if isinstance(node, Site) for field in node.no_decay}
+    named = _no_decay_paths(tree)
     siblings: dict = {}
     for parts in names:
         siblings.setdefault(tuple(parts[:-1]), set()).add(parts[-1] if parts else "")

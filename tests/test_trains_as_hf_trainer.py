@@ -238,3 +238,16 @@ def test_tied_lora_embedding_gradient_is_the_sum_of_pefts_two_parameters():
     np.testing.assert_allclose(np.asarray(site.lora_B), want_b, atol=1e-5)
     peft_norm = np.sqrt(sum(float((p.grad ** 2).sum()) for p in P.values()))
     assert abs(float(np.sqrt(sum(float(jnp.sum(x ** 2)) for x in jax.tree.leaves(grad)))) - peft_norm) > 1e-3
+
+
+def test_decay_mask_reads_no_decay_of_a_node_inside_a_scanned_site():
+    """A layer-scanned site (``scan.Stacked``) holds its node as ``inner``: that node's
+    ``no_decay`` fields are left out too, under the stacked path."""
+    from jpeft.scan import Stacked
+
+    _, params = jpeft.models.from_pretrained(mt.hf_model("llama2")[1])
+    cfg = jpeft.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=4)
+    node = jpeft.trainable(jpeft.init(cfg, params, jax.random.key(0)))[""]
+    stacked = Stacked(node, 1)
+    m = decay_mask({"model/layers/x": stacked})["model/layers/x"].inner
+    assert (m.embedding, m.w1, m.b1, m.w2, m.b2) == (True, True, False, True, False)
