@@ -673,6 +673,25 @@ def test_a_run_refused_the_lock_leaves_the_other_runs_files(hf_dir, tmp_path, ca
             m.close()
 
 
+def test_a_lock_file_that_cannot_be_made_is_not_reported_as_another_run(hf_dir, tmp_path, capsys, monkeypatch):
+    """The writer lock's file could not be created (permissions, a read-only folder): `jpeft train`
+    said another run was writing into the folder; it now passes the lock's own message on."""
+    from jpeft.checkpoint import CheckpointManager
+    from jpeft.errors import SaveError
+
+    def refuse(self):
+        try:
+            raise PermissionError(13, "Permission denied")
+        except OSError as e:
+            raise SaveError(f"cannot create the writer lock in {self.directory}: {e}") from e
+
+    monkeypatch.setattr(CheckpointManager, "_take_lock", refuse)
+    cfg = _tiny_lora_run(hf_dir, tmp_path, steps=2)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "cannot create the writer lock" in err and "Permission denied" in err and "another run" not in err
+
+
 def test_resume_refuses_another_base_of_the_same_architecture(hf_dir, tmp_path, capsys):
     """`model` may change on --resume (the folder moved), but a folder holding other weights of
     the same config and shapes (another fine-tune) passed the checkpoints' base check (config

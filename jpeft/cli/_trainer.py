@@ -482,7 +482,9 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
             try:
                 ckpts.lock()
                 locked = True
-            except SaveError:
+            except SaveError as e:
+                if isinstance(e.__cause__, OSError):  # the lock file could not be made (permissions): its own message
+                    raise
                 agreed["stopped"] = _LOCKED_OUT
                 raise SaveError(f"another run (a jpeft train, or a program saving checkpoints) is writing into "
                                 f"{ckpt_dir}; {_TWO_RUNS}") from None
