@@ -412,7 +412,9 @@ def recover(target) -> Optional[Path]:
 
 
 _WRITE_TMP = ".jpeft-tmp"
-_STALE_WRITE_TMP_S = 60.0  # a temporary file of atomic_write this old and unlocked is a killed writer's
+# a temporary file of atomic_write this old and unlocked is a killed writer's; long, because on a shared
+# file system whose flock is local to each host a live writer on another host looks unlocked
+_STALE_WRITE_TMP_S = 900.0
 
 
 def _lock_nb(fd: int) -> bool:
@@ -455,13 +457,13 @@ def atomic_write(path, data) -> None:
     name next to it, flushed and renamed over it, so an interrupted write leaves the previous
     version, never half a file (and a file of the user's named ``<path>.tmp`` is never touched).
     A writer killed before its rename leaves its hidden ``.<name>.<12 hex>.jpeft-tmp`` behind; a
-    later successful write of the same ``path`` removes those that are a minute old and not
+    later successful write of the same ``path`` removes those that are 15 minutes old and not
     held by a live writer (each holds an ``flock`` on its own until the rename)."""
     path = os.fspath(path)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}{_WRITE_TMP}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as with open()
-        _lock_nb(fd)  # a fresh name: only a cleanup of a stale one could look at it, and it waits a minute
+        _lock_nb(fd)  # a fresh name: only a cleanup of a stale one could look at it, and it waits 15 minutes
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",
                        **({} if isinstance(data, bytes) else {"newline": ""})) as f:
             f.write(data)
