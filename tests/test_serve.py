@@ -472,6 +472,36 @@ def test_a_character_split_over_byte_fallback_tokens_does_not_end_the_text():
     assert events[-1].finish_reason == "length"
 
 
+def test_a_stop_string_whose_next_character_is_split_over_byte_tokens_is_cut_whole():
+    """The hold-back of a stop string's start looked at the text's end, which is U+FFFD while a
+    character is incomplete: with stop "用户" and "户" arriving as three byte tokens, "用" was sent
+    and the completion read "a用" instead of "a" (streamed or not). Nothing compiled."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from jpeft.serve import Engine, Request
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "\u7528": 3, **{f"<0x{i:02X}>": 4 + i for i in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    hu = [4 + b for b in "\u6237".encode()]  # three byte tokens
+    eng = Engine(MODEL, PARAMS, None, tokenizer=fast, slots=1, max_len=32, eos_ids=[])  # nothing compiled below
+
+    def run(seq, stop):
+        events = []
+        req = Request([1], None, len(seq), events.append, temperature=0.0, stop=stop)
+        eng._rows[0] = req
+        for t in seq:
+            if not req.done:
+                eng._accept([(0, req)], [t])
+        return "".join(e.text for e in events if e.kind == "text"), events[-1].finish_reason
+
+    assert run([1, 3, *hu, 2], ["\u7528\u6237"]) == ("a", "stop")
+    assert run([1, 3, *hu, 2], ["b\u6237", "\u7528b"]) == ("a\u7528\u6237b", "length")  # held, then sent whole
+    assert run([1, 2, *hu, 1], ["b\u6237"]) == ("a", "stop")
+
+
 def test_usage_counts_every_generated_token_the_end_of_sequence_included():
     """``usage.completion_tokens`` counts the tokens the model generated, as vLLM and TGI count
     them: an end-of-sequence token is not text but is counted (it was left out), a stop string's
@@ -642,3 +672,28 @@ def test_odd_paths_and_routes_get_openai_shaped_errors_not_plain_text_500():
         assert r.status_code == 405 and "Method Not Allowed" in r.json()["error"]["message"], r.text
         r = client.get("/v1/nope")
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text
+
+
+def test_a_streamed_request_that_timed_out_in_the_queue_reports_503_not_504():
+    """A streaming request that never got a slot was reported inside the stream as 504 (the code of a
+    request that ran past --request-timeout), where the same request without streaming gets the
+    documented 503; the stream's error now has OpenAI's full shape (with "param"). Nothing compiled."""
+    import asyncio
+
+    from jpeft.serve import Engine, Event, Request
+    from jpeft.serve.app import Server
+
+    eng = Engine(MODEL, PARAMS, None, slots=1, max_len=32)
+    server = Server(eng, base_name="tiny", tokenizer=_word_tokenizer(WORDS))
+
+    async def main(started):
+        req = Request([1, 2], None, 4, lambda e: None)
+        req.started = started
+        queue = asyncio.Queue()
+        queue.put_nowait(Event("error", error="timeout", message="timed out"))
+        return [c async for c in server._stream(req, queue, "cmpl-x", "tiny", False)]
+
+    for started, code in ((None, 503), (1.0, 504)):
+        (chunk,) = asyncio.run(main(started))
+        err = json.loads(chunk[len("data: "):])["error"]
+        assert err == {"message": "timed out", "type": "timeout_error", "param": None, "code": code}, err

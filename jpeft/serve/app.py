@@ -51,9 +51,11 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type_, param
 
+    def response_body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.status}}, status_code=self.status)
+        return JSONResponse(self.response_body(), status_code=self.status)
 
 
 def _bad(message: str, param: Optional[str] = None) -> ApiError:
@@ -303,8 +305,10 @@ class Server:
                     if ev.text:
                         yield chunk(text=ev.text)
                 elif ev.kind == "error":
-                    err = _engine_error(ev, started=True)
-                    yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.status}})}\n\n"
+                    # a request that never got a slot timed out in the queue: 503 as without streaming (was 504, the
+                    # code of a request that ran past --request-timeout)
+                    err = _engine_error(ev, started=req.started is not None)
+                    yield f"data: {json.dumps(err.response_body())}\n\n"
                     return
                 else:
                     yield chunk(text="" if not chat else None, finish=ev.finish_reason, usage=ev.usage)

@@ -605,10 +605,13 @@ class Engine:
             # byte-fallback tokenizer (Llama 2, Mistral); sending any of them would make the text already sent
             # differ from the text once the character completes, and nothing more could be sent
             safe = len(text.rstrip("\ufffd"))
+            # the start of a stop string is looked for before those U+FFFD: the character they become may be the
+            # stop string's next one ("用" then the bytes of "户", stop "用户": "用" was sent, then cut)
+            head = text[:safe]
             for s in r.stop:
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        safe = min(safe, len(text) - k)
+                for k in range(min(len(s) - 1, len(head)), 0, -1):
+                    if head.endswith(s[:k]):
+                        safe = min(safe, len(head) - k)
                         break
         if not text.startswith(r.emitted) or safe <= len(r.emitted):
             return ""
