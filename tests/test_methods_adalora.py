@@ -604,3 +604,20 @@ def test_forgetting_runner_trains_adalora_with_its_budget():
     out = experiment.run_one(bench, experiment.MethodSpec("adalora", cfg, lr=1e-2), 0, log=None, keep_adapter=True)
     kept = [int((np.asarray(n.lora_E) != 0).sum()) for n in out["adapter"].values()]
     assert sum(kept) == 2 * 2 and np.isfinite(out["metrics"]["acc"])
+
+
+def test_rank_pattern_reads_a_pmap_steps_replicated_state():
+    """``make_pmap_train_step``'s optimizer state carries a leading device axis (equal copies):
+    ``rank_pattern`` and ``trained_config`` on it raised numpy's "truth value of an array with
+    more than one element is ambiguous"; they read the first copy."""
+    config = AL.AdaLoraConfig(target_modules=["q", "v", "o"], init_r=4, target_r=2, tinit=0, tfinal=1, total_step=4)
+    params, ad, loss_fn, batch = adalora_toy.net_problem(config)
+    opt = config.wrap_optimizer(optax.adam(5e-2))
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    a, st = ad, jpeft.init_opt_state(opt, ad)
+    two = jax.tree.map(lambda x: jnp.stack([x, x]), st)  # as jpeft.parallel.replicate over 2 devices
+    assert AL.rank_pattern(two) is None and config.trained_config(two) is config
+    a, st, _ = step(params, a, st, batch(1), jax.random.key(0))
+    two = jax.tree.map(lambda x: jnp.stack([x, x]), st)
+    assert AL.rank_pattern(two) == AL.rank_pattern(st) is not None
+    assert config.trained_config(two) == config.trained_config(st)

@@ -522,7 +522,9 @@ class RankAllocatorState(NamedTuple):
     """The optimizer state of :func:`allocator`: a pytree of arrays, checkpointed, sharded and
     donated with the rest of the optimizer state.
 
-    ``count``: the updates applied (the step number of the last one, as PEFT's ``global_step``);
+    ``count``: the updates applied (the step number of the last one: PEFT's ``update_and_allocate(s)``
+    with ``s = 1`` after the first optimizer step, e.g. ``state.global_step + 1`` in a ``Trainer``
+    callback's ``on_optimizer_step``);
     ``inner``: the wrapped optimizer's state; ``ipt``, ``unc``: the sensitivity and uncertainty
     averages (float32 trees shaped like the adapter); ``keep``: ``{path: bool[init_r]}``, the
     triplets the last allocation kept (the fixed mask after ``total_step - tfinal``);
@@ -649,9 +651,11 @@ def _host(x) -> np.ndarray:
 
 
 def _pattern_of(state: RankAllocatorState):
-    if not bool(_host(state.allocated)):
+    allocated = _host(state.allocated)
+    lead = allocated.ndim  # make_pmap_train_step's state carries a leading device axis: its copies are equal
+    if not bool(allocated.reshape(-1)[0]):
         return None
-    return {rank_key(p): tuple(bool(b) for b in _host(k)) for p, k in sorted(state.keep.items())}
+    return {rank_key(p): tuple(bool(b) for b in _host(k)[(0,) * lead]) for p, k in sorted(state.keep.items())}
 
 
 def rank_pattern(opt_state) -> Optional[dict]:
