@@ -337,7 +337,7 @@ class _Context:
         return {"dropout": jax.random.fold_in(self._key, self._count)}
 
 
-def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, method: str = "__call__", **kwargs):
+def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, method: Any = "__call__", **kwargs):
     """The NNX model ``nnx.merge(graphdef, state)`` called on ``args`` with every adapter
     node at its site. Variables the call mutates (batch statistics, RNG counters) belong to
     the throw-away copy and are dropped: the result is the output only. Given a dropout key
@@ -378,7 +378,17 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
         )
     proxies = {path: _SiteProxy(modules[path], path, node, ctx) for path, node in adapter.items()}
     _replace(model, {id(modules[p]): proxy for p, proxy in proxies.items()})
-    fn = model if method == "__call__" else getattr(model, method)
+    if callable(method):  # linen's form, method=Model.encode: called with the (adapted copy of the) model first
+        fn = lambda *a, **k: method(model, *a, **k)  # noqa: E731
+    elif method == "__call__":
+        fn = model
+    elif isinstance(method, str) and callable(getattr(model, method, None)):
+        fn = getattr(model, method)
+    else:
+        raise ConfigError(
+            f"method={method!r}: the NNX model ({type(model).__name__}) has no such method; pass the name of one "
+            "(method=\"encode\") or the function (method=Model.encode)."
+        )
     try:
         out = fn(*args, **kwargs)
     except TypeError as e:

@@ -953,9 +953,12 @@ class CheckpointManager:
                 adapter = template_adapter(config, self.params, self.model, *self.example_args)
             except JpeftError:
                 raise
-        if opt_state is None and self.optimizer is not None and any(k.startswith("opt_state/") for k in index):
+        if opt_state is None and self.optimizer is not None:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter)
-            opt_state = jax.eval_shape(self.optimizer.init, trainable(abstract))  # no state for frozen arrays
+            built = jax.eval_shape(self.optimizer.init, trainable(abstract))  # no state for frozen arrays
+            # a state without arrays (optax.sgd's EmptyStates) is never written: it is the optimizer's own
+            if any(k.startswith("opt_state/") for k in index) or not jax.tree.leaves(built):
+                opt_state = built
         groups = {"adapter": adapter}
         if opt_state is not None:
             groups["opt_state"] = opt_state

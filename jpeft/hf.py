@@ -34,11 +34,13 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from safetensors.numpy import save_file
 
 from jpeft import quant, scan
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
+    BaseMismatchError,
     CheckpointError,
     ConfigError,
     JpeftError,
@@ -52,7 +54,7 @@ from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read
 from jpeft.methods.base import Method, method_for_peft_type, registered_methods
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys, peft_key,  # noqa: F401
                                split_peft_key, take_base_copies, take_embedding_copies, to_np)
-from jpeft.tree import compile_pattern, count, module_leaves, unwrap_params
+from jpeft.tree import compile_pattern, count, from_hf_name, hf_name, module_leaves, unwrap_params
 
 
 def supported_peft_types() -> list[str]:
@@ -228,6 +230,14 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     if scan.is_stacked(adapter):  # PEFT names layers one by one: model.layers.{i}....
         adapter = scan.unstack_adapter(adapter)
     paths = sorted(adapter)
+    by_name: dict[str, str] = {}
+    for p in paths:  # PEFT's keys name a module by its Hugging Face name: two sites with one would overwrite
+        other = by_name.setdefault(hf_name(p), p)
+        if other != p:
+            raise ConfigError(
+                f"the adapter's sites {other!r} and {p!r} have one Hugging Face module name, {hf_name(p)!r} (an NNX "
+                "list entry layers/0 and an attribute layers_0), so the PEFT file would hold one of them only. Rename "
+                "one of the two attributes, or save with jpeft.save_adapter.")
     if fan_in_fan_out is None:
         conv = [bool(CONV1D.match(p)) for p in paths]
         fan_in_fan_out = any(conv)
@@ -423,6 +433,43 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     _warn_unknown_keys(fmt.config, d, path)
     inner, _ = unwrap_params(params)
     tensors = _read_tensors(path, count(inner))
+    renamed = _as_peft_reads(inner, path)
+    if renamed is not None:  # an NNX model's list entries ("layers/0/fc"): read under PEFT's names, then put back
+        names, inner = renamed
+        config, adapter = _load_unrolled(d, fmt, ptype, tensors, inner, {"params": inner}, path, dtype)
+        return config, {names.get(p, p): n for p, n in adapter.items()}
+    return _load_unrolled(d, fmt, ptype, tensors, inner, params, path, dtype)
+
+
+def _as_peft_reads(inner, path: str):
+    """``None`` when every module path of the base is the one a PEFT key reads back as
+    (``from_hf_name(hf_name(p)) == p``: linen's ``layers_0``); else ``({read path: own path},
+    params renamed to the read paths)``, for an NNX model whose list entries are path
+    components of their own (``layers/0/fc``, PEFT's ``layers.0.fc``, read back as
+    ``layers_0/fc``). Two modules with one PEFT name (``layers/0`` and ``layers_0``) are a
+    :class:`BaseMismatchError`: a file cannot tell them apart."""
+    leaves = module_leaves(inner)
+    names: dict[str, str] = {}
+    for p in leaves:
+        q = from_hf_name(hf_name(p))
+        if q in names:
+            raise BaseMismatchError(
+                f"the base has two modules with one Hugging Face name, {names[q]!r} and {p!r} (both "
+                f"{hf_name(p)!r}), so the PEFT adapter in {path!r} cannot say which one its keys belong to. Rename one "
+                "of the two attributes.")
+        names[q] = p
+    if all(q == p for q, p in names.items()):
+        return None
+    out: dict = {}
+    for q, p in names.items():
+        node = out
+        for comp in [c for c in q.split("/") if c]:
+            node = node.setdefault(comp, {})
+        node.update(leaves[p])
+    return names, out
+
+
+def _load_unrolled(d, fmt, ptype, tensors, inner, params, path: str, dtype):
     prefix = "base_model." if ptype in ("PREFIX_TUNING", "PROMPT_TUNING") else PEFT_PREFIX
     _take_frozen_classifier(d, tensors, module_leaves(inner), path, prefix)  # SEQ_CLS's copy of the base's classifier
     n_scanned = scan.num_stacked_layers(inner)
@@ -451,13 +498,19 @@ def _base_change(config, adapter):
     return None if hook is None else hook(config, adapter)
 
 
+def _state_of(params):
+    """An ``nnx.Module``'s state (``nnx.split``'s), as every entry point taking params takes it; other params as given."""
+    return nnx.split(params)[1] if isinstance(params, nnx.Module) else params
+
+
 def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     """Reads a Hugging Face PEFT adapter folder for a jpeft base.
 
     Args:
       path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
       params: the base (``{"params": ...}`` or bare) from :func:`jpeft.models.from_pretrained`;
-        for a layer-scanned base the per-layer sites are stacked (:mod:`jpeft.scan`).
+        for a layer-scanned base the per-layer sites are stacked (:mod:`jpeft.scan`). For an
+        NNX model its ``nnx.State`` or the ``nnx.Module`` itself (docs/NNX.md).
       dtype: dtype of the adapter arrays.
 
     Returns:
@@ -474,7 +527,7 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
         both sides are listed).
       CheckpointError: a truncated or corrupted weights file.
     """
-    config, adapter = _load(path, params, dtype)
+    config, adapter = _load(path, _state_of(params), dtype)
     change = _base_change(config, adapter)
     if change is not None:
         kind = change[0]
@@ -506,6 +559,7 @@ def load_peft_with_base(path: str, params, *, dtype=jnp.float32) -> tuple[Adapte
       the full-precision weights, as PEFT refuses its residual inits on a quantized layer: load
       onto the float params, then quantize the residual returned).
     """
+    params = _state_of(params)
     config, adapter = _load(path, params, dtype)
     change = _base_change(config, adapter)
     if change is None:

@@ -236,14 +236,16 @@ def is_stacked(adapter: Mapping[str, Any]) -> bool:
 
 def num_stacked_layers(params: Mapping[str, Any], name: str = "layers"):
     """The layer count of a scanned params tree (the leading size of the leaves under a
-    ``{name}`` subtree), or ``None`` when the params are unrolled."""
+    ``{name}`` subtree), or ``None`` when the params are unrolled. A ``{name}`` subtree keyed
+    by list indices (``"0"``, ``"1"``, ...: an NNX model's ``self.layers = nnx.List([...])``,
+    ``nnx.Sequential``'s ``layers``) holds one module per entry, not a stack."""
     stack = [params]
     while stack:
         d = stack.pop()
         if not isinstance(d, Mapping):
             continue
         for k, v in d.items():
-            if k == name and isinstance(v, Mapping):
+            if k == name and isinstance(v, Mapping) and not (v and all(str(c).isdigit() for c in v)):
                 leaves = jax.tree.leaves(v)
                 if leaves and getattr(leaves[0], "ndim", len(getattr(leaves[0], "shape", ()))) >= 1:
                     return int(leaves[0].shape[0])

@@ -822,3 +822,5 @@ def test_an_optimizer_state_of_the_base_or_of_frozen_arrays_is_refused_at_save(t
             if a is not bank.weights:  # a bank's weights restore with their own template
                 st = m.restore(1)
                 assert _leaves_equal(st.adapter, a) and _leaves_equal(st.opt_state, state)
+                # sgd's EmptyStates came back as None, which no train step takes (its resumed run stopped)
+                assert jax.tree.structure(st.opt_state) == jax.tree.structure(state)

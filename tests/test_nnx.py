@@ -381,6 +381,78 @@ def test_lists_and_sequential_name_paths_like_nnx_split():
     np.testing.assert_allclose(jpeft.merge(net, adapter)(x), y, rtol=1e-5, atol=1e-5)
 
 
+def test_a_list_named_layers_is_no_layer_scan_and_its_peft_files_load(tmp_path):
+    # self.layers = nnx.List([...]) (and nnx.Sequential's own `layers`) was taken for a layer-scanned base
+    # (a 'layers' subtree with array leaves): load_peft of the file jpeft itself wrote was a BaseMismatchError
+    # (PEFT's 'layers.0.fc' read back as 'layers_0/fc'), LN tuning's init a ShapeMismatchError about the scan
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.ln = nnx.LayerNorm(4, rngs=rngs)
+            self.fc = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.fc(self.ln(x))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs, extra=False):
+            self.layers = nnx.List([Block(rngs) for _ in range(2)])
+            self.seq = nnx.Sequential(nnx.Linear(4, 4, rngs=rngs))
+            if extra:  # PEFT's name of layers_0/fc is layers.0.fc, as the list entry's
+                self.layers_0 = Block(rngs)
+
+        def __call__(self, x):
+            for b in self.layers:
+                x = b(x)
+            return self.seq(x)
+
+    net = _build(lambda: Net(nnx.Rngs(0)))
+    graphdef, state = nnx.split(net)
+    x = jax.random.normal(jax.random.key(0), (2, 4))
+    assert jpeft.scan.num_stacked_layers(nnx_params(state)) is None
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["fc", "seq/layers/0"]), jpeft.LNTuningConfig(target_modules=["ln"])):
+        adapter = _randomize(jpeft.init(cfg, state, jax.random.key(1), graphdef, x))
+        y = jpeft.apply(graphdef, state, adapter, x)
+        assert float(jnp.abs(y - net(x)).max()) > 1e-2
+        out = str(tmp_path / cfg.peft_type)
+        hf.save_peft(out, cfg, adapter)
+        for base in (state, net):  # the nnx.Module in place of its state, as jpeft.load_adapter takes it
+            _, loaded = hf.load_peft(out, base)  # the Module was an AttributeError ('Net' object has no 'items')
+            assert sorted(loaded) == sorted(adapter)
+            np.testing.assert_allclose(jpeft.apply(graphdef, state, loaded, x), y, rtol=1e-6, atol=1e-6)
+    # two modules with one PEFT name: refused by name on save and on load, never one of them dropped
+    net2 = _build(lambda: Net(nnx.Rngs(0), extra=True))
+    graphdef2, state2 = nnx.split(net2)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc"])
+    adapter2 = jpeft.init(cfg, state2, jax.random.key(1), graphdef2, x)
+    assert sorted(adapter2) == ["layers/0/fc", "layers/1/fc", "layers_0/fc"]
+    with pytest.raises(jpeft.errors.ConfigError, match="one Hugging Face module name"):
+        hf.save_peft(str(tmp_path / "both"), cfg, adapter2)
+    assert not (tmp_path / "both").exists()
+    with pytest.raises(jpeft.errors.BaseMismatchError, match="two modules with one Hugging Face name"):
+        hf.load_peft(str(tmp_path / "LORA"), state2)
+
+
+def test_method_by_name_or_function_as_for_linen():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(4, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(x)
+
+        def encode(self, x):
+            return 2 * self.fc(x)
+
+    net = _build(lambda: Net(nnx.Rngs(0)))
+    x = jnp.ones((2, 4))
+    adapter = _randomize(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc"]), net, jax.random.key(1)))
+    y = jpeft.apply(net, None, adapter, x)
+    for method in ("encode", Net.encode):  # linen's method=Model.encode was flax's TypeError (attribute name)
+        np.testing.assert_allclose(jpeft.apply(net, None, adapter, x, method=method), 2 * y, rtol=1e-6)
+    with pytest.raises(jpeft.errors.ConfigError, match="no such method"):
+        jpeft.apply(net, None, adapter, x, method="decode")
+
+
 def test_sites_in_nested_plain_containers_are_adapted():
     # nnx.data([[...]]) / a dict of tuples: plain containers nested in one attribute; a site in
     # one of them was left the bare module (silently, once another site was called)
