@@ -378,6 +378,8 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
         )
     proxies = {path: _SiteProxy(modules[path], path, node, ctx) for path, node in adapter.items()}
     _replace(model, {id(modules[p]): proxy for p, proxy in proxies.items()})
+    if isinstance(getattr(method, "__self__", None), nnx.Module):  # model.encode: bound to the caller's model,
+        method = method.__func__  # which has no adapter; unbound as linen's apply unbinds it
     if callable(method):  # linen's form, method=Model.encode: called with the (adapted copy of the) model first
         fn = lambda *a, **k: method(model, *a, **k)  # noqa: E731
     elif method == "__call__":

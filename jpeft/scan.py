@@ -238,7 +238,9 @@ def num_stacked_layers(params: Mapping[str, Any], name: str = "layers"):
     """The layer count of a scanned params tree (the leading size of the leaves under a
     ``{name}`` subtree), or ``None`` when the params are unrolled. A ``{name}`` subtree keyed
     by list indices (``"0"``, ``"1"``, ...: an NNX model's ``self.layers = nnx.List([...])``,
-    ``nnx.Sequential``'s ``layers``) holds one module per entry, not a stack."""
+    ``nnx.Sequential``'s ``layers``) holds one module per entry, not a stack; so does one whose
+    arrays differ in leading size (a plain module named ``{name}``: ``nn.Dense(16, name="layers")``'s
+    ``[8, 16]`` kernel and ``[16]`` bias), as a scan slices every array on its first axis."""
     stack = [params]
     while stack:
         d = stack.pop()
@@ -246,9 +248,9 @@ def num_stacked_layers(params: Mapping[str, Any], name: str = "layers"):
             continue
         for k, v in d.items():
             if k == name and isinstance(v, Mapping) and not (v and all(str(c).isdigit() for c in v)):
-                leaves = jax.tree.leaves(v)
-                if leaves and getattr(leaves[0], "ndim", len(getattr(leaves[0], "shape", ()))) >= 1:
-                    return int(leaves[0].shape[0])
+                lead = {tuple(getattr(x, "shape", ()))[:1] for x in jax.tree.leaves(v)}
+                if len(lead) == 1 and lead != {()}:
+                    return int(lead.pop()[0])
             stack.append(v)
     return None
 
@@ -277,18 +279,32 @@ def unstack_adapter(adapter: Mapping[str, Any], name: str = "layers") -> dict:
     """Per-layer nodes for every :class:`Stacked` site: ``model/layers/X`` becomes
     ``model/layers_0/X``, ``model/layers_1/X``, ... (the unrolled model's paths, which
     Hugging Face names ``model.layers.0.X``). A full fine-tuning node's copy of the params is
-    split with :func:`unstack_params`. Other nodes are kept as they are."""
-    out = {}
+    split with :func:`unstack_params`. Other nodes are kept as they are.
+
+    Raises:
+      ConfigError: a layer's path is also another site's (a module named ``{name}_0`` beside
+        the scanned ``{name}``): one of the two would be dropped.
+    """
+    out, source = {}, {}
+
+    def put(path, node, src):
+        if path in out:
+            raise ConfigError(
+                f"the adapter's sites {source[path]!r} and {src!r} both unstack to {path!r} (a module named "
+                f"'{name}_<i>' beside the layer-scanned '{name}'), so one of the two would be dropped. Rename that "
+                "module, or keep the adapter stacked (jpeft.save_adapter).")
+        out[path], source[path] = node, src
+
     for path, node in adapter.items():
         if _holds_whole_params(path, node):  # full fine-tuning: its copy of the params is per layer too
-            out[path] = dataclasses.replace(node, params=unstack_params(node.params, name))
+            put(path, dataclasses.replace(node, params=unstack_params(node.params, name)), path)
             continue
         if not isinstance(node, Stacked):
-            out[path] = node
+            put(path, node, path)
             continue
         head, tail = _split(path, name)
         for i in range(node.length):
-            out[_join(head, f"{name}_{i}", tail)] = node.layer(i)
+            put(_join(head, f"{name}_{i}", tail), node.layer(i), path)
     return out
 
 

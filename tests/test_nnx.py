@@ -447,7 +447,9 @@ def test_method_by_name_or_function_as_for_linen():
     x = jnp.ones((2, 4))
     adapter = _randomize(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc"]), net, jax.random.key(1)))
     y = jpeft.apply(net, None, adapter, x)
-    for method in ("encode", Net.encode):  # linen's method=Model.encode was flax's TypeError (attribute name)
+    # linen's method=Model.encode was flax's TypeError (attribute name); a bound net.encode (linen unbinds it) was
+    # called with the adapted copy as its input, and named an NNX transform as the cause
+    for method in ("encode", Net.encode, net.encode):
         np.testing.assert_allclose(jpeft.apply(net, None, adapter, x, method=method), 2 * y, rtol=1e-6)
     with pytest.raises(jpeft.errors.ConfigError, match="no such method"):
         jpeft.apply(net, None, adapter, x, method="decode")

@@ -854,7 +854,7 @@ def test_atomic_write_leaves_a_users_tmp_file_alone_and_keeps_the_old_file_on_fa
 def test_atomic_write_removes_a_killed_writers_temporary_file_once_stale_and_unlocked(tmp_path):
     """A process SIGKILLed inside ``atomic_write`` (before its rename) left its hidden
     ``.<name>.<hex>.jpeft-tmp`` beside the target for good. The next successful write of that
-    target removes it once it is a minute old and no live writer holds its ``flock``; a younger
+    target removes it once it is 15 minutes old and no live writer holds its ``flock``; a younger
     one, one a live process holds, another target's and a user's look-alike stay."""
     import fcntl
     import signal

@@ -523,3 +523,63 @@ def test_remat_policies_that_need_arguments_are_refused_by_name():
     (l0, g0), (l1, g1) = loss(cfg), loss(cfg.replace(remat=True, remat_policy="full"))
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     assert _max_diff(g1, g0) < 1e-4
+
+
+
+def test_a_module_named_like_a_layer_beside_the_scan_is_refused_when_unstacking(tmp_path):
+    """A linen model with a scanned ``layers`` and a block named ``layers_0`` beside it: unstacking
+    (what save_peft does first) put the scan's layer 0 and that block at one path, and the PEFT
+    file held the block's factors as layer 0's (the scan's layer 0 dropped, silently)."""
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x + nn.Dense(4, name="fc")(x), None
+
+    class Net(nn.Module):
+        extra: str = "block"
+
+        @nn.compact
+        def __call__(self, x):
+            x, _ = nn.scan(Layer, variable_axes={"params": 0, scan.COLLECTION: 0}, split_rngs={"params": True},
+                           length=2)(name="layers")(x, None)
+            if self.extra == "block":  # its fc is layers_0/fc, the unstacked layer 0's path
+                return Layer(name="layers_0")(x, None)[0]
+            return nn.Dense(4, name="layers_0")(x)  # layers_0 itself: no path of a layer's
+
+    x = jnp.ones((2, 4))
+    for extra, targets in (("dense", ["fc", "layers_0"]), ("block", ["fc"])):
+        model = Net(extra)
+        params = model.init(jax.random.key(0), x)
+        cfg = jpeft.LoraConfig(r=2, target_modules=targets)
+        adapter = jpeft.init(cfg, params, jax.random.key(1), model, x)
+        assert sorted(adapter) == ["layers/fc", "layers_0" if extra == "dense" else "layers_0/fc"]
+        if extra == "dense":  # nothing shared: unstacked and saved
+            assert sorted(scan.unstack_adapter(adapter)) == ["layers_0", "layers_0/fc", "layers_1/fc"]
+            jpeft.hf.save_peft(str(tmp_path / extra), cfg, adapter)
+            continue
+        with pytest.raises(ConfigError, match="both unstack to 'layers_0/fc'"):
+            scan.unstack_adapter(adapter)
+        with pytest.raises(ConfigError, match="both unstack to 'layers_0/fc'"):
+            jpeft.hf.save_peft(str(tmp_path / extra), cfg, adapter)
+        assert not (tmp_path / extra).exists()
+
+
+def test_peft_files_of_an_unrolled_module_named_layers_load_back(tmp_path):
+    """A plain ``nn.Dense(16, name="layers")`` (kernel [8, 16], bias [16]) was taken for a scan
+    of 8 layers: the PEFT file jpeft wrote for its LoRA was a BaseMismatchError on load."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="layers")(nn.Dense(8, name="fc")(x))
+
+    model, x = Net(), jnp.ones((2, 8))
+    params = model.init(jax.random.key(0), x)
+    assert scan.num_stacked_layers(params["params"]) is None
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc", "layers"])
+    adapter = _trained_looking(jpeft.init(cfg, params, jax.random.key(1), model, x))
+    jpeft.hf.save_peft(str(tmp_path / "a"), cfg, adapter)
+    _, loaded = jpeft.hf.load_peft(str(tmp_path / "a"), params)
+    assert sorted(loaded) == ["fc", "layers"]
+    np.testing.assert_allclose(jpeft.apply(model, params, loaded, x), jpeft.apply(model, params, adapter, x), atol=1e-6)
