@@ -559,11 +559,11 @@ def load_peft_with_base(path: str, params, *, dtype=jnp.float32) -> tuple[Adapte
       the full-precision weights, as PEFT refuses its residual inits on a quantized layer: load
       onto the float params, then quantize the residual returned).
     """
-    params = _state_of(params)
+    given, params = params, _state_of(params)
     config, adapter = _load(path, params, dtype)
     change = _base_change(config, adapter)
     if change is None:
-        return config, params, adapter
+        return config, given, adapter  # an nnx.Module as given
     kind, base_of = change
     if quant.has_quantized(params):
         raise QuantizationError(

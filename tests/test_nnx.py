@@ -419,6 +419,7 @@ def test_a_list_named_layers_is_no_layer_scan_and_its_peft_files_load(tmp_path):
             _, loaded = hf.load_peft(out, base)  # the Module was an AttributeError ('Net' object has no 'items')
             assert sorted(loaded) == sorted(adapter)
             np.testing.assert_allclose(jpeft.apply(graphdef, state, loaded, x), y, rtol=1e-6, atol=1e-6)
+            assert hf.load_peft_with_base(out, base)[1] is base  # no residual init: the base as given
     # two modules with one PEFT name: refused by name on save and on load, never one of them dropped
     net2 = _build(lambda: Net(nnx.Rngs(0), extra=True))
     graphdef2, state2 = nnx.split(net2)
