@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import fcntl
 import logging
 import math
@@ -505,8 +506,11 @@ class CheckpointManager:
             raise SaveError(f"cannot create the writer lock in {self.directory}: {e}") from e
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             f.close()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # ENOLCK (NFS without locks), ...
+                raise SaveError(f"cannot take the writer lock in {self.directory}: {e}. Save into a folder on a file "
+                                "system with flock (a local disk).") from e
             raise SaveError(
                 f"another CheckpointManager (in this or another process) is saving into {self.directory}; two writers "
                 "would overwrite each other's steps. Close the other manager first, or save into another directory."

@@ -674,8 +674,9 @@ def test_a_run_refused_the_lock_leaves_the_other_runs_files(hf_dir, tmp_path, ca
 
 
 def test_a_lock_file_that_cannot_be_made_is_not_reported_as_another_run(hf_dir, tmp_path, capsys, monkeypatch):
-    """The writer lock's file could not be created (permissions, a read-only folder): `jpeft train`
-    said another run was writing into the folder; it now passes the lock's own message on."""
+    """The writer lock's file could not be created (permissions, a read-only folder), or the file
+    system has no flock (ENOLCK): `jpeft train` said another run was writing into the folder; it
+    now passes the lock's own message on."""
     from jpeft.checkpoint import CheckpointManager
     from jpeft.errors import SaveError
 
@@ -690,6 +691,18 @@ def test_a_lock_file_that_cannot_be_made_is_not_reported_as_another_run(hf_dir, 
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
     err = error_line(capsys.readouterr().err)
     assert "cannot create the writer lock" in err and "Permission denied" in err and "another run" not in err
+    monkeypatch.undo()
+    import errno
+
+    import jpeft.checkpoint as ckpt
+
+    def no_locks(fd, op):  # a file system without flock (NFS mounted without locks: ENOLCK)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(ckpt.fcntl, "flock", no_locks)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    err = error_line(capsys.readouterr().err)
+    assert "cannot take the writer lock" in err and "No locks available" in err and "another run" not in err
 
 
 def test_resume_refuses_another_base_of_the_same_architecture(hf_dir, tmp_path, capsys):

@@ -483,7 +483,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                 ckpts.lock()
                 locked = True
             except SaveError as e:
-                if isinstance(e.__cause__, OSError):  # the lock file could not be made (permissions): its own message
+                # the lock could not be made or taken (permissions, no flock): its own message
+                if isinstance(e.__cause__, OSError):
                     raise
                 agreed["stopped"] = _LOCKED_OUT
                 raise SaveError(f"another run (a jpeft train, or a program saving checkpoints) is writing into "
