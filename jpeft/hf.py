@@ -22,6 +22,7 @@ method: LoRA's format (with rsLoRA, rank_pattern, alpha_pattern, DoRA, and GPT-2
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -260,6 +261,8 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     config_bytes = json.dumps(d, indent=2, sort_keys=True).encode()
     tmp = None
     replaced = []
+    made = not os.path.isdir(path)  # a folder this call makes goes again when the save fails
+    done = False
     try:
         os.makedirs(path, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=_SAVE_PREFIX, dir=path)
@@ -276,6 +279,7 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
         for name in os.listdir(path):
             if name.startswith(_SAVE_PREFIX) and os.path.join(path, name) != tmp:
                 shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        done = True
     except OSError as e:
         if replaced == [WEIGHTS_FILE]:
             raise SaveError(f"could not write the adapter to {path!r}: {e}. Its new weights are in place but not yet "
@@ -288,6 +292,9 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
         # let the new weights load with the old config's values (lora_alpha)
         if tmp is not None and replaced != [WEIGHTS_FILE]:
             shutil.rmtree(tmp, ignore_errors=True)
+        if made and not done:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only when empty: nothing of anyone's is removed
 
 
 _SAVE_PREFIX = ".jpeft_save_"

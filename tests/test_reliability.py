@@ -666,6 +666,33 @@ def test_save_peft_failing_between_its_replaces_keeps_the_matching_config(tmp_pa
     assert sorted(os.listdir(p)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")],
+                         ids=["ctrl_c", "oserror"])
+def test_a_failed_first_save_leaves_no_empty_folder(tmp_path, run, monkeypatch, exc):
+    """save_peft and save_pretrained (jpeft merge/export) made the output folder before writing: a
+    first save that failed (a full disk, Ctrl-C) left it behind, empty. A folder they made goes again;
+    one that was there before stays."""
+    from jpeft import hf
+    from jpeft.models import loading
+
+    params, cfg, adapter, *_ = run
+
+    def fail(*a, **k):
+        raise exc
+
+    for module, save in ((hf, lambda p: hf.save_peft(p, cfg, adapter)),
+                         (loading, lambda p: loading.write_weights(p, {"w": np.ones(2, np.float32)}, {"config.json": "{}"}))):
+        monkeypatch.setattr(module, "save_file", fail)
+        for there in (False, True):
+            out = tmp_path / f"{module.__name__.split('.')[-1]}_{there}"
+            if there:
+                out.mkdir()
+            with pytest.raises((SaveError, type(exc))):
+                save(str(out))
+            assert out.exists() == there and (not there or not os.listdir(out))
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.EIO, "I/O error")], ids=["ctrl_c", "oserror"])
 def test_save_pretrained_failing_between_its_renames_puts_the_old_files_back(tmp_path, monkeypatch, exc):
     """model.safetensors was renamed into place before config.json: a failure between the two left model B's weights

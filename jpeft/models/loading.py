@@ -910,8 +910,9 @@ def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[
     link until all are in place); then removes the
     index and shards of an earlier sharded save there (:func:`stale_shards`; transformers
     removes them too), which would otherwise stand next to the new ``model.safetensors``.
-    ``OSError`` propagates."""
+    A folder this call made is removed again when the write fails. ``OSError`` propagates."""
     names = ["model.safetensors", *(texts or {}), *(copies or {})]
+    made = not os.path.isdir(path)  # a folder this call makes goes again when the write fails
     os.makedirs(path, exist_ok=True)
     tmp = {name: os.path.join(path, f".{name}.jpeft-tmp") for name in names}
     old = {name: os.path.join(path, f".{name}.jpeft-old") for name in names}
@@ -955,6 +956,9 @@ def write_weights(path: str, tensors: Mapping[str, np.ndarray], texts: Optional[
         for t in (*tmp.values(), *kept.values()):
             with contextlib.suppress(OSError):
                 os.remove(t)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only when empty: nothing of anyone's is removed
         raise
     for t in kept.values():
         with contextlib.suppress(OSError):
