@@ -14,9 +14,6 @@ import pytest
 import jpeft
 import jpeft.models
 from jpeft.hf import load_peft, save_peft
-from jpeft.methods.ia3 import IA3Config
-from jpeft.methods.prefix import PrefixTuningConfig
-from jpeft.methods.prompt import PromptTuningConfig
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
@@ -55,12 +52,12 @@ CASES = {
     "dora": (lambda fam: jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True),
              lambda fam: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
                                          init_lora_weights=False)),
-    "ia3": (lambda fam: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "ia3": (lambda fam: jpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
             lambda fam: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                                        init_ia3_weights=False)),
-    "prefix": (lambda fam: PrefixTuningConfig(num_virtual_tokens=T, prefix_projection=True),
+    "prefix": (lambda fam: jpeft.PrefixTuningConfig(num_virtual_tokens=T, prefix_projection=True),
                lambda fam: peft.PrefixTuningConfig(num_virtual_tokens=T, prefix_projection=True)),
-    "prompt": (lambda fam: PromptTuningConfig(num_virtual_tokens=T),
+    "prompt": (lambda fam: jpeft.PromptTuningConfig(num_virtual_tokens=T),
                lambda fam: peft.PromptTuningConfig(num_virtual_tokens=T)),
 }
 
@@ -120,8 +117,8 @@ def test_peft_to_jpeft(method, family, tmp_path):
 
 def test_prefix_load_on_wrong_base_is_named(tmp_path):
     model, params = _jpeft_base("llama3")
-    ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=T), params, jax.random.key(0))
-    save_peft(str(tmp_path), PrefixTuningConfig(num_virtual_tokens=T), ad, base_model_name_or_path=tiny.hf_model("llama3")[1])
+    ad = jpeft.init(jpeft.PrefixTuningConfig(num_virtual_tokens=T), params, jax.random.key(0))
+    save_peft(str(tmp_path), jpeft.PrefixTuningConfig(num_virtual_tokens=T), ad, base_model_name_or_path=tiny.hf_model("llama3")[1])
     _, gparams = _jpeft_base("gpt2")
     with pytest.raises(jpeft.errors.BaseMismatchError, match="layers of key width"):
         load_peft(str(tmp_path), gparams)
@@ -133,7 +130,7 @@ def test_prefix_records_kv_heads_for_peft(tmp_path):
     (read from the base folder's config.json) or refuses."""
     family = "qwen2"
     model, params = _jpeft_base(family)
-    cfg = PrefixTuningConfig(num_virtual_tokens=2)
+    cfg = jpeft.PrefixTuningConfig(num_virtual_tokens=2)
     ad = _perturb(jpeft.init(cfg, params, jax.random.key(0)), jax.random.key(2))
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="num_attention_heads"):
         save_peft(str(tmp_path / "x"), cfg, ad)
@@ -159,7 +156,7 @@ def test_bert_task_types_load_in_peft(method, task, written, tmp_path):
     """Each task type save_peft writes for BERT loads in PEFT with equal logits (SEQ_CLS with the
     frozen classifier PEFT expects as a module to save) and loads back into jpeft."""
     model, params = _jpeft_base("bert")
-    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["query", "value"]) if method == "lora" else PromptTuningConfig(num_virtual_tokens=T)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["query", "value"]) if method == "lora" else jpeft.PromptTuningConfig(num_virtual_tokens=T)
     ad = _perturb(jpeft.init(cfg, params, jax.random.key(0)), jax.random.key(1))
     save_peft(str(tmp_path), cfg, ad, task_type=task, params=params)
     import json
@@ -183,10 +180,10 @@ def test_task_types_peft_cannot_load_are_refused_before_writing(tmp_path):
         save_peft(str(tmp_path / "a"), lora, ad, task_type="CAUSAL_LM")
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="pass params="):
         save_peft(str(tmp_path / "b"), lora, ad, task_type="SEQ_CLS")
-    prefix = PrefixTuningConfig(num_virtual_tokens=T)
+    prefix = jpeft.PrefixTuningConfig(num_virtual_tokens=T)
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="PEFT cannot build this method"):
         save_peft(str(tmp_path / "c"), prefix, jpeft.init(prefix, params, jax.random.key(0)), params=params)
-    prompt = PromptTuningConfig(num_virtual_tokens=T)
+    prompt = jpeft.PromptTuningConfig(num_virtual_tokens=T)
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="task_type='CAUSAL_LM'"):
         save_peft(str(tmp_path / "d"), prompt, jpeft.init(prompt, params, jax.random.key(0)), params=params, task_type="CAUSAL_LM")
     assert not any((tmp_path / n).exists() for n in "abcd")
