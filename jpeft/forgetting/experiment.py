@@ -691,19 +691,15 @@ def check_seeds(seeds, what: str) -> list:
 
 def check_replay(bench: Benchmark, specs) -> None:
     """Refuses, before anything is trained, a replay share that rounds to no row of the
-    benchmark's batch, or to all of them (no example of the task being trained), (:func:`jpeft.forgetting.replay.mix_batch` would refuse it only at the
-    first batch of the second trained task, after the earlier runs)."""
+    benchmark's batch, or to all of them (:func:`jpeft.forgetting.replay.replay_rows`;
+    :func:`~jpeft.forgetting.replay.mix_batch` would refuse it only at the first batch of the
+    second trained task, after the earlier runs)."""
     for spec in specs:
-        if spec.replay and int(round(spec.replay * bench.batch_size)) == bench.batch_size:
-            raise ConfigError(
-                f"MethodSpec {spec.name!r}: replay {spec.replay:g} of a batch of {bench.batch_size} rounds to all "
-                f"{bench.batch_size} rows, so no example of the task being trained would reach a step; use a smaller "
-                "replay share or a larger batch size.")
-        if spec.replay and int(round(spec.replay * bench.batch_size)) == 0:
-            raise ConfigError(
-                f"MethodSpec {spec.name!r}: replay {spec.replay:g} of a batch of {bench.batch_size} rounds to 0 replayed "
-                f"rows, so nothing would be replayed; use a replay share that gives at least one row of "
-                f"{bench.batch_size} or a larger batch size.")
+        if spec.replay:
+            try:
+                RP.replay_rows(spec.replay, bench.batch_size)
+            except ConfigError as e:
+                raise ConfigError(f"MethodSpec {spec.name!r}: {e}") from None
 
 
 def check_out_dir(out_dir, artifacts, overwrite: bool) -> None:

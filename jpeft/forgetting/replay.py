@@ -111,6 +111,30 @@ def reservoir_sample(buffer: ReservoirBuffer, n: int, key):
     return jax.tree.map(lambda d: d[idx], buffer.data)
 
 
+def replay_rows(ratio: float, batch_size: int) -> int:
+    """The rows of a batch of ``batch_size`` that :func:`mix_batch` replays at ``ratio``:
+    ``round(ratio * batch_size)``.
+
+    Raises:
+      ConfigError: ``ratio`` outside ``[0, 1)``, or above 0 and rounding to no row, or rounding
+        to every row (no example of the current task left).
+    """
+    if not (0.0 <= float(ratio) < 1.0):
+        raise ConfigError(f"replay ratio must be in [0, 1), found {ratio}; it is the share of each batch drawn from the buffer.")
+    B = int(batch_size)
+    k = int(round(float(ratio) * B))
+    if k == 0 and float(ratio) > 0:
+        raise ConfigError(
+            f"replay ratio {ratio:g} of a batch of {B} rounds to 0 replayed rows, so nothing would be replayed; use a "
+            f"ratio of at least {1 / B:.3g} (one row in {B}) or a larger batch, or 0 to turn replay off."
+        )
+    if k == B:
+        raise ConfigError(
+            f"replay ratio {ratio:g} of a batch of {B} rounds to all {B} rows, so the batch would hold no example of "
+            f"the current task; use a ratio of at most {(B - 1) / B:.6g} ({B - 1} rows of {B}) or a larger batch.")
+    return k
+
+
 def mix_batch(batch, buffer: ReservoirBuffer, ratio: float, key):
     """Replaces ``round(ratio * B)`` rows of ``batch`` (size ``B``) with uniform samples from
     ``buffer``; returns the batch unchanged while the buffer is empty or ``ratio == 0``.
@@ -123,20 +147,8 @@ def mix_batch(batch, buffer: ReservoirBuffer, ratio: float, key):
         task left), is refused (``ConfigError``).
       key: ``jax.random`` key.
     """
-    if not (0.0 <= float(ratio) < 1.0):
-        raise ConfigError(f"replay ratio must be in [0, 1), found {ratio}; it is the share of each batch drawn from the buffer.")
     B = _batch_size(batch)
-    k = int(round(float(ratio) * B))
-    if k == 0 and float(ratio) > 0:
-        raise ConfigError(
-            f"replay ratio {ratio} of a batch of {B} rounds to 0 replayed rows, so nothing would be replayed; use a "
-            f"ratio of at least {1 / B:.3g} (one row in {B}) or a larger batch, or 0 to turn replay off."
-        )
-    if k == B:
-        raise ConfigError(
-            f"replay ratio {ratio} of a batch of {B} rounds to all {B} rows, so the batch would hold no example of the "
-            f"current task; use a ratio of at most {(B - 1) / B:.6g} ({B - 1} rows of {B}) or a larger "
-            "batch.")
+    k = replay_rows(ratio, B)
     if k == 0 or int(buffer.size) == 0:
         return batch
     old = reservoir_sample(buffer, k, key)
