@@ -74,6 +74,10 @@ class Stacked(Site):
         return self.inner.load_note()
 
     @property
+    def residual(self):  # type: ignore[override]
+        return getattr(self.inner, "residual", None)
+
+    @property
     def site(self) -> str:  # type: ignore[override]
         return getattr(self.inner, "site", "linear")
 

@@ -41,6 +41,7 @@ import optax
 from jpeft.data import causal_lm_loss
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.forgetting.metrics import mean_token_kl
+from jpeft.methods.base import Site
 
 __all__ = ["ForgettingGuard", "lr_scale", "scale_lr", "current_lr_scale", "canary_stats"]
 
@@ -95,8 +96,7 @@ def _residual_marks(adapter) -> list:
     """The residual-base inits the adapter's sites are marked with (``jpeft.init_pissa`` & co.)."""
     if not isinstance(adapter, dict):
         return []
-    marks = (getattr(getattr(n, "inner", n), "residual", None) for n in adapter.values())
-    return sorted({str(m) for m in marks if isinstance(m, str)})
+    return sorted({n.residual for n in adapter.values() if isinstance(n, Site) and n.residual})
 
 
 def _copy(tree):

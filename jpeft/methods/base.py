@@ -231,6 +231,10 @@ class Site:
     #: although their names say nothing of it (they are biases under PEFT's names);
     #: :func:`jpeft.train.decay_mask` reads it.
     no_decay: ClassVar[tuple] = ()
+    #: the init whose residual base the node's update is relative to (``"pissa"``, ``"olora"``,
+    #: ...: LoRA's ``LoraWeights.residual``), ``None`` for an update of the original weights:
+    #: the params the node applies to are then not the base model's (the forgetting guard reads it).
+    residual: ClassVar[Optional[str]] = None
 
     def handles(self, method_name: str) -> bool:
         return method_name in self.methods
