@@ -176,12 +176,13 @@ class AdapterConfig:
     # orthogonal penalty) says so here; `jpeft train` and the forgetting runner read these three,
     # never a method module. The defaults are a plain method's: nothing added.
 
-    def wrap_optimizer(self, tx):
+    def wrap_optimizer(self, tx, total_steps: int | None = None):
         """The optimizer a training loop runs for this method, given the one it built (``tx``,
         clipping left outside: ``optax.chain(optax.clip_by_global_norm(c),
         config.wrap_optimizer(optax.adamw(...)))``): ``tx`` itself, unless the method's
         training acts on each update (AdaLoRA's rank allocator, which lives in the optimizer
-        state)."""
+        state). ``total_steps``, where the loop knows how many updates it will run, lets the
+        method warn about a schedule the run does not finish (AdaLoRA's ``total_step``)."""
         return tx
 
     def regularizer(self, adapter):

@@ -319,6 +319,27 @@ def test_allocator_misuse_is_refused_by_name():
         AL.mask_using_rank_pattern(ad, {AL.rank_key("q"): pattern[AL.rank_key("q")]})
 
 
+def test_a_run_shorter_than_the_schedule_is_warned_about():
+    """A run whose length is known (`jpeft train`'s train.steps, the forgetting runner's steps per
+    task) and ends before the final allocation at total_step - tfinal keeps more than target_r
+    triplets per module: wrap_optimizer says so; a run that reaches it (or runs past total_step,
+    keeping the final mask) is not warned about."""
+    import warnings
+
+    from jpeft.cli._trainer import make_optimizer
+
+    config = AL.AdaLoraConfig(target_modules=["q"], init_r=4, target_r=2, tinit=1, tfinal=2, total_step=10)
+    with pytest.warns(UserWarning, match=r"final rank allocation at step 8, but this run has 7 steps"):
+        config.wrap_optimizer(optax.adam(1e-2), 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (None, 8, 10, 50):
+            config.wrap_optimizer(optax.adam(1e-2), n)
+    t = {"learning_rate": 1e-2, "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0}
+    with pytest.warns(UserWarning, match="Set total_step to the run's number of steps \\(5\\)"):
+        make_optimizer(t, 5, method=config)
+
+
 def test_allocator_reads_clipped_gradients_as_peft_under_the_trainer():
     """PEFT's allocator reads ``p.grad`` after the step, which the Trainer's
     ``clip_grad_norm_`` has scaled; a jpeft loop clipping in its optimizer passed raw gradients

@@ -91,7 +91,7 @@ def make_optimizer(t: dict, total_steps: int, lr_scale: bool = False, method=Non
     if lr_scale:
         inner.append(jpeft.lr_scale())
     tx = inner[0] if len(inner) == 1 else optax.chain(*inner)
-    wrapped = tx if method is None else method.wrap_optimizer(tx)
+    wrapped = tx if method is None else method.wrap_optimizer(tx, total_steps)
     # unwrapped: the flat chain of earlier jpeft versions, whose checkpoints' optimizer state it restores
     parts += inner if wrapped is tx else [wrapped]
     return optax.chain(*parts), sched

@@ -506,7 +506,7 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         except TypeError:  # a config with an unhashable field: cache per spec object
             sig = (id(spec), jax.tree.structure(a))
         cfg = jpeft.FullFinetuneConfig() if spec.per_task_adapter and t == 0 else spec.config
-        opt = cfg.wrap_optimizer(adam)
+        opt = cfg.wrap_optimizer(adam, bench.steps_per_task)
         if sig not in steps_cache:
             steps_cache[sig] = jpeft.make_train_step(_make_loss(bench, spec, cfg), opt, donate=False)
         step = steps_cache[sig]

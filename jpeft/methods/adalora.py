@@ -32,6 +32,7 @@ PEFT adds it to the model's loss.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 import jax
@@ -186,8 +187,18 @@ class AdaLoraConfig(AdapterConfig):
 
     # the training protocol (jpeft.config.AdapterConfig): what jpeft.fit's steps, `jpeft train` and the
     # forgetting runner add for AdaLoRA
-    def wrap_optimizer(self, tx):
-        """``tx`` wrapped in AdaLoRA's rank allocator (:func:`allocator`)."""
+    def wrap_optimizer(self, tx, total_steps: int | None = None):
+        """``tx`` wrapped in AdaLoRA's rank allocator (:func:`allocator`). With ``total_steps``
+        (the run's number of updates), a ``UserWarning`` when the run ends before the final
+        allocation at ``total_step - tfinal``: its adapter would keep more than ``target_r``
+        triplets per module."""
+        final = self.total_step - self.tfinal
+        if total_steps is not None and int(total_steps) < final:
+            warnings.warn(
+                f"AdaLoraConfig(total_step={self.total_step}, tfinal={self.tfinal}) makes its final rank allocation "
+                f"at step {final}, but this run has {int(total_steps)} steps: it ends with the budget still above "
+                f"target_r={self.target_r} per module. Set total_step to the run's number of steps "
+                f"({int(total_steps)}).", UserWarning, stacklevel=2)
         return allocator(self, tx)
 
     def regularizer(self, adapter):
