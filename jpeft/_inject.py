@@ -70,11 +70,7 @@ def _scanned_layers(path: str, module, params) -> Optional[int]:
     outer = _outer_shapes(params, path) if params is not None else None
     if not outer:
         return None
-    try:
-        # the module's own params and its submodules' (a bottleneck on a whole MLP block)
-        own = _flat_shapes(module.variables.get("params", {}))
-    except Exception:
-        return None
+    own = _flat_shapes(_own_params(module))  # the module's own params and its submodules' (a bottleneck on a whole MLP block)
     stacked = [outer[k][0] for k, s in own.items() if k in outer and len(outer[k]) == len(s) + 1 and outer[k][1:] == s]
     return stacked[0] if stacked else None
 
@@ -316,10 +312,7 @@ def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]
         if path in record:
             return out
         layout = None
-        try:
-            own = mod.variables.get("params", {})
-        except Exception:
-            own = {}
+        own = _own_params(mod)
         pname = "embedding" if isinstance(mod, nn.Embed) else "kernel"
         refusal = None
         if pname in own and not isinstance(own[pname], Mapping):

@@ -48,6 +48,7 @@ import numpy as np
 from jpeft import _hostmem
 from jpeft.errors import ConfigError, LayoutError, ShapeMismatchError
 from jpeft.methods.base import Site, static_field
+from jpeft.tree import matches
 
 #: The flax variable collection :func:`jpeft.apply` passes stacked adapter arrays in.
 COLLECTION = "jpeft_adapter"
@@ -188,7 +189,6 @@ def check_every_layer_selected(config, path: str, names: list) -> None:
     selects = getattr(config, "selects", None)
     if selects is None:
         return
-    from jpeft.tree import matches
     off = [i for i, p in enumerate(names) if matches(config.target_modules, p) and not selects(p)]
     if off:
         raise ConfigError(

@@ -407,6 +407,16 @@ def test_unsupported_model_type(tmp_path):
         M.from_pretrained(str(d))
 
 
+def test_model_types_of_a_model_class():
+    """The one place that says which model types load as which jpeft model (the CLI's causal-LM,
+    scan_layers and tensor-axis checks ask it rather than reading class names)."""
+    from jpeft.models import loading
+    from jpeft.models._layers import CausalLM
+    assert loading.model_types_of(M.LlamaForCausalLM) == ["llama", "mistral", "qwen2"]
+    assert loading.model_types_of(CausalLM) == ["gpt2", "llama", "mistral", "qwen2"]
+    assert loading.model_types_of(M.BertForSequenceClassification) == ["bert"]
+
+
 def test_heads_jpeft_does_not_implement_and_a_stray_untied_head_are_refused(tmp_path):
     """A BertForTokenClassification checkpoint has a classifier of the sequence classifier's
     shape: it loaded, applied to a fresh pooler. A tied config whose file also holds a

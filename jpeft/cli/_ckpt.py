@@ -50,7 +50,7 @@ class Found(NamedTuple):
     step: Optional[int] = None
 
 
-def _steps(ckpt_dir: str) -> list[int]:
+def checkpoint_steps(ckpt_dir: str) -> list[int]:
     """Complete checkpoint steps in a checkpoints folder (Orbax's temporary folders skipped)."""
     if not os.path.isdir(ckpt_dir):
         return []
@@ -81,7 +81,7 @@ def find_adapter(path: str) -> Found:
         _warn_if_checkpoints_are_newer(path)
         return Found("jpeft", os.path.join(path, "adapter"))
     for ckpt_dir in (os.path.join(path, "checkpoints"), path):
-        steps = _steps(ckpt_dir)
+        steps = checkpoint_steps(ckpt_dir)
         if steps:
             return Found("checkpoint", os.path.join(ckpt_dir, str(steps[-1])), steps[-1])
     raise LoadError(f"{path!r} holds no adapter (found: {sorted(os.listdir(path))[:8]}); give {ACCEPTED}.")
@@ -91,7 +91,7 @@ def _warn_if_checkpoints_are_newer(run: str) -> None:
     """A run folder's finished ``adapter/`` is what ``--adapter RUN`` reads; a run resumed to
     more steps and not finished yet has newer checkpoints beside it, which the user may have
     meant. Says so (one line on stderr) and how to read the newer one."""
-    steps = _steps(os.path.join(run, "checkpoints"))
+    steps = checkpoint_steps(os.path.join(run, "checkpoints"))
     if not steps:
         return
     try:

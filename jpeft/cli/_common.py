@@ -13,6 +13,7 @@ from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
 from jpeft.budget import DEFAULT_TARGETS  # PEFT's default targets per model type (one table)
 from jpeft.models import loading
+from jpeft.models._layers import CausalLM
 
 
 def say(msg: str) -> None:
@@ -188,7 +189,7 @@ def require_causal_lm(folder: str, cmd: str) -> dict:
     """
     d = loading.read_config(folder)
     mt = d.get("model_type")
-    causal = sorted(t for t, fam in loading.FAMILIES.items() if fam.model_cls.__name__.endswith(("CausalLM", "LMHeadModel")))
+    causal = loading.model_types_of(CausalLM)
     if mt in loading.FAMILIES and mt not in causal:
         raise UnsupportedModelError(
             f"{folder!r} is a {mt!r} model, which jpeft loads as {loading.FAMILIES[mt].model_cls.__name__}; "

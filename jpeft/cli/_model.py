@@ -47,9 +47,8 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
     if scan_layers:
         # checked from config.json, before loading: from_pretrained would refuse the override with a ConfigError
         # about GPT2Config's fields that does not name the setting
-        llama = sorted(k for k, fam in loading.FAMILIES.items() if fam.model_cls is LlamaForCausalLM)
-        fam = loading.FAMILIES.get(d.get("model_type"))
-        if fam is None or fam.model_cls is not LlamaForCausalLM:
+        llama = loading.model_types_of(LlamaForCausalLM)
+        if d.get("model_type") not in llama:
             raise ConfigError(f"train.scan_layers is for Llama-family models ({', '.join(llama)}); {folder!r} is a "
                               f"{d.get('model_type')!r} model. Set scan_layers = false.")
     model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,
@@ -86,7 +85,7 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
     for f in loading.weight_files(loaded.folder)[0]:
         stored.update({k: e[0] for k, e in safetensors_index(f)[0].items()})
     inner = params["params"] if "params" in params else params
-    tensors = loading.hf_tensors(inner, loading._family_of(loading.config_from_hf(loaded.hf_config)), stored)
+    tensors = loading.hf_tensors(inner, loading.FAMILIES[loading.config_from_hf(loaded.hf_config).model_type], stored)
     copies = {}
     for name in os.listdir(loaded.folder):
         if _is_base_file(name):

@@ -27,6 +27,7 @@ from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, SaveError, ShardingError
+from jpeft.forgetting.guard import current_lr_scale
 from jpeft.io import atomic_write, safetensors_index
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
@@ -102,7 +103,6 @@ def applied_lr(sched):
     :func:`make_optimizer`'s optimizer holds after it: ``sched`` at the update's count (the count
     lags the step number after skipped steps and is rewound by a forgetting-guard rollback) times
     the :func:`jpeft.lr_scale` a rollback lowered."""
-    from jpeft.forgetting.guard import current_lr_scale
 
     def host(x):
         shards = getattr(x, "addressable_shards", None)
@@ -660,7 +660,7 @@ def check_tensor_axis(folder: str, tensor: int) -> None:
       ConfigError: the model is not of the Llama family (one line, before anything is loaded).
     """
     mt = loading.read_config(folder).get("model_type")
-    llama = sorted(k for k, fam in loading.FAMILIES.items() if fam.model_cls is LlamaForCausalLM)
+    llama = loading.model_types_of(LlamaForCausalLM)
     if mt not in llama:
         raise ConfigError(
             f"[mesh] tensor = {tensor} splits the layers of Llama-family models ({', '.join(llama)}; "

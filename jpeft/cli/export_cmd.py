@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from jpeft import hf
-from jpeft.cli._ckpt import ADAPTER_JSON, _steps, load_adapter_with_base
+from jpeft.cli._ckpt import ADAPTER_JSON, checkpoint_steps, load_adapter_with_base
 from jpeft.cli._model import example_ids, load_folder
 from jpeft.cli.merge_cmd import check_out
 from jpeft.errors import SaveError
@@ -65,6 +65,7 @@ def _held_adapter(out: str):
     instead of the run's adapter); ``None`` when neither."""
     if os.path.isfile(os.path.join(out, ADAPTER_JSON)):
         return f"a jpeft adapter ({ADAPTER_JSON})"
-    if os.path.isfile(os.path.join(out, "adapter", ADAPTER_JSON)) or _steps(os.path.join(out, "checkpoints")) or _steps(out):
+    if (os.path.isfile(os.path.join(out, "adapter", ADAPTER_JSON)) or checkpoint_steps(os.path.join(out, "checkpoints"))
+            or checkpoint_steps(out)):
         return "a training run (its adapter/ or checkpoints)"
     return None

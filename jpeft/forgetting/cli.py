@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.forgetting import experiment
 from jpeft.forgetting.experiment import BENCHMARKS, get_benchmark
+from jpeft.forgetting import sweep as SW
+from jpeft.forgetting.sweep import STRENGTHS, SweepSpec
 
 DESCRIPTION = """\
 Measure catastrophic forgetting: train a list of methods over a sequence of tasks for several
@@ -184,8 +186,6 @@ def families_from_args(methods, lr_factors, strength_factors) -> list:
     """One :class:`~jpeft.forgetting.sweep.SweepSpec` per method: its learning rate times each of
     ``lr_factors`` and, for a method with a regularizer, its strength times each of
     ``strength_factors``."""
-    from jpeft.forgetting.sweep import STRENGTHS, SweepSpec
-
     if any(not f > 0 for f in list(lr_factors) + list(strength_factors)):
         raise ConfigError(f"--lr-factors and --strength-factors must be > 0, found {lr_factors} and {strength_factors}.")
     fams = []
@@ -200,8 +200,6 @@ def families_from_args(methods, lr_factors, strength_factors) -> list:
 
 
 def _run_sweep(args, bench, methods) -> int:
-    from jpeft.forgetting import sweep as SW
-
     fams = families_from_args(methods, args.lr_factors, args.strength_factors)
     out = args.out or f"forgetting_results/{bench.name}-sweep"
     SW.sweep(bench, fams, seeds=args.seeds, checkpoints=args.checkpoints, out_dir=out, progress=not args.no_progress,

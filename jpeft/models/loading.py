@@ -232,6 +232,13 @@ def supported_model_types() -> list[str]:
     return sorted(FAMILIES)
 
 
+def model_types_of(model_cls: type) -> list[str]:
+    """The ``model_type`` values :func:`from_pretrained` loads as ``model_cls`` or a subclass of it
+    (sorted): ``model_types_of(LlamaForCausalLM)`` is the Llama family, ``model_types_of(CausalLM)``
+    (``jpeft.models._layers``) the causal language models."""
+    return sorted(t for t, fam in FAMILIES.items() if issubclass(fam.model_cls, model_cls))
+
+
 def read_config(path: str) -> dict:
     """The parsed ``config.json`` of a checkpoint folder (named errors when absent or malformed)."""
     if not os.path.isdir(path):
