@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import functools
 import json
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
 from jpeft.errors import ConfigError
 from jpeft.tree import compile_pattern
@@ -164,6 +164,13 @@ class AdapterConfig:
                     )
                 changes[name] = changes.pop(hf)
         return dataclasses.replace(self, **changes)
+
+    @property
+    def residual_init(self) -> Optional[str]:
+        """The init that makes this config's adapter relative to a residual base (the base
+        changes: LoRA's ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"milora"``,
+        ``"corda_kpm"``/``"corda_ipm"``, made by :func:`jpeft.init_pissa` & co.), else ``None``."""
+        return None
 
     def saved_config(self, adapter) -> "AdapterConfig":
         """The config :func:`jpeft.save_adapter` records with ``adapter`` (:func:`jpeft.load_adapter`

@@ -81,6 +81,30 @@ def test_spec_refusals():
         experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*", init="pissa"), per_task_adapter=True)
 
 
+def test_every_residual_init_lora_takes_is_one_to_the_runner():
+    """The runner asked its own list of residual inits ("pissa", "olora", "milora"), drifted from
+    LoRA's: PiSSA with subspace iterations was accepted with per_task_adapter (which shares the
+    base) and then refused by jpeft.init with advice for another API; a CorDA mark as init failed
+    the same way. Now the config says (``residual_init``): pissa_niter_K is refused where the base
+    is shared, trained as init_pissa(niter=K) otherwise (the adapter and residual base equal it),
+    and a CorDA mark is refused by name with the MethodSpec setting to use."""
+    cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="pissa_niter_2")
+    with pytest.raises(jpeft.ConfigError, match="per_task_adapter shares"):
+        experiment.MethodSpec("x", cfg, per_task_adapter=True)
+    with pytest.raises(jpeft.ConfigError, match="give init='default' and corda='kpm'"):
+        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*", init="corda_kpm"))
+    spec = experiment.MethodSpec("x", cfg)
+    assert "PiSSA (2 subspace iterations) init, residual base" in spec.describe()
+    bench = SplitDigits("task", steps_per_task=2, batch_size=4, hidden=(8,), num_tasks=2)
+    params = bench.base_params(0)
+    res, ad = experiment.init_adapter(bench, cfg, jax.random.key(3), params)
+    want_res, want_ad = jpeft.init_pissa(cfg, params, jax.random.key(3), bench.model, *bench.example_input(), niter=2)
+    for got, want in ((res, want_res), (ad, want_ad)):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def _input_subspace_overlap(base, params, adapter, path="Dense_0"):
     """How much of the second task's A lies in the input subspace of the first task's update
     (read off the merged base: params - base = s A1 B1): ||P1 A2||_F / ||A2||_F."""

@@ -160,8 +160,11 @@ class MethodSpec:
             if self.calibration_examples < 1:
                 raise ConfigError(f"MethodSpec {self.name!r}: calibration_examples must be >= 1, found "
                                   f"{self.calibration_examples}.")
-        residual = self.corda is not None or (isinstance(self.config, jpeft.LoraConfig)
-                                              and self.config.init in _RESIDUAL_INITS)
+        init = self.config.residual_init
+        if init is not None and init.startswith("corda_"):
+            raise ConfigError(f"MethodSpec {self.name!r}: init={init!r} marks an adapter jpeft.init_corda made; the "
+                              f"runner makes it itself: give init='default' and corda={init[len('corda_'):]!r}.")
+        residual = self.corda is not None or init is not None
         if residual and self.per_task_adapter:
             what, fix = ((f"corda={self.corda!r}", "drop corda") if self.corda else
                          (f"LoraConfig(init={self.config.init!r})", "use init='default'"))
@@ -190,8 +193,8 @@ class MethodSpec:
         kind = type(cfg).__name__.replace("Config", "")
         if isinstance(cfg, jpeft.LoraConfig):
             kind = f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.r} alpha={cfg.alpha:g}"
-            if cfg.init in _RESIDUAL_INITS:
-                kind += f" ({_RESIDUAL_NAMES[cfg.init]} init, residual base)"
+            if cfg.residual_init is not None:
+                kind += f" ({_residual_name(cfg.residual_init)} init, residual base)"
             if self.corda:
                 kind += (f" (CorDA {self.corda.upper()} init on {self.calibration_examples} calibration examples, "
                          "residual base)")
@@ -363,7 +366,12 @@ def _make_loss(bench: Benchmark, spec: MethodSpec, config=None):
 
 
 _RESIDUAL_NAMES = {"pissa": "PiSSA", "olora": "OLoRA", "milora": "MiLoRA"}
-_RESIDUAL_INITS = tuple(_RESIDUAL_NAMES)
+
+
+def _residual_name(init: str) -> str:
+    """``"PiSSA"`` for ``"pissa"``, ``"PiSSA (4 subspace iterations)"`` for ``"pissa_niter_4"``."""
+    base, _, niter = init.partition("_niter_")
+    return _RESIDUAL_NAMES[base] + (f" ({niter} subspace iterations)" if niter else "")
 
 
 def init_adapter(bench: Benchmark, config, key, params, *, corda: Optional[str] = None, calibration_examples: int = 128):
@@ -396,9 +404,11 @@ def init_adapter(bench: Benchmark, config, key, params, *, corda: Optional[str] 
         res, adapter = jpeft.init_corda(config, params, key, bench.model, calib, mode=corda)
         cache[ck] = (params, res, adapter)
         return res, adapter
-    if isinstance(config, jpeft.LoraConfig) and config.init in _RESIDUAL_INITS:
-        make = {"pissa": jpeft.init_pissa, "olora": jpeft.init_olora, "milora": jpeft.init_milora}[config.init]
-        return make(config, params, key, bench.model, *args)
+    init = config.residual_init
+    if init is not None:  # corda_* marks are refused by MethodSpec (the runner calibrates CorDA itself)
+        base, _, niter = init.partition("_niter_")
+        make = {"pissa": jpeft.init_pissa, "olora": jpeft.init_olora, "milora": jpeft.init_milora}[base]
+        return make(config, params, key, bench.model, *args, **({"niter": int(niter)} if niter else {}))
     return params, jpeft.init(config, params, key, bench.model, *args)
 
 

@@ -313,6 +313,11 @@ class LoraConfig(AdapterConfig):
         idx = int(m.group("idx"))
         return idx == ltt if isinstance(ltt, (int, np.integer)) else idx in ltt
 
+    @property
+    def residual_init(self) -> Optional[str]:
+        """``init`` when it makes factors relative to a residual base (:func:`is_residual_init`)."""
+        return self.init if is_residual_init(self.init) else None
+
     def saves(self, path: str) -> bool:
         """Whether the module at ``path`` is one of ``modules_to_save``: its dotted name ends with
         one of the names (Hugging Face PEFT's rule, a plain suffix test)."""
