@@ -122,6 +122,12 @@ def _text_value(path: str, lineno: int, row: Mapping, field: str) -> str:
     return v
 
 
+# said of a file holding one JSON array, or one object spread over lines (json.dump(..., indent=2)): .json is
+# JSON Lines here, and a bare "expected a JSON object, found list" leaves the fix to guess
+_JSON_LINES_HINT = ("; a .json/.jsonl file is read as JSON Lines, one object per line, not as one JSON array or an object "
+                    "spread over lines. Write one object per line (e.g. jq -c '.[]' data.json > data.jsonl).")
+
+
 def _read_examples(path: str, text_field: str, prompt_field: str, completion_field: str) -> list[dict[str, str]]:
     if not path.lower().endswith(JSONL_SUFFIXES):
         with open(path, encoding="utf-8-sig") as f:
@@ -137,24 +143,31 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise LoadError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object.") from None
+                raise LoadError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                                f"{_JSON_LINES_HINT if line.strip() in ('[', '{') else '.'}") from None
             except RecursionError:
                 raise LoadError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one flat object.") from None
             except ValueError as e:  # a number of more than 4,300 digits (Python's int-conversion limit)
                 raise LoadError(f"{path}:{lineno}: not readable JSON ({e}); each line must be one JSON object "
                                 "whose texts are strings.") from None
             if not isinstance(row, Mapping):
-                raise LoadError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}.")
+                raise LoadError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}"
+                                f"{_JSON_LINES_HINT if isinstance(row, list) else '.'}")
             if prompt_field in row and completion_field in row:
                 out.append({"prompt": _text_value(path, lineno, row, prompt_field),
                             "completion": _text_value(path, lineno, row, completion_field)})
             elif text_field in row:
                 out.append({"text": _text_value(path, lineno, row, text_field)})
             else:
+                fix = ("Rename the fields or set text_field / prompt_field / completion_field in the [data] section."
+                       if not isinstance(row.get("messages", row.get("conversations")), list) else
+                       "Conversational data (a list of role/content messages) is not read: render it with the "
+                       "tokenizer's chat template into a text (tokenizer.apply_chat_template(messages, tokenize=False)), "
+                       "or into a prompt (the turns before the reply, add_generation_prompt=True) and a completion "
+                       "(the reply).")
                 raise LoadError(
                     f"{path}:{lineno}: expected a {text_field!r} field or both {prompt_field!r} and "
-                    f"{completion_field!r}, found keys {sorted(row)}. Rename the fields or set "
-                    "text_field / prompt_field / completion_field in the [data] section."
+                    f"{completion_field!r}, found keys {sorted(row)}. {fix}"
                 )
     if not out:
         raise LoadError(f"dataset file {path!r} has no examples.")
@@ -175,11 +188,13 @@ def tokenize_documents(
     completion written with its ``</s>``) does not get a second one (TRL appends the EOS only
     where it is missing too). For a prompt/completion pair the prompt tokens (and the ``bos``)
     are masked out; the completion tokens and the closing ``eos`` are targets. The pair is tokenized as one text,
-    ``encode(prompt + completion)``, as TRL does, and its first ``len(encode(prompt))`` tokens
-    are the prompt's: encoded apart, a SentencePiece-style tokenizer (Llama 2, Mistral) would
-    start the completion with a word-boundary mark the text does not have. Where the joint
-    tokens do not begin with the prompt's (a token spanning the boundary) a ``UserWarning``
-    says in how many examples.
+    ``encode(prompt + completion)``, as TRL does, and its tokens up to where they stop agreeing
+    with ``encode(prompt)`` are the prompt's (all of them when the joint tokens begin with the
+    prompt's): encoded apart, a SentencePiece-style tokenizer (Llama 2, Mistral) would start the
+    completion with a word-boundary mark the text does not have. Where a token spans the
+    boundary (a prompt ending in a space: ``"Answer: "`` + ``"4"`` tokenized as ``Answer``,
+    ``:``, ``Ġ4``), that token holds completion text and is a target, as in TRL's
+    ``SFTTrainer`` (``common_prefix_length``); a ``UserWarning`` says in how many examples.
     """
     docs = []
     mismatched = 0
@@ -190,9 +205,12 @@ def tokenize_documents(
         else:
             p = list(encode(ex["prompt"]))
             joint = list(encode(ex["prompt"] + ex["completion"]))
-            if joint[:len(p)] != p:
+            # the prompt's tokens are those the joint tokens share with it: masking len(p) tokens would leave a token
+            # spanning the boundary (and a completion merged into it: "Answer: " + "4" -> ..., "Ġ4") out of the loss
+            n = next((i for i, (a, b) in enumerate(zip(p, joint)) if a != b), min(len(p), len(joint)))
+            if n < len(p):
                 mismatched += 1
-            ids, mask = joint, [False] * min(len(p), len(joint)) + [True] * max(len(joint) - len(p), 0)
+            ids, mask = joint, [False] * n + [True] * (len(joint) - n)
         if eos_id is not None and ids[-1:] != [int(eos_id)]:
             ids, mask = ids + [int(eos_id)], mask + [True]
         if bos_id is not None:
@@ -205,8 +223,10 @@ def tokenize_documents(
     if mismatched:
         warnings.warn(
             f"in {mismatched} prompt/completion example(s) the tokens of prompt + completion do not begin with the "
-            "prompt's own tokens (a token spans the boundary); the first len(prompt tokens) tokens were masked as the "
-            "prompt, as TRL does. End prompts at a token boundary (e.g. with a newline or a space) to avoid it.",
+            "prompt's own tokens (a token spans the boundary); the tokens they share were masked as the prompt and the "
+            "rest, from the token spanning the boundary on, trained on as the completion, as TRL does. End prompts at "
+            "a token boundary (e.g. with a newline; a trailing space often merges into the completion's first word) to "
+            "avoid it.",
             stacklevel=2,
         )
     return docs

@@ -4,6 +4,7 @@ row's per-document losses and adapter gradients equal each document run alone (w
 attention kernel), and no token depends on another document."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -185,8 +186,8 @@ def test_a_lone_surrogate_escape_is_refused_with_its_line(tmp_path):
 def test_prompt_and_completion_are_tokenized_as_one_text_as_trl_does():
     """Encoded apart, a SentencePiece-style tokenizer (Metaspace, Llama 2 / Mistral) started the
     completion with a word-boundary mark the text does not have ('A:' + 'Paris.' trained on
-    '▁Paris'); the pair is encoded as one text and its first len(encode(prompt)) tokens are the
-    prompt's, as TRL does. A token spanning the boundary gets a warning."""
+    '▁Paris'); the pair is encoded as one text and the tokens it shares with encode(prompt) are the
+    prompt's, as TRL does. A token spanning the boundary gets a warning and is a target."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(["<unk>", "▁A:", "▁A", ":", "Paris", "▁Paris", ".", "▁is", "is", "▁", "A:Paris"])}
@@ -203,11 +204,43 @@ def test_prompt_and_completion_are_tokenized_as_one_text_as_trl_does():
     n_prompt = len(enc("A:"))
     assert mask.tolist() == [False] * (1 + n_prompt) + [True] * (len(joint) - n_prompt + 1)
     assert vocab["▁Paris"] not in ids.tolist()
-    # a tokenizer whose joint tokens do not begin with the prompt's: warned, prompt-length masked
+    # a tokenizer whose joint tokens do not begin with the prompt's: warned, the token spanning the boundary trained
     merge = lambda s: [7] if s == "ab" else [ord(c) for c in s]  # noqa: E731
     with pytest.warns(UserWarning, match="1 prompt/completion example"):
         (ids2, mask2), = tokenize_documents([{"prompt": "a", "completion": "b"}], merge)
-    assert ids2.tolist() == [7] and mask2.tolist() == [False]
+    assert ids2.tolist() == [7] and mask2.tolist() == [True]
+
+
+def test_a_completion_merged_into_the_prompts_last_token_is_trained_as_trl_does():
+    """A prompt ending in a space ("Answer: " + "4") is tokenized by a byte-level BPE as Answer, :,
+    Ġ4: the answer is one token spanning the boundary. jpeft masked the first len(tokens(prompt))
+    = 3 joint tokens, so the answer was never a target and only the EOS carried loss; TRL's
+    SFTTrainer masks the tokens the joint and prompt tokenizations share (common_prefix_length)
+    and trains on Ġ4, and so does jpeft now (labels compared with that rule on the transformers
+    tokenizer's own output)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from jpeft.cli._model import encode_fn
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["Answer: 4", "Answer: 42", "Q: Paris?"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    enc, bos, eos = encode_fn(fast)
+    examples = [{"prompt": "Answer: ", "completion": "4"}, {"prompt": "Q:", "completion": " Paris?"}]
+    with pytest.warns(UserWarning, match="in 1 prompt/completion example"):
+        docs = tokenize_documents(examples, enc, eos_id=eos, bos_id=bos)
+    for ex, (ids, mask) in zip(examples, docs):
+        p = fast(ex["prompt"])["input_ids"]
+        joint = fast(ex["prompt"] + ex["completion"])["input_ids"] + [fast.eos_token_id]
+        shared = next(i for i, (a, b) in enumerate(zip(p + [None], joint)) if a != b)  # TRL's common_prefix_length
+        assert ids.tolist() == joint
+        assert mask.tolist() == [False] * shared + [True] * (len(joint) - shared)
+    ids, mask = docs[0]
+    assert fast.convert_ids_to_tokens(ids[mask].tolist()) == ["Ġ4", "</s>"]  # the answer and the EOS; was the EOS alone
 
 
 def test_a_text_with_its_own_bos_or_eos_gets_no_second_one():
@@ -269,6 +302,25 @@ def test_the_bos_probe_takes_a_tokenizer_without_the_letter_a():
         assert (bos, eos) == (want, 1) and enc("1 + 2") == [2, 4, 3]
 
 
+def test_a_document_longer_than_the_tokenizers_max_length_gets_no_indexing_error_warning():
+    """A tokenizer saved with model_max_length (4,096 for Llama 2) made transformers print "Token indices
+    sequence length is longer than the specified maximum sequence length for this model (69 > 16).
+    Running this sequence through the model will result in indexing errors" for a long document or
+    a plain-text file, though jpeft cuts it into rows of seq_len (checked against the model's
+    positions); the ids are those of tokenizer(text) all the same."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jpeft.cli._model import encode_fn
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "</s>": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", model_max_length=4)
+    enc, _, _ = encode_fn(fast)
+    assert enc("a " * 10) == [1] * 10
+    assert "sequence-length-is-longer-than-the-specified-maximum" not in fast.deprecation_warnings  # never warned
+
+
 def test_a_dataset_without_target_tokens_is_refused():
     """Only prompt tokens (empty completions, no EOS): its loss would read 0 and its perplexity
     1, and training on it would never move the adapter."""
@@ -294,6 +346,24 @@ def test_jsonl_suffixes_in_any_case_are_json_lines(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfplain")
     assert load_examples(tmp_path / "bom.jsonl") == [{"text": "t"}]
     assert load_examples(tmp_path / "bom.txt") == [{"text": "plain"}]
+
+
+def test_a_json_array_or_an_indented_object_says_the_file_is_read_as_json_lines(tmp_path):
+    """A data.json holding one JSON array (or one object written with indent=2) was refused as
+    "expected a JSON object, found list" (or "Expecting value"), which does not say why a .json
+    file is read line by line nor how to fix it."""
+    from jpeft.data import load_examples
+
+    for name, body in (("one_line.json", json.dumps([{"text": "a"}, {"text": "b"}])),
+                       ("array.json", json.dumps([{"text": "a"}], indent=1)),
+                       ("object.json", json.dumps({"text": "a"}, indent=2))):
+        (tmp_path / name).write_text(body)
+        with pytest.raises(jpeft.LoadError, match=rf"{name}:1: .*read as JSON Lines, one object per line.*Write one "):
+            load_examples(tmp_path / name)
+    # chat data is not read, and renaming its field (the only fix the error named) would not make it text
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(jpeft.LoadError, match=r"found keys \['messages'\]\. Conversational data .* chat template"):
+        load_examples(tmp_path / "chat.jsonl")
 
 
 def test_a_non_utf8_byte_is_located_in_the_file(tmp_path):

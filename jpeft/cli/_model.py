@@ -129,7 +129,9 @@ def encode_fn(tokenizer):
                         "save one next to the model with tokenizer.save_pretrained(folder).")
 
     def encode(s: str):
-        return tokenizer(s, add_special_tokens=False)["input_ids"]
+        # verbose=False: a document longer than the tokenizer's model_max_length is cut into seq_len rows (checked
+        # against the model's positions), not "run through the model" whole as transformers' warning says
+        return tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
 
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None:

@@ -376,7 +376,8 @@ def _check_resumed_fingerprint(out_dir: str, before: dict, key: str, sha: str) -
             f"--resume would continue the run in {out_dir!r} on other training data than its checkpoints were trained "
             "on (the packed rows of data.train differ: the file or the tokenizer changed since, or an older jpeft "
             "started the run and put the tokenizer's BOS before every document where the tokenizer's own call adds "
-            "none), so its batches would not continue the run's. Restore the data the run was started with, or start "
+            "none, or masked a prompt/completion example's token spanning the boundary as prompt), so its batches "
+            "would not continue the run's. Restore the data the run was started with, or start "
             "a new run in another output_dir.")
     raise ConfigError(
         f"--resume would continue the run in {out_dir!r} on another base model than its checkpoints were trained "
