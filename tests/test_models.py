@@ -398,6 +398,27 @@ def test_config_fields_read_as_transformers_reads_them():
         assert getattr(c, field) == 0.25 and config_to_hf(c)[hf] == 0.25  # kept through save_pretrained
 
 
+def test_key_value_heads_without_the_key_default_as_in_transformers():
+    """transformers' MistralConfig and Qwen2Config take 8 and 32 key/value heads when config.json
+    has no num_key_value_heads (LlamaConfig, or Qwen2's explicit null: the attention heads); jpeft took
+    the attention heads for all three, so such a Mistral folder (32 heads, weights of 8) was
+    refused with a WeightShapeError telling the user to fix config.json."""
+    import transformers
+
+    from jpeft.models.loading import config_from_hf
+
+    d = dict(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=32)
+    for mt, cls in (("llama", transformers.LlamaConfig), ("mistral", transformers.MistralConfig),
+                    ("qwen2", transformers.Qwen2Config)):
+        for extra in ({}, {"num_key_value_heads": None}):
+            try:
+                want = cls(**d, **extra).num_key_value_heads
+            except Exception:  # MistralConfig refuses an explicit null (a strict-dataclass error)
+                continue
+            assert config_from_hf(dict(d, model_type=mt, **extra)).num_kv_heads == want, (mt, extra)
+    assert config_from_hf(dict(d, model_type="mistral")).num_kv_heads == 8
+
+
 def test_unsupported_model_type(tmp_path):
     d = _copy("llama2", tmp_path)
     cfg = json.loads((d / "config.json").read_text())
@@ -415,6 +436,29 @@ def test_model_types_of_a_model_class():
     assert loading.model_types_of(M.LlamaForCausalLM) == ["llama", "mistral", "qwen2"]
     assert loading.model_types_of(CausalLM) == ["gpt2", "llama", "mistral", "qwen2"]
     assert loading.model_types_of(M.BertForSequenceClassification) == ["bert"]
+
+
+def test_a_prequantized_checkpoint_is_refused_by_name(tmp_path):
+    """A bitsandbytes 8-bit folder as transformers saves it (int8 weights of the full shape plus
+    ``SCB`` / ``weight_format`` tensors, and a ``quantization_config``) was refused as weights
+    that "do not match its config.json", asking whether the config came from another model;
+    a leftover quantization_config over full-precision weights (which transformers quantizes on
+    load) loaded unquantized. Both now name the quantization and the way to load the model."""
+    from safetensors.numpy import load_file, save_file
+
+    d = _copy("llama2", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=r"quantization_config \(quant_method 'bitsandbytes'\).*quantize='nf4'"):
+        M.from_pretrained(str(d))
+    tensors = load_file(str(d / "model.safetensors"))
+    w = tensors["model.layers.0.mlp.up_proj.weight"]
+    tensors["model.layers.0.mlp.up_proj.weight"] = np.clip(np.round(w * 400), -127, 127).astype(np.int8)
+    tensors["model.layers.0.mlp.up_proj.SCB"] = np.abs(w).max(axis=1).astype(np.float32)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match="pre-quantized checkpoint"):
+        M.from_pretrained(str(d))
 
 
 def test_heads_jpeft_does_not_implement_and_a_stray_untied_head_are_refused(tmp_path):

@@ -58,6 +58,9 @@ def _get(d, *names, default=None):
     return default
 
 
+_KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32}
+
+
 def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> LlamaConfig:
     # as transformers' convert_rope_params_to_dict: an older file's rope_scaling, when set, wins over
     # rope_parameters (whose rope_theta is then not read either: the top-level one or 10000 is)
@@ -89,13 +92,17 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
     heads = int(d["num_attention_heads"])
     hidden = int(d["hidden_size"])
     attn_bias = bool(d.get("attention_bias", False))
+    # without the key, transformers' MistralConfig / Qwen2Config take 8 / 32 key/value heads (LlamaConfig: the
+    # attention heads); an explicit null means the attention heads in all three
+    kv_heads = d.get("num_key_value_heads", _KV_HEADS_DEFAULT.get(model_type, heads))
+    kv_heads = heads if kv_heads is None else kv_heads
     kw = dict(
         vocab_size=int(d["vocab_size"]),
         hidden_size=hidden,
         intermediate_size=int(d["intermediate_size"]),
         num_layers=int(d["num_hidden_layers"]),
         num_heads=heads,
-        num_kv_heads=int(_get(d, "num_key_value_heads", default=heads)),
+        num_kv_heads=int(kv_heads),
         head_dim=int(_get(d, "head_dim", default=hidden // heads)),
         max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
@@ -428,7 +435,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
 
     Raises:
       LoadError: no folder, no config.json or no weights (``UnsafeFileError`` for pickle-only).
-      UnsupportedModelError: unsupported ``model_type`` (the supported ones are listed).
+      UnsupportedModelError: unsupported ``model_type`` (the supported ones are listed), or a
+        pre-quantized checkpoint (``quantization_config`` in ``config.json``).
       WeightShapeError: a weight's shape disagrees with the config.
       CheckpointError: a truncated/corrupted file, missing or unexpected weights.
     """
@@ -449,6 +457,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
             "load with api='linen' to quantize."
         )
     d = read_config(path)
+    _refuse_prequantized(path, d)
     try:
         cfg = config_from_hf(d, dtype, param_dtype)
     except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
@@ -518,6 +527,25 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     if api == "nnx":
         return llama_nnx.from_params(cfg, params)
     return model, {"params": params}
+
+
+def _refuse_prequantized(path, d: Mapping[str, Any]) -> None:
+    """A ``config.json`` with a ``quantization_config`` (bitsandbytes, GPTQ, AWQ, fp8, ...
+    checkpoints): its weights are stored quantized, with extra tensors (scales, quant states),
+    and transformers quantizes even full-precision weights under it on load. jpeft reads
+    full-precision safetensors only; such folders were refused as weights that "do not match
+    their config.json", which did not say why."""
+    qc = d.get("quantization_config")
+    if not qc:
+        return
+    method = qc.get("quant_method") if isinstance(qc, Mapping) else None
+    raise UnsupportedModelError(
+        f"config.json in {path!r} has a quantization_config (quant_method {method!r}): a pre-quantized checkpoint, "
+        "whose weights transformers loads through that quantization backend. jpeft.models reads full-precision "
+        "(float32/bfloat16/float16) safetensors. Load the unquantized model and quantize it while reading, "
+        "from_pretrained(path, quantize='nf4') (or 'int8', 'fp8'); or, for weights that are in fact full "
+        "precision, remove quantization_config from config.json."
+    )
 
 
 def _check_stored_head_is_tied(path, where) -> None:
