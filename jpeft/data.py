@@ -294,11 +294,20 @@ def pack_documents(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int):
     """
     _check_seq_len(seq_len)
     chunks = []
+    cut_off = 0  # documents whose first target lies past their first chunk: a prompt longer than seq_len
     for ids, mask in docs:
+        first = np.flatnonzero(np.asarray(mask, bool))
+        cut_off += bool(first.size and first[0] >= seq_len)
         for i in range(0, len(ids), seq_len):
             chunks.append((np.asarray(ids[i:i + seq_len], np.int32), np.asarray(mask[i:i + seq_len], bool)))
     if not chunks:
         raise InputValidationError("the dataset has no tokens to pack; add data.")
+    if cut_off:
+        warnings.warn(
+            f"in {cut_off} document(s) the first target token comes after the first {seq_len} tokens (a prompt longer "
+            f"than seq_len={seq_len}): the completion is trained in a chunk that holds none of the prompt's first "
+            f"{seq_len} tokens (a chunk sees none of the chunks before it). Raise seq_len or shorten these prompts.",
+            stacklevel=2)
     rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
     used = 0
     for c in chunks:

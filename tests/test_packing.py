@@ -393,3 +393,18 @@ def test_a_stream_that_drops_much_of_its_data_says_so():
     with pytest.warns(UserWarning, match="dropped the last 255 tokens of the stream \\(255 of its 510 target"):
         ds = PackedDataset.from_examples([{"text": "x" * 509}], enc, 256, eos_id=2, bos_id=1, packing="stream")
     assert len(ds) == 1 and ds.num_targets == 255
+
+
+def test_a_prompt_longer_than_a_row_is_warned_about():
+    """Packed by documents, a prompt/completion pair whose prompt is longer than seq_len trains its
+    completion in a chunk that holds none of the prompt's start: said, with the number of such
+    examples; a long text document (targets from its start) and a fitting prompt are not."""
+    import warnings
+
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    long = [{"prompt": "p" * 12, "completion": "abc"}, {"prompt": "q", "completion": "d"}]
+    with pytest.warns(UserWarning, match=r"in 1 document\(s\) the first target token comes after the first 8 tokens"):
+        PackedDataset.from_examples(long, enc, 8, eos_id=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PackedDataset.from_examples([{"text": "x" * 30}, {"prompt": "p" * 5, "completion": "abcdefgh"}], enc, 8, eos_id=2)
