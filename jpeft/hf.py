@@ -150,15 +150,20 @@ def _refuse_classifier_sites(tensors: Mapping[str, Any]) -> None:
 
 def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder: str, prefix: str) -> None:
     """Removes from ``tensors`` the classifier a SEQ_CLS adapter file carries as PEFT's module to
-    save, after checking it equals the base's (jpeft trains no copy of it); a trained copy or
-    any other module to save is refused by name."""
+    save, after checking it equals the base's, for the methods that load no modules to save (a
+    trained copy or any other module to save is refused by name); LoRA keeps a copy its
+    ``modules_to_save`` names, which loads as a module to save (PEFT trains it)."""
     mts = d.get("modules_to_save") or []
     keys = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] in
             {f"{m}.{t}" for m in _SEQ_CLS_HEADS for t in ("weight", "bias")}]
     if not mts and not keys:
         return
-    if d.get("peft_type") == "LORA":  # LoRA loads modules_to_save; an untrained classifier copy is dropped below
-        keys = [k for k in keys if _equals_base_classifier(k[len(prefix):], tensors[k], leaves.get("classifier", {}))]
+    if d.get("peft_type") == "LORA":
+        # LoRA loads modules_to_save: a copy its modules_to_save names is one PEFT trains (SEQ_CLS names the
+        # classifier), so it loads as a module to save even while it still equals the base's, as PEFT's
+        # training would move it; one it does not name is PEFT's frozen copy, dropped after the check
+        keys = [k for k in keys if k[len(prefix):].split(".")[0] not in mts
+                and _equals_base_classifier(k[len(prefix):], tensors[k], leaves.get("classifier", {}))]
         for k in keys:
             del tensors[k]
         return

@@ -1,11 +1,13 @@
 """``jpeft train`` trains as transformers' ``Trainer`` does: weight decay leaves out what the
 Trainer leaves out (biases and norms), checked against ``Trainer.get_decay_parameter_names`` on
-the same models with and without PEFT, and training steps run the model's own dropout
-(``model.train()``), evaluation none."""
+the same models with and without PEFT, training steps run the model's own dropout
+(``model.train()``), evaluation none, and, method by method, its training steps (AdamW, weight
+decay, warm-up + cosine, clipping, gradient accumulation) equal the ``Trainer``'s with peft."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -251,3 +253,280 @@ def test_decay_mask_reads_no_decay_of_a_node_inside_a_scanned_site():
     stacked = Stacked(node, 1)
     m = decay_mask({"model/layers/x": stacked})["model/layers/x"].inner
     assert (m.embedding, m.w1, m.b1, m.w2, m.b2) == (True, True, False, True, False)
+
+
+# -- training steps against transformers' Trainer + peft, method by method ---------------------------
+# Each case: the tiny model, the same initial adapter with every tensor random (PEFT's moved by
+# noise, read into jpeft through its PEFT export; prefix projection and full fine-tuning set
+# directly), the same right-padded rows with masked prompts (label -100), AdamW with weight decay,
+# warm-up + cosine to 10 %, active clipping and 2 accumulation passes of 2 rows: ``jpeft train``'s
+# optimizer and loss (make_optimizer, make_loss_fns, loss_weight="targets") against the Trainer.
+
+_STEPS, _ROWS, _ACC = 3, 2, 2
+_T = {"learning_rate": 0.05, "warmup_steps": 1, "weight_decay": 0.3, "max_grad_norm": 0.05}
+
+
+def _peft_config(case: str, family: str):
+    import peft
+
+    tg = {"llama2": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}[family]
+    lora = dict(r=4, lora_alpha=8, target_modules=tg, init_lora_weights=False)
+    return {
+        "rsLoRA + patterns": lambda: peft.LoraConfig(**lora, use_rslora=True, rank_pattern={tg[1]: 2},
+                                                     alpha_pattern={tg[0]: 3.0}),
+        "lora_bias": lambda: peft.LoraConfig(**lora, lora_bias=True),
+        "bias='all'": lambda: peft.LoraConfig(**lora, bias="all"),
+        "DoRA": lambda: peft.LoraConfig(**lora, use_dora=True),
+        "trainable tokens": lambda: peft.LoraConfig(**lora, trainable_token_indices=[3, 5, 8, 13]),
+        "modules_to_save": lambda: peft.LoraConfig(**lora, modules_to_save=["lm_head"]),
+        "layers_to_transform": lambda: peft.LoraConfig(**lora, layers_to_transform=[1], layers_pattern="layers"),
+        "LoHa": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=tg, rank_pattern={tg[1]: 2}, init_weights=False),
+        "LoKr": lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=tg, decompose_both=True, decompose_factor=4,
+                                        init_weights=False),
+        "OFT": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=tg, init_weights=False),
+        "OFT coft": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=tg, coft=True, eps=1e-3,
+                                           init_weights=False),
+        "VeRA": lambda: peft.VeraConfig(r=4, target_modules=tg[:1], init_weights=False),
+        "IA3": lambda: peft.IA3Config(target_modules=tg, feedforward_modules=tg[-1:], init_ia3_weights=False),
+        "LN tuning": lambda: peft.LNTuningConfig(target_modules={
+            "llama2": ["input_layernorm", "post_attention_layernorm", "norm"], "gpt2": ["ln_1", "ln_2", "ln_f"]}[family]),
+        "prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"),
+        "prefix + projection": lambda: peft.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True,
+                                                               encoder_hidden_size=8, task_type="CAUSAL_LM"),
+        "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"),
+        "prompt, token 0 a target": lambda: peft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"),
+    }[case]()
+
+
+def _prefix_mlp_from(pm, node):
+    """jpeft's prefix-projection node holding the PEFT model's prompt encoder tensors."""
+    pe = pm.prompt_encoder["default"]
+    t = lambda x: jnp.asarray(x.detach().numpy())  # noqa: E731
+    return {"": dataclasses.replace(node, embedding=t(pe.embedding.weight), w1=t(pe.transform[0].weight).T,
+                                    b1=t(pe.transform[0].bias), w2=t(pe.transform[2].weight).T,
+                                    b2=t(pe.transform[2].bias))}
+
+
+def _rows(n: int, padded: bool):
+    """``n`` rows of 8 ids: right padding (segment 0) to 3..8 tokens, the first 1-3 tokens not targets."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, mt.VOCAB, size=(n, 8))
+    lengths = rng.integers(3, 9, size=n) if padded else np.full(n, 8)
+    seg, targets = np.zeros((n, 8), np.int32), np.zeros((n, 8), np.int32)
+    for i, k in enumerate(lengths):
+        seg[i, :k] = 1
+        targets[i, 1 + i % 3:k] = 1
+    return np.where(seg == 1, ids, 0), seg, targets
+
+
+def _train_both(family: str, case: str, tmp: str):
+    """``(mine, ref, adapter, ref_adapter, pm, config)``: per-step ``(loss, grad_norm, lr)`` of
+    ``jpeft train``'s step and of the Trainer, the two trained adapters (the Trainer's read back
+    into jpeft) and the PEFT model."""
+    import peft
+    import torch
+    import transformers as T
+
+    from jpeft import hf as H
+    from jpeft.cli._trainer import applied_lr, make_loss_fns, make_optimizer
+
+    hf, folder = mt.hf_model(family)
+    model, params = jpeft.models.from_pretrained(folder)
+    base = copy.deepcopy(hf)
+    for m in base.modules():
+        if isinstance(m, torch.nn.Dropout):  # GPT-2's own dropout off: jpeft's side runs model_dropout=False
+            m.p = 0.0
+    torch.manual_seed(11)
+    pm = base if case == "full" else peft.get_peft_model(base, _peft_config(case, family))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad and case != "full":
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    if case == "full":
+        cfg = jpeft.FullFinetuneConfig()
+        adapter = jpeft.init(cfg, params, jax.random.key(0))
+    elif case == "prefix + projection":  # PEFT's export holds the folded prefix only
+        cfg = jpeft.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=8)
+        adapter = _prefix_mlp_from(pm, jpeft.init(cfg, params, jax.random.key(0))[""])
+    else:
+        pm.save_pretrained(os.path.join(tmp, "init"))
+        cfg, adapter = jpeft.hf.load_peft(os.path.join(tmp, "init"), params)
+    padded = not case.startswith("prompt")  # jpeft train trains prompt tuning on unpadded (stream) rows
+    ids, seg, targets = _rows(_STEPS * _ROWS * _ACC, padded)
+    if case == "prompt, token 0 a target":
+        targets[:, 0] = 1
+    hf_rows = [{"input_ids": torch.tensor(ids[i]), "attention_mask": torch.tensor(seg[i]),
+                "labels": torch.where(torch.tensor(targets[i]).bool(), torch.tensor(ids[i]), -100)}
+               for i in range(len(ids))]
+
+    class InOrder(T.Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    args = T.TrainingArguments(
+        output_dir=os.path.join(tmp, "hf"), per_device_train_batch_size=_ROWS, gradient_accumulation_steps=_ACC,
+        max_steps=_STEPS, learning_rate=_T["learning_rate"], warmup_steps=_T["warmup_steps"],
+        weight_decay=_T["weight_decay"], max_grad_norm=_T["max_grad_norm"], lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, optim="adamw_torch", logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    trainer = InOrder(model=pm, args=args, train_dataset=hf_rows, data_collator=T.default_data_collator)
+    trainer.train()
+    ref = [(x["loss"], x["grad_norm"], x["learning_rate"]) for x in trainer.state.log_history if "loss" in x]
+
+    optimizer, sched = make_optimizer(_T, _STEPS, method=cfg)
+    loss_fn, _ = make_loss_fns(model, None, "auto", False, cfg)
+    step = jpeft.make_train_step(loss_fn, optimizer, accumulate_steps=_ACC, loss_weight="targets", donate=False)
+    state, lr = optimizer.init(jpeft.trainable(adapter)), applied_lr(sched)
+    order = np.arange(_ROWS * _ACC).reshape(_ACC, _ROWS).T.reshape(-1)  # pass j takes rows j, j + _ACC: the Trainer's
+    mine = []
+    for s in range(_STEPS):
+        take = s * _ROWS * _ACC + order
+        batch = {"input_ids": jnp.asarray(ids[take]), "loss_mask": jnp.asarray(targets[take])}
+        if padded:  # rows as jpeft train's documents packing gives them: one segment each, then padding
+            batch.update(segment_ids=jnp.asarray(seg[take]), position_ids=jnp.asarray(np.tile(np.arange(8), (len(take), 1))))
+        adapter, state, m = step(params, adapter, state, batch, jax.random.key(s))
+        mine.append((float(m["loss"]), float(m["grad_norm"]), lr(state, False)))
+
+    if case == "full":
+        pm.save_pretrained(os.path.join(tmp, "trained"))
+        trained = jpeft.models.from_pretrained(os.path.join(tmp, "trained"))[1]["params"]
+        ref_adapter = {"": dataclasses.replace(adapter[""], params=trained)}
+    elif case == "prefix + projection":
+        ref_adapter = _prefix_mlp_from(pm, adapter[""])
+    else:
+        pm.save_pretrained(os.path.join(tmp, "trained"))
+        ref_adapter = jpeft.hf.load_peft(os.path.join(tmp, "trained"), params)[1]
+    return mine, ref, adapter, ref_adapter, pm, cfg
+
+
+_METHOD_CASES = [("llama2", c) for c in ("rsLoRA + patterns", "lora_bias", "bias='all'", "DoRA", "trainable tokens",
+                                         "modules_to_save", "layers_to_transform", "LoHa", "LoKr", "OFT", "OFT coft",
+                                         "VeRA", "IA3", "LN tuning", "prefix + projection", "prompt", "full")] + [
+    ("gpt2", c) for c in ("DoRA", "trainable tokens", "VeRA", "IA3", "LN tuning", "prefix", "prompt")]
+
+
+@pytest.mark.parametrize("family,case", _METHOD_CASES, ids=[f"{f}|{c}" for f, c in _METHOD_CASES])
+def test_training_steps_equal_the_hf_trainer_with_peft(family, case, tmp_path):
+    """Per step the loss, gradient norm (before clipping) and learning rate equal the
+    Trainer's; at the end every trained tensor equals PEFT's; both train the same number of
+    parameters (``jpeft info``'s budget too) and decay the same ones."""
+    from transformers import Trainer
+
+    from jpeft.cli.info_cmd import budget
+    from jpeft.models import loading
+
+    mine, ref, adapter, ref_adapter, pm, cfg = _train_both(family, case, str(tmp_path))
+    assert len(mine) == len(ref) == _STEPS
+    np.testing.assert_allclose(np.array(mine), np.array(ref), rtol=5e-5, atol=1e-9)
+    assert ref[0][2] == 0.0 and ref[1][1] > _T["max_grad_norm"]  # warm-up from 0; clipping acts
+    got, want = jpeft.trainable(adapter), jpeft.trainable(ref_adapter)
+    if case == "OFT coft":  # PEFT projects oft_R at its next forward, jpeft after the update: the same blocks
+        want = {p: n.after_update() for p, n in want.items()}  # the Site protocol's projection (coft)
+    flat = jax.tree_util.tree_flatten_with_path(got)[0]
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, x), y in zip(flat, jax.tree.leaves(want)):
+        name = jax.tree_util.keystr(path)
+        if "k_proj" in name and "bias" in name:
+            continue  # the softmax ignores a key bias: its gradient is float noise, which Adam scales up
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=2e-5 * float(np.abs(y).max()) + 1e-7,
+                                   err_msg=name)
+    trained = {n: p.numel() for n, p in pm.named_parameters() if p.requires_grad}
+    assert sum(int(np.size(x)) for x in jax.tree.leaves(got)) == sum(trained.values())
+    if case != "full":
+        assert budget(loading.read_config(mt.hf_model(family)[1]), cfg)["trainable"] == sum(trained.values())
+    decay = set(Trainer.get_decay_parameter_names(None, pm))
+    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(decay_mask(got))))
+    assert sorted(int(np.size(x)) for x, m in pairs if m) == sorted(k for n, k in trained.items() if n in decay)
+    assert sorted(int(np.size(x)) for x, m in pairs if not m) == sorted(k for n, k in trained.items() if n not in decay)
+
+
+
+def test_prompt_tuning_with_the_first_token_a_target_the_trainer_divides_by_one_target_fewer_per_row(tmp_path):
+    """docs/METHODS.md's known difference: with prompt tuning PEFT's loss scores the first real
+    token (the last virtual token predicts it) when its label is set, but the Trainer counts
+    ``labels[..., 1:]`` as the targets it divides by (``num_items_in_batch``): its loss and
+    gradient are the sum over ``n`` targets divided by ``n - rows``. jpeft's are the mean over
+    the ``n`` targets its loss scores."""
+    mine, ref, *_ = _train_both("llama2", "prompt, token 0 a target", str(tmp_path))
+    _, _, targets = _rows(_STEPS * _ROWS * _ACC, False)
+    targets[:, 0] = 1
+    per_step = targets.reshape(_STEPS, _ROWS * _ACC, -1).sum(axis=(1, 2))
+    factor = per_step / (per_step - _ROWS * _ACC)
+    np.testing.assert_allclose([r[0] for r in ref], [m[0] * f for m, f in zip(mine, factor)], rtol=5e-5)
+    np.testing.assert_allclose([r[1] for r in ref], [m[1] * f for m, f in zip(mine, factor)], rtol=5e-5)
+
+
+def test_bert_classifier_lora_from_a_peft_seq_cls_adapter_trains_as_the_hf_trainer(tmp_path):
+    """A PEFT SEQ_CLS LoRA adapter saved before training (its classifier copy, which PEFT trains,
+    still the base's) loaded without the classifier: jpeft then trained the LoRA factors alone
+    while PEFT trained the classifier too (grad norm 1.095 against the Trainer's 1.418 at step 1,
+    loss 0.984 against 1.198 at step 3, no warning). It
+    now loads the copy as a module to save: the same loss, grad norm, learning rate and trained
+    tensors as the Trainer, classifier included, with weight decay on its kernel only."""
+    import optax
+    import peft
+    import torch
+    import transformers as T
+
+    from jpeft.cli._trainer import applied_lr, make_optimizer
+
+    hf, folder = mt.hf_model("bert")
+    model, params = jpeft.models.from_pretrained(folder)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                                task_type="SEQ_CLS", init_lora_weights=False))
+    for m in pm.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    pm.save_pretrained(str(tmp_path / "init"))
+    cfg, adapter = jpeft.hf.load_peft(str(tmp_path / "init"), params)
+    assert "classifier" in adapter
+    rng = np.random.default_rng(0)
+    n = 3 * 4
+    ids, mask = rng.integers(3, mt.VOCAB, size=(n, 8)), np.ones((n, 8), np.int64)
+    for i in range(n):
+        mask[i, 3 + i % 5:] = 0
+    ids, labels = ids * mask, rng.integers(0, 3, size=n)
+    rows = [{"input_ids": torch.tensor(ids[i]), "attention_mask": torch.tensor(mask[i]), "labels": torch.tensor(labels[i])}
+            for i in range(n)]
+
+    class InOrder(T.Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    args = T.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=3, learning_rate=0.05, warmup_steps=1,
+        weight_decay=0.3, max_grad_norm=0.05, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, optim="adamw_torch", logging_steps=1, save_strategy="no",
+        report_to=[], use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    trainer = InOrder(model=pm, args=args, train_dataset=rows, data_collator=T.default_data_collator)
+    trainer.train()
+    ref = [(x["loss"], x["grad_norm"], x["learning_rate"]) for x in trainer.state.log_history if "loss" in x]
+
+    def loss_fn(p, a, batch, key):
+        logits = jpeft.apply(model, p, a, batch["input_ids"], attention_mask=batch["attention_mask"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    t = {"learning_rate": 0.05, "warmup_steps": 1, "weight_decay": 0.3, "max_grad_norm": 0.05}
+    optimizer, sched = make_optimizer(t, 3, method=cfg)
+    step = jpeft.make_train_step(loss_fn, optimizer, donate=False)
+    state, lr = optimizer.init(jpeft.trainable(adapter)), applied_lr(sched)
+    mine = []
+    for s in range(3):
+        b = {"input_ids": jnp.asarray(ids[4 * s:4 * s + 4]), "attention_mask": jnp.asarray(mask[4 * s:4 * s + 4]),
+             "labels": jnp.asarray(labels[4 * s:4 * s + 4])}
+        adapter, state, m = step(params, adapter, state, b, None)
+        mine.append((float(m["loss"]), float(m["grad_norm"]), lr(state, False)))
+    np.testing.assert_allclose(np.array(mine), np.array(ref), rtol=5e-5, atol=1e-9)
+    pm.save_pretrained(str(tmp_path / "trained"))
+    got, want = jpeft.trainable(adapter), jpeft.trainable(jpeft.hf.load_peft(str(tmp_path / "trained"), params)[1])
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=2e-5 * float(np.abs(y).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+    trained = {k: p.numel() for k, p in pm.named_parameters() if p.requires_grad}
+    decay = set(T.Trainer.get_decay_parameter_names(None, pm))
+    pairs = list(zip(jax.tree.leaves(got), jax.tree.leaves(decay_mask(got))))
+    assert sorted(int(np.size(x)) for x, m in pairs if m) == sorted(k for name, k in trained.items() if name in decay)
+    assert sorted(int(np.size(x)) for x, m in pairs if not m) == sorted(k for name, k in trained.items() if name not in decay)
