@@ -175,15 +175,19 @@ def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder:
     own = leaves.get("classifier", {})
     for k in keys:
         name = k[len(prefix):]
-        base = own.get({"classifier.weight": "kernel", "classifier.bias": "bias"}.get(name, ""))
-        base = None if base is None else quant.dequantize_array(base)  # a quantized classifier: what it stands for
-        want = None if base is None else (np.asarray(base, np.float32).T if name.endswith("weight") else np.asarray(base, np.float32))
-        if want is None or want.shape != tensors[k].shape or not np.allclose(tensors[k], want, atol=1e-6):
+        if not _equals_base_classifier(name, tensors[k], own):
             raise UnsupportedAdapterError(
                 f"the adapter in {folder!r} carries a trained copy of {name.rsplit('.', 1)[0]!r} (modules_to_save), which "
                 "jpeft does not load; it differs from the base's. Only adapters that leave the classifier frozen load."
             )
         del tensors[k]
+    if mts:
+        warnings.warn(
+            f"the {d.get('peft_type')} adapter in {folder!r} names {list(mts)} in modules_to_save, a copy PEFT trains "
+            "beside the adapter; jpeft loads this method without modules to save, so the model uses the base's "
+            "classifier (the same outputs now) and training it in jpeft leaves the classifier frozen, where PEFT's "
+            "training would update it. Use LoRA (whose modules_to_save jpeft trains) to train the classifier too.",
+            UserWarning, stacklevel=3)
 
 
 def _equals_base_classifier(name: str, x: np.ndarray, own) -> bool:

@@ -167,7 +167,11 @@ def test_bert_task_types_load_in_peft(method, task, written, tmp_path):
     j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
     t = _torch_logits(pm, ids, mask, with_positions=False)
     np.testing.assert_allclose(np.asarray(j), t, rtol=1e-4, atol=1e-4)
-    _, ad2 = load_peft(str(tmp_path), params)
+    if method == "prompt" and task == "SEQ_CLS":  # PEFT trains the classifier copy it names; jpeft's prompt tuning cannot
+        with pytest.warns(UserWarning, match=r"names \['classifier', 'score'\] in modules_to_save.*leaves the classifier frozen"):
+            _, ad2 = load_peft(str(tmp_path), params)
+    else:
+        _, ad2 = load_peft(str(tmp_path), params)
     np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, ad2, jnp.asarray(ids), jnp.asarray(mask))), np.asarray(j),
                                rtol=1e-5, atol=1e-5)
 
