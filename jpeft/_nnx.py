@@ -25,7 +25,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as _dtypes
 
 from jpeft import _inject
-from jpeft.errors import ConfigError, TargetNotFoundError, UnsupportedModuleError
+from jpeft.errors import ConfigError, NotMergeableError, TargetNotFoundError, UnsupportedModuleError
 from jpeft.methods.base import Call, ModuleInfo
 
 _CONTAINERS = (nnx.List, nnx.Dict)
@@ -284,6 +284,26 @@ def shared_params(root) -> dict[str, list[str]]:
                 out.setdefault("/".join(map(str, p[:-1])), []).extend(
                     "/".join(map(str, q)) for q in ps if q != p)
     return out
+
+
+def fold_module(model, paths, fold):
+    """A new ``nnx.Module``: ``fold(state)`` of ``model``'s state merged back into its graph, for
+    the functions that fold updates into the base weights (:func:`jpeft.merge`,
+    :func:`jpeft.merging.merge_into_base`); ``paths`` are the adapted sites.
+
+    Raises:
+      NotMergeableError: a site is on a module whose weights another module also holds
+        (:func:`shared_params`)."""
+    shared = shared_params(model)
+    tied = sorted(p for p in paths if p in shared)
+    if tied:
+        raise NotMergeableError(
+            f"the adapter's site {tied[0]!r} is on a module whose weights another module also holds "
+            f"({shared[tied[0]][:3]}): jpeft.apply adapts only {tied[0]!r}'s calls, but folding the update into the "
+            "shared weight would change the other module's output too. Use jpeft.apply, or untie the weight."
+        )
+    graphdef, state = split(model, None)
+    return nnx.merge(graphdef, fold(state))
 
 
 def _swapped(value, wrap: Mapping[int, Any]):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jpeft import _inject, _nnx, quant, scan
 from jpeft.config import AdapterConfig
 from jpeft.data import _token_nll, causal_lm_loss, causal_lm_loss_chunked
-from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
+from jpeft.errors import ConfigError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
 from jpeft.validate import check_key
 from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unwrap_params
@@ -215,16 +215,7 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
 
 def _fold(params, adapter, how: str):
     if isinstance(params, _nnx.nnx.Module):  # an NNX model in, a new NNX model out
-        shared = _nnx.shared_params(params)
-        tied = sorted(p for p in adapter if p in shared)
-        if tied:
-            raise NotMergeableError(
-                f"the adapter's site {tied[0]!r} is on a module whose weights another module also holds "
-                f"({shared[tied[0]][:3]}): jpeft.apply adapts only {tied[0]!r}'s calls, but folding the update into the "
-                "shared weight would change the other module's output too. Use jpeft.apply, or untie the weight."
-            )
-        graphdef, state = _nnx.split(params, None)
-        return _nnx.nnx.merge(graphdef, _fold(state, adapter, how))
+        return _nnx.fold_module(params, adapter, lambda state: _fold(state, adapter, how))
     if quant.has_quantized(params):
         params = quant.dequantize(params)
     inner, wrapped = unwrap_params(params)

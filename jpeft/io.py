@@ -63,6 +63,7 @@ from jpeft.errors import (
     ShapeMismatchError,
     UnsafeFileError,
 )
+from jpeft.methods.base import method_of
 from jpeft.tree import unwrap_params
 
 ADAPTER_JSON = "jpeft_adapter.json"
@@ -1017,6 +1018,9 @@ def save_adapter(
       The directory written.
 
     Raises:
+      ConfigError: ``adapter`` holds nodes the config's method does not make (e.g. a merged
+        LoRA adapter of VeRA inputs with their ``VeraConfig``), which :func:`load_adapter`
+        could not rebuild.
       OverwriteError: ``path`` exists and ``overwrite`` is false, or it is not an adapter.
       PathEscapeError: ``path`` would leave ``root``, or is a symlink.
       SaveError: the write failed; nothing at ``path`` changed.
@@ -1036,6 +1040,16 @@ def save_adapter(
         raise ConfigError(f"save_adapter expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
     if not isinstance(adapter, Mapping) or not adapter:
         raise ConfigError(f"save_adapter expects the adapter dict {{module_path: node}} from jpeft.init, found {type(adapter).__name__}.")
+    made = method_of(config).nodes  # load_adapter rebuilds the sites with jpeft.init(config): nodes of other kinds fail there
+    other = next(((p, getattr(n, "inner", n)) for p, n in adapter.items()
+                  if made and not isinstance(getattr(n, "inner", n), made)), None)
+    if other is not None:
+        raise ConfigError(
+            f"save_adapter got a {type(config).__name__}, which makes {[c.__name__ for c in made]} sites, but the adapter "
+            f"holds a {type(other[1]).__name__} at {other[0]!r}: load_adapter could not rebuild it. Save each method's "
+            "sites with its own config; an adapter from jpeft.merging is a LoRA adapter whatever its inputs were (VeRA, "
+            "AdaLoRA): save it with a jpeft.LoraConfig of the same target_modules."
+        )
     # the config load_adapter rebuilds these sites from (LoRA: init set to the sites' residual base)
     config = config.saved_config(adapter)
     target = resolve_target(path, root)

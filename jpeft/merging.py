@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import quant
+from jpeft import _nnx, quant
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
 from jpeft.methods.base import Layout, LowRank, check_tied_merge, low_rank_node, residual_refusal
 from jpeft.scan import Stacked
@@ -390,19 +390,24 @@ def merge_into_base(
     """A copy of ``params`` with the merged update of ``adapters`` added to the base kernels
     (exactly, without rank truncation), for single-tenant serving with no adapter overhead.
     With one adapter and ``method="linear"`` this equals :func:`jpeft.merge` (on a quantized base,
-    too: the result is the dequantized base with the update folded in), and like it refuses
+    too: the result is the dequantized base with the update folded in; for an ``nnx.Module``, a
+    new merged module, and for its ``nnx.State``, the merged state), and like it refuses
     an embedding update that would also act on the model's tied output projection where the
     unmerged adapters act on the input lookup only.
 
     Raises:
       ShapeMismatchError: an adapter site the params do not have, or of another shape.
       NotMergeableError: an embedding the model also reads as its tied output projection,
-        adapted on its input lookup only (no ``ensure_weight_tying``).
+        adapted on its input lookup only (no ``ensure_weight_tying``); for an ``nnx.Module``, a
+        site on a module whose weights another module also holds (as :func:`jpeft.merge`).
       (and what :func:`merge_deltas` raises)
     """
     _, _, sites = _validate(adapters, weights, method, density, majority_sign, key)
     for site in sites.values():
         check_tied_merge(site)
+    if isinstance(params, _nnx.nnx.Module):  # an NNX model in, a new NNX model out (as jpeft.merge)
+        return _nnx.fold_module(params, sites, lambda state: merge_into_base(
+            state, adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key))
     deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
     if quant.has_quantized(params):  # as jpeft.merge: the dequantized base, the update folded in
         params = quant.dequantize(params)

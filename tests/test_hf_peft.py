@@ -554,6 +554,45 @@ def test_ensure_weight_tying_both_ways(tmp_path, caplog):
         H.save_peft(str(tmp_path / "g"), gcfg, _random_adapter("gpt2", gcfg))
 
 
+def test_ensure_weight_tying_with_the_embeddings_own_rank_or_alpha_both_ways(tmp_path, caplog):
+    """PEFT scales the tied lm_head's copy of the embedding's factors by lm_head's own r / alpha.
+    save_peft wrote the embedding's rank_pattern / alpha_pattern key only, so a merged adapter
+    (scale 1) or a config with an embed_tokens pattern loaded in PEFT with lm_head at the default
+    alpha / r (logits 90 to 600 off, no warning); and a PEFT file whose two scales differ loaded
+    as one scale (134 off). Now the key is written for lm_head too, and such a file is refused."""
+    from jpeft.merging import merge_adapters
+
+    family = "llama3"
+    hf = T.hf_model(family)[0]
+    ids, mask = T.batch(family, seed=9)
+    cfg = jpeft.LoraConfig(r=2, alpha=6, target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True)
+    a, b = _random_adapter(family, cfg, seed=4), _random_adapter(family, cfg.replace(r=4), seed=5)
+    patterned = cfg.replace(alpha_pattern={"embed_tokens": 2.0})
+    for name, c, ad in (("merged", cfg, merge_adapters([a, b], [0.6, -0.8], method="cat")),
+                        ("pattern", patterned, _random_adapter(family, patterned, seed=6))):
+        H.save_peft(str(tmp_path / name), c, ad)
+        pm = _peft_load_quietly(hf, tmp_path / name, caplog)
+        _close(family, _jpeft_logits(family, ad, ids, mask), _peft_logits(pm, family, ids, mask), mask)
+    # PEFT-made with two scales: refused by name; with one (both keys) loaded as PEFT computes it
+    _, params = loaded(family)
+    for pattern in ({"embed_tokens": 2.0}, {"embed_tokens": 2.0, "lm_head": 2.0}):
+        torch.manual_seed(6)
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+            r=4, lora_alpha=8, alpha_pattern=pattern, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False,
+            ensure_weight_tying=True))
+        folder = tmp_path / f"p{len(pattern)}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm.save_pretrained(folder)
+        if len(pattern) == 1:
+            with pytest.raises(UnsupportedAdapterError, match=r"different scales: model.embed_tokens r=4, alpha=2 .*"
+                                                              r"lm_head r=4, alpha=8"):
+                H.load_peft(str(folder), params)
+        else:
+            _, ad = H.load_peft(str(folder), params)
+            _close(family, _jpeft_logits(family, ad, ids, mask), _peft_logits(pm.eval(), family, ids, mask), mask)
+
+
 @pytest.mark.parametrize("tie", [False, True], ids=["input-only", "ensure_weight_tying"])
 def test_modules_to_save_tied_embedding_both_ways(tmp_path, caplog, tie):
     """A modules_to_save copy of a tied Llama's embedding: by default PEFT's copy changes the

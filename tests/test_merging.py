@@ -367,3 +367,69 @@ def test_combine_refuses_bad_input_by_name():
     with pytest.raises(ConfigError, match="unknown merge method"):
         combine(t, [1.0, 1.0], "mean")
     np.testing.assert_allclose(combine(t, [1.0, -1.0], "linear"), 2.0 * np.ones((2, 3)))
+
+
+def test_merge_into_base_of_an_nnx_module_is_a_merged_module_as_jpeft_merge():
+    """jpeft.merge takes an nnx.Module and returns a merged one; merge_into_base read the module as
+    a params dict and ended in a ShapeMismatchError ("a site 'l1' that the params do not have"),
+    and could not refuse a site whose kernel another module shares."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.l1 = nnx.Linear(5, 6, rngs=nnx.Rngs(0))
+            self.l2 = nnx.Linear(6, 6, rngs=nnx.Rngs(1))
+            self.head = nnx.Linear(6, 3, rngs=nnx.Rngs(2))
+
+        def __call__(self, x):
+            return self.head(nnx.relu(self.l2(nnx.relu(self.l1(x)))))
+
+    model, x = Net(), jax.random.normal(jax.random.key(0), (2, 5))
+    cfg = jpeft.LoraConfig(r=2, alpha=3, target_modules=".*", init="random")
+    a, b = (jax.tree.map(lambda t: t + 0.3, jpeft.init(c, model, jax.random.key(i)))  # B random too
+            for i, c in ((1, cfg), (2, cfg.replace(r=3, use_rslora=True))))
+    w = [0.7, -1.2]
+    merged = merge_into_base(model, [a, b], w)
+    assert isinstance(merged, nnx.Module) and merged is not model
+    want = jpeft.apply(model, None, merge_adapters([a, b], w, method="cat"), x)
+    assert float(jnp.abs(want - model(x)).max()) > 0.1  # the update really moves the output
+    np.testing.assert_allclose(merged(x), want, atol=1e-5)
+    _, state = nnx.split(model)
+    np.testing.assert_allclose(nnx.merge(nnx.split(model)[0], merge_into_base(state, [a, b], w))(x), want, atol=1e-5)
+
+    class Tied(nnx.Module):
+        def __init__(self):
+            self.a = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.b = nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+            self.b.kernel = self.a.kernel
+
+        def __call__(self, x):
+            return self.b(self.a(x))
+
+    tied = Tied()
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["a"], init="random"), tied, jax.random.key(3))
+    with pytest.raises(NotMergeableError, match=r"site 'a' is on a module whose weights another.*b/kernel"):
+        merge_into_base(tied, [ad])
+
+
+@pytest.mark.parametrize("config", [jpeft.VeraConfig(r=4, target_modules=".*"),
+                                    jpeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=".*")],
+                         ids=["vera", "adalora"])
+def test_a_merged_vera_or_adalora_adapter_is_saved_as_lora_not_with_its_inputs_config(config, tmp_path):
+    """Merging VeRA or AdaLoRA adapters gives a LoRA adapter; save_adapter wrote it with the inputs'
+    config without a word, and load_adapter then failed ("does not fit this base ... saved for another
+    model?"): the merge was lost. It is refused by name; saved with a LoraConfig it loads back."""
+    model = nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(3)])
+    x = jax.random.normal(jax.random.key(0), (2, 5))
+    params = model.init(jax.random.key(1), x)
+    a, b = (jax.tree.map(lambda t: t + 0.3, jpeft.init(config, params, jax.random.key(i))) for i in (2, 3))
+    merged = merge_adapters([a, b], [0.5, -1.5], method="cat")
+    with pytest.raises(ConfigError, match=r"makes \['.*Weights'\] sites, but the adapter holds a LoraWeights.*"
+                                          r"jpeft.LoraConfig"):
+        jpeft.save_adapter(tmp_path / "m", config, merged, params=params)
+    assert not (tmp_path / "m").exists()
+    jpeft.save_adapter(tmp_path / "m", jpeft.LoraConfig(target_modules=".*"), merged, params=params)
+    _, back = jpeft.load_adapter(tmp_path / "m", params)
+    want = jpeft.apply(model, params, merged, x)
+    assert float(jnp.abs(want - model.apply(params, x)).max()) > 0.1  # the merged update moves the output
+    np.testing.assert_allclose(jpeft.apply(model, params, back, x), want, atol=1e-5)

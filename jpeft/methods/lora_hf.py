@@ -125,9 +125,11 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             tensors[peft_key(path, "lora_embedding_B")] = to_np(node.lora_B).T.copy()
             if node.tie_output and node.tied_output is not False:
                 _check_peft_ties(path, node)
-                # PEFT's ensure_weight_tying gives lm_head a LoRA sharing the embedding's factors
+                # PEFT's ensure_weight_tying gives lm_head a LoRA sharing the embedding's factors, scaled by
+                # lm_head's own r / alpha: the embedding's too, or that half of the update is rescaled
                 tensors[peft_key("lm_head", "lora_A.weight")] = to_np(node.lora_B).copy()
                 tensors[peft_key("lm_head", "lora_B.weight")] = to_np(node.lora_A).copy()
+                add_site_pattern(rank_pattern, alpha_pattern, "lm_head", r, alpha, config)
                 tied = True
         elif node.layout.kind == Kind.DENSE:
             tensors[peft_key(path, "lora_A.weight")] = to_np(node.lora_A).T.copy()
@@ -338,6 +340,16 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
         by_site.setdefault(path, {})[t] = v
     leaves = ctx.leaves
     tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
+    for path in tied_paths:  # PEFT scales the shared factors by each module's own r / alpha; a tied site has one
+        (r_e, a_e), (r_h, a_h) = config.rank_alpha(path, hf_only=True), config.rank_alpha("lm_head", hf_only=True)
+        if not math.isclose(config.scale(r_e, a_e), config.scale(r_h, a_h), rel_tol=1e-6):
+            raise UnsupportedAdapterError(
+                f"the adapter in {ctx.folder!r} ties lm_head to {hf_name(path)} (ensure_weight_tying), but its "
+                f"rank_pattern / alpha_pattern give them different scales: {hf_name(path)} r={r_e}, alpha={a_e:g} "
+                f"(scale {config.scale(r_e, a_e):g}) and lm_head r={r_h}, alpha={a_h:g} (scale "
+                f"{config.scale(r_h, a_h):g}). PEFT applies the shared factors with each module's own scale; jpeft's "
+                "tied site has one. Give lm_head the embedding's r and alpha in adapter_config.json."
+            )
     candidates = [p for p, own in leaves.items() if "kernel" in own or "embedding" in own]
     candidates = linear_only(config.target_modules, leaves, candidates)
     expected = [p for p in candidates if config.selects(p)]
