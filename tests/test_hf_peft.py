@@ -567,12 +567,19 @@ def test_ensure_weight_tying_with_the_embeddings_own_rank_or_alpha_both_ways(tmp
     ids, mask = T.batch(family, seed=9)
     cfg = jpeft.LoraConfig(r=2, alpha=6, target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True)
     a, b = _random_adapter(family, cfg, seed=4), _random_adapter(family, cfg.replace(r=4), seed=5)
-    patterned = cfg.replace(alpha_pattern={"embed_tokens": 2.0})
+    # jpeft.init refuses an embed_tokens pattern lm_head does not share (PEFT's lm_head copy would keep r / alpha)
+    with pytest.raises(jpeft.ConfigError, match=r"different scales: model.embed_tokens r=2, alpha=2 .*lm_head r=2, alpha=6"):
+        _random_adapter(family, cfg.replace(alpha_pattern={"embed_tokens": 2.0}), seed=6)
+    patterned = cfg.replace(alpha_pattern={"embed_tokens": 2.0, "lm_head": 2.0})
     for name, c, ad in (("merged", cfg, merge_adapters([a, b], [0.6, -0.8], method="cat")),
                         ("pattern", patterned, _random_adapter(family, patterned, seed=6))):
         H.save_peft(str(tmp_path / name), c, ad)
         pm = _peft_load_quietly(hf, tmp_path / name, caplog)
         _close(family, _jpeft_logits(family, ad, ids, mask), _peft_logits(pm, family, ids, mask), mask)
+        # jpeft's own format: the saved config gives lm_head the tied site's r / alpha too, so it loads back
+        jpeft.save_adapter(str(tmp_path / f"{name}-jpeft"), c, ad)
+        _, back = jpeft.load_adapter(str(tmp_path / f"{name}-jpeft"), loaded(family)[1])
+        np.testing.assert_allclose(_jpeft_logits(family, back, ids, mask), _jpeft_logits(family, ad, ids, mask), atol=1e-5)
     # PEFT-made with two scales: refused by name; with one (both keys) loaded as PEFT computes it
     _, params = loaded(family)
     for pattern in ({"embed_tokens": 2.0}, {"embed_tokens": 2.0, "lm_head": 2.0}):

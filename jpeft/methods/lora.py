@@ -263,6 +263,9 @@ class LoraConfig(AdapterConfig):
         if not sites or any(isinstance(n, Stacked) for n in adapter.values()):
             return self
         want = {p: (n.r, n.scale * (math.sqrt(n.r) if self.use_rslora else n.r)) for p, n in sites.items()}
+        for p, n in sites.items():  # PEFT's tied lm_head copy takes lm_head's own r / alpha: the embedding's too
+            if n.tie_output and n.tied_output is not False:
+                want.setdefault("lm_head", want[p])
 
         def agrees(path, r, alpha):
             r0, a0 = self.rank_alpha(path)
@@ -949,6 +952,18 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
     return node
 
 
+def tied_head_scales(config: LoraConfig, path: str, r: int, alpha: float, *, hf_only: bool = False) -> Optional[str]:
+    """With ``ensure_weight_tying``, PEFT gives ``lm_head`` a LoRA sharing the embedding at
+    ``path``'s factors and scales it by ``lm_head``'s own ``rank_pattern`` / ``alpha_pattern``
+    entry; jpeft's tied site has one scale. ``None`` when the two scales agree, else the two
+    settings, said for an error."""
+    r_h, a_h = config.rank_alpha("lm_head", hf_only=hf_only)
+    if math.isclose(config.scale(r, alpha), config.scale(r_h, a_h), rel_tol=1e-6):
+        return None
+    return (f"{hf_name(path)} r={r}, alpha={alpha:g} (scale {config.scale(r, alpha):g}) and lm_head r={r_h}, "
+            f"alpha={a_h:g} (scale {config.scale(r_h, a_h):g})")
+
+
 def _selects(config: LoraConfig, path: str, own: Mapping[str, Any], infos) -> bool:
     """``config.selects(path)``; for a site inside a layer scan (``model/layers/...``, which has
     no layer index) whether any of its layers' own names (``model/layers_0/...``) is selected:
@@ -1011,6 +1026,14 @@ def init_lora(config: LoraConfig, params, key, infos):
         else:
             tied = tied_output_from_params(path, leaves)
         ra = site_rank_alpha(config, path, layout, own)
+        differ = (tied_head_scales(config, path, *ra)
+                  if config.ensure_weight_tying and layout.kind == Kind.EMBED and tied is not False else None)
+        if differ:
+            raise ConfigError(
+                f"LoraConfig(ensure_weight_tying=True) shares the embedding's LoRA factors with the tied lm_head, but "
+                f"rank_pattern / alpha_pattern give them different scales: {differ}. PEFT applies the shared factors "
+                "with each module's own scale; a jpeft tied site has one, so this config would not be PEFT's model. "
+                "Give lm_head the embedding's r and alpha (a pattern key for each), or leave both to r / alpha.")
         out[path] = make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied, ra), path, layout, k, own,
                               config)
     if config.modules_to_save:

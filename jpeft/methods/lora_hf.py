@@ -23,7 +23,7 @@ from jpeft.errors import BaseMismatchError, CheckpointError, UnsupportedAdapterE
 from jpeft.methods import pissa
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
-                                init_lora, is_residual_init, tied_output_from_params, token_sites)
+                                init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, add_site_pattern, check_base_copy, check_keys,
                                config_from_peft, peft_key, split_peft_key, to_np)
 from jpeft.tree import hf_name, linear_only, regex_fullmatch, tied_embedding
@@ -341,14 +341,13 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     leaves = ctx.leaves
     tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
     for path in tied_paths:  # PEFT scales the shared factors by each module's own r / alpha; a tied site has one
-        (r_e, a_e), (r_h, a_h) = config.rank_alpha(path, hf_only=True), config.rank_alpha("lm_head", hf_only=True)
-        if not math.isclose(config.scale(r_e, a_e), config.scale(r_h, a_h), rel_tol=1e-6):
+        differ = tied_head_scales(config, path, *config.rank_alpha(path, hf_only=True), hf_only=True)
+        if differ:
             raise UnsupportedAdapterError(
                 f"the adapter in {ctx.folder!r} ties lm_head to {hf_name(path)} (ensure_weight_tying), but its "
-                f"rank_pattern / alpha_pattern give them different scales: {hf_name(path)} r={r_e}, alpha={a_e:g} "
-                f"(scale {config.scale(r_e, a_e):g}) and lm_head r={r_h}, alpha={a_h:g} (scale "
-                f"{config.scale(r_h, a_h):g}). PEFT applies the shared factors with each module's own scale; jpeft's "
-                "tied site has one. Give lm_head the embedding's r and alpha in adapter_config.json."
+                f"rank_pattern / alpha_pattern give them different scales: {differ}. PEFT applies the shared factors "
+                "with each module's own scale; jpeft's tied site has one. Give lm_head the embedding's r and alpha in "
+                "adapter_config.json."
             )
     candidates = [p for p, own in leaves.items() if "kernel" in own or "embedding" in own]
     candidates = linear_only(config.target_modules, leaves, candidates)
