@@ -316,13 +316,15 @@ def fit(
       progress, desc: show a tqdm progress bar (on the main process) labelled ``desc``.
       on_step: called as ``on_step(step, metrics)`` with host floats after each step.
       eval_fn: ``eval_fn(adapter, step) -> dict`` of floats, run every ``eval_every`` steps
-        and at ``total_steps``; its result is logged with an ``eval_`` prefix.
+        and at ``total_steps`` (without ``total_steps`` and ``num_steps``: at the last step, when
+        the batches end); its result is logged with an ``eval_`` prefix.
       total_steps: the length of the whole run (progress bar, final evaluation); default
         ``start_step + num_steps``.
       log, log_every: ``log(record)`` (e.g. a :class:`MetricLog`) receives ``step``,
         ``loss``, ``grad_norm``, ``lr`` (from ``schedule``), ``tokens_per_s`` (tokens of
         ``batch[token_key]``, the first, compiling step left out) and ``elapsed_s`` every
-        ``log_every`` steps and at the last step, and every evaluation.
+        ``log_every`` steps and at the last step (``total_steps``, or when the batches end), and
+        every evaluation.
       schedule: the optimizer's learning-rate schedule, for the ``lr`` record: ``schedule(step - 1)``,
         which is the rate applied only while no step was skipped and nothing rewound the optimizer
         state (a forgetting-guard rollback restores an older state, schedule count included).
@@ -383,6 +385,7 @@ def fit(
         bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
     ran = 0
     last_eval = None
+    logged = evaluated = None  # the last step logged / evaluated
     seconds: list[float] = []
     tokens, timed = 0, 0.0
     t_start = time.perf_counter()
@@ -394,12 +397,27 @@ def fit(
             log({"step": step, **canary})
 
     def evaluate(step):
-        nonlocal last_eval
+        nonlocal last_eval, evaluated
         last_eval = dict(eval_fn(adapter, step))
+        evaluated = step
         if log is not None:
             log({"step": step, **{f"eval_{k}": v for k, v in last_eval.items()}})
         if bar is not None:
             bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+
+    def log_step(step, host):
+        nonlocal logged
+        rec = {"step": step, "loss": host.get("loss"), "grad_norm": host.get("grad_norm")}
+        if lr_fn is not None:
+            rec["lr"] = float(lr_fn(opt_state, bool(host.get("skipped"))))
+        elif schedule is not None:
+            rec["lr"] = float(schedule(step - 1))
+        rec["tokens_per_s"] = tokens / timed if timed > 0 else None
+        rec["elapsed_s"] = time.perf_counter() - t_start
+        if host.get("skipped"):
+            rec["skipped"] = 1
+        log(rec)
+        logged = step
 
     def canary_check(step):
         """The forgetting guard's check at ``step``; over budget, the state it returns replaces the run's."""
@@ -454,16 +472,7 @@ def fit(
                     on_step(step, host)
                 skipped = guard.update(step, host)  # raises NonFiniteError after too many
                 if log is not None and ((log_every and step % log_every == 0) or step == total_steps):
-                    rec = {"step": step, "loss": host.get("loss"), "grad_norm": host.get("grad_norm")}
-                    if lr_fn is not None:
-                        rec["lr"] = float(lr_fn(opt_state, bool(host.get("skipped"))))
-                    elif schedule is not None:
-                        rec["lr"] = float(schedule(step - 1))
-                    rec["tokens_per_s"] = tokens / timed if timed > 0 else None
-                    rec["elapsed_s"] = time.perf_counter() - t_start
-                    if host.get("skipped"):
-                        rec["skipped"] = 1
-                    log(rec)
+                    log_step(step, host)
                 decision = "ok"
                 other_work = ran == 1  # the first step compiled
                 if forgetting is not None and not skipped and forgetting.due(step, total_steps):
@@ -500,6 +509,11 @@ def fit(
                 interrupted = True
         if ran == 0 and not interrupted:
             raise InputValidationError("batches yielded no batch: expected at least one. Check the data source and its filters.")
+        # the run ends with its batches (not with Ctrl-C or a forgetting-guard stop)
+        ends = total_steps is None and ran and not interrupted and not (forgetting is not None
+                                                                      and forgetting.report["stopped"])
+        if ends and log is not None and logged != step:  # its last step's record, as total_steps would have it
+            log_step(step, history[-1])
         guard.check_finished(step)
         if (forgetting is not None and total_steps is None and ran and not interrupted
                 and not forgetting.report["stopped"] and forgetting.report["checks"][-1]["step"] != step):
@@ -509,6 +523,8 @@ def fit(
             if canary_check(step) != "ok" and eval_fn is not None and last_eval is not None:
                 evaluate(step)  # of the state that is returned
         stopped = forgetting is not None and forgetting.report["stopped"]
+        if ends and not stopped and eval_fn is not None and evaluated != step and not history[-1].get("skipped"):
+            evaluate(step)  # likewise the final evaluation
         if checkpoint is not None and save_last and ran and not stopped and step not in checkpoint.all_steps():
             checkpoint.save(step, adapter, opt_state, key, data_position=pos,
                             metrics={"loss": history[-1]["loss"]} if "loss" in history[-1] else None, force=True,

@@ -1214,12 +1214,15 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
         line = next(ln for ln in rows if ln.startswith(f"| {row['method']} "))
         assert f"{row['new_task_loss'][-1]:.3f}" in line and f"{rise:+.3f}" in line
     # a second run (here, not in a subprocess) reuses the cached base model
+    # (with --replay 0: the first run's replay adapter, which this run did not train, is not left behind)
+    assert (out / "lora-all-linear-replay-adapter" / "jpeft_adapter.json").is_file()
     r2 = jpeft_here(capsys, "demo", "--tiny", "--steps", "2", "--pretrain-steps", "6", "--gen-bytes", "0", "--out", out,
-                   "--cache-dir", tmp_path / "cache", "--no-progress")
+                   "--cache-dir", tmp_path / "cache", "--no-progress", "--replay", "0")
     assert r2.returncode == 0, r2.stderr
     assert "cached base model" in r2.stdout
     res2 = json.loads((out / "demo_results.json").read_text())
     assert res2["base_loss"] == res["base_loss"]
+    assert len(res2["runs"]) == 3 and not (out / "lora-all-linear-replay-adapter").exists()
 
 
 # ------------------------------------------------------------------------------ forgetting

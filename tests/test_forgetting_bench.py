@@ -216,6 +216,9 @@ def test_cli(tmp_path, capsys):
     assert "unknown method 'nope' for split-digits-task; available: naive, EWC" in capsys.readouterr().out
     assert main(["split-digits-task", "--pretrain-steps", "5"]) == 2
     assert "only apply to the language benchmark" in capsys.readouterr().out
+    # the option's own name, not its argparse dest (`--size` does not exist)
+    assert main(["split-digits-task", "--model-size", "small"]) == 2
+    assert "--model-size only apply to the language benchmarks" in capsys.readouterr().out
     assert main(["split-digits-task", "--list-methods"]) == 0
     assert "online EWC" in capsys.readouterr().out
     r = subprocess.run([sys.executable, "-m", "jpeft.forgetting", "--help"], capture_output=True, text=True, timeout=120)

@@ -138,6 +138,9 @@ def test_eval_canary_report_matches_transformers(hf_dir, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"rise {res['loss_rise']:+.4f} nats" in out and f"KL(base || adapted) {res['kl']:.4f}" in out
+    # --worst with a --data report was silently ignored (that report lists no rows)
+    assert main(["eval", "--model", str(hf_dir / "tiny-llama"), "--data", str(hf_dir / "notes.txt"), "--worst", "2"]) == 2
+    assert "--worst lists the rows of a --canary report" in error_line(capsys.readouterr().err)
     assert out.count("  row ") == 2
     assert main(["eval", "--model", str(hf_dir / "tiny-llama"), "--canary", str(hf_dir / "notes.txt")]) == 2
     assert "--canary compares an adapter with its base: give --adapter" in error_line(capsys.readouterr().err)

@@ -697,3 +697,33 @@ def test_a_streamed_request_that_timed_out_in_the_queue_reports_503_not_504():
         (chunk,) = asyncio.run(main(started))
         err = json.loads(chunk[len("data: "):])["error"]
         assert err == {"message": "timed out", "type": "timeout_error", "param": None, "code": code}, err
+
+
+def test_serve_options_zero_or_negative_are_refused_not_read_as_the_default(tmp_path):
+    """`--capacity 0` and `--max-rank 0` started a server with the defaults (8 slots, rank 16),
+    `--queue-timeout -1` / `--request-timeout 0` one that failed every request, and `--port 70000` one
+    that said it listened on 70000 while uvicorn listened on 4464: each is a named error."""
+    import argparse
+
+    from jpeft.cli import serve_cmd
+    from jpeft.errors import ConfigError
+    from jpeft.serve import Engine
+
+    folder = tmp_path / "tiny"
+    jpeft.models.loading.save_pretrained(str(folder), MODEL, PARAMS)
+    _word_tokenizer(WORDS).save_pretrained(str(folder))
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_parser(parser.add_subparsers())
+    for opt, value, match in [("--capacity", "0", "capacity must be a positive integer, found 0"),
+                              ("--max-rank", "0", "max_rank must be a positive integer, found 0"),
+                              ("--queue-timeout", "-1", "queue_timeout must be a number of seconds > 0"),
+                              ("--request-timeout", "0", "request_timeout must be a number of seconds > 0"),
+                              ("--queue-timeout", "nan", "queue_timeout must be a number of seconds > 0"),
+                              ("--port", "70000", "--port must be a TCP port, 1 to 65535, found 70000")]:
+        with pytest.raises(ConfigError, match=match):
+            serve_cmd.build(parser.parse_args(["serve", "--model", str(folder), opt, value]))
+    server = serve_cmd.build(parser.parse_args(["serve", "--model", str(folder), "--capacity", "3", "--max-rank", "5"]))
+    assert (server.engine.bank.capacity, server.engine.bank.max_rank) == (3, 5)
+    with pytest.raises(ConfigError, match="request_timeout"):
+        Engine(MODEL, PARAMS, None, slots=1, max_len=32, request_timeout=float("nan"))
+    assert Engine(MODEL, PARAMS, None, slots=1, max_len=32, request_timeout=float("inf")).request_timeout == float("inf")

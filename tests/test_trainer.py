@@ -57,6 +57,27 @@ def test_eval_log_and_progress_records(run, tmp_path):
     assert res.eval["loss"] == recs[-1]["eval_loss"] < res.history[0]["loss"]
 
 
+def test_a_run_that_ends_with_its_batches_logs_and_evaluates_its_last_step(run):
+    """Without num_steps or total_steps the run ends when the batches do: its last step was
+    neither logged (the docstring's "and at the last step") nor evaluated, so the final loss of
+    `fit(..., log=MetricLog(...))` over a list of batches was missing from the log."""
+    params, cfg, adapter, opt, state, key, step = run
+    seen, recs = [], []
+
+    def eval_fn(a, s):
+        seen.append(s)
+        return {"loss": float(C.loss_fn()(params, a, C.batch(99), jax.random.key(0)))}
+
+    res = jpeft.fit(step, params, adapter, state, list(C.batches(0, 7)), key=key, eval_fn=eval_fn, eval_every=3,
+                    log=recs.append, log_every=2)
+    assert res.step == 7 and seen == [3, 6, 7]
+    assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6, 7]
+    assert recs[-2]["loss"] == res.history[-1]["loss"] and recs[-1]["eval_loss"] == res.eval["loss"]
+    recs.clear()  # a last step already logged is not logged twice
+    jpeft.fit(step, params, adapter, state, list(C.batches(0, 4)), key=key, log=recs.append, log_every=2)
+    assert [r["step"] for r in recs] == [2, 4]
+
+
 def test_run_ending_on_nonfinite_steps_raises_and_saves_nothing(run, tmp_path):
     """Fewer non-finite steps than the guard's limit, but at the end of the run: its adapter
     is not a trained result, so fit raises instead of returning it (issue #16, item 5)."""

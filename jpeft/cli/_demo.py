@@ -300,6 +300,9 @@ def run_demo(args) -> dict:
             save_adapter(path, r.adapter, cfg, params=params,
                          metadata={"base": "jpeft demo byte-level Llama", "setting": dataclasses.asdict(s)})
             r.ckpt_bytes = dir_bytes(path)
+    stale = os.path.join(out, "lora-all-linear-replay-adapter")
+    if args.replay == 0 and os.path.isdir(stale):  # an earlier run's, not this run's results
+        shutil.rmtree(stale)
     full, lora = results[0], results[1]
     adapter_dir = os.path.join(out, "lora-adapter")
 

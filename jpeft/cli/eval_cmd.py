@@ -41,7 +41,8 @@ def add_parser(sub):
     p.add_argument("--canary", default=None, metavar="DATA",
                    help="forgetting report of --adapter against the base on this .jsonl or text file: loss rise, "
                         "mean per-token KL and the worst-affected rows")
-    p.add_argument("--worst", type=int, default=5, help="with --canary: how many worst-affected rows to list (default 5)")
+    p.add_argument("--worst", type=int, default=None,
+                   help="with --canary: how many worst-affected rows to list (default 5)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="packed row length in tokens (default 256, or the model's position range less the adapter's "
                         "virtual tokens if that is shorter)")
@@ -76,6 +77,10 @@ def run(args) -> int:
     if args.canary is not None and not args.adapter:
         raise ConfigError("--canary compares an adapter with its base: give --adapter (a run, adapter or checkpoint "
                           "folder).")
+    if args.worst is not None and args.canary is None:  # it would be ignored: the --data report lists no rows
+        raise ConfigError("--worst lists the rows of a --canary report; give --canary FILE, or leave --worst out.")
+    if args.worst is None:
+        args.worst = 5
     if args.worst < 0:
         raise ConfigError(f"--worst must be >= 0, found {args.worst}.")
 

@@ -99,6 +99,8 @@ def build(args):
     for name in ("slots", "chunk", "max_queue"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}.")
+    if not 1 <= args.port <= 65535:  # uvicorn took 70000 as port 4464 (70000 mod 65536), printed as 70000
+        raise ConfigError(f"--port must be a TCP port, 1 to 65535, found {args.port}.")
     if args.adapters_root is not None and not os.path.isdir(args.adapters_root):
         raise LoadError(f"--adapters-root {args.adapters_root!r} is not a folder.")
     named = _parse_adapters(args.adapter)
@@ -124,8 +126,9 @@ def build(args):
         template.update(ad)
     # the bank's own check first: a DoRA or IA3 adapter is refused naming the adapter and what the bank holds
     ranks = [int(lr.a.shape[-1]) for name, ad in adapters.items() for lr in check_lora(name, ad).values()]
-    max_rank = args.max_rank or max([16] + ranks)
-    capacity = args.capacity or max(8, len(adapters))
+    # `is None`, not `or`: an explicit 0 is refused by the bank by name rather than read as the default
+    max_rank = args.max_rank if args.max_rank is not None else max([16] + ranks)
+    capacity = args.capacity if args.capacity is not None else max(8, len(adapters))
     bank = AdapterBank.create({p: n.low_rank().layout for p, n in template.items()}, capacity=capacity,
                               max_rank=max_rank)
     for n, ad in adapters.items():

@@ -89,7 +89,8 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", default=None, help="where the pretrained code model is cached (default $JPEFT_CACHE or ~/.cache/jpeft)")
     g.add_argument("--seq-len", type=int, default=None, help="bytes per training sequence (default 64)")
     g.add_argument("--model-size", dest="size", choices=("micro", "tiny", "small", "base"), default=None,
-                   help="byte-level Llama size: micro ~0.03M, tiny ~0.13M (default), small ~0.9M, base ~5M parameters")
+                   help="byte-level Llama size: micro ~0.03M, tiny ~0.13M (default for language), small ~0.9M (default for "
+                        "language3), base ~5M parameters")
     return p
 
 
@@ -120,7 +121,8 @@ def benchmark_from_args(args):
         kw["batch_size"] = args.batch_size
     lang = {k: getattr(args, k) for k in ("pretrain_steps", "cache_dir", "seq_len", "size") if getattr(args, k) is not None}
     if lang and not args.benchmark.startswith("language"):
-        raise ConfigError(f"--{', --'.join(k.replace('_', '-') for k in lang)} only apply to the language benchmark.")
+        opts = ", ".join("--model-size" if k == "size" else f"--{k.replace('_', '-')}" for k in lang)
+        raise ConfigError(f"{opts} only apply to the language benchmarks (language, language3).")
     kw.update(lang)
     if args.benchmark.startswith("language"):  # its pretraining has a progress bar of its own
         kw["progress"] = not args.no_progress

@@ -313,7 +313,7 @@ BENCHMARKS = {
 
 
 def get_benchmark(name: str, **kwargs) -> Benchmark:
-    """A built-in benchmark by name (``split-digits-task``, ``split-digits-class``, ``language``);
+    """A built-in benchmark by name (``split-digits-task``, ``split-digits-class``, ``language``, ``language3``);
     ``kwargs`` go to its constructor."""
     import importlib
 

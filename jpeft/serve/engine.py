@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -179,7 +180,7 @@ class Engine:
         so it takes one more by default and refuses more with :class:`~jpeft.errors.ConfigError`).
       chunk: prefill chunk length.
       max_queue: requests waiting for a row at most; more raise :class:`OverloadedError`.
-      queue_timeout, request_timeout: seconds a request may wait for a row / run in all.
+      queue_timeout, request_timeout: seconds a request may wait for a row / run in all (> 0; inf: no limit).
       eos_ids: token ids that end a sequence (default: the tokenizer's ``eos_token_id``).
     """
 
@@ -192,6 +193,10 @@ class Engine:
         for name, v in (("slots", slots), ("chunk", chunk), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"Engine {name} must be a positive int, found {v!r}.")
+        for name, v in (("queue_timeout", queue_timeout), ("request_timeout", request_timeout)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
+                raise ConfigError(f"Engine {name} must be a number of seconds > 0 (inf: no limit; "
+                                  f"--{name.replace('_', '-')}), found {v!r}.")
         limit = learned_position_limit(cfg)
         if max_len is None:
             max_len = min(int(getattr(cfg, "max_position_embeddings", 2048) or 2048), 2048)
