@@ -937,7 +937,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     assert "[mesh] data=0, fsdp=2, tensor=1 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder", "locked"])
+@pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder", "locked", "apart", "devices"])
 def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_dir, case):
     """--max-steps and --resume are command-line options outside the resolved config: processes
     started with different --max-steps used to pass the agreement check, and the one stopping
@@ -948,7 +948,12 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     agreement, which stop with an error naming it. Only process 0 takes the output folder's
     writer lock: refused it (``locked``: another run holds it), it used to stop alone while
     process 1 waited in the first step's collectives forever; every process now stops naming
-    the lock."""
+    the lock. Processes whose output folders are not one shared folder (``apart``: each its own,
+    as on hosts without a shared disk) trained until the first checkpoint and waited there forever
+    (Orbax writes a checkpoint with every process into one step folder; SIGTERM did not stop
+    them); every process now stops before training, naming the processes that do not see
+    process 0's folder. Processes holding different numbers of devices (``devices``: 1 and 2)
+    failed in the first agreement with JAX's bare ValueError about a reshape; refused by name."""
     import fcntl
     import socket
 
@@ -964,9 +969,12 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
              # the output folder may differ per host; process 1's holds a finished adapter, so it refuses alone
              # after the settings agreement: process 0 used to wait for it in the data agreement until JAX gave up
              "own_folder": (["--output-dir", str(hf_dir / "own_0")], ["--output-dir", str(hf_dir / name)]),
-             "locked": ([], [])}[case]
+             "locked": ([], []),
+             "apart": (["--output-dir", str(hf_dir / "apart_0")], ["--output-dir", str(hf_dir / "apart_1")]),
+             "devices": ([], [])}[case]
     if case == "own_folder":
         (hf_dir / name / "adapter").mkdir(parents=True)
+    env2 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
     held = None
     if case == "locked":  # another run's writer lock on the output folder, held by this test process
         (hf_dir / name / "checkpoints").mkdir(parents=True)
@@ -974,7 +982,8 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                               *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env1)
+                               *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env2 if case == "devices" and i == 1 else env1)
              for i in range(2)]
     try:
         outs = [p.communicate(timeout=150 if case != "locked" else 90)[1] for p in procs]
@@ -989,6 +998,15 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
         assert "another run (a jpeft train, or a program saving checkpoints) is writing into" in error_line(outs[0])
         assert "process(es) [0] of this job could not take the writer lock of the output folder" in error_line(outs[1])
         assert not (hf_dir / name / "metrics.jsonl").exists() and not (hf_dir / name / "adapter").exists()
+        return
+    if case == "devices":
+        assert all("the processes of this job hold different numbers of devices (process 0: 1, process 1: 2)"
+                   in error_line(o) for o in outs)
+        return
+    if case == "apart":
+        assert all("process(es) [1] of this job do not see process 0's output folder" in error_line(o) for o in outs)
+        assert not any((hf_dir / d / n).exists() for d in ("apart_0", "apart_1") for n in ("metrics.jsonl", "adapter"))
+        assert not (hf_dir / "apart_0" / ".jpeft-shared-output-check").exists()
         return
     if case == "own_folder":
         assert "process(es) [1] of this job stopped before training with an error of their own" in error_line(outs[0])

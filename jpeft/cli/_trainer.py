@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import uuid
 from typing import Optional
 
 import jax
@@ -393,6 +394,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
     d = cfg["data"]
     out_dir = cfg["output_dir"]
     if jax.process_count() > 1:  # before any check one process could fail alone, leaving the others waiting
+        _check_devices_per_process()
         _check_settings_agree(cfg, {"resume": bool(resume), "max_steps": max_steps})
     # every check and read of this host's own files: a process failing one alone tells the others at the data
     # agreement that ends the block, so they stop too instead of waiting there for it
@@ -490,6 +492,10 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                 agreed["stopped"] = _LOCKED_OUT
                 raise SaveError(f"another run (a jpeft train, or a program saving checkpoints) is writing into "
                                 f"{ckpt_dir}; {_TWO_RUNS}") from None
+            if jax.process_count() > 1 and jax.process_index() == 0:
+                atomic_write(os.path.join(out_dir, _SHARED_MARK), uuid.uuid4().hex)  # read after the agreement
+        if jax.process_count() > 1:
+            _check_output_shared(out_dir)
         out = _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
                    k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved, base_sha)
         failed = False
@@ -530,6 +536,7 @@ def _remove_unstarted(out_dir: str, before: Optional[set]) -> None:
 
 # why a process of a multi-host run stopped before training, as it tells the others at a data agreement
 _OWN_ERROR, _LOCKED_OUT = 1, 2
+_SHARED_MARK = ".jpeft-shared-output-check"  # process 0's token: do all processes see its output folder?
 _TWO_RUNS = ("two runs in one output folder would mix their metrics and overwrite each other's checkpoints. Wait "
              "for it to end, or give this run another output_dir.")
 
@@ -575,6 +582,22 @@ def _refuse_differences(parts, every: np.ndarray) -> None:
                               "command line and files.")
 
 
+def _check_devices_per_process() -> None:
+    """Refuses (one line, on every process: each reads the same global device list) a job whose
+    processes hold different numbers of devices: every process feeds an equal block of each
+    batch's rows to its own devices, and the agreements gather one row per device (JAX's
+    ``process_allgather`` failed with a bare ``ValueError`` about a reshape)."""
+    counts = [0] * jax.process_count()
+    for d in jax.devices():
+        counts[d.process_index] += 1
+    if len(set(counts)) > 1:
+        held = ", ".join(f"process {i}: {n}" for i, n in enumerate(counts))
+        raise ConfigError(f"the processes of this job hold different numbers of devices ({held}); jpeft train "
+                          "gives every process an equal block of each batch, so each needs the same number. Start "
+                          "every process with as many devices (CUDA_VISIBLE_DEVICES; on a CPU "
+                          "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
+
+
 def _check_settings_agree(cfg: dict, flags: dict) -> None:
     """Every process of a multi-host run computes the same batches and initial adapter from its
     own copy of the config and data; refuses (one line, on every process) a job whose processes
@@ -589,6 +612,31 @@ def _check_settings_agree(cfg: dict, flags: dict) -> None:
               json.dumps(settings, sort_keys=True, default=str).encode()),
              ("command-line options", "--resume and --max-steps", json.dumps(flags, sort_keys=True).encode())]
     _refuse_differences(parts, _gather_digests(parts))
+
+
+def _check_output_shared(out_dir: str) -> None:
+    """Refuses (one line, on every process) a multi-host job whose processes do not all see
+    one output folder: process 0 wrote a fresh token into its ``output_dir`` before the data
+    agreement, and every process reads it from its own. Orbax writes each checkpoint with every
+    process into the same step folder, so with separate folders (each host's own disk) the first
+    checkpoint waits forever for a folder process 0 made elsewhere."""
+    path = os.path.join(out_dir, _SHARED_MARK)
+    try:
+        with open(path, "rb") as f:
+            seen = f.read()
+    except OSError:
+        seen = b""
+    every = _gather_digests([("output folder", "", seen)])
+    if jax.process_index() == 0:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    apart = [p for p in range(every.shape[0]) if not np.array_equal(every[p, 0], every[0, 0])]
+    if apart:
+        raise ConfigError(f"process(es) {apart} of this job do not see process 0's output folder (the token process 0 "
+                          f"wrote into its output_dir is not in theirs): output_dir must be one folder all processes "
+                          "share (NFS, a mounted bucket), spelled any way on each host, since every checkpoint is "
+                          "written by all processes together and would wait forever for the others' files. Give every "
+                          "process a path to the same shared folder.")
 
 
 def _check_data_agrees(data_sha: str, *, failed: int = 0) -> None:

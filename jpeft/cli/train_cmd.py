@@ -138,7 +138,8 @@ def add_parser(sub):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=100 (value parsed as TOML/JSON)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
-    g = p.add_argument_group("many processes (run the same command on every process)")
+    g = p.add_argument_group("many processes (run the same command on every process; output_dir must be one "
+                             "folder they all share)")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
     g.add_argument("--num-processes", type=int, default=None, help="number of processes in the job")
     g.add_argument("--process-id", type=int, default=None, help="index of this process, 0..N-1")
