@@ -405,7 +405,7 @@ def test_key_value_heads_without_the_key_default_as_in_transformers():
     refused with a WeightShapeError telling the user to fix config.json."""
     import transformers
 
-    from jpeft.models.loading import config_from_hf
+    from jpeft.models.loading import config_from_hf, num_kv_heads
 
     d = dict(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=32)
     for mt, cls in (("llama", transformers.LlamaConfig), ("mistral", transformers.MistralConfig),
@@ -416,6 +416,7 @@ def test_key_value_heads_without_the_key_default_as_in_transformers():
             except Exception:  # MistralConfig refuses an explicit null (a strict-dataclass error)
                 continue
             assert config_from_hf(dict(d, model_type=mt, **extra)).num_kv_heads == want, (mt, extra)
+            assert num_kv_heads(dict(d, model_type=mt, **extra)) == want  # the one reading (prefix export too)
     assert config_from_hf(dict(d, model_type="mistral")).num_kv_heads == 8
 
 

@@ -1027,13 +1027,16 @@ def init_lora(config: LoraConfig, params, key, infos):
             tied = tied_output_from_params(path, leaves)
         ra = site_rank_alpha(config, path, layout, own)
         differ = (tied_head_scales(config, path, *ra)
-                  if config.ensure_weight_tying and layout.kind == Kind.EMBED and tied is not False else None)
+                  if config.ensure_weight_tying and layout.kind == Kind.EMBED and tied is True else None)
         if differ:
-            raise ConfigError(
-                f"LoraConfig(ensure_weight_tying=True) shares the embedding's LoRA factors with the tied lm_head, but "
-                f"rank_pattern / alpha_pattern give them different scales: {differ}. PEFT applies the shared factors "
-                "with each module's own scale; a jpeft tied site has one, so this config would not be PEFT's model. "
-                "Give lm_head the embedding's r and alpha (a pattern key for each), or leave both to r / alpha.")
+            # a warning, not a refusal: adapters saved before save_adapter recorded lm_head's key rebuild through here
+            warnings.warn(
+                f"LoraConfig(ensure_weight_tying=True) shares the embedding's LoRA factors with the tied lm_head, and "
+                f"rank_pattern / alpha_pattern give them different scales: {differ}. jpeft's tied site applies the "
+                "embedding's scale at both ends; PEFT's get_peft_model with this config would scale lm_head's copy by "
+                "lm_head's own (jpeft.hf.save_peft writes lm_head's key, so PEFT loads jpeft's model). Give lm_head "
+                "the embedding's r and alpha (a pattern key for each) to train the model PEFT would.",
+                UserWarning, stacklevel=4)
         out[path] = make_site(lambda kk, o: init_site(config, path, layout, kk, o, tied, ra), path, layout, k, own,
                               config)
     if config.modules_to_save:

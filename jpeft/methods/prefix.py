@@ -39,6 +39,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotMe
 from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
 from jpeft.models._layers import default_positions, segment_slots
+from jpeft.models.loading import num_kv_heads
 from jpeft.tree import module_leaves
 
 # Key projections that tell the number of layers and the key width, per family:
@@ -369,13 +370,12 @@ def _to_hf(config: PrefixTuningConfig, adapter, ctx):
 
 
 def _kv_heads(hf_config):
-    """Key/value heads from a Hugging Face config.json dict (``None`` without one)."""
-    if not hf_config:
+    """Key/value heads from a Hugging Face config.json dict, as transformers reads them
+    (:func:`jpeft.models.loading.num_kv_heads`; ``None`` without one)."""
+    try:
+        return num_kv_heads(hf_config) if hf_config else None
+    except (TypeError, ValueError):  # a malformed value: the caller asks for num_attention_heads by name
         return None
-    for k in ("num_key_value_heads", "num_attention_heads", "n_head"):
-        if isinstance(hf_config.get(k), int):
-            return hf_config[k]
-    return None
 
 
 def _from_hf(d, tensors, params, ctx):

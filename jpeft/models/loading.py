@@ -61,6 +61,17 @@ def _get(d, *names, default=None):
 _KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32}
 
 
+def num_kv_heads(d: Mapping[str, Any]) -> Optional[int]:
+    """The key/value heads a Hugging Face ``config.json`` dict gives its attention, as
+    transformers reads it: ``num_key_value_heads``; without the key, MistralConfig's 8,
+    Qwen2Config's 32, else (and for an explicit null) the attention heads (``n_head`` for
+    GPT-2); ``None`` when the dict names no heads."""
+    heads = d.get("num_attention_heads", d.get("n_head"))
+    kv = d.get("num_key_value_heads", _KV_HEADS_DEFAULT.get(d.get("model_type"), heads))
+    kv = heads if kv is None else kv
+    return None if kv is None else int(kv)
+
+
 def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> LlamaConfig:
     # as transformers' convert_rope_params_to_dict: an older file's rope_scaling, when set, wins over
     # rope_parameters (whose rope_theta is then not read either: the top-level one or 10000 is)
@@ -92,10 +103,7 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
     heads = int(d["num_attention_heads"])
     hidden = int(d["hidden_size"])
     attn_bias = bool(d.get("attention_bias", False))
-    # without the key, transformers' MistralConfig / Qwen2Config take 8 / 32 key/value heads (LlamaConfig: the
-    # attention heads); an explicit null means the attention heads in all three
-    kv_heads = d.get("num_key_value_heads", _KV_HEADS_DEFAULT.get(model_type, heads))
-    kv_heads = heads if kv_heads is None else kv_heads
+    kv_heads = num_kv_heads(dict(d, model_type=model_type))
     kw = dict(
         vocab_size=int(d["vocab_size"]),
         hidden_size=hidden,
