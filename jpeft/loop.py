@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
@@ -180,14 +181,16 @@ def _summary_writer(logdir: str):
     (TensorBoard is optional: metrics always go to the JSONL file)."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-    except Exception:
+    except ImportError:
         try:
             from tensorboardX import SummaryWriter
-        except Exception:
+        except ImportError:
             return None
     try:
         return SummaryWriter(logdir)
-    except Exception:
+    except Exception as e:  # an unwritable folder, a broken install: said, not a silently missing log
+        warnings.warn(f"TensorBoard logging is off for this run: SummaryWriter({logdir!r}) failed "
+                      f"({type(e).__name__}: {e}); the metrics still go to the JSONL log.", UserWarning, stacklevel=3)
         return None
 
 

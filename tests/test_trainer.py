@@ -393,3 +393,28 @@ def test_resume_after_a_record_cut_off_mid_write_keeps_every_record_readable(tmp
             except ValueError:
                 got.append(None)
         assert got == want, lines
+
+
+def test_a_tensorboard_writer_that_fails_is_said_not_silently_dropped(tmp_path, monkeypatch):
+    """MetricLog(tensorboard=...) turned TensorBoard off without a word when the writer could not be
+    made (an unwritable folder, a broken install: every exception was swallowed); it warns now, and
+    the JSONL log still gets the records. An absent tensorboard stays silent (it is optional)."""
+    import sys
+    import types
+    import warnings
+
+    class Failing:
+        def __init__(self, logdir):
+            raise PermissionError(f"cannot write {logdir}")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Failing))
+    with pytest.warns(UserWarning, match=r"TensorBoard logging is off.*PermissionError: cannot write"):
+        log = jpeft.MetricLog(str(tmp_path / "m.jsonl"), tensorboard=str(tmp_path / "tb"))
+    with log:
+        log({"step": 1, "loss": 2.5})
+    assert json.loads((tmp_path / "m.jsonl").read_text())["loss"] == 2.5
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: ImportError
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jpeft.MetricLog(str(tmp_path / "n.jsonl"), tensorboard=str(tmp_path / "tb2")).close()

@@ -133,7 +133,7 @@ class PromptTuningConfig(AdapterConfig):
             return self.init_token_ids
         try:
             from transformers import AutoTokenizer
-        except ImportError as e:  # pragma: no cover - transformers is a test dependency
+        except ImportError as e:  # pragma: no cover - transformers is a dependency of jpeft
             raise ConfigError("prompt_tuning_init='TEXT' with a tokenizer needs the transformers package; "
                               "or pass init_token_ids.") from e
         kw = dict(self.tokenizer_kwargs or {})
