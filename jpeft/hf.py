@@ -52,7 +52,7 @@ from jpeft.errors import (
     UnsupportedAdapterError,
 )
 from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
-from jpeft.methods.base import Method, method_for_peft_type, registered_methods
+from jpeft.methods.base import FOREIGN_SITE_FIX, Method, foreign_site, method_for_peft_type, registered_methods
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys, peft_key,  # noqa: F401
                                split_peft_key, take_base_copies, take_embedding_copies, to_np)
 from jpeft.tree import compile_pattern, count, from_hf_name, hf_name, module_leaves, unwrap_params
@@ -237,6 +237,9 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
             f"no Hugging Face PEFT format is registered for peft_type {config.peft_type!r}; supported: "
             f"{supported_peft_types()}."
         )
+    foreign = foreign_site(config, adapter)
+    if foreign is not None:
+        raise UnsupportedAdapterError(f"save_peft: {foreign}; PEFT would rebuild it as another method. {FOREIGN_SITE_FIX}")
     if scan.is_stacked(adapter):  # PEFT names layers one by one: model.layers.{i}....
         adapter = scan.unstack_adapter(adapter)
     paths = sorted(adapter)

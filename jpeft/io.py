@@ -63,7 +63,7 @@ from jpeft.errors import (
     ShapeMismatchError,
     UnsafeFileError,
 )
-from jpeft.methods.base import method_of
+from jpeft.methods.base import FOREIGN_SITE_FIX, foreign_site
 from jpeft.tree import unwrap_params
 
 ADAPTER_JSON = "jpeft_adapter.json"
@@ -1040,16 +1040,9 @@ def save_adapter(
         raise ConfigError(f"save_adapter expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
     if not isinstance(adapter, Mapping) or not adapter:
         raise ConfigError(f"save_adapter expects the adapter dict {{module_path: node}} from jpeft.init, found {type(adapter).__name__}.")
-    made = method_of(config).nodes  # load_adapter rebuilds the sites with jpeft.init(config): nodes of other kinds fail there
-    other = next(((p, getattr(n, "inner", n)) for p, n in adapter.items()
-                  if made and not isinstance(getattr(n, "inner", n), made)), None)
-    if other is not None:
-        raise ConfigError(
-            f"save_adapter got a {type(config).__name__}, which makes {[c.__name__ for c in made]} sites, but the adapter "
-            f"holds a {type(other[1]).__name__} at {other[0]!r}: load_adapter could not rebuild it. Save each method's "
-            "sites with its own config; an adapter from jpeft.merging is a LoRA adapter whatever its inputs were (VeRA, "
-            "AdaLoRA): save it with a jpeft.LoraConfig of the same target_modules."
-        )
+    foreign = foreign_site(config, adapter)  # load_adapter rebuilds the sites with jpeft.init(config)
+    if foreign is not None:
+        raise ConfigError(f"save_adapter: {foreign}, which load_adapter could not rebuild. {FOREIGN_SITE_FIX}")
     # the config load_adapter rebuilds these sites from (LoRA: init set to the sites' residual base)
     config = config.saved_config(adapter)
     target = resolve_target(path, root)

@@ -811,3 +811,26 @@ def test_peft_copy_of_a_changed_base_embedding_is_refused(tmp_path):
         else:
             _, ad = H.load_peft(folder, params)
             np.testing.assert_allclose(_jpeft_logits("mistral", ad, ids, mask), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("config", [jpeft.IA3Config(target_modules=["q"], feedforward_modules=[]),
+                                    jpeft.VeraConfig(r=2, target_modules=["q"]),
+                                    jpeft.LoHaConfig(r=2, target_modules=["q"]),
+                                    jpeft.LoraConfig(r=2, target_modules=["q"])],
+                         ids=["ia3", "vera", "loha", "lora"])
+def test_an_adapter_of_another_method_is_refused_by_both_writers_in_one_place(config, tmp_path):
+    """save_peft and save_adapter ask one check (``foreign_site``: the config's method makes these
+    nodes) instead of six exporters' copies of it: an adapter of another method (here a merged LoRA
+    adapter, or an IA3 one under a LoraConfig) is refused by name and nothing is written."""
+    import flax.linen as nn
+
+    params = {"params": {"q": nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 4)))["params"]}}
+    other = jpeft.IA3Config(target_modules=["q"], feedforward_modules=[]) if isinstance(config, jpeft.LoraConfig) \
+        else jpeft.LoraConfig(r=2, target_modules=["q"])
+    adapter = jpeft.init(other, params, jax.random.key(1))
+    held = type(adapter["q"]).__name__
+    with pytest.raises(UnsupportedAdapterError, match=rf"{type(config).__name__} adapter .* holds a {held} at 'q'"):
+        H.save_peft(str(tmp_path / "p"), config, adapter)
+    with pytest.raises(jpeft.ConfigError, match=rf"{type(config).__name__} adapter .* holds a {held} at 'q'"):
+        jpeft.save_adapter(str(tmp_path / "j"), config, adapter, params=params)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "j").exists()

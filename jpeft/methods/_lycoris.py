@@ -331,7 +331,7 @@ def init_sites(config: LycorisConfig, params, key, infos, *, method: str,
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------
 
-def to_hf(config: LycorisConfig, adapter, ctx, *, node_cls: type, tensor_names: tuple,
+def to_hf(config: LycorisConfig, adapter, ctx, *, tensor_names: tuple,
           make_node: Callable[[LycorisConfig, Layout, int, float, Any], Site]):
     """``(adapter_config dict, tensors)`` for PEFT: each site's tensors under
     ``base_model.model.<name>.<tensor>`` as they are (they are stored in PyTorch's orientation
@@ -346,11 +346,6 @@ def to_hf(config: LycorisConfig, adapter, ctx, *, node_cls: type, tensor_names: 
     rank_pattern, alpha_pattern = {}, {}
     for path in sorted(adapter):
         node = adapter[path]
-        if not isinstance(node, node_cls):
-            raise UnsupportedAdapterError(
-                f"a {type(config).__name__} adapter holds a {type(node).__name__} at {path!r}; save each method's "
-                "sites with its own config."
-            )
         if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
                 f"{type(config).__name__} site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT "

@@ -501,6 +501,24 @@ def method_of(config) -> Method:
     return m
 
 
+FOREIGN_SITE_FIX = ("Save each method's sites with its own config; an adapter from jpeft.merging is a LoRA adapter "
+                    "whatever its inputs were (VeRA, AdaLoRA): save it with a jpeft.LoraConfig of the same target_modules.")
+
+
+def foreign_site(config, adapter: Mapping[str, Any]) -> Optional[str]:
+    """``None`` when every site of ``adapter`` is a node ``config``'s method makes (a layer-scanned
+    site by the node it stacks), else a sentence naming the first that is not (a site of another
+    method, a merged LoRA adapter of VeRA inputs), for the writers' errors: a file written with
+    ``config`` could not be rebuilt from it."""
+    made = method_of(config).nodes
+    for path in sorted(adapter):
+        node = getattr(adapter[path], "inner", adapter[path])  # scan.Stacked holds the node it stacks
+        if made and not isinstance(node, made):
+            return (f"a {type(config).__name__} adapter (its method makes {[c.__name__ for c in made]} sites) holds a "
+                    f"{type(node).__name__} at {path!r}")
+    return None
+
+
 def method_for_peft_type(peft_type: str) -> Optional[Method]:
     """The method whose config has this Hugging Face ``peft_type``, or ``None``."""
     return next((m for m in _METHODS.values() if m.peft_type == peft_type), None)

@@ -204,10 +204,6 @@ def _to_hf(config: IA3Config, adapter, ctx):
     tensors, targets, ff = {}, [], []
     for path in sorted(adapter):
         node = adapter[path]
-        if not isinstance(node, IA3Weights):
-            raise UnsupportedAdapterError(
-                f"an IA3Config adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its own config."
-            )
         if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
                 f"IA3 site {path!r} scales a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "

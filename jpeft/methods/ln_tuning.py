@@ -178,11 +178,6 @@ def _to_hf(config: LNTuningConfig, adapter, ctx):
     tensors, targets = {}, []
     for path in sorted(adapter):
         node = adapter[path]
-        if not isinstance(node, LNTuningWeights):
-            raise UnsupportedAdapterError(
-                f"an LNTuningConfig adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its "
-                "own config."
-            )
         for name, v in node.params.items():
             tensors[peft_key(path, f"{PREFIX}.{NORM_PARAMS[name]}")] = np.asarray(v, np.float32)
         targets.append(hf_name(path))

@@ -186,7 +186,7 @@ def init(config: LoHaConfig, params, key, infos) -> dict:
 
 
 def _to_hf(config, adapter, ctx):
-    return _lycoris.to_hf(config, adapter, ctx, node_cls=LoHaWeights, tensor_names=TENSORS, make_node=make_node)
+    return _lycoris.to_hf(config, adapter, ctx, tensor_names=TENSORS, make_node=make_node)
 
 
 def _from_hf(d, tensors, params, ctx):

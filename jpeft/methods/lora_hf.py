@@ -112,11 +112,6 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     paths = sorted(adapter)
     for path in paths:
         node = adapter[path]
-        if not isinstance(node, LoraWeights):
-            raise UnsupportedAdapterError(
-                f"a LoraConfig adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its "
-                "own config (split the adapter dict by method)."
-            )
         r = node.r
         alpha = node.scale * (math.sqrt(r) if config.use_rslora else r)
         add_site_pattern(rank_pattern, alpha_pattern, path, r, alpha, config)

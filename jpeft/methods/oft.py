@@ -407,10 +407,6 @@ def _to_hf(config: OFTConfig, adapter, ctx):
     tensors, targets = {}, []
     for path in sorted(adapter):
         node = adapter[path]
-        if not isinstance(node, OFTWeights):
-            raise UnsupportedAdapterError(
-                f"an OFTConfig adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its own config."
-            )
         if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
                 f"OFT site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "

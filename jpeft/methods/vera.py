@@ -330,10 +330,6 @@ def _to_hf(config: VeraConfig, adapter, ctx):
     tensors, targets, slices_a, slices_b = {}, [], [], []
     for path in sorted(adapter):
         node = adapter[path]
-        if not isinstance(node, VeraWeights):
-            raise UnsupportedAdapterError(
-                f"a VeraConfig adapter holds a {type(node).__name__} at {path!r}; save each method's sites with its own config."
-            )
         if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
                 f"VeRA site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format holds VeRA on "
