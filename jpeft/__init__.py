@@ -20,7 +20,7 @@ from jpeft.methods.base import join_frozen, split_frozen, trainable
 
 # The methods. Importing a method's module registers it (its one register_method call); this
 # is the only module outside jpeft/methods/ that imports method modules, to re-export what
-# users call (configs, PiSSA/OLoRA inits, fold_prefix) and the node types they inspect.
+# users call (configs, PiSSA/OLoRA inits, fold_prefix, to_prefix) and the node types they inspect.
 from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, TrainableTokens
 from jpeft.methods import lora_hf as _lora_hf  # noqa: F401  (LoRA's PEFT format and its registration)
 from jpeft.methods.ia3 import IA3Config, IA3Weights
@@ -28,7 +28,7 @@ from jpeft.methods.loha import LoHaConfig
 from jpeft.methods.lokr import LoKrConfig
 from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
 from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
-from jpeft.methods.prompt import PromptTuningConfig, PromptWeights
+from jpeft.methods.prompt import PromptTuningConfig, PromptWeights, to_prefix
 from jpeft.methods.oft import OFTConfig
 from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.methods.vera import VeraConfig, VeraWeights
@@ -75,6 +75,7 @@ __all__ = [
     "fold_prefix",
     "PromptTuningConfig",
     "PromptWeights",
+    "to_prefix",
     "OFTConfig",
     "LNTuningConfig",
     "VeraConfig",

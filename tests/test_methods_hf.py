@@ -147,6 +147,23 @@ def test_prefix_records_kv_heads_for_peft(tmp_path):
     _close(j, _torch_logits(pm, ids, mask), mask)
 
 
+def test_prefix_export_reads_kv_heads_as_transformers(tmp_path):
+    """save_peft's num_attention_heads for a prefix comes from the base folder's config.json, read
+    as transformers reads it: a Mistral config without num_key_value_heads has 8 key/value heads
+    (MistralConfig's default), not its 16 attention heads, which a PEFT that trusts the file would
+    split the prefix by."""
+    import json
+
+    model, params = _jpeft_base("qwen2")
+    cfg = jpeft.PrefixTuningConfig(num_virtual_tokens=2)
+    ad = jpeft.init(cfg, params, jax.random.key(0))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "mistral", "num_attention_heads": 16}))
+    save_peft(str(tmp_path / "a"), cfg, ad, base_model_name_or_path=str(base))
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["num_attention_heads"] == 8
+
+
 BERT_TASKS = [("lora", "auto", "FEATURE_EXTRACTION"), ("lora", "SEQ_CLS", "SEQ_CLS"), ("lora", None, None),
               ("prompt", "auto", "FEATURE_EXTRACTION"), ("prompt", "SEQ_CLS", "SEQ_CLS")]
 

@@ -11,8 +11,7 @@ import pytest
 
 import jpeft
 import jpeft.models
-from jpeft.methods.prefix import PrefixMLPWeights, PrefixTuningConfig, PrefixWeights, fold_prefix
-from jpeft.methods.prompt import PromptTuningConfig, PromptWeights, to_prefix
+from jpeft import PrefixMLPWeights, PrefixTuningConfig, PrefixWeights, PromptTuningConfig, PromptWeights, fold_prefix, to_prefix
 
 T = 3
 
@@ -196,14 +195,3 @@ def test_prompt_errors_and_to_prefix():
     with pytest.raises(jpeft.errors.UnsupportedModuleError, match="inputs_embeds"):
         jpeft.apply(m, p, jpeft.init(PromptTuningConfig(num_virtual_tokens=2), p, jax.random.key(0)), jnp.ones((1, 2), jnp.int32))
 
-
-def test_prefix_export_reads_kv_heads_as_transformers():
-    """save_peft's num_attention_heads for a prefix comes from the base folder's config.json: a
-    Mistral config without num_key_value_heads has 8 (transformers' default), not its 32 attention
-    heads, which a PEFT that trusts the file would split the prefix by."""
-    from jpeft.methods import prefix
-
-    assert prefix._kv_heads({"model_type": "mistral", "num_attention_heads": 32}) == 8
-    assert prefix._kv_heads({"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 4}) == 4
-    assert prefix._kv_heads({"model_type": "gpt2", "n_head": 12}) == 12
-    assert prefix._kv_heads({"num_attention_heads": "x"}) is None and prefix._kv_heads(None) is None

@@ -187,7 +187,7 @@ class PromptWeights(Site):
         if a.get("cache") is not None:
             raise InputValidationError(
                 "prompt tuning cannot run with a KV cache: the virtual tokens must be prepended only on the first "
-                "(prefill) call. Convert the adapter with jpeft.methods.prompt.to_prefix(model, params, adapter), "
+                "(prefill) call. Convert the adapter with jpeft.to_prefix(model, params, adapter), "
                 "which runs the virtual tokens once and gives an equivalent prefix-tuning adapter, then generate."
             )
         if a.get("segment_ids") is not None:
