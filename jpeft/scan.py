@@ -79,6 +79,10 @@ class Stacked(Site):
         return getattr(self.inner, "residual", None)
 
     @property
+    def unstacked(self):  # type: ignore[override]
+        return self.inner
+
+    @property
     def site(self) -> str:  # type: ignore[override]
         return getattr(self.inner, "site", "linear")
 

@@ -598,7 +598,7 @@ def allocator(config: AdaLoraConfig, inner) -> "optax.GradientTransformation":
         if not isinstance(params, Mapping):
             raise UnsupportedAdapterError(f"adalora.allocator optimizes an AdaLoRA adapter ({{path: AdaLoraWeights}}), "
                                           f"found {type(params).__name__}.")
-        other = [(p, n) for p, n in params.items() if not isinstance(getattr(n, "inner", n), AdaLoraWeights)]
+        other = [(p, n) for p, n in params.items() if not isinstance(getattr(n, "unstacked", n), AdaLoraWeights)]
         if other:
             raise UnsupportedAdapterError(
                 f"adalora.allocator optimizes an AdaLoRA adapter ({{path: AdaLoraWeights}}), but {other[0][0]!r} holds a "

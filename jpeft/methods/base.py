@@ -236,6 +236,11 @@ class Site:
     #: the params the node applies to are then not the base model's (the forgetting guard reads it).
     residual: ClassVar[Optional[str]] = None
 
+    @property
+    def unstacked(self) -> "Site":
+        """The node of one layer: this node, or the node a layer scan stacks (``scan.Stacked``)."""
+        return self
+
     def handles(self, method_name: str) -> bool:
         return method_name in self.methods
 
@@ -512,7 +517,7 @@ def foreign_site(config, adapter: Mapping[str, Any]) -> Optional[str]:
     ``config`` could not be rebuilt from it."""
     made = method_of(config).nodes
     for path in sorted(adapter):
-        node = getattr(adapter[path], "inner", adapter[path])  # scan.Stacked holds the node it stacks
+        node = getattr(adapter[path], "unstacked", adapter[path])  # a value that is no Site: reported as it is
         if made and not isinstance(node, made):
             return (f"a {type(config).__name__} adapter (its method makes {[c.__name__ for c in made]} sites) holds a "
                     f"{type(node).__name__} at {path!r}")

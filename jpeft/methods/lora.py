@@ -239,8 +239,7 @@ class LoraConfig(AdapterConfig):
         which ``jpeft.init_*`` set and the config given may not say), so that
         :func:`jpeft.load_adapter` rebuilds the mark and :func:`jpeft.hf.save_peft` still knows
         which base PEFT would rebuild (or refuses)."""
-        marks = {getattr(n, "inner", n).residual for n in adapter.values()
-                 if isinstance(getattr(n, "inner", n), LoraWeights)}
+        marks = {n.unstacked.residual for n in adapter.values() if isinstance(n.unstacked, LoraWeights)}
         if len(marks) > 1:
             raise ConfigError(
                 f"the adapter mixes LoRA sites relative to different bases ({sorted(map(str, marks))}); one config "

@@ -292,7 +292,7 @@ def convert_residual_adapter(adapter, original_params, residual_params):
     True
     """
     marked = {p: n for p, n in adapter.items()
-              if isinstance(getattr(n, "inner", n), LoraWeights) and getattr(n, "inner", n).residual is not None}
+              if isinstance(n.unstacked, LoraWeights) and n.unstacked.residual is not None}
     if not marked:
         raise ConfigError("convert_residual_adapter: the adapter has no site from a residual init (jpeft.init_pissa, "
                           "init_olora, init_milora, init_corda); a plain LoRA already applies to the original params.")
@@ -310,7 +310,7 @@ def convert_residual_adapter(adapter, original_params, residual_params):
         raise ShapeMismatchError(
             "convert_residual_adapter: original_params and residual_params have different structures; give the "
             "params the residual init took and the residual params it returned.")
-    sites = {(p, getattr(n, "inner", n).layout.param_name) for p, n in marked.items()}
+    sites = {(p, n.unstacked.layout.param_name) for p, n in marked.items()}
     names = ["/".join(str(getattr(k, "key", k)) for k in kp) for kp, _ in flat_o]
     for name, (_, a), (_, b) in zip(names, flat_o, flat_r):
         if (jnp.shape(a), jnp.result_type(a)) != (jnp.shape(b), jnp.result_type(b)):
@@ -330,7 +330,7 @@ def convert_residual_adapter(adapter, original_params, residual_params):
         if path not in marked:
             out[path] = node
             continue
-        inner = getattr(node, "inner", node)
+        inner = node.unstacked
         pname = inner.layout.param_name
         w, w_res = get_subtree(orig, path)[pname], get_subtree(res, path)[pname]
         same = same and bool(jnp.array_equal(w, w_res))

@@ -103,14 +103,13 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
     heads = int(d["num_attention_heads"])
     hidden = int(d["hidden_size"])
     attn_bias = bool(d.get("attention_bias", False))
-    kv_heads = num_kv_heads(dict(d, model_type=model_type))
     kw = dict(
         vocab_size=int(d["vocab_size"]),
         hidden_size=hidden,
         intermediate_size=int(d["intermediate_size"]),
         num_layers=int(d["num_hidden_layers"]),
         num_heads=heads,
-        num_kv_heads=int(kv_heads),
+        num_kv_heads=num_kv_heads(dict(d, model_type=model_type)),
         head_dim=int(_get(d, "head_dim", default=hidden // heads)),
         max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
