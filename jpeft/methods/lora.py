@@ -239,7 +239,8 @@ class LoraConfig(AdapterConfig):
         which ``jpeft.init_*`` set and the config given may not say), so that
         :func:`jpeft.load_adapter` rebuilds the mark and :func:`jpeft.hf.save_peft` still knows
         which base PEFT would rebuild (or refuses)."""
-        marks = {n.unstacked.residual for n in adapter.values() if isinstance(n.unstacked, LoraWeights)}
+        nodes = [getattr(n, "unstacked", n) for n in adapter.values()]  # a LoraStack (no Site) as it is
+        marks = {n.residual for n in nodes if isinstance(n, LoraWeights)}
         if len(marks) > 1:
             raise ConfigError(
                 f"the adapter mixes LoRA sites relative to different bases ({sorted(map(str, marks))}); one config "

@@ -292,7 +292,7 @@ def convert_residual_adapter(adapter, original_params, residual_params):
     True
     """
     marked = {p: n for p, n in adapter.items()
-              if isinstance(n.unstacked, LoraWeights) and n.unstacked.residual is not None}
+              if isinstance(getattr(n, "unstacked", n), LoraWeights) and n.unstacked.residual is not None}
     if not marked:
         raise ConfigError("convert_residual_adapter: the adapter has no site from a residual init (jpeft.init_pissa, "
                           "init_olora, init_milora, init_corda); a plain LoRA already applies to the original params.")
