@@ -398,6 +398,24 @@ def test_config_fields_read_as_transformers_reads_them():
         assert getattr(c, field) == 0.25 and config_to_hf(c)[hf] == 0.25  # kept through save_pretrained
 
 
+def test_a_quoted_boolean_in_config_json_is_refused_by_name():
+    """bool("false") is True: a hand-edited ``"tie_word_embeddings": "false"`` read as tied (the
+    untied lm_head dropped, logits from the embedding). transformers refuses a non-boolean there;
+    jpeft names the field and the fix."""
+    from jpeft.errors import ConfigError
+    from jpeft.models.loading import config_from_hf
+
+    llama = dict(model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4)
+    gpt2 = dict(model_type="gpt2", vocab_size=100, n_embd=32, n_layer=2, n_head=4)
+    assert config_from_hf(dict(llama, tie_word_embeddings=False)).tie_word_embeddings is False
+    assert config_from_hf(gpt2).tie_word_embeddings is True
+    for d, field, value in ((llama, "tie_word_embeddings", "false"), (llama, "attention_bias", 1),
+                            (gpt2, "tie_word_embeddings", "false"), (gpt2, "scale_attn_weights", None)):
+        with pytest.raises(ConfigError, match=f"{field}.*must be true or false.*{value!r}"):
+            config_from_hf(dict(d, **{field: value}))
+
+
 def test_key_value_heads_without_the_key_default_as_in_transformers():
     """transformers' MistralConfig and Qwen2Config take 8 and 32 key/value heads when config.json
     has no num_key_value_heads (LlamaConfig, or Qwen2's explicit null: the attention heads); jpeft took

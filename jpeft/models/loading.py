@@ -58,6 +58,19 @@ def _get(d, *names, default=None):
     return default
 
 
+def _flag(d: Mapping[str, Any], name: str, default: bool) -> bool:
+    """A true/false field of ``config.json``; transformers' configs take JSON booleans only, and
+    ``bool("false")`` would read a quoted ``"false"`` as true."""
+    value = d.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"config.json field {name!r} must be true or false (a JSON boolean), found {value!r} "
+            f"({type(value).__name__}); transformers refuses it too. Write {name}: "
+            f"{'true' if value in ('true', 'True', 1) else 'false'} without quotes, or remove it for the "
+            f"default ({str(default).lower()}).")
+    return value
+
+
 _KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32}
 
 
@@ -102,7 +115,7 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
                 scaling["original_max_position_embeddings"] = d["max_position_embeddings"]
     heads = int(d["num_attention_heads"])
     hidden = int(d["hidden_size"])
-    attn_bias = bool(d.get("attention_bias", False))
+    attn_bias = _flag(d, "attention_bias", False)
     kw = dict(
         vocab_size=int(d["vocab_size"]),
         hidden_size=hidden,
@@ -118,9 +131,9 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         hidden_act=str(d.get("hidden_act", "silu")),
         attention_bias=attn_bias,
         attention_out_bias=attn_bias,
-        mlp_bias=bool(d.get("mlp_bias", False)),
+        mlp_bias=_flag(d, "mlp_bias", False),
         attention_dropout=float(d.get("attention_dropout") or 0.0),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        tie_word_embeddings=_flag(d, "tie_word_embeddings", False),
         model_type=model_type,
         initializer_range=float(d.get("initializer_range", 0.02)),
         dtype=dtype,
@@ -139,7 +152,7 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
                   layer_types=tuple(layer_types) if (window is not None and layer_types) else None)
     if model_type == "qwen2":
         kw.update(attention_bias=True, attention_out_bias=False, mlp_bias=False)
-        window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
+        window = d.get("sliding_window", 4096) if _flag(d, "use_sliding_window", False) else None
         layer_types = d.get("layer_types")
         if window is not None and layer_types is None:
             mwl = int(d.get("max_window_layers", 28))
@@ -160,12 +173,12 @@ def _gpt2(d, dtype, param_dtype) -> GPT2Config:
         max_position_embeddings=int(d.get("n_positions", 1024)),
         layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
         hidden_act=str(d.get("activation_function", "gelu_new")),
-        scale_attn_weights=bool(d.get("scale_attn_weights", True)),
-        scale_attn_by_inverse_layer_idx=bool(d.get("scale_attn_by_inverse_layer_idx", False)),
+        scale_attn_weights=_flag(d, "scale_attn_weights", True),
+        scale_attn_by_inverse_layer_idx=_flag(d, "scale_attn_by_inverse_layer_idx", False),
         embd_pdrop=float(d.get("embd_pdrop", 0.1)),
         resid_pdrop=float(d.get("resid_pdrop", 0.1)),
         attn_pdrop=float(d.get("attn_pdrop", 0.1)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        tie_word_embeddings=_flag(d, "tie_word_embeddings", True),
         initializer_range=float(d.get("initializer_range", 0.02)),
         dtype=dtype,
         param_dtype=param_dtype,
