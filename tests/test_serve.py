@@ -727,3 +727,28 @@ def test_serve_options_zero_or_negative_are_refused_not_read_as_the_default(tmp_
     with pytest.raises(ConfigError, match="request_timeout"):
         Engine(MODEL, PARAMS, None, slots=1, max_len=32, request_timeout=float("nan"))
     assert Engine(MODEL, PARAMS, None, slots=1, max_len=32, request_timeout=float("inf")).request_timeout == float("inf")
+
+
+def test_a_port_in_use_or_an_unknown_host_is_named_before_the_model_loads(tmp_path):
+    """`jpeft serve --port P` with P held by another server loaded the model, compiled, and then
+    exited with uvicorn's own "address already in use" line; the address is checked first now (the
+    model folder here does not exist: the port's error comes before the load's)."""
+    import argparse
+    import socket
+
+    from jpeft.cli import serve_cmd
+    from jpeft.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_parser(parser.add_subparsers())
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        args = parser.parse_args(["serve", "--model", str(tmp_path / "missing"), "--port", str(port)])
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is in use by another program; stop it or "
+                                              "choose another --port"):
+            serve_cmd.run(args)
+    args = parser.parse_args(["serve", "--model", str(tmp_path / "missing"), "--host", "no-such-host.invalid"])
+    with pytest.raises(ConfigError, match="--host 'no-such-host.invalid' is not an address"):
+        serve_cmd.run(args)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 
 import jax
 
@@ -89,8 +91,36 @@ def eos_ids_of(folder: str, tokenizer, hf_config: dict) -> tuple:
     return tuple(sorted(ids))
 
 
+def _check_port(port: int) -> None:
+    if not 1 <= port <= 65535:  # uvicorn took 70000 as port 4464 (70000 mod 65536), printed as 70000
+        raise ConfigError(f"--port must be a TCP port, 1 to 65535, found {port}.")
+
+
+def _check_address(host: str, port: int) -> None:
+    """Binds ``host:port`` once and lets it go, before the model loads: a port another server holds
+    (or a host this machine does not have) is named now, not in uvicorn's own error line after the
+    load and the warm-up."""
+    _check_port(port)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r} is not an address this machine can serve on ({e.strerror}); use an IP "
+                          "address such as 127.0.0.1 (this machine only) or 0.0.0.0 (every interface).") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's port is free
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is in use by another program; stop it or choose another "
+                                  "--port.") from None
+            raise ConfigError(f"cannot serve on {host}:{port} ({e.strerror}); choose another --host or --port "
+                              "(ports below 1024 need administrator rights).") from None
+
+
 def build(args):
-    """``(server, host, port)`` from the parsed arguments (loads the model and adapters)."""
+    """The server the parsed arguments describe (loads the model and adapters)."""
     try:  # Starlette and uvicorn: dependencies of jpeft, imported only here
         from jpeft.serve.app import Server
     except ImportError as e:
@@ -99,8 +129,7 @@ def build(args):
     for name in ("slots", "chunk", "max_queue"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, found {getattr(args, name)}.")
-    if not 1 <= args.port <= 65535:  # uvicorn took 70000 as port 4464 (70000 mod 65536), printed as 70000
-        raise ConfigError(f"--port must be a TCP port, 1 to 65535, found {args.port}.")
+    _check_port(args.port)
     if args.adapters_root is not None and not os.path.isdir(args.adapters_root):
         raise LoadError(f"--adapters-root {args.adapters_root!r} is not a folder.")
     named = _parse_adapters(args.adapter)
@@ -143,6 +172,7 @@ def build(args):
 def run(args) -> int:
     from jpeft.serve.app import run as serve  # Starlette and uvicorn (build() checked they import)
 
+    _check_address(args.host, args.port)  # before the model loads
     server = build(args)
     server.engine.warmup()  # compile before listening: the first request does not wait for XLA
     print(f"jpeft serve: {server.base_name} with adapters {list(server.engine.adapters())} on "
