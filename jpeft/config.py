@@ -85,6 +85,9 @@ class AdapterConfig:
     # whether the method can train on rows packed by documents (segment ids): prompt tuning, whose
     # virtual tokens are prepended once per row, cannot; `jpeft train` refuses that before loading
     packs_documents: ClassVar[bool] = True
+    # PEFT's prompt-learning methods (prefix and prompt tuning: virtual tokens, no site on a module),
+    # whose tensors PEFT keys under ``base_model.`` rather than ``base_model.model.``
+    prompt_learning: ClassVar[bool] = False
     # field name -> Hugging Face adapter_config.json key (only where they differ)
     _hf_keys: ClassVar[Mapping[str, str]] = {}
     # keys Hugging Face writes that do not change what the adapter computes: accepted and ignored

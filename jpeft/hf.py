@@ -23,6 +23,7 @@ method: LoRA's format (with rsLoRA, rank_pattern, alpha_pattern, DoRA, and GPT-2
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -148,18 +149,19 @@ def _refuse_classifier_sites(tensors: Mapping[str, Any]) -> None:
         )
 
 
-def _take_frozen_classifier(d: Mapping[str, Any], tensors: dict, leaves, folder: str, prefix: str) -> None:
+def _take_frozen_classifier(d: Mapping[str, Any], config_cls, tensors: dict, leaves, folder: str) -> None:
     """Removes from ``tensors`` the classifier a SEQ_CLS adapter file carries as PEFT's module to
     save, after checking it equals the base's, for the methods that load no modules to save (a
     trained copy or any other module to save is refused by name); LoRA keeps a copy its
     ``modules_to_save`` names, which loads as a module to save (PEFT trains it)."""
     mts = d.get("modules_to_save") or []
+    prefix = _key_prefix(config_cls)
     keys = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] in
             {f"{m}.{t}" for m in _SEQ_CLS_HEADS for t in ("weight", "bias")}]
     if not mts and not keys:
         return
-    if d.get("peft_type") == "LORA":
-        # LoRA loads modules_to_save: a copy its modules_to_save names is one PEFT trains (SEQ_CLS names the
+    if "modules_to_save" in {f.name for f in dataclasses.fields(config_cls)}:
+        # a method that loads modules_to_save (LoRA): a copy they name is one PEFT trains (SEQ_CLS names the
         # classifier), so it loads as a module to save even while it still equals the base's, as PEFT's
         # training would move it; one it does not name is PEFT's frozen copy, dropped after the check
         keys = [k for k in keys if k[len(prefix):].split(".")[0] not in mts
@@ -262,10 +264,9 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     d["base_model_name_or_path"] = base_model_name_or_path
     d["task_type"] = task
     if d["task_type"] == "SEQ_CLS":
-        prompt_learning = config.peft_type in ("PREFIX_TUNING", "PROMPT_TUNING")
         _refuse_classifier_sites(tensors)
         # a trained copy of the classifier (LoRA's modules_to_save) wins over the base's
-        tensors = dict(_classifier_tensors(config, params, "base_model." if prompt_learning else PEFT_PREFIX), **tensors)
+        tensors = dict(_classifier_tensors(config, params, _key_prefix(type(config))), **tensors)
         d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + list(_SEQ_CLS_HEADS)))
     d.setdefault("inference_mode", True)
     d.setdefault("revision", None)
@@ -455,9 +456,9 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     renamed = _as_peft_reads(inner, path)
     if renamed is not None:  # an NNX model's list entries ("layers/0/fc"): read under PEFT's names, then put back
         names, inner = renamed
-        config, adapter = _load_unrolled(d, fmt, ptype, tensors, inner, {"params": inner}, path, dtype)
+        config, adapter = _load_unrolled(d, fmt, tensors, inner, {"params": inner}, path, dtype)
         return config, {names.get(p, p): n for p, n in adapter.items()}
-    return _load_unrolled(d, fmt, ptype, tensors, inner, params, path, dtype)
+    return _load_unrolled(d, fmt, tensors, inner, params, path, dtype)
 
 
 def _as_peft_reads(inner, path: str):
@@ -488,9 +489,13 @@ def _as_peft_reads(inner, path: str):
     return names, out
 
 
-def _load_unrolled(d, fmt, ptype, tensors, inner, params, path: str, dtype):
-    prefix = "base_model." if ptype in ("PREFIX_TUNING", "PROMPT_TUNING") else PEFT_PREFIX
-    _take_frozen_classifier(d, tensors, module_leaves(inner), path, prefix)  # SEQ_CLS's copy of the base's classifier
+def _key_prefix(config_cls) -> str:
+    """Where PEFT keys a method's tensors (and SEQ_CLS's classifier copy) in its weights file."""
+    return "base_model." if config_cls.prompt_learning else PEFT_PREFIX
+
+
+def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype):
+    _take_frozen_classifier(d, fmt.config, tensors, module_leaves(inner), path)  # SEQ_CLS's copy of the base's classifier
     n_scanned = scan.num_stacked_layers(inner)
     unrolled = None
     if n_scanned is not None:  # a layer-scanned base: read per layer, then stack (jpeft.scan)

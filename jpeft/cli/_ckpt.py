@@ -32,7 +32,7 @@ from jpeft import hf, io, scan
 from jpeft.checkpoint import CheckpointManager, FORMAT
 from jpeft.cli._common import say
 from jpeft.config import AdapterConfig
-from jpeft.errors import BaseMismatchError, CheckpointError, LoadError, ShapeMismatchError
+from jpeft.errors import BaseMismatchError, CheckpointError, JpeftError, LoadError, ShapeMismatchError
 from jpeft.io import read_json, verify_checksum
 
 ADAPTER_JSON = "jpeft_adapter.json"
@@ -153,9 +153,13 @@ def residual_kind(path: str):
     found = find_adapter(path)
     if found.kind != "peft":
         return None
-    d = hf.read_peft_config(found.path)
-    init = d.get("init_lora_weights") if d.get("peft_type") == "LORA" else None
-    return init if isinstance(init, str) and init in ("pissa", "olora") else None
+    try:
+        with warnings.catch_warnings():  # the load that follows warns of what it drops, once
+            warnings.simplefilter("ignore")
+            init = AdapterConfig.from_dict(hf.read_peft_config(found.path)).residual_init
+    except JpeftError:
+        return None  # the load that follows names what is wrong with the file
+    return init if init in ("pissa", "olora") else None  # the residual inits PEFT recomputes on load
 
 
 def load_adapter_with_base(path: str, *, params, model=None, example=None, base_config=None):

@@ -76,6 +76,7 @@ class PrefixTuningConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
+    prompt_learning: ClassVar[bool] = True
 
     num_virtual_tokens: int = 20
     prefix_projection: bool = False

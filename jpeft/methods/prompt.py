@@ -71,6 +71,7 @@ class PromptTuningConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    prompt_learning: ClassVar[bool] = True
     packs_documents: ClassVar[bool] = False  # virtual tokens once per row: one token stream per row
 
     num_virtual_tokens: int = 20
