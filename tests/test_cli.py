@@ -604,6 +604,34 @@ def _tiny_lora_run(hf_dir, tmp_path, *, steps: int, extra: str = ""):
     return cfg
 
 
+def test_resume_past_a_damaged_newest_checkpoint_names_the_step_to_move_and_then_resumes(hf_dir, tmp_path, capsys):
+    """A newest checkpoint whose bytes were damaged (a disk error, a file truncated by hand) made
+    --resume stop with the restore's error alone ("... is corrupted: the bytes of ... do not
+    match their SHA-256"), which names no way on for a `jpeft train` user. It now names the
+    step folder to move away and the step the run then resumes from; done so, the run resumes
+    from that step and ends with the uninterrupted run's adapter, bit for bit."""
+    cfg = _tiny_lora_run(hf_dir, tmp_path, steps=3)
+    assert main(["train", "--config", str(cfg), "--no-progress", "--output-dir", str(tmp_path / "whole")]) == 0
+    assert main(["train", "--config", str(cfg), "--no-progress", "--max-steps", "2"]) == 0
+    ckpts = tmp_path / "out" / "checkpoints"
+    data = sorted(f for f in (ckpts / "2" / "state").rglob("*") if f.is_file() and f.parent.name == "d")
+    b = bytearray(data[0].read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    data[0].write_bytes(bytes(b))
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("jpeft train: error: CheckpointError: checkpoint step 2 in ") and "corrupted" in line, line
+    assert f"move its folder {ckpts / '2'} out of {ckpts}" in line and "run --resume again to resume from step 1" in line
+    shutil.move(ckpts / "2", tmp_path / "damaged-2")
+    assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 0
+    assert "resumed from step 1" in capsys.readouterr().err
+    got, ref = adapter_arrays(tmp_path / "out" / "adapter"), adapter_arrays(tmp_path / "whole" / "adapter")
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
 def test_resume_refuses_changed_training_data(hf_dir, tmp_path, capsys):
     """--resume after data.train was edited (same path, other rows) continued the run on other
     batches, silently; the packed rows' fingerprint is saved and compared."""

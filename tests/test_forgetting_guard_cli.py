@@ -202,3 +202,25 @@ def test_a_bad_canary_file_leaves_no_output_dir(hf_dir, capsys, canary, expect):
     assert main(["train", "--config", str(path), "--no-progress"]) == 2
     assert expect in error_line(capsys.readouterr().err)
     assert not (hf_dir / name).exists()
+
+
+def test_a_run_resumed_at_its_last_step_writes_the_adapter_the_guard_kept_with_its_report(hf_dir, capsys):
+    """A run resumed from its checkpoint at train.steps (killed after that checkpoint, before the
+    finished adapter was written, or `--resume` given again to a finished run) trains no step and
+    writes the adapter again: it wrote it without the guard's report, so after a rollback at the
+    last step the metadata said `steps: 4` for the rolled-back adapter of step 0 (and had no
+    `forgetting` summary). The guard's report now comes from the checkpoint, as the run left it."""
+    table = ('canary = "notes.txt"\nevery = 4\nmax_kl = 0.0\naction = "rollback"\nmax_rollbacks = 1\n'
+             'canary_batches = 1\n')
+    path = _with_forgetting(write_config(hf_dir, "fg-end", steps=4, save_every=1, eval_every=0), table)
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    first = _metadata(hf_dir / "fg-end")
+    arrays = adapter_arrays(hf_dir / "fg-end" / "adapter")
+    assert first["steps"] == 0 and first["forgetting"]["rollbacks"] == 1 and first["forgetting"]["kept_step"] == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(path), "--no-progress", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step 4" in err and "rolled back at the last step, so the adapter of step 0" in err, err
+    assert _metadata(hf_dir / "fg-end") == first
+    again = adapter_arrays(hf_dir / "fg-end" / "adapter")
+    assert sorted(again) == sorted(arrays) and all(np.array_equal(again[k], arrays[k]) for k in arrays)

@@ -731,7 +731,15 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
             "output_dir.") from None
     except CheckpointError as e:
         if "optimizer state of another optimizer" not in str(e):
-            raise
+            kept = ckpts.all_steps()
+            if not kept:
+                raise
+            # the newest step is damaged (a file truncated, flipped or deleted): say how to go on from the one before
+            then = f"resume from step {kept[-2]}" if len(kept) > 1 else "start the run again from step 0"
+            raise CheckpointError(
+                f"{str(e).rstrip('.')}. --resume continues from the newest checkpoint, step {kept[-1]}; move its "
+                f"folder {os.path.join(str(ckpts.directory), str(kept[-1]))} out of {ckpts.directory} (keep it to "
+                f"inspect) and run --resume again to {then}.") from None
         raise ConfigError(
             f"the checkpoints in {out_dir!r} hold another optimizer's state than this run's AdamW "
             f"({str(e).split(': ', 1)[-1].split('. ')[0]}); a run with train.weight_decay > 0 saved by a jpeft before "
@@ -849,6 +857,11 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     else:
         step, interrupted, last_eval = start, False, None
     report = None if result is None else result.forgetting
+    if result is None and guard is not None and isinstance(resumed_guard, dict):
+        # resumed at train.steps (killed before the finished adapter was written, or --resume of a finished run):
+        # no step runs, and the adapter is written again with the guard's report as the run left it
+        meta = resumed_guard.get("meta")
+        report = meta.get("report") if isinstance(meta, dict) and isinstance(meta.get("report"), dict) else None
     stopped = bool(report and report["stopped"])
     if stopped and eval_fn is not None:
         last_eval = eval_fn(adapter, report["kept_step"])  # the eval of the adapter that is kept
