@@ -229,7 +229,7 @@ def check_called(adapter, checked: set, params=None) -> None:
         )
 
 
-def _normalize_axes(axis, ndim):
+def normalize_axes(axis, ndim):
     """``axis`` as non-negative axes in increasing order, as ``nn.DenseGeneral`` normalizes them (its
     kernel's input axes follow that order, so ``axis=(-1, -2)`` has the kernel ``[x.shape[-2], x.shape[-1], ...]``)."""
     axis = (axis,) if isinstance(axis, int) else tuple(axis)

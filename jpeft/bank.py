@@ -181,7 +181,7 @@ class BankedLora(Site):
             return y + self._embed(call, x, safe, s, dt)
         n_in = len(lay.in_axes)
         if lay.kind == Kind.DENSE_GENERAL:
-            axes = _inject._normalize_axes(call.module.axis, x.ndim)
+            axes = _inject.normalize_axes(call.module.axis, x.ndim)
             if axes != tuple(range(x.ndim - n_in, x.ndim)):
                 raise UnsupportedModuleError(
                     f"module {call.path!r}: nn.DenseGeneral contracts input axes {axes} of a {x.ndim}-D input; "

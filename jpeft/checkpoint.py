@@ -60,23 +60,22 @@ from jpeft.errors import (
     SaveError,
     ShapeMismatchError,
 )
+from jpeft._version import __version__
 from jpeft.io import (
-    _check_index,
-    _host,
-    _np_dtype,
-    _sha256,
-    _version,
     base_fingerprint,
     check_base,
+    check_index,
     leaf_names,
+    np_dtype,
     read_json,
     safe_join,
+    sha256_hex,
     template_adapter,
     verify_checksum,
     with_checksum,
 )
 from jpeft.methods.base import split_frozen, trainable
-from jpeft.tree import unwrap_params
+from jpeft.tree import host_array, unwrap_params
 
 FORMAT = "jpeft-train-checkpoint"
 FORMAT_VERSION = 1
@@ -218,7 +217,7 @@ def _named_host(tree, prefix: str) -> tuple[dict, dict]:
         index[full] = {
             "shape": [int(d) for d in h.shape],
             "dtype": str(np.dtype(h.dtype)),
-            "sha256": _sha256(h) if isinstance(h, np.ndarray) else None,
+            "sha256": sha256_hex(h) if isinstance(h, np.ndarray) else None,
         }
     return arrays, index
 
@@ -679,7 +678,7 @@ class CheckpointManager:
             data = np.asarray(jax.device_get(jax.random.key_data(key) if typed else key))
             rng = {"typed": bool(typed), "impl": str(jax.random.key_impl(key)) if typed else None}
             arrays["rng"] = data
-            index["rng"] = {"shape": list(data.shape), "dtype": str(data.dtype), "sha256": _sha256(data)}
+            index["rng"] = {"shape": list(data.shape), "dtype": str(data.dtype), "sha256": sha256_hex(data)}
         extra_meta = None
         if extra is not None:
             unknown = set(extra) - {"meta", "adapter", "opt_state"} if isinstance(extra, Mapping) else set()
@@ -709,7 +708,7 @@ class CheckpointManager:
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "jpeft_version": _version(),
+            "jpeft_version": __version__,
             "step": step,
             "config": self._config_dict,
             "base": self.fingerprint,
@@ -847,7 +846,7 @@ class CheckpointManager:
                                      and all(isinstance(r, list) and len(r) == 3 for r in base["params"])
                                      and (base.get("config") is None or isinstance(base.get("config"), dict))):
             raise CheckpointError(f"{where}: the base fingerprint is malformed.")
-        _check_index(d.get("arrays"), where)
+        check_index(d.get("arrays"), where)
         rng = d.get("rng")
         if rng is not None and not (isinstance(rng, dict) and isinstance(rng.get("typed"), bool)):
             raise CheckpointError(f"{where}: the 'rng' entry is malformed.")
@@ -1016,7 +1015,7 @@ class CheckpointManager:
         abstract: dict[str, Any] = {}
         for full, e in index.items():
             shape = tuple(e["shape"])
-            dtype = _np_dtype(e["dtype"])
+            dtype = np_dtype(e["dtype"])
             sds = jax.ShapeDtypeStruct(shape, dtype, sharding=target_sharding(full, shape))
             g, _, rest = full.partition("/")
             if g == "rng":
@@ -1047,7 +1046,7 @@ class CheckpointManager:
             if tuple(arr.shape) != tuple(e["shape"]) or str(np.dtype(arr.dtype)) != e["dtype"]:
                 raise CheckpointError(f"{where} is corrupted: {name!r} restored as {arr.dtype}{tuple(arr.shape)}, expected {e['dtype']}{e['shape']}.")
             if e.get("sha256") and getattr(arr, "is_fully_addressable", True):
-                if _sha256(_host(arr)) != e["sha256"]:
+                if sha256_hex(host_array(arr)) != e["sha256"]:
                     raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in the metadata.")
         # -- rebuild trees --------------------------------------------------------------------------------
         def rebuild(g, template):

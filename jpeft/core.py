@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jpeft import _inject, _nnx, quant, scan
 from jpeft.config import AdapterConfig
-from jpeft.data import _token_nll, causal_lm_loss, causal_lm_loss_chunked
+from jpeft.data import token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
 from jpeft.validate import check_key
@@ -191,7 +191,7 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
         a[""] = node
         logits = logits_of(apply(model, params, a, input_ids, rngs=rngs, **kwargs))
         n = input_ids.shape[1]
-        nll, _ = _token_nll(logits[:, lead - 1:lead - 1 + n], input_ids)
+        nll, _ = token_nll(logits[:, lead - 1:lead - 1 + n], input_ids)
         w = loss_mask.astype(jnp.float32)
         count = w.sum()
         return (nll * w).sum() / jnp.maximum(count, 1.0), count

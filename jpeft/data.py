@@ -468,7 +468,7 @@ def causal_lm_loss(logits, input_ids, loss_mask) -> tuple[Any, Any]:
     # ``logits[:, :-1]`` would copy the largest activation of the step, and the log-softmax
     # is never materialised either (logsumexp minus the picked logit).
     tgt, w = _shifted_targets(input_ids, loss_mask)
-    nll, _ = _token_nll(logits, tgt)
+    nll, _ = token_nll(logits, tgt)
     n = w.sum()
     return (nll * w).sum() / jnp.maximum(n, 1.0), n
 
@@ -482,7 +482,7 @@ def _shifted_targets(input_ids, loss_mask):
     return tgt, w
 
 
-def _token_nll(logits, tgt):
+def token_nll(logits, tgt):
     """``-log softmax(logits)[tgt]`` per position in float32, and the log-normaliser."""
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -557,7 +557,7 @@ def _chunked_loss(head, treedef, n_chunks):
     def loss(leaves, hs, tgt, w):
         def body(total, x):
             h, t, wt, i = x
-            nll, _ = _token_nll(call(leaves, h, i), t)
+            nll, _ = token_nll(call(leaves, h, i), t)
             return total + (nll * wt).sum(), None
         idx = jnp.arange(n_chunks, dtype=jnp.int32)
         total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, tgt, w, idx))
@@ -586,7 +586,7 @@ def _chunked_loss(head, treedef, n_chunks):
                 logits, vjp = jax.vjp(lambda d, h_: call(with_diff(d), h_, i), diff, h)
             else:
                 logits, vjp = jax.vjp(lambda d: call(with_diff(d), h, i), diff)
-            nll, lse = _token_nll(logits, t)
+            nll, lse = token_nll(logits, t)
             p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
             onehot = jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)
             dlogits = ((p - onehot) * (wt * scale)[..., None]).astype(logits.dtype)

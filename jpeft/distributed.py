@@ -29,7 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpeft.errors import DistributedError, InputValidationError
-from jpeft.parallel import _batch_entry
+from jpeft.parallel import batch_entry
+from jpeft.tree import host_array
 
 __all__ = [
     "initialize",
@@ -212,7 +213,7 @@ def global_batch(local_batch, mesh: Mesh, batch_axes=("data", "fsdp")):
     (``jax.make_array_from_process_local_data``): the first axis is split over the mesh axes
     ``batch_axes``, each process contributing the rows it holds, in process order. In a
     single-process run this equals :func:`jpeft.shard_batch`."""
-    sharding = NamedSharding(mesh, P(_batch_entry(mesh, batch_axes)))
+    sharding = NamedSharding(mesh, P(batch_entry(mesh, batch_axes)))
     n_proc = jax.process_count()
 
     def make(x):
@@ -233,12 +234,8 @@ def gather(tree):
     from jax.experimental import multihost_utils
 
     def one(x):
-        if not isinstance(x, jax.Array):
-            return np.asarray(x)
-        if x.is_fully_addressable:
-            return np.asarray(x)
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return host_array(x)
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)

@@ -64,7 +64,7 @@ from jpeft.errors import (
     UnsafeFileError,
 )
 from jpeft.methods.base import FOREIGN_SITE_FIX, foreign_site
-from jpeft.tree import unwrap_params
+from jpeft.tree import host_array, unwrap_params
 
 ADAPTER_JSON = "jpeft_adapter.json"
 ADAPTER_WEIGHTS = "jpeft_adapter.safetensors"
@@ -86,10 +86,6 @@ _VOLATILE_CONFIG_KEYS = frozenset(
     {"transformers_version", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
      "torch_dtype", "dtype", "name_or_path", "architectures"}
 )
-
-
-def _version() -> str:
-    return __version__
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,15 +122,9 @@ def leaf_names(tree) -> list[tuple[str, Any]]:
     return out
 
 
-def _sha256(arr: np.ndarray) -> str:
+def sha256_hex(arr: np.ndarray) -> str:
+    """The SHA-256 of a host array's bytes (C order), as saved adapters and checkpoints record it."""
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
-
-
-def _host(x) -> np.ndarray:
-    """A host numpy copy of ``x`` (gathers a sharded array on a single host)."""
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    return np.asarray(jax.device_get(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +158,7 @@ def content_hash(params) -> str:
                 "content_hash needs the base weights themselves, found an abstract jax.ShapeDtypeStruct "
                 f"at {name!r}. Pass concrete params, or content_hash=False."
             )
-        a = _host(leaf)
+        a = host_array(leaf)
         h.update(f"{name}|{a.shape}|{a.dtype}|".encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return "sha256:" + h.hexdigest()
@@ -691,7 +681,12 @@ def read_json(path, *, what: str = "metadata", max_bytes: int = MAX_JSON_BYTES) 
     return d
 
 
-def _check_index(index, where: str) -> dict:
+def check_index(index, where: str) -> dict:
+    """The ``arrays`` index of a saved adapter's or checkpoint's metadata, checked entry by entry.
+
+    Raises:
+      CheckpointError: an entry is not ``{shape, dtype, sha256}`` or names an unknown dtype.
+    """
     if not isinstance(index, dict):
         raise CheckpointError(f"{where}: 'arrays' must be an object mapping names to {{shape, dtype, sha256}}.")
     out = {}
@@ -701,14 +696,19 @@ def _check_index(index, where: str) -> dict:
                 and (e.get("sha256") is None or isinstance(e.get("sha256"), str))):
             raise CheckpointError(f"{where}: the index entry for {name!r} is malformed: {str(e)[:200]}.")
         try:
-            np.dtype(_np_dtype(e["dtype"]))
+            np.dtype(np_dtype(e["dtype"]))
         except TypeError:
             raise CheckpointError(f"{where}: the index entry for {name!r} has an unknown dtype {e['dtype']!r}.") from None
         out[name] = e
     return out
 
 
-def _np_dtype(name: str):
+def np_dtype(name: str):
+    """The numpy dtype a saved dtype name stands for (``bfloat16`` and the float8s through ml_dtypes).
+
+    Raises:
+      TypeError: ``name`` is not a dtype name.
+    """
     import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy)
 
     if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
@@ -786,7 +786,7 @@ def _index_fd(p: Path, fd: int, max_header: int) -> tuple[dict[str, tuple], dict
                 and all(isinstance(o, int) and not isinstance(o, bool) for o in e["data_offsets"])):
             raise CheckpointError(f"{p} is corrupted: the header entry for {name!r} is malformed: {str(e)[:200]}.")
         b, en = e["data_offsets"]
-        dt = np.dtype(_np_dtype(_ST_DTYPES[e["dtype"]])).newbyteorder("<")
+        dt = np.dtype(np_dtype(_ST_DTYPES[e["dtype"]])).newbyteorder("<")
         _check_shape(p, name, e, dt.itemsize)
         if not (0 <= b <= en <= body) or en - b != math.prod(e["shape"]) * dt.itemsize:
             raise CheckpointError(
@@ -832,7 +832,7 @@ def check_expected(index: Mapping[str, tuple], expect: Mapping[str, tuple], wher
         raise CheckpointError(f"{where} does not match what was expected: array {diff[0]!r} is only in {side}.")
     for name, (shape, dtype) in expect.items():
         dt, fshape = index[name][0], index[name][1]
-        if tuple(fshape) != tuple(shape) or (dtype is not None and str(dt.newbyteorder("=")) != str(np.dtype(_np_dtype(dtype)))):
+        if tuple(fshape) != tuple(shape) or (dtype is not None and str(dt.newbyteorder("=")) != str(np.dtype(np_dtype(dtype)))):
             raise CheckpointError(
                 f"{where} is corrupted: {name!r} is {dt.newbyteorder('=')}{list(fshape)} in the file, "
                 f"expected {dtype}{list(shape)}."
@@ -956,13 +956,13 @@ def _parse_info(p: Path) -> tuple[AdapterInfo, dict]:
                         and isinstance(r[2], str) for r in base["params"])
                 and (base.get("config") is None or isinstance(base.get("config"), dict))):
             raise CheckpointError(f"{where}: the base fingerprint is malformed.")
-    index = _check_index(d.get("arrays"), where)
+    index = check_index(d.get("arrays"), where)
     meta = d.get("metadata") or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: 'metadata' must be an object.")
     arrays = {k: (tuple(e["shape"]), e["dtype"]) for k, e in index.items()}
     num = sum(math.prod(s) for s, _ in arrays.values())
-    nbytes = sum(math.prod(s) * np.dtype(_np_dtype(dt)).itemsize for s, dt in arrays.values())
+    nbytes = sum(math.prod(s) * np.dtype(np_dtype(dt)).itemsize for s, dt in arrays.values())
     info = AdapterInfo(p, config, base, arrays, int(num), int(nbytes), str(d.get("jpeft_version", "?")), meta)
     return info, index
 
@@ -1051,13 +1051,13 @@ def save_adapter(
     for name, leaf in named:
         if isinstance(leaf, jax.ShapeDtypeStruct):
             raise ConfigError(f"adapter leaf {name!r} is abstract (jax.ShapeDtypeStruct); save a concrete adapter.")
-        a = _host(leaf)
+        a = host_array(leaf)
         arrays[name] = a
-        index[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}
+        index[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": sha256_hex(a)}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "jpeft_version": _version(),
+        "jpeft_version": __version__,
         "config": config.to_dict(),
         "base": base_fingerprint(params, base_config, with_content_hash=with_content_hash) if params is not None else None,
         "arrays": index,
@@ -1179,12 +1179,12 @@ def _load_adapter(path, params, model, model_args, base_config, allow_base_misma
         raise
     # Names and shapes are checked against the config's template and the metadata index before
     # any tensor data is read: a header declaring a 1 GiB tensor in a sparse file costs nothing.
-    fill_template(template, {k: jax.ShapeDtypeStruct(tuple(e["shape"]), _np_dtype(e["dtype"])) for k, e in index.items()},
+    fill_template(template, {k: jax.ShapeDtypeStruct(tuple(e["shape"]), np_dtype(e["dtype"])) for k, e in index.items()},
                   where=str(p))
     where = str(p / ADAPTER_WEIGHTS)
     arrays, _ = read_safetensors(p / ADAPTER_WEIGHTS, expect={k: (e["shape"], e["dtype"]) for k, e in index.items()})
     for name, e in index.items():
-        if e.get("sha256") and _sha256(arrays[name]) != e["sha256"]:
+        if e.get("sha256") and sha256_hex(arrays[name]) != e["sha256"]:
             raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in {ADAPTER_JSON}.")
     adapter = fill_template(template, arrays, where=str(p))
     adapter = jax.tree.map(jax.numpy.asarray, adapter)

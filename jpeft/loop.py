@@ -263,6 +263,35 @@ def _tokens(batch, token_key: str) -> int:
     return int(np.prod(np.shape(x)))
 
 
+def _check_fit_args(batches, key, eval_every, log_every, num_steps, forgetting, forgetting_state) -> None:
+    """:func:`fit`'s argument checks, before anything runs."""
+    _validate.check_not_empty(batches, name="batches")
+    _validate.check_key(key, where="fit")
+    for name, v in (("eval_every", eval_every), ("log_every", log_every), ("num_steps", num_steps)):
+        if name == "num_steps" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ConfigError(f"{name} must be a non-negative integer, found {v!r}.")
+    if forgetting_state is not None and forgetting is None:
+        # the guard's saved state would be dropped with no word: the resumed run would train unguarded
+        raise ConfigError("fit got forgetting_state (a resumed forgetting guard's state) but no forgetting guard; pass "
+                          "the guard it belongs to as forgetting=, or leave forgetting_state out.")
+
+
+def _check_batch(batch, reference, pos: int, vocab_size, max_positions, token_key) -> Any:
+    """:func:`fit`'s host checks of batch ``pos`` before its step: the structure, shapes and dtypes
+    of the first batch (``reference``; the first batch becomes it, and is returned), the token ids
+    and sequence lengths."""
+    if reference is None:
+        reference = batch
+    else:
+        _validate.check_like(batch, reference, name=f"batch {pos}")
+    if vocab_size is not None or max_positions is not None:
+        _validate.check_tokens(batch, vocab_size=vocab_size, max_positions=max_positions, key=token_key,
+                               name=f"batch {pos}")
+    return reference
+
+
 def fit(
     step_fn: Callable,
     params,
@@ -359,17 +388,7 @@ def fit(
       InputValidationError: an empty dataset, a batch whose structure, shape or dtype
         differs from the first batch's, or bad token ids / sequence lengths.
     """
-    _validate.check_not_empty(batches, name="batches")
-    _validate.check_key(key, where="fit")
-    for name, v in (("eval_every", eval_every), ("log_every", log_every), ("num_steps", num_steps)):
-        if name == "num_steps" and v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ConfigError(f"{name} must be a non-negative integer, found {v!r}.")
-    if forgetting_state is not None and forgetting is None:
-        # the guard's saved state would be dropped with no word: the resumed run would train unguarded
-        raise ConfigError("fit got forgetting_state (a resumed forgetting guard's state) but no forgetting guard; pass "
-                          "the guard it belongs to as forgetting=, or leave forgetting_state out.")
+    _check_fit_args(batches, key, eval_every, log_every, num_steps, forgetting, forgetting_state)
     guard = NonFiniteGuard(max_consecutive_skips)
     history: list[dict] = []
     step = int(start_step)
@@ -444,19 +463,15 @@ def fit(
                 if intr.hit:
                     interrupted = True
                     break
-                if reference is None:
-                    reference = batch
-                else:
-                    _validate.check_like(batch, reference, name=f"batch {pos}")
-                if vocab_size is not None or max_positions is not None:
-                    _validate.check_tokens(batch, vocab_size=vocab_size, max_positions=max_positions, key=token_key,
-                                           name=f"batch {pos}")
+                reference = _check_batch(batch, reference, pos, vocab_size, max_positions, token_key)
                 t0 = time.perf_counter()
                 # the C heap around the step (_hostmem.StepHeap): not watched around the first
                 # step (it compiles), nor when steps are short (a look costs a few milliseconds)
                 heap.before(bool(ran) and seconds[-1] >= SETTLE_MIN_STEP_S)
                 adapter, opt_state, metrics = step_fn(params, adapter, opt_state, batch, jax.random.fold_in(key, step + 1))
-                host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+                # the scalars only, in one copy: a per-example metric may be split across processes
+                host = {k: float(np.asarray(v)) for k, v in jax.device_get({k: v for k, v in metrics.items()
+                                                                             if np.ndim(v) == 0}).items()}
                 # XLA frees the step's temporaries just after its outputs are ready: wait for that
                 # before the next step allocates its own, and hand back their hole if something
                 # came to lie between it and the top of the heap

@@ -57,7 +57,7 @@ from jpeft import quant
 from jpeft.errors import ConfigError, InputValidationError, ShardingError
 from jpeft.methods.base import trainable
 from jpeft.models import _splash
-from jpeft.train import _split_loss, make_step_fn, weighted_sum
+from jpeft.train import make_step_fn, split_loss, weighted_sum
 from jpeft.tree import path_str, unwrap_params
 
 DATA = "data"
@@ -164,7 +164,7 @@ def tensor_parallel_rules(*, stacked: bool = False, tensor: str = TENSOR, fsdp: 
 
 
 # -------------------------------------------------------------------------------- placing
-def _put_leaf(x, sharding, copy: bool = False):
+def put_leaf(x, sharding, copy: bool = False):
     """``jax.device_put`` that also works for shardings spanning several processes: a value
     every process holds in full (host array, local array) is cut into this process's shards.
 
@@ -178,17 +178,17 @@ def _put_leaf(x, sharding, copy: bool = False):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return jax.device_put(x, sharding)  # global -> global: a reshard
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        data = _put_leaf(jax.random.key_data(x), sharding)
+        data = put_leaf(jax.random.key_data(x), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def _put(tree, shardings, copy: bool = False):
-    """:func:`_put_leaf` over a tree (``shardings``: a tree of shardings or one sharding)."""
+    """:func:`put_leaf` over a tree (``shardings``: a tree of shardings or one sharding)."""
     if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda x: _put_leaf(x, shardings, copy), tree)
-    return jax.tree.map(lambda x, s: _put_leaf(x, s, copy), tree, shardings)
+        return jax.tree.map(lambda x: put_leaf(x, shardings, copy), tree)
+    return jax.tree.map(lambda x, s: put_leaf(x, s, copy), tree, shardings)
 
 
 # -------------------------------------------------------------------------- partition specs
@@ -479,13 +479,15 @@ def kernels_on(mesh: Optional[Mesh], batch_axes=BATCH_AXES):
     batch over ``batch_axes``, the heads over ``tensor``). ``mesh=None``: no effect."""
     if mesh is None:
         return contextlib.nullcontext()
-    entry = _batch_entry(mesh, batch_axes)
+    entry = batch_entry(mesh, batch_axes)
     axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
     return _splash.partitioned(mesh, axes, TENSOR)
 
 
 # -------------------------------------------------------------------------------- batches
-def _batch_entry(mesh: Mesh, batch_axes) -> Any:
+def batch_entry(mesh: Mesh, batch_axes) -> Any:
+    """The ``PartitionSpec`` entry of a batch's leading axis: the axes of ``batch_axes`` that ``mesh`` has
+    (``None`` when it has none, one name for one axis)."""
     axes = tuple(a for a in ((batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)) if a in mesh.shape)
     if not axes:
         return None
@@ -497,7 +499,7 @@ def shard_batch(batch, mesh: Mesh, batch_axes=BATCH_AXES):
     ``("data", "fsdp")``: every device gets its own examples). In a multi-process job use
     :func:`jpeft.distributed.global_batch`, which assembles the global batch from each
     process's shard."""
-    entry = _batch_entry(mesh, batch_axes)
+    entry = batch_entry(mesh, batch_axes)
     n = _axis_size(mesh, entry)
 
     def put(x):
@@ -512,7 +514,7 @@ def shard_batch(batch, mesh: Mesh, batch_axes=BATCH_AXES):
                 "shard_batch: in a multi-process job a host batch is ambiguous (global or this process's rows?); "
                 "build the global batch with jpeft.distributed.global_batch(local_rows, mesh)."
             )
-        return _put_leaf(x, NamedSharding(mesh, P(entry)))
+        return put_leaf(x, NamedSharding(mesh, P(entry)))
 
     return jax.tree.map(put, batch)
 
@@ -561,7 +563,7 @@ def make_sharded_train_step(
     """
     step_fn = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps,
                            loss_weight=loss_weight)
-    entry = _batch_entry(mesh, batch_axes)
+    entry = batch_entry(mesh, batch_axes)
 
     def body(*args):
         with kernels_on(mesh, batch_axes):
@@ -612,7 +614,7 @@ def make_sharded_train_step(
         batch = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and x.sharding == batch_sharding
                              else shard_batch(x, mesh, batch_axes), batch)
         if key is not None:
-            key = _put_leaf(key, replicated)
+            key = put_leaf(key, replicated)
         return fn, (params, adapter, opt_state, batch, key)
 
     def step(params, adapter, opt_state, batch, key):
@@ -789,7 +791,7 @@ def with_precision(loss_fn: Callable, compute_dtype=jnp.bfloat16, *, cast_batch:
         p = _cast_floats(params, dt)
         b = _cast_floats(batch, dt) if cast_batch else batch
         out = loss_fn(p, adapter, b, key)
-        loss, aux = _split_loss(out)
+        loss, aux = split_loss(out)
         loss = jnp.asarray(loss).astype(jnp.float32)
         return (loss, aux) if isinstance(out, tuple) else loss
 

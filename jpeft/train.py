@@ -30,7 +30,8 @@ from jpeft.errors import ConfigError, InputValidationError, QuantizationError
 from jpeft.methods.base import Site, after_update, join_frozen, split_frozen
 
 
-def _split_loss(out):
+def split_loss(out):
+    """``(loss, aux)`` of a loss function's output: ``loss`` alone or ``(loss, aux)`` (``aux`` ``None`` -> ``{}``)."""
     if isinstance(out, tuple) and len(out) == 2:
         loss, aux = out
         return loss, (aux if aux is not None else {})
@@ -58,7 +59,7 @@ def loss_and_grad(loss_fn: Callable, params, adapter, batch, key):
                     "...) in loss_fn: it dequantizes each layer where it is called."
                 ) from e
             raise
-        return _split_loss(out)
+        return split_loss(out)
 
     return jax.value_and_grad(f, has_aux=True)(adapter)
 

@@ -1,4 +1,4 @@
-r"""Pytree utilities: module paths, target matching, parameter counts, partition/combine.
+r"""Pytree utilities: module paths, target matching, parameter counts, host reads, partition/combine.
 
 A *module path* is the ``/``-joined chain of linen submodule names from the root to a
 module, e.g. ``"model/layers_0/self_attn/q_proj"``. Its *Hugging Face name* replaces
@@ -35,7 +35,7 @@ import numpy as np
 import re2
 from flax import nnx
 
-from jpeft.errors import ConfigError, TargetNotFoundError
+from jpeft.errors import ConfigError, ShardingError, TargetNotFoundError
 
 _INDEX = re.compile(r"^(.*)_(\d+)$")
 # Hugging Face module names that end in ``_<digit>`` but are not list entries (GPT-2's
@@ -340,6 +340,31 @@ def nbytes(tree) -> int:
     return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
 
 
+def host_array(x) -> np.ndarray:
+    """A host numpy copy of the whole value of ``x`` (a typed PRNG key as its key data).
+
+    An array replicated over several processes is read from this process's own copy; a
+    single-process array sharded over devices (a pmap output too) is read whole. Only an array
+    split across processes has no whole value here: that raises, since reading it takes every
+    process (:func:`jpeft.distributed.gather`).
+
+    Raises:
+      ShardingError: ``x`` is split across processes.
+    """
+    if isinstance(x, jax.Array):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise ShardingError(
+                    f"an array of shape {tuple(x.shape)} is split across processes ({x.sharding}), so this process "
+                    "holds only part of it and cannot read its value alone. Read it with "
+                    "jpeft.distributed.gather(tree) on every process, or replicate it first."
+                )
+            return np.asarray(x.addressable_data(0))
+    return np.asarray(jax.device_get(x))
+
+
 def partition(tree, predicate: Callable[[tuple, Any], bool]):
     """Splits ``tree`` into ``(selected, rest)`` by ``predicate(path, leaf)``; the other side's
     leaves are ``None`` holes (equinox's ``partition``). :func:`combine` reverses it."""
@@ -383,6 +408,7 @@ __all__ = [
     "module_leaves",
     "count",
     "nbytes",
+    "host_array",
     "partition",
     "combine",
     "path_str",

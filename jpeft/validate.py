@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jpeft.errors import InputValidationError
+from jpeft.tree import host_array
 
 __all__ = [
     "check_batch",
@@ -35,10 +36,6 @@ __all__ = [
     "check_tokens",
     "batch_spec",
 ]
-
-
-def _host(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
 
 
 def _dtype_ok(got, want) -> bool:
@@ -128,7 +125,7 @@ def check_token_ids(ids, vocab_size: int, *, name: str = "input_ids") -> None:
     The check runs on host values, before any jitted call."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0:
         raise InputValidationError(f"vocab_size must be a positive integer, found {vocab_size!r}.")
-    a = _host(ids)
+    a = host_array(ids)
     if not jax.dtypes.issubdtype(a.dtype, np.integer):
         raise InputValidationError(f"{name} must hold integer token ids, found dtype {a.dtype}. Cast with .astype(np.int32).")
     if a.size == 0:
@@ -191,7 +188,7 @@ def check_not_empty(data, *, name: str = "dataset") -> None:
 def check_finite(tree, *, name: str = "batch") -> None:
     """Raises when a floating-point leaf of ``tree`` holds a NaN or an infinity."""
     for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = _host(x)
+        a = host_array(x)
         if jax.dtypes.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
             pos = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0]) if a.ndim else ()
             raise InputValidationError(f"{name}{jax.tree_util.keystr(kp)} holds a non-finite value {a[pos]} at {pos}.")

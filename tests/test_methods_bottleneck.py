@@ -46,6 +46,28 @@ def test_output_equals_closed_form():
     np.testing.assert_allclose(out, o_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_every_activation_name_is_hugging_faces():
+    """One activation table serves the models' MLPs and the adapters' ``non_linearity``; each name
+    computes what ``transformers.activations.ACT2FN`` computes under it, and an adapter with that
+    name applies it."""
+    import torch
+    from transformers.activations import ACT2FN
+
+    from jpeft.models._layers import ACTIVATIONS
+
+    x = np.linspace(-6, 6, 97, dtype=np.float32)
+    for name, fn in ACTIVATIONS.items():
+        ref = ACT2FN[name](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x))), ref, rtol=1e-5, atol=2e-6, err_msg=name)
+    model, x, params = _setup()
+    ad = jpeft.init(BottleneckConfig(target_modules=["ff_out"], reduction_factor=4, non_linearity="sigmoid", init_std=0.5),
+                    params, jax.random.key(2))
+    n = ad["ff_out"]
+    y = model.apply(params, x)[0]
+    want = y + jnp.einsum("btk,kd->btd", jax.nn.sigmoid(jnp.einsum("btd,dk->btk", y, n.down_kernel)), n.up_kernel)
+    np.testing.assert_allclose(jpeft.apply(model, params, ad, x)[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_init_identity_and_near_identity():
     model, x, params = _setup()
     base = model.apply(params, x)[0]

@@ -501,6 +501,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_SPLIT_READ_WORKER = r"""
+import sys
+import jax
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jpeft
+from jpeft.errors import ShardingError
+from jpeft.tree import host_array
+mesh = jax.make_mesh((2,), ("d",))
+me = jax.process_index()
+split = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), np.full((2, 3), me, np.int32), (4, 3))
+rep = jax.make_array_from_process_local_data(NamedSharding(mesh, P()), np.arange(3, dtype=np.int32), (3,))
+out = [host_array(rep).tolist(), jpeft.distributed.gather({"w": split})["w"][:, 0].tolist()]
+for read in (lambda: host_array(split), lambda: jpeft.io.content_hash({"w": split}),
+             lambda: jpeft.validate.check_token_ids(split, 10)):
+    try:
+        read()
+        out.append("read")
+    except ShardingError as e:
+        out.append("ShardingError" if "jpeft.distributed.gather" in str(e) else str(e))
+print("OUT", out, flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_host_reads_of_an_array_split_across_processes_are_refused_by_name():
+    """A host read (a content hash, a token check, ``tree.host_array``) of an array split across
+    processes raised JAX's raw RuntimeError; it is a ShardingError naming ``gather``. A replicated
+    array is read from this process's copy, and ``gather`` reads the split one whole."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _SPLIT_READ_WORKER, str(port), str(i)], env=_env(1), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    want = "OUT " + str([[0, 1, 2], [0, 0, 1, 1]] + ["ShardingError"] * 3)
+    assert all(want in o for o in outs), "\n----\n".join(o[-3000:] for o in outs)
+
+
 def test_two_processes_match_one(tmp_path):
     steps = 10
     args = ["--steps", str(steps), "--fsdp", "2", "--width", str(C.WIDTH), "--layers", str(C.LAYERS),

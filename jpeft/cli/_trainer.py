@@ -33,6 +33,7 @@ from jpeft.io import atomic_write, safetensors_index
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
+from jpeft.tree import host_array
 from jpeft.validate import check_tokens
 
 
@@ -105,16 +106,12 @@ def applied_lr(sched):
     lags the step number after skipped steps and is rewound by a forgetting-guard rollback) times
     the :func:`jpeft.lr_scale` a rollback lowered."""
 
-    def host(x):
-        shards = getattr(x, "addressable_shards", None)
-        return np.asarray(jax.device_get(shards[0].data if shards else x))
-
     def lr(opt_state, skipped: bool) -> float:
         is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
         found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_sched) if is_sched(x)]
-        count = int(host(found[0].count)) - (0 if skipped else 1)
+        count = int(host_array(found[0].count)) - (0 if skipped else 1)
         scale = current_lr_scale(opt_state)
-        return float(sched(max(count, 0))) * (1.0 if scale is None else float(host(scale)))
+        return float(sched(max(count, 0))) * (1.0 if scale is None else float(host_array(scale)))
 
     return lr
 

@@ -42,6 +42,7 @@ from jpeft.data import causal_lm_loss
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.forgetting.metrics import mean_token_kl
 from jpeft.methods.base import Site
+from jpeft.tree import host_array
 
 __all__ = ["ForgettingGuard", "lr_scale", "scale_lr", "current_lr_scale", "canary_stats"]
 
@@ -135,8 +136,8 @@ def canary_stats(logits_fn: Callable, params, adapter, canary: Iterable, base_lo
         logits = logits_fn(params, adapter, b)
         bl = logits_fn(params, None, b) if base_logits is None else base_logits[i]
         out = _stats_jit(bl, logits, b["input_ids"], _mask(b))
-        for k, v in zip(rows, jax.device_get(out)):
-            rows[k].append(np.asarray(v, np.float64))
+        for k, v in zip(rows, out):
+            rows[k].append(host_array(v).astype(np.float64))  # a canary split across processes: ShardingError
     res = {k: np.concatenate(v) for k, v in rows.items()}
     n = max(res["tokens"].sum(), 1.0)
     res["canary_loss"] = float((res["loss"] * res["tokens"]).sum() / n)

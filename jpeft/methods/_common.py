@@ -158,7 +158,7 @@ def down_project(x, a, lay: Layout, module=None):
     if lay.kind == Kind.DENSE:
         return x @ a
     if lay.kind == Kind.DENSE_GENERAL:
-        axes = _inject._normalize_axes(module.axis, x.ndim)
+        axes = _inject.normalize_axes(module.axis, x.ndim)
         ak = a.reshape(tuple(lay.in_dims) + (k,))
         return jnp.tensordot(x, ak, axes=(axes, tuple(range(len(axes)))))
     if lay.kind == Kind.CONV:

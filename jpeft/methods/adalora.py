@@ -57,7 +57,7 @@ from jpeft.methods._common import AdditiveMerge, down_project, from_matrix, line
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
-from jpeft.tree import hf_name, linear_only, select
+from jpeft.tree import hf_name, host_array, linear_only, select
 
 _OFF = (None, {}, [], ())
 
@@ -656,17 +656,12 @@ def _allocator_states(opt_state) -> list:
     return [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
 
 
-def _host(x) -> np.ndarray:
-    shards = getattr(x, "addressable_shards", None)  # a replicated array of a multi-process mesh
-    return np.asarray(jax.device_get(shards[0].data if shards else x))
-
-
 def _pattern_of(state: RankAllocatorState):
-    allocated = _host(state.allocated)
+    allocated = host_array(state.allocated)
     lead = allocated.ndim  # make_pmap_train_step's state carries a leading device axis: its copies are equal
     if not bool(allocated.reshape(-1)[0]):
         return None
-    return {rank_key(p): tuple(bool(b) for b in _host(k)[(0,) * lead]) for p, k in sorted(state.keep.items())}
+    return {rank_key(p): tuple(bool(b) for b in host_array(k)[(0,) * lead]) for p, k in sorted(state.keep.items())}
 
 
 def rank_pattern(opt_state) -> Optional[dict]:

@@ -30,18 +30,8 @@ from jpeft._inject import scanned_refusal
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import BottleneckTargetError, ConfigError, NotMergeableError
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
+from jpeft.models._layers import ACTIVATIONS
 from jpeft.tree import module_leaves, select
-
-ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "swish": jax.nn.silu,
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "linear": lambda x: x,
-}
 
 _INITS = ("bert", "mam")
 
@@ -61,8 +51,9 @@ class BottleneckConfig(AdapterConfig):
         path suffixes, as for :class:`jpeft.LoraConfig`).
       reduction_factor: the bottleneck width is ``d // reduction_factor`` for a module output
         of width ``d``.
-      non_linearity: one of ``relu``, ``swish`` (= ``silu``), ``gelu``, ``gelu_new``, ``tanh``,
-        ``sigmoid``, ``linear``.
+      non_linearity: an activation by its Hugging Face name (``ACT2FN``): ``relu``, ``swish``
+        (= ``silu``), ``gelu`` (exact), ``gelu_new`` (= ``gelu_pytorch_tanh``, ``gelu_fast``: the tanh
+        approximation), ``tanh``, ``sigmoid``, ``linear`` (the table the models use too).
       init_weights: ``"bert"`` (near identity, normal with std ``init_std``) or ``"mam"``
         (exact identity: zero ``up``).
       init_std: standard deviation for ``"bert"`` initialisation.

@@ -31,7 +31,7 @@ from jpeft import _inject, core
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.methods.base import Kind
 from jpeft.methods.lora import LoraWeights
-from jpeft.methods.pissa import _residual_init, refuse_quantized
+from jpeft.methods.pissa import residual_init, refuse_quantized
 from jpeft.scan import Stacked
 
 __all__ = ["init_corda", "input_covariances"]
@@ -156,5 +156,5 @@ def init_corda(config, params, key, model, calibration, *, mode: Literal["kpm", 
         b_peft = u * np.sqrt(s)[None, :]  # [out, r]
         return jax.numpy.asarray(a_peft.T), jax.numpy.asarray(b_peft.T)
 
-    return _residual_init("init_corda", f"corda_{mode}", factors, config, params, key, model, calibration[0],
+    return residual_init("init_corda", f"corda_{mode}", factors, config, params, key, model, calibration[0],
                           model_kwargs)

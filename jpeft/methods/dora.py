@@ -125,7 +125,7 @@ def _linear_no_bias(node, x, mod, call, dt):
     if lay.kind == Kind.DENSE:
         return x @ k
     if lay.kind == Kind.DENSE_GENERAL:
-        axes = _inject._normalize_axes(mod.axis, x.ndim)
+        axes = _inject.normalize_axes(mod.axis, x.ndim)
         return jnp.tensordot(x, k, axes=(axes, tuple(range(len(axes)))))
     if lay.kind == Kind.CONV:
         helper = mod.clone(parent=None, use_bias=False, name=None)

@@ -90,7 +90,7 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
         return u * sr.reshape(1, -1), sr.reshape(-1, 1) * vh
 
     tag = "pissa" if niter is None else f"pissa_niter_{niter}"
-    return _residual_init("init_pissa", tag, factors, config, params, key, model, model_args, model_kwargs)
+    return residual_init("init_pissa", tag, factors, config, params, key, model, model_args, model_kwargs)
 
 
 def _svd_bottom(w, r: int):
@@ -128,7 +128,7 @@ def init_milora(config, params, key, model=None, *model_args, **model_kwargs):
         sr = jnp.sqrt(s / scale)
         return u * sr.reshape(1, -1), sr.reshape(-1, 1) * vh
 
-    return _residual_init("init_milora", "milora", factors, config, params, key, model, model_args, model_kwargs)
+    return residual_init("init_milora", "milora", factors, config, params, key, model, model_args, model_kwargs)
 
 
 def init_olora(config, params, key, model=None, *model_args, **model_kwargs):
@@ -154,7 +154,7 @@ def init_olora(config, params, key, model=None, *model_args, **model_kwargs):
         q, rr = jnp.linalg.qr(mat.T)  # mat.T is PEFT's [out, in] weight
         return rr[:r].T, q[:, :r].T
 
-    return _residual_init("init_olora", "olora", factors, config, params, key, model, model_args, model_kwargs)
+    return residual_init("init_olora", "olora", factors, config, params, key, model, model_args, model_kwargs)
 
 
 def residual_params(config, params, adapter, init: str):
@@ -389,7 +389,7 @@ def refuse_quantized(name: str, params) -> None:
         )
 
 
-def _residual_init(name, tag, factors, config, params, key, model, model_args, model_kwargs):
+def residual_init(name, tag, factors, config, params, key, model, model_args, model_kwargs):
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"{name} expects a jpeft.LoraConfig, found {type(config).__name__}.")
     refuse_quantized(name, params)

@@ -39,6 +39,12 @@ def _gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
+def _identity(x):
+    return x
+
+
+# the one activation table (Hugging Face's ACT2FN names): the models' MLPs and the bottleneck
+# adapters' non_linearity both look names up here
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
@@ -48,6 +54,8 @@ ACTIVATIONS = {
     "gelu_fast": _gelu_tanh,
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": _identity,
 }
 
 

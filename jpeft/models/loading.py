@@ -33,7 +33,7 @@ from jpeft.models.bert import BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jpeft.models import llama_nnx
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
-from jpeft.parallel import _put_leaf, param_shardings
+from jpeft.parallel import put_leaf, param_shardings
 from jpeft.scan import stack_params, unstack_params
 from jpeft.tree import hf_name
 from jpeft.validate import check_key
@@ -731,7 +731,7 @@ class _ShardedPlacer:
         keys, layer = self._final_keys(tree_keys)
         if layer is not None:
             raise CheckpointError(f"a layer-scanned model cannot initialise the missing weight {'/'.join(tree_keys)}.")
-        return _put_leaf(value, self._get(self.shardings, keys))
+        return put_leaf(value, self._get(self.shardings, keys))
 
     def _read(self, src, index, dtype):
         fname, raw, spans, transposed = src
