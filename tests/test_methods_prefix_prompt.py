@@ -114,6 +114,32 @@ def test_prefix_errors():
         jpeft.init(PrefixTuningConfig(), {"params": {"dense": {"kernel": jnp.ones((2, 2))}}}, jax.random.key(0))
 
 
+def test_prefix_num_attention_heads_other_than_the_kv_heads_is_named(tmp_path):
+    """PrefixTuningConfig.num_attention_heads is the key/value head count. Given the query heads
+    (4 on a model with 2 kv heads), apply named the widths as if the adapter were for another
+    model, and save_peft wrote the value: PEFT splits the prefix with it on GPT-2 (a raw torch
+    error) and silently overrides it on grouped-query models."""
+    import json
+
+    model, params, ids = _llama()  # 4 query heads, 2 key/value heads of width 4: token_dim 8
+    ad = jpeft.init(PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=4), params, jax.random.key(0))
+    with pytest.raises(jpeft.ShapeMismatchError, match="num_attention_heads=4.*2 key/value heads.*set it to 2"):
+        jpeft.apply(model, params, ad, ids)
+    right = jpeft.init(PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=2), params, jax.random.key(0))
+    assert jpeft.apply(model, params, right, ids).shape == (2, 6, 40)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 4,
+                                                  "num_key_value_heads": 2, "hidden_size": 16, "num_hidden_layers": 2}))
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="num_attention_heads=4.*2 key/value heads"):
+        jpeft.hf.save_peft(str(tmp_path / "out"), PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=4), ad,
+                           base_model_name_or_path=str(base))
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    jpeft.hf.save_peft(str(tmp_path / "ok"), PrefixTuningConfig(num_virtual_tokens=2), right,
+                       base_model_name_or_path=str(base))
+    assert json.loads((tmp_path / "ok" / "adapter_config.json").read_text())["num_attention_heads"] == 2
+
+
 def test_prompt_equals_manual_inputs_embeds_with_mask_and_positions():
     model, params, ids = _llama()
     ad = jpeft.init(PromptTuningConfig(num_virtual_tokens=T), params, jax.random.key(1))
@@ -160,6 +186,22 @@ def test_prompt_text_init_with_a_local_tokenizer(tmp_path):
     emb = jpeft.init(cfg, params, jax.random.key(0))[""].embedding
     table = params["params"]["model"]["embed_tokens"]["embedding"]
     np.testing.assert_array_equal(emb, table[jnp.array([5, 6, 7, 5])])
+
+
+def test_prompt_text_init_never_trusts_remote_code(tmp_path, monkeypatch):
+    """A TEXT init's tokenizer_kwargs may come from an adapter_config.json; as PEFT's
+    PromptEmbedding, jpeft drops trust_remote_code (the folder's tokenizer code is never run)."""
+    transformers = pytest.importorskip("transformers")
+    seen = []
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda name, **kw: seen.append(kw) or (lambda text: {"input_ids": [5, 6]}))
+    _, params, _ = _llama()
+    cfg = PromptTuningConfig.from_dict({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3, "prompt_tuning_init": "TEXT",
+                                        "prompt_tuning_init_text": "classify the", "tokenizer_name_or_path": str(tmp_path),
+                                        "tokenizer_kwargs": {"trust_remote_code": True, "use_fast": True}})
+    emb = jpeft.init(cfg, params, jax.random.key(0))[""].embedding
+    np.testing.assert_array_equal(emb, params["params"]["model"]["embed_tokens"]["embedding"][jnp.array([5, 6, 5])])
+    assert seen == [{"use_fast": True, "local_files_only": True}]
 
 
 def test_prompt_errors_and_to_prefix():

@@ -59,8 +59,10 @@ class PrefixTuningConfig(AdapterConfig):
       num_layers, token_dim: the model's layer count and key width
         (``num_kv_heads * head_dim``); learnt from the key projections in the params when
         ``None`` (Llama/Mistral/Qwen2 ``k_proj``, GPT-2 ``c_attn``, BERT ``key``).
-      num_attention_heads: key/value heads; taken from the model's ``config`` at apply time
-        when ``None``.
+      num_attention_heads: key/value heads (``num_key_value_heads``, not the query heads of a
+        grouped-query model); taken from the model's ``config`` at apply time when ``None``. A
+        value other than the model's is a ``ShapeMismatchError`` at apply, and refused by
+        :func:`jpeft.hf.save_peft` when the base folder's ``config.json`` says otherwise.
       init_weights: ``None`` (random, as Hugging Face PEFT: a standard normal for plain
         prefixes, PyTorch's default ``Linear`` init for the MLP) or ``"zero"`` (zero prefixes;
         for the MLP a zero last layer).
@@ -181,6 +183,16 @@ class _PrefixBase(Site):
         if cfg is not None:
             nl = getattr(cfg, "num_layers", None)
             hd = getattr(cfg, "head_dim", None)
+            kv = getattr(cfg, "num_kv_heads", None) or getattr(cfg, "num_heads", None)
+            if kv is not None and int(kv) != heads and (hd is None or int(kv) * hd == self.token_dim):
+                # the prefix fits the model; only the recorded head count is wrong (often the query heads)
+                raise ShapeMismatchError(
+                    f"this prefix records num_attention_heads={heads}, but the model's attention has {int(kv)} "
+                    f"key/value heads (token_dim {self.token_dim} = {int(kv)} x {self.token_dim // int(kv)}). "
+                    "PrefixTuningConfig.num_attention_heads is the key/value head count (num_key_value_heads, as "
+                    f"PEFT records it for grouped-query models): set it to {int(kv)}, or leave it None to read it "
+                    "from the model."
+                )
             if (nl is not None and nl != self.num_layers) or (hd is not None and heads * hd != self.token_dim):
                 raise ShapeMismatchError(
                     f"this prefix was built for {self.num_layers} layers of key width {self.token_dim}, but the model "
@@ -363,6 +375,14 @@ def _to_hf(config: PrefixTuningConfig, adapter, ctx):
             "PEFT needs num_attention_heads (the key/value head count) to split a prefix's token_dim, and this adapter "
             "does not record it: set PrefixTuningConfig(num_attention_heads=<the model's num_key_value_heads>), or "
             "pass save_peft(..., base_model_name_or_path=<the local model folder>) so jpeft reads it from config.json."
+        )
+    kv = _kv_heads(ctx.hf_config)
+    if kv is not None and int(heads) != kv:
+        raise UnsupportedAdapterError(
+            f"the prefix records num_attention_heads={heads}, but the base's config.json gives {kv} key/value heads: "
+            "PEFT would split token_dim into the wrong heads (or override the value on grouped-query models). "
+            f"Set PrefixTuningConfig(num_attention_heads={kv}) (the key/value head count), or leave it None. "
+            "Nothing was written."
         )
     d.update(num_virtual_tokens=node.num_virtual_tokens, num_layers=node.num_layers, token_dim=node.token_dim,
              num_attention_heads=heads, encoder_hidden_size=config.encoder_hidden_size or node.token_dim,

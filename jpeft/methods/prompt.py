@@ -53,7 +53,8 @@ class PromptTuningConfig(AdapterConfig):
       prompt_tuning_init: ``"RANDOM"``, ``"TEXT"`` or ``"SAMPLE_VOCAB"``.
       prompt_tuning_init_text: the text for ``"TEXT"``.
       tokenizer_name_or_path: a *local* tokenizer folder for ``"TEXT"`` (nothing is downloaded).
-      tokenizer_kwargs: extra arguments for ``AutoTokenizer.from_pretrained``.
+      tokenizer_kwargs: extra arguments for ``AutoTokenizer.from_pretrained`` (``trust_remote_code``
+        is dropped, as Hugging Face PEFT drops it: no tokenizer code from the folder is run).
       init_token_ids: jpeft only: the token ids for ``"TEXT"`` (instead of a tokenizer).
       word_embeddings: jpeft only: the module path of the word-embedding table; found in the
         params when ``None`` (``embed_tokens``, ``wte``, ``word_embeddings``, or the only
@@ -138,6 +139,7 @@ class PromptTuningConfig(AdapterConfig):
             raise ConfigError("prompt_tuning_init='TEXT' with a tokenizer needs the transformers package; "
                               "or pass init_token_ids.") from e
         kw = dict(self.tokenizer_kwargs or {})
+        kw.pop("trust_remote_code", None)  # as PEFT: a config read from an adapter file must not run a folder's code
         kw.setdefault("local_files_only", True)
         tok = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path, **kw)
         return tuple(tok(self.prompt_tuning_init_text)["input_ids"])
