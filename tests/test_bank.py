@@ -93,6 +93,22 @@ def test_mixed_batch_equals_each_adapter_alone(strategy):
     assert float(jnp.abs(_alone("r2") - _alone(None)).max()) > 1e-2
 
 
+def test_rank_and_alpha_patterns_route_as_the_adapter_alone():
+    """An adapter whose sites have other ranks and alphas (``rank_pattern`` / ``alpha_pattern``,
+    every tensor random) routes to its own outputs beside another adapter and the base."""
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=".*", rank_pattern={"mlp": 3}, alpha_pattern={"qkv": 7.0},
+                           init="random")
+    pat = jax.tree.map(lambda x: 0.3 * x, jpeft.init(cfg, PARAMS, jax.random.key(20), MODEL, TOK))
+    assert pat["mlp"].r == 3 and pat["qkv"].scale == pytest.approx(3.5) and pat["o_proj"].scale == pytest.approx(2.0)
+    bank = AdapterBank.from_adapters({"pat": pat, "r1": ADAPTERS["r1"]}, capacity=3)
+    names = ["pat", "r1", None, "pat", "r1", "pat"]
+    y = _FWD(PARAMS, bank.route(names), TOK)
+    want = _FWD(PARAMS, pat, TOK)
+    assert float(jnp.abs(want - _alone(None)).max()) > 1e-2
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(y[i], (want if name == "pat" else _alone(name))[i], atol=1e-5, rtol=1e-5)
+
+
 def test_leading_batch_axis_of_any_rank_and_get_round_trip():
     bank = AdapterBank.from_adapters(ADAPTERS, capacity=3)
     # get() gives the adapter back at its own rank with its own (rsLoRA) scale

@@ -59,6 +59,17 @@ IA3_TARGETS = {  # PEFT's defaults per model type
     "bert": (["key", "value", "output.dense"], ["output.dense"]),
 }
 LAYERS_PATTERN = {"llama": "layers", "gpt2": "h", "bert": "layer"}
+LN = {"llama": ["input_layernorm", "post_attention_layernorm", "norm"], "gpt2": ["ln_1", "ln_2", "ln_f"],
+      "bert": ["LayerNorm"]}
+# the other methods with a PEFT format: (peft_type, PEFT's options), one dict for both sides' configs
+OTHER = {
+    "LoHa": ("LOHA", lambda k: dict(r=2, alpha=3, target_modules=TARGETS[k])),
+    "LoKr": ("LOKR", lambda k: dict(r=2, alpha=3, target_modules=TARGETS[k])),
+    "OFT": ("OFT", lambda k: dict(r=0, oft_block_size=4, target_modules=TARGETS[k])),
+    "VeRA": ("VERA", lambda k: dict(r=4, target_modules=TARGETS[k])),
+    "AdaLoRA": ("ADALORA", lambda k: dict(init_r=3, target_r=2, total_step=10, lora_alpha=4, target_modules=TARGETS[k])),
+    "LN tuning": ("LN_TUNING", lambda k: dict(target_modules=LN[k])),
+}
 
 
 def kind(family):
@@ -126,6 +137,8 @@ def _cells(case, family):
     if case == "modules_to_save" and family in TIED:  # PEFT unties lm_head into a copy; jpeft's tied models have none
         return {"jpeft->peft": (TargetNotFoundError, "no lm_head of its own"),
                 "peft->jpeft": (BaseMismatchError, "lm_head: with tie_word_embeddings")}
+    if case in ("LoHa", "LoKr", "OFT") and k == "gpt2":  # PEFT's LyCORIS layers and OFT take no Conv1D
+        return {"jpeft->peft": (UnsupportedAdapterError, "Conv1D"), "peft->jpeft": PEFT_CANNOT}
     if case.startswith("prefix") and k == "bert":  # PEFT cannot build BERT's past_key_values
         return {"jpeft->peft": (UnsupportedAdapterError, "PEFT cannot build this method"), "peft->jpeft": PEFT_CANNOT}
     return both
@@ -134,7 +147,7 @@ def _cells(case, family):
 CASES = ["LoRA list", "LoRA regex", "LoRA all-linear", "rsLoRA", "rank/alpha patterns", "DoRA", "PiSSA", "OLoRA",
          "embedding", "embedding, ensure_weight_tying", "IA3", "prefix", "prefix + projection", "prompt",
          "modules_to_save", "bias='lora_only'", "bias='all'", "lora_bias", "layers_to_transform", "exclude_modules",
-         "trainable_token_indices"]
+         "trainable_token_indices", *OTHER]
 MATRIX = {(case, fam): _cells(case, fam) for case in CASES for fam in FAMILIES.values()}
 PARAMS = [(case, fam, d) for (case, fam), cells in MATRIX.items() for d in ("jpeft->peft", "peft->jpeft")
           if cells[d] != PEFT_CANNOT]
@@ -182,14 +195,20 @@ def _close(family, a, b, mask):
 
 
 def _randomize(adapter, seed):
-    """Every adapter tensor random (never a zero B): x + 0.3 N(0, 1)."""
-    leaves, tdef = jax.tree.flatten(adapter)
+    """Every trainable adapter tensor random (never a zero B): x + 0.3 N(0, 1). Frozen arrays
+    (VeRA's shared projections, random already) stay: PEFT stores one pair for every site."""
+    train, frozen = jpeft.split_frozen(adapter)
+    leaves, tdef = jax.tree.flatten(train)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    train = jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    return jpeft.join_frozen(train, frozen)
 
 
 def _jpeft_config(case, family):
     k = kind(family)
+    if case in OTHER:
+        ptype, opts = OTHER[case]
+        return jpeft.config.AdapterConfig.from_dict({"peft_type": ptype, **opts(k)})
     if case == "IA3":
         t, ff = IA3_TARGETS[k]
         return IA3Config(target_modules=t, feedforward_modules=ff)
@@ -205,6 +224,11 @@ def _jpeft_config(case, family):
 
 def _peft_config(case, family):
     k = kind(family)
+    if case in OTHER:
+        ptype, opts = OTHER[case]
+        cls = {"LOHA": peft.LoHaConfig, "LOKR": peft.LoKrConfig, "OFT": peft.OFTConfig, "VERA": peft.VeraConfig,
+               "ADALORA": peft.AdaLoraConfig, "LN_TUNING": peft.LNTuningConfig}[ptype]
+        return cls(**opts(k))  # every trainable tensor is then moved off its start by _peft_randomize
     if case == "IA3":
         t, ff = IA3_TARGETS[k]
         return peft.IA3Config(target_modules=t, feedforward_modules=ff, init_ia3_weights=False)
@@ -260,6 +284,8 @@ def test_interop(case, family, direction, tmp_path):
         ids, mask = _batch(case, family)
         ref = _torch_logits(pm, case, family, ids, mask)
         out = _jpeft_logits(family, run_params, ad, ids, mask)
+        if case != "prompt":  # the adapter really changes the output (the comparison has teeth)
+            assert np.abs(out - _jpeft_logits(family, params, {}, ids, mask)).max() > 1e-3
         _close(family, out, ref, mask)
         if case == "LoRA list" and family != "bert":
             _greedy_tokens_match(pm, model, run_params, ad, family)
@@ -270,7 +296,7 @@ def test_interop(case, family, direction, tmp_path):
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(hf), _peft_config(case, family))
         if case in ("PiSSA", "OLoRA", "DoRA", "prefix + projection", "modules_to_save", "trainable_token_indices",
-                    "bias='lora_only'", "bias='all'"):
+                    "bias='lora_only'", "bias='all'", *OTHER):
             _peft_randomize(pm, case)
         pm.eval()
         pm.save_pretrained(str(tmp_path))

@@ -76,14 +76,26 @@ def test_params_layout_and_conversions_round_trip():
     np.testing.assert_array_equal(buf, [[0, 0], [1, 1], [0, 0]])
 
 
-@pytest.mark.parametrize("remat", [False, True])
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+SCAN_CASES = {
+    "lora": jpeft.LoraConfig(r=4, alpha=8, target_modules=ALL),
+    "dora": jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"], use_dora=True),
+    "ia3": jpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "lora_bias": jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], lora_bias=True),
+    "loha": jpeft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "lokr": jpeft.LoKrConfig(r=1, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"]),
+    "oft": jpeft.OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"]),
+    "vera": jpeft.VeraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]),
+    "adalora": jpeft.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"]),
+    "ln_tuning": jpeft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm"]),
+}
+
+
+@pytest.mark.parametrize("method,remat", [(m, r) for m in ["lora", "dora", "ia3"] for r in (False, True)]
+                         + [(m, False) for m in SCAN_CASES if m not in ("lora", "dora", "ia3")])
 def test_scanned_equals_unrolled_outputs_and_gradients(method, remat):
     unrolled, scanned, p0, p1, ids = _pair(remat=remat)
     np.testing.assert_allclose(scanned.apply(p1, ids), unrolled.apply(p0, ids), atol=2e-6)
-    cfg = {"lora": jpeft.LoraConfig(r=4, alpha=8, target_modules=ALL),
-           "dora": jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"], use_dora=True),
-           "ia3": jpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])}[method]
+    cfg = SCAN_CASES[method]
     a1 = _trained_looking(jpeft.init(cfg, p1, jax.random.key(1), scanned, ids))
     assert all(isinstance(n, scan.Stacked) and n.length == 3 for n in a1.values())
     a0 = scan.unstack_adapter(a1)

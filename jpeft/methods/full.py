@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from jpeft import _inject, quant
 from jpeft.config import AdapterConfig
-from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
+from jpeft.errors import ConfigError, NotInvertibleError, ShapeMismatchError
 from jpeft.methods.base import Call, Method, Site, register_method
 
 _DTYPES = (None, "float32", "bfloat16", "float16", "float64")
@@ -127,7 +127,7 @@ class FullParams(Site):
         return jax.tree.map(lambda new, old: new.astype(old.dtype), self.params, quant.abstract(own))
 
     def unmerge(self, own):
-        raise NotMergeableError(
+        raise NotInvertibleError(
             "full fine-tuning replaces every weight, so the base cannot be recovered from merged weights; "
             "keep the base params tree (jpeft never modifies it) instead of calling unmerge."
         )
