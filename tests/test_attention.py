@@ -307,6 +307,30 @@ def test_segments_block_diagonal_and_positions():
     np.testing.assert_array_equal(m, want)
 
 
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_an_id_that_comes_back_starts_a_new_document(bidirectional):
+    """Segment ids ``1 1 2 2 1 1``: the second run of id 1 is a third document, as its slots
+    restart (``segment_slots``). Taken by id, the two runs' slots overlapped: query 0 saw key
+    4 (a later token) in the reference, and the blockwise kernel, comparing token indices,
+    saw other keys; both now equal the ids ``1 1 2 2 3 3``. A negative id (``-1 -1 2 2 -1
+    -1``) was read as the mark of a prefix key, seen by every document."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(1, 6, 2, 4)), jnp.float32) for _ in range(3))
+    runs = jnp.array([[1, 1, 2, 2, 3, 3]])
+
+    def mask(seg):
+        if bidirectional:
+            return L.bidirectional_mask(jnp.ones((1, 6), bool), segment_ids=seg)
+        return L.causal_mask(jnp.ones((1, 6), bool), None, 3, segment_ids=seg)[0]
+
+    want = A.dot_product_attention(q, k, v, mask(runs), scale=0.5, implementation="reference")
+    for back in (jnp.array([[1, 1, 2, 2, 1, 1]]), jnp.array([[-1, -1, 2, 2, -1, -1]])):
+        np.testing.assert_array_equal(np.asarray(mask(back).dense()), np.asarray(mask(runs).dense()))
+        for impl in ("reference", "blockwise"):
+            got = A.dot_product_attention(q, k, v, mask(back), scale=0.5, implementation=impl, block_size=2)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+
 def test_auto_and_bad_names():
     assert A.resolve("auto", jnp.float32, 64, 1024, 512) == "blockwise"
     assert A.resolve("auto", jnp.float32, 64, 512, 512) == "reference"  # one block: the same scores

@@ -22,7 +22,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jpeft.errors import ConfigError, InputValidationError, UnsupportedModelError
 from jpeft.models._attention import (AttentionMask, check_dropout, check_implementation, dot_product_attention,
-                                     segment_slots)
+                                     segment_runs, segment_slots)
 from jpeft.scan import COLLECTION
 from jpeft.validate import check_token_ids
 
@@ -342,9 +342,10 @@ def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window:
       cache: the :class:`KVCache` being extended, or None.
       sliding_window: window width of a sliding-attention layer.
       segment_ids: ``[batch, seq]`` document ids of packed rows (block-diagonal causal
-        attention; the window counts slots inside each document). Each document must be one
-        contiguous run of tokens (as :func:`jpeft.data.pack_documents` makes them): slots
-        restart wherever the id changes. Not with a cache.
+        attention; the window counts slots inside each document). A document is one
+        contiguous run of an id (as :func:`jpeft.data.pack_documents` makes them): slots
+        restart wherever the id changes, and an id that comes back after another starts a new
+        document (:func:`segment_runs`). Not with a cache.
       padded: False when the caller passed no attention mask (every token is real).
 
     Returns:
@@ -356,8 +357,8 @@ def causal_mask(attention_mask: Array, cache: Optional[KVCache], sliding_window:
     if cache is None:
         kv_valid = valid
         if segment_ids is not None:
-            q_seg = segment_ids.astype(jnp.int32)
-            q_pos = segment_slots(q_seg)
+            q_pos = segment_slots(segment_ids.astype(jnp.int32))
+            q_seg = segment_runs(segment_ids.astype(jnp.int32))
         else:
             q_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         k_pos = q_pos
@@ -385,7 +386,7 @@ def bidirectional_mask(attention_mask: Array, *, segment_ids: Optional[Array] = 
     its segment)."""
     b, s = attention_mask.shape
     pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    seg = None if segment_ids is None else segment_runs(segment_ids.astype(jnp.int32))
     return AttentionMask(attention_mask.astype(bool), pos, pos, seg, seg, causal=False, window=None, padded=padded)
 
 
