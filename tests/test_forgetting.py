@@ -140,6 +140,13 @@ def test_lm_metrics_with_masked_vocabulary_and_masked_positions():
         kl[mask == 1].mean(), rel=1e-5)
     with pytest.raises(InputValidationError, match=r"token ids in \[0, 7\), found -100\.\.6.*pass a mask"):
         metrics.lm_loss(base, np.where(mask == 1, tgt, -100))
+    # a mask of weights is a weighted mean, whatever the weights sum to (weights summing to 0.5 halved it)
+    w = np.zeros((2, 5)); w[0, 1], w[1, 2] = 0.1, 0.4
+    want = (w * kl).sum() / w.sum()
+    assert float(metrics.mean_token_kl(base, new, w)) == pytest.approx(want, rel=1e-5)
+    assert float(distillation_kl(new, base, temperature=1.0, mask=w)) == pytest.approx(want, rel=1e-5)
+    assert float(metrics.lm_loss(base, tgt, w)) == pytest.approx((w * want_ce).sum() / w.sum(), rel=1e-5)
+    assert float(metrics.mean_token_kl(base, new, np.zeros((2, 5)))) == 0.0
 
 
 # ---------------------------------------------------------------------------------- Fisher
@@ -483,3 +490,13 @@ def test_full_finetune_is_a_jpeft_method():
     with pytest.raises(ConfigError, match="dtype must be one of"):
         FullFinetuneConfig(dtype="int8")
     assert isinstance(ShapeMismatchError("x"), JpeftError)
+
+
+def test_ewc_on_a_fresh_lora_constrains_b_only_as_documented():
+    # EWC's Fisher is per adapter array: at B = 0 every gradient of A carries a factor B, so A's Fisher is 0
+    model = nn.Dense(4)
+    params = model.init(jax.random.key(0), jnp.ones((1, 3)))
+    a = jpeft.init(jpeft.LoraConfig(r=2, alpha=4, target_modules=".*"), params, jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (16, 3))
+    F = fisher_diagonal(lambda p, ad, xx: jpeft.apply(model, p, ad, xx), params, a, x)[""]
+    assert float(jnp.abs(F.lora_A).max()) == 0.0 and float(F.lora_B.min()) > 0.0

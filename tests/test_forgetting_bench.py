@@ -96,6 +96,26 @@ def test_split_digits_class_incremental_two_seeds(tmp_path):
     assert "± " in open(tmp_path / "results.md").read()
 
 
+def _results(per_seed):
+    """A scores.json-like dict: one method, ``per_seed[seed] = forgetting`` (None: not measured)."""
+    seeds = {str(s): {"metrics": {"acc": 0.5, "forgetting": f}, "extra": {}, "trainable": 10, "seconds": 1.0}
+             for s, f in per_seed.items()}
+    return {"benchmark": "b", "tasks": ["a", "b"], "score": "accuracy", "higher_is_better": True, "learning": "l",
+            "steps_per_task": 1, "batch_size": 1, "seeds": [int(s) for s in per_seed],
+            "methods": {"m": {"description": "d", "seeds": seeds}}}
+
+
+def test_results_table_shows_no_spread_for_one_seed_and_counts_the_seeds_it_averages():
+    # one seed printed "0.300 ± 0.000": a sample standard deviation of one value is undefined, not 0
+    one = experiment.markdown_table(_results({0: 0.3}))
+    assert "± 0.000" not in one and "| 0.300 |" in one and "one seed [0]" in one
+    three = experiment.markdown_table(_results({0: 0.1, 1: 0.2, 2: 0.6}))
+    assert f"| 0.300 ± {np.std([0.1, 0.2, 0.6], ddof=1):.3f} |" in three and "over 3 seed(s)" in three
+    # a seed without a finite value was dropped from the mean while the header said "over 3 seeds"
+    part = experiment.markdown_table(_results({0: 0.1, 1: float("nan"), 2: 0.3}))
+    assert f"| 0.200 ± {np.std([0.1, 0.3], ddof=1):.3f} (2 of 3 seeds) |" in part
+    assert "| 0.500 ± 0.000 |" in part  # acc: every seed measured, no spread
+
 @pytest.fixture(scope="module")
 def lang_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("jpeft_cache"))

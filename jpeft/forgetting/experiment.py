@@ -591,11 +591,18 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
 # -- the whole experiment ----------------------------------------------------------------------------
 
 
+def _finite_values(xs) -> list:
+    return [float(x) for x in xs if x is not None and np.isfinite(x)]
+
+
 def _mean_std(xs):
-    xs = np.asarray([x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))], dtype=np.float64)
+    """Mean and sample standard deviation (``ddof=1``) of the finite values among ``xs``; the
+    standard deviation of a single value is undefined (``nan``), not 0: one seed shows no
+    spread, it does not show that there is none."""
+    xs = np.asarray(_finite_values(xs), dtype=np.float64)
     if xs.size == 0:
         return float("nan"), float("nan")
-    return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else 0.0
+    return float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else float("nan")
 
 
 def run(
@@ -764,9 +771,11 @@ def markdown_table(results: dict) -> str:
         "fwt": "FWT",
     }
     nseeds = len(results["seeds"])
+    over = (f"mean ± sample std over {nseeds} seed(s) {results['seeds']}" if nseeds > 1 else
+            f"one seed {results['seeds']}: single values, no spread (run several seeds to measure one)")
     out = [f"Benchmark `{results['benchmark']}`; tasks {', '.join(results['tasks'])}; score: {results['score']} "
            f"({'higher' if hib else 'lower'} is better); {results['steps_per_task']} steps/task, batch "
-           f"{results['batch_size']}; mean ± sample std over {nseeds} seed(s) {results['seeds']}.\n",
+           f"{results['batch_size']}; {over}.\n",
            "| method | trainable params | " + " | ".join(heads.get(c, c) for c in cols) + " | train s |",
            "|---|---:|" + "---:|" * len(cols) + "---:|"]
     for name, m in results["methods"].items():
@@ -775,9 +784,12 @@ def markdown_table(results: dict) -> str:
             continue
         cells = []
         for c in cols:
-            vals = [r["metrics"].get(c, r.get("extra", {}).get(c)) for r in rs]
-            mu, sd = _mean_std([v for v in vals if v is not None])
-            cells.append("n/a" if math.isnan(mu) else f"{mu:.3f} ± {sd:.3f}")
+            vals = _finite_values(r["metrics"].get(c, r.get("extra", {}).get(c)) for r in rs)
+            mu, sd = _mean_std(vals)
+            cell = "n/a" if math.isnan(mu) else f"{mu:.3f}" if math.isnan(sd) else f"{mu:.3f} ± {sd:.3f}"
+            if 0 < len(vals) < len(rs):  # a seed without a finite value is not silently averaged away
+                cell += f" ({len(vals)} of {len(rs)} seeds)"
+            cells.append(cell)
         secs = _mean_std([r["seconds"] for r in rs])[0]
         out.append(f"| {name} | {rs[0]['trainable']:,} | " + " | ".join(cells) + f" | {secs:.0f} |")
     out.append("")
@@ -829,12 +841,14 @@ def plot(results: dict, out_dir) -> list:
         fx = [r["metrics"]["forgetting"] for r in rs]
         ly = [r["metrics"]["learning"] for r in rs]
         (mx, sx), (my, sy) = _mean_std(fx), _mean_std(ly)
+        sx, sy = np.nan_to_num(sx), np.nan_to_num(sy)  # one seed: no error bar
         ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt=markers[i % len(markers)], color=color, capsize=3, label=n)
         ax.scatter(fx, ly, s=8, color=color, alpha=0.35)
         ax.annotate(n, (mx, my), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("forgetting (Chaudhry 2018)" + ("" if hib else forgetting_unit(results["tasks"], results["score"])) + "  →  worse")
     ax.set_ylabel(results["learning"] + "  →  better")
-    ax.set_title(f"{bname}: learning vs forgetting (mean ± std, {len(results['seeds'])} seeds)")
+    ns = len(results["seeds"])
+    ax.set_title(f"{bname}: learning vs forgetting " + (f"(mean ± std, {ns} seeds)" if ns > 1 else "(one seed)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

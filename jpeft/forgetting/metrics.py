@@ -214,13 +214,20 @@ def _check_logits(logits, targets=None, mask=None):
 
 
 def masked_mean(x, mask):
-    """Mean of ``x`` weighted by ``mask`` (``None``: all). Masked-out positions are selected
-    away, not multiplied by 0, so a NaN or inf there (a padded row's logits) does not reach
-    the mean; an all-zero mask gives 0."""
+    """Mean of ``x`` weighted by ``mask`` (``None``: all): ``sum(m x) / sum(m)``. Masked-out
+    positions are selected away, not multiplied by 0, so a NaN or inf there (a padded row's
+    logits) does not reach the mean; an all-zero mask gives 0.
+
+    >>> import jax.numpy as jnp
+    >>> float(masked_mean(jnp.array([2.0, 4.0, 6.0]), jnp.array([0.25, 0.25, 0.0])))
+    3.0
+    """
     if mask is None:
         return jnp.mean(x)
     m = jnp.asarray(mask, x.dtype)
-    return jnp.sum(jnp.where(m != 0, x * m, 0)) / jnp.maximum(jnp.sum(m), 1.0)
+    total = jnp.sum(m)
+    # weights summing to less than 1 are a weighted mean too (a floor of 1 divided them by too much)
+    return jnp.sum(jnp.where(m != 0, x * m, 0)) / jnp.where(total != 0, total, 1.0)
 
 
 def kl_rows(lp, lq):
@@ -239,7 +246,7 @@ def kl_rows(lp, lq):
 
 def lm_loss(logits, targets, mask=None) -> jax.Array:
     """Mean next-token cross-entropy in nats: ``logits [..., V]``, integer ``targets [...]``
-    (already shifted), optional 0/1 ``mask [...]``.
+    (already shifted), optional ``mask [...]`` (0/1, or weights: the mean is weighted by them).
 
     >>> import jax.numpy as jnp
     >>> float(lm_loss(jnp.zeros((1, 3, 4)), jnp.array([[0, 1, 2]])))   # uniform over 4: log 4

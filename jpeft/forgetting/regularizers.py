@@ -6,7 +6,11 @@ tree, whatever it holds.
   diagonal Fisher ``F`` from :func:`fisher_diagonal`. :func:`ewc_consolidate` adds one
   ``(anchor, Fisher)`` term per finished task (the original EWC) or, with ``gamma``, keeps a
   single running term ``F <- gamma * F_old + F_new`` anchored at the latest solution
-  (online EWC, Schwarz et al. 2018).
+  (online EWC, Schwarz et al. 2018). The Fisher and the anchor are per array of the adapter
+  tree: for LoRA the factors ``A`` and ``B``, not the update ``s * A @ B`` (unlike L2-SP below).
+  At a fresh LoRA (``B = 0``) every gradient of ``A`` is multiplied by ``B``, so ``A``'s Fisher
+  is exactly 0 and EWC consolidated there leaves ``A`` free; full fine-tuning
+  (:class:`~jpeft.FullFinetuneConfig`), where the arrays are the weights, has no such gap.
 * **L2-SP** (Li et al. 2018): ``strength/2 * ||W_eff - W_eff_start||^2`` over the *effective*
   weights. For LoRA that is the update ``s * A @ B`` itself (:meth:`jpeft.LoraWeights.kernel_delta`),
   not ``A`` and ``B`` separately (which would penalise a re-parametrisation, not a change of

@@ -47,6 +47,7 @@ from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.forgetting import stats as S
 from jpeft.forgetting.experiment import (Benchmark, MethodSpec, check_out_dir, check_replay, check_seeds,
                                          forgetting_unit, get_benchmark, run_one, save_png)
+from jpeft.forgetting.replay import replay_rows
 from jpeft.io import atomic_write
 
 __all__ = ["SweepSpec", "sweep", "combine", "write", "report", "budget", "analyse", "plot_sweep", "STRENGTHS"]
@@ -100,10 +101,15 @@ class SweepSpec:
         return out
 
 
-def budget(bench: Benchmark, spec: MethodSpec) -> dict:
+def budget(bench: Benchmark, spec: MethodSpec | SweepSpec) -> dict:
     """What one run of ``spec`` on ``bench`` spends, per trained task: steps, examples (and
     tokens when the benchmark has ``tokens_per_example``), extra forward passes, and access
-    to the data of earlier tasks."""
+    to the data of earlier tasks. For a :class:`SweepSpec` that sweeps the replay share, the
+    shares of its grid (not only its method's default)."""
+    shares = ()
+    if isinstance(spec, SweepSpec):
+        shares = spec.strengths if spec.strength == "replay" else ()
+        spec = spec.method
     steps, bs = bench.steps_per_task, bench.batch_size
     out = {"steps": steps, "examples": steps * bs}
     tpe = getattr(bench, "tokens_per_example", None)
@@ -112,8 +118,9 @@ def budget(bench: Benchmark, spec: MethodSpec) -> dict:
     out["teacher_forward_examples"] = steps * bs if spec.distill else 0
     old = []
     if spec.replay:
-        old.append(f"replay buffer of {spec.replay_capacity} earlier examples, {spec.replay:g} of each batch "
-                   f"({int(round(spec.replay * bs))} of {bs})")
+        shares = sorted(set(shares)) or [spec.replay]
+        old.append(f"replay buffer of {spec.replay_capacity} earlier examples, {', '.join(f'{x:g}' for x in shares)} of "
+                   f"each batch ({', '.join(str(replay_rows(x, bs)) for x in shares)} of {bs})")
     if spec.ewc:
         old.append(f"Fisher from {spec.fisher_examples} examples of each finished task")
     out["old_data"] = "; ".join(old) or "none"
@@ -170,7 +177,8 @@ def analyse(points: Sequence[dict], seeds: Sequence[int], *, levels: Optional[Se
     pair of families reached in every seed, the paired test of their forgetting, ``a - b``
     (negative: ``a`` forgets less), its Holm-adjusted t-test p-value ``p_holm`` over all the
     sweep's (level, pair) tests, and ``"less"`` naming the one that forgets significantly less
-    (``p_holm < alpha`` and the interval excludes 0) or ``None``.
+    (``p_holm < alpha`` and the interval excludes 0) or ``None``. With one seed there is no
+    paired test (``pairs`` is empty; the intervals are ``nan``).
 
     Raises:
       ConfigError: no seed, or a repeated seed (its runs would count twice in every paired test).
@@ -209,7 +217,8 @@ def analyse(points: Sequence[dict], seeds: Sequence[int], *, levels: Optional[Se
                         "ci": S.bootstrap_ci(vals, n_resamples=n_resamples) if ok else (float("nan"), float("nan"))}
         at_level.append({"learning": float(L), "families": per})
         for a, b in itertools.combinations(families, 2):
-            if not (per[a]["reached"] and per[b]["reached"]):
+            # one seed has no spread to test against: the fronts and means are reported, no paired test
+            if len(seeds) < 2 or not (per[a]["reached"] and per[b]["reached"]):
                 continue
             r = S.paired_test(per[a]["per_seed"], per[b]["per_seed"], n_resamples=n_resamples)
             pairs.append({"learning": float(L), "a": a, "b": b, **r})
@@ -287,7 +296,7 @@ def sweep(
         "steps_per_task": bench.steps_per_task, "batch_size": bench.batch_size, "seeds": seeds,
         "checkpoints": steps,
         "families": {f.name: {"description": f.method.describe().rsplit(", lr=", 1)[0], "lrs": list(f.lrs), "strength": f.strength,
-                              "strengths": list(f.strengths), "budget": budget(bench, f.method)} for f in families},
+                              "strengths": list(f.strengths), "budget": budget(bench, f)} for f in families},
         "points": [], "runs": [],
     }
     try:
@@ -450,7 +459,7 @@ def report(results: dict) -> str:
            f"{'best earlier score minus final' if results['higher_is_better'] else 'rise of the earlier tasks held-out loss'}). "
            f"{n} seeds {results['seeds']}; evaluated at steps {results['checkpoints']} of the last task "
            f"(one run per grid point and seed); batch {results['batch_size']}. Intervals: {conf} "
-           f"({an['n_resamples']} resamples).", "",
+           f"({an['n_resamples']} resamples).{_coverage_note(n)}", "",
            "## Budgets (per trained task, at the last step)", "",
            "| family | grid | steps | examples | tokens | extra teacher forwards (examples) | data of earlier tasks |",
            "|---|---|---:|---:|---:|---:|---|"]
@@ -491,6 +500,9 @@ def report(results: dict) -> str:
             d = lv["families"].get(fam)
             cells.append("n/a" if d is None or not d["reached"] else f"{d['mean']:.3f} {_ci(d['ci'])}")
         out.append(f"| {lv['learning']:.3f} | " + " | ".join(cells) + " |")
+    if n < 2 and an["at_level"]:
+        out += ["", f"No paired test: it needs at least 2 seeds and this sweep has {n}; rerun with more seeds "
+                "(--seeds) to compare the families."]
     out += ["", "| learning | a | b | mean a - b | 95 % CI | t | p (t) | p (t, Holm) | p (sign flip) | forgets less |",
             "|---:|---|---|---:|---|---:|---:|---:|---:|---|"]
     for p in an["pairs"]:
@@ -511,6 +523,26 @@ def report(results: dict) -> str:
         out.append(f"* **{a}** forgets significantly less than **{b}** at all {nl} learning level(s) both reach.")
     out += ["", "Families: " + "; ".join(f"**{k}**: {v['description']}" for k, v in results["families"].items()) + ".", ""]
     return "\n".join(out)
+
+
+def _coverage_note(n: int) -> str:
+    """What a nominal 95 % percentile bootstrap interval of a mean over ``n`` seeds covers: it
+    uses the plug-in spread and normal quantiles, so for normal values it holds the true mean
+    ``P(|t_{n-1}| <= 1.96 sqrt((n-1)/n))`` of the time (0.85 for 5 seeds; the bootstrap's
+    discreteness takes a little more off), where the t interval, ``t_{n-1}`` times as wide per
+    unit of standard error, holds it 95 % of the time."""
+    if n < 2:
+        return ""
+    import scipy.stats  # here, not at the top: scipy.stats costs ~1.3 s of every `jpeft` start-up
+
+    z = scipy.stats.norm.ppf(0.975)
+    cover = 2 * scipy.stats.t.cdf(z * math.sqrt((n - 1) / n), n - 1) - 1
+    wider = scipy.stats.t.ppf(0.975, n - 1) / (z * math.sqrt((n - 1) / n))
+    if round(100 * cover) >= 95:
+        return ""
+    return (f" With {n} seeds these intervals are narrower than their name says: for normal values such an interval "
+            f"holds the true mean at most about {100 * cover:.0f} % of the time (the t interval, {wider:.1f} times as wide, 95 %); "
+            "read them as a description of the spread over seeds, and the paired t-test below as the decision.")
 
 
 def _dominance(an) -> list:
