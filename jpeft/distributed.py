@@ -20,8 +20,10 @@ logging from process 0 only.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
+import threading
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -239,3 +241,87 @@ def gather(tree):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
+
+
+class _StopAgreement:
+    """Makes every process of a job stop after the same step when a signal (Ctrl-C, SIGTERM)
+    reached some of them (:func:`jpeft.fit`'s interrupt handling; one per ``fit`` call).
+
+    A process left alone to stop would leave the others waiting in the next step's collectives.
+    Through JAX's coordination service (its key-value store): a signalled process announces the
+    stop; a helper thread on every process waits for that announcement in a blocking read, so a
+    step costs nothing until it comes (no round trip, no collective). Each process then publishes
+    the number of steps it has done and keeps training; once all have published, they stop after
+    step ``max + 1``. Processes run in lockstep (every step's collectives need all of them), so
+    when the last one publishes ``m`` none has gone past step ``m + 1``. Without a coordination
+    client (a job not started through ``jax.distributed``) the flag is gathered every step
+    instead (``multihost_utils.process_allgather``)."""
+
+    _calls = itertools.count()  # every process runs the same program: the n-th fit call of each
+
+    def __init__(self):
+        from jax._src import distributed as _jd
+
+        self._client = _jd.global_state.client
+        self._prefix = f"jpeft_stop/{next(self._calls)}"
+        self._remote = threading.Event()
+        self._active = True
+        self._published = False
+        self._target: Optional[int] = None
+        self._thread = None
+        if self._client is not None:
+            self._thread = threading.Thread(target=self._watch, name="jpeft-stop-agreement", daemon=True)
+            self._thread.start()
+
+    def _watch(self):
+        while self._active:
+            try:
+                why = self._client.blocking_key_value_get(f"{self._prefix}/why", 2000)
+            except Exception as e:  # noqa: BLE001 (JaxRuntimeError): a timeout, or the service went away
+                if "DEADLINE_EXCEEDED" in str(e):
+                    continue
+                return
+            if why == "signal":
+                self._remote.set()
+            return
+
+    def _set(self, key: str, value: str) -> None:
+        try:
+            self._client.key_value_set(f"{self._prefix}/{key}", value)
+        except Exception as e:  # noqa: BLE001: another process wrote it first
+            if "ALREADY_EXISTS" not in str(e):
+                raise
+
+    def stop_now(self, step: int, hit: bool) -> bool:
+        """Whether to stop before the next step, ``step`` steps done; ``hit``: this process got a signal."""
+        if self._client is None:
+            from jax.experimental import multihost_utils
+
+            return bool(np.any(multihost_utils.process_allgather(np.int32(hit))))
+        if self._target is not None:
+            return step >= self._target
+        if not (hit or self._remote.is_set()):
+            return False
+        if not self._published:
+            if hit:
+                self._set("why", "signal")
+            self._set(f"at/{jax.process_index()}", str(int(step)))
+            self._published = True
+        done = self._client.key_value_dir_get(f"{self._prefix}/at/")
+        if len(done) < jax.process_count():
+            return False
+        self._target = max(int(v) for _, v in done) + 1
+        if not hit and jax.process_index() == 0:
+            print(f"jpeft: another process of this job got a signal: saving a checkpoint at step {self._target}, "
+                  "then stopping", file=sys.stderr)
+        return step >= self._target
+
+    def close(self) -> None:
+        """Ends the helper thread (wakes every process's: this fit call's loop is over)."""
+        self._active = False
+        if self._thread is not None:
+            try:
+                self._set("why", "done")
+            except Exception:  # noqa: BLE001: the service went away; the thread's read times out
+                pass
+            self._thread.join(timeout=5)

@@ -5,7 +5,7 @@ runs :func:`fit`.
 :func:`fit` owns what every run needs: host-side batch validation, the jitted step (any
 ``step(params, adapter, opt_state, batch, key)``: single device, pmap or mesh-sharded, with
 gradient accumulation inside it), the non-finite guard, evaluation every N steps,
-checkpoints through :class:`jpeft.checkpoint.CheckpointManager` with exact resume, Ctrl-C
+checkpoints through :class:`jpeft.checkpoint.CheckpointManager` with exact resume, Ctrl-C and SIGTERM
 handling, a progress bar and metric records (:class:`MetricLog`: JSONL, TensorBoard when
 installed, log lines). What a caller adds (regularisers, replay, extra metrics) rides in
 the batches it feeds and in the ``on_step`` / ``eval_fn`` callbacks.
@@ -143,33 +143,57 @@ class FitResult:
 
 
 class _Interrupt:
-    """SIGINT sets a flag (the loop saves and stops); a second Ctrl-C stops at once. Only
-    installed in the main thread (signal handlers cannot be set elsewhere)."""
+    """SIGINT (Ctrl-C) and SIGTERM (what a scheduler, Kubernetes, Slurm or a spot pre-emption sends
+    before SIGKILL) set a flag: the loop finishes the running step, saves and stops; a second
+    signal stops at once (KeyboardInterrupt). The handlers are only installed in the main thread
+    (signal handlers cannot be set elsewhere) and the previous ones are put back on exit.
+
+    With several processes (``jax.process_count() > 1``) a signal usually reaches one of them:
+    :meth:`stop_now` makes every process stop after the same step
+    (:class:`jpeft.distributed._StopAgreement`), so none is left waiting in the next step's
+    collectives; it costs nothing per step until a signal arrives."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.hit = False
-        self._installed = False
-        self._old = None
+        self._old: dict = {}
+        self._agree = None
 
     def __enter__(self):
+        if self.enabled and jax.process_count() > 1:
+            from jpeft.distributed import _StopAgreement
+
+            self._agree = _StopAgreement()
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
-            self._installed = True
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.hit:
             raise KeyboardInterrupt
         self.hit = True
-        print("\njpeft: Ctrl-C: saving a checkpoint, then stopping (Ctrl-C again to abort)", file=sys.stderr)
+        said = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\njpeft: {said}: saving a checkpoint, then stopping (Ctrl-C or SIGTERM again to abort)",
+              file=sys.stderr)
+
+    def stop_now(self, step: int) -> bool:
+        """Whether the loop stops before its next step (``step`` steps done): this process got a
+        signal, or (several processes) the step the processes agreed on is reached."""
+        if self._agree is None:
+            return self.hit
+        return self._agree.stop_now(step, self.hit)
 
     def __exit__(self, *exc):
-        if self._installed:
+        for sig, old in self._old.items():
             # None: the handler found was not set from Python (an embedding program's);
             # Python's own is the nearest that can be put back.
-            signal.signal(signal.SIGINT, signal.default_int_handler if self._old is None else self._old)
-            self._installed = False
+            signal.signal(sig, old if old is not None else
+                          signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        self._old = {}
+        if self._agree is not None:
+            self._agree.close()
+            self._agree = None
 
 
 # fit waits for the heap to settle after steps at least this long (see _hostmem.settle)
@@ -362,8 +386,12 @@ def fit(
         state (a forgetting-guard rollback restores an older state, schedule count included).
       lr_fn: ``lr_fn(opt_state, skipped) -> float``, the rate the step's update applied read from the
         optimizer state after it (``skipped``: the guard kept the state); used instead of ``schedule``.
-      handle_interrupt: catch Ctrl-C (SIGINT): finish the running step, save it
-        (``save_last``) and return with ``interrupted=True``; a second Ctrl-C aborts.
+      handle_interrupt: catch Ctrl-C (SIGINT) and SIGTERM (a scheduler's or a pre-emption's
+        notice): finish the running step, save it (``save_last``) and return with
+        ``interrupted=True``; a second signal aborts (``KeyboardInterrupt``). The previous
+        handlers are put back on return (installed only from the main thread). With several
+        processes, a signal reaching any of them stops every process after the same step (no
+        cost per step until a signal comes); every process must pass ``handle_interrupt=True``.
       forgetting: a :class:`jpeft.ForgettingGuard`: canary loss rise and KL from the base
         measured at the start and every ``forgetting.every`` steps (and at ``total_steps``; without
         ``total_steps`` and ``num_steps``, at the last step, when the batches end),
@@ -460,7 +488,7 @@ def fit(
     try:
         with _Interrupt(handle_interrupt) as intr:
             for batch in it:
-                if intr.hit:
+                if intr.stop_now(step):
                     interrupted = True
                     break
                 reference = _check_batch(batch, reference, pos, vocab_size, max_positions, token_key)
@@ -523,7 +551,7 @@ def fit(
                                     skipped=guard.total_skipped, refresh=False, **extra)
                 if decision == "stop":
                     break
-            if not interrupted and intr.hit:  # Ctrl-C during the last step
+            if not interrupted and intr.hit:  # a signal during the last step
                 interrupted = True
         if ran == 0 and not interrupted:
             raise InputValidationError("batches yielded no batch: expected at least one. Check the data source and its filters.")

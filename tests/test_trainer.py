@@ -112,44 +112,62 @@ def test_accumulation_equals_one_step_on_the_whole_batch(run):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
-def test_ctrl_c_saves_the_step_and_resume_is_exact(run, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_saves_the_step_and_resume_is_exact(run, tmp_path, sig):
+    """SIGTERM (a scheduler's or a spot pre-emption's notice) is handled as Ctrl-C: the step
+    finishes, is saved, and the loop stops; the handlers found before are put back (here a
+    script's own SIGTERM handler). SIGTERM used to end the process at once."""
     params, cfg, adapter, opt, state, key, step = run
+    sig = getattr(signal, sig)
     straight = jpeft.fit(step, params, adapter, state, C.batches(0, 9), key=key)
     handler = signal.getsignal(signal.SIGINT)
+    seen = []
+
+    def own_sigterm_handler(signum, frame):  # a script's own, there before fit
+        seen.append(signum)
+
+    old_term = signal.signal(signal.SIGTERM, own_sigterm_handler)
 
     def interrupt_at_4(s, m):
         if s == 4:
-            os.kill(os.getpid(), signal.SIGINT)  # the handler sets a flag; the loop stops after this step
+            os.kill(os.getpid(), sig)  # the handler sets a flag; the loop stops after this step
 
-    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=100,
-                                            async_save=False) as mngr:
-        first = jpeft.fit(step, params, adapter, state, C.batches(0, 9), key=key, checkpoint=mngr, save_last=True,
-                          handle_interrupt=True, on_step=interrupt_at_4)
-        assert first.interrupted and first.step == 4 and mngr.all_steps() == [4]
-        st = mngr.restore_latest()
+    try:
+        with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=100,
+                                                async_save=False) as mngr:
+            first = jpeft.fit(step, params, adapter, state, C.batches(0, 9), key=key, checkpoint=mngr, save_last=True,
+                              handle_interrupt=True, on_step=interrupt_at_4)
+            assert first.interrupted and first.step == 4 and mngr.all_steps() == [4]
+            st = mngr.restore_latest()
+        assert signal.getsignal(signal.SIGINT) is handler  # the loop's handlers were removed
+        assert signal.getsignal(signal.SIGTERM) is own_sigterm_handler and not seen
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     assert st.step == 4 and st.data_position == 4
     rest = jpeft.fit(step, params, st.adapter, st.opt_state, C.batches(st.data_position, 9), key=st.key,
                      start_step=st.step, data_position=st.data_position)
     assert [h["loss"] for h in first.history + rest.history] == [h["loss"] for h in straight.history]  # bitwise
     assert _equal(rest.adapter, straight.adapter) and not _equal(straight.adapter, adapter)
-    assert signal.getsignal(signal.SIGINT) is handler  # the loop's handler was removed
-
 
 
 def test_interrupt_handler_restores_python_handler_when_previous_was_not_set_from_python(monkeypatch):
     """signal.signal returns None for a handler installed outside Python (an embedding program,
-    or a C extension); leaving the loop then puts Python's own Ctrl-C handler back, not the
-    loop's flag-setter."""
+    or a C extension); leaving the loop then puts Python's own handlers back (Ctrl-C's
+    KeyboardInterrupt, SIGTERM's default), not the loop's flag-setter."""
     from jpeft import loop
 
     real = signal.signal
     monkeypatch.setattr(loop.signal, "signal", lambda s, h: (real(s, h), None)[1])  # previous one "from C"
+    old_term = signal.getsignal(signal.SIGTERM)
     try:
         with loop._Interrupt(True) as it:
             assert signal.getsignal(signal.SIGINT) == it._handle
+            assert signal.getsignal(signal.SIGTERM) == it._handle
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         real(signal.SIGINT, signal.default_int_handler)
+        real(signal.SIGTERM, old_term)
 
 
 def _spy(monkeypatch):

@@ -236,6 +236,7 @@ def _main(argv: Optional[Sequence[str]], ctrl_c: dict) -> int:
     except KeyboardInterrupt:
         ctrl_c["handled"] = True
         print(f"{prog}: interrupted", file=sys.stderr)
+        _leave_a_multi_process_job_at_once(130)
         return 130
     except UnicodeDecodeError as e:  # a data or config file that is binary, or not UTF-8
         return _fail(prog, f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 text file.")
@@ -244,6 +245,23 @@ def _main(argv: Optional[Sequence[str]], ctrl_c: dict) -> int:
     except OSError as e:  # the environment: a read-only or full disk, a missing permission
         return _fail(prog, f"{type(e).__name__}: {e}")
     return int(rc or 0)
+
+
+def _leave_a_multi_process_job_at_once(status: int) -> None:
+    """Ends this process now when it is one of several (``jax.distributed``).
+
+    An interrupt that ends the command here stopped this process alone (a second Ctrl-C or
+    SIGTERM aborts without the stop every process agrees on; see :func:`jpeft.fit`): the
+    others wait in the collectives of a step this one left, and Python's exit would wait for
+    them in ``jax.distributed``'s shutdown barrier, for minutes. Ending at once lets JAX's
+    coordination service end the others (within a second when this is process 0, which hosts
+    the service; at its heartbeat timeout otherwise)."""
+    jax_distributed = sys.modules.get("jax._src.distributed")
+    state = getattr(jax_distributed, "global_state", None)
+    if state is not None and state.client is not None and state.num_processes > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _closed_stdout() -> int:

@@ -847,7 +847,7 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
                 start_step=start, data_position=start, checkpoint=ckpts, save_last=True,
                 vocab_size=vocab if mesh is None else None, max_positions=max_pos if mesh is None else None,
                 progress=progress, desc="train", eval_fn=eval_fn, eval_every=int(t["eval_every"]), total_steps=steps,
-                log=log, log_every=int(t["log_every"]), lr_fn=applied_lr(sched), handle_interrupt=jax.process_count() == 1,
+                log=log, log_every=int(t["log_every"]), lr_fn=applied_lr(sched), handle_interrupt=True,
                 forgetting=guard, forgetting_state=resumed_guard if guard is not None else None)
         adapter, opt_state = result.adapter, result.opt_state
         step, interrupted, last_eval = result.step, result.interrupted, result.eval
