@@ -388,7 +388,8 @@ def fit(
         optimizer state after it (``skipped``: the guard kept the state); used instead of ``schedule``.
       handle_interrupt: catch Ctrl-C (SIGINT) and SIGTERM (a scheduler's or a pre-emption's
         notice): finish the running step, save it (``save_last``) and return with
-        ``interrupted=True``; a second signal aborts (``KeyboardInterrupt``). The previous
+        ``interrupted=True``; a second signal aborts (``KeyboardInterrupt``). A signal during
+        the last step interrupts nothing: the run finishes as without it. The previous
         handlers are put back on return (installed only from the main thread). With several
         processes, a signal reaching any of them stops every process after the same step (no
         cost per step until a signal comes); every process must pass ``handle_interrupt=True``.
@@ -551,8 +552,8 @@ def fit(
                                     skipped=guard.total_skipped, refresh=False, **extra)
                 if decision == "stop":
                     break
-            if not interrupted and intr.hit:  # a signal during the last step
-                interrupted = True
+            # a signal during the last step (the batches ended, or the guard stopped, after it) interrupts
+            # nothing: the run ends as it would have without it (its final log, check, evaluation and save)
         if ran == 0 and not interrupted:
             raise InputValidationError("batches yielded no batch: expected at least one. Check the data source and its filters.")
         # the run ends with its batches (not with Ctrl-C or a forgetting-guard stop)

@@ -150,6 +150,27 @@ def test_ctrl_c_or_sigterm_saves_the_step_and_resume_is_exact(run, tmp_path, sig
     assert _equal(rest.adapter, straight.adapter) and not _equal(straight.adapter, adapter)
 
 
+def test_a_signal_during_the_last_step_leaves_a_finished_run(run, tmp_path):
+    """A Ctrl-C that lands in the last step interrupts nothing: fit returns the finished run
+    (not interrupted=True, which made `jpeft train` print "interrupted ... Continue with --resume"
+    and exit 130 after writing the finished adapter), with its last step saved and evaluated."""
+    params, cfg, adapter, opt, state, key, step = run
+    straight = jpeft.fit(step, params, adapter, state, C.batches(0, 5), key=key)
+    evals = []
+
+    def ctrl_c_at_5(s, m):
+        if s == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=100,
+                                            async_save=False) as mngr:
+        res = jpeft.fit(step, params, adapter, state, C.batches(0, 5), key=key, checkpoint=mngr, save_last=True,
+                        handle_interrupt=True, on_step=ctrl_c_at_5, eval_fn=lambda a, s: evals.append(s) or {})
+        assert mngr.all_steps() == [5]
+    assert not res.interrupted and res.step == 5 and evals == [5]
+    assert _equal(res.adapter, straight.adapter)
+
+
 def test_interrupt_handler_restores_python_handler_when_previous_was_not_set_from_python(monkeypatch):
     """signal.signal returns None for a handler installed outside Python (an embedding program,
     or a C extension); leaving the loop then puts Python's own handlers back (Ctrl-C's
