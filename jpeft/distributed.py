@@ -243,7 +243,7 @@ def gather(tree):
     return jax.tree.map(one, tree)
 
 
-class _StopAgreement:
+class StopAgreement:
     """Makes every process of a job stop after the same step when a signal (Ctrl-C, SIGTERM)
     reached some of them (:func:`jpeft.fit`'s interrupt handling; one per ``fit`` call).
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from jpeft import _hostmem
 from jpeft import validate as _validate
+from jpeft.distributed import StopAgreement
 from jpeft.errors import ConfigError, InputValidationError, NonFiniteError
 
 __all__ = ["NonFiniteGuard", "FitResult", "MetricLog", "fit"]
@@ -150,7 +151,7 @@ class _Interrupt:
 
     With several processes (``jax.process_count() > 1``) a signal usually reaches one of them:
     :meth:`stop_now` makes every process stop after the same step
-    (:class:`jpeft.distributed._StopAgreement`), so none is left waiting in the next step's
+    (:class:`jpeft.distributed.StopAgreement`), so none is left waiting in the next step's
     collectives; it costs nothing per step until a signal arrives."""
 
     def __init__(self, enabled: bool):
@@ -161,9 +162,7 @@ class _Interrupt:
 
     def __enter__(self):
         if self.enabled and jax.process_count() > 1:
-            from jpeft.distributed import _StopAgreement
-
-            self._agree = _StopAgreement()
+            self._agree = StopAgreement()
         if self.enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
