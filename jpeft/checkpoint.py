@@ -675,7 +675,7 @@ class CheckpointManager:
         rng = None
         if key is not None:
             typed = _is_key(key)
-            data = np.asarray(jax.device_get(jax.random.key_data(key) if typed else key))
+            data = host_array(key)
             rng = {"typed": bool(typed), "impl": str(jax.random.key_impl(key)) if typed else None}
             arrays["rng"] = data
             index["rng"] = {"shape": list(data.shape), "dtype": str(data.dtype), "sha256": sha256_hex(data)}

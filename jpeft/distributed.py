@@ -243,6 +243,17 @@ def gather(tree):
     return jax.tree.map(one, tree)
 
 
+def coordination_client():
+    """The client of JAX's coordination service (its key-value store) when this process is one of
+    several started through ``jax.distributed``, else ``None``. JAX 0.10 has no public accessor:
+    read from ``jax._src.distributed.global_state``, as Orbax reads it (the one JAX-internal name
+    jpeft uses; docs/ARCHITECTURE.md)."""
+    from jax._src import distributed as _jd
+
+    state = _jd.global_state
+    return state.client if state.client is not None and state.num_processes > 1 else None
+
+
 class StopAgreement:
     """Makes every process of a job stop after the same step when a signal (Ctrl-C, SIGTERM)
     reached some of them (:func:`jpeft.fit`'s interrupt handling; one per ``fit`` call).
@@ -260,9 +271,7 @@ class StopAgreement:
     _calls = itertools.count()  # every process runs the same program: the n-th fit call of each
 
     def __init__(self):
-        from jax._src import distributed as _jd
-
-        self._client = _jd.global_state.client
+        self._client = coordination_client()
         self._prefix = f"jpeft_stop/{next(self._calls)}"
         self._remote = threading.Event()
         self._active = True

@@ -256,9 +256,8 @@ def _leave_a_multi_process_job_at_once(status: int) -> None:
     them in ``jax.distributed``'s shutdown barrier, for minutes. Ending at once lets JAX's
     coordination service end the others (within a second when this is process 0, which hosts
     the service; at its heartbeat timeout otherwise)."""
-    jax_distributed = sys.modules.get("jax._src.distributed")
-    state = getattr(jax_distributed, "global_state", None)
-    if state is not None and state.client is not None and state.num_processes > 1:
+    distributed = sys.modules.get("jpeft.distributed")  # not imported: no jax.distributed job either
+    if distributed is not None and distributed.coordination_client() is not None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

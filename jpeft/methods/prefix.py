@@ -171,7 +171,8 @@ class _PrefixBase(Site):
 
     def _heads(self, module):
         cfg = getattr(module, "config", None)
-        heads = self.num_heads or getattr(cfg, "num_kv_heads", None) or getattr(cfg, "num_heads", None)
+        kv = getattr(cfg, "num_kv_heads", None) or getattr(cfg, "num_heads", None)  # the model's
+        heads = self.num_heads or kv
         if heads is None:
             raise ConfigError(
                 "prefix tuning needs the number of key/value heads: the model has no config with num_kv_heads; "
@@ -183,7 +184,6 @@ class _PrefixBase(Site):
         if cfg is not None:
             nl = getattr(cfg, "num_layers", None)
             hd = getattr(cfg, "head_dim", None)
-            kv = getattr(cfg, "num_kv_heads", None) or getattr(cfg, "num_heads", None)
             if kv is not None and int(kv) != heads and (hd is None or int(kv) * hd == self.token_dim):
                 # the prefix fits the model; only the recorded head count is wrong (often the query heads)
                 raise ShapeMismatchError(
