@@ -439,6 +439,16 @@ def _warn_unknown_keys(config_cls, d: Mapping[str, Any], path: str) -> None:
                       "what the adapter computes, jpeft's outputs differ from PEFT's.", UserWarning, stacklevel=4)
 
 
+# what to do instead, for PEFT adapter types users ask for that jpeft does not read
+_UNSUPPORTED_HINTS = {
+    "TRAINABLE_TOKENS": (
+        " PEFT's standalone TrainableTokensConfig is not read; jpeft trains and reads token rows as part of a LoRA "
+        "adapter: in PEFT, train them with LoraConfig(target_modules=[...], trainable_token_indices=[...]) and save "
+        "that; in jpeft, use jpeft.LoraConfig(trainable_token_indices=...) (docs/METHODS.md, trainable tokens)."
+    ),
+}
+
+
 def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     """The parsing behind :func:`load_peft` and :func:`load_peft_with_base` (see there)."""
     d = read_peft_config(path)
@@ -448,7 +458,7 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     if fmt is None:
         raise UnsupportedAdapterError(
             f"adapter type {ptype!r} in {path!r} is not supported by jpeft.hf; supported peft_type values: "
-            f"{supported_peft_types()}."
+            f"{supported_peft_types()}.{_UNSUPPORTED_HINTS.get(ptype, '')}"
         )
     _warn_unknown_keys(fmt.config, d, path)
     inner, _ = unwrap_params(params)

@@ -268,6 +268,10 @@ def test_unsupported_adapter_type(saved_llama):
     (saved_llama / "adapter_config.json").write_text(json.dumps(d))
     with pytest.raises(UnsupportedAdapterError, match=r"adapter type 'BOFT'.*supported peft_type values: \[.*'LORA'"):
         H.load_peft(str(saved_llama), loaded("llama2")[1])
+    # PEFT's standalone trainable tokens: the refusal says how to get them into jpeft
+    (saved_llama / "adapter_config.json").write_text(json.dumps({"peft_type": "TRAINABLE_TOKENS", "token_indices": [3]}))
+    with pytest.raises(UnsupportedAdapterError, match=r"'TRAINABLE_TOKENS'.*LoraConfig\(target_modules=.*trainable_token_indices"):
+        H.load_peft(str(saved_llama), loaded("llama2")[1])
 
 
 def test_unsupported_lora_options(saved_llama):

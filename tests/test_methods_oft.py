@@ -318,6 +318,10 @@ def test_module_dropout_replaces_blocks_by_identity_only_in_training():
 
 
 def test_refusals(tmp_path):
+    for terms in (0, 1):  # the series' first term only: an identity whatever oft_R holds (silently, in PEFT)
+        with pytest.raises(jpeft.ConfigError, match=f"num_cayley_neumann_terms={terms} .*the identity"):
+            jpeft.OFTConfig(oft_block_size=4, target_modules=["q"], num_cayley_neumann_terms=terms)
+    jpeft.OFTConfig(oft_block_size=4, target_modules=["q"], num_cayley_neumann_terms=1, use_cayley_neumann=False)
     with pytest.raises(jpeft.ConfigError, match="exactly one of r"):
         OFTConfig(r=4, oft_block_size=8)
     with pytest.raises(jpeft.ConfigError, match="bias"):

@@ -124,6 +124,13 @@ class OFTConfig(AdapterConfig):
         for name in ("coft", "block_share", "use_cayley_neumann", "init_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"OFTConfig.{name} must be a bool, found {getattr(self, name)!r}.")
+        if self.use_cayley_neumann and self.num_cayley_neumann_terms < 2:
+            raise ConfigError(
+                f"OFTConfig.num_cayley_neumann_terms={self.num_cayley_neumann_terms} keeps only the series' first term, "
+                "the identity: every rotation would be I whatever oft_R holds, so the adapter would never change the "
+                "model (Hugging Face PEFT computes the same identity). Use 2 or more terms (the default is 5), or "
+                "use_cayley_neumann=False for the exact Cayley transform."
+            )
         if isinstance(self.module_dropout, bool) or not isinstance(self.module_dropout, (int, float)) \
                 or not 0.0 <= self.module_dropout < 1.0:
             raise ConfigError(f"OFTConfig.module_dropout must be in [0, 1), found {self.module_dropout!r}.")
