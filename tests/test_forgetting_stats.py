@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from jpeft.forgetting import stats as S
 from jpeft.forgetting.cli import families_from_args, main
 from jpeft.forgetting.digits import SplitDigits
 from jpeft.forgetting.experiment import MethodSpec, run_one
-from jpeft.forgetting.sweep import SweepSpec, analyse, combine, sweep
+from jpeft.forgetting.sweep import SweepSpec, analyse, combine, spectrum_table, sweep
 
 # -- Pareto front and interpolation -------------------------------------------------------------
 
@@ -85,6 +86,12 @@ def test_paired_test_by_hand_and_against_scipy():
     assert r2["p_sign_flip"] == pytest.approx(ref2.pvalue)
     lo, hi = r2["ci"]
     assert lo < mixed.mean() < hi
+    # differences equal up to the rounding of a - b: no spread, as with exactly equal differences
+    # (scipy's t-test read the last-bit rounding as a spread: t ~ 1e15, p ~ 1e-31)
+    r3 = S.paired_test([0.3, 0.5, 0.8], [0.2, 0.4, 0.7])
+    assert r3["t"] == math.inf and r3["p_t"] == 0.0 and r3["p_sign_flip"] == pytest.approx(2 / 8)
+    r4 = S.paired_test([0.3, 0.5, 0.7], [0.3, 0.5, 0.7 + 1e-17])
+    assert math.isnan(r4["t"]) and math.isnan(r4["p_t"])
     with pytest.raises(InputValidationError, match="one value of each method per seed"):
         S.paired_test([1.0, 2.0], [1.0])
 
@@ -311,3 +318,18 @@ def test_sweep_report_says_what_its_small_sample_intervals_cover():
         ps = pts + [{**p, "seed": s} for p in pts if p["seed"] == 2 for s in seeds[3:]]
         text = report({**results, "points": ps, "seeds": seeds, "analysis": analyse(ps, seeds, n_resamples=100)})
         assert f"With {len(seeds)} seeds these intervals are narrower than their name says" in text and expect in text
+
+
+def test_spectrum_correlation_of_a_constant_column_is_said_undefined():
+    """Intruders 0 in every run (a common case at small learning rates): Spearman's rho is
+    undefined; the report says so by name (scipy returned nan with a ConstantInputWarning)."""
+    def run(fam, f, rank):
+        return {"family": fam, "lr": 1e-3, "strength": None, "forgetting": f, "learning": 0.5,
+                "spectrum": {"changed": 1, "mean_effective_rank": rank, "mean_rank_for_energy": 2.0,
+                             "mean_rank_share": 0.5, "intruders": 0}}
+    runs = [run("a", 0.1, 1.0), run("a", 0.3, 2.0), run("b", 0.2, 3.0), run("b", 0.4, 4.0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        line = spectrum_table({"runs": runs})[-1]
+    assert "intruders rho undefined (intruders is the same in every run)" in line
+    assert "effective_rank rho = +0.80" in line  # ranks (1,2,3,4) against (1,3,2,4): 1 - 6*2/60

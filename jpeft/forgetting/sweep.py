@@ -373,6 +373,10 @@ def spectrum_table(results: dict) -> list:
 
         cor = []
         for k, v in xs.items():
+            constant = [name for name, col in ((k, v), ("forgetting", fy)) if np.ptp(col) == 0]
+            if constant:  # a rank correlation needs both columns to vary (scipy returns nan with a warning)
+                cor.append(f"{k} rho undefined ({constant[0]} is the same in every run)")
+                continue
             rho, p = scipy.stats.spearmanr(v, fy)
             cor.append(f"{k} rho = {rho:+.2f} (p = {p:.2g})")
         out.append(f"Spearman correlation with forgetting over {len(fy)} runs (every family, grid point and seed): "
