@@ -7,12 +7,14 @@ downloaded) in bfloat16. Each measurement runs in its own process (so one framew
 pool never counts against another's), trains through ``jpeft.fit`` (the project's one
 training loop) and reports the median step time after the compiling step:
 
-* ``jpeft-lora``: LoRA r=16 on all seven projections, AdamW on the adapter;
+* ``jpeft-lora``: LoRA r=16 on all seven projections, AdamW on the adapter (:data:`ADAMW`: lr 1e-4,
+  weight decay 0.01, eps 1e-8, in both frameworks);
 * ``jpeft-full``: full fine-tuning (``FullFinetuneConfig``), AdamW on every weight;
 * ``peft-lora``: transformers + peft, the same LoRA, AdamW, ``torch.cuda`` (when available).
 
-MFU is model FLOPs per second (``benchmarks/_common.lora_step_flops`` for LoRA; for full
-fine-tuning the same count plus the weight gradients, another ``2 T W``) over the device's
+MFU is model FLOPs per second (``benchmarks/_common.lora_step_flops`` for LoRA,
+``full_step_flops`` for full fine-tuning: the same count plus the weight gradients, another
+``2 T W``) over the device's
 dense bf16 peak (a table of known devices; ``--peak-tflops`` overrides it; on an unknown
 device a measured bf16 matmul peak is used and said so).
 
@@ -43,20 +45,17 @@ SIZES = {
     "toy": C.SIZES["toy"],
 }
 
-# dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity)
+# dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity); the first name
+# found in the device's kind counts, so a variant comes before its family (an H100 PCIe runs at
+# 756, not the SXM part's 989)
 PEAK_BF16 = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
 }
 RANK = 16
-
-
-def full_step_flops(size: C.Size) -> float:
-    """:func:`_common.lora_step_flops` without LoRA, plus the frozen weights' own gradients."""
-    h, i, v, n = size.hidden, size.intermediate, size.vocab, size.layers
-    kv = (size.kv_heads or size.heads) * (h // size.heads)
-    weights = n * (h * h * 2 + h * kv * 2 + 3 * h * i) + h * v
-    return C.lora_step_flops(size, r=0)["step"] + 2 * size.tokens * weights
+# one AdamW for both frameworks: optax's and torch's defaults differ (weight decay 1e-4 against
+# 1e-2), so both are given every setting (betas and eps are 0.9, 0.999 and 1e-8 in both)
+ADAMW = {"lr": 1e-4, "weight_decay": 1e-2, "eps": 1e-8}
 
 
 def _peak(kind: str, override, measure) -> tuple[float, str]:
@@ -79,7 +78,7 @@ def run_jpeft(size: C.Size, mode: str, steps: int, peak_override) -> dict:
     model, params = W.build_random(size, jnp.bfloat16)
     cfg = W.lora_config(RANK) if mode == "lora" else jpeft.FullFinetuneConfig()
     adapter = jpeft.init(cfg, params, jax.random.key(0))
-    opt = optax.adamw(1e-4)
+    opt = optax.adamw(ADAMW["lr"], eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
 
     def loss_fn(params, adapter, batch, key):
         return W.step_loss(model, params, adapter, batch)
@@ -109,7 +108,7 @@ def run_jpeft(size: C.Size, mode: str, steps: int, peak_override) -> dict:
 
     secs = sorted(res.step_seconds[1:])
     s = secs[len(secs) // 2]
-    flops = C.lora_step_flops(size, RANK)["step"] if mode == "lora" else full_step_flops(size)
+    flops = (C.lora_step_flops(size, RANK) if mode == "lora" else C.full_step_flops(size))["step"]
     peak, how = _peak(dev.device_kind, peak_override, measure)
     return {"framework": "jpeft", "mode": mode, "device": dev.device_kind, "platform": dev.platform,
             "params": int(jpeft.tree.count(params)), "trainable": int(jpeft.tree.count(res.adapter)),
@@ -130,7 +129,7 @@ def run_peft(size: C.Size, steps: int, peak_override) -> dict:
         model = LlamaForCausalLM(LlamaConfig(**size.hf_config_kwargs())).to(torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0,
                                              target_modules=list(C.LORA_TARGETS)))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
     data = [torch.as_tensor(b, dtype=torch.long, device="cuda") for b in C.batches(size, 4, seed=1)]
     secs, losses = [], []
     torch.cuda.reset_peak_memory_stats()

@@ -8,7 +8,11 @@ tokens on), and ``QxK`` tiles of ``Q`` queries by ``K`` keys (``key_block_size``
 ``blockwise_attention``).
 
 Each framework runs in its own process, one process at a time, alternating from round to
-round (torch first in odd rounds, jpeft first in even ones); each process compiles / warms up,
+round (torch first in odd rounds, jpeft first in even ones), by default in the same process
+environment: ``--huge-pages`` as in ``bench_scaling.py`` (the `jpeft` command's glibc tunables
+for both processes, for jpeft's only, or for none). The earlier results in docs/results/scaling/
+were measured before this option followed ``bench_scaling.py``: their ``args.huge_pages`` of
+``jpeft`` gave jpeft's process alone ``glibc.malloc.hugetlb=1``. Each process compiles / warms up,
 then times ``--reps`` back-to-back forward+backward calls and reports their minimum and median.
 The table gives, per sequence length, the median over rounds of each process's median, and
 the ratio jpeft / torch. A kernel timing, not a training step: ``bench_scaling.py`` measures the
@@ -111,9 +115,7 @@ def main(argv=None):
                         "QUERIESxKEYS tiles (256x512)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=5, help="timed back-to-back calls per process")
-    p.add_argument("--huge-pages", choices=["both", "jpeft", "none"], default="jpeft",
-                   help="which processes run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (the `jpeft` command "
-                        "sets it for itself; default: jpeft only)")
+    C.add_huge_pages_arg(p)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -127,15 +129,15 @@ def main(argv=None):
         parse_block(b)
     batch_of = lambda seq: max(1, a.tokens // seq) if a.tokens else a.batch
     runs = {}
+    # each framework's process environment (GLIBC_TUNABLES): the same for both unless --huge-pages says otherwise
+    envs = {fw: C.host_pages_env("jpeft" if fw == "jpeft" else "hf", a.huge_pages) for fw in ("torch", "jpeft")}
     for rnd in range(a.rounds):
         for seq in seqs:
             order = [("torch", "0")] + [("jpeft", b) for b in blocks]
             if rnd % 2:
                 order.reverse()
             for fw, block in order:
-                env = dict(os.environ)
-                if a.huge_pages == "both" or a.huge_pages == fw:
-                    env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+                env = {**os.environ, **envs[fw]}
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, str(seq), str(batch_of(seq)),
                        str(a.heads), str(a.dim), block, str(a.reps)]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -162,7 +164,7 @@ def main(argv=None):
                          "ratio": t / t_torch})
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "cpu": C.cpu_model(), "rows": rows,
+            json.dump({"args": vars(a), "cpu": C.cpu_model(), "env": envs, "rows": rows,
                        "runs": {"/".join(map(str, k)): v for k, v in runs.items()}}, f, indent=1)
 
 

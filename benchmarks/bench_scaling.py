@@ -392,6 +392,9 @@ def main(argv=None):
             return _write(merge([_load(f) for f in args.merge]), args)
         except MergeError as e:
             p.error(str(e))
+    if min(args.rounds, args.steps, args.per_turn) < 1:
+        p.error(f"--rounds, --steps and --per-turn must be >= 1 (nothing would be timed), found {args.rounds}, "
+                f"{args.steps} and {args.per_turn}")
     if not points(args):
         p.error(f"no points to measure: --axes {args.axes!r} names none of seq, depth, rank, mode "
                 "(or their value lists are empty)")

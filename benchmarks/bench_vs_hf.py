@@ -9,9 +9,10 @@ What it does, in one run on one machine:
    (``jpeft.models.from_pretrained`` + the same LoRA matrices), so both train identical numbers
    on identical batches (8 x 256 tokens) with Adam (lr 1e-3);
 3. runs ``--rounds`` rounds. In each round every worker is started, loaded, compiled and
-   warmed up (one at a time, so they never compete), then the workers take training steps in
-   turn (A, B, C, D, B, C, D, A, ...) so machine noise hits them alike. Per round the ratio of
-   median step times is taken; the report gives the median ratio over rounds and its spread;
+   warmed up (one at a time, so they never compete), then the workers take turns of
+   ``--per-turn`` back-to-back training steps (A, B, C, D, B, C, D, A, ...) so machine noise
+   hits them alike. Per round the ratio of median step times is taken; the report gives the
+   median ratio over rounds and its spread;
 4. reports per framework: median step time, tokens/s, compile time of the first step (jpeft),
    peak resident memory above the process's baseline after imports, and model FLOPs
    utilisation (analytic step FLOPs / step time / the peak f32 matmul FLOP/s measured in the
@@ -106,12 +107,13 @@ def one_round(args, names, workdir, rnd, profile_dir=None):
             workers[n], info[n] = start(n, args, workdir, rnd, args.xla_flags)
         steps = {n: [] for n in names}
         losses = {n: [info[n]["first_loss"]] for n in names}
-        for i in tqdm(range(args.steps), desc=f"round {rnd + 1}/{args.rounds} steps", file=sys.stderr):
+        for i in tqdm(range(args.steps), desc=f"round {rnd + 1}/{args.rounds} turns", file=sys.stderr):
             rot = order[i % len(order):] + order[: i % len(order)]
             for n in rot:
-                m = workers[n].ask("step", expect="step")
-                steps[n].append(m["s"])
-                losses[n].append(m["loss"])
+                for _ in range(args.per_turn):  # back-to-back steps: the first after another worker's turn
+                    m = workers[n].ask("step", expect="step")
+                    steps[n].append(m["s"])
+                    losses[n].append(m["loss"])
         extra = {}
         if profile_dir is not None:
             for n in names:
@@ -197,7 +199,8 @@ def markdown(report) -> str:
     L.append(f"Model: Llama hidden {size['hidden']}, {size['layers']} layers, {size['heads']} heads, intermediate "
              f"{size['intermediate']}, vocab {size['vocab']}; batch {size['batch']} x {size['seq']} "
              f"({size['batch'] * size['seq']} tokens/step); LoRA r=8 on q,k,v,o,gate,up,down; Adam. "
-             f"{report['rounds']} rounds x {report['steps']} interleaved steps after {report['warmup']} warm-up steps. "
+             f"{report['rounds']} rounds x {report['steps']} interleaved turns x {report.get('per_turn', 1)} steps after "
+             f"{report['warmup']} warm-up steps. "
              f"Analytic step FLOPs: {s['analytic_step_gflop']:.1f} GFLOP.")
     L.append("")
     L.append("| worker | median step (s) | tokens/s | first step (s) | compile (s) | peak RSS above baseline (MiB) | "
@@ -266,7 +269,10 @@ def main(argv=None):
     p.add_argument("--size", default="issue", choices=sorted(C.SIZES), help="model/batch size of the speed runs "
                    "(default: issue = the issue-10 Llama, 8 x 256 tokens)")
     p.add_argument("--rounds", type=int, default=3, help="fresh worker processes per round (default 3)")
-    p.add_argument("--steps", type=int, default=10, help="timed, interleaved steps per worker per round (default 10)")
+    p.add_argument("--steps", type=int, default=10, help="turns per worker per round (default 10)")
+    p.add_argument("--per-turn", type=int, default=3,
+                   help="back-to-back timed steps per turn (default 3, as bench_scaling.py; the issue-10 numbers "
+                        "in docs/BENCHMARKS.md were measured with 1)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first one (default 3)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 workers (jpeft bf16 path, HF bf16)")
     p.add_argument("--memory-size", default="400m", choices=sorted(C.SIZES) + ["none"],
@@ -288,6 +294,9 @@ def main(argv=None):
     p.add_argument("--json", help="write the full results (every step time and loss) to this file")
     p.add_argument("--markdown", help="write the report table to this file")
     args = p.parse_args(argv)
+    if min(args.rounds, args.steps, args.per_turn) < 1:
+        p.error(f"--rounds, --steps and --per-turn must be >= 1 (nothing would be timed), found {args.rounds}, "
+                f"{args.steps} and {args.per_turn}")
 
     size = C.SIZES[args.size]
     names = ["hf_f32", "jpeft_f32"] + ([] if args.no_bf16 else ["hf_bf16", "jpeft_bf16"])
@@ -335,7 +344,8 @@ def main(argv=None):
         report = {
             "size": vars(size) if not hasattr(size, "__dataclass_fields__") else {
                 k: getattr(size, k) for k in size.__dataclass_fields__},
-            "setup": setup, "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup, "workers": names,
+            "setup": setup, "rounds": args.rounds, "steps": args.steps, "per_turn": args.per_turn, "warmup": args.warmup,
+            "workers": names,
             "speed": speed, "ratios": ratios, "memory_ratios": mem_ratios, "loss_checks": checks,
             "memory_400m": mem400, "memory_size": args.memory_size,
             "memory_size_dims": ({k: getattr(C.SIZES[args.memory_size], k) for k in ("batch", "seq")}

@@ -36,14 +36,33 @@ def test_flop_count_matches_a_hand_count():
     frozen = 4 * 4 * 4 + 3 * 4 * 6 + 4 * 10
     attn = 2 * 2 * 1 * 3 * 3 * 4
     lora = sum(2 * T * 2 * (a + b) for a, b in [(4, 4)] * 4 + [(4, 6), (4, 6), (6, 4)])
+    # the first layer's q/k/v input gradient (base 3 x 4 x 4, LoRA branch 3 x 4 x r): nothing
+    # before them trains, so no one forms it
+    first_dx = 2 * T * 3 * 4 * 4 + 2 * T * 3 * 4 * 2
     assert f["forward"] == 2 * T * frozen + attn + lora
-    assert f["backward"] == 2 * T * frozen + 2 * attn + 2 * lora
+    assert f["backward"] == 2 * T * frozen + 2 * attn + 2 * lora - first_dx
     # causal: the 3 * 4 / 2 = 6 query-key pairs of 3 tokens a causal kernel computes, not all 9
     c = C.lora_step_flops(s, r=2, causal=True)
     attn_causal = 2 * 2 * 1 * 6 * 4
     assert c["forward"] == 2 * T * frozen + attn_causal + lora
-    assert c["backward"] == 2 * T * frozen + 2 * attn_causal + 2 * lora
+    assert c["backward"] == 2 * T * frozen + 2 * attn_causal + 2 * lora - first_dx
     assert C.full_step_flops(s, causal=True)["step"] == C.full_step_flops(s)["step"] - 3 * (attn - attn_causal)
+    # full fine-tuning: every weight gradient, and the first layer's input gradient (the embedding trains)
+    assert C.full_step_flops(s)["step"] == 3 * (2 * T * frozen) + 3 * attn
+
+
+def test_flop_count_matches_xlas_count_of_the_compiled_step():
+    """The analytic LoRA step count against XLA's own count of jpeft's compiled step (one layer,
+    dense attention, so nothing is in a loop XLA counts once; matmuls dominate): XLA counts the
+    elementwise work too, so it may be a little higher, never lower. The count once included
+    the first layer's q/k/v input gradient, which XLA drops (nothing before it trains): 12 %
+    more than XLA's count here, 2 % at the issue size, every MFU that much too high."""
+    import depth_stats
+
+    s = C.Size(hidden=256, layers=1, heads=4, intermediate=512, vocab=256, batch=4, seq=32)
+    ca = depth_stats.compile_step(s, "reference", 8, False, False).cost_analysis()
+    xla = float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
+    assert 1.0 <= xla / C.lora_step_flops(s, r=8)["step"] < 1.04
 
 
 def test_scaling_goals_tell_superlinear_memory_from_flat():
@@ -116,14 +135,16 @@ def test_scaling_merge_joins_parts_of_one_sweep_and_refuses_others(tmp_path):
 
 def test_toy_run_end_to_end(tmp_path):
     report = bench_vs_hf.main([
-        "--size", "toy", "--rounds", "1", "--steps", "2", "--warmup", "0", "--no-bf16",
+        "--size", "toy", "--rounds", "1", "--steps", "2", "--per-turn", "2", "--warmup", "0", "--no-bf16",
         "--memory-size", "none", "--workdir", str(tmp_path / "w"), "--json", str(tmp_path / "r.json"),
     ])
     r = report["ratios"]["step time jpeft_f32 / hf_f32"]
     assert math.isfinite(r["median"]) and r["median"] > 0
+    # two turns of two back-to-back steps each, per worker (as bench_scaling.py times them)
+    assert report["per_turn"] == 2 and all(len(report["raw_rounds"][0]["steps"][n]) == 4 for n in report["workers"])
     # same weights, same adapter, same batches, same optimizer: same losses (f32 round-off only)
     chk = report["loss_checks"]["jpeft_f32 vs hf_f32"]
-    assert chk["steps"] == 3
+    assert chk["steps"] == 5
     assert chk["max_abs"] < 1e-4, chk
     for name in ("hf_f32", "jpeft_f32"):
         s = report["speed"][name]
@@ -166,7 +187,7 @@ def test_accelerator_benchmark_toy_run(tmp_path):
     size = A.SIZES["toy"]
     h, i, v, n, T = size.hidden, size.intermediate, size.vocab, size.layers, size.tokens
     weights = n * (4 * h * h + 3 * h * i) + h * v
-    assert A.full_step_flops(size) == C.lora_step_flops(size, r=0)["step"] + 2 * T * weights
+    assert C.full_step_flops(size)["step"] == C.lora_step_flops(size, r=0)["step"] + 2 * T * weights + 2 * T * 3 * h * h
     out = tmp_path / "acc.json"
     r = subprocess.run([sys.executable, os.path.join(BENCH, "accelerator.py"), "--size", "toy", "--steps", "2",
                         "--runs", "jpeft-lora,jpeft-full", "--json", str(out)], capture_output=True, text=True,
@@ -177,6 +198,45 @@ def test_accelerator_benchmark_toy_run(tmp_path):
     assert full["trainable"] == full["params"] > lora["trainable"] > 0
     for x in (lora, full):
         assert x["tokens_per_s"] > 0 and 0 < x["mfu"] and len(x["loss"]) == 3 and all(map(math.isfinite, x["loss"]))
+
+
+def test_accelerator_benchmark_gives_both_frameworks_one_adamw():
+    """accelerator.py's AdamW is the same in both frameworks: optax's and torch's defaults differ
+    (weight decay 1e-4 against 1e-2), so the settings are spelled out; three updates of the same
+    parameters with the same gradients agree."""
+    import numpy as np
+    import optax
+    import torch
+
+    import accelerator as A
+
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((4, 3)).astype(np.float32)
+    grads = [rng.standard_normal((4, 3)).astype(np.float32) for _ in range(3)]
+    opt = optax.adamw(A.ADAMW["lr"], eps=A.ADAMW["eps"], weight_decay=A.ADAMW["weight_decay"])
+    w, state = w0, opt.init(w0)
+    tw = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    topt = torch.optim.AdamW([tw], **A.ADAMW)
+    for g in grads:
+        upd, state = opt.update(g, state, w)
+        w = optax.apply_updates(w, upd)
+        tw.grad = torch.from_numpy(g)
+        topt.step()
+    np.testing.assert_allclose(np.asarray(w), tw.detach().numpy(), rtol=0, atol=3e-7)  # float32 round-off
+    assert A.ADAMW["weight_decay"] > 0 and np.abs(np.asarray(w) - w0).max() > 0
+
+
+def test_accelerator_benchmark_divides_by_the_devices_own_peak():
+    """MFU's denominator is the data-sheet peak of the device's own variant: an H100 PCIe (756
+    TFLOP/s dense bf16) is not the SXM part (989), whose peak every "H100" once got."""
+    import accelerator as A
+
+    unknown = lambda: float("nan")
+    assert A._peak("NVIDIA H100 80GB HBM3", None, unknown)[0] == 989e12
+    assert A._peak("NVIDIA H100 PCIe", None, unknown) == (756e12, "data sheet (H100 PCIe, dense bf16)")
+    assert A._peak("NVIDIA H100 NVL", None, unknown)[0] == 835e12
+    assert A._peak("NVIDIA H200", None, unknown)[0] == 989e12
+    assert A._peak("NVIDIA H100 PCIe", 500, unknown) == (500e12, "given (--peak-tflops)")
 
 
 @pytest.mark.slow
@@ -207,6 +267,18 @@ def test_scaling_sweep_toy_end_to_end(tmp_path):
     assert "| mode (lora) |" in md and "| mode (full) |" in md
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["complete"] is True and saved["points"] == json.loads(json.dumps(report["points"], default=float))
+
+
+def test_paired_benchmarks_refuse_settings_that_time_nothing(capsys):
+    """bench_vs_hf.py and bench_scaling.py with no rounds, turns or steps per turn would time
+    nothing and report NaN ratios (or fail on an empty list): refused by name, before any work."""
+    import bench_scaling
+
+    for main in (bench_vs_hf.main, bench_scaling.main):
+        for bad in (["--per-turn", "0"], ["--steps", "0"], ["--rounds", "0"]):
+            with pytest.raises(SystemExit):
+                main(["--size" if main is bench_vs_hf.main else "--base", "toy"] + bad)
+            assert "--rounds, --steps and --per-turn must be >= 1" in capsys.readouterr().err
 
 
 def test_huge_pages_reach_the_workers_asked_for():
@@ -253,6 +325,10 @@ def test_attention_kernel_benchmark_toy_run(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(x["seq"], x["block"]) for x in rows] == [(48, 16), (48, 64), (48, "16x32")]
+    # both frameworks' processes in the same environment by default (as bench_scaling.py), with
+    # the `jpeft` command's glibc tunables
+    env = json.loads(out.read_text())["env"]
+    assert env["torch"] == env["jpeft"] == C.host_pages_env("jpeft", "both")
     assert all(x["jpeft_s"] > 0 and x["torch_s"] > 0 and x["ratio"] > 0 for x in rows)
     assert "| 48 x 1 | jpeft blockwise, blocks of 16 |" in r.stdout
     assert "| 48 x 1 | jpeft blockwise, tiles of 16 x 32 |" in r.stdout
