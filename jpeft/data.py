@@ -159,7 +159,8 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
             elif text_field in row:
                 out.append({"text": _text_value(path, lineno, row, text_field)})
             else:
-                fix = ("Rename the fields or set text_field / prompt_field / completion_field in the [data] section."
+                fix = ("Rename the fields, or name yours with text_field / prompt_field / completion_field (`jpeft "
+                       "train`'s [data] section, load_examples' keywords; `jpeft eval` reads the default names only)."
                        if not isinstance(row.get("messages", row.get("conversations")), list) else
                        "Conversational data (a list of role/content messages) is not read: render it with the "
                        "tokenizer's chat template into a text (tokenizer.apply_chat_template(messages, tokenize=False)), "

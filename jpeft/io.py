@@ -443,6 +443,22 @@ def _remove_stale_write_temps(path: str) -> None:
                 os.close(fd)
 
 
+def check_folder(path, what: str) -> None:
+    """Refuses an output folder ``path`` that exists as a file, or under a file, before anything
+    is made or written in it (``os.makedirs`` would end with a bare ``FileExistsError`` or
+    ``NotADirectoryError``); ``what`` names it for the user (``"--out"``, ``"output_dir"``).
+
+    Raises:
+      OverwriteError: ``path`` or a folder above it is a file.
+    """
+    p = os.path.abspath(os.fspath(path))
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise OverwriteError(f"{what} {os.fspath(path)!r} cannot be made a folder: {p!r} exists and is a file. Give a "
+                             "folder path (a missing folder is made), or move the file away.")
+
+
 def atomic_write(path, data) -> None:
     """Writes ``data`` (``str`` or ``bytes``) to ``path`` through a temporary file of a fresh
     name next to it, flushed and renamed over it, so an interrupted write leaves the previous

@@ -596,3 +596,168 @@ def test_an_adapter_of_another_base_names_the_commands_fix(tmp_path):
         _ckpt.load_adapter(str(tmp_path / "a"), params=p2)
     assert "(--model); from Python, allow_base_mismatch=True loads it anyway" in str(e.value)
     assert "pass allow_base_mismatch" not in str(e.value)
+
+
+def test_info_on_an_adapter_folder_refuses_method_options_it_would_ignore(tmp_path, capsys):
+    """`jpeft info ADAPTER --method ia3` (or -r, --alpha, --target, --set, --base-dtype) printed
+    the adapter's own LoRA config and counts with exit status 0, the options dropped without a
+    word; they are refused by name, and the folder alone is still described."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import jpeft
+
+    p = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 4)))
+    cfg = jpeft.LoraConfig(r=2, target_modules=".*")
+    jpeft.io.save_adapter(tmp_path / "a", cfg, jpeft.init(cfg, p, jax.random.key(1)), params=p)
+    for opts, named in [(["--method", "ia3"], "--method"), (["--method", "lora"], "--method"), (["-r", "16"], "-r/--rank"),
+                        (["--alpha", "4"], "--alpha"), (["--target", "q_proj"], "--target"),
+                        (["--set", "use_rslora=true"], "--set"), (["--base-dtype", "float32"], "--base-dtype")]:
+        assert main(["info", str(tmp_path / "a"), *opts]) == 2
+        out, err = capsys.readouterr()
+        assert not out
+        line = one_line(err)
+        assert line.startswith(f"jpeft info: error: ConfigError: {named} describe a method to count on a model"), line
+        assert "Leave them out, or give a model folder" in line
+    assert main(["info", str(tmp_path / "a"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["method"]["r"] == 2 and res["trainable_params"] == 2 * 4 + 3 * 2
+
+
+def test_forgetting_sweep_options_without_sweep_are_refused_not_ignored(tmp_path, capsys):
+    """`jpeft forgetting BENCH --lr-factors 0.1 1` (or --strength-factors) without --sweep ran the
+    plain benchmark with the factors dropped; they are refused, as --checkpoints was, before
+    anything is trained."""
+    for opts, named in [(["--lr-factors", "0.1", "1"], "--lr-factors only applies"),
+                        (["--strength-factors", "3"], "--strength-factors only applies"),
+                        (["--lr-factors", "1", "--checkpoints", "5"], "--lr-factors, --checkpoints only apply")]:
+        assert main(["forgetting", "split-digits-task", "--steps", "1", "--seeds", "0", "--methods", "naive",
+                     "--no-progress", "--no-plots", "--out", str(tmp_path / "o"), *opts]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert not (tmp_path / "o").exists()
+        assert f"ConfigError: {named} with --sweep; add --sweep" in line, line
+    from jpeft.forgetting import cli as fcli
+
+    args = fcli.build_parser().parse_args(["split-digits-task", "--sweep"])  # a sweep without them: the defaults
+    assert args.lr_factors is None and args.strength_factors is None
+    assert (fcli.LR_FACTORS, fcli.STRENGTH_FACTORS) == ((0.25, 0.5, 1.0, 2.0), (1.0,))
+
+
+def test_info_refuses_one_field_given_by_an_option_and_by_set(folder, capsys):
+    """`jpeft info -r 8 --set r=4` counted r=4 (and `--target q_proj --set target_modules=...`
+    the --set's modules) with exit status 0: one of the two values was dropped without a word."""
+    m = str(folder / "m")
+    for opts, named in [(["-r", "8", "--set", "r=4"], "--set r=4 and -r/--rank give one field (r) twice"),
+                        (["--alpha", "8", "--set", "lora_alpha=32"], "--set lora_alpha=32 and --alpha give one field (alpha)"),
+                        (["--target", "q_proj", "--set", 'target_modules=["v_proj"]'],
+                         "--set target_modules=[\"v_proj\"] and --target give one field (target_modules) twice")]:
+        assert main(["info", m, *opts]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert f"ConfigError: {named}" in line and line.endswith("give it once."), line
+    # each alone still counts: r=4 on q_proj (16 -> 16) of the one layer is 4 * (16 + 16) = 128
+    for opts in (["-r", "4", "--target", "q_proj"], ["--set", "r=4", "--set", 'target_modules=["q_proj"]']):
+        assert main(["info", m, "--json", *opts]) == 0
+        assert json.loads(capsys.readouterr().out)["trainable_params"] == 128
+
+
+def test_an_output_folder_that_is_a_file_is_a_named_error_before_any_work(folder, capsys, tmp_path, monkeypatch):
+    """`jpeft train --output-dir FILE` (after loading the model and packing the data), `jpeft demo
+    --out FILE` and `jpeft forgetting --out FILE` ended with a bare `FileExistsError: [Errno 17]`,
+    and `--out FILE/sub` with `NotADirectoryError`; each is a named error naming the file, given
+    before anything is loaded, trained or written, and the file is left as it was."""
+    from jpeft.cli import _trainer
+
+    monkeypatch.setattr(_trainer, "load_folder", lambda *a, **k: pytest.fail("loaded the model first"))
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    cfg = config(folder)
+    for out in (f, f / "sub"):
+        for argv in (["train", "--config", cfg, "--output-dir", out, "--no-progress"],
+                     ["demo", "--tiny", "--out", out, "--no-progress"],
+                     ["forgetting", "split-digits-task", "--steps", "1", "--seeds", "0", "--methods", "naive",
+                      "--no-progress", "--no-plots", "--out", out],
+                     ["forgetting", "split-digits-task", "--sweep", "--steps", "1", "--seeds", "0", "--methods",
+                      "naive", "--no-progress", "--no-plots", "--out", out],
+                     ["merge", "--model", folder / "m", "--adapter", folder / "m", "--out", out],
+                     ["export", "--model", folder / "m", "--adapter", folder / "m", "--out", out]):
+            assert main([str(a) for a in argv]) == 2, argv
+            line = one_line(capsys.readouterr().err)
+            assert "error: OverwriteError: " in line and f"cannot be made a folder: {str(f)!r} exists and is a file. Give a folder path" in line, line
+            assert f.read_text() == "keep me"
+
+
+def test_info_on_adalora_without_total_step_says_how_to_give_it(folder, capsys):
+    """`jpeft info MODEL --method adalora` (docs/CLI.md: AdaLoRA counted on PEFT's default targets)
+    ended with "total_step is required" and no word of how to give it on the command line."""
+    assert main(["info", str(folder / "m"), "--method", "adalora"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "AdaLoraConfig.total_step is required" in line and "`jpeft info`: --set total_step=N" in line, line
+    assert main(["info", str(folder / "m"), "--method", "adalora", "--set", "total_step=100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"]["total_step"] == 100
+
+
+def test_eval_of_a_file_with_other_field_names_says_what_eval_can_do(folder, capsys, tmp_path):
+    """`jpeft eval` of a JSONL with other keys told the user to "set text_field / prompt_field /
+    completion_field in the [data] section", which `jpeft eval` has none of (it reads the default
+    names only, docs/CLI.md)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"body": "the quick brown fox"}) + "\n")
+    assert main(["eval", "--model", str(folder / "m"), "--data", str(data)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "expected a 'text' field or both 'prompt' and 'completion', found keys ['body']" in line, line
+    assert "`jpeft eval` reads the default names only" in line, line
+
+
+def test_an_adapter_given_as_the_model_says_to_swap_them(folder, capsys, tmp_path):
+    """`jpeft eval --model runs/x/adapter --adapter ./my-model` (the two folders swapped) said the
+    adapter folder "needs config.json next to its weights; write it with transformers'
+    save_pretrained", which cannot help; it names what the folder holds and the fix."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    import jpeft
+
+    p = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 4)))
+    cfg = jpeft.LoraConfig(r=2, target_modules=".*")
+    jpeft.io.save_adapter(tmp_path / "run" / "adapter", cfg, jpeft.init(cfg, p, jax.random.key(1)), params=p)
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    data = tmp_path / "d.txt"
+    data.write_text("the quick brown fox")
+    for folder_, held in [(tmp_path / "run" / "adapter", "a jpeft adapter (jpeft_adapter.json)"),
+                          (tmp_path / "peft", "a Hugging Face PEFT adapter (adapter_config.json)"),
+                          (tmp_path / "run", "a `jpeft train` run (adapter/, checkpoints/)")]:
+        for argv in (["eval", "--model", folder_, "--adapter", folder / "m", "--data", data],
+                     ["merge", "--model", folder_, "--adapter", folder / "m", "--out", tmp_path / "o"]):
+            assert main([str(a) for a in argv]) == 2
+            line = one_line(capsys.readouterr().err)
+            assert f"LoadError: {str(folder_)!r} holds {held}, not a model (no config.json). Give the base model's folder" in line, line
+            assert "save_pretrained" not in line and not (tmp_path / "o").exists()
+
+
+def test_every_default_a_help_line_states_is_the_one_the_command_uses():
+    """Each `(default X)` of an option's --help is its argparse default (where the parser holds
+    it), and the method options of `jpeft info` state LoraConfig's own defaults (--alpha gave
+    none: jpeft's 16 is not PEFT's 8)."""
+    import argparse
+    import re
+
+    import jpeft
+    from jpeft.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for name, sp in sub.choices.items():
+        for a in sp._actions:
+            m = re.search(r"\(default:? ([-\w.]+)[;)]", a.help or "")
+            if m and a.default is not None and not isinstance(a.default, (bool, list)):
+                assert float(m.group(1)) == float(a.default) if isinstance(a.default, (int, float)) \
+                    else m.group(1) == a.default, (name, a.option_strings, m.group(1), a.default)
+                checked += 1
+    assert checked >= 15
+    info = {o: a.help for a in sub.choices["info"]._actions for o in a.option_strings}
+    lora = jpeft.LoraConfig()
+    assert f"LoRA default {lora.r})" in info["--rank"] and f"LoRA default {lora.alpha:g}," in info["--alpha"]
+    assert "(default lora)" in info["--method"]

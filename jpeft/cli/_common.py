@@ -24,13 +24,19 @@ def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def add_method_args(p: argparse.ArgumentParser, *, default: str = "lora") -> None:
-    """``--method``, ``-r``, ``--alpha``, ``--target`` and ``--set KEY=VALUE``."""
+DEFAULT_METHOD = "lora"
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """``--method``, ``-r``, ``--alpha``, ``--target`` and ``--set KEY=VALUE``; each is ``None``
+    (``[]`` for ``--set``) when not given, so a command can refuse them where they do not apply."""
     g = p.add_argument_group("adapter method")
-    g.add_argument("--method", default=default,
-                   help=f"method name: lora, full, or any registered jpeft method's peft_type (default {default})")
+    g.add_argument("--method", default=None,
+                   help=f"method name: lora, full, or any registered jpeft method's peft_type (default {DEFAULT_METHOD})")
     g.add_argument("-r", "--rank", type=int, default=None, help="rank, for methods that have one (LoRA default 8)")
-    g.add_argument("--alpha", type=float, default=None, help="scaling numerator (LoRA: update scaled by alpha/r)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="scaling numerator (LoRA: update scaled by alpha/r; LoRA default 16, where PEFT's "
+                        "LoraConfig has 8)")
     g.add_argument("--target", default=None,
                    help="target modules: a comma-separated list of names (q_proj,v_proj) or one regex "
                         "(re.fullmatch on the module path or its Hugging Face name)")
@@ -153,27 +159,32 @@ def method_of(cfg, model_type=None) -> Any:
 
 def method_from_args(args, *, model_type: Optional[str] = None):
 
-    cls = method_class(args.method)
+    name = args.method if args.method is not None else DEFAULT_METHOD
+    cls = method_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     d: dict[str, Any] = {}
     if args.rank is not None:
         if "r" not in fields:
-            raise ConfigError(f"method {args.method!r} has no rank; drop -r/--rank.")
+            raise ConfigError(f"method {name!r} has no rank; drop -r/--rank.")
         d["r"] = args.rank
     if args.alpha is not None:
         if "alpha" not in fields:
-            raise ConfigError(f"method {args.method!r} has no alpha; drop --alpha.")
+            raise ConfigError(f"method {name!r} has no alpha; drop --alpha.")
         d["alpha"] = args.alpha
     if "target_modules" in fields:
         t = parse_targets(args.target)
         if t is not None:
             d["target_modules"] = t
     elif args.target is not None:
-        raise ConfigError(f"method {args.method!r} takes no target modules; drop --target.")
+        raise ConfigError(f"method {name!r} takes no target modules; drop --target.")
+    options = {"r": "-r/--rank", "alpha": "--alpha", "target_modules": "--target"}
     for kv in args.method_set:
         if "=" not in kv:
             raise ConfigError(f"--set expects KEY=VALUE, found {kv!r}.")
         k, v = kv.split("=", 1)
+        field = cls.field_of(k.strip())
+        if field in d and field in options:  # one of the two values would be dropped without a word
+            raise ConfigError(f"--set {kv} and {options[field]} give one field ({field}) twice; give it once.")
         d[k.strip()] = typed_value(k.strip(), v, _parse_value(v), field_type(cls, k.strip()))
     return cls.from_dict(_with_default_targets(cls, d, model_type))
 

@@ -29,7 +29,7 @@ from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, SaveError, ShardingError
 from jpeft.forgetting.guard import current_lr_scale
-from jpeft.io import atomic_write, safetensors_index
+from jpeft.io import atomic_write, check_folder, safetensors_index
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
@@ -407,6 +407,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
             raise ConfigError(f"[forgetting] runs in a single process (its canary metrics are read on the host); this job "
                               f"has {jax.process_count()} processes. Drop the [forgetting] table, or train on one host "
                               "(any number of local devices).")
+        check_folder(out_dir, "output_dir")  # before the model is loaded, not at os.makedirs after it
         ckpt_dir = os.path.join(out_dir, "checkpoints")
         has_ckpts = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
         if not resume and has_ckpts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jpeft.cli import _demo
 from jpeft.errors import ConfigError
+from jpeft.io import check_folder
 
 HELP = "pretrain a tiny model on Python code, fine-tune it on English with full FT and LoRA, compare forgetting"
 EPILOG = """\
@@ -71,5 +72,6 @@ def run(args) -> int:
     if args.gen_bytes < 0:
         raise ConfigError(f"--gen-bytes must be >= 0, found {args.gen_bytes}.")
 
+    check_folder(args.out, "--out")
     _demo.run_demo(args)
     return 0

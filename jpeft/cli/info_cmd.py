@@ -28,6 +28,7 @@ example:
   jpeft info --list                              # the published configs that ship with jpeft
   jpeft info runs/my-run                         # what training wrote: adapter or newest checkpoint
   jpeft info runs/my-run/checkpoints/30          # a checkpoint: method, step, metrics, sizes
+                                                 # (its own config: --method, -r, ... are refused)
 
 The model is built with jax.eval_shape: shapes only, so a 70B model costs no memory.
 Memory estimates assume float32 adapter weights and Adam (two moments per trainable value);
@@ -93,6 +94,14 @@ def run(args) -> int:
     if not args.model:
         raise ConfigError("give a model folder or a published config name (see `jpeft info --list`).")
     if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        # what the folder holds is read from its own metadata: a method or dtype asked for would be ignored
+        given = [o for o, v in (("--method", args.method), ("-r/--rank", args.rank), ("--alpha", args.alpha),
+                                ("--target", args.target), ("--set", args.method_set or None),
+                                ("--base-dtype", args.base_dtype)) if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} describe a method to count on a model, but {args.model!r} has no "
+                              "config.json: it is read as an adapter, PEFT, run or checkpoint folder, whose own config "
+                              "`jpeft info` prints. Leave them out, or give a model folder or a published config name.")
         return describe_adapter(args.model, as_json=args.json)
     method_from_args(args)  # a bad method fails before anything is loaded
     name, cfg = _config_dict(args.model)

@@ -8,6 +8,7 @@ import jpeft
 from jpeft.cli._ckpt import find_adapter, load_adapter_with_base
 from jpeft.cli._model import example_ids, load_folder, save_folder
 from jpeft.errors import SaveError
+from jpeft.io import check_folder
 
 HELP = "merge an adapter into its base model and save a plain Hugging Face model folder"
 EPILOG = """\
@@ -40,8 +41,7 @@ def check_out(out: str, force: bool, **inputs: str) -> None:
     load with the adapter attached (``export``). The same holds for the folder ``--adapter``
     is actually read from (a run folder's ``adapter/`` or newest checkpoint) and any folder
     holding it (the run folder, where an export would be read before the run's ``adapter/``)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SaveError(f"--out {out!r} exists and is a file; give a folder.")
+    check_folder(out, "--out")
     for name, path in inputs.items():
         if path is not None and os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(out):
             raise SaveError(f"--out {out!r} is the {name} folder; writing there would replace what the command reads "

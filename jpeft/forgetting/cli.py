@@ -57,6 +57,10 @@ def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]", "", s.lower())
 
 
+LR_FACTORS = (0.25, 0.5, 1.0, 2.0)  # --lr-factors and --strength-factors of a --sweep that gives none
+STRENGTH_FACTORS = (1.0,)
+
+
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one full run each (default: 0 1 2)")
@@ -77,9 +81,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--sweep", action="store_true",
                    help="sweep every selected method over learning rates (and regularizer strengths) and checkpoints; "
                         "writes sweep.json, points.csv, summary.csv, report.md and a Pareto plot")
-    g.add_argument("--lr-factors", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0],
+    g.add_argument("--lr-factors", type=float, nargs="+", default=None,
                    help="with --sweep: learning rates as multiples of each method's own (default: 0.25 0.5 1 2)")
-    g.add_argument("--strength-factors", type=float, nargs="+", default=[1.0],
+    g.add_argument("--strength-factors", type=float, nargs="+", default=None,
                    help="with --sweep: regularizer strengths (EWC lambda, L2-SP, distillation weight, replay share) "
                         "as multiples of each method's own (default: 1)")
     g.add_argument("--checkpoints", type=int, nargs="+", default=[],
@@ -174,8 +178,12 @@ def run_from_args(args) -> int:
         return 0
     if args.sweep:
         return _run_sweep(args, bench, methods)
-    if args.checkpoints:
-        raise ConfigError("--checkpoints only applies with --sweep.")
+    # a sweep's options would be ignored by the plain run: refused rather than dropped
+    given = [o for o, v in (("--lr-factors", args.lr_factors), ("--strength-factors", args.strength_factors),
+                            ("--checkpoints", args.checkpoints)) if v]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --sweep; add --sweep "
+                          "for learning-vs-forgetting curves, or leave them out.")
     out = args.out or f"forgetting_results/{bench.name}"
     experiment.run(bench, methods, seeds=args.seeds, out_dir=out, progress=not args.no_progress, plots=not args.no_plots,
                    overwrite=args.force)
@@ -202,7 +210,7 @@ def families_from_args(methods, lr_factors, strength_factors) -> list:
 
 
 def _run_sweep(args, bench, methods) -> int:
-    fams = families_from_args(methods, args.lr_factors, args.strength_factors)
+    fams = families_from_args(methods, args.lr_factors or LR_FACTORS, args.strength_factors or STRENGTH_FACTORS)
     out = args.out or f"forgetting_results/{bench.name}-sweep"
     SW.sweep(bench, fams, seeds=args.seeds, checkpoints=args.checkpoints, out_dir=out, progress=not args.no_progress,
              plots=not args.no_plots, overwrite=args.force)

@@ -58,7 +58,7 @@ import optax
 import jpeft
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, OverwriteError
-from jpeft.io import atomic_write
+from jpeft.io import atomic_write, check_folder
 from jpeft.forgetting import metrics as M
 from jpeft.forgetting import regularizers as R
 from jpeft.forgetting import replay as RP
@@ -720,7 +720,9 @@ def check_replay(bench: Benchmark, specs) -> None:
 
 
 def check_out_dir(out_dir, artifacts, overwrite: bool) -> None:
-    """Refuses an ``out_dir`` that holds any of ``artifacts`` from an earlier run, unless ``overwrite``."""
+    """Refuses an ``out_dir`` that holds any of ``artifacts`` from an earlier run, unless ``overwrite``,
+    and one that is a file."""
+    check_folder(out_dir, "the output folder (--out)")
     found = [a for a in artifacts if os.path.exists(os.path.join(out_dir, a))]
     if found and not overwrite:
         raise OverwriteError(f"{out_dir} already holds the results of an earlier run ({', '.join(found)}); a new run "

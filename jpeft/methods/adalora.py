@@ -141,7 +141,8 @@ class AdaLoraConfig(AdapterConfig):
             whole(name, lo)
         if self.total_step is None:
             raise ConfigError("AdaLoraConfig.total_step is required (> 0): the budget schedule needs the training length, "
-                              "as in Hugging Face PEFT.")
+                              "as in Hugging Face PEFT. Give the number of training steps: total_step=N (`jpeft train`: "
+                              "total_step = N in [method], as train.steps; `jpeft info`: --set total_step=N).")
         whole("total_step", 1)
         if self.tinit >= self.total_step - self.tfinal:
             raise ConfigError(

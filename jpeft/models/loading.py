@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 from jpeft import _hostmem, quant
 from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, QuantizationError, SaveError,
                           UnsafeFileError, UnsupportedModelError, WeightShapeError)
-from jpeft.io import open_regular, read_json, safetensors_index
+from jpeft.io import ADAPTER_JSON, open_regular, read_json, safetensors_index
 from jpeft.models.bert import BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jpeft.models import llama_nnx
@@ -275,12 +275,28 @@ def read_config(path: str) -> dict:
         )
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
+        held = _adapter_held(path)
+        if held:  # the two folders swapped (`--model runs/x/adapter`): saving a config.json would not help
+            raise LoadError(f"{path!r} holds {held}, not a model (no config.json). Give the base model's folder (the one "
+                            "the adapter was trained on) here, and this folder as the adapter (`--adapter` of the jpeft "
+                            "commands; jpeft.load_adapter or jpeft.hf.load_peft in Python).")
         raise LoadError(
             f"{path!r} has no config.json (found: {sorted(os.listdir(path))[:10]}). A Hugging Face checkpoint folder "
             "needs config.json next to its weights; write it with transformers' save_pretrained."
         )
 
     return read_json(cpath, what="config.json")
+
+
+def _adapter_held(path: str) -> Optional[str]:
+    """What adapter ``path`` (a folder without ``config.json``) holds, in words, or ``None``."""
+    if os.path.isfile(os.path.join(path, ADAPTER_JSON)):
+        return f"a jpeft adapter ({ADAPTER_JSON})"
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return "a Hugging Face PEFT adapter (adapter_config.json)"
+    if os.path.isfile(os.path.join(path, "adapter", ADAPTER_JSON)) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return "a `jpeft train` run (adapter/, checkpoints/)"
+    return None
 
 
 def config_from_hf(d: Mapping[str, Any], dtype=jnp.float32, param_dtype=None):
