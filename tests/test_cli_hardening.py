@@ -724,11 +724,14 @@ def test_an_adapter_given_as_the_model_says_to_swap_them(folder, capsys, tmp_pat
     jpeft.io.save_adapter(tmp_path / "run" / "adapter", cfg, jpeft.init(cfg, p, jax.random.key(1)), params=p)
     (tmp_path / "peft").mkdir()
     (tmp_path / "peft" / "adapter_config.json").write_text("{}")
+    for part in ("state", "meta"):  # a checkpoint's step folder, as Orbax lays it out
+        (tmp_path / "run" / "checkpoints" / "4" / part).mkdir(parents=True)
     data = tmp_path / "d.txt"
     data.write_text("the quick brown fox")
     for folder_, held in [(tmp_path / "run" / "adapter", "a jpeft adapter (jpeft_adapter.json)"),
                           (tmp_path / "peft", "a Hugging Face PEFT adapter (adapter_config.json)"),
-                          (tmp_path / "run", "a `jpeft train` run (adapter/, checkpoints/)")]:
+                          (tmp_path / "run", "a `jpeft train` run (adapter/, checkpoints/)"),
+                          (tmp_path / "run" / "checkpoints" / "4", "a `jpeft train` checkpoint (state/, meta/)")]:
         for argv in (["eval", "--model", folder_, "--adapter", folder / "m", "--data", data],
                      ["merge", "--model", folder_, "--adapter", folder / "m", "--out", tmp_path / "o"]):
             assert main([str(a) for a in argv]) == 2

@@ -143,11 +143,12 @@ def _canary_report(args, loaded, adapter, ds, base) -> int:
         return 0
     print(f"forgetting on {args.canary}: {res['rows']} rows, {res['tokens']:,} target tokens")
     print(f"  loss     base {res['base_loss']:.4f}  adapted {res['loss']:.4f}  rise {res['loss_rise']:+.4f} nats")
-    print(f"  mean per-token KL(base || adapted) {res['kl']:.4f} nats")
+    # a KL is >= 0: float32 rounding of an unchanged row's (~ -1e-7) is printed as the 0 it is, not "-0.0000"
+    print(f"  mean per-token KL(base || adapted) {max(res['kl'], 0.0):.4f} nats")
     if worst:
         print("  worst-affected rows (by loss rise):")
         for w in worst:
             text = " ".join(w["text"].split())
             text = text if len(text) <= 60 else text[:57] + "..."
-            print(f"    row {w['row']:>4}  rise {w['loss_rise']:+.4f}  KL {w['kl']:.4f}  {text!r}")
+            print(f"    row {w['row']:>4}  rise {w['loss_rise']:+.4f}  KL {max(w['kl'], 0.0):.4f}  {text!r}")
     return 0

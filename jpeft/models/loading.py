@@ -296,6 +296,9 @@ def _adapter_held(path: str) -> Optional[str]:
         return "a Hugging Face PEFT adapter (adapter_config.json)"
     if os.path.isfile(os.path.join(path, "adapter", ADAPTER_JSON)) or os.path.isdir(os.path.join(path, "checkpoints")):
         return "a `jpeft train` run (adapter/, checkpoints/)"
+    if os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")) or (
+            os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))):
+        return "a `jpeft train` checkpoint (state/, meta/)"
     return None
 
 
