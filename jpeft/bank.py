@@ -717,10 +717,12 @@ def _low_rank_of(where: str, node) -> LowRank:
     try:
         return node.low_rank()
     except NotMergeableError as e:
-        raise BankError(
-            f"{where}: {e} AdapterBank holds LoRA adapters of unrolled models only (a layer-scanned model's sites are "
-            "jpeft.scan.Stacked; unstack them with jpeft.scan.unstack_adapter)."
-        ) from None
+        # the scan hint for a layer-scanned site only: appended to a DoRA or IA3 refusal it sent users to unstack
+        # an adapter that was not stacked
+        hint = (" AdapterBank holds LoRA adapters of unrolled models only (this site is a layer-scanned "
+                "jpeft.scan.Stacked; unstack the adapter with jpeft.scan.unstack_adapter)."
+                if isinstance(node, scan.Stacked) else " AdapterBank holds LoRA, AdaLoRA and VeRA adapters.")
+        raise BankError(f"{where}: {e}{hint}") from None
 
 
 def check_lora(name, adapter) -> dict:

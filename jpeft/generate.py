@@ -179,7 +179,9 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
       top_k: keep only the ``top_k`` most likely tokens when sampling (``0``: all).
       top_p: nucleus sampling: keep the most likely tokens whose probability mass reaches
         ``top_p`` (``1.0``: all).
-      key: ``jax.random`` key, required when sampling.
+      key: ``jax.random`` key, required when sampling. One key draws for the whole batch: row
+        ``i``'s draws depend on the key and on ``i``, so a prompt at another row samples other
+        tokens (``jpeft serve`` gives each request its own seed).
       attention_mask: ``[batch, prompt_len]``, 1 for real tokens (default: all ones).
       eos_token_id: token id(s) that end a row; later positions get ``pad_token_id``
         (default ``None``: never stop early; the length is fixed for ``jit``).

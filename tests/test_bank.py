@@ -93,6 +93,29 @@ def test_mixed_batch_equals_each_adapter_alone(strategy):
     assert float(jnp.abs(_alone("r2") - _alone(None)).max()) > 1e-2
 
 
+@pytest.mark.parametrize("strategy", ["gather", "ragged", "pregather"])
+def test_vera_and_adalora_adapters_route_as_each_alone(strategy):
+    """The bank holds any adapter whose update is low-rank (their ``low_rank()``), with every
+    tensor random: VeRA's lambdas (lambda_b starts at zero) and AdaLoRA's E (starts at zero)."""
+    def rand(ad, seed):
+        leaves, tree = jax.tree.flatten(ad)
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        return jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+    vera = rand(jpeft.init(jpeft.VeraConfig(r=3, target_modules=["mlp", "o_proj"]), PARAMS, jax.random.key(1), MODEL, TOK), 2)
+    ada = rand(jpeft.init(jpeft.AdaLoraConfig(init_r=3, target_r=2, lora_alpha=5.0, target_modules=["qkv", "mlp"],
+                                              total_step=10), PARAMS, jax.random.key(3), MODEL, TOK), 4)
+    ads = {"vera": vera, "ada": ada, "r2": ADAPTERS["r2"]}
+    bank = AdapterBank.from_adapters(ads, capacity=4, strategy=strategy)
+    names = ["ada", None, "vera", "r2", "vera", "ada"]
+    y = _FWD(PARAMS, bank.route(names), TOK)
+    base = MODEL.apply(PARAMS, TOK)
+    for i, n in enumerate(names):
+        want = base if n is None else _FWD(PARAMS, ads[n], TOK)
+        np.testing.assert_allclose(y[i], want[i], atol=1e-5, rtol=0)
+        assert n is None or float(jnp.abs(want[i] - base[i]).max()) > 1e-2
+
+
 def test_rank_and_alpha_patterns_route_as_the_adapter_alone():
     """An adapter whose sites have other ranks and alphas (``rank_pattern`` / ``alpha_pattern``,
     every tensor random) routes to its own outputs beside another adapter and the base."""
@@ -320,9 +343,10 @@ def test_routing_input_errors():
         bank.route(jnp.zeros((2, 2), jnp.int32))
     with pytest.raises(InputValidationError, match=r"adapter_ids has 2 entries.*shape \(6, 5\).*leading \(batch\) axis"):
         jax.eval_shape(lambda: jpeft.apply(MODEL, PARAMS, bank.route(["r1", "r4"]), TOK))
-    with pytest.raises(BankError, match="DoRA"):
+    with pytest.raises(BankError, match="DoRA") as e:
         dora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["mlp"], use_dora=True), PARAMS, jax.random.key(3), MODEL, TOK)
         bank.add("dora", dora)
+    assert "unstack" not in str(e.value)  # the layer-scan hint was appended to every refusal, DoRA's and IA3's too
     with pytest.raises(jpeft.ConfigError, match="capacity must be a positive integer"):
         AdapterBank.create(ADAPTERS["r1"], capacity=0, max_rank=2)
 

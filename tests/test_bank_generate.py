@@ -82,3 +82,9 @@ def test_a_bank_on_layer_scanned_params_says_so():
     with pytest.raises(BankShapeError, match=r"layer-scanned .* Serve the unrolled model"):
         bank.check(jpeft.scan.stack_params(PARAMS))
     bank.check(PARAMS)
+    from jpeft.errors import BankError
+
+    stacked = jpeft.scan.stack_adapter(ADAPTERS["a"], CFG.num_layers)  # a layer-scanned adapter: the hint names it
+    assert jpeft.scan.is_stacked(stacked)
+    with pytest.raises(BankError, match="layer-scanned jpeft.scan.Stacked; unstack the adapter"):
+        bank.add("stacked", stacked)

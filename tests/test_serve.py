@@ -331,6 +331,47 @@ def test_engine_bookkeeping_timeouts_overload_and_deferred_removal():
     assert e.value.status == 400
 
 
+def _post_adapter(server, body):
+    """``server.add_adapter`` on a POST /v1/adapters body, in process: ``(status, error message)``."""
+    import asyncio
+
+    from starlette.requests import Request as HttpRequest
+
+    raw = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/adapters", "headers": [], "query_string": b""}
+    resp = asyncio.run(server.add_adapter(HttpRequest(scope, receive)))
+    return resp.status_code, json.loads(resp.body).get("error", {}).get("message", "")
+
+
+def test_a_live_added_adapter_the_bank_cannot_hold_names_the_serve_option_to_change(tmp_path):
+    """An adapter of a rank above --max-rank sent to a full bank was answered 409 "the bank is
+    full" (after the DELETE it asked for, the adapter still did not fit); one adapting a module
+    outside --targets was told to "build the bank from a template", which no serve option does."""
+    from jpeft.bank import AdapterBank
+    from jpeft.serve import Engine
+    from jpeft.serve.app import Server
+
+    bank = AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=1, max_rank=4)  # full
+    eng = Engine(MODEL, PARAMS, bank, slots=1, max_len=32)
+    big = _lora(7, TARGETS, r=8)[1]
+    head = _lora(8, ["q_proj", "lm_head"], r=2)[1]
+    for name in ("big", "head"):
+        (tmp_path / name).mkdir()
+    server = Server(eng, base_name="tiny", tokenizer=object(), adapters_root=str(tmp_path),
+                    loader=lambda path: {"big": big, "head": head}[os.path.basename(path)])
+    st, msg = _post_adapter(server, {"name": "big", "path": "big"})
+    assert st == 400 and "rank 8" in msg and "--max-rank 8" in msg, (st, msg)
+    eng.remove_adapter("a")  # a free slot: the same answer
+    assert _post_adapter(server, {"name": "big", "path": "big"}) == (st, msg)
+    st, msg = _post_adapter(server, {"name": "head", "path": "head"})
+    assert st == 400 and "--targets" in msg and "['lm_head']" in msg, (st, msg)
+    assert eng.bank.names == ()
+
+
 def test_sampling_options_it_does_not_take_are_refused_not_ignored():
     """Options other servers take (top_k, min_p, ...) would otherwise be ignored: a client
     asking top_k=1 for greedy text would get samples. Their off values pass."""

@@ -29,8 +29,10 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from jpeft.bank import AdapterBank, check_lora
 from jpeft.errors import (
     BankCapacityError,
+    BankShapeError,
     ConfigError,
     DuplicateAdapterError,
     JpeftError,
@@ -363,6 +365,13 @@ class Server:
                 await run_in_threadpool(self.engine.add_adapter, name, adapter)
             except BankCapacityError as e:
                 bank = self.engine.bank
+                # the bank checks the adapter before its free slots: a rank above --max-rank on a full bank is the
+                # rank's error (was answered "the bank is full", and after a DELETE the adapter still did not fit)
+                if isinstance(bank, AdapterBank):  # its add checked the adapter before this error: check_lora passes
+                    rank = max(int(lr.a.shape[-1]) for lr in check_lora(name, adapter).values())
+                    if rank > bank.max_rank:
+                        raise _bad(f"{e} (jpeft serve: this server's bank was built with --max-rank {bank.max_rank}; "
+                                   f"restart it with --max-rank {rank} or more to serve this adapter.)", "path") from None
                 if None not in bank.slots:
                     raise ApiError(409, f"the adapter bank is full: all {bank.capacity} slots are taken by "
                                    f"{list(bank.names)}. Free a slot with DELETE /v1/adapters/NAME, or restart the "
@@ -371,12 +380,26 @@ class Server:
             except DuplicateAdapterError as e:
                 raise ApiError(409, str(e), "conflict_error", "name") from None
             except JpeftError as e:
-                raise _bad(f"the adapter at {path!r} cannot join this server's bank: {e}", "path") from None
+                hint = self._targets_hint(adapter) if isinstance(e, BankShapeError) else ""
+                raise _bad(f"the adapter at {path!r} cannot join this server's bank: {e}{hint}", "path") from None
         except ApiError as e:
             return e.response()
         self._added[name] = created = int(time.time())
         return JSONResponse({"id": name, "object": "model", "created": created, "owned_by": "jpeft",
                              "parent": self.base_name}, status_code=201)
+
+    def _targets_hint(self, adapter) -> str:
+        """For an adapter with sites the bank does not hold: how to serve it (the bank's sites are
+        fixed at start by ``--targets`` and the ``--adapter`` adapters)."""
+        bank = self.engine.bank
+        if not isinstance(bank, AdapterBank):
+            return ""
+        missing = sorted({str(p).rsplit("/", 1)[-1] for p in adapter if p not in bank.layouts})
+        if not missing:
+            return ""
+        return (f" (jpeft serve: the bank's modules were fixed at start by --targets, default every linear layer but "
+                f"lm_head, and by the --adapter adapters; this adapter also adapts {missing[:8]}. If the base has these "
+                "modules, restart the server with --targets naming them too.)")
 
     async def delete_adapter(self, request: HttpRequest):
         name = request.path_params["name"]
