@@ -75,7 +75,7 @@ from jpeft.io import (
     with_checksum,
 )
 from jpeft.methods.base import split_frozen, trainable
-from jpeft.tree import host_array, unwrap_params
+from jpeft.tree import host_array, is_typed_key, unwrap_params
 
 FORMAT = "jpeft-train-checkpoint"
 FORMAT_VERSION = 1
@@ -206,7 +206,7 @@ def _named_host(tree, prefix: str) -> tuple[dict, dict]:
     if addressable:
         # One batched device->host copy; the host copies are what Orbax writes, so the
         # caller may donate or overwrite its device buffers as soon as save() returns.
-        host = jax.device_get([jax.random.key_data(x) if _is_key(x) else x for x in leaves])
+        host = jax.device_get([jax.random.key_data(x) if is_typed_key(x) else x for x in leaves])
         host = [np.asarray(h) for h in host]
     else:  # multi-host: Orbax writes each host's shards; no whole-array hash
         host = leaves
@@ -220,10 +220,6 @@ def _named_host(tree, prefix: str) -> tuple[dict, dict]:
             "sha256": sha256_hex(h) if isinstance(h, np.ndarray) else None,
         }
     return arrays, index
-
-
-def _is_key(x) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _wrap(e: BaseException, what: str, cls=CheckpointError):
@@ -674,7 +670,7 @@ class CheckpointManager:
             index.update(i)
         rng = None
         if key is not None:
-            typed = _is_key(key)
+            typed = is_typed_key(key)
             data = host_array(key)
             rng = {"typed": bool(typed), "impl": str(jax.random.key_impl(key)) if typed else None}
             arrays["rng"] = data
@@ -929,6 +925,40 @@ class CheckpointManager:
             ) from None
 
     def _restore(self, step, adapter, opt_state, shardings, allow_base_mismatch) -> TrainState:
+        step, meta = self._step_meta(step, allow_base_mismatch)
+        where = f"checkpoint step {step} in {self.directory}"
+        index = meta["arrays"]
+        adapter, opt_state = self._templates(meta, adapter, opt_state, where)
+        extra_meta = meta.get("extra")
+        extra_parts = extra_meta.get("parts", []) if isinstance(extra_meta, dict) else []
+        groups = {"adapter": adapter}
+        if opt_state is not None:
+            groups["opt_state"] = opt_state
+        if "adapter" in extra_parts:
+            groups["extra_adapter"] = adapter
+        if "opt_state" in extra_parts and opt_state is not None:
+            groups["extra_opt_state"] = opt_state
+        expected = _fitted_template_leaves(groups, index, where)
+        flat = self._read_arrays(step, _abstract_target(index, expected, shardings), index, where)
+
+        def rebuild_or_flat(g, template):  # without a template: {key path: array}, as saved
+            if template is not None:
+                return _rebuild(flat, g, template)
+            return {k[len(g) + 1:]: v for k, v in flat.items() if k.startswith(g + "/")} or None
+
+        extra = None
+        if isinstance(extra_meta, dict):
+            extra = {"meta": extra_meta.get("meta")}
+            if "adapter" in extra_parts:
+                extra["adapter"] = _rebuild(flat, "extra_adapter", adapter)
+            if "opt_state" in extra_parts:
+                extra["opt_state"] = rebuild_or_flat("extra_opt_state", opt_state)
+        return TrainState(step, _rebuild(flat, "adapter", adapter), rebuild_or_flat("opt_state", opt_state),
+                          _restored_key(meta, flat, where), meta.get("data_position"), meta.get("metrics"), meta, extra)
+
+    def _step_meta(self, step, allow_base_mismatch) -> tuple[int, dict]:
+        """``(step, metadata)`` of the step to restore (the latest for ``None``), after refusing a
+        missing step, another base and another method config."""
         allow = self.allow_base_mismatch if allow_base_mismatch is None else allow_base_mismatch
         if step is None:
             step = self.latest_step()
@@ -946,25 +976,24 @@ class CheckpointManager:
                 f"{where} was saved with a different method config: {k!r} is {saved.get(k)!r} there, {now.get(k)!r} here. "
                 "Create the CheckpointManager with the config the run was started with."
             )
-        index = meta["arrays"]
-        # -- templates -------------------------------------------------------------------------
+        return step, meta
+
+    def _templates(self, meta: dict, adapter, opt_state, where: str) -> tuple:
+        """``(adapter, opt_state)`` templates: the caller's, else built from the saved config and
+        this manager's optimizer (``opt_state`` stays ``None`` without one); refuses an optimizer
+        state whose parts are another optimizer's."""
         if adapter is None:
             # the sites as saved: a config that also records their marks (AdapterConfig.saved_config), else the manager's
             sites = meta.get("sites_config")
             config = AdapterConfig.from_dict(sites) if isinstance(sites, dict) else self.config
-            try:
-                adapter = template_adapter(config, self.params, self.model, *self.example_args)
-            except JpeftError:
-                raise
+            adapter = template_adapter(config, self.params, self.model, *self.example_args)
         if opt_state is None and self.optimizer is not None:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter)
             built = jax.eval_shape(self.optimizer.init, trainable(abstract))  # no state for frozen arrays
             # a state without arrays (optax.sgd's EmptyStates) is never written: it is the optimizer's own
-            if any(k.startswith("opt_state/") for k in index) or not jax.tree.leaves(built):
+            if any(k.startswith("opt_state/") for k in meta["arrays"]) or not jax.tree.leaves(built):
                 opt_state = built
-        groups = {"adapter": adapter}
         if opt_state is not None:
-            groups["opt_state"] = opt_state
             kinds = meta.get("opt_state_kinds")
             if isinstance(kinds, list) and kinds != optimizer_state_kinds(opt_state):
                 raise CheckpointError(
@@ -973,62 +1002,17 @@ class CheckpointManager:
                     "another (Adam's second moment is not AdaBelief's). Create the CheckpointManager with the "
                     "optimizer the run was trained with, or restore the adapter alone (restore(..., opt_state=None) "
                     "on a manager made without an optimizer).")
-        extra_meta = meta.get("extra")
-        extra_parts = extra_meta.get("parts", []) if isinstance(extra_meta, dict) else []
-        if "adapter" in extra_parts:
-            groups["extra_adapter"] = adapter
-        if "opt_state" in extra_parts and opt_state is not None:
-            groups["extra_opt_state"] = opt_state
-        expected: dict[str, Any] = {}
-        for g, tree in groups.items():
-            for name, leaf in leaf_names(tree):
-                expected[f"{g}/{name}" if name else g] = leaf
-        saved_names = [k for k in index if k != "rng"]
-        for g in groups:
-            want = [k for k in expected if k == g or k.startswith(g + "/")]
-            have = [k for k in saved_names if k == g or k.startswith(g + "/")]
-            if set(want) != set(have):
-                miss = sorted(set(want) - set(have))
-                extra = sorted(set(have) - set(want))
-                raise ShapeMismatchError(
-                    f"{where}: the saved {g} does not fit the template"
-                    + (f"; the template has {miss[0]!r} that was not saved ({len(miss)} in all)" if miss else "")
-                    + (f"; the checkpoint has {extra[0]!r} that the template lacks ({len(extra)} in all)" if extra else "")
-                    + ". Restore with the config, model and optimizer the run was saved with."
-                )
-            for k in want:
-                e = index[k]
-                if tuple(e["shape"]) != tuple(expected[k].shape):
-                    raise ShapeMismatchError(
-                        f"{where}: {k!r} was saved with shape {tuple(e['shape'])}, the template has {tuple(expected[k].shape)}."
-                    )
-        # -- abstract target with shardings ---------------------------------------------------------
-        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return adapter, opt_state
 
-        def target_sharding(name, shape):
-            if shardings is not None:
-                return shardings(name, shape) if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding) else shardings
-            leaf = expected.get(name)
-            s = getattr(leaf, "sharding", None) if leaf is not None else None
-            return s if isinstance(s, jax.sharding.Sharding) else default
-
-        abstract: dict[str, Any] = {}
-        for full, e in index.items():
-            shape = tuple(e["shape"])
-            dtype = np_dtype(e["dtype"])
-            sds = jax.ShapeDtypeStruct(shape, dtype, sharding=target_sharding(full, shape))
-            g, _, rest = full.partition("/")
-            if g == "rng":
-                abstract["rng"] = sds
-            else:
-                abstract.setdefault(g, {})[rest] = sds
+    def _read_arrays(self, step: int, abstract: dict, index: dict, where: str) -> dict:
+        """``{saved name: array}`` read by Orbax into ``abstract``, each checked against the
+        metadata index (names, shapes, dtypes, SHA-256 where recorded)."""
         ocp = _ocp()
         try:
             restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             state = restored["state"]
         except Exception as e:
             raise _wrap(e, f"{where} is corrupted or truncated (Orbax could not read it)") from None
-        # -- integrity ---------------------------------------------------------------------------------
         flat: dict[str, Any] = {}
         try:
             for g, v in state.items():
@@ -1048,36 +1032,81 @@ class CheckpointManager:
             if e.get("sha256") and getattr(arr, "is_fully_addressable", True):
                 if sha256_hex(host_array(arr)) != e["sha256"]:
                     raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in the metadata.")
-        # -- rebuild trees --------------------------------------------------------------------------------
-        def rebuild(g, template):
-            named = leaf_names(template)
-            leaves = [flat[f"{g}/{n}" if n else g] for n, _ in named]
-            return jax.tree.unflatten(jax.tree.structure(template), leaves)
+        return flat
 
-        def rebuild_or_flat(g, template):  # without a template: {key path: array}, as saved
-            if template is not None:
-                return rebuild(g, template)
-            return {k[len(g) + 1:]: v for k, v in flat.items() if k.startswith(g + "/")} or None
 
-        new_adapter = rebuild("adapter", adapter)
-        new_opt = rebuild_or_flat("opt_state", opt_state)
-        key = None
-        rng = meta.get("rng")
-        if rng is not None and "rng" in flat:
-            key = flat["rng"]
-            if rng["typed"]:
-                try:
-                    key = jax.random.wrap_key_data(key, impl=rng.get("impl") or None)
-                except Exception as e:
-                    raise CheckpointError(f"{where}: cannot rebuild the RNG key ({e}).") from None
-        extra = None
-        if isinstance(extra_meta, dict):
-            extra = {"meta": extra_meta.get("meta")}
-            if "adapter" in extra_parts:
-                extra["adapter"] = rebuild("extra_adapter", adapter)
-            if "opt_state" in extra_parts:
-                extra["opt_state"] = rebuild_or_flat("extra_opt_state", opt_state)
-        return TrainState(step, new_adapter, new_opt, key, meta.get("data_position"), meta.get("metrics"), meta, extra)
+def _fitted_template_leaves(groups: Mapping[str, Any], index: Mapping[str, dict], where: str) -> dict:
+    """``{saved name: template leaf}`` of every group's template (``"adapter/<path>/<field>"``),
+    after checking that the saved arrays are exactly these, with these shapes."""
+    expected: dict[str, Any] = {}
+    for g, tree in groups.items():
+        for name, leaf in leaf_names(tree):
+            expected[f"{g}/{name}" if name else g] = leaf
+    saved_names = [k for k in index if k != "rng"]
+    for g in groups:
+        want = [k for k in expected if k == g or k.startswith(g + "/")]
+        have = [k for k in saved_names if k == g or k.startswith(g + "/")]
+        if set(want) != set(have):
+            miss = sorted(set(want) - set(have))
+            extra = sorted(set(have) - set(want))
+            raise ShapeMismatchError(
+                f"{where}: the saved {g} does not fit the template"
+                + (f"; the template has {miss[0]!r} that was not saved ({len(miss)} in all)" if miss else "")
+                + (f"; the checkpoint has {extra[0]!r} that the template lacks ({len(extra)} in all)" if extra else "")
+                + ". Restore with the config, model and optimizer the run was saved with."
+            )
+        for k in want:
+            e = index[k]
+            if tuple(e["shape"]) != tuple(expected[k].shape):
+                raise ShapeMismatchError(
+                    f"{where}: {k!r} was saved with shape {tuple(e['shape'])}, the template has {tuple(expected[k].shape)}."
+                )
+    return expected
+
+
+def _abstract_target(index: Mapping[str, dict], expected: Mapping[str, Any], shardings) -> dict:
+    """Orbax's restore target: a ``jax.ShapeDtypeStruct`` per saved array, grouped as saved,
+    placed by ``shardings`` (see :meth:`CheckpointManager.restore`), else by its template leaf's
+    sharding, else on the first local device."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target_sharding(name, shape):
+        if shardings is not None:
+            return shardings(name, shape) if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding) else shardings
+        leaf = expected.get(name)
+        s = getattr(leaf, "sharding", None) if leaf is not None else None
+        return s if isinstance(s, jax.sharding.Sharding) else default
+
+    abstract: dict[str, Any] = {}
+    for full, e in index.items():
+        shape = tuple(e["shape"])
+        sds = jax.ShapeDtypeStruct(shape, np_dtype(e["dtype"]), sharding=target_sharding(full, shape))
+        g, _, rest = full.partition("/")
+        if g == "rng":
+            abstract["rng"] = sds
+        else:
+            abstract.setdefault(g, {})[rest] = sds
+    return abstract
+
+
+def _rebuild(flat: Mapping[str, Any], g: str, template):
+    """The group ``g`` of the restored arrays in ``template``'s structure."""
+    leaves = [flat[f"{g}/{n}" if n else g] for n, _ in leaf_names(template)]
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def _restored_key(meta: dict, flat: Mapping[str, Any], where: str):
+    """The saved RNG key (typed again when it was saved typed), or ``None``."""
+    rng = meta.get("rng")
+    if rng is None or "rng" not in flat:
+        return None
+    key = flat["rng"]
+    if rng["typed"]:
+        try:
+            key = jax.random.wrap_key_data(key, impl=rng.get("impl") or None)
+        except Exception as e:
+            raise CheckpointError(f"{where}: cannot rebuild the RNG key ({e}).") from None
+    return key
 
 
 __all__ = ["CheckpointManager", "TrainState"]

@@ -88,6 +88,13 @@ class AdapterConfig:
     # PEFT's prompt-learning methods (prefix and prompt tuning: virtual tokens, no site on a module),
     # whose tensors PEFT keys under ``base_model.`` rather than ``base_model.model.``
     prompt_learning: ClassVar[bool] = False
+    # the PEFT task types with which PEFT loads the saved adapter and runs it on jpeft.models' bases, by the base's
+    # kind ("decoder": the Llama family and GPT-2; "encoder": BERT); jpeft.save_peft refuses any other before writing.
+    # None is no task type (a plain PeftModel); "SEQ_CLS" also writes the classifier PEFT keeps as a module to save
+    peft_task_types: ClassVar[Mapping[str, tuple]] = {
+        "decoder": (None, "CAUSAL_LM"),
+        "encoder": (None, "FEATURE_EXTRACTION", "SEQ_CLS"),
+    }
     # field name -> Hugging Face adapter_config.json key (only where they differ)
     _hf_keys: ClassVar[Mapping[str, str]] = {}
     # keys Hugging Face writes that do not change what the adapter computes: accepted and ignored

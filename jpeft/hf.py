@@ -72,16 +72,7 @@ def _format(peft_type) -> Optional[Method]:
 
 _ENCODER_ROOTS = ("bert",)
 _DECODER_ROOTS = ("model", "transformer")
-# PEFT task types that load and run on jpeft.models' bases, by (base kind, method kind);
-# "SEQ_CLS" also needs the classifier PEFT keeps as a module to save (written from params).
-_TASKS = {
-    ("decoder", "linear"): (None, "CAUSAL_LM"),
-    ("decoder", "prompt"): ("CAUSAL_LM",),
-    ("decoder", "prefix"): ("CAUSAL_LM",),
-    ("encoder", "linear"): (None, "FEATURE_EXTRACTION", "SEQ_CLS"),
-    ("encoder", "prompt"): ("FEATURE_EXTRACTION", "SEQ_CLS"),
-    ("encoder", "prefix"): (),  # PEFT's prefix tuning cannot build BERT's past_key_values
-}
+# the task type "auto" writes by base kind; what PEFT loads per kind and method: AdapterConfig.peft_task_types
 _DEFAULT_TASK = {"decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 
 
@@ -98,12 +89,11 @@ def _base_kind(paths, params) -> Optional[str]:
 
 def _task_type(config, paths, params, requested, fmt_choice) -> Optional[str]:
     kind = _base_kind(paths, params)
-    method = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}.get(config.peft_type, "linear")
     if requested == "auto":
-        task = fmt_choice or _DEFAULT_TASK.get(kind, "CAUSAL_LM" if method != "linear" else None)
+        task = fmt_choice or _DEFAULT_TASK.get(kind, "CAUSAL_LM" if config.prompt_learning else None)
     else:
         task = requested
-    ok = _TASKS.get((kind, method))
+    ok = config.peft_task_types.get(kind)
     if ok is not None and task not in ok:
         can = "nothing (PEFT cannot build this method for it)" if not ok else f"task_type in {list(ok)}"
         raise UnsupportedAdapterError(

@@ -64,7 +64,7 @@ from jpeft.errors import (
     UnsafeFileError,
 )
 from jpeft.methods.base import FOREIGN_SITE_FIX, foreign_site
-from jpeft.tree import host_array, unwrap_params
+from jpeft.tree import host_array, path_str, unwrap_params
 
 ADAPTER_JSON = "jpeft_adapter.json"
 ADAPTER_WEIGHTS = "jpeft_adapter.safetensors"
@@ -91,16 +91,10 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 # --------------------------------------------------------------------------------------------
 # naming: adapter (and any pytree) <-> {"path/field": array}
 # --------------------------------------------------------------------------------------------
-def _key_str(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def leaf_names(tree) -> list[tuple[str, Any]]:
-    """``[(name, leaf)]`` in tree order, where ``name`` joins the key path with ``/`` and
-    drops empty components (the root module's path is ``""``).
+    """``[(name, leaf)]`` in tree order, where ``name`` is the key path as
+    :func:`jpeft.tree.path_str` writes it (``/``-joined, empty components dropped: the root
+    module's path is ``""``).
 
     For an adapter the names are ``"<module path>/<field>"``:
 
@@ -114,7 +108,7 @@ def leaf_names(tree) -> list[tuple[str, Any]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     out, seen = [], set()
     for kp, leaf in flat:
-        name = "/".join(s for s in (_key_str(k) for k in kp) if s != "")
+        name = path_str(kp)
         if name in seen:
             raise ConfigError(f"two leaves of the tree are both named {name!r}; rename a module or a field.")
         seen.add(name)

@@ -58,7 +58,7 @@ from jpeft.errors import ConfigError, InputValidationError, ShardingError
 from jpeft.methods.base import trainable
 from jpeft.models import _splash
 from jpeft.train import make_step_fn, split_loss, weighted_sum
-from jpeft.tree import path_str, unwrap_params
+from jpeft.tree import is_typed_key, path_str, unwrap_params
 
 DATA = "data"
 FSDP = "fsdp"
@@ -177,7 +177,7 @@ def put_leaf(x, sharding, copy: bool = False):
         return jax.device_put(x, sharding)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return jax.device_put(x, sharding)  # global -> global: a reshard
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if isinstance(x, jax.Array) and is_typed_key(x):
         data = put_leaf(jax.random.key_data(x), sharding)
         return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     host = np.asarray(x)

@@ -340,6 +340,13 @@ def nbytes(tree) -> int:
     return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "shape")))
 
 
+def is_typed_key(x) -> bool:
+    """Whether ``x`` is an array of typed PRNG keys (``jax.random.key``; a legacy
+    ``jax.random.PRNGKey`` is plain ``uint32`` data and is not), the one test jpeft uses before
+    taking a key's data (``jax.random.key_data``) to copy, place or save it."""
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def host_array(x) -> np.ndarray:
     """A host numpy copy of the whole value of ``x`` (a typed PRNG key as its key data).
 
@@ -352,7 +359,7 @@ def host_array(x) -> np.ndarray:
       ShardingError: ``x`` is split across processes.
     """
     if isinstance(x, jax.Array):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if is_typed_key(x):
             x = jax.random.key_data(x)
         if not x.is_fully_addressable:
             if not x.is_fully_replicated:
@@ -383,17 +390,23 @@ def combine(*trees):
     return jax.tree.map(pick, *trees, is_leaf=lambda x: x is None)
 
 
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 def path_str(keypath) -> str:
-    """``jax.tree_util`` key path -> ``a/b/c``."""
-    out = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return "/".join(out)
+    """``jax.tree_util`` key path -> ``a/b/c``: dict keys, attribute names and sequence
+    indices joined with ``/``, empty components dropped (an adapter's root site, path ``""``,
+    adds none), the one way jpeft names a tree path (:func:`jpeft.io.leaf_names` too).
+
+    >>> import jax
+    >>> [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path({"a": [1, {"": 2}]})[0]]
+    ['a/0', 'a/1']
+    """
+    return "/".join(s for s in map(_key_str, keypath) if s != "")
 
 
 __all__ = [
@@ -408,6 +421,7 @@ __all__ = [
     "module_leaves",
     "count",
     "nbytes",
+    "is_typed_key",
     "host_array",
     "partition",
     "combine",

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jpeft.errors import InputValidationError
-from jpeft.tree import host_array
+from jpeft.tree import host_array, is_typed_key
 
 __all__ = [
     "check_batch",
@@ -212,7 +212,7 @@ def is_single_key(key) -> bool:
     PRNG implementation is ``rbg``)."""
     if not isinstance(key, (jax.Array, np.ndarray)):
         return False
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if is_typed_key(key):
         return key.shape == ()
     return key.dtype == np.uint32 and tuple(key.shape) == _raw_key_shape()
 

@@ -741,7 +741,7 @@ def test_resume_refuses_another_base_of_the_same_architecture(hf_dir, tmp_path, 
     sharded into other files, still resume."""
     from safetensors.numpy import load_file, save_file
 
-    from jpeft.cli._trainer import weights_fingerprint
+    from jpeft.models.loading import weights_fingerprint
 
     src = hf_dir / "tiny-llama"
     moved, other, sharded = tmp_path / "moved", tmp_path / "other", tmp_path / "sharded"

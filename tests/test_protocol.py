@@ -372,3 +372,38 @@ def test_jpeft_info_counts_frozen_arrays_apart(capsys):
     assert got["trainable_params"] == layers * hidden
     assert got["frozen_adapter_params"] == layers * hidden * hidden
     assert got["train_state_bytes"] == layers * hidden * 4 * 3 + layers * hidden * hidden * 4
+
+
+def test_one_test_for_typed_keys_and_one_way_to_name_a_tree_path():
+    """Typed PRNG keys are told apart in one place (``jpeft.tree.is_typed_key``; the checkpoint
+    writer, the placer, the key check and ``host_array`` ask it), and a tree path is named one way
+    (``jpeft.tree.path_str``, which ``jpeft.io.leaf_names`` and the checkpoints' array names use)."""
+    from jpeft.io import leaf_names
+    from jpeft.tree import is_typed_key, path_str
+
+    assert is_typed_key(jax.random.key(0)) and is_typed_key(jax.eval_shape(jax.random.key, 0))
+    assert not is_typed_key(jax.random.PRNGKey(0)) and not is_typed_key(np.zeros(2, np.uint32))
+    assert not is_typed_key(0)
+    users = sorted(_module_name(f) for f in ROOT.rglob("*.py") if "dtypes.prng_key" in f.read_text())
+    assert users == ["jpeft.tree"], users
+    tree = {"": {"w": jnp.zeros(1)}, "a/q": {"lora_A": jnp.zeros(1), "m": [jnp.zeros(1), {"": jnp.zeros(1)}]}}
+    named = [n for n, _ in leaf_names(tree)]
+    assert named == [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    assert named == ["w", "a/q/lora_A", "a/q/m/0", "a/q/m/1"]
+
+
+def test_peft_task_types_are_the_configs_not_a_table_of_peft_types():
+    """Which PEFT task types a saved adapter may carry is the config's ``peft_task_types``;
+    ``jpeft.hf`` names no method's ``peft_type``."""
+    from jpeft.hf import _task_type
+
+    assert jpeft.PrefixTuningConfig.peft_task_types["encoder"] == ()
+    assert jpeft.PromptTuningConfig.peft_task_types["encoder"] == ("FEATURE_EXTRACTION", "SEQ_CLS")
+    assert jpeft.IA3Config.peft_task_types is AdapterConfig.peft_task_types
+    src = (ROOT / "hf.py").read_text()
+    assert "PREFIX_TUNING" not in src and "PROMPT_TUNING" not in src
+    bert = {"bert": {"x": {"kernel": np.zeros((2, 2))}}}
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="it can take nothing"):
+        _task_type(jpeft.PrefixTuningConfig(), [""], bert, "auto", None)
+    assert _task_type(jpeft.PromptTuningConfig(), [""], None, "auto", None) == "CAUSAL_LM"  # base unknown
+    assert _task_type(ToyConfig(), ["hidden"], None, "auto", None) is None

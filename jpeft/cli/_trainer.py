@@ -29,7 +29,7 @@ from jpeft.core import logits_of
 from jpeft.data import model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, SaveError, ShardingError
 from jpeft.forgetting.guard import current_lr_scale
-from jpeft.io import atomic_write, check_folder, safetensors_index
+from jpeft.io import atomic_write, check_folder
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
@@ -337,32 +337,10 @@ def data_fingerprint(ds) -> str:
     return h.hexdigest()
 
 
-def weights_fingerprint(folder: str) -> str:
-    """SHA-256 of a model folder's weights as tensors: each tensor's name, dtype, shape and a
-    sample of its bytes (the first, middle and last 64), so the same weights sharded or named
-    into other files give the same value and another model of the same architecture (another
-    fine-tune, other random weights) almost surely not. Reads the safetensors headers and a few
-    bytes per tensor, not the weights."""
-    h = hashlib.sha256()
-    found = []
-    for f in loading.weight_files(folder)[0]:
-        index = safetensors_index(f)[0]
-        found += [(name, f, e) for name, e in index.items()]
-    for name, f, (dt, shape, off, nbytes) in sorted(found, key=lambda x: x[0]):
-        h.update(json.dumps([name, dt.str, list(shape)]).encode())
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            for at in sorted({0, max(0, nbytes // 2 - 32), max(0, nbytes - 64)}):
-                h.update(os.pread(fd, min(64, nbytes - at), off + at))
-        finally:
-            os.close(fd)
-    return h.hexdigest()
-
-
 def _check_resumed_fingerprint(out_dir: str, before: dict, key: str, sha: str) -> None:
     """Refuses ``--resume`` when the fingerprint ``key`` of ``resolved_config.json`` differs:
     ``train_data_sha256`` (:func:`data_fingerprint`: the data file edited, another tokenizer, so
-    batch ``k`` would be another batch) or ``model_weights_sha256`` (:func:`weights_fingerprint`:
+    batch ``k`` would be another batch) or ``model_weights_sha256`` (:func:`jpeft.models.loading.weights_fingerprint`:
     the model folder's path may change, but another model of the same architecture, config and
     shapes alike, would pass the checkpoints' base check and continue the run on another base).
     Runs saved without the fingerprint (an older jpeft) are not checked."""
@@ -443,7 +421,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                  "trains (XLA's CPU backend merges the backward pass's re-dequantization into the forward pass's), so the "
                  "quantized base saves no training memory; train.scan_layers = true (Llama family) keeps one layer's "
                  "(docs/MODELS.md).")
-        base_sha = weights_fingerprint(cfg["model"])  # a few bytes per tensor, read once the folder loaded
+        base_sha = loading.weights_fingerprint(cfg["model"])  # a few bytes per tensor, read once the folder loaded
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "model_weights_sha256", base_sha)
         method = method_of(cfg, loaded.hf_config.get("model_type"))

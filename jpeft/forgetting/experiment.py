@@ -416,6 +416,82 @@ def _snapshot(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def _after_task(bench: Benchmark, spec: MethodSpec, seed: int, t: int, params, adapter, ewc_state, buf):
+    """``(ewc_state, buf)`` after task ``t``: its Fisher consolidated into the EWC memory
+    (``spec.ewc``), its training set offered to the replay reservoir (``spec.replay``)."""
+    if spec.ewc:
+        out_fn, inputs, labels, mask = bench.fisher_data(t, spec.fisher_examples)
+        F = R.fisher_diagonal(out_fn, params, adapter, inputs, labels, mask=mask,
+                              estimator=spec.fisher or bench.fisher_estimator,
+                              key=jax.random.fold_in(jax.random.key(seed), 1000 + t), batch_size=16)
+        ewc_state = R.ewc_consolidate(ewc_state, adapter, F, gamma=spec.ewc_gamma)
+    if spec.replay:
+        data = bench.train_set(t)
+        n = len(next(iter(data.values())))
+        # its own generator: drawing from run_one's batch generator would shift the batch order of every later task,
+        # which must be the same for every method of a seed (the sweep pairs methods by seed)
+        order = np.random.default_rng((seed, 2000 + t)).permutation(n)
+        data = {k: jnp.asarray(v[order]) for k, v in data.items()}
+        if buf is None:
+            buf = RP.reservoir_init({k: v[0] for k, v in data.items()}, spec.replay_capacity)
+        buf = RP.reservoir_add(buf, data, jax.random.fold_in(jax.random.key(seed), 2000 + t))
+    return ewc_state, buf
+
+
+def _compiled_step(bench: Benchmark, spec: MethodSpec, config, opt, adapter):
+    """The jitted train step of ``spec`` (trained as ``config``) for ``adapter``, kept on the
+    benchmark per (method, adapter structure), so the seeds after the first reuse it."""
+    steps_cache = bench.__dict__.setdefault("_step_cache", {})
+    # what the compiled step depends on: not the name, learning rate or strengths (those are data)
+    shape = (spec.config, bool(spec.ewc), bool(spec.l2sp), bool(spec.distill), spec.temperature,
+             bool(spec.orthogonal))
+    try:
+        sig = (hash(shape), shape, jax.tree.structure(adapter))
+    except TypeError:  # a config with an unhashable field: cache per spec object
+        sig = (id(spec), jax.tree.structure(adapter))
+    if sig not in steps_cache:
+        steps_cache[sig] = jpeft.make_train_step(_make_loss(bench, spec, config), opt, donate=False)
+    return steps_cache[sig]
+
+
+def _batch_state(spec: MethodSpec, t: int, adapter, orth, ewc_state) -> dict:
+    """What every batch of task ``t`` carries besides its data: the task index, the
+    regularizers' strengths and their state (O-LoRA's subspaces, the EWC memory, the start point
+    for L2-SP and the teacher for distillation, both copies of ``adapter``)."""
+    extra = {"t": jnp.asarray(t, jnp.int32),
+             "coef": {k: jnp.asarray(getattr(spec, k), jnp.float32) for k in ("ewc", "l2sp", "distill", "orthogonal")}}
+    if spec.orthogonal:
+        extra["orth"] = orth
+    if spec.ewc:
+        extra["ewc"] = ewc_state
+    if spec.l2sp:
+        extra["start"] = _snapshot(adapter)
+    if spec.distill:
+        extra["teacher"] = _snapshot(adapter)
+    return extra
+
+
+def _batches(bench: Benchmark, spec: MethodSpec, t: int, rng: np.random.Generator, buf, key, extra: dict):
+    """Task ``t``'s training batches, endless: ``bench.batch_size`` rows drawn with ``rng``,
+    mixed with the replay reservoir ``buf`` (``spec.replay``, keyed by ``key`` and the step),
+    each with ``extra`` (:func:`_batch_state`)."""
+    data = bench.train_set(t)
+    n = len(next(iter(data.values())))
+    for s in itertools.count():
+        idx = rng.integers(0, n, bench.batch_size)
+        batch = {k: jnp.asarray(v[idx]) for k, v in data.items()}
+        if spec.replay and buf is not None:
+            batch = RP.mix_batch(batch, buf, spec.replay, jax.random.fold_in(key, s))
+        yield {"data": batch, **extra}
+
+
+def _metrics(bench: Benchmark, Rm, baseline) -> dict:
+    """The summary metrics of score matrix ``Rm`` (FWT only when no task is pretrained) and ``learning``."""
+    met = M.summarize(Rm, baseline if bench.pretrained_tasks == 0 else None, higher_is_better=bench.higher_is_better)
+    met["learning"] = bench.learning(Rm, baseline)
+    return met
+
+
 def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log: Callable = print,
             checkpoints: Sequence[int] = (), keep_adapter: bool = False) -> dict:
     """Trains ``spec`` over the tasks of ``bench`` with one seed. Returns
@@ -460,43 +536,22 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
     # (the pretrained model is the benchmark's base: params may already be a residual base here)
     baseline = np.array([bench.evaluate(base if pre else params, None if pre else adapter, j, j) for j in range(T)])
     Rm = np.full((T, T), np.nan)
-    # compiled steps are kept on the benchmark, per (method, adapter structure), so the seeds
-    # after the first reuse them
-    steps_cache = bench.__dict__.setdefault("_step_cache", {})
     ewc_state = R.ewc_init()
     orth = R.orthogonal_init()  # O-LoRA: the A's of the earlier tasks' adapters
     buf = None
-    estimator = spec.fisher or bench.fisher_estimator
     trainable = 0
     curve = []  # (step, last row of R) at the checkpoints
     t0 = time.perf_counter()
 
-    def after_task(t, p, a):
-        nonlocal ewc_state, buf
-        if spec.ewc:
-            out_fn, inputs, labels, mask = bench.fisher_data(t, spec.fisher_examples)
-            F = R.fisher_diagonal(out_fn, p, a, inputs, labels, mask=mask, estimator=estimator,
-                                  key=jax.random.fold_in(jax.random.key(seed), 1000 + t), batch_size=16)
-            ewc_state = R.ewc_consolidate(ewc_state, a, F, gamma=spec.ewc_gamma)
-        if spec.replay:
-            data = bench.train_set(t)
-            n = len(next(iter(data.values())))
-            # its own generator: drawing from ``rng`` would shift the batch order of every later task, which
-            # must be the same for every method of a seed (the sweep pairs methods by seed)
-            order = np.random.default_rng((seed, 2000 + t)).permutation(n)
-            data = {k: jnp.asarray(v[order]) for k, v in data.items()}
-            if buf is None:
-                buf = RP.reservoir_init({k: v[0] for k, v in data.items()}, spec.replay_capacity)
-            buf = RP.reservoir_add(buf, data, jax.random.fold_in(jax.random.key(seed), 2000 + t))
-
     for t in range(T):
         if t < bench.pretrained_tasks:
-            after_task(t, params, adapter)
+            ewc_state, buf = _after_task(bench, spec, seed, t, params, adapter, ewc_state, buf)
             Rm[t] = [bench.evaluate(base, None, j, t) for j in range(T)]
             continue
+        # per-task adapters: the first task trains the whole network, which is then shared and frozen
+        cfg = jpeft.FullFinetuneConfig() if spec.per_task_adapter and t == 0 else spec.config
         if spec.per_task_adapter:
             key, kt = jax.random.split(key)
-            cfg = jpeft.FullFinetuneConfig() if t == 0 else spec.config
             _, a = init_adapter(bench, cfg, kt, params)
         elif spec.orthogonal and t > bench.pretrained_tasks:
             # O-LoRA: the finished task's adapter joins the frozen base; a fresh one learns this task
@@ -508,40 +563,11 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         else:
             a = adapter
         trainable = jpeft.summary(params, a, print_fn=None)["trainable"]  # per-task adapters: the last one's size
-        # what the compiled step depends on: not the name, learning rate or strengths (those are data)
-        shape = (spec.config, bool(spec.ewc), bool(spec.l2sp), bool(spec.distill), spec.temperature,
-                 bool(spec.orthogonal))
-        try:
-            sig = (hash(shape), shape, jax.tree.structure(a))
-        except TypeError:  # a config with an unhashable field: cache per spec object
-            sig = (id(spec), jax.tree.structure(a))
-        cfg = jpeft.FullFinetuneConfig() if spec.per_task_adapter and t == 0 else spec.config
         opt = cfg.wrap_optimizer(adam, bench.steps_per_task)
-        if sig not in steps_cache:
-            steps_cache[sig] = jpeft.make_train_step(_make_loss(bench, spec, cfg), opt, donate=False)
-        step = steps_cache[sig]
+        step = _compiled_step(bench, spec, cfg, opt, a)
         opt_state = opt.init(jpeft.trainable(a))
-        extra = {"t": jnp.asarray(t, jnp.int32),
-                 "coef": {k: jnp.asarray(getattr(spec, k), jnp.float32) for k in ("ewc", "l2sp", "distill", "orthogonal")}}
-        if spec.orthogonal:
-            extra["orth"] = orth
-        if spec.ewc:
-            extra["ewc"] = ewc_state
-        if spec.l2sp:
-            extra["start"] = _snapshot(a)
-        if spec.distill:
-            extra["teacher"] = _snapshot(a)
-        data_t = bench.train_set(t)
-        n = len(next(iter(data_t.values())))
         key, kt, km = jax.random.split(key, 3)
-
-        def batches(data_t=data_t, n=n, extra=extra, km=km):
-            for s in itertools.count():
-                idx = rng.integers(0, n, bench.batch_size)
-                batch = {k: jnp.asarray(v[idx]) for k, v in data_t.items()}
-                if spec.replay and buf is not None:
-                    batch = RP.mix_batch(batch, buf, spec.replay, jax.random.fold_in(km, s))
-                yield {"data": batch, **extra}
+        batches = _batches(bench, spec, t, rng, buf, km, _batch_state(spec, t, a, orth, ewc_state))
 
         def on_step(s, m, t=t):
             if progress is not None:
@@ -556,7 +582,7 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
                     curve.append((s, [bench.evaluate(params, a_now, j, t) for j in range(T)]))
                 return {}
 
-        a = jpeft.fit(step, params, a, opt_state, batches(), key=kt, num_steps=bench.steps_per_task,
+        a = jpeft.fit(step, params, a, opt_state, batches, key=kt, num_steps=bench.steps_per_task,
                       on_step=on_step, eval_fn=eval_fn, eval_every=1 if eval_fn is not None else 0).adapter
         if spec.per_task_adapter and t == 0:
             params = jpeft.merge(params, a)  # the shared network, frozen from now on
@@ -566,22 +592,17 @@ def run_one(bench: Benchmark, spec: MethodSpec, seed: int, *, progress=None, log
         else:
             adapter = a
         if not spec.per_task_adapter:
-            after_task(t, params, adapter)
+            ewc_state, buf = _after_task(bench, spec, seed, t, params, adapter, ewc_state, buf)
         Rm[t] = [bench.evaluate(params, cur(j), j, t) for j in range(T)]
     seconds = time.perf_counter() - t0
     final_adapter = adapter if not spec.per_task_adapter else adapters[-1]
     extra_m = bench.extra_metrics(params, final_adapter)
-    hib = bench.higher_is_better
-    met = M.summarize(Rm, baseline if bench.pretrained_tasks == 0 else None, higher_is_better=hib)
-    met["learning"] = bench.learning(Rm, baseline)
     points = []
     for s, row in curve + [(bench.steps_per_task, Rm[T - 1].tolist())]:
         Rc = Rm.copy()
         Rc[T - 1] = row
-        mc = M.summarize(Rc, baseline if bench.pretrained_tasks == 0 else None, higher_is_better=hib)
-        mc["learning"] = bench.learning(Rc, baseline)
-        points.append({"step": int(s), "R": Rc.tolist(), "metrics": mc})
-    out = {"R": Rm.tolist(), "baseline": baseline.tolist(), "metrics": met, "extra": extra_m,
+        points.append({"step": int(s), "R": Rc.tolist(), "metrics": _metrics(bench, Rc, baseline)})
+    out = {"R": Rm.tolist(), "baseline": baseline.tolist(), "metrics": _metrics(bench, Rm, baseline), "extra": extra_m,
            "trainable": int(trainable), "seconds": seconds, "curve": points}
     if keep_adapter:
         out.update(params=params, adapter=final_adapter, base=base)

@@ -275,6 +275,49 @@ _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "base_layer.bi
 
 
 def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
+    config, residual = _lora_config_from_hf(d, ctx)
+    found = _sort_lora_tensors(tensors, config, ctx)
+    leaves, by_site = ctx.leaves, found.by_site
+    tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
+    for path in tied_paths:  # PEFT scales the shared factors by each module's own r / alpha; a tied site has one
+        differ = tied_head_scales(config, path, *config.rank_alpha(path, hf_only=True), hf_only=True)
+        if differ:
+            raise UnsupportedAdapterError(
+                f"the adapter in {ctx.folder!r} ties lm_head to {hf_name(path)} (ensure_weight_tying), but its "
+                f"rank_pattern / alpha_pattern give them different scales: {differ}. PEFT applies the shared factors "
+                "with each module's own scale; jpeft's tied site has one. Give lm_head the embedding's r and alpha in "
+                "adapter_config.json."
+            )
+    candidates = [p for p, own in leaves.items() if "kernel" in own or "embedding" in own]
+    candidates = linear_only(config.target_modules, leaves, candidates)
+    expected = [p for p in candidates if config.selects(p)]
+    _refuse_saved_targets(config, [p for p in by_site if p in leaves], expected, ctx.folder)
+    unknown = [p for p in by_site if p not in leaves]
+    check_keys([p for p in by_site if p in leaves], expected,
+               unmatched_keys=found.unmatched + [k for p in unknown for k in _keys_of(p, by_site[p])])
+
+    config = _peft_patterns(config, [p for p in by_site if p in leaves])
+    adapter = {path: _lora_site_from_hf(path, by_site[path], config, residual, path in tied_paths, ctx)
+               for path in sorted(by_site)}
+    adapter.update(_saved_sites_from_hf(config, found, ctx))
+    adapter.update(_tokens_from_hf(config, found.token_values, leaves, ctx))
+    for path, v in found.biases.items():
+        if path in adapter:
+            continue  # a module of modules_to_save holds its bias already
+        b = leaves[path]["bias"]
+        if tuple(np.shape(v)) != tuple(np.shape(b)):
+            raise BaseMismatchError(f"the bias of {hf_name(path)!r} has shape {np.shape(v)}, the base's {tuple(np.shape(b))}.")
+        adapter[path] = SavedModule({"bias": jnp.asarray(v, ctx.dtype)})
+    if config.bias == "all":  # PEFT trains every bias; one missing from the file keeps the base's value
+        for path, own in leaves.items():
+            if path not in adapter and "bias" in own:
+                adapter[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), ctx.dtype)})
+    return config, adapter
+
+
+def _lora_config_from_hf(d: Mapping[str, Any], ctx: ImportContext) -> tuple[LoraConfig, Optional[str]]:
+    """``(config, residual init or None)`` from a PEFT LoRA ``adapter_config.json``, refusing the
+    options jpeft does not implement and a file without ``target_modules``."""
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     # the PEFT options jpeft does not implement, at anything but their "off" value (one list:
     # LoraConfig._unsupported_hf_options)
@@ -293,154 +336,141 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     kept.setdefault("lora_alpha", 8)
     residual = _residual_of(kept.get("init_lora_weights", True), ctx.folder)
     kept["init_lora_weights"] = residual or True  # besides the residual inits, the init does not matter for loading
-    tm = kept.get("target_modules")
-    if tm is None:
+    if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} has target_modules=null (PEFT's per-architecture default); "
             "set target_modules in adapter_config.json explicitly."
         )
-    config = config_from_peft(LoraConfig, kept, os.path.join(ctx.folder, CONFIG_FILE))
+    return config_from_peft(LoraConfig, kept, os.path.join(ctx.folder, CONFIG_FILE)), residual
 
-    by_site: dict[str, dict[str, np.ndarray]] = {}
-    saved: dict[str, dict[str, np.ndarray]] = {}
-    token_values: dict[str, np.ndarray] = {}
-    biases: dict[str, np.ndarray] = {}  # bias="all": the biases of modules without a LoRA site
-    tied_head = None
-    unmatched = []
+
+@dataclasses.dataclass
+class _LoraTensors:
+    """A PEFT LoRA file's tensors sorted by what they are (module paths are jpeft's)."""
+
+    by_site: dict = dataclasses.field(default_factory=dict)  # path -> {PEFT tensor name: LoRA tensor}
+    saved: dict = dataclasses.field(default_factory=dict)  # path -> {"weight"/"bias": modules_to_save copy}
+    token_values: dict = dataclasses.field(default_factory=dict)  # path -> trainable_token_indices values
+    biases: dict = dataclasses.field(default_factory=dict)  # bias="all": the biases of modules without a LoRA site
+    tied_head: Optional[np.ndarray] = None  # ensure_weight_tying's lm_head copy of the saved embedding
+    unmatched: list = dataclasses.field(default_factory=list)  # keys of no known kind: named by the key check
+
+
+def _sort_lora_tensors(tensors: Mapping[str, np.ndarray], config: LoraConfig, ctx: ImportContext) -> _LoraTensors:
+    """Sorts the file's tensors by kind; checks a saved copy of a tied ``lm_head`` against the embedding."""
+    out = _LoraTensors()
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
         if sp is None:
             sm = split_peft_key(k, ("weight", "bias")) if config.modules_to_save or config.bias == "all" else None
             if sm is not None and sm[0] in ctx.leaves and config.saves(sm[0]):
-                saved.setdefault(sm[0], {})[sm[1]] = v
+                out.saved.setdefault(sm[0], {})[sm[1]] = v
             elif sm == ("lm_head", "weight") and "lm_head" not in ctx.leaves and config.ensure_weight_tying \
                     and config.saves("model/embed_tokens"):
-                tied_head = v  # PEFT's ensure_weight_tying saves the embedding's copy under lm_head too
+                out.tied_head = v  # PEFT's ensure_weight_tying saves the embedding's copy under lm_head too
             elif sm is not None and sm[1] == "bias" and config.bias == "all" and "bias" in ctx.leaves.get(sm[0], {}):
-                biases[sm[0]] = v
+                out.biases[sm[0]] = v
             else:
-                unmatched.append(k)
+                out.unmatched.append(k)
             continue
         path, t = sp
         if t == "base_layer.weight":  # a copy of a module this base lacks (jpeft.hf checked and dropped the others)
             tied_to = tied_embedding(path, ctx.leaves)
             if tied_to is None:
-                unmatched.append(k)  # a module of another model: named by the key check below
+                out.unmatched.append(k)  # a module of another model: named by the key check below
             else:  # lm_head tied to the embedding (no module of its own here): its copy is the embedding
                 check_base_copy(path, v, ctx.leaves[tied_to], ctx.folder)
             continue
         if t == _TOKENS_KEY:
-            token_values[path] = v
+            out.token_values[path] = v
             continue
-        by_site.setdefault(path, {})[t] = v
-    leaves = ctx.leaves
-    tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
-    for path in tied_paths:  # PEFT scales the shared factors by each module's own r / alpha; a tied site has one
-        differ = tied_head_scales(config, path, *config.rank_alpha(path, hf_only=True), hf_only=True)
-        if differ:
-            raise UnsupportedAdapterError(
-                f"the adapter in {ctx.folder!r} ties lm_head to {hf_name(path)} (ensure_weight_tying), but its "
-                f"rank_pattern / alpha_pattern give them different scales: {differ}. PEFT applies the shared factors "
-                "with each module's own scale; jpeft's tied site has one. Give lm_head the embedding's r and alpha in "
-                "adapter_config.json."
-            )
-    candidates = [p for p, own in leaves.items() if "kernel" in own or "embedding" in own]
-    candidates = linear_only(config.target_modules, leaves, candidates)
-    expected = [p for p in candidates if config.selects(p)]
-    _refuse_saved_targets(config, [p for p in by_site if p in leaves], expected, ctx.folder)
-    unknown = [p for p in by_site if p not in leaves]
-    check_keys([p for p in by_site if p in leaves], expected,
-               unmatched_keys=unmatched + [k for p in unknown for k in _keys_of(p, by_site[p])])
+        out.by_site.setdefault(path, {})[t] = v
+    return out
 
-    config = _peft_patterns(config, [p for p in by_site if p in leaves])
-    adapter = {}
-    for path in sorted(by_site):
-        t = by_site[path]
-        own = leaves[path]
-        layout = _inject.infer_layout(path, own)
-        if layout.kind == Kind.EMBED:
-            need = ("lora_embedding_A", "lora_embedding_B")
-        else:
-            need = ("lora_A.weight", "lora_B.weight")
-        miss = [n for n in need if n not in t]
-        if miss:
-            raise BaseMismatchError(
-                f"adapter site {hf_name(path)!r} lacks {miss} (found {sorted(t)}); the base module is a "
-                f"{layout.kind} layer. Was the adapter made for another architecture?"
-            )
-        a = np.asarray(t[need[0]]).T  # [in, r]
-        b = np.asarray(t[need[1]]).T  # [r, out]
-        r_cfg, alpha = config.rank_alpha(path)
-        if a.shape[1] != b.shape[0] or a.shape[1] != r_cfg:
-            raise CheckpointError(
-                f"adapter site {hf_name(path)!r}: lora_A has rank {a.shape[1]}, lora_B rank {b.shape[0]}, "
-                f"adapter_config.json says r={r_cfg}. The files do not belong together."
-            )
-        if (a.shape[0], b.shape[1]) != (layout.in_features, layout.out_features):
-            raise BaseMismatchError(
-                f"adapter site {hf_name(path)!r} maps {a.shape[0]} -> {b.shape[1]} features, but the base module "
-                f"maps {layout.in_features} -> {layout.out_features}. Load the adapter on the base it was made for."
-            )
-        mag = t.get("lora_magnitude_vector")
-        if config.use_dora and mag is None:
-            raise CheckpointError(f"use_dora is set but site {hf_name(path)!r} has no lora_magnitude_vector.")
-        if mag is not None and (not config.use_dora or mag.shape != (layout.out_features,)):
-            raise CheckpointError(
-                f"adapter site {hf_name(path)!r} has a lora_magnitude_vector of shape {tuple(mag.shape)}, but "
-                f"adapter_config.json says use_dora={config.use_dora} (the module has {layout.out_features} outputs); "
-                "loading it would drop or misapply the DoRA magnitudes. The files do not belong together."
-            )
-        base_bias = None
-        if config.bias != "none" and "bias" in own:  # PEFT keeps the base's value for a bias missing from the file
-            base_bias = np.asarray(t.get("base_layer.bias", own["bias"]), np.float32).reshape(np.shape(own["bias"]))
-        elif "base_layer.bias" in t:
-            raise CheckpointError(
-                f"adapter site {hf_name(path)!r} carries a trained base_layer.bias, but adapter_config.json says "
-                f"bias={config.bias!r}{'' if 'bias' in own else ' and the base module has no bias'}. The files do not belong together."
-            )
-        bias = t.get("lora_B.bias")
-        if (bias is not None) != config.lora_bias or (bias is not None and bias.shape != (layout.out_features,)):
-            raise CheckpointError(
-                f"adapter site {hf_name(path)!r}: adapter_config.json says lora_bias={config.lora_bias}, the file "
-                f"{'has a lora_B.bias of shape ' + str(tuple(bias.shape)) if bias is not None else 'has no lora_B.bias'}"
-                f" (the module has {layout.out_features} outputs). The files do not belong together."
-            )
-        adapter[path] = LoraWeights(
-            jnp.asarray(a, ctx.dtype), jnp.asarray(b, ctx.dtype),
-            None if mag is None else jnp.asarray(mag, ctx.dtype),
-            config.scale(r_cfg, alpha), layout, float(config.dropout),
-            residual if layout.kind != Kind.EMBED else None,
-            path in tied_paths,
-            tied_output_from_params(path, leaves) if layout.kind == Kind.EMBED else None,
-            None if bias is None else jnp.asarray(bias, ctx.dtype),
-            None if base_bias is None else jnp.asarray(base_bias, ctx.dtype),
+
+def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfig, residual, tied: bool,
+                       ctx: ImportContext) -> LoraWeights:
+    """The LoRA site at ``path`` from its PEFT tensors ``t``, after checking each against the
+    base module and the config (ranks, shapes, DoRA magnitudes, biases)."""
+    own = ctx.leaves[path]
+    layout = _inject.infer_layout(path, own)
+    if layout.kind == Kind.EMBED:
+        need = ("lora_embedding_A", "lora_embedding_B")
+    else:
+        need = ("lora_A.weight", "lora_B.weight")
+    miss = [n for n in need if n not in t]
+    if miss:
+        raise BaseMismatchError(
+            f"adapter site {hf_name(path)!r} lacks {miss} (found {sorted(t)}); the base module is a "
+            f"{layout.kind} layer. Was the adapter made for another architecture?"
         )
-    for path in sorted(saved):
-        node = _saved_from_hf(path, saved[path], leaves[path], ctx.folder, ctx.dtype)
+    a = np.asarray(t[need[0]]).T  # [in, r]
+    b = np.asarray(t[need[1]]).T  # [r, out]
+    r_cfg, alpha = config.rank_alpha(path)
+    if a.shape[1] != b.shape[0] or a.shape[1] != r_cfg:
+        raise CheckpointError(
+            f"adapter site {hf_name(path)!r}: lora_A has rank {a.shape[1]}, lora_B rank {b.shape[0]}, "
+            f"adapter_config.json says r={r_cfg}. The files do not belong together."
+        )
+    if (a.shape[0], b.shape[1]) != (layout.in_features, layout.out_features):
+        raise BaseMismatchError(
+            f"adapter site {hf_name(path)!r} maps {a.shape[0]} -> {b.shape[1]} features, but the base module "
+            f"maps {layout.in_features} -> {layout.out_features}. Load the adapter on the base it was made for."
+        )
+    mag = t.get("lora_magnitude_vector")
+    if config.use_dora and mag is None:
+        raise CheckpointError(f"use_dora is set but site {hf_name(path)!r} has no lora_magnitude_vector.")
+    if mag is not None and (not config.use_dora or mag.shape != (layout.out_features,)):
+        raise CheckpointError(
+            f"adapter site {hf_name(path)!r} has a lora_magnitude_vector of shape {tuple(mag.shape)}, but "
+            f"adapter_config.json says use_dora={config.use_dora} (the module has {layout.out_features} outputs); "
+            "loading it would drop or misapply the DoRA magnitudes. The files do not belong together."
+        )
+    base_bias = None
+    if config.bias != "none" and "bias" in own:  # PEFT keeps the base's value for a bias missing from the file
+        base_bias = np.asarray(t.get("base_layer.bias", own["bias"]), np.float32).reshape(np.shape(own["bias"]))
+    elif "base_layer.bias" in t:
+        raise CheckpointError(
+            f"adapter site {hf_name(path)!r} carries a trained base_layer.bias, but adapter_config.json says "
+            f"bias={config.bias!r}{'' if 'bias' in own else ' and the base module has no bias'}. The files do not belong together."
+        )
+    bias = t.get("lora_B.bias")
+    if (bias is not None) != config.lora_bias or (bias is not None and bias.shape != (layout.out_features,)):
+        raise CheckpointError(
+            f"adapter site {hf_name(path)!r}: adapter_config.json says lora_bias={config.lora_bias}, the file "
+            f"{'has a lora_B.bias of shape ' + str(tuple(bias.shape)) if bias is not None else 'has no lora_B.bias'}"
+            f" (the module has {layout.out_features} outputs). The files do not belong together."
+        )
+    return LoraWeights(
+        jnp.asarray(a, ctx.dtype), jnp.asarray(b, ctx.dtype),
+        None if mag is None else jnp.asarray(mag, ctx.dtype),
+        config.scale(r_cfg, alpha), layout, float(config.dropout),
+        residual if layout.kind != Kind.EMBED else None,
+        tied,
+        tied_output_from_params(path, ctx.leaves) if layout.kind == Kind.EMBED else None,
+        None if bias is None else jnp.asarray(bias, ctx.dtype),
+        None if base_bias is None else jnp.asarray(base_bias, ctx.dtype),
+    )
+
+
+def _saved_sites_from_hf(config: LoraConfig, found: _LoraTensors, ctx: ImportContext) -> dict:
+    """The ``modules_to_save`` copies as ``SavedModule`` sites; a saved embedding keeps how PEFT
+    ties it to the output projection."""
+    out = {}
+    for path in sorted(found.saved):
+        node = _saved_from_hf(path, found.saved[path], ctx.leaves[path], ctx.folder, ctx.dtype)
         if "embedding" in node.params:
             # PEFT ties a copy of model.embed_tokens to a tied lm_head with ensure_weight_tying only
             tie = bool(config.ensure_weight_tying) and path == "model/embed_tokens"
-            node = dataclasses.replace(node, tie_output=tie, tied_output=tied_output_from_params(path, leaves))
-            if tied_head is not None and path == "model/embed_tokens" \
-                    and not np.array_equal(np.asarray(tied_head), np.asarray(saved[path]["weight"])):
+            node = dataclasses.replace(node, tie_output=tie, tied_output=tied_output_from_params(path, ctx.leaves))
+            if found.tied_head is not None and path == "model/embed_tokens" \
+                    and not np.array_equal(np.asarray(found.tied_head), np.asarray(found.saved[path]["weight"])):
                 raise CheckpointError(
                     f"the adapter in {ctx.folder!r} says ensure_weight_tying=True, but its lm_head.weight differs from "
                     "its copy of model.embed_tokens; the file is inconsistent. Re-save it with PEFT."
                 )
-        adapter[path] = node
-    adapter.update(_tokens_from_hf(config, token_values, leaves, ctx))
-    for path, v in biases.items():
-        if path in adapter:
-            continue  # a module of modules_to_save holds its bias already
-        b = leaves[path]["bias"]
-        if tuple(np.shape(v)) != tuple(np.shape(b)):
-            raise BaseMismatchError(f"the bias of {hf_name(path)!r} has shape {np.shape(v)}, the base's {tuple(np.shape(b))}.")
-        adapter[path] = SavedModule({"bias": jnp.asarray(v, ctx.dtype)})
-    if config.bias == "all":  # PEFT trains every bias; one missing from the file keeps the base's value
-        for path, own in leaves.items():
-            if path not in adapter and "bias" in own:
-                adapter[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), ctx.dtype)})
-    return config, adapter
+        out[path] = node
+    return out
 
 
 def _refuse_saved_targets(config: LoraConfig, site_paths, expected, folder: str) -> None:

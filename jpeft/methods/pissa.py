@@ -33,7 +33,7 @@ from jpeft.methods._common import from_matrix, to_matrix
 from jpeft.methods.base import Kind
 from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.scan import Stacked
-from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
+from jpeft.tree import get_subtree, path_str, rewrap_params, set_subtree, unwrap_params
 
 
 def _svd_top(w, r: int, niter: Optional[int], key):
@@ -311,7 +311,7 @@ def convert_residual_adapter(adapter, original_params, residual_params):
             "convert_residual_adapter: original_params and residual_params have different structures; give the "
             "params the residual init took and the residual params it returned.")
     sites = {(p, n.unstacked.layout.param_name) for p, n in marked.items()}
-    names = ["/".join(str(getattr(k, "key", k)) for k in kp) for kp, _ in flat_o]
+    names = [path_str(kp) for kp, _ in flat_o]
     for name, (_, a), (_, b) in zip(names, flat_o, flat_r):
         if (jnp.shape(a), jnp.result_type(a)) != (jnp.shape(b), jnp.result_type(b)):
             raise ShapeMismatchError(

@@ -79,6 +79,8 @@ class PrefixTuningConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     prompt_learning: ClassVar[bool] = True
+    # PEFT builds prompt learning only inside a task model, and its prefix tuning cannot build BERT's past_key_values
+    peft_task_types: ClassVar[Mapping[str, tuple]] = {"decoder": ("CAUSAL_LM",), "encoder": ()}
 
     num_virtual_tokens: int = 20
     prefix_projection: bool = False

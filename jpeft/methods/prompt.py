@@ -73,6 +73,9 @@ class PromptTuningConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     prompt_learning: ClassVar[bool] = True
+    # PEFT builds prompt learning only inside a task model: never without a task type
+    peft_task_types: ClassVar[Mapping[str, tuple]] = {
+        "decoder": ("CAUSAL_LM",), "encoder": ("FEATURE_EXTRACTION", "SEQ_CLS")}
     packs_documents: ClassVar[bool] = False  # virtual tokens once per row: one token stream per row
 
     num_virtual_tokens: int = 20

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -35,7 +36,7 @@ from jpeft.models import llama_nnx
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
 from jpeft.parallel import put_leaf, param_shardings
 from jpeft.scan import stack_params, unstack_params
-from jpeft.tree import hf_name
+from jpeft.tree import hf_name, path_str
 from jpeft.validate import check_key
 
 
@@ -388,6 +389,28 @@ def weight_files(path: str) -> tuple[list[str], Optional[dict]]:
         f"{path!r} has config.json but no weights: expected model.safetensors or model.safetensors.index.json "
         f"with its shards (found: {sorted(os.listdir(path))[:10]})."
     )
+
+
+def weights_fingerprint(folder: str) -> str:
+    """SHA-256 of a model folder's weights as tensors: each tensor's name, dtype, shape and a
+    sample of its bytes (the first, middle and last 64), so the same weights sharded or named
+    into other files give the same value and another model of the same architecture (another
+    fine-tune, other random weights) almost surely not. Reads the safetensors headers and a few
+    bytes per tensor, not the weights."""
+    h = hashlib.sha256()
+    found = []
+    for f in weight_files(folder)[0]:
+        index = safetensors_index(f)[0]
+        found += [(name, f, e) for name, e in index.items()]
+    for name, f, (dt, shape, off, nbytes) in sorted(found, key=lambda x: x[0]):
+        h.update(json.dumps([name, dt.str, list(shape)]).encode())
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            for at in sorted({0, max(0, nbytes // 2 - 32), max(0, nbytes - 64)}):
+                h.update(os.pread(fd, min(64, nbytes - at), off + at))
+        finally:
+            os.close(fd)
+    return h.hexdigest()
 
 
 def _open(fname: str):
@@ -907,7 +930,7 @@ def _check_params_fit(config, inner) -> None:
     want = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)), jax.random.key(0))["params"]
 
     def flat(tree):
-        return {"/".join(str(getattr(k, "key", k)) for k in kp): tuple(getattr(leaf, "shape", ()))
+        return {path_str(kp): tuple(getattr(leaf, "shape", ()))
                 for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
     want, got = flat(want), flat(jax.eval_shape(lambda: inner))
