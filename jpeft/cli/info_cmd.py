@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -175,8 +176,8 @@ def adapter_summary(path: str) -> dict:
         # ``bias="lora_only"``/``"all"`` trains, counted as PEFT counts it
         shapes = {k: e[1] for k, e in index.items() if not k.endswith(".base_layer.weight")}
         frozen = _frozen_count(cfg.get("peft_type"), shapes)
-        res.update(method=cfg, trainable_params=sum(_prod(s) for s in shapes.values()) - frozen, frozen_params=frozen,
-                   base_copy_params=sum(_prod(e[1]) for k, e in index.items() if k not in shapes),
+        res.update(method=cfg, trainable_params=sum(math.prod(s) for s in shapes.values()) - frozen, frozen_params=frozen,
+                   base_copy_params=sum(math.prod(e[1]) for k, e in index.items() if k not in shapes),
                    adapter_bytes=sum(e[3] for e in index.values()), arrays=len(index),
                    base_model_name_or_path=cfg.get("base_model_name_or_path"))
     else:
@@ -185,8 +186,8 @@ def adapter_summary(path: str) -> dict:
         frozen = _frozen_count((meta["config"] or {}).get("peft_type"), {k: e["shape"] for k, e in adapter.items()})
         res.update(method=meta["config"], step=meta.get("step"), metrics=meta.get("metrics"),
                    data_position=meta.get("data_position"),
-                   trainable_params=sum(_prod(e["shape"]) for e in adapter.values()) - frozen, frozen_params=frozen,
-                   adapter_bytes=sum(_prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for e in adapter.values()),
+                   trainable_params=sum(math.prod(e["shape"]) for e in adapter.values()) - frozen, frozen_params=frozen,
+                   adapter_bytes=sum(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize for e in adapter.values()),
                    arrays=len(adapter), base_params=(meta.get("base") or {}).get("num_params"),
                    optimizer_state=any(k.startswith("opt_state/") for k in meta["arrays"]))
     return res
@@ -198,14 +199,7 @@ def _frozen_count(peft_type, shapes: dict) -> int:
     PEFT's ``base_model.vera_A``), among the ``frozen`` fields of the method's node classes."""
     names = {f for m in registered_methods() if m.config.peft_type == peft_type for node in m.nodes
              for f in getattr(node, "frozen", ())}
-    return sum(_prod(shape) for k, shape in shapes.items() if re.split(r"[/.]", k)[-1] in names) if names else 0
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+    return sum(math.prod(shape) for k, shape in shapes.items() if re.split(r"[/.]", k)[-1] in names) if names else 0
 
 
 def describe_adapter(path: str, *, as_json: bool = False) -> int:
