@@ -373,22 +373,21 @@ def infer_layout(path: str, own: Mapping[str, Any]) -> Layout:
     )
 
 
-def check_layout(path: str, node_layout: Layout, module, args, kwargs, *, known_only: bool = False) -> None:
-    """At apply time: the module the adapter meets must have the layout it was built for.
-    ``known_only``: accept modules jpeft has no layout for (a method that scales or rotates
-    the module's input or output alone, as IA3 and OFT, needs none)."""
+def check_layout(path: str, node_layout: Layout, module, args, kwargs) -> None:
+    """At apply time: the module the adapter meets must have the layout it was built for. A
+    module jpeft has no layout for (one of the user's own, holding a ``kernel``) is refused for
+    every method: even where the adapted call needs none (IA3 and OFT scale or rotate the
+    module's input or output alone), :func:`jpeft.merge` folds the update into the kernel as an
+    ``[in, out]`` matrix, which such a module's kernel need not be."""
     own = module.variables.get("params", {})
     pname = node_layout.param_name
     if pname not in own:
-        if known_only:
-            return
         raise UnsupportedModuleError(f"module {path!r} has no {pname!r} parameter; it cannot hold this adapter.")
     actual = layout_of(module, tuple(own[pname].shape), args, kwargs, path)
-    if actual is None and known_only:
-        return
     if actual is None:
+        name = getattr(module, "module_class", None) or type(module).__name__  # an NNX module's class (jpeft._nnx)
         raise UnsupportedModuleError(
-            f"module {path!r} is a {type(module).__name__}; linear adapters support nn.Dense, nn.DenseGeneral, "
+            f"module {path!r} is a {name}; linear adapters support nn.Dense, nn.DenseGeneral, "
             "nn.Conv, nn.Einsum and nn.Embed. Remove it from target_modules."
         )
     if node_layout.kind == Kind.DENSE and actual.kind == Kind.DENSE_GENERAL:

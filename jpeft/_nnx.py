@@ -146,7 +146,7 @@ class _NoTwin:
     raises a named error instead of computing something else."""
 
     def __init__(self, module, path: str, own):
-        self._cls = type(module).__name__
+        self._cls = self.module_class = type(module).__name__  # module_class: named in _inject's refusals
         self._path = path
         self.variables = {"params": own}
 

@@ -280,8 +280,10 @@ def _stderr(msg: str) -> None:
 
 
 def _tokens(batch, token_key: str) -> int:
+    """The number of tokens in ``batch[token_key]`` (in a batch that is one array, its size); 0 for a
+    batch without such an array (a tuple ``(x, y)``, a dict without ``token_key``)."""
     x = batch.get(token_key) if isinstance(batch, Mapping) else batch
-    if x is None:
+    if not hasattr(x, "shape"):
         return 0
     return int(np.prod(np.shape(x)))
 
@@ -299,6 +301,26 @@ def _check_fit_args(batches, key, eval_every, log_every, num_steps, forgetting, 
         # the guard's saved state would be dropped with no word: the resumed run would train unguarded
         raise ConfigError("fit got forgetting_state (a resumed forgetting guard's state) but no forgetting guard; pass "
                           "the guard it belongs to as forgetting=, or leave forgetting_state out.")
+
+
+def _eval_floats(result, step: int) -> dict:
+    """``eval_fn``'s result as Python numbers: a JAX or NumPy scalar (``{"loss": loss_fn(...)}``)
+    would reach the JSONL log as an array, which ``json`` cannot write (a raw TypeError after the
+    run's steps), and ``FitResult.eval`` would hold device arrays."""
+    if not isinstance(result, Mapping):
+        raise ConfigError(f"eval_fn(adapter, step) must return a dict of numbers, found {type(result).__name__} at "
+                          f"step {step}.")
+    out = {}
+    for k, v in result.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+            continue
+        a = np.asarray(jax.device_get(v))
+        if a.ndim != 0 or not np.issubdtype(a.dtype, np.number):
+            raise ConfigError(f"eval_fn(adapter, step) must return a dict of numbers; at step {step} its {k!r} is "
+                              f"{type(v).__name__} of shape {a.shape}. Reduce it to one number (e.g. its mean).")
+        out[k] = a.item()  # an int or a float
+    return out
 
 
 def _check_batch(batch, reference, pos: int, vocab_size, max_positions, token_key) -> Any:
@@ -370,14 +392,16 @@ def fit(
         before each step (:func:`jpeft.validate.check_tokens`).
       progress, desc: show a tqdm progress bar (on the main process) labelled ``desc``.
       on_step: called as ``on_step(step, metrics)`` with host floats after each step.
-      eval_fn: ``eval_fn(adapter, step) -> dict`` of floats, run every ``eval_every`` steps
+      eval_fn: ``eval_fn(adapter, step) -> dict`` of numbers (Python, NumPy or JAX scalars; kept
+        and logged as Python numbers), run every ``eval_every`` steps
         and at ``total_steps`` (without ``total_steps`` and ``num_steps``: at the last step, when
         the batches end); its result is logged with an ``eval_`` prefix.
       total_steps: the length of the whole run (progress bar, final evaluation); default
         ``start_step + num_steps``.
       log, log_every: ``log(record)`` (e.g. a :class:`MetricLog`) receives ``step``,
         ``loss``, ``grad_norm``, ``lr`` (from ``schedule``), ``tokens_per_s`` (tokens of
-        ``batch[token_key]``, the first, compiling step left out) and ``elapsed_s`` every
+        ``batch[token_key]``, the first, compiling step left out; ``None`` for batches without
+        that array, such as a tuple ``(x, y)``) and ``elapsed_s`` every
         ``log_every`` steps and at the last step (``total_steps``, or when the batches end), and
         every evaluation.
       schedule: the optimizer's learning-rate schedule, for the ``lr`` record: ``schedule(step - 1)``,
@@ -448,7 +472,7 @@ def fit(
 
     def evaluate(step):
         nonlocal last_eval, evaluated
-        last_eval = dict(eval_fn(adapter, step))
+        last_eval = _eval_floats(eval_fn(adapter, step), step)
         evaluated = step
         if log is not None:
             log({"step": step, **{f"eval_{k}": v for k, v in last_eval.items()}})
@@ -462,7 +486,7 @@ def fit(
             rec["lr"] = float(lr_fn(opt_state, bool(host.get("skipped"))))
         elif schedule is not None:
             rec["lr"] = float(schedule(step - 1))
-        rec["tokens_per_s"] = tokens / timed if timed > 0 else None
+        rec["tokens_per_s"] = tokens / timed if timed > 0 and tokens else None  # None: no token ids to count
         rec["elapsed_s"] = time.perf_counter() - t_start
         if host.get("skipped"):
             rec["skipped"] = 1
@@ -544,7 +568,7 @@ def fit(
                                     **({} if forgetting is None else {"extra": forgetting.state()}))
                 if bar is not None:
                     bar.update(1)
-                    tps = f"{tokens / timed:,.0f}" if timed > 0 else "-"
+                    tps = f"{tokens / timed:,.0f}" if timed > 0 and tokens else "-"
                     extra = {} if canary is None else {"canary_rise": f"{canary['canary_loss_rise']:.4f}",
                                                        "canary_kl": f"{canary['canary_kl']:.4f}"}
                     bar.set_postfix(loss=f"{host.get('loss', float('nan')):.4f}", tok_s=tps,

@@ -59,9 +59,28 @@ def loss_and_grad(loss_fn: Callable, params, adapter, batch, key):
                     "...) in loss_fn: it dequantizes each layer where it is called."
                 ) from e
             raise
-        return split_loss(out)
+        loss, aux = split_loss(out)
+        _check_loss(loss, out)
+        return loss, aux
 
     return jax.value_and_grad(f, has_aux=True)(adapter)
+
+
+def _check_loss(loss, out) -> None:
+    """A loss that is not one float number (a per-example vector, an integer count, a tuple of
+    three) is refused by name, not with JAX's ``grad`` error about "scalar-output functions"."""
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return
+    shape, dtype = getattr(loss, "shape", None), getattr(loss, "dtype", None)
+    if shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+        return
+    found = (f"an array of shape {tuple(shape)} and dtype {dtype}" if shape is not None else
+             f"a {type(out).__name__} of {len(out)} items" if isinstance(out, (tuple, list)) else type(loss).__name__)
+    raise ConfigError(
+        f"loss_fn(params, adapter, batch, key) must return the loss as one float number (a 0-d float array), or "
+        f"(loss, aux) with aux a dict of metrics; it returned {found}. Average a per-example loss (jnp.mean), "
+        "cast a count to float, or return extra values in the aux dict."
+    )
 
 
 def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, grads, loss, aux, *, skip_nonfinite=True):

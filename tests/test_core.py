@@ -1,5 +1,6 @@
 """Core LoRA behaviour (issue 2): identity at init, factored == merged, training, errors."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -171,6 +172,28 @@ def test_many_tokens_use_the_merged_form_with_factored_gradients():
     assert "_merged_matmul" not in str(jaxpr)
     np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, a, few)), np.asarray(jpeft.apply(model, params, a, x))[:4],
                                atol=1e-5)
+
+
+def test_forward_mode_works_on_the_merged_form_as_on_the_factored_one():
+    """jax.jvp, jax.jacfwd and Hessian-vector products through a Dense site with many tokens: the
+    merged form was a custom_vjp, so they raised JAX's TypeError ("can't apply forward-mode
+    autodiff (jvp) to a custom_vjp function") while the same call with few tokens worked."""
+    x = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)  # the merged form, as above
+    model, params, a, W, b, A, B = _dense_lora(24, x, alpha=6)
+    dA, dB = (np.random.default_rng(i).normal(size=v.shape) for i, v in ((3, A), (4, B)))
+    t = {"": dataclasses.replace(a[""], lora_A=jnp.asarray(dA, jnp.float32), lora_B=jnp.asarray(dB, jnp.float32))}
+    dx = np.random.default_rng(5).normal(size=x.shape).astype(np.float32)
+    y, dy = jax.jvp(lambda ad, x: jpeft.apply(model, params, ad, x), (a, jnp.asarray(x)), (t, jnp.asarray(dx)))
+    np.testing.assert_allclose(np.asarray(y), x @ (W + 2.0 * A @ B) + b, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dy), dx @ (W + 2.0 * A @ B) + 2.0 * x @ (dA @ B + A @ dB),
+                               rtol=1e-4, atol=1e-3)
+    jac = jax.jacfwd(lambda x: jpeft.apply(model, params, a, x))(jnp.asarray(x[:8]).repeat(8, 0))
+    np.testing.assert_allclose(np.asarray(jac[0, :, 0, :]), (W + 2.0 * A @ B).T, rtol=1e-4, atol=1e-4)
+    # Hessian-vector product of 0.5 |y|^2 in lora_A along dA: 4 x^T x dA B B^T (closed form)
+    loss = lambda ad: 0.5 * jnp.sum(jpeft.apply(model, params, ad, x) ** 2)  # noqa: E731
+    zero_b = jnp.zeros_like(a[""].lora_B)
+    hv = jax.jvp(jax.grad(loss), (a,), ({"": dataclasses.replace(t[""], lora_B=zero_b)},))[1][""]
+    np.testing.assert_allclose(np.asarray(hv.lora_A), 4.0 * x.T @ x @ dA @ B @ B.T, rtol=1e-4, atol=1e-2)
 
 
 def test_tied_embedding_lora():
@@ -425,6 +448,60 @@ def test_a_kernel_shape_that_hides_its_layout_is_refused_at_apply(make):
         np.testing.assert_allclose(model.apply(jpeft.merge(params, adapter), x), jpeft.apply(model, params, adapter, x),
                                    rtol=1e-5, atol=1e-5)
 
+
+class _OwnOutIn(nn.Module):
+    """A module of one's own holding a square ``kernel`` stored ``[out, in]`` (PyTorch's orientation)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return x @ self.param("kernel", nn.initializers.normal(1.0), (4, 4)).T
+
+
+class _WrapsOwn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _OwnOutIn(name="m")(x)
+
+
+@pytest.mark.parametrize("make", ["ia3_ff", "ia3_out", "oft"])
+def test_ia3_and_oft_refuse_a_module_of_ones_own_at_apply(make):
+    """IA3 and OFT built from the params alone took any module holding a 2-D ``kernel`` and, at
+    apply, scaled or rotated its input or output: right for apply, but merge folded the update
+    into the kernel as ``[in, out]``, so for a module storing ``[out, in]`` the merged model was
+    2.8 (IA3) and 6.1 (OFT) off apply, silently. Given the model, init refused it already; apply
+    now refuses it too, by name (linen, and NNX's modules without a linen twin)."""
+    from flax import nnx
+
+    cfg = {"ia3_ff": jpeft.IA3Config(target_modules=["m"], feedforward_modules=["m"]),
+           "ia3_out": jpeft.IA3Config(target_modules=["m"], feedforward_modules=[]),
+           "oft": jpeft.OFTConfig(oft_block_size=2, r=0, target_modules=["m"])}[make]
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    model = _WrapsOwn()
+    params = model.init(jax.random.key(0), x)
+    adapter = jax.tree.map(lambda t: t + 0.5, jpeft.init(cfg, params, jax.random.key(1)))
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match="'m' is a _OwnOutIn; linear adapters support"):
+        jpeft.apply(model, params, adapter, x)
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match="not a linear module this method can adapt"):
+        jpeft.init(cfg, params, jax.random.key(1), model, x)
+
+    class Own(nnx.Module):
+        def __init__(self):
+            self.kernel = nnx.Param(jnp.asarray(params["params"]["m"]["kernel"]))
+
+        def __call__(self, x):
+            return x @ self.kernel.T
+
+    class Wrap(nnx.Module):
+        def __init__(self):
+            self.m = Own()
+
+        def __call__(self, x):
+            return self.m(x)
+
+    graphdef, state = nnx.split(Wrap())
+    adapter = jax.tree.map(lambda t: t + 0.5, jpeft.init(cfg, state, jax.random.key(1)))
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match="'m' is an? Own;"):
+        jpeft.apply(graphdef, state, adapter, x)
 
 def test_nothing_half_built_on_error():
     """A failing init returns nothing; the params are not modified."""

@@ -112,6 +112,77 @@ def test_accumulation_equals_one_step_on_the_whole_batch(run):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+def test_tuple_batches_of_ones_own_model_train_and_log_no_token_rate():
+    """A user's own loss over tuple batches ``(x, y)``: fit's token count read ``np.shape`` of the
+    tuple, a raw ValueError (inhomogeneous shape) at step 2, after the first step had run; and a
+    batch without ``input_ids`` logged ``tokens_per_s`` 0.0 (there were no token ids to count)."""
+    import flax.linen as nn
+
+    model = nn.Dense(2)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 3))
+    y = jnp.tanh(x[..., :2])
+    params = model.init(jax.random.key(1), x[0])
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(2))
+    opt = optax.sgd(0.1)
+    step = jpeft.make_train_step(lambda p, a, b, k: jnp.mean((jpeft.apply(model, p, a, b[0]) - b[1]) ** 2), opt,
+                                 donate=False)
+    recs = []
+    res = jpeft.fit(step, params, adapter, opt.init(adapter), [(x[i], y[i]) for i in range(4)], key=jax.random.key(3),
+                    log=recs.append)
+    assert res.step == 4 and [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] is None for r in recs)
+    a = adapter  # the same four SGD steps by hand
+    for i in range(4):
+        g = jax.grad(lambda a: jnp.mean((jpeft.apply(model, params, a, x[i]) - y[i]) ** 2))(a)
+        a = jax.tree.map(lambda p, d: p - 0.1 * d, a, g)
+    for u, v in zip(jax.tree.leaves(res.adapter), jax.tree.leaves(a)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
+
+
+def test_an_eval_fn_returning_jax_scalars_is_logged_as_numbers(run, tmp_path):
+    """eval_fn returning {"loss": loss_fn(...)} (a JAX scalar, the natural thing) crashed fit at the first
+    evaluation, after the steps before it, with json's raw TypeError ("Object of type ArrayImpl is not JSON
+    serializable") under a MetricLog, and FitResult.eval held device arrays; a non-scalar is refused by name."""
+    params, cfg, adapter, opt, state, key, step = run
+
+    def eval_fn(a, s):
+        return {"loss": C.loss_fn()(params, a, C.batch(99), jax.random.key(0)), "n": jnp.int32(7), "k": 3}
+
+    with jpeft.MetricLog(str(tmp_path / "m.jsonl")) as log:
+        res = jpeft.fit(step, params, adapter, state, C.batches(0, 4), key=key, eval_fn=eval_fn, eval_every=2, log=log)
+    evals = [json.loads(x) for x in open(tmp_path / "m.jsonl") if "eval_loss" in x]
+    assert [r["step"] for r in evals] == [2, 4]
+    want = float(C.loss_fn()(params, res.adapter, C.batch(99), jax.random.key(0)))
+    assert res.eval == {"loss": pytest.approx(want, rel=1e-6), "n": 7, "k": 3} and type(res.eval["loss"]) is float
+    assert evals[-1] == {"step": 4, "eval_loss": res.eval["loss"], "eval_n": 7, "eval_k": 3}
+    with pytest.raises(jpeft.ConfigError, match=r"must return a dict of numbers; at step 1 its 'per_example' is"):
+        jpeft.fit(step, params, adapter, state, C.batches(0, 2), key=key, eval_every=1,
+                  eval_fn=lambda a, s: {"per_example": jnp.zeros(4)})
+
+
+@pytest.mark.parametrize("bad, found", [
+    (lambda y: jnp.mean(y ** 2, axis=-1), "an array of shape ({n},) and dtype float32"),  # per-example losses
+    (lambda y: jnp.sum(y > 0), "an array of shape () and dtype int32"),  # a count
+    (lambda y: (jnp.mean(y), {}, 1), "a tuple of 3 items"),
+])
+def test_a_loss_that_is_not_one_float_number_is_a_config_error(bad, found):
+    """loss_fn returning per-example losses, an integer or a 3-tuple raised JAX's TypeError from
+    inside grad ("Gradient only defined for scalar-output functions"), with every step variant."""
+    import flax.linen as nn
+
+    model = nn.Dense(2)
+    x = jnp.ones((8, 3))
+    params = model.init(jax.random.key(0), x)
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
+    opt = optax.sgd(0.1)
+    for k in (1, 2):
+        step = jpeft.make_train_step(lambda p, a, b, key: bad(jpeft.apply(model, p, a, b)), opt, donate=False,
+                                     accumulate_steps=k)
+        with pytest.raises(jpeft.ConfigError, match=r"must return the loss as one float number") as e:
+            step(params, adapter, opt.init(adapter), x, jax.random.key(2))
+        assert "returned " + found.format(n=8 // k) in str(e.value)  # a micro-batch's with accumulation
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_sigterm_saves_the_step_and_resume_is_exact(run, tmp_path, sig):
     """SIGTERM (a scheduler's or a spot pre-emption's notice) is handled as Ctrl-C: the step

@@ -101,7 +101,7 @@ class IA3Weights(Site):
 
     def intercept(self, call: Call):
         lay = self.layout
-        _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs, known_only=True)
+        _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
         if not self.feedforward:
             y = call.run()
             return (y * broadcast_out(self.ia3_l, y.ndim, lay).astype(y.dtype)).astype(y.dtype)

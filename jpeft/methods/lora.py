@@ -19,6 +19,7 @@ import jax
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject
@@ -477,7 +478,7 @@ class LoraWeights(Site):
         The factored form writes two activation-sized products per call (``(x A) B`` forward,
         ``(dy B^T) A^T`` backward), which costs more memory traffic than forming the
         weight-sized ``s A B`` once when ``tokens * (in + out) > in * out`` (a training batch;
-        not decoding). The backward (:func:`_merged_matmul`) still computes the adapter's
+        not decoding). The backward of :func:`_merged_matmul` still computes the adapter's
         gradients from rank-``r`` products and never a gradient the size of ``W``. Only for
         float32 kernels and computation (in lower precision ``W + s A B`` would round the
         update away) and without active dropout.
@@ -865,27 +866,39 @@ def init_saved(path: str, own: Mapping[str, Any], *, tie_output: bool = False,
     return SavedModule(jax.tree.map(master_copy, dict(own)), tie_output, tied_output)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _merged_matmul(x, w, a, b, scale, precision):
     """``x @ (w + scale * a @ b)`` for 2-D ``x``; gradients of ``a`` and ``b`` come from
-    rank-``r`` products (``x^T (dy b^T)`` and ``(x a)^T dy``). ``w``'s gradient ``x^T dy`` is
-    returned for completeness and removed by XLA when (as in adapter training) unused."""
+    rank-``r`` products (``x^T (dy b^T)`` and ``(x a)^T dy``), and ``w``'s gradient ``x^T dy``
+    only when ``w`` is differentiated (never in adapter training). A ``custom_jvp`` (the
+    gradients are the transposes of :func:`_merged_matmul_jvp`'s terms), so forward mode
+    (``jax.jvp``, ``jax.jacfwd``, Hessian-vector products) works as on the factored form."""
     return jnp.dot(x, w + scale * (a @ b), precision=precision)
 
 
-def _merged_matmul_fwd(x, w, a, b, scale, precision):
-    return _merged_matmul(x, w, a, b, scale, precision), (x, w, a, b)
+@functools.partial(jax.checkpoint, static_argnums=(4, 5))
+def _tangent_in_x(dx, w, a, b, scale, precision):
+    # recomputes w + s a b in the backward pass instead of keeping an [in, out] array per layer
+    return jnp.dot(dx, w + scale * (a @ b), precision=precision)
 
 
-def _merged_matmul_bwd(scale, precision, res, dy):
-    x, w, a, b = res
-    dx = jnp.dot(dy, (w + scale * (a @ b)).T, precision=precision)
-    da = scale * (x.T @ (dy @ b.T))
-    db = scale * ((x @ a).T @ dy)
-    return dx, x.T @ dy, da, db
+def _merged_matmul_jvp(scale, precision, primals, tangents):
+    x, w, a, b = primals
+    dx, dw, da, db = tangents
+    y = _merged_matmul(x, w, a, b, scale, precision)
+    terms = []
+    if not isinstance(dx, SymbolicZero):
+        terms.append(_tangent_in_x(dx, w, a, b, scale, precision))
+    if not isinstance(dw, SymbolicZero):
+        terms.append(jnp.dot(x, dw, precision=precision))
+    if not isinstance(da, SymbolicZero):
+        terms.append(scale * ((x @ da) @ b))
+    if not isinstance(db, SymbolicZero):
+        terms.append(scale * ((x @ a) @ db))
+    return y, (sum(terms[1:], terms[0]) if terms else jnp.zeros_like(y))
 
 
-_merged_matmul.defvjp(_merged_matmul_fwd, _merged_matmul_bwd)
+_merged_matmul.defjvp(_merged_matmul_jvp, symbolic_zeros=True)
 
 
 # embeddings of jpeft.models that a tied model also reads as its output projection (attend)

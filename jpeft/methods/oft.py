@@ -304,7 +304,7 @@ class OFTWeights(Site):
     def intercept(self, call: Call):
         x = call.args[0] if call.args else call.kwargs["inputs"]
         self._check_axis(call.module, x.ndim, call.path)
-        _inject.check_layout(call.path, self.layout, call.module, call.args, call.kwargs, known_only=True)
+        _inject.check_layout(call.path, self.layout, call.module, call.args, call.kwargs)
         r = self.rotation()
         if self.module_dropout > 0.0 and self.oft_R.shape[0] > 1:  # PEFT: a shared block is never dropped
             r = block_dropout(r, self.module_dropout, call.dropout_key())
