@@ -85,6 +85,9 @@ class AdapterConfig:
     # whether the method can train on rows packed by documents (segment ids): prompt tuning, whose
     # virtual tokens are prepended once per row, cannot; `jpeft train` refuses that before loading
     packs_documents: ClassVar[bool] = True
+    # whether the method trains a copy of every base weight (full fine-tuning): on a quantized base that copy would
+    # start from the rounded kernels, so `jpeft train` refuses quantize with it
+    trains_every_weight: ClassVar[bool] = False
     # PEFT's prompt-learning methods (prefix and prompt tuning: virtual tokens, no site on a module),
     # whose tensors PEFT keys under ``base_model.`` rather than ``base_model.model.``
     prompt_learning: ClassVar[bool] = False

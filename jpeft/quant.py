@@ -45,8 +45,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from jax.sharding import PartitionSpec as P
 
-from jpeft.errors import QuantizationError, SaveError
-from jpeft.tree import matches, path_str
+from jpeft.errors import LoadError, QuantizationError, SaveError
+from jpeft.tree import is_all_linear, matches, path_str
 
 Scheme = Literal["nf4", "int8", "fp8"]
 SCHEMES: tuple = ("nf4", "int8", "fp8")
@@ -351,11 +351,14 @@ DEFAULT_SKIP = ("lm_head", "classifier")
 def selects(path: str, name: str, leaf, target_modules=None, skip=DEFAULT_SKIP) -> bool:
     """Whether the leaf ``name`` of module ``path`` is quantized: by default every ``kernel``
     of 2+ dims except the LM head's and a classifier's; with ``target_modules`` (matched as PEFT's, see
-    :func:`jpeft.tree.matches`) the kernels and embeddings of those modules."""
+    :func:`jpeft.tree.matches`) the kernels and embeddings of those modules (``"all-linear"``: the
+    kernels of every module but the LM head, no embedding)."""
     if getattr(leaf, "ndim", len(getattr(leaf, "shape", ()))) < 2 or is_quantized(leaf):
         return False
     if target_modules is not None:
-        return name in ("kernel", "embedding") and matches(target_modules, path)
+        # "all-linear" names the linear layers (as LoraConfig's): an embedding table is not one (it was quantized too)
+        names = ("kernel",) if is_all_linear(target_modules) else ("kernel", "embedding")
+        return name in names and matches(target_modules, path)
     if name != "kernel":
         return False
     last = path.rsplit("/", 1)[-1]
@@ -551,7 +554,16 @@ def save(path: str, params, *, overwrite: bool = False) -> None:
 
 
 def load(path: str) -> dict:
-    """Reads a file written by :func:`save`."""
+    """Reads a file written by :func:`save`.
+
+    Raises:
+      LoadError: ``path`` does not exist or is a folder.
+      QuantizationError: a truncated or damaged file, one :func:`save` did not write (a model's
+        own ``model.safetensors``), or arrays that do not fit the recorded kernels.
+    """
+    if not os.path.isfile(path):  # safetensors' FileNotFoundError, or "No such device (os error 19)" for a folder
+        raise LoadError(f"{path!r} {'is a folder' if os.path.isdir(path) else 'does not exist'}; jpeft.quant.load reads "
+                        "the one file jpeft.quant.save wrote (such as 'base.safetensors').")
     try:
         with safe_open(path, framework="numpy") as f:
             meta = dict(f.metadata() or {})
@@ -559,7 +571,11 @@ def load(path: str) -> dict:
     except SafetensorError as e:  # a truncated or damaged file: safetensors' own error, not jpeft's
         raise QuantizationError(f"{path!r} is not a readable safetensors file ({e}); is it truncated? "
                                 "Copy it again or save the base again with jpeft.quant.save.") from None
-    meta.pop("jpeft_quantized", None)
+    if meta.pop("jpeft_quantized", None) is None:
+        # a Hugging Face model.safetensors came back as a flat dict of its torch tensor names, full precision, no error
+        raise QuantizationError(f"{path!r} was not written by jpeft.quant.save (its metadata has no 'jpeft_quantized' "
+                                "mark); to quantize a Hugging Face model folder while reading it, use "
+                                "jpeft.models.from_pretrained(folder, quantize='nf4').")
     return from_tensors(tensors, meta)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jpeft import quant
 from jpeft.errors import InputValidationError
 
 __all__ = ["effective_rank", "rank_for_energy", "intruder_dimensions", "update_spectrum"]
@@ -92,7 +93,7 @@ def _kernels(tree, prefix=(), names=("kernel",)):
         for k, v in tree.items():
             yield from _kernels(v, prefix + (str(k),), names)
     elif prefix and prefix[-1] in names:
-        yield "/".join(prefix), tree
+        yield "/".join(prefix), quant.dequantize_array(tree)  # a quantized leaf: the kernel it stands for
 
 
 def update_spectrum(params: Mapping[str, Any], merged: Mapping[str, Any], *, top_k: int = 10, epsilon: float = 0.5,
@@ -106,7 +107,9 @@ def update_spectrum(params: Mapping[str, Any], merged: Mapping[str, Any], *, top
     listed under ``skipped``, with a warning, not measured.
 
     ``merged`` is ``jpeft.merge(params, adapter)``: a method's update is what merging adds, so
-    every mergeable method (and full fine-tuning) is measured the same way.
+    every mergeable method (and full fine-tuning) is measured the same way. A quantized ``params``
+    (:func:`jpeft.quantize`; ``jpeft.merge`` of it is dequantized) is read as the kernels it
+    dequantizes to, so the update is exactly what the adapter adds.
     """
     base = dict(_kernels(params))
     per, skipped = {}, []

@@ -713,3 +713,78 @@ def test_load_reads_an_nf4_file_whose_scales_an_earlier_cast_base_made_bf16(tmp_
     back = quant.load(str(tmp_path / "q.safetensors"))["dense"]["kernel"]
     np.testing.assert_array_equal(np.asarray(quant.dequantize_array(back)),
                                   np.asarray(quant.dequantize_array(old["dense"]["kernel"])))
+
+
+def test_intruders_and_the_update_spectrum_on_a_quantized_base(llama):
+    """intruder_report, reduce_intruder_dimension and spectral.update_spectrum on an NF4 or int8 base raised
+    float()'s TypeError on the NF4Array / QArray; they read the kernel the base dequantizes to (the one the
+    adapter acts on), so they equal the same calls on jpeft.dequantize(q), every adapter factor random."""
+    from jpeft import spectral
+
+    _, model, params, ids, qs = llama
+    cfg = jpeft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"])
+    for scheme in ("nf4", "int8"):
+        q = qs[scheme]
+        deq = jpeft.dequantize(q)
+        ad = jpeft.init(cfg, q, jax.random.key(1))
+        keys = iter(jax.random.split(jax.random.key(2), 2 * len(ad)))
+        ad = {p: dataclasses.replace(n, lora_A=jax.random.normal(next(keys), n.lora_A.shape),
+                                     lora_B=jax.random.normal(next(keys), n.lora_B.shape)) for p, n in ad.items()}
+        got, want = jpeft.intruder_report(q, ad), jpeft.intruder_report(deq, ad)
+        assert got == want and sum(len(v["indices"]) for v in want.values()) > 0  # there are intruders to reduce
+        red, red_deq = jpeft.reduce_intruder_dimension(q, ad), jpeft.reduce_intruder_dimension(deq, ad)
+        for p in ad:
+            np.testing.assert_array_equal(red[p].lora_A, red_deq[p].lora_A)
+            np.testing.assert_array_equal(red[p].lora_B, red_deq[p].lora_B)
+        assert any(not np.array_equal(red[p].lora_B, ad[p].lora_B) for p in ad)
+        merged = jpeft.merge(q, ad)
+        s, s_deq = spectral.update_spectrum(q, merged), spectral.update_spectrum(deq, merged)
+        assert s == s_deq and len(s_deq["kernels"]) == 3  # only the three adapted kernels changed
+
+
+def test_jpeft_train_refuses_quantize_with_full_finetuning(tmp_path, capsys):
+    """[model] quantize with name = "full" trained a float copy of every weight started from the dequantized
+    NF4 kernels: the saved "adapter" (and `jpeft merge` of it over the full-precision folder) held every
+    kernel's NF4 rounding, with no word. Refused by name, before anything is loaded."""
+    from jpeft.cli import main
+
+    for model in ('[model]\npath = "llama"\nquantize = "nf4"\n', 'model = "llama"\nquantize = "int8"\n'):
+        (tmp_path / "full.toml").write_text(model + '[data]\ntrain = "train.jsonl"\n[method]\nname = "full"\n')
+        capsys.readouterr()
+        assert main(["train", "--config", str(tmp_path / "full.toml")]) == 2
+        err = capsys.readouterr().err
+        assert "ConfigError" in err and "full fine-tuning" in err and "Drop quantize" in err, err
+
+
+def test_quant_load_of_a_missing_path_a_folder_or_a_plain_safetensors_file_is_a_named_error(tmp_path):
+    """quant.load of a missing path raised FileNotFoundError, of a folder a bare OSError ("No such device (os
+    error 19)"), and a model's own model.safetensors (no jpeft mark) came back as a flat dict of its torch
+    tensor names, full precision, with no error."""
+    from safetensors.numpy import save_file
+
+    with pytest.raises(jpeft.errors.LoadError, match="does not exist"):
+        quant.load(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(jpeft.errors.LoadError, match="is a folder"):
+        quant.load(str(tmp_path))
+    save_file({"model.layers.0.self_attn.q_proj.weight": np.ones((4, 4), np.float32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(QuantizationError, match="not written by jpeft.quant.save.*from_pretrained"):
+        quant.load(str(tmp_path / "model.safetensors"))
+    quant.save(str(tmp_path / "q.safetensors"), jpeft.quantize({"d": {"kernel": jnp.ones((64, 8))}}, "nf4"))
+    assert quant.is_quantized(quant.load(str(tmp_path / "q.safetensors"))["d"]["kernel"])  # jpeft's own file still loads
+
+
+def test_quantize_all_linear_leaves_the_embedding_alone(llama):
+    """target_modules="all-linear" (the linear layers, as LoraConfig's) also quantized the token embedding
+    table (matches() selects every path but lm_head): every lookup then read NF4-rounded rows, unasked."""
+    _, model, params, ids, qs = llama
+
+    def quantized(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=quant.is_quantized)[0]
+        return sorted(jax.tree_util.keystr(k) for k, leaf in flat if quant.is_quantized(leaf))
+
+    q = jpeft.quantize(params, "nf4", target_modules="all-linear")
+    assert quantized(q) == quantized(qs["nf4"]) and len(quantized(q)) == 7  # the seven projections
+    emb = q["params"]["model"]["embed_tokens"]["embedding"]
+    np.testing.assert_array_equal(emb, params["params"]["model"]["embed_tokens"]["embedding"])
+    assert quant.is_quantized(jpeft.quantize(params, "nf4", target_modules=["embed_tokens"])["params"]["model"][
+        "embed_tokens"]["embedding"])  # named, it is quantized

@@ -263,6 +263,19 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
     if cfg.get("quantize") is not None and cfg["quantize"] not in SCHEMES:
         raise ConfigError(f"model.quantize must be one of {list(SCHEMES)}, found {cfg['quantize']!r}.")
     check_train_values(cfg)  # types and ranges, a NaN learning rate (issue 16)
+    if cfg.get("quantize") is not None:
+        m = cfg["method"]
+        try:
+            cls = method_class(m.get("name") or m.get("peft_type") or "lora")
+        except ConfigError:  # an unknown method is named later, with the config's other checks
+            cls = None
+        if cls is not None and cls.trains_every_weight:
+            # it trained a float copy of every weight started from the quantized kernels: the quantization error
+            # of every kernel went into the saved model (and `jpeft merge` wrote it over the full-precision weights)
+            raise ConfigError(f"quantize = {cfg['quantize']!r} with full fine-tuning: full fine-tuning trains a float copy "
+                              "of every weight, which would start from the quantized kernels' rounded values and carry "
+                              "that rounding into the saved model. Drop quantize to fine-tune the full-precision "
+                              "weights, or train an adapter (name = \"lora\", ...) on the quantized base.")
     if "train" not in cfg["data"]:
         raise ConfigError("the config has no [data] train = \"file.jsonl\" entry.")
     t = cfg["train"]

@@ -56,6 +56,7 @@ class FullFinetuneConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "FULL_FINETUNE"
+    trains_every_weight: ClassVar[bool] = True
 
     dtype: Optional[str] = None
 

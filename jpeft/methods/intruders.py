@@ -22,7 +22,8 @@ Per LoRA site, with the base matrix ``W`` and ``W' = W + s * dW`` viewed as ``[o
 
 Only plain LoRA on dense-type kernels is handled (``nn.Dense``, ``nn.DenseGeneral``,
 ``nn.Einsum``); DoRA, embeddings, convolutions and scanned (stacked) layers are refused with
-a :class:`~jpeft.errors.ConfigError`, as PEFT refuses every method but LoRA.
+a :class:`~jpeft.errors.ConfigError`, as PEFT refuses every method but LoRA. On a quantized base
+(:func:`jpeft.quantize`) ``W`` is the kernel it dequantizes to, the one the adapter acts on.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
 >>> model = nn.Dense(8)
@@ -44,7 +45,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import spectral
+from jpeft import quant, spectral
 from jpeft.errors import ConfigError
 from jpeft.methods.lora import LoraWeights
 from jpeft.tree import get_subtree, unwrap_params
@@ -68,7 +69,8 @@ def _sites(params, adapter: Mapping[str, Any]):
             what = "a scanned (stacked) layer" if np.ndim(node.lora_A) != 2 else f"a {lay.kind} layer"
             raise ConfigError(f"the LoRA site {path!r} adapts {what}; intruder reduction handles dense-type kernels "
                               "only (nn.Dense, nn.DenseGeneral, nn.Einsum). Restrict the adapter to those sites.")
-        k = np.asarray(get_subtree(inner, path)[lay.param_name], np.float64)
+        # a quantized base (jpeft.quantize): the kernel it stands for, which the adapter was trained on
+        k = np.asarray(quant.dequantize_array(get_subtree(inner, path)[lay.param_name]), np.float64)
         m = np.transpose(k, tuple(lay.in_axes) + tuple(lay.out_axes)).reshape(lay.in_features, lay.out_features)
         yield path, node, m.T
 
