@@ -45,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from jax.sharding import PartitionSpec as P
 
+from jpeft.config import _as_targets
 from jpeft.errors import LoadError, QuantizationError, SaveError
 from jpeft.tree import is_all_linear, matches, path_str
 
@@ -384,6 +385,7 @@ def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
     """
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    target_modules = _as_targets(target_modules)  # a regex or names, as a method config's (else a named ConfigError)
     if isinstance(params, (nnx.State, nnx.Module)):
         # its leaves sit under ".../kernel/value", which no kernel selector matches: the state came back
         # unchanged (full precision, no error), and with target_modules the error blamed the names

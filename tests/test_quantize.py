@@ -788,3 +788,6 @@ def test_quantize_all_linear_leaves_the_embedding_alone(llama):
     np.testing.assert_array_equal(emb, params["params"]["model"]["embed_tokens"]["embedding"])
     assert quant.is_quantized(jpeft.quantize(params, "nf4", target_modules=["embed_tokens"])["params"]["model"][
         "embed_tokens"]["embedding"])  # named, it is quantized
+    for bad in (123, ["q_proj", 7]):  # a raw TypeError from the path matcher before
+        with pytest.raises(jpeft.ConfigError, match="target_modules must be a regex string or a list of module names"):
+            jpeft.quantize(params, "nf4", target_modules=bad)
