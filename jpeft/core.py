@@ -145,7 +145,9 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
     logits and their gradient never exist whole: the step's temporary memory is 15-78 %
     smaller at 8k-128k-word vocabularies, its time on the CPU unchanged within the noise
     (docs/BENCHMARKS.md, "Session 34"). Any other model, an adapter acting on the model's whole call
-    (prefix and prompt tuning), and ``chunk_tokens=None`` take the whole logits.
+    (prefix and prompt tuning), and ``chunk_tokens=None`` take the whole logits. The chunked
+    loss has its own backward pass (a ``custom_vjp``), so it supports reverse mode only: for
+    forward mode (``jax.jvp``, ``jax.jacfwd``, Hessian-vector products) pass ``chunk_tokens=None``.
     With prompt tuning the last virtual token's logits predict token 0 (weighted by
     ``loss_mask[:, 0]``), as in Hugging Face PEFT, whose labels get ``-100`` for the virtual
     tokens only; ``causal_lm_loss(jpeft.apply(...))`` sees the real tokens' logits alone and
