@@ -8,7 +8,6 @@ benchmark's), and every run trains through :func:`jpeft.fit`."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -184,33 +183,12 @@ def save_full(path: str, model, params, adapter) -> int:
 
 
 # ------------------------------------------------------------------------------- generation
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k"))
-def _next_byte(model, params, adapter, buf, pos, rng, *, temperature: float, top_k: int):
-    """One sampled byte after position ``pos - 1``. The weights are arguments, not constants
-    baked into the program, so every run with the same adapter layout reuses one compilation
-    (a linen model is hashable by its configuration)."""
-    logits = jpeft.apply(model, params, adapter, buf)[0]
-    row = jax.lax.dynamic_index_in_dim(logits, pos - 1, keepdims=False).astype(jnp.float32) / temperature
-    kth = jnp.sort(row)[-top_k]
-    row = jnp.where(row < kth, -jnp.inf, row)
-    return jax.random.categorical(rng, row)
-
-
 def generate(model, params, adapter, prompt: bytes, n: int, *, seed: int = 0, temperature: float = 0.7,
              top_k: int = 20) -> bytes:
-    """Samples ``n`` bytes after ``prompt`` (top-k sampling; a fixed-size buffer so one
-    compiled function serves every position)."""
-    p = np.frombuffer(prompt, np.uint8).astype(np.int32)
-    total = len(p) + n
-    buf = np.zeros((1, total), np.int32)
-    buf[0, : len(p)] = p
-    key = jax.random.key(seed)
-    b = jnp.asarray(buf)
-    for pos in range(len(p), total):
-        tok = _next_byte(model, params, adapter, b, pos, jax.random.fold_in(key, pos), temperature=temperature,
-                         top_k=top_k)
-        b = b.at[0, pos].set(tok)
-    return bytes(np.asarray(b[0, len(p):]).astype(np.uint8).tolist())
+    """Samples ``n`` bytes after ``prompt`` with :func:`jpeft.generate` (top-k sampling, the KV cache)."""
+    ids = jnp.asarray(np.frombuffer(prompt, np.uint8).astype(np.int32)[None])
+    out = jpeft.generate(model, params, adapter, ids, n, temperature=temperature, top_k=top_k, key=jax.random.key(seed))
+    return bytes(np.asarray(out[0, len(prompt):]).astype(np.uint8).tolist())
 
 
 def _show(text: bytes, width: int = 100) -> str:
