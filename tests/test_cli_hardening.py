@@ -126,7 +126,7 @@ def test_binary_nested_and_non_utf8_inputs_are_one_line(folder, capsys):
 def test_info_on_broken_config_json_is_one_line(folder, capsys, tmp_path):
     good = json.loads((folder / "m" / "config.json").read_text())
     cases = [(b"{not json", "not valid JSON"), (b"[1, 2]", "must hold a JSON object"), (bytes(range(256)), "not valid JSON"),
-             (json.dumps(dict(good, num_attention_heads=0)).encode(), "invalid value"),
+             (json.dumps(dict(good, num_attention_heads=0)).encode(), "num_heads must be a positive integer, found 0"),
              (json.dumps(dict(good, num_hidden_layers="x")).encode(), ""),
              (json.dumps(dict(good, num_hidden_layers=20000)).encode(), "20,000 layers is more than")]
     for i, (body, expect) in enumerate(cases):

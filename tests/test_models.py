@@ -438,6 +438,65 @@ def test_key_value_heads_without_the_key_default_as_in_transformers():
     assert config_from_hf(dict(d, model_type="mistral")).num_kv_heads == 8
 
 
+def test_max_position_embeddings_without_the_key_defaults_as_in_transformers(tmp_path):
+    """Without a max_position_embeddings key transformers' MistralConfig takes 131072 and Qwen2Config
+    32768 (LlamaConfig 2048); jpeft took 2048 for all three (prompt tuning then refused longer inputs,
+    save_pretrained wrote 2048 back). llama3 rope without original_max_position_embeddings falls back
+    to that default in transformers: jpeft refused such a file with a ConfigError unless the key was
+    written. The logits of such a folder now equal transformers'."""
+    import torch
+    import transformers
+
+    from jpeft.models.loading import config_from_hf
+
+    d = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+    for mt, cls in (("llama", transformers.LlamaConfig), ("mistral", transformers.MistralConfig),
+                    ("qwen2", transformers.Qwen2Config)):
+        assert config_from_hf(dict(d, model_type=mt)).max_position_embeddings == cls(**d).max_position_embeddings, mt
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    hf = T._randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**d, rope_parameters=rope)), seed=5)
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("max_position_embeddings")
+    cfg["rope_parameters"].pop("original_max_position_embeddings")
+    path.write_text(json.dumps(cfg))
+    ref_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert ref_model.config.rope_parameters["original_max_position_embeddings"] == 2048
+    ids = np.random.default_rng(0).integers(3, 100, size=(2, 12))
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.tensor(ids)).logits.numpy()
+    model, params = M.from_pretrained(str(tmp_path))
+    assert model.config.rope_scaling_dict["original_max_position_embeddings"] == 2048
+    np.testing.assert_allclose(np.asarray(model.apply(params, jnp.asarray(ids))), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type,field,value", [
+    ("llama", "rms_norm_eps", None), ("llama", "max_position_embeddings", "4096"), ("qwen2", "max_window_layers", 1.5),
+    ("llama", "intermediate_size", 64.5), ("gpt2", "layer_norm_epsilon", None), ("gpt2", "n_positions", True),
+    ("bert", "type_vocab_size", None), ("bert", "layer_norm_eps", "1e-12"), ("llama", "rope_theta", "1e4"),
+])
+def test_a_null_quoted_or_fractional_number_in_config_json_is_refused_by_name(model_type, field, value):
+    """float(None) / int("4096") raised a raw TypeError / ValueError from from_pretrained, and int()
+    truncated a fraction silently (max_window_layers 1.5 read as 1: transformers windows layers
+    i >= 1.5, jpeft windowed layer 1 too). Each is a ConfigError naming the field and the fix."""
+    from jpeft.errors import ConfigError
+    from jpeft.models.loading import config_from_hf
+
+    d = {"llama": dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4),
+         "gpt2": dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4),
+         "bert": dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64)}[model_type if model_type != "qwen2" else "llama"]
+    d = dict(d, model_type=model_type, use_sliding_window=True) if model_type == "qwen2" else dict(d, model_type=model_type)
+    config_from_hf(dict(d, **{field: 2.0 if "max_window" in field else d.get(field, 7)}))  # a number reads
+    with pytest.raises(ConfigError, match=f"field '{field}' must be a .*number, found {value!r}.*JSON number"):
+        config_from_hf(dict(d, **{field: value}))
+
+
 def test_unsupported_model_type(tmp_path):
     d = _copy("llama2", tmp_path)
     cfg = json.loads((d / "config.json").read_text())

@@ -72,7 +72,27 @@ def _flag(d: Mapping[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+_REQUIRED = object()
+
+
+def _number(d: Mapping[str, Any], name: str, default: Any = _REQUIRED, *, integer: bool = False):
+    """A numeric field of ``config.json`` (``default`` when the key is absent; without one a
+    missing key is a ``KeyError``, which :func:`config_from_hf` names). A null, a quoted value, a
+    boolean or, for a count, a fraction is refused by name: ``float(None)`` raised a raw
+    ``TypeError`` and ``int(2.5)`` silently read 2."""
+    value = d[name] if default is _REQUIRED else d.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        also = "" if default is _REQUIRED else f", or remove it for transformers' default ({default})"
+        raise ConfigError(
+            f"config.json field {name!r} must be {'a whole number' if integer else 'a number'}, found {value!r} "
+            f"({type(value).__name__}). Write it as a JSON number without quotes{also}.")
+    return int(value) if integer else float(value)
+
+
 _KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32}
+# transformers' MistralConfig and Qwen2Config defaults when config.json has no max_position_embeddings
+# (LlamaConfig's: 2048); llama3 rope falls back to it for original_max_position_embeddings
+_MAX_POSITIONS_DEFAULT = {"mistral": 4096 * 32, "qwen2": 32768}
 
 
 def num_kv_heads(d: Mapping[str, Any]) -> Optional[int]:
@@ -97,7 +117,9 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
             f"config.json's rope parameters are given per layer type ({sorted(rp)}); jpeft's {model_type} has one "
             "rotary embedding for every layer. Write one rope_parameters dict (rope_type, rope_theta, ...)."
         )
-    theta = float(_get(rp, "rope_theta", default=_get(d, "rope_theta", default=10000.0)))
+    theta = _get(rp, "rope_theta", default=_get(d, "rope_theta", default=10000.0))
+    theta = _number({"rope_theta": theta}, "rope_theta")
+    max_positions = _number(d, "max_position_embeddings", _MAX_POSITIONS_DEFAULT.get(model_type, 2048), integer=True)
     scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if float(scaling.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
@@ -112,21 +134,21 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         if kind == "llama3":  # as transformers' standardize_rope_params: a top-level value wins, else the context
             if d.get("original_max_position_embeddings") is not None:
                 scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
-            elif scaling.get("original_max_position_embeddings") is None and d.get("max_position_embeddings"):
-                scaling["original_max_position_embeddings"] = d["max_position_embeddings"]
-    heads = int(d["num_attention_heads"])
-    hidden = int(d["hidden_size"])
+            elif scaling.get("original_max_position_embeddings") is None:
+                scaling["original_max_position_embeddings"] = max_positions
+    heads = _number(d, "num_attention_heads", integer=True)
+    hidden = _number(d, "hidden_size", integer=True)
     attn_bias = _flag(d, "attention_bias", False)
     kw = dict(
-        vocab_size=int(d["vocab_size"]),
+        vocab_size=_number(d, "vocab_size", integer=True),
         hidden_size=hidden,
-        intermediate_size=int(d["intermediate_size"]),
-        num_layers=int(d["num_hidden_layers"]),
+        intermediate_size=_number(d, "intermediate_size", integer=True),
+        num_layers=_number(d, "num_hidden_layers", integer=True),
         num_heads=heads,
         num_kv_heads=num_kv_heads(dict(d, model_type=model_type)),
-        head_dim=int(_get(d, "head_dim", default=hidden // heads)),
-        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        head_dim=_number(d, "head_dim", integer=True) if d.get("head_dim") is not None else hidden // (heads or 1),
+        max_position_embeddings=max_positions,
+        rms_norm_eps=_number(d, "rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
         hidden_act=str(d.get("hidden_act", "silu")),
@@ -136,7 +158,7 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         attention_dropout=float(d.get("attention_dropout") or 0.0),
         tie_word_embeddings=_flag(d, "tie_word_embeddings", False),
         model_type=model_type,
-        initializer_range=float(d.get("initializer_range", 0.02)),
+        initializer_range=_number(d, "initializer_range", 0.02),
         dtype=dtype,
         param_dtype=param_dtype,
         bos_token_id=d.get("bos_token_id"),
@@ -156,7 +178,7 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         window = d.get("sliding_window", 4096) if _flag(d, "use_sliding_window", False) else None
         layer_types = d.get("layer_types")
         if window is not None and layer_types is None:
-            mwl = int(d.get("max_window_layers", 28))
+            mwl = _number(d, "max_window_layers", 28, integer=True)
             layer_types = ["sliding_attention" if i >= mwl else "full_attention" for i in range(kw["num_layers"])]
         kw.update(sliding_window=window, layer_types=tuple(layer_types) if (window is not None and layer_types) else None)
     return LlamaConfig(**kw)
@@ -166,21 +188,21 @@ def _gpt2(d, dtype, param_dtype) -> GPT2Config:
     if d.get("add_cross_attention"):
         raise UnsupportedModelError("GPT-2 with add_cross_attention=True (encoder-decoder use) is not supported.")
     return GPT2Config(
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=int(d["n_embd"]),
-        num_layers=int(d["n_layer"]),
-        num_heads=int(d["n_head"]),
+        vocab_size=_number(d, "vocab_size", integer=True),
+        hidden_size=_number(d, "n_embd", integer=True),
+        num_layers=_number(d, "n_layer", integer=True),
+        num_heads=_number(d, "n_head", integer=True),
         intermediate_size=d.get("n_inner"),
-        max_position_embeddings=int(d.get("n_positions", 1024)),
-        layer_norm_epsilon=float(d.get("layer_norm_epsilon", 1e-5)),
+        max_position_embeddings=_number(d, "n_positions", 1024, integer=True),
+        layer_norm_epsilon=_number(d, "layer_norm_epsilon", 1e-5),
         hidden_act=str(d.get("activation_function", "gelu_new")),
         scale_attn_weights=_flag(d, "scale_attn_weights", True),
         scale_attn_by_inverse_layer_idx=_flag(d, "scale_attn_by_inverse_layer_idx", False),
-        embd_pdrop=float(d.get("embd_pdrop", 0.1)),
-        resid_pdrop=float(d.get("resid_pdrop", 0.1)),
-        attn_pdrop=float(d.get("attn_pdrop", 0.1)),
+        embd_pdrop=_number(d, "embd_pdrop", 0.1),
+        resid_pdrop=_number(d, "resid_pdrop", 0.1),
+        attn_pdrop=_number(d, "attn_pdrop", 0.1),
         tie_word_embeddings=_flag(d, "tie_word_embeddings", True),
-        initializer_range=float(d.get("initializer_range", 0.02)),
+        initializer_range=_number(d, "initializer_range", 0.02),
         dtype=dtype,
         param_dtype=param_dtype,
         bos_token_id=d.get("bos_token_id"),
@@ -197,7 +219,7 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
         )
     if d.get("is_decoder") or d.get("add_cross_attention"):
         raise UnsupportedModelError("BERT as a decoder (is_decoder / add_cross_attention) is not supported.")
-    num_labels = len(d["id2label"]) if d.get("id2label") else int(d.get("num_labels", 2))
+    num_labels = len(d["id2label"]) if d.get("id2label") else _number(d, "num_labels", 2, integer=True)
     names = None
     if d.get("id2label"):
         try:
@@ -207,22 +229,22 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
         if names == tuple(f"LABEL_{i}" for i in range(len(names or ()))):
             names = None  # transformers' default names: the same config as none given
     return BertConfig(
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=int(d["hidden_size"]),
-        num_layers=int(d["num_hidden_layers"]),
-        num_heads=int(d["num_attention_heads"]),
-        intermediate_size=int(d["intermediate_size"]),
-        max_position_embeddings=int(d.get("max_position_embeddings", 512)),
-        type_vocab_size=int(d.get("type_vocab_size", 2)),
-        layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
+        vocab_size=_number(d, "vocab_size", integer=True),
+        hidden_size=_number(d, "hidden_size", integer=True),
+        num_layers=_number(d, "num_hidden_layers", integer=True),
+        num_heads=_number(d, "num_attention_heads", integer=True),
+        intermediate_size=_number(d, "intermediate_size", integer=True),
+        max_position_embeddings=_number(d, "max_position_embeddings", 512, integer=True),
+        type_vocab_size=_number(d, "type_vocab_size", 2, integer=True),
+        layer_norm_eps=_number(d, "layer_norm_eps", 1e-12),
         hidden_act=str(d.get("hidden_act", "gelu")),
-        hidden_dropout_prob=float(d.get("hidden_dropout_prob", 0.1)),
-        attention_probs_dropout_prob=float(d.get("attention_probs_dropout_prob", 0.1)),
-        classifier_dropout=None if d.get("classifier_dropout") is None else float(d["classifier_dropout"]),
+        hidden_dropout_prob=_number(d, "hidden_dropout_prob", 0.1),
+        attention_probs_dropout_prob=_number(d, "attention_probs_dropout_prob", 0.1),
+        classifier_dropout=None if d.get("classifier_dropout") is None else _number(d, "classifier_dropout"),
         num_labels=num_labels,
         problem_type=d.get("problem_type"),
         label_names=names,
-        initializer_range=float(d.get("initializer_range", 0.02)),
+        initializer_range=_number(d, "initializer_range", 0.02),
         dtype=dtype,
         param_dtype=param_dtype,
         pad_token_id=d.get("pad_token_id", 0),
@@ -310,6 +332,8 @@ def config_from_hf(d: Mapping[str, Any], dtype=jnp.float32, param_dtype=None):
       UnsupportedModelError: for a ``model_type`` jpeft does not implement (the message lists
         the supported ones) or an option it does not implement (rope types other than
         default/linear/llama3, cross-attention, relative BERT positions).
+      ConfigError: a field of the wrong type (a quoted ``"false"``, a null or quoted number, a
+        fraction where a count is expected).
     """
     mt = d.get("model_type")
     if mt not in FAMILIES:
