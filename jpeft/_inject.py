@@ -40,27 +40,66 @@ def module_path(module) -> str:
         return ""
 
 
-def _flat_shapes(tree, prefix=()) -> dict:
-    """``{key path: shape}`` of the arrays in a nested params dict (a module's own params and
-    those of its submodules)."""
+def _flat_leaves(tree, prefix=()) -> dict:
+    """``{key path: leaf}`` of a nested params dict (a module's own params and those of its
+    submodules)."""
     out = {}
     if isinstance(tree, Mapping):
         for k, v in tree.items():
-            out.update(_flat_shapes(v, prefix + (k,)))
-    elif hasattr(tree, "shape"):
-        out[prefix] = tuple(tree.shape)
+            out.update(_flat_leaves(v, prefix + (k,)))
+    else:
+        out[prefix] = tree
     return out
 
 
-def _outer_shapes(params, path: str):
+def _flat_shapes(tree) -> dict:
+    """``{key path: shape}`` of the arrays in a nested params dict."""
+    return {k: tuple(v.shape) for k, v in _flat_leaves(tree).items() if hasattr(v, "shape")}
+
+
+def _subtree(params, path: str):
+    """The params dict at a module's path, or ``None`` where there is none."""
     node = params
     for comp in [c for c in path.split("/") if c]:
         if not isinstance(node, Mapping) or comp not in node:
             return None
         node = node[comp]
-    if not isinstance(node, Mapping):
+    return node if isinstance(node, Mapping) else None
+
+
+def _outer_shapes(params, path: str):
+    node = _subtree(params, path)
+    return None if node is None else _flat_shapes(node)
+
+
+def mapped_refusal(path: str, module, params) -> Optional[UnsupportedModuleError]:
+    """The error for a module that runs inside ``nn.map_variables`` on a view of its params
+    (``trans_in_fn``) other than the arrays stored at its path, else ``None``.
+
+    An adapter acts on the kernel the module sees (``trans_in_fn(W)``), but :func:`jpeft.merge`
+    folds it into the stored ``W`` and :func:`jpeft.init` reads the stored ``W`` (DoRA's norms,
+    PiSSA's SVD): what ``trans_in_fn`` does jpeft cannot know, so the merged model would differ
+    from the applied one. Told by the scope's ``debug_path`` (flax writes ``map_variables(name)``
+    there) and by the module's params not being the very arrays ``params`` holds at ``path``
+    (an identity ``trans_in_fn`` passes them through unchanged, jitted or not)."""
+    try:
+        debug = tuple(module.scope.debug_path)
+    except Exception:  # unbound helper modules
         return None
-    return _flat_shapes(node)
+    if not any("map_variables(" in str(c) for c in debug) or params is None:
+        return None
+    own = _flat_leaves(_own_params(module))
+    stored = _flat_leaves(_subtree(params, path) or {})
+    if all(k in stored and stored[k] is v for k, v in own.items()):
+        return None
+    return UnsupportedModuleError(
+        f"module {path!r} runs inside nn.map_variables ({'/'.join(map(str, debug))}; nn.WeightNorm and "
+        "nn.SpectralNorm wrap their layer in it), which hands it a transformed view of its params (trans_in_fn) "
+        "instead of the arrays stored at its path. An adapter there would act on the view while jpeft.merge folds "
+        "it into the stored params (and jpeft.init reads them), so the merged model would differ from the applied "
+        "one. Apply the transform to the params yourself and call the module without the wrapper, or remove this "
+        "module from target_modules."
+    )
 
 
 def _scanned_layers(path: str, module, params) -> Optional[int]:
@@ -165,6 +204,10 @@ def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
                 check = True
                 if not stacked:
                     _check_not_scanned(path, node, ctx.module, params)
+                if getattr(node, "mergeable", False) or getattr(node, "site", None) == "linear":  # folds into or reads the kernel
+                    err = mapped_refusal(path, ctx.module, params)
+                    if err is not None:
+                        raise err
         if any(quant.is_quantized(v) for v in _own_params(ctx.module).values()):
             return _dequantized_call(ctx, args, kwargs, (path, node, check))
         if node is None:
@@ -320,6 +363,9 @@ def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]
                 layout = layout_of(mod, tuple(own[pname].shape), a, kw, path)
             except UnsupportedModuleError as e:  # refused when targeted (linear_layout), not for being in the model
                 refusal = str(e)
+        mapped = mapped_refusal(path, mod, outer.get("params"))
+        if mapped is not None:  # no layout: a linear method refuses it when targeted
+            layout, refusal = None, str(mapped)
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, out)
         in_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, a[:1])
         record[path] = ModuleInfo(type(mod).__name__, layout, shapes, in_shapes[0] if in_shapes else None, refusal=refusal,

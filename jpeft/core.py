@@ -14,7 +14,7 @@ from jpeft.data import token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
 from jpeft.validate import check_key
-from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unwrap_params
+from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unbox, unwrap_params
 
 
 def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, *model_args, **model_kwargs) -> dict:
@@ -54,6 +54,7 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
         return fn(config, unwrap_params(state)[0], key, infos)
     if quant.has_quantized(params):  # methods read the kernels they adapt (DoRA's norms, PiSSA's SVD)
         params = quant.dequantize(params)
+    params = unbox(params)  # nn.with_partitioning's boxes: the arrays, as model.apply reads them
     inner, _ = unwrap_params(params)
     infos = None
     if model is not None:
@@ -76,6 +77,11 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     (``rngs=key``) is that key, ``{"dropout": key}``, for linen as for NNX models (flax's own
     ``model.apply(..., rngs=key)`` would make it the ``"params"`` stream, leaving dropout off).
 
+    A site at a module that runs inside ``nn.map_variables`` on a transformed view of its params
+    (``trans_in_fn``; ``nn.WeightNorm``, ``nn.SpectralNorm``) raises
+    :class:`~jpeft.errors.UnsupportedModuleError`: :func:`merge` could not fold the adapter into
+    the stored params the same way.
+
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> model = nn.Dense(4); x = jnp.ones((2, 3))
     >>> params = model.init(jax.random.key(0), x)
@@ -92,6 +98,7 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
 def _apply_linen(model: nn.Module, params, adapter, *args, rngs=None, called: Optional[set] = None, **kwargs):
     """:func:`apply` for a linen model; ``called`` as in :func:`jpeft._inject.apply_with`."""
     variables = params if isinstance(params, Mapping) and "params" in params and isinstance(params["params"], Mapping) else {"params": params}
+    variables = unbox(variables)  # nn.with_partitioning's boxes: the arrays, as model.apply reads them
     rngs = dropout_rngs(rngs)
     if rngs is not None:
         kwargs["rngs"] = rngs
@@ -240,7 +247,9 @@ def _fold(params, adapter, how: str):
 def merge(params, adapter: Mapping[str, Any]):
     """Folds the adapter into a copy of the base weights: ``model.apply(merge(p, a), x)``
     equals ``jpeft.apply(model, p, a, x)``. Raises
-    :class:`~jpeft.errors.NotMergeableError` for methods that cannot merge.
+    :class:`~jpeft.errors.NotMergeableError` for methods that cannot merge. Params boxed by
+    ``nn.with_partitioning`` come back unboxed (``nn.get_partition_spec`` of the boxed ones
+    keeps their specs).
 
     On a quantized base (:func:`jpeft.quantize`) the result is the dequantized base with the
     adapter folded in, in the kernels' original dtype: re-quantizing would round the update

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 import re2
 from flax import nnx
+from flax.core import meta
 
 from jpeft.errors import ConfigError, ShardingError, TargetNotFoundError
 
@@ -43,14 +44,24 @@ _INDEX = re.compile(r"^(.*)_(\d+)$")
 _NOT_INDEXED = frozenset({"ln_1", "ln_2"})
 
 
+def unbox(tree):
+    """``tree`` with flax's metadata boxes (``nn.Partitioned`` from ``nn.with_partitioning``,
+    ``nn.LogicallyPartitioned``) replaced by the arrays they hold, as ``model.apply`` reads
+    them; the tree itself where it has none."""
+    if not any(isinstance(x, meta.AxisMetadata) for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))):
+        return tree
+    return meta.unbox(tree)
+
+
 def unwrap_params(variables: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
-    """Returns ``(params_collection, was_wrapped)`` for either ``{'params': ...}`` or bare params.
+    """Returns ``(params_collection, was_wrapped)`` for either ``{'params': ...}`` or bare params,
+    metadata boxes (``nn.with_partitioning``) unboxed (:func:`unbox`).
     An ``nnx.State`` (from ``nnx.split``) gives its :func:`nnx_params` dict."""
     if isinstance(variables, nnx.State):
         return nnx_params(variables), True
     if isinstance(variables, Mapping) and "params" in variables and isinstance(variables["params"], Mapping):
-        return variables["params"], True
-    return variables, False
+        return unbox(variables["params"]), True
+    return unbox(variables), False
 
 
 def rewrap_params(variables: Mapping[str, Any], new_params: Mapping[str, Any], was_wrapped: bool):

@@ -697,3 +697,74 @@ def test_an_unmatched_target_modules_entry_is_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), p, jax.random.key(1), m, x)
+
+
+def _random_like(adapter, key):
+    """Every adapter array random (LoRA's B too), so an update that lands elsewhere shows."""
+    leaves, td = jax.tree.flatten(adapter)
+    ks = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(td, [0.3 * jax.random.normal(k, v.shape, v.dtype) + 1.0 for k, v in zip(ks, leaves)])
+
+
+def test_a_module_inside_map_variables_with_a_trans_in_fn_is_refused_by_name():
+    """nn.map_variables(nn.Dense, "params", trans_in_fn=2*v): apply added the update to the kernel the
+    Dense sees (2W + sAB), merge to the stored one (W + sAB): the merged model was 15.6 off, no warning."""
+    double = lambda v: jax.tree.map(lambda a: 2 * a, v)
+
+    class Mapped(nn.Module):
+        trans_in_fn: object = None
+
+        @nn.compact
+        def __call__(self, x):
+            kw = {} if self.trans_in_fn is None else {"trans_in_fn": self.trans_in_fn}
+            h = nn.map_variables(nn.Dense, "params", init=True, **kw)(6, name="d")(x)
+            return nn.remat(nn.Dense)(3, name="r")(h)
+
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    m = Mapped(double)
+    p = m.init(jax.random.key(1), x)
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["d"]), jpeft.IA3Config(target_modules=["d"], feedforward_modules=[])):
+        with pytest.raises(jpeft.errors.UnsupportedModuleError, match=r"'d' runs inside nn.map_variables.*trans_in_fn"):
+            jpeft.init(cfg, p, jax.random.key(2), m, x)
+        ad = _random_like(jpeft.init(cfg, p, jax.random.key(2)), jax.random.key(3))  # from the params alone
+        with pytest.raises(jpeft.errors.UnsupportedModuleError, match="jpeft.merge folds it into the stored params"):
+            jpeft.apply(m, p, ad, x)
+        with pytest.raises(jpeft.errors.UnsupportedModuleError, match="nn.map_variables"):
+            jax.jit(lambda p, a: jpeft.apply(m, p, a, x))(p, ad)
+    # flax's nn.WeightNorm is such a view (LoRA's merge was 14.1 off, IA3's 1.53)
+    wn = nn.WeightNorm(nn.Dense(6, name="d"))
+    pw = wn.init(jax.random.key(1), x)
+    ad = _random_like(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["layer_instance"]), pw, jax.random.key(2)), jax.random.key(3))
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match="nn.WeightNorm"):
+        jpeft.apply(wn, pw, ad, x)
+    # an identity view (no trans_in_fn) and a remat'd Dense see the stored arrays: merge == apply
+    m = Mapped()
+    p = m.init(jax.random.key(1), x)
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["d", "r"]), jpeft.LoraConfig(r=2, use_dora=True, target_modules=["d", "r"])):
+        ad = _random_like(jpeft.init(cfg, p, jax.random.key(2), m, x), jax.random.key(3))
+        y = jax.jit(lambda p, a: jpeft.apply(m, p, a, x))(p, ad)
+        np.testing.assert_allclose(y, m.apply(jpeft.merge(p, ad), x), rtol=1e-5, atol=1e-5)
+        assert float(jnp.abs(y - m.apply(p, x)).max()) > 0.1
+
+
+def test_params_boxed_by_with_partitioning_are_read_as_the_arrays_they_hold():
+    """nn.with_partitioning boxes the kernel in nn.Partitioned: init, apply and merge raised a raw
+    AttributeError ('Partitioned' object has no attribute 'shape'); model.apply reads the boxed array."""
+
+    class Part(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+            return nn.Dense(3, name="o")(nn.relu(nn.Dense(6, kernel_init=init, name="d")(x)))
+
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    m = Part()
+    p = m.init(jax.random.key(1), x)
+    assert isinstance(p["params"]["d"]["kernel"], nn.Partitioned)
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["d"]), jpeft.LoraConfig(r=2, use_dora=True, target_modules=["d"])):
+        ad = _random_like(jpeft.init(cfg, p, jax.random.key(2), m, x), jax.random.key(3))
+        ref = _random_like(jpeft.init(cfg, nn.unbox(p), jax.random.key(2)), jax.random.key(3))
+        y = jax.jit(lambda p, a: jpeft.apply(m, p, a, x))(p, ad)
+        np.testing.assert_allclose(y, jpeft.apply(m, nn.unbox(p), ref, x), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(y, m.apply(jpeft.merge(p, ad), x), rtol=1e-5, atol=1e-5)
+        assert float(jnp.abs(y - m.apply(p, x)).max()) > 0.1
