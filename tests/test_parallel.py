@@ -382,11 +382,11 @@ def test_remat_same_gradients(policy):
     assert abs(float(l0) - float(l1)) < 1e-6
     assert C.max_diff(g0, g1) < 1e-6
     assert float(optax.tree.norm(g1)) > 1e-3
-    # remat is really in the program: a checkpoint primitive appears only with the flag
+    # remat is really in the program: the flag adds checkpoint primitives (LoRA's merged form has its
+    # own, around the input's tangent, in both programs)
     jx = str(jax.make_jaxpr(lambda a: loss_and_grad(loss_remat, params, a, batch, None))(adapter))
     jx0 = str(jax.make_jaxpr(lambda a: loss_and_grad(loss_fn, params, a, batch, None))(adapter))
-    assert "checkpoint" in jx or "remat" in jx
-    assert "checkpoint" not in jx0 and "remat" not in jx0
+    assert jx.count("checkpoint") + jx.count("remat") > jx0.count("checkpoint") + jx0.count("remat")
 
 
 def test_remat_policy_names():
