@@ -34,7 +34,8 @@ from jpeft.methods.ln_tuning import LNTuningConfig
 from jpeft.methods.vera import VeraConfig, VeraWeights
 from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights, allocator as adalora_allocator
 from jpeft.methods.corda import init_corda
-from jpeft.methods.pissa import convert_residual_adapter, convert_residual_config, init_milora, init_olora, init_pissa
+from jpeft.methods.pissa import (convert_residual_adapter, convert_residual_config, init_milora, init_olora, init_pissa,
+                                 residual_params)
 from jpeft.methods.full import FullFinetuneConfig
 from jpeft.methods.intruders import intruder_report, reduce_intruder_dimension
 from jpeft.train import make_train_step
@@ -88,6 +89,7 @@ __all__ = [
     "init_milora",
     "init_corda",
     "convert_residual_adapter",
+    "residual_params",
     "convert_residual_config",
     "intruder_report",
     "reduce_intruder_dimension",
