@@ -253,6 +253,13 @@ def _finish_at_exit() -> None:
         _finish_orbax(m._mngr)
 
 
+def is_step_folder(path) -> bool:
+    """Whether ``path`` is one checkpoint step's folder (``<dir>/<step>``, as Orbax writes it:
+    its ``_CHECKPOINT_METADATA``, or the ``state`` and ``meta`` items), not a folder of steps."""
+    d = Path(path)
+    return (d / "_CHECKPOINT_METADATA").exists() or ((d / "meta").is_dir() and (d / "state").is_dir())
+
+
 class CheckpointManager:
     """Saves and restores adapter-only training checkpoints under ``directory``.
 
@@ -423,7 +430,7 @@ class CheckpointManager:
         folder that holds steps is a checkpoint directory whatever else it holds (a copied
         ``adapter_config.json``, an adapter exported beside its checkpoints)."""
         d = self.directory
-        if (d / "_CHECKPOINT_METADATA").exists() or ((d / "meta").is_dir() and (d / "state").is_dir()):
+        if is_step_folder(d):
             raise CheckpointError(
                 f"{d} is one checkpoint step, not a checkpoint directory: a CheckpointManager takes the folder that "
                 f"holds the step folders ({d.parent}). Open it on that folder and restore(step={d.name}) "
@@ -1109,4 +1116,4 @@ def _restored_key(meta: dict, flat: Mapping[str, Any], where: str):
     return key
 
 
-__all__ = ["CheckpointManager", "TrainState"]
+__all__ = ["CheckpointManager", "TrainState", "is_step_folder"]

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jpeft import _hostmem, quant
+from jpeft.checkpoint import is_step_folder
 from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, QuantizationError, SaveError,
                           UnsafeFileError, UnsupportedModelError, WeightShapeError)
 from jpeft.io import ADAPTER_JSON, open_regular, read_json, safetensors_index
@@ -319,8 +320,7 @@ def _adapter_held(path: str) -> Optional[str]:
         return "a Hugging Face PEFT adapter (adapter_config.json)"
     if os.path.isfile(os.path.join(path, "adapter", ADAPTER_JSON)) or os.path.isdir(os.path.join(path, "checkpoints")):
         return "a `jpeft train` run (adapter/, checkpoints/)"
-    if os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")) or (
-            os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))):
+    if is_step_folder(path):
         return "a `jpeft train` checkpoint (state/, meta/)"
     return None
 
