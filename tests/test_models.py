@@ -478,11 +478,13 @@ def test_max_position_embeddings_without_the_key_defaults_as_in_transformers(tmp
     ("llama", "rms_norm_eps", None), ("llama", "max_position_embeddings", "4096"), ("qwen2", "max_window_layers", 1.5),
     ("llama", "intermediate_size", 64.5), ("gpt2", "layer_norm_epsilon", None), ("gpt2", "n_positions", True),
     ("bert", "type_vocab_size", None), ("bert", "layer_norm_eps", "1e-12"), ("llama", "rope_theta", "1e4"),
+    ("llama", "num_key_value_heads", "4"), ("llama", "num_key_value_heads", 2.5),
 ])
 def test_a_null_quoted_or_fractional_number_in_config_json_is_refused_by_name(model_type, field, value):
     """float(None) / int("4096") raised a raw TypeError / ValueError from from_pretrained, and int()
     truncated a fraction silently (max_window_layers 1.5 read as 1: transformers windows layers
-    i >= 1.5, jpeft windowed layer 1 too). Each is a ConfigError naming the field and the fix."""
+    i >= 1.5, jpeft windowed layer 1 too; num_key_value_heads "4" was read as 4 and 2.5 as 2). Each is a
+    ConfigError naming the field and the fix."""
     from jpeft.errors import ConfigError
     from jpeft.models.loading import config_from_hf
 

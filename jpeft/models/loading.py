@@ -104,7 +104,10 @@ def num_kv_heads(d: Mapping[str, Any]) -> Optional[int]:
     heads = d.get("num_attention_heads", d.get("n_head"))
     kv = d.get("num_key_value_heads", _KV_HEADS_DEFAULT.get(d.get("model_type"), heads))
     kv = heads if kv is None else kv
-    return None if kv is None else int(kv)
+    # a quoted "4" was read as 4 and a fraction 2.5 as 2 by int(); the field is named as every other count
+    name = "num_key_value_heads" if d.get("num_key_value_heads") is not None else (
+        "num_attention_heads" if "num_attention_heads" in d else "n_head")
+    return None if kv is None else _number({name: kv}, name, integer=True)
 
 
 def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> LlamaConfig:
