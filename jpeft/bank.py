@@ -73,6 +73,7 @@ from jpeft.core import merge
 from jpeft.errors import (
     BankCapacityError,
     BankError,
+    BankRankError,
     BankShapeError,
     ConfigError,
     DuplicateAdapterError,
@@ -557,7 +558,8 @@ class AdapterBank:
 
         Raises:
           DuplicateAdapterError: ``name`` is already in the bank (use :meth:`replace`).
-          BankCapacityError: every slot is taken, or the adapter's rank exceeds ``max_rank``.
+          BankCapacityError: every slot is taken; BankRankError (a BankCapacityError), the
+            adapter's rank exceeds ``max_rank``.
           BankShapeError: the adapter has a site the bank lacks, or a kernel of another shape.
         """
         if not isinstance(name, str) or not name:
@@ -673,10 +675,11 @@ class AdapterBank:
                     f"do not fit a [{lay.in_features}, r] / [r, {lay.out_features}] LoRA for this base."
                 )
             if r > rmax:
-                raise BankCapacityError(
+                raise BankRankError(
                     f"adapter {name!r} has rank {r} at {path!r}, above the bank's max_rank={rmax}. Build the bank "
                     f"with max_rank >= {r} (changing max_rank recompiles), or truncate the adapter "
-                    "(jpeft.merging.merge_adapters([adapter], method='svd', rank=...))."
+                    "(jpeft.merging.merge_adapters([adapter], method='svd', rank=...)).",
+                    rank=max(int(n.a.shape[-1]) for n in low.values()), max_rank=rmax,
                 )
         return low
 

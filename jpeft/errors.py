@@ -94,7 +94,17 @@ class BottleneckTargetError(ShapeMismatchError):
 
 
 class BankCapacityError(BankError):
-    """An adapter bank is full, or an adapter's rank is above the bank's maximum rank."""
+    """An adapter bank is full, or an adapter's rank is above the bank's maximum rank
+    (:class:`BankRankError`)."""
+
+
+class BankRankError(BankCapacityError):
+    """An adapter's LoRA rank is above the bank's maximum rank (``rank`` and ``max_rank`` say
+    which): unlike a full bank, freeing a slot does not help."""
+
+    def __init__(self, message: str, *, rank: int, max_rank: int):
+        super().__init__(message)
+        self.rank, self.max_rank = rank, max_rank
 
 
 class BankShapeError(BankError, ShapeMismatchError):
@@ -161,6 +171,7 @@ __all__ = [
     "PromptTooLongError",
     "BottleneckTargetError",
     "BankCapacityError",
+    "BankRankError",
     "BankShapeError",
     "UnknownAdapterError",
     "DuplicateAdapterError",

@@ -14,6 +14,7 @@ from jpeft.bank import AdapterBank, BankedLora, LoraStack
 from jpeft.errors import (
     BankCapacityError,
     BankError,
+    BankRankError,
     BankShapeError,
     DuplicateAdapterError,
     InputValidationError,
@@ -295,9 +296,10 @@ def test_over_capacity():
     with pytest.raises(BankCapacityError, match=r"the bank is full: all 2 slots are taken by \['a', 'b'\].*bank.remove"):
         bank.add("c", ADAPTERS["r1"])
     small = AdapterBank.from_adapters({"a": ADAPTERS["r1"]}, capacity=2, max_rank=2)
-    with pytest.raises(BankCapacityError, match=r"rank 4 .* above the bank's max_rank=2.*max_rank >= 4"):
+    with pytest.raises(BankRankError, match=r"rank 4 .* above the bank's max_rank=2.*max_rank >= 4") as e:
         small.add("big", ADAPTERS["r4"])
-    assert issubclass(BankCapacityError, BankError)
+    assert (e.value.rank, e.value.max_rank) == (4, 2)  # what a caller (jpeft serve) tells its user
+    assert issubclass(BankRankError, BankCapacityError) and issubclass(BankCapacityError, BankError)
 
 
 def test_adapter_for_another_base_shape():

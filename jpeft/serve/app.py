@@ -29,9 +29,10 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from jpeft.bank import AdapterBank, check_lora
+from jpeft.bank import AdapterBank
 from jpeft.errors import (
     BankCapacityError,
+    BankRankError,
     BankShapeError,
     ConfigError,
     DuplicateAdapterError,
@@ -363,15 +364,13 @@ class Server:
                 raise _bad(f"the adapter at {path!r} does not fit this base: {e}", "path") from None
             try:
                 await run_in_threadpool(self.engine.add_adapter, name, adapter)
-            except BankCapacityError as e:
-                bank = self.engine.bank
+            except BankRankError as e:
                 # the bank checks the adapter before its free slots: a rank above --max-rank on a full bank is the
                 # rank's error (was answered "the bank is full", and after a DELETE the adapter still did not fit)
-                if isinstance(bank, AdapterBank):  # its add checked the adapter before this error: check_lora passes
-                    rank = max(int(lr.a.shape[-1]) for lr in check_lora(name, adapter).values())
-                    if rank > bank.max_rank:
-                        raise _bad(f"{e} (jpeft serve: this server's bank was built with --max-rank {bank.max_rank}; "
-                                   f"restart it with --max-rank {rank} or more to serve this adapter.)", "path") from None
+                raise _bad(f"{e} (jpeft serve: this server's bank was built with --max-rank {e.max_rank}; "
+                           f"restart it with --max-rank {e.rank} or more to serve this adapter.)", "path") from None
+            except BankCapacityError as e:
+                bank = self.engine.bank
                 if None not in bank.slots:
                     raise ApiError(409, f"the adapter bank is full: all {bank.capacity} slots are taken by "
                                    f"{list(bank.names)}. Free a slot with DELETE /v1/adapters/NAME, or restart the "
