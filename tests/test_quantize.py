@@ -508,7 +508,7 @@ def test_from_pretrained_jpeft_train_and_the_peft_export_on_an_nf4_base(tmp_path
         'output_dir = "run"\n[model]\npath = "llama"\nquantize = "nf4"\n[data]\ntrain = "train.jsonl"\n'
         'eval = "train.jsonl"\nseq_len = 16\n'
         '[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj", "v_proj", "down_proj"]\n'
-        "[train]\nsteps = 2\nbatch_size = 2\nlearning_rate = 1e-2\neval_every = 0\nsave_every = 0\nlog_every = 1\n")
+        "[train]\nsteps = 2\nbatch_size = 2\nlearning_rate = 1e-2\neval_every = 0\nsave_every = 2\nlog_every = 1\n")
     assert main(["train", "--config", str(tmp_path / "run.toml"), "--no-progress"]) == 0
     # unrolled on the CPU: the note that says the quantized base saves no training memory so
     assert "train.scan_layers = true" in capsys.readouterr().err
@@ -520,9 +520,16 @@ def test_from_pretrained_jpeft_train_and_the_peft_export_on_an_nf4_base(tmp_path
     args = ["eval", "--model", folder, "--adapter", str(tmp_path / "run"), "--data", str(tmp_path / "train.jsonl"),
             "--seq-len", "16", "--batch-size", "2", "--json"]
     assert main(args + ["--quantize", "nf4"]) == 0
-    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(logged, rel=1e-6)
-    assert main(args) == 0  # the full-precision base: another number
-    assert json.loads(capsys.readouterr().out)["loss"] != pytest.approx(logged, rel=1e-6)
+    out = capsys.readouterr()
+    assert json.loads(out.out)["loss"] == pytest.approx(logged, rel=1e-6) and "note:" not in out.err
+    assert main(args) == 0  # the full-precision base: another number, and a note that says why
+    out = capsys.readouterr()
+    assert json.loads(out.out)["loss"] != pytest.approx(logged, rel=1e-6)
+    assert "was trained on a nf4-quantized base" in out.err and "pass --quantize nf4" in out.err, out.err
+    # merge folds it into the full-precision weights: said (it was silent), and read from a checkpoint step too
+    assert main(["merge", "--model", folder, "--adapter", str(tmp_path / "run" / "checkpoints" / "2"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    assert "nf4-quantized base" in capsys.readouterr().err
 
     ids = np.random.default_rng(5).integers(3, 300, size=(2, 8))
     cfg, adapter = jpeft.io.load_adapter(str(tmp_path / "run" / "adapter"), q, model, jnp.asarray(ids))

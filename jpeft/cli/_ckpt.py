@@ -108,6 +108,42 @@ def _warn_if_checkpoints_are_newer(run: str) -> None:
               f"--adapter {newest} for the newer one.")
 
 
+def run_folder_of(found_path: str) -> Optional[str]:
+    """The ``jpeft train`` run folder holding the adapter folder or checkpoint step
+    :func:`find_adapter` found (``runs/x`` for ``runs/x/adapter`` and ``runs/x/checkpoints/30``),
+    else ``None``. Real paths."""
+    read = os.path.realpath(found_path)
+    parent = os.path.dirname(read)
+    if os.path.basename(read) == "adapter":
+        return parent
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
+def trained_quantization(path: str) -> Optional[str]:
+    """The quantization (``"nf4"``, ``"int8"``, ``"fp8"``) of the base the adapter at ``path``
+    was trained on, from its run's ``resolved_config.json``; ``None`` when the base was not
+    quantized or nothing says (a PEFT folder, an adapter folder outside its run)."""
+    run = run_folder_of(find_adapter(path).path)
+    if run is None or not os.path.isfile(os.path.join(run, "resolved_config.json")):
+        return None
+    try:
+        q = read_json(os.path.join(run, "resolved_config.json"), what="the run's settings").get("quantize")
+    except (LoadError, AttributeError):
+        return None  # --resume names a broken file; here it only decides a note
+    return q if isinstance(q, str) else None
+
+
+def note_quantized_training(path: str, used: Optional[str], consequence: str) -> None:
+    """One line on stderr when the adapter at ``path`` was trained on a quantized base and the
+    command reads the base otherwise (``used``: its quantization, ``None`` for full precision):
+    its numbers then differ from training's by the quantization error, and nothing else says so.
+    ``consequence`` may name the scheme as ``{q}``."""
+    q = trained_quantization(path)
+    if q is not None and q != used:
+        say(f"note: {path} was trained on a {q}-quantized base (the run's quantize = {q!r}); "
+            + consequence.format(q=q))
+
+
 def checkpoint_metadata(step_dir: str) -> dict:
     """The JSON metadata of one checkpoint step (method config, base fingerprint, array index,
     metrics), checked as :meth:`jpeft.checkpoint.CheckpointManager.read_metadata` checks it."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import quant
-from jpeft.cli._ckpt import load_adapter_with_base, residual_kind
+from jpeft.cli._ckpt import load_adapter_with_base, note_quantized_training, residual_kind
 from jpeft.cli._common import require_causal_lm
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.cli._trainer import max_positions, canary_batches, check_seq_len, evaluate, make_logits_fn, make_loss_fns
@@ -95,6 +95,9 @@ def run(args) -> int:
         example = jnp.zeros((1, min(8, args.seq_len or 8, limit or 8)), jnp.int32)
         adapter, config, base = load_adapter_with_base(args.adapter, params=loaded.params, model=loaded.model,
                                                        example=example)
+        note_quantized_training(args.adapter, args.quantize, f"this scores it on the "
+                                f"{args.quantize + '-quantized' if args.quantize else 'full-precision'} base; pass "
+                                "--quantize {q} for the base it was trained (and its eval_loss logged) on.")
         if later:
             loaded = loaded._replace(params=quant.quantize(loaded.params, later))
             base = quant.quantize(base, later)

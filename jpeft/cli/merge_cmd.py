@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import jpeft
-from jpeft.cli._ckpt import find_adapter, load_adapter_with_base
+from jpeft.cli._ckpt import find_adapter, load_adapter_with_base, note_quantized_training, run_folder_of
 from jpeft.cli._model import example_ids, load_folder, save_folder
 from jpeft.errors import SaveError
 from jpeft.io import check_folder
@@ -51,11 +51,7 @@ def check_out(out: str, force: bool, **inputs: str) -> None:
         # the folder actually read (a run's adapter/ or newest checkpoint) and the run folder holding it: writing
         # there mixes the output into the run, and a later --adapter RUN would read a PEFT export before adapter/
         found = find_adapter(adapter).path
-        read = os.path.realpath(found)
-        parent = os.path.dirname(read)
-        run = (parent if os.path.basename(read) == "adapter"
-               else os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None)
-        if os.path.realpath(out) in (read, run):
+        if os.path.realpath(out) in (os.path.realpath(found), run_folder_of(found)):
             raise SaveError(f"--out {out!r} holds the adapter the command reads ({found}); writing there would mix the "
                             "output into that adapter or its run folder, and a later --adapter of the run could read "
                             "the output instead (--force does not allow it). Give a new folder for the output.")
@@ -69,6 +65,9 @@ def run(args) -> int:
     # a PiSSA/OLoRA PEFT folder applies to the residual base PEFT recomputes: merged into it, as merge_and_unload()
     adapter, config, base = load_adapter_with_base(args.adapter, params=loaded.params, model=loaded.model,
                                                    example=example_ids())
+    note_quantized_training(args.adapter, None, "merging it into the full-precision weights of --model, as PEFT's "
+                            "merge_and_unload() does; the merged model's outputs differ from the quantized training "
+                            "model's by the quantization error.")
     merged = jpeft.merge(base, adapter)
     save_folder(args.out, loaded, merged)
     print(f"merged {config.peft_type} adapter {args.adapter} into {args.model}; saved to {os.path.abspath(args.out)}")

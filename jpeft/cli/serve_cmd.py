@@ -11,7 +11,7 @@ import jax
 
 import jpeft
 from jpeft.bank import AdapterBank, check_lora
-from jpeft.cli._ckpt import load_adapter
+from jpeft.cli._ckpt import load_adapter, note_quantized_training
 from jpeft.cli._common import parse_targets
 from jpeft.cli._model import example_ids, load_folder
 from jpeft.errors import ConfigError, LoadError
@@ -142,6 +142,8 @@ def build(args):
     example = example_ids()
 
     def loader(path):
+        note_quantized_training(path, None, "jpeft serve applies it to the full-precision base (it has no --quantize), "
+                                "so its outputs differ from the quantized training model's by the quantization error.")
         return load_adapter(path, params=params, model=model, example=example)[0]
 
     base = args.name or os.path.basename(os.path.normpath(args.model))
