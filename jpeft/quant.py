@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpeft.config import _as_targets
 from jpeft.errors import LoadError, QuantizationError, SaveError
-from jpeft.tree import is_all_linear, matches, path_str
+from jpeft.tree import is_all_linear, matches, path_str, unbox
 
 Scheme = Literal["nf4", "int8", "fp8"]
 SCHEMES: tuple = ("nf4", "int8", "fp8")
@@ -373,7 +373,8 @@ def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
     ``LoraConfig.target_modules``; then those modules' kernels and embeddings are quantized).
 
     The result goes wherever ``params`` go (:func:`jpeft.init`, :func:`jpeft.apply`, training,
-    sharding, checkpoints); :func:`jpeft.merge` returns a dequantized merged tree.
+    sharding, checkpoints); :func:`jpeft.merge` returns a dequantized merged tree. Params boxed by
+    ``nn.with_partitioning`` come back unboxed (as from :func:`jpeft.merge`).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> model = nn.Dense(128); x = jnp.ones((2, 64))
@@ -394,6 +395,9 @@ def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
             "(an NNX module cannot run on quantized kernels). Load the model with "
             "jpeft.models.from_pretrained(path, quantize=...) (api='linen'), or train the NNX model unquantized."
         )
+    # nn.with_partitioning's boxes: their kernels' paths end in ".../kernel/value", which no selector matched (the
+    # default left them full precision with no word; target_modules naming them blamed the names)
+    params = unbox(params)
 
     def one(kp, leaf):
         parts = path_str(kp).split("/")

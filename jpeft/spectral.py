@@ -31,6 +31,7 @@ import numpy as np
 
 from jpeft import quant
 from jpeft.errors import InputValidationError
+from jpeft.tree import unbox
 
 __all__ = ["effective_rank", "rank_for_energy", "intruder_dimensions", "update_spectrum"]
 
@@ -109,11 +110,12 @@ def update_spectrum(params: Mapping[str, Any], merged: Mapping[str, Any], *, top
     ``merged`` is ``jpeft.merge(params, adapter)``: a method's update is what merging adds, so
     every mergeable method (and full fine-tuning) is measured the same way. A quantized ``params``
     (:func:`jpeft.quantize`; ``jpeft.merge`` of it is dequantized) is read as the kernels it
-    dequantizes to, so the update is exactly what the adapter adds.
+    dequantizes to, so the update is exactly what the adapter adds. Params boxed by
+    ``nn.with_partitioning`` are read as the arrays they hold.
     """
-    base = dict(_kernels(params))
+    base = dict(_kernels(unbox(params)))  # a boxed kernel was float()'s raw TypeError on nn.Partitioned
     per, skipped = {}, []
-    for path, wt in _kernels(merged):
+    for path, wt in _kernels(unbox(merged)):
         if np.ndim(wt) != 2:
             if path in base and np.any(np.asarray(wt) != np.asarray(base[path])):
                 skipped.append(path)

@@ -651,7 +651,11 @@ def test_info_refuses_one_field_given_by_an_option_and_by_set(folder, capsys):
     for opts, named in [(["-r", "8", "--set", "r=4"], "--set r=4 and -r/--rank give one field (r) twice"),
                         (["--alpha", "8", "--set", "lora_alpha=32"], "--set lora_alpha=32 and --alpha give one field (alpha)"),
                         (["--target", "q_proj", "--set", 'target_modules=["v_proj"]'],
-                         "--set target_modules=[\"v_proj\"] and --target give one field (target_modules) twice")]:
+                         "--set target_modules=[\"v_proj\"] and --target give one field (target_modules) twice"),
+                        # two --set of one field (by either of its names) are named as such, not as -r/--rank
+                        (["--set", "r=4", "--set", "r=8"], "--set r=4 and --set r=8 give one field (r) twice"),
+                        (["--set", "alpha=4", "--set", "lora_alpha=8"],
+                         "--set alpha=4 and --set lora_alpha=8 give one field (alpha) twice")]:
         assert main(["info", m, *opts]) == 2
         line = one_line(capsys.readouterr().err)
         assert f"ConfigError: {named}" in line and line.endswith("give it once."), line

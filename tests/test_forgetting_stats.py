@@ -333,3 +333,21 @@ def test_spectrum_correlation_of_a_constant_column_is_said_undefined():
         line = spectrum_table({"runs": runs})[-1]
     assert "intruders rho undefined (intruders is the same in every run)" in line
     assert "effective_rank rho = +0.80" in line  # ranks (1,2,3,4) against (1,3,2,4): 1 - 6*2/60
+
+
+def test_spectrum_correlation_with_a_column_equal_up_to_rounding_is_said_undefined():
+    """Forgetting 0.1 in every run, computed as 0.3 - 0.2, 0.5 - 0.4, 0.4 - 0.3 and 0.8 - 0.7, differs in the
+    last bits: spearmanr ranked the runs by that rounding ('effective_rank rho = +0.95 (p = 0.051)'), as
+    paired_test's t-test did before it took the rounding as no spread."""
+    def run(fam, f, rank):
+        return {"family": fam, "lr": 1e-3, "strength": None, "forgetting": f, "learning": 0.5,
+                "spectrum": {"changed": 1, "mean_effective_rank": rank, "mean_rank_for_energy": 2.0,
+                             "mean_rank_share": 0.25 + rank * 1e-17, "intruders": rank}}
+    runs = [run("a", 0.3 - 0.2, 1.0), run("a", 0.5 - 0.4, 2.0), run("b", 0.4 - 0.3, 3.0), run("b", 0.8 - 0.7, 4.0)]
+    assert len({r["forgetting"] for r in runs}) == 3  # not equal as floats
+    line = spectrum_table({"runs": runs})[-1]
+    assert "effective_rank rho undefined (forgetting is the same in every run)" in line, line
+    assert "rank_share rho undefined (rank_share is the same in every run)" in line, line
+    for r, f in zip(runs, (0.1, 0.1, 0.1, 0.1 + 1e-9)):  # a real difference, however small, still ranks the runs
+        r["forgetting"] = f
+    assert "effective_rank rho = +0.77 (p = 0.23)" in spectrum_table({"runs": runs})[-1]  # (1, 2, 3, 4) vs (2, 2, 2, 4)

@@ -185,3 +185,25 @@ def test_update_spectrum_names_a_changed_embedding():
     with warnings.catch_warnings():  # an unchanged table is not named
         warnings.simplefilter("error")
         spectral.update_spectrum(params, jpeft.merge(params, {"out": adapter["out"]}))
+
+
+def test_update_spectrum_reads_kernels_boxed_by_with_partitioning():
+    """jpeft.init, apply and merge read params boxed by nn.with_partitioning; update_spectrum of such a
+    base (against jpeft.merge of it, which is unboxed) raised float()'s raw TypeError on nn.Partitioned.
+    It equals the report of the unboxed base, every LoRA factor random."""
+
+    class Part(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+            return nn.Dense(3, name="o")(nn.relu(nn.Dense(16, kernel_init=init, name="d")(x)))
+
+    x = jax.random.normal(jax.random.key(0), (4, 12))
+    params = Part().init(jax.random.key(1), x)
+    assert isinstance(params["params"]["d"]["kernel"], nn.Partitioned)
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "o"], init="random"), params, jax.random.key(2))
+    adapter = {p: dataclasses.replace(n, lora_B=jax.random.normal(jax.random.key(3), n.lora_B.shape))
+               for p, n in adapter.items()}
+    want = spectral.update_spectrum(nn.unbox(params), jpeft.merge(nn.unbox(params), adapter))
+    assert spectral.update_spectrum(params, jpeft.merge(params, adapter)) == want and want["changed"] == 2
+    assert spectral.update_spectrum(params, params)["changed"] == 0  # both boxed

@@ -798,3 +798,28 @@ def test_quantize_all_linear_leaves_the_embedding_alone(llama):
     for bad in (123, ["q_proj", 7]):  # a raw TypeError from the path matcher before
         with pytest.raises(jpeft.ConfigError, match="target_modules must be a regex string or a list of module names"):
             jpeft.quantize(params, "nf4", target_modules=bad)
+
+
+def test_quantize_reads_kernels_boxed_by_with_partitioning():
+    """A kernel boxed by nn.with_partitioning (nn.Partitioned) sits at '.../kernel/value' in the tree, which no
+    selector matched: jpeft.quantize left it full precision with no word (and target_modules naming it was a
+    'selected no kernel' error blaming the names). It is quantized as the unboxed tree's, bit for bit."""
+
+    class Part(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+            return nn.Dense(8, name="o")(nn.relu(nn.Dense(64, kernel_init=init, name="d")(x)))
+
+    x = jax.random.normal(jax.random.key(0), (4, 64))
+    m = Part()
+    p = m.init(jax.random.key(1), x)
+    assert isinstance(p["params"]["d"]["kernel"], nn.Partitioned)
+    for scheme, targets in (("nf4", None), ("int8", ["d"])):
+        q, want = jpeft.quantize(p, scheme, target_modules=targets), jpeft.quantize(nn.unbox(p), scheme, target_modules=targets)
+        assert quant.is_quantized(q["params"]["d"]["kernel"])
+        np.testing.assert_array_equal(jpeft.dequantize(q)["params"]["d"]["kernel"],
+                                      jpeft.dequantize(want)["params"]["d"]["kernel"])
+        ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"]), q, jax.random.key(2))
+        ad = {k: dataclasses.replace(n, lora_B=jax.random.normal(jax.random.key(3), n.lora_B.shape)) for k, n in ad.items()}
+        np.testing.assert_allclose(jpeft.apply(m, q, ad, x), jpeft.apply(m, want, ad, x), rtol=1e-6, atol=1e-6)

@@ -178,13 +178,18 @@ def method_from_args(args, *, model_type: Optional[str] = None):
     elif args.target is not None:
         raise ConfigError(f"method {name!r} takes no target modules; drop --target.")
     options = {"r": "-r/--rank", "alpha": "--alpha", "target_modules": "--target"}
+    by_option, by_set = set(d), {}  # the fields the options gave; field -> the --set that gave it
     for kv in args.method_set:
         if "=" not in kv:
             raise ConfigError(f"--set expects KEY=VALUE, found {kv!r}.")
         k, v = kv.split("=", 1)
         field = cls.field_of(k.strip())
-        if field in d and field in options:  # one of the two values would be dropped without a word
+        # one of the two values would be dropped without a word
+        if field in by_option:
             raise ConfigError(f"--set {kv} and {options[field]} give one field ({field}) twice; give it once.")
+        if field in by_set:
+            raise ConfigError(f"--set {by_set[field]} and --set {kv} give one field ({field}) twice; give it once.")
+        by_set[field] = kv
         d[k.strip()] = typed_value(k.strip(), v, _parse_value(v), field_type(cls, k.strip()))
     return cls.from_dict(_with_default_targets(cls, d, model_type))
 
