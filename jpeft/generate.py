@@ -157,7 +157,7 @@ def as_eos_ids(eos) -> tuple:
 
 def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, key=None, attention_mask=None,
-             eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: int = 0):
+             eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: Optional[int] = None):
     """Generates ``max_new_tokens`` tokens after each prompt.
 
     Prefill runs once over the prompts, then one token per step reuses the key/value cache
@@ -185,7 +185,9 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
       attention_mask: ``[batch, prompt_len]``, 1 for real tokens (default: all ones).
       eos_token_id: token id(s) that end a row; later positions get ``pad_token_id``
         (default ``None``: never stop early; the length is fixed for ``jit``).
-      pad_token_id: filler after a row ended.
+      pad_token_id: filler after a row ended (default ``None``: the first ``eos_token_id``, as
+        transformers' ``generate`` fills a row when no pad id is set, so decoding with
+        ``skip_special_tokens=True`` drops it; a real token such as id 0 would read as text).
 
     Returns:
       int32 ``[batch, prompt_len + max_new_tokens]``: the prompts followed by the new tokens
@@ -207,29 +209,33 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     (2, 7)
     """
     try:
-        input_ids = jnp.asarray(input_ids)
+        # the ids stay on the host until they are checked: jnp.asarray wraps int64 ids into int32 (2**32 + 5 would
+        # read as token 5, a prompt nobody wrote)
+        ids_host = np.asarray(input_ids)
+        if ids_host.dtype == object:
+            raise ValueError("the prompts are not one rectangular array of numbers")
     except (TypeError, ValueError) as e:  # a ragged list of prompts, or values that are not numbers
         raise InputValidationError(
             f"generate: input_ids must be an int array [batch, prompt_len] ({str(e)[:120]}); pad ragged prompts to one "
             "length and pass attention_mask with 0 at the padding."
         ) from None
-    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+    if ids_host.ndim != 2 or not np.issubdtype(ids_host.dtype, np.integer):
         raise InputValidationError(
-            f"generate: input_ids must be an int array [batch, prompt_len], found {input_ids.dtype} {tuple(input_ids.shape)}."
+            f"generate: input_ids must be an int array [batch, prompt_len], found {ids_host.dtype} {tuple(ids_host.shape)}."
         )
-    b, s = input_ids.shape
+    b, s = ids_host.shape
     if s == 0 or b == 0:
         raise InputValidationError("generate: input_ids is empty; give at least one prompt token per row.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InputValidationError(f"generate: max_new_tokens must be a positive int, found {max_new_tokens!r}.")
-    if attention_mask is None:
-        attention_mask = jnp.ones((b, s), jnp.int32)
-    attention_mask = jnp.asarray(attention_mask)
-    if tuple(attention_mask.shape) != (b, s):
+    # read as 0/1 on the host, where an int64 mask value cannot wrap to 0 (2**32 read as padding)
+    mask_host = np.ones((b, s), bool) if attention_mask is None else np.asarray(attention_mask) != 0
+    if tuple(mask_host.shape) != (b, s):
         raise InputValidationError(
-            f"generate: attention_mask must have input_ids' shape {(b, s)}, found {tuple(attention_mask.shape)}."
+            f"generate: attention_mask must have input_ids' shape {(b, s)}, found {tuple(mask_host.shape)}."
         )
-    if not bool(jnp.all(jnp.any(attention_mask.astype(bool), axis=1))):
+    attention_mask = jnp.asarray(mask_host, jnp.int32)
+    if not bool(mask_host.any(axis=1).all()):
         raise InputValidationError("generate: a row of attention_mask is all zeros; every prompt needs a real token.")
     check_decoder(model, "generate")
     cfg = model.config
@@ -253,7 +259,17 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise InputValidationError(f"generate: top_k must be an int >= 0 (0 = off), found {top_k!r}.")
     # JAX clamps out-of-range gather indices silently: check real prompt tokens on the host.
-    check_token_ids(np.where(np.asarray(attention_mask).astype(bool), np.asarray(input_ids), 0), int(cfg.vocab_size))
+    check_token_ids(np.where(mask_host, ids_host, 0), int(cfg.vocab_size))
+    input_ids = jnp.asarray(ids_host)
+    eos = as_eos_ids(eos_token_id)
+    outside = [e for e in eos if not 0 <= e < int(cfg.vocab_size)]
+    if outside:  # never generated, so never an end: the rows would run on to max_new_tokens without a word
+        raise InputValidationError(
+            f"generate: eos_token_id holds ids outside the vocabulary [0, {cfg.vocab_size}): {outside}; give the "
+            "tokenizer's eos id(s) (tokenizer.eos_token_id), or None for no end token."
+        )
+    if pad_token_id is None:  # as transformers' generate: an ended row repeats its (first) end id
+        pad_token_id = eos[0] if eos else 0
     if isinstance(pad_token_id, (bool, np.bool_)) or not isinstance(pad_token_id, (int, np.integer)) or not (
             0 <= int(pad_token_id) < int(cfg.vocab_size)):
         raise InputValidationError(
@@ -267,13 +283,6 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     if key is None:
         key = jax.random.key(0)
     top_k = int(min(top_k, cfg.vocab_size))
-    eos = as_eos_ids(eos_token_id)
-    outside = [e for e in eos if not 0 <= e < int(cfg.vocab_size)]
-    if outside:  # never generated, so never an end: the rows would run on to max_new_tokens without a word
-        raise InputValidationError(
-            f"generate: eos_token_id holds ids outside the vocabulary [0, {cfg.vocab_size}): {outside}; give the "
-            "tokenizer's eos id(s) (tokenizer.eos_token_id), or None for no end token."
-        )
     return _generate(
         model, params, adapter if adapter else None, input_ids, attention_mask, key,
         jnp.float32(temperature if not greedy else 1.0), nucleus_tail(top_p),

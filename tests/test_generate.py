@@ -253,6 +253,31 @@ def test_eos_pads_the_rest_of_the_row():
             np.testing.assert_array_equal(row, row_free)
 
 
+def test_eos_list_and_unset_pad_as_transformers():
+    """With a list of end ids and no pad_token_id, an ended row repeats the first end id, as
+    transformers' generate fills it; jpeft filled it with token 0 (a real token, '!' in the
+    Llama 3 and GPT-2 vocabularies), which decoding turned into text after the end."""
+    import torch
+
+    hf, _ = T.hf_model("mistral")
+    model, params = loaded("mistral")
+    ids, mask = T.batch("mistral", seed=6)
+    free = np.asarray(jpeft.generate(model, params, None, ids, 12, attention_mask=mask))
+    eos = [int(free[0, 10]), int(free[1, 8])]  # the second id ends rows 0 and 1 at their first new token
+    assert eos[0] != eos[1] and not np.isin(free[2, 8:], eos).any()  # row 2 never ends
+    with torch.no_grad():  # pad_token_id=None: unset, as for a model without a pad token
+        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12, do_sample=False,
+                          eos_token_id=eos, pad_token_id=None).numpy()
+    out = np.asarray(jpeft.generate(model, params, None, ids, 12, attention_mask=mask, eos_token_id=eos))
+    assert ref.shape == (3, 20) and (ref[:2, 9:] == eos[0]).all()
+    np.testing.assert_array_equal(out, ref)
+    # an explicit pad id still fills, and one end id alone pads with itself
+    out = np.asarray(jpeft.generate(model, params, None, ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0))
+    assert (out[:2, 9:] == 0).all()
+    out = np.asarray(jpeft.generate(model, params, None, ids, 12, attention_mask=mask, eos_token_id=eos[1]))
+    assert (out[:2, 8:] == eos[1]).all()
+
+
 def test_bad_input():
     model, params = loaded("gpt2")
     ids = jnp.ones((2, 4), jnp.int32)
@@ -314,6 +339,13 @@ def test_out_of_vocabulary_prompt_is_refused_before_compute():
     with pytest.raises(jpeft.InputValidationError) as e:
         jpeft.generate(model, params, None, jnp.array([[1, 2, 32]]), 2)
     assert "token id 32" in str(e.value) and "[0, 32)" in str(e.value)
+    # int64 ids and mask values are read before JAX narrows them to int32: 2**32 + 5 was generated from as token 5,
+    # and a mask value of 2**32 made a real token padding
+    with pytest.raises(jpeft.InputValidationError, match="token id 4294967301"):
+        jpeft.generate(model, params, None, np.array([[1, 2, 2 ** 32 + 5]], np.int64), 2)
+    ones = jpeft.generate(model, params, None, jnp.array([[1, 2, 3]]), 2)
+    big = jpeft.generate(model, params, None, jnp.array([[1, 2, 3]]), 2, attention_mask=np.array([[1, 1, 2 ** 32]], np.int64))
+    np.testing.assert_array_equal(np.asarray(big), np.asarray(ones))
     # padding positions are not checked: a masked-out id does not reach the embedding table
     out = jpeft.generate(model, params, None, jnp.array([[99, 2, 3]]), 2, attention_mask=jnp.array([[0, 1, 1]]))
     assert out.shape == (1, 5)
