@@ -149,11 +149,27 @@ def method_config(name: str, fields: Optional[Mapping[str, Any]] = None, *, mode
     return cls.from_dict(_with_default_targets(cls, dict(fields or {}), model_type))
 
 
-def method_of(cfg, model_type=None) -> Any:
-    """The method config of a resolved ``jpeft train`` TOML config (its ``[method]`` table)."""
+def method_of(cfg, model_type=None, saved: Optional[Mapping[str, Any]] = None) -> Any:
+    """The method config of a resolved ``jpeft train`` TOML config (its ``[method]`` table).
+
+    A method that trains its own copy of the base's weights in a ``dtype`` of its own (full
+    fine-tuning) trains it in float32 over a ``train.dtype = "bfloat16"`` base unless the table
+    sets ``dtype``: as every adapter and its optimizer state, not a bfloat16 copy whose AdamW
+    updates round away. ``saved``: the resolved config of the run being resumed; one that an
+    earlier jpeft started with the copy in the base's dtype (``dtype`` None) resumes so, with a note."""
     m = dict(cfg["method"])
     name = m.pop("name", None) or m.pop("peft_type", None) or "lora"
     m.pop("peft_type", None)
+    cls = method_class(name)
+    if (cfg.get("train", {}).get("dtype", "float32") != "float32" and "dtype" in {f.name for f in dataclasses.fields(cls)}
+            and "dtype" not in m):
+        was = (saved or {}).get("method_config") or {}
+        if "dtype" in was and was["dtype"] is None:
+            say(f"note: this run's {name} copy of the weights was started in the base's dtype "
+                f"({cfg['train']['dtype']}) by an earlier jpeft; it resumes so (a new run trains it in float32).")
+            m["dtype"] = None
+        else:
+            m["dtype"] = "float32"
     return method_config(name, m, model_type=model_type)
 
 

@@ -424,7 +424,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         base_sha = loading.weights_fingerprint(cfg["model"])  # a few bytes per tensor, read once the folder loaded
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "model_weights_sha256", base_sha)
-        method = method_of(cfg, loaded.hf_config.get("model_type"))
+        method = method_of(cfg, loaded.hf_config.get("model_type"), saved)
         check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len", method.extra_positions)
         encode, bos, eos = encode_fn(loaded.tokenizer)
         fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}

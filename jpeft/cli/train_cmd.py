@@ -119,6 +119,20 @@ _STRING_KEYS = {k: "str" for k in (("model",), ("output_dir",), ("data", "train"
                                    ("train", "dtype"), ("forgetting", "canary"), ("forgetting", "action"),
                                    ("model", "path"), ("method", "name"))}
 _STRING_KEYS.update({k: "Optional[str]" for k in (("data", "eval"), ("quantize",), ("model", "quantize"))})
+# transformers' TrainingArguments names a [train] table may hold, and what jpeft train takes instead
+_FIXED_ADAMW = "AdamW's betas (0.9, 0.999) and epsilon 1e-8 are fixed (the Trainer's defaults)"
+_TRAINER_HINTS = {
+    "lr_scheduler_type": "the schedule is fixed: linear warm-up (warmup_steps) then cosine decay to 10 % of "
+                         "learning_rate, the Trainer's \"cosine_with_min_lr\" with min_lr_rate = 0.1",
+    "lr_scheduler_kwargs": "the schedule is fixed (cosine to 10 %)",
+    "warmup_ratio": "give warmup_steps = ceil(ratio x steps)",
+    "max_steps": "use steps", "num_train_epochs": "use steps (there are no epochs; docs/CLI.md, Epochs)",
+    "per_device_train_batch_size": "use batch_size (the global batch)", "train_batch_size": "use batch_size",
+    "adam_beta1": _FIXED_ADAMW, "adam_beta2": _FIXED_ADAMW, "adam_epsilon": _FIXED_ADAMW, "optim": _FIXED_ADAMW,
+    "loraplus_lr_ratio": "LoRA+ (per-group learning rates) is not offered; every array trains at learning_rate",
+    "seed": "seed is a top-level key (above [data])", "logging_steps": "use log_every", "save_steps": "use save_every",
+    "eval_steps": "use eval_every", "save_total_limit": "use keep_checkpoints", "bf16": 'use dtype = "bfloat16"',
+}
 _KNOWN = {
     "": {"model", "output_dir", "seed", "data", "method", "train", "mesh", "forgetting", "quantize"},
     "forgetting": {"canary", *FORGETTING_DEFAULTS},
@@ -244,7 +258,8 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
         unknown = sorted(set(node) - known)
         if unknown:
             where = f"[{section}]" if section else "the top level"
-            raise ConfigError(f"unknown key(s) {unknown} in {where} of the config; known: {sorted(known)}.")
+            hints = "".join(f" {k}: {_TRAINER_HINTS[k]}." for k in unknown if section == "train" and k in _TRAINER_HINTS)
+            raise ConfigError(f"unknown key(s) {unknown} in {where} of the config; known: {sorted(known)}.{hints}")
     if "model" not in cfg:
         raise ConfigError("the config has no `model = \"path/to/hf-folder\"` line.")
     if isinstance(cfg["model"], dict):  # [model] path = "...", quantize = "nf4" (QLoRA)
@@ -284,7 +299,10 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
             raise ConfigError(f"train.{k} must be a positive integer, found {t[k]!r}.")
     for k in ("eval_every", "save_every", "log_every", "warmup_steps", "eval_batches"):
         if isinstance(t[k], bool) or not isinstance(t[k], int) or t[k] < 0:  # `true` was read as 1
-            raise ConfigError(f"train.{k} must be a non-negative integer, found {t[k]!r}.")
+            share = k == "warmup_steps" and isinstance(t[k], float) and 0 < t[k] < 1  # transformers reads it as a share
+            raise ConfigError(f"train.{k} must be a non-negative integer, found {t[k]!r}."
+                              + (f" For a share of the run, as transformers reads warmup_steps < 1, give warmup_steps = "
+                                 f"{math.ceil(t['steps'] * t[k])} (ceil({t[k]} x {t['steps']} steps))." if share else ""))
     for k, low in (("data", 0), ("fsdp", 1), ("tensor", 1)):
         v = cfg["mesh"][k]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
