@@ -41,10 +41,23 @@ def register_config(cls):
                     )
                 kwargs[name] = kwargs.pop(hf)
         _refuse_unknown_keywords(cls, kwargs)
+        _refuse_non_bool_flags(cls, kwargs)
         init(self, *args, **kwargs)
 
     cls.__init__ = __init__
     return cls
+
+
+def _refuse_non_bool_flags(cls, kwargs) -> None:
+    """Raises :class:`ConfigError` for a field declared ``bool`` given another value: a TOML or JSON
+    ``use_rslora = "false"`` (a string, so true) switched rsLoRA's scale on without a word, and so
+    for ``use_dora``, ``coft``, ``prefix_projection``, ... of every method's config."""
+    for f in dataclasses.fields(cls):
+        v = kwargs.get(f.name)
+        if f.name in kwargs and f.type in ("bool", bool) and not isinstance(v, bool) \
+                and type(v).__name__ != "bool_":  # numpy's bool
+            hint = " (a quoted string counts as true: write true or false unquoted)" if isinstance(v, str) else ""
+            raise ConfigError(f"{cls.__name__}.{f.name} must be true or false, found {type(v).__name__} {v!r}{hint}.")
 
 
 def _refuse_unknown_keywords(cls, kwargs, where: str = "", what: str = "keyword") -> None:

@@ -78,6 +78,13 @@ def config(root, extra_train="", method='name = "lora"\nr = 2\ntarget_modules = 
     ("keep_checkpoints = true", "", None, "train.keep_checkpoints must be >= 1, found True"),
     # two names of one field: one value was dropped silently
     ("", "", 'name = "lora"\nlora_alpha = 16\nalpha = 32', "got both 'lora_alpha' (16) and 'alpha' (32)"),
+    # a quoted "false" is a non-empty string, so true: rsLoRA's alpha / sqrt(r) scale, DoRA, ... were switched on
+    ("", "", 'name = "lora"\nr = 2\nuse_rslora = "false"', "LoraConfig.use_rslora must be true or false, found str "
+                                                          "'false' (a quoted string counts as true"),
+    ("", "", 'name = "lora"\nr = 2\nuse_dora = 0', "LoraConfig.use_dora must be true or false, found int 0"),
+    ("", "", 'name = "oft"\nr = 2\noft_block_size = 0\ncoft = "no"', "OFTConfig.coft must be true or false"),
+    ("", "", 'name = "prefix_tuning"\nnum_virtual_tokens = 2\nprefix_projection = "false"',
+     "PrefixTuningConfig.prefix_projection must be true or false"),
 ])
 def test_bad_train_values_are_one_line(folder, capsys, extra, top, method, expect):
     cfg = config(folder, extra, top=top, **({"method": method} if method else {}))
@@ -95,14 +102,80 @@ def test_bad_packing_is_refused_before_the_model_is_loaded(folder, capsys, monke
     assert 'ConfigError: data.packing must be "documents" or "stream", found \'doc\'' in one_line(capsys.readouterr().err)
 
 
+def test_a_method_given_by_its_peft_type_is_the_one_trained_and_a_second_name_is_refused(folder, capsys, monkeypatch):
+    """`[method] peft_type = "VERA"` (the key of PEFT's adapter_config.json, which the docs say the table
+    takes) trained LoRA without a word: the default `name = "lora"` won over it. Two names of two
+    methods are refused before the model is loaded."""
+    import jpeft
+    import jpeft.cli._trainer as trainer
+    from jpeft.cli._common import method_of
+    from jpeft.cli.train_cmd import resolve_config
+
+    raw = {"model": "m", "data": {"train": "t.jsonl"}}
+    assert isinstance(method_of(resolve_config(dict(raw, method={"peft_type": "VERA", "r": 2}))), jpeft.VeraConfig)
+    assert isinstance(method_of(resolve_config(raw, ["method.peft_type=LOHA"])), jpeft.LoHaConfig)
+    assert isinstance(method_of(resolve_config(dict(raw, method={"peft_type": "LORA", "name": "lora"}))),
+                      jpeft.LoraConfig)
+    assert resolve_config(raw)["method"] == {"name": "lora"}  # the default, as saved in resolved_config.json
+    monkeypatch.setattr(trainer, "load_folder", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = config(folder, method='name = "lora"\npeft_type = "VERA"\nr = 2')
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+    assert "[method] gives name = 'lora' and peft_type = 'VERA', two different methods" in one_line(
+        capsys.readouterr().err)
+
+
+def test_data_files_and_the_row_length_are_refused_before_the_model_is_loaded(folder, capsys, monkeypatch):
+    """A misspelt data.train, data.eval or forgetting.canary path, a bad JSON line and a seq_len past the
+    model's positions were named only once the whole base model had been read (minutes for a 7B model)."""
+    import jpeft.cli._trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_folder", lambda *a, **k: pytest.fail("the model was loaded"))
+    (folder / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    for data, sets, expect in (
+            ("trian.jsonl", [], "LoadError: dataset file '" + str(folder / "trian.jsonl") + "' does not exist"),
+            ('train.jsonl"\neval = "evl.jsonl', [], "dataset file '" + str(folder / "evl.jsonl") + "' does not exist"),
+            ("bad.jsonl", [], "bad.jsonl:2: not valid JSON"),
+            ("train.jsonl", ["forgetting.canary=canary.txt", "forgetting.max_kl=1.0"],
+             "dataset file '" + str(folder / "canary.txt") + "' does not exist"),
+            ("train.jsonl", ["data.seq_len=100"], "data.seq_len=100 exceeds the model's max_position_embeddings=64")):
+        cfg = config(folder, data=data)
+        argv = ["train", "--config", str(cfg), "--no-progress"] + [a for s in sets for a in ("--set", s)]
+        assert main(argv) == 2
+        assert expect in one_line(capsys.readouterr().err)
+
+
+def test_resume_names_a_key_added_to_the_method_table_before_loading(folder, capsys, monkeypatch):
+    """A key added to [method] on --resume (use_rslora = true: another scale) passed the settings check,
+    which skips keys an older jpeft did not save, and was refused only once the model was loaded, by the
+    checkpoint's own check in the library's words ("Create the CheckpointManager with ...")."""
+    import jpeft.cli._trainer as trainer
+
+    argv = ["train", "--config", str(config(folder)), "--no-progress", "--output-dir", str(folder / "out_resume")]
+    assert main(argv + ["--max-steps", "1"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(trainer, "load_folder", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(argv + ["--resume", "--set", "method.use_rslora=true"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--resume would continue the run" in line and "method.use_rslora: null -> true" in line
+
+
 def test_bad_train_values_from_the_command_line(folder, capsys):
     cfg = config(folder)
     for sets, expect in ([["train.learning_rate=\"1e-3\""], "train.learning_rate must be a number"],
                          [["method=5"], "[method] must be a table"],
-                         [["data.seq_len=\"x\""], "data.seq_len must be a positive integer"]):
+                         [["data.seq_len=\"x\""], "data.seq_len must be a positive integer"],
+                         # "" was the config file's own folder
+                         [["output_dir="], "output_dir must be a non-empty string (a path), found str ''"],
+                         # was "'model' is not a section.", with no word of what to do
+                         [["model.quantize=nf4"], "--set model.quantize: model is a value (str 'm'), not a table with "
+                                                  "keys; set it whole with --set model=VALUE (a quantized base: "
+                                                  "--set quantize=VALUE)."]):
         argv = ["train", "--config", str(cfg), "--no-progress"] + [a for s in sets for a in ("--set", s)]
         assert main(argv) == 2
         assert expect in one_line(capsys.readouterr().err)
+    # an empty --output-dir was ignored: the run was written into the config's output_dir
+    assert main(["train", "--config", str(cfg), "--no-progress", "--output-dir", ""]) == 2
+    assert "--output-dir is empty" in one_line(capsys.readouterr().err)
     (folder / "s.toml").write_text('method = "lora"\nmodel = "m"\n[data]\ntrain = "train.jsonl"\n')
     assert main(["train", "--config", str(folder / "s.toml")]) == 2
     assert "[method] must be a table" in one_line(capsys.readouterr().err)
@@ -230,10 +303,13 @@ def test_closed_pipe_and_subprocess_exit_codes(folder):
     assert r.returncode == 2 and "learning_rate must be a finite number" in one_line(r.stderr)
 
 
-def test_a_tokenizer_larger_than_the_model_is_one_line(folder, capsys, tmp_path):
+def test_a_tokenizer_larger_than_the_model_is_one_line(folder, capsys, tmp_path, monkeypatch):
     """Token ids past the embedding table would be clamped to its last row (``loss`` finite but
-    wrong, or NaN): ``jpeft eval`` and ``jpeft train`` refuse the pair up front."""
+    wrong, or NaN): ``jpeft eval`` and ``jpeft train`` refuse the pair up front, before the weights
+    are read (they were read first)."""
     import shutil
+
+    import jpeft.cli._model as cli_model
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -249,6 +325,7 @@ def test_a_tokenizer_larger_than_the_model_is_one_line(folder, capsys, tmp_path)
     assert main(["eval", "--model", str(small), "--data", str(folder / "train.jsonl"), "--seq-len", "16"]) == 2
     assert "have no embedding row" in one_line(capsys.readouterr().err)
     (folder / "small").exists() or shutil.copytree(small, folder / "small")
+    monkeypatch.setattr(cli_model, "from_pretrained", lambda *a, **k: pytest.fail("the weights were read"))
     assert main(["train", "--config", str(config(folder, top="").with_name("c.toml")), "--no-progress",
                  "--set", 'model="small"']) == 2
     assert "have no embedding row" in one_line(capsys.readouterr().err)

@@ -158,8 +158,12 @@ def method_of(cfg, model_type=None, saved: Optional[Mapping[str, Any]] = None) -
     updates round away. ``saved``: the resolved config of the run being resumed; one that an
     earlier jpeft started with the copy in the base's dtype (``dtype`` None) resumes so, with a note."""
     m = dict(cfg["method"])
-    name = m.pop("name", None) or m.pop("peft_type", None) or "lora"
-    m.pop("peft_type", None)
+    name, ptype = m.pop("name", None), m.pop("peft_type", None)
+    if name is not None and ptype is not None and method_class(name) is not method_class(ptype):
+        # one of the two would be trained without a word about the other
+        raise ConfigError(f"[method] gives name = {name!r} and peft_type = {ptype!r}, two different methods; give one "
+                          "of them (name = \"lora\", ..., or peft_type as in PEFT's adapter_config.json).")
+    name = name if name is not None else ptype if ptype is not None else DEFAULT_METHOD
     cls = method_class(name)
     if (cfg.get("train", {}).get("dtype", "float32") != "float32" and "dtype" in {f.name for f in dataclasses.fields(cls)}
             and "dtype" not in m):
@@ -248,8 +252,9 @@ def check_train_values(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"{key} must be {want}, found {type(v).__name__} {str(v)[:80]!r}.")
 
     for key in ("model", "output_dir"):
-        if key in cfg and not isinstance(cfg[key], str):
-            fail(key, "a string (a path)", cfg[key])
+        if key in cfg and (not isinstance(cfg[key], str) or not cfg[key].strip()):
+            # "" resolved to the config file's own folder
+            fail(key, "a non-empty string (a path)", cfg[key])
     seed = cfg.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
         # the data order (numpy) takes no negative seed, the PRNG key (JAX) none past int64

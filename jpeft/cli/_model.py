@@ -51,10 +51,7 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
         if d.get("model_type") not in llama:
             raise ConfigError(f"train.scan_layers is for Llama-family models ({', '.join(llama)}); {folder!r} is a "
                               f"{d.get('model_type')!r} model. Set scan_layers = false.")
-    model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,
-                                    quantize=quantize, **({"scan_layers": True} if scan_layers else {}))
-    if quantize and mesh is not None:
-        params = shard_params(params, mesh, rules, stacked=r".*layers/.*" if scan_layers else None)
+    # the tokenizer first: a mismatch is refused before the weights are read
     tok = load_tokenizer(folder) if tokenizer else None
     vocab = d.get("vocab_size")
     if tok is not None and isinstance(vocab, int) and len(tok) > vocab:
@@ -63,6 +60,10 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
             f"the tokenizer in {folder!r} has {len(tok):,} tokens but the model's vocab_size is {vocab:,}: token ids "
             f">= {vocab:,} have no embedding row. Use the model's own tokenizer, or resize the embeddings."
         )
+    model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,
+                                    quantize=quantize, **({"scan_layers": True} if scan_layers else {}))
+    if quantize and mesh is not None:
+        params = shard_params(params, mesh, rules, stacked=r".*layers/.*" if scan_layers else None)
     return Loaded(model, params, tok, folder, d)
 
 

@@ -26,7 +26,7 @@ from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import method_of, say as _say
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
-from jpeft.data import model_inputs, PackedDataset
+from jpeft.data import load_examples, model_inputs, PackedDataset
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, SaveError, ShardingError
 from jpeft.forgetting.guard import current_lr_scale
 from jpeft.io import atomic_write, check_folder
@@ -311,8 +311,10 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None) -> 
     new = _flat(cfg)
     # a key the saved config lacks counts only where its whole table is new (a [forgetting] or
     # quantize added now); inside a saved table it is a setting an older jpeft did not write
+    # [method] holds only the keys given (no defaults filled in), by every jpeft: a key added there is a change too
     changed = sorted({k for k in old if old[k] != new.get(k)}
-                     | {k for k in new if k not in old and k.split(".")[0] not in before and new[k] is not None})
+                     | {k for k in new if k not in old and new[k] is not None
+                        and (k.split(".")[0] not in before or k.startswith("method."))})
     changed = [k for k in changed if not k.startswith(_RESUME_MAY_CHANGE)]
     if changed:
         shown = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in changed[:8])
@@ -378,7 +380,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         if not method0.packs_documents and d["packing"] == "documents":
             # prompt tuning's virtual tokens are prepended once per row, so rows of several documents cannot share
             # them: refused here, not in the first training step after the model loaded and the output was written
-            raise ConfigError(f"method {cfg['method']['name']} prepends its virtual tokens once per packed row, so it "
+            raise ConfigError(f"method {method0.peft_type.lower()} prepends its virtual tokens once per packed row, so it "
                               "cannot train on rows packed by documents (data.packing = \"documents\", the default); "
                               "set data.packing = \"stream\".")
         if cfg.get("forgetting") and jax.process_count() > 1:
@@ -386,6 +388,14 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                               f"has {jax.process_count()} processes. Drop the [forgetting] table, or train on one host "
                               "(any number of local devices).")
         check_folder(out_dir, "output_dir")  # before the model is loaded, not at os.makedirs after it
+        # the row length against the model's positions and the data files (missing, not UTF-8, a bad line), before
+        # the model is loaded: a path's typo was named only once the whole base was read
+        check_seq_len(int(d["seq_len"]), loading.read_config(cfg["model"]), "data.seq_len", method0.extra_positions)
+        fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}
+        fg = cfg.get("forgetting")
+        train_ex = load_examples(d["train"], **fields)
+        eval_ex = load_examples(d["eval"], **fields) if d.get("eval") else None
+        canary_ex = load_examples(fg["canary"], **fields) if fg else None
         ckpt_dir = os.path.join(out_dir, "checkpoints")
         has_ckpts = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
         if not resume and has_ckpts:
@@ -425,21 +435,20 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "model_weights_sha256", base_sha)
         method = method_of(cfg, loaded.hf_config.get("model_type"), saved)
-        check_seq_len(int(d["seq_len"]), loaded.hf_config, "data.seq_len", method.extra_positions)
         encode, bos, eos = encode_fn(loaded.tokenizer)
-        fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}
-        fields["packing"] = d["packing"]
-        train_ds = PackedDataset.from_file(d["train"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
-        eval_ds = (PackedDataset.from_file(d["eval"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
-                   if d.get("eval") else None)
+
+        def pack(examples):
+            return PackedDataset.from_examples(examples, encode, int(d["seq_len"]), eos_id=eos, bos_id=bos,
+                                               packing=d["packing"])
+
+        train_ds = pack(train_ex)
+        eval_ds = pack(eval_ex) if eval_ex is not None else None
 
         data_sha = agreed["data_sha"] = data_fingerprint(train_ds)
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "train_data_sha256", data_sha)
-    fg = cfg.get("forgetting")
-    # before the output folder is made: a missing or empty canary file leaves nothing behind
-    canary_ds = (PackedDataset.from_file(fg["canary"], encode, int(d["seq_len"]), eos_id=eos, bos_id=bos, **fields)
-                 if fg else None)
+    # before the output folder is made: an empty canary file leaves nothing behind
+    canary_ds = pack(canary_ex) if fg else None
     before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))

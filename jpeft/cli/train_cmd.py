@@ -8,7 +8,8 @@ import os
 from typing import Any, Mapping
 
 from jpeft import distributed
-from jpeft.cli._common import check_train_values, field_type, method_class, require_causal_lm, typed_value
+from jpeft.cli._common import (DEFAULT_METHOD, check_train_values, field_type, method_class, require_causal_lm,
+                               typed_value)
 from jpeft.cli._trainer import train
 from jpeft.errors import ConfigError, LoadError
 from jpeft.quant import SCHEMES
@@ -102,7 +103,7 @@ _DEFAULTS = {
     "seed": 0,
     "data": {"seq_len": 256, "packing": "documents", "text_field": "text", "prompt_field": "prompt",
              "completion_field": "completion"},
-    "method": {"name": "lora"},
+    "method": {},  # name = "lora" unless the table names a method (name, or peft_type as in adapter_config.json)
     "train": {
         "steps": 1000, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "eval_every": 100, "save_every": 200, "log_every": 10,
@@ -234,10 +235,13 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
         key, val = ov.split("=", 1)
         parts = key.strip().split(".")
         node = cfg
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p!r} is not a section.")
+                at = ".".join(parts[:i + 1])
+                hint = (" (a quantized base: --set quantize=VALUE)" if at == "model" and parts[-1] == "quantize" else "")
+                raise ConfigError(f"--set {key}: {at} is a value ({type(node).__name__} {str(node)[:60]!r}), not a "
+                                  f"table with keys; set it whole with --set {at}=VALUE{hint}.")
         # the field's declared type decides: a string field keeps `inf`, `nan`, `0x10` as the text
         node[parts[-1]] = typed_value(key.strip(), val, _parse_value(val), _STRING_KEYS.get(tuple(parts)))
         if len(parts) == 2 and parts[0] == "method" and parts[1] not in ("name", "peft_type"):
@@ -251,6 +255,9 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
         for k, val in method_sets.items():
             if cls is not None:
                 m[k] = typed_value(f"method.{k}", val, m[k], field_type(cls, k))
+    m = cfg.get("method")
+    if isinstance(m, dict) and "name" not in m and "peft_type" not in m:
+        m["name"] = DEFAULT_METHOD  # a default name would override a peft_type = "VERA" given alone
     for section, known in _KNOWN.items():
         node = cfg if not section else cfg.get(section, {})
         if not isinstance(node, dict):
@@ -376,7 +383,10 @@ def run(args) -> int:
     cfg_path = os.path.abspath(args.config)
     raw = _load_toml(cfg_path)
     cfg = resolve_config(raw, args.overrides, base_dir=os.path.dirname(cfg_path))
-    if args.output_dir:
+    if args.output_dir is not None:
+        if not args.output_dir.strip():  # was ignored: the run went to the config's output_dir
+            raise ConfigError("--output-dir is empty; give the folder to write the run into, or drop the option to "
+                              "use the config's output_dir.")
         cfg["output_dir"] = os.path.abspath(args.output_dir)
     if args.max_steps is not None and args.max_steps <= 0:
         raise ConfigError(f"--max-steps must be positive, found {args.max_steps}.")
