@@ -253,12 +253,37 @@ def merge(params, adapter: Mapping[str, Any]):
 
     On a quantized base (:func:`jpeft.quantize`) the result is the dequantized base with the
     adapter folded in, in the kernels' original dtype: re-quantizing would round the update
-    away, as PEFT warns. ``jpeft.quantize(jpeft.merge(q, a), scheme)`` does it on purpose."""
+    away, as PEFT warns. ``jpeft.quantize(jpeft.merge(q, a), scheme)`` does it on purpose.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> model, x = nn.Dense(4), jnp.ones((2, 3))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(1))
+    >>> merged = jpeft.merge(params, adapter)  # plain params: no jpeft needed to run them
+    >>> bool(jnp.allclose(model.apply(merged, x), jpeft.apply(model, params, adapter, x), atol=1e-6))
+    True
+    """
     return _fold(params, adapter, "merge")
 
 
 def unmerge(merged, adapter: Mapping[str, Any]):
-    """Inverse of :func:`merge` (up to float rounding): recovers the base weights."""
+    """Inverse of :func:`merge` (up to float rounding): recovers the base weights. Raises
+    :class:`~jpeft.errors.NotInvertibleError` (a :class:`~jpeft.errors.NotMergeableError`)
+    where the merged weights no longer determine the base (DoRA, LN tuning, full fine-tuning,
+    trained base biases, (IA)^3 scales of zero): keep the original params, which :func:`merge`
+    never modifies.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(1))
+    >>> back = jpeft.unmerge(jpeft.merge(params, adapter), adapter)
+    >>> bool(jnp.allclose(back["params"]["kernel"], params["params"]["kernel"], atol=1e-6))
+    True
+    >>> dora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", use_dora=True), params, jax.random.key(1))
+    >>> jpeft.unmerge(jpeft.merge(params, dora), dora)
+    Traceback (most recent call last):
+    jpeft.errors.NotInvertibleError: a merged DoRA adapter cannot be unmerged: ...
+    """
     return _fold(merged, adapter, "unmerge")
 
 

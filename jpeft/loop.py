@@ -439,6 +439,19 @@ def fit(
         non-finite steps (names the step).
       InputValidationError: an empty dataset, a batch whose structure, shape or dtype
         differs from the first batch's, or bad token ids / sequence lengths.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jpeft
+    >>> model, x = nn.Dense(1), jax.random.normal(jax.random.key(0), (32, 4))
+    >>> params = model.init(jax.random.key(1), x)
+    >>> adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(2))
+    >>> loss_fn = lambda p, a, b, k: jnp.mean((jpeft.apply(model, p, a, b["x"]) - b["x"].sum(-1, keepdims=True)) ** 2)
+    >>> opt = optax.adam(1e-2)
+    >>> step = jpeft.make_train_step(loss_fn, opt)
+    >>> result = jpeft.fit(step, params, adapter, opt.init(adapter), [{"x": x}] * 20, key=jax.random.key(3))
+    >>> result.step, len(result.history), result.skipped
+    (20, 20, 0)
+    >>> result.history[-1]["loss"] < result.history[0]["loss"]
+    True
     """
     _check_fit_args(batches, key, eval_every, log_every, num_steps, forgetting, forgetting_state)
     guard = NonFiniteGuard(max_consecutive_skips)

@@ -57,6 +57,7 @@ from jpeft import quant
 from jpeft.errors import ConfigError, InputValidationError, ShardingError
 from jpeft.methods.base import trainable
 from jpeft.models import _splash
+from jpeft.models._layers import check_float_dtype
 from jpeft.train import make_step_fn, split_loss, weighted_sum
 from jpeft.tree import is_typed_key, path_str, unwrap_params
 
@@ -395,7 +396,19 @@ def adapter_specs(adapter: Mapping[str, Any], params_or_specs, mesh: Optional[Me
 
 
 def adapter_shardings(adapter: Mapping[str, Any], mesh: Mesh, params_or_specs):
-    """:func:`adapter_specs` as :class:`~jax.sharding.NamedSharding` s on ``mesh``."""
+    """:func:`adapter_specs` as :class:`~jax.sharding.NamedSharding` s on ``mesh`` (what
+    :func:`shard_adapter` places the adapter with).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
+    >>> mesh = jpeft.make_mesh(data=jax.device_count())
+    >>> s = jpeft.adapter_shardings(adapter, mesh, params)
+    >>> tuple(s[""].lora_A.spec), tuple(s[""].lora_B.spec)  # this small kernel stays replicated
+    ((None, None), (None, None))
+    >>> jpeft.shard_adapter(adapter, mesh, params)[""].lora_B.sharding == s[""].lora_B
+    True
+    """
     specs = adapter_specs(adapter, params_or_specs, mesh)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
@@ -414,7 +427,8 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, adapter, adapte
     """Shardings of ``optimizer.init(jpeft.trainable(adapter))`` (an adapter's frozen arrays get
     no optimizer state): each subtree shaped like the adapter (Adam's
     ``mu``, ``nu``, ...) gets the adapter's shardings; every other leaf (step counters, scalar
-    schedule state) is replicated on the adapter's mesh.
+    schedule state, a factored state's ``v_row`` / ``v_col``, shaped unlike the adapter) is
+    replicated on the adapter's mesh.
 
     ``adapter_shardings_tree`` defaults to the shardings of the (placed) adapter's arrays.
     """
@@ -440,9 +454,13 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, adapter, adapte
         except Exception:  # pragma: no cover - exotic nodes
             return False
 
+    shapes_of_adapter = jax.tree.map(jnp.shape, adapter)
+
     def pick(x):
         if is_adapter_like(x):
-            return adapter_shardings_tree
+            # a factored state (Adafactor's v_row / v_col) has the adapter's structure but not its shapes
+            return jax.tree.map(lambda leaf, s, shape: s if tuple(leaf.shape) == tuple(shape) else replicated,
+                                x, adapter_shardings_tree, shapes_of_adapter)
         return replicated
 
     return jax.tree.map(pick, shapes, is_leaf=is_adapter_like)
@@ -498,7 +516,14 @@ def shard_batch(batch, mesh: Mesh, batch_axes=BATCH_AXES):
     """Places a host batch on ``mesh`` with its first axis split over ``batch_axes`` (default
     ``("data", "fsdp")``: every device gets its own examples). In a multi-process job use
     :func:`jpeft.distributed.global_batch`, which assembles the global batch from each
-    process's shard."""
+    process's shard. :func:`make_sharded_train_step` calls it on a host batch.
+
+    >>> import jax, jax.numpy as jnp, jpeft
+    >>> mesh = jpeft.make_mesh(data=jax.device_count())
+    >>> batch = jpeft.shard_batch({"input_ids": jnp.zeros((8 * jax.device_count(), 16), jnp.int32)}, mesh)
+    >>> tuple(batch["input_ids"].sharding.spec)  # rows split over data x fsdp
+    (('data', 'fsdp'),)
+    """
     entry = batch_entry(mesh, batch_axes)
     n = _axis_size(mesh, entry)
 
@@ -647,13 +672,35 @@ def replicate(tree, devices: Optional[Sequence[Any]] = None):
 
 
 def unreplicate(tree):
-    """The first device's copy of a replicated tree (drops the leading device axis)."""
+    """The first device's copy of a replicated tree (drops the leading device axis). Every
+    leaf of a tree :func:`replicate` or a pmap step made leads with the same device axis; a
+    tree whose leaves do not (one that was never replicated) raises
+    :class:`~jpeft.errors.InputValidationError` instead of coming back cut to its first rows."""
+    shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(tree)]
+    if any(not s for s in shapes) or len({s[0] for s in shapes}) > 1:
+        bad = next((s for s in shapes if not s), None)
+        found = f"a leaf of shape {bad}" if bad is not None else \
+            f"leaves leading with {sorted({s[0] for s in shapes})} entries"
+        raise InputValidationError(
+            f"unreplicate expects a replicated tree, every leaf leading with one device axis (as jpeft.replicate "
+            f"and a pmap step's outputs have), but found {found}. Pass the tree the pmap step returned, or use "
+            f"the tree as it is if it was never replicated."
+        )
     return jax.tree.map(lambda x: x[0], tree)
 
 
 def split_for_pmap(batch, n: Optional[int] = None):
     """``[B, ...] -> [n, B // n, ...]`` for every batch leaf (``n`` defaults to the local
-    device count); device ``i`` gets examples ``i * B/n`` to ``(i + 1) * B/n``."""
+    device count); device ``i`` gets examples ``i * B/n`` to ``(i + 1) * B/n``.
+
+    >>> import jax, jax.numpy as jnp, jpeft
+    >>> n = jax.local_device_count()
+    >>> jpeft.split_for_pmap({"x": jnp.ones((4 * n, 3))})["x"].shape == (n, 4, 3)
+    True
+    >>> w = jpeft.replicate({"w": jnp.ones(3)})  # the base, adapter, optimizer state
+    >>> w["w"].shape == (n, 3), jpeft.unreplicate(w)["w"].shape
+    (True, (3,))
+    """
     n = jax.local_device_count() if n is None else n
 
     def split(x):
@@ -739,16 +786,6 @@ def _cast_floats(tree, dtype):
     return jax.tree.map(c, tree, is_leaf=quant.is_quantized)
 
 
-def _check_float_dtype(dtype, what):
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.floating):
-        raise ConfigError(f"{what} must be a floating dtype such as jnp.bfloat16 or jnp.float32, found {dtype!r}.")
-    return dt
-
-
 def cast_base(params, dtype=jnp.bfloat16):
     """The frozen base stored in ``dtype``: every floating leaf cast, others untouched
     (keeps placements). ``bfloat16`` halves the memory of an ``float32`` base; the adapter
@@ -760,7 +797,7 @@ def cast_base(params, dtype=jnp.bfloat16):
     >>> jpeft.cast_base({"w": jnp.ones(2), "i": jnp.arange(2)})["w"].dtype
     dtype(bfloat16)
     """
-    return _cast_floats(params, _check_float_dtype(dtype, "cast_base: dtype"))
+    return _cast_floats(params, check_float_dtype(dtype, "cast_base: dtype"))
 
 
 def with_precision(loss_fn: Callable, compute_dtype=jnp.bfloat16, *, cast_batch: bool = True) -> Callable:
@@ -785,7 +822,7 @@ def with_precision(loss_fn: Callable, compute_dtype=jnp.bfloat16, *, cast_batch:
     >>> jpeft.with_precision(loss_fn, jnp.bfloat16)(params, None, x, None).dtype
     dtype('float32')
     """
-    dt = _check_float_dtype(compute_dtype, "with_precision: compute_dtype")
+    dt = check_float_dtype(compute_dtype, "with_precision: compute_dtype")
 
     def wrapped(params, adapter, batch, key):
         p = _cast_floats(params, dt)

@@ -1024,7 +1024,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     assert "[mesh] data=0, fsdp=2, tensor=1 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder", "locked", "apart", "devices"])
+@pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder", "locked", "apart", "devices", "no_config"])
 def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_dir, case):
     """--max-steps and --resume are command-line options outside the resolved config: processes
     started with different --max-steps used to pass the agreement check, and the one stopping
@@ -1040,7 +1040,9 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     (Orbax writes a checkpoint with every process into one step folder; SIGTERM did not stop
     them); every process now stops before training, naming the processes that do not see
     process 0's folder. Processes holding different numbers of devices (``devices``: 1 and 2)
-    failed in the first agreement with JAX's bare ValueError about a reshape; refused by name."""
+    failed in the first agreement with JAX's bare ValueError about a reshape; refused by name. A
+    process whose --config is missing (``no_config``) joins the job first and tells the others at
+    the settings agreement."""
     import fcntl
     import socket
 
@@ -1058,7 +1060,10 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
              "own_folder": (["--output-dir", str(hf_dir / "own_0")], ["--output-dir", str(hf_dir / name)]),
              "locked": ([], []),
              "apart": (["--output-dir", str(hf_dir / "apart_0")], ["--output-dir", str(hf_dir / "apart_1")]),
-             "devices": ([], [])}[case]
+             "devices": ([], []),
+             # process 1's --config is missing on its host: it used to stop before joining the job, and process 0
+             # waited in jax.distributed.initialize for 5 minutes, then aborted with a C++ stack (rc 134)
+             "no_config": ([], ["--config", str(hf_dir / "missing.toml")])}[case]
     if case == "own_folder":
         (hf_dir / name / "adapter").mkdir(parents=True)
     env2 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
@@ -1094,6 +1099,11 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
         assert all("process(es) [1] of this job do not see process 0's output folder" in error_line(o) for o in outs)
         assert not any((hf_dir / d / n).exists() for d in ("apart_0", "apart_1") for n in ("metrics.jsonl", "adapter"))
         assert not (hf_dir / "apart_0" / ".jpeft-shared-output-check").exists()
+        return
+    if case == "no_config":
+        assert "process(es) [1] of this job could not read or resolve their config" in error_line(outs[0])
+        assert "missing.toml' does not exist" in error_line(outs[1])
+        assert not (hf_dir / name / "checkpoints").exists()
         return
     if case == "own_folder":
         assert "process(es) [1] of this job stopped before training with an error of their own" in error_line(outs[0])

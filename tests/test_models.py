@@ -138,6 +138,43 @@ def test_bf16_loading(tmp_path):
     np.testing.assert_array_equal(np.asarray(p16["params"]["transformer"]["wte"]["embedding"]), w)
 
 
+@pytest.mark.parametrize("family", ["llama2", "bert"])
+def test_float16_models_compile_and_match_transformers(family):
+    """A float16 model under jax.jit (every training step, generate, eval) failed to compile on
+    the CPU with a raw ValueError ("The precision 'F16_F16_F32' is not supported by dot_general
+    on CPU") from jax.nn.dot_product_attention's dot algorithm, for every sequence short enough
+    for the reference kernel; only eager calls ran."""
+    ids, mask = T.batch(family)
+    ref = T.torch_logits(family, ids, mask)
+    model, params = loaded(family, "float16")
+    ids, mask_j = jnp.asarray(ids), jnp.asarray(mask)
+    out = jax.jit(model.apply)(params, ids, attention_mask=mask_j)
+    assert out.dtype == jnp.float16
+    sel = mask.astype(bool) if family != "bert" else slice(None)
+    err = np.abs(np.asarray(out, np.float32)[sel] - ref[sel])
+    assert err.max() < 0.02 * ref[sel].std()  # float16 rounding (seen: 0.006 of the spread)
+    grad = jax.jit(jax.grad(lambda p: model.apply(p, ids, attention_mask=mask_j).astype(jnp.float32).sum()))(params)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grad))
+
+
+def test_a_dtype_that_is_not_a_float_compute_dtype_is_refused_by_name():
+    """from_pretrained(dtype="int8") failed inside flax's initializer with a bare ValueError
+    ("dtype argument to `normal` must be a float"), and a misspelt dtype ("bf16") was reported as
+    "config.json holds an invalid value ... re-save the checkpoint", blaming the file."""
+    from jpeft.errors import ConfigError
+
+    _, folder = T.hf_model("llama2")
+    with pytest.raises(ConfigError, match=r"LlamaConfig.dtype .*must be a floating dtype.*found 'int8'.*quantize='int8'"):
+        M.from_pretrained(folder, dtype="int8")
+    with pytest.raises(ConfigError, match=r"LlamaConfig.param_dtype must be a floating dtype.*found <class 'jax.numpy.int8'>"):
+        M.from_pretrained(folder, param_dtype=jnp.int8)
+    with pytest.raises(ConfigError, match=r"LlamaConfig.dtype .*float32, bfloat16, float16, float64.*found 'bf16'"):
+        M.from_pretrained(folder, dtype="bf16")
+    with pytest.raises(ConfigError, match=r"GPT2Config.dtype .*found 'float8_e4m3fn'"):  # storage only, not compute
+        M.from_pretrained(T.hf_model("gpt2")[1], dtype="float8_e4m3fn")
+    assert M.from_pretrained(folder, dtype="float16")[0].config.dtype == jnp.float16  # names work as dtypes do
+
+
 def test_kv_cache_chunks_equal_full_forward():
     model, params = loaded("mistral")  # sliding window 5 over 8 tokens
     ids, mask = T.batch("mistral")

@@ -199,6 +199,20 @@ def test_make_mesh_errors():
     assert dict(jpeft.make_mesh(tensor=1).shape) == {"data": 1, "fsdp": 1}  # no tensor axis unless asked for
 
 
+
+def test_unreplicate_refuses_a_tree_that_was_never_replicated():
+    """unreplicate took row 0 of every leaf whatever it held: an adapter that was never
+    replicated came back cut to its first rows (lora_A [in, r] -> [r]) with no word, and a
+    scalar leaf raised a raw IndexError."""
+    params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
+    back = jpeft.unreplicate(jpeft.replicate(adapter))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), back, adapter))
+    with pytest.raises(jpeft.errors.InputValidationError, match=r"leaves leading with \[2, 3\] entries.*pmap step"):
+        jpeft.unreplicate(adapter)
+    with pytest.raises(jpeft.errors.InputValidationError, match=r"a leaf of shape \(\)"):
+        jpeft.unreplicate({"loss": jnp.float32(1.0)})
+
 class _Heads(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -297,6 +311,32 @@ def test_opt_state_shardings_match_adapter_copies():
     assert jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state)) == jax.tree.leaves(sh)
     with pytest.raises(jpeft.errors.ShardingError, match="adapter placed on a mesh"):
         jpeft.opt_state_shardings(opt, adapter)
+
+
+def test_factored_optimizer_state_on_a_sharded_adapter():
+    """Adafactor's factored second moment (``v_row`` / ``v_col``) has the adapter's tree
+    structure but other shapes: it was given the adapter's shardings, and a sharded adapter
+    (here every factor's first axis over ``fsdp``) made ``init_opt_state`` fail with JAX's raw
+    rank error. Such leaves are replicated; the mesh step trains like one device."""
+    from jax.sharding import NamedSharding
+
+    model, params, adapter, loss_fn = _tiny()
+    data = C.batches(2)
+    opt = optax.adafactor(1e-2, min_dim_size_to_factor=4)
+    ref_losses, ref = C.single_device_run(loss_fn, opt, params, adapter, data)
+    mesh = jpeft.make_mesh()
+    p = jpeft.shard_params(params, mesh)
+    a = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("fsdp", *[None] * (x.ndim - 1)))), adapter)
+    state = jpeft.init_opt_state(opt, a)
+    assert jax.tree.structure(state) == jax.tree.structure(opt.init(adapter))
+    for x in jax.tree.leaves(state):  # every leaf's sharding fits its own shape
+        assert x.sharding.spec == P() or len(x.sharding.spec) <= x.ndim
+    step = jpeft.make_sharded_train_step(loss_fn, opt, mesh, donate=False)
+    for i, b in enumerate(data):
+        a, state, m = step(p, a, state, b, jax.random.fold_in(jax.random.key(0), i))
+        np.testing.assert_allclose(float(m["loss"]), ref_losses[i], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ gradient accumulation

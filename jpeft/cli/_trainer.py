@@ -583,7 +583,7 @@ def _check_devices_per_process() -> None:
                           "XLA_FLAGS=--xla_force_host_platform_device_count=N).")
 
 
-def _check_settings_agree(cfg: dict, flags: dict) -> None:
+def _check_settings_agree(cfg: Optional[dict], flags: Optional[dict]) -> None:
     """Every process of a multi-host run computes the same batches and initial adapter from its
     own copy of the config and data; refuses (one line, on every process) a job whose processes
     were given different settings, which would otherwise train a mix of two runs, or different
@@ -591,12 +591,32 @@ def _check_settings_agree(cfg: dict, flags: dict) -> None:
     others waiting in the next step's collectives forever). The model folder and output
     directory may be spelled differently per host. :func:`train` calls it before any check one
     process could fail alone (a process refusing to run without ``--resume`` would leave one
-    given it waiting here); :func:`_check_data_agrees` follows once the data is read."""
-    settings = {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
+    given it waiting here); :func:`_check_data_agrees` follows once the data is read.
+    ``cfg=None``: this process could not read or resolve its config (``jpeft train`` joins the
+    job first), takes part as failed and returns, its caller raising its own error; the
+    others stop with an error naming it rather than waiting for it until JAX aborts."""
+    failed = cfg is None
+    settings = {} if failed else {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
     parts = [("settings", "the resolved config, --set options included",
               json.dumps(settings, sort_keys=True, default=str).encode()),
              ("command-line options", "--resume and --max-steps", json.dumps(flags, sort_keys=True).encode())]
-    _refuse_differences(parts, _gather_digests(parts))
+    every = _gather_digests(parts, extra=_OWN_ERROR if failed else 0)
+    if failed:
+        return
+    stopped = [p for p in range(every.shape[0]) if every[p, -1, 0]]
+    if stopped:
+        raise ConfigError(f"process(es) {stopped} of this job could not read or resolve their config (see their "
+                          "output: the --config file missing on that host, or a bad setting or --set option); this "
+                          "process stops too. Fix it there and start every process again.")
+    _refuse_differences(parts, every)
+
+
+def config_failed() -> None:
+    """Called by ``jpeft train`` when this process could not read or resolve its config after
+    joining a multi-host job: it takes part in the settings agreement as failed, so the other
+    processes stop with an error naming it (its caller then raises its own error)."""
+    if jax.process_count() > 1:
+        _check_settings_agree(None, None)
 
 
 def _check_output_shared(out_dir: str) -> None:

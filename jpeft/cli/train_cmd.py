@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from jpeft import distributed
 from jpeft.cli._common import (DEFAULT_METHOD, check_train_values, field_type, method_class, require_causal_lm,
                                typed_value)
-from jpeft.cli._trainer import train
+from jpeft.cli._trainer import config_failed, train
 from jpeft.errors import ConfigError, LoadError
 from jpeft.quant import SCHEMES
 
@@ -380,22 +380,27 @@ def check_forgetting(f: Mapping[str, Any]) -> dict:
 
 # ----------------------------------------------------------------------------------- run
 def run(args) -> int:
-    cfg_path = os.path.abspath(args.config)
-    raw = _load_toml(cfg_path)
-    cfg = resolve_config(raw, args.overrides, base_dir=os.path.dirname(cfg_path))
-    if args.output_dir is not None:
-        if not args.output_dir.strip():  # was ignored: the run went to the config's output_dir
-            raise ConfigError("--output-dir is empty; give the folder to write the run into, or drop the option to "
-                              "use the config's output_dir.")
-        cfg["output_dir"] = os.path.abspath(args.output_dir)
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise ConfigError(f"--max-steps must be positive, found {args.max_steps}.")
-
-    require_causal_lm(cfg["model"], "train")  # one line before anything is loaded
+    # join the job before reading the config: a process whose config is missing or bad then tells the others at
+    # the settings agreement, instead of leaving them waiting in the join until JAX aborts them
     if args.coordinator is not None or args.num_processes is not None or args.process_id is not None \
             or args.cluster_auto:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                auto=True if args.cluster_auto else None)
+    try:
+        cfg_path = os.path.abspath(args.config)
+        raw = _load_toml(cfg_path)
+        cfg = resolve_config(raw, args.overrides, base_dir=os.path.dirname(cfg_path))
+        if args.output_dir is not None:
+            if not args.output_dir.strip():  # was ignored: the run went to the config's output_dir
+                raise ConfigError("--output-dir is empty; give the folder to write the run into, or drop the option "
+                                  "to use the config's output_dir.")
+            cfg["output_dir"] = os.path.abspath(args.output_dir)
+        if args.max_steps is not None and args.max_steps <= 0:
+            raise ConfigError(f"--max-steps must be positive, found {args.max_steps}.")
+        require_causal_lm(cfg["model"], "train")  # one line before anything is loaded
+    except Exception:
+        config_failed()
+        raise
 
     result = train(cfg, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
     return 130 if result.get("interrupted") else 0

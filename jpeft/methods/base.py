@@ -402,13 +402,31 @@ def after_update(adapter):
 
 
 def join_frozen(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
-    """Inverse of :func:`split_frozen`."""
+    """Inverse of :func:`split_frozen`.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> vera = jpeft.init(jpeft.VeraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
+    >>> train, frozen = jpeft.split_frozen(vera)  # VeRA's shared projections are frozen
+    >>> [x.shape for x in jax.tree.leaves(train)], [x.shape for x in jax.tree.leaves(frozen)]
+    ([(2,), (4,)], [(3, 2), (2, 4)])
+    >>> jax.tree.structure(jpeft.join_frozen(train, frozen)) == jax.tree.structure(vera)
+    True
+    """
     return {p: (n.join_frozen(frozen.get(p)) if _is_node(n) else n) for p, n in trainable.items()}
 
 
 def trainable(adapter: Mapping[str, Any]) -> dict:
     """The adapter without its frozen arrays: build optimizer states for this
-    (``optimizer.init(jpeft.trainable(adapter))``, :func:`jpeft.init_opt_state` does it)."""
+    (``optimizer.init(jpeft.trainable(adapter))``, :func:`jpeft.init_opt_state` does it).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jpeft
+    >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> vera = jpeft.init(jpeft.VeraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
+    >>> [x.shape for x in jax.tree.leaves(jpeft.trainable(vera))]  # lambda_d, lambda_b; not vera_A, vera_B
+    [(2,), (4,)]
+    >>> opt_state = optax.adam(1e-3).init(jpeft.trainable(vera))
+    """
     return split_frozen(adapter)[0]
 
 

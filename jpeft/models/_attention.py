@@ -8,7 +8,9 @@ sliding window), and each kernel computes the part of ``[q, k]`` it needs from t
 Kernels (``implementation=``):
 
 * ``"reference"``: the dense mask and ``jax.nn.dot_product_attention`` (XLA); the score
-  matrix ``[batch, heads, q, k]`` is materialised, so memory grows with ``q * k``.
+  matrix ``[batch, heads, q, k]`` is materialised, so memory grows with ``q * k``. On the CPU
+  backend float16 inputs are computed in float32 (XLA's CPU backend cannot compile the
+  float16 dot algorithm ``jax.nn`` asks for).
 * ``"blockwise"``: online-softmax attention over tiles of ``block_size`` queries by
   ``block_size`` keys (as in memory-efficient / flash attention), one ``jax.lax.scan`` over a
   static list of tiles (unrolled when the tiles are small and few, :func:`should_unroll`),
@@ -361,7 +363,12 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
     if impl == "reference":
         if seed is not None:
             return _reference_with_dropout(q, k, v, mask, scale, rate, seed)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale).astype(q.dtype)
+        dt = q.dtype
+        if jnp.dtype(dt) == jnp.dtype(jnp.float16) and jax.default_backend() == "cpu":
+            # jax.nn asks for the F16_F16_F32 dot algorithm, which XLA's CPU backend cannot compile: every
+            # jitted float16 call failed with a raw ValueError (eagerly jax.nn falls back). Float32 there.
+            q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale).astype(dt)
     if impl == "cudnn":
         if plain:
             window = None if mask.window is None else (mask.window - 1, 0)

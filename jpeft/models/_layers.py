@@ -802,8 +802,8 @@ class ConfigMethods:
     def _finish(self, name: str) -> None:
         """The end of ``__post_init__`` common to the families: dtypes made canonical, the shared
         checks (:func:`validate_common`) and the activation name."""
-        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-        object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype))
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, f"{name}.dtype (the compute dtype)", COMPUTE_DTYPES))
+        object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype, f"{name}.param_dtype"))
         validate_common(self, name)
         check_activation(self.hidden_act)
 
@@ -821,8 +821,28 @@ class FullHeadsConfig(ConfigMethods):
         return self.hidden_size // self.num_heads
 
 
-def canonical_dtype(x):
-    return jnp.dtype(x) if x is not None else None
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")  # the dtypes the models compute in
+
+
+def check_float_dtype(dtype, what: str, allowed=None):
+    """``jnp.dtype(dtype)``, or :class:`~jpeft.errors.ConfigError` when that is not a floating
+    dtype (or not one of ``allowed``'s names): an integer dtype failed deep inside an initializer
+    and a misspelt name (``"bf16"``) read as an invalid ``config.json``."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating) or (allowed is not None and dt.name not in allowed):
+        names = ", ".join(allowed) if allowed is not None else "such as float32 or bfloat16"
+        hint = (" For an int8, fp8 or NF4 base, load it in a float dtype with quantize='int8', 'fp8' or 'nf4' "
+                "(jpeft.models.from_pretrained) or quantize it with jpeft.quantize."
+                if dt is not None and dt.itemsize == 1 and dt.kind != "b" else "")
+        raise ConfigError(f"{what} must be a floating dtype ({names}; a jnp dtype or its name), found {dtype!r}.{hint}")
+    return dt
+
+
+def canonical_dtype(x, what: str = "dtype", allowed=None):
+    return check_float_dtype(x, what, allowed) if x is not None else None
 
 
 def validate_common(cfg, name: str):

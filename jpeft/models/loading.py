@@ -528,6 +528,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         pre-quantized checkpoint (``quantization_config`` in ``config.json``).
       WeightShapeError: a weight's shape disagrees with the config.
       CheckpointError: a truncated/corrupted file, missing or unexpected weights.
+      ConfigError: ``dtype`` not one of float32, bfloat16, float16 or float64 (or its name), or
+        ``param_dtype`` not a floating dtype (an int8 base loads with ``quantize="int8"``).
     """
     if api not in ("linen", "nnx"):
         raise ConfigError(f"from_pretrained: api must be 'linen' or 'nnx', found {api!r}.")
