@@ -1,5 +1,6 @@
 """Tiny randomly initialised transformers models, built once per test process and saved with
-``save_pretrained`` (shared by tests/test_models*.py, test_generate.py and test_hf_*.py)."""
+``save_pretrained`` (shared by tests/test_models*.py, test_generate.py and test_hf_*.py), and
+tiny linen modules several test files share."""
 
 from __future__ import annotations
 
@@ -9,12 +10,25 @@ import os
 import shutil
 import tempfile
 
+import flax.linen as nn
 import numpy as np
 
 ROOT = tempfile.mkdtemp(prefix="jpeft_tiny_models_")
 atexit.register(shutil.rmtree, ROOT, ignore_errors=True)  # one folder per test process; gone when it exits
 
 VOCAB = 100
+
+
+class BoxedMLP(nn.Module):
+    """Dense ``d`` (its kernel boxed by ``nn.with_partitioning``, so it sits at ``d/kernel/value``),
+    relu, Dense ``o``."""
+    hidden: int
+    out: int
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
+        return nn.Dense(self.out, name="o")(nn.relu(nn.Dense(self.hidden, kernel_init=init, name="d")(x)))
 
 
 def _randomize(model, seed: int):

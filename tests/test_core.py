@@ -2,6 +2,8 @@
 
 import dataclasses
 import math
+import os
+import sys
 
 import flax.linen as nn
 import jax
@@ -12,6 +14,9 @@ import pytest
 
 import jpeft
 from jpeft import loop, tree
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _models_tiny import BoxedMLP  # noqa: E402
 
 
 # ---------------------------------------------------------------- tiny models built in the test
@@ -751,14 +756,8 @@ def test_params_boxed_by_with_partitioning_are_read_as_the_arrays_they_hold():
     """nn.with_partitioning boxes the kernel in nn.Partitioned: init, apply and merge raised a raw
     AttributeError ('Partitioned' object has no attribute 'shape'); model.apply reads the boxed array."""
 
-    class Part(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
-            return nn.Dense(3, name="o")(nn.relu(nn.Dense(6, kernel_init=init, name="d")(x)))
-
     x = jax.random.normal(jax.random.key(0), (4, 5))
-    m = Part()
+    m = BoxedMLP(6, 3)
     p = m.init(jax.random.key(1), x)
     assert isinstance(p["params"]["d"]["kernel"], nn.Partitioned)
     for cfg in (jpeft.LoraConfig(r=2, target_modules=["d"]), jpeft.LoraConfig(r=2, use_dora=True, target_modules=["d"])):

@@ -3,7 +3,9 @@ jpeft's detection and reduction against PEFT's on the same random LoRA adapter; 
 helpers against closed forms."""
 
 import dataclasses
+import os
 import re
+import sys
 
 import flax.linen as nn
 import jax
@@ -14,6 +16,9 @@ import pytest
 import jpeft
 from jpeft import spectral
 from jpeft.errors import ConfigError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _models_tiny import BoxedMLP  # noqa: E402
 from jpeft import intruder_report, reduce_intruder_dimension
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
@@ -192,14 +197,8 @@ def test_update_spectrum_reads_kernels_boxed_by_with_partitioning():
     base (against jpeft.merge of it, which is unboxed) raised float()'s raw TypeError on nn.Partitioned.
     It equals the report of the unboxed base, every LoRA factor random."""
 
-    class Part(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
-            return nn.Dense(3, name="o")(nn.relu(nn.Dense(16, kernel_init=init, name="d")(x)))
-
     x = jax.random.normal(jax.random.key(0), (4, 12))
-    params = Part().init(jax.random.key(1), x)
+    params = BoxedMLP(16, 3).init(jax.random.key(1), x)
     assert isinstance(params["params"]["d"]["kernel"], nn.Partitioned)
     adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "o"], init="random"), params, jax.random.key(2))
     adapter = {p: dataclasses.replace(n, lora_B=jax.random.normal(jax.random.key(3), n.lora_B.shape))

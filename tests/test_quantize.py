@@ -25,6 +25,9 @@ import jpeft  # noqa: E402
 from jpeft import quant, scan  # noqa: E402
 from jpeft.errors import QuantizationError  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _models_tiny import BoxedMLP  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # QLoRA, appendix E (the NF4 data type), as printed in the paper and in bitsandbytes.
@@ -805,14 +808,8 @@ def test_quantize_reads_kernels_boxed_by_with_partitioning():
     selector matched: jpeft.quantize left it full precision with no word (and target_modules naming it was a
     'selected no kernel' error blaming the names). It is quantized as the unboxed tree's, bit for bit."""
 
-    class Part(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, "model"))
-            return nn.Dense(8, name="o")(nn.relu(nn.Dense(64, kernel_init=init, name="d")(x)))
-
     x = jax.random.normal(jax.random.key(0), (4, 64))
-    m = Part()
+    m = BoxedMLP(64, 8)
     p = m.init(jax.random.key(1), x)
     assert isinstance(p["params"]["d"]["kernel"], nn.Partitioned)
     for scheme, targets in (("nf4", None), ("int8", ["d"])):
