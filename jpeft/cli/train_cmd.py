@@ -382,8 +382,9 @@ def check_forgetting(f: Mapping[str, Any]) -> dict:
 def run(args) -> int:
     # join the job before reading the config: a process whose config is missing or bad then tells the others at
     # the settings agreement, instead of leaving them waiting in the join until JAX aborts them
-    if args.coordinator is not None or args.num_processes is not None or args.process_id is not None \
-            or args.cluster_auto:
+    joined = args.coordinator is not None or args.num_processes is not None or args.process_id is not None \
+        or args.cluster_auto
+    if joined:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                auto=True if args.cluster_auto else None)
     try:
@@ -399,7 +400,8 @@ def run(args) -> int:
             raise ConfigError(f"--max-steps must be positive, found {args.max_steps}.")
         require_causal_lm(cfg["model"], "train")  # one line before anything is loaded
     except Exception:
-        config_failed()
+        if joined:  # (one process alone has no one to tell, and its error needs no JAX backend)
+            config_failed()
         raise
 
     result = train(cfg, resume=args.resume, max_steps=args.max_steps, progress=not args.no_progress)
