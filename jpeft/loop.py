@@ -312,14 +312,14 @@ def _eval_floats(result, step: int) -> dict:
                           f"step {step}.")
     out = {}
     for k, v in result.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if isinstance(v, (int, float)):  # a bool too ({"improved": True}: logged as true)
             out[k] = v
             continue
         a = np.asarray(jax.device_get(v))
-        if a.ndim != 0 or not np.issubdtype(a.dtype, np.number):
+        if a.ndim != 0 or not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
             raise ConfigError(f"eval_fn(adapter, step) must return a dict of numbers; at step {step} its {k!r} is "
                               f"{type(v).__name__} of shape {a.shape}. Reduce it to one number (e.g. its mean).")
-        out[k] = a.item()  # an int or a float
+        out[k] = a.item()  # an int, a float or a bool
     return out
 
 

@@ -146,15 +146,18 @@ def test_an_eval_fn_returning_jax_scalars_is_logged_as_numbers(run, tmp_path):
     params, cfg, adapter, opt, state, key, step = run
 
     def eval_fn(a, s):
-        return {"loss": C.loss_fn()(params, a, C.batch(99), jax.random.key(0)), "n": jnp.int32(7), "k": 3}
+        return {"loss": C.loss_fn()(params, a, C.batch(99), jax.random.key(0)), "n": jnp.int32(7), "k": 3,
+                "ok": jnp.bool_(True), "seen": False}  # a flag is logged as one (was refused since session 50)
 
     with jpeft.MetricLog(str(tmp_path / "m.jsonl")) as log:
         res = jpeft.fit(step, params, adapter, state, C.batches(0, 4), key=key, eval_fn=eval_fn, eval_every=2, log=log)
     evals = [json.loads(x) for x in open(tmp_path / "m.jsonl") if "eval_loss" in x]
     assert [r["step"] for r in evals] == [2, 4]
     want = float(C.loss_fn()(params, res.adapter, C.batch(99), jax.random.key(0)))
-    assert res.eval == {"loss": pytest.approx(want, rel=1e-6), "n": 7, "k": 3} and type(res.eval["loss"]) is float
-    assert evals[-1] == {"step": 4, "eval_loss": res.eval["loss"], "eval_n": 7, "eval_k": 3}
+    assert res.eval == {"loss": pytest.approx(want, rel=1e-6), "n": 7, "k": 3, "ok": True, "seen": False}
+    assert type(res.eval["loss"]) is float and type(res.eval["ok"]) is bool
+    assert evals[-1] == {"step": 4, "eval_loss": res.eval["loss"], "eval_n": 7, "eval_k": 3, "eval_ok": True,
+                         "eval_seen": False}
     with pytest.raises(jpeft.ConfigError, match=r"must return a dict of numbers; at step 1 its 'per_example' is"):
         jpeft.fit(step, params, adapter, state, C.batches(0, 2), key=key, eval_every=1,
                   eval_fn=lambda a, s: {"per_example": jnp.zeros(4)})
