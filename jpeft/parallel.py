@@ -712,6 +712,13 @@ def split_for_pmap(batch, n: Optional[int] = None):
             )
         return x.reshape((n, x.shape[0] // n) + tuple(x.shape[1:]))
 
+    sizes = {path_str(kp) or "<the batch>": np.shape(x)[0]
+             for kp, x in jax.tree_util.tree_leaves_with_path(batch) if np.ndim(x)}
+    if len(set(sizes.values())) > 1:  # each device would pair rows of one leaf with other rows of another
+        raise InputValidationError(
+            f"split_for_pmap: every batch leaf must hold the same number of examples along its first axis, found "
+            f"{dict(list(sizes.items())[:6])}; give every leaf the batch's rows."
+        )
     return jax.tree.map(split, batch)
 
 

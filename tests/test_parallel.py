@@ -213,6 +213,17 @@ def test_unreplicate_refuses_a_tree_that_was_never_replicated():
     with pytest.raises(jpeft.errors.InputValidationError, match=r"a leaf of shape \(\)"):
         jpeft.unreplicate({"loss": jnp.float32(1.0)})
 
+
+def test_split_for_pmap_refuses_leaves_of_different_batch_sizes():
+    """split_for_pmap split each leaf on its own: input ids of 4 rows and labels of 6 gave each
+    device 2 rows of one and 3 of the other, with no word (a later shape error at best)."""
+    batch = {"input_ids": jnp.arange(8).reshape(4, 2), "labels": jnp.arange(4)}
+    out = jpeft.split_for_pmap(batch, 2)
+    assert out["input_ids"].shape == (2, 2, 2) and out["labels"].tolist() == [[0, 1], [2, 3]]
+    with pytest.raises(jpeft.errors.InputValidationError, match=r"same number of examples.*'input_ids': 4, 'labels': 6"):
+        jpeft.split_for_pmap(dict(batch, labels=jnp.arange(6)), 2)
+
+
 class _Heads(nn.Module):
     @nn.compact
     def __call__(self, x):
