@@ -142,7 +142,7 @@ def run(args) -> int:
     print(f"model: {name} ({cfg.get('model_type', '?')}; shapes only, nothing allocated)")
     print(f"method: {method.peft_type} " + json.dumps({k: v for k, v in method.to_dict().items() if k != 'peft_type'}))
     print(f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || trainable%: {100 * s['share']:.4f}"
-          f" (base {s['base']:,}; {s['sites']} adapted sites" + (f"; {s['frozen']:,} frozen adapter params)"
+          f" (base {s['base']:,}; {s['sites']} adapted site{'s' if s['sites'] != 1 else ''}" + (f"; {s['frozen']:,} frozen adapter params)"
                                                                    if s["frozen"] else ")"))
     rows = [
         ["frozen base weights", f"{human_count(s['base'])}", human_bytes(res["base_bytes"]) + f" ({base_dtype})"],
