@@ -14,6 +14,8 @@ import functools
 import json
 from typing import Any, ClassVar, Mapping, Optional
 
+import numpy as np
+
 from jpeft.errors import ConfigError
 from jpeft.tree import compile_pattern
 
@@ -54,10 +56,15 @@ def _refuse_non_bool_flags(cls, kwargs) -> None:
     for ``use_dora``, ``coft``, ``prefix_projection``, ... of every method's config."""
     for f in dataclasses.fields(cls):
         v = kwargs.get(f.name)
-        if f.name in kwargs and f.type in ("bool", bool) and not isinstance(v, bool) \
-                and type(v).__name__ != "bool_":  # numpy's bool
+        if f.name in kwargs and _is_bool_field(f) and isinstance(v, np.bool_):
+            kwargs[f.name] = bool(v)  # numpy's bool (named "bool" in NumPy 2), kept as Python's: to_dict writes JSON
+        elif f.name in kwargs and _is_bool_field(f) and not isinstance(v, bool):
             hint = " (a quoted string counts as true: write true or false unquoted)" if isinstance(v, str) else ""
             raise ConfigError(f"{cls.__name__}.{f.name} must be true or false, found {type(v).__name__} {v!r}{hint}.")
+
+
+def _is_bool_field(f: dataclasses.Field) -> bool:
+    return f.type in ("bool", bool)
 
 
 def _refuse_unknown_keywords(cls, kwargs, where: str = "", what: str = "keyword") -> None:
@@ -261,6 +268,7 @@ class AdapterConfig:
                 )
             target = _REGISTRY[ptype]
         names = {f.name for f in dataclasses.fields(target)}
+        flags = {f.name for f in dataclasses.fields(target) if _is_bool_field(f)}
         kwargs, unknown, unsupported, given_as = {}, [], {}, {}
         for k, v in d.items():
             name = target.field_of(k)
@@ -271,7 +279,8 @@ class AdapterConfig:
                         f"two names of one field ({name}); give one of them."
                     )
                 given_as[name] = k
-                kwargs[name] = v
+                # a null flag (older PEFT files, other writers) is false to PEFT, which tests it by truth value
+                kwargs[name] = False if v is None and name in flags else v
             elif k in target._ignored_hf_keys:
                 continue
             elif k in target._unsupported_hf_options:

@@ -185,9 +185,10 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
       attention_mask: ``[batch, prompt_len]``, 1 for real tokens (default: all ones).
       eos_token_id: token id(s) that end a row; later positions get ``pad_token_id``
         (default ``None``: never stop early; the length is fixed for ``jit``).
-      pad_token_id: filler after a row ended (default ``None``: the first ``eos_token_id``, as
-        transformers' ``generate`` fills a row when no pad id is set, so decoding with
-        ``skip_special_tokens=True`` drops it; a real token such as id 0 would read as text).
+      pad_token_id: filler after a row ended (default ``None``: the model config's
+        ``pad_token_id`` where it has one, else the first ``eos_token_id``, as transformers'
+        ``generate`` fills a row, so decoding with ``skip_special_tokens=True`` drops it; a real
+        token such as id 0 would read as text).
 
     Returns:
       int32 ``[batch, prompt_len + max_new_tokens]``: the prompts followed by the new tokens
@@ -268,8 +269,12 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
             f"generate: eos_token_id holds ids outside the vocabulary [0, {cfg.vocab_size}): {outside}; give the "
             "tokenizer's eos id(s) (tokenizer.eos_token_id), or None for no end token."
         )
-    if pad_token_id is None:  # as transformers' generate: an ended row repeats its (first) end id
-        pad_token_id = eos[0] if eos else 0
+    if pad_token_id is None:
+        # as transformers' generate: the model's own pad id (config.json's pad_token_id, which its generation config
+        # copies), else an ended row repeats its (first) end id
+        own = getattr(cfg, "pad_token_id", None)
+        usable = isinstance(own, (int, np.integer)) and not isinstance(own, bool) and 0 <= own < int(cfg.vocab_size)
+        pad_token_id = own if usable else eos[0] if eos else 0
     if isinstance(pad_token_id, (bool, np.bool_)) or not isinstance(pad_token_id, (int, np.integer)) or not (
             0 <= int(pad_token_id) < int(cfg.vocab_size)):
         raise InputValidationError(

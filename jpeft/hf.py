@@ -377,10 +377,12 @@ def _read_tensors(path: str, base_numel: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 
-# adapter_config.json keys read by jpeft's formats, and the JSON types their values may have
+# adapter_config.json keys read by jpeft's formats, and the JSON types their values may have (a null flag is false,
+# as PEFT, which tests flags by truth value, reads it: AdapterConfig.from_dict)
+_FLAG = (bool, type(None))
 _VALUE_TYPES = {
-    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": (bool,),
-    "use_dora": (bool,), "fan_in_fan_out": (bool,), "bias": (str,), "target_modules": (str, list, type(None)),
+    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": _FLAG,
+    "use_dora": _FLAG, "fan_in_fan_out": _FLAG, "bias": (str,), "target_modules": (str, list, type(None)),
     "rank_pattern": (dict, type(None)), "alpha_pattern": (dict, type(None)), "modules_to_save": (list, type(None)),
     "feedforward_modules": (str, list, type(None)), "task_type": (str, type(None)),
 }

@@ -159,6 +159,30 @@ def test_resume_names_a_key_added_to_the_method_table_before_loading(folder, cap
     assert "--resume would continue the run" in line and "method.use_rslora: null -> true" in line
 
 
+def test_resume_of_a_run_an_earlier_jpeft_saved_with_peft_type_alone(tmp_path):
+    """An earlier jpeft saved ``name = "lora"`` in every resolved [method] table; a run started with
+    ``peft_type = "LORA"`` alone (as in adapter_config.json) was then refused on --resume
+    ("method.name: "lora" -> null"), though it names the method it trained. A saved name of another
+    method (``peft_type = "VERA"`` trained LoRA then) is still refused."""
+    import copy
+
+    from jpeft.cli._trainer import _check_resumable
+    from jpeft.cli.train_cmd import resolve_config
+    from jpeft.errors import ConfigError
+
+    for ptype, ok in (("LORA", True), ("VERA", False)):
+        raw = {"model": "m", "output_dir": "run", "data": {"train": "t.jsonl"}, "method": {"peft_type": ptype, "r": 2}}
+        cfg = resolve_config(raw, base_dir=str(tmp_path))
+        saved = copy.deepcopy(cfg)
+        saved["method"] = {"name": "lora", **saved["method"]}  # as the earlier jpeft resolved it
+        (tmp_path / "resolved_config.json").write_text(json.dumps(saved))
+        if ok:
+            _check_resumable(str(tmp_path), cfg)
+        else:
+            with pytest.raises(ConfigError, match=r"--resume would continue the run .*method.name: \"lora\" -> null"):
+                _check_resumable(str(tmp_path), cfg)
+
+
 def test_bad_train_values_from_the_command_line(folder, capsys):
     cfg = config(folder)
     for sets, expect in ([["train.learning_rate=\"1e-3\""], "train.learning_rate must be a number"],

@@ -256,21 +256,27 @@ def test_eos_pads_the_rest_of_the_row():
 def test_eos_list_and_unset_pad_as_transformers():
     """With a list of end ids and no pad_token_id, an ended row repeats the first end id, as
     transformers' generate fills it; jpeft filled it with token 0 (a real token, '!' in the
-    Llama 3 and GPT-2 vocabularies), which decoding turned into text after the end."""
+    Llama 3 and GPT-2 vocabularies), which decoding turned into text after the end. A model
+    whose config.json has a pad_token_id (the tiny models: 0) fills with it, as transformers'
+    generate does by default; jpeft filled with the end id there."""
     import torch
 
     hf, _ = T.hf_model("mistral")
     model, params = loaded("mistral")
+    assert model.config.pad_token_id == 0 == hf.generation_config.pad_token_id
+    no_pad = model.clone(config=dataclasses.replace(model.config, pad_token_id=None))
     ids, mask = T.batch("mistral", seed=6)
     free = np.asarray(jpeft.generate(model, params, None, ids, 12, attention_mask=mask))
     eos = [int(free[0, 10]), int(free[1, 8])]  # the second id ends rows 0 and 1 at their first new token
-    assert eos[0] != eos[1] and not np.isin(free[2, 8:], eos).any()  # row 2 never ends
-    with torch.no_grad():  # pad_token_id=None: unset, as for a model without a pad token
-        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12, do_sample=False,
-                          eos_token_id=eos, pad_token_id=None).numpy()
-    out = np.asarray(jpeft.generate(model, params, None, ids, 12, attention_mask=mask, eos_token_id=eos))
-    assert ref.shape == (3, 20) and (ref[:2, 9:] == eos[0]).all()
-    np.testing.assert_array_equal(out, ref)
+    assert eos[0] != eos[1] and not np.isin(free[2, 8:], eos).any() and 0 not in eos  # row 2 never ends
+    for m, pad in ((no_pad, {"pad_token_id": None}), (model, {})):  # None: unset, as for a model without a pad token
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12, do_sample=False,
+                              eos_token_id=eos, **pad).numpy()
+        out = np.asarray(jpeft.generate(m, params, None, ids, 12, attention_mask=mask, eos_token_id=eos))
+        assert ref.shape == (3, 20) and (ref[:2, 9:] == (eos[0] if pad else 0)).all()
+        np.testing.assert_array_equal(out, ref)
+    model = no_pad
     # an explicit pad id still fills, and one end id alone pads with itself
     out = np.asarray(jpeft.generate(model, params, None, ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0))
     assert (out[:2, 9:] == 0).all()

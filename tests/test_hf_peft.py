@@ -118,6 +118,31 @@ def test_pattern_keys_match_as_peft_not_on_jpeft_paths(tmp_path):
     _close("mistral", _jpeft_logits("mistral", adapter, ids, mask), _peft_logits(pm, "mistral", ids, mask), mask)
 
 
+def test_null_flags_in_a_peft_config_read_as_false_as_peft_reads_them(tmp_path):
+    """adapter_config.json files with null for a bool flag (older PEFT versions, other writers):
+    PEFT tests each flag by truth value, so null is false; jpeft refused the file (a ConfigError
+    "must be true or false, found NoneType None")."""
+    hf, _ = T.hf_model("mistral")
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(copy.deepcopy(hf), cfg).save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    d.update(use_rslora=None, use_dora=None, lora_bias=None)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+    ids, mask = T.batch("mistral", seed=11)
+    config, adapter = H.load_peft(str(tmp_path), loaded("mistral")[1])
+    assert (config.use_rslora, config.use_dora, config.lora_bias) == (False, False, False)
+    _close("mistral", _jpeft_logits("mistral", adapter, ids, mask), _peft_logits(pm, "mistral", ids, mask), mask)
+    # NumPy's bool (its type is named "bool" in NumPy 2) is a bool too, kept as Python's so to_dict writes JSON
+    c = jpeft.LoraConfig(r=2, target_modules=["q_proj"], use_rslora=np.True_)
+    assert c.use_rslora is True and json.loads(c.to_json())["use_rslora"] is True
+
+
 def test_a_peft_config_without_lora_alpha_gets_pefts_default(saved_llama, tmp_path):
     """PEFT's LoraConfig defaults lora_alpha to 8, jpeft's LoraConfig to 16: a hand-written
     adapter_config.json without it loaded with every update scaled 2x (as alpha 16), silently;

@@ -149,6 +149,14 @@ def method_config(name: str, fields: Optional[Mapping[str, Any]] = None, *, mode
     return cls.from_dict(_with_default_targets(cls, dict(fields or {}), model_type))
 
 
+def method_name_of(table: Mapping[str, Any]) -> str:
+    """The method a ``jpeft train`` ``[method]`` table trains: its ``name``, else its ``peft_type``
+    (as in PEFT's adapter_config.json), else ``lora``. (An earlier jpeft wrote ``name = "lora"``
+    into every resolved table, so a saved run's name, where given, is the method it trained.)"""
+    name, ptype = table.get("name"), table.get("peft_type")
+    return name if name is not None else ptype if ptype is not None else DEFAULT_METHOD
+
+
 def method_of(cfg, model_type=None, saved: Optional[Mapping[str, Any]] = None) -> Any:
     """The method config of a resolved ``jpeft train`` TOML config (its ``[method]`` table).
 
@@ -163,7 +171,7 @@ def method_of(cfg, model_type=None, saved: Optional[Mapping[str, Any]] = None) -
         # one of the two would be trained without a word about the other
         raise ConfigError(f"[method] gives name = {name!r} and peft_type = {ptype!r}, two different methods; give one "
                           "of them (name = \"lora\", ..., or peft_type as in PEFT's adapter_config.json).")
-    name = name if name is not None else ptype if ptype is not None else DEFAULT_METHOD
+    name = method_name_of({"name": name, "peft_type": ptype})
     cls = method_class(name)
     if (cfg.get("train", {}).get("dtype", "float32") != "float32" and "dtype" in {f.name for f in dataclasses.fields(cls)}
             and "dtype" not in m):

@@ -23,7 +23,7 @@ import jpeft
 from jpeft import distributed as dist
 from jpeft.checkpoint import CheckpointManager
 from jpeft.cli._ckpt import save_adapter
-from jpeft.cli._common import method_of, say as _say
+from jpeft.cli._common import method_class, method_name_of, method_of, say as _say
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
 from jpeft.data import load_examples, model_inputs, PackedDataset
@@ -309,6 +309,13 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None) -> 
     fingerprints = ("method_config", "train_data_sha256", "model_weights_sha256")  # checked on their own
     old = _flat({k: v for k, v in before.items() if k not in fingerprints})
     new = _flat(cfg)
+    was_m, now_m = before.get("method"), cfg.get("method")
+    if isinstance(was_m, dict) and isinstance(now_m, dict) and \
+            method_class(method_name_of(was_m)) is method_class(method_name_of(now_m)):
+        # one method, named either way: an earlier jpeft saved name = "lora" beside a peft_type = "LORA" given alone
+        for k in ("method.name", "method.peft_type"):
+            old.pop(k, None)
+            new.pop(k, None)
     # a key the saved config lacks counts only where its whole table is new (a [forgetting] or
     # quantize added now); inside a saved table it is a setting an older jpeft did not write
     # [method] holds only the keys given (no defaults filled in), by every jpeft: a key added there is a change too
