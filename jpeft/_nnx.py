@@ -431,6 +431,33 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
     return out
 
 
+class _Tap:
+    """In a throw-away copy, the stand-in for one module: keeps the first argument of each call."""
+
+    def __init__(self, module, got: list):
+        self._module, self._got = module, got
+
+    def __call__(self, *args, **kwargs):
+        if args:
+            self._got.append(args[0])
+        return self._module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def call_inputs(graphdef, state, paths, *args, **kwargs) -> dict[str, list]:
+    """:func:`jpeft._inject.call_inputs` for an NNX model: ``{path: [x, ...]}``, the first argument
+    of every call of the modules at ``paths`` while ``nnx.merge(graphdef, state)`` runs on
+    ``args`` (in a throw-away copy; traceable). For data-dependent inits (CorDA)."""
+    model = merge(graphdef, state, copy=True)
+    modules = _modules(model)
+    got: dict[str, list] = {p: [] for p in paths}
+    _replace(model, {id(modules[p]): _Tap(modules[p], got[p]) for p in got if p in modules})
+    model(*args, **kwargs)
+    return got
+
+
 def _through_transform(e: TypeError) -> bool:
     """Whether ``e`` is what flax raises when an NNX transform splits a module holding a
     :class:`_SiteProxy` (or, in :func:`trace`, a :class:`_Recorder`): the stand-in comes back

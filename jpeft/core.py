@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from jpeft import _inject, _nnx, quant, scan
 from jpeft.config import AdapterConfig
 from jpeft.data import token_nll, causal_lm_loss, causal_lm_loss_chunked
-from jpeft.errors import ConfigError, ShapeMismatchError
+from jpeft.errors import ConfigError, InputValidationError, ShapeMismatchError
 from jpeft.methods.base import method_of, split_frozen
-from jpeft.validate import check_key
+from jpeft.validate import check_key, is_single_key
 from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unbox, unwrap_params
 
 
@@ -75,7 +75,8 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
 
     LoRA dropout is active only when ``rngs`` holds a ``"dropout"`` key; a bare key
     (``rngs=key``) is that key, ``{"dropout": key}``, for linen as for NNX models (flax's own
-    ``model.apply(..., rngs=key)`` would make it the ``"params"`` stream, leaving dropout off).
+    ``model.apply(..., rngs=key)`` would make it the ``"params"`` stream, leaving dropout off);
+    anything else (an ``nnx.Rngs``, a seed) is an :class:`~jpeft.errors.InputValidationError`.
 
     A site at a module that runs inside ``nn.map_variables`` on a transformed view of its params
     (``trans_in_fn``; ``nn.WeightNorm``, ``nn.SpectralNorm``) raises
@@ -91,7 +92,7 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     """
     if _nnx.is_nnx(model):
         graphdef, state = _nnx.split(model, params)
-        return _nnx.apply_with(graphdef, state, adapter or {}, *args, rngs=rngs, **kwargs)
+        return _nnx.apply_with(graphdef, state, adapter or {}, *args, rngs=dropout_rngs(rngs), **kwargs)
     return _apply_linen(model, params, adapter, *args, rngs=rngs, **kwargs)
 
 
@@ -108,8 +109,23 @@ def _apply_linen(model: nn.Module, params, adapter, *args, rngs=None, called: Op
 
 
 def dropout_rngs(rngs):
-    """``rngs`` as a dict of streams: a bare key is the ``"dropout"`` stream's (as for NNX models)."""
-    return rngs if rngs is None or isinstance(rngs, Mapping) else {"dropout": rngs}
+    """``rngs`` as a dict of streams: a bare key is the ``"dropout"`` stream's (as for NNX models).
+
+    Raises:
+      InputValidationError: ``rngs`` is neither a dict of streams nor one ``jax.random`` key (an
+        ``nnx.Rngs``, a seed), which would fail deep inside JAX or flax."""
+    if rngs is None or isinstance(rngs, Mapping):
+        return rngs
+    if not is_single_key(rngs):
+        is_rngs = isinstance(rngs, _nnx.nnx.Rngs)
+        found = type(rngs).__name__ + ("" if is_rngs else f" {rngs!r}"[:80])
+        hint = (" jpeft.apply is a pure function and does not draw from (or advance) an nnx.Rngs: pass a key "
+                "drawn from it, rngs={'dropout': rngs.dropout()}." if is_rngs else " Pass rngs={'dropout': key}.")
+        raise InputValidationError(
+            "rngs must be a dict of keys ({'dropout': key}) or one jax.random key (jax.random.key(seed)), found "
+            f"{found}.{hint}"
+        )
+    return {"dropout": rngs}
 
 
 def logits_of(out):

@@ -580,6 +580,47 @@ def test_the_callers_state_is_never_mutated_and_base_dropout_follows_the_key():
     assert all(np.array_equal(before[p], v) for p, v in snap(st).items())
 
 
+def test_an_nnx_rngs_or_a_seed_as_rngs_is_a_named_error():
+    """jpeft.apply(graphdef, state, adapter, x, rngs=nnx.Rngs(0)), the NNX way to hand out keys, raised JAX's raw
+    TypeError "unexpected PRNG key type <class 'flax.nnx.rnglib.Rngs'>" (and a seed, rngs=0, a raw error of JAX or
+    flax, on NNX and linen models alike). A key, or a dict of keys, still works."""
+    model = _build(lambda: MLP(nnx.Rngs(0)))
+    gd, st = nnx.split(model)
+    x = _x("mlp")
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"], lora_dropout=0.5), st, jax.random.key(1))
+    with pytest.raises(jpeft.errors.InputValidationError, match=r"found Rngs.*rngs=\{'dropout': rngs.dropout\(\)\}"):
+        jpeft.apply(gd, st, ad, x, rngs=nnx.Rngs(0))
+    linen_params = {"params": nnx_params(st)}
+    for m, p in [(gd, st), (LinenMLP(), linen_params)]:
+        with pytest.raises(jpeft.errors.InputValidationError, match="found int 0"):
+            jpeft.apply(m, p, ad, x, rngs=0)
+    key = nnx.Rngs(dropout=4).dropout()
+    np.testing.assert_array_equal(jpeft.apply(gd, st, ad, x, rngs=key), jpeft.apply(gd, st, ad, x, rngs={"dropout": key}))
+
+
+def test_corda_on_an_nnx_model_equals_linen_and_residual_inits_refuse_a_module():
+    """jpeft.init_corda(config, state, None, graphdef, calibration) ran graphdef.apply (an NNX GraphDef's own
+    method) under linen's method interception, so no module input was recorded: "the calibration data never
+    reached the modules ['fc1', 'fc2']" for data that did; with the nnx.Module in place of the graphdef, a raw
+    AttributeError ('MLP' object has no attribute 'apply'). The residual inits given the nnx.Module as params
+    raised a raw "'MLP' object is not subscriptable"."""
+    model = _build(lambda: MLP(nnx.Rngs(0)))
+    gd, st = nnx.split(model)
+    linen_params = {"params": nnx_params(st)}
+    xs = [jax.random.normal(jax.random.key(i), (5, 8)) for i in range(3)]
+    cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=["fc1", "fc2"])
+    ref_res, ref_ad = jpeft.init_corda(cfg, linen_params, None, LinenMLP(), xs)
+    for m in (gd, model):
+        res, ad = jpeft.init_corda(cfg, st, None, m, xs)
+        for a, b in zip(jax.tree.leaves(ad), jax.tree.leaves(ref_ad)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(nnx_params(res)), jax.tree.leaves(ref_res["params"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(jpeft.apply(gd, res, ad, xs[0]), model(xs[0]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(jpeft.errors.ConfigError, match="init_pissa got the nnx.Module MLP.*nnx.split"):
+        jpeft.init_pissa(cfg, model, jax.random.key(0))
+
+
 def test_quantize_refuses_an_nnx_state_by_name():
     """jpeft.quantize(state) walked the nnx.State, whose leaves sit under ".../kernel/value", so no kernel
     was selected: the state came back in full precision with no error (a QLoRA run that was not one),

@@ -22,12 +22,13 @@ refuses these adapters; merge them to share the result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
 import numpy as np
 
-from jpeft import _inject, core
+from jpeft import _inject, _nnx, core
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.methods.base import Kind
 from jpeft.methods.lora import LoraWeights
@@ -44,10 +45,15 @@ def input_covariances(model, params, paths, calibration, **model_kwargs) -> dict
     entry). ``calibration``: an iterable of model inputs, each a tuple of positional arguments
     (or one array); every item is one forward pass."""
     paths = sorted(paths)
+    if _nnx.is_nnx(model):  # the graphdef (or nnx.Module) and its state, as jpeft.init takes them
+        model, params = _nnx.split(model, None if isinstance(params, _nnx.nnx.Module) else params)
+        capture = functools.partial(_nnx.call_inputs, model)
+    else:
+        capture = functools.partial(_inject.call_inputs, model)
 
     @jax.jit
     def one(p, args):
-        got = _inject.call_inputs(model, p, paths, *args, **model_kwargs)
+        got = capture(p, paths, *args, **model_kwargs)
         out = {}
         for path, xs in got.items():
             covs = []
@@ -101,7 +107,8 @@ def init_corda(config, params, key, model, calibration, *, mode: Literal["kpm", 
         ``alpha_pattern`` and the target options are honoured; not DoRA).
       params: the base model's variables.
       key: unused (the init is deterministic); kept for the common signature.
-      model: the Flax model (needed to run the calibration data through it).
+      model: the Flax model (needed to run the calibration data through it): a linen module, or
+        an NNX model's ``graphdef`` (or the ``nnx.Module``) with ``params`` its ``nnx.State``.
       calibration: an iterable of model inputs, each a tuple of positional arguments (or one
         array); one forward pass each. To match PEFT exactly, give each pass one sequence
         (PEFT's hook assumes batch size 1).

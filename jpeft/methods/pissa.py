@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import core, quant
+from jpeft import _nnx, core, quant
 from jpeft.errors import ConfigError, InputValidationError, QuantizationError, ShapeMismatchError
 from jpeft.methods import dora
 from jpeft.methods._common import from_matrix, to_matrix
@@ -392,6 +392,12 @@ def refuse_quantized(name: str, params) -> None:
 def residual_init(name, tag, factors, config, params, key, model, model_args, model_kwargs):
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"{name} expects a jpeft.LoraConfig, found {type(config).__name__}.")
+    if isinstance(params, _nnx.nnx.Module):
+        raise ConfigError(
+            f"{name} got the nnx.Module {type(params).__name__} as params; it returns the residual base as a new state, "
+            f"so pass the model's state: graphdef, state = nnx.split(model), then residual, adapter = {name}(config, "
+            "state, key, graphdef, ...) and nnx.merge(graphdef, residual) for the residual model."
+        )
     refuse_quantized(name, params)
     if config.lora_bias:
         raise ConfigError(
