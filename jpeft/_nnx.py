@@ -155,7 +155,7 @@ class _NoTwin:
 
     def __getattr__(self, name):
         raise UnsupportedModuleError(
-            f"module {self._path!r} is an {self._cls}; the adapter at this site needs the module itself (its "
+            f"module {self._path!r} is a {self._cls} module; the adapter at this site needs the module itself (its "
             f"{name!r}), which jpeft provides for nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed, "
             "nnx.LayerNorm and nnx.RMSNorm (and nnx.MultiHeadAttention's projections). Target one of those, or use a "
             "method acting on outputs (bottleneck adapters)."
