@@ -28,7 +28,8 @@ def register_config(cls):
     key names as aliases of the fields (``LoraConfig(lora_alpha=16)`` is ``LoraConfig(alpha=16)``),
     so Python, TOML and ``adapter_config.json`` use the same names. A keyword that is neither
     a field nor an alias raises :class:`ConfigError` naming it, the accepted names and the
-    nearest one (for every method's config, in this one place)."""
+    nearest one, and so does a value not of a field's declared scalar type (``r="8"``, ``r=8.5``,
+    ``use_rslora="false"``, ``alpha=float("nan")``), for every method's config in this one place."""
     _REGISTRY[cls.peft_type] = cls
     aliases = {hf: name for name, hf in cls._hf_keys.items() if hf != name}
     init = cls.__init__
@@ -43,24 +44,90 @@ def register_config(cls):
                     )
                 kwargs[name] = kwargs.pop(hf)
         _refuse_unknown_keywords(cls, kwargs)
-        _refuse_non_bool_flags(cls, kwargs)
-        init(self, *args, **kwargs)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        given = dict(zip(names, args)) | kwargs
+        _refuse_mistyped_fields(cls, given)  # and numpy scalars made Python's, in ``given``
+        if len(args) > len(names) or set(names[:len(args)]) & set(kwargs):
+            init(self, *args, **kwargs)  # Python's own TypeError
+        else:
+            init(self, **given)
 
     cls.__init__ = __init__
     return cls
 
 
-def _refuse_non_bool_flags(cls, kwargs) -> None:
-    """Raises :class:`ConfigError` for a field declared ``bool`` given another value: a TOML or JSON
-    ``use_rslora = "false"`` (a string, so true) switched rsLoRA's scale on without a word, and so
-    for ``use_dora``, ``coft``, ``prefix_projection``, ... of every method's config."""
+_FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max; NaN compares False
+_SCALARS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def scalar_kinds(declared) -> Optional[tuple[tuple[str, ...], bool]]:
+    """The scalar types a config field declared as ``declared`` takes (``"int"``, ``"Optional[str]"``,
+    ``"str | bool"``: ``(("str", "bool"), False)``) and whether it takes ``None``; ``None`` for any
+    other declaration (``Any``, a ``Mapping``, a ``tuple``), which the config's ``__post_init__`` checks.
+    The one reading of a field's type: the constructor's check and the CLI's ``--set`` use it."""
+    if not isinstance(declared, str):
+        declared = getattr(declared, "__name__", str(declared))
+    declared = declared.replace("typing.", "")
+    optional = declared.startswith("Optional[") and declared.endswith("]")
+    kinds = [k.strip() for k in (declared[len("Optional["):-1] if optional else declared).split("|")]
+    if "None" in kinds:
+        optional, kinds = True, [k for k in kinds if k != "None"]
+    if not kinds or any(k not in _SCALARS for k in kinds):
+        return None
+    return tuple(kinds), optional
+
+
+def kinds_text(kinds) -> str:
+    """``("int",)`` -> ``"an integer"``, ``("str", "bool")`` -> ``"a string or true or false"``: what a field wants."""
+    return " or ".join(_SCALARS[k] for k in kinds)
+
+
+def is_kind(v, kind: str) -> bool:
+    """Whether ``v`` is a value of the scalar type ``kind`` (``"bool"``, ``"int"``, ``"float"``, ``"str"``):
+    a bool is no number, an int is a number, numpy's scalars count, and a number is finite in
+    float32, the adapters' dtype (an alpha, dropout or scale of NaN, inf or 1e39 makes outputs NaN)."""
+    is_bool = isinstance(v, (bool, np.bool_))
+    if kind == "bool" or is_bool:
+        return kind == "bool" and is_bool
+    if kind == "str":
+        return isinstance(v, str)
+    if not isinstance(v, (int, np.integer) if kind == "int" else (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return kind == "int" or abs(float(v)) <= _FLOAT32_MAX
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _refuse_mistyped_fields(cls, kwargs) -> None:
+    """Raises :class:`ConfigError` for a field declared ``bool``, ``int``, ``float`` or ``str`` (or
+    ``Optional`` of one) given a value of another type, for every method's config in this one place:
+    a TOML or JSON ``use_rslora = "false"`` (a string, so true) switched rsLoRA's scale on without a
+    word, ``token_dim = "16"``, ``num_layers = 2.5`` or ``init_std = true`` were kept as given, and
+    ``non_linearity = ["relu"]`` raised a bare TypeError. Ranges stay with each config's
+    ``__post_init__``."""
     for f in dataclasses.fields(cls):
-        v = kwargs.get(f.name)
-        if f.name in kwargs and _is_bool_field(f) and isinstance(v, np.bool_):
-            kwargs[f.name] = bool(v)  # numpy's bool (named "bool" in NumPy 2), kept as Python's: to_dict writes JSON
-        elif f.name in kwargs and _is_bool_field(f) and not isinstance(v, bool):
-            hint = " (a quoted string counts as true: write true or false unquoted)" if isinstance(v, str) else ""
-            raise ConfigError(f"{cls.__name__}.{f.name} must be true or false, found {type(v).__name__} {v!r}{hint}.")
+        if f.name not in kwargs or not f.init:
+            continue
+        decl = scalar_kinds(f.type)
+        v = kwargs[f.name]
+        if decl is None or (decl[1] and v is None):
+            continue
+        if any(is_kind(v, k) for k in decl[0]):
+            if isinstance(v, np.generic):  # numpy's scalars kept as Python's: to_dict writes JSON
+                kwargs[f.name] = v.item()
+            continue
+        want = kinds_text(decl[0]) + (" (or None)" if decl[1] else "")
+        hint = ""
+        if isinstance(v, str) and "bool" in decl[0]:
+            hint = " (a quoted string counts as true: write true or false unquoted)"
+        elif isinstance(v, str):
+            hint = " (a quoted number is a string: write it unquoted)"
+        elif "float" in decl[0] and isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+            want, hint = "a finite number", " (at most float32's 3.4e38: a NaN or infinite value makes outputs NaN)"
+        elif "int" in decl[0] and isinstance(v, float):
+            hint = " (a whole number: jpeft does not round it)"
+        raise ConfigError(f"{cls.__name__}.{f.name} must be {want}, found {type(v).__name__} {v!r}{hint}.")
 
 
 def _is_bool_field(f: dataclasses.Field) -> bool:

@@ -71,7 +71,7 @@ def config(root, extra_train="", method='name = "lora"\nr = 2\ntarget_modules = 
     ("", "", 'name = "lora"\ntarget_modules = 5', "target_modules must be a regex string or a list of module names"),
     ("", "", 'name = "lora"\ntarget_modules = "("', "is not a valid module-path regex"),
     ("", "", 'name = "lora"\nrank_pattern = 5', "rank_pattern must be a dict"),
-    ("", "", 'name = "lora"\nlora_alpha = inf', "alpha must be > 0 and finite"),
+    ("", "", 'name = "lora"\nlora_alpha = inf', "LoraConfig.alpha must be a finite number, found float inf"),
     # booleans were read as 0 / 1 (a `warmup_steps = true` run warmed up for one step)
     ("warmup_steps = true", "", None, "train.warmup_steps must be a non-negative integer, found True"),
     ("eval_every = false", "", None, "train.eval_every must be a non-negative integer, found False"),

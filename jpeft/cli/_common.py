@@ -9,6 +9,7 @@ import math
 import sys
 from typing import Any, Mapping, Optional
 
+from jpeft.config import is_kind, kinds_text, scalar_kinds
 from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
 from jpeft.budget import DEFAULT_TARGETS  # PEFT's default targets per model type (one table)
@@ -62,9 +63,6 @@ def field_type(cls, name: str) -> Optional[str]:
     return None
 
 
-_SCALARS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
-
-
 def typed_value(key: str, text: str, value, declared: Optional[str]):
     """A ``--set KEY=VALUE`` value as its field declares it: ``value`` is what the untyped parse
     (JSON, else TOML, else the text) gave for ``text``. A string field takes the text itself when
@@ -77,24 +75,13 @@ def typed_value(key: str, text: str, value, declared: Optional[str]):
     Raises:
       ConfigError: the value cannot be of the field's type (naming the key, the type and the value).
     """
-    if declared is None:
+    decl = None if declared is None else scalar_kinds(declared)
+    if decl is None or (decl[1] and value is None):
         return value
-    optional = declared.startswith("Optional[") and declared.endswith("]")
-    base = declared[len("Optional["):-1] if optional else declared
-    kinds = [k.strip() for k in base.split("|")]
-    if "None" in kinds:
-        optional, kinds = True, [k for k in kinds if k != "None"]
-    if not kinds or any(k not in _SCALARS for k in kinds) or (optional and value is None):
+    kinds, optional = decl
+    want = kinds_text(kinds) + (" (or null)" if optional else "")
+    if any(is_kind(value, k) for k in kinds):
         return value
-    want = " or ".join(_SCALARS[k] for k in kinds) + (" (or null)" if optional else "")
-    for k in kinds:
-        if k == "str" and isinstance(value, str):
-            return value
-        if k == "bool" and isinstance(value, bool):
-            return value
-        if k in ("int", "float") and not isinstance(value, bool) \
-                and isinstance(value, int if k == "int" else (int, float)):
-            return value
     if "str" in kinds and (isinstance(value, (bool, int, float)) or value is None):
         return text
     raise ConfigError(f"--set {key}: expected {want}, found {type(value).__name__} {text!r}.")

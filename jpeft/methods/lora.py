@@ -77,7 +77,8 @@ class LoraConfig(AdapterConfig):
       rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``, keyed by a
         name or regex matched as Hugging Face PEFT does.
       exclude_modules, layers_to_transform, layers_pattern: narrow the selection as Hugging
-        Face PEFT's options of these names do (see :meth:`selects`).
+        Face PEFT's options of these names do (see :meth:`selects`); a ``layers_to_transform``
+        index that no targeted module sits in is ignored, as in PEFT, and named in a ``RuntimeWarning``.
       lora_bias: give each site a trainable bias ``[out]`` on LoRA's B (Hugging Face PEFT's
         ``lora_bias=True``): the update becomes ``s * ((x @ A) @ B + lora_bias)``, and
         :func:`jpeft.merge` adds ``s * lora_bias`` to the base bias (refused where the base layer
@@ -134,7 +135,7 @@ class LoraConfig(AdapterConfig):
     lora_bias: bool = False
     modules_to_save: Any = None
     trainable_token_indices: Any = None
-    bias: str = "none"
+    bias: Optional[str] = "none"  # None: "none"
 
     def __post_init__(self):
         if self.bias is None:
@@ -144,9 +145,9 @@ class LoraConfig(AdapterConfig):
         tti = self.trainable_token_indices
         if tti is not None:
             def ids(v, where):
-                v = (v,) if isinstance(v, (int, np.integer)) else tuple(v)
-                if not v or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in v) \
-                        or len(set(v)) != len(v):
+                v = (v,) if isinstance(v, (int, np.integer)) else tuple(v) if isinstance(v, _INDEX_LISTS) else v
+                if not isinstance(v, tuple) or not v or len(set(v)) != len(v) \
+                        or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in v):
                     raise ConfigError(f"LoraConfig.trainable_token_indices{where} must be distinct token ids >= 0, found {v!r}.")
                 return tuple(int(i) for i in v)
 
@@ -158,21 +159,25 @@ class LoraConfig(AdapterConfig):
         mts = self.modules_to_save
         if isinstance(mts, str):
             mts = (mts,)
-        mts = None if mts is None else tuple(mts)
-        if mts is not None and not all(isinstance(m, str) and m for m in mts):
+        mts = None if mts is None else tuple(mts) if isinstance(mts, (list, tuple)) else mts
+        if mts is not None and not (isinstance(mts, tuple) and all(isinstance(m, str) and m for m in mts)):
             raise ConfigError(f"LoraConfig.modules_to_save must be a list of module names, found {self.modules_to_save!r}.")
         object.__setattr__(self, "modules_to_save", mts or None)
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
         object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules) or None)
         ltt = self.layers_to_transform
-        if ltt is not None and not isinstance(ltt, (int, np.integer)):
+        if isinstance(ltt, _INDEX_LISTS):
             ltt = tuple(ltt) or None
         if ltt is not None and not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
-                                       for i in ((ltt,) if isinstance(ltt, (int, np.integer)) else ltt)):
+                                       for i in (ltt if isinstance(ltt, tuple) else (ltt,))):
             raise ConfigError(f"LoraConfig.layers_to_transform must be a layer index or a list of them, found {ltt!r}.")
         object.__setattr__(self, "layers_to_transform", ltt)
         lp = self.layers_pattern
-        lp = lp if lp is None or isinstance(lp, str) else (tuple(str(x) for x in lp) or None)
+        if lp is not None and not isinstance(lp, str):
+            if not isinstance(lp, (list, tuple)) or not all(isinstance(x, str) for x in lp):
+                raise ConfigError(f"LoraConfig.layers_pattern must be the name of the layers' list (e.g. 'layers') or a "
+                                  f"list of such names, found {type(lp).__name__} {str(lp)[:80]}.")
+            lp = tuple(lp) or None
         object.__setattr__(self, "layers_pattern", lp or None)
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             raise ConfigError(
@@ -303,6 +308,15 @@ class LoraConfig(AdapterConfig):
         ltt = self.layers_to_transform
         if ltt is None or name in self.target_modules:
             return True  # PEFT applies the layer filter to suffix matches only, not to full names
+        idx = self.layer_index(path)
+        if idx is None:
+            return False
+        return idx == ltt if isinstance(ltt, (int, np.integer)) else idx in ltt
+
+    def layer_index(self, path: str) -> Optional[int]:
+        """The layer index ``layers_to_transform`` is compared with for the module at ``path``: the
+        number after ``layers_pattern``, or after the first numbered component; ``None`` if none."""
+        name = hf_name(path)
         if self.layers_pattern is None:
             m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
         else:
@@ -312,10 +326,7 @@ class LoraConfig(AdapterConfig):
                 m = compile_pattern(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.").match(name)
                 if m is not None:
                     break
-        if m is None:
-            return False
-        idx = int(m.group("idx"))
-        return idx == ltt if isinstance(ltt, (int, np.integer)) else idx in ltt
+        return None if m is None else int(m.group("idx"))
 
     @property
     def residual_init(self) -> Optional[str]:
@@ -346,6 +357,9 @@ class LoraConfig(AdapterConfig):
 
     def scale(self, r: int, alpha: float) -> float:
         return float(alpha / math.sqrt(r)) if self.use_rslora else float(alpha / r)
+
+
+_INDEX_LISTS = (list, tuple, range, np.ndarray)  # what layers_to_transform and trainable_token_indices list ids in
 
 
 def _finite_positive(v) -> bool:
@@ -989,6 +1003,26 @@ def _selects(config: LoraConfig, path: str, own: Mapping[str, Any], infos) -> bo
     return config.selects(path)
 
 
+def _warn_unmatched_layers(config: LoraConfig, paths, leaves, infos) -> None:
+    """A ``RuntimeWarning`` naming the ``layers_to_transform`` indices that no targeted module sits in
+    (``[0, 5]`` on a 2-layer model adapted layer 0 alone, without a word; PEFT ignores them too), as
+    :func:`jpeft.tree.select` names an unmatched ``target_modules`` entry."""
+    ltt = config.layers_to_transform
+    if ltt is None:
+        return
+    seen = set()
+    for p in paths:
+        info = infos.get(p) if infos is not None else None
+        names = layer_paths(p, info.layout, leaves[p]) if info is not None and info.layout is not None else None
+        seen |= {config.layer_index(n) for n in (names or [p])}
+    missing = [int(i) for i in (ltt if isinstance(ltt, tuple) else (ltt,)) if i not in seen]
+    if missing:
+        warnings.warn(
+            f"layers_to_transform {missing} select no layer of the targeted modules (their layer indices: "
+            f"{sorted(i for i in seen if i is not None)}); those entries are ignored, as Hugging Face PEFT ignores "
+            "them. Check the indices (they count from 0) and layers_pattern.", RuntimeWarning, stacklevel=3)
+
+
 def init_lora(config: LoraConfig, params, key, infos):
     """``Method.init`` of LoRA: a :class:`LoraWeights` site per selected linear module, plus the
     :class:`SavedModule` and :class:`TrainableTokens` sites of ``modules_to_save``, ``bias`` and
@@ -996,6 +1030,7 @@ def init_lora(config: LoraConfig, params, key, infos):
     leaves, cands = linear_candidates(params)
     cands = linear_only(config.target_modules, leaves, cands)
     paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
+    _warn_unmatched_layers(config, paths, leaves, infos)
     paths = [p for p in paths if _selects(config, p, leaves[p], infos)]
     if not paths:
         raise TargetNotFoundError(

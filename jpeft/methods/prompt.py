@@ -88,7 +88,7 @@ class PromptTuningConfig(AdapterConfig):
     token_dim: Optional[int] = None
     num_layers: Optional[int] = None
     num_attention_heads: Optional[int] = None
-    num_transformer_submodules: int = 1
+    num_transformer_submodules: Optional[int] = 1
     task_type: Optional[str] = None
 
     @property
@@ -107,7 +107,13 @@ class PromptTuningConfig(AdapterConfig):
         if init not in _INITS:
             raise ConfigError(f"PromptTuningConfig.prompt_tuning_init must be one of {_INITS}, found {self.prompt_tuning_init!r}.")
         if self.init_token_ids is not None:
-            ids = tuple(int(i) for i in self.init_token_ids)
+            ids = self.init_token_ids
+            if not isinstance(ids, (list, tuple, np.ndarray)) or not all(
+                    isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in ids):
+                # int() kept 8.5 as 8, True as 1 and read the string "12" as the ids (1, 2)
+                raise ConfigError(f"PromptTuningConfig.init_token_ids must be a list of token ids (integers >= 0), "
+                                  f"found {type(ids).__name__} {str(ids)[:120]}.")
+            ids = tuple(int(i) for i in ids)
             if not ids:
                 raise ConfigError("PromptTuningConfig.init_token_ids is empty; give at least one token id.")
             object.__setattr__(self, "init_token_ids", ids)
@@ -119,6 +125,9 @@ class PromptTuningConfig(AdapterConfig):
         if self.num_transformer_submodules not in (1, None):
             raise ConfigError("prompt tuning supports decoder-only and encoder-only models (num_transformer_submodules=1).")
         if self.tokenizer_kwargs is not None:
+            if not isinstance(self.tokenizer_kwargs, Mapping):
+                raise ConfigError(f"PromptTuningConfig.tokenizer_kwargs must be a dict of AutoTokenizer.from_pretrained "
+                                  f"arguments, found {type(self.tokenizer_kwargs).__name__} {str(self.tokenizer_kwargs)[:80]}.")
             object.__setattr__(self, "tokenizer_kwargs", dict(self.tokenizer_kwargs))
 
     def __hash__(self):
