@@ -85,7 +85,7 @@ def test_every_default_config_round_trips_and_takes_numpy_scalars():
 def test_prompt_init_token_ids_are_not_rounded_or_read_from_a_string():
     """init_token_ids="12" started the prompt from tokens (1, 2), [8.5] from token 8 and [True] from
     token 1, without a word (int() of each item); ["q"] or 3 raised a bare ValueError / TypeError."""
-    from jpeft.methods.prompt import PromptTuningConfig
+    PromptTuningConfig = jpeft.PromptTuningConfig
 
     for bad in ("12", [8.5], [True], ["q"], 3, [-1], {"a": 1}):
         with pytest.raises(ConfigError, match=r"PromptTuningConfig\.init_token_ids must be a list of token ids"):
