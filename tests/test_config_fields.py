@@ -53,8 +53,11 @@ def test_every_scalar_field_refuses_a_value_of_another_type():
                     cls(**base).replace(**{name: v})
                 d = cls(**base).to_dict()
                 d[cls._hf_keys.get(name, name)] = v
-                if kind == "bool" and v is None:  # a null flag in adapter_config.json is false, as PEFT reads it
-                    assert getattr(AdapterConfig.from_dict(d), name) is False
+                if kinds == ("bool",) and v is None:  # a null flag in adapter_config.json is false, as PEFT reads it
+                    try:
+                        assert getattr(AdapterConfig.from_dict(d), name) is False
+                    except ConfigError as e:  # false is refused by the config itself (VeRA's save_projection)
+                        assert "must be true or false" not in str(e), e
                     continue
                 with pytest.raises(ConfigError, match=want):
                     AdapterConfig.from_dict(d)
