@@ -99,6 +99,12 @@ def is_kind(v, kind: str) -> bool:
         return False
 
 
+def is_positive_number(v) -> bool:
+    """A number (not a bool) > 0 and finite in float32: an alpha or scale of inf or 1e308 would
+    make the float32 scale, and so every output, non-finite."""
+    return is_kind(v, "float") and v > 0
+
+
 def _refuse_mistyped_fields(cls, kwargs) -> None:
     """Raises :class:`ConfigError` for a field declared ``bool``, ``int``, ``float`` or ``str`` (or
     ``Optional`` of one) given a value of another type, for every method's config in this one place:

@@ -96,6 +96,10 @@ def test_prompt_init_token_ids_are_not_rounded_or_read_from_a_string():
     assert PromptTuningConfig(prompt_tuning_init="TEXT", init_token_ids=np.array([5, 6])).init_token_ids == (5, 6)
     with pytest.raises(ConfigError, match=r"tokenizer_kwargs must be a dict"):
         PromptTuningConfig(tokenizer_kwargs="use_fast=False")
+    for f in ("token_dim", "num_layers", "num_attention_heads"):  # counts PEFT records: 0 or negative was kept
+        with pytest.raises(ConfigError, match=rf"PromptTuningConfig\.{f} must be a positive integer .*found 0"):
+            PromptTuningConfig(**{f: 0})
+    assert PromptTuningConfig(token_dim=16, num_layers=2, num_attention_heads=4).num_layers == 2
 
 
 @pytest.mark.parametrize("field, bad, msg", [

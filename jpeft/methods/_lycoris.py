@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject, scan
-from jpeft.config import AdapterConfig, _as_targets
+from jpeft.config import AdapterConfig, _as_targets, is_positive_number
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
 from jpeft.methods._common import AdditiveMerge, linear_candidates, linear_layout, to_matrix
@@ -154,7 +154,7 @@ class LycorisConfig(AdapterConfig):
                               "['q_proj', 'v_proj'].")
         if not _positive_int(self.r):
             raise ConfigError(f"{name}.r must be a positive integer, found {self.r!r}. Typical values: 4 to 32.")
-        if not _finite_positive(self.alpha):
+        if not is_positive_number(self.alpha):
             raise ConfigError(f"{name}.alpha must be > 0 and finite, found {self.alpha!r}; the update is scaled "
                               "by alpha / r.")
         for f in ("rank_dropout", "module_dropout"):
@@ -167,7 +167,7 @@ class LycorisConfig(AdapterConfig):
             raise ConfigError(f"{name}.init_weights must be one of {list(self._init_values)}, found "
                               f"{self.init_weights!r}.")
         for f, ok, what in (("rank_pattern", _positive_int, "a positive integer"),
-                            ("alpha_pattern", _finite_positive, "a positive finite number")):
+                            ("alpha_pattern", is_positive_number, "a positive finite number")):
             v = getattr(self, f)
             if v is not None and not isinstance(v, Mapping):
                 raise ConfigError(f"{name}.{f} must be a dict {{module regex: value}}, found {type(v).__name__}.")
@@ -206,11 +206,6 @@ class LycorisConfig(AdapterConfig):
 
 def _positive_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
-
-
-def _finite_positive(v) -> bool:
-    return (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and v > 0
-            and float(v) <= float(np.finfo(np.float32).max))
 
 
 # -- the site node ----------------------------------------------------------------------------

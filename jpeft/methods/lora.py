@@ -23,7 +23,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject
-from jpeft.config import AdapterConfig, _as_targets
+from jpeft.config import AdapterConfig, _as_targets, is_positive_number
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
@@ -201,7 +201,7 @@ class LoraConfig(AdapterConfig):
         object.__setattr__(self, "init", init)
         if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer, found {self.r!r}. Typical values: 4 to 64.")
-        if not _finite_positive(self.alpha):
+        if not is_positive_number(self.alpha):
             raise ConfigError(f"LoraConfig.alpha must be > 0 and finite (at most float32's 3.4e38), found {self.alpha!r}. A common choice is alpha = 2 * r.")
         if not isinstance(self.ensure_weight_tying, bool):
             raise ConfigError(f"LoraConfig.ensure_weight_tying must be true or false, found {self.ensure_weight_tying!r}.")
@@ -228,7 +228,7 @@ class LoraConfig(AdapterConfig):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be a positive integer, found {v!r}.")
         for k, v in self.alpha_pattern.items():
-            if not _finite_positive(v):
+            if not is_positive_number(v):
                 raise ConfigError(f"LoraConfig.alpha_pattern[{k!r}] must be > 0 and finite (at most float32's 3.4e38), found {v!r}.")
 
     def __hash__(self):
@@ -360,13 +360,6 @@ class LoraConfig(AdapterConfig):
 
 
 _INDEX_LISTS = (list, tuple, range, np.ndarray)  # what layers_to_transform and trainable_token_indices list ids in
-
-
-def _finite_positive(v) -> bool:
-    """A real number, not a bool, > 0 and finite in float32 (alpha = inf or 1e308 would make the
-    float32 scale, and so every output, non-finite)."""
-    return (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and v > 0
-            and float(v) <= float(np.finfo(np.float32).max))
 
 
 @jax.tree_util.register_dataclass
@@ -1102,7 +1095,6 @@ def init_lora(config: LoraConfig, params, key, infos):
                 else tied_output_from_params(path, leaves)
             out[path] = init_tokens(leaves[path], ids, tied)
     return out
-
 
 
 def budget_rows(model_type: str, targets: Mapping[str, Any]) -> list:

@@ -122,6 +122,10 @@ class PromptTuningConfig(AdapterConfig):
                 "PromptTuningConfig(prompt_tuning_init='TEXT') needs prompt_tuning_init_text and a local "
                 "tokenizer_name_or_path, or the token ids as init_token_ids."
             )
+        for f in ("token_dim", "num_layers", "num_attention_heads"):  # recorded for PEFT; to_prefix reads num_layers
+            if getattr(self, f) is not None and getattr(self, f) <= 0:
+                raise ConfigError(f"PromptTuningConfig.{f} must be a positive integer (or None: read from the model), "
+                                  f"found {getattr(self, f)!r}.")
         if self.num_transformer_submodules not in (1, None):
             raise ConfigError("prompt tuning supports decoder-only and encoder-only models (num_transformer_submodules=1).")
         if self.tokenizer_kwargs is not None:
