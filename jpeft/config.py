@@ -136,10 +136,6 @@ def _refuse_mistyped_fields(cls, kwargs) -> None:
         raise ConfigError(f"{cls.__name__}.{f.name} must be {want}, found {type(v).__name__} {v!r}{hint}.")
 
 
-def _is_bool_field(f: dataclasses.Field) -> bool:
-    return f.type in ("bool", bool)
-
-
 def _refuse_unknown_keywords(cls, kwargs, where: str = "", what: str = "keyword") -> None:
     """Raises :class:`ConfigError` naming the keywords of ``kwargs`` that are no field of the config
     class ``cls`` (a typo such as ``rnak=4``, or a Hugging Face PEFT option the method does not have),
@@ -341,7 +337,7 @@ class AdapterConfig:
                 )
             target = _REGISTRY[ptype]
         names = {f.name for f in dataclasses.fields(target)}
-        flags = {f.name for f in dataclasses.fields(target) if _is_bool_field(f)}
+        flags = {f.name for f in dataclasses.fields(target) if scalar_kinds(f.type) == (("bool",), False)}
         kwargs, unknown, unsupported, given_as = {}, [], {}, {}
         for k, v in d.items():
             name = target.field_of(k)

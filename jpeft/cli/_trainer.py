@@ -610,12 +610,20 @@ def _check_settings_agree(cfg: Optional[dict], flags: Optional[dict]) -> None:
     every = _gather_digests(parts, extra=_OWN_ERROR if failed else 0)
     if failed:
         return
-    stopped = [p for p in range(every.shape[0]) if every[p, -1, 0]]
+    stopped = _marked(every)
     if stopped:
         raise ConfigError(f"process(es) {stopped} of this job could not read or resolve their config (see their "
-                          "output: the --config file missing on that host, or a bad setting or --set option); this "
-                          "process stops too. Fix it there and start every process again.")
+                          f"output: the --config file missing on that host, or a bad setting or --set option); {_TOO}")
     _refuse_differences(parts, every)
+
+
+_TOO = "this process stops too. Fix it there and start every process again."
+
+
+def _marked(every, mark=None) -> list:
+    """The processes whose row of an agreement's digests (:func:`_gather_digests`) carries a mark
+    in its ``extra`` field: any (``mark=None``), or that one (:data:`_LOCKED_OUT`)."""
+    return [p for p in range(every.shape[0]) if (every[p, -1, 0] if mark is None else every[p, -1, 0] == mark)]
 
 
 def config_failed() -> None:
@@ -661,16 +669,15 @@ def _check_data_agrees(data_sha: str, *, failed: int = 0) -> None:
     every = _gather_digests(parts, extra=failed)
     if failed:
         return  # the caller raises this process's own error
-    locked_out = [p for p in range(every.shape[0]) if every[p, -1, 0] == _LOCKED_OUT]
+    locked_out = _marked(every, _LOCKED_OUT)
     if locked_out:
         raise SaveError(f"process(es) {locked_out} of this job could not take the writer lock of the output folder: "
                         "another run (a jpeft train, or a program saving checkpoints) is writing into its "
                         f"checkpoints, and this process stops too; {_TWO_RUNS}")
-    stopped = [p for p in range(every.shape[0]) if every[p, -1, 0]]
+    stopped = _marked(every)
     if stopped:
         raise ConfigError(f"process(es) {stopped} of this job stopped before training with an error of their own "
-                          "(see their output: a file or folder missing or different on that host, most often); "
-                          "this process stops too. Fix it there and start every process again.")
+                          f"(see their output: a file or folder missing or different on that host, most often); {_TOO}")
     _refuse_differences(parts, every)
 
 
