@@ -81,7 +81,9 @@ def _generate(model, params, adapter, input_ids, attention_mask, key, temperatur
               max_new_tokens: int, top_k: int, greedy: bool, eos: tuple, pad: int):
     b, s = input_ids.shape
     cfg = model.config
-    cache = init_cache(cfg, b, s + max_new_tokens, cfg.dtype)
+    # the last new token is returned, never fed back: s + max_new_tokens - 1 positions are written (a cache one
+    # longer made prefix tuning's position check refuse a length transformers' generate runs)
+    cache = init_cache(cfg, b, s + max_new_tokens - 1, cfg.dtype)
     logits, cache = apply(model, params, adapter, input_ids, attention_mask=attention_mask, cache=cache)
     # the next token follows each row's last real token (works for left and right padding)
     idx = jnp.arange(s)[None, :]

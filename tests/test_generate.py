@@ -2,6 +2,7 @@
 adapters of any kind through jpeft.apply (checked against cache-free decoding), sampling
 options, EOS, and bad input."""
 
+import copy
 import dataclasses
 import functools
 import os
@@ -330,6 +331,42 @@ def test_gpt2_generates_up_to_one_past_its_positions_as_transformers():
     out = np.asarray(jpeft.generate(model, params, None, jnp.asarray(ids), n))
     assert out.shape == ref.shape == (1, 65)
     np.testing.assert_array_equal(out, ref)
+
+
+def test_gpt2_prefix_tuning_generates_as_far_as_its_positions_and_no_further(tmp_path):
+    """With peft's prefix (every tensor random) the real tokens' positions start after the virtual ones:
+    prompt + max_new_tokens - 1 + num_virtual_tokens positions are read. jpeft sized its cache one longer
+    and refused the last length that fits. The reference is greedy decoding by peft's forward over the whole
+    sequence (peft's own generate scores differ from its forward by ~1 on this model, transformers 5.25 /
+    peft 0.21, so they are not a reference); one token more reads past the position table (an IndexError
+    in transformers), which jpeft refuses by name."""
+    import peft
+    import torch
+
+    from jpeft.errors import PromptTooLongError
+
+    hf, _ = T.hf_model("gpt2")
+    model, params = loaded("gpt2")
+    nv = 4
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=nv))
+    torch.manual_seed(3)
+    for p in pm.prompt_encoder.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    pm.save_pretrained(str(tmp_path))
+    ids = np.arange(3, 11)[None]
+    n = 64 + 1 - ids.shape[1] - nv
+    seq = torch.tensor(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, pm(input_ids=seq).logits[:, -1].argmax(-1)[:, None]], 1)
+        with pytest.raises(IndexError):  # transformers: the next token's logits read position 64 of 64
+            pm(input_ids=seq)
+    _, ad = jpeft.hf.load_peft(str(tmp_path), params)
+    out = np.asarray(jpeft.generate(model, params, ad, jnp.asarray(ids), n))
+    assert out.shape == tuple(seq.shape) == (1, 64 + 1 - nv)
+    np.testing.assert_array_equal(out, seq.numpy())
+    with pytest.raises(PromptTooLongError, match="max_position_embeddings=64"):
+        jpeft.generate(model, params, ad, jnp.asarray(ids), n + 1)
 
 
 def test_out_of_vocabulary_prompt_is_refused_before_compute():
