@@ -174,6 +174,9 @@ class AdapterConfig:
     # whether the method can train on rows packed by documents (segment ids): prompt tuning, whose
     # virtual tokens are prepended once per row, cannot; `jpeft train` refuses that before loading
     packs_documents: ClassVar[bool] = True
+    # whether the method can train a layer-scanned model (train.scan_layers): AdaLoRA's rank allocator ranks each
+    # layer's triplets across the model, so it cannot; `jpeft train` refuses that before loading
+    layer_scan: ClassVar[bool] = True
     # whether the method trains a copy of every base weight (full fine-tuning): on a quantized base that copy would
     # start from the rounded kernels, so `jpeft train` refuses quantize with it
     trains_every_weight: ClassVar[bool] = False

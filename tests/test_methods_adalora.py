@@ -25,6 +25,7 @@ import adalora_toy  # noqa: E402
 from test_cli import hf_dir  # noqa: E402, F401  (the fixture: a tiny Llama folder with a tokenizer and JSONL)
 
 import jpeft  # noqa: E402
+import jpeft.cli._trainer  # noqa: E402
 import jpeft.models  # noqa: E402
 from jpeft import hf as H  # noqa: E402
 from jpeft.errors import ConfigError, UnsupportedAdapterError, UnsupportedModuleError  # noqa: E402
@@ -441,7 +442,7 @@ def _adalora_run(root, name, **kw):
     return path
 
 
-def test_jpeft_train_prunes_resumes_exactly_and_peft_loads_the_pruned_adapter(hf_dir, capsys):
+def test_jpeft_train_prunes_resumes_exactly_and_peft_loads_the_pruned_adapter(hf_dir, capsys, monkeypatch):
     """`jpeft train` with method = "adalora": the allocator rides in the optimizer state (every step
     jitted, clipped gradients), the orthogonal penalty in the loss; the finished adapter holds the
     rank pattern (target_r per module on average), `jpeft export` writes the kept triplets and
@@ -490,10 +491,15 @@ def test_jpeft_train_prunes_resumes_exactly_and_peft_loads_the_pruned_adapter(hf
         want = pm(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids))), want, atol=1e-5, rtol=0)
     assert np.abs(want - np.asarray(model.apply(params, jnp.asarray(ids)))).max() > 1e-4  # it trained
-    # a layer-scanned run: the allocator's refusal by name, one line, nothing left behind
+    # a layer-scanned run: refused by name, one line, before the weights load, nothing left behind
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(jpeft.cli._trainer, "load_folder", no_load)
     r = jpeft_here(capsys, "train", "--config", _adalora_run(hf_dir, "ada_scan", steps=6, eval_every=0), "--no-progress",
                    "--set", "train.scan_layers=true")
-    assert r.returncode == 2 and "unrolled model (scan_layers=False)" in r.stderr, r.stderr
+    assert r.returncode == 2 and "method adalora cannot train a layer-scanned model" in r.stderr, r.stderr
+    assert "Set train.scan_layers = false" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (hf_dir / "ada_scan").exists()
     # a checkpoint's export carries that step's rank pattern (the allocator's state)
     step_cfg = AL.AdaLoraConfig.from_dict(json.load(open(hf_dir / "ada_split" / "checkpoints" / "3" / "meta" / "metadata"))

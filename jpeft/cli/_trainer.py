@@ -398,6 +398,9 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         # the row length against the model's positions and the data files (missing, not UTF-8, a bad line), before
         # the model is loaded: a path's typo was named only once the whole base was read
         check_seq_len(int(d["seq_len"]), loading.read_config(cfg["model"]), "data.seq_len", method0.extra_positions)
+        if t.get("scan_layers") and not method0.layer_scan:
+            raise ConfigError(f"method {method0.peft_type.lower()} cannot train a layer-scanned model (train.scan_layers = "
+                              "true): it needs each layer's modules apart. Set train.scan_layers = false.")
         fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}
         fg = cfg.get("forgetting")
         train_ex = load_examples(d["train"], **fields)

@@ -98,6 +98,7 @@ class AdaLoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
+    layer_scan: ClassVar[bool] = False  # the allocator ranks each layer's triplets across the model
     _hf_keys: ClassVar[Mapping[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
     _ignored_hf_keys: ClassVar[frozenset] = AdapterConfig._ignored_hf_keys | {"r"}
     _unsupported_hf_options: ClassVar[Mapping[str, tuple]] = {
