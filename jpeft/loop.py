@@ -42,6 +42,7 @@ from jpeft import _hostmem
 from jpeft import validate as _validate
 from jpeft.distributed import StopAgreement
 from jpeft.errors import ConfigError, InputValidationError, NonFiniteError
+from jpeft.methods.base import trainable as _trainable
 
 __all__ = ["NonFiniteGuard", "FitResult", "MetricLog", "fit"]
 
@@ -303,6 +304,21 @@ def _check_fit_args(batches, key, eval_every, log_every, num_steps, forgetting, 
                           "the guard it belongs to as forgetting=, or leave forgetting_state out.")
 
 
+def _warn_half_precision(adapter) -> None:
+    """Warns when trainable arrays are bfloat16/float16: an update below a weight's rounding step (1/256 of it in
+    bfloat16) rounds away, so at the usual learning rates such an adapter silently stops learning."""
+    train = _trainable(adapter) if isinstance(adapter, Mapping) else adapter
+    found = [(jax.tree_util.keystr(p), x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(train)
+             if getattr(x, "dtype", None) in (np.dtype("bfloat16"), np.dtype("float16"))]
+    if found:
+        n = len(jax.tree.leaves(train))
+        warnings.warn(
+            f"jpeft.fit: {len(found)} of {n} trainable arrays are half precision (e.g. {found[0][0]}: {found[0][1]}); an "
+            "optimizer update smaller than a weight's rounding step (1/256 of it in bfloat16) rounds away, so at small "
+            "learning rates they stop learning. Keep trainable arrays in float32 (jpeft.init's default; a model's dtype= "
+            "still computes in bfloat16).", RuntimeWarning, stacklevel=3)
+
+
 def _eval_floats(result, step: int) -> dict:
     """``eval_fn``'s result as Python numbers: a JAX or NumPy scalar (``{"loss": loss_fn(...)}``)
     would reach the JSONL log as an array, which ``json`` cannot write (a raw TypeError after the
@@ -454,6 +470,7 @@ def fit(
     True
     """
     _check_fit_args(batches, key, eval_every, log_every, num_steps, forgetting, forgetting_state)
+    _warn_half_precision(adapter)
     guard = NonFiniteGuard(max_consecutive_skips)
     history: list[dict] = []
     step = int(start_step)

@@ -139,6 +139,32 @@ def test_tuple_batches_of_ones_own_model_train_and_log_no_token_rate():
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
 
 
+def test_a_half_precision_adapter_is_warned_of_because_its_small_updates_round_away():
+    """An adapter cast to bfloat16 by the user: Adam at lr 1e-5 moves none of lora_A's entries (each step is
+    below bfloat16's rounding step of the weight), with no word. fit now warns once; a float32 adapter is quiet."""
+    import warnings
+
+    import flax.linen as nn
+
+    model = nn.Dense(8)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 8))
+    params = model.init(jax.random.key(1), x[0])
+    a32 = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(2))
+    a16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), a32)
+    opt = optax.adam(1e-5)
+    step = jpeft.make_train_step(
+        lambda p, a, b, k: jnp.mean((jpeft.apply(model, p, a, b) - jnp.roll(b, 1, -1)) ** 2), opt, donate=False)
+    with pytest.warns(RuntimeWarning, match=r"2 of 2 trainable arrays are half precision .*bfloat16.*float32") as w:
+        res = jpeft.fit(step, params, a16, opt.init(a16), list(x), key=jax.random.key(3))
+    assert sum("half precision" in str(r.message) for r in w) == 1
+    (node,) = res.adapter.values()
+    assert (np.asarray(node.lora_A) == np.asarray(a16[""].lora_A)).all()  # what the warning is about: nothing moved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = jpeft.fit(step, params, a32, opt.init(a32), list(x), key=jax.random.key(3))
+    assert (np.asarray(res.adapter[""].lora_A) != np.asarray(a32[""].lora_A)).all()
+
+
 def test_an_eval_fn_returning_jax_scalars_is_logged_as_numbers(run, tmp_path):
     """eval_fn returning {"loss": loss_fn(...)} (a JAX scalar, the natural thing) crashed fit at the first
     evaluation, after the steps before it, with json's raw TypeError ("Object of type ArrayImpl is not JSON
