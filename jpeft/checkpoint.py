@@ -12,7 +12,8 @@ Each checkpoint step is an Orbax composite of two items:
 
 Orbax writes each step into a temporary directory and renames it into place once complete,
 so a process killed mid-save leaves the previous step restorable; the manager removes
-leftover temporary directories when it starts. A checkpoint whose files were damaged later
+leftover temporary directories when it starts, and moves a step folder no save got into (an
+empty one) aside to ``<step>.incomplete-<id>``. A checkpoint whose files were damaged later
 is caught by the SHA-256 index and raises :class:`~jpeft.errors.CheckpointError`.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jpeft, tempfile
@@ -51,6 +52,7 @@ import jax
 import numpy as np
 
 from jpeft.config import AdapterConfig
+from jpeft.distributed import gather
 from jpeft.errors import (
     CheckpointError,
     ConfigError,
@@ -207,19 +209,33 @@ def _named_host(tree, prefix: str) -> tuple[dict, dict]:
         # One batched device->host copy; the host copies are what Orbax writes, so the
         # caller may donate or overwrite its device buffers as soon as save() returns.
         host = jax.device_get([jax.random.key_data(x) if is_typed_key(x) else x for x in leaves])
-        host = [np.asarray(h) for h in host]
-    else:  # multi-host: Orbax writes each host's shards; no whole-array hash
+        host = whole = [np.asarray(h) for h in host]
+    else:
+        # multi-host: Orbax writes each process's shards; the hash is of each array's whole value, gathered on every
+        # process (a collective: every process saves, and decides alike from the global shapes), so a restore onto
+        # any layout checks it. Not past MULTIHOST_HASH_BYTES (full fine-tuning's copy of a large model and its
+        # optimizer state would be gathered whole on every host): those arrays are saved unhashed
         host = leaves
+        if sum(_nbytes(x) for x in leaves) <= MULTIHOST_HASH_BYTES:
+            whole = gather([jax.random.key_data(x) if is_typed_key(x) else x for x in leaves])
+        else:
+            whole = [None] * len(leaves)
     arrays, index = {}, {}
-    for (name, _), h in zip(named, host):
+    for (name, _), h, w in zip(named, host, whole):
         full = f"{prefix}/{name}" if name else prefix
         arrays[name] = h
-        index[full] = {
-            "shape": [int(d) for d in h.shape],
-            "dtype": str(np.dtype(h.dtype)),
-            "sha256": sha256_hex(h) if isinstance(h, np.ndarray) else None,
-        }
+        index[full] = {"shape": [int(d) for d in h.shape], "dtype": str(np.dtype(h.dtype)),
+                       "sha256": None if w is None else sha256_hex(w)}
     return arrays, index
+
+
+# the most bytes of one save's tree that a multi-process save gathers on every process to hash (1 GiB)
+MULTIHOST_HASH_BYTES = 1 << 30
+
+
+def _nbytes(x) -> int:
+    data = jax.random.key_data(x) if is_typed_key(x) else x
+    return int(np.prod(data.shape)) * np.dtype(data.dtype).itemsize
 
 
 def _wrap(e: BaseException, what: str, cls=CheckpointError):
@@ -258,6 +274,24 @@ def is_step_folder(path) -> bool:
     its ``_CHECKPOINT_METADATA``, or the ``state`` and ``meta`` items), not a folder of steps."""
     d = Path(path)
     return (d / "_CHECKPOINT_METADATA").exists() or ((d / "meta").is_dir() and (d / "state").is_dir())
+
+
+# what Orbax writes into a step folder before its items (a folder holding only these is an unfinished save)
+_ORBAX_STEP_MARKS = ("_CHECKPOINT_METADATA", "commit_success.txt")
+
+
+def _unfinished_step(path) -> bool:
+    """Whether ``path`` is a step folder no save got into: a real folder, empty or holding only
+    what Orbax writes before a step's items (:data:`_ORBAX_STEP_MARKS`), no ``state`` or ``meta``
+    (what a crash right after the folder was made, or a user's ``mkdir``, leaves). Orbax takes
+    any folder named like a step for a finished checkpoint. A folder with a ``state`` or
+    ``meta`` but files missing is a damaged step (:meth:`CheckpointManager.restore` names it);
+    one holding anything else (an adapter saved there) is not a step at all
+    (:meth:`CheckpointManager._refuse_foreign_step_names`)."""
+    p = Path(path)
+    if p.is_symlink() or not p.is_dir() or (p / "state").exists() or (p / "meta").exists():
+        return False
+    return all(c.name in _ORBAX_STEP_MARKS for c in p.iterdir())
 
 
 class CheckpointManager:
@@ -404,6 +438,9 @@ class CheckpointManager:
                     with self._writer_lock(blocking=False) as free:
                         if free:  # never remove the temporary directory of another writer's save in progress
                             self._cleanup_incomplete()
+                            self._set_aside_unfinished()
+            except SaveError:
+                raise
             except OSError as e:
                 raise SaveError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
         try:
@@ -421,6 +458,24 @@ class CheckpointManager:
             name = p.name
             if ".orbax-checkpoint-tmp" in name and p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
+
+    def _set_aside_unfinished(self) -> None:
+        """Moves each unfinished step folder (:func:`_unfinished_step`: empty, as a crash right
+        after it was made or a user's ``mkdir`` leaves) to
+        ``<step>.incomplete-<id>``, with a warning naming it: Orbax takes any folder named like a
+        step for a complete checkpoint, so ``restore_latest`` failed on it (and ``keep_last``
+        would rotate it away). Kept, never deleted; the newest complete step is restored."""
+        for p in sorted(self.directory.iterdir()):
+            if p.name.isdigit() and _unfinished_step(p):
+                dst = self.directory / f"{p.name}.incomplete-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(p, dst)
+                except OSError as e:
+                    raise SaveError(f"checkpoint step folder {p} holds no checkpoint (no state or meta), and moving it "
+                                    f"aside to {dst} failed: {e}. Move it out of {self.directory} by hand.") from e
+                warnings.warn(f"checkpoint step folder {p} holds no checkpoint (no state or meta: a save that never "
+                              f"started writing, or a folder made by hand); moved it to {dst} and skipped it, so the "
+                              "newest complete step is restored.", stacklevel=4)
 
     def _refuse_other_folder_kinds(self) -> None:
         """A manager opened on one checkpoint step (``runs/x/checkpoints/30``), on a run folder
@@ -462,7 +517,7 @@ class CheckpointManager:
         parts = ("_CHECKPOINT_METADATA", "state", "meta")
         foreign = sorted(p.name for p in self.directory.iterdir()
                          if p.name.isdigit() and not p.is_symlink()
-                         and not (p.is_dir() and any((p / n).exists() for n in parts)))
+                         and not (p.is_dir() and any((p / n).exists() for n in parts)) and not _unfinished_step(p))
         if foreign:
             raise CheckpointError(
                 f"{self.directory} holds {foreign[:5]}, named like checkpoint steps but not checkpoints (no "
@@ -586,8 +641,15 @@ class CheckpointManager:
 
     # -- queries -----------------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
-        """The steps with a complete checkpoint, oldest first."""
-        return sorted(int(s) for s in self._mngr.all_steps())
+        """The steps with a complete checkpoint, oldest first. Not one: an unfinished step folder
+        (:func:`_unfinished_step`), which a read-only manager leaves in place, nor a step Orbax
+        listed whose folder is gone (another process of the job moved it aside after this one
+        opened), unless it is this manager's own save still in flight."""
+        def listed(s: int) -> bool:
+            p = self._step_dir(s)
+            return s == self._pending or (os.path.lexists(p) and not _unfinished_step(p))
+
+        return sorted(s for s in map(int, self._mngr.all_steps()) if listed(s))
 
     def latest_step(self) -> Optional[int]:
         steps = self.all_steps()
@@ -1036,9 +1098,12 @@ class CheckpointManager:
             e = index[name]
             if tuple(arr.shape) != tuple(e["shape"]) or str(np.dtype(arr.dtype)) != e["dtype"]:
                 raise CheckpointError(f"{where} is corrupted: {name!r} restored as {arr.dtype}{tuple(arr.shape)}, expected {e['dtype']}{e['shape']}.")
-            if e.get("sha256") and getattr(arr, "is_fully_addressable", True):
-                if sha256_hex(host_array(arr)) != e["sha256"]:
-                    raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in the metadata.")
+        # each array's whole value, an array split across processes gathered on every process (a collective: every
+        # process restores, in the same order, and so reaches the same verdict)
+        hashed = sorted(n for n in flat if index[n].get("sha256"))
+        for name, whole in zip(hashed, gather([flat[n] for n in hashed])):
+            if sha256_hex(whole) != index[name]["sha256"]:
+                raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in the metadata.")
         return flat
 
 

@@ -670,6 +670,39 @@ def test_a_folder_named_like_a_step_is_refused_not_rotated_away(tmp_path, base):
         assert m.restore_latest().step == 10
 
 
+def test_an_empty_step_folder_is_set_aside_and_the_newest_complete_step_restored(tmp_path, base):
+    """A step folder no save got into (empty, or only Orbax's _CHECKPOINT_METADATA: a crash right
+    after the folder was made, or a user's mkdir) was refused as "not checkpoints", which blocked
+    `jpeft train --resume` for good. A writer moves it aside (kept, with a warning naming it) and
+    restores the newest complete step; a read-only manager skips it and moves nothing; training
+    then saves that step again. A folder with a checkpoint's parts but files missing stays a damaged
+    step (CheckpointError), never read as complete."""
+    params, cfg, adapter, opt, opt_state, key = base
+    d = tmp_path / "ck"
+    with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, async_save=False, keep_last=2) as m:
+        m.save(1, adapter, opt_state, key, data_position=1)
+        m.save(2, adapter, opt_state, key, data_position=2)
+    (d / "3").mkdir()
+    (d / "4").mkdir()
+    shutil.copy(d / "2" / "_CHECKPOINT_METADATA", d / "4")
+    with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, read_only=True) as m:
+        assert m.all_steps() == [1, 2] and m.restore_latest().step == 2
+    assert (d / "3").is_dir() and (d / "4" / "_CHECKPOINT_METADATA").is_file()
+    with pytest.warns(UserWarning, match=r"step folder .*ck/3 holds no checkpoint.*moved it to .*3\.incomplete-"):
+        m = jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, async_save=False, keep_last=2)
+    with m:
+        assert m.all_steps() == [1, 2] and m.restore_latest().step == 2
+        m.save(3, adapter, opt_state, key, data_position=3)
+        m.save(4, adapter, opt_state, key, data_position=4)
+        assert m.all_steps() == [3, 4] and m.restore(4).data_position == 4
+    aside = sorted(n for n in os.listdir(d) if ".incomplete-" in n)
+    assert [n.split(".")[0] for n in aside] == ["3", "4"] and os.listdir(d / aside[1]) == ["_CHECKPOINT_METADATA"]
+    shutil.rmtree(d / "3" / "meta")  # a damaged step: never skipped as unfinished
+    with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, async_save=False) as m:
+        with pytest.raises(CheckpointError, match="step 3"):
+            m.restore(3)
+
+
 def test_a_manager_on_a_step_run_or_adapter_folder_is_refused_not_started_afresh(tmp_path, base):
     """A manager opened on one step (runs/x/checkpoints/10), on the run folder (runs/x) or on a
     finished adapter found no step there: restore_latest() returned None, the documented "fresh
@@ -824,3 +857,83 @@ def test_an_optimizer_state_of_the_base_or_of_frozen_arrays_is_refused_at_save(t
                 assert _leaves_equal(st.adapter, a) and _leaves_equal(st.opt_state, state)
                 # sgd's EmptyStates came back as None, which no train step takes (its resumed run stopped)
                 assert jax.tree.structure(st.opt_state) == jax.tree.structure(state)
+
+
+_TWO_PROCESS_SAVE = r"""
+import json, sys
+import jax
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+import flax.linen as nn, jax.numpy as jnp, numpy as np, optax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jpeft
+from jpeft.errors import CheckpointError
+from jpeft.io import sha256_hex, with_checksum
+model = nn.Dense(6)
+params = model.init(jax.random.key(0), jnp.ones((1, 8)))
+cfg, opt = jpeft.LoraConfig(r=2, alpha=4, target_modules=".*"), optax.adam(1e-2)
+host = jpeft.init(cfg, params, jax.random.key(1))
+host = jax.tree.map(lambda x: np.asarray(jax.random.normal(jax.random.key(x.size), x.shape)), host)  # B random too
+mesh = jax.make_mesh((2,), ("d",))
+split = NamedSharding(mesh, P("d"))  # every array's first axis (8 or 2) split over the two processes
+place = lambda x: jax.make_array_from_callback(x.shape, split if np.ndim(x) else NamedSharding(mesh, P()),
+                                               lambda i: np.asarray(x)[i])
+adapter = jax.tree.map(place, host)
+opt_state = jax.tree.map(place, jax.tree.map(lambda x: (x + 1.5).astype(x.dtype), opt.init(jpeft.trainable(host))))
+assert not jax.tree.leaves(adapter)[0].is_fully_addressable
+d = sys.argv[3]
+out = {}
+with jpeft.checkpoint.CheckpointManager(d, cfg, params, optimizer=opt, async_save=False) as m:
+    m.save(1, adapter, opt_state, jax.random.key(5), data_position=1)
+    arrays = m.read_metadata(1)["arrays"]
+    want = {f"adapter/{n}": sha256_hex(np.asarray(x)) for n, x in jpeft.io.leaf_names(host)}
+    out["sha"] = all(arrays[k]["sha256"] == v for k, v in want.items()) and all(e["sha256"] for e in arrays.values())
+    st = m.restore(1, adapter=adapter, opt_state=opt_state)
+    back = jpeft.distributed.gather(st.adapter)
+    out["restored"] = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(host)))
+    multihost_utils.sync_global_devices("restored")
+    if jax.process_index() == 0:  # a flipped array under an intact metadata checksum: what the hash is for
+        meta_file = f"{d}/1/meta/metadata"
+        meta = json.load(open(meta_file))
+        meta.pop("checksum", None)
+        name = "adapter/lora_B" if "adapter/lora_B" in meta["arrays"] else sorted(meta["arrays"])[0]
+        meta["arrays"][name]["sha256"] = "0" * 64
+        json.dump(with_checksum(meta), open(meta_file, "w"))
+    multihost_utils.sync_global_devices("tampered")
+    try:
+        m.restore(1, adapter=adapter, opt_state=opt_state)
+        out["tampered"] = "restored"
+    except CheckpointError as e:
+        out["tampered"] = "SHA-256" in str(e)
+    jpeft.checkpoint.MULTIHOST_HASH_BYTES = 8  # past the limit (full fine-tuning of a large model): saved unhashed
+    m.save(2, adapter, opt_state, jax.random.key(5), data_position=2)
+    out["unhashed"] = all(e["sha256"] is None for k, e in m.read_metadata(2)["arrays"].items() if k != "rng")
+    back = jpeft.distributed.gather(m.restore(2, adapter=adapter, opt_state=opt_state).adapter)
+    out["unhashed_restored"] = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(host)))
+print("OUT", json.dumps(out, sort_keys=True), flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_a_checkpoint_split_across_processes_is_hashed_and_checked(tmp_path):
+    """A checkpoint saved by two processes whose adapter and optimizer state are split across them
+    recorded no SHA-256 at all (the whole value is on no one process), and a restore onto arrays
+    split across processes skipped the check, so a damaged step Orbax reads without complaint
+    restored silently. Each array's whole value is now gathered on every process and hashed when
+    saving and when restoring: the saved hashes are those of the full arrays, the restore is
+    exact, and a hash that does not match is a CheckpointError on both processes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([C.PY, "-c", _TWO_PROCESS_SAVE, str(port), str(i), str(tmp_path / "ck")], env=C.env(1),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    want = 'OUT {"restored": true, "sha": true, "tampered": true, "unhashed": true, "unhashed_restored": true}'
+    assert all(want in o for o in outs), "\n----\n".join(o[-3000:] for o in outs)

@@ -609,7 +609,9 @@ def test_resume_past_a_damaged_newest_checkpoint_names_the_step_to_move_and_then
     --resume stop with the restore's error alone ("... is corrupted: the bytes of ... do not
     match their SHA-256"), which names no way on for a `jpeft train` user. It now names the
     step folder to move away and the step the run then resumes from; done so, the run resumes
-    from that step and ends with the uninterrupted run's adapter, bit for bit."""
+    from that step and ends with the uninterrupted run's adapter, bit for bit. An empty step
+    folder left in its place (``mkdir``, or a crash right after the folder was made) is moved
+    aside with a warning; it was refused as "not checkpoints" and blocked --resume."""
     cfg = _tiny_lora_run(hf_dir, tmp_path, steps=3)
     assert main(["train", "--config", str(cfg), "--no-progress", "--output-dir", str(tmp_path / "whole")]) == 0
     assert main(["train", "--config", str(cfg), "--no-progress", "--max-steps", "2"]) == 0
@@ -624,7 +626,9 @@ def test_resume_past_a_damaged_newest_checkpoint_names_the_step_to_move_and_then
     assert line.startswith("jpeft train: error: CheckpointError: checkpoint step 2 in ") and "corrupted" in line, line
     assert f"move its folder {ckpts / '2'} out of {ckpts}" in line and "run --resume again to resume from step 1" in line
     shutil.move(ckpts / "2", tmp_path / "damaged-2")
-    assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 0
+    (ckpts / "2").mkdir()  # an empty step folder (a crash right after it was made): set aside, never blocking
+    with pytest.warns(UserWarning, match=r"checkpoints/2 holds no checkpoint .*moved it to .*2\.incomplete-"):
+        assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 0
     assert "resumed from step 1" in capsys.readouterr().err
     got, ref = adapter_arrays(tmp_path / "out" / "adapter"), adapter_arrays(tmp_path / "whole" / "adapter")
     assert sorted(got) == sorted(ref)
@@ -944,6 +948,58 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resume_matc
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
+_SLOW_LOAD = """
+import sys, time
+import jpeft.cli._trainer as T
+from jpeft.cli import main
+real = T.load_folder
+def slow(*a, **k):
+    print("jpeft-test: loading the model", file=sys.stderr, flush=True)
+    time.sleep(20)
+    return real(*a, **k)
+T.load_folder = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_two_processes_load_the_model_stops_both(hf_dir, tmp_path):
+    """SIGTERM (a scheduler stopping the job) sent to both processes of a run while they load the
+    model, before training starts: JAX's pre-emption notifier, installed by
+    jax.distributed.initialize, swallowed it and the run went on to train to its end (exit 0,
+    until the SIGKILL that follows). Both now stop as on Ctrl-C: exit 130 with one line, nothing
+    written to the output folder."""
+    import socket
+
+    name = "term_2p_loading"
+    cfg = write_config(hf_dir, name, steps=3, save_every=1, eval_every=0)
+    env1 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    errs = [tmp_path / f"err{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _SLOW_LOAD, "train", "--config", str(cfg), "--no-progress",
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              stdout=subprocess.DEVNULL, stderr=open(errs[i], "w"), env=env1)
+             for i in range(2)]
+    try:
+        deadline = time.time() + 120
+        while not all("jpeft-test: loading" in e.read_text() for e in errs):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), [e.read_text()[-2000:] for e in errs]
+            time.sleep(0.2)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = [e.read_text() for e in errs]
+    assert [p.returncode for p in procs] == [130, 130], "\n----\n".join(o[-3000:] for o in outs)
+    assert all(error_line(o.replace("jpeft-test: loading the model", "")) == "jpeft train: interrupted" for o in outs)
+    assert not (hf_dir / name / "checkpoints").exists() and not (hf_dir / name / "adapter").exists()
+
+
 def _metrics(folder):
     return [json.loads(x) for x in open(folder / "metrics.jsonl")]
 
@@ -1024,7 +1080,8 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     assert "[mesh] data=0, fsdp=2, tensor=1 needs 2 devices, but this run has 1" in error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder", "locked", "apart", "devices", "no_config"])
+@pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder", "locked", "apart", "devices", "no_config",
+                                  "devices_no_config"])
 def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_dir, case):
     """--max-steps and --resume are command-line options outside the resolved config: processes
     started with different --max-steps used to pass the agreement check, and the one stopping
@@ -1042,7 +1099,8 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     process 0's folder. Processes holding different numbers of devices (``devices``: 1 and 2)
     failed in the first agreement with JAX's bare ValueError about a reshape; refused by name. A
     process whose --config is missing (``no_config``) joins the job first and tells the others at
-    the settings agreement."""
+    the settings agreement. Both at once (``devices_no_config``): process 0 stopped at the device
+    check, before that agreement, and process 1 waited in it for ever; it stops too."""
     import fcntl
     import socket
 
@@ -1063,7 +1121,8 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
              "devices": ([], []),
              # process 1's --config is missing on its host: it used to stop before joining the job, and process 0
              # waited in jax.distributed.initialize for 5 minutes, then aborted with a C++ stack (rc 134)
-             "no_config": ([], ["--config", str(hf_dir / "missing.toml")])}[case]
+             "no_config": ([], ["--config", str(hf_dir / "missing.toml")]),
+             "devices_no_config": ([], ["--config", str(hf_dir / "missing.toml")])}[case]
     if case == "own_folder":
         (hf_dir / name / "adapter").mkdir(parents=True)
     env2 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
@@ -1075,7 +1134,7 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                                *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env2 if case == "devices" and i == 1 else env1)
+                              env=env2 if case.startswith("devices") and i == 1 else env1)
              for i in range(2)]
     try:
         outs = [p.communicate(timeout=150 if case != "locked" else 90)[1] for p in procs]
@@ -1094,6 +1153,10 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     if case == "devices":
         assert all("the processes of this job hold different numbers of devices (process 0: 1, process 1: 2)"
                    in error_line(o) for o in outs)
+        return
+    if case == "devices_no_config":
+        assert "different numbers of devices (process 0: 1, process 1: 2)" in error_line(outs[0])
+        assert "missing.toml' does not exist" in error_line(outs[1])
         return
     if case == "apart":
         assert all("process(es) [1] of this job do not see process 0's output folder" in error_line(o) for o in outs)

@@ -632,8 +632,15 @@ def _marked(every, mark=None) -> list:
 def config_failed() -> None:
     """Called by ``jpeft train`` when this process could not read or resolve its config after
     joining a multi-host job: it takes part in the settings agreement as failed, so the other
-    processes stop with an error naming it (its caller then raises its own error)."""
+    processes stop with an error naming it (its caller then raises its own error). When the
+    processes hold different numbers of devices, the others stop at
+    :func:`_check_devices_per_process` before that agreement (each reads the same global device
+    list), so this one does not join it either (it waited there for ever)."""
     if jax.process_count() > 1:
+        try:
+            _check_devices_per_process()
+        except ConfigError:
+            return
         _check_settings_agree(None, None)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 from typing import Any, Mapping
 
 from jpeft import distributed
@@ -379,6 +381,19 @@ def check_forgetting(f: Mapping[str, Any]) -> dict:
 
 
 # ----------------------------------------------------------------------------------- run
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """Makes a SIGTERM stop a process of a multi-process job as Ctrl-C does until ``fit`` takes
+    both signals over (and after it returns). ``jax.distributed.initialize`` installs JAX's
+    pre-emption notifier on SIGTERM, which swallowed one that came while the model loaded: the
+    run went on and trained until SIGKILL."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 def run(args) -> int:
     # join the job before reading the config: a process whose config is missing or bad then tells the others at
     # the settings agreement, instead of leaving them waiting in the join until JAX aborts them
@@ -387,6 +402,7 @@ def run(args) -> int:
     if joined:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                auto=True if args.cluster_auto else None)
+        _sigterm_as_ctrl_c()
     try:
         cfg_path = os.path.abspath(args.config)
         raw = _load_toml(cfg_path)
