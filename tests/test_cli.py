@@ -167,6 +167,11 @@ def test_bad_arguments_exit_2_with_one_line_in_a_subprocess(tmp_path):
         (["demo", "--steps", "0"], "jpeft demo: error: ConfigError: --steps must be >= 1, found 0."),
         (["demo", "--seq-len", "4"], "jpeft demo: error: ConfigError: --seq-len must be >= 8, found 4."),
         (["demo", "--replay", "1.5"], "jpeft demo: error: ConfigError: --replay must be in [0, 1), found 1.5."),
+        # rounded to whole rows: none (a "replay" run without code) or all (no prose left) is refused
+        (["demo", "--batch-size", "2"], "jpeft demo: error: ConfigError: --replay with --batch-size 2: replay ratio "
+                                        "0.25 of a batch of 2 rounds to 0 replayed rows"),
+        (["demo", "--replay", "0.99"], "jpeft demo: error: ConfigError: --replay with --batch-size 16: replay ratio "
+                                       "0.99 of a batch of 16 rounds to all 16 rows"),
         (["eval", "--data", "x.jsonl"], "jpeft eval: error: the following arguments are required: --model"),
         (["eval", "--model", "/no/such/dir", "--data", "x.jsonl"], "jpeft eval: error: LoadError: '/no/such/dir' is not a folder"),
         (["merge", "--model", "m", "--adapter", "a"], "jpeft merge: error: the following arguments are required: --out"),

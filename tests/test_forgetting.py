@@ -4,6 +4,7 @@ Every number is checked against a hand-computed value or a closed form."""
 
 import dataclasses
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -140,6 +141,12 @@ def test_lm_metrics_with_masked_vocabulary_and_masked_positions():
         kl[mask == 1].mean(), rel=1e-5)
     with pytest.raises(InputValidationError, match=r"token ids in \[0, 7\), found -100\.\.6.*pass a mask"):
         metrics.lm_loss(base, np.where(mask == 1, tgt, -100))
+    # with a mask, a label outside the vocabulary at a position it counts is refused too (a -1 there picked the
+    # vocabulary's last class, a 7 gave NaN, with no word)
+    for bad in (-1, 7):
+        with pytest.raises(InputValidationError, match=rf"token ids in \[0, 7\) at positions the mask counts, "
+                                                       rf"found {min(bad, 1)}\.\.{max(bad, 6)}"):
+            metrics.lm_loss(new, np.where(np.arange(5) == 2, bad, tgt), mask)
     # a mask of weights is a weighted mean, whatever the weights sum to (weights summing to 0.5 halved it)
     w = np.zeros((2, 5)); w[0, 1], w[1, 2] = 0.1, 0.4
     want = (w * kl).sum() / w.sum()
@@ -400,6 +407,13 @@ def test_distillation_kl_against_numpy():
     assert float(jnp.max(jnp.abs(g))) == 0.0  # the teacher gets no gradient
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         distillation_kl(s, t, temperature=0.0)
+    # a mask that broadcasts against the [3] positions ([1], or [3, 1]) counted each KL several times over too few
+    # weights (x3 here); a [3] mask gives the plain mean
+    assert float(distillation_kl(s, t, temperature=T, mask=np.ones(3))) == pytest.approx(ref, rel=1e-5)
+    for bad in (np.ones((3, 1)), np.ones(1)):
+        with pytest.raises(InputValidationError, match=rf"mask must have the shape of the values it weighs, \(3,\) "
+                                                       rf".*found {re.escape(str(bad.shape))}"):
+            distillation_kl(s, t, temperature=T, mask=bad)
 
 
 # ---------------------------------------------------------------------------------- replay
@@ -447,6 +461,14 @@ def test_reservoir_fill_sample_and_mix():
         replay.mix_batch({"x": jnp.zeros((4, 2)), "y": jnp.zeros((4,), jnp.int32)}, buf, 0.9, jax.random.key(1))
     with pytest.raises(InputValidationError, match="buffer is empty"):
         replay.reservoir_sample(replay.reservoir_init(jnp.zeros(()), 3), 2, jax.random.key(0))
+    # examples of another shape than the buffer's: a [5, 1] or [5] batch was broadcast into the [2] slots (the
+    # buffer silently held made-up examples), a [5, 3] one failed deep inside JAX; mix_batch failed in concatenate
+    for x in (jnp.arange(5.0)[:, None], jnp.arange(5.0), jnp.ones((5, 3))):
+        want = re.escape(f"examples at ['x'] have shape {tuple(x.shape[1:])}, the replay buffer's (2,)")
+        with pytest.raises(InputValidationError, match=want):
+            replay.reservoir_add(buf, {"x": x, "y": jnp.arange(5)}, jax.random.key(0))
+        with pytest.raises(InputValidationError, match=want):
+            replay.mix_batch({"x": x, "y": jnp.arange(5)}, buf, 0.4, jax.random.key(1))
 
 
 # ---------------------------------------------------------------------------------- full fine-tuning

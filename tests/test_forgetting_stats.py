@@ -281,6 +281,14 @@ def test_miniature_sweep_writes_every_artifact(tmp_path):
     assert both["analysis"]["fronts"] == res["analysis"]["fronts"] and len(both["points"]) == len(res["points"])
     with pytest.raises(ConfigError, match="must share seeds"):
         combine([half, {**rest, "seeds": [0, 1]}])
+    # a sweep of another model (here a wider MLP; for the language benchmarks --model-size, --seq-len, ...) would
+    # pair its seeds with runs of this one
+    assert saved["settings"] == {"hidden": [16]} and both["settings"] == {"hidden": [16]}
+    with pytest.raises(ConfigError, match=r"must share settings; found \[\{'hidden': \[32\]\}\] against "
+                                          r"\[\{'hidden': \[16\]\}\]"):
+        combine([half, {**rest, "settings": {"hidden": [32]}}])
+    older = {k: v for k, v in rest.items() if k != "settings"}  # written before settings were recorded: unchecked
+    assert len(combine([half, older], n_resamples=500)["points"]) == len(res["points"])
     with pytest.raises(ConfigError, match="distinct families"):
         combine([half, half])
 

@@ -23,6 +23,7 @@ import jpeft
 from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import format_table, human_bytes
 from jpeft.forgetting import language as L
+from jpeft.forgetting.replay import replay_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Data:
 
     def batches(self, batch_size: int, seed: int, replay: float = 0.0):
         """Endless random prose windows; with ``replay``, that share of every batch is code."""
-        n_old = int(round(replay * batch_size))
+        n_old = replay_rows(replay, batch_size)
         prose = L.byte_batches(self.prose_train, self.seq_len, batch_size - n_old, seed + 7)
         code = L.byte_batches(self.code_train, self.seq_len, n_old, seed + 9) if n_old else None
         for rows in prose:
@@ -260,7 +261,8 @@ def run_demo(args) -> dict:
         (f"LoRA r={args.rank}, all linear", lora_all, args.lr_lora, "lora-all-linear-adapter"),
     ]
     if args.replay > 0:
-        runs.append((f"LoRA r={args.rank}, all linear + {100 * args.replay:.0f}% code replay", lora_all, args.lr_lora,
+        share = replay_rows(args.replay, args.batch_size) / args.batch_size  # the rows replayed, not the request
+        runs.append((f"LoRA r={args.rank}, all linear + {100 * share:.0f}% code replay", lora_all, args.lr_lora,
                      "lora-all-linear-replay-adapter"))
     results = []
     for name, cfg, lr, _ in runs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jpeft.cli import _demo
 from jpeft.errors import ConfigError
+from jpeft.forgetting.replay import replay_rows
 from jpeft.io import check_folder
 
 HELP = "pretrain a tiny model on Python code, fine-tune it on English with full FT and LoRA, compare forgetting"
@@ -40,7 +41,8 @@ def add_parser(sub):
     p.add_argument("--lr-full", type=float, default=1e-3, help="full fine-tuning learning rate (default 1e-3)")
     p.add_argument("--replay", type=float, default=0.25,
                    help="fraction of each batch drawn from the old task (code) in the extra 'LoRA + replay' run "
-                        "(default 0.25; 0 skips that run)")
+                        "(default 0.25; 0 skips that run); it is rounded to whole rows of --batch-size, and a share that rounds "
+                        "to no row or to every row is refused")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--seq-len", type=int, default=128, help="bytes per sequence (default 128)")
     p.add_argument("--eval-every", type=int, default=None, help="steps between loss evaluations (default steps/15)")
@@ -69,6 +71,10 @@ def run(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, found {getattr(args, name)}.")
     if not 0.0 <= args.replay < 1.0:
         raise ConfigError(f"--replay must be in [0, 1), found {args.replay}.")
+    try:  # a share that rounds to no row (a "replay" run without old data) or to every row (no prose left)
+        replay_rows(args.replay, args.batch_size)
+    except ConfigError as e:
+        raise ConfigError(f"--replay with --batch-size {args.batch_size}: {e}") from None
     if args.gen_bytes < 0:
         raise ConfigError(f"--gen-bytes must be >= 0, found {args.gen_bytes}.")
 

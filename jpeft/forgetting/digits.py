@@ -96,6 +96,9 @@ class SplitDigits(Benchmark):
         self._test = [{"x": xte[(yte // 2) == t], "y": yte[(yte // 2) == t]} for t in range(5)]
         self._eval = jax.jit(self._eval_logits)
 
+    def settings(self) -> dict:
+        return {"hidden": [int(h) for h in self.model.hidden]}
+
     # -- model ---------------------------------------------------------------------------------
     def example_input(self):
         return (jnp.zeros((1, 64), jnp.float32),)

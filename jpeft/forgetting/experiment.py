@@ -298,6 +298,13 @@ class Benchmark(abc.ABC):
         """Benchmark-specific metrics of the final model (e.g. KL from the base)."""
         return {}
 
+    def settings(self) -> dict:
+        """The construction settings that change the scores besides the tasks, ``steps_per_task``
+        and ``batch_size`` (the model's size, the sequence length, ...), as JSON values: a sweep
+        records them, and :func:`jpeft.forgetting.sweep.combine` refuses sweeps whose settings
+        differ (their seeds would pair runs of different models)."""
+        return {}
+
     @abc.abstractmethod
     def default_methods(self) -> list:
         """The methods the benchmark compares when none are named."""

@@ -385,6 +385,10 @@ class CodeToProse(Benchmark):
         """``[(train, heldout), ...]`` bytes of every task, in task order."""
         return [code_corpus(), prose_corpus()]
 
+    def settings(self) -> dict:
+        return {"size": self.size, "seq_len": self.seq_len, "pretrain_steps": self.pretrain_steps,
+                "eval_windows": int(len(self._heldout[0]))}
+
     @property
     def tokens_per_example(self) -> int:
         """Bytes (tokens) predicted per training window, for the budgets of a sweep."""

@@ -225,6 +225,10 @@ def masked_mean(x, mask):
     if mask is None:
         return jnp.mean(x)
     m = jnp.asarray(mask, x.dtype)
+    if m.shape != x.shape:  # a broadcast mask would weigh each value several times, and divide by too few
+        raise InputValidationError(
+            f"mask must have the shape of the values it weighs, {tuple(x.shape)} (the logits' shape without the "
+            f"class axis), found {tuple(m.shape)}. Give one weight per position, e.g. loss_mask [batch, seq].")
     total = jnp.sum(m)
     # weights summing to less than 1 are a weighted mean too (a floor of 1 divided them by too much)
     return jnp.sum(jnp.where(m != 0, x * m, 0)) / jnp.where(total != 0, total, 1.0)
@@ -247,6 +251,8 @@ def kl_rows(lp, lq):
 def lm_loss(logits, targets, mask=None) -> jax.Array:
     """Mean next-token cross-entropy in nats: ``logits [..., V]``, integer ``targets [...]``
     (already shifted), optional ``mask [...]`` (0/1, or weights: the mean is weighted by them).
+    A position the mask leaves out (0) may hold any label (such as -100); every counted one
+    must be a token id in ``[0, V)`` (checked outside ``jax.jit``: ``InputValidationError``).
 
     >>> import jax.numpy as jnp
     >>> float(lm_loss(jnp.zeros((1, 3, 4)), jnp.array([[0, 1, 2]])))   # uniform over 4: log 4
@@ -254,13 +260,17 @@ def lm_loss(logits, targets, mask=None) -> jax.Array:
     """
     logits = _check_logits(logits, targets, mask)
     targets = jnp.asarray(targets)
-    if mask is not None:  # an ignored position may hold any label (Hugging Face's -100)
+    # an ignored position (mask 0) may hold any label (Hugging Face's -100); a counted one must be a token id: a
+    # negative one would pick a class from the end of the vocabulary and one past it a NaN, with no word
+    if not isinstance(targets, jax.core.Tracer) and not isinstance(mask, jax.core.Tracer) and targets.size:
+        counted = targets if mask is None else targets[np.asarray(mask) != 0]
+        if counted.size and (int(counted.min()) < 0 or int(counted.max()) >= logits.shape[-1]):
+            where = "" if mask is None else " at positions the mask counts"
+            raise InputValidationError(
+                f"targets must be token ids in [0, {logits.shape[-1]}){where}, found {int(counted.min())}.."
+                f"{int(counted.max())}; for ignored positions (such as -100) pass a mask with 0 there.")
+    if mask is not None:
         targets = jnp.where(jnp.asarray(mask) != 0, targets, 0)
-    elif not isinstance(targets, jax.core.Tracer) and targets.size and (
-            int(targets.min()) < 0 or int(targets.max()) >= logits.shape[-1]):
-        raise InputValidationError(
-            f"targets must be token ids in [0, {logits.shape[-1]}), found {int(targets.min())}..{int(targets.max())}; "
-            "for ignored positions (such as -100) pass a mask with 0 there.")
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return masked_mean(nll, mask)

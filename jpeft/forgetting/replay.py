@@ -70,6 +70,22 @@ def _batch_size(batch) -> int:
     return int(n)
 
 
+def _check_examples(batch, buffer: ReservoirBuffer) -> int:
+    """The batch size of ``batch``, whose examples must have the buffer's structure and shapes
+    (an example of another shape would be broadcast into a slot, or fail deep inside JAX)."""
+    n = _batch_size(batch)
+    tb, tbuf = jax.tree.structure(batch), jax.tree.structure(buffer.data)
+    if tb != tbuf:
+        raise InputValidationError(f"batch structure {tb} does not match the buffer's {tbuf}.")
+    for (path, x), d in zip(jax.tree_util.tree_leaves_with_path(batch), jax.tree.leaves(buffer.data)):
+        if tuple(x.shape[1:]) != tuple(d.shape[1:]):
+            raise InputValidationError(
+                f"the batch's examples at {jax.tree_util.keystr(path)} have shape {tuple(x.shape[1:])}, the replay "
+                f"buffer's {tuple(d.shape[1:])} (reservoir_init's example); every batch must hold examples of the "
+                "buffer's shapes.")
+    return n
+
+
 @jax.jit
 def reservoir_add(buffer: ReservoirBuffer, batch, key) -> ReservoirBuffer:
     """Offers each example of ``batch`` (leading axis) to the reservoir, in order.
@@ -77,11 +93,11 @@ def reservoir_add(buffer: ReservoirBuffer, batch, key) -> ReservoirBuffer:
     The ``n``-th example of the stream (0-based) goes to slot ``n`` while the buffer is not
     full; afterwards it replaces a uniformly chosen slot with probability ``capacity/(n+1)``
     and is dropped otherwise. Pure: returns a new buffer.
+
+    Raises:
+      InputValidationError: examples of another structure or shape than the buffer's.
     """
-    n = _batch_size(batch)
-    tb, tbuf = jax.tree.structure(batch), jax.tree.structure(buffer.data)
-    if tb != tbuf:
-        raise InputValidationError(f"batch structure {tb} does not match the buffer's {tbuf}.")
+    n = _check_examples(batch, buffer)
     cap = jax.tree.leaves(buffer.data)[0].shape[0]
     keys = jax.random.split(key, n)
 
@@ -146,8 +162,11 @@ def mix_batch(batch, buffer: ReservoirBuffer, ratio: float, key):
         rounds to no row of this batch, or one that rounds to every row (no example of the current
         task left), is refused (``ConfigError``).
       key: ``jax.random`` key.
+
+    Raises:
+      InputValidationError: examples of another structure or shape than the buffer's.
     """
-    B = _batch_size(batch)
+    B = _check_examples(batch, buffer)
     k = replay_rows(ratio, B)
     if k == 0 or int(buffer.size) == 0:
         return batch

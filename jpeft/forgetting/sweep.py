@@ -294,7 +294,7 @@ def sweep(
         "benchmark": bench.name, "tasks": list(bench.task_names), "score": bench.score_name,
         "higher_is_better": bench.higher_is_better, "learning_name": bench.learning_name,
         "steps_per_task": bench.steps_per_task, "batch_size": bench.batch_size, "seeds": seeds,
-        "checkpoints": steps,
+        "checkpoints": steps, "settings": bench.settings(),
         "families": {f.name: {"description": f.method.describe().rsplit(", lr=", 1)[0], "lrs": list(f.lrs), "strength": f.strength,
                               "strengths": list(f.strengths), "budget": budget(bench, f)} for f in families},
         "points": [], "runs": [],
@@ -391,19 +391,24 @@ _SAME = ("benchmark", "tasks", "score", "higher_is_better", "learning_name", "st
 
 
 def combine(results: Sequence[dict], *, levels: Optional[Sequence[float]] = None, n_resamples: int = 10_000) -> dict:
-    """One sweep from several run separately on the same benchmark, seeds, checkpoints, steps
-    and batch size (so the seeds still pair: same data order), with distinct family names;
-    the analysis is recomputed over all families. Write it with :func:`write`."""
+    """One sweep from several run separately on the same benchmark, seeds, checkpoints, steps,
+    batch size and benchmark settings (:meth:`Benchmark.settings`: the model size, sequence
+    length, ...; so the seeds still pair: same model and data order), with distinct family
+    names; the analysis is recomputed over all families. Write it with :func:`write`. (A sweep
+    written before the settings were recorded has none, and is not checked for them.)"""
     if not results:
         raise ConfigError("combine() needs at least one sweep result.")
     first = results[0]
     out = {k: first[k] for k in _SAME}
-    out.update(families={}, points=[], runs=[])
+    known = [r["settings"] for r in results if r.get("settings") is not None]
+    out.update(settings=known[0] if known else None, families={}, points=[], runs=[])
     for r in results:
-        diff = [k for k in _SAME if r[k] != first[k]]
+        diff = [(k, r[k], first[k]) for k in _SAME if r[k] != first[k]]
+        if r.get("settings") is not None and r["settings"] != known[0]:
+            diff.append(("settings", r["settings"], known[0]))
         if diff:
-            raise ConfigError(f"sweeps to combine must share {', '.join(diff)}; found {[r[k] for k in diff]} against "
-                              f"{[first[k] for k in diff]}. Rerun one of them with the other's settings.")
+            raise ConfigError(f"sweeps to combine must share {', '.join(d[0] for d in diff)}; found {[d[1] for d in diff]} "
+                              f"against {[d[2] for d in diff]}. Rerun one of them with the other's settings.")
         dup = set(r["families"]) & set(out["families"])
         if dup:
             raise ConfigError(f"sweeps to combine must have distinct families; {sorted(dup)} appear twice.")
