@@ -99,6 +99,13 @@ def is_kind(v, kind: str) -> bool:
         return False
 
 
+def python_scalar(v):
+    """``v`` as Python's own scalar where it is numpy's (``np.int64(2)`` -> ``2``), else ``v``: what a
+    config keeps, as ``to_dict`` writes it to JSON (which takes no numpy scalar: a config built from
+    ``np.arange`` or ``np.int64`` values trained, then failed to save)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def is_positive_number(v) -> bool:
     """A number (not a bool) > 0 and finite in float32: an alpha or scale of inf or 1e308 would
     make the float32 scale, and so every output, non-finite."""
@@ -120,8 +127,7 @@ def _refuse_mistyped_fields(cls, kwargs) -> None:
         if decl is None or (decl[1] and v is None):
             continue
         if any(is_kind(v, k) for k in decl[0]):
-            if isinstance(v, np.generic):  # numpy's scalars kept as Python's: to_dict writes JSON
-                kwargs[f.name] = v.item()
+            kwargs[f.name] = python_scalar(v)  # numpy's scalars kept as Python's: to_dict writes JSON
             continue
         want = kinds_text(decl[0]) + (" (or None)" if decl[1] else "")
         hint = ""

@@ -8,6 +8,8 @@ Messages say what was expected, what was found, and how to fix it.
 
 from __future__ import annotations
 
+import functools
+
 
 class JpeftError(Exception):
     """Base class of every error jpeft raises on purpose."""
@@ -105,6 +107,9 @@ class BankRankError(BankCapacityError):
     def __init__(self, message: str, *, rank: int, max_rank: int):
         super().__init__(message)
         self.rank, self.max_rank = rank, max_rank
+
+    def __reduce__(self):  # pickle and copy rebuild it with its keywords (a process pool sends it back so)
+        return functools.partial(type(self), rank=self.rank, max_rank=self.max_rank), self.args
 
 
 class BankShapeError(BankError, ShapeMismatchError):

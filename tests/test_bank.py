@@ -1,6 +1,9 @@
 """AdapterBank: per-example routing equals each adapter alone, hot swap without recompiling,
 training several adapters at once, and the named errors."""
 
+import copy
+import pickle
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -299,6 +302,10 @@ def test_over_capacity():
     with pytest.raises(BankRankError, match=r"rank 4 .* above the bank's max_rank=2.*max_rank >= 4") as e:
         small.add("big", ADAPTERS["r4"])
     assert (e.value.rank, e.value.max_rank) == (4, 2)  # what a caller (jpeft serve) tells its user
+    # pickled (a process pool's worker sends its error back) or copied, it is the same error: was a TypeError
+    # "missing 2 required keyword-only arguments" in place of it
+    for back in (pickle.loads(pickle.dumps(e.value)), copy.deepcopy(e.value)):
+        assert type(back) is BankRankError and str(back) == str(e.value) and (back.rank, back.max_rank) == (4, 2)
     assert issubclass(BankRankError, BankCapacityError) and issubclass(BankCapacityError, BankError)
 
 

@@ -120,6 +120,48 @@ def test_lora_list_fields_of_another_type_are_named(field, bad, msg):
     assert jpeft.LoraConfig(trainable_token_indices=np.array([3, 4])).trainable_token_indices == (3, 4)
 
 
+@pytest.mark.parametrize("cls, kw", [
+    ("LoraConfig", {"layers_to_transform": np.arange(2)}),
+    ("LoraConfig", {"layers_to_transform": np.int64(1)}),
+    ("LoraConfig", {"rank_pattern": {"v_proj": np.int64(2)}, "alpha_pattern": {"q_proj": np.float32(3.0)}}),
+    ("LoHaConfig", {"rank_pattern": {"v_proj": np.int64(2)}, "alpha_pattern": {"q_proj": np.float32(3.0)}}),
+])
+def test_numpy_values_in_list_and_dict_fields_are_kept_as_pythons(cls, kw, tmp_path):
+    """np.arange(2) for layers_to_transform or np.int64 / np.float32 values in rank_pattern and
+    alpha_pattern were taken and trained with, then jpeft.save_adapter failed ("metadata must be
+    JSON-able: Object of type int64 ...", naming no field) and save_peft raised a bare TypeError."""
+    import jax
+    import jax.numpy as jnp
+    from jpeft.models import LlamaConfig, LlamaForCausalLM
+
+    c = getattr(jpeft, cls)(r=4, target_modules=["q_proj", "v_proj"], **kw)
+    d = c.to_dict()
+    assert AdapterConfig.from_json(c.to_json()) == c
+    for k, v in kw.items():  # the same values, as Python's own
+        got = d[k]
+        want = (v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic)
+                else {n: x.item() for n, x in v.items()})
+        assert got == want and type(got) is type(want), (k, got)
+        assert all(type(x) in (int, float) for x in (got.values() if isinstance(got, dict)
+                                                     else got if isinstance(got, list) else [got]))
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                                     num_kv_heads=2))
+    p = m.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    jpeft.save_adapter(str(tmp_path / "a"), c, jpeft.init(c, p, jax.random.key(1)))
+    assert jpeft.load_adapter(str(tmp_path / "a"), p)[0] == c
+
+
+def test_adalora_rank_pattern_takes_numpy_bools_as_pythons():
+    """A pattern of numpy bools (a mask's rows: list(mask[i]) or the array itself) was refused as not
+    booleans; kept, the config would not have saved as JSON either."""
+    mask = np.array([True, False, True, True])
+    c = jpeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, rank_pattern={
+        "model.layers.0.self_attn.q_proj.lora_E": list(mask), "model.layers.0.self_attn.v_proj.lora_E": mask})
+    assert set(c.rank_pattern.values()) == {(True, False, True, True)}
+    assert all(type(b) is bool for v in c.rank_pattern.values() for b in v)
+    assert AdapterConfig.from_json(c.to_json()) == c
+
+
 def test_layers_to_transform_past_the_last_layer_is_named_in_a_warning():
     """layers_to_transform=[0, 5] on a 2-layer model adapted layer 0 alone, without a word (PEFT ignores
     such indices too): the ignored indices are named, as an unmatched target_modules entry is."""
@@ -140,3 +182,17 @@ def test_layers_to_transform_past_the_last_layer_is_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         jpeft.init(cfg.replace(layers_to_transform=[1]), p, jax.random.key(1), m, x)
+    # a layer-scanned base without the model: no layer index can be read, so the config's layers seemed to select
+    # nothing ("layer indices: []" in a warning, then "removed every one of them; widen those options"); the
+    # missing model is what is named, as without layers_to_transform
+    from jpeft.errors import LayoutError
+
+    scanned = LlamaForCausalLM(m.config.replace(scan_layers=True))
+    ps = scanned.init(jax.random.key(0), x)
+    for c in (cfg.replace(layers_to_transform=[0, 1]), cfg.replace(layers_to_transform=None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(LayoutError, match=r"Pass the model and an example input"):
+                jpeft.init(c, ps, jax.random.key(1))
+    assert sorted(jpeft.init(cfg.replace(layers_to_transform=[0, 1]), ps, jax.random.key(1), scanned, x)) == [
+        "model/layers/self_attn/q_proj"]

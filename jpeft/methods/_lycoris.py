@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject, scan
-from jpeft.config import AdapterConfig, _as_targets, is_positive_number
+from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_scalar
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
 from jpeft.methods._common import AdditiveMerge, linear_candidates, linear_layout, to_matrix
@@ -171,7 +171,7 @@ class LycorisConfig(AdapterConfig):
             v = getattr(self, f)
             if v is not None and not isinstance(v, Mapping):
                 raise ConfigError(f"{name}.{f} must be a dict {{module regex: value}}, found {type(v).__name__}.")
-            object.__setattr__(self, f, dict(v or {}))
+            object.__setattr__(self, f, {k: python_scalar(x) for k, x in (v or {}).items()})
             for k, val in getattr(self, f).items():
                 compile_pattern(k)  # an invalid regex (or a key of another type) is a ConfigError
                 if not ok(val):

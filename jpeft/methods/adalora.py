@@ -168,13 +168,14 @@ class AdaLoraConfig(AdapterConfig):
         rp = self.rank_pattern
         if rp is not None:
             if not isinstance(rp, Mapping) or not all(
-                    isinstance(k, str) and k.endswith(".lora_E") and isinstance(v, (list, tuple)) and len(v) == self.init_r
-                    and all(isinstance(b, bool) for b in v) for k, v in rp.items()):
+                    isinstance(k, str) and k.endswith(".lora_E") and isinstance(v, (list, tuple, np.ndarray))
+                    and len(v) == self.init_r and all(isinstance(b, (bool, np.bool_)) for b in v) for k, v in rp.items()):
                 raise ConfigError(
                     f"AdaLoraConfig.rank_pattern must map '<module>.lora_E' to init_r={self.init_r} booleans (as "
                     f"update_and_allocate returns it), found {str(rp)[:160]}."
                 )
-            object.__setattr__(self, "rank_pattern", {k: tuple(v) for k, v in rp.items()} or None)
+            # numpy's bools kept as Python's: to_dict writes JSON
+            object.__setattr__(self, "rank_pattern", {k: tuple(map(bool, v)) for k, v in rp.items()} or None)
 
     def __hash__(self):
         rp = None if self.rank_pattern is None else tuple(sorted(self.rank_pattern.items()))

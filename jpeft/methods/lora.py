@@ -23,7 +23,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject
-from jpeft.config import AdapterConfig, _as_targets, is_positive_number
+from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_scalar
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
@@ -171,6 +171,7 @@ class LoraConfig(AdapterConfig):
         if ltt is not None and not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0
                                        for i in (ltt if isinstance(ltt, tuple) else (ltt,))):
             raise ConfigError(f"LoraConfig.layers_to_transform must be a layer index or a list of them, found {ltt!r}.")
+        ltt = tuple(map(int, ltt)) if isinstance(ltt, tuple) else python_scalar(ltt)  # np.arange's too: JSON-able
         object.__setattr__(self, "layers_to_transform", ltt)
         lp = self.layers_pattern
         if lp is not None and not isinstance(lp, str):
@@ -190,7 +191,7 @@ class LoraConfig(AdapterConfig):
             v = getattr(self, name)
             if v is not None and not isinstance(v, Mapping):
                 raise ConfigError(f"LoraConfig.{name} must be a dict {{module regex: value}}, found {type(v).__name__} {str(v)[:80]}.")
-            object.__setattr__(self, name, dict(v or {}))
+            object.__setattr__(self, name, {k: python_scalar(x) for k, x in (v or {}).items()})
             for k in getattr(self, name):
                 compile_pattern(k)  # a key of another type, or an invalid regex, is a ConfigError
         init = self.init
@@ -1023,8 +1024,12 @@ def init_lora(config: LoraConfig, params, key, infos):
     leaves, cands = linear_candidates(params)
     cands = linear_only(config.target_modules, leaves, cands)
     paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum, Embed)")
+    kept = [p for p in paths if _selects(config, p, leaves[p], infos)]
+    if not kept and infos is None:
+        for p in paths:  # a layer-scanned kernel has no layer index to filter without the model: LayoutError says so
+            _inject.infer_layout(p, leaves[p])
     _warn_unmatched_layers(config, paths, leaves, infos)
-    paths = [p for p in paths if _selects(config, p, leaves[p], infos)]
+    paths = kept
     if not paths:
         raise TargetNotFoundError(
             f"target_modules={config.target_modules!r} matched modules, but exclude_modules={config.exclude_modules!r} / "
