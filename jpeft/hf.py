@@ -150,6 +150,23 @@ def _take_frozen_classifier(d: Mapping[str, Any], config_cls, tensors: dict, lea
             {f"{m}.{t}" for m in _SEQ_CLS_HEADS for t in ("weight", "bias")}]
     if not mts and not keys:
         return
+    if keys and d.get("task_type") == "TOKEN_CLS":  # PEFT's TOKEN_CLS saves the head as it saves SEQ_CLS's
+        raise UnsupportedAdapterError(
+            f"the adapter in {folder!r} has task_type='TOKEN_CLS' and carries its token-classification head "
+            f"({keys[0]!r}), a classifier of every token's hidden state; jpeft's models have no such head (BERT's "
+            "'classifier' reads the pooled first token), so loading the head there would give other logits. Load the "
+            "adapter on its ...ForTokenClassification model with transformers, or remove the head from the file (and "
+            "from modules_to_save) to load the encoder's adapter alone."
+        )
+    absent = sorted({k[len(prefix):].split(".")[0] for k in keys} - set(leaves))
+    if absent:  # a head of another model (a decoder's score): no module of the base to compare or copy it to
+        raise UnsupportedAdapterError(
+            f"the adapter in {folder!r} carries the classification head {absent[0]!r} of a "
+            f"{d.get('task_type') or 'SEQ_CLS'} model (PEFT's copy of it), but the base has no such module: jpeft's "
+            "decoders (Llama, Mistral, Qwen2, GPT-2) are causal language models without a classification head, and "
+            "BERT's head is 'classifier'. Load the adapter on its model with transformers, or train it in jpeft on a "
+            "base jpeft has."
+        )
     if "modules_to_save" in {f.name for f in dataclasses.fields(config_cls)}:
         # a method that loads modules_to_save (LoRA): a copy they name is one PEFT trains (SEQ_CLS names the
         # classifier), so it loads as a module to save even while it still equals the base's, as PEFT's

@@ -58,6 +58,8 @@ IA3_TARGETS = {  # PEFT's defaults per model type
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
     "bert": (["key", "value", "output.dense"], ["output.dense"]),
 }
+# modules_to_save naming modules that hold layers (not parameters) themselves, beside a plain one for BERT
+SUBMODULES = {"llama": ["mlp"], "gpt2": ["mlp"], "bert": ["classifier", "pooler"]}
 LAYERS_PATTERN = {"llama": "layers", "gpt2": "h", "bert": "layer"}
 LN = {"llama": ["input_layernorm", "post_attention_layernorm", "norm"], "gpt2": ["ln_1", "ln_2", "ln_f"],
       "bert": ["LayerNorm"]}
@@ -104,6 +106,8 @@ def _opts(case, family):
         return lora(family, target_modules=[EMBED[k]] + TARGETS[k][:1], ensure_weight_tying=True)
     if case == "modules_to_save":
         return lora(family, modules_to_save=["lm_head" if k != "bert" else "classifier"])
+    if case == "modules_to_save, a module with submodules":  # PEFT copies the whole module (jpeft: each of its layers)
+        return lora(family, modules_to_save=SUBMODULES[k])
     if case == "bias='lora_only'":
         return lora(family, bias="lora_only")
     if case == "bias='all'":
@@ -146,8 +150,8 @@ def _cells(case, family):
 
 CASES = ["LoRA list", "LoRA regex", "LoRA all-linear", "rsLoRA", "rank/alpha patterns", "DoRA", "PiSSA", "OLoRA",
          "embedding", "embedding, ensure_weight_tying", "IA3", "prefix", "prefix + projection", "prompt",
-         "modules_to_save", "bias='lora_only'", "bias='all'", "lora_bias", "layers_to_transform", "exclude_modules",
-         "trainable_token_indices", *OTHER]
+         "modules_to_save", "modules_to_save, a module with submodules", "bias='lora_only'", "bias='all'", "lora_bias",
+         "layers_to_transform", "exclude_modules", "trainable_token_indices", *OTHER]
 MATRIX = {(case, fam): _cells(case, fam) for case in CASES for fam in FAMILIES.values()}
 PARAMS = [(case, fam, d) for (case, fam), cells in MATRIX.items() for d in ("jpeft->peft", "peft->jpeft")
           if cells[d] != PEFT_CANNOT]
@@ -296,7 +300,7 @@ def test_interop(case, family, direction, tmp_path):
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(hf), _peft_config(case, family))
         if case in ("PiSSA", "OLoRA", "DoRA", "prefix + projection", "modules_to_save", "trainable_token_indices",
-                    "bias='lora_only'", "bias='all'", *OTHER):
+                    "modules_to_save, a module with submodules", "bias='lora_only'", "bias='all'", *OTHER):
             _peft_randomize(pm, case)
         pm.eval()
         pm.save_pretrained(str(tmp_path))

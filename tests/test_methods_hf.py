@@ -307,6 +307,51 @@ def test_trained_classifier_copy_loads_as_module_to_save(tmp_path):
     np.testing.assert_allclose(_torch_logits(pm2, ids, mask, with_positions=False), t, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_seq_cls_adapter_of_a_decoder_is_refused_as_a_head_jpeft_lacks(method, tmp_path):
+    """A PEFT SEQ_CLS adapter trained on MistralForSequenceClassification carries its ``score``
+    head; jpeft's Mistral is a causal LM without one. Refused before, but as a key mismatch (LoRA)
+    or as a "trained copy that differs from the base's" (the others); now the message says that
+    the head is one jpeft's decoders do not have."""
+    import transformers
+
+    _, folder = tiny.hf_model("mistral")
+    _, params = _jpeft_base("mistral")
+    torch.manual_seed(0)
+    sc = transformers.MistralForSequenceClassification.from_pretrained(folder, num_labels=3)
+    make = {"lora": lambda: peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS"),
+            "ia3": lambda: peft.IA3Config(target_modules=["k_proj"], feedforward_modules=[], task_type="SEQ_CLS"),
+            "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=T, task_type="SEQ_CLS")}
+    peft.get_peft_model(sc, make[method]()).save_pretrained(str(tmp_path))
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="head 'score' of a SEQ_CLS model.*without a classification head"):
+        load_peft(str(tmp_path), params)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_token_classification_adapter_is_refused_not_loaded_as_the_sequence_head(method, tmp_path):
+    """PEFT's TOKEN_CLS saves the token classifier (BertForTokenClassification's ``classifier``, of
+    the sequence classifier's shape) as SEQ_CLS saves its head: LoRA loaded it as the classifier of
+    jpeft's sequence classifier, which applied the per-token head to the pooled first token with
+    no word (logits [batch, labels] where the adapter's model gives [batch, seq, labels])."""
+    import transformers
+
+    hf, _ = tiny.hf_model("bert")
+    _, params = _jpeft_base("bert")
+    tok = transformers.BertForTokenClassification(hf.config)
+    tok.load_state_dict({k: v for k, v in hf.state_dict().items() if ".pooler." not in k})
+    make = {"lora": lambda: peft.LoraConfig(r=2, target_modules=["query"], task_type="TOKEN_CLS", init_lora_weights=False),
+            "ia3": lambda: peft.IA3Config(target_modules=["key"], feedforward_modules=[], task_type="TOKEN_CLS")}
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(tok, make[method]())
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape))
+    pm.save_pretrained(str(tmp_path))
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="task_type='TOKEN_CLS'.*no such head"):
+        load_peft(str(tmp_path), params)
+
+
 def test_every_key_the_installed_peft_writes_is_known_and_an_unknown_one_warns(tmp_path):
     """LoRA, IA3 and the LyCORIS loaders kept only the keys they knew: an option of a newer PEFT
     that changes the outputs was dropped with no word. Every key of the installed PEFT's configs is

@@ -90,6 +90,12 @@ def test_config_round_trip_and_refusals():
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "head"], modules_to_save=["head"]), params, jax.random.key(0))
     with pytest.raises(TargetNotFoundError, match="no lm_head of its own"):
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], modules_to_save=["lm_head"]), params, jax.random.key(0))
+    # one name of several that selects nothing left that module frozen without a word (PEFT ignores it too)
+    with pytest.raises(TargetNotFoundError, match=r"names \['hed'\], which select no module"):
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], modules_to_save=["head", "hed"]), params, jax.random.key(0))
+    # PEFT's SEQ_CLS names both heads ("classifier" on BERT, "score" on decoders): one of them may be absent
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], modules_to_save=["head", "score"]), params, jax.random.key(0))
+    assert set(ad) == {"d", "head"}
 
 
 def test_copies_of_a_bfloat16_base_are_float32_master_copies():

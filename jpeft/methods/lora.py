@@ -87,7 +87,10 @@ class LoraConfig(AdapterConfig):
       modules_to_save: names of modules trained in full, as Hugging Face PEFT's option of that name
         (e.g. ``["lm_head"]``, ``["classifier"]``): a module whose dotted name ends with one of
         them gets a :class:`SavedModule` site holding a trainable copy of its parameters, which
-        :func:`jpeft.apply` uses instead of the base's and :func:`jpeft.merge` writes into the base.
+        :func:`jpeft.apply` uses instead of the base's and :func:`jpeft.merge` writes into the base
+        (each layer of a matching module that holds layers, e.g. BERT's ``pooler``, as PEFT copies
+        it whole). A name that selects no module is refused (``TargetNotFoundError``), but for one of
+        PEFT's SEQ_CLS pair ``classifier`` / ``score`` beside the other.
       trainable_token_indices: train only these rows of an embedding (Hugging Face PEFT's
         option, its TrainableTokens): a list of token ids for the model's input embedding, or
         ``{embedding name: ids}``. The site (:class:`TrainableTokens`) holds the rows' new values;
@@ -335,10 +338,18 @@ class LoraConfig(AdapterConfig):
         return self.init if is_residual_init(self.init) else None
 
     def saves(self, path: str) -> bool:
-        """Whether the module at ``path`` is one of ``modules_to_save``: its dotted name ends with
-        one of the names (Hugging Face PEFT's rule, a plain suffix test)."""
-        name = hf_name(path)
-        return any(name.endswith(m) for m in (self.modules_to_save or ()))
+        """Whether the module at ``path`` is one of ``modules_to_save`` or sits inside one: its
+        dotted name, or that of a module holding it, ends with one of the names (Hugging Face
+        PEFT's rule, a plain suffix test; PEFT copies a matching module with submodules, such as
+        BERT's ``pooler``, whole)."""
+        return any(self.saved_by(path, m) for m in (self.modules_to_save or ()))
+
+    @staticmethod
+    def saved_by(path: str, name: str) -> bool:
+        """Whether the module at ``path`` is, or sits inside, a module whose dotted name ends
+        with ``name`` (one entry of ``modules_to_save``)."""
+        parts = hf_name(path).split(".")
+        return any(".".join(parts[:i]).endswith(name) for i in range(1, len(parts) + 1))
 
     def rank_alpha(self, path: str, *, hf_only: bool = False) -> tuple[int, float]:
         """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does.
@@ -845,11 +856,14 @@ def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
     """The trainable full copies of ``config.modules_to_save`` (modules holding parameters);
     ``infos`` (from tracing the model) tell whether an embedding is also a tied output projection."""
     saved = sorted(p for p in leaves if config.saves(p))
-    if not saved:
+    # a name that selects nothing would leave a module the user meant to train frozen; PEFT's SEQ_CLS names both
+    # heads, "classifier" (BERT) and "score" (decoders), so one of the two may be absent where the other is saved
+    missing = [m for m in config.modules_to_save if not any(config.saved_by(p, m) for p in leaves)]
+    if missing and not (saved and set(missing) <= {"classifier", "score"}):
         tied = " (a model with tied word embeddings has no lm_head of its own: jpeft computes its logits with the " \
-               "input embedding)" if any(m.endswith("lm_head") for m in config.modules_to_save) else ""
+               "input embedding)" if any(m.endswith("lm_head") for m in missing) else ""
         raise TargetNotFoundError(
-            f"modules_to_save={list(config.modules_to_save)} names no module with parameters in these params{tied}; "
+            f"modules_to_save names {missing}, which select no module with parameters in these params{tied}; "
             f"modules with parameters end with e.g. {sorted({p.rsplit('/', 1)[-1] for p in leaves})[:12]}."
         )
     both = [p for p in saved if p in sites]
