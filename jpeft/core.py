@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -12,7 +14,7 @@ from jpeft import _inject, _nnx, quant, scan
 from jpeft.config import AdapterConfig
 from jpeft.data import token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, InputValidationError, ShapeMismatchError
-from jpeft.methods.base import method_of, split_frozen
+from jpeft.methods.base import check_adapter, method_of, split_frozen
 from jpeft.validate import check_key, is_single_key
 from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unbox, unwrap_params
 
@@ -238,13 +240,65 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
     return out
 
 
+class RoundingTally:
+    """How much of a merge's update the rounding to a 16-bit float kernel loses: ``add`` each
+    merged module's params before, merged exactly (float32) and as stored; ``warn`` once at the
+    end when more than a tenth of the update (by norm) was rounded away. Leaves traced under
+    ``jit`` are not looked at."""
+
+    LIMIT = 0.1
+
+    def __init__(self):
+        self.lost = self.update = 0.0
+        self.unchanged = self.entries = 0
+        self.dtypes: set = set()
+
+    @staticmethod
+    def low(x) -> bool:
+        """A concrete floating array of fewer than 32 bits (bfloat16, float16)."""
+        return (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 4
+                and not isinstance(x, jax.core.Tracer))
+
+    def add(self, before, exact, stored) -> None:
+        for k, m in stored.items():
+            b, e = before.get(k), exact.get(k)
+            if not self.low(m) or not hasattr(b, "shape") or not hasattr(e, "shape") or tuple(b.shape) != tuple(m.shape):
+                continue
+            # on the devices (a sharded kernel stays where it is); only the four sums come back
+            b32, e32, m32 = (jnp.asarray(v, jnp.float32) for v in (b, e, m))
+            changed = e32 != b32
+            self.lost += float(jnp.sum((m32 - e32) ** 2))
+            self.update += float(jnp.sum((e32 - b32) ** 2))
+            self.unchanged += int(jnp.sum(changed & (m32 == b32)))
+            self.entries += int(jnp.sum(changed))
+            self.dtypes.add(str(jnp.dtype(m.dtype)))
+
+    def warn(self, where: str, stacklevel: int = 4) -> None:
+        if self.update <= 0 or math.sqrt(self.lost / self.update) <= self.LIMIT:
+            return
+        warnings.warn(
+            f"{where}: the merged weights are {'/'.join(sorted(self.dtypes))}, whose rounding lost "
+            f"{100 * math.sqrt(self.lost / self.update):.0f}% of the adapter's update (norm of the rounding error over "
+            f"the update's; {100 * self.unchanged / max(self.entries, 1):.0f}% of the updated weights kept their base "
+            "value), so the merged model does not compute what the adapter does. Merge into float32 params "
+            "(jax.tree.map(lambda w: w.astype(jnp.float32), params)) and keep them float32, or serve the adapter "
+            "unmerged.", UserWarning, stacklevel=stacklevel)
+
+
+def _f32(own):
+    """``own`` with its 16-bit float leaves in float32 (to merge exactly, for :class:`RoundingTally`)."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if RoundingTally.low(x) else x, own)
+
+
 def _fold(params, adapter, how: str):
+    check_adapter(adapter, f"jpeft.{how}")
     if isinstance(params, _nnx.nnx.Module):  # an NNX model in, a new NNX model out
         return _nnx.fold_module(params, adapter, lambda state: _fold(state, adapter, how))
     if quant.has_quantized(params):
         params = quant.dequantize(params)
     inner, wrapped = unwrap_params(params)
     new = inner
+    tally = RoundingTally()
     for path, node in adapter.items():
         if not getattr(node, "mergeable", False) and how in ("merge", "unmerge"):
             node.merge({})  # raises NotMergeableError with the method's message
@@ -256,7 +310,11 @@ def _fold(params, adapter, how: str):
             ) from None
         if hasattr(node, "check_params"):
             node.check_params(path, own)
-        new = set_subtree(new, path, getattr(node, how)(own))
+        out = getattr(node, how)(own)
+        if how == "merge" and isinstance(own, Mapping) and any(RoundingTally.low(x) for x in jax.tree.leaves(own)):
+            tally.add(own, node.merge(_f32(own)), out)
+        new = set_subtree(new, path, out)
+    tally.warn(f"jpeft.{how}", stacklevel=4)
     return rewrap_params(params, new, wrapped)
 
 
@@ -270,6 +328,11 @@ def merge(params, adapter: Mapping[str, Any]):
     On a quantized base (:func:`jpeft.quantize`) the result is the dequantized base with the
     adapter folded in, in the kernels' original dtype: re-quantizing would round the update
     away, as PEFT warns. ``jpeft.quantize(jpeft.merge(q, a), scheme)`` does it on purpose.
+    Into 16-bit float kernels (bfloat16, float16) the update is added in float32 and rounded to
+    the kernel's dtype; a ``UserWarning`` says when that rounding lost more than a tenth of it
+    (merge into float32 params instead). Raises :class:`~jpeft.errors.ConfigError` for an
+    ``adapter`` that is not a ``{path: node}`` dict (e.g. the ``(config, adapter)`` pair of
+    :func:`jpeft.load_adapter`).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> model, x = nn.Dense(4), jnp.ones((2, 3))

@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _nnx, quant
+from jpeft.core import RoundingTally
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
-from jpeft.methods.base import Layout, LowRank, check_tied_merge, low_rank_node, residual_refusal
+from jpeft.methods.base import Layout, LowRank, check_adapter, check_tied_merge, low_rank_node, residual_refusal
 from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
 
@@ -208,8 +209,7 @@ def _validate(adapters, weights, method, density, majority_sign, key):
     ties: dict[str, tuple] = {}  # path -> (first adapter, tied_output, tie_output)
     low: list[dict[str, LowRank]] = []
     for i, ad in enumerate(adapters):
-        if not isinstance(ad, Mapping):
-            raise ConfigError(f"adapter {i} must be a dict {{path: node}} of a LoRA adapter; found {type(ad).__name__}.")
+        check_adapter(ad, f"merging: adapter {i}", low_rank_ok=True)
         low.append({})
         for path, node in ad.items():
             try:
@@ -413,6 +413,7 @@ def merge_into_base(
         params = quant.dequantize(params)
     inner, wrapped = unwrap_params(params)
     new = inner
+    tally = RoundingTally()
     for path, d in deltas.items():
         lay = sites[path].layout
         try:
@@ -430,8 +431,11 @@ def merge_into_base(
             )
         w = own[pname]
         upd = dict(own)
-        upd[pname] = (w.astype(jnp.float32) + _kernel_shaped(lay, d)).astype(w.dtype)
+        exact = w.astype(jnp.float32) + _kernel_shaped(lay, d)
+        upd[pname] = exact.astype(w.dtype)
+        tally.add({pname: w}, {pname: exact}, upd)
         new = set_subtree(new, path, upd)
+    tally.warn("jpeft.merging.merge_into_base", stacklevel=3)
     return rewrap_params(params, new, wrapped)
 
 

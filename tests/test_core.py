@@ -117,6 +117,58 @@ def test_factored_equals_merged_and_unmerge_recovers(case):
     assert jax.tree.structure(merged) == jax.tree.structure(params)
 
 
+def test_merge_and_unmerge_refuse_what_is_not_an_adapter_by_name(tmp_path):
+    """The pair jpeft.load_adapter returns, None, a list or a dict of arrays ended in a raw
+    AttributeError ('tuple' object has no attribute 'items') from inside merge/unmerge."""
+    model, params, x = _mlp()
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc2"], init="random")
+    a = jpeft.init(cfg, params, jax.random.key(0))
+    jpeft.save_adapter(str(tmp_path / "a"), cfg, a)
+    loaded = jpeft.load_adapter(str(tmp_path / "a"), params)
+    for fn in (jpeft.merge, jpeft.unmerge):
+        with pytest.raises(jpeft.ConfigError, match=r"found tuple \(jpeft.load_adapter .* return a pair: unpack it"):
+            fn(params, loaded)
+        for bad in (None, [a]):
+            with pytest.raises(jpeft.ConfigError, match=f"takes an adapter, a dict .* found {type(bad).__name__}"):
+                fn(params, bad)
+        with pytest.raises(jpeft.ConfigError, match="entry 'fc2' is a dict, not an adapter node"):
+            fn(params, {"fc2": {"lora_A": a["fc2"].lora_A, "lora_B": a["fc2"].lora_B}})
+    # the unpacked pair merges as before
+    np.testing.assert_allclose(np.asarray(model.apply(jpeft.merge(params, loaded[1]), x)),
+                               np.asarray(jpeft.apply(model, params, a, x)), atol=1e-5)
+
+
+def test_a_merge_whose_update_rounds_away_in_a_16_bit_kernel_says_so():
+    """A small update (mean |dW| 1e-4, as after a short fine-tune) merged into bfloat16 kernels
+    of scale 0.02: the rounding kept 28% of the updated weights at their base value and lost 27%
+    of the update, so the merged model differs from the adapter by two thirds of its effect, with
+    no word. Now a warning says so; float32 params, a large update and jit stay quiet."""
+    import dataclasses
+    import warnings
+
+    from jpeft.merging import merge_into_base
+
+    model, x = nn.Dense(256), jax.random.normal(jax.random.key(0), (4, 256))
+    p32 = model.init(jax.random.key(1), x)
+    p32 = jax.tree.map(lambda w: w * 0.02 / w.std() if w.ndim == 2 else w, p32)
+    p16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), p32)
+    a = jpeft.init(jpeft.LoraConfig(r=8, alpha=16, target_modules=".*", init="random"), p16, jax.random.key(2))
+    big = a
+    a = {"": dataclasses.replace(a[""], lora_B=a[""].lora_B * (1e-4 / float(jnp.abs(a[""].kernel_delta()).mean())))}
+    for merge in (jpeft.merge, lambda p, ad: merge_into_base(p, [ad])):
+        with pytest.warns(UserWarning, match=r"merged weights are bfloat16, whose rounding lost 2\d% of the adapter's "
+                                             r"update .* 2\d% of the updated weights kept their base value"):
+            merged = merge(p16, a)
+        # the numbers are what they were: the update added in float32, then rounded to the kernel's dtype
+        want = (p16["params"]["kernel"].astype(jnp.float32) + a[""].kernel_delta()).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(merged["params"]["kernel"], np.float32), np.asarray(want, np.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            merge(p32, a)  # float32: exact
+            merge(p16, big)  # an update far above the kernel's rounding
+            jax.jit(merge)(p16, a)  # traced: not looked at
+
+
 def _dense_lora(features, x, alpha):
     """An ``nn.Dense(features)`` on ``x`` with a random r=3 LoRA, and its W, b, A, B in float64."""
     model = nn.Dense(features)

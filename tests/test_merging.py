@@ -260,6 +260,12 @@ def test_merge_refuses_non_finite_weights_and_wrong_types_by_name():
         merge_deltas([a, b], method="dare_linear", density=0.5, key=0)
     with pytest.raises(ConfigError, match="rank must be a positive integer"):
         merge_adapters([a, b], method="svd", rank=True)
+    # an adapter that is not one: a model's params, or the (config, adapter) pair of jpeft.load_adapter (a raw
+    # AttributeError: 'dict' object has no attribute 'low_rank')
+    with pytest.raises(ConfigError, match="adapter 1: the adapter's entry 'params' is a dict, not an adapter node"):
+        merge_adapters([a, {"params": {"kernel": jnp.ones((2, 2))}}])
+    with pytest.raises(ConfigError, match=r"adapter 0 takes an adapter.*found tuple \(jpeft.load_adapter"):
+        merge_into_base({"params": {"kernel": jnp.ones((2, 2))}}, [(None, a), b])
     # what is accepted still works: NumPy/JAX scalars, a raw uint32 key
     d = merge_deltas([a, b], np.array([2.0, -1.0]), method="dare_ties", density=jnp.float32(1.0),
                      key=jax.random.PRNGKey(0))[""]

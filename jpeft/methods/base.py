@@ -547,6 +547,26 @@ def method_for_peft_type(peft_type: str) -> Optional[Method]:
     return next((m for m in _METHODS.values() if m.peft_type == peft_type), None)
 
 
+def check_adapter(adapter, where: str, *, low_rank_ok: bool = False) -> None:
+    """Raises :class:`~jpeft.errors.ConfigError` unless ``adapter`` is an adapter, a dict
+    ``{path: node}`` of site nodes (what :func:`jpeft.init` returns; ``low_rank_ok``: a
+    :class:`LowRank` counts as a node). ``where`` names the call for the message."""
+    if not isinstance(adapter, Mapping):
+        pair = isinstance(adapter, tuple) and len(adapter) == 2 and isinstance(adapter[1], Mapping)
+        raise ConfigError(
+            f"{where} takes an adapter, a dict {{path: node}} as jpeft.init returns; found "
+            f"{type(adapter).__name__}"
+            + (" (jpeft.load_adapter and jpeft.hf.load_peft return a pair: unpack it, config, adapter = "
+               "jpeft.load_adapter(...))." if pair else ".")
+        )
+    for path, node in adapter.items():
+        if not isinstance(node, Site) and not (low_rank_ok and isinstance(node, LowRank)):
+            raise ConfigError(
+                f"{where}: the adapter's entry {path!r} is a {type(node).__name__}, not an adapter node (a model's "
+                "params, or a dict of arrays read by hand?). Pass the adapter jpeft.init or jpeft.load_adapter returns."
+            )
+
+
 def low_rank_node(lr: LowRank):
     """A node of the method that builds nodes from a :class:`LowRank` update (LoRA).
 
