@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jpeft.errors import InputValidationError, LoadError
+from jpeft.errors import ConfigError, InputValidationError, LoadError
 
 __all__ = [
     "load_examples", "tokenize_examples", "tokenize_documents", "pack", "pack_documents", "PackedDataset",
@@ -76,11 +76,16 @@ def load_examples(
       text_field / prompt_field / completion_field: the JSONL keys to read.
 
     Raises:
+      ConfigError: ``prompt_field`` and ``completion_field`` are the same key.
       LoadError: the file is missing, a JSONL line is not a JSON object, a line has
         neither ``text_field`` nor both ``prompt_field`` and ``completion_field``, or one of
         those values is not a string (``null``, a number, a list) or holds a lone surrogate
         escape (``"\\ud800"``, which JSON reads but is not text).
     """
+    if prompt_field == completion_field:
+        # every pair would be the prompt twice, its second copy trained on as the completion
+        raise ConfigError(f"prompt_field and completion_field are both {prompt_field!r}; name the two different keys "
+                          "of a prompt/completion line ([data] prompt_field / completion_field in `jpeft train`).")
     path = os.fspath(path)
     if not os.path.isfile(path):
         what = "is a directory" if os.path.isdir(path) else "does not exist"
@@ -111,8 +116,9 @@ def _text_value(path: str, lineno: int, row: Mapping, field: str) -> str:
     v = row[field]
     if not isinstance(v, str):
         found = "null" if v is None else f"{type(v).__name__} {json.dumps(v)[:60]}"
-        raise LoadError(f"{path}:{lineno}: the {field!r} field must be a string, found {found}. Write the text as a "
-                        "JSON string (or drop the line); jpeft does not turn other values into text.")
+        fix = (_CHAT_HINT if _is_conversation(v) else
+               "Write the text as a JSON string (or drop the line); jpeft does not turn other values into text.")
+        raise LoadError(f"{path}:{lineno}: the {field!r} field must be a string, found {found}. {fix}")
     try:
         v.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate escape ("\ud800"): JSON reads it, no tokenizer takes it
@@ -120,6 +126,17 @@ def _text_value(path: str, lineno: int, row: Mapping, field: str) -> str:
                         f"{e.start}, which is not text (an escape such as \\ud800 without its pair); write the "
                         "character itself, or its full surrogate pair, or drop it.") from None
     return v
+
+
+_CHAT_HINT = ("Conversational data (a list of role/content messages) is not read: render it with the tokenizer's chat "
+              "template into a text (tokenizer.apply_chat_template(messages, tokenize=False)), or into a prompt (the "
+              "turns before the reply, add_generation_prompt=True) and a completion (the reply).")
+
+
+def _is_conversation(v) -> bool:
+    """A list of role/content messages, as TRL's conversational formats hold (``messages``, or a
+    ``prompt`` and a ``completion`` that are lists of messages)."""
+    return isinstance(v, list) and bool(v) and all(isinstance(m, Mapping) and "role" in m for m in v)
 
 
 # said of a file holding one JSON array, or one object spread over lines (json.dump(..., indent=2)): .json is
@@ -161,11 +178,7 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
             else:
                 fix = ("Rename the fields, or name yours with text_field / prompt_field / completion_field (`jpeft "
                        "train`'s [data] section, load_examples' keywords; `jpeft eval` reads the default names only)."
-                       if not isinstance(row.get("messages", row.get("conversations")), list) else
-                       "Conversational data (a list of role/content messages) is not read: render it with the "
-                       "tokenizer's chat template into a text (tokenizer.apply_chat_template(messages, tokenize=False)), "
-                       "or into a prompt (the turns before the reply, add_generation_prompt=True) and a completion "
-                       "(the reply).")
+                       if not isinstance(row.get("messages", row.get("conversations")), list) else _CHAT_HINT)
                 raise LoadError(
                     f"{path}:{lineno}: expected a {text_field!r} field or both {prompt_field!r} and "
                     f"{completion_field!r}, found keys {sorted(row)}. {fix}"

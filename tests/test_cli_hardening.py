@@ -355,6 +355,44 @@ def test_a_tokenizer_larger_than_the_model_is_one_line(folder, capsys, tmp_path,
     assert "have no embedding row" in one_line(capsys.readouterr().err)
 
 
+def test_a_tokenizer_whose_ids_pass_the_model_is_refused_though_it_has_fewer_tokens(tmp_path, capsys):
+    """A vocabulary may skip ids: 6 tokens with ids up to 40 passed the count check against
+    vocab_size 16, and ``jpeft eval`` on a text holding the token of id 40 printed ``loss nan``
+    (no batch check sees its rows)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2, "b": 3, "c": 4, "zz": 40}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    assert len(fast) == 6 and fast("a zz")["input_ids"] == [2, 40]
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                 eos_token_id=1)).save_pretrained(tmp_path / "m")
+    fast.save_pretrained(tmp_path / "m")
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps({"text": "a b zz a zz c a b"}) + "\n" for _ in range(4)))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "e.jsonl"), "--seq-len", "16"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "has 6 tokens with ids up to 40 but the model's vocab_size is 16" in err and "no embedding row" in err
+
+
+@pytest.mark.parametrize("content", ["{}", "null", '{"added_tokens": 5}', '{"added_tokens": [], "model": {"type": "x"}}'])
+def test_a_malformed_tokenizer_json_is_one_line(folder, tmp_path, capsys, content):
+    """A tokenizer.json that is JSON but not a tokenizer raised transformers' KeyError, TypeError or
+    AttributeError, or the tokenizers library's bare Exception, as a traceback."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder / "m", bad)
+    (bad / "tokenizer.json").write_text(content)
+    assert main(["eval", "--model", str(bad), "--data", str(folder / "train.jsonl"), "--seq-len", "16"]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert "LoadError: no usable tokenizer in" in err and "tokenizer.save_pretrained" in err
+
+
 def _python_for_a_while(seconds: float = 10.0):
     """Runs Python code for ``seconds``: where a Ctrl-C delivered again lands (one long sleep in
     C would see it only at its end)."""

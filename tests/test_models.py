@@ -700,6 +700,10 @@ def test_bf16_model_generates_and_load_tokenizer(tmp_path):
     empty.mkdir()
     with pytest.raises(LoadError, match="no usable tokenizer"):
         M.load_tokenizer(str(empty))
+    # a model folder without tokenizer files was told "(Couldn't instantiate the backend tokenizer from one of: )"
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(LoadError, match=r"no usable tokenizer in .* \(it holds no tokenizer file: no tokenizer.json"):
+        M.load_tokenizer(str(empty))
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])

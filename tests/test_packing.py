@@ -164,6 +164,34 @@ def test_jsonl_values_must_be_strings(tmp_path):
             load_examples(bad)
 
 
+def test_trls_conversational_prompt_completion_is_refused_with_the_chat_template_fix(tmp_path):
+    """TRL's conversational prompt-completion rows (``prompt`` and ``completion`` lists of
+    role/content messages) were told to "write the text as a JSON string"; they get the same
+    chat-template fix as a ``messages`` row."""
+    from jpeft.data import load_examples
+    from jpeft.errors import LoadError
+
+    bad = tmp_path / "conv.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}],
+                               "completion": [{"role": "assistant", "content": "4"}]}) + "\n")
+    with pytest.raises(LoadError, match=r"conv.jsonl:1: the 'prompt' field must be a string, found list .*"
+                                        r"render it with the tokenizer's chat template") as e:
+        load_examples(bad)
+    assert "JSON string" not in str(e.value)
+
+
+def test_the_same_key_for_prompt_and_completion_is_refused(tmp_path):
+    """``completion_field = "prompt"`` trained every line on its prompt twice, the second copy as
+    the completion, without a word."""
+    from jpeft.data import load_examples
+    from jpeft.errors import ConfigError
+
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "Q", "completion": "A"}) + "\n")
+    with pytest.raises(ConfigError, match="prompt_field and completion_field are both 'prompt'"):
+        load_examples(f, completion_field="prompt")
+
+
 def test_a_lone_surrogate_escape_is_refused_with_its_line(tmp_path):
     """JSON reads "\\ud800" (an escape without its pair) into a str no tokenizer takes (a TypeError
     from deep inside tokenizers, no line); it is refused with its line and field. A full pair is

@@ -54,10 +54,14 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
     # the tokenizer first: a mismatch is refused before the weights are read
     tok = load_tokenizer(folder) if tokenizer else None
     vocab = d.get("vocab_size")
-    if tok is not None and isinstance(vocab, int) and len(tok) > vocab:
-        # ids past the embedding table would be clamped to its last row: a NaN-free, wrong loss
+    # the highest id, not the count: a vocabulary may skip ids ({"a": 2, "zz": 40} is 2 tokens), and an id past the
+    # embedding table reads no row of it (a NaN loss in `jpeft eval`, whose rows no batch check sees)
+    top = max(tok.get_vocab().values(), default=-1) + 1 if tok is not None else 0
+    if tok is not None and isinstance(vocab, int) and max(len(tok), top) > vocab:
+        found = (f"has {len(tok):,} tokens" if len(tok) >= top else
+                 f"has {len(tok):,} tokens with ids up to {top - 1:,}")
         raise InputValidationError(
-            f"the tokenizer in {folder!r} has {len(tok):,} tokens but the model's vocab_size is {vocab:,}: token ids "
+            f"the tokenizer in {folder!r} {found} but the model's vocab_size is {vocab:,}: token ids "
             f">= {vocab:,} have no embedding row. Use the model's own tokenizer, or resize the embeddings."
         )
     model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,

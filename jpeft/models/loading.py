@@ -850,7 +850,7 @@ def load_tokenizer(path: str, **kwargs):
     downloads).
 
     Raises:
-      LoadError: the folder has no tokenizer files.
+      LoadError: the folder has no tokenizer files, or they do not load (a malformed ``tokenizer.json``).
     """
     from transformers import AutoTokenizer
 
@@ -859,9 +859,17 @@ def load_tokenizer(path: str, **kwargs):
     kwargs.setdefault("local_files_only", True)
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a malformed tokenizer.json ({}, null, a wrong "model") raises a KeyError,
+        # TypeError or AttributeError in transformers, or the tokenizers library's bare Exception
+        why = " ".join(str(e).split())[:400]  # transformers' message runs over lines ("... from one of: \n(1) ...")
+        if not isinstance(e, (OSError, ValueError)):
+            why = f"{type(e).__name__}: {why}"
+        if not any(n.startswith(("tokenizer", "vocab", "spiece", "sentencepiece", "tekken")) or
+                   n.endswith((".model", ".tiktoken")) for n in os.listdir(path)):
+            # transformers then asks for sentencepiece or tiktoken to convert a slow tokenizer there is none of
+            why = "it holds no tokenizer file: no tokenizer.json, tokenizer_config.json, tokenizer.model or vocab file"
         raise LoadError(
-            f"no usable tokenizer in {path!r} ({str(e).splitlines()[0][:200]}). Save one there with "
+            f"no usable tokenizer in {path!r} ({why}). Save one there with "
             "tokenizer.save_pretrained(path)."
         ) from None
 
