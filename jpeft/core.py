@@ -92,6 +92,8 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     >>> bool(jnp.array_equal(jpeft.apply(model, params, adapter, x), model.apply(params, x)))
     True
     """
+    if adapter is not None:  # a (config, adapter) pair or a dict of arrays failed deep inside with a raw AttributeError
+        check_adapter(adapter, "jpeft.apply")
     if _nnx.is_nnx(model):
         graphdef, state = _nnx.split(model, params)
         return _nnx.apply_with(graphdef, state, adapter or {}, *args, rngs=dropout_rngs(rngs), **kwargs)

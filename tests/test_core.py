@@ -119,7 +119,8 @@ def test_factored_equals_merged_and_unmerge_recovers(case):
 
 def test_merge_and_unmerge_refuse_what_is_not_an_adapter_by_name(tmp_path):
     """The pair jpeft.load_adapter returns, None, a list or a dict of arrays ended in a raw
-    AttributeError ('tuple' object has no attribute 'items') from inside merge/unmerge."""
+    AttributeError ('tuple' object has no attribute 'items') from inside merge/unmerge (and
+    jpeft.apply: "'dict' object has no attribute 'handles'")."""
     model, params, x = _mlp()
     cfg = jpeft.LoraConfig(r=2, target_modules=["fc2"], init="random")
     a = jpeft.init(cfg, params, jax.random.key(0))
@@ -133,6 +134,10 @@ def test_merge_and_unmerge_refuse_what_is_not_an_adapter_by_name(tmp_path):
                 fn(params, bad)
         with pytest.raises(jpeft.ConfigError, match="entry 'fc2' is a dict, not an adapter node"):
             fn(params, {"fc2": {"lora_A": a["fc2"].lora_A, "lora_B": a["fc2"].lora_B}})
+    with pytest.raises(jpeft.ConfigError, match=r"jpeft.apply takes an adapter.* found tuple \(jpeft.load_adapter"):
+        jpeft.apply(model, params, loaded, x)
+    with pytest.raises(jpeft.ConfigError, match="jpeft.apply: the adapter's entry 'fc2' is a dict, not an adapter node"):
+        jpeft.apply(model, params, {"fc2": {"lora_A": a["fc2"].lora_A, "lora_B": a["fc2"].lora_B}}, x)
     # the unpacked pair merges as before
     np.testing.assert_allclose(np.asarray(model.apply(jpeft.merge(params, loaded[1]), x)),
                                np.asarray(jpeft.apply(model, params, a, x)), atol=1e-5)
