@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,6 +16,27 @@ SCRIPT = os.path.join(ROOT, "tpu", "train_multihost.py")
 
 # The sizes every parallel test uses: every dimension divisible by 4 (fsdp) and 8 (data).
 WIDTH, LAYERS, SEQ, BATCH, RANK = 16, 1, 8, 16, 4
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a ``jax.distributed`` coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(commands, *, env, timeout: float = 300, cwd: str = ROOT) -> tuple[list[str], list[int]]:
+    """Runs one process per command at once (stdout and stderr together), waits for each and kills
+    any still running after ``timeout`` seconds (or an error); ``(outputs, return codes)``."""
+    procs = [subprocess.Popen(c, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in commands]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs, [p.returncode for p in procs]
 
 
 def script():

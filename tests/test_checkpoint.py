@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import jax
@@ -27,6 +26,9 @@ from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, ShapeM
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 import ckpt_common as C  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _parallel_common as P  # noqa: E402
 
 HELPERS = os.path.join(os.path.dirname(__file__), "helpers")
 
@@ -922,18 +924,8 @@ def test_a_checkpoint_split_across_processes_is_hashed_and_checked(tmp_path):
     restored silently. Each array's whole value is now gathered on every process and hashed when
     saving and when restoring: the saved hashes are those of the full arrays, the restore is
     exact, and a hash that does not match is a CheckpointError on both processes."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([C.PY, "-c", _TWO_PROCESS_SAVE, str(port), str(i), str(tmp_path / "ck")], env=C.env(1),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    port = P.free_port()
+    outs, _ = P.run_processes([[C.PY, "-c", _TWO_PROCESS_SAVE, str(port), str(i), str(tmp_path / "ck")] for i in range(2)],
+                              env=C.env(1))
     want = 'OUT {"restored": true, "sha": true, "tampered": true, "unhashed": true, "unhashed_restored": true}'
     assert all(want in o for o in outs), "\n----\n".join(o[-3000:] for o in outs)

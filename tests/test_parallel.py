@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 
@@ -546,12 +545,6 @@ def test_initialize_arguments():
     assert r.returncode != 0 and "cluster auto-detection found no cluster" in r.stderr, r.stderr[-2000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _SPLIT_READ_WORKER = r"""
 import sys
 import jax
@@ -582,15 +575,9 @@ def test_host_reads_of_an_array_split_across_processes_are_refused_by_name():
     """A host read (a content hash, a token check, ``tree.host_array``) of an array split across
     processes raised JAX's raw RuntimeError; it is a ShardingError naming ``gather``. A replicated
     array is read from this process's copy, and ``gather`` reads the split one whole."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", _SPLIT_READ_WORKER, str(port), str(i)], env=_env(1), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    port = C.free_port()
+    outs, _ = C.run_processes([[sys.executable, "-c", _SPLIT_READ_WORKER, str(port), str(i)] for i in range(2)],
+                              env=_env(1))
     want = "OUT " + str([[0, 1, 2], [0, 0, 1, 1]] + ["ShardingError"] * 3)
     assert all(want in o for o in outs), "\n----\n".join(o[-3000:] for o in outs)
 
@@ -600,24 +587,10 @@ def test_two_processes_match_one(tmp_path):
     args = ["--steps", str(steps), "--fsdp", "2", "--width", str(C.WIDTH), "--layers", str(C.LAYERS),
             "--seq-len", str(C.SEQ), "--global-batch", str(C.BATCH), "--rank", str(C.RANK),
             "--out", str(tmp_path), "--write-every-process", "--log-every", "0"]
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, C.SCRIPT, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-             "--process-id", str(i)] + args,
-            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=600)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n----\n".join(o[-3000:] for o in outs)
+    port = C.free_port()
+    outs, codes = C.run_processes([[sys.executable, C.SCRIPT, "--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                    "2", "--process-id", str(i)] + args for i in range(2)], env=_env(2), timeout=600)
+    assert codes == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
     infos = [json.load(open(tmp_path / f"losses.process{i}.json")) for i in range(2)]
     assert [i["process_index"] for i in infos] == [0, 1]
     assert all(i["process_count"] == 2 and i["global_devices"] == 4 for i in infos)
