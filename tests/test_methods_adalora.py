@@ -260,6 +260,31 @@ def test_gpt2_conv1d_to_peft_and_back(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("init", ["gaussian", "pissa"])
+def test_a_peft_file_with_a_lora_init_name_loads_as_peft_reads_it(tmp_path, init):
+    """AdaLoraConfig inherits LoraConfig's init_lora_weights (True, False or an init's name); PEFT's AdaLoRA
+    takes any true value for its own init, and a loaded file's tensors are what counts. jpeft refused such a
+    file by name; it now loads (as True) with PEFT's logits, every tensor random."""
+    hf, _ = tiny.hf_model(FAMILY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.AdaLoraConfig(target_modules=TARGETS, init_lora_weights=init,
+                                                                        **SCHEDULE))
+    torch.manual_seed(4)
+    for n, p in _lora_params(pm).items():
+        torch.nn.init.normal_(p, std=0.3)
+    pm.save_pretrained(str(tmp_path))
+    assert json.load(open(tmp_path / "adapter_config.json"))["init_lora_weights"] == init
+    pm.eval()
+    _, params = _base()
+    cfg, ad = H.load_peft(str(tmp_path), params)
+    assert cfg.init_lora_weights is True
+    ids, mask = tiny.batch(FAMILY, seed=5)
+    ref = _logits_torch(pm, ids, mask)
+    assert np.abs(ref - tiny.torch_logits(FAMILY, ids, mask)).max() > 1e-2
+    _close(_logits_jpeft(params, ad, ids, mask), ref, mask)
+
+
 def test_dense_general_conv_and_einsum_merge_equals_apply(tmp_path):
     """jpeft's other linear layouts through the shared dispatch: merge equals the factored apply,
     unmerge restores; the PEFT export (dense modules only) refuses them by name."""

@@ -731,10 +731,13 @@ def _from_hf(d, tensors, params, ctx):
         kept["modules_to_save"] = None
     if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(f"the AdaLoRA adapter in {ctx.folder!r} has target_modules=null; set it explicitly.")
-    if kept.get("init_lora_weights") not in (True, False):
+    init = kept.get("init_lora_weights", True)
+    if isinstance(init, str) and init:  # an init's name (LoraConfig's field, which AdaLoRA inherits): PEFT's
+        kept["init_lora_weights"] = True  # AdaLoRA takes any true value for its own init, and the file holds the tensors
+    elif init not in (True, False):
         raise UnsupportedAdapterError(
-            f"the AdaLoRA adapter in {ctx.folder!r} has init_lora_weights={kept.get('init_lora_weights')!r}; jpeft's "
-            "AdaLoRA loads the default (true) or random (false) init only.")
+            f"the AdaLoRA adapter in {ctx.folder!r} has init_lora_weights={init!r}; jpeft's AdaLoRA loads true (or an "
+            "init's name, which PEFT's AdaLoRA reads as true) or false.")
     config = config_from_peft(AdaLoraConfig, kept, ctx.folder)
     by_site = site_tensors(tensors, _TENSORS, ctx.leaves, config.target_modules)
     rp, r0 = config.rank_pattern or {}, int(config.init_r)
