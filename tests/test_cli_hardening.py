@@ -317,6 +317,36 @@ def test_merge_force_over_an_earlier_export_removes_its_adapter_files(folder, ca
     assert not names & {"adapter_config.json", "adapter_model.safetensors"}, names
 
 
+def test_merge_into_a_bfloat16_checkpoint_says_when_the_rounding_loses_the_update(folder, tmp_path):
+    """`jpeft merge` computes in float32 and writes a bfloat16 checkpoint's tensors in bfloat16, as PEFT's
+    merge_and_unload() does; a small update then mostly rounds away in the written weights, with no word
+    (jpeft.merge into bfloat16 params warned). Now the command warns too; a large update stays quiet."""
+    import dataclasses
+    import warnings
+
+    import jax
+    import torch
+    from transformers import LlamaForCausalLM
+
+    import jpeft
+    from jpeft.models import from_pretrained
+
+    LlamaForCausalLM.from_pretrained(str(folder / "m"), dtype=torch.bfloat16).save_pretrained(tmp_path / "m16")
+    _, params = from_pretrained(str(tmp_path / "m16"))  # float32, as `jpeft merge` loads it
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init="random")  # every adapter tensor random
+    big = jpeft.init(cfg, params, jax.random.key(0))
+    small = {p: dataclasses.replace(n, lora_B=n.lora_B * 1e-4) for p, n in big.items()}  # ~40% rounds away
+    for name, ad in (("small", small), ("big", big)):
+        jpeft.save_adapter(tmp_path / name, cfg, ad, params=params)
+    common = ["--model", str(tmp_path / "m16"), "--out"]
+    with pytest.warns(UserWarning, match=r"jpeft merge \(writing the base's 16-bit dtype\): the merged weights are "
+                                         r"bfloat16, whose rounding lost \d+% of the adapter's update"):
+        assert main(["merge", *common, str(tmp_path / "o1"), "--adapter", str(tmp_path / "small")]) == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*whose rounding lost")
+        assert main(["merge", *common, str(tmp_path / "o2"), "--adapter", str(tmp_path / "big")]) == 0
+
+
 def test_closed_pipe_and_subprocess_exit_codes(folder):
     r = subprocess.run(f"{sys.executable} -m jpeft.cli info llama-2-7b | head -1", shell=True, capture_output=True,
                        text=True, env=ENV, timeout=300)

@@ -6,8 +6,10 @@ import contextlib
 import os
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
+from jpeft.core import RoundingTally
 from jpeft.errors import ConfigError, InputValidationError, LoadError, SaveError
 from jpeft.io import safetensors_index
 from jpeft.parallel import shard_params
@@ -81,16 +83,21 @@ def example_ids():
     return jnp.zeros((1, 8), jnp.int32)
 
 
-def save_folder(out: str, loaded: Loaded, params) -> None:
+def save_folder(out: str, loaded: Loaded, params, *, base=None) -> None:
     """Writes ``params`` as a Hugging Face folder next to a copy of the base's config and
     tokenizer files: ``config.json``, ``model.safetensors`` (Hugging Face names and layouts),
     each tensor in the dtype the base's checkpoint stores it in (a bfloat16 model is computed
-    on in float32 and written back in bfloat16, as its copied config.json says)."""
+    on in float32 and written back in bfloat16, as its copied config.json says). With ``base``
+    (the params ``params`` were merged from) a ``UserWarning`` says when that rounding loses more
+    than a tenth of the update (:class:`jpeft.core.RoundingTally`)."""
     stored = {}
     for f in loading.weight_files(loaded.folder)[0]:
         stored.update({k: e[0] for k, e in safetensors_index(f)[0].items()})
     inner = params["params"] if "params" in params else params
-    tensors = loading.hf_tensors(inner, loading.FAMILIES[loading.config_from_hf(loaded.hf_config).model_type], stored)
+    family = loading.FAMILIES[loading.config_from_hf(loaded.hf_config).model_type]
+    if base is not None:
+        _warn_rounded_update(base["params"] if "params" in base else base, inner, family, stored)
+    tensors = loading.hf_tensors(inner, family, stored)
     copies = {}
     for name in os.listdir(loaded.folder):
         if _is_base_file(name):
@@ -112,6 +119,22 @@ def save_folder(out: str, loaded: Loaded, params) -> None:
     for name in (*PEFT_ADAPTER_FILES, *stale):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, name))
+
+
+def _warn_rounded_update(base, merged, family, stored) -> None:
+    """The :class:`jpeft.core.RoundingTally` of writing ``merged`` in the 16-bit dtypes ``stored``
+    gives its tensors, against the update from ``base``; one tensor at a time on the host."""
+    tally = RoundingTally()
+    for k, (keys, _mpath, _transposed, _shape) in loading.hf_key_map(jax.eval_shape(lambda: merged), family).items():
+        dt = stored.get(k)
+        if dt is None or not jnp.issubdtype(dt, jnp.floating) or jnp.dtype(dt).itemsize >= 4:
+            continue
+        b, m = base, merged
+        for c in keys:
+            b, m = b[c], m[c]
+        if b is not m:  # a weight the merge left alone is the same array
+            tally.add({k: b}, {k: m}, {k: jnp.asarray(m).astype(dt)})
+    tally.warn("jpeft merge (writing the base's 16-bit dtype)", stacklevel=2)
 
 
 def _is_base_file(name: str) -> bool:

@@ -69,6 +69,6 @@ def run(args) -> int:
                             "merge_and_unload() does; the merged model's outputs differ from the quantized training "
                             "model's by the quantization error.")
     merged = jpeft.merge(base, adapter)
-    save_folder(args.out, loaded, merged)
+    save_folder(args.out, loaded, merged, base=base)
     print(f"merged {config.peft_type} adapter {args.adapter} into {args.model}; saved to {os.path.abspath(args.out)}")
     return 0
