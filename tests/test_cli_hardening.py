@@ -347,6 +347,15 @@ def test_merge_into_a_bfloat16_checkpoint_says_when_the_rounding_loses_the_updat
         assert main(["merge", *common, str(tmp_path / "o2"), "--adapter", str(tmp_path / "big")]) == 0
 
 
+def test_packing_warnings_name_the_file_they_are_about(folder, tmp_path):
+    """A packing warning of `jpeft train` (here: a prompt longer than seq_len) did not say whether it was
+    about data.train, data.eval or the forgetting canary; it now names the key and the file."""
+    (folder / "ev.jsonl").write_text(json.dumps({"prompt": "the quick brown fox " * 4, "completion": " dog"}) + "\n")
+    cfg = config(folder, data='train.jsonl"\neval = "ev.jsonl', extra_train="eval_every = 2")
+    with pytest.warns(UserWarning, match=r"^data\.eval \(.*ev\.jsonl\): in 1 document\(s\) the first target token"):
+        assert main(["train", "--config", str(cfg), "--no-progress", "--output-dir", str(tmp_path / "o")]) == 0
+
+
 def test_closed_pipe_and_subprocess_exit_codes(folder):
     r = subprocess.run(f"{sys.executable} -m jpeft.cli info llama-2-7b | head -1", shell=True, capture_output=True,
                        text=True, env=ENV, timeout=300)
