@@ -16,7 +16,7 @@ from jpeft.data import token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, InputValidationError, ShapeMismatchError
 from jpeft.methods.base import check_adapter, method_of, split_frozen
 from jpeft.validate import check_key, is_single_key
-from jpeft.tree import count, get_subtree, nbytes, rewrap_params, set_subtree, unbox, unwrap_params
+from jpeft.tree import count, get_subtree, is_half_float, nbytes, rewrap_params, set_subtree, unbox, unwrap_params
 
 
 def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, *model_args, **model_kwargs) -> dict:
@@ -258,8 +258,7 @@ class RoundingTally:
     @staticmethod
     def low(x) -> bool:
         """A concrete floating array of fewer than 32 bits (bfloat16, float16)."""
-        return (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize < 4
-                and not isinstance(x, jax.core.Tracer))
+        return is_half_float(getattr(x, "dtype", None)) and not isinstance(x, jax.core.Tracer)
 
     def add(self, before, exact, stored) -> None:
         for k, m in stored.items():

@@ -43,6 +43,7 @@ from jpeft import validate as _validate
 from jpeft.distributed import StopAgreement
 from jpeft.errors import ConfigError, InputValidationError, NonFiniteError
 from jpeft.methods.base import trainable as _trainable
+from jpeft.tree import is_half_float
 
 __all__ = ["NonFiniteGuard", "FitResult", "MetricLog", "fit"]
 
@@ -309,7 +310,7 @@ def _warn_half_precision(adapter) -> None:
     bfloat16) rounds away, so at the usual learning rates such an adapter silently stops learning."""
     train = _trainable(adapter) if isinstance(adapter, Mapping) else adapter
     found = [(jax.tree_util.keystr(p), x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(train)
-             if getattr(x, "dtype", None) in (np.dtype("bfloat16"), np.dtype("float16"))]
+             if is_half_float(getattr(x, "dtype", None))]
     if found:
         n = len(jax.tree.leaves(train))
         warnings.warn(

@@ -358,6 +358,12 @@ def is_typed_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def is_half_float(dtype) -> bool:
+    """Whether ``dtype`` is a floating dtype narrower than 32 bits (bfloat16, float16): one whose
+    rounding step (1/256 of a value in bfloat16) can swallow a small update."""
+    return dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating) and np.dtype(dtype).itemsize < 4
+
+
 def host_array(x) -> np.ndarray:
     """A host numpy copy of the whole value of ``x`` (a typed PRNG key as its key data).
 

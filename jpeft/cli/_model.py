@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jpeft.core import RoundingTally
 from jpeft.errors import ConfigError, InputValidationError, LoadError, SaveError
 from jpeft.io import safetensors_index
+from jpeft.tree import is_half_float
 from jpeft.parallel import shard_params
 from jpeft.models import (LlamaForCausalLM, config_from_hf, from_pretrained, load_tokenizer, loading,
                           model_from_config as _m, read_config)
@@ -127,7 +128,7 @@ def _warn_rounded_update(base, merged, family, stored) -> None:
     tally = RoundingTally()
     for k, (keys, _mpath, _transposed, _shape) in loading.hf_key_map(jax.eval_shape(lambda: merged), family).items():
         dt = stored.get(k)
-        if dt is None or not jnp.issubdtype(dt, jnp.floating) or jnp.dtype(dt).itemsize >= 4:
+        if not is_half_float(dt):
             continue
         b, m = base, merged
         for c in keys:
