@@ -156,7 +156,30 @@ def test_resume_names_a_key_added_to_the_method_table_before_loading(folder, cap
     monkeypatch.setattr(trainer, "load_folder", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(argv + ["--resume", "--set", "method.use_rslora=true"]) == 2
     line = one_line(capsys.readouterr().err)
-    assert "--resume would continue the run" in line and "method.use_rslora: null -> true" in line
+    assert "--resume would continue the run" in line and "method.use_rslora: false -> true" in line
+
+
+def test_resume_compares_the_method_config_the_table_resolves_to(folder, capsys):
+    """--resume compared the [method] table key by key as written, so the same method config spelt
+    another way was refused: ``alpha`` for ``lora_alpha``, or a key added at its default value
+    (``use_rslora = false``, ``lora_alpha = 8`` where 8 was the default). It now compares the
+    resolved method config: those resume, a changed value is still refused, in the field's own name."""
+    argv = ["train", "--config", str(config(folder, method='name = "lora"\nr = 2\nlora_alpha = 4\n'
+                                                          'target_modules = ["q_proj"]')),
+            "--no-progress", "--output-dir", str(folder / "out_resolved"), "--set", "train.steps=3"]
+    assert main(argv + ["--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--resume", "--max-steps", "2", "--set", "method.use_rslora=false"]) == 0
+    assert "resumed from step 1" in capsys.readouterr().err
+    # the table written again with alpha for lora_alpha (PEFT's key or jpeft's, both read)
+    spelt = config(folder, method='peft_type = "LORA"\nr = 2\nalpha = 4\ntarget_modules = ["q_proj"]')
+    argv2 = ["train", "--config", str(spelt), "--no-progress", "--output-dir", str(folder / "out_resolved"),
+             "--set", "train.steps=3"]
+    assert main(argv2 + ["--resume"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().err
+    assert main(argv2 + ["--resume", "--set", "method.alpha=8"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--resume would continue the run" in line and "method.lora_alpha: 4 -> 8" in line
 
 
 def test_resume_of_a_run_an_earlier_jpeft_saved_with_peft_type_alone(tmp_path):

@@ -288,14 +288,29 @@ def _keep_unsaved_settings(out_dir: str, cfg: dict, before: Optional[dict] = Non
              "own dropout; it resumes with train.model_dropout = false.")
 
 
-def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None) -> None:
+def _method_changes(before: dict, cfg: dict, model_type: Optional[str]) -> Optional[dict]:
+    """The fields of the method config this run trains that differ from the resolved one the run
+    saved (``method_config``), as ``{"method.<field>": (saved, now)}``; ``None`` where that cannot
+    be told (no saved ``method_config``: an older jpeft; no ``model_type``, which picks the default
+    targets). Compared resolved, so ``alpha`` for ``lora_alpha``, or a field now written at its
+    default value, is no change; a field an older jpeft did not save is skipped."""
+    was = before.get("method_config")
+    if model_type is None or not isinstance(was, dict) or not isinstance(cfg.get("method"), dict):
+        return None
+    now = json.loads(json.dumps(method_of(cfg, model_type, before).to_dict()))
+    return {f"method.{k}": (was[k], now[k]) for k in sorted(was) if k in now and was[k] != now[k]}
+
+
+def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, model_type: Optional[str] = None) -> None:
     """Refuses ``--resume`` with settings that change the run (the seed, the data, the model's
     layout, the method, the optimizer, ...), naming each with its saved and its new value:
     the resumed run would no longer be the run its checkpoints belong to, and the saved config
     would be overwritten. Checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled
     model cannot use (and the other way round), which gets its own message. Runs without a
     ``resolved_config.json`` (an older jpeft) are not checked; keys an older jpeft did not save
-    are skipped. ``before``: :func:`_read_saved_config` (read here if not given)."""
+    are skipped. ``before``: :func:`_read_saved_config` (read here if not given). ``model_type``
+    (the base's): the [method] table is then compared as the method config it resolves to
+    (:func:`_method_changes`), else key by key as written."""
     path = os.path.join(out_dir, "resolved_config.json")
     before = _read_saved_config(out_dir) if before is None else before
     if before is None:
@@ -324,6 +339,11 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None) -> 
                      | {k for k in new if k not in old and new[k] is not None
                         and (k.split(".")[0] not in before or k.startswith("method."))})
     changed = [k for k in changed if not k.startswith(_RESUME_MAY_CHANGE)]
+    method_changes = _method_changes(before, cfg, model_type)
+    if method_changes is not None:  # the resolved method config decides: the table's spelling does not matter
+        changed = sorted([k for k in changed if not k.startswith("method.")] + list(method_changes))
+        old.update({k: v[0] for k, v in method_changes.items()})
+        new.update({k: v[1] for k, v in method_changes.items()})
     if changed:
         shown = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
@@ -398,7 +418,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         check_folder(out_dir, "output_dir")  # before the model is loaded, not at os.makedirs after it
         # the row length against the model's positions and the data files (missing, not UTF-8, a bad line), before
         # the model is loaded: a path's typo was named only once the whole base was read
-        check_seq_len(int(d["seq_len"]), loading.read_config(cfg["model"]), "data.seq_len", method0.extra_positions)
+        hf_config = loading.read_config(cfg["model"])
+        check_seq_len(int(d["seq_len"]), hf_config, "data.seq_len", method0.extra_positions)
         if t.get("scan_layers") and not method0.layer_scan:
             raise ConfigError(f"method {method0.peft_type.lower()} cannot train a layer-scanned model (train.scan_layers = "
                               "true): it needs each layer's modules apart. Set train.scan_layers = false.")
@@ -422,7 +443,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         saved = _read_saved_config(out_dir) if resume and has_ckpts else None
         if saved is not None:
             _keep_unsaved_settings(out_dir, cfg, saved)
-            _check_resumable(out_dir, cfg, saved)
+            _check_resumable(out_dir, cfg, saved, hf_config.get("model_type"))
         mesh = make_run_mesh(cfg, int(t["batch_size"]))
         if mesh is not None and "tensor" in mesh.shape:
             check_tensor_axis(cfg["model"], mesh.shape["tensor"])
