@@ -10,6 +10,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -195,6 +196,38 @@ def test_guard_arguments_are_checked(setup):
     # a resumed guard's state without its guard was dropped silently (the run went on unguarded)
     with pytest.raises(ConfigError, match="forgetting_state .* but no forgetting guard"):
         jpeft.fit(step, params, adapter, plain.init(adapter), _skewed(0, 2), key=key, forgetting_state={"kept": None})
+
+
+def test_an_lr_scale_before_another_stage_is_refused(setup):
+    """``optax.chain(jpeft.lr_scale(), optax.adam(...))``: Adam divides the scale out, so a rollback's
+    lower learning rate left the step as it was (checked below, to 1e-6) and the guard went on
+    "lowering" it without a word. The guard and :func:`scale_lr` now refuse an lr_scale that is not
+    the chain's last stage; the order the docs give still works (the other tests)."""
+    params, adapter, _, _, key = setup
+    wrong = optax.chain(jpeft.lr_scale(), optax.adam(1e-2))
+    state = wrong.init(adapter)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), adapter)
+    full, _ = wrong.update(grads, state, adapter)
+    halved, _ = wrong.update(grads, _halve(state), adapter)
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(halved)))
+    with pytest.raises(ConfigError, match=r"not the last stage .* optax.chain\(optax.adamw\(...\), jpeft.lr_scale\(\)\)"):
+        scale_lr(state, 0.5)
+    step = jpeft.make_train_step(C.loss_fn(), wrong, donate=False)
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=0.1, action="rollback")
+    with pytest.raises(ConfigError, match="not the last stage"):
+        jpeft.fit(step, params, adapter, state, _skewed(0, 2), key=key, forgetting=guard)
+    # the same stage last: the halved scale halves the step
+    right = optax.chain(optax.adam(1e-2), jpeft.lr_scale())
+    st = right.init(adapter)
+    full, _ = right.update(grads, st, adapter)
+    halved, _ = right.update(grads, scale_lr(st, 0.5), adapter)
+    assert all(np.allclose(0.5 * np.asarray(a), b, rtol=1e-6) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(halved)))
+
+
+def _halve(state):
+    """``state`` with its lr_scale halved, without scale_lr (which refuses this chain)."""
+    return (state[0]._replace(hyperparams={**state[0].hyperparams, "lr_scale": state[0].hyperparams["lr_scale"] * 0.5}),
+            *state[1:])
 
 
 def test_a_canary_without_targets_or_a_non_finite_check_is_not_within_budget(setup):

@@ -68,6 +68,30 @@ def _scale_states(opt_state) -> list:
     return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_scale_state) if _is_scale_state(x)]
 
 
+def _stage_after_scale(opt_state) -> bool:
+    """Whether a stage follows :func:`lr_scale` in an ``optax.chain`` (whose state is a plain
+    tuple of its stages' states): scaling the updates before Adam, a clip or any other stage then
+    does not scale the step by the factor (Adam divides it out), so a rollback would lower nothing."""
+    def walk(x) -> tuple[bool, bool]:  # (found, a stage after it)
+        if _is_scale_state(x):
+            return True, False
+        children = list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, (tuple, list)) else []
+        for i, c in enumerate(children):
+            found, after = walk(c)
+            if found:
+                return True, after or (type(x) is tuple and i != len(children) - 1)
+        return False, False
+
+    return walk(opt_state)[1]
+
+
+def _check_scale_last(opt_state) -> None:
+    if _stage_after_scale(opt_state):
+        raise ConfigError("jpeft.lr_scale() is not the last stage of the optimizer's optax.chain, so lowering it does not "
+                          "lower the step by that factor (a stage after it, such as Adam, divides the scale out): a "
+                          "rollback would lower nothing. Put it last: optax.chain(optax.adamw(...), jpeft.lr_scale()).")
+
+
 def current_lr_scale(opt_state):
     """The ``lr_scale`` in ``opt_state`` (from :func:`lr_scale`), or ``None`` when it has none."""
     found = _scale_states(opt_state)
@@ -83,6 +107,7 @@ def scale_lr(opt_state, factor: float):
     if not _scale_states(opt_state):
         raise ConfigError("the optimizer state has no lr_scale stage, so the learning rate cannot be lowered; build "
                           "the optimizer as optax.chain(..., jpeft.lr_scale()) to use action='rollback'.")
+    _check_scale_last(opt_state)
 
     def one(x):
         if not _is_scale_state(x):
@@ -250,12 +275,14 @@ class ForgettingGuard:
         its last check (nothing is measured).
 
         Raises:
-          ConfigError: ``action="rollback"`` without :func:`lr_scale` in the optimizer, a
+          ConfigError: ``action="rollback"`` without :func:`lr_scale` as the optimizer's last stage, a
             starting adapter already over the budget (it would be kept as the state within budget),
             or an adapter relative to a residual base without ``base_params``."""
         if self.action == "rollback" and current_lr_scale(opt_state) is None:
             raise ConfigError("action='rollback' lowers the learning rate through jpeft.lr_scale(), but the optimizer "
                               "has no such stage; build it as optax.chain(..., jpeft.lr_scale()), or use action='stop'.")
+        if self.action == "rollback":
+            _check_scale_last(opt_state)
         marks = _residual_marks(adapter)
         if marks and self.base_params is None:
             # params is then the residual base (the base minus the initial adapter): its model without the adapter
