@@ -360,9 +360,24 @@ class PackedDataset:
 
     @classmethod
     def from_examples(cls, examples, encode, seq_len: int, *, eos_id=None, bos_id=None,
-                      packing: str = "documents") -> "PackedDataset":
+                      packing: str = "documents", source: Optional[str] = None) -> "PackedDataset":
         """Tokenizes and packs ``examples``; ``packing`` is ``"documents"`` (no attention across
-        documents, the default) or ``"stream"`` (one token stream cut into rows)."""
+        documents, the default) or ``"stream"`` (one token stream cut into rows). ``source``
+        (e.g. the file the examples came from) begins the warnings and errors about them."""
+        if source is None:
+            return cls._pack(examples, encode, seq_len, eos_id, bos_id, packing)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:
+                ds = cls._pack(examples, encode, seq_len, eos_id, bos_id, packing)
+            except InputValidationError as e:
+                raise InputValidationError(f"{source}: {e}") from None
+        for w in said:
+            warnings.warn(f"{source}: {w.message}", w.category, stacklevel=2)
+        return ds
+
+    @classmethod
+    def _pack(cls, examples, encode, seq_len, eos_id, bos_id, packing) -> "PackedDataset":
         if packing not in PACKINGS:
             raise InputValidationError(
                 f"packing must be one of {list(PACKINGS)}, found {packing!r}: 'documents' keeps documents apart "
@@ -390,9 +405,9 @@ class PackedDataset:
     @classmethod
     def from_file(cls, path, encode, seq_len: int, *, eos_id=None, bos_id=None, packing: str = "documents",
                   **fields) -> "PackedDataset":
-        """:func:`load_examples` then :meth:`from_examples`."""
+        """:func:`load_examples` then :meth:`from_examples` (its warnings and errors name ``path``)."""
         return cls.from_examples(load_examples(path, **fields), encode, seq_len, eos_id=eos_id, bos_id=bos_id,
-                                 packing=packing)
+                                 packing=packing, source=str(path))
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

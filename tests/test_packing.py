@@ -436,3 +436,24 @@ def test_a_prompt_longer_than_a_row_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         PackedDataset.from_examples([{"text": "x" * 30}, {"prompt": "p" * 5, "completion": "abcdefgh"}], enc, 8, eos_id=2)
+
+
+def test_from_file_names_its_file_in_packing_warnings_and_errors(tmp_path):
+    """``PackedDataset.from_file`` said "in 1 document(s) ..." or "no target token" without naming the
+    file (only ``jpeft train`` added it); ``source`` now begins them, and from_file gives its path."""
+    import warnings
+
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "p" * 12, "completion": "abc"}) + "\n")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ds = PackedDataset.from_file(long, enc, 8, eos_id=2)
+    assert [str(w.message).split(": in ")[0] for w in said] == [str(long)]  # one warning, once
+    assert ds.num_targets == 4
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text(json.dumps({"prompt": "abc", "completion": ""}) + "\n")
+    with pytest.raises(jpeft.InputValidationError, match=f"^{empty}: the dataset has no target token"):
+        PackedDataset.from_file(empty, enc, 4)
+    with pytest.raises(jpeft.InputValidationError, match="^data.eval: the dataset has no target token"):
+        PackedDataset.from_examples([{"prompt": "abc", "completion": ""}], enc, 4, source="data.eval")

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import uuid
-import warnings
 from typing import Optional
 
 import jax
@@ -28,7 +27,7 @@ from jpeft.cli._common import method_class, method_name_of, method_of, say as _s
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
 from jpeft.data import load_examples, model_inputs, PackedDataset
-from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, InputValidationError, SaveError, ShardingError
+from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, SaveError, ShardingError
 from jpeft.forgetting.guard import current_lr_scale
 from jpeft.io import atomic_write, check_folder
 from jpeft.models import LlamaForCausalLM, loading
@@ -471,17 +470,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
 
         def pack(examples, key, path):
             """Packs one file's examples; its warnings and errors name the file (train, eval or canary)."""
-            where = f"{key} ({path})"
-            with warnings.catch_warnings(record=True) as said:
-                warnings.simplefilter("always")
-                try:
-                    ds = PackedDataset.from_examples(examples, encode, int(d["seq_len"]), eos_id=eos, bos_id=bos,
-                                                     packing=d["packing"])
-                except InputValidationError as e:
-                    raise InputValidationError(f"{where}: {e}") from None
-            for w in said:
-                warnings.warn(f"{where}: {w.message}", w.category, stacklevel=2)
-            return ds
+            return PackedDataset.from_examples(examples, encode, int(d["seq_len"]), eos_id=eos, bos_id=bos,
+                                               packing=d["packing"], source=f"{key} ({path})")
 
         train_ds = pack(train_ex, "data.train", d["train"])
         eval_ds = pack(eval_ex, "data.eval", d.get("eval")) if eval_ex is not None else None
