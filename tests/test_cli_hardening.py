@@ -144,6 +144,25 @@ def test_data_files_and_the_row_length_are_refused_before_the_model_is_loaded(fo
         assert expect in one_line(capsys.readouterr().err)
 
 
+def test_a_residual_base_init_is_refused_before_the_model_is_loaded_with_what_jpeft_train_takes(folder, capsys,
+                                                                                                monkeypatch):
+    """`init_lora_weights = "pissa"` (or olora, milora, pissa_niter_K) was refused by jpeft.init only once
+    the whole base had been loaded, with advice for Python ("create it with jpeft.init_pissa(config,
+    params, key, ...)") that a [method] table cannot follow. It is now refused before loading, saying
+    what jpeft train takes instead."""
+    import jpeft.cli._trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_folder", lambda *a, **k: pytest.fail("the model was loaded"))
+    for init, entry in (("pissa", "init_pissa"), ("olora", "init_olora"), ("pissa_niter_4", "init_pissa"),
+                        ("milora", "init_milora")):
+        cfg = config(folder, method=f'name = "lora"\nr = 2\ntarget_modules = ["q_proj"]\ninit_lora_weights = "{init}"')
+        assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert f"ConfigError: [method] init_lora_weights = '{init}' takes the initial adapter out of the base" in line
+        assert "Give init_lora_weights = true (PEFT's default) or \"gaussian\"" in line and f"jpeft.{entry}(" in line
+    assert not (folder / "out").exists()
+
+
 def test_resume_names_a_key_added_to_the_method_table_before_loading(folder, capsys, monkeypatch):
     """A key added to [method] on --resume (use_rslora = true: another scale) passed the settings check,
     which skips keys an older jpeft did not save, and was refused only once the model was loaded, by the

@@ -410,6 +410,15 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
             raise ConfigError(f"method {method0.peft_type.lower()} prepends its virtual tokens once per packed row, so it "
                               "cannot train on rows packed by documents (data.packing = \"documents\", the default); "
                               "set data.packing = \"stream\".")
+        init = method0.residual_init
+        if init is not None:
+            # jpeft.init refused it only once the whole base was loaded, pointing to a Python function
+            raise ConfigError(f"[method] init_lora_weights = {init!r} takes the initial adapter out of the base weights "
+                              "and trains on the residual base it leaves; jpeft train trains on the model folder's "
+                              "weights as they are and does not offer it. Give init_lora_weights = true (PEFT's "
+                              "default) or \"gaussian\", or train such an adapter from Python with "
+                              f"jpeft.init_{init.split('_')[0]}(config, params, key, ...), which returns the residual "
+                              "base with the adapter (docs/METHODS.md).")
         if cfg.get("forgetting") and jax.process_count() > 1:
             raise ConfigError(f"[forgetting] runs in a single process (its canary metrics are read on the host); this job "
                               f"has {jax.process_count()} processes. Drop the [forgetting] table, or train on one host "
