@@ -163,6 +163,21 @@ def test_a_residual_base_init_is_refused_before_the_model_is_loaded_with_what_jp
     assert not (folder / "out").exists()
 
 
+def test_lora_trainable_biases_on_a_scanned_model_are_refused_before_the_model_is_loaded(folder, capsys, monkeypatch):
+    """LoRA with ``bias = "all"`` or ``"lora_only"`` and ``train.scan_layers = true`` was refused only once the
+    whole base had been loaded (trainable base biases are not implemented for stacked layers)."""
+    import jpeft.cli._trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_folder", lambda *a, **k: pytest.fail("the model was loaded"))
+    for bias in ("all", "lora_only"):
+        cfg = config(folder, method=f'name = "lora"\nr = 2\ntarget_modules = ["q_proj"]\nbias = "{bias}"',
+                     extra_train="scan_layers = true")
+        assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert (f"method lora cannot train a layer-scanned model (train.scan_layers = true): bias = '{bias}' "
+                "(trainable base biases). Set train.scan_layers = false.") in line
+
+
 def test_resume_names_a_key_added_to_the_method_table_before_loading(folder, capsys, monkeypatch):
     """A key added to [method] on --resume (use_rslora = true: another scale) passed the settings check,
     which skips keys an older jpeft did not save, and was refused only once the model was loaded, by the

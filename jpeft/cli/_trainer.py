@@ -429,8 +429,10 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         hf_config = loading.read_config(cfg["model"])
         check_seq_len(int(d["seq_len"]), hf_config, "data.seq_len", method0.extra_positions)
         if t.get("scan_layers") and not method0.layer_scan:
+            why = f"bias = {method0.bias!r} (trainable base biases)" if getattr(method0, "bias", "none") != "none" \
+                else "it needs each layer's modules apart"
             raise ConfigError(f"method {method0.peft_type.lower()} cannot train a layer-scanned model (train.scan_layers = "
-                              "true): it needs each layer's modules apart. Set train.scan_layers = false.")
+                              f"true): {why}. Set train.scan_layers = false.")
         fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}
         fg = cfg.get("forgetting")
         train_ex = load_examples(d["train"], **fields)

@@ -333,6 +333,12 @@ class LoraConfig(AdapterConfig):
         return None if m is None else int(m.group("idx"))
 
     @property
+    def layer_scan(self) -> bool:
+        """Whether a layer-scanned model can train this adapter: not with trainable base biases
+        (``bias`` other than ``"none"``, not implemented for stacked layers)."""
+        return self.bias == "none"
+
+    @property
     def residual_init(self) -> Optional[str]:
         """``init`` when it makes factors relative to a residual base (:func:`is_residual_init`)."""
         return self.init if is_residual_init(self.init) else None
