@@ -118,6 +118,83 @@ def test_pattern_keys_match_as_peft_not_on_jpeft_paths(tmp_path):
     _close("mistral", _jpeft_logits("mistral", adapter, ids, mask), _peft_logits(pm, "mistral", ids, mask), mask)
 
 
+def test_plain_inits_load_with_their_init_options(tmp_path):
+    """An EVA-initialised adapter (PEFT writes init_lora_weights="eva" always with an eva_config, and the
+    ranks / alphas EVA chose as rank_pattern / alpha_pattern) was refused ("options jpeft cannot load:
+    {'eva_config': ...}"), though "eva" leaves the base alone and PEFT does not rerun it on load; so were
+    corda_config / loftq_config / lora_ga_config beside an init that does not read them (PEFT ignores them).
+    The inits that change the base stay refused by their name."""
+    hf, _ = T.hf_model("mistral")
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="eva",
+                          eva_config=peft.EvaConfig(rho=1.5), rank_pattern={r"layers\.0\.self_attn\.q_proj": 6},
+                          alpha_pattern={"v_proj": 3.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), cfg)
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:  # every factor random (EVA leaves lora_B at zero)
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        pm.eval().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["eva_config"]["rho"] == 1.5
+    ids, mask = T.batch("mistral", seed=11)
+    ref = _peft_logits(pm, "mistral", ids, mask)
+    _, params = loaded("mistral")
+    config, adapter = H.load_peft(str(tmp_path), params)
+    assert adapter["model/layers_0/self_attn/q_proj"].r == 6 and adapter["model/layers_1/self_attn/v_proj"].scale == 0.75
+    _close("mistral", _jpeft_logits("mistral", adapter, ids, mask), ref, mask)
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    for k, v in (("corda_config", {"corda_method": "ipm"}), ("loftq_config", {"loftq_bits": 4}),
+                 ("lora_ga_config", {"direction": "ArB2r"})):  # beside init True: PEFT ignores them
+        (tmp_path / "adapter_config.json").write_text(json.dumps(dict(d, init_lora_weights=True, **{k: v})))
+        _close("mistral", _jpeft_logits("mistral", H.load_peft(str(tmp_path), params)[1], ids, mask), ref, mask)
+    for init, k in (("corda", "corda_config"), ("loftq", "loftq_config"), ("lora_ga", "lora_ga_config")):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(dict(d, init_lora_weights=init, **{k: {"a": 1}})))
+        with pytest.raises(UnsupportedAdapterError, match=rf"init_lora_weights='{init}'.*path_initial_model"):
+            H.load_peft(str(tmp_path), params)
+    # MiCA leaves the base alone too and applies as plain LoRA (PEFT only freezes its lora_B while training): it
+    # was refused as an unknown init, with advice (path_initial_model_for_weight_conversion) PEFT does not take
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[
+            "embed_tokens", "q_proj"], init_lora_weights="mica"))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        pm.eval().save_pretrained(tmp_path / "mica")
+    with pytest.warns(UserWarning, match=r"'mica'.*jpeft trains both factors"):
+        _, adapter = H.load_peft(str(tmp_path / "mica"), params)
+    _close("mistral", _jpeft_logits("mistral", adapter, ids, mask), _peft_logits(pm, "mistral", ids, mask), mask)
+
+
+def test_bias_all_copies_under_the_wrapper_keys_are_checked(tmp_path):
+    """bias="all" with modules_to_save: PEFT's file holds each copy's bias also as
+    <module>.modules_to_save.bias (and the original's as <module>.original_module.bias); such files were
+    refused as a mismatched base (tests/test_interop_matrix.py compares their logits). The second key of a
+    copy's bias must be the same tensor: one that differs is named, not loaded either way."""
+    from safetensors.numpy import load_file, save_file
+
+    hf, _ = T.hf_model("bert")
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"],
+                                                                    bias="all", modules_to_save=["classifier"]))
+        pm.save_pretrained(tmp_path)
+    f = str(tmp_path / "adapter_model.safetensors")
+    t = load_file(f)
+    k = "base_model.model.classifier.modules_to_save.bias"
+    assert k in t and "base_model.model.classifier.original_module.bias" in t
+    _, params = loaded("bert")
+    H.load_peft(str(tmp_path), params)
+    save_file({**t, k: t[k] + 1.0}, f)
+    with pytest.raises(CheckpointError, match=r"two different biases for its modules_to_save copy of 'classifier'"):
+        H.load_peft(str(tmp_path), params)
+
+
 def test_null_flags_in_a_peft_config_read_as_false_as_peft_reads_them(tmp_path):
     """adapter_config.json files with null for a bool flag (older PEFT versions, other writers):
     PEFT tests each flag by truth value, so null is false; jpeft refused the file (a ConfigError
@@ -581,6 +658,15 @@ def test_ensure_weight_tying_both_ways(tmp_path, caplog):
     gcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["wte"], ensure_weight_tying=True)
     with pytest.raises(UnsupportedAdapterError, match=r"ties the output projection \(its LoRA.*only for Llama-style"):
         H.save_peft(str(tmp_path / "g"), gcfg, _random_adapter("gpt2", gcfg))
+    # with DoRA PEFT gives the tied lm_head magnitudes of its own: named as such (it was "load the adapter on a base
+    # with tie_word_embeddings=False", the base it was made for)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["embed_tokens"], init_lora_weights=False, use_dora=True,
+            ensure_weight_tying=True)).save_pretrained(tmp_path / "d")
+    with pytest.raises(UnsupportedAdapterError, match=r"ensure_weight_tying\) with DoRA.*without use_dora"):
+        H.load_peft(str(tmp_path / "d"), params)
 
 
 def test_ensure_weight_tying_with_the_embeddings_own_rank_or_alpha_both_ways(tmp_path, caplog):

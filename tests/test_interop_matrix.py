@@ -108,6 +108,8 @@ def _opts(case, family):
         return lora(family, modules_to_save=["lm_head" if k != "bert" else "classifier"])
     if case == "modules_to_save, a module with submodules":  # PEFT copies the whole module (jpeft: each of its layers)
         return lora(family, modules_to_save=SUBMODULES[k])
+    if case == "modules_to_save, bias='all'":  # PEFT's file holds each copy's biases under its wrapper's keys too
+        return lora(family, modules_to_save=SUBMODULES[k], bias="all")
     if case == "bias='lora_only'":
         return lora(family, bias="lora_only")
     if case == "bias='all'":
@@ -150,7 +152,8 @@ def _cells(case, family):
 
 CASES = ["LoRA list", "LoRA regex", "LoRA all-linear", "rsLoRA", "rank/alpha patterns", "DoRA", "PiSSA", "OLoRA",
          "embedding", "embedding, ensure_weight_tying", "IA3", "prefix", "prefix + projection", "prompt",
-         "modules_to_save", "modules_to_save, a module with submodules", "bias='lora_only'", "bias='all'", "lora_bias",
+         "modules_to_save", "modules_to_save, a module with submodules", "bias='lora_only'", "bias='all'",
+         "modules_to_save, bias='all'", "lora_bias",
          "layers_to_transform", "exclude_modules", "trainable_token_indices", *OTHER]
 MATRIX = {(case, fam): _cells(case, fam) for case in CASES for fam in FAMILIES.values()}
 PARAMS = [(case, fam, d) for (case, fam), cells in MATRIX.items() for d in ("jpeft->peft", "peft->jpeft")
@@ -300,7 +303,8 @@ def test_interop(case, family, direction, tmp_path):
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(hf), _peft_config(case, family))
         if case in ("PiSSA", "OLoRA", "DoRA", "prefix + projection", "modules_to_save", "trainable_token_indices",
-                    "modules_to_save, a module with submodules", "bias='lora_only'", "bias='all'", *OTHER):
+                    "modules_to_save, a module with submodules", "bias='lora_only'", "bias='all'",
+                    "modules_to_save, bias='all'", *OTHER):
             _peft_randomize(pm, case)
         pm.eval()
         pm.save_pretrained(str(tmp_path))

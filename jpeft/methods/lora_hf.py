@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
@@ -24,9 +25,9 @@ from jpeft.methods import pissa
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
-from jpeft.peft_format import (CONFIG_FILE, CONV1D, ExportContext, ImportContext, add_site_pattern, check_base_copy, check_keys,
-                               config_from_peft, peft_key, split_peft_key, to_np)
-from jpeft.tree import hf_name, linear_only, regex_fullmatch, tied_embedding
+from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
+                               check_base_copy, check_keys, config_from_peft, peft_key, split_peft_key, to_np)
+from jpeft.tree import from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
 
 
 # -- LoRA ------------------------------------------------------------------------------------
@@ -320,9 +321,11 @@ def _lora_config_from_hf(d: Mapping[str, Any], ctx: ImportContext) -> tuple[Lora
     options jpeft does not implement and a file without ``target_modules``."""
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
     # the PEFT options jpeft does not implement, at anything but their "off" value (one list:
-    # LoraConfig._unsupported_hf_options)
+    # LoraConfig._unsupported_hf_options); the data-driven inits' options steer only the init, whose result the
+    # file holds (or, for the inits that change the base, _residual_of refuses by the init's name)
     bad = {k: d[k] for k, ok in LoraConfig._unsupported_hf_options.items()
-           if k in d and k not in fields and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
+           if k in d and k not in fields and k not in _INIT_OPTIONS
+           and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
     if bad:
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
@@ -353,14 +356,43 @@ class _LoraTensors:
     token_values: dict = dataclasses.field(default_factory=dict)  # path -> trainable_token_indices values
     biases: dict = dataclasses.field(default_factory=dict)  # bias="all": the biases of modules without a LoRA site
     tied_head: Optional[np.ndarray] = None  # ensure_weight_tying's lm_head copy of the saved embedding
+    wrapped: dict = dataclasses.field(default_factory=dict)  # bias="all": path -> the saved copy's bias, PEFT's 2nd key
     unmatched: list = dataclasses.field(default_factory=list)  # keys of no known kind: named by the key check
 
 
+def _wrapped_bias(k: str, config: LoraConfig, leaves) -> Optional[tuple[str, bool]]:
+    """``(module path, whether it is the trained copy)`` for a key of a ``bias="all"`` file that names
+    a bias inside PEFT's wrapper of a module of ``modules_to_save``, else ``None``. PEFT's bias filter
+    keeps every ``.bias`` key of the model, so such a file holds the copy's bias a second time
+    (``<module>.modules_to_save[.<adapter>].<sub>.bias``, beside ``<module>.<sub>.bias``) and the
+    wrapped original's (``<module>.original_module.<sub>.bias``)."""
+    if config.bias != "all" or not config.modules_to_save or not k.startswith(PEFT_PREFIX) or not k.endswith(".bias"):
+        return None
+    parts = k[len(PEFT_PREFIX):-len(".bias")].split(".")
+    for i, part in enumerate(parts):
+        if part in ("modules_to_save", "original_module"):
+            # PEFT drops the adapter's name after modules_to_save only where it comes right before ".bias"
+            subs = [parts[i + 1:]] + ([parts[i + 2:]] if part == "modules_to_save" and len(parts) > i + 1 else [])
+            for sub in subs:
+                path = from_hf_name(".".join(parts[:i] + sub))
+                if "bias" in leaves.get(path, {}) and config.saves(path):
+                    return path, part == "modules_to_save"
+    return None
+
+
 def _sort_lora_tensors(tensors: Mapping[str, np.ndarray], config: LoraConfig, ctx: ImportContext) -> _LoraTensors:
-    """Sorts the file's tensors by kind; checks a saved copy of a tied ``lm_head`` against the embedding."""
+    """Sorts the file's tensors by kind; checks a saved copy of a tied ``lm_head`` against the embedding,
+    and PEFT's second key of a saved copy's bias (``bias="all"``) against the first."""
     out = _LoraTensors()
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
+        wrapped = _wrapped_bias(k, config, ctx.leaves) if sp is None else None
+        if wrapped is not None:
+            if wrapped[1]:
+                out.wrapped[wrapped[0]] = v
+            # else the wrapped original's bias: PEFT loads it into the original module, which no output reads
+            # while the adapter is active (with bias="all" PEFT marks it trainable, but it gets no gradient)
+            continue
         if sp is None:
             sm = split_peft_key(k, ("weight", "bias")) if config.modules_to_save or config.bias == "all" else None
             if sm is not None and sm[0] in ctx.leaves and config.saves(sm[0]):
@@ -385,6 +417,14 @@ def _sort_lora_tensors(tensors: Mapping[str, np.ndarray], config: LoraConfig, ct
             out.token_values[path] = v
             continue
         out.by_site.setdefault(path, {})[t] = v
+    for path, v in out.wrapped.items():
+        first = out.saved.setdefault(path, {}).setdefault("bias", v)
+        if not np.array_equal(np.asarray(first), np.asarray(v)):
+            raise CheckpointError(
+                f"the adapter in {ctx.folder!r} (bias='all') holds two different biases for its modules_to_save copy of "
+                f"{hf_name(path)!r}: {hf_name(path)}.bias and the one under the copy's wrapper (modules_to_save.<adapter>); "
+                "PEFT saves one tensor under both keys, so the file is inconsistent. Re-save it with PEFT."
+            )
     return out
 
 
@@ -539,6 +579,13 @@ def _take_tied_output(d, by_site, leaves, folder) -> set:
     if head is None or "lm_head" in leaves:
         return set()
     emb = by_site.get("model/embed_tokens", {})
+    if d.get("ensure_weight_tying") and "lora_magnitude_vector" in head:
+        raise UnsupportedAdapterError(
+            f"the adapter in {folder!r} ties lm_head to model.embed_tokens (ensure_weight_tying) with DoRA: PEFT gives "
+            "the tied lm_head DoRA magnitudes of its own (one per vocabulary row) beside the embedding's, which "
+            "jpeft's one tied embedding site cannot hold. Train the embedding without use_dora (or leave "
+            "embed_tokens out of target_modules) to load the adapter in jpeft."
+        )
     if not d.get("ensure_weight_tying") or "lora_embedding_A" not in emb or set(head) != {"lora_A.weight", "lora_B.weight"}:
         tied = "transformer.wte" if "transformer/wte" in leaves else "model.embed_tokens"
         raise BaseMismatchError(
@@ -560,12 +607,21 @@ def _take_tied_output(d, by_site, leaves, folder) -> set:
 
 # PEFT inits that leave the base weight alone: the file's factors are all there is to load
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# the options of PEFT's data-driven inits: PEFT reads each only for its init (eva_config for "eva", ...) and writes
+# it into every file of that init ("eva" always with an eva_config), so they say nothing about loading the file
+_INIT_OPTIONS = ("eva_config", "corda_config", "loftq_config", "lora_ga_config")
 
 
 def _residual_of(init, folder) -> Optional[str]:
     """``None`` for an init that leaves the base alone, ``"pissa"``/``"olora"`` for one whose
     residual base jpeft recomputes as PEFT does; a named error for the others."""
     if any(init is v or (isinstance(init, str) and init == v) for v in _PLAIN_INITS):
+        return None
+    if init == "mica":  # the file holds both factors, the base is unchanged and the forward is plain LoRA's
+        warnings.warn(
+            f"the LoRA adapter in {folder!r} was made with init_lora_weights='mica' (MiCA): it loads as plain LoRA "
+            "with PEFT's outputs, but PEFT trains its lora_A only (lora_B stays frozen) while jpeft trains both "
+            "factors of a loaded adapter.", UserWarning, stacklevel=2)
         return None
     if init in ("pissa", "olora"):
         return init
@@ -582,7 +638,7 @@ def _residual_of(init, folder) -> Optional[str]:
         )
     raise UnsupportedAdapterError(
         f"the LoRA adapter in {folder!r} has init_lora_weights={init!r}, which jpeft does not know; supported: "
-        f"{list(_PLAIN_INITS)}, 'pissa' and 'olora'. {convert}"
+        f"{list(_PLAIN_INITS)}, 'mica', 'pissa' and 'olora'. {convert}"
     )
 
 
