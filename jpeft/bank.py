@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject, scan
+from jpeft import _inject, _nnx, scan
 from jpeft.core import merge
 from jpeft.errors import (
     BankCapacityError,
@@ -418,9 +418,18 @@ class AdapterBank:
 
         The sites are the union of the adapters' sites. ``capacity`` defaults to the number of
         adapters and ``max_rank`` to their largest rank; other keywords go to :meth:`create`.
+
+        Raises:
+          BankCapacityError: ``capacity`` below the number of adapters; BankRankError, an
+            adapter's rank above ``max_rank``. Others as :meth:`create` and :meth:`add`.
         """
         if not adapters:
             raise BankError("from_adapters needs at least one adapter; use AdapterBank.create for an empty bank.")
+        if isinstance(capacity, (int, np.integer)) and not isinstance(capacity, bool) and 0 < capacity < len(adapters):
+            raise BankCapacityError(
+                f"from_adapters got {len(adapters)} adapters {list(adapters)[:20]} but capacity={capacity} slots; give "
+                f"capacity >= {len(adapters)} (leave it out for exactly {len(adapters)}), or fewer adapters."
+            )
         template: dict[str, LowRank] = {}
         for name, ad in adapters.items():
             for path, node in check_lora(name, ad).items():
@@ -614,8 +623,9 @@ class AdapterBank:
 
     def check(self, params) -> None:
         """Raises :class:`~jpeft.errors.BankShapeError` unless every bank site exists in
-        ``params`` with the kernel shape the bank was built for."""
-        inner = unwrap_params(params)[0]
+        ``params`` with the kernel shape the bank was built for. ``params`` may be an
+        ``nnx.Module`` (or its ``nnx.State``), as :func:`jpeft.apply` takes it."""
+        inner = unwrap_params(_nnx.split(params, None)[1] if isinstance(params, _nnx.nnx.Module) else params)[0]
         leaves = module_leaves(inner)
         for path, lay in self.layouts.items():
             own = leaves.get(path)

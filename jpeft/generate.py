@@ -19,6 +19,7 @@ import numpy as np
 from jpeft import _nnx
 from jpeft.core import apply
 from jpeft.errors import InputValidationError
+from jpeft.methods.base import check_adapter
 from jpeft.models._layers import init_cache
 from jpeft.validate import check_key, check_token_ids
 
@@ -241,6 +242,8 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     if not bool(mask_host.any(axis=1).all()):
         raise InputValidationError("generate: a row of attention_mask is all zeros; every prompt needs a real token.")
     check_decoder(model, "generate")
+    if adapter is not None:  # an AdapterBank or a (config, adapter) pair was a raw TypeError from jax.jit
+        check_adapter(adapter, "generate")
     cfg = model.config
     limit = learned_position_limit(cfg)
     # the last new token is returned, never read back: s + max_new_tokens - 1 positions are read (transformers'

@@ -298,6 +298,11 @@ def test_over_capacity():
     bank = AdapterBank.from_adapters({"a": ADAPTERS["r1"], "b": ADAPTERS["r2"]})
     with pytest.raises(BankCapacityError, match=r"the bank is full: all 2 slots are taken by \['a', 'b'\].*bank.remove"):
         bank.add("c", ADAPTERS["r1"])
+    # more adapters than capacity in one call: said "remove an adapter first" of a bank the user never filled
+    with pytest.raises(BankCapacityError, match=r"from_adapters got 3 adapters \['r1', 'r4', 'r2'\] but capacity=2.*"
+                                                r"capacity >= 3") as e:
+        AdapterBank.from_adapters(ADAPTERS, capacity=2)
+    assert "remove" not in str(e.value)
     small = AdapterBank.from_adapters({"a": ADAPTERS["r1"]}, capacity=2, max_rank=2)
     with pytest.raises(BankRankError, match=r"rank 4 .* above the bank's max_rank=2.*max_rank >= 4") as e:
         small.add("big", ADAPTERS["r4"])
@@ -383,3 +388,47 @@ def test_route_takes_mixed_slots_and_names_numpy_names_and_an_empty_batch():
     np.testing.assert_array_equal(jpeft.apply(model, params, bank.route(np.array(["b", "a", "a"])), x)[0], want[0])
     # an empty batch routes nothing (was a ZeroDivisionError from a reshape)
     assert jpeft.apply(model, params, bank.route(jnp.zeros((0,), jnp.int32)), x[:0]).shape == (0, 4)
+
+
+def test_check_takes_an_nnx_module_as_apply_does():
+    """bank.check(model) on an nnx.Module was a raw AttributeError ('MLP' object has no attribute 'items'),
+    while jpeft.apply, merge and merged_params take the module."""
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs, d=8):
+            self.fc1 = nnx.Linear(4, d, rngs=rngs)
+            self.fc2 = nnx.Linear(d, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc2(jax.nn.relu(self.fc1(x)))
+
+    m = MLP(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc1", "fc2"], init="random")
+    ads = {n: jpeft.init(cfg, m, jax.random.key(i), None, x) for i, n in enumerate("ab")}
+    bank = AdapterBank.from_adapters(ads)
+    bank.check(m)
+    bank.check(nnx.split(m)[1])
+    with pytest.raises(BankShapeError, match=r"fc1' has shape \(4, 8\), but the params hold shape \(4, 16\)"):
+        bank.check(MLP(nnx.Rngs(0), d=16))
+    y = jpeft.apply(m, None, bank.route(["b", None, "a"]), x)
+    np.testing.assert_allclose(y[0], jpeft.apply(m, None, ads["b"], x)[0], atol=1e-6)
+
+
+def test_modules_to_save_trainable_tokens_and_bias_are_refused_by_their_option_name():
+    """These sites are not low-rank updates; the refusal named the node class ('SavedModule is not a
+    low-rank update'), not the LoraConfig / PEFT option the user set (a SEQ_CLS adapter's head is one)."""
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
+    cases = {
+        "modules_to_save": (jpeft.LoraConfig(r=2, target_modules=["qkv"], modules_to_save=["mlp"]),
+                            "modules_to_save.*jpeft.apply"),
+        "tokens": (jpeft.LoraConfig(r=2, target_modules=["qkv"], trainable_token_indices={"embed": [1, 2]}),
+                   r"trainable_token_indices, rows \[1, 2\].*jpeft.apply"),
+        "lora_bias": (jpeft.LoraConfig(r=2, target_modules=["mlp"], lora_bias=True), "LoraConfig.lora_bias"),
+    }
+    for name, (cfg, says) in cases.items():
+        ad = jpeft.init(cfg, PARAMS, jax.random.key(3), MODEL, TOK)
+        with pytest.raises(BankError, match=says) as e:
+            bank.add(name, ad)
+        assert "SavedModule" not in str(e.value) and "TrainableTokens" not in str(e.value)

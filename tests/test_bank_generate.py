@@ -1,14 +1,23 @@
 """A routed bank through jpeft's Llama and greedy generation: each row generates exactly what it
-generates with its own adapter alone, and swapping adapters does not recompile generate."""
+generates with its own adapter alone, and swapping adapters does not recompile generate; PEFT
+adapters loaded into one bank give peft's own mixed-batch (``adapter_names``) forward and generate."""
 
 import contextlib
+import copy
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jpeft
 from jpeft.bank import AdapterBank
+from jpeft.hf import load_peft
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as T  # noqa: E402
 
 CFG = jpeft.models.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                                num_kv_heads=1, max_position_embeddings=64)
@@ -57,6 +66,20 @@ def test_routed_forward_and_greedy_generation_match_each_adapter_alone():
     np.testing.assert_array_equal(out2[2], alone[None][1][2])
 
 
+def test_generate_given_the_bank_itself_or_a_loaded_pair_says_what_to_pass():
+    """jpeft.generate(model, params, bank, ...) (the bank, not bank.route(names)) and a (config, adapter)
+    pair were raw TypeErrors from jax.jit ('Error interpreting argument ... as an abstract array');
+    jpeft.apply named them."""
+    import pytest
+
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
+    for call in (jpeft.generate, lambda m, p, a, x, n: jpeft.apply(m, p, a, x)):
+        with pytest.raises(jpeft.ConfigError, match=r"found AdapterBank \(an AdapterBank is routed first: pass bank.route"):
+            call(MODEL, PARAMS, bank, PROMPT, 2)
+    with pytest.raises(jpeft.ConfigError, match="return a pair: unpack it"):
+        jpeft.generate(MODEL, PARAMS, (None, ADAPTERS["a"]), PROMPT, 2)
+
+
 @contextlib.contextmanager
 def count_compiles():
     """Records every XLA backend compilation (jax.monitoring's compile-duration event)."""
@@ -88,3 +111,83 @@ def test_a_bank_on_layer_scanned_params_says_so():
     assert jpeft.scan.is_stacked(stacked)
     with pytest.raises(BankError, match="layer-scanned jpeft.scan.Stacked; unstack the adapter"):
         bank.add("stacked", stacked)
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT adapters trained separately, served together: the bank against peft's own mixed batch
+# ---------------------------------------------------------------------------------------------
+_PEFT_BANK_CASES = {
+    # name: peft.LoraConfig keywords; all options that change a site's rank, scale or presence
+    "llama2": {
+        "qv": dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+        "all": dict(r=4, lora_alpha=8, use_rslora=True, target_modules="all-linear"),
+        "mixed": dict(r=2, lora_alpha=3, target_modules=["embed_tokens", "lm_head", "o_proj", "up_proj"],
+                      layers_to_transform=[1], rank_pattern={"up_proj": 3}, alpha_pattern={"o_proj": 7}),
+    },
+    "gpt2": {  # Conv1D projections (fan_in_fan_out) and the tied wte
+        "qv": dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True),
+        "all": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+        "mixed": dict(r=2, lora_alpha=3, target_modules=["wte", "c_fc"], layers_to_transform=[1],
+                      rank_pattern={"c_fc": 3}, fan_in_fan_out=True),
+    },
+}
+
+
+def _peft_folders(family, root):
+    """Saves one PEFT adapter per case, every adapter tensor random (PEFT inits lora_B to zero)."""
+    import copy
+
+    import peft
+    import torch
+
+    hf = T.hf_model(family)[0]
+    folders = {}
+    for i, (name, kw) in enumerate(_PEFT_BANK_CASES[family].items()):
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw))
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        folders[name] = str(root / name)
+        pm.save_pretrained(folders[name])
+    return folders
+
+
+@pytest.mark.parametrize("family", ["llama2", "gpt2"])
+def test_peft_adapters_in_one_bank_equal_peft_mixed_batch_forward_and_generate(family, tmp_path):
+    """Adapters of other ranks, alphas, rsLoRA, target modules, layers, patterns and an
+    embedding, loaded from PEFT folders into one bank: each row of a mixed batch (base rows,
+    repeated adapters, left padding) gives PEFT's ``adapter_names`` forward and greedy generate."""
+    import peft
+    import torch
+
+    folders = _peft_folders(family, tmp_path)
+    model, params = jpeft.models.from_pretrained(T.hf_model(family)[1])
+    bank = AdapterBank.from_adapters({n: load_peft(f, params)[1] for n, f in folders.items()}, capacity=4)
+    names = list(folders)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(T.hf_model(family)[0]), folders[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(folders[n], adapter_name=n)
+    pm.eval()
+    rows = ["all", "__base__", "qv", "mixed", "all"]
+    rng = np.random.default_rng(0)
+    mask = np.ones((len(rows), 8), np.int64)
+    mask[1, :3] = 0
+    mask[3, :2] = 0
+    ids = np.where(mask == 1, rng.integers(3, T.VOCAB, size=mask.shape), 0)
+    routed = bank.route([None if r == "__base__" else r for r in rows])
+    got = np.asarray(jpeft.apply(model, params, routed, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    with torch.no_grad():
+        want = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), adapter_names=rows,
+                  position_ids=torch.tensor(T.positions(mask))).logits.numpy()
+        base = T.torch_logits(family, ids, mask)
+    for i, r in enumerate(rows):
+        real = mask[i] == 1
+        np.testing.assert_allclose(got[i][real], want[i][real], atol=1e-4, rtol=0, err_msg=r)
+        assert r == "__base__" or np.abs(want[i][real] - base[i][real]).max() > 0.1  # every adapter changes its rows
+    out = np.asarray(jpeft.generate(model, params, routed, jnp.asarray(ids), 4, attention_mask=jnp.asarray(mask)))
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), adapter_names=rows,
+                          max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(out[:, 8:], ref[:, 8:].numpy())

@@ -557,7 +557,9 @@ def check_adapter(adapter, where: str, *, low_rank_ok: bool = False) -> None:
             f"{where} takes an adapter, a dict {{path: node}} as jpeft.init returns; found "
             f"{type(adapter).__name__}"
             + (" (jpeft.load_adapter and jpeft.hf.load_peft return a pair: unpack it, config, adapter = "
-               "jpeft.load_adapter(...))." if pair else ".")
+               "jpeft.load_adapter(...))." if pair else
+               " (an AdapterBank is routed first: pass bank.route(names), one adapter name, or None for the base, "
+               "per example)." if callable(getattr(adapter, "route", None)) else ".")
         )
     for path, node in adapter.items():
         if not isinstance(node, Site) and not (low_rank_ok and isinstance(node, LowRank)):

@@ -732,6 +732,16 @@ class SavedModule(Site):
         with _inject.bypass():
             return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **kwargs)
 
+    def low_rank(self) -> LowRank:
+        what = ("a trained copy of the module's bias (LoraConfig.bias='all' or 'lora_only')" if set(self.params) == {"bias"}
+                else "a trained full copy of the module (LoraConfig.modules_to_save; PEFT adds the classification head "
+                     "of a SEQ_CLS / TOKEN_CLS adapter there itself)")
+        raise NotMergeableError(
+            f"this site is {what}: it replaces the module's weights, it is not a low-rank update s*A@B, so adapter "
+            "merging and the adapter bank cannot combine it with other adapters. Serve the adapter alone with "
+            "jpeft.apply, or fold it into its own copy of the base with jpeft.merge."
+        )
+
     def merge(self, own):
         if "embedding" in self.params and not self.tie_output:
             check_input_only_embedding_merge(self.tied_output, "a modules_to_save copy", stacklevel=4)
@@ -774,6 +784,14 @@ class TrainableTokens(Site):
 
     def _table(self, e):
         return e.at[jnp.asarray(self.indices)].set(self.values.astype(e.dtype))
+
+    def low_rank(self) -> LowRank:
+        raise NotMergeableError(
+            f"this site is trainable tokens (LoraConfig.trainable_token_indices, rows {list(self.indices)[:8]} of the "
+            "embedding): they replace embedding rows, they are not a low-rank update s*A@B, so adapter merging and "
+            "the adapter bank cannot combine them with other adapters. Serve the adapter alone with jpeft.apply, or "
+            "fold it into its own copy of the base with jpeft.merge."
+        )
 
     def intercept(self, call: Call):
         mod = call.module
