@@ -1741,3 +1741,57 @@ def test_set_values_follow_the_declared_type_of_their_field(tmp_path):
     args.method_set = ["r=1e3"]
     with pytest.raises(ConfigError, match=re.escape("--set r: expected an integer, found float '1e3'")):
         method_from_args(args)
+
+
+@pytest.mark.parametrize("family, model_type, fields", [
+    ("llama3", "llama", {"feedforward_modules": []}),  # was PEFT's default ["down_proj"] again
+    ("llama3", "llama", {"feedforward_modules": ["v_proj"]}),
+    ("gpt2", "gpt2", {"target_modules": ["c_attn", "mlp.c_proj"]}),  # was Llama's down_proj: a ConfigError
+])
+def test_ia3_target_defaults_fill_only_the_fields_not_given(family, model_type, fields):
+    """A `[method]` table (or `--set`) giving IA3's feedforward_modules but no target_modules got
+    both from PEFT's defaults for the model type: feedforward_modules = [] trained down_proj as a
+    feed-forward site without a word. PEFT fills each field it is not given on its own
+    (IA3Model._prepare_adapter_config); so does jpeft now, checked on the logits with PEFT's own
+    random vectors."""
+    import copy
+    import dataclasses
+    import warnings
+
+    import jax.numpy as jnp
+    import peft
+    import torch
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as tiny
+    from jpeft.cli._common import method_from_args, method_of
+    from jpeft.tree import from_hf_name
+
+    hf, folder = tiny.hf_model(family)
+    assert hf.config.model_type == model_type
+    method = method_of({"method": {"name": "ia3", **fields}}, model_type=model_type)
+    args = type("A", (), dict(method="ia3", rank=None, alpha=None, target=None,
+                              method_set=[f"{k}={json.dumps(v)}" for k, v in fields.items()]))
+    assert method_from_args(args, model_type=model_type) == method
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.IA3Config(init_ia3_weights=False, **fields)).eval()
+    model, params = jpeft.models.from_pretrained(folder)
+    adapter = jpeft.init(method, params, jax.random.key(0))
+    theirs = {from_hf_name(n[len("base_model.model."):-len(".ia3_l.default")]): p.detach().numpy()
+              for n, p in pm.named_parameters() if ".ia3_l." in n}
+    assert sorted(adapter) == sorted(theirs)
+    ff = {p: m.is_feedforward for p, m in ((from_hf_name(n[len("base_model.model."):]), m)
+                                           for n, m in pm.named_modules() if hasattr(m, "is_feedforward"))}
+    assert {p: n.feedforward for p, n in adapter.items()} == ff
+    adapter = {p: dataclasses.replace(n, ia3_l=jnp.asarray(theirs[p].reshape(n.ia3_l.shape)))
+               for p, n in adapter.items()}
+    ids, mask = tiny.batch(family, seed=3)
+    with torch.no_grad():
+        ref = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(tiny.positions(mask))).logits.numpy()
+    got = np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    plain = np.asarray(jpeft.apply(model, params, {}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    sel = mask.astype(bool)
+    assert np.abs(ref[sel] - plain[sel]).max() > 1e-2  # the vectors matter
+    np.testing.assert_allclose(got[sel], ref[sel], atol=1e-4, rtol=0)

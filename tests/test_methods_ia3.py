@@ -117,3 +117,46 @@ def test_unmerge_refuses_zero_vector():
     ad = {"": type(ad[""])(jnp.array([1.0, 0.0, 2.0]), ad[""].layout, False)}
     with pytest.raises(jpeft.errors.NotInvertibleError, match="zero entries"):
         jpeft.unmerge(jpeft.merge(params, ad), ad)
+
+
+def test_save_adapter_refuses_a_config_that_moves_a_vector_to_the_other_side(tmp_path):
+    """An adapter with o_proj as a feed-forward site (its input scaled) saved by jpeft.save_adapter
+    under a config without it was written without a word, and load_adapter rebuilt o_proj from that
+    config: the same vector on its output (o_proj maps 32 -> 32, so no shape told them apart; logits
+    2.56 apart in a probe on the tiny Mistral). save_peft writes each site's side from the site;
+    save_adapter (and a checkpoint) now refuses such a config by name, and the adapter saved with its
+    own config loads to PEFT's logits."""
+    import copy
+    import os
+    import sys
+    import warnings
+
+    import jpeft.models
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as tiny
+
+    hf_model, folder = tiny.hf_model("mistral")
+    model, params = jpeft.models.from_pretrained(folder)
+    cfg = IA3Config(target_modules=["q_proj", "o_proj"], feedforward_modules=["o_proj"], init_ia3_weights=False)
+    ad = jpeft.init(cfg, params, jax.random.key(0))  # init_ia3_weights=False: every vector N(0, 1)
+    for other, sites in ((cfg.replace(feedforward_modules=()), "'model.layers.0.self_attn.o_proj': 'input'"),
+                         (cfg.replace(feedforward_modules=["q_proj"]), "'model.layers.0.self_attn.o_proj': 'input'"),
+                         (cfg.replace(feedforward_modules=["q_proj", "o_proj"]),
+                          "'model.layers.0.self_attn.q_proj': 'output'")):
+        with pytest.raises(jpeft.ConfigError, match=f"config given to save_adapter .*{sites}"):
+            jpeft.save_adapter(str(tmp_path / "bad"), other, ad)
+        assert not (tmp_path / "bad").exists()
+    jpeft.save_adapter(str(tmp_path / "good"), cfg, ad)
+    _, loaded = jpeft.load_adapter(str(tmp_path / "good"), params)
+    jpeft.hf.save_peft(str(tmp_path / "peft"), cfg, ad, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "peft")).eval()
+    ids, mask = tiny.batch("mistral", seed=3)
+    with torch.no_grad():
+        ref = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(tiny.positions(mask))).logits.numpy()
+    got = np.asarray(jpeft.apply(model, params, loaded, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    sel = mask.astype(bool)
+    np.testing.assert_allclose(got[sel], ref[sel], atol=1e-4, rtol=0)

@@ -116,6 +116,23 @@ def test_refusals():
         jpeft.merge(params, other)
 
 
+def test_peft_copy_of_a_module_that_is_no_norm_is_refused_by_name(tmp_path):
+    """PEFT's LN tuning trains a copy of whatever target_modules names (here q_proj, a Linear);
+    jpeft's copies norm layers only, and refused such a file as "trained on another model"
+    (BaseMismatchError, the keys matching no module), though the base was the right one."""
+    hf_model, folder = tiny.hf_model("mistral")
+    _, params = jpeft.models.from_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf_model), peft.LNTuningConfig(target_modules=["input_layernorm",
+                                                                                              "q_proj"]))
+    assert any(".q_proj.ln_tuning_layers." in n for n, _ in pm.named_parameters())
+    pm.save_pretrained(str(tmp_path))
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError,
+                       match=r"2 module\(s\) that are not norm layers .*'model.layers.0.self_attn.q_proj'"):
+        H.load_peft(str(tmp_path), params)
+
+
 def test_partition_specs_follow_the_norms():
     """LN tuning's copy is sharded as the norm's own parameters (scanned: with the layer axis);
     OFT's small oft_R is replicated."""

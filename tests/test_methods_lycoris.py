@@ -215,6 +215,37 @@ def test_peft_format_both_ways_on_llama(method, tmp_path):
     assert jpeft.summary(params, loaded, print_fn=None)["trainable"] == n_peft
 
 
+@pytest.mark.parametrize("method", sorted(LLAMA))
+def test_save_adapter_keeps_each_sites_scale_as_save_peft_does(method, tmp_path):
+    """A LoHa / LoKr adapter made with alpha=3 (and rank/alpha patterns) but saved with
+    jpeft.save_adapter under its config without them (alpha 8, no patterns: a config rebuilt by
+    hand) came back from load_adapter with alpha / r of that config, the update silently rescaled
+    (logits 1.65 apart in a probe on the tiny Mistral), while save_peft of the same adapter and config writes each
+    site's own alpha. The recorded config now gives every site its own scale, as PEFT reads it."""
+    pcls, jcls, family, opts = LLAMA[method]
+    hf_model, folder = tiny.hf_model(family)
+    model, params = jpeft.models.from_pretrained(folder)
+    ids, mask = tiny.batch(family, seed=3)
+    sel = mask.astype(bool)
+    run = jax.jit(lambda p, a: jpeft.apply(model, p, a, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    cfg = jcls.from_dict(dict(opts, init_weights=False))
+    ad = _random_like(jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0))), 2)
+    other = cfg.replace(alpha=8, alpha_pattern={})  # the same tensors (ranks), another scale
+    jpeft.save_adapter(str(tmp_path / "j"), other, ad)
+    loaded_cfg, loaded = jpeft.load_adapter(str(tmp_path / "j"), params)
+    chex.assert_trees_all_equal(loaded, ad)  # the scales are static fields: the sites as they were made
+    want = np.asarray(run(params, ad))
+    np.testing.assert_allclose(np.asarray(run(params, loaded))[sel], want[sel], atol=1e-5, rtol=0)
+    assert loaded_cfg.saved_config(loaded) == loaded_cfg  # saved again: recorded as it is
+    assert jcls.from_dict(dict(opts, init_weights=False)).saved_config(ad) == cfg  # a matching config is kept
+    # the same adapter and config through the PEFT format: PEFT computes the same logits
+    jpeft.hf.save_peft(str(tmp_path / "p"), other, ad, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "p")).eval()
+    np.testing.assert_allclose(want[sel], _llama_logits_torch(pm, ids, mask)[sel], atol=1e-4, rtol=0)
+
+
 def test_peft_format_refusals(tmp_path):
     _, folder = tiny.hf_model(FAMILY)
     model, params = jpeft.models.from_pretrained(folder)

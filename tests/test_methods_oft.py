@@ -261,6 +261,41 @@ def test_peft_to_jpeft_and_scanned(tmp_path):
     assert jax.tree.structure(init_sc) == jax.tree.structure(sad)
 
 
+def test_save_adapter_refuses_a_config_the_sites_were_not_made_with(tmp_path):
+    """An adapter made with the exact Cayley transform (or 3 series terms, or coft) saved by
+    jpeft.save_adapter under a config with other settings was written without a word, and
+    load_adapter rebuilt the sites from that config: another rotation of the same oft_R (logits
+    3.7 apart in a probe on the tiny Mistral). save_peft refused it by name; save_adapter (and a checkpoint)
+    now does too, and the adapter saved with its own config loads to PEFT's logits."""
+    hf_model, folder = tiny.hf_model(FAMILY)
+    model, params = _base()
+    cfg = OFTConfig(target_modules=["q_proj", "down_proj"], oft_block_size=8, use_cayley_neumann=False,
+                    init_weights=False)
+    ad = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 3)
+    for other, name in ((cfg.replace(use_cayley_neumann=True), "use_cayley_neumann"),
+                        (cfg.replace(use_cayley_neumann=True, num_cayley_neumann_terms=3), "use_cayley_neumann"),
+                        (cfg.replace(coft=True, eps=0.5), "coft"), (cfg.replace(block_share=True), "stored"),
+                        (cfg.replace(oft_block_size=4), "block_size")):
+        with pytest.raises(jpeft.ConfigError, match=f"config given to save_adapter .*'{name}'"):
+            jpeft.save_adapter(str(tmp_path / "bad"), other, ad)
+        assert not (tmp_path / "bad").exists()
+    jpeft.save_adapter(str(tmp_path / "good"), cfg, ad)
+    _, loaded = jpeft.load_adapter(str(tmp_path / "good"), params)
+    H.save_peft(str(tmp_path / "peft"), cfg, ad, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "peft")).eval()
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    _close(_logits(model, params, loaded, ids, mask), _torch_logits(pm, ids, mask), mask)
+    # a layer-scanned adapter is checked layer by layer (its stacked node's per-layer settings)
+    smodel, sparams = jpeft.models.from_pretrained(folder, scan_layers=True)
+    sad = jpeft.init(cfg, sparams, jax.random.key(0), smodel, jnp.asarray(ids))
+    assert all(isinstance(n, scan.Stacked) for n in sad.values())
+    assert cfg.saved_config(sad) is cfg
+    with pytest.raises(jpeft.ConfigError, match="use_cayley_neumann"):
+        cfg.replace(use_cayley_neumann=True).saved_config(sad)
+
+
 @functools.lru_cache(maxsize=None)
 def _scan_pair():
     cfg = jpeft.models.LlamaConfig(vocab_size=24, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,

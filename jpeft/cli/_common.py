@@ -105,10 +105,16 @@ def method_names() -> dict[str, type]:
 
 
 def _with_default_targets(cls, d: dict, model_type: Optional[str]) -> dict:
-    if "target_modules" in d or "target_modules" not in {f.name for f in __import__("dataclasses").fields(cls)}:
-        return d
+    """``d`` with Hugging Face PEFT's default for ``model_type`` of each target field it does not
+    give (``target_modules``; IA3's ``feedforward_modules`` too), each filled on its own as PEFT's
+    ``_prepare_adapter_config`` fills a ``None``: IA3's ``feedforward_modules = []`` without
+    ``target_modules`` was replaced by the default ``["down_proj"]`` without a word, and GPT-2's
+    ``target_modules`` without ``feedforward_modules`` got Llama's ``down_proj``."""
     defaults = DEFAULT_TARGETS.get(cls.peft_type, {}).get(model_type)
-    return dict(d, **defaults) if defaults else d
+    if not defaults or "target_modules" not in {f.name for f in dataclasses.fields(cls)}:
+        return d
+    given = {cls.field_of(k) for k in d}
+    return dict(d, **{k: v for k, v in defaults.items() if cls.field_of(k) not in given})
 
 
 def method_class(name) -> type:

@@ -198,6 +198,21 @@ class LycorisConfig(AdapterConfig):
 
         return int(lookup(self.rank_pattern, self.r)), float(lookup(self.alpha_pattern, self.alpha))
 
+    def saved_config(self, adapter) -> "LycorisConfig":
+        """The config :func:`jpeft.save_adapter` (and a checkpoint) records: this one, or, where a
+        site's scale is not this config's ``alpha / r`` for it (sites made with another alpha, or
+        patterns changed since), one whose exact ``rank_pattern`` / ``alpha_pattern`` keys give each
+        site its own (:func:`site_patterns`, as :func:`to_hf` writes them for PEFT), so that
+        :func:`jpeft.load_adapter` rebuilds the scale the adapter was trained with. A layer-scanned
+        adapter is recorded as it is (its stacked sites' names match no layer's key)."""
+        if any(not isinstance(n, LycorisSite) for n in adapter.values()):
+            return self
+        scales = {p: self.rank_alpha(p) for p in adapter}
+        if all(math.isclose(float(adapter[p].scale), a / r, rel_tol=1e-6) for p, (r, a) in scales.items()):
+            return self
+        rank_pattern, alpha_pattern = site_patterns(self, adapter)
+        return dataclasses.replace(self, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
     def effective_conv(self, lay: Layout) -> bool:
         """PEFT's ``use_effective_conv2d``, which it turns off for linear layers and for
         convolutions whose window is a single position (1x1)."""
@@ -326,6 +341,17 @@ def init_sites(config: LycorisConfig, params, key, infos, *, method: str,
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------
 
+def site_patterns(config: LycorisConfig, sites) -> tuple[dict, dict]:
+    """``(rank_pattern, alpha_pattern)`` with one exact key per site whose rank or alpha is not
+    ``config.r`` / ``config.alpha``: the rank ``config`` gives the module's name (the one its
+    tensors were built with) and the alpha that makes ``alpha / r`` the site's own scale."""
+    rank_pattern, alpha_pattern = {}, {}
+    for path in sorted(sites):
+        r_site = config.rank_alpha(path)[0]
+        add_site_pattern(rank_pattern, alpha_pattern, path, r_site, float(sites[path].scale) * r_site, config)
+    return rank_pattern, alpha_pattern
+
+
 def to_hf(config: LycorisConfig, adapter, ctx, *, tensor_names: tuple,
           make_node: Callable[[LycorisConfig, Layout, int, float, Any], Site]):
     """``(adapter_config dict, tensors)`` for PEFT: each site's tensors under
@@ -338,7 +364,6 @@ def to_hf(config: LycorisConfig, adapter, ctx, *, tensor_names: tuple,
     first-match rule depends on, is not kept by the sorted JSON), and a site whose tensors are
     not what ``config`` builds for it is refused."""
     tensors, targets = {}, []
-    rank_pattern, alpha_pattern = {}, {}
     for path in sorted(adapter):
         node = adapter[path]
         if node.layout.kind != Kind.DENSE:
@@ -361,13 +386,12 @@ def to_hf(config: LycorisConfig, adapter, ctx, *, tensor_names: tuple,
                 f"{want_shapes} for it (r={r_site} and the factorisation options), so PEFT could not load it as saved. "
                 "Save with the config the adapter was made with."
             )
-        # the site's own alpha (PEFT's scale alpha / r is then the site's)
-        add_site_pattern(rank_pattern, alpha_pattern, path, r_site, float(node.scale) * r_site, config)
         for name in tensor_names:
             v = getattr(node, name)
             if v is not None:
                 tensors[peft_key(path, name)] = np.asarray(v, np.float32)
         targets.append(hf_name(path))
+    rank_pattern, alpha_pattern = site_patterns(config, adapter)  # each site's own alpha: PEFT's alpha / r is its scale
     d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     d.update(target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
              exclude_modules=None, layers_to_transform=None, layers_pattern=None, modules_to_save=None)

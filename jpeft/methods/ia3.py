@@ -82,6 +82,28 @@ class IA3Config(AdapterConfig):
     def __hash__(self):
         return hash((self.target_modules, self.feedforward_modules, self.init_ia3_weights))
 
+    def saved_config(self, adapter) -> "IA3Config":
+        """The config :func:`jpeft.save_adapter` (and a checkpoint) records: this one, after
+        checking that it makes each site scale the side its vector scales (the input of a
+        feed-forward site, else the output), as :func:`jpeft.hf.save_peft` writes it from the
+        sites: :func:`jpeft.load_adapter` rebuilds the sites from this config, and a module whose
+        input and output widths are equal would take the same vector on the other side without
+        a word. Raises :class:`~jpeft.errors.ConfigError` naming the sites."""
+        flipped = {}
+        for path, node in adapter.items():
+            node = getattr(node, "unstacked", node)  # a layer-scanned site: its per-layer node
+            if isinstance(node, IA3Weights) and node.feedforward != is_feedforward(self.feedforward_modules, path):
+                flipped[hf_name(path)] = "input" if node.feedforward else "output"
+        if flipped:
+            first = dict(list(flipped.items())[:4])
+            raise ConfigError(
+                f"{len(flipped)} IA3 site(s) scale another side of their module than the config given to save_adapter "
+                f"makes them scale (feedforward_modules={self.feedforward_modules!r}; site: the side it scales, first: "
+                f"{first}); jpeft.load_adapter rebuilds the sites from that config, so the same vectors would scale "
+                "the other side. Save with the config the adapter was made with."
+            )
+        return self
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

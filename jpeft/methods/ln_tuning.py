@@ -35,7 +35,7 @@ from jpeft.errors import (
 )
 from jpeft.methods._common import master_copy
 from jpeft.methods.base import Call, Method, Site, register_method
-from jpeft.peft_format import config_from_peft, peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, peft_key, site_tensors, split_peft_key
 from jpeft.tree import hf_name, module_leaves, select
 
 #: the parameters of a norm layer LN tuning copies (flax names), and PEFT's names for them
@@ -193,6 +193,16 @@ def _from_hf(d, tensors, params, ctx):
     if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
         kept["modules_to_save"] = None
     config = config_from_peft(LNTuningConfig, kept, ctx.folder)
+    # PEFT's LN tuning trains a copy of whatever module target_modules names; jpeft's, of norm layers only
+    others = sorted({hf_name(sp[0]) for sp in (split_peft_key(k, _TENSORS) for k in tensors)
+                     if sp is not None and sp[0] in ctx.leaves and not is_norm(ctx.leaves[sp[0]])})
+    if others:
+        raise UnsupportedAdapterError(
+            f"the LN tuning adapter in {ctx.folder!r} trains copies of {len(others)} module(s) that are not norm layers "
+            f"(first: {others[:3]}): PEFT's LN tuning copies whatever target_modules names, jpeft's copies norm layers "
+            "(RMSNorm, LayerNorm) only. Retrain it in PEFT with norm layers alone in target_modules (or train those "
+            "modules with another method)."
+        )
     flax_name = {v: k for k, v in NORM_PARAMS.items()}
     by_site = {path: {flax_name[t.split(".", 1)[1]]: v for t, v in got.items()}
                for path, got in site_tensors(tensors, _TENSORS, ctx.leaves, config.target_modules,

@@ -137,6 +137,19 @@ class OFTConfig(AdapterConfig):
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
             raise ConfigError(f"OFTConfig.eps must be a positive finite number, found {self.eps!r}.")
 
+    def saved_config(self, adapter) -> "OFTConfig":
+        """The config :func:`jpeft.save_adapter` (and a checkpoint) records: this one, after
+        checking that every site was made with its settings (block size and sharing, the Cayley
+        form, the series' terms, coft's eps), as :func:`jpeft.hf.save_peft` checks them:
+        :func:`jpeft.load_adapter` rebuilds the sites from it, and would compute another rotation
+        from the same ``oft_R``. Raises :class:`~jpeft.errors.ConfigError` naming the settings."""
+        for path, node in adapter.items():
+            node = getattr(node, "unstacked", node)  # a layer-scanned site: its per-layer node
+            if isinstance(node, OFTWeights):
+                _check_node_matches(self, path, node, saver="save_adapter", reader="jpeft.load_adapter",
+                                    error=ConfigError)
+        return self
+
 
 # -- the math, as small pure functions --------------------------------------------------------------
 
@@ -381,13 +394,15 @@ def init(config: OFTConfig, params, key, infos) -> dict:
 TENSOR = "oft_R.weight"
 
 
-def _check_node_matches(config: OFTConfig, path: str, node: OFTWeights) -> None:
-    """Refuses a site whose static settings are not what ``config`` gives it: the PEFT file
-    records the config's, and PEFT would compute another rotation from the same ``oft_R``."""
+def _check_node_matches(config: OFTConfig, path: str, node: OFTWeights, *, saver: str = "save_peft",
+                        reader: str = "PEFT", error: type = UnsupportedAdapterError) -> None:
+    """Refuses (``error``) a site whose static settings are not what ``config`` gives it: the file
+    ``saver`` writes records the config's, and ``reader`` would compute another rotation from the
+    same ``oft_R``."""
     try:
         blocks, size = blocks_for(config, node.layout.in_features, path)
     except ConfigError as e:
-        raise UnsupportedAdapterError(f"{e} Save with the config the adapter was made with.") from None
+        raise error(f"{e} Save with the config the adapter was made with.") from None
     got = dict(blocks=node.blocks, block_size=node.block_size, stored=int(node.oft_R.shape[-2]),
                use_cayley_neumann=node.neumann, coft=node.coft)
     want = dict(blocks=blocks, block_size=size, stored=1 if config.block_share else blocks,
@@ -398,10 +413,10 @@ def _check_node_matches(config: OFTConfig, path: str, node: OFTWeights) -> None:
         got["eps"], want["eps"] = float(node.eps), float(config.eps)
     diff = {k: (got[k], want[k]) for k in got if got[k] != want[k]}
     if diff:
-        raise UnsupportedAdapterError(
-            f"OFT site {path!r} was made with other settings than the config given to save_peft "
-            f"(site, config): {diff}; PEFT would compute another rotation from the same oft_R. Save with the config "
-            "the adapter was made with."
+        raise error(
+            f"OFT site {path!r} was made with other settings than the config given to {saver} "
+            f"(site, config): {diff}; {reader} would compute another rotation from the same oft_R. Save with the "
+            "config the adapter was made with."
         )
 
 
