@@ -37,6 +37,24 @@ def test_valid_token_types_still_run():
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(model.apply(params, ids, None, tt)), rtol=1e-6, atol=1e-6)
 
 
+def test_token_types_of_another_shape_are_refused_by_name_and_broadcastable_ones_run():
+    """token_type_ids of a shape that does not broadcast to the inputs failed in the embedding sum with
+    a raw TypeError ('add got incompatible shapes'); GPT-2 named it. (1, seq), (batch, 1) and (seq,)
+    broadcast, as in transformers' BERT."""
+    model, params, ids = _tiny()
+    with pytest.raises(InputValidationError, match=r"token_type_ids must have the shape of the inputs \(2, 6\)"):
+        model.apply(params, ids, None, jnp.zeros((2, 5), jnp.int32))
+    with pytest.raises(InputValidationError, match="token_type_ids"):
+        jax.jit(lambda p, t: model.apply(p, ids, None, t))(params, jnp.zeros((2, 6, 1), jnp.int32))
+    row = jnp.asarray([0, 0, 1, 1, 1, 0], jnp.int32)
+    full = np.asarray(model.apply(params, ids, None, jnp.broadcast_to(row, (2, 6))))
+    for tt in (row[None], row):
+        np.testing.assert_array_equal(np.asarray(model.apply(params, ids, None, tt)), full)
+    per_row = jnp.asarray([[1], [0]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(model.apply(params, ids, None, per_row)),
+                                  np.asarray(model.apply(params, ids, None, jnp.broadcast_to(per_row, (2, 6)))))
+
+
 def test_sequence_longer_than_the_positions_is_refused():
     model, params, _ = _tiny()
     long_ids = jnp.ones((1, 9), jnp.int32)
@@ -154,3 +172,40 @@ def test_position_ids_of_another_shape_and_empty_inputs_are_refused_by_name():
     full = model.apply(params, ids, position_ids=jnp.broadcast_to(jnp.arange(6), (2, 6)))
     for pos in (jnp.arange(6)[None], jnp.arange(6)):
         np.testing.assert_array_equal(np.asarray(model.apply(params, ids, position_ids=pos)), np.asarray(full))
+
+
+def test_num_labels_that_disagrees_with_id2label_wins_as_in_transformers(tmp_path):
+    """A config.json with num_labels 3 beside an id2label of two names (one edited without the other):
+    transformers builds 3 labels (LABEL_0..2) and loads the 3-row classifier; jpeft read two labels from
+    id2label and refused the checkpoint's classifier by shape. It reads num_labels now, and the logits
+    equal transformers'."""
+    import json
+    import os
+    import shutil
+    import sys
+
+    import torch
+    import transformers as t
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as T
+
+    hf, folder = T.hf_model("bert")
+    shutil.copytree(folder, tmp_path / "m")
+    with open(tmp_path / "m" / "config.json") as f:
+        d = json.load(f)
+    d.update(num_labels=3, id2label={"0": "neg", "1": "pos"}, label2id={"neg": 0, "pos": 1})
+    with open(tmp_path / "m" / "config.json", "w") as f:
+        json.dump(d, f)
+    ref_model = t.BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert ref_model.config.num_labels == 3
+    model, params = jpeft.models.from_pretrained(str(tmp_path / "m"))
+    assert (model.config.num_labels, model.config.label_names) == (3, None)
+    ids, mask = T.batch("bert")
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    out = np.asarray(model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    # an agreeing num_labels keeps the names
+    from jpeft.models.loading import config_from_hf
+    assert config_from_hf(dict(d, num_labels=2)).label_names == ("neg", "pos")

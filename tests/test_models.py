@@ -1020,3 +1020,56 @@ def test_gpt2_token_type_ids_match_transformers_with_and_without_lora():
         ad = jpeft.init(cfg, params, jax.random.key(1), model, jnp.asarray(ids))
         with pytest.raises(InputValidationError, match=msg):
             jpeft.apply(model, params, ad, jnp.asarray(ids), token_type_ids=jnp.asarray(tt))
+
+
+def test_a_list_of_end_ids_in_config_json_keeps_the_gpt2_config_hashable(tmp_path):
+    """transformers' GPT2Config takes a list of eos ids (as Llama 3.1's config.json has); jpeft's
+    GPT2Config kept the list, so the config was unhashable and jpeft.generate (whose model is a
+    static argument) failed with a raw JAX 'Non-hashable static arguments' error. The ids are a tuple
+    now in every family, and generation stops at them as transformers' does."""
+    import torch
+
+    hf, folder = T.hf_model("gpt2")
+    ids, mask = T.batch("gpt2", seed=6)
+    model, params = loaded("gpt2")
+    free = np.asarray(jpeft.generate(model, params, None, ids, 8, attention_mask=mask))
+    eos = [int(free[0, 10]), int(free[1, 8])]
+    shutil.copytree(folder, tmp_path / "m")
+    with open(tmp_path / "m" / "config.json") as f:
+        d = json.load(f)
+    with open(tmp_path / "m" / "config.json", "w") as f:
+        json.dump(dict(d, eos_token_id=eos), f)
+    model, params = M.from_pretrained(str(tmp_path / "m"))
+    assert model.config.eos_token_id == tuple(eos) and hash(model.config) == hash(model.config.replace())
+    out = np.asarray(jpeft.generate(model, params, None, ids, 8, attention_mask=mask,
+                                    eos_token_id=model.config.eos_token_id))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0).numpy()
+    assert (ref[:2, 11:] == 0).all()  # rows 0 and 1 ended: the ids are read
+    np.testing.assert_array_equal(out, ref)
+    lcfg = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                         bos_token_id=[1], eos_token_id=[2, 3], pad_token_id=0)
+    assert (lcfg.bos_token_id, lcfg.eos_token_id) == ((1,), (2, 3)) and hash(lcfg)
+
+
+@pytest.mark.parametrize("family", ["llama2", "bert"])
+def test_lists_and_torch_tensors_as_model_inputs_are_refused_by_name(family):
+    """A tokenizer's lists (tokenizer(texts)["input_ids"]) or its torch tensors (return_tensors="pt")
+    passed to model.apply failed with a raw AttributeError ('list' object has no attribute 'ndim') or
+    TypeError (Cannot interpret 'torch.int64' as a data type); the error now names the input and the
+    conversion. numpy and JAX arrays run as before. inputs_embeds of another width than the model's
+    hidden size failed with a raw TypeError deep in the first layer; named too."""
+    import torch
+
+    model, params = loaded(family)
+    ids, mask = T.batch(family)
+    want = np.asarray(model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_array_equal(np.asarray(model.apply(params, ids, attention_mask=mask)), want)
+    for kw, name in ((dict(input_ids=ids.tolist(), attention_mask=mask), "input_ids"),
+                     (dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)), "input_ids"),
+                     (dict(input_ids=ids, attention_mask=mask.tolist()), "attention_mask")):
+        with pytest.raises(InputValidationError, match=f"{name} must be a numpy or JAX array"):
+            model.apply(params, **kw)
+    with pytest.raises(InputValidationError, match="inputs_embeds must be .* hidden size 32"):
+        model.apply(params, None, jnp.asarray(mask), inputs_embeds=jnp.ones(ids.shape + (7,)))

@@ -238,18 +238,35 @@ def padding_ids_in_range(input_ids, attention_mask, vocab_size: Optional[int]):
     return jnp.where(attention_mask.astype(bool), input_ids, jnp.clip(input_ids, 0, int(vocab_size) - 1))
 
 
-def check_ids_mask(input_ids, attention_mask, inputs_embeds, what: str, vocab_size: Optional[int] = None):
+def check_ids_mask(input_ids, attention_mask, inputs_embeds, what: str, vocab_size: Optional[int] = None,
+                   hidden_size: Optional[int] = None):
     """Validates the input triple; returns ``(batch, seq)``. When ``vocab_size`` is given and
     the ids are concrete (a call outside ``jit``), real tokens outside ``[0, vocab_size)`` raise:
-    the embedding gather would silently clamp them to another row (issue 16)."""
+    the embedding gather would silently clamp them to another row (issue 16). ``inputs_embeds``
+    of another width than ``hidden_size`` (when given) raise."""
     if input_ids is None and inputs_embeds is None:
         raise InputValidationError(f"{what}: pass input_ids [batch, seq] (or inputs_embeds [batch, seq, hidden]).")
+    for name, x in (("input_ids", input_ids), ("attention_mask", attention_mask), ("inputs_embeds", inputs_embeds)):
+        if x is not None and not isinstance(x, (np.ndarray, jax.Array)):
+            # a tokenizer's lists or a torch tensor failed with a raw AttributeError ('list' object has no
+            # attribute 'ndim') or TypeError (Cannot interpret 'torch.int64' as a data type)
+            raise InputValidationError(
+                f"{what}: {name} must be a numpy or JAX array, found {type(x).__module__}.{type(x).__qualname__}. "
+                "Convert it with jnp.asarray(...) (a torch tensor with .numpy() first), or ask the tokenizer for "
+                "arrays: tokenizer(texts, return_tensors='np')."
+            )
     if input_ids is not None and inputs_embeds is not None:
         raise InputValidationError(f"{what}: pass either input_ids or inputs_embeds, not both.")
     if inputs_embeds is not None:
         if inputs_embeds.ndim != 3:
             raise InputValidationError(
                 f"{what}: inputs_embeds must be [batch, seq, hidden], found shape {tuple(inputs_embeds.shape)}."
+            )
+        if hidden_size is not None and inputs_embeds.shape[-1] != hidden_size:
+            # a raw TypeError ('mul got incompatible shapes') deep in the first layer before
+            raise InputValidationError(
+                f"{what}: inputs_embeds must be [batch, seq, hidden] with the model's hidden size {hidden_size}, "
+                f"found shape {tuple(inputs_embeds.shape)}."
             )
         b, s = inputs_embeds.shape[:2]
     else:
@@ -651,7 +668,7 @@ def decoder_inputs(input_ids, attention_mask, inputs_embeds, position_ids, cache
       attention mask was given (every token is real, known at trace time).
     """
     vocab = getattr(embeds, "num_embeddings", None)
-    b, s = check_ids_mask(input_ids, attention_mask, inputs_embeds, what, vocab)
+    b, s = check_ids_mask(input_ids, attention_mask, inputs_embeds, what, vocab, getattr(embeds, "features", None))
     input_ids = padding_ids_in_range(input_ids, attention_mask, vocab)
     hidden = embeds(input_ids) if inputs_embeds is None else inputs_embeds
     padded = attention_mask is not None
@@ -800,8 +817,13 @@ class ConfigMethods:
         object.__setattr__(self, "_derived", tuple(n for n in names if getattr(self, n) is None))
 
     def _finish(self, name: str) -> None:
-        """The end of ``__post_init__`` common to the families: dtypes made canonical, the shared
-        checks (:func:`validate_common`) and the activation name."""
+        """The end of ``__post_init__`` common to the families: special-token lists made tuples,
+        dtypes made canonical, the shared checks (:func:`validate_common`) and the activation name."""
+        for f in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            # a config.json list (Llama 3.1's eos ids; transformers' GPT2Config takes one too) as a tuple:
+            # a list left the config unhashable, and jpeft.generate, whose model is a static argument, failed
+            if isinstance(getattr(self, f, None), list):
+                object.__setattr__(self, f, tuple(getattr(self, f)))
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype, f"{name}.dtype (the compute dtype)", COMPUTE_DTYPES))
         object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype, f"{name}.param_dtype"))
         validate_common(self, name)

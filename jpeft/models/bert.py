@@ -183,6 +183,16 @@ class BertPooler(nn.Module):
         return jnp.tanh(L.dense(self.config.hidden_size, True, self.config, "dense")(h[:, 0]))
 
 
+def _check_broadcasts(name: str, value, b: int, s: int) -> None:
+    """Raises :class:`InputValidationError` unless ``value``'s shape broadcasts to the inputs' ``(b, s)``."""
+    shape = tuple(jnp.shape(value))
+    if len(shape) > 2 or any(n not in (1, want) for n, want in zip(shape[::-1], (s, b))):
+        raise InputValidationError(
+            f"BertModel: {name} must have the shape of the inputs {(b, s)} (or one that broadcasts to it, such as "
+            f"{(1, s)}), found {shape}."
+        )
+
+
 class BertModel(nn.Module):
     """``embeddings``, ``encoder/layer_{i}``, ``pooler``. Returns ``(sequence_output, pooled)``."""
 
@@ -192,7 +202,8 @@ class BertModel(nn.Module):
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
                  position_ids=None, segment_ids=None, prefix_kv=None, deterministic=True):
         c = self.config
-        b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, "BertModel", self.config.vocab_size)
+        b, s = L.check_ids_mask(input_ids, attention_mask, inputs_embeds, "BertModel", self.config.vocab_size,
+                                self.config.hidden_size)
         if s == 0:
             raise InputValidationError(
                 "BertModel: the inputs have no tokens (shape (batch, 0)); the pooler reads the first token ([CLS]). "
@@ -204,17 +215,17 @@ class BertModel(nn.Module):
             attention_mask = jnp.ones((b, s), bool)
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, s), jnp.int32)
-        elif not isinstance(token_type_ids, jax.core.Tracer):
-            # the gather would silently wrap a negative type to another row, or give NaN past the table
-            # (transformers raises IndexError)
-            check_token_ids(token_type_ids, c.type_vocab_size, name="BertModel: token_type_ids")
+        else:
+            # another shape failed in the embedding sum with a raw TypeError (a (batch, 1) one broadcasts, as in
+            # transformers)
+            _check_broadcasts("token_type_ids", token_type_ids, b, s)
+            if not isinstance(token_type_ids, jax.core.Tracer):
+                # the gather would silently wrap a negative type to another row, or give NaN past the table
+                # (transformers raises IndexError)
+                check_token_ids(token_type_ids, c.type_vocab_size, name="BertModel: token_type_ids")
+            token_type_ids = jnp.broadcast_to(token_type_ids, (b, s))
         if position_ids is not None:
-            ps = tuple(jnp.shape(position_ids))
-            if len(ps) > 2 or any(n not in (1, want) for n, want in zip(ps[::-1], (s, b))):
-                raise InputValidationError(
-                    f"BertModel: position_ids must have the shape of the inputs {(b, s)} (or one that broadcasts to "
-                    f"it, such as {(1, s)}), found {ps}."
-                )
+            _check_broadcasts("position_ids", position_ids, b, s)
         if position_ids is None and segment_ids is None and s > c.max_position_embeddings:
             raise InputValidationError(
                 f"BertModel: sequences of length {s} are longer than the model's {c.max_position_embeddings} "

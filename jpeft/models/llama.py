@@ -154,8 +154,6 @@ class LlamaConfig(L.ConfigMethods):
             bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
             if bad:
                 raise ConfigError(f"LlamaConfig.layer_types: unknown entries {bad}; use 'full_attention' or 'sliding_attention'.")
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self._finish("LlamaConfig")
         if self.head_dim % 2:
             raise ConfigError(f"LlamaConfig.head_dim must be even for rotary embeddings, found {self.head_dim}.")

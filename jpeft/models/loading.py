@@ -223,11 +223,16 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
         )
     if d.get("is_decoder") or d.get("add_cross_attention"):
         raise UnsupportedModelError("BERT as a decoder (is_decoder / add_cross_attention) is not supported.")
-    num_labels = len(d["id2label"]) if d.get("id2label") else _number(d, "num_labels", 2, integer=True)
+    id2label = d.get("id2label") or None
+    if id2label and d.get("num_labels") is not None and _number(d, "num_labels", integer=True) != len(id2label):
+        # as transformers: a num_labels that disagrees with id2label (a hand-edited config.json) wins, with the
+        # names LABEL_i; jpeft read len(id2label) labels, so the checkpoint's classifier was refused by shape
+        id2label = None
+    num_labels = len(id2label) if id2label else _number(d, "num_labels", 2, integer=True)
     names = None
-    if d.get("id2label"):
+    if id2label:
         try:
-            names = tuple(str(v) for _, v in sorted(d["id2label"].items(), key=lambda kv: int(kv[0])))
+            names = tuple(str(v) for _, v in sorted(id2label.items(), key=lambda kv: int(kv[0])))
         except (TypeError, ValueError, AttributeError):
             names = None  # keys that are not label indices: the names are not kept
         if names == tuple(f"LABEL_{i}" for i in range(len(names or ()))):
