@@ -90,6 +90,9 @@ STRATEGIES = ("gather", "ragged", "pregather")
 #: The routed-update implementation used unless ``strategy=`` says otherwise (measured; see the
 #: module docstring).
 DEFAULT_STRATEGY = "gather"
+#: The name PEFT's ``adapter_names`` gives the rows that use no adapter; :meth:`AdapterBank.ids`
+#: reads it as ``None`` (the bare base), and no adapter may be stored under it.
+BASE_NAME = "__base__"
 
 _KINDS = (Kind.DENSE, Kind.DENSE_GENERAL, Kind.EMBED)
 
@@ -490,12 +493,13 @@ class AdapterBank:
         )
 
     def ids(self, names: Sequence[Union[str, int, None]]) -> jax.Array:
-        """Slot ids for a batch of adapter names (``None`` -> ``-1``, the bare base); an integer
-        entry is already a slot id and is kept (``[1, None, "a"]``)."""
+        """Slot ids for a batch of adapter names (``None``, or ``"__base__"`` as in PEFT's
+        ``adapter_names``, -> ``-1``, the bare base); an integer entry is already a slot id and
+        is kept (``[1, None, "a"]``)."""
         def slot_id(n):
             if isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_)):
                 return int(n)
-            return -1 if n is None else self.slot(n)
+            return -1 if n is None or n == BASE_NAME else self.slot(n)
 
         return jnp.asarray([slot_id(n) for n in names], jnp.int32)
 
@@ -573,6 +577,9 @@ class AdapterBank:
         """
         if not isinstance(name, str) or not name:
             raise BankError(f"adapter names are non-empty strings, found {name!r}.")
+        if name == BASE_NAME:
+            raise BankError(f"{BASE_NAME!r} names the bare base (as in PEFT's adapter_names), so an adapter stored under "
+                            "it would never be routed to; pick another name.")
         if name in self.slots:
             raise DuplicateAdapterError(
                 f"the bank already holds an adapter named {name!r} (slot {self.slots.index(name)}); "
@@ -763,4 +770,4 @@ def check_lora(name, adapter) -> dict:
     return out
 
 
-__all__ = ["AdapterBank", "BankedLora", "LoraStack", "route", "STRATEGIES", "DEFAULT_STRATEGY"]
+__all__ = ["AdapterBank", "BankedLora", "LoraStack", "route", "STRATEGIES", "DEFAULT_STRATEGY", "BASE_NAME"]

@@ -347,6 +347,11 @@ def test_unknown_and_duplicate_names():
     with pytest.raises(UnknownAdapterError, match=r"empty slots \[0\].*-1 for the bare base"):
         bank.remove("r1").route(jnp.asarray([0, 1], jnp.int32))
     assert issubclass(UnknownAdapterError, LookupError)
+    # PEFT's adapter_names call the base rows "__base__": they were unknown names, and an adapter stored under
+    # that name took them over, so rows a PEFT user meant for the base ran through it
+    assert bank.ids(["r4", "__base__", None]).tolist() == [1, -1, -1]
+    with pytest.raises(BankError, match="'__base__' names the bare base"):
+        bank.remove("r1").add("__base__", ADAPTERS["r1"])
 
 
 def test_routing_input_errors():

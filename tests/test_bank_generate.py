@@ -176,7 +176,7 @@ def test_peft_adapters_in_one_bank_equal_peft_mixed_batch_forward_and_generate(f
     mask[1, :3] = 0
     mask[3, :2] = 0
     ids = np.where(mask == 1, rng.integers(3, T.VOCAB, size=mask.shape), 0)
-    routed = bank.route([None if r == "__base__" else r for r in rows])
+    routed = bank.route(rows)  # PEFT's adapter_names as they are: "__base__" is the bare base in both
     got = np.asarray(jpeft.apply(model, params, routed, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     with torch.no_grad():
         want = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), adapter_names=rows,
