@@ -515,10 +515,10 @@ def test_max_position_embeddings_without_the_key_defaults_as_in_transformers(tmp
     ("llama", "rms_norm_eps", None), ("llama", "max_position_embeddings", "4096"), ("qwen2", "max_window_layers", 1.5),
     ("llama", "intermediate_size", 64.5), ("gpt2", "layer_norm_epsilon", None), ("gpt2", "n_positions", True),
     ("bert", "type_vocab_size", None), ("bert", "layer_norm_eps", "1e-12"), ("llama", "rope_theta", "1e4"),
-    ("llama", "num_key_value_heads", "4"), ("llama", "num_key_value_heads", 2.5),
+    ("llama", "num_key_value_heads", "4"), ("llama", "num_key_value_heads", 2.5), ("mistral", "attention_dropout", "0.1"),
 ])
 def test_a_null_quoted_or_fractional_number_in_config_json_is_refused_by_name(model_type, field, value):
-    """float(None) / int("4096") raised a raw TypeError / ValueError from from_pretrained, and int()
+    """(A quoted attention_dropout was read by float(), unlike every other number.) float(None) / int("4096") raised a raw TypeError / ValueError from from_pretrained, and int()
     truncated a fraction silently (max_window_layers 1.5 read as 1: transformers windows layers
     i >= 1.5, jpeft windowed layer 1 too; num_key_value_heads "4" was read as 4 and 2.5 as 2). Each is a
     ConfigError naming the field and the fix."""
@@ -529,9 +529,9 @@ def test_a_null_quoted_or_fractional_number_in_config_json_is_refused_by_name(mo
                        num_attention_heads=4, num_key_value_heads=4),
          "gpt2": dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4),
          "bert": dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64)}[model_type if model_type != "qwen2" else "llama"]
+                      intermediate_size=64)}[model_type if model_type not in ("qwen2", "mistral") else "llama"]
     d = dict(d, model_type=model_type, use_sliding_window=True) if model_type == "qwen2" else dict(d, model_type=model_type)
-    config_from_hf(dict(d, **{field: 2.0 if "max_window" in field else d.get(field, 7)}))  # a number reads
+    config_from_hf(dict(d, **{field: 2.0 if "max_window" in field else 0.1 if "dropout" in field else d.get(field, 7)}))  # a number reads
     with pytest.raises(ConfigError, match=f"field '{field}' must be a .*number, found {value!r}.*JSON number"):
         config_from_hf(dict(d, **{field: value}))
 

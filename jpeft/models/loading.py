@@ -159,7 +159,8 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         attention_bias=attn_bias,
         attention_out_bias=attn_bias,
         mlp_bias=_flag(d, "mlp_bias", False),
-        attention_dropout=float(d.get("attention_dropout") or 0.0),
+        # null as transformers' default 0.0 (it only drops in training); a quoted "0.1" refused as elsewhere
+        attention_dropout=0.0 if d.get("attention_dropout") is None else _number(d, "attention_dropout"),
         tie_word_embeddings=_flag(d, "tie_word_embeddings", False),
         model_type=model_type,
         initializer_range=_number(d, "initializer_range", 0.02),
