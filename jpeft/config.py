@@ -180,9 +180,6 @@ class AdapterConfig:
     # whether the method can train on rows packed by documents (segment ids): prompt tuning, whose
     # virtual tokens are prepended once per row, cannot; `jpeft train` refuses that before loading
     packs_documents: ClassVar[bool] = True
-    # whether the method can train a layer-scanned model (train.scan_layers): AdaLoRA's rank allocator ranks each
-    # layer's triplets across the model, so it cannot; `jpeft train` refuses that before loading
-    layer_scan: ClassVar[bool] = True
     # whether the method trains a copy of every base weight (full fine-tuning): on a quantized base that copy would
     # start from the rounded kernels, so `jpeft train` refuses quantize with it
     trains_every_weight: ClassVar[bool] = False
@@ -275,6 +272,11 @@ class AdapterConfig:
                     )
                 changes[name] = changes.pop(hf)
         return dataclasses.replace(self, **changes)
+
+    def layer_scan_refusal(self) -> Optional[str]:
+        """Why this config cannot train a layer-scanned model (``scan_layers``), or ``None`` when
+        it can; ``jpeft train`` reads it to refuse ``train.scan_layers = true`` before loading."""
+        return None
 
     @property
     def residual_init(self) -> Optional[str]:

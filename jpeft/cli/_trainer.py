@@ -428,9 +428,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         # the model is loaded: a path's typo was named only once the whole base was read
         hf_config = loading.read_config(cfg["model"])
         check_seq_len(int(d["seq_len"]), hf_config, "data.seq_len", method0.extra_positions)
-        if t.get("scan_layers") and not method0.layer_scan:
-            why = f"bias = {method0.bias!r} (trainable base biases)" if getattr(method0, "bias", "none") != "none" \
-                else "it needs each layer's modules apart"
+        why = method0.layer_scan_refusal() if t.get("scan_layers") else None
+        if why is not None:
             raise ConfigError(f"method {method0.peft_type.lower()} cannot train a layer-scanned model (train.scan_layers = "
                               f"true): {why}. Set train.scan_layers = false.")
         fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}

@@ -98,7 +98,6 @@ class AdaLoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
-    layer_scan: ClassVar[bool] = False  # the allocator ranks each layer's triplets across the model
     _hf_keys: ClassVar[Mapping[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
     _ignored_hf_keys: ClassVar[frozenset] = AdapterConfig._ignored_hf_keys | {"r"}
     _unsupported_hf_options: ClassVar[Mapping[str, tuple]] = {
@@ -187,6 +186,9 @@ class AdaLoraConfig(AdapterConfig):
     def scaling(self) -> float:
         """``alpha / (init_r + 1e-5)``: PEFT's ``scaling / ranknum``."""
         return float(self.alpha) / (float(self.init_r) + 1e-5)
+
+    def layer_scan_refusal(self) -> Optional[str]:
+        return "its rank allocator ranks each layer's modules across the model, so it needs each layer's modules apart"
 
     # the training protocol (jpeft.config.AdapterConfig): what jpeft.fit's steps, `jpeft train` and the
     # forgetting runner add for AdaLoRA

@@ -332,11 +332,9 @@ class LoraConfig(AdapterConfig):
                     break
         return None if m is None else int(m.group("idx"))
 
-    @property
-    def layer_scan(self) -> bool:
-        """Whether a layer-scanned model can train this adapter: not with trainable base biases
-        (``bias`` other than ``"none"``, not implemented for stacked layers)."""
-        return self.bias == "none"
+    def layer_scan_refusal(self) -> Optional[str]:
+        """Trainable base biases (``bias`` other than ``"none"``) are not implemented for stacked layers."""
+        return None if self.bias == "none" else f"bias = {self.bias!r} (trainable base biases)"
 
     @property
     def residual_init(self) -> Optional[str]:
