@@ -525,13 +525,25 @@ def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype):
     take_base_copies(tensors, module_leaves(inner if unrolled is None else unrolled), path,
                      own_of=None if unrolled is None else (lambda p: scan.layer_module(inner, p)))
     # PEFT's save_embedding_layers copies of the whole embedding / lm_head (not a module to save)
-    take_embedding_copies(tensors, module_leaves(inner), path, d.get("modules_to_save") or ())
+    take_embedding_copies(tensors, module_leaves(inner), path, d.get("modules_to_save") or (),
+                          bool(d.get("ensure_weight_tying")))
+    hf_config = _peft_base_config(d)
     if n_scanned is not None:
-        ctx = ImportContext(module_leaves(unrolled), path, dtype)
+        ctx = ImportContext(module_leaves(unrolled), path, dtype, hf_config)
         config, adapter = fmt.from_hf(d, tensors, {"params": unrolled}, ctx)
         return config, scan.stack_adapter(adapter, n_scanned)
-    ctx = ImportContext(module_leaves(inner), path, dtype)
+    ctx = ImportContext(module_leaves(inner), path, dtype, hf_config)
     return fmt.from_hf(d, tensors, params, ctx)
+
+
+def _peft_base_config(d) -> Optional[dict]:
+    """The config.json of the adapter's ``base_model_name_or_path`` when it is a readable local
+    folder (the model PEFT would load it on), else ``None``: a format compares it with the params
+    where they decide what PEFT computes (a tied output projection)."""
+    try:
+        return _local_hf_config(d.get("base_model_name_or_path"))
+    except (JpeftError, OSError):
+        return None
 
 
 def _base_change(config, adapter):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.errors import BaseMismatchError, ConfigError, UnsupportedAdapterError
+from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError
 from jpeft.tree import from_hf_name, hf_name, matches, tied_embedding
 
 PEFT_PREFIX = "base_model.model."
@@ -45,6 +45,19 @@ class ImportContext:
     leaves: Mapping[str, Mapping[str, Any]]  # {module_path: {param_name: array}}
     folder: str
     dtype: Any
+    # the config.json of the file's base_model_name_or_path when that is a local model folder (PEFT's base)
+    hf_config: Optional[Mapping[str, Any]] = None
+
+
+def ties_word_embeddings(hf_config: Optional[Mapping[str, Any]]) -> Optional[bool]:
+    """Whether a Hugging Face ``config.json`` ties ``lm_head`` to the input embedding (GPT-2's
+    default), where PEFT applies trainable tokens at both ends; ``None`` when it does not say."""
+    if not isinstance(hf_config, Mapping):
+        return None
+    tie = hf_config.get("tie_word_embeddings")
+    if isinstance(tie, bool):
+        return tie
+    return True if hf_config.get("model_type") == "gpt2" else None
 
 
 
@@ -132,7 +145,8 @@ def check_keys(adapter_paths, expected_paths, *, unmatched_keys=(), what: str = 
         hint = ""
         if any(".lm_head." in k or k.startswith("lm_head") for k in only_file):
             hint = (" (lm_head: with tie_word_embeddings the jpeft model computes logits with the input embedding "
-                    "and has no separate lm_head module; adapt the embedding instead)")
+                    "and has no separate lm_head module; adapt the embedding instead, or load the base untied: "
+                    "jpeft.models.from_pretrained(folder, tie_word_embeddings=False))")
         raise BaseMismatchError(
             f"the {what} does not match the base model: {len(only_file)} key(s) of the file have no matching module "
             f"in the base (first: {only_file[:5]}){hint}, and {len(only_base)} targeted module(s) of the base have no "
@@ -181,30 +195,59 @@ def check_base_copy(path: str, v: np.ndarray, own: Mapping[str, Any], folder: st
         )
 
 
+# PEFT's copies of a wrapped module's base weight: a LoRA layer's, and (save_embedding_layers, which saves
+# every state-dict entry of an embedding or lm_head) a trainable-tokens wrapper's and a modules_to_save wrapper's
+_BASE_COPIES = ("base_layer.weight", "token_adapter.base_layer.weight", "original_module.weight")
+
+
 def take_base_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]], folder: str, own_of=None) -> None:
     """Removes from ``tensors`` PEFT's copies of base weights (``<module>.base_layer.weight``, saved
-    for any method whose targets include an embedding-like module such as ``lm_head``), after
-    :func:`check_base_copy` found each equal to the base's; one of no module is left in place, so
-    the format's key check names it. ``own_of(path)`` gives the params to compare with when
-    ``leaves`` only names the modules: for a layer-scanned base ``leaves`` are the unrolled model's
-    (abstract, never a copy of the weights) and ``own_of`` is :func:`jpeft.scan.layer_module` on the
-    stacked params (the layer's slice of one module)."""
+    for any method whose targets include an embedding-like module such as ``lm_head``;
+    ``<module>.token_adapter.base_layer.weight`` and ``<module>.original_module.weight``, which
+    ``save_embedding_layers`` adds for trainable tokens and ``modules_to_save`` on an embedding or
+    ``lm_head``), after :func:`check_base_copy` found each equal to the base's; one of no module is
+    left in place, so the format's key check names it. The wrappers' copies of a tied ``lm_head`` (no
+    module of its own here) are compared with the embedding it reads. ``own_of(path)`` gives the params
+    to compare with when ``leaves`` only names the modules: for a layer-scanned base ``leaves`` are the
+    unrolled model's (abstract, never a copy of the weights) and ``own_of`` is
+    :func:`jpeft.scan.layer_module` on the stacked params (the layer's slice of one module)."""
     for k in sorted(tensors):
-        sp = split_peft_key(k, ("base_layer.weight",))
-        if sp is not None and sp[0] in leaves:
-            own = own_of(sp[0]) if own_of is not None else None
-            check_base_copy(sp[0], tensors[k], leaves[sp[0]] if own is None else own, folder)
+        sp = split_peft_key(k, _BASE_COPIES)
+        if sp is None:
+            continue
+        path = sp[0]
+        if path not in leaves and sp[1] != "base_layer.weight":
+            path = tied_embedding(path, leaves)  # a LoRA's copy of a tied lm_head is the format's (its key check)
+        if path is not None and path in leaves:
+            own = own_of(path) if own_of is not None else None
+            check_base_copy(sp[0], tensors[k], leaves[path] if own is None else own, folder)
             del tensors[k]
 
 
-def take_embedding_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]], folder: str, saved=()) -> None:
+def take_embedding_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]], folder: str, saved=(),
+                          tied_copy: bool = False) -> None:
     """Removes from ``tensors`` the full copies of the input and output embeddings that PEFT's
     ``save_pretrained(..., save_embedding_layers=True)`` writes (``model.embed_tokens.weight``,
     ``lm_head.weight``; ``"auto"`` does so after a vocabulary resize), after :func:`check_base_copy`
     found each equal to the base's (``PeftModel.from_pretrained`` loads them into the model). A tied
     ``lm_head`` (no module of its own here) is compared with the embedding it reads. Keys of a module
-    that ``saved`` (the config's ``modules_to_save``) names are a trained copy, left to the format."""
+    that ``saved`` (the config's ``modules_to_save``) names are a trained copy, left to the format, as
+    is a tied ``lm_head``'s key beside a saved embedding when ``tied_copy`` (the file's
+    ``ensure_weight_tying``: lm_head then reads the trained copy; without it, the base weight)."""
     names = tuple(saved or ())
+    for k in sorted(tensors):
+        # save_embedding_layers also writes a modules_to_save wrapper's trained copy under its state-dict name,
+        # beside the key PEFT loads it from (``<module>.weight``): the same array, or the file is inconsistent
+        sp = split_peft_key(k, ("modules_to_save.weight",))
+        loaded = None if sp is None else peft_key(sp[0], "weight")
+        if loaded in tensors:
+            if not np.array_equal(np.asarray(tensors[k]), np.asarray(tensors[loaded])):
+                raise CheckpointError(
+                    f"the adapter in {folder!r} holds two different trained copies of {hf_name(sp[0])!r}: {loaded} "
+                    f"(the one PeftModel.from_pretrained loads) and {k} (save_embedding_layers' copy of the same "
+                    "module); the file is inconsistent. Re-save it with PEFT."
+                )
+            del tensors[k]
     for k in sorted(tensors):
         sp = split_peft_key(k, ("weight",))
         if sp is None:
@@ -213,7 +256,7 @@ def take_embedding_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]]
         own = leaves.get(path)
         emb = tied_embedding(path, leaves)
         if emb is not None:  # tied: the embedding is the output projection
-            if any(hf_name(emb).endswith(m) for m in names):
+            if tied_copy and any(hf_name(emb).endswith(m) for m in names):
                 continue  # ensure_weight_tying's copy of a saved embedding: the format checks it
             own = leaves[emb]
         elif own is None or not ("embedding" in own or path.split("/")[-1] == "lm_head"):

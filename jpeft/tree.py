@@ -261,7 +261,8 @@ def _refuse_tied_lm_head(target_modules, candidates: list[str], hit: list[str]) 
             f"{hf_name(emb[0])!r} (tie_word_embeddings): it has no lm_head of its own, so nothing would adapt the "
             "head, while Hugging Face PEFT adapts the tied model's lm_head. Remove 'lm_head' from target_modules, "
             f"target {emb[0].split('/')[-1]!r} with ensure_weight_tying=True (LoRA) to adapt input and output together, "
-            "or load the base with tie_word_embeddings=False."
+            "or load the base untied, jpeft.models.from_pretrained(folder, tie_word_embeddings=False): its lm_head "
+            "starts as a copy of the embedding, as PEFT's adapted lm_head of a tied model does."
         )
 
 

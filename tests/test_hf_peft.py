@@ -275,6 +275,58 @@ def test_save_embedding_layers_copies_load_when_equal_to_the_base(family, tmp_pa
         H.load_peft(str(tmp_path / "b"), loaded(family)[1])
 
 
+# save_embedding_layers=True with a wrapped embedding or lm_head: (family, PEFT options, the key that duplicates a
+# trained array, the key that copies the base weight)
+WRAPPED_EMBEDDINGS = {
+    "copy of a tied embedding": ("llama3", dict(modules_to_save=["embed_tokens"]),
+                                 "model.embed_tokens.modules_to_save.weight", "model.embed_tokens.original_module.weight"),
+    "tokens on a tied embedding": ("llama3", dict(trainable_token_indices=[3, 5]),
+                                   "lm_head.token_adapter.trainable_tokens_delta", "lm_head.token_adapter.base_layer.weight"),
+    "copy of an untied lm_head": ("mistral", dict(modules_to_save=["lm_head"]),
+                                  "lm_head.modules_to_save.weight", "lm_head.original_module.weight"),
+    "tied copy, ensure_weight_tying": ("qwen2", dict(modules_to_save=["embed_tokens"], ensure_weight_tying=True),
+                                       "lm_head.modules_to_save.weight", "lm_head.original_module.weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRAPPED_EMBEDDINGS))
+def test_save_embedding_layers_with_wrapped_embeddings(case, tmp_path):
+    """save_embedding_layers=True (also what "auto" does after resize_token_embeddings) saves every
+    state-dict entry of a modules_to_save or trainable-tokens wrapper on an embedding or lm_head:
+    ``original_module.weight`` / ``token_adapter.base_layer.weight`` (the base weight),
+    ``modules_to_save.weight`` (the trained copy again) and, on a tied model, lm_head's shared token
+    delta and its base ``lm_head.weight``. PeftModel.from_pretrained loads such files; jpeft refused
+    every one as "trained on another model". They load, and a copy that disagrees is named."""
+    family, opts, dup, base_copy = WRAPPED_EMBEDDINGS[case]
+    from safetensors.numpy import load_file, save_file
+
+    hf, _ = T.hf_model(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                     init_lora_weights=False, **opts))
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():  # every trainable tensor off its start (copies equal the base, deltas zero)
+            for _, p in pm.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        pm.eval().save_pretrained(str(tmp_path / "a"), save_embedding_layers=True)
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    assert {H.PEFT_PREFIX + dup, H.PEFT_PREFIX + base_copy} <= set(tensors)
+    ids, mask = T.batch(family, seed=1)
+    ref = _peft_logits(pm, family, ids, mask)
+    assert np.abs(ref - _peft_logits(hf, family, ids, mask)).max() > 1e-2
+    _, adapter = H.load_peft(str(tmp_path / "a"), loaded(family)[1])
+    _close(family, _jpeft_logits(family, adapter, ids, mask), ref, mask)
+    for key, err, match in ((dup, CheckpointError, "inconsistent"), (base_copy, BaseMismatchError, "differs from the base")):
+        bad = dict(tensors)
+        bad[H.PEFT_PREFIX + key] = bad[H.PEFT_PREFIX + key] + 1.0
+        save_file(bad, str(weights))
+        with pytest.raises(err, match=match):
+            H.load_peft(str(tmp_path / "a"), loaded(family)[1])
+
+
 @pytest.mark.parametrize("option", ["kasa_config", "monteclora_config", "velora_config"])
 def test_lora_variants_are_refused_by_name(saved_llama, tmp_path, option):
     """PEFT 0.21's KaSA / MonteCLoRA / VeLoRA LoRA variants are named in the refusal (they were a

@@ -352,6 +352,80 @@ def test_lm_head_target_on_a_tied_model_is_refused_not_dropped(family):
     assert "lm_head" in ad  # an untied model's head is adapted as before
 
 
+@pytest.mark.parametrize("family,opts", [("llama3", dict(modules_to_save=["lm_head"])),
+                                         ("gpt2", dict(target_modules=["c_attn", "lm_head"]))])
+def test_a_tied_base_loaded_untied_takes_peft_lm_head_adapters(family, opts, tmp_path):
+    """PEFT adapts a tied model's lm_head (a LoRA on it, or a modules_to_save copy) apart from the
+    input embedding; jpeft's refusals said to "load the base with tie_word_embeddings=False", but
+    from_pretrained(folder, tie_word_embeddings=False) of a tied checkpoint failed ("missing
+    lm_head.weight... Is config.json from the same model?"). The head now starts as a copy of the
+    embedding: the base's logits, PEFT's adapter loads both ways, and the merge saves an untied
+    model that transformers runs as PEFT's unmerged model."""
+    hf, folder = tiny.hf_model(family)
+    model, params = jpeft.models.from_pretrained(folder, tie_word_embeddings=False)
+    assert "lm_head" in params["params"]
+    ids, mask = tiny.batch(family, seed=3)
+    _close(family, _jpeft_logits_of(model, params, {}, ids, mask), tiny.torch_logits(family, ids, mask), mask)
+    q = TARGETS[kind(family)][:1]
+    cfg = {"r": 2, "lora_alpha": 4, "target_modules": q, **opts}
+    with pytest.raises(TargetNotFoundError, match=r"from_pretrained\(folder, tie_word_embeddings=False\)"):
+        jpeft.init(jpeft.LoraConfig.from_dict(cfg), base(family)[1], jax.random.key(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(init_lora_weights=False, **cfg))
+        _peft_randomize(pm, "modules_to_save")
+        pm.eval().save_pretrained(str(tmp_path / "p"))
+    ref = _torch_logits(pm, "LoRA list", family, ids, mask)
+    assert np.abs(ref - tiny.torch_logits(family, ids, mask))[mask.astype(bool)].max() > 1e-2
+    _, ad = H.load_peft(str(tmp_path / "p"), params)
+    _close(family, _jpeft_logits_of(model, params, ad, ids, mask), ref, mask)
+    # jpeft -> PEFT on the tied transformers model
+    jcfg = jpeft.LoraConfig.from_dict(cfg)
+    ad = _randomize(jpeft.init(jcfg, params, jax.random.key(0)), 1)
+    out = _jpeft_logits_of(model, params, ad, ids, mask)
+    H.save_peft(str(tmp_path / "j"), jcfg, ad, base_model_name_or_path=folder, params=params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pj = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "j")).eval()
+    _close(family, out, _torch_logits(pj, "LoRA list", family, ids, mask), mask)
+    # merged: an untied checkpoint giving the unmerged logits
+    jpeft.models.save_pretrained(str(tmp_path / "m"), model, jpeft.merge(params, ad))
+    merged = type(hf).from_pretrained(str(tmp_path / "m")).eval()
+    assert merged.config.tie_word_embeddings is False
+    _close(family, _torch_logits(merged, "LoRA list", family, ids, mask), out, mask)
+
+
+def test_trainable_tokens_on_a_base_untied_from_its_tied_checkpoint_are_refused(tmp_path):
+    """PEFT applies trainable tokens in a tied model's lm_head too; on the same checkpoint loaded
+    untied (tie_word_embeddings=False) jpeft's tokens change the input lookup only, so both
+    directions gave logits 3 to 5 away from PEFT's without a word. Where the adapter's
+    base_model_name_or_path is a local folder whose config.json says otherwise, both are refused."""
+    family = "llama3"
+    hf, folder = tiny.hf_model(family)
+    model, params = jpeft.models.from_pretrained(folder, tie_word_embeddings=False)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5, 9])
+    ad = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 1)
+    with pytest.raises(UnsupportedAdapterError, match="tie_word_embeddings=true"):
+        H.save_peft(str(tmp_path / "j"), cfg, ad, base_model_name_or_path=folder, params=params)
+    H.save_peft(str(tmp_path / "j"), cfg, ad, params=params)  # no base folder named: PEFT's base is the user's call
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(type(hf).from_pretrained(folder),
+                                 peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5, 9]))
+        _peft_randomize(pm, "trainable_token_indices")
+        pm.save_pretrained(str(tmp_path / "p"))
+    with pytest.raises(BaseMismatchError, match="jpeft's base here does not tie"):
+        H.load_peft(str(tmp_path / "p"), params)
+    _, tied_ad = H.load_peft(str(tmp_path / "p"), base(family)[1])  # on the base as its config.json says: PEFT's
+    ids, mask = tiny.batch(family, seed=3)
+    _close(family, _jpeft_logits_of(base(family)[0], base(family)[1], tied_ad, ids, mask),
+           _torch_logits(pm.eval(), "LoRA list", family, ids, mask), mask)
+
+
+def _jpeft_logits_of(model, params, adapter, ids, mask):
+    return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
 # -- the docs table -----------------------------------------------------------------------------------
 
 def _cell_text(cell):

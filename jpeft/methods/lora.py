@@ -883,7 +883,9 @@ def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
     missing = [m for m in config.modules_to_save if not any(config.saved_by(p, m) for p in leaves)]
     if missing and not (saved and set(missing) <= {"classifier", "score"}):
         tied = " (a model with tied word embeddings has no lm_head of its own: jpeft computes its logits with the " \
-               "input embedding)" if any(m.endswith("lm_head") for m in missing) else ""
+               "input embedding; to train an lm_head of its own, as PEFT's copy on a tied model does, load the base " \
+               "untied: jpeft.models.from_pretrained(folder, tie_word_embeddings=False))" \
+            if any(m.endswith("lm_head") for m in missing) else ""
         raise TargetNotFoundError(
             f"modules_to_save names {missing}, which select no module with parameters in these params{tied}; "
             f"modules with parameters end with e.g. {sorted({p.rsplit('/', 1)[-1] for p in leaves})[:12]}."

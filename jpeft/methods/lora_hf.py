@@ -26,7 +26,8 @@ from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
-                               check_base_copy, check_keys, config_from_peft, peft_key, split_peft_key, to_np)
+                               check_base_copy, check_keys, config_from_peft, peft_key, split_peft_key,
+                               ties_word_embeddings, to_np)
 from jpeft.tree import from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
 
 
@@ -106,7 +107,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     adapter = {p: n for p, n in adapter.items() if p not in saved}
     tokens = {p: n for p, n in adapter.items() if isinstance(n, TrainableTokens)}
     for path, node in tokens.items():
-        _check_peft_token_tie(path, node)
+        _check_peft_token_tie(path, node, ctx.hf_config)
         tensors[peft_key(path, _TOKENS_KEY)] = to_np(node.values)
     token_indices = _hf_token_indices(config, tokens)
     adapter = {p: n for p, n in adapter.items() if p not in tokens}
@@ -192,15 +193,36 @@ def _hf_token_indices(config: LoraConfig, tokens: Mapping[str, TrainableTokens])
     return {hf_name(p): list(n.indices) for p, n in sorted(tokens.items())}
 
 
-def _check_peft_token_tie(path, node):
+def _check_peft_token_tie(path, node, hf_config=None):
     """PEFT applies trainable tokens to a tied output projection exactly when the model ties its
-    word embeddings; refuse a site whose tie PEFT would not reproduce."""
+    word embeddings; refuse a site whose tie PEFT would not reproduce (``hf_config``: the
+    config.json of the base the file names, when it is a local folder)."""
     if node.tie_output is None:
         raise UnsupportedAdapterError(
             f"the trainable tokens at {path!r} do not know whether the model reads the embedding as its tied output "
             "projection (PEFT then uses the rows there too); create the adapter with jpeft.init(config, params, key, "
             "model, *example_inputs) or on jpeft.models params."
         )
+    _check_token_tie_matches(path, bool(node.tie_output), hf_config, UnsupportedAdapterError)
+
+
+def _check_token_tie_matches(path, tied: bool, hf_config, err) -> None:
+    """Refuses trainable tokens where the jpeft base and PEFT's base (``hf_config``) disagree on
+    whether lm_head is tied to the embedding: PEFT applies the rows at the output projection
+    exactly when its model ties them, jpeft when its params do (no lm_head of their own), e.g. a
+    tied checkpoint loaded with from_pretrained(folder, tie_word_embeddings=False)."""
+    peft_tied = ties_word_embeddings(hf_config)
+    if peft_tied is None or peft_tied == tied or path not in ("model/embed_tokens", "transformer/wte"):
+        return
+    raise err(
+        f"trainable tokens at {hf_name(path)!r}: jpeft's base here {'ties' if tied else 'does not tie'} its output "
+        f"projection to the embedding (its params {'have no' if tied else 'have an'} lm_head of their own), but the "
+        f"adapter's base_model_name_or_path has tie_word_embeddings="
+        f"{str(peft_tied).lower()}, where PEFT {'uses' if peft_tied else 'does not use'} the tokens' rows in lm_head "
+        "too: the outputs would differ. Use the base as its config.json says (jpeft.models.from_pretrained(folder) "
+        "without a tie_word_embeddings override), or a base_model_name_or_path folder saved from the base used here "
+        "(jpeft.models.save_pretrained)."
+    )
 
 
 def _check_peft_ties(path, node):
@@ -425,7 +447,25 @@ def _sort_lora_tensors(tensors: Mapping[str, np.ndarray], config: LoraConfig, ct
                 f"{hf_name(path)!r}: {hf_name(path)}.bias and the one under the copy's wrapper (modules_to_save.<adapter>); "
                 "PEFT saves one tensor under both keys, so the file is inconsistent. Re-save it with PEFT."
             )
+    _take_tied_token_values(out.token_values, ctx)
     return out
+
+
+def _take_tied_token_values(values: dict, ctx: ImportContext) -> None:
+    """On a tied model PEFT's lm_head shares the embedding's trainable tokens, and
+    ``save_embedding_layers`` saves that shared delta under lm_head too: drop it where it equals
+    the embedding's (jpeft applies the embedding's tokens at the tied output projection)."""
+    for path in sorted(values):
+        emb = tied_embedding(path, ctx.leaves)
+        if emb is None or emb not in values:
+            continue  # not a tied lm_head, or no embedding tokens: the token-site check names it
+        if not np.array_equal(np.asarray(values[path]), np.asarray(values[emb])):
+            raise CheckpointError(
+                f"the adapter in {ctx.folder!r} holds trainable tokens for lm_head that differ from "
+                f"{hf_name(emb)}'s, but this base ties lm_head to {hf_name(emb)} (PEFT shares one delta between them); "
+                "the file is inconsistent. Re-save it with PEFT."
+            )
+        del values[path]
 
 
 def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfig, residual, tied: bool,
@@ -567,7 +607,9 @@ def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves
                 f"the trainable tokens of {hf_name(path)!r} have shape {v.shape} for ids {list(ids)[:8]}, but the base "
                 f"embedding is {tuple(e.shape)}. Load the adapter on the base it was made for."
             )
-        out[path] = TrainableTokens(jnp.asarray(v, ctx.dtype), tuple(ids), bool(tied_output_from_params(path, leaves)))
+        tied = bool(tied_output_from_params(path, leaves))
+        _check_token_tie_matches(path, tied, ctx.hf_config, BaseMismatchError)
+        out[path] = TrainableTokens(jnp.asarray(v, ctx.dtype), tuple(ids), tied)
     return out
 
 
@@ -591,8 +633,9 @@ def _take_tied_output(d, by_site, leaves, folder) -> set:
         raise BaseMismatchError(
             f"the adapter in {folder!r} has LoRA weights for lm_head, but this base ties lm_head to "
             f"{tied} (no lm_head of its own); jpeft loads such weights only as PEFT's ensure_weight_tying "
-            "copy of a model.embed_tokens LoRA (Llama-style models). Load the adapter on a base with "
-            "tie_word_embeddings=False."
+            "copy of a model.embed_tokens LoRA (Llama-style models). Load the base untied, "
+            "jpeft.models.from_pretrained(folder, tie_word_embeddings=False) (its lm_head starts as a copy of the "
+            "embedding, as PEFT's lm_head of a tied model does), and the adapter on it."
         )
     same = (np.array_equal(head["lora_A.weight"], emb["lora_embedding_B"].T)
             and np.array_equal(head["lora_B.weight"], emb["lora_embedding_A"].T))

@@ -568,7 +568,12 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
                 f"from_pretrained: {unknown} are not fields of {type(cfg).__name__}; the overrides it takes are "
                 f"{sorted(f.name for f in dataclasses.fields(cfg))}."
             )
+        file_tied = bool(getattr(cfg, "tie_word_embeddings", False))
         cfg = cfg.replace(**config_overrides)
+        # tie_word_embeddings=False on a tied checkpoint: lm_head starts as a copy of the embedding (same logits)
+        untie = file_tied and not getattr(cfg, "tie_word_embeddings", False)
+    else:
+        untie = False
     if api == "nnx" and not isinstance(cfg, LlamaConfig):
         raise UnsupportedModelError(
             f"{path!r} is a {cfg.model_type} model; jpeft's NNX models are the Llama family (llama, mistral, qwen2). "
@@ -594,7 +599,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         placer = _ShardedPlacer(final, mesh, rules, scanned)
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(_open(f)) for f in files]
-        params, fresh = _read_weights(path, cfg, fam, expected, handles, files, placer, quantize)
+        params, fresh = _read_weights(path, cfg, fam, expected, handles, files, placer, quantize, untie)
     if fresh:
         warnings.warn(
             f"{path!r} has no weights for {sorted({expected[k][1] for k in fresh})}; they are freshly initialised "
@@ -666,9 +671,11 @@ def _check_stored_head_is_tied(path, where) -> None:
     )
 
 
-def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantize=None):
+def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantize=None, untie=False):
     """Checks every name and shape from the headers, then reads tensor by tensor (with a
-    ``placer``: only the slices of the shards this process holds)."""
+    ``placer``: only the slices of the shards this process holds). ``untie``: the checkpoint ties
+    its head to the embedding and ``cfg`` does not, so a missing ``lm_head.weight`` is read from
+    the embedding (an untied head that starts equal to the tied one)."""
     raw_keys = {}
     for h, fname in zip(handles, files):
         for k in h.keys():
@@ -685,6 +692,8 @@ def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantiz
         where[emb_key] = where["lm_head.weight"]
     elif tied and "lm_head.weight" in where:
         _check_stored_head_is_tied(path, where)
+    if untie and "lm_head.weight" in expected and "lm_head.weight" not in where and emb_key in where:
+        where["lm_head.weight"] = where[emb_key]
     ignored = [re.compile(p) for p in fam.ignored] + ([re.compile(r"lm_head\.weight")] if tied else [])
     unexpected = sorted(k for k in where if k not in expected and not any(p.fullmatch(k) for p in ignored))
     missing = sorted(k for k in expected if k not in where)
