@@ -1003,3 +1003,32 @@ def test_every_default_a_help_line_states_is_the_one_the_command_uses():
     lora = jpeft.LoraConfig()
     assert f"LoRA default {lora.r})" in info["--rank"] and f"LoRA default {lora.alpha:g}," in info["--alpha"]
     assert "(default lora)" in info["--method"]
+
+
+def test_resume_resolves_the_method_once_and_says_its_note_once(folder, capsys, monkeypatch):
+    """--resume resolved the [method] table twice (once to compare it with the saved method config,
+    once to train it), so a note it gives, such as a full fine-tuning copy resuming in the base's
+    dtype as an earlier jpeft started it, was printed twice. The method is now resolved once."""
+    import jpeft.cli._trainer as trainer
+
+    out = folder / "out_note"
+    argv = ["train", "--config", str(config(folder, method='name = "full"', extra_train='dtype = "bfloat16"')),
+            "--no-progress", "--output-dir", str(out)]
+    assert main(argv + ["--max-steps", "1"]) == 0
+    saved = json.loads((out / "resolved_config.json").read_text())
+    saved["method_config"]["dtype"] = None  # as an earlier jpeft saved a copy trained in the base's dtype
+    (out / "resolved_config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop  # right after the run's method is resolved: nothing is trained
+
+    monkeypatch.setattr(trainer, "encode_fn", stop)
+    try:
+        main(argv + ["--resume"])
+    except Stop:
+        pass
+    assert capsys.readouterr().err.count("started in the base's dtype (bfloat16) by an earlier jpeft") == 1

@@ -224,6 +224,37 @@ def test_an_lr_scale_before_another_stage_is_refused(setup):
     assert all(np.allclose(0.5 * np.asarray(a), b, rtol=1e-6) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(halved)))
 
 
+def test_an_lr_scale_before_another_stage_of_a_named_chain_is_refused(setup):
+    """``optax.named_chain`` keeps its stages' states in a dict, in order; an lr_scale before Adam there
+    was not seen (only ``optax.chain``'s tuple was), so scale_lr halved it and the step stayed the same
+    (checked below), a rollback lowering nothing without a word. The parallel groups of
+    ``optax.partition`` (also a dict) are no order: an lr_scale last in each group still works."""
+    params, adapter, _, _, key = setup
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), adapter)
+    wrong = optax.named_chain(("scale", jpeft.lr_scale()), ("adam", optax.adam(1e-2)))
+    state = wrong.init(adapter)
+    full, _ = wrong.update(grads, state, adapter)
+    lowered = {**state, "scale": _halve((state["scale"],))[0]}
+    halved, _ = wrong.update(grads, lowered, adapter)
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(halved)))
+    with pytest.raises(ConfigError, match="not the last stage"):
+        scale_lr(state, 0.5)
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=0.1, action="rollback")
+    step = jpeft.make_train_step(C.loss_fn(), wrong, donate=False)
+    with pytest.raises(ConfigError, match="not the last stage"):
+        jpeft.fit(step, params, adapter, state, _skewed(0, 2), key=key, forgetting=guard)
+    # the order that works, in a named_chain and in each group of a partition
+    labels = jax.tree.map(lambda _: "a", adapter)
+    labels[sorted(labels)[0]] = jax.tree.map(lambda _: "b", labels[sorted(labels)[0]])
+    for right in (optax.named_chain(("adam", optax.adam(1e-2)), ("scale", jpeft.lr_scale())),
+                  optax.partition({g: optax.chain(optax.adam(1e-2), jpeft.lr_scale()) for g in "ab"}, labels)):
+        st = right.init(adapter)
+        full, _ = right.update(grads, st, adapter)
+        halved, _ = right.update(grads, scale_lr(st, 0.5), adapter)
+        assert all(np.allclose(0.5 * np.asarray(a), b, rtol=1e-6) for a, b in zip(jax.tree.leaves(full),
+                                                                                  jax.tree.leaves(halved)))
+
+
 def _halve(state):
     """``state`` with its lr_scale halved, without scale_lr (which refuses this chain)."""
     return (state[0]._replace(hyperparams={**state[0].hyperparams, "lr_scale": state[0].hyperparams["lr_scale"] * 0.5}),

@@ -287,29 +287,30 @@ def _keep_unsaved_settings(out_dir: str, cfg: dict, before: Optional[dict] = Non
              "own dropout; it resumes with train.model_dropout = false.")
 
 
-def _method_changes(before: dict, cfg: dict, model_type: Optional[str]) -> Optional[dict]:
-    """The fields of the method config this run trains that differ from the resolved one the run
-    saved (``method_config``), as ``{"method.<field>": (saved, now)}``; ``None`` where that cannot
-    be told (no saved ``method_config``: an older jpeft; no ``model_type``, which picks the default
-    targets). Compared resolved, so ``alpha`` for ``lora_alpha``, or a field now written at its
-    default value, is no change; a field an older jpeft did not save is skipped."""
+def _method_changes(before: dict, cfg: dict, method) -> Optional[dict]:
+    """The fields of the method config this run trains (``method``, resolved from ``cfg``'s [method]
+    table) that differ from the resolved one the run saved (``method_config``), as
+    ``{"method.<field>": (saved, now)}``; ``None`` where that cannot be told (no saved
+    ``method_config``: an older jpeft; no ``method``). Compared resolved, so ``alpha`` for
+    ``lora_alpha``, or a field now written at its default value, is no change; a field an older
+    jpeft did not save is skipped."""
     was = before.get("method_config")
-    if model_type is None or not isinstance(was, dict) or not isinstance(cfg.get("method"), dict):
+    if method is None or not isinstance(was, dict) or not isinstance(cfg.get("method"), dict):
         return None
-    now = json.loads(json.dumps(method_of(cfg, model_type, before).to_dict()))
+    now = json.loads(json.dumps(method.to_dict()))
     return {f"method.{k}": (was[k], now[k]) for k in sorted(was) if k in now and was[k] != now[k]}
 
 
-def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, model_type: Optional[str] = None) -> None:
+def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, method=None) -> None:
     """Refuses ``--resume`` with settings that change the run (the seed, the data, the model's
     layout, the method, the optimizer, ...), naming each with its saved and its new value:
     the resumed run would no longer be the run its checkpoints belong to, and the saved config
     would be overwritten. Checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled
     model cannot use (and the other way round), which gets its own message. Runs without a
     ``resolved_config.json`` (an older jpeft) are not checked; keys an older jpeft did not save
-    are skipped. ``before``: :func:`_read_saved_config` (read here if not given). ``model_type``
-    (the base's): the [method] table is then compared as the method config it resolves to
-    (:func:`_method_changes`), else key by key as written."""
+    are skipped. ``before``: :func:`_read_saved_config` (read here if not given). ``method``
+    (the method config the table resolves to, :func:`method_of`): the [method] table is then
+    compared as that config (:func:`_method_changes`), else key by key as written."""
     path = os.path.join(out_dir, "resolved_config.json")
     before = _read_saved_config(out_dir) if before is None else before
     if before is None:
@@ -338,7 +339,7 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, mod
                      | {k for k in new if k not in old and new[k] is not None
                         and (k.split(".")[0] not in before or k.startswith("method."))})
     changed = [k for k in changed if not k.startswith(_RESUME_MAY_CHANGE)]
-    method_changes = _method_changes(before, cfg, model_type)
+    method_changes = _method_changes(before, cfg, method)
     if method_changes is not None:  # the resolved method config decides: the table's spelling does not matter
         changed = sorted([k for k in changed if not k.startswith("method.")] + list(method_changes))
         old.update({k: v[0] for k, v in method_changes.items()})
@@ -450,9 +451,11 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                               f"{'resume' if resume else 'continue'} from; this run would start from step 0 and replace it. "
                               "Choose another output_dir, or move that adapter away first.")
         saved = _read_saved_config(out_dir) if resume and has_ckpts else None
+        # resolved once (its notes said once): the resume check compares it with the saved one
+        method = method_of(cfg, hf_config.get("model_type"), saved)
         if saved is not None:
             _keep_unsaved_settings(out_dir, cfg, saved)
-            _check_resumable(out_dir, cfg, saved, hf_config.get("model_type"))
+            _check_resumable(out_dir, cfg, saved, method)
         mesh = make_run_mesh(cfg, int(t["batch_size"]))
         if mesh is not None and "tensor" in mesh.shape:
             check_tensor_axis(cfg["model"], mesh.shape["tensor"])
@@ -475,7 +478,6 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         base_sha = loading.weights_fingerprint(cfg["model"])  # a few bytes per tensor, read once the folder loaded
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "model_weights_sha256", base_sha)
-        method = method_of(cfg, loaded.hf_config.get("model_type"), saved)
         encode, bos, eos = encode_fn(loaded.tokenizer)
 
         def pack(examples, key, path):

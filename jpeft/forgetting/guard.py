@@ -70,16 +70,20 @@ def _scale_states(opt_state) -> list:
 
 def _stage_after_scale(opt_state) -> bool:
     """Whether a stage follows :func:`lr_scale` in an ``optax.chain`` (whose state is a plain
-    tuple of its stages' states): scaling the updates before Adam, a clip or any other stage then
-    does not scale the step by the factor (Adam divides it out), so a rollback would lower nothing."""
-    def walk(x) -> tuple[bool, bool]:  # (found, a stage after it)
+    tuple of its stages' states) or an ``optax.named_chain`` (a dict of them, in order):
+    scaling the updates before Adam, a clip or any other stage then does not scale the step by
+    the factor (Adam divides it out), so a rollback would lower nothing. The dict of
+    ``optax.partition`` / ``multi_transform`` (``inner_states``) holds parallel groups, no order."""
+    def walk(x, parallel: bool = False) -> tuple[bool, bool]:  # (found, a stage after it)
         if _is_scale_state(x):
             return True, False
         children = list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, (tuple, list)) else []
+        fields = getattr(x, "_fields", ())
+        ordered = not parallel and (type(x) is tuple or isinstance(x, dict))
         for i, c in enumerate(children):
-            found, after = walk(c)
+            found, after = walk(c, parallel=i < len(fields) and fields[i] == "inner_states")
             if found:
-                return True, after or (type(x) is tuple and i != len(children) - 1)
+                return True, after or (ordered and i != len(children) - 1)
         return False, False
 
     return walk(opt_state)[1]
