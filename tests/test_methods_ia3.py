@@ -104,6 +104,12 @@ def test_dense_general_and_einsum_merge_equals_factored():
 def test_config_errors():
     with pytest.raises(jpeft.ConfigError, match="subset of target_modules"):
         IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
+    # q/v only, feedforward_modules not given: its default down_proj is no target; the error named a field the
+    # user never set without saying so
+    with pytest.raises(jpeft.ConfigError, match=r"\['down_proj'\] are not targets.*feedforward_modules = \[\] where no "
+                                                r"target is a feed-forward layer; the default is \['down_proj'\]"):
+        IA3Config(target_modules=["q_proj", "v_proj"])
+    assert IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=[]).feedforward_modules == ()
     model = nn.Embed(5, 3)
     params = model.init(jax.random.key(0), jnp.array([1]))
     with pytest.raises(jpeft.errors.UnsupportedModuleError, match="embedding"):

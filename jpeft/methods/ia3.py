@@ -74,7 +74,9 @@ class IA3Config(AdapterConfig):
             if extra:
                 raise ConfigError(
                     f"IA3Config.feedforward_modules must be a subset of target_modules (as in Hugging Face PEFT); "
-                    f"{extra} are not targets {list(self.target_modules)}. Add them to target_modules or remove them."
+                    f"{extra} are not targets {list(self.target_modules)}. Add them to target_modules or remove them "
+                    f"(feedforward_modules = [] where no target is a feed-forward layer; the default is "
+                    f"{list(type(self).feedforward_modules)}, applied when it is not given)."
                 )
         if not isinstance(self.init_ia3_weights, bool):
             raise ConfigError(f"IA3Config.init_ia3_weights must be a bool, found {self.init_ia3_weights!r}.")
