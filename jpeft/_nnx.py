@@ -50,6 +50,12 @@ def split(model, state):
     return model, state
 
 
+def state_of(params):
+    """An ``nnx.Module``'s whole state (``nnx.split``'s), as every entry point taking params takes
+    it; other params (a linen variables dict, an ``nnx.State``) as given."""
+    return nnx.split(params)[1] if isinstance(params, nnx.Module) else params
+
+
 def merge(graphdef, state, *, copy: bool = False):
     """``nnx.merge(graphdef, state)``, with a named error when the state is not the model's
     whole state (one part of a filtered ``nnx.split``), which flax reports as a leaf count."""

@@ -632,7 +632,7 @@ class AdapterBank:
         """Raises :class:`~jpeft.errors.BankShapeError` unless every bank site exists in
         ``params`` with the kernel shape the bank was built for. ``params`` may be an
         ``nnx.Module`` (or its ``nnx.State``), as :func:`jpeft.apply` takes it."""
-        inner = unwrap_params(_nnx.split(params, None)[1] if isinstance(params, _nnx.nnx.Module) else params)[0]
+        inner = unwrap_params(_nnx.state_of(params))[0]
         leaves = module_leaves(inner)
         for path, lay in self.layouts.items():
             own = leaves.get(path)

@@ -388,7 +388,7 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
     >>> s = jpeft.summary(params, jpeft.init(FullFinetuneConfig(), params, jax.random.key(1)))
     trainable params: 16 || all params: 16 || trainable%: 100.0000 (base 16; 1 adapted sites)
     """
-    inner, _ = unwrap_params(_nnx.split(params, None)[1] if isinstance(params, _nnx.nnx.Module) else params)
+    inner, _ = unwrap_params(_nnx.state_of(params))
     base = count(quant.abstract(inner))
     train, froz = split_frozen(adapter) if adapter else ({}, {})
     trainable = count(train)

@@ -36,10 +36,9 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from safetensors.numpy import save_file
 
-from jpeft import quant, scan
+from jpeft import _nnx, quant, scan
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
@@ -553,11 +552,6 @@ def _base_change(config, adapter):
     return None if hook is None else hook(config, adapter)
 
 
-def _state_of(params):
-    """An ``nnx.Module``'s state (``nnx.split``'s), as every entry point taking params takes it; other params as given."""
-    return nnx.split(params)[1] if isinstance(params, nnx.Module) else params
-
-
 def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     """Reads a Hugging Face PEFT adapter folder for a jpeft base.
 
@@ -582,7 +576,7 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
         both sides are listed).
       CheckpointError: a truncated or corrupted weights file.
     """
-    config, adapter = _load(path, _state_of(params), dtype)
+    config, adapter = _load(path, _nnx.state_of(params), dtype)
     change = _base_change(config, adapter)
     if change is not None:
         kind = change[0]
@@ -614,7 +608,7 @@ def load_peft_with_base(path: str, params, *, dtype=jnp.float32) -> tuple[Adapte
       the full-precision weights, as PEFT refuses its residual inits on a quantized layer: load
       onto the float params, then quantize the residual returned).
     """
-    given, params = params, _state_of(params)
+    given, params = params, _nnx.state_of(params)
     config, adapter = _load(path, params, dtype)
     change = _base_change(config, adapter)
     if change is None:
