@@ -130,3 +130,32 @@ def test_copies_of_a_bfloat16_base_are_float32_master_copies():
         moved = [np.mean(np.asarray(n) != np.asarray(o)) for p in ("head", "norm") if p in ad
                  for n, o in zip(jax.tree.leaves(new[p].params), jax.tree.leaves(ad[p].params))]
         assert min(moved) > 0.5, moved
+
+
+def test_jpeft_paths_name_the_same_modules_as_dotted_names():
+    """``target_modules`` takes a jpeft path (``block/norm``) or PEFT's dotted name; ``modules_to_save`` and
+    ``trainable_token_indices`` took only the dotted one (``block/norm`` selected nothing: a
+    TargetNotFoundError). Both now read a path as its dotted name, and the config records the dotted
+    name, the one PEFT's adapter_config.json needs."""
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            h = nn.Embed(10, 4, name="emb")(ids)
+            return nn.LayerNorm(name="norm")(nn.Dense(4, name="d")(h))
+
+    class Outer(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(3, name="head")(Block(name="layers_0")(ids))
+
+    model, ids = Outer(), jax.numpy.array([[1, 2, 3]])
+    params = model.init(jax.random.key(1), ids)
+    made = {}
+    for style, norm, emb in (("path", "layers_0/norm", "layers_0/emb"), ("dotted", "layers.0.norm", "layers.0.emb")):
+        cfg = jpeft.LoraConfig(r=2, target_modules=["head"], modules_to_save=[norm], trainable_token_indices={emb: [2, 5]})
+        assert cfg.modules_to_save == ("layers.0.norm",) and cfg.trainable_token_indices == {"layers.0.emb": (2, 5)}
+        made[style] = jpeft.init(cfg, params, jax.random.key(2), model, ids)
+    assert set(made["path"]) == set(made["dotted"]) == {"head", "layers_0/norm", "layers_0/emb"}
+    assert isinstance(made["path"]["layers_0/norm"], jpeft.SavedModule)
+    for a, b in zip(jax.tree.leaves(made["path"]), jax.tree.leaves(made["dotted"])):
+        np.testing.assert_array_equal(a, b)

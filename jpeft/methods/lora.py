@@ -53,6 +53,12 @@ def is_residual_init(init) -> bool:
                                       or re.fullmatch(r"pissa_niter_[0-9]+", init) is not None)
 
 
+def _hf_module_name(name: str) -> str:
+    """A module name as Hugging Face PEFT writes it: a jpeft path (``model/layers_0/mlp``) as its
+    dotted name (``model.layers.0.mlp``), as ``target_modules`` takes either; others as given."""
+    return hf_name(name) if "/" in name else name
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig(AdapterConfig):
     """Configuration of a LoRA adapter.
@@ -155,7 +161,8 @@ class LoraConfig(AdapterConfig):
                 return tuple(int(i) for i in v)
 
             if isinstance(tti, Mapping):
-                tti = {str(k): ids(v, f"[{k!r}]") for k, v in tti.items()} or None
+                # a jpeft path ("model/embed_tokens") as the Hugging Face name PEFT matches and writes
+                tti = {_hf_module_name(str(k)): ids(v, f"[{k!r}]") for k, v in tti.items()} or None
             else:
                 tti = ids(tti, "")
         object.__setattr__(self, "trainable_token_indices", tti)
@@ -165,7 +172,7 @@ class LoraConfig(AdapterConfig):
         mts = None if mts is None else tuple(mts) if isinstance(mts, (list, tuple)) else mts
         if mts is not None and not (isinstance(mts, tuple) and all(isinstance(m, str) and m for m in mts)):
             raise ConfigError(f"LoraConfig.modules_to_save must be a list of module names, found {self.modules_to_save!r}.")
-        object.__setattr__(self, "modules_to_save", mts or None)
+        object.__setattr__(self, "modules_to_save", tuple(_hf_module_name(m) for m in mts) if mts else None)
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
         object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules) or None)
         ltt = self.layers_to_transform
