@@ -95,3 +95,8 @@ def test_config_forms_and_refusals():
     with pytest.raises(TargetNotFoundError, match="matches 0 embeddings"):
         jpeft.init(jpeft.LoraConfig(target_modules=["d"], trainable_token_indices={"wte": [1]}), params,
                    jax.random.key(0))
+    # PEFT also takes token rows of an output Linear; the refusal did not say why lm_head matched nothing
+    with pytest.raises(TargetNotFoundError, match=r"matches 0 embeddings.*embeddings only, not of an output layer such "
+                                                  r"as lm_head.*modules_to_save=\['lm_head'\]"):
+        jpeft.init(jpeft.LoraConfig(target_modules=["d"], trainable_token_indices={"lm_head": [1]}), params,
+                   jax.random.key(0))

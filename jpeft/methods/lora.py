@@ -838,9 +838,15 @@ def token_sites(config: LoraConfig, leaves: Mapping[str, Mapping[str, Any]]) -> 
         for name, ids in tti.items():
             hits = [p for p in embeds if hf_name(p).endswith(name)]
             if len(hits) != 1:
+                head = ""
+                if not hits and name.endswith("lm_head"):
+                    # PEFT also puts token rows on an output Linear; jpeft's trainable tokens are embedding rows
+                    head = (" jpeft trains token rows of embeddings only, not of an output layer such as lm_head: on a "
+                            "model with tied word embeddings the embedding's rows are its output rows too, so name the "
+                            "embedding; on an untied model, train lm_head whole with modules_to_save=['lm_head'].")
                 raise TargetNotFoundError(
                     f"trainable_token_indices names {name!r}, which matches {len(hits)} embeddings ({hits}); name "
-                    f"exactly one of {[hf_name(p) for p in embeds]}."
+                    f"exactly one of {[hf_name(p) for p in embeds]}.{head}"
                 )
             out[hits[0]] = ids
         return out
