@@ -200,6 +200,16 @@ def check_base_copy(path: str, v: np.ndarray, own: Mapping[str, Any], folder: st
 _BASE_COPIES = ("base_layer.weight", "token_adapter.base_layer.weight", "original_module.weight")
 
 
+def check_same_copies(a, b, folder: str, what: str) -> None:
+    """Raises :class:`CheckpointError` unless ``a`` and ``b`` are equal: two keys of a PEFT file
+    that PEFT writes from one tensor (``what`` names them), so a difference means the file was
+    edited or damaged, and which one PEFT would read is not for jpeft to guess."""
+    if not np.array_equal(np.asarray(a), np.asarray(b)):
+        raise CheckpointError(
+            f"the adapter in {folder!r} holds two different values for {what}, which PEFT writes from one tensor; the "
+            "file is inconsistent. Re-save it with PEFT.")
+
+
 def take_base_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]], folder: str, own_of=None) -> None:
     """Removes from ``tensors`` PEFT's copies of base weights (``<module>.base_layer.weight``, saved
     for any method whose targets include an embedding-like module such as ``lm_head``;
@@ -241,12 +251,9 @@ def take_embedding_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]]
         sp = split_peft_key(k, ("modules_to_save.weight",))
         loaded = None if sp is None else peft_key(sp[0], "weight")
         if loaded in tensors:
-            if not np.array_equal(np.asarray(tensors[k]), np.asarray(tensors[loaded])):
-                raise CheckpointError(
-                    f"the adapter in {folder!r} holds two different trained copies of {hf_name(sp[0])!r}: {loaded} "
-                    f"(the one PeftModel.from_pretrained loads) and {k} (save_embedding_layers' copy of the same "
-                    "module); the file is inconsistent. Re-save it with PEFT."
-                )
+            check_same_copies(tensors[k], tensors[loaded], folder,
+                              f"the trained copy of {hf_name(sp[0])!r}: {loaded} (the one PeftModel.from_pretrained loads) "
+                              f"and {k} (save_embedding_layers' copy of the same module)")
             del tensors[k]
     for k in sorted(tensors):
         sp = split_peft_key(k, ("weight",))

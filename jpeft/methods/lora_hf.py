@@ -26,8 +26,8 @@ from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
-                               check_base_copy, check_keys, config_from_peft, peft_key, split_peft_key,
-                               ties_word_embeddings, to_np)
+                               check_base_copy, check_keys, check_same_copies, config_from_peft, peft_key,
+                               split_peft_key, ties_word_embeddings, to_np)
 from jpeft.tree import from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
 
 
@@ -441,12 +441,9 @@ def _sort_lora_tensors(tensors: Mapping[str, np.ndarray], config: LoraConfig, ct
         out.by_site.setdefault(path, {})[t] = v
     for path, v in out.wrapped.items():
         first = out.saved.setdefault(path, {}).setdefault("bias", v)
-        if not np.array_equal(np.asarray(first), np.asarray(v)):
-            raise CheckpointError(
-                f"the adapter in {ctx.folder!r} (bias='all') holds two different biases for its modules_to_save copy of "
-                f"{hf_name(path)!r}: {hf_name(path)}.bias and the one under the copy's wrapper (modules_to_save.<adapter>); "
-                "PEFT saves one tensor under both keys, so the file is inconsistent. Re-save it with PEFT."
-            )
+        check_same_copies(first, v, ctx.folder,
+                          f"the bias of its modules_to_save copy of {hf_name(path)!r} (bias='all'): {hf_name(path)}.bias "
+                          "and the one under the copy's wrapper (modules_to_save.<adapter>)")
     _take_tied_token_values(out.token_values, ctx)
     return out
 
@@ -459,12 +456,9 @@ def _take_tied_token_values(values: dict, ctx: ImportContext) -> None:
         emb = tied_embedding(path, ctx.leaves)
         if emb is None or emb not in values:
             continue  # not a tied lm_head, or no embedding tokens: the token-site check names it
-        if not np.array_equal(np.asarray(values[path]), np.asarray(values[emb])):
-            raise CheckpointError(
-                f"the adapter in {ctx.folder!r} holds trainable tokens for lm_head that differ from "
-                f"{hf_name(emb)}'s, but this base ties lm_head to {hf_name(emb)} (PEFT shares one delta between them); "
-                "the file is inconsistent. Re-save it with PEFT."
-            )
+        check_same_copies(values[path], values[emb], ctx.folder,
+                          f"the trainable tokens of lm_head and of {hf_name(emb)}, which this base ties (PEFT shares one "
+                          "delta between them)")
         del values[path]
 
 
@@ -543,12 +537,9 @@ def _saved_sites_from_hf(config: LoraConfig, found: _LoraTensors, ctx: ImportCon
             # PEFT ties a copy of model.embed_tokens to a tied lm_head with ensure_weight_tying only
             tie = bool(config.ensure_weight_tying) and path == "model/embed_tokens"
             node = dataclasses.replace(node, tie_output=tie, tied_output=tied_output_from_params(path, ctx.leaves))
-            if found.tied_head is not None and path == "model/embed_tokens" \
-                    and not np.array_equal(np.asarray(found.tied_head), np.asarray(found.saved[path]["weight"])):
-                raise CheckpointError(
-                    f"the adapter in {ctx.folder!r} says ensure_weight_tying=True, but its lm_head.weight differs from "
-                    "its copy of model.embed_tokens; the file is inconsistent. Re-save it with PEFT."
-                )
+            if found.tied_head is not None and path == "model/embed_tokens":
+                check_same_copies(found.tied_head, found.saved[path]["weight"], ctx.folder,
+                                  "lm_head.weight and its copy of model.embed_tokens (ensure_weight_tying=True)")
         out[path] = node
     return out
 
@@ -637,13 +628,9 @@ def _take_tied_output(d, by_site, leaves, folder) -> set:
             "jpeft.models.from_pretrained(folder, tie_word_embeddings=False) (its lm_head starts as a copy of the "
             "embedding, as PEFT's lm_head of a tied model does), and the adapter on it."
         )
-    same = (np.array_equal(head["lora_A.weight"], emb["lora_embedding_B"].T)
-            and np.array_equal(head["lora_B.weight"], emb["lora_embedding_A"].T))
-    if not same:
-        raise CheckpointError(
-            f"the adapter in {folder!r} says ensure_weight_tying=True, but lm_head's LoRA factors differ from "
-            "model.embed_tokens' (transposed); the file is inconsistent. Re-save it with PEFT."
-        )
+    for h, e in (("lora_A.weight", "lora_embedding_B"), ("lora_B.weight", "lora_embedding_A")):
+        check_same_copies(head[h], np.asarray(emb[e]).T, folder,
+                          f"lm_head's {h} and model.embed_tokens' {e} (transposed; ensure_weight_tying=True)")
     del by_site["lm_head"]
     return {"model/embed_tokens"}
 
