@@ -164,6 +164,67 @@ def test_prefix_export_reads_kv_heads_as_transformers(tmp_path):
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["num_attention_heads"] == 8
 
 
+
+@pytest.mark.parametrize("recorded", [dict(num_attention_heads=4), dict(num_attention_heads=4, token_dim=32)])
+def test_prefix_file_heads_and_width_come_from_a_gqa_model_as_in_peft(recorded, tmp_path):
+    """On a model whose config has num_key_value_heads (Llama, Mistral, Qwen2) PEFT replaces the
+    file's num_attention_heads and token_dim by the model's key/value heads and key width when it
+    loads a prefix; a file recording the query heads (4) or the hidden size (32) of the tiny GQA
+    Llama (2 key/value heads of width 8) runs in PEFT. jpeft loaded it and then refused it
+    (ShapeMismatchError at apply, BaseMismatchError at load)."""
+    import json
+
+    hf, _ = tiny.hf_model("llama3")
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g))
+    pm.save_pretrained(str(tmp_path))
+    cfg_file = tmp_path / "adapter_config.json"
+    cfg_file.write_text(json.dumps(dict(json.loads(cfg_file.read_text()), **recorded)))
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+    ids, mask = tiny.batch("llama3")
+    model, params = _jpeft_base("llama3")
+    cfg, ad = load_peft(str(tmp_path), params)
+    assert cfg.token_dim == 16
+    _close(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)), _torch_logits(ref, ids, mask), mask)
+
+
+@pytest.mark.parametrize("task", ["FEATURE_EXTRACTION", "SEQ_CLS"])
+def test_bert_prompt_token_type_ids_as_peft_or_refused(task, tmp_path):
+    """PEFT's prompt tuning prepends T zeros to BERT's token_type_ids for SEQ_CLS but drops them
+    (a warning) for FEATURE_EXTRACTION; jpeft used them for both, so a FEATURE_EXTRACTION adapter
+    with token_type_ids gave outputs 0.08 away from PEFT's without a word. It is now refused."""
+    hf, _ = tiny.hf_model("bert")
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.PromptTuningConfig(num_virtual_tokens=T, task_type=task))
+    with torch.no_grad():
+        emb = pm.prompt_encoder["default"].embedding.weight
+        emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(4)))
+    pm.eval().save_pretrained(str(tmp_path))
+    ids, mask = tiny.batch("bert", seed=3)
+    types = np.zeros_like(ids)
+    types[:, 2:5] = 1
+    model, params = _jpeft_base("bert")
+    _, ad = load_peft(str(tmp_path), params)
+    with torch.no_grad():
+        plain = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        typed = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), token_type_ids=torch.tensor(types)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))), plain,
+                               atol=1e-4, rtol=0)
+    if task == "FEATURE_EXTRACTION":
+        with pytest.raises(jpeft.InputValidationError, match="FEATURE_EXTRACTION.*drops token_type_ids"):
+            jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask), token_type_ids=jnp.asarray(types))
+        cfg = jpeft.PromptTuningConfig(num_virtual_tokens=T, task_type=task)  # made in jpeft: the same refusal
+        with pytest.raises(jpeft.InputValidationError, match="drops token_type_ids"):
+            jpeft.apply(model, params, jpeft.init(cfg, params, jax.random.key(0)), jnp.asarray(ids),
+                        token_type_ids=jnp.asarray(types))
+    else:
+        got = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask), token_type_ids=jnp.asarray(types))
+        assert np.abs(typed - plain).max() > 1e-2
+        np.testing.assert_allclose(np.asarray(got), typed, atol=1e-4, rtol=0)
+
 BERT_TASKS = [("lora", "auto", "FEATURE_EXTRACTION"), ("lora", "SEQ_CLS", "SEQ_CLS"), ("lora", None, None),
               ("prompt", "auto", "FEATURE_EXTRACTION"), ("prompt", "SEQ_CLS", "SEQ_CLS")]
 

@@ -45,6 +45,10 @@ from jpeft.tree import module_leaves
 # Key projections that tell the number of layers and the key width, per family:
 # (module name, how many key widths its kernel's output holds)
 _KEY_PROJ = {"k_proj": 1, "key": 1, "c_attn": 3}
+# families whose Hugging Face config has num_key_value_heads (Llama, Mistral, Qwen2): there PEFT replaces a
+# file's token_dim and num_attention_heads by the model's (head_dim * num_key_value_heads and
+# num_key_value_heads; peft.utils.other._prepare_prompt_learning_config) when it loads the adapter
+_KV_HEADS_FROM_MODEL = ("k_proj",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,10 +411,16 @@ def _from_hf(d, tensors, params, ctx):
     if set(tensors) != {"prompt_embeddings"}:
         raise CheckpointError(f"a prefix-tuning adapter holds one tensor 'prompt_embeddings'; {ctx.folder!r} has {sorted(tensors)}.")
     emb = tensors["prompt_embeddings"]
+    inner = params.get("params", params) if isinstance(params, Mapping) else params
     try:
-        nl, td = infer_dims(params.get("params", params) if isinstance(params, Mapping) else params)
+        nl, td = infer_dims(inner)
     except ConfigError:
         nl, td = config.num_layers, config.token_dim
+    heads = config.num_attention_heads
+    if any(p.split("/")[-1] in _KV_HEADS_FROM_MODEL for p in module_leaves(inner)):
+        # PEFT takes the key width and the key/value heads from the model here, whatever the file records
+        # (a file giving the query heads or the hidden size runs in PEFT), so jpeft reads them from the model too
+        config, heads = config.replace(token_dim=td), None
     if config.num_layers is not None and config.token_dim is not None and (config.num_layers, config.token_dim) != (nl, td):
         raise BaseMismatchError(
             f"the prefix in {ctx.folder!r} was made for {config.num_layers} layers of key width {config.token_dim}, but "
@@ -419,7 +429,7 @@ def _from_hf(d, tensors, params, ctx):
     want = (config.num_virtual_tokens, nl * 2 * td)
     if tuple(emb.shape) != want:
         raise CheckpointError(f"prompt_embeddings in {ctx.folder!r} has shape {tuple(emb.shape)}, expected {want}.")
-    return config, {"": PrefixWeights(jnp.asarray(emb, ctx.dtype), nl, td, config.num_attention_heads)}
+    return config, {"": PrefixWeights(jnp.asarray(emb, ctx.dtype), nl, td, heads)}
 
 
 def budget_rows(model_type: str, targets):

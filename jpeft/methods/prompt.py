@@ -63,7 +63,8 @@ class PromptTuningConfig(AdapterConfig):
         Hugging Face PEFT; ``token_dim`` is checked against the embedding width, the others are
         informational.
       task_type: Hugging Face PEFT's task type written by :func:`jpeft.hf.save_peft`
-        (``None``: ``"CAUSAL_LM"``; use ``"SEQ_CLS"`` for BERT classifiers).
+        (``None``: ``"CAUSAL_LM"``; use ``"SEQ_CLS"`` for BERT classifiers). With
+        ``"FEATURE_EXTRACTION"`` ``token_type_ids`` are refused (PEFT drops them there).
 
     >>> from jpeft.methods.prompt import PromptTuningConfig
     >>> c = PromptTuningConfig(num_virtual_tokens=8, prompt_tuning_init="TEXT", init_token_ids=[5, 6])
@@ -172,6 +173,9 @@ class PromptWeights(Site):
     # jpeft.lm_loss sets this: outputs keep the last virtual token's position (n + 1 positions),
     # whose logits predict the first real token, as Hugging Face PEFT's -100-padded labels do
     keep_last_virtual: bool = static_field(default=False)
+    # task_type="FEATURE_EXTRACTION": Hugging Face PEFT drops token_type_ids there (it keeps them, with leading
+    # zeros, for SEQ_CLS), so jpeft refuses them instead of giving other outputs than PEFT's
+    drops_token_types: bool = static_field(default=False)
 
     def loss_view(self):
         """Outputs keep the last virtual token (its logits predict the first real token, which
@@ -253,6 +257,12 @@ class PromptWeights(Site):
                 "prompt tuning: token_type_ids cannot be used with a causal language model (Hugging Face PEFT drops "
                 "them there with a warning, so the results would differ); pass no token_type_ids."
             )
+        if tt is not None and self.drops_token_types:
+            raise InputValidationError(
+                "prompt tuning: this adapter has task_type='FEATURE_EXTRACTION', where Hugging Face PEFT drops "
+                "token_type_ids (with a warning), so jpeft's outputs with them would differ from PEFT's; pass no "
+                "token_type_ids, or use task_type='SEQ_CLS', where PEFT uses them (with T leading zeros) as jpeft does."
+            )
         if tt is not None:
             a["token_type_ids"] = jnp.concatenate([jnp.zeros((b, t), tt.dtype), tt], axis=1)
         out = call.next_fun(*bound.args[1:], **bound.kwargs)
@@ -309,7 +319,7 @@ def init(config: PromptTuningConfig, params, key, infos) -> dict:
         else:  # SAMPLE_VOCAB
             ids = jax.random.randint(key, (t,), 0, vocab)
         emb = jnp.take(jnp.asarray(table), ids, axis=0).astype(jnp.float32)
-    return {"": PromptWeights(emb, path)}
+    return {"": PromptWeights(emb, path, drops_token_types=config.task_type == "FEATURE_EXTRACTION")}
 
 
 def to_prefix(model, params, adapter: Mapping[str, Any]) -> dict:
@@ -392,7 +402,8 @@ def _from_hf(d, tensors, params, ctx):
         raise CheckpointError(
             f"prompt_embeddings has {emb.shape[0]} rows but adapter_config.json says num_virtual_tokens={config.num_virtual_tokens}."
         )
-    return config, {"": PromptWeights(jnp.asarray(emb, ctx.dtype), path)}
+    return config, {"": PromptWeights(jnp.asarray(emb, ctx.dtype), path,
+                                      drops_token_types=config.task_type == "FEATURE_EXTRACTION")}
 
 
 def budget_rows(model_type: str, targets):
