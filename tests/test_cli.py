@@ -1561,6 +1561,68 @@ def test_merge_and_export_with_force_leave_no_earlier_output_to_be_read_instead(
 
 
 # ------------------------------------------------------------- PiSSA / OLoRA PEFT folders
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_merge_and_export_of_a_peft_lm_head_adapter_on_a_tied_base_give_peft_numbers(family, tmp_path, capsys):
+    """A PEFT folder adapting lm_head of a tied base (modules_to_save=["lm_head"], or a LoRA of it)
+    was refused by `merge` and `export` with a BaseMismatchError ("Was the adapter trained on another
+    model?") whose only fix was a Python call; PEFT computes such a model with its own lm_head, and
+    its merge_and_unload() unties it. Now the base is read untied: the merged folder says
+    tie_word_embeddings=false and gives the unmerged PEFT model's logits (as PEFT's own merged and
+    saved folder does for modules_to_save), and the export loads in PEFT to the same logits."""
+    import copy
+    import warnings
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as tiny
+
+    base, folder = tiny.hf_model(family)  # both tie lm_head to the input embedding
+    assert base.config.tie_word_embeddings
+    target = {"llama3": "q_proj", "gpt2": "c_attn"}[family]
+    ids = torch.tensor(tiny.batch(family)[0])
+    # trainable tokens saved with save_embedding_layers: the file holds lm_head keys (the delta PEFT shares with the
+    # tied head, copies of the base) but no site of lm_head, so the base stays tied, as in PEFT
+    for name, kw in (("saved", dict(modules_to_save=["lm_head"])), ("lora", dict(target_modules=[target, "lm_head"])),
+                     ("tokens", dict(trainable_token_indices=[1, 2, 5]))):
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **{"target_modules": [target], **kw}))
+        g = torch.Generator().manual_seed(len(name))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if p.requires_grad:  # every adapter tensor random, the lm_head copy included
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        pm.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm.save_pretrained(tmp_path / name, save_embedding_layers=name == "tokens")
+        with torch.no_grad():
+            ref = pm(ids).logits.numpy()
+            assert np.abs(ref - base(ids).logits.numpy()).max() > 0.5  # the adapter changes the model
+        r = jpeft_here(capsys, "merge", "--model", folder, "--adapter", tmp_path / name, "--out", tmp_path / f"{name}-merged")
+        assert r.returncode == 0, r.stderr
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-merged").eval()
+        untied = name != "tokens"
+        assert merged.config.tie_word_embeddings is not untied
+        assert json.loads((tmp_path / f"{name}-merged" / "config.json").read_text()).get("tie_word_embeddings", True) \
+            is not untied
+        with torch.no_grad():
+            np.testing.assert_allclose(merged(ids).logits.numpy(), ref, atol=2e-5)
+        if name == "saved":  # PEFT's own merge, saved and loaded back (a merged LoRA of lm_head it writes tied)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                copy.deepcopy(pm).merge_and_unload().save_pretrained(tmp_path / "peft-merged")
+            theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "peft-merged").eval()
+            with torch.no_grad():
+                np.testing.assert_allclose(merged(ids).logits.numpy(), theirs(ids).logits.numpy(), atol=2e-5)
+        r = jpeft_here(capsys, "export", "--model", folder, "--adapter", tmp_path / name, "--out", tmp_path / f"{name}-peft")
+        assert r.returncode == 0, r.stderr
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / f"{name}-peft")).eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(back(ids).logits.numpy(), ref, atol=2e-5)
+
+
 def _peft_residual_folder(base, init, out, seed):
     """A PEFT adapter made with init_lora_weights=init, every LoRA tensor random, saved unconverted."""
     import copy

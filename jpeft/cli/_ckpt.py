@@ -87,6 +87,37 @@ def find_adapter(path: str) -> Found:
     raise LoadError(f"{path!r} holds no adapter (found: {sorted(os.listdir(path))[:8]}); give {ACCEPTED}.")
 
 
+# the lm_head keys of a PEFT file that are no adapter site of it (save_embedding_layers, tied trainable tokens)
+_LM_HEAD_COPIES = ("weight", "base_layer.weight", "original_module.weight", "token_adapter.base_layer.weight",
+                   "token_adapter.trainable_tokens_delta")
+
+
+def adapts_lm_head(path: str) -> bool:
+    """Whether the adapter at ``path`` is a PEFT folder holding weights for ``lm_head`` (a LoRA of
+    it, or ``modules_to_save=["lm_head"]``). On a base whose ``config.json`` ties ``lm_head`` to
+    the input embedding, PEFT computes such an adapter with an ``lm_head`` of its own, so the
+    commands read that base untied (``load_folder(untie=True)``: ``lm_head`` a copy of the
+    embedding, the same logits) and ``merge`` writes it untied, as PEFT's ``merge_and_unload()``
+    does."""
+    found = find_adapter(path)
+    weights = os.path.join(found.path, "adapter_model.safetensors")
+    if found.kind != "peft" or not os.path.isfile(weights):
+        return False
+    try:
+        d = read_json(os.path.join(found.path, "adapter_config.json"))
+        keys = io.safetensors_index(weights)[0]
+    except (OSError, ValueError, JpeftError):  # a damaged file: the loader names it
+        return False
+    if not isinstance(d, dict) or d.get("ensure_weight_tying"):
+        return False  # PEFT keeps the head tied there: the embedding's site covers it
+    if any(isinstance(m, str) and m.split(".")[-1] == "lm_head" for m in d.get("modules_to_save") or ()):
+        return True
+    # an adapter site of lm_head (lora_A, hada_w1, ...); not save_embedding_layers' copies of the base or the
+    # trainable tokens PEFT shares between a tied lm_head and the embedding: those are read on the tied base
+    return any(k.startswith("base_model.model.lm_head.") and k.split("lm_head.", 1)[1] not in _LM_HEAD_COPIES
+               for k in keys)
+
+
 def _warn_if_checkpoints_are_newer(run: str) -> None:
     """A run folder's finished ``adapter/`` is what ``--adapter RUN`` reads; a run resumed to
     more steps and not finished yet has newer checkpoints beside it, which the user may have

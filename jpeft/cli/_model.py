@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -33,12 +34,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the base dtypes t
 
 
 def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = False, mesh=None, rules=None,
-                quantize=None, dtype: str = "float32") -> Loaded:
+                quantize=None, dtype: str = "float32", untie: bool = False) -> Loaded:
     """Loads ``config.json`` + safetensors weights (+ the tokenizer) from a local folder;
     ``dtype``: ``"float32"`` or ``"bfloat16"``, the base's compute and storage dtype
     (``from_pretrained(dtype=...)``; adapters made on it are float32);
     ``scan_layers=True`` gives the layer-scanned variant (Llama family only); with ``mesh``
     every weight is read straight into its shard (``from_pretrained(..., mesh=mesh, rules=rules)``);
+    ``untie=True`` reads a tied base with its own ``lm_head`` (a copy of the embedding, the same
+    logits; ``from_pretrained(..., tie_word_embeddings=False)``), for an adapter of ``lm_head``
+    (:func:`save_folder` then writes ``tie_word_embeddings: false``);
     ``quantize``: ``"nf4"`` | ``"int8"`` | ``"fp8"`` quantizes the linear kernels while reading
     (then placed on ``mesh`` with :func:`jpeft.shard_params`).
 
@@ -68,7 +72,9 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
             f">= {vocab:,} have no embedding row. Use the model's own tokenizer, or resize the embeddings."
         )
     model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,
-                                    quantize=quantize, **({"scan_layers": True} if scan_layers else {}))
+                                    quantize=quantize, **({"scan_layers": True} if scan_layers else {}),
+                                    **({"tie_word_embeddings": False} if untie and getattr(
+                                        config_from_hf(d), "tie_word_embeddings", False) else {}))
     if quantize and mesh is not None:
         params = shard_params(params, mesh, rules, stacked=r".*layers/.*" if scan_layers else None)
     return Loaded(model, params, tok, folder, d)
@@ -95,13 +101,22 @@ def save_folder(out: str, loaded: Loaded, params, *, base=None) -> None:
     for f in loading.weight_files(loaded.folder)[0]:
         stored.update({k: e[0] for k, e in safetensors_index(f)[0].items()})
     inner = params["params"] if "params" in params else params
-    family = loading.FAMILIES[loading.config_from_hf(loaded.hf_config).model_type]
+    file_config = loading.config_from_hf(loaded.hf_config)
+    family = loading.FAMILIES[file_config.model_type]
+    texts = {}
+    if getattr(file_config, "tie_word_embeddings", False) and not getattr(loaded.model.config, "tie_word_embeddings", True):
+        # a tied base read untied (an adapter of lm_head): the merged lm_head is its own weight now; the config says
+        # so (transformers would tie it back to the embedding), and it is written in the embedding's stored dtype
+        texts["config.json"] = json.dumps({**loaded.hf_config, "tie_word_embeddings": False}, indent=2) + "\n"
+        floats = [d for d in stored.values() if jnp.issubdtype(d, jnp.floating)]
+        if floats:
+            stored.setdefault("lm_head.weight", max(set(floats), key=floats.count))
     if base is not None:
         _warn_rounded_update(base["params"] if "params" in base else base, inner, family, stored)
     tensors = loading.hf_tensors(inner, family, stored)
     copies = {}
     for name in os.listdir(loaded.folder):
-        if _is_base_file(name):
+        if _is_base_file(name) and name not in texts:
             src = os.path.join(loaded.folder, name)
             if os.path.isfile(src):
                 copies[name] = src
@@ -109,14 +124,14 @@ def save_folder(out: str, loaded: Loaded, params, *, base=None) -> None:
     # no half-written file over an earlier output (``--force``: its config.json was copied over in place); an
     # older sharded model in ``out``: its index and shards go once the new file is in place
     try:
-        loading.write_weights(out, tensors, copies=copies)
+        loading.write_weights(out, tensors, texts=texts, copies=copies)
     except OSError as e:
         raise SaveError(f"writing the merged model to {out!r} failed: {e}. The files already there are left as they "
                         "were; free space or fix permissions and run again.") from None
     # an earlier `jpeft export` there (``--force``): transformers' from_pretrained(out) would load the base its
     # adapter_config.json names with that old adapter attached, not the merged weights; an earlier merge of another
     # base: its tokenizer files and generation_config.json that this base lacks would load with these weights
-    stale = [n for n in os.listdir(out) if _is_base_file(n) and n not in copies and os.path.isfile(os.path.join(out, n))]
+    stale = [n for n in os.listdir(out) if _is_base_file(n) and n not in copies and n not in texts and os.path.isfile(os.path.join(out, n))]
     for name in (*PEFT_ADAPTER_FILES, *stale):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, name))
