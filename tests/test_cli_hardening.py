@@ -308,6 +308,11 @@ def test_export_and_merge_to_an_unwritable_place_are_one_line(folder, capsys, tm
             assert main([cmd, "--model", str(folder / "m"), "--adapter", str(tmp_path / "a"), "--out", out]) == 2
             line = one_line(capsys.readouterr().err)
             assert line.startswith(f"jpeft {cmd}: error: "), line
+    # an empty --base-name was replaced by --model's path without a word; nothing is written
+    assert main(["export", "--model", str(folder / "m"), "--adapter", str(tmp_path / "a"), "--out",
+                 str(tmp_path / "named"), "--base-name", " "]) == 2
+    assert "ConfigError: --base-name is empty" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "named").exists()
 
 
 def test_merge_force_over_an_earlier_output_leaves_it_whole_when_the_disk_fills(folder, capsys, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from jpeft import hf
 from jpeft.cli._ckpt import ADAPTER_JSON, adapts_lm_head, checkpoint_steps, load_adapter_with_base
 from jpeft.cli._model import example_ids, load_folder
 from jpeft.cli.merge_cmd import check_out
-from jpeft.errors import SaveError
+from jpeft.errors import ConfigError, SaveError
 
 HELP = "export an adapter to the Hugging Face PEFT format (adapter_config.json + adapter_model.safetensors)"
 EPILOG = """\
@@ -41,6 +41,10 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    if args.base_name is not None and not args.base_name.strip():
+        # "" fell back to the --model path without a word, though the user asked for another name
+        raise ConfigError("--base-name is empty; give the name PEFT should load the base by (a hub name such as "
+                          "meta-llama/Llama-2-7b-hf, or a path), or leave the option out for --model's absolute path.")
     check_out(args.out, args.force, **{"--model": args.model, "--adapter": args.adapter})
     held = _held_adapter(args.out)
     if held:
