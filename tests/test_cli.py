@@ -1014,10 +1014,16 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     devices (fsdp=2, tensor=2) and, resumed from the 1-device run's checkpoint at step 2, on 2
     processes x 2 devices over 127.0.0.1 (the multi-host run writes the final adapter): the
     same adapter (|diff| <= 1e-5 + 1e-4 |x|; measured <= 2.2e-6, reduction order) and the
-    same eval loss (rtol 1e-5)."""
+    same eval loss (rtol 1e-5). The LoRA run also trains a copy of lm_head (``modules_to_save``)
+    and embedding rows (``trainable_token_indices``), adapter leaves that are not LoRA factors,
+    so their sharding, resharded resume and gathering are checked on every layout too."""
     import socket
 
     cfg = write_config(hf_dir, "mesh_ref", steps=4, save_every=2, eval_every=2)
+    cfg.write_text(cfg.read_text().replace(
+        'target_modules = ["q_proj", "v_proj", "down_proj"]',
+        'target_modules = ["q_proj", "v_proj", "down_proj"]\nmodules_to_save = ["lm_head"]\n'
+        'trainable_token_indices = [5, 7, 9]'))
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
     assert main(["train", "--config", str(cfg), "--no-progress", "--output-dir", str(hf_dir / "mesh_2p"),
                  "--max-steps", "2"]) == 0
@@ -1062,6 +1068,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
     ref = adapter_arrays(hf_dir / "mesh_ref" / "adapter")
     ref_eval = [m["eval_loss"] for m in _metrics(hf_dir / "mesh_ref") if "eval_loss" in m]
     assert len(ref_eval) == 2 and any(np.abs(ref[k]).max() > 0 for k in ref if k.endswith("lora_B"))
+    assert any(k.startswith("lm_head/") for k in ref) and any(k.startswith("model/embed_tokens/") for k in ref)
     for run in ("mesh_4d", "mesh_tp", "mesh_2p"):
         got = adapter_arrays(hf_dir / run / "adapter")
         assert sorted(got) == sorted(ref)
