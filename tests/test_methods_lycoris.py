@@ -177,14 +177,20 @@ def _random_like(adapter, seed):
     return jax.tree.map(lambda x: jnp.asarray(0.3 * rs.randn(*x.shape), jnp.float32), adapter)
 
 
-@pytest.mark.parametrize("method", sorted(LLAMA))
-def test_peft_format_both_ways_on_llama(method, tmp_path):
-    pcls, jcls, family, opts = LLAMA[method]
+def _llama_case(family):
+    """The tiny transformers model of ``family``, its folder, jpeft params, a padded batch (ids,
+    mask, the real positions) and a jitted ``run(params, adapter)`` of jpeft's logits on it."""
     hf_model, folder = tiny.hf_model(family)
     model, params = jpeft.models.from_pretrained(folder)
     ids, mask = tiny.batch(family, seed=3)
-    sel = mask.astype(bool)
     run = jax.jit(lambda p, a: jpeft.apply(model, p, a, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    return hf_model, folder, params, ids, mask, mask.astype(bool), run
+
+
+@pytest.mark.parametrize("method", sorted(LLAMA))
+def test_peft_format_both_ways_on_llama(method, tmp_path):
+    pcls, jcls, family, opts = LLAMA[method]
+    hf_model, folder, params, ids, mask, sel, run = _llama_case(family)
     jlogits = lambda p, a: np.asarray(run(p, a))  # one compile for both directions (same adapter structure)
 
     # jpeft -> peft: every tensor random (init_weights=False, then moved)
@@ -223,11 +229,7 @@ def test_save_adapter_keeps_each_sites_scale_as_save_peft_does(method, tmp_path)
     (logits 1.65 apart in a probe on the tiny Mistral), while save_peft of the same adapter and config writes each
     site's own alpha. The recorded config now gives every site its own scale, as PEFT reads it."""
     pcls, jcls, family, opts = LLAMA[method]
-    hf_model, folder = tiny.hf_model(family)
-    model, params = jpeft.models.from_pretrained(folder)
-    ids, mask = tiny.batch(family, seed=3)
-    sel = mask.astype(bool)
-    run = jax.jit(lambda p, a: jpeft.apply(model, p, a, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    hf_model, folder, params, ids, mask, sel, run = _llama_case(family)
     cfg = jcls.from_dict(dict(opts, init_weights=False))
     ad = _random_like(jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0))), 2)
     other = cfg.replace(alpha=8, alpha_pattern={})  # the same tensors (ranks), another scale
