@@ -99,7 +99,10 @@ def adapts_lm_head(path: str) -> bool:
     commands read that base untied (``load_folder(untie=True)``: ``lm_head`` a copy of the
     embedding, the same logits) and ``merge`` writes it untied, as PEFT's ``merge_and_unload()``
     does."""
-    found = find_adapter(path)
+    try:
+        found = find_adapter(path)
+    except JpeftError:  # no adapter there (or --model and --adapter swapped): the loaders name it, model first
+        return False
     weights = os.path.join(found.path, "adapter_model.safetensors")
     if found.kind != "peft" or not os.path.isfile(weights):
         return False
