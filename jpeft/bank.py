@@ -48,15 +48,33 @@ Training several adapters at once: differentiate the stacked weights ``bank.weig
         routed = bank.route(batch["adapter_ids"], weights=weights)
         logits = jpeft.apply(model, params, routed, batch["x"])
         ...
-    step = jpeft.make_train_step(loss_fn, optax.adam(1e-3))
-    weights, opt_state, metrics = step(params, bank.weights, opt.init(bank.weights), batch, key)
+    opt = optax.adam(1e-3)
+    step = jpeft.make_train_step(loss_fn, opt)
+    weights, opt_state, metrics = step(params, bank.weights, jpeft.init_opt_state(opt, bank.weights), batch, key)
     bank = bank.with_weights(weights)
 
 Each example's loss reaches only its own adapter's slot (gradients of other slots are exactly
 zero), and the zero padding of lower-rank adapters stays exactly zero under gradient descent.
-The bank's scales are captured by ``loss_fn`` as constants: build a new step after adding
-adapters to the bank. ``make_train_step`` donates its adapter argument, so after a step use
+``make_train_step`` donates its adapter argument, so after a step use
 ``bank.with_weights(new_weights)``, not the old bank.
+
+Scales travel with the weights. Each :class:`LoraStack` carries its slots' scales as a *frozen*
+field (:class:`jpeft.methods.base.FrozenFields`): ``make_train_step`` splits it off before
+differentiating and joins it back unchanged, so no optimizer (AdamW's weight decay included)
+ever sees it, and :func:`route` applies ``stop_gradient`` to it besides. Because the scales are
+values of the weights passed in, not of the bank object, a compiled step or forward never keeps
+old scales: after ``bank = bank.with_weights(w).add(name, adapter)`` the same compiled step,
+given ``bank.weights``, routes the new adapter with its own scale (no recompilation; the
+optimizer state still fits, and the new slot's moments are zero since it had no gradient).
+This was chosen over passing scales as a separate argument (``route(ids, weights=w,
+scales=s)``), which every user of the documented ``loss_fn(params, weights, batch, key)`` would
+have had to thread through the step, and over making the bank a pytree (its names would enter
+jit's cache key). :meth:`AdapterBank.route` refuses to run inside a trace on weights that are
+not traced values (the bank's own, captured from the enclosing scope), the one way left to bake
+factors and scales into a compiled program, and :meth:`AdapterBank.with_weights` refuses weights
+whose scales are not the bank's (taken before an ``add``, or changed by an optimizer). Build the
+optimizer state with ``jpeft.init_opt_state(optimizer, bank.weights)`` (that is
+``optimizer.init(jpeft.trainable(bank.weights))``).
 """
 
 from __future__ import annotations
@@ -82,8 +100,8 @@ from jpeft.errors import (
     UnknownAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, dropout as _dropout, low_rank_node, residual_refusal,
-                               static_field)
+from jpeft.methods.base import (Call, FrozenFields, Kind, Layout, LowRank, Site, dropout as _dropout, low_rank_node,
+                               residual_refusal, static_field)
 from jpeft.tree import module_leaves, unwrap_params
 
 STRATEGIES = ("gather", "ragged", "pregather")
@@ -102,12 +120,18 @@ _KINDS = (Kind.DENSE, Kind.DENSE_GENERAL, Kind.EMBED)
 # ----------------------------------------------------------------------------------------------
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraStack:
-    """The trainable stack of one site: ``lora_A: [N, in, R]``, ``lora_B: [N, R, out]``."""
+class LoraStack(FrozenFields):
+    """The stack of one site: ``lora_A: [N, in, R]``, ``lora_B: [N, R, out]`` (trained) and
+    ``scales: [N]`` (each slot's scale; a frozen field, see the module docstring: it travels
+    with the factors into a jitted function, so the compiled program never keeps old scales,
+    and :func:`jpeft.make_train_step` never trains it)."""
 
     lora_A: jax.Array
     lora_B: jax.Array
+    scales: jax.Array
     layout: Layout = static_field(default=None)
+
+    frozen: ClassVar[tuple] = ("scales",)
 
 
 @jax.tree_util.register_dataclass
@@ -118,7 +142,8 @@ class BankedLora(Site):
     Children (pytree leaves): ``lora_A [N, in, R]``, ``lora_B [N, R, out]``, ``scales [N]`` and
     ``adapter_ids [batch]`` (int; ``-1`` or an empty slot means the bare base). Static:
     ``layout``, ``dropout``, ``strategy``. Changing any array's contents never changes the
-    pytree structure, so jitted callers are not recompiled.
+    pytree structure, so jitted callers are not recompiled. The scales and ids are frozen
+    fields (never trained, not counted as trainable by :func:`jpeft.summary`).
     """
 
     lora_A: jax.Array
@@ -131,6 +156,7 @@ class BankedLora(Site):
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = False
+    frozen: ClassVar[tuple] = ("scales", "adapter_ids")
 
     def handles(self, method_name: str) -> bool:
         # an embedding LoRA adapts the lookup only, as a LoRA site does without ensure_weight_tying
@@ -244,7 +270,7 @@ def _ragged_update(xf, a, b, ids, valid, s):
 
 def route(
     weights: Mapping[str, LoraStack],
-    scales: Mapping[str, jax.Array],
+    scales: Optional[Mapping[str, jax.Array]],
     adapter_ids,
     *,
     dropout: float = 0.0,
@@ -255,8 +281,10 @@ def route(
     ``jax.jit`` (nothing here depends on the values).
 
     Args:
-      weights: ``{path: LoraStack}`` (``bank.weights``, or trained copies of it).
-      scales: ``{path: [N] array}`` (``bank.scales``).
+      weights: ``{path: LoraStack}`` (``bank.weights``, or trained copies of it); each stack
+        carries its slots' scales.
+      scales: ``None`` to use the stacks' own scales, or ``{path: [N] array}`` in their place
+        (``bank.scales`` is the same arrays). Scales get no gradient (``stop_gradient``).
       adapter_ids: ``[batch]`` integer slot per example; ``-1`` means the bare base.
       dropout: LoRA dropout on the adapter branch (active only with ``rngs={"dropout": key}``).
       strategy: ``"gather"``, ``"ragged"`` or ``"pregather"`` (see the module docstring).
@@ -272,9 +300,12 @@ def route(
     ids = ids.astype(jnp.int32)
     out = {}
     for path, st in weights.items():
-        if path not in scales:
+        if scales is not None and path not in scales:
             raise BankShapeError(f"weights have a site {path!r} that scales do not have; use the bank's own scales.")
-        a, b, sc = st.lora_A, st.lora_B, scales[path]
+        sc = st.scales if scales is None else scales[path]
+        if sc is None:
+            raise BankShapeError(f"the weights at {path!r} carry no scales; pass bank.weights (or a trained copy of it).")
+        a, b, sc = st.lora_A, st.lora_B, jax.lax.stop_gradient(sc)
         if strategy == "pregather":  # gather once here, not at every call of the routed module
             n = a.shape[0]
             valid = (ids >= 0) & (ids < n)
@@ -293,13 +324,12 @@ def _kernel_desc(lay: Layout) -> str:
 
 
 @jax.jit
-def _write_slot(weights, scales, slot, new_a, new_b, new_s):
-    w = {
-        p: LoraStack(st.lora_A.at[slot].set(new_a[p]), st.lora_B.at[slot].set(new_b[p]), st.layout)
+def _write_slot(weights, slot, new_a, new_b, new_s):
+    return {
+        p: LoraStack(st.lora_A.at[slot].set(new_a[p]), st.lora_B.at[slot].set(new_b[p]),
+                     st.scales.at[slot].set(new_s[p]), st.layout)
         for p, st in weights.items()
     }
-    s = {p: v.at[slot].set(new_s[p]) for p, v in scales.items()}
-    return w, s
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -309,16 +339,19 @@ class AdapterBank:
     Build one with :meth:`create` (empty, from the sites of a template adapter) or
     :meth:`from_adapters`. The bank is immutable: :meth:`add`, :meth:`replace`, :meth:`remove`
     and :meth:`with_weights` return a new bank whose arrays have the same shapes, so jitted
-    functions of ``bank.route(ids)`` (or of ``bank.weights`` / ``bank.scales``) never recompile.
+    functions of ``bank.route(ids)`` (or of ``bank.weights``) never recompile.
 
     Attributes:
       layouts: ``{path: Layout}``, the adapted sites.
       weights: ``{path: LoraStack}``, the stacked factors ``[capacity, in, max_rank]`` and
-        ``[capacity, max_rank, out]`` (the trainable state when training through the bank).
-      scales: ``{path: [capacity] float32}``, each adapter's scale at each site (0 where a slot
-        is empty or its adapter does not adapt that site).
+        ``[capacity, max_rank, out]`` with the slots' scales (the state to train through the
+        bank; the scales are a frozen field).
+      scales: ``{path: [capacity] float32}`` (a property: the stacks' scales), each adapter's
+        scale at each site (0 where a slot is empty or its adapter does not adapt that site).
       slots: the name held by each slot, ``None`` for a free slot.
       slot_ranks: for each slot, ``{path: rank}`` of the adapter it holds (``None`` if free).
+      slot_scales: for each slot, ``{path: scale}`` as host floats (``None`` if free): what
+        :meth:`with_weights` checks the scales of the weights it is given against.
       dropout: LoRA dropout of the routed branch when training through the bank.
       strategy: ``"gather"``, ``"ragged"`` or ``"pregather"`` (see :mod:`jpeft.bank`).
 
@@ -338,9 +371,9 @@ class AdapterBank:
 
     layouts: Mapping[str, Layout]
     weights: Mapping[str, LoraStack]
-    scales: Mapping[str, jax.Array]
     slots: tuple
     slot_ranks: tuple
+    slot_scales: tuple
     dropout: float = 0.0
     strategy: str = DEFAULT_STRATEGY
     # embedding sites: whether the model also reads them as a tied output projection (attend);
@@ -401,12 +434,13 @@ class AdapterBank:
             p: LoraStack(
                 jnp.zeros((capacity, lay.in_features, max_rank), dtype),
                 jnp.zeros((capacity, max_rank, lay.out_features), dtype),
+                jnp.zeros((capacity,), jnp.float32),
                 lay,
             )
             for p, lay in layouts.items()
         }
-        scales = {p: jnp.zeros((capacity,), jnp.float32) for p in layouts}
-        return cls(layouts, weights, scales, (None,) * capacity, (None,) * capacity, float(dropout), strategy, tied)
+        free = (None,) * capacity
+        return cls(layouts, weights, free, free, free, float(dropout), strategy, tied)
 
     @classmethod
     def from_adapters(
@@ -457,6 +491,11 @@ class AdapterBank:
     @property
     def max_rank(self) -> int:
         return int(next(iter(self.weights.values())).lora_A.shape[-1])
+
+    @property
+    def scales(self) -> dict:
+        """``{path: [capacity] float32}``: each slot's scale per site (the stacks' ``scales``)."""
+        return {p: st.scales for p, st in self.weights.items()}
 
     @property
     def names(self) -> tuple:
@@ -511,7 +550,7 @@ class AdapterBank:
         for path, r in ranks.items():
             st = self.weights[path]
             out[path] = low_rank_node(LowRank(
-                st.lora_A[i, :, :r], st.lora_B[i, :r, :], float(self.scales[path][i]), st.layout,
+                st.lora_A[i, :, :r], st.lora_B[i, :r, :], self.slot_scales[i][path], st.layout,
                 tied_output=self.tied_output.get(path) if st.layout.kind == Kind.EMBED else None, dropout=self.dropout,
             ))
         return out
@@ -529,14 +568,18 @@ class AdapterBank:
 
         Args:
           adapter_ids: ``[batch]`` integer slots (see :meth:`ids`), or a list of names / ``None``.
-          weights: stacked weights to use instead of the bank's own (for training; see the
-            module docstring).
+          weights: stacked weights (with their scales) to use instead of the bank's own (for
+            training; see the module docstring).
           strategy: override the bank's ``"gather"`` / ``"ragged"`` / ``"pregather"`` choice.
 
         Raises:
           InputValidationError: ids that are not a 1-D integer array, or (when the ids are
             concrete) a slot outside ``[-1, capacity)``.
           UnknownAdapterError: (concrete ids) a slot that holds no adapter, or an unknown name.
+          BankError: called while JAX traces a function (``jax.jit``, ``make_train_step``, ...)
+            with weights that are not traced values (the bank's own arrays, captured from the
+            enclosing scope): the compiled program would keep them after ``add`` / ``replace`` /
+            ``remove``. Pass ``weights=`` as an argument of the traced function.
         """
         if isinstance(adapter_ids, np.ndarray) and adapter_ids.dtype.kind in "USO":  # names as a numpy array
             adapter_ids = adapter_ids.tolist()
@@ -560,7 +603,19 @@ class AdapterBank:
             weights = self.weights
         else:
             self._check_weights(weights)
-        return route(weights, self.scales, ids, dropout=self.dropout, strategy=strategy or self.strategy)
+        if isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer) and not all(
+                isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(weights)):
+            raise BankError(
+                "bank.route was called while JAX traces a function (jax.jit, jax.eval_shape, jpeft.make_train_step, "
+                "...) with weights (the bank's own, or others) captured from the enclosing scope, not passed in as "
+                "arguments: they would become constants of the compiled "
+                "program, which keeps them (factors and scales) after bank.add / replace / remove, so rows routed to a "
+                "new or swapped adapter would silently run the old one. Pass the weights in: "
+                "bank.route(ids, weights=weights) with weights=bank.weights an argument of the traced function (as "
+                "make_train_step's loss_fn(params, weights, batch, key)), or call bank.route(ids) outside and pass the "
+                "routed dict in."
+            )
+        return route(weights, None, ids, dropout=self.dropout, strategy=strategy or self.strategy)
 
     def _named_slots(self):
         return [(n, i) for i, n in enumerate(self.slots) if n is not None]
@@ -613,14 +668,32 @@ class AdapterBank:
         za = {p: jnp.zeros(st.lora_A.shape[1:], st.lora_A.dtype) for p, st in self.weights.items()}
         zb = {p: jnp.zeros(st.lora_B.shape[1:], st.lora_B.dtype) for p, st in self.weights.items()}
         zs = {p: jnp.zeros((), jnp.float32) for p in self.weights}
-        w, s = _write_slot(self.weights, self.scales, jnp.int32(i), za, zb, zs)
-        slots = self.slots[:i] + (None,) + self.slots[i + 1 :]
-        ranks = self.slot_ranks[:i] + (None,) + self.slot_ranks[i + 1 :]
-        return dataclasses.replace(self, weights=w, scales=s, slots=slots, slot_ranks=ranks)
+        w = _write_slot(self.weights, jnp.int32(i), za, zb, zs)
+        return dataclasses.replace(self, weights=w, **self._slot_record(i, None, None, None))
 
     def with_weights(self, weights: Mapping[str, LoraStack]) -> "AdapterBank":
-        """A new bank with its stacked factors replaced (e.g. after training through the bank)."""
+        """A new bank with its stacked factors replaced (e.g. after training through the bank).
+
+        Raises:
+          BankShapeError: weights of another structure or shape.
+          BankError: weights whose scales are not this bank's (taken before an ``add`` /
+            ``replace`` / ``remove``, or changed by an optimizer that was given the scales).
+        """
         self._check_weights(weights)
+        for p, st in weights.items():
+            got = np.asarray(st.scales)
+            want = np.asarray([0.0 if r is None else r.get(p, 0.0) for r in self.slot_scales], np.float32)
+            bad = np.flatnonzero(got.astype(np.float32) != want.astype(got.dtype).astype(np.float32))
+            if bad.size:
+                k = int(bad[0])
+                raise BankError(
+                    f"the weights' scales differ from the bank's at {p!r}, slot {k} ({self.slots[k]!r}): "
+                    f"{float(got[k])} where the bank holds {float(want[k])}. The weights were taken from the bank "
+                    "before an add / replace / remove (take bank.weights again after changing the bank, "
+                    "bank.with_weights(trained).add(name, adapter) keeps what was trained), or an optimizer changed "
+                    "the scales (train with jpeft.make_train_step, or build the optimizer for "
+                    "jpeft.trainable(bank.weights): the scales are frozen)."
+                )
         return dataclasses.replace(self, weights=dict(weights))
 
     def merged_params(self, params, name: str):
@@ -668,6 +741,12 @@ class AdapterBank:
                     f"weights at {p!r} have shapes {tuple(st.lora_A.shape)} / {tuple(st.lora_B.shape)}; the bank "
                     f"needs {tuple(ref.lora_A.shape)} / {tuple(ref.lora_B.shape)}."
                 )
+            if st.scales is None or tuple(st.scales.shape) != (self.capacity,):
+                raise BankShapeError(
+                    f"weights at {p!r} carry scales of shape {None if st.scales is None else tuple(st.scales.shape)}; "
+                    f"the bank needs ({self.capacity},): pass bank.weights, or a trained copy of it with its scales "
+                    "(jpeft.join_frozen(trainable, frozen) puts back what jpeft.split_frozen took out)."
+                )
 
     def _validate(self, name: str, adapter) -> dict:
         low = check_lora(name, adapter)
@@ -703,7 +782,7 @@ class AdapterBank:
     def _store(self, i: int, name: str, adapter) -> "AdapterBank":
         adapter = self._validate(name, adapter)
         rmax = self.max_rank
-        new_a, new_b, new_s = {}, {}, {}
+        new_a, new_b, new_s, host_s = {}, {}, {}, {}
         for path, st in self.weights.items():
             node = adapter.get(path)
             if node is None:
@@ -714,11 +793,19 @@ class AdapterBank:
             r = int(node.a.shape[-1])
             new_a[path] = jnp.pad(jnp.asarray(node.a, st.lora_A.dtype), ((0, 0), (0, rmax - r)))
             new_b[path] = jnp.pad(jnp.asarray(node.b, st.lora_B.dtype), ((0, rmax - r), (0, 0)))
-            new_s[path] = jnp.asarray(node.scale, jnp.float32)
-        w, s = _write_slot(self.weights, self.scales, jnp.int32(i), new_a, new_b, new_s)
-        slots = self.slots[:i] + (name,) + self.slots[i + 1 :]
-        ranks = self.slot_ranks[:i] + ({p: int(n.a.shape[-1]) for p, n in adapter.items()},) + self.slot_ranks[i + 1 :]
-        return dataclasses.replace(self, weights=w, scales=s, slots=slots, slot_ranks=ranks)
+            host_s[path] = float(np.float32(node.scale))
+            new_s[path] = jnp.asarray(host_s[path], jnp.float32)
+        w = _write_slot(self.weights, jnp.int32(i), new_a, new_b, new_s)
+        ranks = {p: int(n.a.shape[-1]) for p, n in adapter.items()}
+        return dataclasses.replace(self, weights=w, **self._slot_record(i, name, ranks, host_s))
+
+    def _slot_record(self, i: int, name, ranks, scales) -> dict:
+        """The host bookkeeping of a bank whose slot ``i`` holds ``name`` (``None``: free)."""
+        def put(t, v):
+            return t[:i] + (v,) + t[i + 1 :]
+
+        return dict(slots=put(self.slots, name), slot_ranks=put(self.slot_ranks, ranks),
+                    slot_scales=put(self.slot_scales, scales))
 
 
 def _same_layout(a: Layout, b: Layout) -> bool:

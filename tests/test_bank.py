@@ -2,6 +2,7 @@
 training several adapters at once, and the named errors."""
 
 import copy
+import dataclasses
 import pickle
 
 import chex
@@ -262,7 +263,7 @@ def test_train_step_on_a_mixed_batch():
 
     opt = optax.adam(3e-2)
     step = jpeft.make_train_step(loss_fn, opt, donate=False)
-    weights, state = bank.weights, opt.init(bank.weights)
+    weights, state = bank.weights, jpeft.init_opt_state(opt, bank.weights)  # no state for the frozen scales
     losses = []
     for i in range(8):
         weights, state, m = step(PARAMS, weights, state, {"ids": ids, "tok": TOK, "target": target}, jax.random.key(i))
@@ -329,7 +330,8 @@ def test_adapter_for_another_base_shape():
         bank.add("stray", stray)
     # the bank applied to another model's params
     with pytest.raises(BankShapeError, match=r"built for a base whose embedding at 'embed' has shape \(11, 8\), but the params hold shape \(11, 12\)"):
-        jax.eval_shape(lambda: jpeft.apply(other, p_other, bank.route(NAMES), TOK))
+        routed = bank.route(NAMES)  # outside the trace: inside it, the bank's arrays would be constants (refused)
+        jax.eval_shape(lambda: jpeft.apply(other, p_other, routed, TOK))
     with pytest.raises(BankShapeError, match="another base model"):
         bank.check(p_other)
     bank.check(PARAMS)
@@ -361,7 +363,8 @@ def test_routing_input_errors():
     with pytest.raises(InputValidationError, match="1-D integer array"):
         bank.route(jnp.zeros((2, 2), jnp.int32))
     with pytest.raises(InputValidationError, match=r"adapter_ids has 2 entries.*shape \(6, 5\).*leading \(batch\) axis"):
-        jax.eval_shape(lambda: jpeft.apply(MODEL, PARAMS, bank.route(["r1", "r4"]), TOK))
+        routed = bank.route(["r1", "r4"])
+        jax.eval_shape(lambda: jpeft.apply(MODEL, PARAMS, routed, TOK))
     with pytest.raises(BankError, match="DoRA") as e:
         dora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["mlp"], use_dora=True), PARAMS, jax.random.key(3), MODEL, TOK)
         bank.add("dora", dora)
@@ -437,3 +440,97 @@ def test_modules_to_save_trainable_tokens_and_bias_are_refused_by_their_option_n
         with pytest.raises(BankError, match=says) as e:
             bank.add(name, ad)
         assert "SavedModule" not in str(e.value) and "TrainableTokens" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# scales travel with the weights: a compiled function never keeps a bank's old scales
+# ---------------------------------------------------------------------------------------------
+def test_a_compiled_forward_routes_adapters_added_and_replaced_after_it_compiled():
+    """A jitted forward that routes inside (``bank.route(ids, weights=w)``, ``w`` an argument),
+    compiled on a bank holding one adapter: after ``add`` and ``replace`` it gave the new
+    adapters' rows scale 0 (the bare base) or the replaced adapter's old scale, with no word,
+    because the scales were read from the bank object at trace time."""
+    bank = AdapterBank.from_adapters({"r1": ADAPTERS["r1"]}, capacity=3, max_rank=4)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)  # and never recompiled by the swaps
+    def fwd(params, weights, ids, tok):
+        return jpeft.apply(MODEL, params, bank.route(ids, weights=weights), tok)
+
+    fwd(PARAMS, bank.weights, bank.ids(["r1"] * 6), TOK)
+    bank = bank.add("r4", ADAPTERS["r4"]).add("r2", ADAPTERS["r2"])
+    y = fwd(PARAMS, bank.weights, bank.ids(NAMES), TOK)
+    for i, name in enumerate(NAMES):
+        np.testing.assert_allclose(y[i], _alone(name)[i], atol=1e-5, rtol=1e-5, err_msg=name)
+    # replace r1 (scale 3) by an adapter of another scale (rank 2, alpha 7: 3.5) in the same slot
+    new = jax.tree.map(lambda x: 0.3 * x, jpeft.init(jpeft.LoraConfig(r=2, alpha=7.0, target_modules=".*", init="random"),
+                                                     PARAMS, jax.random.key(77), MODEL, TOK))
+    b2 = bank.replace("r1", new)
+    y2 = fwd(PARAMS, b2.weights, b2.ids(NAMES), TOK)
+    want = _FWD(PARAMS, new, TOK)
+    for i, name in enumerate(NAMES):
+        np.testing.assert_allclose(y2[i], (want if name == "r1" else _alone(name))[i], atol=1e-5, rtol=1e-5)
+    assert float(jnp.abs(want - _alone(None)).max()) > 1e-2
+
+
+def test_training_continues_after_an_add_and_never_changes_the_scales():
+    """The documented loop (``loss_fn(params, weights, batch, key)`` closing over the bank) with
+    AdamW's weight decay: the scales are frozen (no optimizer state, never decayed), and after
+    ``bank.with_weights(w).add(...)`` the same compiled step computes the loss with the new
+    adapter's scale (it used scale 0 for its rows: their loss was the bare base's)."""
+    bank = AdapterBank.from_adapters({"r1": ADAPTERS["r1"]}, capacity=3, max_rank=4)
+    target = (TOK + 1) % 11
+
+    def loss_fn(params, weights, batch, key):
+        logits = jpeft.apply(MODEL, params, bank.route(batch["ids"], weights=weights), batch["tok"])
+        return _per_example_loss(logits, batch["target"]).mean()
+
+    def ref_loss(b, ids):  # eager, from the bank itself: no compiled program involved
+        return float(_per_example_loss(jpeft.apply(MODEL, PARAMS, b.route(ids), TOK), target).mean())
+
+    opt = optax.adamw(3e-2, weight_decay=0.5)
+    step = jpeft.make_train_step(loss_fn, opt, donate=False)
+    weights, state = bank.weights, jpeft.init_opt_state(opt, bank.weights)
+    assert len(jax.tree.leaves(state)) == 1 + 2 * 2 * len(ADAPTERS["r1"])  # count, mu and nu of A and B: no scales
+    ids = bank.ids(["r1", None] * 3)
+    for i in range(2):
+        weights, state, m = step(PARAMS, weights, state, {"ids": ids, "tok": TOK, "target": target}, jax.random.key(i))
+    bank = bank.with_weights(weights).add("r4", ADAPTERS["r4"])
+    ids = bank.ids(["r4", "r1", None, "r4", "r4", "r1"])
+    assert abs(ref_loss(bank, ids) - ref_loss(bank, bank.ids(["r1", "r1", None] + [None] * 3))) > 1e-2
+    weights = bank.weights
+    for i in range(2):
+        before = ref_loss(bank.with_weights(weights), ids)
+        weights, state, m = step(PARAMS, weights, state, {"ids": ids, "tok": TOK, "target": target}, jax.random.key(5 + i))
+        np.testing.assert_allclose(float(m["loss"]), before, rtol=1e-5)
+        for path in weights:  # weight decay 0.5 would have shrunk them
+            np.testing.assert_array_equal(weights[path].scales, bank.scales[path])
+    k = bank.slot("r4")
+    assert float(jnp.abs(weights["mlp"].lora_A[k] - bank.weights["mlp"].lora_A[k]).max()) > 0  # the new slot trains
+    np.testing.assert_allclose(bank.with_weights(weights).get("r4")["mlp"].scale, ADAPTERS["r4"]["mlp"].scale)
+
+
+def test_stale_weights_and_routing_on_captured_arrays_are_refused():
+    bank = AdapterBank.from_adapters({"r1": ADAPTERS["r1"]}, capacity=3, max_rank=4)
+    ids = bank.ids(["r1"] * 6)
+    # routing inside a traced function on the bank's own arrays would bake them into the program
+    with pytest.raises(BankError, match=r"captured from the enclosing scope.*weights=bank.weights an argument"):
+        jax.jit(lambda i, t: jpeft.apply(MODEL, PARAMS, bank.route(i), t))(ids, TOK)
+    with pytest.raises(BankError, match="captured from the enclosing scope"):
+        jax.jit(lambda i: bank.route(i, weights=bank.weights)["mlp"].lora_A)(ids)
+    old = bank.weights
+    bank2 = bank.add("r4", ADAPTERS["r4"])
+    with pytest.raises(BankError, match=r"slot 1 \('r4'\): 0.0 where the bank holds 3.0.*before an add"):
+        bank2.with_weights(old)  # would have dropped r4 while the bank still named it
+    decayed = {p: dataclasses.replace(st, scales=st.scales * 0.99) for p, st in bank2.weights.items()}
+    with pytest.raises(BankError, match="an optimizer changed the scales"):
+        bank2.with_weights(decayed)
+    assert bank2.with_weights(bank2.weights).names == ("r1", "r4")
+
+
+def test_summary_of_a_routed_bank_counts_the_factors_only():
+    """Routing ids and scales are not parameters: summary counted them as trainable."""
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
+    s = jpeft.summary(PARAMS, bank.route(NAMES), print_fn=lambda *a: None)
+    factors = sum(st.lora_A.size + st.lora_B.size for st in bank.weights.values())
+    assert s["trainable"] == factors and s["frozen"] == len(bank.weights) * (4 + len(NAMES))

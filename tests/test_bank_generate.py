@@ -191,3 +191,43 @@ def test_peft_adapters_in_one_bank_equal_peft_mixed_batch_forward_and_generate(f
         ref = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), adapter_names=rows,
                           max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     np.testing.assert_array_equal(out[:, 8:], ref[:, 8:].numpy())
+
+
+def test_a_compiled_forward_after_add_and_replace_equals_peft_mixed_batch(tmp_path):
+    """A jitted forward routing inside it (``bank.route(ids, weights=w)``, ``w`` an argument),
+    compiled on a bank of one PEFT adapter, then given the bank after ``add`` and ``replace``
+    (other ranks, alphas, rsLoRA; every adapter tensor random): each row equals PEFT's
+    ``adapter_names`` forward. The added adapter's rows ran as the bare base (scale 0) and the
+    replaced one kept its old scale, with no word."""
+    import peft
+    import torch
+
+    folders = _peft_folders("llama2", tmp_path)  # "qv" (r 2, alpha 4), "all" (r 4, rsLoRA, alpha 8), "mixed"
+    model, params = jpeft.models.from_pretrained(T.hf_model("llama2")[1])
+    ads = {n: load_peft(f, params)[1] for n, f in folders.items()}
+    bank = AdapterBank.create({**ads["mixed"], **ads["all"]}, capacity=3, max_rank=4).add("qv", ads["qv"])
+
+    @jax.jit
+    def fwd(params, weights, slots, ids):
+        return jpeft.apply(model, params, bank.route(slots, weights=weights), ids)
+
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(T.hf_model("llama2")[0]), folders["qv"], adapter_name="qv")
+    for n in ("all", "mixed"):
+        pm.load_adapter(folders[n], adapter_name=n)
+    pm.eval()
+    ids = np.random.default_rng(1).integers(3, T.VOCAB, size=(4, 7))
+    fwd(params, bank.weights, bank.ids(["qv"] * 4), jnp.asarray(ids))
+    jpeft.generate(model, params, bank.route(["qv"] * 4), jnp.asarray(ids), 3)  # generate compiled before the swaps too
+    bank = bank.add("all", ads["all"])
+    b2 = bank.replace("qv", ads["mixed"])  # the slot of "qv" (scale 2) now holds "mixed" (scale 1.5, 3.5 at o_proj)
+    for b, rows, names in ((bank, ["all", "qv", "__base__", "all"], ["all", "qv", "__base__", "all"]),
+                           (b2, ["qv", "all", "qv", "__base__"], ["mixed", "all", "mixed", "__base__"])):
+        got = np.asarray(fwd(params, b.weights, b.ids(rows), jnp.asarray(ids)))
+        with torch.no_grad():
+            want = pm(input_ids=torch.tensor(ids), adapter_names=names).logits.numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        out = np.asarray(jpeft.generate(model, params, b.route(rows), jnp.asarray(ids), 3))
+        with torch.no_grad():
+            ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=names, max_new_tokens=3, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)
+        np.testing.assert_array_equal(out[:, 7:], ref[:, 7:].numpy())

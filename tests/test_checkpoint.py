@@ -849,7 +849,7 @@ def test_an_optimizer_state_of_the_base_or_of_frozen_arrays_is_refused_at_save(t
         (cfg, adapter, optax.sgd(1e-2), optax.sgd(1e-2).init(adapter)),  # empty: nothing saved
         (full_cfg, full, opt, opt.init(full)),
         (vera_cfg, vera, opt, jpeft.init_opt_state(opt, vera)),
-        (cfg, bank.weights, opt, opt.init(bank.weights)),
+        (cfg, bank.weights, opt, jpeft.init_opt_state(opt, bank.weights)),  # no state for its frozen scales
     ]
     for i, (c, a, o, state) in enumerate(good):
         with jpeft.checkpoint.CheckpointManager(tmp_path / f"good{i}", c, params, optimizer=o, async_save=False) as m:

@@ -793,3 +793,49 @@ def test_a_port_in_use_or_an_unknown_host_is_named_before_the_model_loads(tmp_pa
     args = parser.parse_args(["serve", "--model", str(tmp_path / "missing"), "--host", "no-such-host.invalid"])
     with pytest.raises(ConfigError, match="--host 'no-such-host.invalid' is not an address"):
         serve_cmd.run(args)
+
+
+def test_engine_after_hot_add_and_remove_generates_with_each_new_adapters_own_scale():
+    """The engine's two programs, compiled on a bank of one adapter, then serving adapters added
+    after (other ranks and alphas, so other scales) in a freed and in a fresh slot: each request's
+    greedy tokens equal ``jpeft.generate`` with its adapter alone (the programs take the bank's
+    weights and scales as arguments, so no scale is left over from compile time)."""
+    from jpeft.bank import AdapterBank
+    from jpeft.serve import Engine, Request
+
+    def lora(seed, r, alpha):
+        cfg = jpeft.LoraConfig(r=r, alpha=alpha, target_modules=TARGETS, init="random")
+        return jpeft.init(cfg, PARAMS, jax.random.key(seed))
+
+    new = {"x": lora(11, 2, 7.0), "y": lora(12, 3, 1.5)}
+    eng = Engine(MODEL, PARAMS, AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=2, max_rank=4),
+                 slots=2, max_len=32, eos_ids=[]).warmup()
+    eng.add_adapter("x", new["x"])  # a fresh slot (scale 0 when compiled)
+    assert eng.remove_adapter("a") == 0
+    eng.add_adapter("y", new["y"])  # the freed slot of "a" (scale 2 when compiled)
+    prompt, n = [3, 9, 1, 4], 6
+    events = {k: [] for k in new}
+    done = threading.Semaphore(0)
+
+    def sink(name):
+        def put(e):
+            events[name].append(e)
+            if e.kind != "text":
+                done.release()
+        return put
+
+    eng.start()
+    try:
+        for name in new:
+            eng.submit(Request(prompt, name, n, sink(name), temperature=0.0))
+        assert all(done.acquire(timeout=120) for _ in new)
+    finally:
+        eng.stop()
+    assert eng.traces == {"prefill": 1, "decode": 1}
+    wants = set()
+    for name, ad in new.items():
+        want = np.asarray(jpeft.generate(MODEL, PARAMS, ad, jnp.asarray([prompt], jnp.int32), n))[0, len(prompt):]
+        got = [t for e in events[name] if e.kind == "text" for t in e.token_ids]
+        assert got == want.tolist(), name
+        wants.add(tuple(got))
+    assert len(wants) == 2  # the two adapters generate different tokens (the comparison has teeth)

@@ -214,7 +214,38 @@ def check_input_only_embedding_merge(tied_output: Optional[bool], what: str, sta
         )
 
 
-class Site:
+class FrozenFields:
+    """A pytree dataclass some of whose array fields (:attr:`frozen`) are carried along but never
+    trained: :func:`split_frozen` / :func:`join_frozen` (and so ``jpeft.make_train_step``,
+    :func:`trainable`, :func:`jpeft.summary`) read it. Every :class:`Site` is one; so is the
+    adapter bank's trainable stack (its per-slot scales are frozen)."""
+
+    #: names of the node's array fields that are saved and loaded with the adapter but never
+    #: trained (no gradient, no optimizer state, not counted as trainable); see :func:`split_frozen`.
+    frozen: ClassVar[tuple] = ()
+
+    def split_frozen(self):
+        """``(trainable, frozen)``: two copies of the node, the first with ``None`` for every
+        field in :attr:`frozen`, the second with ``None`` for every other array field."""
+        names = set(self.frozen)
+        if not names:
+            return self, None
+        fields = [f.name for f in dataclasses.fields(self) if not f.metadata.get("static", False)]
+        unknown = names - set(fields)
+        if unknown:
+            raise ConfigError(f"{type(self).__name__}.frozen names {sorted(unknown)}, which are not array fields of the node.")
+        train = dataclasses.replace(self, **{n: None for n in names})
+        froz = dataclasses.replace(self, **{n: None for n in fields if n not in names})
+        return train, froz
+
+    def join_frozen(self, frozen):
+        """Inverse of :meth:`split_frozen` (``self`` is the trainable part)."""
+        if frozen is None:
+            return self
+        return dataclasses.replace(self, **{n: getattr(frozen, n) for n in self.frozen})
+
+
+class Site(FrozenFields):
     """Base class of per-site nodes: the protocol, with the defaults a node inherits."""
 
     site: ClassVar[str] = "linear"
@@ -224,9 +255,6 @@ class Site:
     #: trainable copy): :func:`jpeft.summary` then counts them once, not on top of the base
     #: (see :meth:`added_params`).
     replaces_base: ClassVar[bool] = False
-    #: names of the node's array fields that are saved and loaded with the adapter but never
-    #: trained (no gradient, no optimizer state, not counted as trainable); see :func:`split_frozen`.
-    frozen: ClassVar[tuple] = ()
     #: names of the node's array fields that transformers' ``Trainer`` leaves out of weight decay
     #: although their names say nothing of it (they are biases under PEFT's names);
     #: :func:`jpeft.train.decay_mask` reads it.
@@ -315,26 +343,6 @@ class Site:
         (LoRA factors relative to a residual base), or ``None``."""
         return None
 
-    def split_frozen(self):
-        """``(trainable, frozen)``: two copies of the node, the first with ``None`` for every
-        field in :attr:`frozen`, the second with ``None`` for every other array field."""
-        names = set(self.frozen)
-        if not names:
-            return self, None
-        fields = [f.name for f in dataclasses.fields(self) if not f.metadata.get("static", False)]
-        unknown = names - set(fields)
-        if unknown:
-            raise ConfigError(f"{type(self).__name__}.frozen names {sorted(unknown)}, which are not array fields of the node.")
-        train = dataclasses.replace(self, **{n: None for n in names})
-        froz = dataclasses.replace(self, **{n: None for n in fields if n not in names})
-        return train, froz
-
-    def join_frozen(self, frozen):
-        """Inverse of :meth:`split_frozen` (``self`` is the trainable part)."""
-        if frozen is None:
-            return self
-        return dataclasses.replace(self, **{n: getattr(frozen, n) for n in self.frozen})
-
 
 def spec_entries(spec, ndim: int) -> list:
     """A ``PartitionSpec``'s entries padded with ``None`` to ``ndim``."""
@@ -389,7 +397,7 @@ def split_frozen(adapter: Mapping[str, Any]) -> tuple[dict, dict]:
     """
     train, froz = {}, {}
     for path, node in adapter.items():
-        train[path], froz[path] = node.split_frozen() if _is_node(node) else (node, None)
+        train[path], froz[path] = node.split_frozen() if isinstance(node, FrozenFields) else (node, None)
     return train, froz
 
 
@@ -413,7 +421,7 @@ def join_frozen(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict
     >>> jax.tree.structure(jpeft.join_frozen(train, frozen)) == jax.tree.structure(vera)
     True
     """
-    return {p: (n.join_frozen(frozen.get(p)) if _is_node(n) else n) for p, n in trainable.items()}
+    return {p: (n.join_frozen(frozen.get(p)) if isinstance(n, FrozenFields) else n) for p, n in trainable.items()}
 
 
 def trainable(adapter: Mapping[str, Any]) -> dict:
