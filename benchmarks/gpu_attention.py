@@ -29,7 +29,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jpeft.models._attention import AttentionMask, dot_product_attention, segment_slots  # noqa: E402
+from jpeft._ops import segment_slots  # noqa: E402
+from jpeft.models._attention import AttentionMask, dot_product_attention  # noqa: E402
 
 
 def make_mask(kind: str, b: int, t: int, window: int) -> tuple[AttentionMask, bool]:

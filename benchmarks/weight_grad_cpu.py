@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from jpeft.models import _layers
+    from jpeft import _ops
 
     if jax.default_backend() != "cpu":
         print(f"note: the default backend is {jax.default_backend()}; jpeft takes the copy path on the CPU only",
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         def pullback(product):
             return jax.jit(lambda x, w, dy: jax.vjp(lambda w: product(x, w, dims), w)[1](dy)[0])
 
-        fns = {"plain": pullback(jax.lax.dot_general), "jpeft": pullback(_layers.flat_dot_general)}
+        fns = {"plain": pullback(jax.lax.dot_general), "jpeft": pullback(_ops.flat_dot_general)}
         a, b = (np.asarray(f(x, w, dy)) for f in fns.values())
         err = float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
         times = {name: [] for name in fns}
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         flop = 2 * tokens * n_in * n_out
         plain, ours = statistics.median(times["plain"]), statistics.median(times["jpeft"])
         row = {
-            "shape": f"{tokens}x{n_in}x{n_out}", "path": "copy" if _layers._weight_grad_by_copy(x, w) else "plain",
+            "shape": f"{tokens}x{n_in}x{n_out}", "path": "copy" if _ops._weight_grad_by_copy(x, w) else "plain",
             "plain_ms": plain * 1e3, "jpeft_ms": ours * 1e3, "ratio": ours / plain,
             "plain_gflops": flop / plain / 1e9, "jpeft_gflops": flop / ours / 1e9, "max_rel_diff": err,
         }

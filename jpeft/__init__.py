@@ -10,6 +10,17 @@ The whole idea in four calls::
 """
 
 from jpeft.config import AdapterConfig
+# The methods, first: importing jpeft.methods imports every method module (each registers itself)
+# and the helpers they build on (jpeft.scan, jpeft._inject, jpeft.core, ...), in the one order of
+# docs/ARCHITECTURE.md, "The dependency direction". A helper imported before it would import
+# jpeft.methods.base half-way through its own import, and the methods could not take its names.
+from jpeft.methods import (
+    AdaLoraConfig, AdaLoraWeights, BottleneckConfig, BottleneckWeights, FullFinetuneConfig, IA3Config, IA3Weights,
+    LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, LoraWeights, OFTConfig, PrefixMLPWeights, PrefixTuningConfig,
+    PrefixWeights, PromptTuningConfig, PromptWeights, SavedModule, TrainableTokens, VeraConfig, VeraWeights,
+    adalora_allocator, convert_residual_adapter, convert_residual_config, fold_prefix, init_corda, init_milora,
+    init_olora, init_pissa, intruder_report, reduce_intruder_dimension, residual_params, to_prefix,
+)
 from jpeft.core import apply, init, lm_loss, merge, summary, unmerge
 from jpeft.quant import dequantize, quantize  # QLoRA: a quantized frozen base (issue 19)
 from jpeft import errors
@@ -17,27 +28,6 @@ from jpeft import errors
 from jpeft.errors import (ConfigError, InputValidationError, JpeftError, LoadError, NonFiniteError, NotMergeableError,
                           SaveError, ShapeMismatchError, TargetNotFoundError)
 from jpeft.methods.base import join_frozen, split_frozen, trainable
-
-# The methods. Importing a method's module registers it (its one register_method call); this
-# is the only module outside jpeft/methods/ that imports method modules, to re-export what
-# users call (configs, PiSSA/OLoRA inits, fold_prefix, to_prefix) and the node types they inspect.
-from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, TrainableTokens
-from jpeft.methods import lora_hf as _lora_hf  # noqa: F401  (LoRA's PEFT format and its registration)
-from jpeft.methods.ia3 import IA3Config, IA3Weights
-from jpeft.methods.loha import LoHaConfig
-from jpeft.methods.lokr import LoKrConfig
-from jpeft.methods.bottleneck import BottleneckConfig, BottleneckWeights
-from jpeft.methods.prefix import PrefixTuningConfig, PrefixWeights, PrefixMLPWeights, fold_prefix
-from jpeft.methods.prompt import PromptTuningConfig, PromptWeights, to_prefix
-from jpeft.methods.oft import OFTConfig
-from jpeft.methods.ln_tuning import LNTuningConfig
-from jpeft.methods.vera import VeraConfig, VeraWeights
-from jpeft.methods.adalora import AdaLoraConfig, AdaLoraWeights, allocator as adalora_allocator
-from jpeft.methods.corda import init_corda
-from jpeft.methods.pissa import (convert_residual_adapter, convert_residual_config, init_milora, init_olora, init_pissa,
-                                 residual_params)
-from jpeft.methods.full import FullFinetuneConfig
-from jpeft.methods.intruders import intruder_report, reduce_intruder_dimension
 from jpeft.train import make_train_step
 from jpeft import data, hf, models, scan
 from jpeft.generate import generate

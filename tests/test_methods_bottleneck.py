@@ -53,7 +53,7 @@ def test_every_activation_name_is_hugging_faces():
     import torch
     from transformers.activations import ACT2FN
 
-    from jpeft.models._layers import ACTIVATIONS
+    from jpeft._ops import ACTIVATIONS
 
     x = np.linspace(-6, 6, 97, dtype=np.float32)
     for name, fn in ACTIVATIONS.items():

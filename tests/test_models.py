@@ -270,7 +270,7 @@ def test_flat_dot_general_equals_dot_general_values_and_gradients():
     (same numbers, forward and backward) and passes every other contraction through unchanged."""
     from jax import lax
 
-    from jpeft.models._layers import flat_dot_general
+    from jpeft._ops import flat_dot_general
 
     rng = np.random.default_rng(0)
     r = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))  # noqa: E731
@@ -310,7 +310,7 @@ def test_wide_weight_gradient_multiplies_a_transposed_copy_of_the_input():
     program and a comparison of numbers, not timings."""
     import re
 
-    from jpeft.models import _layers
+    from jpeft import _ops
 
     if jax.default_backend() != "cpu":
         pytest.skip("the transposed copy is made on the CPU only")
@@ -318,7 +318,7 @@ def test_wide_weight_gradient_multiplies_a_transposed_copy_of_the_input():
     w = jnp.ones((512, 2048), jnp.float32)
 
     def wgrad_dot(argnums):
-        f = lambda x, w: jnp.sum(jnp.tanh(_layers.flat_dot_general(x, w, (((1,), (0,)), ((), ())))))  # noqa: E731
+        f = lambda x, w: jnp.sum(jnp.tanh(_ops.flat_dot_general(x, w, (((1,), (0,)), ((), ())))))  # noqa: E731
         hlo = jax.jit(jax.grad(f, argnums=argnums)).lower(x, w).compile().as_text()
         return hlo, re.findall(r"= f32\[512,2048\]\{1,0\} dot\([^)]*\), lhs_contracting_dims=\{(\d)\}", hlo)
 
@@ -337,7 +337,7 @@ def test_wide_weight_gradient_multiplies_a_transposed_copy_of_the_input():
         loss = lambda p: jnp.mean(jax.nn.log_softmax(model.apply(p, ids)) ** 2)  # noqa: E731,B023
         got = jax.jit(jax.grad(loss))(params)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(_layers, "_WIDE_OUT", 1 << 30)  # the plain product (a new jit: traced again)
+            mp.setattr(_ops, "_WIDE_OUT", 1 << 30)  # the plain product (a new jit: traced again)
             want = jax.jit(jax.grad(loss))(params)
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * float(jnp.max(jnp.abs(b))), err_msg=str(path))
@@ -460,7 +460,8 @@ def test_key_value_heads_without_the_key_default_as_in_transformers():
     refused with a WeightShapeError telling the user to fix config.json."""
     import transformers
 
-    from jpeft.models.loading import config_from_hf, num_kv_heads
+    from jpeft._hfconfig import num_kv_heads
+    from jpeft.models.loading import config_from_hf
 
     d = dict(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=32)
     for mt, cls in (("llama", transformers.LlamaConfig), ("mistral", transformers.MistralConfig),

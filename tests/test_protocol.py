@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import pathlib
+import re
 from typing import Any, ClassVar
 
 import chex
@@ -256,8 +257,9 @@ def _imports(path: pathlib.Path, known: set) -> set:
 
 
 def test_import_graph_keeps_methods_behind_the_protocol():
-    """Outside jpeft/methods/ no module imports a method module, except jpeft/__init__.py, which
-    re-exports the methods' public names (and so registers them)."""
+    """Outside jpeft/methods/ no module imports a method module, jpeft/__init__.py included: it
+    takes the methods' public names from ``jpeft.methods``, whose ``__init__`` imports them (and
+    so registers them)."""
     files = sorted(ROOT.rglob("*.py"))
     known = {_module_name(f) for f in files}
     method_modules = {m for m in known if m.startswith("jpeft.methods.")} - _PROTOCOL
@@ -267,7 +269,7 @@ def test_import_graph_keeps_methods_behind_the_protocol():
     bad = {}
     for f in files:
         name = _module_name(f)
-        if name.startswith("jpeft.methods") or name == "jpeft":
+        if name.startswith("jpeft.methods"):
             continue
         hits = _imports(f, known) & method_modules
         if hits:
@@ -275,14 +277,37 @@ def test_import_graph_keeps_methods_behind_the_protocol():
     assert bad == {}, f"modules outside jpeft/methods/ import method modules: {bad}"
 
 
+def test_tests_benchmarks_and_examples_import_no_method_module():
+    """Tests (but a method's own ``tests/test_methods_*.py``), benchmarks, examples and TPU scripts
+    take the methods' public names from ``jpeft`` or the ``jpeft.methods`` package, as a user
+    does, never from a method module."""
+    known = {_module_name(f) for f in ROOT.rglob("*.py")}
+    method_modules = {m for m in known if m.startswith("jpeft.methods.")} - _PROTOCOL
+    top = ROOT.parent
+    bad = {}
+    for f in sorted(p for d in ("tests", "benchmarks", "examples", "tpu") for p in (top / d).rglob("*")
+                    if p.suffix in (".py", ".ipynb")):
+        if f.name.startswith("test_methods_"):
+            continue
+        if f.suffix == ".py":
+            hits = _imports(f, known) & method_modules
+        else:  # a notebook: its code cells' text
+            hits = {m for m in method_modules if re.search(rf"\b{re.escape(m)}\b", f.read_text())}
+            hits |= {m for m in method_modules if re.search(
+                rf"from jpeft\.methods import [^\n]*\b{m.rsplit('.', 1)[1]}\b", f.read_text())}
+        if hits:
+            bad[str(f.relative_to(top))] = sorted(hits)
+    assert bad == {}, f"files that import method modules: {bad}"
+
+
 def test_no_node_class_is_named_outside_its_method():
     """The node classes of every registered method appear in no code outside jpeft/methods/
-    (jpeft/__init__.py re-exports some for users)."""
+    (jpeft/__init__.py re-exports some for users from ``jpeft.methods``: an import, not a use)."""
     node_names = {n.__name__ for m in registered_methods() for n in m.nodes if n.__module__.startswith("jpeft.")}
     bad = {}
     for f in sorted(ROOT.rglob("*.py")):
         name = _module_name(f)
-        if name.startswith("jpeft.methods") or name == "jpeft":
+        if name.startswith("jpeft.methods"):
             continue
         used = {n.id for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Name)}
         used |= {n.attr for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Attribute)}
@@ -295,9 +320,104 @@ def test_the_protocol_imports_no_method():
     files = sorted(ROOT.rglob("*.py"))
     known = {_module_name(f) for f in files}
     method_modules = {m for m in known if m.startswith("jpeft.methods.")} - _PROTOCOL
-    for mod in _PROTOCOL:
-        f = ROOT.parent / (mod.replace(".", "/") + ("/__init__.py" if mod == "jpeft.methods" else ".py"))
+    for mod in _PROTOCOL - {"jpeft.methods"}:  # the package itself imports every method: it registers them
+        f = ROOT.parent / (mod.replace(".", "/") + ".py")
         assert not (_imports(f, known) & method_modules), mod
+
+
+# The layered order of docs/ARCHITECTURE.md ("The dependency direction"), bottom up: a module
+# here imports jpeft modules of lower layers only (the method modules may also import one
+# another: LoRA's files, prompt tuning's to_prefix). Everything not listed (jpeft.models, the
+# consumers, the CLI, jpeft/__init__.py) sits above and may import any of these.
+_LAYERS = [
+    {"jpeft.errors", "jpeft._version", "jpeft._hostmem"},
+    {"jpeft.tree"},
+    {"jpeft.config", "jpeft.validate", "jpeft.data"},
+    {"jpeft.methods.base"},
+    {"jpeft.quant", "jpeft.peft_format", "jpeft._ops", "jpeft._hfconfig"},
+    {"jpeft.spectral", "jpeft.scan"},
+    {"jpeft._inject"},
+    {"jpeft._nnx"},
+    {"jpeft.core"},
+    {"jpeft.methods._common"},
+    "the method modules",
+    {"jpeft.methods"},
+]
+
+
+def _imported_modules(path: pathlib.Path, known: set) -> set:
+    """The jpeft modules ``path`` imports, ``from jpeft import scan`` counted as ``jpeft.scan``
+    (not as the package ``jpeft``), at any depth."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & known
+            out |= subs if subs else {node.module}
+    return {m for m in out if m == "jpeft" or m.startswith("jpeft.")}
+
+
+def test_dependencies_point_one_way():
+    """Every module below the models and the consumers imports only jpeft modules of lower
+    layers (``_LAYERS``): the methods import no part of ``jpeft.models`` (the low-level ops they
+    share with the models are ``jpeft._ops`` and ``jpeft._hfconfig``), and nothing they import
+    imports them back, so importing ``jpeft.methods`` first (as ``jpeft/__init__.py`` does)
+    loads everything in one order, with no module half-imported."""
+    files = sorted(ROOT.rglob("*.py"))
+    known = {_module_name(f) for f in files}
+    method_modules = {m for m in known if m.startswith("jpeft.methods.")} - _PROTOCOL
+    layers = [method_modules if layer == "the method modules" else layer for layer in _LAYERS]
+    listed = set().union(*layers)
+    assert listed <= known, sorted(listed - known)
+    level = {m: i for i, layer in enumerate(layers) for m in layer}
+    bad = {}
+    for f in files:
+        me = _module_name(f)
+        if me not in level:
+            continue
+        for dep in _imported_modules(f, known) - {me}:
+            same_methods = dep in method_modules and me in method_modules
+            if not same_methods and level.get(dep, len(layers)) >= level[me]:
+                bad.setdefault(me, []).append(dep)
+    assert bad == {}, f"modules that import a module of their own layer or above: {bad}"
+
+
+_FRESH = ("{stmt}\n"
+          "from jpeft.methods.base import registered_methods\n"
+          "print(sorted(m.config.peft_type for m in registered_methods()))")
+
+
+@pytest.mark.parametrize("stmt", ["import jpeft.methods.base", "import jpeft.models", "import jpeft.scan", "import jpeft"])
+def test_any_first_import_registers_every_method(stmt):
+    """In a fresh interpreter, importing any part of jpeft first works and registers every method
+    (``jpeft.methods`` imports the method modules; a submodule imported first runs
+    ``jpeft/__init__.py``, which imports ``jpeft.methods`` before any helper that imports
+    ``jpeft.methods.base``). Every ``register_method`` call in jpeft/methods/ is counted, so a new
+    method file that ``jpeft/methods/__init__.py`` does not import fails here."""
+    import os
+    import subprocess
+    import sys
+
+    calls = sum(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "register_method"
+                for f in (ROOT / "methods").glob("*.py") for n in ast.walk(ast.parse(f.read_text())))
+    want = sorted(m.config.peft_type for m in registered_methods() if m.config.__module__.startswith("jpeft."))
+    assert len(want) == calls, (want, calls)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _FRESH.format(stmt=stmt)], env=env, cwd=ROOT.parent,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == str(want), r.stdout
+
+
+def test_public_names_are_the_methods_own_objects():
+    """``jpeft`` re-exports the methods' public names from ``jpeft.methods`` (one list), each the
+    very object its method module defines."""
+    import jpeft.methods as methods
+
+    for name in methods.__all__:
+        assert name in jpeft.__all__ and getattr(jpeft, name) is getattr(methods, name), name
+    assert jpeft.adalora_allocator is methods.adalora.allocator and jpeft.LoraConfig is methods.lora.LoraConfig
 
 
 def test_jpeft_imports_inside_functions_are_optional_only():

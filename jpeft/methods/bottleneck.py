@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from jpeft._inject import scanned_refusal
+from jpeft._ops import ACTIVATIONS
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import BottleneckTargetError, ConfigError, NotMergeableError
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
-from jpeft.models._layers import ACTIVATIONS
 from jpeft.tree import module_leaves, select
 
 _INITS = ("bert", "mam")

@@ -23,6 +23,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject
+from jpeft._ops import flat_dot_general
 from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_scalar
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
                           TargetNotFoundError, UnsupportedModuleError)
@@ -30,7 +31,6 @@ from jpeft.methods import dora
 from jpeft.methods._common import down_project, linear_candidates, master_copy, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, check_tied_merge,
                                 dropout, flat_spec_entry, spec_entries, static_field)
-from jpeft.models._layers import flat_dot_general
 from jpeft.peft_format import add_site_pattern
 from jpeft.scan import Stacked, layer_paths, make_site, site_rank_alpha
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select

@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft._hfconfig import num_kv_heads
+from jpeft._ops import default_positions, segment_slots
 from jpeft.config import AdapterConfig
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotMergeableError,
                           PrefixNotSupportedError, PromptTooLongError, ShapeMismatchError, UnsupportedAdapterError)
 from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
-from jpeft.models._layers import default_positions, segment_slots
-from jpeft.models.loading import num_kv_heads
 from jpeft.tree import module_leaves
 
 # Key projections that tell the number of layers and the key width, per family:
@@ -398,7 +398,7 @@ def _to_hf(config: PrefixTuningConfig, adapter, ctx):
 
 def _kv_heads(hf_config):
     """Key/value heads from a Hugging Face config.json dict, as transformers reads them
-    (:func:`jpeft.models.loading.num_kv_heads`; ``None`` without one)."""
+    (:func:`jpeft._hfconfig.num_kv_heads`; ``None`` without one)."""
     try:
         return num_kv_heads(hf_config) if hf_config else None
     except (TypeError, ValueError):  # a malformed value: the caller asks for num_attention_heads by name

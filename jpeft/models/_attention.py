@@ -30,7 +30,7 @@ Kernels (``implementation=``):
   ``K^T dS`` (the tile's keys copied transposed), since XLA's CPU dot runs the product that
   contracts its left operand's rows (``dS^T K``) ~1.7x slower (:data:`DQ_TRANSPOSED_MIN_KEYS`;
   the reason the Dense layer's wide weight gradients take a transposed copy of the input,
-  ``_layers._dense_product``). It equals the reference to float32 rounding
+  ``jpeft._ops._dense_product``). It equals the reference to float32 rounding
   (tests/test_attention.py), including fully masked (padding) query rows, which both average
   the values of every key.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, the fused kernel on
@@ -167,31 +167,6 @@ def _allowed(q_pos, q_seg, kv_valid, k_pos, k_seg, causal, window):
     if q_seg is not None:
         m = m & ((q_seg[:, :, None] == k_seg[:, None, :]) | (k_seg[:, None, :] < 0))
     return m
-
-
-def _segment_starts(segment_ids: Array) -> Array:
-    """``[batch, seq]`` bool, True at each row's first token and wherever the segment id changes."""
-    return jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-    )
-
-
-def segment_slots(segment_ids: Array) -> Array:
-    """Index of each token inside its segment (document): ``[batch, seq]`` int32, 0 at every
-    point where the segment id changes."""
-    s = segment_ids.shape[1]
-    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), segment_ids.shape)
-    start = jax.lax.cummax(jnp.where(_segment_starts(segment_ids), idx, 0), axis=1)
-    return idx - start
-
-
-def segment_runs(segment_ids: Array) -> Array:
-    """The document of each token as the masks take it: ``[batch, seq]`` int32 numbering the
-    contiguous runs of one id (1, 2, ... in each row), so that an id that comes back after
-    another starts a new document, as :func:`segment_slots` restarts its slots there (the
-    slots of two runs of one id would otherwise overlap: a token would see the later run's
-    keys, and the kernels would disagree). Never negative (a negative key id marks a prefix key)."""
-    return jnp.cumsum(_segment_starts(segment_ids), axis=1, dtype=jnp.int32)
 
 
 # -- attention-probability dropout ---------------------------------------------------------------

@@ -29,7 +29,7 @@ Exactness: every output row, padding rows included, and every gradient equal the
 attention to float32 rounding (tests/test_attention.py, in interpret mode). The queries are
 scaled before the kernel (it takes no scale), which in bfloat16 is one more rounding than the
 reference's scaling of the float32 logits. The masks number the documents 1, 2, ... whatever
-ids the caller gave (:func:`jpeft.models._attention.segment_runs`), so a negative key id is
+ids the caller gave (:func:`jpeft._ops.segment_runs`), so a negative key id is
 only ever the masks' mark of a prefix key, seen by every document.
 
 Off a TPU the kernel runs in Pallas' interpret mode (the same program as ordinary JAX ops:

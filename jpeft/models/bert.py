@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jpeft._ops import activation, segment_slots
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.validate import check_token_ids
 from jpeft.models import _layers as L
@@ -149,7 +150,7 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, h):
         c = self.config
-        return L.activation(c.hidden_act)(L.dense(c.intermediate_size, True, c, "dense")(h))
+        return activation(c.hidden_act)(L.dense(c.intermediate_size, True, c, "dense")(h))
 
 
 class BertLayer(nn.Module):
@@ -232,7 +233,7 @@ class BertModel(nn.Module):
                 "positions (max_position_embeddings); truncate them (transformers refuses them too)."
             )
         if position_ids is None and segment_ids is not None:
-            position_ids = L.segment_slots(segment_ids.astype(jnp.int32))
+            position_ids = segment_slots(segment_ids.astype(jnp.int32))
         elif position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(s), (b, s))
         position_ids = L.learned_positions(jnp.broadcast_to(position_ids, (b, s)), attention_mask,

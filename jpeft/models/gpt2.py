@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft._ops import activation
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.validate import check_token_ids
 from jpeft.models import _layers as L
@@ -117,7 +118,7 @@ class GPT2MLP(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         c = self.config
-        h = L.activation(c.hidden_act)(L.dense(c.intermediate_size, True, c, "c_fc")(x))
+        h = activation(c.hidden_act)(L.dense(c.intermediate_size, True, c, "c_fc")(x))
         h = L.dense(c.hidden_size, True, c, "c_proj")(h)
         return nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic)
 

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft._ops import activation
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.models import _layers as L
 
@@ -204,7 +205,7 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        act = L.activation(c.hidden_act)
+        act = activation(c.hidden_act)
         g = L.dense(c.intermediate_size, c.mlp_bias, c, "gate_proj")(x)
         u = L.dense(c.intermediate_size, c.mlp_bias, c, "up_proj")(x)
         return L.dense(c.hidden_size, c.mlp_bias, c, "down_proj")(L.gated(act, g, u))

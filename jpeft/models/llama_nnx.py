@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jpeft._ops import activation, flat_dot_general
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.models import _layers as L
 from jpeft.models.llama import LlamaConfig
@@ -57,13 +58,13 @@ class RMSNorm(nnx.Module):
 
 def _dense(n_in: int, n_out: int, bias: bool, c: LlamaConfig, rngs) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, use_bias=bias, dtype=c.dtype, param_dtype=c.param_dtype,
-                      kernel_init=nn.initializers.normal(c.initializer_range), dot_general=L.flat_dot_general,
+                      kernel_init=nn.initializers.normal(c.initializer_range), dot_general=flat_dot_general,
                       rngs=rngs)
 
 
 class LlamaMLP(nnx.Module):
     def __init__(self, c: LlamaConfig, rngs):
-        self.act = L.activation(c.hidden_act)
+        self.act = activation(c.hidden_act)
         self.gate_proj = _dense(c.hidden_size, c.intermediate_size, c.mlp_bias, c, rngs)
         self.up_proj = _dense(c.hidden_size, c.intermediate_size, c.mlp_bias, c, rngs)
         self.down_proj = _dense(c.intermediate_size, c.hidden_size, c.mlp_bias, c, rngs)
