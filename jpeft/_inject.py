@@ -208,6 +208,10 @@ def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
                     err = mapped_refusal(path, ctx.module, params)
                     if err is not None:
                         raise err
+            if getattr(node, "layout", None) is not None:  # computes with the flax class's own function
+                err = override_refusal(path, ctx.module, (ctx.method_name,))
+                if err is not None:
+                    raise err
         if any(quant.is_quantized(v) for v in _own_params(ctx.module).values()):
             return _dequantized_call(ctx, args, kwargs, (path, node, check))
         if node is None:
@@ -294,8 +298,52 @@ def input_axes(module, args, kwargs) -> tuple | None:
     return None
 
 
+#: the flax classes whose own functions the linear adapters compute with (:func:`layout_of`)
+LINEAR_CLASSES = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Einsum, nn.Embed)
+
+
+def overridden(module, bases, names=("__call__", "attend")) -> tuple[Optional[type], list[str]]:
+    """``(base, methods)``: the first class of ``bases`` that ``module`` is an instance of (``None``:
+    none), and those of its ``names`` that ``module``'s class defines again. A class lists in
+    ``same_function_as_base`` the methods it defines again that compute what the base's do
+    (jpeft's models' ``Embed.attend``, a faster product of the same numbers)."""
+    base = next((c for c in bases if isinstance(module, c)), None)
+    if base is None:
+        return None, []
+    same = tuple(getattr(type(module), "same_function_as_base", ()))
+    return base, [n for n in names if n not in same and hasattr(base, n)
+                  and getattr(type(module), n) is not getattr(base, n)]
+
+
+def override_refusal(path: str, module, names=("__call__",)) -> Optional[UnsupportedModuleError]:
+    """The error for a linear site on a subclass of a flax linear class that defines ``names``
+    (of the methods the site adapts) again, else ``None``. The adapters add their update to,
+    or scale, what the call returns, while :func:`jpeft.merge` folds it into the kernel that
+    the flax class's own function reads: for a method of one's own (``2 * super().__call__(x)``)
+    the two differ, and flax hands the adapter both the subclass's call and, through
+    ``super()``, the flax class's, which adapted the output twice (LoRA 15.9 off the merged model)."""
+    base, own = overridden(module, LINEAR_CLASSES, names)
+    if not own:
+        return None
+    return UnsupportedModuleError(
+        f"module {path!r}: {type(module).__name__} subclasses nn.{base.__name__} with its own "
+        f"{' and '.join(own)}, but jpeft's linear adapters act on the kernel as nn.{base.__name__}'s own function "
+        f"uses it (as jpeft.merge folds them into it), so the adapted outputs would not be this module's with the "
+        f"merged kernel. Call an nn.{base.__name__} submodule from the class and target that one, set "
+        f"same_function_as_base = {tuple(own)!r} on the class if its {' and '.join(own)} computes what "
+        f"nn.{base.__name__}'s does, or remove it from target_modules."
+    )
+
+
 def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | None:
-    """The layout of a supported module instance, or ``None`` for modules without a kernel."""
+    """The layout of a supported module instance, or ``None`` for modules without a kernel.
+
+    Raises:
+      UnsupportedModuleError: a module the linear adapters cannot adapt (a grouped or masked
+        convolution, ``batch_dims``, a subclass with its own ``__call__``: :func:`override_refusal`)."""
+    refusal = override_refusal(path, module)
+    if refusal is not None:
+        raise refusal
     nd = len(kernel_shape)
     if isinstance(module, nn.Embed):
         return Layout(Kind.EMBED, kernel_shape, (0,), (1,))
@@ -459,8 +507,22 @@ def check_layout(path: str, node_layout: Layout, module, args, kwargs) -> None:
         raise LayoutError(
             f"module {path!r}: the adapter was built for a {node_layout.kind} layout with input axes "
             f"{node_layout.in_axes}, but {found}. "
-            "Rebuild the adapter with jpeft.init(config, params, key, model, x) so jpeft can see the module."
+            "Rebuild the adapter with jpeft.init(config, params, key, model, x) so jpeft can see the module. " + _ONE_WAY
         )
+    if actual.kind == Kind.EINSUM and node_layout.equation is not None \
+            and actual.equation != node_layout.equation.replace(" ", ""):
+        # the sites project with the adapter's equation (down_project, up_project): the same kernel axes in
+        # another output order added the update transposed (LoRA 17.1 off the merged model), silently
+        raise LayoutError(
+            f"module {path!r} is called with the einsum {actual.equation!r}, but the adapter was built for "
+            f"{node_layout.equation!r}; the adapter's update is computed with that equation, so its output would be "
+            "laid out otherwise than the module's. Rebuild the adapter with jpeft.init(config, params, key, model, x) "
+            "on the model that calls it so. " + _ONE_WAY
+        )
+
+
+_ONE_WAY = ("If the adapter was built so, the module is called in more than one way (two einsum equations): an "
+            "adapter site has one layout, so give each use a module of its own.")
 
 
 def prod(xs) -> int:

@@ -91,17 +91,17 @@ def twin(module, path: str) -> Optional[nn.Module]:
     name its twin with a ``linen_twin()`` method (jpeft's NNX Llama's ``RMSNorm`` does)."""
     if callable(getattr(type(module), "linen_twin", None)):
         return module.linen_twin()
-    base = next((c for c in _TWINNED if isinstance(module, c)), None)
+    base, own = _inject.overridden(module, _TWINNED)
     if base is None:
         return None
-    own = [n for n in ("__call__", "attend") if hasattr(base, n) and getattr(type(module), n) is not getattr(base, n)]
     if own:
         raise UnsupportedModuleError(
             f"module {path!r}: {type(module).__name__} subclasses nnx.{base.__name__} with its own "
             f"{' and '.join(own)}, but jpeft's adapters compute with nnx.{base.__name__}'s function (its linen twin), "
             "so saved copies, merges and the adapted outputs would not be this module's. Give the class a "
-            "linen_twin() method returning the linen module that computes what it computes (docs/NNX.md), or remove "
-            "it from target_modules."
+            "linen_twin() method returning the linen module that computes what it computes (docs/NNX.md), set "
+            f"same_function_as_base = {tuple(own)!r} on it if its {' and '.join(own)} computes "
+            f"nnx.{base.__name__}'s function, or remove it from target_modules."
         )
     if not _same_promote(module):
         raise UnsupportedModuleError(

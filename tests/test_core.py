@@ -824,3 +824,99 @@ def test_params_boxed_by_with_partitioning_are_read_as_the_arrays_they_hold():
         np.testing.assert_allclose(y, jpeft.apply(m, nn.unbox(p), ref, x), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(y, m.apply(jpeft.merge(p, ad), x), rtol=1e-5, atol=1e-5)
         assert float(jnp.abs(y - m.apply(p, x)).max()) > 0.1
+
+
+class _ScaledDense(nn.Dense):
+    """A Dense of one's own forward: flax hands the interceptor this call and, through super(), nn.Dense's."""
+
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+class _ScaledEmbed(nn.Embed):
+    """Gemma-style: the looked-up rows times sqrt(features)."""
+
+    def __call__(self, ids):
+        return super().__call__(ids) * math.sqrt(self.features)
+
+
+class _SameDense(nn.Dense):
+    """Its own __call__ computes what nn.Dense's does, and says so."""
+
+    same_function_as_base = ("__call__",)
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("kernel", nn.initializers.normal(1.0), (x.shape[-1], self.features))
+        return x @ w + self.param("bias", nn.initializers.normal(1.0), (self.features,))[None]
+
+
+class _Subclassed(nn.Module):
+    cls: type
+
+    @nn.compact
+    def __call__(self, x):
+        if issubclass(self.cls, nn.Embed):
+            return self.cls(12, 6, name="m")(x)
+        return self.cls(6, name="m")(x)
+
+
+@pytest.mark.parametrize("cls, cfg", [(_ScaledDense, jpeft.LoraConfig(r=2, target_modules=["m"])),
+                                      (_ScaledDense, jpeft.IA3Config(target_modules=["m"], feedforward_modules=[])),
+                                      (_ScaledEmbed, jpeft.LoraConfig(r=2, target_modules=["m"]))],
+                         ids=["dense-lora", "dense-ia3", "embed-lora"])
+def test_a_subclass_of_a_linear_module_with_its_own_call_is_refused_by_name(cls, cfg):
+    """LoRA on a subclass of nn.Dense whose __call__ returns 2 * super().__call__(x) was applied twice (once
+    to the subclass's call, once to nn.Dense's inside it): 2 (xW + d) + d against the merged model's
+    2 (xW + d), 15.9 off (IA3 2.67), without a word; a Gemma-style scaled nn.Embed got its update unscaled.
+    Now refused by name, as NNX refuses such subclasses; a class that says its own __call__ computes
+    nn.Dense's function (same_function_as_base) is adapted, merge equal to apply."""
+    model = _Subclassed(cls)
+    x = jnp.arange(12).reshape(3, 4) % 12 if cls is _ScaledEmbed else jax.random.normal(jax.random.key(0), (3, 5))
+    params = model.init(jax.random.key(1), x)
+    match = rf"'m': {cls.__name__} subclasses nn.{cls.__mro__[1].__name__} with its own __call__"
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match=match):
+        jpeft.init(cfg, params, jax.random.key(2), model, x)
+    adapter = _random_like(jpeft.init(cfg, params, jax.random.key(2)), jax.random.key(3))  # from the params alone
+    with pytest.raises(jpeft.errors.UnsupportedModuleError, match=match):
+        jpeft.apply(model, params, adapter, x)
+    same, x = _Subclassed(_SameDense), jax.random.normal(jax.random.key(0), (3, 5))
+    params = same.init(jax.random.key(1), x)
+    adapter = _random_like(jpeft.init(cfg, params, jax.random.key(2), same, x), jax.random.key(3))
+    y = jpeft.apply(same, params, adapter, x)
+    np.testing.assert_allclose(y, same.apply(jpeft.merge(params, adapter), x), rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(y - same.apply(params, x)).max()) > 0.1
+
+
+class _EinsumAs(nn.Module):
+    """One nn.Einsum whose equation is given at the call: the same kernel axes, outputs in either order."""
+
+    equations: tuple = ("bi,ihd->bhd",)
+
+    @nn.compact
+    def __call__(self, x):
+        e = nn.Einsum((6, 3, 3), name="m", use_bias=False)
+        return sum(e(x, eq) for eq in self.equations)
+
+
+@pytest.mark.parametrize("cfg", [jpeft.LoraConfig(r=2, target_modules=["m"]),
+                                 jpeft.IA3Config(target_modules=["m"], feedforward_modules=[]),
+                                 jpeft.VeraConfig(r=2, target_modules=["m"])], ids=["lora", "ia3", "vera"])
+def test_an_einsum_called_with_another_equation_than_the_adapters_is_refused_by_name(cfg):
+    """The sites project with the equation jpeft.init traced; a call with the same kernel axes in another output
+    order ('bi,ihd->bdh' for 'bi,ihd->bhd', square h = d) added the update transposed: LoRA 17.1 off the merged
+    model (IA3 0.68, VeRA 0.26), without a word, whether the adapter was traced on another model or the module
+    is called with both equations. Now a LayoutError naming both equations."""
+    x = jax.random.normal(jax.random.key(0), (2, 6))
+    traced = _EinsumAs()
+    params = traced.init(jax.random.key(1), x)
+    adapter = _random_like(jpeft.init(cfg, params, jax.random.key(2), traced, x), jax.random.key(3))
+    y = jpeft.apply(traced, params, adapter, x)
+    np.testing.assert_allclose(y, traced.apply(jpeft.merge(params, adapter), x), rtol=1e-5, atol=1e-5)
+    for model in (_EinsumAs(("bi,ihd->bdh",)), _EinsumAs(("bi,ihd->bhd", "bi,ihd->bdh"))):
+        with pytest.raises(jpeft.errors.LayoutError, match=r"called with the einsum 'bi,ihd->bdh', but the adapter was "
+                                                           r"built for 'bi,ihd->bhd'"):
+            jpeft.apply(model, params, adapter, x)
+    both = _EinsumAs(("bi,ihd->bhd", "bi,ihd->bdh"))
+    with pytest.raises(jpeft.errors.LayoutError, match="give each use a module of its own"):
+        jpeft.apply(both, params, _random_like(jpeft.init(cfg, params, jax.random.key(2), both, x), jax.random.key(3)), x)

@@ -426,7 +426,10 @@ class Embed(nn.Embed):
     multiplies over flattened tokens, as :func:`flat_dot_general` does for Dense layers: the
     embedding's gradient through the logits then needs no transposed copy of the logits'
     gradient (the largest activation of a language model). Same parameters and numbers as
-    ``nn.Embed``; adapters intercepting ``attend`` see the query unchanged."""
+    ``nn.Embed``; adapters intercepting ``attend`` see the query unchanged (so it computes what
+    ``nn.Embed.attend`` does: ``same_function_as_base``, read by the linear adapters)."""
+
+    same_function_as_base: ClassVar[tuple] = ("attend",)
 
     def attend(self, query):
         query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
