@@ -1630,6 +1630,219 @@ def test_merge_and_export_of_a_peft_lm_head_adapter_on_a_tied_base_give_peft_num
             np.testing.assert_allclose(back(ids).logits.numpy(), ref, atol=2e-5)
 
 
+# ------------------------------------------------------------- lm_head adapters of a tied base
+@pytest.fixture(scope="module")
+def tied_llama(hf_dir):
+    """hf_dir's tiny Llama with tie_word_embeddings=True (lm_head is the input embedding), every
+    weight random at a useful scale, saved with hf_dir's tokenizer: ``(torch_model, folder)``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as tiny
+
+    src, folder = hf_dir / "tiny-llama", hf_dir / "tied-llama"
+    torch.manual_seed(1)
+    model = tiny._randomize(LlamaForCausalLM(LlamaConfig.from_pretrained(src, tie_word_embeddings=True)), seed=11)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(src).save_pretrained(folder)
+    return model, folder
+
+
+def _peft_random_folder(base, out, seed, **kw):
+    """A PEFT LoRA adapter of ``base`` (``LoraConfig(r=4, lora_alpha=8, **kw)``) with every trainable
+    tensor random (the lm_head copy and the token rows included), saved to ``out``: its PeftModel."""
+    import copy
+    import warnings
+
+    import peft
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.eval().save_pretrained(out)
+    return pm
+
+
+def _rows_of(folder, data, seq_len=32):
+    """The packed rows `jpeft eval --seq-len seq_len` scores (its tokenizer adds no BOS)."""
+    from jpeft.data import PackedDataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return PackedDataset.from_file(data, lambda s: tok(s, add_special_tokens=False)["input_ids"], seq_len,
+                                   eos_id=tok.eos_token_id, bos_id=None)
+
+
+def test_eval_of_a_peft_lm_head_adapter_on_a_tied_base_gives_peft_loss(tied_llama, hf_dir, tmp_path, capsys):
+    """`jpeft eval` refused a PEFT folder with an lm_head LoRA or modules_to_save=["lm_head"] copy on
+    a tied base (BaseMismatchError, "load the base untied: jpeft.models.from_pretrained(...)", no
+    option of the command), while merge and export read such a base untied. Now eval does too: its
+    loss is PEFT's (every adapter tensor random), and the --canary report's base loss is the tied
+    model's."""
+    base, folder = tied_llama
+    ds = _rows_of(folder, hf_dir / "notes.txt")
+    base_loss, _ = _torch_loss(base, ds.input_ids, ds.loss_mask)
+    for name, kw in (("saved", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+                     ("lora", dict(target_modules=["v_proj", "lm_head"]))):
+        pm = _peft_random_folder(base, tmp_path / name, seed=len(name), **kw)
+        ref, _ = _torch_loss(pm, ds.input_ids, ds.loss_mask)
+        assert abs(ref - base_loss) > 0.1  # the adapter changes the model
+        r = jpeft_here(capsys, "eval", "--model", folder, "--adapter", tmp_path / name, "--data", hf_dir / "notes.txt",
+                       "--seq-len", 32, "--json")
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
+        assert got["tokens"] == ds.num_targets
+        np.testing.assert_allclose(got["loss"], ref, rtol=1e-5)
+    r = jpeft_here(capsys, "eval", "--model", folder, "--adapter", tmp_path / "lora", "--canary", hf_dir / "notes.txt",
+                   "--seq-len", 32, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    np.testing.assert_allclose([got["base_loss"], got["loss"]], [base_loss, ref], rtol=1e-5)
+
+
+def test_serve_reads_a_tied_base_untied_for_an_lm_head_adapter_with_peft_numbers(tied_llama, tmp_path, capsys):
+    """`jpeft serve` refused a PEFT LoRA of lm_head on a tied base (BaseMismatchError naming a
+    Python call). The shared base is now read untied when a --adapter needs it (lm_head a copy of
+    the embedding, noted on stderr): the bank's rows give each adapter's PEFT logits and the base's
+    own, an adapter that does not touch lm_head included. An lm_head adapter added live to a
+    server whose base was read tied is refused by name (the bank's base cannot change)."""
+    import argparse
+
+    import torch
+
+    from jpeft.cli import serve_cmd
+    from jpeft.errors import BaseMismatchError
+
+    base, folder = tied_llama
+    pms = {"plain": _peft_random_folder(base, tmp_path / "plain", seed=1, target_modules=["v_proj"]),
+           "head": _peft_random_folder(base, tmp_path / "head", seed=2, target_modules=["q_proj", "lm_head"])}
+    ids = np.random.default_rng(0).integers(3, base.config.vocab_size, size=(3, 12))
+    with torch.no_grad():
+        want = [pms["plain"](torch.tensor(ids[:1])).logits.numpy()[0], pms["head"](torch.tensor(ids[1:2])).logits.numpy()[0],
+                base(torch.tensor(ids[2:])).logits.numpy()[0]]
+    parser = serve_cmd.add_parser(argparse.ArgumentParser().add_subparsers())
+    capsys.readouterr()
+    server = serve_cmd.build(parser.parse_args(["--model", str(folder), "--adapter", f"plain={tmp_path / 'plain'}",
+                                                "--adapter", f"head={tmp_path / 'head'}"]))
+    assert "adapter(s) head adapt lm_head" in capsys.readouterr().err
+    engine = server.engine
+    got = np.asarray(jpeft.apply(engine.model, engine.params, engine.bank.route(["plain", "head", None]), ids))
+    np.testing.assert_allclose(got, np.stack(want), atol=2e-5)
+    assert np.abs(want[1] - base(torch.tensor(ids[1:2])).logits.detach().numpy()[0]).max() > 0.5
+    # a server whose --adapter ones leave lm_head alone keeps the base tied: a live-added lm_head adapter is refused
+    server = serve_cmd.build(parser.parse_args(["--model", str(folder), "--adapter", f"plain={tmp_path / 'plain'}"]))
+    with pytest.raises(BaseMismatchError, match="Restart jpeft serve with this adapter among the --adapter ones"):
+        server.loader(str(tmp_path / "head"))
+
+
+def test_peft_lm_head_adapter_with_trainable_tokens_on_a_tied_base_is_refused(tied_llama, hf_dir, tmp_path, capsys):
+    """A PEFT folder with a LoRA of lm_head and trainable tokens on a tied base: PEFT applies the
+    token rows in the tied lm_head under its LoRA too, while jpeft, reading the base untied for the
+    LoRA, applied them in the input embedding only; `jpeft merge` wrote a model 7 logits off PEFT's
+    without a word. Every command now refuses it by name before loading the base."""
+    import torch
+
+    base, folder = tied_llama
+    pm = _peft_random_folder(base, tmp_path / "ad", seed=3, target_modules=["q_proj", "lm_head"],
+                             trainable_token_indices=[3, 5, 9])
+    ids = torch.tensor([[3, 5, 9, 12, 40, 5]])
+    with torch.no_grad():
+        assert np.abs(pm(ids).logits.numpy() - base(ids).logits.numpy()).max() > 0.5  # PEFT runs it
+    for cmd in (["merge", "--out", tmp_path / "m"], ["export", "--out", tmp_path / "e"],
+                ["eval", "--data", hf_dir / "notes.txt", "--seq-len", 32]):
+        r = jpeft_here(capsys, cmd[0], "--model", folder, "--adapter", tmp_path / "ad", *cmd[1:])
+        assert r.returncode == 2 and "UnsupportedAdapterError" in error_line(r.stderr), r.stderr
+        assert "applies the token rows in the tied lm_head" in r.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "e").exists()
+
+
+def test_train_adapts_lm_head_of_a_tied_base_as_peft_does(tied_llama, hf_dir, tmp_path, capsys):
+    """`jpeft train` of a method adapting lm_head on a tied model was refused (TargetNotFoundError:
+    "load the base untied: jpeft.models.from_pretrained(...)", no option of the command) only after
+    the base had loaded. The base is now read untied when the method adapts lm_head, with a note, as
+    PEFT unties it; the run's adapter exports to PEFT files that load on the original tied checkpoint
+    to jpeft's numbers (eval's loss of the run, the merged model's logits)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    base, folder = tied_llama
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "{folder}"\noutput_dir = "{tmp_path / "run"}"\n[data]\ntrain = "{hf_dir / "train.jsonl"}"\n'
+                   'seq_len = 32\n[method]\nname = "lora"\nr = 4\nlora_alpha = 8\ntarget_modules = ["q_proj", "lm_head"]\n'
+                   "[train]\nsteps = 2\nbatch_size = 2\nlearning_rate = 5e-2\neval_every = 0\nsave_every = 0\n")
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "the method adapts lm_head, which config.json ties to the input embedding" in r.stderr
+    r = jpeft_here(capsys, "export", "--model", folder, "--adapter", tmp_path / "run", "--out", tmp_path / "peft")
+    assert r.returncode == 0, r.stderr
+    head_b = load_file(tmp_path / "peft" / "adapter_model.safetensors")["base_model.model.lm_head.lora_B.weight"]
+    assert np.abs(head_b).max() > 1e-3  # lm_head's LoRA was trained (B starts at zero)
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "peft").eval()
+    assert pm.base_model.model.config.tie_word_embeddings  # the original tied checkpoint
+    ds = _rows_of(folder, hf_dir / "notes.txt")
+    ref, ref_logits = _torch_loss(pm, ds.input_ids, ds.loss_mask)
+    r = jpeft_here(capsys, "eval", "--model", folder, "--adapter", tmp_path / "run", "--data", hf_dir / "notes.txt",
+                   "--seq-len", 32, "--json")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(json.loads(r.stdout)["loss"], ref, rtol=1e-5)
+    assert abs(ref - _torch_loss(base, ds.input_ids, ds.loss_mask)[0]) > 1e-3
+    r = jpeft_here(capsys, "merge", "--model", folder, "--adapter", tmp_path / "run", "--out", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.tie_word_embeddings is False
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(ds.input_ids, dtype=torch.long)).logits.numpy(),
+                                   ref_logits.numpy(), atol=2e-5)
+
+
+def test_train_tie_word_embeddings_key_and_its_refusals_before_the_model_loads(tied_llama, hf_dir, tmp_path, capsys):
+    """[model] tie_word_embeddings = false reads a tied base untied, as from_pretrained's override
+    does; what cannot be trained or exported as asked is refused before the model loads (these
+    folders hold config.json alone, so any load would fail otherwise) and writes nothing."""
+    from jpeft.cli._common import method_of
+    from jpeft.cli._trainer import untie_lm_head
+    from jpeft.cli.train_cmd import _tomllib, resolve_config
+    from jpeft.models import loading
+
+    _, folder = tied_llama
+    for name, src in (("tied", folder), ("untied", hf_dir / "tiny-llama")):
+        (tmp_path / name).mkdir()
+        shutil.copy(src / "config.json", tmp_path / name / "config.json")
+
+    def toml(model, tie, method):
+        return (f'output_dir = "{tmp_path / "run"}"\n[model]\npath = "{tmp_path / model}"\n{tie}\n[data]\n'
+                f'train = "{hf_dir / "train.jsonl"}"\nseq_len = 32\n[method]\nname = "lora"\n{method}\n')
+
+    head, q = 'target_modules = ["q_proj", "lm_head"]', 'target_modules = ["q_proj"]'
+    tokens = "trainable_token_indices = [3, 5]"
+    for model, tie, method, msg in (
+            ("tied", "tie_word_embeddings = true", head, "but the method adapts lm_head, which a tied model does not have"),
+            ("untied", "tie_word_embeddings = true", q, "which cannot be tied away"),
+            ("tied", "", f"{head}\n{tokens}", "PEFT applies the token rows in lm_head too"),
+            ("tied", "tie_word_embeddings = false", f"{q}\n{tokens}", "(model.tie_word_embeddings = false)"),
+            ("tied", 'tie_word_embeddings = "false"', q, "model.tie_word_embeddings must be true or false")):
+        (tmp_path / "c.toml").write_text(toml(model, tie, method))
+        r = jpeft_here(capsys, "train", "--config", tmp_path / "c.toml", "--no-progress")
+        assert r.returncode == 2 and "ConfigError" in error_line(r.stderr) and msg in r.stderr, (msg, r.stderr)
+        assert not (tmp_path / "run").exists()
+    # the key alone unties a tied base for a method that leaves lm_head alone; without it the base stays tied
+    for tie, want in (("tie_word_embeddings = false", True), ("", False)):
+        cfg = resolve_config(_tomllib().loads(toml("tied", tie, q)), base_dir=str(tmp_path))
+        assert untie_lm_head(cfg, method_of(cfg), loading.read_config(cfg["model"])) is want
+
+
 def _peft_residual_folder(base, init, out, seed):
     """A PEFT adapter made with init_lora_weights=init, every LoRA tensor random, saved unconverted."""
     import copy

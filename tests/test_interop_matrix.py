@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import json
 import os
 import sys
 import warnings
@@ -418,6 +419,42 @@ def test_trainable_tokens_on_a_base_untied_from_its_tied_checkpoint_are_refused(
         H.load_peft(str(tmp_path / "p"), params)
     _, tied_ad = H.load_peft(str(tmp_path / "p"), base(family)[1])  # on the base as its config.json says: PEFT's
     ids, mask = tiny.batch(family, seed=3)
+    _close(family, _jpeft_logits_of(base(family)[0], base(family)[1], tied_ad, ids, mask),
+           _torch_logits(pm.eval(), "LoRA list", family, ids, mask), mask)
+
+
+def test_trainable_tokens_saved_with_embedding_layers_tell_a_tied_base_without_its_folder(tmp_path):
+    """What a PEFT file of trainable tokens says of its base's tie, when base_model_name_or_path is
+    a Hub id (no local config.json to read): peft 0.21's default save writes the same keys and
+    adapter_config.json for a tied and an untied base (the embedding's delta only), so nothing
+    tells; with save_embedding_layers=True a tied base's file also holds the delta at lm_head. That
+    file on the checkpoint loaded untied was refused as made for another model ("Load it on the
+    base it was made for", the very checkpoint); the refusal now names the tie and the fix."""
+    from safetensors import safe_open
+
+    family = "llama3"
+    hf, folder = tiny.hf_model(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf),
+                                 peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5, 9]))
+        _peft_randomize(pm, "trainable_token_indices")
+        for sel in (False, True):
+            pm.save_pretrained(str(tmp_path / str(sel)), save_embedding_layers=sel)
+            d = json.loads((tmp_path / str(sel) / "adapter_config.json").read_text())
+            (tmp_path / str(sel) / "adapter_config.json").write_text(json.dumps({**d, "base_model_name_or_path": "org/m"}))
+    keys = {}
+    for sel in (False, True):
+        with safe_open(str(tmp_path / str(sel) / "adapter_model.safetensors"), "np") as f:
+            keys[sel] = {k for k in f.keys() if "token_adapter.trainable_tokens_delta" in k}
+    assert keys[False] == {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"}
+    assert keys[True] == keys[False] | {"base_model.model.lm_head.token_adapter.trainable_tokens_delta"}
+    _, params = jpeft.models.from_pretrained(folder, tie_word_embeddings=False)
+    with pytest.raises(BaseMismatchError, match=r"as PEFT saves them for a model whose lm_head is tied .* Load the base "
+                                                r"as its config.json says"):
+        H.load_peft(str(tmp_path / "True"), params)
+    ids, mask = tiny.batch(family, seed=3)
+    _, tied_ad = H.load_peft(str(tmp_path / "True"), base(family)[1])  # on the tied base: PEFT's numbers
     _close(family, _jpeft_logits_of(base(family)[0], base(family)[1], tied_ad, ids, mask),
            _torch_logits(pm.eval(), "LoRA list", family, ids, mask), mask)
 

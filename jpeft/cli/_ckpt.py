@@ -32,8 +32,10 @@ from jpeft import hf, io, scan
 from jpeft.checkpoint import CheckpointManager, FORMAT
 from jpeft.cli._common import say
 from jpeft.config import AdapterConfig
-from jpeft.errors import BaseMismatchError, CheckpointError, JpeftError, LoadError, ShapeMismatchError
+from jpeft.errors import (BaseMismatchError, CheckpointError, JpeftError, LoadError, ShapeMismatchError,
+                          UnsupportedAdapterError)
 from jpeft.io import read_json, verify_checksum
+from jpeft.models import loading
 
 ADAPTER_JSON = "jpeft_adapter.json"
 PEFT_JSON = "adapter_config.json"
@@ -94,17 +96,26 @@ _LM_HEAD_COPIES = ("weight", "base_layer.weight", "original_module.weight", "tok
 
 def adapts_lm_head(path: str) -> bool:
     """Whether the adapter at ``path`` is a PEFT folder holding weights for ``lm_head`` (a LoRA of
-    it, or ``modules_to_save=["lm_head"]``). On a base whose ``config.json`` ties ``lm_head`` to
-    the input embedding, PEFT computes such an adapter with an ``lm_head`` of its own, so the
-    commands read that base untied (``load_folder(untie=True)``: ``lm_head`` a copy of the
-    embedding, the same logits) and ``merge`` writes it untied, as PEFT's ``merge_and_unload()``
-    does."""
+    it, or ``modules_to_save=["lm_head"]``), or a jpeft adapter or checkpoint saved for a base
+    with an ``lm_head`` of its own (``jpeft train`` of such a method on a tied base reads it
+    untied). On a base whose ``config.json`` ties ``lm_head`` to the input embedding, PEFT
+    computes such an adapter with an ``lm_head`` of its own, so the commands read that base untied
+    (``load_folder(untie=True)``: ``lm_head`` a copy of the embedding, the same logits) and
+    ``merge`` writes it untied, as PEFT's ``merge_and_unload()`` does."""
     try:
         found = find_adapter(path)
     except JpeftError:  # no adapter there (or --model and --adapter swapped): the loaders name it, model first
         return False
+    if found.kind != "peft":
+        try:
+            base = (io.read_adapter_info(found.path).base if found.kind == "jpeft"
+                    else checkpoint_metadata(found.path).get("base"))
+            rows = base.get("params") if isinstance(base, dict) else None
+            return any(isinstance(r, list) and r and str(r[0]).split("/")[0] == "lm_head" for r in rows or ())
+        except JpeftError:  # a damaged file: the loader names it
+            return False
     weights = os.path.join(found.path, "adapter_model.safetensors")
-    if found.kind != "peft" or not os.path.isfile(weights):
+    if not os.path.isfile(weights):
         return False
     try:
         d = read_json(os.path.join(found.path, "adapter_config.json"))
@@ -119,6 +130,38 @@ def adapts_lm_head(path: str) -> bool:
     # trainable tokens PEFT shares between a tied lm_head and the embedding: those are read on the tied base
     return any(k.startswith("base_model.model.lm_head.") and k.split("lm_head.", 1)[1] not in _LM_HEAD_COPIES
                for k in keys)
+
+
+def untie_for(path: str, model: str) -> bool:
+    """Whether a command reads the base folder ``model`` untied (``load_folder(untie=True)``) for
+    the adapter at ``path``: it adapts ``lm_head`` (:func:`adapts_lm_head`) and ``model``'s
+    ``config.json`` ties ``lm_head`` to the input embedding.
+
+    Raises:
+      UnsupportedAdapterError: such a PEFT folder that also holds trainable tokens: PEFT applies
+        their rows in the tied ``lm_head`` under its adapter too, which the untied base does not
+        (its logits were 7 off PEFT's without a word).
+    """
+    if not adapts_lm_head(path):
+        return False
+    try:
+        tied = bool(getattr(loading.config_from_hf(loading.read_config(model)), "tie_word_embeddings", False))
+    except (JpeftError, TypeError, ValueError):  # a missing or broken config.json: the model's loader names it
+        return True
+    found = find_adapter(path)
+    if tied and found.kind == "peft":
+        try:
+            tokens = read_json(os.path.join(found.path, PEFT_JSON)).get("trainable_token_indices")
+        except (JpeftError, AttributeError):  # the adapter's loader names a broken file
+            tokens = None
+        if tokens:
+            raise UnsupportedAdapterError(
+                f"the PEFT adapter at {path!r} adapts lm_head (a LoRA of it, or modules_to_save) and holds trainable "
+                f"tokens ({tokens!r}) on a base whose config.json ties lm_head to the input embedding: PEFT applies "
+                "the token rows in the tied lm_head under its adapter too, which jpeft cannot compute (its lm_head, "
+                "read untied for the adapter, takes the embedding's rows only; the outputs would differ). Merge it with "
+                "PEFT (merge_and_unload()), or keep trainable tokens and an lm_head adapter in separate adapters.")
+    return tied
 
 
 def _warn_if_checkpoints_are_newer(run: str) -> None:

@@ -33,7 +33,7 @@ from jpeft.io import atomic_write, check_folder
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
-from jpeft.tree import host_array
+from jpeft.tree import host_array, matches
 from jpeft.validate import check_tokens
 
 
@@ -392,6 +392,61 @@ def _check_resumed_fingerprint(out_dir: str, before: dict, key: str, sha: str) -
         "model folder the run was started with, or start a new run in another output_dir.")
 
 
+def method_adapts_lm_head(method) -> bool:
+    """Whether the method config gives ``lm_head`` a site or a trained copy (``target_modules``
+    selecting it, ``modules_to_save=["lm_head"]``), which PEFT computes on a tied model with an
+    ``lm_head`` of its own; not with ``ensure_weight_tying``, where the embedding's site covers the
+    tied head (as :func:`jpeft.cli._ckpt.adapts_lm_head` reads a PEFT folder)."""
+    if getattr(method, "ensure_weight_tying", False):
+        return False
+    if any(str(m).replace("/", ".").split(".")[-1] == "lm_head" for m in getattr(method, "modules_to_save", None) or ()):
+        return True
+    targets = getattr(method, "target_modules", None)
+    if targets is None:
+        return False
+    selects = getattr(method, "selects", None)  # LoRA's exclude_modules / layers_to_transform narrow the match
+    return bool(selects("lm_head")) if callable(selects) else matches(targets, "lm_head")
+
+
+def untie_lm_head(cfg: dict, method, hf_config: dict) -> bool:
+    """Whether ``jpeft train`` reads the base untied (``load_folder(untie=True)``: ``lm_head`` a
+    copy of the input embedding, the same logits): ``[model] tie_word_embeddings = false``, or,
+    when the table leaves it out, a method that adapts ``lm_head`` of a tied ``config.json`` (as
+    PEFT unties it; a note says so). Refuses, before the model loads, what cannot be trained or
+    exported as asked.
+
+    Raises:
+      ConfigError: ``tie_word_embeddings = true`` on an untied checkpoint or with a method
+        adapting ``lm_head``; trainable tokens on a tied checkpoint read untied (PEFT applies
+        their rows in the tied ``lm_head`` too, jpeft's untied head would not)."""
+    want = cfg.get("tie_word_embeddings")
+    file_tied = bool(getattr(loading.config_from_hf(hf_config), "tie_word_embeddings", False))
+    heads = method_adapts_lm_head(method)
+    if want is True and not file_tied:
+        raise ConfigError(f"model.tie_word_embeddings = true, but {cfg['model']!r} has an lm_head of its own (its "
+                          "config.json does not tie it to the input embedding), which cannot be tied away. Drop the key.")
+    if not file_tied:
+        return False
+    if want is True and heads:
+        raise ConfigError("model.tie_word_embeddings = true, but the method adapts lm_head, which a tied model does "
+                          "not have (its logits come from the input embedding), while PEFT unties it. Drop the key (or "
+                          "set it to false) to train lm_head as PEFT does, or leave lm_head out of the method.")
+    untie = want is False or (want is None and heads)
+    if untie and getattr(method, "trainable_token_indices", None) is not None:
+        raise ConfigError(
+            f"trainable_token_indices on {cfg['model']!r} read untied ("
+            + ("model.tie_word_embeddings = false" if want is False else "the method adapts lm_head") +
+            "): config.json ties lm_head to the input embedding, where PEFT applies the token rows in lm_head too, "
+            "but jpeft's untied lm_head would not take them, so the exported adapter would give other outputs in "
+            "PEFT. Train the trainable tokens on the tied base (leave lm_head out of the method and drop "
+            "tie_word_embeddings = false), or train lm_head whole (modules_to_save = [\"lm_head\"]) without them.")
+    if untie and want is None:
+        _say("note: the method adapts lm_head, which config.json ties to the input embedding; the base is read with "
+             "an lm_head of its own (a copy of the embedding: the same logits), as PEFT unties it ([model] "
+             "tie_word_embeddings = false says so explicitly).")
+    return untie
+
+
 def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, progress: bool = True) -> dict:
     """Runs a resolved ``jpeft train`` config (see :mod:`jpeft.cli.train_cmd`) through
     :func:`jpeft.fit`."""
@@ -453,6 +508,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         saved = _read_saved_config(out_dir) if resume and has_ckpts else None
         # resolved once (its notes said once): the resume check compares it with the saved one
         method = method_of(cfg, hf_config.get("model_type"), saved)
+        untie = untie_lm_head(cfg, method, hf_config)  # before the model loads: the refusals and the note
         if saved is not None:
             _keep_unsaved_settings(out_dir, cfg, saved)
             _check_resumable(out_dir, cfg, saved, method)
@@ -463,7 +519,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         rules = jpeft.tensor_parallel_rules(stacked=scan) if mesh is not None and "tensor" in mesh.shape else None
         try:
             loaded = load_folder(cfg["model"], scan_layers=scan, mesh=mesh, rules=rules, quantize=cfg.get("quantize"),
-                                 dtype=t.get("dtype", "float32"))
+                                 dtype=t.get("dtype", "float32"), untie=untie)
         except ShardingError as e:
             if rules is None:
                 raise

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import quant
-from jpeft.cli._ckpt import load_adapter_with_base, note_quantized_training, residual_kind
+from jpeft.cli._ckpt import load_adapter_with_base, note_quantized_training, residual_kind, untie_for
 from jpeft.cli._common import require_causal_lm
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.cli._trainer import max_positions, canary_batches, check_seq_len, evaluate, make_logits_fn, make_loss_fns
@@ -87,7 +87,10 @@ def run(args) -> int:
     require_causal_lm(args.model, "eval")
     # a PiSSA/OLoRA PEFT folder applies to the residual of the full-precision weights: quantized after it is computed
     later = args.quantize if args.quantize and args.adapter and residual_kind(args.adapter) else None
-    loaded = load_folder(args.model, dtype=args.dtype, quantize=None if later else args.quantize)
+    # an adapter of lm_head (a PEFT folder's, or a run's trained on the base read untied) on a tied base: read it
+    # untied, lm_head a copy of the embedding, as PEFT computes it (the base's own loss is unchanged)
+    loaded = load_folder(args.model, dtype=args.dtype, quantize=None if later else args.quantize,
+                         untie=bool(args.adapter) and untie_for(args.adapter, args.model))
     encode, bos, eos = encode_fn(loaded.tokenizer)
     limit = max_positions(loaded.hf_config)
     adapter, extra, base = None, 0, loaded.params

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from jpeft import hf
-from jpeft.cli._ckpt import ADAPTER_JSON, adapts_lm_head, checkpoint_steps, load_adapter_with_base
+from jpeft.cli._ckpt import ADAPTER_JSON, checkpoint_steps, load_adapter_with_base, untie_for
 from jpeft.cli._model import example_ids, load_folder
 from jpeft.cli.merge_cmd import check_out
 from jpeft.errors import ConfigError, SaveError
@@ -52,7 +52,7 @@ def run(args) -> int:
                         + ("it instead of the exported PEFT files" if held.startswith("a jpeft") else
                            "the exported PEFT files instead of the run's adapter")
                         + " (--force does not allow it). Give a new folder for the output.")
-    loaded = load_folder(args.model, tokenizer=False, untie=adapts_lm_head(args.adapter))
+    loaded = load_folder(args.model, tokenizer=False, untie=untie_for(args.adapter, args.model))
     # a PiSSA/OLoRA PEFT folder: its sites keep their mark, so the export says init_lora_weights as the input did
     adapter, config, _ = load_adapter_with_base(args.adapter, params=loaded.params, model=loaded.model,
                                                 example=example_ids())

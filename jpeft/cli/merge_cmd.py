@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import jpeft
-from jpeft.cli._ckpt import adapts_lm_head, find_adapter, load_adapter_with_base, note_quantized_training, run_folder_of
+from jpeft.cli._ckpt import find_adapter, load_adapter_with_base, note_quantized_training, run_folder_of, untie_for
 from jpeft.cli._model import example_ids, load_folder, save_folder
 from jpeft.errors import SaveError
 from jpeft.io import check_folder
@@ -62,7 +62,7 @@ def check_out(out: str, force: bool, **inputs: str) -> None:
 def run(args) -> int:
     check_out(args.out, args.force, **{"--model": args.model, "--adapter": args.adapter})
     # save_folder copies the tokenizer files as they are; a PEFT folder adapting lm_head reads a tied base untied
-    loaded = load_folder(args.model, tokenizer=False, untie=adapts_lm_head(args.adapter))
+    loaded = load_folder(args.model, tokenizer=False, untie=untie_for(args.adapter, args.model))
     # a PiSSA/OLoRA PEFT folder applies to the residual base PEFT recomputes: merged into it, as merge_and_unload()
     adapter, config, base = load_adapter_with_base(args.adapter, params=loaded.params, model=loaded.model,
                                                    example=example_ids())

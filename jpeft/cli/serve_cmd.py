@@ -11,10 +11,10 @@ import jax
 
 import jpeft
 from jpeft.bank import AdapterBank, check_lora
-from jpeft.cli._ckpt import load_adapter, note_quantized_training
-from jpeft.cli._common import parse_targets
+from jpeft.cli._ckpt import load_adapter, note_quantized_training, untie_for
+from jpeft.cli._common import parse_targets, say
 from jpeft.cli._model import example_ids, load_folder
-from jpeft.errors import ConfigError, LoadError
+from jpeft.errors import BaseMismatchError, ConfigError, LoadError
 from jpeft.generate import as_eos_ids
 from jpeft.models import load_tokenizer
 from jpeft.serve.engine import Engine
@@ -133,8 +133,15 @@ def build(args):
     if args.adapters_root is not None and not os.path.isdir(args.adapters_root):
         raise LoadError(f"--adapters-root {args.adapters_root!r} is not a folder.")
     named = _parse_adapters(args.adapter)
-    loaded = load_folder(args.model, tokenizer=False, dtype=args.dtype)
+    # an adapter of lm_head on a tied base: the shared base is read untied (lm_head a copy of the embedding), which
+    # gives every other adapter and the base exactly the numbers of the tied model, for one vocab x hidden matrix more
+    heads = [n for n, p in named.items() if untie_for(p, args.model)]
+    loaded = load_folder(args.model, tokenizer=False, dtype=args.dtype, untie=bool(heads))
     model, params = loaded.model, loaded.params
+    if heads:
+        say(f"note: adapter(s) {', '.join(heads)} adapt lm_head, which config.json ties to the input embedding; the "
+            "shared base is read with an lm_head of its own (a copy of the embedding, as PEFT unties it: the same "
+            "outputs for the base and every other adapter, one vocab x hidden matrix more memory).")
     try:  # the API answers with text: without the folder's tokenizer every completion would be empty
         tok = load_tokenizer(args.model)
     except LoadError as e:
@@ -144,6 +151,12 @@ def build(args):
     def loader(path):
         note_quantized_training(path, None, "jpeft serve applies it to the full-precision base (it has no --quantize), "
                                 "so its outputs differ from the quantized training model's by the quantization error.")
+        if untie_for(path, args.model) and not heads:  # the shared base was read tied: it has no lm_head to adapt
+            raise BaseMismatchError(
+                f"the adapter at {path!r} adapts lm_head, which this server's base ties to the input embedding "
+                "(tie_word_embeddings) and holds no lm_head of its own. Restart jpeft serve with this adapter among "
+                "the --adapter ones: the shared base is then read with an lm_head of its own (a copy of the embedding, "
+                "the same outputs for every other adapter).")
         return load_adapter(path, params=params, model=model, example=example)[0]
 
     base = args.name or os.path.basename(os.path.normpath(args.model))

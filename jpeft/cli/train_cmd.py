@@ -67,6 +67,8 @@ model_dropout = true          # the model's own dropout in training steps, at it
 # [model]
 # path = "hf-folder"
 # quantize = "nf4"
+# tie_word_embeddings = false # a tied model (config.json) read with an lm_head of its own, a copy of
+#                             # the embedding; the default when the method adapts lm_head (as PEFT unties)
 
 [mesh]                        # optional; used when the run has more than one device or process
 data = 0                      # batch axis (0: every device not used by fsdp)
@@ -278,10 +280,14 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
             raise ConfigError(f"the config sets quantize = {cfg['quantize']!r} at the top level and a [model] table "
                               f"(quantize = {m.get('quantize')!r}); give the quantization once: in the [model] table "
                               "(--set model.quantize=...), or with model = \"hf-folder\" and a top-level quantize.")
-        unknown = sorted(set(m) - {"path", "quantize"})
+        unknown = sorted(set(m) - {"path", "quantize", "tie_word_embeddings"})
         if unknown or not isinstance(m.get("path"), str):
             raise ConfigError(f"[model] takes path = \"hf-folder\" and optionally quantize = \"nf4\" | \"int8\" | "
-                              f"\"fp8\"; found keys {sorted(m)}.")
+                              f"\"fp8\" and tie_word_embeddings = false; found keys {sorted(m)}.")
+        if "tie_word_embeddings" in m:
+            if not isinstance(m["tie_word_embeddings"], bool):  # "false" (a string) would read as true
+                raise ConfigError(f"model.tie_word_embeddings must be true or false, found {m['tie_word_embeddings']!r}.")
+            cfg["tie_word_embeddings"] = m["tie_word_embeddings"]
         cfg["quantize"] = m.get("quantize")
         cfg["model"] = m["path"]
     if cfg.get("quantize") is not None and cfg["quantize"] not in SCHEMES:

@@ -583,6 +583,16 @@ def _peft_patterns(config: LoraConfig, paths) -> LoraConfig:
 def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves, ctx: ImportContext) -> dict:
     """The TrainableTokens sites of a PEFT file (``...token_adapter.trainable_tokens_delta``)."""
     want = token_sites(config, leaves) if config.trainable_token_indices is not None else {}
+    heads = [p for p in values if p.split("/")[-1] == "lm_head" and p in leaves]
+    if heads and set(values) - set(heads) == set(want):
+        # save_embedding_layers=True on a tied model writes the rows PEFT shares with its tied lm_head there too
+        raise BaseMismatchError(
+            f"the adapter in {ctx.folder!r} also holds its trainable tokens at {hf_name(heads[0])!r}, as PEFT saves them "
+            "for a model whose lm_head is tied to the input embedding (it applies the rows there too), but this base "
+            "has an lm_head of its own (a tied checkpoint loaded with tie_word_embeddings=False?), where jpeft's tokens "
+            "would change the input lookup only: the outputs would differ. Load the base as its config.json says "
+            "(jpeft.models.from_pretrained(folder), tied) for this adapter."
+        )
     if set(want) != set(values):
         raise BaseMismatchError(
             f"the adapter in {ctx.folder!r} has trainable tokens for {sorted(hf_name(p) for p in values)}, but its "
