@@ -68,6 +68,7 @@ from jpeft.io import (
     check_base,
     check_index,
     leaf_names,
+    module_copies,
     np_dtype,
     read_json,
     safe_join,
@@ -76,6 +77,7 @@ from jpeft.io import (
     verify_checksum,
     with_checksum,
 )
+from jpeft.methods._common import head_copies, with_head_copies
 from jpeft.methods.base import split_frozen, trainable
 from jpeft.tree import host_array, is_typed_key, unwrap_params
 
@@ -789,6 +791,9 @@ class CheckpointManager:
         sites_config = self.config.trained_config(opt_state).saved_config(adapter)
         if sites_config != self.config:
             meta["sites_config"] = sites_config.to_dict()
+        copies = head_copies(self.config, adapter)  # SEQ_CLS's classifier copy, which the config does not make
+        if copies:
+            meta["module_copies"] = sorted(copies)
         if "opt_state" in arrays:
             meta["opt_state_kinds"] = optimizer_state_kinds(opt_state)
         try:
@@ -1056,6 +1061,9 @@ class CheckpointManager:
             sites = meta.get("sites_config")
             config = AdapterConfig.from_dict(sites) if isinstance(sites, dict) else self.config
             adapter = template_adapter(config, self.params, self.model, *self.example_args)
+            copies = module_copies(meta, where)
+            if copies:
+                adapter = with_head_copies(adapter, unwrap_params(self.params)[0], copies, where)
         if opt_state is None and self.optimizer is not None:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter)
             built = jax.eval_shape(self.optimizer.init, trainable(abstract))  # no state for frozen arrays

@@ -23,7 +23,6 @@ method: LoRA's format (with rsLoRA, rank_pattern, alpha_pattern, DoRA, and GPT-2
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -52,6 +51,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
 )
 from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
+from jpeft.methods._common import SEQ_CLS_HEADS as _SEQ_CLS_HEADS
+from jpeft.methods._common import has_modules_to_save, head_copies, saved_from_hf, saved_to_hf
 from jpeft.methods.base import FOREIGN_SITE_FIX, Method, foreign_site, method_for_peft_type, registered_methods
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys, peft_key,  # noqa: F401
                                split_peft_key, take_base_copies, take_embedding_copies, to_np)
@@ -76,14 +77,22 @@ _DEFAULT_TASK = {"decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
 
 
 def _base_kind(paths, params) -> Optional[str]:
-    """``"encoder"`` (BERT), ``"decoder"`` (Llama family, GPT-2) or ``None`` when neither the
-    params nor the adapter's site paths tell."""
-    roots = set(unwrap_params(params)[0]) if params is not None else {p.split("/")[0] for p in paths if p}
-    if roots & set(_ENCODER_ROOTS):
+    """``"encoder"`` (BERT, or the bare ``BertModel``'s params), ``"decoder"`` (Llama family,
+    GPT-2) or ``None`` when neither the params nor the adapter's site paths tell."""
+    inner = unwrap_params(params)[0] if params is not None else None
+    roots = set(inner) if inner is not None else {p.split("/")[0] for p in paths if p}
+    if roots & set(_ENCODER_ROOTS) or _is_bare_bert(inner):
         return "encoder"
     if roots & set(_DECODER_ROOTS):
         return "decoder"
     return None
+
+
+def _is_bare_bert(inner) -> bool:
+    """Whether ``inner`` are the params of the bare encoder ``jpeft.models.BertModel`` (``params['params']['bert']``,
+    PEFT's FEATURE_EXTRACTION base ``BertModel``): BERT's embeddings with token types beside an encoder."""
+    emb = inner.get("embeddings") if isinstance(inner, Mapping) else None
+    return isinstance(emb, Mapping) and "token_type_embeddings" in emb and "encoder" in inner
 
 
 def _task_type(config, paths, params, requested, fmt_choice) -> Optional[str]:
@@ -119,10 +128,6 @@ def _classifier_tensors(config, params, prefix: str) -> dict:
     return out
 
 
-# the classifier modules PEFT's SEQ_CLS keeps as modules to save (BERT's classifier, a decoder's score)
-_SEQ_CLS_HEADS = ("classifier", "score")
-
-
 def _refuse_classifier_sites(tensors: Mapping[str, Any]) -> None:
     """PEFT's SEQ_CLS wraps the classifier as a module to save (a full copy) and loads no adapter
     weights onto it: an adapter site on the classifier would be dropped by PEFT without a warning."""
@@ -138,25 +143,19 @@ def _refuse_classifier_sites(tensors: Mapping[str, Any]) -> None:
         )
 
 
-def _take_frozen_classifier(d: Mapping[str, Any], config_cls, tensors: dict, leaves, folder: str) -> None:
+def _take_classifier(d: Mapping[str, Any], config_cls, tensors: dict, leaves, folder: str, dtype) -> dict:
     """Removes from ``tensors`` the classifier a SEQ_CLS adapter file carries as PEFT's module to
-    save, after checking it equals the base's, for the methods that load no modules to save (a
-    trained copy or any other module to save is refused by name); LoRA keeps a copy its
-    ``modules_to_save`` names, which loads as a module to save (PEFT trains it)."""
+    save and returns it as the adapter's copy of the classifier (``{path: node}``, a site that
+    runs the module with the copy: PEFT trains it) for the methods whose config has no
+    ``modules_to_save``; LoRA's own format reads the copies its ``modules_to_save`` names (``{}``
+    here). A copy of a head the base lacks or any other module to save is refused by name
+    (another task's head: :func:`_refuse_other_task_heads`)."""
     mts = d.get("modules_to_save") or []
     prefix = _key_prefix(config_cls)
     keys = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] in
             {f"{m}.{t}" for m in _SEQ_CLS_HEADS for t in ("weight", "bias")}]
     if not mts and not keys:
-        return
-    if keys and d.get("task_type") == "TOKEN_CLS":  # PEFT's TOKEN_CLS saves the head as it saves SEQ_CLS's
-        raise UnsupportedAdapterError(
-            f"the adapter in {folder!r} has task_type='TOKEN_CLS' and carries its token-classification head "
-            f"({keys[0]!r}), a classifier of every token's hidden state; jpeft's models have no such head (BERT's "
-            "'classifier' reads the pooled first token), so loading the head there would give other logits. Load the "
-            "adapter on its ...ForTokenClassification model with transformers, or remove the head from the file (and "
-            "from modules_to_save) to load the encoder's adapter alone."
-        )
+        return {}
     absent = sorted({k[len(prefix):].split(".")[0] for k in keys} - set(leaves))
     if absent:  # a head of another model (a decoder's score): no module of the base to compare or copy it to
         raise UnsupportedAdapterError(
@@ -166,7 +165,7 @@ def _take_frozen_classifier(d: Mapping[str, Any], config_cls, tensors: dict, lea
             "BERT's head is 'classifier'. Load the adapter on its model with transformers, or train it in jpeft on a "
             "base jpeft has."
         )
-    if "modules_to_save" in {f.name for f in dataclasses.fields(config_cls)}:
+    if has_modules_to_save(config_cls):
         # a method that loads modules_to_save (LoRA): a copy they name is one PEFT trains (SEQ_CLS names the
         # classifier), so it loads as a module to save even while it still equals the base's, as PEFT's
         # training would move it; one it does not name is PEFT's frozen copy, dropped after the check
@@ -174,28 +173,28 @@ def _take_frozen_classifier(d: Mapping[str, Any], config_cls, tensors: dict, lea
                 and _equals_base_classifier(k[len(prefix):], tensors[k], leaves.get("classifier", {}))]
         for k in keys:
             del tensors[k]
-        return
+        return {}
     if not set(mts) <= set(_SEQ_CLS_HEADS):
         raise UnsupportedAdapterError(
-            f"the adapter in {folder!r} has modules_to_save={list(mts)} (trainable full copies of modules), which jpeft "
-            "does not load; only SEQ_CLS's untrained classifier copy is accepted."
+            f"the {d.get('peft_type')} adapter in {folder!r} has modules_to_save={list(mts)} (trainable full copies of "
+            f"modules), which jpeft loads for this method only as SEQ_CLS's classifier copy {list(_SEQ_CLS_HEADS)}; "
+            "use LoRA (whose modules_to_save jpeft loads for any module) for the others."
         )
-    own = leaves.get("classifier", {})
-    for k in keys:
-        name = k[len(prefix):]
-        if not _equals_base_classifier(name, tensors[k], own):
-            raise UnsupportedAdapterError(
-                f"the adapter in {folder!r} carries a trained copy of {name.rsplit('.', 1)[0]!r} (modules_to_save), which "
-                "jpeft does not load; it differs from the base's. Only adapters that leave the classifier frozen load."
-            )
-        del tensors[k]
-    if mts:
-        warnings.warn(
-            f"the {d.get('peft_type')} adapter in {folder!r} names {list(mts)} in modules_to_save, a copy PEFT trains "
-            "beside the adapter; jpeft loads this method without modules to save, so the model uses the base's "
-            "classifier (the same outputs now) and training it in jpeft leaves the classifier frozen, where PEFT's "
-            "training would update it. Use LoRA (whose modules_to_save jpeft trains) to train the classifier too.",
-            UserWarning, stacklevel=3)
+    out = {}
+    for head in sorted({k[len(prefix):].split(".")[0] for k in keys}):
+        own = {k[len(prefix) + len(head) + 1:]: tensors.pop(k) for k in list(keys) if k[len(prefix):].split(".")[0] == head}
+        if head in mts or d.get("task_type") == "SEQ_CLS":  # PEFT's module to save, which it trains: trained or not
+            out[head] = saved_from_hf(head, own, leaves[head], folder, dtype)
+            continue
+        for name, x in own.items():  # not a module to save: PEFT loads it onto the base's head, so it must be that
+            if not _equals_base_classifier(f"{head}.{name}", x, leaves.get("classifier", {})):
+                raise UnsupportedAdapterError(
+                    f"the adapter in {folder!r} carries {head}.{name}, which differs from the base's, but names no "
+                    f"module to save (modules_to_save={list(mts)}, task_type={d.get('task_type')!r}): PEFT would "
+                    "overwrite the base's head with it. Add it to modules_to_save (or set task_type 'SEQ_CLS') in "
+                    "adapter_config.json, or load the adapter on the base it was trained with."
+                )
+    return out
 
 
 def _equals_base_classifier(name: str, x: np.ndarray, own) -> bool:
@@ -245,6 +244,13 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
             f"no Hugging Face PEFT format is registered for peft_type {config.peft_type!r}; supported: "
             f"{supported_peft_types()}."
         )
+    # a method without modules_to_save of its own: its copy of the classifier (loaded from a SEQ_CLS file) is
+    # written as that copy, in a SEQ_CLS file ("auto" picks it); any other full copy is foreign to the method
+    heads = head_copies(config, adapter)
+    if heads:
+        adapter = {p: n for p, n in adapter.items() if p not in heads}
+        if task_type == "auto" and getattr(config, "task_type", None) is None:
+            task_type = "SEQ_CLS"
     foreign = foreign_site(config, adapter)
     if foreign is not None:
         raise UnsupportedAdapterError(f"save_peft: {foreign}; PEFT would rebuild it as another method. {FOREIGN_SITE_FIX}")
@@ -264,6 +270,12 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
         fan_in_fan_out = any(conv)
     # "auto": the config's own choice (prefix/prompt tuning configs may carry one) or the base's default
     task = _task_type(config, paths, params, task_type, getattr(config, "task_type", None))
+    if heads and task != "SEQ_CLS":
+        raise UnsupportedAdapterError(
+            f"the {config.peft_type} adapter holds a trained copy of {sorted(heads)} (PEFT's SEQ_CLS module to save), "
+            f"which PEFT loads for this method with task_type 'SEQ_CLS' only; found task_type={task!r}. Save with "
+            "task_type='SEQ_CLS' (or 'auto'). Nothing was written."
+        )
     d, tensors = fmt.to_hf(config, adapter, ExportContext(bool(fan_in_fan_out), _local_hf_config(base_model_name_or_path)))
     d = dict(d)
     d["peft_type"] = config.peft_type
@@ -271,8 +283,11 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
     d["task_type"] = task
     if d["task_type"] == "SEQ_CLS":
         _refuse_classifier_sites(tensors)
-        # a trained copy of the classifier (LoRA's modules_to_save) wins over the base's
-        tensors = dict(_classifier_tensors(config, params, _key_prefix(type(config))), **tensors)
+        prefix = _key_prefix(type(config))
+        copies = {prefix + k[len(PEFT_PREFIX):]: v for p, n in heads.items() for k, v in saved_to_hf(p, n).items()}
+        # a trained copy of the classifier (LoRA's modules_to_save, another method's copy) wins over the base's
+        base = {} if "classifier" in heads else _classifier_tensors(config, params, prefix)
+        tensors = dict(base, **copies, **tensors)
         d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + list(_SEQ_CLS_HEADS)))
     d.setdefault("inference_mode", True)
     d.setdefault("revision", None)
@@ -457,6 +472,66 @@ _UNSUPPORTED_HINTS = {
 }
 
 
+# the head PEFT keeps as a module to save for the task types whose model jpeft has no head of: (what it is, the
+# transformers class it belongs to)
+_OTHER_TASK_HEADS = {
+    "TOKEN_CLS": ("classifier", "token-classification head, a classifier of every token's hidden state (BERT's "
+                  "'classifier' in jpeft reads the pooled first token)", "ForTokenClassification"),
+    "QUESTION_ANS": ("qa_outputs", "question-answering head, the start/end logits of every token",
+                     "ForQuestionAnswering"),
+}
+
+
+def _refuse_other_task_heads(d: Mapping[str, Any], config_cls, tensors: Mapping[str, Any], folder: str) -> None:
+    """A TOKEN_CLS or QUESTION_ANS adapter that carries (or names as a module to save) its model's
+    head: jpeft's models have no such head, so it is refused by name before anything loads
+    (TOKEN_CLS's head has the sequence classifier's name and shape and would load as it)."""
+    task = d.get("task_type")
+    if task not in _OTHER_TASK_HEADS:
+        return
+    head, what, cls = _OTHER_TASK_HEADS[task]
+    prefix = _key_prefix(config_cls)
+    names = {head} | {m for m in (d.get("modules_to_save") or []) if isinstance(m, str)}
+    keys = sorted(k for k in tensors if k.startswith(prefix) and any(k[len(prefix):].startswith(f"{n}.") for n in names))
+    if not keys and head not in (d.get("modules_to_save") or []):
+        return  # the encoder's adapter alone (the head removed from the file): it loads as any other
+    raise UnsupportedAdapterError(
+        f"the adapter in {folder!r} has task_type={task!r} and carries its {what} "
+        f"({keys[0] if keys else 'modules_to_save ' + repr(head)!r}); jpeft's models have no such head: they are BERT "
+        "with its sequence classifier (task_type 'SEQ_CLS'; 'FEATURE_EXTRACTION' or none for the encoder, whose "
+        "hidden states jpeft.models.BertModel gives) and the causal language models ('CAUSAL_LM'), so the head would "
+        f"give other outputs than the adapter's model. Load the adapter on its ...{cls} model with transformers, or "
+        "remove the head from the file (and from modules_to_save) to load the encoder's adapter alone."
+    )
+
+
+# jpeft's task models and the bare base inside each (its root in the params, as PEFT keys an adapter made on it)
+_BARE_BASES = {"bert": "BertModel", "model": "LlamaModel", "transformer": "GPT2Model"}
+
+
+def _refuse_bare_base_keys(tensors: Mapping[str, Any], inner, folder: str) -> None:
+    """An adapter PEFT saved on a bare base (``BertModel``, ``LlamaModel``, ``GPT2Model``: keys
+    without ``bert.`` / ``model.`` / ``transformer.``), read for a task model's params: every key
+    would miss, and PEFT itself would load none of them on the task model; refused by name with
+    the bare module and its params, on which the adapter loads as PEFT applies it."""
+    if not isinstance(inner, Mapping):
+        return
+    file_roots = {k[len(PEFT_PREFIX):].split(".")[0] for k in tensors if k.startswith(PEFT_PREFIX)}
+    if not file_roots or file_roots & {hf_name(r).split(".")[0] for r in inner}:
+        return
+    for root, bare in _BARE_BASES.items():
+        sub = inner.get(root)
+        if isinstance(sub, Mapping) and file_roots <= {hf_name(r).split(".")[0] for r in sub}:
+            raise BaseMismatchError(
+                f"the adapter in {folder!r} was saved by PEFT on the bare base ({bare}: its keys start with "
+                f"{sorted(file_roots)}, without the {root + '.'!r} of these params' model), so none of its keys names "
+                f"a module of this model (PEFT would not load them on it either). Load it on the bare model, as it was "
+                f"made: bare = jpeft.models.{bare}(model.config); bare_params = {{'params': params['params'][{root!r}]}}; "
+                "load_peft(path, bare_params); jpeft.apply(bare, bare_params, adapter, ...)"
+                + (" returns (last_hidden_state, pooled), PEFT's FEATURE_EXTRACTION outputs." if root == "bert" else ".")
+            )
+
+
 def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     """The parsing behind :func:`load_peft` and :func:`load_peft_with_base` (see there)."""
     d = read_peft_config(path)
@@ -513,7 +588,10 @@ def _key_prefix(config_cls) -> str:
 
 
 def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype):
-    _take_frozen_classifier(d, fmt.config, tensors, module_leaves(inner), path)  # SEQ_CLS's copy of the base's classifier
+    _refuse_other_task_heads(d, fmt.config, tensors, path)
+    _refuse_bare_base_keys(tensors, inner, path)
+    # SEQ_CLS's classifier copy: a site of its own for a method without modules_to_save (LoRA's from_hf reads it)
+    heads = _take_classifier(d, fmt.config, tensors, module_leaves(inner), path, dtype)
     n_scanned = scan.num_stacked_layers(inner)
     unrolled = None
     if n_scanned is not None:  # a layer-scanned base: read per layer, then stack (jpeft.scan)
@@ -530,9 +608,10 @@ def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype):
     if n_scanned is not None:
         ctx = ImportContext(module_leaves(unrolled), path, dtype, hf_config)
         config, adapter = fmt.from_hf(d, tensors, {"params": unrolled}, ctx)
-        return config, scan.stack_adapter(adapter, n_scanned)
+        return config, {**scan.stack_adapter(adapter, n_scanned), **heads}
     ctx = ImportContext(module_leaves(inner), path, dtype, hf_config)
-    return fmt.from_hf(d, tensors, params, ctx)
+    config, adapter = fmt.from_hf(d, tensors, params, ctx)
+    return config, {**adapter, **heads}
 
 
 def _peft_base_config(d) -> Optional[dict]:

@@ -63,6 +63,7 @@ from jpeft.errors import (
     ShapeMismatchError,
     UnsafeFileError,
 )
+from jpeft.methods._common import head_copies, with_head_copies
 from jpeft.methods.base import FOREIGN_SITE_FIX, foreign_site
 from jpeft.tree import host_array, path_str, unwrap_params
 
@@ -898,6 +899,8 @@ class AdapterInfo:
       nbytes: bytes of the adapter arrays.
       jpeft_version: the jpeft version that wrote it.
       metadata: the user's own ``metadata`` dict given to :func:`save_adapter`.
+      module_copies: paths of the module copies the adapter holds beside its method's sites
+        (SEQ_CLS's classifier copy of a method without ``modules_to_save``, read from a PEFT file).
     """
 
     path: Path
@@ -908,6 +911,7 @@ class AdapterInfo:
     nbytes: int
     jpeft_version: str
     metadata: dict
+    module_copies: tuple = ()
 
 
 def _resolve_adapter_dir(path) -> Path:
@@ -973,8 +977,17 @@ def _parse_info(p: Path) -> tuple[AdapterInfo, dict]:
     arrays = {k: (tuple(e["shape"]), e["dtype"]) for k, e in index.items()}
     num = sum(math.prod(s) for s, _ in arrays.values())
     nbytes = sum(math.prod(s) * np.dtype(np_dtype(dt)).itemsize for s, dt in arrays.values())
-    info = AdapterInfo(p, config, base, arrays, int(num), int(nbytes), str(d.get("jpeft_version", "?")), meta)
+    copies = module_copies(d, where)
+    info = AdapterInfo(p, config, base, arrays, int(num), int(nbytes), str(d.get("jpeft_version", "?")), meta, copies)
     return info, index
+
+
+def module_copies(meta: Mapping[str, Any], where: str) -> tuple:
+    """The ``module_copies`` a writer recorded in ``meta`` (:func:`jpeft.methods._common.head_copies`), checked."""
+    copies = meta.get("module_copies", [])
+    if not isinstance(copies, list) or not all(isinstance(c, str) for c in copies):
+        raise CheckpointError(f"{where}: 'module_copies' must be a list of module paths, found {str(copies)[:80]!r}.")
+    return tuple(copies)
 
 
 def read_adapter_info(path) -> AdapterInfo:
@@ -1050,7 +1063,9 @@ def save_adapter(
         raise ConfigError(f"save_adapter expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
     if not isinstance(adapter, Mapping) or not adapter:
         raise ConfigError(f"save_adapter expects the adapter dict {{module_path: node}} from jpeft.init, found {type(adapter).__name__}.")
-    foreign = foreign_site(config, adapter)  # load_adapter rebuilds the sites with jpeft.init(config)
+    # SEQ_CLS's classifier copy beside a method without modules_to_save (from jpeft.hf.load_peft): recorded by path
+    copies = head_copies(config, adapter)
+    foreign = foreign_site(config, {p: n for p, n in adapter.items() if p not in copies})  # load_adapter: jpeft.init(config)
     if foreign is not None:
         raise ConfigError(f"save_adapter: {foreign}, which load_adapter could not rebuild. {FOREIGN_SITE_FIX}")
     # the config load_adapter rebuilds these sites from (LoRA: init set to the sites' residual base)
@@ -1073,6 +1088,8 @@ def save_adapter(
         "arrays": index,
         "metadata": dict(metadata or {}),
     }
+    if copies:
+        meta["module_copies"] = sorted(copies)
     try:
         # not sort_keys: rank_pattern / alpha_pattern take the first matching key, so their order is meaning
         # (the checksum is computed over the canonical, sorted form)
@@ -1187,6 +1204,8 @@ def _load_adapter(path, params, model, model_args, base_config, allow_base_misma
         template = template_adapter(info.config, params, model, *model_args, **model_kwargs)
     except JpeftError:
         raise
+    if info.module_copies:
+        template = with_head_copies(template, unwrap_params(params)[0], info.module_copies, str(p))
     # Names and shapes are checked against the config's template and the metadata index before
     # any tensor data is read: a header declaring a 1 GiB tensor in a sparse file costs nothing.
     fill_template(template, {k: jax.ShapeDtypeStruct(tuple(e["shape"]), np_dtype(e["dtype"])) for k, e in index.items()},

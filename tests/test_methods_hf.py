@@ -3,6 +3,7 @@ real ``peft`` package on tiny randomly initialised transformers models: adapters
 load in peft and adapters saved by peft load in jpeft, with logits equal to 1e-4."""
 
 import copy
+import json
 import os
 import sys
 
@@ -245,11 +246,9 @@ def test_bert_task_types_load_in_peft(method, task, written, tmp_path):
     j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
     t = _torch_logits(pm, ids, mask, with_positions=False)
     np.testing.assert_allclose(np.asarray(j), t, rtol=1e-4, atol=1e-4)
-    if method == "prompt" and task == "SEQ_CLS":  # PEFT trains the classifier copy it names; jpeft's prompt tuning cannot
-        with pytest.warns(UserWarning, match=r"names \['classifier', 'score'\] in modules_to_save.*leaves the classifier frozen"):
-            _, ad2 = load_peft(str(tmp_path), params)
-    else:
-        _, ad2 = load_peft(str(tmp_path), params)
+    _, ad2 = load_peft(str(tmp_path), params)
+    # SEQ_CLS: PEFT trains the classifier copy it names, so jpeft loads it as the adapter's copy, for every method
+    assert isinstance(ad2.get("classifier"), jpeft.SavedModule) == (task == "SEQ_CLS")
     np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, ad2, jnp.asarray(ids), jnp.asarray(mask))), np.asarray(j),
                                rtol=1e-5, atol=1e-5)
 
@@ -368,6 +367,56 @@ def test_trained_classifier_copy_loads_as_module_to_save(tmp_path):
     np.testing.assert_allclose(_torch_logits(pm2, ids, mask, with_positions=False), t, rtol=1e-4, atol=1e-4)
 
 
+SEQ_CLS_METHODS = {
+    "ia3": lambda: peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"],
+                                  task_type="SEQ_CLS"),
+    "loha": lambda: peft.LoHaConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    "lokr": lambda: peft.LoKrConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    "adalora": lambda: peft.AdaLoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS", total_step=10),
+    "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=T, task_type="SEQ_CLS"),
+    "ln_tuning": lambda: peft.LNTuningConfig(target_modules=["LayerNorm"], task_type="SEQ_CLS"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SEQ_CLS_METHODS))
+def test_seq_cls_classifier_copy_of_every_method_round_trips_with_peft(method, tmp_path):
+    """PEFT's SEQ_CLS trains a copy of BERT's classifier (modules_to_save) for every method; jpeft
+    loaded it for LoRA only and refused the other methods' files ("a trained copy of 'classifier'
+    ... which jpeft does not load"). Every trainable PEFT tensor random, the classifier copy too:
+    jpeft's logits equal PEFT's; changed in jpeft and saved back, PEFT's logits equal jpeft's."""
+    hf, _ = tiny.hf_model("bert")
+    pm = peft.get_peft_model(copy.deepcopy(hf), SEQ_CLS_METHODS[method]())
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad:  # the classifier copy, and IA3's / LN tuning's scales away from their init
+                p.copy_(0.3 * torch.randn(p.shape, generator=g) + (1.0 if "ia3_l" in name else 0.0))
+    pm.eval().save_pretrained(str(tmp_path / "a"))
+    ids, mask = tiny.batch("bert")
+    model, params = _jpeft_base("bert")
+    cfg, ad = load_peft(str(tmp_path / "a"), params)
+    assert isinstance(ad["classifier"], jpeft.SavedModule)
+    t = _torch_logits(pm, ids, mask, with_positions=False)
+    assert np.abs(t - _torch_logits(hf, ids, mask, with_positions=False)).max() > 1e-2
+    j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(j), t, rtol=1e-4, atol=1e-4)
+    # as after more training in jpeft: every array moves, the classifier copy too (VeRA's shared projections
+    # are not trained)
+    train, frozen = jpeft.split_frozen(ad)
+    ad2 = jpeft.join_frozen(_perturb(train, jax.random.key(2)), frozen)
+    save_peft(str(tmp_path / "b"), cfg, ad2, params=params)  # "auto": SEQ_CLS, as the adapter carries the copy
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "b")).eval()
+    j2 = jpeft.apply(model, params, ad2, jnp.asarray(ids), jnp.asarray(mask))
+    assert np.abs(np.asarray(j2) - np.asarray(j)).max() > 1e-2
+    np.testing.assert_allclose(_torch_logits(pm2, ids, mask, with_positions=False), np.asarray(j2), rtol=1e-4, atol=1e-4)
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="task_type 'SEQ_CLS' only; found task_type='FEATURE_EXTRACTION'"):
+        save_peft(str(tmp_path / "c"), cfg, ad2, params=params, task_type="FEATURE_EXTRACTION")
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
 def test_seq_cls_adapter_of_a_decoder_is_refused_as_a_head_jpeft_lacks(method, tmp_path):
     """A PEFT SEQ_CLS adapter trained on MistralForSequenceClassification carries its ``score``
@@ -411,6 +460,79 @@ def test_token_classification_adapter_is_refused_not_loaded_as_the_sequence_head
     pm.save_pretrained(str(tmp_path))
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="task_type='TOKEN_CLS'.*no such head"):
         load_peft(str(tmp_path), params)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_question_answering_adapter_is_refused_by_name(method, tmp_path):
+    """PEFT's QUESTION_ANS keeps BertForQuestionAnswering's ``qa_outputs`` as a module to save;
+    jpeft's models have no such head. LoRA's file failed as a key mismatch ("trained on another
+    model?"), the others' as modules_to_save jpeft does not load: now one refusal names the task
+    type and what jpeft supports."""
+    import transformers
+
+    hf, _ = tiny.hf_model("bert")
+    _, params = _jpeft_base("bert")
+    qa = transformers.BertForQuestionAnswering(hf.config)
+    qa.load_state_dict({k: v for k, v in hf.state_dict().items() if ".pooler." not in k and k.startswith("bert.")},
+                       strict=False)
+    make = {"lora": lambda: peft.LoraConfig(r=2, target_modules=["query"], task_type="QUESTION_ANS", init_lora_weights=False),
+            "ia3": lambda: peft.IA3Config(target_modules=["key"], feedforward_modules=[], task_type="QUESTION_ANS"),
+            "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=T, task_type="QUESTION_ANS")}
+    torch.manual_seed(0)
+    peft.get_peft_model(qa, make[method]()).save_pretrained(str(tmp_path))
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError,
+                       match=r"task_type='QUESTION_ANS'.*question-answering head.*qa_outputs.*no such head.*SEQ_CLS"):
+        load_peft(str(tmp_path), params)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
+def test_feature_extraction_on_bare_bert_model_matches_peft_both_ways(method, tmp_path):
+    """PEFT's FEATURE_EXTRACTION adapter of a bare ``BertModel`` (every adapter tensor random)
+    loads on jpeft.models.BertModel with the encoder's params and gives PEFT's last_hidden_state.
+    Loaded on the sequence classifier's params it failed as a key mismatch ("trained on another
+    model?"): now the refusal says how to load it. Saved from jpeft on the bare params, prompt
+    tuning was written as CAUSAL_LM, which PEFT cannot build on BertModel (AttributeError)."""
+    import transformers
+
+    hf, _ = tiny.hf_model("bert")
+    bare = transformers.BertModel(hf.config)
+    bare.load_state_dict({k[len("bert."):]: v for k, v in hf.state_dict().items() if k.startswith("bert.")})
+    make = {"lora": lambda: peft.LoraConfig(r=2, target_modules=["query", "value"], task_type="FEATURE_EXTRACTION"),
+            "ia3": lambda: peft.IA3Config(target_modules=["key", "output.dense"], feedforward_modules=["output.dense"],
+                                          task_type="FEATURE_EXTRACTION"),
+            "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=T, task_type="FEATURE_EXTRACTION")}
+    pm = peft.get_peft_model(copy.deepcopy(bare), make[method]())
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    pm.eval().save_pretrained(str(tmp_path / "a"))
+    ids, mask = tiny.batch("bert")
+    rows = mask.astype(bool)
+
+    def hidden(m, lead=T if method == "prompt" else 0):  # PEFT's output keeps the virtual tokens' states first
+        with torch.no_grad():
+            return m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()[:, lead:]
+
+    model, params = _jpeft_base("bert")
+    if method != "prompt":  # prompt tuning has no module keys: it loads on either
+        with pytest.raises(jpeft.errors.BaseMismatchError, match=r"saved by PEFT on the bare base \(BertModel.*jpeft.models.BertModel"):
+            load_peft(str(tmp_path / "a"), params)
+    encoder, enc_params = jpeft.models.BertModel(model.config), {"params": params["params"]["bert"]}
+    cfg, ad = load_peft(str(tmp_path / "a"), enc_params)
+    t = hidden(pm)
+    assert np.abs(t - hidden(bare.eval(), 0))[rows].max() > 1e-2
+    h, _ = jpeft.apply(encoder, enc_params, ad, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(h)[rows], t[rows], rtol=1e-4, atol=1e-4)
+    ad2 = _perturb(ad, jax.random.key(3))
+    if method == "prompt":  # as made in jpeft: no task type of its own, so "auto" chooses it from the params
+        cfg = jpeft.PromptTuningConfig(num_virtual_tokens=T)
+    save_peft(str(tmp_path / "b"), cfg, ad2, params=enc_params)
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(bare), str(tmp_path / "b")).eval()
+    h2, _ = jpeft.apply(encoder, enc_params, ad2, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(hidden(pm2)[rows], np.asarray(h2)[rows], rtol=1e-4, atol=1e-4)
 
 
 def test_every_key_the_installed_peft_writes_is_known_and_an_unknown_one_warns(tmp_path):

@@ -159,3 +159,45 @@ def test_jpeft_paths_name_the_same_modules_as_dotted_names():
     assert isinstance(made["path"]["layers_0/norm"], jpeft.SavedModule)
     for a, b in zip(jax.tree.leaves(made["path"]), jax.tree.leaves(made["dotted"])):
         np.testing.assert_array_equal(a, b)
+
+
+class Classifier(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="classifier")(nn.relu(nn.Dense(6, name="d")(x)))
+
+
+@pytest.mark.parametrize("method", ["ia3", "vera"])
+def test_classifier_copy_beside_another_method_saves_and_restores(method, tmp_path):
+    """jpeft.hf.load_peft gives the adapter of any method SEQ_CLS's classifier copy (a SavedModule
+    at ``classifier``, which PEFT trains); jpeft's own format rebuilds only the sites the config
+    makes, so save_adapter refused such an adapter and a checkpoint of it restored only with the
+    adapter as template. The copy's path is recorded, and both load it back as it was."""
+    import optax
+
+    from jpeft.checkpoint import CheckpointManager
+
+    model = Classifier()
+    params = model.init(jax.random.key(1), X)
+    cfg = (jpeft.IA3Config(target_modules=["d"], feedforward_modules=[]) if method == "ia3"
+           else jpeft.VeraConfig(r=2, target_modules=["d"]))
+    train, frozen = jpeft.split_frozen(jpeft.init(cfg, params, jax.random.key(2)))
+    leaves, tdef = jax.tree.flatten(train)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    ad = jpeft.join_frozen(jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]),
+                           frozen)
+    plain = jpeft.apply(model, params, ad, X)
+    ad["classifier"] = jpeft.SavedModule(jax.tree.map(lambda x: x + 0.5, dict(params["params"]["classifier"])))
+    want = jpeft.apply(model, params, ad, X)
+    assert np.abs(np.asarray(want - plain)).max() > 0.1
+    d = jpeft.save_adapter(tmp_path / "a", cfg, ad, params=params)
+    assert jpeft.read_adapter_info(d).module_copies == ("classifier",)
+    _, loaded = jpeft.load_adapter(d, params)
+    assert isinstance(loaded["classifier"], jpeft.SavedModule)
+    np.testing.assert_allclose(jpeft.apply(model, params, loaded, X), want, rtol=1e-6, atol=1e-6)
+    opt = optax.adam(1e-3)
+    mngr = CheckpointManager(tmp_path / "c", cfg, params, optimizer=opt)
+    mngr.save(1, ad, opt.init(jpeft.trainable(ad)))
+    mngr.close()
+    state = CheckpointManager(tmp_path / "c", cfg, params, optimizer=opt).restore(1)
+    np.testing.assert_allclose(jpeft.apply(model, params, state.adapter, X), want, rtol=1e-6, atol=1e-6)

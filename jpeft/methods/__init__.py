@@ -16,7 +16,8 @@ consumer). Importing any part of jpeft imports this package first (``jpeft/__ini
 does), so every method is registered before any jpeft code runs.
 """
 
-from jpeft.methods.lora import LoraConfig, LoraWeights, SavedModule, TrainableTokens
+from jpeft.methods._common import SavedModule
+from jpeft.methods.lora import LoraConfig, LoraWeights, TrainableTokens
 from jpeft.methods import lora_hf  # noqa: F401  (LoRA's PEFT format and its registration)
 from jpeft.methods.ia3 import IA3Config, IA3Weights
 from jpeft.methods.loha import LoHaConfig

@@ -4,19 +4,27 @@ module's input through an ``[in, k]`` matrix and a ``[k, out]`` matrix back to t
 output shape for each :class:`~jpeft.methods.base.Kind` of layout (:func:`down_project`,
 :func:`up_project`), and broadcasting per-feature vectors against a module's input or output
 without implicit rank promotion. A method writes its math on ``[in, out]`` matrices and lets
-these helpers handle dense, dense_general, conv, einsum and embed modules."""
+these helpers handle dense, dense_general, conv, einsum and embed modules.
+
+Also the one node every method's adapter may hold: :class:`SavedModule`, a trainable full copy
+of a module (PEFT's ``modules_to_save``: LoRA's option, and SEQ_CLS's classifier copy that
+:mod:`jpeft.hf` reads and writes beside any method's sites), with its PEFT keys."""
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, ClassVar, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject
-from jpeft.errors import UnsupportedModuleError
-from jpeft.methods.base import Kind, Layout
-from jpeft.tree import module_leaves
+from jpeft.errors import (BaseMismatchError, CheckpointError, NotInvertibleError, NotMergeableError, ShapeMismatchError,
+                          UnsupportedAdapterError, UnsupportedModuleError)
+from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, static_field
+from jpeft.peft_format import CONV1D, peft_key, to_np
+from jpeft.tree import hf_name, module_leaves
 
 
 def master_copy(x):
@@ -189,3 +197,170 @@ def up_project(h, b, lay: Layout):
         return jnp.einsum(f"{batch}{free},{free}{out_letters}->{out}", h, bk)
     d = h @ b
     return d.reshape(d.shape[:-1] + tuple(lay.out_dims))
+
+
+# -- modules_to_save: a trainable full copy of a module ------------------------------------------
+
+def _same_shapes(a, b) -> bool:
+    sa = jax.tree.map(lambda x: tuple(x.shape), dict(a))
+    sb = jax.tree.map(lambda x: tuple(x.shape), dict(b))
+    return jax.tree.structure(sa) == jax.tree.structure(sb) and jax.tree.leaves(sa) == jax.tree.leaves(sb)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SavedModule(Site):
+    """One of ``LoraConfig.modules_to_save``: a trainable full copy of a module's parameters
+    (Hugging Face PEFT's ``ModulesToSaveWrapper``), or with ``LoraConfig(bias="all")`` a copy of
+    just its ``bias``. The module runs with ``params`` in place of its own;
+    :func:`jpeft.merge` writes the copy into the base (not invertible).
+
+    For an embedding, ``tied_output`` says whether the model also reads it as its tied output
+    projection (``attend``; ``None``: unknown) and ``tie_output`` whether the copy acts there
+    too (``LoraConfig(ensure_weight_tying=True)``, PEFT's copy shared with ``lm_head``); by
+    default the copy changes the input lookup only, as PEFT's, and such a copy of a tied
+    embedding is not merged (the shared weight would change the output projection too)."""
+
+    params: Any
+    tie_output: bool = static_field(default=False)
+    tied_output: Optional[bool] = static_field(default=None)
+
+    site: ClassVar[str] = "linear"
+    mergeable: ClassVar[bool] = True
+
+    def handles(self, method_name: str) -> bool:
+        return method_name == "__call__" or (method_name == "attend" and bool(self.tie_output))
+
+    def added_params(self, trainable) -> int:
+        # a bias-only copy (LoraConfig.bias="all") is the base's bias, which PEFT trains in place; a module's full
+        # copy (modules_to_save) sits beside its original, and PEFT counts both
+        return 0 if set(self.params) == {"bias"} else super().added_params(trainable)
+
+    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
+        own = {k: v for k, v in dict(own).items() if k in self.params}  # a bias-only copy (LoraConfig.bias='all')
+        if not _same_shapes(own, self.params):
+            raise ShapeMismatchError(
+                f"the saved copy of module {path!r} (modules_to_save) has parameters "
+                f"{jax.tree.map(lambda x: tuple(x.shape), dict(self.params))}, the model's module has "
+                f"{jax.tree.map(lambda x: tuple(x.shape), dict(own))}. Was the adapter made for another model?"
+            )
+
+    def _cast(self, own):
+        own = dict(own)
+        return {**own, **{k: jax.tree.map(lambda new, old: new.astype(old.dtype), v, own[k])
+                          for k, v in dict(self.params).items()}}
+
+    def intercept(self, call: Call):
+        mod = call.module
+        variables = {k: v for k, v in mod.variables.items() if k != "params"}
+        variables["params"] = self._cast(mod.variables.get("params", {}))
+        kwargs = dict(call.kwargs)
+        key = call.dropout_key()
+        if key is not None:
+            kwargs["rngs"] = {"dropout": key}
+        with _inject.bypass():
+            return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **kwargs)
+
+    def low_rank(self) -> LowRank:
+        what = ("a trained copy of the module's bias (LoraConfig.bias='all' or 'lora_only')" if set(self.params) == {"bias"}
+                else "a trained full copy of the module (LoraConfig.modules_to_save; PEFT adds the classification head "
+                     "of a SEQ_CLS / TOKEN_CLS adapter there itself)")
+        raise NotMergeableError(
+            f"this site is {what}: it replaces the module's weights, it is not a low-rank update s*A@B, so adapter "
+            "merging and the adapter bank cannot combine it with other adapters. Serve the adapter alone with "
+            "jpeft.apply, or fold it into its own copy of the base with jpeft.merge."
+        )
+
+    def merge(self, own):
+        if "embedding" in self.params and not self.tie_output:
+            check_input_only_embedding_merge(self.tied_output, "a modules_to_save copy", stacklevel=4)
+        return self._cast(own)
+
+    def unmerge(self, own):
+        raise NotInvertibleError(
+            "a module of modules_to_save is replaced by its trained copy when merged, so its base weights cannot be "
+            "recovered from the merged params; keep the base params tree (jpeft never modifies it) instead."
+        )
+
+
+def init_saved(path: str, own: Mapping[str, Any], *, tie_output: bool = False,
+               tied_output: Optional[bool] = None) -> SavedModule:
+    """The copy of one module of ``modules_to_save``: its parameters, as they are (PEFT's start),
+    floating ones in ``float32`` at least (the master copy; the module runs in its own dtype)."""
+    return SavedModule(jax.tree.map(master_copy, dict(own)), tie_output, tied_output)
+
+
+def saved_to_hf(path: str, node: SavedModule) -> dict:
+    """PEFT's keys for a module of modules_to_save: the module's own PyTorch parameter names
+    (PEFT saves the copy without its ``modules_to_save.<adapter>`` infix)."""
+    out = {}
+    for name, x in dict(node.params).items():
+        x = to_np(x)
+        if name == "kernel" and x.ndim == 2:
+            out[peft_key(path, "weight")] = x.copy() if CONV1D.match(path) else x.T.copy()
+        elif name in ("embedding", "scale") and x.ndim <= 2 or name == "bias" and x.ndim == 1:
+            out[peft_key(path, "bias" if name == "bias" else "weight")] = x.copy()
+        else:
+            raise UnsupportedAdapterError(
+                f"modules_to_save copy of {path!r} has a parameter {name!r} of shape {x.shape}; jpeft writes PEFT's "
+                "copies of Dense, Embed and LayerNorm modules only (kernel, embedding, scale, bias)."
+            )
+    return out
+
+
+def saved_from_hf(path: str, t: Mapping[str, np.ndarray], own: Mapping[str, Any], folder: str, dtype) -> SavedModule:
+    """A module of modules_to_save from PEFT's keys (``weight``/``bias``), checked against the base module."""
+    want = "kernel" if "kernel" in own else "embedding" if "embedding" in own else "scale" if "scale" in own else None
+    names = {"weight": want, "bias": "bias"}
+    got = {names[k]: v for k, v in t.items()}
+    if want is None or set(got) != set(own):
+        raise CheckpointError(
+            f"the adapter in {folder!r} saves a copy of {hf_name(path)!r} with {sorted(t)}, but the base module has "
+            f"parameters {sorted(own)}; jpeft loads copies of Dense, Embed and LayerNorm modules with every parameter."
+        )
+    if want == "kernel" and got[want].ndim == 2 and not CONV1D.match(path):
+        got[want] = got[want].T
+    for k, v in got.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise BaseMismatchError(
+                f"the saved copy of {hf_name(path)!r} has {k} of shape {tuple(v.shape)}, the base module "
+                f"{tuple(own[k].shape)}. Load the adapter on the base it was made for."
+            )
+    return SavedModule({k: jnp.asarray(v, dtype) for k, v in got.items()})
+
+
+# the classifier modules PEFT's SEQ_CLS keeps as modules to save (BERT's classifier, a decoder's score)
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def has_modules_to_save(config) -> bool:
+    """Whether a method's config (class or instance) has PEFT's ``modules_to_save`` (LoRA): its
+    own init and format make and read the copies it names."""
+    return "modules_to_save" in {f.name for f in dataclasses.fields(config)}
+
+
+def head_copies(config, adapter: Mapping[str, Any]) -> dict:
+    """``{path: SavedModule}``: the copies of SEQ_CLS's classifier an adapter holds beside the
+    sites of a method whose config has no ``modules_to_save`` (read by :func:`jpeft.hf.load_peft`
+    from a SEQ_CLS file; PEFT trains them); ``{}`` for LoRA, whose config names its copies. The
+    writers (:mod:`jpeft.hf`, :func:`jpeft.save_adapter`, the checkpoint manager) record them
+    apart, since the config cannot rebuild them (:func:`with_head_copies` does)."""
+    if has_modules_to_save(config):
+        return {}
+    return {p: n for p, n in adapter.items() if p in SEQ_CLS_HEADS and isinstance(n, SavedModule)}
+
+
+def with_head_copies(adapter: Mapping[str, Any], params, paths, where: str) -> dict:
+    """``adapter`` with a fresh copy (:func:`init_saved`) of each module in ``paths`` (the
+    :func:`head_copies` a writer recorded), as abstract arrays when ``params`` are: the template
+    a loader fills with the saved arrays.
+
+    Raises:
+      ShapeMismatchError: ``params`` have no such module."""
+    leaves = module_leaves(params)
+    missing = [p for p in paths if p not in leaves]
+    if missing:
+        raise ShapeMismatchError(f"{where} holds a copy of the module {missing[0]!r} (SEQ_CLS's classifier), which this base "
+                                 f"does not have; load it on the base it was saved for.")
+    copies = jax.eval_shape(lambda own: {p: init_saved(p, own[p]) for p in paths}, {p: leaves[p] for p in paths})
+    return {**adapter, **copies}

@@ -28,8 +28,8 @@ from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
-from jpeft.methods._common import down_project, linear_candidates, master_copy, up_project
-from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, check_tied_merge,
+from jpeft.methods._common import SavedModule, down_project, init_saved, linear_candidates, up_project
+from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge,
                                 dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.peft_format import add_site_pattern
 from jpeft.scan import Stacked, layer_paths, make_site, site_rank_alpha
@@ -677,88 +677,6 @@ def from_low_rank(lr: LowRank) -> LoraWeights:
     return LoraWeights(lr.a, lr.b, None, float(lr.scale), lr.layout, float(lr.dropout),
                        tie_output=bool(lr.tie_output) and embed, tied_output=lr.tied_output if embed else None)
 
-def _same_shapes(a, b) -> bool:
-    sa = jax.tree.map(lambda x: tuple(x.shape), dict(a))
-    sb = jax.tree.map(lambda x: tuple(x.shape), dict(b))
-    return jax.tree.structure(sa) == jax.tree.structure(sb) and jax.tree.leaves(sa) == jax.tree.leaves(sb)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SavedModule(Site):
-    """One of ``LoraConfig.modules_to_save``: a trainable full copy of a module's parameters
-    (Hugging Face PEFT's ``ModulesToSaveWrapper``), or with ``LoraConfig(bias="all")`` a copy of
-    just its ``bias``. The module runs with ``params`` in place of its own;
-    :func:`jpeft.merge` writes the copy into the base (not invertible).
-
-    For an embedding, ``tied_output`` says whether the model also reads it as its tied output
-    projection (``attend``; ``None``: unknown) and ``tie_output`` whether the copy acts there
-    too (``LoraConfig(ensure_weight_tying=True)``, PEFT's copy shared with ``lm_head``); by
-    default the copy changes the input lookup only, as PEFT's, and such a copy of a tied
-    embedding is not merged (the shared weight would change the output projection too)."""
-
-    params: Any
-    tie_output: bool = static_field(default=False)
-    tied_output: Optional[bool] = static_field(default=None)
-
-    site: ClassVar[str] = "linear"
-    mergeable: ClassVar[bool] = True
-
-    def handles(self, method_name: str) -> bool:
-        return method_name == "__call__" or (method_name == "attend" and bool(self.tie_output))
-
-    def added_params(self, trainable) -> int:
-        # a bias-only copy (LoraConfig.bias="all") is the base's bias, which PEFT trains in place; a module's full
-        # copy (modules_to_save) sits beside its original, and PEFT counts both
-        return 0 if set(self.params) == {"bias"} else super().added_params(trainable)
-
-    def check_params(self, path: str, own: Mapping[str, Any]) -> None:
-        own = {k: v for k, v in dict(own).items() if k in self.params}  # a bias-only copy (LoraConfig.bias='all')
-        if not _same_shapes(own, self.params):
-            raise ShapeMismatchError(
-                f"the saved copy of module {path!r} (modules_to_save) has parameters "
-                f"{jax.tree.map(lambda x: tuple(x.shape), dict(self.params))}, the model's module has "
-                f"{jax.tree.map(lambda x: tuple(x.shape), dict(own))}. Was the adapter made for another model?"
-            )
-
-    def _cast(self, own):
-        own = dict(own)
-        return {**own, **{k: jax.tree.map(lambda new, old: new.astype(old.dtype), v, own[k])
-                          for k, v in dict(self.params).items()}}
-
-    def intercept(self, call: Call):
-        mod = call.module
-        variables = {k: v for k, v in mod.variables.items() if k != "params"}
-        variables["params"] = self._cast(mod.variables.get("params", {}))
-        kwargs = dict(call.kwargs)
-        key = call.dropout_key()
-        if key is not None:
-            kwargs["rngs"] = {"dropout": key}
-        with _inject.bypass():
-            return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **kwargs)
-
-    def low_rank(self) -> LowRank:
-        what = ("a trained copy of the module's bias (LoraConfig.bias='all' or 'lora_only')" if set(self.params) == {"bias"}
-                else "a trained full copy of the module (LoraConfig.modules_to_save; PEFT adds the classification head "
-                     "of a SEQ_CLS / TOKEN_CLS adapter there itself)")
-        raise NotMergeableError(
-            f"this site is {what}: it replaces the module's weights, it is not a low-rank update s*A@B, so adapter "
-            "merging and the adapter bank cannot combine it with other adapters. Serve the adapter alone with "
-            "jpeft.apply, or fold it into its own copy of the base with jpeft.merge."
-        )
-
-    def merge(self, own):
-        if "embedding" in self.params and not self.tie_output:
-            check_input_only_embedding_merge(self.tied_output, "a modules_to_save copy", stacklevel=4)
-        return self._cast(own)
-
-    def unmerge(self, own):
-        raise NotInvertibleError(
-            "a module of modules_to_save is replaced by its trained copy when merged, so its base weights cannot be "
-            "recovered from the merged params; keep the base params tree (jpeft never modifies it) instead."
-        )
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainableTokens(Site):
@@ -916,13 +834,6 @@ def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
                 else tied_output_from_params(p, leaves)) if embed else None
         out[p] = init_saved(p, leaves[p], tie_output=bool(config.ensure_weight_tying) and embed, tied_output=tied)
     return out
-
-
-def init_saved(path: str, own: Mapping[str, Any], *, tie_output: bool = False,
-               tied_output: Optional[bool] = None) -> SavedModule:
-    """The copy of one module of ``modules_to_save``: its parameters, as they are (PEFT's start),
-    floating ones in ``float32`` at least (the master copy; the module runs in its own dtype)."""
-    return SavedModule(jax.tree.map(master_copy, dict(own)), tie_output, tied_output)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))

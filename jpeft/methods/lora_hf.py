@@ -4,7 +4,7 @@ LoRA spans four files: :mod:`jpeft.methods.lora` (config, nodes, init), ``dora.p
 (residual inits) and this one, which sees them all and so holds the one
 :func:`~jpeft.methods.base.register_method` call: plain LoRA, rsLoRA, DoRA, PiSSA/OLoRA (residual
 bases), rank_pattern, alpha_pattern, ensure_weight_tying, lora_bias, bias,
-modules_to_save (:class:`~jpeft.methods.lora.SavedModule`) and trainable_token_indices
+modules_to_save (:class:`~jpeft.methods._common.SavedModule`) and trainable_token_indices
 (:class:`~jpeft.methods.lora.TrainableTokens`). Keys and orientation: see :mod:`jpeft.hf`.
 """
 
@@ -22,10 +22,11 @@ import numpy as np
 from jpeft import _inject, scan
 from jpeft.errors import BaseMismatchError, CheckpointError, UnsupportedAdapterError
 from jpeft.methods import pissa
+from jpeft.methods._common import SavedModule, saved_from_hf, saved_to_hf
 from jpeft.methods.base import Kind, Method, register_method
-from jpeft.methods.lora import (LoraConfig, LoraWeights, SavedModule, TrainableTokens, budget_rows, from_low_rank,
+from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
-from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
+from jpeft.peft_format import (CONFIG_FILE, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
                                check_base_copy, check_keys, check_same_copies, config_from_peft, peft_key,
                                split_peft_key, ties_word_embeddings, to_np)
 from jpeft.tree import from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
@@ -47,45 +48,6 @@ def _hf_targets(config: LoraConfig, paths) -> Any:
     return sorted(names)
 
 
-def _saved_to_hf(path: str, node: SavedModule) -> dict:
-    """PEFT's keys for a module of modules_to_save: the module's own PyTorch parameter names
-    (PEFT saves the copy without its ``modules_to_save.<adapter>`` infix)."""
-    out = {}
-    for name, x in dict(node.params).items():
-        x = to_np(x)
-        if name == "kernel" and x.ndim == 2:
-            out[peft_key(path, "weight")] = x.copy() if CONV1D.match(path) else x.T.copy()
-        elif name in ("embedding", "scale") and x.ndim <= 2 or name == "bias" and x.ndim == 1:
-            out[peft_key(path, "bias" if name == "bias" else "weight")] = x.copy()
-        else:
-            raise UnsupportedAdapterError(
-                f"modules_to_save copy of {path!r} has a parameter {name!r} of shape {x.shape}; jpeft writes PEFT's "
-                "copies of Dense, Embed and LayerNorm modules only (kernel, embedding, scale, bias)."
-            )
-    return out
-
-
-def _saved_from_hf(path: str, t: Mapping[str, np.ndarray], own: Mapping[str, Any], folder: str, dtype) -> SavedModule:
-    """A module of modules_to_save from PEFT's keys (``weight``/``bias``), checked against the base module."""
-    want = "kernel" if "kernel" in own else "embedding" if "embedding" in own else "scale" if "scale" in own else None
-    names = {"weight": want, "bias": "bias"}
-    got = {names[k]: v for k, v in t.items()}
-    if want is None or set(got) != set(own):
-        raise CheckpointError(
-            f"the adapter in {folder!r} saves a copy of {hf_name(path)!r} with {sorted(t)}, but the base module has "
-            f"parameters {sorted(own)}; jpeft loads copies of Dense, Embed and LayerNorm modules with every parameter."
-        )
-    if want == "kernel" and got[want].ndim == 2 and not CONV1D.match(path):
-        got[want] = got[want].T
-    for k, v in got.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise BaseMismatchError(
-                f"the saved copy of {hf_name(path)!r} has {k} of shape {tuple(v.shape)}, the base module "
-                f"{tuple(own[k].shape)}. Load the adapter on the base it was made for."
-            )
-    return SavedModule({k: jnp.asarray(v, dtype) for k, v in got.items()})
-
-
 def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     tensors: dict[str, np.ndarray] = {}
     rank_pattern, alpha_pattern = {}, {}
@@ -96,7 +58,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
                 f"the adapter holds a full copy of {path!r}, but the config's modules_to_save="
                 f"{list(config.modules_to_save or [])} does not name it; save with the config the adapter was made with."
             )
-        tensors.update(_saved_to_hf(path, node))
+        tensors.update(saved_to_hf(path, node))
     tied = False
     for path, node in saved.items():
         if node.tie_output and node.tied_output is not False and "embedding" in node.params:
@@ -532,7 +494,7 @@ def _saved_sites_from_hf(config: LoraConfig, found: _LoraTensors, ctx: ImportCon
     ties it to the output projection."""
     out = {}
     for path in sorted(found.saved):
-        node = _saved_from_hf(path, found.saved[path], ctx.leaves[path], ctx.folder, ctx.dtype)
+        node = saved_from_hf(path, found.saved[path], ctx.leaves[path], ctx.folder, ctx.dtype)
         if "embedding" in node.params:
             # PEFT ties a copy of model.embed_tokens to a tied lm_head with ensure_weight_tying only
             tie = bool(config.ensure_weight_tying) and path == "model/embed_tokens"
