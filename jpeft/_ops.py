@@ -1,11 +1,13 @@
 """Array operations below both jpeft's models and its adapter methods: the activation table,
 the Dense product over flattened tokens (:func:`flat_dot_general`) and token positions
-(:func:`segment_slots`, :func:`segment_runs`, :func:`default_positions`).
+(:func:`segment_slots`, :func:`segment_runs`, :func:`default_positions`), and the float dtype
+check (:func:`check_float_dtype`) that the model configs and :mod:`jpeft.parallel` share.
 
 They live here rather than in :mod:`jpeft.models` because methods compute with them too (LoRA
 recognises the models' Dense product, the bottleneck adapters look their non-linearity up in
-the activation table, prefix tuning numbers its positions as the models do), and
-``jpeft.models`` sits above the methods (docs/ARCHITECTURE.md, "The dependency direction").
+the activation table, prefix tuning numbers its positions as the models do; the mesh code
+below the models' loader checks dtypes as the model configs do), and ``jpeft.models`` sits
+above the methods and the mesh code (docs/ARCHITECTURE.md, "The dependency direction").
 This module imports nothing of jpeft but its errors.
 """
 
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jpeft.errors import UnsupportedModelError
+from jpeft.errors import ConfigError, UnsupportedModelError
 
 Array = jax.Array
 
@@ -194,3 +196,22 @@ def default_positions(attention_mask: Array, cache: Optional[Any]) -> Array:
     if cache is not None:
         pos = pos + jnp.sum(cache.mask.astype(jnp.int32), axis=1, keepdims=True)
     return jnp.maximum(pos, 0)
+
+
+# -- dtypes ------------------------------------------------------------------------------------
+
+def check_float_dtype(dtype, what: str, allowed=None):
+    """``jnp.dtype(dtype)``, or :class:`~jpeft.errors.ConfigError` when that is not a floating
+    dtype (or not one of ``allowed``'s names): an integer dtype failed deep inside an initializer
+    and a misspelt name (``"bf16"``) read as an invalid ``config.json``."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating) or (allowed is not None and dt.name not in allowed):
+        names = ", ".join(allowed) if allowed is not None else "such as float32 or bfloat16"
+        hint = (" For an int8, fp8 or NF4 base, load it in a float dtype with quantize='int8', 'fp8' or 'nf4' "
+                "(jpeft.models.from_pretrained) or quantize it with jpeft.quantize."
+                if dt is not None and dt.itemsize == 1 and dt.kind != "b" else "")
+        raise ConfigError(f"{what} must be a floating dtype ({names}; a jnp dtype or its name), found {dtype!r}.{hint}")
+    return dt

@@ -56,8 +56,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from jpeft import quant
 from jpeft.errors import ConfigError, InputValidationError, ShardingError
 from jpeft.methods.base import trainable
-from jpeft.models import _splash
-from jpeft.models._layers import check_float_dtype
+from jpeft import _splash
+from jpeft._ops import check_float_dtype
 from jpeft.train import make_step_fn, split_loss, weighted_sum
 from jpeft.tree import is_typed_key, path_str, unwrap_params
 

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 import jpeft
-from jpeft.models._splash import SplashInterpretWarning
+from jpeft._splash import SplashInterpretWarning
 
 
 def main():

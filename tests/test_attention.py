@@ -649,7 +649,7 @@ def test_blockwise_bfloat16_as_close_to_float32_as_the_reference():
 
 # -- the Pallas TPU splash kernel (attention="splash"), run here in Pallas' interpret mode ---------
 
-from jpeft.models import _splash as S  # noqa: E402
+from jpeft import _splash as S  # noqa: E402
 
 # (q_len, heads, kv_heads, window, n_prefix, padding, segments, block): lengths that are not a
 # multiple of the 128 block; one case with several query and key blocks

@@ -336,7 +336,7 @@ _LAYERS = [
     {"jpeft.tree"},
     {"jpeft.config", "jpeft.validate", "jpeft.data"},
     {"jpeft.methods.base"},
-    {"jpeft.quant", "jpeft.peft_format", "jpeft._ops", "jpeft._hfconfig"},
+    {"jpeft.quant", "jpeft.peft_format", "jpeft._ops", "jpeft._hfconfig", "jpeft._splash"},
     {"jpeft.spectral", "jpeft.scan"},
     {"jpeft._inject"},
     {"jpeft._nnx"},
@@ -344,6 +344,11 @@ _LAYERS = [
     {"jpeft.methods._common"},
     "the method modules",
     {"jpeft.methods"},
+    {"jpeft.train", "jpeft.io"},
+    {"jpeft.parallel"},
+    {"jpeft.distributed"},
+    {"jpeft.checkpoint"},
+    "the model modules",
 ]
 
 
@@ -361,15 +366,19 @@ def _imported_modules(path: pathlib.Path, known: set) -> set:
 
 
 def test_dependencies_point_one_way():
-    """Every module below the models and the consumers imports only jpeft modules of lower
-    layers (``_LAYERS``): the methods import no part of ``jpeft.models`` (the low-level ops they
-    share with the models are ``jpeft._ops`` and ``jpeft._hfconfig``), and nothing they import
-    imports them back, so importing ``jpeft.methods`` first (as ``jpeft/__init__.py`` does)
-    loads everything in one order, with no module half-imported."""
+    """Every module up to the models imports only jpeft modules of lower layers (``_LAYERS``;
+    the method modules may import one another, as may the model modules): the methods import no
+    part of ``jpeft.models`` (the low-level ops they share with the models are ``jpeft._ops`` and
+    ``jpeft._hfconfig``), the training step, file formats, mesh code and checkpoints the models'
+    loader uses import no model module back, and nothing they import imports them back, so
+    importing ``jpeft.methods`` first (as ``jpeft/__init__.py`` does) loads everything in one
+    order, with no module half-imported."""
     files = sorted(ROOT.rglob("*.py"))
     known = {_module_name(f) for f in files}
     method_modules = {m for m in known if m.startswith("jpeft.methods.")} - _PROTOCOL
-    layers = [method_modules if layer == "the method modules" else layer for layer in _LAYERS]
+    model_modules = {m for m in known if m == "jpeft.models" or m.startswith("jpeft.models.")}
+    groups = {"the method modules": method_modules, "the model modules": model_modules}  # import one another
+    layers = [groups.get(layer, layer) if isinstance(layer, str) else layer for layer in _LAYERS]
     listed = set().union(*layers)
     assert listed <= known, sorted(listed - known)
     level = {m: i for i, layer in enumerate(layers) for m in layer}
@@ -379,8 +388,8 @@ def test_dependencies_point_one_way():
         if me not in level:
             continue
         for dep in _imported_modules(f, known) - {me}:
-            same_methods = dep in method_modules and me in method_modules
-            if not same_methods and level.get(dep, len(layers)) >= level[me]:
+            same_group = any(dep in g and me in g for g in groups.values())
+            if not same_group and level.get(dep, len(layers)) >= level[me]:
                 bad.setdefault(me, []).append(dep)
     assert bad == {}, f"modules that import a module of their own layer or above: {bad}"
 

@@ -38,7 +38,7 @@ Kernels (``implementation=``):
   information, no prefix and no cache is passed as ``is_causal`` / ``local_window_size``;
   anything else goes as the dense boolean mask.
 * ``"splash"``: the Pallas TPU splash-attention kernel that JAX ships (fused, skips masked
-  blocks), behind the same call (:mod:`jpeft.models._splash` translates the mask: causal or
+  blocks), behind the same call (:mod:`jpeft._splash` translates the mask: causal or
   sliding over the current tokens, prefixes, packed documents, padding, grouped-query heads,
   bidirectional; not a KV cache, not prefix keys with packed documents). Equal to the
   reference on every row. Off a TPU it runs in Pallas' interpret mode (exact, slow, with a
@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import ConfigError, InputValidationError
-from jpeft.models import _splash
+from jpeft import _splash
 
 Array = jax.Array
 
@@ -356,7 +356,7 @@ def dot_product_attention(q, k, v, mask: AttentionMask, *, scale: float, impleme
 
 def _splash_fits(mask: AttentionMask, sq: int, sk: int) -> bool:
     """Whether ``"auto"`` takes the Pallas splash kernel: on a TPU, for a mask it expresses,
-    where a Pallas kernel can run (:func:`jpeft.models._splash.auto_safe`)."""
+    where a Pallas kernel can run (:func:`jpeft._splash.auto_safe`)."""
     return (jax.default_backend() == "tpu" and _splash.unsupported(mask, sq, sk) is None
             and _splash.auto_safe())
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft._ops import check_activation, default_positions, flat_dot_general, segment_runs, segment_slots
+from jpeft._ops import (check_activation, check_float_dtype, default_positions, flat_dot_general, segment_runs,
+                        segment_slots)
 from jpeft.errors import ConfigError, InputValidationError, UnsupportedModelError
 from jpeft.models._attention import AttentionMask, check_dropout, check_implementation, dot_product_attention
 from jpeft.scan import COLLECTION
@@ -706,23 +707,6 @@ class FullHeadsConfig(ConfigMethods):
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")  # the dtypes the models compute in
-
-
-def check_float_dtype(dtype, what: str, allowed=None):
-    """``jnp.dtype(dtype)``, or :class:`~jpeft.errors.ConfigError` when that is not a floating
-    dtype (or not one of ``allowed``'s names): an integer dtype failed deep inside an initializer
-    and a misspelt name (``"bf16"``) read as an invalid ``config.json``."""
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or not jnp.issubdtype(dt, jnp.floating) or (allowed is not None and dt.name not in allowed):
-        names = ", ".join(allowed) if allowed is not None else "such as float32 or bfloat16"
-        hint = (" For an int8, fp8 or NF4 base, load it in a float dtype with quantize='int8', 'fp8' or 'nf4' "
-                "(jpeft.models.from_pretrained) or quantize it with jpeft.quantize."
-                if dt is not None and dt.itemsize == 1 and dt.kind != "b" else "")
-        raise ConfigError(f"{what} must be a floating dtype ({names}; a jnp dtype or its name), found {dtype!r}.{hint}")
-    return dt
 
 
 def canonical_dtype(x, what: str = "dtype", allowed=None):
