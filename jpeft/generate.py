@@ -39,7 +39,10 @@ def _filter(logits, temperature, top_k: int, tail):
     outside the top-k and outside the nucleus (the smallest set of most likely tokens whose mass
     reaches ``top_p``) set to the minimum, as transformers' warpers in that order.
     ``temperature`` and ``tail`` (``nucleus_tail(top_p)``; ``0``: no nucleus filtering) are
-    scalars or ``[batch, 1]`` columns (one value per row)."""
+    scalars or ``[batch, 1]`` columns (one value per row). A temperature that float32 rounds to 0
+    (``generate(temperature=1e-50)``) divides by float32's smallest normal number instead: the argmax
+    still, where ``0 / 0`` made it NaN."""
+    temperature = jnp.maximum(temperature, jnp.finfo(jnp.float32).tiny)
     logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     neg = jnp.finfo(logits.dtype).min
     if top_k:
@@ -178,7 +181,8 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
       input_ids: int ``[batch, prompt_len]``.
       max_new_tokens: tokens to generate (``>= 1``).
       temperature: ``0`` for greedy decoding (deterministic, no key needed); ``> 0`` samples
-        from ``softmax(logits / temperature)``.
+        from ``softmax(logits / temperature)`` (a tiny one, 1e-50 included, gives the argmax: the
+        limit of sampling as the temperature goes to 0).
       top_k: keep only the ``top_k`` most likely tokens when sampling (``0``: all).
       top_p: nucleus sampling: keep the most likely tokens whose probability mass reaches
         ``top_p`` (``1.0``: all).

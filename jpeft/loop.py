@@ -16,7 +16,9 @@ resulting adapter and optimizer state are not finite and reports ``metrics["skip
 :class:`~jpeft.errors.NonFiniteError` naming the step once ``max_consecutive`` is reached;
 a run that *ends* with skipped steps pending raises too, so a diverged run never looks like
 a finished one. :func:`fit` never saves a checkpoint while skips are pending, so the last
-good checkpoint stays untouched and restorable.
+good checkpoint stays untouched and restorable. A step made with ``loss_weight`` whose batch held
+no loss term (every label masked) changes nothing and reports ``metrics["no_targets"] = 1``;
+:func:`fit` lists such steps (``FitResult.no_target_steps``) and warns of them once, at the end.
 
 The step key is ``jax.random.fold_in(key, step)``: it depends on the step number only, so a
 run resumed from a checkpoint draws exactly the keys the uninterrupted run would have drawn.
@@ -130,7 +132,9 @@ class FitResult:
     host, the first one includes compilation); ``eval`` the last ``eval_fn`` result;
     ``interrupted`` whether Ctrl-C stopped the run; ``forgetting`` the forgetting guard's
     report (``None`` without a guard): on a stop, ``adapter`` and ``opt_state`` are those of
-    step ``forgetting["kept_step"]`` while ``step`` is the step that crossed the budget."""
+    step ``forgetting["kept_step"]`` while ``step`` is the step that crossed the budget.
+    ``no_target_steps`` lists the steps whose batch held no loss term (``metrics["no_targets"]``,
+    a step made with ``loss_weight``): they changed neither the adapter nor the optimizer state."""
 
     adapter: Any
     opt_state: Any
@@ -143,6 +147,7 @@ class FitResult:
     eval: Optional[dict] = None
     step_seconds: list = dataclasses.field(default_factory=list)
     forgetting: Optional[dict] = None
+    no_target_steps: list = dataclasses.field(default_factory=list)
 
 
 class _Interrupt:
@@ -416,7 +421,8 @@ def fit(
       total_steps: the length of the whole run (progress bar, final evaluation); default
         ``start_step + num_steps``.
       log, log_every: ``log(record)`` (e.g. a :class:`MetricLog`) receives ``step``,
-        ``loss``, ``grad_norm``, ``lr`` (from ``schedule``), ``tokens_per_s`` (tokens of
+        ``loss``, ``grad_norm``, ``no_targets`` (1, only for a step whose batch held no loss term),
+        ``lr`` (from ``schedule``), ``tokens_per_s`` (tokens of
         ``batch[token_key]``, the first, compiling step left out; ``None`` for batches without
         that array, such as a tuple ``(x, y)``) and ``elapsed_s`` every
         ``log_every`` steps and at the last step (``total_steps``, or when the batches end), and
@@ -496,6 +502,7 @@ def fit(
     t_start = time.perf_counter()
     interrupted = False
     canary = None  # the last canary metrics, for the progress bar
+    no_targets: list[int] = []  # the steps whose batch held no loss term (metrics["no_targets"])
     if forgetting is not None:
         canary = forgetting.start(params, adapter, opt_state, step, resumed=forgetting_state)
         if log is not None and forgetting_state is None:  # a resumed guard's checks were logged by its run
@@ -513,14 +520,16 @@ def fit(
     def log_step(step, host):
         nonlocal logged
         rec = {"step": step, "loss": host.get("loss"), "grad_norm": host.get("grad_norm")}
-        if lr_fn is not None:
-            rec["lr"] = float(lr_fn(opt_state, bool(host.get("skipped"))))
+        if lr_fn is not None:  # a step without targets kept the state as a skipped one does
+            rec["lr"] = float(lr_fn(opt_state, bool(host.get("skipped") or host.get("no_targets"))))
         elif schedule is not None:
             rec["lr"] = float(schedule(step - 1))
         rec["tokens_per_s"] = tokens / timed if timed > 0 and tokens else None  # None: no token ids to count
         rec["elapsed_s"] = time.perf_counter() - t_start
         if host.get("skipped"):
             rec["skipped"] = 1
+        if host.get("no_targets"):
+            rec["no_targets"] = 1
         log(rec)
         logged = step
 
@@ -571,7 +580,11 @@ def fit(
                 history.append(host)
                 if on_step is not None:
                     on_step(step, host)
-                skipped = guard.update(step, host)  # raises NonFiniteError after too many
+                if host.get("no_targets"):  # nothing was updated, and nothing diverged: the guard does not count it
+                    no_targets.append(step)
+                    skipped = False
+                else:
+                    skipped = guard.update(step, host)  # raises NonFiniteError after too many
                 if log is not None and ((log_every and step % log_every == 0) or step == total_steps):
                     log_step(step, host)
                 decision = "ok"
@@ -639,5 +652,12 @@ def fit(
             bar.close()
     if checkpoint is not None:
         checkpoint.wait()
+    if no_targets:
+        shown = ", ".join(map(str, no_targets[:8])) + (", ..." if len(no_targets) > 8 else "")
+        warnings.warn(
+            f"jpeft.fit: {len(no_targets)} of {ran} steps (step {shown}) had a batch without a single target token "
+            "(every label masked: a prompt/completion row whose completion the sequence length cut off, or rows of "
+            "prompts only), so they changed neither the adapter nor the optimizer state. Check the data's lengths "
+            "and loss masks (a longer seq_len, shorter prompts).", RuntimeWarning, stacklevel=2)
     return FitResult(adapter, opt_state, key, step, pos, history, guard.total_skipped, interrupted, last_eval, seconds,
-                     None if forgetting is None else forgetting.report)
+                     None if forgetting is None else forgetting.report, no_targets)

@@ -83,11 +83,17 @@ def _check_loss(loss, out) -> None:
     )
 
 
-def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, grads, loss, aux, *, skip_nonfinite=True):
+def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, grads, loss, aux, *, skip_nonfinite=True,
+                 apply_if=None):
     """Optimizer update with the non-finite guard: a step whose loss or gradients are not
     finite, or whose update would make the adapter or optimizer state non-finite (a NaN or inf
     learning rate, ``adam(eps=0)`` on a zero gradient), leaves the adapter and optimizer state
-    unchanged and reports ``skipped = 1``."""
+    unchanged and reports ``skipped = 1``.
+
+    ``apply_if`` (a boolean scalar, or ``None``: always): where it is false the adapter and
+    optimizer state are left unchanged too and the step reports ``no_targets = 1`` (a batch
+    holding no loss term, :func:`make_step_fn`'s ``loss_weight``): its zero gradient would
+    still move the adapter by AdamW's momentum and weight decay and advance the schedule."""
 
     def update(operands):
         adapter, opt_state, grads = operands
@@ -101,18 +107,24 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
         return (*kept, ok)
 
     finite = jnp.isfinite(loss) & all_finite(grads)
+    keep = lambda ops: (ops[0], ops[1])  # noqa: E731
     if skip_nonfinite:
+        go = finite if apply_if is None else finite & apply_if
         # One ``lax.cond`` on the flag, not a ``where`` per leaf: XLA would fuse a copy of the
         # scalar flag's computation (an ``and`` over every gradient leaf) into each leaf's
         # update, so the program would grow with the square of the number of adapter leaves
         # (38k extra ops for an 8-layer Llama with LoRA on all linear layers), and with it
         # compile time and compile memory.
-        new_adapter, new_state, applied = jax.lax.cond(finite, guarded, lambda ops: (ops[0], ops[1], jnp.asarray(False)),
+        new_adapter, new_state, applied = jax.lax.cond(go, guarded, lambda ops: (*keep(ops), jnp.asarray(False)),
                                                        (adapter, opt_state, grads))
-        finite = finite & applied
-    else:
+        finite = jnp.where(go, applied, finite)  # a step left out by apply_if is not a non-finite one
+    elif apply_if is None:
         new_adapter, new_state = update((adapter, opt_state, grads))
+    else:
+        new_adapter, new_state = jax.lax.cond(apply_if, update, keep, (adapter, opt_state, grads))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped": (~finite).astype(jnp.int32)}
+    if apply_if is not None:
+        metrics["no_targets"] = (~jnp.asarray(apply_if)).astype(jnp.int32)
     if isinstance(aux, dict):
         taken = sorted(set(aux) & set(metrics))
         if taken:
@@ -340,7 +352,11 @@ def make_step_fn(
 
     ``accumulate_steps=k`` splits the batch into ``k`` micro-batches (see
     :func:`accumulate_loss_and_grad`, which also says what ``loss_weight`` does); one call is
-    still one optimizer update.
+    still one optimizer update. With ``loss_weight``, a batch whose count is 0 (no loss term:
+    every label masked, e.g. a prompt/completion row whose completion the length cut off) leaves
+    the adapter and optimizer state unchanged and reports ``metrics["no_targets"] = 1`` (not
+    ``skipped``: nothing diverged); its zero gradient would otherwise still move the adapter by
+    the optimizer's momentum and weight decay (transformers' ``Trainer`` gets a NaN loss there).
     ``grad_reduce((loss, aux, grads)) -> (loss, aux, grads)`` runs before the update, e.g. a
     ``lax.pmean`` over a ``pmap`` axis (:func:`jpeft.make_pmap_train_step` uses it).
     """
@@ -358,8 +374,10 @@ def make_step_fn(
         if grad_reduce is not None:
             loss, aux, grads = grad_reduce((loss, aux, grads))
         _check_opt_state(optimizer, train, opt_state, frozen)
+        # a batch without a loss term (every label masked) updates nothing: see apply_update's apply_if
+        has_terms = None if loss_weight is None else _loss_weight_of(aux, loss_weight) > 0
         new_train, new_state, metrics = apply_update(optimizer, train, opt_state, grads, loss, aux,
-                                                     skip_nonfinite=skip_nonfinite)
+                                                     skip_nonfinite=skip_nonfinite, apply_if=has_terms)
         return _join(new_train, frozen), new_state, metrics
 
     return step
@@ -386,7 +404,8 @@ def make_train_step(
     examples; for a mean over tokens (:func:`jpeft.lm_loss`), whose rows hold different
     numbers of loss tokens, return the count as an aux metric and name it:
     ``loss_weight="targets"`` with ``return loss, {"targets": n}`` weighs each micro-batch by
-    its tokens (:func:`jpeft.train.accumulate_loss_and_grad`). ``compiler_options`` are XLA
+    its tokens (:func:`jpeft.train.accumulate_loss_and_grad`); a batch with no loss token then
+    updates nothing and reports ``no_targets = 1`` (:func:`jpeft.train.make_step_fn`). ``compiler_options`` are XLA
     options for this step's compilation only (``jax.jit(..., compiler_options=...)``); e.g.
     ``{"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}`` stops XLA's CPU backend
     from converting a layer-scanned bfloat16 model's whole weight stack to float32 ahead of

@@ -212,6 +212,13 @@ def test_filter_keeps_transformers_warpers_set_and_a_tiny_temperature_is_the_arg
     for top_p in (1.0, 0.9):
         picks = np.asarray(_sample(logits, jax.random.key(1), jnp.float32(2e-38), 0, nucleus_tail(top_p), False))
         np.testing.assert_array_equal(picks, np.asarray(jnp.argmax(logits, -1)))
+    # generate(temperature=1e-50) passed the host check (> 0) and reached the step as float32 0, where
+    # (logits - max) / 0 is NaN at the argmax (drawn only because argmax picks a NaN); debug_nans, op by op
+    # (inside jit it sees the outputs alone), catches any NaN
+    with jax.disable_jit(), jax.debug_nans(True):
+        for top_k, top_p in ((0, 1.0), (5, 0.9)):
+            picks = _sample(logits, jax.random.key(1), jnp.float32(1e-50), top_k, nucleus_tail(top_p), False)
+            np.testing.assert_array_equal(np.asarray(picks), np.asarray(jnp.argmax(logits, -1)))
 
 
 def test_top_p_threshold_is_one_minus_top_p_rounded_as_transformers_rounds_it():

@@ -116,6 +116,31 @@ def test_peft_to_jpeft(method, family, tmp_path):
     _close(j, _compare(method, j, t), mask)
 
 
+@pytest.mark.parametrize("family", ["llama2", "gpt2"])
+def test_prefix_on_left_padded_rows_without_position_ids_differs_from_peft_as_documented(family, tmp_path):
+    """docs/METHODS.md, prefix tuning: without position_ids transformers numbers a left-padded row's
+    tokens from the padding on (T, T+1, ... over every slot), jpeft its real tokens (as its models do
+    without an adapter); PEFT shifts given position_ids by T as jpeft does, so with cumsum(mask) - 1
+    passed to PEFT every real token's logits are equal, and without them the unpadded row is."""
+    hf, _ = tiny.hf_model(family)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    pm.eval().save_pretrained(str(tmp_path))
+    model, params = _jpeft_base(family)
+    _, ad = load_peft(str(tmp_path), params)
+    ids, mask = tiny.batch(family, seed=3)  # rows of 8, 6 and 3 real tokens, left-padded
+    j = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(j, _torch_logits(pm, ids, mask), mask)
+    t = _torch_logits(pm, ids, mask, with_positions=False)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(j[0], t[0], rtol=1e-4, atol=1e-4)
+    assert all(np.abs(j[r][real[r]] - t[r][real[r]]).max() > 0.1 for r in (1, 2))  # the documented difference
+
+
 def test_prefix_load_on_wrong_base_is_named(tmp_path):
     model, params = _jpeft_base("llama3")
     ad = jpeft.init(jpeft.PrefixTuningConfig(num_virtual_tokens=T), params, jax.random.key(0))

@@ -557,3 +557,67 @@ def test_a_tensorboard_writer_that_fails_is_said_not_silently_dropped(tmp_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jpeft.MetricLog(str(tmp_path / "n.jsonl"), tensorboard=str(tmp_path / "tb2")).close()
+
+
+def _token_loss_fn():
+    """``jpeft train``'s loss on the tiny model: the mean over the ``loss_mask`` targets, its count as ``targets``."""
+    m = C.model()
+
+    def loss(params, adapter, batch, key):
+        logits = jpeft.apply(m, params, adapter, batch["input_ids"])
+        loss, n = jpeft.data.causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return loss, {"targets": n}
+
+    return loss
+
+
+def _masked_batch(i: int, masked=()):
+    """Batch ``i`` with a loss mask: the rows in ``masked`` hold no target (a completion cut off)."""
+    ids = C.batch(i)["input_ids"]
+    mask = np.ones(ids.shape, np.int32)
+    mask[list(masked)] = 0
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def _random_adapter(params):
+    adapter = jpeft.init(C.lora_config(dropout=0.0), params, jax.random.key(1))
+    leaves, tree = jax.tree.flatten(adapter)  # B random too: a zero B hides what weight decay does to A
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+
+
+def test_a_step_without_targets_changes_nothing_and_an_empty_micro_batch_does_not_dilute(run):
+    """A batch whose every label is masked (a prompt/completion row whose completion the length cut
+    off, rows of prompts only) gave loss 0 and a zero gradient, and AdamW still moved the adapter by
+    its momentum and weight decay and advanced its schedule (transformers' Trainer gets NaN there):
+    the adapter after [b0, empty, b1] differed from the one after [b0, b1] by 0.097. With
+    loss_weight (what `jpeft train` passes) such a step now changes nothing, reports
+    no_targets = 1 (not skipped: nothing diverged), is listed and warned of by fit; and with
+    accumulation an empty micro-batch weighs nothing, so the update is the other micro-batch's."""
+    from jpeft.cli._trainer import applied_lr, make_optimizer
+
+    params, _, _, _, _, key, _ = run
+    adapter = _random_adapter(params)
+    opt, sched = make_optimizer({"learning_rate": 0.05, "warmup_steps": 1, "weight_decay": 0.3, "max_grad_norm": 1.0}, 6)
+    state = opt.init(adapter)
+    step = jpeft.make_train_step(_token_loss_fn(), opt, donate=False, loss_weight="targets")
+    want = jpeft.fit(step, params, adapter, state, [_masked_batch(0), _masked_batch(1)], key=key)
+    assert want.no_target_steps == []
+    recs = []
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 steps \(step 2\) had a batch without a single target token"):
+        got = jpeft.fit(step, params, adapter, state, [_masked_batch(0), _masked_batch(9, range(C.BATCH)),
+                                                       _masked_batch(1)], key=key, log=recs.append, lr_fn=applied_lr(sched))
+    assert got.no_target_steps == [2] and got.skipped == 0
+    assert [h.get("no_targets") for h in got.history] == [0, 1, 0] and got.history[1]["skipped"] == 0
+    # no update: the schedule did not move, so step 3 applies the rate step 2 would have (what a skipped step logs)
+    assert recs[1]["no_targets"] == 1 and recs[2]["lr"] == recs[1]["lr"] == float(sched(1)) > recs[0]["lr"]
+    assert _equal(got.adapter, want.adapter) and _equal(got.opt_state, want.opt_state)
+
+    # accumulation: micro-batch 1 (rows 1 and 3) has no target; the update is micro-batch 0's (rows 0 and 2) alone
+    acc = jpeft.make_train_step(_token_loss_fn(), opt, donate=False, accumulate_steps=2, loss_weight="targets")
+    a, _, m = acc(params, adapter, state, _masked_batch(0, (1, 3)), key)
+    half = {k: v[::2] for k, v in _masked_batch(0).items()}
+    b, _, n = step(params, adapter, state, half, key)
+    assert int(m["no_targets"]) == 0 and float(m["targets"]) == float(n["targets"])
+    np.testing.assert_allclose(float(m["loss"]), float(n["loss"]), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)

@@ -33,7 +33,7 @@ import time
 from typing import Optional, Sequence
 
 from jpeft._version import __version__
-from jpeft.errors import JpeftError
+from jpeft.errors import DistributedError, JpeftError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -232,7 +232,10 @@ def _main(argv: Optional[Sequence[str]], ctrl_c: dict) -> int:
     except UsageError as e:
         return _fail(e.prog or prog, f"{e} (see `{e.prog or prog} --help`)")
     except JpeftError as e:
-        return _fail(prog, f"{type(e).__name__}: {e}")
+        rc = _fail(prog, f"{type(e).__name__}: {e}")
+        if isinstance(e, DistributedError):  # another process left the job: no shutdown barrier to wait in
+            _leave_a_multi_process_job_at_once(rc)
+        return rc
     except KeyboardInterrupt:
         ctrl_c["handled"] = True
         print(f"{prog}: interrupted", file=sys.stderr)

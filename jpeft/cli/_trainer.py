@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from typing import Optional
@@ -27,7 +28,7 @@ from jpeft.cli._common import method_class, method_name_of, method_of, say as _s
 from jpeft.cli._model import encode_fn, load_folder
 from jpeft.core import logits_of
 from jpeft.data import load_examples, model_inputs, PackedDataset
-from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, SaveError, ShardingError
+from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, DistributedError, SaveError, ShardingError
 from jpeft.forgetting.guard import current_lr_scale
 from jpeft.io import atomic_write, check_folder
 from jpeft.models import LlamaForCausalLM, loading
@@ -655,7 +656,17 @@ def _gather_digests(parts, extra=None) -> np.ndarray:
     mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for _, _, v in parts])
     if extra is not None:
         mine = np.concatenate([mine, np.full((1, 8), int(extra), np.uint32)])
-    return np.asarray(multihost_utils.process_allgather(mine))
+    try:
+        return np.asarray(multihost_utils.process_allgather(mine))
+    except jax.errors.JaxRuntimeError as e:
+        # a process that got SIGTERM or Ctrl-C before training (or crashed) left the job: the gather fails once its
+        # connection closes (a raw traceback before, then a wait in jax.distributed's shutdown for its heartbeat
+        # timeout, about 100 s, and an abort)
+        why = re.sub(r"\s*\[[^\]]*\](:\d+)?", "", " ".join(str(e).split()))[:200]  # without gloo's source lines
+        raise DistributedError(
+            f"another process of this job left it before training started (stopped by a signal or Ctrl-C, or "
+            f"crashed: see its output), so the processes cannot agree on their {parts[0][0]} ({why}); this process "
+            "stops too. Start every process again (with --resume where a checkpoint exists).") from None
 
 
 def _refuse_differences(parts, every: np.ndarray) -> None:
@@ -881,9 +892,10 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
                       max_positions(loaded.hf_config))
     loss_fn, eval_sums = make_loss_fns(model, mesh, loss_chunk_tokens(t), bool(t.get("model_dropout", True)), method)
     # an update takes batch_size x accum rows in accum passes; its loss and gradient are means over all of
-    # their target tokens (each pass weighted by its count), as the HF Trainer's gradient_accumulation_steps
+    # their target tokens (each pass weighted by its count), as the HF Trainer's gradient_accumulation_steps;
+    # an update whose rows hold no target token at all changes nothing (train.make_step_fn's loss_weight)
     accum = int(t.get("gradient_accumulation_steps", 1))
-    step_kw = {} if accum == 1 else {"accumulate_steps": accum, "loss_weight": "targets"}
+    step_kw = {"loss_weight": "targets", **({} if accum == 1 else {"accumulate_steps": accum})}
     if mesh is None:
         place = None
         adapter = jpeft.init(method, params, k_init, model, example)
@@ -927,8 +939,13 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
                      f"{steps} steps.")
         # through a temporary file: a half-written resolved_config.json (a full disk, a kill) would read as
         # "no saved settings" and let a later --resume change the seed, data or optimizer unchecked
-        atomic_write(path, json.dumps(dict(cfg, method_config=method.to_dict(), train_data_sha256=data_sha,
-                                           model_weights_sha256=base_sha), indent=1))
+        try:
+            atomic_write(path, json.dumps(dict(cfg, method_config=method.to_dict(), train_data_sha256=data_sha,
+                                               model_weights_sha256=base_sha), indent=1))
+        except OSError as e:  # a read-only output folder (its checkpoints folder writable): a raw PermissionError
+            raise SaveError(f"cannot write {path} ({type(e).__name__}: {e.strerror or e}), so this run cannot record "
+                            f"its settings; nothing was trained or changed. Make {out_dir} writable (permissions, "
+                            "free space), or choose another output_dir.") from None
 
     bs = int(t["batch_size"])
     summary = jpeft.summary(params, adapter, print_fn=None)
@@ -995,11 +1012,19 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
             final = jpeft.scan.unstack_adapter(final)
             final_params = jpeft.scan.unstack_params(final_params)
         if jax.process_index() == 0:
-            # the config training decided (AdaLoRA's rank_pattern, read from the optimizer state)
-            save_adapter(os.path.join(out_dir, "adapter"), final, method.trained_config(opt_state), params=final_params,
-                         base_config=loaded.hf_config,
-                         metadata={"steps": _adapter_step(report, steps), "eval": last_eval,
-                                   **({"forgetting": _canary_summary(report)} if report else {})})
+            try:
+                # the config training decided (AdaLoRA's rank_pattern, read from the optimizer state)
+                save_adapter(os.path.join(out_dir, "adapter"), final, method.trained_config(opt_state),
+                             params=final_params, base_config=loaded.hf_config,
+                             metadata={"steps": _adapter_step(report, steps), "eval": last_eval,
+                                       **({"forgetting": _canary_summary(report)} if report else {})})
+            except OSError as e:  # SaveError among them: the folder became read-only, the disk filled
+                if stopped or step not in ckpts.all_steps():
+                    raise
+                raise SaveError(f"{str(e).rstrip('.')}. The trained state is not lost: checkpoint step {step} in "
+                                f"{ckpts.directory} holds it. Make {out_dir} writable (permissions, free space) and run "
+                                "the same command with --resume, which writes the finished adapter without training "
+                                "again.") from None
         if jax.process_count() > 1:
             dist.barrier("jpeft_train_adapter_written")
     where = (os.path.join(out_dir, "adapter") if step >= steps or stopped
