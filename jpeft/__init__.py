@@ -14,13 +14,8 @@ from jpeft.config import AdapterConfig
 # and the helpers they build on (jpeft.scan, jpeft._inject, jpeft.core, ...), in the one order of
 # docs/ARCHITECTURE.md, "The dependency direction". A helper imported before it would import
 # jpeft.methods.base half-way through its own import, and the methods could not take its names.
-from jpeft.methods import (
-    AdaLoraConfig, AdaLoraWeights, BottleneckConfig, BottleneckWeights, FullFinetuneConfig, IA3Config, IA3Weights,
-    LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig, LoraWeights, OFTConfig, PrefixMLPWeights, PrefixTuningConfig,
-    PrefixWeights, PromptTuningConfig, PromptWeights, SavedModule, TrainableTokens, VeraConfig, VeraWeights,
-    adalora_allocator, convert_residual_adapter, convert_residual_config, fold_prefix, init_corda, init_milora,
-    init_olora, init_pissa, intruder_report, reduce_intruder_dimension, residual_params, to_prefix,
-)
+from jpeft import methods as _methods
+from jpeft.methods import *  # noqa: F401,F403  (the names jpeft.methods.__all__ lists; __all__ below)
 from jpeft.core import apply, init, lm_loss, merge, summary, unmerge
 from jpeft.quant import dequantize, quantize  # QLoRA: a quantized frozen base (issue 19)
 from jpeft import errors
@@ -50,39 +45,7 @@ from jpeft._version import __version__
 
 __all__ = [
     "AdapterConfig",
-    "LoraConfig",
-    "LoraWeights",
-    "SavedModule",
-    "TrainableTokens",
-    "IA3Config",
-    "IA3Weights",
-    "LoHaConfig",
-    "LoKrConfig",
-    "BottleneckConfig",
-    "BottleneckWeights",
-    "PrefixTuningConfig",
-    "PrefixWeights",
-    "PrefixMLPWeights",
-    "fold_prefix",
-    "PromptTuningConfig",
-    "PromptWeights",
-    "to_prefix",
-    "OFTConfig",
-    "LNTuningConfig",
-    "VeraConfig",
-    "VeraWeights",
-    "AdaLoraConfig",
-    "AdaLoraWeights",
-    "adalora_allocator",
-    "init_pissa",
-    "init_olora",
-    "init_milora",
-    "init_corda",
-    "convert_residual_adapter",
-    "residual_params",
-    "convert_residual_config",
-    "intruder_report",
-    "reduce_intruder_dimension",
+    *_methods.__all__,  # the methods' public names (jpeft/methods/__init__.py)
     "init",
     "apply",
     "lm_loss",
@@ -137,7 +100,6 @@ __all__ = [
     "remat",
     "remat_policy",
     "forgetting",
-    "FullFinetuneConfig",
     "ForgettingGuard",
     "lr_scale",
     "__version__",
