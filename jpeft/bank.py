@@ -72,7 +72,10 @@ have had to thread through the step, and over making the bank a pytree (its name
 jit's cache key). :meth:`AdapterBank.route` refuses to run inside a trace on weights that are
 not traced values (the bank's own, captured from the enclosing scope), the one way left to bake
 factors and scales into a compiled program, and :meth:`AdapterBank.with_weights` refuses weights
-whose scales are not the bank's (taken before an ``add``, or changed by an optimizer). Build the
+taken before an ``add`` / ``replace`` / ``remove`` (each stack also carries, frozen, the number of
+the edit that last wrote each slot: a ``replace`` by an adapter of the same scale would
+otherwise let old factors back in) and weights whose scales are not the bank's (changed by an
+optimizer). Build the
 optimizer state with ``jpeft.init_opt_state(optimizer, bank.weights)`` (that is
 ``optimizer.init(jpeft.trainable(bank.weights))``).
 """
@@ -121,17 +124,21 @@ _KINDS = (Kind.DENSE, Kind.DENSE_GENERAL, Kind.EMBED)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraStack(FrozenFields):
-    """The stack of one site: ``lora_A: [N, in, R]``, ``lora_B: [N, R, out]`` (trained) and
-    ``scales: [N]`` (each slot's scale; a frozen field, see the module docstring: it travels
-    with the factors into a jitted function, so the compiled program never keeps old scales,
-    and :func:`jpeft.make_train_step` never trains it)."""
+    """The stack of one site: ``lora_A: [N, in, R]``, ``lora_B: [N, R, out]`` (trained),
+    ``scales: [N]`` (each slot's scale) and ``edits: [N]`` (the number of the bank edit that
+    last wrote each slot, float32 so that ``jax.grad`` over the stack still works). Scales and
+    edits are frozen fields (see the module docstring): they travel with the factors into a
+    jitted function, so the compiled program never keeps old scales, :func:`jpeft.make_train_step`
+    never trains them, and :meth:`AdapterBank.with_weights` tells weights taken before an
+    ``add`` / ``replace`` / ``remove`` by their edits, even where the scales did not change."""
 
     lora_A: jax.Array
     lora_B: jax.Array
     scales: jax.Array
+    edits: jax.Array
     layout: Layout = static_field(default=None)
 
-    frozen: ClassVar[tuple] = ("scales",)
+    frozen: ClassVar[tuple] = ("scales", "edits")
 
 
 @jax.tree_util.register_dataclass
@@ -324,10 +331,10 @@ def _kernel_desc(lay: Layout) -> str:
 
 
 @jax.jit
-def _write_slot(weights, slot, new_a, new_b, new_s):
+def _write_slot(weights, slot, new_a, new_b, new_s, edit):
     return {
         p: LoraStack(st.lora_A.at[slot].set(new_a[p]), st.lora_B.at[slot].set(new_b[p]),
-                     st.scales.at[slot].set(new_s[p]), st.layout)
+                     st.scales.at[slot].set(new_s[p]), st.edits.at[slot].set(edit), st.layout)
         for p, st in weights.items()
     }
 
@@ -352,6 +359,9 @@ class AdapterBank:
       slot_ranks: for each slot, ``{path: rank}`` of the adapter it holds (``None`` if free).
       slot_scales: for each slot, ``{path: scale}`` as host floats (``None`` if free): what
         :meth:`with_weights` checks the scales of the weights it is given against.
+      slot_edits: for each slot, the number of the edit (``add``, ``replace``, ``remove``) that
+        last wrote it (0: never written): what :meth:`with_weights` checks the weights' ``edits``
+        against, so weights taken before an edit are refused even where the scales are equal.
       dropout: LoRA dropout of the routed branch when training through the bank.
       strategy: ``"gather"``, ``"ragged"`` or ``"pregather"`` (see :mod:`jpeft.bank`).
 
@@ -374,6 +384,7 @@ class AdapterBank:
     slots: tuple
     slot_ranks: tuple
     slot_scales: tuple
+    slot_edits: tuple
     dropout: float = 0.0
     strategy: str = DEFAULT_STRATEGY
     # embedding sites: whether the model also reads them as a tied output projection (attend);
@@ -435,12 +446,13 @@ class AdapterBank:
                 jnp.zeros((capacity, lay.in_features, max_rank), dtype),
                 jnp.zeros((capacity, max_rank, lay.out_features), dtype),
                 jnp.zeros((capacity,), jnp.float32),
+                jnp.zeros((capacity,), jnp.float32),
                 lay,
             )
             for p, lay in layouts.items()
         }
         free = (None,) * capacity
-        return cls(layouts, weights, free, free, free, float(dropout), strategy, tied)
+        return cls(layouts, weights, free, free, free, (0,) * capacity, float(dropout), strategy, tied)
 
     @classmethod
     def from_adapters(
@@ -668,19 +680,31 @@ class AdapterBank:
         za = {p: jnp.zeros(st.lora_A.shape[1:], st.lora_A.dtype) for p, st in self.weights.items()}
         zb = {p: jnp.zeros(st.lora_B.shape[1:], st.lora_B.dtype) for p, st in self.weights.items()}
         zs = {p: jnp.zeros((), jnp.float32) for p in self.weights}
-        w = _write_slot(self.weights, jnp.int32(i), za, zb, zs)
-        return dataclasses.replace(self, weights=w, **self._slot_record(i, None, None, None))
+        edit = self._next_edit()
+        w = _write_slot(self.weights, jnp.int32(i), za, zb, zs, jnp.float32(edit))
+        return dataclasses.replace(self, weights=w, **self._slot_record(i, None, None, None, edit))
 
     def with_weights(self, weights: Mapping[str, LoraStack]) -> "AdapterBank":
         """A new bank with its stacked factors replaced (e.g. after training through the bank).
 
         Raises:
           BankShapeError: weights of another structure or shape.
-          BankError: weights whose scales are not this bank's (taken before an ``add`` /
-            ``replace`` / ``remove``, or changed by an optimizer that was given the scales).
+          BankError: weights taken before an ``add`` / ``replace`` / ``remove`` of this bank
+            (their ``edits`` differ; the factors would bring back the slot's old adapter), or
+            whose scales are not this bank's (changed by an optimizer that was given them).
         """
         self._check_weights(weights)
         for p, st in weights.items():
+            stale = np.flatnonzero(np.asarray(st.edits, np.float64) != np.asarray(self.slot_edits, np.float64))
+            if stale.size:
+                k = int(stale[0])
+                raise BankError(
+                    f"the weights at {p!r} were taken from the bank before it changed slot {k} (now "
+                    f"{self.slots[k]!r}; the weights hold what the slot had before an add / replace / remove), so "
+                    "with_weights would bring the old adapter back there. Take bank.weights again after changing "
+                    "the bank and train from it; bank.with_weights(trained).add(name, adapter) (changes after "
+                    "with_weights) keeps what was trained."
+                )
             got = np.asarray(st.scales)
             want = np.asarray([0.0 if r is None else r.get(p, 0.0) for r in self.slot_scales], np.float32)
             bad = np.flatnonzero(got.astype(np.float32) != want.astype(got.dtype).astype(np.float32))
@@ -741,12 +765,14 @@ class AdapterBank:
                     f"weights at {p!r} have shapes {tuple(st.lora_A.shape)} / {tuple(st.lora_B.shape)}; the bank "
                     f"needs {tuple(ref.lora_A.shape)} / {tuple(ref.lora_B.shape)}."
                 )
-            if st.scales is None or tuple(st.scales.shape) != (self.capacity,):
-                raise BankShapeError(
-                    f"weights at {p!r} carry scales of shape {None if st.scales is None else tuple(st.scales.shape)}; "
-                    f"the bank needs ({self.capacity},): pass bank.weights, or a trained copy of it with its scales "
-                    "(jpeft.join_frozen(trainable, frozen) puts back what jpeft.split_frozen took out)."
-                )
+            for name in ("scales", "edits"):
+                x = getattr(st, name)
+                if x is None or tuple(x.shape) != (self.capacity,):
+                    raise BankShapeError(
+                        f"weights at {p!r} carry {name} of shape {None if x is None else tuple(x.shape)}; the bank "
+                        f"needs ({self.capacity},): pass bank.weights, or a trained copy of it with its scales and "
+                        "edits (jpeft.join_frozen(trainable, frozen) puts back what jpeft.split_frozen took out)."
+                    )
 
     def _validate(self, name: str, adapter) -> dict:
         low = check_lora(name, adapter)
@@ -795,17 +821,24 @@ class AdapterBank:
             new_b[path] = jnp.pad(jnp.asarray(node.b, st.lora_B.dtype), ((0, rmax - r), (0, 0)))
             host_s[path] = float(np.float32(node.scale))
             new_s[path] = jnp.asarray(host_s[path], jnp.float32)
-        w = _write_slot(self.weights, jnp.int32(i), new_a, new_b, new_s)
+        edit = self._next_edit()
+        w = _write_slot(self.weights, jnp.int32(i), new_a, new_b, new_s, jnp.float32(edit))
         ranks = {p: int(n.a.shape[-1]) for p, n in adapter.items()}
-        return dataclasses.replace(self, weights=w, **self._slot_record(i, name, ranks, host_s))
+        return dataclasses.replace(self, weights=w, **self._slot_record(i, name, ranks, host_s, edit))
 
-    def _slot_record(self, i: int, name, ranks, scales) -> dict:
-        """The host bookkeeping of a bank whose slot ``i`` holds ``name`` (``None``: free)."""
+    def _next_edit(self) -> int:
+        """A number no slot of this bank was written with (edits only grow along a bank's history;
+        float32 holds them exactly up to 2**24 edits)."""
+        return max(self.slot_edits) + 1
+
+    def _slot_record(self, i: int, name, ranks, scales, edit: int) -> dict:
+        """The host bookkeeping of a bank whose slot ``i`` holds ``name`` (``None``: free), written
+        by edit number ``edit``."""
         def put(t, v):
             return t[:i] + (v,) + t[i + 1 :]
 
         return dict(slots=put(self.slots, name), slot_ranks=put(self.slot_ranks, ranks),
-                    slot_scales=put(self.slot_scales, scales))
+                    slot_scales=put(self.slot_scales, scales), slot_edits=put(self.slot_edits, edit))
 
 
 def _same_layout(a: Layout, b: Layout) -> bool:

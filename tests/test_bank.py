@@ -520,12 +520,22 @@ def test_stale_weights_and_routing_on_captured_arrays_are_refused():
         jax.jit(lambda i: bank.route(i, weights=bank.weights)["mlp"].lora_A)(ids)
     old = bank.weights
     bank2 = bank.add("r4", ADAPTERS["r4"])
-    with pytest.raises(BankError, match=r"slot 1 \('r4'\): 0.0 where the bank holds 3.0.*before an add"):
+    with pytest.raises(BankError, match=r"before it changed slot 1 \(now 'r4'.*bring the old adapter back"):
         bank2.with_weights(old)  # would have dropped r4 while the bank still named it
+    # a replace by an adapter of the same scale at every site: only the edit number tells the weights apart
+    # (with_weights(old) brought r1's old factors back under the new adapter's name, 2.87 off its logits)
+    other = {p: dataclasses.replace(n, lora_B=-n.lora_B) for p, n in ADAPTERS["r1"].items()}
+    swapped = bank2.replace("r1", other)
+    assert swapped.slot_scales == bank2.slot_scales
+    with pytest.raises(BankError, match=r"before it changed slot 0 \(now 'r1'"):
+        swapped.with_weights(bank2.weights)
+    np.testing.assert_allclose(jpeft.apply(MODEL, PARAMS, swapped.with_weights(swapped.weights).route(["r1"] * 6), TOK),
+                               jpeft.apply(MODEL, PARAMS, other, TOK), atol=1e-5)
     decayed = {p: dataclasses.replace(st, scales=st.scales * 0.99) for p, st in bank2.weights.items()}
     with pytest.raises(BankError, match="an optimizer changed the scales"):
         bank2.with_weights(decayed)
     assert bank2.with_weights(bank2.weights).names == ("r1", "r4")
+    assert bank2.remove("r4").with_weights(bank2.remove("r4").weights).names == ("r1",)
 
 
 def test_summary_of_a_routed_bank_counts_the_factors_only():
