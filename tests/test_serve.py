@@ -491,7 +491,8 @@ def test_text_is_not_lost_when_decoding_rewrites_earlier_text():
 def test_a_character_split_over_byte_fallback_tokens_does_not_end_the_text():
     """A byte-fallback tokenizer (Llama 2's, Mistral's) decodes an incomplete UTF-8 character to
     one U+FFFD per byte; the engine held back only the last one, sent the first, and once the
-    character completed the text no longer began with what was sent: nothing more was sent."""
+    character completed the text no longer began with what was sent: nothing more was sent. The
+    held-back tokens' ids were dropped from the events' token_ids."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
@@ -511,6 +512,9 @@ def test_a_character_split_over_byte_fallback_tokens_does_not_end_the_text():
         eng._accept([(0, req)], [t])
     assert "".join(e.text for e in events if e.kind == "text") == "a\u20acb\u20aca"
     assert events[-1].finish_reason == "length"
+    # each text event carries the ids it came from, the held-back first bytes of a character included (only the
+    # last byte's id came with the character before)
+    assert [e.token_ids for e in events if e.kind == "text"] == [(1,), tuple(euro), (2,), tuple(euro), (1,)]
 
 
 def test_a_stop_string_whose_next_character_is_split_over_byte_tokens_is_cut_whole():

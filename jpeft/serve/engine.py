@@ -54,7 +54,9 @@ from jpeft.models._layers import KVCache, init_cache
 class Event(NamedTuple):
     """What the engine tells a request's ``sink``.
 
-    ``kind``: ``"text"`` (new ``text`` and the ``token_ids`` it came from), ``"done"``
+    ``kind``: ``"text"`` (new ``text`` and the ``token_ids`` it came from: every token generated
+    since the previous text event, those whose text was held back, such as the first bytes of a
+    character, included), ``"done"``
     (``finish_reason``: ``"stop"`` or ``"length"``; ``usage``), or ``"error"`` (``error``: a
     short code, ``"timeout"`` or ``"engine"``, with ``message``).
     """
@@ -100,6 +102,7 @@ class Request:
     prefilled: int = 0
     generated: list = dataclasses.field(default_factory=list)
     emitted: str = ""
+    unsent: list = dataclasses.field(default_factory=list)  # generated ids not yet in a text event
     done: bool = False
 
 
@@ -562,6 +565,7 @@ class Engine:
             eos = t in self.eos_ids
             if not eos:
                 r.generated.append(t)
+                r.unsent.append(t)
             reason = "stop" if eos else None
             text, stopped = self._text(r)
             if stopped:
@@ -572,7 +576,9 @@ class Engine:
             final = reason is not None
             new = self._new_text(r, text, final)
             if new or (self.tokenizer is None and not eos):
-                self._send(r, Event("text", new, () if eos else (t,)))
+                # the ids of tokens whose text was held back (a character's first bytes) go with the text they made
+                self._send(r, Event("text", new, tuple(r.unsent)))
+                r.unsent.clear()
             if final:
                 with self._cv:
                     if self._rows[i] is r:
