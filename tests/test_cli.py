@@ -899,9 +899,29 @@ def test_train_steps_whose_rows_hold_no_target_change_nothing(hf_dir, tmp_path, 
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"step {s}")
 
 
+def _rerun_without_dac_override(tmp_path, name: str) -> None:
+    """Runs test ``name`` of this file in a pytest whose process cannot write into read-only
+    folders: root's CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped from its capability bounding
+    set (``setpriv``, util-linux), so CI, which runs as root, checks what a user's process meets.
+    Skips only where ``setpriv`` is missing or not allowed to drop them (say so)."""
+    setpriv = shutil.which("setpriv")
+    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search"] if setpriv else None
+    if drop is None or subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
+        pytest.skip("this process writes into read-only folders (root with CAP_DAC_OVERRIDE) and setpriv cannot "
+                    "drop that capability here")
+    if os.environ.get("JPEFT_TEST_DAC_DROPPED"):
+        pytest.fail("setpriv ran, but this process still writes into read-only folders")
+    env = dict(os.environ, JPEFT_TEST_DAC_DROPPED="1")
+    r = subprocess.run([*drop, sys.executable, "-m", "pytest", "-n0", "-p", "no:cacheprovider", "--basetemp",
+                        str(tmp_path / "rerun"), f"{os.path.abspath(__file__)}::{name}"],
+                       env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+
 def _chmod_stops_writes(tmp_path) -> bool:
     """Whether a folder without write permission refuses this process (root with CAP_DAC_OVERRIDE
-    writes anyway: the read-only tests skip there; `setpriv --bounding-set=-dac_override` runs them)."""
+    writes anyway: the read-only test then runs again under setpriv, `_rerun_without_dac_override`)."""
     probe = tmp_path / "ro-probe"
     probe.mkdir()
     probe.chmod(0o555)
@@ -920,8 +940,9 @@ def test_train_into_a_read_only_output_folder_says_so_and_loses_no_work(hf_dir, 
     hidden temporary file; and one that became read-only before the finished adapter was written
     said "Nothing was written" only, as if the run were lost, where its last checkpoint holds it:
     the error now says so, and --resume writes the adapter without training again."""
-    if not _chmod_stops_writes(tmp_path):
-        pytest.skip("this process writes into read-only folders (root with CAP_DAC_OVERRIDE)")
+    if not _chmod_stops_writes(tmp_path):  # root: run this test again in a pytest without the override
+        _rerun_without_dac_override(tmp_path, "test_train_into_a_read_only_output_folder_says_so_and_loses_no_work")
+        return
     cfg = _tiny_lora_run(hf_dir, tmp_path, steps=2)
     out = tmp_path / "out"
     out.mkdir()
