@@ -73,19 +73,33 @@ def _format(peft_type) -> Optional[Method]:
 _ENCODER_ROOTS = ("bert",)
 _DECODER_ROOTS = ("model", "transformer")
 # the task type "auto" writes by base kind; what PEFT loads per kind and method: AdapterConfig.peft_task_types
-_DEFAULT_TASK = {"decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION"}
+_DEFAULT_TASK = {"decoder": "CAUSAL_LM", "encoder": "FEATURE_EXTRACTION", "bare decoder": "FEATURE_EXTRACTION"}
 
 
 def _base_kind(paths, params) -> Optional[str]:
     """``"encoder"`` (BERT, or the bare ``BertModel``'s params), ``"decoder"`` (Llama family,
-    GPT-2) or ``None`` when neither the params nor the adapter's site paths tell."""
+    GPT-2), ``"bare decoder"`` (the params of ``jpeft.models.LlamaModel`` / ``GPT2Model``, the
+    stack without its language-model head: PEFT builds prompt learning on such a base as
+    FEATURE_EXTRACTION, not CAUSAL_LM) or ``None`` when neither the params nor the adapter's site
+    paths tell."""
     inner = unwrap_params(params)[0] if params is not None else None
     roots = set(inner) if inner is not None else {p.split("/")[0] for p in paths if p}
     if roots & set(_ENCODER_ROOTS) or _is_bare_bert(inner):
         return "encoder"
     if roots & set(_DECODER_ROOTS):
         return "decoder"
+    if _is_bare_decoder(inner):
+        return "bare decoder"
     return None
+
+
+def _is_bare_decoder(inner) -> bool:
+    """Whether ``inner`` are the params of a bare decoder stack (``params['params']['model']`` of a
+    Llama-family model, ``['transformer']`` of GPT-2): its token embedding beside its layers."""
+    if not isinstance(inner, Mapping):
+        return False
+    return any(emb in inner and any(k == layers or k.startswith(layers + "_") for k in inner)
+               for emb, layers in (("embed_tokens", "layers"), ("wte", "h")))
 
 
 def _is_bare_bert(inner) -> bool:

@@ -560,6 +560,41 @@ def test_feature_extraction_on_bare_bert_model_matches_peft_both_ways(method, tm
     np.testing.assert_allclose(hidden(pm2)[rows], np.asarray(h2)[rows], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_prompt_tuning_on_a_bare_decoder_is_written_as_feature_extraction_and_matches_peft(family, tmp_path):
+    """Prompt tuning saved from a bare decoder's params (jpeft.models.LlamaModel / GPT2Model, PEFT's
+    LlamaModel / GPT2Model, no language-model head) was written as CAUSAL_LM, which PEFT cannot
+    build there ('... has no attribute prepare_inputs_for_generation'); it is now
+    FEATURE_EXTRACTION, and PEFT's last_hidden_state equals jpeft's (every virtual token random)."""
+    import transformers
+
+    hf, _ = tiny.hf_model(family)
+    root, cls = {"llama3": ("model", transformers.LlamaModel), "gpt2": ("transformer", transformers.GPT2Model)}[family]
+    bare = cls(hf.config)
+    bare.load_state_dict({k[len(root) + 1:]: v for k, v in hf.state_dict().items() if k.startswith(root + ".")})
+    model, params = _jpeft_base(family)
+    stack = {"llama3": jpeft.models.LlamaModel, "gpt2": jpeft.models.GPT2Model}[family](model.config)
+    sp = {"params": params["params"][root]}
+    cfg = jpeft.PromptTuningConfig(num_virtual_tokens=T)
+    ad = _perturb(jpeft.init(cfg, sp, jax.random.key(0), stack, jnp.zeros((1, 4), jnp.int32)), jax.random.key(4))
+    save_peft(str(tmp_path), cfg, ad, params=sp)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    pm = peft.PeftModel.from_pretrained(bare, str(tmp_path)).eval()
+    ids, _ = tiny.batch(family)
+    mask = np.ones_like(ids)  # right after the virtual tokens, no padding: positions as PEFT's
+    with torch.no_grad():
+        t = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    assert np.abs(t[:, T:] - bare(input_ids=torch.tensor(ids)).last_hidden_state.detach().numpy()).max() > 1e-2
+
+    def hidden(adapter):  # jpeft's stack returns the real tokens' states (PEFT's keeps the virtual ones first)
+        out = jpeft.apply(stack, sp, adapter, jnp.asarray(ids), jnp.asarray(mask))
+        return np.asarray(out[0] if isinstance(out, tuple) else out)
+
+    np.testing.assert_allclose(hidden(ad), t[:, T:], rtol=1e-4, atol=1e-4)
+    _, back = load_peft(str(tmp_path), sp)  # and read back on the bare params
+    np.testing.assert_allclose(hidden(back), t[:, T:], rtol=1e-4, atol=1e-4)
+
+
 def test_every_key_the_installed_peft_writes_is_known_and_an_unknown_one_warns(tmp_path):
     """LoRA, IA3 and the LyCORIS loaders kept only the keys they knew: an option of a newer PEFT
     that changes the outputs was dropped with no word. Every key of the installed PEFT's configs is
