@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Mapping, Optional
 import numpy as np
 
 from jpeft.errors import ConfigError
-from jpeft.tree import compile_pattern
+from jpeft.tree import compile_pattern, matches
 
 _REGISTRY: dict[str, type["AdapterConfig"]] = {}
 
@@ -276,6 +276,20 @@ class AdapterConfig:
     def layer_scan_refusal(self) -> Optional[str]:
         """Why this config cannot train a layer-scanned model (``scan_layers``), or ``None`` when
         it can; ``jpeft train`` reads it to refuse ``train.scan_layers = true`` before loading."""
+        return None
+
+    def adapts_lm_head(self) -> bool:
+        """Whether this config gives ``lm_head`` a site or a trained copy of its own, which PEFT
+        computes on a tied model with an ``lm_head`` of its own; ``jpeft train`` then reads a tied
+        base untied. By default: ``target_modules`` selects ``lm_head`` (a method with other
+        selection rules overrides this: LoRA's exclusions and ``modules_to_save``)."""
+        targets = getattr(self, "target_modules", None)
+        return targets is not None and matches(targets, "lm_head")
+
+    def untied_head_refusal(self) -> Optional[str]:
+        """Why this config cannot train on a tied base read untied (``lm_head`` a copy of the
+        input embedding, see :meth:`adapts_lm_head`), or ``None`` when it can; ``jpeft train``
+        reads it to refuse before loading."""
         return None
 
     @property

@@ -1828,6 +1828,8 @@ def test_eval_of_a_peft_lm_head_adapter_on_a_tied_base_gives_peft_loss(tied_llam
     ds = _rows_of(folder, hf_dir / "notes.txt")
     base_loss, _ = _torch_loss(base, ds.input_ids, ds.loss_mask)
     for name, kw in (("saved", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+                     # PEFT's modules_to_save is a suffix rule: "head" copies lm_head too (was read on the tied base)
+                     ("suffix", dict(target_modules=["q_proj"], modules_to_save=["head"])),
                      ("lora", dict(target_modules=["v_proj", "lm_head"]))):
         pm = _peft_random_folder(base, tmp_path / name, seed=len(name), **kw)
         ref, _ = _torch_loss(pm, ds.input_ids, ds.loss_mask)
@@ -1973,9 +1975,15 @@ def test_train_tie_word_embeddings_key_and_its_refusals_before_the_model_loads(t
         assert r.returncode == 2 and "ConfigError" in error_line(r.stderr) and msg in r.stderr, (msg, r.stderr)
         assert not (tmp_path / "run").exists()
     # the key alone unties a tied base for a method that leaves lm_head alone; without it the base stays tied
-    for tie, want in (("tie_word_embeddings = false", True), ("", False)):
-        cfg = resolve_config(_tomllib().loads(toml("tied", tie, q)), base_dir=str(tmp_path))
-        assert untie_lm_head(cfg, method_of(cfg), loading.read_config(cfg["model"])) is want
+    # the method decides what adapts lm_head (AdapterConfig.adapts_lm_head), as it builds its sites: PEFT's
+    # modules_to_save is a suffix rule, so "head" copies lm_head (the CLI's own reading of the field said no and
+    # read the base tied); LoRA's exclude_modules takes lm_head out of a regex that selects it
+    for tie, method, want in (("tie_word_embeddings = false", q, True), ("", q, False),
+                              ("", f'{q}\nmodules_to_save = ["head"]', True), ("", head, True),
+                              ("", 'target_modules = ".*_proj|lm_head"\nexclude_modules = ["lm_head"]', False)):
+        cfg = resolve_config(_tomllib().loads(toml("tied", tie, method)), base_dir=str(tmp_path))
+        assert untie_lm_head(cfg, method_of(cfg), loading.read_config(cfg["model"])) is want, method
+    assert jpeft.LoraConfig(target_modules=["q_proj"], modules_to_save=["head"]).saves("lm_head")  # as PEFT's endswith
 
 
 def _peft_residual_folder(base, init, out, seed):

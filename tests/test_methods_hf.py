@@ -487,6 +487,50 @@ def test_token_classification_adapter_is_refused_not_loaded_as_the_sequence_head
         load_peft(str(tmp_path), params)
 
 
+def test_adalora_seq_cls_adapter_trains_with_its_classifier_copy_as_peft(tmp_path):
+    """AdaLoRA's SEQ_CLS file carries the classifier copy PEFT trains, which loads as a
+    SavedModule site: the orthogonal penalty and the rank allocator then refused the adapter ("an
+    AdaLoRA adapter holds a SavedModule at 'classifier'"), so it could not be trained at all. PEFT's
+    penalty reads lora_A / lora_B only (its loss against PEFT's, every tensor random), its
+    allocator scores the lora_ parameters only, and the copy trains with the inner optimizer."""
+    import optax
+
+    hf, _ = tiny.hf_model("bert")
+    pm = peft.get_peft_model(copy.deepcopy(hf), SEQ_CLS_METHODS["adalora"]())
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:  # lora_A, lora_E, lora_B and the classifier copy
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    pm.eval().save_pretrained(str(tmp_path))
+    model, params = _jpeft_base("bert")
+    cfg, ad = load_peft(str(tmp_path), params)
+    assert isinstance(ad["classifier"], jpeft.SavedModule)
+    ids, mask = tiny.batch("bert")
+    labels = np.arange(len(ids)) % hf.config.num_labels
+    with torch.no_grad():  # PEFT's AdaLoRA adds orth_reg_weight * its penalty to the model's loss
+        want = float(pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                        labels=torch.tensor(labels)).loss)
+    logits = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
+    ce = float(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(labels)).mean())
+    reg = float(cfg.regularizer(ad))
+    assert reg > 0.1
+    np.testing.assert_allclose(ce + reg, want, rtol=1e-5)
+    # one allocator update: the sites move as the allocator moves them without the copy, the copy as adam alone
+    train = jpeft.trainable(ad)
+    grads = _perturb(train, jax.random.key(3))
+    tx = cfg.wrap_optimizer(optax.adam(1e-2))
+    upd, _ = tx.update(grads, tx.init(train), train)
+    sites = {p: n for p, n in train.items() if p != "classifier"}
+    want_sites, _ = tx.update({p: grads[p] for p in sites}, tx.init(sites), sites)
+    inner = optax.adam(1e-2)
+    want_copy, _ = inner.update(grads["classifier"], inner.init(train["classifier"]), train["classifier"])
+    for got, ref in [(upd[p], want_sites[p]) for p in sites] + [(upd["classifier"], want_copy)]:
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+    assert float(jnp.abs(upd["classifier"].params["kernel"]).max()) > 1e-3  # the copy trains
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
 def test_question_answering_adapter_is_refused_by_name(method, tmp_path):
     """PEFT's QUESTION_ANS keeps BertForQuestionAnswering's ``qa_outputs`` as a module to save;

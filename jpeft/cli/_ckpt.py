@@ -96,12 +96,13 @@ _LM_HEAD_COPIES = ("weight", "base_layer.weight", "original_module.weight", "tok
 
 def adapts_lm_head(path: str) -> bool:
     """Whether the adapter at ``path`` is a PEFT folder holding weights for ``lm_head`` (a LoRA of
-    it, or ``modules_to_save=["lm_head"]``), or a jpeft adapter or checkpoint saved for a base
-    with an ``lm_head`` of its own (``jpeft train`` of such a method on a tied base reads it
-    untied). On a base whose ``config.json`` ties ``lm_head`` to the input embedding, PEFT
-    computes such an adapter with an ``lm_head`` of its own, so the commands read that base untied
-    (``load_folder(untie=True)``: ``lm_head`` a copy of the embedding, the same logits) and
-    ``merge`` writes it untied, as PEFT's ``merge_and_unload()`` does."""
+    it, or ``modules_to_save`` naming it: ``["lm_head"]``, or ``["head"]`` by PEFT's suffix rule),
+    or a jpeft adapter or checkpoint saved for a base with an ``lm_head`` of its own (``jpeft
+    train`` of such a method on a tied base reads it untied). On a base whose ``config.json`` ties
+    ``lm_head`` to the input embedding, PEFT computes such an adapter with an ``lm_head`` of its
+    own, so the commands read that base untied (``load_folder(untie=True)``: ``lm_head`` a copy
+    of the embedding, the same logits) and ``merge`` writes it untied, as PEFT's
+    ``merge_and_unload()`` does."""
     try:
         found = find_adapter(path)
     except JpeftError:  # no adapter there (or --model and --adapter swapped): the loaders name it, model first
@@ -124,7 +125,9 @@ def adapts_lm_head(path: str) -> bool:
         return False
     if not isinstance(d, dict) or d.get("ensure_weight_tying"):
         return False  # PEFT keeps the head tied there: the embedding's site covers it
-    if any(isinstance(m, str) and m.split(".")[-1] == "lm_head" for m in d.get("modules_to_save") or ()):
+    # PEFT copies every module whose name ends with an entry (a plain suffix test: "head" copies lm_head too)
+    saved = d.get("modules_to_save") or ()
+    if any(isinstance(m, str) and m and jpeft.LoraConfig.saved_by("lm_head", m) for m in saved):
         return True
     # an adapter site of lm_head (lora_A, hada_w1, ...); not save_embedding_layers' copies of the base or the
     # trainable tokens PEFT shares between a tied lm_head and the embedding: those are read on the tied base

@@ -34,7 +34,7 @@ from jpeft.io import atomic_write, check_folder
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
-from jpeft.tree import host_array, matches
+from jpeft.tree import host_array
 from jpeft.validate import check_tokens
 
 
@@ -393,22 +393,6 @@ def _check_resumed_fingerprint(out_dir: str, before: dict, key: str, sha: str) -
         "model folder the run was started with, or start a new run in another output_dir.")
 
 
-def method_adapts_lm_head(method) -> bool:
-    """Whether the method config gives ``lm_head`` a site or a trained copy (``target_modules``
-    selecting it, ``modules_to_save=["lm_head"]``), which PEFT computes on a tied model with an
-    ``lm_head`` of its own; not with ``ensure_weight_tying``, where the embedding's site covers the
-    tied head (as :func:`jpeft.cli._ckpt.adapts_lm_head` reads a PEFT folder)."""
-    if getattr(method, "ensure_weight_tying", False):
-        return False
-    if any(str(m).replace("/", ".").split(".")[-1] == "lm_head" for m in getattr(method, "modules_to_save", None) or ()):
-        return True
-    targets = getattr(method, "target_modules", None)
-    if targets is None:
-        return False
-    selects = getattr(method, "selects", None)  # LoRA's exclude_modules / layers_to_transform narrow the match
-    return bool(selects("lm_head")) if callable(selects) else matches(targets, "lm_head")
-
-
 def untie_lm_head(cfg: dict, method, hf_config: dict) -> bool:
     """Whether ``jpeft train`` reads the base untied (``load_folder(untie=True)``: ``lm_head`` a
     copy of the input embedding, the same logits): ``[model] tie_word_embeddings = false``, or,
@@ -418,11 +402,12 @@ def untie_lm_head(cfg: dict, method, hf_config: dict) -> bool:
 
     Raises:
       ConfigError: ``tie_word_embeddings = true`` on an untied checkpoint or with a method
-        adapting ``lm_head``; trainable tokens on a tied checkpoint read untied (PEFT applies
-        their rows in the tied ``lm_head`` too, jpeft's untied head would not)."""
+        adapting ``lm_head``; a method that cannot train on a tied checkpoint read untied
+        (:meth:`jpeft.AdapterConfig.untied_head_refusal`: LoRA's trainable tokens, whose rows
+        PEFT applies in the tied ``lm_head`` too)."""
     want = cfg.get("tie_word_embeddings")
     file_tied = bool(getattr(loading.config_from_hf(hf_config), "tie_word_embeddings", False))
-    heads = method_adapts_lm_head(method)
+    heads = method.adapts_lm_head()
     if want is True and not file_tied:
         raise ConfigError(f"model.tie_word_embeddings = true, but {cfg['model']!r} has an lm_head of its own (its "
                           "config.json does not tie it to the input embedding), which cannot be tied away. Drop the key.")
@@ -433,14 +418,14 @@ def untie_lm_head(cfg: dict, method, hf_config: dict) -> bool:
                           "not have (its logits come from the input embedding), while PEFT unties it. Drop the key (or "
                           "set it to false) to train lm_head as PEFT does, or leave lm_head out of the method.")
     untie = want is False or (want is None and heads)
-    if untie and getattr(method, "trainable_token_indices", None) is not None:
+    why = method.untied_head_refusal() if untie else None
+    if why is not None:
         raise ConfigError(
-            f"trainable_token_indices on {cfg['model']!r} read untied ("
+            f"{why}. {cfg['model']!r} is read untied ("
             + ("model.tie_word_embeddings = false" if want is False else "the method adapts lm_head") +
-            "): config.json ties lm_head to the input embedding, where PEFT applies the token rows in lm_head too, "
-            "but jpeft's untied lm_head would not take them, so the exported adapter would give other outputs in "
-            "PEFT. Train the trainable tokens on the tied base (leave lm_head out of the method and drop "
-            "tie_word_embeddings = false), or train lm_head whole (modules_to_save = [\"lm_head\"]) without them.")
+            ") while its config.json ties lm_head to the input embedding, so the exported adapter would give other "
+            "outputs in PEFT. Train on the tied base (leave lm_head out of the method and drop "
+            "tie_word_embeddings = false), or change the method as said.")
     if untie and want is None:
         _say("note: the method adapts lm_head, which config.json ties to the input embedding; the base is read with "
              "an lm_head of its own (a copy of the embedding: the same logits), as PEFT unties it ([model] "

@@ -53,7 +53,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import AdditiveMerge, down_project, from_matrix, linear_candidates, linear_layout, up_project
+from jpeft.methods._common import (AdditiveMerge, SavedModule, down_project, from_matrix, linear_candidates,
+                                   linear_layout, up_project)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
@@ -356,6 +357,8 @@ def orthogonal_regularization(adapter: Mapping[str, Any]) -> jax.Array:
     terms = []
     for path, node in adapter.items():
         inner = node.inner if isinstance(node, scan.Stacked) else node
+        if isinstance(inner, SavedModule):  # SEQ_CLS's classifier copy: PEFT's penalty reads lora_A / lora_B only
+            continue
         if not isinstance(inner, AdaLoraWeights):
             raise UnsupportedAdapterError(f"an AdaLoRA adapter holds a {type(inner).__name__} at {path!r}.")
         if isinstance(node, scan.Stacked):  # a layer-scanned site: each layer is one of PEFT's modules
@@ -375,8 +378,12 @@ class AllocatorState(NamedTuple):
 
 
 def _sites(adapter) -> dict:
+    """``{path: AdaLoraWeights}``; a module copy (SEQ_CLS's classifier, :class:`SavedModule`) is
+    left out: PEFT's allocator scores the ``lora_`` parameters only, the copy trains plainly."""
     out = {}
     for path, node in adapter.items():
+        if isinstance(node, SavedModule):
+            continue
         if isinstance(node, scan.Stacked):
             raise UnsupportedModuleError(
                 f"AdaLoRA's rank allocator ranks each module's triplets across the model, but {path!r} is a "
@@ -603,7 +610,8 @@ def allocator(config: AdaLoraConfig, inner) -> "optax.GradientTransformation":
         if not isinstance(params, Mapping):
             raise UnsupportedAdapterError(f"adalora.allocator optimizes an AdaLoRA adapter ({{path: AdaLoraWeights}}), "
                                           f"found {type(params).__name__}.")
-        other = [(p, n) for p, n in params.items() if not isinstance(getattr(n, "unstacked", n), AdaLoraWeights)]
+        other = [(p, n) for p, n in params.items()
+                 if not isinstance(getattr(n, "unstacked", n), (AdaLoraWeights, SavedModule))]
         if other:
             raise UnsupportedAdapterError(
                 f"adalora.allocator optimizes an AdaLoRA adapter ({{path: AdaLoraWeights}}), but {other[0][0]!r} holds a "

@@ -343,6 +343,19 @@ class LoraConfig(AdapterConfig):
         """Trainable base biases (``bias`` other than ``"none"``) are not implemented for stacked layers."""
         return None if self.bias == "none" else f"bias = {self.bias!r} (trainable base biases)"
 
+    def adapts_lm_head(self) -> bool:
+        """``lm_head`` gets a site (:meth:`selects`) or is saved whole (:meth:`saves`, PEFT's suffix
+        rule: ``modules_to_save=["head"]`` copies ``lm_head`` too); not with ``ensure_weight_tying``,
+        where the embedding's site covers the tied head."""
+        return not self.ensure_weight_tying and (self.selects("lm_head") or self.saves("lm_head"))
+
+    def untied_head_refusal(self) -> Optional[str]:
+        """Trainable tokens: PEFT applies their rows in the tied ``lm_head`` too, an untied one would not."""
+        if self.trainable_token_indices is None:
+            return None
+        return ("trainable_token_indices: PEFT applies the token rows in lm_head too, but jpeft's untied lm_head would "
+                "not take them (train lm_head whole, modules_to_save = [\"lm_head\"], without them)")
+
     @property
     def residual_init(self) -> Optional[str]:
         """``init`` when it makes factors relative to a residual base (:func:`is_residual_init`)."""
