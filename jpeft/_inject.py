@@ -176,6 +176,8 @@ def _dequantized_call(ctx, args, kwargs, redirect):
 
 
 def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
+    methods_checked: set = set()  # (path, method) pairs whose override_refusal ran
+
     def intercept(next_fun, args, kwargs, ctx):
         if _BYPASS.get():
             return next_fun(*args, **kwargs)
@@ -208,7 +210,9 @@ def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
                     err = mapped_refusal(path, ctx.module, params)
                     if err is not None:
                         raise err
-            if getattr(node, "layout", None) is not None:  # computes with the flax class's own function
+            if getattr(node, "layout", None) is not None and (path, ctx.method_name) not in methods_checked:
+                methods_checked.add((path, ctx.method_name))  # once per site and method, as the checks above
+                # a linear site computes with the flax class's own function
                 err = override_refusal(path, ctx.module, (ctx.method_name,))
                 if err is not None:
                     raise err

@@ -148,7 +148,7 @@ def untie_for(path: str, model: str) -> bool:
     if not adapts_lm_head(path):
         return False
     try:
-        tied = bool(getattr(loading.config_from_hf(loading.read_config(model)), "tie_word_embeddings", False))
+        tied = loading.ties_lm_head(loading.read_config(model))
     except (JpeftError, TypeError, ValueError):  # a missing or broken config.json: the model's loader names it
         return True
     found = find_adapter(path)

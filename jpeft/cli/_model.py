@@ -73,8 +73,7 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
         )
     model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,
                                     quantize=quantize, **({"scan_layers": True} if scan_layers else {}),
-                                    **({"tie_word_embeddings": False} if untie and getattr(
-                                        config_from_hf(d), "tie_word_embeddings", False) else {}))
+                                    **({"tie_word_embeddings": False} if untie and loading.ties_lm_head(d) else {}))
     if quantize and mesh is not None:
         params = shard_params(params, mesh, rules, stacked=r".*layers/.*" if scan_layers else None)
     return Loaded(model, params, tok, folder, d)

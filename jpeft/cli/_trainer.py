@@ -406,7 +406,7 @@ def untie_lm_head(cfg: dict, method, hf_config: dict) -> bool:
         (:meth:`jpeft.AdapterConfig.untied_head_refusal`: LoRA's trainable tokens, whose rows
         PEFT applies in the tied ``lm_head`` too)."""
     want = cfg.get("tie_word_embeddings")
-    file_tied = bool(getattr(loading.config_from_hf(hf_config), "tie_word_embeddings", False))
+    file_tied = loading.ties_lm_head(hf_config)
     heads = method.adapts_lm_head()
     if want is True and not file_tied:
         raise ConfigError(f"model.tie_word_embeddings = true, but {cfg['model']!r} has an lm_head of its own (its "

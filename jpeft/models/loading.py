@@ -303,6 +303,14 @@ def _adapter_held(path: str) -> Optional[str]:
     return None
 
 
+def ties_lm_head(d: Mapping[str, Any]) -> bool:
+    """Whether the model a ``config.json`` (``d``) describes computes its logits with the input
+    embedding (``tie_word_embeddings``, as :func:`config_from_hf` reads it: GPT-2's default is
+    true): the one reading the commands use to decide whether an ``lm_head`` adapter needs the
+    base read untied."""
+    return bool(getattr(config_from_hf(d), "tie_word_embeddings", False))
+
+
 def config_from_hf(d: Mapping[str, Any], dtype=jnp.float32, param_dtype=None):
     """A jpeft model config from a Hugging Face config dict (``config.json``).
 
