@@ -18,8 +18,14 @@ MFU is model FLOPs per second (``benchmarks/_common.lora_step_flops`` for LoRA,
 dense bf16 peak (a table of known devices; ``--peak-tflops`` overrides it; on an unknown
 device a measured bf16 matmul peak is used and said so).
 
+With ``--rounds N`` the list of runs is repeated N times, interleaved (jpeft, PEFT, jpeft, PEFT,
+...): each run is a fresh process, and the report gives each run's median over rounds and the
+per-round step-time ratio jpeft-lora / peft-lora with its median. ``--seq`` / ``--batch`` /
+``--layers`` change the shape (``--seq 4096 --batch 2`` keeps 8,192 tokens per batch).
+
 Examples:
   python benchmarks/accelerator.py                        # on the accelerator: ~1.1B, batch 8 x 1024
+  python benchmarks/accelerator.py --runs jpeft-lora,peft-lora --rounds 2 --seq 4096 --batch 2
   python benchmarks/accelerator.py --size toy --steps 3   # a smoke test at toy size (CPU)
   python benchmarks/accelerator.py --json out.json
 """
@@ -27,11 +33,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -152,16 +161,36 @@ def run_peft(size: C.Size, steps: int, peak_override) -> dict:
             "peak_device_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": losses}
 
 
+def summarise(results: list, runs: list, rounds: int) -> dict:
+    """Each run's median step over the rounds it finished, and the per-round ratio jpeft-lora /
+    peft-lora (a round counts only where both finished)."""
+    step = {(r["run"], r["round"]): r["step_s"] for r in results if "step_s" in r}
+    med = {run: float(np.median(v)) for run in runs if (v := [s for (n, _), s in step.items() if n == run])}
+    ratios = [step["jpeft-lora", i] / step["peft-lora", i] for i in range(rounds)
+              if ("jpeft-lora", i) in step and ("peft-lora", i) in step]
+    return {"median_step_s": med, "ratios": ratios, "ratio_median": float(np.median(ratios)) if ratios else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="1b", choices=sorted(SIZES))
     p.add_argument("--steps", type=int, default=10, help="measured steps after the compiling one")
     p.add_argument("--runs", default="jpeft-lora,jpeft-full,peft-lora", help="comma-separated")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the runs this many times, interleaved")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the size's)")
+    p.add_argument("--batch", type=int, default=None, help="rows per batch (default: the size's)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the size's)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    size = SIZES[args.size]
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    shape = {k: v for k, v in (("seq", args.seq), ("batch", args.batch), ("layers", args.layers)) if v is not None}
+    bad = {k: v for k, v in shape.items() if v < 1}
+    if bad:
+        p.error(f"--seq/--batch/--layers must be positive, got {bad}")
+    size = dataclasses.replace(SIZES[args.size], **shape)
     if args._one:
         fw, mode = args._one.split("-")
         out = run_jpeft(size, mode, args.steps, args.peak_tflops) if fw == "jpeft" else run_peft(size, args.steps,
@@ -170,28 +199,37 @@ def main(argv=None) -> int:
         return 0
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TF_CPP_MIN_LOG_LEVEL="3")
     results = []
-    for run in [r.strip() for r in args.runs.split(",") if r.strip()]:
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    for rnd, run in [(i, r) for i in range(args.rounds) for r in runs]:
         cmd = [sys.executable, __file__, "--_one", run, "--size", args.size, "--steps", str(args.steps)]
+        cmd += [f"--{k}={v}" for k, v in shape.items()]
         if args.peak_tflops:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT:")]
         r = json.loads(lines[-1][7:]) if proc.returncode == 0 and lines else {
             "run": run, "error": (proc.stderr or proc.stdout)[-1500:]}
-        r["run"] = run
+        r["run"], r["round"] = run, rnd
         results.append(r)
         if "step_s" in r:
             mem = "-" if r["peak_device_mem_gib"] is None else f"{r['peak_device_mem_gib']:.1f} GiB"
-            print(f"{run:>10} on {r['device']}: step {1000 * r['step_s']:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s, "
+            print(f"{run:>10} (round {rnd + 1}) on {r['device']}: step {1000 * r['step_s']:.1f} ms, {r['tokens_per_s']:,.0f} tokens/s, "
                   f"MFU {100 * r['mfu']:.1f}% (peak {r['peak_flops'] / 1e12:.3g} TFLOP/s, {r['peak_source']}), "
                   f"peak device memory {mem}")
         else:
             print(f"{run:>10}: {r.get('skipped') or r.get('error')}")
-    print(f"size {args.size}: {size.n_params() / 1e6:,.1f} M parameters, batch {size.batch} x {size.seq} tokens, "
-          f"bf16, LoRA r={RANK} on {', '.join(C.LORA_TARGETS)}")
+    summary = summarise(results, runs, args.rounds)
+    for run, med in summary["median_step_s"].items():
+        print(f"{run:>10}: median step over {args.rounds} round(s) {1000 * med:.1f} ms")
+    if summary["ratios"]:
+        print("jpeft-lora / peft-lora step time per round: " + ", ".join(f"{x:.3f}" for x in summary["ratios"])
+              + f"; median {summary['ratio_median']:.3f}")
+    print(f"size {args.size}: {size.n_params() / 1e6:,.1f} M parameters, {size.layers} layers, batch {size.batch} x "
+          f"{size.seq} tokens, bf16, LoRA r={RANK} on {', '.join(C.LORA_TARGETS)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "results": results}, f, indent=1)
+            json.dump({"size": args.size, "shape": dataclasses.asdict(size), "rounds": args.rounds,
+                       "summary": summary, "results": results}, f, indent=1)
     return 0 if all("error" not in r for r in results) else 1
 
 

@@ -190,14 +190,33 @@ def test_accelerator_benchmark_toy_run(tmp_path):
     assert C.full_step_flops(size)["step"] == C.lora_step_flops(size, r=0)["step"] + 2 * T * weights + 2 * T * 3 * h * h
     out = tmp_path / "acc.json"
     r = subprocess.run([sys.executable, os.path.join(BENCH, "accelerator.py"), "--size", "toy", "--steps", "2",
-                        "--runs", "jpeft-lora,jpeft-full", "--json", str(out)], capture_output=True, text=True,
-                       timeout=600)
+                        "--runs", "jpeft-lora,jpeft-full", "--seq", "16", "--batch", "3", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    res = {x["run"]: x for x in json.loads(out.read_text())["results"]}
+    report = json.loads(out.read_text())
+    assert (report["shape"]["seq"], report["shape"]["batch"], report["shape"]["hidden"]) == (16, 3, size.hidden)
+    res = {x["run"]: x for x in report["results"]}
     lora, full = res["jpeft-lora"], res["jpeft-full"]
     assert full["trainable"] == full["params"] > lora["trainable"] > 0
     for x in (lora, full):
         assert x["tokens_per_s"] > 0 and 0 < x["mfu"] and len(x["loss"]) == 3 and all(map(math.isfinite, x["loss"]))
+
+
+def test_accelerator_benchmark_summarises_interleaved_rounds():
+    """With --rounds, each run's median is over its own rounds, and a round's jpeft / PEFT ratio
+    counts only where both runs of that round finished (a failed run is not paired with another
+    round's)."""
+    import numpy as np
+
+    import accelerator as A
+
+    results = [{"run": "jpeft-lora", "round": 0, "step_s": 0.10}, {"run": "peft-lora", "round": 0, "step_s": 0.25},
+               {"run": "jpeft-lora", "round": 1, "step_s": 0.12}, {"run": "peft-lora", "round": 1, "error": "oom"},
+               {"run": "jpeft-lora", "round": 2, "step_s": 0.11}, {"run": "peft-lora", "round": 2, "step_s": 0.20}]
+    s = A.summarise(results, ["jpeft-lora", "peft-lora"], 3)
+    assert s["median_step_s"] == {"jpeft-lora": 0.11, "peft-lora": 0.225}
+    assert np.allclose(s["ratios"], [0.4, 0.55], rtol=0, atol=1e-12) and abs(s["ratio_median"] - 0.475) < 1e-12
+    assert A.summarise(results[:1], ["jpeft-lora", "peft-lora"], 1)["ratio_median"] is None
 
 
 def test_accelerator_benchmark_gives_both_frameworks_one_adamw():
