@@ -15,7 +15,7 @@ import jax
 
 from jpeft import quant, scan
 from jpeft.errors import LayoutError, TargetNotFoundError, UnsupportedModuleError
-from jpeft.methods.base import Call, Kind, Layout, ModuleInfo
+from jpeft.methods.base import Call, Kind, Layout, ModuleInfo, module_input
 
 _BYPASS = contextvars.ContextVar("jpeft_bypass", default=False)
 # (path, node, check): set while a module with quantized params re-runs on its dequantized params
@@ -290,7 +290,7 @@ def normalize_axes(axis, ndim):
 def input_axes(module, args, kwargs) -> tuple | None:
     """The axes of a ``nn.Dense`` / ``nn.DenseGeneral`` call's input that its kernel contracts
     (non-negative, sorted), or ``None`` for other modules."""
-    x = args[0] if args else kwargs.get("inputs")
+    x = module_input(args, kwargs)
     ndim = getattr(x, "ndim", None)
     if ndim is None:
         return None
@@ -492,7 +492,7 @@ def check_layout(path: str, node_layout: Layout, module, args, kwargs) -> None:
         # a dense layout (from the kernel's shape alone) takes the input's last axis; a 2-D
         # DenseGeneral kernel may contract another one (axis=1 of a 3-D input)
         x_axes = input_axes(module, args, kwargs)
-        x = args[0] if args else kwargs.get("inputs")
+        x = module_input(args, kwargs)
         if x_axes is not None and x_axes != (x.ndim - 1,):
             raise LayoutError(
                 f"module {path!r}: the adapter was built for a dense layout (from the kernel's shape alone), which "

@@ -194,7 +194,7 @@ class BankedLora(Site):
         if lay.kind != Kind.EMBED:
             _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
         y = call.run()
-        x = call.args[0] if call.args else call.kwargs.get("inputs")
+        x = call.inputs
         ids = self.adapter_ids
         nb = ids.shape[0]
         if x.ndim == 0 or x.shape[0] != nb:
@@ -326,6 +326,17 @@ def route(
 # ----------------------------------------------------------------------------------------------
 # the bank
 # ----------------------------------------------------------------------------------------------
+def _staging() -> bool:
+    """Whether this call runs while JAX stages a program out (``jax.jit``, ``jax.eval_shape``,
+    ``make_train_step``): there every new array is a traced value, as JAX's tracing tutorial
+    shows, while plain ``jax.grad`` / ``jax.vmap`` (nothing compiled) make a concrete one. JAX
+    0.10 has no public function that answers this (``jax.core.trace_state_clean`` left the public
+    ``jax.core``; ``jax.extend.core.get_opaque_trace_state`` also changes under ``grad`` and
+    ``vmap``; the ``unsafe_am_i_under_a_jit_DO_NOT_USE`` of ``jax.extend.core`` says what it is),
+    and the routed ids cannot tell: a captured concrete id array stays concrete there."""
+    return isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer)
+
+
 def _kernel_desc(lay: Layout) -> str:
     return f"{lay.kind} kernel {tuple(lay.kernel_shape)}"
 
@@ -615,8 +626,7 @@ class AdapterBank:
             weights = self.weights
         else:
             self._check_weights(weights)
-        if isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer) and not all(
-                isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(weights)):
+        if _staging() and not all(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(weights)):
             raise BankError(
                 "bank.route was called while JAX traces a function (jax.jit, jax.eval_shape, jpeft.make_train_step, "
                 "...) with weights (the bank's own, or others) captured from the enclosing scope, not passed in as "

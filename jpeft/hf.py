@@ -54,8 +54,9 @@ from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read
 from jpeft.methods._common import SEQ_CLS_HEADS as _SEQ_CLS_HEADS
 from jpeft.methods._common import has_modules_to_save, head_copies, saved_from_hf, saved_to_hf
 from jpeft.methods.base import FOREIGN_SITE_FIX, Method, foreign_site, method_for_peft_type, registered_methods
-from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys, peft_key,  # noqa: F401
-                               split_peft_key, take_base_copies, take_embedding_copies, to_np)
+from jpeft.models.loading import read_config
+from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys,  # noqa: F401
+                               config_from_peft, peft_key, split_peft_key, take_base_copies, take_embedding_copies, to_np)
 from jpeft.tree import compile_pattern, count, from_hf_name, hf_name, module_leaves, unwrap_params
 
 
@@ -379,7 +380,7 @@ def _local_hf_config(base) -> Optional[dict]:
     """The base's config.json when ``base`` is a local model folder, else ``None``."""
     if not isinstance(base, str) or not os.path.isfile(os.path.join(base, "config.json")):
         return None
-    return read_json(os.path.join(base, "config.json"), what="config.json")
+    return read_config(base)
 
 
 def read_peft_config(path: str) -> dict:
@@ -548,15 +549,7 @@ def _refuse_bare_base_keys(tensors: Mapping[str, Any], inner, folder: str) -> No
 
 def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
     """The parsing behind :func:`load_peft` and :func:`load_peft_with_base` (see there)."""
-    d = read_peft_config(path)
-    check_config_values(d, os.path.join(path, CONFIG_FILE))
-    ptype = d.get("peft_type")
-    fmt = _format(ptype)
-    if fmt is None:
-        raise UnsupportedAdapterError(
-            f"adapter type {ptype!r} in {path!r} is not supported by jpeft.hf; supported peft_type values: "
-            f"{supported_peft_types()}.{_UNSUPPORTED_HINTS.get(ptype, '')}"
-        )
+    d, fmt = _read_config_dict(path)
     _warn_unknown_keys(fmt.config, d, path)
     inner, _ = unwrap_params(params)
     tensors = _read_tensors(path, count(inner))
@@ -566,6 +559,40 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
         config, adapter = _load_unrolled(d, fmt, tensors, inner, {"params": inner}, path, dtype)
         return config, {names.get(p, p): n for p, n in adapter.items()}
     return _load_unrolled(d, fmt, tensors, inner, params, path, dtype)
+
+
+def _read_config_dict(path: str) -> tuple[dict, Method]:
+    """The checked ``adapter_config.json`` of the PEFT folder ``path`` and its method's record."""
+    d = read_peft_config(path)
+    check_config_values(d, os.path.join(path, CONFIG_FILE))
+    ptype = d.get("peft_type")
+    fmt = _format(ptype)
+    if fmt is None:
+        raise UnsupportedAdapterError(
+            f"adapter type {ptype!r} in {path!r} is not supported by jpeft.hf; supported peft_type values: "
+            f"{supported_peft_types()}.{_UNSUPPORTED_HINTS.get(ptype, '')}"
+        )
+    return d, fmt
+
+
+def peft_config(path: str) -> AdapterConfig:
+    """The config of the PEFT adapter folder ``path`` as its ``adapter_config.json`` states it,
+    read without its weights or a base: what a command asks before it loads the base (the CLI
+    reads a tied base untied when ``peft_config(path).adapts_lm_head()``): the method's
+    ``Method.hf_config`` (LoRA's is the reading :func:`load_peft` starts from), by default its
+    config class's ``from_dict`` of the keys jpeft knows for it (those it does not know are
+    what :func:`load_peft` warns of).
+
+    Raises:
+      LoadError: no folder or ``adapter_config.json``, or a malformed one;
+        UnsupportedAdapterError (a LoadError) for a ``peft_type`` or an option jpeft does not
+        support.
+    """
+    d, fmt = _read_config_dict(path)
+    if fmt.hf_config is not None:
+        return fmt.hf_config(d, path)
+    known = fmt.config.known_hf_keys()
+    return config_from_peft(fmt.config, {k: v for k, v in d.items() if k in known}, os.path.join(path, CONFIG_FILE))
 
 
 def _as_peft_reads(inner, path: str):
@@ -730,6 +757,7 @@ __all__ = [
     "split_peft_key",
     "check_keys",
     "read_peft_config",
+    "peft_config",
     "ExportContext",
     "ImportContext",
     "PEFT_PREFIX",

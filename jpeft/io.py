@@ -683,12 +683,22 @@ def read_json(path, *, what: str = "metadata", max_bytes: int = MAX_JSON_BYTES) 
         os.close(fd)
     if len(raw) > max_bytes:
         raise CheckpointError(f"{what} file {p} is more than the {max_bytes:,} bytes allowed; it is not a jpeft file.")
+    return _json_object(raw, f"{what} file {p}")
+
+
+def _json_object(raw: bytes, where: str) -> dict:
+    """The JSON object the UTF-8 bytes ``raw`` hold (a metadata file, a safetensors header);
+    ``where`` names them in the errors.
+
+    Raises:
+      CheckpointError: not UTF-8, not JSON (or nested too deep to parse), or not an object.
+    """
     try:
         d = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
-        raise CheckpointError(f"{what} file {p} is corrupted or truncated: not valid JSON ({type(e).__name__}: {e}).") from None
+        raise CheckpointError(f"{where} is corrupted or truncated: not valid JSON ({type(e).__name__}: {e}).") from None
     if not isinstance(d, dict):
-        raise CheckpointError(f"{what} file {p} must hold a JSON object, found {type(d).__name__}.")
+        raise CheckpointError(f"{where} must hold a JSON object, found {type(d).__name__}.")
     return d
 
 
@@ -741,10 +751,19 @@ def safetensors_index(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict
       CheckpointError: the file is truncated, its header malformed or inconsistent.
     """
     p = Path(path)
+    with _weights_fd(p) as fd:
+        return _index_fd(p, fd, max_header)
+
+
+@contextlib.contextmanager
+def _weights_fd(p: Path) -> Iterator[int]:
+    """A descriptor of the weights file ``p``, opened only when it is a regular file (a file
+    not named ``.safetensors`` is first refused when it is a pickle / zip / npy file), closed
+    afterwards; an ``OSError`` while it is read becomes a :class:`LoadError` naming the file."""
     refuse_unsafe(p) if p.suffix != ".safetensors" else None
     fd = open_regular(p, what="weights file")
     try:
-        return _index_fd(p, fd, max_header)
+        yield fd
     except JpeftError:
         raise
     except OSError as e:
@@ -779,12 +798,7 @@ def _index_fd(p: Path, fd: int, max_header: int) -> tuple[dict[str, tuple], dict
     raw = read_bounded(fd, n, 8)
     if len(raw) != n:
         raise CheckpointError(f"{p} is truncated: its header claims {n:,} bytes, {len(raw):,} could be read.")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
-        raise CheckpointError(f"{p} is corrupted: its safetensors header is not valid JSON ({e}).") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{p} is corrupted: its safetensors header is a {type(header).__name__}, not an object.")
+    header = _json_object(raw, f"the safetensors header of {p}")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise CheckpointError(f"{p} is corrupted: __metadata__ is not an object.")
@@ -866,19 +880,11 @@ def read_safetensors(path, *, max_header: int = MAX_HEADER_BYTES,
       CheckpointError: the file is truncated, its header malformed or its data inconsistent.
     """
     p = Path(path)
-    refuse_unsafe(p) if p.suffix != ".safetensors" else None
-    fd = open_regular(p, what="weights file")
-    try:
+    with _weights_fd(p) as fd:
         index, meta = _index_fd(p, fd, max_header)
         if expect is not None:
             check_expected(index, expect, str(p))
         arrays = {name: _read_tensor_fd(p, fd, name, *spec) for name, spec in index.items()}
-    except JpeftError:
-        raise
-    except OSError as e:
-        raise LoadError(f"cannot read {p}: {e}") from None
-    finally:
-        os.close(fd)
     return arrays, meta
 
 

@@ -1903,6 +1903,52 @@ def test_peft_lm_head_adapter_with_trainable_tokens_on_a_tied_base_is_refused(ti
     assert not (tmp_path / "m").exists() and not (tmp_path / "e").exists()
 
 
+def test_cli_reads_lm_head_of_a_peft_folder_as_its_loader_does(tied_llama, tmp_path):
+    """Whether the commands read a tied base untied for a PEFT folder (``_ckpt.adapts_lm_head``)
+    is what the folder's config answers (``AdapterConfig.adapts_lm_head`` of
+    ``jpeft.hf.peft_config``; it was a second reading of the file's keys), and it agrees with what
+    ``jpeft.hf.load_peft`` builds on the base the commands read: an ``lm_head`` site on the untied
+    base, or an adapter that loads on the tied one. Every tensor random; LoRA's own reading of the
+    file takes an init that ``LoraConfig.from_dict`` refuses ("orthogonal")."""
+    import copy
+    import warnings
+
+    import peft
+    import torch
+
+    from jpeft.cli._ckpt import adapts_lm_head
+    from jpeft.cli._model import load_folder
+
+    base, folder = tied_llama
+    bases = {untie: load_folder(str(folder), tokenizer=False, untie=untie).params for untie in (False, True)}
+    head, q = ["q_proj", "lm_head"], ["q_proj"]
+    cases = {
+        "lora_q": (peft.LoraConfig(target_modules=q), False),
+        "lora_head": (peft.LoraConfig(target_modules=head), True),
+        "lora_regex_excluded": (peft.LoraConfig(target_modules=".*_proj|lm_head", exclude_modules=["lm_head"]), False),
+        "lora_saves_head": (peft.LoraConfig(target_modules=q, modules_to_save=["head"]), True),
+        "lora_tied": (peft.LoraConfig(target_modules=["embed_tokens", "lm_head"], ensure_weight_tying=True), False),
+        "lora_tokens": (peft.LoraConfig(target_modules=q, trainable_token_indices=[3, 5]), False),
+        "lora_orthogonal_head": (peft.LoraConfig(r=4, target_modules=head, init_lora_weights="orthogonal"), True),
+        "loha_head": (peft.LoHaConfig(r=2, target_modules=head), True),
+        "lokr_q": (peft.LoKrConfig(r=2, target_modules=q), False),
+        "ia3_head": (peft.IA3Config(target_modules=["q_proj", "lm_head"], feedforward_modules=[]), True),
+    }
+    g = torch.Generator().manual_seed(0)
+    for name, (cfg, want) in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+            with torch.no_grad():
+                for _, p in pm.named_parameters():
+                    if p.requires_grad:
+                        p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            pm.save_pretrained(tmp_path / name)
+            config, adapter = jpeft.hf.load_peft(str(tmp_path / name), bases[want])
+        assert adapts_lm_head(str(tmp_path / name)) is want, name
+        assert ("lm_head" in adapter) is want and config.adapts_lm_head() is want, (name, sorted(adapter))
+
+
 def test_train_adapts_lm_head_of_a_tied_base_as_peft_does(tied_llama, hf_dir, tmp_path, capsys):
     """`jpeft train` of a method adapting lm_head on a tied model was refused (TargetNotFoundError:
     "load the base untied: jpeft.models.from_pretrained(...)", no option of the command) only after

@@ -89,16 +89,13 @@ def find_adapter(path: str) -> Found:
     raise LoadError(f"{path!r} holds no adapter (found: {sorted(os.listdir(path))[:8]}); give {ACCEPTED}.")
 
 
-# the lm_head keys of a PEFT file that are no adapter site of it (save_embedding_layers, tied trainable tokens)
-_LM_HEAD_COPIES = ("weight", "base_layer.weight", "original_module.weight", "token_adapter.base_layer.weight",
-                   "token_adapter.trainable_tokens_delta")
-
-
 def adapts_lm_head(path: str) -> bool:
-    """Whether the adapter at ``path`` is a PEFT folder holding weights for ``lm_head`` (a LoRA of
-    it, or ``modules_to_save`` naming it: ``["lm_head"]``, or ``["head"]`` by PEFT's suffix rule),
-    or a jpeft adapter or checkpoint saved for a base with an ``lm_head`` of its own (``jpeft
-    train`` of such a method on a tied base reads it untied). On a base whose ``config.json`` ties
+    """Whether the adapter at ``path`` is a PEFT folder whose config adapts ``lm_head``
+    (:meth:`jpeft.AdapterConfig.adapts_lm_head` of :func:`jpeft.hf.peft_config`: a site of it,
+    or ``modules_to_save`` naming it, ``["lm_head"]`` or ``["head"]`` by PEFT's suffix rule; not
+    with ``ensure_weight_tying``, where the embedding's site covers the tied head), or a jpeft
+    adapter or checkpoint saved for a base with an ``lm_head`` of its own (``jpeft train`` of
+    such a method on a tied base reads it untied). On a base whose ``config.json`` ties
     ``lm_head`` to the input embedding, PEFT computes such an adapter with an ``lm_head`` of its
     own, so the commands read that base untied (``load_folder(untie=True)``: ``lm_head`` a copy
     of the embedding, the same logits) and ``merge`` writes it untied, as PEFT's
@@ -115,24 +112,14 @@ def adapts_lm_head(path: str) -> bool:
             return any(isinstance(r, list) and r and str(r[0]).split("/")[0] == "lm_head" for r in rows or ())
         except JpeftError:  # a damaged file: the loader names it
             return False
-    weights = os.path.join(found.path, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
+    if not os.path.isfile(os.path.join(found.path, "adapter_model.safetensors")):
         return False
     try:
-        d = read_json(os.path.join(found.path, "adapter_config.json"))
-        keys = io.safetensors_index(weights)[0]
-    except (OSError, ValueError, JpeftError):  # a damaged file: the loader names it
+        with warnings.catch_warnings():  # the loader gives the file's warnings (an init it reads as plain LoRA)
+            warnings.simplefilter("ignore")
+            return hf.peft_config(found.path).adapts_lm_head()
+    except JpeftError:  # a damaged or unsupported file: the loader names it
         return False
-    if not isinstance(d, dict) or d.get("ensure_weight_tying"):
-        return False  # PEFT keeps the head tied there: the embedding's site covers it
-    # PEFT copies every module whose name ends with an entry (a plain suffix test: "head" copies lm_head too)
-    saved = d.get("modules_to_save") or ()
-    if any(isinstance(m, str) and m and jpeft.LoraConfig.saved_by("lm_head", m) for m in saved):
-        return True
-    # an adapter site of lm_head (lora_A, hada_w1, ...); not save_embedding_layers' copies of the base or the
-    # trainable tokens PEFT shares between a tied lm_head and the embedding: those are read on the tied base
-    return any(k.startswith("base_model.model.lm_head.") and k.split("lm_head.", 1)[1] not in _LM_HEAD_COPIES
-               for k in keys)
 
 
 def untie_for(path: str, model: str) -> bool:

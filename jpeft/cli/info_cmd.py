@@ -16,6 +16,7 @@ from jpeft.cli._common import add_method_args, format_table, human_bytes, human_
 from jpeft.errors import ConfigError, JpeftError, LoadError
 from jpeft.io import read_json
 from jpeft.methods.base import registered_methods
+from jpeft.models import loading
 from jpeft import budget as _budget
 
 HELP = ("parameter budget of a method on a model folder or a published config (nothing is allocated), "
@@ -64,10 +65,7 @@ def stored_dtype(cfg: dict) -> str:
 
 def _config_dict(spec: str) -> tuple[str, dict]:
     if os.path.isdir(spec):
-        path = os.path.join(spec, "config.json")
-        if not os.path.isfile(path):
-            raise LoadError(f"{spec!r} has no config.json; it is not a Hugging Face model folder.")
-        return spec, read_json(path, what="config.json")  # size-limited; malformed/binary/list: named errors
+        return spec, loading.read_config(spec)  # size-limited; missing/malformed/binary/list: named errors
     if spec.endswith(".json") and os.path.isfile(spec):
         return spec, read_json(spec, what="config.json")
     hit = _configs.lookup(spec)

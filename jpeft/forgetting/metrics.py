@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpeft.data import token_nll
 from jpeft.errors import InputValidationError
 
 __all__ = [
@@ -271,8 +272,7 @@ def lm_loss(logits, targets, mask=None) -> jax.Array:
                 f"{int(counted.max())}; for ignored positions (such as -100) pass a mask with 0 there.")
     if mask is not None:
         targets = jnp.where(jnp.asarray(mask) != 0, targets, 0)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll, _ = token_nll(logits, targets)
     return masked_mean(nll, mask)
 
 

@@ -18,10 +18,12 @@ Pieces kept as small pure functions (the method files hold the rest):
   patterns, the two training-time dropouts, the effective-convolution switch);
 * :class:`LycorisSite`: the node skeleton (forward, dropouts, merge) over a method's
   ``torch_delta()``;
-* :func:`to_hf` / :func:`from_hf`: the PEFT format, driven by the method's tensor shapes.
+* :func:`to_hf` / :func:`from_hf`: the PEFT format, driven by the method's tensor shapes;
+* :func:`method`: the :class:`~jpeft.methods.base.Method` record built from these pieces.
 
-Each method file registers itself with one :func:`jpeft.methods.base.register_method` call;
-this module is a helper of those two files only and registers nothing.
+Each method file registers itself with one :func:`jpeft.methods.base.register_method` call
+(of :func:`method`'s record); this module is a helper of those two files only and registers
+nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
 from jpeft.methods._common import AdditiveMerge, linear_candidates, linear_layout, to_matrix
-from jpeft.methods.base import Call, Kind, Layout, Site, static_field
+from jpeft.methods.base import Call, Kind, Layout, Method, Site, static_field
 from jpeft.peft_format import add_site_pattern, config_from_peft, peft_key, site_tensors
 from jpeft.tree import compile_pattern, hf_name, linear_only, regex_fullmatch, select
 
@@ -293,7 +295,7 @@ class LycorisSite(AdditiveMerge, Site):
         dt = y.dtype
         key = call.dropout_key() if (self.rank_dropout > 0 or self.module_dropout > 0) else None
         rows, keep = self._dropout(key, lay.out_features)
-        x = call.args[0] if call.args else call.kwargs["inputs"]
+        x = call.inputs
         if lay.kind == Kind.DENSE:
             x2 = x.astype(dt).reshape(-1, x.shape[-1])
             d = self.dense_update(x2)
@@ -437,3 +439,28 @@ def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, m
         adapter[path] = dataclasses.replace(want, **arrays)
     return config, adapter
 
+
+# -- the Method record --------------------------------------------------------------------------
+
+def method(config_cls: type, node_cls: type, name: str, tensor_names: tuple,
+           make_node: Callable[[LycorisConfig, Layout, int, float, Any], Site]) -> Method:
+    """The :class:`~jpeft.methods.base.Method` record of a LyCORIS method (the method file
+    registers it): sites from :func:`init_sites`, the PEFT format from :func:`to_hf` /
+    :func:`from_hf`, all driven by ``make_node`` and the PEFT ``tensor_names``, and a budget
+    row with PEFT's defaults (r=8, alpha=8) on PEFT's default targets (LoRA's)."""
+
+    def init(config, params, key, infos) -> dict:
+        return init_sites(config, params, key, infos, method=name, make_node=make_node)
+
+    def _to_hf(config, adapter, ctx):
+        return to_hf(config, adapter, ctx, tensor_names=tensor_names, make_node=make_node)
+
+    def _from_hf(d, tensors, params, ctx):
+        return from_hf(d, tensors, params, ctx, config_cls=config_cls, tensor_names=tensor_names, method=name,
+                       make_node=make_node)
+
+    def budget_rows(model_type: str, targets):
+        qv = targets["lora"]
+        return [(name, f"r=8, alpha=8, {'+'.join(qv)}", lambda: config_cls(r=8, alpha=8, target_modules=qv))]
+
+    return Method(config=config_cls, init=init, nodes=(node_cls,), to_hf=_to_hf, from_hf=_from_hf, budget=budget_rows)

@@ -260,7 +260,7 @@ class AdaLoraWeights(AdditiveMerge, Site):
         _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
         y = call.run()
         dt = y.dtype
-        x = call.args[0] if call.args else call.kwargs["inputs"]
+        x = call.inputs
         x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
         if lay.kind == Kind.DENSE:  # the 2-D form (one contracted axis; see LoRA's note on XLA's CPU backend)
             x2 = x.reshape(-1, x.shape[-1])

@@ -120,6 +120,12 @@ class ModuleInfo(NamedTuple):
     scanned_layers: Optional[int] = None
 
 
+def module_input(args: tuple, kwargs: Mapping):
+    """The input of a linen module call: its first positional argument, else its ``inputs``
+    keyword (the name every ``flax.linen`` layer gives it), else ``None``."""
+    return args[0] if args else kwargs.get("inputs")
+
+
 class Call(NamedTuple):
     """One intercepted module call, handed to a node's ``intercept``."""
 
@@ -132,6 +138,11 @@ class Call(NamedTuple):
 
     def run(self):
         return self.next_fun(*self.args, **self.kwargs)
+
+    @property
+    def inputs(self):
+        """The module's input (:func:`module_input`)."""
+        return module_input(self.args, self.kwargs)
 
     def dropout_key(self):
         """A dropout key from the ``rngs`` given to :func:`jpeft.apply`, or ``None``."""
@@ -457,6 +468,10 @@ class Method:
       to_hf: ``to_hf(config, adapter, ctx: ExportContext) -> (config_dict, tensors)``: the
         Hugging Face PEFT format (see :mod:`jpeft.peft_format`); ``None``: not exportable.
       from_hf: ``from_hf(config_dict, tensors, params, ctx: ImportContext) -> (config, adapter)``.
+      hf_config: ``hf_config(config_dict, folder) -> config``: the config a PEFT
+        ``adapter_config.json`` states, read without its weights or a base
+        (:func:`jpeft.hf.peft_config`), for a method whose ``from_hf`` reads the file's fields
+        other than as ``config.from_dict`` of the keys the config knows (the default, ``None``).
       hf_base: ``hf_base(config, adapter) -> None | (kind, fn)``: for a loaded PEFT adapter that
         applies to a base PEFT rebuilds on load (PiSSA/OLoRA's residual base), its ``kind``
         (named in errors) and ``fn(params) -> params`` computing that base; ``None`` (the
@@ -474,6 +489,7 @@ class Method:
     nodes: tuple = ()
     to_hf: Optional[Callable] = None
     from_hf: Optional[Callable] = None
+    hf_config: Optional[Callable] = None
     hf_base: Optional[Callable] = None
     budget: Optional[Callable] = None
     from_low_rank: Optional[Callable] = None

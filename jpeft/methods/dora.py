@@ -98,7 +98,7 @@ def intercept(node, call: Call):
     lay = node.layout
     mod = call.module
     mn = _mag_scale(node, mod)
-    x = call.args[0] if call.args else call.kwargs.get("inputs")
+    x = call.inputs
     if lay.kind == Kind.EMBED:
         return _embed(node, call, x, mn)
     key = call.dropout_key() if node.dropout > 0 else None

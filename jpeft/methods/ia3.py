@@ -129,7 +129,7 @@ class IA3Weights(Site):
         if not self.feedforward:
             y = call.run()
             return (y * broadcast_out(self.ia3_l, y.ndim, lay).astype(y.dtype)).astype(y.dtype)
-        x = call.args[0] if call.args else call.kwargs["inputs"]
+        x = call.inputs
         xs = (x * broadcast_in(self.ia3_l, x.ndim, lay, call.module).astype(x.dtype)).astype(x.dtype)
         if call.args:
             return call.next_fun(xs, *call.args[1:], **call.kwargs)

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpeft.errors import ShardingError
 from jpeft.methods import _lycoris
-from jpeft.methods.base import Kind, Layout, Method, flat_spec_entry, register_method, spec_entries
+from jpeft.methods.base import Kind, Layout, flat_spec_entry, register_method, spec_entries
 
 TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
@@ -180,26 +180,4 @@ def make_node(config: LoHaConfig, lay: Layout, r: int, alpha: float, key) -> LoH
                        module_dropout=float(config.module_dropout), **arrays)
 
 
-def init(config: LoHaConfig, params, key, infos) -> dict:
-    """LoHa sites for every targeted linear or convolution module."""
-    return _lycoris.init_sites(config, params, key, infos, method="LoHa", make_node=make_node)
-
-
-def _to_hf(config, adapter, ctx):
-    return _lycoris.to_hf(config, adapter, ctx, tensor_names=TENSORS, make_node=make_node)
-
-
-def _from_hf(d, tensors, params, ctx):
-    return _lycoris.from_hf(d, tensors, params, ctx, config_cls=LoHaConfig, tensor_names=TENSORS, method="LoHa",
-                            make_node=make_node)
-
-
-def budget_rows(model_type: str, targets):
-    """``Method.budget``: LoHa with PEFT's defaults (r=8, alpha=8) on PEFT's default targets
-    (LoRA's)."""
-    qv = targets["lora"]
-    return [("LoHa", f"r=8, alpha=8, {'+'.join(qv)}", lambda: LoHaConfig(r=8, alpha=8, target_modules=qv))]
-
-
-LOHA = register_method(Method(config=LoHaConfig, init=init, nodes=(LoHaWeights,), to_hf=_to_hf, from_hf=_from_hf,
-                              budget=budget_rows))
+LOHA = register_method(_lycoris.method(LoHaConfig, LoHaWeights, "LoHa", TENSORS, make_node))

@@ -39,7 +39,7 @@ import numpy as np
 
 from jpeft.errors import ConfigError, UnsupportedModuleError
 from jpeft.methods import _lycoris
-from jpeft.methods.base import Layout, Method, register_method, static_field
+from jpeft.methods.base import Layout, register_method, static_field
 
 TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -224,26 +224,4 @@ def make_node(config: LoKrConfig, lay: Layout, r: int, alpha: float, key) -> LoK
                        **arrays)
 
 
-def init(config: LoKrConfig, params, key, infos) -> dict:
-    """LoKr sites for every targeted linear or convolution module."""
-    return _lycoris.init_sites(config, params, key, infos, method="LoKr", make_node=make_node)
-
-
-def _to_hf(config, adapter, ctx):
-    return _lycoris.to_hf(config, adapter, ctx, tensor_names=TENSORS, make_node=make_node)
-
-
-def _from_hf(d, tensors, params, ctx):
-    return _lycoris.from_hf(d, tensors, params, ctx, config_cls=LoKrConfig, tensor_names=TENSORS, method="LoKr",
-                            make_node=make_node)
-
-
-def budget_rows(model_type: str, targets):
-    """``Method.budget``: LoKr with PEFT's defaults (r=8, alpha=8) on PEFT's default targets
-    (LoRA's)."""
-    qv = targets["lora"]
-    return [("LoKr", f"r=8, alpha=8, {'+'.join(qv)}", lambda: LoKrConfig(r=8, alpha=8, target_modules=qv))]
-
-
-LOKR = register_method(Method(config=LoKrConfig, init=init, nodes=(LoKrWeights,), to_hf=_to_hf, from_hf=_from_hf,
-                              budget=budget_rows))
+LOKR = register_method(_lycoris.method(LoKrConfig, LoKrWeights, "LoKr", TENSORS, make_node))

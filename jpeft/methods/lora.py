@@ -485,7 +485,7 @@ class LoraWeights(Site):
             _inject.check_layout(call.path, lay, mod, call.args, call.kwargs)
         if self.magnitude is not None:
             return dora.intercept(self, call)
-        x = call.args[0] if call.args else call.kwargs.get("inputs")
+        x = call.inputs
         if lay.kind == Kind.DENSE:
             y = self._merged_dense(call, x)
             if y is not None:

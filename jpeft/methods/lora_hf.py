@@ -260,7 +260,7 @@ _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "base_layer.bi
 
 
 def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
-    config, residual = _lora_config_from_hf(d, ctx)
+    config, residual = _lora_config_from_hf(d, ctx.folder)
     found = _sort_lora_tensors(tensors, config, ctx)
     leaves, by_site = ctx.leaves, found.by_site
     tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
@@ -300,7 +300,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     return config, adapter
 
 
-def _lora_config_from_hf(d: Mapping[str, Any], ctx: ImportContext) -> tuple[LoraConfig, Optional[str]]:
+def _lora_config_from_hf(d: Mapping[str, Any], folder: str) -> tuple[LoraConfig, Optional[str]]:
     """``(config, residual init or None)`` from a PEFT LoRA ``adapter_config.json``, refusing the
     options jpeft does not implement and a file without ``target_modules``."""
     fields = {f.name for f in dataclasses.fields(LoraConfig)}
@@ -312,7 +312,7 @@ def _lora_config_from_hf(d: Mapping[str, Any], ctx: ImportContext) -> tuple[Lora
            and not any(d[k] is v or (type(d[k]) is type(v) and d[k] == v) for v in ok)}
     if bad:
         raise UnsupportedAdapterError(
-            f"the LoRA adapter in {ctx.folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
+            f"the LoRA adapter in {folder!r} uses options jpeft cannot load: {bad}. Supported: plain LoRA, "
             "rsLoRA, DoRA, PiSSA/OLoRA, rank_pattern, alpha_pattern, ensure_weight_tying, exclude_modules, "
             "layers_to_transform/layers_pattern, lora_bias, modules_to_save, trainable_token_indices and bias."
         )
@@ -321,14 +321,20 @@ def _lora_config_from_hf(d: Mapping[str, Any], ctx: ImportContext) -> tuple[Lora
     # a file without lora_alpha (written by hand: PEFT writes every field) means PEFT's default, 8, not
     # LoraConfig's 16 (which would scale every update 2x); r and the other defaults are PEFT's
     kept.setdefault("lora_alpha", 8)
-    residual = _residual_of(kept.get("init_lora_weights", True), ctx.folder)
+    residual = _residual_of(kept.get("init_lora_weights", True), folder)
     kept["init_lora_weights"] = residual or True  # besides the residual inits, the init does not matter for loading
     if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(
-            f"the LoRA adapter in {ctx.folder!r} has target_modules=null (PEFT's per-architecture default); "
+            f"the LoRA adapter in {folder!r} has target_modules=null (PEFT's per-architecture default); "
             "set target_modules in adapter_config.json explicitly."
         )
-    return config_from_peft(LoraConfig, kept, os.path.join(ctx.folder, CONFIG_FILE)), residual
+    return config_from_peft(LoraConfig, kept, os.path.join(folder, CONFIG_FILE)), residual
+
+
+def _lora_hf_config(d: Mapping[str, Any], folder: str) -> LoraConfig:
+    """``Method.hf_config``: the config :func:`_lora_from_hf` reads from the file (PEFT's default
+    ``lora_alpha`` where the file has none, its init reduced to what loading needs)."""
+    return _lora_config_from_hf(d, folder)[0]
 
 
 @dataclasses.dataclass
@@ -671,6 +677,7 @@ LORA = register_method(Method(
     nodes=(LoraWeights, SavedModule, TrainableTokens),
     to_hf=_lora_to_hf,
     from_hf=_lora_from_hf,
+    hf_config=_lora_hf_config,
     hf_base=lora_hf_base,
     budget=budget_rows,
     from_low_rank=from_low_rank,

@@ -315,7 +315,7 @@ class OFTWeights(Site):
             )
 
     def intercept(self, call: Call):
-        x = call.args[0] if call.args else call.kwargs["inputs"]
+        x = call.inputs
         self._check_axis(call.module, x.ndim, call.path)
         _inject.check_layout(call.path, self.layout, call.module, call.args, call.kwargs)
         r = self.rotation()
