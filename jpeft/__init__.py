@@ -17,6 +17,7 @@ from jpeft.config import AdapterConfig
 from jpeft import methods as _methods
 from jpeft.methods import *  # noqa: F401,F403  (the names jpeft.methods.__all__ lists; __all__ below)
 from jpeft.core import apply, init, lm_loss, merge, summary, unmerge
+from jpeft._inject import transparent_dot_general  # a user's dot_general that merge may fold adapters through
 from jpeft.quant import dequantize, quantize  # QLoRA: a quantized frozen base (issue 19)
 from jpeft import errors
 # the errors users catch around the calls above; every error class is jpeft.errors.X
@@ -53,6 +54,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "unmerge",
+    "transparent_dot_general",
     "summary",
     "trainable",
     "split_frozen",

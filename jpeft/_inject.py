@@ -7,13 +7,18 @@ module call made during ``model.apply`` is looked up by its path and handed to t
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from flax.linen import dtypes as _linen_dtypes
+from flax.nnx.nn import dtypes as _nnx_dtypes  # only its default promote_dtype, a known function (jpeft._nnx adapts NNX)
 
 from jpeft import quant, scan
+from jpeft._ops import flat_dot_general
 from jpeft.errors import LayoutError, TargetNotFoundError, UnsupportedModuleError
 from jpeft.methods.base import Call, Kind, Layout, ModuleInfo, module_input
 
@@ -339,6 +344,118 @@ def override_refusal(path: str, module, names=("__call__",)) -> Optional[Unsuppo
     )
 
 
+#: the functions of its kernel a flax module computes with by default, and jpeft's own product over
+#: flattened tokens: each computes the plain product of the kernel it is given
+_TRANSPARENT = (jax.lax.dot_general, jax.lax.conv_general_dilated, jnp.einsum, flat_dot_general,
+                _linen_dtypes.promote_dtype, _nnx_dtypes.promote_dtype)
+#: the module fields holding such a function (a ``*_cls`` one, when set, is called for the function instead)
+_KERNEL_FIELDS = ("promote_dtype", "dot_general_cls", "dot_general", "conv_general_dilated_cls",
+                  "conv_general_dilated", "einsum_op")
+_MARK = "__jpeft_transparent__"
+
+
+def transparent_dot_general(fn):
+    """Declares ``fn`` (a linear module's ``dot_general``, ``dot_general_cls``,
+    ``conv_general_dilated``, ``einsum_op`` or ``promote_dtype``) to compute the plain product of
+    the kernel it is given, as ``jax.lax.dot_general`` does (a precision, sharding or logging
+    wrapper), so :func:`jpeft.merge` folds adapters into the kernels of modules built with it.
+    Returns ``fn`` itself, marked (a function, class or ``functools.partial``), or a marked
+    wrapper of an object that takes no attribute; usable as a decorator.
+
+    Without it jpeft records, for every targeted module built with a function it does not know
+    (:func:`kernel_fn`), that the adapter acts on what the function returns, and refuses to merge
+    it (a fake-quantizing or kernel-scaling function would give another model).
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
+    >>> @jpeft.transparent_dot_general
+    ... def highest(lhs, rhs, dims, precision=None, **kw):
+    ...     return jax.lax.dot_general(lhs, rhs, dims, precision=jax.lax.Precision.HIGHEST, **kw)
+    >>> model, x = nn.Dense(4, dot_general=highest), jnp.ones((2, 3))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="random")
+    >>> adapter = jpeft.init(cfg, params, jax.random.key(1), model, x)
+    >>> bool(jnp.allclose(model.apply(jpeft.merge(params, adapter), x), jpeft.apply(model, params, adapter, x), atol=1e-5))
+    True
+    """
+    try:
+        setattr(fn, _MARK, True)
+        return fn
+    except Exception:  # an object that takes no attribute (a builtin function): a marked wrapper
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        setattr(wrapped, _MARK, True)
+        return wrapped
+
+
+def _transparent(fn) -> bool:
+    if fn is None or getattr(fn, _MARK, False) is True:
+        return True
+    if isinstance(fn, functools.partial):  # functools.partial(jax.lax.dot_general, precision=...)
+        return not fn.args and set(fn.keywords) <= {"precision", "preferred_element_type"} and _transparent(fn.func)
+    return any(fn is f for f in _TRANSPARENT)
+
+
+def _fn_name(fn) -> str:
+    if isinstance(fn, functools.partial):
+        parts = [_fn_name(fn.func)] + ["..."] * len(fn.args) + [f"{k}=..." for k in fn.keywords]
+        return f"functools.partial({', '.join(parts)})"
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+def kernel_fn(module) -> Optional[str]:
+    """``"dot_general=<name>"``: the first function of its kernel a linear module (linen or NNX)
+    computes with that jpeft does not know to compute the plain product of the kernel it is
+    given (a fake-quantizing ``dot_general``, an AQT ``dot_general_cls``, a kernel-scaling
+    ``einsum_op``), else ``None``. Known: flax's defaults, ``functools.partial`` of them with
+    ``precision`` / ``preferred_element_type``, jpeft's ``flat_dot_general``, and every
+    function declared with :func:`transparent_dot_general`."""
+    called = set()  # the plain fields a set *_cls field stands in for
+    for field in _KERNEL_FIELDS:
+        fn = getattr(module, field, None)
+        if field in called or fn is None:
+            continue
+        if field.endswith("_cls"):
+            called.add(field[:-len("_cls")])
+        if not _transparent(fn):
+            return f"{field}={_fn_name(fn)}"
+    return None
+
+
+def update_module(module, **changes):
+    """A clone of a linear module (unbound, without bias, with ``changes``) for an adapter's own
+    product (LoRA's conv projection, LyCORIS's update through the module's layout). The module's
+    own function of its kernel (:func:`kernel_fn`) is replaced by flax's plain one: it acts on the
+    base kernel only, as PEFT runs its adapters beside a quantized base layer, and through it a
+    fake-quantizing function rounded the update and zeroed its gradients (LoHa's, LoKr's, a conv
+    LoRA's ``A``: never trained). Known and declared functions are kept (a precision wrapper)."""
+    plain = {f: None for f in _KERNEL_FIELDS if f != "promote_dtype" and not _transparent(getattr(module, f, None))}
+    if not _transparent(getattr(module, "promote_dtype", None)):
+        plain["promote_dtype"] = _linen_dtypes.promote_dtype
+    return module.clone(parent=None, name=None, use_bias=False, **plain, **changes)
+
+
+def check_kernel_fn(path: str, layout: Layout, module) -> None:
+    """At apply time: an adapter whose layout does not record the module's own function of its
+    kernel (:func:`kernel_fn`; built from the params alone, which cannot show it) would be merged
+    through that function later, without a word; refuse it here, where the module is seen."""
+    fn = kernel_fn(module)
+    if fn is None or layout.kernel_fn is not None:
+        return
+    raise LayoutError(
+        f"module {path!r} computes with its own {fn}, which jpeft does not know to compute the plain product of the "
+        "kernel it is given, but the adapter was built without seeing the module (from the params alone), so it does "
+        "not record it: jpeft.apply adds the update to what the function returns, while jpeft.merge would fold it "
+        "into the kernel the function transforms, and the merged model would differ. Build (or load) the adapter "
+        "with the model: jpeft.init(config, params, key, model, x) or jpeft.load_adapter(folder, params, model, x) "
+        "(jpeft.merge then refuses this site); or, if the function computes the plain product of the kernel, "
+        "declare it with jpeft.transparent_dot_general(fn)."
+    )
+
+
 def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | None:
     """The layout of a supported module instance, or ``None`` for modules without a kernel.
 
@@ -348,11 +465,12 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
     refusal = override_refusal(path, module)
     if refusal is not None:
         raise refusal
+    fn = kernel_fn(module) if isinstance(module, LINEAR_CLASSES) else None  # (a stand-in answers no attribute)
     nd = len(kernel_shape)
     if isinstance(module, nn.Embed):
-        return Layout(Kind.EMBED, kernel_shape, (0,), (1,))
+        return Layout(Kind.EMBED, kernel_shape, (0,), (1,), kernel_fn=fn)
     if isinstance(module, nn.Dense):
-        return Layout(Kind.DENSE, kernel_shape, (0,), (1,))
+        return Layout(Kind.DENSE, kernel_shape, (0,), (1,), kernel_fn=fn)
     if isinstance(module, nn.DenseGeneral):
         if tuple(module.batch_dims) if not isinstance(module.batch_dims, int) else (module.batch_dims,):
             raise UnsupportedModuleError(
@@ -361,7 +479,7 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
             )
         axis = module.axis
         n_in = 1 if isinstance(axis, int) else len(axis)
-        return Layout(Kind.DENSE_GENERAL, kernel_shape, tuple(range(n_in)), tuple(range(n_in, nd)))
+        return Layout(Kind.DENSE_GENERAL, kernel_shape, tuple(range(n_in)), tuple(range(n_in, nd)), kernel_fn=fn)
     if isinstance(module, nn.Conv):
         if module.feature_group_count != 1:
             raise UnsupportedModuleError(
@@ -373,7 +491,7 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
                 f"module {path!r}: a masked convolution (nn.Conv(mask=...)) multiplies its kernel by the mask, which "
                 "jpeft's linear adapters do not apply to their update; exclude this module from target_modules."
             )
-        return Layout(Kind.CONV, kernel_shape, tuple(range(nd - 1)), (nd - 1,))
+        return Layout(Kind.CONV, kernel_shape, tuple(range(nd - 1)), (nd - 1,), kernel_fn=fn)
     if isinstance(module, nn.Einsum):
         eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
         eq = eq.replace(" ", "")
@@ -386,7 +504,7 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
                 f"module {path!r}: einsum {eq!r} has kernel axes that are neither contracted nor output-only; "
                 "jpeft can adapt einsums whose kernel axes are each an input or an output axis."
             )
-        return Layout(Kind.EINSUM, kernel_shape, in_axes, out_axes, eq)
+        return Layout(Kind.EINSUM, kernel_shape, in_axes, out_axes, eq, kernel_fn=fn)
     return None
 
 
@@ -488,6 +606,7 @@ def check_layout(path: str, node_layout: Layout, module, args, kwargs) -> None:
             f"module {path!r} is a {name}; linear adapters support nn.Dense, nn.DenseGeneral, "
             "nn.Conv, nn.Einsum and nn.Embed. Remove it from target_modules."
         )
+    check_kernel_fn(path, node_layout, module)
     if node_layout.kind == Kind.DENSE and actual.kind == Kind.DENSE_GENERAL:
         # a dense layout (from the kernel's shape alone) takes the input's last axis; a 2-D
         # DenseGeneral kernel may contract another one (axis=1 of a 3-D input)

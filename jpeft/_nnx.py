@@ -16,6 +16,7 @@ NNX module.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, Mapping, Optional
 
@@ -121,7 +122,7 @@ def twin(module, path: str) -> Optional[nn.Module]:
             )
         return nn.DenseGeneral(m.out_features, axis=m.axis, use_bias=m.use_bias, dtype=m.dtype,
                                param_dtype=m.param_dtype, precision=m.precision, dot_general=_dot_general(m),
-                               parent=None)
+                               dot_general_cls=m.dot_general_cls, parent=None)
     if isinstance(m, nnx.Einsum):
         return nn.Einsum(m.kernel_shape, m.einsum_str, use_bias=m.bias_shape is not None, dtype=m.dtype,
                          param_dtype=m.param_dtype, precision=m.precision, parent=None)
@@ -214,6 +215,8 @@ class _SiteProxy:
         if self._path not in self._ctx.checked:
             self._ctx.checked.add(self._path)
             self._node.check(self._path, bound)
+            if getattr(self._node, "layout", None) is not None:  # the twin of an nnx.Einsum lacks its einsum_op
+                _inject.check_kernel_fn(self._path, self._node.layout, self._module)
         return self._node.intercept(Call(bound, name, next_fun, tuple(args), kwargs, self._path))
 
 
@@ -251,6 +254,8 @@ def _info(module, path: str, args, kwargs, out) -> ModuleInfo:
         try:
             tw = twin(module, path)
             layout = None if tw is None else _inject.layout_of(tw, tuple(own[pname].shape), args, kwargs, path)
+            if layout is not None:  # the NNX module's own function (an nnx.Einsum's einsum_op has no linen field)
+                layout = dataclasses.replace(layout, kernel_fn=_inject.kernel_fn(module))
         except UnsupportedModuleError as e:  # refused when targeted (linear_layout), not for being in the model
             tw, refusal = None, str(e)
     return ModuleInfo(type(module).__name__, layout, _shape(out), _shape(args[0]) if args else None, refusal=refusal,

@@ -499,6 +499,9 @@ class AdapterBank:
                         f"a {_kernel_desc(template[path].layout)} there: they were made for different base models."
                     )
                 template.setdefault(path, node)
+                if template[path].layout.kernel_fn is None and node.layout.kernel_fn is not None:  # any records it
+                    lay = dataclasses.replace(template[path].layout, kernel_fn=node.layout.kernel_fn)
+                    template[path] = template[path]._replace(layout=lay)
         if max_rank is None:
             max_rank = max(int(lr.a.shape[-1]) for t in map(check_lora, adapters, adapters.values()) for lr in t.values())
         bank = cls.create(template, capacity=len(adapters) if capacity is None else capacity, max_rank=max_rank, **kwargs)

@@ -68,6 +68,7 @@ from jpeft.io import (
     check_base,
     check_index,
     leaf_names,
+    kernel_fns,
     module_copies,
     np_dtype,
     read_json,
@@ -78,7 +79,7 @@ from jpeft.io import (
     with_checksum,
 )
 from jpeft.methods._common import head_copies, with_head_copies
-from jpeft.methods.base import split_frozen, trainable
+from jpeft.methods.base import recorded_kernel_fns, split_frozen, trainable, with_kernel_fns
 from jpeft.tree import host_array, is_typed_key, unwrap_params
 
 FORMAT = "jpeft-train-checkpoint"
@@ -794,6 +795,9 @@ class CheckpointManager:
         copies = head_copies(self.config, adapter)  # SEQ_CLS's classifier copy, which the config does not make
         if copies:
             meta["module_copies"] = sorted(copies)
+        fns = recorded_kernel_fns(adapter)  # sites jpeft.merge refuses, which a template without the model cannot see
+        if fns:
+            meta["kernel_fns"] = fns
         if "opt_state" in arrays:
             meta["opt_state_kinds"] = optimizer_state_kinds(opt_state)
         try:
@@ -1064,6 +1068,8 @@ class CheckpointManager:
             copies = module_copies(meta, where)
             if copies:
                 adapter = with_head_copies(adapter, unwrap_params(self.params)[0], copies, where)
+            if self.model is None:
+                adapter = with_kernel_fns(adapter, kernel_fns(meta, where))
         if opt_state is None and self.optimizer is not None:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter)
             built = jax.eval_shape(self.optimizer.init, trainable(abstract))  # no state for frozen arrays

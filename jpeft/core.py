@@ -14,7 +14,7 @@ from jpeft import _inject, _nnx, quant, scan
 from jpeft.config import AdapterConfig
 from jpeft.data import token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, InputValidationError, ShapeMismatchError
-from jpeft.methods.base import check_adapter, method_of, split_frozen
+from jpeft.methods.base import check_adapter, check_kernel_fn_merge, method_of, split_frozen
 from jpeft.validate import check_key, is_single_key
 from jpeft.tree import count, get_subtree, is_half_float, nbytes, rewrap_params, set_subtree, unbox, unwrap_params
 
@@ -303,6 +303,8 @@ def _fold(params, adapter, how: str):
     for path, node in adapter.items():
         if not getattr(node, "mergeable", False) and how in ("merge", "unmerge"):
             node.merge({})  # raises NotMergeableError with the method's message
+        if how == "merge":  # unmerge subtracts what merge added, whatever the module computes with it
+            check_kernel_fn_merge(path, getattr(getattr(node, "unstacked", node), "layout", None))
         try:
             own = get_subtree(new, path)
         except (KeyError, TypeError):
@@ -322,7 +324,11 @@ def _fold(params, adapter, how: str):
 def merge(params, adapter: Mapping[str, Any]):
     """Folds the adapter into a copy of the base weights: ``model.apply(merge(p, a), x)``
     equals ``jpeft.apply(model, p, a, x)``. Raises
-    :class:`~jpeft.errors.NotMergeableError` for methods that cannot merge. Params boxed by
+    :class:`~jpeft.errors.NotMergeableError` for methods that cannot merge, and for a site on a
+    module that computes with its own function of its kernel (a fake-quantizing ``dot_general``
+    that :func:`jpeft.transparent_dot_general` has not declared), which ``jpeft.init`` given the
+    model records in the site's layout: the merged kernel would go through that function, the
+    applied update does not (docs/METHODS.md). Params boxed by
     ``nn.with_partitioning`` come back unboxed (``nn.get_partition_spec`` of the boxed ones
     keeps their specs).
 

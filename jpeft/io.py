@@ -64,7 +64,7 @@ from jpeft.errors import (
     UnsafeFileError,
 )
 from jpeft.methods._common import head_copies, with_head_copies
-from jpeft.methods.base import FOREIGN_SITE_FIX, foreign_site
+from jpeft.methods.base import FOREIGN_SITE_FIX, foreign_site, recorded_kernel_fns, with_kernel_fns
 from jpeft.tree import host_array, path_str, unwrap_params
 
 ADAPTER_JSON = "jpeft_adapter.json"
@@ -907,6 +907,9 @@ class AdapterInfo:
       metadata: the user's own ``metadata`` dict given to :func:`save_adapter`.
       module_copies: paths of the module copies the adapter holds beside its method's sites
         (SEQ_CLS's classifier copy of a method without ``modules_to_save``, read from a PEFT file).
+      kernel_fns: ``{path: function}`` of the sites on modules that compute with their own
+        function of the kernel (:attr:`jpeft.methods.base.Layout.kernel_fn`), which
+        :func:`jpeft.merge` refuses.
     """
 
     path: Path
@@ -918,6 +921,7 @@ class AdapterInfo:
     jpeft_version: str
     metadata: dict
     module_copies: tuple = ()
+    kernel_fns: dict = dataclasses.field(default_factory=dict)
 
 
 def _resolve_adapter_dir(path) -> Path:
@@ -984,7 +988,8 @@ def _parse_info(p: Path) -> tuple[AdapterInfo, dict]:
     num = sum(math.prod(s) for s, _ in arrays.values())
     nbytes = sum(math.prod(s) * np.dtype(np_dtype(dt)).itemsize for s, dt in arrays.values())
     copies = module_copies(d, where)
-    info = AdapterInfo(p, config, base, arrays, int(num), int(nbytes), str(d.get("jpeft_version", "?")), meta, copies)
+    info = AdapterInfo(p, config, base, arrays, int(num), int(nbytes), str(d.get("jpeft_version", "?")), meta, copies,
+                       kernel_fns(d, where))
     return info, index
 
 
@@ -994,6 +999,14 @@ def module_copies(meta: Mapping[str, Any], where: str) -> tuple:
     if not isinstance(copies, list) or not all(isinstance(c, str) for c in copies):
         raise CheckpointError(f"{where}: 'module_copies' must be a list of module paths, found {str(copies)[:80]!r}.")
     return tuple(copies)
+
+
+def kernel_fns(meta: Mapping[str, Any], where: str) -> dict:
+    """The ``kernel_fns`` a writer recorded in ``meta`` (:func:`jpeft.methods.base.recorded_kernel_fns`), checked."""
+    fns = meta.get("kernel_fns", {})
+    if not isinstance(fns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in fns.items()):
+        raise CheckpointError(f"{where}: 'kernel_fns' must map module paths to function names, found {str(fns)[:80]!r}.")
+    return dict(fns)
 
 
 def read_adapter_info(path) -> AdapterInfo:
@@ -1096,6 +1109,9 @@ def save_adapter(
     }
     if copies:
         meta["module_copies"] = sorted(copies)
+    fns = recorded_kernel_fns(adapter)  # sites jpeft.merge refuses: a load without the model cannot see them
+    if fns:
+        meta["kernel_fns"] = fns
     try:
         # not sort_keys: rank_pattern / alpha_pattern take the first matching key, so their order is meaning
         # (the checksum is computed over the canonical, sorted form)
@@ -1212,6 +1228,8 @@ def _load_adapter(path, params, model, model_args, base_config, allow_base_misma
         raise
     if info.module_copies:
         template = with_head_copies(template, unwrap_params(params)[0], info.module_copies, str(p))
+    if model is None:  # layouts from the params alone: what the saved adapter's trace recorded (with the model: its own)
+        template = with_kernel_fns(template, info.kernel_fns)
     # Names and shapes are checked against the config's template and the metadata index before
     # any tensor data is read: a header declaring a 1 GiB tensor in a sparse file costs nothing.
     fill_template(template, {k: jax.ShapeDtypeStruct(tuple(e["shape"]), np_dtype(e["dtype"])) for k, e in index.items()},

@@ -34,6 +34,7 @@ Three entry points:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -45,7 +46,8 @@ import numpy as np
 from jpeft import _nnx, quant
 from jpeft.core import RoundingTally
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
-from jpeft.methods.base import Layout, LowRank, check_adapter, check_tied_merge, low_rank_node, residual_refusal
+from jpeft.methods.base import (Layout, LowRank, check_adapter, check_kernel_fn_merge, check_tied_merge, low_rank_node,
+                               residual_refusal)
 from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
 
@@ -231,6 +233,8 @@ def _validate(adapters, weights, method, density, majority_sign, key):
                     f"{tuple(lay.kernel_shape)}: the adapters were made for different base models."
                 )
             else:
+                if lay.kernel_fn is None and lr.layout.kernel_fn is not None:  # the merged site keeps what any input records
+                    layouts[path] = dataclasses.replace(lay, kernel_fn=lr.layout.kernel_fn)
                 j, tied, tie = ties[path]
                 if bool(lr.tie_output) != tie:
                     raise NotMergeableError(
@@ -399,12 +403,14 @@ def merge_into_base(
       ShapeMismatchError: an adapter site the params do not have, or of another shape.
       NotMergeableError: an embedding the model also reads as its tied output projection,
         adapted on its input lookup only (no ``ensure_weight_tying``); for an ``nnx.Module``, a
-        site on a module whose weights another module also holds (as :func:`jpeft.merge`).
+        site on a module whose weights another module also holds (as :func:`jpeft.merge`); a site
+        on a module that computes with its own function of its kernel (as :func:`jpeft.merge`).
       (and what :func:`merge_deltas` raises)
     """
     _, _, sites = _validate(adapters, weights, method, density, majority_sign, key)
-    for site in sites.values():
+    for path, site in sites.items():
         check_tied_merge(site)
+        check_kernel_fn_merge(path, site.layout, "jpeft.merging.merge_into_base")
     if isinstance(params, _nnx.nnx.Module):  # an NNX model in, a new NNX model out (as jpeft.merge)
         return _nnx.fold_module(params, sites, lambda state: merge_into_base(
             state, adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key))

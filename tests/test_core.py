@@ -1,6 +1,7 @@
 """Core LoRA behaviour (issue 2): identity at init, factored == merged, training, errors."""
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -920,3 +921,138 @@ def test_an_einsum_called_with_another_equation_than_the_adapters_is_refused_by_
     both = _EinsumAs(("bi,ihd->bhd", "bi,ihd->bdh"))
     with pytest.raises(jpeft.errors.LayoutError, match="give each use a module of its own"):
         jpeft.apply(both, params, _random_like(jpeft.init(cfg, params, jax.random.key(2), both, x), jax.random.key(3)), x)
+
+
+def _quarters(lhs, rhs, dims, precision=None, preferred_element_type=None):
+    """A fake-quantizing dot_general: the kernel rounded to quarters (AQT-style rounding)."""
+    return jax.lax.dot_general(lhs, jnp.round(4 * rhs) / 4, dims, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+def _quarters_conv(lhs, rhs, *args, **kwargs):
+    return jax.lax.conv_general_dilated(lhs, jnp.round(4 * rhs) / 4, *args, **kwargs)
+
+
+@jpeft.transparent_dot_general
+def _highest(lhs, rhs, dims, precision=None, preferred_element_type=None):
+    """A user's precision wrapper, declared to compute lax.dot_general's product."""
+    return jax.lax.dot_general(lhs, rhs, dims, precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=preferred_element_type)
+
+
+class _QuartersCls:
+    """AQT's form: a dot_general_cls, called for the function."""
+
+    def __call__(self, *args, **kwargs):
+        return _quarters(*args, **kwargs)
+
+
+class _WithKernelFn(nn.Module):
+    """One linear module 'm' built with the given function of its kernel."""
+
+    kind: str = "dense"
+    fn: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        if self.kind == "dense":
+            return nn.Dense(6, name="m", dot_general=self.fn)(x)
+        if self.kind == "dense_general":
+            return nn.DenseGeneral((2, 3), name="m", dot_general=self.fn)(x)
+        if self.kind == "dense_general_cls":
+            return nn.DenseGeneral((2, 3), name="m", dot_general_cls=self.fn)(x)
+        return nn.Conv(6, (3,), name="m", conv_general_dilated=self.fn)(x)
+
+
+_KERNEL_FN_CFGS = [jpeft.LoraConfig(r=2, target_modules=["m"]), jpeft.LoraConfig(r=2, target_modules=["m"], use_dora=True),
+                   jpeft.IA3Config(target_modules=["m"], feedforward_modules=[])]
+
+
+def _kernel_fn_case(kind, fn, cfg):
+    model = _WithKernelFn(kind, fn)
+    x = jax.random.normal(jax.random.key(0), (2, 7, 5) if kind == "conv" else (3, 5))
+    params = model.init(jax.random.key(1), x)
+    return model, x, params, _random_like(jpeft.init(cfg, params, jax.random.key(2), model, x), jax.random.key(3))
+
+
+@pytest.mark.parametrize("fn", [jpeft._ops.flat_dot_general,
+                                functools.partial(jax.lax.dot_general, precision=jax.lax.Precision.HIGHEST),
+                                _highest], ids=["flat_dot_general", "partial-precision", "declared"])
+def test_a_transparent_dot_general_merges_as_it_applies(fn):
+    """A Dense or DenseGeneral built with jpeft's flat_dot_general, a functools.partial of lax.dot_general with a
+    precision, or a user's own wrapper declared with jpeft.transparent_dot_general: merge equals apply for LoRA,
+    DoRA and IA3, every adapter tensor random (a function jpeft does not know is refused at merge, below)."""
+    for kind in ("dense", "dense_general"):
+        for cfg in _KERNEL_FN_CFGS:
+            model, x, params, adapter = _kernel_fn_case(kind, fn, cfg)
+            y = jpeft.apply(model, params, adapter, x)
+            np.testing.assert_allclose(y, model.apply(jpeft.merge(params, adapter), x), rtol=1e-5, atol=1e-5)
+            assert float(jnp.abs(y - model.apply(params, x)).max()) > 0.1
+
+
+@pytest.mark.parametrize("kind, fn", [("dense", _quarters), ("dense_general_cls", _QuartersCls), ("conv", _quarters_conv)],
+                         ids=["dense-dot_general", "dense_general-dot_general_cls", "conv-conv_general_dilated"])
+def test_a_kernel_changing_dot_general_is_refused_at_merge_by_name(kind, fn, tmp_path):
+    """A Dense whose dot_general rounds its kernel to quarters (fake quantization): apply added the update to the
+    rounded product (as PEFT adds LoRA's beside a quantized layer), merge folded it into the kernel the function then
+    rounds: LoRA 0.75 off apply (DoRA 0.47, IA3 0.41; a conv_general_dilated that rounds, LoRA 6.4), without a word.
+    Now apply is the factored form and merge, merge_into_base, and a merge after save / load (with or without the
+    model) are a NotMergeableError naming the site and the function; an adapter built from the params alone, which
+    cannot record it, is a LayoutError at apply."""
+    name = f"{'conv_general_dilated' if kind == 'conv' else 'dot_general_cls' if kind.endswith('cls') else 'dot_general'}="
+    match = rf"site 'm' is on a module that computes with its own {name}\S*{fn.__name__} \(recorded when"
+    for cfg in _KERNEL_FN_CFGS:
+        model, x, params, adapter = _kernel_fn_case(kind, fn, cfg)
+        y = jpeft.apply(model, params, adapter, x)
+        if isinstance(cfg, jpeft.LoraConfig) and not cfg.use_dora and kind != "conv":  # the factored form, by hand
+            a, b, s = adapter["m"].lora_A, adapter["m"].lora_B, adapter["m"].scale
+            np.testing.assert_allclose(y, model.apply(params, x) + (s * x @ a @ b).reshape(y.shape), rtol=1e-5, atol=1e-5)
+        with pytest.raises(jpeft.errors.NotMergeableError, match=match):
+            jpeft.merge(params, adapter)
+    with pytest.raises(jpeft.errors.NotMergeableError, match="merge_into_base: the site 'm'"):
+        jpeft.merge_into_base(params, [_kernel_fn_case(kind, fn, _KERNEL_FN_CFGS[0])[3]])
+    lora = _kernel_fn_case(kind, fn, _KERNEL_FN_CFGS[0])[3]
+    jpeft.save_adapter(tmp_path / "a", _KERNEL_FN_CFGS[0], lora)
+    for args in ((), (model, x)) if kind == "dense" else ((model, x),):  # a 3-D kernel needs the model to load
+        _, loaded = jpeft.load_adapter(tmp_path / "a", params, *args)
+        with pytest.raises(jpeft.errors.NotMergeableError, match=match):
+            jpeft.merge(params, loaded)
+    if kind == "dense":  # a training checkpoint keeps it too, restored with or without the model
+        writer = jpeft.checkpoint.CheckpointManager(tmp_path / "c", _KERNEL_FN_CFGS[0], params)
+        writer.save(1, lora, force=True)
+        writer.close()
+        restored = jpeft.checkpoint.CheckpointManager(tmp_path / "c", _KERNEL_FN_CFGS[0], params, read_only=True)
+        with pytest.raises(jpeft.errors.NotMergeableError, match=match):
+            jpeft.merge(params, restored.restore(1).adapter)
+    if kind == "dense":  # the params alone show a 2-D kernel, not the function: refused where the module is seen
+        bare = _random_like(jpeft.init(_KERNEL_FN_CFGS[0], params, jax.random.key(2)), jax.random.key(3))
+        with pytest.raises(jpeft.errors.LayoutError, match=r"'m' computes with its own dot_general=.*_quarters.*"
+                                                           r"jpeft.transparent_dot_general"):
+            jpeft.apply(model, params, bare, x)
+        for merged in (jpeft.merge_adapters([bare, lora]),  # what any input records, the combination keeps
+                       jpeft.AdapterBank.from_adapters({"bare": bare, "traced": lora}).get("bare")):
+            with pytest.raises(jpeft.errors.NotMergeableError, match=match):
+                jpeft.merge(params, merged)
+
+
+@pytest.mark.parametrize("kind, cfg", [("dense_general", jpeft.LoHaConfig(r=2, target_modules=["m"])),
+                                       ("dense_general", jpeft.LoKrConfig(r=2, target_modules=["m"])),
+                                       ("conv", jpeft.LoraConfig(r=2, target_modules=["m"]))],
+                         ids=["loha-dense_general", "lokr-dense_general", "lora-conv"])
+def test_an_adapters_own_product_does_not_go_through_the_modules_kernel_function(kind, cfg):
+    """LoHa and LoKr compute their update through a copy of the module, and LoRA its conv projection x * A: the copy
+    kept the module's fake-quantizing dot_general (conv_general_dilated), which rounded the update (LoHa 0.35 off the
+    update x dW, LoKr 0.29, LoRA-conv 2.95) and zeroed the gradients of every LoHa / LoKr array and of LoRA's A:
+    training changed nothing, without a word. Now the update is computed beside the module's function, as LoRA's on
+    a Dense (and PEFT's beside a quantized layer), and every adapter array gets a gradient."""
+    model, x, params, adapter = _kernel_fn_case(kind, _quarters_conv if kind == "conv" else _quarters, cfg)
+    y = jpeft.apply(model, params, adapter, x)
+    node = adapter["m"]
+    if kind == "conv":  # the factored form, by hand: a plain conv with A, then B
+        h = nn.Conv(2, (3,), use_bias=False).apply({"params": {"kernel": node.lora_A.reshape(3, 5, 2)}}, x)
+        update = node.scale * h @ node.lora_B
+    else:
+        update = jnp.einsum("bi,ijk->bjk", x, node.kernel_delta(jnp.float32))
+    np.testing.assert_allclose(y - model.apply(params, x), update, rtol=1e-4, atol=1e-4)
+    grads = jax.grad(lambda a: jnp.sum(jpeft.apply(model, params, a, x) ** 2))(adapter)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(jpeft.trainable(grads)))

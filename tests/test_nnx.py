@@ -515,6 +515,77 @@ def test_subclasses_with_their_own_forward_and_untargeted_custom_modules():
     assert sorted(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc"]), plain, jax.random.key(1), plain, x)) == ["fc"]
 
 
+def _quarters(lhs, rhs, dims, **kwargs):
+    """A fake-quantizing dot_general: the kernel rounded to quarters."""
+    return jax.lax.dot_general(lhs, jnp.round(4 * rhs) / 4, dims, **kwargs)
+
+
+def _quarters_einsum(eq, x, kernel, **kwargs):
+    return jnp.einsum(eq, x, jnp.round(4 * kernel) / 4, **kwargs)
+
+
+@jpeft.transparent_dot_general
+def _highest(lhs, rhs, dims, precision=None, **kwargs):
+    return jax.lax.dot_general(lhs, rhs, dims, precision=jax.lax.Precision.HIGHEST, **kwargs)
+
+
+@jpeft.transparent_dot_general
+def _plain_einsum(eq, x, kernel, **kwargs):
+    return jnp.einsum(eq, x, kernel, **kwargs)
+
+
+class _Quantized(nnx.Module):
+    """One module 'm' built with the given function of its kernel."""
+
+    def __init__(self, kind, fn, rngs):
+        if kind == "linear":
+            self.m = nnx.Linear(5, 6, dot_general=fn, rngs=rngs)
+        elif kind == "linear_general_cls":
+            self.m = nnx.LinearGeneral(5, (2, 3), dot_general_cls=fn, rngs=rngs)
+        else:
+            self.m = nnx.Einsum("bi,io->bo", (5, 6), (6,), einsum_op=fn, rngs=rngs)
+
+    def __call__(self, x):
+        return self.m(x)
+
+
+@pytest.mark.parametrize("kind, fn", [("linear", _quarters), ("linear_general_cls", lambda: _quarters),
+                                      ("einsum", _quarters_einsum)], ids=["linear", "linear_general-cls", "einsum"])
+def test_a_kernel_changing_dot_general_is_refused_at_merge_and_a_declared_one_merges(kind, fn):
+    """nnx.Linear(dot_general=...), nnx.LinearGeneral(dot_general_cls=...) and nnx.Einsum(einsum_op=...) rounding the
+    kernel to quarters: merge folded the update into the kernel the function rounds, apply added it to the rounded
+    product: LoRA 0.46 off (DoRA 0.35, IA3 0.67), without a word. Now merge is a NotMergeableError naming the
+    function (an adapter from the params alone: a LayoutError at apply), and a wrapper declared with
+    jpeft.transparent_dot_general merges as it applies, every adapter tensor random."""
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    cfgs = [jpeft.LoraConfig(r=2, target_modules=["m"]), jpeft.LoraConfig(r=2, target_modules=["m"], use_dora=True),
+            jpeft.IA3Config(target_modules=["m"], feedforward_modules=[])]
+    net = _build(lambda: _Quantized(kind, fn, nnx.Rngs(0)))
+    field = {"linear": "dot_general", "linear_general_cls": "dot_general_cls", "einsum": "einsum_op"}[kind]
+    for cfg in cfgs:
+        adapter = _randomize(jpeft.init(cfg, net, jax.random.key(1), net, x))
+        y = jpeft.apply(net, None, adapter, x)
+        if cfg is cfgs[0]:  # the factored form, by hand: the update beside the rounded product
+            lw = adapter["m"]
+            np.testing.assert_allclose(y, net(x) + (lw.scale * x @ lw.lora_A @ lw.lora_B).reshape(y.shape),
+                                       rtol=1e-5, atol=1e-5)
+        with pytest.raises(jpeft.errors.NotMergeableError, match=rf"site 'm' is on a module that computes with its own "
+                                                                 rf"{field}="):
+            jpeft.merge(net, adapter)
+    if kind == "linear":
+        bare = _randomize(jpeft.init(cfgs[0], net, jax.random.key(1)))
+        with pytest.raises(jpeft.errors.LayoutError, match="'m' computes with its own dot_general=.*_quarters"):
+            jpeft.apply(net, None, bare, x)
+    fn = {"linear": _highest, "linear_general_cls": jpeft.transparent_dot_general(lambda: _highest),
+          "einsum": _plain_einsum}[kind]
+    declared = _build(lambda: _Quantized(kind, fn, nnx.Rngs(0)))
+    for cfg in cfgs:
+        adapter = _randomize(jpeft.init(cfg, declared, jax.random.key(1), declared, x))
+        y = jpeft.apply(declared, None, adapter, x)
+        np.testing.assert_allclose(y, jpeft.merge(declared, adapter)(x), rtol=1e-5, atol=1e-5)
+        assert float(jnp.abs(y - declared(x)).max()) > 0.1
+
+
 def test_one_part_of_a_filtered_split_is_a_named_error_and_the_merged_state_works():
     class Net(nnx.Module):
         def __init__(self, rngs):

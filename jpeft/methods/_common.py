@@ -171,7 +171,7 @@ def down_project(x, a, lay: Layout, module=None):
         return jnp.tensordot(x, ak, axes=(axes, tuple(range(len(axes)))))
     if lay.kind == Kind.CONV:
         ak = a.reshape(tuple(lay.in_dims) + (k,))
-        helper = module.clone(parent=None, features=k, use_bias=False, name=None)
+        helper = _inject.update_module(module, features=k)
         with _inject.bypass():
             return helper.apply({"params": {"kernel": ak}}, x)
     if lay.kind == Kind.EINSUM:

@@ -311,7 +311,7 @@ class LycorisSite(AdditiveMerge, Site):
             delta = delta * rows.reshape((-1,) + (1,) * (delta.ndim - 1))
         if keep is not None:
             delta = delta * keep
-        helper = call.module.clone(parent=None, use_bias=False, name=None)
+        helper = _inject.update_module(call.module)
         with _inject.bypass():
             return y + helper.apply({"params": {"kernel": kernel_from_torch(delta, lay).astype(dt)}},
                                     *call.args, **call.kwargs)

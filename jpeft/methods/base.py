@@ -57,7 +57,10 @@ class Layout:
 
     ``kind`` is a :class:`Kind`. ``in_axes`` / ``out_axes`` index ``kernel_shape``; the adapter
     treats the kernel as the matrix ``[prod(in dims), prod(out dims)]``. ``equation`` is set for
-    ``einsum``.
+    ``einsum``. ``kernel_fn`` names the module's own function of its kernel (a custom
+    ``dot_general``: fake quantization, a kernel-scaling wrapper) where jpeft does not know it to
+    compute the plain product of the kernel it is given (:func:`jpeft._inject.kernel_fn`), else
+    ``None``; :func:`jpeft.merge` refuses such a site (:func:`check_kernel_fn_merge`).
     """
 
     kind: Kind
@@ -65,6 +68,7 @@ class Layout:
     in_axes: tuple
     out_axes: tuple
     equation: Optional[str] = None
+    kernel_fn: Optional[str] = None
 
     def __post_init__(self):
         try:
@@ -196,6 +200,57 @@ def check_tied_merge(lr: "LowRank", stacklevel: int = 3) -> None:
     if lr.layout is None or lr.layout.kind != Kind.EMBED or lr.tie_output:
         return
     check_input_only_embedding_merge(lr.tied_output, "a LoRA", stacklevel + 1)
+
+
+def check_kernel_fn_merge(path: str, layout: Optional[Layout], where: str = "jpeft.merge") -> None:
+    """Refuses to fold an update into the kernel of a module that computes with its own
+    function of the kernel (:attr:`Layout.kernel_fn`): the adapters add their update to what
+    that function returns (as PEFT adds LoRA's beside a quantized base layer), while the merged
+    kernel would go through it, so the merged model would not compute what the adapter does
+    (LoRA 0.75 off through a dot_general that rounds the kernel to quarters).
+
+    Raises:
+      NotMergeableError: ``layout`` records such a function."""
+    fn = getattr(layout, "kernel_fn", None)
+    if fn is None:
+        return
+    raise NotMergeableError(
+        f"{where}: the site {path!r} is on a module that computes with its own {fn} (recorded when jpeft traced the "
+        "model), which jpeft does not know to compute the plain product of the kernel it is given. jpeft.apply adds "
+        "the adapter's update to what that function returns, but a merge would fold the update into the kernel the "
+        "function then transforms (a fake-quantizing or kernel-scaling dot_general), so the merged model would not "
+        "compute what the adapter does. Serve the adapter unmerged with jpeft.apply; or, if the function computes "
+        "the plain product of the kernel (a precision or sharding wrapper), declare it in the model with "
+        "jpeft.transparent_dot_general(fn) and rebuild the adapter's layout from the model "
+        "(jpeft.load_adapter(folder, params, model, x) of the saved adapter)."
+    )
+
+
+def recorded_kernel_fns(adapter: Mapping[str, Any]) -> dict:
+    """``{path: Layout.kernel_fn}`` of the sites that record one: what the writers
+    (:func:`jpeft.save_adapter`, the checkpoint manager) save beside the arrays, so that an adapter
+    loaded without the model (whose layouts come from the params alone) still refuses its merge."""
+    out = {}
+    for path, node in adapter.items():
+        fn = getattr(getattr(getattr(node, "unstacked", node), "layout", None), "kernel_fn", None)
+        if fn is not None:
+            out[path] = fn
+    return out
+
+
+def with_kernel_fns(adapter: Mapping[str, Any], fns: Mapping[str, str]) -> dict:
+    """``adapter`` with each site of ``fns`` (:func:`recorded_kernel_fns`) recording its function
+    in its layout (a loader's template built from the params alone)."""
+    out = dict(adapter)
+    for path, fn in fns.items():
+        node = out.get(path)
+        inner = getattr(node, "unstacked", node)
+        lay = getattr(inner, "layout", None)
+        if not isinstance(lay, Layout) or lay.kernel_fn is not None:
+            continue
+        new = dataclasses.replace(inner, layout=dataclasses.replace(lay, kernel_fn=str(fn)))
+        out[path] = new if inner is node else dataclasses.replace(node, inner=new)
+    return out
 
 
 def check_input_only_embedding_merge(tied_output: Optional[bool], what: str, stacklevel: int = 3) -> None:
