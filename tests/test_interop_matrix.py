@@ -109,6 +109,8 @@ def _opts(case, family):
         return lora(family, modules_to_save=["lm_head" if k != "bert" else "classifier"])
     if case == "modules_to_save, a module with submodules":  # PEFT copies the whole module (jpeft: each of its layers)
         return lora(family, modules_to_save=SUBMODULES[k])
+    if case == "modules_to_save over targets":  # PEFT copies each MLP (BERT: pooler) whole and adapts none of its layers
+        return lora(family, target_modules="all-linear", modules_to_save=SUBMODULES[k])
     if case == "modules_to_save, bias='all'":  # PEFT's file holds each copy's biases under its wrapper's keys too
         return lora(family, modules_to_save=SUBMODULES[k], bias="all")
     if case == "bias='lora_only'":
@@ -153,7 +155,8 @@ def _cells(case, family):
 
 CASES = ["LoRA list", "LoRA regex", "LoRA all-linear", "rsLoRA", "rank/alpha patterns", "DoRA", "PiSSA", "OLoRA",
          "embedding", "embedding, ensure_weight_tying", "IA3", "prefix", "prefix + projection", "prompt",
-         "modules_to_save", "modules_to_save, a module with submodules", "bias='lora_only'", "bias='all'",
+         "modules_to_save", "modules_to_save, a module with submodules", "modules_to_save over targets",
+         "bias='lora_only'", "bias='all'",
          "modules_to_save, bias='all'", "lora_bias",
          "layers_to_transform", "exclude_modules", "trainable_token_indices", *OTHER]
 MATRIX = {(case, fam): _cells(case, fam) for case in CASES for fam in FAMILIES.values()}
@@ -304,7 +307,8 @@ def test_interop(case, family, direction, tmp_path):
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(hf), _peft_config(case, family))
         if case in ("PiSSA", "OLoRA", "DoRA", "prefix + projection", "modules_to_save", "trainable_token_indices",
-                    "modules_to_save, a module with submodules", "bias='lora_only'", "bias='all'",
+                    "modules_to_save, a module with submodules", "modules_to_save over targets", "bias='lora_only'",
+                    "bias='all'",
                     "modules_to_save, bias='all'", *OTHER):
             _peft_randomize(pm, case)
         pm.eval()
@@ -457,6 +461,38 @@ def test_trainable_tokens_saved_with_embedding_layers_tell_a_tied_base_without_i
     _, tied_ad = H.load_peft(str(tmp_path / "True"), base(family)[1])  # on the tied base: PEFT's numbers
     _close(family, _jpeft_logits_of(base(family)[0], base(family)[1], tied_ad, ids, mask),
            _torch_logits(pm.eval(), "LoRA list", family, ids, mask), mask)
+
+
+def test_exclude_modules_as_jpeft_paths_exclude_what_peft_excludes_and_an_unused_one_warns(tmp_path):
+    """exclude_modules given as jpeft paths (``model/layers_0/self_attn/q_proj``, the form
+    target_modules and modules_to_save take) excluded nothing, without a word: jpeft matched them
+    against the dotted name only, so the module was adapted, trained and exported. They now read as
+    the dotted names PEFT matches (and are written so); an exclude_modules that names no module (a
+    regex written on jpeft paths, a typo) warns, as PEFT's get_peft_model does."""
+    family = "mistral"
+    hf, folder = tiny.hf_model(family)
+    model, params = base(family)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"],
+                           exclude_modules=["model/layers_0/self_attn/q_proj", "layers_1/self_attn/v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+            r=2, target_modules=["q_proj", "v_proj"],
+            exclude_modules=["model.layers.0.self_attn.q_proj", "layers.1.self_attn.v_proj"]))
+    ad = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 1)
+    assert sorted(jpeft.tree.hf_name(p) for p in ad) == sorted(pm.targeted_module_names)
+    H.save_peft(str(tmp_path), cfg, ad, base_model_name_or_path=folder, params=params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pj = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+    assert sorted(pj.targeted_module_names) == sorted(pm.targeted_module_names)
+    ids, mask = tiny.batch(family, seed=3)
+    _close(family, _jpeft_logits(family, params, ad, ids, mask), _torch_logits(pj, "LoRA list", family, ids, mask), mask)
+    for unused in (r"model/layers_0/.*", ["q_prj"]):
+        with pytest.warns(RuntimeWarning, match="names no module of this model"):
+            ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj"], exclude_modules=unused), params,
+                            jax.random.key(0))
+        assert len(ad) == 2  # nothing excluded, as in PEFT
 
 
 def _jpeft_logits_of(model, params, adapter, ids, mask):

@@ -322,17 +322,26 @@ def test_seq_cls_with_a_classifier_site_is_refused_not_dropped_by_peft(targets, 
         load_peft(str(tmp_path / "b"), params)
 
 
-def test_module_both_targeted_and_saved_in_a_peft_file_is_refused_by_name(tmp_path):
+def test_module_both_targeted_and_saved_in_a_peft_file_loads_as_peft_runs_it(tmp_path):
     """PEFT gives a module named in target_modules and modules_to_save a full copy and no LoRA; the
-    file then lacks LoRA keys for it, which read as a base mismatch before."""
+    file then lacks LoRA keys for it, which read as a base mismatch, then was refused by name; jpeft
+    now selects as PEFT does (the copy, no LoRA) and gives PEFT's logits."""
     hf, _ = tiny.hf_model("mistral")
     torch.manual_seed(0)
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
-                                                                modules_to_save=["lm_head"]))
-    pm.save_pretrained(str(tmp_path))
-    _, params = _jpeft_base("mistral")
-    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="both in target_modules and in modules_to_save"):
-        load_peft(str(tmp_path), params)
+                                                                modules_to_save=["lm_head"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.eval().save_pretrained(str(tmp_path))
+    model, params = _jpeft_base("mistral")
+    _, ad = load_peft(str(tmp_path), params)
+    assert isinstance(ad["lm_head"], jpeft.SavedModule)
+    ids, mask = tiny.batch("mistral")
+    sel = mask.astype(bool)
+    out = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(out[sel], _torch_logits(pm, ids, mask)[sel], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["ia3", "lokr", "oft"])

@@ -86,8 +86,12 @@ def test_config_round_trip_and_refusals():
         jpeft.LoraConfig(modules_to_save=[3])
     model = Net()
     params = model.init(jax.random.key(1), X)
+    # a target that modules_to_save names (by whole components) is copied whole and not adapted, as in PEFT
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "head"], modules_to_save=["head"]), params, jax.random.key(0))
+    assert isinstance(ad["head"], jpeft.SavedModule) and not isinstance(ad["d"], jpeft.SavedModule)
+    # a name ending a target's name without whole components: PEFT would wrap the module and adapt it too
     with pytest.raises(ConfigError, match="both LoRA targets and modules_to_save"):
-        jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "head"], modules_to_save=["head"]), params, jax.random.key(0))
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "head"], modules_to_save=["ead"]), params, jax.random.key(0))
     with pytest.raises(TargetNotFoundError, match="no lm_head of its own"):
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], modules_to_save=["lm_head"]), params, jax.random.key(0))
     # one name of several that selects nothing left that module frozen without a word (PEFT ignores it too)

@@ -174,7 +174,10 @@ class LoraConfig(AdapterConfig):
             raise ConfigError(f"LoraConfig.modules_to_save must be a list of module names, found {self.modules_to_save!r}.")
         object.__setattr__(self, "modules_to_save", tuple(_hf_module_name(m) for m in mts) if mts else None)
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules) or None)
+        ex = _as_targets(self.exclude_modules, "exclude_modules") or None
+        if isinstance(ex, tuple):  # a jpeft path ("model/layers_0/mlp") as the dotted name PEFT matches and writes
+            ex = tuple(_hf_module_name(e) for e in ex)
+        object.__setattr__(self, "exclude_modules", ex)
         ltt = self.layers_to_transform
         if isinstance(ltt, _INDEX_LISTS):
             ltt = tuple(ltt) or None
@@ -303,19 +306,13 @@ class LoraConfig(AdapterConfig):
     def selects(self, path: str) -> bool:
         """Whether the module at ``path`` gets a site, as Hugging Face PEFT decides: it matches
         ``target_modules`` (:func:`jpeft.tree.matches`), is not in ``exclude_modules`` (a regex
-        fullmatched against the dotted name, or names matched as suffixes) and, when
+        fullmatched against the dotted name, or names matched as suffixes), is not copied whole by
+        ``modules_to_save`` (:meth:`copied_whole`) and, when
         ``layers_to_transform`` is set (``target_modules`` is then a list), sits in one of those
         layers (the index after ``layers_pattern``, or after the first numbered component)."""
-        if not matches(self.target_modules, path):
+        if not matches(self.target_modules, path) or self.excludes(path) or self.copied_whole(path):
             return False
         name = hf_name(path)
-        ex = self.exclude_modules
-        if ex is not None:
-            if isinstance(ex, str):
-                if regex_fullmatch(ex, name):  # RE2: a downloaded pattern cannot hang loading
-                    return False
-            elif name in ex or any(name.endswith("." + e) for e in ex):
-                return False
         ltt = self.layers_to_transform
         if ltt is None or name in self.target_modules:
             return True  # PEFT applies the layer filter to suffix matches only, not to full names
@@ -323,6 +320,27 @@ class LoraConfig(AdapterConfig):
         if idx is None:
             return False
         return idx == ltt if isinstance(ltt, (int, np.integer)) else idx in ltt
+
+    def excludes(self, path: str) -> bool:
+        """Whether ``exclude_modules`` names the module at ``path``, as Hugging Face PEFT matches it:
+        a regex fullmatched against the dotted name (``model.layers.0.self_attn.q_proj``), or
+        names (a jpeft path is read as its dotted name) equal to it or ending it."""
+        ex = self.exclude_modules
+        if ex is None:
+            return False
+        name = hf_name(path)
+        if isinstance(ex, str):
+            return regex_fullmatch(ex, name)  # RE2: a downloaded pattern cannot hang loading
+        return name in ex or any(name.endswith("." + e) for e in ex)
+
+    def copied_whole(self, path: str) -> bool:
+        r"""Whether a ``modules_to_save`` entry names the module at ``path`` or a module holding it,
+        by whole components of the dotted name (Hugging Face PEFT's rule, ``(^|.*\.){name}($|\..*)``):
+        PEFT then trains the module as a full copy and gives it no adapter, whatever
+        ``target_modules`` says (``target_modules="all-linear"`` with ``modules_to_save=["mlp"]``
+        adapts the attention and copies each MLP)."""
+        name = hf_name(path)
+        return any(regex_fullmatch(rf"(^|.*\.){m}($|\..*)", name) for m in (self.modules_to_save or ()))
 
     def layer_index(self, path: str) -> Optional[int]:
         """The layer index ``layers_to_transform`` is compared with for the module at ``path``: the
@@ -992,6 +1010,28 @@ def _warn_unmatched_layers(config: LoraConfig, paths, leaves, infos) -> None:
             "them. Check the indices (they count from 0) and layers_pattern.", RuntimeWarning, stacklevel=3)
 
 
+def _warn_unused_exclude(config: LoraConfig, leaves, infos) -> None:
+    """A ``RuntimeWarning`` when ``exclude_modules`` names no module of the model (PEFT warns
+    "no modules were excluded" too): a regex written for jpeft's paths (``model/layers_0/.*``;
+    PEFT's, and so jpeft's, is matched against the dotted name) or a typo would otherwise adapt
+    the modules the user meant to leave out, without a word."""
+    if config.exclude_modules is None:
+        return
+    names = set()
+    for p, own in leaves.items():
+        info = infos.get(p) if infos is not None else None
+        for n in (layer_paths(p, info.layout, own) if info is not None and info.layout is not None else None) or [p]:
+            parts = n.split("/")
+            names.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))  # PEFT matches every named module
+    if any(config.excludes(n) for n in names):
+        return
+    warnings.warn(
+        f"exclude_modules={config.exclude_modules!r} names no module of this model, so nothing is excluded (Hugging "
+        "Face PEFT warns the same). It is matched as in PEFT: a regex in full against the dotted module name (e.g. "
+        f"{hf_name(sorted(leaves)[0])!r}, not the jpeft path {sorted(leaves)[0]!r}), a list by names ending the "
+        "dotted name. Fix the names or the regex.", RuntimeWarning, stacklevel=3)
+
+
 def init_lora(config: LoraConfig, params, key, infos):
     """``Method.init`` of LoRA: a :class:`LoraWeights` site per selected linear module, plus the
     :class:`SavedModule` and :class:`TrainableTokens` sites of ``modules_to_save``, ``bias`` and
@@ -1004,11 +1044,13 @@ def init_lora(config: LoraConfig, params, key, infos):
         for p in paths:  # a layer-scanned kernel has no layer index to filter without the model: LayoutError says so
             _inject.infer_layout(p, leaves[p])
     _warn_unmatched_layers(config, paths, leaves, infos)
+    _warn_unused_exclude(config, leaves, infos)
     paths = kept
     if not paths:
         raise TargetNotFoundError(
             f"target_modules={config.target_modules!r} matched modules, but exclude_modules={config.exclude_modules!r} / "
-            f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) removed "
+            f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}) / "
+            f"modules_to_save={list(config.modules_to_save or [])} (copied whole, not adapted) removed "
             "every one of them; widen those options."
         )
     # Keys go to sites in sorted path order, so the adapter does not depend on the params

@@ -515,7 +515,9 @@ def _saved_sites_from_hf(config: LoraConfig, found: _LoraTensors, ctx: ImportCon
 def _refuse_saved_targets(config: LoraConfig, site_paths, expected, folder: str) -> None:
     """A module both targeted and in ``modules_to_save``: PEFT wraps it as a full copy and gives it
     no LoRA (weights for one in the file are dropped silently, as task_type SEQ_CLS does with a
-    classifier LoRA), while jpeft's LoraConfig refuses the overlap; refuse it by name."""
+    classifier LoRA): LoRA weights for it are refused by name. ``config.selects`` leaves out the
+    targets a name covers by whole components, as PEFT does; one that a name only ends (``ead`` of
+    ``head``), which PEFT would both wrap and adapt, is refused too."""
     with_weights = sorted(hf_name(p) for p in site_paths if config.saves(p))
     if with_weights:
         raise UnsupportedAdapterError(
