@@ -18,6 +18,17 @@ slot of example ``i`` (``bank.ids(names)`` converts names), ``-1`` runs that exa
 base. Each :class:`BankedLora` site computes, for every example at once,
 ``y[i] = x[i] @ W + s[id_i] * (x[i] @ A[id_i]) @ B[id_i]``.
 
+LoRA biases, trainable tokens, module copies. A LoRA with ``lora_bias`` (PEFT's
+``lora_bias=True``) adds ``s * lora_bias`` of its own adapter to each row, trainable tokens
+(``trainable_token_indices``) replace each row's lookup of its adapter's token ids with that
+adapter's rows, and a ``modules_to_save`` copy of an ``nn.Dense`` or ``nn.Embed`` runs the module
+with the row's own copy, as PEFT's mixed-batch forward does (nodes give them through
+``Site.routed_low_rank``). The bank holds biases and copies at the sites where an adapter it was
+built from has one (biases at every linear site with ``create(..., lora_bias=True)``) and
+``max_tokens`` token rows per slot at every embedding; an adapter that needs more is refused by name.
+Tokens of an embedding the model also reads as its tied output layer act in its ``attend`` too
+(each row's logits of its adapter's token ids), as PEFT's do in the tied ``lm_head``.
+
 **The batch axis must be the leading axis of every adapted module's input**: a module input of
 shape ``[batch, seq, ..., features]`` is routed by its first axis (all its tokens use the same
 adapter). A model that folds batch and sequence into one axis before a projection cannot be
@@ -130,15 +141,36 @@ class LoraStack(FrozenFields):
     edits are frozen fields (see the module docstring): they travel with the factors into a
     jitted function, so the compiled program never keeps old scales, :func:`jpeft.make_train_step`
     never trains them, and :meth:`AdapterBank.with_weights` tells weights taken before an
-    ``add`` / ``replace`` / ``remove`` by their edits, even where the scales did not change."""
+    ``add`` / ``replace`` / ``remove`` by their edits, even where the scales did not change.
+    A site of a bank that holds LoRA biases (PEFT's ``lora_bias``) has ``lora_bias: [N, out]``
+    (trained) and ``bias_on: [N]`` (frozen: 1 for the slots whose adapter has a bias there);
+    an embedding site of a bank that holds trainable tokens (PEFT's ``trainable_token_indices``)
+    has ``token_values: [N, K, d]`` (trained) and ``token_ids: [N, K]`` (frozen, float32, ``-1``
+    past each slot's own ids); a site holding ``modules_to_save`` copies (of an ``nn.Dense`` or
+    ``nn.Embed``) has ``saved: {param name: [N, ...]}`` (trained) and ``saved_on: [N]`` (frozen: 1
+    for the slots whose adapter has a copy there); elsewhere these are ``None``."""
 
     lora_A: jax.Array
     lora_B: jax.Array
     scales: jax.Array
     edits: jax.Array
     layout: Layout = static_field(default=None)
+    # the sites that hold LoRA biases (PEFT's lora_bias): ``[N, out]`` (trained) and ``bias_on: [N]``
+    # (frozen; 1 where the slot's adapter has a bias here, so no other slot's bias ever trains)
+    lora_bias: Optional[jax.Array] = None
+    bias_on: Optional[jax.Array] = None
+    # the embedding sites that hold trainable tokens: ``token_values: [N, K, d]`` (trained) and
+    # ``token_ids: [N, K]`` (frozen; the ids, as float32, -1 past a slot's own tokens)
+    token_values: Optional[jax.Array] = None
+    token_ids: Optional[jax.Array] = None
+    # the sites that hold modules_to_save copies: ``saved: {param name: [N, ...]}`` (trained) and
+    # ``saved_on: [N]`` (frozen; 1 where the slot's adapter has a copy here)
+    saved: Optional[dict] = None
+    saved_on: Optional[jax.Array] = None
+    # the tokens act in the embedding's attend too (the model's tied output layer), as PEFT ties them
+    tied_tokens: bool = static_field(default=False)
 
-    frozen: ClassVar[tuple] = ("scales", "edits")
+    frozen: ClassVar[tuple] = ("scales", "edits", "bias_on", "token_ids", "saved_on")
 
 
 @jax.tree_util.register_dataclass
@@ -147,7 +179,13 @@ class BankedLora(Site):
     """A routed LoRA site: every example of the batch gets its own adapter.
 
     Children (pytree leaves): ``lora_A [N, in, R]``, ``lora_B [N, R, out]``, ``scales [N]`` and
-    ``adapter_ids [batch]`` (int; ``-1`` or an empty slot means the bare base). Static:
+    ``adapter_ids [batch]`` (int; ``-1`` or an empty slot means the bare base), and where the bank
+    holds LoRA biases ``lora_bias [N, out]`` and ``bias_on [N]`` (row ``i`` adds
+    ``s * bias_on * lora_bias`` of its slot, as PEFT's ``lora_B`` bias), and at an embedding
+    holding trainable tokens ``token_values [N, K, d]`` and ``token_ids [N, K]`` (row ``i``'s
+    tokens among its slot's ids look up its slot's values, as PEFT's mixed batch does), and where
+    adapters have ``modules_to_save`` copies ``saved`` and ``saved_on`` (row ``i`` runs the module
+    with its slot's copy, as PEFT's mixed batch does). Static:
     ``layout``, ``dropout``, ``strategy``. Changing any array's contents never changes the
     pytree structure, so jitted callers are not recompiled. The scales and ids are frozen
     fields (never trained, not counted as trainable by :func:`jpeft.summary`).
@@ -160,14 +198,22 @@ class BankedLora(Site):
     layout: Layout = static_field(default=None)
     dropout: float = static_field(default=0.0)
     strategy: str = static_field(default=DEFAULT_STRATEGY)
+    lora_bias: Optional[jax.Array] = None
+    bias_on: Optional[jax.Array] = None
+    token_values: Optional[jax.Array] = None
+    token_ids: Optional[jax.Array] = None
+    saved: Optional[dict] = None
+    saved_on: Optional[jax.Array] = None
+    tied_tokens: bool = static_field(default=False)
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = False
-    frozen: ClassVar[tuple] = ("scales", "adapter_ids")
+    frozen: ClassVar[tuple] = ("scales", "adapter_ids", "bias_on", "token_ids", "saved_on")
 
     def handles(self, method_name: str) -> bool:
-        # an embedding LoRA adapts the lookup only, as a LoRA site does without ensure_weight_tying
-        return method_name == "__call__"
+        # an embedding LoRA adapts the lookup only, as a LoRA site does without ensure_weight_tying; trainable
+        # tokens of a tied embedding act in its attend (the tied output layer) too
+        return method_name == "__call__" or (method_name == "attend" and self.tied_tokens)
 
     def check(self, path: str, module) -> None:
         own = module.variables.get("params", {})
@@ -190,6 +236,63 @@ class BankedLora(Site):
 
     # -- forward --------------------------------------------------------------------------------
     def intercept(self, call: Call):
+        if call.method_name == "attend":  # the tied output layer: only the token rows act there
+            return self._attend_tokens(call, call.run())
+        y = self._low_rank_rows(call)
+        return y if self.saved is None else self._saved_rows(call, y)
+
+    def _row_tokens(self):
+        """``(ids [batch, K], values [batch, K, d])``: each row's slot's tokens (ids ``-1``: none)."""
+        ids, values = self.token_ids, self.token_values
+        if self.strategy == "pregather":
+            return ids, values
+        n = ids.shape[0]
+        valid = (self.adapter_ids >= 0) & (self.adapter_ids < n)
+        safe = jnp.where(valid, self.adapter_ids, 0)
+        return jnp.where(valid[:, None], jnp.take(ids, safe, axis=0), -1.0), jnp.take(values, safe, axis=0)
+
+    def _attend_tokens(self, call: Call, y):
+        """``y`` (the logits ``[batch, ..., V]`` of ``attend``) with each row's columns of its
+        tokens computed with its adapter's rows, as PEFT's tied output layer does."""
+        h = call.args[0] if call.args else call.kwargs.get("query")
+        if h.shape[0] == 0:
+            return y
+        ids, values = self._row_tokens()
+        dt = y.dtype
+        cols = jnp.einsum("bsd,bkd->bsk", h.reshape((h.shape[0], -1, h.shape[-1])).astype(dt), values.astype(dt))
+        onehot = (jnp.arange(y.shape[-1])[None, None, :] == ids.astype(jnp.int32)[:, :, None]).astype(dt)  # [b, K, V]
+        new = jnp.einsum("bsk,bkv->bsv", cols, onehot).reshape(y.shape)
+        hit = (onehot.sum(1) > 0).reshape((y.shape[0],) + (1,) * (y.ndim - 2) + (y.shape[-1],))
+        return jnp.where(hit, new, y)
+
+    def _saved_rows(self, call: Call, y):
+        """``y`` with the rows whose slot holds a ``modules_to_save`` copy here replaced by the
+        module's output with that copy (each row runs the module on its own params)."""
+        x = call.args[0] if call.args else call.kwargs.get("inputs")
+        if x.shape[0] == 0:
+            return y
+        ids, rows, on = self.adapter_ids, self.saved, self.saved_on
+        if self.strategy != "pregather":
+            valid = (ids >= 0) & (ids < on.shape[0])
+            safe = jnp.where(valid, ids, 0)
+            rows = {k: jnp.take(v, safe, axis=0) for k, v in rows.items()}
+            on = jnp.where(valid, jnp.take(on, safe, axis=0), jnp.zeros((), on.dtype))
+        mod = call.module
+        rest = {k: v for k, v in mod.variables.items() if k != "params"}
+        own = dict(mod.variables.get("params", {}))
+        kwargs = {k: v for k, v in call.kwargs.items() if k != "inputs"}
+
+        def one(p, xi):
+            params = {**own, **{k: v.astype(own[k].dtype) for k, v in p.items()}}
+            with _inject.bypass():
+                out = mod.clone(parent=None).apply({**rest, "params": params}, xi[None], *call.args[1:],
+                                                   method=call.method_name, **kwargs)
+            return out[0]
+
+        ys = jax.vmap(one)(rows, x).astype(y.dtype)
+        return jnp.where((on > 0).reshape((-1,) + (1,) * (y.ndim - 1)), ys, y)
+
+    def _low_rank_rows(self, call: Call):
         lay = self.layout
         if lay.kind != Kind.EMBED:
             _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
@@ -215,7 +318,8 @@ class BankedLora(Site):
             safe = jnp.where(valid, ids, 0)
             s = jnp.where(valid, jnp.take(self.scales, safe, axis=0), 0).astype(dt)  # [batch]
         if lay.kind == Kind.EMBED:
-            return y + self._embed(call, x, safe, s, dt)
+            y = y + self._embed(call, x, safe, s, dt)
+            return y if self.token_ids is None else _token_rows(x, y, *self._row_tokens())
         n_in = len(lay.in_axes)
         if lay.kind == Kind.DENSE_GENERAL:
             axes = _inject.normalize_axes(call.module.axis, x.ndim)
@@ -233,6 +337,10 @@ class BankedLora(Site):
             d = _ragged_update(xf, self.lora_A.astype(dt), self.lora_B.astype(dt), ids, valid, s)
         else:
             d = _gather_update(xf, self.lora_A.astype(dt), self.lora_B.astype(dt), safe, s)
+        if self.lora_bias is not None:  # s * lora_bias of each row's slot (0 for the base, empty slots, no bias)
+            bias = self.lora_bias if safe is None else jnp.take(self.lora_bias, safe, axis=0)  # [batch, out]
+            on = self.bias_on if safe is None else jnp.take(self.bias_on, safe, axis=0)
+            d = d + (bias.astype(dt) * (s * on.astype(dt))[:, None])[:, None, :]
         return y + d.reshape(tuple(lead) + tuple(lay.out_dims))
 
     def _embed(self, call, x, safe, s, dt):
@@ -248,6 +356,17 @@ class BankedLora(Site):
         h = a[slot, tok]  # [batch, tokens, R]
         out = jnp.einsum("btr,brd->btd", h, bg) * s[:, None, None]
         return out.reshape(tuple(x.shape) + (b.shape[-1],))
+
+
+def _token_rows(x, y, ids, values):
+    """``y`` (the lookup ``[batch, ..., d]`` of ids ``x``) with each row's tokens among its
+    ``ids [batch, K]`` (``-1``: none) replaced by its ``values [batch, K, d]``."""
+    nb = x.shape[0]
+    tok = x.reshape((nb, -1))
+    hit = tok[:, :, None] == ids.astype(jnp.int32)[:, None, :]  # [batch, tokens, K]
+    rows = jnp.einsum("btk,bkd->btd", hit.astype(y.dtype), values.astype(y.dtype))
+    rows = rows.reshape(y.shape)
+    return jnp.where(hit.any(-1).reshape(tuple(x.shape) + (1,)), rows, y)
 
 
 def _gather_update(xf, a, b, safe, s):
@@ -313,13 +432,35 @@ def route(
         if sc is None:
             raise BankShapeError(f"the weights at {path!r} carry no scales; pass bank.weights (or a trained copy of it).")
         a, b, sc = st.lora_A, st.lora_B, jax.lax.stop_gradient(sc)
+        bias, on = st.lora_bias, None if st.bias_on is None else jax.lax.stop_gradient(st.bias_on)
+        if (bias is None) != (on is None):
+            raise BankShapeError(f"the weights at {path!r} carry lora_bias without bias_on or the other way round; "
+                                 "pass bank.weights (or a trained copy of it).")
+        tv, tid = st.token_values, None if st.token_ids is None else jax.lax.stop_gradient(st.token_ids)
+        if (tv is None) != (tid is None):
+            raise BankShapeError(f"the weights at {path!r} carry token_values without token_ids or the other way "
+                                 "round; pass bank.weights (or a trained copy of it).")
+        saved, saved_on = st.saved, None if st.saved_on is None else jax.lax.stop_gradient(st.saved_on)
+        if (saved is None) != (saved_on is None):
+            raise BankShapeError(f"the weights at {path!r} carry saved without saved_on or the other way round; pass "
+                                 "bank.weights (or a trained copy of it).")
         if strategy == "pregather":  # gather once here, not at every call of the routed module
             n = a.shape[0]
             valid = (ids >= 0) & (ids < n)
             safe = jnp.where(valid, ids, 0)
             a, b = jnp.take(a, safe, axis=0), jnp.take(b, safe, axis=0)
             sc = jnp.where(valid, jnp.take(sc, safe, axis=0), jnp.zeros((), sc.dtype))
-        out[path] = BankedLora(a, b, sc, ids, st.layout, float(dropout), strategy)
+            if bias is not None:
+                bias, on = jnp.take(bias, safe, axis=0), jnp.take(on, safe, axis=0)
+            if tv is not None:
+                tv = jnp.take(tv, safe, axis=0)
+                tid = jnp.where(valid[:, None], jnp.take(tid, safe, axis=0), -1.0)
+            if saved is not None:
+                saved = {k: jnp.take(v, safe, axis=0) for k, v in saved.items()}
+                saved_on = jnp.where(valid, jnp.take(saved_on, safe, axis=0), jnp.zeros((), saved_on.dtype))
+        out[path] = BankedLora(a, b, sc, ids, st.layout, float(dropout), strategy, lora_bias=bias, bias_on=on,
+                               token_values=tv, token_ids=tid, saved=saved, saved_on=saved_on,
+                               tied_tokens=bool(st.tied_tokens))
     return out
 
 
@@ -342,10 +483,28 @@ def _kernel_desc(lay: Layout) -> str:
 
 
 @jax.jit
-def _write_slot(weights, slot, new_a, new_b, new_s, edit):
+def _write_slot(weights, slot, new_a, new_b, new_s, edit, new_bias, new_tokens, new_saved):
+    """``new_bias``: ``{path: (lora_bias [out], bias_on)}`` for the sites that hold LoRA biases;
+    ``new_tokens``: ``{path: (token_values [K, d], token_ids [K])}`` for those that hold tokens;
+    ``new_saved``: ``{path: ({param name: array}, saved_on)}`` for those that hold module copies."""
+    def bias(p, st):
+        out = {}
+        if st.lora_bias is not None:
+            b, on = new_bias[p]
+            out.update(lora_bias=st.lora_bias.at[slot].set(b), bias_on=st.bias_on.at[slot].set(on))
+        if st.token_values is not None:
+            v, i = new_tokens[p]
+            out.update(token_values=st.token_values.at[slot].set(v), token_ids=st.token_ids.at[slot].set(i))
+        if st.saved is not None:
+            c, on = new_saved[p]
+            out.update(saved={k: x.at[slot].set(c[k]) for k, x in st.saved.items()},
+                       saved_on=st.saved_on.at[slot].set(on))
+        return out
+
     return {
         p: LoraStack(st.lora_A.at[slot].set(new_a[p]), st.lora_B.at[slot].set(new_b[p]),
-                     st.scales.at[slot].set(new_s[p]), st.edits.at[slot].set(edit), st.layout)
+                     st.scales.at[slot].set(new_s[p]), st.edits.at[slot].set(edit), st.layout, **bias(p, st),
+                     tied_tokens=st.tied_tokens)
         for p, st in weights.items()
     }
 
@@ -413,6 +572,8 @@ class AdapterBank:
         dtype=jnp.float32,
         dropout: float = 0.0,
         strategy: str = DEFAULT_STRATEGY,
+        lora_bias: bool = False,
+        max_tokens: int = 0,
     ) -> "AdapterBank":
         """An empty bank whose sites are those of ``template``.
 
@@ -424,6 +585,12 @@ class AdapterBank:
           dtype: storage dtype of the stacked factors (the forward computes in the module's dtype).
           dropout: LoRA dropout applied to the routed branch when training.
           strategy: ``"gather"``, ``"ragged"`` or ``"pregather"``.
+          lora_bias: hold a LoRA bias (PEFT's ``lora_bias=True``) at every ``nn.Dense`` /
+            ``nn.DenseGeneral`` site, for adapters added later; without it the bank holds one
+            where a template site has one.
+          max_tokens: the most trainable tokens (PEFT's ``trainable_token_indices``) an adapter
+            may hold at one embedding; at least the template's own count. When above 0 the
+            bank holds tokens at every embedding site.
 
         Raises:
           ConfigError: a non-positive capacity or rank, or an unknown strategy.
@@ -437,14 +604,26 @@ class AdapterBank:
             raise ConfigError(f"AdapterBank strategy must be one of {STRATEGIES}, found {strategy!r}.")
         if not 0.0 <= float(dropout) < 1.0:
             raise ConfigError(f"AdapterBank dropout must be in [0, 1), found {dropout!r}.")
+        if not isinstance(lora_bias, (bool, np.bool_)):
+            raise ConfigError(f"AdapterBank lora_bias must be true or false, found {lora_bias!r}.")
+        if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise ConfigError(f"AdapterBank max_tokens must be an integer >= 0, found {max_tokens!r}.")
         if not template:
             raise BankError("the template adapter has no sites; give an adapter from jpeft.init or {path: Layout}.")
-        layouts, tied = {}, {}
+        layouts, tied, biased, saved, tied_tokens = {}, {}, set(), {}, set()
         for path, node in template.items():
             if not isinstance(node, (Layout, LowRank)):
                 node = _low_rank_of(f"template site {path!r}", node)
             lay = node if isinstance(node, Layout) else node.layout
             tied[path] = None if isinstance(node, Layout) else node.tied_output
+            if (lora_bias and lay.kind != Kind.EMBED) or (isinstance(node, LowRank) and node.bias is not None):
+                biased.add(path)
+            if isinstance(node, LowRank) and node.tokens is not None:
+                max_tokens = max(int(max_tokens), len(node.tokens[0]))
+                if node.tie_output:
+                    tied_tokens.add(path)
+            if isinstance(node, LowRank) and node.saved is not None:
+                saved[path] = {k: (tuple(v.shape), v.dtype) for k, v in node.saved.items()}
             if lay.kind not in _KINDS:
                 raise UnsupportedModuleError(
                     f"bank site {path!r} is a {lay.kind} module; AdapterBank routes {_KINDS} modules. "
@@ -459,6 +638,14 @@ class AdapterBank:
                 jnp.zeros((capacity,), jnp.float32),
                 jnp.zeros((capacity,), jnp.float32),
                 lay,
+                **(dict(lora_bias=jnp.zeros((capacity, lay.out_features), dtype),
+                        bias_on=jnp.zeros((capacity,), jnp.float32)) if p in biased else {}),
+                **(dict(token_values=jnp.zeros((capacity, max_tokens, lay.out_features), dtype),
+                        token_ids=jnp.full((capacity, max_tokens), -1.0, jnp.float32))
+                   if max_tokens and lay.kind == Kind.EMBED else {}),
+                **(dict(saved={k: jnp.zeros((capacity,) + shape, dt) for k, (shape, dt) in saved[p].items()},
+                        saved_on=jnp.zeros((capacity,), jnp.float32)) if p in saved else {}),
+                tied_tokens=p in tied_tokens and bool(max_tokens) and lay.kind == Kind.EMBED,
             )
             for p, lay in layouts.items()
         }
@@ -476,7 +663,9 @@ class AdapterBank:
     ) -> "AdapterBank":
         """A bank holding ``adapters`` (``{name: adapter}``), in that order from slot 0.
 
-        The sites are the union of the adapters' sites. ``capacity`` defaults to the number of
+        The sites are the union of the adapters' sites (holding LoRA biases and ``modules_to_save``
+        copies where any adapter has one, and trainable tokens, as many as the most any adapter
+        has, at every embedding when any adapter has some). ``capacity`` defaults to the number of
         adapters and ``max_rank`` to their largest rank; other keywords go to :meth:`create`.
 
         Raises:
@@ -498,12 +687,19 @@ class AdapterBank:
                         f"adapter {name!r} has site {path!r} with a {_kernel_desc(node.layout)}, but another adapter has "
                         f"a {_kernel_desc(template[path].layout)} there: they were made for different base models."
                     )
-                template.setdefault(path, node)
+                old = template.get(path)  # a site where any adapter has a lora_bias or a module copy holds them
+                template[path] = node if old is None else old._replace(
+                    bias=node.bias if old.bias is None else old.bias,
+                    saved=node.saved if old.saved is None else old.saved,
+                    tokens=node.tokens if old.tokens is None else old.tokens,
+                    tie_output=bool(old.tie_output or (node.tokens is not None and node.tie_output)))
                 if template[path].layout.kernel_fn is None and node.layout.kernel_fn is not None:  # any records it
                     lay = dataclasses.replace(template[path].layout, kernel_fn=node.layout.kernel_fn)
                     template[path] = template[path]._replace(layout=lay)
+        lows = [lr for t in map(check_lora, adapters, adapters.values()) for lr in t.values()]
         if max_rank is None:
-            max_rank = max(int(lr.a.shape[-1]) for t in map(check_lora, adapters, adapters.values()) for lr in t.values())
+            max_rank = max(1, max(int(lr.a.shape[-1]) for lr in lows))  # trainable tokens alone have rank 0
+        kwargs.setdefault("max_tokens", max([0] + [len(lr.tokens[0]) for lr in lows if lr.tokens is not None]))
         bank = cls.create(template, capacity=len(adapters) if capacity is None else capacity, max_rank=max_rank, **kwargs)
         for name, ad in adapters.items():
             bank = bank.add(name, ad)
@@ -575,9 +771,20 @@ class AdapterBank:
         out = {}
         for path, r in ranks.items():
             st = self.weights[path]
+            biased = st.bias_on is not None and float(st.bias_on[i]) != 0.0
+            tokens = None
+            if st.token_ids is not None and r == 0:  # a tokens site (rank 0): its ids, in their order
+                ids = np.asarray(st.token_ids[i])
+                k = int((ids >= 0).sum())
+                tokens = (tuple(int(t) for t in ids[:k]), st.token_values[i, :k])
+            copy = None
+            if st.saved_on is not None and float(st.saved_on[i]) != 0.0:
+                copy = {k: v[i] for k, v in st.saved.items()}
             out[path] = low_rank_node(LowRank(
                 st.lora_A[i, :, :r], st.lora_B[i, :r, :], self.slot_scales[i][path], st.layout,
                 tied_output=self.tied_output.get(path) if st.layout.kind == Kind.EMBED else None, dropout=self.dropout,
+                bias=st.lora_bias[i] if biased else None, tokens=None if copy is not None else tokens, saved=copy,
+                tie_output=bool(st.tied_tokens and tokens is not None and copy is None),
             ))
         return out
 
@@ -694,7 +901,8 @@ class AdapterBank:
         zb = {p: jnp.zeros(st.lora_B.shape[1:], st.lora_B.dtype) for p, st in self.weights.items()}
         zs = {p: jnp.zeros((), jnp.float32) for p in self.weights}
         edit = self._next_edit()
-        w = _write_slot(self.weights, jnp.int32(i), za, zb, zs, jnp.float32(edit))
+        w = _write_slot(self.weights, jnp.int32(i), za, zb, zs, jnp.float32(edit), self._slot_bias({}),
+                        self._slot_tokens({}), self._slot_copies({}))
         return dataclasses.replace(self, weights=w, **self._slot_record(i, None, None, None, edit))
 
     def with_weights(self, weights: Mapping[str, LoraStack]) -> "AdapterBank":
@@ -731,6 +939,13 @@ class AdapterBank:
                     "the scales (train with jpeft.make_train_step, or build the optimizer for "
                     "jpeft.trainable(bank.weights): the scales are frozen)."
                 )
+            for name in ("bias_on", "token_ids", "saved_on"):  # frozen: which slots hold a bias, token ids, a copy
+                got = getattr(st, name)
+                if got is not None and not np.array_equal(np.asarray(got), np.asarray(getattr(self.weights[p], name))):
+                    raise BankError(
+                        f"the weights' {name} at {p!r} differs from the bank's: an optimizer changed this frozen field. "
+                        "Train with jpeft.make_train_step, or build the optimizer for jpeft.trainable(bank.weights)."
+                    )
         return dataclasses.replace(self, weights=dict(weights))
 
     def merged_params(self, params, name: str):
@@ -778,6 +993,31 @@ class AdapterBank:
                     f"weights at {p!r} have shapes {tuple(st.lora_A.shape)} / {tuple(st.lora_B.shape)}; the bank "
                     f"needs {tuple(ref.lora_A.shape)} / {tuple(ref.lora_B.shape)}."
                 )
+            if (st.lora_bias is None) != (ref.lora_bias is None) or (st.bias_on is None) != (ref.bias_on is None) or (
+                    ref.lora_bias is not None and tuple(st.lora_bias.shape) != tuple(ref.lora_bias.shape)):
+                raise BankShapeError(
+                    f"weights at {p!r} carry lora_bias {None if st.lora_bias is None else tuple(st.lora_bias.shape)} "
+                    f"and bias_on {None if st.bias_on is None else tuple(st.bias_on.shape)}; the bank needs "
+                    f"{None if ref.lora_bias is None else tuple(ref.lora_bias.shape)} and "
+                    f"{None if ref.bias_on is None else (self.capacity,)}: pass bank.weights, or a trained copy of it "
+                    "with its frozen fields (jpeft.join_frozen(trainable, frozen))."
+                )
+            def shapes(t):
+                return None if t is None else jax.tree.map(lambda x: tuple(x.shape), dict(t))
+
+            if shapes(st.saved) != shapes(ref.saved):
+                raise BankShapeError(
+                    f"weights at {p!r} carry module copies (saved) of another structure or shape than the bank's; pass "
+                    "bank.weights, or a trained copy of it with its frozen fields (jpeft.join_frozen(trainable, frozen))."
+                )
+            for name in ("token_values", "token_ids", "saved_on"):
+                got, want = getattr(st, name), getattr(ref, name)
+                if (got is None) != (want is None) or (want is not None and tuple(got.shape) != tuple(want.shape)):
+                    raise BankShapeError(
+                        f"weights at {p!r} carry {name} of shape {None if got is None else tuple(got.shape)}; the bank "
+                        f"needs {None if want is None else tuple(want.shape)}: pass bank.weights, or a trained copy of it "
+                        "with its frozen fields (jpeft.join_frozen(trainable, frozen))."
+                    )
             for name in ("scales", "edits"):
                 x = getattr(st, name)
                 if x is None or tuple(x.shape) != (self.capacity,):
@@ -809,6 +1049,48 @@ class AdapterBank:
                     f"adapter {name!r} at {path!r}: lora_A {tuple(node.a.shape)} / lora_B {tuple(node.b.shape)} "
                     f"do not fit a [{lay.in_features}, r] / [r, {lay.out_features}] LoRA for this base."
                 )
+            if node.bias is not None and self.weights[path].lora_bias is None:
+                raise BankError(
+                    f"adapter {name!r} has a LoRA bias (LoraConfig.lora_bias / PEFT's lora_bias=True) at {path!r}, but "
+                    "the bank holds no biases there (it holds them where an adapter it was built from has one). Build "
+                    "the bank with AdapterBank.create(template, ..., lora_bias=True), or from_adapters with this "
+                    "adapter among them (a new bank recompiles)."
+                )
+            if node.saved is not None:
+                st = self.weights[path]
+                if st.saved is None:
+                    raise BankError(
+                        f"adapter {name!r} has a trained copy of the module at {path!r} (LoraConfig.modules_to_save), "
+                        "but the bank holds no copies there (it holds them where an adapter it was built from has one). "
+                        "Build the bank with from_adapters with this adapter among them, or create it from a template "
+                        "that has such a copy (a new bank recompiles)."
+                    )
+                got = {k: tuple(v.shape) for k, v in node.saved.items()}
+                want = {k: tuple(v.shape[1:]) for k, v in st.saved.items()}
+                if got != want:
+                    raise BankShapeError(
+                        f"adapter {name!r}'s copy of the module at {path!r} (modules_to_save) has parameters {got}; the "
+                        f"bank holds {want} there: the adapter belongs to another base model."
+                    )
+            if node.tokens is not None:
+                st = self.weights[path]
+                k = 0 if st.token_values is None else int(st.token_values.shape[1])
+                if st.token_values is not None and bool(node.tie_output) != st.tied_tokens:
+                    def acts(tied):
+                        return "in the tied output layer too" if tied else "in the input lookup only"
+
+                    raise BankError(
+                        f"adapter {name!r} has trainable tokens at {path!r} that act {acts(node.tie_output)}, but the "
+                        f"bank's tokens there act {acts(st.tied_tokens)}: the adapters were made for bases that differ "
+                        "in tie_word_embeddings. Load them on one base."
+                    )
+                if len(node.tokens[0]) > k:
+                    raise BankError(
+                        f"adapter {name!r} has {len(node.tokens[0])} trainable tokens (LoraConfig.trainable_token_indices) "
+                        f"at {path!r}, but the bank holds {k} per adapter there. Build the bank with "
+                        f"AdapterBank.create(template, ..., max_tokens={len(node.tokens[0])}) or more, or from_adapters "
+                        "with this adapter among them (a new bank recompiles)."
+                    )
             if r > rmax:
                 raise BankRankError(
                     f"adapter {name!r} has rank {r} at {path!r}, above the bank's max_rank={rmax}. Build the bank "
@@ -835,9 +1117,58 @@ class AdapterBank:
             host_s[path] = float(np.float32(node.scale))
             new_s[path] = jnp.asarray(host_s[path], jnp.float32)
         edit = self._next_edit()
-        w = _write_slot(self.weights, jnp.int32(i), new_a, new_b, new_s, jnp.float32(edit))
+        w = _write_slot(self.weights, jnp.int32(i), new_a, new_b, new_s, jnp.float32(edit), self._slot_bias(adapter),
+                        self._slot_tokens(adapter), self._slot_copies(adapter))
         ranks = {p: int(n.a.shape[-1]) for p, n in adapter.items()}
         return dataclasses.replace(self, weights=w, **self._slot_record(i, name, ranks, host_s, edit))
+
+    def _slot_bias(self, adapter: Mapping[str, LowRank]) -> dict:
+        """``{path: (lora_bias [out], bias_on)}`` of a slot holding ``adapter`` (``{}``: none), at
+        the sites that hold LoRA biases."""
+        out = {}
+        for path, st in self.weights.items():
+            if st.lora_bias is None:
+                continue
+            lr = adapter.get(path)
+            if lr is None or lr.bias is None:
+                out[path] = (jnp.zeros(st.lora_bias.shape[1:], st.lora_bias.dtype), jnp.zeros((), jnp.float32))
+            else:
+                out[path] = (jnp.asarray(lr.bias, st.lora_bias.dtype).reshape(st.lora_bias.shape[1:]),
+                             jnp.ones((), jnp.float32))
+        return out
+
+    def _slot_tokens(self, adapter: Mapping[str, LowRank]) -> dict:
+        """``{path: (token_values [K, d], token_ids [K])}`` of a slot holding ``adapter`` (``{}``:
+        none), at the sites that hold trainable tokens (ids ``-1`` past the adapter's own)."""
+        out = {}
+        for path, st in self.weights.items():
+            if st.token_values is None:
+                continue
+            vals = np.zeros(st.token_values.shape[1:], np.float32)
+            ids = np.full(st.token_ids.shape[1:], -1.0, np.float32)
+            lr = adapter.get(path)
+            if lr is not None and lr.tokens is not None:
+                idx, v = lr.tokens
+                vals[: len(idx)] = np.asarray(v, np.float32)
+                ids[: len(idx)] = idx
+            out[path] = (jnp.asarray(vals, st.token_values.dtype), jnp.asarray(ids))
+        return out
+
+    def _slot_copies(self, adapter: Mapping[str, LowRank]) -> dict:
+        """``{path: ({param name: array}, saved_on)}`` of a slot holding ``adapter`` (``{}``: none),
+        at the sites that hold ``modules_to_save`` copies."""
+        out = {}
+        for path, st in self.weights.items():
+            if st.saved is None:
+                continue
+            lr = adapter.get(path)
+            if lr is None or lr.saved is None:
+                out[path] = ({k: jnp.zeros(v.shape[1:], v.dtype) for k, v in st.saved.items()},
+                             jnp.zeros((), jnp.float32))
+            else:
+                out[path] = ({k: jnp.asarray(lr.saved[k], v.dtype) for k, v in st.saved.items()},
+                             jnp.ones((), jnp.float32))
+        return out
 
     def _next_edit(self) -> int:
         """A number no slot of this bank was written with (edits only grow along a bank's history;
@@ -864,11 +1195,12 @@ def _same_layout(a: Layout, b: Layout) -> bool:
 
 
 def _low_rank_of(where: str, node) -> LowRank:
-    """``node.low_rank()``, or a :class:`BankError` saying why the bank cannot hold it."""
+    """``node.routed_low_rank()`` (its ``s * A @ B``, and a LoRA's ``lora_bias``), or a
+    :class:`BankError` saying why the bank cannot hold it."""
     if not isinstance(node, Site):
         raise BankError(f"{where} is a {type(node).__name__}, not an adapter site; AdapterBank holds LoRA adapters.")
     try:
-        return node.low_rank()
+        return node.routed_low_rank()
     except NotMergeableError as e:
         # the scan hint for a layer-scanned site only: appended to a DoRA or IA3 refusal it sent users to unstack
         # an adapter that was not stacked
@@ -888,7 +1220,13 @@ def check_lora(name, adapter) -> dict:
         lr = _low_rank_of(f"adapter {name!r} at {path!r}", node)
         if lr.residual is not None:
             raise BankError(residual_refusal(f"adapter {name!r} at {path!r}", lr.residual, "served on the bank's base"))
-        if lr.tie_output:
+        if lr.tie_output and lr.saved is not None:
+            raise BankError(
+                f"adapter {name!r} has a copy of the embedding at {path!r} (modules_to_save) that the model's tied output "
+                "projection reads too (ensure_weight_tying); a bank routes the input lookup only. Serve it alone with "
+                "jpeft.apply."
+            )
+        if lr.tie_output and lr.tokens is None:
             raise BankError(
                 f"adapter {name!r} adapts the tied output projection too at {path!r} (ensure_weight_tying); a bank routes "
                 "the input lookup only. Serve it alone with jpeft.apply."

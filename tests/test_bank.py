@@ -424,16 +424,16 @@ def test_check_takes_an_nnx_module_as_apply_does():
     np.testing.assert_allclose(y[0], jpeft.apply(m, None, ads["b"], x)[0], atol=1e-6)
 
 
-def test_modules_to_save_trainable_tokens_and_bias_are_refused_by_their_option_name():
-    """These sites are not low-rank updates; the refusal named the node class ('SavedModule is not a
-    low-rank update'), not the LoraConfig / PEFT option the user set (a SEQ_CLS adapter's head is one)."""
+def test_modules_to_save_of_other_modules_and_trained_base_biases_are_refused_by_their_option_name():
+    """These sites are not routed; the refusal named the node class ('SavedModule is not a
+    low-rank update'), not the LoraConfig / PEFT option the user set (a SEQ_CLS adapter's head is
+    one). ``lora_bias``, trainable tokens and copies of Dense / Embed modules are routed (tests below)."""
     bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
     cases = {
-        "modules_to_save": (jpeft.LoraConfig(r=2, target_modules=["qkv"], modules_to_save=["mlp"]),
+        # a copy of a multi-axis DenseGeneral (PEFT mixes copies of Linear and Embedding modules only)
+        "modules_to_save": (jpeft.LoraConfig(r=2, target_modules=["mlp"], modules_to_save=["qkv"]),
                             "modules_to_save.*jpeft.apply"),
-        "tokens": (jpeft.LoraConfig(r=2, target_modules=["qkv"], trainable_token_indices={"embed": [1, 2]}),
-                   r"trainable_token_indices, rows \[1, 2\].*jpeft.apply"),
-        "lora_bias": (jpeft.LoraConfig(r=2, target_modules=["mlp"], lora_bias=True), "LoraConfig.lora_bias"),
+        "base_bias": (jpeft.LoraConfig(r=2, target_modules=["mlp"], bias="lora_only"), r"LoraConfig.lora_bias or bias"),
     }
     for name, (cfg, says) in cases.items():
         ad = jpeft.init(cfg, PARAMS, jax.random.key(3), MODEL, TOK)
@@ -544,3 +544,423 @@ def test_summary_of_a_routed_bank_counts_the_factors_only():
     s = jpeft.summary(PARAMS, bank.route(NAMES), print_fn=lambda *a: None)
     factors = sum(st.lora_A.size + st.lora_B.size for st in bank.weights.values())
     assert s["trainable"] == factors and s["frozen"] == len(bank.weights) * (4 + len(NAMES))
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA biases (PEFT's lora_bias=True): PEFT mixes them in a batch, and so does the bank
+# ---------------------------------------------------------------------------------------------
+def _biased(seed, targets=("qkv", "mlp")):
+    """A rank-2 LoRA with a lora_bias at ``targets`` (Dense and a multi-output DenseGeneral), every
+    tensor random (PEFT's B and bias start at zero)."""
+    cfg = jpeft.LoraConfig(r=2, alpha=5.0, target_modules=list(targets), lora_bias=True, init="random")
+    ad = jpeft.init(cfg, PARAMS, jax.random.key(seed), MODEL, TOK)
+    leaves, tree = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("strategy", ["gather", "ragged", "pregather"])
+def test_lora_bias_adapters_route_as_each_alone_and_train_only_their_own_bias(strategy):
+    """A lora_bias adapter was refused by the bank (BankError) although PEFT mixes it in a batch."""
+    biased = _biased(30)
+    ads = {"bias": biased, "r1": ADAPTERS["r1"], "r2": ADAPTERS["r2"]}
+    bank = AdapterBank.from_adapters(ads, capacity=4, strategy=strategy)
+    names = ["bias", None, "r1", "bias", "r2", "r1"]
+    y = _FWD(PARAMS, bank.route(names), TOK)
+    want = _FWD(PARAMS, biased, TOK)
+    no_bias = _FWD(PARAMS, {p: dataclasses.replace(n, lora_bias=None) for p, n in biased.items()}, TOK)
+    assert float(jnp.abs(want - no_bias).max()) > 1e-2  # the bias matters
+    for i, n in enumerate(names):
+        np.testing.assert_allclose(y[i], (want if n == "bias" else _alone(n))[i], atol=1e-5, rtol=1e-5, err_msg=n)
+    back = bank.get("bias")
+    for p, node in biased.items():
+        np.testing.assert_array_equal(back[p].lora_bias, node.lora_bias)
+    assert all(n.lora_bias is None for n in bank.get("r1").values())
+    # gradients reach the bias of the slot whose adapter has one, and no other slot's
+    ids = bank.ids(names)
+    g = jax.grad(lambda w: _per_example_loss(_FWD(PARAMS, bank.route(ids, weights=w), TOK), TOK).sum())(bank.weights)
+    for p in biased:
+        assert float(jnp.abs(g[p].lora_bias[bank.slot("bias")]).max()) > 0
+        others = [bank.slot("r1"), bank.slot("r2"), 3]
+        assert float(jnp.abs(g[p].lora_bias[jnp.asarray(others)]).max()) == 0.0
+        assert g[p].bias_on is not None and bank.weights[p].bias_on.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert bank.weights["o_proj"].lora_bias is None  # only sites where some adapter has a bias hold them
+
+
+def test_a_lora_bias_needs_a_bank_that_holds_biases_and_then_hot_swaps():
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
+    with pytest.raises(BankError, match=r"has a LoRA bias .* at '(qkv|mlp)', but the bank holds no biases there.*"
+                                        r"lora_bias=True"):
+        bank.add("bias", _biased(30))
+    bank = AdapterBank.create(ADAPTERS["r1"], capacity=3, max_rank=4, lora_bias=True).add("r1", ADAPTERS["r1"])
+    assert bank.weights["embed"].lora_bias is None and bank.weights["mlp"].lora_bias is not None
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)  # adding, replacing and removing biased adapters never recompiles
+    def fwd(params, weights, ids, tok):
+        return jpeft.apply(MODEL, params, bank.route(ids, weights=weights), tok)
+
+    fwd(PARAMS, bank.weights, bank.ids(["r1"] * 6), TOK)
+    b2 = bank.add("bias", _biased(30)).replace("r1", _biased(40, ("o_proj", "mlp")))
+    names = ["bias", "r1", None, "r1", "bias", None]
+    y = fwd(PARAMS, b2.weights, b2.ids(names), TOK)
+    want = {"bias": _FWD(PARAMS, _biased(30), TOK), "r1": _FWD(PARAMS, _biased(40, ("o_proj", "mlp")), TOK)}
+    for i, n in enumerate(names):
+        np.testing.assert_allclose(y[i], (want[n] if n else _alone(None))[i], atol=1e-5, rtol=1e-5, err_msg=n)
+    # the freed slot's bias is gone: a plain adapter added there has none
+    b3 = b2.remove("bias").add("r2", ADAPTERS["r2"])
+    y3 = fwd(PARAMS, b3.weights, b3.ids(["r2"] * 6), TOK)
+    np.testing.assert_allclose(y3, _alone("r2"), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_lora_bias_adapters_in_one_bank_equal_peft_mixed_batch(tmp_path):
+    """PEFT adapters with lora_bias=True beside plain ones (other ranks, targets, rsLoRA), every
+    adapter tensor random, loaded into one bank: each row of a mixed batch (``"__base__"`` rows
+    too) gives PEFT's ``adapter_names`` forward, and greedy generation gives its tokens."""
+    import os
+    import sys
+
+    import peft
+    import torch
+
+    from jpeft.hf import load_peft
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as T
+
+    cases = {"b": dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], lora_bias=True),
+             "plain": dict(r=3, lora_alpha=5, use_rslora=True, target_modules=["v_proj", "down_proj", "lm_head"]),
+             "b2": dict(r=4, lora_alpha=3, target_modules=["o_proj", "q_proj", "lm_head"], lora_bias=True)}
+    hf = T.hf_model("llama2")[0]
+    pm = None
+    for name, kw in cases.items():
+        pm = (peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw), adapter_name=name) if pm is None
+              else pm.add_adapter(name, peft.LoraConfig(**kw)) or pm)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    pm.eval()
+    pm.save_pretrained(str(tmp_path))
+    model, params = jpeft.models.from_pretrained(T.hf_model("llama2")[1])
+    ads = {n: load_peft(str(tmp_path / n), params)[1] for n in cases}  # PEFT saves named adapters in subfolders
+    assert ads["b"]["model/layers_0/self_attn/q_proj"].lora_bias is not None
+    bank = AdapterBank.from_adapters(ads, capacity=4)
+    rows = ["b", "__base__", "plain", "b2", "b"]
+    ids = np.random.default_rng(0).integers(3, T.VOCAB, size=(len(rows), 7))
+    got = np.asarray(jax.jit(lambda p, a, x: jpeft.apply(model, p, a, x))(params, bank.route(rows), jnp.asarray(ids)))
+    bias = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_B["b"].bias
+    with torch.no_grad():
+        want = pm(input_ids=torch.tensor(ids), adapter_names=rows).logits.numpy()
+        kept = bias.clone()
+        bias.zero_()  # one of b's biases matters to its rows
+        without = pm(input_ids=torch.tensor(ids), adapter_names=rows).logits.numpy()
+        bias.copy_(kept)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(want[0] - without[0]).max() > 1e-2
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=rows, max_new_tokens=3, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+    out = np.asarray(jpeft.generate(model, params, bank.route(rows), jnp.asarray(ids), 3))
+    np.testing.assert_array_equal(out[:, 7:], ref[:, 7:].numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# trainable tokens (PEFT's trainable_token_indices): PEFT mixes them in a batch, and so does the bank
+# ---------------------------------------------------------------------------------------------
+def _tokens(seed, ids, targets=("mlp",)):
+    """A LoRA with trainable tokens ``ids`` of Tiny's embedding, every tensor random, acting on the
+    input lookup only (``tie_output=False``: Tiny also reads the embedding as its output layer)."""
+    cfg = jpeft.LoraConfig(r=2, alpha=3.0, target_modules=list(targets), trainable_token_indices={"embed": list(ids)},
+                           init="random")
+    ad = jpeft.init(cfg, PARAMS, jax.random.key(seed), MODEL, TOK)
+    ad["embed"] = dataclasses.replace(ad["embed"], tie_output=False)
+    leaves, tree = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("strategy", ["gather", "ragged", "pregather"])
+def test_trainable_tokens_route_as_each_alone_beside_an_embedding_lora(strategy):
+    """Adapters with trainable tokens were refused by the bank (BankError) although PEFT mixes
+    them in a batch; here beside an adapter whose LoRA adapts the same embedding ("r4")."""
+    ads = {"t3": _tokens(50, (1, 2, 5)), "r4": ADAPTERS["r4"], "t1": _tokens(52, (2,), ("qkv",))}
+    bank = AdapterBank.from_adapters(ads, capacity=4, strategy=strategy)
+    assert bank.weights["embed"].token_values.shape == (4, 3, 8) and bank.weights["mlp"].token_values is None
+    names = ["t3", None, "r4", "t1", "t3", "t1"]
+    y = _FWD(PARAMS, bank.route(names), TOK)
+    for i, n in enumerate(names):
+        want = _alone(n) if n in (None, "r4") else _FWD(PARAMS, ads[n], TOK)
+        np.testing.assert_allclose(y[i], want[i], atol=1e-5, rtol=1e-5, err_msg=n)
+        if n in ("t3", "t1"):  # the tokens matter to these rows
+            no_tok = {p: x for p, x in ads[n].items() if p != "embed"}
+            assert float(jnp.abs(want[i] - _FWD(PARAMS, no_tok, TOK)[i]).max()) > 1e-2
+    back = bank.get("t3")["embed"]
+    assert back.indices == (1, 2, 5) and back.tie_output is False
+    np.testing.assert_array_equal(back.values, ads["t3"]["embed"].values)
+    # gradients reach the values of the slot's own tokens only; the ids are frozen
+    ids = bank.ids(names)
+    g = jax.grad(lambda w: _per_example_loss(_FWD(PARAMS, bank.route(ids, weights=w), TOK), TOK).sum())(bank.weights)
+    gv = g["embed"].token_values
+    assert float(jnp.abs(gv[bank.slot("t3")]).max()) > 0 and float(jnp.abs(gv[bank.slot("t1"), 0]).max()) > 0
+    assert float(jnp.abs(gv[bank.slot("t1"), 1:]).max()) == 0.0  # t1 has one token: the padding gets nothing
+    assert float(jnp.abs(gv[bank.slot("r4")]).max()) == 0.0 and float(jnp.abs(gv[3]).max()) == 0.0
+    assert "token_ids" in type(bank.weights["embed"]).frozen
+
+
+def test_trainable_tokens_hot_swap_and_the_bank_s_token_capacity():
+    bank = AdapterBank.from_adapters({"t1": _tokens(52, (2,), ("qkv",))}, capacity=3, max_rank=4)
+    with pytest.raises(BankError, match=r"has 3 trainable tokens .* at 'embed', but the bank holds 1 per adapter there.*"
+                                        r"max_tokens=3"):
+        bank.add("t3", _tokens(50, (1, 2, 5)))
+    with pytest.raises(BankError, match=r"has 3 trainable tokens .* the bank holds 0 per adapter"):
+        AdapterBank.from_adapters(ADAPTERS, capacity=4).add("t3", _tokens(50, (1, 2, 5)))
+    bank = AdapterBank.create(ADAPTERS["r4"], capacity=3, max_rank=4, max_tokens=3).add("t1", _tokens(52, (2,), ("qkv",)))
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)  # adding, replacing and removing token adapters never recompiles
+    def fwd(params, weights, ids, tok):
+        return jpeft.apply(MODEL, params, bank.route(ids, weights=weights), tok)
+
+    fwd(PARAMS, bank.weights, bank.ids(["t1"] * 6), TOK)
+    b2 = bank.add("t3", _tokens(50, (1, 2, 5))).replace("t1", ADAPTERS["r4"])  # t1's slot: an embedding LoRA now
+    names = ["t3", "t1", None, "t1", "t3", None]
+    y = fwd(PARAMS, b2.weights, b2.ids(names), TOK)
+    want = {"t3": _FWD(PARAMS, _tokens(50, (1, 2, 5)), TOK), "t1": _alone("r4"), None: _alone(None)}
+    for i, n in enumerate(names):
+        np.testing.assert_allclose(y[i], want[n][i], atol=1e-5, rtol=1e-5, err_msg=n)
+    b3 = b2.remove("t3").add("r1", ADAPTERS["r1"])  # the freed slot's tokens are gone
+    np.testing.assert_allclose(fwd(PARAMS, b3.weights, b3.ids(["r1"] * 6), TOK), _alone("r1"), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_trainable_tokens_adapters_in_one_bank_equal_peft_mixed_batch(tmp_path):
+    """PEFT adapters with trainable tokens of Llama's (untied) embed_tokens, other token ids and
+    LoRA targets, every adapter tensor random, loaded into one bank: each row of a mixed batch
+    (``"__base__"`` rows too) gives PEFT's ``adapter_names`` forward and greedy generation. (PEFT
+    loads no adapter without tokens beside them; the bank also mixes one, checked against it alone.)"""
+    import os
+    import sys
+
+    import peft
+    import torch
+
+    from jpeft.hf import load_peft
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as T
+
+    cases = {"t": dict(r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 5, 9]}),
+             "t2": dict(r=3, lora_alpha=3, target_modules=["o_proj", "lm_head"], trainable_token_indices=[5, 7]),
+             "plain": dict(r=2, lora_alpha=5, target_modules=["v_proj"])}
+    hf = T.hf_model("llama2")[0]
+    for i, (name, kw) in enumerate(cases.items()):
+        one = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in one.named_parameters():
+                if "lora_" in n or "trainable_tokens" in n:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        one.save_pretrained(str(tmp_path / name))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "t"), adapter_name="t")
+    pm.load_adapter(str(tmp_path / "t2"), adapter_name="t2")
+    pm.eval()
+    model, params = jpeft.models.from_pretrained(T.hf_model("llama2")[1])
+    ads = {n: load_peft(str(tmp_path / n), params)[1] for n in cases}
+    bank = AdapterBank.from_adapters(ads, capacity=4)
+    rows = ["t", "__base__", "t2", "t2", "t"]
+    ids = np.random.default_rng(0).integers(3, 12, size=(len(rows), 7))  # ids 3..11: the tokens occur
+    fwd = jax.jit(lambda p, a, x: jpeft.apply(model, p, a, x))
+    got = np.asarray(fwd(params, bank.route(["t", "__base__", "plain", "t2", "t"]), jnp.asarray(ids)))
+    with torch.no_grad():
+        want = pm(input_ids=torch.tensor(ids), adapter_names=rows).logits.numpy()
+        with pm.disable_adapter():
+            base = pm(input_ids=torch.tensor(ids)).logits.numpy()
+    peft_rows = [0, 1, 3, 4]  # row 2 is "plain", which PEFT cannot load beside them: it is checked alone
+    np.testing.assert_allclose(got[peft_rows], want[peft_rows], atol=1e-4, rtol=0)
+    assert np.abs(want[0] - base[0]).max() > 0.1 and np.abs(want[3] - base[3]).max() > 0.1
+    np.testing.assert_allclose(got[2], np.asarray(fwd(params, ads["plain"], jnp.asarray(ids)))[2], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=rows, max_new_tokens=3, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+    out = np.asarray(jpeft.generate(model, params, bank.route(rows), jnp.asarray(ids), 3))
+    np.testing.assert_array_equal(out[:, 7:], ref[:, 7:].numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# modules_to_save copies of Dense / Embed modules: PEFT mixes them in a batch, and so does the bank
+# ---------------------------------------------------------------------------------------------
+def _saved(seed, modules=("mlp",), targets=("qkv",)):
+    """A LoRA with trained copies of ``modules`` (PEFT's modules_to_save), every tensor random."""
+    cfg = jpeft.LoraConfig(r=2, alpha=3.0, target_modules=list(targets), modules_to_save=list(modules), init="random")
+    ad = jpeft.init(cfg, PARAMS, jax.random.key(seed), MODEL, TOK)
+    leaves, tree = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("strategy", ["gather", "ragged", "pregather"])
+def test_modules_to_save_copies_route_as_each_alone_beside_a_lora_of_the_same_module(strategy):
+    """Adapters with modules_to_save copies were refused by the bank (BankError) although PEFT
+    mixes copies of Linear and Embedding modules in a batch; here beside LoRAs of the same module."""
+    ads = {"s1": _saved(60), "r1": ADAPTERS["r1"], "s2": _saved(62, ("mlp",), ("o_proj",))}
+    bank = AdapterBank.from_adapters(ads, capacity=4, strategy=strategy)
+    assert set(bank.weights["mlp"].saved) == {"kernel", "bias"} and bank.weights["qkv"].saved is None
+    names = ["s1", None, "r1", "s2", "s1", "r1"]
+    y = _FWD(PARAMS, bank.route(names), TOK)
+    for i, n in enumerate(names):
+        want = _alone(n) if n in (None, "r1") else _FWD(PARAMS, ads[n], TOK)
+        np.testing.assert_allclose(y[i], want[i], atol=1e-5, rtol=1e-5, err_msg=n)
+        if n in ("s1", "s2"):  # the copies matter to these rows
+            without = {p: x for p, x in ads[n].items() if p != "mlp"}
+            assert float(jnp.abs(want[i] - _FWD(PARAMS, without, TOK)[i]).max()) > 1e-2
+    back = bank.get("s2")["mlp"]
+    chex.assert_trees_all_equal(dict(back.params), dict(ads["s2"]["mlp"].params))
+    # gradients reach the copy of the slot's own adapter only; saved_on is frozen
+    ids = bank.ids(names)
+    g = jax.grad(lambda w: _per_example_loss(_FWD(PARAMS, bank.route(ids, weights=w), TOK), TOK).sum())(bank.weights)
+    gk = g["mlp"].saved["kernel"]
+    assert float(jnp.abs(gk[bank.slot("s1")]).max()) > 0 and float(jnp.abs(gk[bank.slot("s2")]).max()) > 0
+    assert float(jnp.abs(gk[bank.slot("r1")]).max()) == 0.0 and float(jnp.abs(gk[3]).max()) == 0.0
+    assert "saved_on" in type(bank.weights["mlp"]).frozen
+
+
+def test_modules_to_save_copies_need_a_bank_that_holds_them_and_hot_swap():
+    with pytest.raises(BankError, match=r"has a trained copy of the module at 'mlp' \(LoraConfig.modules_to_save\), but the "
+                                        r"bank holds no copies there"):
+        AdapterBank.from_adapters(ADAPTERS, capacity=4).add("s1", _saved(60))
+    bank = AdapterBank.from_adapters({"s1": _saved(60), "r4": ADAPTERS["r4"]}, capacity=3)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)  # adding, replacing and removing adapters with copies never recompiles
+    def fwd(params, weights, ids, tok):
+        return jpeft.apply(MODEL, params, bank.route(ids, weights=weights), tok)
+
+    fwd(PARAMS, bank.weights, bank.ids(["s1"] * 6), TOK)
+    s2 = _saved(62, ("mlp",), ("o_proj",))
+    b2 = bank.replace("s1", ADAPTERS["r2"]).add("s2", s2)  # s1's slot: a LoRA of the copied module now
+    names = ["s2", "s1", None, "r4", "s2", "s1"]
+    y = fwd(PARAMS, b2.weights, b2.ids(names), TOK)
+    want = {"s2": _FWD(PARAMS, s2, TOK), "s1": _alone("r2"), "r4": _alone("r4"), None: _alone(None)}
+    for i, n in enumerate(names):
+        np.testing.assert_allclose(y[i], want[n][i], atol=1e-5, rtol=1e-5, err_msg=n)
+    b3 = b2.remove("s2").add("r1", ADAPTERS["r1"])  # the freed slot's copy is gone
+    np.testing.assert_allclose(fwd(PARAMS, b3.weights, b3.ids(["r1"] * 6), TOK), _alone("r1"), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_modules_to_save_adapters_in_one_bank_equal_peft_mixed_batch(tmp_path):
+    """PEFT adapters with copies of lm_head and embed_tokens (modules_to_save) beside LoRAs,
+    every adapter tensor random, loaded into one bank: each row of a mixed batch (``"__base__"``
+    rows too) gives PEFT's ``adapter_names`` forward and greedy generation."""
+    import os
+    import sys
+
+    import peft
+    import torch
+
+    from jpeft.hf import load_peft
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as T
+
+    cases = {"a": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokens"]),
+             "b": dict(r=3, lora_alpha=5, use_rslora=True, target_modules=["v_proj", "down_proj"],
+                       modules_to_save=["lm_head", "embed_tokens"])}
+    hf = T.hf_model("llama2")[0]
+    for i, (name, kw) in enumerate(cases.items()):
+        one = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in one.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        one.save_pretrained(str(tmp_path / name))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "a"), adapter_name="a")
+    pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    pm.eval()
+    model, params = jpeft.models.from_pretrained(T.hf_model("llama2")[1])
+    bank = AdapterBank.from_adapters({n: load_peft(str(tmp_path / n), params)[1] for n in cases}, capacity=3)
+    rows = ["a", "__base__", "b", "b", "a"]
+    ids = np.random.default_rng(0).integers(3, T.VOCAB, size=(len(rows), 7))
+    got = np.asarray(jax.jit(lambda p, a, x: jpeft.apply(model, p, a, x))(params, bank.route(rows), jnp.asarray(ids)))
+    with torch.no_grad():
+        want = pm(input_ids=torch.tensor(ids), adapter_names=rows).logits.numpy()
+        with pm.disable_adapter():
+            base = pm(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(want[0] - base[0]).max() > 0.1 and np.abs(want[2] - base[2]).max() > 0.1
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=rows, max_new_tokens=3, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+    out = np.asarray(jpeft.generate(model, params, bank.route(rows), jnp.asarray(ids), 3))
+    np.testing.assert_array_equal(out[:, 7:], ref[:, 7:].numpy())
+
+
+@pytest.mark.parametrize("strategy", ["gather", "pregather"])
+def test_trainable_tokens_of_a_tied_embedding_act_in_its_attend_per_row(strategy):
+    """Tiny reads its embedding as its output layer too (``attend``), where an adapter's token rows
+    act as well (PEFT ties them to the tied lm_head): each row's logits of its adapter's token ids
+    come from that adapter's rows. (Refused by the bank before, as any trainable tokens.)"""
+    def tied(seed, ids, targets):
+        ad = _tokens(seed, ids, targets)
+        return {**ad, "embed": dataclasses.replace(ad["embed"], tie_output=True)}
+
+    ads = {"t3": tied(50, (1, 2, 5), ("mlp",)), "t1": tied(52, (2, 7), ("qkv",)), "r2": ADAPTERS["r2"]}
+    bank = AdapterBank.from_adapters(ads, capacity=4, strategy=strategy)
+    assert bank.weights["embed"].tied_tokens and bank.get("t1")["embed"].tie_output is True
+    names = ["t3", None, "r2", "t1", "t3", "t1"]
+    y = _FWD(PARAMS, bank.route(names), TOK)
+    for i, n in enumerate(names):
+        want = _alone(n) if n in (None, "r2") else _FWD(PARAMS, ads[n], TOK)
+        np.testing.assert_allclose(y[i], want[i], atol=1e-5, rtol=1e-5, err_msg=n)
+        if n in ("t3", "t1"):  # the rows act in the output layer too
+            lookup_only = {**ads[n], "embed": dataclasses.replace(ads[n]["embed"], tie_output=False)}
+            assert float(jnp.abs(want[i] - _FWD(PARAMS, lookup_only, TOK)[i]).max()) > 1e-2
+    with pytest.raises(BankError, match=r"act in the input lookup only, but the bank's tokens there act in the tied"):
+        bank.add("untied", _tokens(54, (3,)))
+
+
+def test_peft_trainable_tokens_of_gpt2s_tied_wte_in_one_bank_equal_peft_mixed_batch(tmp_path):
+    """GPT-2 ties lm_head to wte, and PEFT's token rows act in both: adapters with tokens of wte
+    (other ids, LoRAs of the Conv1D projections, every adapter tensor random) in one bank give
+    PEFT's ``adapter_names`` forward and greedy generation, ``"__base__"`` rows too."""
+    import os
+    import sys
+
+    import peft
+    import torch
+
+    from jpeft.hf import load_peft
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as T
+
+    cases = {"t": dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                       trainable_token_indices={"wte": [3, 5, 9]}),
+             "t2": dict(r=3, lora_alpha=3, target_modules=["c_fc"], fan_in_fan_out=True, trainable_token_indices=[5, 7])}
+    hf = T.hf_model("gpt2")[0]
+    for i, (name, kw) in enumerate(cases.items()):
+        one = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in one.named_parameters():
+                if "lora_" in n or "trainable_tokens" in n:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        one.save_pretrained(str(tmp_path / name))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "t"), adapter_name="t")
+    pm.load_adapter(str(tmp_path / "t2"), adapter_name="t2")
+    pm.eval()
+    model, params = jpeft.models.from_pretrained(T.hf_model("gpt2")[1])
+    bank = AdapterBank.from_adapters({n: load_peft(str(tmp_path / n), params)[1] for n in cases}, capacity=3)
+    rows = ["t", "__base__", "t2", "t2", "t"]
+    ids = np.random.default_rng(0).integers(3, 12, size=(len(rows), 7))  # ids 3..11: the tokens occur
+    got = np.asarray(jax.jit(lambda p, a, x: jpeft.apply(model, p, a, x))(params, bank.route(rows), jnp.asarray(ids)))
+    with torch.no_grad():
+        want = pm(input_ids=torch.tensor(ids), adapter_names=rows).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(want[0][:, [3, 5, 9]] - T.torch_logits("gpt2", ids, np.ones_like(ids))[0][:, [3, 5, 9]]).max() > 0.1
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=rows, max_new_tokens=3, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+    out = np.asarray(jpeft.generate(model, params, bank.route(rows), jnp.asarray(ids), 3))
+    np.testing.assert_array_equal(out[:, 7:], ref[:, 7:].numpy())

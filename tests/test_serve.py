@@ -4,6 +4,7 @@ token for token to `jpeft.generate` with the same adapter; concurrent mixed adap
 remove with no failed request and no recompilation; the error paths; a bounded load test."""
 
 import concurrent.futures as cf
+import dataclasses
 import http.client
 import json
 import os
@@ -843,3 +844,60 @@ def test_engine_after_hot_add_and_remove_generates_with_each_new_adapters_own_sc
         assert got == want.tolist(), name
         wants.add(tuple(got))
     assert len(wants) == 2  # the two adapters generate different tokens (the comparison has teeth)
+
+
+def test_serve_takes_lora_bias_adapters_at_start_and_live_and_generates_their_tokens(tmp_path):
+    """A LoRA with lora_bias (PEFT mixes them in a batch) given to `jpeft serve` was refused
+    (BankError at start, 400 live); the bank now holds a bias at every linear site, and each
+    request's greedy tokens equal ``jpeft.generate`` with its adapter alone (every tensor random)."""
+    import argparse
+
+    from jpeft.cli import serve_cmd
+    from jpeft.serve import Request
+
+    def biased(seed, targets):
+        cfg = jpeft.LoraConfig(r=2, alpha=5.0, target_modules=targets, lora_bias=True, init="random")
+        ad = jpeft.init(cfg, PARAMS, jax.random.key(seed))
+        leaves, tree = jax.tree.flatten(ad)
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        return cfg, jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+    folder = tmp_path / "tiny"
+    jpeft.models.loading.save_pretrained(str(folder), MODEL, PARAMS)
+    _word_tokenizer(WORDS).save_pretrained(str(folder))
+    ads = {"bias": biased(21, ["q_proj", "down_proj"]), "live": biased(23, ["v_proj", "o_proj"]), "a": ADAPTERS["a"]}
+    for name, (cfg, ad) in ads.items():
+        jpeft.save_adapter(str(tmp_path / name), cfg, ad, params=PARAMS)
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_parser(parser.add_subparsers())
+    server = serve_cmd.build(parser.parse_args(["serve", "--model", str(folder), "--adapter", f"bias={tmp_path / 'bias'}",
+                                                "--adapter", f"a={tmp_path / 'a'}", "--slots", "3", "--max-len", "32"]))
+    eng = server.engine
+    eng.add_adapter("live", server.loader(str(tmp_path / "live")))  # a bias where no --adapter has one
+    prompt, n = [3, 9, 1, 4], 6
+    events = {k: [] for k in ads}
+    done = threading.Semaphore(0)
+
+    def sink(name):
+        def put(e):
+            events[name].append(e)
+            if e.kind != "text":
+                done.release()
+        return put
+
+    eng.start()
+    try:
+        for name in ads:
+            eng.submit(Request(prompt, name, n, sink(name), temperature=0.0))
+        assert all(done.acquire(timeout=120) for _ in ads)
+    finally:
+        eng.stop()
+    outs = set()
+    for name, (cfg, ad) in ads.items():
+        want = np.asarray(jpeft.generate(MODEL, PARAMS, ad, jnp.asarray([prompt], jnp.int32), n))[0, len(prompt):]
+        got = [t for e in events[name] if e.kind == "text" for t in e.token_ids]
+        assert got == want.tolist(), name
+        outs.add(tuple(got))
+    no_bias = {p: dataclasses.replace(x, lora_bias=None) for p, x in ads["bias"][1].items()}
+    plain = np.asarray(jpeft.generate(MODEL, PARAMS, no_bias, jnp.asarray([prompt], jnp.int32), n))[0, len(prompt):]
+    assert len(outs) == 3 and tuple(plain.tolist()) not in outs  # the biases change the tokens (the test has teeth)

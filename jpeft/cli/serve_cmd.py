@@ -173,8 +173,10 @@ def build(args):
     # `is None`, not `or`: an explicit 0 is refused by the bank by name rather than read as the default
     max_rank = args.max_rank if args.max_rank is not None else max([16] + ranks)
     capacity = args.capacity if args.capacity is not None else max(8, len(adapters))
-    bank = AdapterBank.create({p: n.low_rank().layout for p, n in template.items()}, capacity=capacity,
-                              max_rank=max_rank)
+    # biases at every linear site: a LoRA with lora_bias (PEFT mixes them in a batch) may be added live too; trainable
+    # tokens as many as the --adapter ones hold, and modules_to_save copies where they have them
+    bank = AdapterBank.create({p: n.routed_low_rank() for p, n in template.items()}, capacity=capacity,
+                              max_rank=max_rank, lora_bias=True)
     for n, ad in adapters.items():
         bank = bank.add(n, ad)
     engine = Engine(model, params, bank, tokenizer=tok, eos_ids=eos_ids_of(args.model, tok, loaded.hf_config),

@@ -261,6 +261,22 @@ class SavedModule(Site):
         with _inject.bypass():
             return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **kwargs)
 
+    def routed_low_rank(self) -> LowRank:
+        """What the adapter bank routes: the copy of an ``nn.Dense`` kernel (and bias) or an
+        ``nn.Embed`` table (PEFT's mixed batch runs each row's own copy of a ``Linear`` or
+        ``Embedding``), as rank 0 with ``saved`` set; other modules are refused as by :meth:`low_rank`."""
+        own = dict(self.params)
+        kernel, table = own.get("kernel"), own.get("embedding")
+        if kernel is not None and kernel.ndim == 2 and set(own) <= {"kernel", "bias"}:
+            layout = Layout(Kind.DENSE, tuple(kernel.shape), (0,), (1,))
+        elif table is not None and table.ndim == 2 and set(own) == {"embedding"}:
+            layout = Layout(Kind.EMBED, tuple(table.shape), (0,), (1,))
+        else:
+            return self.low_rank()
+        n_in, n_out = layout.kernel_shape
+        return LowRank(jnp.zeros((n_in, 0), jnp.float32), jnp.zeros((0, n_out), jnp.float32), 0.0, layout,
+                       tied_output=self.tied_output, tie_output=bool(self.tie_output), saved=own)
+
     def low_rank(self) -> LowRank:
         what = ("a trained copy of the module's bias (LoraConfig.bias='all' or 'lora_only')" if set(self.params) == {"bias"}
                 else "a trained full copy of the module (LoraConfig.modules_to_save; PEFT adds the classification head "

@@ -18,7 +18,8 @@ Node protocol (see :class:`Site`, whose defaults a node inherits):
   (``mergeable`` is ``False`` where this is impossible);
 * ``effective(module_params)``: the effective weights the node contributes (L2-SP);
 * ``low_rank()``: the update as ``s * A @ B`` (:class:`LowRank`) for adapter merging and the
-  bank, or a :class:`~jpeft.errors.NotMergeableError` saying why not;
+  bank, or a :class:`~jpeft.errors.NotMergeableError` saying why not; ``routed_low_rank()``:
+  what the adapter bank routes (``low_rank()``, plus a LoRA's ``lora_bias``);
 * ``partition_specs(module_specs)``: the node with a ``PartitionSpec`` in place of each array;
 * ``frozen``: names of the node's array fields that are saved and loaded but never trained.
 """
@@ -172,6 +173,15 @@ class LowRank(NamedTuple):
     tie_output: bool = False
     dropout: float = 0.0
     residual: Optional[str] = None
+    # ``[out]``: ``s * bias`` is added to the module's output (LoRA's ``lora_bias``, PEFT's bias on
+    # lora_B); only ``Site.routed_low_rank`` sets it (the bank routes it; merging combines s*A@B only)
+    bias: Optional[jax.Array] = None
+    # ``(indices, values [k, out])``: embedding rows that replace the lookup of those ids (LoRA's
+    # trainable tokens, whose routed_low_rank has rank 0); only ``Site.routed_low_rank`` sets it
+    tokens: Optional[tuple] = None
+    # ``{param name: array}``: a trained full copy of the module's params that replaces them
+    # (modules_to_save of an nn.Dense or nn.Embed, rank 0); only ``Site.routed_low_rank`` sets it
+    saved: Optional[Mapping[str, Any]] = None
 
 
 def residual_refusal(where: str, mark: str, what: str) -> str:
@@ -387,6 +397,12 @@ class Site(FrozenFields):
             f"{type(self).__name__} is not a low-rank update s*A@B; adapter merging and the adapter bank combine "
             "LoRA adapters only. Merge it into the base alone with jpeft.merge, or serve it with jpeft.apply."
         )
+
+    def routed_low_rank(self) -> LowRank:
+        """What the adapter bank routes: :meth:`low_rank`, or for a LoRA with ``lora_bias`` (which
+        PEFT's mixed-batch forward mixes like any LoRA) the same with :attr:`LowRank.bias` set, the
+        update being ``s * (x @ A @ B + bias)``. Adapter merging reads :meth:`low_rank` only."""
+        return self.low_rank()
 
     def partition_specs(self, module_specs):
         """The node with a ``jax.sharding.PartitionSpec`` in place of each array.

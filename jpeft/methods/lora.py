@@ -676,9 +676,20 @@ class LoraWeights(Site):
                 "this LoRA trains a bias (LoraConfig.lora_bias or bias); adapter merging and the bank combine the "
                 "updates s*A@B only. Merge it into the base alone with jpeft.merge."
             )
+        return self._low_rank(None)
+
+    def _low_rank(self, bias) -> LowRank:
         return LowRank(self.lora_A, self.lora_B, self.scale, self.layout,
                        self.tied_output if self.layout.kind == Kind.EMBED else None, bool(self.tie_output),
-                       float(self.dropout), self.residual)
+                       float(self.dropout), self.residual, bias)
+
+    def routed_low_rank(self) -> LowRank:
+        """The bank routes a ``lora_bias`` too (``s * (x @ A @ B + lora_bias)``, as PEFT's
+        mixed-batch forward runs ``lora_B``'s bias); DoRA and a trained base bias are refused as
+        by :meth:`low_rank`."""
+        if self.lora_bias is None or self.magnitude is not None or self.base_bias is not None:
+            return self.low_rank()
+        return self._low_rank(self.lora_bias)
 
     def partition_specs(self, module_specs):
         """``lora_A [in, r]`` takes the kernel's input-dimension entry, ``lora_B [r, out]`` (and
@@ -705,8 +716,16 @@ class LoraWeights(Site):
 def from_low_rank(lr: LowRank) -> LoraWeights:
     """``Method.from_low_rank`` of LoRA: the plain LoRA site of a low-rank update."""
     embed = lr.layout.kind == Kind.EMBED
+    if lr.saved is not None:  # the bank's modules_to_save copy (routed_low_rank of SavedModule)
+        return SavedModule(dict(lr.saved), tie_output=bool(lr.tie_output) and embed,
+                           tied_output=lr.tied_output if embed else None)
+    if lr.tokens is not None:  # the bank's trainable tokens (routed_low_rank of TrainableTokens)
+        indices, values = lr.tokens
+        return TrainableTokens(values, tuple(int(i) for i in indices), bool(lr.tie_output),
+                               vocab=int(lr.layout.kernel_shape[0]))
     return LoraWeights(lr.a, lr.b, None, float(lr.scale), lr.layout, float(lr.dropout),
-                       tie_output=bool(lr.tie_output) and embed, tied_output=lr.tied_output if embed else None)
+                       tie_output=bool(lr.tie_output) and embed, tied_output=lr.tied_output if embed else None,
+                       lora_bias=lr.bias)
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -714,11 +733,13 @@ class TrainableTokens(Site):
     """``LoraConfig.trainable_token_indices`` on one embedding: ``values: [k, dim]`` replace the
     embedding's rows ``indices`` (Hugging Face PEFT's TrainableTokens; its
     ``trainable_tokens_delta`` holds these values, not a difference). With ``tie_output`` the
-    embedding's ``attend`` (a tied output projection) uses the new rows too, as PEFT ties them."""
+    embedding's ``attend`` (a tied output projection) uses the new rows too, as PEFT ties them.
+    ``vocab``: the embedding's number of rows (what the adapter bank needs to hold the site)."""
 
     values: jax.Array
     indices: tuple = static_field(default=())
     tie_output: Optional[bool] = static_field(default=False)
+    vocab: Optional[int] = static_field(default=None)
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
@@ -746,6 +767,21 @@ class TrainableTokens(Site):
             "the adapter bank cannot combine them with other adapters. Serve the adapter alone with jpeft.apply, or "
             "fold it into its own copy of the base with jpeft.merge."
         )
+
+    def routed_low_rank(self) -> LowRank:
+        """What the adapter bank routes (PEFT's mixed batch replaces each row's token rows with
+        its own adapter's): no low-rank part (rank 0, scale 0) and ``tokens=(indices, values)``."""
+        if self.vocab is None:
+            raise NotMergeableError(
+                f"these trainable tokens (rows {list(self.indices)[:8]}) do not record their embedding's size (vocab), "
+                "which the adapter bank needs; make the adapter with jpeft.init or load it with jpeft.load_adapter / "
+                "jpeft.hf.load_peft."
+            )
+        d = int(self.values.shape[-1])
+        layout = Layout(Kind.EMBED, (int(self.vocab), d), (0,), (1,))
+        tied = None if self.tie_output is None else bool(self.tie_output)
+        return LowRank(jnp.zeros((int(self.vocab), 0), jnp.float32), jnp.zeros((0, d), jnp.float32), 0.0, layout,
+                       tied_output=tied, tie_output=bool(self.tie_output), tokens=(tuple(self.indices), self.values))
 
     def intercept(self, call: Call):
         mod = call.module
@@ -813,7 +849,8 @@ def init_tokens(values_of: Mapping[str, Any], ids: tuple, tie_output: Optional[b
     e = values_of["embedding"]
     if max(ids) >= e.shape[0]:
         raise ConfigError(f"trainable_token_indices {list(ids)} reach past the embedding's {e.shape[0]} rows.")
-    return TrainableTokens(jnp.asarray(e)[jnp.asarray(ids)].astype(jnp.float32), tuple(ids), tie_output)
+    return TrainableTokens(jnp.asarray(e)[jnp.asarray(ids)].astype(jnp.float32), tuple(ids), tie_output,
+                           vocab=int(e.shape[0]))
 
 
 def with_trainable_biases(config: LoraConfig, leaves: Mapping[str, Mapping[str, Any]], sites: Mapping[str, Any]) -> dict:

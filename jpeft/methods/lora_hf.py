@@ -580,7 +580,7 @@ def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves
             )
         tied = bool(tied_output_from_params(path, leaves))
         _check_token_tie_matches(path, tied, ctx.hf_config, BaseMismatchError)
-        out[path] = TrainableTokens(jnp.asarray(v, ctx.dtype), tuple(ids), tied)
+        out[path] = TrainableTokens(jnp.asarray(v, ctx.dtype), tuple(ids), tied, vocab=int(e.shape[0]))
     return out
 
 
