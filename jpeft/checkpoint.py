@@ -52,10 +52,11 @@ import jax
 import numpy as np
 
 from jpeft.config import AdapterConfig
-from jpeft.distributed import gather
+from jpeft.distributed import gather, lost_peer
 from jpeft.errors import (
     CheckpointError,
     ConfigError,
+    DistributedError,
     JpeftError,
     LoadError,
     PathEscapeError,
@@ -1095,6 +1096,11 @@ class CheckpointManager:
             restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             state = restored["state"]
         except Exception as e:
+            if lost_peer(e):  # every process reads its shards together: not a damaged checkpoint, which must be kept
+                raise DistributedError(
+                    f"reading {where} takes every process of this job, and another process left the job while it was "
+                    f"read ({' '.join(str(e).split())[:200]}); nothing says the checkpoint is damaged: keep it. See the "
+                    "other processes' output, fix the cause there and start every process again with --resume.") from None
             raise _wrap(e, f"{where} is corrupted or truncated (Orbax could not read it)") from None
         flat: dict[str, Any] = {}
         try:

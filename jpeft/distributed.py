@@ -20,10 +20,12 @@ logging from process 0 only.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import sys
 import threading
+import time
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -47,6 +49,11 @@ __all__ = [
     "barrier",
     "log",
     "on_main_process",
+    "watch_for_failures",
+    "lost_peer",
+    "another_process_failed",
+    "claim_exit",
+    "leave_job_now",
 ]
 
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -243,6 +250,16 @@ def gather(tree):
     return jax.tree.map(one, tree)
 
 
+def lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is an operation across the processes of a job that failed because another
+    process left it (killed, crashed, or ended by an error of its own): JAX's gloo collectives
+    report the closed connection (a ``JaxRuntimeError``, or the ``ValueError`` Orbax wraps it in),
+    the coordination service a peer it cannot reach. Such an error says nothing about this
+    process's own data or files."""
+    text = str(e)
+    return jax.process_count() > 1 and any(s in text for s in ("Gloo", "Connection closed by peer", "UNAVAILABLE"))
+
+
 def coordination_client():
     """The client of JAX's coordination service (its key-value store) when this process is one of
     several started through ``jax.distributed``, else ``None``. JAX 0.10 has no public accessor:
@@ -334,3 +351,146 @@ class StopAgreement:
             except Exception:  # noqa: BLE001: the service went away; the thread's read times out
                 pass
             self._thread.join(timeout=5)
+
+
+# a process of a job that stops with an error it does not share (a failed write on process 0, a bad batch on one
+# host) says why under this key of the coordination service (the first one to stop wins); every process that ends
+# by leave_job_now marks itself under the folder
+_FAILED_KEY = "jpeft_failed"
+_LEFT_DIR = "jpeft_left/"
+_GRACE_S = 3.0  # how long another process's failure leaves this one to end by an error of its own first
+_LEAVE_WAIT_S = _GRACE_S + 5  # how long process 0 (the coordination service's host) waits for the others to leave
+
+
+class _FailureWatch:
+    """The helper thread of :func:`watch_for_failures` and the one-way switch that decides
+    which of the main thread's own error and another process's failure ends this process."""
+
+    def __init__(self, client, report: Callable[[str], int]):
+        self.client, self.report = client, report
+        self.lock = threading.Lock()
+        self.ending = False  # this process is ending (claimed by the main thread or the helper)
+        self.note: Optional[str] = None  # another process's failure, once seen
+        self.active = True
+        self.thread = threading.Thread(target=self._watch, name="jpeft-failure-watch", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)  # before JAX's own atexit shutdown (atexit runs newest first)
+
+    def claim(self) -> bool:
+        """Whether this caller is the first to end this process (the other waits for it)."""
+        with self.lock:
+            first, self.ending = not self.ending, True
+            return first
+
+    def _watch(self):
+        while self.active:
+            try:
+                note = self.client.blocking_key_value_get(_FAILED_KEY, 1000)
+            except Exception as e:  # noqa: BLE001 (JaxRuntimeError): a timeout, or the service went away
+                if "DEADLINE_EXCEEDED" in str(e):
+                    continue
+                return
+            if note == "done" or not self.active:
+                return
+            who, _, why = note.partition("\t")
+            if who == str(jax.process_index()):
+                return  # this process's own note: its main thread is ending it
+            self.note = (f"process {who} of this job stopped: {why}; this process stops too (it would wait for "
+                         f"process {who} in the job's next collective operation, for minutes). See process {who}'s "
+                         "output, fix the cause and start every process again (with --resume to continue from the "
+                         "last checkpoint).")
+            # an error every process raises (a refused setting) ends each by its own message: give it a moment
+            time.sleep(_GRACE_S)
+            if not self.claim():
+                return
+            leave_job_now(self.report(self.note))
+            return
+
+    def close(self) -> None:
+        """Ends the helper thread (this process exits normally: the job's work is over)."""
+        if not self.active:
+            return
+        self.active = False
+        try:
+            self.client.key_value_set(_FAILED_KEY, "done")
+        except Exception:  # noqa: BLE001: another process's failure or end was written first
+            pass
+        self.thread.join(timeout=2)
+
+
+_watch: Optional[_FailureWatch] = None
+
+
+def watch_for_failures(report: Callable[[str], int]) -> None:
+    """Ends this process when another process of the job stops with an error of its own.
+
+    A process that stops alone (a write failing on process 0, a bad batch on one host, an
+    interrupt while the model loads) leaves the others waiting in the next collective
+    operation, or in ``jax.distributed``'s shutdown, for minutes, until JAX aborts them with a
+    C++ stack. :func:`leave_job_now` with a reason announces such a stop in JAX's coordination
+    service; a helper thread of every process waits for that in a blocking read (no cost per
+    step) and, unless this process ends by an error of its own within a few seconds, calls
+    ``report(message)`` (which prints the message and returns the exit status) and leaves the
+    job at once. A no-op unless this process is one of several joined through
+    :func:`initialize`; call it once, after joining."""
+    global _watch
+    client = coordination_client()
+    if client is not None and _watch is None:
+        _watch = _FailureWatch(client, report)
+
+
+def another_process_failed() -> Optional[str]:
+    """The message of :func:`watch_for_failures` once another process announced a failure, else ``None``."""
+    return None if _watch is None else _watch.note
+
+
+def claim_exit() -> bool:
+    """Whether this caller ends this process: ``False`` once the helper thread of
+    :func:`watch_for_failures` is ending it for another process's failure (the caller then
+    prints nothing of its own and waits: that thread ends the process). Call it before
+    printing an error and calling :func:`leave_job_now`."""
+    return _watch is None or _watch.claim()
+
+
+def _first_sentence(text: str) -> str:
+    """One line of at most 300 characters: ``text`` up to the end of its first sentence (the
+    rest, how to recover, is the failed process's to say)."""
+    line = " ".join(text.split())
+    return line.split(". ")[0].rstrip(".")[:300]
+
+
+def leave_job_now(status: int, why: Optional[str] = None) -> None:
+    """Ends this process now with exit status ``status`` when it is one of several joined
+    through :func:`initialize` (returns otherwise).
+
+    ``why``: this process stops alone (one line: the error, or an interrupt); it is announced
+    to the other processes, which end with a message naming this one (:func:`watch_for_failures`).
+    Python's exit would wait for them in ``jax.distributed``'s shutdown while they wait in a
+    collective operation for this one. Process 0 hosts JAX's coordination service, whose end
+    aborts the others: it waits (at most a few seconds more than the others' grace) until every
+    other process has left."""
+    client = coordination_client()
+    if client is None:
+        return
+    me = jax.process_index()
+    if why is not None:
+        try:
+            client.key_value_set(_FAILED_KEY, f"{me}\t{_first_sentence(str(why))}")
+        except Exception:  # noqa: BLE001: another process's failure (or the job's end) was written first
+            pass
+    try:
+        client.key_value_set(f"{_LEFT_DIR}{me}", "1")
+    except Exception:  # noqa: BLE001: the service went away (process 0 ended)
+        pass
+    if me == 0:
+        deadline = time.monotonic() + _LEAVE_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                if len(client.key_value_dir_get(_LEFT_DIR)) >= jax.process_count():
+                    break
+            except Exception:  # noqa: BLE001
+                break
+            time.sleep(0.05)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -1091,7 +1091,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("to", ["both", "process 1"])
+@pytest.mark.parametrize("to", ["both", "process 1", "process 0"])
 def test_sigterm_while_two_processes_load_the_model_stops_both(hf_dir, tmp_path, to):
     """SIGTERM (a scheduler stopping the job) sent to both processes of a run while they load the
     model, before training starts: JAX's pre-emption notifier, installed by
@@ -1099,9 +1099,12 @@ def test_sigterm_while_two_processes_load_the_model_stops_both(hf_dir, tmp_path,
     until the SIGKILL that follows). Both now stop as on Ctrl-C: exit 130 with one line, nothing
     written to the output folder. SIGTERM to process 1 alone: process 0 met a closed connection in
     the data agreement, printed JAX's raw traceback, then waited in jax.distributed's shutdown for
-    the heartbeat timeout (about 100 s) and aborted (SIGABRT, a C++ stack dump); it now stops at
-    once with one DistributedError line (exit 2). (SIGTERM to process 0 alone: JAX's coordination
-    client ends process 1 within a second, with its own fatal message.)"""
+    the heartbeat timeout (about 100 s) and aborted (SIGABRT, a C++ stack dump). SIGTERM to
+    process 0 alone: process 0 ended at once, and JAX's coordination client then aborted process 1
+    (SIGABRT, "Terminating process because the JAX distributed service detected fatal errors" and a
+    C++ stack). The signalled process now tells the other through JAX's coordination service
+    (jpeft.distributed.leave_job_now), which stops within seconds, still loading the model, with
+    one DistributedError line naming it (exit 2)."""
     import socket
 
     name = f"term_2p_loading_{to.replace(' ', '')}"
@@ -1120,7 +1123,7 @@ def test_sigterm_while_two_processes_load_the_model_stops_both(hf_dir, tmp_path,
         while not all("jpeft-test: loading" in e.read_text() for e in errs):
             assert time.time() < deadline and all(p.poll() is None for p in procs), [e.read_text()[-2000:] for e in errs]
             time.sleep(0.2)
-        for p in procs if to == "both" else procs[1:]:
+        for p in procs if to == "both" else [procs[int(to[-1])]]:
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(timeout=90)  # process 0 alone used to wait out JAX's heartbeat timeout (~100 s), then abort
@@ -1132,12 +1135,128 @@ def test_sigterm_while_two_processes_load_the_model_stops_both(hf_dir, tmp_path,
     if to == "both":
         assert [p.returncode for p in procs] == [130, 130], "\n----\n".join(o[-3000:] for o in outs)
         assert all(error_line(o) == "jpeft train: interrupted" for o in outs)
-    else:
-        assert [p.returncode for p in procs] == [2, 130], "\n----\n".join(o[-3000:] for o in outs)
-        assert error_line(outs[1]) == "jpeft train: interrupted"
-        assert error_line(outs[0]).startswith("jpeft train: error: DistributedError: another process of this job left it "
-                                              "before training started (stopped by a signal or Ctrl-C, or crashed"), outs[0]
+    else:  # the signalled process ends as on Ctrl-C; the other with one line naming it (it still loads the model)
+        k = int(to[-1])
+        assert [p.returncode for p in procs] == ([130, 2] if k == 0 else [2, 130]), "\n----\n".join(o[-3000:] for o in outs)
+        assert error_line(outs[k]) == "jpeft train: interrupted"
+        assert error_line(outs[1 - k]).startswith(f"jpeft train: error: DistributedError: process {k} of this job stopped: "
+                                                  "interrupted (Ctrl-C or SIGTERM); this process stops too"), outs[1 - k]
     assert not (hf_dir / name / "checkpoints").exists() and not (hf_dir / name / "adapter").exists()
+
+
+_STOP_ALONE = """
+import os, sys
+import jpeft.cli._trainer as T
+from jpeft.cli import main
+from jpeft.errors import InputValidationError
+if os.environ.get("JPEFT_TEST_STOP") == "final_save":  # the disk fills as process 0 writes the finished adapter
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    T.save_adapter = full
+if os.environ.get("JPEFT_TEST_STOP") == "bad_batch":  # the third batch of this process's rows is refused
+    real, seen = T.check_tokens, []
+    def check(*a, **k):
+        seen.append(1)
+        if len(seen) == 3:
+            raise InputValidationError("token id 999 is out of range (this host's rows only)")
+        return real(*a, **k)
+    T.check_tokens = check
+if os.environ.get("JPEFT_TEST_STOP") == "resume_unreadable":  # this host cannot read the checkpoint
+    import jpeft.checkpoint as C
+    from jpeft.errors import CheckpointError
+    def unreadable(*a, **k):
+        raise CheckpointError("checkpoint step 2 cannot be read on this host (PermissionError: Permission denied)")
+    C.CheckpointManager.restore_latest = unreadable
+if os.environ.get("JPEFT_TEST_STOP") == "killed":  # killed without a word at its third batch (out of memory, SIGKILL)
+    real, seen = T.check_tokens, []
+    def check(*a, **k):
+        seen.append(1)
+        if len(seen) == 3:
+            os._exit(9)
+        return real(*a, **k)
+    T.check_tokens = check
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("case", ["final_save", "bad_batch", "killed", "resume_unreadable"])
+def test_one_of_two_processes_stopping_alone_ends_both_with_one_line(hf_dir, capsys, case):
+    """One process of a two-process run stops with an error the other does not share: the
+    finished adapter's write failing on process 0 (a full disk; process 0 alone writes it), or
+    a batch of process 1's own rows refused in the middle of training. Before, the failing
+    process printed its error and then waited in jax.distributed's shutdown, and the other
+    waited for it in the final barrier or in the next step's collectives: both hung for
+    minutes (over 200 s measured), to be aborted by JAX with a C++ stack. Now the failing
+    process says why through JAX's coordination service and ends with its own line (process
+    0: the SaveError that says --resume recovers the run); the other ends within seconds with
+    one DistributedError line naming it; no adapter is left half-written, and --resume then
+    writes the finished adapter from the last checkpoint. A process killed without a word
+    (``killed``) left the other with JAX's raw traceback of a failed gloo all-reduce and then an
+    abort at JAX's heartbeat timeout (about 100 s); it now ends with one DistributedError line. A
+    ``--resume`` whose checkpoint process 1 cannot read (``resume_unreadable``): process 0's read,
+    which every process takes part in, failed on the closed connection and was reported as
+    "checkpoint step 2 ... is corrupted or truncated", telling the user to move the intact
+    checkpoint out of the folder and start again from step 0; it is now a DistributedError that
+    says to keep it."""
+    import socket
+
+    name = f"stop_alone_{case}"
+    cfg = write_config(hf_dir, name, steps=3 if case == "final_save" else 6, save_every=0, eval_every=0)
+    who = 0 if case == "final_save" else 1
+    resume = []
+    if case == "resume_unreadable":  # a checkpoint at step 2 (one process), resumed by two
+        assert jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--max-steps", "2").returncode == 0
+        resume = ["--resume"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env1 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-c", _STOP_ALONE, "train", "--config", str(cfg), "--no-progress",
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                               *resume], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=dict(env1, JPEFT_TEST_STOP=case) if i == who else env1)
+             for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120)[1] for p in procs]  # both used to hang past 200 s
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == ([2, 9] if case == "killed" else [2, 2]), "\n----\n".join(
+        o[-3000:] for o in outs)
+    if case == "killed":
+        lines = outs[0].splitlines()
+        assert lines[-1].startswith("jpeft train: error: DistributedError: an operation across the processes of this "
+                                    "job failed (") and "another process left the job (killed, crashed" in lines[-1], outs[0]
+        assert "Traceback" not in outs[0] and not outs[1].strip()
+        return
+    if case == "resume_unreadable":
+        assert outs[1].splitlines()[-1].startswith("jpeft train: error: CheckpointError: checkpoint step 2 cannot be "
+                                                   "read on this host"), outs[1]
+        line = outs[0].splitlines()[-1]  # the closed connection of the read, or process 1's announcement
+        assert line.startswith("jpeft train: error: DistributedError: ") and "corrupted" not in line, outs[0]
+        assert "Traceback" not in outs[0] and (hf_dir / name / "checkpoints" / "2").is_dir()
+        return
+    for o in outs:  # one error line each (process 0's status and step lines come before it), no traceback
+        lines = o.splitlines()
+        assert [ln for ln in lines if ln.startswith("jpeft train: error:")] == lines[-1:] and "Traceback" not in o, o
+    mine, other = outs[who].splitlines()[-1], outs[1 - who].splitlines()[-1]
+    if case == "final_save":
+        assert mine.startswith("jpeft train: error: SaveError: [Errno 28] No space left on device. The trained state "
+                               "is not lost: checkpoint step 3 in "), mine
+        assert "run the same command with --resume" in mine
+        assert other.startswith("jpeft train: error: DistributedError: process 0 of this job stopped: SaveError: [Errno "
+                                "28] No space left on device; this process stops too"), other
+        assert sorted(os.listdir(hf_dir / name)) == ["checkpoints", "metrics.jsonl", "resolved_config.json"]
+        r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--resume")
+        assert r.returncode == 0, r.stderr
+        assert "resumed from step 3" in r.stderr and (hf_dir / name / "adapter" / "jpeft_adapter.safetensors").is_file()
+    else:
+        assert mine == "jpeft train: error: InputValidationError: token id 999 is out of range (this host's rows only)"
+        assert other.startswith("jpeft train: error: DistributedError: process 1 of this job stopped: "
+                                "InputValidationError: token id 999 is out of range (this host's rows only); this "
+                                "process stops too"), other
+        assert not (hf_dir / name / "adapter").exists()
 
 
 def _metrics(folder):

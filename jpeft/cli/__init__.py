@@ -33,7 +33,7 @@ import time
 from typing import Optional, Sequence
 
 from jpeft._version import __version__
-from jpeft.errors import DistributedError, JpeftError
+from jpeft.errors import JpeftError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -232,38 +232,72 @@ def _main(argv: Optional[Sequence[str]], ctrl_c: dict) -> int:
     except UsageError as e:
         return _fail(e.prog or prog, f"{e} (see `{e.prog or prog} --help`)")
     except JpeftError as e:
-        rc = _fail(prog, f"{type(e).__name__}: {e}")
-        if isinstance(e, DistributedError):  # another process left the job: no shutdown barrier to wait in
-            _leave_a_multi_process_job_at_once(rc)
-        return rc
+        return _end(prog, 2, f"{type(e).__name__}: {e}")
     except KeyboardInterrupt:
         ctrl_c["handled"] = True
-        print(f"{prog}: interrupted", file=sys.stderr)
-        _leave_a_multi_process_job_at_once(130)
-        return 130
+        return _end(prog, 130, None)
     except UnicodeDecodeError as e:  # a data or config file that is binary, or not UTF-8
-        return _fail(prog, f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 text file.")
+        return _end(prog, 2, f"an input file is not UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 text file.")
     except RecursionError:  # JSON lines or TOML nested thousands of levels deep
-        return _fail(prog, "an input file is nested too deeply to read (thousands of levels); it is not a jpeft input.")
+        return _end(prog, 2, "an input file is nested too deeply to read (thousands of levels); it is not a jpeft input.")
     except OSError as e:  # the environment: a read-only or full disk, a missing permission
-        return _fail(prog, f"{type(e).__name__}: {e}")
+        return _end(prog, 2, f"{type(e).__name__}: {e}")
+    except Exception as e:  # a bug, or a collective operation that failed: alone in a job, the others would wait
+        if _job() is None:
+            raise
+        return _end(prog, *_unexpected(e))
     return int(rc or 0)
 
 
-def _leave_a_multi_process_job_at_once(status: int) -> None:
-    """Ends this process now when it is one of several (``jax.distributed``).
-
-    An interrupt that ends the command here stopped this process alone (a second Ctrl-C or
-    SIGTERM aborts without the stop every process agrees on; see :func:`jpeft.fit`): the
-    others wait in the collectives of a step this one left, and Python's exit would wait for
-    them in ``jax.distributed``'s shutdown barrier, for minutes. Ending at once lets JAX's
-    coordination service end the others (within a second when this is process 0, which hosts
-    the service; at its heartbeat timeout otherwise)."""
+def _job():
+    """``jpeft.distributed`` when this process is one of several joined through it, else ``None``."""
     distributed = sys.modules.get("jpeft.distributed")  # not imported: no jax.distributed job either
-    if distributed is not None and distributed.coordination_client() is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+    return distributed if distributed is not None and distributed.coordination_client() is not None else None
+
+
+def _end(prog: str, status: int, msg: Optional[str]) -> int:
+    """Prints the one line of a command that stops with ``msg`` (``None``: interrupted) and
+    returns ``status``; in a multi-process job, ends this process at once instead.
+
+    A process of a ``jax.distributed`` job that stops with an error of its own (a failed write
+    on process 0, a bad file on one host) or an interrupt the others did not get (a second
+    Ctrl-C or SIGTERM aborts without the stop every process agrees on; see :func:`jpeft.fit`)
+    leaves the others waiting in the collective operations of a step this one left, and
+    Python's exit would wait for them in ``jax.distributed``'s shutdown, for minutes. It tells
+    them why through JAX's coordination service and ends at once
+    (:func:`jpeft.distributed.leave_job_now`); each of the others then ends within seconds with
+    one line naming it (:func:`jpeft.distributed.watch_for_failures`). When that helper is
+    already ending this process for another's failure, this one's own error is a consequence
+    of it and is not printed."""
+    job = _job()
+    if job is not None and not job.claim_exit():
+        time.sleep(60)  # the helper thread prints the other process's failure and ends this process
+    if msg is None:
+        print(f"{prog}: interrupted", file=sys.stderr)
+    else:
+        _fail(prog, msg)
+    if job is not None:
+        job.leave_job_now(status, "interrupted (Ctrl-C or SIGTERM)" if msg is None else one_line(msg))
+    return status
+
+
+def _unexpected(e: Exception):
+    """The exit status and error line of an unexpected error in a multi-process job: an
+    operation across processes that failed because another process left the job (announced, or
+    killed without a word) reads as that, in one line (status 2); anything else is a bug, whose
+    traceback is printed here before its line (status 1)."""
+    job = _job()
+    seen = job.another_process_failed()
+    if seen is not None:
+        return 2, f"DistributedError: {seen}"
+    if type(e).__name__ == "JaxRuntimeError" and job.lost_peer(e):
+        return 2, (f"DistributedError: an operation across the processes of this job failed ({one_line(e)[:200]}): "
+                   "another process left the job (killed, crashed, or stopped by an error: see its output); this "
+                   "process stops too. Start every process again (with --resume to continue from the last checkpoint).")
+    import traceback
+
+    traceback.print_exc()
+    return 1, f"{type(e).__name__}: {e}"
 
 
 def _closed_stdout() -> int:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 from typing import Any, Mapping
 
@@ -400,6 +401,13 @@ def _sigterm_as_ctrl_c() -> None:
         signal.signal(signal.SIGTERM, _interrupt)
 
 
+def _another_process_failed(message: str) -> int:
+    """Another process of this job stopped alone (:func:`jpeft.distributed.watch_for_failures`):
+    this one's error line and exit status."""
+    print(f"jpeft train: error: DistributedError: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def run(args) -> int:
     # join the job before reading the config: a process whose config is missing or bad then tells the others at
     # the settings agreement, instead of leaving them waiting in the join until JAX aborts them
@@ -409,6 +417,7 @@ def run(args) -> int:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                auto=True if args.cluster_auto else None)
         _sigterm_as_ctrl_c()
+        distributed.watch_for_failures(_another_process_failed)
     try:
         cfg_path = os.path.abspath(args.config)
         raw = _load_toml(cfg_path)
