@@ -613,6 +613,50 @@ def test_a_lora_bias_needs_a_bank_that_holds_biases_and_then_hot_swaps():
     np.testing.assert_allclose(y3, _alone("r2"), atol=1e-5, rtol=1e-5)
 
 
+def _saved_peft_adapters(tmp_path, family, cases, trained, load):
+    """Each of ``cases`` (``{name: LoraConfig kwargs}``) made by PEFT on the tiny ``family`` model
+    with every adapter tensor random (``lora_*`` and the parameters whose names hold ``trained``),
+    saved under ``tmp_path / name``. Returns the PeftModel with the adapters named in ``load``
+    loaded, jpeft's model and params of the same base, and the tiny-models module."""
+    import os
+    import sys
+
+    import peft
+    import torch
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as T
+
+    hf = T.hf_model(family)[0]
+    for i, (name, kw) in enumerate(cases.items()):
+        one = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in one.named_parameters():
+                if "lora_" in n or trained in n:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        one.save_pretrained(str(tmp_path / name))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / load[0]), adapter_name=load[0])
+    for name in load[1:]:
+        pm.load_adapter(str(tmp_path / name), adapter_name=name)
+    pm.eval()
+    model, params = jpeft.models.from_pretrained(T.hf_model(family)[1])
+    return pm, model, params, T
+
+
+def _greedy_equals_peft(pm, model, params, bank, rows, ids):
+    """Three greedy tokens after each row of ``ids``, under its adapter of ``rows``: the bank's
+    (``jpeft.generate``) equal PEFT's mixed-batch ``generate``."""
+    import torch
+
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=rows, max_new_tokens=3, do_sample=False,
+                          pad_token_id=0, eos_token_id=None)
+    out = np.asarray(jpeft.generate(model, params, bank.route(rows), jnp.asarray(ids), 3))
+    n = ids.shape[1]
+    np.testing.assert_array_equal(out[:, n:], ref[:, n:].numpy())
+
+
 def test_peft_lora_bias_adapters_in_one_bank_equal_peft_mixed_batch(tmp_path):
     """PEFT adapters with lora_bias=True beside plain ones (other ranks, targets, rsLoRA), every
     adapter tensor random, loaded into one bank: each row of a mixed batch (``"__base__"`` rows
@@ -659,11 +703,7 @@ def test_peft_lora_bias_adapters_in_one_bank_equal_peft_mixed_batch(tmp_path):
         bias.copy_(kept)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert np.abs(want[0] - without[0]).max() > 1e-2
-    with torch.no_grad():
-        ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=rows, max_new_tokens=3, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
-    out = np.asarray(jpeft.generate(model, params, bank.route(rows), jnp.asarray(ids), 3))
-    np.testing.assert_array_equal(out[:, 7:], ref[:, 7:].numpy())
+    _greedy_equals_peft(pm, model, params, bank, rows, ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,33 +779,14 @@ def test_peft_trainable_tokens_adapters_in_one_bank_equal_peft_mixed_batch(tmp_p
     LoRA targets, every adapter tensor random, loaded into one bank: each row of a mixed batch
     (``"__base__"`` rows too) gives PEFT's ``adapter_names`` forward and greedy generation. (PEFT
     loads no adapter without tokens beside them; the bank also mixes one, checked against it alone.)"""
-    import os
-    import sys
-
-    import peft
     import torch
 
     from jpeft.hf import load_peft
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    import _models_tiny as T
-
     cases = {"t": dict(r=2, lora_alpha=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 5, 9]}),
              "t2": dict(r=3, lora_alpha=3, target_modules=["o_proj", "lm_head"], trainable_token_indices=[5, 7]),
              "plain": dict(r=2, lora_alpha=5, target_modules=["v_proj"])}
-    hf = T.hf_model("llama2")[0]
-    for i, (name, kw) in enumerate(cases.items()):
-        one = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw))
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for n, p in one.named_parameters():
-                if "lora_" in n or "trainable_tokens" in n:
-                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        one.save_pretrained(str(tmp_path / name))
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "t"), adapter_name="t")
-    pm.load_adapter(str(tmp_path / "t2"), adapter_name="t2")
-    pm.eval()
-    model, params = jpeft.models.from_pretrained(T.hf_model("llama2")[1])
+    pm, model, params, T = _saved_peft_adapters(tmp_path, "llama2", cases, "trainable_tokens", load=("t", "t2"))
     ads = {n: load_peft(str(tmp_path / n), params)[1] for n in cases}
     bank = AdapterBank.from_adapters(ads, capacity=4)
     rows = ["t", "__base__", "t2", "t2", "t"]
@@ -780,11 +801,7 @@ def test_peft_trainable_tokens_adapters_in_one_bank_equal_peft_mixed_batch(tmp_p
     np.testing.assert_allclose(got[peft_rows], want[peft_rows], atol=1e-4, rtol=0)
     assert np.abs(want[0] - base[0]).max() > 0.1 and np.abs(want[3] - base[3]).max() > 0.1
     np.testing.assert_allclose(got[2], np.asarray(fwd(params, ads["plain"], jnp.asarray(ids)))[2], atol=1e-5, rtol=0)
-    with torch.no_grad():
-        ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=rows, max_new_tokens=3, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
-    out = np.asarray(jpeft.generate(model, params, bank.route(rows), jnp.asarray(ids), 3))
-    np.testing.assert_array_equal(out[:, 7:], ref[:, 7:].numpy())
+    _greedy_equals_peft(pm, model, params, bank, rows, ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,33 +869,14 @@ def test_peft_modules_to_save_adapters_in_one_bank_equal_peft_mixed_batch(tmp_pa
     """PEFT adapters with copies of lm_head and embed_tokens (modules_to_save) beside LoRAs,
     every adapter tensor random, loaded into one bank: each row of a mixed batch (``"__base__"``
     rows too) gives PEFT's ``adapter_names`` forward and greedy generation."""
-    import os
-    import sys
-
-    import peft
     import torch
 
     from jpeft.hf import load_peft
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    import _models_tiny as T
-
     cases = {"a": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokens"]),
              "b": dict(r=3, lora_alpha=5, use_rslora=True, target_modules=["v_proj", "down_proj"],
                        modules_to_save=["lm_head", "embed_tokens"])}
-    hf = T.hf_model("llama2")[0]
-    for i, (name, kw) in enumerate(cases.items()):
-        one = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw))
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for n, p in one.named_parameters():
-                if "lora_" in n or "modules_to_save" in n:
-                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        one.save_pretrained(str(tmp_path / name))
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "a"), adapter_name="a")
-    pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
-    pm.eval()
-    model, params = jpeft.models.from_pretrained(T.hf_model("llama2")[1])
+    pm, model, params, T = _saved_peft_adapters(tmp_path, "llama2", cases, "modules_to_save", load=("a", "b"))
     bank = AdapterBank.from_adapters({n: load_peft(str(tmp_path / n), params)[1] for n in cases}, capacity=3)
     rows = ["a", "__base__", "b", "b", "a"]
     ids = np.random.default_rng(0).integers(3, T.VOCAB, size=(len(rows), 7))
@@ -889,11 +887,7 @@ def test_peft_modules_to_save_adapters_in_one_bank_equal_peft_mixed_batch(tmp_pa
             base = pm(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert np.abs(want[0] - base[0]).max() > 0.1 and np.abs(want[2] - base[2]).max() > 0.1
-    with torch.no_grad():
-        ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=rows, max_new_tokens=3, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
-    out = np.asarray(jpeft.generate(model, params, bank.route(rows), jnp.asarray(ids), 3))
-    np.testing.assert_array_equal(out[:, 7:], ref[:, 7:].numpy())
+    _greedy_equals_peft(pm, model, params, bank, rows, ids)
 
 
 @pytest.mark.parametrize("strategy", ["gather", "pregather"])
@@ -924,33 +918,14 @@ def test_peft_trainable_tokens_of_gpt2s_tied_wte_in_one_bank_equal_peft_mixed_ba
     """GPT-2 ties lm_head to wte, and PEFT's token rows act in both: adapters with tokens of wte
     (other ids, LoRAs of the Conv1D projections, every adapter tensor random) in one bank give
     PEFT's ``adapter_names`` forward and greedy generation, ``"__base__"`` rows too."""
-    import os
-    import sys
-
-    import peft
     import torch
 
     from jpeft.hf import load_peft
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    import _models_tiny as T
-
     cases = {"t": dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
                        trainable_token_indices={"wte": [3, 5, 9]}),
              "t2": dict(r=3, lora_alpha=3, target_modules=["c_fc"], fan_in_fan_out=True, trainable_token_indices=[5, 7])}
-    hf = T.hf_model("gpt2")[0]
-    for i, (name, kw) in enumerate(cases.items()):
-        one = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw))
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for n, p in one.named_parameters():
-                if "lora_" in n or "trainable_tokens" in n:
-                    p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        one.save_pretrained(str(tmp_path / name))
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "t"), adapter_name="t")
-    pm.load_adapter(str(tmp_path / "t2"), adapter_name="t2")
-    pm.eval()
-    model, params = jpeft.models.from_pretrained(T.hf_model("gpt2")[1])
+    pm, model, params, T = _saved_peft_adapters(tmp_path, "gpt2", cases, "trainable_tokens", load=("t", "t2"))
     bank = AdapterBank.from_adapters({n: load_peft(str(tmp_path / n), params)[1] for n in cases}, capacity=3)
     rows = ["t", "__base__", "t2", "t2", "t"]
     ids = np.random.default_rng(0).integers(3, 12, size=(len(rows), 7))  # ids 3..11: the tokens occur
@@ -959,8 +934,4 @@ def test_peft_trainable_tokens_of_gpt2s_tied_wte_in_one_bank_equal_peft_mixed_ba
         want = pm(input_ids=torch.tensor(ids), adapter_names=rows).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert np.abs(want[0][:, [3, 5, 9]] - T.torch_logits("gpt2", ids, np.ones_like(ids))[0][:, [3, 5, 9]]).max() > 0.1
-    with torch.no_grad():
-        ref = pm.generate(input_ids=torch.tensor(ids), adapter_names=rows, max_new_tokens=3, do_sample=False,
-                          pad_token_id=0, eos_token_id=None)
-    out = np.asarray(jpeft.generate(model, params, bank.route(rows), jnp.asarray(ids), 3))
-    np.testing.assert_array_equal(out[:, 7:], ref[:, 7:].numpy())
+    _greedy_equals_peft(pm, model, params, bank, rows, ids)

@@ -800,13 +800,39 @@ def test_a_port_in_use_or_an_unknown_host_is_named_before_the_model_loads(tmp_pa
         serve_cmd.run(args)
 
 
+
+def _greedy_tokens(eng, names, prompt, n):
+    """Starts ``eng``, sends one greedy request of ``n`` new tokens after ``prompt`` to each
+    adapter of ``names`` at once, waits for all, stops it: ``{name: [token id, ...]}`` from the
+    text events."""
+    from jpeft.serve import Request
+
+    events = {k: [] for k in names}
+    done = threading.Semaphore(0)
+
+    def sink(name):
+        def put(e):
+            events[name].append(e)
+            if e.kind != "text":
+                done.release()
+        return put
+
+    eng.start()
+    try:
+        for name in names:
+            eng.submit(Request(prompt, name, n, sink(name), temperature=0.0))
+        assert all(done.acquire(timeout=120) for _ in names)
+    finally:
+        eng.stop()
+    return {k: [t for e in ev if e.kind == "text" for t in e.token_ids] for k, ev in events.items()}
+
 def test_engine_after_hot_add_and_remove_generates_with_each_new_adapters_own_scale():
     """The engine's two programs, compiled on a bank of one adapter, then serving adapters added
     after (other ranks and alphas, so other scales) in a freed and in a fresh slot: each request's
     greedy tokens equal ``jpeft.generate`` with its adapter alone (the programs take the bank's
     weights and scales as arguments, so no scale is left over from compile time)."""
     from jpeft.bank import AdapterBank
-    from jpeft.serve import Engine, Request
+    from jpeft.serve import Engine
 
     def lora(seed, r, alpha):
         cfg = jpeft.LoraConfig(r=r, alpha=alpha, target_modules=TARGETS, init="random")
@@ -819,28 +845,12 @@ def test_engine_after_hot_add_and_remove_generates_with_each_new_adapters_own_sc
     assert eng.remove_adapter("a") == 0
     eng.add_adapter("y", new["y"])  # the freed slot of "a" (scale 2 when compiled)
     prompt, n = [3, 9, 1, 4], 6
-    events = {k: [] for k in new}
-    done = threading.Semaphore(0)
-
-    def sink(name):
-        def put(e):
-            events[name].append(e)
-            if e.kind != "text":
-                done.release()
-        return put
-
-    eng.start()
-    try:
-        for name in new:
-            eng.submit(Request(prompt, name, n, sink(name), temperature=0.0))
-        assert all(done.acquire(timeout=120) for _ in new)
-    finally:
-        eng.stop()
+    tokens = _greedy_tokens(eng, list(new), prompt, n)
     assert eng.traces == {"prefill": 1, "decode": 1}
     wants = set()
     for name, ad in new.items():
         want = np.asarray(jpeft.generate(MODEL, PARAMS, ad, jnp.asarray([prompt], jnp.int32), n))[0, len(prompt):]
-        got = [t for e in events[name] if e.kind == "text" for t in e.token_ids]
+        got = tokens[name]
         assert got == want.tolist(), name
         wants.add(tuple(got))
     assert len(wants) == 2  # the two adapters generate different tokens (the comparison has teeth)
@@ -853,7 +863,6 @@ def test_serve_takes_lora_bias_adapters_at_start_and_live_and_generates_their_to
     import argparse
 
     from jpeft.cli import serve_cmd
-    from jpeft.serve import Request
 
     def biased(seed, targets):
         cfg = jpeft.LoraConfig(r=2, alpha=5.0, target_modules=targets, lora_bias=True, init="random")
@@ -875,27 +884,11 @@ def test_serve_takes_lora_bias_adapters_at_start_and_live_and_generates_their_to
     eng = server.engine
     eng.add_adapter("live", server.loader(str(tmp_path / "live")))  # a bias where no --adapter has one
     prompt, n = [3, 9, 1, 4], 6
-    events = {k: [] for k in ads}
-    done = threading.Semaphore(0)
-
-    def sink(name):
-        def put(e):
-            events[name].append(e)
-            if e.kind != "text":
-                done.release()
-        return put
-
-    eng.start()
-    try:
-        for name in ads:
-            eng.submit(Request(prompt, name, n, sink(name), temperature=0.0))
-        assert all(done.acquire(timeout=120) for _ in ads)
-    finally:
-        eng.stop()
+    tokens = _greedy_tokens(eng, list(ads), prompt, n)
     outs = set()
     for name, (cfg, ad) in ads.items():
         want = np.asarray(jpeft.generate(MODEL, PARAMS, ad, jnp.asarray([prompt], jnp.int32), n))[0, len(prompt):]
-        got = [t for e in events[name] if e.kind == "text" for t in e.token_ids]
+        got = tokens[name]
         assert got == want.tolist(), name
         outs.add(tuple(got))
     no_bias = {p: dataclasses.replace(x, lora_bias=None) for p, x in ads["bias"][1].items()}
