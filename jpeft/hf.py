@@ -395,7 +395,14 @@ def read_peft_config(path: str) -> dict:
         raise LoadError(f"cannot finish an interrupted save in {path!r}: {e}") from None
     cpath = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(cpath):
-        raise LoadError(f"{path!r} has no adapter_config.json (found {sorted(os.listdir(path))[:10]}); it is not a PEFT adapter folder.")
+        found = sorted(os.listdir(path))
+        named = [f for f in found if os.path.isfile(os.path.join(path, f, CONFIG_FILE))]
+        if named:  # PEFT's save_pretrained of a model with adapters named other than "default"
+            raise LoadError(
+                f"{path!r} has no adapter_config.json of its own, but its subfolders {named[:10]} each hold one: PEFT "
+                "saves an adapter named other than 'default' in a subfolder of that name. Pass one of them, e.g. "
+                f"{os.path.join(path, named[0])!r}.")
+        raise LoadError(f"{path!r} has no adapter_config.json (found {found[:10]}); it is not a PEFT adapter folder.")
     return read_json(cpath, what="adapter_config.json")
 
 

@@ -486,6 +486,13 @@ def test_missing_and_truncated_files(saved_llama, tmp_path):
     os.remove(b / "adapter_config.json")
     with pytest.raises(LoadError, match="has no adapter_config.json"):
         H.load_peft(str(b), params)
+    # PEFT saves adapters named other than "default" in subfolders of their names: the error names them
+    named = tmp_path / "named"
+    for name in ("foo", "bar"):
+        shutil.copytree(saved_llama, named / name)
+    with pytest.raises(LoadError, match=r"its subfolders \['bar', 'foo'\] each hold one.*e\.g\. '.*named/bar'"):
+        H.load_peft(str(named), params)
+    H.load_peft(str(named / "bar"), params)
 
 
 def test_a_config_value_jpeft_rejects_is_one_error_type(saved_llama, tmp_path):
