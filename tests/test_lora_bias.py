@@ -122,13 +122,17 @@ def test_config_round_trip_and_refusals():
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["emb"], lora_bias=True), p, jax.random.key(1), Emb(), ids)
 
 
-def test_adapter_merging_and_bank_refuse_the_bias():
-    _, _, _, ad = _setup(targets=("d",))
+def test_adapter_merging_refuses_the_bias_the_bank_routes_it_and_refuses_base_biases():
+    """merge_adapters cannot combine lora_bias (nor trained base biases); the bank routes a
+    lora_bias, as PEFT's mixed batch does (each row its own adapter's output: tests/test_bank.py
+    compares with PEFT), but refuses trained base biases (bias="lora_only"), which PEFT shares."""
+    model, params, _, ad = _setup(targets=("d",))
     with pytest.raises(NotMergeableError, match="trains a bias"):
         merge_adapters([ad, ad])
-    with pytest.raises(BankError, match="trains a bias"):
-        AdapterBank.from_adapters({"a": ad})
-    model = Net()
+    bank = AdapterBank.from_adapters({"a": ad}, capacity=2)
+    routed = jpeft.apply(model, params, bank.route(["a", None]), X)
+    np.testing.assert_allclose(routed[0], jpeft.apply(model, params, ad, X)[0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(routed[1], model.apply(params, X)[1], atol=1e-5, rtol=1e-5)
     params = model.init(jax.random.key(1), X)
     ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], bias="lora_only"), params, jax.random.key(2))
     with pytest.raises(NotMergeableError, match="trains a bias"):
