@@ -993,15 +993,6 @@ class AdapterBank:
                     f"weights at {p!r} have shapes {tuple(st.lora_A.shape)} / {tuple(st.lora_B.shape)}; the bank "
                     f"needs {tuple(ref.lora_A.shape)} / {tuple(ref.lora_B.shape)}."
                 )
-            if (st.lora_bias is None) != (ref.lora_bias is None) or (st.bias_on is None) != (ref.bias_on is None) or (
-                    ref.lora_bias is not None and tuple(st.lora_bias.shape) != tuple(ref.lora_bias.shape)):
-                raise BankShapeError(
-                    f"weights at {p!r} carry lora_bias {None if st.lora_bias is None else tuple(st.lora_bias.shape)} "
-                    f"and bias_on {None if st.bias_on is None else tuple(st.bias_on.shape)}; the bank needs "
-                    f"{None if ref.lora_bias is None else tuple(ref.lora_bias.shape)} and "
-                    f"{None if ref.bias_on is None else (self.capacity,)}: pass bank.weights, or a trained copy of it "
-                    "with its frozen fields (jpeft.join_frozen(trainable, frozen))."
-                )
             def shapes(t):
                 return None if t is None else jax.tree.map(lambda x: tuple(x.shape), dict(t))
 
@@ -1010,7 +1001,7 @@ class AdapterBank:
                     f"weights at {p!r} carry module copies (saved) of another structure or shape than the bank's; pass "
                     "bank.weights, or a trained copy of it with its frozen fields (jpeft.join_frozen(trainable, frozen))."
                 )
-            for name in ("token_values", "token_ids", "saved_on"):
+            for name in ("lora_bias", "bias_on", "token_values", "token_ids", "saved_on"):
                 got, want = getattr(st, name), getattr(ref, name)
                 if (got is None) != (want is None) or (want is not None and tuple(got.shape) != tuple(want.shape)):
                     raise BankShapeError(
