@@ -271,11 +271,10 @@ class BankedLora(Site):
         x = call.args[0] if call.args else call.kwargs.get("inputs")
         if x.shape[0] == 0:
             return y
-        ids, rows, on = self.adapter_ids, self.saved, self.saved_on
+        ids, on = self.adapter_ids, self.saved_on
         if self.strategy != "pregather":
             valid = (ids >= 0) & (ids < on.shape[0])
             safe = jnp.where(valid, ids, 0)
-            rows = {k: jnp.take(v, safe, axis=0) for k, v in rows.items()}
             on = jnp.where(valid, jnp.take(on, safe, axis=0), jnp.zeros((), on.dtype))
         mod = call.module
         rest = {k: v for k, v in mod.variables.items() if k != "params"}
@@ -289,7 +288,12 @@ class BankedLora(Site):
                                                    method=call.method_name, **kwargs)
             return out[0]
 
-        ys = jax.vmap(one)(rows, x).astype(y.dtype)
+        if self.strategy == "pregather":  # the rows' copies are already gathered (see route)
+            ys = jax.vmap(one)(self.saved, x)
+        else:  # one row at a time, indexing its slot's copy: never ``batch`` copies at once
+            # (for lm_head a gather would hold batch x vocab x hidden weights)
+            ys = jax.lax.map(lambda a: one({k: v[a[0]] for k, v in self.saved.items()}, a[1]), (safe, x))
+        ys = ys.astype(y.dtype)
         return jnp.where((on > 0).reshape((-1,) + (1,) * (y.ndim - 1)), ys, y)
 
     def _low_rank_rows(self, call: Call):

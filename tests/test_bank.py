@@ -865,6 +865,36 @@ def test_modules_to_save_copies_need_a_bank_that_holds_them_and_hot_swap():
     np.testing.assert_allclose(fwd(PARAMS, b3.weights, b3.ids(["r1"] * 6), TOK), _alone("r1"), atol=1e-5, rtol=1e-5)
 
 
+class _WideHead(nn.Module):
+    """A wide output layer (an lm_head's shape): one copy of its kernel is 32 x 4,096 floats."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4096, name="head")(nn.Dense(32, name="proj")(x))
+
+
+def test_routing_copies_of_a_wide_head_holds_one_copy_at_a_time_not_one_per_row():
+    """The default strategies run each row with its slot's copy one row at a time: the compiled
+    forward's temporaries stay near one copy of the kernel for 16 rows (XLA's memory analysis of
+    the compiled program). Gathering every row's copy first held 16 of them (8 MiB here; for a
+    real lm_head, batch x vocab x hidden weights)."""
+    model, x = _WideHead(), jnp.ones((16, 1, 8))
+    params = model.init(jax.random.key(0), x)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["head"], init="random")
+    ads = {n: jax.tree.map(lambda a: a + 0.1, jpeft.init(cfg, params, jax.random.key(i), model, x)) for i, n in enumerate("ab")}
+    names = ["a", "b"] * 8
+    one_copy = 32 * 4096 * 4
+    for strategy in ("gather", "ragged"):
+        bank = AdapterBank.from_adapters(ads, capacity=2, strategy=strategy)
+        fwd = jax.jit(lambda w, ids, x: jpeft.apply(model, params, bank.route(ids, weights=w), x))
+        ids = bank.ids(names)
+        temp = fwd.lower(bank.weights, ids, x).compile().memory_analysis().temp_size_in_bytes
+        assert temp < 4 * one_copy, (strategy, temp / one_copy)
+        y = fwd(bank.weights, ids, x)
+        for i, n in enumerate(names[:2]):
+            np.testing.assert_allclose(y[i], jpeft.apply(model, params, ads[n], x)[i], atol=1e-5, rtol=1e-5)
+
+
 def test_peft_modules_to_save_adapters_in_one_bank_equal_peft_mixed_batch(tmp_path):
     """PEFT adapters with copies of lm_head and embed_tokens (modules_to_save) beside LoRAs,
     every adapter tensor random, loaded into one bank: each row of a mixed batch (``"__base__"``
