@@ -441,7 +441,7 @@ def fit(
         cost per step until a signal comes); every process must pass ``handle_interrupt=True``.
       forgetting: a :class:`jpeft.ForgettingGuard`: canary loss rise and KL from the base
         measured at the start and every ``forgetting.every`` steps (and at ``total_steps``; without
-        ``total_steps`` and ``num_steps``, at the last step, when the batches end),
+        ``total_steps``, at the last step, also when the batches end before ``num_steps``),
         logged (``canary_loss``, ``canary_loss_rise``, ``canary_kl``) and shown in the
         progress bar. Over budget, ``"stop"`` ends the run and returns the state of the last
         within-budget check (no ``save_last`` checkpoint of the over-budget state);
@@ -482,6 +482,7 @@ def fit(
     history: list[dict] = []
     step = int(start_step)
     pos = int(data_position)
+    open_end = total_steps is None  # no length given: the run may end with its batches
     if total_steps is None and num_steps is not None:
         total_steps = step + int(num_steps)
     reference = None
@@ -629,11 +630,12 @@ def fit(
         if ends and log is not None and logged != step:  # its last step's record, as total_steps would have it
             log_step(step, history[-1])
         guard.check_finished(step)
-        if (forgetting is not None and total_steps is None and ran and not interrupted
+        if (forgetting is not None and open_end and ran and not interrupted
                 and not forgetting.report["stopped"] and forgetting.report["checks"][-1]["step"] != step):
-            # no total_steps (nor num_steps): the run ends with its batches, so its last step is checked as
-            # total_steps would be; over budget the kept state is returned (a rollback has no batch left).
-            # (With total_steps, batches that end first leave a run that a later call continues.)
+            # no total_steps: the run ends with its batches (also before num_steps, which is at most), so its last
+            # step is checked as total_steps would be; over budget the kept state is returned (a rollback has no
+            # batch left). Unchecked, the adapter returned could be far over the budget with no word.
+            # (With total_steps given, batches that end first leave a run that a later call continues.)
             if canary_check(step) != "ok" and eval_fn is not None and last_eval is not None:
                 evaluate(step)  # of the state that is returned
         stopped = forgetting is not None and forgetting.report["stopped"]

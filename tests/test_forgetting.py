@@ -240,6 +240,79 @@ def test_fisher_mask_weights_and_padding_rows():
         fisher_diagonal(_lin, None, a, x, likelihood="gaussian", mask=jnp.zeros((x.shape[0],)))
 
 
+@pytest.mark.parametrize("L", [2, 3])  # L == D: a mask broadcast from the right weighed the D axis, silently
+def test_fisher_position_mask_of_vector_gaussian_outputs(L):
+    # outputs [N, L, D] (a vector per position) and a padding mask [N, L]: the exact Fisher gave
+    # [[2.34, 0.61], ...] against the closed form's [[2.34, 2.34], ...] at L = D = 2 (the mask indexed
+    # over the L*D outputs), and the observed-label estimators failed inside JAX at L = 3
+    rng = np.random.default_rng(7)
+    N, Din, D, sigma = 5, 4, 2, 0.7
+    x = rng.normal(size=(N, L, Din)).astype(np.float32)
+    y = rng.normal(size=(N, L, D)).astype(np.float32)
+    a = {"w": jnp.asarray(rng.normal(size=(Din, D)), jnp.float32)}
+    m = (rng.uniform(size=(N, L)) > 0.4).astype(np.float32)
+    m[:, 0] = 1.0
+    m[1, -1] = 0.5
+    xn, yn, wn = (np.asarray(t, np.float64) for t in (x, y, a["w"]))
+    # log N(y_kd; (x_k w)_d, sigma^2) weighed by m_k: d mu_kd / d w_id = x_ki, so the true Fisher is
+    # E[sum_k m_k^2 x_ki^2] / sigma^2 for every d, and the observed-label score sum_k m_k (y_kd - mu_kd) x_ki / sigma^2
+    exact_ref = np.repeat(((m[..., None] ** 2) * xn**2).sum(1).mean(0)[:, None], D, axis=1) / sigma**2
+    r = yn - xn @ wn
+    score = np.einsum("nk,nkd,nki->nid", m, r, xn) / sigma**2
+    kw = dict(likelihood="gaussian", noise_std=sigma, mask=jnp.asarray(m))
+    f = fisher_diagonal(_lin, None, a, jnp.asarray(x), **kw)
+    np.testing.assert_allclose(f["w"], exact_ref, rtol=1e-5)
+    f = fisher_diagonal(_lin, None, a, jnp.asarray(x), jnp.asarray(y), estimator="empirical", batch_size=2, **kw)
+    np.testing.assert_allclose(f["w"], (score**2).mean(0), rtol=1e-4)
+    f = fisher_diagonal(_lin, None, a, jnp.asarray(x), jnp.asarray(y), estimator="batched", batch_size=N, **kw)
+    np.testing.assert_allclose(f["w"], score.mean(0) ** 2, rtol=1e-4, atol=1e-6)
+    # the same mask spelled out over D gives the same Fisher
+    full = jnp.asarray(np.broadcast_to(m[..., None], (N, L, D)))
+    f2 = fisher_diagonal(_lin, None, a, jnp.asarray(x), likelihood="gaussian", noise_std=sigma, mask=full)
+    np.testing.assert_allclose(f2["w"], exact_ref, rtol=1e-5)
+    # a mask whose axes are not the terms' leading ones is refused by name, not broadcast from the right
+    bad = jnp.ones((N, D, 1))
+    for est in ("exact", "empirical"):
+        with pytest.raises(InputValidationError, match=r"mask has shape \(2, 1\).*terms of shape"):
+            fisher_diagonal(_lin, None, a, jnp.asarray(x), jnp.asarray(y), estimator=est, likelihood="gaussian",
+                            mask=bad)
+    # categorical logits [N, L, C=2]: a [N, L, 1] mask is the [N, L] one (it weighed every term L times)
+    seq = lambda p, ad, xx: xx @ ad["w"]  # noqa: E731
+    labels = jnp.asarray(rng.integers(0, D, (N, L)), jnp.int32)
+    want = fisher_diagonal(seq, None, a, jnp.asarray(x), labels, estimator="empirical", mask=jnp.asarray(m))
+    got = fisher_diagonal(seq, None, a, jnp.asarray(x), labels, estimator="empirical", mask=jnp.asarray(m[..., None]))
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
+    with pytest.raises(InputValidationError, match="without the class axis"):
+        fisher_diagonal(seq, None, a, jnp.asarray(x), labels, estimator="empirical", mask=jnp.ones((N, L + 1)))
+
+
+def test_fisher_labels_ignored_with_minus_100_need_a_mask():
+    # Hugging Face marks ignored positions with label -100; without a mask the empirical Fisher took another
+    # class's log-probability there (take_along_axis), with no word, and counted those positions
+    rng = np.random.default_rng(11)
+    N, L, Din, C = 4, 5, 3, 6
+    x = rng.normal(size=(N, L, Din)).astype(np.float32)
+    a = {"w": jnp.asarray(rng.normal(size=(Din, C)), jnp.float32)}
+    seq = lambda p, ad, xx: xx @ ad["w"]  # noqa: E731  logits [N, L, C]
+    y = rng.integers(0, C, (N, L))
+    y[:, -2:] = -100
+    for est in ("empirical", "batched"):
+        with pytest.raises(InputValidationError, match=r"class ids in \[0, 6\), found -100\.\.\d.*mask with 0"):
+            fisher_diagonal(seq, None, a, jnp.asarray(x), jnp.asarray(y), estimator=est)
+    with pytest.raises(InputValidationError, match=r"one class id per prediction, shape \[N, 5\].*found \(4,\)"):
+        fisher_diagonal(seq, None, a, jnp.asarray(x), jnp.asarray(y[:, 0]), estimator="empirical")
+    # with the ignored positions masked out, the estimate is the closed form over the counted positions:
+    # the score of log softmax(x_t W)[y_t] is x_t (e_{y_t} - p_t)^T
+    m = (y != -100).astype(np.float32)
+    f = fisher_diagonal(seq, None, a, jnp.asarray(x), jnp.asarray(y), estimator="empirical", mask=jnp.asarray(m))
+    z = x.astype(np.float64) @ np.asarray(a["w"], np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.eye(C)[np.where(y < 0, 0, y)]
+    score = np.einsum("nt,nti,ntc->nic", m, x.astype(np.float64), onehot - p)
+    np.testing.assert_allclose(f["w"], (score**2).mean(0), rtol=1e-4, atol=1e-7)
+
+
 def test_fisher_errors():
     x, y, a = _linear_gaussian()
     with pytest.raises(ConfigError, match="estimator must be one of"):

@@ -161,6 +161,27 @@ def test_the_last_step_is_checked_when_the_batches_end_without_total_steps(setup
     assert not res.forgetting["stopped"] and _equal(res.adapter, rises[bad][2])
 
 
+def test_the_last_step_is_checked_when_the_batches_end_before_num_steps(setup, rises):
+    # num_steps is at most: batches that end first end the run there, and the state fit returns must be
+    # checked as at the last step (it came back unchecked: canary loss rise 2.04 against a budget of 0.05 with
+    # every=100, num_steps=12 and 10 batches, checks [0] only and stopped False)
+    params, adapter, opt, step, key = setup
+    budget, bad, good = _budget(rises)
+    guard = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=budget, every=good, action="stop")
+    res = jpeft.fit(step, params, adapter, opt.init(adapter), list(_skewed(0, bad)), key=key, num_steps=N,
+                    forgetting=guard)
+    rep = res.forgetting
+    assert [c["step"] for c in rep["checks"]] == [0, good, bad]
+    assert rep["stopped"] and rep["kept_step"] == good and res.step == bad
+    assert _equal(res.adapter, rises[good][2]) and _equal(res.opt_state, rises[good][3])
+    assert canary_stats(_logits_fn(), params, res.adapter, _canary())["loss_rise"] <= budget
+    # with total_steps given, a later call continues the run: the batches' end is not its last step
+    cont = jpeft.ForgettingGuard(_canary(), _logits_fn(), max_loss_rise=budget, every=good, action="stop")
+    res = jpeft.fit(step, params, adapter, opt.init(adapter), list(_skewed(0, bad)), key=key, num_steps=N,
+                    total_steps=N, forgetting=cont)
+    assert [c["step"] for c in res.forgetting["checks"]] == [0, good] and not res.forgetting["stopped"]
+
+
 def test_a_residual_base_run_compares_the_canary_with_the_original_base(setup):
     # PiSSA & co. train on the residual base: logits_fn(residual, None) is not the base model, so an adapter that
     # has not changed the model yet read as a loss rise and KL above 0 (measured against the residual model)

@@ -119,6 +119,30 @@ def _n_examples(tree) -> int:
     return n
 
 
+def _mask_like(likelihood, mask, out):
+    """One example's ``mask`` spread over its log-likelihood terms (categorical: the output's
+    shape without the class axis; gaussian: the output's shape): a mask with fewer axes weighs
+    every term under each of its entries alike (``[L]`` for ``[L, D]`` Gaussian outputs: each
+    position's ``D`` values). A mask whose axes are not the leading axes of the terms is
+    refused: broadcast from the right, ``[L]`` against ``[L, D]`` would weigh the ``D`` axis
+    (or fail inside JAX). Trailing axes of size 1 beyond the terms' (``[N, 1]`` for one
+    prediction per example) are dropped."""
+    if mask is None:
+        return None
+    terms = tuple(out.shape[:-1] if likelihood == "categorical" else out.shape)
+    m = jnp.asarray(mask, jnp.float32)
+    while m.ndim > len(terms) and m.shape[-1] == 1:
+        m = m[..., 0]
+    if m.shape != terms[: m.ndim]:
+        what = "the logits' shape without the class axis" if likelihood == "categorical" else "the output's shape"
+        raise InputValidationError(
+            f"fisher_diagonal: each example's mask has shape {tuple(m.shape)}, but its {likelihood} log-likelihood "
+            f"has terms of shape {terms} ({what}); the mask must be [N] (one weight per example) or [N, ...] with "
+            f"the leading axes of those terms, e.g. [N, {', '.join(map(str, terms[:1])) or '...'}] to weigh "
+            "positions.")
+    return jnp.broadcast_to(jnp.reshape(m, m.shape + (1,) * (len(terms) - m.ndim)), terms)
+
+
 def _loglik(likelihood, out, label, mask, noise_std):
     """Log-likelihood (up to a constant) of ``label`` under the model output for one example."""
     if likelihood == "categorical":
@@ -127,7 +151,7 @@ def _loglik(likelihood, out, label, mask, noise_std):
     else:
         ll = -0.5 * jnp.square((label - out).astype(jnp.float32)) / (noise_std**2)
     if mask is not None:
-        ll = ll * mask
+        ll = ll * _mask_like(likelihood, mask, out)
     return jnp.sum(ll)
 
 
@@ -169,7 +193,11 @@ def fisher_diagonal(
       estimator: ``"exact"``, ``"sampled"``, ``"empirical"`` or ``"batched"`` (module docstring).
       likelihood: ``"categorical"`` or ``"gaussian"``.
       key: ``jax.random`` key; needed for ``"sampled"``.
-      mask: optional weights ``[N, ...]`` (0 for padding positions). Position ``k`` enters the
+      mask: optional weights (0 for padding positions): ``[N]``, one per example, or ``[N, ...]``
+        with the leading axes of the log-likelihood's terms (categorical: the logits' shape
+        without the class axis; gaussian: the output's shape; a mask with fewer axes weighs
+        every term under each entry, e.g. ``[N, L]`` for Gaussian outputs ``[N, L, D]``;
+        trailing axes of size 1 are dropped; other shapes are refused). Term ``k`` enters the
         log-likelihood times ``m_k``, so the Fisher times ``m_k^2`` (0/1 masks: the same). An
         example whose mask is all zeros (a padding row) is left out of the average.
       batch_size: examples per vmapped chunk; for ``"batched"`` the minibatch whose mean
@@ -183,7 +211,8 @@ def fisher_diagonal(
     Raises:
       ConfigError: unknown estimator/likelihood, or ``"exact"`` on an output with several
         categorical predictions per example.
-      InputValidationError: missing labels or key, mismatched shapes.
+      InputValidationError: missing labels or key, mismatched shapes, or (categorical) labels
+        that are not class ids at the positions the mask counts (``-100`` needs a 0 in ``mask``).
 
     >>> import jax, jax.numpy as jnp
     >>> x = jnp.array([[1.0, 2.0], [3.0, 0.0]])
@@ -205,6 +234,8 @@ def fisher_diagonal(
     if not (isinstance(num_samples, int) and num_samples > 0):
         raise ConfigError(f"num_samples must be a positive integer, found {num_samples!r}.")
     n = _n_examples((inputs, labels, mask))
+    if likelihood == "categorical" and estimator in ("empirical", "batched"):
+        _check_class_labels(output_fn, params, adapter, inputs, labels, mask)
     key = key if key is not None else jax.random.key(0)
     chunk_sum, batch_sq = _fisher_fns(output_fn, estimator, likelihood, float(noise_std), int(num_samples))
 
@@ -232,6 +263,33 @@ def fisher_diagonal(
         n_chunks += 1
     denom = n_chunks if estimator == "batched" else int(real.sum())
     return jax.tree.map(lambda t: t / denom, total)
+
+
+def _check_class_labels(output_fn, params, adapter, inputs, labels, mask):
+    """Refuses observed class labels that are not one class id per prediction, in ``[0, C)`` at
+    every position the mask counts: an ignored label such as Hugging Face's ``-100`` (or one
+    past the classes) was picked from another class inside ``take_along_axis``, with no word."""
+    first = jax.tree.map(lambda t: jnp.asarray(t)[:1], inputs)
+    out = jax.eval_shape(output_fn, params, adapter, first).shape  # traced only, nothing is computed
+    y = np.asarray(labels)
+    if tuple(y.shape[1:]) != tuple(out[1:-1]):
+        want = "[N" + "".join(f", {d}" for d in out[1:-1]) + "]"
+        raise InputValidationError(
+            f"fisher_diagonal: categorical labels must hold one class id per prediction, shape {want} (the logits' "
+            f"shape {tuple(out)} without the class axis), found {tuple(y.shape)}.")
+    counted = y
+    if mask is not None:
+        m = np.asarray(mask)
+        while m.ndim > y.ndim and m.shape[-1] == 1:  # as _mask_like reads it
+            m = m[..., 0]
+        if tuple(m.shape) == tuple(y.shape[: m.ndim]):  # other shapes are refused when the mask is applied
+            counted = y[np.broadcast_to(m.reshape(m.shape + (1,) * (y.ndim - m.ndim)), y.shape) != 0]
+    C = int(out[-1])
+    if counted.size and (counted.min() < 0 or counted.max() >= C):
+        where = "" if mask is None else " at the positions the mask counts"
+        raise InputValidationError(
+            f"fisher_diagonal: labels must be class ids in [0, {C}){where}, found {counted.min()}..{counted.max()}; "
+            "for ignored positions (such as -100) pass a mask with 0 there.")
 
 
 @functools.lru_cache(maxsize=64)
@@ -267,7 +325,7 @@ def _fisher_fns(output_fn, estimator, likelihood, noise_std, num_samples):
                 )
             C = out0.shape[-1]
             p = jax.lax.stop_gradient(jax.nn.softmax(out0.astype(jnp.float32)))
-            w = 1.0 if m is None else jnp.square(jnp.asarray(m, jnp.float32))
+            w = 1.0 if m is None else jnp.square(_mask_like(likelihood, m, out0))
 
             def gc(c):
                 g = jax.grad(lambda a_: jax.nn.log_softmax(single_out(params, a_, x).astype(jnp.float32))[c])(a)
@@ -277,7 +335,7 @@ def _fisher_fns(output_fn, estimator, likelihood, noise_std, num_samples):
             return jax.tree.map(lambda t: w * jnp.tensordot(p, t, axes=1), gs)
         # gaussian: sum_k (d mu_k / d theta)^2 / sigma^2 (E[(y-mu)^2] = sigma^2)
         K = int(np.prod(out0.shape)) if out0.ndim else 1
-        mm = jnp.ones(out0.shape, jnp.float32) if m is None else jnp.asarray(m, jnp.float32)
+        mm = jnp.ones(out0.shape, jnp.float32) if m is None else _mask_like(likelihood, m, out0)
 
         def gk(k_):
             g = jax.grad(lambda a_: jnp.reshape(single_out(params, a_, x), (-1,))[k_].astype(jnp.float32))(a)
