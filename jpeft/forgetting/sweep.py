@@ -351,6 +351,7 @@ def spectrum_table(results: dict) -> list:
         groups.setdefault((r["family"], r["lr"], r["strength"]), []).append(r)
     xs = {"effective_rank": [], "rank_share": [], "intruders": []}
     fy = []
+    points = {k: [] for k in xs}, []  # the same columns, one mean over seeds per grid point
     for (fam, lr, st), rs in groups.items():
         sp = [r["spectrum"] for r in rs]
         strength = "-" if st is None else f"{st:g}"
@@ -361,29 +362,46 @@ def spectrum_table(results: dict) -> list:
         out.append(head + f"{np.mean([x['mean_effective_rank'] for x in sp]):.1f} | "
                    f"{np.mean([x['mean_rank_for_energy'] for x in sp]):.1f} ({np.mean([x['mean_rank_share'] for x in sp]):.2f}) | "
                    f"{np.mean([x['intruders'] for x in sp]):.1f} |")
-        for r, x in zip(rs, sp):
-            if x["changed"]:
-                fy.append(r["forgetting"])
-                xs["effective_rank"].append(x["mean_effective_rank"])
-                xs["rank_share"].append(x["mean_rank_share"])
-                xs["intruders"].append(x["intruders"])
+        changed = [(r, x) for r, x in zip(rs, sp) if x["changed"]]
+        for r, x in changed:
+            fy.append(r["forgetting"])
+            xs["effective_rank"].append(x["mean_effective_rank"])
+            xs["rank_share"].append(x["mean_rank_share"])
+            xs["intruders"].append(x["intruders"])
+        if changed:
+            points[1].append(float(np.mean([r["forgetting"] for r, _ in changed])))
+            for k, name in (("effective_rank", "mean_effective_rank"), ("rank_share", "mean_rank_share"),
+                            ("intruders", "intruders")):
+                points[0][k].append(float(np.mean([x[name] for _, x in changed])))
     out.append("")
     if len(fy) >= 3:
-        import scipy.stats  # here, not at the top: scipy.stats costs ~1.3 s of every `jpeft` start-up
-
-        cor = []
-        for k, v in xs.items():
-            constant = [name for name, col in ((k, v), ("forgetting", fy)) if np.ptp(col) <= S.rounding_of(col)]
-            # a rank correlation needs both columns to vary (scipy returns nan with a warning), beyond their rounding
-            # (forgetting 0.3 - 0.2 in one run and 0.4 - 0.3 in another ranked the runs by the last bit)
-            if constant:
-                cor.append(f"{k} rho undefined ({constant[0]} is the same in every run)")
-                continue
-            rho, p = scipy.stats.spearmanr(v, fy)
-            cor.append(f"{k} rho = {rho:+.2f} (p = {p:.2g})")
-        out.append(f"Spearman correlation with forgetting over {len(fy)} runs (every family, grid point and seed): "
-                   + "; ".join(cor) + ".")
+        if len(points[1]) >= 3 and len(points[1]) < len(fy):
+            # the test: the seeds of one grid point share its settings (learning rate, rank), so its runs are not
+            # independent samples; a p-value over runs would count each grid point once per seed
+            out += [f"Spearman correlation with forgetting over {len(points[1])} grid points (means over seeds; "
+                    "each family, learning rate and strength once): " + _spearman(*points, "grid point") + ".", ""]
+        out.append(f"Spearman correlation with forgetting over {len(fy)} runs (every family, grid point and seed"
+                   + ("; the p-values count each run as independent, which the seeds of one grid point are not: "
+                      "the grid-point line above is the test" if len(points[1]) < len(fy) else "")
+                   + "): " + _spearman(xs, fy, "run") + ".")
     return out
+
+
+def _spearman(xs: dict, fy: list, unit: str) -> str:
+    """``"k rho = +0.80 (p = 0.2); ..."``: each column of ``xs`` against ``fy`` (forgetting)."""
+    import scipy.stats  # here, not at the top: scipy.stats costs ~1.3 s of every `jpeft` start-up
+
+    cor = []
+    for k, v in xs.items():
+        constant = [name for name, col in ((k, v), ("forgetting", fy)) if np.ptp(col) <= S.rounding_of(col)]
+        # a rank correlation needs both columns to vary (scipy returns nan with a warning), beyond their rounding
+        # (forgetting 0.3 - 0.2 in one run and 0.4 - 0.3 in another ranked the runs by the last bit)
+        if constant:
+            cor.append(f"{k} rho undefined ({constant[0]} is the same in every {unit})")
+            continue
+        rho, p = scipy.stats.spearmanr(v, fy)
+        cor.append(f"{k} rho = {rho:+.2f} (p = {p:.2g})")
+    return "; ".join(cor)
 
 
 _SAME = ("benchmark", "tasks", "score", "higher_is_better", "learning_name", "steps_per_task", "batch_size", "seeds",
