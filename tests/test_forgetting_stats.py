@@ -89,11 +89,25 @@ def test_paired_test_by_hand_and_against_scipy():
     # differences equal up to the rounding of a - b: no spread, as with exactly equal differences
     # (scipy's t-test read the last-bit rounding as a spread: t ~ 1e15, p ~ 1e-31)
     r3 = S.paired_test([0.3, 0.5, 0.8], [0.2, 0.4, 0.7])
-    assert r3["t"] == math.inf and r3["p_t"] == 0.0 and r3["p_sign_flip"] == pytest.approx(2 / 8)
+    assert r3["t"] == math.inf and r3["p_sign_flip"] == pytest.approx(2 / 8)
+    assert r3["p_t"] == r3["p_sign_flip"]  # no spread: the t-test says nothing (p(t) was 0: "significant")
     r4 = S.paired_test([0.3, 0.5, 0.7], [0.3, 0.5, 0.7 + 1e-17])
     assert math.isnan(r4["t"]) and math.isnan(r4["p_t"])
     with pytest.raises(InputValidationError, match="one value of each method per seed"):
         S.paired_test([1.0, 2.0], [1.0])
+
+
+def test_two_seeds_with_one_equal_difference_are_not_significant():
+    """B forgets exactly 0.125 more than A in both of 2 seeds: no spread, so the t-test says nothing
+    (t = inf); the exact sign-flip test gives 0.5. p(t) was 0, and the report said A "forgets
+    significantly less" at every level."""
+    pts = [{"family": fam, "lr": lr, "strength": None, "step": 10, "seed": s, "learning": lv,
+            "forgetting": fv + (0.125 if fam == "B" else 0.0) + 0.01 * s}
+           for s in (0, 1) for fam in ("A", "B") for lr, (lv, fv) in zip((1e-3, 3e-3), ((0.1, 0.1), (0.3, 0.3)))]
+    an = analyse(pts, [0, 1], levels=[0.2], n_resamples=200)
+    (pair,) = an["pairs"]
+    assert pair["t"] == -math.inf and pair["p_sign_flip"] == pytest.approx(0.5)
+    assert pair["p_holm"] == pytest.approx(0.5) and pair["less"] is None
 
 
 def test_holm_by_hand():

@@ -144,7 +144,9 @@ def paired_test(a: Sequence[float], b: Sequence[float], *, confidence: float = 0
 
     Returns a dict with ``n``; ``mean_diff`` (mean of ``a - b``); ``ci`` (the percentile
     bootstrap interval of the mean difference, resampling seeds, i.e. pairs);
-    ``t`` and ``p_t`` (the two-sided paired t-test, ``scipy.stats.ttest_rel``); ``p_sign_flip``
+    ``t`` and ``p_t`` (the two-sided paired t-test, ``scipy.stats.ttest_rel``; differences that are
+    all equal, to their rounding, have no spread: ``t = +-inf`` and ``p_t`` is the sign-flip p, or
+    both ``nan`` when the differences are 0); ``p_sign_flip``
     (the exact two-sided sign-flip permutation test of the mean difference over all
     ``2**n`` sign patterns: assumption-free, but never below ``2 / 2**n``).
 
@@ -161,20 +163,22 @@ def paired_test(a: Sequence[float], b: Sequence[float], *, confidence: float = 0
         raise InputValidationError(f"paired_test enumerates all 2**n sign patterns; n = {x.size} seeds is over its limit of 20.")
     d = x - y
     lo, hi = bootstrap_ci(d, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    obs = abs(d.mean())
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+    flipped = np.abs((signs * d).mean(axis=1))
+    p_flip = float(np.mean(flipped >= obs - 1e-12 * max(1.0, obs)))
     # no spread beyond the rounding of a - b (0.3 - 0.2 and 0.5 - 0.4 differ in the last bit): the t
-    # statistic is undefined (scipy gave t ~ 1e16 and p ~ 1e-31 from the rounding alone)
+    # statistic is undefined (scipy gave t ~ 1e16 and p ~ 1e-31 from the rounding alone). Equal nonzero
+    # differences give t = +-inf, and p(t) is the sign-flip p: no spread in a few seeds is no evidence that
+    # there is none, and p(t) = 0 made two seeds with one equal difference "significant" at any level.
     rounding = rounding_of(x, y)
     if np.ptp(d) <= rounding:
-        t, p_t = (float("nan"), float("nan")) if abs(d.mean()) <= rounding else (math.copysign(math.inf, d.mean()), 0.0)
+        t, p_t = (float("nan"), float("nan")) if abs(d.mean()) <= rounding else (math.copysign(math.inf, d.mean()), p_flip)
     else:
         import scipy.stats  # here, not at the top: scipy.stats costs ~1.3 s of every `jpeft` start-up
 
         res = scipy.stats.ttest_rel(x, y)
         t, p_t = float(res.statistic), float(res.pvalue)
-    obs = abs(d.mean())
-    signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
-    flipped = np.abs((signs * d).mean(axis=1))
-    p_flip = float(np.mean(flipped >= obs - 1e-12 * max(1.0, obs)))
     return {"n": int(d.size), "mean_diff": float(d.mean()), "ci": (lo, hi), "t": t, "p_t": p_t, "p_sign_flip": p_flip}
 
 
