@@ -240,20 +240,22 @@ with open(eval_path, "w") as f:
         f.write(json.dumps({"prompt": f"Python topic {k!r}:\\n", "completion": topics[k][:400]}) + "\\n")
 
 import jpeft
-from jpeft.data import PackedDataset
+from jpeft.data import PackedDataset, text_encoder
 
 model, params = jpeft.models.from_pretrained(MODEL_DIR)
 tokenizer = jpeft.models.load_tokenizer(MODEL_DIR)
-encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+# tokenized as `jpeft train` and `jpeft eval` do: a BOS in front of each document only where the tokenizer
+# puts one itself (this one does not), an EOS after each
+encode, bos, eos = text_encoder(tokenizer)
 SEQ = 64
-train_ds = PackedDataset.from_file(train_path, encode, SEQ, eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id)
-eval_ds = PackedDataset.from_file(eval_path, encode, SEQ, eos_id=tokenizer.eos_token_id, bos_id=tokenizer.bos_token_id)
+train_ds = PackedDataset.from_file(train_path, encode, SEQ, eos_id=eos, bos_id=bos)
+eval_ds = PackedDataset.from_file(eval_path, encode, SEQ, eos_id=eos, bos_id=bos)
 print(f"{len(train_ds)} training rows of {SEQ} tokens; {train_ds.num_targets} target tokens")
 '''),
     md("## LoRA on the attention and MLP projections"),
     code('''
 import jax, jax.numpy as jnp, optax
-from jpeft.data import causal_lm_loss
+from jpeft.data import causal_lm_loss, model_inputs
 
 config = jpeft.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                          "gate_proj", "up_proj", "down_proj"])
@@ -261,14 +263,16 @@ example = jnp.asarray(train_ds.input_ids[:1])
 adapter = jpeft.init(config, params, jax.random.key(0), model, example)
 jpeft.summary(params, adapter)
 
+# rows packed by documents carry segment and position ids; model_inputs(batch) passes them, so no token
+# attends to another document of its row and positions restart in each, as `jpeft train` and `jpeft eval` do
 def loss_fn(params, adapter, batch, key):
-    logits = jpeft.apply(model, params, adapter, batch["input_ids"])
+    logits = jpeft.apply(model, params, adapter, batch["input_ids"], **model_inputs(batch))
     loss, _ = causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
     return loss
 
 @jax.jit
 def eval_loss(adapter):
-    b = {"input_ids": jnp.asarray(eval_ds.input_ids), "loss_mask": jnp.asarray(eval_ds.loss_mask)}
+    b = jax.tree.map(jnp.asarray, next(eval_ds.eval_batches(len(eval_ds))))  # every row, one batch
     return loss_fn(params, adapter, b, None)
 
 opt = optax.adamw(3e-3)
@@ -313,6 +317,9 @@ write PEFT adapters and merged Hugging Face folders. Here is `jpeft eval` on our
 saved in jpeft's own format first:
 """),
     code('''
+from contextlib import redirect_stdout
+from io import StringIO
+
 from jpeft import io
 from jpeft.cli import main
 
@@ -320,6 +327,11 @@ ADAPTER_DIR = os.path.join(WORK, "adapter")
 io.save_adapter(ADAPTER_DIR, config, adapter, params=params)
 rc = main(["eval", "--model", MODEL_DIR, "--adapter", ADAPTER_DIR, "--data", eval_path, "--seq-len", str(SEQ)])
 assert rc == 0
+# the same packed rows as eval_ds, so the same loss as the training loop's eval_loss above
+out = StringIO()
+with redirect_stdout(out):
+    main(["eval", "--model", MODEL_DIR, "--adapter", ADAPTER_DIR, "--data", eval_path, "--seq-len", str(SEQ), "--json"])
+assert abs(json.loads(out.getvalue())["loss"] - after) < 2e-5, (out.getvalue(), after)
 '''),
 ]
 

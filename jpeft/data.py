@@ -8,7 +8,7 @@ A dataset file is either
   trained on) or ``{"prompt": ..., "completion": ...}`` (the loss is taken on the
   completion tokens only, as in supervised instruction tuning). Field names are configurable.
 
-Documents are tokenized and **packed** into rows of ``seq_len`` tokens. Two packings:
+Documents are tokenized (:func:`text_encoder` reads a tokenizer as ``jpeft train`` does) and **packed** into rows of ``seq_len`` tokens. Two packings:
 
 * ``"documents"`` (the default): whole documents are placed one after another into rows
   (a document longer than ``seq_len`` is cut into ``seq_len`` chunks, each its own
@@ -186,6 +186,40 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
     if not out:
         raise LoadError(f"dataset file {path!r} has no examples.")
     return out
+
+
+def text_encoder(tokenizer):
+    """``(encode, bos_id, eos_id)`` for :class:`PackedDataset`, as ``jpeft train`` and ``jpeft eval``
+    tokenize: ``encode`` is ``str -> list[int]`` without special tokens.
+
+    ``bos_id`` is the tokenizer's BOS only where the tokenizer puts it in front of a text itself
+    (``tokenizer(text)``, as transformers, TRL's ``SFTTrainer`` and ``jpeft serve`` tokenize): a
+    tokenizer saved with ``add_bos_token=False``, or a GPT-2-style one whose ``bos_token`` is
+    ``<|endoftext|>`` but never added, gets ``None``, so the rows hold no BOS the model will not
+    see when it is served. ``eos_id`` is the tokenizer's EOS (appended to every document, as TRL
+    does)."""
+    if tokenizer is None:
+        raise LoadError("the model folder has no tokenizer files (tokenizer.json or vocab files); "
+                        "save one next to the model with tokenizer.save_pretrained(folder).")
+
+    def encode(s: str):
+        # verbose=False: a document longer than the tokenizer's model_max_length is cut into seq_len rows (checked
+        # against the model's positions), not "run through the model" whole as transformers' warning says
+        return tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
+
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None:
+        # a text that is no special token: does the tokenizer's own call start it with the BOS? "" where "a" cannot
+        # be tokenized (a word-level vocabulary of digits without an unknown token raises on it)
+        for probe in ("a", ""):
+            try:
+                added, plain = tokenizer(probe)["input_ids"], encode(probe)
+            except Exception:  # the tokenizers library raises a bare Exception
+                continue
+            if added[:1] != [bos] or plain[:1] == [bos]:
+                bos = None
+            break
+    return encode, bos, getattr(tokenizer, "eos_token_id", None)
 
 
 def tokenize_documents(

@@ -363,7 +363,8 @@ def test_train_matches_transformers_trainer_with_peft_step_for_step(hf_dir, caps
     from safetensors.torch import load_file
 
     from jpeft.cli._common import method_of
-    from jpeft.cli._model import encode_fn, load_folder
+    from jpeft.cli._model import load_folder
+    from jpeft.data import text_encoder
     from jpeft.data import PackedDataset
 
     cfg = write_config(hf_dir, "vs_trainer", steps=4, save_every=4, eval_every=4)
@@ -379,7 +380,7 @@ def test_train_matches_transformers_trainer_with_peft_step_for_step(hf_dir, caps
     t, d = rc["train"], rc["data"]
     loaded = load_folder(rc["model"])
     method = method_of(rc, "llama")
-    enc, bos, eos = encode_fn(loaded.tokenizer)
+    enc, bos, eos = text_encoder(loaded.tokenizer)
     packed = {s: PackedDataset.from_file(d[s], enc, d["seq_len"], eos_id=eos, bos_id=bos) for s in ("train", "eval")}
     k_init, _ = jax.random.split(jax.random.key(rc["seed"]))  # the initial adapter jpeft train drew
     a0 = jpeft.init(method, loaded.params, k_init, loaded.model,

@@ -1031,7 +1031,7 @@ def test_resume_resolves_the_method_once_and_says_its_note_once(folder, capsys, 
     def stop(*a, **k):
         raise Stop  # right after the run's method is resolved: nothing is trained
 
-    monkeypatch.setattr(trainer, "encode_fn", stop)
+    monkeypatch.setattr(trainer, "text_encoder", stop)
     try:
         main(argv + ["--resume"])
     except Stop:

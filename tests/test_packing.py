@@ -249,7 +249,7 @@ def test_a_completion_merged_into_the_prompts_last_token_is_trained_as_trl_does(
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from jpeft.cli._model import encode_fn
+    from jpeft.data import text_encoder
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -257,7 +257,7 @@ def test_a_completion_merged_into_the_prompts_last_token_is_trained_as_trl_does(
         vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    enc, bos, eos = encode_fn(fast)
+    enc, bos, eos = text_encoder(fast)
     examples = [{"prompt": "Answer: ", "completion": "4"}, {"prompt": "Q:", "completion": " Paris?"}]
     with pytest.warns(UserWarning, match="in 1 prompt/completion example"):
         docs = tokenize_documents(examples, enc, eos_id=eos, bos_id=bos)
@@ -292,7 +292,7 @@ def test_the_bos_is_put_in_front_only_where_the_tokenizer_puts_it():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from jpeft.cli._model import encode_fn
+    from jpeft.data import text_encoder
 
     def tokenizer(add_bos, bos="<s>"):
         vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "hello", "world", "a"])}
@@ -303,7 +303,7 @@ def test_the_bos_is_put_in_front_only_where_the_tokenizer_puts_it():
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token=bos, eos_token="</s>")
 
     for tok, want_bos in [(tokenizer(True), 1), (tokenizer(False), None), (tokenizer(False, bos="</s>"), None)]:
-        enc, bos, eos = encode_fn(tok)
+        enc, bos, eos = text_encoder(tok)
         assert (bos, eos) == (want_bos, 2)
         ds = PackedDataset.from_examples([{"text": "hello world"}], enc, 8, eos_id=eos, bos_id=bos)
         n = len(tok("hello world")["input_ids"]) + 1
@@ -317,7 +317,7 @@ def test_the_bos_probe_takes_a_tokenizer_without_the_letter_a():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from jpeft.cli._model import encode_fn
+    from jpeft.data import text_encoder
 
     vocab = {t: i for i, t in enumerate(["<s>", "</s>", "1", "2", "+", "="])}
     for add_bos, want in ((True, 0), (False, None)):
@@ -326,7 +326,7 @@ def test_the_bos_probe_takes_a_tokenizer_without_the_letter_a():
         if add_bos:
             tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-        enc, bos, eos = encode_fn(fast)
+        enc, bos, eos = text_encoder(fast)
         assert (bos, eos) == (want, 1) and enc("1 + 2") == [2, 4, 3]
 
 
@@ -339,12 +339,12 @@ def test_a_document_longer_than_the_tokenizers_max_length_gets_no_indexing_error
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from jpeft.cli._model import encode_fn
+    from jpeft.data import text_encoder
 
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "</s>": 2}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", model_max_length=4)
-    enc, _, _ = encode_fn(fast)
+    enc, _, _ = text_encoder(fast)
     assert enc("a " * 10) == [1] * 10
     assert "sequence-length-is-longer-than-the-specified-maximum" not in fast.deprecation_warnings  # never warned
 

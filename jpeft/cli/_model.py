@@ -158,34 +158,3 @@ def _is_base_file(name: str) -> bool:
         ("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template"))
 
 
-def encode_fn(tokenizer):
-    """``str -> list[int]`` without special tokens, plus ``(bos_id, eos_id)``.
-
-    ``bos_id`` is the tokenizer's BOS only where the tokenizer puts it in front of a text itself
-    (``tokenizer(text)``, as transformers, TRL's ``SFTTrainer`` and ``jpeft serve`` tokenize): a
-    tokenizer saved with ``add_bos_token=False``, or a GPT-2-style one whose ``bos_token`` is
-    ``<|endoftext|>`` but never added, gets ``None``, so the rows hold no BOS the model will not
-    see when it is served. ``eos_id`` is the tokenizer's EOS (appended to every document, as TRL
-    does)."""
-    if tokenizer is None:
-        raise LoadError("the model folder has no tokenizer files (tokenizer.json or vocab files); "
-                        "save one next to the model with tokenizer.save_pretrained(folder).")
-
-    def encode(s: str):
-        # verbose=False: a document longer than the tokenizer's model_max_length is cut into seq_len rows (checked
-        # against the model's positions), not "run through the model" whole as transformers' warning says
-        return tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
-
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None:
-        # a text that is no special token: does the tokenizer's own call start it with the BOS? "" where "a" cannot
-        # be tokenized (a word-level vocabulary of digits without an unknown token raises on it)
-        for probe in ("a", ""):
-            try:
-                added, plain = tokenizer(probe)["input_ids"], encode(probe)
-            except Exception:  # the tokenizers library raises a bare Exception
-                continue
-            if added[:1] != [bos] or plain[:1] == [bos]:
-                bos = None
-            break
-    return encode, bos, getattr(tokenizer, "eos_token_id", None)

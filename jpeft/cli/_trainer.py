@@ -25,9 +25,9 @@ from jpeft import distributed as dist
 from jpeft.checkpoint import CheckpointManager
 from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import method_class, method_name_of, method_of, say as _say
-from jpeft.cli._model import encode_fn, load_folder
+from jpeft.cli._model import load_folder
 from jpeft.core import logits_of
-from jpeft.data import load_examples, model_inputs, PackedDataset
+from jpeft.data import load_examples, model_inputs, PackedDataset, text_encoder
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, DistributedError, SaveError, ShardingError
 from jpeft.forgetting.guard import current_lr_scale
 from jpeft.io import atomic_write, check_folder
@@ -520,7 +520,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         base_sha = loading.weights_fingerprint(cfg["model"])  # a few bytes per tensor, read once the folder loaded
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "model_weights_sha256", base_sha)
-        encode, bos, eos = encode_fn(loaded.tokenizer)
+        encode, bos, eos = text_encoder(loaded.tokenizer)
 
         def pack(examples, key, path):
             """Packs one file's examples; its warnings and errors name the file (train, eval or canary)."""

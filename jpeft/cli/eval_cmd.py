@@ -10,9 +10,9 @@ import numpy as np
 from jpeft import quant
 from jpeft.cli._ckpt import load_adapter_with_base, note_quantized_training, residual_kind, untie_for
 from jpeft.cli._common import require_causal_lm
-from jpeft.cli._model import encode_fn, load_folder
+from jpeft.cli._model import load_folder
 from jpeft.cli._trainer import max_positions, canary_batches, check_seq_len, evaluate, make_logits_fn, make_loss_fns
-from jpeft.data import PackedDataset
+from jpeft.data import PackedDataset, text_encoder
 from jpeft.errors import ConfigError
 from jpeft.forgetting.guard import canary_stats
 
@@ -91,7 +91,7 @@ def run(args) -> int:
     # untied, lm_head a copy of the embedding, as PEFT computes it (the base's own loss is unchanged)
     loaded = load_folder(args.model, dtype=args.dtype, quantize=None if later else args.quantize,
                          untie=bool(args.adapter) and untie_for(args.adapter, args.model))
-    encode, bos, eos = encode_fn(loaded.tokenizer)
+    encode, bos, eos = text_encoder(loaded.tokenizer)
     limit = max_positions(loaded.hf_config)
     adapter, extra, base = None, 0, loaded.params
     if args.adapter:  # read first: prefix and prompt tuning's virtual tokens share the rows' positions
