@@ -25,6 +25,8 @@ from jpeft.methods.base import Call, Kind, Layout, ModuleInfo, module_input
 _BYPASS = contextvars.ContextVar("jpeft_bypass", default=False)
 # (path, node, check): set while a module with quantized params re-runs on its dequantized params
 _REDIRECT = contextvars.ContextVar("jpeft_redirect", default=None)
+# the path of the module that re-runs (a clone, whose submodules' own paths start at the clone)
+_PREFIX = contextvars.ContextVar("jpeft_prefix", default="")
 
 
 class bypass:
@@ -43,6 +45,13 @@ def module_path(module) -> str:
         return "/".join(str(p) for p in module.path)
     except Exception:  # unbound helper modules
         return ""
+
+
+def _site_path(module) -> str:
+    """The module's path in the whole model: inside a quantized module's re-run (a clone applied
+    on its own) a submodule's path starts at the clone, so the re-run module's path goes first."""
+    prefix, own = _PREFIX.get(), module_path(module)
+    return "/".join(p for p in (prefix, own) if p)
 
 
 def _flat_leaves(tree, prefix=()) -> dict:
@@ -166,11 +175,12 @@ def _dequantized_call(ctx, args, kwargs, redirect):
             full[i] = x
         a, kw = jax.tree.unflatten(tree, full)
         variables = {**others, "params": {k: quant.dequantize_array(v) for k, v in own.items()}}
-        token = _REDIRECT.set(redirect)
+        token, prefix = _REDIRECT.set(redirect), _PREFIX.set(redirect[0])
         try:
             return mod.clone(parent=None).apply(variables, *a, method=ctx.method_name,
                                                 rngs=None if rng is None else {"dropout": rng}, **kw)
         finally:
+            _PREFIX.reset(prefix)
             _REDIRECT.reset(token)
 
     arrays = [leaves[i] for i in where]
@@ -197,7 +207,7 @@ def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
             if check:
                 node.check(path, ctx.module)
             return node.intercept(Call(ctx.module, ctx.method_name, next_fun, tuple(args), dict(kwargs), path))
-        path = module_path(ctx.module)
+        path = _site_path(ctx.module)
         node = adapter.get(path)
         if node is not None and not node.handles(ctx.method_name):
             node = None
