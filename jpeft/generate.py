@@ -183,7 +183,8 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
       temperature: ``0`` for greedy decoding (deterministic, no key needed); ``> 0`` samples
         from ``softmax(logits / temperature)`` (a tiny one, 1e-50 included, gives the argmax: the
         limit of sampling as the temperature goes to 0).
-      top_k: keep only the ``top_k`` most likely tokens when sampling (``0``: all).
+      top_k: keep only the ``top_k`` most likely tokens when sampling (``0``: all; transformers'
+        ``generate(do_sample=True)`` keeps 50 unless told otherwise: pass ``top_k=50`` to sample as it does).
       top_p: nucleus sampling: keep the most likely tokens whose probability mass reaches
         ``top_p`` (``1.0``: all).
       key: ``jax.random`` key, required when sampling. One key draws for the whole batch: row

@@ -414,3 +414,24 @@ def test_an_encoder_is_refused_by_name_not_deep_in_tracing():
 
     with pytest.raises(InputValidationError, match="Engine: BertForSequenceClassification is not a decoder"):
         Engine(model, params, None, slots=1, max_len=8)
+
+
+def test_transformers_default_sampling_is_top_k_50():
+    """transformers' generate(do_sample=True) samples after a TopKLogitsWarper(50) the caller never asked for;
+    jpeft's top_k defaults to 0 (off). The next-token distribution equals transformers' with top_k=50 passed, and
+    is another one without it (as docs/MODELS.md says)."""
+    import torch
+
+    from jpeft.generate import _filter, nucleus_tail
+
+    hf, _ = T.hf_model("llama3")
+    with torch.no_grad():
+        r = hf.generate(torch.tensor([[5, 6, 7, 8]]), do_sample=True, temperature=0.7, max_new_tokens=1,
+                        output_scores=True, output_logits=True, return_dict_in_generate=True, eos_token_id=None,
+                        pad_token_id=0)
+    p_ref = torch.softmax(r.scores[0], -1).numpy()
+    assert np.isfinite(r.scores[0].numpy()).sum() == 50 < T.VOCAB
+    dist = {k: np.asarray(jax.nn.softmax(_filter(jnp.asarray(r.logits[0].numpy()), jnp.float32(0.7), k,
+                                                 nucleus_tail(1.0)), -1)) for k in (0, 50)}
+    np.testing.assert_allclose(dist[50], p_ref, atol=1e-6)
+    assert 0.5 * np.abs(dist[0] - p_ref).sum() > 0.05

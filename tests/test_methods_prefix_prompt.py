@@ -160,6 +160,25 @@ def test_prompt_equals_manual_inputs_embeds_with_mask_and_positions():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_to_prefix_in_bfloat16_equals_the_prompt_it_replaces():
+    """On a bfloat16 model prompt tuning prepends its (float32) virtual tokens cast to the embedding table's dtype,
+    as PEFT casts them; to_prefix ran them through the model in float32, so on GPT-2 (whose positions are added to
+    the embeddings before the cast) the prefix gave logits 0.0098 off the prompt's, where the two must be one
+    computation."""
+    cfg = jpeft.models.GPT2Config(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=12,
+                                  dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = jpeft.models.GPT2LMHeadModel(cfg)
+    ids = jax.random.randint(jax.random.key(5), (2, 6), 0, 40)
+    leaves, tree = jax.tree.flatten(model.init(jax.random.key(0), ids))
+    keys = jax.random.split(jax.random.key(1), len(leaves))  # every weight at a useful scale, not the init's 0.02
+    params = jax.tree.unflatten(tree, [(0.3 * jax.random.normal(k, x.shape)).astype(x.dtype) for x, k in zip(leaves, keys)])
+    prompt = jpeft.init(PromptTuningConfig(num_virtual_tokens=T), params, jax.random.key(2))
+    assert prompt[""].embedding.dtype == jnp.float32
+    want = np.asarray(jpeft.apply(model, params, prompt, ids), np.float32)
+    got = np.asarray(jpeft.apply(model, params, to_prefix(model, params, prompt), ids), np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_prompt_inits():
     model, params, _ = _llama()
     table = params["params"]["model"]["embed_tokens"]["embedding"]

@@ -38,7 +38,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, Input
 from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
 from jpeft.methods.prefix import PrefixWeights
-from jpeft.tree import get_subtree, module_leaves
+from jpeft.tree import get_subtree, module_leaves, unwrap_params
 
 _INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 _EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed", "embedding", "token_embedding")
@@ -349,7 +349,11 @@ def to_prefix(model, params, adapter: Mapping[str, Any]) -> dict:
     rest = {k: v for k, v in adapter.items() if k != ""}
     t = node.num_virtual_tokens
     cache = model.init_cache(1, t)
-    _, cache = core.apply(model, params, rest or None, inputs_embeds=node.embedding[None], cache=cache)
+    # in the dtype of the word embeddings, as prompt tuning prepends them (and PEFT casts them): float32 virtual
+    # tokens beside a bfloat16 table gave other prefixes than the prompt itself (GPT-2's logits 0.027 off)
+    table = get_subtree(unwrap_params(params)[0], node.embed_path)["embedding"]
+    embeds = node.embedding.astype(table.dtype)[None]
+    _, cache = core.apply(model, params, rest or None, inputs_embeds=embeds, cache=cache)
     heads, hd = int(cfg.num_kv_heads), int(cfg.head_dim)
     per_token = jnp.stack(
         [x[0].astype(jnp.float32).reshape(t, heads * hd) for pair in zip(cache.keys, cache.values) for x in pair], axis=1
