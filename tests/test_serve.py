@@ -575,6 +575,30 @@ def test_usage_counts_every_generated_token_the_end_of_sequence_included():
                                                          "total_tokens": 5})
 
 
+def test_text_events_carry_every_generated_token_id_those_without_text_included():
+    """A last token that makes no text (a special token, skipped when decoding; the tokens of a stop
+    string after text already sent) was counted in ``usage`` but its id was in no ``text`` event, so an
+    Engine user collecting ``token_ids`` lost it (``jpeft.generate`` has it). Nothing compiled."""
+    from jpeft.serve import Engine, Request
+
+    words = ["<unk>", "</s>", "a", "b", "c"]
+    eng = Engine(MODEL, PARAMS, None, tokenizer=_word_tokenizer(words), slots=1, max_len=32, eos_ids=[1])
+
+    def ids(max_tokens, toks, **kw):
+        events = []
+        req = Request([2, 3, 4], None, max_tokens, events.append, temperature=0.0, **kw)
+        eng._rows[0] = req
+        for t in toks:
+            eng._accept([(0, req)], [t])
+        assert events[-1].kind == "done"
+        return [t for e in events if e.kind == "text" for t in e.token_ids]
+
+    assert ids(2, [2, 0]) == [2, 0]  # <unk> (special, no text) last
+    assert ids(3, [2, 3, 0]) == [2, 3, 0]
+    assert ids(8, [2, 4, 3], stop=["b"]) == [2, 4, 3]  # "a c" sent, then the stop string's token
+    assert ids(8, [2, 0, 1]) == [2, 0]  # the end id is not generated text
+
+
 def test_without_a_tokenizer_stop_and_the_http_server_are_refused(tmp_path):
     """Without a tokenizer the engine sends token ids only: the HTTP server answered every
     completion with empty text (and ignored 'stop'); `jpeft serve` started on such a folder."""
@@ -894,3 +918,113 @@ def test_serve_takes_lora_bias_adapters_at_start_and_live_and_generates_their_to
     no_bias = {p: dataclasses.replace(x, lora_bias=None) for p, x in ads["bias"][1].items()}
     plain = np.asarray(jpeft.generate(MODEL, PARAMS, no_bias, jnp.asarray([prompt], jnp.int32), n))[0, len(prompt):]
     assert len(outs) == 3 and tuple(plain.tolist()) not in outs  # the biases change the tokens (the test has teeth)
+
+
+def test_shutdown_answers_every_open_request_before_closing_its_connection():
+    """On SIGTERM or Ctrl-C uvicorn waited 5 s for the open requests, cancelled them, and only then
+    stopped the engine: a request still running or waiting lost its connection without an answer (a
+    stream ended with no last event, a plain request got a text/plain 500) and the log had a traceback
+    for each. The server now drains first: after the grace period the engine stops, and each request
+    still open gets a 503 "the server is shutting down" (a stream as its last event) on its own
+    connection. In process: uvicorn in a thread, ``should_exit`` set as its signal handler sets it."""
+    from jpeft.bank import AdapterBank
+    from jpeft.serve import Engine
+    from jpeft.serve.app import Server, make_server
+
+    eng = Engine(MODEL, PARAMS, AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=1), slots=1, max_len=96,
+                 chunk=4, eos_ids=[], tokenizer=_word_tokenizer(WORDS))
+    decode = eng._decode
+
+    def slow_decode(*args):  # 90 tokens take 4.5 s: the requests are still open when the shutdown starts
+        time.sleep(0.05)
+        return decode(*args)
+
+    eng._decode = slow_decode
+    port = _free_port()
+    srv = make_server(Server(eng, base_name="tiny", tokenizer=eng.tokenizer), port=port, grace=0.3)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+
+    def one(stream):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/completions", body=json.dumps(
+                {"model": "a", "prompt": PROMPT, "max_tokens": 90, "temperature": 0, "stream": stream}),
+                headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            body = r.read().decode()
+            if stream:  # the last event
+                return r.status, json.loads(body.strip().split("\n\n")[-1][len("data: "):])
+            return r.status, json.loads(body)
+        except Exception as e:  # noqa: BLE001 - a dropped connection: asserted below
+            return repr(e)
+
+    with cf.ThreadPoolExecutor(4) as ex:
+        futures = [ex.submit(one, stream) for stream in (False, True, False, True)]
+        while time.time() < deadline:  # one running, three waiting
+            st = eng.stats()
+            if st["busy"] + st["waiting"] == 4:
+                break
+            time.sleep(0.02)
+        srv.should_exit = True  # what uvicorn's SIGTERM / SIGINT handler does
+        got = [f.result(timeout=60) for f in futures]
+    thread.join(30)
+    assert not thread.is_alive()
+    for stream, g in zip((False, True, False, True), got):
+        assert isinstance(g, tuple), g  # an answer, not a dropped connection
+        status, body = g
+        assert status == (200 if stream else 503), g  # a stream has answered 200 before it waits
+        assert body["error"]["code"] == 503 and "shutting down" in body["error"]["message"], g
+    assert eng.stats()["failed"] == 4 and not eng.alive
+
+
+def test_serve_reserves_token_rows_and_module_copies_for_adapters_added_live(tmp_path):
+    """An adapter with trainable tokens (PEFT's trainable_token_indices) or a modules_to_save copy
+    added live to a server whose --adapter adapters had none got a 400 that named the Python API
+    (AdapterBank.create(..., max_tokens=...)), which no serve option reached. `--trainable-tokens N`
+    and `--modules-to-save NAMES` reserve them; each live adapter's greedy tokens equal
+    ``jpeft.generate`` with it alone (every tensor random), and more than reserved names the option."""
+    import argparse
+
+    from jpeft.cli import serve_cmd
+
+    def rand(seed, **kw):
+        cfg = jpeft.LoraConfig(r=2, alpha=3.0, init="random", **kw)
+        leaves, tree = jax.tree.flatten(jpeft.init(cfg, PARAMS, jax.random.key(seed)))
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        return cfg, jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+    folder = tmp_path / "tiny"
+    jpeft.models.loading.save_pretrained(str(folder), MODEL, PARAMS)
+    _word_tokenizer(WORDS).save_pretrained(str(folder))
+    ads = {"tok": rand(31, target_modules=["q_proj"], trainable_token_indices=[3, 9, 1]),
+           "copy": rand(33, target_modules=["v_proj"], modules_to_save=["lm_head"]),
+           "many": rand(35, target_modules=["q_proj"], trainable_token_indices=[3, 9, 1, 4]),
+           "head": rand(37, target_modules=["q_proj", "lm_head"])}  # a LoRA where the copies are reserved
+    for name, (cfg, ad) in ads.items():
+        jpeft.save_adapter(str(tmp_path / name), cfg, ad, params=PARAMS)
+    parser = argparse.ArgumentParser()
+    serve_cmd.add_parser(parser.add_subparsers())
+    argv = ["serve", "--model", str(folder), "--adapters-root", str(tmp_path), "--slots", "3", "--max-len", "32"]
+    server = serve_cmd.build(parser.parse_args(argv))  # no reservation: the 400s name the options
+    assert "--trainable-tokens" in _post_adapter(server, {"name": "tok", "path": "tok"})[1]
+    assert "--modules-to-save" in _post_adapter(server, {"name": "copy", "path": "copy"})[1]
+    server = serve_cmd.build(parser.parse_args(argv + ["--trainable-tokens", "3", "--modules-to-save", "lm_head",
+                                                       "--adapter", f"head={tmp_path / 'head'}"]))
+    for name in ("tok", "copy"):
+        assert _post_adapter(server, {"name": name, "path": name})[0] == 201, name
+    st, msg = _post_adapter(server, {"name": "many", "path": "many"})
+    assert st == 400 and "4 trainable tokens" in msg and "--trainable-tokens" in msg, (st, msg)
+    prompt, n = [3, 9, 1, 4, 2], 6
+    tokens = _greedy_tokens(server.engine, ["tok", "copy", "head"], prompt, n)
+    outs = set()
+    for name in ("tok", "copy", "head"):
+        ad = ads[name][1]
+        want = np.asarray(jpeft.generate(MODEL, PARAMS, ad, jnp.asarray([prompt], jnp.int32), n))[0, len(prompt):].tolist()
+        assert tokens[name] == want, name
+        outs.add(tuple(tokens[name]))
+    assert len(outs) == 3 and tuple(_ref(None, prompt, n)) not in outs  # the adapters change the tokens

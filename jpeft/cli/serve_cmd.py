@@ -48,6 +48,12 @@ def add_parser(sub):
     p.add_argument("--targets", default="all-linear",
                    help="modules live-added adapters may adapt (names or a regex; default all-linear), besides the "
                         "modules of the --adapter adapters")
+    p.add_argument("--trainable-tokens", type=int, default=0, metavar="N",
+                   help="trainable token rows (PEFT's trainable_token_indices) each adapter may hold at the input "
+                        "embedding, for adapters added live (default 0: as many as the --adapter adapters hold)")
+    p.add_argument("--modules-to-save", default=None, metavar="NAMES",
+                   help="modules (comma-separated names) of which adapters added live may hold a full copy (PEFT's "
+                        "modules_to_save), besides those the --adapter adapters copy")
     p.add_argument("--name", default=None, help="the base model's name in the API (default: the folder's name)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the base model's compute and storage dtype (default float32; bfloat16 halves its memory)")
@@ -164,8 +170,16 @@ def build(args):
         raise ConfigError(f"--adapter {base!r} has the base model's name in the API; give the adapter another name, "
                           "or the base another one with --name.")
     adapters = {n: loader(p) for n, p in named.items()}
-    cfg = jpeft.LoraConfig(r=1, target_modules=parse_targets(args.targets))
-    template = dict(jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0), model, example)))
+    vocab = int(model.config.vocab_size)
+    if not 0 <= args.trainable_tokens <= vocab:
+        raise ConfigError(f"--trainable-tokens must be 0 to the vocabulary size {vocab}, found {args.trainable_tokens}.")
+    # the sites adapters added live may use: a LoRA at every --targets module, and where asked, token rows and module
+    # copies, laid out by jpeft.init as an adapter with those options has them (tied to lm_head where the base ties)
+    cfg = jpeft.LoraConfig(r=1, target_modules=parse_targets(args.targets),
+                           trainable_token_indices=list(range(args.trainable_tokens)) or None,
+                           modules_to_save=parse_targets(args.modules_to_save))
+    reserved = dict(jax.eval_shape(lambda: jpeft.init(cfg, params, jax.random.key(0), model, example)))
+    template = dict(reserved)
     for ad in adapters.values():
         template.update(ad)
     # the bank's own check first: a DoRA or IA3 adapter is refused naming the adapter and what the bank holds
@@ -174,9 +188,18 @@ def build(args):
     max_rank = args.max_rank if args.max_rank is not None else max([16] + ranks)
     capacity = args.capacity if args.capacity is not None else max(8, len(adapters))
     # biases at every linear site: a LoRA with lora_bias (PEFT mixes them in a batch) may be added live too; trainable
-    # tokens as many as the --adapter ones hold, and modules_to_save copies where they have them
-    bank = AdapterBank.create({p: n.routed_low_rank() for p, n in template.items()}, capacity=capacity,
-                              max_rank=max_rank, lora_bias=True)
+    # tokens as many as the --adapter ones hold or --trainable-tokens, modules_to_save copies where they have them or
+    # --modules-to-save names
+    low = {p: n.routed_low_rank() for p, n in template.items()}
+    for p, node in reserved.items():  # a module an --adapter adapts with a LoRA keeps the copy or rows reserved there
+        if template[p] is not node:
+            res = node.routed_low_rank()
+            if res.saved is not None and low[p].saved is None:
+                low[p] = low[p]._replace(saved=res.saved)
+            if res.tokens is not None and low[p].tokens is None:
+                low[p] = low[p]._replace(tokens=res.tokens, tie_output=res.tie_output)
+    bank = AdapterBank.create(low, capacity=capacity, max_rank=max_rank, lora_bias=True,
+                              max_tokens=args.trainable_tokens)
     for n, ad in adapters.items():
         bank = bank.add(n, ad)
     engine = Engine(model, params, bank, tokenizer=tok, eos_ids=eos_ids_of(args.model, tok, loaded.hf_config),

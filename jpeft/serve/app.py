@@ -6,10 +6,10 @@ under the adapters root), ``DELETE /v1/adapters/{name}``, ``GET /health`` (the e
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 a malformed
 request, 403 adding adapters on a server without an adapters root, 404 an unknown model or
 adapter (the message lists the available names), 409 a full bank or a taken name, 413 a body
-over 4 MiB, 429 a full queue, 503 an engine that is not running or no free slot in time,
-504 a request that ran past the server's time limit.
+over 4 MiB, 429 a full queue, 503 an engine that is not running, a server shutting down or no
+free slot in time, 504 a request that ran past the server's time limit.
 
-Starlette is imported here only, so ``import jpeft`` works without the ``serve`` extra.
+Starlette and uvicorn are imported here only, so ``import jpeft`` does not import them.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import json
 import re
+import sys
 import time
 import uuid
 from typing import Any, Callable, Optional
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -133,6 +135,7 @@ class Server:
         self.adapters_root, self.loader = adapters_root, loader
         self.created = int(time.time())
         self._added: dict[str, int] = {}  # adapters added while serving: when (``created`` in /v1/models)
+        self.closing = False  # shutting down (:meth:`drain`): new generation requests get a 503
 
     # -- helpers ----------------------------------------------------------------------------------
     async def _json(self, request: HttpRequest) -> dict:
@@ -193,6 +196,9 @@ class Server:
 
     def _submit(self, body: dict, ids: list, adapter: Optional[str], max_default: Optional[int], sink) -> Request:
         _unsupported(body)
+        if self.closing:
+            raise ApiError(503, "the server is shutting down; send the request to another server, or retry once it "
+                           "has restarted.", "server_error")
         max_tokens = _int(body, "max_tokens", None, 1)
         if max_tokens is None:
             max_tokens = _int(body, "max_completion_tokens", None, 1)
@@ -321,6 +327,23 @@ class Server:
             if not req.done:  # the client went away (or the server stops): free the slot
                 self.engine.cancel(req)
 
+    async def drain(self, grace: float, force: Callable[[], bool] = lambda: False) -> int:
+        """Shuts the generation down before the HTTP server closes its connections: new requests get
+        a 503, those running or waiting get up to ``grace`` seconds to finish (less once ``force()``
+        is true: a second Ctrl-C), then the engine stops, and the ones left end with a 503 "the
+        server is shutting down" (a streamed one as its last event) while their connections are
+        still open. Returns how many ended that way."""
+        self.closing = True
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and not force():
+            st = self.engine.stats()
+            if st["busy"] == 0 and st["waiting"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        before = self.engine.stats().get("failed", 0)
+        await run_in_threadpool(self.engine.stop)  # joins the engine's thread: not on the event loop
+        return self.engine.stats().get("failed", 0) - before
+
     # -- models and adapters --------------------------------------------------------------------
     async def models(self, request: HttpRequest):
         data = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "jpeft"}]
@@ -379,7 +402,7 @@ class Server:
             except DuplicateAdapterError as e:
                 raise ApiError(409, str(e), "conflict_error", "name") from None
             except JpeftError as e:
-                hint = self._targets_hint(adapter) if isinstance(e, BankShapeError) else ""
+                hint = self._targets_hint(adapter) if isinstance(e, BankShapeError) else self._reserve_hint(e)
                 raise _bad(f"the adapter at {path!r} cannot join this server's bank: {e}{hint}", "path") from None
         except ApiError as e:
             return e.response()
@@ -387,18 +410,49 @@ class Server:
         return JSONResponse({"id": name, "object": "model", "created": created, "owned_by": "jpeft",
                              "parent": self.base_name}, status_code=201)
 
+    @staticmethod
+    def _reserve_hint(e: Exception) -> str:
+        """For an adapter with more trainable tokens, or a module copy, than the bank holds: the
+        ``jpeft serve`` option that reserves them (the bank's error names the Python API)."""
+        msg = str(e)
+        if "trainable_token_indices" in msg:
+            return (" (jpeft serve: restart the server with --trainable-tokens naming at least this adapter's count, or "
+                    "with this adapter among the --adapter ones.)")
+        if "modules_to_save" in msg:
+            return (" (jpeft serve: restart the server with --modules-to-save naming this module, or with this adapter "
+                    "among the --adapter ones.)")
+        return ""
+
     def _targets_hint(self, adapter) -> str:
         """For an adapter with sites the bank does not hold: how to serve it (the bank's sites are
         fixed at start by ``--targets`` and the ``--adapter`` adapters)."""
         bank = self.engine.bank
         if not isinstance(bank, AdapterBank):
             return ""
-        missing = sorted({str(p).rsplit("/", 1)[-1] for p in adapter if p not in bank.layouts})
-        if not missing:
+        missing = {"lora": set(), "tokens": set(), "copy": set()}
+        for p, node in adapter.items():
+            if p not in bank.layouts:
+                try:
+                    lr = node.routed_low_rank()
+                except Exception:  # noqa: BLE001 - a node the bank cannot hold at all: the bank's error says so
+                    lr = None
+                kind = "tokens" if getattr(lr, "tokens", None) is not None else (
+                    "copy" if getattr(lr, "saved", None) is not None else "lora")
+                missing[kind].add(str(p).rsplit("/", 1)[-1])
+        hints = []
+        if missing["lora"]:
+            hints.append(f"this adapter also adapts {sorted(missing['lora'])[:8]}. If the base has these modules, restart "
+                         "the server with --targets naming them too")
+        if missing["tokens"]:
+            hints.append(f"this adapter has trainable tokens at {sorted(missing['tokens'])}: restart the server with "
+                         "--trainable-tokens N (N at least its count)")
+        if missing["copy"]:
+            hints.append(f"this adapter has full copies (modules_to_save) of {sorted(missing['copy'])[:8]}: restart the "
+                         "server with --modules-to-save naming them")
+        if not hints:
             return ""
-        return (f" (jpeft serve: the bank's modules were fixed at start by --targets, default every linear layer but "
-                f"lm_head, and by the --adapter adapters; this adapter also adapts {missing[:8]}. If the base has these "
-                "modules, restart the server with --targets naming them too.)")
+        return (" (jpeft serve: the bank's modules were fixed at start by --targets (default every linear layer but "
+                "lm_head), --trainable-tokens, --modules-to-save and the --adapter adapters; " + "; ".join(hints) + ".)")
 
     async def delete_adapter(self, request: HttpRequest):
         name = request.path_params["name"]
@@ -448,11 +502,48 @@ def make_app(server: Server) -> Starlette:
                      exception_handlers={HTTPException: http_error, 500: server_error})
 
 
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, which on SIGTERM or Ctrl-C first drains ``server`` (:meth:`Server.drain`).
+
+    uvicorn alone waited ``grace`` seconds for the open requests, then cancelled them and only
+    then stopped the engine (the app's lifespan): a request still running or waiting lost its
+    connection without an answer (a stream ended without its last event, a plain request got
+    a text/plain 500), and the log had one traceback per request.
+    """
+
+    def __init__(self, config: uvicorn.Config, server: Server, grace: float):
+        super().__init__(config)
+        self.jpeft, self.grace = server, grace
+
+    async def shutdown(self, sockets=None) -> None:
+        st = self.jpeft.engine.stats()
+        if st["busy"] or st["waiting"]:
+            print(f"jpeft serve: shutting down: {st['busy']} request(s) running and {st['waiting']} waiting get up to "
+                  f"{self.grace:g} s to finish (Ctrl-C again to stop them now); new requests get 503.",
+                  file=sys.stderr, flush=True)
+        ended = await self.jpeft.drain(self.grace, lambda: self.force_exit)
+        if ended:
+            print(f"jpeft serve: {ended} request(s) did not finish in time and were answered 503 \"the server is "
+                  "shutting down\".", file=sys.stderr, flush=True)
+        await super().shutdown(sockets)
+
+
+def make_server(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+                grace: float = 5.0) -> uvicorn.Server:
+    """The uvicorn server of ``server`` (``.run()`` serves until SIGTERM or Ctrl-C); on shutdown
+    the requests running or waiting get ``grace`` seconds to finish, the rest a 503."""
+    config = uvicorn.Config(make_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    return _Uvicorn(config, server, grace)
+
+
 def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Serves ``server`` with uvicorn until interrupted."""
-    import uvicorn
+    """Serves ``server`` with uvicorn until SIGTERM or Ctrl-C (:func:`make_server`). uvicorn
+    delivers the signal again once the server has stopped: a Ctrl-C ends here as a
+    KeyboardInterrupt (``jpeft serve``: status 130), a SIGTERM ends the process as SIGTERM does."""
+    srv = make_server(server, host, port, log_level)
+    srv.run()
+    if not srv.started:  # uvicorn logged why (e.g. the port was taken in the meantime)
+        raise ConfigError(f"the HTTP server did not start on {host}:{port}; see uvicorn's error above.")
 
-    uvicorn.run(make_app(server), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
-
-__all__ = ["Server", "make_app", "run", "ApiError"]
+__all__ = ["Server", "make_app", "make_server", "run", "ApiError"]

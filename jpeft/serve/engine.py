@@ -56,7 +56,8 @@ class Event(NamedTuple):
 
     ``kind``: ``"text"`` (new ``text`` and the ``token_ids`` it came from: every token generated
     since the previous text event, those whose text was held back, such as the first bytes of a
-    character, included), ``"done"``
+    character, included; the last one may have empty text: the ids of tokens that made none, such as
+    a special token), ``"done"``
     (``finish_reason``: ``"stop"`` or ``"length"``; ``usage``), or ``"error"`` (``error``: a
     short code, ``"timeout"`` or ``"engine"``, with ``message``).
     """
@@ -575,8 +576,9 @@ class Engine:
                 reason = "length"
             final = reason is not None
             new = self._new_text(r, text, final)
-            if new or (self.tokenizer is None and not eos):
-                # the ids of tokens whose text was held back (a character's first bytes) go with the text they made
+            if new or (self.tokenizer is None and not eos) or (final and r.unsent):
+                # the ids of tokens whose text was held back (a character's first bytes) go with the text they made;
+                # at the end, those of tokens that made no text (a special token, a stop string) go with an empty text
                 self._send(r, Event("text", new, tuple(r.unsent)))
                 r.unsent.clear()
             if final:
