@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -55,6 +56,7 @@ from jpeft.config import AdapterConfig
 from jpeft.distributed import gather, lost_peer
 from jpeft.errors import (
     CheckpointError,
+    CheckpointUnreadableError,
     ConfigError,
     DistributedError,
     JpeftError,
@@ -939,7 +941,8 @@ class CheckpointManager:
         Args:
           fallback: when the newest checkpoint is damaged (:class:`~jpeft.errors.CheckpointError`),
             warn and try the next older one, down to the oldest; the last error is raised if
-            none restores. A wrong base or a shape mismatch is never skipped.
+            none restores. A wrong base, a shape mismatch or a checkpoint this process may not
+            read (:class:`~jpeft.errors.CheckpointUnreadableError`) is never skipped.
           **kwargs: as for :meth:`restore`.
         """
         steps = self.all_steps()
@@ -951,6 +954,8 @@ class CheckpointManager:
         for s in reversed(steps):
             try:
                 return self.restore(s, **kwargs)
+            except CheckpointUnreadableError:  # not damaged: an older step would silently lose its steps
+                raise
             except CheckpointError as e:
                 err = e
                 self._damaged.add(s)  # a later save of this step replaces it (set aside, not deleted)
@@ -990,18 +995,51 @@ class CheckpointManager:
         Raises:
           BaseMismatchError: the checkpoint was saved for another base (says what differs).
           CheckpointError: the checkpoint is missing, corrupted or truncated.
+          CheckpointUnreadableError: this process may not read one of its files or folders
+            (permissions; names it): not a damaged checkpoint.
           ShapeMismatchError: the saved arrays do not fit the templates.
           ConfigError: the checkpoint was saved with a different method config.
         """
         try:
             return self._restore(step, adapter, opt_state, shardings, allow_base_mismatch)
+        except (CheckpointError, DistributedError):
+            self._refuse_unreadable(step)
+            raise
         except JpeftError:
             raise
         except Exception as e:  # whatever a damaged file makes Orbax, tensorstore or json raise
+            self._refuse_unreadable(step)
             raise CheckpointError(
                 f"checkpoint step {step if step is not None else 'latest'} in {self.directory} could not be restored: "
                 f"{type(e).__name__}: {str(e)[:300]}. Its files are damaged; restore an earlier step."
             ) from None
+
+    def _refuse_unreadable(self, step: Optional[int]) -> None:
+        """After a failed restore of ``step`` (``None``: the latest): raises
+        :class:`~jpeft.errors.CheckpointUnreadableError` when this process may not read one of
+        the step's files or folders (Orbax and tensorstore report that as a missing or unreadable
+        array, which reads as damage, and the remedy for damage, setting the step aside, loses an
+        intact checkpoint)."""
+        try:
+            step = self.latest_step() if step is None else step
+        except OSError:
+            return
+        if step is None:
+            return
+        folder = self._step_dir(step)
+        denied = _first_unreadable(folder)
+        if denied is None:
+            return
+        try:
+            st = os.lstat(denied)
+            whose = f"mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}; "
+        except OSError:  # a file in a folder this process may not enter
+            whose = ""
+        raise CheckpointUnreadableError(
+            f"checkpoint step {step} in {self.directory} cannot be read by this process: permission denied on "
+            f"{denied} ({whose}this process runs as uid {os.geteuid()}). Nothing says the checkpoint is damaged: keep "
+            f"it. Give this process read access to every file and folder under {folder} (e.g. `chmod -R a+rX "
+            f"{folder}`, or run as the user that wrote it) and run again.") from None
 
     def _restore(self, step, adapter, opt_state, shardings, allow_base_mismatch) -> TrainState:
         step, meta = self._step_meta(step, allow_base_mismatch)
@@ -1125,6 +1163,32 @@ class CheckpointManager:
             if sha256_hex(whole) != index[name]["sha256"]:
                 raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in the metadata.")
         return flat
+
+
+def _first_unreadable(folder: Path) -> Optional[Path]:
+    """The first file or folder under ``folder`` that this process may not open or list
+    (``PermissionError``), else ``None``."""
+    todo = [Path(folder)]
+    while todo:
+        d = todo.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except PermissionError:
+            return d
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+                elif e.is_file():
+                    with open(e.path, "rb"):
+                        pass
+            except PermissionError:
+                return Path(e.path)
+            except OSError:
+                continue
+    return None
 
 
 def _fitted_template_leaves(groups: Mapping[str, Any], index: Mapping[str, dict], where: str) -> dict:

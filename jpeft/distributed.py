@@ -68,6 +68,7 @@ def initialize(
     cpu_collectives: Optional[str] = "gloo",
     initialization_timeout: int = 300,
     auto: Optional[bool] = None,
+    fail_together: bool = True,
 ) -> dict:
     """Joins this process to the job with ``jax.distributed.initialize``; returns
     ``{"process_index", "process_count", "local_devices", "global_devices"}``.
@@ -75,7 +76,7 @@ def initialize(
     Call it before any other JAX work. With no arguments, on a TPU VM pod slice or under
     SLURM / Open MPI (``auto``: detected from the environment) JAX finds the coordinator by
     itself; elsewhere a run with no coordinator is a single-process run and nothing is
-    joined. Calling it again once joined is a no-op.
+    joined. Calling it again once joined joins nothing more.
 
     Args:
       coordinator_address: ``"host:port"`` of process 0.
@@ -88,12 +89,23 @@ def initialize(
       initialization_timeout: seconds to wait for every process to join.
       auto: force (``True``) or forbid (``False``) JAX's cluster auto-detection when no
         coordinator is given; default: detect from the environment.
+      fail_together: when one process of the job ends with an exception it does not catch
+        (a write failing on process 0 in :func:`on_main_process`, a bad batch on one host in
+        :func:`jpeft.fit`, Ctrl-C), it prints its traceback as Python does, tells the other
+        processes and ends at once; each of them ends within seconds with one
+        ``jpeft.errors.DistributedError`` line naming it, exit status 1
+        (:func:`watch_for_failures`). Without this the others wait for it in the next
+        collective operation or barrier until JAX aborts them (minutes, a C++ stack), while it
+        waits for them in ``jax.distributed``'s shutdown. ``False`` leaves Python's and JAX's
+        behaviour as it is.
 
     Raises:
       DistributedError: when only some of ``coordinator_address``, ``num_processes`` and
         ``process_id`` are given, or joining fails (the message has JAX's reason).
     """
     if jax.distributed.is_initialized():
+        if fail_together:  # joined by jax.distributed.initialize itself: the protection still applies
+            _end_together()
         return _info()
     explicit = (coordinator_address, num_processes, process_id)
     if coordinator_address is not None and (num_processes is None or process_id is None):
@@ -134,6 +146,8 @@ def initialize(
             f"process_id={explicit[2]!r}: {e}. Check that every process uses the same coordinator address and "
             "count, that process 0 runs on the coordinator host, and that the port is open."
         ) from e
+    if fail_together:
+        _end_together()
     return _info()
 
 
@@ -149,6 +163,8 @@ def _info() -> dict:
 def shutdown() -> None:
     """Leaves the job (``jax.distributed.shutdown``); a no-op in a single-process run."""
     if jax.distributed.is_initialized():
+        if _watch is not None:  # its blocking read would outlive the coordination service
+            _watch.close()
         jax.distributed.shutdown()
 
 
@@ -397,8 +413,8 @@ class _FailureWatch:
                 return  # this process's own note: its main thread is ending it
             self.note = (f"process {who} of this job stopped: {why}; this process stops too (it would wait for "
                          f"process {who} in the job's next collective operation, for minutes). See process {who}'s "
-                         "output, fix the cause and start every process again (with --resume to continue from the "
-                         "last checkpoint).")
+                         "output, fix the cause and start every process again (jpeft train: with --resume to continue "
+                         "from the last checkpoint).")
             # an error every process raises (a refused setting) ends each by its own message: give it a moment
             time.sleep(_GRACE_S)
             if not self.claim():
@@ -494,3 +510,52 @@ def leave_job_now(status: int, why: Optional[str] = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def _print_failure(message: str) -> int:
+    """The report of :func:`initialize`'s ``fail_together``: another process of the job failed;
+    this process's one line (as the last line of a Python traceback reads) and exit status."""
+    print(f"jpeft.errors.DistributedError: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+_python_hook = None  # sys.excepthook as found by _end_together
+
+
+def _leave_on_uncaught(kind, value, tb) -> None:
+    """``sys.excepthook`` of a process joined with ``fail_together``: an exception nobody
+    caught ends this process, and Python's exit would wait for the others in
+    ``jax.distributed``'s shutdown while they wait for this one in a collective operation.
+    Prints the traceback (one line when it is a consequence of another process leaving),
+    tells the others why and ends at once (:func:`leave_job_now`)."""
+    if coordination_client() is None:  # left the job already (shutdown)
+        _python_hook(kind, value, tb)
+        return
+    if not claim_exit():
+        time.sleep(60)  # the helper thread prints the other process's failure and ends this process
+    interrupted = issubclass(kind, KeyboardInterrupt)
+    seen = another_process_failed()
+    if seen is not None:  # this error is what the other process's leaving did to this one
+        _print_failure(seen)
+        why = None
+    elif lost_peer(value):  # killed without a word: nothing this process did
+        why = f"an operation across the processes of this job failed ({_first_sentence(str(value))[:200]})"
+        _print_failure(f"{why}: another process left the job (killed, crashed, or stopped by an error: see its "
+                       "output); this process stops too. Start every process again.")
+    else:
+        _python_hook(kind, value, tb)
+        why = "interrupted (Ctrl-C or SIGTERM)" if interrupted else f"{kind.__name__}: {value}"
+    leave_job_now(130 if interrupted else 1, why)
+
+
+def _end_together() -> None:
+    """:func:`initialize`'s ``fail_together``: :func:`watch_for_failures` with a report that
+    prints one ``DistributedError`` line, and an exception nobody catches told to the others
+    (:func:`_leave_on_uncaught`). Once per process; nothing outside a multi-process job."""
+    global _python_hook
+    if coordination_client() is None:
+        return
+    watch_for_failures(_print_failure)
+    if _python_hook is None:
+        _python_hook = sys.excepthook
+        sys.excepthook = _leave_on_uncaught

@@ -67,6 +67,11 @@ class CheckpointError(LoadError):
     """A checkpoint is incomplete, corrupted or truncated."""
 
 
+class CheckpointUnreadableError(CheckpointError, PermissionError):
+    """A checkpoint's files are there but this process may not read them (permissions); nothing
+    says they are damaged."""
+
+
 class SaveError(JpeftError, OSError):
     """A save failed part-way; the previous files are left intact."""
 
@@ -168,6 +173,7 @@ __all__ = [
     "UnsafeFileError",
     "BaseMismatchError",
     "CheckpointError",
+    "CheckpointUnreadableError",
     "SaveError",
     "PathEscapeError",
     "BankError",

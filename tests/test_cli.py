@@ -900,14 +900,24 @@ def test_train_steps_whose_rows_hold_no_target_change_nothing(hf_dir, tmp_path, 
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"step {s}")
 
 
-def _rerun_without_dac_override(tmp_path, name: str) -> None:
-    """Runs test ``name`` of this file in a pytest whose process cannot write into read-only
-    folders: root's CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped from its capability bounding
-    set (``setpriv``, util-linux), so CI, which runs as root, checks what a user's process meets.
-    Skips only where ``setpriv`` is missing or not allowed to drop them (say so)."""
+def _without_dac_override():
+    """The command prefix that runs a process without root's CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH (dropped from its capability bounding set by ``setpriv``, util-linux), so
+    that file modes bind it as they bind a user's process; ``None`` where ``setpriv`` is missing or
+    not allowed to drop them (a user's own process: file modes bind it already)."""
     setpriv = shutil.which("setpriv")
     drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search"] if setpriv else None
     if drop is None or subprocess.run([*drop, "true"], capture_output=True).returncode != 0:
+        return None
+    return drop
+
+
+def _rerun_without_dac_override(tmp_path, name: str) -> None:
+    """Runs test ``name`` of this file in a pytest whose process cannot write into read-only
+    folders (:func:`_without_dac_override`), so CI, which runs as root, checks what a user's
+    process meets. Skips only where ``setpriv`` is missing or not allowed to drop them (say so)."""
+    drop = _without_dac_override()
+    if drop is None:
         pytest.skip("this process writes into read-only folders (root with CAP_DAC_OVERRIDE) and setpriv cannot "
                     "drop that capability here")
     if os.environ.get("JPEFT_TEST_DAC_DROPPED"):
@@ -989,6 +999,46 @@ def test_train_into_a_read_only_output_folder_says_so_and_loses_no_work(hf_dir, 
         assert (out / "adapter" / "jpeft_adapter.safetensors").is_file()
     finally:
         out.chmod(0o755)
+
+
+def test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_keeps_it(hf_dir, tmp_path, capsys):
+    """--resume from a checkpoint whose data folder or metadata file this process may not read
+    (written by another user, a mode changed by hand; on several hosts, the one host that cannot
+    read it): it was "corrupted or truncated (Orbax could not read it)" / "cannot read checkpoint
+    metadata", with the advice to move the intact step folder away and start again from step 0.
+    It is now a CheckpointUnreadableError naming the file or folder and how to give access, with no
+    such advice, and ``restore_latest(fallback=True)`` no longer skips it as damaged (it resumed
+    from the step before); given access, the run resumes from that step."""
+    if not _chmod_stops_writes(tmp_path):  # root: run this test again in a pytest without the override
+        _rerun_without_dac_override(
+            tmp_path, "test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_keeps_it")
+        return
+    from jpeft.checkpoint import CheckpointManager
+    from jpeft.errors import CheckpointUnreadableError
+
+    cfg = _tiny_lora_run(hf_dir, tmp_path, steps=3)
+    assert main(["train", "--config", str(cfg), "--no-progress", "--max-steps", "2"]) == 0
+    _, params = jpeft.models.from_pretrained(str(hf_dir / "tiny-llama"))
+    step = tmp_path / "out" / "checkpoints" / "2"
+    for denied in (step / "state" / "d", step / "meta" / "metadata"):  # read by Orbax's tensorstore; by jpeft
+        mode = denied.stat().st_mode
+        denied.chmod(0)
+        try:
+            capsys.readouterr()
+            assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 2
+            line = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("jpeft train: error:")][-1]
+            # nor does restore_latest(fallback=True) skip it as damaged (to step 1, setting step 2 aside later)
+            m = CheckpointManager(step.parent, jpeft.LoraConfig(r=2, target_modules=["q_proj"]), params, read_only=True)
+            with pytest.raises(CheckpointUnreadableError, match=f"permission denied on {re.escape(str(denied))} "):
+                m.restore_latest(fallback=True)
+        finally:
+            denied.chmod(mode)
+        assert line.startswith(f"jpeft train: error: CheckpointUnreadableError: checkpoint step 2 in {step.parent} "
+                               f"cannot be read by this process: permission denied on {denied} ("), line
+        assert f"keep it. Give this process read access to every file and folder under {step}" in line, line
+        assert "corrupted" not in line and "move its folder" not in line, line
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--resume")
+    assert r.returncode == 0 and "resumed from step 2" in r.stderr, r.stderr
 
 
 def _wait_for_steps(p, metrics, n=2, timeout=240):
@@ -1198,24 +1248,30 @@ def test_one_of_two_processes_stopping_alone_ends_both_with_one_line(hf_dir, cap
     which every process takes part in, failed on the closed connection and was reported as
     "checkpoint step 2 ... is corrupted or truncated", telling the user to move the intact
     checkpoint out of the folder and start again from step 0; it is now a DistributedError that
-    says to keep it."""
+    says to keep it. Where root can drop its override of file modes (CI), process 1 runs without it
+    and really may not read the checkpoint's data folder: its own error said "corrupted or
+    truncated" with the same advice, and is now a CheckpointUnreadableError naming the folder."""
     import socket
 
     name = f"stop_alone_{case}"
     cfg = write_config(hf_dir, name, steps=3 if case == "final_save" else 6, save_every=0, eval_every=0)
     who = 0 if case == "final_save" else 1
-    resume = []
+    resume, prefix, denied = [], [[], []], None
     if case == "resume_unreadable":  # a checkpoint at step 2 (one process), resumed by two
         assert jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--max-steps", "2").returncode == 0
         resume = ["--resume"]
+        if _without_dac_override() is not None:  # root (CI): process 1 alone may not read its data, for real
+            prefix[1] = _without_dac_override()
+            denied = hf_dir / name / "checkpoints" / "2" / "state" / "d"
+            denied.chmod(0)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env1 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1")
-    procs = [subprocess.Popen([sys.executable, "-c", _STOP_ALONE, "train", "--config", str(cfg), "--no-progress",
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-                               *resume], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=dict(env1, JPEFT_TEST_STOP=case) if i == who else env1)
+    procs = [subprocess.Popen([*prefix[i], sys.executable, "-c", _STOP_ALONE, "train", "--config", str(cfg),
+                               "--no-progress", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i), *resume], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env=dict(env1, JPEFT_TEST_STOP=case) if i == who and denied is None else env1)
              for i in range(2)]
     try:
         outs = [p.communicate(timeout=120)[1] for p in procs]  # both used to hang past 200 s
@@ -1223,6 +1279,8 @@ def test_one_of_two_processes_stopping_alone_ends_both_with_one_line(hf_dir, cap
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        if denied is not None:
+            denied.chmod(0o755)
     assert [p.returncode for p in procs] == ([2, 9] if case == "killed" else [2, 2]), "\n----\n".join(
         o[-3000:] for o in outs)
     if case == "killed":
@@ -1231,9 +1289,16 @@ def test_one_of_two_processes_stopping_alone_ends_both_with_one_line(hf_dir, cap
                                     "job failed (") and "another process left the job (killed, crashed" in lines[-1], outs[0]
         assert "Traceback" not in outs[0] and not outs[1].strip()
         return
-    if case == "resume_unreadable":
+    if case == "resume_unreadable" and denied is not None:  # says what it found, and keeps the checkpoint
+        mine = [ln for ln in outs[1].splitlines() if ln.startswith("jpeft train: error:")]
+        assert len(mine) == 1 and mine[0].startswith(
+            f"jpeft train: error: CheckpointUnreadableError: checkpoint step 2 in {denied.parents[2]} cannot be read by "
+            f"this process: permission denied on {denied} ("), outs[1]
+        assert "move its folder" not in mine[0] and "corrupted" not in mine[0], mine[0]
+    elif case == "resume_unreadable":
         assert outs[1].splitlines()[-1].startswith("jpeft train: error: CheckpointError: checkpoint step 2 cannot be "
                                                    "read on this host"), outs[1]
+    if case == "resume_unreadable":
         line = outs[0].splitlines()[-1]  # the closed connection of the read, or process 1's announcement
         assert line.startswith("jpeft train: error: DistributedError: ") and "corrupted" not in line, outs[0]
         assert "Traceback" not in outs[0] and (hf_dir / name / "checkpoints" / "2").is_dir()

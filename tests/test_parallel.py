@@ -582,6 +582,60 @@ def test_host_reads_of_an_array_split_across_processes_are_refused_by_name():
     assert all(want in o for o in outs), "\n----\n".join(o[-3000:] for o in outs)
 
 
+_USER_SCRIPT = r"""
+import sys
+from jpeft import distributed as dist
+port, me, fail = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+dist.initialize(f"127.0.0.1:{port}", 2, me)  # docs/SCALING.md's pattern, as a user writes it
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np, optax
+import jpeft
+model = nn.Dense(4)
+mesh = jpeft.make_mesh()
+params = jpeft.shard_params(model.init(jax.random.key(0), jnp.zeros((1, 8))), mesh)
+adapter = jpeft.shard_adapter(jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1)), mesh,
+                              params)
+opt = optax.sgd(1e-2)
+loss_fn = lambda p, a, b, k: jnp.mean((jpeft.apply(model, p, a, b["x"]) - 1.0) ** 2)
+step = jpeft.make_sharded_train_step(loss_fn, opt, mesh)
+def batches():
+    for i in range(4):
+        if fail == "bad_batch" and i == 2:  # this host's rows cannot be read
+            raise ValueError("row 2 of this host's data file is damaged")
+        yield dist.global_batch(dist.host_local_batch({"x": np.full((4, 8), i, np.float32)}), mesh)
+result = jpeft.fit(step, params, adapter, jpeft.init_opt_state(opt, adapter), batches(), key=jax.random.key(2))
+host = dist.gather(result.adapter)
+def save(tree):
+    if fail == "full_disk":
+        raise OSError(28, "No space left on device")
+dist.on_main_process(save, host)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["full_disk", "bad_batch"])
+def test_a_users_two_process_script_ends_both_processes_when_one_fails(tmp_path, case):
+    """A user's own script built on the helpers docs/SCALING.md teaches (``initialize``,
+    ``global_batch``, ``jpeft.fit``, ``gather``, ``on_main_process``), run as two processes,
+    one of which raises an exception it does not catch: process 0's write in
+    ``on_main_process`` (a full disk), or process 1's data in the middle of ``fit``. The other
+    process used to wait for it in the next barrier or step (over 150 s measured, killed), while
+    the failing one waited in ``jax.distributed``'s shutdown and then aborted with a C++ stack.
+    Now the failing process prints its traceback and ends with status 1, and the other ends
+    with one ``DistributedError`` line naming it (``initialize``'s ``fail_together``)."""
+    who = 0 if case == "full_disk" else 1
+    port = C.free_port()
+    outs, codes = C.run_processes([[sys.executable, "-c", _USER_SCRIPT, str(port), str(i), case if i == who else ""]
+                                   for i in range(2)], env=_env(1), timeout=150)
+    assert codes == [1, 1], "\n----\n".join(o[-3000:] for o in outs)
+    error = {"full_disk": "OSError: [Errno 28] No space left on device",
+             "bad_batch": "ValueError: row 2 of this host's data file is damaged"}[case]
+    mine, other = outs[who].splitlines(), outs[1 - who].splitlines()
+    assert "Traceback (most recent call last):" in mine and mine[-1] == error, outs[who]
+    assert other[-1].startswith(f"jpeft.errors.DistributedError: process {who} of this job stopped: {error}; this "
+                                "process stops too"), outs[1 - who]
+    assert "Traceback" not in outs[1 - who] and "finished" not in outs[0] + outs[1]
+
+
 def test_two_processes_match_one(tmp_path):
     steps = 10
     args = ["--steps", str(steps), "--fsdp", "2", "--width", str(C.WIDTH), "--layers", str(C.LAYERS),

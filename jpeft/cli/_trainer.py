@@ -28,7 +28,8 @@ from jpeft.cli._common import method_class, method_name_of, method_of, say as _s
 from jpeft.cli._model import load_folder
 from jpeft.core import logits_of
 from jpeft.data import load_examples, model_inputs, PackedDataset, text_encoder
-from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, DistributedError, SaveError, ShardingError
+from jpeft.errors import (BaseMismatchError, CheckpointError, CheckpointUnreadableError, ConfigError, DistributedError,
+                          SaveError, ShardingError)
 from jpeft.forgetting.guard import current_lr_scale
 from jpeft.io import atomic_write, check_folder
 from jpeft.models import LlamaForCausalLM, loading
@@ -844,6 +845,8 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
             f"the checkpoints in {out_dir!r} were saved for a different base model than this config's `model` "
             f"({str(e).split('. ')[0]}); resume with the model (and train.scan_layers) of that run, or choose another "
             "output_dir.") from None
+    except CheckpointUnreadableError:  # intact, but not for this process: its message says how to fix that
+        raise
     except CheckpointError as e:
         if "optimizer state of another optimizer" not in str(e):
             kept = ckpts.all_steps()

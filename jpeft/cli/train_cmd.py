@@ -415,7 +415,7 @@ def run(args) -> int:
         or args.cluster_auto
     if joined:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               auto=True if args.cluster_auto else None)
+                               auto=True if args.cluster_auto else None, fail_together=False)  # cli._end does it
         _sigterm_as_ctrl_c()
         distributed.watch_for_failures(_another_process_failed)
     try:
