@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.core import RoundingTally
-from jpeft.errors import ConfigError, InputValidationError, LoadError, SaveError
+from jpeft.errors import ConfigError, InputValidationError, SaveError
 from jpeft.io import safetensors_index
 from jpeft.tree import is_half_float
 from jpeft.parallel import shard_params
