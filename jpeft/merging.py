@@ -15,12 +15,16 @@ weights ``w_i``:
 * ``"dare_linear"`` / ``"dare_ties"`` (Yu et al. 2024): drop each entry of ``ΔW_i`` with
   probability ``1 - density`` and rescale the kept ones by ``1 / density`` (so the update is
   unchanged in expectation), then merge linearly or with TIES' sign election.
+* ``"magnitude_prune"``: trim each ``ΔW_i`` as TIES does, then ``Σ w_i trim(ΔW_i)`` (no sign
+  election).
 
 These follow Hugging Face PEFT's ``peft.utils.merge_utils`` functions (same trimming, sign
 election and disjoint mean). One difference: PEFT's ``add_weighted_adapter`` applies
-``"linear"``, ``"ties"`` and ``"dare_*"`` to the A and B factors separately (``"linear"`` then
-carries cross terms ``A_i B_j``); jpeft always merges the effective updates, which is what
-the methods are defined on (PEFT's ``*_svd`` variants).
+``"linear"``, ``"ties"``, ``"dare_*"`` and ``"magnitude_prune"`` to the A and B factors
+separately (``"linear"`` then carries cross terms ``A_i B_j``); jpeft merges the effective
+updates, which is what the methods are defined on (PEFT's ``*_svd`` variants: jpeft's
+``"ties"`` is PEFT's ``"ties_svd"``). ``merge_adapters(..., factors=True)`` combines the factors
+as PEFT's ``add_weighted_adapter`` does, for code that must give PEFT's numbers.
 
 Three entry points:
 
@@ -51,8 +55,11 @@ from jpeft.methods.base import (Layout, LowRank, check_adapter, check_kernel_fn_
 from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
 
-METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
-_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties")
+METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+_NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+#: the methods ``merge_adapters(..., factors=True)`` applies to A and B separately, as PEFT's
+#: ``add_weighted_adapter`` applies the combination types of these names
+FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SIGN_METHODS = ("total", "frequency")
 
 #: an adapter whose sites are low-rank updates (``node.low_rank()``: LoRA)
@@ -145,8 +152,10 @@ def _combine(tensors, w, method, density, majority_sign, key):
     stacked = jnp.stack([jnp.asarray(t, jnp.float32) for t in tensors])
     if method in ("linear", "cat", "svd"):
         return _weighted(stacked, w).sum(axis=0)
-    if method == "ties":
+    if method in ("ties", "magnitude_prune"):
         trimmed = jnp.stack([magnitude_prune(t, density) for t in stacked])
+        if method == "magnitude_prune":
+            return _weighted(trimmed, w).sum(axis=0)
         mask = majority_sign_mask(trimmed, majority_sign)
         return disjoint_merge(_weighted(trimmed, w), mask)
     if method in ("dare_linear", "dare_ties"):
@@ -172,7 +181,11 @@ def _check_method(method, density, key, what: str) -> None:
     """The merge method's own arguments: a known method, ``density`` in (0, 1] where it prunes,
     a ``jax.random`` key where it drops at random (``what``: the things merged, for the message)."""
     if method not in METHODS:
-        raise ConfigError(f"unknown merge method {method!r}; choose one of {METHODS}.")
+        peft = ""
+        if isinstance(method, str) and method.endswith("_svd") and method[:-4] in METHODS:
+            peft = (f" (Hugging Face PEFT's {method!r} combines the updates, then factors them by SVD: that is "
+                    f"jpeft's {method[:-4]!r}, with rank= for svd_rank)")
+        raise ConfigError(f"unknown merge method {method!r}; choose one of {METHODS}{peft}.")
     if method in _NEEDS_DENSITY and (not _is_number(density) or not 0.0 < float(density) <= 1.0):
         raise ConfigError(f"method {method!r} needs density in (0, 1] (the fraction of each {what}'s entries kept); "
                           f"found {density!r}.")
@@ -265,8 +278,8 @@ def merge_deltas(
         counts as a zero update for it.
       weights: one weight per adapter (default: all 1).
       method: one of ``"linear"``, ``"cat"``, ``"svd"``, ``"ties"``, ``"dare_linear"``,
-        ``"dare_ties"`` (see the module docstring).
-      density: for TIES and DARE, the fraction of entries kept, in ``(0, 1]``.
+        ``"dare_ties"``, ``"magnitude_prune"`` (see the module docstring).
+      density: for TIES, DARE and magnitude pruning, the fraction of entries kept, in ``(0, 1]``.
       majority_sign: TIES sign election, ``"total"`` or ``"frequency"``.
       key: a ``jax.random`` key (DARE only).
 
@@ -316,11 +329,20 @@ def merge_adapters(
     density: Optional[float] = None,
     majority_sign: str = "total",
     key=None,
+    factors: bool = False,
 ) -> dict:
     """Merges LoRA adapters into one LoRA adapter (``scale`` 1, factors in float32).
 
     Args:
       adapters, weights, method, density, majority_sign, key: as in :func:`merge_deltas`.
+      factors: ``True`` combines the A factors and the B factors separately, as Hugging Face
+        PEFT's ``add_weighted_adapter`` does for the combination types ``"linear"``, ``"ties"``,
+        ``"dare_linear"``, ``"dare_ties"`` and ``"magnitude_prune"`` (weights
+        ``±sqrt(|w_i s_i|)`` on A, ``sqrt(|w_i s_i|)`` on B; the update is then not
+        ``Σ w_i ΔW_i`` but carries cross terms ``A_i B_j``): for code that must give PEFT's
+        numbers. It needs equal ranks at each site, takes no ``rank``, and, as PEFT, merges a
+        single adapter linearly. ``False`` (default) merges the effective updates ``ΔW_i``, as
+        the methods are defined (PEFT's ``"cat"``, ``"svd"`` and ``*_svd`` types do the same).
       rank: the merged adapter's rank. ``None`` means: for ``"linear"`` and ``"cat"`` the
         exact concatenation (rank ``Σ r_i`` per site; no truncation), for the other methods
         the largest input rank (as Hugging Face PEFT's ``*_svd`` merges do). An integer
@@ -341,6 +363,8 @@ def merge_adapters(
     >>> bool(jnp.allclose(m[""].delta_matrix(), want, atol=1e-6))
     True
     """
+    if factors:
+        return _merge_factors(adapters, weights, method, rank, density, majority_sign, key)
     if method == "cat" and rank is not None:
         raise ConfigError("method 'cat' is exact (its rank is the sum of the input ranks); use method='svd' with a rank.")
     if rank is not None and rank != "full" and (not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1):
@@ -358,6 +382,38 @@ def merge_adapters(
         r = min(lay.in_features, lay.out_features) if rank == "full" else int(rank or default_rank)
         a, b = _factor(d, r)
         out[path] = low_rank_node(sites[path]._replace(a=a, b=b))
+    return out
+
+
+def _merge_factors(adapters, weights, method, rank, density, majority_sign, key) -> dict:
+    """PEFT's ``add_weighted_adapter`` for the types it applies to A and B separately
+    (``_generalized_task_arithmetic_weighted_adapter``)."""
+    adapters, weights, sites = _validate(adapters, weights, method, density, majority_sign, key)
+    if method not in FACTOR_METHODS:
+        raise ConfigError(f"factors=True combines the A and B factors separately, as PEFT's add_weighted_adapter "
+                          f"does for {FACTOR_METHODS}; found method {method!r}, which PEFT computes as jpeft does "
+                          "without factors (use factors=False).")
+    if rank is not None:
+        raise ConfigError(f"factors=True keeps the inputs' rank (PEFT's add_weighted_adapter does for {method!r}); "
+                          f"found rank={rank!r}. Leave rank out, or use factors=False to factor the merged update.")
+    if len(adapters) == 1:  # as PEFT: one adapter is merged linearly (density ignored)
+        method = "linear"
+    out = {}
+    for path, site in sites.items():
+        have = [(ad[path], w) for ad, w in zip(adapters, weights) if path in ad]
+        ranks = sorted({int(lr.a.shape[-1]) for lr, _ in have})
+        if len(ranks) > 1:
+            raise ConfigError(f"factors=True adds the adapters' A and B factors entrywise, as PEFT's "
+                              f"add_weighted_adapter does for {method!r}, which needs equal ranks; found ranks {ranks} "
+                              f"at {path!r}. Use factors=False (the updates), or method 'cat' or 'svd'.")
+        sw = [w * float(lr.scale) for lr, w in have]
+        wa = jnp.asarray([math.copysign(math.sqrt(abs(x)), 1.0 if x >= 0 else -1.0) for x in sw], jnp.float32)
+        wb = jnp.asarray([math.sqrt(abs(x)) for x in sw], jnp.float32)
+        k = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        ka, kb = (None, None) if k is None else jax.random.split(k)
+        a = _combine([lr.a for lr, _ in have], wa, method, density, majority_sign, ka)
+        b = _combine([lr.b for lr, _ in have], wb, method, density, majority_sign, kb)
+        out[path] = low_rank_node(site._replace(a=a, b=b))
     return out
 
 
@@ -447,6 +503,7 @@ def merge_into_base(
 
 __all__ = [
     "METHODS",
+    "FACTOR_METHODS",
     "merge_adapters",
     "merge_deltas",
     "merge_into_base",
