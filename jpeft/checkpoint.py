@@ -331,6 +331,10 @@ class CheckpointManager:
       read_only: open for reading and restoring only (``jpeft export --adapter
         runs/x/checkpoints/30``): nothing is created or deleted, so a run that is still
         writing keeps its temporary directories; :meth:`save` raises :class:`ConfigError`.
+
+    Raises:
+      CheckpointUnreadableError: this process may not list ``directory`` or a step folder in it
+        (another user's run with umask 077); names it and how to give access.
     """
 
     def __init__(
@@ -391,7 +395,13 @@ class CheckpointManager:
         self._pending: Optional[int] = None  # the step of the last asynchronous save started
         self._damaged: set[int] = set()  # steps restore_latest(fallback=True) skipped as damaged
         with _quiet_read_only_notes():
-            self._mngr = self._open()
+            try:
+                self._mngr = self._open()
+            except PermissionError:  # the folder of another user (umask 077): intact, but closed to this process
+                denied = _first_unreadable(self.directory)
+                if denied is None:  # not a read: e.g. a folder this process may not write into
+                    raise
+                raise _unreadable_error(f"the checkpoints in {self.directory}", denied, self.directory) from None
         if async_save and not self.read_only:
             global _EXIT_HOOK
             if not _EXIT_HOOK:
@@ -1030,16 +1040,7 @@ class CheckpointManager:
         denied = _first_unreadable(folder)
         if denied is None:
             return
-        try:
-            st = os.lstat(denied)
-            whose = f"mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}; "
-        except OSError:  # a file in a folder this process may not enter
-            whose = ""
-        raise CheckpointUnreadableError(
-            f"checkpoint step {step} in {self.directory} cannot be read by this process: permission denied on "
-            f"{denied} ({whose}this process runs as uid {os.geteuid()}). Nothing says the checkpoint is damaged: keep "
-            f"it. Give this process read access to every file and folder under {folder} (e.g. `chmod -R a+rX "
-            f"{folder}`, or run as the user that wrote it) and run again.") from None
+        raise _unreadable_error(f"checkpoint step {step} in {self.directory}", denied, folder) from None
 
     def _restore(self, step, adapter, opt_state, shardings, allow_base_mismatch) -> TrainState:
         step, meta = self._step_meta(step, allow_base_mismatch)
@@ -1163,6 +1164,21 @@ class CheckpointManager:
             if sha256_hex(whole) != index[name]["sha256"]:
                 raise CheckpointError(f"{where} is corrupted: the bytes of {name!r} do not match their SHA-256 in the metadata.")
         return flat
+
+
+def _unreadable_error(what: str, denied: Path, folder: Path) -> CheckpointUnreadableError:
+    """The error for ``what`` (checkpoints or one step), which this process may not read:
+    ``denied``, the first file or folder under ``folder`` it may not open or list."""
+    try:
+        st = os.lstat(denied)
+        whose = f"mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}; "
+    except OSError:  # a file in a folder this process may not enter
+        whose = ""
+    return CheckpointUnreadableError(
+        f"{what} cannot be read by this process: permission denied on {denied} ({whose}this process runs as uid "
+        f"{os.geteuid()}). Nothing says the checkpoint is damaged: keep it. Give this process read access to every "
+        f"file and folder under {folder} (e.g. `chmod -R a+rX {folder}`, or run as the user that wrote it) and run "
+        "again.")
 
 
 def _first_unreadable(folder: Path) -> Optional[Path]:

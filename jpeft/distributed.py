@@ -96,8 +96,9 @@ def initialize(
         ``jpeft.errors.DistributedError`` line naming it, exit status 1
         (:func:`watch_for_failures`). Without this the others wait for it in the next
         collective operation or barrier until JAX aborts them (minutes, a C++ stack), while it
-        waits for them in ``jax.distributed``'s shutdown. ``False`` leaves Python's and JAX's
-        behaviour as it is.
+        waits for them in ``jax.distributed``'s shutdown. An error at an interactive prompt
+        (``python``, ``python -i``, ``code.interact``) ends no process: it is printed and the
+        prompt goes on, as without this. ``False`` leaves Python's and JAX's behaviour as it is.
 
     Raises:
       DistributedError: when only some of ``coordinator_address``, ``num_processes`` and
@@ -522,13 +523,22 @@ def _print_failure(message: str) -> int:
 _python_hook = None  # sys.excepthook as found by _end_together
 
 
+def _at_prompt() -> bool:
+    """Whether an exception nobody caught leaves this process running: an interactive prompt
+    (``sys.ps1`` is set by Python's prompt and ``code.interact``, which call ``sys.excepthook``
+    for every error typed there) or ``python -i`` (a script's error opens the prompt)."""
+    return hasattr(sys, "ps1") or bool(sys.flags.inspect) or bool(os.environ.get("PYTHONINSPECT"))
+
+
 def _leave_on_uncaught(kind, value, tb) -> None:
     """``sys.excepthook`` of a process joined with ``fail_together``: an exception nobody
     caught ends this process, and Python's exit would wait for the others in
     ``jax.distributed``'s shutdown while they wait for this one in a collective operation.
     Prints the traceback (one line when it is a consequence of another process leaving),
-    tells the others why and ends at once (:func:`leave_job_now`)."""
-    if coordination_client() is None:  # left the job already (shutdown)
+    tells the others why and ends at once (:func:`leave_job_now`). At an interactive prompt
+    (``python``, ``python -i``, ``code.interact``) the exception ends nothing: Python prints it
+    and reads the next line, so this hook does only that."""
+    if coordination_client() is None or _at_prompt():  # left the job already (shutdown), or the prompt goes on
         _python_hook(kind, value, tb)
         return
     if not claim_exit():

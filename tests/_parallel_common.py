@@ -25,12 +25,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(commands, *, env, timeout: float = 300, cwd: str = ROOT) -> tuple[list[str], list[int]]:
+def run_processes(commands, *, env, timeout: float = 300, cwd: str = ROOT, stdin=None) -> tuple[list[str], list[int]]:
     """Runs one process per command at once (stdout and stderr together), waits for each and kills
-    any still running after ``timeout`` seconds (or an error); ``(outputs, return codes)``."""
-    procs = [subprocess.Popen(c, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    any still running after ``timeout`` seconds (or an error); ``(outputs, return codes)``.
+    ``stdin``: the text each process reads from its standard input (what is typed at its prompt)."""
+    procs = [subprocess.Popen(c, env=env, cwd=cwd, stdin=None if stdin is None else subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in commands]
     try:
+        for p, text in zip(procs, stdin or ()):  # every process's whole input first: each may wait for another's
+            p.stdin.write(text)
+            p.stdin.close()  # a prompt reading a pipe reads up to its end
+            p.stdin = None  # communicate then only reads
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:

@@ -1041,6 +1041,39 @@ def test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_k
     assert r.returncode == 0 and "resumed from step 2" in r.stderr, r.stderr
 
 
+def test_checkpoints_in_a_folder_this_process_may_not_list_are_refused_by_name_when_opened(tmp_path):
+    """Checkpoints of another user's run with umask 077 (every folder drwx------), or a step folder
+    whose mode was changed by hand: ``CheckpointManager(...)`` itself, reading or writing, raised a
+    bare PermissionError from its check of the step names (on --resume too), before any restore
+    could say CheckpointUnreadableError. It now names the folder this process may not list and how
+    to give access; given access, the step restores."""
+    if not _chmod_stops_writes(tmp_path):  # root: run this test again in a pytest without the override
+        _rerun_without_dac_override(
+            tmp_path, "test_checkpoints_in_a_folder_this_process_may_not_list_are_refused_by_name_when_opened")
+        return
+    from jpeft.checkpoint import CheckpointManager
+    from jpeft.errors import CheckpointUnreadableError
+
+    params = {"params": {"d": {"kernel": np.ones((8, 4), np.float32)}}}
+    cfg = jpeft.LoraConfig(r=2, target_modules=["d"])
+    adapter = jpeft.init(cfg, params, jax.random.key(0))
+    ckpts = tmp_path / "ckpts"
+    m = CheckpointManager(ckpts, cfg, params, async_save=False)
+    m.save(1, adapter)
+    m.close()
+    for denied in (ckpts / "1", ckpts):
+        denied.chmod(0o000)
+        try:
+            for read_only in (True, False):
+                with pytest.raises(CheckpointUnreadableError, match=f"cannot be read by this process: permission denied "
+                                                                    f"on {re.escape(str(denied))} "):
+                    CheckpointManager(ckpts, cfg, params, read_only=read_only)
+        finally:
+            denied.chmod(0o755)
+    m = CheckpointManager(ckpts, cfg, params, read_only=True)
+    assert m.restore_latest().step == 1
+
+
 def _wait_for_steps(p, metrics, n=2, timeout=240):
     """Waits until ``metrics`` (a run's metrics.jsonl) holds ``n`` records or ``p`` ended."""
     deadline = time.time() + timeout

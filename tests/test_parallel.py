@@ -636,6 +636,23 @@ def test_a_users_two_process_script_ends_both_processes_when_one_fails(tmp_path,
     assert "Traceback" not in outs[1 - who] and "finished" not in outs[0] + outs[1]
 
 
+def test_an_error_typed_at_one_processs_prompt_ends_no_process():
+    """Two processes joined by ``initialize`` (``fail_together`` by default) at Python's
+    interactive prompt (``python -i``), as one explores a job by hand: a typo at process 1's
+    prompt ended both processes with status 1 (``sys.excepthook`` announced it as a process
+    stopping), losing both sessions. The prompt prints the error and goes on, as Python does:
+    both then meet in a collective operation and exit normally."""
+    port = C.free_port()
+    init = f"from jpeft import distributed as dist; dist.initialize('127.0.0.1:{port}', 2, %d)"
+    after = ("from jax.experimental import multihost_utils\n"
+             "multihost_utils.sync_global_devices('after_the_typo'); print('synced', flush=True)\n")
+    outs, codes = C.run_processes([[sys.executable, "-i", "-c", init % i] for i in range(2)], env=_env(1), timeout=150,
+                                  stdin=[after, "undefined_name\n" + after])
+    assert codes == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
+    assert "NameError: name 'undefined_name' is not defined" in outs[1], outs[1]
+    assert all("synced" in o and "DistributedError" not in o for o in outs), "\n----\n".join(outs)
+
+
 def test_two_processes_match_one(tmp_path):
     steps = 10
     args = ["--steps", str(steps), "--fsdp", "2", "--width", str(C.WIDTH), "--layers", str(C.LAYERS),
