@@ -36,13 +36,16 @@ import copy
 import dataclasses
 import errno
 import fcntl
+import gc
 import logging
 import math
 import os
 import shutil
 import stat
+import sys
 import threading
 import time
+import traceback
 import uuid
 import warnings
 import weakref
@@ -111,6 +114,68 @@ def _quiet_read_only_notes():
         yield
     finally:
         log.removeFilter(f)
+
+
+def _closed_loop_callback(unraisable) -> bool:
+    """Whether ``unraisable`` is a read of an aborted Orbax restore reporting to its closed loop.
+
+    Orbax runs a restore's reads on an event loop of its own and closes it as soon as one read
+    fails (a damaged or unreadable file); the other reads go on in tensorstore's threads, and each
+    that completes calls the closed loop's ``call_soon_threadsafe`` from C, which Python prints as
+    an unraisable "RuntimeError: Event loop is closed" traceback with no caller: one per array,
+    around jpeft's own error line. Nothing can act on them; anything else is not this."""
+    if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != "Event loop is closed":
+        return False
+    tb = unraisable.exc_traceback
+    return tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe" and \
+        unraisable.object is None and isinstance(threading.current_thread(), threading._DummyThread)
+
+
+#: step folders whose restore failed part-way: asyncio's reports of their stray reads are dropped (see below)
+_ABORTED_READS: set = set()
+
+
+def _drop_aborted_read_tasks(record: logging.LogRecord) -> bool:
+    """asyncio's "Task/Future exception was never retrieved" for the other reads of a restore that
+    failed (each names its own read error in that step's folder, logged whenever the garbage
+    collector frees it, even after the restore's error was handled): the restore's error says it."""
+    msg = record.getMessage()
+    return not ("exception was never retrieved" in msg and any(d in msg for d in _ABORTED_READS))
+
+
+@contextlib.contextmanager
+def _quiet_aborted_reads(folder, quiet: float = 0.2, limit: float = 2.0):
+    """Drops :func:`_closed_loop_callback` reports while an Orbax restore of the step folder
+    ``folder`` runs, and after one that failed, until its stray reads have ended (``quiet`` seconds
+    without one, ``limit`` at most); every other unraisable error goes to the hook that was in
+    place. After a failure, asyncio's reports of that folder's unretrieved reads are dropped too."""
+    previous, last = sys.unraisablehook, [time.monotonic()]
+
+    def hook(unraisable):
+        if _closed_loop_callback(unraisable):
+            last[0] = time.monotonic()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException as e:
+        if not _ABORTED_READS:
+            logging.getLogger("asyncio").addFilter(_drop_aborted_read_tasks)
+        _ABORTED_READS.add(os.path.join(str(Path(folder).resolve()), ""))  # ".../1/", not ".../10"
+        last[0] = time.monotonic()  # the stray reads may not have reported yet
+        end = last[0] + limit
+        while time.monotonic() < end and time.monotonic() - last[0] < quiet:
+            time.sleep(0.02)
+        # the aborted reads' tasks, held by the locals of the failed restore's frames: freed now, not when the caller
+        # lets go of the error (the frames' code and lines stay for a traceback)
+        traceback.clear_frames(e.__traceback__)
+        gc.collect()
+        raise
+    finally:
+        if sys.unraisablehook is hook:  # another hook put in place meanwhile chains to this one: keep it
+            sys.unraisablehook = previous
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1132,7 +1197,8 @@ class CheckpointManager:
         metadata index (names, shapes, dtypes, SHA-256 where recorded)."""
         ocp = _ocp()
         try:
-            restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            with _quiet_aborted_reads(self._step_dir(step)):
+                restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
             state = restored["state"]
         except Exception as e:
             if lost_peer(e):  # every process reads its shards together: not a damaged checkpoint, which must be kept

@@ -744,6 +744,30 @@ def test_odd_paths_and_routes_get_openai_shaped_errors_not_plain_text_500():
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text
 
 
+def test_max_tokens_and_max_completion_tokens_that_differ_are_refused_not_one_silently_chosen():
+    """A request with max_tokens=5 and max_completion_tokens=2 generated 5 tokens: max_tokens won
+    without a word, though OpenAI deprecates it for max_completion_tokens (and vLLM takes the latter).
+    Differing values are a 400 naming both; equal values, or either alone, set the limit."""
+    from starlette.testclient import TestClient
+
+    from jpeft.bank import AdapterBank
+    from jpeft.serve import Engine
+    from jpeft.serve.app import Server, make_app
+
+    eng = Engine(MODEL, PARAMS, AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=2), slots=1, max_len=32)
+    server = Server(eng, base_name="tiny", tokenizer=_word_tokenizer(WORDS), adapters_root=os.getcwd(),
+                    loader=lambda path: pytest.fail("must not load"))
+    with TestClient(make_app(server), raise_server_exceptions=False) as client:
+        body = {"model": "a", "prompt": PROMPT, "temperature": 0}
+        r = client.post("/v1/completions", json={**body, "max_tokens": 5, "max_completion_tokens": 2})
+        err = r.json()["error"]
+        assert r.status_code == 400 and "'max_tokens' (5)" in err["message"], r.text
+        assert "'max_completion_tokens' (2)" in err["message"] and err["param"] == "max_completion_tokens", r.text
+        for limits in ({"max_tokens": 2, "max_completion_tokens": 2}, {"max_completion_tokens": 2}, {"max_tokens": 2}):
+            r = client.post("/v1/completions", json={**body, **limits})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, (limits, r.text)
+
+
 def test_a_streamed_request_that_timed_out_in_the_queue_reports_503_not_504():
     """A streaming request that never got a slot was reported inside the stream as 504 (the code of a
     request that ran past --request-timeout), where the same request without streaming gets the

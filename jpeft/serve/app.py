@@ -199,9 +199,14 @@ class Server:
         if self.closing:
             raise ApiError(503, "the server is shutting down; send the request to another server, or retry once it "
                            "has restarted.", "server_error")
-        max_tokens = _int(body, "max_tokens", None, 1)
+        max_tokens, max_completion = _int(body, "max_tokens", None, 1), _int(body, "max_completion_tokens", None, 1)
+        if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+            # OpenAI deprecates max_tokens for max_completion_tokens; vLLM takes the latter: neither is safe to assume
+            raise _bad(f"'max_tokens' ({max_tokens}) and 'max_completion_tokens' ({max_completion}) differ; they are "
+                       "one limit (max_tokens is OpenAI's deprecated name for it): send one of them.",
+                       "max_completion_tokens")
         if max_tokens is None:
-            max_tokens = _int(body, "max_completion_tokens", None, 1)
+            max_tokens = max_completion
         if max_tokens is None:
             max_tokens = max_default if max_default is not None else max(1, self.engine.max_len - len(ids))
         seed = _int(body, "seed", None, 0)
