@@ -98,6 +98,30 @@ def hf_model(family: str):
     return model, folder
 
 
+def peft_with_adapters(hf, cases: dict, seed: int = 0):
+    """A PeftModel (eval mode) of a copy of ``hf`` holding each of ``cases`` (``{name: peft.LoraConfig
+    kwargs}``) under its name, every LoRA tensor random (``0.3 * N(0, 1)``: PEFT's zero B, and
+    any other tensor left at its init value, hide bugs)."""
+    import copy
+
+    import peft
+    import torch
+
+    pm = None
+    for name, kw in cases.items():
+        cfg = peft.LoraConfig(**kw)
+        if pm is None:
+            pm = peft.get_peft_model(copy.deepcopy(hf), cfg, adapter_name=name)
+        else:
+            pm.add_adapter(name, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return pm.eval()
+
+
 def batch(family: str, seed: int = 0):
     """``(ids, mask)`` numpy int arrays [3, 8]: left padding for decoders, right for BERT."""
     rng = np.random.default_rng(seed)

@@ -664,7 +664,6 @@ def test_peft_lora_bias_adapters_in_one_bank_equal_peft_mixed_batch(tmp_path):
     import os
     import sys
 
-    import peft
     import torch
 
     from jpeft.hf import load_peft
@@ -676,16 +675,7 @@ def test_peft_lora_bias_adapters_in_one_bank_equal_peft_mixed_batch(tmp_path):
              "plain": dict(r=3, lora_alpha=5, use_rslora=True, target_modules=["v_proj", "down_proj", "lm_head"]),
              "b2": dict(r=4, lora_alpha=3, target_modules=["o_proj", "q_proj", "lm_head"], lora_bias=True)}
     hf = T.hf_model("llama2")[0]
-    pm = None
-    for name, kw in cases.items():
-        pm = (peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**kw), adapter_name=name) if pm is None
-              else pm.add_adapter(name, peft.LoraConfig(**kw)) or pm)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    pm.eval()
+    pm = T.peft_with_adapters(hf, cases)
     pm.save_pretrained(str(tmp_path))
     model, params = jpeft.models.from_pretrained(T.hf_model("llama2")[1])
     ads = {n: load_peft(str(tmp_path / n), params)[1] for n in cases}  # PEFT saves named adapters in subfolders

@@ -445,12 +445,10 @@ def test_a_merged_vera_or_adalora_adapter_is_saved_as_lora_not_with_its_inputs_c
 def peft_llama(tmp_path_factory):
     """A tiny Llama under PEFT with LoRA adapters ``x1`` (embed_tokens too) and ``x2`` (rsLoRA,
     lm_head too), every factor random; each loaded into jpeft; and the two models' logits."""
-    import copy
     import os
     import sys
     import warnings
 
-    import peft
     import torch
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -461,18 +459,7 @@ def peft_llama(tmp_path_factory):
     model, params = M.from_pretrained(folder)
     cfgs = {"x1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]),
             "x2": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj", "lm_head"])}
-    pm = None
-    for name, kw in cfgs.items():
-        cfg = peft.LoraConfig(init_lora_weights=False, **kw)
-        pm = peft.get_peft_model(copy.deepcopy(hf), cfg, adapter_name=name) if pm is None else pm
-        if name not in pm.peft_config:
-            pm.add_adapter(name, cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    pm.eval()
+    pm = T.peft_with_adapters(hf, cfgs)
     tmp_path = tmp_path_factory.mktemp("peft_llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
