@@ -407,7 +407,7 @@ def _merge_factors(adapters, weights, method, rank, density, majority_sign, key)
                               f"add_weighted_adapter does for {method!r}, which needs equal ranks; found ranks {ranks} "
                               f"at {path!r}. Use factors=False (the updates), or method 'cat' or 'svd'.")
         sw = [w * float(lr.scale) for lr, w in have]
-        wa = jnp.asarray([math.copysign(math.sqrt(abs(x)), 1.0 if x >= 0 else -1.0) for x in sw], jnp.float32)
+        wa = jnp.asarray([math.copysign(math.sqrt(abs(x)), x) for x in sw], jnp.float32)
         wb = jnp.asarray([math.sqrt(abs(x)) for x in sw], jnp.float32)
         k = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         ka, kb = (None, None) if k is None else jax.random.split(k)
