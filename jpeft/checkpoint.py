@@ -131,7 +131,8 @@ def _closed_loop_callback(unraisable) -> bool:
         unraisable.object is None and isinstance(threading.current_thread(), threading._DummyThread)
 
 
-#: step folders whose restore failed part-way: asyncio's reports of their stray reads are dropped (see below)
+#: step folders being restored, or whose restore failed part-way: asyncio's reports of their stray reads are
+#: dropped (see below)
 _ABORTED_READS: set = set()
 
 
@@ -148,8 +149,16 @@ def _quiet_aborted_reads(folder, quiet: float = 0.2, limit: float = 2.0):
     """Drops :func:`_closed_loop_callback` reports while an Orbax restore of the step folder
     ``folder`` runs, and after one that failed, until its stray reads have ended (``quiet`` seconds
     without one, ``limit`` at most); every other unraisable error goes to the hook that was in
-    place. After a failure, asyncio's reports of that folder's unretrieved reads are dropped too."""
+    place. asyncio's reports of that folder's unretrieved reads are dropped from the start (a failed
+    read's task may be freed, and reported, before the error leaves Orbax) and, after a failure,
+    for good."""
     previous, last = sys.unraisablehook, [time.monotonic()]
+    key = os.path.join(str(Path(folder).resolve()), "")  # ".../1/", not ".../10"
+    keys = {key, os.path.join(os.path.abspath(folder), "")}  # the message names the folder as Orbax was given it
+    new_keys = keys - _ABORTED_READS
+    if not _ABORTED_READS:
+        logging.getLogger("asyncio").addFilter(_drop_aborted_read_tasks)
+    _ABORTED_READS.update(keys)
 
     def hook(unraisable):
         if _closed_loop_callback(unraisable):
@@ -161,9 +170,7 @@ def _quiet_aborted_reads(folder, quiet: float = 0.2, limit: float = 2.0):
     try:
         yield
     except BaseException as e:
-        if not _ABORTED_READS:
-            logging.getLogger("asyncio").addFilter(_drop_aborted_read_tasks)
-        _ABORTED_READS.add(os.path.join(str(Path(folder).resolve()), ""))  # ".../1/", not ".../10"
+        new_keys = set()  # kept: the stray reads may be freed, and reported, at any later time
         last[0] = time.monotonic()  # the stray reads may not have reported yet
         end = last[0] + limit
         while time.monotonic() < end and time.monotonic() - last[0] < quiet:
@@ -174,6 +181,7 @@ def _quiet_aborted_reads(folder, quiet: float = 0.2, limit: float = 2.0):
         gc.collect()
         raise
     finally:
+        _ABORTED_READS.difference_update(new_keys)  # a restore that succeeded leaves no stray reads
         if sys.unraisablehook is hook:  # another hook put in place meanwhile chains to this one: keep it
             sys.unraisablehook = previous
 
