@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as _linen_dtypes
+from flax.linen import module as _linen_module  # only the capture_intermediates filter of the apply in progress
 from flax.nnx.nn import dtypes as _nnx_dtypes  # only its default promote_dtype, a known function (jpeft._nnx adapts NNX)
 
 from jpeft import quant, scan
@@ -161,10 +162,18 @@ def _dequantized_call(ctx, args, kwargs, redirect):
 
     The re-run is a ``jax.checkpoint`` that saves nothing: the backward pass dequantizes the
     kernel again instead of keeping every layer's full-precision kernel alive from the forward
-    pass to the backward pass (which would hold a dequantized copy of the model)."""
+    pass to the backward pass (which would hold a dequantized copy of the model).
+
+    The clone runs with the collections the caller's apply may change (``mutable=``, e.g.
+    ``"intermediates"`` or ``"batch_stats"``) and its ``capture_intermediates`` filter, and what
+    it wrote goes back into the module's own scope: a ``sow`` inside the module or its children
+    was dropped with no word, and a child's ``batch_stats`` update raised flax's raw
+    ``ModifyScopeVariableError``."""
     mod = ctx.module
     own = _own_params(mod)
     others = {k: v for k, v in mod.variables.items() if k not in ("params", scan.COLLECTION)}
+    mutable = mod.scope.mutable if mod.scope is not None else False
+    capture = _capture_below_root()
     rng = mod.make_rng("dropout") if mod.has_rng("dropout") else None
     leaves, tree = jax.tree.flatten((args, kwargs))
     where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
@@ -177,17 +186,34 @@ def _dequantized_call(ctx, args, kwargs, redirect):
         variables = {**others, "params": {k: quant.dequantize_array(v) for k, v in own.items()}}
         token, prefix = _REDIRECT.set(redirect), _PREFIX.set(redirect[0])
         try:
-            return mod.clone(parent=None).apply(variables, *a, method=ctx.method_name,
-                                                rngs=None if rng is None else {"dropout": rng}, **kw)
+            out = mod.clone(parent=None).apply(variables, *a, method=ctx.method_name, mutable=mutable,
+                                               capture_intermediates=capture,
+                                               rngs=None if rng is None else {"dropout": rng}, **kw)
         finally:
             _PREFIX.reset(prefix)
             _REDIRECT.reset(token)
+        return out if mutable is not False else (out, {})
 
     arrays = [leaves[i] for i in where]
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((own, rng, arrays, redirect[1]))):
         run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
     # else: eager, nothing to differentiate (and a checkpoint would compile at every call)
-    return run(own, rng, arrays)
+    out, written = run(own, rng, arrays)
+    for col, tree in written.items():
+        if col not in ("params", scan.COLLECTION):  # the params it ran on are the dequantized copy
+            for name, value in tree.items():
+                mod.put_variable(col, name, value)
+    return out
+
+
+def _capture_below_root():
+    """The ``capture_intermediates`` filter of the apply in progress, for a quantized module's
+    re-run: it captures its children's outputs; its own output is captured where it was called."""
+    stack = _linen_module._context.capture_stack
+    outer = stack[-1] if stack else False
+    if not outer:
+        return False
+    return lambda m, name: isinstance(m.parent, nn.Module) and outer(m, name)
 
 
 def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):

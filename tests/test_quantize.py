@@ -865,3 +865,54 @@ def test_an_adapter_on_a_submodule_of_a_module_with_its_own_quantized_kernel():
             out = jpeft.apply(model, q, ad, x)
             np.testing.assert_allclose(out, jpeft.apply(model, deq, ad, x), rtol=1e-5, atol=1e-5)
             assert np.abs(np.asarray(out) - np.asarray(model.apply(deq, x))).max() > 1e-2  # the adapter acts
+
+
+class _OwnKernelWritingState(nn.Module):
+    """A quantized-kernel module that sows what it computes and has a BatchNorm child."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        h = x @ self.param("kernel", nn.initializers.normal(1.0), (64, 64))
+        self.sow("intermediates", "h", h)
+        h = nn.BatchNorm(use_running_average=not train, momentum=0.5, name="bn")(h)
+        return nn.Dense(32, name="inner")(h)
+
+
+class _OuterWritingModel(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(16, name="head")(_OwnKernelWritingState(name="outer")(x, train))
+
+
+def test_a_module_with_its_own_quantized_kernel_keeps_what_it_writes():
+    """The re-run of a module with a quantized kernel was a clone applied with nothing mutable:
+    its ``sow`` (and ``capture_intermediates`` of its children) was dropped with no word, and
+    its BatchNorm child's ``batch_stats`` update raised flax's raw ModifyScopeVariableError.
+    What it writes now equals what the dequantized base writes, and gradients still flow."""
+    model, x = _OuterWritingModel(), jax.random.normal(jax.random.key(0), (3, 64))
+    variables = model.init(jax.random.key(1), x)
+    q = {**variables, "params": jpeft.quantize(variables["params"], "int8")}
+    deq = {**variables, "params": jpeft.dequantize(q["params"])}
+    assert quant.is_quantized(q["params"]["outer"]["kernel"])
+    ad = _randomised(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["inner", "head"]), q, jax.random.key(2), model, x),
+                     seed=5)
+    for kw in (dict(mutable=["intermediates"]), dict(capture_intermediates=True, mutable=["intermediates"]),
+               dict(train=True, mutable=["batch_stats", "intermediates"])):
+        (got, got_vars), (want, want_vars) = (jpeft.apply(model, v, ad, x, **kw) for v in (q, deq))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert jax.tree.structure(got_vars) == jax.tree.structure(want_vars), kw
+        for a, b in zip(jax.tree.leaves(got_vars), jax.tree.leaves(want_vars)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert "h" in got_vars["intermediates"]["outer"] and "bn" in got_vars["batch_stats"]["outer"]
+
+    @jax.jit
+    def run(v, a):
+        def loss(a):
+            out, new = jpeft.apply(model, v, a, x, train=True, mutable=["batch_stats"])
+            return jnp.mean(jnp.sin(out)), new
+        return jax.value_and_grad(loss, has_aux=True)(a)
+
+    ((got, got_new), g), ((want, want_new), g_deq) = run(q, ad), run(deq, ad)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves((got_new, g)), jax.tree.leaves((want_new, g_deq))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(np.asarray(b)).max())))
