@@ -345,6 +345,22 @@ def _eval_floats(result, step: int) -> dict:
     return out
 
 
+def _host_metrics(metrics: Mapping[str, Any]) -> dict:
+    """A step's scalar metrics as host floats, in one copy: a per-example metric may be split
+    across processes, so only scalars are read. A pmap step's metrics lead with its device axis
+    (its ``loss``, one number per call elsewhere, is then one per device, every device holding
+    the same reduced values): the first device's copy is read, as :func:`jpeft.unreplicate`
+    takes it, so the loss is logged and a skipped step is counted as for the other steps."""
+    def per_device(v) -> bool:  # one element on each of the devices it spans
+        return (isinstance(v, jax.Array) and v.ndim == 1 and len(v.sharding.device_set) == v.shape[0]
+                and all(sh.data.shape == (1,) for sh in v.addressable_shards))
+
+    pmapped = per_device(metrics.get("loss"))
+    picked = {k: (v.addressable_shards[0].data.reshape(()) if np.ndim(v) else v) for k, v in metrics.items()
+              if np.ndim(v) == 0 or (pmapped and per_device(v))}
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(picked).items()}
+
+
 def _check_batch(batch, reference, pos: int, vocab_size, max_positions, token_key) -> Any:
     """:func:`fit`'s host checks of batch ``pos`` before its step: the structure, shapes and dtypes
     of the first batch (``reference``; the first batch becomes it, and is returned), the token ids
@@ -562,9 +578,7 @@ def fit(
                 # step (it compiles), nor when steps are short (a look costs a few milliseconds)
                 heap.before(bool(ran) and seconds[-1] >= SETTLE_MIN_STEP_S)
                 adapter, opt_state, metrics = step_fn(params, adapter, opt_state, batch, jax.random.fold_in(key, step + 1))
-                # the scalars only, in one copy: a per-example metric may be split across processes
-                host = {k: float(np.asarray(v)) for k, v in jax.device_get({k: v for k, v in metrics.items()
-                                                                             if np.ndim(v) == 0}).items()}
+                host = _host_metrics(metrics)
                 # XLA frees the step's temporaries just after its outputs are ready: wait for that
                 # before the next step allocates its own, and hand back their hole if something
                 # came to lie between it and the top of the heap

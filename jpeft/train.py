@@ -270,14 +270,22 @@ def _map_weighted(fn, parts, loss_weight: str):
     return f(loss), aux, jax.tree.map(f, grads)
 
 
+def _scaled_by_weight(parts, loss_weight: str):
+    """A part's ``(loss, aux, grads)`` with every float leaf times its weight. A part with
+    weight 0 holds no term, so it adds exact zeros: its own mean over no terms may be NaN (a
+    loss written ``sum / count`` divides 0 by 0 there), and ``NaN * 0`` would make the whole
+    step's loss and gradients NaN and lose the other parts' terms."""
+    w = _loss_weight_of(parts[1], loss_weight)
+    return _map_weighted(lambda x: jnp.where(w > 0, x * w.astype(x.dtype), jnp.zeros_like(x)), parts, loss_weight)
+
+
 def weighted_sum(parts, loss_weight: str, sum_parts: Callable):
     """Joins per-part ``(loss, aux, grads)``, each a mean over its ``aux[loss_weight]`` terms,
     into the mean over all terms: every float leaf is scaled by its part's weight, summed with
     ``sum_parts`` (e.g. ``lax.psum`` over devices) and divided by the summed weight (a total
-    of 0, no terms at all, gives 0); the weight itself and integer metrics are summed."""
-    w = _loss_weight_of(parts[1], loss_weight)
-    scaled = _map_weighted(lambda x: x * w.astype(x.dtype), parts, loss_weight)
-    summed = jax.tree.map(sum_parts, scaled)
+    of 0, no terms at all, gives 0; a part of weight 0 adds zeros, even where its own mean is
+    NaN); the weight itself and integer metrics are summed."""
+    summed = jax.tree.map(sum_parts, _scaled_by_weight(parts, loss_weight))
     return _divide_by_weight(summed, loss_weight)
 
 
@@ -301,7 +309,9 @@ def accumulate_loss_and_grad(loss_fn: Callable, params, adapter, batch, key, ste
       loss averages over, e.g. the count :func:`jpeft.lm_loss` returns): each micro-batch
       counts by that number, and the metric itself is summed. This equals one call on the
       whole batch for a per-token mean whose rows hold different numbers of loss tokens
-      (padding, prompt/completion masks), which the plain average does not.
+      (padding, prompt/completion masks), which the plain average does not. A micro-batch
+      whose count is 0 weighs nothing, even when its own mean is NaN (``sum / count`` of a
+      micro-batch whose every label is masked).
     """
     if steps == 1:
         (loss, aux), grads = loss_and_grad(loss_fn, params, adapter, batch, key)
@@ -314,10 +324,7 @@ def accumulate_loss_and_grad(loss_fn: Callable, params, adapter, batch, key, ste
         k = None if key is None else jax.random.fold_in(key, j)
         (loss, aux), grads = loss_and_grad(loss_fn, params, adapter, mb, k)
         parts = (loss, aux, grads)
-        if loss_weight is None:
-            return parts
-        w = _loss_weight_of(aux, loss_weight)
-        return _map_weighted(lambda x: x * w.astype(x.dtype), parts, loss_weight)
+        return parts if loss_weight is None else _scaled_by_weight(parts, loss_weight)
 
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(one, first, jnp.int32(0))
@@ -358,7 +365,10 @@ def make_step_fn(
     ``skipped``: nothing diverged); its zero gradient would otherwise still move the adapter by
     the optimizer's momentum and weight decay (transformers' ``Trainer`` gets a NaN loss there).
     ``grad_reduce((loss, aux, grads)) -> (loss, aux, grads)`` runs before the update, e.g. a
-    ``lax.pmean`` over a ``pmap`` axis (:func:`jpeft.make_pmap_train_step` uses it).
+    ``lax.pmean`` over a ``pmap`` axis (:func:`jpeft.make_pmap_train_step` uses it). With
+    ``loss_weight`` a plain ``pmean`` would weigh every device's mean alike, whatever its count;
+    reduce with :func:`weighted_sum` instead (``lambda t: weighted_sum(t, loss_weight, lambda x:
+    lax.psum(x, axis))``, as :func:`jpeft.make_pmap_train_step` does).
     """
     if isinstance(accumulate_steps, bool) or not isinstance(accumulate_steps, int) or accumulate_steps < 1:
         raise ConfigError(f"accumulate_steps must be a positive integer, found {accumulate_steps!r}.")

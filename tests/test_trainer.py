@@ -621,3 +621,75 @@ def test_a_step_without_targets_changes_nothing_and_an_empty_micro_batch_does_no
     np.testing.assert_allclose(float(m["loss"]), float(n["loss"]), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_an_empty_micro_batch_or_device_whose_own_mean_is_nan_weighs_nothing(run):
+    """A loss written as users write a per-token mean, ``sum / count``, is NaN (0 / 0) on a
+    micro-batch whose every label is masked; with ``loss_weight`` that part was scaled by its
+    count 0, and NaN * 0 made the whole update's loss and gradients NaN: the step was skipped
+    and the other micro-batch's 14 target tokens were lost (loss nan, skipped 1). A part of
+    count 0 now adds zeros, over micro-batches and over devices (``weighted_sum``, the pmap
+    rule), so the update is the other part's alone, as for ``jpeft.lm_loss``'s guarded mean."""
+    from jpeft.train import weighted_sum
+
+    params, _, _, _, _, key, _ = run
+    adapter = _random_adapter(params)
+    m = C.model()
+
+    def sum_over_count(params, adapter, batch, key):
+        logits = jpeft.apply(m, params, adapter, batch["input_ids"]).astype(jnp.float32)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), batch["input_ids"][:, 1:, None], -1)[..., 0]
+        w = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        return (nll * w).sum() / w.sum(), {"targets": w.sum()}
+
+    opt = optax.adamw(1e-2, weight_decay=0.1)
+    state = opt.init(adapter)
+    acc = jpeft.make_train_step(sum_over_count, opt, donate=False, accumulate_steps=2, loss_weight="targets")
+    one = jpeft.make_train_step(sum_over_count, opt, donate=False, loss_weight="targets")
+    a, _, got = acc(params, adapter, state, _masked_batch(0, (1, 3)), key)  # micro-batch 1: rows 1 and 3, no target
+    b, _, want = one(params, adapter, state, {k: v[::2] for k, v in _masked_batch(0).items()}, key)
+    assert int(got["skipped"]) == 0 and float(got["targets"]) == float(want["targets"]) > 0
+    np.testing.assert_allclose([float(got["loss"]), float(got["grad_norm"])],
+                               [float(want["loss"]), float(want["grad_norm"])], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+    # over devices: two parts, the second with no term and a NaN mean, joined with a psum (vmap's axis)
+    g = {"w": jnp.array([[1.0, -2.0], [jnp.nan, jnp.nan]])}
+    parts = (jnp.array([3.0, jnp.nan]), {"targets": jnp.array([5.0, 0.0])}, g)
+    loss, aux, grads = jax.vmap(lambda p: weighted_sum(p, "targets", lambda x: jax.lax.psum(x, "d")),
+                                axis_name="d")(parts)
+    assert loss.tolist() == [3.0, 3.0] and aux["targets"].tolist() == [5.0, 5.0]
+    assert grads["w"].tolist() == [[1.0, -2.0], [1.0, -2.0]]
+
+
+def test_fit_over_a_pmap_step_logs_its_loss_and_counts_its_skipped_and_empty_steps(run):
+    """``jpeft.fit`` takes a ``make_pmap_train_step`` step (its docstring says so), whose metrics
+    lead with the device axis; fit read only 0-d metrics, so every one was dropped: history and
+    log held no loss (``loss: None``), a NaN step was not counted by the non-finite guard (five
+    in a row ran on with ``max_consecutive_skips=2``, ``skipped`` 0) and a step without targets
+    was not listed. fit now reads the first device's copy, as jpeft.unreplicate does (here the
+    process's first device: each device holds the same reduced numbers)."""
+    params, _, _, _, _, key, _ = run
+    adapter = _random_adapter(params)
+    opt = optax.adamw(1e-2, weight_decay=0.1)
+    devices = jax.local_devices()[:1]
+    pstep = jpeft.make_pmap_train_step(_token_loss_fn(), opt, devices=devices, donate=False, loss_weight="targets")
+    step = jpeft.make_train_step(_token_loss_fn(), opt, donate=False, loss_weight="targets")
+    data = [_masked_batch(0, (1,)), _masked_batch(9, range(C.BATCH)), _masked_batch(1, (0, 2))]
+    split = lambda b: jpeft.split_for_pmap(b, len(devices))  # noqa: E731
+    rep = lambda t: jpeft.replicate(t, devices)  # noqa: E731
+    logged = []
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 steps \(step 2\)"):
+        want = jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key)
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 steps \(step 2\)"):
+        got = jpeft.fit(pstep, rep(params), rep(adapter), rep(opt.init(adapter)), map(split, data), key=key,
+                        log=logged.append)
+    assert [h["loss"] for h in got.history] == pytest.approx([h["loss"] for h in want.history], rel=1e-6)
+    assert [r["loss"] for r in logged] == [h["loss"] for h in got.history] and logged[0]["loss"] > 1.0
+    assert [h["targets"] for h in got.history] == [h["targets"] for h in want.history] == [21.0, 0.0, 14.0]
+    assert got.no_target_steps == [2] and got.skipped == 0
+    nan = jax.tree.map(lambda x: x * jnp.nan, adapter)  # every loss NaN: every update skipped
+    with pytest.raises(NonFiniteError, match="3 consecutive steps"):
+        jpeft.fit(pstep, rep(params), rep(nan), rep(opt.init(nan)), map(split, [data[0]] * 5), key=key,
+                  max_consecutive_skips=2)
