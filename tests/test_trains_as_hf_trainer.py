@@ -581,6 +581,7 @@ def test_full_fine_tuning_over_a_bfloat16_base_trains_a_float32_copy(tmp_path):
     ({"lr_scheduler_type": "linear"}, 'lr_scheduler_type: the schedule is fixed: linear warm-up (warmup_steps) then cosine'),
     ({"adam_beta2": 0.95}, "adam_beta2: AdamW's betas (0.9, 0.999) and epsilon 1e-8 are fixed"),
     ({"seed": 3}, "seed: seed is a top-level key"),
+    ({"accumulate_steps": 2}, "accumulate_steps: use gradient_accumulation_steps"),
 ])
 def test_transformers_trainer_names_in_train_are_refused_with_what_jpeft_takes_instead(train, want):
     """A [train] table written with transformers' TrainingArguments names was refused with the list of

@@ -138,6 +138,8 @@ _TRAINER_HINTS = {
     "loraplus_lr_ratio": "LoRA+ (per-group learning rates) is not offered; every array trains at learning_rate",
     "seed": "seed is a top-level key (above [data])", "logging_steps": "use log_every", "save_steps": "use save_every",
     "eval_steps": "use eval_every", "save_total_limit": "use keep_checkpoints", "bf16": 'use dtype = "bfloat16"',
+    "accumulate_steps": "use gradient_accumulation_steps (the Trainer's name; accumulate_steps is the Python "
+                        "API's, jpeft.make_train_step)",
 }
 _KNOWN = {
     "": {"model", "output_dir", "seed", "data", "method", "train", "mesh", "forgetting", "quantize"},
