@@ -483,10 +483,16 @@ class PackedDataset:
         return out
 
     def eval_batches(self, batch_size: int, max_rows: Optional[int] = None):
-        """Yields the rows in order, for evaluation. Every batch has ``batch_size`` rows (one
-        compiled shape): the last one is padded with rows whose ``loss_mask`` is all false."""
+        """Yields the rows in order (the first ``max_rows`` of them; ``None``: all), for evaluation.
+        Every batch has ``batch_size`` rows (one compiled shape): the last one is padded with rows
+        whose ``loss_mask`` is all false."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputValidationError(f"eval_batches: batch_size must be an integer >= 1, found {batch_size!r}.")
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, (int, np.integer))
+                                     or max_rows < 1):
+            # 0 rows would yield no batch, and a loop's loss over them read 0 (a sum over nothing)
+            raise InputValidationError(f"eval_batches: max_rows must be None (all rows) or an integer >= 1, found "
+                                       f"{max_rows!r}.")
         n = len(self) if max_rows is None else min(len(self), max_rows)
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)

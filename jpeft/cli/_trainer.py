@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from jpeft.data import load_examples, model_inputs, PackedDataset, text_encoder
 from jpeft.errors import (BaseMismatchError, CheckpointError, CheckpointUnreadableError, ConfigError, DistributedError,
                           SaveError, ShardingError)
 from jpeft.forgetting.guard import current_lr_scale
+from jpeft.forgetting.metrics import perplexity
 from jpeft.io import atomic_write, check_folder
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
@@ -163,23 +163,41 @@ def make_logits_fn(model, mesh=None):
     return logits
 
 
-def canary_batches(ds, batch_size: int, max_batches: Optional[int]) -> list:
-    """The first ``max_batches`` batches of the packed canary set (all of it when ``None``)."""
-    return list(ds.eval_batches(batch_size, None if not max_batches else max_batches * batch_size))
+def eval_rows(ds, batch_size: int, max_batches: Optional[int], what: str) -> Optional[int]:
+    """The rows an evaluation of the first ``max_batches`` batches of ``ds`` scores (``None``: all
+    of them). Refuses a selection that holds no target token, whose loss would read 0 and
+    perplexity 1 (a dataset without any is refused when it is packed); ``what`` names the setting."""
+    if not max_batches:
+        return None
+    rows = max_batches * batch_size
+    if not ds.loss_mask[:rows, 1:].any():
+        raise ConfigError(
+            f"{what}={max_batches} scores the first {min(rows, len(ds))} packed row(s) ({max_batches} batch(es) of "
+            f"{batch_size} rows), which hold no target token (only prompt tokens, padding or the first token of a "
+            f"document or row), so the loss would read 0 and the perplexity 1; the data's {ds.num_targets} target "
+            f"tokens lie in later rows. Raise {what}, or give 0 to score all of the data.")
+    return rows
 
 
-def evaluate(eval_sums, params, adapter, ds, batch_size: int, max_batches: Optional[int] = None, place=None) -> dict:
+def canary_batches(ds, batch_size: int, max_batches: Optional[int], what: str = "canary_batches") -> list:
+    """The first ``max_batches`` batches of the packed canary set (all of it when ``None``);
+    ``what``: the setting of ``max_batches``, named when they hold no target (:func:`eval_rows`)."""
+    return list(ds.eval_batches(batch_size, eval_rows(ds, batch_size, max_batches, what)))
+
+
+def evaluate(eval_sums, params, adapter, ds, batch_size: int, max_batches: Optional[int] = None, place=None,
+             what: str = "max_batches") -> dict:
     """Mean loss and perplexity over (up to ``max_batches`` batches of) ``ds``; ``place(batch)``
     puts a host batch where the step wants it (a mesh run: a global array split over the
-    batch axes)."""
+    batch axes); ``what``: the setting of ``max_batches``, named when they hold no target
+    (:func:`eval_rows`). The perplexity is ``exp(loss)`` (``inf`` past float range)."""
     tot, n = 0.0, 0.0
-    rows = None if not max_batches else max_batches * batch_size
-    for b in ds.eval_batches(batch_size, rows):
+    for b in ds.eval_batches(batch_size, eval_rows(ds, batch_size, max_batches, what)):
         s, k = eval_sums(params, adapter, b if place is None else place(b))
         tot += float(s)
         n += float(k)
     loss = tot / max(n, 1.0)
-    return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "tokens": int(n)}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(n)}
 
 
 
@@ -530,12 +548,16 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
 
         train_ds = pack(train_ex, "data.train", d["train"])
         eval_ds = pack(eval_ex, "data.eval", d.get("eval")) if eval_ex is not None else None
+        if eval_ds is not None:  # refused now, not at the first evaluation after eval_every steps of training
+            eval_rows(eval_ds, int(t["batch_size"]), t["eval_batches"], "train.eval_batches")
 
         data_sha = agreed["data_sha"] = data_fingerprint(train_ds)
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "train_data_sha256", data_sha)
     # before the output folder is made: an empty canary file leaves nothing behind
     canary_ds = pack(canary_ex, "forgetting.canary", fg["canary"]) if fg else None
+    if canary_ds is not None:
+        eval_rows(canary_ds, int(t["batch_size"]), fg["canary_batches"], "forgetting.canary_batches")
     before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
@@ -947,12 +969,13 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     eval_fn = None
     if eval_ds is not None:
         def eval_fn(adapter, step):
-            return evaluate(eval_sums, params, adapter, eval_ds, bs, t["eval_batches"] or None, place)
+            return evaluate(eval_sums, params, adapter, eval_ds, bs, t["eval_batches"] or None, place,
+                            what="train.eval_batches")
 
     guard = None
     fg = cfg.get("forgetting")
     if fg:
-        rows = canary_batches(canary_ds, bs, fg["canary_batches"])
+        rows = canary_batches(canary_ds, bs, fg["canary_batches"], "forgetting.canary_batches")
         guard = jpeft.ForgettingGuard(
             rows if place is None else [place(b) for b in rows], make_logits_fn(model, mesh),
             max_loss_rise=fg["max_loss_rise"], max_kl=fg["max_kl"], every=fg["every"], action=fg["action"],

@@ -28,7 +28,9 @@ loss of both, the loss rise, the mean per-token KL(base || adapted), and the pac
 whose loss rose the most.
 
 The dataset is read, tokenized with the folder's tokenizer and packed exactly as
-`jpeft train` does (prompt/completion lines are scored on the completion only).
+`jpeft train` does (prompt/completion lines are scored on the completion only). A document
+longer than --seq-len is scored in chunks of --seq-len tokens, each without the ones before
+it (docs/CLI.md says which tokens count).
 """
 
 
@@ -117,19 +119,20 @@ def run(args) -> int:
     if args.canary is not None:
         return _canary_report(args, loaded, adapter, ds, base)
     _, eval_sums = make_loss_fns(loaded.model)
-    res = evaluate(eval_sums, base, adapter, ds, args.batch_size, args.max_batches or None)
+    res = evaluate(eval_sums, base, adapter, ds, args.batch_size, args.max_batches or None, what="--max-batches")
     res.update(model=args.model, adapter=args.adapter, data=args.data)
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  ({res['tokens']:,} target tokens)")
+        # 6 significant digits: a diverged model's perplexity (1e27) would print as a 28-digit integer
+        print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.6g}  ({res['tokens']:,} target tokens)")
     return 0
 
 
 def _canary_report(args, loaded, adapter, ds, base) -> int:
     """Prints the forgetting report of ``adapter`` (applied to ``base``: the residual of a
     PiSSA/OLoRA PEFT folder, else the model's params) against the base model on the canary rows."""
-    batches = canary_batches(ds, args.batch_size, args.max_batches or None)
+    batches = canary_batches(ds, args.batch_size, args.max_batches or None, "--max-batches")
     logits = make_logits_fn(loaded.model)
     s = canary_stats(lambda p, ad, b: logits(loaded.params if ad is None else base, ad, b), loaded.params, adapter,
                      batches)

@@ -277,12 +277,13 @@ def lm_loss(logits, targets, mask=None) -> jax.Array:
 
 
 def perplexity(loss) -> float:
-    """``exp(loss)`` for a mean loss in nats.
+    """``exp(loss)`` for a mean loss in nats (``inf`` past float range, without a warning).
 
-    >>> round(perplexity(0.0), 3)
-    1.0
+    >>> round(perplexity(0.0), 3), perplexity(800.0)
+    (1.0, inf)
     """
-    return float(np.exp(float(loss)))
+    with np.errstate(over="ignore"):
+        return float(np.exp(float(loss)))
 
 
 def loss_drift(loss_before, loss_after) -> dict:
