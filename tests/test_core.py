@@ -290,6 +290,42 @@ def test_tied_embedding_lora():
         jpeft.merge(p, c)
 
 
+
+class _ClassEmbeddings(nn.Module):
+    """A classifier scoring a projection against class embeddings: the nn.Embed 'classes' is read through attend
+    only, its lookup never runs."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Embed(7, 4, name="classes").attend(nn.Dense(4, name="proj")(x))
+
+
+def test_an_embedding_read_only_through_attend_is_refused_unless_lora_adapts_attend():
+    """LoRA on an nn.Embed the model reads only through attend made a site that never acted, without a word: its
+    factors got a zero gradient (never trained), and jpeft.merge folded them into the table attend reads anyway
+    (the merged model 2140 off jpeft.apply on a tiny classifier; a modules_to_save copy or trainable tokens of it,
+    28.4). Now jpeft.init given the model refuses them by name; with ensure_weight_tying=True the LoRA adapts
+    attend, equal to the closed form h @ (E + s A B)^T."""
+    m = _ClassEmbeddings()
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    p = m.init(jax.random.key(1), x)
+    for cfg, fix in ((jpeft.LoraConfig(r=2, target_modules=["proj", "classes"]), "ensure_weight_tying=True"),
+                     (jpeft.LoraConfig(r=2, target_modules=["classes"], use_dora=True), "ensure_weight_tying=True"),
+                     (jpeft.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["classes"]), "modules_to_save"),
+                     (jpeft.LoraConfig(r=2, target_modules=["proj"], trainable_token_indices={"classes": [1, 2]}),
+                      "trainable_token_indices")):
+        with pytest.raises(jpeft.errors.UnsupportedModuleError, match=f"never looks ids up in.*{fix}"):
+            jpeft.init(cfg, p, jax.random.key(2), m, x)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["proj", "classes"], ensure_weight_tying=True)
+    a = _random_like(jpeft.init(cfg, p, jax.random.key(2), m, x), jax.random.key(3))
+    y = jpeft.apply(m, p, a, x)
+    own = p["params"]
+    h = x @ (own["proj"]["kernel"] + a["proj"].delta_matrix()) + own["proj"]["bias"][None, :]
+    np.testing.assert_allclose(y, h @ (own["classes"]["embedding"] + a["classes"].delta_matrix()).T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(m.apply(jpeft.merge(p, a), x), y, rtol=1e-4, atol=1e-4)
+    g = jax.grad(lambda a: jnp.sum(jpeft.apply(m, p, a, x) ** 2))(a)
+    assert all(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(g["classes"]))
+
 # ---------------------------------------------------------------- transforms
 def test_jit_grad_vmap():
     model, params, x, a = _adapter("mha_transformer", init="random")
@@ -922,6 +958,59 @@ def test_an_einsum_called_with_another_equation_than_the_adapters_is_refused_by_
     with pytest.raises(jpeft.errors.LayoutError, match="give each use a module of its own"):
         jpeft.apply(both, params, _random_like(jpeft.init(cfg, params, jax.random.key(2), both, x), jax.random.key(3)), x)
 
+
+
+class _EinsumEllipsis(nn.Module):
+    """One nn.Einsum 'e' whose equation broadcasts the input's leading axes with '...'."""
+
+    eq: str = "...d,df->...f"
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Einsum((5, 6), self.eq, name="e")(x)
+
+
+def _einsum_closed_form(cfg, node, w, b, x):
+    """The adapted 'e' of _EinsumEllipsis computed by hand in numpy (an [in, out] kernel, a bias per output)."""
+    w, b, x = (np.asarray(v, np.float64) for v in (w, b, x))
+    if isinstance(cfg, jpeft.IA3Config):
+        l = np.asarray(node.ia3_l, np.float64)
+        return (x * l) @ w + b if cfg.feedforward_modules else (x @ w + b) * l
+    if isinstance(cfg, jpeft.VeraConfig):
+        f = lambda name: np.asarray(getattr(node, name), np.float64)
+        return x @ w + b + (((x @ f("vera_A")) * f("lambda_d")) @ f("vera_B")) * f("lambda_b")
+    wd = w + node.scale * np.asarray(node.lora_A, np.float64) @ np.asarray(node.lora_B, np.float64)
+    if cfg.use_dora:
+        wd = wd * np.asarray(node.magnitude, np.float64) / np.linalg.norm(wd, axis=0)
+    return x @ wd + b
+
+
+@pytest.mark.parametrize("eq", ["...d,df->...f", "b...d,df->b...f"])
+@pytest.mark.parametrize("cfg", [jpeft.LoraConfig(r=2, target_modules=["e"], use_dora=True),
+                                 jpeft.IA3Config(target_modules=["e"], feedforward_modules=[]),
+                                 jpeft.IA3Config(target_modules=["e"], feedforward_modules=["e"]),
+                                 jpeft.VeraConfig(r=2, target_modules=["e"]),
+                                 jpeft.LoraConfig(r=2, target_modules=["e"])],
+                         ids=["dora", "ia3", "ia3_feedforward", "vera", "lora"])
+def test_an_einsum_with_an_ellipsis_adapts_to_the_closed_form(cfg, eq):
+    """nn.Einsum('...d,df->...f'): DoRA, IA3 and VeRA shaped their per-feature vectors with the '...' counted as
+    three axes, so under JAX's default rank promotion the adapted output of a (2, 4, 5) input came out
+    (1, 2, 4, 6) (a 1-D input's (1, 1, 1, 6)), its values broadcast, without a word (a raw ValueError under
+    jax_numpy_rank_promotion='raise'). Now each input rank gives the module's shape and the closed form."""
+    model = _EinsumEllipsis(eq)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 5))
+    params = model.init(jax.random.key(1), x)
+    adapter = _random_like(jpeft.init(cfg, params, jax.random.key(2), model, x), jax.random.key(3))
+    w, b = params["params"]["e"]["kernel"], params["params"]["e"]["bias"]
+    merged = jpeft.merge(params, adapter)
+    for shape in ((2, 4, 5), (3, 5), (2, 1, 3, 5)) + (((5,),) if eq.startswith("...") else ()):
+        xs = jax.random.normal(jax.random.key(len(shape)), shape)
+        with jax.numpy_rank_promotion("allow"):  # the default, under which the shape changed silently
+            y = jpeft.apply(model, params, adapter, xs)
+        assert y.shape == shape[:-1] + (6,)
+        np.testing.assert_allclose(y, _einsum_closed_form(cfg, adapter["e"], w, b, xs), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(model.apply(merged, xs), y, rtol=1e-4, atol=1e-4)
+        assert float(jnp.abs(y - model.apply(params, xs)).max()) > 0.1
 
 def _quarters(lhs, rhs, dims, precision=None, preferred_element_type=None):
     """A fake-quantizing dot_general: the kernel rounded to quarters (AQT-style rounding)."""

@@ -76,6 +76,15 @@ def _einsum_letters(lay: Layout):
     return x_sub, k_sub, out
 
 
+def _spelled_out(sub: str, ndim: int) -> str:
+    """An einsum operand's subscripts with its ``...`` (``"...d,df->...f"``) written as one ``.``
+    per axis it stands for in an operand of rank ``ndim``, so they index the operand's axes one to
+    one (none of them is a kernel axis: broadcast shapes give them size 1)."""
+    if "..." not in sub:
+        return sub
+    return sub.replace("...", "." * (ndim - (len(sub) - 3)))
+
+
 def broadcast_out(vec, ndim: int, lay: Layout):
     """A flat ``[out_features]`` vector (kernel output-axis order) shaped to broadcast
     against a module output of rank ``ndim``."""
@@ -83,6 +92,7 @@ def broadcast_out(vec, ndim: int, lay: Layout):
     v = vec.reshape(out_dims)
     if lay.kind == Kind.EINSUM:
         _, k_sub, out = _einsum_letters(lay)
+        out = _spelled_out(out, ndim)
         ko = [k_sub[i] for i in lay.out_axes]
         ro = [c for c in out if c in ko]
         v = jnp.transpose(v, tuple(ko.index(c) for c in ro))
@@ -95,6 +105,7 @@ def broadcast_bias(bias, ndim: int, lay: Optional[Layout]):
     """A module's bias shaped as the module itself adds it (flax conventions)."""
     if lay is not None and lay.kind == Kind.EINSUM:
         _, k_sub, out = _einsum_letters(lay)
+        out = _spelled_out(out, ndim)
         ko = {k_sub[i] for i in lay.out_axes}
         shape = tuple(lay.kernel_shape[k_sub.index(c)] if c in ko else 1 for c in out)
         return bias.reshape(shape)
@@ -120,6 +131,7 @@ def broadcast_in(vec, x_ndim: int, lay: Layout, module=None):
         return v.reshape(shape)
     if lay.kind == Kind.EINSUM:
         x_sub, k_sub, _ = _einsum_letters(lay)
+        x_sub = _spelled_out(x_sub, x_ndim)
         ki = [k_sub[i] for i in lay.in_axes]
         xo = [c for c in x_sub if c in ki]
         v = jnp.transpose(v, tuple(ki.index(c) for c in xo))

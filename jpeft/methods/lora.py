@@ -898,8 +898,7 @@ def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
     out = {}
     for p in saved:
         embed = "embedding" in leaves[p]
-        tied = (("attend" in infos[p].methods) if infos is not None and p in infos
-                else tied_output_from_params(p, leaves)) if embed else None
+        tied = embedding_tied(config, p, leaves, infos, "modules_to_save") if embed else None
         out[p] = init_saved(p, leaves[p], tie_output=bool(config.ensure_weight_tying) and embed, tied_output=tied)
     return out
 
@@ -941,6 +940,37 @@ _merged_matmul.defjvp(_merged_matmul_jvp, symbolic_zeros=True)
 
 # embeddings of jpeft.models that a tied model also reads as its output projection (attend)
 _TIEABLE_EMBEDDINGS = ("model/embed_tokens", "transformer/wte")
+
+
+_LOOKUP_ONLY = {"target_modules": ("a LoRA on an embedding adapts the lookup (Hugging Face PEFT's LoRA Embedding)",
+                                    "set LoraConfig(ensure_weight_tying=True) to adapt attend too, "),
+                 "modules_to_save": ("a modules_to_save copy of an embedding replaces the lookup's table (as PEFT's)",
+                                     "set LoraConfig(ensure_weight_tying=True) to use the copy in attend too, "),
+                 "trainable_token_indices": ("trainable tokens replace rows of the lookup", "")}
+
+
+def embedding_tied(config, path: str, leaves: Mapping[str, Any], infos, field: str) -> Optional[bool]:
+    """Whether the model also reads the embedding at ``path`` through ``attend`` (a tied output
+    projection): from the traced model's calls (``infos``), else from the params
+    (:func:`tied_output_from_params`; ``None`` when they cannot tell). ``field`` is the config
+    field that put a site on it (a key of ``_LOOKUP_ONLY``).
+
+    Raises:
+      UnsupportedModuleError: the traced model never looks ids up in the embedding (it reads it
+        through ``attend`` only), so a site acting on the lookup would never act: no gradient,
+        yet folded by :func:`jpeft.merge` into the table ``attend`` reads."""
+    if infos is not None and path in infos:
+        return "attend" in infos[path].methods
+    if infos is not None and not (config.ensure_weight_tying and field != "trainable_token_indices"):
+        what, fix = _LOOKUP_ONLY[field]
+        raise UnsupportedModuleError(
+            f"module {path!r} is an embedding the traced model never looks ids up in (it reads the table through "
+            f"attend only, as an output projection, or not at all in this call), but {what}: the site would never "
+            "act, its arrays would get no gradient, and jpeft.merge would still fold them into the table attend "
+            f"reads. To fix: {fix}trace the call that looks ids up (jpeft.init(config, params, key, "
+            f"model, x, method=...)), or remove it from {field}."
+        )
+    return tied_output_from_params(path, leaves)
 
 
 def tied_output_from_params(path: str, leaves: Mapping[str, Any]) -> Optional[bool]:
@@ -1121,10 +1151,8 @@ def init_lora(config: LoraConfig, params, key, infos):
         # and the same adapter loaded from disk have one tree structure (an optimizer state fits both)
         if layout.kind != Kind.EMBED:
             tied = None
-        elif infos is not None and path in infos:
-            tied = "attend" in infos[path].methods
         else:
-            tied = tied_output_from_params(path, leaves)
+            tied = embedding_tied(config, path, leaves, infos, "target_modules")
         ra = site_rank_alpha(config, path, layout, own)
         differ = (tied_head_scales(config, path, *ra)
                   if config.ensure_weight_tying and layout.kind == Kind.EMBED and tied is True else None)
@@ -1150,9 +1178,7 @@ def init_lora(config: LoraConfig, params, key, infos):
                     f"the embedding {path!r} is both in target_modules / modules_to_save and in trainable_token_indices "
                     "(PEFT refuses that too); use one of them."
                 )
-            tied = ("attend" in infos[path].methods) if infos is not None and path in infos \
-                else tied_output_from_params(path, leaves)
-            out[path] = init_tokens(leaves[path], ids, tied)
+            out[path] = init_tokens(leaves[path], ids, embedding_tied(config, path, leaves, infos, "trainable_token_indices"))
     return out
 
 
