@@ -130,7 +130,8 @@ def _text_value(path: str, lineno: int, row: Mapping, field: str) -> str:
 
 _CHAT_HINT = ("Conversational data (a list of role/content messages) is not read: render it with the tokenizer's chat "
               "template into a text (tokenizer.apply_chat_template(messages, tokenize=False)), or into a prompt (the "
-              "turns before the reply, add_generation_prompt=True) and a completion (the reply).")
+              "turns before the reply, add_generation_prompt=True) and a completion (the reply): a text trains every "
+              "token, the user's turns too, a completion its reply only (one line per assistant turn trains them all).")
 
 
 def _is_conversation(v) -> bool:
@@ -192,12 +193,13 @@ def text_encoder(tokenizer):
     """``(encode, bos_id, eos_id)`` for :class:`PackedDataset`, as ``jpeft train`` and ``jpeft eval``
     tokenize: ``encode`` is ``str -> list[int]`` without special tokens.
 
-    ``bos_id`` is the tokenizer's BOS only where the tokenizer puts it in front of a text itself
-    (``tokenizer(text)``, as transformers, TRL's ``SFTTrainer`` and ``jpeft serve`` tokenize): a
-    tokenizer saved with ``add_bos_token=False``, or a GPT-2-style one whose ``bos_token`` is
-    ``<|endoftext|>`` but never added, gets ``None``, so the rows hold no BOS the model will not
-    see when it is served. ``eos_id`` is the tokenizer's EOS (appended to every document, as TRL
-    does)."""
+    ``bos_id`` is the token the tokenizer puts in front of a text itself (``tokenizer(text)``, as
+    transformers, TRL's ``SFTTrainer`` and ``jpeft serve`` tokenize): a tokenizer saved with
+    ``add_bos_token=False``, or a GPT-2-style one whose ``bos_token`` is ``<|endoftext|>`` but never
+    added, gets ``None``, so the rows hold no BOS the model will not see when it is served; one whose
+    post-processor adds a token in front without naming it ``bos_token`` gets that token, which
+    ``tokenizer(text)`` and ``jpeft serve`` give the model too. ``eos_id`` is the tokenizer's EOS
+    (appended to every document, as TRL does)."""
     if tokenizer is None:
         raise LoadError("the model folder has no tokenizer files (tokenizer.json or vocab files); "
                         "save one next to the model with tokenizer.save_pretrained(folder).")
@@ -208,17 +210,20 @@ def text_encoder(tokenizer):
         return tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]
 
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None:
-        # a text that is no special token: does the tokenizer's own call start it with the BOS? "" where "a" cannot
-        # be tokenized (a word-level vocabulary of digits without an unknown token raises on it)
-        for probe in ("a", ""):
-            try:
-                added, plain = tokenizer(probe)["input_ids"], encode(probe)
-            except Exception:  # the tokenizers library raises a bare Exception
-                continue
-            if added[:1] != [bos] or plain[:1] == [bos]:
-                bos = None
-            break
+    # a text that is no special token: does the tokenizer's own call start it with the BOS? "" where "a" cannot be
+    # tokenized (a word-level vocabulary of digits without an unknown token raises on it)
+    for probe in ("a", ""):
+        try:
+            added, plain = tokenizer(probe)["input_ids"], encode(probe)
+        except Exception:  # the tokenizers library raises a bare Exception
+            continue
+        if probe and len(added) > len(plain) and added[1:1 + len(plain)] == plain:
+            # the one token the call puts in front, named bos_token or not (a post-processor "<s> $A" of a tokenizer
+            # wrapped without bos_token): tokenizer(text) and `jpeft serve` start every text with it
+            bos = added[0]
+        if bos is not None and (added[:1] != [bos] or plain[:1] == [bos]):
+            bos = None
+        break
     return encode, bos, getattr(tokenizer, "eos_token_id", None)
 
 
