@@ -172,8 +172,6 @@ def _dequantized_call(ctx, args, kwargs, redirect):
     mod = ctx.module
     own = _own_params(mod)
     others = {k: v for k, v in mod.variables.items() if k not in ("params", scan.COLLECTION)}
-    mutable = mod.scope.mutable if mod.scope is not None else False
-    capture = _capture_below_root()
     rng = mod.make_rng("dropout") if mod.has_rng("dropout") else None
     leaves, tree = jax.tree.flatten((args, kwargs))
     where = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
@@ -186,29 +184,68 @@ def _dequantized_call(ctx, args, kwargs, redirect):
         variables = {**others, "params": {k: quant.dequantize_array(v) for k, v in own.items()}}
         token, prefix = _REDIRECT.set(redirect), _PREFIX.set(redirect[0])
         try:
-            out = mod.clone(parent=None).apply(variables, *a, method=ctx.method_name, mutable=mutable,
-                                               capture_intermediates=capture,
-                                               rngs=None if rng is None else {"dropout": rng}, **kw)
+            return clone_apply(mod, variables, ctx.method_name, a, kw, rngs=None if rng is None else {"dropout": rng})
         finally:
             _PREFIX.reset(prefix)
             _REDIRECT.reset(token)
-        return out if mutable is not False else (out, {})
 
     arrays = [leaves[i] for i in where]
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((own, rng, arrays, redirect[1]))):
         run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
     # else: eager, nothing to differentiate (and a checkpoint would compile at every call)
     out, written = run(own, rng, arrays)
+    write_back(mod, written)
+    return out
+
+
+def clone_apply(mod, variables, method_name: str, args, kwargs, rngs=None):
+    """Re-runs ``mod``'s method on a clone applied to ``variables`` (a quantized module's
+    dequantized params, a method's own copy of them), as the apply in progress would run it:
+    with the collections it may change (``mutable=``, e.g. ``"intermediates"`` or
+    ``"batch_stats"``) and its ``capture_intermediates`` filter. Returns ``(out, written)``,
+    what the clone wrote, for :func:`write_back`; a clone applied with nothing mutable dropped a
+    ``sow`` in the module or its children with no word, and a BatchNorm's ``batch_stats``
+    update raised flax's raw ``ModifyScopeVariableError``. Nothing mutable: ``written`` is ``{}``."""
+    scope = getattr(mod, "scope", None)
+    mutable = scope.mutable if scope is not None else False
+    out = mod.clone(parent=None).apply(variables, *args, method=method_name, mutable=mutable,
+                                       capture_intermediates=_capture_below_root(), rngs=rngs, **kwargs)
+    return out if mutable is not False else (out, {})
+
+
+def write_back(mod, written) -> None:
+    """Puts what a :func:`clone_apply` re-run wrote into ``mod``'s own scope (not its params:
+    the clone ran on another copy of them)."""
     for col, tree in written.items():
-        if col not in ("params", scan.COLLECTION):  # the params it ran on are the dequantized copy
+        if col not in ("params", scan.COLLECTION):
             for name, value in tree.items():
                 mod.put_variable(col, name, value)
+
+
+def rerun(mod, variables, method_name: str, args, kwargs, rngs=None, at: Optional[str] = None):
+    """:func:`clone_apply` and :func:`write_back` in one: the output of ``mod``'s method run on
+    ``variables``, what it wrote kept (a method's site that runs the module on its own params:
+    ``modules_to_save``, full fine-tuning, LN tuning, trainable tokens). Call it inside
+    :class:`bypass`, or give ``at``, the module's path: the re-run module itself then runs as it
+    is, and the sites on its submodules act (their paths start at ``at``, as in a quantized
+    module's re-run)."""
+    if at is None:
+        out, written = clone_apply(mod, variables, method_name, args, kwargs, rngs=rngs)
+    else:
+        token, prefix = _REDIRECT.set((at, None, False)), _PREFIX.set(at)
+        try:
+            out, written = clone_apply(mod, variables, method_name, args, kwargs, rngs=rngs)
+        finally:
+            _PREFIX.reset(prefix)
+            _REDIRECT.reset(token)
+    write_back(mod, written)
     return out
 
 
 def _capture_below_root():
-    """The ``capture_intermediates`` filter of the apply in progress, for a quantized module's
-    re-run: it captures its children's outputs; its own output is captured where it was called."""
+    """The ``capture_intermediates`` filter of the apply in progress, for a module's re-run
+    (:func:`clone_apply`): it captures its children's outputs; its own output is captured where
+    it was called."""
     stack = _linen_module._context.capture_stack
     outer = stack[-1] if stack else False
     if not outer:

@@ -205,3 +205,102 @@ def test_classifier_copy_beside_another_method_saves_and_restores(method, tmp_pa
     mngr.close()
     state = CheckpointManager(tmp_path / "c", cfg, params, optimizer=opt).restore(1)
     np.testing.assert_allclose(jpeft.apply(model, params, state.adapter, X), want, rtol=1e-6, atol=1e-6)
+
+
+class _Writes(nn.Module):
+    """A module with its own kernel that sows what it computes and keeps a running sum in batch_stats."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        h = x @ self.param("kernel", nn.initializers.normal(1.0), (4, 6))
+        self.sow("intermediates", "h", h)
+        seen = self.variable("batch_stats", "seen", lambda: jax.numpy.zeros((6,)))
+        if train and not self.is_initializing():
+            seen.value = seen.value + h.mean(axis=(0, 1))
+        return h
+
+
+class _WritingNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        h = nn.BatchNorm(use_running_average=not train, momentum=0.5, name="bn")(_Writes(name="w")(x, train))
+        return nn.Dense(3, name="head")(h)
+
+
+@pytest.mark.parametrize("cfg", [jpeft.LoraConfig(r=2, target_modules=["head"], modules_to_save=["w"]),
+                                 jpeft.FullFinetuneConfig()], ids=["modules_to_save", "full"])
+def test_a_module_run_on_the_adapters_copy_keeps_what_it_writes(cfg):
+    """modules_to_save and full fine-tuning run the module (full: the whole model) on their own
+    copy of its params, a clone applied with nothing mutable: with model.apply(..., mutable=
+    ["intermediates"]) or capture_intermediates=True every sow and captured output of that
+    module (full: of the whole model) was dropped with no word, and a train-mode BatchNorm
+    (mutable=["batch_stats"]) raised flax's raw ModifyScopeVariableError. Now the re-run keeps
+    what it writes, equal to model.apply on the merged params, under jit and grad too."""
+    model = _WritingNet()
+    v = model.init(jax.random.key(1), X)
+    ad = jpeft.init(cfg, v, jax.random.key(2), model, X)
+    leaves, tdef = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    ad = jax.tree.unflatten(tdef, [x + 0.5 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    merged = {**v, "params": jpeft.merge(v["params"], ad)}
+    for kw in (dict(mutable=["intermediates"]), dict(capture_intermediates=True),
+               dict(train=True, mutable=["batch_stats", "intermediates"])):
+        (got, got_vars), (want, want_vars) = jpeft.apply(model, v, ad, X, **kw), model.apply(merged, X, **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert jax.tree.structure(got_vars) == jax.tree.structure(want_vars), kw
+        for a, b in zip(jax.tree.leaves(got_vars), jax.tree.leaves(want_vars)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert "h" in got_vars["intermediates"]["w"] and "seen" in got_vars["batch_stats"]["w"]
+
+    @jax.jit
+    def grad(a):
+        def loss(a):
+            out, new = jpeft.apply(model, v, a, X, train=True, mutable=["batch_stats"])
+            return jax.numpy.mean(jax.numpy.sin(out)), new
+        return jax.value_and_grad(loss, has_aux=True)(a)
+
+    (_, new), g = grad(ad)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(want_vars["batch_stats"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g)) and any(np.abs(x).max() > 0 for x in jax.tree.leaves(g))
+
+
+class _Block(nn.Module):
+    """A module with a param of its own and a child nn.Dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(5, name="inner")(x @ self.param("kernel", nn.initializers.normal(1.0), (4, 6)))
+
+
+class _BlockNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="head")(_Block(name="outer")(x))
+
+
+def test_the_copy_of_a_module_with_submodules_runs_its_submodules_copies():
+    """modules_to_save=["outer"] copies the module whole, as PEFT's ModulesToSaveWrapper does:
+    a copy of its own params and one of each submodule's ('outer/inner'). jpeft.apply re-ran
+    'outer' with every site inside bypassed, so the submodule's copy never acted (its gradient
+    was exactly 0) while jpeft.merge folded it: the merged model 19.95 off the adapted one on a
+    tiny block, without a word. The copies now act inside the re-run, equal to model.apply on the
+    merged params, and every copy gets a gradient."""
+    model = _BlockNet()
+    params = model.init(jax.random.key(1), X)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["head"], modules_to_save=["outer"])
+    ad = jpeft.init(cfg, params, jax.random.key(2), model, X)
+    assert {"outer", "outer/inner"} <= set(ad)
+    leaves, tdef = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    ad = jax.tree.unflatten(tdef, [x + 0.5 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    own = params["params"]["outer"]
+    copy, inner = ad["outer"].params, ad["outer/inner"].params
+    assert np.abs(np.asarray(inner["kernel"] - own["inner"]["kernel"])).max() > 0.1  # the copy differs from the base
+    h = X @ copy["kernel"] @ inner["kernel"] + inner["bias"][None, None]
+    want = h @ (params["params"]["head"]["kernel"] + ad["head"].delta_matrix()) + params["params"]["head"]["bias"][None, None]
+    got = jpeft.apply(model, params, ad, X)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.apply(jpeft.merge(params, ad), X), got, rtol=1e-4, atol=1e-4)
+    g = jax.jit(jax.grad(lambda a: jax.numpy.sum(jpeft.apply(model, params, a, X) ** 2)))(ad)
+    assert all(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves((g["outer"], g["outer/inner"])))

@@ -266,12 +266,11 @@ class SavedModule(Site):
         mod = call.module
         variables = {k: v for k, v in mod.variables.items() if k != "params"}
         variables["params"] = self._cast(mod.variables.get("params", {}))
-        kwargs = dict(call.kwargs)
         key = call.dropout_key()
-        if key is not None:
-            kwargs["rngs"] = {"dropout": key}
-        with _inject.bypass():
-            return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **kwargs)
+        # at its path, not bypassed: the copies of its submodules (a module named in modules_to_save is copied
+        # whole, each submodule's params a site of their own) act in the re-run, as jpeft.merge folds them
+        return _inject.rerun(mod, variables, call.method_name, call.args, call.kwargs,
+                             rngs=None if key is None else {"dropout": key}, at=call.path)
 
     def routed_low_rank(self) -> LowRank:
         """What the adapter bank routes: the copy of an ``nn.Dense`` kernel (and bias) or an

@@ -111,13 +111,10 @@ class FullParams(Site):
         variables = {k: v for k, v in mod.variables.items() if k != "params"}
         base = mod.variables.get("params", {})
         variables["params"] = jax.tree.map(lambda new, old: new.astype(old.dtype), self.params, quant.abstract(base))
-        kwargs = dict(call.kwargs)
         key = call.dropout_key()
-        if key is not None:
-            kwargs["rngs"] = {"dropout": key}
-        clone = mod.clone(parent=None)
-        with _inject.bypass():
-            return clone.apply(variables, *call.args, method=call.method_name, **kwargs)
+        with _inject.bypass():  # what the model writes (sow, batch_stats) is kept, as model.apply keeps it
+            return _inject.rerun(mod, variables, call.method_name, call.args, call.kwargs,
+                                 rngs=None if key is None else {"dropout": key})
 
     def effective(self, own):
         """L2-SP's effective weights: the weights themselves (so its start is the pre-trained model)."""

@@ -116,7 +116,7 @@ class LNTuningWeights(Site):
         variables = {k: v for k, v in mod.variables.items() if k not in ("params", scan.COLLECTION)}
         variables["params"] = {k: self.params[k].astype(v.dtype) for k, v in base.items()}
         with _inject.bypass():
-            return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **call.kwargs)
+            return _inject.rerun(mod, variables, call.method_name, call.args, call.kwargs)
 
     def partition_specs(self, module_specs):
         """The copy is sharded exactly as the norm's own parameters (for a layer-scanned site

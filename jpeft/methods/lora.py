@@ -790,7 +790,7 @@ class TrainableTokens(Site):
         params["embedding"] = self._table(params["embedding"])
         variables["params"] = params
         with _inject.bypass():
-            return mod.clone(parent=None).apply(variables, *call.args, method=call.method_name, **call.kwargs)
+            return _inject.rerun(mod, variables, call.method_name, call.args, call.kwargs)
 
     def merge(self, own):
         if self.tie_output is None:
