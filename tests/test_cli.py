@@ -45,6 +45,31 @@ def jpeft_here(capsys, *args):
     return subprocess.CompletedProcess(["jpeft", *map(str, args)], rc, out, err)
 
 
+_RUNS = """
+import contextlib, io, json, sys
+from jpeft.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results.append([rc, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def jpeft_runs(env, *argvs, timeout=300):
+    """Runs ``jpeft ARGV`` for each ARGV one after another through ``main`` in one subprocess
+    with the environment ``env`` (emulated devices are fixed when a process starts JAX; a
+    process per run would spend its 4-5 s of imports again): one ``CompletedProcess`` per run,
+    with that run's exit status and its own stdout and stderr."""
+    r = subprocess.run([sys.executable, "-c", _RUNS, json.dumps([[str(a) for a in argv] for argv in argvs])],
+                       capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [subprocess.CompletedProcess(["jpeft", *argv], rc, out, err)
+            for argv, (rc, out, err) in zip(argvs, json.loads(r.stdout.splitlines()[-1]))]
+
+
 def error_line(stderr: str) -> str:
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, f"expected a one-line error, got:\n{stderr}"
@@ -912,22 +937,54 @@ def _without_dac_override():
     return drop
 
 
-def _rerun_without_dac_override(tmp_path, name: str) -> None:
-    """Runs test ``name`` of this file in a pytest whose process cannot write into read-only
-    folders (:func:`_without_dac_override`), so CI, which runs as root, checks what a user's
-    process meets. Skips only where ``setpriv`` is missing or not allowed to drop them (say so)."""
+# the tests that need file modes to bind this process: as root (CI) they run again, together, in one
+# pytest without root's override (a pytest process and the hf_dir fixture cost seconds each)
+_NEEDS_FILE_MODES = ("test_train_into_a_read_only_output_folder_says_so_and_loses_no_work",
+                     "test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_keeps_it",
+                     "test_checkpoints_in_a_folder_this_process_may_not_list_are_refused_by_name_when_opened")
+
+
+@pytest.fixture(scope="module")
+def _runs_without_dac_override(request, tmp_path_factory):
+    """One pytest, in a process that cannot write into read-only folders
+    (:func:`_without_dac_override`), of the tests of ``_NEEDS_FILE_MODES`` this session runs:
+    ``(that pytest's output, {test name: its JUnit test case})``; ``None`` where ``setpriv`` is
+    missing or not allowed to drop the capabilities."""
     drop = _without_dac_override()
     if drop is None:
-        pytest.skip("this process writes into read-only folders (root with CAP_DAC_OVERRIDE) and setpriv cannot "
-                    "drop that capability here")
-    if os.environ.get("JPEFT_TEST_DAC_DROPPED"):
-        pytest.fail("setpriv ran, but this process still writes into read-only folders")
+        return None
+    here = os.path.abspath(__file__)
+    selected = {getattr(it, "originalname", it.name) for it in request.session.items
+                if os.path.abspath(str(it.path)) == here}
+    names = [n for n in _NEEDS_FILE_MODES if n in selected]
+    tmp = tmp_path_factory.mktemp("rerun")
     env = dict(os.environ, JPEFT_TEST_DAC_DROPPED="1")
     r = subprocess.run([*drop, sys.executable, "-m", "pytest", "-n0", "-p", "no:cacheprovider", "--basetemp",
-                        str(tmp_path / "rerun"), f"{os.path.abspath(__file__)}::{name}"],
-                       env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0 and " passed" in r.stdout and "skipped" not in r.stdout, (r.stdout + r.stderr)[-4000:]
+                        str(tmp / "bt"), "--junitxml", str(tmp / "junit.xml"), *(f"{here}::{n}" for n in names)],
+                       env=env, cwd=os.path.dirname(os.path.dirname(here)), capture_output=True, text=True, timeout=900)
+    output = (r.stdout + r.stderr)[-4000:]
+    assert (tmp / "junit.xml").is_file(), output
+    import xml.etree.ElementTree as ET
+
+    return output, {c.get("name"): c for c in ET.parse(tmp / "junit.xml").iter("testcase")}
+
+
+def _rerun_without_dac_override(request, name: str) -> None:
+    """Checks that test ``name`` of this file passed in the pytest whose process cannot write into
+    read-only folders (:func:`_runs_without_dac_override`), so CI, which runs as root, checks what
+    a user's process meets. Skips only where ``setpriv`` is missing or not allowed to drop them
+    (say so)."""
+    if os.environ.get("JPEFT_TEST_DAC_DROPPED"):
+        pytest.fail("setpriv ran, but this process still writes into read-only folders")
+    runs = request.getfixturevalue("_runs_without_dac_override")
+    if runs is None:
+        pytest.skip("this process writes into read-only folders (root with CAP_DAC_OVERRIDE) and setpriv cannot "
+                    "drop that capability here")
+    output, cases = runs
+    assert name in cases, output
+    bad = [(x.tag, x.get("message"), (x.text or "")[-3000:]) for x in cases[name]
+           if x.tag in ("failure", "error", "skipped")]
+    assert not bad, (bad, output)
 
 
 def _chmod_stops_writes(tmp_path) -> bool:
@@ -945,14 +1002,14 @@ def _chmod_stops_writes(tmp_path) -> bool:
     return False
 
 
-def test_train_into_a_read_only_output_folder_says_so_and_loses_no_work(hf_dir, tmp_path, capsys, monkeypatch):
+def test_train_into_a_read_only_output_folder_says_so_and_loses_no_work(hf_dir, tmp_path, capsys, monkeypatch, request):
     """A read-only output folder: refused by name before training with nothing left behind. One
     whose checkpoints folder is writable (a --resume) failed with a raw PermissionError about a
     hidden temporary file; and one that became read-only before the finished adapter was written
     said "Nothing was written" only, as if the run were lost, where its last checkpoint holds it:
     the error now says so, and --resume writes the adapter without training again."""
     if not _chmod_stops_writes(tmp_path):  # root: run this test again in a pytest without the override
-        _rerun_without_dac_override(tmp_path, "test_train_into_a_read_only_output_folder_says_so_and_loses_no_work")
+        _rerun_without_dac_override(request, "test_train_into_a_read_only_output_folder_says_so_and_loses_no_work")
         return
     cfg = _tiny_lora_run(hf_dir, tmp_path, steps=2)
     out = tmp_path / "out"
@@ -1001,7 +1058,8 @@ def test_train_into_a_read_only_output_folder_says_so_and_loses_no_work(hf_dir, 
         out.chmod(0o755)
 
 
-def test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_keeps_it(hf_dir, tmp_path, capsys):
+def test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_keeps_it(hf_dir, tmp_path, capsys,
+                                                                                         request):
     """--resume from a checkpoint whose data folder or metadata file this process may not read
     (written by another user, a mode changed by hand; on several hosts, the one host that cannot
     read it): it was "corrupted or truncated (Orbax could not read it)" / "cannot read checkpoint
@@ -1011,7 +1069,7 @@ def test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_k
     from the step before); given access, the run resumes from that step."""
     if not _chmod_stops_writes(tmp_path):  # root: run this test again in a pytest without the override
         _rerun_without_dac_override(
-            tmp_path, "test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_keeps_it")
+            request, "test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_keeps_it")
         return
     from jpeft.checkpoint import CheckpointManager
     from jpeft.errors import CheckpointUnreadableError
@@ -1041,7 +1099,7 @@ def test_resume_from_a_checkpoint_this_process_may_not_read_names_the_file_and_k
     assert r.returncode == 0 and "resumed from step 2" in r.stderr, r.stderr
 
 
-def test_checkpoints_in_a_folder_this_process_may_not_list_are_refused_by_name_when_opened(tmp_path):
+def test_checkpoints_in_a_folder_this_process_may_not_list_are_refused_by_name_when_opened(tmp_path, request):
     """Checkpoints of another user's run with umask 077 (every folder drwx------), or a step folder
     whose mode was changed by hand: ``CheckpointManager(...)`` itself, reading or writing, raised a
     bare PermissionError from its check of the step names (on --resume too), before any restore
@@ -1049,7 +1107,7 @@ def test_checkpoints_in_a_folder_this_process_may_not_list_are_refused_by_name_w
     to give access; given access, the step restores."""
     if not _chmod_stops_writes(tmp_path):  # root: run this test again in a pytest without the override
         _rerun_without_dac_override(
-            tmp_path, "test_checkpoints_in_a_folder_this_process_may_not_list_are_refused_by_name_when_opened")
+            request, "test_checkpoints_in_a_folder_this_process_may_not_list_are_refused_by_name_when_opened")
         return
     from jpeft.checkpoint import CheckpointManager
     from jpeft.errors import CheckpointUnreadableError
@@ -1083,16 +1141,28 @@ def _wait_for_steps(p, metrics, n=2, timeout=240):
         time.sleep(0.02)
 
 
-def test_train_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_is_exact(hf_dir, capsys):
+LONG_STEPS = 200  # the signal tests' runs: long enough that a signal reaches a process still training
+
+
+@pytest.fixture(scope="module")
+def long_ref(hf_dir):
+    """The adapter of the uninterrupted ``write_config(steps=LONG_STEPS, save_every=0,
+    eval_every=0)`` run, trained once in this process for every signal test (each compares its
+    interrupted and resumed runs of that same config with it)."""
+    cfg = write_config(hf_dir, "long_ref", steps=LONG_STEPS, save_every=0, eval_every=0)
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    return adapter_arrays(hf_dir / "long_ref" / "adapter")
+
+
+def test_train_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_is_exact(hf_dir, long_ref, capsys):
     """Ctrl-C (SIGINT) and SIGTERM (what a scheduler or a spot pre-emption sends before
     SIGKILL) both finish the running step, save it and exit 130; the run resumed from that
     checkpoint ends with the uninterrupted run's adapter, bit for bit. SIGTERM used to kill the
-    process at once, losing every step since the last checkpoint (here: all of them)."""
-    steps = 200
-    ref_cfg = write_config(hf_dir, "long_ref", steps=steps, save_every=0, eval_every=0)
-    r = jpeft_here(capsys, "train", "--config", ref_cfg, "--no-progress")
-    assert r.returncode == 0, r.stderr
-    ref = adapter_arrays(hf_dir / "long_ref" / "adapter")
+    process at once, losing every step since the last checkpoint (here: all of them). The
+    resume runs in this process through ``main``: it reads the checkpoint the interrupted
+    process saved (test_train_max_steps_then_resume_equals_uninterrupted resumes in a fresh
+    process)."""
+    steps, ref = LONG_STEPS, long_ref
     for sig, said in ((signal.SIGINT, "Ctrl-C: saving a checkpoint"), (signal.SIGTERM, "SIGTERM: saving a checkpoint")):
         name = f"long_int_{sig.name}"
         cfg = write_config(hf_dir, name, steps=steps, save_every=0, eval_every=0)
@@ -1106,15 +1176,16 @@ def test_train_ctrl_c_or_sigterm_saves_a_checkpoint_and_resume_is_exact(hf_dir, 
         stopped = int(err.split("interrupted at step ")[1].split(";")[0])
         assert 2 <= stopped < steps
         assert (hf_dir / name / "checkpoints" / str(stopped)).is_dir()
-        r = jpeft_cmd("train", "--config", cfg, "--resume", "--no-progress")
+        r = jpeft_here(capsys, "train", "--config", cfg, "--resume", "--no-progress")
         assert r.returncode == 0, r.stderr
+        assert f"resumed from step {stopped}" in r.stderr
         got = adapter_arrays(hf_dir / name / "adapter")
         for k in ref:
             np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{sig.name}: {k}")
 
 
 @pytest.mark.parametrize("sig,who", [("SIGTERM", 0), ("SIGINT", 1)])
-def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resume_matches(hf_dir, capsys, sig, who):
+def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resume_matches(hf_dir, long_ref, capsys, sig, who):
     """Two processes over 127.0.0.1, SIGTERM sent to process 0 only (one host pre-empted), or
     Ctrl-C to process 1 only: both processes finish the same step, save one checkpoint together
     and exit 130; resumed, the run ends with the 1-device run's adapter (|diff| <= 1e-5 + 1e-4
@@ -1123,11 +1194,9 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resume_matc
     process without a checkpoint while both hung (over 200 s)."""
     import socket
 
-    steps = 200
+    steps = LONG_STEPS
     name = f"term_2p_{sig}"
     cfg = write_config(hf_dir, name, steps=steps, save_every=0, eval_every=0)
-    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--output-dir", hf_dir / f"{name}_ref")
-    assert r.returncode == 0, r.stderr
     env1 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -1156,7 +1225,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resume_matc
     r = jpeft_here(capsys, "train", "--config", cfg, "--resume", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert f"resumed from step {stopped}" in r.stderr
-    ref, got = adapter_arrays(hf_dir / f"{name}_ref" / "adapter"), adapter_arrays(hf_dir / name / "adapter")
+    ref, got = long_ref, adapter_arrays(hf_dir / name / "adapter")  # the 1-device run of the same config
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
@@ -1382,20 +1451,16 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
                  "--max-steps", "2"]) == 0
     assert "1 device;" in capsys.readouterr().err
     env4 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4")
-    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
-                        "--output-dir", str(hf_dir / "mesh_4d"), "--set", "mesh.fsdp=2", "--set", "mesh.data=2"],
-                       capture_output=True, text=True, timeout=300, env=env4)
-    assert r.returncode == 0, r.stderr
-    assert "mesh data=2 x fsdp=2 over 1 process(es)" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
-                        "--output-dir", str(hf_dir / "mesh_tp"), "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2"],
-                       capture_output=True, text=True, timeout=300, env=env4)
-    assert r.returncode == 0, r.stderr
-    assert "mesh data=1 x fsdp=2 x tensor=2 over 1 process(es)" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
-                        "--output-dir", str(hf_dir / "mesh_bad3"), "--set", "mesh.data=3"],
-                       capture_output=True, text=True, timeout=300, env=env4)
-    assert r.returncode == 2 and "= 3 devices, but this job has 4; jpeft train uses every device" in error_line(r.stderr)
+    run = ["train", "--config", cfg, "--no-progress", "--output-dir"]
+    r4d, rtp, r3 = jpeft_runs(env4, [*run, hf_dir / "mesh_4d", "--set", "mesh.fsdp=2", "--set", "mesh.data=2"],
+                              [*run, hf_dir / "mesh_tp", "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2"],
+                              [*run, hf_dir / "mesh_bad3", "--set", "mesh.data=3"])
+    assert r4d.returncode == 0, r4d.stderr
+    assert "mesh data=2 x fsdp=2 over 1 process(es)" in r4d.stderr
+    assert rtp.returncode == 0, rtp.stderr
+    assert "mesh data=1 x fsdp=2 x tensor=2 over 1 process(es)" in rtp.stderr
+    assert r3.returncode == 2
+    assert "= 3 devices, but this job has 4; jpeft train uses every device" in error_line(r3.stderr)
     env2 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
 
     def two_processes(out, extra=((), ())):
@@ -1769,8 +1834,8 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ forgetting
-def test_forgetting_delegates_to_the_runner():
-    r = jpeft_cmd("forgetting", "split-digits-task", "--list-methods")
+def test_forgetting_delegates_to_the_runner(capsys):
+    r = jpeft_here(capsys, "forgetting", "split-digits-task", "--list-methods")
     assert r.returncode == 0, r.stderr
     from jpeft.forgetting.experiment import get_benchmark
 
