@@ -9,10 +9,11 @@ import json
 import os
 
 
-def tokenizer():
-    """A 300-token byte-level BPE ``PreTrainedTokenizerFast`` with ``<s>`` / ``</s>``."""
+def tokenizer(vocab_size: int = 300, bos_in_front: bool = False):
+    """A ``vocab_size``-token byte-level BPE ``PreTrainedTokenizerFast`` with ``<s>`` / ``</s>``;
+    ``bos_in_front``: its call puts ``<s>`` in front of every text, as Llama's does."""
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     keys = sorted(topics)
@@ -20,8 +21,10 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([topics[k] for k in keys[:20]], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if bos_in_front:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
