@@ -315,8 +315,10 @@ def accumulate_loss_and_grad(loss_fn: Callable, params, adapter, batch, key, ste
     """
     if steps == 1:
         (loss, aux), grads = loss_and_grad(loss_fn, params, adapter, batch, key)
-        if loss_weight is not None:
-            _loss_weight_of(aux, loss_weight)
+        if loss_weight is not None:  # no term: zeros, as for a total of 0 over micro-batches (not its own 0 / 0)
+            w = _loss_weight_of(aux, loss_weight)
+            loss, aux, grads = _map_weighted(lambda x: jnp.where(w > 0, x, jnp.zeros_like(x)), (loss, aux, grads),
+                                             loss_weight)
         return (loss, aux), grads
     micro = jax.tree.map(lambda x: _split_micro(x, steps), batch)
 

@@ -653,6 +653,11 @@ def test_an_empty_micro_batch_or_device_whose_own_mean_is_nan_weighs_nothing(run
                                [float(want["loss"]), float(want["grad_norm"])], rtol=1e-6)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    # one batch with no target at all: no update and no term (not a skipped NaN step, whose run of
+    # max_consecutive_skips would stop training on data that is merely empty here)
+    c, _, empty = one(params, adapter, state, _masked_batch(0, range(C.BATCH)), key)
+    assert (int(empty["skipped"]), int(empty["no_targets"]), float(empty["loss"])) == (0, 1, 0.0)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(c), jax.tree.leaves(adapter)))
 
     # over devices: two parts, the second with no term and a NaN mean, joined with a psum (vmap's axis)
     g = {"w": jnp.array([[1.0, -2.0], [jnp.nan, jnp.nan]])}
