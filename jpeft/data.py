@@ -334,7 +334,9 @@ def pack_documents(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int):
     row is padding (id 0, no loss, segment 0).
 
     The first token of every document gets no loss (in a row it would be predicted from the
-    previous document, and run alone it is never predicted).
+    previous document, and run alone it is never predicted). A ``UserWarning`` counts the
+    prompt/completion documents whose first target, or any target, lies past their first
+    ``seq_len`` tokens: those targets are trained in a chunk without (all of) the prompt.
 
     Returns:
       ``(input_ids, loss_mask, segment_ids, position_ids)``, each ``[rows, seq_len]``
@@ -348,9 +350,16 @@ def pack_documents(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int):
     _check_seq_len(seq_len)
     chunks = []
     cut_off = 0  # documents whose first target lies past their first chunk: a prompt longer than seq_len
+    # documents with a prompt (a non-target before the first target other than the document's first token, which is
+    # no target anyway) whose targets run past the first chunk, and those targets, trained without the prompt
+    spilled = spilled_targets = 0
     for ids, mask in docs:
         first = np.flatnonzero(np.asarray(mask, bool))
         cut_off += bool(first.size and first[0] >= seq_len)
+        if first.size and 2 <= first[0] < seq_len <= first[-1]:
+            spilled += 1  # a chunk's first token is no target (below)
+            later = first[first >= seq_len]
+            spilled_targets += int(np.count_nonzero(later % seq_len))
         for i in range(0, len(ids), seq_len):
             chunks.append((np.asarray(ids[i:i + seq_len], np.int32), np.asarray(mask[i:i + seq_len], bool)))
     if not chunks:
@@ -361,6 +370,12 @@ def pack_documents(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int):
             f"than seq_len={seq_len}): the completion is trained in a chunk that holds none of the prompt's first "
             f"{seq_len} tokens (a chunk sees none of the chunks before it). Raise seq_len or shorten these prompts.",
             stacklevel=2)
+    if spilled:
+        warnings.warn(
+            f"in {spilled} prompt/completion document(s) the completion runs past the first {seq_len} tokens: "
+            f"{spilled_targets} of their target tokens are trained in later chunks that hold none of the prompt (a "
+            "chunk sees none of the chunks before it), as text that follows no instruction. Raise seq_len or shorten "
+            "these completions.", stacklevel=2)
     rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
     used = 0
     for c in chunks:

@@ -111,3 +111,27 @@ def test_a_front_token_the_tokenizer_adds_without_a_bos_token_name_is_in_the_row
     # a post-processor that appends the EOS only puts nothing in front
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
     assert text_encoder(PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>"))[1] is None
+
+
+def test_a_completion_running_past_the_row_is_warned_about_with_its_targets():
+    """Packed by documents, a prompt/completion pair longer than seq_len is cut into chunks, and a
+    chunk sees none of the chunks before it: the completion's tokens after the first chunk were
+    trained as text that follows no instruction, without a word (only a prompt longer than seq_len
+    was warned about). Now the documents and their targets trained so are counted; a long text
+    document (no prompt) and a pair that fits its row are not."""
+    import warnings
+
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    examples = [{"prompt": "p" * 6, "completion": "abcdefghij"}, {"text": "x" * 30}, {"prompt": "q", "completion": "d"},
+                {"prompt": "qq", "completion": "e" * 20}]
+    with pytest.warns(UserWarning, match=r"in 2 prompt/completion document\(s\) the completion runs past the first 8 "
+                                         r"tokens: 22 of their target tokens are trained in later chunks") as said:
+        ds = PackedDataset.from_examples(examples, enc, 8, eos_id=2, bos_id=1)
+    assert len(said) == 1
+    # the count is the targets of the chunks after each pair's first: rows 1-2 (pair 1) and 9-10 (the last pair)
+    assert sum(int(ds.loss_mask[r, 1:].sum()) for r in (1, 2, 9, 10)) == 22
+    assert ds.input_ids[1, 0] == ord("b") and ds.input_ids[9].tolist() == [ord("e")] * 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fits = [{"prompt": "ppp", "completion": "abc"}]
+        PackedDataset.from_examples(examples[1:3] + fits, enc, 8, eos_id=2, bos_id=1)
