@@ -6,6 +6,7 @@ module call made during ``model.apply`` is looked up by its path and handed to t
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import math
@@ -182,12 +183,8 @@ def _dequantized_call(ctx, args, kwargs, redirect):
             full[i] = x
         a, kw = jax.tree.unflatten(tree, full)
         variables = {**others, "params": {k: quant.dequantize_array(v) for k, v in own.items()}}
-        token, prefix = _REDIRECT.set(redirect), _PREFIX.set(redirect[0])
-        try:
+        with _redirected(redirect):
             return clone_apply(mod, variables, ctx.method_name, a, kw, rngs=None if rng is None else {"dropout": rng})
-        finally:
-            _PREFIX.reset(prefix)
-            _REDIRECT.reset(token)
 
     arrays = [leaves[i] for i in where]
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((own, rng, arrays, redirect[1]))):
@@ -229,17 +226,22 @@ def rerun(mod, variables, method_name: str, args, kwargs, rngs=None, at: Optiona
     :class:`bypass`, or give ``at``, the module's path: the re-run module itself then runs as it
     is, and the sites on its submodules act (their paths start at ``at``, as in a quantized
     module's re-run)."""
-    if at is None:
+    with contextlib.nullcontext() if at is None else _redirected((at, None, False)):
         out, written = clone_apply(mod, variables, method_name, args, kwargs, rngs=rngs)
-    else:
-        token, prefix = _REDIRECT.set((at, None, False)), _PREFIX.set(at)
-        try:
-            out, written = clone_apply(mod, variables, method_name, args, kwargs, rngs=rngs)
-        finally:
-            _PREFIX.reset(prefix)
-            _REDIRECT.reset(token)
     write_back(mod, written)
     return out
+
+
+@contextlib.contextmanager
+def _redirected(redirect):
+    """A re-run of the module at ``redirect[0]`` (``(path, node, check)``, see ``_REDIRECT``):
+    its first call goes to ``node``, and its submodules' paths start at ``path``."""
+    token, prefix = _REDIRECT.set(redirect), _PREFIX.set(redirect[0])
+    try:
+        yield
+    finally:
+        _PREFIX.reset(prefix)
+        _REDIRECT.reset(token)
 
 
 def _capture_below_root():

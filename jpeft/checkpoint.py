@@ -153,8 +153,8 @@ def _quiet_aborted_reads(folder, quiet: float = 0.2, limit: float = 2.0):
     read's task may be freed, and reported, before the error leaves Orbax) and, after a failure,
     for good."""
     previous, last = sys.unraisablehook, [time.monotonic()]
-    key = os.path.join(str(Path(folder).resolve()), "")  # ".../1/", not ".../10"
-    keys = {key, os.path.join(os.path.abspath(folder), "")}  # the message names the folder as Orbax was given it
+    # ".../1/", not ".../10"; resolved, and as given (the message names the folder as Orbax was given it)
+    keys = {os.path.join(str(p), "") for p in (Path(folder).resolve(), os.path.abspath(folder))}
     new_keys = keys - _ABORTED_READS
     if not _ABORTED_READS:
         logging.getLogger("asyncio").addFilter(_drop_aborted_read_tasks)

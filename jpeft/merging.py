@@ -177,6 +177,13 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+def _site_key(key, path: str):
+    """The key of one site's random draws (DARE), or ``None`` without ``key``: it follows from the
+    site's path, not from where it stands in the adapters' dicts (a jit, a save/load or a site
+    only some adapters have reorders them)."""
+    return None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
 def _check_method(method, density, key, what: str) -> None:
     """The merge method's own arguments: a known method, ``density`` in (0, 1] where it prunes,
     a ``jax.random`` key where it drops at random (``what``: the things merged, for the message)."""
@@ -295,10 +302,7 @@ def merge_deltas(
         lay = site.layout
         zero = jnp.zeros((lay.in_features, lay.out_features), jnp.float32)
         deltas = [_delta(ad[path]) if path in ad else zero for ad in adapters]
-        # each site's draws follow from its path, not from where it stands in the adapters' dicts (a jit, a
-        # save/load or a site only some adapters have reorders them)
-        k = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-        out[path] = _combine(deltas, w, method, density, majority_sign, k)
+        out[path] = _combine(deltas, w, method, density, majority_sign, _site_key(key, path))
     return out
 
 
@@ -409,7 +413,7 @@ def _merge_factors(adapters, weights, method, rank, density, majority_sign, key)
         sw = [w * float(lr.scale) for lr, w in have]
         wa = jnp.asarray([math.copysign(math.sqrt(abs(x)), x) for x in sw], jnp.float32)
         wb = jnp.asarray([math.sqrt(abs(x)) for x in sw], jnp.float32)
-        k = None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        k = _site_key(key, path)
         ka, kb = (None, None) if k is None else jax.random.split(k)
         a = _combine([lr.a for lr, _ in have], wa, method, density, majority_sign, ka)
         b = _combine([lr.b for lr, _ in have], wb, method, density, majority_sign, kb)

@@ -15,6 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from adam_step import step_moves_adapter_only  # noqa: E402
+from apply_checks import assert_same_output_and_writes  # noqa: E402
 
 import jpeft
 from jpeft.errors import ConfigError, NotInvertibleError, TargetNotFoundError
@@ -246,10 +247,7 @@ def test_a_module_run_on_the_adapters_copy_keeps_what_it_writes(cfg):
     for kw in (dict(mutable=["intermediates"]), dict(capture_intermediates=True),
                dict(train=True, mutable=["batch_stats", "intermediates"])):
         (got, got_vars), (want, want_vars) = jpeft.apply(model, v, ad, X, **kw), model.apply(merged, X, **kw)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        assert jax.tree.structure(got_vars) == jax.tree.structure(want_vars), kw
-        for a, b in zip(jax.tree.leaves(got_vars), jax.tree.leaves(want_vars)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_same_output_and_writes((got, got_vars), (want, want_vars), kw)
     assert "h" in got_vars["intermediates"]["w"] and "seen" in got_vars["batch_stats"]["w"]
 
     @jax.jit

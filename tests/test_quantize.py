@@ -26,6 +26,8 @@ from jpeft import quant, scan  # noqa: E402
 from jpeft.errors import QuantizationError  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+from apply_checks import assert_same_output_and_writes  # noqa: E402
 from _models_tiny import BoxedMLP  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -899,10 +901,7 @@ def test_a_module_with_its_own_quantized_kernel_keeps_what_it_writes():
     for kw in (dict(mutable=["intermediates"]), dict(capture_intermediates=True, mutable=["intermediates"]),
                dict(train=True, mutable=["batch_stats", "intermediates"])):
         (got, got_vars), (want, want_vars) = (jpeft.apply(model, v, ad, x, **kw) for v in (q, deq))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        assert jax.tree.structure(got_vars) == jax.tree.structure(want_vars), kw
-        for a, b in zip(jax.tree.leaves(got_vars), jax.tree.leaves(want_vars)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_same_output_and_writes((got, got_vars), (want, want_vars), kw)
     assert "h" in got_vars["intermediates"]["outer"] and "bn" in got_vars["batch_stats"]["outer"]
 
     @jax.jit
