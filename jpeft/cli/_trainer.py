@@ -208,6 +208,9 @@ def evaluate(eval_sums, params, adapter, ds, batch_size: int, max_batches: Optio
 # trajectory (the data order, the model, the update rule), so a resume with it is refused.
 _RESUME_MAY_CHANGE = ("output_dir", "model", "data.eval", "train.eval_every", "train.save_every", "train.log_every",
                       "train.keep_checkpoints", "train.eval_batches", "train.steps", "mesh.")
+# Files whose content resolved_config.json fingerprints: their path may change too (a project moved to another
+# folder or host resolves its relative paths anew), since the content itself is checked (_check_resumed_fingerprint)
+_RESUME_MAY_MOVE = {"data.train": "train_data_sha256", "forgetting.canary": "canary_sha256"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -328,7 +331,9 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, met
     would be overwritten. Checkpoints of a ``scan_layers`` run hold stacked arrays the unrolled
     model cannot use (and the other way round), which gets its own message. Runs without a
     ``resolved_config.json`` (an older jpeft) are not checked; keys an older jpeft did not save
-    are skipped. ``before``: :func:`_read_saved_config` (read here if not given). ``method``
+    are skipped. The path of a file whose content the saved config fingerprints
+    (:data:`_RESUME_MAY_MOVE`) may change: its content is compared instead, once read. ``before``:
+    :func:`_read_saved_config` (read here if not given). ``method``
     (the method config the table resolves to, :func:`method_of`): the [method] table is then
     compared as that config (:func:`_method_changes`), else key by key as written."""
     path = os.path.join(out_dir, "resolved_config.json")
@@ -342,7 +347,8 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, met
             f"the checkpoints in {out_dir!r} were written with train.scan_layers = {str(was).lower()} (a "
             f"{'layer-stacked' if was else 'per-layer'} adapter), but this run has train.scan_layers = "
             f"{str(now).lower()}; resume with --set train.scan_layers={str(was).lower()}, or choose another output_dir.")
-    fingerprints = ("method_config", "train_data_sha256", "model_weights_sha256")  # checked on their own
+    # checked on their own
+    fingerprints = ("method_config", "train_data_sha256", "model_weights_sha256", "canary_sha256")
     old = _flat({k: v for k, v in before.items() if k not in fingerprints})
     new = _flat(cfg)
     was_m, now_m = before.get("method"), cfg.get("method")
@@ -358,7 +364,8 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, met
     changed = sorted({k for k in old if old[k] != new.get(k)}
                      | {k for k in new if k not in old and new[k] is not None
                         and (k.split(".")[0] not in before or k.startswith("method."))})
-    changed = [k for k in changed if not k.startswith(_RESUME_MAY_CHANGE)]
+    changed = [k for k in changed if not k.startswith(_RESUME_MAY_CHANGE)
+               and not (k in _RESUME_MAY_MOVE and isinstance(before.get(_RESUME_MAY_MOVE[k]), str))]
     method_changes = _method_changes(before, cfg, method)
     if method_changes is not None:  # the resolved method config decides: the table's spelling does not matter
         changed = sorted([k for k in changed if not k.startswith("method.")] + list(method_changes))
@@ -390,13 +397,23 @@ def data_fingerprint(ds) -> str:
 def _check_resumed_fingerprint(out_dir: str, before: dict, key: str, sha: str) -> None:
     """Refuses ``--resume`` when the fingerprint ``key`` of ``resolved_config.json`` differs:
     ``train_data_sha256`` (:func:`data_fingerprint`: the data file edited, another tokenizer, so
-    batch ``k`` would be another batch) or ``model_weights_sha256`` (:func:`jpeft.models.loading.weights_fingerprint`:
+    batch ``k`` would be another batch), ``canary_sha256`` (:func:`data_fingerprint` of the packed
+    ``[forgetting] canary``: the resumed guard would measure other text against the checks and
+    the kept state its checkpoint carries, and stop or roll back where the run would not) or
+    ``model_weights_sha256`` (:func:`jpeft.models.loading.weights_fingerprint`:
     the model folder's path may change, but another model of the same architecture, config and
     shapes alike, would pass the checkpoints' base check and continue the run on another base).
     Runs saved without the fingerprint (an older jpeft) are not checked."""
     was = before.get(key)
     if not isinstance(was, str) or was == sha:
         return
+    if key == "canary_sha256":
+        raise ConfigError(
+            f"--resume would continue the run in {out_dir!r} with another forgetting canary than its checkpoints were "
+            "trained with (the packed rows of forgetting.canary differ: the file or the tokenizer changed since), so "
+            "the guard's checks would measure other text than its saved checks and kept state, and it could stop or "
+            "roll back where the run would not. Restore the canary file the run was started with, or start a new run "
+            "in another output_dir.")
     if key == "train_data_sha256":
         raise ConfigError(
             f"--resume would continue the run in {out_dir!r} on other training data than its checkpoints were trained "
@@ -556,8 +573,12 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
             _check_resumed_fingerprint(out_dir, saved, "train_data_sha256", data_sha)
     # before the output folder is made: an empty canary file leaves nothing behind
     canary_ds = pack(canary_ex, "forgetting.canary", fg["canary"]) if fg else None
+    canary_sha = None
     if canary_ds is not None:
         eval_rows(canary_ds, int(t["batch_size"]), fg["canary_batches"], "forgetting.canary_batches")
+        canary_sha = data_fingerprint(canary_ds)
+        if saved is not None:
+            _check_resumed_fingerprint(out_dir, saved, "canary_sha256", canary_sha)
     before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else None
     os.makedirs(out_dir, exist_ok=True)
     seed = int(cfg.get("seed", 0))
@@ -591,7 +612,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         if jax.process_count() > 1:
             _check_output_shared(out_dir)
         out = _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init,
-                   k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved, base_sha)
+                   k_train, seed, steps, resume, max_steps, progress, mesh, data_sha, saved, base_sha, canary_sha)
         failed = False
         return out
     finally:
@@ -894,7 +915,7 @@ def _restore(ckpts, out_dir: str, steps: int, **templates):
 
 
 def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sched, example, k_init, k_train, seed,
-         steps, resume, max_steps, progress, mesh, data_sha=None, saved=None, base_sha=None):
+         steps, resume, max_steps, progress, mesh, data_sha=None, saved=None, base_sha=None, canary_sha=None):
     t = cfg["train"]
     out_dir = cfg["output_dir"]
     model, params = loaded.model, loaded.params
@@ -951,7 +972,9 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
         # "no saved settings" and let a later --resume change the seed, data or optimizer unchecked
         try:
             atomic_write(path, json.dumps(dict(cfg, method_config=method.to_dict(), train_data_sha256=data_sha,
-                                               model_weights_sha256=base_sha), indent=1))
+                                               model_weights_sha256=base_sha,
+                                               **({} if canary_sha is None else {"canary_sha256": canary_sha})),
+                                          indent=1))
         except OSError as e:  # a read-only output folder (its checkpoints folder writable): a raw PermissionError
             raise SaveError(f"cannot write {path} ({type(e).__name__}: {e.strerror or e}), so this run cannot record "
                             f"its settings; nothing was trained or changed. Make {out_dir} writable (permissions, "
