@@ -28,13 +28,13 @@ def number(d: Mapping[str, Any], name: str, default: Any = _REQUIRED, *, integer
     return int(value) if integer else float(value)
 
 
-_KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32}
+_KV_HEADS_DEFAULT = {"mistral": 8, "qwen2": 32, "qwen3": 32}
 
 
 def num_kv_heads(d: Mapping[str, Any]) -> Optional[int]:
     """The key/value heads a Hugging Face ``config.json`` dict gives its attention, as
     transformers reads it: ``num_key_value_heads``; without the key, MistralConfig's 8,
-    Qwen2Config's 32, else (and for an explicit null) the attention heads (``n_head`` for
+    Qwen2Config's and Qwen3Config's 32, else (and for an explicit null) the attention heads (``n_head`` for
     GPT-2); ``None`` when the dict names no heads."""
     heads = d.get("num_attention_heads", d.get("n_head"))
     kv = d.get("num_key_value_heads", _KV_HEADS_DEFAULT.get(d.get("model_type"), heads))

@@ -49,11 +49,12 @@ FAMILY_TARGETS = {
                  ia3=(["key", "value", "output.dense"], ["output.dense"]),
                  houlsby=["output/dense"], pfeiffer=r".*/layer_\d+/output/dense", ln=["LayerNorm"]),
 }
-# PEFT's IA3 and LN tuning defaults for Qwen2 are not Llama's: q_proj (not k_proj) and only
-# post_attention_layernorm (TRANSFORMERS_MODELS_TO_{IA3,LNTUNING}_TARGET_MODULES_MAPPING["qwen2"])
+# PEFT's IA3 and LN tuning defaults for Qwen2 and Qwen3 are not Llama's: q_proj (not k_proj) and only
+# post_attention_layernorm, not Qwen3's q_norm/k_norm (TRANSFORMERS_MODELS_TO_{IA3,LNTUNING}_TARGET_MODULES_MAPPING)
 FAMILY_TARGETS.update(mistral=FAMILY_TARGETS["llama"],
                       qwen2=dict(FAMILY_TARGETS["llama"], ia3=(["q_proj", "v_proj", "down_proj"], ["down_proj"]),
                                  ln=["post_attention_layernorm"]))
+FAMILY_TARGETS.update(qwen3=FAMILY_TARGETS["qwen2"])
 
 #: Hugging Face PEFT's default ``target_modules`` (and IA3's ``feedforward_modules``) per
 #: method and model type, used by ``jpeft info`` and ``jpeft train`` when none are given

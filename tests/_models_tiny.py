@@ -69,6 +69,10 @@ def _hf_config(family: str):
         return t.Qwen2Config(**common, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                              use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    if family == "qwen3":  # head_dim 16 != hidden / heads; biased q/k/v/o; q/k norms (random via _randomize)
+        return t.Qwen3Config(**common, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                             tie_word_embeddings=True, attention_bias=True,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     if family == "gpt2":
         return t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
                             eos_token_id=2, pad_token_id=0)
@@ -78,7 +82,7 @@ def _hf_config(family: str):
     raise KeyError(family)
 
 
-DECODERS = ("llama2", "llama3", "mistral", "qwen2", "gpt2")
+DECODERS = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gpt2")
 FAMILIES = DECODERS + ("bert",)
 
 
@@ -91,7 +95,8 @@ def hf_model(family: str):
     torch.manual_seed(0)
     cfg = _hf_config(family)
     cls = {"llama2": t.LlamaForCausalLM, "llama3": t.LlamaForCausalLM, "mistral": t.MistralForCausalLM,
-           "qwen2": t.Qwen2ForCausalLM, "gpt2": t.GPT2LMHeadModel, "bert": t.BertForSequenceClassification}[family]
+           "qwen2": t.Qwen2ForCausalLM, "qwen3": t.Qwen3ForCausalLM,
+           "gpt2": t.GPT2LMHeadModel, "bert": t.BertForSequenceClassification}[family]
     model = _randomize(cls(cfg), seed=len(family))
     folder = os.path.join(ROOT, family)
     model.save_pretrained(folder)

@@ -518,6 +518,27 @@ def test_info_llama2_7b_matches_transformers_and_peft(capsys):
     assert (got["trainable_params"], got["total_params"]) == (trainable, total) == (614_400, 6_739_030_016)
 
 
+def test_info_qwen3_0_6b_matches_transformers_and_peft(capsys):
+    """The published Qwen3-0.6B (head_dim 128 != 1024 / 16, q/k norms, tied embeddings) counts as
+    transformers builds it, and LoRA on PEFT's default targets for qwen3 adapts what PEFT adapts
+    (the other methods' defaults: tests/test_methods_budget.py)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from jpeft.cli import _configs
+
+    assert main(["info", "Qwen/Qwen3-0.6B", "--method", "lora", "-r", "8", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    with torch.device("meta"):
+        ref = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in _configs.PUBLISHED["qwen3-0.6b"].items()
+                                              if k not in ("model_type", "architectures")}))
+    base = sum(p.numel() for p in ref.parameters())
+    trainable, total = get_peft_model(ref, LoraConfig(r=8, task_type="CAUSAL_LM")).get_nb_trainable_parameters()
+    assert base == 596_049_920  # the published Qwen3-0.6B size
+    assert (got["base_params"], got["trainable_params"], got["total_params"]) == (base, trainable, total)
+
+
 def test_info_text_output_and_list(capsys):
     assert main(["info", "mistral-7b", "-r", "16", "--target", "q_proj,k_proj,v_proj,o_proj"]) == 0
     out = capsys.readouterr().out

@@ -40,9 +40,11 @@ from jpeft import PromptTuningConfig  # noqa: E402
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
 
-FAMILIES = {"Llama": "llama3", "Mistral": "mistral", "Qwen2": "qwen2", "GPT-2": "gpt2", "BERT": "bert"}
-# Llama here is the tiny llama3 model (tie_word_embeddings=True); Mistral is untied.
-TIED = {"llama3", "qwen2", "gpt2"}
+FAMILIES = {"Llama": "llama3", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3", "GPT-2": "gpt2",
+            "BERT": "bert"}
+# Llama here is the tiny llama3 model (tie_word_embeddings=True); Mistral is untied. Qwen3's q_norm/k_norm
+# weights are random too (tests/_models_tiny.py), so a missing or misplaced norm shows in every cell.
+TIED = {"llama3", "qwen2", "qwen3", "gpt2"}
 SLIDING = {"mistral", "qwen2"}  # windows 5 and 4: prefix/prompt cases stay inside them (issue #15 item 3)
 T = 2  # virtual tokens
 

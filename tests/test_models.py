@@ -465,7 +465,7 @@ def test_key_value_heads_without_the_key_default_as_in_transformers():
 
     d = dict(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=32)
     for mt, cls in (("llama", transformers.LlamaConfig), ("mistral", transformers.MistralConfig),
-                    ("qwen2", transformers.Qwen2Config)):
+                    ("qwen2", transformers.Qwen2Config), ("qwen3", transformers.Qwen3Config)):
         for extra in ({}, {"num_key_value_heads": None}):
             try:
                 want = cls(**d, **extra).num_key_value_heads
@@ -490,7 +490,7 @@ def test_max_position_embeddings_without_the_key_defaults_as_in_transformers(tmp
     d = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
     for mt, cls in (("llama", transformers.LlamaConfig), ("mistral", transformers.MistralConfig),
-                    ("qwen2", transformers.Qwen2Config)):
+                    ("qwen2", transformers.Qwen2Config), ("qwen3", transformers.Qwen3Config)):
         assert config_from_hf(dict(d, model_type=mt)).max_position_embeddings == cls(**d).max_position_embeddings, mt
     torch.manual_seed(0)
     rope = {"rope_type": "llama3", "rope_theta": 1e6, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -542,7 +542,7 @@ def test_unsupported_model_type(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "t5"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match=r"'t5' is not supported.*\['bert', 'gpt2', 'llama', 'mistral', 'qwen2'\]"):
+    with pytest.raises(UnsupportedModelError, match=r"'t5' is not supported.*\['bert', 'gpt2', 'llama', 'mistral', 'qwen2', 'qwen3'\]"):
         M.from_pretrained(str(d))
 
 
@@ -551,8 +551,8 @@ def test_model_types_of_a_model_class():
     scan_layers and tensor-axis checks ask it rather than reading class names)."""
     from jpeft.models import loading
     from jpeft.models._layers import CausalLM
-    assert loading.model_types_of(M.LlamaForCausalLM) == ["llama", "mistral", "qwen2"]
-    assert loading.model_types_of(CausalLM) == ["gpt2", "llama", "mistral", "qwen2"]
+    assert loading.model_types_of(M.LlamaForCausalLM) == ["llama", "mistral", "qwen2", "qwen3"]
+    assert loading.model_types_of(CausalLM) == ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
     assert loading.model_types_of(M.BertForSequenceClassification) == ["bert"]
 
 
@@ -707,13 +707,22 @@ def test_bf16_model_generates_and_load_tokenizer(tmp_path):
         M.load_tokenizer(str(empty))
 
 
-@pytest.mark.parametrize("kind", ["llama", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "bert"])
 def test_save_pretrained_loads_in_transformers(kind, tmp_path):
-    """A model built and adapted in JAX, merged and saved, gives the same logits in transformers."""
+    """A model built and adapted in JAX, merged and saved, gives the same logits in transformers
+    (Qwen3: head_dim 16 != hidden / heads, q/k/v/o biases, and q_norm/k_norm weights made random,
+    since a norm weight of ones would hide a norm missing on either side)."""
     import torch
     import transformers as t
 
-    if kind == "llama":
+    if kind == "qwen3":
+        cfg = M.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=16, attention_bias=True, tie_word_embeddings=True,
+                            initializer_range=0.2, rope_theta=1e6)
+        model = M.Qwen3ForCausalLM(cfg)
+        ids = np.array([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]])
+        mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    elif kind == "llama":
         cfg = M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                             num_kv_heads=2, tie_word_embeddings=True, initializer_range=0.2, rope_theta=500000.0,
                             rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
@@ -728,20 +737,87 @@ def test_save_pretrained_loads_in_transformers(kind, tmp_path):
         ids = np.array([[5, 6, 7, 8, 0, 0], [1, 2, 3, 4, 5, 6]])
         mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-    targets = ["q_proj", "gate_proj"] if kind == "llama" else ["query", "classifier"]
+    if kind == "qwen3":  # every norm weight and bias random (init: ones and zeros)
+        params = jax.tree_util.tree_map_with_path(
+            lambda kp, x: x + 0.3 * jax.random.normal(jax.random.key(len(jax.tree_util.keystr(kp))), x.shape)
+            if kp[-1].key in ("scale", "bias") else x, params)
+    targets = {"llama": ["q_proj", "gate_proj"], "qwen3": ["q_proj", "k_proj", "gate_proj"],
+               "bert": ["query", "classifier"]}[kind]
     adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=targets, init="random"), params, jax.random.key(1))
     want = np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     M.save_pretrained(str(tmp_path), model, jpeft.merge(params, adapter))
-    hf = t.AutoModelForCausalLM if kind == "llama" else t.AutoModelForSequenceClassification
+    hf = t.AutoModelForCausalLM if kind != "bert" else t.AutoModelForSequenceClassification
     tm = hf.from_pretrained(str(tmp_path)).eval()
+    if kind == "qwen3":
+        assert type(tm).__name__ == "Qwen3ForCausalLM" and tm.config.head_dim == 16
     with torch.no_grad():
-        kw = dict(position_ids=torch.tensor(T.positions(mask))) if kind == "llama" else {}
+        kw = dict(position_ids=torch.tensor(T.positions(mask))) if kind != "bert" else {}
         got = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **kw).logits.numpy()
-    sel = mask.astype(bool) if kind == "llama" else slice(None)
+    sel = mask.astype(bool) if kind != "bert" else slice(None)
     np.testing.assert_allclose(got[sel], want[sel], atol=1e-4)
     m2, p2 = M.from_pretrained(str(tmp_path))
     assert m2.config == model.config
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), p2, jpeft.merge(params, adapter))
+
+
+def test_qwen3_config_json_reads_as_transformers_reads_it():
+    """Qwen3's config.json defaults are not Llama's: without a head_dim key transformers' Qwen3Config
+    takes 128 (not hidden_size / heads), 32 key/value heads and 32,768 positions; attention_bias
+    biases q/k/v and o_proj; there is no MLP bias; and the sliding-window options are Qwen2's. The
+    MoE variant and a config jpeft cannot write as a Qwen3 checkpoint are refused by name."""
+    import transformers
+
+    from jpeft.models.loading import config_from_hf, config_to_hf
+
+    d = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=4)  # without the key, 32: test_key_value_heads_without_the_key_default_...
+    for extra in ({}, {"head_dim": 16, "num_key_value_heads": 2, "attention_bias": True, "mlp_bias": True},
+                  {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+                  {"use_sliding_window": False, "sliding_window": 3},
+                  {"use_sliding_window": True,
+                   "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}):
+        want = transformers.Qwen3Config(**{**d, **extra})
+        got = config_from_hf({**d, **extra, "model_type": "qwen3"})
+        assert (got.head_dim, got.num_kv_heads, got.max_position_embeddings, got.qk_norm) == (
+            want.head_dim, want.num_key_value_heads, want.max_position_embeddings, True), extra
+        assert (got.attention_bias, got.attention_out_bias, got.mlp_bias) == (want.attention_bias,) * 2 + (False,)
+        assert [got.window(i) for i in range(3)] == [
+            want.sliding_window if t == "sliding_attention" else None for t in want.layer_types], extra
+    assert config_from_hf(dict(d, model_type="qwen3")).head_dim == 128  # not 32 / 4
+    with pytest.raises(UnsupportedModelError, match=r"'qwen3_moe' is not supported.*'qwen3'\]"):
+        config_from_hf(dict(d, model_type="qwen3_moe"))
+    with pytest.raises(UnsupportedModelError, match="has qk_norm=True"):
+        config_to_hf(M.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                                   qk_norm=True))
+    with pytest.raises(UnsupportedModelError, match="always has q_norm/k_norm"):
+        config_to_hf(M.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                                   qk_norm=False))
+    with pytest.raises(UnsupportedModelError, match="one attention_bias flag"):
+        config_to_hf(M.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                                   attention_bias=True, attention_out_bias=False))
+
+
+def test_qwen3_sliding_window_layers_equal_transformers(tmp_path):
+    """A Qwen3 with use_sliding_window (window 3 on the layers from max_window_layers=1 on) and random
+    q_norm/k_norm weights gives transformers' logits on padded rows longer than the window."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=T.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, use_sliding_window=True,
+                                   sliding_window=3, max_window_layers=1, max_position_embeddings=64)
+    hf = T._randomize(transformers.Qwen3ForCausalLM(cfg), seed=9)
+    hf.save_pretrained(tmp_path)
+    model, params = M.from_pretrained(str(tmp_path))
+    assert [model.config.window(i) for i in range(2)] == [None, 3]
+    ids, mask = T.batch("qwen3", seed=2)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(T.positions(mask))).logits.numpy()
+    out = np.asarray(model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    sel = mask.astype(bool)
+    np.testing.assert_allclose(out[sel], ref[sel], atol=1e-4, rtol=0)
 
 
 def test_rope_scaling_older_type_key_survives_save_pretrained(tmp_path):

@@ -83,6 +83,30 @@ def test_peft_adapters_both_ways(both, tmp_path, caplog):
     _logits_close(jpeft.apply(graphdef, state, adapter, ids, mask, position_ids=jnp.asarray(pos.numpy())), ref2, mask)
 
 
+def test_nnx_qwen3_with_its_q_and_k_norms_equals_transformers_and_linen():
+    """Qwen3's per-head q_norm/k_norm (random weights) in the NNX Llama: transformers' logits, the
+    linen model's parameter tree, and a random LoRA plus LN tuning of the q/k norms on it equal to the
+    same adapter on the linen model."""
+    _, folder = T.hf_model("qwen3")
+    model, params = M.from_pretrained(folder)
+    graphdef, state = M.from_pretrained(folder, api="nnx")
+    ids, mask = (jnp.asarray(a) for a in T.batch("qwen3", seed=3))
+    pos = jnp.asarray(T.positions(np.asarray(mask)))
+    out = nnx.merge(graphdef, state)(ids, mask, position_ids=pos)
+    _logits_close(out, T.torch_logits("qwen3", np.asarray(ids), np.asarray(mask)), mask)
+    assert jax.tree.structure(jpeft.tree.nnx_params(state)) == jax.tree.structure(params["params"])
+    rng = np.random.default_rng(2)
+    adapter = {}
+    for cfg in (jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "k_proj"]),
+                jpeft.LNTuningConfig(target_modules=["q_norm", "k_norm"])):
+        adapter.update(jax.tree.map(lambda t: t + jnp.asarray(0.3 * rng.standard_normal(t.shape), t.dtype),
+                                    jpeft.init(cfg, state, jax.random.key(0), graphdef, ids)))
+    got = jpeft.apply(graphdef, state, adapter, ids, mask, position_ids=pos)
+    want = jpeft.apply(model, params, adapter, ids, mask, position_ids=pos)
+    assert float(jnp.abs(want - out)[np.asarray(mask) == 1].max()) > 1e-2  # the adapter matters
+    _logits_close(got, want, mask)
+
+
 def test_nnx_api_is_for_the_llama_family():
     _, folder = T.hf_model("gpt2")
     with pytest.raises(UnsupportedModelError, match="Llama family"):

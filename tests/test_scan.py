@@ -593,3 +593,30 @@ def test_peft_files_of_an_unrolled_module_named_layers_load_back(tmp_path):
     _, loaded = jpeft.hf.load_peft(str(tmp_path / "a"), params)
     assert sorted(loaded) == ["fc", "layers"]
     np.testing.assert_allclose(jpeft.apply(model, params, loaded, x), jpeft.apply(model, params, adapter, x), atol=1e-6)
+
+
+def test_qwen3_scanned_equals_unrolled_with_its_q_and_k_norms():
+    """The tiny Qwen3 (per-head q_norm/k_norm with random weights, head_dim 16 != 32 / 4) loaded
+    layer-scanned gives transformers' logits, and with a LoRA on q/k/v/o plus LN tuning of the
+    q/k norms (random, stacked) the unrolled model's logits."""
+    family = "qwen3"
+    _, folder = T.hf_model(family)
+    unrolled, p0 = jpeft.models.from_pretrained(folder)
+    scanned, p1 = jpeft.models.from_pretrained(folder, scan_layers=True)
+    assert p1["params"]["model"]["layers"]["self_attn"]["q_norm"]["scale"].shape == (2, 16)
+    ids, mask = T.batch(family, seed=5)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    sel = np.asarray(mask) == 1
+    ref = T.torch_logits(family, np.asarray(ids), np.asarray(mask))
+    fwd = jax.jit(jpeft.apply, static_argnums=0)
+    np.testing.assert_allclose(np.asarray(fwd(scanned, p1, {}, ids, mask))[sel], ref[sel], atol=1e-4)
+    a0 = {}
+    for cfg in (jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+                jpeft.LNTuningConfig(target_modules=["q_norm", "k_norm"])):
+        a0.update(_trained_looking(jpeft.init(cfg, p0, jax.random.key(1))))
+    assert {p for p in a0 if p.endswith("_norm")} == {f"model/layers_{i}/self_attn/{n}" for i in (0, 1)
+                                                      for n in ("q_norm", "k_norm")}
+    a1 = scan.stack_adapter(a0, 2)
+    y1, y0 = fwd(scanned, p1, a1, ids, mask), fwd(unrolled, p0, a0, ids, mask)
+    assert float(np.abs(np.asarray(y0) - ref)[sel].max()) > 1e-2  # the adapter matters
+    np.testing.assert_allclose(np.asarray(y1)[sel], np.asarray(y0)[sel], atol=2e-5)

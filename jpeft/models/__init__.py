@@ -1,5 +1,5 @@
 """Flax linen models that load Hugging Face checkpoints: Llama (2 and 3), Mistral, Qwen2,
-GPT-2 and BERT (sequence classification).
+Qwen3, GPT-2 and BERT (sequence classification).
 
 Submodule names mirror Hugging Face's, so ``jpeft.tree.hf_name(path)`` of a module path is
 the Hugging Face module name and ``target_modules`` written for Hugging Face PEFT select the
@@ -7,7 +7,7 @@ same modules. See docs/MODELS.md.
 
 >>> import jpeft
 >>> jpeft.models.supported_model_types()
-['bert', 'gpt2', 'llama', 'mistral', 'qwen2']
+['bert', 'gpt2', 'llama', 'mistral', 'qwen2', 'qwen3']
 """
 
 from jpeft.models._layers import KVCache, RMSNorm, init_cache
@@ -21,6 +21,8 @@ from jpeft.models.llama import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from jpeft.models.loading import (
     config_from_hf,
@@ -44,6 +46,8 @@ __all__ = [
     "MistralForCausalLM",
     "Qwen2Config",
     "Qwen2ForCausalLM",
+    "Qwen3Config",
+    "Qwen3ForCausalLM",
     "GPT2Config",
     "GPT2LMHeadModel",
     "GPT2Model",

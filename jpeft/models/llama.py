@@ -1,4 +1,4 @@
-"""Llama-family decoders (Llama 2 and 3, Mistral, Qwen2) as ``flax.linen`` modules whose
+"""Llama-family decoders (Llama 2 and 3, Mistral, Qwen2, Qwen3) as ``flax.linen`` modules whose
 submodule names mirror Hugging Face's, so a module path such as
 ``model/layers_0/self_attn/q_proj`` has the Hugging Face name
 ``model.layers.0.self_attn.q_proj`` and ``target_modules`` written for Hugging Face PEFT
@@ -51,7 +51,7 @@ def _standard_rope_keys(d):
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(L.ConfigMethods):
-    """Configuration of a Llama-family decoder (also Mistral and Qwen2).
+    """Configuration of a Llama-family decoder (also Mistral, Qwen2 and Qwen3).
 
     Field names follow jpeft's common model-config vocabulary (``num_layers``, ``num_heads``,
     ``num_kv_heads``); :func:`jpeft.models.config_from_hf` maps the Hugging Face names
@@ -73,11 +73,13 @@ class LlamaConfig(L.ConfigMethods):
       attention_bias: bias on q/k/v projections (Qwen2: True).
       attention_out_bias: bias on o_proj (Llama's ``attention_bias=True`` sets both).
       mlp_bias: bias on gate/up/down projections.
+      qk_norm: an RMSNorm over each head's ``head_dim`` on the projected queries and keys
+        (``q_norm``, ``k_norm``, weights ``[head_dim]``), before the rotary embedding (Qwen3).
       tie_word_embeddings: logits use the input embedding matrix (no ``lm_head``).
       sliding_window: attention window for layers whose ``layer_types`` entry is
         ``"sliding_attention"`` (``layer_types=None`` with a window: every layer, as Mistral).
       layer_types: per-layer ``"full_attention"`` / ``"sliding_attention"``.
-      model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"`` (informational; used when saving).
+      model_type: ``"llama"``, ``"mistral"``, ``"qwen2"`` or ``"qwen3"`` (informational; used when saving).
       initializer_range: std of the normal initializer for fresh models.
       dtype: compute dtype; param_dtype: dtype of freshly initialised parameters.
       remat, remat_policy: rematerialise each decoder layer (``nn.remat``) with the named
@@ -114,6 +116,7 @@ class LlamaConfig(L.ConfigMethods):
     attention_out_bias: bool = False
     attention_dropout: float = 0.0
     mlp_bias: bool = False
+    qk_norm: bool = False
     tie_word_embeddings: bool = False
     sliding_window: Optional[int] = None
     layer_types: Optional[tuple] = None
@@ -229,6 +232,9 @@ class LlamaAttention(nn.Module):
         q = q.reshape(b, s, c.num_heads, c.head_dim)
         k = k.reshape(b, s, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, s, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:  # Qwen3: per-head RMSNorm of queries and keys, before rotary
+            q = L.RMSNorm(c.head_dim, c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
+            k = L.RMSNorm(c.head_dim, c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
         cos, sin = rope
         q = L.apply_rope(q, cos, sin)
         k = L.apply_rope(k, cos, sin)
@@ -316,8 +322,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(L.CausalLM):
-    """A Llama-family causal LM (``model`` + ``lm_head``; Mistral and Qwen2 are the same class
-    with their config flags).
+    """A Llama-family causal LM (``model`` + ``lm_head``; Mistral, Qwen2 and Qwen3 are the same
+    class with their config flags).
 
     ``__call__(input_ids=None, attention_mask=None, *, inputs_embeds=None, position_ids=None,
     segment_ids=None, cache=None, prefix_kv=None, deterministic=True)`` returns logits
@@ -337,6 +343,7 @@ class LlamaForCausalLM(L.CausalLM):
 
 MistralForCausalLM = LlamaForCausalLM
 Qwen2ForCausalLM = LlamaForCausalLM
+Qwen3ForCausalLM = LlamaForCausalLM
 
 
 def MistralConfig(**kw) -> LlamaConfig:
@@ -350,4 +357,14 @@ def Qwen2Config(**kw) -> LlamaConfig:
     kw.setdefault("model_type", "qwen2")
     kw.setdefault("attention_bias", True)
     kw.setdefault("tie_word_embeddings", False)
+    return LlamaConfig(**kw)
+
+
+def Qwen3Config(**kw) -> LlamaConfig:
+    """A :class:`LlamaConfig` with Qwen3's per-head q/k RMSNorm (``model_type="qwen3"``,
+    ``qk_norm=True``; ``attention_bias``, when set, biases q/k/v and o_proj as in transformers)."""
+    kw.setdefault("model_type", "qwen3")
+    kw.setdefault("qk_norm", True)
+    if kw.get("attention_bias"):
+        kw.setdefault("attention_out_bias", True)
     return LlamaConfig(**kw)

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2) as ``flax.nnx`` modules.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, Qwen3) as ``flax.nnx`` modules.
 
 The same :class:`~jpeft.models.LlamaConfig`, the same blocks (rotary embeddings, masks,
 attention kernels from ``_layers`` / ``_attention``) and the same parameter tree as the linen
@@ -84,6 +84,9 @@ class LlamaAttention(nnx.Module):
         self.k_proj = _dense(c.hidden_size, kd, c.attention_bias, c, rngs)
         self.v_proj = _dense(c.hidden_size, kd, c.attention_bias, c, rngs)
         self.o_proj = _dense(qd, c.hidden_size, c.attention_out_bias, c, rngs)
+        if c.qk_norm:  # Qwen3: per-head RMSNorm of queries and keys, before rotary
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.dtype, c.param_dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, c.dtype, c.param_dtype)
 
     def __call__(self, hidden, mask, rope):
         c = self.c
@@ -91,6 +94,8 @@ class LlamaAttention(nnx.Module):
         q = self.q_proj(hidden).reshape(b, s, c.num_heads, c.head_dim)
         k = self.k_proj(hidden).reshape(b, s, c.num_kv_heads, c.head_dim)
         v = self.v_proj(hidden).reshape(b, s, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
         out, _ = L.attend(q, k, v, mask, scale=c.head_dim ** -0.5, dtype=c.dtype, implementation=c.attention,

@@ -74,9 +74,11 @@ def _flag(d: Mapping[str, Any], name: str, default: bool) -> bool:
     return value
 
 
-# transformers' MistralConfig and Qwen2Config defaults when config.json has no max_position_embeddings
-# (LlamaConfig's: 2048); llama3 rope falls back to it for original_max_position_embeddings
-_MAX_POSITIONS_DEFAULT = {"mistral": 4096 * 32, "qwen2": 32768}
+# transformers' MistralConfig, Qwen2Config and Qwen3Config defaults when config.json has no
+# max_position_embeddings (LlamaConfig's: 2048); llama3 rope falls back to it for original_max_position_embeddings
+_MAX_POSITIONS_DEFAULT = {"mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
+# transformers' Qwen3Config has head_dim 128 when config.json has none (the others: hidden_size // heads)
+_HEAD_DIM_DEFAULT = {"qwen3": 128}
 
 
 def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> LlamaConfig:
@@ -119,7 +121,9 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         num_layers=_number(d, "num_hidden_layers", integer=True),
         num_heads=heads,
         num_kv_heads=num_kv_heads(dict(d, model_type=model_type)),
-        head_dim=_number(d, "head_dim", integer=True) if d.get("head_dim") is not None else hidden // (heads or 1),
+        head_dim=(_number(d, "head_dim", _HEAD_DIM_DEFAULT[model_type], integer=True)
+                  if model_type in _HEAD_DIM_DEFAULT else _number(d, "head_dim", integer=True)
+                  if d.get("head_dim") is not None else hidden // (heads or 1)),
         max_position_embeddings=max_positions,
         rms_norm_eps=_number(d, "rms_norm_eps", 1e-6),
         rope_theta=theta,
@@ -149,6 +153,9 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
                   layer_types=tuple(layer_types) if (window is not None and layer_types) else None)
     if model_type == "qwen2":
         kw.update(attention_bias=True, attention_out_bias=False, mlp_bias=False)
+    if model_type == "qwen3":  # attention_bias on q/k/v and o_proj (as Llama's); no MLP bias; q/k norms
+        kw.update(mlp_bias=False, qk_norm=True)
+    if model_type in ("qwen2", "qwen3"):  # the same sliding-window options
         window = d.get("sliding_window", 4096) if _flag(d, "use_sliding_window", False) else None
         layer_types = d.get("layer_types")
         if window is not None and layer_types is None:
@@ -236,6 +243,7 @@ FAMILIES: dict[str, Family] = {
     "llama": Family(lambda d, a, b: _llama_like(d, a, b, "llama"), LlamaForCausalLM, "model", ignored=_DECODER_IGNORED),
     "mistral": Family(lambda d, a, b: _llama_like(d, a, b, "mistral"), LlamaForCausalLM, "model", ignored=_DECODER_IGNORED),
     "qwen2": Family(lambda d, a, b: _llama_like(d, a, b, "qwen2"), LlamaForCausalLM, "model", ignored=_DECODER_IGNORED),
+    "qwen3": Family(lambda d, a, b: _llama_like(d, a, b, "qwen3"), LlamaForCausalLM, "model", ignored=_DECODER_IGNORED),
     "gpt2": Family(
         _gpt2, GPT2LMHeadModel, "transformer",
         untransposed=lambda path: path.startswith("transformer/h_"),
@@ -553,8 +561,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         untie = False
     if api == "nnx" and not isinstance(cfg, LlamaConfig):
         raise UnsupportedModelError(
-            f"{path!r} is a {cfg.model_type} model; jpeft's NNX models are the Llama family (llama, mistral, qwen2). "
-            "Load it with api='linen'."
+            f"{path!r} is a {cfg.model_type} model; jpeft's NNX models are the Llama family (llama, mistral, qwen2, "
+            "qwen3). Load it with api='linen'."
         )
     if api == "nnx":
         llama_nnx.check_config(cfg)
@@ -882,9 +890,15 @@ def config_to_hf(config) -> dict:
     dtype_name = jnp.dtype(config.param_dtype).name
     if isinstance(config, LlamaConfig):
         mt = config.model_type
-        cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(mt)
+        cls = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}.get(mt)
         if cls is None:
-            raise UnsupportedModelError(f"LlamaConfig.model_type must be llama, mistral or qwen2, found {mt!r}.")
+            raise UnsupportedModelError(f"LlamaConfig.model_type must be llama, mistral, qwen2 or qwen3, found {mt!r}.")
+        if config.qk_norm != (mt == "qwen3"):
+            raise UnsupportedModelError(
+                f"a {mt} checkpoint {'always has' if mt == 'qwen3' else 'cannot express'} q_norm/k_norm, but this "
+                f"config has qk_norm={config.qk_norm}. Use model_type='qwen3' with qk_norm=True "
+                "(jpeft.models.Qwen3Config) for per-head query/key norms, and qk_norm=False for the other families.")
         rope = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
         if config.rope_scaling:
             rope.update(dict(config.rope_scaling))
@@ -898,14 +912,18 @@ def config_to_hf(config) -> dict:
             attention_dropout=config.attention_dropout, dtype=dtype_name, **tokens,
         )
         bias = (config.attention_bias, config.attention_out_bias, config.mlp_bias)
-        if mt == "llama":
+        if mt in ("llama", "qwen3"):
             if config.attention_bias != config.attention_out_bias:
                 raise UnsupportedModelError(
-                    "a Llama checkpoint has one attention_bias flag for q/k/v/o; this config differs between q/k/v "
-                    f"({config.attention_bias}) and o_proj ({config.attention_out_bias}). Use model_type='qwen2' "
-                    "for q/k/v bias only."
+                    f"a {cls[:-len('ForCausalLM')]} checkpoint has one attention_bias flag for q/k/v/o; this config "
+                    f"differs between q/k/v ({config.attention_bias}) and o_proj ({config.attention_out_bias}). Use "
+                    "model_type='qwen2' for q/k/v bias only."
                 )
-            d.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+            if mt == "qwen3" and config.mlp_bias:
+                raise UnsupportedModelError("Qwen3 has no MLP bias; this config sets mlp_bias=True.")
+            d.update(attention_bias=config.attention_bias)
+            if mt == "llama":
+                d.update(mlp_bias=config.mlp_bias)
         elif mt == "mistral" and any(bias):
             raise UnsupportedModelError("Mistral has no biases; this config sets attention_bias/mlp_bias.")
         elif mt == "qwen2" and bias != (True, False, False):
@@ -915,12 +933,13 @@ def config_to_hf(config) -> dict:
             if config.layer_types is not None:  # per-layer windows: Ministral to transformers' AutoConfig
                 d["layer_types"] = list(config.layer_types)
         elif config.sliding_window is not None:
-            if mt != "qwen2":
-                raise UnsupportedModelError("a Llama checkpoint cannot express sliding_window; use mistral or qwen2.")
+            if mt not in ("qwen2", "qwen3"):
+                raise UnsupportedModelError(
+                    "a Llama checkpoint cannot express sliding_window; use mistral, qwen2 or qwen3.")
             d.update(use_sliding_window=True, sliding_window=config.sliding_window,
                      layer_types=list(config.layer_types or ["sliding_attention"] * config.num_layers),
                      max_window_layers=0)
-        elif mt == "qwen2":
+        elif mt in ("qwen2", "qwen3"):
             d.update(use_sliding_window=False, sliding_window=None)
         return d
     if isinstance(config, GPT2Config):

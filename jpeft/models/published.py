@@ -40,6 +40,14 @@ PUBLISHED: dict[str, dict] = {
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                        max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1000000.0,
                        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643),
+    # Qwen/Qwen3-0.6B (head_dim 128 != hidden_size / heads = 64)
+    "qwen3-0.6b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_act="silu",
+                       hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       attention_bias=False, use_sliding_window=False, sliding_window=None,
+                       max_window_layers=28, tie_word_embeddings=True, bos_token_id=151643,
+                       eos_token_id=151645),
     # openai-community/gpt2
     "gpt2": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=50257, n_positions=1024,
                  n_embd=768, n_layer=12, n_head=12, n_inner=None, activation_function="gelu_new",
@@ -52,7 +60,8 @@ ALIASES = {
     "llama2-70b": "llama-2-70b", "meta-llama/llama-2-70b-hf": "llama-2-70b",
     "llama3-8b": "llama-3-8b", "meta-llama/meta-llama-3-8b": "llama-3-8b",
     "mistral-7b-v0.1": "mistral-7b", "mistralai/mistral-7b-v0.1": "mistral-7b",
-    "qwen/qwen2-0.5b": "qwen2-0.5b", "openai-community/gpt2": "gpt2", "gpt2-small": "gpt2",
+    "qwen/qwen2-0.5b": "qwen2-0.5b", "qwen/qwen3-0.6b": "qwen3-0.6b",
+    "openai-community/gpt2": "gpt2", "gpt2-small": "gpt2",
 }
 
 
