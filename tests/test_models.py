@@ -1,6 +1,7 @@
 """jpeft.models against transformers: logits of every family on a padded batch, loading
 (sharded, bf16), the KV cache, key/value prefixes, remat, and every bad checkpoint."""
 
+import copy
 import functools
 import json
 import os
@@ -259,8 +260,8 @@ def test_tiny_model_from_config_without_files():
     assert model.apply(params, jnp.zeros((2, 5), jnp.int32)).shape == (2, 5, 256)
     with pytest.raises(jpeft.ConfigError, match="multiple of num_kv_heads"):
         M.LlamaConfig(num_heads=4, num_kv_heads=3, hidden_size=32)
-    with pytest.raises(UnsupportedModelError, match="rope_type 'yarn'"):
-        M.LlamaConfig(hidden_size=32, num_heads=4, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="rope_type 'proportional'"):
+        M.LlamaConfig(hidden_size=32, num_heads=4, rope_scaling={"rope_type": "proportional", "factor": 2.0})
 
 
 # -- the Dense product over flattened tokens ----------------------------------------------------------
@@ -418,6 +419,13 @@ def test_config_fields_read_as_transformers_reads_them():
     c = config_from_hf(dict(base, model_type="llama",
                             rope_parameters={k: v for k, v in rope.items() if k != "original_max_position_embeddings"}))
     assert c.rope_scaling_dict["original_max_position_embeddings"] == 64
+    for kind in ({"rope_type": "yarn", "factor": 4.0}, {"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                                        "long_factor": [2.0] * 4}):  # yarn and longrope too
+        c = config_from_hf(dict(base, model_type="llama", rope_parameters=dict(kind, original_max_position_embeddings=16),
+                                original_max_position_embeddings=32))
+        assert c.rope_scaling_dict["original_max_position_embeddings"] == 32
+        c = config_from_hf(dict(base, model_type="llama", rope_parameters=kind))
+        assert c.rope_scaling_dict["original_max_position_embeddings"] == 64
     with W.catch_warnings():
         W.simplefilter("error")
         assert config_from_hf(dict(base, model_type="llama", attention_dropout=0.1)).attention_dropout == 0.1
@@ -889,6 +897,15 @@ def test_rope_parameters_per_layer_type_are_refused_not_read_as_default():
     (dict(rope_scaling={"rope_type": "linear"}), "lacks 'factor'"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks 'low_freq_factor'"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 0.0}), "factor must be positive"),
+    (dict(rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 8}), "lacks 'factor'"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "attention_factor": -1.0}), "attention_factor must be positive"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": None}), "factor is null"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": "32"}), "beta_fast must be a number"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4, "factor": 4.0,
+                        "original_max_position_embeddings": 1}), "non-finite rotary frequencies"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4}), "lacks 'long_factor'"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 3}),
+     r"long_factor must be a list of head_dim // 2 = 4 positive numbers"),
     (dict(rope_theta=0.0), "rope_theta"),
     (dict(rms_norm_eps=-1.0), "rms_norm_eps"),
     (dict(sliding_window=0), "sliding_window"),
@@ -896,7 +913,8 @@ def test_rope_parameters_per_layer_type_are_refused_not_read_as_default():
     (dict(num_kv_heads=0), "num_kv_heads"),
 ])
 def test_llama_config_values_that_give_nan_or_a_raw_error_are_refused(bad, match):
-    """Each of these gave NaN logits, or a KeyError / ZeroDivisionError from inside the config."""
+    """Each of these gave NaN logits, or a KeyError / ZeroDivisionError from inside the config (the
+    yarn / dynamic / longrope ones: a raw KeyError, a shape error or a sign flip in transformers)."""
     from jpeft.errors import ConfigError
 
     with pytest.raises(ConfigError, match=match):
@@ -1150,3 +1168,142 @@ def test_lists_and_torch_tensors_as_model_inputs_are_refused_by_name(family):
             model.apply(params, **kw)
     with pytest.raises(InputValidationError, match="inputs_embeds must be .* hidden size 32"):
         model.apply(params, None, jnp.asarray(mask), inputs_embeds=jnp.ones(ids.shape + (7,)))
+
+
+# -- rotary scaling types against transformers ----------------------------------------------------
+
+_ROPE_CASES = {  # (rope parameters, max_position_embeddings): every type, the optional yarn/longrope fields set
+    "default": ({"rope_type": "default"}, 32),
+    "linear": ({"rope_type": "linear", "factor": 2.5}, 32),
+    "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}, 32),
+    "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8,
+              "beta_slow": 2}, 64),
+    "yarn_mscale": ({"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16, "mscale": 0.8,
+                     "mscale_all_dim": 0.5, "truncate": False}, 48),
+    "yarn_attention_factor": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                               "attention_factor": 1.3}, 64),
+    "longrope": ({"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.1], "long_factor": [2.0, 3.5, 5.0, 7.5],
+                  "original_max_position_embeddings": 16}, 64),
+    "longrope_factor": ({"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.1],
+                         "long_factor": [2.0, 3.5, 5.0, 7.5], "original_max_position_embeddings": 16, "factor": 3.0}, 64),
+    "dynamic": ({"rope_type": "dynamic", "factor": 3.0}, 16),
+}
+
+
+def _rope_hf_config(case, family="llama", **kw):
+    import transformers as t
+
+    rope, mpe = _ROPE_CASES[case]
+    cls = {"llama": t.LlamaConfig, "mistral": t.MistralConfig, "qwen2": t.Qwen2Config}[family]
+    common = dict(vocab_size=T.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=mpe, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return cls(**dict(common, **kw), rope_parameters=dict(copy.deepcopy(rope), rope_theta=10000.0))
+
+
+@pytest.mark.parametrize("case", list(_ROPE_CASES))
+def test_rotary_cos_sin_equal_transformers_at_every_length(case):
+    """cos and sin (attention factor included) of each rope type equal transformers' rotary
+    embedding for calls shorter and longer than original_max_position_embeddings (16) and
+    max_position_embeddings: longrope switches to its long factors past 16, dynamic NTK grows its
+    base past max_position_embeddings; jpeft refused yarn, longrope and dynamic."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from jpeft.models import _layers as L
+
+    hf_config = _rope_hf_config(case)
+    config = M.config_from_hf(hf_config.to_dict())
+    rotary = LlamaRotaryEmbedding(hf_config)  # stateful for dynamic: the lengths only grow, as in generation
+    for n in (8, 16, 17, 33, 50):
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, n, 8), torch.arange(n)[None])
+        got = L.rotary(jnp.arange(n)[None], config)
+        np.testing.assert_allclose(np.asarray(got[0]), cos.numpy(), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(got[1]), sin.numpy(), atol=2e-6, rtol=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_peft_model(case, family):
+    """A tiny transformers model of ``family`` with ``case``'s rope and a PEFT LoRA whose every
+    tensor is random, saved; with the jpeft model, params and adapter loaded from the folders."""
+    import tempfile
+
+    import transformers as t
+
+    cls = {"llama": t.LlamaForCausalLM, "mistral": t.MistralForCausalLM, "qwen2": t.Qwen2ForCausalLM}[family]
+    kw = {"llama": dict(attention_bias=True), "mistral": dict(sliding_window=None), "qwen2": {}}[family]
+    hf = T._randomize(cls(_rope_hf_config(case, family, **kw)), seed=3)
+    folder = tempfile.mkdtemp(dir=T.ROOT)
+    hf.save_pretrained(folder + "/base")
+    pm = T.peft_with_adapters(hf, {"default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                      "down_proj"])})
+    pm.save_pretrained(folder + "/lora")
+    model, params = M.from_pretrained(folder + "/base")
+    _, adapter = jpeft.hf.load_peft(folder + "/lora", params)
+    return pm, model, params, adapter
+
+
+@pytest.mark.parametrize("case, family", [("yarn", "qwen2"), ("longrope", "llama"), ("dynamic", "mistral")])
+def test_scaled_rope_model_with_lora_equals_peft_past_the_original_length(case, family):
+    """Logits of a loaded yarn / longrope / dynamic checkpoint with a random LoRA equal transformers
+    + PEFT on a left-padded batch whose longest row (24 tokens) runs past the original length
+    (16) and one whose rows all stay within it (the short factors, the unscaled NTK base)."""
+    import torch
+
+    pm, model, params, adapter = _rope_peft_model(case, family)
+    fwd = jax.jit(lambda p, a, i, m: jpeft.apply(model, p, a, i, attention_mask=m))
+    rng = np.random.default_rng(0)
+    # the short batch first: transformers' dynamic NTK keeps the base of its longest call so far until a call
+    # shorter than max_position_embeddings (path-dependent); jpeft's is that of each call, a fresh model's
+    for lengths in ([12, 5, 16], [24, 17, 9]):
+        s = max(lengths)
+        mask = np.array([[0] * (s - n) + [1] * n for n in lengths])
+        ids = np.where(mask == 1, rng.integers(3, T.VOCAB, size=mask.shape), 0)
+        with torch.no_grad():
+            want = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      position_ids=torch.tensor(T.positions(mask))).logits.numpy()
+        got = np.asarray(fwd(params, adapter, jnp.asarray(ids), jnp.asarray(mask)))
+        sel = mask.astype(bool)
+        np.testing.assert_allclose(got[sel], want[sel], atol=1e-4, rtol=0)
+        assert np.abs(want).max() > 0.5
+
+
+@pytest.mark.parametrize("case, family", [("longrope", "llama"), ("dynamic", "mistral")])
+def test_length_dependent_rope_generates_as_transformers_past_the_original_length(case, family):
+    """Greedy generation with the KV cache growing past the length where longrope switches to its
+    long factors and dynamic NTK starts growing its base (16): each step rotates with the
+    frequencies of its own length while the cached keys keep theirs, token for token as
+    transformers + PEFT."""
+    import torch
+
+    pm, model, params, adapter = _rope_peft_model(case, family)
+    ids, mask = T.batch("llama", seed=2)  # [3, 8], left padded
+    out = np.asarray(jpeft.generate(model, params, adapter, jnp.asarray(ids), 16, attention_mask=jnp.asarray(mask)))
+    with torch.no_grad():
+        ref = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=16,
+                          do_sample=False, pad_token_id=0, eos_token_id=None).numpy()
+    np.testing.assert_array_equal(out, ref)
+    assert len(set(out[:, 8:].ravel().tolist())) > 3
+
+
+def test_packed_documents_take_the_frequencies_of_their_own_length_not_the_paddings():
+    """A packed row's padding tail restarts its positions (a document of its own): after documents
+    of 6 and 5 tokens, 19 padding tokens made the call "19 long", so longrope took its long
+    factors (past 16) for both documents (1.8 off their logits). The call's length is now that
+    of its real tokens: each document equals transformers + PEFT on it alone."""
+    import torch
+
+    pm, model, params, adapter = _rope_peft_model("longrope", "llama")
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(3, T.VOCAB, 6), rng.integers(3, T.VOCAB, 5)]
+    ids = np.concatenate(docs + [np.zeros(19, np.int64)])[None]
+    seg = np.concatenate([np.full(6, 1), np.full(5, 2), np.zeros(19, np.int64)])[None]
+    got = np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(seg > 0),
+                                 segment_ids=jnp.asarray(seg)))
+    start = 0
+    for d in docs:
+        with torch.no_grad():
+            want = pm(input_ids=torch.tensor(d[None])).logits.numpy()[0]
+        np.testing.assert_allclose(got[0, start:start + len(d)], want, atol=1e-4, rtol=0)
+        start += len(d)

@@ -432,6 +432,26 @@ def test_engine_refuses_max_len_past_gpt2s_learned_positions():
     assert Engine(model, params, None, slots=1).max_len == 17  # the default stays inside
 
 
+def test_engine_refuses_max_len_past_where_the_rope_changes_with_the_length():
+    """Longrope (past original_max_position_embeddings) and dynamic NTK (past
+    max_position_embeddings) rotate by the length of the call: the engine's prompt chunks and
+    side-by-side rows got other tokens than jpeft.generate (a 20-token prompt in chunks of 8: every
+    token differed). Its default max_len stays where the frequencies are fixed; more is refused."""
+    from jpeft.errors import ConfigError
+    from jpeft.serve import Engine
+
+    longrope = {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [2.0, 3.0, 4.0, 5.0],
+                "original_max_position_embeddings": 16}
+    for rope, fixed in ((longrope, 16), ({"rope_type": "dynamic", "factor": 2.0}, 64)):
+        cfg = jpeft.models.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=32, num_layers=1, num_heads=4,
+                                       max_position_embeddings=64, rope_scaling=rope)
+        model = jpeft.models.LlamaForCausalLM(cfg)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        with pytest.raises(ConfigError, match=f"{rope['rope_type']} rope changes its frequencies .* past {fixed} "):
+            Engine(model, params, None, slots=1, max_len=fixed + 1)
+        assert Engine(model, params, None, slots=1).max_len == fixed
+
+
 def test_engine_serves_gpt2_up_to_generates_limit():
     """GPT-2's last new token is never read back, so jpeft.generate (as transformers) takes a
     prompt + max_new_tokens of n_positions + 1; the engine refused that one token more by

@@ -69,13 +69,120 @@ def layer_norm(eps: float, dtype, param_dtype, name: str):
 
 # -- rotary position embeddings -------------------------------------------------------------------
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> Any:
-    """Inverse frequencies ``[head_dim // 2]`` (float32) for ``rope_type`` default, linear or llama3."""
+# transformers' keys of each rope_type (RotaryEmbeddingConfigMixin._validate_<type>_rope_parameters) besides
+# rope_type and rope_theta: (required, optional). Keys outside them are ignored, as transformers ignores them.
+ROPE_KEYS = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "longrope": (("short_factor", "long_factor", "original_max_position_embeddings"), ("attention_factor", "factor")),
+}
+# the types whose frequencies depend on the length of the call (transformers' dynamic_rope_update)
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_kind(scaling: Optional[dict]) -> str:
+    """The ``rope_type`` of ``scaling`` (an older file's ``type`` key read as it; ``"default"`` for none)."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
+
+
+def _default_inv_freq(head_dim: int, theta: float):
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-    inv = inv.astype(np.float32)
-    if not scaling:
-        return inv
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    return inv.astype(np.float32)
+
+
+def _yarn_mscale(scale, mscale=1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _scaled_factor(scaling: dict, max_position_embeddings) -> float:
+    """``factor``, or (yarn, longrope without one) ``max_position_embeddings / original_max_position_embeddings``."""
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = max_position_embeddings / scaling["original_max_position_embeddings"]
+    return float(factor)
+
+
+def rope_attention_factor(scaling: Optional[dict], max_position_embeddings: Optional[int] = None) -> float:
+    """The factor transformers multiplies ``cos`` and ``sin`` by (its ``attention_scaling``): 1 but for
+    yarn (``attention_factor``, else ``0.1 ln(factor) + 1``, or the ratio of ``mscale`` to
+    ``mscale_all_dim``'s when both are set) and longrope (``attention_factor``, else
+    ``sqrt(1 + ln(factor) / ln(original_max_position_embeddings))`` when ``factor > 1``)."""
+    kind = rope_kind(scaling)
+    if kind not in ("yarn", "longrope"):
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = _scaled_factor(scaling, max_position_embeddings)
+    if kind == "yarn":
+        mscale, all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and all_dim:
+            return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, all_dim))
+        return _yarn_mscale(factor)
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(scaling["original_max_position_embeddings"]))
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict, max_position_embeddings):
+    f32 = np.float32
+    dim = head_dim
+    factor = _scaled_factor(scaling, max_position_embeddings)
+    original = scaling["original_max_position_embeddings"]
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no zero-width ramp
+    pos = (theta ** (np.arange(0, dim, 2).astype(f32) / f32(dim))).astype(f32)
+    extrapolation = (f32(1) / pos).astype(f32)
+    interpolation = (f32(1) / (f32(factor) * pos)).astype(f32)
+    ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+    keep = (f32(1) - ramp).astype(f32)  # the extrapolation's share
+    return (interpolation * (f32(1) - keep) + extrapolation * keep).astype(f32)
+
+
+def _longrope_inv_freq(head_dim: int, theta: float, factors):
+    shape = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (np.float32(1) / (np.asarray(factors, np.float32) * (theta ** shape).astype(np.float32))).astype(np.float32)
+
+
+def _dynamic_inv_freq(head_dim: int, theta: float, factor: float, max_position_embeddings: int, seq_len):
+    """Dynamic NTK frequencies for ``seq_len`` positions (a traced scalar is fine), in float32 as
+    transformers computes them once the length grows past ``max_position_embeddings``."""
+    n = jnp.maximum(jnp.asarray(seq_len, jnp.int32), max_position_embeddings).astype(jnp.float32)
+    base = theta * ((factor * n / max_position_embeddings) - (factor - 1)) ** (head_dim / (head_dim - 2))
+    exps = jnp.asarray(np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim))
+    return 1.0 / (base ** exps)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict], max_position_embeddings: Optional[int] = None,
+                  seq_len=None) -> Any:
+    """Inverse frequencies ``[head_dim // 2]`` (float32) of ``rope_type`` default, linear, llama3,
+    yarn, longrope or dynamic, as transformers 5 computes them (``ROPE_INIT_FUNCTIONS``).
+
+    ``seq_len`` is the length of the call (``max(position_ids) + 1`` over the batch; ``None``: a
+    short one), which only longrope (its ``long_factor`` past ``original_max_position_embeddings``,
+    else ``short_factor``) and dynamic NTK (a larger base past ``max_position_embeddings``) read;
+    a traced scalar gives a traced result. ``max_position_embeddings`` is needed by dynamic, and
+    by yarn and longrope without a ``factor``. The factor ``cos`` and ``sin`` are then multiplied
+    by is :func:`rope_attention_factor`."""
+    kind = rope_kind(scaling)
+    if kind in ("yarn", "longrope", "dynamic") and max_position_embeddings is None:
+        # a family computing cos/sin by hand would drop the attention factor and the length of the call
+        raise ConfigError(f"rope_type {kind!r} needs max_position_embeddings, and its cos/sin an attention factor "
+                          "or the call's length: compute them with jpeft.models._layers.rotary(position_ids, config).")
+    inv = _default_inv_freq(head_dim, theta)
     if kind == "default":
         return inv
     if kind == "linear":
@@ -92,19 +199,126 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> Any:
         smoothed = ((1 - smooth) * inv_l / np.float32(factor) + smooth * inv_l).astype(np.float32)
         medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
         return np.where(medium, smoothed, inv_l).astype(np.float32)
+    if kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling, max_position_embeddings)
+    if kind == "longrope":
+        short = _longrope_inv_freq(head_dim, theta, scaling["short_factor"])
+        if seq_len is None:
+            return short
+        long = _longrope_inv_freq(head_dim, theta, scaling["long_factor"])
+        return jnp.where(seq_len > scaling["original_max_position_embeddings"], long, short)
+    if kind == "dynamic":
+        if seq_len is None:
+            return inv
+        grown = _dynamic_inv_freq(head_dim, theta, float(scaling["factor"]), max_position_embeddings, seq_len)
+        return jnp.where(seq_len > max_position_embeddings, grown, inv)
     raise UnsupportedModelError(
-        f"rope_type {kind!r} is not supported; jpeft implements 'default', 'linear' and 'llama3'. "
-        "Models with dynamic, yarn or longrope scaling cannot be loaded yet."
+        f"rope_type {kind!r} is not supported; jpeft implements {', '.join(repr(k) for k in ROPE_KEYS)}."
     )
 
 
-def rope_cos_sin(position_ids: Array, inv_freq) -> tuple[Array, Array]:
+def rope_cos_sin(position_ids: Array, inv_freq, attention_factor: float = 1.0) -> tuple[Array, Array]:
     """``cos, sin`` of shape ``[batch, seq, head_dim]`` in float32 (Hugging Face layout: the
-    frequencies repeated twice, for ``rotate_half``)."""
+    frequencies repeated twice, for ``rotate_half``), times ``attention_factor``."""
     inv = jnp.asarray(inv_freq, jnp.float32).reshape((1,) * position_ids.ndim + (-1,))
     freqs = position_ids.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
+    if attention_factor == 1.0:
+        return jnp.cos(emb), jnp.sin(emb)
+    return jnp.cos(emb) * attention_factor, jnp.sin(emb) * attention_factor
+
+
+def rotary(position_ids: Array, config, attention_mask: Optional[Array] = None) -> tuple[Array, Array]:
+    """``cos, sin`` (:func:`rope_cos_sin`) of a Llama-family ``config`` (its ``head_dim``,
+    ``rope_theta``, ``rope_scaling_dict`` and ``max_position_embeddings``) at ``position_ids``:
+    the one rotary embedding of every family. For dynamic NTK and longrope the frequencies are
+    those of the call's length, ``max(position_ids) + 1`` over the batch's real tokens (those
+    ``attention_mask`` marks), as transformers' ``dynamic_rope_update`` reads its
+    ``position_ids``, computed on device, so one compiled step serves every length. Padding is
+    left out so that it changes no row: a packed row's padding tail restarts its positions (as
+    a document of its own) and would otherwise pick the long frequencies for every document."""
+    scaling = config.rope_scaling_dict
+    mpe = config.max_position_embeddings
+    seq_len = None
+    if rope_kind(scaling) in LENGTH_DEPENDENT_ROPE:
+        real = position_ids if attention_mask is None else jnp.where(attention_mask.astype(bool), position_ids, 0)
+        seq_len = jnp.max(real) + 1
+    inv = rope_inv_freq(config.head_dim, config.rope_theta, scaling, mpe, seq_len)
+    return rope_cos_sin(position_ids, inv, rope_attention_factor(scaling, mpe))
+
+
+def rope_fixed_length(config) -> Optional[int]:
+    """The longest call (``max(position_ids) + 1``) whose rotary frequencies are those of every
+    shorter one: longrope's ``original_max_position_embeddings`` (its short factors), dynamic
+    NTK's ``max_position_embeddings`` (its unscaled base); ``None`` where the frequencies never
+    depend on the length (every other type, and models without ``rope_scaling``). Past it, a
+    prompt fed in chunks, or rows of different requests decoded together, are rotated
+    differently from one call over the whole prompt (``jpeft.generate``, transformers)."""
+    scaling = getattr(config, "rope_scaling_dict", None)
+    kind = rope_kind(scaling)
+    if kind == "longrope":
+        return int(scaling["original_max_position_embeddings"])
+    if kind == "dynamic":
+        return int(config.max_position_embeddings)
+    return None
+
+
+def check_rope_scaling(scaling: Optional[dict], head_dim: int, theta: float, max_position_embeddings: int,
+                       what: str) -> None:
+    """Raises :class:`~jpeft.errors.ConfigError` for rope parameters transformers refuses (a
+    required key missing) or that give meaningless frequencies (a factor that is not a positive
+    number, longrope factors of the wrong length), and
+    :class:`~jpeft.errors.UnsupportedModelError` for a rope type jpeft does not implement."""
+    if not scaling:
+        return
+    kind = rope_kind(scaling)
+    if kind not in ROPE_KEYS:
+        rope_inv_freq(head_dim, theta, scaling, max_position_embeddings)  # the UnsupportedModelError
+    required, _ = ROPE_KEYS[kind]
+    missing = [k for k in required if k not in scaling]
+    if missing:
+        raise ConfigError(
+            f"{what}.rope_scaling of rope_type {kind!r} lacks {missing[0]!r} (transformers requires "
+            f"{', '.join(required)}); found {scaling}. Add it (as in the model's config.json rope_parameters)."
+        )
+    prf = scaling.get("partial_rotary_factor")
+    if prf is not None and float(prf) != 1.0:
+        raise UnsupportedModelError(
+            f"{what}.rope_scaling has partial_rotary_factor {prf!r}; jpeft's Llama-family models rotate the whole "
+            "head (transformers' Llama, Mistral and Qwen2 cannot run a partial rotation either). Remove it or set 1.0."
+        )
+    known = set(ROPE_KEYS[kind][0]) | set(ROPE_KEYS[kind][1])
+    positive = ["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "attention_factor"]
+    for key in (k for k in positive if k in known):
+        v = scaling.get(key)
+        if key in scaling and v is None and key in required and key != "factor":
+            raise ConfigError(f"{what}.rope_scaling {key} is null for rope_type {kind!r}; give a positive number.")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise ConfigError(f"{what}.rope_scaling {key} must be positive (a number), found {v!r} (rope_type {kind!r}).")
+    for key in (k for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim") if k in known):
+        v = scaling.get(key)  # null or 0: transformers' default (beta_fast 32, beta_slow 1; no mscale)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise ConfigError(f"{what}.rope_scaling {key} must be a number >= 0 or null, found {v!r} (rope_type {kind!r}).")
+    if kind in ("linear", "dynamic", "llama3") and scaling.get("factor") is None:
+        raise ConfigError(f"{what}.rope_scaling factor is null for rope_type {kind!r}; give a positive number.")
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            v = scaling[key]
+            ok = isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+                                                      for x in v)
+            if not ok or len(v) != head_dim // 2:
+                raise ConfigError(
+                    f"{what}.rope_scaling {key} must be a list of head_dim // 2 = {head_dim // 2} positive numbers "
+                    f"(one per rotary frequency), found {v!r}."
+                )
+    for seq_len in ((None,) if kind not in LENGTH_DEPENDENT_ROPE else (None, 2 * max_position_embeddings + 2)):
+        try:
+            inv = np.asarray(rope_inv_freq(head_dim, theta, scaling, max_position_embeddings, seq_len))
+            finite = np.all(np.isfinite(inv)) and np.isfinite(rope_attention_factor(scaling, max_position_embeddings))
+        except (ZeroDivisionError, ValueError, OverflowError):  # e.g. an original length of 1: log(1) divides
+            finite = False
+        if not finite:
+            raise ConfigError(f"{what}.rope_scaling {scaling} gives non-finite rotary frequencies; check its values.")
 
 
 def _rotate_half(x):

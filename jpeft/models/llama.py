@@ -64,9 +64,11 @@ class LlamaConfig(L.ConfigMethods):
       max_position_embeddings: the longest sequence the model was trained for.
       rms_norm_eps: epsilon of the RMS norms.
       rope_theta: rotary base.
-      rope_scaling: ``None`` or a mapping with ``rope_type`` ``"linear"`` (``factor``) or
+      rope_scaling: ``None`` or a mapping with ``rope_type`` ``"linear"`` (``factor``),
         ``"llama3"`` (``factor``, ``low_freq_factor``, ``high_freq_factor``,
-        ``original_max_position_embeddings``; an older file's ``type`` key is read as
+        ``original_max_position_embeddings``), ``"yarn"``, ``"longrope"`` or ``"dynamic"``, with
+        transformers' keys (docs/MODELS.md; ``original_max_position_embeddings`` defaults to
+        ``max_position_embeddings``, as in transformers; an older file's ``type`` key is read as
         ``rope_type``, and a ``rope_theta`` in it, as in transformers 5's ``rope_parameters``,
         sets ``rope_theta``); stored as a sorted tuple of pairs so the config stays hashable.
       hidden_act: MLP activation (``"silu"``).
@@ -148,6 +150,9 @@ class LlamaConfig(L.ConfigMethods):
         if scaling is not None and scaling.get("rope_theta") is not None:
             # transformers 5's rope_parameters hold the base: it wins over rope_theta, as transformers reads them
             object.__setattr__(self, "rope_theta", float(scaling.pop("rope_theta")))
+        if "original_max_position_embeddings" in L.ROPE_KEYS.get(L.rope_kind(scaling), ((), ()))[0]:
+            # as transformers' standardize_rope_params: the pretraining length defaults to the context
+            scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
         object.__setattr__(self, "rope_scaling", _freeze_mapping(scaling))
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -175,19 +180,8 @@ class LlamaConfig(L.ConfigMethods):
                 f"LlamaConfig.sliding_window must be a positive number of tokens or None (no window), "
                 f"found {self.sliding_window!r}."
             )
-        scaling = self.rope_scaling_dict or {}
-        if scaling.get("rope_type", scaling.get("type", "default")) != "default" and "factor" in scaling \
-                and not float(scaling["factor"]) > 0:
-            raise ConfigError(f"LlamaConfig.rope_scaling factor must be positive, found {scaling['factor']!r}.")
-        try:
-            inv = L.rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling_dict)  # validates rope_type
-        except KeyError as e:
-            raise ConfigError(
-                f"LlamaConfig.rope_scaling of rope_type {scaling.get('rope_type', scaling.get('type'))!r} lacks "
-                f"{e.args[0]!r}; found {scaling}. Add it (as in the model's config.json rope_parameters)."
-            ) from None
-        if not np.all(np.isfinite(inv)):
-            raise ConfigError(f"LlamaConfig.rope_scaling {scaling} gives non-finite rotary frequencies; check its values.")
+        L.check_rope_scaling(self.rope_scaling_dict, self.head_dim, self.rope_theta, self.max_position_embeddings,
+                             "LlamaConfig")
 
     @property
     def rope_scaling_dict(self) -> Optional[dict]:
@@ -303,8 +297,7 @@ class LlamaModel(nn.Module):
         )
         L.check_prefix_count(prefix_kv, c.num_layers)
         hidden = hidden.astype(c.dtype)
-        inv = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_dict)
-        rope = L.rope_cos_sin(position_ids, inv)
+        rope = L.rotary(position_ids, c, attention_mask)
         if c.scan_layers:
             mask, kv_valid = L.causal_mask(attention_mask, cache, c.window(0), segment_ids=segment_ids, padded=padded)
             hidden, new_cache = L.run_scanned(self.layers, hidden, mask, rope, cache, kv_valid, prefix_kv, deterministic)

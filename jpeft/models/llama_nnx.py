@@ -132,7 +132,7 @@ class LlamaModel(nnx.Module):
             input_ids, attention_mask, None, position_ids, None, self.embed_tokens, "LlamaModel", segment_ids
         )
         hidden = hidden.astype(c.dtype)
-        rope = L.rope_cos_sin(position_ids, L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_dict))
+        rope = L.rotary(position_ids, c, attention_mask)
         masks = {}
         for i in range(c.num_layers):
             w = c.window(i)

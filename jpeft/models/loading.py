@@ -34,7 +34,7 @@ from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, Q
 from jpeft.io import ADAPTER_JSON, open_regular, read_json, safetensors_index
 from jpeft.models.bert import BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from jpeft.models import llama_nnx
+from jpeft.models import _layers as L, llama_nnx
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
 from jpeft.parallel import put_leaf, param_shardings
 from jpeft.scan import stack_params, unstack_params
@@ -102,11 +102,11 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
     if kind == "default":
         scaling = None
     else:
-        scaling = {k: v for k, v in scaling.items() if k in ("rope_type", "type", "factor", "low_freq_factor",
-                                                              "high_freq_factor", "original_max_position_embeddings")}
+        required, optional = L.ROPE_KEYS.get(kind, ((), ()))
+        scaling = {k: v for k, v in scaling.items() if k in required + optional}  # transformers ignores the others
         scaling["rope_type"] = kind
-        scaling.pop("type", None)
-        if kind == "llama3":  # as transformers' standardize_rope_params: a top-level value wins, else the context
+        # llama3, yarn, longrope: as transformers' standardize_rope_params, a top-level value wins, else the context
+        if "original_max_position_embeddings" in required:
             if d.get("original_max_position_embeddings") is not None:
                 scaling["original_max_position_embeddings"] = d["original_max_position_embeddings"]
             elif scaling.get("original_max_position_embeddings") is None:
@@ -325,7 +325,7 @@ def config_from_hf(d: Mapping[str, Any], dtype=jnp.float32, param_dtype=None):
     Raises:
       UnsupportedModelError: for a ``model_type`` jpeft does not implement (the message lists
         the supported ones) or an option it does not implement (rope types other than
-        default/linear/llama3, cross-attention, relative BERT positions).
+        default/linear/llama3/yarn/longrope/dynamic, cross-attention, relative BERT positions).
       ConfigError: a field of the wrong type (a quoted ``"false"``, a null or quoted number, a
         fraction where a count is expected).
     """

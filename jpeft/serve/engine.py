@@ -48,7 +48,7 @@ from jpeft.errors import (
     UnknownAdapterError,
 )
 from jpeft.generate import as_eos_ids, check_decoder, learned_position_limit, nucleus_tail, sample_rows
-from jpeft.models._layers import KVCache, init_cache
+from jpeft.models._layers import KVCache, init_cache, rope_fixed_length
 
 
 class Event(NamedTuple):
@@ -202,10 +202,13 @@ class Engine:
                 raise ConfigError(f"Engine {name} must be a number of seconds > 0 (inf: no limit; "
                                   f"--{name.replace('_', '-')}), found {v!r}.")
         limit = learned_position_limit(cfg)
+        fixed = rope_fixed_length(cfg)
         if max_len is None:
             max_len = min(int(getattr(cfg, "max_position_embeddings", 2048) or 2048), 2048)
             if limit is not None and limit < 2048:
                 max_len = limit + 1  # the last new token is never read back (jpeft.generate and transformers agree)
+            if fixed is not None:
+                max_len = min(max_len, fixed)
         if max_len < 2:
             raise ConfigError(f"Engine max_len must be >= 2, found {max_len}.")
         check_decoder(model, "Engine")
@@ -216,6 +219,15 @@ class Engine:
                 f"Engine max_len is {max_len}, but this model has {limit} learned positions (max_position_embeddings): "
                 f"a request reads every position but its last token's, so it can hold {limit + 1} tokens at most. "
                 f"Use max_len <= {limit + 1} (--max-len)."
+            )
+        if fixed is not None and max_len > fixed:
+            # chunked prefill and rows of other requests decoded together would pick the long frequencies at
+            # other steps than one call over the whole prompt does (jpeft.generate, transformers): other tokens
+            kind = cfg.rope_scaling_dict["rope_type"]
+            raise ConfigError(
+                f"Engine max_len is {max_len}, but this model's {kind} rope changes its frequencies with the length "
+                f"of the call past {fixed} positions, which a server running prompts in chunks and requests side by "
+                f"side cannot reproduce (jpeft.generate can). Use max_len <= {fixed} (--max-len)."
             )
         if not isinstance(bank, _NoBank):
             bank.check(params)
