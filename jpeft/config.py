@@ -405,6 +405,32 @@ class AdapterConfig:
         return cls.from_dict(d)
 
 
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def strict_json(obj, **kw) -> str:
+    """``json.dumps(obj, **kw)`` as strict JSON, for every JSON file or line jpeft writes for a
+    reader (``--json`` output, ``metrics.jsonl``, result files): a float that is NaN or infinite
+    (a diverged loss, a perplexity past float range) is written as the string ``"NaN"``,
+    ``"Infinity"`` or ``"-Infinity"``, where Python's ``json`` writes the bare ``NaN`` /
+    ``Infinity`` that strict parsers (``jq``, JavaScript's ``JSON.parse``, Go) refuse.
+    ``float()`` in Python and ``Number()`` in JavaScript read those strings back as the number.
+
+    >>> strict_json({"loss": 800.0, "perplexity": float("inf"), "kl": [float("nan")]})
+    '{"loss": 800.0, "perplexity": "Infinity", "kl": ["NaN"]}'
+    """
+    def fix(v):
+        if isinstance(v, (float, np.floating)) and not np.isfinite(v):
+            return _NON_FINITE[str(float(v))]
+        if isinstance(v, Mapping):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(x) for x in v]
+        return v
+
+    return json.dumps(fix(obj), allow_nan=False, **kw)
+
+
 def registered_configs() -> dict[str, type[AdapterConfig]]:
     return dict(_REGISTRY)
 

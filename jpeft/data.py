@@ -81,6 +81,12 @@ def load_examples(
         neither ``text_field`` nor both ``prompt_field`` and ``completion_field``, or one of
         those values is not a string (``null``, a number, a list) or holds a lone surrogate
         escape (``"\\ud800"``, which JSON reads but is not text).
+
+    Warns:
+      UserWarning: naming the file and lines: a line holds a ``text_field`` next to a
+        ``prompt_field`` or ``completion_field`` (one of them is ignored), or an empty or
+        whitespace-only text or completion (trained as a document that ends at once). Other keys
+        of a line are read past.
     """
     if prompt_field == completion_field:
         # every pair would be the prompt twice, its second copy trained on as the completion
@@ -154,6 +160,8 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
             raise LoadError(f"dataset file {path!r} is empty; put some text in it.")
         return [{"text": text}]
     out: list[dict[str, str]] = []
+    empty: dict[str, list[int]] = {}  # field -> the lines where it is empty or blank
+    both: list[int] = []  # lines with a text field next to a prompt or completion field
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -171,11 +179,15 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
             if not isinstance(row, Mapping):
                 raise LoadError(f"{path}:{lineno}: expected a JSON object, found {type(row).__name__}"
                                 f"{_JSON_LINES_HINT if isinstance(row, list) else '.'}")
+            if text_field in row and (prompt_field in row or completion_field in row):
+                both.append(lineno)
             if prompt_field in row and completion_field in row:
                 out.append({"prompt": _text_value(path, lineno, row, prompt_field),
                             "completion": _text_value(path, lineno, row, completion_field)})
+                field = completion_field
             elif text_field in row:
                 out.append({"text": _text_value(path, lineno, row, text_field)})
+                field = text_field
             else:
                 fix = ("Rename the fields, or name yours with text_field / prompt_field / completion_field (`jpeft "
                        "train`'s [data] section, load_examples' keywords; `jpeft eval` reads the default names only)."
@@ -184,9 +196,30 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                     f"{path}:{lineno}: expected a {text_field!r} field or both {prompt_field!r} and "
                     f"{completion_field!r}, found keys {sorted(row)}. {fix}"
                 )
+            if not row[field].strip():
+                empty.setdefault(field, []).append(lineno)
     if not out:
         raise LoadError(f"dataset file {path!r} has no examples.")
+    if both:
+        warnings.warn(
+            f"{path}:{both[0]}: {_count_lines(both)} hold a {text_field!r} field next to a {prompt_field!r} or "
+            f"{completion_field!r} field: a line with both {prompt_field!r} and {completion_field!r} is read as that "
+            f"pair (the loss on the completion only) and its {text_field!r} is ignored; one with only one of them is "
+            f"read as its {text_field!r} (every token trained), the other ignored. Keep one kind per line (drop or "
+            "rename the other field).", stacklevel=3)
+    for field, lines in empty.items():
+        after = "its prompt" if field == completion_field else "the start of the document"
+        warnings.warn(
+            f"{path}:{lines[0]}: the {field!r} field is empty or only whitespace in {_count_lines(lines)}; each "
+            f"trains the model to end (the EOS) right after {after} (and any whitespace it holds). Drop these lines "
+            "unless that is meant.", stacklevel=3)
     return out
+
+
+def _count_lines(lines: Sequence[int]) -> str:
+    """``"2 line(s) (3, 7)"``: how many lines, and the first few of them."""
+    shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+    return f"{len(lines)} line(s) ({shown})"
 
 
 def text_encoder(tokenizer):
@@ -432,6 +465,7 @@ class PackedDataset:
 
     @classmethod
     def _pack(cls, examples, encode, seq_len, eos_id, bos_id, packing) -> "PackedDataset":
+        examples = list(examples)  # counted below after tokenizing
         if packing not in PACKINGS:
             raise InputValidationError(
                 f"packing must be one of {list(PACKINGS)}, found {packing!r}: 'documents' keeps documents apart "
@@ -454,6 +488,15 @@ class PackedDataset:
                 f"the dataset has no target token in its {len(ds)} packed row(s) of seq_len={seq_len}: every token is a "
                 "prompt token, padding, or the first of its document or row (never predicted). Give completions (or "
                 "text lines), a tokenizer with an EOS token, or a larger seq_len.")
+        pairs = sum(1 for ex in examples if "text" not in ex)
+        if eos_id is None and pairs:
+            # TRL appends the tokenizer's EOS to every completion; without one nothing marks where a completion ends
+            warnings.warn(
+                f"no EOS token (eos_id=None; the tokenizer names none): the {pairs} prompt/completion pair(s) get no "
+                "end marker, so a model trained on them is never taught to stop after a completion (generation runs on "
+                "to its token limit). Give the tokenizer an eos_token (tokenizer.add_special_tokens({'eos_token': "
+                "'</s>'}) if it has none, then save_pretrained into the model folder; the model's vocab_size must "
+                "hold it), or pass eos_id.", stacklevel=3)
         return ds
 
     @classmethod

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import signal
 import sys
@@ -42,6 +41,7 @@ import numpy as np
 
 from jpeft import _hostmem
 from jpeft import validate as _validate
+from jpeft.config import strict_json
 from jpeft.distributed import StopAgreement
 from jpeft.errors import ConfigError, InputValidationError, NonFiniteError
 from jpeft.methods.base import trainable as _trainable
@@ -255,7 +255,7 @@ class MetricLog:
         if not self.main:
             return
         if self._f is not None:
-            self._f.write(json.dumps(dict(rec)) + "\n")
+            self._f.write(strict_json(dict(rec)) + "\n")
             self._f.flush()
         if self._tb is not None:
             for k, v in rec.items():

@@ -71,14 +71,18 @@ def jpeft_runs(env, *argvs, timeout=300):
 
 
 _WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")  # a Python warning's first line ("file:line: UserWarning: ...")
+_CLI_WARNING = re.compile(r"^jpeft( \w+)?: warning: ")  # the command's own line of a warning
 
 
 def error_line(stderr: str) -> str:
-    """The one line of an error in ``stderr``, besides Python warnings (a warning's line and
-    the source line under it: the data's warnings of a run that then fails)."""
+    """The one line of an error in ``stderr``, besides warnings (the command's ``jpeft <cmd>:
+    warning: ...`` lines; a Python warning's line and the source line under it: the data's
+    warnings of a run that then fails)."""
     lines, after_warning = [], False
     for ln in stderr.splitlines():
-        if _WARNING.match(ln):
+        if _CLI_WARNING.match(ln):
+            after_warning = False
+        elif _WARNING.match(ln):
             after_warning = True
         elif after_warning and ln.startswith("  "):
             after_warning = False
@@ -190,6 +194,42 @@ def test_bad_arguments_exit_2_with_one_line_in_a_subprocess(tmp_path):
     line = error_line(r.stderr)
     assert line.startswith("jpeft train: error: LoadError: config file") and "does not exist" in line
     assert "Traceback" not in r.stderr
+
+
+def test_warnings_of_a_command_are_one_line_each_as_its_errors(hf_dir, capsys, monkeypatch):
+    """A warning while a command ran was printed in Python's format, ``/path/jpeft/data.py:463:
+    UserWarning: ...`` and the source line under it; it is one line ``jpeft eval: warning: ...``
+    (another package's warning names its category and package), and a warning of jpeft's Python
+    API outside the command is Python's as before."""
+    import warnings
+
+    import jpeft.cli.eval_cmd as eval_cmd
+
+    real = eval_cmd.run
+
+    def run(args):  # a warning of a library the command calls, at a path under site-packages
+        warnings.warn_explicit("an old\nAPI", FutureWarning, "/v/lib/python3.11/site-packages/transformers/x.py", 7)
+        return real(args)
+
+    def show(message, category, filename, lineno, file=None, line=None):  # as Python shows one (pytest records them)
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(eval_cmd, "run", run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        r = jpeft_here(capsys, "eval", "--model", hf_dir / "tiny-llama", "--data", hf_dir / "train.jsonl",
+                       "--seq-len", "16", "--max-batches", "1")
+        warnings.warn("called from Python")  # after main: as Python shows it
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == "jpeft eval: warning: FutureWarning from transformers: an old API", r.stderr
+    data = f"jpeft eval: warning: {hf_dir / 'train.jsonl'}: in "
+    assert lines[1].startswith(data) and "the first target token comes after the first 16 tokens" in lines[1]
+    assert lines[2].startswith(data) and "the completion runs past the first 16 tokens" in lines[2]
+    assert len(lines) == 3 and "data.py" not in r.stderr and "UserWarning" not in r.stderr, r.stderr
+    assert re.match(r"^\S+test_cli.py:\d+: UserWarning: called from Python$", capsys.readouterr().err.splitlines()[0])
+    assert error_line("\n".join(lines + ["jpeft eval: error: X"])) == "jpeft eval: error: X"
 
 
 @pytest.mark.parametrize(

@@ -196,3 +196,37 @@ def test_eval_batches_refuses_a_max_rows_that_selects_nothing(max_rows):
     assert sum(int(b["loss_mask"][:, 1:].sum()) for b in ds.eval_batches(2, 1)) == 3
     with pytest.raises(InputValidationError, match="max_rows must be None"):
         list(ds.eval_batches(2, max_rows))
+
+
+def _strict(text: str):
+    """``text`` parsed as strict JSON (what jq, JavaScript and Go accept): no bare NaN/Infinity."""
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_json_of_a_perplexity_past_float_range_is_strict_json(folder, capsys, tmp_path):
+    """A loss above ~709 nats: its perplexity is past float range, and ``--json`` wrote the bare
+    ``Infinity`` of Python's json, which jq and JavaScript refuse; it is the string
+    "Infinity" (the loss itself still the number transformers gives)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, lines = folder
+    model = AutoModelForCausalLM.from_pretrained(root / "m")
+    model.lm_head.weight.data *= 600.0
+    model.save_pretrained(tmp_path / "huge")
+    tok = AutoTokenizer.from_pretrained(root / "m")
+    tok.save_pretrained(tmp_path / "huge")
+    docs = _documents(tok, lines[:2])
+    total, n = _reference(model.eval(), [(ids[i:i + SEQ], mask[i:i + SEQ]) for ids, mask in docs
+                                         for i in range(0, len(ids), SEQ)])
+    assert total / n > 710
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[:2]))
+    r = jpeft_here(capsys, "eval", "--model", tmp_path / "huge", "--data", tmp_path / "two.jsonl", "--seq-len", SEQ,
+                   "--json")
+    assert r.returncode == 0, r.stderr
+    got = _strict(r.stdout)
+    assert got["tokens"] == n and got["perplexity"] == "Infinity"
+    np.testing.assert_allclose(got["loss"], total / n, rtol=1e-4)
+    assert float(got["perplexity"]) == math.inf

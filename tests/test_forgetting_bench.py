@@ -85,6 +85,27 @@ def test_an_interrupted_plot_leaves_the_previous_png_not_half_a_file(tmp_path, m
                                                                      for k in ("tradeoff", "matrices")])
 
 
+def test_scores_json_with_a_diverged_score_is_strict_json_and_plots_when_read_back(tmp_path):
+    """A NaN or infinite score (a diverged run's loss, an undefined retention) was written to
+    scores.json as Python's bare NaN / Infinity, which jq, JavaScript and Go refuse; it is the
+    string "NaN" / "Infinity", and ``experiment.plot`` of the file read back draws it."""
+    bench = SplitDigits("class", steps_per_task=1, batch_size=4, hidden=(8,), num_tasks=2)
+    res = experiment.run(bench, [experiment.MethodSpec("naive")], seeds=[0], out_dir=str(tmp_path), progress=False,
+                         log=None, plots=False)
+    r = res["methods"]["naive"]["seeds"]["0"]
+    r["R"][1][0], r["metrics"]["retention"], r["metrics"]["forgetting"] = float("inf"), float("nan"), float("-inf")
+    experiment._write(res, str(tmp_path), bench, plots=False)
+
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    back = json.loads((tmp_path / "scores.json").read_text(), parse_constant=refuse)
+    got = back["methods"]["naive"]["seeds"]["0"]
+    assert (got["R"][1][0], got["metrics"]["retention"], got["metrics"]["forgetting"]) == ("Infinity", "NaN", "-Infinity")
+    assert got["R"][0][0] == r["R"][0][0]  # finite numbers stay numbers
+    assert len(experiment.plot(back, str(tmp_path))) == 2
+
+
 def test_split_digits_class_incremental_two_seeds(tmp_path):
     bench = SplitDigits("class", steps_per_task=2, batch_size=8, hidden=(16,))
     methods = [m for m in bench.default_methods() if m.name in ("naive", "replay")]

@@ -460,3 +460,59 @@ def test_from_file_names_its_file_in_packing_warnings_and_errors(tmp_path):
         PackedDataset.from_file(empty, enc, 4)
     with pytest.raises(jpeft.InputValidationError, match="^data.eval: the dataset has no target token"):
         PackedDataset.from_examples([{"prompt": "abc", "completion": ""}], enc, 4, source="data.eval")
+
+
+def test_jsonl_lines_with_both_kinds_or_an_empty_field_are_said_with_their_lines(tmp_path):
+    """A line with a "text" next to "prompt"/"completion" was read as one of them and the other
+    dropped, and an empty "text" or "completion" was trained (as "end at once"), both without a
+    word; each is now a warning naming the file and the lines. Other keys (an id, a source) are
+    metadata, read past without a word."""
+    import warnings
+
+    from jpeft.data import load_examples
+
+    f = tmp_path / "d.jsonl"
+    rows = [{"text": "fine", "id": 1, "source": "web"}, {"text": ""}, {"prompt": "Q", "completion": " \n"},
+            {"text": "T", "prompt": "Q", "completion": "A"}, {"text": "T2", "prompt": "Q"}, {"prompt": "P", "completion": ""}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        got = load_examples(f)
+    assert got == [{"text": "fine"}, {"text": ""}, {"prompt": "Q", "completion": " \n"}, {"prompt": "Q", "completion": "A"},
+                   {"text": "T2"}, {"prompt": "P", "completion": ""}]
+    msgs = sorted(str(w.message) for w in said)
+    assert len(msgs) == 3 and all(w.filename == __file__ for w in said), msgs  # pointed at the caller
+    assert msgs[0].startswith(f"{f}:2: the 'text' field is empty or only whitespace in 1 line(s) (2); each trains")
+    assert msgs[1].startswith(f"{f}:3: the 'completion' field is empty or only whitespace in 2 line(s) (3, 6); each "
+                              "trains the model to end (the EOS) right after its prompt")
+    assert msgs[2].startswith(f"{f}:4: 2 line(s) (4, 5) hold a 'text' field next to a 'prompt' or 'completion' field")
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_examples(f) == [{"text": "fine"}]
+
+
+def test_pairs_without_an_eos_token_are_said():
+    """A tokenizer that names no EOS: prompt/completion pairs were packed with no end marker (a
+    model trained on them never learns to stop), without a word; texts alone are not warned about,
+    nor pairs with an EOS."""
+    import warnings
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jpeft.data import text_encoder
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    pairs = [{"prompt": "a ", "completion": "b b"}, {"text": "a b"}, {"prompt": "a ", "completion": "b"}]
+    for eos_token, warned in ((None, True), ("</s>", False)):
+        enc, bos, eos = text_encoder(PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token=eos_token))
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            ds = PackedDataset.from_examples(pairs, enc, 8, eos_id=eos, bos_id=bos, source="data.train")
+            PackedDataset.from_examples(pairs[1:2], enc, 8, eos_id=eos, bos_id=bos)
+        assert [str(w.message)[:85] for w in said] == (
+            ["data.train: no EOS token (eos_id=None; the tokenizer names none): the 2 prompt/completion pair(s)"[:85]]
+            if warned else [])
+        assert ds.input_ids[0].tolist() == ([2, 3, 3, 2, 3, 2, 3, 0] if warned else [2, 3, 3, 1, 2, 3, 1, 0])

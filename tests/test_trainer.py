@@ -698,3 +698,20 @@ def test_fit_over_a_pmap_step_logs_its_loss_and_counts_its_skipped_and_empty_ste
     with pytest.raises(NonFiniteError, match="3 consecutive steps"):
         jpeft.fit(pstep, rep(params), rep(nan), rep(opt.init(nan)), map(split, [data[0]] * 5), key=key,
                   max_consecutive_skips=2)
+
+
+def test_metric_log_of_a_skipped_step_is_strict_json(tmp_path):
+    """A step the non-finite guard skipped logs its NaN loss (a diverging run, an infinite
+    gradient norm): metrics.jsonl held the bare NaN / Infinity of Python's json, which jq,
+    JavaScript and Go refuse; they are the strings "NaN" / "Infinity" (``float()`` reads them)."""
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    p = tmp_path / "m.jsonl"
+    with jpeft.MetricLog(str(p)) as log:
+        log({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "skipped": 1})
+        log({"step": 2, "loss": 2.5, "grad_norm": -float("inf")})
+    got = [json.loads(x, parse_constant=refuse) for x in p.read_text().splitlines()]
+    assert got == [{"step": 1, "loss": "NaN", "grad_norm": "Infinity", "skipped": 1},
+                   {"step": 2, "loss": 2.5, "grad_norm": "-Infinity"}]
+    assert np.isnan(float(got[0]["loss"]))

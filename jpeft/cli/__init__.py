@@ -30,6 +30,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 from typing import Optional, Sequence
 
 from jpeft._version import __version__
@@ -95,6 +96,42 @@ def one_line(msg: str) -> str:
 def _fail(prog: str, msg: str) -> int:
     print(f"{prog}: error: {one_line(msg)}", file=sys.stderr)
     return 2
+
+
+_JPEFT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _origin(filename: str) -> str:
+    """The package a warning's source file belongs to (``transformers``, ``jax``), else its name."""
+    parts = os.path.abspath(filename or "?").split(os.sep)
+    for i, part in enumerate(parts[:-1]):
+        if part in ("site-packages", "dist-packages"):
+            return parts[i + 1].removesuffix(".py")
+    return os.path.basename(filename or "?").removesuffix(".py")
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str):
+    """Prints each warning shown while a command runs as one line, as its errors are:
+    ``jpeft train: warning: <message>``, not Python's ``/path/file.py:123: UserWarning: ...``
+    with the source line under it. A warning from outside jpeft names its category and package
+    (``jpeft eval: warning: FutureWarning from transformers: ...``). Only how a shown warning
+    is written changes (``warnings.formatwarning``, restored after the command): which warnings
+    are shown (the filters), and a program or test that records them (``warnings.catch_warnings(
+    record=True)``, ``pytest.warns``), are untouched, and jpeft's Python functions called
+    outside :func:`main` warn as Python does."""
+    def line(message, category, filename, lineno, line=None):
+        here = os.path.abspath(filename or "?").startswith(_JPEFT_DIR + os.sep)
+        origin = "" if here else f"{category.__name__} from {_origin(filename)}: "
+        return f"{prog}: warning: {origin}{one_line(message)}\n"
+
+    previous = warnings.formatwarning
+    warnings.formatwarning = line
+    try:
+        yield
+    finally:
+        if warnings.formatwarning is line:
+            warnings.formatwarning = previous
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -209,7 +246,8 @@ def _interrupt_main_soon(state):
 def _main(argv: Optional[Sequence[str]], ctrl_c: dict) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        parser = build_parser()
+        with _warnings_as_lines("jpeft"):  # the subcommands' imports
+            parser = build_parser()
         args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     except UsageError as e:
         return _fail(e.prog, f"{e} (see `{e.prog} --help`)")
@@ -225,7 +263,8 @@ def _main(argv: Optional[Sequence[str]], ctrl_c: dict) -> int:
         return 2
     prog = f"jpeft {args.cmd}"
     try:
-        rc = args._run(args)
+        with _warnings_as_lines(prog):
+            rc = args._run(args)
         sys.stdout.flush()  # a closed pipe (`jpeft info ... | head -3`) shows here, not at exit
     except BrokenPipeError:
         return _closed_stdout()

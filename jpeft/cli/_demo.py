@@ -8,7 +8,6 @@ benchmark's), and every run trains through :func:`jpeft.fit`."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -22,6 +21,7 @@ import optax
 import jpeft
 from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import format_table, human_bytes
+from jpeft.config import strict_json
 from jpeft.forgetting import language as L
 from jpeft.forgetting.replay import replay_rows
 
@@ -322,7 +322,7 @@ def run_demo(args) -> dict:
         "wall_s": wall,
     }
     with open(os.path.join(out, "demo_results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        f.write(strict_json(summary, indent=1))
     say("")
     say(f"done in {wall:.0f} s; results in {out}")
     return summary

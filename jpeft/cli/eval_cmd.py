@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
 
@@ -12,6 +10,7 @@ from jpeft.cli._ckpt import load_adapter_with_base, note_quantized_training, res
 from jpeft.cli._common import require_causal_lm
 from jpeft.cli._model import load_folder
 from jpeft.cli._trainer import max_positions, canary_batches, check_seq_len, evaluate, make_logits_fn, make_loss_fns
+from jpeft.config import strict_json
 from jpeft.data import PackedDataset, text_encoder
 from jpeft.errors import ConfigError
 from jpeft.forgetting.guard import canary_stats
@@ -122,7 +121,7 @@ def run(args) -> int:
     res = evaluate(eval_sums, base, adapter, ds, args.batch_size, args.max_batches or None, what="--max-batches")
     res.update(model=args.model, adapter=args.adapter, data=args.data)
     if args.json:
-        print(json.dumps(res))
+        print(strict_json(res))
     else:
         # 6 significant digits: a diverged model's perplexity (1e27) would print as a 28-digit integer
         print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.6g}  ({res['tokens']:,} target tokens)")
@@ -148,7 +147,7 @@ def _canary_report(args, loaded, adapter, ds, base) -> int:
            "tokens": int(s["tokens"].sum()), "base_loss": s["base_loss_mean"], "loss": s["canary_loss"],
            "loss_rise": s["loss_rise"], "kl": s["kl_mean"], "worst": worst}
     if args.json:
-        print(json.dumps(res))
+        print(strict_json(res))
         return 0
     print(f"forgetting on {args.canary}: {res['rows']} rows, {res['tokens']:,} target tokens")
     print(f"  loss     base {res['base_loss']:.4f}  adapted {res['loss']:.4f}  rise {res['loss_rise']:+.4f} nats")

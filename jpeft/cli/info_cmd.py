@@ -13,6 +13,7 @@ from jpeft import io
 from jpeft.cli import _configs
 from jpeft.cli._ckpt import checkpoint_metadata, find_adapter
 from jpeft.cli._common import add_method_args, format_table, human_bytes, human_count, method_from_args
+from jpeft.config import strict_json
 from jpeft.errors import ConfigError, JpeftError, LoadError
 from jpeft.io import read_json
 from jpeft.methods.base import registered_methods
@@ -135,7 +136,7 @@ def run(args) -> int:
         "full_finetune_train_state_bytes": full_train,
     }
     if args.json:
-        print(json.dumps(res))
+        print(strict_json(res))
         return 0
     print(f"model: {name} ({cfg.get('model_type', '?')}; shapes only, nothing allocated)")
     print(f"method: {method.peft_type} " + json.dumps({k: v for k, v in method.to_dict().items() if k != 'peft_type'}))
@@ -203,7 +204,7 @@ def _frozen_count(peft_type, shapes: dict) -> int:
 def describe_adapter(path: str, *, as_json: bool = False) -> int:
     res = adapter_summary(path)
     if as_json:
-        print(json.dumps(res))
+        print(strict_json(res))
         return 0
     what = {"jpeft": "jpeft adapter", "peft": "Hugging Face PEFT adapter", "checkpoint": "training checkpoint"}[res["kind"]]
     method = dict(res["method"])

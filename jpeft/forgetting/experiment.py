@@ -44,7 +44,6 @@ import csv
 import dataclasses
 import io
 import itertools
-import json
 import math
 import os
 import time
@@ -56,7 +55,7 @@ import numpy as np
 import optax
 
 import jpeft
-from jpeft.config import AdapterConfig
+from jpeft.config import AdapterConfig, strict_json
 from jpeft.errors import ConfigError, OverwriteError
 from jpeft.io import atomic_write, check_folder
 from jpeft.forgetting import metrics as M
@@ -770,7 +769,7 @@ def _rows(results):
 
 
 def _write(results, out_dir, bench, *, plots):
-    atomic_write(os.path.join(out_dir, "scores.json"), json.dumps(results, indent=1))
+    atomic_write(os.path.join(out_dir, "scores.json"), strict_json(results, indent=1))
     rows = list(_rows(results))
     if not rows:
         return
@@ -868,8 +867,9 @@ def plot(results: dict, out_dir) -> list:
     for i, n in enumerate(names):
         color = cmap(i % cmap.N)
         rs = list(results["methods"][n]["seeds"].values())
-        fx = [r["metrics"]["forgetting"] for r in rs]
-        ly = [r["metrics"]["learning"] for r in rs]
+        # float(): a scores.json read back holds a NaN or infinity as a string (jpeft.config.strict_json)
+        fx = [float(r["metrics"]["forgetting"]) for r in rs]
+        ly = [float(r["metrics"]["learning"]) for r in rs]
         (mx, sx), (my, sy) = _mean_std(fx), _mean_std(ly)
         sx, sy = np.nan_to_num(sx), np.nan_to_num(sy)  # one seed: no error bar
         ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt=markers[i % len(markers)], color=color, capsize=3, label=n)
@@ -893,7 +893,7 @@ def plot(results: dict, out_dir) -> list:
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
     fig.subplots_adjust(hspace=0.75, wspace=0.6)
     T = len(results["tasks"])
-    mats = [np.mean([np.asarray(r["R"]) for r in results["methods"][nm]["seeds"].values()], axis=0) for nm in names]
+    mats = [np.mean([np.asarray(r["R"], float) for r in results["methods"][nm]["seeds"].values()], axis=0) for nm in names]
     vmin, vmax = float(np.min(mats)), float(np.max(mats))
     cmap = "viridis" if hib else "viridis_r"
     for k, (nm, Rm) in enumerate(zip(names, mats)):

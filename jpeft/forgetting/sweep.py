@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import io
 import itertools
-import json
 import math
 import os
 from typing import Callable, Optional, Sequence
@@ -43,6 +42,7 @@ import numpy as np
 
 import jpeft
 from jpeft import spectral
+from jpeft.config import strict_json
 from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.forgetting import stats as S
 from jpeft.forgetting.experiment import (Benchmark, MethodSpec, check_out_dir, check_replay, check_seeds,
@@ -444,7 +444,7 @@ _ARTIFACTS = ("sweep.json", "points.csv", "summary.csv", "report.md")
 
 
 def _write_points(results, out_dir):
-    atomic_write(os.path.join(out_dir, "sweep.json"), json.dumps(results, indent=1))
+    atomic_write(os.path.join(out_dir, "sweep.json"), strict_json(results, indent=1))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_POINT_COLS, extrasaction="ignore")
     w.writeheader()

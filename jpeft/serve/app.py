@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from jpeft.bank import AdapterBank
+from jpeft.config import strict_json
 from jpeft.errors import (
     BankCapacityError,
     BankRankError,
@@ -308,7 +309,7 @@ class Server:
             d = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
             if usage is not None:
                 d["usage"] = usage
-            return f"data: {json.dumps(d)}\n\n"
+            return f"data: {strict_json(d)}\n\n"
 
         try:
             if chat:
@@ -322,7 +323,7 @@ class Server:
                     # a request that never got a slot timed out in the queue: 503 as without streaming (was 504, the
                     # code of a request that ran past --request-timeout)
                     err = _engine_error(ev, started=req.started is not None)
-                    yield f"data: {json.dumps(err.response_body())}\n\n"
+                    yield f"data: {strict_json(err.response_body())}\n\n"
                     return
                 else:
                     yield chunk(text="" if not chat else None, finish=ev.finish_reason, usage=ev.usage)
