@@ -38,8 +38,23 @@ def _rand(key, shape):
     return jax.random.normal(key, shape, jnp.float32)
 
 
-def _both(q, k, v, mask, prefix=None, cache=None, block=4):
-    """Outputs and (q, k, v, prefix) gradients of the blockwise and reference kernels."""
+def _out_and_grads(f, *args):
+    """``f(*args)`` and the gradients of its inputs for a random cotangent, forward and backward
+    in one compiled program."""
+    ct = _rand(jax.random.key(9), jax.eval_shape(f, *args).shape)
+
+    def both(ct, *args):
+        out, vjp = jax.vjp(f, *args)
+        return out, vjp(ct)
+
+    return jax.jit(both)(ct, *args)
+
+
+def _both(q, k, v, mask, prefix=None, cache=None, block=4, reference=None):
+    """Outputs and (q, k, v, prefix) gradients of the blockwise and reference kernels;
+    ``reference``, where given, is the reference's result computed before for these inputs.
+    The forward and backward passes are two programs: the grid's loops that change only the
+    backward pass (``DQ_TRANSPOSED_MIN_KEYS``) reuse the compiled forward one."""
     ct = _rand(jax.random.key(9), q.shape)
 
     def run(impl):
@@ -52,7 +67,7 @@ def _both(q, k, v, mask, prefix=None, cache=None, block=4):
         out, vjp = jax.vjp(jax.jit(f), q, k, v, prefix)
         return out, vjp(ct)
 
-    return run("blockwise"), run("reference")
+    return run("blockwise"), (run("reference") if reference is None else reference)
 
 
 def _inputs(seed, s, h, kvh, padding, right, b=2, d=8):
@@ -87,6 +102,9 @@ GRID = [
 ]
 
 
+_CAUSAL_REFERENCE = {}  # grid row -> the reference kernel's outputs and gradients, the same for every loop
+
+
 @pytest.mark.parametrize("loop", ["unrolled", "scanned", "scanned, K^T dS"])
 @pytest.mark.parametrize("s,h,kvh,window,n_pre,block,padding,segments", GRID)
 def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padding, segments, loop, monkeypatch):
@@ -111,10 +129,15 @@ def test_blockwise_equals_reference_causal(s, h, kvh, window, n_pre, block, padd
     if n_pre:
         prefix = (_rand(ks[3], (b, n_pre, kvh, d)), _rand(ks[4], (1, n_pre, kvh, d)))
     mask, _ = L.causal_mask(jnp.asarray(am), None, window, segment_ids=seg, padded=padding != "unpadded")
-    (o1, g1), (o2, g2) = _both(q, k, v, mask, prefix, block=block)
+    row = (s, h, kvh, window, n_pre, block, padding, segments)  # the loops change the blockwise kernel only
+    (o1, g1), (o2, g2) = _both(q, k, v, mask, prefix, block=block, reference=_CAUSAL_REFERENCE.get(row))
+    _CAUSAL_REFERENCE[row] = (o2, g2)
     _assert_same(o1, o2)
     _assert_same(g1, g2)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g1))  # gradients reach every input
+
+
+_DROPOUT_REFERENCE = {}  # grid row -> the reference's outputs and gradients with dropout, and without
 
 
 @pytest.mark.parametrize("loop", ["unrolled", "scanned, K^T dS"])
@@ -137,20 +160,33 @@ def test_blockwise_equals_reference_with_dropout(s, h, kvh, window, n_pre, block
         seg = jnp.asarray(seg)
     prefix = None if not n_pre else (_rand(ks[3], (b, n_pre, kvh, d)), _rand(ks[4], (1, n_pre, kvh, d)))
     mask, _ = L.causal_mask(jnp.asarray(am), None, window, segment_ids=seg, padded=padding != "unpadded")
-    ct = _rand(jax.random.key(9), q.shape)
+    row = (s, h, kvh, window, n_pre, block, padding, segments)
 
-    def run(impl, key):
-        def f(q, k, v, prefix):
+    @functools.cache  # one compiled program per kernel, the dropout key its argument
+    def program(impl):
+        def f(q, k, v, prefix, key):
             return L.attend(q, k, v, mask, scale=0.37, prefix_kv=prefix, implementation=impl, block_size=block,
                             dropout_rate=0.3, dropout_key=key)[0]
 
-        out, vjp = jax.vjp(jax.jit(f), q, k, v, prefix)
-        return out, vjp(ct)
+        ct = _rand(jax.random.key(9), q.shape)
 
-    (o1, g1), (o2, g2) = run("blockwise", jax.random.key(3)), run("reference", jax.random.key(3))
+        def both(q, k, v, prefix, key):
+            out, vjp = jax.vjp(functools.partial(f, key=key), q, k, v, prefix)
+            return out, vjp(ct)
+
+        return jax.jit(both)
+
+    def run(impl, key):
+        return program(impl)(q, k, v, prefix, key)
+
+    if row not in _DROPOUT_REFERENCE:  # the loops change the blockwise kernel only
+        plain = jax.jit(lambda q, k, v, prefix: L.attend(q, k, v, mask, scale=0.37, prefix_kv=prefix,
+                                                          implementation="reference")[0])(q, k, v, prefix)
+        _DROPOUT_REFERENCE[row] = run("reference", jax.random.key(3)), plain
+    (o2, g2), plain = _DROPOUT_REFERENCE[row]
+    o1, g1 = run("blockwise", jax.random.key(3))
     _assert_same(o1, o2)
     _assert_same(g1, g2)
-    plain = L.attend(q, k, v, mask, scale=0.37, prefix_kv=prefix, implementation="reference")[0]
     assert float(jnp.abs(o1 - plain).max()) > 0.1  # entries were dropped
     other = run("blockwise", jax.random.key(4))[0]
     assert float(jnp.abs(other - o1).max()) > 0.1  # another key drops other entries
@@ -209,7 +245,7 @@ def test_rectangular_tiles_equal_the_reference(row, key_block, monkeypatch):
         k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
     ct = _rand(jax.random.key(9), q.shape)
 
-    def run(f):
+    def run(f):  # forward and backward apart: the two backward forms below share the forward program
         out, vjp = jax.vjp(jax.jit(f), q, k, v)
         return out, vjp(ct)
 
@@ -274,26 +310,30 @@ def test_model_attention_dropout_in_training_only_and_the_same_in_both_kernels(f
         am = jnp.ones((2, 12), bool).at[1, -3:].set(False)
     params = cls(cfg).init(jax.random.key(1), ids)
 
-    def run(impl, key, deterministic=False):
+    @functools.cache  # one compiled step per kernel, the dropout key its argument
+    def step(impl):
         model = cls(cfg.replace(attention=impl, attention_block_size=4))
 
-        def f(p):
-            out = model.apply(p, ids, am, deterministic=deterministic, rngs=None if key is None else {"dropout": key})
+        def f(p, key):
+            out = model.apply(p, ids, am, deterministic=False, rngs={"dropout": key})
             return jnp.sum(jnp.where(am[..., None], out, 0.0) if out.ndim == 3 else out), out
 
-        return jax.value_and_grad(f, has_aux=True)(params)
+        return jax.jit(jax.value_and_grad(f, has_aux=True))
 
-    (_, o1), g1 = run("blockwise", jax.random.key(5))
-    (_, o2), g2 = run("reference", jax.random.key(5))
+    def evaluate(cfg):  # deterministic, no key: as evaluation runs the model
+        return jax.jit(lambda p: cls(cfg).apply(p, ids, am))(params)
+
+    (_, o1), g1 = step("blockwise")(params, jax.random.key(5))
+    (_, o2), g2 = step("reference")(params, jax.random.key(5))
     chex.assert_trees_all_close((o1, g1), (o2, g2), rtol=1e-4, atol=1e-5)  # float32 sums in another order
-    (_, plain), _ = run("reference", None, deterministic=True)
-    (_, other), _ = run("blockwise", jax.random.key(6))
+    plain = evaluate(cfg.replace(attention="reference", attention_block_size=4))
+    (_, other), _ = step("blockwise")(params, jax.random.key(6))
     keep = am[..., None] if o1.ndim == 3 else True
     assert float(jnp.abs(jnp.where(keep, o1 - plain, 0)).max()) > 1e-2  # dropout acts in training
     assert float(jnp.abs(jnp.where(keep, o1 - other, 0)).max()) > 1e-2  # another key, other masks
     # evaluation (deterministic) is untouched: no key needed, the same as a model without dropout
     rate0 = {"llama": "attention_dropout", "gpt2": "attn_pdrop", "bert": "attention_probs_dropout_prob"}[family]
-    no_drop = cls(cfg.replace(**{rate0: 0.0}, attention="reference")).apply(params, ids, am)
+    no_drop = evaluate(cfg.replace(**{rate0: 0.0}, attention="reference"))
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(no_drop))
 
 
@@ -366,20 +406,24 @@ def test_automatic_block_size():
     assert A.auto_block_size(1024, dataclasses.replace(causal(1024), diagonal=None)) == 512  # as with a cache
     # the automatic block is the explicit one of that size, numbers included
     rng = np.random.default_rng(0)
+
+    def compiled(f, *args, **kw):  # each kernel one compiled program, as a user's step runs it
+        return jax.jit(lambda *a: f(*a, scale=0.3, **kw))(*args)
+
     q, k, v = (jnp.asarray(rng.normal(size=(2, 300, 4, 8)).astype(np.float32)) for _ in range(3))
     m = L.causal_mask(jnp.ones((2, 300), bool), None)[0]
-    auto = A.dot_product_attention(q, k, v, m, scale=0.3)
-    explicit = A.dot_product_attention(q, k, v, m, scale=0.3, implementation="blockwise", block_size=128)
+    auto = compiled(A.dot_product_attention, q, k, v, m)
+    explicit = compiled(A.dot_product_attention, q, k, v, m, implementation="blockwise", block_size=128)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(explicit))
-    reference = A.dot_product_attention(q, k, v, m, scale=0.3, implementation="reference")
+    reference = compiled(A.dot_product_attention, q, k, v, m, implementation="reference")
     np.testing.assert_allclose(np.asarray(auto), np.asarray(reference), rtol=1e-5, atol=1e-5)
     # 1,100 tokens: blocks of 256 queries by 512 keys (neither dividing the length)
     q, k, v = (jnp.asarray(rng.normal(size=(1, 1100, 2, 8)).astype(np.float32)) for _ in range(3))
     m = L.causal_mask(jnp.ones((1, 1100), bool), None)[0]
-    auto = A.dot_product_attention(q, k, v, m, scale=0.3)
-    explicit = A.blockwise_attention(q, k, v, m, scale=0.3, block_size=256, key_block_size=512)
+    auto = compiled(A.dot_product_attention, q, k, v, m)
+    explicit = compiled(A.blockwise_attention, q, k, v, m, block_size=256, key_block_size=512)
     np.testing.assert_array_equal(np.asarray(auto), np.asarray(explicit))
-    reference = A.dot_product_attention(q, k, v, m, scale=0.3, implementation="reference")
+    reference = compiled(A.dot_product_attention, q, k, v, m, implementation="reference")
     np.testing.assert_allclose(np.asarray(auto), np.asarray(reference), rtol=1e-5, atol=1e-5)
 
 
@@ -432,8 +476,8 @@ def test_families_same_logits_and_grads(name, method):
             w = w * am[:, :, None]
         return jnp.sum(out * w), out
 
-    (l1, o1), g1 = jax.value_and_grad(functools.partial(loss, blk), has_aux=True)(ad)
-    (l2, o2), g2 = jax.value_and_grad(functools.partial(loss, ref), has_aux=True)(ad)
+    (l1, o1), g1 = jax.jit(jax.value_and_grad(functools.partial(loss, blk), has_aux=True))(ad)
+    (l2, o2), g2 = jax.jit(jax.value_and_grad(functools.partial(loss, ref), has_aux=True))(ad)
     _assert_same(o1, o2)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5), g1, g2)
 
@@ -481,7 +525,8 @@ def test_prefix_leaves_the_sliding_window_like_transformers(family, tmp_path):
     with torch.no_grad():
         t = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
-    j = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)))
+    j = np.asarray(jax.jit(lambda p, a, x, m: jpeft.apply(model, p, a, x, m))(params, ad, jnp.asarray(ids),
+                                                                            jnp.asarray(mask)))
     m = mask.astype(bool)
     np.testing.assert_allclose(j[m], t[m], rtol=1e-4, atol=1e-4)
 
@@ -636,7 +681,7 @@ def test_blockwise_bfloat16_as_close_to_float32_as_the_reference():
                                           implementation=impl, block_size=8)
             return jnp.vdot(out.astype(jnp.float32), ct), out.astype(jnp.float32)
 
-        (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+        (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
         return [out, *grads]
 
     exact = run("reference", jnp.float32)
@@ -667,14 +712,11 @@ def _splash_vs_reference(q, k, v, mask, prefix, block=0):
     """Outputs and (q, k, v, prefix) gradients of the splash kernel and the reference, on every
     row (padding rows included: a left-padding row, which sees no key, averages every value in
     both)."""
-    ct = _rand(jax.random.key(9), q.shape)
-
     def run(impl):
         def f(q, k, v, prefix):
             return L.attend(q, k, v, mask, scale=0.37, prefix_kv=prefix, implementation=impl, block_size=block)[0]
 
-        out, vjp = jax.vjp(jax.jit(f), q, k, v, prefix)
-        return out, vjp(ct)
+        return _out_and_grads(f, q, k, v, prefix)
 
     with pytest.warns(S.SplashInterpretWarning, match="interpret"):
         got = run("splash")
@@ -763,8 +805,8 @@ def test_llama_and_bert_with_splash_equal_the_reference():
             return jnp.sum(out * w), out
 
         with pytest.warns(S.SplashInterpretWarning):
-            (l1, o1), g1 = jax.value_and_grad(functools.partial(loss, spl), has_aux=True)(ad)
-        (l2, o2), g2 = jax.value_and_grad(functools.partial(loss, ref), has_aux=True)(ad)
+            (l1, o1), g1 = jax.jit(jax.value_and_grad(functools.partial(loss, spl), has_aux=True))(ad)
+        (l2, o2), g2 = jax.jit(jax.value_and_grad(functools.partial(loss, ref), has_aux=True))(ad)
         _assert_same(o1, o2)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5),
                      g1, g2)

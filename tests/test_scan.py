@@ -92,22 +92,26 @@ SCAN_CASES = {
                          + [(m, False) for m in SCAN_CASES if m not in ("lora", "dora", "ia3")])
 def test_scanned_equals_unrolled_outputs_and_gradients(method, remat):
     unrolled, scanned, p0, p1, ids = _pair(remat=remat)
-    np.testing.assert_allclose(scanned.apply(p1, ids), unrolled.apply(p0, ids), atol=2e-6)
+    base = jax.jit(unrolled.apply)(p0, ids)  # compiled, as a user runs them: one program each
+    np.testing.assert_allclose(jax.jit(scanned.apply)(p1, ids), base, atol=2e-6)
     cfg = SCAN_CASES[method]
     a1 = _trained_looking(jpeft.init(cfg, p1, jax.random.key(1), scanned, ids))
     assert all(isinstance(n, scan.Stacked) and n.length == 3 for n in a1.values())
     a0 = scan.unstack_adapter(a1)
     assert len(a0) == 3 * len(a1) and all("layers_" in p for p in a0)
-    y1 = jpeft.apply(scanned, p1, a1, ids)
-    y0 = jpeft.apply(unrolled, p0, a0, ids)
-    assert float(jnp.abs(y0 - unrolled.apply(p0, ids)).max()) > 1e-2  # the adapter matters
-    np.testing.assert_allclose(y1, y0, atol=2e-6)
 
     def loss(model, p):
-        return lambda a: jnp.mean(jpeft.apply(model, p, a, ids) ** 2)
+        def f(a):
+            y = jpeft.apply(model, p, a, ids)
+            return jnp.mean(y ** 2), y
 
-    g1 = scan.unstack_adapter(jax.grad(loss(scanned, p1))(a1))
-    g0 = jax.grad(loss(unrolled, p0))(a0)
+        return jax.jit(jax.grad(f, has_aux=True))
+
+    g1, y1 = loss(scanned, p1)(a1)
+    g0, y0 = loss(unrolled, p0)(a0)
+    assert float(jnp.abs(y0 - base).max()) > 1e-2  # the adapter matters
+    np.testing.assert_allclose(y1, y0, atol=2e-6)
+    g1 = scan.unstack_adapter(g1)
     assert sorted(g1) == sorted(g0)
     assert _max_diff({k: g1[k] for k in g0}, g0) < 1e-6
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0)) > 1e-4
@@ -528,7 +532,7 @@ def test_remat_policies_that_need_arguments_are_refused_by_name():
 
     def loss(c):
         m = jpeft.models.LlamaForCausalLM(c)
-        return jax.value_and_grad(lambda p: jnp.sum(m.apply(p, ids) ** 2))(params)
+        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply(p, ids) ** 2)))(params)
 
     (l0, g0), (l1, g1) = loss(cfg), loss(cfg.replace(remat=True, remat_policy="full"))
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
