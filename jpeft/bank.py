@@ -114,6 +114,7 @@ from jpeft.errors import (
     UnknownAdapterError,
     UnsupportedModuleError,
 )
+from jpeft.methods._common import branch_dtype
 from jpeft.methods.base import (Call, FrozenFields, Kind, Layout, LowRank, Site, dropout as _dropout, low_rank_node,
                                residual_refusal, static_field)
 from jpeft.tree import module_leaves, unwrap_params
@@ -314,7 +315,8 @@ class BankedLora(Site):
         if nb == 0:  # an empty batch: nothing to route (the reshapes below cannot infer a size from 0 rows)
             return y
         n = self.lora_A.shape[0]
-        dt = y.dtype
+        # the branch in the adapters' dtype (float32) and one rounding of the sum, as jpeft.apply of each
+        dt = branch_dtype(y.dtype, self.lora_A, self.lora_B)
         if self.strategy == "pregather":  # factors already one per row (see route)
             valid, safe, s = None, None, self.scales.astype(dt)
         else:
@@ -322,7 +324,7 @@ class BankedLora(Site):
             safe = jnp.where(valid, ids, 0)
             s = jnp.where(valid, jnp.take(self.scales, safe, axis=0), 0).astype(dt)  # [batch]
         if lay.kind == Kind.EMBED:
-            y = y + self._embed(call, x, safe, s, dt)
+            y = (y.astype(dt) + self._embed(call, x, safe, s, dt)).astype(y.dtype)
             return y if self.token_ids is None else _token_rows(x, y, *self._row_tokens())
         n_in = len(lay.in_axes)
         if lay.kind == Kind.DENSE_GENERAL:
@@ -335,7 +337,7 @@ class BankedLora(Site):
         lead = x.shape[: x.ndim - n_in]
         if len(lead) == 0:
             raise InputValidationError(f"module {call.path!r}: the input {tuple(x.shape)} has no batch axis to route by.")
-        x = _dropout(x, self.dropout, call.dropout_key()).astype(dt)
+        x = _dropout(x.astype(dt), self.dropout, call.dropout_key())
         xf = x.reshape((nb, -1, lay.in_features))  # [batch, tokens, in]
         if self.strategy == "ragged":
             d = _ragged_update(xf, self.lora_A.astype(dt), self.lora_B.astype(dt), ids, valid, s)
@@ -345,7 +347,7 @@ class BankedLora(Site):
             bias = self.lora_bias if safe is None else jnp.take(self.lora_bias, safe, axis=0)  # [batch, out]
             on = self.bias_on if safe is None else jnp.take(self.bias_on, safe, axis=0)
             d = d + (bias.astype(dt) * (s * on.astype(dt))[:, None])[:, None, :]
-        return y + d.reshape(tuple(lead) + tuple(lay.out_dims))
+        return (y.astype(dt) + d.reshape(tuple(lead) + tuple(lay.out_dims))).astype(y.dtype)
 
     def _embed(self, call, x, safe, s, dt):
         a = self.lora_A.astype(dt)  # [N, V, R]

@@ -812,8 +812,9 @@ def with_precision(loss_fn: Callable, compute_dtype=jnp.bfloat16, *, cast_batch:
 
     Inside the step, the frozen base (and, with ``cast_batch``, the floating leaves of the
     batch; integer token ids and labels are left alone) is cast to ``compute_dtype``, so
-    flax layers with ``dtype=None`` compute in it and LoRA casts ``A`` and ``B`` to it (it
-    runs in its module's output dtype). The adapter itself is not cast: it stays the
+    flax layers with ``dtype=None`` compute in it; an adapter's branch computes in float32 and
+    its sum with the module's output is rounded once to it, as PEFT's (docs/SCALING.md, "Mixed
+    precision"). The adapter itself is not cast: it stays the
     ``float32`` master copy, its gradients come back ``float32`` through the cast, and the
     optimizer state is ``float32``. The loss is returned as ``float32``.
 

@@ -99,6 +99,21 @@ def test_mixed_batch_equals_each_adapter_alone(strategy):
 
 
 @pytest.mark.parametrize("strategy", ["gather", "ragged", "pregather"])
+def test_mixed_batch_over_a_bfloat16_base_equals_each_adapter_alone(strategy):
+    """Over a bfloat16 base jpeft.apply runs a LoRA branch in float32 and rounds its sum with the base
+    output once, as PEFT does (docs/SCALING.md, "Mixed precision"); the routed branch does the same, so
+    each row equals its adapter alone bit for bit (both in bf16 before, rounded in other places: up to
+    0.004 apart on logits of 1.5)."""
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), PARAMS)
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=5, strategy=strategy)
+    y = _FWD(p16, bank.route(NAMES), TOK)
+    assert y.dtype == jnp.bfloat16
+    for i, name in enumerate(NAMES):
+        want = _FWD(p16, None if name is None else ADAPTERS[name], TOK)[i]
+        np.testing.assert_array_equal(np.asarray(y[i], np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("strategy", ["gather", "ragged", "pregather"])
 def test_vera_and_adalora_adapters_route_as_each_alone(strategy):
     """The bank holds any adapter whose update is low-rank (their ``low_rank()``), with every
     tensor random: VeRA's lambdas (lambda_b starts at zero) and AdaLoRA's E (starts at zero)."""

@@ -37,6 +37,24 @@ def master_copy(x):
     return jnp.array(x, dtype=dt, copy=True)
 
 
+def branch_dtype(out_dtype, *adapter_arrays):
+    """The dtype an adapter's branch computes in at a site whose module outputs ``out_dtype``:
+    the promotion of that dtype with the adapter arrays' (float32 for jpeft's adapters, whatever
+    the base). Over a bfloat16 or float16 base the branch runs in float32 and its sum with the
+    module's output is rounded once, to the output's dtype, as PEFT computes it (its default
+    ``autocast_adapter_dtype=True`` keeps the adapter in float32, casts the layer's input to the
+    adapter's dtype and casts the sum back; docs/SCALING.md "Mixed precision").
+
+    >>> import jax.numpy as jnp
+    >>> branch_dtype(jnp.bfloat16, jnp.zeros(2, jnp.float32))
+    dtype('float32')
+    """
+    dt = jnp.dtype(out_dtype)
+    for a in adapter_arrays:
+        dt = jnp.promote_types(dt, a.dtype)
+    return dt
+
+
 def to_matrix(kernel, lay: Layout):
     """The kernel as ``[in_features, out_features]`` (input axes first, in layout order)."""
     order = tuple(lay.in_axes) + tuple(lay.out_axes)
@@ -183,7 +201,7 @@ def down_project(x, a, lay: Layout, module=None):
         return jnp.tensordot(x, ak, axes=(axes, tuple(range(len(axes)))))
     if lay.kind == Kind.CONV:
         ak = a.reshape(tuple(lay.in_dims) + (k,))
-        helper = _inject.update_module(module, features=k)
+        helper = _inject.update_module(module, features=k, dtype=jnp.promote_types(x.dtype, a.dtype))
         with _inject.bypass():
             return helper.apply({"params": {"kernel": ak}}, x)
     if lay.kind == Kind.EINSUM:

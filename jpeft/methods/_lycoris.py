@@ -41,7 +41,7 @@ from jpeft import _inject, scan
 from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_scalar
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
-from jpeft.methods._common import AdditiveMerge, linear_candidates, linear_layout, to_matrix
+from jpeft.methods._common import AdditiveMerge, branch_dtype, linear_candidates, linear_layout, to_matrix
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, static_field
 from jpeft.peft_format import add_site_pattern, config_from_peft, peft_key, site_tensors
 from jpeft.tree import compile_pattern, hf_name, linear_only, regex_fullmatch, select
@@ -292,7 +292,8 @@ class LycorisSite(AdditiveMerge, Site):
         lay = self.layout
         _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
         y = call.run()
-        dt = y.dtype
+        # the update in the adapter's dtype (float32) and one rounding of the sum, as PEFT (branch_dtype)
+        dt = branch_dtype(y.dtype, *jax.tree.leaves(self))
         key = call.dropout_key() if (self.rank_dropout > 0 or self.module_dropout > 0) else None
         rows, keep = self._dropout(key, lay.out_features)
         x = call.inputs
@@ -305,16 +306,17 @@ class LycorisSite(AdditiveMerge, Site):
                 d = d * rows.astype(dt).reshape(1, -1)
             if keep is not None:
                 d = d * keep.astype(dt)
-            return y + d.reshape(y.shape)
+            return (y.astype(dt) + d.reshape(y.shape)).astype(y.dtype)
         delta = self.torch_delta()
         if rows is not None:
             delta = delta * rows.reshape((-1,) + (1,) * (delta.ndim - 1))
         if keep is not None:
             delta = delta * keep
-        helper = _inject.update_module(call.module)
+        helper = _inject.update_module(call.module, dtype=dt)
         with _inject.bypass():
-            return y + helper.apply({"params": {"kernel": kernel_from_torch(delta, lay).astype(dt)}},
-                                    *call.args, **call.kwargs)
+            d = helper.apply({"params": {"kernel": kernel_from_torch(delta, lay).astype(dt)}},
+                             *call.args, **call.kwargs)
+        return (y.astype(dt) + d).astype(y.dtype)
 
     def effective(self, own):
         """L2-SP's effective weights: the update ``dW`` in the kernel's shape (it is additive)."""

@@ -53,8 +53,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (AdditiveMerge, SavedModule, down_project, from_matrix, linear_candidates,
-                                   linear_layout, up_project)
+from jpeft.methods._common import (AdditiveMerge, SavedModule, branch_dtype, down_project, from_matrix,
+                                   linear_candidates, linear_layout, up_project)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
@@ -259,16 +259,17 @@ class AdaLoraWeights(AdditiveMerge, Site):
         lay = self.layout
         _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
         y = call.run()
-        dt = y.dtype
+        # the branch in the adapter's dtype (float32) and one rounding of the sum, as PEFT (branch_dtype)
+        dt = branch_dtype(y.dtype, self.lora_A, self.lora_E, self.lora_B)
         x = call.inputs
-        x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
+        x = dropout(x.astype(dt), self.dropout, call.dropout_key())
         if lay.kind == Kind.DENSE:  # the 2-D form (one contracted axis; see LoRA's note on XLA's CPU backend)
             x2 = x.reshape(-1, x.shape[-1])
             h = (x2 @ self.lora_A.astype(dt)) * self.lora_E.astype(dt)[None, :]
-            return y + ((h @ self.lora_B.astype(dt)) * self.scale).reshape(y.shape)
+            return (y.astype(dt) + ((h @ self.lora_B.astype(dt)) * self.scale).reshape(y.shape)).astype(y.dtype)
         h = down_project(x, self.lora_A.astype(dt), lay, call.module)
         h = h * self.lora_E.astype(dt).reshape((1,) * (h.ndim - 1) + (-1,))
-        return y + up_project(h, self.lora_B.astype(dt), lay) * self.scale
+        return (y.astype(dt) + up_project(h, self.lora_B.astype(dt), lay) * self.scale).astype(y.dtype)
 
     def effective(self, own):
         """L2-SP's effective weights: the update in the kernel's shape."""

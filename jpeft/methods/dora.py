@@ -39,7 +39,8 @@ import jax.numpy as jnp
 
 from jpeft import _inject
 from jpeft.errors import NotInvertibleError
-from jpeft.methods._common import broadcast_bias, broadcast_out, down_project, from_matrix, to_matrix, up_project
+from jpeft.methods._common import (branch_dtype, broadcast_bias, broadcast_out, down_project, from_matrix, to_matrix,
+                                  up_project)
 from jpeft.methods.base import Call, Kind, dropout
 
 
@@ -103,18 +104,19 @@ def intercept(node, call: Call):
         return _embed(node, call, x, mn)
     key = call.dropout_key() if node.dropout > 0 else None
     y = call.run()
-    dt = y.dtype
+    # the branch in the adapter's dtype (float32) and one rounding of the sum, as PEFT (branch_dtype)
+    dt = branch_dtype(y.dtype, node.lora_A, node.lora_B, node.magnitude)
     scale_b = broadcast_out(mn, y.ndim, lay).astype(dt)
     own = mod.variables.get("params", {})
     bias = own.get("bias") if getattr(mod, "use_bias", False) else None
     if key is not None:
-        x_l = dropout(x, node.dropout, key).astype(dt)
+        x_l = dropout(x.astype(dt), node.dropout, key)
         base = _linear_no_bias(node, x_l, mod, call, dt)
     else:
         x_l = x
-        base = y if bias is None else y - broadcast_bias(bias.astype(dt), y.ndim, lay)
+        base = y if bias is None else y - broadcast_bias(bias.astype(y.dtype), y.ndim, lay)
     lora = _lora_out(node, x_l.astype(dt), mod, call, dt)
-    return y + (scale_b - 1) * base + scale_b * lora
+    return (y.astype(dt) + (scale_b - 1) * base.astype(dt) + scale_b * lora).astype(y.dtype)
 
 
 def _linear_no_bias(node, x, mod, call, dt):
@@ -143,7 +145,6 @@ def _lora_out(node, x, mod, call, dt):
 
 
 def _embed(node, call: Call, x, mn):
-    dt = jnp.result_type(node.lora_A.dtype)
     a = node.lora_A
     b = node.lora_B
     if call.method_name == "attend":
@@ -151,13 +152,13 @@ def _embed(node, call: Call, x, mn):
         q = x * mn.reshape((1,) * (x.ndim - 1) + (-1,)).astype(x.dtype)
         rest = call.args[1:] if call.args else ()
         y = call.next_fun(q, *rest, **call.kwargs) if call.args else call.next_fun(**{**call.kwargs, "query": q})
-        dt = y.dtype
-        return y + node.scale * ((q.astype(dt) @ b.astype(dt).T) @ a.astype(dt).T)
+        dt = branch_dtype(y.dtype, a, b)
+        return (y.astype(dt) + node.scale * ((q.astype(dt) @ b.astype(dt).T) @ a.astype(dt).T)).astype(y.dtype)
     y = call.run()
-    dt = y.dtype
+    dt = branch_dtype(y.dtype, a, b, node.magnitude)
     h = jnp.take(a.astype(dt), x, axis=0)
     s = mn.reshape((1,) * (y.ndim - 1) + (-1,)).astype(dt)
-    return s * (y + node.scale * (h @ b.astype(dt)))
+    return (s * (y.astype(dt) + node.scale * (h @ b.astype(dt)))).astype(y.dtype)
 
 
 def merge(node, own: Mapping[str, Any]):

@@ -25,6 +25,7 @@ from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotInvertibleError,
                           UnsupportedAdapterError, UnsupportedModuleError)
 from jpeft.methods._common import (
+    branch_dtype,
     broadcast_bias,
     broadcast_in,
     broadcast_out,
@@ -126,11 +127,14 @@ class IA3Weights(Site):
     def intercept(self, call: Call):
         lay = self.layout
         _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
+        # the product in the adapter's dtype (float32), rounded once to the base's, as PEFT (branch_dtype)
         if not self.feedforward:
             y = call.run()
-            return (y * broadcast_out(self.ia3_l, y.ndim, lay).astype(y.dtype)).astype(y.dtype)
+            dt = branch_dtype(y.dtype, self.ia3_l)
+            return (y.astype(dt) * broadcast_out(self.ia3_l, y.ndim, lay).astype(dt)).astype(y.dtype)
         x = call.inputs
-        xs = (x * broadcast_in(self.ia3_l, x.ndim, lay, call.module).astype(x.dtype)).astype(x.dtype)
+        dt = branch_dtype(x.dtype, self.ia3_l)
+        xs = (x.astype(dt) * broadcast_in(self.ia3_l, x.ndim, lay, call.module).astype(dt)).astype(x.dtype)
         if call.args:
             return call.next_fun(xs, *call.args[1:], **call.kwargs)
         return call.next_fun(**{**call.kwargs, "inputs": xs})

@@ -28,7 +28,7 @@ from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
-from jpeft.methods._common import SavedModule, down_project, init_saved, linear_candidates, up_project
+from jpeft.methods._common import SavedModule, branch_dtype, down_project, init_saved, linear_candidates, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge,
                                 dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.peft_format import add_site_pattern
@@ -508,8 +508,11 @@ class LoraWeights(Site):
             y = self._merged_dense(call, x)
             if y is not None:
                 return y
-        y = call.run()
-        dt = y.dtype
+        y0 = call.run()
+        # the branch and its sum with the base output in the adapter's dtype (float32), rounded
+        # once to the output's dtype, as PEFT does over a bfloat16 base (branch_dtype)
+        dt = branch_dtype(y0.dtype, self.lora_A, self.lora_B)
+        y = y0.astype(dt)
         if self.base_bias is not None:  # LoraConfig.bias: the trained base bias replaces the module's own
             own_b = mod.variables["params"]["bias"]
             y = y + (self.base_bias.astype(dt) - own_b.astype(dt)).reshape((1,) * (y.ndim - own_b.ndim) + own_b.shape)
@@ -517,10 +520,10 @@ class LoraWeights(Site):
         b = self.lora_B.astype(dt)
         if lay.kind == Kind.EMBED:
             if call.method_name == "attend":
-                return y + self.scale * ((x.astype(dt) @ b.T) @ a.T)
+                return (y + self.scale * ((x.astype(dt) @ b.T) @ a.T)).astype(y0.dtype)
             h = jnp.take(a, x, axis=0)
-            return y + self.scale * (h @ b)
-        x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
+            return (y + self.scale * (h @ b)).astype(y0.dtype)
+        x = dropout(x.astype(dt), self.dropout, call.dropout_key())  # PEFT casts the input, then drops
         if lay.kind == Kind.DENSE:
             # Flatten the leading axes: the weight-gradient dots of 2-D operands contract one
             # axis, which XLA's CPU backend runs without the transposed copies of activations it
@@ -528,10 +531,11 @@ class LoraWeights(Site):
             x2 = x.reshape(-1, x.shape[-1])
             d = ((x2 @ a) @ b) * self.scale
             y = y + d.reshape(y.shape)
-            return y if self.lora_bias is None else y + self._bias_out(dt, y.ndim)
-        h = down_project(x, a, lay, mod)
-        y = y + self.scale * up_project(h, b, lay)
-        return y if self.lora_bias is None else y + self._bias_out(dt, y.ndim)
+        else:
+            h = down_project(x, a, lay, mod)
+            y = y + self.scale * up_project(h, b, lay)
+        y = y if self.lora_bias is None else y + self._bias_out(dt, y.ndim)
+        return y.astype(y0.dtype)
 
     def _merged_dense(self, call: Call, x):
         """``x @ (W + s A B) + bias`` for an ``nn.Dense`` call with many tokens, or ``None``.

@@ -62,8 +62,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (AdditiveMerge, broadcast_out, down_project, from_matrix, linear_candidates, linear_layout,
-                                  up_project)
+from jpeft.methods._common import (AdditiveMerge, branch_dtype, broadcast_out, down_project, from_matrix,
+                                  linear_candidates, linear_layout, up_project)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
@@ -219,16 +219,17 @@ class VeraWeights(AdditiveMerge, Site):
         lay = self.layout
         _inject.check_layout(call.path, lay, call.module, call.args, call.kwargs)
         y = call.run()
-        dt = y.dtype
+        # the branch in the adapter's dtype (float32) and one rounding of the sum, as PEFT (branch_dtype)
+        dt = branch_dtype(y.dtype, self.vera_A, self.vera_B, self.lambda_d, self.lambda_b)
         x = call.inputs
-        x = dropout(x, self.dropout, call.dropout_key()).astype(dt)
+        x = dropout(x.astype(dt), self.dropout, call.dropout_key())
         if lay.kind == Kind.DENSE:  # the 2-D form (one contracted axis; see LoRA's note on XLA's CPU backend)
             d = branch(x.reshape(-1, x.shape[-1]), self.lambda_d, self.lambda_b, self.vera_A, self.vera_B)
-            return y + d.reshape(y.shape)
+            return (y.astype(dt) + d.reshape(y.shape)).astype(y.dtype)
         h = down_project(x, self.vera_A.astype(dt), lay, call.module)
         h = h * self.lambda_d.astype(dt).reshape((1,) * (h.ndim - 1) + (-1,))
         d = up_project(h, self.vera_B.astype(dt), lay)
-        return y + d * broadcast_out(self.lambda_b.astype(dt), d.ndim, lay)
+        return (y.astype(dt) + d * broadcast_out(self.lambda_b.astype(dt), d.ndim, lay)).astype(y.dtype)
 
     def effective(self, own):
         """L2-SP's effective weights: the update in the kernel's shape."""
