@@ -377,6 +377,10 @@ _FAILED_KEY = "jpeft_failed"
 _LEFT_DIR = "jpeft_left/"
 _GRACE_S = 3.0  # how long another process's failure leaves this one to end by an error of its own first
 _LEAVE_WAIT_S = _GRACE_S + 5  # how long process 0 (the coordination service's host) waits for the others to leave
+# then how long it still waits: another process marks itself as left just before it ends, and its
+# client, still polling the service, aborts it with JAX's C++ "Terminating process" report (lines
+# after its one-line error) if the service ends in between (seen once in ~40 runs on a loaded host)
+_LAST_OUT_S = 0.5
 
 
 class _FailureWatch:
@@ -485,7 +489,7 @@ def leave_job_now(status: int, why: Optional[str] = None) -> None:
     Python's exit would wait for them in ``jax.distributed``'s shutdown while they wait in a
     collective operation for this one. Process 0 hosts JAX's coordination service, whose end
     aborts the others: it waits (at most a few seconds more than the others' grace) until every
-    other process has left."""
+    other process has marked itself as left, and half a second more for them to end."""
     client = coordination_client()
     if client is None:
         return
@@ -504,6 +508,7 @@ def leave_job_now(status: int, why: Optional[str] = None) -> None:
         while time.monotonic() < deadline:
             try:
                 if len(client.key_value_dir_get(_LEFT_DIR)) >= jax.process_count():
+                    time.sleep(_LAST_OUT_S)
                     break
             except Exception:  # noqa: BLE001
                 break
