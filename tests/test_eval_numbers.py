@@ -158,22 +158,28 @@ def test_max_batches_without_a_target_is_refused_not_scored_0(folder, capsys, tm
     assert not (tmp_path / "run").exists()  # refused before anything was trained or written
 
 
-def test_perplexity_past_50_nats_is_exp_of_the_loss(folder, capsys, tmp_path):
-    """A model whose loss is above 50 nats per token (a diverged run): the perplexity was
-    reported as exp(50) = 5.2e21 whatever the loss."""
+def _scaled_head(folder, out, scale: float):
+    """The fixture's model with ``lm_head`` times ``scale`` (a diverged model's large losses),
+    saved with its tokenizer in ``out``, and the first two lines written to ``out.parent /
+    "two.jsonl"``; returns transformers' ``(summed loss, target tokens)`` over them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root, lines = folder
     model = AutoModelForCausalLM.from_pretrained(root / "m")
-    model.lm_head.weight.data *= 25.0
-    model.save_pretrained(tmp_path / "big")
-    tok = AutoTokenizer.from_pretrained(root / "m")
-    tok.save_pretrained(tmp_path / "big")
-    docs = _documents(tok, lines[:2])
-    total, n = _reference(model.eval(), [(ids[i:i + SEQ], mask[i:i + SEQ]) for ids, mask in docs
-                                         for i in range(0, len(ids), SEQ)])
+    model.lm_head.weight.data *= scale
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(root / "m").save_pretrained(out)
+    docs = _documents(AutoTokenizer.from_pretrained(root / "m"), lines[:2])
+    (out.parent / "two.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[:2]))
+    return _reference(model.eval(), [(ids[i:i + SEQ], mask[i:i + SEQ]) for ids, mask in docs
+                                     for i in range(0, len(ids), SEQ)])
+
+
+def test_perplexity_past_50_nats_is_exp_of_the_loss(folder, capsys, tmp_path):
+    """A model whose loss is above 50 nats per token (a diverged run): the perplexity was
+    reported as exp(50) = 5.2e21 whatever the loss."""
+    total, n = _scaled_head(folder, tmp_path / "big", 25.0)
     assert 50 < total / n < 700
-    (tmp_path / "two.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[:2]))
     r = jpeft_here(capsys, "eval", "--model", tmp_path / "big", "--data", tmp_path / "two.jsonl", "--seq-len", SEQ,
                    "--json")
     assert r.returncode == 0, r.stderr
@@ -210,19 +216,8 @@ def test_eval_json_of_a_perplexity_past_float_range_is_strict_json(folder, capsy
     """A loss above ~709 nats: its perplexity is past float range, and ``--json`` wrote the bare
     ``Infinity`` of Python's json, which jq and JavaScript refuse; it is the string
     "Infinity" (the loss itself still the number transformers gives)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    root, lines = folder
-    model = AutoModelForCausalLM.from_pretrained(root / "m")
-    model.lm_head.weight.data *= 600.0
-    model.save_pretrained(tmp_path / "huge")
-    tok = AutoTokenizer.from_pretrained(root / "m")
-    tok.save_pretrained(tmp_path / "huge")
-    docs = _documents(tok, lines[:2])
-    total, n = _reference(model.eval(), [(ids[i:i + SEQ], mask[i:i + SEQ]) for ids, mask in docs
-                                         for i in range(0, len(ids), SEQ)])
+    total, n = _scaled_head(folder, tmp_path / "huge", 600.0)
     assert total / n > 710
-    (tmp_path / "two.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[:2]))
     r = jpeft_here(capsys, "eval", "--model", tmp_path / "huge", "--data", tmp_path / "two.jsonl", "--seq-len", SEQ,
                    "--json")
     assert r.returncode == 0, r.stderr

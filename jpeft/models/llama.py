@@ -21,7 +21,6 @@ from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from jpeft._ops import activation
 from jpeft.errors import ConfigError, InputValidationError
