@@ -347,8 +347,7 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, met
             f"the checkpoints in {out_dir!r} were written with train.scan_layers = {str(was).lower()} (a "
             f"{'layer-stacked' if was else 'per-layer'} adapter), but this run has train.scan_layers = "
             f"{str(now).lower()}; resume with --set train.scan_layers={str(was).lower()}, or choose another output_dir.")
-    # checked on their own
-    fingerprints = ("method_config", "train_data_sha256", "model_weights_sha256", "canary_sha256")
+    fingerprints = ("method_config", "model_weights_sha256", *_RESUME_MAY_MOVE.values())  # checked on their own
     old = _flat({k: v for k, v in before.items() if k not in fingerprints})
     new = _flat(cfg)
     was_m, now_m = before.get("method"), cfg.get("method")

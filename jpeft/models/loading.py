@@ -96,7 +96,7 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
     theta = _number({"rope_theta": theta}, "rope_theta")
     max_positions = _number(d, "max_position_embeddings", _MAX_POSITIONS_DEFAULT.get(model_type, 2048), integer=True)
     scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = L.rope_kind(scaling)
     if float(scaling.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         raise UnsupportedModelError("partial_rotary_factor != 1 is not supported by jpeft's Llama-family models.")
     if kind == "default":
@@ -114,6 +114,12 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
     heads = _number(d, "num_attention_heads", integer=True)
     hidden = _number(d, "hidden_size", integer=True)
     attn_bias = _flag(d, "attention_bias", False)
+    if model_type in _HEAD_DIM_DEFAULT:  # a default of its own (Qwen3's 128), not hidden / heads
+        head_dim = _number(d, "head_dim", _HEAD_DIM_DEFAULT[model_type], integer=True)
+    elif d.get("head_dim") is not None:
+        head_dim = _number(d, "head_dim", integer=True)
+    else:
+        head_dim = hidden // (heads or 1)
     kw = dict(
         vocab_size=_number(d, "vocab_size", integer=True),
         hidden_size=hidden,
@@ -121,9 +127,7 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         num_layers=_number(d, "num_hidden_layers", integer=True),
         num_heads=heads,
         num_kv_heads=num_kv_heads(dict(d, model_type=model_type)),
-        head_dim=(_number(d, "head_dim", _HEAD_DIM_DEFAULT[model_type], integer=True)
-                  if model_type in _HEAD_DIM_DEFAULT else _number(d, "head_dim", integer=True)
-                  if d.get("head_dim") is not None else hidden // (heads or 1)),
+        head_dim=head_dim,
         max_position_embeddings=max_positions,
         rms_norm_eps=_number(d, "rms_norm_eps", 1e-6),
         rope_theta=theta,
