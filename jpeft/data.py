@@ -5,8 +5,11 @@ A dataset file is either
 * plain text (``.txt``, ``.md``, any suffix other than ``.jsonl``/``.ndjson``/``.json``, in any
   letter case): the whole file is one document and every token is trained on; or
 * JSON Lines (``.jsonl``, ``.ndjson``, ``.json``): one object per line, either ``{"text": ...}`` (every token is
-  trained on) or ``{"prompt": ..., "completion": ...}`` (the loss is taken on the
-  completion tokens only, as in supervised instruction tuning). Field names are configurable.
+  trained on), ``{"prompt": ..., "completion": ...}`` (the loss is taken on the
+  completion tokens only, as in supervised instruction tuning), or a conversation (TRL's
+  "conversational" rows: ``{"messages": [{"role": ..., "content": ...}, ...]}``, or a ``prompt`` and a
+  ``completion`` that are such lists), which :func:`render_chat` renders with the model's chat template
+  (the loss on the assistant turns, or on the completion). Field names are configurable.
 
 Documents are tokenized (:func:`text_encoder` reads a tokenizer as ``jpeft train`` does) and **packed** into rows of ``seq_len`` tokens. Two packings:
 
@@ -52,11 +55,13 @@ from jax.custom_derivatives import SymbolicZero
 from jpeft.errors import ConfigError, InputValidationError, LoadError
 
 __all__ = [
-    "load_examples", "tokenize_examples", "tokenize_documents", "pack", "pack_documents", "PackedDataset",
-    "model_inputs", "causal_lm_loss", "causal_lm_loss_chunked", "PACKINGS",
+    "load_examples", "render_chat", "tokenize_examples", "tokenize_documents", "pack", "pack_documents",
+    "PackedDataset", "model_inputs", "causal_lm_loss", "causal_lm_loss_chunked", "PACKINGS", "CHAT_LOSSES",
 ]
 
 PACKINGS = ("documents", "stream")
+# what a conversation ("messages") trains: its assistant turns (TRL's assistant_only_loss), or every token
+CHAT_LOSSES = ("assistant", "all")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")  # compared lower-cased: train.JSONL is JSON Lines too
 
 
@@ -66,21 +71,25 @@ def load_examples(
     text_field: str = "text",
     prompt_field: str = "prompt",
     completion_field: str = "completion",
-) -> list[dict[str, str]]:
+    messages_field: str = "messages",
+) -> list[dict[str, Any]]:
     """Reads a text or JSONL dataset into a list of ``{"text": ...}`` or
-    ``{"prompt": ..., "completion": ...}`` dicts.
+    ``{"prompt": ..., "completion": ...}`` dicts, and conversations (unrendered, for
+    :func:`render_chat`): ``{"messages": [...], "where": "file:line"}``, or
+    ``{"prompt": [...], "completion": [...], "where": ...}`` (TRL's conversational prompt/completion).
 
     Args:
       path: a ``.jsonl`` file (one JSON object per line), or any other file read as UTF-8
         text (one document).
-      text_field / prompt_field / completion_field: the JSONL keys to read.
+      text_field / prompt_field / completion_field / messages_field: the JSONL keys to read.
 
     Raises:
       ConfigError: ``prompt_field`` and ``completion_field`` are the same key.
       LoadError: the file is missing, a JSONL line is not a JSON object, a line has
-        neither ``text_field`` nor both ``prompt_field`` and ``completion_field``, or one of
-        those values is not a string (``null``, a number, a list) or holds a lone surrogate
-        escape (``"\\ud800"``, which JSON reads but is not text).
+        neither ``text_field`` nor both ``prompt_field`` and ``completion_field`` nor ``messages_field``,
+        or one of those values is not a string (``null``, a number, a list) or holds a lone surrogate
+        escape (``"\\ud800"``, which JSON reads but is not text); a conversation is not a non-empty list
+        of ``{"role": str, "content": str}`` objects.
 
     Warns:
       UserWarning: naming the file and lines: a line holds a ``text_field`` next to a
@@ -97,7 +106,7 @@ def load_examples(
         what = "is a directory" if os.path.isdir(path) else "does not exist"
         raise LoadError(f"dataset file {path!r} {what} (expected a .txt or .jsonl file).")
     try:
-        return _read_examples(path, text_field, prompt_field, completion_field)
+        return _read_examples(path, text_field, prompt_field, completion_field, messages_field)
     except UnicodeDecodeError as e:
         reason, at, line = _first_bad_byte(path, e)
         raise LoadError(f"dataset file {path!r} is not UTF-8 text ({reason} at byte {at}, line {line}); "
@@ -120,30 +129,50 @@ def _text_value(path: str, lineno: int, row: Mapping, field: str) -> str:
     """``row[field]``, which must be a string: ``null``, a number, a list or an object would
     otherwise be trained on as its Python text (``"None"``, ``"['a', 'b']"``)."""
     v = row[field]
+    if isinstance(v, list) and v and all(isinstance(m, Mapping) and "role" in m for m in v):
+        raise LoadError(f"{path}:{lineno}: the {field!r} field holds a conversation (a list of role/content messages), "
+                        "where a string was expected; a conversation is read from a 'messages' field (or the one named "
+                        "by messages_field), or from a 'prompt' and a 'completion' that are both lists of messages.")
+    return _string(f"{path}:{lineno}: the {field!r} field", v)
+
+
+def _string(what: str, v) -> str:
+    """``v`` if it is text; else a LoadError that begins with ``what`` (the file, line and field)."""
     if not isinstance(v, str):
         found = "null" if v is None else f"{type(v).__name__} {json.dumps(v)[:60]}"
-        fix = (_CHAT_HINT if _is_conversation(v) else
-               "Write the text as a JSON string (or drop the line); jpeft does not turn other values into text.")
-        raise LoadError(f"{path}:{lineno}: the {field!r} field must be a string, found {found}. {fix}")
+        raise LoadError(f"{what} must be a string, found {found}. Write the text as a JSON string (or drop the line); "
+                        "jpeft does not turn other values into text.")
     try:
         v.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate escape ("\ud800"): JSON reads it, no tokenizer takes it
-        raise LoadError(f"{path}:{lineno}: the {field!r} field holds a lone surrogate {v[e.start]!r} at character "
+        raise LoadError(f"{what} holds a lone surrogate {v[e.start]!r} at character "
                         f"{e.start}, which is not text (an escape such as \\ud800 without its pair); write the "
                         "character itself, or its full surrogate pair, or drop it.") from None
     return v
 
 
-_CHAT_HINT = ("Conversational data (a list of role/content messages) is not read: render it with the tokenizer's chat "
-              "template into a text (tokenizer.apply_chat_template(messages, tokenize=False)), or into a prompt (the "
-              "turns before the reply, add_generation_prompt=True) and a completion (the reply): a text trains every "
-              "token, the user's turns too, a completion its reply only (one line per assistant turn trains them all).")
-
-
-def _is_conversation(v) -> bool:
-    """A list of role/content messages, as TRL's conversational formats hold (``messages``, or a
-    ``prompt`` and a ``completion`` that are lists of messages)."""
-    return isinstance(v, list) and bool(v) and all(isinstance(m, Mapping) and "role" in m for m in v)
+def _messages(path: str, lineno: int, row: Mapping, field: str) -> list[dict]:
+    """``row[field]`` as a conversation: a non-empty list of ``{"role": str, "content": str}``
+    objects (other keys, such as ``name``, are kept for the chat template)."""
+    v, at = row[field], f"{path}:{lineno}: the {field!r} field"
+    if not isinstance(v, list) or not v:
+        found = "an empty list" if isinstance(v, list) else type(v).__name__
+        raise LoadError(f"{at} must be a non-empty list of {{\"role\": ..., \"content\": ...}} messages, found {found}.")
+    for k, m in enumerate(v):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            sharegpt = isinstance(m, Mapping) and "from" in m and "value" in m
+            raise LoadError(
+                f"{at}: message {k} must be an object with \"role\" and \"content\", found "
+                f"{json.dumps(m)[:80]}." + (" ShareGPT's {\"from\": ..., \"value\": ...} messages: rename from -> role "
+                                           "(human -> user, gpt -> assistant) and value -> content." if sharegpt else ""))
+        _string(f"{at}: message {k}'s \"role\"", m["role"])
+        if not isinstance(m["content"], str):
+            found = "null" if m["content"] is None else f"{type(m['content']).__name__} {json.dumps(m['content'])[:60]}"
+            raise LoadError(f"{at}: message {k}'s \"content\" must be a string, found {found}: jpeft reads text-only "
+                            "conversations (no content parts, images or tool calls without text). Write the content as "
+                            "one string, or drop the message.")
+        _string(f"{at}: message {k}'s \"content\"", m["content"])
+    return [dict(m) for m in v]
 
 
 # said of a file holding one JSON array, or one object spread over lines (json.dump(..., indent=2)): .json is
@@ -152,7 +181,8 @@ _JSON_LINES_HINT = ("; a .json/.jsonl file is read as JSON Lines, one object per
                     "spread over lines. Write one object per line (e.g. jq -c '.[]' data.json > data.jsonl).")
 
 
-def _read_examples(path: str, text_field: str, prompt_field: str, completion_field: str) -> list[dict[str, str]]:
+def _read_examples(path: str, text_field: str, prompt_field: str, completion_field: str,
+                   messages_field: str) -> list[dict[str, Any]]:
     if not path.lower().endswith(JSONL_SUFFIXES):
         with open(path, encoding="utf-8-sig") as f:
             text = f.read()
@@ -181,22 +211,34 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                                 f"{_JSON_LINES_HINT if isinstance(row, list) else '.'}")
             if text_field in row and (prompt_field in row or completion_field in row):
                 both.append(lineno)
+            field = None  # the text field whose blank value is warned about
             if prompt_field in row and completion_field in row:
-                out.append({"prompt": _text_value(path, lineno, row, prompt_field),
-                            "completion": _text_value(path, lineno, row, completion_field)})
-                field = completion_field
+                if isinstance(row[prompt_field], list) or isinstance(row[completion_field], list):
+                    # TRL's conversational prompt/completion: both lists of messages
+                    out.append({"prompt": _messages(path, lineno, row, prompt_field),
+                                "completion": _messages(path, lineno, row, completion_field),
+                                "where": f"{path}:{lineno}"})
+                else:
+                    out.append({"prompt": _text_value(path, lineno, row, prompt_field),
+                                "completion": _text_value(path, lineno, row, completion_field)})
+                    field = completion_field
             elif text_field in row:
                 out.append({"text": _text_value(path, lineno, row, text_field)})
                 field = text_field
+            elif messages_field in row:
+                out.append({"messages": _messages(path, lineno, row, messages_field), "where": f"{path}:{lineno}"})
             else:
-                fix = ("Rename the fields, or name yours with text_field / prompt_field / completion_field (`jpeft "
-                       "train`'s [data] section, load_examples' keywords; `jpeft eval` reads the default names only)."
-                       if not isinstance(row.get("messages", row.get("conversations")), list) else _CHAT_HINT)
+                other = next((k for k in ("messages", "conversations") if isinstance(row.get(k), list)), None)
+                fix = (f"A conversation is read from the {messages_field!r} field: name yours with messages_field = "
+                       f"{other!r}." if other else
+                       "Rename the fields, or name yours with text_field / prompt_field / completion_field / "
+                       "messages_field (`jpeft train`'s [data] section, load_examples' keywords; `jpeft eval` reads the "
+                       "default names only).")
                 raise LoadError(
-                    f"{path}:{lineno}: expected a {text_field!r} field or both {prompt_field!r} and "
-                    f"{completion_field!r}, found keys {sorted(row)}. {fix}"
+                    f"{path}:{lineno}: expected a {text_field!r} field, both {prompt_field!r} and "
+                    f"{completion_field!r}, or a {messages_field!r} conversation, found keys {sorted(row)}. {fix}"
                 )
-            if not row[field].strip():
+            if field is not None and not row[field].strip():
                 empty.setdefault(field, []).append(lineno)
     if not out:
         raise LoadError(f"dataset file {path!r} has no examples.")
@@ -260,6 +302,109 @@ def text_encoder(tokenizer):
     return encode, bos, getattr(tokenizer, "eos_token_id", None)
 
 
+def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: str = "assistant") -> list[dict]:
+    """Renders the conversations among ``examples`` (:func:`load_examples`' ``{"messages": [...]}``
+    and conversational ``{"prompt": [...], "completion": [...]}`` rows) with the tokenizer's chat
+    template, ``tokenizer.apply_chat_template(messages, tokenize=False)`` (transformers' own
+    rendering: its Jinja environment, the template from ``tokenizer_config.json``'s ``chat_template``
+    or a ``chat_template.jinja`` file); other rows are returned as they are.
+
+    A rendered row is ``{"chat": text, "targets": [[start, end], ...]}``: the text, which holds
+    its own special tokens (:func:`tokenize_documents` tokenizes it as ``apply_chat_template(...,
+    tokenize=True)`` does, adding no BOS or EOS, as TRL does for conversations), and the character
+    spans trained on. With ``chat_loss="assistant"`` (the default; TRL's ``assistant_only_loss``)
+    these are the assistant turns: turn ``i`` is the text that ``messages[:i + 1]`` renders
+    beyond ``messages[:i]`` rendered with ``add_generation_prompt=True`` (the reply and what the
+    template writes after it, e.g. ChatML's ``<|im_end|>`` and newline); ``"all"`` trains every
+    token. A conversational prompt/completion row trains its completion: what ``prompt +
+    completion`` renders beyond the prompt with the generation prompt, as TRL's ``SFTTrainer`` does.
+
+    Raises:
+      ConfigError: ``chat_loss`` is not one of :data:`CHAT_LOSSES`; jinja2 is not installed.
+      LoadError: naming the row's file and line: the tokenizer has no chat template; the template
+        refuses the conversation (its ``raise_exception`` message is passed on); an assistant turn
+        comes first (nothing renders before it); the template is not prefix-stable (a conversation's
+        beginning does not render as the beginning of the whole, e.g. a template that drops earlier
+        turns' reasoning), so the assistant turns cannot be found: train on every token
+        (``chat_loss="all"``) or fix the template.
+
+    Warns:
+      UserWarning: naming the lines of conversations without an assistant turn (nothing trained).
+    """
+    if chat_loss not in CHAT_LOSSES:
+        raise ConfigError(f"chat_loss must be one of {list(CHAT_LOSSES)}, found {chat_loss!r}: 'assistant' trains the "
+                          "assistant turns of a conversation, 'all' every token ([data] chat_loss in `jpeft train`).")
+    out, idle = [], []
+    for k, ex in enumerate(examples):
+        if "messages" in ex:
+            where = ex.get("where") or f"example {k}"
+            out.append(_render_messages(tokenizer, ex["messages"], where, chat_loss))
+            idle += [where] if not out[-1]["targets"] else []
+        elif "prompt" in ex and not isinstance(ex["prompt"], str):
+            where = ex.get("where") or f"example {k}"
+            prompt = _render(tokenizer, ex["prompt"], where, True)
+            full = _render(tokenizer, list(ex["prompt"]) + list(ex["completion"]), where, False)
+            if not full.startswith(prompt):
+                raise LoadError(_unstable(where, "the prompt with the generation prompt", "prompt + completion", "this row "
+                                          "as a 'messages' conversation with chat_loss = \"all\""))
+            out.append({"chat": full, "targets": [[len(prompt), len(full)]]})
+        else:
+            out.append(ex)
+    if idle:
+        warnings.warn(f"{idle[0]}: {len(idle)} conversation(s) hold no assistant turn, so nothing of them is trained "
+                      "(chat_loss = \"assistant\"); add the replies, drop them, or train every token (chat_loss = "
+                      "\"all\").", stacklevel=2)
+    return out
+
+
+def _render_messages(tokenizer, messages, where: str, chat_loss: str) -> dict:
+    full = _render(tokenizer, messages, where, False)
+    if chat_loss == "all":
+        return {"chat": full, "targets": [[0, len(full)]]}
+    targets = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if i == 0:
+            raise LoadError(f"{where}: the conversation begins with an assistant turn, so nothing renders before it to "
+                            "tell the reply from its header; begin with a system or user turn, or train every token "
+                            "(chat_loss = \"all\").")
+        before = _render(tokenizer, messages[:i], where, True)
+        upto = _render(tokenizer, messages[:i + 1], where, False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise LoadError(_unstable(where, f"messages[:{i}] with the generation prompt" if not upto.startswith(before)
+                                      else f"messages[:{i + 1}]", f"messages[:{i + 1}]" if not upto.startswith(before)
+                                      else "the whole conversation", "every token (chat_loss = \"all\")"))
+        targets.append([len(before), len(upto)])
+    return {"chat": full, "targets": targets}
+
+
+def _unstable(where: str, part: str, whole: str, fix: str) -> str:
+    return (f"{where}: the chat template is not prefix-stable: {part} does not render as the beginning of {whole}, so "
+            f"the tokens to train cannot be told from the rest (a template that rewrites earlier turns, such as one "
+            f"dropping their reasoning, does this). Train on {fix}, or give a template whose renderings of a "
+            "conversation's beginning are prefixes of the whole.")
+
+
+def _render(tokenizer, messages, where: str, generation_prompt: bool) -> str:
+    """``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``; its
+    refusals as named errors."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise LoadError(f"{where}: a conversation is rendered with the model's chat template, and "
+                        f"{'no tokenizer was given' if tokenizer is None else 'the tokenizer has none'} (no chat_template "
+                        "in tokenizer_config.json, no chat_template.jinja in the model folder). Use a model folder whose "
+                        "tokenizer has one (an instruct model's), or write the data as text or prompt/completion lines.")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except ImportError as e:  # transformers renders with jinja2, which it does not require
+        raise ConfigError(f"rendering conversations with the chat template needs jinja2 ({e}); reinstall jpeft (pip "
+                          "install -e .), which depends on it, or pip install 'jinja2>=3.1.6'.") from None
+    except Exception as e:  # jinja2's TemplateError (the template's raise_exception), UndefinedError, a TypeError
+        msg = " ".join(str(e).split())[:300]
+        raise LoadError(f"{where}: the model's chat template refused this conversation: {type(e).__name__}: {msg}. "
+                        "Fix the line (its roles and their order as the template expects them).") from None
+
+
 def tokenize_documents(
     examples: Iterable[Mapping[str, str]],
     encode: Callable[[str], Sequence[int]],
@@ -281,22 +426,29 @@ def tokenize_documents(
     boundary (a prompt ending in a space: ``"Answer: "`` + ``"4"`` tokenized as ``Answer``,
     ``:``, ``Ġ4``), that token holds completion text and is a target, as in TRL's
     ``SFTTrainer`` (``common_prefix_length``); a ``UserWarning`` says in how many examples.
+    A conversation rendered by :func:`render_chat` (``{"chat": text, "targets": spans}``) is
+    ``encode(text)`` alone (its template wrote its special tokens), its targets the tokens of its
+    spans found the same way; an unrendered one raises ``InputValidationError``.
     """
     docs = []
     mismatched = 0
     for ex in examples:
+        if "chat" in ex:  # render_chat's output: its own special tokens, no BOS or EOS added (TRL adds none either)
+            ids, mask, _ = _spans_mask(encode, ex["chat"], ex["targets"])
+            if mask:
+                mask[0] = False  # the conversation's first token (its BOS, a turn's header) is predicted from nothing
+            if ids:
+                docs.append((np.asarray(ids, np.int32), np.asarray(mask, bool)))
+            continue
+        if "messages" in ex or isinstance(ex.get("prompt"), list):
+            raise InputValidationError("a conversation (a list of role/content messages) must be rendered with the "
+                                       "model's chat template first: render_chat(examples, tokenizer).")
         if "text" in ex:
             t = list(encode(ex["text"]))
             ids, mask = t, [True] * len(t)
         else:
-            p = list(encode(ex["prompt"]))
-            joint = list(encode(ex["prompt"] + ex["completion"]))
-            # the prompt's tokens are those the joint tokens share with it: masking len(p) tokens would leave a token
-            # spanning the boundary (and a completion merged into it: "Answer: " + "4" -> ..., "Ġ4") out of the loss
-            n = next((i for i, (a, b) in enumerate(zip(p, joint)) if a != b), min(len(p), len(joint)))
-            if n < len(p):
-                mismatched += 1
-            ids, mask = joint, [False] * n + [True] * (len(joint) - n)
+            ids, mask, inside = _spans_mask(encode, ex["prompt"] + ex["completion"], [[len(ex["prompt"]), None]])
+            mismatched += inside
         if eos_id is not None and ids[-1:] != [int(eos_id)]:
             ids, mask = ids + [int(eos_id)], mask + [True]
         if bos_id is not None:
@@ -316,6 +468,33 @@ def tokenize_documents(
             stacklevel=2,
         )
     return docs
+
+
+def _spans_mask(encode, text: str, spans) -> tuple[list[int], list[bool], bool]:
+    """``encode(text)`` and the mask of its tokens inside the character ``spans`` (``[start,
+    end]``, ``end=None``: the text's end), and whether a span begins inside a token.
+
+    The tokens before a span's start are those ``encode(text)`` shares with ``encode(text[:start])``
+    (the text is tokenized once, as TRL does; encoded apart, a SentencePiece-style tokenizer would
+    start the span with a word-boundary mark); a token spanning a span's start or end holds text of
+    the span and is a target, as in TRL's ``SFTTrainer`` (``common_prefix_length``)."""
+    ids = list(encode(text))
+    mask = [False] * len(ids)
+    inside = False
+
+    def shared(at):  # (tokens of ids before character `at`, whether a token of ids spans it)
+        if at >= len(text):
+            return len(ids), False
+        part = list(encode(text[:at])) if at > 0 else []
+        n = next((i for i, (a, b) in enumerate(zip(part, ids)) if a != b), min(len(part), len(ids)))
+        return n, n < len(part)
+
+    for start, end in spans:
+        a, cut = shared(start)
+        b, over = shared(len(text) if end is None else end)
+        mask[a:max(a, b + over)] = [True] * max(0, b + over - a)
+        inside |= cut
+    return ids, mask, inside
 
 
 def tokenize_examples(
@@ -405,8 +584,8 @@ def pack_documents(docs: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int):
             stacklevel=2)
     if spilled:
         warnings.warn(
-            f"in {spilled} prompt/completion document(s) the completion runs past the first {seq_len} tokens: "
-            f"{spilled_targets} of their target tokens are trained in later chunks that hold none of the prompt (a "
+            f"in {spilled} prompt/completion (or conversation) document(s) the completion runs past the first {seq_len} "
+            f"tokens: {spilled_targets} of their target tokens are trained in later chunks that hold none of the prompt (a "
             "chunk sees none of the chunks before it), as text that follows no instruction. Raise seq_len or shorten "
             "these completions.", stacklevel=2)
     rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
@@ -488,7 +667,7 @@ class PackedDataset:
                 f"the dataset has no target token in its {len(ds)} packed row(s) of seq_len={seq_len}: every token is a "
                 "prompt token, padding, or the first of its document or row (never predicted). Give completions (or "
                 "text lines), a tokenizer with an EOS token, or a larger seq_len.")
-        pairs = sum(1 for ex in examples if "text" not in ex)
+        pairs = sum(1 for ex in examples if "prompt" in ex)
         if eos_id is None and pairs:
             # TRL appends the tokenizer's EOS to every completion; without one nothing marks where a completion ends
             warnings.warn(
@@ -501,10 +680,12 @@ class PackedDataset:
 
     @classmethod
     def from_file(cls, path, encode, seq_len: int, *, eos_id=None, bos_id=None, packing: str = "documents",
-                  **fields) -> "PackedDataset":
-        """:func:`load_examples` then :meth:`from_examples` (its warnings and errors name ``path``)."""
-        return cls.from_examples(load_examples(path, **fields), encode, seq_len, eos_id=eos_id, bos_id=bos_id,
-                                 packing=packing, source=str(path))
+                  tokenizer=None, chat_loss: str = "assistant", **fields) -> "PackedDataset":
+        """:func:`load_examples`, :func:`render_chat` (conversations need ``tokenizer``, whose chat
+        template renders them) then :meth:`from_examples` (its warnings and errors name ``path``)."""
+        examples = render_chat(load_examples(path, **fields), tokenizer, chat_loss=chat_loss)
+        return cls.from_examples(examples, encode, seq_len, eos_id=eos_id, bos_id=bos_id, packing=packing,
+                                 source=str(path))
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

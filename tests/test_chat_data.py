@@ -2,7 +2,10 @@
 a chat template's output equal ``apply_chat_template(..., tokenize=True)``, the tokens trained
 in a prompt/completion line cut at an assistant turn are the ones the template marks with
 ``{% generation %}`` (``return_assistant_tokens_mask``), and a tokenizer's front token is the
-one ``tokenizer(text)`` puts there. Tokenizers are built here with the tokenizers library."""
+one ``tokenizer(text)`` puts there. Conversational lines (``messages``, TRL's conversational
+prompt/completion) rendered by jpeft with the model folder's chat template: text and tokens equal to
+``apply_chat_template``'s, the targets exactly the assistant turns (token by token), the refusals,
+and a `jpeft train` / `jpeft eval` run on them. Tokenizers are built here with the tokenizers library."""
 
 import functools
 
@@ -124,7 +127,7 @@ def test_a_completion_running_past_the_row_is_warned_about_with_its_targets():
     enc = lambda s: [ord(c) for c in s]  # noqa: E731
     examples = [{"prompt": "p" * 6, "completion": "abcdefghij"}, {"text": "x" * 30}, {"prompt": "q", "completion": "d"},
                 {"prompt": "qq", "completion": "e" * 20}]
-    with pytest.warns(UserWarning, match=r"in 2 prompt/completion document\(s\) the completion runs past the first 8 "
+    with pytest.warns(UserWarning, match=r"in 2 prompt/completion \(or conversation\) document\(s\) the completion runs past the first 8 "
                                          r"tokens: 22 of their target tokens are trained in later chunks") as said:
         ds = PackedDataset.from_examples(examples, enc, 8, eos_id=2, bos_id=1)
     assert len(said) == 1
@@ -135,3 +138,298 @@ def test_a_completion_running_past_the_row_is_warned_about_with_its_targets():
         warnings.simplefilter("error")
         fits = [{"prompt": "ppp", "completion": "abc"}]
         PackedDataset.from_examples(examples[1:3] + fits, enc, 8, eos_id=2, bos_id=1)
+
+
+# ---------------------------------------------------------------- conversational rows (`messages`), rendered by jpeft
+# Qwen 2.5's ChatML (a default system turn, loop.first, "\n" after every <|im_end|>), and Llama 3.1's (its BOS
+# written by the template, strftime_now, raise_exception on a role it does not know, `| trim`, whitespace control)
+QWEN = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+        "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+        "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+        "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+LLAMA3 = ("{{- bos_token }}{%- set date_string = strftime_now('%d %b %Y') %}"
+          "{%- for message in messages %}{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+          "{{- raise_exception('Unknown role: ' + message['role']) }}{%- endif %}"
+          "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+          "{%- if message['role'] == 'system' %}{{- 'Today Date: ' + date_string + '\\n\\n' }}{%- endif %}"
+          "{{- message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+          "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+# Qwen 3's habit: an earlier assistant turn loses its reasoning, the last keeps it (not prefix-stable)
+DROPS_THINKING = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' and "
+                  "not loop.last %}{{- m.content.split('</think>')[-1] }}{%- else %}{{- m.content }}{%- endif %}"
+                  "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+                  "{%- endif %}")
+CHATS = [MESSAGES, [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                    {"role": "user", "content": "Another?"}]]  # the second ends with a user turn (not trained)
+
+
+@functools.lru_cache(maxsize=None)
+def _chat_folder(kind, root):
+    """A model folder's tokenizer files (saved by transformers: the template in chat_template.jinja), and
+    the transformers tokenizer read back from them (the reference). ``kind``: "qwen" (no BOS, EOS
+    <|im_end|>), "llama3" (a post-processor putting <|begin_of_text|> in front, as Llama 3's does),
+    "none" (no template), "thinking"; "qwen-config": the template in tokenizer_config.json instead, as
+    transformers 4 saved it."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    text = [m["content"] for c in CHATS for m in c] * 4 + ["system user assistant helpful Today Date Dec"] * 4
+    llama = kind == "llama3"
+    special = (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+               if llama else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if llama:
+        tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                           special_tokens=[("<|begin_of_text|>", 0)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                       chat_template=LLAMA3)
+    else:
+        template = {"none": None, "thinking": DROPS_THINKING}.get(kind, QWEN)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       chat_template=template)
+    folder = os.path.join(root, kind)
+    fast.save_pretrained(folder)
+    if kind == "qwen-config":
+        os.remove(os.path.join(folder, "chat_template.jinja"))
+        with open(os.path.join(folder, "tokenizer_config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump(dict(cfg, chat_template=QWEN), f)
+    return folder, AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def chat_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("chat"))
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _runs(mask):
+    """The [start, end) runs of True in a mask."""
+    out, start = [], None
+    for j, v in enumerate(list(mask) + [False]):
+        if v and start is None:
+            start = j
+        elif not v and start is not None:
+            out.append((start, j))
+            start = None
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen", "llama3", "qwen-config"])
+def test_messages_rows_are_rendered_and_tokenized_as_transformers_and_train_the_assistant_turns(kind, chat_root, tmp_path):
+    """A ``messages`` line is rendered with the model folder's chat template (chat_template.jinja, or
+    tokenizer_config.json's chat_template) exactly as transformers' ``apply_chat_template(messages,
+    tokenize=False)``, its tokens are ``apply_chat_template(tokenize=True)``'s (one BOS, written by the
+    template, none added; no EOS appended, as TRL appends none to a conversation), and the loss mask
+    covers exactly the assistant turns, token by token: each reply and what the template closes it
+    with (ChatML's <|im_end|> and newline, Llama 3's <|eot_id|>), nothing of the system or user turns
+    nor of the assistant headers. A conversation ending with a user turn trains its assistant turns."""
+    from jpeft.data import load_examples, render_chat
+    from jpeft.models import load_tokenizer
+
+    folder, ref = _chat_folder(kind, chat_root)
+    tok = load_tokenizer(folder)  # as `jpeft train` reads the model folder
+    encode, bos, eos = text_encoder(tok)
+    rows = load_examples(_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS]))
+    assert [r["where"] for r in rows] == [f"{tmp_path / 'chat.jsonl'}:{i}" for i in (1, 2)]
+    rendered = render_chat(rows, tok)
+    docs = tokenize_documents(rendered, encode, eos_id=eos, bos_id=bos)
+    close = "<|eot_id|>" if kind == "llama3" else "<|im_end|>\n"
+    for chat, r, (ids, mask) in zip(CHATS, rendered, docs):
+        assert r["chat"] == ref.apply_chat_template(chat, tokenize=False)
+        want = ref.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        assert ids.tolist() == want
+        if kind == "llama3":
+            assert bos == ref.convert_tokens_to_ids("<|begin_of_text|>") and want.count(bos) == 1 and want[0] == bos
+        # token by token: a token is a target iff its characters lie in an assistant turn, the text that
+        # messages[:i + 1] renders beyond messages[:i] with the generation prompt (transformers' offsets)
+        spans = [(len(ref.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)),
+                  len(ref.apply_chat_template(chat[:i + 1], tokenize=False)))
+                 for i, m in enumerate(chat) if m["role"] == "assistant"]
+        offsets = ref(r["chat"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        assert mask.tolist() == [any(a < e and b > s for s, e in spans) for a, b in offsets]
+        replies = [m["content"] for m in chat if m["role"] == "assistant"]
+        assert [ref.decode(ids[s:e].tolist()) for s, e in _runs(mask)] == [c + close for c in replies]
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama2"])
+def test_the_assistant_turns_found_by_rendering_prefixes_are_the_tokens_generation_blocks_mark(kind):
+    """On templates whose ``{% generation %}`` blocks hold exactly each reply and its end of turn
+    (ChatML and Llama 2 above, a SentencePiece-style tokenizer adding <s> for the latter), the targets
+    jpeft finds by rendering prefixes are transformers' ``return_assistant_tokens_mask``, token by
+    token (the conversation's first token aside, which nothing predicts), and the tokens are
+    ``apply_chat_template(tokenize=True)``'s, one BOS."""
+    from jpeft.data import render_chat
+
+    tok = _tokenizer(kind)
+    messages = MESSAGES if kind == "chatml" else MESSAGES[1:]
+    encode, bos, eos = text_encoder(tok)
+    (ids, mask), = tokenize_documents(render_chat([{"messages": messages}], tok), encode, eos_id=eos, bos_id=bos)
+    ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids.tolist() == ref["input_ids"]
+    assert ids.tolist().count(tok.convert_tokens_to_ids("<s>")) == (kind == "llama2")
+    assert mask.tolist() == [bool(m) for m in ref["assistant_masks"]]
+    assert len(_runs(mask)) == 2  # the two replies
+
+
+def test_a_conversational_prompt_completion_row_trains_its_completion_as_trl_does(chat_root, tmp_path):
+    """TRL's conversational prompt/completion (``prompt`` and ``completion`` lists of messages): the
+    tokens are ``apply_chat_template(prompt + completion)``'s and the targets those after
+    ``apply_chat_template(prompt, add_generation_prompt=True)``'s tokens, TRL's completion mask."""
+    from jpeft.data import load_examples, render_chat
+
+    _, ref = _chat_folder("qwen", chat_root)
+    encode, bos, eos = text_encoder(ref)
+    row = {"prompt": MESSAGES[:2], "completion": MESSAGES[2:3]}
+    (ids, mask), = tokenize_documents(render_chat(load_examples(_jsonl(tmp_path / "pc.jsonl", [row])), ref), encode,
+                                      eos_id=eos, bos_id=bos)
+    full = ref.apply_chat_template(MESSAGES[:3], tokenize=True, return_dict=True)["input_ids"]
+    prompt = ref.apply_chat_template(MESSAGES[:2], tokenize=True, return_dict=True, add_generation_prompt=True)
+    n = len(prompt["input_ids"])
+    assert ids.tolist() == full and full[:n] == prompt["input_ids"]
+    assert mask.tolist() == [False] * n + [True] * (len(full) - n)
+    assert ref.decode(ids[mask].tolist()) == "Paris.<|im_end|>\n"
+
+
+def test_conversations_pack_and_cut_like_the_other_rows_and_chat_loss_all_trains_every_token(chat_root, tmp_path):
+    """Rendered conversations go through the same packing as text and pairs: by documents (a
+    conversation longer than seq_len cut into chunks, each chunk's first token no target) and as a
+    stream; ``chat_loss="all"`` trains every token but each conversation's first."""
+    import numpy as np
+
+    from jpeft.data import load_examples, render_chat
+
+    _, ref = _chat_folder("qwen", chat_root)
+    encode, bos, eos = text_encoder(ref)
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS] + [{"text": "Blue."}])
+    docs = tokenize_documents(render_chat(load_examples(path), ref), encode, eos_id=eos, bos_id=bos)
+    with pytest.warns(UserWarning, match="first target token comes after the first 16 tokens"):  # the reply's context cut
+        ds = PackedDataset.from_file(path, encode, 16, eos_id=eos, bos_id=bos, tokenizer=ref)
+    got = [(ds.input_ids[r][ds.segment_ids[r] == s], ds.loss_mask[r][ds.segment_ids[r] == s])
+           for r in range(len(ds)) for s in range(1, ds.segment_ids[r].max() + 1)]
+    chunks = [(ids[i:i + 16], np.r_[False, mask[i + 1:i + 16]]) for ids, mask in docs for i in range(0, len(ids), 16)]
+    assert len(got) == len(chunks) > 6
+    for (a, m), (b, n) in zip(got, chunks):
+        assert a.tolist() == b.tolist() and m.tolist() == n.tolist()
+    stream = PackedDataset.from_file(path, encode, 16, eos_id=eos, bos_id=bos, tokenizer=ref, packing="stream")
+    flat = np.concatenate([d[0] for d in docs])
+    assert stream.input_ids.ravel().tolist() == flat[:stream.input_ids.size].tolist()
+    every = tokenize_documents(render_chat(load_examples(path), ref, chat_loss="all"), encode, eos_id=eos, bos_id=bos)
+    for (ids, mask), chat in zip(every, CHATS):
+        assert ids.tolist() == ref.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+        assert mask.tolist() == [False] + [True] * (len(ids) - 1)
+
+
+def test_conversations_that_cannot_be_rendered_or_trained_are_refused_by_file_and_line(chat_root, tmp_path, monkeypatch):
+    """Named errors with the file and line: no chat template in the model folder, a role the template
+    refuses (its raise_exception message passed on), content that is not a string, an empty list, a
+    conversation opening with an assistant turn, a template that is not prefix-stable (with the
+    option to train every token, which then works), a missing jinja2 (with its install hint), and
+    a conversation without an assistant turn is warned about."""
+    import transformers.utils.chat_template_utils as ctu
+
+    from jpeft.data import load_examples, render_chat
+    from jpeft.errors import ConfigError, LoadError
+
+    def rows(*rs):
+        return load_examples(_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, *rs]))
+
+    user, reply = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    for bad, want in (([], r"d.jsonl:2: the 'messages' field must be a non-empty list .* found an empty list"),
+                      ([user, {"role": "assistant", "content": [{"type": "text", "text": "x"}]}],
+                       r"d.jsonl:2: the 'messages' field: message 1's \"content\" must be a string, found list"),
+                      ([{"from": "human", "value": "hi"}], r"message 0 must be an object with \"role\" and "
+                                                          r"\"content\".*ShareGPT")):
+        with pytest.raises(LoadError, match=want):
+            rows({"messages": bad})
+    with pytest.raises(LoadError, match=r"d.jsonl:2: .*found keys \['conversations'\].*messages_field = 'conversations'"):
+        rows({"conversations": [user, reply]})
+    assert load_examples(_jsonl(tmp_path / "c.jsonl", [{"conversations": [user]}]),
+                         messages_field="conversations")[0]["messages"] == [user]
+
+    _, none = _chat_folder("none", chat_root)
+    with pytest.raises(LoadError, match=r"d.jsonl:2: a conversation is rendered with the model's chat template, and "
+                                        r"the tokenizer has none"):
+        render_chat(rows({"messages": [user, reply]}), none)
+    _, llama = _chat_folder("llama3", chat_root)
+    with pytest.raises(LoadError, match=r"d.jsonl:2: the model's chat template refused this conversation: "
+                                        r"TemplateError: Unknown role: tool"):
+        render_chat(rows({"messages": [user, {"role": "tool", "content": "42"}, reply]}), llama)
+    with pytest.raises(LoadError, match=r"d.jsonl:2: the conversation begins with an assistant turn"):
+        render_chat(rows({"messages": [reply, user]}), llama)
+    _, thinking = _chat_folder("thinking", chat_root)
+    conv = [user, {"role": "assistant", "content": "<think>greet</think>hello"}, user, reply]
+    with pytest.raises(LoadError, match=r"d.jsonl:2: the chat template is not prefix-stable: messages\[:2\] does not "
+                                        r"render as the beginning of the whole conversation.*chat_loss = \"all\""):
+        render_chat(rows({"messages": conv}), thinking)
+    assert render_chat(rows({"messages": conv}), thinking, chat_loss="all")[1]["chat"] == thinking.apply_chat_template(
+        conv, tokenize=False)
+    with pytest.raises(ConfigError, match=r"chat_loss must be one of \['assistant', 'all'\], found 'user'"):
+        render_chat(rows(), llama, chat_loss="user")
+    with pytest.warns(UserWarning, match=r"d.jsonl:3: 1 conversation\(s\) hold no assistant turn"):
+        render_chat(rows({"messages": [user, reply]}, {"messages": [user]}), llama)
+
+    ctu._compile_jinja_template.cache_clear()
+    monkeypatch.setattr(ctu, "is_jinja_available", lambda: False)
+    try:
+        with pytest.raises(ConfigError, match=r"needs jinja2 .*pip install 'jinja2>=3.1.6'"):
+            render_chat(rows({"messages": [user, reply]}), llama)
+    finally:
+        monkeypatch.undo()
+        ctu._compile_jinja_template.cache_clear()
+
+
+def test_jpeft_train_and_eval_read_a_messages_file(chat_root, tmp_path, capsys, monkeypatch):
+    """`jpeft train` on a ``messages`` JSONL trains (its eval set the same file), and `jpeft eval`
+    scores the adapter on the assistant tokens alone: as many target tokens as the assistant turns
+    hold in transformers' own tokenization, and the loss the run logged; a bad [data] chat_loss is
+    refused before anything loads."""
+    import json
+    import pathlib
+
+    from jpeft.cli import main
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parent / "helpers"))
+    import tiny_hf
+
+    _, ref = _chat_folder("qwen", chat_root)
+    model = tmp_path / "model"
+    tiny_hf.llama_folder(model, ref, max_positions=128)  # a random Llama, and the tokenizer with its template
+    data = _jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CHATS * 3])
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'model = "{model}"\noutput_dir = "run"\n[data]\ntrain = "{data}"\neval = "{data}"\nseq_len = 128\n'
+                   '[method]\nname = "lora"\nr = 2\ntarget_modules = ["q_proj", "v_proj"]\n'
+                   '[train]\nsteps = 2\nbatch_size = 2\neval_every = 2\nsave_every = 2\nlog_every = 1\n')
+    assert main(["train", "--config", str(cfg), "--no-progress", "--set", "data.chat_loss=user"]) == 2
+    assert "data.chat_loss must be \"assistant\"" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0, capsys.readouterr().err
+    recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model), "--adapter", str(tmp_path / "run"), "--data", str(data),
+                 "--seq-len", "128", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    want = 0
+    for chat in CHATS * 3:
+        text = ref.apply_chat_template(chat, tokenize=False)
+        spans = [(len(ref.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True)),
+                  len(ref.apply_chat_template(chat[:i + 1], tokenize=False)))
+                 for i, m in enumerate(chat) if m["role"] == "assistant"]
+        offsets = ref(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        want += sum(any(a < e and b > s for s, e in spans) for a, b in offsets)
+    assert res["tokens"] == want == [r["eval_tokens"] for r in recs if "eval_tokens" in r][-1]
+    assert res["loss"] == pytest.approx([r["eval_loss"] for r in recs if "eval_loss" in r][-1], rel=1e-5)

@@ -949,7 +949,8 @@ def test_eval_of_a_file_with_other_field_names_says_what_eval_can_do(folder, cap
     data.write_text(json.dumps({"body": "the quick brown fox"}) + "\n")
     assert main(["eval", "--model", str(folder / "m"), "--data", str(data)]) == 2
     line = one_line(capsys.readouterr().err)
-    assert "expected a 'text' field or both 'prompt' and 'completion', found keys ['body']" in line, line
+    assert ("expected a 'text' field, both 'prompt' and 'completion', or a 'messages' conversation, found keys "
+            "['body']") in line, line
     assert "`jpeft eval` reads the default names only" in line, line
 
 

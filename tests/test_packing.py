@@ -164,20 +164,21 @@ def test_jsonl_values_must_be_strings(tmp_path):
             load_examples(bad)
 
 
-def test_trls_conversational_prompt_completion_is_refused_with_the_chat_template_fix(tmp_path):
+def test_trls_conversational_prompt_completion_is_read_as_a_conversation(tmp_path):
     """TRL's conversational prompt-completion rows (``prompt`` and ``completion`` lists of
-    role/content messages) were told to "write the text as a JSON string"; they get the same
-    chat-template fix as a ``messages`` row."""
+    role/content messages) were refused ("render it with the tokenizer's chat template"); they are
+    read as message lists, with their file and line, for ``render_chat`` (tests/test_chat_data.py),
+    and a row with one list and one string is refused by its line."""
     from jpeft.data import load_examples
     from jpeft.errors import LoadError
 
-    bad = tmp_path / "conv.jsonl"
-    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "2+2?"}],
-                               "completion": [{"role": "assistant", "content": "4"}]}) + "\n")
-    with pytest.raises(LoadError, match=r"conv.jsonl:1: the 'prompt' field must be a string, found list .*"
-                                        r"render it with the tokenizer's chat template") as e:
-        load_examples(bad)
-    assert "JSON string" not in str(e.value)
+    conv = tmp_path / "conv.jsonl"
+    prompt, completion = [{"role": "user", "content": "2+2?"}], [{"role": "assistant", "content": "4"}]
+    conv.write_text(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    assert load_examples(conv) == [{"prompt": prompt, "completion": completion, "where": f"{conv}:1"}]
+    conv.write_text(json.dumps({"prompt": prompt, "completion": "4"}) + "\n")
+    with pytest.raises(LoadError, match=r"conv.jsonl:1: the 'completion' field must be a non-empty list of .* found str"):
+        load_examples(conv)
 
 
 def test_the_same_key_for_prompt_and_completion_is_refused(tmp_path):
@@ -388,9 +389,12 @@ def test_a_json_array_or_an_indented_object_says_the_file_is_read_as_json_lines(
         (tmp_path / name).write_text(body)
         with pytest.raises(jpeft.LoadError, match=rf"{name}:1: .*read as JSON Lines, one object per line.*Write one "):
             load_examples(tmp_path / name)
-    # chat data is not read, and renaming its field (the only fix the error named) would not make it text
+    # a conversation is read (rendered later with the chat template); under another key the error names messages_field
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    with pytest.raises(jpeft.LoadError, match=r"found keys \['messages'\]\. Conversational data .* chat template"):
+    assert load_examples(tmp_path / "chat.jsonl")[0]["messages"] == [{"role": "user", "content": "hi"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(jpeft.LoadError, match=r"found keys \['conversations'\]\. A conversation is read from the "
+                                              r"'messages' field: name yours with messages_field = 'conversations'"):
         load_examples(tmp_path / "chat.jsonl")
 
 
@@ -438,7 +442,7 @@ def test_a_prompt_longer_than_a_row_is_warned_about():
         PackedDataset.from_examples([{"text": "x" * 30}, {"prompt": "p" * 5, "completion": "abcdefgh"}], enc, 8, eos_id=2)
     # the fitting prompt's completion runs past the row: that is said (tests/test_chat_data.py), nothing else
     assert [str(w.message).split(":")[0] for w in said] == [
-        "in 1 prompt/completion document(s) the completion runs past the first 8 tokens"]
+        "in 1 prompt/completion (or conversation) document(s) the completion runs past the first 8 tokens"]
 
 
 def test_from_file_names_its_file_in_packing_warnings_and_errors(tmp_path):

@@ -263,7 +263,7 @@ def check_train_values(cfg: Mapping[str, Any]) -> None:
     if not isinstance(cfg.get("method"), Mapping):
         fail("[method]", 'a table such as [method] name = "lora" (or --set method.name=lora)', cfg.get("method"))
     d = cfg.get("data", {})
-    for key in ("train", "eval", "text_field", "prompt_field", "completion_field"):
+    for key in ("train", "eval", "text_field", "prompt_field", "completion_field", "messages_field", "chat_loss"):
         if d.get(key) is not None and not isinstance(d[key], str):
             fail(f"data.{key}", "a string", d[key])
     sl = d.get("seq_len")

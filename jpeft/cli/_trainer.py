@@ -26,7 +26,7 @@ from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import method_class, method_name_of, method_of, say as _say
 from jpeft.cli._model import load_folder
 from jpeft.core import logits_of
-from jpeft.data import load_examples, model_inputs, PackedDataset, text_encoder
+from jpeft.data import load_examples, model_inputs, PackedDataset, render_chat, text_encoder
 from jpeft.errors import (BaseMismatchError, CheckpointError, CheckpointUnreadableError, ConfigError, DistributedError,
                           SaveError, ShardingError)
 from jpeft.forgetting.guard import current_lr_scale
@@ -509,7 +509,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         if why is not None:
             raise ConfigError(f"method {method0.peft_type.lower()} cannot train a layer-scanned model (train.scan_layers = "
                               f"true): {why}. Set train.scan_layers = false.")
-        fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field")}
+        fields = {k: d[k] for k in ("text_field", "prompt_field", "completion_field", "messages_field")}
         fg = cfg.get("forgetting")
         train_ex = load_examples(d["train"], **fields)
         eval_ex = load_examples(d["eval"], **fields) if d.get("eval") else None
@@ -558,9 +558,11 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         encode, bos, eos = text_encoder(loaded.tokenizer)
 
         def pack(examples, key, path):
-            """Packs one file's examples; its warnings and errors name the file (train, eval or canary)."""
-            return PackedDataset.from_examples(examples, encode, int(d["seq_len"]), eos_id=eos, bos_id=bos,
-                                               packing=d["packing"], source=f"{key} ({path})")
+            """Packs one file's examples (conversations rendered with the tokenizer's chat template); its
+            warnings and errors name the file (train, eval or canary)."""
+            return PackedDataset.from_examples(render_chat(examples, loaded.tokenizer, chat_loss=d["chat_loss"]), encode,
+                                               int(d["seq_len"]), eos_id=eos, bos_id=bos, packing=d["packing"],
+                                               source=f"{key} ({path})")
 
         train_ds = pack(train_ex, "data.train", d["train"])
         eval_ds = pack(eval_ex, "data.eval", d.get("eval")) if eval_ex is not None else None

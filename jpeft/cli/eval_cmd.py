@@ -27,7 +27,8 @@ loss of both, the loss rise, the mean per-token KL(base || adapted), and the pac
 whose loss rose the most.
 
 The dataset is read, tokenized with the folder's tokenizer and packed exactly as
-`jpeft train` does (prompt/completion lines are scored on the completion only). A document
+`jpeft train` does (prompt/completion lines are scored on the completion only, conversations
+rendered with the folder's chat template on their assistant turns). A document
 longer than --seq-len is scored in chunks of --seq-len tokens, each without the ones before
 it (docs/CLI.md says which tokens count).
 """
@@ -114,7 +115,7 @@ def run(args) -> int:
         seq_len = min(256, (limit - extra) if limit else 256)
     check_seq_len(seq_len, loaded.hf_config, "--seq-len", extra)
     ds = PackedDataset.from_file(args.canary or args.data, encode, seq_len, eos_id=eos, bos_id=bos,
-                                 packing=args.packing)
+                                 packing=args.packing, tokenizer=loaded.tokenizer)
     if args.canary is not None:
         return _canary_report(args, loaded, adapter, ds, base)
     _, eval_sums = make_loss_fns(loaded.model)

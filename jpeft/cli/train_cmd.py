@@ -14,6 +14,7 @@ from jpeft import distributed
 from jpeft.cli._common import (DEFAULT_METHOD, check_train_values, field_type, method_class, require_causal_lm,
                                typed_value)
 from jpeft.cli._trainer import config_failed, train
+from jpeft.data import CHAT_LOSSES
 from jpeft.errors import ConfigError, LoadError
 from jpeft.quant import SCHEMES
 
@@ -25,7 +26,7 @@ output_dir = "runs/my-run"    # default: jpeft-run, next to the config
 seed = 0
 
 [data]
-train = "train.jsonl"         # .jsonl ({"text"} or {"prompt","completion"} per line) or plain text
+train = "train.jsonl"         # .jsonl ({"text"}, {"prompt","completion"} or {"messages"} per line) or text
 eval = "eval.jsonl"           # optional (omit it or "" for no eval set)
 seq_len = 256                 # examples are tokenized and packed into rows of seq_len tokens
 packing = "documents"         # whole documents per row, attention never crosses them; "stream":
@@ -107,7 +108,7 @@ and exits; `--resume` continues it and ends with the same adapter as an uninterr
 _DEFAULTS = {
     "seed": 0,
     "data": {"seq_len": 256, "packing": "documents", "text_field": "text", "prompt_field": "prompt",
-             "completion_field": "completion"},
+             "completion_field": "completion", "messages_field": "messages", "chat_loss": "assistant"},
     "method": {},  # name = "lora" unless the table names a method (name, or peft_type as in adapter_config.json)
     "train": {
         "steps": 1000, "batch_size": 8, "learning_rate": 2e-4, "warmup_steps": 0, "weight_decay": 0.0,
@@ -122,6 +123,7 @@ FORGETTING_DEFAULTS = {"every": 100, "max_loss_rise": None, "max_kl": None, "act
 # the config's string fields (their declared type for --set; None: optional)
 _STRING_KEYS = {k: "str" for k in (("model",), ("output_dir",), ("data", "train"), ("data", "packing"),
                                    ("data", "text_field"), ("data", "prompt_field"), ("data", "completion_field"),
+                                   ("data", "messages_field"), ("data", "chat_loss"),
                                    ("train", "dtype"), ("forgetting", "canary"), ("forgetting", "action"),
                                    ("model", "path"), ("method", "name"))}
 _STRING_KEYS.update({k: "Optional[str]" for k in (("data", "eval"), ("quantize",), ("model", "quantize"))})
@@ -144,7 +146,8 @@ _TRAINER_HINTS = {
 _KNOWN = {
     "": {"model", "output_dir", "seed", "data", "method", "train", "mesh", "forgetting", "quantize"},
     "forgetting": {"canary", *FORGETTING_DEFAULTS},
-    "data": {"train", "eval", "seq_len", "packing", "text_field", "prompt_field", "completion_field"},
+    "data": {"train", "eval", "seq_len", "packing", "text_field", "prompt_field", "completion_field",
+             "messages_field", "chat_loss"},
     "train": set(_DEFAULTS["train"]),
     "mesh": set(_DEFAULTS["mesh"]),
 }
@@ -332,6 +335,9 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
                           f"{t['dtype']!r}.")
     if cfg["data"]["packing"] not in ("documents", "stream"):  # before loading anything, not after the model
         raise ConfigError(f"data.packing must be \"documents\" or \"stream\", found {cfg['data']['packing']!r}.")
+    if cfg["data"]["chat_loss"] not in CHAT_LOSSES:
+        raise ConfigError(f"data.chat_loss must be \"assistant\" (a conversation's assistant turns are trained) or "
+                          f"\"all\" (every token), found {cfg['data']['chat_loss']!r}.")
     if not isinstance(t["learning_rate"], (int, float)) or t["learning_rate"] <= 0:
         raise ConfigError(f"train.learning_rate must be > 0, found {t['learning_rate']!r}.")
     if t["keep_checkpoints"] is not None and (isinstance(t["keep_checkpoints"], bool)
