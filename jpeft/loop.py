@@ -15,8 +15,11 @@ resulting adapter and optimizer state are not finite and reports ``metrics["skip
 :class:`NonFiniteGuard` counts consecutive skips and raises
 :class:`~jpeft.errors.NonFiniteError` naming the step once ``max_consecutive`` is reached;
 a run that *ends* with skipped steps pending raises too, so a diverged run never looks like
-a finished one. :func:`fit` never saves a checkpoint while skips are pending, so the last
-good checkpoint stays untouched and restorable. A step made with ``loss_weight`` whose batch held
+a finished one. :func:`fit` never saves a checkpoint of a skipped step while the run goes on, so
+the last good checkpoint stays untouched and restorable. A *stop* on skipped steps (``num_steps``
+before ``total_steps``, Ctrl-C) is not an end: its ``save_last`` checkpoint holds the last finite
+step's state (a skipped step changes nothing) and loss, and the skips still pending, which a run
+resumed from it counts on. A step made with ``loss_weight`` whose batch held
 no loss term (every label masked) changes nothing and reports ``metrics["no_targets"] = 1``;
 :func:`fit` lists such steps (``FitResult.no_target_steps``) and warns of them once, at the end.
 
@@ -106,6 +109,32 @@ class NonFiniteGuard:
     def _last(self) -> str:
         last = "none" if self.last_good_step is None else str(self.last_good_step)
         return f"The last step with a finite update was {last}."
+
+    def pending(self) -> Optional[dict]:
+        """The skipped steps still pending (``None`` when the last step was finite), as numbers
+        for a checkpoint's metrics: :func:`fit` saves them with a stop (``num_steps``, Ctrl-C) on a
+        skipped step, and a run resumed from that checkpoint counts on from them (:meth:`resume`).
+
+        >>> g = NonFiniteGuard(max_consecutive=2)
+        >>> g.update(1, {"skipped": 0}), g.update(2, {"skipped": 1})
+        (False, True)
+        >>> g.pending()
+        {'skips_pending': 1, 'first_skipped_step': 2, 'last_finite_step': 1}
+        """
+        if not self.consecutive:
+            return None
+        last = {} if self.last_good_step is None else {"last_finite_step": self.last_good_step}
+        return {"skips_pending": self.consecutive, "first_skipped_step": self._first_bad, **last}
+
+    def resume(self, metrics: Optional[Mapping[str, Any]]) -> None:
+        """Counts on from the skipped steps a checkpoint's ``metrics`` hold (:meth:`pending`;
+        nothing when they hold none), as the uninterrupted run would have."""
+        if not metrics or not metrics.get("skips_pending"):
+            return
+        self.consecutive = int(metrics["skips_pending"])
+        self._first_bad = int(metrics["first_skipped_step"])
+        last = metrics.get("last_finite_step")
+        self.last_good_step = None if last is None else int(last)
 
     def check_finished(self, step: int) -> None:
         """Raises when the run ends while skipped steps are pending: its last updates were
@@ -375,6 +404,22 @@ def _check_batch(batch, reference, pos: int, vocab_size, max_positions, token_ke
     return reference
 
 
+def _stop_metrics(history: list, guard: NonFiniteGuard, resumed: Mapping[str, Any], checkpoint) -> Optional[dict]:
+    """The metrics of the checkpoint saved where the run stops. After skipped steps its state is
+    the last finite step's, so it carries that step's loss (from this call, else from the checkpoint
+    resumed from), never the skipped step's NaN that ``keep_best`` would rank, and the skips still
+    pending (:meth:`NonFiniteGuard.pending`). Without a finite loss known (every step skipped since
+    step 0) it carries no loss: unranked (``None``) when the manager keeps the best by it."""
+    pending = guard.pending()
+    if pending is None:
+        return {"loss": history[-1]["loss"]} if "loss" in history[-1] else None
+    kept = next((h for h in reversed(history) if not h.get("skipped")), resumed)
+    loss = {"loss": kept["loss"]} if "loss" in kept else {}
+    if not loss and getattr(checkpoint, "keep_best", 0):
+        return None
+    return {**loss, **pending}
+
+
 def fit(
     step_fn: Callable,
     params,
@@ -422,9 +467,12 @@ def fit(
       checkpoint: a :class:`jpeft.checkpoint.CheckpointManager`; after each step whose
         update was finite, ``checkpoint.save`` is called (it writes every ``save_every``
         steps) with ``data_position`` and ``{"loss": ...}``. Nothing is saved while
-        non-finite steps are pending.
+        non-finite steps are pending, except by ``save_last`` at a stop. Resuming (``start_step``
+        a step of ``checkpoint``), the skipped steps that checkpoint stopped on count on.
       save_last: also save the last step (finished, stopped by ``num_steps`` or by Ctrl-C)
-        when ``save_every`` did not, so the run can be resumed from where it stopped.
+        when ``save_every`` did not, so the run can be resumed from where it stopped. A stop on
+        skipped steps saves the last finite step's state with that step's loss and the skips
+        pending (:meth:`NonFiniteGuard.pending`), and warns; a run that ends on them raises.
       max_consecutive_skips: see :class:`NonFiniteGuard`.
       vocab_size, max_positions, token_key: when given, ``batch[token_key]`` is checked
         before each step (:func:`jpeft.validate.check_tokens`).
@@ -475,7 +523,8 @@ def fit(
 
     Raises:
       NonFiniteError: too many consecutive non-finite steps, or the run ended on
-        non-finite steps (names the step).
+        non-finite steps (names the step): its last batch, or ``total_steps``, reached (a stop by
+        ``num_steps`` before ``total_steps`` or by Ctrl-C is not an end).
       InputValidationError: an empty dataset, a batch whose structure, shape or dtype
         differs from the first batch's, or bad token ids / sequence lengths.
 
@@ -497,6 +546,10 @@ def fit(
     guard = NonFiniteGuard(max_consecutive_skips)
     history: list[dict] = []
     step = int(start_step)
+    resumed = {}  # the metrics of the checkpoint this run resumes from: skipped steps it stopped on are still pending
+    if checkpoint is not None and step > 0 and step in checkpoint.all_steps():
+        resumed = checkpoint.metrics(step) or {}
+        guard.resume(resumed)
     pos = int(data_position)
     open_end = total_steps is None  # no length given: the run may end with its batches
     if total_steps is None and num_steps is not None:
@@ -643,7 +696,11 @@ def fit(
                                                                       and forgetting.report["stopped"])
         if ends and log is not None and logged != step:  # its last step's record, as total_steps would have it
             log_step(step, history[-1])
-        guard.check_finished(step)
+        # stopped by num_steps before total_steps, or by Ctrl-C: not the end of the run, so skipped steps
+        # still pending are no diverged result (its state is the last finite step's; a resumed run counts on)
+        early = interrupted or (num_steps is not None and ran == int(num_steps) and step < total_steps)
+        if not early:
+            guard.check_finished(step)
         if (forgetting is not None and open_end and ran and not interrupted
                 and not forgetting.report["stopped"] and forgetting.report["checks"][-1]["step"] != step):
             # no total_steps: the run ends with its batches (also before num_steps, which is at most), so its last
@@ -656,9 +713,14 @@ def fit(
         if ends and not stopped and eval_fn is not None and evaluated != step and not history[-1].get("skipped"):
             evaluate(step)  # likewise the final evaluation
         if checkpoint is not None and save_last and ran and not stopped and step not in checkpoint.all_steps():
-            checkpoint.save(step, adapter, opt_state, key, data_position=pos,
-                            metrics={"loss": history[-1]["loss"]} if "loss" in history[-1] else None, force=True,
-                            **({} if forgetting is None else {"extra": forgetting.state()}))
+            checkpoint.save(step, adapter, opt_state, key, data_position=pos, metrics=_stop_metrics(history, guard,
+                            resumed, checkpoint), force=True, **({} if forgetting is None else {"extra": forgetting.state()}))
+        if early and guard.consecutive:
+            warnings.warn(
+                f"jpeft.fit: stopped at step {step} with {guard.consecutive} non-finite step(s) pending (steps "
+                f"{guard._first_bad} to {step}): they changed nothing, so the adapter and optimizer state are those of "
+                f"the last finite step ({'none' if guard.last_good_step is None else guard.last_good_step}). A run "
+                "resumed from this step counts them on; check the data around these steps.", RuntimeWarning, stacklevel=2)
     except NonFiniteError:
         if checkpoint is not None:
             checkpoint.wait()

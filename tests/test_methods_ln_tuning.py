@@ -88,9 +88,9 @@ def test_peft_to_jpeft(family, tmp_path):
     cfg, ad = H.load_peft(str(tmp_path), params)
     assert sorted(cfg.target_modules) == sorted(TARGETS[family])
     _close(_logits(model, params, ad, ids, mask), ref, mask)
-    # PEFT's trainable count; PEFT's total also counts the copies, jpeft's counts the model once
+    # PEFT's counts: its total holds the norms and their copies (jpeft's was the base alone, 160 fewer on mistral)
     got = jpeft.summary(params, ad, print_fn=None)
-    assert got["trainable"] == s[0] and got["total"] == got["base"] == s[1] - s[0]
+    assert (got["trainable"], got["total"]) == s and got["base"] == s[1] - s[0]
     if family == "mistral":  # the same file on the layer-scanned model
         smodel, sparams = jpeft.models.from_pretrained(folder, scan_layers=True)
         _, sad = H.load_peft(str(tmp_path), sparams)

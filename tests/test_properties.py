@@ -284,9 +284,9 @@ def test_summary_counts_every_method():
         assert s["trainable"] == n, (name, s["trainable"], n)
         assert s["base"] == sum(x.size for x in jax.tree.leaves(PARAMS))
         assert s["share"] == pytest.approx(n / (n + s["base"]))
-    # LN tuning's copies stand in for the norms' own parameters: counted once
+    # LN tuning's copies are counted beside the norms' own parameters, as PEFT counts them
     s = jpeft.summary(PARAMS, make("ln_tuning")[1], print_fn=None)
-    assert s["trainable"] == 2 * L * h + h and s["total"] == s["base"]
+    assert s["trainable"] == 2 * L * h + h and s["total"] == s["base"] + s["trainable"]
 
 
 def test_prefix_mlp_folds_saves_and_trains(tmp_path):

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -98,6 +99,63 @@ def test_consecutive_nan_batches_stop_training_and_keep_the_last_good_checkpoint
     good = jpeft.fit(step, params, adapter, opt.init(adapter), data[:4], key=key)
     assert state.step == 4 and state.data_position == 4
     assert _leaves_equal(state.adapter, good.adapter) and _leaves_equal(state.opt_state, good.opt_state)
+
+
+@pytest.mark.parametrize("how", ["num_steps", "ctrl_c"])
+def test_a_stop_on_a_skipped_step_saves_the_last_finite_state_and_resume_is_exact(run, tmp_path, how):
+    """A stop (``num_steps`` before ``total_steps``, as `jpeft train --max-steps` runs it, or Ctrl-C) that
+    landed on a skipped step raised NonFiniteError as if the run had ended diverged (the CLI exited 2 with
+    no checkpoint there). It now saves the step: the last finite step's state, ranked by that step's loss
+    (not the skipped step's NaN), and the resumed run equals the uninterrupted one bit for bit."""
+    params, cfg, adapter, opt, step, loss_fn = run
+    key = jax.random.key(0)
+    data = [_batch(i, nan=i in (3, 4)) for i in range(8)]  # steps 4 and 5 are skipped
+    straight = jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key)
+    stop = {"num_steps": 5, "total_steps": 8} if how == "num_steps" else {
+        "handle_interrupt": True, "on_step": lambda s, m: s == 5 and os.kill(os.getpid(), signal.SIGINT)}
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=100, keep_best=1,
+                                            best_metric="loss", async_save=False) as mngr:
+        with pytest.warns(RuntimeWarning, match=r"stopped at step 5 with 2 non-finite step\(s\) pending \(steps 4 to "
+                                                r"5\).*those of the last finite step \(3\)"):
+            first = jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, checkpoint=mngr, save_last=True,
+                              **stop)
+        assert first.step == 5 and first.interrupted == (how == "ctrl_c") and mngr.all_steps() == [5]
+        assert mngr.metrics(5) == {"loss": straight.history[2]["loss"], "skips_pending": 2, "first_skipped_step": 4,
+                                   "last_finite_step": 3} and mngr.best_step() == 5
+        st = mngr.restore_latest()
+        assert _leaves_equal(st.adapter, first.adapter) and st.data_position == 5
+        rest = jpeft.fit(step, params, st.adapter, st.opt_state, data[5:], key=st.key, start_step=5, data_position=5,
+                         checkpoint=mngr, save_last=True)
+    # bitwise, the skipped steps' NaN losses included
+    np.testing.assert_array_equal([h["loss"] for h in first.history + rest.history], [h["loss"] for h in straight.history])
+    assert _leaves_equal(rest.adapter, straight.adapter) and _leaves_equal(rest.opt_state, straight.opt_state)
+
+
+def test_a_run_resumed_after_a_stop_on_skipped_steps_counts_them_on(run, tmp_path):
+    """The guard's count of consecutive skipped steps goes on across the stop: the resumed run raises at
+    the step, and with the message, of the uninterrupted run (a fresh count would have let it train on).
+    A run that ends (its num_steps is its whole length) on a skipped step still raises."""
+    params, cfg, adapter, opt, step, loss_fn = run
+    key = jax.random.key(0)
+    data = [_batch(i, nan=i in (3, 4, 5)) for i in range(8)]  # steps 4, 5 and 6 are skipped
+    with pytest.raises(NonFiniteError) as straight:
+        jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, max_consecutive_skips=2)
+    assert str(straight.value).startswith("step 6: the loss, gradients or update were not finite for 3 consecutive "
+                                          "steps (steps 4 to 6; limit 2), so training stopped. The last step with a "
+                                          "finite update was 3.")
+    with pytest.raises(NonFiniteError, match=r"^step 5: the run ended with 2 consecutive non-finite step\(s\) \(steps 4"):
+        jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, num_steps=5, max_consecutive_skips=2)
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=100,
+                                            async_save=False) as mngr:
+        with pytest.warns(RuntimeWarning, match="2 non-finite step"):
+            jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, num_steps=5, total_steps=8,
+                      checkpoint=mngr, save_last=True, max_consecutive_skips=2)
+        st = mngr.restore_latest()
+        with pytest.raises(NonFiniteError) as resumed:
+            jpeft.fit(step, params, st.adapter, st.opt_state, data[5:], key=st.key, start_step=5, data_position=5,
+                      checkpoint=mngr, save_last=True, max_consecutive_skips=2)
+        assert mngr.all_steps() == [5]
+    assert str(resumed.value) == str(straight.value)
 
 
 def test_guard_resets_after_a_finite_step():
@@ -417,8 +475,6 @@ def test_fifo_or_dev_zero_in_place_of_a_file_is_refused_at_once(tmp_path, run, k
     params, d = _saved(tmp_path, run)
     for fname in ("jpeft_adapter.json", "jpeft_adapter.safetensors"):
         work = tmp_path / f"{kind}_{fname}"
-        import shutil
-
         shutil.copytree(d, work)
         fuzz.apply_mutation(work / fname, fuzz.Mutation(kind, 0, 0.0, 0))
         out = _within(5, lambda: jpeft.load_adapter(work, params))

@@ -1072,3 +1072,24 @@ def test_serve_reserves_token_rows_and_module_copies_for_adapters_added_live(tmp
         assert tokens[name] == want, name
         outs.add(tuple(tokens[name]))
     assert len(outs) == 3 and tuple(_ref(None, prompt, n)) not in outs  # the adapters change the tokens
+
+
+def test_drain_of_an_idle_server_is_prompt():
+    """The drain at shutdown (``Server.drain``, then ``Engine.stop``, which joins the engine's thread
+    with a 10 s cap) was reported to wait ~10 s for an idle engine. It does not: the idle thread waits
+    on the condition ``stop`` notifies (measured 0.14 s for the whole drain, 0.4 ms for ``stop``). This
+    keeps it so (a hang would take the 30 s grace or the 10 s cap). Requests in flight at a drain are
+    tested by test_shutdown_answers_every_open_request_before_closing_its_connection."""
+    import asyncio
+
+    from jpeft.bank import AdapterBank
+    from jpeft.serve import Engine
+    from jpeft.serve.app import Server
+
+    eng = Engine(MODEL, PARAMS, AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=1), slots=1, max_len=32,
+                 chunk=4, eos_ids=[], tokenizer=_word_tokenizer(WORDS)).start()
+    srv = Server(eng, base_name="tiny", tokenizer=eng.tokenizer)
+    time.sleep(0.1)  # the engine's thread is waiting for work
+    t0 = time.monotonic()
+    assert asyncio.run(srv.drain(30.0)) == 0
+    assert time.monotonic() - t0 < 3.0 and srv.closing and not eng.alive and "failed" not in eng.stats()

@@ -2,11 +2,11 @@
 ``LNTuningConfig`` does it: the targeted normalisation layers get a trainable copy of their own
 parameters (RMSNorm's ``scale``; LayerNorm's ``scale`` and ``bias``) and nothing else is trained.
 
-In jpeft the copy is a node at the norm's path that *replaces* the base parameters there
-(``replaces_base``, as full fine-tuning's node does), so :func:`jpeft.summary` counts the model's
-parameters once: ``total = base`` and ``share = trainable / base``. (PEFT keeps the original
-layer beside its copy and prints ``all params = base + copies``; the trainable count is the
-same.) The copy starts equal to the base, so the adapter starts as the identity.
+In jpeft the copy is a node at the norm's path whose parameters the norm runs with in place of
+its own. :func:`jpeft.summary` counts them as PEFT's ``get_nb_trainable_parameters`` does, which
+keeps the original layer beside its copy: ``total = base + copies`` (unlike full fine-tuning's
+copy, which ``replaces_base``). The copy starts equal to the base, so the adapter starts as the
+identity.
 
 ``merge`` swaps the copy in (PEFT swaps the layers). ``unmerge`` cannot recover the base norms
 from merged params alone and raises :class:`~jpeft.errors.NotInvertibleError`: keep the
@@ -94,7 +94,7 @@ class LNTuningWeights(Site):
 
     site: ClassVar[str] = "module"
     mergeable: ClassVar[bool] = True
-    replaces_base: ClassVar[bool] = True
+    # not replaces_base: PEFT keeps the original norm beside its copy and counts both in "all params"
 
     def check(self, path: str, module) -> None:
         self.check_params(path, module.variables.get("params", {}), stacked=False)
