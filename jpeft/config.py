@@ -188,10 +188,11 @@ class AdapterConfig:
     prompt_learning: ClassVar[bool] = False
     # the PEFT task types with which PEFT loads the saved adapter and runs it on jpeft.models' bases, by the base's
     # kind ("decoder": the Llama family and GPT-2; "encoder": BERT); jpeft.save_peft refuses any other before writing.
-    # None is no task type (a plain PeftModel); "SEQ_CLS" also writes the classifier PEFT keeps as a module to save
+    # None is no task type (a plain PeftModel); "SEQ_CLS", "TOKEN_CLS" and "QUESTION_ANS" also write the head PEFT
+    # keeps as a module to save (the classifier, qa_outputs)
     peft_task_types: ClassVar[Mapping[str, tuple]] = {
         "decoder": (None, "CAUSAL_LM"),
-        "encoder": (None, "FEATURE_EXTRACTION", "SEQ_CLS"),
+        "encoder": (None, "FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"),
     }
     # field name -> Hugging Face adapter_config.json key (only where they differ)
     _hf_keys: ClassVar[Mapping[str, str]] = {}

@@ -51,7 +51,7 @@ from jpeft.errors import (
     UnsupportedAdapterError,
 )
 from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
-from jpeft.methods._common import SEQ_CLS_HEADS as _SEQ_CLS_HEADS
+from jpeft.methods._common import HEAD_MODULES, TASK_HEADS
 from jpeft.methods._common import has_modules_to_save, head_copies, saved_from_hf, saved_to_hf
 from jpeft.methods.base import FOREIGN_SITE_FIX, Method, foreign_site, method_for_peft_type, registered_methods
 from jpeft.models.loading import read_config
@@ -126,49 +126,86 @@ def _task_type(config, paths, params, requested, fmt_choice) -> Optional[str]:
     return task
 
 
-def _classifier_tensors(config, params, prefix: str) -> dict:
-    """The frozen classifier PEFT's SEQ_CLS keeps as a module to save, from the base params."""
+def _head_tensors(task: str, params, prefix: str) -> dict:
+    """The frozen head PEFT keeps as a module to save for ``task`` (SEQ_CLS's and TOKEN_CLS's
+    ``classifier``, QUESTION_ANS's ``qa_outputs``), from the base params."""
     if params is None:
         raise UnsupportedAdapterError(
-            "task_type='SEQ_CLS' makes PEFT load the classifier as a module to save: pass params= (the base the "
+            f"task_type={task!r} makes PEFT load the model's head as a module to save: pass params= (the base the "
             "adapter was trained on) so save_peft can write it. Nothing was written."
         )
-    own = module_leaves(unwrap_params(params)[0]).get("classifier")
-    if own is None or "kernel" not in own:
-        raise UnsupportedAdapterError("task_type='SEQ_CLS' needs a 'classifier' Dense in the base params; none was found.")
-    # a classifier quantized by jpeft.quantize (its default quantizes every kernel but lm_head): what it stands for
-    out = {f"{prefix}classifier.weight": to_np(quant.dequantize_array(own["kernel"])).T.copy()}
-    if "bias" in own:
-        out[f"{prefix}classifier.bias"] = to_np(own["bias"]).copy()
+    inner = unwrap_params(params)[0]
+    leaves = module_leaves(inner)
+    heads = [h for h in TASK_HEADS[task] if "kernel" in leaves.get(h, {})]
+    if not heads:
+        raise UnsupportedAdapterError(
+            f"task_type={task!r} needs the head {' or '.join(map(repr, TASK_HEADS[task]))} (a Dense) in the base params; "
+            f"none was found{_head_fix(task)}. Nothing was written.")
+    if task == "TOKEN_CLS" and _bert_task(inner) == "SEQ_CLS":
+        raise UnsupportedAdapterError(
+            "task_type='TOKEN_CLS' is for a token classifier (transformers' BertForTokenClassification: the classifier "
+            f"on every token), but these params are a sequence classifier's (a pooler, the classifier on the first "
+            f"token){_head_fix(task)}. Nothing was written.")
+    out = {}
+    for h in heads:
+        own = leaves[h]
+        # a head quantized by jpeft.quantize (its default quantizes every kernel but lm_head): what it stands for
+        out[f"{prefix}{h}.weight"] = to_np(quant.dequantize_array(own["kernel"])).T.copy()
+        if "bias" in own:
+            out[f"{prefix}{h}.bias"] = to_np(own["bias"]).copy()
     return out
 
 
-def _refuse_classifier_sites(tensors: Mapping[str, Any]) -> None:
-    """PEFT's SEQ_CLS wraps the classifier as a module to save (a full copy) and loads no adapter
-    weights onto it: an adapter site on the classifier would be dropped by PEFT without a warning."""
-    heads = tuple(f"{PEFT_PREFIX}{m}." for m in _SEQ_CLS_HEADS)
+def _bert_task(inner) -> Optional[str]:
+    """PEFT's task type of a jpeft BERT task model's params (``None`` for other params): a
+    ``qa_outputs`` head, a ``classifier`` on every token (no pooler) or on the pooled first token."""
+    if not isinstance(inner, Mapping) or not isinstance(inner.get("bert"), Mapping):
+        return None
+    if "qa_outputs" in inner:
+        return "QUESTION_ANS"
+    if "classifier" in inner:
+        return "SEQ_CLS" if "pooler" in inner["bert"] else "TOKEN_CLS"
+    return None
+
+
+def _head_fix(task: str) -> str:
+    cls = {"TOKEN_CLS": "BertForTokenClassification", "QUESTION_ANS": "BertForQuestionAnswering"}.get(task)
+    if cls is None:
+        return ""
+    name = {"TOKEN_CLS": "token_classification", "QUESTION_ANS": "question_answering"}[task]
+    return (f"; use the params of jpeft.models.{cls} (from_pretrained of its checkpoint, or "
+            f"from_pretrained(folder, task={name!r}))")
+
+
+def _refuse_head_sites(tensors: Mapping[str, Any], task: str) -> None:
+    """PEFT's SEQ_CLS, TOKEN_CLS and QUESTION_ANS wrap the model's head as a module to save (a
+    full copy) and load no adapter weights onto it: an adapter site on the head would be dropped
+    by PEFT without a warning."""
+    heads = tuple(f"{PEFT_PREFIX}{m}." for m in TASK_HEADS[task])
     own = {f"{h}{t}" for h in heads for t in ("weight", "bias")}  # a trained copy (modules_to_save) is PEFT's own
     sites = sorted(k for k in tensors if k.startswith(heads) and k not in own)
     if sites:
         raise UnsupportedAdapterError(
-            f"the adapter has a site on the classifier ({sites[:3]}), but task_type='SEQ_CLS' makes PEFT load the "
-            "classifier as a module to save (a full copy) and drop adapter weights on it silently, so PEFT's outputs "
-            "would differ from jpeft's. Save with task_type='FEATURE_EXTRACTION' (PEFT then adapts the classifier as "
-            "jpeft does), or train it as modules_to_save=['classifier'] instead of a target. Nothing was written."
+            f"the adapter has a site on the model's head ({sites[:3]}), but task_type={task!r} makes PEFT load the "
+            "head as a module to save (a full copy) and drop adapter weights on it silently, so PEFT's outputs "
+            "would differ from jpeft's. Save with task_type='FEATURE_EXTRACTION' (PEFT then adapts the head as "
+            f"jpeft does), or train it as modules_to_save={list(TASK_HEADS[task])[:1]} instead of a target. Nothing "
+            "was written."
         )
 
 
-def _take_classifier(d: Mapping[str, Any], config_cls, tensors: dict, leaves, folder: str, dtype) -> dict:
-    """Removes from ``tensors`` the classifier a SEQ_CLS adapter file carries as PEFT's module to
-    save and returns it as the adapter's copy of the classifier (``{path: node}``, a site that
-    runs the module with the copy: PEFT trains it) for the methods whose config has no
+def _take_heads(d: Mapping[str, Any], config_cls, tensors: dict, leaves, folder: str, dtype) -> dict:
+    """Removes from ``tensors`` the head a SEQ_CLS, TOKEN_CLS or QUESTION_ANS adapter file carries
+    as PEFT's module to save and returns it as the adapter's copy of the head (``{path: node}``, a
+    site that runs the module with the copy: PEFT trains it) for the methods whose config has no
     ``modules_to_save``; LoRA's own format reads the copies its ``modules_to_save`` names (``{}``
     here). A copy of a head the base lacks or any other module to save is refused by name
-    (another task's head: :func:`_refuse_other_task_heads`)."""
+    (a task head of another model: :func:`_refuse_other_task_heads`)."""
     mts = d.get("modules_to_save") or []
     prefix = _key_prefix(config_cls)
+    task_heads = TASK_HEADS.get(d.get("task_type"), ())
     keys = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] in
-            {f"{m}.{t}" for m in _SEQ_CLS_HEADS for t in ("weight", "bias")}]
+            {f"{m}.{t}" for m in HEAD_MODULES for t in ("weight", "bias")}]
     if not mts and not keys:
         return {}
     absent = sorted({k[len(prefix):].split(".")[0] for k in keys} - set(leaves))
@@ -177,44 +214,47 @@ def _take_classifier(d: Mapping[str, Any], config_cls, tensors: dict, leaves, fo
             f"the adapter in {folder!r} carries the classification head {absent[0]!r} of a "
             f"{d.get('task_type') or 'SEQ_CLS'} model (PEFT's copy of it), but the base has no such module: jpeft's "
             "decoders (Llama, Mistral, Qwen2, GPT-2) are causal language models without a classification head, and "
-            "BERT's head is 'classifier'. Load the adapter on its model with transformers, or train it in jpeft on a "
-            "base jpeft has."
+            "BERT's heads are 'classifier' and 'qa_outputs'. Load the adapter on its model with transformers, or train "
+            "it in jpeft on a base jpeft has."
         )
     if has_modules_to_save(config_cls):
         # a method that loads modules_to_save (LoRA): a copy they name is one PEFT trains (SEQ_CLS names the
         # classifier), so it loads as a module to save even while it still equals the base's, as PEFT's
         # training would move it; one it does not name is PEFT's frozen copy, dropped after the check
         keys = [k for k in keys if k[len(prefix):].split(".")[0] not in mts
-                and _equals_base_classifier(k[len(prefix):], tensors[k], leaves.get("classifier", {}))]
+                and _equals_base_head(k[len(prefix):], tensors[k], leaves)]
         for k in keys:
             del tensors[k]
         return {}
-    if not set(mts) <= set(_SEQ_CLS_HEADS):
+    if not set(mts) <= set(HEAD_MODULES):
         raise UnsupportedAdapterError(
             f"the {d.get('peft_type')} adapter in {folder!r} has modules_to_save={list(mts)} (trainable full copies of "
-            f"modules), which jpeft loads for this method only as SEQ_CLS's classifier copy {list(_SEQ_CLS_HEADS)}; "
+            f"modules), which jpeft loads for this method only as a task head's copy {list(HEAD_MODULES)}; "
             "use LoRA (whose modules_to_save jpeft loads for any module) for the others."
         )
     out = {}
     for head in sorted({k[len(prefix):].split(".")[0] for k in keys}):
         own = {k[len(prefix) + len(head) + 1:]: tensors.pop(k) for k in list(keys) if k[len(prefix):].split(".")[0] == head}
-        if head in mts or d.get("task_type") == "SEQ_CLS":  # PEFT's module to save, which it trains: trained or not
+        if head in mts or head in task_heads:  # PEFT's module to save, which it trains: trained or not
             out[head] = saved_from_hf(head, own, leaves[head], folder, dtype)
             continue
         for name, x in own.items():  # not a module to save: PEFT loads it onto the base's head, so it must be that
-            if not _equals_base_classifier(f"{head}.{name}", x, leaves.get("classifier", {})):
+            if not _equals_base_head(f"{head}.{name}", x, leaves):
                 raise UnsupportedAdapterError(
                     f"the adapter in {folder!r} carries {head}.{name}, which differs from the base's, but names no "
                     f"module to save (modules_to_save={list(mts)}, task_type={d.get('task_type')!r}): PEFT would "
-                    "overwrite the base's head with it. Add it to modules_to_save (or set task_type 'SEQ_CLS') in "
-                    "adapter_config.json, or load the adapter on the base it was trained with."
+                    "overwrite the base's head with it. Add it to modules_to_save (or set the task_type of its head, "
+                    "'SEQ_CLS', 'TOKEN_CLS' or 'QUESTION_ANS') in adapter_config.json, or load the adapter on the base "
+                    "it was trained with."
                 )
     return out
 
 
-def _equals_base_classifier(name: str, x: np.ndarray, own) -> bool:
-    base = own.get({"classifier.weight": "kernel", "classifier.bias": "bias"}.get(name, ""))
-    base = None if base is None else quant.dequantize_array(base)  # a quantized classifier: what it stands for
+def _equals_base_head(name: str, x: np.ndarray, leaves) -> bool:
+    """Whether the tensor ``name`` (``classifier.weight``, ``qa_outputs.bias``, ...) of a file equals the base's."""
+    head, _, tensor = name.partition(".")
+    base = leaves.get(head, {}).get({"weight": "kernel", "bias": "bias"}.get(tensor, ""))
+    base = None if base is None else quant.dequantize_array(base)  # a quantized head: what it stands for
     want = None if base is None else (np.asarray(base, np.float32).T if name.endswith("weight") else np.asarray(base, np.float32))
     return want is not None and want.shape == x.shape and bool(np.allclose(x, want, atol=1e-6))
 
@@ -234,11 +274,13 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
       task_type: PEFT's task type; ``"auto"`` writes the config's own ``task_type`` (prefix and
         prompt tuning) or ``"CAUSAL_LM"`` for decoders and ``"FEATURE_EXTRACTION"`` for BERT.
         A type PEFT cannot load for the base and method (e.g. ``"CAUSAL_LM"`` on BERT, any
-        prefix tuning on BERT) is refused before anything is written; ``"SEQ_CLS"`` needs
-        ``params`` to write the frozen classifier PEFT expects as a module to save.
+        prefix tuning on BERT) is refused before anything is written; ``"SEQ_CLS"``,
+        ``"TOKEN_CLS"`` and ``"QUESTION_ANS"`` need ``params`` (of the model with that head:
+        ``BertForSequenceClassification``, ``BertForTokenClassification``,
+        ``BertForQuestionAnswering``) to write the frozen head PEFT expects as a module to save.
       fan_in_fan_out: written for PEFT; ``None`` sets it when the sites are GPT-2 Conv1D layers.
       params: the base params (optional): tell the base's kind for prompt/prefix adapters and
-        give the classifier for ``"SEQ_CLS"``.
+        give the head for the task types above.
 
     Raises:
       UnsupportedAdapterError: a method without a registered format, or sites PEFT cannot express.
@@ -259,13 +301,18 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
             f"no Hugging Face PEFT format is registered for peft_type {config.peft_type!r}; supported: "
             f"{supported_peft_types()}."
         )
-    # a method without modules_to_save of its own: its copy of the classifier (loaded from a SEQ_CLS file) is
-    # written as that copy, in a SEQ_CLS file ("auto" picks it); any other full copy is foreign to the method
+    # a method without modules_to_save of its own: its copy of the head (loaded from a SEQ_CLS, TOKEN_CLS or
+    # QUESTION_ANS file) is written as that copy, in a file of the head's task ("auto" picks it: the params' task,
+    # else the head's); any other full copy is foreign to the method
     heads = head_copies(config, adapter)
+    # the task types PEFT loads the head copies with: the params' own task where they tell it
+    can = [t for t, h in TASK_HEADS.items() if set(heads) <= set(h)]
+    own = _bert_task(unwrap_params(params)[0]) if params is not None else None
+    can = [own] if own in can else can
     if heads:
         adapter = {p: n for p, n in adapter.items() if p not in heads}
-        if task_type == "auto" and getattr(config, "task_type", None) is None:
-            task_type = "SEQ_CLS"
+        if task_type == "auto" and getattr(config, "task_type", None) is None and can:
+            task_type = can[0]
     foreign = foreign_site(config, adapter)
     if foreign is not None:
         raise UnsupportedAdapterError(f"save_peft: {foreign}; PEFT would rebuild it as another method. {FOREIGN_SITE_FIX}")
@@ -285,25 +332,26 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
         fan_in_fan_out = any(conv)
     # "auto": the config's own choice (prefix/prompt tuning configs may carry one) or the base's default
     task = _task_type(config, paths, params, task_type, getattr(config, "task_type", None))
-    if heads and task != "SEQ_CLS":
+    if heads and task not in can:
+        which = " or ".join(map(repr, can)) or "none (no task has all these heads)"
         raise UnsupportedAdapterError(
-            f"the {config.peft_type} adapter holds a trained copy of {sorted(heads)} (PEFT's SEQ_CLS module to save), "
-            f"which PEFT loads for this method with task_type 'SEQ_CLS' only; found task_type={task!r}. Save with "
-            "task_type='SEQ_CLS' (or 'auto'). Nothing was written."
+            f"the {config.peft_type} adapter holds a trained copy of {sorted(heads)} (PEFT's module to save of a task "
+            f"head), which PEFT loads for this method with task_type {which} only; found task_type={task!r}. Save "
+            f"with task_type={(can or ['SEQ_CLS'])[0]!r} (or 'auto'). Nothing was written."
         )
     d, tensors = fmt.to_hf(config, adapter, ExportContext(bool(fan_in_fan_out), _local_hf_config(base_model_name_or_path)))
     d = dict(d)
     d["peft_type"] = config.peft_type
     d["base_model_name_or_path"] = base_model_name_or_path
     d["task_type"] = task
-    if d["task_type"] == "SEQ_CLS":
-        _refuse_classifier_sites(tensors)
+    if task in TASK_HEADS:
+        _refuse_head_sites(tensors, task)
         prefix = _key_prefix(type(config))
         copies = {prefix + k[len(PEFT_PREFIX):]: v for p, n in heads.items() for k, v in saved_to_hf(p, n).items()}
-        # a trained copy of the classifier (LoRA's modules_to_save, another method's copy) wins over the base's
-        base = {} if "classifier" in heads else _classifier_tensors(config, params, prefix)
+        # a trained copy of the head (LoRA's modules_to_save, another method's copy) wins over the base's
+        base = {} if set(heads) & set(TASK_HEADS[task]) else _head_tensors(task, params, prefix)
         tensors = dict(base, **copies, **tensors)
-        d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + list(_SEQ_CLS_HEADS)))
+        d["modules_to_save"] = list(dict.fromkeys(list(d.get("modules_to_save") or []) + list(TASK_HEADS[task])))
     d.setdefault("inference_mode", True)
     d.setdefault("revision", None)
 
@@ -494,36 +542,43 @@ _UNSUPPORTED_HINTS = {
 }
 
 
-# the head PEFT keeps as a module to save for the task types whose model jpeft has no head of: (what it is, the
-# transformers class it belongs to)
-_OTHER_TASK_HEADS = {
-    "TOKEN_CLS": ("classifier", "token-classification head, a classifier of every token's hidden state (BERT's "
-                  "'classifier' in jpeft reads the pooled first token)", "ForTokenClassification"),
-    "QUESTION_ANS": ("qa_outputs", "question-answering head, the start/end logits of every token",
-                     "ForQuestionAnswering"),
-}
-
-
-def _refuse_other_task_heads(d: Mapping[str, Any], config_cls, tensors: Mapping[str, Any], folder: str) -> None:
+def _refuse_other_task_heads(d: Mapping[str, Any], config_cls, tensors: Mapping[str, Any], inner, folder: str) -> None:
     """A TOKEN_CLS or QUESTION_ANS adapter that carries (or names as a module to save) its model's
-    head: jpeft's models have no such head, so it is refused by name before anything loads
-    (TOKEN_CLS's head has the sequence classifier's name and shape and would load as it)."""
+    head, read for params without that head (TOKEN_CLS's ``classifier`` has the sequence
+    classifier's name and shape and would load as it, on the pooled first token), or a prompt
+    learning adapter of those task types (jpeft runs prompt and prefix tuning for SEQ_CLS and
+    FEATURE_EXTRACTION only): refused by name before anything loads."""
     task = d.get("task_type")
-    if task not in _OTHER_TASK_HEADS:
+    if task not in ("TOKEN_CLS", "QUESTION_ANS"):
         return
-    head, what, cls = _OTHER_TASK_HEADS[task]
+    head = TASK_HEADS[task][0]
     prefix = _key_prefix(config_cls)
     names = {head} | {m for m in (d.get("modules_to_save") or []) if isinstance(m, str)}
     keys = sorted(k for k in tensors if k.startswith(prefix) and any(k[len(prefix):].startswith(f"{n}.") for n in names))
     if not keys and head not in (d.get("modules_to_save") or []):
         return  # the encoder's adapter alone (the head removed from the file): it loads as any other
-    raise UnsupportedAdapterError(
-        f"the adapter in {folder!r} has task_type={task!r} and carries its {what} "
-        f"({keys[0] if keys else 'modules_to_save ' + repr(head)!r}); jpeft's models have no such head: they are BERT "
-        "with its sequence classifier (task_type 'SEQ_CLS'; 'FEATURE_EXTRACTION' or none for the encoder, whose "
-        "hidden states jpeft.models.BertModel gives) and the causal language models ('CAUSAL_LM'), so the head would "
-        f"give other outputs than the adapter's model. Load the adapter on its ...{cls} model with transformers, or "
-        "remove the head from the file (and from modules_to_save) to load the encoder's adapter alone."
+    found = keys[0] if keys else f"modules_to_save {head!r}"
+    if config_cls.prompt_learning:
+        raise UnsupportedAdapterError(
+            f"the {d.get('peft_type')} adapter in {folder!r} has task_type={task!r} (it carries {found}); jpeft runs "
+            "prompt and prefix tuning on BERT for task types 'SEQ_CLS' and 'FEATURE_EXTRACTION' only (PEFT's "
+            f"{task} prepends the virtual tokens to the outputs too). Load it with transformers and PEFT, or use LoRA "
+            "or another method with a site for this task.")
+    own = _bert_task(inner)
+    if own == task:
+        return
+    what = ("a token classifier (transformers' BertForTokenClassification: its classifier on every token)"
+            if task == "TOKEN_CLS" else "a question-answering model (transformers' BertForQuestionAnswering: qa_outputs, "
+            "the start/end logits of every token)")
+    found_base = {"SEQ_CLS": "a sequence classifier's (a pooler, the classifier on the first token)",
+                  "TOKEN_CLS": "a token classifier's", "QUESTION_ANS": "a question-answering model's"}.get(
+        own, "those of a model without that head")
+    raise BaseMismatchError(
+        f"the adapter in {folder!r} has task_type={task!r} and carries its head ({found}): it was trained on {what}, "
+        f"but these params are {found_base}, so the head would give other outputs than the adapter's model"
+        f"{_head_fix(task) if isinstance(inner, Mapping) and 'bert' in inner else '; jpeft has that head for BERT only'}"
+        ". Load the adapter on such params, or remove the head from the file (and from modules_to_save) to load the "
+        "encoder's adapter alone."
     )
 
 
@@ -636,10 +691,11 @@ def _key_prefix(config_cls) -> str:
 
 
 def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype):
-    _refuse_other_task_heads(d, fmt.config, tensors, path)
+    _refuse_other_task_heads(d, fmt.config, tensors, inner, path)
     _refuse_bare_base_keys(tensors, inner, path)
-    # SEQ_CLS's classifier copy: a site of its own for a method without modules_to_save (LoRA's from_hf reads it)
-    heads = _take_classifier(d, fmt.config, tensors, module_leaves(inner), path, dtype)
+    # a task head's copy (SEQ_CLS, TOKEN_CLS, QUESTION_ANS): a site of its own for a method without modules_to_save
+    # (LoRA's from_hf reads it)
+    heads = _take_heads(d, fmt.config, tensors, module_leaves(inner), path, dtype)
     n_scanned = scan.num_stacked_layers(inner)
     unrolled = None
     if n_scanned is not None:  # a layer-scanned base: read per layer, then stack (jpeft.scan)

@@ -478,7 +478,9 @@ def test_token_classification_adapter_is_refused_not_loaded_as_the_sequence_head
     """PEFT's TOKEN_CLS saves the token classifier (BertForTokenClassification's ``classifier``, of
     the sequence classifier's shape) as SEQ_CLS saves its head: LoRA loaded it as the classifier of
     jpeft's sequence classifier, which applied the per-token head to the pooled first token with
-    no word (logits [batch, labels] where the adapter's model gives [batch, seq, labels])."""
+    no word (logits [batch, labels] where the adapter's model gives [batch, seq, labels]). On the
+    sequence classifier's params it is refused, naming jpeft's token classifier, where it loads
+    (tests/test_bert_task_heads.py)."""
     import transformers
 
     hf, _ = tiny.hf_model("bert")
@@ -494,7 +496,8 @@ def test_token_classification_adapter_is_refused_not_loaded_as_the_sequence_head
             if p.requires_grad:
                 p.add_(0.1 * torch.randn(p.shape))
     pm.save_pretrained(str(tmp_path))
-    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="task_type='TOKEN_CLS'.*no such head"):
+    with pytest.raises(jpeft.errors.BaseMismatchError,
+                       match="task_type='TOKEN_CLS'.*sequence classifier's.*BertForTokenClassification"):
         load_peft(str(tmp_path), params)
 
 
@@ -544,10 +547,12 @@ def test_adalora_seq_cls_adapter_trains_with_its_classifier_copy_as_peft(tmp_pat
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt"])
 def test_question_answering_adapter_is_refused_by_name(method, tmp_path):
-    """PEFT's QUESTION_ANS keeps BertForQuestionAnswering's ``qa_outputs`` as a module to save;
-    jpeft's models have no such head. LoRA's file failed as a key mismatch ("trained on another
-    model?"), the others' as modules_to_save jpeft does not load: now one refusal names the task
-    type and what jpeft supports."""
+    """PEFT's QUESTION_ANS keeps BertForQuestionAnswering's ``qa_outputs`` as a module to save.
+    LoRA's file failed as a key mismatch ("trained on another model?"), the others' as
+    modules_to_save jpeft does not load: on params without qa_outputs (the sequence classifier's)
+    one refusal names the task type and jpeft's BertForQuestionAnswering, on which it loads
+    (tests/test_bert_task_heads.py); PEFT's prompt tuning of the task, which jpeft does not run, is
+    refused as such."""
     import transformers
 
     hf, _ = tiny.hf_model("bert")
@@ -560,8 +565,12 @@ def test_question_answering_adapter_is_refused_by_name(method, tmp_path):
             "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=T, task_type="QUESTION_ANS")}
     torch.manual_seed(0)
     peft.get_peft_model(qa, make[method]()).save_pretrained(str(tmp_path))
-    with pytest.raises(jpeft.errors.UnsupportedAdapterError,
-                       match=r"task_type='QUESTION_ANS'.*question-answering head.*qa_outputs.*no such head.*SEQ_CLS"):
+    if method == "prompt":
+        with pytest.raises(jpeft.errors.UnsupportedAdapterError, match=r"task_type='QUESTION_ANS'.*prompt and prefix"):
+            load_peft(str(tmp_path), params)
+        return
+    with pytest.raises(jpeft.errors.BaseMismatchError,
+                       match=r"task_type='QUESTION_ANS'.*qa_outputs.*sequence classifier's.*BertForQuestionAnswering"):
         load_peft(str(tmp_path), params)
 
 

@@ -7,8 +7,8 @@ without implicit rank promotion. A method writes its math on ``[in, out]`` matri
 these helpers handle dense, dense_general, conv, einsum and embed modules.
 
 Also the one node every method's adapter may hold: :class:`SavedModule`, a trainable full copy
-of a module (PEFT's ``modules_to_save``: LoRA's option, and SEQ_CLS's classifier copy that
-:mod:`jpeft.hf` reads and writes beside any method's sites), with its PEFT keys."""
+of a module (PEFT's ``modules_to_save``: LoRA's option, and the task head copy of SEQ_CLS, TOKEN_CLS
+and QUESTION_ANS that :mod:`jpeft.hf` reads and writes beside any method's sites), with its PEFT keys."""
 
 from __future__ import annotations
 
@@ -374,8 +374,10 @@ def saved_from_hf(path: str, t: Mapping[str, np.ndarray], own: Mapping[str, Any]
     return SavedModule({k: jnp.asarray(v, dtype) for k, v in got.items()})
 
 
-# the classifier modules PEFT's SEQ_CLS keeps as modules to save (BERT's classifier, a decoder's score)
-SEQ_CLS_HEADS = ("classifier", "score")
+# the head modules PEFT keeps as modules to save (trains a copy of) for each task type: BERT's classifier, a
+# decoder's score, BERT's qa_outputs
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+HEAD_MODULES = tuple(dict.fromkeys(m for heads in TASK_HEADS.values() for m in heads))
 
 
 def has_modules_to_save(config) -> bool:
@@ -385,14 +387,14 @@ def has_modules_to_save(config) -> bool:
 
 
 def head_copies(config, adapter: Mapping[str, Any]) -> dict:
-    """``{path: SavedModule}``: the copies of SEQ_CLS's classifier an adapter holds beside the
-    sites of a method whose config has no ``modules_to_save`` (read by :func:`jpeft.hf.load_peft`
-    from a SEQ_CLS file; PEFT trains them); ``{}`` for LoRA, whose config names its copies. The
+    """``{path: SavedModule}``: the copies of a task head (:data:`HEAD_MODULES`) an adapter holds
+    beside the sites of a method whose config has no ``modules_to_save`` (read by
+    :func:`jpeft.hf.load_peft` from a SEQ_CLS, TOKEN_CLS or QUESTION_ANS file; PEFT trains them); ``{}`` for LoRA, whose config names its copies. The
     writers (:mod:`jpeft.hf`, :func:`jpeft.save_adapter`, the checkpoint manager) record them
     apart, since the config cannot rebuild them (:func:`with_head_copies` does)."""
     if has_modules_to_save(config):
         return {}
-    return {p: n for p, n in adapter.items() if p in SEQ_CLS_HEADS and isinstance(n, SavedModule)}
+    return {p: n for p, n in adapter.items() if p in HEAD_MODULES and isinstance(n, SavedModule)}
 
 
 def with_head_copies(adapter: Mapping[str, Any], params, paths, where: str) -> dict:
@@ -405,7 +407,7 @@ def with_head_copies(adapter: Mapping[str, Any], params, paths, where: str) -> d
     leaves = module_leaves(params)
     missing = [p for p in paths if p not in leaves]
     if missing:
-        raise ShapeMismatchError(f"{where} holds a copy of the module {missing[0]!r} (SEQ_CLS's classifier), which this base "
+        raise ShapeMismatchError(f"{where} holds a copy of the module {missing[0]!r} (a task head), which this base "
                                  f"does not have; load it on the base it was saved for.")
     copies = jax.eval_shape(lambda own: {p: init_saved(p, own[p]) for p in paths}, {p: leaves[p] for p in paths})
     return {**adapter, **copies}

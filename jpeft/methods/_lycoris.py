@@ -41,7 +41,7 @@ from jpeft import _inject, scan
 from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_scalar
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
-from jpeft.methods._common import AdditiveMerge, branch_dtype, linear_candidates, linear_layout, to_matrix
+from jpeft.methods._common import HEAD_MODULES, AdditiveMerge, branch_dtype, linear_candidates, linear_layout, to_matrix
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, static_field
 from jpeft.peft_format import add_site_pattern, config_from_peft, peft_key, site_tensors
 from jpeft.tree import compile_pattern, hf_name, linear_only, regex_fullmatch, select
@@ -407,7 +407,7 @@ def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, m
     """``(config, adapter)`` from a PEFT folder's config dict and tensors. Each site's tensors
     must be exactly those ``config`` gives that module (names and shapes, found by building the
     site under :func:`jax.eval_shape`); anything else names the mismatch."""
-    if set(d.get("modules_to_save") or ()) - {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+    if set(d.get("modules_to_save") or ()) - set(HEAD_MODULES):  # a task head's copy: checked by jpeft.hf
         raise UnsupportedAdapterError(
             f"the {method} adapter in {ctx.folder!r} has modules_to_save={d['modules_to_save']}; jpeft loads plain "
             f"{method} only (no trainable module copies)."

@@ -53,7 +53,7 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (AdditiveMerge, SavedModule, branch_dtype, down_project, from_matrix,
+from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, SavedModule, branch_dtype, down_project, from_matrix,
                                    linear_candidates, linear_layout, up_project)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
@@ -738,7 +738,7 @@ def _to_hf(config: AdaLoraConfig, adapter, ctx):
 
 def _from_hf(d, tensors, params, ctx):
     kept = dict(d)
-    if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+    if set(kept.get("modules_to_save") or ()) <= set(HEAD_MODULES):  # a task head's copy: checked by jpeft.hf
         kept["modules_to_save"] = None
     if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(f"the AdaLoRA adapter in {ctx.folder!r} has target_modules=null; set it explicitly.")

@@ -25,6 +25,7 @@ from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotInvertibleError,
                           UnsupportedAdapterError, UnsupportedModuleError)
 from jpeft.methods._common import (
+    HEAD_MODULES,
     branch_dtype,
     broadcast_bias,
     broadcast_in,
@@ -254,7 +255,7 @@ def _to_hf(config: IA3Config, adapter, ctx):
 
 
 def _from_hf(d, tensors, params, ctx):
-    if set(d.get("modules_to_save") or ()) - {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+    if set(d.get("modules_to_save") or ()) - set(HEAD_MODULES):  # a task head's copy: checked by jpeft.hf
         raise UnsupportedAdapterError(f"the IA3 adapter in {ctx.folder!r} has modules_to_save={d['modules_to_save']}; jpeft loads plain IA3 only.")
     if d.get("exclude_modules"):
         raise UnsupportedAdapterError(

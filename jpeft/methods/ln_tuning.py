@@ -33,7 +33,7 @@ from jpeft.errors import (
     ShardingError,
     UnsupportedAdapterError,
 )
-from jpeft.methods._common import master_copy
+from jpeft.methods._common import HEAD_MODULES, master_copy
 from jpeft.methods.base import Call, Method, Site, register_method
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors, split_peft_key
 from jpeft.tree import hf_name, module_leaves, select
@@ -190,7 +190,7 @@ def _from_hf(d, tensors, params, ctx):
             f"the LN tuning adapter in {ctx.folder!r} has target_modules=null; set it explicitly."
         )
     kept = dict(d)
-    if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+    if set(kept.get("modules_to_save") or ()) <= set(HEAD_MODULES):  # a task head's copy: checked by jpeft.hf
         kept["modules_to_save"] = None
     config = config_from_peft(LNTuningConfig, kept, ctx.folder)
     # PEFT's LN tuning trains a copy of whatever module target_modules names; jpeft's, of norm layers only

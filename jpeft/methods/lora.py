@@ -28,7 +28,7 @@ from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
-from jpeft.methods._common import SavedModule, branch_dtype, down_project, init_saved, linear_candidates, up_project
+from jpeft.methods._common import TASK_HEADS, SavedModule, branch_dtype, down_project, init_saved, linear_candidates, up_project
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge,
                                 dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.peft_format import add_site_pattern
@@ -884,7 +884,7 @@ def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
     # a name that selects nothing would leave a module the user meant to train frozen; PEFT's SEQ_CLS names both
     # heads, "classifier" (BERT) and "score" (decoders), so one of the two may be absent where the other is saved
     missing = [m for m in config.modules_to_save if not any(config.saved_by(p, m) for p in leaves)]
-    if missing and not (saved and set(missing) <= {"classifier", "score"}):
+    if missing and not (saved and set(missing) <= set(TASK_HEADS["SEQ_CLS"])):
         tied = " (a model with tied word embeddings has no lm_head of its own: jpeft computes its logits with the " \
                "input embedding; to train an lm_head of its own, as PEFT's copy on a tied model does, load the base " \
                "untied: jpeft.models.from_pretrained(folder, tie_word_embeddings=False))" \

@@ -63,7 +63,7 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import linear_candidates, linear_layout
+from jpeft.methods._common import HEAD_MODULES, linear_candidates, linear_layout
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, linear_only, select
@@ -470,7 +470,7 @@ def _from_hf(d, tensors, params, ctx):
             "the new one, so its outputs would differ. Retrain it with PEFT >= 0.18 (PEFT itself warns about this)."
         )
     kept = dict(d)
-    if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+    if set(kept.get("modules_to_save") or ()) <= set(HEAD_MODULES):  # a task head's copy: checked by jpeft.hf
         kept["modules_to_save"] = None
     config = config_from_peft(OFTConfig, kept, ctx.folder)
     by_site = site_tensors(tensors, (TENSOR,), ctx.leaves, config.target_modules)

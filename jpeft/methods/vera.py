@@ -62,7 +62,7 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (AdditiveMerge, branch_dtype, broadcast_out, down_project, from_matrix,
+from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, branch_dtype, broadcast_out, down_project, from_matrix,
                                   linear_candidates, linear_layout, up_project)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
@@ -376,7 +376,7 @@ def _from_hf(d, tensors, params, ctx):
             "so jpeft cannot rebuild this adapter. Re-save it in PEFT with VeraConfig(save_projection=True)."
         )
     kept = dict(d)
-    if set(kept.get("modules_to_save") or ()) <= {"classifier", "score"}:  # SEQ_CLS's frozen copy: checked by jpeft.hf
+    if set(kept.get("modules_to_save") or ()) <= set(HEAD_MODULES):  # a task head's copy: checked by jpeft.hf
         kept["modules_to_save"] = None
     if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(f"the VeRA adapter in {folder!r} has target_modules=null; set it explicitly.")

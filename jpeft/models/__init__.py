@@ -1,5 +1,5 @@
 """Flax linen models that load Hugging Face checkpoints: Llama (2 and 3), Mistral, Qwen2,
-Qwen3, GPT-2 and BERT (sequence classification).
+Qwen3, GPT-2 and BERT (sequence classification, token classification, question answering).
 
 Submodule names mirror Hugging Face's, so ``jpeft.tree.hf_name(path)`` of a module path is
 the Hugging Face module name and ``target_modules`` written for Hugging Face PEFT select the
@@ -11,7 +11,15 @@ same modules. See docs/MODELS.md.
 """
 
 from jpeft.models._layers import KVCache, RMSNorm, init_cache
-from jpeft.models.bert import BertConfig, BertForSequenceClassification, BertModel
+from jpeft.models.bert import (
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    question_answering_loss,
+    token_classification_loss,
+)
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from jpeft.models.llama import (
     LlamaConfig,
@@ -53,7 +61,11 @@ __all__ = [
     "GPT2Model",
     "BertConfig",
     "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertForQuestionAnswering",
     "BertModel",
+    "token_classification_loss",
+    "question_answering_loss",
     "config_from_hf",
     "config_to_hf",
     "from_pretrained",

@@ -1,5 +1,6 @@
-"""BERT (encoder) with a sequence-classification head, as ``flax.linen`` modules named like
-Hugging Face's (``bert/encoder/layer_0/attention/self/query``, ``classifier``, ...).
+"""BERT (encoder) with a sequence-classification, token-classification or question-answering
+head, as ``flax.linen`` modules named like Hugging Face's (``bert/encoder/layer_0/attention/self/query``,
+``classifier``, ``qa_outputs``, ...), and the two token-level heads' losses as transformers computes them.
 
 >>> import jax, jax.numpy as jnp, jpeft
 >>> cfg = jpeft.models.BertConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
@@ -13,11 +14,12 @@ Hugging Face's (``bert/encoder/layer_0/attention/self/query``, ``classifier``, .
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from jpeft._ops import activation, segment_slots
 from jpeft.errors import ConfigError, InputValidationError
@@ -35,8 +37,12 @@ class BertConfig(L.FullHeadsConfig):
       hidden_act (``"gelu"``, exact), hidden_dropout_prob, attention_probs_dropout_prob (active
       with ``deterministic=False`` and a ``"dropout"`` rng), num_labels (classifier outputs,
       from ``id2label`` when loading), problem_type and label_names (``id2label``'s names;
-      kept so that a saved model gets transformers' loss and labels back), initializer_range, dtype, param_dtype, remat, remat_policy,
-      attention, attention_block_size (as in :class:`~jpeft.models.LlamaConfig`).
+      kept so that a saved model gets transformers' loss and labels back), task (the head, as
+      config.json's ``architectures`` names it: ``"sequence_classification"``,
+      ``"token_classification"`` or ``"question_answering"``, which needs ``num_labels=2``; it picks
+      the model :func:`~jpeft.models.from_pretrained` builds and the architecture
+      :func:`~jpeft.models.save_pretrained` writes), initializer_range, dtype, param_dtype, remat,
+      remat_policy, attention, attention_block_size (as in :class:`~jpeft.models.LlamaConfig`).
     """
 
     vocab_size: int = 30522
@@ -54,6 +60,7 @@ class BertConfig(L.FullHeadsConfig):
     num_labels: int = 2
     problem_type: Optional[str] = None  # transformers' loss choice: regression / single_ / multi_label_classification
     label_names: Optional[tuple] = None  # id2label's names in id order (None: LABEL_0, LABEL_1, ...)
+    task: Literal["sequence_classification", "token_classification", "question_answering"] = "sequence_classification"
     model_type: str = "bert"
     initializer_range: float = 0.02
     dtype: Any = jnp.float32
@@ -80,7 +87,17 @@ class BertConfig(L.FullHeadsConfig):
                 raise ConfigError(
                     f"BertConfig.label_names has {len(self.label_names)} names for num_labels={self.num_labels}."
                 )
+        if self.task not in TASKS:
+            raise ConfigError(f"BertConfig.task must be one of {TASKS}, found {self.task!r}.")
+        if self.task == "question_answering" and self.num_labels != 2:
+            raise ConfigError(
+                f"BertConfig: task='question_answering' has a head of 2 outputs (start and end logits, as "
+                f"transformers' BertForQuestionAnswering splits it), found num_labels={self.num_labels}. Set num_labels=2."
+            )
         self._finish("BertConfig")
+
+
+TASKS = ("sequence_classification", "token_classification", "question_answering")
 
 
 def _ln(c, name):
@@ -195,9 +212,12 @@ def _check_broadcasts(name: str, value, b: int, s: int) -> None:
 
 
 class BertModel(nn.Module):
-    """``embeddings``, ``encoder/layer_{i}``, ``pooler``. Returns ``(sequence_output, pooled)``."""
+    """``embeddings``, ``encoder/layer_{i}``, ``pooler``. Returns ``(sequence_output, pooled)``;
+    with ``add_pooling_layer=False`` (transformers' token-classification and question-answering
+    models) there is no ``pooler`` and ``pooled`` is ``None``."""
 
     config: BertConfig
+    add_pooling_layer: bool = True
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
@@ -241,8 +261,20 @@ class BertModel(nn.Module):
         h = BertEmbeddings(c, name="embeddings")(input_ids, token_type_ids, position_ids, inputs_embeds, deterministic)
         mask = L.bidirectional_mask(attention_mask, segment_ids=segment_ids, padded=padded)
         h = BertEncoder(c, name="encoder")(h, mask, prefix_kv, deterministic)
-        pooled = BertPooler(c, name="pooler")(h)
-        return h, pooled
+        return h, (BertPooler(c, name="pooler")(h) if self.add_pooling_layer else None)
+
+
+def _encode(c: BertConfig, pool: bool, input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids,
+            prefix_kv, deterministic):
+    """The ``bert`` submodule of a task head (called inside the head's compact ``__call__``)."""
+    return BertModel(c, add_pooling_layer=pool, name="bert")(
+        input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+        prefix_kv=prefix_kv, deterministic=deterministic,
+    )
+
+
+def _classifier_dropout(c: BertConfig) -> nn.Dropout:
+    return nn.Dropout(c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -252,15 +284,111 @@ class BertForSequenceClassification(nn.Module):
     ``arange(seq)`` as in Hugging Face (BERT is usually right-padded)."""
 
     config: BertConfig
+    task = "sequence_classification"  # BertConfig.task of this head (what save_pretrained writes)
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
                  position_ids=None, prefix_kv=None, deterministic=True):
         c = self.config
-        _, pooled = BertModel(c, name="bert")(
-            input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
-            prefix_kv=prefix_kv, deterministic=deterministic,
-        )
-        rate = c.hidden_dropout_prob if c.classifier_dropout is None else c.classifier_dropout
-        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
+        _, pooled = _encode(c, True, input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids,
+                            prefix_kv, deterministic)
+        pooled = _classifier_dropout(c)(pooled, deterministic=deterministic)
         return L.dense(c.num_labels, True, c, "classifier")(pooled)
+
+
+class BertForTokenClassification(nn.Module):
+    """BERT without a pooler + ``classifier`` on every token's hidden state (transformers'
+    ``BertForTokenClassification``, PEFT's task type ``TOKEN_CLS``): the call of
+    :class:`BertForSequenceClassification` returns logits ``[batch, seq, num_labels]``; the
+    loss is :func:`token_classification_loss`.
+
+    >>> import jax, jax.numpy as jnp, jpeft
+    >>> cfg = jpeft.models.BertConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+    ...                               intermediate_size=64, num_labels=5, task="token_classification")
+    >>> model = jpeft.models.BertForTokenClassification(cfg)
+    >>> ids = jnp.ones((2, 6), jnp.int32)
+    >>> model.apply(model.init(jax.random.key(0), ids), ids).shape
+    (2, 6, 5)
+    """
+
+    config: BertConfig
+    task = "token_classification"
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
+                 position_ids=None, prefix_kv=None, deterministic=True):
+        c = self.config
+        h, _ = _encode(c, False, input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids,
+                       prefix_kv, deterministic)
+        h = _classifier_dropout(c)(h, deterministic=deterministic)
+        return L.dense(c.num_labels, True, c, "classifier")(h)
+
+
+class BertForQuestionAnswering(nn.Module):
+    """BERT without a pooler + ``qa_outputs`` (2 outputs) on every token's hidden state
+    (transformers' ``BertForQuestionAnswering``, PEFT's task type ``QUESTION_ANS``): the call of
+    :class:`BertForSequenceClassification` returns ``(start_logits, end_logits)``, each
+    ``[batch, seq]``; the loss is :func:`question_answering_loss`. Needs ``num_labels=2``."""
+
+    config: BertConfig
+    task = "question_answering"
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
+                 position_ids=None, prefix_kv=None, deterministic=True):
+        c = self.config
+        if c.num_labels != 2:  # a config made with another task: as BertConfig(task='question_answering') says
+            raise ConfigError(f"BertForQuestionAnswering needs num_labels=2 (start and end logits), found {c.num_labels}.")
+        h, _ = _encode(c, False, input_ids, attention_mask, token_type_ids, inputs_embeds, position_ids,
+                       prefix_kv, deterministic)
+        logits = L.dense(2, True, c, "qa_outputs")(h)
+        return logits[..., 0], logits[..., 1]
+
+
+TASK_MODELS = {m.task: m for m in (BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering)}
+
+
+def token_classification_loss(logits, labels, *, ignore_index: int = -100):
+    """Mean cross-entropy over the tokens whose label is not ``ignore_index`` (transformers'
+    ``BertForTokenClassification`` loss: ``CrossEntropyLoss`` with its ``-100``). ``logits``
+    ``[batch, seq, num_labels]``, ``labels`` ``[batch, seq]`` integers. No labelled token gives NaN,
+    as in transformers. Raises :class:`InputValidationError` for labels of another shape, or outside
+    ``[0, num_labels)`` (transformers raises too); under ``jit``, where the values are not known,
+    such a label makes the loss NaN rather than a number computed from a clamped label."""
+    labels = jnp.asarray(labels)
+    if tuple(labels.shape) != tuple(jnp.shape(logits))[:-1]:
+        raise InputValidationError(
+            f"token_classification_loss: labels must have the logits' shape without the label axis, "
+            f"{tuple(jnp.shape(logits))[:-1]}, found {tuple(labels.shape)}."
+        )
+    n = jnp.shape(logits)[-1]
+    keep = labels != ignore_index
+    bad = keep & ((labels < 0) | (labels >= n))
+    if not isinstance(bad, jax.core.Tracer) and bool(jnp.any(bad)):
+        raise InputValidationError(
+            f"token_classification_loss: label {int(labels[bad][0])} is outside [0, {n}) (the logits' labels) and is "
+            f"not ignore_index ({ignore_index}); mark tokens without a label {ignore_index}."
+        )
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(keep & ~bad, labels, 0))
+    loss = jnp.sum(jnp.where(keep, ce, 0.0)) / jnp.sum(keep)
+    return jnp.where(jnp.any(bad), jnp.nan, loss)
+
+
+def question_answering_loss(start_logits, end_logits, start_positions, end_positions):
+    """transformers' ``BertForQuestionAnswering`` loss: the mean of the start and the end
+    cross-entropies, each averaged over the rows; positions are clamped to ``[0, seq]`` and a
+    position of ``seq`` (an answer outside the sequence) is ignored. Logits ``[batch, seq]``,
+    positions ``[batch]`` integers."""
+    b, s = jnp.shape(start_logits)
+    for name, x in (("start_positions", start_positions), ("end_positions", end_positions)):
+        if tuple(jnp.shape(x)) != (b,):
+            raise InputValidationError(
+                f"question_answering_loss: {name} must have shape {(b,)}, found {tuple(jnp.shape(x))}.")
+
+    def ce(logits, pos):
+        pos = jnp.clip(pos, 0, s)
+        keep = pos != s
+        per = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(keep, pos, 0))
+        return jnp.sum(jnp.where(keep, per, 0.0)) / jnp.sum(keep)
+
+    return (ce(start_logits, start_positions) + ce(end_logits, end_positions)) / 2

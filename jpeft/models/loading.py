@@ -32,7 +32,7 @@ from jpeft.checkpoint import is_step_folder
 from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, QuantizationError, SaveError,
                           UnsafeFileError, UnsupportedModelError, WeightShapeError)
 from jpeft.io import ADAPTER_JSON, open_regular, read_json, safetensors_index
-from jpeft.models.bert import BertConfig, BertForSequenceClassification
+from jpeft.models.bert import TASK_MODELS as _BERT_TASK_MODELS, BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jpeft.models import _layers as L, llama_nnx
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
@@ -219,6 +219,8 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
         if names == tuple(f"LABEL_{i}" for i in range(len(names or ()))):
             names = None  # transformers' default names: the same config as none given
     return BertConfig(
+        task=_BERT_TASKS.get(next((a for a in d.get("architectures") or [] if a in _BERT_TASKS), None),
+                             "sequence_classification"),
         vocab_size=_number(d, "vocab_size", integer=True),
         hidden_size=_number(d, "hidden_size", integer=True),
         num_layers=_number(d, "num_hidden_layers", integer=True),
@@ -241,6 +243,13 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
     )
 
 
+# the transformers class of each BertConfig.task (config.json's architectures; any other BERT class, BertModel or
+# BertForMaskedLM, loads as the sequence classifier with a fresh head, as before)
+_BERT_ARCHITECTURES = {"sequence_classification": "BertForSequenceClassification",
+                       "token_classification": "BertForTokenClassification",
+                       "question_answering": "BertForQuestionAnswering"}
+_BERT_TASKS = {v: k for k, v in _BERT_ARCHITECTURES.items()}
+
 _DECODER_IGNORED = (r".*\.rotary_emb\.inv_freq",)
 
 FAMILIES: dict[str, Family] = {
@@ -255,17 +264,21 @@ FAMILIES: dict[str, Family] = {
     ),
     "bert": Family(
         _bert, BertForSequenceClassification, "bert",
-        ignored=(r"cls\..*", r".*\.position_ids", r"bert\.embeddings\.position_ids"),
-        fresh=(r"classifier", r"bert/pooler/dense"),
+        # a checkpoint's pooler where the head has none (token classification, question answering), and another
+        # task's head (a checkpoint read with task=...; the model's own head is then freshly initialised, with a
+        # warning): transformers drops them too
+        ignored=(r"cls\..*", r".*\.position_ids", r"bert\.embeddings\.position_ids", r"bert\.pooler\..*",
+                 r"classifier\..*", r"qa_outputs\..*"),
+        fresh=(r"classifier", r"qa_outputs", r"bert/pooler/dense"),
     ),
 }
 
 
-# heads of Hugging Face classes no jpeft model implements; a checkpoint of one could otherwise
-# load (BertForTokenClassification's classifier has the shape of the sequence classifier's)
-_OTHER_HEADS = ("ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice", "DoubleHeadsModel")
-# a decoder family's checkpoint with a classification head (``score``) in place of ``lm_head``
-_DECODER_OTHER_HEADS = _OTHER_HEADS + ("ForSequenceClassification",)
+# heads of Hugging Face classes no jpeft model of the family implements; a checkpoint of one could otherwise
+# load (a multiple-choice classifier has the shape of the sequence classifier's)
+_OTHER_HEADS = ("ForMultipleChoice", "DoubleHeadsModel")
+# a decoder family's checkpoint with a task head (``score``, ``classifier``, ``qa_outputs``) in place of ``lm_head``
+_DECODER_OTHER_HEADS = _OTHER_HEADS + ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
 
 
 def supported_model_types() -> list[str]:
@@ -363,7 +376,7 @@ def model_from_config(config) -> nn.Module:
     if isinstance(config, GPT2Config):
         return GPT2LMHeadModel(config)
     if isinstance(config, BertConfig):
-        return BertForSequenceClassification(config)
+        return _BERT_TASK_MODELS[config.task](config)
     raise UnsupportedModelError(f"no jpeft model for a config of type {type(config).__name__}.")
 
 
@@ -470,7 +483,7 @@ def _normalise_key(k: str, add_prefix: Optional[str]) -> str:
         k = k[: -len(".gamma")] + ".weight"
     elif k.endswith(".beta"):
         k = k[: -len(".beta")] + ".bias"
-    if add_prefix and not k.startswith(add_prefix + ".") and not k.startswith(("lm_head.", "classifier.", "cls.")):
+    if add_prefix and not k.startswith(add_prefix + ".") and not k.startswith(("lm_head.", "classifier.", "qa_outputs.", "cls.")):
         k = add_prefix + "." + k
     return k
 
@@ -958,7 +971,7 @@ def config_to_hf(config) -> dict:
         )
     if isinstance(config, BertConfig):
         return dict(
-            model_type="bert", architectures=["BertForSequenceClassification"], vocab_size=config.vocab_size,
+            model_type="bert", architectures=[_BERT_ARCHITECTURES[config.task]], vocab_size=config.vocab_size,
             hidden_size=config.hidden_size, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
             intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
             type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps, hidden_act=config.hidden_act,
@@ -1021,6 +1034,8 @@ def save_pretrained(path: str, model: nn.Module, params) -> None:
       SaveError: writing failed.
     """
     config = model.config
+    if isinstance(config, BertConfig) and getattr(model, "task", config.task) != config.task:
+        config = config.replace(task=model.task)  # a BERT head built from another task's config: the head's own
     d = config_to_hf(config)
     inner = params["params"] if isinstance(params, Mapping) and "params" in params else params
     inner = quant.dequantize(inner)  # a quantized base is written as the kernels it stands for
