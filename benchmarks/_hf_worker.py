@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import os
 import sys
 import time
@@ -28,8 +29,12 @@ C.quiet_stdout()
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import peft  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+# peft where it is used (the setup and the LoRA worker), before the memory baseline; a full
+# fine-tuning worker never calls it, and its import (bitsandbytes, which imports torch's
+# inductor) cost that worker ~2 s of CPU
+peft = None if "--full" in sys.argv[1:] and "--setup" not in sys.argv[1:] else importlib.import_module("peft")
 
 mem = C.PeakRSS()  # baseline after imports
 
@@ -89,12 +94,12 @@ def worker(args) -> None:
 
     first_s, first_loss = step()
     warm = [step()[0] for _ in range(args.warmup)]
-    peak = peak_matmul_flops() if args.peak_flops else None
+    peak = peak_matmul_flops(args.peak_flops) if args.peak_flops else None
     C.emit({
         "event": "ready", "framework": "hf", "load_s": load_s, "first_step_s": first_s, "first_loss": first_loss,
         "warmup_s": warm, "attn_implementation": attn_impl, "threads": torch.get_num_threads(),
         "peak_matmul_flops": peak, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                                 "peft": peft.__version__},
+                                                 "peft": peft and peft.__version__},
         "baseline_rss": mem.baseline, "mem_method": mem.method, "env": C.env_summary(),
     })
     for cmd in C.commands():
@@ -139,7 +144,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--n-batches", type=int, default=4)
-    p.add_argument("--peak-flops", action="store_true")
+    p.add_argument("--peak-flops", type=int, nargs="?", const=2048, default=0, metavar="N",
+                   help="measure the peak f32 matmul rate with N x N products (default N: 2048)")
     args = p.parse_args()
     if args.setup:
         setup(C.size(args.size), args.dir, args.seed, args.r)

@@ -29,7 +29,6 @@ C.quiet_stdout()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jpeft  # noqa: E402
@@ -246,7 +245,7 @@ def worker(args) -> None:
         return s, loss
 
     first_s, first_loss = step()
-    peak = peak_matmul_flops() if args.peak_flops else None
+    peak = peak_matmul_flops(args.peak_flops) if args.peak_flops else None
     jax.block_until_ready(state["adapter"])
     heap.release()  # as jpeft.fit (what `jpeft train` runs) does after its first step and other work
     warm = [step()[0] for _ in range(args.warmup)]
@@ -377,7 +376,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--n-batches", type=int, default=4)
-    p.add_argument("--peak-flops", action="store_true")
+    p.add_argument("--peak-flops", type=int, nargs="?", const=2048, default=0, metavar="N",
+                   help="measure the peak f32 matmul rate with N x N products (default N: 2048)")
     p.add_argument("--memory", choices=["lora", "full"])
     p.add_argument("--steps", type=int, default=3, help="steps of the --memory run")
     p.add_argument("--scan", action="store_true", help="--memory: layer-scanned model (LlamaConfig(scan_layers=True))")

@@ -102,8 +102,12 @@ def run_jpeft(size: C.Size, mode: str, steps: int, peak_override) -> dict:
 
     def measure():
         # ten back-to-back products, or as many as fit in ~2 s after the second: one takes
-        # ~1 ms on a GPU but ~1.2 s on a 2-core CPU, where ten took most of a toy run's time
-        a = jnp.ones((4096, 4096), jnp.bfloat16)
+        # ~1 ms on a GPU but ~1.2 s on a 2-core CPU, where ten took most of a toy run's time.
+        # On a CPU 2048^2 products: as fast per FLOP as 4096^2 ones there (bf16, 2-core EPYC:
+        # 69 and 70 GFLOP per CPU-second) at an eighth of the work (the toy run's two processes
+        # spent ~10 of their 27 CPU-seconds on 4096^2 ones)
+        n = 2048 if dev.platform == "cpu" else 4096
+        a = jnp.ones((n, n), jnp.bfloat16)
         f = jax.jit(jnp.dot)
         f(a, a).block_until_ready()
         t, reps = time.perf_counter(), 0
@@ -113,7 +117,7 @@ def run_jpeft(size: C.Size, mode: str, steps: int, peak_override) -> dict:
             if reps == 2:  # a slow device shows here; a fast one queues the rest
                 out.block_until_ready()
         out.block_until_ready()
-        return reps * 2 * 4096**3 / (time.perf_counter() - t)
+        return reps * 2 * n**3 / (time.perf_counter() - t)
 
     secs = sorted(res.step_seconds[1:])
     s = secs[len(secs) // 2]

@@ -92,7 +92,7 @@ def points(args):
 def start(framework, mode, size_spec, r, args, workdir, tag):
     script = "_hf_worker.py" if framework == "hf" else "_jpeft_worker.py"
     argv = ["--dir", os.path.join(workdir, "model"), "--size", size_spec, "--r", str(r), "--warmup", str(args.warmup),
-            "--peak-flops", "--dtype", "f32"]
+            "--peak-flops", str(args.peak_matmul), "--dtype", "f32"]
     if mode == "full":
         argv.append("--full")
     if framework == "jpeft":
@@ -370,6 +370,9 @@ def main(argv=None):
     p.add_argument("--per-turn", type=int, default=3, help="back-to-back steps per turn (default 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker after compiling (default 2)")
     p.add_argument("--attention", default="auto", help="jpeft LlamaConfig.attention (default auto)")
+    p.add_argument("--peak-matmul", type=int, default=2048, metavar="N",
+                   help="each worker's peak f32 matmul rate (MFU's denominator) from N x N products (default 2048; "
+                        "the smoke test's toy run takes a small one)")
     p.add_argument("--attention-block", type=int, default=0,
                    help="jpeft LlamaConfig.attention_block_size (default 0: the model's automatic tiles, "
                         "64-256 queries by up to 512 keys by the sequence length)")

@@ -89,7 +89,7 @@ def start(name, args, workdir, rnd, xla_flags):
         if script == "_jpeft_worker.py":
             env["XLA_FLAGS"] = (xla_flags + " --xla_cpu_multi_thread_eigen=false").strip()
     w = Worker(script, ["--dir", os.path.join(workdir, "model"), "--size", args.size, "--warmup", str(args.warmup),
-                        "--peak-flops"] + extra, os.path.join(workdir, f"{name}.round{rnd}.log"), env)
+                        "--peak-flops", str(args.peak_matmul)] + extra, os.path.join(workdir, f"{name}.round{rnd}.log"), env)
     try:
         ready = w.read("ready")
     except Exception:
@@ -274,6 +274,9 @@ def main(argv=None):
                    help="back-to-back timed steps per turn (default 3, as bench_scaling.py; the issue-10 numbers "
                         "in docs/BENCHMARKS.md were measured with 1)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first one (default 3)")
+    p.add_argument("--peak-matmul", type=int, default=2048, metavar="N",
+                   help="each worker's peak f32 matmul rate (MFU's denominator) from N x N products (default 2048; "
+                        "the smoke test's toy run takes a small one)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 workers (jpeft bf16 path, HF bf16)")
     p.add_argument("--memory-size", default="400m", choices=sorted(C.SIZES) + ["none"],
                    help="size of the LoRA-vs-full memory runs (default 400m; 'none' skips them)")

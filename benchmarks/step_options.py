@@ -54,6 +54,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return label.strip(), opts
 
 
+def _refused(label: str, opts: dict, e: Exception) -> str:
+    return (f"--variant {label!r}: XLA refused the options {opts}: {str(e).rstrip('.')}. List-valued options take "
+            "enum names (LIBRARY_FUSION_TYPE_DOT, not dot).")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="issue:seq=256,batch=16",
@@ -82,6 +87,12 @@ def main(argv=None) -> int:
     import jpeft
 
     sys.stdout = sys.__stdout__  # importing the worker sent prints to stderr (its stdout is a protocol); the table goes to stdout
+    for label, opts in variants.items():  # options XLA refuses end the run before the model is built and the default
+        if opts:                            # step compiled (minutes at the issue size); any program shows the refusal
+            try:
+                jax.jit(lambda x: x + 1, compiler_options=opts).lower(jnp.float32(0)).compile()
+            except Exception as e:
+                raise SystemExit(_refused(label, opts, e)) from None
     size = C.size(args.size)
     model, params = W.build_random(size, jnp.float32)  # the sweep worker's random Llama
     data = [jnp.asarray(b) for b in C.batches(size, 2, seed=1)]
@@ -104,8 +115,7 @@ def main(argv=None) -> int:
         try:
             compiled[label] = step.lower(params, adapter, opt.init(adapter), data[0], key).compile()
         except Exception as e:  # XLA names the option and the value it refused
-            raise SystemExit(f"--variant {label!r}: XLA refused the options {opts}: {str(e).rstrip('.')}. List-valued options take "
-                             "enum names (LIBRARY_FUSION_TYPE_DOT, not dot).") from None
+            raise SystemExit(_refused(label, opts, e)) from None
         rows[label] = {"options": opts or {}, "compile_s": time.perf_counter() - t,
                        "xla_temp_mib": compiled[label].memory_analysis().temp_size_in_bytes / 2**20}
         grad = jax.jit(jax.grad(loss_fn, argnums=1), compiler_options=opts)(params, adapter, data[0], key)
