@@ -1,8 +1,15 @@
 """Strict JAX flags for the whole suite (as equinox does): implicit rank promotion raises.
 
-Strict dtype promotion is not used: optax's Adam mixes int and float internally."""
+Strict dtype promotion is not used: optax's Adam mixes int and float internally.
+
+PyTorch (the reference models) runs on one intra-op thread in each test process (set before each
+test once a test module has imported torch; this file does not import it): its default,
+one thread per core, puts an OpenMP team of two behind every tiny ``linear`` on the 2-core CI
+host, where the two xdist workers already use both cores, and the team's spin-waits cost far
+more than the product (docs/ARCHITECTURE.md, "The test suite's compile time")."""
 
 import os
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -14,3 +21,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # Helper scripts run in subprocesses (multi-device, multi-process, crash tests): never
 # import them while collecting (pytest runs with --doctest-modules).
 collect_ignore_glob = ["helpers/*", "_*.py"]
+
+
+def pytest_runtest_setup(item):
+    torch = sys.modules.get("torch")  # imported by the tests that use it, never here
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)

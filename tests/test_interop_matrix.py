@@ -8,13 +8,12 @@ docs/MODELS.md carries it as a table (``test_models_md_table_is_the_matrix`` che
 ``python tests/test_interop_matrix.py`` prints it).
 
 Kept fast: one tiny saved model per family (tests/_models_tiny.py, cached per process), eager
-jpeft forwards on [3, 8] batches, no training.
+jpeft forwards on [3, 8] batches, no training, PyTorch on one thread (tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import json
 import os
@@ -329,6 +328,14 @@ def test_interop(case, family, direction, tmp_path):
             H.load_peft(str(tmp_path), params)
     _, run_params, ad = H.load_peft_with_base(str(tmp_path), params)
     _close(family, _jpeft_logits(family, run_params, ad, ids, mask), ref, mask)
+
+
+def test_reference_models_run_on_one_torch_thread():
+    """tests/conftest.py gives PyTorch one intra-op thread in each test process: with one thread per
+    core (its default) every tiny product of the reference models waited on an OpenMP team whose
+    spin-waits, on the 2-core host where the two xdist workers already use both cores, cost this
+    file about a third of its CPU time."""
+    assert torch.get_num_threads() == 1
 
 
 def _greedy_tokens_match(pm, model, params, adapter, family):

@@ -24,23 +24,16 @@ from jpeft.train import decay_mask
 sys.path.insert(0, os.path.dirname(__file__))
 import _models_tiny as mt  # noqa: E402
 
+
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread_and_a_frozen_heap():
-    """Time only, no number changes beyond float round-off: the references are tiny models, on
-    which PyTorch's second intra-op thread mostly waits for a core (the other test worker holds
-    it): a case's CPU-seconds, the first case of a process, DoRA 4.3 with two threads and 3.1
-    with one, lora_bias 3.3 and 2.3. And every ``Trainer.train`` ends in a ``gc.collect()``
+def _a_frozen_heap():
+    """Time only, no number changes: every ``Trainer.train`` ends in a ``gc.collect()``
     (accelerate's ``free_memory``) that walked the process's long-lived objects (~630k after
     one case: 0.38 CPU-seconds a call); ``gc.freeze`` leaves those out of every collection
-    until the module ends. Both are put back then."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    until the module ends. (PyTorch's one thread is tests/conftest.py's, for every file.)"""
     gc.freeze()
     yield
     gc.unfreeze()
-    torch.set_num_threads(threads)
 
 
 CONFIGS = {
