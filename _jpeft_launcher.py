@@ -5,7 +5,7 @@ second). A Ctrl-C that interrupts an import half-way can surface as a traceback,
 ImportError of some extension module, or be lost in a callback whose exceptions Python ignores
 (after which the run would go on to exit 0). So while jpeft is imported, Ctrl-C only sets a
 flag; once the import is done the command stops with one line and exit status 130, like any
-other Ctrl-C of the command. Everything else is :func:`jpeft.cli.main`.
+other Ctrl-C of the command. Everything else is :func:`jpeft.cli.process_main`.
 
 On Linux with glibc the command first re-executes itself with glibc malloc tunables
 (``GLIBC_TUNABLES``, glibc 2.35 and later). XLA's CPU backend allocates each step's temporaries
@@ -94,7 +94,7 @@ def main() -> int:
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C pending from before the exec lands here
     try:
-        from jpeft.cli import main as run
+        from jpeft.cli import process_main as run
     finally:
         signal.signal(signal.SIGINT, previous)
     if pressed:

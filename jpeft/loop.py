@@ -30,6 +30,7 @@ run resumed from a checkpoint draws exactly the keys the uninterrupted run would
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import os
 import signal
@@ -238,9 +239,14 @@ SETTLE_MIN_STEP_S = 0.5
 def _summary_writer(logdir: str):
     """A TensorBoard SummaryWriter when tensorboard or tensorboardX is installed, else None
     (TensorBoard is optional: metrics always go to the JSONL file)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-    except ImportError:
+    SummaryWriter = None
+    # torch's writer needs the tensorboard package: without it, importing torch (seconds) finds nothing
+    if importlib.util.find_spec("tensorboard") is not None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            pass
+    if SummaryWriter is None:
         try:
             from tensorboardX import SummaryWriter
         except ImportError:

@@ -30,10 +30,10 @@ COMMANDS = ["demo", "train", "eval", "merge", "export", "info", "forgetting", "s
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_PYTHON_CLIENT_PREALLOCATE="false")
 
 
-def jpeft_cmd(*args, timeout=300, cwd=None):
+def jpeft_cmd(*args, timeout=300, cwd=None, env=ENV):
     """Runs ``python -m jpeft.cli ARGS`` (the console script's code) in a subprocess."""
     return subprocess.run([sys.executable, "-m", "jpeft.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=cwd)
+                          timeout=timeout, env=env, cwd=cwd)
 
 
 def jpeft_here(capsys, *args):
@@ -47,7 +47,7 @@ def jpeft_here(capsys, *args):
 
 _RUNS = """
 import contextlib, io, json, sys
-from jpeft.cli import main
+from jpeft.cli import process_main as main
 results = []
 for argv in json.loads(sys.argv[1]):
     out, err = io.StringIO(), io.StringIO()
@@ -626,9 +626,13 @@ def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
     assert "already has checkpoints; pass --resume" in error_line(capsys.readouterr().err)
     # as after a crash that lost the newest checkpoint: steps 4-5 were logged, the run resumes at 3
     shutil.rmtree(hf_dir / "split_run" / "checkpoints" / "5")
-    r = jpeft_cmd("train", "--config", cfg2, "--resume", "--no-progress")  # a fresh process: nothing kept in memory
+    # a fresh process (nothing kept in memory), which reads the tokenizer with transformers imported without torch
+    # (jpeft.cli.process_main; it imported torch, 2.4 s of CPU): its losses below are this process's, with torch
+    r = jpeft_cmd("train", "--config", cfg2, "--resume", "--no-progress", env=dict(ENV, PYTHONPROFILEIMPORTTIME="1"))
     assert r.returncode == 0, r.stderr
     assert "resumed from step 3" in r.stderr and "3 record(s) of steps after 3 removed" in r.stderr  # 4, its eval, 5
+    imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
+    assert "transformers" in imported and "torch" not in imported
     # each step logged once, with the uninterrupted run's losses
     split = [x for x in _metrics(hf_dir / "split_run") if "loss" in x]
     assert [x["step"] for x in split] == list(range(1, 9))
@@ -1307,7 +1311,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_one_step_and_resume_matc
 _SLOW_LOAD = """
 import sys, time
 import jpeft.cli._trainer as T
-from jpeft.cli import main
+from jpeft.cli import process_main as main
 real = T.load_folder
 def slow(*a, **k):
     print("jpeft-test: loading the model", file=sys.stderr, flush=True)
@@ -1374,7 +1378,7 @@ def test_sigterm_while_two_processes_load_the_model_stops_both(hf_dir, tmp_path,
 _STOP_ALONE = """
 import os, sys
 import jpeft.cli._trainer as T
-from jpeft.cli import main
+from jpeft.cli import process_main as main
 from jpeft.errors import InputValidationError
 if os.environ.get("JPEFT_TEST_STOP") == "final_save":  # the disk fills as process 0 writes the finished adapter
     def full(*a, **k):
@@ -1859,7 +1863,6 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
                   "--out", out, "--cache-dir", tmp_path / "cache", "--no-progress")
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "demo_results.json").read_text())
-    table = r.stdout.split("\n\n")
     assert res["table"] in r.stdout
     rows = res["table"].splitlines()
     assert [c.strip() for c in rows[0].split("|")[1:-1]] == [

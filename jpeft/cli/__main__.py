@@ -2,7 +2,7 @@
 
 import sys
 
-from jpeft.cli import main
+from jpeft.cli import process_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main())

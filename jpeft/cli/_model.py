@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +26,45 @@ class Loaded(NamedTuple):
     tokenizer: Any      # a transformers tokenizer, or None
     folder: str
     hf_config: dict     # the folder's config.json
+
+
+#: set by :func:`jpeft.cli.process_main`: this process runs the ``jpeft`` command alone
+#: (:func:`import_transformers_without_torch`)
+OWN_PROCESS = False
+
+
+def import_transformers_without_torch() -> None:
+    """In a ``jpeft`` process (:data:`OWN_PROCESS`), imports transformers' tokenizer classes with
+    torch hidden, before the first tokenizer is read.
+
+    jpeft reads a tokenizer with transformers, which imports torch whenever it is installed
+    (its configuration modules do), although no tokenizer needs it and jpeft computes nothing
+    with it: 2.4 of a process's ~5.5 s of CPU start-up (imports and the tokenizer), measured.
+    ``sys.modules["torch"] = None`` makes ``importlib.util.find_spec("torch")``, transformers'
+    test, answer that torch is absent while transformers is imported; transformers keeps that
+    answer (``is_torch_available`` is cached) and says so once (its advisory notice, silenced
+    here). torch itself stays importable afterwards (TensorBoard's writer, a user's module).
+    Nothing is done when transformers or torch is imported already, or outside a ``jpeft``
+    process: a program that calls :func:`jpeft.cli.main` may use transformers' torch models. A
+    transformers that cannot be imported so is imported as usual later (only the time is lost)."""
+    if not OWN_PROCESS or "transformers" in sys.modules or "torch" in sys.modules:
+        return
+    quiet = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    sys.modules["torch"] = None
+    try:
+        import transformers
+
+        transformers.AutoTokenizer, transformers.PreTrainedTokenizerFast  # the lazy names' modules, imported now
+    except ImportError:  # a transformers that needs torch to import: forget the half import, read as without this
+        for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
+            del sys.modules[name]
+    finally:
+        del sys.modules["torch"]
+        if quiet is None:
+            os.environ.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = quiet
 
 
 #: a Hugging Face PEFT adapter's files, which ``merge --force`` removes from its output folder
@@ -59,6 +99,8 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
             raise ConfigError(f"train.scan_layers is for Llama-family models ({', '.join(llama)}); {folder!r} is a "
                               f"{d.get('model_type')!r} model. Set scan_layers = false.")
     # the tokenizer first: a mismatch is refused before the weights are read
+    if tokenizer:
+        import_transformers_without_torch()
     tok = load_tokenizer(folder) if tokenizer else None
     vocab = d.get("vocab_size")
     # the highest id, not the count: a vocabulary may skip ids ({"a": 2, "zz": 40} is 2 tokens), and an id past the
