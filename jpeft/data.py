@@ -93,7 +93,8 @@ def load_examples(
 
     Warns:
       UserWarning: naming the file and lines: a line holds a ``text_field`` next to a
-        ``prompt_field`` or ``completion_field`` (one of them is ignored), or an empty or
+        ``prompt_field`` or ``completion_field`` (one of them is ignored), a conversation next to
+        a text or a prompt/completion pair (the conversation is ignored), or an empty or
         whitespace-only text or completion (trained as a document that ends at once). Other keys
         of a line are read past.
     """
@@ -192,6 +193,7 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
     out: list[dict[str, str]] = []
     empty: dict[str, list[int]] = {}  # field -> the lines where it is empty or blank
     both: list[int] = []  # lines with a text field next to a prompt or completion field
+    beside: list[int] = []  # lines with a conversation next to a text or a prompt/completion pair (which is read)
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -211,6 +213,8 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                                 f"{_JSON_LINES_HINT if isinstance(row, list) else '.'}")
             if text_field in row and (prompt_field in row or completion_field in row):
                 both.append(lineno)
+            if messages_field in row and (text_field in row or (prompt_field in row and completion_field in row)):
+                beside.append(lineno)
             field = None  # the text field whose blank value is warned about
             if prompt_field in row and completion_field in row:
                 if isinstance(row[prompt_field], list) or isinstance(row[completion_field], list):
@@ -249,6 +253,12 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
             f"pair (the loss on the completion only) and its {text_field!r} is ignored; one with only one of them is "
             f"read as its {text_field!r} (every token trained), the other ignored. Keep one kind per line (drop or "
             "rename the other field).", stacklevel=3)
+    if beside:
+        warnings.warn(
+            f"{path}:{beside[0]}: {_count_lines(beside)} hold a {messages_field!r} conversation next to a "
+            f"{text_field!r} field or a {prompt_field!r}/{completion_field!r} pair, which is read (as it would be "
+            f"alone) and the conversation ignored. Keep one kind per line (drop or rename the other field).",
+            stacklevel=3)
     for field, lines in empty.items():
         after = "its prompt" if field == completion_field else "the start of the document"
         warnings.warn(

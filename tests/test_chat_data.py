@@ -383,6 +383,10 @@ def test_conversations_that_cannot_be_rendered_or_trained_are_refused_by_file_an
         render_chat(rows(), llama, chat_loss="user")
     with pytest.warns(UserWarning, match=r"d.jsonl:3: 1 conversation\(s\) hold no assistant turn"):
         render_chat(rows({"messages": [user, reply]}, {"messages": [user]}), llama)
+    with pytest.warns(UserWarning, match=r"d.jsonl:2: 2 line\(s\) \(2, 3\) hold a 'messages' conversation next to a "
+                                         r"'text' field or a 'prompt'/'completion' pair, which is read"):
+        got = rows({"messages": [user, reply], "text": "t"}, {"messages": [user, reply], "prompt": "p", "completion": "c"})
+    assert got[1:] == [{"text": "t"}, {"prompt": "p", "completion": "c"}]
 
     ctu._compile_jinja_template.cache_clear()
     monkeypatch.setattr(ctu, "is_jinja_available", lambda: False)
