@@ -1075,10 +1075,10 @@ def test_serve_reserves_token_rows_and_module_copies_for_adapters_added_live(tmp
 
 
 def test_drain_of_an_idle_server_is_prompt():
-    """The drain at shutdown (``Server.drain``, then ``Engine.stop``, which joins the engine's thread
-    with a 10 s cap) was reported to wait ~10 s for an idle engine. It does not: the idle thread waits
-    on the condition ``stop`` notifies (measured 0.14 s for the whole drain, 0.4 ms for ``stop``). This
-    keeps it so (a hang would take the 30 s grace or the 10 s cap). Requests in flight at a drain are
+    """The drain at shutdown (``Server.drain``, then ``Engine.stop``, which joins the engine's thread)
+    was reported to wait ~10 s for an idle engine. It does not: the idle thread waits on the condition
+    ``stop`` notifies (measured 0.14 s for the whole drain, 0.4 ms for ``stop``). This keeps it so (a
+    hang would take the 30 s grace). Requests in flight at a drain are
     tested by test_shutdown_answers_every_open_request_before_closing_its_connection."""
     import asyncio
 
@@ -1093,3 +1093,51 @@ def test_drain_of_an_idle_server_is_prompt():
     t0 = time.monotonic()
     assert asyncio.run(srv.drain(30.0)) == 0
     assert time.monotonic() - t0 < 3.0 and srv.closing and not eng.alive and "failed" not in eng.stats()
+
+
+def test_a_drain_waits_for_a_long_engine_step_and_answers_its_requests_before_returning():
+    """``Engine.stop`` joined the engine's thread for at most 10 s, so a step longer than that (a
+    first compile, a large model on the CPU) left the drain returning while its requests were still
+    open: a wrong count, and their 503s sent after uvicorn had closed the connections. ``stop`` now
+    waits until the step ends (``timeout=None``) or ``give_up()`` is true, and the drain uses that
+    with its ``force`` (a second Ctrl-C). Here a step takes 0.6 s: a capped stop returns before the
+    request is answered, the drain's after it."""
+    import asyncio
+
+    from jpeft.bank import AdapterBank
+    from jpeft.serve import Engine, Request
+    from jpeft.serve.app import Server
+
+    def slow_engine():
+        eng = Engine(MODEL, PARAMS, AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=1), slots=1,
+                     max_len=32, chunk=4, eos_ids=[], tokenizer=_word_tokenizer(WORDS))
+        fast, started = eng._iterate, threading.Event()
+
+        def iterate(bank, rows):  # every step of this engine takes 0.6 s more
+            started.set()
+            time.sleep(0.6)
+            fast(bank, rows)
+
+        eng._iterate = iterate
+        events = []
+        eng.start().submit(Request(_ids("w3 w4"), "a", 20, events.append, temperature=0.0))
+        assert started.wait(60)
+        return eng, events
+
+    eng, events = slow_engine()
+    t0 = time.monotonic()
+    eng.stop(timeout=0.05)  # capped: returns during the step, the request not answered yet
+    assert time.monotonic() - t0 < 0.5 and eng._thread.is_alive() and not any(e.kind == "error" for e in events)
+    eng.stop(timeout=None, give_up=lambda: False)  # until the step ends and the request is answered
+    assert not eng._thread.is_alive() and events[-1].kind == "error" and "shutting down" in events[-1].message
+
+    eng, events = slow_engine()
+    srv = Server(eng, base_name="tiny", tokenizer=eng.tokenizer)
+    assert asyncio.run(srv.drain(0.0)) == 1  # no grace: the running request ends with a 503, counted
+    assert not eng._thread.is_alive() and events[-1].kind == "error" and "shutting down" in events[-1].message
+
+    eng, events = slow_engine()
+    t0 = time.monotonic()
+    eng.stop(timeout=None, give_up=lambda: True)  # a second Ctrl-C: the drain stops waiting at once
+    assert time.monotonic() - t0 < 0.5
+    eng.stop(timeout=None)

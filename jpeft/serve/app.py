@@ -338,7 +338,8 @@ class Server:
         a 503, those running or waiting get up to ``grace`` seconds to finish (less once ``force()``
         is true: a second Ctrl-C), then the engine stops, and the ones left end with a 503 "the
         server is shutting down" (a streamed one as its last event) while their connections are
-        still open. Returns how many ended that way."""
+        still open: the drain waits for the engine's step in progress however long it takes, or
+        until ``force()``. Returns how many ended that way."""
         self.closing = True
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and not force():
@@ -347,7 +348,10 @@ class Server:
                 break
             await asyncio.sleep(0.05)
         before = self.engine.stats().get("failed", 0)
-        await run_in_threadpool(self.engine.stop)  # joins the engine's thread: not on the event loop
+        # joins the engine's thread (not on the event loop) until its step ends and the requests left are answered,
+        # however long that step takes (a capped wait would let the connections close before their 503), or until
+        # force(): a second Ctrl-C still ends a step that never does
+        await run_in_threadpool(self.engine.stop, None, force)
         return self.engine.stats().get("failed", 0) - before
 
     # -- models and adapters --------------------------------------------------------------------

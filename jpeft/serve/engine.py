@@ -317,12 +317,20 @@ class Engine:
                 self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: Optional[float] = 10.0, give_up: Optional[Callable[[], bool]] = None) -> None:
+        """Stops the engine: the step running ends, then every request left ends with a "the
+        server is shutting down" error event. Waits for that up to ``timeout`` seconds (``None``:
+        until it is done) or until ``give_up()`` is true (checked every 50 ms): a step that takes
+        longer (a first compile, a large model on the CPU) is still running when a capped wait
+        returns, and its requests end after it."""
         with self._cv:
             self._running = False
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread is not None and self._thread.is_alive():
+            if (give_up is not None and give_up()) or (deadline is not None and time.monotonic() >= deadline):
+                return
+            self._thread.join(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
 
     @property
     def alive(self) -> bool:
