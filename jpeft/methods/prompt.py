@@ -333,7 +333,9 @@ def to_prefix(model, params, adapter: Mapping[str, Any]) -> dict:
     are the same, and it works with
     ``jpeft.generate``. Under a sliding attention window the prefix keys sit in the slots the
     virtual tokens held, so they leave the window exactly as the virtual tokens do. Other nodes of ``adapter`` are applied while computing the prefixes and
-    returned unchanged.
+    returned unchanged. On a model whose rotary frequencies depend on the call's length (longrope,
+    dynamic NTK) the prefixes equal the prompt only while virtual and real tokens together stay
+    within the length where those frequencies do not change (docs/METHODS.md).
 
     Raises:
       UnsupportedModuleError: the model has no ``init_cache`` (it is not a jpeft decoder).
