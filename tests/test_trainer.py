@@ -546,6 +546,11 @@ def test_a_tensorboard_writer_that_fails_is_said_not_silently_dropped(tmp_path, 
         def __init__(self, logdir):
             raise PermissionError(f"cannot write {logdir}")
 
+    import importlib.machinery
+
+    tb = types.ModuleType("tensorboard")  # an installed tensorboard, as the writer's import looks for it first
+    tb.__spec__ = importlib.machinery.ModuleSpec("tensorboard", None)
+    monkeypatch.setitem(sys.modules, "tensorboard", tb)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Failing))
     with pytest.warns(UserWarning, match=r"TensorBoard logging is off.*PermissionError: cannot write"):
         log = jpeft.MetricLog(str(tmp_path / "m.jsonl"), tensorboard=str(tmp_path / "tb"))
