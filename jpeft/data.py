@@ -55,7 +55,7 @@ from jax.custom_derivatives import SymbolicZero
 from jpeft.errors import ConfigError, InputValidationError, LoadError
 
 __all__ = [
-    "load_examples", "render_chat", "tokenize_examples", "tokenize_documents", "pack", "pack_documents",
+    "load_examples", "is_conversation", "render_chat", "tokenize_examples", "tokenize_documents", "pack", "pack_documents",
     "PackedDataset", "model_inputs", "causal_lm_loss", "causal_lm_loss_chunked", "PACKINGS", "CHAT_LOSSES",
 ]
 
@@ -312,6 +312,13 @@ def text_encoder(tokenizer):
     return encode, bos, getattr(tokenizer, "eos_token_id", None)
 
 
+def is_conversation(example: Mapping[str, Any]) -> bool:
+    """Whether ``example`` (a row of :func:`load_examples`) is a conversation that :func:`render_chat`
+    has still to render: ``{"messages": [...]}``, or a ``prompt`` and ``completion`` that are lists
+    of messages."""
+    return "messages" in example or ("prompt" in example and not isinstance(example["prompt"], str))
+
+
 def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: str = "assistant") -> list[dict]:
     """Renders the conversations among ``examples`` (:func:`load_examples`' ``{"messages": [...]}``
     and conversational ``{"prompt": [...], "completion": [...]}`` rows) with the tokenizer's chat
@@ -346,11 +353,13 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
                           "assistant turns of a conversation, 'all' every token ([data] chat_loss in `jpeft train`).")
     out, idle = [], []
     for k, ex in enumerate(examples):
-        if "messages" in ex:
+        if not is_conversation(ex):
+            out.append(ex)
+        elif "messages" in ex:
             where = ex.get("where") or f"example {k}"
             out.append(_render_messages(tokenizer, ex["messages"], where, chat_loss))
             idle += [where] if not out[-1]["targets"] else []
-        elif "prompt" in ex and not isinstance(ex["prompt"], str):
+        else:  # TRL's conversational prompt/completion
             where = ex.get("where") or f"example {k}"
             prompt = _render(tokenizer, ex["prompt"], where, True)
             full = _render(tokenizer, list(ex["prompt"]) + list(ex["completion"]), where, False)
@@ -358,8 +367,6 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
                 raise LoadError(_unstable(where, "the prompt with the generation prompt", "prompt + completion", "this row "
                                           "as a 'messages' conversation with chat_loss = \"all\""))
             out.append({"chat": full, "targets": [[len(prompt), len(full)]]})
-        else:
-            out.append(ex)
     if idle:
         warnings.warn(f"{idle[0]}: {len(idle)} conversation(s) hold no assistant turn, so nothing of them is trained "
                       "(chat_loss = \"assistant\"); add the replies, drop them, or train every token (chat_loss = "
@@ -450,7 +457,7 @@ def tokenize_documents(
             if ids:
                 docs.append((np.asarray(ids, np.int32), np.asarray(mask, bool)))
             continue
-        if "messages" in ex or isinstance(ex.get("prompt"), list):
+        if is_conversation(ex):
             raise InputValidationError("a conversation (a list of role/content messages) must be rendered with the "
                                        "model's chat template first: render_chat(examples, tokenizer).")
         if "text" in ex:

@@ -405,6 +405,7 @@ def test_jpeft_train_and_eval_read_a_messages_file(chat_root, tmp_path, capsys, 
     refused before anything loads."""
     import json
     import pathlib
+    import shutil
 
     from jpeft.cli import main
 
@@ -421,6 +422,15 @@ def test_jpeft_train_and_eval_read_a_messages_file(chat_root, tmp_path, capsys, 
                    '[train]\nsteps = 2\nbatch_size = 2\neval_every = 2\nsave_every = 2\nlog_every = 1\n')
     assert main(["train", "--config", str(cfg), "--no-progress", "--set", "data.chat_loss=user"]) == 2
     assert "data.chat_loss must be \"assistant\"" in capsys.readouterr().err
+    # a line the template cannot train is named before the weights are read (here there are none to read)
+    bare = tmp_path / "bare"
+    shutil.copytree(model, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"messages": c} for c in CHATS] + [{"messages": CHATS[0][-1:]}])
+    assert main(["train", "--config", str(cfg), "--no-progress", "--set", f"model={bare}", "--set",
+                 f"data.train={bad}", "--set", "output_dir=bad"]) == 2
+    err = capsys.readouterr().err
+    assert f"bad.jsonl:{len(CHATS) + 1}: the conversation begins with an assistant turn" in err, err
+    assert CHATS[0][-1]["role"] == "assistant" and not (tmp_path / "bad").exists()
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0, capsys.readouterr().err
     recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     capsys.readouterr()

@@ -24,15 +24,15 @@ from jpeft import distributed as dist
 from jpeft.checkpoint import CheckpointManager
 from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import method_class, method_name_of, method_of, say as _say
-from jpeft.cli._model import load_folder
+from jpeft.cli._model import import_transformers_without_torch, load_folder
 from jpeft.core import logits_of
-from jpeft.data import load_examples, model_inputs, PackedDataset, render_chat, text_encoder
+from jpeft.data import is_conversation, load_examples, model_inputs, PackedDataset, render_chat, text_encoder
 from jpeft.errors import (BaseMismatchError, CheckpointError, CheckpointUnreadableError, ConfigError, DistributedError,
                           SaveError, ShardingError)
 from jpeft.forgetting.guard import current_lr_scale
 from jpeft.forgetting.metrics import perplexity
 from jpeft.io import atomic_write, check_folder
-from jpeft.models import LlamaForCausalLM, loading
+from jpeft.models import LlamaForCausalLM, load_tokenizer, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
 from jpeft.tree import host_array
@@ -514,6 +514,13 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         train_ex = load_examples(d["train"], **fields)
         eval_ex = load_examples(d["eval"], **fields) if d.get("eval") else None
         canary_ex = load_examples(fg["canary"], **fields) if fg else None
+        if any(is_conversation(ex) for exs in (train_ex, eval_ex, canary_ex) if exs for ex in exs):
+            # rendered with the folder's tokenizer before the weights are read: a template that refuses a line
+            # (or is not prefix-stable) is named in seconds, not after the whole base has loaded
+            import_transformers_without_torch()
+            tok = load_tokenizer(cfg["model"])
+            train_ex, eval_ex, canary_ex = (None if exs is None else render_chat(exs, tok, chat_loss=d["chat_loss"])
+                                            for exs in (train_ex, eval_ex, canary_ex))
         ckpt_dir = os.path.join(out_dir, "checkpoints")
         has_ckpts = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
         if not resume and has_ckpts:
@@ -558,11 +565,10 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         encode, bos, eos = text_encoder(loaded.tokenizer)
 
         def pack(examples, key, path):
-            """Packs one file's examples (conversations rendered with the tokenizer's chat template); its
-            warnings and errors name the file (train, eval or canary)."""
-            return PackedDataset.from_examples(render_chat(examples, loaded.tokenizer, chat_loss=d["chat_loss"]), encode,
-                                               int(d["seq_len"]), eos_id=eos, bos_id=bos, packing=d["packing"],
-                                               source=f"{key} ({path})")
+            """Packs one file's examples (conversations rendered above); its warnings and errors name the
+            file (train, eval or canary)."""
+            return PackedDataset.from_examples(examples, encode, int(d["seq_len"]), eos_id=eos, bos_id=bos,
+                                               packing=d["packing"], source=f"{key} ({path})")
 
         train_ds = pack(train_ex, "data.train", d["train"])
         eval_ds = pack(eval_ex, "data.eval", d.get("eval")) if eval_ex is not None else None
