@@ -157,6 +157,10 @@ def save_base(path: str, model, params) -> None:
 def save_byte_tokenizer(path: str) -> None:
     """The byte-level tokenizer of :func:`save_base` (token id = byte value) into ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from jpeft.cli._model import import_transformers_without_torch
+
+    import_transformers_without_torch()  # in a `jpeft` process: no torch for a tokenizer (seconds of start-up)
     from transformers import PreTrainedTokenizerFast
 
     ch = _byte_chars()
