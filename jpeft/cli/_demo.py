@@ -21,6 +21,7 @@ import optax
 import jpeft
 from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import format_table, human_bytes
+from jpeft.cli._model import import_transformers_without_torch
 from jpeft.config import strict_json
 from jpeft.forgetting import language as L
 from jpeft.forgetting.replay import replay_rows
@@ -157,8 +158,6 @@ def save_base(path: str, model, params) -> None:
 def save_byte_tokenizer(path: str) -> None:
     """The byte-level tokenizer of :func:`save_base` (token id = byte value) into ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from jpeft.cli._model import import_transformers_without_torch
 
     import_transformers_without_torch()  # in a `jpeft` process: no torch for a tokenizer (seconds of start-up)
     from transformers import PreTrainedTokenizerFast
