@@ -1038,3 +1038,29 @@ def test_resume_resolves_the_method_once_and_says_its_note_once(folder, capsys, 
     except Stop:
         pass
     assert capsys.readouterr().err.count("started in the base's dtype (bfloat16) by an earlier jpeft") == 1
+
+
+def test_ctrl_c_inside_an_extension_modules_import_ends_with_one_line_and_status_130(monkeypatch, capsys):
+    """A Ctrl-C that lands while a C extension initialises surfaces as its ``ImportError:
+    initialization failed`` raised from the KeyboardInterrupt (pybind11's ``raise_from``): the
+    fresh-clone run's start-up test above hit it once at its 2.5 s delay, in tensorstore's import
+    (orbax, imported lazily), and the command ended with status 1 and a traceback. It ends as any
+    other Ctrl-C now; an ImportError of its own is still a bug's traceback."""
+    import jpeft.cli.info_cmd as info_cmd
+
+    def interrupted_import(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    monkeypatch.setattr(info_cmd, "run", interrupted_import)
+    assert main(["info", "x"]) == 130
+    assert one_line(capsys.readouterr().err) == "jpeft info: interrupted"
+
+    def broken_import(args):
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(info_cmd, "run", broken_import)
+    with pytest.raises(ImportError, match="initialization failed"):
+        main(["info", "x"])

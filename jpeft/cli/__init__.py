@@ -248,6 +248,20 @@ def _forget_caught_ctrl_c():
     exec("")
 
 
+def _from_ctrl_c(e: BaseException) -> bool:
+    """Whether ``e`` was raised because of a KeyboardInterrupt (its cause or context, at any
+    depth): a Ctrl-C that lands while a C extension module initialises (orbax's tensorstore, imported
+    when the first checkpoint is made) surfaces as that module's ``ImportError: initialization
+    failed``, raised from the interrupt."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _interrupt_main_soon(state):
     time.sleep(0.01)
     if state["active"] and not state["handled"]:
@@ -293,6 +307,9 @@ def _main(argv: Optional[Sequence[str]], ctrl_c: dict) -> int:
     except OSError as e:  # the environment: a read-only or full disk, a missing permission
         return _end(prog, 2, f"{type(e).__name__}: {e}")
     except Exception as e:  # a bug, or a collective operation that failed: alone in a job, the others would wait
+        if _from_ctrl_c(e):  # a Ctrl-C inside a C extension's import (tensorstore's): "ImportError: initialization failed"
+            ctrl_c["handled"] = True
+            return _end(prog, 130, None)
         if _job() is None:
             raise
         return _end(prog, *_unexpected(e))
