@@ -67,6 +67,13 @@ def import_transformers_without_torch() -> None:
             os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = quiet
 
 
+def read_tokenizer(folder: str):
+    """The folder's tokenizer (:func:`jpeft.models.load_tokenizer`), read in a ``jpeft`` process
+    with transformers imported without torch (:func:`import_transformers_without_torch`)."""
+    import_transformers_without_torch()
+    return load_tokenizer(folder)
+
+
 #: a Hugging Face PEFT adapter's files, which ``merge --force`` removes from its output folder
 PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -99,9 +106,7 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
             raise ConfigError(f"train.scan_layers is for Llama-family models ({', '.join(llama)}); {folder!r} is a "
                               f"{d.get('model_type')!r} model. Set scan_layers = false.")
     # the tokenizer first: a mismatch is refused before the weights are read
-    if tokenizer:
-        import_transformers_without_torch()
-    tok = load_tokenizer(folder) if tokenizer else None
+    tok = read_tokenizer(folder) if tokenizer else None
     vocab = d.get("vocab_size")
     # the highest id, not the count: a vocabulary may skip ids ({"a": 2, "zz": 40} is 2 tokens), and an id past the
     # embedding table reads no row of it (a NaN loss in `jpeft eval`, whose rows no batch check sees)

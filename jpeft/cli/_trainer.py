@@ -24,7 +24,7 @@ from jpeft import distributed as dist
 from jpeft.checkpoint import CheckpointManager
 from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import method_class, method_name_of, method_of, say as _say
-from jpeft.cli._model import import_transformers_without_torch, load_folder
+from jpeft.cli._model import load_folder, read_tokenizer
 from jpeft.core import logits_of
 from jpeft.data import is_conversation, load_examples, model_inputs, PackedDataset, render_chat, text_encoder
 from jpeft.errors import (BaseMismatchError, CheckpointError, CheckpointUnreadableError, ConfigError, DistributedError,
@@ -32,7 +32,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, CheckpointUnreadab
 from jpeft.forgetting.guard import current_lr_scale
 from jpeft.forgetting.metrics import perplexity
 from jpeft.io import atomic_write, check_folder
-from jpeft.models import LlamaForCausalLM, load_tokenizer, loading
+from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
 from jpeft.tree import host_array
@@ -517,8 +517,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         if any(is_conversation(ex) for exs in (train_ex, eval_ex, canary_ex) if exs for ex in exs):
             # rendered with the folder's tokenizer before the weights are read: a template that refuses a line
             # (or is not prefix-stable) is named in seconds, not after the whole base has loaded
-            import_transformers_without_torch()
-            tok = load_tokenizer(cfg["model"])
+            tok = read_tokenizer(cfg["model"])
             train_ex, eval_ex, canary_ex = (None if exs is None else render_chat(exs, tok, chat_loss=d["chat_loss"])
                                             for exs in (train_ex, eval_ex, canary_ex))
         ckpt_dir = os.path.join(out_dir, "checkpoints")

@@ -13,10 +13,9 @@ import jpeft
 from jpeft.bank import AdapterBank, check_lora
 from jpeft.cli._ckpt import load_adapter, note_quantized_training, untie_for
 from jpeft.cli._common import parse_targets, say
-from jpeft.cli._model import example_ids, import_transformers_without_torch, load_folder
+from jpeft.cli._model import example_ids, load_folder, read_tokenizer
 from jpeft.errors import BaseMismatchError, ConfigError, LoadError
 from jpeft.generate import as_eos_ids
-from jpeft.models import load_tokenizer
 from jpeft.serve.engine import Engine
 
 HELP = "serve a base model and many LoRA adapters over the OpenAI API (continuous batching, hot loading)"
@@ -149,8 +148,7 @@ def build(args):
             "shared base is read with an lm_head of its own (a copy of the embedding, as PEFT unties it: the same "
             "outputs for the base and every other adapter, one vocab x hidden matrix more memory).")
     try:  # the API answers with text: without the folder's tokenizer every completion would be empty
-        import_transformers_without_torch()
-        tok = load_tokenizer(args.model)
+        tok = read_tokenizer(args.model)
     except LoadError as e:
         raise LoadError(f"jpeft serve answers with text, so it needs the model folder's tokenizer: {e}") from None
     example = example_ids()
