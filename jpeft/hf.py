@@ -54,7 +54,7 @@ from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read
 from jpeft.methods._common import HEAD_MODULES, TASK_HEADS
 from jpeft.methods._common import has_modules_to_save, head_copies, saved_from_hf, saved_to_hf
 from jpeft.methods.base import FOREIGN_SITE_FIX, Method, foreign_site, method_for_peft_type, registered_methods
-from jpeft.models.loading import read_config
+from jpeft.models.loading import BERT_ARCHITECTURES, read_config
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys,  # noqa: F401
                                config_from_peft, peft_key, split_peft_key, take_base_copies, take_embedding_copies, to_np)
 from jpeft.tree import compile_pattern, count, from_hf_name, hf_name, module_leaves, unwrap_params
@@ -168,11 +168,16 @@ def _bert_task(inner) -> Optional[str]:
     return None
 
 
+# the BertConfig.task of each PEFT task type that needs a token-level BERT head (its transformers
+# class is loading's BERT_ARCHITECTURES)
+_BERT_HEAD_TASKS = {"TOKEN_CLS": "token_classification", "QUESTION_ANS": "question_answering"}
+
+
 def _head_fix(task: str) -> str:
-    cls = {"TOKEN_CLS": "BertForTokenClassification", "QUESTION_ANS": "BertForQuestionAnswering"}.get(task)
-    if cls is None:
+    name = _BERT_HEAD_TASKS.get(task)
+    if name is None:
         return ""
-    name = {"TOKEN_CLS": "token_classification", "QUESTION_ANS": "question_answering"}[task]
+    cls = BERT_ARCHITECTURES[name]
     return (f"; use the params of jpeft.models.{cls} (from_pretrained of its checkpoint, or "
             f"from_pretrained(folder, task={name!r}))")
 

@@ -245,10 +245,10 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
 
 # the transformers class of each BertConfig.task (config.json's architectures; any other BERT class, BertModel or
 # BertForMaskedLM, loads as the sequence classifier with a fresh head, as before)
-_BERT_ARCHITECTURES = {"sequence_classification": "BertForSequenceClassification",
+BERT_ARCHITECTURES = {"sequence_classification": "BertForSequenceClassification",
                        "token_classification": "BertForTokenClassification",
                        "question_answering": "BertForQuestionAnswering"}
-_BERT_TASKS = {v: k for k, v in _BERT_ARCHITECTURES.items()}
+_BERT_TASKS = {v: k for k, v in BERT_ARCHITECTURES.items()}
 
 _DECODER_IGNORED = (r".*\.rotary_emb\.inv_freq",)
 
@@ -971,7 +971,7 @@ def config_to_hf(config) -> dict:
         )
     if isinstance(config, BertConfig):
         return dict(
-            model_type="bert", architectures=[_BERT_ARCHITECTURES[config.task]], vocab_size=config.vocab_size,
+            model_type="bert", architectures=[BERT_ARCHITECTURES[config.task]], vocab_size=config.vocab_size,
             hidden_size=config.hidden_size, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
             intermediate_size=config.intermediate_size, max_position_embeddings=config.max_position_embeddings,
             type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps, hidden_act=config.hidden_act,
