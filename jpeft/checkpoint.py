@@ -95,19 +95,28 @@ _LOCK_FILE = ".jpeft-writer.lock"  # flock-ed by the one manager allowed to save
 _log = logging.getLogger(__name__)
 
 
-class _DropReadOnlyNotes(logging.Filter):
-    """Orbax's two warnings on opening a manager read-only (``save_interval_steps`` set to 0;
-    "Given directory is read only", said of a writable folder): what ``read_only=True`` asked
-    for, not news to the user (``jpeft eval --adapter <checkpoint>`` printed both)."""
+class _DropNotes(logging.Filter):
+    """Orbax's warnings that say what jpeft asked for, not news to the user: on opening a manager
+    read-only, ``save_interval_steps`` set to 0 and "Given directory is read only" (said of a
+    writable folder; ``jpeft eval --adapter <checkpoint>`` printed both); on an unranked save
+    (``save(..., ranked=False)``), "Requested `tracked_metric`; did not provide metrics"."""
+
+    def __init__(self, notes):
+        super().__init__()
+        self.notes = notes
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not ("read_only=True, setting save_interval_steps" in msg or "Given directory is read only" in msg)
+        return not any(n in msg for n in self.notes)
+
+
+_READ_ONLY_NOTES = ("read_only=True, setting save_interval_steps", "Given directory is read only")
+_UNRANKED_NOTES = ("did not provide metrics",)
 
 
 @contextlib.contextmanager
-def _quiet_read_only_notes():
-    f = _DropReadOnlyNotes()
+def _quiet_notes(notes=_READ_ONLY_NOTES):
+    f = _DropNotes(notes)
     log = logging.getLogger("absl")
     log.addFilter(f)
     try:
@@ -467,7 +476,7 @@ class CheckpointManager:
         self._lock = None  # the writer lock, taken at the first save
         self._pending: Optional[int] = None  # the step of the last asynchronous save started
         self._damaged: set[int] = set()  # steps restore_latest(fallback=True) skipped as damaged
-        with _quiet_read_only_notes():
+        with _quiet_notes():
             try:
                 self._mngr = self._open()
             except PermissionError:  # the folder of another user (umask 077): intact, but closed to this process
@@ -770,7 +779,7 @@ class CheckpointManager:
     # -- save ----------------------------------------------------------------------------------------
     def save(self, step: int, adapter: Mapping[str, Any], opt_state=None, key=None, *, data_position: Any = None,
              metrics: Optional[Mapping[str, float]] = None, force: bool = False,
-             extra: Optional[Mapping[str, Any]] = None) -> bool:
+             extra: Optional[Mapping[str, Any]] = None, ranked: bool = True) -> bool:
         """Saves the training state at ``step`` if ``step`` is a multiple of ``save_every`` (or
         ``force``). Returns whether a checkpoint was started.
 
@@ -780,6 +789,12 @@ class CheckpointManager:
         optional; :func:`jpeft.fit` saves its forgetting guard's kept state and report there),
         restored as :attr:`TrainState.extra`. With ``async_save`` the call returns once the arrays are copied
         to the host; the device buffers may then be donated to the next step.
+
+        With ``keep_best``, ``metrics`` must hold ``best_metric``, which ranks the step; ``ranked=False``
+        saves a state that has no value of it (``metrics`` then must not hold it): its ``metrics`` are kept
+        (:meth:`metrics`) and the step is never ranked (:meth:`best_step` passes it over, ``keep_best`` does not
+        keep it; ``keep_last`` rotates it as any step). :func:`jpeft.fit` saves so a stop on skipped steps
+        before any finite step, whose pending skips a resumed run reads from its metrics.
 
         The first save takes this directory's writer lock (held until :meth:`close`): a second
         manager saving into the same directory, in this or another process, is refused. A
@@ -853,12 +868,16 @@ class CheckpointManager:
                 clean_metrics = {str(k): float(np.asarray(jax.device_get(v))) for k, v in dict(metrics).items()}
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"metrics must map names to scalars: {e}") from None
-            if self.keep_best and self.best_metric not in clean_metrics:
+            if ranked and self.keep_best and self.best_metric not in clean_metrics:
                 raise ConfigError(
                     f"metrics must include best_metric={self.best_metric!r}; found keys {sorted(clean_metrics)}. "
                     "jpeft.fit passes the training loss as {'loss': ...}: rank by best_metric='loss' there, or call "
                     "save(..., metrics={...}) from your own loop with the metric you rank by."
                 )
+        if not ranked and self.keep_best and clean_metrics is not None and self.best_metric in clean_metrics:
+            raise ConfigError(
+                f"save(..., ranked=False) is for a state without a value of best_metric={self.best_metric!r}, but its "
+                f"metrics hold one ({clean_metrics[self.best_metric]!r}); leave ranked=True to rank the step by it.")
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -892,14 +911,15 @@ class CheckpointManager:
             raise ConfigError(f"data_position must be JSON-able (an int, a dict of ints, ...), as must extra['meta']: {e}") from None
         ocp = _ocp()
         try:
-            started = bool(
-                self._mngr.save(
-                    step,
-                    args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
-                    metrics=clean_metrics if self.keep_best else None,
-                    force=True,
+            with contextlib.nullcontext() if ranked else _quiet_notes(_UNRANKED_NOTES):
+                started = bool(
+                    self._mngr.save(
+                        step,
+                        args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
+                        metrics=clean_metrics if (self.keep_best and ranked) else None,
+                        force=True,
+                    )
                 )
-            )
             self._pending = step
             return started
         except Exception as e:

@@ -76,7 +76,9 @@ def load_examples(
     """Reads a text or JSONL dataset into a list of ``{"text": ...}`` or
     ``{"prompt": ..., "completion": ...}`` dicts, and conversations (unrendered, for
     :func:`render_chat`): ``{"messages": [...], "where": "file:line"}``, or
-    ``{"prompt": [...], "completion": [...], "where": ...}`` (TRL's conversational prompt/completion).
+    ``{"prompt": [...], "completion": [...], "where": ...}`` (TRL's conversational prompt/completion),
+    with the line's ``tools`` (TRL's column: a list of JSON-schema objects that the chat template
+    renders; ``null`` is none) as ``"tools"`` when it has them.
 
     Args:
       path: a ``.jsonl`` file (one JSON object per line), or any other file read as UTF-8
@@ -89,13 +91,14 @@ def load_examples(
         neither ``text_field`` nor both ``prompt_field`` and ``completion_field`` nor ``messages_field``,
         or one of those values is not a string (``null``, a number, a list) or holds a lone surrogate
         escape (``"\\ud800"``, which JSON reads but is not text); a conversation is not a non-empty list
-        of ``{"role": str, "content": str}`` objects.
+        of ``{"role": str, "content": str}`` objects, or its ``tools`` is not a list of objects.
 
     Warns:
       UserWarning: naming the file and lines: a line holds a ``text_field`` next to a
         ``prompt_field`` or ``completion_field`` (one of them is ignored), a conversation next to
         a text or a prompt/completion pair (the conversation is ignored), or an empty or
-        whitespace-only text or completion (trained as a document that ends at once). Other keys
+        whitespace-only text or completion (trained as a document that ends at once), ``tools`` on
+        a line that is no conversation (only a chat template renders them: ignored). Other keys
         of a line are read past.
     """
     if prompt_field == completion_field:
@@ -176,6 +179,21 @@ def _messages(path: str, lineno: int, row: Mapping, field: str) -> list[dict]:
     return [dict(m) for m in v]
 
 
+def _tools(path: str, lineno: int, row: Mapping) -> dict:
+    """A conversation line's ``tools`` as ``{"tools": [...]}`` (``{}`` without them, or for ``null``): the
+    list of JSON-schema objects that ``apply_chat_template(messages, tools=...)`` renders, as TRL passes it."""
+    v = row.get("tools")
+    if v is None:
+        return {}
+    if isinstance(v, list) and all(isinstance(t, Mapping) for t in v):
+        return {"tools": [dict(t) for t in v]}
+    found = (f"{type(v).__name__} {json.dumps(v)[:60]}" if not isinstance(v, list) else
+             "a list holding " + json.dumps(next(t for t in v if not isinstance(t, Mapping)))[:60])
+    raise LoadError(f"{path}:{lineno}: the 'tools' field must be a list of tool objects (JSON schemas such as "
+                    "{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}, which the chat "
+                    f"template renders), or null for none; found {found}.")
+
+
 # said of a file holding one JSON array, or one object spread over lines (json.dump(..., indent=2)): .json is
 # JSON Lines here, and a bare "expected a JSON object, found list" leaves the fix to guess
 _JSON_LINES_HINT = ("; a .json/.jsonl file is read as JSON Lines, one object per line, not as one JSON array or an object "
@@ -194,6 +212,7 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
     empty: dict[str, list[int]] = {}  # field -> the lines where it is empty or blank
     both: list[int] = []  # lines with a text field next to a prompt or completion field
     beside: list[int] = []  # lines with a conversation next to a text or a prompt/completion pair (which is read)
+    stray_tools: list[int] = []  # lines with tools that are no conversation (no template renders them)
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -221,7 +240,7 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                     # TRL's conversational prompt/completion: both lists of messages
                     out.append({"prompt": _messages(path, lineno, row, prompt_field),
                                 "completion": _messages(path, lineno, row, completion_field),
-                                "where": f"{path}:{lineno}"})
+                                "where": f"{path}:{lineno}", **_tools(path, lineno, row)})
                 else:
                     out.append({"prompt": _text_value(path, lineno, row, prompt_field),
                                 "completion": _text_value(path, lineno, row, completion_field)})
@@ -230,7 +249,8 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                 out.append({"text": _text_value(path, lineno, row, text_field)})
                 field = text_field
             elif messages_field in row:
-                out.append({"messages": _messages(path, lineno, row, messages_field), "where": f"{path}:{lineno}"})
+                out.append({"messages": _messages(path, lineno, row, messages_field), "where": f"{path}:{lineno}",
+                            **_tools(path, lineno, row)})
             else:
                 other = next((k for k in ("messages", "conversations") if isinstance(row.get(k), list)), None)
                 fix = (f"A conversation is read from the {messages_field!r} field: name yours with messages_field = "
@@ -244,6 +264,8 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                 )
             if field is not None and not row[field].strip():
                 empty.setdefault(field, []).append(lineno)
+            if field is not None and row.get("tools") is not None:
+                stray_tools.append(lineno)
     if not out:
         raise LoadError(f"dataset file {path!r} has no examples.")
     if both:
@@ -259,6 +281,12 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
             f"{text_field!r} field or a {prompt_field!r}/{completion_field!r} pair, which is read (as it would be "
             f"alone) and the conversation ignored. Keep one kind per line (drop or rename the other field).",
             stacklevel=3)
+    if stray_tools:
+        warnings.warn(
+            f"{path}:{stray_tools[0]}: {_count_lines(stray_tools)} hold a 'tools' field next to a {text_field!r} or a "
+            f"{prompt_field!r}/{completion_field!r} pair of strings, which is read as it is: tools are rendered by a "
+            f"chat template, which renders conversations only, so they are ignored. Write these lines as conversations "
+            f"({messages_field!r}, or a prompt and completion of messages), or drop the tools.", stacklevel=3)
     for field, lines in empty.items():
         after = "its prompt" if field == completion_field else "the start of the document"
         warnings.warn(
@@ -324,7 +352,9 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
     and conversational ``{"prompt": [...], "completion": [...]}`` rows) with the tokenizer's chat
     template, ``tokenizer.apply_chat_template(messages, tokenize=False)`` (transformers' own
     rendering: its Jinja environment, the template from ``tokenizer_config.json``'s ``chat_template``
-    or a ``chat_template.jinja`` file); other rows are returned as they are.
+    or a ``chat_template.jinja`` file); other rows are returned as they are. A row's ``tools``
+    (:func:`load_examples`) are passed on, ``apply_chat_template(messages, tools=row["tools"], ...)``, to
+    every rendering of it, as TRL's ``SFTTrainer`` does.
 
     A rendered row is ``{"chat": text, "targets": [[start, end], ...]}``: the text, which holds
     its own special tokens (:func:`tokenize_documents` tokenizes it as ``apply_chat_template(...,
@@ -357,12 +387,12 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
             out.append(ex)
         elif "messages" in ex:
             where = ex.get("where") or f"example {k}"
-            out.append(_render_messages(tokenizer, ex["messages"], where, chat_loss))
+            out.append(_render_messages(tokenizer, ex["messages"], where, chat_loss, ex.get("tools")))
             idle += [where] if not out[-1]["targets"] else []
         else:  # TRL's conversational prompt/completion
             where = ex.get("where") or f"example {k}"
-            prompt = _render(tokenizer, ex["prompt"], where, True)
-            full = _render(tokenizer, list(ex["prompt"]) + list(ex["completion"]), where, False)
+            prompt = _render(tokenizer, ex["prompt"], where, True, ex.get("tools"))
+            full = _render(tokenizer, list(ex["prompt"]) + list(ex["completion"]), where, False, ex.get("tools"))
             if not full.startswith(prompt):
                 raise LoadError(_unstable(where, "the prompt with the generation prompt", "prompt + completion", "this row "
                                           "as a 'messages' conversation with chat_loss = \"all\""))
@@ -374,8 +404,8 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
     return out
 
 
-def _render_messages(tokenizer, messages, where: str, chat_loss: str) -> dict:
-    full = _render(tokenizer, messages, where, False)
+def _render_messages(tokenizer, messages, where: str, chat_loss: str, tools=None) -> dict:
+    full = _render(tokenizer, messages, where, False, tools)
     if chat_loss == "all":
         return {"chat": full, "targets": [[0, len(full)]]}
     targets = []
@@ -386,8 +416,8 @@ def _render_messages(tokenizer, messages, where: str, chat_loss: str) -> dict:
             raise LoadError(f"{where}: the conversation begins with an assistant turn, so nothing renders before it to "
                             "tell the reply from its header; begin with a system or user turn, or train every token "
                             "(chat_loss = \"all\").")
-        before = _render(tokenizer, messages[:i], where, True)
-        upto = _render(tokenizer, messages[:i + 1], where, False)
+        before = _render(tokenizer, messages[:i], where, True, tools)
+        upto = _render(tokenizer, messages[:i + 1], where, False, tools)
         if not (upto.startswith(before) and full.startswith(upto)):
             raise LoadError(_unstable(where, f"messages[:{i}] with the generation prompt" if not upto.startswith(before)
                                       else f"messages[:{i + 1}]", f"messages[:{i + 1}]" if not upto.startswith(before)
@@ -403,16 +433,17 @@ def _unstable(where: str, part: str, whole: str, fix: str) -> str:
             "conversation's beginning are prefixes of the whole.")
 
 
-def _render(tokenizer, messages, where: str, generation_prompt: bool) -> str:
-    """``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``; its
-    refusals as named errors."""
+def _render(tokenizer, messages, where: str, generation_prompt: bool, tools=None) -> str:
+    """``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=...)``
+    (``tools`` only when given); its refusals as named errors."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise LoadError(f"{where}: a conversation is rendered with the model's chat template, and "
                         f"{'no tokenizer was given' if tokenizer is None else 'the tokenizer has none'} (no chat_template "
                         "in tokenizer_config.json, no chat_template.jinja in the model folder). Use a model folder whose "
                         "tokenizer has one (an instruct model's), or write the data as text or prompt/completion lines.")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             **({} if tools is None else {"tools": tools}))
     except ImportError as e:  # transformers renders with jinja2, which it does not require
         raise ConfigError(f"rendering conversations with the chat template needs jinja2 ({e}); reinstall jpeft (pip "
                           "install -e .), which depends on it, or pip install 'jinja2>=3.1.6'.") from None

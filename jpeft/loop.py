@@ -236,9 +236,9 @@ class _Interrupt:
 SETTLE_MIN_STEP_S = 0.5
 
 
-def _summary_writer(logdir: str):
+def _summary_writer(logdir: str, purge_step: Optional[int] = None):
     """A TensorBoard SummaryWriter when tensorboard or tensorboardX is installed, else None
-    (TensorBoard is optional: metrics always go to the JSONL file)."""
+    (TensorBoard is optional: metrics always go to the JSONL file). ``purge_step``: see :class:`MetricLog`."""
     SummaryWriter = None
     # torch's writer needs the tensorboard package: without it, importing torch (seconds) finds nothing
     if importlib.util.find_spec("tensorboard") is not None:
@@ -252,7 +252,7 @@ def _summary_writer(logdir: str):
         except ImportError:
             return None
     try:
-        return SummaryWriter(logdir)
+        return SummaryWriter(logdir, **({} if purge_step is None else {"purge_step": int(purge_step)}))
     except Exception as e:  # an unwritable folder, a broken install: said, not a silently missing log
         warnings.warn(f"TensorBoard logging is off for this run: SummaryWriter({logdir!r}) failed "
                       f"({type(e).__name__}: {e}); the metrics still go to the JSONL log.", UserWarning, stacklevel=3)
@@ -265,6 +265,12 @@ class MetricLog:
     with ``echo``, a short line on stderr. Only the main process (``jax.process_index() == 0``)
     writes, so a multi-host run has one log.
 
+    ``purge_step``: the first step whose records this log writes anew into a ``tensorboard`` folder an
+    earlier run wrote into (a resumed run: the step after its checkpoint). It is handed to the
+    SummaryWriter (``purge_step``), whose first event tells TensorBoard to hide that folder's older
+    events of this step and later, so the steps the resumed run repeats are not shown twice. The JSONL file is
+    appended to as it is (``jpeft train`` removes those records from it before the run).
+
     >>> import tempfile, os, json
     >>> d = tempfile.mkdtemp()
     >>> with MetricLog(os.path.join(d, "m.jsonl")) as log:
@@ -273,7 +279,8 @@ class MetricLog:
     {'step': 1, 'loss': 2.5}
     """
 
-    def __init__(self, jsonl: Optional[str] = None, *, tensorboard: Optional[str] = None, echo: bool = False):
+    def __init__(self, jsonl: Optional[str] = None, *, tensorboard: Optional[str] = None, echo: bool = False,
+                 purge_step: Optional[int] = None):
         self.main = jax.process_index() == 0
         self.echo = echo
         self._f = open(jsonl, "a") if (jsonl and self.main) else None
@@ -284,7 +291,7 @@ class MetricLog:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     self._f.write("\n")
-        self._tb = _summary_writer(tensorboard) if (tensorboard and self.main) else None
+        self._tb = _summary_writer(tensorboard, purge_step) if (tensorboard and self.main) else None
 
     def __call__(self, rec: Mapping[str, Any]) -> None:
         if not self.main:
@@ -410,20 +417,20 @@ def _check_batch(batch, reference, pos: int, vocab_size, max_positions, token_ke
     return reference
 
 
-def _stop_metrics(history: list, guard: NonFiniteGuard, resumed: Mapping[str, Any], checkpoint) -> Optional[dict]:
-    """The metrics of the checkpoint saved where the run stops. After skipped steps its state is
-    the last finite step's, so it carries that step's loss (from this call, else from the checkpoint
-    resumed from), never the skipped step's NaN that ``keep_best`` would rank, and the skips still
-    pending (:meth:`NonFiniteGuard.pending`). Without a finite loss known (every step skipped since
-    step 0) it carries no loss: unranked (``None``) when the manager keeps the best by it."""
+def _stop_save_args(history: list, guard: NonFiniteGuard, resumed: Mapping[str, Any], checkpoint) -> dict:
+    """The metrics (and ranking) of the checkpoint saved where the run stops, as ``save`` keywords. After
+    skipped steps its state is the last finite step's, so it carries that step's loss (from this call,
+    else from the checkpoint resumed from), never the skipped step's NaN that ``keep_best`` would rank,
+    and the skips still pending (:meth:`NonFiniteGuard.pending`). Without a finite loss known (every step
+    skipped since step 0) it carries the pending skips alone, saved unranked (``ranked=False``) when the
+    manager keeps the best by the loss: nothing to rank it by, and a resumed run still counts them on."""
     pending = guard.pending()
     if pending is None:
-        return {"loss": history[-1]["loss"]} if "loss" in history[-1] else None
+        return {"metrics": {"loss": history[-1]["loss"]} if "loss" in history[-1] else None}
     kept = next((h for h in reversed(history) if not h.get("skipped")), resumed)
     loss = {"loss": kept["loss"]} if "loss" in kept else {}
-    if not loss and getattr(checkpoint, "keep_best", 0):
-        return None
-    return {**loss, **pending}
+    unranked = not loss and getattr(checkpoint, "keep_best", 0)
+    return {"metrics": {**loss, **pending}, **({"ranked": False} if unranked else {})}
 
 
 def fit(
@@ -719,8 +726,9 @@ def fit(
         if ends and not stopped and eval_fn is not None and evaluated != step and not history[-1].get("skipped"):
             evaluate(step)  # likewise the final evaluation
         if checkpoint is not None and save_last and ran and not stopped and step not in checkpoint.all_steps():
-            checkpoint.save(step, adapter, opt_state, key, data_position=pos, metrics=_stop_metrics(history, guard,
-                            resumed, checkpoint), force=True, **({} if forgetting is None else {"extra": forgetting.state()}))
+            checkpoint.save(step, adapter, opt_state, key, data_position=pos, force=True,
+                            **_stop_save_args(history, guard, resumed, checkpoint),
+                            **({} if forgetting is None else {"extra": forgetting.state()}))
         if early and guard.consecutive:
             warnings.warn(
                 f"jpeft.fit: stopped at step {step} with {guard.consecutive} non-finite step(s) pending (steps "

@@ -160,6 +160,15 @@ DROPS_THINKING = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }
                   "not loop.last %}{{- m.content.split('</think>')[-1] }}{%- else %}{{- m.content }}{%- endif %}"
                   "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
                   "{%- endif %}")
+# Qwen 2.5's tool use: with tools, the system turn lists each tool's JSON schema between <tools> tags
+QWEN_TOOLS = ("{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+              "{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}"
+              "{{- '\\n\\n# Tools\\n\\n<tools>' }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+              "{{- '\\n</tools><|im_end|>\\n' }}{%- else %}" + QWEN.split("{%- for message", 1)[0] + "{%- endif %}"
+              "{%- for message" + QWEN.split("{%- for message", 1)[1])
+TOOLS = [{"type": "function", "function": {
+    "name": "get_capital", "description": "The capital city of a country.",
+    "parameters": {"type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"]}}}]
 CHATS = [MESSAGES, [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
                     {"role": "user", "content": "Another?"}]]  # the second ends with a user turn (not trained)
 
@@ -192,7 +201,7 @@ def _chat_folder(kind, root):
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                        chat_template=LLAMA3)
     else:
-        template = {"none": None, "thinking": DROPS_THINKING}.get(kind, QWEN)
+        template = {"none": None, "thinking": DROPS_THINKING, "tools": QWEN_TOOLS}.get(kind, QWEN)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                        chat_template=template)
     folder = os.path.join(root, kind)
@@ -306,6 +315,52 @@ def test_a_conversational_prompt_completion_row_trains_its_completion_as_trl_doe
     assert ref.decode(ids[mask].tolist()) == "Paris.<|im_end|>\n"
 
 
+def test_a_rows_tools_are_passed_to_the_chat_template_as_transformers_and_trl_render_them(chat_root, tmp_path):
+    """A conversational line's ``tools`` (TRL's column; its SFTTrainer passes them on) were dropped: the
+    conversation was rendered without them, a prompt other than the one the template writes with them, with
+    no word. Every rendering of the row (the whole, the prefixes that find the assistant turns, a prompt and
+    its completion) now passes them on: text, tokens and targets equal ``apply_chat_template(messages,
+    tools=row["tools"])``'s, token by token. ``null`` is none; tools that are not a list of objects are refused
+    by line, and tools beside a text line (no template renders it) are warned about."""
+    from jpeft.data import load_examples, render_chat
+    from jpeft.errors import LoadError
+    from jpeft.models import load_tokenizer
+
+    folder, ref = _chat_folder("tools", chat_root)
+    tok = load_tokenizer(folder)
+    encode, bos, eos = text_encoder(tok)
+    rows = [{"messages": MESSAGES, "tools": TOOLS}, {"prompt": MESSAGES[:2], "completion": MESSAGES[2:3], "tools": TOOLS},
+            {"messages": MESSAGES, "tools": None}]
+    rendered = render_chat(load_examples(_jsonl(tmp_path / "tools.jsonl", rows)), tok)
+    docs = tokenize_documents(rendered, encode, eos_id=eos, bos_id=bos)
+    text = ref.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=False)
+    assert '"name": "get_capital"' in text and text != ref.apply_chat_template(MESSAGES, tokenize=False)
+    assert rendered[0]["chat"] == text
+    ids, mask = docs[0]
+    assert ids.tolist() == ref.apply_chat_template(MESSAGES, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    spans = [(len(ref.apply_chat_template(MESSAGES[:i], tools=TOOLS, tokenize=False, add_generation_prompt=True)),
+              len(ref.apply_chat_template(MESSAGES[:i + 1], tools=TOOLS, tokenize=False)))
+             for i, m in enumerate(MESSAGES) if m["role"] == "assistant"]
+    offsets = ref(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert mask.tolist() == [any(a < e and b > s for s, e in spans) for a, b in offsets]
+    assert [ref.decode(ids[s:e].tolist()) for s, e in _runs(mask)] == [m["content"] + "<|im_end|>\n" for m in MESSAGES
+                                                                       if m["role"] == "assistant"]
+    # TRL's conversational prompt/completion: the prompt with the generation prompt, and the whole, both with the tools
+    full = ref.apply_chat_template(MESSAGES[:3], tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    prompt = ref.apply_chat_template(MESSAGES[:2], tools=TOOLS, tokenize=True, return_dict=True,
+                                     add_generation_prompt=True)["input_ids"]
+    assert full[:len(prompt)] == prompt and '"get_capital"' in ref.decode(prompt)
+    n = len(prompt)
+    assert docs[1][0].tolist() == full and docs[1][1].tolist() == [False] * n + [True] * (len(full) - n)
+    assert rendered[2]["chat"] == ref.apply_chat_template(MESSAGES, tokenize=False)  # null: no tools
+    with pytest.raises(LoadError, match=r"bad.jsonl:2: the 'tools' field must be a list of tool objects .*; found str"):
+        load_examples(_jsonl(tmp_path / "bad.jsonl", [rows[0], {"messages": MESSAGES, "tools": "get_capital"}]))
+    with pytest.raises(LoadError, match=r"bad2.jsonl:1: the 'tools' field .*; found a list holding \"get_capital\""):
+        load_examples(_jsonl(tmp_path / "bad2.jsonl", [{"messages": MESSAGES, "tools": ["get_capital"]}]))
+    with pytest.warns(UserWarning, match=r"text.jsonl:1: 1 line\(s\) \(1\) hold a 'tools' field next to a 'text'"):
+        load_examples(_jsonl(tmp_path / "text.jsonl", [{"text": "Paris.", "tools": TOOLS}]))
+
+
 def test_conversations_pack_and_cut_like_the_other_rows_and_chat_loss_all_trains_every_token(chat_root, tmp_path):
     """Rendered conversations go through the same packing as text and pairs: by documents (a
     conversation longer than seq_len cut into chunks, each chunk's first token no target) and as a
@@ -402,7 +457,8 @@ def test_jpeft_train_and_eval_read_a_messages_file(chat_root, tmp_path, capsys, 
     """`jpeft train` on a ``messages`` JSONL trains (its eval set the same file), and `jpeft eval`
     scores the adapter on the assistant tokens alone: as many target tokens as the assistant turns
     hold in transformers' own tokenization, and the loss the run logged; a bad [data] chat_loss is
-    refused before anything loads."""
+    refused before anything loads. A line that cannot be rendered is named before the weights are read,
+    by both commands."""
     import json
     import pathlib
     import shutil
@@ -431,6 +487,10 @@ def test_jpeft_train_and_eval_read_a_messages_file(chat_root, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert f"bad.jsonl:{len(CHATS) + 1}: the conversation begins with an assistant turn" in err, err
     assert CHATS[0][-1]["role"] == "assistant" and not (tmp_path / "bad").exists()
+    # so is it by `jpeft eval` (it was rendered after the model loaded: here, a LoadError about the missing weights)
+    assert main(["eval", "--model", str(bare), "--data", str(bad), "--seq-len", "128"]) == 2
+    err = capsys.readouterr().err
+    assert f"bad.jsonl:{len(CHATS) + 1}: the conversation begins with an assistant turn" in err, err
     assert main(["train", "--config", str(cfg), "--no-progress"]) == 0, capsys.readouterr().err
     recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     capsys.readouterr()

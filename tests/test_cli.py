@@ -607,7 +607,49 @@ def test_info_on_a_model_folder_and_gpt2(hf_dir, capsys):
 
 
 # ----------------------------------------------------------------------------------- train
-def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
+_FAKE_TENSORBOARDX = """
+import json, os
+
+
+class SummaryWriter:  # what jpeft's MetricLog calls of tensorboardX's writer, recorded as JSON lines
+    def __init__(self, logdir, purge_step=None):
+        os.makedirs(logdir, exist_ok=True)
+        self._f = open(os.path.join(logdir, "events.jsonl"), "a")
+        self._f.write(json.dumps({"purge_step": purge_step}) + "\\n")
+
+    def add_scalar(self, tag, value, step):
+        self._f.write(json.dumps({"tag": tag, "value": value, "step": step}) + "\\n")
+
+    def close(self):
+        self._f.close()
+"""
+
+
+def _tensorboard_shows(logdir):
+    """The scalars TensorBoard shows of the fake writer's records: a writer opened with ``purge_step=P``
+    hides the events written before it of step P and later (TensorBoard's SessionLog.START purge)."""
+    shown = []
+    for rec in map(json.loads, open(logdir / "events.jsonl")):
+        if "purge_step" in rec:
+            if rec["purge_step"] is not None:
+                shown = [e for e in shown if e["step"] < rec["purge_step"]]
+        else:
+            shown.append(rec)
+    return shown
+
+
+def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys, monkeypatch, tmp_path):
+    """Also: TensorBoard (a fake tensorboardX writer, here and in the resumed process) shows each step once,
+    with the uninterrupted run's loss: the resumed run opens its writer with purge_step = the step after the
+    checkpoint (it appended steps 4 and 5 again, and TensorBoard showed both copies)."""
+    import importlib.util
+
+    (tmp_path / "tensorboardX").mkdir()
+    (tmp_path / "tensorboardX" / "__init__.py").write_text(_FAKE_TENSORBOARDX)
+    spec = importlib.util.spec_from_file_location("tensorboardX", tmp_path / "tensorboardX" / "__init__.py")
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    monkeypatch.setitem(sys.modules, "tensorboardX", fake)
     cfg = write_config(hf_dir, "full_run")
     r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress")
     assert r.returncode == 0, r.stderr
@@ -628,7 +670,9 @@ def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
     shutil.rmtree(hf_dir / "split_run" / "checkpoints" / "5")
     # a fresh process (nothing kept in memory), which reads the tokenizer with transformers imported without torch
     # (jpeft.cli.process_main; it imported torch, 2.4 s of CPU): its losses below are this process's, with torch
-    r = jpeft_cmd("train", "--config", cfg2, "--resume", "--no-progress", env=dict(ENV, PYTHONPROFILEIMPORTTIME="1"))
+    path = os.pathsep.join([str(tmp_path)] + [p for p in [ENV.get("PYTHONPATH")] if p])  # the fake tensorboardX
+    r = jpeft_cmd("train", "--config", cfg2, "--resume", "--no-progress",
+                  env=dict(ENV, PYTHONPROFILEIMPORTTIME="1", PYTHONPATH=path))
     assert r.returncode == 0, r.stderr
     assert "resumed from step 3" in r.stderr and "3 record(s) of steps after 3 removed" in r.stderr  # 4, its eval, 5
     imported = {ln.split("|")[-1].strip() for ln in r.stderr.splitlines() if ln.startswith("import time:")}
@@ -637,6 +681,14 @@ def test_train_max_steps_then_resume_equals_uninterrupted(hf_dir, capsys):
     split = [x for x in _metrics(hf_dir / "split_run") if "loss" in x]
     assert [x["step"] for x in split] == list(range(1, 9))
     np.testing.assert_allclose([x["loss"] for x in split], [x["loss"] for x in lines if "loss" in x], rtol=1e-6)
+    # and in TensorBoard: the first run's writer purged nothing before it (step 0), the resumed one steps 4 and on
+    shown = _tensorboard_shows(hf_dir / "split_run" / "tb")
+    assert [e["step"] for e in shown if e["tag"] == "loss"] == list(range(1, 9))
+    assert [e["step"] for e in shown if e["tag"] == "eval_loss"] == [4, 8]
+    np.testing.assert_allclose([e["value"] for e in shown if e["tag"] == "loss"],
+                               [x["loss"] for x in lines if "loss" in x], rtol=1e-6)
+    assert [json.loads(x).get("purge_step", "-") for x in open(hf_dir / "split_run" / "tb" / "events.jsonl")
+            if "purge_step" in x] == [0, 4]
     got = adapter_arrays(hf_dir / "split_run" / "adapter")
     assert sorted(got) == sorted(ref) and len(ref) == 12  # 2 layers x 3 modules x (A, B)
     for k in ref:

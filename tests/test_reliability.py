@@ -158,6 +158,38 @@ def test_a_run_resumed_after_a_stop_on_skipped_steps_counts_them_on(run, tmp_pat
     assert str(resumed.value) == str(straight.value)
 
 
+def test_a_stop_on_skipped_steps_before_any_finite_step_keeps_them_pending_and_unranked(run, tmp_path):
+    """A stop when every step since step 0 was skipped, with a manager that keeps the best by the loss: no
+    finite loss is known, so the stop checkpoint was saved with no metrics at all, and the run resumed from it
+    counted afresh (it trained on past the step where the uninterrupted run raises). Its metrics now hold the
+    skips pending, unranked (no NaN or stand-in loss), and the resumed run raises as the uninterrupted one."""
+    params, cfg, adapter, opt, step, loss_fn = run
+    key = jax.random.key(0)
+    data = [_batch(i, nan=i < 3) for i in range(6)]  # steps 1, 2 and 3 are skipped
+    with pytest.raises(NonFiniteError) as straight:
+        jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, max_consecutive_skips=2)
+    assert str(straight.value).startswith("step 3: the loss, gradients or update were not finite for 3 consecutive "
+                                          "steps (steps 1 to 3; limit 2), so training stopped. The last step with a "
+                                          "finite update was none.")
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=100, keep_best=1,
+                                            best_metric="loss", async_save=False) as mngr:
+        with pytest.warns(RuntimeWarning, match=r"stopped at step 2 with 2 non-finite step\(s\) pending"):
+            jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, num_steps=2, total_steps=6,
+                      checkpoint=mngr, save_last=True, max_consecutive_skips=2)
+        assert mngr.all_steps() == [2] and mngr.metrics(2) == {"skips_pending": 2, "first_skipped_step": 1}
+        assert mngr.best_step() is None  # nothing to rank it by
+        st = mngr.restore_latest()
+        assert _leaves_equal(st.adapter, adapter)  # the skipped steps changed nothing
+        with pytest.raises(NonFiniteError) as resumed:
+            jpeft.fit(step, params, st.adapter, st.opt_state, data[2:], key=st.key, start_step=2, data_position=2,
+                      checkpoint=mngr, save_last=True, max_consecutive_skips=2)
+        assert mngr.all_steps() == [2]
+        with pytest.raises(jpeft.errors.ConfigError, match=r"ranked=False\) is for a state without a value of "
+                                                           r"best_metric='loss', but its metrics hold one"):
+            mngr.save(7, st.adapter, st.opt_state, st.key, metrics={"loss": 1.0}, force=True, ranked=False)
+    assert str(resumed.value) == str(straight.value)
+
+
 def test_guard_resets_after_a_finite_step():
     g = jpeft.NonFiniteGuard(max_consecutive=1)
     assert [g.update(s, {"skipped": k}) for s, k in [(1, 1), (2, 0), (3, 1), (4, 0)]] == [True, False, True, False]

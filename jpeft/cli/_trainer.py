@@ -1019,8 +1019,9 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
             # resumed: the steps after the checkpoint run again; fresh (an output_dir without
             # checkpoints, whose earlier run died before its first): every step does
             _drop_logged_after(os.path.join(out_dir, "metrics.jsonl"), start)
+        # TensorBoard's events of those steps are hidden alike (its files are appended to, not rewritten)
         with jpeft.MetricLog(os.path.join(out_dir, "metrics.jsonl"), tensorboard=os.path.join(out_dir, "tb"),
-                             echo=not progress) as log:
+                             echo=not progress, purge_step=start + 1 if start else 0) as log:
             result = jpeft.fit(
                 step_fn, params, adapter, opt_state, batches, key=k_train, num_steps=stop_at - start,
                 start_step=start, data_position=start, checkpoint=ckpts, save_last=True,

@@ -8,10 +8,10 @@ import numpy as np
 from jpeft import quant
 from jpeft.cli._ckpt import load_adapter_with_base, note_quantized_training, residual_kind, untie_for
 from jpeft.cli._common import require_causal_lm
-from jpeft.cli._model import load_folder
+from jpeft.cli._model import load_folder, read_tokenizer
 from jpeft.cli._trainer import max_positions, canary_batches, check_seq_len, evaluate, make_logits_fn, make_loss_fns
 from jpeft.config import strict_json
-from jpeft.data import PackedDataset, text_encoder
+from jpeft.data import PackedDataset, is_conversation, load_examples, render_chat, text_encoder
 from jpeft.errors import ConfigError
 from jpeft.forgetting.guard import canary_stats
 
@@ -87,6 +87,12 @@ def run(args) -> int:
         raise ConfigError(f"--worst must be >= 0, found {args.worst}.")
 
     require_causal_lm(args.model, "eval")
+    path = args.canary or args.data
+    # read, and its conversations rendered with the folder's tokenizer, before the weights are read (as `jpeft
+    # train` does): a missing file, a bad line or a template that refuses a conversation is named in seconds
+    examples = load_examples(path)
+    if any(is_conversation(ex) for ex in examples):
+        examples = render_chat(examples, read_tokenizer(args.model))
     # a PiSSA/OLoRA PEFT folder applies to the residual of the full-precision weights: quantized after it is computed
     later = args.quantize if args.quantize and args.adapter and residual_kind(args.adapter) else None
     # an adapter of lm_head (a PEFT folder's, or a run's trained on the base read untied) on a tied base: read it
@@ -114,8 +120,8 @@ def run(args) -> int:
     if seq_len is None:  # the default fits the model (the demo's has 192 positions) and the adapter's virtual tokens
         seq_len = min(256, (limit - extra) if limit else 256)
     check_seq_len(seq_len, loaded.hf_config, "--seq-len", extra)
-    ds = PackedDataset.from_file(args.canary or args.data, encode, seq_len, eos_id=eos, bos_id=bos,
-                                 packing=args.packing, tokenizer=loaded.tokenizer)
+    ds = PackedDataset.from_examples(examples, encode, seq_len, eos_id=eos, bos_id=bos, packing=args.packing,
+                                     source=str(path))
     if args.canary is not None:
         return _canary_report(args, loaded, adapter, ds, base)
     _, eval_sums = make_loss_fns(loaded.model)
