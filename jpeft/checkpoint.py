@@ -63,6 +63,7 @@ from jpeft.errors import (
     ConfigError,
     DistributedError,
     JpeftError,
+    LayoutError,
     LoadError,
     PathEscapeError,
     SaveError,
@@ -1197,7 +1198,15 @@ class CheckpointManager:
             # the sites as saved: a config that also records their marks (AdapterConfig.saved_config), else the manager's
             sites = meta.get("sites_config")
             config = AdapterConfig.from_dict(sites) if isinstance(sites, dict) else self.config
-            adapter = template_adapter(config, self.params, self.model, *self.example_args)
+            try:
+                adapter = template_adapter(config, self.params, self.model, *self.example_args)
+            except LayoutError as e:
+                if self.model is not None:
+                    raise
+                # its fix names jpeft.init, which a user restoring a checkpoint does not call
+                raise LayoutError(f"{e} To restore a checkpoint, give them to the manager: CheckpointManager(directory, "
+                                  "config, params, model=model, example_args=(x,)), or pass restore(adapter=...) a "
+                                  "template adapter.") from None
             copies = module_copies(meta, where)
             if copies:
                 adapter = with_head_copies(adapter, unwrap_params(self.params)[0], copies, where)

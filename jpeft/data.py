@@ -340,6 +340,27 @@ def text_encoder(tokenizer):
     return encode, bos, getattr(tokenizer, "eos_token_id", None)
 
 
+def _check_encode(encode) -> None:
+    """Refuses an ``encode`` that is no function ``str -> token ids`` before packing: the tuple
+    :func:`text_encoder` returns, or a tokenizer (whose call gives a dict), failed deep inside it
+    (``'tuple' object is not callable``, ``invalid literal for int()``).
+
+    Raises:
+      InputValidationError: saying to unpack ``text_encoder(tokenizer)``.
+    """
+    how = "encode, bos_id, eos_id = jpeft.data.text_encoder(tokenizer), then pass encode (and eos_id=, bos_id=)"
+    if isinstance(encode, tuple):
+        raise InputValidationError(f"encode must be a function str -> list of token ids, found a tuple of "
+                                   f"{len(encode)}; jpeft.data.text_encoder returns three things: {how}.")
+    if not callable(encode):
+        raise InputValidationError(f"encode must be a function str -> list of token ids, found "
+                                   f"{type(encode).__name__}; {how}.")
+    if callable(getattr(encode, "encode", None)) and callable(getattr(encode, "decode", None)):
+        raise InputValidationError(f"encode must be a function str -> list of token ids, found a tokenizer "
+                                   f"({type(encode).__name__}, whose call returns a dict of input_ids and "
+                                   f"attention_mask); {how}.")
+
+
 def is_conversation(example: Mapping[str, Any]) -> bool:
     """Whether ``example`` (a row of :func:`load_examples`) is a conversation that :func:`render_chat`
     has still to render: ``{"messages": [...]}``, or a ``prompt`` and ``completion`` that are lists
@@ -692,6 +713,7 @@ class PackedDataset:
 
     @classmethod
     def _pack(cls, examples, encode, seq_len, eos_id, bos_id, packing) -> "PackedDataset":
+        _check_encode(encode)
         examples = list(examples)  # counted below after tokenizing
         if packing not in PACKINGS:
             raise InputValidationError(

@@ -56,6 +56,7 @@ from jpeft.errors import (
     CheckpointError,
     ConfigError,
     JpeftError,
+    LayoutError,
     LoadError,
     OverwriteError,
     PathEscapeError,
@@ -1224,8 +1225,12 @@ def _load_adapter(path, params, model, model_args, base_config, allow_base_misma
     check_base(info.base, params, base_config, allow_base_mismatch=allow_base_mismatch)
     try:
         template = template_adapter(info.config, params, model, *model_args, **model_kwargs)
-    except JpeftError:
-        raise
+    except LayoutError as e:
+        if model is not None:
+            raise
+        # its fix names jpeft.init, which a user loading a saved adapter does not call
+        raise LayoutError(f"{e} To load a saved adapter, give them to load_adapter the same way: "
+                          "jpeft.load_adapter(path, params, model, x).") from None
     if info.module_copies:
         template = with_head_copies(template, unwrap_params(params)[0], info.module_copies, str(p))
     if model is None:  # layouts from the params alone: what the saved adapter's trace recorded (with the model: its own)

@@ -1064,3 +1064,25 @@ def test_ctrl_c_inside_an_extension_modules_import_ends_with_one_line_and_status
     monkeypatch.setattr(info_cmd, "run", broken_import)
     with pytest.raises(ImportError, match="initialization failed"):
         main(["info", "x"])
+
+
+def test_a_config_path_that_exists_only_beside_the_current_folder_says_paths_are_config_relative(
+        tmp_path, capsys, monkeypatch):
+    """`jpeft train --config cfgs/x.toml` with `model = "my-model"` (or a data file) that lies in the
+    current folder, not next to the config: the paths are the config's, and the command said only
+    that `cfgs/my-model` is not a folder (or the data file does not exist). It names the key, where
+    it looked, and the path to write. A path missing in both places keeps its plain error."""
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "train.jsonl").write_text('{"text": "a b c"}\n')
+    (tmp_path / "cfgs" / "x.toml").write_text('model = "my-model"\n[data]\ntrain = "train.jsonl"\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "cfgs/x.toml", "--no-progress"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "ConfigError: model = 'my-model' is read relative to the config file's folder" in line
+    assert "write model = '../my-model'" in line
+    assert main(["train", "--config", "cfgs/x.toml", "--set", "model=../my-model", "--no-progress"]) == 2
+    assert "data.train = 'train.jsonl' is read relative to the config file's folder" in one_line(capsys.readouterr().err)
+    assert main(["train", "--config", "cfgs/x.toml", "--set", "model=../my-model", "--set", "data.train=nope.jsonl",
+                 "--no-progress"]) == 2
+    assert "relative to the config" not in one_line(capsys.readouterr().err)

@@ -398,3 +398,79 @@ def test_reading_a_checkpoint_leaves_a_running_saves_temporary_folder(work, tmp_
         with pytest.raises(ConfigError, match="read_only"):
             m.save(3, adapter, force=True)
     assert pending.is_dir()
+
+
+def test_train_help_shows_every_config_key():
+    """`jpeft train --help` prints a config file with every key the file takes: `[data] chat_loss`,
+    the JSON field names (`text_field`, `prompt_field`, `completion_field`, `messages_field`) and
+    `[forgetting] max_kl` were accepted but shown nowhere in the help."""
+    import re
+
+    from jpeft.cli import build_parser
+    from jpeft.cli.train_cmd import _KNOWN
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    text = sub.choices["train"].format_help()
+    missing = [f"{s + '.' if s else ''}{k}" for s, keys in _KNOWN.items() for k in sorted(keys)
+               if f"[{k}]" not in text and not re.search(rf"^[#\s]*{k}\s*=", text, re.M)]
+    assert not missing, f"config keys `jpeft train` accepts but its --help never shows: {missing}"
+
+
+def test_packing_with_the_text_encoder_tuple_or_a_tokenizer_is_a_named_error(tmp_path):
+    """`jpeft.data.text_encoder(tok)` returns (encode, bos_id, eos_id): handing the tuple, or the
+    tokenizer itself, to PackedDataset as `encode` failed deep inside packing with a TypeError
+    ("'tuple' object is not callable") or a ValueError; it is an InputValidationError saying
+    how to call it. The encode it returns packs as before."""
+    import jpeft
+    from jpeft.errors import InputValidationError
+
+    tok = tiny_hf.tokenizer()
+    data = tiny_hf.jsonl(tmp_path / "d.jsonl", 0, 4)
+    for wrong in (jpeft.data.text_encoder(tok), tok):
+        with pytest.raises(InputValidationError, match=r"text_encoder\(tokenizer\)"):
+            jpeft.data.PackedDataset.from_file(data, wrong, 32)
+        with pytest.raises(InputValidationError, match="encode must be a function"):
+            jpeft.data.PackedDataset.from_examples([{"text": "a b c"}], wrong, 32)
+    encode, bos, eos = jpeft.data.text_encoder(tok)
+    ds = jpeft.data.PackedDataset.from_file(data, encode, 32, eos_id=eos, bos_id=bos)
+    assert ds.num_targets > 0 and ds.input_ids[0, 0] == encode(json.loads(open(data).readline())["text"])[0]
+
+
+def test_loading_a_conv_adapter_without_the_model_names_the_call_that_loads_it(tmp_path):
+    """An adapter of an `nn.Conv` needs the model and an example input to rebuild its layout; loading
+    it (or restoring its checkpoint) without them said to call `jpeft.init(config, params, key, model, x)`,
+    which a user loading a file does not call. The error names `load_adapter(path, params, model, x)`
+    (the manager's `model=`, `example_args=`), and that call loads the adapter to the same outputs."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    import optax
+
+    import jpeft
+    from jpeft.errors import LayoutError
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="head")(nn.Conv(4, (3, 3), name="conv")(x).reshape(x.shape[0], -1))
+
+    model, x = Net(), jax.random.normal(jax.random.key(0), (2, 5, 5, 1))
+    params = model.init(jax.random.key(1), x)
+    config = jpeft.LoraConfig(r=2, alpha=4, target_modules=["conv", "head"])
+    adapter = jpeft.init(config, params, jax.random.key(2), model, x)
+    adapter = jax.tree.map(lambda a: a + 0.3 if isinstance(a, jax.Array) and a.ndim else a, adapter)  # B random too
+    jpeft.save_adapter(tmp_path / "a", config, adapter, params=params)
+    with pytest.raises(LayoutError, match=r"jpeft\.load_adapter\(path, params, model, x\)"):
+        jpeft.load_adapter(tmp_path / "a", params)
+    _, loaded = jpeft.load_adapter(tmp_path / "a", params, model, x)
+    np.testing.assert_array_equal(jpeft.apply(model, params, loaded, x), jpeft.apply(model, params, adapter, x))
+    opt = optax.sgd(0.1)
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", config, params, optimizer=opt) as m:
+        m.save(1, adapter, opt.init(adapter), jax.random.key(3), force=True)
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", config, params, optimizer=opt) as m:
+        with pytest.raises(LayoutError, match=r"model=model, example_args=\(x,\)"):
+            m.restore()
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", config, params, optimizer=opt, model=model,
+                                            example_args=(x,)) as m:
+        restored = m.restore().adapter
+    np.testing.assert_array_equal(jpeft.apply(model, params, restored, x), jpeft.apply(model, params, adapter, x))

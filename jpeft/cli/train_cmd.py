@@ -31,6 +31,11 @@ eval = "eval.jsonl"           # optional (omit it or "" for no eval set)
 seq_len = 256                 # examples are tokenized and packed into rows of seq_len tokens
 packing = "documents"         # whole documents per row, attention never crosses them; "stream":
                               # one token stream cut into rows (needed for prompt tuning)
+chat_loss = "assistant"       # conversations: train the assistant turns ("all": every token)
+text_field = "text"           # the JSON keys read from each .jsonl line (the defaults shown)
+prompt_field = "prompt"
+completion_field = "completion"
+messages_field = "messages"   # a chat conversation, rendered with the folder's chat template
 
 [method]                      # any jpeft method; keys as in Hugging Face PEFT's adapter_config.json
 name = "lora"                 # lora, ia3, full, ... (target_modules defaults as in PEFT for the model type)
@@ -65,7 +70,8 @@ model_dropout = true          # the model's own dropout in training steps, at it
                               # transformers' Trainer trains; evaluation never drops. false: none
 
 # QLoRA: instead of the top-level model = "...", a table whose quantize = "nf4" | "int8" | "fp8"
-# loads the base quantized (the adapter trains in float32 and loads on the unquantized base too):
+# loads the base quantized (the adapter trains in float32 and loads on the unquantized base too;
+# a top-level quantize = "nf4" beside model = "..." does the same):
 # [model]
 # path = "hf-folder"
 # quantize = "nf4"
@@ -80,7 +86,8 @@ tensor = 1                    # Megatron-style tensor parallelism (Llama family;
 [forgetting]                  # optional forgetting guard: canary text that must not be forgotten
 canary = "general.txt"        # .jsonl or plain text, packed like [data]
 every = 100                   # steps between canary checks (and at the last step)
-max_loss_rise = 0.1           # budget: canary loss rise over the base, nats (max_kl: mean per-token KL)
+max_loss_rise = 0.1           # budget: canary loss rise over the base, nats
+max_kl = 0.05                 # budget: mean per-token KL(base || adapted); give either or both
 action = "stop"               # "stop": end the run, keep the last adapter within budget;
                               # "rollback": restore it, lower the learning rate, continue
 lr_factor = 0.5               # learning-rate multiplier of a rollback
@@ -416,6 +423,30 @@ def _another_process_failed(message: str) -> int:
     return 2
 
 
+def _check_relative_paths(cfg: Mapping[str, Any], base_dir: str) -> None:
+    """A relative path of the config names a file or folder next to the config file; one that is
+    missing there but exists in the current folder (``jpeft train --config cfgs/x.toml`` with
+    ``model = "my-model"`` beside ``cfgs/``) is refused saying so, rather than as a missing file.
+
+    Raises:
+      ConfigError: such a path (its key, where it was looked for, and what to write instead).
+    """
+    here = os.getcwd()
+    if os.path.realpath(base_dir) == os.path.realpath(here):
+        return
+    for key, path in (("model", cfg.get("model")), ("data.train", cfg["data"].get("train")),
+                      ("data.eval", cfg["data"].get("eval")), ("forgetting.canary", cfg.get("forgetting", {}).get("canary"))):
+        if not path or os.path.exists(path):
+            continue
+        given = os.path.relpath(path, base_dir)
+        if given.startswith("..") or not os.path.exists(given):
+            continue
+        raise ConfigError(f"{key} = {given!r} is read relative to the config file's folder ({base_dir}), where "
+                          f"{path} does not exist; it does exist in the current folder ({here}). Paths in the config "
+                          f"(and its --set values) are relative to the config file: write {key} = "
+                          f"{os.path.relpath(os.path.abspath(given), base_dir)!r}, or an absolute path.")
+
+
 def run(args) -> int:
     # join the job before reading the config: a process whose config is missing or bad then tells the others at
     # the settings agreement, instead of leaving them waiting in the join until JAX aborts them
@@ -430,6 +461,7 @@ def run(args) -> int:
         cfg_path = os.path.abspath(args.config)
         raw = _load_toml(cfg_path)
         cfg = resolve_config(raw, args.overrides, base_dir=os.path.dirname(cfg_path))
+        _check_relative_paths(cfg, os.path.dirname(cfg_path))
         if args.output_dir is not None:
             if not args.output_dir.strip():  # was ignored: the run went to the config's output_dir
                 raise ConfigError("--output-dir is empty; give the folder to write the run into, or drop the option "

@@ -186,8 +186,9 @@ class Server:
             raise _bad("'messages' must be a non-empty list of {\"role\": str, \"content\": str}.", "messages")
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise _bad("this model's tokenizer has no chat template, so /v1/chat/completions cannot format messages; "
-                       "use /v1/completions with a prompt, or serve a model folder whose tokenizer_config.json has a "
-                       "chat_template.", "messages")
+                       "use /v1/completions with a prompt, or serve a model folder whose tokenizer has one "
+                       "(chat_template.jinja, as tokenizer.save_pretrained writes it, or tokenizer_config.json's "
+                       "chat_template).", "messages")
         try:
             text = self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
                                                       add_generation_prompt=True, tokenize=False)
