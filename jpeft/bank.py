@@ -180,7 +180,8 @@ class BankedLora(Site):
     """A routed LoRA site: every example of the batch gets its own adapter.
 
     Children (pytree leaves): ``lora_A [N, in, R]``, ``lora_B [N, R, out]``, ``scales [N]`` and
-    ``adapter_ids [batch]`` (int; ``-1`` or an empty slot means the bare base), and where the bank
+    ``adapter_ids [batch]`` (int; ``-1`` or an empty slot means the bare base, an id outside
+    ``[-1, N)`` gives the row NaN outputs), and where the bank
     holds LoRA biases ``lora_bias [N, out]`` and ``bias_on [N]`` (row ``i`` adds
     ``s * bias_on * lora_bias`` of its slot, as PEFT's ``lora_B`` bias), and at an embedding
     holding trainable tokens ``token_values [N, K, d]`` and ``token_ids [N, K]`` (row ``i``'s
@@ -314,15 +315,13 @@ class BankedLora(Site):
             )
         if nb == 0:  # an empty batch: nothing to route (the reshapes below cannot infer a size from 0 rows)
             return y
-        n = self.lora_A.shape[0]
         # the branch in the adapters' dtype (float32) and one rounding of the sum, as jpeft.apply of each
         dt = branch_dtype(y.dtype, self.lora_A, self.lora_B)
         if self.strategy == "pregather":  # factors already one per row (see route)
             valid, safe, s = None, None, self.scales.astype(dt)
-        else:
-            valid = (ids >= 0) & (ids < n)
-            safe = jnp.where(valid, ids, 0)
-            s = jnp.where(valid, jnp.take(self.scales, safe, axis=0), 0).astype(dt)  # [batch]
+        else:  # NaN for a row routed outside [-1, N): it carries into that row's update (see _row_scales)
+            valid, safe, s = _row_scales(self.scales, ids)
+            s = s.astype(dt)  # [batch]
         if lay.kind == Kind.EMBED:
             y = (y.astype(dt) + self._embed(call, x, safe, s, dt)).astype(y.dtype)
             return y if self.token_ids is None else _token_rows(x, y, *self._row_tokens())
@@ -375,6 +374,21 @@ def _token_rows(x, y, ids, values):
     return jnp.where(hit.any(-1).reshape(tuple(x.shape) + (1,)), rows, y)
 
 
+def _row_scales(scales, ids):
+    """``(valid, safe, s)`` for ``[batch]`` slot ids over ``[N]`` slot scales: whether each id is a
+    slot, the id to gather with (0 where it is not), and each row's scale: its slot's, ``0`` for
+    the bare base (``-1``; an empty slot's scale is 0 too), and NaN for an id outside ``[-1, N)``,
+    which carries into that row's update and so its outputs. Traced ids cannot be refused by name
+    (``route`` refuses concrete ones), and such a row ran as the bare base without a word (PEFT
+    raises on an adapter name it does not hold); NaN makes the row's outputs, and a loss over
+    them, non-finite instead."""
+    n = scales.shape[0]
+    valid = (ids >= 0) & (ids < n)
+    safe = jnp.where(valid, ids, 0)
+    off = jnp.where(ids == -1, jnp.zeros((), scales.dtype), jnp.full((), jnp.nan, scales.dtype))
+    return valid, safe, jnp.where(valid, jnp.take(scales, safe, axis=0), off)
+
+
 def _gather_update(xf, a, b, safe, s):
     """``s[i] * (x[i] @ A[id_i]) @ B[id_i]`` with gathered per-example factors (``safe=None``:
     ``a`` and ``b`` already hold one factor per row)."""
@@ -388,6 +402,8 @@ def _ragged_update(xf, a, b, ids, valid, s):
     """The same update with the tokens sorted by adapter and two ``jax.lax.ragged_dot`` calls."""
     nb, t, n_in = xf.shape
     n = a.shape[0]
+    off = (s * 0)[:, None, None]  # the rows that are no slot: 0 for the bare base, NaN outside [-1, N)
+    s = jnp.where(valid, s, jnp.zeros((), s.dtype))  # so no NaN enters the grouped products
     group = jnp.where(valid, ids, n).astype(jnp.int32)  # bare-base examples sort last
     order = jnp.argsort(group, stable=True)
     inv = jnp.argsort(order)
@@ -397,7 +413,20 @@ def _ragged_update(xf, a, b, ids, valid, s):
     h = h * jnp.repeat(jnp.take(s, order, axis=0), t, total_repeat_length=nb * t)[:, None]
     d = jax.lax.ragged_dot(h, b, sizes).reshape((nb, t, b.shape[-1]))
     d = jnp.take(d, inv, axis=0)
-    return jnp.where(valid[:, None, None], d, jnp.zeros((), d.dtype))
+    return jnp.where(valid[:, None, None], d, off.astype(d.dtype))
+
+
+def _check_slots(ids, capacity: int) -> None:
+    """Refuses concrete ``ids`` outside ``[-1, capacity)`` by name (traced ones cannot be read:
+    there such a row's outputs are NaN, see ``_row_scales``)."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    host = np.asarray(ids)
+    bad = host[(host < -1) | (host >= capacity)]
+    if bad.size:
+        raise InputValidationError(
+            f"adapter_ids must be bank slots in [0, {capacity}) or -1 for the bare base; found {bad.tolist()}."
+        )
 
 
 def route(
@@ -417,7 +446,9 @@ def route(
         carries its slots' scales.
       scales: ``None`` to use the stacks' own scales, or ``{path: [N] array}`` in their place
         (``bank.scales`` is the same arrays). Scales get no gradient (``stop_gradient``).
-      adapter_ids: ``[batch]`` integer slot per example; ``-1`` means the bare base.
+      adapter_ids: ``[batch]`` integer slot per example; ``-1`` means the bare base. Concrete
+        ids outside ``[-1, N)`` raise ``InputValidationError``; traced ones (inside ``jit``) give
+        those rows NaN outputs.
       dropout: LoRA dropout on the adapter branch (active only with ``rngs={"dropout": key}``).
       strategy: ``"gather"``, ``"ragged"`` or ``"pregather"`` (see the module docstring).
     """
@@ -430,6 +461,8 @@ def route(
             f"found shape {tuple(ids.shape)} and dtype {ids.dtype}."
         )
     ids = ids.astype(jnp.int32)
+    if weights:
+        _check_slots(ids, next(iter(weights.values())).lora_A.shape[0])
     out = {}
     for path, st in weights.items():
         if scales is not None and path not in scales:
@@ -451,11 +484,8 @@ def route(
             raise BankShapeError(f"the weights at {path!r} carry saved without saved_on or the other way round; pass "
                                  "bank.weights (or a trained copy of it).")
         if strategy == "pregather":  # gather once here, not at every call of the routed module
-            n = a.shape[0]
-            valid = (ids >= 0) & (ids < n)
-            safe = jnp.where(valid, ids, 0)
+            valid, safe, sc = _row_scales(sc, ids)
             a, b = jnp.take(a, safe, axis=0), jnp.take(b, safe, axis=0)
-            sc = jnp.where(valid, jnp.take(sc, safe, axis=0), jnp.zeros((), sc.dtype))
             if bias is not None:
                 bias, on = jnp.take(bias, safe, axis=0), jnp.take(on, safe, axis=0)
             if tv is not None:
@@ -826,12 +856,8 @@ class AdapterBank:
             adapter_ids = self.ids(adapter_ids)  # names, None (the base) and slot ids, mixed: [1, None] is slot 1
         ids = jnp.asarray(adapter_ids)
         if not isinstance(ids, jax.core.Tracer) and ids.ndim == 1 and jnp.issubdtype(ids.dtype, jnp.integer):
+            _check_slots(ids, self.capacity)
             host = np.asarray(ids)
-            bad = host[(host < -1) | (host >= self.capacity)]
-            if bad.size:
-                raise InputValidationError(
-                    f"adapter_ids must be bank slots in [0, {self.capacity}) or -1 for the bare base; found {bad.tolist()}."
-                )
             empty = sorted({int(i) for i in host if i >= 0 and self.slots[i] is None})
             if empty:
                 raise UnknownAdapterError(

@@ -388,6 +388,23 @@ def test_routing_input_errors():
         AdapterBank.create(ADAPTERS["r1"], capacity=0, max_rank=2)
 
 
+@pytest.mark.parametrize("strategy", ["gather", "ragged", "pregather"])
+def test_ids_outside_the_bank_are_refused_or_non_finite_never_the_base(strategy):
+    """Traced ids cannot be checked, and a row routed outside ``[-1, capacity)`` (ids from a larger
+    bank, an off-by-one) ran as the bare base without a word, where PEFT raises on an adapter name
+    it does not hold: a jitted loss trained nothing on those rows. Such a row's outputs are NaN now
+    (a loss over them is non-finite), the other rows unchanged; concrete ids are refused by name,
+    by the pure ``jpeft.bank.route`` too (it routed them to the base)."""
+    bank = AdapterBank.from_adapters(ADAPTERS, capacity=4, strategy=strategy)  # slot 3 empty
+    fwd = jax.jit(lambda p, w, ids, t: jpeft.apply(MODEL, p, jpeft.bank.route(w, None, ids, strategy=strategy), t))
+    y = np.asarray(fwd(PARAMS, bank.weights, jnp.asarray([1, 4, -2, -1, 3, 9], jnp.int32), TOK))
+    for i, name in ((0, "r4"), (3, None), (4, None)):  # an empty slot, being zeros, is the base (documented)
+        np.testing.assert_allclose(y[i], _alone(name)[i], atol=1e-5, rtol=1e-5)
+    assert np.isnan(y[[1, 2, 5]]).all()
+    with pytest.raises(InputValidationError, match=r"slots in \[0, 4\) or -1.*found \[4, -2\]"):
+        jpeft.bank.route(bank.weights, None, jnp.asarray([0, 4, -2], jnp.int32), strategy=strategy)
+
+
 def test_weights_are_a_trainable_pytree_of_floats_only():
     bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
     leaves = jax.tree.leaves(bank.weights)
