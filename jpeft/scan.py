@@ -119,8 +119,9 @@ class Stacked(Site):
                 f"adapter at {path!r} is stacked over {self.length} layers, but the module's params have "
                 f"leading sizes {bad}. Re-create the adapter for this base model."
             )
-        if hasattr(self.inner, "check_params"):
-            self.inner.check_params(path, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), own))
+        if hasattr(self.inner, "check_params"):  # one layer's node against one layer's params (shapes only)
+            one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), self.inner)
+            one.check_params(path, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), own))
 
     def after_update(self):
         return dataclasses.replace(self, inner=jax.vmap(lambda node: node.after_update())(self.inner))

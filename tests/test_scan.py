@@ -624,3 +624,26 @@ def test_qwen3_scanned_equals_unrolled_with_its_q_and_k_norms():
     y1, y0 = fwd(scanned, p1, a1, ids, mask), fwd(unrolled, p0, a0, ids, mask)
     assert float(np.abs(np.asarray(y0) - ref)[sel].max()) > 1e-2  # the adapter matters
     np.testing.assert_allclose(np.asarray(y1)[sel], np.asarray(y0)[sel], atol=2e-5)
+
+
+@pytest.mark.parametrize("saved", [["input_layernorm"], ["mlp"]])
+def test_modules_to_save_inside_the_scan_run_and_merge_per_layer(saved):
+    """A modules_to_save module inside the scan (a layer's norm, its MLP): jpeft.init on the scanned
+    model made one unstacked copy, which the first apply refused (UnsupportedModuleError "which
+    every layer would share"), and the stacked copy a PEFT file loads as (scan.stack_adapter, what
+    load_peft does on a scanned base) ran, but jpeft.merge refused it ("the saved copy ... has
+    parameters (3, 32), the model's module has (32,). Was the adapter made for another model?").
+    Both now run and merge per layer, equal to the unrolled model's."""
+    unrolled, scanned, p0, p1, ids = _pair()
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], modules_to_save=saved)
+    a0 = _trained_looking(jpeft.init(cfg, p0, jax.random.key(1), unrolled, ids))
+    ref = jpeft.apply(unrolled, p0, a0, ids)
+    assert float(jnp.abs(ref - unrolled.apply(p0, ids)).max()) > 1e-2  # the copies matter
+    a1 = _trained_looking(jpeft.init(cfg, p1, jax.random.key(1), scanned, ids))
+    assert all(isinstance(n, scan.Stacked) and n.length == 3 for n in a1.values())
+    assert jax.tree.structure(a1) == jax.tree.structure(scan.stack_adapter(a0, 3))
+    for a in (a1, scan.stack_adapter(a0, 3)):
+        own = jpeft.apply(unrolled, p0, scan.unstack_adapter(a), ids)
+        np.testing.assert_allclose(jpeft.apply(scanned, p1, a, ids), own, atol=2e-6)
+        np.testing.assert_allclose(scanned.apply(jpeft.merge(p1, a), ids), own, atol=2e-6)
+    np.testing.assert_allclose(scanned.apply(jpeft.merge(p1, scan.stack_adapter(a0, 3)), ids), ref, atol=2e-6)

@@ -903,7 +903,11 @@ def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
     for p in saved:
         embed = "embedding" in leaves[p]
         tied = embedding_tied(config, p, leaves, infos, "modules_to_save") if embed else None
-        out[p] = init_saved(p, leaves[p], tie_output=bool(config.ensure_weight_tying) and embed, tied_output=tied)
+        node = init_saved(p, leaves[p], tie_output=bool(config.ensure_weight_tying) and embed, tied_output=tied)
+        # inside a layer scan the module's params are stacked: one copy per layer, run on its layer's slice (an
+        # unstacked node there was refused at the first apply, though a PEFT file loads onto the same module)
+        n = getattr((infos or {}).get(p), "scanned_layers", None)
+        out[p] = Stacked(node, n) if n else node
     return out
 
 

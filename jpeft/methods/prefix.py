@@ -36,7 +36,7 @@ import numpy as np
 from jpeft._hfconfig import num_kv_heads
 from jpeft._ops import default_positions, segment_slots
 from jpeft.config import AdapterConfig
-from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotMergeableError,
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, InputValidationError, NotMergeableError,
                           PrefixNotSupportedError, PromptTooLongError, ShapeMismatchError, UnsupportedAdapterError)
 from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
@@ -217,6 +217,13 @@ class _PrefixBase(Site):
         bound.apply_defaults()
         if bound.arguments.get("prefix_kv") is not None:
             raise PrefixNotSupportedError("the call already passes prefix_kv; prefix tuning cannot be combined with another prefix.")
+        if getattr(self, "drops_token_types", False) and bound.arguments.get("token_type_ids") is not None:
+            raise InputValidationError(
+                "prefix tuning: this adapter has a task_type other than SEQ_CLS, TOKEN_CLS or QUESTION_ANS, where "
+                "Hugging Face PEFT drops token_type_ids (with a warning), so jpeft's outputs with them would differ "
+                "from PEFT's; pass no token_type_ids (PEFT's numbers), or train the prefix with task_type='SEQ_CLS', "
+                "where PEFT uses them."
+            )
         t = self.num_virtual_tokens
         n = _seq_len(bound)
         cache = bound.arguments.get("cache")
@@ -258,6 +265,9 @@ class PrefixWeights(_PrefixBase):
     num_layers: int = static_field(default=1)
     token_dim: int = static_field(default=1)
     num_heads: Optional[int] = static_field(default=None)
+    # a task_type where PEFT drops token_type_ids (any but SEQ_CLS, TOKEN_CLS and QUESTION_ANS; None: jpeft's own
+    # prefix): jpeft then refuses them instead of giving other outputs than PEFT's
+    drops_token_types: bool = static_field(default=False)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -282,6 +292,7 @@ class PrefixMLPWeights(_PrefixBase):
     num_layers: int = static_field(default=1)
     token_dim: int = static_field(default=1)
     num_heads: Optional[int] = static_field(default=None)
+    drops_token_types: bool = static_field(default=False)  # as PrefixWeights'
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -308,7 +319,7 @@ def fold_prefix(adapter: Mapping[str, Any]) -> dict:
     out = {}
     for path, node in adapter.items():
         if isinstance(node, PrefixMLPWeights):
-            node = PrefixWeights(node.prefix(), node.num_layers, node.token_dim, node.num_heads)
+            node = PrefixWeights(node.prefix(), node.num_layers, node.token_dim, node.num_heads, node.drops_token_types)
         out[path] = node
     return out
 
@@ -346,7 +357,7 @@ def init(config: PrefixTuningConfig, params, key, infos) -> dict:
     zero = config.init_weights == "zero"
     if not config.prefix_projection:
         emb = jnp.zeros((t, out_dim), jnp.float32) if zero else jax.random.normal(key, (t, out_dim), jnp.float32)
-        return {"": PrefixWeights(emb, nl, td, config.num_attention_heads)}
+        return {"": PrefixWeights(emb, nl, td, config.num_attention_heads, _drops_token_types(config.task_type))}
     hid = config.encoder_hidden_size or td
     k = jax.random.split(key, 5)
 
@@ -359,7 +370,8 @@ def init(config: PrefixTuningConfig, params, key, infos) -> dict:
     w2, b2 = linear(k[3], k[4], hid, (hid, out_dim))
     if zero:
         w2, b2 = jnp.zeros_like(w2), jnp.zeros_like(b2)
-    return {"": PrefixMLPWeights(emb, w1, b1, w2, b2, nl, td, config.num_attention_heads)}
+    return {"": PrefixMLPWeights(emb, w1, b1, w2, b2, nl, td, config.num_attention_heads,
+                                 _drops_token_types(config.task_type))}
 
 
 # -- Hugging Face PEFT format ----------------------------------------------------------------
@@ -429,7 +441,13 @@ def _from_hf(d, tensors, params, ctx):
     want = (config.num_virtual_tokens, nl * 2 * td)
     if tuple(emb.shape) != want:
         raise CheckpointError(f"prompt_embeddings in {ctx.folder!r} has shape {tuple(emb.shape)}, expected {want}.")
-    return config, {"": PrefixWeights(jnp.asarray(emb, ctx.dtype), nl, td, heads)}
+    return config, {"": PrefixWeights(jnp.asarray(emb, ctx.dtype), nl, td, heads, _drops_token_types(d.get("task_type")))}
+
+
+def _drops_token_types(task_type) -> bool:
+    """Whether PEFT's forward drops ``token_type_ids`` with a prefix of this task type (it passes them
+    on for SEQ_CLS, TOKEN_CLS and QUESTION_ANS only)."""
+    return task_type is not None and task_type not in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 def budget_rows(model_type: str, targets):
