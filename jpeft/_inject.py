@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import sys
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -17,7 +18,6 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes as _linen_dtypes
 from flax.linen import module as _linen_module  # only the capture_intermediates filter of the apply in progress
-from flax.nnx.nn import dtypes as _nnx_dtypes  # only its default promote_dtype, a known function (jpeft._nnx adapts NNX)
 
 from jpeft import quant, scan
 from jpeft._ops import flat_dot_general
@@ -422,7 +422,10 @@ def override_refusal(path: str, module, names=("__call__",)) -> Optional[Unsuppo
 #: the functions of its kernel a flax module computes with by default, and jpeft's own product over
 #: flattened tokens: each computes the plain product of the kernel it is given
 _TRANSPARENT = (jax.lax.dot_general, jax.lax.conv_general_dilated, jnp.einsum, flat_dot_general,
-                _linen_dtypes.promote_dtype, _nnx_dtypes.promote_dtype)
+                _linen_dtypes.promote_dtype)
+#: where NNX's default promote_dtype, transparent too, lives: looked up there, not imported, since only an NNX module
+#: (and so an imported flax.nnx) can hold it (jpeft.tree.loaded_nnx; docs/ARCHITECTURE.md, "Start-up time")
+_NNX_DTYPES = "flax.nnx.nn.dtypes"
 #: the module fields holding such a function (a ``*_cls`` one, when set, is called for the function instead)
 _KERNEL_FIELDS = ("promote_dtype", "dot_general_cls", "dot_general", "conv_general_dilated_cls",
                   "conv_general_dilated", "einsum_op")
@@ -469,7 +472,8 @@ def _transparent(fn) -> bool:
         return True
     if isinstance(fn, functools.partial):  # functools.partial(jax.lax.dot_general, precision=...)
         return not fn.args and set(fn.keywords) <= {"precision", "preferred_element_type"} and _transparent(fn.func)
-    return any(fn is f for f in _TRANSPARENT)
+    nnx_dtypes = sys.modules.get(_NNX_DTYPES)
+    return any(fn is f for f in _TRANSPARENT) or (nnx_dtypes is not None and fn is nnx_dtypes.promote_dtype)
 
 
 def _fn_name(fn) -> str:

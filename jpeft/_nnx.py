@@ -12,6 +12,10 @@ module's *linen twin* (``nnx.Linear`` -> ``nn.Dense``, ``nnx.LinearGeneral`` ->
 parameters, and its ``next_fun`` is the NNX module's own method, so the base output is
 exactly what the NNX model computes. ``tests/test_nnx.py`` checks each twin against its
 NNX module.
+
+This module imports ``flax.nnx``, so it is imported where an NNX value has been found
+(``jpeft.tree.is_nnx``, which needs no import), not when ``jpeft`` is (docs/ARCHITECTURE.md,
+"Start-up time").
 """
 
 from __future__ import annotations
@@ -32,11 +36,6 @@ from jpeft.methods.base import Call, ModuleInfo
 _CONTAINERS = (nnx.List, nnx.Dict)
 
 
-def is_nnx(model) -> bool:
-    """Whether ``model`` is an NNX module or the graph definition of one."""
-    return isinstance(model, (nnx.Module, nnx.GraphDef))
-
-
 def split(model, state):
     """``(graphdef, state)`` from an ``nnx.Module`` (split here unless ``state`` is given) or a
     ``GraphDef`` and its state."""
@@ -49,12 +48,6 @@ def split(model, state):
             "jpeft.apply(graphdef, state, adapter, x)."
         )
     return model, state
-
-
-def state_of(params):
-    """An ``nnx.Module``'s whole state (``nnx.split``'s), as every entry point taking params takes
-    it; other params (a linen variables dict, an ``nnx.State``) as given."""
-    return nnx.split(params)[1] if isinstance(params, nnx.Module) else params
 
 
 def merge(graphdef, state, *, copy: bool = False):

@@ -100,7 +100,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject, _nnx, scan
+from jpeft import _inject, scan
 from jpeft.core import merge
 from jpeft.errors import (
     BankCapacityError,
@@ -117,7 +117,7 @@ from jpeft.errors import (
 from jpeft.methods._common import branch_dtype
 from jpeft.methods.base import (Call, FrozenFields, Kind, Layout, LowRank, Site, dropout as _dropout, low_rank_node,
                                residual_refusal, static_field)
-from jpeft.tree import module_leaves, unwrap_params
+from jpeft.tree import module_leaves, nnx_state_of, unwrap_params
 
 STRATEGIES = ("gather", "ragged", "pregather")
 #: The routed-update implementation used unless ``strategy=`` says otherwise (measured; see the
@@ -989,7 +989,7 @@ class AdapterBank:
         """Raises :class:`~jpeft.errors.BankShapeError` unless every bank site exists in
         ``params`` with the kernel shape the bank was built for. ``params`` may be an
         ``nnx.Module`` (or its ``nnx.State``), as :func:`jpeft.apply` takes it."""
-        inner = unwrap_params(_nnx.state_of(params))[0]
+        inner = unwrap_params(nnx_state_of(params))[0]
         leaves = module_leaves(inner)
         for path, lay in self.layouts.items():
             own = leaves.get(path)

@@ -10,13 +10,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jpeft import _inject, _nnx, quant, scan
+from jpeft import _inject, quant, scan
 from jpeft.config import AdapterConfig
 from jpeft.data import token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, InputValidationError, ShapeMismatchError
 from jpeft.methods.base import check_adapter, check_kernel_fn_merge, method_of, split_frozen
 from jpeft.validate import check_key, is_single_key
-from jpeft.tree import count, get_subtree, is_half_float, nbytes, rewrap_params, set_subtree, unbox, unwrap_params
+from jpeft.tree import (count, get_subtree, is_half_float, is_nnx, is_nnx_module, loaded_nnx, nbytes, nnx_state_of,
+                        rewrap_params, set_subtree, unbox, unwrap_params)
 
 
 def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, *model_args, **model_kwargs) -> dict:
@@ -47,8 +48,10 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
         raise ConfigError(f"jpeft.init expects a method config such as jpeft.LoraConfig, found {type(config).__name__}.")
     check_key(key, where="jpeft.init")
     fn = method_of(config).init
-    if _nnx.is_nnx(params) or (model is not None and _nnx.is_nnx(model)):
-        state = _nnx.split(params, None)[1] if _nnx.is_nnx(params) else params
+    if is_nnx(params) or (model is not None and is_nnx(model)):
+        from jpeft import _nnx  # flax.nnx: on the NNX path only (docs/ARCHITECTURE.md, "Start-up time")
+
+        state = _nnx.split(params, None)[1] if is_nnx(params) else params
         infos = None
         if model is not None:
             graphdef, state = _nnx.split(model, state)
@@ -94,7 +97,9 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     """
     if adapter is not None:  # a (config, adapter) pair or a dict of arrays failed deep inside with a raw AttributeError
         check_adapter(adapter, "jpeft.apply")
-    if _nnx.is_nnx(model):
+    if is_nnx(model):
+        from jpeft import _nnx  # flax.nnx: on the NNX path only (docs/ARCHITECTURE.md, "Start-up time")
+
         graphdef, state = _nnx.split(model, params)
         return _nnx.apply_with(graphdef, state, adapter or {}, *args, rngs=dropout_rngs(rngs), **kwargs)
     return _apply_linen(model, params, adapter, *args, rngs=rngs, **kwargs)
@@ -121,7 +126,8 @@ def dropout_rngs(rngs):
     if rngs is None or isinstance(rngs, Mapping):
         return rngs
     if not is_single_key(rngs):
-        is_rngs = isinstance(rngs, _nnx.nnx.Rngs)
+        nnx = loaded_nnx()
+        is_rngs = nnx is not None and isinstance(rngs, nnx.Rngs)
         found = type(rngs).__name__ + ("" if is_rngs else f" {rngs!r}"[:80])
         hint = (" jpeft.apply is a pure function and does not draw from (or advance) an nnx.Rngs: pass a key "
                 "drawn from it, rngs={'dropout': rngs.dropout()}." if is_rngs else " Pass rngs={'dropout': key}.")
@@ -224,7 +230,7 @@ def lm_loss(model, params, adapter: Optional[Mapping[str, Any]], input_ids, loss
         w = loss_mask.astype(jnp.float32)
         count = w.sum()
         return (nll * w).sum() / jnp.maximum(count, 1.0), count
-    parts = (not _nnx.is_nnx(model) and callable(getattr(model, "hidden_states", None))
+    parts = (not is_nnx(model) and callable(getattr(model, "hidden_states", None))
              and callable(getattr(model, "logits", None)) and _root_sites_run_in_parts(adapter))
     if chunk_tokens is None or not parts:
         out = apply(model, params, adapter, input_ids, rngs=rngs, **kwargs)
@@ -293,7 +299,9 @@ def _f32(own):
 
 def _fold(params, adapter, how: str):
     check_adapter(adapter, f"jpeft.{how}")
-    if isinstance(params, _nnx.nnx.Module):  # an NNX model in, a new NNX model out
+    if is_nnx_module(params):  # an NNX model in, a new NNX model out
+        from jpeft import _nnx  # flax.nnx: on the NNX path only (docs/ARCHITECTURE.md, "Start-up time")
+
         return _nnx.fold_module(params, adapter, lambda state: _fold(state, adapter, how))
     if quant.has_quantized(params):
         params = quant.dequantize(params)
@@ -394,7 +402,7 @@ def summary(params, adapter: Optional[Mapping[str, Any]], *, print_fn=print) -> 
     >>> s = jpeft.summary(params, jpeft.init(FullFinetuneConfig(), params, jax.random.key(1)))
     trainable params: 16 || all params: 16 || trainable%: 100.0000 (base 16; 1 adapted sites)
     """
-    inner, _ = unwrap_params(_nnx.state_of(params))
+    inner, _ = unwrap_params(nnx_state_of(params))
     base = count(quant.abstract(inner))
     train, froz = split_frozen(adapter) if adapter else ({}, {})
     trainable = count(train)

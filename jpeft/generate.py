@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _nnx
 from jpeft.core import apply
 from jpeft.errors import InputValidationError
 from jpeft.methods.base import check_adapter
 from jpeft.models._layers import init_cache
+from jpeft.tree import is_nnx
 from jpeft.validate import check_key, check_token_ids
 
 
@@ -127,7 +127,7 @@ def check_decoder(model, where: str) -> None:
     """Raises :class:`InputValidationError` unless ``model`` is a decoder with a key/value cache
     (its ``__call__`` takes ``cache=``, and it has ``.config``): an encoder such as BERT would
     fail deep inside tracing instead."""
-    if _nnx.is_nnx(model):
+    if is_nnx(model):
         raise InputValidationError(
             f"{where}: got a flax.nnx model ({type(model).__name__}); jpeft's NNX models have no key/value cache "
             "(docs/NNX.md). Generate with the linen model, which loads the same weights and takes the same adapters: "

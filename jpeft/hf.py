@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from jpeft import _nnx, quant, scan
+from jpeft import quant, scan
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
@@ -57,7 +57,7 @@ from jpeft.methods.base import FOREIGN_SITE_FIX, Method, foreign_site, method_fo
 from jpeft.models.loading import BERT_ARCHITECTURES, read_config
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys,  # noqa: F401
                                config_from_peft, peft_key, split_peft_key, take_base_copies, take_embedding_copies, to_np)
-from jpeft.tree import compile_pattern, count, from_hf_name, hf_name, module_leaves, unwrap_params
+from jpeft.tree import compile_pattern, count, from_hf_name, hf_name, module_leaves, nnx_state_of, unwrap_params
 
 
 def supported_peft_types() -> list[str]:
@@ -764,7 +764,7 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
         both sides are listed).
       CheckpointError: a truncated or corrupted weights file.
     """
-    config, adapter = _load(path, _nnx.state_of(params), dtype)
+    config, adapter = _load(path, nnx_state_of(params), dtype)
     change = _base_change(config, adapter)
     if change is not None:
         kind = change[0]
@@ -796,7 +796,7 @@ def load_peft_with_base(path: str, params, *, dtype=jnp.float32) -> tuple[Adapte
       the full-precision weights, as PEFT refuses its residual inits on a quantized layer: load
       onto the float params, then quantize the residual returned).
     """
-    given, params = params, _nnx.state_of(params)
+    given, params = params, nnx_state_of(params)
     config, adapter = _load(path, params, dtype)
     change = _base_change(config, adapter)
     if change is None:

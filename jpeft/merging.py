@@ -47,13 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _nnx, quant
+from jpeft import quant
 from jpeft.core import RoundingTally
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
 from jpeft.methods.base import (Layout, LowRank, check_adapter, check_kernel_fn_merge, check_tied_merge, low_rank_node,
                                residual_refusal)
 from jpeft.scan import Stacked
-from jpeft.tree import get_subtree, rewrap_params, set_subtree, unwrap_params
+from jpeft.tree import get_subtree, is_nnx_module, rewrap_params, set_subtree, unwrap_params
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -471,7 +471,9 @@ def merge_into_base(
     for path, site in sites.items():
         check_tied_merge(site)
         check_kernel_fn_merge(path, site.layout, "jpeft.merging.merge_into_base")
-    if isinstance(params, _nnx.nnx.Module):  # an NNX model in, a new NNX model out (as jpeft.merge)
+    if is_nnx_module(params):  # an NNX model in, a new NNX model out (as jpeft.merge)
+        from jpeft import _nnx  # flax.nnx: on the NNX path only (docs/ARCHITECTURE.md, "Start-up time")
+
         return _nnx.fold_module(params, sites, lambda state: merge_into_base(
             state, adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key))
     deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)

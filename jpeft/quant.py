@@ -34,20 +34,19 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any, Literal, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
-from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from jax.sharding import PartitionSpec as P
 
 from jpeft.config import _as_targets
 from jpeft.errors import LoadError, QuantizationError, SaveError
-from jpeft.tree import is_all_linear, matches, path_str, unbox
+from jpeft.tree import is_all_linear, is_nnx_module, is_nnx_state, matches, path_str, unbox
 
 Scheme = Literal["nf4", "int8", "fp8"]
 SCHEMES: tuple = ("nf4", "int8", "fp8")
@@ -242,6 +241,8 @@ def quantize_array(w, scheme: Scheme, where: str = ""):
 
 
 def _quantize_array(w, scheme):
+    import qwix  # int8 / fp8 only: qwix imports flax.nnx (see _is_qarray)
+
     w = jnp.asarray(w)
     if w.ndim < 2:
         raise QuantizationError(f"{scheme} quantizes kernels of 2 or more dims; found shape {tuple(w.shape)}.")
@@ -261,9 +262,18 @@ def _quantize_array(w, scheme):
 _quantize_jit = jax.jit(_quantize_array, static_argnums=1)
 
 
+def _is_qarray(x) -> bool:
+    """Whether ``x`` is a :class:`qwix.QArray`, asked with no import: one exists only once qwix is
+    imported, and qwix imports ``flax.nnx``, which a program without int8/fp8 bases need not pay
+    for at start-up (docs/ARCHITECTURE.md, "Start-up time"). Where one is built or computed with
+    (:func:`quantize`, :func:`from_tensors`, :func:`dequantize_array`), qwix is imported there."""
+    qwix = sys.modules.get("qwix")
+    return qwix is not None and isinstance(x, qwix.QArray)
+
+
 def is_quantized(x) -> bool:
     """Whether ``x`` is a quantized leaf (:class:`NF4Array` or :class:`qwix.QArray`)."""
-    return isinstance(x, (NF4Array, qwix.QArray))
+    return isinstance(x, NF4Array) or _is_qarray(x)
 
 
 def has_quantized(tree) -> bool:
@@ -275,7 +285,9 @@ def dequantize_array(x):
     an fp8 leaf whose values :func:`as_bytes` holds as bytes is read back as fp8 first)."""
     if isinstance(x, NF4Array):
         return x.dequantize()
-    if isinstance(x, qwix.QArray):
+    if _is_qarray(x):
+        import qwix  # imported already: x is a QArray
+
         if jnp.dtype(x.qvalue.dtype) == jnp.uint8 and _is_fp8(x.qtype):
             x = dataclasses.replace(x, qvalue=jax.lax.bitcast_convert_type(x.qvalue, jnp.float8_e4m3fn))
         return qwix.dequantize(x)
@@ -290,7 +302,7 @@ def astype(x, dtype):
     dtype = jnp.dtype(dtype)
     if isinstance(x, NF4Array):
         return x if x.dtype == dtype else dataclasses.replace(x, dtype_name=dtype.name)
-    if isinstance(x, qwix.QArray):
+    if _is_qarray(x):
         return x if x.dtype == dtype else x.astype(dtype)
     raise QuantizationError(f"quant.astype takes a quantized leaf, found {type(x).__name__}.")
 
@@ -314,11 +326,11 @@ def as_bytes(params):
     leaves (more than 2 dims) are changed: on an unrolled model the same bitcast made XLA keep
     more dequantized temporaries (measured: step 0.21 -> 0.26 s)."""
     def one(x):
-        if isinstance(x, qwix.QArray) and jnp.dtype(x.qvalue.dtype) == jnp.float8_e4m3fn and x.qvalue.ndim > 2:
+        if _is_qarray(x) and jnp.dtype(x.qvalue.dtype) == jnp.float8_e4m3fn and x.qvalue.ndim > 2:
             return dataclasses.replace(x, qvalue=jax.lax.bitcast_convert_type(x.qvalue, jnp.uint8))
         return x
 
-    if not any(isinstance(x, qwix.QArray) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
+    if not any(_is_qarray(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
         return params  # the common case: the caller's tree untouched
     return jax.tree.map(one, params, is_leaf=is_quantized)
 
@@ -339,7 +351,7 @@ def abstract(params):
 def scheme_of(x) -> Optional[str]:
     if isinstance(x, NF4Array):
         return "nf4"
-    if isinstance(x, qwix.QArray):
+    if _is_qarray(x):
         return "int8" if jnp.dtype(x.qvalue.dtype) == jnp.int8 else "fp8"
     return None
 
@@ -387,7 +399,7 @@ def quantize(params, scheme: Scheme = "nf4", *, target_modules=None):
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
     target_modules = _as_targets(target_modules)  # a regex or names, as a method config's (else a named ConfigError)
-    if isinstance(params, (nnx.State, nnx.Module)):
+    if is_nnx_state(params) or is_nnx_module(params):
         # its leaves sit under ".../kernel/value", which no kernel selector matches: the state came back
         # unchanged (full precision, no error), and with target_modules the error blamed the names
         raise QuantizationError(
@@ -436,7 +448,7 @@ def to_tensors(params) -> tuple[dict, dict]:
             for f in ("codes", "absmax_codes", "absmax_scales", "absmax_offset"):
                 tensors[f"{name}.{f}"] = np.asarray(getattr(x, f))
             meta[name] = json.dumps({"scheme": "nf4", "matrix": list(x.matrix), "dtype": x.dtype_name})
-        elif isinstance(x, qwix.QArray):
+        elif _is_qarray(x):
             qv = np.asarray(x.qvalue)
             tensors[f"{name}.qvalue"] = qv.view(np.uint8) if scheme_of(x) == "fp8" else qv
             tensors[f"{name}.scale"] = np.asarray(x.scale)
@@ -481,6 +493,8 @@ def from_tensors(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> dic
                 _check_qwix_arrays(name, m, qv, scale)
                 qtype = jnp.int8 if m["scheme"] == "int8" else jnp.float8_e4m3fn
                 qv = qv.view(qtype) if m["scheme"] == "fp8" else qv
+                import qwix  # a file with int8 / fp8 leaves only (see _is_qarray)
+
                 put(name, qwix.QArray(jnp.asarray(qv), jnp.asarray(scale), None, qtype))
         except KeyError as e:
             raise QuantizationError(f"the file has a quantized leaf {name!r} ({m}) without its array {e}; is it truncated?") from None
@@ -587,7 +601,7 @@ def load(path: str) -> dict:
 
 def logical_spec(spec_node):
     """The kernel's own partition spec from a quantized leaf's tree of specs."""
-    if isinstance(spec_node, qwix.QArray):
+    if _is_qarray(spec_node):
         return spec_node.qvalue
     if isinstance(spec_node, NF4Array):  # leaf_specs records it; a tree-mapped copy replicates the matrix
         return getattr(spec_node, "matrix_spec", None) or P(*spec_node.absmax_offset, None, None)
@@ -607,7 +621,7 @@ def leaf_specs(leaf, spec: P, mesh_shape: Mapping[str, int]):
     their scales like it on the axes they keep; NF4's flat arrays take the kernel's output (else
     input) entry where the mesh axis divides them, which cuts them along output rows."""
     e = list(spec) + [None] * (leaf.ndim - len(spec))
-    if isinstance(leaf, qwix.QArray):
+    if _is_qarray(leaf):
         scale = P(*[en if leaf.scale.shape[d] == leaf.shape[d] else None for d, en in enumerate(e)])
         return dataclasses.replace(leaf, qvalue=P(*e), scale=scale,
                                    zero_point=None if leaf.zero_point is None else scale)

@@ -27,16 +27,19 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import sys
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
 import re2
-from flax import nnx
 from flax.core import meta
 
 from jpeft.errors import ConfigError, ShardingError, TargetNotFoundError
+
+if TYPE_CHECKING:  # flax.nnx is imported where an NNX value is handled, not at start-up (loaded_nnx)
+    from flax import nnx
 
 _INDEX = re.compile(r"^(.*)_(\d+)$")
 # Hugging Face module names that end in ``_<digit>`` but are not list entries (GPT-2's
@@ -53,11 +56,44 @@ def unbox(tree):
     return meta.unbox(tree)
 
 
+def loaded_nnx():
+    """``flax.nnx`` if this process has imported it, else ``None``. A value can be an NNX module,
+    graph definition, state or ``nnx.Rngs`` only once ``flax.nnx`` is imported, so telling NNX
+    values apart (:func:`is_nnx`, :func:`is_nnx_module`, :func:`is_nnx_state`) needs no import,
+    and a program that never uses NNX (a linen user, every ``jpeft`` command) does not pay for
+    importing it (docs/ARCHITECTURE.md, "Start-up time")."""
+    return sys.modules.get("flax.nnx")
+
+
+def is_nnx(model) -> bool:
+    """Whether ``model`` is an NNX module or the graph definition of one."""
+    nnx = loaded_nnx()
+    return nnx is not None and isinstance(model, (nnx.Module, nnx.GraphDef))
+
+
+def is_nnx_module(x) -> bool:
+    """Whether ``x`` is an ``nnx.Module``."""
+    nnx = loaded_nnx()
+    return nnx is not None and isinstance(x, nnx.Module)
+
+
+def is_nnx_state(x) -> bool:
+    """Whether ``x`` is an ``nnx.State`` (from ``nnx.split``)."""
+    nnx = loaded_nnx()
+    return nnx is not None and isinstance(x, nnx.State)
+
+
+def nnx_state_of(params):
+    """An ``nnx.Module``'s whole state (``nnx.split``'s), as every entry point taking params takes
+    it; other params (a linen variables dict, an ``nnx.State``) as given."""
+    return loaded_nnx().split(params)[1] if is_nnx_module(params) else params
+
+
 def unwrap_params(variables: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
     """Returns ``(params_collection, was_wrapped)`` for either ``{'params': ...}`` or bare params,
     metadata boxes (``nn.with_partitioning``) unboxed (:func:`unbox`).
     An ``nnx.State`` (from ``nnx.split``) gives its :func:`nnx_params` dict."""
-    if isinstance(variables, nnx.State):
+    if is_nnx_state(variables):
         return nnx_params(variables), True
     if isinstance(variables, Mapping) and "params" in variables and isinstance(variables["params"], Mapping):
         return unbox(variables["params"]), True
@@ -65,7 +101,7 @@ def unwrap_params(variables: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool
 
 
 def rewrap_params(variables: Mapping[str, Any], new_params: Mapping[str, Any], was_wrapped: bool):
-    if isinstance(variables, nnx.State):
+    if is_nnx_state(variables):
         return nnx_with_params(variables, new_params)
     if not was_wrapped:
         return new_params
@@ -78,6 +114,8 @@ def nnx_params(state: nnx.State) -> dict:
     """The ``nnx.Param`` values of an NNX state as the nested dict jpeft uses for linen params:
     keys are the attribute names and list indices (as strings), so module paths read
     ``"layers/0/attn/query"``. Other variables (batch statistics, RNG counters) are left out."""
+    from flax import nnx  # an NNX value is handled, so flax.nnx is imported already (loaded_nnx)
+
     out: dict = {}
     for path, var in nnx.to_flat_state(state):
         if isinstance(var, nnx.Param):
@@ -94,6 +132,8 @@ def nnx_with_params(state: nnx.State, params: Mapping[str, Any]) -> nnx.State:
     its own: ``nnx.merge`` reuses a state's Variable objects, so a model made from the copy
     (``jpeft.merge(model, adapter)``) must not update ``state``'s batch statistics or RNG
     counters when it runs."""
+    from flax import nnx  # an NNX value is handled, so flax.nnx is imported already (loaded_nnx)
+
     flat = []
     for path, var in nnx.to_flat_state(state):
         if isinstance(var, nnx.Param):

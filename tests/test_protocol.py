@@ -431,10 +431,23 @@ def test_public_names_are_the_methods_own_objects():
     assert jpeft.adalora_allocator is methods.adalora.allocator and jpeft.LoraConfig is methods.lora.LoraConfig
 
 
+# The jpeft modules imported inside functions, each for a path only some calls take, because its
+# import is slow (docs/ARCHITECTURE.md, "The dependency direction" and "Start-up time"): the
+# server (Starlette and uvicorn, ``jpeft serve`` only), and the NNX adapter code and NNX Llama
+# (flax.nnx), imported where an NNX value was found (``jpeft.tree.is_nnx``) or ``api="nnx"``
+# asked for. They still count as imports for the layer order (test_dependencies_point_one_way).
+_IMPORTED_IN_FUNCTIONS = {
+    ("jpeft.cli.serve_cmd", "jpeft.serve.app"),
+    ("jpeft.core", "jpeft._nnx"), ("jpeft.merging", "jpeft._nnx"), ("jpeft.methods.corda", "jpeft._nnx"),
+    ("jpeft.models.loading", "jpeft.models.llama_nnx"),
+}
+
+
 def test_jpeft_imports_inside_functions_are_optional_only():
-    """An import inside a function is for an optional dependency, never to hide a cycle: the one
-    jpeft module imported there is the server (Starlette and uvicorn, needed by ``jpeft serve``
-    only; docs/ARCHITECTURE.md, "The dependency direction")."""
+    """An import inside a function is for an optional dependency or a slow path only some calls
+    take, never to hide a cycle: the jpeft modules imported there are the listed ones, and the
+    NNX ones are those that import flax.nnx (the reason they wait)."""
+    known = {_module_name(f) for f in ROOT.rglob("*.py")}
     found = set()
     for f in sorted(ROOT.rglob("*.py")):
         for fn in ast.walk(ast.parse(f.read_text())):
@@ -443,12 +456,74 @@ def test_jpeft_imports_inside_functions_are_optional_only():
             for node in ast.walk(fn):
                 if isinstance(node, ast.Import):
                     names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom):
-                    names = [node.module or ""] if not node.level else ["jpeft (relative)"]
+                elif isinstance(node, ast.ImportFrom) and node.level:
+                    names = ["jpeft (relative)"]
+                elif isinstance(node, ast.ImportFrom):  # from jpeft import _nnx: the module jpeft._nnx
+                    names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                             for a in node.names]
                 else:
                     continue
                 found |= {(_module_name(f), n) for n in names if n.startswith("jpeft")}
-    assert found == {("jpeft.cli.serve_cmd", "jpeft.serve.app")}, sorted(found)
+    assert found == _IMPORTED_IN_FUNCTIONS, sorted(found ^ _IMPORTED_IN_FUNCTIONS)
+    nnx_importers = {_module_name(f) for f in ROOT.rglob("*.py")
+                     if re.search(r"^(from flax import nnx|import flax\.nnx)", f.read_text(), re.M)}
+    assert nnx_importers == {m for _, m in _IMPORTED_IN_FUNCTIONS} - {"jpeft.serve.app"}, nnx_importers
+
+
+_STARTUP = """
+import json, sys
+import jpeft
+from jpeft.cli import build_parser
+build_parser()  # every subcommand's module
+before = {m: m in sys.modules for m in ("flax.nnx", "qwix", "jpeft._nnx", "jpeft.models.llama_nnx")}
+import importlib
+for pkg in ("jpeft", "jpeft.methods", "jpeft.models", "jpeft.forgetting", "jpeft.serve", "jpeft.cli"):
+    mod = importlib.import_module(pkg)
+    for name in mod.__all__:
+        exec(f"from {pkg} import {name}")
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+class Net(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(3, 4, rngs=rngs)
+    def __call__(self, x):
+        return self.fc(x)
+graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+adapter = jpeft.init(jpeft.LoraConfig(r=2, alpha=4, target_modules=["fc"]), state, jax.random.key(1), graphdef,
+                     jnp.ones((1, 3)))
+import dataclasses
+node = adapter["fc"]
+adapter = {"fc": dataclasses.replace(node, lora_B=jax.random.normal(jax.random.key(2), node.lora_B.shape))}
+x = jax.random.normal(jax.random.key(3), (2, 3))
+w, b = state["fc"]["kernel"].get_value(), state["fc"]["bias"].get_value()
+want = x @ w + b + 2.0 * (x @ adapter["fc"].lora_A) @ adapter["fc"].lora_B
+got = jpeft.apply(graphdef, state, adapter, x)
+q = jpeft.quantize({"params": {"d": {"kernel": np.ones((4, 4), np.float32)}}}, "int8", target_modules=".*")
+print(json.dumps({"before": before, "nnx_err": float(jnp.abs(got - want).max()),
+                  "int8": [jpeft.quant.is_quantized(q["params"]["d"]["kernel"]), "qwix" in sys.modules,
+                           float(np.abs(np.asarray(jpeft.dequantize(q)["params"]["d"]["kernel"]) - 1).max())]}))
+"""
+
+
+def test_import_jpeft_leaves_flax_nnx_and_qwix_until_used():
+    """A fresh ``import jpeft`` (and every ``jpeft`` subcommand's module) does not import
+    ``flax.nnx`` (nor qwix, which imports it): about 0.4 CPU-s of every ``jpeft`` process and test
+    subprocess (docs/ARCHITECTURE.md, "Start-up time"). Every public name still resolves; a
+    program that imports ``flax.nnx`` after jpeft adapts an NNX model with the numbers of the
+    closed form ``x W + b + s (x A) B`` (random B); an int8 base quantizes and dequantizes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _STARTUP], env=env, cwd=ROOT.parent, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["before"] == {"flax.nnx": False, "qwix": False, "jpeft._nnx": False, "jpeft.models.llama_nnx": False}
+    assert got["nnx_err"] < 1e-5, got
+    assert got["int8"][:2] == [True, True] and got["int8"][2] < 1e-2, got
 
 
 # private names one module takes from another: none is left (a shared helper is public in the

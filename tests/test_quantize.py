@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import qwix
 
 import jpeft  # noqa: E402
 from jpeft import quant, scan  # noqa: E402
@@ -276,7 +277,7 @@ def test_quantize_targets_linear_kernels_only(llama):
     _, _, params, _, qs = llama
     q = qs["nf4"]["params"]
     assert isinstance(q["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"], quant.NF4Array)
-    assert isinstance(qs["int8"]["params"]["model"]["layers_0"]["mlp"]["down_proj"]["kernel"], quant.qwix.QArray)
+    assert isinstance(qs["int8"]["params"]["model"]["layers_0"]["mlp"]["down_proj"]["kernel"], qwix.QArray)
     for keep in (q["lm_head"]["kernel"], q["model"]["embed_tokens"]["embedding"], q["model"]["norm"]["scale"]):
         assert not quant.is_quantized(keep)
     assert jpeft.summary(qs["nf4"], None, print_fn=None)["base"] == jpeft.summary(params, None, print_fn=None)["base"]

@@ -28,12 +28,13 @@ from typing import Literal
 import jax
 import numpy as np
 
-from jpeft import _inject, _nnx, core
+from jpeft import _inject, core
 from jpeft.errors import ConfigError, InputValidationError
 from jpeft.methods.base import Kind
 from jpeft.methods.lora import LoraWeights
 from jpeft.methods.pissa import residual_init, refuse_quantized
 from jpeft.scan import Stacked
+from jpeft.tree import is_nnx, is_nnx_module
 
 __all__ = ["init_corda", "input_covariances"]
 
@@ -45,8 +46,10 @@ def input_covariances(model, params, paths, calibration, **model_kwargs) -> dict
     entry). ``calibration``: an iterable of model inputs, each a tuple of positional arguments
     (or one array); every item is one forward pass."""
     paths = sorted(paths)
-    if _nnx.is_nnx(model):  # the graphdef (or nnx.Module) and its state, as jpeft.init takes them
-        model, params = _nnx.split(model, None if isinstance(params, _nnx.nnx.Module) else params)
+    if is_nnx(model):  # the graphdef (or nnx.Module) and its state, as jpeft.init takes them
+        from jpeft import _nnx  # flax.nnx: on the NNX path only (docs/ARCHITECTURE.md, "Start-up time")
+
+        model, params = _nnx.split(model, None if is_nnx_module(params) else params)
         capture = functools.partial(_nnx.call_inputs, model)
     else:
         capture = functools.partial(_inject.call_inputs, model)

@@ -26,14 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _nnx, core, quant
+from jpeft import core, quant
 from jpeft.errors import ConfigError, InputValidationError, QuantizationError, ShapeMismatchError
 from jpeft.methods import dora
 from jpeft.methods._common import from_matrix, to_matrix
 from jpeft.methods.base import Kind
 from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.scan import Stacked
-from jpeft.tree import get_subtree, path_str, rewrap_params, set_subtree, unwrap_params
+from jpeft.tree import get_subtree, is_nnx_module, path_str, rewrap_params, set_subtree, unwrap_params
 
 
 def _svd_top(w, r: int, niter: Optional[int], key):
@@ -392,7 +392,7 @@ def refuse_quantized(name: str, params) -> None:
 def residual_init(name, tag, factors, config, params, key, model, model_args, model_kwargs):
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"{name} expects a jpeft.LoraConfig, found {type(config).__name__}.")
-    if isinstance(params, _nnx.nnx.Module):
+    if is_nnx_module(params):
         raise ConfigError(
             f"{name} got the nnx.Module {type(params).__name__} as params; it returns the residual base as a new state, "
             f"so pass the model's state: graphdef, state = nnx.split(model), then residual, adapter = {name}(config, "

@@ -34,7 +34,7 @@ from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, Q
 from jpeft.io import ADAPTER_JSON, open_regular, read_json, safetensors_index
 from jpeft.models.bert import TASK_MODELS as _BERT_TASK_MODELS, BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from jpeft.models import _layers as L, llama_nnx
+from jpeft.models import _layers as L
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
 from jpeft.parallel import put_leaf, param_shardings
 from jpeft.scan import stack_params, unstack_params
@@ -582,6 +582,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
             "qwen3). Load it with api='linen'."
         )
     if api == "nnx":
+        from jpeft.models import llama_nnx  # flax.nnx: for api="nnx" only (docs/ARCHITECTURE.md, "Start-up time")
+
         llama_nnx.check_config(cfg)
     fam = _family_of(cfg)
     model = model_from_config(cfg)
