@@ -404,42 +404,50 @@ def test_fused_projections_benchmark_toy_run(tmp_path):
         fused_projections.main(["--rank", "0"])
 
 
-def test_step_options_benchmark_toy_run(tmp_path):
+def test_step_options_benchmark_toy_run(tmp_path, capfd, monkeypatch):
     """benchmarks/step_options.py compiles jpeft's step with and without compiler options,
     compares their adapter gradients and times them in turns; options XLA refuses (which also
-    shows they reach the compiler) and malformed variants end in a named message."""
+    shows they reach the compiler) and malformed variants end in a named message. Its main runs
+    in this process (no JAX start-up of its own; as test_weight_gradient_benchmark_toy_run), and
+    writes the table to ``sys.__stdout__`` (file descriptor 1, read with ``capfd``)."""
+    import step_options
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main points it at sys.__stdout__; put back after the test
     out = tmp_path / "so.json"
-    script = os.path.join(BENCH, "step_options.py")
-    r = subprocess.run([sys.executable, script, "--size", "toy", "--rounds", "2", "--per-turn", "1",
-                        "--variant", "nofm:xla_cpu_enable_fast_min_max=false", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    capfd.readouterr()
+    assert step_options.main(["--size", "toy", "--rounds", "2", "--per-turn", "1",
+                              "--variant", "nofm:xla_cpu_enable_fast_min_max=false", "--json", str(out)]) == 0
+    stdout = capfd.readouterr().out
     rows = json.loads(out.read_text())["variants"]
     assert list(rows) == ["default", "nofm"]
     assert rows["nofm"]["options"] == {"xla_cpu_enable_fast_min_max": False}
     assert rows["default"]["grad_max_rel_diff"] == 0.0 and rows["nofm"]["grad_max_rel_diff"] < 1e-5
     assert all(len(x["steps_s"]) == 2 and x["step_s"] > 0 and x["xla_temp_mib"] > 0 for x in rows.values())
     assert rows["default"]["ratio"] == 1.0
-    assert "| nofm |" in r.stdout
-    refused = subprocess.run([sys.executable, script, "--size", "toy", "--variant",
-                              "bad:xla_cpu_experimental_ynn_fusion_type=dot"], capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "XLA refused the options" in refused.stderr
-    assert "LIBRARY_FUSION_TYPE_DOT, not dot" in refused.stderr
-    assert '"variant": "default"' not in refused.stderr  # refused before the model is built and its step compiled
-    bad = subprocess.run([sys.executable, script, "--variant", "nolabel"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "expected LABEL:KEY=VALUE" in bad.stderr
+    assert "| nofm |" in stdout
+    with pytest.raises(SystemExit) as refused:  # a message as the exit code: printed to stderr, status 1
+        step_options.main(["--size", "toy", "--variant", "bad:xla_cpu_experimental_ynn_fusion_type=dot"])
+    assert isinstance(refused.value.code, str) and "XLA refused the options" in refused.value.code
+    assert "LIBRARY_FUSION_TYPE_DOT, not dot" in refused.value.code
+    assert '"variant": "default"' not in capfd.readouterr().err  # refused before the model is built and its step compiled
+    with pytest.raises(SystemExit) as bad:
+        step_options.main(["--variant", "nolabel"])
+    assert isinstance(bad.value.code, str) and "expected LABEL:KEY=VALUE" in bad.value.code
 
 
-def test_lm_loss_benchmark_toy_run(tmp_path):
+def test_lm_loss_benchmark_toy_run(tmp_path, capfd, monkeypatch):
     """benchmarks/lm_loss.py reports the step's XLA temporaries with the whole-logits loss and
     with jpeft.lm_loss's chunks (from abstract shapes), and with --time compares their adapter
-    gradients and times them in turns; a malformed list ends in a named message."""
+    gradients and times them in turns; a malformed list ends in a named message. Its main runs
+    in this process, as step_options.py's above."""
+    import lm_loss
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main points it at sys.__stdout__; put back after the test
     out = tmp_path / "ll.json"
-    script = os.path.join(BENCH, "lm_loss.py")
-    r = subprocess.run([sys.executable, script, "--size", "toy", "--vocab", "512,2048", "--seq", "32", "--batch", "2",
-                        "--chunks", "16", "--time", "--rounds", "1", "--per-turn", "1", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    capfd.readouterr()
+    assert lm_loss.main(["--size", "toy", "--vocab", "512,2048", "--seq", "32", "--batch", "2", "--chunks", "16",
+                         "--time", "--rounds", "1", "--per-turn", "1", "--json", str(out)]) == 0
+    stdout = capfd.readouterr().out
     res = json.loads(out.read_text())
     assert [(m["vocab"], m["seq"]) for m in res["memory"]] == [(512, 32), (2048, 32)]
     big = res["memory"][1]
@@ -448,6 +456,7 @@ def test_lm_loss_benchmark_toy_run(tmp_path):
     t = res["time"]
     assert t["whole"]["ratio"] == 1.0 and t["whole"]["grad_max_rel_diff"] == 0.0
     assert t["chunk 16"]["grad_max_rel_diff"] < 1e-5 and len(t["chunk 16"]["steps_s"]) == 1
-    assert "| chunk 16 |" in r.stdout
-    bad = subprocess.run([sys.executable, script, "--vocab", "8k"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "expected positive integers separated by commas" in bad.stderr
+    assert "| chunk 16 |" in stdout
+    with pytest.raises(SystemExit) as bad:  # argparse: status 2, the message on stderr
+        lm_loss.main(["--vocab", "8k"])
+    assert bad.value.code == 2 and "expected positive integers separated by commas" in capfd.readouterr().err
