@@ -278,8 +278,8 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
       base_model_name_or_path: recorded in adapter_config.json (where the base lives).
       task_type: PEFT's task type; ``"auto"`` writes the config's own ``task_type`` (prefix and
         prompt tuning) or ``"CAUSAL_LM"`` for decoders and ``"FEATURE_EXTRACTION"`` for BERT.
-        A type PEFT cannot load for the base and method (e.g. ``"CAUSAL_LM"`` on BERT, any
-        prefix tuning on BERT) is refused before anything is written; ``"SEQ_CLS"``,
+        A type PEFT cannot load for the base and method (e.g. ``"CAUSAL_LM"`` on BERT, prefix
+        tuning on BERT with any type but ``"FEATURE_EXTRACTION"``) is refused before anything is written; ``"SEQ_CLS"``,
         ``"TOKEN_CLS"`` and ``"QUESTION_ANS"`` need ``params`` (of the model with that head:
         ``BertForSequenceClassification``, ``BertForTokenClassification``,
         ``BertForQuestionAnswering``) to write the frozen head PEFT expects as a module to save.

@@ -149,8 +149,6 @@ def _cells(case, family):
                 "peft->jpeft": (BaseMismatchError, "lm_head: with tie_word_embeddings")}
     if case in ("LoHa", "LoKr", "OFT") and k == "gpt2":  # PEFT's LyCORIS layers and OFT take no Conv1D
         return {"jpeft->peft": (UnsupportedAdapterError, "Conv1D"), "peft->jpeft": PEFT_CANNOT}
-    if case.startswith("prefix") and k == "bert":  # PEFT cannot build BERT's past_key_values
-        return {"jpeft->peft": (UnsupportedAdapterError, "PEFT cannot build this method"), "peft->jpeft": PEFT_CANNOT}
     return both
 
 
@@ -246,7 +244,7 @@ def _peft_config(case, family):
         return peft.IA3Config(target_modules=t, feedforward_modules=ff, init_ia3_weights=False)
     if case.startswith("prefix"):
         return peft.PrefixTuningConfig(num_virtual_tokens=T, prefix_projection=case.endswith("projection"),
-                                       task_type="CAUSAL_LM")
+                                       task_type="FEATURE_EXTRACTION" if k == "bert" else "CAUSAL_LM")
     if case == "prompt":
         return peft.PromptTuningConfig(num_virtual_tokens=T,
                                        task_type="FEATURE_EXTRACTION" if k == "bert" else "CAUSAL_LM")

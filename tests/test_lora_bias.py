@@ -171,8 +171,6 @@ def test_bias_modes_merge_train_and_refusals(mode):
         assert np.abs(np.asarray(grads["conv"].params["bias"])).min() > 0
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(ConfigError, match="DoRA"):
-        jpeft.LoraConfig(target_modules=["d"], bias=mode, use_dora=True)
     with pytest.raises(ConfigError, match="'none', 'lora_only' or 'all'"):
         jpeft.LoraConfig(target_modules=["d"], bias="some")
 

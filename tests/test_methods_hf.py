@@ -4,6 +4,7 @@ load in peft and adapters saved by peft load in jpeft, with logits equal to 1e-4
 IA3 and LoHa over a bfloat16 base computing and training as PEFT's float32 adapters do."""
 
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -290,8 +291,8 @@ def test_task_types_peft_cannot_load_are_refused_before_writing(tmp_path):
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="pass params="):
         save_peft(str(tmp_path / "b"), lora, ad, task_type="SEQ_CLS")
     prefix = jpeft.PrefixTuningConfig(num_virtual_tokens=T)
-    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="PEFT cannot build this method"):
-        save_peft(str(tmp_path / "c"), prefix, jpeft.init(prefix, params, jax.random.key(0)), params=params)
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match=r"task_type='SEQ_CLS' on this encoder.*\['FEATURE_EXTRACTION'\]"):
+        save_peft(str(tmp_path / "c"), prefix, jpeft.init(prefix, params, jax.random.key(0)), params=params, task_type="SEQ_CLS")
     prompt = jpeft.PromptTuningConfig(num_virtual_tokens=T)
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="task_type='CAUSAL_LM'"):
         save_peft(str(tmp_path / "d"), prompt, jpeft.init(prompt, params, jax.random.key(0)), params=params, task_type="CAUSAL_LM")
@@ -802,3 +803,91 @@ def test_bert_prefix_from_peft_refuses_the_token_types_peft_drops(tmp_path):
     assert np.abs(with_types - tiny.torch_logits("bert", ids, mask)).max() > 1e-2  # the prefix matters
     with pytest.raises(jpeft.errors.InputValidationError, match="drops token_type_ids"):
         jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask), token_type_ids=jnp.asarray(types))
+
+
+def test_bert_prefix_exports_to_peft_as_feature_extraction(tmp_path):
+    """save_peft refused every BERT prefix ("PEFT cannot build this method"), though PEFT builds and
+    runs one as FEATURE_EXTRACTION (the task type it now writes): PEFT's logits equal jpeft's
+    without token types (PEFT drops them, so the adapter loaded back refuses them by name), and the
+    task types PEFT cannot run a BERT prefix with (SEQ_CLS: "Model does not support past key values")
+    are still refused before anything is written."""
+    model, params = _jpeft_base("bert")
+    hf, folder = tiny.hf_model("bert")
+    cfg = jpeft.PrefixTuningConfig(num_virtual_tokens=T, prefix_projection=True)
+    ad = _perturb(jpeft.init(cfg, params, jax.random.key(0)), jax.random.key(1))  # embeddings and MLP random
+    save_peft(str(tmp_path / "a"), cfg, ad, params=params, base_model_name_or_path=folder)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "a")).eval()
+    ids, mask = tiny.batch("bert")
+    types = jnp.asarray(jax.random.randint(jax.random.key(2), ids.shape, 0, 2))
+    j = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)))
+    assert np.abs(j - tiny.torch_logits("bert", ids, mask)).max() > 1e-2  # the prefix matters
+    t = _torch_logits(pm, ids, mask, with_positions=False)
+    np.testing.assert_allclose(j, t, rtol=1e-4, atol=1e-4)
+    _, ad2 = load_peft(str(tmp_path / "a"), params)
+    np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, ad2, jnp.asarray(ids), jnp.asarray(mask))), j,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(jpeft.errors.InputValidationError, match="drops token_type_ids"):
+        jpeft.apply(model, params, ad2, jnp.asarray(ids), jnp.asarray(mask), token_type_ids=types)
+    for task in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"):
+        with pytest.raises(jpeft.errors.UnsupportedAdapterError, match=rf"task_type='{task}'.*\['FEATURE_EXTRACTION'\]"):
+            save_peft(str(tmp_path / task), cfg, ad, params=params, base_model_name_or_path=folder, task_type=task)
+        assert not (tmp_path / task).exists()
+
+
+@pytest.mark.parametrize("family,bias", [("bert", "all"), ("gpt2", "lora_only")])
+def test_dora_with_trained_base_biases_matches_peft(family, bias, tmp_path):
+    """DoRA with bias='all' / 'lora_only' was refused (ConfigError "not implemented with DoRA"),
+    though PEFT runs it: its DoRA adds the base layer's bias (trained in place) after the magnitude
+    scaling, unscaled, and its merge keeps that bias beside m/||W + sAB|| (W + sAB). Both ways, with
+    every tensor random (A, B, magnitudes, the trained biases), before and after the merge."""
+    model, params = _jpeft_base(family)
+    hf, folder = tiny.hf_model(family)
+    targets = ["query", "value", "output.dense"] if family == "bert" else ["c_attn", "c_proj"]
+    ids, mask = tiny.batch(family)
+
+    def run(p, a):
+        return np.asarray(jpeft.apply(model, p, a, jnp.asarray(ids), jnp.asarray(mask)))
+
+    def torch_out(m):
+        return _torch_logits(m, ids, mask, with_positions=family != "bert")
+
+    def close(j, t):  # BERT: one row of logits per sequence; GPT-2: the real tokens'
+        if family == "bert":
+            np.testing.assert_allclose(j, t, rtol=1e-4, atol=1e-4)
+        else:
+            _close(j, t, mask)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=True,
+                                                                    bias=bias, init_lora_weights=False))
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for _, p in pm.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        pm.eval().save_pretrained(str(tmp_path / "p"))
+        ref = torch_out(pm)
+        ref_merged = torch_out(copy.deepcopy(pm).merge_and_unload())
+    close(ref_merged, ref)
+    _, ad = load_peft(str(tmp_path / "p"), params)
+    sites = [n for n in ad.values() if isinstance(n, jpeft.LoraWeights)]
+    assert sites and all(n.magnitude is not None and n.base_bias is not None for n in sites)
+    close(run(params, ad), ref)
+    close(run(jpeft.merge(params, ad), {}), ref)
+    # the trained biases matter: the DoRA sites with the base's own biases are far from PEFT's logits
+    own = {p: dataclasses.replace(n, base_bias=None) if isinstance(n, jpeft.LoraWeights) else n for p, n in ad.items()}
+    assert np.abs(run(params, own) - ref).max() > 1e-2
+    # jpeft -> PEFT
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=targets, use_dora=True, bias=bias, init="random")
+    ad2 = _perturb(jpeft.init(cfg, params, jax.random.key(0)), jax.random.key(1))
+    out2 = run(params, ad2)
+    save_peft(str(tmp_path / "j"), cfg, ad2, params=params, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pj = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "j")).eval()
+        close(out2, torch_out(pj))
+        close(run(jpeft.merge(params, ad2), {}), torch_out(pj.merge_and_unload()))

@@ -603,13 +603,14 @@ def test_peft_task_types_are_the_configs_not_a_table_of_peft_types():
     ``jpeft.hf`` names no method's ``peft_type``."""
     from jpeft.hf import _task_type
 
-    assert jpeft.PrefixTuningConfig.peft_task_types["encoder"] == ()
+    assert jpeft.PrefixTuningConfig.peft_task_types["encoder"] == ("FEATURE_EXTRACTION",)
     assert jpeft.PromptTuningConfig.peft_task_types["encoder"] == ("FEATURE_EXTRACTION", "SEQ_CLS")
     assert jpeft.IA3Config.peft_task_types is AdapterConfig.peft_task_types
     src = (ROOT / "hf.py").read_text()
     assert "PREFIX_TUNING" not in src and "PROMPT_TUNING" not in src
     bert = {"bert": {"x": {"kernel": np.zeros((2, 2))}}}
-    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="it can take nothing"):
-        _task_type(jpeft.PrefixTuningConfig(), [""], bert, "auto", None)
+    assert _task_type(jpeft.PrefixTuningConfig(), [""], bert, "auto", None) == "FEATURE_EXTRACTION"
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match=r"it can take task_type in \['FEATURE_EXTRACTION'\]"):
+        _task_type(jpeft.PrefixTuningConfig(), [""], bert, "SEQ_CLS", None)
     assert _task_type(jpeft.PromptTuningConfig(), [""], None, "auto", None) == "CAUSAL_LM"  # base unknown
     assert _task_type(ToyConfig(), ["hidden"], None, "auto", None) is None

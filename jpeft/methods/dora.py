@@ -20,7 +20,9 @@ which needs ``[out, r]`` and ``[r, r]`` temporaries instead of ``[in, out]``. Th
 
 ``y + (m/n - 1) * (y - bias) + (m/n) * s * (x @ A) @ B``
 
-exactly Hugging Face PEFT's ``DoraLinearLayer.forward`` (the bias is not rescaled). With
+exactly Hugging Face PEFT's ``DoraLinearLayer.forward`` (the bias is not rescaled; with
+``LoraConfig.bias`` it is the trained ``base_bias``, in the output and in the merge, as PEFT
+trains the base layer's bias in place). With
 dropout active the base term is recomputed on the dropped input, as PEFT does.
 
 Merging folds ``W <- m/n * (W + s A B)``. It cannot be undone from the merged weights alone
@@ -116,7 +118,10 @@ def intercept(node, call: Call):
         x_l = x
         base = y if bias is None else y - broadcast_bias(bias.astype(y.dtype), y.ndim, lay)
     lora = _lora_out(node, x_l.astype(dt), mod, call, dt)
-    return (y.astype(dt) + (scale_b - 1) * base.astype(dt) + scale_b * lora).astype(y.dtype)
+    out = y.astype(dt) + (scale_b - 1) * base.astype(dt) + scale_b * lora
+    if node.base_bias is not None:  # LoraConfig.bias: the trained base bias replaces the module's own (not rescaled)
+        out = out + broadcast_bias((node.base_bias.astype(dt) - bias.astype(dt)).reshape(bias.shape), y.ndim, lay)
+    return out.astype(y.dtype)
 
 
 def _linear_no_bias(node, x, mod, call, dt):
@@ -171,6 +176,8 @@ def merge(node, own: Mapping[str, Any]):
     new = wm * (node.magnitude.astype(jnp.float32) / n).reshape(1, -1)
     out = dict(own)
     out[pname] = from_matrix(new, lay).astype(w.dtype)
+    if node.base_bias is not None:  # LoraConfig.bias: the trained base bias, as PEFT trains it in place
+        out["bias"] = node.base_bias.reshape(own["bias"].shape).astype(own["bias"].dtype)
     return out
 
 

@@ -105,7 +105,8 @@ class LoraConfig(AdapterConfig):
       bias: ``"none"``, ``"lora_only"`` (the base biases of the LoRA-adapted layers are trained
         too, held as ``LoraWeights.base_bias``) or ``"all"`` (every base bias of the model, the
         others as :class:`SavedModule` sites holding only ``bias``), as Hugging Face PEFT's
-        option of that name. Not with DoRA.
+        option of that name (with DoRA too: the trained bias is added after the magnitude
+        scaling, unscaled, as PEFT's DoRA adds the base layer's bias).
       ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
         output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
         the input lookup is adapted, as in PEFT's unmerged model.
@@ -228,11 +229,6 @@ class LoraConfig(AdapterConfig):
                               f"'pissa_niter_K', {', '.join(map(repr, _MARK_INITS))}), found {self.init!r}.")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("LoraConfig.target_modules is empty; give a regex or a list of module names such as ['q_proj', 'v_proj'].")
-        if self.bias != "none" and self.use_dora:
-            raise ConfigError(
-                f"LoraConfig.bias={self.bias!r} (trainable base biases) is not implemented with DoRA in jpeft; use "
-                "bias='none' with DoRA, or plain LoRA with trainable biases."
-            )
         if self.lora_bias and (self.use_dora or self.init not in ("default", "random")):
             raise ConfigError(
                 f"LoraConfig.lora_bias=True works with init 'default' or 'random' and without DoRA (as in Hugging Face "

@@ -73,7 +73,9 @@ class PrefixTuningConfig(AdapterConfig):
       num_transformer_submodules: 1 (decoders and encoders); encoder-decoder models are not
         supported.
       task_type: Hugging Face PEFT's task type written by :func:`jpeft.hf.save_peft`
-        (``None``: ``"CAUSAL_LM"``; use ``"SEQ_CLS"`` for BERT classifiers).
+        (``None``: ``"CAUSAL_LM"`` on decoders, ``"FEATURE_EXTRACTION"`` on BERT, the one task type
+        PEFT runs a BERT prefix with; it drops ``token_type_ids`` there). ``"SEQ_CLS"`` keeps BERT's
+        token types in jpeft, but PEFT cannot run such a prefix (``save_peft`` refuses it).
 
     >>> from jpeft.methods.prefix import PrefixTuningConfig
     >>> c = PrefixTuningConfig(num_virtual_tokens=10, prefix_projection=True)
@@ -83,8 +85,9 @@ class PrefixTuningConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     prompt_learning: ClassVar[bool] = True
-    # PEFT builds prompt learning only inside a task model, and its prefix tuning cannot build BERT's past_key_values
-    peft_task_types: ClassVar[Mapping[str, tuple]] = {"decoder": ("CAUSAL_LM",), "encoder": ()}
+    # PEFT builds prompt learning only inside a task model; on BERT its prefix tuning runs as FEATURE_EXTRACTION
+    # only (its SEQ_CLS, TOKEN_CLS and QUESTION_ANS forwards find no past_key_values argument and raise)
+    peft_task_types: ClassVar[Mapping[str, tuple]] = {"decoder": ("CAUSAL_LM",), "encoder": ("FEATURE_EXTRACTION",)}
 
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
@@ -221,8 +224,8 @@ class _PrefixBase(Site):
             raise InputValidationError(
                 "prefix tuning: this adapter has a task_type other than SEQ_CLS, TOKEN_CLS or QUESTION_ANS, where "
                 "Hugging Face PEFT drops token_type_ids (with a warning), so jpeft's outputs with them would differ "
-                "from PEFT's; pass no token_type_ids (PEFT's numbers), or train the prefix with task_type='SEQ_CLS', "
-                "where PEFT uses them."
+                "from PEFT's; pass no token_type_ids (PEFT's numbers), or train the prefix in jpeft with "
+                "task_type='SEQ_CLS', which uses them (PEFT cannot run a SEQ_CLS prefix on BERT, so it stays in jpeft)."
             )
         t = self.num_virtual_tokens
         n = _seq_len(bound)
@@ -451,8 +454,8 @@ def _drops_token_types(task_type) -> bool:
 
 
 def budget_rows(model_type: str, targets):
-    """``Method.budget``: 20 virtual tokens, with and without the MLP (decoders only: PEFT's
-    prefix tuning cannot build BERT's past_key_values)."""
+    """``Method.budget``: 20 virtual tokens, with and without the MLP (decoders; BERT has no
+    prompt-learning rows, as for prompt tuning)."""
     if model_type == "bert":
         return []
     return [
