@@ -48,6 +48,19 @@ def _randomize(model, seed: int):
     return model
 
 
+def perturb_trainable(peft_model, seed: int, scale: float = 0.3):
+    """Adds ``scale * N(0, 1)`` to every trainable tensor of a ``peft`` model (every adapter tensor
+    random, never a zero-initialised B or an identity rotation), in eval mode; returns it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return peft_model.eval()
+
+
 def _hf_config(family: str):
     import transformers as t
 

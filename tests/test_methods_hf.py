@@ -593,12 +593,7 @@ def test_feature_extraction_on_bare_bert_model_matches_peft_both_ways(method, tm
                                           task_type="FEATURE_EXTRACTION"),
             "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=T, task_type="FEATURE_EXTRACTION")}
     pm = peft.get_peft_model(copy.deepcopy(bare), make[method]())
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    pm.eval().save_pretrained(str(tmp_path / "a"))
+    tiny.perturb_trainable(pm, 6).save_pretrained(str(tmp_path / "a"))
     ids, mask = tiny.batch("bert")
     rows = mask.astype(bool)
 
@@ -779,12 +774,7 @@ def test_bert_prefix_from_peft_refuses_the_token_types_peft_drops(tmp_path):
     hf, _ = tiny.hf_model("bert")
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.PrefixTuningConfig(num_virtual_tokens=2,
                                                                         task_type="FEATURE_EXTRACTION"))
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    pm.eval().save_pretrained(str(tmp_path))
+    tiny.perturb_trainable(pm, 6).save_pretrained(str(tmp_path))
     ids, mask = tiny.batch("bert")
     types = np.asarray(jax.random.randint(jax.random.key(2), ids.shape, 0, 2))
 
@@ -864,12 +854,7 @@ def test_dora_with_trained_base_biases_matches_peft(family, bias, tmp_path):
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=True,
                                                                     bias=bias, init_lora_weights=False))
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for _, p in pm.named_parameters():
-                if p.requires_grad:
-                    p.add_(0.3 * torch.randn(p.shape, generator=g))
-        pm.eval().save_pretrained(str(tmp_path / "p"))
+        tiny.perturb_trainable(pm, 7).save_pretrained(str(tmp_path / "p"))
         ref = torch_out(pm)
         ref_merged = torch_out(copy.deepcopy(pm).merge_and_unload())
     close(ref_merged, ref)
