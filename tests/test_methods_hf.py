@@ -863,6 +863,8 @@ def test_dora_with_trained_base_biases_matches_peft(family, bias, tmp_path):
     assert sites and all(n.magnitude is not None and n.base_bias is not None for n in sites)
     close(run(params, ad), ref)
     close(run(jpeft.merge(params, ad), {}), ref)
+    with pytest.raises(jpeft.errors.NotInvertibleError, match="base bias"):  # merge replaced the base's own bias
+        jpeft.unmerge(jpeft.merge(params, ad), ad)
     # the trained biases matter: the DoRA sites with the base's own biases are far from PEFT's logits
     own = {p: dataclasses.replace(n, base_bias=None) if isinstance(n, jpeft.LoraWeights) else n for p, n in ad.items()}
     assert np.abs(run(params, own) - ref).max() > 1e-2

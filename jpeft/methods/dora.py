@@ -176,9 +176,7 @@ def merge(node, own: Mapping[str, Any]):
     new = wm * (node.magnitude.astype(jnp.float32) / n).reshape(1, -1)
     out = dict(own)
     out[pname] = from_matrix(new, lay).astype(w.dtype)
-    if node.base_bias is not None:  # LoraConfig.bias: the trained base bias, as PEFT trains it in place
-        out["bias"] = node.base_bias.reshape(own["bias"].shape).astype(own["bias"].dtype)
-    return out
+    return out  # a trained base bias (LoraConfig.bias) is written by LoraWeights.merge, as without DoRA
 
 
 def unmerge(node, own: Mapping[str, Any]):

@@ -600,28 +600,30 @@ class LoraWeights(Site):
     def merge(self, own):
         self._check_tied_merge()
         if self.magnitude is not None:
-            return dora.merge(self, own)
-        pname = self.layout.param_name
-        w = own[pname]
-        out = dict(own)
-        out[pname] = (w.astype(jnp.float32) + self.kernel_delta()).astype(w.dtype)
-        if self.base_bias is not None:
+            out = dora.merge(self, own)
+        else:
+            pname = self.layout.param_name
+            w = own[pname]
+            out = dict(own)
+            out[pname] = (w.astype(jnp.float32) + self.kernel_delta()).astype(w.dtype)
+        if self.base_bias is not None:  # LoraConfig.bias (with DoRA too): the trained bias, as PEFT trains it in place
             out["bias"] = self.base_bias.reshape(own["bias"].shape).astype(own["bias"].dtype)
-        self._merge_bias(own, out, 1.0)
+        if self.magnitude is None:
+            self._merge_bias(own, out, 1.0)
         return out
 
     def unmerge(self, own):
         self._check_tied_merge()
+        if self.base_bias is not None:  # with DoRA too
+            raise NotInvertibleError(
+                "this LoRA trains the base bias too (LoraConfig.bias), which merge replaces, so the base bias cannot be "
+                "recovered from merged params; keep the base params tree (jpeft never modifies it) instead."
+            )
         if self.magnitude is not None:
             return dora.unmerge(self, own)
         pname = self.layout.param_name
         w = own[pname]
         out = dict(own)
-        if self.base_bias is not None:
-            raise NotInvertibleError(
-                "this LoRA trains the base bias too (LoraConfig.bias), which merge replaces, so the base bias cannot be "
-                "recovered from merged params; keep the base params tree (jpeft never modifies it) instead."
-            )
         out[pname] = (w.astype(jnp.float32) - self.kernel_delta()).astype(w.dtype)
         self._merge_bias(own, out, -1.0)
         return out
