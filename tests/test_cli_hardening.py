@@ -647,6 +647,8 @@ def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(fold
     """The console script's entry point (_jpeft_launcher) sends SIGINT to `jpeft train` at
     moments spread over importing JAX, loading, compiling and the first steps: every run stops
     with status 130 and no traceback, and never goes on to save the final adapter."""
+    import shutil
+
     cfg = endless_train_config(folder)
     for delay in (0.05, 0.5, 1.2, 2.5):
         status, err = interrupt_train(folder, cfg, delay)
@@ -654,6 +656,9 @@ def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_status_130(fold
         assert "Traceback" not in err and "Exception ignored" not in err, (delay, err)
         assert "interrupted" in err.strip().splitlines()[-1], (delay, err)
         assert not (folder / "out" / "adapter").exists(), delay
+    # a run interrupted after its first checkpoint leaves ``out`` resumable: later tests of this
+    # module's shared folder expect none
+    shutil.rmtree(folder / "out", ignore_errors=True)
 
 
 def test_ctrl_c_caught_inside_generated_source_still_ends_with_status_130(tmp_path):
@@ -783,6 +788,7 @@ def test_the_jpeft_command_trains_with_huge_pages_in_the_same_process(folder):
     """On glibc the console script re-executes itself (same PID) with the huge-page tunable,
     and a Ctrl-C then still ends the run with one line and status 130."""
     import _jpeft_launcher as L
+    import shutil
     import signal
     import time
 
@@ -792,7 +798,12 @@ def test_the_jpeft_command_trains_with_huge_pages_in_the_same_process(folder):
     cfg.write_text(cfg.read_text().replace("steps = 2", "steps = 100000"))
     env = {k: v for k, v in ENV.items() if k not in ("GLIBC_TUNABLES", "JPEFT_HUGE_PAGES")}
     launcher = [sys.executable, "-c", "import sys, _jpeft_launcher; sys.exit(_jpeft_launcher.main())"]
-    p = subprocess.Popen([*launcher, "train", "--config", str(cfg), "--no-progress"], cwd=folder, env=env,
+    # its own output folder: the module's tests share ``folder``, and one interrupted later than
+    # its first checkpoint leaves ``out`` resumable, which this run would refuse (it did, in CI)
+    out = folder / "out_huge_pages"
+    shutil.rmtree(out, ignore_errors=True)
+    p = subprocess.Popen([*launcher, "train", "--config", str(cfg), "--no-progress", "--output-dir", str(out)],
+                         cwd=folder, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
