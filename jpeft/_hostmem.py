@@ -20,6 +20,8 @@ import os
 import time
 from typing import NamedTuple, Optional
 
+import numpy as np
+
 
 @functools.lru_cache(maxsize=1)
 def _libc():
@@ -135,8 +137,6 @@ def top_residency() -> Optional[tuple[int, int]]:
     fns, info = _sbrk_mincore(), heap()
     if fns is None or info is None:
         return None
-    import numpy as np
-
     sbrk, mincore = fns
     page = os.sysconf("SC_PAGE_SIZE")
     end = sbrk(0) or 0

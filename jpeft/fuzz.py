@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -465,8 +466,6 @@ def fuzz(targets: list[Target], cases: int, seed: int, time_bound: float, progre
     """Runs ``cases`` random mutations per target; returns ``{target: stats}``."""
     rnd = random.Random(seed)
     stats = {}
-    import logging
-
     # Orbax and tensorstore log every damaged file they meet; the outcome table says it all.
     for name in ("absl", "asyncio", "orbax", "jax"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

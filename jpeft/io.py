@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 import jax
+import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
@@ -731,8 +732,6 @@ def np_dtype(name: str):
     Raises:
       TypeError: ``name`` is not a dtype name.
     """
-    import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy)
-
     if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
         return getattr(ml_dtypes, name)
     if not isinstance(name, str) or not name.replace("_", "").isalnum():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import pathlib
 import re
 from typing import Any, ClassVar
@@ -238,6 +239,12 @@ def test_layout_dispatch_matches_the_kernel(setup):
 _PROTOCOL = {"jpeft.methods", "jpeft.methods.base", "jpeft.methods._common"}
 
 
+@functools.lru_cache(maxsize=None)
+def _parsed(path: pathlib.Path) -> ast.Module:
+    """``path`` parsed once for the tests below that only read the tree."""
+    return ast.parse(path.read_text())
+
+
 def _module_name(path: pathlib.Path) -> str:
     rel = path.relative_to(ROOT.parent).with_suffix("")
     parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
@@ -318,6 +325,29 @@ def test_no_node_class_is_named_outside_its_method():
     assert bad == {}, bad
 
 
+# isinstance tests of a method's config class left outside jpeft/methods/, with the reason: the forgetting
+# runner's CorDA and O-LoRA options are LoRA's own (they set, or penalise, LoRA's A and B).
+_CONFIG_TYPE_TESTS_LEFT = {("jpeft.forgetting.experiment", "LoraConfig")}
+
+
+def test_code_outside_the_methods_asks_a_config_rather_than_testing_its_class():
+    """Outside jpeft/methods/, code asks a config what it needs (``trains_every_weight``,
+    ``residual_init``, ``adapts_lm_head()``, ...) rather than ``isinstance(config, SomeConfig)``:
+    a new method then gets the behaviour by answering, with no consumer to change."""
+    config_names = {m.config.__name__ for m in registered_methods() if m.config.__module__.startswith("jpeft.")}
+    found = set()
+    for f in sorted(ROOT.rglob("*.py")):
+        name = _module_name(f)
+        if name.startswith("jpeft.methods"):
+            continue
+        for node in ast.walk(_parsed(f)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass"):
+                names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+                names |= {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+                found |= {(name, c) for c in names & config_names}
+    assert found == _CONFIG_TYPE_TESTS_LEFT, sorted(found ^ _CONFIG_TYPE_TESTS_LEFT)
+
+
 def test_the_protocol_imports_no_method():
     files = sorted(ROOT.rglob("*.py"))
     known = {_module_name(f) for f in files}
@@ -356,7 +386,7 @@ def _imported_modules(path: pathlib.Path, known: set) -> set:
     """The jpeft modules ``path`` imports, ``from jpeft import scan`` counted as ``jpeft.scan``
     (not as the package ``jpeft``), at any depth."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_parsed(path)):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -392,6 +422,39 @@ def test_dependencies_point_one_way():
             if not same_group and level.get(dep, len(layers)) >= level[me]:
                 bad.setdefault(me, []).append(dep)
     assert bad == {}, f"modules that import a module of their own layer or above: {bad}"
+
+
+def test_no_import_cycle_above_the_layers_either():
+    """No module imports, at any depth, a module that imports it back through others:
+    test_dependencies_point_one_way covers layers 1-17, this covers the consumers too (hf, merging,
+    bank, loop, generate, budget, fuzz, forgetting, serve, cli), which may import anything below
+    but not one another in a ring. Not counted: ``import jpeft`` (a consumer using the public names as a user does, at
+    call time) and the parent packages an import runs first (``jpeft.methods`` when ``scan``
+    imports ``jpeft.methods.base``), whose order test_any_first_import_registers_every_method checks."""
+    files = sorted(ROOT.rglob("*.py"))
+    known = {_module_name(f) for f in files}
+    graph = {_module_name(f): _imported_modules(f, known) - {"jpeft", _module_name(f)} for f in files}
+    index, low, stack, cycles = {}, {}, [], []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            ring = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(ring) > 1:
+                cycles.append(sorted(ring))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert cycles == [], cycles
 
 
 _FRESH = ("{stmt}\n"
@@ -470,12 +533,93 @@ def test_jpeft_imports_inside_functions_are_optional_only():
     assert nnx_importers == {m for _, m in _IMPORTED_IN_FUNCTIONS} - {"jpeft.serve.app"}, nnx_importers
 
 
+# The other modules imported inside functions (by name or dotted prefix), each optional or slow to import and
+# needed by some calls only, with the reason; test_import_jpeft_leaves_flax_nnx_and_qwix_until_used checks that
+# `import jpeft` (and every subcommand's module) loads none of them, but the one marked as loaded.
+_OPTIONAL_IN_FUNCTIONS = {
+    "transformers": "tokenizers (text data, prompt tuning's TEXT init); slow, and imported with torch hidden",
+    "tokenizers": "the demo's byte-level tokenizer",
+    "torch": "the fuzzer's reference; TensorBoard's writer",
+    "peft": "the fuzzer's reference loader",
+    "tensorboardX": "TensorBoard logs without torch",
+    "matplotlib": "plots",
+    "sklearn": "the digits benchmark",
+    "scipy": "the paired t-test (scipy.stats costs ~1.3 s of start-up)",
+    "tqdm": "progress bars",
+    "orbax": "training checkpoints",
+    "qwix": "int8 and fp8 bases (it imports flax.nnx)",
+    "flax.nnx": "NNX values, which exist only once their owner imported flax.nnx (jpeft.tree.loaded_nnx)",
+    "tomllib": "TOML configs", "tomli": "TOML configs on Python 3.10",
+    "pydoc_data": "the prose corpus; absent from stripped Python builds",
+    "jax.experimental.pallas": "the TPU splash-attention kernel (attention='splash')",
+    "jax.experimental.multihost_utils": "gathers and agreement across processes (multi-process runs)",
+    "jax._src.distributed": "loaded: the one JAX-internal module jpeft reads (no public accessor), at its one use, so "
+                            "that only that call breaks if JAX moves it",
+}
+# stdlib modules imported inside functions although `import jpeft` has loaded them: older cases (the Ctrl-C
+# handling and the error report of jpeft/cli/__init__.py); move them to the module's top and take them out of
+# this set.
+_STDLIB_LEFT_IN_FUNCTIONS = {("jpeft.cli", "signal"), ("jpeft.cli", "threading"), ("jpeft.cli", "weakref"),
+                             ("jpeft.cli", "traceback")}
+
+
+def _optional(name: str) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in _OPTIONAL_IN_FUNCTIONS)
+
+
+def test_other_imports_inside_functions_are_optional_or_slow():
+    """An import inside a function of a module that is not jpeft's is of an optional or slow
+    dependency (``_OPTIONAL_IN_FUNCTIONS``, each with its reason), never of one every process
+    has loaded already (``warnings``, ``numpy``, ``jax``, ``ml_dtypes``: they belong at the top)."""
+    found = set()
+    for f in sorted(ROOT.rglob("*.py")):
+        for fn in ast.walk(_parsed(f)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [f"{node.module}.{a.name}" for a in node.names]
+                else:
+                    continue
+                found |= {(_module_name(f), n) for n in names if not n.startswith("jpeft") and not _optional(n)}
+    assert found == _STDLIB_LEFT_IN_FUNCTIONS, sorted(found ^ _STDLIB_LEFT_IN_FUNCTIONS)
+
+
+_KINDS = {"dense", "dense_general", "conv", "einsum", "embed"}
+
+
+def test_layout_kinds_are_named_by_the_enum():
+    """A layout's kind is compared with the members of ``methods.base.Kind``, never with the
+    strings they equal (``lay.kind == "embed"``, ``kind="conv"``): the enum is the one list
+    of kinds, so a search for ``Kind.EMBED`` finds every place that treats embeddings apart."""
+    assert {k.value for k in jpeft.methods.base.Kind} == _KINDS
+    bad = []
+    for f in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(_parsed(f)):
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                kind = any(isinstance(n, ast.Attribute) and n.attr == "kind" or isinstance(n, ast.Name) and n.id == "kind"
+                           for side in sides for n in ast.walk(side))
+                strs = [n.value for side in sides for n in ast.walk(side)
+                        if isinstance(n, ast.Constant) and n.value in _KINDS]
+            elif isinstance(node, ast.keyword) and node.arg == "kind":
+                kind, strs = True, [n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant) and n.value in _KINDS]
+            else:
+                continue
+            if kind and strs:
+                bad.append(f"{f.relative_to(ROOT.parent)}:{node.lineno} {strs}")
+    assert bad == [], bad
+
+
 _STARTUP = """
 import json, sys
 import jpeft
 from jpeft.cli import build_parser
 build_parser()  # every subcommand's module
 before = {m: m in sys.modules for m in ("flax.nnx", "qwix", "jpeft._nnx", "jpeft.models.llama_nnx")}
+optional_loaded = sorted(m for m in json.loads(sys.argv[1]) if m in sys.modules)
 import importlib
 for pkg in ("jpeft", "jpeft.methods", "jpeft.models", "jpeft.forgetting", "jpeft.serve", "jpeft.cli"):
     mod = importlib.import_module(pkg)
@@ -499,7 +643,7 @@ w, b = state["fc"]["kernel"].get_value(), state["fc"]["bias"].get_value()
 want = x @ w + b + 2.0 * (x @ adapter["fc"].lora_A) @ adapter["fc"].lora_B
 got = jpeft.apply(graphdef, state, adapter, x)
 q = jpeft.quantize({"params": {"d": {"kernel": np.ones((4, 4), np.float32)}}}, "int8", target_modules=".*")
-print(json.dumps({"before": before, "nnx_err": float(jnp.abs(got - want).max()),
+print(json.dumps({"before": before, "optional_loaded": optional_loaded, "nnx_err": float(jnp.abs(got - want).max()),
                   "int8": [jpeft.quant.is_quantized(q["params"]["d"]["kernel"]), "qwix" in sys.modules,
                            float(np.abs(np.asarray(jpeft.dequantize(q)["params"]["d"]["kernel"]) - 1).max())]}))
 """
@@ -508,7 +652,8 @@ print(json.dumps({"before": before, "nnx_err": float(jnp.abs(got - want).max()),
 def test_import_jpeft_leaves_flax_nnx_and_qwix_until_used():
     """A fresh ``import jpeft`` (and every ``jpeft`` subcommand's module) does not import
     ``flax.nnx`` (nor qwix, which imports it): about 0.4 CPU-s of every ``jpeft`` process and test
-    subprocess (docs/ARCHITECTURE.md, "Start-up time"). Every public name still resolves; a
+    subprocess (docs/ARCHITECTURE.md, "Start-up time"), nor the modules functions import for some
+    calls only (``_OPTIONAL_IN_FUNCTIONS``). Every public name still resolves; a
     program that imports ``flax.nnx`` after jpeft adapts an NNX model with the numbers of the
     closed form ``x W + b + s (x A) B`` (random B); an int8 base quantizes and dequantizes."""
     import json
@@ -517,11 +662,13 @@ def test_import_jpeft_leaves_flax_nnx_and_qwix_until_used():
     import sys
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT.parent), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", _STARTUP], env=env, cwd=ROOT.parent, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-c", _STARTUP, json.dumps(sorted(_OPTIONAL_IN_FUNCTIONS))], env=env,
+                       cwd=ROOT.parent, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["before"] == {"flax.nnx": False, "qwix": False, "jpeft._nnx": False, "jpeft.models.llama_nnx": False}
+    # what functions import for some calls only is not loaded by every process anyway
+    assert got["optional_loaded"] == sorted(m for m, why in _OPTIONAL_IN_FUNCTIONS.items() if why.startswith("loaded:"))
     assert got["nnx_err"] < 1e-5, got
     assert got["int8"][:2] == [True, True] and got["int8"][2] < 1e-2, got
 

@@ -9,6 +9,8 @@ import math
 import sys
 from typing import Any, Mapping, Optional
 
+import jax
+
 from jpeft.config import is_kind, kinds_text, scalar_kinds
 from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
@@ -19,8 +21,6 @@ from jpeft.models._layers import CausalLM
 
 def say(msg: str) -> None:
     """A status line on stderr, from the main process only."""
-    import jax
-
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
 

@@ -277,7 +277,7 @@ def run_demo(args) -> dict:
         path = os.path.join(out, folder)
         if os.path.isdir(path):
             shutil.rmtree(path)
-        if isinstance(cfg, jpeft.FullFinetuneConfig):
+        if cfg.trains_every_weight:  # full fine-tuning: the whole model is the checkpoint
             r.ckpt_bytes = save_full(path, model, params, r.adapter)
         else:
             save_adapter(path, r.adapter, cfg, params=params,

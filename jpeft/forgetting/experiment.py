@@ -42,6 +42,7 @@ from __future__ import annotations
 import abc
 import csv
 import dataclasses
+import importlib
 import io
 import itertools
 import math
@@ -321,8 +322,6 @@ BENCHMARKS = {
 def get_benchmark(name: str, **kwargs) -> Benchmark:
     """A built-in benchmark by name (``split-digits-task``, ``split-digits-class``, ``language``, ``language3``);
     ``kwargs`` go to its constructor."""
-    import importlib
-
     if name not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {name!r}; built in: {sorted(BENCHMARKS)}.")
     mod, cls, kw = BENCHMARKS[name]

@@ -31,7 +31,9 @@ Reusable API (``jpeft demo`` builds on it):
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.resources
 import json
 import os
 import sys
@@ -471,9 +473,6 @@ def data_corpus() -> tuple[np.ndarray, np.ndarray]:
     ``sklearn/datasets/data`` (digits, breast cancer, wine, diabetes, iris, linnerud; the
     ``.gz`` ones decompressed; about 430 kB of numbers and commas), each split by
     :func:`block_split` (about a fifth held out)."""
-    import gzip
-    import importlib.resources
-
     root = importlib.resources.files("sklearn.datasets") / "data"
     tr, he = [], []
     for name in _DATA_FILES:

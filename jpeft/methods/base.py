@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import warnings
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional
 
 import jax
@@ -273,8 +274,6 @@ def check_input_only_embedding_merge(tied_output: Optional[bool], what: str, sta
       NotMergeableError: the embedding is the model's tied output projection.
     """
     if tied_output is None:
-        import warnings
-
         warnings.warn(
             f"merging {what} into an embedding: jpeft cannot tell whether the model also reads this embedding as "
             "a tied output projection (attend), where the merged weight would act but the unmerged adapter does "

@@ -47,6 +47,7 @@ import numpy as np
 
 from jpeft import quant, spectral
 from jpeft.errors import ConfigError
+from jpeft.methods.base import Kind
 from jpeft.methods.lora import LoraWeights
 from jpeft.tree import get_subtree, unwrap_params
 
@@ -65,7 +66,7 @@ def _sites(params, adapter: Mapping[str, Any]):
         if node.magnitude is not None:
             raise ConfigError(f"the LoRA site {path!r} is a DoRA site (use_dora=True); PEFT's intruder reduction "
                               "rewrites B @ A without the magnitude, which changes a DoRA update. Use plain LoRA.")
-        if lay.kind not in ("dense", "dense_general", "einsum") or np.ndim(node.lora_A) != 2:
+        if lay.kind not in (Kind.DENSE, Kind.DENSE_GENERAL, Kind.EINSUM) or np.ndim(node.lora_A) != 2:
             what = "a scanned (stacked) layer" if np.ndim(node.lora_A) != 2 else f"a {lay.kind} layer"
             raise ConfigError(f"the LoRA site {path!r} adapts {what}; intruder reduction handles dense-type kernels "
                               "only (nn.Dense, nn.DenseGeneral, nn.Einsum). Restrict the adapter to those sites.")

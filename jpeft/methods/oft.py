@@ -351,7 +351,7 @@ def _site_layout(path: str, own, infos) -> Layout:
     lay = linear_layout(path, own, infos)
     if lay.kind not in (Kind.DENSE, Kind.DENSE_GENERAL) or len(lay.in_axes) != 1 or tuple(lay.in_axes) != (0,):
         raise UnsupportedModuleError(
-            f"module {path!r} is a {lay.kind} module{'' if lay.kind != 'dense_general' else ' with several input axes'}; "
+            f"module {path!r} is a {lay.kind} module{'' if lay.kind != Kind.DENSE_GENERAL else ' with several input axes'}; "
             "jpeft's OFT adapts nn.Dense kernels (Hugging Face PEFT's OFT on torch.nn.Linear). Remove it from "
             "target_modules."
         )

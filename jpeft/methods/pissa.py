@@ -20,6 +20,7 @@ residual base to recompute on load.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional
 
 import jax
@@ -368,8 +369,6 @@ def _check_untied_embedding(name, path, tied_output):
             "LoraConfig(ensure_weight_tying=True) to adapt both, or leave the embedding out of target_modules."
         )
     if tied_output is None:
-        import warnings
-
         warnings.warn(
             f"{name}: jpeft cannot tell whether the model also reads the embedding {path!r} as a tied output "
             "projection (attend); if it does, the residual base changes that projection while the adapter does not "
