@@ -69,6 +69,7 @@ def initialize(
     initialization_timeout: int = 300,
     auto: Optional[bool] = None,
     fail_together: bool = True,
+    on_join_timeout: Optional[Callable[[str], int]] = None,
 ) -> dict:
     """Joins this process to the job with ``jax.distributed.initialize``; returns
     ``{"process_index", "process_count", "local_devices", "global_devices"}``.
@@ -99,6 +100,13 @@ def initialize(
         waits for them in ``jax.distributed``'s shutdown. An error at an interactive prompt
         (``python``, ``python -i``, ``code.interact``) ends no process: it is printed and the
         prompt goes on, as without this. ``False`` leaves Python's and JAX's behaviour as it is.
+      on_join_timeout: when not every process has joined after ``initialization_timeout``
+        seconds (one was never started or stopped before joining, two were given the same
+        ``process_id``, or the coordinator address is wrong on some), JAX's client aborts the
+        process with a C++ stack (SIGABRT, status 134) a few seconds later, which no Python
+        code can catch. Just before, this process calls ``on_join_timeout(message)`` (which
+        prints the message and returns the exit status) and ends with that status; the default
+        prints one ``jpeft.errors.DistributedError`` line and ends with status 1.
 
     Raises:
       DistributedError: when only some of ``coordinator_address``, ``num_processes`` and
@@ -129,6 +137,7 @@ def initialize(
     kw = dict(initialization_timeout=initialization_timeout)
     if local_device_ids is not None:
         kw["local_device_ids"] = local_device_ids
+    watchdog = _join_watchdog(explicit, initialization_timeout, on_join_timeout or _print_failure)
     try:
         if coordinator_address is None:
             jax.distributed.initialize(**kw)
@@ -147,9 +156,42 @@ def initialize(
             f"process_id={explicit[2]!r}: {e}. Check that every process uses the same coordinator address and "
             "count, that process 0 runs on the coordinator host, and that the port is open."
         ) from e
+    finally:
+        watchdog.cancel()
     if fail_together:
         _end_together()
     return _info()
+
+
+# JAX's client gives up registering at its initialization_timeout and aborts the process about 5 s later (measured
+# with jax 0.10.2 on the CPU: 20 s after the call for a timeout of 15 s, imports excluded); the watchdog ends it first
+_JOIN_GRACE_S = 1.0
+
+
+def _join_watchdog(explicit, timeout: float, report: Callable[[str], int]) -> threading.Timer:
+    """A started timer that ends this process with ``report``'s line and status once
+    ``jax.distributed.initialize`` has waited past its ``timeout`` for the other processes
+    (cancelled when it returns or raises): otherwise JAX's client aborts it with a C++ stack
+    and a message that names neither the cause nor the fix."""
+    address, n, me = explicit
+
+    def fire():
+        who = (f"process {me} of {n}, coordinator {address}" if address is not None else
+               "its coordinator found by cluster auto-detection")
+        message = (f"not every process of this job joined it within initialization_timeout = {timeout:g} s ({who}): "
+                   "a process was not started, or stopped before joining (see its output), or two were given the "
+                   "same process id, or some process was given another coordinator address or port. Start each "
+                   "process id once, every one with process 0's host:port; this process stops.")
+        try:
+            status = report(message)
+        finally:
+            sys.stderr.flush()
+        os._exit(status)
+
+    timer = threading.Timer(timeout + _JOIN_GRACE_S, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _info() -> dict:

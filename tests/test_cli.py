@@ -1642,7 +1642,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
 
 
 @pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder", "locked", "apart", "devices", "no_config",
-                                  "devices_no_config"])
+                                  "devices_no_config", "model"])
 def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_dir, case):
     """--max-steps and --resume are command-line options outside the resolved config: processes
     started with different --max-steps used to pass the agreement check, and the one stopping
@@ -1661,7 +1661,11 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     failed in the first agreement with JAX's bare ValueError about a reshape; refused by name. A
     process whose --config is missing (``no_config``) joins the job first and tells the others at
     the settings agreement. Both at once (``devices_no_config``): process 0 stopped at the device
-    check, before that agreement, and process 1 waited in it for ever; it stops too."""
+    check, before that agreement, and process 1 waited in it for ever; it stops too. Hosts whose
+    copies of the model folder hold different weights (``model``: the same architecture, one
+    weight changed; the folder's path is not a setting the processes must share) trained a mix
+    of the two models without a word, each process reading its own shards from its own copy (a
+    2-process fsdp=2 run ended 3e-2 away from the one-device adapter); refused by name."""
     import fcntl
     import socket
 
@@ -1683,7 +1687,16 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
              # process 1's --config is missing on its host: it used to stop before joining the job, and process 0
              # waited in jax.distributed.initialize for 5 minutes, then aborted with a C++ stack (rc 134)
              "no_config": ([], ["--config", str(hf_dir / "missing.toml")]),
-             "devices_no_config": ([], ["--config", str(hf_dir / "missing.toml")])}[case]
+             "devices_no_config": ([], ["--config", str(hf_dir / "missing.toml")]),
+             # process 1's host holds another copy of the model: the same files, one tensor changed
+             "model": ([], ["--set", f"model={hf_dir / 'tiny-llama-other'}"])}[case]
+    if case == "model" and not (hf_dir / "tiny-llama-other").exists():
+        from safetensors.numpy import load_file, save_file
+
+        shutil.copytree(hf_dir / "tiny-llama", hf_dir / "tiny-llama-other")
+        weights = load_file(hf_dir / "tiny-llama-other" / "model.safetensors")
+        weights["model.layers.1.mlp.down_proj.weight"] = weights["model.layers.1.mlp.down_proj.weight"] + 0.5
+        save_file(weights, hf_dir / "tiny-llama-other" / "model.safetensors", metadata={"format": "pt"})
     if case == "own_folder":
         (hf_dir / name / "adapter").mkdir(parents=True)
     env2 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
@@ -1728,6 +1741,11 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
         assert "process(es) [1] of this job could not read or resolve their config" in error_line(outs[0])
         assert "missing.toml' does not exist" in error_line(outs[1])
         assert not (hf_dir / name / "checkpoints").exists()
+        return
+    if case == "model":
+        assert all("process(es) [1] of this job were given different model weights than process 0 (the safetensors "
+                   "files of the model folder" in error_line(o) for o in outs)
+        assert not (hf_dir / name / "metrics.jsonl").exists() and not (hf_dir / name / "adapter").exists()
         return
     if case == "own_folder":
         assert "process(es) [1] of this job stopped before training with an error of their own" in error_line(outs[0])

@@ -636,6 +636,43 @@ def test_a_users_two_process_script_ends_both_processes_when_one_fails(tmp_path,
     assert "Traceback" not in outs[1 - who] and "finished" not in outs[0] + outs[1]
 
 
+_JOIN_ALONE = """
+import socket, sys
+from jpeft import distributed as dist
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.initialize(f"127.0.0.1:{port}", 2, int(sys.argv[1]), initialization_timeout=3)
+print("joined")
+"""
+
+
+def test_a_process_whose_peers_never_join_stops_with_one_line():
+    """Process 0 started alone (process 1 never started, or given another port), and process 1
+    started with no coordinator listening: JAX's client gave up at its initialization_timeout
+    and aborted each with a C++ stack ("Terminating process because the JAX distributed service
+    detected fatal errors ... DEADLINE_EXCEEDED", SIGABRT, status 134; after 300 s by default),
+    which no Python code can catch; the same happened to the process left waiting when two were
+    given the same process id. Each now ends just before, with one DistributedError line that
+    says what to check, status 1."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    procs = [subprocess.Popen([sys.executable, "-c", _JOIN_ALONE, str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 1 and "joined" not in out, err[-3000:]
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith(
+            "jpeft.errors.DistributedError: not every process of this job joined it within initialization_timeout = "
+            f"3 s (process {i} of 2, coordinator 127.0.0.1:"), err[-3000:]
+        assert "two were given the same process id" in lines[0]
+
+
 def test_an_error_typed_at_one_processs_prompt_ends_no_process():
     """Two processes joined by ``initialize`` (``fail_together`` by default) at Python's
     interactive prompt (``python -i``), as one explores a job by hand: a typo at process 1's
@@ -816,6 +853,49 @@ def test_sharded_step_refuses_unplaced_base():
 
 
 # ------------------------------------------------------------ sharded Hugging Face loading
+def test_a_column_block_is_read_without_the_bytes_between_its_runs(tmp_path, monkeypatch):
+    """The block of a kernel split by the file's columns (``q_proj``, ``down_proj`` under the
+    default fsdp rule) is one short run per row; each process must ask the file for those runs
+    only. A buffered file read a whole buffer at every seek: a 64-column block of a 1024 x 1024
+    float32 tensor (256 KiB) read 4 MiB, the whole tensor, as would a 4096-wide bf16 kernel
+    over fsdp=8 read 4x its block. Counted at the raw file object (what the OS is asked for)."""
+    import builtins
+    import io
+
+    from safetensors.numpy import save_file
+
+    from jpeft.io import safetensors_index
+    from jpeft.models import loading
+
+    w = np.arange(1024 * 1024, dtype=np.float32).reshape(1024, 1024)
+    path = str(tmp_path / "w.safetensors")
+    save_file({"w": w}, path)
+    asked = []
+
+    class Counting(io.FileIO):
+        def readinto(self, b):
+            n = super().readinto(b)
+            asked.append(n or 0)
+            return n
+
+    def counting_open(file, mode="r", buffering=-1, **kw):
+        if file != path:
+            return builtins.open(file, mode, buffering, **kw)
+        raw = Counting(file, "rb")
+        return raw if buffering == 0 else io.BufferedReader(raw, io.DEFAULT_BUFFER_SIZE)
+
+    monkeypatch.setattr(loading, "open", counting_open, raising=False)
+    spans = safetensors_index(path)[0]
+    for cols in (slice(0, 64), slice(960, 1024), slice(512, 1024)):
+        asked.clear()
+        block = loading._read_slice(path, "w", spans, (slice(None), cols))
+        np.testing.assert_array_equal(block, w[:, cols])
+        assert sum(asked) == block.nbytes, (cols, sum(asked), block.nbytes)
+    asked.clear()  # a row block is one contiguous run
+    np.testing.assert_array_equal(loading._read_slice(path, "w", spans, (slice(256, 512),)), w[256:512])
+    assert sum(asked) == 256 * 1024 * 4
+
+
 def test_from_pretrained_on_a_mesh_reads_only_its_shards(tmp_path):
     """`from_pretrained(path, mesh=...)` on 4 emulated devices (data=2 x fsdp=2): every leaf in
     the sharding `param_shardings` gives, each device holding exactly its block of the weight,

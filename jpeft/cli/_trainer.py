@@ -558,7 +558,9 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
                  "trains (XLA's CPU backend merges the backward pass's re-dequantization into the forward pass's), so the "
                  "quantized base saves no training memory; train.scan_layers = true (Llama family) keeps one layer's "
                  "(docs/MODELS.md).")
-        base_sha = loading.weights_fingerprint(cfg["model"])  # a few bytes per tensor, read once the folder loaded
+        # a few bytes per tensor, read once the folder loaded; agreed by every process: each reads its own shards from
+        # its own copy of the folder, so hosts holding different weights would train a mix of two models
+        base_sha = agreed["model_sha"] = loading.weights_fingerprint(cfg["model"])
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "model_weights_sha256", base_sha)
         encode, bos, eos = text_encoder(loaded.tokenizer)
@@ -602,7 +604,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         # Only process 0 takes the lock: the others learn its refusal at one more data agreement and stop naming
         # it, instead of waiting for process 0 in the first step's collectives
         with _host_checks(cfg) as agreed:
-            agreed["data_sha"] = data_sha
+            agreed.update(data_sha=data_sha, model_sha=base_sha)
             try:
                 ckpts.lock()
                 locked = True
@@ -667,7 +669,7 @@ def _host_checks(cfg: dict):
     """Wraps :func:`train`'s checks and reads of the host's own files (output folder, model,
     data), and then its taking of the output folder's writer lock (process 0's alone). With
     several processes, ends in the data agreement of :func:`_check_data_agrees`
-    (``agreed["data_sha"]``, set inside the block); a process whose block raised joins that
+    (``agreed["data_sha"]`` and ``["model_sha"]``, set inside the block); a process whose block raised joins that
     agreement as failed (``agreed["stopped"]``: why, :data:`_OWN_ERROR` unless set) and then
     raises its own error, so the others stop with an error naming it rather than waiting in
     the agreement, or in the first step's collectives, for a process that will never reach it."""
@@ -678,9 +680,9 @@ def _host_checks(cfg: dict):
     try:
         yield agreed
     except Exception:
-        _check_data_agrees("", failed=agreed.get("stopped", _OWN_ERROR))
+        _check_data_agrees({}, failed=agreed.get("stopped", _OWN_ERROR))
         raise
-    _check_data_agrees(agreed["data_sha"])
+    _check_data_agrees(agreed)
 
 
 def _gather_digests(parts, extra=None) -> np.ndarray:
@@ -805,13 +807,18 @@ def _check_output_shared(out_dir: str) -> None:
                           "process a path to the same shared folder.")
 
 
-def _check_data_agrees(data_sha: str, *, failed: int = 0) -> None:
+def _check_data_agrees(shas: dict, *, failed: int = 0) -> None:
     """The second agreement of a multi-host run, held again once process 0 took the writer lock:
-    every process packed the same training data (``data_sha``: :func:`data_fingerprint`).
+    every process packed the same training data (``shas["data_sha"]``: :func:`data_fingerprint`)
+    and read the same base weights (``shas["model_sha"]``:
+    :func:`jpeft.models.loading.weights_fingerprint`; the model folder's path may differ per host,
+    its weights may not: each process reads its own shards from its own copy).
     ``failed``: this process stopped (:data:`_OWN_ERROR`: it could not read its files;
     :data:`_LOCKED_OUT`: another run holds the output folder's writer lock) and raises its own
     error afterwards; the others are told which process stopped, and why."""
-    parts = [("training data", "the data.train file", data_sha.encode())]
+    parts = [("training data", "the data.train file", shas.get("data_sha", "").encode()),
+             ("model weights", "the safetensors files of the model folder: each process reads its own shards from its "
+              "own copy, so the job would train a mix of two models", shas.get("model_sha", "").encode())]
     every = _gather_digests(parts, extra=failed)
     if failed:
         return  # the caller raises this process's own error

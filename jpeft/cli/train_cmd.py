@@ -417,8 +417,9 @@ def _sigterm_as_ctrl_c() -> None:
 
 
 def _another_process_failed(message: str) -> int:
-    """Another process of this job stopped alone (:func:`jpeft.distributed.watch_for_failures`):
-    this one's error line and exit status."""
+    """Another process of this job stopped alone (:func:`jpeft.distributed.watch_for_failures`),
+    or not every process joined the job in time (``initialize``'s ``on_join_timeout``): this
+    one's error line and exit status."""
     print(f"jpeft train: error: DistributedError: {message}", file=sys.stderr, flush=True)
     return 2
 
@@ -454,7 +455,8 @@ def run(args) -> int:
         or args.cluster_auto
     if joined:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               auto=True if args.cluster_auto else None, fail_together=False)  # cli._end does it
+                               auto=True if args.cluster_auto else None, fail_together=False,  # cli._end does it
+                               on_join_timeout=_another_process_failed)
         _sigterm_as_ctrl_c()
         distributed.watch_for_failures(_another_process_failed)
     try:

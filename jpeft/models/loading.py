@@ -753,7 +753,9 @@ def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantiz
 def _read_slice(fname: str, name: str, spans: dict, index: tuple) -> np.ndarray:
     """``tensor[index]`` of a row-major safetensors tensor, reading only the bytes of that
     block: one read per contiguous run (the runs span the dimensions after the last one the
-    index cuts; the dimensions before it are walked)."""
+    index cuts; the dimensions before it are walked). Unbuffered: a buffered file reads a
+    whole buffer (4-8 KiB) at every seek, so a column block of a kernel split over 8 or more
+    devices (runs of 1 KiB) read 4x its bytes, up to the whole tensor."""
     dt, shape, offset, nbytes = spans[name]
     shape = tuple(int(d) for d in shape)
     ranges = [range(*sl.indices(n)) for sl, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape)]
@@ -769,11 +771,16 @@ def _read_slice(fname: str, name: str, spans: dict, index: tuple) -> np.ndarray:
     view = memoryview(out.reshape(-1).view(np.uint8))
     pos = 0
     try:
-        with open(fname, "rb") as f:
+        with open(fname, "rb", buffering=0) as f:
             for lead in itertools.product(*ranges[:cut]):
                 start = offset + sum(i * st for i, st in zip(lead, strides)) + (ranges[cut].start * strides[cut] if shape else 0)
                 f.seek(start)
-                got = f.readinto(view[pos:pos + run])
+                got = 0
+                while got < run:  # a raw read may return less than asked (over 2 GiB at once on Linux)
+                    n = f.readinto(view[pos + got:pos + run])
+                    if not n:
+                        break
+                    got += n
                 if got != run:
                     raise CheckpointError(
                         f"{fname!r} is truncated: tensor {name!r} needs {run:,} bytes at offset {start:,}, the file has "
