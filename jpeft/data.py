@@ -55,7 +55,8 @@ from jax.custom_derivatives import SymbolicZero
 from jpeft.errors import ConfigError, InputValidationError, LoadError
 
 __all__ = [
-    "load_examples", "is_conversation", "render_chat", "tokenize_examples", "tokenize_documents", "pack", "pack_documents",
+    "load_examples", "is_conversation", "render_chat", "chat_template_inputs", "tokenize_examples", "tokenize_documents",
+    "pack", "pack_documents",
     "PackedDataset", "model_inputs", "causal_lm_loss", "causal_lm_loss_chunked", "PACKINGS", "CHAT_LOSSES",
 ]
 
@@ -78,7 +79,9 @@ def load_examples(
     :func:`render_chat`): ``{"messages": [...], "where": "file:line"}``, or
     ``{"prompt": [...], "completion": [...], "where": ...}`` (TRL's conversational prompt/completion),
     with the line's ``tools`` (TRL's column: a list of JSON-schema objects that the chat template
-    renders; ``null`` is none) as ``"tools"`` when it has them.
+    renders; ``null`` is none) as ``"tools"`` and its ``chat_template_kwargs`` (TRL's column: an object of
+    the template's variables, such as ``{"enable_thinking": false}``) as ``"chat_template_kwargs"`` when it
+    has them.
 
     Args:
       path: a ``.jsonl`` file (one JSON object per line), or any other file read as UTF-8
@@ -91,15 +94,17 @@ def load_examples(
         neither ``text_field`` nor both ``prompt_field`` and ``completion_field`` nor ``messages_field``,
         or one of those values is not a string (``null``, a number, a list) or holds a lone surrogate
         escape (``"\\ud800"``, which JSON reads but is not text); a conversation is not a non-empty list
-        of ``{"role": str, "content": str}`` objects, or its ``tools`` is not a list of objects.
+        of ``{"role": str, "content": str}`` objects, its ``tools`` is not a list of objects, or its
+        ``chat_template_kwargs`` is not an object or sets an argument of ``apply_chat_template``
+        (:func:`chat_template_inputs`).
 
     Warns:
       UserWarning: naming the file and lines: a line holds a ``text_field`` next to a
         ``prompt_field`` or ``completion_field`` (one of them is ignored), a conversation next to
         a text or a prompt/completion pair (the conversation is ignored), or an empty or
-        whitespace-only text or completion (trained as a document that ends at once), ``tools`` on
-        a line that is no conversation (only a chat template renders them: ignored). Other keys
-        of a line are read past.
+        whitespace-only text or completion (trained as a document that ends at once), ``tools`` or
+        ``chat_template_kwargs`` on a line that is no conversation (only a chat template renders them:
+        ignored). Other keys of a line are read past.
     """
     if prompt_field == completion_field:
         # every pair would be the prompt twice, its second copy trained on as the completion
@@ -179,19 +184,61 @@ def _messages(path: str, lineno: int, row: Mapping, field: str) -> list[dict]:
     return [dict(m) for m in v]
 
 
-def _tools(path: str, lineno: int, row: Mapping) -> dict:
-    """A conversation line's ``tools`` as ``{"tools": [...]}`` (``{}`` without them, or for ``null``): the
-    list of JSON-schema objects that ``apply_chat_template(messages, tools=...)`` renders, as TRL passes it."""
-    v = row.get("tools")
-    if v is None:
-        return {}
-    if isinstance(v, list) and all(isinstance(t, Mapping) for t in v):
-        return {"tools": [dict(t) for t in v]}
-    found = (f"{type(v).__name__} {json.dumps(v)[:60]}" if not isinstance(v, list) else
-             "a list holding " + json.dumps(next(t for t in v if not isinstance(t, Mapping)))[:60])
-    raise LoadError(f"{path}:{lineno}: the 'tools' field must be a list of tool objects (JSON schemas such as "
-                    "{\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}, which the chat "
-                    f"template renders), or null for none; found {found}.")
+# apply_chat_template's own arguments (transformers 5), and the conversation it hands the template as `messages`: a
+# chat_template_kwargs key naming one would clash with it (a TypeError deep in transformers) or change what is
+# rendered (a generation prompt, the tokens) rather than feed the template a variable
+_TEMPLATE_ARGS = ("conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                  "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+                  "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+
+
+def chat_template_inputs(tools=None, chat_template_kwargs=None) -> dict:
+    """The keyword arguments of ``tokenizer.apply_chat_template`` for a conversation's ``tools`` and
+    ``chat_template_kwargs`` (TRL's two columns, which its ``SFTTrainer`` passes to every rendering of the row:
+    ``apply_chat_template(messages, tools=tools, **chat_template_kwargs)``, e.g. ``{"enable_thinking": false}``
+    for Qwen 3's template); ``None`` is none. :func:`render_chat` and ``jpeft serve`` render with them.
+
+    Raises:
+      InputValidationError: ``tools`` is not a list of objects; ``chat_template_kwargs`` is not an object, or
+        names one of ``apply_chat_template``'s own arguments (``add_generation_prompt``, ``tools``, ...).
+
+    >>> chat_template_inputs(None, {"enable_thinking": False})
+    {'enable_thinking': False}
+    """
+    out = {}
+    if tools is not None:
+        if not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
+            found = (f"{type(tools).__name__} {json.dumps(tools)[:60]}" if not isinstance(tools, list) else
+                     "a list holding " + json.dumps(next(t for t in tools if not isinstance(t, Mapping)))[:60])
+            raise InputValidationError(
+                "the 'tools' field must be a list of tool objects (JSON schemas such as {\"type\": \"function\", "
+                "\"function\": {\"name\": ..., \"parameters\": ...}}, which the chat template renders), or null for "
+                f"none; found {found}.")
+        out["tools"] = [dict(t) for t in tools]
+    if chat_template_kwargs is not None:
+        if not isinstance(chat_template_kwargs, Mapping):
+            raise InputValidationError(
+                "the 'chat_template_kwargs' field must be an object of the chat template's variables (e.g. "
+                f"{{\"enable_thinking\": false}}), or null for none; found {type(chat_template_kwargs).__name__} "
+                f"{json.dumps(chat_template_kwargs)[:60]}.")
+        clash = sorted(k for k in chat_template_kwargs if k in _TEMPLATE_ARGS)
+        if clash:
+            raise InputValidationError(
+                f"the 'chat_template_kwargs' field sets {clash}, which are apply_chat_template's own arguments (jpeft "
+                "sets them for each rendering; tools go in the 'tools' field), not variables of the template; drop "
+                "them from chat_template_kwargs.")
+        out.update(chat_template_kwargs)
+    return out
+
+
+def _template_fields(path: str, lineno: int, row: Mapping) -> dict:
+    """A conversation line's ``tools`` and ``chat_template_kwargs`` (each left out when absent or ``null``),
+    checked by :func:`chat_template_inputs`, for :func:`render_chat` to pass to every rendering of it."""
+    try:
+        chat_template_inputs(row.get("tools"), row.get("chat_template_kwargs"))
+    except InputValidationError as e:
+        raise LoadError(f"{path}:{lineno}: {e}") from None
+    return {k: row[k] for k in ("tools", "chat_template_kwargs") if row.get(k) is not None}
 
 
 # said of a file holding one JSON array, or one object spread over lines (json.dump(..., indent=2)): .json is
@@ -212,7 +259,7 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
     empty: dict[str, list[int]] = {}  # field -> the lines where it is empty or blank
     both: list[int] = []  # lines with a text field next to a prompt or completion field
     beside: list[int] = []  # lines with a conversation next to a text or a prompt/completion pair (which is read)
-    stray_tools: list[int] = []  # lines with tools that are no conversation (no template renders them)
+    stray_tools: list[int] = []  # lines with tools or chat_template_kwargs that are no conversation (never rendered)
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -240,7 +287,7 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                     # TRL's conversational prompt/completion: both lists of messages
                     out.append({"prompt": _messages(path, lineno, row, prompt_field),
                                 "completion": _messages(path, lineno, row, completion_field),
-                                "where": f"{path}:{lineno}", **_tools(path, lineno, row)})
+                                "where": f"{path}:{lineno}", **_template_fields(path, lineno, row)})
                 else:
                     out.append({"prompt": _text_value(path, lineno, row, prompt_field),
                                 "completion": _text_value(path, lineno, row, completion_field)})
@@ -250,7 +297,7 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                 field = text_field
             elif messages_field in row:
                 out.append({"messages": _messages(path, lineno, row, messages_field), "where": f"{path}:{lineno}",
-                            **_tools(path, lineno, row)})
+                            **_template_fields(path, lineno, row)})
             else:
                 other = next((k for k in ("messages", "conversations") if isinstance(row.get(k), list)), None)
                 fix = (f"A conversation is read from the {messages_field!r} field: name yours with messages_field = "
@@ -264,7 +311,7 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
                 )
             if field is not None and not row[field].strip():
                 empty.setdefault(field, []).append(lineno)
-            if field is not None and row.get("tools") is not None:
+            if field is not None and any(row.get(k) is not None for k in ("tools", "chat_template_kwargs")):
                 stray_tools.append(lineno)
     if not out:
         raise LoadError(f"dataset file {path!r} has no examples.")
@@ -283,10 +330,11 @@ def _read_examples(path: str, text_field: str, prompt_field: str, completion_fie
             stacklevel=3)
     if stray_tools:
         warnings.warn(
-            f"{path}:{stray_tools[0]}: {_count_lines(stray_tools)} hold a 'tools' field next to a {text_field!r} or a "
-            f"{prompt_field!r}/{completion_field!r} pair of strings, which is read as it is: tools are rendered by a "
-            f"chat template, which renders conversations only, so they are ignored. Write these lines as conversations "
-            f"({messages_field!r}, or a prompt and completion of messages), or drop the tools.", stacklevel=3)
+            f"{path}:{stray_tools[0]}: {_count_lines(stray_tools)} hold a 'tools' or 'chat_template_kwargs' field next "
+            f"to a {text_field!r} or a {prompt_field!r}/{completion_field!r} pair of strings, which is read as it is: "
+            f"both are inputs of a chat template, which renders conversations only, so they are ignored. Write these "
+            f"lines as conversations ({messages_field!r}, or a prompt and completion of messages), or drop the "
+            "fields.", stacklevel=3)
     for field, lines in empty.items():
         after = "its prompt" if field == completion_field else "the start of the document"
         warnings.warn(
@@ -375,7 +423,9 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
     rendering: its Jinja environment, the template from ``tokenizer_config.json``'s ``chat_template``
     or a ``chat_template.jinja`` file); other rows are returned as they are. A row's ``tools``
     (:func:`load_examples`) are passed on, ``apply_chat_template(messages, tools=row["tools"], ...)``, to
-    every rendering of it, as TRL's ``SFTTrainer`` does.
+    every rendering of it, as TRL's ``SFTTrainer`` does, and so are its ``chat_template_kwargs`` (the template's
+    own variables, ``apply_chat_template(messages, tools=..., **row["chat_template_kwargs"])``, e.g. Qwen 3's
+    ``enable_thinking``; :func:`chat_template_inputs`).
 
     A rendered row is ``{"chat": text, "targets": [[start, end], ...]}``: the text, which holds
     its own special tokens (:func:`tokenize_documents` tokenizes it as ``apply_chat_template(...,
@@ -389,7 +439,8 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
 
     Raises:
       ConfigError: ``chat_loss`` is not one of :data:`CHAT_LOSSES`; jinja2 is not installed.
-      LoadError: naming the row's file and line: the tokenizer has no chat template; the template
+      LoadError: naming the row's file and line: its ``tools`` or ``chat_template_kwargs`` are refused by
+        :func:`chat_template_inputs`; the tokenizer has no chat template; the template
         refuses the conversation (its ``raise_exception`` message is passed on); an assistant turn
         comes first (nothing renders before it); the template is not prefix-stable (a conversation's
         beginning does not render as the beginning of the whole, e.g. a template that drops earlier
@@ -408,12 +459,13 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
             out.append(ex)
         elif "messages" in ex:
             where = ex.get("where") or f"example {k}"
-            out.append(_render_messages(tokenizer, ex["messages"], where, chat_loss, ex.get("tools")))
+            out.append(_render_messages(tokenizer, ex["messages"], where, chat_loss, _row_inputs(ex, where)))
             idle += [where] if not out[-1]["targets"] else []
         else:  # TRL's conversational prompt/completion
             where = ex.get("where") or f"example {k}"
-            prompt = _render(tokenizer, ex["prompt"], where, True, ex.get("tools"))
-            full = _render(tokenizer, list(ex["prompt"]) + list(ex["completion"]), where, False, ex.get("tools"))
+            inputs = _row_inputs(ex, where)
+            prompt = _render(tokenizer, ex["prompt"], where, True, inputs)
+            full = _render(tokenizer, list(ex["prompt"]) + list(ex["completion"]), where, False, inputs)
             if not full.startswith(prompt):
                 raise LoadError(_unstable(where, "the prompt with the generation prompt", "prompt + completion", "this row "
                                           "as a 'messages' conversation with chat_loss = \"all\""))
@@ -425,8 +477,17 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
     return out
 
 
-def _render_messages(tokenizer, messages, where: str, chat_loss: str, tools=None) -> dict:
-    full = _render(tokenizer, messages, where, False, tools)
+def _row_inputs(ex: Mapping, where: str) -> dict:
+    """The row's ``tools`` and ``chat_template_kwargs`` as ``apply_chat_template``'s keyword arguments (checked
+    again here: a row built in Python did not pass through :func:`load_examples`)."""
+    try:
+        return chat_template_inputs(ex.get("tools"), ex.get("chat_template_kwargs"))
+    except InputValidationError as e:
+        raise LoadError(f"{where}: {e}") from None
+
+
+def _render_messages(tokenizer, messages, where: str, chat_loss: str, inputs: Mapping) -> dict:
+    full = _render(tokenizer, messages, where, False, inputs)
     if chat_loss == "all":
         return {"chat": full, "targets": [[0, len(full)]]}
     targets = []
@@ -437,8 +498,8 @@ def _render_messages(tokenizer, messages, where: str, chat_loss: str, tools=None
             raise LoadError(f"{where}: the conversation begins with an assistant turn, so nothing renders before it to "
                             "tell the reply from its header; begin with a system or user turn, or train every token "
                             "(chat_loss = \"all\").")
-        before = _render(tokenizer, messages[:i], where, True, tools)
-        upto = _render(tokenizer, messages[:i + 1], where, False, tools)
+        before = _render(tokenizer, messages[:i], where, True, inputs)
+        upto = _render(tokenizer, messages[:i + 1], where, False, inputs)
         if not (upto.startswith(before) and full.startswith(upto)):
             raise LoadError(_unstable(where, f"messages[:{i}] with the generation prompt" if not upto.startswith(before)
                                       else f"messages[:{i + 1}]", f"messages[:{i + 1}]" if not upto.startswith(before)
@@ -454,9 +515,9 @@ def _unstable(where: str, part: str, whole: str, fix: str) -> str:
             "conversation's beginning are prefixes of the whole.")
 
 
-def _render(tokenizer, messages, where: str, generation_prompt: bool, tools=None) -> str:
-    """``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=...)``
-    (``tools`` only when given); its refusals as named errors."""
+def _render(tokenizer, messages, where: str, generation_prompt: bool, inputs: Mapping) -> str:
+    """``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=..., **inputs)`` (``inputs``:
+    the row's :func:`chat_template_inputs`); its refusals as named errors."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise LoadError(f"{where}: a conversation is rendered with the model's chat template, and "
                         f"{'no tokenizer was given' if tokenizer is None else 'the tokenizer has none'} (no chat_template "
@@ -464,7 +525,7 @@ def _render(tokenizer, messages, where: str, generation_prompt: bool, tools=None
                         "tokenizer has one (an instruct model's), or write the data as text or prompt/completion lines.")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                             **({} if tools is None else {"tools": tools}))
+                                             **inputs)
     except ImportError as e:  # transformers renders with jinja2, which it does not require
         raise ConfigError(f"rendering conversations with the chat template needs jinja2 ({e}); reinstall jpeft (pip "
                           "install -e .), which depends on it, or pip install 'jinja2>=3.1.6'.") from None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import itertools
 import os
 import signal
@@ -352,6 +353,37 @@ def _check_fit_args(batches, key, eval_every, log_every, num_steps, forgetting, 
                           "the guard it belongs to as forgetting=, or leave forgetting_state out.")
 
 
+def _check_checkpoint(checkpoint, save_last: bool, forgetting) -> None:
+    """Refuses, before the first step, a ``checkpoint`` object that lacks a method or a ``save`` keyword this
+    run will call it with (the protocol of :func:`fit`'s ``checkpoint`` argument, which
+    :class:`jpeft.checkpoint.CheckpointManager` follows): a custom object failed with a bare ``TypeError``
+    or ``AttributeError`` only where the call came, a stop on skipped steps (``ranked``) at the end of the run."""
+    if checkpoint is None:
+        return
+    lacking = [m for m in ("save", "all_steps", "metrics", "wait") if not callable(getattr(checkpoint, m, None))]
+    need = ["data_position", "metrics"]
+    need += ["force"] if save_last else []
+    # a stop on skipped steps before any finite step is saved unranked where the object keeps the best by a metric
+    need += ["ranked"] if save_last and getattr(checkpoint, "keep_best", 0) else []
+    need += ["extra"] if forgetting is not None else []
+    try:
+        params = inspect.signature(checkpoint.save).parameters.values() if not lacking else ()
+    except (TypeError, ValueError):  # a callable whose signature Python cannot read: it is taken at its word
+        params = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not lacking and not any(p.kind is p.VAR_KEYWORD for p in params):
+        lacking = [f"save(..., {k}=)" for k in need if k not in named]
+    if lacking:
+        raise ConfigError(
+            f"fit's checkpoint object ({type(checkpoint).__name__}) lacks {lacking}, which this run calls. fit calls "
+            "save(step, adapter, opt_state, key, data_position=, metrics=) after finite steps, with force= for "
+            "save_last, extra= with a forgetting guard, and ranked=False where the object has a keep_best and "
+            "save_last stops on skipped steps before any finite step (no loss to rank that state by: keep its "
+            "metrics, never rank it), and all_steps(), metrics(step) and wait(). Use "
+            "jpeft.checkpoint.CheckpointManager, add what is missing, or run without the option that needs it "
+            "(docs/CHECKPOINTS.md).")
+
+
 def _warn_half_precision(adapter) -> None:
     """Warns when trainable arrays are bfloat16/float16: an update below a weight's rounding step (1/256 of it in
     bfloat16) rounds away, so at the usual learning rates such an adapter silently stops learning."""
@@ -481,7 +513,12 @@ def fit(
         update was finite, ``checkpoint.save`` is called (it writes every ``save_every``
         steps) with ``data_position`` and ``{"loss": ...}``. Nothing is saved while
         non-finite steps are pending, except by ``save_last`` at a stop. Resuming (``start_step``
-        a step of ``checkpoint``), the skipped steps that checkpoint stopped on count on.
+        a step of ``checkpoint``), the skipped steps that checkpoint stopped on count on. Another
+        object works if it has what the run calls: ``save(step, adapter, opt_state, key, *,
+        data_position, metrics)``, plus ``force`` with ``save_last``, ``extra`` with ``forgetting``, and
+        ``ranked`` with ``save_last`` where it has a truthy ``keep_best`` (``ranked=False``: a stop on skipped
+        steps before any finite step, whose state has no loss to rank it by), and ``all_steps()``,
+        ``metrics(step)`` and ``wait()``; one that lacks any of them is refused before the first step.
       save_last: also save the last step (finished, stopped by ``num_steps`` or by Ctrl-C)
         when ``save_every`` did not, so the run can be resumed from where it stopped. A stop on
         skipped steps saves the last finite step's state with that step's loss and the skips
@@ -540,6 +577,7 @@ def fit(
         ``num_steps`` before ``total_steps`` or by Ctrl-C is not an end).
       InputValidationError: an empty dataset, a batch whose structure, shape or dtype
         differs from the first batch's, or bad token ids / sequence lengths.
+      ConfigError: a bad argument, or a ``checkpoint`` object lacking a method or ``save`` keyword this run calls.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, jpeft
     >>> model, x = nn.Dense(1), jax.random.normal(jax.random.key(0), (32, 4))
@@ -555,6 +593,7 @@ def fit(
     True
     """
     _check_fit_args(batches, key, eval_every, log_every, num_steps, forgetting, forgetting_state)
+    _check_checkpoint(checkpoint, save_last, forgetting)
     _warn_half_precision(adapter)
     guard = NonFiniteGuard(max_consecutive_skips)
     history: list[dict] = []

@@ -570,6 +570,48 @@ def test_stale_weights_and_routing_on_captured_arrays_are_refused():
     assert bank2.remove("r4").with_weights(bank2.remove("r4").weights).names == ("r1",)
 
 
+def test_a_bank_whose_arrays_a_training_step_donated_is_named_and_with_weights_goes_on():
+    """make_train_step donates its adapter argument, so a step given bank.weights consumes the bank's arrays. Using
+    that bank afterwards (get, route, add, remove, merged_params), or weights a later step donated, failed with JAX's
+    bare "Array has been deleted" / "Buffer has been deleted or donated"; it is now a BankError saying which bank and
+    array and how to go on. And the documented way on, bank = bank.with_weights(new_weights), failed the same way
+    on a bank holding LoRA biases (it compared the new weights' frozen bias_on with the old bank's donated one): it
+    now takes the weights, and the trained bank holds the trained arrays."""
+    biased = _biased(30)
+    bank = AdapterBank.from_adapters({"bias": biased, "r1": ADAPTERS["r1"]}, capacity=3)
+    ids = bank.ids(["bias", "r1", None, "r1", "bias", "bias"])
+    batch = {"ids": ids, "tok": TOK, "target": (TOK + 1) % 11}
+
+    def loss_fn(params, weights, batch, key):
+        logits = jpeft.apply(MODEL, params, bank.route(batch["ids"], weights=weights), batch["tok"])
+        return _per_example_loss(logits, batch["target"]).mean()
+
+    opt = optax.adam(1e-2)
+    step = jpeft.make_train_step(loss_fn, opt)  # donates the weights and the optimizer state
+    w1, state, _ = step(PARAMS, bank.weights, jpeft.init_opt_state(opt, bank.weights), batch, jax.random.key(0))
+    own = r"this bank's arrays were donated to a jitted step and are gone \(embed\.lora_A is deleted\).*bank = " \
+          r"bank\.with_weights\(new_weights\).*donate=False"
+    for use in (lambda: bank.get("r1"), lambda: bank.route(ids), lambda: bank.add("r2", ADAPTERS["r2"]),
+                lambda: bank.replace("r1", ADAPTERS["r2"]), lambda: bank.remove("r1"),
+                lambda: bank.merged_params(PARAMS, "r1")):
+        with pytest.raises(BankError, match=own):
+            use()
+    trained = bank.with_weights(w1)  # the documented way on, from the bank whose arrays the step took
+    w2, state, _ = step(PARAMS, trained.weights, state, batch, jax.random.key(1))
+    given = r"the weights passed in were donated to a jitted step and are gone \(embed\.lora_A is deleted\)"
+    for use in (lambda: trained.with_weights(w1), lambda: bank.route(ids, weights=w1)):
+        with pytest.raises(BankError, match=given):
+            use()
+    with pytest.raises(BankError, match=own):
+        trained.get("bias")
+    last = trained.with_weights(w2)  # holds the second step's arrays, the trained bias included
+    k = last.slot("bias")
+    for p, node in last.get("bias").items():
+        np.testing.assert_array_equal(node.lora_A, w2[p].lora_A[k, :, :2])
+        np.testing.assert_array_equal(node.lora_bias, w2[p].lora_bias[k])
+        assert float(jnp.abs(node.lora_bias - biased[p].lora_bias).max()) > 0  # it trained
+
+
 def test_summary_of_a_routed_bank_counts_the_factors_only():
     """Routing ids and scales are not parameters: summary counted them as trainable."""
     bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)

@@ -166,6 +166,14 @@ QWEN_TOOLS = ("{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['
               "{{- '\\n\\n# Tools\\n\\n<tools>' }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
               "{{- '\\n</tools><|im_end|>\\n' }}{%- else %}" + QWEN.split("{%- for message", 1)[0] + "{%- endif %}"
               "{%- for message" + QWEN.split("{%- for message", 1)[1])
+# Qwen 3's switch: with enable_thinking false, the generation prompt and every assistant turn open with an empty
+# <think></think> block (the reply is trained after it); tools listed in a system turn
+THINK_SWITCH = ("{%- set off = enable_thinking is defined and enable_thinking is false %}{%- if tools %}"
+                "{{- '<|im_start|>system\\n' }}{%- for tool in tools %}{{- tool | tojson }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+                "{%- endif %}{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}{%- if m.role == 'assistant' "
+                "and off %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+                "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- if off %}"
+                "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}")
 TOOLS = [{"type": "function", "function": {
     "name": "get_capital", "description": "The capital city of a country.",
     "parameters": {"type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"]}}}]
@@ -201,7 +209,7 @@ def _chat_folder(kind, root):
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                        chat_template=LLAMA3)
     else:
-        template = {"none": None, "thinking": DROPS_THINKING, "tools": QWEN_TOOLS}.get(kind, QWEN)
+        template = {"none": None, "thinking": DROPS_THINKING, "tools": QWEN_TOOLS, "switch": THINK_SWITCH}.get(kind, QWEN)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                        chat_template=template)
     folder = os.path.join(root, kind)
@@ -357,8 +365,69 @@ def test_a_rows_tools_are_passed_to_the_chat_template_as_transformers_and_trl_re
         load_examples(_jsonl(tmp_path / "bad.jsonl", [rows[0], {"messages": MESSAGES, "tools": "get_capital"}]))
     with pytest.raises(LoadError, match=r"bad2.jsonl:1: the 'tools' field .*; found a list holding \"get_capital\""):
         load_examples(_jsonl(tmp_path / "bad2.jsonl", [{"messages": MESSAGES, "tools": ["get_capital"]}]))
-    with pytest.warns(UserWarning, match=r"text.jsonl:1: 1 line\(s\) \(1\) hold a 'tools' field next to a 'text'"):
+    with pytest.warns(UserWarning, match=r"text.jsonl:1: 1 line\(s\) \(1\) hold a 'tools' or 'chat_template_kwargs' "
+                                         r"field next to a 'text'"):
         load_examples(_jsonl(tmp_path / "text.jsonl", [{"text": "Paris.", "tools": TOOLS}]))
+
+
+def test_a_rows_chat_template_kwargs_reach_every_rendering_as_trl_passes_them(chat_root, tmp_path):
+    """A conversational line's ``chat_template_kwargs`` (TRL's column: its SFTTrainer renders every row with
+    ``apply_chat_template(messages, tools=..., **row["chat_template_kwargs"])``, e.g. Qwen 3's ``{"enable_thinking":
+    false}``) were ignored: the conversation was rendered without them, another prompt than TRL's (here without the
+    empty <think></think> block), with no word. Every rendering of the row (the whole, the prefixes that find the
+    assistant turns, a prompt and its completion) now takes them, with the tools: text, tokens and targets equal
+    ``apply_chat_template(..., tools=..., enable_thinking=False)``'s, token by token. ``null`` is none; a value that is
+    not an object, or one setting apply_chat_template's own arguments, is refused by file and line, also for a row
+    built in Python; beside a text line they are warned about."""
+    from jpeft.data import load_examples, render_chat
+    from jpeft.errors import LoadError
+    from jpeft.models import load_tokenizer
+
+    folder, ref = _chat_folder("switch", chat_root)
+    tok = load_tokenizer(folder)
+    encode, bos, eos = text_encoder(tok)
+    off = {"enable_thinking": False}
+    rows = [{"messages": MESSAGES, "chat_template_kwargs": off},
+            {"prompt": MESSAGES[:2], "completion": MESSAGES[2:3], "chat_template_kwargs": off, "tools": TOOLS},
+            {"messages": MESSAGES, "chat_template_kwargs": None}]
+    path = _jsonl(tmp_path / "kw.jsonl", rows)
+    rendered = render_chat(load_examples(path), tok)
+    docs = tokenize_documents(rendered, encode, eos_id=eos, bos_id=bos)
+    text = ref.apply_chat_template(MESSAGES, tokenize=False, **off)
+    assert "<think>" in text and text != ref.apply_chat_template(MESSAGES, tokenize=False)
+    assert rendered[0]["chat"] == text
+    ids, mask = docs[0]
+    assert ids.tolist() == ref.apply_chat_template(MESSAGES, tokenize=True, return_dict=True, **off)["input_ids"]
+    spans = [(len(ref.apply_chat_template(MESSAGES[:i], tokenize=False, add_generation_prompt=True, **off)),
+              len(ref.apply_chat_template(MESSAGES[:i + 1], tokenize=False, **off)))
+             for i, m in enumerate(MESSAGES) if m["role"] == "assistant"]
+    offsets = ref(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert mask.tolist() == [any(a < e and b > s for s, e in spans) for a, b in offsets]
+    # the replies are trained, the empty thinking block before each is the prompt's (as the generation prompt writes it)
+    assert [ref.decode(ids[s:e].tolist()) for s, e in _runs(mask)] == [m["content"] + "<|im_end|>\n" for m in MESSAGES
+                                                                       if m["role"] == "assistant"]
+    # TRL's conversational prompt/completion, with the tools as well
+    full = ref.apply_chat_template(MESSAGES[:3], tools=TOOLS, tokenize=True, return_dict=True, **off)["input_ids"]
+    prompt = ref.apply_chat_template(MESSAGES[:2], tools=TOOLS, tokenize=True, return_dict=True,
+                                     add_generation_prompt=True, **off)["input_ids"]
+    assert ref.decode(prompt).endswith("<think>\n\n</think>\n\n") and '"get_capital"' in ref.decode(prompt)
+    n = len(prompt)
+    assert docs[1][0].tolist() == full and docs[1][1].tolist() == [False] * n + [True] * (len(full) - n)
+    assert rendered[2]["chat"] == ref.apply_chat_template(MESSAGES, tokenize=False)  # null: none
+    # so does PackedDataset.from_file (jpeft train and jpeft eval's reading)
+    ds = PackedDataset.from_file(path, encode, 1024, eos_id=eos, bos_id=bos, tokenizer=tok)
+    assert ds.input_ids[0][ds.segment_ids[0] == 1].tolist() == docs[0][0].tolist()
+    for bad, want in (("enable_thinking", r"bad.jsonl:2: the 'chat_template_kwargs' field must be an object .*found str"),
+                      ([off], r"bad.jsonl:2: the 'chat_template_kwargs' field must be an object .*found list"),
+                      ({"add_generation_prompt": True, "tools": TOOLS, "x": 1},
+                       r"bad.jsonl:2: the 'chat_template_kwargs' field sets \['add_generation_prompt', 'tools'\]")):
+        with pytest.raises(LoadError, match=want):
+            load_examples(_jsonl(tmp_path / "bad.jsonl", [rows[0], {"messages": MESSAGES, "chat_template_kwargs": bad}]))
+    with pytest.raises(LoadError, match=r"example 0: the 'chat_template_kwargs' field sets \['tokenize'\]"):
+        render_chat([{"messages": MESSAGES, "chat_template_kwargs": {"tokenize": True}}], tok)
+    with pytest.warns(UserWarning, match=r"text.jsonl:1: 1 line\(s\) \(1\) hold a 'tools' or 'chat_template_kwargs' "
+                                         r"field next to a 'text'"):
+        load_examples(_jsonl(tmp_path / "text.jsonl", [{"text": "Paris.", "chat_template_kwargs": off}]))
 
 
 def test_conversations_pack_and_cut_like_the_other_rows_and_chat_loss_all_trains_every_token(chat_root, tmp_path):

@@ -190,6 +190,59 @@ def test_a_stop_on_skipped_steps_before_any_finite_step_keeps_them_pending_and_u
     assert str(resumed.value) == str(straight.value)
 
 
+def test_a_checkpoint_object_whose_save_lacks_a_keyword_the_run_calls_is_refused_before_the_first_step(run, tmp_path):
+    """A checkpoint object of one's own (fit's protocol: save(step, adapter, opt_state, key, *, data_position,
+    metrics), force= with save_last, extra= with a forgetting guard, ranked= with save_last and a keep_best) written
+    before save took ``ranked`` trained on and failed with a bare TypeError at the stop on skipped steps, where fit
+    saves unranked (steps trained, nothing saved). It is now refused before the first step, naming what it lacks;
+    the same object trains and saves where the run never passes ranked (no keep_best), and so does one taking
+    **kwargs."""
+    params, cfg, adapter, opt, step, loss_fn = run
+    key = jax.random.key(0)
+    data = [_batch(i, nan=i < 3) for i in range(6)]  # steps 1, 2 and 3 are skipped
+
+    class Mine:
+        def __init__(self, mngr, keep_best):
+            self.m, self.keep_best = mngr, keep_best
+
+        def save(self, step, adapter, opt_state=None, key=None, *, data_position=None, metrics=None, force=False):
+            return self.m.save(step, adapter, opt_state, key, data_position=data_position, metrics=metrics, force=force)
+
+        def all_steps(self):
+            return self.m.all_steps()
+
+        def metrics(self, step):
+            return self.m.metrics(step)
+
+        def wait(self):
+            self.m.wait()
+
+    class Open(Mine):
+        def save(self, step, adapter, opt_state=None, key=None, **kw):
+            return self.m.save(step, adapter, opt_state, key, **kw)
+
+    ran = []
+    with jpeft.checkpoint.CheckpointManager(tmp_path / "ck", cfg, params, optimizer=opt, save_every=100,
+                                            async_save=False) as mngr:
+        with pytest.raises(jpeft.errors.ConfigError, match=r"checkpoint object \(Mine\) lacks \['save\(\.\.\., "
+                                                           r"ranked=\)'\], which this run calls.*ranked=False"):
+            jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, num_steps=2, total_steps=6,
+                      checkpoint=Mine(mngr, keep_best=1), save_last=True, on_step=lambda s, m: ran.append(s))
+        assert ran == [] and mngr.all_steps() == []  # refused before the first step
+        with pytest.raises(jpeft.errors.ConfigError, match=r"\(NoWait\) lacks \['wait'\]"):
+            jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key,
+                      checkpoint=type("NoWait", (Mine,), {"wait": None})(mngr, 0))
+    # the same object where the run passes no ranked (no keep_best), and one taking **kwargs with a keep_best: they
+    # train and save the stop with its pending skips (under keep_best, unranked)
+    for kind, best in ((Mine, 0), (Open, 1)):
+        with jpeft.checkpoint.CheckpointManager(tmp_path / kind.__name__, cfg, params, optimizer=opt, save_every=100,
+                                                keep_best=best, best_metric="loss", async_save=False) as mngr:
+            with pytest.warns(RuntimeWarning, match=r"stopped at step 2 with 2 non-finite step\(s\) pending"):
+                jpeft.fit(step, params, adapter, opt.init(adapter), data, key=key, num_steps=2, total_steps=6,
+                          checkpoint=kind(mngr, best), save_last=True, max_consecutive_skips=2)
+            assert mngr.all_steps() == [2] and mngr.metrics(2) == {"skips_pending": 2, "first_skipped_step": 1}
+
+
 def test_guard_resets_after_a_finite_step():
     g = jpeft.NonFiniteGuard(max_consecutive=1)
     assert [g.update(s, {"skipped": k}) for s, k in [(1, 1), (2, 0), (3, 1), (4, 0)]] == [True, False, True, False]

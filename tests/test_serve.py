@@ -29,7 +29,14 @@ CFG = jpeft.models.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=6
                                num_kv_heads=2, max_position_embeddings=128)
 MODEL = jpeft.models.LlamaForCausalLM(CFG)
 PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w1{% endif %}"
+# the tools' names first, a message's name before its content, an assistant turn opened by w1 (the generation
+# prompt), w2 before that w1 when the template variable enable_thinking is false (Qwen 3's switch); without tools,
+# variables or assistant turns: the contents, then w1
+TEMPLATE = ("{%- set off = enable_thinking is defined and enable_thinking is false %}"
+            "{% for t in tools or [] %}{{ t['function']['name'] }} {% endfor %}{% for m in messages %}"
+            "{% if m['role'] == 'assistant' %}{% if off %}w2 {% endif %}w1 {% endif %}"
+            "{% if m['name'] is defined %}{{ m['name'] }} {% endif %}{{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}{% if off %}w2 {% endif %}w1{% endif %}")
 
 
 def _lora(key, targets, r=4):
@@ -58,19 +65,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def _chat_tokenizer():
+    """The served folder's tokenizer: one word-level token per word of WORDS, TEMPLATE its chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    root = tmp_path_factory.mktemp("serve")
-    folder, adapters = root / "tiny", root / "adapters"
-    jpeft.models.loading.save_pretrained(str(folder), MODEL, PARAMS)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
     fast.chat_template = TEMPLATE
-    fast.save_pretrained(str(folder))
+    return fast
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    folder, adapters = root / "tiny", root / "adapters"
+    jpeft.models.loading.save_pretrained(str(folder), MODEL, PARAMS)
+    _chat_tokenizer().save_pretrained(str(folder))
     for name, (cfg, ad) in ADAPTERS.items():
         if name == "c":  # a PEFT-format folder, added live
             jpeft.hf.save_peft(str(adapters / name), cfg, ad, params=PARAMS)
@@ -177,6 +189,62 @@ def test_completions_and_chat_equal_generate_token_for_token(server):
         outs = list(ex.map(lambda m: _complete(client, m)[0], names))
     for m, text in zip(names, outs):
         assert _ids(text) == refs[None if m == "tiny" else m], m
+
+
+TOOLS = [{"type": "function", "function": {"name": "w13", "description": "a tool",
+                                           "parameters": {"type": "object", "properties": {}}}}]
+
+
+def test_a_chat_request_with_tools_and_template_variables_is_served_the_prompt_training_renders(server):
+    """`jpeft serve` refused ``tools`` with a 400 (and dropped every message key but role and content), so a model
+    trained on conversations with tools (jpeft train renders a line's ``tools`` and ``chat_template_kwargs`` with the
+    chat template, as TRL does) could not be served the prompt it learned. A chat completion's ``tools``,
+    ``chat_template_kwargs`` (vLLM's extension, here Qwen 3's enable_thinking) and messages' other keys now reach the
+    template: the prompt is ``apply_chat_template(messages, tools=..., add_generation_prompt=True, **kwargs)``'s ids,
+    exactly the prompt tokens (the non-targets) of the same conversation as a training line, and the generated
+    tokens are `jpeft.generate`'s on it. The response holds the text (no parsed tool_calls); a tool_choice that
+    forces or forbids a call, bad tools or kwargs, and tools on /v1/completions get a 400 naming the field."""
+    from jpeft.bank import AdapterBank
+    from jpeft.data import load_examples, render_chat, text_encoder, tokenize_documents
+    from jpeft.serve import Engine
+    from jpeft.serve.app import ApiError, Server, _unsupported
+
+    tok = _chat_tokenizer()
+    msgs = [{"role": "user", "content": "w3 w5 w7"}, {"role": "tool", "name": "w17", "content": "w9 w11"}]
+    kwargs = {"enable_thinking": False}
+    want = tok.apply_chat_template(msgs, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   **kwargs)["input_ids"]
+    assert want == _ids("w13 w3 w5 w7 w17 w9 w11 w2 w1")
+    bank = AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=1)
+    srv = Server(Engine(MODEL, PARAMS, bank, slots=1, max_len=32), base_name="tiny", tokenizer=tok)
+    body = {"model": "a", "messages": msgs, "tools": TOOLS, "chat_template_kwargs": kwargs, "tool_choice": "auto"}
+    assert srv._chat_ids(body) == want
+    _unsupported(body, chat=True)
+    # the same conversation as a training line: its prompt tokens are the served ones
+    path = server["root"] / "train.jsonl"
+    path.write_text(json.dumps({"prompt": msgs, "completion": [{"role": "assistant", "content": "w4"}], "tools": TOOLS,
+                                "chat_template_kwargs": kwargs}) + "\n")
+    encode, bos, eos = text_encoder(tok)
+    (ids, mask), = tokenize_documents(render_chat(load_examples(path), tok), encode, eos_id=eos, bos_id=bos)
+    assert ids.tolist()[:int(np.argmax(mask))] == want
+    for bad, key in (({"tools": "w13"}, "tools"), ({"tools": ["w13"]}, "tools"),
+                     ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+                     ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs")):
+        with pytest.raises(ApiError, match=f"the '{key}' field") as e:
+            srv._chat_ids(dict(body, **bad))
+        assert (e.value.status, e.value.param) == (400, key)
+    for bad in ("required", "none", {"type": "function", "function": {"name": "w13"}}):
+        with pytest.raises(ApiError, match="'tool_choice' .* nothing forces or forbids a call") as e:
+            _unsupported(dict(body, tool_choice=bad), chat=True)
+        assert e.value.param == "tool_choice"
+    for key in ("tools", "chat_template_kwargs"):
+        with pytest.raises(ApiError, match=f"'{key}' is not supported by /v1/completions"):
+            _unsupported({"model": "a", "prompt": "w3", key: body[key]})
+
+    # over HTTP, with the openai client: accepted, and the tokens generate's on that prompt
+    r = server["client"].chat.completions.create(model="a", messages=msgs, tools=TOOLS, max_tokens=6, temperature=0,
+                                                 extra_body={"chat_template_kwargs": kwargs})
+    assert _ids(r.choices[0].message.content) == _ref("a", want, 6) and r.choices[0].message.tool_calls is None
 
 
 def test_hot_add_and_remove_while_serving_no_failure_no_recompile(server):

@@ -33,12 +33,14 @@ from starlette.routing import Route
 
 from jpeft.bank import AdapterBank
 from jpeft.config import strict_json
+from jpeft.data import chat_template_inputs
 from jpeft.errors import (
     BankCapacityError,
     BankRankError,
     BankShapeError,
     ConfigError,
     DuplicateAdapterError,
+    InputValidationError,
     JpeftError,
     LoadError,
     OverloadedError,
@@ -98,7 +100,20 @@ def _stop(body: dict) -> tuple:
     return tuple(s)
 
 
-def _unsupported(body: dict) -> None:
+def _unsupported(body: dict, chat: bool = False) -> None:
+    """A 400 for the options jpeft serve does not implement; ``chat``: the request is a chat completion, whose
+    ``tools`` (and ``chat_template_kwargs``) :meth:`Server._chat_ids` renders with the chat template."""
+    if chat and body.get("tool_choice") not in (None, "auto"):
+        # the model chooses as it was trained to: nothing forces a call ("required", a named function) or forbids one
+        raise _bad(f"'tool_choice' {json.dumps(body['tool_choice'])[:80]} is not supported by jpeft serve: the tools "
+                   "are rendered into the prompt by the chat template and the model decides whether to call one "
+                   "(\"auto\", the default); nothing forces or forbids a call. Leave tool_choice out, or send \"auto\".",
+                   "tool_choice")
+    if not chat:
+        for key in ("tools", "tool_choice", "chat_template_kwargs"):
+            if body.get(key) not in (None, False, 0, [], {}):
+                raise _bad(f"{key!r} is not supported by /v1/completions, whose prompt is text; send the messages to "
+                           "/v1/chat/completions, which renders them with the chat template.", key)
     if body.get("n", 1) not in (1, None):
         raise _bad("'n' > 1 is not supported; send one request per completion.", "n")
     if body.get("best_of", 1) not in (1, None):
@@ -107,8 +122,8 @@ def _unsupported(body: dict) -> None:
     # (OpenAI, vLLM), and 0 == False would let it through below, answered with "logprobs": null
     if body.get("logprobs") is not None and body.get("logprobs") is not False:
         raise _bad("'logprobs' is not supported by jpeft serve.", "logprobs")
-    for key in ("top_logprobs", "echo", "suffix", "tools", "functions", "logit_bias", "tool_choice",
-                "function_call", "response_format", "stop_token_ids", "min_tokens", "ignore_eos"):
+    for key in ("top_logprobs", "echo", "suffix", "functions", "logit_bias", "function_call", "response_format",
+                "stop_token_ids", "min_tokens", "ignore_eos"):
         if body.get(key) not in (None, False, 0, [], {}):
             raise _bad(f"{key!r} is not supported by jpeft serve.", key)
     for key in ("frequency_penalty", "presence_penalty"):
@@ -179,6 +194,10 @@ class Server:
         raise _bad("'prompt' must be a string or a list of token ids (one prompt per request).", "prompt")
 
     def _chat_ids(self, body: dict) -> list:
+        """The prompt of a chat completion: ``apply_chat_template(messages, tools=body["tools"],
+        add_generation_prompt=True, **body["chat_template_kwargs"])`` as :func:`jpeft.data.render_chat` renders a
+        training line (the messages with all their keys, the same tools and template variables), so a model
+        trained on conversations with tools is served the prompt it was trained on."""
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -189,15 +208,23 @@ class Server:
                        "use /v1/completions with a prompt, or serve a model folder whose tokenizer has one "
                        "(chat_template.jinja, as tokenizer.save_pretrained writes it, or tokenizer_config.json's "
                        "chat_template).", "messages")
+        inputs = {}
+        for key in ("tools", "chat_template_kwargs"):
+            try:
+                inputs.update(chat_template_inputs(**{key: body.get(key)}))
+            except InputValidationError as e:
+                raise _bad(str(e), key) from None
         try:
-            text = self.tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
-                                                      add_generation_prompt=True, tokenize=False)
+            # every key of a message, as training renders them (a tool call's "tool_calls", a tool reply's "name")
+            text = self.tokenizer.apply_chat_template([dict(m) for m in msgs], add_generation_prompt=True,
+                                                      tokenize=False, **inputs)
         except Exception as e:  # a template that raises on these messages (jinja's raise_exception)
             raise _bad(f"the chat template refused the messages: {str(e)[:200]}", "messages") from None
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _submit(self, body: dict, ids: list, adapter: Optional[str], max_default: Optional[int], sink) -> Request:
-        _unsupported(body)
+    def _submit(self, body: dict, ids: list, adapter: Optional[str], max_default: Optional[int], sink,
+                chat: bool = False) -> Request:
+        _unsupported(body, chat)
         if self.closing:
             raise ApiError(503, "the server is shutting down; send the request to another server, or retry once it "
                            "has restarted.", "server_error")
@@ -249,7 +276,7 @@ class Server:
                 except RuntimeError:  # the event loop is gone (shutdown)
                     pass
 
-            req = self._submit(body, ids, adapter, None if chat else 16, sink)
+            req = self._submit(body, ids, adapter, None if chat else 16, sink, chat)
         except ApiError as e:
             return e.response()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
