@@ -685,6 +685,39 @@ def test_tied_embedding_lora_is_the_unmerged_peft_model(family, emb, tmp_path, c
     _close(family, _jpeft_logits(family, ad, ids, mask), _peft_logits(pm.eval(), family, ids, mask), mask)
 
 
+@pytest.mark.parametrize("family,tables", [("gpt2", ["wpe"]),
+                                           ("bert", ["position_embeddings", "token_type_embeddings"])])
+def test_merging_lora_on_position_tables_does_not_warn_of_a_tie(family, tables, tmp_path):
+    """A LoRA on GPT-2's wpe or BERT's position / token-type tables (PEFT-made, every factor
+    random) merges to PEFT's logits; the merge warned that jpeft "cannot tell whether the model
+    also reads this embedding as a tied output projection", which jpeft's models never do with
+    these tables. A real tie (GPT-2's wte) is still refused, and an embedding of a model jpeft
+    does not know still warns."""
+    hf, _ = T.hf_model(family)
+    model, params = loaded(family)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, lora_alpha=4, target_modules=tables))
+    T.perturb_trainable(pm, seed=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path / "p")
+    _, ad = H.load_peft(str(tmp_path / "p"), params)
+    assert all(ad[p].tied_output is False for p in ad)
+    ids, mask = T.batch(family, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no tie warning
+        merged = jpeft.merge(params, ad)
+    out = np.asarray(model.apply(merged, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    _close(family, out, _peft_logits(pm, family, ids, mask), mask)
+    if family == "gpt2":  # wte is read by attend too: refused, as before
+        real = _random_adapter(family, jpeft.LoraConfig(r=2, target_modules=["wte"]))
+        with pytest.raises(jpeft.NotMergeableError, match="tied output projection"):
+            jpeft.merge(params, real)
+    other = {"params": {"wpe": {"embedding": jnp.ones((5, 4))}}}  # not jpeft.models' GPT-2 (no wte beside it)
+    with pytest.warns(UserWarning, match="cannot tell whether"):
+        jpeft.merge(other, jpeft.init(jpeft.LoraConfig(r=2, target_modules=["wpe"], init="random"), other,
+                                      jax.random.key(0)))
+
+
 def test_ensure_weight_tying_both_ways(tmp_path, caplog):
     """PEFT's ensure_weight_tying=True on a tied Llama gives lm_head the embedding's LoRA:
     jpeft loads it as one embedding site applied at attend too, saves it back the same way,

@@ -120,6 +120,51 @@ def test_peft_to_jpeft(method, family, tmp_path):
     _close(j, _compare(method, j, t), mask)
 
 
+@pytest.mark.parametrize("rope", ["default", "dynamic"])
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_virtual_tokens_past_max_position_embeddings_on_a_rope_model_match_peft(method, rope, tmp_path):
+    """Virtual tokens plus the input past max_position_embeddings: a rotary model has no position
+    table, so transformers rotates any position and PEFT runs it (extrapolating, as the base does on
+    a longer input); jpeft refused it with PromptTooLongError. Now its logits equal PEFT's, every
+    tensor random, for the default rope (fixed frequencies) and dynamic NTK (frequencies of the
+    call's length, t + n), in both directions (a tiny Llama with 16 positions). GPT-2's learned
+    table still refuses it (test_methods_prefix_prompt.py)."""
+    transformers = __import__("transformers")
+    torch.manual_seed(0)
+    rope_parameters = {"rope_type": rope, "rope_theta": 10000.0, **({"factor": 2.0} if rope == "dynamic" else {})}
+    c = transformers.LlamaConfig(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                                 tie_word_embeddings=False, rope_parameters=rope_parameters)
+    hf = tiny._randomize(transformers.LlamaForCausalLM(c), seed=3)
+    folder = str(tmp_path / "base")
+    hf.save_pretrained(folder)
+    model, params = jpeft.models.from_pretrained(folder)
+    limit = hf.config.max_position_embeddings
+    n = limit - T + 3  # T virtual tokens + n > limit
+    ids = np.random.default_rng(0).integers(3, tiny.VOCAB, size=(2, n))
+    mask = np.ones_like(ids)
+    pcfg = CASES[method][1]("llama3")
+    pcfg.task_type = "CAUSAL_LM"
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), pcfg)
+        tiny.perturb_trainable(pm, seed=2)
+        pm.save_pretrained(str(tmp_path / "p"))
+        t = _torch_logits(pm, ids, mask, with_positions=False)[:, -n:]
+    _, ad = load_peft(str(tmp_path / "p"), params)
+    _close(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)), t, mask)
+    # jpeft -> PEFT
+    jcfg = CASES[method][0]("llama3")
+    mine = _perturb(jpeft.init(jcfg, params, jax.random.key(0)), jax.random.key(4))
+    save_peft(str(tmp_path / "j"), jcfg, mine, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "j")).eval()
+        t2 = _torch_logits(back, ids, mask, with_positions=False)[:, -n:]
+    _close(jpeft.apply(model, params, mine, jnp.asarray(ids), jnp.asarray(mask)), t2, mask)
+
+
 @pytest.mark.parametrize("family", ["llama2", "gpt2"])
 def test_prefix_on_left_padded_rows_without_position_ids_differs_from_peft_as_documented(family, tmp_path):
     """docs/METHODS.md, prefix tuning: without position_ids transformers numbers a left-padded row's

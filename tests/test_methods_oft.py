@@ -261,6 +261,52 @@ def test_peft_to_jpeft_and_scanned(tmp_path):
     assert jax.tree.structure(init_sc) == jax.tree.structure(sad)
 
 
+@pytest.mark.parametrize("bias", ["oft_only", "all"])
+def test_trained_base_biases_match_peft_both_ways(bias, tmp_path):
+    """PEFT's OFTConfig(bias="oft_only") trains the base bias of every OFT-adapted module, "all" every bias of
+    the model (Llama with attention and MLP biases: the unadapted k_proj, gate_proj, ... too). jpeft refused
+    both ("does not implement"); now, with every tensor random (oft_R and the trained biases), PEFT's file loads
+    with PEFT's logits, merged too, and jpeft's file loads in PEFT with jpeft's logits."""
+    hf_model, folder = tiny.hf_model("llama2")
+    model, params = jpeft.models.from_pretrained(folder)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf_model), peft.OFTConfig(
+            target_modules=targets, oft_block_size=8, init_weights=False, bias=bias))
+        tiny.perturb_trainable(pm, seed=3)
+        pm.save_pretrained(str(tmp_path / "p"))
+    ids, mask = tiny.batch("llama2", seed=3)
+    ref = _torch_logits(pm, ids, mask)
+    cfg, ad = H.load_peft(str(tmp_path / "p"), params)
+    assert cfg.bias == bias
+    sites = {p: n for p, n in ad.items() if isinstance(n, oft.OFTWeights)}
+    assert len(sites) == 6 and all(n.base_bias is not None for n in sites.values())
+    copies = [p for p in ad if p not in sites]
+    assert (copies == []) if bias == "oft_only" else ("model/layers_1/self_attn/k_proj" in copies)
+    own = params["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["bias"]
+    assert float(jnp.abs(sites["model/layers_0/self_attn/q_proj"].base_bias - own).max()) > 0.1  # trained
+    _close(_logits(model, params, ad, ids, mask), ref, mask)
+    _close(_logits(model, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
+    with pytest.raises(jpeft.errors.NotInvertibleError, match="OFTConfig.bias"):
+        jpeft.unmerge(jpeft.merge(params, ad), ad)
+    # jpeft -> PEFT: an adapter of jpeft.init with every tensor random
+    mine = _randomize(jpeft.init(cfg, params, jax.random.key(0)), 2)
+    assert jax.tree.structure(mine) == jax.tree.structure(ad)
+    H.save_peft(str(tmp_path / "j"), cfg, mine, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "j")).eval()
+    ref2 = _torch_logits(back, ids, mask)
+    assert np.abs(ref2 - _torch_logits(hf_model, ids, mask)).max() > 1e-2
+    _close(_logits(model, params, mine, ids, mask), ref2, mask)
+    if bias == "all":  # BERT's classifier bias would read as PEFT's SEQ_CLS head copy: refused by name
+        _, bparams = jpeft.models.from_pretrained(tiny.hf_model("bert")[1])
+        with pytest.raises(jpeft.ConfigError, match="task head"):
+            jpeft.init(cfg.replace(target_modules=("query",)), bparams, jax.random.key(0))
+
+
 def test_save_adapter_refuses_a_config_the_sites_were_not_made_with(tmp_path):
     """An adapter made with the exact Cayley transform (or 3 series terms, or coft) saved by
     jpeft.save_adapter under a config with other settings was written without a word, and
@@ -359,8 +405,8 @@ def test_refusals(tmp_path):
     jpeft.OFTConfig(oft_block_size=4, target_modules=["q"], num_cayley_neumann_terms=1, use_cayley_neumann=False)
     with pytest.raises(jpeft.ConfigError, match="exactly one of r"):
         OFTConfig(r=4, oft_block_size=8)
-    with pytest.raises(jpeft.ConfigError, match="bias"):
-        OFTConfig.from_dict({"peft_type": "OFT", "bias": "all", "oft_block_size": 4})
+    with pytest.raises(jpeft.ConfigError, match="bias must be 'none', 'oft_only' or 'all'"):
+        OFTConfig.from_dict({"peft_type": "OFT", "bias": "lora_only", "oft_block_size": 4})
     model = FlaxNet()
     params = model.init(jax.random.key(0), jnp.ones((1, 8)))
     with pytest.raises(jpeft.ConfigError, match="does not divide the 12 input features.*oft_block_size=4"):

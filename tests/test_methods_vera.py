@@ -154,14 +154,36 @@ def test_init_is_identity_and_projections_are_shared_and_deterministic():
     assert float(jnp.abs(full_b).max()) <= np.sqrt(6 / R)
 
 
-def test_peft_adapter_without_projections_is_refused(tmp_path):
-    pm = _peft_model("llama3", save_projection=False)
+@pytest.mark.parametrize("family", ["llama3", "gpt2"])
+def test_peft_adapter_without_projections_is_regenerated_with_torch(family, tmp_path, monkeypatch):
+    """A PEFT adapter saved with save_projection=False holds only projection_prng_key; PEFT regenerates the
+    pair with torch's generator at load. It was refused; now jpeft regenerates it with torch, bit for bit equal
+    to PEFT's, and its logits (every vector random) equal PEFT's; saved back, PEFT loads jpeft's file with the
+    pair in it. Without torch the refusal names the two ways out."""
+    pm = _peft_model(family, save_projection=False, projection_prng_key=2 ** 40 + 5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm.save_pretrained(str(tmp_path))
-    _, params = _base("llama3")
-    with pytest.raises(UnsupportedAdapterError, match="torch's random generator"):
-        H.load_peft(str(tmp_path), params)
+        pm.save_pretrained(str(tmp_path / "p"))
+    saved = __import__("safetensors.numpy").numpy.load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    assert not [k for k in saved if "vera_A" in k or "vera_B" in k]
+    _, params = _base(family)
+    config, ad = H.load_peft(str(tmp_path / "p"), params)
+    full_a, full_b = pm.base_model.vera_A["default"].numpy().T, pm.base_model.vera_B["default"].numpy().T
+    for n in ad.values():
+        np.testing.assert_array_equal(n.vera_A, full_a[:n.layout.in_features])
+        np.testing.assert_array_equal(n.vera_B, full_b[:, :n.layout.out_features])
+    ids, mask = tiny.batch(family, seed=5)
+    ref = _logits_torch(pm, ids, mask)
+    _close(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
+    assert config.save_projection is True and config.projection_prng_key == 2 ** 40 + 5
+    H.save_peft(str(tmp_path / "j"), config, ad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model(family)[0]), str(tmp_path / "j")).eval()
+    _close(_logits_torch(back, ids, mask), ref, mask)
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
+    with pytest.raises(UnsupportedAdapterError, match="Install torch.*save_projection=True"):
+        H.load_peft(str(tmp_path / "p"), params)
 
 
 def test_unsupported_options_are_refused_by_name(tmp_path):

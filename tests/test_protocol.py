@@ -539,7 +539,8 @@ def test_jpeft_imports_inside_functions_are_optional_only():
 _OPTIONAL_IN_FUNCTIONS = {
     "transformers": "tokenizers (text data, prompt tuning's TEXT init); slow, and imported with torch hidden",
     "tokenizers": "the demo's byte-level tokenizer",
-    "torch": "the fuzzer's reference; TensorBoard's writer",
+    "torch": "the fuzzer's reference; TensorBoard's writer; VeRA's projections of a PEFT file saved without them "
+             "(save_projection=False), regenerated with torch's generator",
     "peft": "the fuzzer's reference loader",
     "tensorboardX": "TensorBoard logs without torch",
     "matplotlib": "plots",

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject
-from jpeft.errors import (BaseMismatchError, CheckpointError, NotInvertibleError, NotMergeableError, ShapeMismatchError,
-                          UnsupportedAdapterError, UnsupportedModuleError)
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotInvertibleError, NotMergeableError,
+                          ShapeMismatchError, UnsupportedAdapterError, UnsupportedModuleError)
 from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, static_field
 from jpeft.peft_format import CONV1D, peft_key, to_np
 from jpeft.tree import hf_name, module_leaves
@@ -333,6 +333,32 @@ def init_saved(path: str, own: Mapping[str, Any], *, tie_output: bool = False,
     """The copy of one module of ``modules_to_save``: its parameters, as they are (PEFT's start),
     floating ones in ``float32`` at least (the master copy; the module runs in its own dtype)."""
     return SavedModule(jax.tree.map(master_copy, dict(own)), tie_output, tied_output)
+
+
+def with_trainable_biases(bias: str, field: str, leaves: Mapping[str, Mapping[str, Any]],
+                          sites: Mapping[str, Any]) -> dict:
+    """PEFT's ``bias`` option of a method (``field`` names it in errors, e.g. ``"LoraConfig.bias"``):
+    ``"<method>_only"`` makes the base bias of every site whose node has a ``base_bias`` field
+    trainable (a copy in that field, which replaces the module's own); ``"all"`` also every other
+    module's bias (a bias-only :class:`SavedModule`), as PEFT trains every parameter named ``bias``.
+
+    Raises:
+      ConfigError: a layer-scanned site (not implemented)."""
+    out = dict(sites)
+    for path, node in sites.items():
+        if getattr(node, "unstacked", node) is not node:  # a layer scan's site (jpeft.scan.Stacked)
+            raise ConfigError(
+                f"{field}={bias!r} is not implemented for layer-scanned models (site {path!r}); "
+                "use an unrolled model (scan_layers=False)."
+            )
+        b = leaves[path].get("bias")
+        if b is not None and "base_bias" in {f.name for f in dataclasses.fields(node)}:
+            out[path] = dataclasses.replace(node, base_bias=jnp.array(b, jnp.float32, copy=True))
+    if bias == "all":
+        for path, own in leaves.items():
+            if path not in out and "bias" in own:
+                out[path] = SavedModule({"bias": jnp.array(own["bias"], jnp.float32, copy=True)})
+    return out
 
 
 def saved_to_hf(path: str, node: SavedModule) -> dict:

@@ -28,7 +28,8 @@ from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
-from jpeft.methods._common import TASK_HEADS, SavedModule, branch_dtype, down_project, init_saved, linear_candidates, up_project
+from jpeft.methods._common import (TASK_HEADS, SavedModule, branch_dtype, down_project, init_saved, linear_candidates,
+                                   up_project, with_trainable_biases)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge,
                                 dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.peft_format import add_site_pattern
@@ -855,26 +856,6 @@ def init_tokens(values_of: Mapping[str, Any], ids: tuple, tie_output: Optional[b
                            vocab=int(e.shape[0]))
 
 
-def with_trainable_biases(config: LoraConfig, leaves: Mapping[str, Mapping[str, Any]], sites: Mapping[str, Any]) -> dict:
-    """``bias="lora_only"``: the LoRA sites' base biases become trainable (``base_bias``);
-    ``"all"``: every other module's bias too (a bias-only :class:`SavedModule`)."""
-    out = dict(sites)
-    for path, node in sites.items():
-        if isinstance(node, Stacked):
-            raise ConfigError(
-                f"LoraConfig.bias={config.bias!r} is not implemented for layer-scanned models (site {path!r}); "
-                "use an unrolled model (scan_layers=False)."
-            )
-        b = leaves[path].get("bias")
-        if isinstance(node, LoraWeights) and b is not None:
-            out[path] = dataclasses.replace(node, base_bias=jnp.array(b, jnp.float32, copy=True))
-    if config.bias == "all":
-        for path, own in leaves.items():
-            if path not in out and "bias" in own:
-                out[path] = SavedModule({"bias": jnp.array(own["bias"], jnp.float32, copy=True)})
-    return out
-
-
 def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
     """The trainable full copies of ``config.modules_to_save`` (modules holding parameters);
     ``infos`` (from tracing the model) tell whether an embedding is also a tied output projection."""
@@ -946,6 +927,16 @@ _merged_matmul.defjvp(_merged_matmul_jvp, symbolic_zeros=True)
 
 # embeddings of jpeft.models that a tied model also reads as its output projection (attend)
 _TIEABLE_EMBEDDINGS = ("model/embed_tokens", "transformer/wte")
+# the other embedding tables of jpeft.models, which they only look ids up in (GPT-2's positions, BERT's positions and
+# token types; also in the bare GPT2Model's / BertModel's params), each beside the word table that tells the model:
+# {table: word table}
+_LOOKUP_ONLY_TABLES = {f"{pre}{t}": f"{pre}{word}"
+                       for pre, word, tables in (("transformer/", "wte", ("wpe",)), ("", "wte", ("wpe",)),
+                                                 ("bert/embeddings/", "word_embeddings",
+                                                  ("position_embeddings", "token_type_embeddings")),
+                                                 ("embeddings/", "word_embeddings",
+                                                  ("position_embeddings", "token_type_embeddings")))
+                       for t in tables}
 
 
 _LOOKUP_ONLY = {"target_modules": ("a LoRA on an embedding adapts the lookup (Hugging Face PEFT's LoRA Embedding)",
@@ -982,10 +973,12 @@ def embedding_tied(config, path: str, leaves: Mapping[str, Any], infos, field: s
 def tied_output_from_params(path: str, leaves: Mapping[str, Any]) -> Optional[bool]:
     """Whether the embedding at ``path`` is also the model's output projection, told from the
     params alone for jpeft.models (Llama/Mistral/Qwen2 ``model/embed_tokens`` with no
-    ``lm_head``, GPT-2 ``transformer/wte``; BERT's word embeddings never); ``None`` when the
-    params cannot tell.
+    ``lm_head``, GPT-2 ``transformer/wte``; BERT's word embeddings, GPT-2's ``wpe`` and BERT's
+    position and token-type tables never); ``None`` when the params cannot tell.
     ``leaves`` is :func:`jpeft.tree.module_leaves` of the params."""
     if path == "bert/embeddings/word_embeddings":  # jpeft's BERT never reads it as an output projection
+        return False
+    if _LOOKUP_ONLY_TABLES.get(path) in leaves:  # a position / token-type table beside jpeft.models' word table
         return False
     if path not in _TIEABLE_EMBEDDINGS:
         return None
@@ -1176,7 +1169,7 @@ def init_lora(config: LoraConfig, params, key, infos):
     if config.modules_to_save:
         out.update(saved_modules(config, leaves, out, infos))
     if config.bias != "none":
-        out = with_trainable_biases(config, leaves, out)
+        out = with_trainable_biases(config.bias, "LoraConfig.bias", leaves, out)
     if config.trainable_token_indices is not None:
         for path, ids in token_sites(config, leaves).items():
             if path in out:

@@ -38,6 +38,14 @@ Differences from PEFT, by name:
   :class:`~jpeft.errors.UnsupportedModuleError`. A block size that does not divide a targeted
   module's input width is refused with :class:`~jpeft.errors.ConfigError` (PEFT warns and picks
   another size; jpeft names it instead).
+* ``bias``: PEFT's ``"oft_only"`` trains the base bias of every OFT-adapted module, ``"all"``
+  every bias of the model; jpeft holds the first as :attr:`OFTWeights.base_bias` (the trained
+  bias replaces the module's own: merging writes it, unmerging is refused) and the others as
+  bias-only :class:`~jpeft.methods._common.SavedModule` sites, as for ``LoraConfig.bias``, and
+  reads and writes PEFT's ``base_layer.bias`` / ``<module>.bias`` keys. ``"all"`` on a model with
+  a task head (BERT's ``classifier`` / ``qa_outputs``) is refused
+  (:class:`~jpeft.errors.ConfigError`; :class:`~jpeft.errors.UnsupportedAdapterError` for a
+  PEFT file): jpeft reads the head's bias copy as PEFT's module to save of a SEQ_CLS model.
 * Files: a Cayley-Neumann adapter written by PEFT < 0.18 (whose series differed) is refused with
   :class:`~jpeft.errors.UnsupportedAdapterError`; files jpeft writes say ``peft_version: 0.18.0``.
 """
@@ -60,12 +68,13 @@ from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
+    NotInvertibleError,
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import HEAD_MODULES, linear_candidates, linear_layout
+from jpeft.methods._common import HEAD_MODULES, SavedModule, linear_candidates, linear_layout, with_trainable_biases
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
-from jpeft.peft_format import config_from_peft, peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, peft_key, site_tensors, split_peft_key
 from jpeft.tree import hf_name, linear_only, select
 
 
@@ -85,6 +94,9 @@ class OFTConfig(AdapterConfig):
       use_cayley_neumann, num_cayley_neumann_terms: the truncated-series Cayley transform.
       init_weights: ``True`` starts at the identity (``oft_R = 0``); ``False`` draws
         ``oft_R ~ N(0, 0.1^2)`` as PEFT does (for tests).
+      bias: ``"none"``, ``"oft_only"`` (the base biases of the OFT-adapted modules are trained
+        too, held as ``OFTWeights.base_bias``) or ``"all"`` (every base bias of the model, the
+        others as bias-only :class:`jpeft.SavedModule` sites), as PEFT's option of that name.
 
     >>> from jpeft.methods.oft import OFTConfig
     >>> c = OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"])
@@ -106,9 +118,15 @@ class OFTConfig(AdapterConfig):
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
     init_weights: bool = True
+    bias: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        if self.bias is None:  # PEFT reads null as "none"
+            object.__setattr__(self, "bias", "none")
+        if self.bias not in ("none", "oft_only", "all"):
+            raise ConfigError(
+                f"OFTConfig.bias must be 'none', 'oft_only' or 'all' (PEFT's options), found {self.bias!r}.")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("OFTConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
         for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
@@ -136,6 +154,10 @@ class OFTConfig(AdapterConfig):
             raise ConfigError(f"OFTConfig.module_dropout must be in [0, 1), found {self.module_dropout!r}.")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
             raise ConfigError(f"OFTConfig.eps must be a positive finite number, found {self.eps!r}.")
+
+    def layer_scan_refusal(self):
+        """Trainable base biases (``bias`` other than ``"none"``) are not implemented for stacked layers."""
+        return None if self.bias == "none" else f"bias = {self.bias!r} (trainable base biases)"
 
     def saved_config(self, adapter) -> "OFTConfig":
         """The config :func:`jpeft.save_adapter` (and a checkpoint) records: this one, after
@@ -280,6 +302,8 @@ class OFTWeights(Site):
     coft: bool = static_field(default=False)
     eps: float = static_field(default=6e-5)
     module_dropout: float = static_field(default=0.0)
+    # OFTConfig.bias: the module's trained base bias [out], used in place of its own (PEFT trains it in place)
+    base_bias: Any = None
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
@@ -323,13 +347,19 @@ class OFTWeights(Site):
             r = block_dropout(r, self.module_dropout, call.dropout_key())
         xr = rotate(x.astype(jnp.float32), r).astype(x.dtype)
         if call.args:
-            return call.next_fun(xr, *call.args[1:], **call.kwargs)
-        return call.next_fun(**{**call.kwargs, "inputs": xr})
+            y = call.next_fun(xr, *call.args[1:], **call.kwargs)
+        else:
+            y = call.next_fun(**{**call.kwargs, "inputs": xr})
+        if self.base_bias is not None:  # OFTConfig.bias: the trained base bias replaces the module's own
+            own_b = call.module.variables["params"]["bias"]
+            d = (self.base_bias.astype(y.dtype) - own_b.astype(y.dtype)).reshape(own_b.shape)
+            y = y + d.reshape((1,) * (y.ndim - own_b.ndim) + own_b.shape)
+        return y
 
     def partition_specs(self, module_specs):
         """Replicated: ``oft_R`` is small (``in * (k - 1) / 2`` numbers per site), and its block
         axis need not divide by the mesh axis that shards the kernel's input."""
-        return dataclasses.replace(self, oft_R=P())
+        return dataclasses.replace(self, oft_R=P(), base_bias=None if self.base_bias is None else P())
 
     def _fold(self, own, fn):
         w = jnp.asarray(own["kernel"])
@@ -339,12 +369,25 @@ class OFTWeights(Site):
         return out
 
     def merge(self, own):
-        """``W' = R @ W`` (the bias is not rotated)."""
-        return self._fold(own, merge_matrix)
+        """``W' = R @ W`` (the bias is not rotated; a trained base bias, ``OFTConfig.bias``, replaces it)."""
+        out = self._fold(own, merge_matrix)
+        if self.base_bias is not None:
+            out["bias"] = self.base_bias.reshape(own["bias"].shape).astype(own["bias"].dtype)
+        return out
 
     def unmerge(self, own):
         """``W = R^-1 @ W'``, one solve per block."""
+        if self.base_bias is not None:
+            raise NotInvertibleError(
+                "this OFT adapter trains the base bias too (OFTConfig.bias), which merge replaces, so the base bias "
+                "cannot be recovered from merged params; keep the base params tree (jpeft never modifies it) instead."
+            )
         return self._fold(own, unmerge_matrix)
+
+    def added_params(self, trainable) -> int:
+        # the trained base bias (OFTConfig.bias) replaces the module's own, as PEFT trains it in place
+        n = super().added_params(trainable)
+        return n - (0 if self.base_bias is None else math.prod(self.base_bias.shape))
 
 
 def _site_layout(path: str, own, infos) -> Layout:
@@ -386,12 +429,29 @@ def init(config: OFTConfig, params, key, infos) -> dict:
                               config.coft, float(config.eps), float(config.module_dropout))
 
         out[path] = scan.make_site(make, path, lay, k, leaves[path])
+    if config.bias != "none":
+        _refuse_all_with_heads(config.bias, leaves, ConfigError, "OFTConfig(bias='all')")
+        out = with_trainable_biases(config.bias, "OFTConfig.bias", leaves, out)
     return out
+
+
+def _refuse_all_with_heads(bias: str, leaves, error: type, what: str) -> None:
+    """``bias="all"`` trains the bias of a task head too (BERT's classifier): jpeft reads such a
+    bias-only copy as the head copy PEFT keeps for a SEQ_CLS / QUESTION_ANS model, so it is refused
+    (LoRA's own format tells the two apart)."""
+    heads = [h for h in HEAD_MODULES if "bias" in leaves.get(h, {})]
+    if bias == "all" and heads:
+        raise error(
+            f"{what} trains every bias of the model, the task head's {heads} too, which jpeft's OFT format cannot "
+            "tell from the head copy PEFT keeps for a SEQ_CLS / QUESTION_ANS model. Use bias='oft_only', or LoRA "
+            "(LoraConfig(bias='all') handles heads), or the bare encoder's params (jpeft.models.BertModel)."
+        )
 
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------------
 
 TENSOR = "oft_R.weight"
+BIAS = "base_layer.bias"  # OFTConfig.bias: a site's trained base bias
 
 
 def _check_node_matches(config: OFTConfig, path: str, node: OFTWeights, *, saver: str = "save_peft",
@@ -427,7 +487,16 @@ def _to_hf(config: OFTConfig, adapter, ctx):
             "only and cannot load them. Nothing was written; keep the adapter in jpeft's format (jpeft.save_adapter)."
         )
     tensors, targets = {}, []
-    for path in sorted(adapter):
+    for path in sorted(p for p, n in adapter.items() if isinstance(n, SavedModule)):  # bias="all": other biases
+        node = adapter[path]
+        if config.bias != "all" or set(node.params) != {"bias"}:
+            raise UnsupportedAdapterError(
+                f"the OFT adapter holds a copy of {path!r}'s {sorted(node.params)}, which only OFTConfig(bias='all') "
+                f"makes (a trained bias), but the config says bias={config.bias!r}; save with the config the adapter "
+                "was made with."
+            )
+        tensors[peft_key(path, "bias")] = np.asarray(node.params["bias"], np.float32).reshape(-1)
+    for path in sorted(p for p, n in adapter.items() if not isinstance(n, SavedModule)):
         node = adapter[path]
         if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
@@ -436,10 +505,17 @@ def _to_hf(config: OFTConfig, adapter, ctx):
             )
         _check_node_matches(config, path, node)
         tensors[peft_key(path, TENSOR)] = np.asarray(node.oft_R, np.float32)
+        if node.base_bias is not None:
+            if config.bias == "none":
+                raise UnsupportedAdapterError(
+                    f"the OFT site {path!r} trains its base bias, but the config says bias='none'; save with the "
+                    "config the adapter was made with (bias='oft_only' or 'all')."
+                )
+            tensors[peft_key(path, "base_layer.bias")] = np.asarray(node.base_bias, np.float32).reshape(-1)
         targets.append(hf_name(path))
     d = {f: getattr(config, f) for f in ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",
                                           "use_cayley_neumann", "num_cayley_neumann_terms", "init_weights")}
-    d.update(target_modules=targets, fan_in_fan_out=False, bias="none", modules_to_save=None, exclude_modules=None,
+    d.update(target_modules=targets, fan_in_fan_out=False, bias=config.bias, modules_to_save=None, exclude_modules=None,
              layers_to_transform=None, layers_pattern=None,
              # the Cayley-Neumann series as PEFT >= 0.18 computes it; without a version PEFT warns that the
              # adapter may use the older series
@@ -473,9 +549,21 @@ def _from_hf(d, tensors, params, ctx):
     if set(kept.get("modules_to_save") or ()) <= set(HEAD_MODULES):  # a task head's copy: checked by jpeft.hf
         kept["modules_to_save"] = None
     config = config_from_peft(OFTConfig, kept, ctx.folder)
-    by_site = site_tensors(tensors, (TENSOR,), ctx.leaves, config.target_modules)
+    _refuse_all_with_heads(config.bias, ctx.leaves, UnsupportedAdapterError,
+                           f"the OFT adapter in {ctx.folder!r} (bias='all')")
+    # bias="all": the trained biases of the modules without an OFT site, at <module>.bias
+    biases = {}
+    if config.bias == "all":
+        for k in tensors:
+            sp = split_peft_key(k, ("bias",))
+            if sp is not None and not k.endswith(".base_layer.bias") and "bias" in ctx.leaves.get(sp[0], {}):
+                biases[k] = sp[0]
+    by_site = site_tensors(tensors, (TENSOR, BIAS), ctx.leaves, config.target_modules, skip=tuple(biases))
     adapter = {}
     for path, got in sorted(by_site.items()):
+        if TENSOR not in got:
+            raise CheckpointError(f"OFT site {hf_name(path)!r} in {ctx.folder!r} has {sorted(got)} but no {TENSOR}; "
+                                  "the file is incomplete.")
         v = got[TENSOR]
         lay = _inject.infer_layout(path, ctx.leaves[path])
         try:
@@ -492,9 +580,37 @@ def _from_hf(d, tensors, params, ctx):
                 f"{lay.in_features} input features, {blocks} blocks of size {size}"
                 f"{' (one shared block)' if config.block_share else ''}."
             )
+        own_b = ctx.leaves[path].get("bias")
+        base_bias = None
+        if config.bias != "none" and own_b is not None:  # PEFT keeps the base's value for a bias missing from the file
+            base_bias = np.asarray(got.get(BIAS, own_b), np.float32)
+            if base_bias.shape != tuple(np.shape(own_b)):
+                raise BaseMismatchError(f"OFT site {hf_name(path)!r}: base_layer.bias has shape {base_bias.shape}, the "
+                                        f"base's bias {tuple(np.shape(own_b))}.")
+            base_bias = jnp.asarray(base_bias, ctx.dtype)
+        elif BIAS in got:
+            raise CheckpointError(
+                f"OFT site {hf_name(path)!r} in {ctx.folder!r} carries a trained base_layer.bias, but "
+                f"adapter_config.json says bias={config.bias!r}"
+                f"{'' if own_b is not None else ' and the base module has no bias'}. "
+                "The files do not belong together."
+            )
         adapter[path] = OFTWeights(jnp.asarray(v, ctx.dtype), lay, blocks, size, config.use_cayley_neumann,
                                    config.num_cayley_neumann_terms, config.coft, float(config.eps),
-                                   float(config.module_dropout))
+                                   float(config.module_dropout), base_bias)
+    for k, path in biases.items():
+        if path in adapter:
+            raise CheckpointError(f"the OFT adapter in {ctx.folder!r} has {k!r}, the bias of an OFT site, which PEFT "
+                                  "saves as base_layer.bias; the file is not PEFT's.")
+        b = ctx.leaves[path]["bias"]
+        if tuple(np.shape(tensors[k])) != tuple(np.shape(b)):
+            raise BaseMismatchError(f"the bias of {hf_name(path)!r} has shape {np.shape(tensors[k])}, the base's "
+                                    f"{tuple(np.shape(b))}.")
+        adapter[path] = SavedModule({"bias": jnp.asarray(tensors[k], ctx.dtype)})
+    if config.bias == "all":  # PEFT trains every bias; one missing from the file keeps the base's value
+        for path, own in ctx.leaves.items():
+            if path not in adapter and "bias" in own:
+                adapter[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), ctx.dtype)})
     return config, adapter
 
 
@@ -505,5 +621,5 @@ def budget_rows(model_type: str, targets):
     return [("OFT", f"oft_block_size=32, {names}", lambda: OFTConfig(oft_block_size=32, target_modules=qv))]
 
 
-OFT = register_method(Method(config=OFTConfig, init=init, nodes=(OFTWeights,), to_hf=_to_hf, from_hf=_from_hf,
-                             budget=budget_rows))
+OFT = register_method(Method(config=OFTConfig, init=init, nodes=(OFTWeights, SavedModule), to_hf=_to_hf,
+                             from_hf=_from_hf, budget=budget_rows))

@@ -148,7 +148,15 @@ def _call_bound(call: Call, bound):
 
 
 def position_budget(module) -> Optional[int]:
+    """How many positions virtual tokens plus the input may take on ``module``: its config's
+    ``max_position_embeddings`` for a learned position table (GPT-2, BERT: past it the lookup
+    fails or gives NaN); ``None`` (no limit) for a rotary model (a config with ``rope_theta``:
+    Llama, Mistral, Qwen2/3), whose rotations are computed at any position, as transformers
+    computes them, so PEFT runs prefix and prompt tuning past ``max_position_embeddings`` there
+    (extrapolating, as the base model does on a longer input) and jpeft gives the same numbers."""
     cfg = getattr(module, "config", None)
+    if getattr(cfg, "rope_theta", None) is not None:
+        return None
     n = getattr(cfg, "max_position_embeddings", None)
     return int(n) if isinstance(n, int) else None
 

@@ -37,7 +37,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, Input
                           UnsupportedModuleError)
 from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
-from jpeft.methods.prefix import PrefixWeights
+from jpeft.methods.prefix import PrefixWeights, position_budget
 from jpeft.tree import get_subtree, module_leaves, unwrap_params
 
 _INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
@@ -232,9 +232,8 @@ class PromptWeights(Site):
                 )
             emb = jnp.take(table, ids, axis=0)
         b, n = emb.shape[0], emb.shape[1]
-        cfg = getattr(call.module, "config", None)
-        budget = getattr(cfg, "max_position_embeddings", None)
-        if isinstance(budget, int) and t + n > budget:
+        budget = position_budget(call.module)  # None on rotary models, which run past max_position_embeddings
+        if budget is not None and t + n > budget:
             raise PromptTooLongError(
                 f"{t} virtual tokens plus {n} input tokens need {t + n} positions, but the model has "
                 f"max_position_embeddings={budget}. Shorten the input to at most {budget - t} tokens or use fewer "

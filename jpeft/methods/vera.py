@@ -26,8 +26,12 @@ once (``base_model.vera_A`` / ``base_model.vera_B``): :func:`jpeft.hf.save_peft`
 the widest sites' slices after checking that every site's slices are its prefixes, and
 :func:`jpeft.hf.load_peft` slices it per site.
 
-JAX cannot reproduce torch's random generator, so a PEFT adapter saved without its
-projections (``save_projection=False``) is refused on import, and jpeft always exports them.
+A PEFT adapter saved without its projections (``save_projection=False``) holds only the seed:
+PEFT regenerates the pair from ``projection_prng_key`` with torch's random generator, which JAX
+cannot reproduce, so :func:`jpeft.hf.load_peft` regenerates it with torch, bit for bit as PEFT
+does (:func:`peft_projections`), where torch is installed, and refuses the file by name
+(:class:`~jpeft.errors.UnsupportedAdapterError`) where it is not. jpeft always exports the pair
+(its own projections come from JAX's generator, which PEFT cannot regenerate).
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
 >>> model = nn.Dense(6); x = jnp.ones((2, 4))
@@ -85,7 +89,8 @@ class VeraConfig(AdapterConfig):
         same seed gives the same projections in jpeft, but not PEFT's, which come from torch's
         generator; that is why they are always saved).
       save_projection: must stay ``True``: the projections are written with the adapter (see
-        the module docstring).
+        the module docstring; a PEFT file saved with ``false`` loads with this ``True``, its
+        regenerated pair then written with it).
       dropout: dropout rate on the input of the VeRA branch (PEFT's ``vera_dropout``), active
         only when :func:`jpeft.apply` gets ``rngs={"dropout": key}``.
       d_initial: the initial value of every ``lambda_d`` entry (PEFT's default 0.1).
@@ -154,6 +159,34 @@ def make_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[jax.
     a = jax.random.uniform(ka, (max_in, r), jnp.float32, -ba, ba)
     b = jax.random.uniform(kb, (r, max_out), jnp.float32, -bb, bb)
     return a, b
+
+
+def peft_projections(seed: int, r: int, max_in: int, max_out: int, folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """The shared pair PEFT regenerates for an adapter saved with ``save_projection=False``, in
+    PEFT's orientation (``vera_A: [r, max_in]``, ``vera_B: [max_out, r]``), bit for bit: PEFT's
+    ``_init_vera_A_vera_B`` seeds a CPU ``torch.Generator`` with ``projection_prng_key`` and draws
+    ``vera_A`` then ``vera_B`` with ``_kaiming_init`` (uniform, bound ``sqrt(3) * sqrt(2) /
+    sqrt(fan_in)``, ``fan_in`` the tensor's second axis). JAX cannot reproduce torch's generator,
+    so this needs torch (an optional dependency, imported here only).
+
+    Raises:
+      UnsupportedAdapterError: torch is not installed (the adapter in ``folder`` is named)."""
+    try:
+        import torch
+    except ImportError:
+        raise UnsupportedAdapterError(
+            f"the VeRA adapter in {folder!r} was saved without its shared projections (save_projection=false): PEFT "
+            "regenerates them from projection_prng_key with torch's random generator, which JAX cannot reproduce, "
+            "and torch is not installed. Install torch (jpeft then regenerates them exactly as PEFT does), or "
+            "re-save the adapter in PEFT with VeraConfig(save_projection=True)."
+        ) from None
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    out = []
+    for shape in ((r, max_in), (max_out, r)):
+        bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))  # PEFT's _kaiming_init, operation for operation
+        with torch.no_grad():
+            out.append(torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=g).numpy())
+    return out[0], out[1]
 
 
 def delta_matrix(lambda_d, lambda_b, vera_A, vera_B) -> jax.Array:
@@ -368,25 +401,31 @@ def _to_hf(config: VeraConfig, adapter, ctx):
 
 def _from_hf(d, tensors, params, ctx):
     folder = ctx.folder
-    if d.get("save_projection") is False or PEFT_A not in tensors or PEFT_B not in tensors:
-        raise UnsupportedAdapterError(
-            f"the VeRA adapter in {folder!r} was saved without its shared projections (save_projection="
-            f"{d.get('save_projection')!r}; keys {PEFT_A!r} / {PEFT_B!r} {'absent' if PEFT_A not in tensors else 'present'}). "
-            "PEFT regenerates them from projection_prng_key with torch's random generator, which JAX cannot reproduce, "
-            "so jpeft cannot rebuild this adapter. Re-save it in PEFT with VeraConfig(save_projection=True)."
+    # PEFT regenerates the pair from the seed (and ignores any pair in the file)
+    regenerate = d.get("save_projection") is False
+    if not regenerate and (PEFT_A not in tensors or PEFT_B not in tensors):
+        raise CheckpointError(
+            f"the VeRA adapter in {folder!r} says save_projection={d.get('save_projection')!r}, but its file lacks the "
+            f"shared projections ({[k for k in (PEFT_A, PEFT_B) if k not in tensors]}); the file is incomplete. "
+            "Save it again."
         )
     kept = dict(d)
+    kept["save_projection"] = True  # the pair is in the adapter now: jpeft writes it with the adapter
     if set(kept.get("modules_to_save") or ()) <= set(HEAD_MODULES):  # a task head's copy: checked by jpeft.hf
         kept["modules_to_save"] = None
     if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(f"the VeRA adapter in {folder!r} has target_modules=null; set it explicitly.")
     config = config_from_peft(VeraConfig, kept, folder)
-    a, b = tensors[PEFT_A], tensors[PEFT_B]
     by_site = site_tensors(tensors, _SITE_TENSORS, ctx.leaves, config.target_modules, skip=(PEFT_A, PEFT_B))
     r = int(config.r)
     layouts = {p: _inject.infer_layout(p, ctx.leaves[p]) for p in sorted(by_site)}
+    # PEFT's _find_dim: the largest input and output widths of the targeted modules (the sites of the file)
     max_in = max(lay.in_features for lay in layouts.values())
     max_out = max(lay.out_features for lay in layouts.values())
+    if regenerate:
+        a, b = peft_projections(config.projection_prng_key, r, max_in, max_out, folder)
+    else:
+        a, b = tensors[PEFT_A], tensors[PEFT_B]
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r or a.shape[1] < max_in or b.shape[0] < max_out:
         raise BaseMismatchError(
             f"the VeRA adapter in {folder!r} has projections vera_A {tuple(a.shape)} and vera_B {tuple(b.shape)}; "
