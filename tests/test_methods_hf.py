@@ -872,6 +872,36 @@ def test_bert_prefix_exports_to_peft_as_feature_extraction(tmp_path):
         assert not (tmp_path / task).exists()
 
 
+def test_bert_prefix_numbers_every_slot_as_peft_left_padding_and_padded_slots_included(tmp_path):
+    """PEFT's BERT numbers every slot after the prefix (``arange + T``, padding included), as jpeft's
+    BERT does without a prefix; jpeft's prefix counted real tokens instead (``cumsum(mask) - 1 + T``).
+    Right-padded, only the padded slots' ``last_hidden_state`` differed (up to 2.4 on the tiny BERT);
+    left-padded, the real tokens moved: their states were 2.2 off PEFT's and the pooled output
+    0.30, without a word. Bare BertModel, PEFT's FEATURE_EXTRACTION prefix, every tensor random."""
+    import transformers
+
+    hf, _ = tiny.hf_model("bert")
+    bare = transformers.BertModel(hf.config)
+    bare.load_state_dict({k[len("bert."):]: v for k, v in hf.state_dict().items() if k.startswith("bert.")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(bare), peft.PrefixTuningConfig(num_virtual_tokens=T,
+                                                                               task_type="FEATURE_EXTRACTION"))
+    tiny.perturb_trainable(pm, 3).save_pretrained(str(tmp_path))
+    model, params = _jpeft_base("bert")
+    encoder, enc_params = jpeft.models.BertModel(model.config), {"params": params["params"]["bert"]}
+    _, ad = load_peft(str(tmp_path), enc_params)
+    ids, right = tiny.batch("bert", seed=3)
+    left = right[:, ::-1].copy()
+    for mask in (right, left):
+        ids_m = np.where(mask == 1, ids[:, ::-1] if mask is left else ids, 0)
+        with torch.no_grad():
+            out = pm(input_ids=torch.tensor(ids_m), attention_mask=torch.tensor(mask))
+        h, pooled = jpeft.apply(encoder, enc_params, ad, jnp.asarray(ids_m), jnp.asarray(mask))
+        np.testing.assert_allclose(np.asarray(h), out.last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(pooled), out.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("family,bias", [("bert", "all"), ("gpt2", "lora_only")])
 def test_dora_with_trained_base_biases_matches_peft(family, bias, tmp_path):
     """DoRA with bias='all' / 'lora_only' was refused (ConfigError "not implemented with DoRA"),

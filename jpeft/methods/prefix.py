@@ -11,7 +11,9 @@ model works when its ``__call__`` takes ``prefix_kv`` the same way.
 
 As in Hugging Face PEFT, the prefix occupies positions ``0 .. T-1`` and the real tokens get
 positions ``T, T+1, ...``: default positions are ``cumsum(attention_mask) - 1 + T`` (what
-``transformers`` computes from the prefix's cache length) and explicit ``position_ids`` are
+``transformers`` computes from the prefix's cache length), or ``arange(seq) + T`` for a model
+whose config sets ``positions_by_slot`` (BERT, which numbers every slot, padding included, as
+transformers' BERT does with the prefix's cache length), and explicit ``position_ids`` are
 shifted by ``T`` (as PEFT does). This also holds while
 generating with a :class:`~jpeft.models.KVCache` (the prefix is not written to the cache; it is
 attended at every step).
@@ -261,7 +263,12 @@ class _PrefixBase(Site):
                     b = (bound.arguments.get("input_ids") if bound.arguments.get("input_ids") is not None
                          else bound.arguments["inputs_embeds"]).shape[0]
                     mask = jnp.ones((b, n), bool)
-                pos = default_positions(mask, cache)
+                if getattr(getattr(call.module, "config", None), "positions_by_slot", False) and cache is None:
+                    # the model numbers every slot, padding included (transformers' BERT, and jpeft's without a
+                    # prefix): counting real tokens instead moved a left-padded row's tokens and every padded slot
+                    pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), mask.shape)
+                else:
+                    pos = default_positions(mask, cache)
             bound.arguments["position_ids"] = pos + t
         return _call_bound(call, bound)
 

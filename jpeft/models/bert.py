@@ -14,7 +14,7 @@ head, as ``flax.linen`` modules named like Hugging Face's (``bert/encoder/layer_
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import flax.linen as nn
 import jax
@@ -70,6 +70,9 @@ class BertConfig(L.FullHeadsConfig):
     attention: str = "auto"
     attention_block_size: int = 0
     pad_token_id: Any = 0
+    # default position ids are the slot indices (arange), padding included, as transformers' BERT numbers
+    # them; prefix tuning shifts these (not the real-token count) by its virtual tokens, as PEFT's BERT does
+    positions_by_slot: ClassVar[bool] = True
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
