@@ -1,7 +1,9 @@
 """The ``jpeft`` console script's entry point.
 
 It lives outside the ``jpeft`` package because importing the package imports JAX (about a
-second). A Ctrl-C that interrupts an import half-way can surface as a traceback, as an
+second). It parses the command line first, with ``_jpeft_args`` (the standard library alone):
+``--help``, ``--version``, a bad option or an unknown command end there without importing
+JAX; only a command that runs imports jpeft. A Ctrl-C that interrupts an import half-way can surface as a traceback, as an
 ImportError of some extension module, or be lost in a callback whose exceptions Python ignores
 (after which the run would go on to exit 0). So while jpeft is imported, Ctrl-C only sets a
 flag; once the import is done the command stops with one line and exit status 130, like any
@@ -94,12 +96,18 @@ def main() -> int:
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C pending from before the exec lands here
     try:
-        from jpeft.cli import process_main as run
+        from _jpeft_args import parse_command_line
+
+        args, status = parse_command_line()  # --help and --version print and exit here
+        if args is not None and not pressed:
+            from jpeft.cli import process_main as run  # parses the command line again (a millisecond)
     finally:
         signal.signal(signal.SIGINT, previous)
     if pressed:
         print("jpeft: interrupted", file=sys.stderr)
         return 130
+    if args is None:
+        return status
     return run()
 
 

@@ -85,17 +85,18 @@ def _nearest(levels: np.ndarray, x):
     return jnp.searchsorted(mids, x, side="left").astype(jnp.uint8)
 
 
-def _pairwise_mean(x):
+def _pairwise_mean(x, inv_n):
     """Mean over the last axis, summed pairwise in a fixed order (zero-padded to a power of
-    two) and multiplied by the float32 ``1 / n``: the same bits whatever order XLA would pick
-    for a reduction, and whichever fusion computes it (XLA turns a division by a constant
-    into a multiplication in some fusions and not in others)."""
-    n = x.shape[-1]
-    width = 1 << max(0, (n - 1).bit_length())
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - n)])
+    two) and multiplied by ``inv_n``, the float32 ``1 / n`` of the ``n`` values averaged (the
+    rest of the axis is zeros): the same bits whatever order XLA would pick for a reduction, and
+    whichever fusion computes it (XLA turns a division by a constant into a multiplication in
+    some fusions and not in others). Zeros past the next power of two above ``n`` add exact
+    zeros at the end, so the sum does not depend on how far the axis is padded."""
+    width = 1 << max(0, (x.shape[-1] - 1).bit_length())
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
     while x.shape[-1] > 1:
         x = x[..., 0::2] + x[..., 1::2]
-    return x[..., 0] * np.float32(1.0 / n)
+    return x[..., 0] * inv_n
 
 
 def _safe(s):
@@ -135,42 +136,97 @@ class NF4Array:
         return _nf4_dequantize(self)
 
 
+NF4_MIN_BLOCKS = 64  # the fewest blocks an NF4 program is compiled for (4096 weights)
+
+
+def _bucket(n: int, least: int = 1) -> int:
+    """The power of two at or above ``max(n, least)``."""
+    return 1 << max(0, (max(n, least) - 1).bit_length())
+
+
+def _on_host(w) -> bool:
+    """Whether ``w`` is a NumPy array, or a JAX array on the CPU where the CPU is JAX's default
+    backend: its layout work (transposes, padding, slicing, finiteness checks) is then done in
+    NumPy, with no XLA program compiled per kernel shape. Elsewhere (a tracer, an accelerator's
+    array) those steps stay JAX operations, on the array's device or in the caller's program."""
+    if isinstance(w, np.ndarray):
+        return True
+    if isinstance(w, jax.core.Tracer) or not isinstance(w, jax.Array) or jax.default_backend() != "cpu":
+        return False
+    return all(d.platform == "cpu" for d in w.devices())
+
+
 def _nf4_quantize(w) -> NF4Array:
     """NF4 with double quantization, in two compiled programs: the 4-bit codes and the block
     absmaxes' offset, then the absmaxes' 8-bit codes. The offset is an input of the second
     program, so the value subtracted from the absmaxes is the stored one to the last bit; in
     one program XLA fuses the mean into the subtraction and may contract its multiplication
-    and subtraction into one fused multiply-add, which rounds differently."""
-    w = jnp.asarray(w)
-    if w.ndim < 2:
-        raise QuantizationError(f"NF4 quantizes kernels of 2 or more dims; found shape {tuple(w.shape)}.")
-    codes, absmax, offset = _nf4_codes(w)
-    q2, scale2 = _nf4_absmax_codes(absmax, offset)
-    return NF4Array(codes, q2, scale2, offset, tuple(w.shape[-2:]), jnp.dtype(w.dtype).name)
+    and subtraction into one fused multiply-add, which rounds differently.
+
+    The programs see the kernel already cut into blocks, ``[layers, blocks, 64]`` with both
+    counts zero-padded to a power of two (at least :data:`NF4_MIN_BLOCKS` blocks), and take the
+    number of real blocks as an argument: a model's kernels share a few compiled programs
+    instead of two per kernel shape (a tiny model's dozen shapes took 6 CPU-s to compile). The
+    padding changes no bit: a zero block's absmax is 0, which adds exact zeros to the pairwise
+    sum of the offset, and the absmaxes past the real ones are left out of the double
+    quantization's blocks as the zeros they were padded with before."""
+    if jnp.ndim(w) < 2:
+        raise QuantizationError(f"NF4 quantizes kernels of 2 or more dims; found shape {tuple(jnp.shape(w))}.")
+    xp = np if _on_host(w) else jnp
+    w = xp.asarray(w)
+    lead, (i, o) = tuple(w.shape[:-2]), tuple(w.shape[-2:])
+    rows, n = math.prod(lead), i * o
+    nb = -(-n // BLOCK)
+    ng = -(-nb // BLOCK2)
+    rows_p, nb_p = _bucket(rows), _bucket(nb, NF4_MIN_BLOCKS)
+    blocks = (_to_blocks(np, w, rows_p, nb_p) if xp is np else
+              _to_blocks_jit(jnp, w, rows_p, nb_p))
+    codes, absmax, offset = _nf4_codes(blocks, np.float32(1.0 / nb))
+    q2, scale2 = _nf4_absmax_codes(absmax, offset, np.int32(nb))
+
+    def cut(x, width=None):  # the real rows (and columns) of a program's output, with the kernel's leading axes
+        x = np.asarray(x) if xp is np else x
+        x = x[:rows] if width is None else x[:rows, :width]
+        return jnp.asarray(x.reshape(lead + x.shape[1:]))
+
+    return NF4Array(cut(codes, nb * BLOCK // 2), cut(q2, nb), cut(scale2, ng), cut(offset), (i, o),
+                    jax.dtypes.canonicalize_dtype(w.dtype).name)
+
+
+def _to_blocks(xp, w, rows_p: int, nb_p: int):
+    """``w [..., in, out]`` as ``[rows_p, nb_p, 64]`` float32 blocks of its transpose, zero-padded
+    (``xp``: NumPy on the host; jitted JAX on a device or under a trace, where one fused program
+    per kernel shape keeps a single float32 copy of the kernel rather than one per step)."""
+    lead, (i, o) = tuple(w.shape[:-2]), tuple(w.shape[-2:])
+    rows, n = math.prod(lead), i * o
+    flat = xp.swapaxes(w, -1, -2).astype(np.float32).reshape(rows, n)
+    return xp.pad(flat, [(0, rows_p - rows), (0, nb_p * BLOCK - n)]).reshape(rows_p, nb_p, BLOCK)
+
+
+_to_blocks_jit = jax.jit(_to_blocks, static_argnums=(0, 2, 3))
 
 
 @jax.jit
-def _nf4_codes(w):
-    lead, (i, o) = tuple(w.shape[:-2]), tuple(w.shape[-2:])
-    n = i * o
-    nb = -(-n // BLOCK)
-    flat = jnp.swapaxes(w, -1, -2).astype(jnp.float32).reshape(lead + (n,))
-    flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, nb * BLOCK - n)])
-    blocks = flat.reshape(lead + (nb, BLOCK))
+def _nf4_codes(blocks, inv_nb):
+    """The packed 4-bit codes, the block absmaxes and their mean (``inv_nb``: ``1 / blocks``)."""
+    rows, nb = blocks.shape[:2]
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     idx = _nearest(NF4_LEVELS, blocks / _safe(absmax)[..., None])
-    codes = ((idx[..., 0::2] << 4) | idx[..., 1::2]).reshape(lead + (nb * BLOCK // 2,))
-    return codes, absmax, _pairwise_mean(absmax)
+    codes = ((idx[..., 0::2] << 4) | idx[..., 1::2]).reshape(rows, nb * BLOCK // 2)
+    return codes, absmax, _pairwise_mean(absmax, inv_nb)
 
 
 @jax.jit
-def _nf4_absmax_codes(absmax, offset):
-    lead, nb = absmax.shape[:-1], absmax.shape[-1]
-    ng = -(-nb // BLOCK2)
-    centred = jnp.pad(absmax - offset[..., None], [(0, 0)] * len(lead) + [(0, ng * BLOCK2 - nb)])
-    groups = centred.reshape(lead + (ng, BLOCK2))
+def _nf4_absmax_codes(absmax, offset, nb):
+    """The absmaxes' 8-bit codes and one scale per block of 256 (the first ``nb`` absmaxes are
+    real; the rest count as zeros after the offset is subtracted, as the last block's padding)."""
+    rows, nb_p = absmax.shape
+    ng = -(-nb_p // BLOCK2)
+    real = jnp.arange(nb_p) < nb
+    centred = jnp.pad(jnp.where(real, absmax - offset[:, None], 0.0), [(0, 0), (0, ng * BLOCK2 - nb_p)])
+    groups = centred.reshape(rows, ng, BLOCK2)
     scale2 = jnp.max(jnp.abs(groups), axis=-1)
-    q2 = _nearest(_DYN, groups / _safe(scale2)[..., None]).reshape(lead + (ng * BLOCK2,))[..., :nb]
+    q2 = _nearest(_DYN, groups / _safe(scale2)[..., None]).reshape(rows, ng * BLOCK2)
     return q2, scale2
 
 
@@ -220,7 +276,7 @@ def quantize_array(w, scheme: Scheme, where: str = ""):
     if 0 in tuple(jnp.shape(w)):
         raise QuantizationError(f"{what} of shape {tuple(jnp.shape(w))} is empty; there is nothing to quantize. "
                                 "Leave it out with target_modules=.")
-    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(jnp.asarray(w)))):
+    if not isinstance(w, jax.core.Tracer) and not _all_finite(w):
         # NF4's absmax and qwix's rounding turn a NaN into a finite code (a block's absmax, or 0)
         raise QuantizationError(
             f"{what} of shape {tuple(jnp.shape(w))} holds NaN or inf values; quantizing would turn them into "
@@ -228,8 +284,7 @@ def quantize_array(w, scheme: Scheme, where: str = ""):
         )
     if scheme == "nf4":
         q = _nf4_quantize(w)
-        if not isinstance(w, jax.core.Tracer) and not (bool(jnp.all(jnp.isfinite(q.absmax_offset)))
-                                                       and bool(jnp.all(jnp.isfinite(q.absmax_scales)))):
+        if not isinstance(w, jax.core.Tracer) and not (_all_finite(q.absmax_offset) and _all_finite(q.absmax_scales)):
             # the double quantization's mean of the block absmaxes overflows float32 (NaN weights, silently)
             raise QuantizationError(
                 f"{what} of shape {tuple(jnp.shape(w))} holds values up to {float(jnp.max(jnp.abs(w))):.3g}: the mean of "
@@ -238,6 +293,15 @@ def quantize_array(w, scheme: Scheme, where: str = ""):
             )
         return q
     return _quantize_jit(w, scheme)
+
+
+def _all_finite(x) -> bool:
+    """Whether the concrete array ``x`` holds no NaN or inf (in NumPy where it is on the host:
+    no XLA program compiled per shape)."""
+    if _on_host(x):
+        x = np.asarray(x)  # in the dtype JAX would hold it in (float64 is float32 unless x64 is on)
+        return bool(np.isfinite(x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)).all())
+    return bool(jnp.all(jnp.isfinite(jnp.asarray(x))))
 
 
 def _quantize_array(w, scheme):

@@ -673,15 +673,77 @@ def test_ctrl_c_caught_inside_generated_source_still_ends_with_status_130(tmp_pa
     (tmp_path / "interrupted_in_source.py").write_text(
         "import sys\n"
         "import jpeft.cli as cli\n"
-        "def build_parser():\n"
+        "def parse_command_line(argv):\n"
         "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(10 ** 7): pass')\n"
-        "cli.build_parser = build_parser\n"
+        "cli.parse_command_line = parse_command_line\n"
         "sys.exit(cli.main(['info']))\n")
     p = subprocess.run([sys.executable, "-m", "interrupted_in_source"], cwd=tmp_path, env=ENV,
                        capture_output=True, text=True, timeout=120,
                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.returncode == 130, (p.returncode, p.stderr)
     assert one_line(p.stderr) == "jpeft: interrupted"
+
+
+_MODULES_AT_EXIT = """
+import json, os, runpy, sys
+try:
+    runpy.run_module("_jpeft_launcher", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+with open(os.environ["MODULES_AT_EXIT"], "w") as f:
+    json.dump({"code": code, "imported": [m for m in ("jax", "jpeft", "numpy", "flax", "optax") if m in sys.modules]}, f)
+"""
+
+
+@pytest.mark.parametrize("argv, status", [
+    (["--help"], 0), (["train", "--help"], 0), (["forgetting", "--help"], 0), (["--version"], 0),
+    (["no-such-command"], 2), (["info", "llama-2-7b", "--no-such-option"], 2), ([], 2),
+    (["info", "--list"], None),  # a command that runs: it imports jpeft and JAX (what the others are checked for)
+])
+def test_help_and_argument_errors_of_the_console_script_import_no_jax(tmp_path, argv, status):
+    """The console script (_jpeft_launcher) parses the command line with _jpeft_args, the
+    standard library alone: ``jpeft --help``, a command's ``--help`` (``jpeft train --help``'s
+    full config text included), ``--version``, an unknown command or option and no command end
+    without importing JAX, jpeft, NumPy, flax or optax (a second of CPU each time), with the
+    text and status of :func:`jpeft.cli.main` (which parses with the same module); a command
+    that runs (``jpeft info --list``) imports them."""
+    import contextlib
+    import io
+
+    marker = tmp_path / "modules.json"
+    env = dict(ENV, MODULES_AT_EXIT=str(marker), JPEFT_HUGE_PAGES="0")  # no re-execution: the script is the process
+    r = subprocess.run([sys.executable, "-c", _MODULES_AT_EXIT, *argv], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    got = json.loads(marker.read_text())
+    if status is None:
+        assert got["code"] == 0 and {"jax", "jpeft"} <= set(got["imported"]), (got, r.stderr[-2000:])
+        return
+    assert got == {"code": status, "imported": []}, (got, r.stderr[-2000:])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    assert (code, r.stdout, r.stderr) == (status, out.getvalue(), err.getvalue())
+    assert (r.stdout if status == 0 else r.stderr).strip()
+
+
+def test_the_command_lines_lists_agree_with_jpeft():
+    """_jpeft_args (outside the package, so that parsing imports no JAX) names the version and
+    the forgetting benchmarks that jpeft defines (jpeft/_version.py, jpeft.forgetting.experiment),
+    and jpeft.cli runs each command it defines with that command's module."""
+    import _jpeft_args
+    import jpeft
+    import jpeft.cli
+    from jpeft.forgetting.experiment import BENCHMARKS
+
+    assert _jpeft_args.version() == jpeft.__version__
+    assert _jpeft_args.FORGETTING_BENCHMARKS == tuple(sorted(BENCHMARKS))
+    assert list(jpeft.cli._MODULES) == list(_jpeft_args.COMMANDS)
+    for name, add in _jpeft_args.COMMANDS.items():
+        module = sys.modules[f"jpeft.cli.{name}_cmd"]
+        assert jpeft.cli._MODULES[name] is module and module.add_parser is add, name
 
 
 def test_huge_pages_env_merges_with_the_users_tunables(monkeypatch):

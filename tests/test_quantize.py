@@ -102,6 +102,39 @@ def test_nf4_codes_and_scales_equal_the_numpy_reference_bit_for_bit():
     assert err <= 0.16 * np.abs(w).max()  # half the widest NF4 gap (1 - 0.696) times the absmax
 
 
+def test_nf4_kernels_of_many_shapes_share_a_few_compiled_programs():
+    """A model's kernels come in many shapes; NF4 compiles its two programs per block layout
+    (layers and blocks padded to powers of two), not per kernel shape: these seven shapes (1, 2
+    or 3 stacked layers, up to 64 blocks) add at most three programs of each kind (once compiled
+    per shape: seven each, 6 CPU-s for a tiny model). The padding changes no bit: each kernel,
+    given as NumPy or as a JAX array, equals the NumPy reference (traced inside jit, the codes
+    and the offset too; an absmax scale may come out an ulp apart there, see quantize_array)."""
+    shapes = [(7, 9), (32, 32), (32, 96), (96, 32), (40, 100), (3, 40, 24), (2, 64, 64)]
+    rng = np.random.default_rng(3)
+    kernels = [(rng.standard_normal(s) * np.exp(rng.standard_normal(s))).astype(np.float32) for s in shapes]
+    programs = lambda: (quant._nf4_codes._cache_size(), quant._nf4_absmax_codes._cache_size())  # noqa: E731
+    before = programs()
+    got = [quant.quantize_array(w, "nf4") for w in kernels]
+    assert all(after - b <= 3 for after, b in zip(programs(), before)), (before, programs())
+    traced = jax.jit(quant.quantize_array, static_argnums=1)
+    for w, q in zip(kernels, got):
+        mats = w.reshape((-1,) + w.shape[-2:])
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                     quant.quantize_array(jnp.asarray(w), "nf4"), q)
+        t = traced(w, "nf4")
+        for field in ("codes", "absmax_codes", "absmax_offset"):
+            np.testing.assert_array_equal(np.asarray(getattr(t, field)), np.asarray(getattr(q, field)))
+        np.testing.assert_array_max_ulp(np.asarray(t.absmax_scales), np.asarray(q.absmax_scales), maxulp=1)
+        assert q.shape == w.shape and q.codes.shape == w.shape[:-2] + (-(-w.shape[-1] * w.shape[-2] // 64) * 32,)
+        for j, mat in enumerate(mats):
+            one = jax.tree.map(lambda x: np.asarray(x).reshape((len(mats),) + x.shape[w.ndim - 2:])[j], q)
+            packed, q2, scale2, offset = nf4_reference(mat, offset=one.absmax_offset)
+            np.testing.assert_array_max_ulp(one.absmax_offset, nf4_reference(mat)[3], maxulp=1)
+            np.testing.assert_array_equal(one.codes, packed)
+            np.testing.assert_array_equal(one.absmax_codes, q2)
+            np.testing.assert_array_equal(one.absmax_scales, scale2)
+
+
 def _torch_kernel(shape, seed, outliers=True):
     import torch
 

@@ -1,6 +1,8 @@
 """The ``jpeft`` command: ``jpeft <subcommand> --help`` teaches each one.
 
-Subcommands (each is a module of this package with ``add_parser`` and ``run``):
+Subcommands (each is a module of this package with ``run``; its options, ``add_parser``, are defined in
+``_jpeft_args.py`` next to the package, so that the console script parses a command line without
+importing JAX):
 
 ====================  ==============================================================
 ``jpeft demo``        PEFT against forgetting in minutes, on a CPU, with no downloads
@@ -24,79 +26,24 @@ be called from Python (``jpeft.cli.main(["info", "llama-2-7b"])``).
 from __future__ import annotations
 
 import _thread
-import argparse
 import contextlib
-import importlib
 import os
 import sys
 import time
 import warnings
 from typing import Optional, Sequence
 
-from jpeft._version import __version__
-from jpeft.cli import _model
+from _jpeft_args import UsageError, build_parser, one_line, parse_command_line
+from _jpeft_args import fail as _fail
+from jpeft.cli import _model, demo_cmd, eval_cmd, export_cmd, forgetting_cmd, info_cmd, merge_cmd, serve_cmd, train_cmd
 from jpeft.errors import JpeftError
 
 __all__ = ["main", "process_main", "build_parser", "UsageError"]
 
-_COMMANDS = ("demo", "train", "eval", "merge", "export", "info", "forgetting", "serve")
-
-_EPILOG = """\
-examples:
-  jpeft demo                              # the ~2-minute tour: PEFT against forgetting
-  jpeft info llama-2-7b --method lora -r 8
-  jpeft train --config config.toml        # see `jpeft train --help` for the file format
-  jpeft export --model ./base --adapter runs/x/adapter --out ./peft-adapter
-
-Run `jpeft <command> --help` for the options and an example of each command.
-"""
-
-
-class UsageError(Exception):
-    """Bad command-line arguments: reported as one line with exit status 2."""
-
-    def __init__(self, prog: str, message: str):
-        super().__init__(message)
-        self.prog = prog
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage dump) and exit status 2."""
-
-    def __init__(self, *a, **kw):
-        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*a, **kw)
-
-    def error(self, message):  # noqa: D401 - argparse hook
-        raise UsageError(self.prog, message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (subcommand modules are imported lazily)."""
-    parser = _Parser(
-        prog="jpeft",
-        description="jpeft: parameter-efficient fine-tuning for JAX/Flax, and tools to measure and "
-        "prevent catastrophic forgetting.",
-        epilog=_EPILOG,
-    )
-    parser.add_argument("--version", action="version", version=f"jpeft {__version__}")
-    sub = parser.add_subparsers(dest="cmd", metavar="<command>", parser_class=_Parser)
-    for name in _COMMANDS:
-        mod = importlib.import_module(f"jpeft.cli.{name}_cmd")
-        p = mod.add_parser(sub)
-        p.set_defaults(_run=mod.run, cmd=name)
-    return parser
-
-
-def one_line(msg: str) -> str:
-    """Collapses a (possibly multi-line) message to one line."""
-    parts = [s.strip() for s in str(msg).splitlines() if s.strip()]
-    return " ".join(parts) if parts else "unknown error"
-
-
-def _fail(prog: str, msg: str) -> int:
-    print(f"{prog}: error: {one_line(msg)}", file=sys.stderr)
-    return 2
+# each command's module, whose run(args) runs it; its options are defined in _jpeft_args (the standard
+# library only), which the console script parses the command line with before it imports jpeft
+_MODULES = {"demo": demo_cmd, "train": train_cmd, "eval": eval_cmd, "merge": merge_cmd, "export": export_cmd,
+            "info": info_cmd, "forgetting": forgetting_cmd, "serve": serve_cmd}
 
 
 _JPEFT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -271,25 +218,17 @@ def _interrupt_main_soon(state):
 def _main(argv: Optional[Sequence[str]], ctrl_c: dict) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        with _warnings_as_lines("jpeft"):  # the subcommands' imports
-            parser = build_parser()
-        args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    except UsageError as e:
-        return _fail(e.prog, f"{e} (see `{e.prog} --help`)")
-    except KeyboardInterrupt:  # Ctrl-C while the subcommands are imported
+        args, status = parse_command_line(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the command line is parsed
         ctrl_c["handled"] = True
         print("jpeft: interrupted", file=sys.stderr)
         return 130
-    if extra:
-        prog = f"jpeft {args.cmd}" if getattr(args, "cmd", None) else "jpeft"
-        return _fail(prog, f"unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)")
-    if not getattr(args, "cmd", None):
-        parser.print_help(sys.stderr)
-        return 2
+    if args is None:
+        return status
     prog = f"jpeft {args.cmd}"
     try:
         with _warnings_as_lines(prog):
-            rc = args._run(args)
+            rc = _MODULES[args.cmd].run(args)
         sys.stdout.flush()  # a closed pipe (`jpeft info ... | head -3`) shows here, not at exit
     except BrokenPipeError:
         return _closed_stdout()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -11,6 +10,7 @@ from typing import Any, Mapping, Optional
 
 import jax
 
+from _jpeft_args import DEFAULT_METHOD
 from jpeft.config import is_kind, kinds_text, scalar_kinds
 from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
@@ -23,26 +23,6 @@ def say(msg: str) -> None:
     """A status line on stderr, from the main process only."""
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
-
-
-DEFAULT_METHOD = "lora"
-
-
-def add_method_args(p: argparse.ArgumentParser) -> None:
-    """``--method``, ``-r``, ``--alpha``, ``--target`` and ``--set KEY=VALUE``; each is ``None``
-    (``[]`` for ``--set``) when not given, so a command can refuse them where they do not apply."""
-    g = p.add_argument_group("adapter method")
-    g.add_argument("--method", default=None,
-                   help=f"method name: lora, full, or any registered jpeft method's peft_type (default {DEFAULT_METHOD})")
-    g.add_argument("-r", "--rank", type=int, default=None, help="rank, for methods that have one (LoRA default 8)")
-    g.add_argument("--alpha", type=float, default=None,
-                   help="scaling numerator (LoRA: update scaled by alpha/r; LoRA default 16, where PEFT's "
-                        "LoraConfig has 8)")
-    g.add_argument("--target", default=None,
-                   help="target modules: a comma-separated list of names (q_proj,v_proj) or one regex "
-                        "(re.fullmatch on the module path or its Hugging Face name)")
-    g.add_argument("--set", dest="method_set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other config field (value parsed as JSON if it can be), e.g. --set use_rslora=true")
 
 
 def _parse_value(v: str):

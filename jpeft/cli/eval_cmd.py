@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from _jpeft_args import add_eval as add_parser  # noqa: F401  (the options, defined there: no JAX for --help)
 from jpeft import quant
 from jpeft.cli._ckpt import load_adapter_with_base, note_quantized_training, residual_kind, untie_for
 from jpeft.cli._common import require_causal_lm
@@ -15,53 +16,6 @@ from jpeft.data import PackedDataset, is_conversation, load_examples, render_cha
 from jpeft.errors import ConfigError
 from jpeft.forgetting.guard import canary_stats
 
-HELP = "loss and perplexity of a model (optionally with an adapter) on a text or JSONL dataset"
-EPILOG = """\
-example:
-  jpeft eval --model ./my-model --data eval.jsonl
-  jpeft eval --model ./my-model --adapter runs/my-run/adapter --data eval.jsonl --json
-  jpeft eval --model ./my-model --adapter runs/my-run/adapter --canary general.txt --worst 5
-
-With --canary, a forgetting report of the adapter against its base on that data: the canary
-loss of both, the loss rise, the mean per-token KL(base || adapted), and the packed rows
-whose loss rose the most.
-
-The dataset is read, tokenized with the folder's tokenizer and packed exactly as
-`jpeft train` does (prompt/completion lines are scored on the completion only, conversations
-rendered with the folder's chat template on their assistant turns). A document
-longer than --seq-len is scored in chunks of --seq-len tokens, each without the ones before
-it (docs/CLI.md says which tokens count).
-"""
-
-
-def add_parser(sub):
-    p = sub.add_parser("eval", help=HELP, description=HELP + ".", epilog=EPILOG)
-    p.add_argument("--model", required=True, help="local Hugging Face model folder")
-    p.add_argument("--adapter", default=None, help="adapter to read: an adapter folder (runs/x/adapter), a PEFT folder, a run folder (runs/x) "
-                        "or a checkpoint (runs/x/checkpoints/<step>); default: none, the base alone")
-    p.add_argument("--data", default=None, help=".jsonl or plain-text file (needed unless --canary is given)")
-    p.add_argument("--canary", default=None, metavar="DATA",
-                   help="forgetting report of --adapter against the base on this .jsonl or text file: loss rise, "
-                        "mean per-token KL and the worst-affected rows")
-    p.add_argument("--worst", type=int, default=None,
-                   help="with --canary: how many worst-affected rows to list (default 5)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="packed row length in tokens (default 256, or the model's position range less the adapter's "
-                        "virtual tokens if that is shorter)")
-    p.add_argument("--packing", choices=("documents", "stream"), default="documents",
-                   help="as [data] packing in `jpeft train`: whole documents per row, attention never crossing them "
-                        "(default), or one token stream cut into rows")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="the base model's compute and storage dtype (default float32; bfloat16 halves its memory; "
-                        "the loss is summed in float32)")
-    p.add_argument("--quantize", choices=("nf4", "int8", "fp8"), default=None,
-                   help="quantize the base while reading it, as [model] quantize in `jpeft train` does (default: full "
-                        "precision); give the run's scheme to score a QLoRA adapter on the base it was trained on, as "
-                        "its logged eval_loss was")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default 8)")
-    p.add_argument("--max-batches", type=int, default=0, help="evaluate at most this many batches (default 0: all)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p
 
 
 def run(args) -> int:

@@ -4,40 +4,13 @@ from __future__ import annotations
 
 import os
 
+from _jpeft_args import add_export as add_parser  # noqa: F401  (the options, defined there: no JAX for --help)
 from jpeft import hf
 from jpeft.cli._ckpt import ADAPTER_JSON, checkpoint_steps, load_adapter_with_base, untie_for
 from jpeft.cli._model import example_ids, load_folder
 from jpeft.cli.merge_cmd import check_out
 from jpeft.errors import ConfigError, SaveError
 
-HELP = "export an adapter to the Hugging Face PEFT format (adapter_config.json + adapter_model.safetensors)"
-EPILOG = """\
-example:
-  jpeft export --model ./my-model --adapter runs/my-run/adapter --out ./my-peft-adapter
-
-then, in PyTorch:
-  from peft import PeftModel
-  model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("./my-model"), "./my-peft-adapter")
-  # or, from any directory (adapter_config.json names the base by its absolute path):
-  model = AutoPeftModelForCausalLM.from_pretrained("./my-peft-adapter")
-
---adapter also takes a run folder (runs/my-run) or a checkpoint (runs/my-run/checkpoints/30),
-so an interrupted run can be exported.
-"""
-
-
-def add_parser(sub):
-    p = sub.add_parser("export", help=HELP, description=HELP + ".", epilog=EPILOG)
-    p.add_argument("--model", required=True, help="the base model's local Hugging Face folder")
-    p.add_argument("--adapter", required=True, help="adapter to read: an adapter folder (runs/x/adapter), a PEFT folder, a run folder (runs/x) "
-                        "or a checkpoint (runs/x/checkpoints/<step>)")
-    p.add_argument("--out", required=True, help="output folder for the PEFT adapter")
-    p.add_argument("--base-name", default=None,
-                   help="base_model_name_or_path written into adapter_config.json (default: the absolute path of "
-                        "--model, so that AutoPeftModel*.from_pretrained finds the base from any directory; give "
-                        "a hub name such as meta-llama/Llama-2-7b-hf to publish the adapter)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    return p
 
 
 def run(args) -> int:

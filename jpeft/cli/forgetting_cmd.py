@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-from jpeft.forgetting.cli import add_parser as _add, run_from_args
-
-
-def add_parser(sub):
-    p = _add(sub, "forgetting")
-    p.epilog = (p.epilog or "").replace("python -m jpeft.forgetting", "jpeft forgetting")
-    return p
+from _jpeft_args import add_forgetting as add_parser  # noqa: F401  (the options, defined there: no JAX for --help)
+from jpeft.forgetting.cli import run_from_args
 
 
 def run(args) -> int:

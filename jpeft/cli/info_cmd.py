@@ -7,12 +7,14 @@ import math
 import os
 import re
 
+import jax.numpy as jnp
 import numpy as np
 
+from _jpeft_args import BASE_DTYPES, add_info as add_parser  # noqa: F401  (the options, defined there: no JAX for --help)
 from jpeft import io
 from jpeft.cli import _configs
 from jpeft.cli._ckpt import checkpoint_metadata, find_adapter
-from jpeft.cli._common import add_method_args, format_table, human_bytes, human_count, method_from_args
+from jpeft.cli._common import format_table, human_bytes, human_count, method_from_args
 from jpeft.config import strict_json
 from jpeft.errors import ConfigError, JpeftError, LoadError
 from jpeft.io import read_json
@@ -20,40 +22,8 @@ from jpeft.methods.base import registered_methods
 from jpeft.models import loading
 from jpeft import budget as _budget
 
-HELP = ("parameter budget of a method on a model folder or a published config (nothing is allocated), "
-        "or what an adapter, PEFT export, run folder or checkpoint holds")
-EPILOG = """\
-example:
-  jpeft info llama-2-7b                          # LoRA r=8 on q_proj,v_proj (PEFT's default for llama)
-  jpeft info gpt2                                # (PEFT's default for gpt2: c_attn)
-  jpeft info mistral-7b --method lora -r 16 --target q_proj,k_proj,v_proj,o_proj
-  jpeft info ./my-model --method ia3 --json
-  jpeft info --list                              # the published configs that ship with jpeft
-  jpeft info runs/my-run                         # what training wrote: adapter or newest checkpoint
-  jpeft info runs/my-run/checkpoints/30          # a checkpoint: method, step, metrics, sizes
-                                                 # (its own config: --method, -r, ... are refused)
-
-The model is built with jax.eval_shape: shapes only, so a 70B model costs no memory.
-Memory estimates assume float32 adapter weights and Adam (two moments per trainable value);
-the frozen base is counted in its stored dtype (config.json's dtype or torch_dtype;
-bfloat16 when it names none), or in --base-dtype when given.
-"""
 
 
-def add_parser(sub):
-    p = sub.add_parser("info", help=HELP, description=HELP + ".", epilog=EPILOG)
-    p.add_argument("model", nargs="?", help="a local Hugging Face folder (config.json), a published name, or an "
-                   "adapter / PEFT / run / checkpoint folder")
-    p.add_argument("--list", action="store_true", help="list the published configs and exit")
-    add_method_args(p)
-    p.add_argument("--base-dtype", default=None, choices=list(_BASE_BYTES),
-                   help="dtype the frozen base weights are counted in for the memory estimate (default: the "
-                        "stored dtype named by config.json, else bfloat16)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p
-
-
-_BASE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_LAYERS = 1024  # ``jpeft info`` traces every layer's shapes; far beyond any published model
 
 
@@ -61,7 +31,7 @@ def stored_dtype(cfg: dict) -> str:
     """The dtype a Hugging Face ``config.json`` says the weights are stored in (``dtype``, or
     ``torch_dtype`` before transformers 5), ``"bfloat16"`` when it names none."""
     d = cfg.get("dtype") or cfg.get("torch_dtype")
-    return d if d in _BASE_BYTES else "bfloat16"
+    return d if d in BASE_DTYPES else "bfloat16"
 
 
 def _config_dict(spec: str) -> tuple[str, dict]:
@@ -117,7 +87,7 @@ def run(args) -> int:
             raise
         raise LoadError(f"{name}: config.json holds an invalid value ({type(e).__name__}: {str(e)[:200]}).") from None
     base_dtype = args.base_dtype or stored_dtype(cfg)
-    base_bytes = _BASE_BYTES[base_dtype]
+    base_bytes = jnp.dtype(base_dtype).itemsize
     adam_adapter = s["trainable"] * 4 * 3 + s["frozen"] * 4  # weights + two Adam moments (none for frozen arrays), float32
     full_train = s["base"] * (4 * 3 + 4)  # fp32 master weights + Adam moments + grads
     res = {

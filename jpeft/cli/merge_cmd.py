@@ -5,33 +5,12 @@ from __future__ import annotations
 import os
 
 import jpeft
+from _jpeft_args import add_merge as add_parser  # noqa: F401  (the options, defined there: no JAX for --help)
 from jpeft.cli._ckpt import find_adapter, load_adapter_with_base, note_quantized_training, run_folder_of, untie_for
 from jpeft.cli._model import example_ids, load_folder, save_folder
 from jpeft.errors import SaveError
 from jpeft.io import check_folder
 
-HELP = "merge an adapter into its base model and save a plain Hugging Face model folder"
-EPILOG = """\
-example:
-  jpeft merge --model ./my-model --adapter runs/my-run/adapter --out ./my-model-merged
-
-The result loads with transformers' AutoModelForCausalLM.from_pretrained and with
-jpeft.models.from_pretrained, and needs no jpeft or peft to serve. The base's tokenizer
-files, when it has any, are copied; none are needed. --adapter also takes a run folder or a
-checkpoint (runs/my-run/checkpoints/30). A PEFT folder saved after a PiSSA or OLoRA init is
-merged into the residual base PEFT recomputes, as PEFT's merge_and_unload() does. Methods that
-cannot be merged (prefix or prompt tuning, bottleneck adapters) end with a NotMergeableError.
-"""
-
-
-def add_parser(sub):
-    p = sub.add_parser("merge", help=HELP, description=HELP + ".", epilog=EPILOG)
-    p.add_argument("--model", required=True, help="the base model's local Hugging Face folder")
-    p.add_argument("--adapter", required=True, help="adapter to read: an adapter folder (runs/x/adapter), a PEFT folder, a run folder (runs/x) "
-                        "or a checkpoint (runs/x/checkpoints/<step>)")
-    p.add_argument("--out", required=True, help="output folder for the merged model")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
-    return p
 
 
 def check_out(out: str, force: bool, **inputs: str) -> None:

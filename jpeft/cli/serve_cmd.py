@@ -10,6 +10,7 @@ import socket
 import jax
 
 import jpeft
+from _jpeft_args import add_serve as add_parser  # noqa: F401  (the options, defined there: no JAX for --help)
 from jpeft.bank import AdapterBank, check_lora
 from jpeft.cli._ckpt import load_adapter, note_quantized_training, untie_for
 from jpeft.cli._common import parse_targets, say
@@ -18,54 +19,6 @@ from jpeft.errors import BaseMismatchError, ConfigError, LoadError
 from jpeft.generate import as_eos_ids
 from jpeft.serve.engine import Engine
 
-HELP = "serve a base model and many LoRA adapters over the OpenAI API (continuous batching, hot loading)"
-EPILOG = """\
-example:
-  jpeft serve --model ./base --adapter english=runs/en/adapter --adapter code=./peft-code \\
-              --adapters-root ./adapters --port 8000
-  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
-       -d '{"model": "english", "prompt": "The ", "max_tokens": 32, "temperature": 0}'
-  curl http://127.0.0.1:8000/v1/adapters -d '{"name": "legal", "path": "legal-v2"}'   # add live
-  curl -X DELETE http://127.0.0.1:8000/v1/adapters/legal
-
-A request picks its adapter with "model": the adapter's name, or the base model's name (--name,
-default the model folder's name) for no adapter. See docs/SERVING.md.
-"""
-
-
-def add_parser(sub):
-    p = sub.add_parser("serve", help=HELP, description=HELP + ".", epilog=EPILOG)
-    p.add_argument("--model", required=True, help="a local Hugging Face model folder (config.json + safetensors + tokenizer)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="an adapter to load at start (jpeft or PEFT folder, run folder or checkpoint); repeatable")
-    p.add_argument("--adapters-root", default=None,
-                   help="folder that POST /v1/adapters paths are relative to (and confined to); without it adapters "
-                        "cannot be added while serving")
-    p.add_argument("--capacity", type=int, default=None,
-                   help="adapters held at once (bank slots; default max(8, number of --adapter))")
-    p.add_argument("--max-rank", type=int, default=None, help="largest LoRA rank accepted (default max(16, the --adapter ranks))")
-    p.add_argument("--targets", default="all-linear",
-                   help="modules live-added adapters may adapt (names or a regex; default all-linear), besides the "
-                        "modules of the --adapter adapters")
-    p.add_argument("--trainable-tokens", type=int, default=0, metavar="N",
-                   help="trainable token rows (PEFT's trainable_token_indices) each adapter may hold at the input "
-                        "embedding, for adapters added live (default 0: as many as the --adapter adapters hold)")
-    p.add_argument("--modules-to-save", default=None, metavar="NAMES",
-                   help="modules (comma-separated names) of which adapters added live may hold a full copy (PEFT's "
-                        "modules_to_save), besides those the --adapter adapters copy")
-    p.add_argument("--name", default=None, help="the base model's name in the API (default: the folder's name)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="the base model's compute and storage dtype (default float32; bfloat16 halves its memory)")
-    p.add_argument("--slots", type=int, default=16, help="requests decoded together (default 16)")
-    p.add_argument("--max-len", type=int, default=None,
-                   help="prompt + generated tokens per request (default the model's maximum, at most 2048)")
-    p.add_argument("--chunk", type=int, default=32, help="prefill chunk length in tokens (default 32)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
-    p.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait for a slot (503 after; default 30)")
-    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may run in all (504 after; default 300)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    return p
 
 
 def _parse_adapters(items) -> dict:

@@ -10,107 +10,15 @@ import sys
 import threading
 from typing import Any, Mapping
 
+from _jpeft_args import DEFAULT_METHOD, add_train as add_parser  # noqa: F401  (the options, defined there: no JAX for --help)
 from jpeft import distributed
-from jpeft.cli._common import (DEFAULT_METHOD, check_train_values, field_type, method_class, require_causal_lm,
+from jpeft.cli._common import (check_train_values, field_type, method_class, require_causal_lm,
                                typed_value)
 from jpeft.cli._trainer import config_failed, train
 from jpeft.data import CHAT_LOSSES
 from jpeft.errors import ConfigError, LoadError
 from jpeft.quant import SCHEMES
 
-HELP = "fine-tune a local Hugging Face model folder with any jpeft method (TOML config)"
-
-EXAMPLE_TOML = """\
-model = "./my-model"          # local Hugging Face folder: config.json, *.safetensors, tokenizer
-output_dir = "runs/my-run"    # default: jpeft-run, next to the config
-seed = 0
-
-[data]
-train = "train.jsonl"         # .jsonl ({"text"}, {"prompt","completion"} or {"messages"} per line) or text
-eval = "eval.jsonl"           # optional (omit it or "" for no eval set)
-seq_len = 256                 # examples are tokenized and packed into rows of seq_len tokens
-packing = "documents"         # whole documents per row, attention never crosses them; "stream":
-                              # one token stream cut into rows (needed for prompt tuning)
-chat_loss = "assistant"       # conversations: train the assistant turns ("all": every token)
-text_field = "text"           # the JSON keys read from each .jsonl line (the defaults shown)
-prompt_field = "prompt"
-completion_field = "completion"
-messages_field = "messages"   # a chat conversation, rendered with the folder's chat template
-
-[method]                      # any jpeft method; keys as in Hugging Face PEFT's adapter_config.json
-name = "lora"                 # lora, ia3, full, ... (target_modules defaults as in PEFT for the model type)
-r = 8
-lora_alpha = 16
-target_modules = ["q_proj", "v_proj"]
-
-[train]
-steps = 1000
-batch_size = 8                # rows per forward/backward pass
-gradient_accumulation_steps = 1  # passes per update (an update takes batch_size x this many rows,
-                              # the loss a mean over all of their target tokens, as HF Trainer's)
-learning_rate = 2e-4          # AdamW, linear warm-up then cosine decay to 10 %
-warmup_steps = 50             # linear warm-up steps (default 0: none)
-weight_decay = 0.0            # AdamW; biases and norms left out, as HF Trainer does
-max_grad_norm = 1.0
-eval_every = 100              # steps between evaluations (0: only at the end)
-eval_batches = 0              # batches of the eval set per evaluation (0: all of it, as `jpeft eval`)
-save_every = 200              # steps between checkpoints (0: only at the end)
-log_every = 10                # steps between metrics.jsonl records (0: only the last step)
-keep_checkpoints = 3
-scan_layers = false           # Llama family: nn.scan over the layers (one layer compiled: less compile
-                              # time and memory); the saved adapter is per layer as usual. On the CPU a
-                              # quantized base saves training memory only with scan_layers = true
-loss_chunk_tokens = "auto"    # the output layer and the loss a chunk of tokens at a time (jpeft.lm_loss):
-                              # the [batch, seq, vocab] logits never exist whole. "auto": 256 tokens on
-                              # the CPU, 2048 on accelerators; 0: the whole logits at once
-dtype = "float32"             # the base model's compute and storage dtype: "float32" or "bfloat16" (half
-                              # the base's memory; the adapter, its optimizer state and the loss stay float32)
-model_dropout = true          # the model's own dropout in training steps, at its config.json rates (GPT-2
-                              # embd/resid/attn_pdrop, BERT hidden/attention, Llama attention_dropout), as
-                              # transformers' Trainer trains; evaluation never drops. false: none
-
-# QLoRA: instead of the top-level model = "...", a table whose quantize = "nf4" | "int8" | "fp8"
-# loads the base quantized (the adapter trains in float32 and loads on the unquantized base too;
-# a top-level quantize = "nf4" beside model = "..." does the same):
-# [model]
-# path = "hf-folder"
-# quantize = "nf4"
-# tie_word_embeddings = false # a tied model (config.json) read with an lm_head of its own, a copy of
-#                             # the embedding; the default when the method adapts lm_head (as PEFT unties)
-
-[mesh]                        # optional; used when the run has more than one device or process
-data = 0                      # batch axis (0: every device not used by fsdp)
-fsdp = 1                      # axis the frozen base is sharded over
-tensor = 1                    # Megatron-style tensor parallelism (Llama family; refused for GPT-2)
-
-[forgetting]                  # optional forgetting guard: canary text that must not be forgotten
-canary = "general.txt"        # .jsonl or plain text, packed like [data]
-every = 100                   # steps between canary checks (and at the last step)
-max_loss_rise = 0.1           # budget: canary loss rise over the base, nats
-max_kl = 0.05                 # budget: mean per-token KL(base || adapted); give either or both
-action = "stop"               # "stop": end the run, keep the last adapter within budget;
-                              # "rollback": restore it, lower the learning rate, continue
-lr_factor = 0.5               # learning-rate multiplier of a rollback
-max_rollbacks = 3             # then the next crossing stops the run
-canary_batches = 4            # batches of train.batch_size canary rows per check
-"""
-
-EPILOG = f"""\
-example:
-  jpeft train --config config.toml
-  jpeft train --config config.toml --resume          # continue from the latest checkpoint
-  jpeft train --config config.toml --set train.steps=50 --set method.r=16
-  jpeft train --config config.toml --coordinator 10.0.0.2:1234 --num-processes 2 --process-id 0
-  jpeft train --config config.toml --cluster-auto     # every worker of a TPU pod slice / SLURM job
-
-config.toml:
-{EXAMPLE_TOML}
-Writes <output_dir>/metrics.jsonl (one JSON object per log/eval step), TensorBoard events in
-<output_dir>/tb when tensorboard (or tensorboardX) is installed, checkpoints in
-<output_dir>/checkpoints, and the final adapter in <output_dir>/adapter, which
-`jpeft export`, `jpeft merge` and `jpeft eval --adapter` read. Ctrl-C saves a checkpoint
-and exits; `--resume` continues it and ends with the same adapter as an uninterrupted run.
-"""
 
 _DEFAULTS = {
     "seed": 0,
@@ -158,26 +66,6 @@ _KNOWN = {
     "train": set(_DEFAULTS["train"]),
     "mesh": set(_DEFAULTS["mesh"]),
 }
-
-
-def add_parser(sub):
-    p = sub.add_parser("train", help=HELP, description=HELP + ".", epilog=EPILOG)
-    p.add_argument("--config", required=True, help="TOML file (format below)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    p.add_argument("--output-dir", default=None, help="overrides output_dir of the config")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop (with a checkpoint) after this step; the schedule still spans train.steps")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (value parsed as TOML/JSON)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
-    g = p.add_argument_group("many processes (run the same command on every process; output_dir must be one "
-                             "folder they all share)")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
-    g.add_argument("--num-processes", type=int, default=None, help="number of processes in the job")
-    g.add_argument("--process-id", type=int, default=None, help="index of this process, 0..N-1")
-    g.add_argument("--cluster-auto", action="store_true",
-                   help="let JAX find the job's processes (TPU VM pod slices, SLURM, Open MPI)")
-    return p
 
 
 # ----------------------------------------------------------------------------------- config

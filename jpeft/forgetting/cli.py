@@ -12,45 +12,12 @@ import dataclasses
 import re
 from typing import Optional, Sequence
 
+from _jpeft_args import FORGETTING_DESCRIPTION, FORGETTING_EPILOG, add_forgetting, forgetting_options
 from jpeft.errors import ConfigError, JpeftError
 from jpeft.forgetting import experiment
-from jpeft.forgetting.experiment import BENCHMARKS, get_benchmark
+from jpeft.forgetting.experiment import get_benchmark
 from jpeft.forgetting import sweep as SW
 from jpeft.forgetting.sweep import STRENGTHS, SweepSpec
-
-DESCRIPTION = """\
-Measure catastrophic forgetting: train a list of methods over a sequence of tasks for several
-seeds and write the score matrices (scores.json), per-seed metrics (metrics.csv), a markdown
-table of mean ± std (results.md) and two plots (learning vs forgetting; score-matrix heat maps).
-
-Benchmarks (data ships with the installed software, nothing is downloaded):
-  split-digits-task   sklearn digits as 5 two-class tasks, task identity given (multi-head)
-  split-digits-class  the same, class-incremental (choose among every class seen so far)
-  language            byte-level Llama pretrained on Python stdlib code (task A, cached on
-                      disk), then adapted to English prose from pydoc_data.topics (task B);
-                      forgetting = rise of held-out code loss, learning = fall of prose loss
-  language3           the same code model (default size small), then prose, then CSV data
-                      files shipped with scikit-learn: three domains in sequence
-"""
-
-EPILOG = """\
-examples:
-  python -m jpeft.forgetting split-digits-task --list-methods
-  python -m jpeft.forgetting split-digits-task --seeds 0 1 2 --out runs/digits-task
-  python -m jpeft.forgetting split-digits-class --seeds 0 1 2 --methods naive,replay,lwf
-  python -m jpeft.forgetting split-digits-class --methods naive,replay --replay-sizes 10 50 200 --out runs/replay-sizes
-                                                       # the replay buffer at several sizes
-  python -m jpeft.forgetting language --seeds 0 1 2 --out runs/language
-  python -m jpeft.forgetting language --methods full,lora-r16 --steps 20 --pretrain-steps 50 \\
-      --cache-dir /tmp/jpeft-cache --no-plots          # a quick smoke run
-  python -m jpeft.forgetting language --sweep --seeds 0 1 2 3 4 --methods full,full+distill,lora-r4 \\
-      --lr-factors 0.25 0.5 1 2 --strength-factors 0.3 1 3 --checkpoints 50 100 200
-                                                       # learning-vs-forgetting curves and Pareto fronts
-
-Method names are matched case-insensitively ignoring spaces and punctuation ("online-ewc"
-selects "online EWC"). Seeds change initialisation (digits) and batch order; the pretrained
-language model is trained once (its own fixed seed) and cached, so every seed adapts the same base.
-"""
 
 
 def _slug(s: str) -> str:
@@ -61,56 +28,19 @@ LR_FACTORS = (0.25, 0.5, 1.0, 2.0)  # --lr-factors and --strength-factors of a -
 STRENGTH_FACTORS = (1.0,)
 
 
-def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one full run each (default: 0 1 2)")
-    p.add_argument("--methods", default=None, help="comma-separated method names (default: all of the benchmark's)")
-    p.add_argument("--list-methods", action="store_true", help="print the benchmark's methods and exit")
-    p.add_argument("--steps", type=int, default=None, help="training steps per task (default: digits 300, language 300)")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per step (digits 32; language 16)")
-    p.add_argument("--out", default=None, help="output folder (default: forgetting_results/<benchmark>; with --sweep "
-                                               "forgetting_results/<benchmark>-sweep)")
-    p.add_argument("--replay-sizes", type=int, nargs="+", default=None,
-                   help="run every selected replay method once per buffer size (examples of earlier tasks kept), "
-                        "named '<method> buffer N'")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--force", action="store_true",
-                   help="replace the results of an earlier run in the output folder (refused without it)")
-    g = p.add_argument_group("sweep (learning-vs-forgetting curves; see jpeft.forgetting.sweep)")
-    g.add_argument("--sweep", action="store_true",
-                   help="sweep every selected method over learning rates (and regularizer strengths) and checkpoints; "
-                        "writes sweep.json, points.csv, summary.csv, report.md and a Pareto plot")
-    g.add_argument("--lr-factors", type=float, nargs="+", default=None,
-                   help="with --sweep: learning rates as multiples of each method's own (default: 0.25 0.5 1 2)")
-    g.add_argument("--strength-factors", type=float, nargs="+", default=None,
-                   help="with --sweep: regularizer strengths (EWC lambda, L2-SP, distillation weight, replay share) "
-                        "as multiples of each method's own (default: 1)")
-    g.add_argument("--checkpoints", type=int, nargs="+", default=[],
-                   help="with --sweep: steps of the last task at which every task is also evaluated (the last step always is)")
-    g = p.add_argument_group("language benchmark")
-    g.add_argument("--pretrain-steps", type=int, default=None, help="steps of code pretraining when not cached (default 1500)")
-    g.add_argument("--cache-dir", default=None, help="where the pretrained code model is cached (default $JPEFT_CACHE or ~/.cache/jpeft)")
-    g.add_argument("--seq-len", type=int, default=None, help="bytes per training sequence (default 64)")
-    g.add_argument("--model-size", dest="size", choices=("micro", "tiny", "small", "base"), default=None,
-                   help="byte-level Llama size: micro ~0.03M, tiny ~0.13M (default for language), small ~0.9M (default for "
-                        "language3), base ~5M parameters")
-    return p
 
 
 def build_parser(prog: str = "python -m jpeft.forgetting") -> argparse.ArgumentParser:
     """The standalone parser (``python -m jpeft.forgetting``)."""
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog=prog, description=FORGETTING_DESCRIPTION, epilog=FORGETTING_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    return _configure(p)
+    return forgetting_options(p)
 
 
 def add_parser(subparsers, name: str = "forgetting") -> argparse.ArgumentParser:
     """Adds the runner as a subcommand to an ``argparse`` subparsers object; run the parsed
     namespace with :func:`run_from_args`."""
-    p = subparsers.add_parser(name, help="run the catastrophic-forgetting benchmarks", description=DESCRIPTION,
-                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return _configure(p)
+    return add_forgetting(subparsers, name, command="python -m jpeft.forgetting")
 
 
 def benchmark_from_args(args):
