@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from jpeft import quant, scan
+from jpeft import _inject, quant, scan
 from jpeft.config import AdapterConfig, _as_targets
 from jpeft.errors import (
     BaseMismatchError,
@@ -57,7 +57,7 @@ from jpeft.methods.base import FOREIGN_SITE_FIX, Method, foreign_site, method_fo
 from jpeft.models.loading import BERT_ARCHITECTURES, read_config
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys,  # noqa: F401
                                config_from_peft, peft_key, split_peft_key, take_base_copies, take_embedding_copies, to_np)
-from jpeft.tree import compile_pattern, count, from_hf_name, hf_name, module_leaves, nnx_state_of, unwrap_params
+from jpeft.tree import compile_pattern, count, from_hf_name, hf_name, is_nnx, module_leaves, nnx_state_of, unwrap_params
 
 
 def supported_peft_types() -> list[str]:
@@ -614,7 +614,24 @@ def _refuse_bare_base_keys(tensors: Mapping[str, Any], inner, folder: str) -> No
             )
 
 
-def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
+def _traced_layouts(params, model, example_args) -> Optional[dict]:
+    """``{module_path: Layout}`` of every module with a kernel in ``model.apply(params,
+    *example_args)`` (as :func:`jpeft.init` traces it), or ``None`` without a model."""
+    if model is None:
+        if tuple(example_args):
+            raise ConfigError("example_args were given without a model; pass model= too (the flax.linen module).")
+        return None
+    if is_nnx(model) or is_nnx(params):
+        raise ConfigError(
+            "load_peft(model=...) traces flax.linen models, found an NNX model or state; load the adapter on the "
+            "linen twin of the model."
+        )
+    inner, _ = unwrap_params(params)
+    infos = _inject.trace(model, {"params": inner}, *example_args)
+    return {p: info.layout for p, info in infos.items() if info.layout is not None}
+
+
+def _load(path: str, params, dtype=jnp.float32, layouts=None) -> tuple[AdapterConfig, dict]:
     """The parsing behind :func:`load_peft` and :func:`load_peft_with_base` (see there)."""
     d, fmt = _read_config_dict(path)
     _warn_unknown_keys(fmt.config, d, path)
@@ -625,7 +642,7 @@ def _load(path: str, params, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
         names, inner = renamed
         config, adapter = _load_unrolled(d, fmt, tensors, inner, {"params": inner}, path, dtype)
         return config, {names.get(p, p): n for p, n in adapter.items()}
-    return _load_unrolled(d, fmt, tensors, inner, params, path, dtype)
+    return _load_unrolled(d, fmt, tensors, inner, params, path, dtype, layouts)
 
 
 def _read_config_dict(path: str) -> tuple[dict, Method]:
@@ -695,7 +712,7 @@ def _key_prefix(config_cls) -> str:
     return "base_model." if config_cls.prompt_learning else PEFT_PREFIX
 
 
-def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype):
+def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype, layouts=None):
     _refuse_other_task_heads(d, fmt.config, tensors, inner, path)
     _refuse_bare_base_keys(tensors, inner, path)
     # a task head's copy (SEQ_CLS, TOKEN_CLS, QUESTION_ANS): a site of its own for a method without modules_to_save
@@ -718,7 +735,7 @@ def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype):
         ctx = ImportContext(module_leaves(unrolled), path, dtype, hf_config)
         config, adapter = fmt.from_hf(d, tensors, {"params": unrolled}, ctx)
         return config, {**scan.stack_adapter(adapter, n_scanned), **heads}
-    ctx = ImportContext(module_leaves(inner), path, dtype, hf_config)
+    ctx = ImportContext(module_leaves(inner), path, dtype, hf_config, layouts)
     config, adapter = fmt.from_hf(d, tensors, params, ctx)
     return config, {**adapter, **heads}
 
@@ -740,7 +757,7 @@ def _base_change(config, adapter):
     return None if hook is None else hook(config, adapter)
 
 
-def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, dict]:
+def load_peft(path: str, params, *, dtype=jnp.float32, model=None, example_args=()) -> tuple[AdapterConfig, dict]:
     """Reads a Hugging Face PEFT adapter folder for a jpeft base.
 
     Args:
@@ -749,6 +766,10 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
         for a layer-scanned base the per-layer sites are stacked (:mod:`jpeft.scan`). For an
         NNX model its ``nnx.State`` or the ``nnx.Module`` itself (docs/NNX.md).
       dtype: dtype of the adapter arrays.
+      model, example_args: the ``flax.linen`` model and an example input, as given to
+        :func:`jpeft.init`, for an adapter on modules whose layout the kernel's shape alone
+        does not tell: a LoRA on a ``torch.nn.Conv1d/2d/3d`` loads onto the ``nn.Conv`` of the
+        same weights (kernel ``[*window, in, out]``). Not needed for Linear / Embedding sites.
 
     Returns:
       ``(config, adapter)``: ``jpeft.apply(model, params, adapter, ids)`` gives the output of
@@ -764,7 +785,7 @@ def load_peft(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, d
         both sides are listed).
       CheckpointError: a truncated or corrupted weights file.
     """
-    config, adapter = _load(path, nnx_state_of(params), dtype)
+    config, adapter = _load(path, nnx_state_of(params), dtype, _traced_layouts(params, model, example_args))
     change = _base_change(config, adapter)
     if change is not None:
         kind = change[0]

@@ -47,6 +47,9 @@ class ImportContext:
     dtype: Any
     # the config.json of the file's base_model_name_or_path when that is a local model folder (PEFT's base)
     hf_config: Optional[Mapping[str, Any]] = None
+    # {module_path: Layout} from tracing the model (load_peft's model=, example_args=), else None: the
+    # layouts of modules whose kernel's shape alone does not tell them (nn.Conv)
+    layouts: Optional[Mapping[str, Any]] = None
 
 
 def ties_word_embeddings(hf_config: Optional[Mapping[str, Any]]) -> Optional[bool]:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject, scan
-from jpeft.errors import BaseMismatchError, CheckpointError, UnsupportedAdapterError
+from jpeft.errors import BaseMismatchError, CheckpointError, LayoutError, UnsupportedAdapterError
 from jpeft.methods import pissa
 from jpeft.methods._common import SavedModule, saved_from_hf, saved_to_hf
 from jpeft.methods.base import Kind, Method, register_method
@@ -90,9 +90,13 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
                 tensors[peft_key("lm_head", "lora_B.weight")] = to_np(node.lora_A).copy()
                 add_site_pattern(rank_pattern, alpha_pattern, "lm_head", r, alpha, config)
                 tied = True
-        elif node.layout.kind == Kind.DENSE:
-            tensors[peft_key(path, "lora_A.weight")] = to_np(node.lora_A).T.copy()
-            tensors[peft_key(path, "lora_B.weight")] = to_np(node.lora_B).T.copy()
+        elif node.layout.kind in (Kind.DENSE, Kind.CONV):
+            if node.layout.kind == Kind.CONV:  # PEFT's ConvNd LoRA: lora_A a conv, lora_B a 1x1 conv
+                a_t, b_t = _conv_factors_to_hf(to_np(node.lora_A), to_np(node.lora_B), node.layout)
+            else:
+                a_t, b_t = to_np(node.lora_A).T.copy(), to_np(node.lora_B).T.copy()
+            tensors[peft_key(path, "lora_A.weight")] = a_t
+            tensors[peft_key(path, "lora_B.weight")] = b_t
             if node.lora_bias is not None:
                 tensors[peft_key(path, "lora_B.bias")] = to_np(node.lora_bias)
             if node.base_bias is not None:
@@ -105,10 +109,13 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         else:
             raise UnsupportedAdapterError(
                 f"site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
-                "nn.Dense and nn.Embed sites (the layers of jpeft.models)."
+                "nn.Dense, nn.Conv and nn.Embed sites (PEFT's Linear, ConvNd and Embedding)."
             )
         if node.magnitude is not None:
-            tensors[peft_key(path, "lora_magnitude_vector")] = to_np(node.magnitude)
+            mag = to_np(node.magnitude)
+            if node.layout.kind == Kind.CONV:  # PEFT's ConvNd DoRA: [1, out, 1, ...]
+                mag = mag.reshape((1, -1) + (1,) * (len(node.layout.kernel_shape) - 2))
+            tensors[peft_key(path, "lora_magnitude_vector")] = mag
         if (node.lora_bias is not None) != config.lora_bias:
             raise UnsupportedAdapterError(
                 f"the config says lora_bias={config.lora_bias}, but the site {path!r} "
@@ -430,12 +437,63 @@ def _take_tied_token_values(values: dict, ctx: ImportContext) -> None:
         del values[path]
 
 
+def _site_layout(path: str, own, ctx: ImportContext):
+    """The layout of the module at ``path``: the traced one for a conv (``load_peft(...,
+    model=, example_args=)``), else the one its kernel's shape alone tells (Dense, Embed)."""
+    traced = (ctx.layouts or {}).get(path)
+    if traced is not None and traced.kind == Kind.CONV:
+        return traced
+    try:
+        return _inject.infer_layout(path, own)
+    except LayoutError:
+        shape = tuple(own["kernel"].shape)
+        if ctx.layouts is None:
+            fix = ("If it is an nn.Conv (PEFT's LoRA on a torch Conv1d/2d/3d), pass the model and an example input so "
+                   "jpeft can see the module: jpeft.hf.load_peft(path, params, model=model, example_args=(x,)).")
+        else:
+            what = ("no layout there (a module example_args do not call, or one jpeft cannot adapt, such as a grouped "
+                    "nn.Conv)" if traced is None else f"a {traced.kind} module")
+            fix = (f"Tracing the model found {what}; PEFT's LoRA adapts Linear, Embedding and ConvNd layers, whose "
+                   "twins are nn.Dense, nn.Embed and nn.Conv.")
+        raise LayoutError(
+            f"adapter site {hf_name(path)!r}: the base module has a {len(shape)}-D kernel {shape}, whose input and "
+            f"output axes its shape alone does not tell (expected a 2-D Dense kernel or a traced nn.Conv). {fix}"
+        ) from None
+
+
+def _conv_factors_from_hf(path: str, a_t: np.ndarray, b_t: np.ndarray, layout) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's ConvNd LoRA factors (``lora_A``: a conv ``[r, in, *window]``, ``lora_B``: a 1x1 conv
+    ``[out, r, 1, ...]``) as jpeft's ``[window * in, r]`` / ``[r, out]`` for a flax ``nn.Conv``
+    kernel ``[*window, in, out]`` (its input axes flattened in that order)."""
+    nd = len(layout.kernel_shape)
+    want_a = (layout.kernel_shape[-2],) + tuple(layout.kernel_shape[:-2])  # [in, *window] after r
+    if a_t.ndim != nd or b_t.ndim != nd or any(n != 1 for n in b_t.shape[2:]) \
+            or tuple(a_t.shape[1:]) != want_a or b_t.shape[1] != a_t.shape[0]:
+        raise BaseMismatchError(
+            f"adapter site {hf_name(path)!r}: lora_A has shape {tuple(a_t.shape)} and lora_B {tuple(b_t.shape)}, but "
+            f"the base nn.Conv kernel {tuple(layout.kernel_shape)} needs lora_A [r, {layout.kernel_shape[-2]}, "
+            f"{', '.join(map(str, layout.kernel_shape[:-2]))}] and lora_B [{layout.kernel_shape[-1]}, r{', 1' * (nd - 2)}]. "
+            "Load the adapter on the base it was made for."
+        )
+    r = a_t.shape[0]
+    a = a_t.transpose(tuple(range(2, nd)) + (1, 0)).reshape(-1, r)
+    return a, b_t.reshape(b_t.shape[0], r).T
+
+
+def _conv_factors_to_hf(a, b, layout) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`_conv_factors_from_hf`."""
+    nd = len(layout.kernel_shape)
+    r = a.shape[1]
+    a_t = a.reshape(tuple(layout.in_dims) + (r,)).transpose((nd - 1, nd - 2) + tuple(range(nd - 2)))
+    return np.ascontiguousarray(a_t), np.ascontiguousarray(b.T.reshape((b.shape[1], r) + (1,) * (nd - 2)))
+
+
 def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfig, residual, tied: bool,
                        ctx: ImportContext) -> LoraWeights:
     """The LoRA site at ``path`` from its PEFT tensors ``t``, after checking each against the
     base module and the config (ranks, shapes, DoRA magnitudes, biases)."""
     own = ctx.leaves[path]
-    layout = _inject.infer_layout(path, own)
+    layout = _site_layout(path, own, ctx)
     if layout.kind == Kind.EMBED:
         need = ("lora_embedding_A", "lora_embedding_B")
     else:
@@ -446,8 +504,11 @@ def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfi
             f"adapter site {hf_name(path)!r} lacks {miss} (found {sorted(t)}); the base module is a "
             f"{layout.kind} layer. Was the adapter made for another architecture?"
         )
-    a = np.asarray(t[need[0]]).T  # [in, r]
-    b = np.asarray(t[need[1]]).T  # [r, out]
+    if layout.kind == Kind.CONV:
+        a, b = _conv_factors_from_hf(path, np.asarray(t[need[0]]), np.asarray(t[need[1]]), layout)
+    else:
+        a = np.asarray(t[need[0]]).T  # [in, r]
+        b = np.asarray(t[need[1]]).T  # [r, out]
     r_cfg, alpha = config.rank_alpha(path)
     if a.shape[1] != b.shape[0] or a.shape[1] != r_cfg:
         raise CheckpointError(
@@ -460,6 +521,9 @@ def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfi
             f"maps {layout.in_features} -> {layout.out_features}. Load the adapter on the base it was made for."
         )
     mag = t.get("lora_magnitude_vector")
+    if mag is not None and layout.kind == Kind.CONV and mag.ndim == len(layout.kernel_shape) \
+            and mag.shape[0] == 1 and all(n == 1 for n in mag.shape[2:]):
+        mag = mag.reshape(-1)  # PEFT's ConvNd DoRA keeps it as [1, out, 1, ...] (one per output channel)
     if config.use_dora and mag is None:
         raise CheckpointError(f"use_dora is set but site {hf_name(path)!r} has no lora_magnitude_vector.")
     if mag is not None and (not config.use_dora or mag.shape != (layout.out_features,)):
