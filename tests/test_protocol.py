@@ -557,11 +557,9 @@ _OPTIONAL_IN_FUNCTIONS = {
     "jax._src.distributed": "loaded: the one JAX-internal module jpeft reads (no public accessor), at its one use, so "
                             "that only that call breaks if JAX moves it",
 }
-# stdlib modules imported inside functions although `import jpeft` has loaded them: older cases (the Ctrl-C
-# handling and the error report of jpeft/cli/__init__.py); move them to the module's top and take them out of
-# this set.
-_STDLIB_LEFT_IN_FUNCTIONS = {("jpeft.cli", "signal"), ("jpeft.cli", "threading"), ("jpeft.cli", "weakref"),
-                             ("jpeft.cli", "traceback")}
+# stdlib modules imported inside functions although `import jpeft` has loaded them: none left (the Ctrl-C
+# handling and error report of jpeft/cli/__init__.py were the last, moved to its top in audit round 22).
+_STDLIB_LEFT_IN_FUNCTIONS: set = set()
 
 
 def _optional(name: str) -> bool:

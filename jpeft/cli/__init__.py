@@ -28,9 +28,13 @@ from __future__ import annotations
 import _thread
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
+import traceback
 import warnings
+import weakref
 from typing import Optional, Sequence
 
 from _jpeft_args import UsageError, build_parser, one_line, parse_command_line
@@ -128,9 +132,6 @@ def _ctrl_c_never_lost():
     or :func:`jpeft.fit`'s, which saves and stops). A KeyboardInterrupt raised some other way
     that ends in an ignoring callback is delivered again too. The handler is installed only in
     the main thread over Python's default one (not over an embedding program's own)."""
-    import signal
-    import threading
-    import weakref
 
     state, watched, previous = {"active": True, "handled": False}, set(), sys.unraisablehook
 
@@ -175,7 +176,6 @@ def _cancel_timers_left_running():
     start-up is slow) around the client's creation, and a Ctrl-C there left it running. Python
     waits for such threads before it exits, so the command printed "interrupted" and then hung
     for a minute. After a Ctrl-C nothing they would do is wanted."""
-    import threading
 
     for t in threading.enumerate():
         if isinstance(t, threading.Timer) and t.is_alive():
@@ -300,7 +300,6 @@ def _unexpected(e: Exception):
         return 2, (f"DistributedError: an operation across the processes of this job failed ({one_line(e)[:200]}): "
                    "another process left the job (killed, crashed, or stopped by an error: see its output); this "
                    "process stops too. Start every process again (with --resume to continue from the last checkpoint).")
-    import traceback
 
     traceback.print_exc()
     return 1, f"{type(e).__name__}: {e}"
