@@ -244,6 +244,8 @@ def add_train(sub):
     g.add_argument("--process-id", type=int, default=None, help="index of this process, 0..N-1")
     g.add_argument("--cluster-auto", action="store_true",
                    help="let JAX find the job's processes (TPU VM pod slices, SLURM, Open MPI)")
+    g.add_argument("--join-timeout", type=int, default=300, metavar="SECONDS",
+                   help="seconds to wait for every process to join before stopping with an error (default 300)")
     return p
 
 

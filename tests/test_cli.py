@@ -1642,7 +1642,7 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
 
 
 @pytest.mark.parametrize("case", ["max_steps", "resume", "own_folder", "locked", "apart", "devices", "no_config",
-                                  "devices_no_config", "model"])
+                                  "devices_no_config", "model", "eval"])
 def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_dir, case):
     """--max-steps and --resume are command-line options outside the resolved config: processes
     started with different --max-steps used to pass the agreement check, and the one stopping
@@ -1665,12 +1665,23 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     copies of the model folder hold different weights (``model``: the same architecture, one
     weight changed; the folder's path is not a setting the processes must share) trained a mix
     of the two models without a word, each process reading its own shards from its own copy (a
-    2-process fsdp=2 run ended 3e-2 away from the one-device adapter); refused by name."""
+    2-process fsdp=2 run ended 3e-2 away from the one-device adapter); refused by name. Hosts
+    holding different files at the same ``data.eval`` path (``eval``: the path, a setting every
+    process shares, is ``/proc/self/cwd/...``, each process started in another folder holding its
+    own copy; one line changed) trained to the end without a word, each evaluating its own file;
+    refused by name."""
     import fcntl
     import socket
 
     name = f"mesh_2p_{case}"
     cfg = write_config(hf_dir, name, steps=4, save_every=0, eval_every=0)
+    cwds = [None, None]
+    if case == "eval":  # one path naming each process's own file: the file in the folder it was started in
+        cwds = [hf_dir / f"{name}_host{i}" for i in range(2)]
+        lines = (hf_dir / "eval.jsonl").read_text().splitlines(keepends=True)
+        for i, folder in enumerate(cwds):
+            folder.mkdir(exist_ok=True)
+            (folder / "eval.jsonl").write_text("".join(lines[:-1]) + ('{"text": "another host\'s line"}\n' if i else lines[-1]))
     if case == "resume":  # a folder with a checkpoint step (never read: the check comes first)
         (hf_dir / name / "checkpoints" / "1").mkdir(parents=True)
     env1 = dict(ENV, XLA_FLAGS=f"{ENV.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1")
@@ -1689,7 +1700,8 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
              "no_config": ([], ["--config", str(hf_dir / "missing.toml")]),
              "devices_no_config": ([], ["--config", str(hf_dir / "missing.toml")]),
              # process 1's host holds another copy of the model: the same files, one tensor changed
-             "model": ([], ["--set", f"model={hf_dir / 'tiny-llama-other'}"])}[case]
+             "model": ([], ["--set", f"model={hf_dir / 'tiny-llama-other'}"]),
+             "eval": (["--set", "data.eval=/proc/self/cwd/eval.jsonl"],) * 2}[case]
     if case == "model" and not (hf_dir / "tiny-llama-other").exists():
         from safetensors.numpy import load_file, save_file
 
@@ -1708,7 +1720,7 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
     procs = [subprocess.Popen([sys.executable, "-m", "jpeft.cli", "train", "--config", str(cfg), "--no-progress",
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
                                *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env2 if case.startswith("devices") and i == 1 else env1)
+                              env=env2 if case.startswith("devices") and i == 1 else env1, cwd=cwds[i])
              for i in range(2)]
     try:
         outs = [p.communicate(timeout=150 if case != "locked" else 90)[1] for p in procs]
@@ -1747,6 +1759,11 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
                    "files of the model folder" in error_line(o) for o in outs)
         assert not (hf_dir / name / "metrics.jsonl").exists() and not (hf_dir / name / "adapter").exists()
         return
+    if case == "eval":
+        assert all("process(es) [1] of this job were given different evaluation data than process 0 (the data.eval "
+                   "file" in error_line(o) for o in outs)
+        assert not (hf_dir / name / "metrics.jsonl").exists() and not (hf_dir / name / "adapter").exists()
+        return
     if case == "own_folder":
         assert "process(es) [1] of this job stopped before training with an error of their own" in error_line(outs[0])
         assert "holds the finished adapter of an earlier run" in error_line(outs[1])
@@ -1756,6 +1773,29 @@ def test_two_processes_with_different_max_steps_are_refused_not_left_waiting(hf_
                for o in outs)
     assert case == "resume" or not (hf_dir / name / "checkpoints").exists()
 
+
+
+def test_join_timeout_ends_a_process_whose_peers_never_join_within_seconds(hf_dir, capsys):
+    """The join's 300 s timeout had no ``jpeft train`` option: process 0 of a job whose process 1
+    was never started (or was given another port) waited 5 minutes for the one line saying so.
+    ``--join-timeout 3`` ends it with that line after 3 s; a timeout that is not positive is
+    refused before joining."""
+    import socket
+
+    cfg = write_config(hf_dir, "join_alone", steps=4, save_every=0, eval_every=0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    join = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", *join, "--join-timeout", "0")
+    assert r.returncode == 2
+    assert "ConfigError: --join-timeout must be a positive number of seconds, found 0." in error_line(r.stderr)
+    p = jpeft_cmd("train", "--config", cfg, "--no-progress", *join, "--join-timeout", "3", timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert error_line(p.stderr).startswith(
+        "jpeft train: error: DistributedError: not every process of this job joined it within initialization_timeout "
+        f"= 3 s (process 0 of 2, coordinator 127.0.0.1:{port})"), p.stderr[-3000:]
+    assert not (hf_dir / "join_alone").exists()
 
 # ------------------------------------------------------------------------- eval/export/merge
 def _torch_loss(model, rows, mask):

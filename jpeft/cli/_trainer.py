@@ -577,6 +577,8 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
             eval_rows(eval_ds, int(t["batch_size"]), t["eval_batches"], "train.eval_batches")
 
         data_sha = agreed["data_sha"] = data_fingerprint(train_ds)
+        # agreed too: the path is a setting every process shares, but each host reads its own copy of the file
+        eval_sha = agreed["eval_sha"] = data_fingerprint(eval_ds) if eval_ds is not None else ""
         if saved is not None:
             _check_resumed_fingerprint(out_dir, saved, "train_data_sha256", data_sha)
     # before the output folder is made: an empty canary file leaves nothing behind
@@ -604,7 +606,7 @@ def train(cfg: dict, *, resume: bool = False, max_steps: Optional[int] = None, p
         # Only process 0 takes the lock: the others learn its refusal at one more data agreement and stop naming
         # it, instead of waiting for process 0 in the first step's collectives
         with _host_checks(cfg) as agreed:
-            agreed.update(data_sha=data_sha, model_sha=base_sha)
+            agreed.update(data_sha=data_sha, eval_sha=eval_sha, model_sha=base_sha)
             try:
                 ckpts.lock()
                 locked = True
@@ -669,7 +671,7 @@ def _host_checks(cfg: dict):
     """Wraps :func:`train`'s checks and reads of the host's own files (output folder, model,
     data), and then its taking of the output folder's writer lock (process 0's alone). With
     several processes, ends in the data agreement of :func:`_check_data_agrees`
-    (``agreed["data_sha"]`` and ``["model_sha"]``, set inside the block); a process whose block raised joins that
+    (``agreed["data_sha"]``, ``["eval_sha"]`` and ``["model_sha"]``, set inside the block); a process whose block raised joins that
     agreement as failed (``agreed["stopped"]``: why, :data:`_OWN_ERROR` unless set) and then
     raises its own error, so the others stop with an error naming it rather than waiting in
     the agreement, or in the first step's collectives, for a process that will never reach it."""
@@ -810,13 +812,15 @@ def _check_output_shared(out_dir: str) -> None:
 def _check_data_agrees(shas: dict, *, failed: int = 0) -> None:
     """The second agreement of a multi-host run, held again once process 0 took the writer lock:
     every process packed the same training data (``shas["data_sha"]``: :func:`data_fingerprint`)
-    and read the same base weights (``shas["model_sha"]``:
+    and evaluation data (``shas["eval_sha"]``, ``""`` without ``data.eval``: the path is a
+    setting they share, the file each host's own copy) and read the same base weights (``shas["model_sha"]``:
     :func:`jpeft.models.loading.weights_fingerprint`; the model folder's path may differ per host,
     its weights may not: each process reads its own shards from its own copy).
     ``failed``: this process stopped (:data:`_OWN_ERROR`: it could not read its files;
     :data:`_LOCKED_OUT`: another run holds the output folder's writer lock) and raises its own
     error afterwards; the others are told which process stopped, and why."""
     parts = [("training data", "the data.train file", shas.get("data_sha", "").encode()),
+             ("evaluation data", "the data.eval file at the same path on each host", shas.get("eval_sha", "").encode()),
              ("model weights", "the safetensors files of the model folder: each process reads its own shards from its "
               "own copy, so the job would train a mix of two models", shas.get("model_sha", "").encode())]
     every = _gather_digests(parts, extra=failed)

@@ -342,9 +342,11 @@ def run(args) -> int:
     joined = args.coordinator is not None or args.num_processes is not None or args.process_id is not None \
         or args.cluster_auto
     if joined:
+        if args.join_timeout <= 0:  # before the join: JAX would take it as no time at all to wait
+            raise ConfigError(f"--join-timeout must be a positive number of seconds, found {args.join_timeout}.")
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                auto=True if args.cluster_auto else None, fail_together=False,  # cli._end does it
-                               on_join_timeout=_another_process_failed)
+                               initialization_timeout=args.join_timeout, on_join_timeout=_another_process_failed)
         _sigterm_as_ctrl_c()
         distributed.watch_for_failures(_another_process_failed)
     try:
