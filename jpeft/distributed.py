@@ -153,7 +153,7 @@ def initialize(
             ) from e
         raise DistributedError(
             f"jax.distributed.initialize failed for coordinator={explicit[0]!r}, num_processes={explicit[1]!r}, "
-            f"process_id={explicit[2]!r}: {e}. Check that every process uses the same coordinator address and "
+            f"process_id={explicit[2]!r}: {str(e).rstrip('.')}. Check that every process uses the same coordinator address and "
             "count, that process 0 runs on the coordinator host, and that the port is open."
         ) from e
     finally:

@@ -1793,7 +1793,7 @@ def test_join_timeout_ends_a_process_whose_peers_never_join_within_seconds(hf_di
     p = jpeft_cmd("train", "--config", cfg, "--no-progress", *join, "--join-timeout", "3", timeout=120)
     assert p.returncode == 2, p.stderr[-3000:]
     assert error_line(p.stderr).startswith(
-        "jpeft train: error: DistributedError: not every process of this job joined it within initialization_timeout "
+        "jpeft train: error: DistributedError: not every process of this job joined it within --join-timeout "
         f"= 3 s (process 0 of 2, coordinator 127.0.0.1:{port})"), p.stderr[-3000:]
     assert not (hf_dir / "join_alone").exists()
 

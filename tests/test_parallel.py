@@ -543,6 +543,12 @@ def test_initialize_arguments():
     r = subprocess.run([sys.executable, "-c", "from jpeft import distributed as d; d.initialize(auto=True)"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "cluster auto-detection found no cluster" in r.stderr, r.stderr[-2000:]
+    # JAX's refusal of an out-of-range process id, quoted once: its message ends in a period, and the fix followed
+    # it after another one ("...num_processes=2.. Check that")
+    r = subprocess.run([sys.executable, "-c", "from jpeft import distributed as d; d.initialize('127.0.0.1:1', 2, 5)"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "process_id=5, num_processes=2. Check that every process uses" in line, line
 
 
 _SPLIT_READ_WORKER = r"""

@@ -346,7 +346,10 @@ def run(args) -> int:
             raise ConfigError(f"--join-timeout must be a positive number of seconds, found {args.join_timeout}.")
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                auto=True if args.cluster_auto else None, fail_together=False,  # cli._end does it
-                               initialization_timeout=args.join_timeout, on_join_timeout=_another_process_failed)
+                               initialization_timeout=args.join_timeout,
+                               # the library's parameter is this command's --join-timeout
+                               on_join_timeout=lambda m: _another_process_failed(
+                                   m.replace("initialization_timeout", "--join-timeout")))
         _sigterm_as_ctrl_c()
         distributed.watch_for_failures(_another_process_failed)
     try:
