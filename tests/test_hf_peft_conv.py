@@ -4,6 +4,8 @@ save_peft writes files PEFT loads with the same numbers, and without the model t
 names the fix (a file for another conv window is refused). Every adapter tensor random."""
 
 import copy
+import os
+import sys
 
 import flax.linen as nn
 import jax
@@ -14,6 +16,9 @@ import pytest
 import jpeft
 from jpeft import hf as H
 from jpeft.errors import BaseMismatchError, LayoutError
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
 
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
@@ -56,12 +61,7 @@ def _twin():
 
 
 def _random_lora(pm, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return pm.eval()
+    return tiny.perturb_trainable(pm, seed)  # every trainable tensor + 0.3 N(0, 1)
 
 
 @pytest.mark.parametrize("kw", [

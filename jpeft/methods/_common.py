@@ -361,6 +361,28 @@ def with_trainable_biases(bias: str, field: str, leaves: Mapping[str, Mapping[st
     return out
 
 
+def trained_biases_from_hf(found: Mapping[str, Any], bias: str, leaves: Mapping[str, Mapping[str, Any]], dtype,
+                           taken) -> dict:
+    """The bias-only :class:`SavedModule` sites of PEFT's ``bias`` option read from a file (LoRA's and
+    OFT's ``<module>.bias`` keys): ``found`` maps a module path to its trained bias, checked against the
+    base's bias shape; with ``bias="all"`` every other module's bias not in ``taken`` (paths that hold a
+    site already) too, at the base's value (PEFT trains every bias; one missing from the file keeps it).
+
+    Raises:
+      BaseMismatchError: a trained bias of another shape than the base's."""
+    out = {}
+    for path, v in found.items():
+        b = leaves[path]["bias"]
+        if tuple(np.shape(v)) != tuple(np.shape(b)):
+            raise BaseMismatchError(f"the bias of {hf_name(path)!r} has shape {np.shape(v)}, the base's {tuple(np.shape(b))}.")
+        out[path] = SavedModule({"bias": jnp.asarray(v, dtype)})
+    if bias == "all":
+        for path, own in leaves.items():
+            if path not in taken and path not in out and "bias" in own:
+                out[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), dtype)})
+    return out
+
+
 def saved_to_hf(path: str, node: SavedModule) -> dict:
     """PEFT's keys for a module of modules_to_save: the module's own PyTorch parameter names
     (PEFT saves the copy without its ``modules_to_save.<adapter>`` infix)."""

@@ -22,7 +22,7 @@ import numpy as np
 from jpeft import _inject, scan
 from jpeft.errors import BaseMismatchError, CheckpointError, LayoutError, UnsupportedAdapterError
 from jpeft.methods import pissa
-from jpeft.methods._common import SavedModule, saved_from_hf, saved_to_hf
+from jpeft.methods._common import SavedModule, saved_from_hf, saved_to_hf, trained_biases_from_hf
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
@@ -293,17 +293,9 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
                for path in sorted(by_site)}
     adapter.update(_saved_sites_from_hf(config, found, ctx))
     adapter.update(_tokens_from_hf(config, found.token_values, leaves, ctx))
-    for path, v in found.biases.items():
-        if path in adapter:
-            continue  # a module of modules_to_save holds its bias already
-        b = leaves[path]["bias"]
-        if tuple(np.shape(v)) != tuple(np.shape(b)):
-            raise BaseMismatchError(f"the bias of {hf_name(path)!r} has shape {np.shape(v)}, the base's {tuple(np.shape(b))}.")
-        adapter[path] = SavedModule({"bias": jnp.asarray(v, ctx.dtype)})
-    if config.bias == "all":  # PEFT trains every bias; one missing from the file keeps the base's value
-        for path, own in leaves.items():
-            if path not in adapter and "bias" in own:
-                adapter[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), ctx.dtype)})
+    # a module of modules_to_save holds its bias already
+    adapter.update(trained_biases_from_hf({p: v for p, v in found.biases.items() if p not in adapter}, config.bias,
+                                          leaves, ctx.dtype, adapter))
     return config, adapter
 
 

@@ -72,7 +72,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import HEAD_MODULES, SavedModule, linear_candidates, linear_layout, with_trainable_biases
+from jpeft.methods._common import (HEAD_MODULES, SavedModule, linear_candidates, linear_layout, trained_biases_from_hf,
+                                   with_trainable_biases)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors, split_peft_key
 from jpeft.tree import hf_name, linear_only, select
@@ -602,15 +603,8 @@ def _from_hf(d, tensors, params, ctx):
         if path in adapter:
             raise CheckpointError(f"the OFT adapter in {ctx.folder!r} has {k!r}, the bias of an OFT site, which PEFT "
                                   "saves as base_layer.bias; the file is not PEFT's.")
-        b = ctx.leaves[path]["bias"]
-        if tuple(np.shape(tensors[k])) != tuple(np.shape(b)):
-            raise BaseMismatchError(f"the bias of {hf_name(path)!r} has shape {np.shape(tensors[k])}, the base's "
-                                    f"{tuple(np.shape(b))}.")
-        adapter[path] = SavedModule({"bias": jnp.asarray(tensors[k], ctx.dtype)})
-    if config.bias == "all":  # PEFT trains every bias; one missing from the file keeps the base's value
-        for path, own in ctx.leaves.items():
-            if path not in adapter and "bias" in own:
-                adapter[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), ctx.dtype)})
+    adapter.update(trained_biases_from_hf({path: tensors[k] for k, path in biases.items()}, config.bias, ctx.leaves,
+                                          ctx.dtype, adapter))
     return config, adapter
 
 
