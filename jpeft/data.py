@@ -55,7 +55,7 @@ from jax.custom_derivatives import SymbolicZero
 from jpeft.errors import ConfigError, InputValidationError, LoadError
 
 __all__ = [
-    "load_examples", "is_conversation", "render_chat", "chat_template_inputs", "tokenize_examples", "tokenize_documents",
+    "load_examples", "is_conversation", "render_chat", "chat_template_inputs", "chat_messages", "tokenize_examples", "tokenize_documents",
     "pack", "pack_documents",
     "PackedDataset", "model_inputs", "causal_lm_loss", "causal_lm_loss_chunked", "PACKINGS", "CHAT_LOSSES",
 ]
@@ -79,7 +79,7 @@ def load_examples(
     :func:`render_chat`): ``{"messages": [...], "where": "file:line"}``, or
     ``{"prompt": [...], "completion": [...], "where": ...}`` (TRL's conversational prompt/completion),
     with the line's ``tools`` (TRL's column: a list of JSON-schema objects that the chat template
-    renders; ``null`` is none) as ``"tools"`` and its ``chat_template_kwargs`` (TRL's column: an object of
+    renders, or a JSON string of that list, decoded as TRL decodes it; ``null`` is none) as ``"tools"`` and its ``chat_template_kwargs`` (TRL's column: an object of
     the template's variables, such as ``{"enable_thinking": false}``) as ``"chat_template_kwargs"`` when it
     has them.
 
@@ -94,7 +94,9 @@ def load_examples(
         neither ``text_field`` nor both ``prompt_field`` and ``completion_field`` nor ``messages_field``,
         or one of those values is not a string (``null``, a number, a list) or holds a lone surrogate
         escape (``"\\ud800"``, which JSON reads but is not text); a conversation is not a non-empty list
-        of ``{"role": str, "content": str}`` objects, its ``tools`` is not a list of objects, or its
+        of ``{"role": str, "content": str}`` objects (an assistant turn with ``tool_calls`` may have no content;
+        :func:`chat_messages` refuses its malformed calls), its ``tools`` is not a list of objects (nor a JSON
+        string of one, which is decoded as TRL does), or its
         ``chat_template_kwargs`` is not an object or sets an argument of ``apply_chat_template``
         (:func:`chat_template_inputs`).
 
@@ -168,6 +170,8 @@ def _messages(path: str, lineno: int, row: Mapping, field: str) -> list[dict]:
         found = "an empty list" if isinstance(v, list) else type(v).__name__
         raise LoadError(f"{at} must be a non-empty list of {{\"role\": ..., \"content\": ...}} messages, found {found}.")
     for k, m in enumerate(v):
+        if isinstance(m, Mapping) and m.get("role") == "assistant" and m.get("tool_calls") and m.get("content") is None:
+            continue  # a tool call without text: its content null or left out (OpenAI's and transformers' form)
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             sharegpt = isinstance(m, Mapping) and "from" in m and "value" in m
             raise LoadError(
@@ -178,10 +182,13 @@ def _messages(path: str, lineno: int, row: Mapping, field: str) -> list[dict]:
         if not isinstance(m["content"], str):
             found = "null" if m["content"] is None else f"{type(m['content']).__name__} {json.dumps(m['content'])[:60]}"
             raise LoadError(f"{at}: message {k}'s \"content\" must be a string, found {found}: jpeft reads text-only "
-                            "conversations (no content parts, images or tool calls without text). Write the content as "
-                            "one string, or drop the message.")
+                            "conversations (no content parts or images; only an assistant turn with \"tool_calls\" may "
+                            "have none). Write the content as one string, or drop the message.")
         _string(f"{at}: message {k}'s \"content\"", m["content"])
-    return [dict(m) for m in v]
+    try:
+        return chat_messages(v)
+    except InputValidationError as e:
+        raise LoadError(f"{at}: {e}") from None
 
 
 # apply_chat_template's own arguments (transformers 5), and the conversation it hands the template as `messages`: a
@@ -198,14 +205,27 @@ def chat_template_inputs(tools=None, chat_template_kwargs=None) -> dict:
     ``apply_chat_template(messages, tools=tools, **chat_template_kwargs)``, e.g. ``{"enable_thinking": false}``
     for Qwen 3's template); ``None`` is none. :func:`render_chat` and ``jpeft serve`` render with them.
 
+    ``tools`` may also be a string holding that list as JSON (``json.dumps(tools)``, a common dataset layout, since a
+    column of JSON schemas of different shapes is stored as text): it is decoded, ``json.loads(tools)``, as TRL's
+    trainers decode it.
+
     Raises:
-      InputValidationError: ``tools`` is not a list of objects; ``chat_template_kwargs`` is not an object, or
-        names one of ``apply_chat_template``'s own arguments (``add_generation_prompt``, ``tools``, ...).
+      InputValidationError: ``tools`` is not a list of objects (nor a JSON string of one); ``chat_template_kwargs`` is
+        not an object, or names one of ``apply_chat_template``'s own arguments (``add_generation_prompt``, ``tools``,
+        ...).
 
     >>> chat_template_inputs(None, {"enable_thinking": False})
     {'enable_thinking': False}
     """
     out = {}
+    if isinstance(tools, str):  # TRL's trainers json.loads a string column (a dataset's common layout)
+        try:
+            tools = json.loads(tools)
+        except (ValueError, RecursionError) as e:
+            raise InputValidationError(
+                f"the 'tools' field is a string that is not JSON ({str(e)[:80]}): a string is read as TRL reads it, "
+                "json.loads(tools), and must hold a list of tool objects (json.dumps of the list), or null for none; "
+                f"found {json.dumps(tools)[:60]}.") from None
     if tools is not None:
         if not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
             found = (f"{type(tools).__name__} {json.dumps(tools)[:60]}" if not isinstance(tools, list) else
@@ -235,10 +255,60 @@ def _template_fields(path: str, lineno: int, row: Mapping) -> dict:
     """A conversation line's ``tools`` and ``chat_template_kwargs`` (each left out when absent or ``null``),
     checked by :func:`chat_template_inputs`, for :func:`render_chat` to pass to every rendering of it."""
     try:
-        chat_template_inputs(row.get("tools"), row.get("chat_template_kwargs"))
+        inputs = chat_template_inputs(row.get("tools"), row.get("chat_template_kwargs"))
     except InputValidationError as e:
         raise LoadError(f"{path}:{lineno}: {e}") from None
-    return {k: row[k] for k in ("tools", "chat_template_kwargs") if row.get(k) is not None}
+    out = {"tools": inputs["tools"]} if "tools" in inputs else {}  # a JSON string of tools decoded
+    return {**out, **({"chat_template_kwargs": row["chat_template_kwargs"]}
+                      if row.get("chat_template_kwargs") is not None else {})}
+
+
+def chat_messages(messages: Sequence[Mapping]) -> list[dict]:
+    """A conversation as jpeft hands it to the chat template, in training (:func:`render_chat`) and in ``jpeft
+    serve`` alike, so a served prompt is the trained one: each message a new dict with all its keys, and an
+    assistant turn's ``tool_calls`` whose ``function.arguments`` is a JSON string (OpenAI's API sends them so)
+    given that object instead (transformers' form: chat templates expect a dict and render a string as it is, or
+    fail on it; vLLM decodes them the same way before rendering). An assistant turn with ``tool_calls`` may have
+    ``content`` null or leave it out (OpenAI's and transformers' form).
+
+    Raises:
+      InputValidationError: a ``tool_calls`` that is not a list of objects each with a ``function`` object; an
+        ``arguments`` string that is not a JSON object.
+
+    >>> chat_messages([{"role": "assistant", "content": None, "tool_calls": [
+    ...     {"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}])[0]["tool_calls"]
+    [{'type': 'function', 'function': {'name': 'f', 'arguments': {'x': 1}}}]
+    """
+    out = []
+    for k, m in enumerate(messages):
+        m = dict(m)
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list) or not all(isinstance(c, Mapping) and isinstance(c.get("function"), Mapping)
+                                                      for c in calls):
+                raise InputValidationError(
+                    f"message {k}'s \"tool_calls\" must be a list of {{\"type\": \"function\", \"function\": "
+                    f"{{\"name\": ..., \"arguments\": ...}}}} objects, found {json.dumps(calls)[:80]}.")
+            m["tool_calls"] = [_decoded_call(k, c) for c in calls]
+        out.append(m)
+    return out
+
+
+def _decoded_call(k: int, call: Mapping) -> dict:
+    """A tool call with its ``function.arguments`` as an object: a JSON string of one is decoded."""
+    fn = dict(call["function"])
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            fn["arguments"] = json.loads(args)
+        except (ValueError, RecursionError):
+            fn["arguments"] = None
+        if not isinstance(fn["arguments"], Mapping):
+            raise InputValidationError(
+                f"message {k}'s tool call {fn.get('name')!r} has \"arguments\" {json.dumps(args)[:80]}, a string that "
+                "is not a JSON object; arguments are an object, or a JSON string of one (json.dumps(arguments), as "
+                "OpenAI's API writes them), which jpeft decodes, as vLLM does, since chat templates expect an object.")
+    return {**call, "function": fn}
 
 
 # said of a file holding one JSON array, or one object spread over lines (json.dump(..., indent=2)): .json is
@@ -459,13 +529,15 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
             out.append(ex)
         elif "messages" in ex:
             where = ex.get("where") or f"example {k}"
-            out.append(_render_messages(tokenizer, ex["messages"], where, chat_loss, _row_inputs(ex, where)))
+            out.append(_render_messages(tokenizer, _row_messages(ex["messages"], where), where, chat_loss,
+                                        _row_inputs(ex, where)))
             idle += [where] if not out[-1]["targets"] else []
         else:  # TRL's conversational prompt/completion
             where = ex.get("where") or f"example {k}"
             inputs = _row_inputs(ex, where)
-            prompt = _render(tokenizer, ex["prompt"], where, True, inputs)
-            full = _render(tokenizer, list(ex["prompt"]) + list(ex["completion"]), where, False, inputs)
+            turns = _row_messages(list(ex["prompt"]) + list(ex["completion"]), where)
+            prompt = _render(tokenizer, turns[:len(ex["prompt"])], where, True, inputs)
+            full = _render(tokenizer, turns, where, False, inputs)
             if not full.startswith(prompt):
                 raise LoadError(_unstable(where, "the prompt with the generation prompt", "prompt + completion", "this row "
                                           "as a 'messages' conversation with chat_loss = \"all\""))
@@ -475,6 +547,14 @@ def render_chat(examples: Iterable[Mapping[str, Any]], tokenizer, *, chat_loss: 
                       "(chat_loss = \"assistant\"); add the replies, drop them, or train every token (chat_loss = "
                       "\"all\").", stacklevel=2)
     return out
+
+
+def _row_messages(messages, where: str) -> list[dict]:
+    """:func:`chat_messages` of a row (again here: a row built in Python did not pass through :func:`load_examples`)."""
+    try:
+        return chat_messages(messages)
+    except InputValidationError as e:
+        raise LoadError(f"{where}: {e}") from None
 
 
 def _row_inputs(ex: Mapping, where: str) -> dict:

@@ -408,7 +408,9 @@ def make_train_step(
     """A jitted ``step(params, adapter, opt_state, batch, key) -> (adapter, opt_state, metrics)``.
 
     The adapter and optimizer-state buffers are donated (pass ``donate=False`` to keep the
-    inputs usable). ``metrics`` holds ``loss``, ``grad_norm``, ``skipped`` (1 when the
+    inputs usable); a call given ones an earlier call donated raises ``InputValidationError``
+    naming the argument (an :class:`~jpeft.AdapterBank`'s ``weights`` too), not JAX's bare
+    "Buffer has been deleted or donated". ``metrics`` holds ``loss``, ``grad_norm``, ``skipped`` (1 when the
     non-finite guard skipped the update) and whatever dict ``loss_fn`` returned as aux.
     ``accumulate_steps=k`` computes the gradients ``k`` equal micro-batches of the batch at a
     time inside the step (a ``lax.scan``), with ``1/k`` of the activation memory; one call is
@@ -439,5 +441,55 @@ def make_train_step(
     """
     body = make_step_fn(loss_fn, optimizer, skip_nonfinite=skip_nonfinite, accumulate_steps=accumulate_steps,
                         loss_weight=loss_weight)
-    return jax.jit(body, donate_argnums=(1, 2) if donate else (),
-                   compiler_options=dict(compiler_options) if compiler_options else None)
+    jitted = jax.jit(body, donate_argnums=(1, 2) if donate else (),
+                     compiler_options=dict(compiler_options) if compiler_options else None)
+    return _DonationNamed(jitted) if donate else jitted
+
+
+class _DonationNamed:
+    """A donating step that names an argument an earlier call consumed: given the adapter (an
+    :class:`~jpeft.AdapterBank`'s ``weights`` included) or optimizer state that a step already donated,
+    the jitted call fails with JAX's bare "Buffer has been deleted or donated" (a ValueError) or "Array
+    has been deleted" (a RuntimeError); that failure is turned into an :class:`~jpeft.errors.InputValidationError`
+    naming the argument and the array, looked for only then, so a step that runs costs nothing more. Every
+    other attribute (``lower``, ``trace``, ...) is the jitted function's."""
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+        self.__wrapped__ = jitted
+        self.__doc__ = jitted.__doc__
+
+    def __getattr__(self, name):
+        if name == "_jitted":  # not set yet (a copy or unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._jitted, name)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self._jitted(*args, **kwargs)
+        except (ValueError, RuntimeError) as e:
+            if "deleted" not in str(e):
+                raise
+            found = _deleted_argument(args, kwargs)
+            if found is None:
+                raise
+            raise InputValidationError(
+                f"the {found[0]} given to this training step was donated to an earlier call of it and is gone "
+                f"({found[1]} is deleted): jpeft.make_train_step donates its adapter and optimizer-state arguments. "
+                "Pass what the previous call returned (adapter, opt_state, metrics = step(params, adapter, opt_state, "
+                "batch, key)); for an AdapterBank, bank = bank.with_weights(adapter) and step on bank.weights; or "
+                "build the step with jpeft.make_train_step(..., donate=False) to keep its inputs usable.") from None
+
+
+_STEP_ARGS = ("params", "adapter", "opt_state", "batch", "key")
+
+
+def _deleted_argument(args, kwargs) -> Optional[tuple]:
+    """``(argument name, leaf path)`` of the first array among a step's arguments that has been deleted
+    (donated), or ``None``."""
+    named = list(zip(_STEP_ARGS, args)) + list(kwargs.items())
+    for name, tree in named:
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if hasattr(x, "is_deleted") and x.is_deleted():
+                return name, jax.tree_util.keystr(path) or "the array"
+    return None

@@ -588,9 +588,18 @@ def test_a_bank_whose_arrays_a_training_step_donated_is_named_and_with_weights_g
 
     opt = optax.adam(1e-2)
     step = jpeft.make_train_step(loss_fn, opt)  # donates the weights and the optimizer state
-    w1, state, _ = step(PARAMS, bank.weights, jpeft.init_opt_state(opt, bank.weights), batch, jax.random.key(0))
+    old_state = jpeft.init_opt_state(opt, bank.weights)
+    w1, state, _ = step(PARAMS, bank.weights, old_state, batch, jax.random.key(0))
     own = r"this bank's arrays were donated to a jitted step and are gone \(embed\.lora_A is deleted\).*bank = " \
           r"bank\.with_weights\(new_weights\).*donate=False"
+    # the step itself given the weights (or the optimizer state) it consumed: named, not JAX's "Buffer has been
+    # deleted or donated"; nothing is looked at while the step runs (the check follows JAX's failure)
+    with pytest.raises(InputValidationError, match=r"the adapter given to this training step was donated to an "
+                       r"earlier call of it and is gone \(\['embed'\]\.lora_A is deleted\).*bank = "
+                       r"bank\.with_weights\(adapter\).*donate=False"):
+        step(PARAMS, bank.weights, state, batch, jax.random.key(0))
+    with pytest.raises(InputValidationError, match=r"the opt_state given to this training step was donated"):
+        step(PARAMS, w1, old_state, batch, jax.random.key(0))
     for use in (lambda: bank.get("r1"), lambda: bank.route(ids), lambda: bank.add("r2", ADAPTERS["r2"]),
                 lambda: bank.replace("r1", ADAPTERS["r2"]), lambda: bank.remove("r1"),
                 lambda: bank.merged_params(PARAMS, "r1")):

@@ -209,7 +209,8 @@ def _chat_folder(kind, root):
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                        chat_template=LLAMA3)
     else:
-        template = {"none": None, "thinking": DROPS_THINKING, "tools": QWEN_TOOLS, "switch": THINK_SWITCH}.get(kind, QWEN)
+        template = {"none": None, "thinking": DROPS_THINKING, "tools": QWEN_TOOLS, "switch": THINK_SWITCH,
+                    "calls": QWEN_CALLS}.get(kind, QWEN)
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                        chat_template=template)
     folder = os.path.join(root, kind)
@@ -361,13 +362,86 @@ def test_a_rows_tools_are_passed_to_the_chat_template_as_transformers_and_trl_re
     n = len(prompt)
     assert docs[1][0].tolist() == full and docs[1][1].tolist() == [False] * n + [True] * (len(full) - n)
     assert rendered[2]["chat"] == ref.apply_chat_template(MESSAGES, tokenize=False)  # null: no tools
-    with pytest.raises(LoadError, match=r"bad.jsonl:2: the 'tools' field must be a list of tool objects .*; found str"):
+    with pytest.raises(LoadError, match=r"bad.jsonl:2: the 'tools' field is a string that is not JSON .*json.loads"):
         load_examples(_jsonl(tmp_path / "bad.jsonl", [rows[0], {"messages": MESSAGES, "tools": "get_capital"}]))
+    with pytest.raises(LoadError, match=r"bad1.jsonl:1: the 'tools' field must be a list of tool objects .*; found str"):
+        load_examples(_jsonl(tmp_path / "bad1.jsonl", [{"messages": MESSAGES, "tools": '"get_capital"'}]))
     with pytest.raises(LoadError, match=r"bad2.jsonl:1: the 'tools' field .*; found a list holding \"get_capital\""):
         load_examples(_jsonl(tmp_path / "bad2.jsonl", [{"messages": MESSAGES, "tools": ["get_capital"]}]))
     with pytest.warns(UserWarning, match=r"text.jsonl:1: 1 line\(s\) \(1\) hold a 'tools' or 'chat_template_kwargs' "
                                          r"field next to a 'text'"):
         load_examples(_jsonl(tmp_path / "text.jsonl", [{"text": "Paris.", "tools": TOOLS}]))
+
+
+# Qwen 2.5's tool calls: an assistant turn writes each call's name and its arguments with tojson (an object as JSON, a
+# string as a quoted string), a tool reply goes in a user turn between <tool_response> tags
+QWEN_CALLS = QWEN_TOOLS.split("{%- for message", 1)[0] + (
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{%- if message.role == 'tool' %}{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + "
+    "'\\n</tool_response><|im_end|>\\n' }}{%- else %}{{- '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.content %}{{- message.content }}{%- endif %}{%- for call in message.tool_calls or [] %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call.function.name + '\", \"arguments\": ' + call.function.arguments | tojson + "
+    "'}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def _called(arguments):
+    """A conversation whose first assistant turn calls get_capital (content null, OpenAI's form) with ``arguments``."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_capital", "arguments": arguments}}
+    return [MESSAGES[1], {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "name": "get_capital", "content": "Paris"}, MESSAGES[2]]
+
+
+def test_tools_as_a_json_string_and_tool_call_arguments_as_json_strings_render_as_their_objects(chat_root, tmp_path):
+    """A row's ``tools`` written as a JSON string (a common dataset layout: TRL's trainers json.loads it) was refused,
+    and so was an assistant turn with ``tool_calls`` and no content (OpenAI's and transformers' form). Both are read
+    now: the string tools decoded as TRL decodes them, and a call's ``arguments`` given as a JSON string (OpenAI's
+    form) decoded into the object transformers documents and chat templates expect (vLLM does the same; `jpeft serve`
+    too, so the served prompt is the trained one): text, tokens and assistant-turn targets equal
+    ``apply_chat_template(messages with object arguments, tools=TOOLS)``'s. Arguments that are no JSON object, and
+    malformed tool_calls, are refused by line."""
+    import json
+
+    from jpeft.data import load_examples, render_chat
+    from jpeft.errors import LoadError
+    from jpeft.models import load_tokenizer
+
+    folder, ref = _chat_folder("calls", chat_root)
+    tok = load_tokenizer(folder)
+    encode, bos, eos = text_encoder(tok)
+    objects, strings = _called({"country": "France"}), _called('{"country": "France"}')
+    text = ref.apply_chat_template(objects, tools=TOOLS, tokenize=False)
+    assert '"arguments": {"country": "France"}' in text and '"get_capital"' in text.split("<tool_call>")[0]
+    # the template given the string itself writes another prompt (a quoted string): what decoding avoids
+    assert ref.apply_chat_template(strings, tools=TOOLS, tokenize=False) != text
+    rows = [{"messages": strings, "tools": json.dumps(TOOLS)}, {"messages": objects, "tools": TOOLS},
+            {"prompt": strings[:3], "completion": strings[3:], "tools": json.dumps(TOOLS)}]
+    loaded = load_examples(_jsonl(tmp_path / "calls.jsonl", rows))
+    assert loaded[0]["tools"] == TOOLS
+    rendered = render_chat(loaded, tok)
+    docs = tokenize_documents(rendered, encode, eos_id=eos, bos_id=bos)
+    assert rendered[0]["chat"] == rendered[1]["chat"] == text
+    ids, mask = docs[0]
+    assert ids.tolist() == ref.apply_chat_template(objects, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    assert docs[1][0].tolist() == ids.tolist() and docs[1][1].tolist() == mask.tolist()
+    assert [ref.decode(ids[s:e].tolist()) for s, e in _runs(mask)] == [
+        '<tool_call>\n{"name": "get_capital", "arguments": {"country": "France"}}\n</tool_call><|im_end|>\n',
+        "Paris.<|im_end|>\n"]
+    prompt = ref.apply_chat_template(objects[:3], tools=TOOLS, tokenize=True, return_dict=True,
+                                     add_generation_prompt=True)["input_ids"]
+    assert docs[2][0].tolist() == ids.tolist() and docs[2][1].tolist() == [False] * len(prompt) + [True] * (
+        len(ids) - len(prompt))
+    # a row built in Python (not read by load_examples) is decoded too
+    assert render_chat([{"messages": strings, "tools": TOOLS}], tok)[0]["chat"] == text
+    for bad, msg in ((_called("France"), r"bad.jsonl:1: .*message 1's tool call 'get_capital' has \"arguments\" "
+                                         r"\"France\", a string that is not a JSON object"),
+                     (_called('["France"]'), r"bad.jsonl:1: .*a string that is not a JSON object"),
+                     ([MESSAGES[1], {"role": "assistant", "content": None, "tool_calls": {"name": "get_capital"}}],
+                      r"bad.jsonl:1: .*message 1's \"tool_calls\" must be a list of")):
+        with pytest.raises(LoadError, match=msg):
+            load_examples(_jsonl(tmp_path / "bad.jsonl", [{"messages": bad, "tools": TOOLS}]))
+    with pytest.raises(LoadError, match=r"message 1's \"content\" must be a string, found null"):  # no call: no text
+        load_examples(_jsonl(tmp_path / "bad.jsonl", [{"messages": [MESSAGES[1], {"role": "assistant", "content": None}]}]))
 
 
 def test_a_rows_chat_template_kwargs_reach_every_rendering_as_trl_passes_them(chat_root, tmp_path):

@@ -30,12 +30,15 @@ CFG = jpeft.models.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=6
 MODEL = jpeft.models.LlamaForCausalLM(CFG)
 PARAMS = MODEL.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
 # the tools' names first, a message's name before its content, an assistant turn opened by w1 (the generation
-# prompt), w2 before that w1 when the template variable enable_thinking is false (Qwen 3's switch); without tools,
-# variables or assistant turns: the contents, then w1
+# prompt), w2 before that w1 when the template variable enable_thinking is false (Qwen 3's switch), a tool call's
+# name and its arguments' keys and values (an object, as transformers' templates expect) after the content; without
+# tools, variables or assistant turns: the contents, then w1
 TEMPLATE = ("{%- set off = enable_thinking is defined and enable_thinking is false %}"
             "{% for t in tools or [] %}{{ t['function']['name'] }} {% endfor %}{% for m in messages %}"
             "{% if m['role'] == 'assistant' %}{% if off %}w2 {% endif %}w1 {% endif %}"
-            "{% if m['name'] is defined %}{{ m['name'] }} {% endif %}{{ m['content'] }} {% endfor %}"
+            "{% if m['name'] is defined %}{{ m['name'] }} {% endif %}{{ m['content'] or '' }} "
+            "{% for c in m['tool_calls'] or [] %}{{ c['function']['name'] }} "
+            "{% for k, v in c['function']['arguments'] | dictsort %}{{ k }} {{ v }} {% endfor %}{% endfor %}{% endfor %}"
             "{% if add_generation_prompt %}{% if off %}w2 {% endif %}w1{% endif %}")
 
 
@@ -245,6 +248,111 @@ def test_a_chat_request_with_tools_and_template_variables_is_served_the_prompt_t
     r = server["client"].chat.completions.create(model="a", messages=msgs, tools=TOOLS, max_tokens=6, temperature=0,
                                                  extra_body={"chat_template_kwargs": kwargs})
     assert _ids(r.choices[0].message.content) == _ref("a", want, 6) and r.choices[0].message.tool_calls is None
+
+
+def test_tool_call_arguments_sent_as_a_json_string_are_served_the_prompt_training_renders(server):
+    """OpenAI's API sends an assistant turn's tool calls with ``content`` null and ``arguments`` a JSON string;
+    transformers' chat templates expect an object. `jpeft serve` refused the turn (400: content not a string), and
+    a template given the string fails on it or writes another prompt. The arguments are now decoded (as vLLM does,
+    and as jpeft train decodes a training line's, :func:`jpeft.data.chat_messages`): the prompt is
+    ``apply_chat_template`` of the messages with object arguments, and exactly the prompt tokens of the same
+    conversation as a training line; arguments that are no JSON object get a 400 naming the messages."""
+    from jpeft.bank import AdapterBank
+    from jpeft.data import load_examples, render_chat, text_encoder, tokenize_documents
+    from jpeft.serve import Engine
+    from jpeft.serve.app import ApiError, Server
+
+    tok = _chat_tokenizer()
+
+    def called(arguments):
+        call = {"id": "call_1", "type": "function", "function": {"name": "w13", "arguments": arguments}}
+        return [{"role": "user", "content": "w3 w5"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "name": "w13", "content": "w9"}]
+
+    msgs = called(json.dumps({"w6": "w8", "w4": "w7"}))
+    want = tok.apply_chat_template(called({"w6": "w8", "w4": "w7"}), tools=TOOLS, add_generation_prompt=True,
+                                   tokenize=True, return_dict=True)["input_ids"]
+    assert want == _ids("w13 w3 w5 w1 w13 w4 w7 w6 w8 w13 w9 w1")
+    bank = AdapterBank.from_adapters({"a": ADAPTERS["a"][1]}, capacity=1)
+    srv = Server(Engine(MODEL, PARAMS, bank, slots=1, max_len=32), base_name="tiny", tokenizer=tok)
+    body = {"model": "a", "messages": msgs, "tools": TOOLS}
+    assert srv._chat_ids(body) == want
+    path = server["root"] / "calls.jsonl"
+    path.write_text(json.dumps({"prompt": msgs, "completion": [{"role": "assistant", "content": "w4"}],
+                                "tools": TOOLS}) + "\n")
+    encode, bos, eos = text_encoder(tok)
+    (ids, mask), = tokenize_documents(render_chat(load_examples(path), tok), encode, eos_id=eos, bos_id=bos)
+    assert ids.tolist()[:int(np.argmax(mask))] == want
+    for bad in ("w8", "[1, 2]", "{"):
+        with pytest.raises(ApiError, match="tool call 'w13' has \"arguments\" .* not a JSON object") as e:
+            srv._chat_ids(dict(body, messages=called(bad)))
+        assert (e.value.status, e.value.param) == (400, "messages")
+    with pytest.raises(ApiError, match="an assistant turn with \"tool_calls\" may have \"content\": null") as e:
+        srv._chat_ids(dict(body, messages=[{"role": "user", "content": None}]))
+
+
+def test_a_tokenizers_response_template_parses_the_reply_into_openai_tool_calls():
+    """A reply holding a tool call came back as text only. With a tokenizer that has a ``response_template``
+    (transformers' response parsing, the one its text-generation pipeline and TRL use), a chat completion's message
+    is ``tokenizer.parse_response(reply, prefix=prompt, tools=...)`` in OpenAI's shape: the content, each call with
+    its ``arguments`` as a JSON string and an id, ``finish_reason`` "tool_calls"; the same for a reply ended by the
+    EOS (parsed from its token ids) or cut at a stop string (its text). A reply cut by max_tokens is the text (a
+    call in it may be cut short), and so is every reply without a response_template. A template the parser cannot
+    load is refused when the server is built. The reference is the tiny model's greedy reply (jpeft.generate)."""
+    from starlette.testclient import TestClient
+
+    from jpeft.errors import ConfigError
+    from jpeft.serve import Engine
+    from jpeft.serve.app import Server, make_app
+
+    msgs = [{"role": "user", "content": "w3 w5 w7"}]
+    plain = _chat_tokenizer()
+    prompt = plain.apply_chat_template(msgs, tools=TOOLS, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"]
+    g = [WORDS[i] for i in _ref(None, prompt, 7)]  # the base model's greedy reply
+    assert len(set(g)) == 7, g
+    # g1 opens a call, g2 is its name, g3 g4 a key and its value, g5 closes it; g0 is the content
+    tok = _chat_tokenizer()
+    tok.response_template = {
+        "defaults": {"role": "assistant"}, "start_anchor": "w1",
+        "fields": {"tool_calls": {"open_pattern": rf"{g[1]} (?P<name>w\d+)\s*", "close_pattern": rf"{g[5]}\s*",
+                                  "repeats": True, "content": "xml-inline",
+                                  "content_args": {"tag_pattern": r"(?P<key>w\d+) (?P<value>w\d+)",
+                                                   "value_parser": {"name": "text"}},
+                                  "transform": {"type": "function",
+                                                "function": {"name": "{name}", "arguments": "{content}"}}},
+                   "content": {"content": "text"}}}
+    reply = " ".join(g[:6])
+    want = tok.parse_response(reply, prefix=tok.decode(prompt), tools=TOOLS)
+    assert want["tool_calls"] == [{"type": "function", "function": {"name": g[2], "arguments": {g[3]: g[4]}}}]
+    for eos, extra, finish in (([WORDS.index(g[6])], {}, "tool_calls"), (None, {"stop": [g[6]]}, "tool_calls"),
+                               (None, {"max_tokens": 6}, "length")):
+        eng = Engine(MODEL, PARAMS, None, tokenizer=tok, slots=1, max_len=32, eos_ids=eos)
+        with TestClient(make_app(Server(eng, base_name="tiny", tokenizer=tok))) as client:
+            r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "tools": TOOLS,
+                                                          "temperature": 0, "max_tokens": 10, **extra})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == finish, choice
+        message = choice["message"]
+        if finish == "length":  # cut short: the text as generated
+            assert message == {"role": "assistant", "content": reply}
+            continue
+        assert message["content"] == want["content"] == g[0]
+        (call,) = message["tool_calls"]
+        assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == g[2]
+        assert json.loads(call["function"]["arguments"]) == {g[3]: g[4]}
+    # without a response_template: the text, no tool_calls
+    eng = Engine(MODEL, PARAMS, None, tokenizer=plain, slots=1, max_len=32, eos_ids=[WORDS.index(g[6])])
+    with TestClient(make_app(Server(eng, base_name="tiny", tokenizer=plain))) as client:
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "tools": TOOLS,
+                                                      "temperature": 0})
+    assert r.json()["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": reply},
+                                      "finish_reason": "stop"}
+    broken = _chat_tokenizer()
+    broken.response_template = {"fields": {}}
+    with pytest.raises(ConfigError, match="the tokenizer's response_template .* cannot be used"):
+        Server(eng, base_name="tiny", tokenizer=broken)
 
 
 def test_hot_add_and_remove_while_serving_no_failure_no_recompile(server):

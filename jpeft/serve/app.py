@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from jpeft.bank import AdapterBank
 from jpeft.config import strict_json
-from jpeft.data import chat_template_inputs
+from jpeft.data import chat_messages, chat_template_inputs
 from jpeft.errors import (
     BankCapacityError,
     BankRankError,
@@ -147,6 +147,13 @@ class Server:
         if tokenizer is None:  # the engine would send token ids only, and every completion's text would be empty
             raise ConfigError("the OpenAI server answers with text and needs the model's tokenizer (tokenizer=None "
                               "given); load it with jpeft.models.load_tokenizer(folder).")
+        if getattr(tokenizer, "response_template", None) is not None:
+            try:  # a response template the parser cannot load would make every reply text, and no word said
+                tokenizer.parse_response("", prefix="")
+            except Exception as e:
+                raise ConfigError(f"the tokenizer's response_template (transformers' response parsing, which jpeft "
+                                  f"serve uses to return tool calls) cannot be used: {type(e).__name__}: "
+                                  f"{str(e)[:200]}. Fix or remove it in tokenizer_config.json.") from None
         self.engine, self.base_name, self.tokenizer = engine, base_name, tokenizer
         self.adapters_root, self.loader = adapters_root, loader
         self.created = int(time.time())
@@ -200,9 +207,15 @@ class Server:
         trained on conversations with tools is served the prompt it was trained on."""
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs):
-            raise _bad("'messages' must be a non-empty list of {\"role\": str, \"content\": str}.", "messages")
+                isinstance(m, dict) and isinstance(m.get("role"), str) and (isinstance(m.get("content"), str) or (
+                    m["role"] == "assistant" and m.get("tool_calls") and m.get("content") is None)) for m in msgs):
+            raise _bad("'messages' must be a non-empty list of {\"role\": str, \"content\": str} (an assistant "
+                       "turn with \"tool_calls\" may have \"content\": null).", "messages")
+        try:
+            # as training renders them: a tool call's arguments sent as a JSON string (OpenAI's form) decoded
+            msgs = chat_messages(msgs)
+        except InputValidationError as e:
+            raise _bad(str(e), "messages") from None
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise _bad("this model's tokenizer has no chat template, so /v1/chat/completions cannot format messages; "
                        "use /v1/completions with a prompt, or serve a model folder whose tokenizer has one "
@@ -216,7 +229,7 @@ class Server:
                 raise _bad(str(e), key) from None
         try:
             # every key of a message, as training renders them (a tool call's "tool_calls", a tool reply's "name")
-            text = self.tokenizer.apply_chat_template([dict(m) for m in msgs], add_generation_prompt=True,
+            text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
                                                       tokenize=False, **inputs)
         except Exception as e:  # a template that raises on these messages (jinja's raise_exception)
             raise _bad(f"the chat template refused the messages: {str(e)[:200]}", "messages") from None
@@ -284,10 +297,41 @@ class Server:
         if stream:
             return StreamingResponse(self._stream(req, queue, rid, model, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await self._collect(request, req, queue, rid, model, chat)
+        return await self._collect(request, req, queue, rid, model, chat, body)
 
-    async def _collect(self, request: HttpRequest, req: Request, queue: asyncio.Queue, rid, model, chat):
-        parts = []
+    def _message(self, body: dict, req: Request, ids: list, text: str, finish: str) -> tuple:
+        """``(message, finish_reason)`` of a chat completion. With a tokenizer that has a ``response_template``
+        (transformers' response parsing, ``tokenizer.parse_response``, as its text-generation pipeline uses it),
+        the reply ``ids`` are parsed after the prompt (``prefix``) with the request's ``tools``: the parsed text is
+        the ``content``, each call one of OpenAI's ``tool_calls`` (``arguments`` a JSON string, a new ``id``;
+        ``finish_reason`` ``"tool_calls"``), parsed reasoning ``reasoning_content`` (vLLM's field). Without one, or
+        for a reply cut by max_tokens (a call in it may be cut too), or one the parser cannot read, the message is
+        the text, as generated."""
+        text_only = ({"role": "assistant", "content": text}, finish)
+        if getattr(self.tokenizer, "response_template", None) is None or finish != "stop":
+            return text_only
+        try:
+            # a reply cut at a stop string: its text (the ids run past the cut)
+            parsed = self.tokenizer.parse_response(text if req.stop else list(ids),
+                                                   prefix=self.tokenizer.decode(req.prompt_ids) if req.stop else
+                                                   list(req.prompt_ids), tools=body.get("tools") or None)
+            calls = [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                      "function": {"name": c["function"]["name"],
+                                   "arguments": json.dumps(c["function"].get("arguments") or {})}}
+                     for c in parsed.get("tool_calls") or []]
+        except Exception:  # a reply the parser cannot read (a malformed call): the text, as without a template
+            return text_only
+        content = parsed.get("content")
+        message = {"role": "assistant", "content": content if content or not calls else None}
+        if parsed.get("reasoning_content"):
+            message["reasoning_content"] = parsed["reasoning_content"]
+        if calls:
+            message["tool_calls"] = calls
+        return message, "tool_calls" if calls else finish
+
+    async def _collect(self, request: HttpRequest, req: Request, queue: asyncio.Queue, rid, model, chat,
+                       body: Optional[dict] = None):
+        parts, ids = [], []
         checked = time.monotonic()
         try:
             while True:
@@ -306,6 +350,7 @@ class Server:
                         continue
                 if ev.kind == "text":
                     parts.append(ev.text)
+                    ids.extend(ev.token_ids)
                 elif ev.kind == "error":
                     return _engine_error(ev, started=req.started is not None).response()
                 else:
@@ -314,8 +359,11 @@ class Server:
             self.engine.cancel(req)
             raise
         text = "".join(parts)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": ev.finish_reason}
-                  if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish_reason})
+        if chat:
+            message, finish = self._message(body or {}, req, ids, text, ev.finish_reason)
+            choice = {"index": 0, "message": message, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish_reason}
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": model, "choices": [choice], "usage": ev.usage})
 
