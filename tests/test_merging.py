@@ -430,7 +430,7 @@ def test_a_merged_vera_or_adalora_adapter_is_saved_as_lora_not_with_its_inputs_c
     params = model.init(jax.random.key(1), x)
     a, b = (jax.tree.map(lambda t: t + 0.3, jpeft.init(config, params, jax.random.key(i))) for i in (2, 3))
     merged = merge_adapters([a, b], [0.5, -1.5], method="cat")
-    with pytest.raises(ConfigError, match=r"makes \['.*Weights'\] sites\) holds a LoraWeights.*"
+    with pytest.raises(ConfigError, match=r"makes \['.*Weights'.*\] sites\) holds a LoraWeights.*"
                                           r"jpeft.LoraConfig"):
         jpeft.save_adapter(tmp_path / "m", config, merged, params=params)
     assert not (tmp_path / "m").exists()

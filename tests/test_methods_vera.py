@@ -189,15 +189,17 @@ def test_peft_adapter_without_projections_is_regenerated_with_torch(family, tmp_
 def test_unsupported_options_are_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="save_projection must be True"):
         VeraConfig(save_projection=False)
-    for opt in ({"bias": "vera_only"}, {"modules_to_save": ["lm_head"]}, {"layers_to_transform": [0]}):
+    for opt in ({"modules_to_save": ["lm_head"]}, {"layers_to_transform": [0]}):
         with pytest.raises(ConfigError, match="does not implement"):
             VeraConfig.from_dict({**VeraConfig().to_dict(), **opt})
     with pytest.raises(ConfigError, match="positive integer"):
         VeraConfig(r=0)
+    with pytest.raises(ConfigError, match="'none', 'vera_only' or 'all'"):
+        VeraConfig(bias="lora_only")
     # a PEFT file with such an option: named refusal, not a silently different adapter
-    pm = _peft_model("llama3", bias="all")
+    pm = _peft_model("llama3", layers_to_transform=[0])
     pm.save_pretrained(str(tmp_path))
-    with pytest.raises(UnsupportedAdapterError, match="bias"):
+    with pytest.raises(UnsupportedAdapterError, match="layers_to_transform"):
         H.load_peft(str(tmp_path), _base("llama3")[1])
 
 
@@ -280,9 +282,11 @@ def test_projections_are_frozen_state():
     assert all(float(np.abs(np.asarray(new[p].lambda_b) - b).max()) > 0 for p, b in lambdas0.items())
 
 
-def test_dense_general_conv_and_einsum_merge_equals_apply(tmp_path):
+@pytest.mark.parametrize("bias", ["none", "vera_only"])
+def test_dense_general_conv_and_einsum_merge_equals_apply(bias, tmp_path):
     """jpeft's other linear layouts (PEFT has nn.Linear only): merge equals the factored apply,
-    unmerge restores, and the PEFT export refuses them by name."""
+    unmerge restores, and the PEFT export refuses them by name. With bias="vera_only" the trained
+    base bias (random) is added in each layout's output shape as merge writes it into the module."""
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x, img):
@@ -295,15 +299,24 @@ def test_dense_general_conv_and_einsum_merge_equals_apply(tmp_path):
     img = jax.random.normal(jax.random.key(3), (2, 6, 6, 3))
     model = Net()
     params = model.init(jax.random.key(1), x, img)
-    cfg = VeraConfig(r=3, target_modules=["k_proj", "o_proj", "ff", "conv"], init_weights=False)
-    ad = _randomize(jpeft.init(cfg, params, jax.random.key(2), model, x, img), 5)
+    cfg = VeraConfig(r=3, target_modules=["k_proj", "o_proj", "ff", "conv"], init_weights=False, bias=bias)
+    ad = _randomize_all(jpeft.init(cfg, params, jax.random.key(2), model, x, img), 5)
     assert ad["conv"].vera_A.shape == (27, 3) and ad["k_proj"].lambda_b.shape == (6,)
+    assert all((n.base_bias is None) == (bias == "none") for n in ad.values())
     y = jpeft.apply(model, params, ad, x, img)
     base = model.apply(params, x, img)
     assert all(float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(y, base))
     merged = jpeft.merge(params, ad)
     chex.assert_trees_all_close(model.apply(merged, x, img), y, rtol=1e-4, atol=1e-5)
-    chex.assert_trees_all_close(jpeft.unmerge(merged, ad), params, rtol=1e-4, atol=1e-5)
+    if bias == "none":
+        chex.assert_trees_all_close(jpeft.unmerge(merged, ad), params, rtol=1e-4, atol=1e-5)
+    else:  # the bias's effect alone: the site without its vectors' update (lambda_b = 0) shifts by the bias
+        flat = {p: dataclasses.replace(n, lambda_b=jnp.zeros_like(n.lambda_b)) for p, n in ad.items()}
+        shifted = jax.tree_util.tree_map_with_path(
+            lambda kp, v: ad[kp[1].key].base_bias.reshape(v.shape) if kp[-1].key == "bias" and kp[1].key in ad else v,
+            params)
+        chex.assert_trees_all_close(jpeft.apply(model, params, flat, x, img), model.apply(shifted, x, img),
+                                    rtol=1e-5, atol=1e-5)
     with pytest.raises(UnsupportedAdapterError, match="nn.Linear"):
         H.save_peft(str(tmp_path), cfg, ad)
 
@@ -354,3 +367,155 @@ def test_low_rank_form_merges_with_lora_adapters():
     merged = jpeft.merge_adapters([vera, lora], [1.0, 1.0], method="cat")
     both = model.apply(jpeft.merge(jpeft.merge(params, vera), lora), x)
     np.testing.assert_allclose(jpeft.apply(model, params, merged, x), both, rtol=1e-5, atol=1e-5)
+
+
+# PEFT's bias option: "vera_only" trains the base bias of every VeRA-adapted module, "all" every bias of the model;
+# llama2 has attention and MLP biases (k_proj, o_proj, gate_proj unadapted), gpt2 Conv1D and LayerNorm biases
+BIAS_TARGETS = {"llama2": ["q_proj", "v_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
+BIAS_CASES = [("llama2", "vera_only", True), ("llama2", "all", False), ("gpt2", "vera_only", False),
+              ("gpt2", "all", True)]
+
+
+def _randomize_all(adapter, seed):
+    """Every trainable array random (the vectors and every trained bias), the frozen projections as they are."""
+    train, frozen = jpeft.split_frozen(adapter)
+    leaves, tdef = jax.tree.flatten(train)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    train = jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    return jpeft.join_frozen(train, frozen)
+
+
+@pytest.mark.parametrize("family,bias,save_projection", BIAS_CASES)
+def test_trained_base_biases_match_peft_both_ways(family, bias, save_projection, tmp_path):
+    """PEFT's VeraConfig(bias="vera_only" / "all") trains biases beside VeRA's vectors; jpeft refused both ("does not
+    implement"). Now, with every tensor random (lambda_b, lambda_d, every trained bias; the projections PEFT's own,
+    saved or regenerated from the seed with save_projection=False): PEFT's file loads to PEFT's logits, merged too;
+    the trainable count is PEFT's; a jpeft adapter saved to PEFT loads there to jpeft's logits."""
+    hf, folder = tiny.hf_model(family)
+    model, params = _base(family)
+    targets = BIAS_TARGETS[family]
+    torch.manual_seed(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.VeraConfig(
+            r=R, target_modules=targets, init_weights=False, bias=bias, save_projection=save_projection))
+        tiny.perturb_trainable(pm, seed=3)
+        pm.save_pretrained(str(tmp_path / "p"))
+    ids, mask = tiny.batch(family, seed=3)
+    ref = _logits_torch(pm, ids, mask)
+    cfg, ad = H.load_peft(str(tmp_path / "p"), params)
+    assert cfg.bias == bias and cfg.save_projection is True
+    sites = {p: n for p, n in ad.items() if isinstance(n, VM.VeraWeights)}
+    assert len(sites) == 2 * len(targets) and all(n.base_bias is not None for n in sites.values())
+    copies = sorted(p for p in ad if p not in sites)
+    other = {"llama2": "model/layers_1/self_attn/k_proj", "gpt2": "transformer/h_1/ln_1"}[family]
+    assert (copies == []) if bias == "vera_only" else (other in copies)
+    hf_sd = dict(pm.named_parameters())
+    key = {"llama2": "model.layers.0.mlp.down_proj", "gpt2": "transformer.h.0.mlp.c_fc"}[family]
+    site = sites[key.replace(".", "/").replace("layers/", "layers_").replace("h/", "h_")]
+    np.testing.assert_allclose(site.base_bias, hf_sd[f"base_model.model.{key}.base_layer.bias"].detach().numpy(),
+                               atol=1e-7)
+    _close(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
+    _close(_logits_jpeft(family, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
+    with pytest.raises(jpeft.errors.NotInvertibleError, match="base bias"):
+        jpeft.unmerge(jpeft.merge(params, ad), ad)
+    s = jpeft.summary(params, ad, print_fn=None)
+    assert (s["trainable"], s["total"]) == pm.get_nb_trainable_parameters()
+    # jpeft -> PEFT: an adapter of jpeft.init with every trainable tensor random
+    cfg = cfg.replace(init_weights=True)
+    mine = jpeft.init(cfg, params, jax.random.key(0))
+    assert jax.tree.structure(mine) == jax.tree.structure(ad)
+    np.testing.assert_allclose(_logits_jpeft(family, params, mine, ids, mask),
+                               _logits_jpeft(family, params, {}, ids, mask), atol=1e-6)  # the identity at init
+    mine = _randomize_all(mine, 2)
+    H.save_peft(str(tmp_path / "j"), cfg, mine, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "j")).eval()
+    ref2 = _logits_torch(back, ids, mask)
+    assert np.abs(ref2 - tiny.torch_logits(family, ids, mask)).max() > 1e-2
+    _close(_logits_jpeft(family, params, mine, ids, mask), ref2, mask)
+    # and the PEFT file back into jpeft, and jpeft's own format, give the same arrays
+    for loaded in (H.load_peft(str(tmp_path / "j"), params)[1],
+                   (jpeft.save_adapter(str(tmp_path / "own"), cfg, mine), jpeft.load_adapter(str(tmp_path / "own"), params)[1])[1]):
+        assert jax.tree.structure(loaded) == jax.tree.structure(mine)
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(mine)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_trained_base_biases_train_and_are_refused_where_they_would_be_dropped(tmp_path):
+    """The trained base bias gets a gradient and moves (the base stays bit-identical); adapter merging and the
+    adapter bank, which combine (A * lambda_d) @ (B * lambda_b), refuse such a site by name rather than drop the
+    bias; a layer-scanned base is refused by name."""
+    model, params = _base("llama2")
+    cfg = VeraConfig(r=R, target_modules=["q_proj", "v_proj"], bias="vera_only")
+    ad = _randomize_all(jpeft.init(cfg, params, jax.random.key(0)), 4)
+    ids = jnp.asarray(tiny.batch("llama2")[0])
+
+    def loss_fn(p, a, batch, key=None):
+        logp = jax.nn.log_softmax(jpeft.apply(model, p, a, batch)[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1))
+
+    g = jax.grad(loss_fn, argnums=1)(params, ad, ids)
+    assert float(jnp.abs(g["model/layers_0/self_attn/q_proj"].base_bias).min()) > 0
+    opt = optax.adam(1e-2)
+    base0, bias0 = jax.tree.map(np.array, params), {p: np.array(n.base_bias) for p, n in ad.items()}
+    state = opt.init(jpeft.trainable(ad))
+    new, _, _ = jpeft.make_train_step(loss_fn, opt)(params, ad, state, ids, jax.random.key(1))  # donates ad
+    assert all(float(jnp.abs(new[p].base_bias - b).min()) > 0 for p, b in bias0.items())
+    chex.assert_trees_all_equal(params, base0)
+    ad = new
+    with pytest.raises(jpeft.errors.NotMergeableError, match="VeraConfig.bias"):
+        jpeft.merge_adapters([ad, ad], [0.5, 0.5], method="cat")
+    with pytest.raises(jpeft.errors.BankError, match="VeraConfig.bias"):
+        jpeft.AdapterBank.from_adapters({"a": ad})
+    kw = dict(vocab_size=tiny.VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    scanned = jpeft.models.LlamaForCausalLM(jpeft.models.LlamaConfig(**kw, scan_layers=True, attention_bias=True))
+    sparams = scanned.init(jax.random.key(0), ids)
+    with pytest.raises(ConfigError, match="scan"):
+        jpeft.init(cfg, sparams, jax.random.key(1), scanned, ids)
+
+
+def test_task_head_bias_vera_only_matches_peft_and_all_is_refused(tmp_path):
+    """BERT SEQ_CLS: PEFT trains the classifier's copy (modules_to_save) and, with bias="vera_only", the base biases
+    of query and value: jpeft loads both and matches PEFT's logits (merged too), and its file loads back in PEFT.
+    bias="all" would train the classifier's bias too, which jpeft reads as PEFT's head copy: refused by name, from
+    a config and from PEFT's file."""
+    hf, folder = tiny.hf_model("bert")
+    model, params = _base("bert")
+    torch.manual_seed(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.VeraConfig(r=R, target_modules=["query", "value"],
+                                                                     init_weights=False, bias="vera_only",
+                                                                     task_type="SEQ_CLS"))
+        tiny.perturb_trainable(pm, seed=3)
+        pm.save_pretrained(str(tmp_path / "p"))
+    ids, mask = tiny.batch("bert", seed=3)
+    with torch.no_grad():
+        ref = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.float().numpy()
+    cfg, ad = H.load_peft(str(tmp_path / "p"), params)
+    assert cfg.bias == "vera_only" and isinstance(ad["classifier"], jpeft.SavedModule)
+    assert sum(isinstance(n, VM.VeraWeights) and n.base_bias is not None for n in ad.values()) == 4
+    got = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0)
+    merged = jpeft.apply(model, jpeft.merge(params, ad), {}, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(merged), ref, atol=1e-4, rtol=0)
+    s = jpeft.summary(params, ad, print_fn=None)
+    assert (s["trainable"], s["total"]) == pm.get_nb_trainable_parameters()
+    H.save_peft(str(tmp_path / "j"), cfg, ad, task_type="SEQ_CLS", params=params, base_model_name_or_path=folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "j")).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(back(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy(),
+                                   ref, atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="task head.*vera_only"):
+        jpeft.init(cfg.replace(bias="all"), params, jax.random.key(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pa = peft.get_peft_model(copy.deepcopy(hf), peft.VeraConfig(r=R, target_modules=["query"], bias="all",
+                                                                     task_type="SEQ_CLS"))
+        pa.save_pretrained(str(tmp_path / "a"))
+    with pytest.raises(UnsupportedAdapterError, match="task head.*vera_only"):
+        H.load_peft(str(tmp_path / "a"), params)

@@ -23,7 +23,7 @@ from jpeft import _inject
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotInvertibleError, NotMergeableError,
                           ShapeMismatchError, UnsupportedAdapterError, UnsupportedModuleError)
 from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, static_field
-from jpeft.peft_format import CONV1D, peft_key, to_np
+from jpeft.peft_format import CONV1D, peft_key, split_peft_key, to_np
 from jpeft.tree import hf_name, module_leaves
 
 
@@ -70,21 +70,41 @@ def from_matrix(mat, lay: Layout):
 
 class AdditiveMerge:
     """``merge`` / ``unmerge`` for a site whose update is added to its kernel (``W + dW``, with
-    ``dW = self.effective(own)`` in the kernel's shape): the sum is taken in float32 and stored
-    in the kernel's dtype. Mixed in before :class:`~jpeft.methods.base.Site` (AdaLoRA, VeRA,
-    LoHa, LoKr)."""
+    ``dW = self.kernel_update(own)`` in the kernel's shape): the sum is taken in float32 and stored
+    in the kernel's dtype. A site with a trained base bias (a ``base_bias`` field that is not
+    ``None``: PEFT's ``bias`` option, e.g. VeRA's) merges that bias in place of the module's own,
+    and refuses to unmerge (the base bias is gone). Mixed in before
+    :class:`~jpeft.methods.base.Site` (AdaLoRA, VeRA, LoHa, LoKr)."""
+
+    def kernel_update(self, own):
+        """The update ``dW`` in the kernel's shape: :meth:`effective` unless a method's
+        ``effective`` also holds other arrays (a trained bias)."""
+        return self.effective(own)
 
     def _fold(self, own, sign: float):
         pname = self.layout.param_name
         w = own[pname]
-        return {**own, pname: (w.astype(jnp.float32) + sign * self.effective(own)).astype(w.dtype)}
+        return {**own, pname: (w.astype(jnp.float32) + sign * self.kernel_update(own)).astype(w.dtype)}
 
     def merge(self, own):
-        """Adds the update ``dW`` to the kernel."""
-        return self._fold(own, 1.0)
+        """Adds the update ``dW`` to the kernel (and writes a trained base bias)."""
+        out = self._fold(own, 1.0)
+        base_bias = getattr(self, "base_bias", None)
+        if base_bias is not None:  # PEFT trains the base bias in place: it replaces the module's own
+            out["bias"] = base_bias.reshape(own["bias"].shape).astype(own["bias"].dtype)
+        return out
 
     def unmerge(self, own):
-        """Subtracts ``dW`` from the kernel again (exact up to float rounding)."""
+        """Subtracts ``dW`` from the kernel again (exact up to float rounding).
+
+        Raises:
+          NotInvertibleError: the site trains the base bias, which :meth:`merge` replaced."""
+        if getattr(self, "base_bias", None) is not None:
+            raise NotInvertibleError(
+                f"this {type(self).__name__} site trains the base bias too (its config's bias option, PEFT's), which "
+                "merge replaces, so the base bias cannot be recovered from merged params; keep the base params tree "
+                "(jpeft never modifies it) instead."
+            )
         return self._fold(own, -1.0)
 
 
@@ -381,6 +401,92 @@ def trained_biases_from_hf(found: Mapping[str, Any], bias: str, leaves: Mapping[
             if path not in taken and path not in out and "bias" in own:
                 out[path] = SavedModule({"bias": jnp.asarray(np.asarray(own["bias"], np.float32), dtype)})
     return out
+
+
+# PEFT's key of a site's trained base bias (a method's ``bias="<method>_only"`` / ``"all"``), beside the site's tensors
+BASE_BIAS = "base_layer.bias"
+
+
+def refuse_all_with_heads(bias: str, leaves: Mapping[str, Mapping[str, Any]], error: type, what: str,
+                          only: str) -> None:
+    """PEFT's ``bias="all"`` trains the bias of a task head too (BERT's classifier): jpeft reads such a
+    bias-only copy as the head copy PEFT keeps for a SEQ_CLS / QUESTION_ANS model, so a method whose
+    config has no ``modules_to_save`` refuses it (``what`` names the config or file, ``only`` the
+    method's ``"<method>_only"``; LoRA's own format tells the two apart).
+
+    Raises:
+      error: ``bias="all"`` and the base has a task head with a bias."""
+    heads = [h for h in HEAD_MODULES if "bias" in leaves.get(h, {})]
+    if bias == "all" and heads:
+        raise error(
+            f"{what} trains every bias of the model, the task head's {heads} too, which jpeft cannot tell from the "
+            f"head copy PEFT keeps for a SEQ_CLS / QUESTION_ANS model. Use bias={only!r}, or LoRA "
+            "(LoraConfig(bias='all') handles heads), or the bare encoder's params (jpeft.models.BertModel)."
+        )
+
+
+def trained_biases_to_hf(path: str, node, bias: str, field: str) -> dict:
+    """PEFT's keys of one node of PEFT's ``bias`` option (``field`` names it, e.g. ``"VeraConfig.bias"``):
+    a bias-only :class:`SavedModule` (``bias="all"``, a module without a site) as ``<module>.bias``, a
+    site's trained ``base_bias`` as ``<module>.base_layer.bias``; ``{}`` for a site without one.
+
+    Raises:
+      UnsupportedAdapterError: the node is not what ``bias`` makes (the config is not the one the
+        adapter was made with)."""
+    if isinstance(node, SavedModule):
+        if bias != "all" or set(node.params) != {"bias"}:
+            raise UnsupportedAdapterError(
+                f"the adapter holds a copy of {path!r}'s {sorted(node.params)}, which only {field}='all' makes (a "
+                f"trained bias), but the config says bias={bias!r}; save with the config the adapter was made with."
+            )
+        return {peft_key(path, "bias"): to_np(node.params["bias"]).reshape(-1)}
+    if getattr(node, "base_bias", None) is None:
+        return {}
+    if bias == "none":
+        raise UnsupportedAdapterError(
+            f"the site {path!r} trains its base bias, but the config says {field}='none'; save with the config the "
+            "adapter was made with."
+        )
+    return {peft_key(path, BASE_BIAS): to_np(node.base_bias).reshape(-1)}
+
+
+def other_bias_keys(tensors: Mapping[str, Any], bias: str, leaves: Mapping[str, Mapping[str, Any]]) -> dict:
+    """``{key: module path}``: the ``<module>.bias`` keys of a PEFT file with ``bias="all"`` (the
+    trained biases of modules without a site; a site's is ``<module>.base_layer.bias``), which
+    :func:`jpeft.peft_format.site_tensors` is to skip and :func:`trained_biases_from_hf` reads."""
+    if bias != "all":
+        return {}
+    out = {}
+    for k in tensors:
+        sp = split_peft_key(k, ("bias",))
+        if sp is not None and not k.endswith("." + BASE_BIAS) and "bias" in leaves.get(sp[0], {}):
+            out[k] = sp[0]
+    return out
+
+
+def base_bias_from_hf(got: Mapping[str, Any], bias: str, own: Mapping[str, Any], path: str, folder: str, dtype):
+    """A site's trained base bias from its PEFT tensors ``got`` (``base_layer.bias``), or ``None``
+    where ``bias`` is ``"none"`` or the module has no bias; PEFT keeps the base's value for a bias
+    missing from the file.
+
+    Raises:
+      BaseMismatchError: a bias of another shape than the base's.
+      CheckpointError: a trained bias in a file whose config says ``bias="none"`` (or on a module
+        without a bias)."""
+    own_b = own.get("bias")
+    if bias != "none" and own_b is not None:
+        b = np.asarray(got.get(BASE_BIAS, own_b), np.float32)
+        if b.shape != tuple(np.shape(own_b)):
+            raise BaseMismatchError(f"site {hf_name(path)!r}: {BASE_BIAS} has shape {b.shape}, the base's bias "
+                                    f"{tuple(np.shape(own_b))}.")
+        return jnp.asarray(b, dtype)
+    if BASE_BIAS in got:
+        raise CheckpointError(
+            f"site {hf_name(path)!r} in {folder!r} carries a trained {BASE_BIAS}, but adapter_config.json says "
+            f"bias={bias!r}{'' if own_b is not None else ' and the base module has no bias'}. The files do not "
+            "belong together."
+        )
+    return None
 
 
 def saved_to_hf(path: str, node: SavedModule) -> dict:

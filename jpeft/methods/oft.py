@@ -72,10 +72,11 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (HEAD_MODULES, SavedModule, linear_candidates, linear_layout, trained_biases_from_hf,
-                                   with_trainable_biases)
+from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, SavedModule, base_bias_from_hf, linear_candidates,
+                                   linear_layout, other_bias_keys, refuse_all_with_heads, trained_biases_from_hf,
+                                   trained_biases_to_hf, with_trainable_biases)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
-from jpeft.peft_format import config_from_peft, peft_key, site_tensors, split_peft_key
+from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, linear_only, select
 
 
@@ -431,28 +432,14 @@ def init(config: OFTConfig, params, key, infos) -> dict:
 
         out[path] = scan.make_site(make, path, lay, k, leaves[path])
     if config.bias != "none":
-        _refuse_all_with_heads(config.bias, leaves, ConfigError, "OFTConfig(bias='all')")
+        refuse_all_with_heads(config.bias, leaves, ConfigError, "OFTConfig(bias='all')", "oft_only")
         out = with_trainable_biases(config.bias, "OFTConfig.bias", leaves, out)
     return out
-
-
-def _refuse_all_with_heads(bias: str, leaves, error: type, what: str) -> None:
-    """``bias="all"`` trains the bias of a task head too (BERT's classifier): jpeft reads such a
-    bias-only copy as the head copy PEFT keeps for a SEQ_CLS / QUESTION_ANS model, so it is refused
-    (LoRA's own format tells the two apart)."""
-    heads = [h for h in HEAD_MODULES if "bias" in leaves.get(h, {})]
-    if bias == "all" and heads:
-        raise error(
-            f"{what} trains every bias of the model, the task head's {heads} too, which jpeft's OFT format cannot "
-            "tell from the head copy PEFT keeps for a SEQ_CLS / QUESTION_ANS model. Use bias='oft_only', or LoRA "
-            "(LoraConfig(bias='all') handles heads), or the bare encoder's params (jpeft.models.BertModel)."
-        )
 
 
 # -- Hugging Face PEFT format -----------------------------------------------------------------------
 
 TENSOR = "oft_R.weight"
-BIAS = "base_layer.bias"  # OFTConfig.bias: a site's trained base bias
 
 
 def _check_node_matches(config: OFTConfig, path: str, node: OFTWeights, *, saver: str = "save_peft",
@@ -488,17 +475,11 @@ def _to_hf(config: OFTConfig, adapter, ctx):
             "only and cannot load them. Nothing was written; keep the adapter in jpeft's format (jpeft.save_adapter)."
         )
     tensors, targets = {}, []
-    for path in sorted(p for p, n in adapter.items() if isinstance(n, SavedModule)):  # bias="all": other biases
+    for path in sorted(adapter):
         node = adapter[path]
-        if config.bias != "all" or set(node.params) != {"bias"}:
-            raise UnsupportedAdapterError(
-                f"the OFT adapter holds a copy of {path!r}'s {sorted(node.params)}, which only OFTConfig(bias='all') "
-                f"makes (a trained bias), but the config says bias={config.bias!r}; save with the config the adapter "
-                "was made with."
-            )
-        tensors[peft_key(path, "bias")] = np.asarray(node.params["bias"], np.float32).reshape(-1)
-    for path in sorted(p for p, n in adapter.items() if not isinstance(n, SavedModule)):
-        node = adapter[path]
+        tensors.update(trained_biases_to_hf(path, node, config.bias, "OFTConfig.bias"))
+        if isinstance(node, SavedModule):  # bias="all": the trained bias of a module without a site
+            continue
         if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
                 f"OFT site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
@@ -506,13 +487,6 @@ def _to_hf(config: OFTConfig, adapter, ctx):
             )
         _check_node_matches(config, path, node)
         tensors[peft_key(path, TENSOR)] = np.asarray(node.oft_R, np.float32)
-        if node.base_bias is not None:
-            if config.bias == "none":
-                raise UnsupportedAdapterError(
-                    f"the OFT site {path!r} trains its base bias, but the config says bias='none'; save with the "
-                    "config the adapter was made with (bias='oft_only' or 'all')."
-                )
-            tensors[peft_key(path, "base_layer.bias")] = np.asarray(node.base_bias, np.float32).reshape(-1)
         targets.append(hf_name(path))
     d = {f: getattr(config, f) for f in ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share",
                                           "use_cayley_neumann", "num_cayley_neumann_terms", "init_weights")}
@@ -550,16 +524,10 @@ def _from_hf(d, tensors, params, ctx):
     if set(kept.get("modules_to_save") or ()) <= set(HEAD_MODULES):  # a task head's copy: checked by jpeft.hf
         kept["modules_to_save"] = None
     config = config_from_peft(OFTConfig, kept, ctx.folder)
-    _refuse_all_with_heads(config.bias, ctx.leaves, UnsupportedAdapterError,
-                           f"the OFT adapter in {ctx.folder!r} (bias='all')")
-    # bias="all": the trained biases of the modules without an OFT site, at <module>.bias
-    biases = {}
-    if config.bias == "all":
-        for k in tensors:
-            sp = split_peft_key(k, ("bias",))
-            if sp is not None and not k.endswith(".base_layer.bias") and "bias" in ctx.leaves.get(sp[0], {}):
-                biases[k] = sp[0]
-    by_site = site_tensors(tensors, (TENSOR, BIAS), ctx.leaves, config.target_modules, skip=tuple(biases))
+    refuse_all_with_heads(config.bias, ctx.leaves, UnsupportedAdapterError, f"the OFT adapter in {ctx.folder!r} (bias='all')",
+                          "oft_only")
+    biases = other_bias_keys(tensors, config.bias, ctx.leaves)  # bias="all": <module>.bias of modules without a site
+    by_site = site_tensors(tensors, (TENSOR, BASE_BIAS), ctx.leaves, config.target_modules, skip=tuple(biases))
     adapter = {}
     for path, got in sorted(by_site.items()):
         if TENSOR not in got:
@@ -581,21 +549,7 @@ def _from_hf(d, tensors, params, ctx):
                 f"{lay.in_features} input features, {blocks} blocks of size {size}"
                 f"{' (one shared block)' if config.block_share else ''}."
             )
-        own_b = ctx.leaves[path].get("bias")
-        base_bias = None
-        if config.bias != "none" and own_b is not None:  # PEFT keeps the base's value for a bias missing from the file
-            base_bias = np.asarray(got.get(BIAS, own_b), np.float32)
-            if base_bias.shape != tuple(np.shape(own_b)):
-                raise BaseMismatchError(f"OFT site {hf_name(path)!r}: base_layer.bias has shape {base_bias.shape}, the "
-                                        f"base's bias {tuple(np.shape(own_b))}.")
-            base_bias = jnp.asarray(base_bias, ctx.dtype)
-        elif BIAS in got:
-            raise CheckpointError(
-                f"OFT site {hf_name(path)!r} in {ctx.folder!r} carries a trained base_layer.bias, but "
-                f"adapter_config.json says bias={config.bias!r}"
-                f"{'' if own_b is not None else ' and the base module has no bias'}. "
-                "The files do not belong together."
-            )
+        base_bias = base_bias_from_hf(got, config.bias, ctx.leaves[path], path, ctx.folder, ctx.dtype)
         adapter[path] = OFTWeights(jnp.asarray(v, ctx.dtype), lay, blocks, size, config.use_cayley_neumann,
                                    config.num_cayley_neumann_terms, config.coft, float(config.eps),
                                    float(config.module_dropout), base_bias)

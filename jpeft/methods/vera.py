@@ -33,6 +33,16 @@ does (:func:`peft_projections`), where torch is installed, and refuses the file 
 (:class:`~jpeft.errors.UnsupportedAdapterError`) where it is not. jpeft always exports the pair
 (its own projections come from JAX's generator, which PEFT cannot regenerate).
 
+PEFT's ``bias`` option: ``"vera_only"`` trains the base bias of every VeRA-adapted module beside
+the vectors, held as :attr:`VeraWeights.base_bias` (it replaces the module's own bias: merging
+writes it, unmerging is refused, and adapter merging and the adapter bank refuse the site, whose
+update is then no longer ``A @ B``); ``"all"`` trains every bias of the model, the others as
+bias-only :class:`~jpeft.methods._common.SavedModule` sites, as ``LoraConfig.bias`` and
+``OFTConfig.bias`` do. The PEFT keys are a site's ``<module>.base_layer.bias`` and another
+module's ``<module>.bias``. ``"all"`` on a base with a task head (BERT's ``classifier``) is refused
+by name (jpeft would read the head's trained bias as PEFT's copy of the head), and so is a
+layer-scanned base.
+
 >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
 >>> model = nn.Dense(6); x = jnp.ones((2, 4))
 >>> params = model.init(jax.random.key(0), x)
@@ -61,13 +71,16 @@ from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
+    NotMergeableError,
     ShapeMismatchError,
     ShardingError,
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, branch_dtype, broadcast_out, down_project, from_matrix,
-                                  linear_candidates, linear_layout, up_project)
+from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, AdditiveMerge, SavedModule, base_bias_from_hf, branch_dtype,
+                                   broadcast_bias, broadcast_out, down_project, from_matrix, linear_candidates,
+                                   linear_layout, other_bias_keys, refuse_all_with_heads, trained_biases_from_hf,
+                                   trained_biases_to_hf, up_project, with_trainable_biases)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
                                 spec_entries, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
@@ -96,9 +109,12 @@ class VeraConfig(AdapterConfig):
       d_initial: the initial value of every ``lambda_d`` entry (PEFT's default 0.1).
       init_weights: ``True``: ``lambda_d = d_initial``, ``lambda_b = 0`` (the identity);
         ``False``: ``lambda_d`` standard normal and ``lambda_b = 1``, as PEFT does (tests only).
+      bias: ``"none"``, ``"vera_only"`` (the base biases of the VeRA-adapted modules are trained
+        too, held as ``VeraWeights.base_bias``) or ``"all"`` (every base bias of the model, the
+        others as bias-only :class:`jpeft.SavedModule` sites), as PEFT's option of that name.
 
-    PEFT's ``bias``, ``modules_to_save``, ``layers_to_transform`` and ``layers_pattern`` are
-    not implemented: :meth:`from_dict` refuses them by name unless they hold PEFT's defaults.
+    PEFT's ``modules_to_save``, ``layers_to_transform`` and ``layers_pattern`` are not
+    implemented: :meth:`from_dict` refuses them by name unless they hold PEFT's defaults.
 
     >>> from jpeft.methods.vera import VeraConfig
     >>> c = VeraConfig(r=16, target_modules=["q_proj", "v_proj"])
@@ -118,9 +134,15 @@ class VeraConfig(AdapterConfig):
     dropout: float = 0.0
     d_initial: float = 0.1
     init_weights: bool = True
+    bias: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        if self.bias is None:  # PEFT reads null as "none"
+            object.__setattr__(self, "bias", "none")
+        if self.bias not in ("none", "vera_only", "all"):
+            raise ConfigError(
+                f"VeraConfig.bias must be 'none', 'vera_only' or 'all' (PEFT's options), found {self.bias!r}.")
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("VeraConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
         if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
@@ -143,7 +165,11 @@ class VeraConfig(AdapterConfig):
 
     def __hash__(self):
         return hash((self.r, self.target_modules, self.projection_prng_key, self.save_projection, self.dropout,
-                     self.d_initial, self.init_weights))
+                     self.d_initial, self.init_weights, self.bias))
+
+    def layer_scan_refusal(self):
+        """Trainable base biases (``bias`` other than ``"none"``) are not implemented for stacked layers."""
+        return None if self.bias == "none" else f"bias = {self.bias!r} (trainable base biases)"
 
 
 # -- the math, as small pure functions -----------------------------------------------------------
@@ -210,7 +236,8 @@ class VeraWeights(AdditiveMerge, Site):
     """One VeRA site: trainable ``lambda_d: [r]`` and ``lambda_b: [out]``, and this site's
     slices of the shared projections, ``vera_A: [in, r]`` and ``vera_B: [r, out]``, which
     :attr:`frozen` names: they get no gradient and no optimizer state, are not counted as
-    trainable, and are saved and loaded with the adapter."""
+    trainable, and are saved and loaded with the adapter. With ``VeraConfig.bias`` other than
+    ``"none"``, ``base_bias: [out]`` is the module's trained bias, used in place of its own."""
 
     lambda_d: jax.Array
     lambda_b: jax.Array
@@ -218,6 +245,8 @@ class VeraWeights(AdditiveMerge, Site):
     vera_B: Optional[jax.Array]
     layout: Layout = static_field(default=None)
     dropout: float = static_field(default=0.0)
+    # VeraConfig.bias: the module's trained base bias [out], used in place of its own (PEFT trains it in place)
+    base_bias: Optional[jax.Array] = None
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
@@ -236,6 +265,12 @@ class VeraWeights(AdditiveMerge, Site):
                 f"the VeRA site at {path!r} maps {n_in} -> {n_out} features with r={r}, but holds vera_A {got[0]}, "
                 f"vera_B {got[1]} and lambda_b {got[2]} (needed ({n_in}, {r}), ({r}, {n_out}), ({n_out},)). Was the "
                 "adapter made for another model?"
+            )
+        own_b = own.get("bias")
+        if self.base_bias is not None and (own_b is None or tuple(self.base_bias.shape) != tuple(own_b.shape)):
+            raise ShapeMismatchError(
+                f"the VeRA site at {path!r} trains a base bias of shape {tuple(self.base_bias.shape)}, but the module's "
+                f"bias is {None if own_b is None else tuple(own_b.shape)}. Was the adapter made for another model?"
             )
 
     def _factors(self):
@@ -258,19 +293,47 @@ class VeraWeights(AdditiveMerge, Site):
         x = dropout(x.astype(dt), self.dropout, call.dropout_key())
         if lay.kind == Kind.DENSE:  # the 2-D form (one contracted axis; see LoRA's note on XLA's CPU backend)
             d = branch(x.reshape(-1, x.shape[-1]), self.lambda_d, self.lambda_b, self.vera_A, self.vera_B)
-            return (y.astype(dt) + d.reshape(y.shape)).astype(y.dtype)
-        h = down_project(x, self.vera_A.astype(dt), lay, call.module)
-        h = h * self.lambda_d.astype(dt).reshape((1,) * (h.ndim - 1) + (-1,))
-        d = up_project(h, self.vera_B.astype(dt), lay)
-        return (y.astype(dt) + d * broadcast_out(self.lambda_b.astype(dt), d.ndim, lay)).astype(y.dtype)
+            out = y.astype(dt) + d.reshape(y.shape)
+        else:
+            h = down_project(x, self.vera_A.astype(dt), lay, call.module)
+            h = h * self.lambda_d.astype(dt).reshape((1,) * (h.ndim - 1) + (-1,))
+            d = up_project(h, self.vera_B.astype(dt), lay)
+            out = y.astype(dt) + d * broadcast_out(self.lambda_b.astype(dt), d.ndim, lay)
+        if self.base_bias is not None:  # VeraConfig.bias: the trained base bias replaces the module's own
+            own_b = call.module.variables["params"]["bias"]
+            out = out + broadcast_bias((self.base_bias.astype(dt) - own_b.astype(dt)).reshape(own_b.shape), out.ndim, lay)
+        return out.astype(y.dtype)
+
+    def kernel_update(self, own=None):
+        """The update in the kernel's shape (float32): what merge adds to the kernel."""
+        return from_matrix(self.delta_matrix(), self.layout)
 
     def effective(self, own):
-        """L2-SP's effective weights: the update in the kernel's shape."""
-        return from_matrix(self.delta_matrix(), self.layout)
+        """L2-SP's effective weights: the update in the kernel's shape, and with a trained base
+        bias (``VeraConfig.bias``) ``{kernel name: update, "bias": the bias the layer uses}``, so
+        the bias's drift is penalised too."""
+        if self.base_bias is None:
+            return self.kernel_update()
+        return {self.layout.param_name: self.kernel_update(), "bias": self.base_bias.astype(jnp.float32)}
+
+    def added_params(self, trainable) -> int:
+        # the trained base bias (VeraConfig.bias) replaces the module's own, as PEFT trains it in place
+        n = super().added_params(trainable)
+        return n - (0 if self.base_bias is None else math.prod(self.base_bias.shape))
 
     def low_rank(self) -> LowRank:
         """The update ``(A * lambda_d) @ (B * lambda_b)`` as low-rank factors (scale 1), so
-        adapter merging and the bank can combine VeRA adapters."""
+        adapter merging and the bank can combine VeRA adapters; a site that trains its base bias
+        (``VeraConfig.bias``) is refused, since its change is not that product alone.
+
+        Raises:
+          NotMergeableError: the site trains its base bias."""
+        if self.base_bias is not None:
+            raise NotMergeableError(
+                "this VeRA site trains the module's base bias too (VeraConfig.bias), which replaces the module's own; "
+                "adapter merging and the adapter bank combine the updates (A * lambda_d) @ (B * lambda_b) only and "
+                "would drop it. Merge it into the base alone with jpeft.merge, or serve it with jpeft.apply."
+            )
         a, b = self._factors()
         return LowRank(a, b, 1.0, self.layout, None, False, float(self.dropout))
 
@@ -288,7 +351,8 @@ class VeraWeights(AdditiveMerge, Site):
         return dataclasses.replace(
             self, lambda_d=P(*lead_e, None), lambda_b=P(*lead_e, b_out),
             vera_A=None if self.vera_A is None else P(*lead_e, a_in, None),
-            vera_B=None if self.vera_B is None else P(*lead_e, None, b_out))
+            vera_B=None if self.vera_B is None else P(*lead_e, None, b_out),
+            base_bias=None if self.base_bias is None else P())
 
 
 def _layouts(config: VeraConfig, params, infos) -> tuple[dict, dict]:
@@ -331,13 +395,17 @@ def init(config: VeraConfig, params, key, infos) -> dict:
             return VeraWeights(d, b, a, b_proj, lay, float(config.dropout))
 
         out[path] = scan.make_site(make, path, lay, k, leaves[path])
+    if config.bias != "none":
+        refuse_all_with_heads(config.bias, leaves, ConfigError, "VeraConfig(bias='all')", "vera_only")
+        out = with_trainable_biases(config.bias, "VeraConfig.bias", leaves, out)
     return out
 
 
 # -- Hugging Face PEFT format ------------------------------------------------------------------
-# Per site: ``<prefix><module>.vera_lambda_b: [out]`` and ``.vera_lambda_d: [r]``; once per
-# adapter: ``base_model.vera_A: [r, max_in]`` and ``base_model.vera_B: [max_out, r]``, where the
-# maxima run over the targeted modules (PEFT checks these shapes when it loads).
+# Per site: ``<prefix><module>.vera_lambda_b: [out]`` and ``.vera_lambda_d: [r]`` (and with
+# ``bias`` its trained ``.base_layer.bias``); once per adapter: ``base_model.vera_A: [r, max_in]``
+# and ``base_model.vera_B: [max_out, r]``, where the maxima run over the targeted modules (PEFT
+# checks these shapes when it loads); with ``bias="all"`` every other trained ``<module>.bias``.
 
 PEFT_A, PEFT_B = "base_model.vera_A", "base_model.vera_B"
 _SITE_TENSORS = ("vera_lambda_b", "vera_lambda_d")
@@ -364,6 +432,9 @@ def _to_hf(config: VeraConfig, adapter, ctx):
     tensors, targets, slices_a, slices_b = {}, [], [], []
     for path in sorted(adapter):
         node = adapter[path]
+        tensors.update(trained_biases_to_hf(path, node, config.bias, "VeraConfig.bias"))
+        if isinstance(node, SavedModule):  # bias="all": the trained bias of a module without a site
+            continue
         if node.layout.kind != Kind.DENSE:
             raise UnsupportedAdapterError(
                 f"VeRA site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format holds VeRA on "
@@ -391,7 +462,7 @@ def _to_hf(config: VeraConfig, adapter, ctx):
         "d_initial": float(config.d_initial),
         "init_weights": bool(config.init_weights),
         "fan_in_fan_out": ctx.fan_in_fan_out,
-        "bias": "none",
+        "bias": config.bias,
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -416,7 +487,11 @@ def _from_hf(d, tensors, params, ctx):
     if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(f"the VeRA adapter in {folder!r} has target_modules=null; set it explicitly.")
     config = config_from_peft(VeraConfig, kept, folder)
-    by_site = site_tensors(tensors, _SITE_TENSORS, ctx.leaves, config.target_modules, skip=(PEFT_A, PEFT_B))
+    refuse_all_with_heads(config.bias, ctx.leaves, UnsupportedAdapterError, f"the VeRA adapter in {folder!r} (bias='all')",
+                          "vera_only")
+    biases = other_bias_keys(tensors, config.bias, ctx.leaves)  # bias="all": <module>.bias of modules without a site
+    by_site = site_tensors(tensors, _SITE_TENSORS + (BASE_BIAS,), ctx.leaves, config.target_modules,
+                           skip=(PEFT_A, PEFT_B) + tuple(biases))
     r = int(config.r)
     layouts = {p: _inject.infer_layout(p, ctx.leaves[p]) for p in sorted(by_site)}
     # PEFT's _find_dim: the largest input and output widths of the targeted modules (the sites of the file)
@@ -448,7 +523,14 @@ def _from_hf(d, tensors, params, ctx):
                 )
         adapter[path] = VeraWeights(jnp.asarray(t["vera_lambda_d"], ctx.dtype), jnp.asarray(t["vera_lambda_b"], ctx.dtype),
                                     jnp.array(full_a[:lay.in_features], ctx.dtype, copy=True),
-                                    jnp.array(full_b[:, :lay.out_features], ctx.dtype, copy=True), lay, float(config.dropout))
+                                    jnp.array(full_b[:, :lay.out_features], ctx.dtype, copy=True), lay, float(config.dropout),
+                                    base_bias_from_hf(t, config.bias, ctx.leaves[path], path, folder, ctx.dtype))
+    for k, path in biases.items():
+        if path in adapter:
+            raise CheckpointError(f"the VeRA adapter in {folder!r} has {k!r}, the bias of a VeRA site, which PEFT "
+                                  f"saves as {BASE_BIAS}; the file is not PEFT's.")
+    adapter.update(trained_biases_from_hf({path: tensors[k] for k, path in biases.items()}, config.bias, ctx.leaves,
+                                          ctx.dtype, adapter))
     return config, adapter
 
 
@@ -458,5 +540,5 @@ def budget_rows(model_type: str, targets):
     return [("VeRA", f"r=256, {t if isinstance(t, str) else '+'.join(t)}", lambda: VeraConfig(r=256, target_modules=t))]
 
 
-VERA = register_method(Method(config=VeraConfig, init=init, nodes=(VeraWeights,), to_hf=_to_hf,
+VERA = register_method(Method(config=VeraConfig, init=init, nodes=(VeraWeights, SavedModule), to_hf=_to_hf,
                               from_hf=_from_hf, budget=budget_rows))
