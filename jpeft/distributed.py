@@ -21,8 +21,11 @@ logging from process 0 only.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import itertools
 import os
+import signal
 import sys
 import threading
 import time
@@ -106,7 +109,11 @@ def initialize(
         process with a C++ stack (SIGABRT, status 134) a few seconds later, which no Python
         code can catch. Just before, this process calls ``on_join_timeout(message)`` (which
         prints the message and returns the exit status) and ends with that status; the default
-        prints one ``jpeft.errors.DistributedError`` line and ends with status 1.
+        prints one ``jpeft.errors.DistributedError`` line and ends with status 1. The same report
+        ends a process that JAX's client aborts *during* the join (SIGABRT from its C++ code, on
+        Linux): two processes given the same ``process_id`` register at once and the coordination
+        service refuses one (``ALREADY_EXISTS ... newer incarnation``); JAX's own lines (its reason
+        and a C++ stack) come first, then the one line saying which process id to start once.
 
     Raises:
       DistributedError: when only some of ``coordinator_address``, ``num_processes`` and
@@ -137,12 +144,14 @@ def initialize(
     kw = dict(initialization_timeout=initialization_timeout)
     if local_device_ids is not None:
         kw["local_device_ids"] = local_device_ids
-    watchdog = _join_watchdog(explicit, initialization_timeout, on_join_timeout or _print_failure)
+    report = on_join_timeout or _print_failure
+    watchdog = _join_watchdog(explicit, initialization_timeout, report)
     try:
-        if coordinator_address is None:
-            jax.distributed.initialize(**kw)
-        else:
-            jax.distributed.initialize(coordinator_address, num_processes, process_id, **kw)
+        with _abort_reported(explicit, report):
+            if coordinator_address is None:
+                jax.distributed.initialize(**kw)
+            else:
+                jax.distributed.initialize(coordinator_address, num_processes, process_id, **kw)
     except Exception as e:  # JAX raises RuntimeError / ValueError / XlaRuntimeError
         if coordinator_address is None and not any(k in os.environ for k in _CLUSTER_ENV):
             raise DistributedError(
@@ -192,6 +201,63 @@ def _join_watchdog(explicit, timeout: float, report: Callable[[str], int]) -> th
     timer.daemon = True
     timer.start()
     return timer
+
+
+def _abort_message(explicit) -> str:
+    address, n, me = explicit
+    who = (f"process {me} of {n}, coordinator {address}" if address is not None else
+           "its coordinator found by cluster auto-detection")
+    same = f"process id {me}" if me is not None else "its process id"
+    return (f"JAX's distributed client aborted this process while it joined the job ({who}; JAX's reason is the "
+            f"'Terminating process' line above). 'ALREADY_EXISTS ... newer incarnation' (or a RegisterTask deadline "
+            f"before the join timeout) there means that another process was started with the same {same} "
+            "(jpeft train: --process-id): give every process its own id, 0 to num_processes - 1, each started once, "
+            "then start the job again.")
+
+
+class _SigAction(ctypes.Structure):
+    """An opaque ``struct sigaction`` (152 bytes with x86-64 glibc; room to spare): saved
+    and restored as it is, never read."""
+    _fields_ = [("raw", ctypes.c_char * 256)]
+
+
+@contextlib.contextmanager
+def _abort_reported(explicit, report: Callable[[str], int]):
+    """While ``jax.distributed.initialize`` joins: a SIGABRT (JAX's client ending the process with
+    ``LOG(FATAL)``, which no Python code can catch: two processes registered with the same process
+    id) ends this process with ``report``'s line and status after JAX's own lines, instead of a C++
+    stack alone and status 134. A C-level handler (through ``ctypes``; Python's own ``signal``
+    handlers run only between bytecodes, after ``abort`` has killed the process), on Linux only, in
+    the main thread; the previous handler is restored (``sigaction``, flags included) after the join."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    message = _abort_message(explicit)
+
+    def on_abort(_signum):  # runs in the aborting thread (the join's, holding no Python state half-changed)
+        try:
+            status = report(message)
+        finally:
+            sys.stderr.flush()
+        os._exit(status)
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        handler = ctypes.CFUNCTYPE(None, ctypes.c_int)(on_abort)
+        old = _SigAction()
+        libc.sigaction.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        if libc.sigaction(signal.SIGABRT, None, ctypes.byref(old)) != 0:
+            raise OSError(ctypes.get_errno(), "sigaction")
+        libc.signal(signal.SIGABRT, ctypes.cast(handler, ctypes.c_void_p))
+    except (OSError, AttributeError):  # no C library to reach: JAX's abort stays as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaction(signal.SIGABRT, ctypes.byref(old), None)
 
 
 def _info() -> dict:

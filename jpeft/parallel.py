@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -278,11 +279,15 @@ def param_specs(
       min_size: leaves with fewer elements stay replicated.
 
     Default: the largest dimension divisible by the ``axis`` size is sharded (the first
-    such on ties); a leaf with no divisible dimension is replicated.
+    such on ties); a leaf with no divisible dimension is replicated. Such leaves holding 1% of
+    the base's bytes or more are named in a ``UserWarning`` (their bytes, and the ``axis``
+    sizes of this mesh's device count that would split them), and when no leaf at all is
+    sharded over ``axis`` a ``ShardingError`` says so: every device would hold the whole base.
 
     Raises:
       ShardingError: a rule names an unknown mesh axis, has too many entries, or shards a
-        dimension the mesh axis does not divide.
+        dimension the mesh axis does not divide; or the ``axis`` size divides no dimension of
+        any leaf (nothing would be sharded).
 
     ``mesh`` may be a :class:`jax.sharding.AbstractMesh` (only its axis sizes are read):
 
@@ -304,10 +309,11 @@ def param_specs(
             raise ShardingError(f"rules must be a sequence of (regex, spec) pairs; found the entry {item!r}.")
         compiled.append((re.compile(item[0]), _as_spec(item[1])))
     stacked_re = re.compile(stacked) if stacked else None
-    specs = []
+    specs, whole, sharded, total = [], [], False, 0
     for path, leaf in zip(paths, leaves):
         rel = path[len("params/"):] if wrapped and path.startswith("params/") else path
         shape = tuple(getattr(leaf, "shape", ()))
+        total += _nbytes(leaf)
         for rx, spec in compiled:
             if rx.fullmatch(rel):
                 spec = _check_spec(rel, shape, spec, mesh)
@@ -315,9 +321,61 @@ def param_specs(
         else:
             is_stacked = bool(stacked_re and stacked_re.fullmatch(rel))
             spec = _default_spec(shape, size, axis, is_stacked, min_size)
+            if size > 1 and spec == P() and len(shape) > is_stacked and math.prod(shape) >= max(min_size, 1):
+                whole.append((rel, shape, _nbytes(leaf), shape[is_stacked:]))  # no dimension the axis divides
+        sharded = sharded or any(axis in (e if isinstance(e, tuple) else (e,)) for e in spec)
         # a quantized kernel (jpeft.quantize): the kernel's spec, carried to each of its arrays
         specs.append(quant.leaf_specs(leaf, spec, dict(mesh.shape)) if quant.is_quantized(leaf) else spec)
+    if whole:
+        _say_whole(whole, sharded, total, axis, size, mesh)
     return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+# a warning names the weights an fsdp size leaves whole when they hold at least this share of the base's bytes
+_WHOLE_SHARE = 0.01
+
+
+def _nbytes(leaf) -> int:
+    """Bytes of a base leaf (an array, a ``jax.ShapeDtypeStruct`` or a quantized kernel's arrays)."""
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(leaf)
+                   if hasattr(x, "shape") and hasattr(x, "dtype")))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB" if n >= 2 ** 17 else f"{n:,} bytes"
+
+
+def _say_whole(whole, sharded: bool, total: int, axis: str, size: int, mesh) -> None:
+    """Refuses a mesh whose ``axis`` size divides no dimension of any base weight (each device
+    would hold the whole base: the memory ``fsdp`` was asked to save is not saved), and warns when
+    the weights it leaves whole hold at least 1% of the base's bytes, naming them, their bytes and
+    the sizes that would split them."""
+    kept = sum(w[2] for w in whole)
+    if sharded and kept < _WHOLE_SHARE * total:
+        return
+    whole = sorted(whole, key=lambda w: -w[2])
+    devices = int(math.prod(mesh.shape.values()))
+    # (a stacked leaf's leading layer axis is never split: its dims to split exclude it)
+    fits = [s for s in range(2, devices + 1) if devices % s == 0 and s != size
+            and all(any(d % s == 0 for d in dims) for _, _, _, dims in whole)]
+    named = ", ".join(f"{p!r} {shape} {_mib(b)}" for p, shape, b, _ in whole[:5])
+    if len(whole) > 5:
+        named += f" and {len(whole) - 5} more"
+    if fits:
+        would = (f"The {axis} sizes (divisors of this mesh's {devices} devices) that split them all: "
+                 f"{', '.join(map(str, fits))}")
+    else:
+        would = f"No {axis} size that divides this mesh's {devices} devices splits them all"
+    if not sharded:
+        raise ShardingError(
+            f"{axis} = {size} divides no dimension of any weight of the base, so nothing would be sharded and every "
+            f"device would hold the whole base ({_mib(kept)}): {named}. {would}. Use "
+            + ("one of those sizes, or " if fits else "") + f"{axis} = 1 (plain data parallelism) to replicate the "
+            "base on purpose.")
+    warnings.warn(
+        f"{axis} = {size} divides no dimension of {len(whole)} weight(s) of the base, which every device therefore "
+        f"holds whole (replicated: {_mib(kept)} of the base's {_mib(total)}): {named}. {would}"
+        + ("; use one of them to save their memory." if fits else ": they stay whole at any such size."), stacklevel=3)
 
 
 def param_shardings(params, mesh: Mesh, rules=None, **kw):

@@ -112,6 +112,33 @@ def run(steps: int = 20) -> dict:
             out["fsdp4/sharded"] = shards
             out["fsdp4/n_leaves"] = n_leaves
 
+    # ---- full fine-tuning on the 2 x 4 mesh: the trainable copy and Adam's moments are split over fsdp like the
+    # base (they were replicated: every device held the whole model three times), and 5 steps equal one device's
+    # (SGD: Adam turns the summation order's last-bit differences of near-zero gradients into steps of size lr)
+    full0 = jpeft.init(jpeft.FullFinetuneConfig(), params, jax.random.key(3))
+    ref_losses, ref_full = C.single_device_run(loss_fn, optimizers["sgd"], params, full0, data[:5])
+    mesh = jpeft.make_mesh(data=2, fsdp=4)
+    p_s = jpeft.shard_params(params, mesh)
+    a_s = jpeft.shard_adapter(full0, mesh, p_s)
+    s_s = jpeft.init_opt_state(optimizers["adam"], a_s)
+    step = jpeft.make_sharded_train_step(loss_fn, optimizers["sgd"], mesh)
+    losses, sgd_state = [], jpeft.init_opt_state(optimizers["sgd"], a_s)
+    for i, b in enumerate(data[:5]):
+        a_s, sgd_state, m = step(p_s, a_s, sgd_state, b, jax.random.fold_in(key, i))
+        losses.append(float(m["loss"]))
+    out["full/loss_diff"] = float(np.max(np.abs(np.array(losses) - np.array(ref_losses))))
+    out["full/adapter_diff"] = C.max_diff(host(a_s), host(ref_full))
+    out["full/adapter_change"] = C.max_diff(host(ref_full), host(full0))
+
+    def on_one_device(tree):  # the share of the tree's elements one device holds
+        leaves = jax.tree.leaves(tree)
+        return sum(x.addressable_shards[0].data.size for x in leaves) / sum(x.size for x in leaves)
+
+    out["full/device_share"] = {"base": on_one_device(p_s), "copy": on_one_device(a_s),
+                                "mu": on_one_device(s_s[0].mu), "nu": on_one_device(s_s[0].nu)}
+    out["full/specs_follow_base"] = (jax.tree.leaves(jax.tree.map(lambda x: x.sharding.spec, a_s[""].params))
+                                     == jax.tree.leaves(jax.tree.map(lambda x: x.sharding.spec, p_s["params"])))
+
     # ---- a per-token mean over rows with different numbers of loss tokens: with
     # loss_weight="targets" devices (pmap) and micro-batches (mesh + accumulation) count by their
     # tokens and equal one device on the whole batch; pmap's plain mean of means does not

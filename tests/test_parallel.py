@@ -13,6 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 
 import flax.linen as nn
 import jax
@@ -67,6 +68,18 @@ def test_eight_devices_really_used(eight):
         assert eight[f"single/{opt}/adapter_change"] > 1e-3
         losses = eight[f"single/{opt}/losses"]
         assert len(losses) == 20 and losses[-1] < losses[0] - 0.1
+
+
+def test_full_fine_tuning_on_an_fsdp_mesh_splits_its_copy_like_the_base(eight):
+    """Full fine-tuning's trainable copy of the model (and Adam's two moments, laid out like it)
+    was replicated on a (data, fsdp) mesh: with fsdp = 4 every device held the whole model three
+    times over a quarter of the base. Each device now holds a quarter of each, and 5 Adam steps on
+    the 2 x 4 mesh equal one device's."""
+    share = eight["full/device_share"]
+    assert share == {"base": 0.25, "copy": 0.25, "mu": 0.25, "nu": 0.25}, share
+    assert eight["full/specs_follow_base"]
+    assert eight["full/adapter_change"] > 1e-3
+    assert eight["full/loss_diff"] < 1e-5 and eight["full/adapter_diff"] < 1e-5, eight
 
 
 @pytest.mark.parametrize("strategy", ["pmap", "mesh8", "mesh2x4"])
@@ -140,7 +153,8 @@ def test_default_spec_largest_divisible_dimension():
         "d": {"kernel": S((8, 8), jnp.float32)},    # tie -> the first
         "e": {"bias": S((4,), jnp.float32), "n": S((), jnp.int32)},
     }}
-    sp = jpeft.param_specs(base, MESH)["params"]
+    with pytest.warns(UserWarning, match=r"'c/kernel' \(3, 5\) 60 bytes"):  # named: 60 of 508 bytes
+        sp = jpeft.param_specs(base, MESH)["params"]
     assert sp["a"]["kernel"] == P("fsdp")
     assert sp["b"]["kernel"] == P(None, "fsdp")
     assert sp["c"]["kernel"] == P()
@@ -152,6 +166,53 @@ def test_default_spec_largest_divisible_dimension():
     flat = jax.tree.leaves(jpeft.param_specs(base, AbstractMesh((8, 1), ("data", "fsdp"))),
                            is_leaf=lambda x: isinstance(x, P))
     assert all(s == P() for s in flat)
+
+
+def test_an_fsdp_size_that_divides_no_dimension_is_named_or_refused():
+    """A weight no dimension of which the fsdp size divides stays whole on every device: a user
+    asking for fsdp = 8 to fit memory silently got full copies of it. Such weights holding 1% of
+    the base or more are named in a warning (shape, bytes, the fsdp sizes of the mesh's device
+    count that would split them); a base of which nothing at all would be sharded is refused."""
+    mesh = AbstractMesh((1, 8), ("data", "fsdp"))
+    embed, up = S((98, 7), jnp.float32), S((16, 64), jnp.float32)  # 98 = 2 x 7 x 7: only fsdp = 2 splits it
+    with pytest.warns(UserWarning) as seen:
+        sp = jpeft.param_specs({"params": {"embed": {"embedding": embed}, "up": {"kernel": up}}}, mesh)["params"]
+    assert sp["embed"]["embedding"] == P() and sp["up"]["kernel"] == P(None, "fsdp")
+    assert [str(w.message) for w in seen] == [
+        "fsdp = 8 divides no dimension of 1 weight(s) of the base, which every device therefore holds whole "
+        "(replicated: 2,744 bytes of the base's 6,840 bytes): 'embed/embedding' (98, 7) 2,744 bytes. The fsdp sizes "
+        "(divisors of this mesh's 8 devices) that split them all: 2; use one of them to save their memory."]
+    with pytest.raises(jpeft.errors.ShardingError) as e:
+        jpeft.param_specs({"params": {"embed": {"embedding": embed}, "bias": S((3,), jnp.float32)}}, mesh)
+    assert str(e.value) == (
+        "fsdp = 8 divides no dimension of any weight of the base, so nothing would be sharded and every device would "
+        "hold the whole base (2,756 bytes): 'embed/embedding' (98, 7) 2,744 bytes, 'bias' (3,) 12 bytes. No fsdp "
+        "size that divides this mesh's 8 devices splits them all. Use fsdp = 1 (plain data parallelism) to "
+        "replicate the base on purpose.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silent: a whole leaf under 1% of the base; fsdp = 1; a rule's own choice
+        jpeft.param_specs({"params": {"up": {"kernel": S((64, 64), jnp.float32), "bias": S((3,), jnp.float32)}}}, mesh)
+        jpeft.param_specs({"params": {"embed": {"embedding": embed}}}, AbstractMesh((8, 1), ("data", "fsdp")))
+        jpeft.param_specs({"params": {"embed": {"embedding": embed}, "up": {"kernel": up}}}, mesh,
+                          [(r"embed/.*", None)])
+
+
+def test_a_trainable_copy_of_base_weights_is_sharded_like_them():
+    """Full fine-tuning's copy of the whole model and a ``modules_to_save`` copy were replicated on
+    an fsdp mesh (with their optimizer state): every device held them whole. Each array of the
+    copy now takes the spec of the base weight it copies."""
+    class TwoDense(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(16, name="head")(nn.Dense(64, name="q")(x))
+
+    params = TwoDense().init(jax.random.key(0), jnp.ones((1, 16)))
+    specs = jpeft.param_specs(params, MESH)
+    assert specs["params"]["head"] == {"kernel": P("fsdp"), "bias": P("fsdp")}
+    full = jpeft.init(jpeft.FullFinetuneConfig(), params, jax.random.key(1))
+    assert jpeft.adapter_specs(full, specs)[""].params == specs["params"]
+    lora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q"], modules_to_save=["head"]), params, jax.random.key(1))
+    assert jpeft.adapter_specs(lora, specs)["head"].params == specs["params"]["head"]
 
 
 def test_stacked_layer_axis_never_sharded():
@@ -677,6 +738,40 @@ def test_a_process_whose_peers_never_join_stops_with_one_line():
             "jpeft.errors.DistributedError: not every process of this job joined it within initialization_timeout = "
             f"3 s (process {i} of 2, coordinator 127.0.0.1:"), err[-3000:]
         assert "two were given the same process id" in lines[0]
+
+
+_JOIN_TWICE = """
+import sys
+from jpeft import distributed as dist
+dist.initialize(f"127.0.0.1:{sys.argv[1]}", 3, int(sys.argv[2]), initialization_timeout=10)
+print("joined")
+"""
+
+
+def test_two_processes_given_the_same_process_id_end_with_one_line_each():
+    """Processes 0, 1 and 1 again of a job of 3: the coordination service refuses one of the two
+    registrations of id 1 and JAX's client aborted that process at once with a C++ stack (SIGABRT,
+    status 134, "ALREADY_EXISTS: Aborted connect attempt as there is a request from a newer
+    incarnation"), no line naming the process id. It now ends, after JAX's lines, with one
+    DistributedError line naming the duplicated id and the fix, status 1; the others end at the
+    join timeout with theirs."""
+    port = C.free_port()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")  # JAX's own reason stays visible above jpeft's line
+    procs = [subprocess.Popen([sys.executable, "-c", _JOIN_TWICE, str(port), str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1, 1)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    last = [([ln for ln in err.splitlines() if ln.strip()] or [""])[-1] for _, err in outs]
+    assert [p.returncode for p in procs] == [1, 1, 1] and not any("joined" in o for o, _ in outs), \
+        "\n----\n".join(err[-3000:] for _, err in outs)
+    assert all(ln.startswith("jpeft.errors.DistributedError: ") for ln in last), last
+    aborted = [ln for ln in last if "aborted this process while it joined the job (process 1 of 3" in ln]
+    assert len(aborted) == 1, last
+    assert "another process was started with the same process id 1 (jpeft train: --process-id)" in aborted[0]
 
 
 def test_an_error_typed_at_one_processs_prompt_ends_no_process():

@@ -18,10 +18,11 @@ from typing import Any, ClassVar, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from jpeft import _inject
+from jpeft import _inject, quant
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotInvertibleError, NotMergeableError,
-                          ShapeMismatchError, UnsupportedAdapterError, UnsupportedModuleError)
+                          ShapeMismatchError, ShardingError, UnsupportedAdapterError, UnsupportedModuleError)
 from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, static_field
 from jpeft.peft_format import CONV1D, peft_key, split_peft_key, to_np
 from jpeft.tree import hf_name, module_leaves
@@ -251,6 +252,25 @@ def up_project(h, b, lay: Layout):
 
 # -- modules_to_save: a trainable full copy of a module ------------------------------------------
 
+def copy_partition_specs(copy: Mapping[str, Any], module_specs, what: str) -> dict:
+    """The partition specs of a trainable copy of a module's parameters (full fine-tuning's copy
+    of the whole model, a ``modules_to_save`` copy): each array is sharded as the base array it
+    copies (a quantized one: as its kernel), so on an fsdp mesh the copy, and the optimizer state
+    laid out like it, are split like the base instead of held whole on every device.
+    ``module_specs``: the base module's spec tree (:meth:`Site.partition_specs`)."""
+    missing = None if module_specs is None else sorted(set(copy) - set(module_specs))
+    if module_specs is None or missing:
+        raise ShardingError(
+            f"{what} holds {sorted(copy)}, but the base module at its path has "
+            f"{None if module_specs is None else sorted(module_specs)}; was the adapter made for another model?")
+    is_spec = lambda x: isinstance(x, P) or quant.is_quantized(x)  # noqa: E731
+    specs = {k: jax.tree.map(quant.logical_spec, module_specs[k], is_leaf=is_spec) for k in copy}
+    if jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, P)) != jax.tree.structure(dict(copy)):
+        raise ShardingError(f"{what} does not have the structure of the base module's parameters at its path; was "
+                            "the adapter made for another model?")
+    return specs
+
+
 def _same_shapes(a, b) -> bool:
     sa = jax.tree.map(lambda x: tuple(x.shape), dict(a))
     sb = jax.tree.map(lambda x: tuple(x.shape), dict(b))
@@ -294,6 +314,11 @@ class SavedModule(Site):
                 f"{jax.tree.map(lambda x: tuple(x.shape), dict(self.params))}, the model's module has "
                 f"{jax.tree.map(lambda x: tuple(x.shape), dict(own))}. Was the adapter made for another model?"
             )
+
+    def partition_specs(self, module_specs):
+        """The copy is sharded as the module's own parameters (:func:`copy_partition_specs`)."""
+        return dataclasses.replace(self, params=copy_partition_specs(
+            dict(self.params), module_specs, "a modules_to_save copy"))
 
     def _cast(self, own):
         own = dict(own)

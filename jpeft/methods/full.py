@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jpeft import _inject, quant
 from jpeft.config import AdapterConfig
 from jpeft.errors import ConfigError, NotInvertibleError, ShapeMismatchError
+from jpeft.methods._common import copy_partition_specs
 from jpeft.methods.base import Call, Method, Site, register_method
 
 _DTYPES = (None, "float32", "bfloat16", "float16", "float64")
@@ -115,6 +116,12 @@ class FullParams(Site):
         with _inject.bypass():  # what the model writes (sow, batch_stats) is kept, as model.apply keeps it
             return _inject.rerun(mod, variables, call.method_name, call.args, call.kwargs,
                                  rngs=None if key is None else {"dropout": key})
+
+    def partition_specs(self, module_specs):
+        """Every weight of the copy is sharded as the base weight it copies: on an fsdp mesh the copy
+        and Adam's two moments are split like the base (before, each device held all three whole)."""
+        return dataclasses.replace(self, params=copy_partition_specs(
+            dict(self.params), module_specs, "the full fine-tuning copy"))
 
     def effective(self, own):
         """L2-SP's effective weights: the weights themselves (so its start is the pre-trained model)."""
