@@ -535,6 +535,25 @@ def check_kernel_fn(path: str, layout: Layout, module) -> None:
     )
 
 
+def _peft_conv_lora_differs(module, window: tuple) -> Optional[str]:
+    """Why PEFT's LoRA on the torch twin of the ``nn.Conv`` ``module`` computes another update
+    than jpeft's, or ``None`` (:attr:`Layout.peft_lora_differs`). jpeft's ``lora_A`` is a conv
+    with the module's own options, so its unmerged output equals its merged one; PEFT 0.21 builds
+    ``lora_A`` from the base's ``kernel_size``, ``stride`` and ``padding`` alone, undilated and
+    zero-padded, so for these its unmerged model is neither jpeft's nor its own merged one."""
+    def per_axis(v):
+        return (1,) * len(window) if v is None else (v,) * len(window) if isinstance(v, int) else tuple(v)
+
+    why = []
+    if any(d != 1 and w > 1 for d, w in zip(per_axis(module.kernel_dilation), window)):
+        why.append(f"kernel_dilation={module.kernel_dilation!r} (torch's dilation)")
+    if any(d != 1 for d in per_axis(module.input_dilation)):
+        why.append(f"input_dilation={module.input_dilation!r}, which a torch ConvNd does not have")
+    if isinstance(module.padding, str) and module.padding.upper() == "CIRCULAR":
+        why.append("padding='CIRCULAR' (torch's padding_mode='circular')")
+    return " and ".join(why) or None
+
+
 def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | None:
     """The layout of a supported module instance, or ``None`` for modules without a kernel.
 
@@ -570,7 +589,8 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
                 f"module {path!r}: a masked convolution (nn.Conv(mask=...)) multiplies its kernel by the mask, which "
                 "jpeft's linear adapters do not apply to their update; exclude this module from target_modules."
             )
-        return Layout(Kind.CONV, kernel_shape, tuple(range(nd - 1)), (nd - 1,), kernel_fn=fn)
+        return Layout(Kind.CONV, kernel_shape, tuple(range(nd - 1)), (nd - 1,), kernel_fn=fn,
+                      peft_lora_differs=_peft_conv_lora_differs(module, kernel_shape[:-2]))
     if isinstance(module, nn.Einsum):
         eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
         eq = eq.replace(" ", "")

@@ -622,12 +622,18 @@ def _traced_layouts(params, model, example_args) -> Optional[dict]:
             raise ConfigError("example_args were given without a model; pass model= too (the flax.linen module).")
         return None
     if is_nnx(model) or is_nnx(params):
-        raise ConfigError(
-            "load_peft(model=...) traces flax.linen models, found an NNX model or state; load the adapter on the "
-            "linen twin of the model."
-        )
-    inner, _ = unwrap_params(params)
-    infos = _inject.trace(model, {"params": inner}, *example_args)
+        from jpeft import _nnx  # flax.nnx: on the NNX path only (docs/ARCHITECTURE.md, "Start-up time")
+
+        if not is_nnx(model):
+            raise ConfigError(
+                f"load_peft(model=...) got NNX params with a {type(model).__name__} model; pass the NNX model (the "
+                "nnx.Module, or its graphdef with the state as params), as jpeft.init takes it."
+            )
+        graphdef, state = _nnx.split(model, nnx_state_of(params) if is_nnx(params) else None)
+        infos = _nnx.trace(graphdef, state, *example_args)
+    else:
+        inner, _ = unwrap_params(params)
+        infos = _inject.trace(model, {"params": inner}, *example_args)
     return {p: info.layout for p, info in infos.items() if info.layout is not None}
 
 
@@ -640,7 +646,9 @@ def _load(path: str, params, dtype=jnp.float32, layouts=None) -> tuple[AdapterCo
     renamed = _as_peft_reads(inner, path)
     if renamed is not None:  # an NNX model's list entries ("layers/0/fc"): read under PEFT's names, then put back
         names, inner = renamed
-        config, adapter = _load_unrolled(d, fmt, tensors, inner, {"params": inner}, path, dtype)
+        if layouts is not None:
+            layouts = {q: layouts[p] for q, p in names.items() if p in layouts}
+        config, adapter = _load_unrolled(d, fmt, tensors, inner, {"params": inner}, path, dtype, layouts)
         return config, {names.get(p, p): n for p, n in adapter.items()}
     return _load_unrolled(d, fmt, tensors, inner, params, path, dtype, layouts)
 
@@ -732,7 +740,10 @@ def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype, layouts=Non
                           bool(d.get("ensure_weight_tying")))
     hf_config = _peft_base_config(d)
     if n_scanned is not None:
-        ctx = ImportContext(module_leaves(unrolled), path, dtype, hf_config)
+        # the traced layouts name a scanned module once (layers/conv), each layer's site by its own path (layers_3/conv)
+        per_layer = None if layouts is None else {
+            p: layouts[s] for p in module_leaves(unrolled) if (s := scan.stacked_path(p) or p) in layouts}
+        ctx = ImportContext(module_leaves(unrolled), path, dtype, hf_config, per_layer)
         config, adapter = fmt.from_hf(d, tensors, {"params": unrolled}, ctx)
         return config, {**scan.stack_adapter(adapter, n_scanned), **heads}
     ctx = ImportContext(module_leaves(inner), path, dtype, hf_config, layouts)
@@ -789,10 +800,11 @@ def load_peft(path: str, params, *, dtype=jnp.float32, model=None, example_args=
     change = _base_change(config, adapter)
     if change is not None:
         kind = change[0]
+        how = "" if model is None else ", model=model, example_args=(x,)"
         raise UnsupportedAdapterError(
             f"the adapter in {path!r} was saved with init_lora_weights={kind!r}: its factors are relative to the residual "
             f"base (the base minus its initial {kind} factors) that PEFT recomputes when it loads the adapter, so it "
-            "cannot be applied to the original params. Use jpeft.hf.load_peft_with_base(path, params), which returns "
+            f"cannot be applied to the original params. Use jpeft.hf.load_peft_with_base(path, params{how}), which returns "
             "(config, residual_params, adapter), then jpeft.convert_residual_adapter(adapter, params, residual_params) "
             "for a plain LoRA on the original params (or convert it in PEFT with save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...))."
@@ -800,12 +812,14 @@ def load_peft(path: str, params, *, dtype=jnp.float32, model=None, example_args=
     return config, adapter
 
 
-def load_peft_with_base(path: str, params, *, dtype=jnp.float32) -> tuple[AdapterConfig, Any, dict]:
+def load_peft_with_base(path: str, params, *, dtype=jnp.float32, model=None,
+                        example_args=()) -> tuple[AdapterConfig, Any, dict]:
     """Like :func:`load_peft`, and also returns the base the adapter applies to, as
     ``peft.PeftModel.from_pretrained`` builds it: for an adapter saved with
     ``init_lora_weights="pissa"`` or ``"olora"`` the targeted kernels become the residual
     ``W - s A0 B0`` (``A0, B0``: the exact SVD / QR factors of ``W``, as PEFT computes them on
-    load); for any other adapter ``params`` is returned unchanged.
+    load); for any other adapter ``params`` is returned unchanged. ``model`` and
+    ``example_args`` are :func:`load_peft`'s (for conv sites).
 
     Returns:
       ``(config, params_for_the_adapter, adapter)``.
@@ -818,7 +832,7 @@ def load_peft_with_base(path: str, params, *, dtype=jnp.float32) -> tuple[Adapte
       onto the float params, then quantize the residual returned).
     """
     given, params = params, nnx_state_of(params)
-    config, adapter = _load(path, params, dtype)
+    config, adapter = _load(path, params, dtype, _traced_layouts(given, model, example_args))
     change = _base_change(config, adapter)
     if change is None:
         return config, given, adapter  # an nnx.Module as given

@@ -317,23 +317,36 @@ def unstack_adapter(adapter: Mapping[str, Any], name: str = "layers") -> dict:
     return out
 
 
+def _layer_pattern(name: str):
+    return re.compile(rf"^(.*?)(?:^|/){re.escape(name)}_(\d+)(/.*)?$")
+
+
+def stacked_path(path: str, name: str = "layers") -> Optional[str]:
+    """The scanned model's path of the unrolled module ``path`` (``model/layers_3/mlp`` ->
+    ``model/layers/mlp``), or ``None`` for a module outside the layers.
+
+    >>> stacked_path("model/layers_3/mlp"), stacked_path("lm_head")
+    ('model/layers/mlp', None)
+    """
+    m = _layer_pattern(name).match(path)
+    return None if m is None else _join(m.group(1), name, (m.group(3) or "").lstrip("/"))
+
+
 def stack_adapter(adapter: Mapping[str, Any], num_layers: int, name: str = "layers") -> dict:
     """Inverse of :func:`unstack_adapter`: per-layer nodes at ``.../{name}_{i}/X`` for
     ``i < num_layers`` become one :class:`Stacked` node at ``.../{name}/X``. Every layer
     must have the site (a scanned model runs the same program for every layer)."""
-    pat = re.compile(rf"^(.*?)(?:^|/){re.escape(name)}_(\d+)(/.*)?$")
     groups: dict[str, dict[int, Any]] = {}
     out = {}
     for path, node in adapter.items():
         if _holds_whole_params(path, node):
             out[path] = dataclasses.replace(node, params=stack_params(node.params, name))
             continue
-        m = pat.match(path)
+        m = _layer_pattern(name).match(path)
         if not m:
             out[path] = node
             continue
-        head, idx, tail = m.group(1), int(m.group(2)), (m.group(3) or "").lstrip("/")
-        groups.setdefault(_join(head, name, tail), {})[idx] = node
+        groups.setdefault(stacked_path(path, name), {})[int(m.group(2))] = node
     for path, by_layer in sorted(groups.items()):
         missing = sorted(set(range(num_layers)) - set(by_layer))
         extra = sorted(set(by_layer) - set(range(num_layers)))
@@ -502,6 +515,7 @@ __all__ = [
     "site_rank_alpha",
     "layer_paths",
     "layer_module",
+    "stacked_path",
     "variables_for",
     "is_stacked",
     "num_stacked_layers",

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 
 import flax.linen as nn
+import jax
 import numpy as np
 
 ROOT = tempfile.mkdtemp(prefix="jpeft_tiny_models_")
@@ -59,6 +60,15 @@ def perturb_trainable(peft_model, seed: int, scale: float = 0.3):
             if p.requires_grad:
                 p.add_(scale * torch.randn(p.shape, generator=g))
     return peft_model.eval()
+
+
+def randomize_adapter(adapter, seed: int, scale: float = 0.5):
+    """Every array of a jpeft adapter (each LoRA factor, DoRA magnitude, bias) replaced by
+    ``scale * N(0, 1)`` values: :func:`perturb_trainable`'s counterpart for jpeft's own adapters,
+    so no tensor keeps its init value (LoRA's zero B) in a comparison."""
+    leaves, tree = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 def _hf_config(family: str):

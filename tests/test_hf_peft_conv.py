@@ -15,7 +15,7 @@ import pytest
 
 import jpeft
 from jpeft import hf as H
-from jpeft.errors import BaseMismatchError, LayoutError
+from jpeft.errors import BaseMismatchError, LayoutError, UnsupportedAdapterError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _models_tiny as tiny  # noqa: E402
@@ -64,6 +64,36 @@ def _random_lora(pm, seed=2):
     return tiny.perturb_trainable(pm, seed)  # every trainable tensor + 0.3 N(0, 1)
 
 
+def _check_both_ways(tmp_path, tnet, params, x, fx, fmodel, targets, kw, channels_last, load=H.load_peft):
+    """PEFT's LoRA ``kw`` on ``targets`` of ``tnet`` with every tensor random: jpeft's load (``load``,
+    with the model) gives PEFT's unmerged and merged outputs, and its save loads in PEFT with them."""
+    with torch.no_grad():
+        base = tnet(torch.tensor(x)).numpy()
+    assert np.abs(channels_last(np.asarray(fmodel.apply(params, fx))) - base).max() < 1e-5  # the twin is the same network
+    pm = _random_lora(peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(
+        target_modules=targets, init_lora_weights=False, **kw)))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    with torch.no_grad():
+        ref = pm(torch.tensor(x)).numpy()
+        merged_ref = copy.deepcopy(pm).merge_and_unload()(torch.tensor(x)).numpy()
+    assert np.abs(ref - base).max() > 0.1  # the adapter changes the output
+
+    got = load(str(tmp_path / "peft"), params, model=fmodel, example_args=(fx,))
+    config, adapter = got[0], got[-1]
+    if len(got) == 3:
+        assert got[1] is params  # a plain LoRA: the base as given
+    out = channels_last(np.asarray(jpeft.apply(fmodel, params, adapter, fx)))
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+    merged = channels_last(np.asarray(fmodel.apply(jpeft.merge(params, adapter), fx)))
+    np.testing.assert_allclose(merged, merged_ref, atol=2e-5, rtol=1e-5)
+
+    H.save_peft(str(tmp_path / "back"), config, adapter, params=params)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.tensor(x)).numpy(), ref, atol=2e-5, rtol=1e-5)
+    return config, adapter
+
+
 @pytest.mark.parametrize("kw", [
     dict(r=2, lora_alpha=3, rank_pattern={"c1": 4}, alpha_pattern={"d1": 7.0}),
     dict(r=2, lora_alpha=3, use_dora=True),
@@ -71,28 +101,9 @@ def _random_lora(pm, seed=2):
 ], ids=["lora_patterns", "dora", "rslora_lora_bias"])
 def test_conv_lora_from_and_to_peft(tmp_path, kw):
     tnet, params, x, fx = _twin()
-    with torch.no_grad():
-        base = tnet(torch.tensor(x)).numpy()
-    assert np.abs(np.asarray(_FlaxNet().apply(params, fx)) - base).max() < 1e-5  # the twin is the same network
-    pm = _random_lora(peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(
-        target_modules=["c1", "c2", "d1", "lin"], init_lora_weights=False, **kw)))
-    pm.save_pretrained(str(tmp_path / "peft"))
-    with torch.no_grad():
-        ref = pm(torch.tensor(x)).numpy()
-        merged_ref = copy.deepcopy(pm).merge_and_unload()(torch.tensor(x)).numpy()
-    assert np.abs(ref - base).max() > 0.1  # the adapter changes the output
-
-    config, adapter = H.load_peft(str(tmp_path / "peft"), params, model=_FlaxNet(), example_args=(fx,))
+    _, adapter = _check_both_ways(tmp_path, tnet, params, x, fx, _FlaxNet(), ["c1", "c2", "d1", "lin"], kw,
+                                  lambda y: y)
     assert {adapter[p].layout.kind for p in ("c1", "c2", "d1")} == {"conv"}
-    out = np.asarray(jpeft.apply(_FlaxNet(), params, adapter, fx))
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
-    merged = np.asarray(_FlaxNet().apply(jpeft.merge(params, adapter), fx))
-    np.testing.assert_allclose(merged, merged_ref, atol=2e-5, rtol=1e-5)
-
-    H.save_peft(str(tmp_path / "back"), config, adapter, params=params)
-    back = peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / "back")).eval()
-    with torch.no_grad():
-        np.testing.assert_allclose(back(torch.tensor(x)).numpy(), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_conv_lora_without_model_names_the_fix(tmp_path):
@@ -113,3 +124,251 @@ def test_conv_lora_without_model_names_the_fix(tmp_path):
     other = OtherWindow().init(jax.random.key(0), fx)
     with pytest.raises(BaseMismatchError, match=r"needs lora_A \[r, 3, 1, 9\]"):
         H.load_peft(str(tmp_path), other, model=OtherWindow(), example_args=(fx,))
+
+
+class _TorchOne(torch.nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.c = conv
+
+    def forward(self, x):
+        return self.c(x)
+
+
+class _FlaxOne(nn.Module):
+    conv: dict  # nn.Conv's arguments
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(name="c", **self.conv)(x)
+
+
+def _one_conv(conv, flax_conv, in_shape):
+    """A torch net of the one ConvNd ``conv`` and its flax twin (``nn.Conv(**flax_conv)``, channels last)."""
+    torch.manual_seed(0)
+    tnet = _TorchOne(conv).eval()
+    w = tnet.c.weight.detach().numpy()
+    nd = w.ndim
+    params = {"params": {"c": {"kernel": jnp.asarray(w.transpose(tuple(range(2, nd)) + (1, 0))),
+                               "bias": jnp.asarray(tnet.c.bias.detach().numpy())}}}
+    x = np.random.RandomState(0).randn(*in_shape).astype(np.float32)
+    fx = jnp.asarray(np.moveaxis(x, 1, -1))
+    return tnet, params, x, fx, _FlaxOne(flax_conv), lambda y: np.moveaxis(y, -1, 1)
+
+
+_CONV1D = lambda: _one_conv(torch.nn.Conv1d(3, 5, 3, stride=2, padding=1),  # noqa: E731
+                            dict(features=5, kernel_size=(3,), strides=2, padding=((1, 1),)), (2, 3, 9))
+_CONV3D = lambda: _one_conv(torch.nn.Conv3d(3, 4, (2, 3, 1), stride=(1, 2, 1), padding=(1, 0, 0)),  # noqa: E731
+                            dict(features=4, kernel_size=(2, 3, 1), strides=(1, 2, 1),
+                                 padding=((1, 1), (0, 0), (0, 0))), (2, 3, 5, 6, 7))
+
+
+@pytest.mark.parametrize("net", [_CONV1D, _CONV3D], ids=["conv1d", "conv3d"])
+@pytest.mark.parametrize("kw", [
+    dict(r=2, lora_alpha=3, use_dora=True),
+    dict(r=3, lora_alpha=4, use_rslora=True, lora_bias=True),
+], ids=["dora", "rslora_lora_bias"])
+def test_conv1d_conv3d_lora_from_and_to_peft(tmp_path, net, kw):
+    """Conv1d and Conv3d (a strided, padded, non-square window), DoRA's [1, out, 1, ...] magnitude and
+    lora_bias, every tensor random; read through load_peft_with_base (a plain LoRA: the base as given)."""
+    tnet, params, x, fx, fmodel, cl = net()
+    _, adapter = _check_both_ways(tmp_path, tnet, params, x, fx, fmodel, ["c"], kw, cl, load=H.load_peft_with_base)
+    assert adapter["c"].layout.kind == "conv"
+
+
+@pytest.mark.parametrize("torch_conv, flax_conv, why", [
+    (lambda: torch.nn.Conv2d(4, 5, 3, dilation=2, padding="same"),
+     dict(features=5, kernel_size=(3, 3), kernel_dilation=2, padding="SAME"), "kernel_dilation=2"),
+    (lambda: torch.nn.Conv2d(4, 5, 3, padding=1, padding_mode="circular"),
+     dict(features=5, kernel_size=(3, 3), padding="CIRCULAR"), "padding='CIRCULAR'"),
+], ids=["dilated", "circular"])
+def test_conv_lora_peft_computes_otherwise_is_refused(tmp_path, torch_conv, flax_conv, why):
+    """PEFT 0.21 builds lora_A from the base's kernel_size, stride and padding only: on a dilated or
+    circular-padded conv its unmerged output is neither its merged one nor jpeft's (which applies lora_A
+    as the module does, as merging does). Both directions are refused by name (jpeft's own adapter on
+    such a module still applies and merges: it is only PEFT's format that cannot hold it)."""
+    tnet, params, x, fx, fmodel, cl = _one_conv(torch_conv(), flax_conv, (2, 4, 8, 8))
+    assert np.abs(cl(np.asarray(fmodel.apply(params, fx))) - tnet(torch.tensor(x)).detach().numpy()).max() < 1e-5
+    pm = _random_lora(peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(
+        r=2, target_modules=["c"], init_lora_weights=False)))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    with torch.no_grad():
+        unmerged = pm(torch.tensor(x)).numpy()
+        merged = copy.deepcopy(pm).merge_and_unload()(torch.tensor(x)).numpy()
+    assert np.abs(unmerged - merged).max() > 1.0  # PEFT disagrees with itself
+    with pytest.raises(UnsupportedAdapterError, match=why + r".*lora_A conv from the base's kernel_size"):
+        H.load_peft(str(tmp_path / "peft"), params, model=fmodel, example_args=(fx,))
+
+    config = jpeft.LoraConfig(r=2, target_modules=["c"])
+    adapter = tiny.randomize_adapter(jpeft.init(config, params, jax.random.key(0), fmodel, fx), 3)
+    np.testing.assert_allclose(np.asarray(jpeft.apply(fmodel, params, adapter, fx)),
+                               np.asarray(fmodel.apply(jpeft.merge(params, adapter), fx)), atol=2e-5, rtol=1e-5)
+    with pytest.raises(UnsupportedAdapterError, match=why):
+        H.save_peft(str(tmp_path / "back"), config, adapter, params=params)
+    assert not (tmp_path / "back").exists()
+
+
+def test_grouped_conv_lora_from_peft_is_refused(tmp_path):
+    """PEFT adapts a grouped conv (lora_B grouped; it cannot merge it); jpeft adapts no grouped conv."""
+    tnet, params, x, fx, fmodel, _ = _one_conv(torch.nn.Conv2d(4, 6, 3, padding=1, groups=2),
+                                               dict(features=6, kernel_size=(3, 3), padding=1, feature_group_count=2),
+                                               (2, 4, 8, 8))
+    with pytest.warns(UserWarning, match="groups > 1"):
+        pm = peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(r=2, target_modules=["c"], init_lora_weights=False))
+    _random_lora(pm).save_pretrained(str(tmp_path))
+    with pytest.raises(LayoutError, match="grouped"):
+        H.load_peft(str(tmp_path), params, model=fmodel, example_args=(fx,))
+
+
+def test_pissa_with_conv_in_the_model_loads_with_base(tmp_path):
+    """load_peft_with_base takes load_peft's model= (one reading): a PiSSA adapter of the conv net's
+    Linear, every tensor random after PEFT's init, gives PEFT's output on the residual base PEFT recomputes.
+    PEFT has no PiSSA/OLoRA init on a ConvNd: such a file (here, a conv LoRA relabelled) is refused by
+    name, as PEFT refuses it, and jpeft's own PiSSA on a conv is not saved for PEFT."""
+    tnet, params, x, fx = _twin()
+    with pytest.raises(ValueError, match="Unknown initialization"):
+        peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(r=2, target_modules=["c1"], init_lora_weights="pissa"))
+    pm = peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin"],
+                                                                   init_lora_weights="pissa"))
+    _random_lora(pm).save_pretrained(str(tmp_path / "pissa"))
+    with torch.no_grad():
+        ref = peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / "pissa")).eval()(torch.tensor(x)).numpy()
+    with pytest.raises(UnsupportedAdapterError, match=r"load_peft_with_base\(path, params, model=model"):
+        H.load_peft(str(tmp_path / "pissa"), params, model=_FlaxNet(), example_args=(fx,))
+    _, residual, adapter = H.load_peft_with_base(str(tmp_path / "pissa"), params, model=_FlaxNet(), example_args=(fx,))
+    np.testing.assert_allclose(np.asarray(jpeft.apply(_FlaxNet(), residual, adapter, fx)), ref, atol=2e-5, rtol=1e-5)
+
+    pm = _random_lora(peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(
+        r=2, target_modules=["c1"], init_lora_weights=False)))
+    pm.save_pretrained(str(tmp_path / "conv"))
+    cfg_path = tmp_path / "conv" / "adapter_config.json"
+    cfg_path.write_text(cfg_path.read_text().replace('"init_lora_weights": false', '"init_lora_weights": "pissa"'))
+    with pytest.raises(ValueError, match="Unknown initialization"):
+        peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / "conv"))
+    with pytest.raises(UnsupportedAdapterError, match="ConvNd layer has no pissa init"):
+        H.load_peft_with_base(str(tmp_path / "conv"), params, model=_FlaxNet(), example_args=(fx,))
+
+    config = jpeft.LoraConfig(r=2, target_modules=["c1"], init="pissa")
+    _, own = jpeft.init_pissa(config, params, jax.random.key(0), _FlaxNet(), fx)
+    with pytest.raises(UnsupportedAdapterError, match="ConvNd layer has no pissa init"):
+        H.save_peft(str(tmp_path / "own"), config, own, params=params)
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return nn.relu(nn.Conv(4, (3,), padding=1, name="conv")(h)), None
+
+
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x [b, 7, 4]
+        return nn.scan(_ScanBlock, variable_axes={"params": 0, "jpeft_adapter": 0}, split_rngs={"params": True},
+                       length=2)(name="layers")(x, None)[0]
+
+
+class _TorchLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"conv": torch.nn.Conv1d(4, 4, 3, padding=1)})
+                                           for _ in range(2)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer["conv"](x))
+        return x
+
+
+def test_conv_lora_on_a_layer_scanned_base(tmp_path):
+    """A layer-scanned base (nn.scan over a block with a Conv1d): the traced layout of the scanned module
+    serves each layer's site (it was not used: the refusal asked for the model= it had been given)."""
+    torch.manual_seed(0)
+    tnet = _TorchLayers().eval()
+    t = lambda w: jnp.asarray(w.detach().numpy())  # noqa: E731
+    params = {"params": jpeft.scan.stack_params({f"layers_{i}": {"conv": {
+        "kernel": t(tnet.layers[i]["conv"].weight).transpose(2, 1, 0), "bias": t(tnet.layers[i]["conv"].bias)}}
+        for i in range(2)})}
+    x = np.random.RandomState(0).randn(2, 4, 7).astype(np.float32)
+    _check_both_ways(tmp_path, tnet, params, x, jnp.asarray(x.transpose(0, 2, 1)), _Scanned(), ["conv"],
+                     dict(r=2, lora_alpha=3, use_dora=True), lambda y: np.moveaxis(y, -1, 1))
+    with pytest.raises(LayoutError, match=r"model=model, example_args=\(x,\)"):
+        H.load_peft(str(tmp_path / "peft"), params)
+
+
+def test_conv_lora_on_an_nnx_model(tmp_path):
+    """An NNX model's nnx.Conv: load_peft(module, model=module, example_args=) traces it (it was refused,
+    and without the model the refusal asked for it: the two pointed at each other)."""
+    nnx = pytest.importorskip("flax.nnx")
+    tnet, params, x, fx, _, cl = _CONV1D()
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.c = nnx.Conv(3, 5, (3,), strides=2, padding=((1, 1),), rngs=nnx.Rngs(0))
+
+        def __call__(self, h):
+            return self.c(h)
+
+    net = Net()
+    net.c.kernel[...] = params["params"]["c"]["kernel"]
+    net.c.bias[...] = params["params"]["c"]["bias"]
+    pm = _random_lora(peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(
+        r=2, lora_alpha=3, target_modules=["c"], init_lora_weights=False, use_dora=True)))
+    pm.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        ref = pm(torch.tensor(x)).numpy()
+    with pytest.raises(LayoutError, match=r"model=model, example_args=\(x,\)"):
+        H.load_peft(str(tmp_path), net)
+    _, adapter = H.load_peft(str(tmp_path), net, model=net, example_args=(fx,))
+    np.testing.assert_allclose(cl(np.asarray(jpeft.apply(net, None, adapter, fx))), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_own_conv_lora_merges_unmerges_and_loads_in_peft(tmp_path):
+    """jpeft.init's LoRA and DoRA on linen nn.Conv (every tensor random): merge equals the factored
+    output, unmerge gives the base back (LoRA), and PEFT loads save_peft's file with the same output."""
+    tnet, params, x, fx = _twin()
+    for i, config in enumerate([jpeft.LoraConfig(r=2, alpha=3.0, target_modules=["c1", "c2", "d1"]),
+                                jpeft.LoraConfig(r=3, alpha=2.0, use_dora=True, target_modules=["c1", "d1", "lin"])]):
+        adapter = tiny.randomize_adapter(jpeft.init(config, params, jax.random.key(0), _FlaxNet(), fx), i)
+        out = np.asarray(jpeft.apply(_FlaxNet(), params, adapter, fx))
+        assert np.abs(out - np.asarray(_FlaxNet().apply(params, fx))).max() > 0.1
+        merged = jpeft.merge(params, adapter)
+        np.testing.assert_allclose(np.asarray(_FlaxNet().apply(merged, fx)), out, atol=2e-5, rtol=1e-5)
+        if not config.use_dora:  # a merged DoRA is not invertible (NotInvertibleError, tests/test_methods_dora.py)
+            for a, b in zip(jax.tree.leaves(jpeft.unmerge(merged, adapter)), jax.tree.leaves(params)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+        H.save_peft(str(tmp_path / str(i)), config, adapter, params=params)
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / str(i))).eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(back(torch.tensor(x)).numpy(), out, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("peft_type, ours, targets", [
+    ("cat", dict(method="cat"), ["c1", "c2", "d1"]),
+    ("linear", dict(method="linear", factors=True), ["c1", "c2", "d1"]),
+    ("svd", dict(method="svd", rank=4), ["c1", "c2"]),
+], ids=["cat", "linear_factors", "svd_full_rank"])
+def test_merging_conv_loras_equals_peft_add_weighted_adapter(tmp_path, peft_type, ours, targets):
+    """jpeft.merging.merge_adapters on conv LoRAs read from PEFT equals PEFT's add_weighted_adapter
+    (``svd`` at full rank, 4 = the sum of the two ranks, where both are exact). PEFT's ``svd`` works on
+    Conv2d only: on a Conv1d it raises a RuntimeError (a size mismatch), where jpeft's is the same merge."""
+    tnet, params, x, fx = _twin()
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(
+        r=2, lora_alpha=3, target_modules=targets, init_lora_weights=False))
+    _random_lora(pm, seed=5).save_pretrained(str(tmp_path / "a"))
+    _random_lora(pm, seed=6).save_pretrained(str(tmp_path / "b"))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / "a"))
+    pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    if peft_type == "svd":
+        d1 = peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(r=2, target_modules=["d1"], init_lora_weights=False))
+        d1.add_adapter("b", peft.LoraConfig(r=2, target_modules=["d1"], init_lora_weights=False))
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            d1.add_weighted_adapter(["default", "b"], [0.5, 2.0], "m", combination_type="svd", svd_rank=4)
+    pm.add_weighted_adapter(["default", "b"], [0.5, 2.0], "m", combination_type=peft_type,
+                            **({"svd_rank": 4} if peft_type == "svd" else {}))
+    pm.set_adapter("m")
+    with torch.no_grad():
+        ref = pm.eval()(torch.tensor(x)).numpy()
+    ads = [H.load_peft(str(tmp_path / n), params, model=_FlaxNet(), example_args=(fx,))[1] for n in "ab"]
+    m = jpeft.merging.merge_adapters(ads, [0.5, 2.0], **ours)
+    np.testing.assert_allclose(np.asarray(jpeft.apply(_FlaxNet(), params, m, fx)), ref, atol=5e-5, rtol=1e-4)

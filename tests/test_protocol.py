@@ -502,6 +502,7 @@ def test_public_names_are_the_methods_own_objects():
 _IMPORTED_IN_FUNCTIONS = {
     ("jpeft.cli.serve_cmd", "jpeft.serve.app"),
     ("jpeft.core", "jpeft._nnx"), ("jpeft.merging", "jpeft._nnx"), ("jpeft.methods.corda", "jpeft._nnx"),
+    ("jpeft.hf", "jpeft._nnx"),
     ("jpeft.models.loading", "jpeft.models.llama_nnx"),
 }
 

@@ -63,6 +63,10 @@ class Layout:
     ``dot_general``: fake quantization, a kernel-scaling wrapper) where jpeft does not know it to
     compute the plain product of the kernel it is given (:func:`jpeft._inject.kernel_fn`), else
     ``None``; :func:`jpeft.merge` refuses such a site (:func:`check_kernel_fn_merge`).
+    ``peft_lora_differs`` says, for an ``nn.Conv``, why Hugging Face PEFT's LoRA on its torch
+    twin computes another update than jpeft's (a dilated or circular-padded window: PEFT's
+    ``lora_A`` conv takes the base's kernel size, stride and padding only), else ``None``; LoRA's
+    PEFT reader and writer refuse such a site.
     """
 
     kind: Kind
@@ -71,6 +75,7 @@ class Layout:
     out_axes: tuple
     equation: Optional[str] = None
     kernel_fn: Optional[str] = None
+    peft_lora_differs: Optional[str] = None
 
     def __post_init__(self):
         try:

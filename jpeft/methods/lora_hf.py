@@ -92,6 +92,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
                 tied = True
         elif node.layout.kind in (Kind.DENSE, Kind.CONV):
             if node.layout.kind == Kind.CONV:  # PEFT's ConvNd LoRA: lora_A a conv, lora_B a 1x1 conv
+                _refuse_peft_conv_differs(path, node.layout, "save")
                 a_t, b_t = _conv_factors_to_hf(to_np(node.lora_A), to_np(node.lora_B), node.layout)
             else:
                 a_t, b_t = to_np(node.lora_A).T.copy(), to_np(node.lora_B).T.copy()
@@ -253,6 +254,13 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
         raise UnsupportedAdapterError(
             f"sites {embeds} are {kind} embeddings, but PEFT's LoRA Embedding layer has no {kind} init (it would load "
             "the factors onto the unchanged embedding). Leave embeddings out of target_modules for PiSSA/OLoRA."
+        )
+    convs = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == Kind.CONV]
+    if convs:
+        raise UnsupportedAdapterError(
+            f"sites {convs} are {kind} convolutions, but {_NO_CONV_RESIDUAL.format(kind=kind)} Convert it to a plain "
+            "LoRA of the original params (jpeft.convert_residual_adapter(adapter, params, residual_params), saved with "
+            "jpeft.convert_residual_config(config)), or leave convolutions out of target_modules for PiSSA/OLoRA."
         )
     if kind == "olora" and ctx.fan_in_fan_out:
         raise UnsupportedAdapterError(
@@ -434,6 +442,7 @@ def _site_layout(path: str, own, ctx: ImportContext):
     model=, example_args=)``), else the one its kernel's shape alone tells (Dense, Embed)."""
     traced = (ctx.layouts or {}).get(path)
     if traced is not None and traced.kind == Kind.CONV:
+        _refuse_peft_conv_differs(path, traced, "load")
         return traced
     try:
         return _inject.infer_layout(path, own)
@@ -451,6 +460,21 @@ def _site_layout(path: str, own, ctx: ImportContext):
             f"adapter site {hf_name(path)!r}: the base module has a {len(shape)}-D kernel {shape}, whose input and "
             f"output axes its shape alone does not tell (expected a 2-D Dense kernel or a traced nn.Conv). {fix}"
         ) from None
+
+
+def _refuse_peft_conv_differs(path: str, layout, what: str) -> None:
+    """An ``nn.Conv`` site whose torch twin PEFT's LoRA computes otherwise (``Layout.peft_lora_differs``)."""
+    if layout.peft_lora_differs is None:
+        return
+    fix = ("Merge it in PEFT (merge_and_unload) and load the full weights, or target other modules."
+           if what == "load" else
+           "Merge it (jpeft.merge) and save full weights with jpeft.models.save_pretrained, or target other modules.")
+    raise UnsupportedAdapterError(
+        f"cannot {what} the PEFT LoRA of conv site {hf_name(path)!r}: the nn.Conv has {layout.peft_lora_differs}, but "
+        "PEFT 0.21's LoRA builds its lora_A conv from the base's kernel_size, stride and padding alone (undilated, "
+        "zero-padded), so PEFT's unmerged output differs from its own merged model and from jpeft's (which applies "
+        f"lora_A with the module's own options, as merging does). {fix}"
+    )
 
 
 def _conv_factors_from_hf(path: str, a_t: np.ndarray, b_t: np.ndarray, layout) -> tuple[np.ndarray, np.ndarray]:
@@ -480,12 +504,23 @@ def _conv_factors_to_hf(a, b, layout) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(a_t), np.ascontiguousarray(b.T.reshape((b.shape[1], r) + (1,) * (nd - 2)))
 
 
+# PEFT 0.21's _ConvNd.update_layer has no PiSSA/OLoRA branch: its reset_lora_parameters raises
+_NO_CONV_RESIDUAL = ("PEFT's LoRA ConvNd layer has no {kind} init (PEFT raises \"ValueError: Unknown initialization "
+                     "init_lora_weights='{kind}'\" when it builds or loads one), so no PEFT model computes such a file.")
+
+
 def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfig, residual, tied: bool,
                        ctx: ImportContext) -> LoraWeights:
     """The LoRA site at ``path`` from its PEFT tensors ``t``, after checking each against the
     base module and the config (ranks, shapes, DoRA magnitudes, biases)."""
     own = ctx.leaves[path]
     layout = _site_layout(path, own, ctx)
+    if residual is not None and layout.kind == Kind.CONV:
+        raise UnsupportedAdapterError(
+            f"the adapter in {ctx.folder!r} has init_lora_weights={residual!r} and a conv site {hf_name(path)!r}, but "
+            f"{_NO_CONV_RESIDUAL.format(kind=residual)} Save it from PEFT with init_lora_weights=True (or convert it "
+            "to a plain LoRA with path_initial_model_for_weight_conversion=...)."
+        )
     if layout.kind == Kind.EMBED:
         need = ("lora_embedding_A", "lora_embedding_B")
     else:
