@@ -12,7 +12,8 @@ same way. :func:`jpeft.apply` hands each layer its slice through the ``nn.scan``
 training, :func:`jpeft.merge`, :func:`jpeft.save_adapter` and checkpoints work unchanged.
 
 The model's ``nn.scan`` must slice the adapter collection like its params:
-``variable_axes={"params": 0, jpeft.scan.COLLECTION: 0}`` (jpeft's models do).
+``variable_axes={"params": 0, jpeft.scan.COLLECTION: 0}`` (jpeft's models do). So must an
+``nn.vmap`` that stacks a module's params (an ensemble): its sites are stacked the same way.
 
 Layer-indexed names (Hugging Face PEFT files, ``target_modules`` regexes naming a layer) use
 the unrolled layout, ``model/layers_3/...``; :func:`unstack_adapter` / :func:`stack_adapter`
@@ -99,8 +100,9 @@ class Stacked(Site):
         if not module.has_variable(COLLECTION, _VAR):
             raise LayoutError(
                 f"adapter site {path!r} holds weights stacked over {self.length} scanned layers, but the module "
-                f"was called without its slice. Either the model does not scan this module, or its nn.scan does "
-                f"not pass jpeft's collection: use variable_axes={{'params': 0, {COLLECTION!r}: 0}}."
+                f"was called without its slice. Either the model does not scan this module, or its nn.scan (or the "
+                f"nn.vmap of a module whose params it stacks, an ensemble) does not pass jpeft's collection: use "
+                f"variable_axes={{'params': 0, {COLLECTION!r}: 0}} there."
             )
         leaves = list(module.get_variable(COLLECTION, _VAR))
         want = [x.shape[1:] for x in jax.tree.leaves(self.inner)]

@@ -2,12 +2,16 @@
 does): identity at init where the method defines it, merged == factored for the mergeable ones,
 save/load round trip, jit / grad / vmap, only adapter leaves trained, a few training steps
 on a toy task reduce the loss, a bfloat16 base, the chunked loss and the NNX Llama. All on one
-tiny Llama (grouped-query attention, one layer)."""
+tiny Llama (grouped-query attention, one layer); then the linear methods on a model of the user's own
+(linen and NNX: every linear module kind, a module called twice, a layer scan, an ensemble's vmap)
+against each method's formula on the base weights."""
 
 import dataclasses
 import functools
+import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -327,3 +331,248 @@ def test_nnx_model_identity_same_outputs_and_merge(name):
     np.testing.assert_allclose(y, APPLY(params, ad, IDS), rtol=1e-5, atol=1e-5)
     if c.mergeable:
         np.testing.assert_allclose(NNX_BASE(jpeft.merge(state, ad), IDS), y, rtol=1e-5, atol=1e-5)
+
+
+# -- a model of the user's own (linen and NNX), not one of jpeft's: every linear module kind (an
+# nn.Conv, nn.DenseGeneral with several output and several input axes, an nn.Einsum, an nn.Embed),
+# a module called twice, a layer scan and an nn.remat module; each method's apply and merge against
+# its formula on the base weights, written here, with every adapter tensor random -------------------
+class _UserLayer(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        g = nn.DenseGeneral((2, 3), name="split")(h)  # kernel [6, 2, 3]: one input axis, two output axes
+        return jnp.tanh(nn.DenseGeneral(6, axis=(-2, -1), name="join")(g)), None  # kernel [2, 3, 6]
+
+
+class _UserNet(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Conv(6, (3,), name="conv")(nn.Embed(11, 6, name="emb")(ids))
+        scan = nn.scan(_UserLayer, variable_axes={"params": 0, jpeft.scan.COLLECTION: 0},
+                       split_rngs={"params": True}, length=2)
+        h, _ = scan(name="layers")(h, None)
+        h = nn.Einsum((6, 2, 3), "btd,dhk->bthk", name="mix")(h).reshape(h.shape[:2] + (6,))
+        shared = nn.Dense(6, name="shared")
+        h = shared(jnp.tanh(shared(nn.LayerNorm(name="ln")(h))))  # one module, two calls
+        return nn.remat(nn.Dense)(11, name="head")(h)
+
+
+class _UserNnx(nnx.Module):
+    """_UserNet without the scan (NNX transforms are refused by name, docs/NNX.md): two layers in a list."""
+
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(11, 6, rngs=rngs)
+        self.conv = nnx.Conv(6, 6, (3,), rngs=rngs)
+        self.layers = nnx.List([nnx.Dict(split=nnx.LinearGeneral(6, (2, 3), rngs=rngs),
+                                         join=nnx.LinearGeneral((2, 3), 6, axis=(-2, -1), rngs=rngs)) for _ in range(2)])
+        self.mix = nnx.Einsum("btd,dhk->bthk", (6, 2, 3), (2, 3), rngs=rngs)
+        self.ln = nnx.LayerNorm(6, rngs=rngs)
+        self.shared = nnx.Linear(6, 6, rngs=rngs)
+        self.head = nnx.Linear(6, 11, rngs=rngs)
+
+    def __call__(self, ids):
+        h = self.conv(self.emb(ids))
+        for layer in self.layers:
+            h = jnp.tanh(layer["join"](layer["split"](h)))
+        h = self.mix(h).reshape(h.shape[:2] + (6,))
+        return self.head(self.shared(jnp.tanh(self.shared(self.ln(h)))))
+
+
+USER_MODEL, USER_IDS = _UserNet(), jax.random.randint(jax.random.key(8), (3, 7), 0, 11)
+USER_PARAMS = USER_MODEL.init(jax.random.key(9), USER_IDS)
+USER_GRAPH, USER_STATE = nnx.split(_UserNnx(nnx.Rngs(9)))
+# each kernel's (input axes, output axes), written out, not read from jpeft's layouts (a site on the wrong
+# axis of a DenseGeneral or Einsum kernel would follow a wrong layout here too)
+_AXES = {"emb": ((0,), (1,)), "conv": ((0, 1), (2,)), "member": ((0,), (1,)), "split": ((0,), (1, 2)), "join": ((0, 1), (2,)),
+         "mix": ((0,), (1, 2)), "shared": ((0,), (1,)), "head": ((0,), (1,))}
+_LINEAR = ["conv", "split", "join", "mix", "shared", "head"]
+USER_CASES = {
+    "lora": jpeft.LoraConfig(r=2, alpha=4, target_modules=["emb"] + _LINEAR),
+    "dora": jpeft.LoraConfig(r=2, alpha=4, target_modules=["emb"] + _LINEAR, use_dora=True),
+    "ia3": IA3Config(target_modules=_LINEAR, feedforward_modules=["conv", "join", "shared"]),  # input side for these
+    "vera": jpeft.VeraConfig(r=2, target_modules=_LINEAR),
+    "loha": LoHaConfig(r=2, alpha=4, target_modules=_LINEAR),
+    "lokr": LoKrConfig(r=1, alpha=2, target_modules=_LINEAR),
+    "oft": OFTConfig(oft_block_size=2, target_modules=["split", "shared", "head"]),  # OFT: one input axis only
+    "ln_tuning": LNTuningConfig(target_modules=["ln"]),
+}
+
+
+def _as_matrix(w, name):
+    ins, outs = _AXES[name]
+    return jnp.transpose(w, ins + outs).reshape(math.prod(w.shape[i] for i in ins), -1)
+
+
+def _from_matrix(m, w, name):
+    order = _AXES[name][0] + _AXES[name][1]
+    return jnp.transpose(m.reshape([w.shape[i] for i in order]), np.argsort(order))
+
+
+def _torch_update(d, w, name):
+    """PEFT's ``[out, in]`` update (a convolution's ``in`` flattened channel-major, ``[out, in, k]``) as ``[in, out]``."""
+    if name == "conv":
+        k, c_in, c_out = w.shape
+        return d.reshape(c_out, c_in, k).transpose(2, 1, 0).reshape(k * c_in, c_out)
+    return d.T
+
+
+def _oft_rotation(node):
+    """Block-diagonal R from PEFT's Neumann series with five terms, I + 2Q + 2Q^2 + 2Q^3 + Q^4 (k = 2:
+    one angle a block, Q = [[0, v], [-v, 0]])."""
+    blocks = []
+    for v in node.oft_R[:, 0]:
+        q = jnp.array([[0.0, v], [-v, 0.0]])
+        blocks.append(jnp.eye(2) + 2 * q + 2 * q @ q + 2 * q @ q @ q + q @ q @ q @ q)
+    return jax.scipy.linalg.block_diag(*blocks)
+
+
+def _formula(method, node, w, name):
+    """The kernel ``w`` of module ``name`` with ``node``'s update folded in by the method's formula."""
+    m = _as_matrix(w, name)
+    if method in ("lora", "dora"):
+        m = m + node.scale * node.lora_A @ node.lora_B
+        if method == "dora":
+            m = m * (node.magnitude / jnp.linalg.norm(m, axis=0))[None]
+    elif method == "ia3":
+        scale = jnp.tile(node.ia3_l, m.shape[0] // node.ia3_l.shape[0])  # per input channel, repeated over a conv window
+        m = m * (scale[:, None] if node.feedforward else node.ia3_l[None])
+    elif method == "vera":
+        m = m + (node.vera_A * node.lambda_d[None]) @ (node.vera_B * node.lambda_b[None])
+    elif method == "loha":
+        m = m + _torch_update(node.scale * (node.hada_w1_a @ node.hada_w1_b) * (node.hada_w2_a @ node.hada_w2_b), w, name)
+    elif method == "lokr":
+        w1 = node.lokr_w1 if node.lokr_w1 is not None else node.lokr_w1_a @ node.lokr_w1_b
+        w2 = node.lokr_w2 if node.lokr_w2 is not None else node.lokr_w2_a @ node.lokr_w2_b
+        m = m + _torch_update(node.scale * jnp.kron(w1, w2), w, name)
+    elif method == "oft":
+        m = _oft_rotation(node) @ m
+    return _from_matrix(m, w, name)
+
+
+def _by_formula(method, params, adapter):
+    """``params`` (nested dicts of arrays) with every site's update folded in by :func:`_formula`; a site
+    in the layer scan holds one node a layer (``Stacked``), folded into its layer's slice of the kernel."""
+    params = jax.tree.map(lambda x: x, params)  # a copy of the dicts
+    for path, node in adapter.items():
+        *parents, leaf = path.split("/")
+        own = functools.reduce(lambda d, k: d[k if k in d else int(k)], parents, params)[leaf]  # NNX: list indices
+        if method == "ln_tuning":
+            own.update(node.params)
+            continue
+        pname = "embedding" if leaf == "emb" else "kernel"
+        if isinstance(node, jpeft.scan.Stacked):
+            own[pname] = jnp.stack([_formula(method, jax.tree.map(lambda a: a[i], node.inner), own[pname][i], leaf)
+                                    for i in range(node.length)])
+        else:
+            own[pname] = _formula(method, node, own[pname], leaf)
+    return params
+
+
+@pytest.mark.parametrize("name", list(USER_CASES))
+def test_user_linen_model_matches_each_methods_formula(name, tmp_path):
+    cfg = USER_CASES[name]
+    ad = perturb(jpeft.init(cfg, USER_PARAMS, jax.random.key(1), USER_MODEL, USER_IDS), jax.random.key(2))
+    want_sites = {"ln"} if name == "ln_tuning" else {p if p in ("emb", "conv", "mix", "shared", "head") else f"layers/{p}"
+                                                     for p in cfg.target_modules}
+    assert set(ad) == want_sites
+    y = jpeft.apply(USER_MODEL, USER_PARAMS, ad, USER_IDS)
+    want = USER_MODEL.apply({"params": _by_formula(name, USER_PARAMS["params"], ad)}, USER_IDS)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)  # ~1e-6 seen
+    assert float(jnp.abs(y - USER_MODEL.apply(USER_PARAMS, USER_IDS)).max()) > 0.1
+    merged = jpeft.merge(USER_PARAMS, ad)
+    np.testing.assert_allclose(USER_MODEL.apply(merged, USER_IDS), want, rtol=1e-5, atol=1e-5)
+    if name not in ("dora", "ln_tuning"):  # the two that cannot be unmerged (NotInvertibleError)
+        chex.assert_trees_all_close(jpeft.unmerge(merged, ad), USER_PARAMS, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(functools.partial(jpeft.apply, USER_MODEL))(USER_PARAMS, ad, USER_IDS), y,
+                               rtol=1e-5, atol=1e-5)
+
+    def loss(a):
+        logits = jpeft.apply(USER_MODEL, USER_PARAMS, a, USER_IDS)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], USER_IDS[:, 1:]))
+
+    train, _ = jpeft.split_frozen(jax.grad(loss)(ad))
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(train))  # every trainable tensor gets a gradient
+    jpeft.save_adapter(tmp_path / "a", cfg, ad, params=USER_PARAMS)
+    _, loaded = jpeft.load_adapter(tmp_path / "a", USER_PARAMS, USER_MODEL, USER_IDS)
+    chex.assert_trees_all_equal(loaded, ad)
+
+
+@pytest.mark.parametrize("name", list(USER_CASES))
+def test_user_nnx_model_matches_each_methods_formula(name):
+    ad = perturb(jpeft.init(USER_CASES[name], USER_STATE, jax.random.key(1), USER_GRAPH, USER_IDS), jax.random.key(2))
+    y = jpeft.apply(USER_GRAPH, USER_STATE, ad, USER_IDS)
+    model = nnx.merge(USER_GRAPH, USER_STATE, copy=True)
+    nnx.update(model, _by_formula(name, nnx.to_pure_dict(USER_STATE), ad))
+    want = model(USER_IDS)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(y - nnx.merge(USER_GRAPH, USER_STATE)(USER_IDS)).max()) > 0.1
+    np.testing.assert_allclose(nnx.merge(USER_GRAPH, jpeft.merge(USER_STATE, ad))(USER_IDS), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jpeft.merge(nnx.merge(USER_GRAPH, USER_STATE), ad)(USER_IDS), want, rtol=1e-5, atol=1e-5)
+
+
+def test_user_linen_model_trains_with_fit():
+    """jpeft.fit, the one loop, on the user's model (a scanned DenseGeneral pair, a conv, an einsum, a module
+    called twice): the loss falls and the base params are the same arrays after."""
+    cfg = USER_CASES["lora"]
+    ad = jpeft.init(cfg, USER_PARAMS, jax.random.key(1), USER_MODEL, USER_IDS)
+
+    def loss(params, adapter, batch, key=None):
+        logits = jpeft.apply(USER_MODEL, params, adapter, batch)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch[:, 1:]))
+
+    opt = optax.adam(3e-2)
+    result = jpeft.fit(jpeft.make_train_step(loss, opt), USER_PARAMS, ad, opt.init(ad), [USER_IDS] * 20,
+                       key=jax.random.key(3))
+    assert result.history[-1]["loss"] < 0.8 * result.history[0]["loss"], [h["loss"] for h in result.history]
+    chex.assert_trees_all_equal(USER_PARAMS, USER_MODEL.init(jax.random.key(9), USER_IDS))
+
+
+class _TiedRead(nn.Module):
+    """An autoencoder whose decoder reads the encoder's kernel itself (weight tying by reading the array,
+    not by calling the module; GPT-2 ports that compute ``h @ self.wte.embedding.T`` do the same)."""
+
+    @nn.compact
+    def __call__(self, x):
+        enc = nn.Dense(4, use_bias=False, name="enc")
+        return jnp.tanh(enc(x)) @ enc.variables["params"]["kernel"].T
+
+
+def test_a_kernel_read_outside_its_modules_call_is_not_adapted_there():
+    """jpeft adapts a module's calls: the decoder's own read of the encoder's kernel sees the base kernel,
+    so jpeft.apply is the formula with the update on the encoder's call only; jpeft.merge, which folds the
+    update into the stored kernel, changes the decoder too (documented in docs/METHODS.md)."""
+    model, x = _TiedRead(), jax.random.normal(jax.random.key(0), (3, 6))
+    params = model.init(jax.random.key(1), x)
+    ad = perturb(jpeft.init(jpeft.LoraConfig(r=2, alpha=4, target_modules=["enc"]), params, jax.random.key(2),
+                            model, x), jax.random.key(3))
+    w, node = params["params"]["enc"]["kernel"], ad["enc"]
+    want = jnp.tanh(x @ (w + node.scale * node.lora_A @ node.lora_B)) @ w.T
+    np.testing.assert_allclose(jpeft.apply(model, params, ad, x), want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(model.apply(jpeft.merge(params, ad), x) - want).max()) > 0.1
+
+
+class _Ensemble(nn.Module):
+    """Four members of one nn.Dense, their params stacked by nn.vmap; ``adapted=False``: the vmap slices the
+    params only, not jpeft's collection."""
+
+    adapted: bool = True
+
+    @nn.compact
+    def __call__(self, x):  # x: [members, batch, 6]
+        axes = {"params": 0, jpeft.scan.COLLECTION: 0} if self.adapted else {"params": 0}
+        members = nn.vmap(nn.Dense, variable_axes=axes, split_rngs={"params": True}, in_axes=0)
+        return members(3, name="member")(x)
+
+
+def test_an_ensembles_vmap_gets_one_site_a_member_and_names_the_collection_when_it_does_not_pass_it():
+    x = jax.random.normal(jax.random.key(0), (4, 2, 6))
+    model = _Ensemble()
+    params = model.init(jax.random.key(1), x)
+    ad = perturb(jpeft.init(jpeft.LoraConfig(r=2, alpha=4, target_modules=["member"]), params, jax.random.key(2),
+                            model, x), jax.random.key(3))
+    y = jpeft.apply(model, params, ad, x)
+    np.testing.assert_allclose(y, model.apply({"params": _by_formula("lora", params["params"], ad)}, x), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(model.apply(jpeft.merge(params, ad), x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(jpeft.errors.LayoutError, match=r"nn.vmap.*variable_axes=\{'params': 0, 'jpeft_adapter': 0\}"):
+        jpeft.apply(_Ensemble(adapted=False), params, ad, x)
