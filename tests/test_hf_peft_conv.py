@@ -176,6 +176,23 @@ def test_conv1d_conv3d_lora_from_and_to_peft(tmp_path, net, kw):
     assert adapter["c"].layout.kind == "conv"
 
 
+def test_an_adapter_holding_more_numbers_than_its_base_loads(tmp_path):
+    """A 1x1 Conv1d 3 -> 5 (20 parameters) with DoRA r=2 (6 + 10 + 5 = 21 numbers): the reader's guard
+    against a file declaring absurd sizes refused it as "truncated or corrupted" (it allowed no more
+    numbers than the base). It loads to PEFT's numbers both ways; an absurd declaration is still refused."""
+    tnet, params, x, fx, fmodel, cl = _one_conv(torch.nn.Conv1d(3, 5, 1), dict(features=5, kernel_size=(1,)),
+                                                (2, 3, 4))
+    _check_both_ways(tmp_path, tnet, params, x, fx, fmodel, ["c"], dict(r=2, lora_alpha=3, use_dora=True), cl)
+    f = tmp_path / "peft" / "adapter_model.safetensors"
+    arrays = {k: np.asarray(v) for k, v in jpeft.io.read_safetensors(str(f))[0].items()}
+    a_key = next(k for k in arrays if k.endswith("lora_A.weight"))
+    arrays[a_key] = np.zeros((3 << 20, 3, 1), np.float32)  # 9.4M numbers declared over a base of 20
+    from safetensors.numpy import save_file
+    save_file(arrays, str(f))
+    with pytest.raises(jpeft.errors.CheckpointError, match=r"more than 8 times the 20 parameters"):
+        H.load_peft(str(tmp_path / "peft"), params, model=fmodel, example_args=(fx,))
+
+
 @pytest.mark.parametrize("torch_conv, flax_conv, why", [
     (lambda: torch.nn.Conv2d(4, 5, 3, dilation=2, padding="same"),
      dict(features=5, kernel_size=(3, 3), kernel_dilation=2, padding="SAME"), "kernel_dilation=2"),
