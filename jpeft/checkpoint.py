@@ -70,24 +70,15 @@ from jpeft.errors import (
     ShapeMismatchError,
 )
 from jpeft._version import __version__
-from jpeft.io import (
-    base_fingerprint,
-    check_base,
-    check_index,
-    leaf_names,
-    kernel_fns,
-    module_copies,
-    np_dtype,
-    read_json,
-    safe_join,
-    sha256_hex,
-    template_adapter,
-    verify_checksum,
-    with_checksum,
-)
+from jpeft._checksum import sha256_hex, verify_checksum, with_checksum
+from jpeft._files import safe_join
+from jpeft._fingerprint import base_fingerprint, check_base
+from jpeft._safe_read import read_json
+from jpeft._safetensors import np_dtype
+from jpeft.io import check_index, kernel_fns, module_copies, template_adapter
 from jpeft.methods._common import head_copies, with_head_copies
 from jpeft.methods.base import recorded_kernel_fns, split_frozen, trainable, with_kernel_fns
-from jpeft.tree import host_array, is_typed_key, unwrap_params
+from jpeft.tree import host_array, is_typed_key, leaf_names, unwrap_params
 
 FORMAT = "jpeft-train-checkpoint"
 FORMAT_VERSION = 1

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import warnings
 from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
@@ -54,6 +55,22 @@ def register_config(cls):
 
     cls.__init__ = __init__
     return cls
+
+
+
+def renamed_option(old: str, new: str = "init_weights") -> property:
+    """A config's read-only attribute ``old`` for its option now named ``new`` (one name for one
+    option in every method's config: the init option is ``init_weights``): reading it warns with a
+    :class:`DeprecationWarning` naming ``new`` and returns ``new``'s value. The constructor,
+    ``replace`` and ``from_dict`` take ``old`` as they take every Hugging Face PEFT key name
+    (``_hf_keys``), without a warning: it stays PEFT's ``adapter_config.json`` key."""
+    def get(self):
+        cls = type(self).__name__
+        warnings.warn(f"{cls}.{old} is deprecated: the option is {cls}.{new}, its name in every jpeft method's config "
+                      f"({old} stays its Hugging Face PEFT key).", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated name of :attr:`{new}` (a :class:`DeprecationWarning`).")
 
 
 _FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max; NaN compares False

@@ -50,14 +50,16 @@ from jpeft.errors import (
     UnsafeFileError,
     UnsupportedAdapterError,
 )
-from jpeft.io import MAX_JSON_BYTES, open_regular, read_bounded, read_json, read_safetensors, safetensors_index
+from jpeft._safe_read import MAX_JSON_BYTES, open_regular, read_bounded, read_json
+from jpeft._safetensors import read_safetensors, safetensors_index
 from jpeft.methods._common import HEAD_MODULES, TASK_HEADS
 from jpeft.methods._common import has_modules_to_save, head_copies, saved_from_hf, saved_to_hf
 from jpeft.methods.base import FOREIGN_SITE_FIX, Method, foreign_site, method_for_peft_type, registered_methods
 from jpeft.models.loading import BERT_ARCHITECTURES, read_config
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys,  # noqa: F401
-                               config_from_peft, peft_key, split_peft_key, take_base_copies, take_embedding_copies, to_np)
-from jpeft.tree import compile_pattern, count, from_hf_name, hf_name, is_nnx, module_leaves, nnx_state_of, unwrap_params
+                               FLAG, check_value_types, config_from_peft, peft_key, split_peft_key, take_base_copies,
+                               take_embedding_copies, to_np)
+from jpeft.tree import count, from_hf_name, hf_name, is_nnx, module_leaves, nnx_state_of, unwrap_params
 
 
 def supported_peft_types() -> list[str]:
@@ -223,7 +225,7 @@ def _take_heads(d: Mapping[str, Any], config_cls, tensors: dict, leaves, folder:
             "it in jpeft on a base jpeft has."
         )
     if has_modules_to_save(config_cls):
-        # a method that loads modules_to_save (LoRA): a copy they name is one PEFT trains (SEQ_CLS names the
+        # a method that loads modules_to_save: a copy they name is one PEFT trains (SEQ_CLS names the
         # classifier), so it loads as a module to save even while it still equals the base's, as PEFT's
         # training would move it; one it does not name is PEFT's frozen copy, dropped after the check
         keys = [k for k in keys if k[len(prefix):].split(".")[0] not in mts
@@ -235,7 +237,8 @@ def _take_heads(d: Mapping[str, Any], config_cls, tensors: dict, leaves, folder:
         raise UnsupportedAdapterError(
             f"the {d.get('peft_type')} adapter in {folder!r} has modules_to_save={list(mts)} (trainable full copies of "
             f"modules), which jpeft loads for this method only as a task head's copy {list(HEAD_MODULES)}; "
-            "use LoRA (whose modules_to_save jpeft loads for any module) for the others."
+            f"use {' or '.join(sorted(m.name for m in registered_methods() if has_modules_to_save(m.config)))} (whose "
+            "modules_to_save jpeft loads for any module) for the others."
         )
     out = {}
     for head in sorted({k[len(prefix):].split(".")[0] for k in keys}):
@@ -492,43 +495,29 @@ def _read_tensors(path: str, base_numel: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 
-# adapter_config.json keys read by jpeft's formats, and the JSON types their values may have (a null flag is false,
-# as PEFT, which tests flags by truth value, reads it: AdapterConfig.from_dict)
-_FLAG = (bool, type(None))
+# adapter_config.json keys every format may read, and the JSON types their values may have; a method's own keys are
+# checked by its Method.check_hf_keys
 _VALUE_TYPES = {
-    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": _FLAG,
-    "use_dora": _FLAG, "fan_in_fan_out": _FLAG, "bias": (str,), "target_modules": (str, list, type(None)),
-    "rank_pattern": (dict, type(None)), "alpha_pattern": (dict, type(None)), "modules_to_save": (list, type(None)),
-    "feedforward_modules": (str, list, type(None)), "task_type": (str, type(None)),
+    "fan_in_fan_out": FLAG, "bias": (str,), "target_modules": (str, list, type(None)),
+    "modules_to_save": (list, type(None)), "feedforward_modules": (str, list, type(None)), "task_type": (str, type(None)),
 }
 
 
 def check_config_values(d: Mapping[str, Any], where: str) -> None:
     """Checks the types of a loaded ``adapter_config.json``'s values before any format reads
-    them: a wrongly typed value, a regex RE2 rejects, or a non-finite alpha is a
-    :class:`~jpeft.errors.LoadError` that names the key (never a raw TypeError or ``re.error``)."""
-    for k, types in _VALUE_TYPES.items():
-        v = d.get(k)
-        if k in d and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
-            want = " or ".join("null" if t is type(None) else {"str": "a string", "list": "a list", "dict": "an object",
-                                                               "int": "an integer", "float": "a number",
-                                                               "bool": "true/false"}[t.__name__] for t in types)
-            raise LoadError(f"{where}: {k!r} must be {want}, found {type(v).__name__} {str(v)[:80]}.")
+    them: a wrongly typed value, a regex RE2 rejects, or a value a method's
+    ``Method.check_hf_keys`` refuses (LoRA's: a non-finite alpha) is a
+    :class:`~jpeft.errors.LoadError` that names the key (never a raw TypeError or ``re.error``).
+    Every registered method's check runs, whatever the file's ``peft_type``: a key one format
+    defines may be read by another's (LoRA's ``rank_pattern`` by AdaLoRA's)."""
     try:
+        check_value_types(d, _VALUE_TYPES)
         for k in ("target_modules", "feedforward_modules"):
             if d.get(k) is not None:
                 _as_targets(d[k], k)
-        for k in ("rank_pattern", "alpha_pattern"):
-            for pat, v in (d.get(k) or {}).items():
-                compile_pattern(pat)
-                # rank_pattern: LoRA's ranks, or AdaLoRA's kept-triplet masks (checked by its config)
-                ok = ((isinstance(v, int) and v > 0) or (isinstance(v, list) and all(isinstance(b, bool) for b in v))) \
-                    if k == "rank_pattern" else (isinstance(v, (int, float)) and 0 < v <= float(np.finfo(np.float32).max))
-                if isinstance(v, bool) or not ok:
-                    raise ConfigError(f"{k}[{pat!r}] must be a positive {'integer' if k == 'rank_pattern' else 'finite number'}, "
-                                      f"found {str(v)[:80]}")
-        if "lora_alpha" in d and not 0 < d["lora_alpha"] <= float(np.finfo(np.float32).max):
-            raise ConfigError(f"'lora_alpha' must be a positive finite number, found {d['lora_alpha']!r}")
+        for m in registered_methods():
+            if m.check_hf_keys is not None:
+                m.check_hf_keys(d)
     except ConfigError as e:
         raise LoadError(f"{where}: {e}") from None
 
@@ -544,16 +533,6 @@ def _warn_unknown_keys(config_cls, d: Mapping[str, Any], path: str) -> None:
         warnings.warn(f"the adapter in {path!r} has adapter_config.json keys jpeft does not know for "
                       f"{config_cls.peft_type}: {unknown[:8]} (from a newer PEFT?). jpeft ignores them; if they change "
                       "what the adapter computes, jpeft's outputs differ from PEFT's.", UserWarning, stacklevel=4)
-
-
-# what to do instead, for PEFT adapter types users ask for that jpeft does not read
-_UNSUPPORTED_HINTS = {
-    "TRAINABLE_TOKENS": (
-        " PEFT's standalone TrainableTokensConfig is not read; jpeft trains and reads token rows as part of a LoRA "
-        "adapter: in PEFT, train them with LoraConfig(target_modules=[...], trainable_token_indices=[...]) and save "
-        "that; in jpeft, use jpeft.LoraConfig(trainable_token_indices=...) (docs/METHODS.md, trainable tokens)."
-    ),
-}
 
 
 def _refuse_other_task_heads(d: Mapping[str, Any], config_cls, tensors: Mapping[str, Any], inner, folder: str) -> None:
@@ -671,7 +650,7 @@ def _read_config_dict(path: str) -> tuple[dict, Method]:
     if fmt is None:
         raise UnsupportedAdapterError(
             f"adapter type {ptype!r} in {path!r} is not supported by jpeft.hf; supported peft_type values: "
-            f"{supported_peft_types()}.{_UNSUPPORTED_HINTS.get(ptype, '')}"
+            f"{supported_peft_types()}.{next((h for m in registered_methods() for t, h in m.peft_hints if t == ptype), '')}"
         )
     return d, fmt
 
@@ -771,8 +750,9 @@ def _peft_base_config(d) -> Optional[dict]:
 
 
 def _base_change(config, adapter):
-    """``None``, or ``(kind, fn)`` when the adapter applies to a base PEFT recomputes on load
-    (``fn(params)`` computes it; the method's ``Method.hf_base``)."""
+    """``None``, or ``(setting, fn)`` when the adapter applies to a base PEFT recomputes on load
+    (``setting`` names the option in PEFT's words, ``fn(params)`` computes the base; the method's
+    ``Method.hf_base``)."""
     hook = method_for_peft_type(config.peft_type).hf_base
     return None if hook is None else hook(config, adapter)
 
@@ -808,14 +788,13 @@ def load_peft(path: str, params, *, dtype=jnp.float32, model=None, example_args=
     config, adapter = _load(path, nnx_state_of(params), dtype, _traced_layouts(params, model, example_args))
     change = _base_change(config, adapter)
     if change is not None:
-        kind = change[0]
         how = "" if model is None else ", model=model, example_args=(x,)"
         raise UnsupportedAdapterError(
-            f"the adapter in {path!r} was saved with init_lora_weights={kind!r}: its factors are relative to the residual "
-            f"base (the base minus its initial {kind} factors) that PEFT recomputes when it loads the adapter, so it "
-            f"cannot be applied to the original params. Use jpeft.hf.load_peft_with_base(path, params{how}), which returns "
-            "(config, residual_params, adapter), then jpeft.convert_residual_adapter(adapter, params, residual_params) "
-            "for a plain LoRA on the original params (or convert it in PEFT with save_pretrained(..., "
+            f"the adapter in {path!r} was saved with {change[0]}: its weights are relative to the residual base (the "
+            "base minus its initial adapter) that PEFT recomputes when it loads the adapter, so it cannot be applied to "
+            f"the original params. Use jpeft.hf.load_peft_with_base(path, params{how}), which returns (config, "
+            "residual_params, adapter), then jpeft.convert_residual_adapter(adapter, params, residual_params) for an "
+            "adapter on the original params (or convert it in PEFT with save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...))."
         )
     return config, adapter
@@ -845,16 +824,16 @@ def load_peft_with_base(path: str, params, *, dtype=jnp.float32, model=None,
     change = _base_change(config, adapter)
     if change is None:
         return config, given, adapter  # an nnx.Module as given
-    kind, base_of = change
+    setting, base_of = change
     if quant.has_quantized(params):
         raise QuantizationError(
-            f"the adapter in {path!r} (init_lora_weights={kind!r}) applies to a residual base computed from the "
+            f"the adapter in {path!r} ({setting}) applies to a residual base computed from the "
             "full-precision weights, and these params are quantized; load it onto the full-precision params, then "
             "quantize the residual params returned."
         )
     if scan.is_stacked(adapter):
         raise UnsupportedAdapterError(
-            f"the {kind} adapter in {path!r} needs its residual base computed per layer; load it on a base made with "
+            f"the adapter in {path!r} ({setting}) needs its residual base computed per layer; load it on a base made with "
             "scan_layers=False, then stack with jpeft.scan.stack_params / stack_adapter."
         )
     return config, base_of(params), adapter

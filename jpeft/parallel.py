@@ -67,29 +67,11 @@ FSDP = "fsdp"
 TENSOR = "tensor"
 BATCH_AXES = (DATA, FSDP)
 
-__all__ = [
-    "make_mesh",
-    "tensor_parallel_rules",
-    "param_specs",
-    "param_shardings",
-    "shard_params",
-    "adapter_specs",
-    "adapter_shardings",
-    "shard_adapter",
-    "opt_state_shardings",
-    "init_opt_state",
-    "shard_batch",
-    "make_sharded_train_step",
-    "make_pmap_train_step",
-    "replicate",
-    "unreplicate",
-    "split_for_pmap",
-    "cast_base",
-    "with_precision",
-    "remat_policy",
-    "remat",
-    "REMAT_POLICIES",
-]
+# The mesh, sharding and pmap functions' one public name is the top level (``jpeft.make_mesh``,
+# ``jpeft.shard_params``, ...: jpeft/__init__.py's __all__, what README.md and docs/ name); this
+# module is where they live, and its __all__ lists only what jpeft does not re-export
+# (docs/ARCHITECTURE.md, "One public name"; tests/test_protocol.py checks the two never overlap).
+__all__ = ["kernels_on"]
 
 
 # ------------------------------------------------------------------------------------- mesh

@@ -275,3 +275,24 @@ def take_embedding_copies(tensors: dict, leaves: Mapping[str, Mapping[str, Any]]
             continue
         check_base_copy(path, tensors[k], own, folder)
         del tensors[k]
+
+
+# JSON types an adapter_config.json value may have: a null flag is false, as PEFT, which tests flags by truth
+# value, reads it (AdapterConfig.from_dict)
+FLAG = (bool, type(None))
+_TYPE_WORDS = {"str": "a string", "list": "a list", "dict": "an object", "int": "an integer", "float": "a number",
+               "bool": "true/false", "NoneType": "null"}
+
+
+def check_value_types(d: Mapping[str, Any], types: Mapping[str, tuple]) -> None:
+    """Checks that each key of ``types`` present in the ``adapter_config.json`` dict ``d`` has one
+    of its JSON types (``bool`` only where listed), before any format reads it.
+
+    Raises:
+      ConfigError: naming the key, the types it may have and the value found.
+    """
+    for k, allowed in types.items():
+        v = d.get(k)
+        if k in d and (not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed)):
+            want = " or ".join(_TYPE_WORDS[t.__name__] for t in allowed)
+            raise ConfigError(f"{k!r} must be {want}, found {type(v).__name__} {str(v)[:80]}.")

@@ -458,13 +458,38 @@ def _key_str(k) -> str:
 def path_str(keypath) -> str:
     """``jax.tree_util`` key path -> ``a/b/c``: dict keys, attribute names and sequence
     indices joined with ``/``, empty components dropped (an adapter's root site, path ``""``,
-    adds none), the one way jpeft names a tree path (:func:`jpeft.io.leaf_names` too).
+    adds none), the one way jpeft names a tree path (:func:`leaf_names` too).
 
     >>> import jax
     >>> [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path({"a": [1, {"": 2}]})[0]]
     ['a/0', 'a/1']
     """
     return "/".join(s for s in map(_key_str, keypath) if s != "")
+
+
+def leaf_names(tree) -> list[tuple[str, Any]]:
+    """``[(name, leaf)]`` in tree order, where ``name`` is the key path as
+    :func:`jpeft.tree.path_str` writes it (``/``-joined, empty components dropped: the root
+    module's path is ``""``).
+
+    For an adapter the names are ``"<module path>/<field>"``:
+
+    >>> import jax.numpy as jnp
+    >>> [n for n, _ in leaf_names({"a/q": {"lora_A": jnp.zeros(1)}, "": {"w": jnp.zeros(1)}})]
+    ['w', 'a/q/lora_A']
+
+    Raises:
+      ConfigError: when two leaves would get the same name.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out, seen = [], set()
+    for kp, leaf in flat:
+        name = path_str(kp)
+        if name in seen:
+            raise ConfigError(f"two leaves of the tree are both named {name!r}; rename a module or a field.")
+        seen.add(name)
+        out.append((name, leaf))
+    return out
 
 
 __all__ = [
@@ -484,4 +509,5 @@ __all__ = [
     "partition",
     "combine",
     "path_str",
+    "leaf_names",
 ]

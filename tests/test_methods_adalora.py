@@ -278,7 +278,7 @@ def test_a_peft_file_with_a_lora_init_name_loads_as_peft_reads_it(tmp_path, init
     pm.eval()
     _, params = _base()
     cfg, ad = H.load_peft(str(tmp_path), params)
-    assert cfg.init_lora_weights is True
+    assert cfg.init_weights is True
     ids, mask = tiny.batch(FAMILY, seed=5)
     ref = _logits_torch(pm, ids, mask)
     assert np.abs(ref - tiny.torch_logits(FAMILY, ids, mask)).max() > 1e-2

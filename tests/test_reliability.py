@@ -434,7 +434,7 @@ def test_disk_full_and_permission_denied_leave_previous_adapter_intact(tmp_path,
         raise PermissionError(errno.EACCES, "Permission denied", str(dst))
 
     monkeypatch.setattr(os, "rename", denied)
-    monkeypatch.setattr(jpeft.io, "_exchange", lambda a, b: denied(a, b))  # the atomic swap (renameat2) too
+    monkeypatch.setattr(jpeft._files, "_exchange", lambda a, b: denied(a, b))  # the atomic swap (renameat2) too
     with pytest.raises(SaveError, match="Permission denied"):
         jpeft.save_adapter(d, cfg, newer, params=params, overwrite=True)
     monkeypatch.setattr(os, "rename", real_rename)
@@ -673,11 +673,11 @@ def test_a_non_finite_update_is_skipped_even_with_finite_loss_and_gradients(run,
 _KILL_BETWEEN_RENAMES = r"""
 import os, signal, sys
 sys.path.insert(0, {helpers!r})
-import jax, jpeft, jpeft.io
+import jax, jpeft, jpeft._files
 import ckpt_common as C
 params = C.params(); cfg = C.lora_config(dropout=0.0)
 adapter = jax.tree.map(lambda x: x + 1.0, jpeft.init(cfg, params, jax.random.key(1)))
-jpeft.io._renameat2 = None  # a system without an atomic exchange: two renames
+jpeft._files._renameat2 = None  # a system without an atomic exchange: two renames
 real = os.rename
 def rename(src, dst):
     real(src, dst)

@@ -31,7 +31,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, CheckpointUnreadab
                           SaveError, ShardingError)
 from jpeft.forgetting.guard import current_lr_scale
 from jpeft.forgetting.metrics import perplexity
-from jpeft.io import atomic_write, check_folder
+from jpeft._files import atomic_write, check_folder
 from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask

@@ -6,7 +6,7 @@ from _jpeft_args import add_demo as add_parser  # noqa: F401  (the options, defi
 from jpeft.cli import _demo
 from jpeft.errors import ConfigError
 from jpeft.forgetting.replay import replay_rows
-from jpeft.io import check_folder
+from jpeft._files import check_folder
 
 
 

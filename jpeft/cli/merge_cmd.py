@@ -9,7 +9,7 @@ from _jpeft_args import add_merge as add_parser  # noqa: F401  (the options, def
 from jpeft.cli._ckpt import find_adapter, load_adapter_with_base, note_quantized_training, run_folder_of, untie_for
 from jpeft.cli._model import example_ids, load_folder, save_folder
 from jpeft.errors import SaveError
-from jpeft.io import check_folder
+from jpeft._files import check_folder
 
 
 

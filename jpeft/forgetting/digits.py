@@ -32,7 +32,7 @@ import optax
 import jpeft
 from jpeft.errors import ConfigError
 from jpeft.forgetting import regularizers as R
-from jpeft.forgetting.experiment import Benchmark, MethodSpec
+from jpeft.forgetting.benchmark import Benchmark, MethodSpec
 
 NEG = -1e9
 

@@ -51,7 +51,7 @@ from flax import serialization
 import jpeft
 from jpeft.errors import ConfigError, InputValidationError, LoadError
 from jpeft.forgetting import metrics as M, regularizers as R
-from jpeft.forgetting.experiment import Benchmark, MethodSpec
+from jpeft.forgetting.benchmark import Benchmark, MethodSpec
 from jpeft.models import LlamaConfig, LlamaForCausalLM
 
 __all__ = [

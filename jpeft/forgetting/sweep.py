@@ -48,7 +48,7 @@ from jpeft.forgetting import stats as S
 from jpeft.forgetting.experiment import (Benchmark, MethodSpec, check_out_dir, check_replay, check_seeds,
                                          forgetting_unit, get_benchmark, run_one, save_png)
 from jpeft.forgetting.replay import replay_rows
-from jpeft.io import atomic_write
+from jpeft._files import atomic_write
 
 __all__ = ["SweepSpec", "sweep", "combine", "write", "report", "budget", "analyse", "plot_sweep", "STRENGTHS"]
 

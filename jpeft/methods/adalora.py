@@ -42,7 +42,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject, scan
-from jpeft.config import AdapterConfig, _as_targets
+from jpeft.config import AdapterConfig, _as_targets, renamed_option
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
@@ -80,8 +80,10 @@ class AdaLoraConfig(AdapterConfig):
       dropout: ``lora_dropout``, active only with ``rngs={"dropout": key}``.
       target_modules: linear modules to adapt (as for :class:`jpeft.LoraConfig`); the PEFT
         format holds dense sites only.
-      init_lora_weights: ``True``: ``E = 0`` (the identity), ``A``, ``B`` normal with std 0.02;
-        ``False``: all three standard normal (tests only), as PEFT.
+      init_weights: ``True``: ``E = 0`` (the identity), ``A``, ``B`` normal with std 0.02;
+        ``False``: all three standard normal (tests only), as PEFT. PEFT's name,
+        ``init_lora_weights``, is taken too (and is the ``adapter_config.json`` key); the
+        attribute ``init_lora_weights`` is deprecated.
       rank_pattern: which triplets each module keeps, ``{"<module>.lora_E": [bool] * init_r}``,
         as :func:`update_and_allocate` returns it and PEFT saves it.
 
@@ -99,7 +101,8 @@ class AdaLoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
-    _hf_keys: ClassVar[Mapping[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+    _hf_keys: ClassVar[Mapping[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout",
+                                             "init_weights": "init_lora_weights"}
     _ignored_hf_keys: ClassVar[frozenset] = AdapterConfig._ignored_hf_keys | {"r"}
     _unsupported_hf_options: ClassVar[Mapping[str, tuple]] = {
         **AdapterConfig._unsupported_hf_options,
@@ -125,7 +128,8 @@ class AdaLoraConfig(AdapterConfig):
     alpha: float = 8
     dropout: float = 0.0
     target_modules: Any = ("q_proj", "v_proj")
-    init_lora_weights: bool = True
+    init_weights: bool = True
+    init_lora_weights = renamed_option("init_lora_weights")
     rank_pattern: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self):
@@ -163,8 +167,8 @@ class AdaLoraConfig(AdapterConfig):
             raise ConfigError(f"AdaLoraConfig.alpha (lora_alpha) must be a finite number > 0, found {self.alpha!r}.")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"AdaLoraConfig.dropout (lora_dropout) must be in [0, 1), found {self.dropout!r}.")
-        if not isinstance(self.init_lora_weights, bool):
-            raise ConfigError(f"AdaLoraConfig.init_lora_weights must be true or false, found {self.init_lora_weights!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise ConfigError(f"AdaLoraConfig.init_weights (init_lora_weights) must be true or false, found {self.init_weights!r}.")
         rp = self.rank_pattern
         if rp is not None:
             if not isinstance(rp, Mapping) or not all(
@@ -181,7 +185,7 @@ class AdaLoraConfig(AdapterConfig):
         rp = None if self.rank_pattern is None else tuple(sorted(self.rank_pattern.items()))
         return hash((self.init_r, self.target_r, self.tinit, self.tfinal, self.deltaT, self.beta1, self.beta2,
                      self.orth_reg_weight, self.total_step, self.alpha, self.dropout, self.target_modules,
-                     self.init_lora_weights, rp))
+                     self.init_weights, rp))
 
     @property
     def scaling(self) -> float:
@@ -313,7 +317,7 @@ def _layouts(config, params, infos):
 def init_site(config: AdaLoraConfig, layout: Layout, key) -> AdaLoraWeights:
     r, n_in, n_out = int(config.init_r), layout.in_features, layout.out_features
     ka, ke, kb = jax.random.split(key, 3)
-    if config.init_lora_weights:
+    if config.init_weights:
         a = 0.02 * jax.random.normal(ka, (n_in, r), jnp.float32)
         e = jnp.zeros((r,), jnp.float32)
         b = 0.02 * jax.random.normal(kb, (r, n_out), jnp.float32)

@@ -547,10 +547,18 @@ class Method:
         ``adapter_config.json`` states, read without its weights or a base
         (:func:`jpeft.hf.peft_config`), for a method whose ``from_hf`` reads the file's fields
         other than as ``config.from_dict`` of the keys the config knows (the default, ``None``).
-      hf_base: ``hf_base(config, adapter) -> None | (kind, fn)``: for a loaded PEFT adapter that
-        applies to a base PEFT rebuilds on load (PiSSA/OLoRA's residual base), its ``kind``
-        (named in errors) and ``fn(params) -> params`` computing that base; ``None`` (the
-        default, or the hook's answer): the stored base.
+      hf_base: ``hf_base(config, adapter) -> None | (setting, fn)``: for a loaded PEFT adapter
+        that applies to a base PEFT rebuilds on load (PiSSA/OLoRA's residual base), the
+        ``setting`` that made it, in PEFT's words (``"init_lora_weights='pissa'"``, named in
+        errors), and ``fn(params) -> params`` computing that base; ``None`` (the default, or the
+        hook's answer): the stored base.
+      check_hf_keys: ``check_hf_keys(config_dict)``: checks the types and values of the
+        ``adapter_config.json`` keys this method's format defines, raising
+        :class:`~jpeft.errors.ConfigError` naming the key; :mod:`jpeft.hf` runs every method's
+        on every file before a format reads it (another format may read the same keys).
+      peft_hints: ``((peft_type, hint), ...)``: what to do instead, for PEFT adapter types
+        jpeft does not read that this method covers (PEFT's ``TRAINABLE_TOKENS``: LoRA's
+        ``trainable_token_indices``); the refusal ends with the hint.
       budget: ``budget(model_type, targets) -> [(name, settings, make_config), ...]``: the rows
         the budget table (``python -m jpeft.budget``, ``jpeft info``) counts for a model
         family, given :data:`jpeft.budget.FAMILY_TARGETS` ``[model_type]`` (PEFT's default
@@ -566,6 +574,8 @@ class Method:
     from_hf: Optional[Callable] = None
     hf_config: Optional[Callable] = None
     hf_base: Optional[Callable] = None
+    check_hf_keys: Optional[Callable] = None
+    peft_hints: tuple = ()
     budget: Optional[Callable] = None
     from_low_rank: Optional[Callable] = None
 

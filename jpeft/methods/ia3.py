@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject, scan
-from jpeft.config import AdapterConfig, _as_targets
+from jpeft.config import AdapterConfig, _as_targets, renamed_option
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotInvertibleError,
                           UnsupportedAdapterError, UnsupportedModuleError)
 from jpeft.methods._common import (
@@ -49,8 +49,10 @@ class IA3Config(AdapterConfig):
         :class:`jpeft.LoraConfig`). The default is Hugging Face PEFT's choice for Llama.
       feedforward_modules: the subset of the targets whose *input* is rescaled (the
         feed-forward output projection in the paper); the others have their output rescaled.
-      init_ia3_weights: start the vectors at one (identity); ``False`` draws them from a
-        standard normal, as Hugging Face PEFT does (useful for tests only).
+      init_weights: start the vectors at one (identity); ``False`` draws them from a
+        standard normal, as Hugging Face PEFT does (useful for tests only). PEFT's name,
+        ``init_ia3_weights``, is taken too (and is the ``adapter_config.json`` key); the attribute
+        ``init_ia3_weights`` is deprecated.
 
     >>> from jpeft.methods.ia3 import IA3Config
     >>> c = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
@@ -61,10 +63,12 @@ class IA3Config(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "IA3"
+    _hf_keys: ClassVar[Mapping[str, str]] = {"init_weights": "init_ia3_weights"}
 
     target_modules: Any = ("k_proj", "v_proj", "down_proj")
     feedforward_modules: Any = ("down_proj",)
-    init_ia3_weights: bool = True
+    init_weights: bool = True
+    init_ia3_weights = renamed_option("init_ia3_weights")
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
@@ -80,11 +84,11 @@ class IA3Config(AdapterConfig):
                     f"(feedforward_modules = [] where no target is a feed-forward layer; the default is "
                     f"{list(type(self).feedforward_modules)}, applied when it is not given)."
                 )
-        if not isinstance(self.init_ia3_weights, bool):
-            raise ConfigError(f"IA3Config.init_ia3_weights must be a bool, found {self.init_ia3_weights!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise ConfigError(f"IA3Config.init_weights (init_ia3_weights) must be a bool, found {self.init_weights!r}.")
 
     def __hash__(self):
-        return hash((self.target_modules, self.feedforward_modules, self.init_ia3_weights))
+        return hash((self.target_modules, self.feedforward_modules, self.init_weights))
 
     def saved_config(self, adapter) -> "IA3Config":
         """The config :func:`jpeft.save_adapter` (and a checkpoint) records: this one, after
@@ -220,7 +224,7 @@ def init(config: IA3Config, params, key, infos) -> dict:
         n = (lay.in_dims[-1] if lay.kind == Kind.CONV else lay.in_features) if ff else lay.out_features
 
         def make(k, own, n=n, lay=lay, ff=ff):
-            vec = jnp.ones((n,), jnp.float32) if config.init_ia3_weights else jax.random.normal(k, (n,), jnp.float32)
+            vec = jnp.ones((n,), jnp.float32) if config.init_weights else jax.random.normal(k, (n,), jnp.float32)
             return IA3Weights(vec, lay, ff)
 
         out[path] = scan.make_site(make, path, lay, k, leaves[path])
@@ -246,7 +250,7 @@ def _to_hf(config: IA3Config, adapter, ctx):
     d = {
         "target_modules": targets,
         "feedforward_modules": ff,
-        "init_ia3_weights": bool(config.init_ia3_weights),
+        "init_ia3_weights": bool(config.init_weights),
         "fan_in_fan_out": ctx.fan_in_fan_out,
         "modules_to_save": None,
         "exclude_modules": None,

@@ -20,16 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject, scan
-from jpeft.errors import BaseMismatchError, CheckpointError, LayoutError, UnsupportedAdapterError
+from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, LayoutError, UnsupportedAdapterError
 from jpeft.methods import pissa
 from jpeft.methods._common import SavedModule, saved_from_hf, saved_to_hf, trained_biases_from_hf
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
-from jpeft.peft_format import (CONFIG_FILE, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
+from jpeft.peft_format import (CONFIG_FILE, FLAG, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
                                check_base_copy, check_keys, check_same_copies, config_from_peft, peft_key,
-                               split_peft_key, ties_word_embeddings, to_np)
-from jpeft.tree import from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
+                               check_value_types, split_peft_key, ties_word_embeddings, to_np)
+from jpeft.tree import compile_pattern, from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
 
 
 # -- LoRA ------------------------------------------------------------------------------------
@@ -756,12 +756,48 @@ def _lora_nodes(adapter):
 
 def lora_hf_base(config: LoraConfig, adapter):
     """``Method.hf_base`` of LoRA: for an adapter whose sites are relative to a PiSSA/OLoRA
-    residual base, ``(init, fn)`` with ``fn(params)`` the residual base PEFT computes on load."""
+    residual base, ``("init_lora_weights=<init>", fn)`` with ``fn(params)`` the residual base
+    PEFT computes on load."""
     kinds = {n.residual for n in _lora_nodes(adapter)} - {None}
     if not kinds:
         return None
     kind = sorted(kinds)[0]
-    return kind, lambda params: pissa.residual_params(config, params, adapter, kind)
+    return f"init_lora_weights={kind!r}", lambda params: pissa.residual_params(config, params, adapter, kind)
+
+
+# adapter_config.json keys of LoRA's format (read by AdaLoRA's and LyCORIS's too), and their JSON types
+_HF_VALUE_TYPES = {
+    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float), "use_rslora": FLAG, "use_dora": FLAG,
+    "rank_pattern": (dict, type(None)), "alpha_pattern": (dict, type(None)),
+}
+
+
+def _check_hf_keys(d: Mapping[str, Any]) -> None:
+    """``Method.check_hf_keys`` of LoRA: its keys' JSON types, the patterns of ``rank_pattern``
+    and ``alpha_pattern`` (regexes RE2 takes) and their values, and a finite ``lora_alpha``.
+
+    Raises:
+      ConfigError: naming the key.
+    """
+    check_value_types(d, _HF_VALUE_TYPES)
+    for k in ("rank_pattern", "alpha_pattern"):
+        for pat, v in (d.get(k) or {}).items():
+            compile_pattern(pat)
+            # rank_pattern: LoRA's ranks, or AdaLoRA's kept-triplet masks (checked by its config)
+            ok = ((isinstance(v, int) and v > 0) or (isinstance(v, list) and all(isinstance(b, bool) for b in v))) \
+                if k == "rank_pattern" else (isinstance(v, (int, float)) and 0 < v <= float(np.finfo(np.float32).max))
+            if isinstance(v, bool) or not ok:
+                raise ConfigError(f"{k}[{pat!r}] must be a positive {'integer' if k == 'rank_pattern' else 'finite number'}, "
+                                  f"found {str(v)[:80]}")
+    if "lora_alpha" in d and not 0 < d["lora_alpha"] <= float(np.finfo(np.float32).max):
+        raise ConfigError(f"'lora_alpha' must be a positive finite number, found {d['lora_alpha']!r}")
+
+
+# PEFT's standalone trainable tokens are LoRA's trainable_token_indices here
+_PEFT_HINTS = (("TRAINABLE_TOKENS", (
+    " PEFT's standalone TrainableTokensConfig is not read; jpeft trains and reads token rows as part of a LoRA "
+    "adapter: in PEFT, train them with LoraConfig(target_modules=[...], trainable_token_indices=[...]) and save "
+    "that; in jpeft, use jpeft.LoraConfig(trainable_token_indices=...) (docs/METHODS.md, trainable tokens).")),)
 
 
 LORA = register_method(Method(
@@ -772,6 +808,8 @@ LORA = register_method(Method(
     from_hf=_lora_from_hf,
     hf_config=_lora_hf_config,
     hf_base=lora_hf_base,
+    check_hf_keys=_check_hf_keys,
+    peft_hints=_PEFT_HINTS,
     budget=budget_rows,
     from_low_rank=from_low_rank,
 ))

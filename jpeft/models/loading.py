@@ -31,7 +31,9 @@ from jpeft._hfconfig import num_kv_heads, number as _number  # the one reading o
 from jpeft.checkpoint import is_step_folder
 from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, QuantizationError, SaveError,
                           UnsafeFileError, UnsupportedModelError, WeightShapeError)
-from jpeft.io import ADAPTER_JSON, open_regular, read_json, safetensors_index
+from jpeft._safe_read import open_regular, read_json
+from jpeft._safetensors import safetensors_index
+from jpeft.io import ADAPTER_JSON
 from jpeft.models.bert import TASK_MODELS as _BERT_TASK_MODELS, BertConfig, BertForSequenceClassification
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jpeft.models import _layers as L
