@@ -630,6 +630,12 @@ def _load(path: str, params, dtype=jnp.float32, layouts=None) -> tuple[AdapterCo
     d, fmt = _read_config_dict(path)
     _warn_unknown_keys(fmt.config, d, path)
     inner, _ = unwrap_params(params)
+    if count(inner) == 0:  # a GraphDef or an empty tree: the size check below would call the file corrupted
+        raise ConfigError(
+            f"the params given to read {path!r} onto hold no parameter arrays (found {type(params).__name__}); pass "
+            "the base's params: {'params': ...} from jpeft.models.from_pretrained, or, from_pretrained(..., api='nnx') "
+            "having returned (graphdef, state), the state (or the nnx.Module itself)."
+        )
     tensors = _read_tensors(path, count(inner))
     renamed = _as_peft_reads(inner, path)
     if renamed is not None:  # an NNX model's list entries ("layers/0/fc"): read under PEFT's names, then put back
@@ -778,6 +784,7 @@ def load_peft(path: str, params, *, dtype=jnp.float32, model=None, example_args=
 
     Raises:
       LoadError: missing folder/files or malformed config; UnsafeFileError: pickle only.
+      ConfigError: ``params`` holding no arrays (an NNX ``GraphDef`` given for its state).
       UnsupportedAdapterError: a ``peft_type`` or option jpeft does not support (the
         supported types are listed), or a PiSSA/OLoRA adapter, which needs the residual base
         :func:`load_peft_with_base` returns.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from typing import Any, Mapping, Optional
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError
-from jpeft.tree import from_hf_name, hf_name, matches, tied_embedding
+from jpeft.tree import from_hf_name, hf_name, matches, regex_fullmatch, tied_embedding
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -90,6 +91,34 @@ def add_site_pattern(rank_pattern: dict, alpha_pattern: dict, path: str, r: int,
         rank_pattern[key] = int(r)
     if not math.isclose(float(alpha), float(config.alpha), rel_tol=1e-6):
         alpha_pattern[key] = float(alpha)
+
+
+def warn_overlapping_patterns(d: Mapping[str, Any], paths, folder: str) -> None:
+    """Warns where a site of a PEFT file matches two or more keys of its ``rank_pattern`` /
+    ``alpha_pattern`` that give it different values. PEFT takes the first matching key, but its
+    ``save_pretrained`` writes ``adapter_config.json`` with sorted keys, so the key first in the
+    file (the one jpeft applies, as PEFT's ``from_pretrained`` does) may not be the one the
+    adapter was trained with: the loaded outputs can then differ from the trained model's,
+    in PEFT and in jpeft alike. (A different rank shows in the tensors' shapes; an alpha does not.)"""
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = d.get(field) or {}
+        if len(pattern) < 2:
+            continue
+        hits = {}
+        for path in sorted(paths):
+            name = hf_name(path)
+            keys = [k for k in pattern if regex_fullmatch(rf"(.*\.)?({k})", name)]
+            if len({repr(pattern[k]) for k in keys}) > 1:
+                hits[name] = {k: pattern[k] for k in keys}
+        if hits:
+            first = dict(list(hits.items())[:3])
+            warnings.warn(
+                f"the adapter in {folder!r} has {field} keys that overlap with different values at {len(hits)} "
+                f"module(s) (first: {first}). PEFT applies the first matching key, and its save_pretrained sorts the "
+                "keys, so the value used here (the first key in adapter_config.json, as PEFT's from_pretrained uses) "
+                "may differ from the one the adapter was trained with, and the outputs with it. Check the values; "
+                "give each module one exact key (e.g. 'model.layers.1.self_attn.q_proj') to remove the ambiguity.",
+                UserWarning, stacklevel=5)
 
 
 def peft_key(path: str, tensor: str) -> str:

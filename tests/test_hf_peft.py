@@ -416,6 +416,17 @@ def saved_llama(tmp_path):
     return tmp_path / "a"
 
 
+def test_params_without_arrays_are_named_not_called_a_corrupt_file(saved_llama):
+    """load_peft given the graphdef of from_pretrained(..., api="nnx") (whose state it needs), or an
+    empty tree, said the adapter file "declares 896 adapter numbers, more than the 0 parameters of
+    the whole base model... truncated or corrupted; copy it again"; it now names the params."""
+    graphdef, state = M.from_pretrained(T.hf_model("llama2")[1], api="nnx")
+    for wrong in (graphdef, {"params": {}}):
+        with pytest.raises(jpeft.ConfigError, match=r"hold no parameter arrays .* the state"):
+            H.load_peft(str(saved_llama), wrong)
+    assert len(H.load_peft(str(saved_llama), state)[1]) == 4  # the state reads
+
+
 def test_unsupported_adapter_type(saved_llama):
     d = json.loads((saved_llama / "adapter_config.json").read_text())
     d["peft_type"] = "BOFT"

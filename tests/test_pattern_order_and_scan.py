@@ -124,6 +124,39 @@ def test_native_round_trip_keeps_first_match_pattern_order(cls, tmp_path):
     assert {k: v.scale for k, v in back.items()} == {k: v.scale for k, v in ad.items()}
 
 
+@pytest.mark.parametrize("make", [lambda pat: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False, alpha_pattern=pat),
+                                  lambda pat: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"],
+                                                              alpha_pattern=pat)], ids=["lora", "loha"])
+def test_a_peft_file_whose_alpha_pattern_keys_overlap_warns_and_reads_as_peft_reloads_it(make, tmp_path):
+    """PEFT applies the first alpha_pattern key that matches a module, and save_pretrained writes
+    adapter_config.json with sorted keys: {"q_proj": 1, "layers\\.1\\.self_attn\\.q_proj": 9} trains
+    layer 1's q_proj with alpha 1 and reloads it (in PEFT's from_pretrained and in jpeft) with 9, logits
+    about 1.5 apart, without a word. jpeft reads it as PEFT reloads it and now warns of the overlap."""
+    hf, folder = tiny.hf_model(FAMILY)
+    model, params = jpeft.models.from_pretrained(folder)
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    sel = mask.astype(bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = tiny.perturb_trainable(peft.get_peft_model(copy.deepcopy(hf), make({"q_proj": 1, r"layers\.1\.self_attn\.q_proj": 9})), 3)
+        pm.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        trained = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(tiny.positions(mask))).logits.numpy()
+    reloaded = _peft_logits(str(tmp_path), ids, mask)
+    assert np.abs(trained - reloaded)[sel].max() > 0.1  # PEFT's own reload differs from the trained model
+    with pytest.warns(UserWarning, match=r"alpha_pattern keys that overlap .*model\.layers\.1\.self_attn\.q_proj"):
+        cfg, ad = jpeft.hf.load_peft(str(tmp_path), params)
+    np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], reloaded[sel], atol=1e-4, rtol=0)
+    # an adapter jpeft exports writes one exact key per module: no overlap, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jpeft.hf.save_peft(str(tmp_path / "j"), cfg, ad, params=params)
+        _, back = jpeft.hf.load_peft(str(tmp_path / "j"), params)
+    assert {k: v.scale for k, v in back.items()} == pytest.approx({k: v.scale for k, v in ad.items()})
+
+
 @pytest.mark.parametrize("cfg", [OFTConfig(oft_block_size=4, target_modules="all-linear"),
                                  jpeft.IA3Config(target_modules="all-linear", feedforward_modules=["down_proj"])],
                          ids=["oft", "ia3"])

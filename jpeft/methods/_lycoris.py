@@ -43,7 +43,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, Unsup
                           UnsupportedModuleError)
 from jpeft.methods._common import HEAD_MODULES, AdditiveMerge, branch_dtype, linear_candidates, linear_layout, to_matrix
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, static_field
-from jpeft.peft_format import add_site_pattern, config_from_peft, peft_key, site_tensors
+from jpeft.peft_format import add_site_pattern, config_from_peft, peft_key, site_tensors, warn_overlapping_patterns
 from jpeft.tree import compile_pattern, hf_name, linear_only, regex_fullmatch, select
 
 
@@ -422,6 +422,7 @@ def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, m
             kept[k] = {}
     config = config_from_peft(config_cls, kept, ctx.folder)
     by_site = site_tensors(tensors, tensor_names, ctx.leaves, config.target_modules)
+    warn_overlapping_patterns(d, by_site, ctx.folder)
     adapter = {}
     for path, got in sorted(by_site.items()):
         lay = _inject.infer_layout(path, ctx.leaves[path])

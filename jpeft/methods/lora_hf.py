@@ -28,7 +28,7 @@ from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, FLAG, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
                                check_base_copy, check_keys, check_same_copies, config_from_peft, peft_key,
-                               check_value_types, split_peft_key, ties_word_embeddings, to_np)
+                               check_value_types, split_peft_key, ties_word_embeddings, to_np, warn_overlapping_patterns)
 from jpeft.tree import compile_pattern, from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
 
 
@@ -296,6 +296,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     check_keys([p for p in by_site if p in leaves], expected,
                unmatched_keys=found.unmatched + [k for p in unknown for k in _keys_of(p, by_site[p])])
 
+    warn_overlapping_patterns(d, [p for p in by_site if p in leaves], ctx.folder)
     config = _peft_patterns(config, [p for p in by_site if p in leaves])
     adapter = {path: _lora_site_from_hf(path, by_site[path], config, residual, path in tied_paths, ctx)
                for path in sorted(by_site)}
