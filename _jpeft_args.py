@@ -64,6 +64,10 @@ def fail(prog: str, msg: str) -> int:
 
 # ----------------------------------------------------------------- the options of each command
 DEFAULT_METHOD = "lora"
+#: the names ``--method`` and ``[method] name`` take (jpeft.cli._common.method_names, less the alias
+#: ``full_finetune``): one per registered method, ``full`` for full fine-tuning
+METHOD_NAMES = ("lora", "ia3", "loha", "lokr", "adalora", "vera", "oft", "ln_tuning", "bottleneck", "prefix_tuning",
+                "prompt_tuning", "full")
 
 
 def add_method_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +75,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     (``[]`` for ``--set``) when not given, so a command can refuse them where they do not apply."""
     g = p.add_argument_group("adapter method")
     g.add_argument("--method", default=None,
-                   help=f"method name: lora, full, or any registered jpeft method's peft_type (default {DEFAULT_METHOD})")
+                   help=f"the method (default {DEFAULT_METHOD}): {', '.join(METHOD_NAMES[:-1])} or {METHOD_NAMES[-1]} "
+                        "(full fine-tuning); case, - and _ do not matter")
     g.add_argument("-r", "--rank", type=int, default=None, help="rank, for methods that have one (LoRA default 8)")
     g.add_argument("--alpha", type=float, default=None,
                    help="scaling numerator (LoRA: update scaled by alpha/r; LoRA default 16, where PEFT's "
@@ -80,7 +85,8 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
                    help="target modules: a comma-separated list of names (q_proj,v_proj) or one regex "
                         "(re.fullmatch on the module path or its Hugging Face name)")
     g.add_argument("--set", dest="method_set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other config field (value parsed as JSON if it can be), e.g. --set use_rslora=true")
+                   help="any other field of the method's config, by its jpeft or PEFT name (value parsed as JSON "
+                        "if it can be, else a string), e.g. --set use_rslora=true; repeatable")
 
 
 DEMO_HELP = "pretrain a tiny model on Python code, fine-tune it on English with full FT and LoRA, compare forgetting"
@@ -142,7 +148,9 @@ seed = 0
 [data]
 train = "train.jsonl"         # .jsonl ({"text"}, {"prompt","completion"} or {"messages"} per line) or text
 eval = "eval.jsonl"           # optional (omit it or "" for no eval set)
-seq_len = 256                 # examples are tokenized and packed into rows of seq_len tokens
+seq_len = 256                 # examples are tokenized and packed into rows of seq_len tokens; past
+                              # the model's max_position_embeddings: refused for GPT-2 (a learned
+                              # position table), a warning for rotary models (Llama, Mistral, Qwen)
 packing = "documents"         # whole documents per row, attention never crosses them; "stream":
                               # one token stream cut into rows (needed for prompt tuning)
 chat_loss = "assistant"       # conversations: train the assistant turns ("all": every token)
@@ -152,13 +160,14 @@ completion_field = "completion"
 messages_field = "messages"   # a chat conversation, rendered with the folder's chat template
 
 [method]                      # any jpeft method; keys as in Hugging Face PEFT's adapter_config.json
-name = "lora"                 # lora, ia3, full, ... (target_modules defaults as in PEFT for the model type)
-r = 8
+name = "lora"                 # lora, ia3, loha, lokr, adalora, vera, oft, ln_tuning, bottleneck,
+                              # prefix_tuning, prompt_tuning, or full (full fine-tuning)
+r = 8                         # jpeft's LoRA defaults: r = 8, lora_alpha = 16 (PEFT's LoraConfig: 8)
 lora_alpha = 16
-target_modules = ["q_proj", "v_proj"]
+target_modules = ["q_proj", "v_proj"]  # default: PEFT's for the model type (Llama: q_proj, v_proj)
 
 [train]
-steps = 1000
+steps = 1000                  # optimizer updates
 batch_size = 8                # rows per forward/backward pass
 gradient_accumulation_steps = 1  # passes per update (an update takes batch_size x this many rows,
                               # the loss a mean over all of their target tokens, as HF Trainer's)
@@ -170,7 +179,7 @@ eval_every = 100              # steps between evaluations (0: only at the end)
 eval_batches = 0              # batches of the eval set per evaluation (0: all of it, as `jpeft eval`)
 save_every = 200              # steps between checkpoints (0: only at the end)
 log_every = 10                # steps between metrics.jsonl records (0: only the last step)
-keep_checkpoints = 3
+keep_checkpoints = 3          # the newest checkpoints kept in <output_dir>/checkpoints
 scan_layers = false           # Llama family: nn.scan over the layers (one layer compiled: less compile
                               # time and memory); the saved adapter is per layer as usual. On the CPU a
                               # quantized base saves training memory only with scan_layers = true
@@ -217,7 +226,9 @@ example:
   jpeft train --config config.toml --coordinator 10.0.0.2:1234 --num-processes 2 --process-id 0
   jpeft train --config config.toml --cluster-auto     # every worker of a TPU pod slice / SLURM job
 
-config.toml:
+config.toml: only model and [data] train are required; every other value below is its default,
+except output_dir, data.eval, warmup_steps and [forgetting]'s canary, max_loss_rise and max_kl
+(examples; without a [forgetting] table there is no guard):
 {TRAIN_EXAMPLE_TOML}
 Writes <output_dir>/metrics.jsonl (one JSON object per log/eval step), TensorBoard events in
 <output_dir>/tb when tensorboard (or tensorboardX) is installed, checkpoints in
@@ -280,8 +291,9 @@ def add_eval(sub):
     p.add_argument("--worst", type=int, default=None,
                    help="with --canary: how many worst-affected rows to list (default 5)")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="packed row length in tokens (default 256, or the model's position range less the adapter's "
-                        "virtual tokens if that is shorter)")
+                   help="packed row length in tokens (default 256, or the model's max_position_embeddings less the "
+                        "adapter's virtual tokens if that is shorter); longer than max_position_embeddings: refused for "
+                        "GPT-2 (a learned position table), a warning for rotary models (Llama, Mistral, Qwen)")
     p.add_argument("--packing", choices=("documents", "stream"), default="documents",
                    help="as [data] packing in `jpeft train`: whole documents per row, attention never crossing them "
                         "(default), or one token stream cut into rows")
@@ -328,7 +340,8 @@ example:
   jpeft export --model ./my-model --adapter runs/my-run/adapter --out ./my-peft-adapter
 
 then, in PyTorch:
-  from peft import PeftModel
+  from peft import AutoPeftModelForCausalLM, PeftModel
+  from transformers import AutoModelForCausalLM
   model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("./my-model"), "./my-peft-adapter")
   # or, from any directory (adapter_config.json names the base by its absolute path):
   model = AutoPeftModelForCausalLM.from_pretrained("./my-peft-adapter")

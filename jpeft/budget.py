@@ -18,7 +18,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from jpeft.core import init, summary
+from jpeft import _inject
+from jpeft.core import init, init_from_trace, summary
 from jpeft.errors import ConfigError, JpeftError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
 from jpeft.models import config_from_hf, model_from_config, read_config
@@ -86,11 +87,14 @@ def abstract_model(model_config):
     """``(model, params, ids)``: the jpeft model of a config (a jpeft model config, or a
     Hugging Face ``config.json`` dict), its parameters as ``jax.ShapeDtypeStruct`` (nothing
     allocated) and the example input they were traced with."""
+    model, ids = _model_and_ids(model_config)
+    return model, jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids), ids
+
+
+def _model_and_ids(model_config):
     if isinstance(model_config, dict):
         model_config = config_from_hf(model_config)
-    model = model_from_config(model_config)
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    return model, jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids), ids
+    return model_from_config(model_config), jax.ShapeDtypeStruct((1, 8), jnp.int32)
 
 
 def abstract_params(model_config):
@@ -105,6 +109,11 @@ def budget(model_config, method, *, abstract=None, trace: bool = True) -> dict:
     ``trace=False`` skips tracing the model in :func:`jpeft.init`: the counts are the same and
     the 11-row Llama-2-7B table is several times faster (``jpeft info`` traces, which checks
     that the targets a user typed are modules the model calls)."""
+    if trace and abstract is None:  # the model traced while its params are made: one forward trace, not two
+        model, ids = _model_and_ids(model_config)
+        params, infos = _inject.init_and_trace(model, jax.random.key(0), ids)
+        adapter = jax.eval_shape(lambda p: init_from_trace(method, p, jax.random.key(0), infos), params)
+        return summary(params, adapter, print_fn=None)
     model, params, ids = abstract if abstract is not None else abstract_model(model_config)
     if trace:
         adapter = jax.eval_shape(lambda p, i: init(method, p, jax.random.key(0), model, i), params, ids)

@@ -60,12 +60,19 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
     if quant.has_quantized(params):  # methods read the kernels they adapt (DoRA's norms, PiSSA's SVD)
         params = quant.dequantize(params)
     params = unbox(params)  # nn.with_partitioning's boxes: the arrays, as model.apply reads them
-    inner, _ = unwrap_params(params)
     infos = None
     if model is not None:
         variables = params if "params" in params and isinstance(params["params"], Mapping) else {"params": params}
         infos = _inject.trace(model, variables, *model_args, **model_kwargs)
-    return fn(config, inner, key, infos)
+    return init_from_trace(config, params, key, infos)
+
+
+def init_from_trace(config: AdapterConfig, params, key, infos) -> dict:
+    """:func:`init` of a linen model's plain ``params`` with the model's trace given instead of
+    the model: ``infos`` from :func:`jpeft._inject.init_and_trace`, which traces the model
+    while making its (abstract) params, so that :func:`jpeft.budget.budget` traces a 7B model
+    once, not twice."""
+    return method_of(config).init(config, unwrap_params(params)[0], key, infos)
 
 
 def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args, rngs=None, **kwargs):

@@ -35,6 +35,7 @@ __all__ = [
     "check_key",
     "check_tokens",
     "batch_spec",
+    "position_limit",
 ]
 
 
@@ -151,6 +152,25 @@ def check_sequence_length(ids, max_positions: int, *, axis: int = -1, name: str 
             f"{name} has sequences of length {n} (shape {shape}), longer than the model's {max_positions} positions. "
             f"Truncate or chunk the sequences to at most {max_positions} tokens."
         )
+
+
+def position_limit(config) -> Optional[int]:
+    """How many positions a model with this config (a jpeft model config: ``model.config``) can
+    read: ``max_position_embeddings`` for a learned position table (GPT-2, BERT: past it the lookup
+    fails or gives NaN); ``None`` (no limit) for a rotary model (a config with ``rope_theta``:
+    Llama, Mistral, Qwen2/3), whose rotations are computed at any position, as transformers
+    computes them, so jpeft, transformers and PEFT run it past ``max_position_embeddings``
+    (extrapolating). Prefix and prompt tuning check their virtual tokens plus the input against
+    it; ``jpeft train`` and ``jpeft eval`` check their rows' length.
+
+    >>> from jpeft.models import GPT2Config, LlamaConfig
+    >>> position_limit(GPT2Config(max_position_embeddings=64)), position_limit(LlamaConfig(max_position_embeddings=64))
+    (64, None)
+    """
+    if getattr(config, "rope_theta", None) is not None:
+        return None
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def check_tokens(batch, *, vocab_size: Optional[int] = None, max_positions: Optional[int] = None,

@@ -275,9 +275,6 @@ def test_train_config_errors(hf_dir, capsys):
     bad.write_text('model = "tiny-llama"\n[data\n')
     assert main(["train", "--config", str(bad)]) == 2
     assert "not valid TOML" in error_line(capsys.readouterr().err)
-    bad.write_text('model = "tiny-llama"\n[data]\ntrain = "train.jsonl"\nseq_len = 4096\n')
-    assert main(["train", "--config", str(bad)]) == 2
-    assert "data.seq_len=4096 exceeds the model's max_position_embeddings=128" in error_line(capsys.readouterr().err)
     (hf_dir / "short.txt").write_text("too short")
     # packed as one stream, a file shorter than a row has no row (by documents it is one padded row)
     bad.write_text('model = "tiny-llama"\n[data]\ntrain = "short.txt"\nseq_len = 128\npacking = "stream"\n')
@@ -329,32 +326,117 @@ def test_train_refuses_prompt_tuning_on_rows_packed_by_documents_before_loading(
     assert not (hf_dir / "prompt_docs").exists()
 
 
-def test_virtual_tokens_count_against_the_position_range_before_anything_is_written(hf_dir, capsys, tmp_path):
-    """Prefix and prompt tuning put their virtual tokens before every row: with seq_len at the
-    model's 128 positions, `jpeft train` wrote resolved_config.json, metrics.jsonl and
-    checkpoints/ and then failed in the first step (PromptTooLongError: "shorten the input"),
-    and `jpeft eval`'s default --seq-len (the position range) failed the same way."""
-    bad = hf_dir / "prompt_long.toml"
-    bad.write_text('model = "tiny-llama"\noutput_dir = "prompt_long"\n[data]\ntrain = "train.jsonl"\nseq_len = 128\n'
-                   'packing = "stream"\n[method]\nname = "prompt_tuning"\nnum_virtual_tokens = 4\n[train]\nsteps = 1\n')
-    assert main(["train", "--config", str(bad), "--no-progress"]) == 2
-    line = error_line(capsys.readouterr().err)
-    assert "data.seq_len=128 plus the method's 4 virtual tokens exceeds the model's max_position_embeddings=128" in line
-    assert "use at most 124" in line and not (hf_dir / "prompt_long").exists()
+def _tiny_gpt2(hf_dir, tmp_path):
+    """A tiny random GPT-2 (64 learned positions) with the tiny Llama's tokenizer: its folder."""
+    import shutil as _shutil
+
+    import torch
+    import transformers
+
+    folder = tmp_path / "tiny-gpt2"
+    vocab = json.loads((hf_dir / "tiny-llama" / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2,
+                                                         n_positions=64)).save_pretrained(folder)
+    for f in (hf_dir / "tiny-llama").iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            _shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_rows_past_a_learned_position_table_are_refused_by_name_before_anything_is_written(hf_dir, tmp_path, capsys):
+    """GPT-2 (and BERT) read each position from a learned table: rows longer than it, or than it
+    less prefix or prompt tuning's virtual tokens, are refused before the model is loaded or
+    anything written (`jpeft train` wrote resolved_config.json, metrics.jsonl and checkpoints/
+    and then failed in the first step), naming the table and the longest row that fits."""
+    import transformers
+
+    from jpeft.cli._trainer import check_seq_len
+
+    gpt2 = _tiny_gpt2(hf_dir, tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "{gpt2}"\noutput_dir = "long"\n[data]\ntrain = "{hf_dir / "train.jsonl"}"\nseq_len = 100\n'
+                   '[train]\nsteps = 1\n')
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress")
+    line = error_line(r.stderr)
+    assert r.returncode == 2 and "data.seq_len=100 exceeds the model's max_position_embeddings=64" in line, r.stderr
+    assert "'gpt2' model reads each position from a learned table of 64 rows" in line and "use at most 64" in line
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "data.seq_len=62", "--set",
+                   "data.packing=stream", "--set", "method.name=prompt_tuning", "--set", "method.num_virtual_tokens=4")
+    line = error_line(r.stderr)
+    assert r.returncode == 2 and "data.seq_len=62 plus the method's 4 virtual tokens exceeds" in line, r.stderr
+    assert "use at most 60" in line and not (tmp_path / "long").exists()
+    r = jpeft_here(capsys, "eval", "--model", gpt2, "--data", hf_dir / "notes.txt", "--seq-len", 65)
+    assert r.returncode == 2 and "--seq-len=65 exceeds the model's max_position_embeddings=64" in error_line(r.stderr)
+    r = jpeft_here(capsys, "eval", "--model", gpt2, "--data", hf_dir / "notes.txt", "--seq-len", 64, "--json")
+    assert r.returncode == 0 and np.isfinite(json.loads(r.stdout)["loss"]), r.stderr
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=32).to_dict()
+    with pytest.raises(jpeft.errors.ConfigError, match="'bert' model reads each position from a learned table of 32"):
+        check_seq_len(33, bert, "data.seq_len")
+    check_seq_len(32, bert, "data.seq_len")
+
+
+def test_rows_past_max_position_embeddings_on_a_rotary_model_score_as_transformers_and_peft_do(hf_dir, tmp_path, capsys):
+    """A rotary model (Llama, Mistral, Qwen) has no position table: jpeft's models, transformers and
+    PEFT run it past max_position_embeddings (extrapolating); `jpeft train` and `jpeft eval` refused
+    such rows, and seq_len plus prefix or prompt tuning's virtual tokens past it, which the library
+    runs. Now they run, with one warning line: `jpeft eval` of 160-token rows on the tiny Llama (128
+    positions) equals transformers' loss on the same rows, a prompt-tuning adapter's 4 virtual tokens
+    plus 128-token rows equal jpeft.lm_loss's (whose logits equal PEFT's past the limit,
+    test_methods_hf.py), and `jpeft train` trains on such rows."""
+    import warnings
 
     import jax.numpy as jnp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from jpeft import io, models
-    model, params = models.from_pretrained(str(hf_dir / "tiny-llama"))
+    from jpeft.data import PackedDataset
+
+    model_dir, notes = hf_dir / "tiny-llama", hf_dir / "notes.txt"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    encode = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ds = PackedDataset.from_file(notes, encode, 160, eos_id=tok.eos_token_id, bos_id=None)
+    assert ds.input_ids.shape[1] == 160 and ds.num_targets > 128
+    ref, _ = _torch_loss(AutoModelForCausalLM.from_pretrained(model_dir).eval(), ds.input_ids, ds.loss_mask)
+    with pytest.warns(UserWarning, match="--seq-len=160 is longer than the model's max_position_embeddings=128: its "
+                      "rotary positions past 128 are computed as transformers computes them"):
+        r = jpeft_here(capsys, "eval", "--model", model_dir, "--data", notes, "--seq-len", 160, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["tokens"] == ds.num_targets
+    np.testing.assert_allclose(got["loss"], ref, rtol=1e-5)
+
+    model, params = models.from_pretrained(str(model_dir))
     cfg = jpeft.PromptTuningConfig(num_virtual_tokens=4)
-    io.save_adapter(tmp_path / "pt", cfg, jpeft.init(cfg, params, jax.random.key(0), model, jnp.zeros((1, 8), jnp.int32)),
-                    params=params)
-    base = ["eval", "--model", hf_dir / "tiny-llama", "--adapter", tmp_path / "pt", "--data", hf_dir / "notes.txt"]
-    r = jpeft_here(capsys, *base)
-    assert r.returncode == 2 and "--packing stream" in error_line(r.stderr)
-    r = jpeft_here(capsys, *base, "--packing", "stream", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] > 0  # the default --seq-len is 128 - 4
-    r = jpeft_here(capsys, *base, "--packing", "stream", "--seq-len", "128")
-    assert r.returncode == 2 and "use at most 124" in error_line(r.stderr)
+    adapter = jpeft.init(cfg, params, jax.random.key(0), model, jnp.zeros((1, 8), jnp.int32))
+    io.save_adapter(tmp_path / "pt", cfg, adapter, params=params)
+    rows = PackedDataset.from_file(notes, encode, 128, eos_id=tok.eos_token_id, bos_id=None, packing="stream")
+    # the last virtual token's logits predict each row's first token, as in PEFT (jpeft.lm_loss)
+    ref, n = jpeft.lm_loss(model, params, adapter, jnp.asarray(rows.input_ids), jnp.asarray(rows.loss_mask))
+    with pytest.warns(UserWarning, match="--seq-len=128 plus the method's 4 virtual tokens is longer than"):
+        r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", tmp_path / "pt", "--data", notes,
+                       "--packing", "stream", "--seq-len", 128, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["tokens"] == int(n) == rows.input_ids.size
+    np.testing.assert_allclose(got["loss"], float(ref), rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default --seq-len stays inside the positions: 128 - 4
+        r = jpeft_here(capsys, "eval", "--model", model_dir, "--adapter", tmp_path / "pt", "--data", notes,
+                       "--packing", "stream", "--json")
+    assert r.returncode == 0, r.stderr
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "{model_dir}"\noutput_dir = "long"\n[data]\ntrain = "{notes}"\nseq_len = 160\n'
+                   'packing = "stream"\n[method]\nname = "prompt_tuning"\nnum_virtual_tokens = 4\n'
+                   '[train]\nsteps = 1\nbatch_size = 1\n')
+    with pytest.warns(UserWarning, match="data.seq_len=160 plus the method's 4 virtual tokens is longer than"):
+        r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    logged = [json.loads(ln) for ln in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "long" / "adapter").is_dir() and np.isfinite([m["loss"] for m in logged if "loss" in m]).all()
+
 
 def test_set_takes_toml_values_as_its_help_says(tmp_path):
     """`--set` values are "parsed as TOML/JSON": a TOML array of literal strings, an integer with

@@ -125,8 +125,9 @@ def test_a_method_given_by_its_peft_type_is_the_one_trained_and_a_second_name_is
 
 
 def test_data_files_and_the_row_length_are_refused_before_the_model_is_loaded(folder, capsys, monkeypatch):
-    """A misspelt data.train, data.eval or forgetting.canary path, a bad JSON line and a seq_len past the
-    model's positions were named only once the whole base model had been read (minutes for a 7B model)."""
+    """A misspelt data.train, data.eval or forgetting.canary path and a bad JSON line were named only
+    once the whole base model had been read (minutes for a 7B model). (A seq_len past a learned
+    position table: test_cli.py, test_rows_past_a_learned_position_table_are_refused_by_name_....)"""
     import jpeft.cli._trainer as trainer
 
     monkeypatch.setattr(trainer, "load_folder", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -136,8 +137,7 @@ def test_data_files_and_the_row_length_are_refused_before_the_model_is_loaded(fo
             ('train.jsonl"\neval = "evl.jsonl', [], "dataset file '" + str(folder / "evl.jsonl") + "' does not exist"),
             ("bad.jsonl", [], "bad.jsonl:2: not valid JSON"),
             ("train.jsonl", ["forgetting.canary=canary.txt", "forgetting.max_kl=1.0"],
-             "dataset file '" + str(folder / "canary.txt") + "' does not exist"),
-            ("train.jsonl", ["data.seq_len=100"], "data.seq_len=100 exceeds the model's max_position_embeddings=64")):
+             "dataset file '" + str(folder / "canary.txt") + "' does not exist")):
         cfg = config(folder, data=data)
         argv = ["train", "--config", str(cfg), "--no-progress"] + [a for s in sets for a in ("--set", s)]
         assert main(argv) == 2
@@ -736,14 +736,67 @@ def test_the_command_lines_lists_agree_with_jpeft():
     import _jpeft_args
     import jpeft
     import jpeft.cli
+    from jpeft.cli._common import method_names
     from jpeft.forgetting.experiment import BENCHMARKS
 
     assert _jpeft_args.version() == jpeft.__version__
     assert _jpeft_args.FORGETTING_BENCHMARKS == tuple(sorted(BENCHMARKS))
+    assert set(_jpeft_args.METHOD_NAMES) == set(method_names()) - {"full_finetune"}
     assert list(jpeft.cli._MODULES) == list(_jpeft_args.COMMANDS)
     for name, add in _jpeft_args.COMMANDS.items():
         module = sys.modules[f"jpeft.cli.{name}_cmd"]
         assert jpeft.cli._MODULES[name] is module and module.add_parser is add, name
+
+
+def test_train_help_config_shows_the_defaults_it_says_it_shows(capsys):
+    """`jpeft train --help` prints a config.toml and says every value in it is the default but the
+    examples it names; the method names it lists (and `--method`'s help) are those jpeft takes
+    (a new user read `name = "lora"  # lora, ia3, full, ...` with no way to find the others)."""
+    import tomllib
+
+    import _jpeft_args
+    import jpeft
+    from jpeft.cli.train_cmd import _DEFAULTS, FORGETTING_DEFAULTS
+
+    shown = tomllib.loads(_jpeft_args.TRAIN_EXAMPLE_TOML)
+    examples = {("output_dir",), ("data", "eval"), ("train", "warmup_steps"), ("forgetting", "canary"),
+                ("forgetting", "max_loss_rise"), ("forgetting", "max_kl")}
+    defaults = dict(_DEFAULTS, forgetting=FORGETTING_DEFAULTS,
+                    method={"name": _jpeft_args.DEFAULT_METHOD, "r": jpeft.LoraConfig().r,
+                            "lora_alpha": jpeft.LoraConfig().alpha, "target_modules": ["q_proj", "v_proj"]})
+    checked = 0
+    for section, values in shown.items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            where = (section,) if key is None else (section, key)
+            if where in examples or where == ("model",) or where == ("data", "train"):
+                continue
+            assert (defaults[section] if key is None else defaults[section][key]) == value, where
+            checked += 1
+    assert checked > 30
+    assert {k for k in shown["train"]} == set(_DEFAULTS["train"]) - {"accumulate_steps"}
+    for name in _jpeft_args.METHOD_NAMES:
+        assert name in _jpeft_args.TRAIN_EXAMPLE_TOML
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    names = _jpeft_args.METHOD_NAMES
+    assert f"{', '.join(names[:-1])} or {names[-1]}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_python_lines_of_export_help_import_every_name_they_use():
+    """`jpeft export --help` shows the PyTorch lines that load the export; they used
+    AutoModelForCausalLM and AutoPeftModelForCausalLM without importing them (a NameError when
+    pasted). Every name they use is now imported by them."""
+    import ast
+    import builtins
+
+    import _jpeft_args
+
+    code = _jpeft_args.EXPORT_EPILOG.split("then, in PyTorch:\n", 1)[1].split("\n\n", 1)[0]
+    tree = ast.parse("\n".join(ln.strip() for ln in code.splitlines()))
+    imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assigned = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets}
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert used and used <= imported | assigned | set(dir(builtins)), used - imported - assigned
 
 
 def test_huge_pages_env_merges_with_the_users_tunables(monkeypatch):

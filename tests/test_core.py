@@ -805,20 +805,25 @@ def _random_like(adapter, key):
     return jax.tree.unflatten(td, [0.3 * jax.random.normal(k, v.shape, v.dtype) + 1.0 for k, v in zip(ks, leaves)])
 
 
+class _Mapped(nn.Module):
+    """``nn.map_variables(nn.Dense)`` (with ``trans_in_fn``, if given) then a remat'd Dense."""
+    trans_in_fn: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        kw = {} if self.trans_in_fn is None else {"trans_in_fn": self.trans_in_fn}
+        h = nn.map_variables(nn.Dense, "params", init=True, **kw)(6, name="d")(x)
+        return nn.remat(nn.Dense)(3, name="r")(h)
+
+
+def _double(v):
+    return jax.tree.map(lambda a: 2 * a, v)
+
+
 def test_a_module_inside_map_variables_with_a_trans_in_fn_is_refused_by_name():
     """nn.map_variables(nn.Dense, "params", trans_in_fn=2*v): apply added the update to the kernel the
     Dense sees (2W + sAB), merge to the stored one (W + sAB): the merged model was 15.6 off, no warning."""
-    double = lambda v: jax.tree.map(lambda a: 2 * a, v)
-
-    class Mapped(nn.Module):
-        trans_in_fn: object = None
-
-        @nn.compact
-        def __call__(self, x):
-            kw = {} if self.trans_in_fn is None else {"trans_in_fn": self.trans_in_fn}
-            h = nn.map_variables(nn.Dense, "params", init=True, **kw)(6, name="d")(x)
-            return nn.remat(nn.Dense)(3, name="r")(h)
-
+    Mapped, double = _Mapped, _double
     x = jax.random.normal(jax.random.key(0), (4, 5))
     m = Mapped(double)
     p = m.init(jax.random.key(1), x)
@@ -844,6 +849,40 @@ def test_a_module_inside_map_variables_with_a_trans_in_fn_is_refused_by_name():
         y = jax.jit(lambda p, a: jpeft.apply(m, p, a, x))(p, ad)
         np.testing.assert_allclose(y, m.apply(jpeft.merge(p, ad), x), rtol=1e-5, atol=1e-5)
         assert float(jnp.abs(y - m.apply(p, x)).max()) > 0.1
+
+
+def test_init_and_trace_records_what_trace_records_from_one_run_of_init():
+    """jpeft.budget (`jpeft info`) traced a model twice, in model.init for its abstract params and
+    again in jpeft.init's trace (0.9 of `jpeft info llama-2-7b`'s 3 CPU-seconds); _inject.init_and_trace
+    records the trace while model.init runs. Its record equals trace()'s on the initialised params for
+    a view inside nn.map_variables (refused), an identity one, an embedding's `attend`, nn.WeightNorm,
+    boxed params, a layer-scanned Llama (stacked sites), GPT-2 and BERT; so do the params' shapes."""
+    from jpeft import _inject
+    from jpeft.models import BertConfig, GPT2Config, LlamaConfig, model_from_config
+
+    class Tied(nn.Module):  # an embedding whose attend gives the logits
+        @nn.compact
+        def __call__(self, ids):
+            e = nn.Embed(64, 8, name="e")
+            return e.attend(nn.Dense(8, name="d")(e(ids)))
+
+    x, ids = jnp.ones((2, 5)), jnp.ones((1, 8), jnp.int32)
+    llama = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                        head_dim=8, scan_layers=True)
+    cases = [(_Mapped(_double), x), (_Mapped(), x), (Tied(), ids), (nn.WeightNorm(nn.Dense(6, name="d")), x), (BoxedMLP(6, 3), x),
+             (model_from_config(llama), ids), (model_from_config(GPT2Config(vocab_size=64, hidden_size=16, num_layers=2,
+                                                                            num_heads=2)), ids),
+             (model_from_config(BertConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2,
+                                           intermediate_size=32)), ids)]
+    seen = set()
+    for model, inp in cases:
+        variables = model.init(jax.random.key(0), inp)
+        shapes, infos = _inject.init_and_trace(model, jax.random.key(0), inp)
+        assert infos == _inject.trace(model, nn.unbox(variables), inp), type(model).__name__
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), shapes) == jax.tree.map(lambda a: (a.shape, a.dtype), variables)
+        seen |= {k for i in infos.values() for k, v in (("refusal", i.refusal), ("scanned", i.scanned_layers),
+                                                          ("attend", "attend" in i.methods)) if v}
+    assert seen == {"refusal", "scanned", "attend"}  # each kind of record is compared
 
 
 def test_params_boxed_by_with_partitioning_are_read_as_the_arrays_they_hold():

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from typing import Optional
 
 import jax
@@ -36,18 +37,27 @@ from jpeft.models import LlamaForCausalLM, loading
 from jpeft.parallel import kernels_on
 from jpeft.train import decay_mask
 from jpeft.tree import host_array
-from jpeft.validate import check_tokens
+from jpeft.validate import check_tokens, position_limit
 
 
 def check_seq_len(seq_len: int, hf_config: dict, what: str, extra: int = 0) -> None:
-    """Refuses rows longer than the model's position range (Llama's rotary embeddings would
-    extrapolate, GPT-2's learned positions would be out of range); ``extra``: the positions
-    the method puts before every row (:attr:`jpeft.AdapterConfig.extra_positions`)."""
+    """Refuses rows longer than a learned position table (GPT-2, BERT: past it the lookup gives
+    NaN or fails; :func:`jpeft.validate.position_limit`); ``extra``: the positions the method puts
+    before every row (:attr:`jpeft.AdapterConfig.extra_positions`). A rotary model (Llama,
+    Mistral, Qwen2/3) runs past its ``max_position_embeddings``, as jpeft's models, transformers
+    and PEFT do: that is allowed, with a warning that the positions past it extrapolate."""
     limit = max_positions(hf_config)
-    if limit is not None and seq_len + extra > limit:
-        plus = f" plus the method's {extra} virtual tokens" if extra else ""
-        raise ConfigError(f"{what}={seq_len}{plus} exceeds the model's max_position_embeddings={limit}; "
-                          f"use at most {limit - extra}.")
+    if limit is None or seq_len + extra <= limit:
+        return
+    plus = f" plus the method's {extra} virtual tokens" if extra else ""
+    if position_limit(loading.config_from_hf(hf_config)) is None:
+        warnings.warn(f"{what}={seq_len}{plus} is longer than the model's max_position_embeddings={limit}: its rotary "
+                      f"positions past {limit} are computed as transformers computes them (extrapolated), but the "
+                      "model was not trained on them.", stacklevel=2)
+        return
+    raise ConfigError(f"{what}={seq_len}{plus} exceeds the model's max_position_embeddings={limit}: a "
+                      f"{hf_config.get('model_type')!r} model reads each position from a learned table of {limit} rows and has "
+                      f"none past it (transformers refuses such rows too); use at most {limit - extra}.")
 
 
 def max_positions(hf_config: dict) -> Optional[int]:
@@ -936,8 +946,9 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     t = cfg["train"]
     out_dir = cfg["output_dir"]
     model, params = loaded.model, loaded.params
+    # a batch's rows against the vocabulary and a learned position table (GPT-2's; a rotary model has none)
     vocab, max_pos = (int(loaded.hf_config["vocab_size"]) if "vocab_size" in loaded.hf_config else None,
-                      max_positions(loaded.hf_config))
+                      position_limit(model.config))
     loss_fn, eval_sums = make_loss_fns(model, mesh, loss_chunk_tokens(t), bool(t.get("model_dropout", True)), method)
     # an update takes batch_size x accum rows in accum passes; its loss and gradient are means over all of
     # their target tokens (each pass weighted by its count), as the HF Trainer's gradient_accumulation_steps;

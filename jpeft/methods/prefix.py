@@ -43,6 +43,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, Input
 from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
 from jpeft.tree import module_leaves
+from jpeft.validate import position_limit
 
 # Key projections that tell the number of layers and the key width, per family:
 # (module name, how many key widths its kernel's output holds)
@@ -149,20 +150,6 @@ def _call_bound(call: Call, bound):
     return call.next_fun(*args, **bound.kwargs)
 
 
-def position_budget(module) -> Optional[int]:
-    """How many positions virtual tokens plus the input may take on ``module``: its config's
-    ``max_position_embeddings`` for a learned position table (GPT-2, BERT: past it the lookup
-    fails or gives NaN); ``None`` (no limit) for a rotary model (a config with ``rope_theta``:
-    Llama, Mistral, Qwen2/3), whose rotations are computed at any position, as transformers
-    computes them, so PEFT runs prefix and prompt tuning past ``max_position_embeddings`` there
-    (extrapolating, as the base model does on a longer input) and jpeft gives the same numbers."""
-    cfg = getattr(module, "config", None)
-    if getattr(cfg, "rope_theta", None) is not None:
-        return None
-    n = getattr(cfg, "max_position_embeddings", None)
-    return int(n) if isinstance(n, int) else None
-
-
 def _seq_len(bound) -> Optional[int]:
     a = bound.arguments
     if a.get("input_ids") is not None:
@@ -240,7 +227,7 @@ class _PrefixBase(Site):
         t = self.num_virtual_tokens
         n = _seq_len(bound)
         cache = bound.arguments.get("cache")
-        budget = position_budget(call.module)
+        budget = position_limit(getattr(call.module, "config", None))  # None on rotary models
         if budget is not None and n is not None:
             need = t + (cache.max_length if cache is not None else n)
             if need > budget:

@@ -37,8 +37,9 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, Input
                           UnsupportedModuleError)
 from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
-from jpeft.methods.prefix import PrefixWeights, position_budget
+from jpeft.methods.prefix import PrefixWeights
 from jpeft.tree import get_subtree, module_leaves, unwrap_params
+from jpeft.validate import position_limit
 
 _INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 _EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed", "embedding", "token_embedding")
@@ -232,7 +233,7 @@ class PromptWeights(Site):
                 )
             emb = jnp.take(table, ids, axis=0)
         b, n = emb.shape[0], emb.shape[1]
-        budget = position_budget(call.module)  # None on rotary models, which run past max_position_embeddings
+        budget = position_limit(getattr(call.module, "config", None))  # None on rotary models, which run past it
         if budget is not None and t + n > budget:
             raise PromptTooLongError(
                 f"{t} virtual tokens plus {n} input tokens need {t + n} positions, but the model has "
