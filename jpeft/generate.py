@@ -21,7 +21,7 @@ from jpeft.errors import InputValidationError
 from jpeft.methods.base import check_adapter
 from jpeft.models._layers import init_cache
 from jpeft.tree import is_nnx
-from jpeft.validate import check_key, check_token_ids
+from jpeft.validate import check_key, check_token_ids, position_limit
 
 
 def nucleus_tail(top_p):
@@ -113,14 +113,6 @@ def _generate(model, params, adapter, input_ids, attention_mask, key, temperatur
 
     _, _, _, out = jax.lax.fori_loop(1, max_new_tokens, body, (cache, tok, done, out))
     return jnp.concatenate([input_ids.astype(jnp.int32), out], axis=1)
-
-
-def learned_position_limit(cfg) -> Optional[int]:
-    """The number of positions a decoder can read, where reading past them is silently wrong
-    (GPT-2's learned position table gives NaN logits there); ``None`` for rotary models."""
-    if getattr(cfg, "model_type", "") == "gpt2":
-        return int(cfg.max_position_embeddings)
-    return None
 
 
 def check_decoder(model, where: str) -> None:
@@ -250,7 +242,7 @@ def generate(model, params, adapter, input_ids, max_new_tokens: int, *, temperat
     if adapter is not None:  # an AdapterBank or a (config, adapter) pair was a raw TypeError from jax.jit
         check_adapter(adapter, "generate")
     cfg = model.config
-    limit = learned_position_limit(cfg)
+    limit = position_limit(cfg)  # a learned position table (GPT-2); None for rotary models
     # the last new token is returned, never read back: s + max_new_tokens - 1 positions are read (transformers'
     # generate goes as far)
     if limit is not None and s + max_new_tokens - 1 > limit:

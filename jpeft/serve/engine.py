@@ -47,8 +47,9 @@ from jpeft.errors import (
     PromptTooLongError,
     UnknownAdapterError,
 )
-from jpeft.generate import as_eos_ids, check_decoder, learned_position_limit, nucleus_tail, sample_rows
+from jpeft.generate import as_eos_ids, check_decoder, nucleus_tail, sample_rows
 from jpeft.models._layers import KVCache, init_cache, rope_fixed_length
+from jpeft.validate import position_limit
 
 
 class Event(NamedTuple):
@@ -201,7 +202,7 @@ class Engine:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
                 raise ConfigError(f"Engine {name} must be a number of seconds > 0 (inf: no limit; "
                                   f"--{name.replace('_', '-')}), found {v!r}.")
-        limit = learned_position_limit(cfg)
+        limit = position_limit(cfg)
         fixed = rope_fixed_length(cfg)
         if max_len is None:
             max_len = min(int(getattr(cfg, "max_position_embeddings", 2048) or 2048), 2048)
