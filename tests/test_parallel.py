@@ -714,6 +714,16 @@ print("joined")
 """
 
 
+def _outputs(procs) -> list:
+    """Each process's ``(stdout, stderr)``, waiting up to 120 s; any process still running is killed."""
+    try:
+        return [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
 def test_a_process_whose_peers_never_join_stops_with_one_line():
     """Process 0 started alone (process 1 never started, or given another port), and process 1
     started with no coordinator listening: JAX's client gave up at its initialization_timeout
@@ -725,12 +735,7 @@ def test_a_process_whose_peers_never_join_stops_with_one_line():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     procs = [subprocess.Popen([sys.executable, "-c", _JOIN_ALONE, str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = _outputs(procs)
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 1 and "joined" not in out, err[-3000:]
         lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -759,12 +764,7 @@ def test_two_processes_given_the_same_process_id_end_with_one_line_each():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")  # JAX's own reason stays visible above jpeft's line
     procs = [subprocess.Popen([sys.executable, "-c", _JOIN_TWICE, str(port), str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for i in (0, 1, 1)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outs = _outputs(procs)
     last = [([ln for ln in err.splitlines() if ln.strip()] or [""])[-1] for _, err in outs]
     assert [p.returncode for p in procs] == [1, 1, 1] and not any("joined" in o for o, _ in outs), \
         "\n----\n".join(err[-3000:] for _, err in outs)
