@@ -5,6 +5,7 @@ the refusals PEFT makes too. The PEFT format both ways is in tests/test_interop_
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from adam_step import step_moves_adapter_only  # noqa: E402
@@ -201,3 +203,34 @@ def test_summary_counts_trained_base_biases_as_peft_does(kw):
     trainable, total = pm.get_nb_trainable_parameters()
     got = jpeft.summary(params, ad, print_fn=None)
     assert (got["trainable"], got["total"]) == (trainable, total)
+
+
+def test_peft_file_base_bias_is_written_and_read_back_and_a_wrong_size_is_named(tmp_path):
+    """LoRA's PEFT reader reshaped a trained base_layer.bias to the module's bias shape: one of
+    another size in the file raised numpy's bare ValueError ("cannot reshape array"), not the named
+    BaseMismatchError OFT and VeRA give (now one shared reader). The key written is PEFT's
+    ``base_layer.bias`` holding the trained bias, which reads back unchanged."""
+    model, params = Net(), Net().init(jax.random.key(1), X)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["d"], init="random", bias="lora_only")
+    ad = jpeft.init(cfg, params, jax.random.key(2), model, X)
+    leaves, tdef = jax.tree.flatten(ad)  # every adapter tensor random, the trained base bias included
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    ad = jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    jpeft.hf.save_peft(str(tmp_path / "p"), cfg, ad, params=params)
+    t = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    key = "base_model.model.d.base_layer.bias"
+    np.testing.assert_array_equal(t[key], np.asarray(ad["d"].base_bias))
+    _, back = jpeft.hf.load_peft(str(tmp_path / "p"), params)
+    np.testing.assert_array_equal(np.asarray(back["d"].base_bias), np.asarray(ad["d"].base_bias))
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="trains its base bias.*bias='none'"):
+        jpeft.hf.save_peft(str(tmp_path / "none"), cfg.replace(bias="none"), ad, params=params)
+    cfg_file = tmp_path / "p" / "adapter_config.json"
+    d = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps(dict(d, bias="none")))
+    with pytest.raises(jpeft.errors.CheckpointError, match="carries a trained base_layer.bias.*bias='none'"):
+        jpeft.hf.load_peft(str(tmp_path / "p"), params)
+    cfg_file.write_text(json.dumps(d))
+    t[key] = np.zeros(7, np.float32)
+    save_file(t, str(tmp_path / "p" / "adapter_model.safetensors"))
+    with pytest.raises(jpeft.errors.BaseMismatchError, match=r"base_layer.bias has shape \(7,\), the base's bias \(6,\)"):
+        jpeft.hf.load_peft(str(tmp_path / "p"), params)

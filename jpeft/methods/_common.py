@@ -380,6 +380,28 @@ def init_saved(path: str, own: Mapping[str, Any], *, tie_output: bool = False,
     return SavedModule(jax.tree.map(master_copy, dict(own)), tie_output, tied_output)
 
 
+class TrainedBiasOption:
+    """The part of a config (LoRA's, OFT's, VeRA's) that holds PEFT's ``bias`` option: ``"none"``,
+    ``"<method>_only"`` (the adapted modules' base biases trained too) or ``"all"`` (every bias of the
+    model); the trained biases are made by :func:`with_trainable_biases`."""
+
+    def _check_bias(self, only: str) -> None:
+        """Reads PEFT's null as ``"none"`` (``__post_init__`` of a frozen dataclass); ``only`` is the
+        method's ``"<method>_only"``.
+
+        Raises:
+          ConfigError: another value."""
+        if self.bias is None:
+            object.__setattr__(self, "bias", "none")
+        if self.bias not in ("none", only, "all"):
+            raise ConfigError(f"{type(self).__name__}.bias must be 'none', {only!r} or 'all' (PEFT's options), "
+                              f"found {self.bias!r}.")
+
+    def layer_scan_refusal(self) -> Optional[str]:
+        """Trainable base biases (``bias`` other than ``"none"``) are not implemented for stacked layers."""
+        return None if self.bias == "none" else f"bias = {self.bias!r} (trainable base biases)"
+
+
 def with_trainable_biases(bias: str, field: str, leaves: Mapping[str, Mapping[str, Any]],
                           sites: Mapping[str, Any]) -> dict:
     """PEFT's ``bias`` option of a method (``field`` names it in errors, e.g. ``"LoraConfig.bias"``):

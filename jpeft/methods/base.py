@@ -418,11 +418,14 @@ class Site(FrozenFields):
         """How many parameters the node adds to the base model, for :func:`jpeft.summary`'s
         "all params" (as Hugging Face PEFT counts them); ``trainable`` is the node's trainable
         part. All of them by default, none for a node that stands in for the base's own weights
-        (:attr:`replaces_base`); a node that trains some base arrays in place (LoRA's trained
-        base biases) leaves those out."""
+        (:attr:`replaces_base`); a node's ``base_bias`` field, the module's own bias trained in place
+        (PEFT's ``bias`` option of LoRA, OFT and VeRA: ``jpeft.methods._common.with_trainable_biases``),
+        is left out, as PEFT counts it."""
         if self.replaces_base:
             return 0
-        return int(sum(math.prod(x.shape) for x in jax.tree.leaves(trainable) if hasattr(x, "shape")))
+        n = int(sum(math.prod(x.shape) for x in jax.tree.leaves(trainable) if hasattr(x, "shape")))
+        base_bias = getattr(self, "base_bias", None)
+        return n - (0 if base_bias is None else math.prod(base_bias.shape))
 
     def load_note(self) -> Optional[str]:
         """What :func:`jpeft.load_adapter` should warn a user about a loaded node of this kind

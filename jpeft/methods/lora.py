@@ -28,8 +28,8 @@ from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
                           TargetNotFoundError, UnsupportedModuleError)
 from jpeft.methods import dora
-from jpeft.methods._common import (TASK_HEADS, SavedModule, branch_dtype, down_project, init_saved, linear_candidates,
-                                   up_project, with_trainable_biases)
+from jpeft.methods._common import (TASK_HEADS, SavedModule, TrainedBiasOption, branch_dtype, down_project, init_saved,
+                                   linear_candidates, up_project, with_trainable_biases)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge,
                                 dropout, flat_spec_entry, spec_entries, static_field)
 from jpeft.peft_format import add_site_pattern
@@ -61,7 +61,7 @@ def _hf_module_name(name: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig(AdapterConfig):
+class LoraConfig(TrainedBiasOption, AdapterConfig):
     """Configuration of a LoRA adapter.
 
     Args:
@@ -149,10 +149,7 @@ class LoraConfig(AdapterConfig):
     bias: Optional[str] = "none"  # None: "none"
 
     def __post_init__(self):
-        if self.bias is None:
-            object.__setattr__(self, "bias", "none")
-        if self.bias not in ("none", "lora_only", "all"):
-            raise ConfigError(f"LoraConfig.bias must be 'none', 'lora_only' or 'all', found {self.bias!r}.")
+        self._check_bias("lora_only")  # PEFT's bias option (TrainedBiasOption)
         tti = self.trainable_token_indices
         if tti is not None:
             def ids(v, where):
@@ -353,10 +350,6 @@ class LoraConfig(AdapterConfig):
                 if m is not None:
                     break
         return None if m is None else int(m.group("idx"))
-
-    def layer_scan_refusal(self) -> Optional[str]:
-        """Trainable base biases (``bias`` other than ``"none"``) are not implemented for stacked layers."""
-        return None if self.bias == "none" else f"bias = {self.bias!r} (trainable base biases)"
 
     def adapts_lm_head(self) -> bool:
         """``lm_head`` gets a site (:meth:`selects`) or is saved whole (:meth:`saves`, PEFT's suffix
@@ -645,11 +638,6 @@ class LoraWeights(Site):
                 "params gives other outputs. Apply it to the residual params you kept (jpeft.merge(residual, adapter) "
                 f"gives the trained full weights), or convert it with them to a plain LoRA of the original params "
                 f"(jpeft.convert_residual_adapter(adapter, params, residual)){rebuild}.")
-
-    def added_params(self, trainable) -> int:
-        # the trained base bias (LoraConfig.bias) replaces the module's own, as PEFT trains it in place
-        n = super().added_params(trainable)
-        return n - (0 if self.base_bias is None else math.prod(self.base_bias.shape))
 
     def effective(self, own):
         """L2-SP's effective weights: the update ``s * A @ B`` in the kernel's shape (plain LoRA;

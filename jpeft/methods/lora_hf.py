@@ -22,7 +22,8 @@ import numpy as np
 from jpeft import _inject, scan
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, LayoutError, UnsupportedAdapterError
 from jpeft.methods import pissa
-from jpeft.methods._common import SavedModule, saved_from_hf, saved_to_hf, trained_biases_from_hf
+from jpeft.methods._common import (BASE_BIAS, SavedModule, base_bias_from_hf, other_bias_keys, saved_from_hf,
+                                   saved_to_hf, trained_biases_from_hf, trained_biases_to_hf)
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
@@ -100,13 +101,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             tensors[peft_key(path, "lora_B.weight")] = b_t
             if node.lora_bias is not None:
                 tensors[peft_key(path, "lora_B.bias")] = to_np(node.lora_bias)
-            if node.base_bias is not None:
-                if config.bias == "none":
-                    raise UnsupportedAdapterError(
-                        f"the site {path!r} trains its base bias, but the config says bias='none'; save with the config "
-                        "the adapter was made with (bias='lora_only' or 'all')."
-                    )
-                tensors[peft_key(path, "base_layer.bias")] = to_np(node.base_bias).reshape(-1)
+            tensors.update(trained_biases_to_hf(path, node, config.bias, "LoraConfig.bias"))
         else:
             raise UnsupportedAdapterError(
                 f"site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
@@ -270,7 +265,7 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     return kind
 
 
-_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "base_layer.bias", _TOKENS_KEY, "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+_LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", BASE_BIAS, _TOKENS_KEY, "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                  "base_layer.weight")
 
 
@@ -382,6 +377,7 @@ def _sort_lora_tensors(tensors: Mapping[str, np.ndarray], config: LoraConfig, ct
     """Sorts the file's tensors by kind; checks a saved copy of a tied ``lm_head`` against the embedding,
     and PEFT's second key of a saved copy's bias (``bias="all"``) against the first."""
     out = _LoraTensors()
+    other_biases = other_bias_keys(tensors, config.bias, ctx.leaves)  # bias="all": <module>.bias without a site
     for k, v in tensors.items():
         sp = split_peft_key(k, _LORA_TENSORS)
         wrapped = _wrapped_bias(k, config, ctx.leaves) if sp is None else None
@@ -398,8 +394,8 @@ def _sort_lora_tensors(tensors: Mapping[str, np.ndarray], config: LoraConfig, ct
             elif sm == ("lm_head", "weight") and "lm_head" not in ctx.leaves and config.ensure_weight_tying \
                     and config.saves("model/embed_tokens"):
                 out.tied_head = v  # PEFT's ensure_weight_tying saves the embedding's copy under lm_head too
-            elif sm is not None and sm[1] == "bias" and config.bias == "all" and "bias" in ctx.leaves.get(sm[0], {}):
-                out.biases[sm[0]] = v
+            elif k in other_biases:
+                out.biases[other_biases[k]] = v
             else:
                 out.unmatched.append(k)
             continue
@@ -560,14 +556,7 @@ def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfi
             f"adapter_config.json says use_dora={config.use_dora} (the module has {layout.out_features} outputs); "
             "loading it would drop or misapply the DoRA magnitudes. The files do not belong together."
         )
-    base_bias = None
-    if config.bias != "none" and "bias" in own:  # PEFT keeps the base's value for a bias missing from the file
-        base_bias = np.asarray(t.get("base_layer.bias", own["bias"]), np.float32).reshape(np.shape(own["bias"]))
-    elif "base_layer.bias" in t:
-        raise CheckpointError(
-            f"adapter site {hf_name(path)!r} carries a trained base_layer.bias, but adapter_config.json says "
-            f"bias={config.bias!r}{'' if 'bias' in own else ' and the base module has no bias'}. The files do not belong together."
-        )
+    base_bias = base_bias_from_hf(t, config.bias, own, path, ctx.folder, ctx.dtype)
     bias = t.get("lora_B.bias")
     if (bias is not None) != config.lora_bias or (bias is not None and bias.shape != (layout.out_features,)):
         raise CheckpointError(
@@ -583,7 +572,7 @@ def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfi
         tied,
         tied_output_from_params(path, ctx.leaves) if layout.kind == Kind.EMBED else None,
         None if bias is None else jnp.asarray(bias, ctx.dtype),
-        None if base_bias is None else jnp.asarray(base_bias, ctx.dtype),
+        base_bias,
     )
 
 

@@ -72,16 +72,16 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, SavedModule, base_bias_from_hf, linear_candidates,
-                                   linear_layout, other_bias_keys, refuse_all_with_heads, trained_biases_from_hf,
-                                   trained_biases_to_hf, with_trainable_biases)
+from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, SavedModule, TrainedBiasOption, base_bias_from_hf,
+                                   linear_candidates, linear_layout, other_bias_keys, refuse_all_with_heads,
+                                   trained_biases_from_hf, trained_biases_to_hf, with_trainable_biases)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, linear_only, select
 
 
 @dataclasses.dataclass(frozen=True)
-class OFTConfig(AdapterConfig):
+class OFTConfig(TrainedBiasOption, AdapterConfig):
     """Configuration of an OFT adapter (Hugging Face PEFT's ``OFTConfig`` names and defaults).
 
     Args:
@@ -124,11 +124,7 @@ class OFTConfig(AdapterConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        if self.bias is None:  # PEFT reads null as "none"
-            object.__setattr__(self, "bias", "none")
-        if self.bias not in ("none", "oft_only", "all"):
-            raise ConfigError(
-                f"OFTConfig.bias must be 'none', 'oft_only' or 'all' (PEFT's options), found {self.bias!r}.")
+        self._check_bias("oft_only")  # PEFT's bias option (TrainedBiasOption)
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("OFTConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
         for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
@@ -156,10 +152,6 @@ class OFTConfig(AdapterConfig):
             raise ConfigError(f"OFTConfig.module_dropout must be in [0, 1), found {self.module_dropout!r}.")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
             raise ConfigError(f"OFTConfig.eps must be a positive finite number, found {self.eps!r}.")
-
-    def layer_scan_refusal(self):
-        """Trainable base biases (``bias`` other than ``"none"``) are not implemented for stacked layers."""
-        return None if self.bias == "none" else f"bias = {self.bias!r} (trainable base biases)"
 
     def saved_config(self, adapter) -> "OFTConfig":
         """The config :func:`jpeft.save_adapter` (and a checkpoint) records: this one, after
@@ -385,11 +377,6 @@ class OFTWeights(Site):
                 "cannot be recovered from merged params; keep the base params tree (jpeft never modifies it) instead."
             )
         return self._fold(own, unmerge_matrix)
-
-    def added_params(self, trainable) -> int:
-        # the trained base bias (OFTConfig.bias) replaces the module's own, as PEFT trains it in place
-        n = super().added_params(trainable)
-        return n - (0 if self.base_bias is None else math.prod(self.base_bias.shape))
 
 
 def _site_layout(path: str, own, infos) -> Layout:

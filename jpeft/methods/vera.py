@@ -77,8 +77,8 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, AdditiveMerge, SavedModule, base_bias_from_hf, branch_dtype,
-                                   broadcast_bias, broadcast_out, down_project, from_matrix, linear_candidates,
+from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, AdditiveMerge, SavedModule, TrainedBiasOption,
+                                   base_bias_from_hf, branch_dtype, broadcast_bias, broadcast_out, down_project, from_matrix, linear_candidates,
                                    linear_layout, other_bias_keys, refuse_all_with_heads, trained_biases_from_hf,
                                    trained_biases_to_hf, up_project, with_trainable_biases)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
@@ -87,7 +87,7 @@ from jpeft.peft_format import config_from_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, linear_only, select
 
 @dataclasses.dataclass(frozen=True)
-class VeraConfig(AdapterConfig):
+class VeraConfig(TrainedBiasOption, AdapterConfig):
     """Configuration of a VeRA adapter (Hugging Face PEFT's ``VeraConfig``; same key names in
     ``adapter_config.json``).
 
@@ -138,11 +138,7 @@ class VeraConfig(AdapterConfig):
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        if self.bias is None:  # PEFT reads null as "none"
-            object.__setattr__(self, "bias", "none")
-        if self.bias not in ("none", "vera_only", "all"):
-            raise ConfigError(
-                f"VeraConfig.bias must be 'none', 'vera_only' or 'all' (PEFT's options), found {self.bias!r}.")
+        self._check_bias("vera_only")  # PEFT's bias option (TrainedBiasOption)
         if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
             raise ConfigError("VeraConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
         if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
@@ -166,10 +162,6 @@ class VeraConfig(AdapterConfig):
     def __hash__(self):
         return hash((self.r, self.target_modules, self.projection_prng_key, self.save_projection, self.dropout,
                      self.d_initial, self.init_weights, self.bias))
-
-    def layer_scan_refusal(self):
-        """Trainable base biases (``bias`` other than ``"none"``) are not implemented for stacked layers."""
-        return None if self.bias == "none" else f"bias = {self.bias!r} (trainable base biases)"
 
 
 # -- the math, as small pure functions -----------------------------------------------------------
@@ -315,11 +307,6 @@ class VeraWeights(AdditiveMerge, Site):
         if self.base_bias is None:
             return self.kernel_update()
         return {self.layout.param_name: self.kernel_update(), "bias": self.base_bias.astype(jnp.float32)}
-
-    def added_params(self, trainable) -> int:
-        # the trained base bias (VeraConfig.bias) replaces the module's own, as PEFT trains it in place
-        n = super().added_params(trainable)
-        return n - (0 if self.base_bias is None else math.prod(self.base_bias.shape))
 
     def low_rank(self) -> LowRank:
         """The update ``(A * lambda_d) @ (B * lambda_b)`` as low-rank factors (scale 1), so
