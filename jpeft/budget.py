@@ -59,17 +59,24 @@ FAMILY_TARGETS.update(qwen3=FAMILY_TARGETS["qwen2"])
 
 #: Hugging Face PEFT's default ``target_modules`` (and IA3's ``feedforward_modules``) per
 #: method and model type, used by ``jpeft info`` and ``jpeft train`` when none are given
-#: (PEFT's TRANSFORMERS_MODELS_TO_{LORA,IA3}_TARGET_MODULES_MAPPING).
+#: (PEFT's TRANSFORMERS_MODELS_TO_{LORA,IA3}_TARGET_MODULES_MAPPING). A model type a method's
+#: table leaves out takes the config's own default (Llama's names); ``None``: there is no default,
+#: the modules must be given.
 DEFAULT_TARGETS = {
     "LORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
     "IA3": {m: {"target_modules": t["ia3"][0], "feedforward_modules": t["ia3"][1]} for m, t in FAMILY_TARGETS.items()},
     "OFT": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
-    "LN_TUNING": {m: {"target_modules": t["ln"]} for m, t in FAMILY_TARGETS.items() if m != "bert"},  # no BERT default
+    # PEFT has no BERT default: None makes the CLI ask for the modules (an error naming --target)
+    "LN_TUNING": {m: {"target_modules": t["ln"]} if m != "bert" else None for m, t in FAMILY_TARGETS.items()},
     # PEFT's VeRA and AdaLoRA defaults are LoRA's (TRANSFORMERS_MODELS_TO_{VERA,ADALORA}_TARGET_MODULES_MAPPING)
     "VERA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
     "ADALORA": {m: {"target_modules": t["lora"]} for m, t in FAMILY_TARGETS.items()},
 }
 DEFAULT_TARGETS.update(LOHA=DEFAULT_TARGETS["LORA"], LOKR=DEFAULT_TARGETS["LORA"])  # PEFT copies LoRA's mapping
+# PEFT has no bottleneck adapters: the default is the family's Pfeiffer placement. Llama's names are the
+# config's own default (mlp/down_proj, the same module), so a saved Llama run resolves as before.
+DEFAULT_TARGETS["BOTTLENECK"] = {m: {"target_modules": t["pfeiffer"]} for m, t in FAMILY_TARGETS.items()
+                                 if t["pfeiffer"] is not FAMILY_TARGETS["llama"]["pfeiffer"]}
 
 
 def methods(model_type: str = "llama") -> list[tuple[str, str, Callable]]:

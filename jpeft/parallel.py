@@ -59,7 +59,7 @@ from jpeft.errors import ConfigError, InputValidationError, ShardingError
 from jpeft.methods.base import trainable
 from jpeft import _splash
 from jpeft._ops import check_float_dtype
-from jpeft.train import make_step_fn, split_loss, weighted_sum
+from jpeft.train import DonationNamed, make_step_fn, split_loss, weighted_sum
 from jpeft.tree import is_typed_key, path_str, unwrap_params
 
 DATA = "data"
@@ -693,7 +693,7 @@ def make_sharded_train_step(
         return fn.lower(*args)
 
     step.lower = lower
-    return step
+    return DonationNamed(step, "jpeft.make_sharded_train_step") if donate else step
 
 
 # ----------------------------------------------------------------------------- pmap step
@@ -812,13 +812,14 @@ def make_pmap_train_step(
             key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
         return body(params, adapter, opt_state, batch, key)
 
-    return jax.pmap(
+    stepped = jax.pmap(
         per_device,
         axis_name=axis_name,
         in_axes=(0, 0, 0, 0, None),
         devices=devices,
         donate_argnums=(1, 2) if donate else (),
     )
+    return DonationNamed(stepped, "jpeft.make_pmap_train_step") if donate else stepped
 
 
 # ------------------------------------------------------------------------ mixed precision

@@ -443,19 +443,21 @@ def make_train_step(
                         loss_weight=loss_weight)
     jitted = jax.jit(body, donate_argnums=(1, 2) if donate else (),
                      compiler_options=dict(compiler_options) if compiler_options else None)
-    return _DonationNamed(jitted) if donate else jitted
+    return DonationNamed(jitted) if donate else jitted
 
 
-class _DonationNamed:
+class DonationNamed:
     """A donating step that names an argument an earlier call consumed: given the adapter (an
     :class:`~jpeft.AdapterBank`'s ``weights`` included) or optimizer state that a step already donated,
     the jitted call fails with JAX's bare "Buffer has been deleted or donated" (a ValueError) or "Array
     has been deleted" (a RuntimeError); that failure is turned into an :class:`~jpeft.errors.InputValidationError`
     naming the argument and the array, looked for only then, so a step that runs costs nothing more. Every
-    other attribute (``lower``, ``trace``, ...) is the jitted function's."""
+    other attribute (``lower``, ``trace``, ...) is the jitted function's. ``builder``: the function that
+    built the step, named in the message (the sharded and pmap steps of :mod:`jpeft.parallel` donate too)."""
 
-    def __init__(self, jitted):
+    def __init__(self, jitted, builder: str = "jpeft.make_train_step"):
         self._jitted = jitted
+        self._builder = builder
         self.__wrapped__ = jitted
         self.__doc__ = jitted.__doc__
 
@@ -475,10 +477,10 @@ class _DonationNamed:
                 raise
             raise InputValidationError(
                 f"the {found[0]} given to this training step was donated to an earlier call of it and is gone "
-                f"({found[1]} is deleted): jpeft.make_train_step donates its adapter and optimizer-state arguments. "
+                f"({found[1]} is deleted): {self._builder} donates its adapter and optimizer-state arguments. "
                 "Pass what the previous call returned (adapter, opt_state, metrics = step(params, adapter, opt_state, "
                 "batch, key)); for an AdapterBank, bank = bank.with_weights(adapter) and step on bank.weights; or "
-                "build the step with jpeft.make_train_step(..., donate=False) to keep its inputs usable.") from None
+                f"build the step with {self._builder}(..., donate=False) to keep its inputs usable.") from None
 
 
 _STEP_ARGS = ("params", "adapter", "opt_state", "batch", "key")

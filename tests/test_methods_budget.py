@@ -1,8 +1,18 @@
 """The parameter-budget script: Hugging Face PEFT's figures for Llama-2-7B, from shapes alone."""
 
+import dataclasses
+import os
+import sys
+
 import jax
 
 from jpeft import budget
+from jpeft.cli._common import method_config, method_names
+from jpeft.errors import ConfigError
+from jpeft.models import supported_model_types
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
 
 
 def test_llama2_7b_budget_matches_peft_figures(capsys):
@@ -49,3 +59,27 @@ def test_default_targets_are_peft_defaults_for_every_family():
             assert list(d["target_modules"]) == list(mapping[model_type]), (peft_type, model_type)
             if peft_type == "IA3":
                 assert d["feedforward_modules"] == C.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type]
+
+
+def test_every_method_default_targets_every_family():
+    """Without target_modules, `jpeft info` / `jpeft train` adapt the family's own modules, or refuse
+    with a ConfigError naming --target: bottleneck's default was Llama's mlp/down_proj on GPT-2 and
+    BERT (TargetNotFoundError), BERT's LN tuning (PEFT has no default) Llama's norms."""
+    families = {"llama": "llama2", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2", "bert": "bert"}
+    assert sorted(families) == supported_model_types()
+    refused = []
+    for model_type, family in families.items():
+        cfg = tiny._hf_config(family).to_dict()
+        for name, cls in sorted(method_names().items()):
+            if "target_modules" not in {f.name for f in dataclasses.fields(cls)}:
+                continue
+            try:
+                method = method_config(name, {"total_step": 10} if name == "adalora" else {}, model_type=model_type)
+            except ConfigError as e:
+                assert "--target" in str(e) and repr(model_type) in str(e), str(e)
+                refused.append((model_type, name))
+                continue
+            assert budget.budget(cfg, method)["sites"] > 0, (model_type, name)  # traced: targets that match nothing raise
+    assert refused == [("bert", "ln_tuning")]
+    pf = method_config("bottleneck", {}, model_type="gpt2")
+    assert budget.budget(tiny._hf_config("gpt2").to_dict(), pf)["sites"] == 2  # mlp/c_proj of 2 layers, not attn/c_proj

@@ -362,6 +362,34 @@ def test_sharded_step_on_one_device_mesh_equals_train_step():
     assert not any(x.is_deleted() for x in jax.tree.leaves(adapter))
 
 
+def test_donating_multi_device_steps_name_the_argument_given_again():
+    """The sharded and pmap steps donate the adapter and optimizer state, as make_train_step does; given
+    them again they failed with JAX's bare "Array has been deleted" / "Buffer has been deleted or donated"
+    and now name the argument and the builder, as make_train_step's step does (one wrapper)."""
+    _, params, adapter, loss_fn = _tiny()
+    b = C.batches(1)[0]
+    opt = optax.adam(1e-2)
+    mesh = jpeft.make_mesh()
+    p = jpeft.shard_params(params, mesh)
+    a = jpeft.shard_adapter(adapter, mesh, p)
+    s = jpeft.init_opt_state(opt, a)
+    step = jpeft.make_sharded_train_step(loss_fn, opt, mesh)
+    a2, s2, _ = step(p, a, s, b, jax.random.key(0))
+    with pytest.raises(jpeft.errors.InputValidationError,
+                       match=r"the adapter given to this training step was donated to an earlier call of it and is "
+                             r"gone \(.* is deleted\): jpeft\.make_sharded_train_step donates"):
+        step(p, a, s2, b, jax.random.key(1))
+    assert C.max_diff(step(p, a2, s2, b, jax.random.key(1))[0], adapter) > 0  # what the step returned still trains
+    pstep = jpeft.make_pmap_train_step(loss_fn, opt)
+    pp, pa = jpeft.replicate(params), jpeft.replicate(adapter)
+    ps = jpeft.replicate(opt.init(adapter))
+    pa2, ps2, _ = pstep(pp, pa, ps, jpeft.split_for_pmap(b), jax.random.key(0))
+    with pytest.raises(jpeft.errors.InputValidationError,
+                       match=r"the opt_state given .* jpeft\.make_pmap_train_step\(\.\.\., donate=False\)"):
+        pstep(pp, pa2, ps, jpeft.split_for_pmap(b), jax.random.key(1))
+    assert jpeft.make_pmap_train_step(loss_fn, opt, donate=False).__class__.__name__ != "DonationNamed"
+
+
 def test_sharded_step_refuses_unplaced_state():
     model, params, adapter, loss_fn = _tiny()
     mesh = jpeft.make_mesh()

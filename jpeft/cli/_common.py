@@ -89,11 +89,19 @@ def _with_default_targets(cls, d: dict, model_type: Optional[str]) -> dict:
     give (``target_modules``; IA3's ``feedforward_modules`` too), each filled on its own as PEFT's
     ``_prepare_adapter_config`` fills a ``None``: IA3's ``feedforward_modules = []`` without
     ``target_modules`` was replaced by the default ``["down_proj"]`` without a word, and GPT-2's
-    ``target_modules`` without ``feedforward_modules`` got Llama's ``down_proj``."""
-    defaults = DEFAULT_TARGETS.get(cls.peft_type, {}).get(model_type)
-    if not defaults or "target_modules" not in {f.name for f in dataclasses.fields(cls)}:
+    ``target_modules`` without ``feedforward_modules`` got Llama's ``down_proj``. A model type whose
+    default is ``None`` (LN tuning on BERT: PEFT has none) without ``target_modules`` raises ConfigError."""
+    if "target_modules" not in {f.name for f in dataclasses.fields(cls)}:
         return d
     given = {cls.field_of(k) for k in d}
+    table = DEFAULT_TARGETS.get(cls.peft_type, {})
+    if model_type in table and table[model_type] is None and "target_modules" not in given:
+        raise ConfigError(f"{cls.peft_type} has no default target_modules for model_type {model_type!r} (Hugging Face "
+                          "PEFT has none), and its own default names Llama's modules; name the modules to adapt: "
+                          "--target NAME[,NAME] (`jpeft train`: target_modules = [...] in [method]).")
+    defaults = table.get(model_type)
+    if not defaults:
+        return d
     return dict(d, **{k: v for k, v in defaults.items() if cls.field_of(k) not in given})
 
 
