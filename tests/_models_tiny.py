@@ -63,12 +63,17 @@ def perturb_trainable(peft_model, seed: int, scale: float = 0.3):
 
 
 def randomize_adapter(adapter, seed: int, scale: float = 0.5):
-    """Every array of a jpeft adapter (each LoRA factor, DoRA magnitude, bias) replaced by
-    ``scale * N(0, 1)`` values: :func:`perturb_trainable`'s counterpart for jpeft's own adapters,
-    so no tensor keeps its init value (LoRA's zero B) in a comparison."""
-    leaves, tree = jax.tree.flatten(adapter)
+    """Every trainable array of a jpeft adapter (each LoRA factor, DoRA magnitude, VeRA vector, trained
+    bias) replaced by ``scale * N(0, 1)`` values, the method's frozen arrays (VeRA's projections) kept:
+    :func:`perturb_trainable`'s counterpart for jpeft's own adapters, so no tensor keeps its init value
+    (LoRA's zero B) in a comparison."""
+    import jpeft
+
+    train, frozen = jpeft.split_frozen(adapter)
+    leaves, tree = jax.tree.flatten(train)
     keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
-    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    train = jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+    return jpeft.join_frozen(train, frozen)
 
 
 def _hf_config(family: str):

@@ -300,7 +300,7 @@ def test_dense_general_conv_and_einsum_merge_equals_apply(bias, tmp_path):
     model = Net()
     params = model.init(jax.random.key(1), x, img)
     cfg = VeraConfig(r=3, target_modules=["k_proj", "o_proj", "ff", "conv"], init_weights=False, bias=bias)
-    ad = _randomize_all(jpeft.init(cfg, params, jax.random.key(2), model, x, img), 5)
+    ad = tiny.randomize_adapter(jpeft.init(cfg, params, jax.random.key(2), model, x, img), 5, scale=0.3)
     assert ad["conv"].vera_A.shape == (27, 3) and ad["k_proj"].lambda_b.shape == (6,)
     assert all((n.base_bias is None) == (bias == "none") for n in ad.values())
     y = jpeft.apply(model, params, ad, x, img)
@@ -376,15 +376,6 @@ BIAS_CASES = [("llama2", "vera_only", True), ("llama2", "all", False), ("gpt2", 
               ("gpt2", "all", True)]
 
 
-def _randomize_all(adapter, seed):
-    """Every trainable array random (the vectors and every trained bias), the frozen projections as they are."""
-    train, frozen = jpeft.split_frozen(adapter)
-    leaves, tdef = jax.tree.flatten(train)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    train = jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-    return jpeft.join_frozen(train, frozen)
-
-
 @pytest.mark.parametrize("family,bias,save_projection", BIAS_CASES)
 def test_trained_base_biases_match_peft_both_ways(family, bias, save_projection, tmp_path):
     """PEFT's VeraConfig(bias="vera_only" / "all") trains biases beside VeRA's vectors; jpeft refused both ("does not
@@ -427,7 +418,7 @@ def test_trained_base_biases_match_peft_both_ways(family, bias, save_projection,
     assert jax.tree.structure(mine) == jax.tree.structure(ad)
     np.testing.assert_allclose(_logits_jpeft(family, params, mine, ids, mask),
                                _logits_jpeft(family, params, {}, ids, mask), atol=1e-6)  # the identity at init
-    mine = _randomize_all(mine, 2)
+    mine = tiny.randomize_adapter(mine, 2, scale=0.3)
     H.save_peft(str(tmp_path / "j"), cfg, mine, base_model_name_or_path=folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -449,7 +440,7 @@ def test_trained_base_biases_train_and_are_refused_where_they_would_be_dropped(t
     bias; a layer-scanned base is refused by name."""
     model, params = _base("llama2")
     cfg = VeraConfig(r=R, target_modules=["q_proj", "v_proj"], bias="vera_only")
-    ad = _randomize_all(jpeft.init(cfg, params, jax.random.key(0)), 4)
+    ad = tiny.randomize_adapter(jpeft.init(cfg, params, jax.random.key(0)), 4, scale=0.3)
     ids = jnp.asarray(tiny.batch("llama2")[0])
 
     def loss_fn(p, a, batch, key=None):
