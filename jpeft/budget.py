@@ -23,6 +23,7 @@ from jpeft.core import init, init_from_trace, summary
 from jpeft.errors import ConfigError, JpeftError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
 from jpeft.models import config_from_hf, model_from_config, read_config
+from jpeft.models.loading import example_shape
 from jpeft.models.published import PUBLISHED
 
 
@@ -101,7 +102,8 @@ def abstract_model(model_config):
 def _model_and_ids(model_config):
     if isinstance(model_config, dict):
         model_config = config_from_hf(model_config)
-    return model_from_config(model_config), jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    model = model_from_config(model_config)
+    return model, jax.ShapeDtypeStruct(example_shape(model, 8), jnp.int32)
 
 
 def abstract_params(model_config):

@@ -538,9 +538,8 @@ def _warn_unknown_keys(config_cls, d: Mapping[str, Any], path: str) -> None:
 def _refuse_other_task_heads(d: Mapping[str, Any], config_cls, tensors: Mapping[str, Any], inner, folder: str) -> None:
     """A TOKEN_CLS or QUESTION_ANS adapter that carries (or names as a module to save) its model's
     head, read for params without that head (TOKEN_CLS's ``classifier`` has the sequence
-    classifier's name and shape and would load as it, on the pooled first token), or a prompt
-    learning adapter of those task types (jpeft runs prompt and prefix tuning for SEQ_CLS and
-    FEATURE_EXTRACTION only): refused by name before anything loads."""
+    classifier's name and shape and would load as it, on the pooled first token), or a prefix of
+    those task types (PEFT cannot run one on BERT): refused by name before anything loads."""
     task = d.get("task_type")
     if task not in ("TOKEN_CLS", "QUESTION_ANS"):
         return
@@ -551,12 +550,14 @@ def _refuse_other_task_heads(d: Mapping[str, Any], config_cls, tensors: Mapping[
     if not keys and head not in (d.get("modules_to_save") or []):
         return  # the encoder's adapter alone (the head removed from the file): it loads as any other
     found = keys[0] if keys else f"modules_to_save {head!r}"
-    if config_cls.prompt_learning:
+    runs = config_cls.peft_task_types.get("encoder")
+    if runs is not None and task not in runs:  # a prefix: PEFT's TOKEN_CLS / QUESTION_ANS model cannot run it on BERT
         raise UnsupportedAdapterError(
-            f"the {d.get('peft_type')} adapter in {folder!r} has task_type={task!r} (it carries {found}); jpeft runs "
-            "prompt and prefix tuning on BERT for task types 'SEQ_CLS' and 'FEATURE_EXTRACTION' only (PEFT's "
-            f"{task} prepends the virtual tokens to the outputs too). Load it with transformers and PEFT, or use LoRA "
-            "or another method with a site for this task.")
+            f"the {d.get('peft_type')} adapter in {folder!r} has task_type={task!r} (it carries {found}), which PEFT "
+            f"cannot run on BERT (its {task} model finds no past_key_values argument in BERT's forward and raises "
+            f"'Model does not support past key values'), so it has no outputs to match; jpeft runs this method on "
+            f"BERT as {list(runs)}. Train the prefix as FEATURE_EXTRACTION, or use prompt tuning, LoRA or another "
+            "method for this task.")
     own = _bert_task(inner)
     if own == task:
         return

@@ -588,9 +588,10 @@ def test_a_prequantized_checkpoint_is_refused_by_name(tmp_path):
 
 
 def test_heads_jpeft_does_not_implement_and_a_stray_untied_head_are_refused(tmp_path):
-    """A BertForMultipleChoice checkpoint has a classifier of the sequence classifier's shape: it
-    would load, applied to the pooled output (BertForTokenClassification's loaded so before; it now
-    loads as jpeft's token classifier, tests/test_bert_task_heads.py). A tied config whose file also
+    """A checkpoint of a head jpeft has no model for (GPT-2's double heads) could load onto another
+    head (BertForTokenClassification's loaded as the sequence classifier before; it now loads as
+    jpeft's token classifier, and BertForMultipleChoice's as jpeft's multiple-choice model, whose
+    one-output classifier refuses the sequence classifier's weights by shape: tests/test_bert_task_heads.py). A tied config whose file also
     holds a different lm_head.weight (an untied fine-tune) is what transformers uses untied: jpeft's
     tied model would compute other logits. Both refused by name; an identical copy still loads."""
     from safetensors.numpy import load_file, save_file
@@ -604,9 +605,10 @@ def test_heads_jpeft_does_not_implement_and_a_stray_untied_head_are_refused(tmp_
     # (score in place of lm_head) were refused as shape or missing-weight errors
     cfg["architectures"] = ["BertForMultipleChoice"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="architectures names 'BertForMultipleChoice'"):
-        M.from_pretrained(str(d))
-    for fam, arch in (("llama2", "LlamaForSequenceClassification"), ("gpt2", "GPT2ForSequenceClassification"),
+    with pytest.raises(jpeft.errors.WeightShapeError, match=r"classifier.* has shape \(3,\).* implies \(1,\)"):
+        M.from_pretrained(str(d))  # the sequence classifier's 3 outputs, where the multiple-choice head has 1
+    for fam, arch in (("gpt2", "GPT2DoubleHeadsModel"), ("llama2", "LlamaForSequenceClassification"),
+                      ("gpt2", "GPT2ForSequenceClassification"),
                       ("llama2", "LlamaForTokenClassification"), ("gpt2", "GPT2ForQuestionAnswering")):
         d = _copy(fam, tmp_path / arch)
         cfg = json.loads((d / "config.json").read_text())

@@ -762,7 +762,7 @@ def test_peft_task_types_are_the_configs_not_a_table_of_peft_types():
     from jpeft.hf import _task_type
 
     assert jpeft.PrefixTuningConfig.peft_task_types["encoder"] == ("FEATURE_EXTRACTION",)
-    assert jpeft.PromptTuningConfig.peft_task_types["encoder"] == ("FEATURE_EXTRACTION", "SEQ_CLS")
+    assert jpeft.PromptTuningConfig.peft_task_types["encoder"] == ("FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
     assert jpeft.IA3Config.peft_task_types is AdapterConfig.peft_task_types
     src = (ROOT / "hf.py").read_text()
     assert "PREFIX_TUNING" not in src and "PROMPT_TUNING" not in src

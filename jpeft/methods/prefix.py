@@ -39,7 +39,8 @@ from jpeft._hfconfig import num_kv_heads
 from jpeft._ops import default_positions, segment_slots
 from jpeft.config import AdapterConfig
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, InputValidationError, NotMergeableError,
-                          PrefixNotSupportedError, PromptTooLongError, ShapeMismatchError, UnsupportedAdapterError)
+                          PrefixNotSupportedError, PromptTooLongError, ShapeMismatchError, UnsupportedAdapterError,
+                          UnsupportedModuleError)
 from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
 from jpeft.tree import module_leaves
@@ -150,6 +151,23 @@ def _call_bound(call: Call, bound):
     return call.next_fun(*args, **bound.kwargs)
 
 
+def check_token_rows(args: Mapping[str, Any], module, what: str) -> None:
+    """Raises :class:`UnsupportedModuleError` unless the call's tokens are ``[batch, seq]`` rows
+    (``input_ids`` of rank 2, ``inputs_embeds`` of rank 3), where prompt learning puts its virtual
+    tokens before axis 1: a multiple-choice model's ``[batch, choices, seq]`` inputs have the
+    choices there (PEFT cannot run prompt learning on such a model either)."""
+    ids, emb = args.get("input_ids"), args.get("inputs_embeds")
+    x, rank = (ids, 2) if ids is not None else (emb, 3)
+    if x is not None and jnp.ndim(x) != rank:
+        raise UnsupportedModuleError(
+            f"{what} puts its virtual tokens before the tokens of [batch, seq] inputs, but {type(module).__name__} was "
+            f"called with {'input_ids' if ids is not None else 'inputs_embeds'} of shape {tuple(jnp.shape(x))} (a "
+            "multiple-choice model's [batch, choices, seq]); PEFT cannot run prompt or prefix tuning on such a model "
+            "either (its torch.cat of the virtual tokens fails). Use LoRA or another method with sites on the model's "
+            "modules."
+        )
+
+
 def _seq_len(bound) -> Optional[int]:
     a = bound.arguments
     if a.get("input_ids") is not None:
@@ -208,6 +226,7 @@ class _PrefixBase(Site):
 
     def intercept(self, call: Call):
         sig, bound = _bind(call)
+        check_token_rows(bound.arguments, call.module, "prefix tuning")
         if "prefix_kv" not in sig.parameters:
             raise PrefixNotSupportedError(
                 f"{type(call.module).__name__}.__call__ takes no prefix_kv keyword, so its attention cannot take "

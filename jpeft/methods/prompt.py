@@ -10,9 +10,11 @@ leading zeros, as PEFT does). The model needs an ``inputs_embeds`` keyword (jpef
 have one).
 
 Outputs are returned *for the real tokens only*: every output array of rank >= 3 whose axis 1
-has ``T + n`` entries (logits, hidden states) is cut to its last ``n`` positions, so the same
-loss code works with and without the adapter. (Hugging Face returns the ``T`` extra positions
-and pads the labels instead.) Pooled outputs such as a classifier's logits are unchanged.
+has ``T + n`` entries (logits, hidden states) is cut to its last ``n`` positions, and so is every
+rank-2 one of a model whose outputs are all per token (``per_token_outputs``: BERT's
+question-answering start and end logits ``[batch, seq]``), so the same loss code works with and
+without the adapter. (Hugging Face returns the ``T`` extra positions and pads the labels
+instead.) Pooled outputs such as a classifier's logits are unchanged.
 
 Initialisation (``prompt_tuning_init``): ``"RANDOM"`` (standard normal, as PEFT), ``"TEXT"``
 (the embeddings of a text's tokens, repeated or cut to ``T``: give ``prompt_tuning_init_text``
@@ -37,7 +39,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, Input
                           UnsupportedModuleError)
 from jpeft.peft_format import config_from_peft
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
-from jpeft.methods.prefix import PrefixWeights
+from jpeft.methods.prefix import PrefixWeights, check_token_rows
 from jpeft.tree import get_subtree, module_leaves, unwrap_params
 from jpeft.validate import position_limit
 
@@ -64,8 +66,10 @@ class PromptTuningConfig(AdapterConfig):
         Hugging Face PEFT; ``token_dim`` is checked against the embedding width, the others are
         informational.
       task_type: Hugging Face PEFT's task type written by :func:`jpeft.hf.save_peft`
-        (``None``: ``"CAUSAL_LM"``; use ``"SEQ_CLS"`` for BERT classifiers). With
-        ``"FEATURE_EXTRACTION"`` ``token_type_ids`` are refused (PEFT drops them there).
+        (``None``: ``"CAUSAL_LM"``; use ``"SEQ_CLS"`` for BERT classifiers, ``"TOKEN_CLS"`` and
+        ``"QUESTION_ANS"`` for BERT's token-classification and question-answering models). With
+        ``"FEATURE_EXTRACTION"`` and ``"QUESTION_ANS"`` ``token_type_ids`` are refused (PEFT drops
+        them there).
 
     >>> from jpeft.methods.prompt import PromptTuningConfig
     >>> c = PromptTuningConfig(num_virtual_tokens=8, prompt_tuning_init="TEXT", init_token_ids=[5, 6])
@@ -77,7 +81,7 @@ class PromptTuningConfig(AdapterConfig):
     prompt_learning: ClassVar[bool] = True
     # PEFT builds prompt learning only inside a task model: never without a task type
     peft_task_types: ClassVar[Mapping[str, tuple]] = {
-        "decoder": ("CAUSAL_LM",), "encoder": ("FEATURE_EXTRACTION", "SEQ_CLS")}
+        "decoder": ("CAUSAL_LM",), "encoder": ("FEATURE_EXTRACTION", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")}
     packs_documents: ClassVar[bool] = False  # virtual tokens once per row: one token stream per row
 
     num_virtual_tokens: int = 20
@@ -174,8 +178,8 @@ class PromptWeights(Site):
     # jpeft.lm_loss sets this: outputs keep the last virtual token's position (n + 1 positions),
     # whose logits predict the first real token, as Hugging Face PEFT's -100-padded labels do
     keep_last_virtual: bool = static_field(default=False)
-    # task_type="FEATURE_EXTRACTION": Hugging Face PEFT drops token_type_ids there (it keeps them, with leading
-    # zeros, for SEQ_CLS), so jpeft refuses them instead of giving other outputs than PEFT's
+    # a task type whose PEFT forward drops token_type_ids (_drops_token_types), so jpeft refuses them instead of
+    # giving other outputs than PEFT's
     drops_token_types: bool = static_field(default=False)
 
     def loss_view(self):
@@ -220,6 +224,7 @@ class PromptWeights(Site):
                 "share them; pack one token stream instead (jpeft.data packing='stream'; in `jpeft train`, "
                 "[data] packing = \"stream\")."
             )
+        check_token_rows(a, call.module, "prompt tuning")
         t = self.num_virtual_tokens
         ids, emb = a.get("input_ids"), a.get("inputs_embeds")
         if emb is None:
@@ -259,18 +264,22 @@ class PromptWeights(Site):
             )
         if tt is not None and self.drops_token_types:
             raise InputValidationError(
-                "prompt tuning: this adapter has task_type='FEATURE_EXTRACTION', where Hugging Face PEFT drops "
-                "token_type_ids (with a warning), so jpeft's outputs with them would differ from PEFT's; pass no "
-                "token_type_ids, or use task_type='SEQ_CLS', where PEFT uses them (with T leading zeros) as jpeft does."
+                "prompt tuning: this adapter has task_type='FEATURE_EXTRACTION' or 'QUESTION_ANS', where Hugging Face "
+                "PEFT drops token_type_ids (with a warning for FEATURE_EXTRACTION; PeftModelForQuestionAnswering never "
+                "passes them on), so jpeft's outputs with them would differ from PEFT's; pass no token_type_ids, or "
+                "use task_type='SEQ_CLS' or 'TOKEN_CLS', where PEFT uses them (with T leading zeros) as jpeft does."
             )
         if tt is not None:
             a["token_type_ids"] = jnp.concatenate([jnp.zeros((b, t), tt.dtype), tt], axis=1)
         out = call.next_fun(*bound.args[1:], **bound.kwargs)
 
         keep = t - 1 if self.keep_last_virtual else t
+        # a model whose every output is per token (BERT's start/end logits [batch, seq]) loses the virtual
+        # positions of its rank-2 outputs too; elsewhere a rank-2 output is pooled ([batch, labels])
+        lowest = 2 if getattr(call.module, "per_token_outputs", False) else 3
 
         def strip(x):
-            if hasattr(x, "ndim") and x.ndim >= 3 and x.shape[1] == t + n:
+            if hasattr(x, "ndim") and x.ndim >= lowest and x.shape[1] == t + n:
                 return x[:, keep:]
             return x
 
@@ -319,7 +328,7 @@ def init(config: PromptTuningConfig, params, key, infos) -> dict:
         else:  # SAMPLE_VOCAB
             ids = jax.random.randint(key, (t,), 0, vocab)
         emb = jnp.take(jnp.asarray(table), ids, axis=0).astype(jnp.float32)
-    return {"": PromptWeights(emb, path, drops_token_types=config.task_type == "FEATURE_EXTRACTION")}
+    return {"": PromptWeights(emb, path, drops_token_types=_drops_token_types(config.task_type))}
 
 
 def to_prefix(model, params, adapter: Mapping[str, Any]) -> dict:
@@ -409,7 +418,15 @@ def _from_hf(d, tensors, params, ctx):
             f"prompt_embeddings has {emb.shape[0]} rows but adapter_config.json says num_virtual_tokens={config.num_virtual_tokens}."
         )
     return config, {"": PromptWeights(jnp.asarray(emb, ctx.dtype), path,
-                                      drops_token_types=config.task_type == "FEATURE_EXTRACTION")}
+                                      drops_token_types=_drops_token_types(config.task_type))}
+
+
+def _drops_token_types(task_type) -> bool:
+    """Whether Hugging Face PEFT's prompt-tuning forward drops ``token_type_ids`` for this task type:
+    ``FEATURE_EXTRACTION`` (with a warning) and ``QUESTION_ANS`` (without one: the forward of
+    ``PeftModelForQuestionAnswering`` never passes them on); ``SEQ_CLS`` and ``TOKEN_CLS`` prepend
+    ``T`` zeros, as jpeft does."""
+    return task_type in ("FEATURE_EXTRACTION", "QUESTION_ANS")
 
 
 def budget_rows(model_type: str, targets):

@@ -13,10 +13,12 @@ same modules. See docs/MODELS.md.
 from jpeft.models._layers import KVCache, RMSNorm, init_cache
 from jpeft.models.bert import (
     BertConfig,
+    BertForMultipleChoice,
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
+    multiple_choice_loss,
     question_answering_loss,
     token_classification_loss,
 )
@@ -63,9 +65,11 @@ __all__ = [
     "BertForSequenceClassification",
     "BertForTokenClassification",
     "BertForQuestionAnswering",
+    "BertForMultipleChoice",
     "BertModel",
     "token_classification_loss",
     "question_answering_loss",
+    "multiple_choice_loss",
     "config_from_hf",
     "config_to_hf",
     "from_pretrained",

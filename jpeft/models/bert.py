@@ -39,7 +39,8 @@ class BertConfig(L.FullHeadsConfig):
       from ``id2label`` when loading), problem_type and label_names (``id2label``'s names;
       kept so that a saved model gets transformers' loss and labels back), task (the head, as
       config.json's ``architectures`` names it: ``"sequence_classification"``,
-      ``"token_classification"`` or ``"question_answering"``, which needs ``num_labels=2``; it picks
+      ``"token_classification"``, ``"question_answering"``, which needs ``num_labels=2``, or
+      ``"multiple_choice"``, whose classifier has one output whatever ``num_labels`` says; it picks
       the model :func:`~jpeft.models.from_pretrained` builds and the architecture
       :func:`~jpeft.models.save_pretrained` writes), initializer_range, dtype, param_dtype, remat,
       remat_policy, attention, attention_block_size (as in :class:`~jpeft.models.LlamaConfig`).
@@ -60,7 +61,8 @@ class BertConfig(L.FullHeadsConfig):
     num_labels: int = 2
     problem_type: Optional[str] = None  # transformers' loss choice: regression / single_ / multi_label_classification
     label_names: Optional[tuple] = None  # id2label's names in id order (None: LABEL_0, LABEL_1, ...)
-    task: Literal["sequence_classification", "token_classification", "question_answering"] = "sequence_classification"
+    task: Literal["sequence_classification", "token_classification", "question_answering",
+                  "multiple_choice"] = "sequence_classification"
     model_type: str = "bert"
     initializer_range: float = 0.02
     dtype: Any = jnp.float32
@@ -100,7 +102,7 @@ class BertConfig(L.FullHeadsConfig):
         self._finish("BertConfig")
 
 
-TASKS = ("sequence_classification", "token_classification", "question_answering")
+TASKS = ("sequence_classification", "token_classification", "question_answering", "multiple_choice")
 
 
 def _ln(c, name):
@@ -316,6 +318,7 @@ class BertForTokenClassification(nn.Module):
 
     config: BertConfig
     task = "token_classification"
+    per_token_outputs: ClassVar[bool] = True  # axis 1 of every output is the sequence (prompt tuning cuts it)
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
@@ -335,6 +338,7 @@ class BertForQuestionAnswering(nn.Module):
 
     config: BertConfig
     task = "question_answering"
+    per_token_outputs: ClassVar[bool] = True  # start and end logits [batch, seq]: prompt tuning cuts the virtual tokens
 
     @nn.compact
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
@@ -348,7 +352,55 @@ class BertForQuestionAnswering(nn.Module):
         return logits[..., 0], logits[..., 1]
 
 
-TASK_MODELS = {m.task: m for m in (BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering)}
+class BertForMultipleChoice(nn.Module):
+    """BERT + pooler + ``classifier`` of one output, scoring each choice (transformers'
+    ``BertForMultipleChoice``): inputs ``[batch, choices, seq]`` (``inputs_embeds``
+    ``[batch, choices, seq, hidden]``), each choice encoded as a row of its own; returns logits
+    ``[batch, choices]``; the loss is :func:`multiple_choice_loss`. PEFT has no task type for it (a
+    plain ``PeftModel``). Prompt and prefix tuning, which add positions to ``[batch, seq]`` inputs,
+    are refused by name.
+
+    >>> import jax, jax.numpy as jnp, jpeft
+    >>> cfg = jpeft.models.BertConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4,
+    ...                               intermediate_size=64, task="multiple_choice")
+    >>> model = jpeft.models.BertForMultipleChoice(cfg)
+    >>> ids = jnp.ones((2, 4, 6), jnp.int32)
+    >>> model.apply(model.init(jax.random.key(0), ids), ids).shape
+    (2, 4)
+    """
+
+    config: BertConfig
+    task = "multiple_choice"
+
+    @nn.compact
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, *, inputs_embeds=None,
+                 position_ids=None, deterministic=True):
+        c = self.config
+        x, rank, what = ((input_ids, 3, "input_ids [batch, choices, seq]") if input_ids is not None
+                         else (inputs_embeds, 4, "inputs_embeds [batch, choices, seq, hidden]"))
+        if x is None or jnp.ndim(x) != rank:
+            raise InputValidationError(
+                f"BertForMultipleChoice: pass {what} (one row of tokens per choice), found "
+                f"{None if x is None else tuple(jnp.shape(x))}."
+            )
+        b, k, s = jnp.shape(x)[:3]
+        for name, v in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
+                        ("position_ids", position_ids)):
+            if v is not None and tuple(jnp.shape(v)) != (b, k, s):
+                raise InputValidationError(
+                    f"BertForMultipleChoice: {name} must have the inputs' shape {(b, k, s)}, found {tuple(jnp.shape(v))}.")
+
+        def rows(v):  # [batch, choices, seq, ...] -> [batch * choices, seq, ...], as transformers' view(-1, seq)
+            return None if v is None else jnp.reshape(v, (b * k,) + tuple(jnp.shape(v))[2:])
+
+        _, pooled = _encode(c, True, rows(input_ids), rows(attention_mask), rows(token_type_ids), rows(inputs_embeds),
+                            rows(position_ids), None, deterministic)
+        pooled = _classifier_dropout(c)(pooled, deterministic=deterministic)
+        return L.dense(1, True, c, "classifier")(pooled).reshape(b, k)
+
+
+TASK_MODELS = {m.task: m for m in (BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering,
+                                   BertForMultipleChoice)}
 
 
 def token_classification_loss(logits, labels, *, ignore_index: int = -100):
@@ -395,3 +447,20 @@ def question_answering_loss(start_logits, end_logits, start_positions, end_posit
         return jnp.sum(jnp.where(keep, per, 0.0)) / jnp.sum(keep)
 
     return (ce(start_logits, start_positions) + ce(end_logits, end_positions)) / 2
+
+
+def multiple_choice_loss(logits, labels):
+    """transformers' ``BertForMultipleChoice`` loss: the mean cross-entropy of the right choice
+    over the rows whose label is not ``-100``. ``logits`` ``[batch, choices]``, ``labels``
+    ``[batch]`` integers (checked as :func:`token_classification_loss` checks its labels)."""
+    labels = jnp.asarray(labels)
+    b = jnp.shape(logits)[0]
+    if jnp.ndim(logits) != 2 or tuple(labels.shape) != (b,):
+        raise InputValidationError(
+            f"multiple_choice_loss: logits must be [batch, choices] and labels [batch], found "
+            f"{tuple(jnp.shape(logits))} and {tuple(labels.shape)}."
+        )
+    try:
+        return token_classification_loss(jnp.asarray(logits)[:, None], labels[:, None])
+    except InputValidationError as e:  # a label outside the choices: said for this loss
+        raise InputValidationError(str(e).replace("token_classification_loss", "multiple_choice_loss")) from None

@@ -34,7 +34,8 @@ from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, Q
 from jpeft._safe_read import open_regular, read_json
 from jpeft._safetensors import safetensors_index
 from jpeft.io import ADAPTER_JSON
-from jpeft.models.bert import TASK_MODELS as _BERT_TASK_MODELS, BertConfig, BertForSequenceClassification
+from jpeft.models.bert import (TASK_MODELS as _BERT_TASK_MODELS, BertConfig, BertForMultipleChoice,
+                               BertForSequenceClassification)
 from jpeft.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from jpeft.models import _layers as L
 from jpeft.models.llama import LlamaConfig, LlamaForCausalLM
@@ -249,7 +250,8 @@ def _bert(d, dtype, param_dtype) -> BertConfig:
 # BertForMaskedLM, loads as the sequence classifier with a fresh head, as before)
 BERT_ARCHITECTURES = {"sequence_classification": "BertForSequenceClassification",
                        "token_classification": "BertForTokenClassification",
-                       "question_answering": "BertForQuestionAnswering"}
+                       "question_answering": "BertForQuestionAnswering",
+                       "multiple_choice": "BertForMultipleChoice"}
 _BERT_TASKS = {v: k for k, v in BERT_ARCHITECTURES.items()}
 
 _DECODER_IGNORED = (r".*\.rotary_emb\.inv_freq",)
@@ -277,10 +279,11 @@ FAMILIES: dict[str, Family] = {
 
 
 # heads of Hugging Face classes no jpeft model of the family implements; a checkpoint of one could otherwise
-# load (a multiple-choice classifier has the shape of the sequence classifier's)
-_OTHER_HEADS = ("ForMultipleChoice", "DoubleHeadsModel")
+# load onto another head (BERT's are BERT_ARCHITECTURES)
+_OTHER_HEADS = ("DoubleHeadsModel",)
 # a decoder family's checkpoint with a task head (``score``, ``classifier``, ``qa_outputs``) in place of ``lm_head``
-_DECODER_OTHER_HEADS = _OTHER_HEADS + ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+_DECODER_OTHER_HEADS = _OTHER_HEADS + ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                                      "ForMultipleChoice")
 
 
 def supported_model_types() -> list[str]:
@@ -595,7 +598,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     read_model = model_from_config(cfg.replace(scan_layers=False)) if scanned else model
     files, _ = weight_files(path)
 
-    dummy = jnp.zeros((1, 1), jnp.int32)
+    dummy = _example_ids(model)
     shapes = jax.eval_shape(lambda k: read_model.init(k, dummy), jax.random.key(0))["params"]
     expected = hf_key_map(shapes, fam)
 
@@ -997,13 +1000,23 @@ def config_to_hf(config) -> dict:
     raise UnsupportedModelError(f"no Hugging Face config for a {type(config).__name__}.")
 
 
+def example_shape(model, seq: int = 1) -> tuple:
+    """The shape of token ids ``model`` takes, one row of ``seq`` tokens, to build its params:
+    ``(1, seq)``, or ``(1, 1, seq)`` for BERT's multiple-choice head (``[batch, choices, seq]``)."""
+    return (1, 1, seq) if isinstance(model, BertForMultipleChoice) else (1, seq)
+
+
+def _example_ids(model):
+    return jnp.zeros(example_shape(model), jnp.int32)
+
+
 def _check_params_fit(config, inner) -> None:
     """Raises before anything is written when ``inner`` is not the parameter tree of ``config``'s
     (unscanned) model: a missing layer, a stray leaf or a resized tensor would otherwise be
     written under a config.json that does not describe it (transformers then refuses the folder,
     or re-initialises the missing weights with only a load report)."""
     model = model_from_config(config.replace(scan_layers=False) if getattr(config, "scan_layers", False) else config)
-    want = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32)), jax.random.key(0))["params"]
+    want = jax.eval_shape(lambda k: model.init(k, _example_ids(model)), jax.random.key(0))["params"]
 
     def flat(tree):
         return {path_str(kp): tuple(getattr(leaf, "shape", ()))
