@@ -92,16 +92,20 @@ def resolve_target(path, root=None) -> Path:
     return p
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Writes all of ``data`` with ``os.write`` and fsyncs; raises ``OSError`` on failure."""
+def write_file(path: Path, data) -> None:
+    """Writes all of ``data`` (bytes, or an iterable of bytes-like chunks written in turn, so a
+    large file need not be held whole) with ``os.write`` and fsyncs; raises ``OSError`` on failure."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            if n <= 0:
-                raise OSError(errno.EIO, f"short write to {path}")
-            view = view[n:]
+        for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+            view = memoryview(chunk).cast("B")
+            del chunk  # nothing here holds a chunk once written (the next may be read only then)
+            while view:
+                n = os.write(fd, view)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"short write to {path}")
+                view = view[n:]
+            del view
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -1,10 +1,13 @@
 """A strict safetensors reader: the header is read and checked (length, JSON, dtypes, shapes and
 offsets against the file's size) before any tensor data, every tensor is read into its own
-buffer, and nothing is ever unpickled. :mod:`jpeft.io` re-exports the public names."""
+buffer, and nothing is ever unpickled. :mod:`jpeft.io` re-exports the public names. Also the
+layout of a file written one tensor at a time (:func:`safetensors_layout`), byte for byte the
+file ``safetensors.numpy.save`` makes of the same arrays."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import struct
@@ -13,6 +16,7 @@ from typing import Iterator, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 
 from jpeft._safe_read import json_object, open_regular, read_bounded, refuse_unsafe
 from jpeft.errors import CheckpointError, JpeftError, LoadError
@@ -38,6 +42,36 @@ def np_dtype(name: str):
     if not isinstance(name, str) or not name.replace("_", "").isalnum():
         raise TypeError(name)
     return np.dtype(name)
+
+def safetensors_layout(specs: Mapping[str, tuple], metadata: Optional[Mapping[str, str]] = None
+                       ) -> tuple[bytes, list[str]]:
+    """The start of a safetensors file (its 8-byte length and JSON header) for arrays of the
+    given ``{name: (shape, dtype)}``, and the names in the order their bytes follow it, each
+    C-ordered and little-endian: the same bytes ``safetensors.numpy.save`` writes for those
+    arrays, without holding them, so that a large file can be written one tensor at a time.
+
+    The order and dtype names are safetensors' own (by dtype, then name), read from a file it makes
+    of one element per name; only the shapes and offsets are filled in here.
+
+    Raises:
+      whatever ``safetensors.numpy.save`` raises for these dtypes (one it cannot store).
+    """
+    probe = safetensors.numpy.save({n: np.zeros((1,), dt) for n, (_, dt) in specs.items()},
+                                   metadata=None if metadata is None else dict(metadata))
+    size = struct.unpack("<Q", probe[:8])[0]
+    entries = json.loads(probe[8:8 + size])
+    header, offset = {}, 0
+    if "__metadata__" in entries:
+        header["__metadata__"] = entries.pop("__metadata__")
+    for name, e in entries.items():
+        shape, dt = specs[name]
+        nbytes = math.prod(shape) * np.dtype(dt).itemsize
+        header[name] = {"dtype": e["dtype"], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text, list(entries)
+
 
 def safetensors_index(path, *, max_header: int = MAX_HEADER_BYTES) -> tuple[dict[str, tuple], dict]:
     """Reads and validates a safetensors file's header only (length, JSON, dtypes, shapes and

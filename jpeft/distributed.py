@@ -49,6 +49,7 @@ __all__ = [
     "host_local_batch",
     "global_batch",
     "gather",
+    "gather_array",
     "barrier",
     "log",
     "on_main_process",
@@ -364,15 +365,21 @@ def global_batch(local_batch, mesh: Mesh, batch_axes=("data", "fsdp")):
 
 def gather(tree):
     """Every leaf as a host ``numpy`` array with its full global value, on every process
-    (``process_allgather`` for arrays spread over processes; a local copy otherwise)."""
+    (:func:`gather_array` of each leaf). The whole tree is then on the host of every process:
+    to write a large one (a fully fine-tuned model), pass ``gather=gather_array`` to
+    :func:`jpeft.save_adapter` instead, which holds one array at a time."""
+    return jax.tree.map(gather_array, tree)
+
+
+def gather_array(x) -> np.ndarray:
+    """The full global value of one array as a host ``numpy`` array, on every process
+    (``process_allgather`` for an array spread over processes, a collective every process takes
+    part in; a local copy otherwise)."""
     from jax.experimental import multihost_utils
 
-    def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
-            return host_array(x)
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(one, tree)
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return host_array(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def lost_peer(e: BaseException) -> bool:

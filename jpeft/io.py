@@ -37,7 +37,6 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
-import safetensors.numpy
 
 from jpeft._version import __version__
 # Re-exported: jpeft.io is the public home of these names (``jpeft.io.atomic_write`` ...); each
@@ -48,7 +47,9 @@ from jpeft._fingerprint import (  # noqa: F401
     base_fingerprint, base_mismatch_message, check_base, content_hash, fingerprint_difference,
 )
 from jpeft._safe_read import MAX_JSON_BYTES, open_regular, read_bounded, read_json, refuse_unsafe, sniff_unsafe  # noqa: F401
-from jpeft._safetensors import MAX_HEADER_BYTES, check_expected, np_dtype, read_safetensors, safetensors_index  # noqa: F401
+from jpeft._safetensors import (  # noqa: F401
+    MAX_HEADER_BYTES, check_expected, np_dtype, read_safetensors, safetensors_index, safetensors_layout,
+)
 from jpeft.config import AdapterConfig
 from jpeft.core import init
 from jpeft.errors import (
@@ -62,7 +63,7 @@ from jpeft.errors import (
 )
 from jpeft.methods._common import head_copies, with_head_copies
 from jpeft.methods.base import FOREIGN_SITE_FIX, foreign_site, recorded_kernel_fns, with_kernel_fns
-from jpeft.tree import host_array, leaf_names, unwrap_params
+from jpeft.tree import host_array, is_typed_key, leaf_names, unwrap_params
 
 ADAPTER_JSON = "jpeft_adapter.json"
 ADAPTER_WEIGHTS = "jpeft_adapter.safetensors"
@@ -240,11 +241,14 @@ def save_adapter(
     metadata: Optional[Mapping[str, Any]] = None,
     overwrite: bool = False,
     root=None,
-) -> Path:
+    gather=None,
+) -> Optional[Path]:
     """Saves a finished adapter as ``path/jpeft_adapter.json`` + ``path/jpeft_adapter.safetensors``.
 
     Only the adapter's arrays are written, never a base weight. The write is atomic: the files
-    go to a temporary sibling directory that replaces ``path`` in one rename.
+    go to a temporary sibling directory that replaces ``path`` in one rename. The arrays are
+    read to the host and written one at a time, so the host never holds the whole adapter (or,
+    for full fine-tuning, the whole model) beyond the arrays the caller already has there.
 
     Args:
       path: the adapter directory to create (relative to ``root`` when ``root`` is given).
@@ -259,9 +263,15 @@ def save_adapter(
       overwrite: replace an existing ``path`` that holds an earlier adapter (or is an empty
         folder); a file or a folder of anything else is refused (:class:`OverwriteError`).
       root: confine ``path`` to this directory (``..``, absolute paths and symlinks refused).
+      gather: for an adapter whose arrays are split across the processes of a job
+        (:func:`jpeft.distributed.gather_array`): every process calls ``save_adapter`` with the
+        same arguments, each array is gathered in turn (a collective, in the same order on every
+        process) and written by process 0 before the next is gathered, so no process holds more
+        than one whole array at a time. A write that fails on process 0 still takes part in
+        the remaining gathers before raising there.
 
     Returns:
-      The directory written.
+      The directory written (``None`` on the processes other than 0 when ``gather`` is given).
 
     Raises:
       ConfigError: ``adapter`` holds nodes the config's method does not make (e.g. a merged
@@ -293,15 +303,39 @@ def save_adapter(
         raise ConfigError(f"save_adapter: {foreign}, which load_adapter could not rebuild. {FOREIGN_SITE_FIX}")
     # the config load_adapter rebuilds these sites from (LoRA: init set to the sites' residual base)
     config = config.saved_config(adapter)
-    target = resolve_target(path, root)
-    named = leaf_names(dict(adapter))
-    arrays, index = {}, {}
-    for name, leaf in named:
+    named = dict(leaf_names(dict(adapter)))
+    specs = {}
+    for name, leaf in named.items():
         if isinstance(leaf, jax.ShapeDtypeStruct):
             raise ConfigError(f"adapter leaf {name!r} is abstract (jax.ShapeDtypeStruct); save a concrete adapter.")
-        a = host_array(leaf)
-        arrays[name] = a
-        index[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": sha256_hex(a)}
+        if isinstance(leaf, jax.Array):
+            s = jax.eval_shape(jax.random.key_data, leaf) if is_typed_key(leaf) else leaf  # host_array's value
+        else:
+            s = named[name] = host_array(leaf)
+        specs[name] = (tuple(s.shape), np.dtype(s.dtype))
+    # the index in the adapter's order; each sha256 is filled in as its array is written
+    index = {name: {"shape": list(shape), "dtype": str(dt), "sha256": None} for name, (shape, dt) in specs.items()}
+    header, order = safetensors_layout(specs, {"format": "jpeft"})
+    # every process reads the arrays in the file's order (with ``gather``, a collective each); process 0 writes
+    arrays = ((name, (host_array if gather is None else gather)(named[name])) for name in order)
+    if gather is not None and jax.process_index() != 0:
+        for _ in arrays:
+            pass
+        return None
+    try:
+        return _write_adapter(path, root, overwrite, config, adapter, copies, params, base_config, with_content_hash,
+                              metadata, index, header, arrays)
+    finally:
+        if gather is not None:
+            for _ in arrays:  # after a failed write: the gathers the other processes wait in (none if one failed)
+                pass
+
+
+def _write_adapter(path, root, overwrite, config, adapter, copies, params, base_config, with_content_hash, metadata,
+                   index, header, arrays) -> Path:
+    """:func:`save_adapter`'s writing, on the one process that writes: ``arrays`` yields
+    ``(name, host array)`` in the file's order, each hashed and written as it comes."""
+    target = resolve_target(path, root)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -319,16 +353,23 @@ def save_adapter(
     try:
         # not sort_keys: rank_pattern / alpha_pattern take the first matching key, so their order is meaning
         # (the checksum is computed over the canonical, sorted form)
-        meta_bytes = json.dumps(with_checksum(meta), indent=1).encode("utf-8")
+        json.dumps(with_checksum(meta), indent=1)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"metadata must be JSON-able: {e}") from None
-
-    weights = safetensors.numpy.save(arrays, metadata={"format": "jpeft"})
     if overwrite:
         _check_replaceable(target)
+
+    def chunks():
+        yield header
+        for name, a in arrays:
+            a = np.ascontiguousarray(a)
+            index[name]["sha256"] = sha256_hex(a)
+            yield a.reshape(-1).view(np.uint8)
+            del a  # before the next array is read: one array at a time on the host
+
     with atomic_directory(target, overwrite=overwrite) as tmp:
-        write_file(tmp / ADAPTER_WEIGHTS, weights)
-        write_file(tmp / ADAPTER_JSON, meta_bytes)
+        write_file(tmp / ADAPTER_WEIGHTS, chunks())
+        write_file(tmp / ADAPTER_JSON, json.dumps(with_checksum(meta), indent=1).encode("utf-8"))
     return target
 
 

@@ -451,7 +451,11 @@ class DonationNamed:
     :class:`~jpeft.AdapterBank`'s ``weights`` included) or optimizer state that a step already donated,
     the jitted call fails with JAX's bare "Buffer has been deleted or donated" (a ValueError) or "Array
     has been deleted" (a RuntimeError); that failure is turned into an :class:`~jpeft.errors.InputValidationError`
-    naming the argument and the array, looked for only then, so a step that runs costs nothing more. Every
+    naming the argument and the array, looked for only then, so a step that runs costs nothing more. A
+    deleted array of an argument the step does not donate (``params``, ``batch``, ``key``) was deleted
+    before the call (``x.delete()``, another function's donation), and the message says so; one of the
+    adapter or optimizer state cannot be told from a donated one (JAX marks both alike), so that message
+    names the donation and ``x.delete()`` both. Every
     other attribute (``lower``, ``trace``, ...) is the jitted function's. ``builder``: the function that
     built the step, named in the message (the sharded and pmap steps of :mod:`jpeft.parallel` donate too)."""
 
@@ -475,15 +479,23 @@ class DonationNamed:
             found = _deleted_argument(args, kwargs)
             if found is None:
                 raise
+            if found[0] not in _DONATED_ARGS:  # this step never consumes it: deleted before the call
+                raise InputValidationError(
+                    f"the {found[0]} given to this training step hold a deleted array ({found[1]}); {self._builder} "
+                    f"donates only its adapter and optimizer-state arguments, so this one was deleted before the call "
+                    "(x.delete(), or donated to another jitted function). Pass arrays that are still alive.") from None
+            # a donated array and one deleted by x.delete() look the same to JAX: the donation, the likely one, first
             raise InputValidationError(
                 f"the {found[0]} given to this training step was donated to an earlier call of it and is gone "
-                f"({found[1]} is deleted): {self._builder} donates its adapter and optimizer-state arguments. "
+                f"({found[1]} is deleted; or it was deleted some other way, x.delete(), which looks the same): "
+                f"{self._builder} donates its adapter and optimizer-state arguments. "
                 "Pass what the previous call returned (adapter, opt_state, metrics = step(params, adapter, opt_state, "
                 "batch, key)); for an AdapterBank, bank = bank.with_weights(adapter) and step on bank.weights; or "
                 f"build the step with {self._builder}(..., donate=False) to keep its inputs usable.") from None
 
 
 _STEP_ARGS = ("params", "adapter", "opt_state", "batch", "key")
+_DONATED_ARGS = ("adapter", "opt_state")  # donate_argnums=(1, 2) of every donating step
 
 
 def _deleted_argument(args, kwargs) -> Optional[tuple]:

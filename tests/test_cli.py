@@ -1515,9 +1515,11 @@ import jpeft.cli._trainer as T
 from jpeft.cli import process_main as main
 from jpeft.errors import InputValidationError
 if os.environ.get("JPEFT_TEST_STOP") == "final_save":  # the disk fills as process 0 writes the finished adapter
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
-    T.save_adapter = full
+    import jpeft.io
+    def full(path, data):  # its first array read (a gather process 1 takes part in), then the disk is full
+        for _ in data:
+            raise OSError(28, "No space left on device")
+    jpeft.io.write_file = full
 if os.environ.get("JPEFT_TEST_STOP") == "bad_batch":  # the third batch of this process's rows is refused
     real, seen = T.check_tokens, []
     def check(*a, **k):
@@ -1623,11 +1625,13 @@ def test_one_of_two_processes_stopping_alone_ends_both_with_one_line(hf_dir, cap
         assert [ln for ln in lines if ln.startswith("jpeft train: error:")] == lines[-1:] and "Traceback" not in o, o
     mine, other = outs[who].splitlines()[-1], outs[1 - who].splitlines()[-1]
     if case == "final_save":
-        assert mine.startswith("jpeft train: error: SaveError: [Errno 28] No space left on device. The trained state "
-                               "is not lost: checkpoint step 3 in "), mine
+        assert mine.startswith(f"jpeft train: error: SaveError: saving to {hf_dir / name / 'adapter'} failed: [Errno 28] "
+                               "No space left on device. The previous contents of "), mine
+        assert "The trained state is not lost: checkpoint step 3 in " in mine
         assert "run the same command with --resume" in mine
-        assert other.startswith("jpeft train: error: DistributedError: process 0 of this job stopped: SaveError: [Errno "
-                                "28] No space left on device; this process stops too"), other
+        # process 1 took part in every gather of the write (process 0 read on after the failure), then stopped
+        assert other.startswith("jpeft train: error: DistributedError: process 0 of this job stopped: SaveError: saving "
+                                "to ") and "this process stops too" in other, other
         assert sorted(os.listdir(hf_dir / name)) == ["checkpoints", "metrics.jsonl", "resolved_config.json"]
         r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--resume")
         assert r.returncode == 0, r.stderr

@@ -377,7 +377,7 @@ def test_donating_multi_device_steps_name_the_argument_given_again():
     a2, s2, _ = step(p, a, s, b, jax.random.key(0))
     with pytest.raises(jpeft.errors.InputValidationError,
                        match=r"the adapter given to this training step was donated to an earlier call of it and is "
-                             r"gone \(.* is deleted\): jpeft\.make_sharded_train_step donates"):
+                             r"gone \(.* is deleted; .*\): jpeft\.make_sharded_train_step donates"):
         step(p, a, s2, b, jax.random.key(1))
     assert C.max_diff(step(p, a2, s2, b, jax.random.key(1))[0], adapter) > 0  # what the step returned still trains
     pstep = jpeft.make_pmap_train_step(loss_fn, opt)
@@ -388,6 +388,33 @@ def test_donating_multi_device_steps_name_the_argument_given_again():
                        match=r"the opt_state given .* jpeft\.make_pmap_train_step\(\.\.\., donate=False\)"):
         pstep(pp, pa2, ps, jpeft.split_for_pmap(b), jax.random.key(1))
     assert jpeft.make_pmap_train_step(loss_fn, opt, donate=False).__class__.__name__ != "DonationNamed"
+
+
+def test_a_step_given_an_array_deleted_another_way_does_not_blame_its_donation():
+    """The donating step named "the params given to this training step was donated to an earlier call
+    of it" for a params array the caller deleted (``x.delete()``): the step never donates its params.
+    A deleted array of an argument it does not donate is now said to have been deleted before the
+    call; one of the adapter (which looks the same to JAX as a donated one) names both causes."""
+    _, params, adapter, loss_fn = _tiny()
+    b = C.batches(1)[0]
+    opt = optax.adam(1e-2)
+    step = jpeft.make_train_step(loss_fn, opt)
+    gone = jax.tree.map(jnp.copy, params)
+    jax.tree.leaves(gone)[0].delete()
+    with pytest.raises(jpeft.errors.InputValidationError,
+                       match=r"the params given to this training step hold a deleted array \(.+\); jpeft\.make_train_step "
+                             r"donates only its adapter and optimizer-state arguments, so this one was deleted before "
+                             r"the call \(x\.delete\(\), or donated to another jitted function\)") as e:
+        step(gone, jax.tree.map(jnp.copy, adapter), opt.init(adapter), b, jax.random.key(0))
+    assert "donated to an earlier call" not in str(e.value)
+    mine = jax.tree.map(jnp.copy, adapter)
+    jax.tree.leaves(mine)[0].delete()
+    with pytest.raises(jpeft.errors.InputValidationError,
+                       match=r"the adapter given to this training step was donated to an earlier call of it and is gone "
+                             r"\(.+ is deleted; or it was deleted some other way, x\.delete\(\), which looks the same\)"):
+        step(params, mine, opt.init(adapter), b, jax.random.key(0))
+    a2, s2, m = step(params, jax.tree.map(jnp.copy, adapter), opt.init(adapter), b, jax.random.key(0))
+    assert np.isfinite(float(m["loss"]))  # live arguments still train
 
 
 def test_sharded_step_refuses_unplaced_state():
@@ -675,6 +702,63 @@ def test_host_reads_of_an_array_split_across_processes_are_refused_by_name():
                               env=_env(1))
     want = "OUT " + str([[0, 1, 2], [0, 0, 1, 1]] + ["ShardingError"] * 3)
     assert all(want in o for o in outs), "\n----\n".join(o[-3000:] for o in outs)
+
+
+_STREAMED_SAVE_WORKER = r"""
+import sys
+import jax
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+sys.path.insert(0, "tests")
+import numpy as np
+import jpeft
+from jpeft import distributed as dist
+from _models_tiny import randomize_adapter
+sys.path.insert(0, "tests/helpers")
+import ckpt_common as C
+params = C.params()
+adapter = randomize_adapter(jpeft.init(jpeft.FullFinetuneConfig(), params, jax.random.key(1)), seed=3)
+mesh = jpeft.make_mesh(fsdp=2)
+split = jpeft.shard_adapter(adapter, mesh, jpeft.shard_params(params, mesh))
+leaves = jax.tree.leaves(split)
+print("SPLIT", sum(not x.is_fully_addressable for x in leaves), len(leaves), flush=True)
+# process 0 writes; a process 0 that cannot write (a file where its folder goes) still takes part in every gather
+for out in (sys.argv[3], sys.argv[3] + "/jpeft_adapter.json/x"):
+    try:
+        print("SAVED", jpeft.save_adapter(out, jpeft.FullFinetuneConfig(), split, params=params, gather=dist.gather_array),
+              flush=True)
+    except jpeft.errors.SaveError as e:
+        print("SAVE_ERROR", str(e)[:33], flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_a_model_split_across_processes_is_written_one_array_at_a_time(tmp_path):
+    """``jpeft train`` gathered a full fine-tuning's whole model to the host of every process
+    before process 0 wrote it. ``save_adapter(gather=jpeft.distributed.gather_array)`` gathers one
+    array at a time, every process in the same order, process 0 writing each before the next:
+    the file is byte for byte one process's save of the same (random) model, the other process
+    writes nothing, and a process 0 that cannot write still takes part in every gather (the
+    other does not hang) and raises its SaveError."""
+    here = os.path.dirname(__file__)
+    sys.path[:0] = [here, os.path.join(here, "helpers")]
+    import ckpt_common
+    from _models_tiny import randomize_adapter
+
+    port = C.free_port()
+    out = tmp_path / "full"
+    outs, codes = C.run_processes([[sys.executable, "-c", _STREAMED_SAVE_WORKER, str(port), str(i), str(out)]
+                                   for i in range(2)], env=_env(1), timeout=120)
+    assert codes == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
+    lines = [[ln for ln in o.splitlines() if ln.split(" ")[0] in ("SPLIT", "SAVED", "SAVE_ERROR")] for o in outs]
+    assert lines[0][0] == lines[1][0] and lines[0][0] != "SPLIT 0 " + lines[0][0].split()[-1], lines  # really split
+    assert lines[0][1:] == [f"SAVED {out}", "SAVE_ERROR cannot create a directory next to"], lines[0]
+    assert lines[1][1:] == ["SAVED None", "SAVED None"], lines[1]
+    params = ckpt_common.params()
+    cfg = jpeft.FullFinetuneConfig()
+    ref = jpeft.save_adapter(tmp_path / "one", cfg, randomize_adapter(jpeft.init(cfg, params, jax.random.key(1)), seed=3),
+                             params=params)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in ref.iterdir()}
+    assert sorted(os.listdir(tmp_path)) == ["full", "one"]
 
 
 _USER_SCRIPT = r"""

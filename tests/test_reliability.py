@@ -33,7 +33,9 @@ from jpeft.errors import (
 )
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+sys.path.insert(0, os.path.dirname(__file__))
 import ckpt_common as C  # noqa: E402
+from _models_tiny import randomize_adapter  # noqa: E402
 
 
 def _leaves_equal(a, b):
@@ -441,6 +443,75 @@ def test_disk_full_and_permission_denied_leave_previous_adapter_intact(tmp_path,
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["a"]  # temporary directories cleaned up, "fresh" never appeared
     assert _leaves_equal(jpeft.load_adapter(d, params)[1], adapter)
+
+
+def test_save_adapter_holds_one_array_at_a_time_and_writes_the_bytes_safetensors_writes(tmp_path):
+    """``save_adapter`` held every array on the host and then the whole file once more as bytes
+    (``safetensors.numpy.save``): for a full fine-tuning, the model three times over. It now
+    reads, hashes and writes one array at a time (``gather=``: the read, a collective on several
+    processes), and the file is byte for byte the one ``safetensors.numpy.save`` makes of the
+    same arrays (bf16 beside f32; every array random), with the same index and checksums."""
+    import safetensors.numpy
+    import weakref
+
+    params = C.params()
+    mixed = jax.tree_util.tree_map_with_path(  # half the leaves in bf16: safetensors orders by dtype, then name
+        lambda p, x: x.astype(jnp.bfloat16) if len(jax.tree_util.keystr(p)) % 2 else x, params)
+    for cfg, base in ((jpeft.FullFinetuneConfig(), mixed), (C.lora_config(dropout=0.0), params)):
+        adapter = randomize_adapter(jpeft.init(cfg, base, jax.random.key(1)), seed=3)
+        named = dict(jpeft.tree.leaf_names(dict(adapter)))
+        alive, order = [], []
+
+        def gather(x):  # the arrays read so far must all be gone (written, then dropped) before the next
+            assert [r for r in alive if r() is not None] == [], "an earlier array is still held"
+            a = np.array(x)
+            alive.append(weakref.ref(a))
+            order.append(next(n for n, leaf in named.items() if leaf is x))
+            return a
+
+        d = jpeft.save_adapter(tmp_path / cfg.peft_type, cfg, adapter, params=base, gather=gather)
+        assert d == tmp_path / cfg.peft_type and sorted(order) == sorted(named) and len(order) == len(named)
+        host = {n: np.asarray(x) for n, x in named.items()}
+        assert {str(a.dtype) for a in host.values()} == ({"float32", "bfloat16"} if cfg.peft_type == "FULL_FINETUNE"
+                                                          else {"float32"})
+        assert (d / "jpeft_adapter.safetensors").read_bytes() == safetensors.numpy.save(host, metadata={"format": "jpeft"})
+        index = json.loads((d / "jpeft_adapter.json").read_text())["arrays"]
+        assert list(index) == list(named)  # the adapter's order, as before
+        assert index == {n: {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": jpeft.io.sha256_hex(a)}
+                         for n, a in host.items()}
+        back = jpeft.load_adapter(d, base)[1]
+        assert _leaves_equal(back, adapter)
+        # without gather (one process): the same file
+        again = jpeft.save_adapter(tmp_path / f"{cfg.peft_type}_plain", cfg, adapter, params=base)
+        assert {p.name: p.read_bytes() for p in again.iterdir()} == {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+def test_a_save_that_fails_part_way_still_reads_every_array_and_leaves_nothing(tmp_path, run, monkeypatch):
+    """With ``gather=`` every process reads each array in turn (a collective the others wait
+    in): a write that fails on the writing process, before its first array or part-way, still
+    reads the rest before raising, and leaves the earlier adapter as it was."""
+    params, cfg, adapter, *_ = run
+    d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    newer = jax.tree.map(lambda x: x + 1.0, adapter)
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for target, fail in ((d, "part_way"), (tmp_path / "a" / "jpeft_adapter.json" / "x", "before")):
+        reads = []
+
+        def gather(x):
+            reads.append(1)
+            if fail == "part_way" and len(reads) == 2:  # the header and the first array are written
+                monkeypatch.setattr(os, "write", full_disk)
+            return np.asarray(x)
+
+        with pytest.raises(SaveError, match="No space left" if fail == "part_way" else "cannot create a directory next to"):
+            jpeft.save_adapter(target, cfg, newer, params=params, overwrite=True, gather=gather)
+        monkeypatch.undo()
+        assert len(reads) == len(jax.tree.leaves(adapter)), fail
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before and sorted(os.listdir(tmp_path)) == ["a"]
 
 
 @pytest.mark.parametrize("async_save", [False, True])

@@ -225,11 +225,12 @@ def checkpoint_metadata(step_dir: str) -> dict:
     return d
 
 
-def save_adapter(directory: str, adapter, config, *, params=None, base_config=None, metadata=None):
+def save_adapter(directory: str, adapter, config, *, params=None, base_config=None, metadata=None, gather=None):
     """Writes a finished adapter (``jpeft_adapter.json`` + ``jpeft_adapter.safetensors``),
-    replacing an older one at ``directory``."""
+    replacing an older one at ``directory`` (``gather``: :func:`jpeft.io.save_adapter`'s, every
+    process of the job calls it)."""
     return io.save_adapter(directory, config, adapter, params=params, base_config=base_config,
-                           metadata=metadata, overwrite=True)
+                           metadata=metadata, overwrite=True, gather=gather)
 
 
 def load_adapter(path: str, *, params, model=None, example=None, base_config=None):

@@ -1067,17 +1067,21 @@ def _run(cfg, method, loaded, train_ds, eval_ds, canary_ds, ckpts, optimizer, sc
     if step >= steps or stopped:
         if last_eval is None and eval_fn is not None:
             last_eval = eval_fn(adapter, step)
-        final = dist.gather(adapter) if mesh is not None else adapter  # collective: every process takes part
+        final = adapter
         final_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         if jpeft.scan.is_stacked(final) or jpeft.scan.num_stacked_layers(final_params) is not None:
             # the finished adapter is written per layer, for the unrolled model that
-            # `jpeft eval`, `merge` and `export` load (checkpoints keep the scanned form)
+            # `jpeft eval`, `merge` and `export` load (checkpoints keep the scanned form); on a mesh the
+            # layers are sliced on the devices (every process alike), where each keeps its share
             final = jpeft.scan.unstack_adapter(final)
             final_params = jpeft.scan.unstack_params(final_params)
-        if jax.process_index() == 0:
+        # on a mesh every process writes with process 0, gathering one array at a time (a collective each):
+        # no process holds the whole adapter, or a full fine-tuning's whole model, on its host
+        if mesh is not None or jax.process_index() == 0:
             try:
                 # the config training decided (AdaLoRA's rank_pattern, read from the optimizer state)
                 save_adapter(os.path.join(out_dir, "adapter"), final, method.trained_config(opt_state),
+                             gather=dist.gather_array if mesh is not None else None,
                              params=final_params, base_config=loaded.hf_config,
                              metadata={"steps": _adapter_step(report, steps), "eval": last_eval,
                                        **({"forgetting": _canary_summary(report)} if report else {})})
