@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes as _linen_dtypes
 from flax.linen import module as _linen_module  # only the capture_intermediates filter of the apply in progress
 
-from jpeft import quant, scan
+from jpeft import _reads, quant, scan
 from jpeft._ops import flat_dot_general
 from jpeft.errors import LayoutError, TargetNotFoundError, UnsupportedModuleError
 from jpeft.methods.base import Call, Kind, Layout, ModuleInfo, module_input
@@ -622,25 +622,35 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
 
 
 def trace(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleInfo]:
-    """Runs ``model.apply`` abstractly (``jax.eval_shape``, nothing computed) and records,
-    for every module called, its class, kernel layout and output shape."""
-    intercept, finish = _recorder()
+    """Runs ``model.apply`` abstractly (``jax.make_jaxpr``, nothing computed) and records,
+    for every module called, its class, kernel layout and output shape, and where the model
+    reads the module's params outside the module's own calls (:mod:`jpeft._reads`)."""
+    scopes = _reads.Scopes()
+    intercept, finish = _recorder(scopes)
+    out = []
 
     def run(v):
         with nn.intercept_methods(intercept):
-            model.apply(v, *args, **kwargs)
-        return finish(v)
+            y = model.apply(v, *args, **kwargs)
+        out.append(finish(v))
+        return [leaf for leaf in jax.tree.leaves(y) if isinstance(leaf, jax.Array)]
 
-    out = []
-    jax.eval_shape(lambda v: out.append(run(v)), variables)
-    return out[0]
+    closed = _reads.traced(run, variables)
+    infos = out[0]
+    keys = [_reads.key_names(k) for k, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+    owners = _reads.owners_of([k[1:] if k[:1] == ("params",) else None for k in keys], infos)
+    for path, where in _reads.outside_reads(closed, owners, scopes).items():
+        infos[path] = infos[path]._replace(read_outside=tuple(where))
+    return infos
 
 
 def init_and_trace(model: nn.Module, key, *args, **kwargs):
     """``(variables, infos)``: ``model.init(key, *args, **kwargs)``'s variables as
     ``jax.ShapeDtypeStruct`` and :func:`trace`'s record of the same call, from one abstract run
     of ``model.init`` (``jax.eval_shape``): the forward pass is traced once instead of twice
-    (``jpeft info``: 0.9 of its 3 CPU-seconds on Llama-2-7B)."""
+    (``jpeft info``: 0.9 of its 3 CPU-seconds on Llama-2-7B). Unlike :func:`trace` it does not
+    record params read outside their modules' calls (``ModuleInfo.read_outside``): the params are
+    made in this run, not given to it; ``jpeft info`` runs jpeft.models, which read none."""
     intercept, finish = _recorder()
     out = []
 
@@ -654,16 +664,18 @@ def init_and_trace(model: nn.Module, key, *args, **kwargs):
     return variables, out[0]
 
 
-def _recorder():
+def _recorder(scopes: Optional[_reads.Scopes] = None):
     """``(intercept, finish)``: a ``nn.intercept_methods`` interceptor that records every module
     call of a model run, and ``finish(variables)``, called in the same trace once the run is over,
     which returns the record (``{path: ModuleInfo}``), the module's place in ``variables``
-    (a view of its params inside ``nn.map_variables``, its layers in a scan) read from them."""
+    (a view of its params inside ``nn.map_variables``, its layers in a scan) read from them.
+    Given ``scopes``, every method of a module runs in the module's named scope."""
     record: dict[str, tuple] = {}  # path -> (ModuleInfo without what the variables tell, own params, debug path)
     other: dict[str, set] = {}  # module path -> methods besides __call__ (a tied embedding's attend)
 
     def intercept(next_fun, a, kw, ctx):
-        out = next_fun(*a, **kw)
+        with contextlib.nullcontext() if scopes is None else scopes.of(module_path(ctx.module)):
+            out = next_fun(*a, **kw)
         if ctx.method_name != "__call__":
             if not ctx.method_name.startswith("_"):
                 other.setdefault(module_path(ctx.module), set()).add(ctx.method_name)

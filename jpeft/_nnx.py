@@ -29,7 +29,7 @@ import jax
 from flax import nnx
 from flax.nnx.nn import dtypes as _dtypes
 
-from jpeft import _inject
+from jpeft import _inject, _reads
 from jpeft.errors import ConfigError, NotMergeableError, TargetNotFoundError, UnsupportedModuleError
 from jpeft.methods.base import Call, ModuleInfo
 
@@ -216,11 +216,12 @@ class _SiteProxy:
 class _Recorder:
     """In the traced copy, the stand-in for every module: records what ``init`` needs."""
 
-    def __init__(self, module, path: str, record: dict, other: dict):
-        self._module, self._path, self._record, self._other = module, path, record, other
+    def __init__(self, module, path: str, record: dict, other: dict, scopes: _reads.Scopes):
+        self._module, self._path, self._record, self._other, self._scopes = module, path, record, other, scopes
 
     def __call__(self, *args, **kwargs):
-        out = self._module(*args, **kwargs)
+        with self._scopes.of(self._path):  # the module's own reads of its params (jpeft._reads)
+            out = self._module(*args, **kwargs)
         if self._path not in self._record:
             self._record[self._path] = _info(self._module, self._path, args, kwargs, out)
         return out
@@ -230,7 +231,8 @@ class _Recorder:
         if inspect.ismethod(attr) and not name.startswith("_"):
             def method(*a, **k):
                 self._other.setdefault(self._path, set()).add(name)
-                return attr(*a, **k)
+                with self._scopes.of(self._path):
+                    return attr(*a, **k)
             return method
         return attr
 
@@ -477,17 +479,19 @@ def trace(graphdef, state, *args, **kwargs) -> dict[str, ModuleInfo]:
     for linen)."""
     record: dict[str, ModuleInfo] = {}
     other: dict[str, set] = {}
+    scopes = _reads.Scopes()
 
     def run(s):
         model = merge(graphdef, s)
         modules = {p: m for p, m in _modules(model).items() if not isinstance(m, _CONTAINERS)}
-        recs = {p: _Recorder(m, p, record, other) for p, m in modules.items()}
+        recs = {p: _Recorder(m, p, record, other, scopes) for p, m in modules.items()}
         root = recs.pop("", None)
         _replace(model, {id(modules[p]): r for p, r in recs.items()})
-        return (root if root is not None else model)(*args, **kwargs)
+        y = (root if root is not None else model)(*args, **kwargs)
+        return [leaf for leaf in jax.tree.leaves(y) if isinstance(leaf, jax.Array)]
 
     try:
-        jax.eval_shape(run, state)
+        closed = _reads.traced(run, state)
     except TypeError as e:
         if not _through_transform(e):
             raise
@@ -497,4 +501,11 @@ def trace(graphdef, state, *args, **kwargs) -> dict[str, ModuleInfo]:
             "jpeft's stand-ins for modules do not support (docs/NNX.md). Call jpeft.init without the model and example "
             f"input where the method allows it, call the submodules directly, or use the linen model. Flax said: {e}"
         ) from e
-    return {p: info._replace(methods=frozenset(other.get(p, ()))) for p, info in record.items()}
+    infos = {p: info._replace(methods=frozenset(other.get(p, ()))) for p, info in record.items()}
+    # the jaxpr's inputs are the state's leaves; an nnx.Param's is its array (jpeft._reads)
+    params = [_reads.key_names(p) if isinstance(v, nnx.Param) else None
+              for p, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+              for _ in jax.tree.leaves(v)]
+    for path, where in _reads.outside_reads(closed, _reads.owners_of(params, infos), scopes).items():
+        infos[path] = infos[path]._replace(read_outside=tuple(where))
+    return infos

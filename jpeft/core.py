@@ -14,7 +14,7 @@ from jpeft import _inject, quant, scan
 from jpeft.config import AdapterConfig
 from jpeft.data import token_nll, causal_lm_loss, causal_lm_loss_chunked
 from jpeft.errors import ConfigError, InputValidationError, ShapeMismatchError
-from jpeft.methods.base import check_adapter, check_kernel_fn_merge, method_of, split_frozen
+from jpeft.methods.base import check_adapter, check_kernel_fn_merge, check_reads_outside, method_of, split_frozen
 from jpeft.validate import check_key, is_single_key
 from jpeft.tree import (count, get_subtree, is_half_float, is_nnx, is_nnx_module, loaded_nnx, nbytes, nnx_state_of,
                         rewrap_params, set_subtree, unbox, unwrap_params)
@@ -56,7 +56,9 @@ def init(config: AdapterConfig, params, key, model: Optional[nn.Module] = None, 
         if model is not None:
             graphdef, state = _nnx.split(model, state)
             infos = _nnx.trace(graphdef, state, *model_args, **model_kwargs)
-        return fn(config, unwrap_params(state)[0], key, infos)
+        adapter = fn(config, unwrap_params(state)[0], key, infos)
+        check_reads_outside(adapter, infos)
+        return adapter
     if quant.has_quantized(params):  # methods read the kernels they adapt (DoRA's norms, PiSSA's SVD)
         params = quant.dequantize(params)
     params = unbox(params)  # nn.with_partitioning's boxes: the arrays, as model.apply reads them
@@ -72,7 +74,9 @@ def init_from_trace(config: AdapterConfig, params, key, infos) -> dict:
     the model: ``infos`` from :func:`jpeft._inject.init_and_trace`, which traces the model
     while making its (abstract) params, so that :func:`jpeft.budget.budget` traces a 7B model
     once, not twice."""
-    return method_of(config).init(config, unwrap_params(params)[0], key, infos)
+    adapter = method_of(config).init(config, unwrap_params(params)[0], key, infos)
+    check_reads_outside(adapter, infos)
+    return adapter
 
 
 def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args, rngs=None, **kwargs):

@@ -54,7 +54,8 @@ from jpeft._safe_read import MAX_JSON_BYTES, open_regular, read_bounded, read_js
 from jpeft._safetensors import read_safetensors, safetensors_index
 from jpeft.methods._common import HEAD_MODULES, TASK_HEADS
 from jpeft.methods._common import has_modules_to_save, head_copies, saved_from_hf, saved_to_hf
-from jpeft.methods.base import FOREIGN_SITE_FIX, Method, foreign_site, method_for_peft_type, registered_methods
+from jpeft.methods.base import (FOREIGN_SITE_FIX, Method, check_reads_outside, foreign_site, method_for_peft_type,
+                                registered_methods)
 from jpeft.models.loading import BERT_ARCHITECTURES, read_config
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys,  # noqa: F401
                                FLAG, check_value_types, config_from_peft, peft_key, split_peft_key, take_base_copies,
@@ -603,9 +604,9 @@ def _refuse_bare_base_keys(tensors: Mapping[str, Any], inner, folder: str) -> No
             )
 
 
-def _traced_layouts(params, model, example_args) -> Optional[dict]:
-    """``{module_path: Layout}`` of every module with a kernel in ``model.apply(params,
-    *example_args)`` (as :func:`jpeft.init` traces it), or ``None`` without a model."""
+def _traced(params, model, example_args) -> Optional[dict]:
+    """The trace of ``model.apply(params, *example_args)`` as :func:`jpeft.init` traces it
+    (``{module_path: ModuleInfo}``), or ``None`` without a model."""
     if model is None:
         if tuple(example_args):
             raise ConfigError("example_args were given without a model; pass model= too (the flax.linen module).")
@@ -623,7 +624,16 @@ def _traced_layouts(params, model, example_args) -> Optional[dict]:
     else:
         inner, _ = unwrap_params(params)
         infos = _inject.trace(model, {"params": inner}, *example_args)
-    return {p: info.layout for p, info in infos.items() if info.layout is not None}
+    return infos
+
+
+def _load_traced(path: str, params, dtype, infos) -> tuple[AdapterConfig, dict]:
+    """:func:`_load` with the layouts of the traced model (``infos``; ``None``: none), whose sites that fold
+    into params the model reads outside their modules' calls are refused (:func:`check_reads_outside`)."""
+    layouts = None if infos is None else {p: i.layout for p, i in infos.items() if i.layout is not None}
+    config, adapter = _load(path, params, dtype, layouts)
+    check_reads_outside(adapter, infos)
+    return config, adapter
 
 
 def _load(path: str, params, dtype=jnp.float32, layouts=None) -> tuple[AdapterConfig, dict]:
@@ -793,7 +803,7 @@ def load_peft(path: str, params, *, dtype=jnp.float32, model=None, example_args=
         both sides are listed).
       CheckpointError: a truncated or corrupted weights file.
     """
-    config, adapter = _load(path, nnx_state_of(params), dtype, _traced_layouts(params, model, example_args))
+    config, adapter = _load_traced(path, nnx_state_of(params), dtype, _traced(params, model, example_args))
     change = _base_change(config, adapter)
     if change is not None:
         how = "" if model is None else ", model=model, example_args=(x,)"
@@ -828,7 +838,7 @@ def load_peft_with_base(path: str, params, *, dtype=jnp.float32, model=None,
       onto the float params, then quantize the residual returned).
     """
     given, params = params, nnx_state_of(params)
-    config, adapter = _load(path, params, dtype, _traced_layouts(given, model, example_args))
+    config, adapter = _load_traced(path, params, dtype, _traced(given, model, example_args))
     change = _base_change(config, adapter)
     if change is None:
         return config, given, adapter  # an nnx.Module as given

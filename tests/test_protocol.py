@@ -362,7 +362,7 @@ def test_the_protocol_imports_no_method():
 # another: LoRA's files, prompt tuning's to_prefix). Everything not listed (jpeft.models, the
 # consumers, the CLI, jpeft/__init__.py) sits above and may import any of these.
 _LAYERS = [
-    {"jpeft.errors", "jpeft._version", "jpeft._hostmem"},
+    {"jpeft.errors", "jpeft._version", "jpeft._hostmem", "jpeft._reads"},
     {"jpeft.tree", "jpeft._files", "jpeft._checksum", "jpeft._safe_read"},
     {"jpeft.config", "jpeft.validate", "jpeft.data", "jpeft._safetensors"},
     {"jpeft.methods.base"},

@@ -36,7 +36,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from jpeft.config import register_config, registered_configs
-from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
+from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError, UnsupportedModuleError
 
 
 class Kind(str, enum.Enum):
@@ -129,6 +129,8 @@ class ModuleInfo(NamedTuple):
     input_axes: Optional[tuple] = None  # the input's axes a Dense/DenseGeneral contracts (non-negative, sorted)
     # inside a layer scan (nn.scan): the number of layers its params (its own and its submodules') are stacked over
     scanned_layers: Optional[int] = None
+    # where the model computes with the module's params outside the module's own calls (jpeft._reads)
+    read_outside: tuple = ()
 
 
 def module_input(args: tuple, kwargs: Mapping):
@@ -267,6 +269,27 @@ def with_kernel_fns(adapter: Mapping[str, Any], fns: Mapping[str, str]) -> dict:
         new = dataclasses.replace(inner, layout=dataclasses.replace(lay, kernel_fn=str(fn)))
         out[path] = new if inner is node else dataclasses.replace(node, inner=new)
     return out
+
+
+def check_reads_outside(adapter: Mapping[str, Any], infos: Optional[Mapping[str, ModuleInfo]]) -> None:
+    """Raises :class:`~jpeft.errors.UnsupportedModuleError` for a site whose node folds into its
+    module's params (``mergeable``) where the traced model (``infos``) also computes with those
+    params outside the module's own calls (:attr:`ModuleInfo.read_outside`): ``jpeft.apply`` adapts
+    the module's calls only, so that read sees the base params, while ``jpeft.merge`` changes the
+    stored params, and so the read too: the merged model would differ from the applied one."""
+    for path, node in adapter.items():
+        info = (infos or {}).get(path)
+        if info is None or not info.read_outside or not getattr(node, "mergeable", False):
+            continue
+        more = f" (and {len(info.read_outside) - 1} more)" if len(info.read_outside) > 1 else ""
+        raise UnsupportedModuleError(
+            f"module {path!r} ({info.cls_name}) is adapted, but the model also computes with its params outside the "
+            f"module's own call: {info.read_outside[0]}{more}. jpeft adapts the module's calls only, so that read "
+            "sees the base params, while jpeft.merge folds the update into the stored params and so changes the read "
+            "too: the merged model would differ from the applied one. Read the params through the module's call "
+            "(call the module; tie an output layer to an embedding with its attend method, as jpeft.models do), or "
+            "remove this module from target_modules (modules_to_save, trainable_token_indices)."
+        )
 
 
 def check_input_only_embedding_merge(tied_output: Optional[bool], what: str, stacklevel: int = 3) -> None:
