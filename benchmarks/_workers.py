@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
-from typing import Any
+import tempfile
+from typing import Any, Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -64,6 +67,22 @@ class Worker:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+@contextlib.contextmanager
+def work_folder(given: Optional[str], prefix: str, log: Callable[[str], Any]):
+    """The folder the workers write their models and logs to: ``given`` (kept), else a temporary
+    one removed at the end; a :class:`WorkerError` inside is logged and exits with status 2."""
+    workdir = given or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        yield workdir
+    except WorkerError as e:
+        log(f"error: {e}")
+        raise SystemExit(2)
+    finally:
+        if not given:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_once(script: str, args: list[str], log_path: str, env: dict[str, str] | None = None) -> list[dict[str, Any]]:

@@ -45,16 +45,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-from _workers import Worker, WorkerError, run_once  # noqa: E402
+from _workers import Worker, run_once, work_folder  # noqa: E402
 
 
 def log(*a):
@@ -401,10 +399,8 @@ def main(argv=None):
     if not points(args):
         p.error(f"no points to measure: --axes {args.axes!r} names none of seq, depth, rank, mode "
                 "(or their value lists are empty)")
-    workdir = args.workdir or tempfile.mkdtemp(prefix="jpeft_scaling_")
-    os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
-    try:
+    with work_folder(args.workdir, "jpeft_scaling_", log) as workdir:
         todo, results = points(args), []
         for k, pt in enumerate(todo):
             results.append(one_point(args, *pt, workdir))
@@ -413,12 +409,6 @@ def main(argv=None):
             if args.json:  # after every point: a sweep stopped part-way keeps what it measured
                 C.write_report(report, "", json_path=args.json)
         return _write(report, args)
-    except WorkerError as e:
-        log(f"error: {e}")
-        raise SystemExit(2)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

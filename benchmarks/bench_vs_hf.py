@@ -45,16 +45,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-from _workers import Worker, WorkerError, run_once  # noqa: E402
+from _workers import Worker, run_once, work_folder  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -303,10 +301,8 @@ def main(argv=None):
 
     size = C.SIZES[args.size]
     names = ["hf_f32", "jpeft_f32"] + ([] if args.no_bf16 else ["hf_bf16", "jpeft_bf16"])
-    workdir = args.workdir or tempfile.mkdtemp(prefix="jpeft_bench_")
-    os.makedirs(workdir, exist_ok=True)
     t_all = time.perf_counter()
-    try:
+    with work_folder(args.workdir, "jpeft_bench_", log) as workdir:
         if args.memory_only:
             if args.memory_size == "none":
                 p.error("--memory-only needs a --memory-size")
@@ -363,12 +359,6 @@ def main(argv=None):
         }
         C.write_report(report, markdown(report), args.markdown, args.json)
         return report
-    except WorkerError as e:
-        log(f"error: {e}")
-        raise SystemExit(2)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -291,6 +291,16 @@ class AdapterConfig:
                 changes[name] = changes.pop(hf)
         return dataclasses.replace(self, **changes)
 
+    def _set_targets(self, fix: str) -> None:
+        """For ``__post_init__`` of a config with a ``target_modules`` field: sets it normalised
+        (:func:`_as_targets`); an empty one is refused, ``fix`` saying what to give instead.
+
+        Raises:
+          ConfigError: ``target_modules`` is empty, or not a regex or a list of names."""
+        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
+            raise ConfigError(f"{type(self).__name__}.target_modules is empty; {fix}.")
+
     def layer_scan_refusal(self) -> Optional[str]:
         """Why this config cannot train a layer-scanned model (``scan_layers``), or ``None`` when
         it can; ``jpeft train`` reads it to refuse ``train.scan_layers = true`` before loading."""

@@ -175,13 +175,25 @@ def positions(mask):
 
 
 def torch_logits(family: str, ids, mask):
+    """The float32 logits of the family's tiny transformers model (:func:`hf_model`) on ``(ids, mask)``."""
+    return peft_logits(hf_model(family)[0], ids, mask, with_positions=family != "bert")
+
+
+def peft_logits(model, ids, mask, with_positions: bool = True):
+    """The float32 numpy logits of a torch model (a PEFT model, or transformers') on ``(ids, mask)``,
+    given the position ids jpeft's decoders compute (:func:`positions`) unless ``with_positions`` is
+    false (BERT; prompt tuning, whose virtual tokens shift them)."""
     import torch
 
-    model, _ = hf_model(family)
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    if with_positions:
+        kw["position_ids"] = torch.tensor(positions(mask))
     with torch.no_grad():
-        if family == "bert":
-            out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-        else:
-            out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                        position_ids=torch.tensor(positions(mask)))
-    return out.logits.float().numpy()
+        return model(**kw).logits.float().numpy()
+
+
+def assert_close_at_tokens(a, b, mask, atol: float = 1e-4):
+    """Logits ``a`` and ``b`` (``[batch, seq, ...]``) within ``atol`` at the real tokens of ``mask``
+    (padding's logits differ between implementations and are not compared)."""
+    sel = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(a[sel], b[sel], atol=atol, rtol=0)

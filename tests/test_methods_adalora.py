@@ -78,12 +78,6 @@ def _grads_tree(adapter, torch_grads):
             for p, node in adapter.items()}
 
 
-def _logits_torch(m, ids, mask):
-    with torch.no_grad():
-        return m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
-
-
 def _logits_jpeft(params, adapter, ids, mask):
     model, _ = _base()
     return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
@@ -105,7 +99,7 @@ def test_logits_and_allocator_match_peft_step_by_step(tmp_path):
     config, ad = H.load_peft(str(tmp_path / "start"), params)
     assert isinstance(config, AL.AdaLoraConfig) and config.init_r == 4 and config.alpha == 6
     ids, mask = tiny.batch(FAMILY, seed=3)
-    ref = _logits_torch(pm, ids, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
     assert np.abs(ref - tiny.torch_logits(FAMILY, ids, mask)).max() > 1e-2
     _close(_logits_jpeft(params, ad, ids, mask), ref, mask)
     # the allocator over the whole schedule on the same (random) gradients; torch's parameters are
@@ -133,7 +127,7 @@ def test_logits_and_allocator_match_peft_step_by_step(tmp_path):
     assert any(not all(v) for v in pattern.values())
     # pruned: the same logits, and both ways through the PEFT format (only the kept triplets written)
     pm.eval()
-    ref = _logits_torch(pm, ids, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
     _close(_logits_jpeft(params, ad, ids, mask), ref, mask)
     H.save_peft(str(tmp_path / "jpeft"), config, ad, base_model_name_or_path=tiny.hf_model(FAMILY)[1])
     with warnings.catch_warnings():
@@ -142,7 +136,7 @@ def test_logits_and_allocator_match_peft_step_by_step(tmp_path):
     kept = {jpeft.tree.from_hf_name(k[: -len(".lora_E")]): sum(v) for k, v in pattern.items()}
     for path, r in kept.items():
         assert back.base_model.model.get_submodule(jpeft.tree.hf_name(path)).lora_E["default"].shape == (r, 1)
-    _close(_logits_torch(back, ids, mask), ref, mask)
+    _close(tiny.peft_logits(back, ids, mask), ref, mask)
     pm.save_pretrained(str(tmp_path / "peft"))
     config2, ad2 = H.load_peft(str(tmp_path / "peft"), params)
     assert config2.rank_pattern == config.rank_pattern
@@ -251,7 +245,7 @@ def test_gpt2_conv1d_to_peft_and_back(tmp_path):
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
     ids, mask = tiny.batch("gpt2", seed=3)
-    ref = _logits_torch(pm, ids, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
     assert np.abs(ref - tiny.torch_logits("gpt2", ids, mask)).max() > 1e-2
     out = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     _close(out, ref, mask)
@@ -280,7 +274,7 @@ def test_a_peft_file_with_a_lora_init_name_loads_as_peft_reads_it(tmp_path, init
     cfg, ad = H.load_peft(str(tmp_path), params)
     assert cfg.init_weights is True
     ids, mask = tiny.batch(FAMILY, seed=5)
-    ref = _logits_torch(pm, ids, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
     assert np.abs(ref - tiny.torch_logits(FAMILY, ids, mask)).max() > 1e-2
     _close(_logits_jpeft(params, ad, ids, mask), ref, mask)
 
@@ -561,7 +555,7 @@ def test_fit_trains_adalora_and_peft_loads_the_pruned_result(tmp_path):
         back = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model(FAMILY)[0]), str(tmp_path)).eval()
     for k, keep in trained.rank_pattern.items():
         assert back.base_model.model.get_submodule(k[: -len(".lora_E")]).lora_E["default"].shape == (sum(keep), 1)
-    _close(_logits_jpeft(params, res.adapter, ids, mask), _logits_torch(back, ids, mask), mask, atol=1e-5)
+    _close(_logits_jpeft(params, res.adapter, ids, mask), tiny.peft_logits(back, ids, mask), mask, atol=1e-5)
 
 
 
@@ -597,7 +591,7 @@ def test_export_between_two_allocations_keeps_the_triplets_the_optimizer_moved_a
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model(FAMILY)[0]), str(tmp_path)).eval()
-    _close(_logits_jpeft(params, a, ids, mask), _logits_torch(pm, ids, mask), mask, atol=1e-5)
+    _close(_logits_jpeft(params, a, ids, mask), tiny.peft_logits(pm, ids, mask), mask, atol=1e-5)
 
 
 _MESH_WORKER = r"""

@@ -33,14 +33,6 @@ def _jpeft_base(family):
     return jpeft.models.from_pretrained(folder)
 
 
-def _torch_logits(pm, ids, mask, with_positions=True):
-    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-    if with_positions:
-        kw["position_ids"] = torch.tensor(tiny.positions(mask))
-    with torch.no_grad():
-        return pm(**kw).logits.float().numpy()
-
-
 def _close(j, t, mask):
     m = np.asarray(mask).astype(bool)
     np.testing.assert_allclose(np.asarray(j)[m], t[m], rtol=1e-4, atol=1e-4)
@@ -88,7 +80,7 @@ def test_jpeft_to_peft(method, family, tmp_path):
     save_peft(str(tmp_path), jcfg(family), ad, base_model_name_or_path=tiny.hf_model(family)[1])
     hf, _ = tiny.hf_model(family)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
-    t = _torch_logits(pm, ids, mask, with_positions=method != "prompt")
+    t = tiny.peft_logits(pm, ids, mask, with_positions=method != "prompt")
     _close(j, _compare(method, j, t), mask)
     # and back into jpeft
     cfg2, ad2 = load_peft(str(tmp_path), params)
@@ -112,7 +104,7 @@ def test_peft_to_jpeft(method, family, tmp_path):
                     p.mul_(torch.linspace(0.5, 1.5, p.numel()))
     pm.save_pretrained(str(tmp_path))
     ids, mask = _batch(method, family)
-    t = _torch_logits(pm, ids, mask, with_positions=method != "prompt")
+    t = tiny.peft_logits(pm, ids, mask, with_positions=method != "prompt")
     model, params = _jpeft_base(family)
     cfg, ad = load_peft(str(tmp_path), params)
     assert cfg.peft_type == pcfg.peft_type.value if hasattr(pcfg.peft_type, "value") else pcfg.peft_type
@@ -151,7 +143,7 @@ def test_virtual_tokens_past_max_position_embeddings_on_a_rope_model_match_peft(
         pm = peft.get_peft_model(copy.deepcopy(hf), pcfg)
         tiny.perturb_trainable(pm, seed=2)
         pm.save_pretrained(str(tmp_path / "p"))
-        t = _torch_logits(pm, ids, mask, with_positions=False)[:, -n:]
+        t = tiny.peft_logits(pm, ids, mask, with_positions=False)[:, -n:]
     _, ad = load_peft(str(tmp_path / "p"), params)
     _close(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)), t, mask)
     # jpeft -> PEFT
@@ -161,7 +153,7 @@ def test_virtual_tokens_past_max_position_embeddings_on_a_rope_model_match_peft(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "j")).eval()
-        t2 = _torch_logits(back, ids, mask, with_positions=False)[:, -n:]
+        t2 = tiny.peft_logits(back, ids, mask, with_positions=False)[:, -n:]
     _close(jpeft.apply(model, params, mine, jnp.asarray(ids), jnp.asarray(mask)), t2, mask)
 
 
@@ -183,8 +175,8 @@ def test_prefix_on_left_padded_rows_without_position_ids_differs_from_peft_as_do
     _, ad = load_peft(str(tmp_path), params)
     ids, mask = tiny.batch(family, seed=3)  # rows of 8, 6 and 3 real tokens, left-padded
     j = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
-    _close(j, _torch_logits(pm, ids, mask), mask)
-    t = _torch_logits(pm, ids, mask, with_positions=False)
+    _close(j, tiny.peft_logits(pm, ids, mask), mask)
+    t = tiny.peft_logits(pm, ids, mask, with_positions=False)
     real = mask.astype(bool)
     np.testing.assert_allclose(j[0], t[0], rtol=1e-4, atol=1e-4)
     assert all(np.abs(j[r][real[r]] - t[r][real[r]]).max() > 0.1 for r in (1, 2))  # the documented difference
@@ -219,7 +211,7 @@ def test_prefix_records_kv_heads_for_peft(tmp_path):
     ids = ids[:, :2].copy()
     mask = np.ones_like(ids)
     j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
-    _close(j, _torch_logits(pm, ids, mask), mask)
+    _close(j, tiny.peft_logits(pm, ids, mask), mask)
 
 
 def test_prefix_export_reads_kv_heads_as_transformers(tmp_path):
@@ -264,7 +256,7 @@ def test_prefix_file_heads_and_width_come_from_a_gqa_model_as_in_peft(recorded, 
     model, params = _jpeft_base("llama3")
     cfg, ad = load_peft(str(tmp_path), params)
     assert cfg.token_dim == 16
-    _close(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)), _torch_logits(ref, ids, mask), mask)
+    _close(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)), tiny.peft_logits(ref, ids, mask), mask)
 
 
 @pytest.mark.parametrize("task", ["FEATURE_EXTRACTION", "SEQ_CLS"])
@@ -318,7 +310,7 @@ def test_bert_task_types_load_in_peft(method, task, written, tmp_path):
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model("bert")[0]), str(tmp_path)).eval()
     ids, mask = tiny.batch("bert")
     j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
-    t = _torch_logits(pm, ids, mask, with_positions=False)
+    t = tiny.peft_logits(pm, ids, mask, with_positions=False)
     np.testing.assert_allclose(np.asarray(j), t, rtol=1e-4, atol=1e-4)
     _, ad2 = load_peft(str(tmp_path), params)
     # SEQ_CLS: PEFT trains the classifier copy it names, so jpeft loads it as the adapter's copy, for every method
@@ -363,7 +355,8 @@ def test_seq_cls_with_a_classifier_site_is_refused_not_dropped_by_peft(targets, 
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "b")).eval()
     ids, mask = tiny.batch("bert")
     j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
-    np.testing.assert_allclose(np.asarray(j), _torch_logits(pm, ids, mask, with_positions=False), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(j), tiny.peft_logits(pm, ids, mask, with_positions=False),
+                               rtol=1e-4, atol=1e-4)
     # the file an earlier save_peft wrote: PEFT ignores the classifier LoRA, so jpeft refuses it
     c = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
     (tmp_path / "b" / "adapter_config.json").write_text(json.dumps(dict(c, task_type="SEQ_CLS", modules_to_save=["classifier", "score"])))
@@ -390,7 +383,7 @@ def test_module_both_targeted_and_saved_in_a_peft_file_loads_as_peft_runs_it(tmp
     ids, mask = tiny.batch("mistral")
     sel = mask.astype(bool)
     out = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
-    np.testing.assert_allclose(out[sel], _torch_logits(pm, ids, mask)[sel], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out[sel], tiny.peft_logits(pm, ids, mask)[sel], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["ia3", "lokr", "oft"])
@@ -417,7 +410,7 @@ def test_non_lora_adapter_on_lm_head_loads_with_peft_base_weight_copy(method, tm
     model, params = _jpeft_base("mistral")
     _, ad = load_peft(str(tmp_path), params)
     ids, mask = tiny.batch("mistral")
-    _close(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)), _torch_logits(pm, ids, mask), mask)
+    _close(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)), tiny.peft_logits(pm, ids, mask), mask)
     t = stn.load_file(f)
     t["base_model.model.lm_head.base_layer.weight"][3] += 1.0  # a resized / re-initialised head PEFT would load
     stn.save_file(t, f, metadata={"format": "pt"})
@@ -441,13 +434,13 @@ def test_trained_classifier_copy_loads_as_module_to_save(tmp_path):
     cfg, ad = load_peft(str(tmp_path / "a"), params)
     assert isinstance(ad["classifier"], jpeft.SavedModule) and cfg.modules_to_save == ("classifier", "score")
     ids, mask = tiny.batch("bert")
-    t = _torch_logits(pm, ids, mask, with_positions=False)
+    t = tiny.peft_logits(pm, ids, mask, with_positions=False)
     j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(j), t, rtol=1e-4, atol=1e-4)
     assert np.abs(np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask))) - t).max() > 1e-3
     save_peft(str(tmp_path / "b"), cfg, ad, task_type="SEQ_CLS", params=params)
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "b")).eval()
-    np.testing.assert_allclose(_torch_logits(pm2, ids, mask, with_positions=False), t, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(tiny.peft_logits(pm2, ids, mask, with_positions=False), t, rtol=1e-4, atol=1e-4)
 
 
 SEQ_CLS_METHODS = {
@@ -481,8 +474,8 @@ def test_seq_cls_classifier_copy_of_every_method_round_trips_with_peft(method, t
     model, params = _jpeft_base("bert")
     cfg, ad = load_peft(str(tmp_path / "a"), params)
     assert isinstance(ad["classifier"], jpeft.SavedModule)
-    t = _torch_logits(pm, ids, mask, with_positions=False)
-    assert np.abs(t - _torch_logits(hf, ids, mask, with_positions=False)).max() > 1e-2
+    t = tiny.peft_logits(pm, ids, mask, with_positions=False)
+    assert np.abs(t - tiny.peft_logits(hf, ids, mask, with_positions=False)).max() > 1e-2
     j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(j), t, rtol=1e-4, atol=1e-4)
     # as after more training in jpeft: every array moves, the classifier copy too (VeRA's shared projections
@@ -494,7 +487,8 @@ def test_seq_cls_classifier_copy_of_every_method_round_trips_with_peft(method, t
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "b")).eval()
     j2 = jpeft.apply(model, params, ad2, jnp.asarray(ids), jnp.asarray(mask))
     assert np.abs(np.asarray(j2) - np.asarray(j)).max() > 1e-2
-    np.testing.assert_allclose(_torch_logits(pm2, ids, mask, with_positions=False), np.asarray(j2), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(tiny.peft_logits(pm2, ids, mask, with_positions=False), np.asarray(j2),
+                               rtol=1e-4, atol=1e-4)
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="task_type 'SEQ_CLS' only; found task_type='FEATURE_EXTRACTION'"):
         save_peft(str(tmp_path / "c"), cfg, ad2, params=params, task_type="FEATURE_EXTRACTION")
     assert not (tmp_path / "c").exists()
@@ -855,7 +849,7 @@ def test_bert_prefix_exports_to_peft_as_feature_extraction(tmp_path):
     types = jnp.asarray(jax.random.randint(jax.random.key(2), ids.shape, 0, 2))
     j = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask)))
     assert np.abs(j - tiny.torch_logits("bert", ids, mask)).max() > 1e-2  # the prefix matters
-    t = _torch_logits(pm, ids, mask, with_positions=False)
+    t = tiny.peft_logits(pm, ids, mask, with_positions=False)
     np.testing.assert_allclose(j, t, rtol=1e-4, atol=1e-4)
     _, ad2 = load_peft(str(tmp_path / "a"), params)
     np.testing.assert_allclose(np.asarray(jpeft.apply(model, params, ad2, jnp.asarray(ids), jnp.asarray(mask))), j,
@@ -913,7 +907,7 @@ def test_dora_with_trained_base_biases_matches_peft(family, bias, tmp_path):
         return np.asarray(jpeft.apply(model, p, a, jnp.asarray(ids), jnp.asarray(mask)))
 
     def torch_out(m):
-        return _torch_logits(m, ids, mask, with_positions=family != "bert")
+        return tiny.peft_logits(m, ids, mask, with_positions=family != "bert")
 
     def close(j, t):  # BERT: one row of logits per sequence; GPT-2: the real tokens'
         if family == "bert":

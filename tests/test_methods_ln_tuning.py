@@ -32,17 +32,6 @@ def _logits(model, params, adapter, ids, mask):
     return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
 
 
-def _torch_logits(pm, ids, mask):
-    with torch.no_grad():
-        return pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                  position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
-
-
-def _close(a, b, mask):
-    sel = np.asarray(mask).astype(bool)
-    np.testing.assert_allclose(a[sel], b[sel], atol=1e-4, rtol=0)
-
-
 @pytest.mark.parametrize("family", ["mistral", "gpt2"])
 def test_jpeft_to_peft(family, tmp_path):
     hf_model, folder = tiny.hf_model(family)
@@ -51,8 +40,8 @@ def test_jpeft_to_peft(family, tmp_path):
     ad = jpeft.init(cfg, params, jax.random.key(0))
     assert len(ad) == 5 and all(isinstance(n, LNTuningWeights) for n in ad.values())
     ids, mask = tiny.batch(family, seed=3)
-    base = _torch_logits(hf_model, ids, mask)
-    _close(_logits(model, params, ad, ids, mask), base, mask)  # the copy starts equal to the base
+    base = tiny.peft_logits(hf_model, ids, mask)
+    tiny.assert_close_at_tokens(_logits(model, params, ad, ids, mask), base, mask)  # the copy starts equal to the base
     leaves, tdef = jax.tree.flatten(ad)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     ad = jax.tree.unflatten(tdef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
@@ -61,10 +50,10 @@ def test_jpeft_to_peft(family, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path)).eval()
-    ref = _torch_logits(pm, ids, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
     assert np.abs(ref - base).max() > 1e-3
-    _close(_logits(model, params, ad, ids, mask), ref, mask)
-    _close(_logits(model, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits(model, params, ad, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits(model, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
 
 
 @pytest.mark.parametrize("family", ["mistral", "gpt2"])
@@ -83,11 +72,11 @@ def test_peft_to_jpeft(family, tmp_path):
         pm.save_pretrained(str(tmp_path))
         s = pm.get_nb_trainable_parameters()
     ids, mask = tiny.batch(family, seed=3)
-    ref = _torch_logits(pm, ids, mask)
-    assert np.abs(ref - _torch_logits(hf_model, ids, mask)).max() > 1e-3
+    ref = tiny.peft_logits(pm, ids, mask)
+    assert np.abs(ref - tiny.peft_logits(hf_model, ids, mask)).max() > 1e-3
     cfg, ad = H.load_peft(str(tmp_path), params)
     assert sorted(cfg.target_modules) == sorted(TARGETS[family])
-    _close(_logits(model, params, ad, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits(model, params, ad, ids, mask), ref, mask)
     # PEFT's counts: its total holds the norms and their copies (jpeft's was the base alone, 160 fewer on mistral)
     got = jpeft.summary(params, ad, print_fn=None)
     assert (got["trainable"], got["total"]) == s and got["base"] == s[1] - s[0]
@@ -96,8 +85,8 @@ def test_peft_to_jpeft(family, tmp_path):
         _, sad = H.load_peft(str(tmp_path), sparams)
         assert sorted(sad) == ["model/layers/input_layernorm", "model/layers/post_attention_layernorm", "model/norm"]
         assert isinstance(sad["model/layers/input_layernorm"], scan.Stacked)
-        _close(_logits(smodel, sparams, sad, ids, mask), ref, mask)
-        _close(_logits(smodel, jpeft.merge(sparams, sad), {}, ids, mask), ref, mask)
+        tiny.assert_close_at_tokens(_logits(smodel, sparams, sad, ids, mask), ref, mask)
+        tiny.assert_close_at_tokens(_logits(smodel, jpeft.merge(sparams, sad), {}, ids, mask), ref, mask)
         init_sc = jpeft.init(cfg, sparams, jax.random.key(0), smodel, jnp.asarray(ids))
         assert jax.tree.structure(init_sc) == jax.tree.structure(sad)
 

@@ -196,17 +196,6 @@ def _logits(model, params, adapter, ids, mask):
     return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
 
 
-def _torch_logits(pm, ids, mask):
-    with torch.no_grad():
-        return pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                  position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
-
-
-def _close(a, b, mask):
-    sel = np.asarray(mask).astype(bool)
-    np.testing.assert_allclose(a[sel], b[sel], atol=1e-4, rtol=0)
-
-
 def _randomize(adapter, seed):
     leaves, tdef = jax.tree.flatten(adapter)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -224,9 +213,9 @@ def test_jpeft_to_peft(tmp_path):
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path)).eval()
     assert not [w for w in caught if "cayley" in str(w.message).lower()]  # the file says which series it uses
     ids, mask = tiny.batch(FAMILY, seed=3)
-    ref = _torch_logits(pm, ids, mask)
-    assert np.abs(ref - _torch_logits(hf_model, ids, mask)).max() > 1e-3
-    _close(_logits(model, params, ad, ids, mask), ref, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
+    assert np.abs(ref - tiny.peft_logits(hf_model, ids, mask)).max() > 1e-3
+    tiny.assert_close_at_tokens(_logits(model, params, ad, ids, mask), ref, mask)
 
 
 def test_peft_to_jpeft_and_scanned(tmp_path):
@@ -240,22 +229,22 @@ def test_peft_to_jpeft_and_scanned(tmp_path):
             num_cayley_neumann_terms=4, init_weights=False)).eval()
         pm.save_pretrained(str(tmp_path))
     ids, mask = tiny.batch(FAMILY, seed=3)
-    ref = _torch_logits(pm, ids, mask)
-    assert np.abs(ref - _torch_logits(hf_model, ids, mask)).max() > 1e-3
+    ref = tiny.peft_logits(pm, ids, mask)
+    assert np.abs(ref - tiny.peft_logits(hf_model, ids, mask)).max() > 1e-3
     cfg, ad = H.load_peft(str(tmp_path), params)
     assert sorted(cfg.target_modules) == ["o_proj", "q_proj", "v_proj"]  # PEFT writes a set: any order
     assert cfg.replace(target_modules=("o_proj",)) == OFTConfig(target_modules=["o_proj"], oft_block_size=4, coft=True, eps=0.3,
                             num_cayley_neumann_terms=4, init_weights=False)
     assert len(ad) == 6 and all(n.oft_R.shape == (8, 6) for n in ad.values())
-    _close(_logits(model, params, ad, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits(model, params, ad, ids, mask), ref, mask)
     # merged weights serve the same logits
-    _close(_logits(model, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits(model, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
     # the same file on the layer-scanned model: stacked sites, same logits, merge per layer
     smodel, sparams = jpeft.models.from_pretrained(folder, scan_layers=True)
     _, sad = H.load_peft(str(tmp_path), sparams)
     assert all(isinstance(n, scan.Stacked) and n.length == 2 for n in sad.values())
-    _close(_logits(smodel, sparams, sad, ids, mask), ref, mask)
-    _close(_logits(smodel, jpeft.merge(sparams, sad), {}, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits(smodel, sparams, sad, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits(smodel, jpeft.merge(sparams, sad), {}, ids, mask), ref, mask)
     # and init on the scanned model (traced) makes the same structure as the loaded adapter
     init_sc = jpeft.init(cfg, sparams, jax.random.key(0), smodel, jnp.asarray(ids))
     assert jax.tree.structure(init_sc) == jax.tree.structure(sad)
@@ -278,7 +267,7 @@ def test_trained_base_biases_match_peft_both_ways(bias, tmp_path):
         tiny.perturb_trainable(pm, seed=3)
         pm.save_pretrained(str(tmp_path / "p"))
     ids, mask = tiny.batch("llama2", seed=3)
-    ref = _torch_logits(pm, ids, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
     cfg, ad = H.load_peft(str(tmp_path / "p"), params)
     assert cfg.bias == bias
     sites = {p: n for p, n in ad.items() if isinstance(n, oft.OFTWeights)}
@@ -287,8 +276,8 @@ def test_trained_base_biases_match_peft_both_ways(bias, tmp_path):
     assert (copies == []) if bias == "oft_only" else ("model/layers_1/self_attn/k_proj" in copies)
     own = params["params"]["model"]["layers_0"]["self_attn"]["q_proj"]["bias"]
     assert float(jnp.abs(sites["model/layers_0/self_attn/q_proj"].base_bias - own).max()) > 0.1  # trained
-    _close(_logits(model, params, ad, ids, mask), ref, mask)
-    _close(_logits(model, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits(model, params, ad, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits(model, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
     with pytest.raises(jpeft.errors.NotInvertibleError, match="OFTConfig.bias"):
         jpeft.unmerge(jpeft.merge(params, ad), ad)
     # jpeft -> PEFT: an adapter of jpeft.init with every tensor random
@@ -298,9 +287,9 @@ def test_trained_base_biases_match_peft_both_ways(bias, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         back = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "j")).eval()
-    ref2 = _torch_logits(back, ids, mask)
-    assert np.abs(ref2 - _torch_logits(hf_model, ids, mask)).max() > 1e-2
-    _close(_logits(model, params, mine, ids, mask), ref2, mask)
+    ref2 = tiny.peft_logits(back, ids, mask)
+    assert np.abs(ref2 - tiny.peft_logits(hf_model, ids, mask)).max() > 1e-2
+    tiny.assert_close_at_tokens(_logits(model, params, mine, ids, mask), ref2, mask)
     if bias == "all":  # BERT's classifier bias would read as PEFT's SEQ_CLS head copy: refused by name
         _, bparams = jpeft.models.from_pretrained(tiny.hf_model("bert")[1])
         with pytest.raises(jpeft.ConfigError, match="task head"):
@@ -332,7 +321,7 @@ def test_save_adapter_refuses_a_config_the_sites_were_not_made_with(tmp_path):
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), str(tmp_path / "peft")).eval()
     ids, mask = tiny.batch(FAMILY, seed=3)
-    _close(_logits(model, params, loaded, ids, mask), _torch_logits(pm, ids, mask), mask)
+    tiny.assert_close_at_tokens(_logits(model, params, loaded, ids, mask), tiny.peft_logits(pm, ids, mask), mask)
     # a layer-scanned adapter is checked layer by layer (its stacked node's per-layer settings)
     smodel, sparams = jpeft.models.from_pretrained(folder, scan_layers=True)
     sad = jpeft.init(cfg, sparams, jax.random.key(0), smodel, jnp.asarray(ids))

@@ -43,17 +43,6 @@ def _logits_jpeft(family, params, adapter, ids, mask):
     return np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
 
 
-def _logits_torch(m, ids, mask):
-    with torch.no_grad():
-        return m(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(tiny.positions(mask))).logits.float().numpy()
-
-
-def _close(a, b, mask):
-    sel = np.asarray(mask).astype(bool)
-    np.testing.assert_allclose(a[sel], b[sel], atol=1e-4, rtol=0)
-
-
 def _randomize(adapter, seed):
     """Every trainable vector random and away from its start (lambda_b is zero at init)."""
     keys = iter(jax.random.split(jax.random.key(seed), 2 * len(adapter)))
@@ -83,11 +72,11 @@ def test_peft_to_jpeft_logits_merge_and_projections(family, tmp_path):
     pm.save_pretrained(str(tmp_path))
     _, params = _base(family)
     ids, mask = tiny.batch(family, seed=3)
-    ref = _logits_torch(pm, ids, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
     assert np.abs(ref - tiny.torch_logits(family, ids, mask)).max() > 1e-2  # the adapter changes the output
     config, ad = H.load_peft(str(tmp_path), params)
     assert isinstance(config, VeraConfig) and config.r == R
-    _close(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
     # each site holds its slices of PEFT's own shared pair (not regenerated)
     full_a, full_b = pm.base_model.vera_A["default"].numpy().T, pm.base_model.vera_B["default"].numpy().T
     for n in ad.values():
@@ -101,7 +90,7 @@ def test_peft_to_jpeft_logits_merge_and_projections(family, tmp_path):
         np.testing.assert_allclose(got, ref_delta if family == "gpt2" else ref_delta.T, atol=1e-6, rtol=1e-5)
     # merged params give the adapter's logits, and unmerge gives the base back
     merged = jpeft.merge(params, ad)
-    _close(_logits_jpeft(family, merged, {}, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits_jpeft(family, merged, {}, ids, mask), ref, mask)
     for a, b in zip(jax.tree.leaves(jpeft.unmerge(merged, ad)), jax.tree.leaves(params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -124,9 +113,9 @@ def test_jpeft_to_peft_logits(family, tmp_path):
     widest = max(ad.values(), key=lambda n: n.layout.in_features)
     np.testing.assert_array_equal(a, np.asarray(widest.vera_A).T)
     ids, mask = tiny.batch(family, seed=3)
-    ref = _logits_torch(pm, ids, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
     assert np.abs(ref - tiny.torch_logits(family, ids, mask)).max() > 1e-2
-    _close(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
 
 
 def test_init_is_identity_and_projections_are_shared_and_deterministic():
@@ -173,14 +162,14 @@ def test_peft_adapter_without_projections_is_regenerated_with_torch(family, tmp_
         np.testing.assert_array_equal(n.vera_A, full_a[:n.layout.in_features])
         np.testing.assert_array_equal(n.vera_B, full_b[:, :n.layout.out_features])
     ids, mask = tiny.batch(family, seed=5)
-    ref = _logits_torch(pm, ids, mask)
-    _close(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
+    tiny.assert_close_at_tokens(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
     assert config.save_projection is True and config.projection_prng_key == 2 ** 40 + 5
     H.save_peft(str(tmp_path / "j"), config, ad)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         back = peft.PeftModel.from_pretrained(copy.deepcopy(tiny.hf_model(family)[0]), str(tmp_path / "j")).eval()
-    _close(_logits_torch(back, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(tiny.peft_logits(back, ids, mask), ref, mask)
     monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
     with pytest.raises(UnsupportedAdapterError, match="Install torch.*save_projection=True"):
         H.load_peft(str(tmp_path / "p"), params)
@@ -393,7 +382,7 @@ def test_trained_base_biases_match_peft_both_ways(family, bias, save_projection,
         tiny.perturb_trainable(pm, seed=3)
         pm.save_pretrained(str(tmp_path / "p"))
     ids, mask = tiny.batch(family, seed=3)
-    ref = _logits_torch(pm, ids, mask)
+    ref = tiny.peft_logits(pm, ids, mask)
     cfg, ad = H.load_peft(str(tmp_path / "p"), params)
     assert cfg.bias == bias and cfg.save_projection is True
     sites = {p: n for p, n in ad.items() if isinstance(n, VM.VeraWeights)}
@@ -406,8 +395,8 @@ def test_trained_base_biases_match_peft_both_ways(family, bias, save_projection,
     site = sites[key.replace(".", "/").replace("layers/", "layers_").replace("h/", "h_")]
     np.testing.assert_allclose(site.base_bias, hf_sd[f"base_model.model.{key}.base_layer.bias"].detach().numpy(),
                                atol=1e-7)
-    _close(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
-    _close(_logits_jpeft(family, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits_jpeft(family, params, ad, ids, mask), ref, mask)
+    tiny.assert_close_at_tokens(_logits_jpeft(family, jpeft.merge(params, ad), {}, ids, mask), ref, mask)
     with pytest.raises(jpeft.errors.NotInvertibleError, match="base bias"):
         jpeft.unmerge(jpeft.merge(params, ad), ad)
     s = jpeft.summary(params, ad, print_fn=None)
@@ -423,9 +412,9 @@ def test_trained_base_biases_match_peft_both_ways(family, bias, save_projection,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "j")).eval()
-    ref2 = _logits_torch(back, ids, mask)
+    ref2 = tiny.peft_logits(back, ids, mask)
     assert np.abs(ref2 - tiny.torch_logits(family, ids, mask)).max() > 1e-2
-    _close(_logits_jpeft(family, params, mine, ids, mask), ref2, mask)
+    tiny.assert_close_at_tokens(_logits_jpeft(family, params, mine, ids, mask), ref2, mask)
     # and the PEFT file back into jpeft, and jpeft's own format, give the same arrays
     for loaded in (H.load_peft(str(tmp_path / "j"), params)[1],
                    (jpeft.save_adapter(str(tmp_path / "own"), cfg, mine), jpeft.load_adapter(str(tmp_path / "own"), params)[1])[1]):

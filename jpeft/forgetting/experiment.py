@@ -39,6 +39,7 @@ data; :mod:`jpeft.forgetting.language`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -410,12 +411,8 @@ def run(
       OverwriteError: ``out_dir`` holds an earlier run's results and ``overwrite`` is false.
     """
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
-    methods = list(methods) if methods is not None else bench.default_methods()
-    if not methods:
-        raise ConfigError("run() needs at least one method.")
-    names = [m.name for m in methods]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"method names must be unique, found {names}.")
+    methods = check_names(methods if methods is not None else bench.default_methods(),
+                          "run() needs at least one method.", "method")
     seeds = check_seeds(seeds, "run()")
     check_replay(bench, methods)
     check_out_dir(out_dir, _ARTIFACTS, overwrite)
@@ -423,11 +420,6 @@ def run(
     T = len(bench.task_names)
     trained = T - bench.pretrained_tasks
     total = len(seeds) * len(methods) * trained * bench.steps_per_task
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=f"forgetting:{bench.name}", unit="step", dynamic_ncols=True)
     results = {
         "benchmark": bench.name,
         "tasks": list(bench.task_names),
@@ -441,28 +433,55 @@ def run(
     }
     for spec in methods:
         results["methods"][spec.name] = {"description": spec.describe(), "seeds": {}}
-    try:
+    with progress_bar(progress, total, f"forgetting:{bench.name}") as bar:
         for seed in seeds:
             for spec in methods:
                 r = run_one(bench, spec, seed, progress=bar, log=log)
                 results["methods"][spec.name]["seeds"][str(seed)] = r
-                msg = (f"[{bench.name}] {spec.name:>18s} seed {seed}: "
-                       + " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
-                       + f" ({r['seconds']:.1f}s)")
-                if bar is not None:
-                    bar.write(msg)
-                elif log is not None:
-                    log(msg)
+                say(bar, log, f"[{bench.name}] {spec.name:>18s} seed {seed}: "
+                    + " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items()) + f" ({r['seconds']:.1f}s)")
                 _write(results, out_dir, bench, plots=False)  # partial results survive an interrupt
-    finally:
-        if bar is not None:
-            bar.close()
     _write(results, out_dir, bench, plots=plots)
     return results
 
 
 _COLS = ("acc", "bwt", "forgetting", "retention", "fwt", "learning")
 _ARTIFACTS = ("scores.json", "metrics.csv", "results.md")
+
+
+def check_names(items, empty: str, kind: str) -> list:
+    """``items`` (each with a ``name``) as a list; refused when empty (``empty`` is the message)
+    or when a name repeats (``kind`` says whose names)."""
+    items = list(items)
+    if not items:
+        raise ConfigError(empty)
+    names = [x.name for x in items]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{kind} names must be unique, found {names}.")
+    return items
+
+
+@contextlib.contextmanager
+def progress_bar(on: bool, total: int, desc: str):
+    """A tqdm bar over ``total`` training steps (``None`` when ``on`` is false), closed on exit."""
+    bar = None
+    if on:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def say(bar, log: Optional[Callable], msg: str) -> None:
+    """``msg`` above the progress bar ``bar``, else through ``log`` (nowhere when it is ``None``)."""
+    if bar is not None:
+        bar.write(msg)
+    elif log is not None:
+        log(msg)
 
 
 def check_seeds(seeds, what: str) -> list:

@@ -45,8 +45,8 @@ from jpeft import spectral
 from jpeft.config import strict_json
 from jpeft.errors import ConfigError, NotMergeableError
 from jpeft.forgetting import stats as S
-from jpeft.forgetting.experiment import (Benchmark, MethodSpec, check_out_dir, check_replay, check_seeds,
-                                         forgetting_unit, get_benchmark, run_one, save_png)
+from jpeft.forgetting.experiment import (Benchmark, MethodSpec, check_names, check_out_dir, check_replay, check_seeds,
+                                         forgetting_unit, get_benchmark, progress_bar, run_one, save_png, say)
 from jpeft.forgetting.replay import replay_rows
 from jpeft._files import atomic_write
 
@@ -271,12 +271,7 @@ def sweep(
       OverwriteError: ``out_dir`` holds an earlier sweep's results and ``overwrite`` is false.
     """
     bench = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
-    families = list(families)
-    if not families:
-        raise ConfigError("sweep() needs at least one SweepSpec.")
-    names = [f.name for f in families]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"family names must be unique, found {names}.")
+    families = check_names(families, "sweep() needs at least one SweepSpec.", "family")
     seeds = check_seeds(seeds, "sweep()")
     steps = sorted({int(c) for c in checkpoints} | {bench.steps_per_task})
     grids = {f.name: f.grid() for f in families}
@@ -284,12 +279,7 @@ def sweep(
     check_out_dir(out_dir, _ARTIFACTS, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     trained = len(bench.task_names) - bench.pretrained_tasks
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = len(seeds) * sum(len(g) for g in grids.values()) * trained * bench.steps_per_task
-        bar = tqdm(total=total, desc=f"sweep:{bench.name}", unit="step", dynamic_ncols=True)
+    total = len(seeds) * sum(len(g) for g in grids.values()) * trained * bench.steps_per_task
     results = {
         "benchmark": bench.name, "tasks": list(bench.task_names), "score": bench.score_name,
         "higher_is_better": bench.higher_is_better, "learning_name": bench.learning_name,
@@ -299,7 +289,7 @@ def sweep(
                               "strengths": list(f.strengths), "budget": budget(bench, f)} for f in families},
         "points": [], "runs": [],
     }
-    try:
+    with progress_bar(progress, total, f"sweep:{bench.name}") as bar:
         for seed in seeds:
             for f in families:
                 for spec in grids[f.name]:
@@ -312,17 +302,10 @@ def sweep(
                     for c in r["curve"]:
                         results["points"].append({"family": f.name, "lr": spec.lr, "strength": strength,
                                                   "step": c["step"], "seed": seed, **c["metrics"]})
-                    msg = (f"[sweep {bench.name}] {spec.name} seed {seed}: " + ", ".join(
+                    say(bar, log, f"[sweep {bench.name}] {spec.name} seed {seed}: " + ", ".join(
                         f"step {c['step']} learn {c['metrics']['learning']:.4f} forget {c['metrics']['forgetting']:.4f}"
                         for c in r["curve"]) + f" ({r['seconds']:.1f}s)")
-                    if bar is not None:
-                        bar.write(msg)
-                    elif log is not None:
-                        log(msg)
                 _write_points(results, out_dir)  # partial results survive an interrupt
-    finally:
-        if bar is not None:
-            bar.close()
     results["analysis"] = analyse(results["points"], seeds, levels=levels, n_resamples=n_resamples)
     write(results, out_dir, plots=plots)
     return results

@@ -25,7 +25,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotIn
                           ShapeMismatchError, ShardingError, UnsupportedAdapterError, UnsupportedModuleError)
 from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, static_field
 from jpeft.peft_format import CONV1D, peft_key, split_peft_key, to_np
-from jpeft.tree import hf_name, module_leaves
+from jpeft.tree import hf_name, linear_only, module_leaves, select
 
 
 def master_copy(x):
@@ -124,19 +124,23 @@ def _spelled_out(sub: str, ndim: int) -> str:
     return sub.replace("...", "." * (ndim - (len(sub) - 3)))
 
 
+def _einsum_operand(v, sub: str, ndim: int, lay: Layout, axes):
+    """``v``, shaped as the kernel's dims ``axes`` in that order, with its axes in the order of
+    the einsum operand ``sub`` (of rank ``ndim``) and size 1 elsewhere, to broadcast against it."""
+    k_sub = _einsum_letters(lay)[1]
+    sub = _spelled_out(sub, ndim)
+    kept = [k_sub[i] for i in axes]
+    v = jnp.transpose(v, tuple(kept.index(c) for c in sub if c in kept))
+    return v.reshape(tuple(lay.kernel_shape[k_sub.index(c)] if c in kept else 1 for c in sub))
+
+
 def broadcast_out(vec, ndim: int, lay: Layout):
     """A flat ``[out_features]`` vector (kernel output-axis order) shaped to broadcast
     against a module output of rank ``ndim``."""
     out_dims = tuple(lay.out_dims)
     v = vec.reshape(out_dims)
     if lay.kind == Kind.EINSUM:
-        _, k_sub, out = _einsum_letters(lay)
-        out = _spelled_out(out, ndim)
-        ko = [k_sub[i] for i in lay.out_axes]
-        ro = [c for c in out if c in ko]
-        v = jnp.transpose(v, tuple(ko.index(c) for c in ro))
-        shape = tuple(lay.kernel_shape[k_sub.index(c)] if c in ko else 1 for c in out)
-        return v.reshape(shape)
+        return _einsum_operand(v, _einsum_letters(lay)[2], ndim, lay, lay.out_axes)
     return v.reshape((1,) * (ndim - len(out_dims)) + out_dims)
 
 
@@ -169,12 +173,7 @@ def broadcast_in(vec, x_ndim: int, lay: Layout, module=None):
             shape[a] = in_dims[i]
         return v.reshape(shape)
     if lay.kind == Kind.EINSUM:
-        x_sub, k_sub, _ = _einsum_letters(lay)
-        x_sub = _spelled_out(x_sub, x_ndim)
-        ki = [k_sub[i] for i in lay.in_axes]
-        xo = [c for c in x_sub if c in ki]
-        v = jnp.transpose(v, tuple(ki.index(c) for c in xo))
-        return v.reshape(tuple(lay.kernel_shape[k_sub.index(c)] if c in ki else 1 for c in x_sub))
+        return _einsum_operand(v, _einsum_letters(lay)[0], x_ndim, lay, lay.in_axes)
     raise ValueError(f"no input-side broadcast for a {lay.kind} layout")
 
 
@@ -197,6 +196,45 @@ def linear_candidates(params):
     """``(module_leaves, paths of modules holding a kernel or an embedding)``."""
     leaves = module_leaves(params)
     return leaves, [p for p, own in leaves.items() if ("kernel" in own or "embedding" in own)]
+
+
+LINEAR_MODULES = "linear module (Dense, DenseGeneral, Conv, Einsum)"
+
+
+def linear_targets(target_modules, params, what: str = LINEAR_MODULES) -> tuple[dict, list]:
+    """``(module_leaves, sorted paths)`` of the modules ``target_modules`` selects among those of
+    :func:`linear_candidates` (no embeddings for ``"all-linear"``, as in PEFT); ``what`` names
+    them in :func:`jpeft.tree.select`'s error when nothing matches."""
+    leaves, cands = linear_candidates(params)
+    return leaves, sorted(select(target_modules, linear_only(target_modules, leaves, cands), what=what))
+
+
+def linear_layouts(target_modules, params, infos, refusal: str) -> tuple[dict, dict]:
+    """``(module_leaves, {path: layout})`` of :func:`linear_targets` for a method that adapts
+    linear modules only: a selected embedding is refused with ``UnsupportedModuleError`` saying
+    ``"module <path> is an embedding; <refusal>. Remove it from target_modules."``."""
+    leaves, paths = linear_targets(target_modules, params)
+    out = {}
+    for path in paths:
+        lay = linear_layout(path, leaves[path], infos)
+        if lay.kind == Kind.EMBED:
+            raise UnsupportedModuleError(f"module {path!r} is an embedding; {refusal}. Remove it from target_modules.")
+        out[path] = lay
+    return leaves, out
+
+
+def check_dense_for_peft(path: str, layout: Layout, what: str) -> None:
+    """Refuses to write a ``what`` site (``"VeRA"``) in the Hugging Face PEFT format unless it adapts
+    a dense kernel (``nn.Dense``: the layers of jpeft.models, which PEFT builds as ``nn.Linear``).
+
+    Raises:
+      UnsupportedAdapterError: the site adapts a kernel of another kind (convolution, einsum, ...)."""
+    if layout.kind != Kind.DENSE:
+        raise UnsupportedAdapterError(
+            f"{what} site {path!r} adapts a {layout.kind} kernel; jpeft writes the Hugging Face PEFT format for dense "
+            "(nn.Dense) sites only, the layers of jpeft.models that PEFT builds as nn.Linear. Keep this adapter in "
+            "jpeft's own format (jpeft.save_adapter)."
+        )
 
 
 def _free_letter(eq: str) -> str:

@@ -38,13 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject, scan
-from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_scalar
+from jpeft.config import AdapterConfig, is_positive_number, python_scalar
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
-from jpeft.methods._common import HEAD_MODULES, AdditiveMerge, branch_dtype, linear_candidates, linear_layout, to_matrix
+from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, branch_dtype, check_dense_for_peft, linear_layout,
+                                   linear_targets, to_matrix)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, static_field
 from jpeft.peft_format import add_site_pattern, config_from_peft, peft_key, site_tensors, warn_overlapping_patterns
-from jpeft.tree import compile_pattern, hf_name, linear_only, regex_fullmatch, select
+from jpeft.tree import compile_pattern, hf_name, regex_fullmatch
 
 
 # -- shapes and layouts -----------------------------------------------------------------------
@@ -150,10 +151,7 @@ class LycorisConfig(AdapterConfig):
 
     def __post_init__(self):
         name = type(self).__name__
-        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ConfigError(f"{name}.target_modules is empty; give a regex or a list of module names such as "
-                              "['q_proj', 'v_proj'].")
+        self._set_targets("give a regex or a list of module names such as ['q_proj', 'v_proj']")
         if not _positive_int(self.r):
             raise ConfigError(f"{name}.r must be a positive integer, found {self.r!r}. Typical values: 4 to 32.")
         if not is_positive_number(self.alpha):
@@ -330,9 +328,7 @@ def init_sites(config: LycorisConfig, params, key, infos, *, method: str,
     """``{path: node}`` for every module ``config.target_modules`` selects:
     ``make_node(config, layout, r, alpha, key)`` per site (stacked per layer for a scanned
     model), keys assigned in sorted path order."""
-    leaves, cands = linear_candidates(params)
-    cands = linear_only(config.target_modules, leaves, cands)
-    paths = sorted(select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)"))
+    leaves, paths = linear_targets(config.target_modules, params)
     out = {}
     for k, path in zip(jax.random.split(key, len(paths)), paths):
         lay = linear_layout(path, leaves[path], infos)
@@ -370,11 +366,7 @@ def to_hf(config: LycorisConfig, adapter, ctx, *, tensor_names: tuple,
     tensors, targets = {}, []
     for path in sorted(adapter):
         node = adapter[path]
-        if node.layout.kind != Kind.DENSE:
-            raise UnsupportedAdapterError(
-                f"{type(config).__name__} site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT "
-                "format is written for nn.Dense sites (the layers of jpeft.models, PEFT's Linear)."
-            )
+        check_dense_for_peft(path, node.layout, type(config).__name__)
         if ctx.fan_in_fan_out:
             raise UnsupportedAdapterError(
                 f"{type(config).__name__} site {path!r} is a GPT-2 Conv1D layer (fan_in_fan_out): Hugging Face PEFT's "

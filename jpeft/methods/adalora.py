@@ -42,23 +42,22 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject, scan
-from jpeft.config import AdapterConfig, _as_targets, renamed_option
+from jpeft.config import AdapterConfig, renamed_option
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
     InputValidationError,
     ShapeMismatchError,
-    ShardingError,
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, SavedModule, branch_dtype, down_project, from_matrix,
-                                   linear_candidates, linear_layout, up_project)
-from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
-                                spec_entries, static_field)
+from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, SavedModule, branch_dtype, check_dense_for_peft,
+                                   down_project, from_matrix, linear_layouts, up_project)
+from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry,
+                                kernel_spec_entries, register_method, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
-from jpeft.tree import hf_name, host_array, linear_only, select
+from jpeft.tree import hf_name, host_array
 
 _OFF = (None, {}, [], ())
 
@@ -133,9 +132,7 @@ class AdaLoraConfig(AdapterConfig):
     rank_pattern: Optional[Mapping[str, Any]] = None
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ConfigError("AdaLoraConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
+        self._set_targets("give a regex or names such as ['q_proj', 'v_proj']")
 
         def whole(name, lo):
             v = getattr(self, name)
@@ -289,29 +286,10 @@ class AdaLoraWeights(AdditiveMerge, Site):
         """``lora_A [in, r]`` takes the kernel's input-dimension entry, ``lora_B [r, out]`` its output
         entry (as LoRA's), ``lora_E`` is replicated."""
         lay = self.layout
-        if module_specs is None or lay.param_name not in module_specs:
-            raise ShardingError(f"an AdaLoRA site adapts a {lay.param_name!r} the params do not have at its path; was "
-                                "the adapter made for another model?")
         lead = self.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
-        entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
-        lead_e, kern_e = entries[:lead], entries[lead:]
+        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "an AdaLoRA site")
         return dataclasses.replace(self, lora_A=P(*lead_e, flat_spec_entry(kern_e, lay.in_axes), None),
                                    lora_E=P(*lead_e, None), lora_B=P(*lead_e, None, flat_spec_entry(kern_e, lay.out_axes)))
-
-
-def _layouts(config, params, infos):
-    leaves, cands = linear_candidates(params)
-    cands = linear_only(config.target_modules, leaves, cands)
-    out = {}
-    for path in sorted(select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)")):
-        lay = linear_layout(path, leaves[path], infos)
-        if lay.kind == Kind.EMBED:
-            raise UnsupportedModuleError(
-                f"module {path!r} is an embedding; jpeft's AdaLoRA adapts linear modules (Dense, DenseGeneral, Conv, "
-                "Einsum; PEFT's nn.Linear, Conv1D and Conv2d). Remove it from target_modules."
-            )
-        out[path] = lay
-    return leaves, out
 
 
 def init_site(config: AdaLoraConfig, layout: Layout, key) -> AdaLoraWeights:
@@ -330,7 +308,8 @@ def init_site(config: AdaLoraConfig, layout: Layout, key) -> AdaLoraWeights:
 
 def init(config: AdaLoraConfig, params, key, infos) -> dict:
     """Creates the SVD-form factors of every targeted linear module (rank ``init_r``)."""
-    leaves, layouts = _layouts(config, params, infos)
+    leaves, layouts = linear_layouts(config.target_modules, params, infos, "jpeft's AdaLoRA adapts linear modules "
+                                     "(Dense, DenseGeneral, Conv, Einsum; PEFT's nn.Linear, Conv1D and Conv2d)")
     out = {}
     for k, (path, lay) in zip(jax.random.split(key, len(layouts)), layouts.items()):
         out[path] = scan.make_site(lambda kk, own, lay=lay: init_site(config, lay, kk), path, lay, k, leaves[path])
@@ -711,11 +690,7 @@ def _to_hf(config: AdaLoraConfig, adapter, ctx):
     rp = config.rank_pattern or {}
     written = dict(rp)
     for path, node in sorted(_sites(adapter).items()):
-        if node.layout.kind != Kind.DENSE:
-            raise UnsupportedAdapterError(
-                f"AdaLoRA site {path!r} adapts a {node.layout.kind} kernel; jpeft writes PEFT's AdaLoRA for dense "
-                "(nn.Linear / Conv1D) modules only. Keep this adapter in jpeft's own format (jpeft.save_adapter)."
-            )
+        check_dense_for_peft(path, node.layout, "AdaLoRA")
         keep = np.asarray(rp.get(rank_key(path), (True,) * node.lora_E.shape[0]), bool)
         if keep.shape != node.lora_E.shape:
             raise UnsupportedAdapterError(

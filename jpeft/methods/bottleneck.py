@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jpeft._inject import scanned_refusal
 from jpeft._ops import ACTIVATIONS
-from jpeft.config import AdapterConfig, _as_targets
+from jpeft.config import AdapterConfig
 from jpeft.errors import BottleneckTargetError, ConfigError, NotMergeableError
 from jpeft.methods.base import Call, Method, Site, register_method, static_field
 from jpeft.tree import module_leaves, select
@@ -79,9 +79,7 @@ class BottleneckConfig(AdapterConfig):
     kind: str = "custom"
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ConfigError("BottleneckConfig.target_modules is empty; name the modules whose output gets an adapter, e.g. ['mlp/down_proj'].")
+        self._set_targets("name the modules whose output gets an adapter, e.g. ['mlp/down_proj']")
         rf = self.reduction_factor
         if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not rf >= 1:
             raise ConfigError(f"BottleneckConfig.reduction_factor must be a number >= 1, found {rf!r}. Typical values: 2 to 64.")
@@ -131,9 +129,6 @@ class BottleneckWeights(Site):
     @property
     def width(self) -> int:
         return int(self.down_kernel.shape[0])
-
-    def handles(self, method_name: str) -> bool:
-        return method_name == "__call__"
 
     def adapter_fn(self, y):
         """``scaling * up(act(down(y)))`` on the last axis of ``y``."""

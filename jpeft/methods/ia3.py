@@ -23,21 +23,21 @@ import numpy as np
 from jpeft import _inject, scan
 from jpeft.config import AdapterConfig, _as_targets, renamed_option
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotInvertibleError,
-                          UnsupportedAdapterError, UnsupportedModuleError)
+                          UnsupportedAdapterError)
 from jpeft.methods._common import (
     HEAD_MODULES,
     branch_dtype,
     broadcast_bias,
     broadcast_in,
     broadcast_out,
+    check_dense_for_peft,
     from_matrix,
-    linear_candidates,
-    linear_layout,
+    linear_layouts,
     to_matrix,
 )
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
-from jpeft.tree import hf_name, linear_only, matches, select
+from jpeft.tree import hf_name, matches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +71,8 @@ class IA3Config(AdapterConfig):
     init_ia3_weights = renamed_option("init_ia3_weights")
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        self._set_targets("give a regex or names such as ['k_proj', 'v_proj', 'down_proj']")
         object.__setattr__(self, "feedforward_modules", _as_targets(self.feedforward_modules, "feedforward_modules") or ())
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ConfigError("IA3Config.target_modules is empty; give a regex or names such as ['k_proj', 'v_proj', 'down_proj'].")
         if not isinstance(self.target_modules, str) and not isinstance(self.feedforward_modules, str):
             extra = [m for m in self.feedforward_modules if m not in self.target_modules]
             if extra:
@@ -207,20 +205,12 @@ def is_feedforward(feedforward_modules, path: str) -> bool:
 
 def init(config: IA3Config, params, key, infos) -> dict:
     """Creates the (IA)^3 vectors for every targeted linear module."""
-    leaves, cands = linear_candidates(params)
-    cands = linear_only(config.target_modules, leaves, cands)  # "all-linear": no embeddings, as in PEFT
-    paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)")
-    paths = sorted(paths)  # independent of the params dict's key order
-    keys = jax.random.split(key, len(paths))
+    leaves, layouts = linear_layouts(config.target_modules, params, infos,
+                                     "(IA)^3 rescales linear and convolution modules (as in Hugging Face PEFT)")
+    keys = jax.random.split(key, len(layouts))  # in sorted path order: independent of the params dict's key order
     out = {}
-    for k, path in zip(keys, paths):
-        lay = linear_layout(path, leaves[path], infos)
+    for k, (path, lay) in zip(keys, layouts.items()):
         ff = is_feedforward(config.feedforward_modules, path)
-        if lay.kind == Kind.EMBED:
-            raise UnsupportedModuleError(
-                f"module {path!r} is an embedding; (IA)^3 rescales linear and convolution modules "
-                "(as in Hugging Face PEFT). Remove it from target_modules."
-            )
         n = (lay.in_dims[-1] if lay.kind == Kind.CONV else lay.in_features) if ff else lay.out_features
 
         def make(k, own, n=n, lay=lay, ff=ff):
@@ -237,11 +227,7 @@ def _to_hf(config: IA3Config, adapter, ctx):
     tensors, targets, ff = {}, [], []
     for path in sorted(adapter):
         node = adapter[path]
-        if node.layout.kind != Kind.DENSE:
-            raise UnsupportedAdapterError(
-                f"IA3 site {path!r} scales a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
-                "nn.Dense sites (the layers of jpeft.models)."
-            )
+        check_dense_for_peft(path, node.layout, "IA3")
         v = np.asarray(node.ia3_l, np.float32)
         tensors[peft_key(path, "ia3_l")] = v.reshape(1, -1) if node.feedforward else v.reshape(-1, 1)
         targets.append(hf_name(path))

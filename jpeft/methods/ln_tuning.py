@@ -23,11 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import _inject, scan
-from jpeft.config import AdapterConfig, _as_targets
+from jpeft.config import AdapterConfig
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
-    ConfigError,
     NotInvertibleError,
     ShapeMismatchError,
     ShardingError,
@@ -65,12 +64,7 @@ class LNTuningConfig(AdapterConfig):
     target_modules: Any = ("input_layernorm", "post_attention_layernorm", "norm")
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ConfigError(
-                "LNTuningConfig.target_modules is empty; give a regex or norm names such as "
-                "['input_layernorm', 'post_attention_layernorm', 'norm']."
-            )
+        self._set_targets("give a regex or norm names such as ['input_layernorm', 'post_attention_layernorm', 'norm']")
 
 
 def is_norm(own: Mapping[str, Any]) -> bool:

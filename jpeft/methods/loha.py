@@ -36,9 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jpeft.errors import ShardingError
 from jpeft.methods import _lycoris
-from jpeft.methods.base import Kind, Layout, flat_spec_entry, register_method, spec_entries
+from jpeft.methods.base import Kind, Layout, flat_spec_entry, kernel_spec_entries, register_method
 
 TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
@@ -107,12 +106,8 @@ class LoHaWeights(_lycoris.LycorisSite):
         where the kernel's do; convolutions (whose PyTorch input order differs from flax's) and
         the CP form are replicated."""
         lay = self.layout
-        if module_specs is None or lay.param_name not in module_specs:
-            raise ShardingError(f"a LoHa site adapts a {lay.param_name!r} the params do not have at its path; was "
-                                "the adapter made for another model?")
         lead = self.hada_w1_a.ndim - 2  # stacked (scanned) sites carry leading layer axes
-        entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
-        lead_e, kern_e = entries[:lead], entries[lead:]
+        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "a LoHa site")
         if self.hada_t1 is not None or lay.kind == Kind.CONV:
             return super().partition_specs(module_specs)
         a = P(*lead_e, flat_spec_entry(kern_e, lay.out_axes), None)

@@ -25,13 +25,13 @@ from jax.sharding import PartitionSpec as P
 from jpeft import _inject
 from jpeft._ops import flat_dot_general
 from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_scalar
-from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, ShardingError,
-                          TargetNotFoundError, UnsupportedModuleError)
+from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, TargetNotFoundError,
+                          UnsupportedModuleError)
 from jpeft.methods import dora
 from jpeft.methods._common import (TASK_HEADS, SavedModule, TrainedBiasOption, branch_dtype, down_project, init_saved,
                                    linear_candidates, up_project, with_trainable_biases)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge,
-                                dropout, flat_spec_entry, spec_entries, static_field)
+                                dropout, flat_spec_entry, kernel_spec_entries, static_field)
 from jpeft.peft_format import add_site_pattern
 from jpeft.scan import Stacked, layer_paths, make_site, site_rank_alpha
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
@@ -172,7 +172,7 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
         if mts is not None and not (isinstance(mts, tuple) and all(isinstance(m, str) and m for m in mts)):
             raise ConfigError(f"LoraConfig.modules_to_save must be a list of module names, found {self.modules_to_save!r}.")
         object.__setattr__(self, "modules_to_save", tuple(_hf_module_name(m) for m in mts) if mts else None)
-        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        self._set_targets("give a regex or a list of module names such as ['q_proj', 'v_proj']")
         ex = _as_targets(self.exclude_modules, "exclude_modules") or None
         if isinstance(ex, tuple):  # a jpeft path ("model/layers_0/mlp") as the dotted name PEFT matches and writes
             ex = tuple(_hf_module_name(e) for e in ex)
@@ -225,8 +225,6 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
         if self.init not in _INITS and not is_residual_init(self.init):
             raise ConfigError(f"LoraConfig.init must be one of {_INITS} (or a residual mark jpeft.save_adapter records: "
                               f"'pissa_niter_K', {', '.join(map(repr, _MARK_INITS))}), found {self.init!r}.")
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ConfigError("LoraConfig.target_modules is empty; give a regex or a list of module names such as ['q_proj', 'v_proj'].")
         if self.lora_bias and (self.use_dora or self.init not in ("default", "random")):
             raise ConfigError(
                 f"LoraConfig.lora_bias=True works with init 'default' or 'random' and without DoRA (as in Hugging Face "
@@ -687,14 +685,8 @@ class LoraWeights(Site):
         the DoRA magnitude, the LoRA bias) its output entry, so ``x @ A`` and ``h @ B`` need no
         more communication than the base matmul; a trained base bias is replicated."""
         lay = self.layout
-        if module_specs is None or lay.param_name not in module_specs:
-            raise ShardingError(
-                f"adapts the base leaf {lay.param_name!r}, which the params do not have; was the adapter made for "
-                "another model?"
-            )
         lead = self.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
-        entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
-        lead_e, kern_e = entries[:lead], entries[lead:]
+        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "a LoRA site")
         a_in = flat_spec_entry(kern_e, lay.in_axes)
         b_out = flat_spec_entry(kern_e, lay.out_axes)
         out = P(*lead_e, b_out)

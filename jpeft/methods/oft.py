@@ -63,7 +63,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject, scan
-from jpeft.config import AdapterConfig, _as_targets
+from jpeft.config import AdapterConfig
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
@@ -73,11 +73,12 @@ from jpeft.errors import (
     UnsupportedModuleError,
 )
 from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, SavedModule, TrainedBiasOption, base_bias_from_hf,
-                                   linear_candidates, linear_layout, other_bias_keys, refuse_all_with_heads,
-                                   trained_biases_from_hf, trained_biases_to_hf, with_trainable_biases)
+                                   check_dense_for_peft, linear_layout, linear_targets, other_bias_keys,
+                                   refuse_all_with_heads, trained_biases_from_hf, trained_biases_to_hf,
+                                   with_trainable_biases)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
-from jpeft.tree import hf_name, linear_only, select
+from jpeft.tree import hf_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +124,8 @@ class OFTConfig(TrainedBiasOption, AdapterConfig):
     bias: str = "none"
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        self._set_targets("give a regex or names such as ['q_proj', 'v_proj']")
         self._check_bias("oft_only")  # PEFT's bias option (TrainedBiasOption)
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ConfigError("OFTConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
         for name in ("r", "oft_block_size", "num_cayley_neumann_terms"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -401,9 +400,7 @@ def _site_layout(path: str, own, infos) -> Layout:
 
 def init(config: OFTConfig, params, key, infos) -> dict:
     """Creates the OFT parameters for every targeted ``nn.Dense`` module."""
-    leaves, cands = linear_candidates(params)
-    cands = linear_only(config.target_modules, leaves, cands)  # "all-linear": no embeddings, as in PEFT
-    paths = sorted(select(config.target_modules, cands, what="linear module (Dense)"))
+    leaves, paths = linear_targets(config.target_modules, params, what="linear module (Dense)")
     keys = jax.random.split(key, len(paths))
     out = {}
     for k, path in zip(keys, paths):
@@ -467,11 +464,7 @@ def _to_hf(config: OFTConfig, adapter, ctx):
         tensors.update(trained_biases_to_hf(path, node, config.bias, "OFTConfig.bias"))
         if isinstance(node, SavedModule):  # bias="all": the trained bias of a module without a site
             continue
-        if node.layout.kind != Kind.DENSE:
-            raise UnsupportedAdapterError(
-                f"OFT site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format is written for "
-                "nn.Dense sites (the layers of jpeft.models)."
-            )
+        check_dense_for_peft(path, node.layout, "OFT")
         _check_node_matches(config, path, node)
         tensors[peft_key(path, TENSOR)] = np.asarray(node.oft_R, np.float32)
         targets.append(hf_name(path))

@@ -181,9 +181,6 @@ class _PrefixBase(Site):
     site: ClassVar[str] = "attention"
     mergeable: ClassVar[bool] = False
 
-    def handles(self, method_name: str) -> bool:
-        return method_name == "__call__"
-
     def prefix(self):  # pragma: no cover - both prefix node classes define it
         raise TypeError(f"{type(self).__name__} must define prefix() returning the per-layer (k, v) prefixes.")
 

@@ -194,9 +194,6 @@ class PromptWeights(Site):
     def num_virtual_tokens(self) -> int:
         return int(self.embedding.shape[0])
 
-    def handles(self, method_name: str) -> bool:
-        return method_name == "__call__"
-
     def merge(self, module_params):
         raise NotMergeableError(
             "prompt tuning adds input positions; it cannot be folded into the base weights. Serve it with jpeft.apply."

@@ -66,25 +66,23 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject, scan
-from jpeft.config import AdapterConfig, _as_targets
+from jpeft.config import AdapterConfig
 from jpeft.errors import (
     BaseMismatchError,
     CheckpointError,
     ConfigError,
     NotMergeableError,
     ShapeMismatchError,
-    ShardingError,
     UnsupportedAdapterError,
-    UnsupportedModuleError,
 )
 from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, AdditiveMerge, SavedModule, TrainedBiasOption,
-                                   base_bias_from_hf, branch_dtype, broadcast_bias, broadcast_out, down_project, from_matrix, linear_candidates,
-                                   linear_layout, other_bias_keys, refuse_all_with_heads, trained_biases_from_hf,
-                                   trained_biases_to_hf, up_project, with_trainable_biases)
-from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry, register_method,
-                                spec_entries, static_field)
+                                   base_bias_from_hf, branch_dtype, broadcast_bias, broadcast_out, check_dense_for_peft,
+                                   down_project, from_matrix, linear_layouts, other_bias_keys, refuse_all_with_heads,
+                                   trained_biases_from_hf, trained_biases_to_hf, up_project, with_trainable_biases)
+from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry,
+                                kernel_spec_entries, register_method, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
-from jpeft.tree import hf_name, linear_only, select
+from jpeft.tree import hf_name
 
 @dataclasses.dataclass(frozen=True)
 class VeraConfig(TrainedBiasOption, AdapterConfig):
@@ -137,10 +135,8 @@ class VeraConfig(TrainedBiasOption, AdapterConfig):
     bias: str = "none"
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", _as_targets(self.target_modules))
+        self._set_targets("give a regex or names such as ['q_proj', 'v_proj']")
         self._check_bias("vera_only")  # PEFT's bias option (TrainedBiasOption)
-        if self.target_modules is None or (not isinstance(self.target_modules, str) and not self.target_modules):
-            raise ConfigError("VeraConfig.target_modules is empty; give a regex or names such as ['q_proj', 'v_proj'].")
         if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
             raise ConfigError(f"VeraConfig.r must be a positive integer, found {self.r!r}. PEFT's default is 256.")
         if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, (int, np.integer)) \
@@ -328,12 +324,8 @@ class VeraWeights(AdditiveMerge, Site):
         """Like LoRA's factors: ``vera_A [in, r]`` takes the kernel's input-dimension entry,
         ``vera_B [r, out]`` and ``lambda_b [out]`` its output entry; ``lambda_d`` is replicated."""
         lay = self.layout
-        if module_specs is None or lay.param_name not in module_specs:
-            raise ShardingError(f"a VeRA site adapts a {lay.param_name!r} the params do not have at its path; was the "
-                                "adapter made for another model?")
         lead = self.lambda_d.ndim - 1  # stacked (scanned) sites carry leading layer axes
-        entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
-        lead_e, kern_e = entries[:lead], entries[lead:]
+        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "a VeRA site")
         a_in, b_out = flat_spec_entry(kern_e, lay.in_axes), flat_spec_entry(kern_e, lay.out_axes)
         return dataclasses.replace(
             self, lambda_d=P(*lead_e, None), lambda_b=P(*lead_e, b_out),
@@ -342,26 +334,10 @@ class VeraWeights(AdditiveMerge, Site):
             base_bias=None if self.base_bias is None else P())
 
 
-def _layouts(config: VeraConfig, params, infos) -> tuple[dict, dict]:
-    """``(module_leaves, {path: layout})`` of the targeted linear modules (no embeddings)."""
-    leaves, cands = linear_candidates(params)
-    cands = linear_only(config.target_modules, leaves, cands)
-    paths = select(config.target_modules, cands, what="linear module (Dense, DenseGeneral, Conv, Einsum)")
-    out = {}
-    for path in sorted(paths):
-        lay = linear_layout(path, leaves[path], infos)
-        if lay.kind == Kind.EMBED:
-            raise UnsupportedModuleError(
-                f"module {path!r} is an embedding; VeRA adapts linear modules (Dense, DenseGeneral, Conv, Einsum), as "
-                "Hugging Face PEFT adapts nn.Linear only. Remove it from target_modules."
-            )
-        out[path] = lay
-    return leaves, out
-
-
 def init(config: VeraConfig, params, key, infos) -> dict:
     """Creates the shared projections and the two vectors of every targeted linear module."""
-    leaves, layouts = _layouts(config, params, infos)
+    leaves, layouts = linear_layouts(config.target_modules, params, infos, "VeRA adapts linear modules (Dense, "
+                                     "DenseGeneral, Conv, Einsum), as Hugging Face PEFT adapts nn.Linear only")
     max_in = max(lay.in_features for lay in layouts.values())
     max_out = max(lay.out_features for lay in layouts.values())
     full_a, full_b = make_projections(int(config.projection_prng_key), int(config.r), max_in, max_out)
@@ -422,11 +398,7 @@ def _to_hf(config: VeraConfig, adapter, ctx):
         tensors.update(trained_biases_to_hf(path, node, config.bias, "VeraConfig.bias"))
         if isinstance(node, SavedModule):  # bias="all": the trained bias of a module without a site
             continue
-        if node.layout.kind != Kind.DENSE:
-            raise UnsupportedAdapterError(
-                f"VeRA site {path!r} adapts a {node.layout.kind} kernel; the Hugging Face PEFT format holds VeRA on "
-                "nn.Linear (dense) modules only. Keep this adapter in jpeft's own format (jpeft.save_adapter)."
-            )
+        check_dense_for_peft(path, node.layout, "VeRA")
         slices_a.append(np.asarray(node.vera_A, np.float32))
         slices_b.append(np.asarray(node.vera_B, np.float32))
         tensors[peft_key(path, "vera_lambda_b")] = np.asarray(node.lambda_b, np.float32)

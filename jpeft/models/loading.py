@@ -84,6 +84,10 @@ _MAX_POSITIONS_DEFAULT = {"mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
 _HEAD_DIM_DEFAULT = {"qwen3": 128}
 
 
+# the special-token fields LlamaConfig and GPT2Config carry as config.json has them (read and written)
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> LlamaConfig:
     # as transformers' convert_rope_params_to_dict: an older file's rope_scaling, when set, wins over
     # rope_parameters (whose rope_theta is then not read either: the top-level one or 10000 is)
@@ -146,9 +150,7 @@ def _llama_like(d: Mapping[str, Any], dtype, param_dtype, model_type: str) -> Ll
         initializer_range=_number(d, "initializer_range", 0.02),
         dtype=dtype,
         param_dtype=param_dtype,
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
-        pad_token_id=d.get("pad_token_id"),
+        **{k: d.get(k) for k in _TOKEN_IDS},
     )
     # transformers' Mistral and Qwen2 configs take a window of 4096 when config.json has no
     # sliding_window key (an explicit null means none)
@@ -193,9 +195,7 @@ def _gpt2(d, dtype, param_dtype) -> GPT2Config:
         initializer_range=_number(d, "initializer_range", 0.02),
         dtype=dtype,
         param_dtype=param_dtype,
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
-        pad_token_id=d.get("pad_token_id"),
+        **{k: d.get(k) for k in _TOKEN_IDS},
     )
 
 
@@ -915,7 +915,7 @@ def config_to_hf(config) -> dict:
       UnsupportedModelError: a config Hugging Face's class for its ``model_type`` cannot express
         (e.g. a Llama with q/k/v bias but no o_proj bias: use ``model_type="qwen2"``).
     """
-    tokens = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    tokens = {k: getattr(config, k, None) for k in _TOKEN_IDS}
     if isinstance(tokens["eos_token_id"], tuple):
         tokens["eos_token_id"] = list(tokens["eos_token_id"])
     dtype_name = jnp.dtype(config.param_dtype).name
