@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["COMMANDS", "UsageError", "build_parser", "parse_command_line", "one_line", "fail", "version"]
+__all__ = ["COMMANDS", "UsageError", "build_parser", "parse_command_line", "missing_input", "one_line", "fail", "version"]
 
 
 def version() -> str:
@@ -92,7 +92,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 DEMO_HELP = "pretrain a tiny model on Python code, fine-tune it on English with full FT and LoRA, compare forgetting"
 DEMO_EPILOG = """\
 example:
-  jpeft demo                       # ~2 minutes on 2 CPU cores the first time; the base model is cached
+  jpeft demo                       # ~4 minutes on 2 idle CPU cores the first time (~1 pretraining the base, then cached)
   jpeft demo --out demo --steps 400 --rank 16
   jpeft demo --tiny --steps 5      # a smoke test: ~20 s cold on 2 cores
 
@@ -536,7 +536,7 @@ def add_forgetting(sub, name: str = "forgetting", command: str = "jpeft forgetti
 # -------------------------------------------------------------------------------- the command line
 EPILOG = """\
 examples:
-  jpeft demo                              # the ~2-minute tour: PEFT against forgetting
+  jpeft demo                              # the ~4-minute tour: PEFT against forgetting
   jpeft info llama-2-7b --method lora -r 8
   jpeft train --config config.toml        # see `jpeft train --help` for the file format
   jpeft export --model ./base --adapter runs/x/adapter --out ./peft-adapter
@@ -563,10 +563,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what an adapter option takes (``--adapter`` of eval, merge, export and serve; jpeft.cli._ckpt.find_adapter)
+ADAPTER_KINDS = ("a jpeft adapter folder (jpeft_adapter.json, e.g. runs/x/adapter), a Hugging Face PEFT folder "
+                 "(adapter_config.json, e.g. from `jpeft export`), a run folder written by `jpeft train`, or one of "
+                 "its checkpoints (runs/x/checkpoints/<step>)")
+#: the options of each command that name a file or folder it reads, and what each takes: a path that does not
+#: exist ends the command as its line is parsed, not after the second that importing jpeft (JAX) takes.
+#: `jpeft train --config` is left to the command: a process of a multi-process job joins the job first and
+#: tells the others that its config is missing, where ending here would leave them waiting.
+_MODEL_FOLDER = ("a local Hugging Face model folder (config.json and *.safetensors); jpeft downloads nothing: "
+                 "fetch a hub model first (hf download NAME --local-dir DIR) and give DIR")
+_DATA_FILE = "a .jsonl or plain-text file"
+INPUT_PATHS = {
+    "eval": {"model": _MODEL_FOLDER, "adapter": ADAPTER_KINDS, "data": _DATA_FILE, "canary": _DATA_FILE},
+    "merge": {"model": _MODEL_FOLDER, "adapter": ADAPTER_KINDS},
+    "export": {"model": _MODEL_FOLDER, "adapter": ADAPTER_KINDS},
+    "serve": {"model": _MODEL_FOLDER},
+}
+
+
+def missing_input(args: argparse.Namespace) -> Optional[str]:
+    """The error line for the first input path of ``args`` (:data:`INPUT_PATHS`) that does not
+    exist, else ``None``: ``--model 'x' does not exist; give <what the option takes>.``"""
+    for dest, what in INPUT_PATHS.get(getattr(args, "cmd", None), {}).items():
+        path = getattr(args, dest, None)
+        if path is not None and not os.path.exists(path):
+            return f"--{dest} {path!r} does not exist; give {what}."
+    return None
+
+
 def parse_command_line(argv: Optional[Sequence[str]] = None) -> tuple[Optional[argparse.Namespace], int]:
     """``(args, 0)`` for a command line that names a command to run; ``(None, 2)`` when it ends
-    here: bad arguments (one line ``jpeft <cmd>: error: ...`` on stderr) or no command (the help,
-    on stderr). ``--help`` and ``--version`` print and raise ``SystemExit(0)``, as argparse does."""
+    here: bad arguments (one line ``jpeft <cmd>: error: ...`` on stderr), an input path that does
+    not exist (:func:`missing_input`) or no command (the help, on stderr). ``--help`` and
+    ``--version`` print and raise ``SystemExit(0)``, as argparse does."""
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
@@ -578,4 +608,7 @@ def parse_command_line(argv: Optional[Sequence[str]] = None) -> tuple[Optional[a
     if not getattr(args, "cmd", None):
         parser.print_help(sys.stderr)
         return None, 2
+    missing = missing_input(args)
+    if missing is not None:
+        return None, fail(f"jpeft {args.cmd}", missing)
     return args, 0

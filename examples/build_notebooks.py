@@ -30,6 +30,16 @@ import importlib.util, subprocess, sys
 if importlib.util.find_spec("jpeft") is None:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "jpeft[hf] @ git+https://github.com/{REPO}"])'''
 
+# the Hugging Face notebook also builds its model with PyTorch and loads the export with peft, which jpeft
+# does not install: a Colab runtime has torch, and gets peft here; elsewhere a missing torch is named
+INSTALL_HF = INSTALL + '''
+# This notebook also uses PyTorch (to build the model) and peft (to load the export); jpeft installs neither.
+if importlib.util.find_spec("torch") is None:
+    raise ModuleNotFoundError("this notebook needs PyTorch and peft: pip install torch peft (a CPU-only PyTorch: "
+                              "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+if importlib.util.find_spec("peft") is None:
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "peft"])'''
+
 SMALL = '''\
 import os
 SMALL = os.environ.get("JPEFT_SMALL", "1") != "0"  # the small setting: a few minutes on a CPU
@@ -190,9 +200,9 @@ Hugging Face PEFT format, so PyTorch's `peft` can serve it.
 
 So that this notebook runs anywhere without downloads, it first **creates** a tiny random
 Llama with `transformers` and `save_pretrained`. To use a real model, point `MODEL_DIR` at its
-downloaded folder instead (e.g. from `huggingface-cli download`).
+downloaded folder instead (e.g. from `hf download NAME --local-dir DIR`).
 """),
-    code(INSTALL),
+    code(INSTALL_HF),
     code(SMALL),
     code('''
 import json, tempfile

@@ -159,6 +159,15 @@ def _refuse_mistyped_fields(cls, kwargs) -> None:
         raise ConfigError(f"{cls.__name__}.{f.name} must be {want}, found {type(v).__name__} {v!r}{hint}.")
 
 
+def did_you_mean(word: str, names) -> str:
+    """`` Did you mean 'name' (not 'word')?`` for the name of ``names`` nearest to a misspelt
+    ``word`` (``difflib``), or ``""`` when none is near; for the error that refuses ``word``.
+    ``names`` may map spellings to the name to suggest (``{"rank": "r"}``)."""
+    spelled = names if isinstance(names, Mapping) else {str(n): n for n in names}
+    near = difflib.get_close_matches(str(word), list(spelled), n=1, cutoff=0.5)
+    return f" Did you mean {spelled[near[0]]!r} (not {word!r})?" if near else ""
+
+
 def _refuse_unknown_keywords(cls, kwargs, where: str = "", what: str = "keyword") -> None:
     """Raises :class:`ConfigError` naming the keywords of ``kwargs`` that are no field of the config
     class ``cls`` (a typo such as ``rnak=4``, or a Hugging Face PEFT option the method does not have),
@@ -179,9 +188,8 @@ def _refuse_unknown_keywords(cls, kwargs, where: str = "", what: str = "keyword"
                          "drop it here.")
         else:
             spelled = {n: n for n in accepted} | ({"rank": "r"} if "r" in fields else {})  # rank= for r=
-            near = difflib.get_close_matches(k, list(spelled), n=1, cutoff=0.5)
-            if near:
-                notes.append(f"Did you mean {spelled[near[0]]!r} (not {k!r})?")
+            if did_you_mean(k, spelled):
+                notes.append(did_you_mean(k, spelled).strip())
     raise ConfigError(
         f"{cls.__name__}{where} got unknown {what}{'s' if len(unknown) > 1 else ''} {unknown}; it accepts {accepted}."
         + "".join(" " + n for n in notes)

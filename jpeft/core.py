@@ -97,7 +97,8 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     A site at a module that runs inside ``nn.map_variables`` on a transformed view of its params
     (``trans_in_fn``; ``nn.WeightNorm``, ``nn.SpectralNorm``) raises
     :class:`~jpeft.errors.UnsupportedModuleError`: :func:`merge` could not fold the adapter into
-    the stored params the same way.
+    the stored params the same way. A first argument that is no model (the model left out) and
+    params and adapter passed the other way round raise :class:`~jpeft.errors.ConfigError`.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> model = nn.Dense(4); x = jnp.ones((2, 3))
@@ -106,8 +107,13 @@ def apply(model: nn.Module, params, adapter: Optional[Mapping[str, Any]], *args,
     >>> bool(jnp.array_equal(jpeft.apply(model, params, adapter, x), model.apply(params, x)))
     True
     """
+    if not is_nnx(model) and not callable(getattr(model, "apply", None)):  # a dict failed as "takes an adapter"
+        raise ConfigError(
+            "jpeft.apply(model, params, adapter, *inputs) takes the model first (a flax.linen Module, or an NNX graphdef "
+            f"or module), found {type(model).__name__}"
+            + (": was the model left out?" if isinstance(model, Mapping) else "."))
     if adapter is not None:  # a (config, adapter) pair or a dict of arrays failed deep inside with a raw AttributeError
-        check_adapter(adapter, "jpeft.apply")
+        check_adapter(adapter, "jpeft.apply", params=params)
     if is_nnx(model):
         from jpeft import _nnx  # flax.nnx: on the NNX path only (docs/ARCHITECTURE.md, "Start-up time")
 
@@ -309,7 +315,7 @@ def _f32(own):
 
 
 def _fold(params, adapter, how: str):
-    check_adapter(adapter, f"jpeft.{how}")
+    check_adapter(adapter, f"jpeft.{how}", params=params)
     if is_nnx_module(params):  # an NNX model in, a new NNX model out
         from jpeft import _nnx  # flax.nnx: on the NNX path only (docs/ARCHITECTURE.md, "Start-up time")
 
@@ -358,7 +364,7 @@ def merge(params, adapter: Mapping[str, Any]):
     the kernel's dtype; a ``UserWarning`` says when that rounding lost more than a tenth of it
     (merge into float32 params instead). Raises :class:`~jpeft.errors.ConfigError` for an
     ``adapter`` that is not a ``{path: node}`` dict (e.g. the ``(config, adapter)`` pair of
-    :func:`jpeft.load_adapter`).
+    :func:`jpeft.load_adapter`, or the params, given in the adapter's place and the adapter in theirs).
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> model, x = nn.Dense(4), jnp.ones((2, 3))

@@ -649,13 +649,27 @@ def _load(path: str, params, dtype=jnp.float32, layouts=None) -> tuple[AdapterCo
         )
     tensors = _read_tensors(path, count(inner))
     renamed = _as_peft_reads(inner, path)
-    if renamed is not None:  # an NNX model's list entries ("layers/0/fc"): read under PEFT's names, then put back
-        names, inner = renamed
-        if layouts is not None:
-            layouts = {q: layouts[p] for q, p in names.items() if p in layouts}
-        config, adapter = _load_unrolled(d, fmt, tensors, inner, {"params": inner}, path, dtype, layouts)
-        return config, {names.get(p, p): n for p, n in adapter.items()}
-    return _load_unrolled(d, fmt, tensors, inner, params, path, dtype, layouts)
+    with _naming_the_base(d, path):
+        if renamed is not None:  # an NNX model's list entries ("layers/0/fc"): read under PEFT's names, then put back
+            names, inner = renamed
+            if layouts is not None:
+                layouts = {q: layouts[p] for q, p in names.items() if p in layouts}
+            config, adapter = _load_unrolled(d, fmt, tensors, inner, {"params": inner}, path, dtype, layouts)
+            return config, {names.get(p, p): n for p, n in adapter.items()}
+        return _load_unrolled(d, fmt, tensors, inner, params, path, dtype, layouts)
+
+
+@contextlib.contextmanager
+def _naming_the_base(d: Mapping[str, Any], path: str):
+    """Adds to a :class:`BaseMismatchError` raised inside the base the PEFT folder ``path`` names
+    (``base_model_name_or_path`` of its config ``d``): the base to load it on instead."""
+    try:
+        yield
+    except BaseMismatchError as e:
+        name = d.get("base_model_name_or_path")
+        if not isinstance(name, str) or not name:
+            raise
+        raise type(e)(f"{e} {os.path.join(path, CONFIG_FILE)} names its base: {name!r}.") from None
 
 
 def _read_config_dict(path: str) -> tuple[dict, Method]:

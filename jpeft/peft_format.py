@@ -179,11 +179,13 @@ def check_keys(adapter_paths, expected_paths, *, unmatched_keys=(), what: str = 
             hint = (" (lm_head: with tie_word_embeddings the jpeft model computes logits with the input embedding "
                     "and has no separate lm_head module; adapt the embedding instead, or load the base untied: "
                     "jpeft.models.from_pretrained(folder, tie_word_embeddings=False))")
+        sides = ([f"{len(only_file)} key(s) of the file have no matching module in the base (first: "
+                  f"{only_file[:5]}){hint}"] if only_file else []) + \
+                ([f"{len(only_base)} targeted module(s) of the base have no weights in the file (first: "
+                  f"{only_base[:5]})"] if only_base else [])
         raise BaseMismatchError(
-            f"the {what} does not match the base model: {len(only_file)} key(s) of the file have no matching module "
-            f"in the base (first: {only_file[:5]}){hint}, and {len(only_base)} targeted module(s) of the base have no "
-            f"weights in the file (first: {only_base[:5]}). Was the adapter trained on another model (or a different "
-            "number of layers)? Load it on the base it was made for."
+            f"the {what} does not match the base model: {', and '.join(sides)}. Was the adapter trained on another "
+            "model (or a different number of layers)? Load it on the base it was made for."
         )
 
 

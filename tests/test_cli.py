@@ -251,9 +251,20 @@ def test_warnings_of_a_command_are_one_line_each_as_its_errors(hf_dir, capsys, m
         (["demo", "--replay", "0.99"], "jpeft demo: error: ConfigError: --replay with --batch-size 16: replay ratio "
                                        "0.99 of a batch of 16 rounds to all 16 rows"),
         (["eval", "--data", "x.jsonl"], "jpeft eval: error: the following arguments are required: --model"),
-        (["eval", "--model", "/no/such/dir", "--data", "x.jsonl"], "jpeft eval: error: LoadError: '/no/such/dir' is not a folder"),
+        (["eval", "--model", "/no/such/dir", "--data", "x.jsonl"], "jpeft eval: error: --model '/no/such/dir' does not "
+                                                                    "exist; give a local Hugging Face model folder"),
+        (["eval", "--model", ".", "--data", "x.jsonl"], "jpeft eval: error: --data 'x.jsonl' does not exist; give a "
+                                                        ".jsonl or plain-text file."),
+        (["eval", "--model", ".", "--canary", "c.txt", "--adapter", "a"], "jpeft eval: error: --adapter 'a' does not "
+                                                                          "exist; give a jpeft adapter folder"),
         (["merge", "--model", "m", "--adapter", "a"], "jpeft merge: error: the following arguments are required: --out"),
-        (["export", "--model", "/no/such/dir", "--adapter", "a", "--out", "o"], "jpeft export: error: LoadError:"),
+        (["export", "--model", "/no/such/dir", "--adapter", "a", "--out", "o"], "jpeft export: error: --model "
+                                                                                "'/no/such/dir' does not exist"),
+        (["merge", "--model", ".", "--adapter", "a", "--out", "o"], "jpeft merge: error: --adapter 'a' does not exist"),
+        (["serve", "--model", "meta-llama/Llama-2-7b-hf"], "jpeft serve: error: --model 'meta-llama/Llama-2-7b-hf' does "
+                                                           "not exist; give a local Hugging Face model folder (config.json "
+                                                           "and *.safetensors); jpeft downloads nothing: fetch a hub model "
+                                                           "first (hf download NAME --local-dir DIR) and give DIR."),
         (["forgetting", "nope"], "jpeft forgetting: error: argument benchmark: invalid choice: 'nope'"),
     ],
 )
@@ -285,6 +296,25 @@ def test_train_config_errors(hf_dir, capsys):
     assert ('train.loss_chunk_tokens must be "auto" or an integer >= 0 (0: the whole logits at once), found int '
             "'-1'") in error_line(capsys.readouterr().err)
 
+
+
+def test_a_misspelt_method_or_config_key_names_the_nearest_and_a_lora_variant_its_option(hf_dir, capsys):
+    """A first-hour slip: `name = "loar"`, `batchsize = 3` and `--method dora` (the README lists DoRA
+    among the methods) were refused with the list of names alone; the nearest name is suggested,
+    and a LoRA variant that is an option of lora says which option, which then works."""
+    bad = hf_dir / "near.toml"
+    for body, expect in (('[train]\nbatchsize = 3\n', "Did you mean 'batch_size' (not 'batchsize')?"),
+                         ('[data]\nseqlen = 32\n', "Did you mean 'seq_len' (not 'seqlen')?"),
+                         ('[method]\nname = "loar"\n', "Did you mean 'lora' (not 'loar')?")):
+        bad.write_text('model = "tiny-llama"\n[data]\ntrain = "train.jsonl"\n' + body.replace("[data]\n", ""))
+        assert main(["train", "--config", str(bad)]) == 2
+        assert error_line(capsys.readouterr().err).endswith(expect)
+    assert main(["info", "llama-2-7b", "--method", "DoRA"]) == 2
+    assert error_line(capsys.readouterr().err) == (
+        "jpeft info: error: ConfigError: unknown method 'DoRA': DoRA is LoRA with use_dora = true (`jpeft train`: "
+        '[method] name = "lora" and use_dora = true; `jpeft info`: --method lora --set use_dora=true).')
+    assert main(["info", "llama-2-7b", "--method", "lora", "--set", "use_dora=true"]) == 0
+    assert '"use_dora": true' in capsys.readouterr().out
 
 
 def test_seeds_a_multiple_of_2_to_the_32_apart_draw_other_adapters_and_dropout():

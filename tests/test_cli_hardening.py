@@ -698,6 +698,9 @@ with open(os.environ["MODULES_AT_EXIT"], "w") as f:
 @pytest.mark.parametrize("argv, status", [
     (["--help"], 0), (["train", "--help"], 0), (["forgetting", "--help"], 0), (["--version"], 0),
     (["no-such-command"], 2), (["info", "llama-2-7b", "--no-such-option"], 2), ([], 2),
+    # an input path that does not exist: named in a blink, not after a second of imports (it was a LoadError then)
+    (["export", "--model", "no-model", "--adapter", "a", "--out", "o"], 2), (["merge", "--model", ".", "--adapter",
+     "no-adapter", "--out", "o"], 2), (["eval", "--model", ".", "--data", "no.jsonl"], 2), (["serve", "--model", "m"], 2),
     (["info", "--list"], None),  # a command that runs: it imports jpeft and JAX (what the others are checked for)
 ])
 def test_help_and_argument_errors_of_the_console_script_import_no_jax(tmp_path, argv, status):

@@ -144,6 +144,30 @@ def test_merge_and_unmerge_refuse_what_is_not_an_adapter_by_name(tmp_path):
                                np.asarray(jpeft.apply(model, params, a, x)), atol=1e-5)
 
 
+def test_swapped_params_and_adapter_or_a_left_out_model_are_named():
+    """A new user's first slips: ``jpeft.apply(model, adapter, params, x)`` and ``jpeft.merge(adapter,
+    params)`` said "the adapter's entry 'params' is a dict, not an adapter node", and
+    ``jpeft.apply(params, adapter, x)`` (the model left out) "jpeft.apply takes an adapter ... found
+    ArrayImpl", though an adapter was given; each now says what was swapped or left out."""
+    model, params, x = _mlp()
+    a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1", "fc2"], init="random"), params, jax.random.key(0))
+    for call, where in ((lambda: jpeft.apply(model, a, params, x), "jpeft.apply"), (lambda: jpeft.merge(a, params), "jpeft.merge"),
+                        (lambda: jpeft.unmerge(a, params), "jpeft.unmerge")):
+        with pytest.raises(jpeft.ConfigError, match=rf"{where}: the params and the adapter are swapped: the params "
+                                                    r"argument holds an adapter \(sites \['fc1', 'fc2'\]\), the adapter "
+                                                    "argument a dict. Pass the base params first"):
+            call()
+    with pytest.raises(jpeft.ConfigError, match=r"jpeft.apply\(model, params, adapter, \*inputs\) takes the model first "
+                                                r".* found dict: was the model left out\?"):
+        jpeft.apply(params, a, x)
+    with pytest.raises(jpeft.ConfigError, match="takes the model first .* found ArrayImpl.$"):
+        jpeft.apply(x, params, a)
+    # the calls the right way round: the factored and the merged model agree (the adapter is random)
+    y = jpeft.apply(model, params, a, x)
+    assert not np.allclose(y, model.apply(params, x), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(model.apply(jpeft.merge(params, a), x)), np.asarray(y), atol=1e-5)
+
+
 def test_a_merge_whose_update_rounds_away_in_a_16_bit_kernel_says_so():
     """A small update (mean |dW| 1e-4, as after a short fine-tune) merged into bfloat16 kernels
     of scale 0.02: the rounding kept 28% of the updated weights at their base value and lost 27%

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import warnings
@@ -469,6 +470,22 @@ def test_adapter_for_more_layers_than_the_base(saved_llama):
     save_file({**t, **extra}, str(saved_llama / "adapter_model.safetensors"))
     with pytest.raises(BaseMismatchError, match=r"4 key\(s\) of the file have no matching module.*layers\.7\.self_attn"):
         H.load_peft(str(saved_llama), loaded("llama2")[1])
+
+
+def test_an_adapter_of_another_model_names_the_base_its_config_names(saved_llama):
+    """A new user's PEFT folder from another model: the error said "Load it on the base it was made
+    for" without saying which that is, though adapter_config.json names it; and a side with
+    nothing unmatched read "0 targeted module(s) of the base have no weights in the file (first:
+    [])". The base is named, and an empty side left out."""
+    d = json.loads((saved_llama / "adapter_config.json").read_text())
+    (saved_llama / "adapter_config.json").write_text(json.dumps(dict(d, base_model_name_or_path="meta-llama/Llama-2-7b-hf")))
+    names_it = re.escape(f"{saved_llama / 'adapter_config.json'} names its base: 'meta-llama/Llama-2-7b-hf'.") + "$"
+    with pytest.raises(BaseMismatchError) as e:
+        H.load_peft(str(saved_llama), loaded("gpt2")[1])  # no key matches; GPT-2 has no q_proj / v_proj to miss theirs
+    assert re.search(r"8 key\(s\) of the file have no matching module.*" + names_it, str(e.value))
+    assert "targeted module(s)" not in str(e.value)
+    with pytest.raises(BaseMismatchError, match=r"maps 32 -> 32 features, but the base module maps 32 -> 16.*" + names_it):
+        H.load_peft(str(saved_llama), loaded("qwen2")[1])  # the modules match, their widths do not
 
 
 def test_shape_mismatch_with_the_base(saved_llama):

@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 import jax.numpy as jnp
 
 import jpeft
+from _jpeft_args import ADAPTER_KINDS
 from jpeft import hf, io, scan
 from jpeft.checkpoint import CheckpointManager, FORMAT
 from jpeft.cli._common import say
@@ -40,10 +41,6 @@ from jpeft.models import loading
 ADAPTER_JSON = "jpeft_adapter.json"
 PEFT_JSON = "adapter_config.json"
 CKPT_META = os.path.join("meta", "metadata")
-
-ACCEPTED = ("a jpeft adapter folder (jpeft_adapter.json, e.g. runs/x/adapter), a Hugging Face PEFT folder "
-            "(adapter_config.json, e.g. from `jpeft export`), a run folder written by `jpeft train`, or one of "
-            "its checkpoints (runs/x/checkpoints/<step>)")
 
 
 class Found(NamedTuple):
@@ -67,12 +64,12 @@ def find_adapter(path: str) -> Found:
       LoadError: it does not exist or holds none of the accepted kinds.
     """
     if not os.path.exists(path):
-        raise LoadError(f"adapter path {path!r} does not exist; give {ACCEPTED}.")
+        raise LoadError(f"adapter path {path!r} does not exist; give {ADAPTER_KINDS}.")
     if os.path.isfile(path):
         name = os.path.basename(path)
         if name in (ADAPTER_JSON, PEFT_JSON, "jpeft_adapter.safetensors", "adapter_model.safetensors"):
             return find_adapter(os.path.dirname(path) or ".")
-        raise LoadError(f"adapter path {path!r} is a file; give {ACCEPTED}.")
+        raise LoadError(f"adapter path {path!r} is a file; give {ADAPTER_KINDS}.")
     if os.path.isfile(os.path.join(path, ADAPTER_JSON)):
         return Found("jpeft", path)
     if os.path.isfile(os.path.join(path, PEFT_JSON)):
@@ -86,7 +83,7 @@ def find_adapter(path: str) -> Found:
         steps = checkpoint_steps(ckpt_dir)
         if steps:
             return Found("checkpoint", os.path.join(ckpt_dir, str(steps[-1])), steps[-1])
-    raise LoadError(f"{path!r} holds no adapter (found: {sorted(os.listdir(path))[:8]}); give {ACCEPTED}.")
+    raise LoadError(f"{path!r} holds no adapter (found: {sorted(os.listdir(path))[:8]}); give {ADAPTER_KINDS}.")
 
 
 def adapts_lm_head(path: str) -> bool:

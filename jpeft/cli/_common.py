@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 import jax
 
 from _jpeft_args import DEFAULT_METHOD
-from jpeft.config import is_kind, kinds_text, scalar_kinds
+from jpeft.config import did_you_mean, is_kind, kinds_text, scalar_kinds
 from jpeft.errors import ConfigError, UnsupportedModelError
 from jpeft.methods.base import registered_methods
 from jpeft.budget import DEFAULT_TARGETS  # PEFT's default targets per model type (one table)
@@ -105,17 +105,37 @@ def _with_default_targets(cls, d: dict, model_type: Optional[str]) -> dict:
     return dict(d, **{k: v for k, v in defaults.items() if cls.field_of(k) not in given})
 
 
+#: LoRA variants the README lists among the methods that are options of ``lora`` (or of the base), not
+#: method names of their own: what to give instead
+_LORA_OPTION = "`jpeft train`: [method] name = \"lora\" and {0}; `jpeft info`: --method lora --set {1}"
+_INIT_FROM_BASE = ("{0} is LoRA initialised from the base weights, which jpeft train does not offer: "
+                   "jpeft.init_{1} in Python (docs/METHODS.md)")
+_NOT_METHODS = {
+    "dora": "DoRA is LoRA with use_dora = true (" + _LORA_OPTION.format("use_dora = true", "use_dora=true") + ")",
+    "rslora": "rsLoRA is LoRA with use_rslora = true (" + _LORA_OPTION.format("use_rslora = true", "use_rslora=true") + ")",
+    "qlora": "QLoRA is LoRA on a quantized base (`jpeft train`: [method] name = \"lora\" and, in a [model] table, "
+             "quantize = \"nf4\"; `jpeft eval --quantize nf4`)",
+    "pissa": _INIT_FROM_BASE.format("PiSSA", "pissa"),
+    "olora": _INIT_FROM_BASE.format("OLoRA", "olora"),
+    "milora": _INIT_FROM_BASE.format("MiLoRA", "milora"),
+}
+
+
 def method_class(name) -> type:
     """The config class of a method given by its CLI name (``lora``, ``LN-tuning``, ``IA3``, ...).
 
     Raises:
-      ConfigError: no method has that name (the available ones are listed).
+      ConfigError: no method has that name (the available ones are listed, and the nearest; a LoRA
+        variant that is an option of ``lora``, such as ``dora``, says which option).
     """
     names = method_names()
-    cls = names.get(str(name).strip().lower().replace("-", "_"))
-    if cls is None:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(names))}.")
-    return cls
+    key = str(name).strip().lower().replace("-", "_")
+    if key not in names and key in _NOT_METHODS:
+        raise ConfigError(f"unknown method {name!r}: {_NOT_METHODS[key]}.")
+    if key not in names:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(names))}."
+                          + did_you_mean(str(name).strip().lower(), sorted(names)))
+    return names[key]
 
 
 def method_config(name: str, fields: Optional[Mapping[str, Any]] = None, *, model_type: Optional[str] = None):

@@ -15,6 +15,7 @@ from jpeft import distributed
 from jpeft.cli._common import (check_train_values, field_type, method_class, require_causal_lm,
                                typed_value)
 from jpeft.cli._trainer import config_failed, train
+from jpeft.config import did_you_mean
 from jpeft.data import CHAT_LOSSES
 from jpeft.errors import ConfigError, LoadError
 from jpeft.quant import SCHEMES
@@ -170,7 +171,8 @@ def resolve_config(raw: Mapping[str, Any], overrides=(), *, base_dir: str = ".")
         unknown = sorted(set(node) - known)
         if unknown:
             where = f"[{section}]" if section else "the top level"
-            hints = "".join(f" {k}: {_TRAINER_HINTS[k]}." for k in unknown if section == "train" and k in _TRAINER_HINTS)
+            hints = "".join(f" {k}: {_TRAINER_HINTS[k]}." if section == "train" and k in _TRAINER_HINTS
+                            else did_you_mean(k, known) for k in unknown)
             raise ConfigError(f"unknown key(s) {unknown} in {where} of the config; known: {sorted(known)}.{hints}")
     if "model" not in cfg:
         raise ConfigError("the config has no `model = \"path/to/hf-folder\"` line.")

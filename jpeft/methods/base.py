@@ -697,10 +697,16 @@ def method_for_peft_type(peft_type: str) -> Optional[Method]:
     return next((m for m in _METHODS.values() if m.peft_type == peft_type), None)
 
 
-def check_adapter(adapter, where: str, *, low_rank_ok: bool = False) -> None:
+def check_adapter(adapter, where: str, *, low_rank_ok: bool = False, params=None) -> None:
     """Raises :class:`~jpeft.errors.ConfigError` unless ``adapter`` is an adapter, a dict
     ``{path: node}`` of site nodes (what :func:`jpeft.init` returns; ``low_rank_ok``: a
-    :class:`LowRank` counts as a node). ``where`` names the call for the message."""
+    :class:`LowRank` counts as a node). ``where`` names the call for the message; ``params``, the
+    call's base params, lets it say when the two were passed the other way round."""
+    if params is not None and isinstance(params, Mapping) and params and all(isinstance(v, Site) for v in params.values()):
+        if not (isinstance(adapter, Mapping) and all(isinstance(v, Site) for v in adapter.values())):
+            raise ConfigError(f"{where}: the params and the adapter are swapped: the params argument holds an adapter "
+                              f"(sites {sorted(params)[:3]}), the adapter argument a {type(adapter).__name__}. Pass the "
+                              "base params first, then the adapter.")
     if not isinstance(adapter, Mapping):
         pair = isinstance(adapter, tuple) and len(adapter) == 2 and isinstance(adapter[1], Mapping)
         raise ConfigError(

@@ -303,7 +303,8 @@ def read_config(path: str) -> dict:
     if not os.path.isdir(path):
         raise LoadError(
             f"{path!r} is not a folder. jpeft loads local Hugging Face checkpoint folders holding config.json and "
-            "model.safetensors (or model.safetensors.index.json with its shards); nothing is downloaded."
+            "model.safetensors (or model.safetensors.index.json with its shards); nothing is downloaded: fetch a hub "
+            "model first (hf download NAME --local-dir DIR) and give DIR."
         )
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
