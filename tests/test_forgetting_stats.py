@@ -1,6 +1,7 @@
 """Pareto fronts, bootstrap intervals and paired tests (jpeft.forgetting.stats) on hand-made
 points, the equal-learning analysis of a sweep, and a miniature sweep's artifacts."""
 
+import gzip
 import csv
 import itertools
 import json
@@ -18,7 +19,7 @@ from jpeft.forgetting import stats as S
 from jpeft.forgetting.cli import families_from_args, main
 from jpeft.forgetting.digits import SplitDigits
 from jpeft.forgetting.experiment import MethodSpec, run_one
-from jpeft.forgetting.sweep import SweepSpec, analyse, combine, spectrum_table, sweep
+from jpeft.forgetting.sweep import SweepSpec, analyse, combine, spectrum_table, sweep, write
 
 # -- Pareto front and interpolation -------------------------------------------------------------
 
@@ -397,3 +398,25 @@ def test_spectrum_correlation_is_tested_over_grid_points_not_over_seeds():
     rho_runs, p_runs = scipy.stats.spearmanr([r["spectrum"]["intruders"] for r in runs], [r["forgetting"] for r in runs])
     assert f"intruders rho = {rho_runs:+.2f} (p = {p_runs:.2g})" in lines[-1] and "over 12 runs" in lines[-1]
     assert "count each run as independent" in lines[-1]
+
+
+_RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
+
+
+def test_committed_sweep_results_are_what_their_points_give(tmp_path):
+    """docs/FORGETTING.md quotes the reports under docs/results/ and says `sweep.write` redraws
+    everything from the gzipped sweep.json: the analysis of the stored points (fronts, bootstrap
+    intervals, paired tests, Holm, Spearman) must give the committed report.md, summary.csv and
+    points.csv byte for byte. Five reports still held the spectrum paragraph written before the
+    correlation was tested over grid points (only the per-run p-values, which count the seeds of
+    a grid point as independent samples)."""
+    sweeps = sorted(d for d in os.listdir(_RESULTS) if os.path.exists(os.path.join(_RESULTS, d, "sweep.json.gz")))
+    assert len(sweeps) >= 6
+    for d in sweeps:
+        with gzip.open(os.path.join(_RESULTS, d, "sweep.json.gz"), "rt") as f:
+            res = json.load(f)
+        res["analysis"] = analyse(res["points"], res["seeds"], n_resamples=res["analysis"]["n_resamples"])
+        write(res, tmp_path / d, plots=False)
+        for name in ("report.md", "summary.csv", "points.csv"):
+            with open(tmp_path / d / name) as a, open(os.path.join(_RESULTS, d, name)) as b:
+                assert a.read() == b.read(), f"docs/results/{d}/{name} is not what its sweep.json.gz gives"
