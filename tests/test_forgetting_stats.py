@@ -1,8 +1,8 @@
 """Pareto fronts, bootstrap intervals and paired tests (jpeft.forgetting.stats) on hand-made
 points, the equal-learning analysis of a sweep, and a miniature sweep's artifacts."""
 
-import gzip
 import csv
+import gzip
 import itertools
 import json
 import math
