@@ -84,7 +84,7 @@ def build(args):
     params = model.init(jax.random.key(1), tok[:1, :4])
     targets = (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
                if args.targets == "all" else args.targets.split(","))
-    lcfg = jpeft.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=targets, init="random")
+    lcfg = jpeft.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=targets, init_weights="random")
     n = max(int(d) for d in args.distinct.split(","))
     keys = jax.random.split(jax.random.key(2), max(n, args.capacity))
     adapters = [jax.tree.map(lambda x: 0.1 * x, jpeft.init(lcfg, params, k)) for k in keys[: args.capacity]]

@@ -106,7 +106,7 @@ def main(argv=None):
                                    max_position_embeddings=args.prompt + args.new_tokens + 8)
     model = jpeft.models.LlamaForCausalLM(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    lcfg = jpeft.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=args.targets.split(","), init="random")
+    lcfg = jpeft.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=args.targets.split(","), init_weights="random")
     counts = [int(k) for k in args.adapters.split(",")]
     pool = {f"t{i}": jpeft.init(lcfg, params, jax.random.key(100 + i)) for i in range(max(counts))}
     max_len = args.prompt + args.new_tokens

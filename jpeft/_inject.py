@@ -464,7 +464,7 @@ def transparent_dot_general(fn):
     ...     return jax.lax.dot_general(lhs, rhs, dims, precision=jax.lax.Precision.HIGHEST, **kw)
     >>> model, x = nn.Dense(4, dot_general=highest), jnp.ones((2, 3))
     >>> params = model.init(jax.random.key(0), x)
-    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="random")
+    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random")
     >>> adapter = jpeft.init(cfg, params, jax.random.key(1), model, x)
     >>> bool(jnp.allclose(model.apply(jpeft.merge(params, adapter), x), jpeft.apply(model, params, adapter, x), atol=1e-5))
     True

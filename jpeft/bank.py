@@ -610,7 +610,7 @@ class AdapterBank:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> model = nn.Dense(4); x = jnp.ones((3, 5))
     >>> params = model.init(jax.random.key(0), x)
-    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="random")
+    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random")
     >>> a, b = (jpeft.init(cfg, params, jax.random.key(i)) for i in (1, 2))
     >>> bank = jpeft.AdapterBank.from_adapters({"a": a, "b": b}, capacity=4)
     >>> routed = bank.route(bank.ids(["b", None, "a"]))

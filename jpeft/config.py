@@ -30,13 +30,19 @@ def register_config(cls):
     so Python, TOML and ``adapter_config.json`` use the same names. A keyword that is neither
     a field nor an alias raises :class:`ConfigError` naming it, the accepted names and the
     nearest one, and so does a value not of a field's declared scalar type (``r="8"``, ``r=8.5``,
-    ``use_rslora="false"``, ``alpha=float("nan")``), for every method's config in this one place."""
+    ``use_rslora="false"``, ``alpha=float("nan")``), for every method's config in this one place.
+    A former field name that is no PEFT key (LoRA's ``init``, now ``init_weights``: a
+    :func:`renamed_option` of the class) is taken too, with a :class:`DeprecationWarning`."""
     _REGISTRY[cls.peft_type] = cls
     aliases = {hf: name for name, hf in cls._hf_keys.items() if hf != name}
+    # a former field name that is no PEFT key (LoRA's init): taken with a DeprecationWarning (renamed_option)
+    cls._former_names = {k: v.new for c in cls.__mro__ for k, v in vars(c).items()
+                         if isinstance(v, _RenamedOption) and k not in aliases}
     init = cls.__init__
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
+        _take_former_names(cls, kwargs, "")
         for hf, name in aliases.items():
             if hf in kwargs:
                 if name in kwargs:
@@ -58,19 +64,53 @@ def register_config(cls):
 
 
 
+class _RenamedOption(property):
+    """The property :func:`renamed_option` makes (``old``, ``new``: the names), which
+    :func:`register_config` finds on a config class."""
+
+
 def renamed_option(old: str, new: str = "init_weights") -> property:
     """A config's read-only attribute ``old`` for its option now named ``new`` (one name for one
     option in every method's config: the init option is ``init_weights``): reading it warns with a
-    :class:`DeprecationWarning` naming ``new`` and returns ``new``'s value. The constructor,
-    ``replace`` and ``from_dict`` take ``old`` as they take every Hugging Face PEFT key name
-    (``_hf_keys``), without a warning: it stays PEFT's ``adapter_config.json`` key."""
+    :class:`DeprecationWarning` naming ``new`` and returns ``new``'s value. Where ``old`` is the
+    option's Hugging Face PEFT key (``_hf_keys``: AdaLoRA's ``init_lora_weights``, IA3's
+    ``init_ia3_weights``) the constructor, ``replace`` and ``from_dict`` take it as they take
+    every PEFT key, without a warning: it stays PEFT's ``adapter_config.json`` key. Where it is
+    not (LoRA's ``init``, whose PEFT key is ``init_lora_weights``) they take it too, with the
+    same :class:`DeprecationWarning` (:func:`register_config`), and ``to_dict`` never writes it."""
     def get(self):
-        cls = type(self).__name__
-        warnings.warn(f"{cls}.{old} is deprecated: the option is {cls}.{new}, its name in every jpeft method's config "
-                      f"({old} stays its Hugging Face PEFT key).", DeprecationWarning, stacklevel=2)
+        warnings.warn(_renamed_note(type(self), old, new), DeprecationWarning, stacklevel=2)
         return getattr(self, new)
 
-    return property(get, doc=f"Deprecated name of :attr:`{new}` (a :class:`DeprecationWarning`).")
+    prop = _RenamedOption(get, doc=f"Deprecated name of :attr:`{new}` (a :class:`DeprecationWarning`).")
+    prop.old, prop.new = old, new
+    return prop
+
+
+def _renamed_note(cls, old: str, new: str, given: bool = False) -> str:
+    """The :class:`DeprecationWarning` of a former option name ``old``: read, or ``given`` (a
+    keyword, a config key)."""
+    name, hf = cls.__name__, cls._hf_keys.get(new, new)
+    peft = f"{old} stays its Hugging Face PEFT key" if hf == old else f"its Hugging Face PEFT key {hf} is taken too"
+    return (f"{name}.{old} is deprecated: the option is {name}.{new}, its name in every jpeft method's config ({peft})"
+            + (f"; write {new} (a keyword, a [method] key, --set {new}=...)." if given else "."))
+
+
+def _take_former_names(cls, kwargs: dict, where: str) -> None:
+    """Renames in ``kwargs`` (keywords or config keys) each former option name of ``cls`` that is
+    no PEFT key (``cls._former_names``, LoRA's ``init``) to its field, with a
+    :class:`DeprecationWarning` naming the field (attributed to the caller of the constructor,
+    ``replace`` or ``from_dict``). Raises :class:`ConfigError` where the field is given too, under
+    its name or its PEFT key."""
+    for old, new in cls._former_names.items():
+        if old not in kwargs:
+            continue
+        for other in dict.fromkeys((new, cls._hf_keys.get(new, new))):
+            if other in kwargs:
+                raise ConfigError(f"{cls.__name__}{where} got both {other}= and {old}=, the option's former name; "
+                                  f"give {new}= alone.")
+        warnings.warn(_renamed_note(cls, old, new, given=True), DeprecationWarning, stacklevel=3)
+        kwargs[new] = kwargs.pop(old)
 
 
 _FLOAT32_MAX = 3.4028234663852886e38  # np.finfo(np.float32).max; NaN compares False
@@ -221,6 +261,8 @@ class AdapterConfig:
     }
     # field name -> Hugging Face adapter_config.json key (only where they differ)
     _hf_keys: ClassVar[Mapping[str, str]] = {}
+    # former field name (no PEFT key) -> field: set by register_config from the class's renamed_option attributes
+    _former_names: ClassVar[Mapping[str, str]] = {}
     # keys Hugging Face writes that do not change what the adapter computes: accepted and ignored
     _ignored_hf_keys: ClassVar[frozenset] = frozenset(
         {
@@ -261,9 +303,10 @@ class AdapterConfig:
 
     @classmethod
     def field_of(cls, key: str) -> str:
-        """The field that ``key`` names: ``key`` itself, or the field whose Hugging Face PEFT
-        name it is (``LoraConfig.field_of("lora_alpha") == "alpha"``)."""
-        return {hf: name for name, hf in cls._hf_keys.items()}.get(key, key)
+        """The field that ``key`` names: ``key`` itself, the field whose Hugging Face PEFT name it
+        is (``LoraConfig.field_of("lora_alpha") == "alpha"``) or whose former name it is
+        (``LoraConfig.field_of("init") == "init_weights"``, deprecated: :func:`renamed_option`)."""
+        return ({hf: name for name, hf in cls._hf_keys.items()} | dict(cls._former_names)).get(key, key)
 
     @classmethod
     def key_names(cls) -> frozenset:
@@ -290,6 +333,7 @@ class AdapterConfig:
 
         Raises:
           ConfigError: a keyword the config does not have, or a field given under both of its names."""
+        _take_former_names(type(self), changes, ".replace")
         for name, hf in self._hf_keys.items():
             if hf != name and hf in changes:
                 if name in changes:
@@ -397,6 +441,7 @@ class AdapterConfig:
                     "Check the adapter_config.json, or use the config class of the method directly."
                 )
             target = _REGISTRY[ptype]
+        _take_former_names(target, d, ".from_dict")
         names = {f.name for f in dataclasses.fields(target)}
         flags = {f.name for f in dataclasses.fields(target) if scalar_kinds(f.type) == (("bool",), False)}
         kwargs, unknown, unsupported, given_as = {}, [], {}, {}

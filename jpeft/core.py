@@ -369,7 +369,7 @@ def merge(params, adapter: Mapping[str, Any]):
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> model, x = nn.Dense(4), jnp.ones((2, 3))
     >>> params = model.init(jax.random.key(0), x)
-    >>> adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(1))
+    >>> adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random"), params, jax.random.key(1))
     >>> merged = jpeft.merge(params, adapter)  # plain params: no jpeft needed to run them
     >>> bool(jnp.allclose(model.apply(merged, x), jpeft.apply(model, params, adapter, x), atol=1e-6))
     True
@@ -386,7 +386,7 @@ def unmerge(merged, adapter: Mapping[str, Any]):
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> params = nn.Dense(4).init(jax.random.key(0), jnp.ones((1, 3)))
-    >>> adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(1))
+    >>> adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random"), params, jax.random.key(1))
     >>> back = jpeft.unmerge(jpeft.merge(params, adapter), adapter)
     >>> bool(jnp.allclose(back["params"]["kernel"], params["params"]["kernel"], atol=1e-6))
     True

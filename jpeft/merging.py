@@ -358,7 +358,7 @@ def merge_adapters(
     >>> from jpeft.merging import merge_adapters
     >>> model = nn.Dense(3); x = jnp.ones((1, 4))
     >>> params = model.init(jax.random.key(0), x)
-    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="random")
+    >>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random")
     >>> a, b = (jpeft.init(cfg, params, jax.random.key(i)) for i in (1, 2))
     >>> m = merge_adapters([a, b], [0.5, 2.0], method="cat")
     >>> m[""].r

@@ -63,7 +63,7 @@ def _adapters():
     }
     out = {}
     for i, (name, (r, alpha, rs, tgt)) in enumerate(specs.items()):
-        cfg = jpeft.LoraConfig(r=r, alpha=alpha, use_rslora=rs, target_modules=tgt, init="random")
+        cfg = jpeft.LoraConfig(r=r, alpha=alpha, use_rslora=rs, target_modules=tgt, init_weights="random")
         ad = jpeft.init(cfg, PARAMS, jax.random.key(10 + i), MODEL, TOK)
         out[name] = jax.tree.map(lambda x: 0.3 * x, ad)  # keeps the logits O(1), so 1e-5 is a tight tolerance
     return out
@@ -140,7 +140,7 @@ def test_rank_and_alpha_patterns_route_as_the_adapter_alone():
     """An adapter whose sites have other ranks and alphas (``rank_pattern`` / ``alpha_pattern``,
     every tensor random) routes to its own outputs beside another adapter and the base."""
     cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=".*", rank_pattern={"mlp": 3}, alpha_pattern={"qkv": 7.0},
-                           init="random")
+                           init_weights="random")
     pat = jax.tree.map(lambda x: 0.3 * x, jpeft.init(cfg, PARAMS, jax.random.key(20), MODEL, TOK))
     assert pat["mlp"].r == 3 and pat["qkv"].scale == pytest.approx(3.5) and pat["o_proj"].scale == pytest.approx(2.0)
     bank = AdapterBank.from_adapters({"pat": pat, "r1": ADAPTERS["r1"]}, capacity=3)
@@ -164,7 +164,7 @@ def test_leading_batch_axis_of_any_rank_and_get_round_trip():
     dense = nn.Dense(3)
     x = jax.random.normal(jax.random.key(3), (4, 5))
     p = dense.init(jax.random.key(4), x)
-    ads = {n: jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), p, jax.random.key(i)) for i, n in enumerate("ab")}
+    ads = {n: jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random"), p, jax.random.key(i)) for i, n in enumerate("ab")}
     b2 = AdapterBank.from_adapters(ads)
     y = jpeft.apply(dense, p, b2.route(["b", "a", None, "b"]), x)
     np.testing.assert_allclose(y[0], jpeft.apply(dense, p, ads["b"], x)[0], atol=1e-6)
@@ -189,7 +189,7 @@ def test_hot_swap_never_recompiles():
 
     fwd(PARAMS, bank.route(NAMES), TOK)
     # replace with an adapter of another rank, remove, add into the freed slot, reroute
-    new = jpeft.init(jpeft.LoraConfig(r=3, alpha=2.0, target_modules=".*", init="random"), PARAMS, jax.random.key(99), MODEL, TOK)
+    new = jpeft.init(jpeft.LoraConfig(r=3, alpha=2.0, target_modules=".*", init_weights="random"), PARAMS, jax.random.key(99), MODEL, TOK)
     b2 = bank.replace("r4", new)
     b3 = b2.remove("r1").add("fresh", ADAPTERS["r1"]).add("extra", ADAPTERS["r2"])
     names3 = ["extra", "fresh", "r4", None, "r2", "r4"]
@@ -334,7 +334,7 @@ def test_adapter_for_another_base_shape():
     bank = AdapterBank.from_adapters(ADAPTERS, capacity=4)
     other = Tiny(d=12, heads=2)
     p_other = other.init(jax.random.key(5), TOK)
-    foreign = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), p_other, jax.random.key(6), other, TOK)
+    foreign = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random"), p_other, jax.random.key(6), other, TOK)
     with pytest.raises(BankShapeError, match=r"made for a dense kernel \(12, 12\) at 'mlp'.*kernel \(8, 8\).*another base model"):
         bank.add("foreign", {"mlp": foreign["mlp"]})
     # a site the bank does not hold
@@ -419,7 +419,7 @@ def test_route_takes_mixed_slots_and_names_numpy_names_and_an_empty_batch():
     model = nn.Dense(4)
     x = jnp.ones((3, 5))
     params = model.init(jax.random.key(0), x)
-    cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="random")
+    cfg = jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random")
     a, b = (jpeft.init(cfg, params, jax.random.key(i)) for i in (1, 2))
     bank = AdapterBank.from_adapters({"a": a, "b": b}, capacity=3)
     want = jpeft.apply(model, params, bank.route(jnp.asarray([1, -1, 0])), x)
@@ -445,7 +445,7 @@ def test_check_takes_an_nnx_module_as_apply_does():
 
     m = MLP(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (3, 4))
-    cfg = jpeft.LoraConfig(r=2, target_modules=["fc1", "fc2"], init="random")
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc1", "fc2"], init_weights="random")
     ads = {n: jpeft.init(cfg, m, jax.random.key(i), None, x) for i, n in enumerate("ab")}
     bank = AdapterBank.from_adapters(ads)
     bank.check(m)
@@ -495,7 +495,7 @@ def test_a_compiled_forward_routes_adapters_added_and_replaced_after_it_compiled
     for i, name in enumerate(NAMES):
         np.testing.assert_allclose(y[i], _alone(name)[i], atol=1e-5, rtol=1e-5, err_msg=name)
     # replace r1 (scale 3) by an adapter of another scale (rank 2, alpha 7: 3.5) in the same slot
-    new = jax.tree.map(lambda x: 0.3 * x, jpeft.init(jpeft.LoraConfig(r=2, alpha=7.0, target_modules=".*", init="random"),
+    new = jax.tree.map(lambda x: 0.3 * x, jpeft.init(jpeft.LoraConfig(r=2, alpha=7.0, target_modules=".*", init_weights="random"),
                                                      PARAMS, jax.random.key(77), MODEL, TOK))
     b2 = bank.replace("r1", new)
     y2 = fwd(PARAMS, b2.weights, b2.ids(NAMES), TOK)
@@ -635,7 +635,7 @@ def test_summary_of_a_routed_bank_counts_the_factors_only():
 def _biased(seed, targets=("qkv", "mlp")):
     """A rank-2 LoRA with a lora_bias at ``targets`` (Dense and a multi-output DenseGeneral), every
     tensor random (PEFT's B and bias start at zero)."""
-    cfg = jpeft.LoraConfig(r=2, alpha=5.0, target_modules=list(targets), lora_bias=True, init="random")
+    cfg = jpeft.LoraConfig(r=2, alpha=5.0, target_modules=list(targets), lora_bias=True, init_weights="random")
     ad = jpeft.init(cfg, PARAMS, jax.random.key(seed), MODEL, TOK)
     leaves, tree = jax.tree.flatten(ad)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -786,7 +786,7 @@ def _tokens(seed, ids, targets=("mlp",)):
     """A LoRA with trainable tokens ``ids`` of Tiny's embedding, every tensor random, acting on the
     input lookup only (``tie_output=False``: Tiny also reads the embedding as its output layer)."""
     cfg = jpeft.LoraConfig(r=2, alpha=3.0, target_modules=list(targets), trainable_token_indices={"embed": list(ids)},
-                           init="random")
+                           init_weights="random")
     ad = jpeft.init(cfg, PARAMS, jax.random.key(seed), MODEL, TOK)
     ad["embed"] = dataclasses.replace(ad["embed"], tie_output=False)
     leaves, tree = jax.tree.flatten(ad)
@@ -882,7 +882,7 @@ def test_peft_trainable_tokens_adapters_in_one_bank_equal_peft_mixed_batch(tmp_p
 # ---------------------------------------------------------------------------------------------
 def _saved(seed, modules=("mlp",), targets=("qkv",)):
     """A LoRA with trained copies of ``modules`` (PEFT's modules_to_save), every tensor random."""
-    cfg = jpeft.LoraConfig(r=2, alpha=3.0, target_modules=list(targets), modules_to_save=list(modules), init="random")
+    cfg = jpeft.LoraConfig(r=2, alpha=3.0, target_modules=list(targets), modules_to_save=list(modules), init_weights="random")
     ad = jpeft.init(cfg, PARAMS, jax.random.key(seed), MODEL, TOK)
     leaves, tree = jax.tree.flatten(ad)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -953,7 +953,7 @@ def test_routing_copies_of_a_wide_head_holds_one_copy_at_a_time_not_one_per_row(
     real lm_head, batch x vocab x hidden weights)."""
     model, x = _WideHead(), jnp.ones((16, 1, 8))
     params = model.init(jax.random.key(0), x)
-    cfg = jpeft.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["head"], init="random")
+    cfg = jpeft.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["head"], init_weights="random")
     ads = {n: jax.tree.map(lambda a: a + 0.1, jpeft.init(cfg, params, jax.random.key(i), model, x)) for i, n in enumerate("ab")}
     names = ["a", "b"] * 8
     one_copy = 32 * 4096 * 4

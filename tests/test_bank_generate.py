@@ -29,7 +29,7 @@ TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"]
 
 
 def _adapter(r, key, rslora=False):
-    cfg = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS, init="random", use_rslora=rslora)
+    cfg = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS, init_weights="random", use_rslora=rslora)
     return jpeft.init(cfg, PARAMS, key)
 
 

@@ -2156,7 +2156,7 @@ def test_merge_and_export_never_write_into_their_inputs_or_leave_stale_shards(hf
     base = tmp_path / "base"
     shutil.copytree(hf_dir / "tiny-llama", base)
     model, params = jpeft.models.from_pretrained(str(base))
-    config = jpeft.LoraConfig(r=2, target_modules=["q_proj"], init="random")
+    config = jpeft.LoraConfig(r=2, target_modules=["q_proj"], init_weights="random")
     adapter = jax.tree.map(lambda x: x + 0.05, jpeft.init(config, params, jax.random.key(0)))  # B random too
     jpeft.save_adapter(str(tmp_path / "a"), config, adapter)
     weights = (base / "model.safetensors").read_bytes()
@@ -2267,7 +2267,7 @@ def test_merge_and_export_with_force_leave_no_earlier_output_to_be_read_instead(
     adapters = {}
     for name, folder in (("tok", hf_dir / "tiny-llama"), ("plain", plain)):
         _, params = jpeft.models.from_pretrained(str(folder))
-        config = jpeft.LoraConfig(r=2, target_modules=["q_proj"], init="random")
+        config = jpeft.LoraConfig(r=2, target_modules=["q_proj"], init_weights="random")
         jpeft.save_adapter(str(tmp_path / name), config, jpeft.init(config, params, jax.random.key(0)))
         adapters[name] = folder
     out = tmp_path / "merged"
@@ -2763,11 +2763,63 @@ def test_set_init_lora_weights_takes_pefts_booleans(tmp_path):
     raw = {"model": "m", "data": {"train": "t.jsonl"}, "method": {"name": "lora"}}
     for text, want in (("false", "random"), ("true", "default"), ("pissa", "pissa")):
         cfg = resolve_config(raw, [f"method.init_lora_weights={text}"], base_dir=str(tmp_path))
-        assert method_of(cfg).init == want
+        assert method_of(cfg).init_weights == want
         args = type("A", (), dict(method="lora", rank=None, alpha=None, target="q_proj",
                                   method_set=[f"init_lora_weights={text}"]))
-        assert method_from_args(args).init == want
+        assert method_from_args(args).init_weights == want
+    assert resolve_config(raw, ["method.init_weights=nan"], base_dir=str(tmp_path))["method"]["init_weights"] == "nan"
+
+
+def test_set_and_method_key_init_still_work_with_one_warning_and_a_run_started_so_resumes_as_init_weights(
+        hf_dir, tmp_path, capsys):
+    """LoRA's init option is ``init_weights`` (docs/METHODS.md); its former name ``init`` in a
+    [method] table or a ``--set`` still works, with one ``warning:`` line naming init_weights per
+    command (Python hides a DeprecationWarning outside __main__: the command shows jpeft's own).
+    A run started with ``init = "gaussian"`` (its resolved_config.json records the key as written)
+    resumes with ``init_weights = "gaussian"``, silently, to the uninterrupted run's adapter bit
+    for bit."""
+    import warnings
+
+    from jpeft.cli._common import method_from_args
+    from jpeft.cli.train_cmd import resolve_config
+
+    args = type("A", (), dict(method="lora", rank=None, alpha=None, target="q_proj", method_set=["init=false"]))
+    with pytest.warns(DeprecationWarning, match=r"LoraConfig\.init is deprecated: .*write init_weights"):
+        assert method_from_args(args).init_weights == "random"  # PEFT's false
+    raw = {"model": "m", "data": {"train": "t.jsonl"}, "method": {"name": "lora"}}
+    # typed as its field, init_weights (str | bool): the text "nan" stays text, not TOML's float nan
     assert resolve_config(raw, ["method.init=nan"], base_dir=str(tmp_path))["method"]["init"] == "nan"
+    old = _tiny_lora_run(hf_dir, tmp_path, steps=2)
+    text = old.read_text()
+    old.write_text(text.replace('[method]\n', '[method]\ninit = "gaussian"\n'))
+    new = tmp_path / "new.toml"
+    new.write_text(text.replace('[method]\n', '[method]\ninit_weights = "gaussian"\n'))
+
+    def show(message, category, filename, lineno, file=None, line=None):  # as Python shows one (pytest records them)
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # Python's default outside __main__
+        warnings.showwarning = show
+        first = jpeft_here(capsys, "train", "--config", old, "--no-progress", "--max-steps", "1")
+        saved = json.loads((tmp_path / "out" / "resolved_config.json").read_text())
+        assert saved["method"]["init"] == "gaussian" and "init_weights" not in saved["method"]  # as written
+        resumed = jpeft_here(capsys, "train", "--config", new, "--no-progress", "--resume")
+        whole = jpeft_here(capsys, "train", "--config", new, "--no-progress", "--output-dir", tmp_path / "whole")
+    for r in (first, resumed, whole):
+        assert r.returncode == 0, r.stderr
+    warned = [ln for ln in first.stderr.splitlines() if "deprecated" in ln]
+    assert warned == ["jpeft train: warning: LoraConfig.init is deprecated: the option is LoraConfig.init_weights, its "
+                      "name in every jpeft method's config (its Hugging Face PEFT key init_lora_weights is taken too); "
+                      "write init_weights (a keyword, a [method] key, --set init_weights=...)."], first.stderr
+    assert "deprecated" not in resumed.stderr + whole.stderr and "resumed from step 1" in resumed.stderr
+    saved = json.loads((tmp_path / "out" / "resolved_config.json").read_text())
+    assert saved["method"]["init_weights"] == "gaussian" and saved["method_config"]["init_lora_weights"] == "gaussian"
+    got, ref = adapter_arrays(tmp_path / "out" / "adapter"), adapter_arrays(tmp_path / "whole" / "adapter")
+    assert sorted(got) == sorted(ref) and len(ref) == 4
+    for k in ref:
+        assert np.abs(ref[k]).min() > 0, k  # trained: neither factor left at its init (gaussian's zero B)
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
 def test_set_values_follow_the_declared_type_of_their_field(tmp_path):
@@ -2780,12 +2832,12 @@ def test_set_values_follow_the_declared_type_of_their_field(tmp_path):
 
     raw = {"model": "m", "data": {"train": "t.jsonl"}}
     cfg = resolve_config(raw, ["data.train=inf", "data.eval=nan", "output_dir=0x10", "data.text_field=-inf",
-                               "data.prompt_field=1e3", "method.init=nan", "method.bias=0x10", "train.steps=0x10",
+                               "data.prompt_field=1e3", "method.init_weights=nan", "method.bias=0x10", "train.steps=0x10",
                                'data.completion_field="true"'], base_dir=str(tmp_path))
     assert cfg["data"]["train"] == str(tmp_path / "inf") and cfg["data"]["eval"] == str(tmp_path / "nan")
     assert cfg["output_dir"] == str(tmp_path / "0x10") and cfg["data"]["text_field"] == "-inf"
     assert cfg["data"]["prompt_field"] == "1e3" and cfg["data"]["completion_field"] == "true"
-    assert cfg["method"]["init"] == "nan" and cfg["method"]["bias"] == "0x10" and cfg["train"]["steps"] == 16
+    assert cfg["method"]["init_weights"] == "nan" and cfg["method"]["bias"] == "0x10" and cfg["train"]["steps"] == 16
     assert resolve_config(raw, ["data.eval=null"], base_dir=str(tmp_path))["data"].get("eval") is None
     for ov, want in (("method.r=abc", "--set method.r: expected an integer, found str 'abc'"),
                      ("method.use_rslora=1", "--set method.use_rslora: expected true or false"),

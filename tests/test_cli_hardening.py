@@ -368,7 +368,7 @@ def test_merge_force_over_an_earlier_export_removes_its_adapter_files(folder, ca
     from jpeft.models import from_pretrained
 
     _, params = from_pretrained(str(folder / "m"))
-    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"], init="random")  # every adapter tensor random
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj"], init_weights="random")  # every adapter tensor random
     jpeft.save_adapter(tmp_path / "a", cfg, jpeft.init(cfg, params, jax.random.key(0)), params=params)
     out = tmp_path / "out"
     common = ["--model", str(folder / "m"), "--adapter", str(tmp_path / "a"), "--out", str(out)]
@@ -395,7 +395,7 @@ def test_merge_into_a_bfloat16_checkpoint_says_when_the_rounding_loses_the_updat
 
     LlamaForCausalLM.from_pretrained(str(folder / "m"), dtype=torch.bfloat16).save_pretrained(tmp_path / "m16")
     _, params = from_pretrained(str(tmp_path / "m16"))  # float32, as `jpeft merge` loads it
-    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init="random")  # every adapter tensor random
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_weights="random")  # every adapter tensor random
     big = jpeft.init(cfg, params, jax.random.key(0))
     small = {p: dataclasses.replace(n, lora_B=n.lora_B * 1e-4) for p, n in big.items()}  # ~40% rounds away
     for name, ad in (("small", small), ("big", big)):

@@ -88,7 +88,7 @@ CASES = {
 def _adapter(case, init="default", r=4, **kw):
     build, targets, needs_model = CASES[case]
     model, params, x = build()
-    cfg = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=targets, init=init, **kw)
+    cfg = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=targets, init_weights=init, **kw)
     if needs_model:
         a = jpeft.init(cfg, params, jax.random.key(7), model, x)
     else:
@@ -123,7 +123,7 @@ def test_merge_and_unmerge_refuse_what_is_not_an_adapter_by_name(tmp_path):
     AttributeError ('tuple' object has no attribute 'items') from inside merge/unmerge (and
     jpeft.apply: "'dict' object has no attribute 'handles'")."""
     model, params, x = _mlp()
-    cfg = jpeft.LoraConfig(r=2, target_modules=["fc2"], init="random")
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc2"], init_weights="random")
     a = jpeft.init(cfg, params, jax.random.key(0))
     jpeft.save_adapter(str(tmp_path / "a"), cfg, a)
     loaded = jpeft.load_adapter(str(tmp_path / "a"), params)
@@ -182,7 +182,7 @@ def test_a_merge_whose_update_rounds_away_in_a_16_bit_kernel_says_so():
     p32 = model.init(jax.random.key(1), x)
     p32 = jax.tree.map(lambda w: w * 0.02 / w.std() if w.ndim == 2 else w, p32)
     p16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), p32)
-    a = jpeft.init(jpeft.LoraConfig(r=8, alpha=16, target_modules=".*", init="random"), p16, jax.random.key(2))
+    a = jpeft.init(jpeft.LoraConfig(r=8, alpha=16, target_modules=".*", init_weights="random"), p16, jax.random.key(2))
     big = a
     a = {"": dataclasses.replace(a[""], lora_B=a[""].lora_B * (1e-4 / float(jnp.abs(a[""].kernel_delta()).mean())))}
     for merge in (jpeft.merge, lambda p, ad: merge_into_base(p, [ad])):
@@ -203,7 +203,7 @@ def _dense_lora(features, x, alpha):
     """An ``nn.Dense(features)`` on ``x`` with a random r=3 LoRA, and its W, b, A, B in float64."""
     model = nn.Dense(features)
     params = model.init(jax.random.key(0), x)
-    a = jpeft.init(jpeft.LoraConfig(r=3, alpha=alpha, target_modules=".*", init="random"), params, jax.random.key(1))
+    a = jpeft.init(jpeft.LoraConfig(r=3, alpha=alpha, target_modules=".*", init_weights="random"), params, jax.random.key(1))
     f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
     p = params["params"]
     return model, params, a, f64(p["kernel"]), f64(p["bias"]), f64(a[""].lora_A), f64(a[""].lora_B)
@@ -219,7 +219,7 @@ def test_lora_matches_fully_computed_matrix():
 
 def test_lora_is_computed_factored_never_materialized():
     model, params, x = _mlp()
-    a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc2"], init="random"), params, jax.random.key(0))
+    a = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc2"], init_weights="random"), params, jax.random.key(0))
     jaxpr = jax.make_jaxpr(lambda p, ad, x: jpeft.apply(model, p, ad, x))(params, a, x)
     shapes = [tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars]
     assert (24, 24) not in shapes, "the merged [in, out] update must not be formed while applying"
@@ -296,7 +296,7 @@ def test_tied_embedding_lora():
     m = Tied()
     ids = jnp.arange(6).reshape(2, 3)
     p = m.init(jax.random.key(0), ids)
-    cfg = jpeft.LoraConfig(r=2, target_modules=["wte"], init="random")
+    cfg = jpeft.LoraConfig(r=2, target_modules=["wte"], init_weights="random")
     a = jpeft.init(cfg, p, jax.random.key(1), m, ids)  # the trace sees attend: tied
     assert a["wte"].tied_output is True
     e = p["params"]["wte"]["embedding"]
@@ -375,7 +375,7 @@ def test_rslora_scale_and_rank_pattern():
 
 def test_dropout_uses_dropout_rng():
     model, params, x = _mlp()
-    a = jpeft.init(jpeft.LoraConfig(r=4, dropout=0.5, target_modules=["fc1", "fc2"], init="random"), params, jax.random.key(0))
+    a = jpeft.init(jpeft.LoraConfig(r=4, dropout=0.5, target_modules=["fc1", "fc2"], init_weights="random"), params, jax.random.key(0))
     y0 = jpeft.apply(model, params, a, x)
     y1 = jpeft.apply(model, params, a, x, rngs={"dropout": jax.random.key(1)})
     y1b = jpeft.apply(model, params, a, x, rngs={"dropout": jax.random.key(1)})
@@ -385,7 +385,7 @@ def test_dropout_uses_dropout_rng():
 
 
 def test_config_round_trip_with_hf_keys():
-    c = jpeft.LoraConfig(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"], use_rslora=True, init="gaussian",
+    c = jpeft.LoraConfig(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"], use_rslora=True, init_weights="gaussian",
                          rank_pattern={"q_proj": 4})
     d = c.to_dict()
     assert d["lora_alpha"] == 16 and d["lora_dropout"] == 0.1 and d["r"] == 8 and d["use_rslora"] is True
@@ -393,7 +393,7 @@ def test_config_round_trip_with_hf_keys():
     assert jpeft.LoraConfig.from_dict(d) == c
     assert jpeft.AdapterConfig.from_dict(d) == c
     assert jpeft.LoraConfig.from_json(c.to_json()) == c
-    assert jpeft.LoraConfig.from_dict(jpeft.LoraConfig().to_dict()).init == "default"
+    assert jpeft.LoraConfig.from_dict(jpeft.LoraConfig().to_dict()).init_weights == "default"
     # keys Hugging Face writes that do not concern jpeft are accepted
     jpeft.LoraConfig.from_dict({**d, "task_type": "CAUSAL_LM", "base_model_name_or_path": "x", "bias": "none"})
 
@@ -489,7 +489,7 @@ def test_target_not_found_lists_nearest_paths():
         (dict(alpha=-1.0), "alpha must be > 0"),
         (dict(dropout=1.0), "dropout must be in [0, 1)"),
         (dict(dropout=-0.1), "dropout must be in [0, 1)"),
-        (dict(init="kaiming"), "init must be one of"),
+        (dict(init_weights="kaiming"), "init_weights (init_lora_weights) must be one of"),
     ],
 )
 def test_bad_config_values(kwargs, needle):
@@ -641,7 +641,7 @@ def test_adapter_does_not_depend_on_params_key_order():
     model, params, x = _mlp()
     inner = params["params"]
     reordered = {"params": {k: inner[k] for k in reversed(list(inner))}}
-    for cfg in (jpeft.LoraConfig(r=2, target_modules=["fc1", "fc2", "head"], init="random"),
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["fc1", "fc2", "head"], init_weights="random"),
                 jpeft.BottleneckConfig(target_modules=["fc1", "fc2"], reduction_factor=4)):
         a = jpeft.init(cfg, params, jax.random.key(0), model, x)
         b = jpeft.init(cfg, reordered, jax.random.key(0), model, x)

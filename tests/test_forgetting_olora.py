@@ -24,7 +24,7 @@ class _Two(nn.Module):
 
 def _lora(params, key, a_mats):
     """A LoRA adapter on _Two whose A matrices are the given ones (B random)."""
-    cfg = jpeft.LoraConfig(r=a_mats["a"].shape[1], alpha=2.0, target_modules=["a", "b"], init="random")
+    cfg = jpeft.LoraConfig(r=a_mats["a"].shape[1], alpha=2.0, target_modules=["a", "b"], init_weights="random")
     ad = jpeft.init(cfg, params, key)
     return {p: dataclasses.replace(n, lora_A=jnp.asarray(a_mats[p], jnp.float32)) for p, n in ad.items()}
 
@@ -74,11 +74,11 @@ def test_spec_refusals():
     with pytest.raises(jpeft.ConfigError, match="plain LoRA"):
         experiment.MethodSpec("x", jpeft.FullFinetuneConfig(), orthogonal=1.0)
     with pytest.raises(jpeft.ConfigError, match="plain LoRA"):
-        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*", init="milora"), orthogonal=1.0)
+        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*", init_weights="milora"), orthogonal=1.0)
     with pytest.raises(jpeft.ConfigError, match="set one of ewc and orthogonal"):
         experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*"), orthogonal=1.0, ewc=1.0)
     with pytest.raises(jpeft.ConfigError, match="per_task_adapter shares"):
-        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*", init="pissa"), per_task_adapter=True)
+        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*", init_weights="pissa"), per_task_adapter=True)
 
 
 def test_every_residual_init_lora_takes_is_one_to_the_runner():
@@ -88,11 +88,11 @@ def test_every_residual_init_lora_takes_is_one_to_the_runner():
     the same way. Now the config says (``residual_init``): pissa_niter_K is refused where the base
     is shared, trained as init_pissa(niter=K) otherwise (the adapter and residual base equal it),
     and a CorDA mark is refused by name with the MethodSpec setting to use."""
-    cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="pissa_niter_2")
+    cfg = jpeft.LoraConfig(r=2, target_modules=".*", init_weights="pissa_niter_2")
     with pytest.raises(jpeft.ConfigError, match="per_task_adapter shares"):
         experiment.MethodSpec("x", cfg, per_task_adapter=True)
-    with pytest.raises(jpeft.ConfigError, match="give init='default' and corda='kpm'"):
-        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*", init="corda_kpm"))
+    with pytest.raises(jpeft.ConfigError, match="give init_weights='default' and corda='kpm'"):
+        experiment.MethodSpec("x", jpeft.LoraConfig(r=2, target_modules=".*", init_weights="corda_kpm"))
     spec = experiment.MethodSpec("x", cfg)
     assert "PiSSA (2 subspace iterations) init, residual base" in spec.describe()
     bench = SplitDigits("task", steps_per_task=2, batch_size=4, hidden=(8,), num_tasks=2)

@@ -61,7 +61,7 @@ def _naive_greedy(model, params, adapter, ids, mask, n):
 def test_lora_adapter_equals_merged_and_cache_free_decoding():
     model, params = loaded("llama3")
     ids, mask = T.batch("llama3", seed=2)
-    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init="random")
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_weights="random")
     adapter = jpeft.init(cfg, params, jax.random.key(3))
     out = np.asarray(jpeft.generate(model, params, adapter, ids, 8, attention_mask=mask))
     merged = np.asarray(jpeft.generate(model, jpeft.merge(params, adapter), None, ids, 8, attention_mask=mask))

@@ -594,7 +594,7 @@ def test_residual_inits_peft_to_jpeft(init, family, tmp_path):
     with pytest.raises(UnsupportedAdapterError, match=rf"init_lora_weights='{init}'.*load_peft_with_base"):
         H.load_peft(str(tmp_path), params)
     config, res, adapter = H.load_peft_with_base(str(tmp_path), params)
-    assert config.init == init
+    assert config.init_weights == init
     out = np.asarray(jpeft.apply(model, res, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     _close(family, out, ref, mask)
 
@@ -635,7 +635,7 @@ def test_residual_inits_peft_cannot_rebuild_are_refused(tmp_path):
         H.save_peft(str(tmp_path / "c"), gcfg, ad)
     # a config that claims a residual init for plain sites would make PEFT subtract factors from the base
     with pytest.raises(UnsupportedAdapterError, match="not relative to a residual base"):
-        H.save_peft(str(tmp_path / "e"), cfg.replace(init="pissa"), _random_adapter("llama2", cfg))
+        H.save_peft(str(tmp_path / "e"), cfg.replace(init_weights="pissa"), _random_adapter("llama2", cfg))
     # PEFT files whose base PEFT itself rebuilds at random (or from data) are refused with the conversion
     H.save_peft(str(tmp_path / "d"), cfg, _random_adapter("llama2", cfg))
     for init in ("pissa_niter_4", "corda", "loftq", "something_new"):
@@ -656,14 +656,14 @@ def test_residual_mark_survives_save_adapter(tmp_path):
     calib = [jnp.asarray(np.random.default_rng(i).integers(3, T.VOCAB, (1, 16))) for i in range(4)]
     made = {
         "pissa": (jpeft.init_pissa(cfg, params, jax.random.key(0)), cfg),
-        "pissa_niter_1": (jpeft.init_pissa(cfg, params, jax.random.key(0), niter=1), cfg.replace(init="pissa")),
+        "pissa_niter_1": (jpeft.init_pissa(cfg, params, jax.random.key(0), niter=1), cfg.replace(init_weights="pissa")),
         "corda_kpm": (jpeft.init_corda(cfg, params, None, model, calib), cfg),
-        "milora": (jpeft.init_milora(cfg, params, jax.random.key(0)), cfg.replace(init="gaussian")),
+        "milora": (jpeft.init_milora(cfg, params, jax.random.key(0)), cfg.replace(init_weights="gaussian")),
     }
     for mark, ((res, ad), save_cfg) in made.items():
         jpeft.save_adapter(tmp_path / mark, save_cfg, ad)
         cfg2, ad2 = jpeft.load_adapter(tmp_path / mark, res)
-        assert cfg2.init == mark and {n.residual for n in ad2.values()} == {mark}, mark
+        assert cfg2.init_weights == mark and {n.residual for n in ad2.values()} == {mark}, mark
         if mark == "pissa":
             H.save_peft(str(tmp_path / "peft"), cfg2, ad2)
             assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
@@ -672,15 +672,15 @@ def test_residual_mark_survives_save_adapter(tmp_path):
                 H.save_peft(str(tmp_path / f"peft_{mark}"), cfg2, ad2)
     # plain sites saved with a residual init in the config come back plain; a mixed adapter is refused
     plain = jpeft.init(cfg, params, jax.random.key(1))
-    jpeft.save_adapter(tmp_path / "plain", cfg.replace(init="pissa"), plain)
+    jpeft.save_adapter(tmp_path / "plain", cfg.replace(init_weights="pissa"), plain)
     cfg3, ad3 = jpeft.load_adapter(tmp_path / "plain", params)
-    assert cfg3.init == "default" and {n.residual for n in ad3.values()} == {None}
+    assert cfg3.init_weights == "default" and {n.residual for n in ad3.values()} == {None}
     mixed = {**made["pissa"][0][1], "x": made["milora"][0][1]["model/layers_0/self_attn/q_proj"]}
     with pytest.raises(jpeft.ConfigError, match="mixes LoRA sites"):
         jpeft.save_adapter(tmp_path / "mixed", cfg, mixed)
     assert not (tmp_path / "mixed").exists()
     with pytest.raises(jpeft.ConfigError, match=r"jpeft.init_corda\("):
-        jpeft.init(cfg.replace(init="corda_kpm"), params, jax.random.key(0))
+        jpeft.init(cfg.replace(init_weights="corda_kpm"), params, jax.random.key(0))
 
 
 # -- tied embeddings ---------------------------------------------------------------------------------------
@@ -742,7 +742,7 @@ def test_merging_lora_on_position_tables_does_not_warn_of_a_tie(family, tables, 
             jpeft.merge(params, real)
     other = {"params": {"wpe": {"embedding": jnp.ones((5, 4))}}}  # not jpeft.models' GPT-2 (no wte beside it)
     with pytest.warns(UserWarning, match="cannot tell whether"):
-        jpeft.merge(other, jpeft.init(jpeft.LoraConfig(r=2, target_modules=["wpe"], init="random"), other,
+        jpeft.merge(other, jpeft.init(jpeft.LoraConfig(r=2, target_modules=["wpe"], init_weights="random"), other,
                                       jax.random.key(0)))
 
 
@@ -895,7 +895,7 @@ def test_modules_to_save_tied_embedding_both_ways(tmp_path, caplog, tie):
 
 def test_peft_key_names_are_config_aliases():
     c = jpeft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, init_lora_weights=False, target_modules=["q_proj"])
-    assert c == jpeft.LoraConfig(r=4, alpha=16, dropout=0.1, init="random", target_modules=["q_proj"])
+    assert c == jpeft.LoraConfig(r=4, alpha=16, dropout=0.1, init_weights="random", target_modules=["q_proj"])
     assert c.replace(alpha=8).alpha == 8
     with pytest.raises(jpeft.ConfigError, match="both alpha= and its Hugging Face PEFT alias lora_alpha="):
         jpeft.LoraConfig(alpha=8, lora_alpha=16)

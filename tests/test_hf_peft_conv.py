@@ -265,7 +265,7 @@ def test_pissa_with_conv_in_the_model_loads_with_base(tmp_path):
     with pytest.raises(UnsupportedAdapterError, match="ConvNd layer has no pissa init"):
         H.load_peft_with_base(str(tmp_path / "conv"), params, model=_FlaxNet(), example_args=(fx,))
 
-    config = jpeft.LoraConfig(r=2, target_modules=["c1"], init="pissa")
+    config = jpeft.LoraConfig(r=2, target_modules=["c1"], init_weights="pissa")
     _, own = jpeft.init_pissa(config, params, jax.random.key(0), _FlaxNet(), fx)
     with pytest.raises(UnsupportedAdapterError, match="ConvNd layer has no pissa init"):
         H.save_peft(str(tmp_path / "own"), config, own, params=params)

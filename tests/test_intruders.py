@@ -158,7 +158,7 @@ def test_update_spectrum_names_the_changed_kernels_it_cannot_measure():
 
     x = jnp.ones((2, 16))
     params = M().init(jax.random.key(0), x)
-    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["proj", "out"], init="random"), params,
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["proj", "out"], init_weights="random"), params,
                          jax.random.key(1), M(), x)
     merged = jpeft.merge(params, adapter)
     with pytest.warns(UserWarning, match=r"1 changed kernel\(s\) of other ranks.*'params/proj/kernel'"):
@@ -180,7 +180,7 @@ def test_update_spectrum_names_a_changed_embedding():
 
     ids = jnp.array([[1, 2, 3]])
     params = M().init(jax.random.key(0), ids)
-    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed_tokens", "out"], init="random"), params,
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed_tokens", "out"], init_weights="random"), params,
                          jax.random.key(1), M(), ids)
     merged = jpeft.merge(params, adapter)
     with pytest.warns(UserWarning, match=r"'params/embed_tokens/embedding'.*embedding tables"):
@@ -200,7 +200,7 @@ def test_update_spectrum_reads_kernels_boxed_by_with_partitioning():
     x = jax.random.normal(jax.random.key(0), (4, 12))
     params = BoxedMLP(16, 3).init(jax.random.key(1), x)
     assert isinstance(params["params"]["d"]["kernel"], nn.Partitioned)
-    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "o"], init="random"), params, jax.random.key(2))
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d", "o"], init_weights="random"), params, jax.random.key(2))
     adapter = {p: dataclasses.replace(n, lora_B=jax.random.normal(jax.random.key(3), n.lora_B.shape))
                for p, n in adapter.items()}
     want = spectral.update_spectrum(nn.unbox(params), jpeft.merge(nn.unbox(params), adapter))

@@ -40,7 +40,7 @@ X = jax.random.normal(jax.random.key(0), (2, 5, 4))
 def _setup(targets=("d", "dg", "conv", "nobias"), **kw):
     model = Net()
     params = model.init(jax.random.key(1), X)
-    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=list(targets), lora_bias=True, init="random", **kw)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=list(targets), lora_bias=True, init_weights="random", **kw)
     ad = jpeft.init(cfg, params, jax.random.key(2), model, X)
     # every adapter tensor random, the bias included
     leaves, tdef = jax.tree.flatten(ad)
@@ -55,7 +55,7 @@ def test_default_init_is_identity_and_random_init_is_not():
     ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], lora_bias=True), params, jax.random.key(2))
     assert ad["d"].lora_bias.shape == (6,) and not ad["d"].lora_bias.any()
     np.testing.assert_array_equal(jpeft.apply(model, params, ad, X), model.apply(params, X))
-    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], lora_bias=True, init="random"), params,
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["d"], lora_bias=True, init_weights="random"), params,
                     jax.random.key(2))
     b = np.asarray(ad["d"].lora_bias)
     assert np.abs(b).max() > 0 and np.abs(b).max() <= 1 / np.sqrt(2)  # torch.nn.Linear's bound 1/sqrt(r)
@@ -108,8 +108,8 @@ def test_config_round_trip_and_refusals():
     assert hash(c) != hash(c.replace(lora_bias=False))
     with pytest.raises(ConfigError, match="DoRA|use_dora"):
         jpeft.LoraConfig(target_modules=["d"], lora_bias=True, use_dora=True)
-    with pytest.raises(ConfigError, match="init='gaussian'"):
-        jpeft.LoraConfig(target_modules=["d"], lora_bias=True, init="gaussian")
+    with pytest.raises(ConfigError, match="init_weights='gaussian'"):
+        jpeft.LoraConfig(target_modules=["d"], lora_bias=True, init_weights="gaussian")
     with pytest.raises(ConfigError, match="true or false"):
         jpeft.LoraConfig(target_modules=["d"], lora_bias="yes")
 
@@ -149,7 +149,7 @@ def test_adapter_merging_refuses_the_bias_the_bank_routes_it_and_refuses_base_bi
 def test_bias_modes_merge_train_and_refusals(mode):
     model = Net()
     params = model.init(jax.random.key(1), X)
-    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["d"], bias=mode, init="random")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["d"], bias=mode, init_weights="random")
     ad = jpeft.init(cfg, params, jax.random.key(2), model, X)
     assert ad["d"].base_bias.shape == (6,)
     assert set(ad) == ({"d", "dg", "conv"} if mode == "all" else {"d"})  # "nobias" has no bias to train
@@ -211,7 +211,7 @@ def test_peft_file_base_bias_is_written_and_read_back_and_a_wrong_size_is_named(
     BaseMismatchError OFT and VeRA give (now one shared reader). The key written is PEFT's
     ``base_layer.bias`` holding the trained bias, which reads back unchanged."""
     model, params = Net(), Net().init(jax.random.key(1), X)
-    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["d"], init="random", bias="lora_only")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["d"], init_weights="random", bias="lora_only")
     ad = jpeft.init(cfg, params, jax.random.key(2), model, X)
     leaves, tdef = jax.tree.flatten(ad)  # every adapter tensor random, the trained base bias included
     keys = jax.random.split(jax.random.key(3), len(leaves))

@@ -136,7 +136,7 @@ def test_merge_into_base_for_single_tenant_serving():
     model = nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(3)])
     x = jax.random.normal(jax.random.key(0), (4, 5))
     params = model.init(jax.random.key(1), x)
-    cfg = jpeft.LoraConfig(r=2, alpha=3, target_modules=".*", init="random")
+    cfg = jpeft.LoraConfig(r=2, alpha=3, target_modules=".*", init_weights="random")
     a = jpeft.init(cfg, params, jax.random.key(2))
     b = jpeft.init(cfg.replace(r=3, use_rslora=True), params, jax.random.key(3))
     # one adapter: the same as jpeft.merge
@@ -195,7 +195,7 @@ def test_merging_keeps_an_embeddings_tied_output_update(method):
     projection; a merged adapter must do both, or half the update is silently lost."""
     ids = jnp.array([[1, 5, 7, 3]])
     params = _TiedLM().init(jax.random.key(2), ids)
-    cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=["embed_tokens", "q_proj"], init="random",
+    cfg = jpeft.LoraConfig(r=2, alpha=2, target_modules=["embed_tokens", "q_proj"], init_weights="random",
                            ensure_weight_tying=True)
     a, b = (jpeft.init(cfg, params, jax.random.key(k), _TiedLM(), ids) for k in (5, 6))
     w = [0.7, -0.4]
@@ -223,9 +223,9 @@ def test_merging_keeps_an_embeddings_tied_output_update(method):
 def test_merging_refuses_what_would_change_a_tied_output():
     ids = jnp.array([[1, 5, 7, 3]])
     params = _TiedLM().init(jax.random.key(2), ids)
-    lookup_only = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed_tokens"], init="random"), params,
+    lookup_only = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed_tokens"], init_weights="random"), params,
                              jax.random.key(5), _TiedLM(), ids)
-    both = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed_tokens"], init="random", ensure_weight_tying=True),
+    both = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["embed_tokens"], init_weights="random", ensure_weight_tying=True),
                       params, jax.random.key(6), _TiedLM(), ids)
     # folding a lookup-only update into the shared weight would change the output projection:
     # refused as jpeft.merge refuses it
@@ -280,7 +280,7 @@ def test_a_merged_adapter_saved_with_its_inputs_config_loads_back_unchanged(meth
     model = nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(3)])
     x = jax.random.normal(jax.random.key(0), (2, 5))
     params = model.init(jax.random.key(1), x)
-    cfg = jpeft.LoraConfig(r=2, alpha=16, target_modules=".*", init="random")
+    cfg = jpeft.LoraConfig(r=2, alpha=16, target_modules=".*", init_weights="random")
     a = jpeft.init(cfg, params, jax.random.key(2))
     b = jpeft.init(cfg.replace(r=3, use_rslora=True), params, jax.random.key(3))
     a, b = (jax.tree.map(lambda t: t + 0.3, ad) for ad in (a, b))  # B random too
@@ -300,7 +300,7 @@ def test_merge_into_base_on_a_quantized_base_equals_jpeft_merge(scheme):
     # an NF4 base raised AttributeError ('NF4Array' object has no attribute 'astype'), int8 a TypeError
     params = nn.Dense(64).init(jax.random.key(0), jnp.ones((1, 64)))
     q = jpeft.quantize(params, scheme)
-    a, b = (jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(i)) for i in (1, 2))
+    a, b = (jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random"), params, jax.random.key(i)) for i in (1, 2))
     a, b = (jax.tree.map(lambda t: t + 0.1, x) for x in (a, b))  # B random too
     got = merge_into_base(q, [a, b], [0.5, -2.0])["params"]["kernel"]
     want = jpeft.merge(q, merge_adapters([a, b], [0.5, -2.0], method="cat"))["params"]["kernel"]
@@ -342,7 +342,7 @@ def test_residual_base_adapters_are_refused_by_name(init, tmp_path):
     model = nn.Dense(5)
     params = model.init(jax.random.key(0), jnp.ones((1, 6)))
     residual, res = getattr(jpeft, init)(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(1))
-    plain = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(2))
+    plain = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random"), params, jax.random.key(2))
     for call in (lambda: merge_adapters([res], method="svd", rank=2), lambda: merge_adapters([plain, res], method="cat"),
                  lambda: merge_deltas([plain, res]), lambda: merge_into_base(params, [res])):
         with pytest.raises(NotMergeableError, match=r"adapter \d at '' comes from jpeft.init_.*residual base.*"
@@ -391,7 +391,7 @@ def test_merge_into_base_of_an_nnx_module_is_a_merged_module_as_jpeft_merge():
             return self.head(nnx.relu(self.l2(nnx.relu(self.l1(x)))))
 
     model, x = Net(), jax.random.normal(jax.random.key(0), (2, 5))
-    cfg = jpeft.LoraConfig(r=2, alpha=3, target_modules=".*", init="random")
+    cfg = jpeft.LoraConfig(r=2, alpha=3, target_modules=".*", init_weights="random")
     a, b = (jax.tree.map(lambda t: t + 0.3, jpeft.init(c, model, jax.random.key(i)))  # B random too
             for i, c in ((1, cfg), (2, cfg.replace(r=3, use_rslora=True))))
     w = [0.7, -1.2]
@@ -413,7 +413,7 @@ def test_merge_into_base_of_an_nnx_module_is_a_merged_module_as_jpeft_merge():
             return self.b(self.a(x))
 
     tied = Tied()
-    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["a"], init="random"), tied, jax.random.key(3))
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["a"], init_weights="random"), tied, jax.random.key(3))
     with pytest.raises(NotMergeableError, match=r"site 'a' is on a module whose weights another.*b/kernel"):
         merge_into_base(tied, [ad])
 

@@ -54,7 +54,7 @@ def pair():
     ids = np.array([[1, 4, 9], [0, 2, 2]])
     img = np.random.RandomState(2).randn(2, 3, 5, 5).astype(np.float32)
     fparams = {"params": params}
-    jcfg = jpeft.LoraConfig(r=2, alpha=3, target_modules=["lin", "emb", "conv"], use_dora=True, init="random")
+    jcfg = jpeft.LoraConfig(r=2, alpha=3, target_modules=["lin", "emb", "conv"], use_dora=True, init_weights="random")
     model = FlaxNet()
     ad = jpeft.init(jcfg, fparams, jax.random.key(0), model, jnp.asarray(x), jnp.asarray(ids), jnp.asarray(img).transpose(0, 2, 3, 1))
     r = 2
@@ -141,7 +141,7 @@ def test_merge_equals_factored_for_every_layout():
     model = Net()
     params = model.init(jax.random.key(1), x, ids)
     # the embedding is also read through attend: ensure_weight_tying adapts both uses, so merging is exact
-    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["dg", "ein", "emb"], use_dora=True, init="random",
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["dg", "ein", "emb"], use_dora=True, init_weights="random",
                            ensure_weight_tying=True)
     ad = jpeft.init(cfg, params, jax.random.key(2), model, x, ids)
     ad = {k: rep(v, magnitude=v.magnitude * jnp.linspace(0.7, 1.3, v.magnitude.size)) for k, v in ad.items()}
@@ -172,7 +172,7 @@ def test_dropout_recomputes_base_on_dropped_input():
     model = nn.Dense(4)
     x = jax.random.normal(jax.random.key(0), (64, 6))
     params = model.init(jax.random.key(1), x)
-    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", use_dora=True, dropout=0.5, init="random"), params, jax.random.key(2))
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", use_dora=True, dropout=0.5, init_weights="random"), params, jax.random.key(2))
     ad = {k: rep(v, magnitude=v.magnitude * 1.5) for k, v in ad.items()}
     y0 = jpeft.apply(model, params, ad, x)
     y1 = jpeft.apply(model, params, ad, x, rngs={"dropout": jax.random.key(3)})

@@ -934,7 +934,7 @@ def test_dora_with_trained_base_biases_matches_peft(family, bias, tmp_path):
     own = {p: dataclasses.replace(n, base_bias=None) if isinstance(n, jpeft.LoraWeights) else n for p, n in ad.items()}
     assert np.abs(run(params, own) - ref).max() > 1e-2
     # jpeft -> PEFT
-    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=targets, use_dora=True, bias=bias, init="random")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=targets, use_dora=True, bias=bias, init_weights="random")
     ad2 = _perturb(jpeft.init(cfg, params, jax.random.key(0)), jax.random.key(1))
     out2 = run(params, ad2)
     save_peft(str(tmp_path / "j"), cfg, ad2, params=params, base_model_name_or_path=folder)

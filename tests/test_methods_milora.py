@@ -61,12 +61,12 @@ def test_milora_refusals(tmp_path):
     model = nn.Dense(3)
     params = model.init(jax.random.key(0), jnp.ones((1, 4)))
     with pytest.raises(jpeft.ConfigError, match="init_milora"):
-        jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="milora"), params, jax.random.key(0))
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="milora"), params, jax.random.key(0))
     with pytest.raises(jpeft.ConfigError, match="exceeds the rank"):
         jpeft.init_milora(jpeft.LoraConfig(r=4, target_modules=".*"), params, jax.random.key(0))
     res, ad = jpeft.init_milora(jpeft.LoraConfig(r=2, target_modules=".*"), params, jax.random.key(0))
     with pytest.raises(jpeft.errors.UnsupportedAdapterError, match="no MiLoRA init"):
-        jpeft.hf.save_peft(str(tmp_path / "milora"), jpeft.LoraConfig(r=2, target_modules=".*", init="milora"), ad, params=res)
+        jpeft.hf.save_peft(str(tmp_path / "milora"), jpeft.LoraConfig(r=2, target_modules=".*", init_weights="milora"), ad, params=res)
 
 
 def test_key_is_optional_where_it_is_unused():

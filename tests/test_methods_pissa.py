@@ -73,7 +73,7 @@ def test_errors():
     model = nn.Dense(3)
     params = model.init(jax.random.key(0), jnp.ones((1, 4)))
     with pytest.raises(jpeft.ConfigError, match="init_pissa"):
-        jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="pissa"), params, jax.random.key(0))
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="pissa"), params, jax.random.key(0))
     nan = jax.tree.map(lambda x: x.at[..., 0].set(jnp.nan) if x.ndim == 2 else x, params)
     for init in (jpeft.init_pissa, jpeft.init_olora, jpeft.init_milora):  # the factors were NaN, silently
         with pytest.raises(jpeft.errors.InputValidationError, match="NaN or inf"):
@@ -252,9 +252,9 @@ def test_converted_residual_adapters_merge_join_a_bank_and_scan():
     assert isinstance(plain["model/layers/self_attn/q_proj"], jpeft.scan.Stacked)
     np.testing.assert_allclose(jpeft.apply(smodel, sparams, plain, ids), jpeft.apply(smodel, res, ad, ids), atol=1e-5)
     # the config: r and alpha doubled (alpha * sqrt(2) under rsLoRA), as PEFT writes its conversion
-    c = jpeft.convert_residual_config(jpeft.LoraConfig(r=3, alpha=5, init="pissa", use_rslora=True,
+    c = jpeft.convert_residual_config(jpeft.LoraConfig(r=3, alpha=5, init_weights="pissa", use_rslora=True,
                                                        rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 4}))
-    assert (c.init, c.r, c.rank_pattern) == ("default", 6, {"v_proj": 4})
+    assert (c.init_weights, c.r, c.rank_pattern) == ("default", 6, {"v_proj": 4})
     np.testing.assert_allclose([c.alpha, c.alpha_pattern["v_proj"]], [5 * 2 ** 0.5, 4 * 2 ** 0.5])
 
 

@@ -352,7 +352,7 @@ def test_low_rank_form_merges_with_lora_adapters():
     x = jax.random.normal(jax.random.key(0), (2, 4))
     params = model.init(jax.random.key(1), x)
     vera = _randomize(jpeft.init(VeraConfig(r=3, target_modules=".*"), params, jax.random.key(2)), 6)
-    lora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(3))
+    lora = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random"), params, jax.random.key(3))
     merged = jpeft.merge_adapters([vera, lora], [1.0, 1.0], method="cat")
     both = model.apply(jpeft.merge(jpeft.merge(params, vera), lora), x)
     np.testing.assert_allclose(jpeft.apply(model, params, merged, x), both, rtol=1e-5, atol=1e-5)

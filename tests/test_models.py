@@ -95,7 +95,7 @@ def test_gpt2_conv1d_weights_are_not_transposed():
 
 def test_hf_target_modules_select_the_same_modules():
     model, params = loaded("llama2")
-    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], init="random")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], init_weights="random")
     adapter = jpeft.init(cfg, params, jax.random.key(0))
     assert sorted(adapter) == [f"model/layers_{i}/self_attn/{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     regex = jpeft.LoraConfig(r=2, target_modules=r".*\.layers\.1\.mlp\.(up|down)_proj")
@@ -237,7 +237,7 @@ def test_remat_gives_the_same_values_and_gradients():
     model, params = loaded("llama2")
     rmodel = M.LlamaForCausalLM(model.config.replace(remat=True, remat_policy="nothing_saveable"))
     ids = jnp.asarray(T.batch("llama2")[0])
-    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init="random")
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_weights="random")
     adapter = jpeft.init(cfg, params, jax.random.key(1))
 
     def loss(m):
@@ -754,7 +754,7 @@ def test_save_pretrained_loads_in_transformers(kind, tmp_path):
             if kp[-1].key in ("scale", "bias") else x, params)
     targets = {"llama": ["q_proj", "gate_proj"], "qwen3": ["q_proj", "k_proj", "gate_proj"],
                "bert": ["query", "classifier"]}[kind]
-    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=targets, init="random"), params, jax.random.key(1))
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=targets, init_weights="random"), params, jax.random.key(1))
     want = np.asarray(jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     M.save_pretrained(str(tmp_path), model, jpeft.merge(params, adapter))
     hf = t.AutoModelForCausalLM if kind != "bert" else t.AutoModelForSequenceClassification

@@ -35,7 +35,7 @@ X = jax.random.normal(jax.random.key(0), (2, 5, 4))
 def _setup(**kw):
     model = Net()
     params = model.init(jax.random.key(1), X)
-    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["d"], modules_to_save=["head", "norm"], init="random", **kw)
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["d"], modules_to_save=["head", "norm"], init_weights="random", **kw)
     ad = jpeft.init(cfg, params, jax.random.key(2), model, X)
     leaves, tdef = jax.tree.flatten(ad)
     keys = jax.random.split(jax.random.key(3), len(leaves))

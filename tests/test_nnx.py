@@ -633,7 +633,7 @@ def test_the_callers_state_is_never_mutated_and_base_dropout_follows_the_key():
                               else v.get_value()) for p, v in nnx.to_flat_state(s)}
 
     before = snap(st)
-    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"], init="random"), st, jax.random.key(1))
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"], init_weights="random"), st, jax.random.key(1))
     x = jax.random.normal(jax.random.key(0), (4, 8))
     y1 = jpeft.apply(gd, st, ad, x, rngs={"dropout": jax.random.key(5)})
     y2 = jpeft.apply(gd, st, ad, x, rngs={"dropout": jax.random.key(5)})
@@ -719,7 +719,7 @@ def test_adapted_submodules_under_nnx_transforms_are_refused_by_name():
             return nnx.jit(lambda m, x: m(x))(self.fc, x)
 
     x = jnp.ones((2, 8))
-    cfg = jpeft.LoraConfig(r=2, target_modules=["fc"], init="random")
+    cfg = jpeft.LoraConfig(r=2, target_modules=["fc"], init_weights="random")
     for how in ("remat", "jit"):
         graphdef, state = nnx.split(Net(how, nnx.Rngs(0)))
         adapter = jpeft.init(cfg, state, jax.random.key(1))
@@ -751,7 +751,7 @@ def test_a_merged_nnx_model_shares_no_variables_with_the_original():
     model = Net(nnx.Rngs(0))
     model.train()
     x = jax.random.normal(jax.random.key(1), (3, 4))
-    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"], init="random"), model, jax.random.key(2))
+    ad = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["fc1"], init_weights="random"), model, jax.random.key(2))
     before = snap(model)
     gd, st = nnx.split(model)
     for merged in (jpeft.merge(model, ad), nnx.merge(gd, jpeft.merge(st, ad))):

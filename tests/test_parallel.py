@@ -1019,7 +1019,7 @@ def test_remat_flag_of_jpeft_models_same_gradients():
     tokens = jnp.asarray(C.batches(1, batch=4, seq=8)[0]["tokens"] % 64)
     model = LlamaForCausalLM(cfg)
     params = model.init(jax.random.key(0), tokens[:, :-1])
-    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init="random"),
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_weights="random"),
                          params, jax.random.key(1))
 
     def make_loss(m):

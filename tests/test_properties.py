@@ -59,9 +59,9 @@ CASES = {
     "pfeiffer": Case(BottleneckConfig.pfeiffer(reduction_factor=4, init_weights="mam"), True, False),
     "prefix": Case(PrefixTuningConfig(num_virtual_tokens=2), False, False),
     "prompt": Case(PromptTuningConfig(num_virtual_tokens=2), False, False),
-    "pissa": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"], init="pissa"), True, True,
+    "pissa": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "up_proj"], init_weights="pissa"), True, True,
                   residual=init_pissa),
-    "olora": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"], init="olora"), True, True,
+    "olora": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"], init_weights="olora"), True, True,
                   residual=init_olora),
     # trainable tokens (PEFT's trainable_token_indices): rows 1 and 3 of the embedding, beside LoRA on q
     "tokens": Case(jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], trainable_token_indices=[1, 3]), True, True,
@@ -80,9 +80,9 @@ CASES = {
                                       alpha_pattern={"up_proj": 8.0}), True, True),
     "modules_to_save": Case(jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]), True, True,
                             invertible=False),  # the merged copy replaces the base head
-    "milora": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"], init="milora"), True, True,
+    "milora": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"], init_weights="milora"), True, True,
                    residual=init_milora),
-    "corda": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"], init="corda_kpm"), True, True,
+    "corda": Case(jpeft.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj"], init_weights="corda_kpm"), True, True,
                   residual=lambda cfg, p, key: init_corda(cfg, p, key, MODEL, [IDS[i:i + 1] for i in range(4)])),
     "oft_block_share": Case(OFTConfig(oft_block_size=4, block_share=True, target_modules=["q_proj", "v_proj"]), True, True),
     "oft_coft": Case(OFTConfig(oft_block_size=4, coft=True, eps=2.0, target_modules=["q_proj", "v_proj"]), True, True),

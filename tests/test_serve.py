@@ -43,7 +43,7 @@ TEMPLATE = ("{%- set off = enable_thinking is defined and enable_thinking is fal
 
 
 def _lora(key, targets, r=4):
-    cfg = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=targets, init="random")
+    cfg = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=targets, init_weights="random")
     return cfg, jpeft.init(cfg, PARAMS, jax.random.key(key))
 
 
@@ -1079,7 +1079,7 @@ def test_engine_after_hot_add_and_remove_generates_with_each_new_adapters_own_sc
     from jpeft.serve import Engine
 
     def lora(seed, r, alpha):
-        cfg = jpeft.LoraConfig(r=r, alpha=alpha, target_modules=TARGETS, init="random")
+        cfg = jpeft.LoraConfig(r=r, alpha=alpha, target_modules=TARGETS, init_weights="random")
         return jpeft.init(cfg, PARAMS, jax.random.key(seed))
 
     new = {"x": lora(11, 2, 7.0), "y": lora(12, 3, 1.5)}
@@ -1109,7 +1109,7 @@ def test_serve_takes_lora_bias_adapters_at_start_and_live_and_generates_their_to
     from jpeft.cli import serve_cmd
 
     def biased(seed, targets):
-        cfg = jpeft.LoraConfig(r=2, alpha=5.0, target_modules=targets, lora_bias=True, init="random")
+        cfg = jpeft.LoraConfig(r=2, alpha=5.0, target_modules=targets, lora_bias=True, init_weights="random")
         ad = jpeft.init(cfg, PARAMS, jax.random.key(seed))
         leaves, tree = jax.tree.flatten(ad)
         keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -1213,7 +1213,7 @@ def test_serve_reserves_token_rows_and_module_copies_for_adapters_added_live(tmp
     from jpeft.cli import serve_cmd
 
     def rand(seed, **kw):
-        cfg = jpeft.LoraConfig(r=2, alpha=3.0, init="random", **kw)
+        cfg = jpeft.LoraConfig(r=2, alpha=3.0, init_weights="random", **kw)
         leaves, tree = jax.tree.flatten(jpeft.init(cfg, PARAMS, jax.random.key(seed)))
         keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
         return cfg, jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])

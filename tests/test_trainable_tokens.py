@@ -35,7 +35,7 @@ class Tied(nn.Module):
 def _setup(model=None, **kw):
     model = model or Tied()
     params = model.init(jax.random.key(1), IDS)
-    cfg = jpeft.LoraConfig(r=2, target_modules=["d"], trainable_token_indices=IDX, init="random", **kw)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["d"], trainable_token_indices=IDX, init_weights="random", **kw)
     ad = jpeft.init(cfg, params, jax.random.key(2), model, IDS)
     leaves, tdef = jax.tree.flatten(ad)
     keys = jax.random.split(jax.random.key(3), len(leaves))

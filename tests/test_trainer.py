@@ -122,7 +122,7 @@ def test_tuple_batches_of_ones_own_model_train_and_log_no_token_rate():
     x = jax.random.normal(jax.random.key(0), (4, 8, 3))
     y = jnp.tanh(x[..., :2])
     params = model.init(jax.random.key(1), x[0])
-    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(2))
+    adapter = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random"), params, jax.random.key(2))
     opt = optax.sgd(0.1)
     step = jpeft.make_train_step(lambda p, a, b, k: jnp.mean((jpeft.apply(model, p, a, b[0]) - b[1]) ** 2), opt,
                                  donate=False)
@@ -149,7 +149,7 @@ def test_a_half_precision_adapter_is_warned_of_because_its_small_updates_round_a
     model = nn.Dense(8)
     x = jax.random.normal(jax.random.key(0), (4, 16, 8))
     params = model.init(jax.random.key(1), x[0])
-    a32 = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init="random"), params, jax.random.key(2))
+    a32 = jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random"), params, jax.random.key(2))
     a16 = jax.tree.map(lambda v: v.astype(jnp.bfloat16), a32)
     opt = optax.adam(1e-5)
     step = jpeft.make_train_step(

@@ -68,10 +68,12 @@ def _warnings_as_lines(prog: str):
     ``jpeft train: warning: <message>``, not Python's ``/path/file.py:123: UserWarning: ...``
     with the source line under it. A warning from outside jpeft names its category and package
     (``jpeft eval: warning: FutureWarning from transformers: ...``). Only how a shown warning
-    is written changes (``warnings.formatwarning``, restored after the command): which warnings
-    are shown (the filters), and a program or test that records them (``warnings.catch_warnings(
-    record=True)``, ``pytest.warns``), are untouched, and jpeft's Python functions called
-    outside :func:`main` warn as Python does."""
+    is written changes (``warnings.formatwarning``, restored after the command), and one filter
+    is added while it runs: jpeft's own :class:`DeprecationWarning` (a former option name in a
+    ``[method]`` table or a ``--set``, LoRA's ``init``), which Python shows only when raised from
+    ``__main__``, is shown, once. A program or test that records warnings
+    (``warnings.catch_warnings(record=True)``, ``pytest.warns``) still records those shown, and
+    jpeft's Python functions called outside :func:`main` warn as Python does."""
     def line(message, category, filename, lineno, line=None):
         here = os.path.abspath(filename or "?").startswith(_JPEFT_DIR + os.sep)
         origin = "" if here else f"{category.__name__} from {_origin(filename)}: "
@@ -80,7 +82,9 @@ def _warnings_as_lines(prog: str):
     previous = warnings.formatwarning
     warnings.formatwarning = line
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("default", category=DeprecationWarning, module=r"jpeft(\.|$)")
+            yield
     finally:
         if warnings.formatwarning is line:
             warnings.formatwarning = previous

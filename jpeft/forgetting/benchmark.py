@@ -64,7 +64,7 @@ class MethodSpec:
         :func:`jpeft.init_corda`): ``"kpm"`` starts the adapter in the directions the
         benchmark's pretrained tasks use least (calibrated on their training data: what must
         not be forgotten), ``"ipm"`` in those the first trained task uses most; ``None``: off.
-        Needs a plain LoRA ``config`` (init ``"default"``); the base becomes the residual, as
+        Needs a plain LoRA ``config`` (init_weights ``"default"``); the base becomes the residual, as
         for PiSSA.
       calibration_examples: CorDA's calibration passes (one example each, as PEFT's hook
         assumes).
@@ -116,21 +116,21 @@ class MethodSpec:
         if self.corda is not None:
             if self.corda not in ("kpm", "ipm"):
                 raise ConfigError(f"MethodSpec {self.name!r}: corda must be 'kpm', 'ipm' or None, found {self.corda!r}.")
-            if (not isinstance(self.config, jpeft.LoraConfig) or self.config.init != "default"
+            if (not isinstance(self.config, jpeft.LoraConfig) or self.config.init_weights != "default"
                     or self.config.use_dora):
                 raise ConfigError(f"MethodSpec {self.name!r}: corda needs a plain LoRA config (jpeft.LoraConfig with "
-                                  f"init='default', no DoRA): CorDA sets LoRA's A and B itself; found {self.config!r}.")
+                                  f"init_weights='default', no DoRA): CorDA sets LoRA's A and B itself; found {self.config!r}.")
             if self.calibration_examples < 1:
                 raise ConfigError(f"MethodSpec {self.name!r}: calibration_examples must be >= 1, found "
                                   f"{self.calibration_examples}.")
         init = self.config.residual_init
         if init is not None and init.startswith("corda_"):
-            raise ConfigError(f"MethodSpec {self.name!r}: init={init!r} marks an adapter jpeft.init_corda made; the "
-                              f"runner makes it itself: give init='default' and corda={init[len('corda_'):]!r}.")
+            raise ConfigError(f"MethodSpec {self.name!r}: init_weights={init!r} marks an adapter jpeft.init_corda made; the "
+                              f"runner makes it itself: give init_weights='default' and corda={init[len('corda_'):]!r}.")
         residual = self.corda is not None or init is not None
         if residual and self.per_task_adapter:
             what, fix = ((f"corda={self.corda!r}", "drop corda") if self.corda else
-                         (f"LoraConfig(init={self.config.init!r})", "use init='default'"))
+                         (f"LoraConfig(init_weights={self.config.init_weights!r})", "use init_weights='default'"))
             raise ConfigError(f"MethodSpec {self.name!r}: {what} changes the base weights, which per_task_adapter "
                               f"shares between tasks; {fix}.")
         if self.orthogonal and (not isinstance(self.config, jpeft.LoraConfig) or residual or self.config.use_dora):

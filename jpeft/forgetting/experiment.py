@@ -24,7 +24,7 @@ Regularizers and replay compose with any method (:class:`MethodSpec` fields ``ew
 teacher) rides in the batch, so each method's step is compiled once. ``orthogonal`` is O-LoRA
 (a fresh LoRA per task, earlier ones merged into the frozen base, their ``A`` subspaces
 penalised; :func:`jpeft.forgetting.regularizers.orthogonal_penalty`). Residual-base LoRA
-inits (``LoraConfig(init="pissa" | "olora" | "milora")``) and CorDA (``MethodSpec(corda="kpm" |
+inits (``LoraConfig(init_weights="pissa" | "olora" | "milora")``) and CorDA (``MethodSpec(corda="kpm" |
 "ipm")``, calibrated on the benchmark's :meth:`Benchmark.calibration_inputs`) go through
 :func:`init_adapter`.
 
@@ -129,7 +129,7 @@ def _make_loss(bench: Benchmark, spec: MethodSpec, config=None):
 
 def init_adapter(bench: Benchmark, config, key, params, *, corda: Optional[str] = None, calibration_examples: int = 128):
     """``(params, adapter)``: a fresh adapter of ``config`` on the benchmark's model. For a
-    residual-base LoRA init (``LoraConfig(init="pissa" | "olora" | "milora")``, or
+    residual-base LoRA init (``LoraConfig(init_weights="pissa" | "olora" | "milora")``, or
     ``corda="kpm" | "ipm"``) ``params`` becomes the residual base (:func:`jpeft.init_pissa`,
     :func:`jpeft.init_olora`, :func:`jpeft.init_milora`, :func:`jpeft.init_corda`); otherwise
     it is returned unchanged.

@@ -319,7 +319,7 @@ def language_methods() -> list:
     # residual-base inits at the LoRA rate (not tuned): PiSSA trains the principal singular
     # directions of each kernel, MiLoRA the minor ones (jpeft.init_pissa / jpeft.init_milora)
     for init, label in (("pissa", "PiSSA"), ("milora", "MiLoRA")):
-        methods.append(MethodSpec(f"{label} r=16", jpeft.LoraConfig(r=16, alpha=32, target_modules=_ALL_LINEAR, init=init),
+        methods.append(MethodSpec(f"{label} r=16", jpeft.LoraConfig(r=16, alpha=32, target_modules=_ALL_LINEAR, init_weights=init),
                                   lr=3e-3))
     # CorDA's knowledge-preserved mode: the adapter starts in the directions that code (what
     # must not be forgotten) uses least, calibrated on 128 training windows of code

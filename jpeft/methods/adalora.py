@@ -722,7 +722,7 @@ def _from_hf(d, tensors, params, ctx):
     if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(f"the AdaLoRA adapter in {ctx.folder!r} has target_modules=null; set it explicitly.")
     init = kept.get("init_lora_weights", True)
-    if isinstance(init, str) and init:  # an init's name (LoraConfig's field, which AdaLoRA inherits): PEFT's
+    if isinstance(init, str) and init:  # an init's name (LoraConfig's init_weights, which AdaLoRA inherits): PEFT's
         kept["init_lora_weights"] = True  # AdaLoRA takes any true value for its own init, and the file holds the tensors
     elif init not in (True, False):
         raise UnsupportedAdapterError(

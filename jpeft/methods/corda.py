@@ -139,7 +139,7 @@ def init_corda(config, params, key, model, calibration, *, mode: Literal["kpm", 
     if not calibration:
         raise ConfigError("init_corda: calibration is empty; give at least one model input.")
     key = jax.random.key(0) if key is None else key
-    skeleton = core.init(dataclasses.replace(config, init="default"), params, key, model, *calibration[0], **model_kwargs)
+    skeleton = core.init(dataclasses.replace(config, init_weights="default"), params, key, model, *calibration[0], **model_kwargs)
     # the LoRA sites (modules_to_save copies, trainable biases and tokens need no statistics)
     skeleton = {p: n for p, n in skeleton.items() if isinstance(n.inner if isinstance(n, Stacked) else n, LoraWeights)}
     for path, node in skeleton.items():

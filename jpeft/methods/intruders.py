@@ -28,7 +28,7 @@ a :class:`~jpeft.errors.ConfigError`, as PEFT refuses every method but LoRA. On 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
 >>> model = nn.Dense(8)
 >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))
->>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init="random")
+>>> cfg = jpeft.LoraConfig(r=2, target_modules=".*", init_weights="random")
 >>> ad = jpeft.init(cfg, params, jax.random.key(1), model, jnp.ones((1, 8)))
 >>> sorted(intruder_report(params, ad))
 ['']

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject
 from jpeft._ops import flat_dot_general
-from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_scalar
+from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_scalar, renamed_option
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, TargetNotFoundError,
                           UnsupportedModuleError)
 from jpeft.methods import dora
@@ -42,13 +42,13 @@ _INITS = ("default", "gaussian", "pissa", "olora", "milora", "random")
 # load for "pissa" and "olora" (it has no MiLoRA init, so save_peft refuses those adapters)
 RESIDUAL_INITS = ("pissa", "olora", "milora")
 # marks of residual bases that only the call that made them can rebuild (a randomized SVD, calibration
-# data): accepted as LoraConfig.init so that jpeft.save_adapter / load_adapter keep a site's mark
+# data): accepted as LoraConfig.init_weights so that jpeft.save_adapter / load_adapter keep a site's mark
 # (LoraConfig.saved_config), never as a way to create an adapter
 _MARK_INITS = ("corda_kpm", "corda_ipm")
 
 
 def is_residual_init(init) -> bool:
-    """Whether ``init`` (a ``LoraConfig.init`` or a site's ``residual``) marks factors relative to a
+    """Whether ``init`` (a ``LoraConfig.init_weights`` or a site's ``residual``) marks factors relative to a
     residual base: ``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"milora"``, ``"corda_kpm"``/``"corda_ipm"``."""
     return isinstance(init, str) and (init in RESIDUAL_INITS or init in _MARK_INITS
                                       or re.fullmatch(r"pissa_niter_[0-9]+", init) is not None)
@@ -73,13 +73,15 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
       target_modules: a regex (matched in full, with RE2, on the module path or its Hugging Face
         dotted name) or a list of names / path suffixes; see :mod:`jpeft.tree`.
       use_rslora: scale by ``alpha / sqrt(r)``.
-      init: ``"default"`` (A Kaiming-uniform, B zero, so the adapter starts as the identity),
+      init_weights: ``"default"`` (A Kaiming-uniform, B zero, so the adapter starts as the identity),
         ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"pissa"`` (principal singular
         vectors of W; use :func:`jpeft.init_pissa`, which also returns the residual base),
         ``"olora"`` (QR factors of W; :func:`jpeft.init_olora`, also with the residual base),
         ``"milora"`` (minor singular vectors of W; :func:`jpeft.init_milora`, with the residual base) or
         ``"random"`` (A and B both random: not the identity; useful for tests). Hugging Face
         PEFT's ``init_lora_weights`` values ``True``/``False`` map to ``"default"``/``"random"``.
+        Its PEFT name, ``init_lora_weights``, is taken too (and is the ``adapter_config.json``
+        key); its former name ``init`` (a keyword, a key, an attribute) is deprecated.
       use_dora: weight-decomposed LoRA (DoRA, Liu et al. 2024).
       rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``, keyed by a
         name or regex matched as Hugging Face PEFT does.
@@ -89,7 +91,7 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
       lora_bias: give each site a trainable bias ``[out]`` on LoRA's B (Hugging Face PEFT's
         ``lora_bias=True``): the update becomes ``s * ((x @ A) @ B + lora_bias)``, and
         :func:`jpeft.merge` adds ``s * lora_bias`` to the base bias (refused where the base layer
-        has none). Only with ``init`` ``"default"`` (bias zero) or ``"random"``, not with DoRA,
+        has none). Only with ``init_weights`` ``"default"`` (bias zero) or ``"random"``, not with DoRA,
         not on embeddings (as in PEFT).
       modules_to_save: names of modules trained in full, as Hugging Face PEFT's option of that name
         (e.g. ``["lm_head"]``, ``["classifier"]``): a module whose dotted name ends with one of
@@ -127,7 +129,7 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
     _hf_keys: ClassVar[Mapping[str, str]] = {
         "alpha": "lora_alpha",
         "dropout": "lora_dropout",
-        "init": "init_lora_weights",
+        "init_weights": "init_lora_weights",
     }
 
     r: int = 8
@@ -135,7 +137,8 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
     dropout: float = 0.0
     target_modules: Any = ("q_proj", "v_proj")
     use_rslora: bool = False
-    init: str | bool = "default"  # PEFT's True / False: "default" / "random" (__post_init__)
+    init_weights: str | bool = "default"  # PEFT's True / False: "default" / "random" (__post_init__)
+    init = renamed_option("init")
     use_dora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
@@ -206,12 +209,12 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
             object.__setattr__(self, name, {k: python_scalar(x) for k, x in (v or {}).items()})
             for k in getattr(self, name):
                 compile_pattern(k)  # a key of another type, or an invalid regex, is a ConfigError
-        init = self.init
+        init = self.init_weights
         if init is True:
             init = "default"
         elif init is False:
             init = "random"
-        object.__setattr__(self, "init", init)
+        object.__setattr__(self, "init_weights", init)
         if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer, found {self.r!r}. Typical values: 4 to 64.")
         if not is_positive_number(self.alpha):
@@ -222,13 +225,15 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
             raise ConfigError(f"LoraConfig.lora_bias must be true or false, found {self.lora_bias!r}.")
         if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), found {self.dropout!r}.")
-        if self.init not in _INITS and not is_residual_init(self.init):
-            raise ConfigError(f"LoraConfig.init must be one of {_INITS} (or a residual mark jpeft.save_adapter records: "
-                              f"'pissa_niter_K', {', '.join(map(repr, _MARK_INITS))}), found {self.init!r}.")
-        if self.lora_bias and (self.use_dora or self.init not in ("default", "random")):
+        if self.init_weights not in _INITS and not is_residual_init(self.init_weights):
+            raise ConfigError(f"LoraConfig.init_weights (init_lora_weights) must be one of {_INITS} (or a residual mark "
+                              f"jpeft.save_adapter records: 'pissa_niter_K', {', '.join(map(repr, _MARK_INITS))}), found "
+                              f"{self.init_weights!r}.")
+        if self.lora_bias and (self.use_dora or self.init_weights not in ("default", "random")):
             raise ConfigError(
-                f"LoraConfig.lora_bias=True works with init 'default' or 'random' and without DoRA (as in Hugging Face "
-                f"PEFT), found init={self.init!r}, use_dora={self.use_dora}. Drop lora_bias or use a plain LoRA init."
+                f"LoraConfig.lora_bias=True works with init_weights 'default' or 'random' and without DoRA (as in Hugging "
+                f"Face PEFT), found init_weights={self.init_weights!r}, use_dora={self.use_dora}. Drop lora_bias or use a "
+                "plain LoRA init."
             )
         for k, v in self.rank_pattern.items():
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
@@ -238,7 +243,7 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
                 raise ConfigError(f"LoraConfig.alpha_pattern[{k!r}] must be > 0 and finite (at most float32's 3.4e38), found {v!r}.")
 
     def __hash__(self):
-        return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init,
+        return hash((self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.init_weights,
                      self.use_dora, tuple(sorted(self.rank_pattern.items())), tuple(sorted(self.alpha_pattern.items())),
                      self.ensure_weight_tying, self.exclude_modules, self.layers_to_transform, self.layers_pattern,
                      self.lora_bias, self.modules_to_save,
@@ -246,7 +251,7 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
                      else self.trainable_token_indices, self.bias))
 
     def saved_config(self, adapter):
-        """The config :func:`jpeft.save_adapter` records: ``init`` set to the residual base the LoRA
+        """The config :func:`jpeft.save_adapter` records: ``init_weights`` set to the residual base the LoRA
         sites are relative to (their ``residual`` mark, e.g. ``"pissa_niter_4"`` or ``"corda_kpm"``,
         which ``jpeft.init_*`` set and the config given may not say), so that
         :func:`jpeft.load_adapter` rebuilds the mark and :func:`jpeft.hf.save_peft` still knows
@@ -260,9 +265,9 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
             )
         (mark,) = marks or {None}
         if mark is not None:
-            cfg = self if self.init == mark else dataclasses.replace(self, init=mark)
+            cfg = self if self.init_weights == mark else dataclasses.replace(self, init_weights=mark)
         else:  # plain sites: a residual init in the config would make load_adapter mark them
-            cfg = dataclasses.replace(self, init="default") if is_residual_init(self.init) else self
+            cfg = dataclasses.replace(self, init_weights="default") if is_residual_init(self.init_weights) else self
         return cfg._with_site_ranks(adapter)
 
     def _with_site_ranks(self, adapter):
@@ -292,7 +297,7 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
 
     def to_dict(self):
         d = super().to_dict()
-        d["init_lora_weights"] = {"default": True, "random": False}.get(self.init, self.init)
+        d["init_lora_weights"] = {"default": True, "random": False}.get(self.init_weights, self.init_weights)
         return d
 
     def selects(self, path: str) -> bool:
@@ -364,8 +369,8 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
 
     @property
     def residual_init(self) -> Optional[str]:
-        """``init`` when it makes factors relative to a residual base (:func:`is_residual_init`)."""
-        return self.init if is_residual_init(self.init) else None
+        """``init_weights`` when it makes factors relative to a residual base (:func:`is_residual_init`)."""
+        return self.init_weights if is_residual_init(self.init_weights) else None
 
     def saves(self, path: str) -> bool:
         """Whether the module at ``path`` is one of ``modules_to_save`` or sits inside one: its
@@ -979,21 +984,21 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
     ka, kb = jax.random.split(key)
     if layout.kind == Kind.EMBED:
         # HF PEFT: for embeddings A is zero and B normal, so the start is the identity.
-        if config.init == "random":
+        if config.init_weights == "random":
             a = jax.random.normal(ka, (n_in, r), jnp.float32)
         else:
             a = jnp.zeros((n_in, r), jnp.float32)
         b = jax.random.normal(kb, (r, n_out), jnp.float32)
-    elif config.init == "gaussian":
+    elif config.init_weights == "gaussian":
         a = jax.random.normal(ka, (n_in, r), jnp.float32) / r
         b = jnp.zeros((r, n_out), jnp.float32)
-    elif config.init == "random":
+    elif config.init_weights == "random":
         a = _kaiming_uniform(ka, (n_in, r), n_in)
         b = _kaiming_uniform(kb, (r, n_out), r)
     else:  # default; "pissa" is handled by jpeft.init_pissa
         a = _kaiming_uniform(ka, (n_in, r), n_in)
         b = jnp.zeros((r, n_out), jnp.float32)
-    residual = config.init if is_residual_init(config.init) else None
+    residual = config.init_weights if is_residual_init(config.init_weights) else None
     tie = bool(config.ensure_weight_tying) and layout.kind == Kind.EMBED
     bias = None
     if config.lora_bias:
@@ -1004,7 +1009,7 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
                 "of target_modules (exclude_modules) or set lora_bias=False."
             )
         # PEFT: zero with the default init (the identity), torch.nn.Linear's own init (bound 1/sqrt(r)) otherwise
-        bias = (jnp.zeros((n_out,), jnp.float32) if config.init == "default"
+        bias = (jnp.zeros((n_out,), jnp.float32) if config.init_weights == "default"
                 else _kaiming_uniform(jax.random.fold_in(kb, 1), (n_out,), r))
     node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output, bias)
     if config.use_dora:
@@ -1117,12 +1122,12 @@ def init_lora(config: LoraConfig, params, key, infos):
             )
         else:
             layout = _inject.infer_layout(path, own)
-        if is_residual_init(config.init) and not isinstance(own.get(layout.param_name), jax.core.Tracer):
+        if is_residual_init(config.init_weights) and not isinstance(own.get(layout.param_name), jax.core.Tracer):
             # Under jax.eval_shape (loading a saved PiSSA adapter, budgets) only the structure is
             # built; with concrete weights jpeft.init would silently keep the principal part twice.
             raise ConfigError(
-                f"LoraConfig(init={config.init!r}) also changes the base weights (the initial adapter is taken out "
-                f"of them); create it with jpeft.init_{config.init.split('_')[0]}(config, params, key, ...), which returns "
+                f"LoraConfig(init_weights={config.init_weights!r}) also changes the base weights (the initial adapter is taken out "
+                f"of them); create it with jpeft.init_{config.init_weights.split('_')[0]}(config, params, key, ...), which returns "
                 "(residual_params, adapter)."
             )
         # an embedding the model also reads through attend (tied output projection); unknown without the model.
@@ -1171,5 +1176,5 @@ def budget_rows(model_type: str, targets: Mapping[str, Any]) -> list:
         ("LoRA", "r=8, alpha=16, all linear layers", lambda: LoraConfig(r=8, alpha=16, target_modules=every)),
         ("rsLoRA", f"r=8, alpha=16, {names}", lambda: LoraConfig(r=8, alpha=16, target_modules=qv, use_rslora=True)),
         ("DoRA", f"r=8, alpha=16, {names}", lambda: LoraConfig(r=8, alpha=16, target_modules=qv, use_dora=True)),
-        ("PiSSA", f"r=8, alpha=8, {names}", lambda: LoraConfig(r=8, alpha=8, target_modules=qv, init="pissa")),
+        ("PiSSA", f"r=8, alpha=8, {names}", lambda: LoraConfig(r=8, alpha=8, target_modules=qv, init_weights="pissa")),
     ]

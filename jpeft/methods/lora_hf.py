@@ -211,11 +211,11 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     refusing what PEFT would rebuild differently on load."""
     kinds = {node.residual for node in adapter.values() if isinstance(node, LoraWeights)}
     if kinds == {None}:
-        if is_residual_init(config.init):
+        if is_residual_init(config.init_weights):
             raise UnsupportedAdapterError(
-                f"the config says init={config.init!r}, but the adapter's sites are not relative to a residual base "
-                f"(they do not come from jpeft.init_{config.init.split('_')[0]}); PEFT would subtract the initial factors from the "
-                "base on load. Save with the config the adapter was made with (init='default')."
+                f"the config says init_weights={config.init_weights!r}, but the adapter's sites are not relative to a residual base "
+                f"(they do not come from jpeft.init_{config.init_weights.split('_')[0]}); PEFT would subtract the initial factors from the "
+                "base on load. Save with the config the adapter was made with (init_weights='default')."
             )
         return True
     if len(kinds) > 1:

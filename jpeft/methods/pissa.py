@@ -9,7 +9,7 @@ With ``W = U S V^T`` (the kernel viewed as ``[in, out]``) and the LoRA scale ``s
 so the model's function is unchanged at the start while the adapter holds the ``r`` principal
 directions of ``W`` (Hugging Face PEFT's ``init_lora_weights="pissa"``, same formulas). Because
 the base changes, PiSSA needs its own entry point, :func:`init_pissa`, which returns the residual
-params with the adapter; ``jpeft.init`` with ``LoraConfig(init="pissa")`` refuses and points here.
+params with the adapter; ``jpeft.init`` with ``LoraConfig(init_weights="pissa")`` refuses and points here.
 :func:`init_milora` takes the ``r`` *smallest* singular triplets instead, so the base keeps the
 principal part and the adapter starts in the directions the pretrained weight uses least (the
 aim is to disturb pretrained knowledge less). :func:`init_olora` does the same with ``W^T = Q R``. The sites record their init
@@ -60,7 +60,7 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
     """Creates a PiSSA-initialised LoRA (or DoRA) adapter and the residual base.
 
     Args:
-      config: a :class:`jpeft.LoraConfig` (its ``init`` field is ignored; ``use_dora``,
+      config: a :class:`jpeft.LoraConfig` (its ``init_weights`` field is ignored; ``use_dora``,
         ``rank_pattern`` and ``alpha_pattern`` are honoured).
       params: the base model's variables.
       key: a ``jax.random`` key (used only by the randomized SVD).
@@ -197,22 +197,22 @@ def residual_params(config, params, adapter, init: str):
 
 def convert_residual_config(config):
     """The config of :func:`convert_residual_adapter`'s plain adapter, as Hugging Face PEFT's
-    ``save_pretrained(..., path_initial_model_for_weight_conversion=...)`` writes it: ``init``
+    ``save_pretrained(..., path_initial_model_for_weight_conversion=...)`` writes it: ``init_weights``
     back to ``"default"`` and every rank doubled (``r`` and ``rank_pattern``), with ``alpha``
     (and ``alpha_pattern``) doubled, or multiplied by ``sqrt(2)`` under ``use_rslora``, so each
     site keeps its scale. Give it to :func:`jpeft.hf.save_peft` / :func:`jpeft.save_adapter`
     with the converted adapter.
 
     >>> import jpeft
-    >>> c = jpeft.convert_residual_config(jpeft.LoraConfig(r=4, alpha=8, init="pissa", target_modules=".*"))
-    >>> (c.r, c.alpha, c.init)
+    >>> c = jpeft.convert_residual_config(jpeft.LoraConfig(r=4, alpha=8, init_weights="pissa", target_modules=".*"))
+    >>> (c.r, c.alpha, c.init_weights)
     (8, 16.0, 'default')
     """
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"convert_residual_config expects a jpeft.LoraConfig, found {type(config).__name__}.")
     f = 2 ** 0.5 if config.use_rslora else 2.0
     return dataclasses.replace(
-        config, init="default", r=2 * int(config.r), alpha=f * float(config.alpha),
+        config, init_weights="default", r=2 * int(config.r), alpha=f * float(config.alpha),
         rank_pattern={k: 2 * int(v) for k, v in config.rank_pattern.items()},
         alpha_pattern={k: f * float(v) for k, v in config.alpha_pattern.items()})
 
@@ -400,11 +400,11 @@ def residual_init(name, tag, factors, config, params, key, model, model_args, mo
     refuse_quantized(name, params)
     if config.lora_bias:
         raise ConfigError(
-            f"{name}: lora_bias=True works with the default and random inits only (LoraConfig refuses it with init="
+            f"{name}: lora_bias=True works with the default and random inits only (LoraConfig refuses it with init_weights="
             f"'pissa'/'olora', and Hugging Face PEFT refuses init_lora_weights='pissa' etc. with lora_bias=True, so a "
             "saved adapter would not load there). Use lora_bias=False."
         )
-    base_cfg = dataclasses.replace(config, init="default", use_dora=False)
+    base_cfg = dataclasses.replace(config, init_weights="default", use_dora=False)
     skeleton = core.init(base_cfg, params, jax.random.key(0), model, *model_args, **model_kwargs)
     inner, wrapped = unwrap_params(params)
     new = inner
