@@ -333,7 +333,7 @@ def test_adapter_specs_missing_base_leaf():
     model = nn.Dense(4)
     params = model.init(jax.random.key(0), jnp.ones((1, 3)))
     adapter = jpeft.init(jpeft.LoraConfig(target_modules=".*"), params, jax.random.key(1))
-    with pytest.raises(jpeft.errors.ShardingError, match=r"site '' adapts the base leaf 'kernel'.*another model"):
+    with pytest.raises(jpeft.errors.ShardingError, match=r"site '' \(LoRA\) adapts the base leaf 'kernel'.*another model"):
         jpeft.adapter_specs(adapter, {"params": {"other": {"kernel": P()}}})
 
 

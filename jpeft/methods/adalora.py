@@ -287,7 +287,7 @@ class AdaLoraWeights(AdditiveMerge, Site):
         entry (as LoRA's), ``lora_E`` is replicated."""
         lay = self.layout
         lead = self.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
-        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "an AdaLoRA site")
+        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "AdaLoRA")
         return dataclasses.replace(self, lora_A=P(*lead_e, flat_spec_entry(kern_e, lay.in_axes), None),
                                    lora_E=P(*lead_e, None), lora_B=P(*lead_e, None, flat_spec_entry(kern_e, lay.out_axes)))
 

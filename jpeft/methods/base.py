@@ -477,14 +477,15 @@ def flat_spec_entry(entries: list, axes) -> Any:
 def kernel_spec_entries(lay: Layout, module_specs, lead: int, what: str) -> tuple[list, list]:
     """``(leading entries, kernel entries)`` of the spec of the base kernel a site adapts
     (``module_specs`` as :meth:`Site.partition_specs` gets it), for a site stacked over ``lead``
-    leading (layer) axes; ``what`` names the site in the error (``"a LoRA site"``).
+    leading (layer) axes; ``what`` names the method in the error (``"LoRA"``), which
+    :func:`jpeft.parallel.adapter_specs` prefixes with the site's path.
 
     Raises:
       ShardingError: the base has no such kernel at the site's path.
     """
     if module_specs is None or lay.param_name not in module_specs:
-        raise ShardingError(f"{what} adapts a {lay.param_name!r} the params do not have at its path; was the "
-                            "adapter made for another model?")
+        raise ShardingError(f"({what}) adapts the base leaf {lay.param_name!r}, which the params do not have at its "
+                            "path; was the adapter made for another model?")
     entries = spec_entries(module_specs[lay.param_name], len(lay.kernel_shape) + lead)
     return entries[:lead], entries[lead:]
 

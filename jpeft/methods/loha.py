@@ -107,7 +107,7 @@ class LoHaWeights(_lycoris.LycorisSite):
         the CP form are replicated."""
         lay = self.layout
         lead = self.hada_w1_a.ndim - 2  # stacked (scanned) sites carry leading layer axes
-        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "a LoHa site")
+        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "LoHa")
         if self.hada_t1 is not None or lay.kind == Kind.CONV:
             return super().partition_specs(module_specs)
         a = P(*lead_e, flat_spec_entry(kern_e, lay.out_axes), None)

@@ -691,7 +691,7 @@ class LoraWeights(Site):
         more communication than the base matmul; a trained base bias is replicated."""
         lay = self.layout
         lead = self.lora_A.ndim - 2  # stacked (scanned) sites carry leading layer axes
-        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "a LoRA site")
+        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "LoRA")
         a_in = flat_spec_entry(kern_e, lay.in_axes)
         b_out = flat_spec_entry(kern_e, lay.out_axes)
         out = P(*lead_e, b_out)

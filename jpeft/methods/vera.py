@@ -325,7 +325,7 @@ class VeraWeights(AdditiveMerge, Site):
         ``vera_B [r, out]`` and ``lambda_b [out]`` its output entry; ``lambda_d`` is replicated."""
         lay = self.layout
         lead = self.lambda_d.ndim - 1  # stacked (scanned) sites carry leading layer axes
-        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "a VeRA site")
+        lead_e, kern_e = kernel_spec_entries(lay, module_specs, lead, "VeRA")
         a_in, b_out = flat_spec_entry(kern_e, lay.in_axes), flat_spec_entry(kern_e, lay.out_axes)
         return dataclasses.replace(
             self, lambda_d=P(*lead_e, None), lambda_b=P(*lead_e, b_out),
