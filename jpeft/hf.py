@@ -661,8 +661,8 @@ def _load(path: str, params, dtype=jnp.float32, layouts=None) -> tuple[AdapterCo
 
 @contextlib.contextmanager
 def _naming_the_base(d: Mapping[str, Any], path: str):
-    """Adds to a :class:`BaseMismatchError` raised inside the base the PEFT folder ``path`` names
-    (``base_model_name_or_path`` of its config ``d``): the base to load it on instead."""
+    """Adds the base that the PEFT folder ``path`` names (``base_model_name_or_path`` of its config
+    ``d``) to a :class:`BaseMismatchError` raised inside: the base to load the folder on instead."""
     try:
         yield
     except BaseMismatchError as e:
