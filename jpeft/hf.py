@@ -147,8 +147,7 @@ def _head_tensors(task: str, params, prefix: str) -> dict:
     if task == "TOKEN_CLS" and _bert_task(inner) == "SEQ_CLS":
         raise UnsupportedAdapterError(
             "task_type='TOKEN_CLS' is for a token classifier (transformers' BertForTokenClassification: the classifier "
-            f"on every token), but these params are a sequence classifier's (a pooler, the classifier on the first "
-            f"token){_head_fix(task)}. Nothing was written.")
+            f"on every token), but these params are {_pooled_head(inner)}{_head_fix(task)}. Nothing was written.")
     out = {}
     for h in heads:
         own = leaves[h]
@@ -157,6 +156,18 @@ def _head_tensors(task: str, params, prefix: str) -> dict:
         if "bias" in own:
             out[f"{prefix}{h}.bias"] = to_np(own["bias"]).copy()
     return out
+
+
+def _pooled_head(inner) -> str:
+    """What BERT params with a pooler and a ``classifier`` (:func:`_bert_task`'s SEQ_CLS) are, for a
+    refusal: a sequence classifier's, or, where the classifier has one output, that or a
+    multiple-choice model's (BertForMultipleChoice scores each choice with a one-output classifier;
+    the params alone cannot tell it from a one-label sequence classifier)."""
+    shape = getattr(inner["classifier"].get("kernel"), "shape", None)
+    if shape is not None and len(shape) and shape[-1] == 1:
+        return ("a sequence classifier's or a multiple-choice model's (BertForSequenceClassification or "
+                "BertForMultipleChoice: a pooler, a one-output classifier on the first token)")
+    return "a sequence classifier's (a pooler, the classifier on the first token)"
 
 
 def _bert_task(inner) -> Optional[str]:
@@ -565,8 +576,8 @@ def _refuse_other_task_heads(d: Mapping[str, Any], config_cls, tensors: Mapping[
     what = ("a token classifier (transformers' BertForTokenClassification: its classifier on every token)"
             if task == "TOKEN_CLS" else "a question-answering model (transformers' BertForQuestionAnswering: qa_outputs, "
             "the start/end logits of every token)")
-    found_base = {"SEQ_CLS": "a sequence classifier's (a pooler, the classifier on the first token)",
-                  "TOKEN_CLS": "a token classifier's", "QUESTION_ANS": "a question-answering model's"}.get(
+    found_base = _pooled_head(inner) if own == "SEQ_CLS" else {
+        "TOKEN_CLS": "a token classifier's", "QUESTION_ANS": "a question-answering model's"}.get(
         own, "those of a model without that head")
     raise BaseMismatchError(
         f"the adapter in {folder!r} has task_type={task!r} and carries its head ({found}): it was trained on {what}, "

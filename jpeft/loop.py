@@ -526,7 +526,10 @@ def fit(
       max_consecutive_skips: see :class:`NonFiniteGuard`.
       vocab_size, max_positions, token_key: when given, ``batch[token_key]`` is checked
         before each step (:func:`jpeft.validate.check_tokens`).
-      progress, desc: show a tqdm progress bar (on the main process) labelled ``desc``.
+      progress, desc: show a tqdm progress bar (on the main process) labelled ``desc``; each
+        evaluation's line, written above it on stdout (``"{desc}: step {step}: eval {name} {value},
+        ..."``), says ``desc`` too, so that the lines of several runs in stdout redirected to a file
+        tell which run they belong to.
       on_step: called as ``on_step(step, metrics)`` with host floats after each step.
       eval_fn: ``eval_fn(adapter, step) -> dict`` of numbers (Python, NumPy or JAX scalars; kept
         and logged as Python numbers), run every ``eval_every`` steps
@@ -637,7 +640,7 @@ def fit(
         if log is not None:
             log({"step": step, **{f"eval_{k}": v for k, v in last_eval.items()}})
         if bar is not None:
-            bar.write(f"step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            bar.write(f"{desc}: step {step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
 
     def log_step(step, host):
         nonlocal logged

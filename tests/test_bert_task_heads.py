@@ -391,6 +391,30 @@ def test_multiple_choice_matches_transformers_and_saves_as_its_class(tmp_path):
     np.testing.assert_allclose(_mc_torch(back, ids, mask, types).logits.numpy(), want.logits.numpy(), atol=1e-6, rtol=0)
 
 
+def test_token_cls_adapter_on_multiple_choice_params_names_both_pooled_heads(tmp_path):
+    """BertForMultipleChoice's params (a pooler and a one-output classifier) read as a sequence
+    classifier's, so a TOKEN_CLS file refused on them (loading or saving) said "these params are a
+    sequence classifier's", untrue for them: a one-output classifier names both models that have it
+    (the params alone cannot tell them apart), a classifier of several outputs the sequence classifier."""
+    hf, _ = _hf("token")
+    pm = _randomized(peft.get_peft_model(copy.deepcopy(hf), PEFT_METHODS["lora"]("TOKEN_CLS")), seed=2)
+    pm.save_pretrained(str(tmp_path / "tok"))
+    model, mc_params = jpeft.models.from_pretrained(_hf_mc()[1])
+    assert type(model).__name__ == "BertForMultipleChoice"
+    both = "sequence classifier's or a multiple-choice model's"
+    with pytest.raises(jpeft.errors.BaseMismatchError, match=f"TOKEN_CLS.*{both}.*task='token_classification'"):
+        load_peft(str(tmp_path / "tok"), mc_params)
+    cfg, ad = load_peft(str(tmp_path / "tok"), jpeft.models.from_pretrained(_hf("token")[1])[1])
+    with pytest.raises(jpeft.errors.UnsupportedAdapterError, match=f"TOKEN_CLS.*{both}"):
+        save_peft(str(tmp_path / "x"), cfg, ad, params=mc_params, task_type="TOKEN_CLS")
+    assert not (tmp_path / "x").exists()
+    _, seq_params = jpeft.models.from_pretrained(tiny.hf_model("bert")[1])  # a classifier of 2 outputs
+    assert seq_params["params"]["classifier"]["kernel"].shape[-1] > 1
+    with pytest.raises(jpeft.errors.BaseMismatchError, match="TOKEN_CLS.*are a sequence classifier's \\(") as e:
+        load_peft(str(tmp_path / "tok"), seq_params)
+    assert "multiple-choice" not in str(e.value)
+
+
 def test_multiple_choice_lora_through_peft_both_ways(tmp_path):
     """PEFT has no multiple-choice task type: LoRA on BertForMultipleChoice is a plain PeftModel
     (task_type None) with the classifier as a module to save. Every LoRA tensor and the classifier

@@ -920,17 +920,21 @@ def test_two_processes_match_one(tmp_path):
     for k in a0:
         np.testing.assert_array_equal(a0[k], a1[k])  # identical on both processes
     assert infos[0]["losses"] == infos[1]["losses"]
-    # process 0 alone wrote the adapter files
-    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
+    # every process took part in jpeft.save_adapter (one array gathered at a time), process 0 wrote it
+    assert (tmp_path / "jpeft_adapter.json").exists() and (tmp_path / "jpeft_adapter.safetensors").exists()
     # a single-process run on the same global batches
     s = C.script()
     _, params, adapter, loss_fn = C.setup()
     opt = s.make_optimizer("adam", 1e-2)
     ref_losses, ref = C.single_device_run(loss_fn, opt, params, adapter, C.batches(steps))
     assert np.max(np.abs(np.array(infos[0]["losses"]) - np.array(ref_losses))) < 1e-5
+    cfg, saved = jpeft.load_adapter(tmp_path, params)  # the base's fingerprint matches the script's base
+    assert cfg == s.lora_config(C.RANK) and sorted(saved) == sorted(ref)
     for path, node in ref.items():
         np.testing.assert_allclose(a0[f"{path}.lora_A"], np.asarray(node.lora_A), atol=1e-5, rtol=0)
         np.testing.assert_allclose(a0[f"{path}.lora_B"], np.asarray(node.lora_B), atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(np.asarray(saved[path].lora_A), a0[f"{path}.lora_A"])
+        np.testing.assert_array_equal(np.asarray(saved[path].lora_B), a0[f"{path}.lora_B"])
     assert max(float(np.abs(np.asarray(n.lora_B)).max()) for n in ref.values()) > 1e-3  # it trained
 
 

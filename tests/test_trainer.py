@@ -33,7 +33,7 @@ def _equal(a, b):
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_eval_log_and_progress_records(run, tmp_path):
+def test_eval_log_and_progress_records(run, tmp_path, capsys):
     params, cfg, adapter, opt, state, key, step = run
     seen = []
 
@@ -55,6 +55,10 @@ def test_eval_log_and_progress_records(run, tmp_path):
     assert train[0]["tokens_per_s"] > 0  # tokens of batch["input_ids"], the compiling step left out
     assert [r["loss"] for r in train] == [res.history[s - 1]["loss"] for s in (2, 4, 6, 7)]
     assert res.eval["loss"] == recs[-1]["eval_loss"] < res.history[0]["loss"]
+    # the evaluation lines (tqdm.write: on stdout, the bar on stderr) say the run's desc (the lines of several
+    # runs in stdout redirected to a file were told apart by nothing), with the logged numbers
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ": eval " in ln]
+    assert lines == [f"test: step {r['step']}: eval loss {r['eval_loss']:.4f}" for r in recs if "eval_loss" in r]
 
 
 def test_a_run_that_ends_with_its_batches_logs_and_evaluates_its_last_step(run):
@@ -303,7 +307,7 @@ def _spy(monkeypatch):
     return calls
 
 
-def test_forgetting_runner_pretraining_and_demo_train_through_fit(monkeypatch, tmp_path):
+def test_forgetting_runner_pretraining_and_demo_train_through_fit(monkeypatch, tmp_path, capsys):
     from types import SimpleNamespace
 
     from jpeft.cli import _demo
@@ -319,6 +323,7 @@ def test_forgetting_runner_pretraining_and_demo_train_through_fit(monkeypatch, t
     setting = _demo.Setting(size="micro", pretrain_steps=2, steps=2, code_bytes=60_000, eval_rows=4)
     args = SimpleNamespace(cache_dir=str(tmp_path), no_cache=False, batch_size=4, seed=0, no_progress=True)
     model, params, how = _demo.base_model(setting, args, 16)
+    args.no_progress = False  # the fine-tuning's bar, and the evaluation lines above it
     assert calls == ["pretraining the code model"] and "pretrained the base model" in how
     data = _demo.Data(16, setting)
     ev = _demo.make_eval(model)
@@ -326,6 +331,10 @@ def test_forgetting_runner_pretraining_and_demo_train_through_fit(monkeypatch, t
     r = _demo.finetune("LoRA", jpeft.LoraConfig(r=2, target_modules=["q_proj"]), 1e-2, model, params, data, args,
                        2, 1, ev, base, replay=0.5)
     assert calls[-1] == "fine-tune on English: LoRA" and r.steps == [0, 1, 2] and len(r.old_loss) == 3
+    # each evaluation line names the demo's run (its four runs' lines were alike in a log file)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ": eval " in ln]
+    assert lines == [f"fine-tune on English: LoRA: step {i}: eval english {r.new_loss[i]:.4f}, code {r.old_loss[i]:.4f}"
+                     for i in (1, 2)]
     assert language.pretrain_code_model(str(tmp_path), 2, seq_len=16, batch_size=4, size="micro")[2]["cached"]
 
 

@@ -18,8 +18,10 @@ What each process does:
    (``process_slice``), ``global_batch`` assembles the global array, and
    :func:`jpeft.fit` (the one training loop: non-finite guard, validation, progress,
    logging) runs the jitted sharded step;
-5. process 0 logs, and writes the adapter (``adapter_model.safetensors`` +
-   ``adapter_config.json``, keys ``<module path>.lora_A``) to ``--out``.
+5. process 0 logs; every process takes part in writing the adapter to ``--out`` with
+   :func:`jpeft.save_adapter` (``gather=jpeft.distributed.gather_array``: one array gathered at a
+   time and written by process 0, so no process holds the whole adapter), which
+   :func:`jpeft.load_adapter` reads back.
 
 The model is ``--model tiny``: a small byte-level transformer defined below, so the script
 runs anywhere without downloads; swap ``build_model`` for your own linen model.
@@ -79,7 +81,8 @@ def parse_args(argv=None):
     g.add_argument("--rank", type=int, default=4, help="LoRA rank")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="directory for the adapter (written by process 0)")
+    g.add_argument("--out", help="directory for the adapter (jpeft.save_adapter's format, written by process 0; "
+                   "one holding an earlier adapter is replaced)")
     g.add_argument("--write-every-process", action="store_true",
                    help="every process also writes adapter.process<I>.npz and losses.process<I>.json to --out "
                    "(to check that all processes agree)")
@@ -201,22 +204,6 @@ def init_base(model, seq_len, seed=0):
     return model.init(jax.random.key(seed), jnp.zeros((1, seq_len), jnp.int32))
 
 
-def save_adapter(out_dir, host_adapter, config, *, name="adapter_model.safetensors"):
-    """``<out>/adapter_model.safetensors`` (keys ``<module path>.lora_A`` / ``.lora_B``) and
-    ``<out>/adapter_config.json``."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    tensors = {}
-    for path, node in host_adapter.items():
-        tensors[f"{path}.lora_A"] = np.ascontiguousarray(node.lora_A)
-        tensors[f"{path}.lora_B"] = np.ascontiguousarray(node.lora_B)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-
-
 # -------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -277,11 +264,15 @@ def main(argv=None):
     losses = [h["loss"] for h in result.history]
     dist.log(f"{args.steps} steps in {time.perf_counter() - t0:.2f} s")
 
-    host = dist.gather(adapter)  # collective: every process takes part
     if args.out:
-        dist.on_main_process(save_adapter, args.out, host, config)
+        # every process takes part: each array is gathered in turn (a collective) and written by process 0,
+        # so no process holds the whole adapter on its host
+        jpeft.save_adapter(args.out, config, adapter, params=params, overwrite=True, gather=dist.gather_array,
+                           metadata={"steps": args.steps})
         dist.log(f"adapter written to {args.out}")
         if args.write_every_process:
+            dist.barrier("jpeft_adapter_written")  # process 0's folder is in place before files join it
+            host = dist.gather(adapter)  # a check that every process ends with the same adapter: each holds it all
             pi = jax.process_index()
             flat = {f"{p}.{n}": np.asarray(getattr(node, n)) for p, node in host.items() for n in ("lora_A", "lora_B")}
             np.savez(os.path.join(args.out, f"adapter.process{pi}.npz"), **flat)
