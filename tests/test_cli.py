@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import jpeft
+import jpeft.models
 from jpeft.cli import main
 
 COMMANDS = ["demo", "train", "eval", "merge", "export", "info", "forgetting", "serve"]
@@ -2905,3 +2906,21 @@ def test_ia3_target_defaults_fill_only_the_fields_not_given(family, model_type, 
     sel = mask.astype(bool)
     assert np.abs(ref[sel] - plain[sel]).max() > 1e-2  # the vectors matter
     np.testing.assert_allclose(got[sel], ref[sel], atol=1e-4, rtol=0)
+
+
+def test_train_mica_updates_lora_a_only(hf_dir, capsys):
+    """`jpeft train` with init_weights = "mica" (PEFT's MiCA): the saved adapter's lora_B is the init's, bit for
+    bit (frozen: no gradient, no optimizer state), its lora_A moved from zero, and the file says "mica"."""
+    cfg = write_config(hf_dir, "mica_run", steps=2, save_every=2, eval_every=2)
+    r = jpeft_here(capsys, "train", "--config", cfg, "--no-progress", "--set", "method.lora_dropout=0.0",
+                   "--set", 'method.init_weights="mica"')
+    assert r.returncode == 0, r.stderr
+    saved = adapter_arrays(hf_dir / "mica_run" / "adapter")
+    config, trained = jpeft.load_adapter(str(hf_dir / "mica_run" / "adapter"),
+                                         jpeft.models.from_pretrained(str(hf_dir / "tiny-llama"))[1])
+    assert config.init_weights == "mica" and len(trained) == 6 and all(n.frozen_b for n in trained.values())
+    start = jpeft.init(config, jpeft.models.from_pretrained(str(hf_dir / "tiny-llama"))[1], jax.random.key(0))
+    for path, node in trained.items():
+        np.testing.assert_array_equal(node.lora_B, start[path].lora_B)
+        assert float(np.abs(np.asarray(node.lora_A)).min()) > 0
+    assert len(saved) == 12

@@ -155,20 +155,31 @@ def test_plain_inits_load_with_their_init_options(tmp_path):
         (tmp_path / "adapter_config.json").write_text(json.dumps(dict(d, init_lora_weights=init, **{k: {"a": 1}})))
         with pytest.raises(UnsupportedAdapterError, match=rf"init_lora_weights='{init}'.*path_initial_model"):
             H.load_peft(str(tmp_path), params)
-    # MiCA leaves the base alone too and applies as plain LoRA (PEFT only freezes its lora_B while training): it
-    # was refused as an unknown init, with advice (path_initial_model_for_weight_conversion) PEFT does not take
+    # MiCA leaves the base alone too and applies as LoRA with lora_B frozen (embeddings too): it loads with B
+    # frozen, without a warning (it was refused as an unknown init, then loaded with both factors trained)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[
             "embed_tokens", "q_proj"], init_lora_weights="mica"))
+        init_b = {n: p.detach().numpy().copy() for n, p in pm.named_parameters()
+                  if "lora_B" in n or "lora_embedding_B" in n}
         with torch.no_grad():
             for n, p in pm.named_parameters():
                 if "lora_" in n:
                     p.add_(0.3 * torch.randn(p.shape, generator=g))
         pm.eval().save_pretrained(tmp_path / "mica")
-    with pytest.warns(UserWarning, match=r"'mica'.*jpeft trains both factors"):
-        _, adapter = H.load_peft(str(tmp_path / "mica"), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg, adapter = H.load_peft(str(tmp_path / "mica"), params)
+    assert cfg.init_weights == "mica" and all(n.frozen_b for n in adapter.values()) and len(adapter) == 3
     _close("mistral", _jpeft_logits("mistral", adapter, ids, mask), _peft_logits(pm, "mistral", ids, mask), mask)
+    # jpeft's own MiCA init takes PEFT's B (up to each singular vector's sign), the embedding's too
+    mine = jpeft.init(cfg, params, jax.random.key(0))
+    assert len(init_b) == 3
+    for n, want in init_b.items():
+        path = n.split(".lora_")[0].replace("base_model.model.", "", 1).replace(".", "/").replace("layers/", "layers_")
+        got = np.asarray(mine[path].lora_B).T
+        np.testing.assert_allclose(got * np.sign(np.sum(got * want, axis=0)), want, atol=2e-5)
 
 
 def test_bias_all_copies_under_the_wrapper_keys_are_checked(tmp_path):

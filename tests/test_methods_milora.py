@@ -3,13 +3,26 @@ the residual plus the adapter reconstructs the base, against a torch SVD closed 
 against the minor subspace of Hugging Face PEFT's ``init_lora_weights="mica"`` on the same
 weights (PEFT 0.21 has no MiLoRA init of its own)."""
 
+import copy
+import dataclasses
+import json
+import os
+import sys
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-import jpeft
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as tiny  # noqa: E402
+import jpeft  # noqa: E402
+import jpeft.hf  # noqa: E402
+import jpeft.models  # noqa: E402
+from jpeft.cli.info_cmd import adapter_summary  # noqa: E402
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
@@ -79,3 +92,157 @@ def test_key_is_optional_where_it_is_unused():
         res, ad = make(cfg, params, None)
         ref_res, ref_ad = make(cfg, params, jax.random.key(3))
         np.testing.assert_allclose(ad[""].delta_matrix(), ref_ad[""].delta_matrix(), atol=1e-6)
+
+
+# -- MiCA (Hugging Face PEFT's init_lora_weights="mica"): B the minor left singular vectors, frozen; A trained ---------
+
+_MICA_TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]  # llama3: 32->32, 32->16 (2 kv heads), 32->64, 64->32
+
+
+def _mica_base():
+    hf, folder = tiny.hf_model("llama3")
+    model, params = jpeft.models.from_pretrained(folder)
+    return tiny, hf, folder, model, params
+
+
+def _mica_peft(hf, r=4, alpha=8, seed=5):
+    """PEFT's MiCA model of a copy of ``hf``, and its init's factors; then both factors random (as a trained
+    file's), kept in the model."""
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=_MICA_TARGETS,
+                                                                 init_lora_weights="mica"))
+    init = {n: _t(p).copy() for n, p in pm.named_parameters() if "lora_" in n}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return pm, init
+
+
+def _jpeft_name(n):  # base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight -> jpeft path, factor
+    mod, factor = n.split(".lora_")
+    return mod.replace("base_model.model.", "", 1).replace(".", "/").replace("layers/", "layers_"), "lora_" + factor[0]
+
+
+def test_mica_init_equals_peft_and_b_is_frozen():
+    tiny, hf, folder, model, params = _mica_base()
+    pm, init = _mica_peft(hf)
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=_MICA_TARGETS, init_weights="mica")
+    ad = jpeft.init(cfg, params, jax.random.key(0))
+    assert sorted(ad) == sorted({_jpeft_name(n)[0] for n in init})
+    for n, want in init.items():
+        path, factor = _jpeft_name(n)
+        node = ad[path]
+        assert node.frozen_b and node.frozen == ("lora_B",) and node.residual is None
+        got = np.asarray(getattr(node, factor)).T  # PEFT's orientation
+        if factor == "lora_A":
+            np.testing.assert_array_equal(got, want)  # zero: the adapter starts as the identity
+            continue
+        # B: orthonormal minor left singular vectors; each column's sign is the SVD routine's choice
+        signs = np.sign(np.sum(got * want, axis=0))
+        np.testing.assert_allclose(got * signs, want, atol=2e-5)
+    ids = jnp.asarray(tiny.batch("llama3")[0])
+    np.testing.assert_array_equal(jpeft.apply(model, params, ad, ids), model.apply(params, ids))
+    train, frozen = jpeft.split_frozen(ad)
+    assert all(n.lora_B is None and n.lora_A is not None for n in train.values())
+    s = jpeft.summary(params, ad, print_fn=None)
+    assert s["trainable"] == sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad)
+    # refusals, as PEFT's: r above min(in, out) (v_proj 32 -> 16), a conv module; combinations jpeft does not make
+    with pytest.raises(jpeft.ConfigError, match="r <= min"):
+        jpeft.init(cfg.replace(r=17), params, jax.random.key(0))
+    with pytest.raises(jpeft.ConfigError, match="mica"):
+        jpeft.LoraConfig(r=4, target_modules=".*", init_weights="mica", use_dora=True)
+    conv = nn.Conv(4, (3, 3))
+    with pytest.raises(jpeft.ConfigError, match="linear and embedding"):
+        jpeft.init(jpeft.LoraConfig(r=2, target_modules=".*", init_weights="mica"),
+                   conv.init(jax.random.key(0), jnp.ones((1, 5, 5, 3))), jax.random.key(0), conv, jnp.ones((1, 5, 5, 3)))
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_mica_file_trains_a_only_as_peft(opt, tmp_path):
+    """A PEFT MiCA file with both factors random loads with B frozen (no warning); one training step equals
+    PEFT's (which trains lora_A only) and leaves B bit-identical."""
+    tiny, hf, folder, model, params = _mica_base()
+    pm, _ = _mica_peft(hf)
+    pm.save_pretrained(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg, ad = jpeft.hf.load_peft(str(tmp_path), params)
+    assert cfg.init_weights == "mica" and all(n.frozen_b for n in ad.values())
+    ids_np = tiny.batch("llama3")[0]
+    ids_np[ids_np == 0] = 3  # no padding: the loss is every next token's
+    ids = jnp.asarray(ids_np)
+
+    def loss_fn(p, a, batch, key=None):
+        logp = jax.nn.log_softmax(jpeft.apply(model, p, a, batch)[:, :-1].astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1))
+
+    lr = 0.5 if opt == "sgd" else 1e-2
+    tx = optax.sgd(lr) if opt == "sgd" else optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1)
+    before = {p: (np.array(n.lora_A), np.array(n.lora_B)) for p, n in ad.items()}
+    state = tx.init(jpeft.trainable(ad))
+    # the optimizer state is built for A alone (AdamW: its two moments), none for the frozen B
+    a_size = sum(n.lora_A.size for n in ad.values())
+    assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == (0 if opt == "sgd" else 2 * a_size)
+    new, _, _ = jpeft.make_train_step(loss_fn, tx, donate=False)(params, ad, state, ids, jax.random.key(1))
+
+    pm.train()
+    for m in pm.modules():  # no dropout in the tiny model; keep PEFT's forward deterministic anyway
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    trained = [p for p in pm.parameters() if p.requires_grad]
+    assert trained and all(n.split(".lora_")[1].startswith("A") for n, p in pm.named_parameters() if p.requires_grad)
+    topt = (torch.optim.SGD(trained, lr=lr) if opt == "sgd"
+            else torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1))
+    t_ids = torch.tensor(ids_np)
+    logits = pm(input_ids=t_ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), t_ids[:, 1:].reshape(-1))
+    np.testing.assert_allclose(float(loss_fn(params, ad, ids)), float(loss), rtol=1e-5)
+    loss.backward()
+    topt.step()
+    for n, p in pm.named_parameters():
+        if "lora_" not in n:
+            continue
+        path, factor = _jpeft_name(n)
+        got = np.asarray(getattr(new[path], factor))
+        if factor == "lora_B":
+            np.testing.assert_array_equal(got, before[path][1])  # frozen: bit-identical
+            np.testing.assert_array_equal(got.T, _t(p))
+        else:
+            moved = before[path][0] - _t(p).T
+            assert np.abs(moved).max() > 1e-4  # the step moved A
+            np.testing.assert_allclose(before[path][0] - got, moved, rtol=2e-3, atol=2e-6)
+
+
+def test_mica_saves_for_peft_and_jpeft_keeping_b_frozen(tmp_path):
+    tiny, hf, folder, model, params = _mica_base()
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=_MICA_TARGETS, init_weights="mica")
+    ad = jpeft.init(cfg, params, jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(3), 2 * len(ad)))
+    ad = {p: dataclasses.replace(n, lora_A=0.3 * jax.random.normal(next(keys), n.lora_A.shape),
+                                 lora_B=0.3 * jax.random.normal(next(keys), n.lora_B.shape)) for p, n in ad.items()}
+    ids, mask = tiny.batch("llama3", seed=2)
+    mine = np.asarray(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    jpeft.hf.save_peft(str(tmp_path / "p"), cfg.replace(init_weights="default"), ad, base_model_name_or_path=folder)
+    assert json.load(open(tmp_path / "p" / "adapter_config.json"))["init_lora_weights"] == "mica"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "p"), is_trainable=True)
+    grads = {n: p.requires_grad for n, p in back.named_parameters() if "lora_" in n}
+    assert grads and all(v == (".lora_A." in n) for n, v in grads.items())
+    tiny.assert_close_at_tokens(mine, tiny.peft_logits(back.eval(), ids, mask), mask)
+    jpeft.save_adapter(str(tmp_path / "own"), cfg, ad)
+    cfg2, ad2 = jpeft.load_adapter(str(tmp_path / "own"), params)
+    assert cfg2.init_weights == "mica" and jax.tree.structure(ad2) == jax.tree.structure(ad)
+    for a, b in zip(jax.tree.leaves(ad2), jax.tree.leaves(ad)):
+        np.testing.assert_array_equal(a, b)
+    # jpeft info counts B as frozen, in both formats (it counted it as trained)
+    sizes = (sum(n.lora_A.size for n in ad.values()), sum(n.lora_B.size for n in ad.values()))
+    for folder_ in (tmp_path / "p", tmp_path / "own"):
+        res = adapter_summary(str(folder_))
+        assert (res["trainable_params"], res["frozen_params"]) == sizes
+    merged = jpeft.merge(params, ad)
+    tiny.assert_close_at_tokens(np.asarray(model.apply(merged, jnp.asarray(ids), attention_mask=jnp.asarray(mask))),
+                                mine, mask)
+    for a, b in zip(jax.tree.leaves(jpeft.unmerge(merged, ad)), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -133,7 +133,8 @@ def adapter_summary(path: str) -> dict:
     res: dict = {"path": path, "kind": found.kind, "adapter_path": found.path}
     if found.kind == "jpeft":
         info = io.read_adapter_info(found.path)
-        frozen = _frozen_count(info.config.peft_type, {k: v[0] for k, v in info.arrays.items()})
+        frozen = _frozen_count(info.config.peft_type, {k: v[0] for k, v in info.arrays.items()},
+                               getattr(info.config, "init_weights", None))
         res.update(method=info.config.to_dict(), trainable_params=info.num_params - frozen, frozen_params=frozen,
                    adapter_bytes=info.nbytes, arrays=len(info.arrays), base_params=(info.base or {}).get("num_params"),
                    jpeft_version=info.jpeft_version)
@@ -144,7 +145,7 @@ def adapter_summary(path: str) -> dict:
         # a copy of the base, not an adapter parameter; a ``...base_layer.bias`` is the base bias that
         # ``bias="lora_only"``/``"all"`` trains, counted as PEFT counts it
         shapes = {k: e[1] for k, e in index.items() if not k.endswith(".base_layer.weight")}
-        frozen = _frozen_count(cfg.get("peft_type"), shapes)
+        frozen = _frozen_count(cfg.get("peft_type"), shapes, cfg.get("init_lora_weights"))
         res.update(method=cfg, trainable_params=sum(math.prod(s) for s in shapes.values()) - frozen, frozen_params=frozen,
                    base_copy_params=sum(math.prod(e[1]) for k, e in index.items() if k not in shapes),
                    adapter_bytes=sum(e[3] for e in index.values()), arrays=len(index),
@@ -152,7 +153,8 @@ def adapter_summary(path: str) -> dict:
     else:
         meta = checkpoint_metadata(found.path)
         adapter = {k: e for k, e in meta["arrays"].items() if k.startswith("adapter/")}
-        frozen = _frozen_count((meta["config"] or {}).get("peft_type"), {k: e["shape"] for k, e in adapter.items()})
+        frozen = _frozen_count((meta["config"] or {}).get("peft_type"), {k: e["shape"] for k, e in adapter.items()},
+                               (meta["config"] or {}).get("init_lora_weights"))
         res.update(method=meta["config"], step=meta.get("step"), metrics=meta.get("metrics"),
                    data_position=meta.get("data_position"),
                    trainable_params=sum(math.prod(e["shape"]) for e in adapter.values()) - frozen, frozen_params=frozen,
@@ -162,13 +164,23 @@ def adapter_summary(path: str) -> dict:
     return res
 
 
-def _frozen_count(peft_type, shapes: dict) -> int:
+def _frozen_count(peft_type, shapes: dict, init=None) -> int:
     """How many of the saved numbers are frozen adapter arrays (never trained: VeRA's shared
-    projections), told by their field name, the last part of an array's name (``.../vera_A``,
-    PEFT's ``base_model.vera_A``), among the ``frozen`` fields of the method's node classes."""
+    projections, MiCA's lora_B), told by their field name, the last part of an array's name
+    (``.../vera_A``, PEFT's ``base_model.vera_A``; PEFT's ``...lora_B.weight`` by its module name),
+    among the ``frozen`` fields of the method's node classes; ``init`` is the LoRA config's
+    ``init_lora_weights`` ("mica" freezes lora_B, PEFT's lora_embedding_B on embeddings)."""
+    # a class whose frozen fields depend on the node (LoraWeights: MiCA's lora_B) has a property there
     names = {f for m in registered_methods() if m.config.peft_type == peft_type for node in m.nodes
-             for f in getattr(node, "frozen", ())}
-    return sum(math.prod(shape) for k, shape in shapes.items() if re.split(r"[/.]", k)[-1] in names) if names else 0
+             for f in (lambda fr: fr if isinstance(fr, tuple) else ())(getattr(node, "frozen", ()))}
+    if peft_type == "LORA" and init == "mica":
+        names |= {"lora_B", "lora_embedding_B"}
+
+    def frozen(key):
+        parts = re.split(r"[/.]", key)
+        return parts[-1] in names or (parts[-1] == "weight" and len(parts) > 1 and parts[-2] in names)
+
+    return sum(math.prod(shape) for k, shape in shapes.items() if frozen(k)) if names else 0
 
 
 def describe_adapter(path: str, *, as_json: bool = False) -> int:

@@ -62,6 +62,14 @@ def to_matrix(kernel, lay: Layout):
     return jnp.transpose(kernel, order).reshape(lay.in_features, lay.out_features)
 
 
+def svd_bottom(w, r: int):
+    """The ``r`` smallest of the ``min(m, n)`` singular triplets ``(u, s, vh)`` of ``w: [m, n]``
+    (exact SVD; a randomized SVD finds the top of the spectrum, not its tail): MiLoRA's factors
+    and MiCA's frozen B."""
+    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    return u[:, -r:], s[-r:], vh[-r:]
+
+
 def from_matrix(mat, lay: Layout):
     """Inverse of :func:`to_matrix`."""
     order = tuple(lay.in_axes) + tuple(lay.out_axes)

@@ -29,14 +29,14 @@ from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, Sh
                           UnsupportedModuleError)
 from jpeft.methods import dora
 from jpeft.methods._common import (TASK_HEADS, SavedModule, TrainedBiasOption, branch_dtype, down_project, init_saved,
-                                   linear_candidates, up_project, with_trainable_biases)
+                                   linear_candidates, svd_bottom, to_matrix, up_project, with_trainable_biases)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge,
                                 dropout, flat_spec_entry, kernel_spec_entries, static_field)
 from jpeft.peft_format import add_site_pattern
 from jpeft.scan import Stacked, layer_paths, make_site, site_rank_alpha
 from jpeft.tree import compile_pattern, hf_name, linear_only, matches, regex_fullmatch, select
 
-_INITS = ("default", "gaussian", "pissa", "olora", "milora", "random")
+_INITS = ("default", "gaussian", "pissa", "olora", "milora", "mica", "random")
 # inits whose adapter is relative to a *residual* base (the base minus the initial adapter):
 # jpeft.init_pissa / init_olora / init_milora return that base; Hugging Face PEFT recomputes it on
 # load for "pissa" and "olora" (it has no MiLoRA init, so save_peft refuses those adapters)
@@ -77,7 +77,10 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
         ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"pissa"`` (principal singular
         vectors of W; use :func:`jpeft.init_pissa`, which also returns the residual base),
         ``"olora"`` (QR factors of W; :func:`jpeft.init_olora`, also with the residual base),
-        ``"milora"`` (minor singular vectors of W; :func:`jpeft.init_milora`, with the residual base) or
+        ``"milora"`` (minor singular vectors of W; :func:`jpeft.init_milora`, with the residual base),
+        ``"mica"`` (MiCA, Hugging Face PEFT's ``init_lora_weights="mica"``: B the ``r`` left singular
+        vectors of PEFT's ``[out, in]`` weight with the smallest singular values, A zero, and B
+        frozen: only A is trained; the base is unchanged; dense and embedding modules) or
         ``"random"`` (A and B both random: not the identity; useful for tests). Hugging Face
         PEFT's ``init_lora_weights`` values ``True``/``False`` map to ``"default"``/``"random"``.
         Its PEFT name, ``init_lora_weights``, is taken too (and is the ``adapter_config.json``
@@ -235,6 +238,11 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
                 f"Face PEFT), found init_weights={self.init_weights!r}, use_dora={self.use_dora}. Drop lora_bias or use a "
                 "plain LoRA init."
             )
+        if self.init_weights == "mica" and (self.use_dora or self.ensure_weight_tying):
+            raise ConfigError(
+                f"LoraConfig(init_weights='mica') is plain LoRA with a frozen B (Hugging Face PEFT's MiCA variant), found "
+                f"use_dora={self.use_dora}, ensure_weight_tying={self.ensure_weight_tying}; jpeft does not combine them. "
+                "Drop that option or use another init.")
         for k, v in self.rank_pattern.items():
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] must be a positive integer, found {v!r}.")
@@ -264,10 +272,17 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
                 "records one init. Save the sites of each init as separate adapters."
             )
         (mark,) = marks or {None}
-        if mark is not None:
+        frozen_b = {n.frozen_b for n in nodes if isinstance(n, LoraWeights)}
+        if len(frozen_b) > 1:
+            raise ConfigError("the adapter mixes MiCA sites (lora_B frozen) with sites that train both factors; one "
+                              "config records one init. Save them as separate adapters.")
+        if frozen_b == {True}:  # load_adapter rebuilds the frozen B from init_weights="mica"
+            cfg = self if self.init_weights == "mica" else dataclasses.replace(self, init_weights="mica")
+        elif mark is not None:
             cfg = self if self.init_weights == mark else dataclasses.replace(self, init_weights=mark)
-        else:  # plain sites: a residual init in the config would make load_adapter mark them
-            cfg = dataclasses.replace(self, init_weights="default") if is_residual_init(self.init_weights) else self
+        else:  # plain sites: a residual init (or "mica") in the config would make load_adapter mark them
+            cfg = (dataclasses.replace(self, init_weights="default")
+                   if is_residual_init(self.init_weights) or self.init_weights == "mica" else self)
         return cfg._with_site_ranks(adapter)
 
     def _with_site_ranks(self, adapter):
@@ -428,6 +443,8 @@ class LoraWeights(Site):
     * ``tied_output`` (embeddings only): whether the model reads this embedding through
       ``attend`` too (known when :func:`jpeft.init` traced the model; ``None`` when unknown).
       :func:`jpeft.merge` uses it to refuse a merge that would change the output projection.
+    * ``frozen_b``: ``lora_B`` is frozen (:attr:`frozen`: no gradient, no optimizer state), as
+      MiCA (``LoraConfig(init_weights="mica")``) trains ``lora_A`` only.
     """
 
     lora_A: jax.Array
@@ -441,9 +458,14 @@ class LoraWeights(Site):
     tied_output: Optional[bool] = static_field(default=None)
     lora_bias: Optional[jax.Array] = None
     base_bias: Optional[jax.Array] = None
+    frozen_b: bool = static_field(default=False)
 
     site: ClassVar[str] = "linear"
     mergeable: ClassVar[bool] = True
+
+    @property
+    def frozen(self) -> tuple:  # FrozenFields: MiCA's B is carried along, never trained
+        return ("lora_B",) if self.frozen_b else ()
 
     @property
     def r(self) -> int:
@@ -976,13 +998,40 @@ def _kaiming_uniform(key, shape, fan_in, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _mica_factors(path: str, layout: Layout, own: Mapping[str, Any], r: int):
+    """MiCA's initial ``(lora_A, lora_B)`` as Hugging Face PEFT's ``LoraLayer.mica_init`` /
+    ``Embedding.mica_init`` make them: PEFT's B is ``U[:, -r:]`` of the SVD (in float32) of its
+    ``[out, in]`` weight (an embedding's ``weight.T``), its A zero; jpeft holds both transposed."""
+    if layout.kind not in (Kind.DENSE, Kind.DENSE_GENERAL, Kind.EINSUM, Kind.EMBED):
+        raise ConfigError(
+            f"LoraConfig(init_weights='mica') cannot adapt the {layout.kind} module at {path!r}: Hugging Face PEFT's MiCA "
+            "is for linear and embedding layers. Leave this module out of target_modules (exclude_modules).")
+    w = own.get(layout.param_name)
+    dt = getattr(w, "dtype", None)
+    if dt is None or not jnp.issubdtype(jnp.dtype(dt), jnp.floating) or jnp.dtype(dt).itemsize < 2 \
+            or not isinstance(w, (jax.Array, np.ndarray)):
+        raise ConfigError(
+            f"LoraConfig(init_weights='mica') takes the SVD of {path!r}'s {layout.param_name}, which is "
+            f"{'missing' if w is None else type(w).__name__ if dt is None else jnp.dtype(dt).name}; expected float32, "
+            "float16 or bfloat16 (as Hugging Face PEFT). Initialise MiCA on the unquantized base.")
+    n_in, n_out = layout.in_features, layout.out_features
+    if r > min(n_in, n_out):
+        raise ConfigError(
+            f"LoraConfig(init_weights='mica') needs r <= min(in_features, out_features) = {min(n_in, n_out)} for "
+            f"{path!r} ([{n_in}, {n_out}]), found r={r} (Hugging Face PEFT refuses it too). Lower r or rank_pattern.")
+    u, _, _ = svd_bottom(to_matrix(w.astype(jnp.float32), layout).T, r)  # PEFT's [out, in] weight
+    return jnp.zeros((n_in, r), jnp.float32), jnp.asarray(u.T, jnp.float32)
+
+
 def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[str, Any],
               tied_output: Optional[bool] = None, rank_alpha: Optional[tuple] = None) -> LoraWeights:
     r, alpha = rank_alpha if rank_alpha is not None else config.rank_alpha(path)
     scale = config.scale(r, alpha)
     n_in, n_out = layout.in_features, layout.out_features
     ka, kb = jax.random.split(key)
-    if layout.kind == Kind.EMBED:
+    if config.init_weights == "mica":  # dense and embedding modules alike (PEFT's Linear and Embedding)
+        a, b = _mica_factors(path, layout, own, r)
+    elif layout.kind == Kind.EMBED:
         # HF PEFT: for embeddings A is zero and B normal, so the start is the identity.
         if config.init_weights == "random":
             a = jax.random.normal(ka, (n_in, r), jnp.float32)
@@ -1011,7 +1060,8 @@ def init_site(config: LoraConfig, path: str, layout: Layout, key, own: Mapping[s
         # PEFT: zero with the default init (the identity), torch.nn.Linear's own init (bound 1/sqrt(r)) otherwise
         bias = (jnp.zeros((n_out,), jnp.float32) if config.init_weights == "default"
                 else _kaiming_uniform(jax.random.fold_in(kb, 1), (n_out,), r))
-    node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output, bias)
+    node = LoraWeights(a, b, None, scale, layout, float(config.dropout), residual, tie, tied_output, bias,
+                       frozen_b=config.init_weights == "mica")
     if config.use_dora:
         node = dora.with_magnitude(node, own)
     return node

@@ -210,6 +210,13 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     """``init_lora_weights`` to write: ``True``, or the residual init every site shares, after
     refusing what PEFT would rebuild differently on load."""
     kinds = {node.residual for node in adapter.values() if isinstance(node, LoraWeights)}
+    frozen_b = {node.frozen_b for node in adapter.values() if isinstance(node, LoraWeights)}
+    if frozen_b == {True} and kinds == {None}:  # MiCA: PEFT rebuilds its init on load and keeps lora_B frozen
+        return "mica"
+    if len(frozen_b) > 1:
+        raise UnsupportedAdapterError(
+            "the adapter mixes MiCA sites (lora_B frozen) with sites that train both factors; PEFT records one "
+            "init_lora_weights per adapter. Save them as separate adapters.")
     if kinds == {None}:
         if is_residual_init(config.init_weights):
             raise UnsupportedAdapterError(
@@ -325,7 +332,8 @@ def _lora_config_from_hf(d: Mapping[str, Any], folder: str) -> tuple[LoraConfig,
     # LoraConfig's 16 (which would scale every update 2x); r and the other defaults are PEFT's
     kept.setdefault("lora_alpha", 8)
     residual = _residual_of(kept.get("init_lora_weights", True), folder)
-    kept["init_lora_weights"] = residual or True  # besides the residual inits, the init does not matter for loading
+    # besides the residual inits, the init does not matter for loading, but for MiCA's frozen lora_B
+    kept["init_lora_weights"] = residual or ("mica" if kept.get("init_lora_weights") == "mica" else True)
     if kept.get("target_modules") is None:
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {folder!r} has target_modules=null (PEFT's per-architecture default); "
@@ -512,6 +520,11 @@ def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfi
     base module and the config (ranks, shapes, DoRA magnitudes, biases)."""
     own = ctx.leaves[path]
     layout = _site_layout(path, own, ctx)
+    if config.init_weights == "mica" and layout.kind == Kind.CONV:
+        raise UnsupportedAdapterError(
+            f"the adapter in {ctx.folder!r} has init_lora_weights='mica' and a conv site {hf_name(path)!r}: Hugging Face "
+            "PEFT's MiCA (lora_B frozen) is for linear and embedding layers, so jpeft cannot tell which factors this "
+            "site trains. Leave convolutions out of target_modules for MiCA.")
     if residual is not None and layout.kind == Kind.CONV:
         raise UnsupportedAdapterError(
             f"the adapter in {ctx.folder!r} has init_lora_weights={residual!r} and a conv site {hf_name(path)!r}, but "
@@ -573,6 +586,7 @@ def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfi
         tied_output_from_params(path, ctx.leaves) if layout.kind == Kind.EMBED else None,
         None if bias is None else jnp.asarray(bias, ctx.dtype),
         base_bias,
+        frozen_b=config.init_weights == "mica",  # MiCA: PEFT trains lora_A only
     )
 
 
@@ -708,11 +722,7 @@ def _residual_of(init, folder) -> Optional[str]:
     residual base jpeft recomputes as PEFT does; a named error for the others."""
     if any(init is v or (isinstance(init, str) and init == v) for v in _PLAIN_INITS):
         return None
-    if init == "mica":  # the file holds both factors, the base is unchanged and the forward is plain LoRA's
-        warnings.warn(
-            f"the LoRA adapter in {folder!r} was made with init_lora_weights='mica' (MiCA): it loads as plain LoRA "
-            "with PEFT's outputs, but PEFT trains its lora_A only (lora_B stays frozen) while jpeft trains both "
-            "factors of a loaded adapter.", UserWarning, stacklevel=2)
+    if init == "mica":  # the file holds both factors and the base is unchanged; the sites load with B frozen
         return None
     if init in ("pissa", "olora"):
         return init

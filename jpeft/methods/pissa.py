@@ -30,7 +30,7 @@ import numpy as np
 from jpeft import core, quant
 from jpeft.errors import ConfigError, InputValidationError, QuantizationError, ShapeMismatchError
 from jpeft.methods import dora
-from jpeft.methods._common import from_matrix, to_matrix
+from jpeft.methods._common import from_matrix, svd_bottom, to_matrix
 from jpeft.methods.base import Kind
 from jpeft.methods.lora import LoraConfig, LoraWeights
 from jpeft.scan import Stacked
@@ -94,13 +94,6 @@ def init_pissa(config, params, key, model=None, *model_args, niter: Optional[int
     return residual_init("init_pissa", tag, factors, config, params, key, model, model_args, model_kwargs)
 
 
-def _svd_bottom(w, r: int):
-    """The ``r`` smallest of the ``min(m, n)`` singular triplets of ``w: [m, n]`` (exact SVD; a
-    randomized SVD finds the top of the spectrum, not its tail)."""
-    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
-    return u[:, -r:], s[-r:], vh[-r:]
-
-
 def init_milora(config, params, key, model=None, *model_args, **model_kwargs):
     """Creates a MiLoRA-initialised LoRA (or DoRA) adapter (Wang et al. 2024, "MiLoRA:
     Harnessing Minor Singular Components for Parameter-Efficient LLM Finetuning") and the
@@ -125,7 +118,7 @@ def init_milora(config, params, key, model=None, *model_args, **model_kwargs):
     """
 
     def factors(mat, r, scale, k, path):
-        u, s, vh = _svd_bottom(mat, r)
+        u, s, vh = svd_bottom(mat, r)
         sr = jnp.sqrt(s / scale)
         return u * sr.reshape(1, -1), sr.reshape(-1, 1) * vh
 
