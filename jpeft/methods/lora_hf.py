@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import warnings
 from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
