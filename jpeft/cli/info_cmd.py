@@ -164,15 +164,21 @@ def adapter_summary(path: str) -> dict:
     return res
 
 
+def _class_frozen(node_cls) -> tuple:
+    """A node class's frozen field names; ``()`` where they depend on the node (a property:
+    LoraWeights', whose MiCA B is frozen per site)."""
+    frozen = getattr(node_cls, "frozen", ())
+    return frozen if isinstance(frozen, tuple) else ()
+
+
 def _frozen_count(peft_type, shapes: dict, init=None) -> int:
     """How many of the saved numbers are frozen adapter arrays (never trained: VeRA's shared
     projections, MiCA's lora_B), told by their field name, the last part of an array's name
     (``.../vera_A``, PEFT's ``base_model.vera_A``; PEFT's ``...lora_B.weight`` by its module name),
     among the ``frozen`` fields of the method's node classes; ``init`` is the LoRA config's
     ``init_lora_weights`` ("mica" freezes lora_B, PEFT's lora_embedding_B on embeddings)."""
-    # a class whose frozen fields depend on the node (LoraWeights: MiCA's lora_B) has a property there
     names = {f for m in registered_methods() if m.config.peft_type == peft_type for node in m.nodes
-             for f in (lambda fr: fr if isinstance(fr, tuple) else ())(getattr(node, "frozen", ()))}
+             for f in _class_frozen(node)}
     if peft_type == "LORA" and init == "mica":
         names |= {"lora_B", "lora_embedding_B"}
 
