@@ -298,7 +298,9 @@ def test_a_tokenizers_response_template_parses_the_reply_into_openai_tool_calls(
     its ``arguments`` as a JSON string and an id, ``finish_reason`` "tool_calls"; the same for a reply ended by the
     EOS (parsed from its token ids) or cut at a stop string (its text). A reply cut by max_tokens is the text (a
     call in it may be cut short), and so is every reply without a response_template. A template the parser cannot
-    load is refused when the server is built. The reference is the tiny model's greedy reply (jpeft.generate)."""
+    load is refused when the server is built. The reference is the tiny model's greedy reply (jpeft.generate).
+    Streamed (``"stream": true``), each reply gives the same message, tool calls, reasoning and finish_reason, as the
+    official ``openai`` client accumulates the deltas; it was the raw text, the call's markup in its content."""
     from starlette.testclient import TestClient
 
     from jpeft.errors import ConfigError
@@ -328,13 +330,22 @@ def test_a_tokenizers_response_template_parses_the_reply_into_openai_tool_calls(
     for eos, extra, finish in (([WORDS.index(g[6])], {}, "tool_calls"), (None, {"stop": [g[6]]}, "tool_calls"),
                                (None, {"max_tokens": 6}, "length")):
         eng = Engine(MODEL, PARAMS, None, tokenizer=tok, slots=1, max_len=32, eos_ids=eos)
+        body = {"model": "tiny", "messages": msgs, "tools": TOOLS, "temperature": 0, "max_tokens": 10, **extra}
         with TestClient(make_app(Server(eng, base_name="tiny", tokenizer=tok))) as client:
-            r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": msgs, "tools": TOOLS,
-                                                          "temperature": 0, "max_tokens": 10, **extra})
+            r = client.post("/v1/chat/completions", json=body)
+            streamed = _streamed_chat(client.post("/v1/chat/completions", json=dict(body, stream=True)))
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] == finish, choice
         message = choice["message"]
+        # streamed, the same message as the official client accumulates it (was the raw text: no tool_calls, the
+        # call's markup in the content, finish_reason "stop")
+        got = streamed.choices[0]
+        assert got.finish_reason == finish and got.message.content == message["content"], (got, message)
+        calls = [("call_", c["type"], c["function"]["name"], c["function"]["arguments"])
+                 for c in message.get("tool_calls", [])]
+        assert [(c.id[:5], c.type, c.function.name, c.function.arguments)
+                for c in got.message.tool_calls or []] == calls
         if finish == "length":  # cut short: the text as generated
             assert message == {"role": "assistant", "content": reply}
             continue
@@ -342,6 +353,19 @@ def test_a_tokenizers_response_template_parses_the_reply_into_openai_tool_calls(
         (call,) = message["tool_calls"]
         assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == g[2]
         assert json.loads(call["function"]["arguments"]) == {g[3]: g[4]}
+    # parsed reasoning (vLLM's reasoning_content) streams as the non-streamed message holds it: here g0 opens it and g2
+    # closes it, so g1 is the reasoning (no call opens inside it) and the rest the content
+    tok.response_template["fields"]["reasoning_content"] = {"open_pattern": rf"{g[0]}\s*",
+                                                            "close_pattern": rf"\s*{g[2]}\s*", "content": "text"}
+    eng = Engine(MODEL, PARAMS, None, tokenizer=tok, slots=1, max_len=32, eos_ids=[WORDS.index(g[6])])
+    with TestClient(make_app(Server(eng, base_name="tiny", tokenizer=tok))) as client:
+        r = client.post("/v1/chat/completions", json=dict(body, max_tokens=10))
+        events = client.post("/v1/chat/completions", json=dict(body, max_tokens=10, stream=True)).text
+    message = r.json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": " ".join(g[3:6]), "reasoning_content": g[1]}, message
+    deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in events.split("\n\n") if e.startswith("data: {")]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == g[1]
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]
     # without a response_template: the text, no tool_calls
     eng = Engine(MODEL, PARAMS, None, tokenizer=plain, slots=1, max_len=32, eos_ids=[WORDS.index(g[6])])
     with TestClient(make_app(Server(eng, base_name="tiny", tokenizer=plain))) as client:
@@ -353,6 +377,21 @@ def test_a_tokenizers_response_template_parses_the_reply_into_openai_tool_calls(
     broken.response_template = {"fields": {}}
     with pytest.raises(ConfigError, match="the tokenizer's response_template .* cannot be used"):
         Server(eng, base_name="tiny", tokenizer=broken)
+
+
+def _streamed_chat(response):
+    """A streamed chat completion's server-sent events accumulated by the official ``openai`` client's own
+    stream state (its ``chat.completions.stream`` helper), into a ``ChatCompletion``."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    assert response.status_code == 200, response.text
+    events = [e[len("data: "):] for e in response.text.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    state = ChatCompletionStreamState()
+    for e in events[:-1]:
+        state.handle_chunk(ChatCompletionChunk.model_validate_json(e))
+    return state.current_completion_snapshot  # (get_final_completion refuses a reply cut by max_tokens)
 
 
 def test_hot_add_and_remove_while_serving_no_failure_no_recompile(server):
@@ -981,7 +1020,7 @@ def test_a_streamed_request_that_timed_out_in_the_queue_reports_503_not_504():
         req.started = started
         queue = asyncio.Queue()
         queue.put_nowait(Event("error", error="timeout", message="timed out"))
-        return [c async for c in server._stream(req, queue, "cmpl-x", "tiny", False)]
+        return [c async for c in server._stream(req, queue, "cmpl-x", "tiny", False, {})]
 
     for started, code in ((None, 503), (1.0, 504)):
         (chunk,) = asyncio.run(main(started))

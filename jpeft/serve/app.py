@@ -295,7 +295,7 @@ class Server:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         model = body["model"]
         if stream:
-            return StreamingResponse(self._stream(req, queue, rid, model, chat), media_type="text/event-stream",
+            return StreamingResponse(self._stream(req, queue, rid, model, chat, body), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await self._collect(request, req, queue, rid, model, chat, body)
 
@@ -360,19 +360,26 @@ class Server:
             raise
         text = "".join(parts)
         if chat:
-            message, finish = self._message(body or {}, req, ids, text, ev.finish_reason)
+            message, finish = self._message(body, req, ids, text, ev.finish_reason)
             choice = {"index": 0, "message": message, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": ev.finish_reason}
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": model, "choices": [choice], "usage": ev.usage})
 
-    async def _stream(self, req: Request, queue: asyncio.Queue, rid, model, chat):
+    async def _stream(self, req: Request, queue: asyncio.Queue, rid, model, chat, body: dict):
+        """The server-sent events of a streamed request. A chat reply on a tokenizer with a ``response_template``
+        is parsed as the non-streamed one (:meth:`_message`), so it gives the same message: its text is held until
+        the reply ends (the parse needs the whole reply: a tool call's markup, the whitespace around it, a call
+        cut by max_tokens), then sent as deltas in OpenAI's streamed form, ``reasoning_content``, ``content``
+        and each call with its ``index`` (:func:`_message_deltas`). Any other reply streams its text as it comes."""
         created = int(time.time())
+        parse = chat and getattr(self.tokenizer, "response_template", None) is not None
+        parts, ids = [], []
 
-        def chunk(text=None, finish=None, role=False, usage=None):
+        def chunk(text=None, finish=None, role=False, usage=None, delta=None):
             if chat:
-                delta = {}
+                delta = dict(delta or {})
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
@@ -393,7 +400,10 @@ class Server:
             while True:
                 ev = await queue.get()
                 if ev.kind == "text":
-                    if ev.text:
+                    if parse:  # held: parsed with the whole reply below
+                        parts.append(ev.text)
+                        ids.extend(ev.token_ids)
+                    elif ev.text:
                         yield chunk(text=ev.text)
                 elif ev.kind == "error":
                     # a request that never got a slot timed out in the queue: 503 as without streaming (was 504, the
@@ -402,7 +412,12 @@ class Server:
                     yield f"data: {strict_json(err.response_body())}\n\n"
                     return
                 else:
-                    yield chunk(text="" if not chat else None, finish=ev.finish_reason, usage=ev.usage)
+                    finish = ev.finish_reason
+                    if parse:
+                        message, finish = self._message(body, req, ids, "".join(parts), finish)
+                        for delta in _message_deltas(message):
+                            yield chunk(delta=delta)
+                    yield chunk(text="" if not chat else None, finish=finish, usage=ev.usage)
                     yield "data: [DONE]\n\n"
                     return
         finally:
@@ -549,6 +564,18 @@ class Server:
                             "not_found_error", "name").response()
         self._added.pop(name, None)
         return JSONResponse({"id": name, "object": "model", "deleted": True, "requests_finishing": waiting})
+
+
+def _message_deltas(message: dict) -> list:
+    """A chat completion's ``message`` as the deltas of OpenAI's streamed form, which a client's accumulation
+    (the ``openai`` client's, vLLM's) joins back into it: ``reasoning_content`` (vLLM's field), ``content``, and
+    each tool call as ``{"index": i, "id", "type", "function": {"name", "arguments"}}``, each in its own delta
+    (no reasoning delta without reasoning; a ``content`` of ``""`` is sent, ``None`` is not, as the message
+    holds it)."""
+    deltas = [{"reasoning_content": message["reasoning_content"]}] if message.get("reasoning_content") else []
+    deltas += [{"content": message["content"]}] if message.get("content") is not None else []
+    deltas += [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(message.get("tool_calls") or [])]
+    return deltas
 
 
 def _engine_error(ev: Event, started: bool) -> ApiError:
