@@ -419,7 +419,7 @@ def apply_with(graphdef, state, adapter: Mapping[str, Any], *args, rngs=None, me
         )
     try:
         out = fn(*args, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         if not _through_transform(e):
             raise
         raise UnsupportedModuleError(
@@ -464,11 +464,12 @@ def call_inputs(graphdef, state, paths, *args, **kwargs) -> dict[str, list]:
     return got
 
 
-def _through_transform(e: TypeError) -> bool:
+def _through_transform(e: Exception) -> bool:
     """Whether ``e`` is what flax raises when an NNX transform splits a module holding a
     :class:`_SiteProxy` (or, in :func:`trace`, a :class:`_Recorder`): the stand-in comes back
     as a traced leaf (``'DynamicJaxprTracer' object is not callable``) or is refused as an
-    argument or output (``... _SiteProxy ... is not a valid JAX type``)."""
+    argument or output (a ``TypeError``, ``... _SiteProxy ... is not a valid JAX type``; from
+    ``nnx.scan`` a ``ValueError``, ``Expected an array, got _Recorder``)."""
     msg = str(e)
     return "_SiteProxy" in msg or "_Recorder" in msg or "Tracer' object is not callable" in msg
 
@@ -492,7 +493,7 @@ def trace(graphdef, state, *args, **kwargs) -> dict[str, ModuleInfo]:
 
     try:
         closed = _reads.traced(run, state)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         if not _through_transform(e):
             raise
         raise UnsupportedModuleError(

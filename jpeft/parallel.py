@@ -318,8 +318,9 @@ _WHOLE_SHARE = 0.01
 
 
 def _nbytes(leaf) -> int:
-    """Bytes of a base leaf (an array, a ``jax.ShapeDtypeStruct`` or a quantized kernel's arrays)."""
-    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(leaf)
+    """Bytes of a base leaf (an array, a ``jax.ShapeDtypeStruct`` or a quantized kernel's arrays; a
+    PRNG key array, such as an NNX state's ``nnx.RngKey``, whose key dtype NumPy cannot read)."""
+    return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(leaf)
                    if hasattr(x, "shape") and hasattr(x, "dtype")))
 
 
