@@ -629,6 +629,70 @@ def test_heads_jpeft_does_not_implement_and_a_stray_untied_head_are_refused(tmp_
 
 
 
+_TIED_HEAD_PEAK = """
+import json, sys
+from jpeft.models import loading
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+loading._COMPARE_BYTES = 1 << 20
+real, seen = loading._check_stored_head_is_tied, {}
+def check(*a):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident set is reset to the current one
+    rss = status("VmRSS:")
+    real(*a)
+    seen["rise"] = status("VmHWM:") - rss
+loading._check_stored_head_is_tied = check
+loading.from_pretrained(sys.argv[1])
+print("RISE", json.dumps(seen))
+"""
+
+
+def test_a_stored_copy_of_a_tied_head_is_compared_a_block_at_a_time(tmp_path, monkeypatch):
+    """A tied checkpoint that also stores lm_head.weight (a copy some exporters write) has the two
+    tables compared before loading, on every process of a sharded load. They were read whole
+    (safetensors' get_tensor: mapped pages and a JAX copy of each, then a boolean array): on a
+    random 22M-parameter Llama with a 24 MiB table the load's peak rose from +51 to +169 MiB on one
+    process and to +174 MiB on each of two fsdp=2 processes, whose own shards are 30 MiB. Now they
+    are read and compared a block of rows at a time: the check's own peak stays within a few
+    blocks, and a head differing only in its last row is still refused."""
+    import subprocess
+
+    from safetensors.numpy import load_file, save_file
+
+    from jpeft.models import loading
+
+    vocab, hidden = 8192, 512  # a 16 MiB float32 table; blocks of 1 MiB in the child process
+    cfg = M.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_layers=1, num_heads=4,
+                        num_kv_heads=2, head_dim=128, tie_word_embeddings=True)
+    model = M.model_from_config(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    d = tmp_path / "tied"
+    M.save_pretrained(str(d), model, params)
+    w = load_file(str(d / "model.safetensors"))
+    emb = w["model.embed_tokens.weight"]
+    assert emb.nbytes == 16 << 20 and np.abs(emb).max() > 0
+    save_file({**w, "lm_head.weight": emb.copy()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(jpeft.__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _TIED_HEAD_PEAK, str(d)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rise = json.loads(out.stdout.split("RISE", 1)[1])["rise"]
+    assert rise < emb.nbytes // 4, f"comparing the stored head with the embedding raised the peak by {rise / 2**20:.1f} MiB"
+    _, got = M.from_pretrained(str(d))  # an equal copy loads, tied, with the table's own values
+    np.testing.assert_array_equal(np.asarray(got["params"]["model"]["embed_tokens"]["embedding"]), emb)
+    assert "lm_head" not in got["params"]
+    head = emb.copy()
+    head[-1, -1] = np.nextafter(head[-1, -1], np.float32(np.inf))  # one value of the last block, one step off
+    save_file({**w, "lm_head.weight": head}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(loading, "_COMPARE_BYTES", 1 << 20)
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true, but the weights also hold an lm_head"):
+        M.from_pretrained(str(d))
+
+
 @pytest.mark.parametrize("family", ["llama3", "gpt2"])
 def test_tied_matrix_stored_only_as_lm_head_loads_as_the_embedding(family, tmp_path):
     """safetensors.torch.save_model keeps one of a tied tensor's names, the first in order:

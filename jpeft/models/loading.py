@@ -664,21 +664,45 @@ def _check_stored_head_is_tied(path, where) -> None:
     """A config that ties the output projection to the embedding, with an ``lm_head.weight`` in
     the file too: jpeft's model has no head of its own, so the stored one must be the embedding
     (a copy, as some exporters write). A different one (a fine-tune or an FSDP export that untied
-    the head and left the config alone) is what transformers 5 then uses, untied: refused."""
+    the head and left the config alone) is what transformers 5 then uses, untied: refused. The two
+    are compared :data:`_COMPARE_BYTES` of rows at a time (every process compares them whole), so
+    the check holds two such blocks, not two whole vocabulary tables."""
     emb = [k for k in where if k.endswith((".embed_tokens.weight", ".wte.weight"))]
     if not emb:
         return
-    (hr, hh, _), (er, eh, _) = where["lm_head.weight"], where[emb[0]]
-    if tuple(hh.get_slice(hr).get_shape()) == tuple(eh.get_slice(er).get_shape()):
-        head, table = np.asarray(hh.get_tensor(hr)), np.asarray(eh.get_tensor(er))
-        if np.array_equal(head, table):
-            return
+    if _same_tensor(where["lm_head.weight"], where[emb[0]]):
+        return
     raise CheckpointError(
         f"config.json in {path!r} says tie_word_embeddings=true, but the weights also hold an lm_head.weight that "
         f"differs from {emb[0]}: the head was trained (or exported) untied. transformers then uses the stored head; "
         "jpeft's tied model would compute logits with the embedding instead. Set \"tie_word_embeddings\": false in "
         "config.json to load the head as it is stored."
     )
+
+
+_COMPARE_BYTES = 16 << 20  # the most bytes of one tensor _same_tensor holds at a time
+
+
+def _same_tensor(a, b) -> bool:
+    """Whether two stored tensors, ``(name, handle, file)`` as :func:`_read_weights` finds them,
+    have the same shape and values, read (:func:`_read_slice`) and compared a block of at most
+    :data:`_COMPARE_BYTES` of leading-axis rows at a time: reading both whole (safetensors'
+    ``get_tensor``: memory-mapped pages and a JAX copy of each) would hold several copies of a
+    vocabulary table on every process's host, where a sharded load holds a fraction of one."""
+    (ra, _, fa), (rb, _, fb) = a, b
+    sa, sb = safetensors_index(fa)[0], safetensors_index(fb)[0]
+    shape = tuple(int(d) for d in sa[ra][1])
+    if shape != tuple(int(d) for d in sb[rb][1]):
+        return False
+    if not shape:
+        return bool(np.array_equal(_read_slice(fa, ra, sa, ()), _read_slice(fb, rb, sb, ())))
+    row = int(np.prod(shape[1:], dtype=np.int64)) * max(np.dtype(sa[ra][0]).itemsize, np.dtype(sb[rb][0]).itemsize)
+    step = max(1, _COMPARE_BYTES // max(row, 1))
+    for start in range(0, shape[0], step):
+        rows = (slice(start, min(start + step, shape[0])),)
+        if not np.array_equal(_read_slice(fa, ra, sa, rows), _read_slice(fb, rb, sb, rows)):
+            return False
+    return True
 
 
 def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantize=None, untie=False):
