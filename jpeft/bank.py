@@ -66,6 +66,10 @@ Training several adapters at once: differentiate the stacked weights ``bank.weig
 
 Each example's loss reaches only its own adapter's slot (gradients of other slots are exactly
 zero), and the zero padding of lower-rank adapters stays exactly zero under gradient descent.
+The stacks are trained whole: a MiCA adapter's ``lora_B`` (frozen in the adapter,
+``LoraWeights.frozen_b``) trains here like any slot's. :meth:`AdapterBank.get` gives a MiCA
+adapter back with B frozen while its B is the one added, and as a plain LoRA, with a warning,
+once training through the bank changed it; train a MiCA adapter alone to keep its B fixed.
 ``make_train_step`` donates its adapter argument, so after a step use
 ``bank.with_weights(new_weights)``, not the old bank (whose entry points then raise
 :class:`~jpeft.errors.BankError` saying so).
@@ -95,6 +99,7 @@ optimizer state with ``jpeft.init_opt_state(optimizer, bank.weights)`` (that is
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import jax
@@ -604,6 +609,9 @@ class AdapterBank:
       slot_edits: for each slot, the number of the edit (``add``, ``replace``, ``remove``) that
         last wrote it (0: never written): what :meth:`with_weights` checks the weights' ``edits``
         against, so weights taken before an edit are refused even where the scales are equal.
+      slot_frozen_b: for each slot, ``{path: lora_B}`` (host copies, in the bank's dtype) of
+        the sites where its adapter's ``lora_B`` is frozen (MiCA's, ``LoraWeights.frozen_b``), so
+        that :meth:`get` gives back a MiCA adapter as MiCA while its B is unchanged; ``None`` if free.
       dropout: LoRA dropout of the routed branch when training through the bank.
       strategy: ``"gather"``, ``"ragged"`` or ``"pregather"`` (see :mod:`jpeft.bank`).
 
@@ -632,6 +640,7 @@ class AdapterBank:
     # embedding sites: whether the model also reads them as a tied output projection (attend);
     # from the template's low_rank().tied_output, so get() / merged_params() can refuse such a merge
     tied_output: Mapping[str, Optional[bool]] = dataclasses.field(default_factory=dict)
+    slot_frozen_b: tuple = ()
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -722,7 +731,7 @@ class AdapterBank:
             for p, lay in layouts.items()
         }
         free = (None,) * capacity
-        return cls(layouts, weights, free, free, free, (0,) * capacity, float(dropout), strategy, tied)
+        return cls(layouts, weights, free, free, free, (0,) * capacity, float(dropout), strategy, tied, free)
 
     @classmethod
     def from_adapters(
@@ -837,7 +846,9 @@ class AdapterBank:
         return jnp.asarray([slot_id(n) for n in names], jnp.int32)
 
     def get(self, name: str) -> dict:
-        """The adapter ``name`` as a plain LoRA adapter at its own rank (padding removed).
+        """The adapter ``name`` as a LoRA adapter at its own rank (padding removed), with
+        ``lora_B`` frozen where the adapter added had it frozen (MiCA), unless training through
+        the bank changed that B: then a plain LoRA (both factors trained), with a ``UserWarning``.
 
         Raises:
           UnknownAdapterError: no adapter of that name is in the bank.
@@ -845,6 +856,16 @@ class AdapterBank:
         i = self.slot(name)
         _refuse_donated(self.weights, own=True)
         ranks = self.slot_ranks[i]
+        frozen = self.slot_frozen_b[i]
+        moved = sorted(p for p, b in frozen.items()
+                       if not np.array_equal(np.asarray(self.weights[p].lora_B[i, : ranks[p]]), b))
+        if moved:
+            warnings.warn(
+                f"AdapterBank.get({name!r}): this MiCA adapter's lora_B (frozen in the adapter) changed in the bank at "
+                f"{moved[:4]} (training through bank.weights trains every slot's factors), so it is no longer MiCA's "
+                "B: the adapter comes back as a plain LoRA (lora_B trained, not frozen). Train a MiCA adapter alone "
+                "(jpeft.make_train_step on the adapter) to keep its B fixed.", UserWarning, stacklevel=2)
+            frozen = {}
         out = {}
         for path, r in ranks.items():
             st = self.weights[path]
@@ -862,6 +883,7 @@ class AdapterBank:
                 tied_output=self.tied_output.get(path) if st.layout.kind == Kind.EMBED else None, dropout=self.dropout,
                 bias=st.lora_bias[i] if biased else None, tokens=None if copy is not None else tokens, saved=copy,
                 tie_output=bool(st.tied_tokens and tokens is not None and copy is None),
+                frozen_b=path in frozen,
             ))
         return out
 
@@ -982,7 +1004,7 @@ class AdapterBank:
         edit = self._next_edit()
         w = _write_slot(self.weights, jnp.int32(i), za, zb, zs, jnp.float32(edit), self._slot_bias({}),
                         self._slot_tokens({}), self._slot_copies({}))
-        return dataclasses.replace(self, weights=w, **self._slot_record(i, None, None, None, edit))
+        return dataclasses.replace(self, weights=w, **self._slot_record(i, None, None, None, edit, None))
 
     def with_weights(self, weights: Mapping[str, LoraStack]) -> "AdapterBank":
         """A new bank with its stacked factors replaced (e.g. after training through the bank).
@@ -1199,7 +1221,8 @@ class AdapterBank:
         w = _write_slot(self.weights, jnp.int32(i), new_a, new_b, new_s, jnp.float32(edit), self._slot_bias(adapter),
                         self._slot_tokens(adapter), self._slot_copies(adapter))
         ranks = {p: int(n.a.shape[-1]) for p, n in adapter.items()}
-        return dataclasses.replace(self, weights=w, **self._slot_record(i, name, ranks, host_s, edit))
+        frozen_b = {p: np.asarray(new_b[p][: ranks[p]]) for p, n in adapter.items() if n.frozen_b}
+        return dataclasses.replace(self, weights=w, **self._slot_record(i, name, ranks, host_s, edit, frozen_b))
 
     def _slot_bias(self, adapter: Mapping[str, LowRank]) -> dict:
         """``{path: (lora_bias [out], bias_on)}`` of a slot holding ``adapter`` (``{}``: none), at
@@ -1254,14 +1277,15 @@ class AdapterBank:
         float32 holds them exactly up to 2**24 edits)."""
         return max(self.slot_edits) + 1
 
-    def _slot_record(self, i: int, name, ranks, scales, edit: int) -> dict:
+    def _slot_record(self, i: int, name, ranks, scales, edit: int, frozen_b) -> dict:
         """The host bookkeeping of a bank whose slot ``i`` holds ``name`` (``None``: free), written
         by edit number ``edit``."""
         def put(t, v):
             return t[:i] + (v,) + t[i + 1 :]
 
         return dict(slots=put(self.slots, name), slot_ranks=put(self.slot_ranks, ranks),
-                    slot_scales=put(self.slot_scales, scales), slot_edits=put(self.slot_edits, edit))
+                    slot_scales=put(self.slot_scales, scales), slot_edits=put(self.slot_edits, edit),
+                    slot_frozen_b=put(self.slot_frozen_b, frozen_b))
 
 
 def _same_layout(a: Layout, b: Layout) -> bool:

@@ -34,12 +34,29 @@ Three entry points:
   bank, or :func:`jpeft.merge`;
 * :func:`merge_into_base` -> base params with the merged update folded in (exact, no
   truncation), for serving one tenant with no adapter overhead.
+
+MiCA adapters (``LoraConfig(init_weights="mica")``: ``lora_B`` the base's minor left singular
+vectors, frozen, ``lora_A`` trained). The exact concatenation (``"cat"``, and ``"linear"``
+without a rank) of MiCA adapters only is MiCA again: its B stacks the inputs' frozen B's (each
+scaled by ``w_i s_i``), still in the base's minor subspace, so :func:`merge_adapters` keeps
+``lora_B`` frozen (``LoraWeights.frozen_b``) and further training moves the A's only, as it
+did for each input. Every other result is a plain LoRA (both factors trained) with a
+``UserWarning``: the SVD re-factorisations (``"svd"``, ``"ties"``, ``"dare_*"``,
+``"magnitude_prune"``, a ``rank``) and ``factors=True`` build a B that is not the base's minor
+singular vectors, a mix of MiCA and plain inputs holds B's of both kinds, which no single
+frozen flag describes, and a concatenation of rank above ``min(in, out)`` is no MiCA (PEFT's
+``mica_init`` refuses that rank; saved as MiCA it would not load). Hugging Face PEFT's
+``add_weighted_adapter`` instead copies the first input's config, so its result freezes
+whatever B it built when the first input is MiCA (an SVD factor, or a plain input's trained B)
+and trains it when the first is plain: jpeft does not let the order of the inputs decide what
+trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import zlib
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -269,6 +286,21 @@ def _validate(adapters, weights, method, density, majority_sign, key):
     return low, weights, sites
 
 
+def _mica_inputs(adapters: Sequence[Mapping[str, LowRank]]) -> tuple[bool, bool]:
+    """``(any, all)``: whether any / every input site is MiCA's (``lora_B`` frozen)."""
+    flags = [bool(lr.frozen_b) for ad in adapters for lr in ad.values()]
+    return any(flags), bool(flags) and all(flags)
+
+
+def _warn_mica_dropped(adapters, why: str, stacklevel: int = 3) -> None:
+    """One warning per merge whose inputs include MiCA adapters but whose result trains both factors."""
+    if _mica_inputs(adapters)[0]:
+        warnings.warn(
+            f"jpeft.merging.merge_adapters: {why}, so the merged adapter is a plain LoRA (lora_B trained, not frozen "
+            "as MiCA's): its update is the merge's, but training it moves both factors. Only method 'cat' (or "
+            "'linear' without a rank) of MiCA adapters alone keeps lora_B frozen.", UserWarning, stacklevel=stacklevel)
+
+
 def merge_deltas(
     adapters: Sequence[Adapter],
     weights: Optional[Sequence[float]] = None,
@@ -354,6 +386,11 @@ def merge_adapters(
         singular value (exact, rank ``min(in, out)``). ``"cat"`` is always exact and refuses
         a rank.
 
+    MiCA inputs (``lora_B`` frozen): the exact concatenation of MiCA adapters only keeps
+    ``lora_B`` frozen (where its rank stays within ``min(in, out)``); any other method, ``rank``,
+    ``factors=True`` or a mix of MiCA and plain inputs gives a plain LoRA and warns
+    (``UserWarning``, once per call; see the module docstring).
+
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
     >>> from jpeft.merging import merge_adapters
     >>> model = nn.Dense(3); x = jnp.ones((1, 4))
@@ -376,6 +413,8 @@ def merge_adapters(
     adapters, weights, sites = _validate(adapters, weights, method, density, majority_sign, key)
     if method in ("linear", "cat") and rank is None:
         return _cat(adapters, weights, sites)
+    _warn_mica_dropped(adapters, f"method {method!r} with rank={rank!r} builds a lora_B from an SVD of the merged "
+                                 "update, not the base's minor singular vectors (MiCA's)")
     if method == "linear":
         method = "svd"
     deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
@@ -402,6 +441,8 @@ def _merge_factors(adapters, weights, method, rank, density, majority_sign, key)
                           f"found rank={rank!r}. Leave rank out, or use factors=False to factor the merged update.")
     if len(adapters) == 1:  # as PEFT: one adapter is merged linearly (density ignored)
         method = "linear"
+    _warn_mica_dropped(adapters, "factors=True combines the inputs' lora_B entrywise (PEFT's add_weighted_adapter), "
+                                 "which is not in general the base's minor singular vectors (MiCA's)", 4)
     out = {}
     for path, site in sites.items():
         have = [(ad[path], w) for ad, w in zip(adapters, weights) if path in ad]
@@ -422,6 +463,18 @@ def _merge_factors(adapters, weights, method, rank, density, majority_sign, key)
 
 
 def _cat(adapters, weights, sites) -> dict:
+    some, every = _mica_inputs(adapters)
+    if some and not every:
+        _warn_mica_dropped(adapters, "the inputs mix MiCA adapters (lora_B frozen) with plain ones (lora_B trained)", 4)
+    if every:  # MiCA needs r <= min(in, out) (PEFT's mica_init refuses more; a saved MiCA would not load)
+        for path, site in sites.items():
+            lay, r = site.layout, sum(int(ad[path].a.shape[-1]) for ad in adapters if path in ad)
+            most = min(lay.in_features, lay.out_features)
+            if r > most:
+                every = False
+                _warn_mica_dropped(adapters, f"the concatenation has rank {r} at {path!r}, above min(in, out) = "
+                                             f"{most}, which MiCA cannot have", 4)
+                break
     out = {}
     for path, site in sites.items():
         As, Bs = [], []
@@ -431,7 +484,8 @@ def _cat(adapters, weights, sites) -> dict:
                 continue
             As.append(jnp.asarray(node.a, jnp.float32))
             Bs.append((w * node.scale) * jnp.asarray(node.b, jnp.float32))
-        out[path] = low_rank_node(site._replace(a=jnp.concatenate(As, axis=1), b=jnp.concatenate(Bs, axis=0)))
+        out[path] = low_rank_node(site._replace(a=jnp.concatenate(As, axis=1), b=jnp.concatenate(Bs, axis=0),
+                                                frozen_b=every))
     return out
 
 

@@ -8,6 +8,7 @@ measured numbers, and the test asserts on them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ def run(steps: int = 20) -> dict:
 
     import jpeft
     import _parallel_common as C
+    from _models_tiny import randomize_adapter
 
     jax.config.update("jax_numpy_rank_promotion", "raise")
     out: dict = {"devices": jax.device_count()}
@@ -171,6 +173,42 @@ def run(steps: int = 20) -> dict:
         losses.append(float(m["loss"]))
         counted += float(m["targets"])
     record_tokens("mesh2x4_acc2", losses, a_s, counted)
+
+    # ---- MiCA (lora_B frozen: split off, no optimizer state) on pmap and the 2 x 4 mesh: 3 AdamW steps (weight decay:
+    # a B the optimizer saw would shrink) leave every B bit-identical and move A as one device does
+    mica0 = jpeft.init(dataclasses.replace(C.script().lora_config(C.RANK), init_weights="mica"), params, key)
+    mica0 = randomize_adapter(mica0, 11)  # A random (zero at init); B the init's frozen minor singular vectors
+    mica0 = {p: dataclasses.replace(n, lora_B=0.5 * jax.random.normal(jax.random.fold_in(key, i), n.lora_B.shape))
+             for i, (p, n) in enumerate(sorted(mica0.items()))}  # every tensor random, B too
+    adamw = optax.adamw(1e-2, weight_decay=0.1)
+    step = jpeft.make_train_step(loss_fn, adamw, donate=False)
+    ref, st = mica0, jpeft.init_opt_state(adamw, mica0)
+    for i, b in enumerate(data[:3]):
+        ref, st, _ = step(params, ref, st, b, jax.random.fold_in(key, i))
+
+    def factor(ad, name):  # one factor of every site, in the order of the paths
+        return [np.asarray(getattr(ad[p], name)) for p in sorted(mica0)]
+
+    out["mica/single/a_change"] = C.max_diff(factor(ref, "lora_A"), factor(mica0, "lora_A"))
+
+    def record_mica(tag, ad):
+        out[f"mica/{tag}/frozen_b"] = sorted(ad) == sorted(mica0) and all(n.frozen_b for n in ad.values())
+        out[f"mica/{tag}/b_diff"] = C.max_diff(factor(ad, "lora_B"), factor(mica0, "lora_B"))
+        out[f"mica/{tag}/a_diff"] = C.max_diff(factor(ad, "lora_A"), factor(ref, "lora_A"))
+
+    step = jpeft.make_pmap_train_step(loss_fn, adamw)
+    p_r, a_r, s_r = jpeft.replicate(params), jpeft.replicate(mica0), jpeft.replicate(jpeft.init_opt_state(adamw, mica0))
+    for i, b in enumerate(data[:3]):
+        a_r, s_r, _ = step(p_r, a_r, s_r, jpeft.split_for_pmap(b), jax.random.fold_in(key, i))
+    record_mica("pmap", jpeft.unreplicate(a_r))
+    mesh = jpeft.make_mesh(data=2, fsdp=4)
+    p_s = jpeft.shard_params(params, mesh)
+    a_s = jpeft.shard_adapter(mica0, mesh, p_s)
+    s_s = jpeft.init_opt_state(adamw, a_s)
+    step = jpeft.make_sharded_train_step(loss_fn, adamw, mesh)
+    for i, b in enumerate(data[:3]):
+        a_s, s_s, _ = step(p_s, a_s, s_s, b, jax.random.fold_in(key, i))
+    record_mica("mesh2x4", host(a_s))
     return out
 
 

@@ -246,3 +246,113 @@ def test_mica_saves_for_peft_and_jpeft_keeping_b_frozen(tmp_path):
                                 mine, mask)
     for a, b in zip(jax.tree.leaves(jpeft.unmerge(merged, ad)), jax.tree.leaves(params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# -- MiCA through merging and the adapter bank -------------------------------------------------------------------------
+class _EmbedMlp(nn.Module):  # an embedding and two dense layers: MiCA's two kinds of site
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Dense(16, name="out")(nn.Dense(12, name="mid")(nn.Embed(50, 16, name="embed")(ids)))
+
+
+def _mica_pair(n=2, r=5):
+    """The tiny model, its params and ids, ``n`` MiCA adapters and one plain LoRA, every tensor random."""
+    model, ids = _EmbedMlp(), jnp.asarray(np.random.RandomState(0).randint(0, 50, (4, 6)))
+    params = model.init(jax.random.key(0), ids)
+    cfg = jpeft.LoraConfig(r=r, alpha=2 * r, target_modules=".*", init_weights="mica")
+    out = []
+    for i in range(n + 1):
+        ad = jpeft.init(cfg if i < n else cfg.replace(init_weights="default"), params, jax.random.key(i), model, ids)
+        keys = jax.random.split(jax.random.key(20 + i), len(ad))
+        out.append({p: dataclasses.replace(nd, lora_A=0.3 * jax.random.normal(k, nd.lora_A.shape),
+                                           lora_B=0.3 * jax.random.normal(jax.random.fold_in(k, 1), nd.lora_B.shape))
+                    for (p, nd), k in zip(sorted(ad.items()), keys)})
+    return model, params, ids, cfg, out[:n], out[n]
+
+
+def _delta_of(ads, w):
+    return {p: sum(wi * ad[p].delta_matrix() for ad, wi in zip(ads, w)) for p in ads[0]}
+
+
+def test_mica_merges_keep_b_frozen_only_where_the_result_is_mica(tmp_path):
+    """merge_adapters of MiCA adapters: the exact concatenation ('cat', 'linear' without a rank) of MiCA inputs only
+    is MiCA (lora_B frozen, as each input's; before, a plain LoRA without a word) and saves as MiCA. An SVD
+    re-factorisation, factors=True, a mix with a plain LoRA (either order) and a concatenation of rank above
+    min(in, out) give a plain LoRA and warn. Every update equals the closed form."""
+    model, params, ids, cfg, (a, b), plain = _mica_pair()
+    w = [0.5, 2.0]
+    from jpeft.merging import merge_adapters
+
+    for method in ("cat", "linear"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            m = merge_adapters([a, b], w, method=method)
+        assert all(n.frozen_b for n in m.values()) and {n.r for n in m.values()} == {10}
+        for p, want in _delta_of([a, b], w).items():
+            np.testing.assert_allclose(m[p].delta_matrix(), want, rtol=1e-5, atol=1e-5)
+    jpeft.save_adapter(str(tmp_path / "cat"), cfg, m)
+    cfg2, back = jpeft.load_adapter(str(tmp_path / "cat"), params, model, ids)
+    assert cfg2.init_weights == "mica" and all(n.frozen_b for n in back.values())
+    np.testing.assert_array_equal(jpeft.apply(model, params, back, ids), jpeft.apply(model, params, m, ids))
+    assert all(n.lora_B is None for n in jpeft.trainable(m).values())  # what a step trains: the A's only
+
+    cases = [(([a, b], w), dict(method="svd", rank=4), "SVD"), (([a, b], w), dict(factors=True), "entrywise"),
+             (([a, plain], w), dict(method="cat"), "mix"), (([plain, a], w), dict(method="cat"), "mix"),
+             (([a, b, a], w + [1.0]), dict(method="cat"), "above min")]
+    for (ads, ws), kw, why in cases:
+        with pytest.warns(UserWarning, match=f"(?s){why}.*plain LoRA") as rec:
+            m = merge_adapters(ads, ws, **kw)
+        assert len([r for r in rec if "MiCA" in str(r.message)]) == 1  # once per call, not per site
+        assert not any(n.frozen_b for n in m.values()), (kw, why)
+        if kw.get("method") == "cat":  # exact: the closed form, whatever the flag
+            for p, want in _delta_of(ads, ws).items():
+                np.testing.assert_allclose(m[p].delta_matrix(), want, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():  # plain inputs only: nothing to say
+        warnings.simplefilter("error")
+        merge_adapters([plain, plain], method="svd", rank=3)
+
+
+def test_mica_in_a_bank_routes_as_alone_and_comes_back_frozen(tmp_path):
+    """An AdapterBank holding MiCA and plain adapters: each row equals its adapter alone (every tensor random,
+    an embedding and dense sites), and bank.get gives a MiCA adapter back with lora_B frozen and its arrays
+    bit-identical (before, as a plain LoRA), a plain one plain, also after replace / remove / add into the freed
+    slot; the MiCA adapter got back saves and loads as MiCA. After a step through bank.weights (which trains every
+    slot's B) a MiCA slot the batch reached comes back plain, with a warning."""
+    model, params, ids, cfg, (a, b), plain = _mica_pair(r=3)
+    bank = jpeft.AdapterBank.from_adapters({"a": a, "p": plain, "b": b}, capacity=4, max_rank=4)
+    names = ["b", "a", None, "p"]
+    y = jpeft.apply(model, params, bank.route(bank.ids(names)), ids)
+    for i, n in enumerate(names):
+        alone = {"a": a, "b": b, "p": plain}.get(n)
+        want = model.apply(params, ids) if n is None else jpeft.apply(model, params, alone, ids)
+        np.testing.assert_allclose(y[i], want[i], rtol=1e-5, atol=1e-5)
+    for name, ad in (("a", a), ("b", b), ("p", plain)):
+        got = bank.get(name)
+        assert sorted(got) == sorted(ad)
+        for p, n in ad.items():
+            assert got[p].frozen_b == n.frozen_b == (name != "p")
+            np.testing.assert_array_equal(got[p].lora_A, n.lora_A)
+            np.testing.assert_array_equal(got[p].lora_B, n.lora_B)
+    swapped = bank.replace("b", plain).remove("a").add("c", plain).add("d", a)
+    assert swapped.slots == ("c", "p", "b", "d")
+    assert [all(n.frozen_b for n in swapped.get(k).values()) for k in swapped.slots] == [False, False, False, True]
+    jpeft.save_adapter(str(tmp_path / "a"), cfg, bank.get("a"))
+    cfg2, back = jpeft.load_adapter(str(tmp_path / "a"), params, model, ids)
+    assert cfg2.init_weights == "mica" and all(n.frozen_b for n in back.values())
+    for p, n in a.items():
+        np.testing.assert_array_equal(back[p].lora_B, n.lora_B)
+    # training through the bank trains every slot's B: a MiCA slot the batch reached comes back plain, with a
+    # warning; one it did not reach (zero gradient, SGD) is still MiCA
+    tx = optax.sgd(0.1)
+
+    def loss_fn(p, w, batch, key):
+        return jnp.mean(jpeft.apply(model, p, bank.route(batch["ids"], weights=w), batch["x"]) ** 2)
+
+    w = jpeft.make_train_step(loss_fn, tx)(params, bank.weights, jpeft.init_opt_state(tx, bank.weights),
+                                           {"ids": bank.ids(["a", "p", "a", None]), "x": ids}, None)[0]
+    trained = bank.with_weights(w)
+    with pytest.warns(UserWarning, match="'a'.*plain LoRA"):
+        assert not any(n.frozen_b for n in trained.get("a").values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert all(n.frozen_b for n in trained.get("b").values())

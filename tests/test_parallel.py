@@ -108,6 +108,16 @@ def test_token_mean_without_loss_weight_averages_the_devices_means(eight):
     assert eight["tokens/pmap_unweighted/adapter_diff"] > 1e-3
 
 
+@pytest.mark.parametrize("strategy", ["pmap", "mesh2x4"])
+def test_mica_keeps_b_bit_identical_and_moves_a_as_one_device(eight, strategy):
+    """MiCA (lora_B frozen) through the pmap step and the 2 x 4 (data x fsdp) mesh step: after 3 AdamW steps
+    (weight decay 0.1) every B is bit-identical to the start and A equals one device's make_train_step."""
+    assert eight["mica/single/a_change"] > 1e-3
+    assert eight[f"mica/{strategy}/frozen_b"]
+    assert eight[f"mica/{strategy}/b_diff"] == 0.0
+    assert eight[f"mica/{strategy}/a_diff"] < 1e-5, eight[f"mica/{strategy}/a_diff"]
+
+
 def test_pmap_replicas_identical(eight):
     assert eight["pmap/sgd/replicas_equal"] == 0.0
     assert eight["pmap/adam/replicas_equal"] == 0.0

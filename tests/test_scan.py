@@ -2,6 +2,7 @@
 (``jpeft.scan``): everything must equal the unrolled model with the same weights, and the
 Hugging Face interop must go through the per-layer names."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -647,3 +648,62 @@ def test_modules_to_save_inside_the_scan_run_and_merge_per_layer(saved):
         np.testing.assert_allclose(jpeft.apply(scanned, p1, a, ids), own, atol=2e-6)
         np.testing.assert_allclose(scanned.apply(jpeft.merge(p1, a), ids), own, atol=2e-6)
     np.testing.assert_allclose(scanned.apply(jpeft.merge(p1, scan.stack_adapter(a0, 3)), ids), ref, atol=2e-6)
+
+
+def test_mica_scanned_equals_unrolled_and_keeps_b_frozen(tmp_path):
+    """MiCA (lora_B the minor left singular vectors, frozen) on a layer-scanned model: the init equals the unrolled
+    model's layer by layer; with every tensor random, outputs and the gradients of A equal the unrolled model's, B
+    gets none; an AdamW step (weight decay) moves A as on the unrolled model and leaves B bit-identical; the
+    adapter saves and loads stacked, B still frozen."""
+    unrolled, scanned, p0, p1, ids = _pair()
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights="mica")
+    a1 = jpeft.init(cfg, p1, jax.random.key(1), scanned, ids)
+    ref = jpeft.init(cfg, p0, jax.random.key(1), unrolled, ids)
+    assert all(isinstance(n, scan.Stacked) and n.inner.frozen_b for n in a1.values())
+    u1 = scan.unstack_adapter(a1)
+    assert sorted(u1) == sorted(ref)
+    for p, n in ref.items():  # per layer: the same zero A and (up to each vector's sign) the same minor B
+        np.testing.assert_array_equal(u1[p].lora_A, n.lora_A)
+        got, want = np.asarray(u1[p].lora_B), np.asarray(n.lora_B)
+        np.testing.assert_allclose(got * np.sign(np.sum(got * want, axis=1, keepdims=True)), want, atol=1e-5)
+    keys = iter(jax.random.split(jax.random.key(5), len(a1)))  # every tensor random: A (trainable), then B
+    a1 = {p: dataclasses.replace(n, inner=dataclasses.replace(n.inner, lora_B=0.3 * jax.random.normal(
+              next(keys), n.inner.lora_B.shape))) for p, n in T.randomize_adapter(a1, 4, 0.3).items()}
+    a0 = scan.unstack_adapter(a1)
+    assert all(n.frozen_b for n in a0.values())
+
+    def grads(model, p, a):
+        t, f = jpeft.split_frozen(a)
+
+        def loss(t):
+            y = jpeft.apply(model, p, jpeft.join_frozen(t, f), ids)
+            return jnp.mean(y ** 2), y
+
+        return jax.jit(jax.grad(loss, has_aux=True))(t)
+
+    g1, y1 = grads(scanned, p1, a1)
+    g0, y0 = grads(unrolled, p0, a0)
+    assert float(jnp.abs(y0 - unrolled.apply(p0, ids)).max()) > 1e-2  # the adapter matters
+    np.testing.assert_allclose(y1, y0, atol=2e-6)
+    g1 = scan.unstack_adapter(g1)
+    assert all(g.lora_B is None for g in list(g1.values()) + list(g0.values()))  # no gradient for B
+    assert _max_diff({k: g1[k] for k in g0}, g0) < 1e-6
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0)) > 1e-4
+
+    opt = optax.adamw(1e-2, weight_decay=0.1)
+
+    def step(model, p, a):
+        s = jpeft.make_train_step(lambda p, a, b, k: jnp.mean(jpeft.apply(model, p, a, b) ** 2), opt, donate=False)
+        return s(p, a, jpeft.init_opt_state(opt, a), ids, None)[0]
+
+    n1, n0 = scan.unstack_adapter(step(scanned, p1, a1)), step(unrolled, p0, a0)
+    for p in a0:
+        np.testing.assert_array_equal(n1[p].lora_B, a0[p].lora_B)
+        np.testing.assert_array_equal(n0[p].lora_B, a0[p].lora_B)
+        np.testing.assert_allclose(n1[p].lora_A, n0[p].lora_A, atol=1e-6)
+    assert max(float(jnp.abs(n0[p].lora_A - a0[p].lora_A).max()) for p in a0) > 1e-3  # the step moved A
+
+    jpeft.save_adapter(tmp_path / "a", cfg, a1, params=p1)
+    cfg2, back = jpeft.load_adapter(tmp_path / "a", p1, scanned, ids)
+    assert cfg2.init_weights == "mica" and all(isinstance(n, scan.Stacked) and n.inner.frozen_b for n in back.values())
+    assert jax.tree.structure(back) == jax.tree.structure(a1) and _max_diff(back, a1) == 0.0

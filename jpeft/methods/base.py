@@ -190,6 +190,9 @@ class LowRank(NamedTuple):
     # ``{param name: array}``: a trained full copy of the module's params that replaces them
     # (modules_to_save of an nn.Dense or nn.Embed, rank 0); only ``Site.routed_low_rank`` sets it
     saved: Optional[Mapping[str, Any]] = None
+    # ``b`` is frozen where the update is trained (MiCA's lora_B, ``LoraWeights.frozen_b``): what the
+    # bank gives back and what an exact concatenation of such updates keeps (:mod:`jpeft.merging`)
+    frozen_b: bool = False
 
 
 def residual_refusal(where: str, mark: str, what: str) -> str:

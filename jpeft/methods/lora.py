@@ -697,7 +697,7 @@ class LoraWeights(Site):
     def _low_rank(self, bias) -> LowRank:
         return LowRank(self.lora_A, self.lora_B, self.scale, self.layout,
                        self.tied_output if self.layout.kind == Kind.EMBED else None, bool(self.tie_output),
-                       float(self.dropout), self.residual, bias)
+                       float(self.dropout), self.residual, bias, frozen_b=bool(self.frozen_b))
 
     def routed_low_rank(self) -> LowRank:
         """The bank routes a ``lora_bias`` too (``s * (x @ A @ B + lora_bias)``, as PEFT's
@@ -724,7 +724,8 @@ class LoraWeights(Site):
 
 
 def from_low_rank(lr: LowRank) -> LoraWeights:
-    """``Method.from_low_rank`` of LoRA: the plain LoRA site of a low-rank update."""
+    """``Method.from_low_rank`` of LoRA: the LoRA site of a low-rank update (``lora_B`` frozen, as
+    MiCA's, where :attr:`LowRank.frozen_b` says so)."""
     embed = lr.layout.kind == Kind.EMBED
     if lr.saved is not None:  # the bank's modules_to_save copy (routed_low_rank of SavedModule)
         return SavedModule(dict(lr.saved), tie_output=bool(lr.tie_output) and embed,
@@ -735,7 +736,7 @@ def from_low_rank(lr: LowRank) -> LoraWeights:
                                vocab=int(lr.layout.kernel_shape[0]))
     return LoraWeights(lr.a, lr.b, None, float(lr.scale), lr.layout, float(lr.dropout),
                        tie_output=bool(lr.tie_output) and embed, tied_output=lr.tied_output if embed else None,
-                       lora_bias=lr.bias)
+                       lora_bias=lr.bias, frozen_b=bool(lr.frozen_b))
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
