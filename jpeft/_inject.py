@@ -220,7 +220,8 @@ def clone_apply(mod, variables, method_name: str, args, kwargs, rngs=None):
     scope = getattr(mod, "scope", None)
     mutable = scope.mutable if scope is not None else False
     out = mod.clone(parent=None).apply(variables, *args, method=method_name, mutable=mutable,
-                                       capture_intermediates=_capture_below_root(), rngs=rngs, **kwargs)
+                                       capture_intermediates=_capture_below_root(scope.path if scope is not None else ()),
+                                       rngs=rngs, **kwargs)
     return out if mutable is not False else (out, {})
 
 
@@ -258,15 +259,29 @@ def _redirected(redirect):
         _REDIRECT.reset(token)
 
 
-def _capture_below_root():
+def _capture_below_root(prefix: tuple):
     """The ``capture_intermediates`` filter of the apply in progress, for a module's re-run
-    (:func:`clone_apply`): it captures its children's outputs; its own output is captured where
-    it was called."""
+    (:func:`clone_apply`) at path ``prefix``: it captures its children's outputs; its own output
+    is captured where it was called. The clone's children have paths that start at the clone
+    (``("inner",)``), so while the filter runs their scope's path is put under ``prefix``
+    (``("outer", "inner")``, as the apply in progress names them; a re-run inside a re-run adds
+    each prefix in turn): a filter keyed on ``m.path`` captured nothing there, with no word."""
     stack = _linen_module._context.capture_stack
     outer = stack[-1] if stack else False
     if not outer:
         return False
-    return lambda m, name: isinstance(m.parent, nn.Module) and outer(m, name)
+
+    def capture(m, name):
+        if not isinstance(m.parent, nn.Module):
+            return False
+        own = m.scope.path
+        m.scope.path = tuple(prefix) + tuple(own)
+        try:
+            return outer(m, name)
+        finally:
+            m.scope.path = own
+
+    return capture
 
 
 def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
@@ -289,6 +304,8 @@ def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
         path = _site_path(ctx.module)
         node = adapter.get(path)
         if node is not None and not node.handles(ctx.method_name):
+            if ctx.method_name == "attend":  # a site on the lookup, read through attend: check_called looks
+                checked.add((path, "attend"))
             node = None
         check = False
         if node is not None:
@@ -324,9 +341,10 @@ def _interceptor(adapter: Mapping[str, Any], checked: set, params=None):
 def apply_with(model: nn.Module, variables, adapter, *args, called: Optional[set] = None, **kwargs):
     """``model.apply(variables, *args, **kwargs)`` with every adapter node at its site.
 
-    ``called``: a set the paths of the sites this call ran are added to, for a caller that
-    runs the model in parts (``method=``) and checks once, over all of them, that some site
-    ran; without it, a call that runs none of the adapter's sites raises here."""
+    ``called``: a set the paths of the sites this call ran are added to (and ``(path, "attend")``
+    for a site's module read through ``attend``, which the site does not act on), for a caller
+    that runs the model in parts (``method=``) and checks once, over all of them, with
+    :func:`check_called`; without it, the check runs here."""
     stacked = scan.variables_for(adapter)
     if stacked:
         variables = {**variables, scan.COLLECTION: stacked}
@@ -357,7 +375,21 @@ def check_called(adapter, checked: set, params=None) -> None:
     """Raises :class:`TargetNotFoundError` when ``adapter`` has sites and none of them ran, or
     (given the model's ``params``) when a site that did not run names a module the params do
     not have: it would be left out silently while the others act (an unrolled model's
-    per-layer sites next to a top-level one, on a layer-scanned model)."""
+    per-layer sites next to a top-level one, on a layer-scanned model); and
+    :class:`UnsupportedModuleError` for a site on an embedding's lookup whose module the call
+    read through ``attend`` only (an adapter made from params alone, without the model
+    :func:`jpeft.init` refuses it with): the site never acted, its arrays got no gradient."""
+    attend_only = sorted({c[0] for c in checked if isinstance(c, tuple)} - checked)
+    if attend_only:
+        raise UnsupportedModuleError(
+            f"the adapter's site {attend_only[0]!r} acts on the embedding's lookup, but this call read that embedding "
+            "through attend only (as an output projection, e.g. class embeddings), so the site never acted: its "
+            "arrays would get no gradient, and jpeft.merge would still fold them into the table attend reads. "
+            "jpeft.init refuses such a site when given the model; the adapter was made from the params alone. "
+            "To fix: make it with LoraConfig(ensure_weight_tying=True) (the LoRA or modules_to_save copy then acts on "
+            "attend too), or remove the module from the config's target_modules / modules_to_save / "
+            "trainable_token_indices." + (f" Also: {attend_only[1:4]}." if len(attend_only) > 1 else ""))
+    checked = {c for c in checked if isinstance(c, str)}
     if adapter and not checked:
         raise TargetNotFoundError(
             f"none of the adapter's {len(adapter)} sites (e.g. {sorted(adapter)[:3]}) was called by the model, so "

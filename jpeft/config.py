@@ -473,7 +473,10 @@ class AdapterConfig:
         return target(**kwargs)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        """The config as JSON, its fields sorted by name; the values inside a field keep their
+        order: ``rank_pattern`` / ``alpha_pattern`` take the first matching key (PEFT's
+        ``get_pattern_key``), so sorting their keys changed which value a module got."""
+        return json.dumps(dict(sorted(self.to_dict().items())), indent=2)
 
     @classmethod
     def from_json(cls, s: str) -> "AdapterConfig":

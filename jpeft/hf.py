@@ -508,9 +508,9 @@ def _read_tensors(path: str, base_numel: int) -> dict[str, np.ndarray]:
 
 
 # adapter_config.json keys every format may read, and the JSON types their values may have; a method's own keys are
-# checked by its Method.check_hf_keys
+# checked by its Method.check_hf_keys. A null bias is "none" for every config (TrainedBiasOption._check_bias)
 _VALUE_TYPES = {
-    "fan_in_fan_out": FLAG, "bias": (str,), "target_modules": (str, list, type(None)),
+    "fan_in_fan_out": FLAG, "bias": (str, type(None)), "target_modules": (str, list, type(None)),
     "modules_to_save": (list, type(None)), "feedforward_modules": (str, list, type(None)), "task_type": (str, type(None)),
 }
 

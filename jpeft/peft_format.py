@@ -93,6 +93,29 @@ def add_site_pattern(rank_pattern: dict, alpha_pattern: dict, path: str, r: int,
         alpha_pattern[key] = float(alpha)
 
 
+def overlapping_keys(pattern: Optional[Mapping[str, Any]], path: str) -> dict:
+    """The keys of a PEFT file's ``rank_pattern`` / ``alpha_pattern`` ``pattern`` that match the
+    module at ``path`` (PEFT's rule: the end of its dotted name) when they give it different
+    values, in the file's order (the first is the one PEFT and jpeft apply), else ``{}``."""
+    name = hf_name(path)
+    keys = {k: v for k, v in (pattern or {}).items() if regex_fullmatch(rf"(.*\.)?({k})", name)}
+    return keys if len({repr(v) for v in keys.values()}) > 1 else {}
+
+
+def overlap_fix(pattern: Optional[Mapping[str, Any]], path: str, field: str = "rank_pattern") -> str:
+    """For the error refusing a PEFT file's site whose tensors do not have the shapes its
+    ``field`` value gives it: a sentence naming the keys that overlap at that module (PEFT's
+    ``save_pretrained`` sorts them, so the first in the file, the one applied, may not be the
+    one it was trained with) and the fix, or ``""`` when the keys do not overlap there."""
+    keys = overlapping_keys(pattern, path)
+    if not keys:
+        return ""
+    return (f" Its {field} keys {keys} overlap at this module: PEFT and jpeft apply the first in the file, and PEFT's "
+            "save_pretrained sorts them, so it may not be the one the adapter was trained with (peft.PeftModel."
+            f"from_pretrained refuses this file too). Put an exact key for the module first in adapter_config.json's "
+            f"{field}, {re.escape(hf_name(path))!r}, with the value its tensors hold.")
+
+
 def warn_overlapping_patterns(d: Mapping[str, Any], paths, folder: str) -> None:
     """Warns where a site of a PEFT file matches two or more keys of its ``rank_pattern`` /
     ``alpha_pattern`` that give it different values. PEFT takes the first matching key, but its
@@ -101,15 +124,7 @@ def warn_overlapping_patterns(d: Mapping[str, Any], paths, folder: str) -> None:
     adapter was trained with: the loaded outputs can then differ from the trained model's,
     in PEFT and in jpeft alike. (A different rank shows in the tensors' shapes; an alpha does not.)"""
     for field in ("rank_pattern", "alpha_pattern"):
-        pattern = d.get(field) or {}
-        if len(pattern) < 2:
-            continue
-        hits = {}
-        for path in sorted(paths):
-            name = hf_name(path)
-            keys = [k for k in pattern if regex_fullmatch(rf"(.*\.)?({k})", name)]
-            if len({repr(pattern[k]) for k in keys}) > 1:
-                hits[name] = {k: pattern[k] for k in keys}
+        hits = {hf_name(p): keys for p in sorted(paths) if (keys := overlapping_keys(d.get(field), p))}
         if hits:
             first = dict(list(hits.items())[:3])
             warnings.warn(

@@ -5,13 +5,21 @@ from every entry point: Python keywords, ``replace``, and ``from_dict`` (TOML's 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import sys
 
+import jax
 import numpy as np
 import pytest
 
 import jpeft
 from jpeft.config import AdapterConfig, is_kind, registered_configs, scalar_kinds
+from jpeft import hf as H
 from jpeft.errors import ConfigError
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _models_tiny as T  # noqa: E402
 
 # values of the wrong type for each declared scalar type: a quoted number, a float for an int
 # (8.5 was kept; int() would truncate it), a bool for a number (True is 1), NaN / inf / beyond
@@ -83,6 +91,36 @@ def test_every_default_config_round_trips_and_takes_numpy_scalars():
     c = jpeft.LoraConfig(r=np.int64(4), alpha=np.float32(8.0), dropout=np.float64(0.1), bias=None)
     assert (c.r, c.alpha, c.bias) == (4, 8.0, "none")
     assert jpeft.PromptTuningConfig(num_virtual_tokens=2, num_transformer_submodules=None).num_transformer_submodules is None
+
+
+def test_a_null_bias_reads_as_none_for_every_config_with_pefts_bias_option(tmp_path):
+    """PEFT's bias option: LoraConfig read null as "none", OFTConfig and VeraConfig refused it
+    ("must be a string, found NoneType None"), and jpeft.hf.load_peft refused a file's "bias": null
+    for all three. One rule now (PEFT writes "none" and fails on null itself):
+    null is the default, from Python and from a PEFT file (whose check refused a null even for LoRA),
+    which then loads the adapter saved, as the same file with "none" does; another non-string is refused."""
+    with_bias = [c for c in registered_configs().values()
+                 if c.__module__.startswith("jpeft.") and "bias" in {f.name for f in dataclasses.fields(c)}]
+    assert {c.__name__ for c in with_bias} == {"LoraConfig", "OFTConfig", "VeraConfig"}
+    for cls in with_bias:
+        assert cls(bias=None).bias == "none" and cls(bias=None) == cls()
+        assert cls.from_dict({**cls().to_dict(), "bias": None}) == cls()
+        with pytest.raises(ConfigError, match=rf"{cls.__name__}\.bias must be a string \(or None\), found int 3"):
+            cls(bias=3)
+    k = jax.random.normal(jax.random.key(5), (16, 16))
+    params = {"params": {"model": {"layers_0": {"self_attn": {"q_proj": {"kernel": k}, "v_proj": {"kernel": -k}}}}}}
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["q_proj"]), jpeft.OFTConfig(oft_block_size=4, target_modules=["q_proj"]),
+                jpeft.VeraConfig(r=4, target_modules=["q_proj"])):
+        ad = T.randomize_adapter(jpeft.init(cfg, params, jax.random.key(0)), 1)
+        for bias in ("none", None):
+            d = tmp_path / f"{cfg.peft_type}_{bias}"
+            H.save_peft(str(d), cfg, ad, params=params)
+            f = d / "adapter_config.json"
+            f.write_text(json.dumps({**json.loads(f.read_text()), "bias": bias}))
+            got_cfg, got = H.load_peft(str(d), params)
+            assert got_cfg.bias == "none" and jax.tree.structure(got) == jax.tree.structure(ad)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ad)):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_prompt_init_token_ids_are_not_rounded_or_read_from_a_string():

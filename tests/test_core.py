@@ -350,6 +350,46 @@ def test_an_embedding_read_only_through_attend_is_refused_unless_lora_adapts_att
     g = jax.grad(lambda a: jnp.sum(jpeft.apply(m, p, a, x) ** 2))(a)
     assert all(float(jnp.abs(v).max()) > 0 for v in jax.tree.leaves(g["classes"]))
 
+def test_a_site_made_from_params_alone_on_an_embedding_read_only_through_attend_is_refused_at_apply():
+    """Without the model, jpeft.init cannot see that the nn.Embed 'classes' is read through attend only, and
+    made LoRA, modules_to_save and trainable-token sites on its lookup: jpeft.apply then ran without them, without
+    a word (their gradient exactly 0, so training never moved them; jpeft.merge folded them in anyway, with a
+    warning, 294 off jpeft.apply for the LoRA). jpeft.apply now refuses such a site by name, under jit and grad
+    too; with ensure_weight_tying=True the site made from the params alone acts on attend (closed form
+    h @ (E + s A B)^T), and a tied embedding that is also looked up still applies as before."""
+    m = _ClassEmbeddings()
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    p = m.init(jax.random.key(1), x)
+    for cfg in (jpeft.LoraConfig(r=2, target_modules=["proj", "classes"]),
+                jpeft.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["classes"]),
+                jpeft.LoraConfig(r=2, target_modules=["proj"], trainable_token_indices={"classes": [1, 2]})):
+        a = _random_like(jpeft.init(cfg, p, jax.random.key(2)), jax.random.key(3))
+        for run in (lambda a: jpeft.apply(m, p, a, x), jax.jit(lambda a: jpeft.apply(m, p, a, x)),
+                    jax.grad(lambda a: jnp.sum(jpeft.apply(m, p, a, x) ** 2))):
+            with pytest.raises(jpeft.errors.UnsupportedModuleError,
+                               match="site 'classes' acts on the embedding's lookup, but this call read that embedding "
+                                     "through attend only.*ensure_weight_tying=True"):
+                run(a)
+    cfg = jpeft.LoraConfig(r=2, target_modules=["proj", "classes"], ensure_weight_tying=True)
+    a = _random_like(jpeft.init(cfg, p, jax.random.key(2)), jax.random.key(3))
+    own = p["params"]
+    h = x @ (own["proj"]["kernel"] + a["proj"].delta_matrix()) + own["proj"]["bias"][None, :]
+    np.testing.assert_allclose(jpeft.apply(m, p, a, x), h @ (own["classes"]["embedding"] + a["classes"].delta_matrix()).T,
+                               rtol=1e-4, atol=1e-4)
+
+    class Tied(nn.Module):  # looked up and read through attend: the lookup's site acts, as in PEFT
+        @nn.compact
+        def __call__(self, ids):
+            emb = nn.Embed(11, 4, name="wte")
+            return emb.attend(emb(ids))
+
+    ids = jnp.arange(6).reshape(2, 3)
+    p = Tied().init(jax.random.key(0), ids)
+    c = _random_like(jpeft.init(jpeft.LoraConfig(r=2, target_modules=["wte"]), p, jax.random.key(1)), jax.random.key(4))
+    e = p["params"]["wte"]["embedding"]
+    np.testing.assert_allclose(jpeft.apply(Tied(), p, c, ids), (e + c["wte"].delta_matrix())[ids] @ e.T, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- transforms
 def test_jit_grad_vmap():
     model, params, x, a = _adapter("mha_transformer", init="random")

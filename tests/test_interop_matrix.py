@@ -470,6 +470,43 @@ def test_trainable_tokens_saved_with_embedding_layers_tell_a_tied_base_without_i
            _torch_logits(pm.eval(), "LoRA list", family, ids, mask), mask)
 
 
+def test_trainable_tokens_from_a_hub_id_on_a_base_untied_from_its_tied_checkpoint_are_refused(tmp_path):
+    """The silent case the test above leaves: a file of trainable tokens saved by default (the
+    embedding's delta only) naming a Hub id loaded onto a tied checkpoint loaded untied; jpeft
+    applied the rows to the input lookup only, where PEFT on the checkpoint as it is (tied) uses
+    them in lm_head too: logits up to 3.2 apart on the tiny Llama 3, without a word. The untied base's lm_head is then an
+    exact copy of the embedding, which tells: load_peft refuses, naming both fixes; following the
+    second (the file naming a folder saved from the untied base) loads PEFT's numbers on that
+    untied model, and the first (the base tied) PEFT's on the checkpoint."""
+    family = "llama3"
+    hf, folder = tiny.hf_model(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf),
+                                 peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5, 9]))
+        _peft_randomize(pm, "trainable_token_indices")
+        pm.save_pretrained(str(tmp_path / "p"))
+    f = tmp_path / "p" / "adapter_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "base_model_name_or_path": "org/m"}))
+    model, params = jpeft.models.from_pretrained(folder, tie_word_embeddings=False)
+    with pytest.raises(BaseMismatchError, match=r"lm_head is an exact copy of the embedding .* load the base as its "
+                                                r"config.json says .*\(jpeft.models.save_pretrained\)"):
+        H.load_peft(str(tmp_path / "p"), params)
+    ids, mask = tiny.batch(family, seed=3)
+    _, tied_ad = H.load_peft(str(tmp_path / "p"), base(family)[1])
+    _close(family, _jpeft_logits_of(base(family)[0], base(family)[1], tied_ad, ids, mask),
+           _torch_logits(pm.eval(), "LoRA list", family, ids, mask), mask)
+    jpeft.models.save_pretrained(str(tmp_path / "u"), model, params)
+    f.write_text(json.dumps({**json.loads(f.read_text()), "base_model_name_or_path": str(tmp_path / "u")}))
+    _, ad = H.load_peft(str(tmp_path / "p"), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        untied = peft.PeftModel.from_pretrained(type(hf).from_pretrained(str(tmp_path / "u")), str(tmp_path / "p"))
+    assert untied.base_model.model.config.tie_word_embeddings is False
+    _close(family, _jpeft_logits_of(model, params, ad, ids, mask), _torch_logits(untied.eval(), "LoRA list", family, ids, mask),
+           mask)
+
+
 def test_exclude_modules_as_jpeft_paths_exclude_what_peft_excludes_and_an_unused_one_warns(tmp_path):
     """exclude_modules given as jpeft paths (``model/layers_0/self_attn/q_proj``, the form
     target_modules and modules_to_save take) excluded nothing, without a word: jpeft matched them

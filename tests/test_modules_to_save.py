@@ -263,6 +263,57 @@ def test_a_module_run_on_the_adapters_copy_keeps_what_it_writes(cfg):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g)) and any(np.abs(x).max() > 0 for x in jax.tree.leaves(g))
 
 
+class _OwnAndChild(nn.Module):
+    """A module with a kernel of its own and a child nn.Dense 'inner'."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(8, name="inner")(x @ self.param("kernel", nn.initializers.normal(1.0), (x.shape[-1], 64)))
+
+
+class _OuterNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="head")(_OwnAndChild(name="outer")(x))
+
+
+@pytest.mark.parametrize("how", ["modules_to_save", "quantized"])
+def test_a_capture_filter_keyed_on_module_paths_sees_the_paths_inside_a_rerun(how):
+    """A module re-run on other params (a modules_to_save copy, a quantized kernel of its own) runs
+    as a clone whose children's paths start at the clone: a capture_intermediates filter keyed on
+    m.path (m.path == ("outer", "inner")) saw ("inner",) there and captured nothing, with no word,
+    where model.apply captures the child's output. The filter now sees the paths the apply in
+    progress names, and captures what model.apply on the merged (or dequantized) params does."""
+    model, x = _OuterNet(), jax.random.normal(jax.random.key(0), (2, 64))
+    v = model.init(jax.random.key(1), x)
+    seen = []
+
+    def by_path(m, name):
+        seen.append(m.path)
+        return m.path == ("outer", "inner")
+
+    if how == "quantized":
+        v = {"params": jpeft.quantize(v["params"], "int8")}
+        ref = {"params": jpeft.dequantize(v["params"])}
+        cfg = jpeft.LoraConfig(r=2, target_modules=["head", "inner"])
+    else:
+        cfg = jpeft.LoraConfig(r=2, target_modules=["head"], modules_to_save=["outer"])
+    ad = jpeft.init(cfg, v, jax.random.key(2), model, x)
+    leaves, tdef = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    ad = jax.tree.unflatten(tdef, [a + 0.5 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
+    if how == "modules_to_save":
+        ref = {"params": jpeft.merge(v["params"], ad)}
+        want = model.apply(ref, x, capture_intermediates=by_path)
+    else:
+        want = jpeft.apply(model, ref, ad, x, capture_intermediates=by_path)
+    seen.clear()
+    got = jpeft.apply(model, v, ad, x, capture_intermediates=by_path)
+    assert ("inner",) not in seen and ("outer", "inner") in seen, seen
+    assert_same_output_and_writes(got, want, how)
+    assert got[1]["intermediates"]["outer"]["inner"]["__call__"][0].shape == (2, 8)
+
+
 class _Block(nn.Module):
     """A module with a param of its own and a child nn.Dense."""
 

@@ -3,6 +3,7 @@ OFT and PEFT-format paths): overlapping first-match patterns through the sorted 
 patterns on a layer-scanned model, and save_peft with another config than the adapter's."""
 
 import copy
+import json
 import os
 import sys
 import warnings
@@ -203,3 +204,55 @@ def test_ia3_feedforward_suffix_and_exclude_modules_as_peft(tmp_path):
         assert all(n.feedforward for p, n in ad.items() if not p.endswith("o_proj"))
         np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel],
                                    _peft_logits(str(tmp_path / name), ids, mask)[sel], atol=1e-4, rtol=0)
+
+
+def test_a_config_through_to_json_keeps_which_pattern_key_wins():
+    """rank_pattern / alpha_pattern take the first matching key (PEFT's get_pattern_key), but
+    AdapterConfig.to_json sorted the keys inside them too: from_json(to_json(c)) compared equal to
+    c yet gave layer 0's q_proj rank 6 where c gives 2 (and v_proj's alpha 5 for 3), so an adapter
+    made from the round-tripped config was another adapter. to_json now sorts the fields only."""
+    _, folder = tiny.hf_model(FAMILY)
+    _, params = jpeft.models.from_pretrained(folder)
+    c = jpeft.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights="random",
+                         rank_pattern={"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 6},
+                         alpha_pattern={"v_proj": 3.0, r"layers\.1\.self_attn\.v_proj": 5.0})
+    back = jpeft.LoraConfig.from_json(c.to_json())
+    assert list(back.rank_pattern) == list(c.rank_pattern) and list(back.alpha_pattern) == list(c.alpha_pattern)
+    want, got = jpeft.init(c, params, jax.random.key(0)), jpeft.init(back, params, jax.random.key(0))
+    assert got["model/layers_0/self_attn/q_proj"].r == 2 and got["model/layers_1/self_attn/v_proj"].scale == 3.0 / 4
+    assert {p: (n.r, n.scale) for p, n in got.items()} == {p: (n.r, n.scale) for p, n in want.items()}
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_peft_file_whose_rank_pattern_keys_overlap_is_refused_naming_the_keys_and_the_fix(tmp_path):
+    """PEFT trains layer 0's q_proj with rank 2 under {"q_proj": 2, "layers\\.0\\.self_attn\\.q_proj": 6}
+    (the first key), and save_pretrained sorts the keys, so the file's first match gives it 6: PEFT's
+    from_pretrained fails on the shapes, and jpeft warned, then said "The files do not belong
+    together" (they do). The CheckpointError now names the overlapping keys and the fix; the file
+    fixed as it says loads with the trained model's logits."""
+    hf, folder = tiny.hf_model(FAMILY)
+    model, params = jpeft.models.from_pretrained(folder)
+    ids, mask = tiny.batch(FAMILY, seed=3)
+    sel = mask.astype(bool)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                          rank_pattern={"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 6})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = tiny.perturb_trainable(peft.get_peft_model(copy.deepcopy(hf), cfg), 3)
+        pm.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        trained = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(tiny.positions(mask))).logits.numpy()
+    with pytest.warns(UserWarning, match="rank_pattern keys that overlap"), pytest.raises(
+            jpeft.errors.CheckpointError, match=r"lora_A has rank 2, .* says r=6\. Its rank_pattern keys .* overlap at this "
+            r"module: .* Put an exact key for the module first in adapter_config.json's rank_pattern, "
+            r"'model\\\\.layers\\\\.0\\\\.self_attn\\\\.q_proj'"):
+        jpeft.hf.load_peft(str(tmp_path), params)
+    f = tmp_path / "adapter_config.json"
+    d = json.loads(f.read_text())
+    d["rank_pattern"] = {r"model\.layers\.0\.self_attn\.q_proj": 2, **d["rank_pattern"]}
+    f.write_text(json.dumps(d))
+    with pytest.warns(UserWarning, match="rank_pattern keys that overlap"):  # they still do; the exact key wins
+        _, ad = jpeft.hf.load_peft(str(tmp_path), params)
+    np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], trained[sel], atol=1e-4, rtol=0)

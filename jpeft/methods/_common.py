@@ -432,8 +432,12 @@ class TrainedBiasOption:
     model); the trained biases are made by :func:`with_trainable_biases`."""
 
     def _check_bias(self, only: str) -> None:
-        """Reads PEFT's null as ``"none"`` (``__post_init__`` of a frozen dataclass); ``only`` is the
-        method's ``"<method>_only"``.
+        """Reads null (``None``) as ``"none"``, for every config with the option (LoRA's, OFT's,
+        VeRA's) as for the options jpeft's other configs accept only at PEFT's defaults
+        (``AdapterConfig._unsupported_hf_options``): PEFT writes ``"none"``, and itself fails on a
+        hand-written null (``AttributeError`` in ``_mark_only_adapters_as_trainable``, peft 0.21),
+        so null can only mean the default. Called from ``__post_init__`` of a frozen dataclass;
+        ``only`` is the method's ``"<method>_only"``.
 
         Raises:
           ConfigError: another value."""

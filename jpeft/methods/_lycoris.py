@@ -44,7 +44,8 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, Unsup
 from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, branch_dtype, check_dense_for_peft, linear_layout,
                                    linear_targets, to_matrix)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, static_field
-from jpeft.peft_format import add_site_pattern, config_from_peft, peft_key, site_tensors, warn_overlapping_patterns
+from jpeft.peft_format import (add_site_pattern, config_from_peft, overlap_fix, peft_key, site_tensors,
+                                warn_overlapping_patterns)
 from jpeft.tree import compile_pattern, hf_name, regex_fullmatch
 
 
@@ -428,7 +429,8 @@ def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, m
             raise err(
                 f"{method} site {hf_name(path)!r}: the file holds {got_shapes}, but the config (r={r}, and the "
                 f"factorisation options) gives a module mapping {lay.in_features} -> {lay.out_features} features the "
-                f"tensors {want_shapes}. Was the adapter made for another base model or with other options?"
+                f"tensors {want_shapes}." + (overlap_fix(config.rank_pattern, path)
+                                             or " Was the adapter made for another base model or with other options?")
             )
         arrays = {n: jnp.asarray(got[n], ctx.dtype) for n in want_shapes}
         adapter[path] = dataclasses.replace(want, **arrays)

@@ -113,6 +113,7 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
         others as :class:`SavedModule` sites holding only ``bias``), as Hugging Face PEFT's
         option of that name (with DoRA too: the trained bias is added after the magnitude
         scaling, unscaled, as PEFT's DoRA adds the base layer's bias).
+        ``None`` (a null) reads as ``"none"``.
       ensure_weight_tying: on a targeted input embedding that the model also uses as its tied
         output projection, adapt both (PEFT's ``ensure_weight_tying=True``); by default only
         the input lookup is adapted, as in PEFT's unmerged model.

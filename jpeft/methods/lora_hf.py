@@ -15,6 +15,7 @@ import math
 import os
 from typing import Any, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,7 +29,8 @@ from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, FLAG, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
                                check_base_copy, check_keys, check_same_copies, config_from_peft, peft_key,
-                               check_value_types, split_peft_key, ties_word_embeddings, to_np, warn_overlapping_patterns)
+                               check_value_types, overlap_fix, split_peft_key, ties_word_embeddings, to_np,
+                               warn_overlapping_patterns)
 from jpeft.tree import compile_pattern, from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
 
 
@@ -549,7 +551,8 @@ def _lora_site_from_hf(path: str, t: Mapping[str, np.ndarray], config: LoraConfi
     if a.shape[1] != b.shape[0] or a.shape[1] != r_cfg:
         raise CheckpointError(
             f"adapter site {hf_name(path)!r}: lora_A has rank {a.shape[1]}, lora_B rank {b.shape[0]}, "
-            f"adapter_config.json says r={r_cfg}. The files do not belong together."
+            f"adapter_config.json says r={r_cfg}." + (overlap_fix(config.rank_pattern, path)
+                                                       or " The files do not belong together.")
         )
     if (a.shape[0], b.shape[1]) != (layout.in_features, layout.out_features):
         raise BaseMismatchError(
@@ -674,8 +677,31 @@ def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves
             )
         tied = bool(tied_output_from_params(path, leaves))
         _check_token_tie_matches(path, tied, ctx.hf_config, BaseMismatchError)
+        if ties_word_embeddings(ctx.hf_config) is None and _head_copies_embedding(path, leaves):
+            raise BaseMismatchError(
+                f"trainable tokens at {hf_name(path)!r}: this base's lm_head is an exact copy of the embedding (a tied "
+                "checkpoint loaded with tie_word_embeddings=False), and the adapter's base_model_name_or_path is no "
+                f"local model folder (in {ctx.folder!r}) whose config.json says whether PEFT's base tied them. PEFT "
+                "uses the tokens' rows in a tied model's lm_head too, so the outputs differ between the two and the "
+                "file does not tell which it was trained on. For an adapter trained on the checkpoint as it is "
+                "(tied), load the base as its config.json says (jpeft.models.from_pretrained(folder)); for one "
+                "trained on the untied model, set the file's base_model_name_or_path to a folder saved from this "
+                "base (jpeft.models.save_pretrained), whose config.json says tie_word_embeddings=false."
+            )
         out[path] = TrainableTokens(jnp.asarray(v, ctx.dtype), tuple(ids), tied, vocab=int(e.shape[0]))
     return out
+
+
+def _head_copies_embedding(path: str, leaves) -> bool:
+    """Whether the params' ``lm_head`` kernel is exactly the embedding at ``path`` (a Llama-style
+    or GPT-2 word embedding), transposed: a tied checkpoint loaded untied
+    (``from_pretrained(folder, tie_word_embeddings=False)`` starts the head as that copy), which a
+    trained untied checkpoint's head never is."""
+    head, e = leaves.get("lm_head", {}).get("kernel"), leaves.get(path, {}).get("embedding")
+    if path not in ("model/embed_tokens", "transformer/wte") or not all(
+            isinstance(x, (np.ndarray, jax.Array)) for x in (head, e)) or head.shape != e.shape[::-1]:
+        return False
+    return bool(np.array_equal(np.asarray(head), np.asarray(e).T))
 
 
 def _take_tied_output(d, by_site, leaves, folder) -> set:

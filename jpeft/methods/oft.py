@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,7 @@ class OFTConfig(TrainedBiasOption, AdapterConfig):
       bias: ``"none"``, ``"oft_only"`` (the base biases of the OFT-adapted modules are trained
         too, held as ``OFTWeights.base_bias``) or ``"all"`` (every base bias of the model, the
         others as bias-only :class:`jpeft.SavedModule` sites), as PEFT's option of that name.
+        ``None`` (a null) reads as ``"none"``.
 
     >>> from jpeft.methods.oft import OFTConfig
     >>> c = OFTConfig(oft_block_size=4, target_modules=["q_proj", "v_proj"])
@@ -121,7 +122,7 @@ class OFTConfig(TrainedBiasOption, AdapterConfig):
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
     init_weights: bool = True
-    bias: str = "none"
+    bias: Optional[str] = "none"  # None: "none" (TrainedBiasOption)
 
     def __post_init__(self):
         self._set_targets("give a regex or names such as ['q_proj', 'v_proj']")

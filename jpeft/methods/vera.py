@@ -110,6 +110,7 @@ class VeraConfig(TrainedBiasOption, AdapterConfig):
       bias: ``"none"``, ``"vera_only"`` (the base biases of the VeRA-adapted modules are trained
         too, held as ``VeraWeights.base_bias``) or ``"all"`` (every base bias of the model, the
         others as bias-only :class:`jpeft.SavedModule` sites), as PEFT's option of that name.
+        ``None`` (a null) reads as ``"none"``.
 
     PEFT's ``modules_to_save``, ``layers_to_transform`` and ``layers_pattern`` are not
     implemented: :meth:`from_dict` refuses them by name unless they hold PEFT's defaults.
@@ -132,7 +133,7 @@ class VeraConfig(TrainedBiasOption, AdapterConfig):
     dropout: float = 0.0
     d_initial: float = 0.1
     init_weights: bool = True
-    bias: str = "none"
+    bias: Optional[str] = "none"  # None: "none" (TrainedBiasOption)
 
     def __post_init__(self):
         self._set_targets("give a regex or names such as ['q_proj', 'v_proj']")
