@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import os
 import sys
 import tempfile
@@ -23,17 +22,6 @@ from jpeft.train import decay_mask
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _models_tiny as mt  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _a_frozen_heap():
-    """Time only, no number changes: every ``Trainer.train`` ends in a ``gc.collect()``
-    (accelerate's ``free_memory``) that walked the process's long-lived objects (~630k after
-    one case: 0.38 CPU-seconds a call); ``gc.freeze`` leaves those out of every collection
-    until the module ends. (PyTorch's one thread is tests/conftest.py's, for every file.)"""
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
 CONFIGS = {
