@@ -582,10 +582,18 @@ def _perturbed(adapter, seed):
     return jax.tree.unflatten(tdef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("init,family", [("pissa", "llama2"), ("olora", "qwen2"), ("pissa", "gpt2")])
-def test_residual_inits_peft_to_jpeft(init, family, tmp_path):
+@pytest.mark.parametrize("init,family,embed", [("pissa", "llama2", False), ("olora", "qwen2", False),
+                                               ("pissa", "gpt2", False), ("pissa", "llama2", True),
+                                               ("olora", "llama2", True), ("pissa", "llama2", "only")])
+def test_residual_inits_peft_to_jpeft(init, family, embed, tmp_path):
+    """A PEFT PiSSA/OLoRA file loads onto the residual base PEFT recomputes, and saves back as the
+    same PEFT adapter. With an embedding among the targets (which PEFT's Embedding layer starts
+    plain, on the unchanged table) it loaded with PEFT's logits, but save_peft refused it as mixing
+    "sites relative to different bases" (with the embedding alone: as "not relative to a residual
+    base"), so `jpeft export` of the folder failed."""
     hf, _ = T.hf_model(family)
     targets = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    targets = ["embed_tokens"] if embed == "only" else targets + (["embed_tokens"] if embed else [])
     torch.manual_seed(2)
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                                 init_lora_weights=init))
@@ -602,12 +610,20 @@ def test_residual_inits_peft_to_jpeft(init, family, tmp_path):
     ref = _peft_logits(ref_model, family, ids, mask)
     assert np.abs(ref - T.torch_logits(family, ids, mask)).max() > 1e-2
     model, params = loaded(family)
-    with pytest.raises(UnsupportedAdapterError, match=rf"init_lora_weights='{init}'.*load_peft_with_base"):
-        H.load_peft(str(tmp_path), params)
+    if embed != "only":  # (an embedding alone keeps its base: load_peft takes it)
+        with pytest.raises(UnsupportedAdapterError, match=rf"init_lora_weights='{init}'.*load_peft_with_base"):
+            H.load_peft(str(tmp_path), params)
     config, res, adapter = H.load_peft_with_base(str(tmp_path), params)
     assert config.init_weights == init
     out = np.asarray(jpeft.apply(model, res, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     _close(family, out, ref, mask)
+    H.save_peft(str(tmp_path / "back"), config, adapter, params=params)  # and back: PEFT rebuilds the same model
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["init_lora_weights"] == (
+        True if embed == "only" else init)  # an embedding alone is plain LoRA in PEFT's eyes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "back")).eval()
+    _close(family, _peft_logits(back, family, ids, mask), ref, mask)
 
 
 @pytest.mark.parametrize("init,family", [("pissa", "llama2"), ("olora", "llama2"), ("pissa", "gpt2")])
