@@ -186,6 +186,41 @@ def test_completions_and_chat_equal_generate_token_for_token(server):
     s1 = _complete(client, "b", temperature=1.5, top_p=0.9, seed=7)
     assert s1 == _complete(client, "b", temperature=1.5, top_p=0.9, seed=7)
 
+    # usage as OpenAI streams it: without stream_options no chunk has a "usage" key; with include_usage every
+    # chunk has "usage": null but the last, which has "choices": [] and the non-streamed usage (was: the finish
+    # chunk carried the usage either way, and no chunk without choices came)
+    for chat_, kw in ((False, {"prompt": PROMPT, "stop": stop}), (False, {"prompt": PROMPT}),
+                      (True, {"messages": msgs})):
+        create = client.chat.completions.create if chat_ else client.completions.create
+        whole = create(model="a", max_tokens=10, temperature=0, **kw)
+        plain = list(create(model="a", max_tokens=10, temperature=0, stream=True, **kw))
+        assert all("usage" not in c.model_fields_set for c in plain) and all(c.choices for c in plain)
+        counted = list(create(model="a", max_tokens=10, temperature=0, stream=True,
+                              stream_options={"include_usage": True}, **kw))
+        assert all("usage" in c.model_fields_set for c in counted)
+        assert [c.usage for c in counted[:-1]] == [None] * (len(counted) - 1) and counted[-1].choices == []
+        assert counted[-1].usage == whole.usage and whole.usage.completion_tokens > 0
+        text = [c.choices[0].delta.content or "" if chat_ else c.choices[0].text for c in counted[:-1]]
+        finish = [c.choices[0].finish_reason for c in counted[:-1]]
+        assert "".join(text) == (whole.choices[0].message.content if chat_ else whole.choices[0].text)
+        assert finish[-1] == whole.choices[0].finish_reason and set(finish[:-1]) <= {None}
+    with client.chat.completions.stream(model="a", messages=msgs, max_tokens=10, temperature=0,
+                                        stream_options={"include_usage": True}) as st:
+        for _ in st:  # the openai client's own accumulation (get_final_completion refuses a "length" reply)
+            pass
+        final = st.current_completion_snapshot
+    assert final.usage == chat.usage and final.choices[0].message.content == chat.choices[0].message.content
+    assert final.choices[0].finish_reason == chat.choices[0].finish_reason
+    # stream_options without stream, an unknown key, a value that is not a boolean: a 400 naming stream_options
+    for extra in ({"stream_options": {"include_usage": True}}, {"stream": True, "stream_options": {"x": True}},
+                  {"stream": True, "stream_options": {"include_usage": 1}}, {"stream": True, "stream_options": []}):
+        status, err = _request(server["port"], "POST", "/v1/completions", {"model": "a", "prompt": PROMPT, **extra})
+        assert status == 400 and err["error"]["param"] == "stream_options", (extra, err)
+    assert _stream_text(client, "a", stream_options={"include_obfuscation": False}) == _complete(client, "a")
+    # "stream": null is the default, false (OpenAI's schema: boolean or null; the openai client sends stream=None
+    # as null): was a 400 "'stream' must be true or false"
+    assert _complete(client, "a", stream=None) == _complete(client, "a")
+
     # concurrent requests for different adapters: each gets its own adapter's output
     names = ["a", "tiny", "b", "a", "b", "tiny", "a", "b"] * 2
     with cf.ThreadPoolExecutor(8) as ex:
@@ -333,8 +368,10 @@ def test_a_tokenizers_response_template_parses_the_reply_into_openai_tool_calls(
         body = {"model": "tiny", "messages": msgs, "tools": TOOLS, "temperature": 0, "max_tokens": 10, **extra}
         with TestClient(make_app(Server(eng, base_name="tiny", tokenizer=tok))) as client:
             r = client.post("/v1/chat/completions", json=body)
-            streamed = _streamed_chat(client.post("/v1/chat/completions", json=dict(body, stream=True)))
+            streamed = _streamed_chat(client.post("/v1/chat/completions", json=dict(
+                body, stream=True, stream_options={"include_usage": True})))
         assert r.status_code == 200, r.text
+        assert streamed.usage.model_dump(exclude_none=True) == r.json()["usage"], (streamed.usage, r.json())
         choice = r.json()["choices"][0]
         assert choice["finish_reason"] == finish, choice
         message = choice["message"]
@@ -1026,6 +1063,21 @@ def test_a_streamed_request_that_timed_out_in_the_queue_reports_503_not_504():
         (chunk,) = asyncio.run(main(started))
         err = json.loads(chunk[len("data: "):])["error"]
         assert err == {"message": "timed out", "type": "timeout_error", "param": None, "code": code}, err
+
+    async def mid(include_usage):  # a time-out after text was sent: the text, then the error as the last event
+        req = Request([1, 2], None, 4, lambda e: None)
+        req.started = 1.0
+        queue = asyncio.Queue()
+        queue.put_nowait(Event("text", "w3", (3,)))
+        queue.put_nowait(Event("error", error="timeout", message="timed out"))
+        return [json.loads(c[len("data: "):]) async for c in server._stream(req, queue, "cmpl-x", "tiny", False, {},
+                                                                           include_usage)]
+
+    for include_usage in (False, True):  # no usage chunk after an error; "usage": null on the text's with include_usage
+        text, last = asyncio.run(mid(include_usage))
+        assert text["choices"][0]["text"] == "w3"
+        assert text.get("usage", "absent") == (None if include_usage else "absent")
+        assert last == {"error": {"message": "timed out", "type": "timeout_error", "param": None, "code": 504}}
 
 
 def test_serve_options_zero_or_negative_are_refused_not_read_as_the_default(tmp_path):

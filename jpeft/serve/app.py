@@ -100,6 +100,28 @@ def _stop(body: dict) -> tuple:
     return tuple(s)
 
 
+def _stream_options(body: dict, stream: bool) -> bool:
+    """Whether a streamed reply ends with OpenAI's usage chunk (``stream_options: {"include_usage": true}``).
+    ``stream_options`` without ``"stream": true`` gets a 400, as from OpenAI and vLLM; so does a key jpeft serve
+    does not know or a value that is not a boolean (``include_obfuscation`` is taken and has no effect: OpenAI's
+    padding of streamed deltas against side channels, which jpeft serve does not send)."""
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not stream:
+        raise _bad("'stream_options' is only allowed with \"stream\": true.", "stream_options")
+    if not isinstance(opts, dict):
+        raise _bad(f"'stream_options' must be an object such as {{\"include_usage\": true}}, found "
+                   f"{json.dumps(opts)[:80]}.", "stream_options")
+    for key, v in opts.items():
+        if key not in ("include_usage", "include_obfuscation"):
+            raise _bad(f"'stream_options.{key}' is not supported by jpeft serve; it takes 'include_usage' (and "
+                       "'include_obfuscation', which has no effect).", "stream_options")
+        if v is not None and not isinstance(v, bool):
+            raise _bad(f"'stream_options.{key}' must be true or false, found {json.dumps(v)[:80]}.", "stream_options")
+    return bool(opts.get("include_usage"))
+
+
 def _unsupported(body: dict, chat: bool = False) -> None:
     """A 400 for the options jpeft serve does not implement; ``chat``: the request is a chat completion, whose
     ``tools`` (and ``chat_template_kwargs``) :meth:`Server._chat_ids` renders with the chat template."""
@@ -277,9 +299,12 @@ class Server:
             body = await self._json(request)
             adapter = self._adapter_of(body)
             ids = self._chat_ids(body) if chat else self._prompt_ids(body)
-            stream = body.get("stream", False)
+            stream = body.get("stream")
+            if stream is None:  # null is the default, false, as OpenAI takes it (the openai client's stream=None)
+                stream = False
             if not isinstance(stream, bool):
                 raise _bad("'stream' must be true or false.", "stream")
+            include_usage = _stream_options(body, stream)
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
@@ -295,7 +320,8 @@ class Server:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         model = body["model"]
         if stream:
-            return StreamingResponse(self._stream(req, queue, rid, model, chat, body), media_type="text/event-stream",
+            return StreamingResponse(self._stream(req, queue, rid, model, chat, body, include_usage),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await self._collect(request, req, queue, rid, model, chat, body)
 
@@ -367,30 +393,34 @@ class Server:
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": model, "choices": [choice], "usage": ev.usage})
 
-    async def _stream(self, req: Request, queue: asyncio.Queue, rid, model, chat, body: dict):
+    async def _stream(self, req: Request, queue: asyncio.Queue, rid, model, chat, body: dict,
+                      include_usage: bool = False):
         """The server-sent events of a streamed request. A chat reply on a tokenizer with a ``response_template``
         is parsed as the non-streamed one (:meth:`_message`), so it gives the same message: its text is held until
         the reply ends (the parse needs the whole reply: a tool call's markup, the whitespace around it, a call
         cut by max_tokens), then sent as deltas in OpenAI's streamed form, ``reasoning_content``, ``content``
-        and each call with its ``index`` (:func:`_message_deltas`). Any other reply streams its text as it comes."""
+        and each call with its ``index`` (:func:`_message_deltas`). Any other reply streams its text as it comes.
+        Usage as OpenAI streams it: with ``stream_options.include_usage`` every chunk has ``"usage": null`` and a
+        last chunk before ``[DONE]`` has ``"choices": []`` and the usage; without it no chunk has a usage."""
         created = int(time.time())
         parse = chat and getattr(self.tokenizer, "response_template", None) is not None
         parts, ids = [], []
 
-        def chunk(text=None, finish=None, role=False, usage=None, delta=None):
-            if chat:
+        def chunk(text=None, finish=None, role=False, usage=None, delta=None, last=False):
+            if last:
+                choices = []
+            elif chat:
                 delta = dict(delta or {})
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-                obj = "chat.completion.chunk"
+                choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-                obj = "text_completion"
-            d = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-            if usage is not None:
+                choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            d = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+            if include_usage:
                 d["usage"] = usage
             return f"data: {strict_json(d)}\n\n"
 
@@ -417,7 +447,9 @@ class Server:
                         message, finish = self._message(body, req, ids, "".join(parts), finish)
                         for delta in _message_deltas(message):
                             yield chunk(delta=delta)
-                    yield chunk(text="" if not chat else None, finish=finish, usage=ev.usage)
+                    yield chunk(text="" if not chat else None, finish=finish)
+                    if include_usage:
+                        yield chunk(usage=ev.usage, last=True)
                     yield "data: [DONE]\n\n"
                     return
         finally:
