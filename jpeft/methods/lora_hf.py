@@ -210,8 +210,12 @@ def _check_peft_ties(path, node):
 def _residual_init_for_peft(config, adapter, ctx: ExportContext):
     """``init_lora_weights`` to write: ``True``, or the residual init every site shares, after
     refusing what PEFT would rebuild differently on load."""
-    kinds = {node.residual for node in adapter.values() if isinstance(node, LoraWeights)}
-    frozen_b = {node.frozen_b for node in adapter.values() if isinstance(node, LoraWeights)}
+    loras = [node for node in adapter.values() if isinstance(node, LoraWeights)]
+    # PEFT's Embedding layer has no PiSSA/OLoRA init: under init_lora_weights="pissa" / "olora" it starts
+    # plain on the unchanged embedding, as load_peft reads such a file (plain embedding sites beside
+    # residual ones); so a plain embedding site does not take part in the init the file records
+    kinds = {n.residual for n in loras if n.residual is not None or n.layout.kind != Kind.EMBED} or {None}
+    frozen_b = {n.frozen_b for n in loras}
     if frozen_b == {True} and kinds == {None}:  # MiCA: PEFT rebuilds its init on load and keeps lora_B frozen
         return "mica"
     if len(frozen_b) > 1:
@@ -219,7 +223,7 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
             "the adapter mixes MiCA sites (lora_B frozen) with sites that train both factors; PEFT records one "
             "init_lora_weights per adapter. Save them as separate adapters.")
     if kinds == {None}:
-        if is_residual_init(config.init_weights):
+        if is_residual_init(config.init_weights) and any(n.layout.kind != Kind.EMBED for n in loras):
             raise UnsupportedAdapterError(
                 f"the config says init_weights={config.init_weights!r}, but the adapter's sites are not relative to a residual base "
                 f"(they do not come from jpeft.init_{config.init_weights.split('_')[0]}); PEFT would subtract the initial factors from the "
@@ -252,7 +256,8 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
             "jpeft.convert_residual_config(config)), or merge it (jpeft.merge(residual_params, adapter)) and save "
             "full weights with jpeft.models.save_pretrained."
         )
-    embeds = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == Kind.EMBED]
+    embeds = [p for p, n in adapter.items() if isinstance(n, LoraWeights) and n.layout.kind == Kind.EMBED
+              and n.residual is not None]
     if embeds:
         raise UnsupportedAdapterError(
             f"sites {embeds} are {kind} embeddings, but PEFT's LoRA Embedding layer has no {kind} init (it would load "
