@@ -75,9 +75,10 @@ from jpeft._files import safe_join
 from jpeft._fingerprint import base_fingerprint, check_base
 from jpeft._safe_read import read_json
 from jpeft._safetensors import np_dtype
-from jpeft.io import check_index, kernel_fns, module_copies, template_adapter
+from jpeft.io import check_index, kernel_fns, module_copies, plain_sites, template_adapter
 from jpeft.methods._common import head_copies, with_head_copies
-from jpeft.methods.base import recorded_kernel_fns, split_frozen, trainable, with_kernel_fns
+from jpeft.methods.base import (recorded_kernel_fns, recorded_plain_sites, split_frozen, trainable, with_kernel_fns,
+                                with_plain_sites)
 from jpeft.tree import host_array, is_typed_key, leaf_names, unwrap_params
 
 FORMAT = "jpeft-train-checkpoint"
@@ -895,6 +896,9 @@ class CheckpointManager:
         fns = recorded_kernel_fns(adapter)  # sites jpeft.merge refuses, which a template without the model cannot see
         if fns:
             meta["kernel_fns"] = fns
+        plain = recorded_plain_sites(adapter)  # sites the config's residual init does not cover (a PEFT file's embedding)
+        if plain:
+            meta["plain_sites"] = plain
         if "opt_state" in arrays:
             meta["opt_state_kinds"] = optimizer_state_kinds(opt_state)
         try:
@@ -1203,6 +1207,7 @@ class CheckpointManager:
                 adapter = with_head_copies(adapter, unwrap_params(self.params)[0], copies, where)
             if self.model is None:
                 adapter = with_kernel_fns(adapter, kernel_fns(meta, where))
+            adapter = with_plain_sites(adapter, plain_sites(meta, where), where)
         if opt_state is None and self.optimizer is not None:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), adapter)
             built = jax.eval_shape(self.optimizer.init, trainable(abstract))  # no state for frozen arrays

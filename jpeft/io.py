@@ -62,7 +62,8 @@ from jpeft.errors import (
     ShapeMismatchError,
 )
 from jpeft.methods._common import head_copies, with_head_copies
-from jpeft.methods.base import FOREIGN_SITE_FIX, foreign_site, recorded_kernel_fns, with_kernel_fns
+from jpeft.methods.base import (FOREIGN_SITE_FIX, foreign_site, recorded_kernel_fns, recorded_plain_sites,
+                               with_kernel_fns, with_plain_sites)
 from jpeft.tree import host_array, is_typed_key, leaf_names, unwrap_params
 
 ADAPTER_JSON = "jpeft_adapter.json"
@@ -115,6 +116,9 @@ class AdapterInfo:
       kernel_fns: ``{path: function}`` of the sites on modules that compute with their own
         function of the kernel (:attr:`jpeft.methods.base.Layout.kernel_fn`), which
         :func:`jpeft.merge` refuses.
+      plain_sites: paths of the sites relative to the original weights in an adapter whose other
+        sites are relative to a residual base (:func:`jpeft.methods.base.recorded_plain_sites`: a
+        PEFT PiSSA/OLoRA file's embedding).
     """
 
     path: Path
@@ -127,6 +131,7 @@ class AdapterInfo:
     metadata: dict
     module_copies: tuple = ()
     kernel_fns: dict = dataclasses.field(default_factory=dict)
+    plain_sites: tuple = ()
 
 
 def _resolve_adapter_dir(path) -> Path:
@@ -194,7 +199,7 @@ def _parse_info(p: Path) -> tuple[AdapterInfo, dict]:
     nbytes = sum(math.prod(s) * np.dtype(np_dtype(dt)).itemsize for s, dt in arrays.values())
     copies = module_copies(d, where)
     info = AdapterInfo(p, config, base, arrays, int(num), int(nbytes), str(d.get("jpeft_version", "?")), meta, copies,
-                       kernel_fns(d, where))
+                       kernel_fns(d, where), plain_sites(d, where))
     return info, index
 
 
@@ -204,6 +209,14 @@ def module_copies(meta: Mapping[str, Any], where: str) -> tuple:
     if not isinstance(copies, list) or not all(isinstance(c, str) for c in copies):
         raise CheckpointError(f"{where}: 'module_copies' must be a list of module paths, found {str(copies)[:80]!r}.")
     return tuple(copies)
+
+
+def plain_sites(meta: Mapping[str, Any], where: str) -> tuple:
+    """The ``plain_sites`` a writer recorded in ``meta`` (:func:`jpeft.methods.base.recorded_plain_sites`), checked."""
+    paths = meta.get("plain_sites", [])
+    if not isinstance(paths, list) or not all(isinstance(c, str) for c in paths):
+        raise CheckpointError(f"{where}: 'plain_sites' must be a list of module paths, found {str(paths)[:80]!r}.")
+    return tuple(paths)
 
 
 def kernel_fns(meta: Mapping[str, Any], where: str) -> dict:
@@ -350,6 +363,9 @@ def _write_adapter(path, root, overwrite, config, adapter, copies, params, base_
     fns = recorded_kernel_fns(adapter)  # sites jpeft.merge refuses: a load without the model cannot see them
     if fns:
         meta["kernel_fns"] = fns
+    plain = recorded_plain_sites(adapter)  # sites the config's residual init does not cover (a PEFT file's embedding)
+    if plain:
+        meta["plain_sites"] = plain
     try:
         # not sort_keys: rank_pattern / alpha_pattern take the first matching key, so their order is meaning
         # (the checksum is computed over the canonical, sorted form)
@@ -479,6 +495,7 @@ def _load_adapter(path, params, model, model_args, base_config, allow_base_misma
         template = with_head_copies(template, unwrap_params(params)[0], info.module_copies, str(p))
     if model is None:  # layouts from the params alone: what the saved adapter's trace recorded (with the model: its own)
         template = with_kernel_fns(template, info.kernel_fns)
+    template = with_plain_sites(template, info.plain_sites, str(p))
     # Names and shapes are checked against the config's template and the metadata index before
     # any tensor data is read: a header declaring a 1 GiB tensor in a sparse file costs nothing.
     fill_template(template, {k: jax.ShapeDtypeStruct(tuple(e["shape"]), np_dtype(e["dtype"])) for k, e in index.items()},

@@ -2924,3 +2924,33 @@ def test_train_mica_updates_lora_a_only(hf_dir, capsys):
         np.testing.assert_array_equal(node.lora_B, start[path].lora_B)
         assert float(np.abs(np.asarray(node.lora_A)).min()) > 0
     assert len(saved) == 12
+
+
+def test_info_on_a_peft_folder_jpeft_cannot_load_says_so(tmp_path, capsys):
+    """`jpeft info` on a PEFT folder of a type jpeft has no format for (FourierFT, HRA, saved by peft)
+    described the file and exited 0 without a word that `load_peft`, `merge` and `export` refuse it;
+    now one line names the refusal (the supported types), still rc 0; a LoRA folder gets no such line."""
+    import copy
+
+    import peft
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as tiny
+
+    base, _ = tiny.hf_model("llama2")
+    cases = {"fourierft": peft.FourierFTConfig(n_frequency=8, target_modules=["q_proj"]),
+             "hra": peft.HRAConfig(r=2, target_modules=["q_proj"]),
+             "lora": peft.LoraConfig(r=2, target_modules=["q_proj"])}
+    for name, cfg in cases.items():
+        peft.get_peft_model(copy.deepcopy(base), cfg).save_pretrained(tmp_path / name)
+        r = jpeft_here(capsys, "info", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("jpeft cannot load")]
+        res = json.loads(jpeft_here(capsys, "info", tmp_path / name, "--json").stdout)
+        if name == "lora":
+            assert not lines and "jpeft_cannot_load" not in res, r.stdout
+            continue
+        with pytest.raises(jpeft.errors.UnsupportedAdapterError) as e:
+            jpeft.hf.peft_config(str(tmp_path / name))
+        assert len(lines) == 1 and cfg.peft_type.value in lines[0] and "'LORA'" in lines[0], r.stdout
+        assert lines[0].endswith(str(e.value)) and res["jpeft_cannot_load"].endswith(str(e.value))

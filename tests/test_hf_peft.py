@@ -624,6 +624,16 @@ def test_residual_inits_peft_to_jpeft(init, family, embed, tmp_path):
         warnings.simplefilter("ignore")
         back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "back")).eval()
     _close(family, _peft_logits(back, family, ids, mask), ref, mask)
+    # and jpeft's own format: save_adapter refused the embedding case ("mixes LoRA sites relative to different
+    # bases"); load_adapter gives the same sites, marks and outputs, and save_peft of the loaded one PEFT's file
+    jpeft.save_adapter(str(tmp_path / "own"), config, adapter, params=params)
+    config2, adapter2 = jpeft.load_adapter(str(tmp_path / "own"), params)
+    assert {p: n.residual for p, n in adapter2.items()} == {p: n.residual for p, n in adapter.items()}
+    out2 = np.asarray(jpeft.apply(model, res, adapter2, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_array_equal(out2, out)
+    H.save_peft(str(tmp_path / "back2"), config2, adapter2, params=params)
+    assert json.loads((tmp_path / "back2" / "adapter_config.json").read_text())["init_lora_weights"] == (
+        True if embed == "only" else init)
 
 
 @pytest.mark.parametrize("init,family", [("pissa", "llama2"), ("olora", "llama2"), ("pissa", "gpt2")])

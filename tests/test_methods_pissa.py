@@ -364,3 +364,48 @@ def test_residual_params_of_a_layer_scanned_adapter_is_refused_and_unrolled_matc
     got = jax.tree.leaves(residual_params(cfg, p0, ad0, "pissa")["params"])
     for x, y in zip(got, jax.tree.leaves(res0["params"])):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_a_peft_pissa_file_with_ensure_weight_tying_on_a_tied_embedding_is_refused_with_the_fix(tmp_path):
+    """PEFT's PiSSA/OLoRA with ``ensure_weight_tying`` on a tied base targeting the embedding puts the
+    residual init on the tied lm_head, which rewrites the shared table the file saves as the embedding's
+    base copy (PEFT reloads it to its own logits). jpeft said ``BaseMismatchError``: "put the saved weight
+    into the params (re-initialised or resized token rows)", advice that would apply the residual twice.
+    Now the refusal names the setting and the fix; the file trained as told loads with PEFT's logits."""
+    import copy
+    import os
+    import sys
+    import warnings
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import _models_tiny as T
+
+    hf, folder = T.hf_model("llama3")  # tied word embeddings
+    model, params = jpeft.models.from_pretrained(folder)
+    ids, mask = T.batch("llama3", seed=5)
+    for init in ("pissa", "olora"):
+        for tie in (True, False):
+            out = tmp_path / f"{init}-{tie}"
+            torch.manual_seed(2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+                    r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=init,
+                    ensure_weight_tying=tie))
+                with torch.no_grad():  # "train": move every factor
+                    for n, p in pm.named_parameters():
+                        if "lora_" in n:
+                            p.add_(0.1 * torch.randn_like(p))
+                pm.save_pretrained(out)
+                ref = T.peft_logits(peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(out)).eval(), ids, mask)
+            T.assert_close_at_tokens(T.peft_logits(pm.eval(), ids, mask), ref, mask)  # PEFT reads its file back
+            assert np.abs(ref - T.torch_logits("llama3", ids, mask)).max() > 1e-2
+            if tie:
+                with pytest.raises(jpeft.errors.UnsupportedAdapterError,
+                                   match=rf"init_lora_weights='{init}' and ensure_weight_tying=True.*tied lm_head.*"
+                                         "without ensure_weight_tying"):
+                    jpeft.hf.load_peft_with_base(str(out), params)
+                continue
+            _, res, ad = jpeft.hf.load_peft_with_base(str(out), params)
+            got = np.asarray(jpeft.apply(model, res, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+            T.assert_close_at_tokens(got, ref, mask)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from _jpeft_args import BASE_DTYPES, add_info as add_parser  # noqa: F401  (the options, defined there: no JAX for --help)
-from jpeft import io
+from jpeft import hf, io
 from jpeft.cli import _configs
 from jpeft.cli._ckpt import checkpoint_metadata, find_adapter
 from jpeft.cli._common import format_table, human_bytes, human_count, method_from_args
@@ -150,6 +150,10 @@ def adapter_summary(path: str) -> dict:
                    base_copy_params=sum(math.prod(e[1]) for k, e in index.items() if k not in shapes),
                    adapter_bytes=sum(e[3] for e in index.values()), arrays=len(index),
                    base_model_name_or_path=cfg.get("base_model_name_or_path"))
+        try:  # the checks `load_peft` makes of the config before it reads a tensor (type, options)
+            hf.peft_config(found.path)
+        except JpeftError as e:
+            res["jpeft_cannot_load"] = f"{type(e).__name__}: {e}"
     else:
         meta = checkpoint_metadata(found.path)
         adapter = {k: e for k, e in meta["arrays"].items() if k.startswith("adapter/")}
@@ -211,4 +215,6 @@ def describe_adapter(path: str, *, as_json: bool = False) -> int:
               + ": `jpeft export|merge|eval --adapter` read it")
     if res.get("base_model_name_or_path"):
         print(f"base_model_name_or_path: {res['base_model_name_or_path']}")
+    if res.get("jpeft_cannot_load"):
+        print(f"jpeft cannot load this adapter: {res['jpeft_cannot_load']}")
     return 0

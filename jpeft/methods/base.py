@@ -36,7 +36,8 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from jpeft.config import register_config, registered_configs
-from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError, ShardingError, UnsupportedModuleError
+from jpeft.errors import (CheckpointError, ConfigError, NotMergeableError, ShapeMismatchError, ShardingError,
+                          UnsupportedModuleError)
 
 
 class Kind(str, enum.Enum):
@@ -270,6 +271,35 @@ def with_kernel_fns(adapter: Mapping[str, Any], fns: Mapping[str, str]) -> dict:
         if not isinstance(lay, Layout) or lay.kernel_fn is not None:
             continue
         new = dataclasses.replace(inner, layout=dataclasses.replace(lay, kernel_fn=str(fn)))
+        out[path] = new if inner is node else dataclasses.replace(node, inner=new)
+    return out
+
+
+def recorded_plain_sites(adapter: Mapping[str, Any]) -> list:
+    """Paths of the sites whose update is of the original weights (``residual`` ``None``) in an
+    adapter whose other sites are relative to a residual base: a PEFT PiSSA/OLoRA file's embedding
+    (PEFT's Embedding layer has no residual init and starts plain). What the writers
+    (:func:`jpeft.save_adapter`, the checkpoint manager) save beside the arrays, since a loader's
+    template, built from the config's one init, marks every site with it."""
+    inner = {p: getattr(n, "unstacked", n) for p, n in adapter.items()}
+    marked = {p: n for p, n in inner.items() if dataclasses.is_dataclass(n)
+              and "residual" in {f.name for f in dataclasses.fields(n)}}
+    if all(n.residual is None for n in marked.values()):
+        return []
+    return sorted(p for p, n in marked.items() if n.residual is None)
+
+
+def with_plain_sites(adapter: Mapping[str, Any], paths, where: str) -> dict:
+    """``adapter`` (a loader's template) with the sites of ``paths`` (:func:`recorded_plain_sites`)
+    unmarked: their update is of the original weights."""
+    out = dict(adapter)
+    for path in paths:
+        node = out.get(path)
+        inner = getattr(node, "unstacked", node)
+        if not (dataclasses.is_dataclass(inner) and "residual" in {f.name for f in dataclasses.fields(inner)}):
+            raise CheckpointError(f"{where}: 'plain_sites' names {path!r}, which is not a site with a residual mark of "
+                                  "this adapter's config; the metadata does not belong to these arrays.")
+        new = dataclasses.replace(inner, residual=None)
         out[path] = new if inner is node else dataclasses.replace(node, inner=new)
     return out
 

@@ -266,7 +266,11 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
         :func:`jpeft.load_adapter` rebuilds the mark and :func:`jpeft.hf.save_peft` still knows
         which base PEFT would rebuild (or refuses)."""
         nodes = [getattr(n, "unstacked", n) for n in adapter.values()]  # a LoraStack (no Site) as it is
-        marks = {n.residual for n in nodes if isinstance(n, LoraWeights)}
+        # a PEFT PiSSA/OLoRA file's embedding starts plain (PEFT's Embedding layer has no residual init):
+        # jpeft.save_adapter records such sites by path (plain_sites), the config the others' init
+        marks = {n.residual for n in nodes if isinstance(n, LoraWeights)
+                 and not (n.residual is None and n.layout.kind == Kind.EMBED)} or \
+            {n.residual for n in nodes if isinstance(n, LoraWeights)}
         if len(marks) > 1:
             raise ConfigError(
                 f"the adapter mixes LoRA sites relative to different bases ({sorted(map(str, marks))}); one config "
