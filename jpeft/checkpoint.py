@@ -188,6 +188,68 @@ def _quiet_aborted_reads(folder, quiet: float = 0.2, limit: float = 2.0):
             sys.unraisablehook = previous
 
 
+#: Orbax's own reports of a failed background save, each an ERROR with its traceback: the writer thread's, the
+#: commit's, the finalize's and the step metadata's. jpeft raises that failure itself (SaveError, or the next
+#: save's warning).
+_FAILED_SAVE_NOTES = ("_SignalingThread.run() raised an exception", "Handler Commit operations or the Commit callback",
+                      "Save Finalize thread (save_finalize) failed", "Failed to write metadata=")
+
+
+class _FailedSaveReports:
+    """Quiets what a failed save prints around jpeft's one error, while a manager that writes is
+    open: Orbax's :data:`_FAILED_SAVE_NOTES` (three tracebacks per failed step) and, as on the
+    restore path (:func:`_closed_loop_callback`, :func:`_drop_aborted_read_tasks`), what the
+    step's other array writes report once Orbax closed the save's event loop on the first failed
+    write: an unraisable "Event loop is closed" traceback each, and asyncio's "Task/Future
+    exception was never retrieved" for those that failed too (a save's temporary folder in the
+    message). A disk that filled up part-way through a run printed 98 + 20 of them around the
+    named errors. Every other unraisable error goes to the hook that was in place. Counted: the
+    first writer opened installs it (and any other while a hook put in place since holds the
+    place), the last one closed or collected removes it."""
+
+    def __init__(self):
+        self.users, self.previous, self.last = 0, None, 0.0
+        self.notes = _DropNotes(_FAILED_SAVE_NOTES)
+
+    def hook(self, unraisable) -> None:
+        if _closed_loop_callback(unraisable):
+            self.last = time.monotonic()
+        else:
+            (self.previous or sys.__unraisablehook__)(unraisable)
+
+    @staticmethod
+    def unretrieved_writes(record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("exception was never retrieved" in msg and ".orbax-checkpoint-tmp" in msg)
+
+    def enter(self) -> None:
+        if sys.unraisablehook != self.hook:
+            self.previous, sys.unraisablehook = sys.unraisablehook, self.hook
+        if self.users == 0:
+            logging.getLogger("absl").addFilter(self.notes)
+            logging.getLogger("asyncio").addFilter(self.unretrieved_writes)
+        self.users += 1
+
+    def exit(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            if sys.unraisablehook == self.hook:  # another hook put in place meanwhile chains to this one: keep it
+                sys.unraisablehook = self.previous
+            logging.getLogger("absl").removeFilter(self.notes)
+            logging.getLogger("asyncio").removeFilter(self.unretrieved_writes)
+
+    def settle(self, quiet: float = 0.2, limit: float = 2.0) -> None:
+        """After a failed save: waits until its stray writes have reported (``quiet`` seconds
+        without one, ``limit`` at most), so none prints after the error once the manager closes."""
+        start = self.last = max(self.last, time.monotonic())
+        while time.monotonic() < start + limit and time.monotonic() - self.last < quiet:
+            time.sleep(0.02)
+        gc.collect()  # the failed writes' tasks, reported when freed: now, while the filter is in place
+
+
+_FAILED_SAVES = _FailedSaveReports()
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainState:
     """A restored training checkpoint.
@@ -477,6 +539,10 @@ class CheckpointManager:
                 if denied is None:  # not a read: e.g. a folder this process may not write into
                     raise
                 raise _unreadable_error(f"the checkpoints in {self.directory}", denied, self.directory) from None
+        self._quieting = None  # left once: by close(), or when the manager is collected unclosed
+        if not self.read_only:
+            _FAILED_SAVES.enter()
+            self._quieting = weakref.finalize(self, _FAILED_SAVES.exit)
         if async_save and not self.read_only:
             global _EXIT_HOOK
             if not _EXIT_HOOK:
@@ -694,6 +760,8 @@ class CheckpointManager:
             self.wait()
         finally:
             self._mngr.close()
+            if self._quieting is not None:
+                self._quieting()
             if self._lock is not None:
                 self._lock.close()  # releases the flock
                 self._lock = None
@@ -729,6 +797,7 @@ class CheckpointManager:
             if quiet >= 3:
                 break
             time.sleep(0.05)
+        _FAILED_SAVES.settle()
 
     # -- queries -----------------------------------------------------------------------------------
     def all_steps(self) -> list[int]:

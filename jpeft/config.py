@@ -60,7 +60,25 @@ def register_config(cls):
             init(self, **given)
 
     cls.__init__ = __init__
+    cls.__eq__ = _config_eq  # over the dataclass's own: an ordered field's keys compare in order
     return cls
+
+
+def _config_eq(self, other) -> bool:
+    """A config's equality: the dataclass's (same class, every compared field equal), except that
+    a first-match-ordered field (:attr:`AdapterConfig._ordered_fields`) is equal only with its
+    keys in the same order (:meth:`AdapterConfig.same_field`)."""
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return all(self.same_field(f.name, getattr(self, f.name), getattr(other, f.name))
+               for f in dataclasses.fields(self) if f.compare)
+
+
+def ordered_fields() -> frozenset:
+    """The names of the first-match-ordered fields of every registered config
+    (:attr:`AdapterConfig._ordered_fields`: ``rank_pattern``, ``alpha_pattern``), for a settings
+    table not yet resolved to a config (``jpeft train``'s multi-host agreement)."""
+    return frozenset(n for c in _REGISTRY.values() for n in c._ordered_fields)
 
 
 
@@ -261,6 +279,9 @@ class AdapterConfig:
     }
     # field name -> Hugging Face adapter_config.json key (only where they differ)
     _hf_keys: ClassVar[Mapping[str, str]] = {}
+    # dict fields whose keys' order is meaning: the first key that matches a module gives it its value
+    # (rank_pattern / alpha_pattern, PEFT's get_pattern_key), so two orders are two configs (same_field)
+    _ordered_fields: ClassVar[tuple] = ()
     # former field name (no PEFT key) -> field: set by register_config from the class's renamed_option attributes
     _former_names: ClassVar[Mapping[str, str]] = {}
     # keys Hugging Face writes that do not change what the adapter computes: accepted and ignored
@@ -307,6 +328,25 @@ class AdapterConfig:
         is (``LoraConfig.field_of("lora_alpha") == "alpha"``) or whose former name it is
         (``LoraConfig.field_of("init") == "init_weights"``, deprecated: :func:`renamed_option`)."""
         return ({hf: name for name, hf in cls._hf_keys.items()} | dict(cls._former_names)).get(key, key)
+
+    @classmethod
+    def same_field(cls, key: str, a, b) -> bool:
+        """Whether ``a`` and ``b`` are one value of the field ``key`` names (a field or Hugging
+        Face PEFT name): equal, and for a first-match-ordered field (:attr:`_ordered_fields`:
+        ``rank_pattern`` / ``alpha_pattern`` of LoRA, LoHa and LoKr) with their keys in the same
+        order, since the first key that matches a module gives it its rank or alpha. Any other
+        order differs, even of keys that match no module in common: that depends on the model's
+        module names, which a config does not know.
+
+        >>> from jpeft import LoraConfig
+        >>> first, second = {"q_proj": 4, "layers.0.q_proj": 8}, {"layers.0.q_proj": 8, "q_proj": 4}
+        >>> first == second, LoraConfig.same_field("rank_pattern", first, second)
+        (True, False)
+        """
+        if a != b:
+            return False
+        return (cls.field_of(key) not in cls._ordered_fields or not isinstance(a, Mapping)
+                or not isinstance(b, Mapping) or list(a) == list(b))
 
     @classmethod
     def key_names(cls) -> frozenset:

@@ -216,6 +216,70 @@ def test_resume_compares_the_method_config_the_table_resolves_to(folder, capsys)
     assert "--resume would continue the run" in line and "method.lora_alpha: 4 -> 8" in line
 
 
+def test_resume_refuses_alpha_pattern_keys_in_another_order(folder, capsys):
+    """rank_pattern / alpha_pattern take the first matching key (PEFT's get_pattern_key), but --resume
+    compared them as unordered dicts: a run trained with layer 0's q_proj at alpha 1 resumed with its
+    alpha_pattern keys swapped, which gives that module alpha 3 (another scale, the same shapes, so no
+    checkpoint check saw it) and trained on from its checkpoint as another adapter. It is now refused
+    by name, saying that the keys came in another order; the same order resumes."""
+    def table(order):
+        keys = {"q_proj": 1.0, "layers.0.self_attn.q_proj": 3.0}
+        pairs = ", ".join(f'"{k}" = {keys[k]}' for k in order)
+        return f'name = "lora"\nr = 2\ntarget_modules = ["q_proj"]\nalpha_pattern = {{ {pairs} }}'
+
+    out = str(folder / "out_order")
+    same = table(["q_proj", "layers.0.self_attn.q_proj"])
+    argv = ["train", "--no-progress", "--output-dir", out, "--set", "train.steps=3"]
+    assert main(argv + ["--config", str(config(folder, method=same)), "--max-steps", "1"]) == 0
+    saved = json.loads((folder / "out_order" / "resolved_config.json").read_text())
+    assert list(saved["method_config"]["alpha_pattern"]) == ["q_proj", "layers.0.self_attn.q_proj"]
+    capsys.readouterr()
+    swapped = config(folder, method=table(["layers.0.self_attn.q_proj", "q_proj"]))
+    assert main(argv + ["--config", str(swapped), "--resume", "--max-steps", "2"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--resume would continue the run" in line
+    assert ('method.alpha_pattern: {"q_proj": 1.0, "layers.0.self_attn.q_proj": 3.0} -> {"layers.0.self_attn.q_proj": '
+            '3.0, "q_proj": 1.0} (the same keys in another order: the first key that matches a module gives it its '
+            'value)') in line
+    assert main(argv + ["--config", str(config(folder, method=same)), "--resume"]) == 0
+    assert "resumed from step 1" in capsys.readouterr().err
+
+
+def test_processes_given_pattern_keys_in_another_order_do_not_agree(monkeypatch):
+    """The processes of a multi-host run agree on a digest of their settings, written with sorted keys,
+    so one given alpha_pattern's keys in another order (another alpha for a module both keys match)
+    agreed and trained a mix of two adapters. Each first-match-ordered field's order now counts; the
+    order of the keys of a table whose order means nothing ([train]) still does not."""
+    import hashlib
+
+    import numpy as np
+
+    import jpeft.cli._trainer as trainer
+    from jpeft.errors import ConfigError
+
+    def settings(alphas, train):
+        return {"model": "m", "output_dir": "o", "train": train,
+                "method": {"name": "lora", "r": 2, "alpha_pattern": alphas}}
+
+    def rows(cfg):  # this process's digests, as _gather_digests hashes them
+        got = []
+        monkeypatch.setattr(trainer, "_gather_digests", lambda parts, extra=None: got.append(
+            np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for _, _, v in parts]
+                     + [np.full(8, extra or 0, np.uint32)])) or np.stack([got[-1]]))
+        trainer._check_settings_agree(cfg, {"resume": False, "max_steps": None})
+        return got[-1]
+
+    def agree(a, b):
+        other, mine = rows(b), rows(a)  # process 1's, process 0's (this one)
+        monkeypatch.setattr(trainer, "_gather_digests", lambda parts, extra=None: np.stack([mine, other]))
+        trainer._check_settings_agree(a, {"resume": False, "max_steps": None})
+
+    ordered, train = {"q_proj": 1.0, "layers.0.self_attn.q_proj": 3.0}, {"steps": 2, "seed": 0}
+    agree(settings(ordered, train), settings(dict(ordered), dict(reversed(train.items()))))
+    with pytest.raises(ConfigError, match=r"process\(es\) \[1\] of this job were given different settings"):
+        agree(settings(ordered, train), settings(dict(reversed(ordered.items())), train))
+
+
 def test_resume_of_a_run_an_earlier_jpeft_saved_with_peft_type_alone(tmp_path):
     """An earlier jpeft saved ``name = "lora"`` in every resolved [method] table; a run started with
     ``peft_type = "LORA"`` alone (as in adapter_config.json) was then refused on --resume

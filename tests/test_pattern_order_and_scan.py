@@ -256,3 +256,46 @@ def test_a_peft_file_whose_rank_pattern_keys_overlap_is_refused_naming_the_keys_
     with pytest.warns(UserWarning, match="rank_pattern keys that overlap"):  # they still do; the exact key wins
         _, ad = jpeft.hf.load_peft(str(tmp_path), params)
     np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], trained[sel], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [jpeft.LoraConfig, LoHaConfig])
+def test_configs_whose_pattern_keys_come_in_another_order_are_not_equal(cls):
+    """rank_pattern / alpha_pattern take the first matching key (PEFT's get_pattern_key), but a
+    config's equality (the dataclass's) compared them as unordered dicts: two configs that give
+    layer 0's q_proj rank 2 and 6 compared equal. They now differ; so does any other order of the
+    keys (whether two keys match a module in common depends on the model, which a config does not
+    know). Each order gives every module the rank and alpha PEFT's get_pattern_key gives it.
+    A dict whose order means nothing (AdaLoRA's rank_pattern, exact names) still compares as one."""
+    from peft.utils.other import get_pattern_key
+
+    _, folder = tiny.hf_model(FAMILY)
+    _, params = jpeft.models.from_pretrained(folder)
+    ranks = {"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 6}
+    alphas = {"v_proj": 3.0, r"layers\.1\.self_attn\.v_proj": 5.0}
+
+    def make(rank_pattern, alpha_pattern):
+        return cls(r=4, alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern=rank_pattern,
+                   alpha_pattern=alpha_pattern)
+
+    c = make(ranks, alphas)
+    flipped = make(dict(reversed(ranks.items())), dict(reversed(alphas.items())))
+    got = []
+    for config in (c, flipped):
+        assert config == make(dict(config.rank_pattern), dict(config.alpha_pattern))
+        assert cls.from_json(config.to_json()) == config
+        sites = jpeft.init(config, params, jax.random.key(0))
+        for path, site in sites.items():
+            name = path.replace("/", ".").replace("layers_", "layers.")
+            r = config.rank_pattern.get(get_pattern_key(list(config.rank_pattern), name), config.r)
+            alpha = config.alpha_pattern.get(get_pattern_key(list(config.alpha_pattern), name), config.alpha)
+            assert site.r == r and float(site.scale) == pytest.approx(alpha / r), path
+        got.append({p: (s.r, float(s.scale)) for p, s in sites.items()})
+    assert got[0]["model/layers_0/self_attn/q_proj"][0] == 2 and got[1]["model/layers_0/self_attn/q_proj"][0] == 6
+    assert c != flipped and flipped != c and not cls.same_field("rank_pattern", ranks, flipped.rank_pattern)
+    apart = {"q_proj": 2, "v_proj": 6}  # no module matches both keys, but the config cannot tell
+    assert make(apart, {}) != make(dict(reversed(apart.items())), {})
+    mask = {"model.layers.0.self_attn.q_proj.lora_E": [True, False],
+            "model.layers.1.self_attn.q_proj.lora_E": [True, True]}
+    ada = jpeft.AdaLoraConfig(init_r=2, target_r=1, total_step=10, target_modules=["q_proj"], rank_pattern=mask)
+    assert ada == jpeft.AdaLoraConfig(init_r=2, target_r=1, total_step=10, target_modules=["q_proj"],
+                                      rank_pattern=dict(reversed(mask.items())))

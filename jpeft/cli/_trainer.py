@@ -26,6 +26,7 @@ from jpeft.checkpoint import CheckpointManager
 from jpeft.cli._ckpt import save_adapter
 from jpeft.cli._common import method_class, method_name_of, method_of, say as _say
 from jpeft.cli._model import load_folder, read_tokenizer
+from jpeft.config import ordered_fields
 from jpeft.core import logits_of
 from jpeft.data import is_conversation, load_examples, model_inputs, PackedDataset, render_chat, text_encoder
 from jpeft.errors import (BaseMismatchError, CheckpointError, CheckpointUnreadableError, ConfigError, DistributedError,
@@ -331,7 +332,9 @@ def _method_changes(before: dict, cfg: dict, method) -> Optional[dict]:
     if method is None or not isinstance(was, dict) or not isinstance(cfg.get("method"), dict):
         return None
     now = json.loads(json.dumps(method.to_dict()))
-    return {f"method.{k}": (was[k], now[k]) for k in sorted(was) if k in now and was[k] != now[k]}
+    # rank_pattern / alpha_pattern in another order are another config (the first matching key wins)
+    return {f"method.{k}": (was[k], now[k]) for k in sorted(was)
+            if k in now and not type(method).same_field(k, was[k], now[k])}
 
 
 def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, method=None) -> None:
@@ -381,7 +384,9 @@ def _check_resumable(out_dir: str, cfg: dict, before: Optional[dict] = None, met
         old.update({k: v[0] for k, v in method_changes.items()})
         new.update({k: v[1] for k, v in method_changes.items()})
     if changed:
-        shown = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in changed[:8])
+        reordered = " (the same keys in another order: the first key that matches a module gives it its value)"
+        shown = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
+                          + (reordered if old.get(k) == new.get(k) else "") for k in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
         raise ConfigError(
             f"--resume would continue the run in {out_dir!r} with other settings than it was trained with "
@@ -757,6 +762,10 @@ def _check_settings_agree(cfg: Optional[dict], flags: Optional[dict]) -> None:
     others stop with an error naming it rather than waiting for it until JAX aborts."""
     failed = cfg is None
     settings = {} if failed else {k: v for k, v in cfg.items() if k not in ("model", "output_dir")}
+    method = settings.get("method")
+    if isinstance(method, dict):  # sort_keys below: a first-match-ordered field's order is added on its own
+        settings["method key order"] = {k: list(v) for k, v in method.items()
+                                        if k in ordered_fields() and isinstance(v, dict)}
     parts = [("settings", "the resolved config, --set options included",
               json.dumps(settings, sort_keys=True, default=str).encode()),
              ("command-line options", "--resume and --max-steps", json.dumps(flags, sort_keys=True).encode())]

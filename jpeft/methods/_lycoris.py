@@ -149,6 +149,7 @@ class LycorisConfig(AdapterConfig):
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     _init_values: ClassVar[tuple] = (True, False)
+    _ordered_fields: ClassVar[tuple] = ("rank_pattern", "alpha_pattern")  # first matching key wins
 
     def __post_init__(self):
         name = type(self).__name__

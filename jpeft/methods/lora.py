@@ -135,6 +135,7 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
         "dropout": "lora_dropout",
         "init_weights": "init_lora_weights",
     }
+    _ordered_fields: ClassVar[tuple] = ("rank_pattern", "alpha_pattern")  # first matching key wins
 
     r: int = 8
     alpha: float = 16
