@@ -60,7 +60,7 @@ from jpeft.models.loading import BERT_ARCHITECTURES, read_config
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys,  # noqa: F401
                                FLAG, check_value_types, config_from_peft, peft_key, split_peft_key, take_base_copies,
                                take_embedding_copies, to_np)
-from jpeft.tree import count, from_hf_name, hf_name, is_nnx, module_leaves, nnx_state_of, tied_embedding, unwrap_params
+from jpeft.tree import count, from_hf_name, hf_name, is_nnx, module_leaves, nnx_state_of, unwrap_params
 
 
 def supported_peft_types() -> list[str]:
@@ -767,7 +767,8 @@ def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype, layouts=Non
         take_base_copies(tensors, module_leaves(inner if unrolled is None else unrolled), path,
                          own_of=None if unrolled is None else (lambda p: scan.layer_module(inner, p)))
     except BaseMismatchError:
-        _refuse_tied_residual(d, module_leaves(inner), path)
+        if fmt.hf_base_mismatch is not None:  # the method's settings may say what made the copies differ
+            fmt.hf_base_mismatch(d, module_leaves(inner), path)
         raise
     # PEFT's save_embedding_layers copies of the whole embedding / lm_head (not a module to save)
     take_embedding_copies(tensors, module_leaves(inner), path, d.get("modules_to_save") or (),
@@ -783,25 +784,6 @@ def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype, layouts=Non
     ctx = ImportContext(module_leaves(inner), path, dtype, hf_config, layouts)
     config, adapter = fmt.from_hf(d, tensors, params, ctx)
     return config, {**adapter, **heads}
-
-
-def _refuse_tied_residual(d, leaves, path: str) -> None:
-    """A PiSSA/OLoRA file with ``ensure_weight_tying`` on a tied base: PEFT puts the residual
-    init on the ``lm_head`` it ties to the targeted embedding, so the shared table it saves as the
-    embedding's base copy is that residual (every row differs from the base), while PEFT's Embedding
-    layer keeps its own factors plain on it. jpeft rebuilds a residual base per adapted kernel, not
-    one table shared by a plain embedding site and a residual output projection: refused by what
-    made the file (the base copy's row check would say a re-initialised table)."""
-    init = d.get("init_lora_weights")
-    if not (d.get("ensure_weight_tying") and isinstance(init, str) and init.lower().startswith(("pissa", "olora"))
-            and tied_embedding("lm_head", leaves) is not None):
-        return
-    raise UnsupportedAdapterError(
-        f"the adapter in {path!r} was saved with init_lora_weights={init!r} and ensure_weight_tying=True on a base with "
-        "tied word embeddings: PEFT's residual init on the tied lm_head rewrote the shared embedding table (the file's "
-        "embedding base copy is that residual), and jpeft cannot rebuild a residual table that a "
-        "plain embedding LoRA and a residual output projection share. Train it without ensure_weight_tying (PEFT then "
-        "adapts the input embedding only, which jpeft loads), or leave the embedding out of target_modules.")
 
 
 def _peft_base_config(d) -> Optional[dict]:

@@ -627,6 +627,11 @@ class Method:
         ``setting`` that made it, in PEFT's words (``"init_lora_weights='pissa'"``, named in
         errors), and ``fn(params) -> params`` computing that base; ``None`` (the default, or the
         hook's answer): the stored base.
+      hf_base_mismatch: ``hf_base_mismatch(config_dict, leaves, folder)``: called when a PEFT
+        file's copies of base weights differ from the params (:func:`jpeft.hf.load_peft` then
+        raises :class:`~jpeft.errors.BaseMismatchError`), to raise a more exact refusal where
+        this method's settings made them differ (LoRA: PiSSA/OLoRA with ``ensure_weight_tying``
+        on a tied base); ``None`` (the default, or returning): the mismatch stands.
       check_hf_keys: ``check_hf_keys(config_dict)``: checks the types and values of the
         ``adapter_config.json`` keys this method's format defines, raising
         :class:`~jpeft.errors.ConfigError` naming the key; :mod:`jpeft.hf` runs every method's
@@ -649,6 +654,7 @@ class Method:
     from_hf: Optional[Callable] = None
     hf_config: Optional[Callable] = None
     hf_base: Optional[Callable] = None
+    hf_base_mismatch: Optional[Callable] = None
     check_hf_keys: Optional[Callable] = None
     peft_hints: tuple = ()
     budget: Optional[Callable] = None

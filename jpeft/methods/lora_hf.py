@@ -830,6 +830,25 @@ _PEFT_HINTS = (("TRAINABLE_TOKENS", (
     "that; in jpeft, use jpeft.LoraConfig(trainable_token_indices=...) (docs/METHODS.md, trainable tokens).")),)
 
 
+def _tied_residual_mismatch(d, leaves, path: str) -> None:
+    """``Method.hf_base_mismatch`` of LoRA: a PiSSA/OLoRA file with ``ensure_weight_tying`` on a tied base: PEFT puts the residual
+    init on the ``lm_head`` it ties to the targeted embedding, so the shared table it saves as the
+    embedding's base copy is that residual (every row differs from the base), while PEFT's Embedding
+    layer keeps its own factors plain on it. jpeft rebuilds a residual base per adapted kernel, not
+    one table shared by a plain embedding site and a residual output projection: refused by what
+    made the file (the base copy's row check would say a re-initialised table)."""
+    init = d.get("init_lora_weights")
+    if not (d.get("ensure_weight_tying") and isinstance(init, str) and init.lower().startswith(("pissa", "olora"))
+            and tied_embedding("lm_head", leaves) is not None):
+        return
+    raise UnsupportedAdapterError(
+        f"the adapter in {path!r} was saved with init_lora_weights={init!r} and ensure_weight_tying=True on a base with "
+        "tied word embeddings: PEFT's residual init on the tied lm_head rewrote the shared embedding table (the file's "
+        "embedding base copy is that residual), and jpeft cannot rebuild a residual table that a "
+        "plain embedding LoRA and a residual output projection share. Train it without ensure_weight_tying (PEFT then "
+        "adapts the input embedding only, which jpeft loads), or leave the embedding out of target_modules.")
+
+
 LORA = register_method(Method(
     config=LoraConfig,
     init=init_lora,
@@ -838,6 +857,7 @@ LORA = register_method(Method(
     from_hf=_lora_from_hf,
     hf_config=_lora_hf_config,
     hf_base=lora_hf_base,
+    hf_base_mismatch=_tied_residual_mismatch,
     check_hf_keys=_check_hf_keys,
     peft_hints=_PEFT_HINTS,
     budget=budget_rows,
