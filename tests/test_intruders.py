@@ -1,7 +1,9 @@
-"""Intruder dimensions (Shuttleworth et al. 2024) and PEFT 0.21's reduce_intruder_dimension:
-jpeft's detection and reduction against PEFT's on the same random LoRA adapter; the spectral
-helpers against closed forms."""
+"""Intruder dimensions (Shuttleworth et al. 2024) and PEFT's reduce_intruder_dimension:
+jpeft's detection and reduction against PEFT's on the same random LoRA adapter (embedding and
+GPT-2 Conv1D sites against PEFT 0.22's, which fixed their orientation); the spectral helpers
+against closed forms."""
 
+import copy
 import dataclasses
 import os
 import re
@@ -14,12 +16,16 @@ import numpy as np
 import pytest
 
 import jpeft
+import jpeft.models
 from jpeft import spectral
 from jpeft.errors import ConfigError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _models_tiny as tiny  # noqa: E402
 from _models_tiny import BoxedMLP  # noqa: E402
 from jpeft import intruder_report, reduce_intruder_dimension
+from jpeft.hf import load_peft
+from jpeft.tree import get_subtree
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
@@ -111,6 +117,71 @@ def test_detection_and_reduction_equal_peft(pair):
     # the reduction removed intruder energy: fewer or equal intruders, never more
     again = intruder_report(params, new, top_k=10, threshold_epsilon=0.5)
     assert sum(len(v["indices"]) for v in again.values()) <= sum(counts.values())
+
+
+def _linear_twin_reduction(sites, r, alpha):
+    """PEFT's reduce_intruder_dimension on nn.Linear twins of ``sites`` (``{name: (W [out, in], A [r, in],
+    B [out, r])}``): the orientation every PEFT computes alike. ``(counts, {name: new delta [out, in]})``."""
+    net = torch.nn.Module()
+    for n, (w, _, _) in sites.items():
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        lin.weight.data = torch.tensor(w)
+        net.add_module(n, lin)
+    pm = peft.get_peft_model(net, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(sites),
+                                                  init_lora_weights=False))
+    for n, (_, a, b) in sites.items():
+        layer = getattr(pm.base_model.model, n)
+        layer.lora_A["default"].weight.data = torch.tensor(a)
+        layer.lora_B["default"].weight.data = torch.tensor(b)
+    lines = []
+    peft_reduce(pm, top_k=10, threshold_epsilon=0.5, mitigation_lambda=0.75, logging_sink=lines.append)
+    counts = {}
+    for line in lines:
+        m = re.match(r".*?(\w+): (?:Intruders: (\d+)|No intruders)$", line)
+        if m:
+            counts[m.group(1)] = int(m.group(2) or 0)
+    return counts, {n: _t(getattr(pm.base_model.model, n).get_delta_weight("intruder_reduced")) for n in sites}
+
+
+@pytest.mark.parametrize("family,targets", [("gpt2", ["wte", "c_attn", "c_proj"]),
+                                            ("llama3", ["embed_tokens", "q_proj"])])
+def test_embedding_and_conv1d_sites_equal_peft_0_22(family, targets, tmp_path):
+    """PEFT 0.22's reduce_intruder_dimension also takes embedding LoRAs and GPT-2's Conv1D (fan_in_fan_out)
+    layers, both viewed as [out, in] as lora_B @ lora_A is (PEFT 0.21 decomposed their stored weights, [in, out],
+    and its reduced model fails to run). jpeft refused embedding sites; it now reduces them as PEFT 0.22 does: a
+    PEFT LoRA (every factor random, tied GPT-2 wte and Llama embed_tokens included) read by load_peft gives
+    PEFT's intruder counts and new delta weights per site (PEFT on nn.Linear twins, which every PEFT computes
+    alike) and, under PEFT >= 0.22, the logits of PEFT's own reduction of the model."""
+    hf, folder = tiny.hf_model(family)
+    model, params = jpeft.models.from_pretrained(folder)
+    pm = tiny.perturb_trainable(peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)), seed=0, scale=1.5)
+    pm.save_pretrained(str(tmp_path))
+    _, ad = load_peft(str(tmp_path), params)
+    sites = {}  # torch orientation W [out, in], A [r, in], B [out, r]; a Dense kernel or embedding table is [in, out]
+    for path, node in ad.items():
+        k = np.asarray(get_subtree(params["params"], path)[node.layout.param_name], np.float32)
+        sites[path.replace("/", "_")] = (k.T, np.asarray(node.lora_A).T, np.asarray(node.lora_B).T)
+    counts, deltas = _linear_twin_reduction(sites, 4, 8)
+    report = intruder_report(params, ad, top_k=10, threshold_epsilon=0.5)
+    assert {p.replace("/", "_"): len(v["indices"]) for p, v in report.items()} == counts
+    embed = next(p for p in ad if ad[p].layout.kind == "embed")
+    assert counts[embed.replace("/", "_")] > 0  # the embedding site has intruders: the new branch runs
+    new = reduce_intruder_dimension(params, ad, top_k=10, threshold_epsilon=0.5, mitigation_lambda=0.75)
+    for path in ad:
+        np.testing.assert_allclose(np.asarray(new[path].delta_matrix()).T, deltas[path.replace("/", "_")],
+                                   rtol=1e-4, atol=5e-5, err_msg=path)
+
+    ids, mask = tiny.batch(family)
+    got = np.asarray(jpeft.apply(model, params, new, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    peft_reduce(pm, top_k=10, threshold_epsilon=0.5, mitigation_lambda=0.75)
+    if tuple(int(v) for v in peft.__version__.split(".")[:2]) >= (0, 22):
+        want = tiny.peft_logits(pm, ids, mask)
+        tiny.assert_close_at_tokens(got, want, mask, atol=1e-4)
+        assert np.abs(want - tiny.peft_logits(hf, ids, mask)).max() > 0.1  # the reduced adapter still acts
+    else:  # PEFT 0.21 wrote [in, out] factors into the [out, in] / embedding layers
+        with pytest.raises((RuntimeError, IndexError)):
+            tiny.peft_logits(pm, ids, mask)
 
 
 def test_refusals(pair):

@@ -4,7 +4,7 @@ Shuttleworth et al. (2024), "LoRA vs Full Fine-tuning: An Illusion of Equivalenc
 LoRA's merged weights acquire high-ranking singular vectors nearly orthogonal to every
 singular vector of the pretrained matrix ("intruder dimensions"), and that scaling them down
 after training recovers pretrained behaviour (less forgetting) at some cost in the new task.
-Hugging Face PEFT 0.21 ships the mitigation as
+Hugging Face PEFT (0.21 on) ships the mitigation as
 ``peft.tuners.lora.intruders.reduce_intruder_dimension``; :func:`reduce_intruder_dimension`
 here computes the same adapter from the same weights (tested against PEFT: factors equal up to
 the sign of each singular pair, delta weights and logits equal to float tolerance).
@@ -20,9 +20,13 @@ Per LoRA site, with the base matrix ``W`` and ``W' = W + s * dW`` viewed as ``[o
 3. the new factors are the rank-``r`` truncated SVD of ``(W'' - W) / s``, split as
    ``B = U sqrt(S)``, ``A = sqrt(S) V^T`` (PyTorch orientation; jpeft stores their transposes).
 
-Only plain LoRA on dense-type kernels is handled (``nn.Dense``, ``nn.DenseGeneral``,
-``nn.Einsum``); DoRA, embeddings, convolutions and scanned (stacked) layers are refused with
-a :class:`~jpeft.errors.ConfigError`, as PEFT refuses every method but LoRA. On a quantized base
+Only plain LoRA on dense-type kernels (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``) and
+embeddings (``nn.Embed``: the table ``[vocab, d]`` is ``[in, out]``, so ``W`` is its transpose, as
+PEFT 0.22 views an embedding; a tied table too) is handled; DoRA, convolutions and scanned
+(stacked) layers are refused with a :class:`~jpeft.errors.ConfigError`, as PEFT refuses every
+method but LoRA. PEFT before 0.22 decomposed embedding and GPT-2 ``Conv1D`` (fan_in_fan_out)
+weights as stored, ``[in, out]``, and wrote factors its layers cannot run; jpeft's numbers on
+those sites are PEFT 0.22's (``tests/test_intruders.py``). On a quantized base
 (:func:`jpeft.quantize`) ``W`` is the kernel it dequantizes to, the one the adapter acts on.
 
 >>> import jax, jax.numpy as jnp, flax.linen as nn, jpeft
@@ -55,7 +59,8 @@ __all__ = ["intruder_report", "reduce_intruder_dimension"]
 
 
 def _sites(params, adapter: Mapping[str, Any]):
-    """``(path, node, W [out, in] float64)`` for every LoRA site; refuses what PEFT's method does not cover."""
+    """``(path, node, W [out, in] float64)`` for every LoRA site (an embedding table ``[vocab, d]`` is ``[in, out]``,
+    as a Dense kernel); refuses what PEFT's method does not cover."""
     inner, _ = unwrap_params(params)
     for path, node in adapter.items():
         if not isinstance(node, LoraWeights):
@@ -66,10 +71,11 @@ def _sites(params, adapter: Mapping[str, Any]):
         if node.magnitude is not None:
             raise ConfigError(f"the LoRA site {path!r} is a DoRA site (use_dora=True); PEFT's intruder reduction "
                               "rewrites B @ A without the magnitude, which changes a DoRA update. Use plain LoRA.")
-        if lay.kind not in (Kind.DENSE, Kind.DENSE_GENERAL, Kind.EINSUM) or np.ndim(node.lora_A) != 2:
+        if lay.kind not in (Kind.DENSE, Kind.DENSE_GENERAL, Kind.EINSUM, Kind.EMBED) or np.ndim(node.lora_A) != 2:
             what = "a scanned (stacked) layer" if np.ndim(node.lora_A) != 2 else f"a {lay.kind} layer"
             raise ConfigError(f"the LoRA site {path!r} adapts {what}; intruder reduction handles dense-type kernels "
-                              "only (nn.Dense, nn.DenseGeneral, nn.Einsum). Restrict the adapter to those sites.")
+                              "and embeddings only (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed). Restrict the "
+                              "adapter to those sites.")
         # a quantized base (jpeft.quantize): the kernel it stands for, which the adapter was trained on
         k = np.asarray(quant.dequantize_array(get_subtree(inner, path)[lay.param_name]), np.float64)
         m = np.transpose(k, tuple(lay.in_axes) + tuple(lay.out_axes)).reshape(lay.in_features, lay.out_features)
