@@ -309,6 +309,7 @@ class AdapterConfig:
         "loftq_config": (None, {}),
         "eva_config": (None, {}),
         "corda_config": (None, {}),
+        "astra_config": (None, {}),  # PEFT 0.22's Astra init (init_lora_weights="astra"), written null by default
         "use_qalora": (False, None),
         "target_parameters": (None, [], ()),
         "alora_invocation_tokens": (None, [], ()),

@@ -65,6 +65,17 @@ def ties_word_embeddings(hf_config: Optional[Mapping[str, Any]]) -> Optional[boo
 
 
 
+def peft_version_of(d: Mapping) -> Optional[tuple[int, int]]:
+    """``(major, minor)`` of the PEFT that wrote the ``adapter_config.json`` dict ``d`` (its
+    ``peft_version``, in every file since PEFT 0.18), or ``None`` for a file without one (older).
+
+    >>> [peft_version_of(d) for d in ({"peft_version": "0.22.0"}, {"peft_version": "0.21.3.dev0@abc"}, {})]
+    [(0, 22), (0, 21), None]
+    """
+    m = re.match(r"(\d+)\.(\d+)", str(d.get("peft_version") or ""))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def config_from_peft(config_cls, d: Mapping[str, Any], where: str):
     """``config_cls.from_dict(d)`` for a config read from a PEFT ``adapter_config.json`` at
     ``where``: a value jpeft's config rejects becomes one error type for every method,
@@ -110,29 +121,34 @@ def overlap_fix(pattern: Optional[Mapping[str, Any]], path: str, field: str = "r
     keys = overlapping_keys(pattern, path)
     if not keys:
         return ""
-    return (f" Its {field} keys {keys} overlap at this module: PEFT and jpeft apply the first in the file, and PEFT's "
-            "save_pretrained sorts them, so it may not be the one the adapter was trained with (peft.PeftModel."
-            f"from_pretrained refuses this file too). Put an exact key for the module first in adapter_config.json's "
-            f"{field}, {re.escape(hf_name(path))!r}, with the value its tensors hold.")
+    return (f" Its {field} keys {keys} overlap at this module: PEFT and jpeft apply the first in the file, and the "
+            "save_pretrained of PEFT before 0.22 sorts them, so it may not be the one the adapter was trained with "
+            "(peft.PeftModel.from_pretrained refuses this file too). Put an exact key for the module first in "
+            f"adapter_config.json's {field}, {re.escape(hf_name(path))!r}, with the value its tensors hold.")
 
 
 def warn_overlapping_patterns(d: Mapping[str, Any], paths, folder: str) -> None:
     """Warns where a site of a PEFT file matches two or more keys of its ``rank_pattern`` /
     ``alpha_pattern`` that give it different values. PEFT takes the first matching key, but its
-    ``save_pretrained`` writes ``adapter_config.json`` with sorted keys, so the key first in the
+    ``save_pretrained`` wrote ``adapter_config.json`` with sorted keys before 0.22, so the key first in the
     file (the one jpeft applies, as PEFT's ``from_pretrained`` does) may not be the one the
     adapter was trained with: the loaded outputs can then differ from the trained model's,
-    in PEFT and in jpeft alike. (A different rank shows in the tensors' shapes; an alpha does not.)"""
+    in PEFT and in jpeft alike. (A different rank shows in the tensors' shapes; an alpha does not.)
+    PEFT >= 0.22 writes these two dicts in their own order (its ``CONFIG_KEYS_WITH_PRESERVED_ORDER``),
+    so the first key of such a file is the one the adapter was trained with: no warning."""
+    if (peft_version_of(d) or (0, 0)) >= (0, 22):
+        return
     for field in ("rank_pattern", "alpha_pattern"):
         hits = {hf_name(p): keys for p in sorted(paths) if (keys := overlapping_keys(d.get(field), p))}
         if hits:
             first = dict(list(hits.items())[:3])
             warnings.warn(
                 f"the adapter in {folder!r} has {field} keys that overlap with different values at {len(hits)} "
-                f"module(s) (first: {first}). PEFT applies the first matching key, and its save_pretrained sorts the "
-                "keys, so the value used here (the first key in adapter_config.json, as PEFT's from_pretrained uses) "
-                "may differ from the one the adapter was trained with, and the outputs with it. Check the values; "
-                "give each module one exact key (e.g. 'model.layers.1.self_attn.q_proj') to remove the ambiguity.",
+                f"module(s) (first: {first}). PEFT applies the first matching key, and the save_pretrained of PEFT "
+                f"{d.get('peft_version') or 'before 0.18'} (before 0.22) sorts the keys, so the value used here (the "
+                "first key in adapter_config.json, as PEFT's from_pretrained uses) may differ from the one the adapter "
+                "was trained with, and the outputs with it. Check the values; give each module one exact key (e.g. "
+                "'model.layers.1.self_attn.q_proj') to remove the ambiguity.",
                 UserWarning, stacklevel=5)
 
 

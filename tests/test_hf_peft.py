@@ -36,6 +36,7 @@ from jpeft.errors import (  # noqa: E402
 
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
+PEFT_22 = tuple(int(x) for x in peft.__version__.split(".")[:2]) >= (0, 22)  # where PEFT 0.21 and 0.22 differ
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,6 +98,56 @@ def test_peft_made_adapter_loads_into_jpeft(family, tmp_path):
         assert config.use_rslora and adapter["model/layers_1/self_attn/q_proj"].r == 6
         assert adapter["model/layers_0/self_attn/o_proj"].r == 2
         np.testing.assert_allclose(adapter["model/layers_0/mlp/down_proj"].scale, 3.0 / 2.0)  # rsLoRA: 3/sqrt(4)
+
+
+def test_nora_and_astra_files_load_as_peft_reads_them(tmp_path):
+    """PEFT 0.22's NoRA init (init_lora_weights="nora": A's columns normalised, B = 0, base unchanged) was
+    refused as an unknown init; its files hold both factors, so they load with PEFT 0.22's logits (every
+    tensor random). PEFT 0.21 has no NoRA and refuses such a file itself; jpeft reads it as 0.22 does (the
+    file, written by hand under 0.21 as 0.22 writes it, gives the trained model's logits). An astra_config
+    beside another init is ignored by PEFT (with a warning) and so by jpeft; the Astra init, whose base
+    PEFT rebuilds from calibration data, is refused by name with PEFT's conversion."""
+    hf, _ = T.hf_model("mistral")
+    kw = dict(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf),
+                                 peft.LoraConfig(**kw, init_lora_weights="nora" if PEFT_22 else False))
+        if PEFT_22:  # NoRA's init: unit-norm columns of A, B zero
+            a = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().numpy()
+            np.testing.assert_allclose(np.linalg.norm(a, axis=0), 1.0, rtol=1e-5)
+        pm = T.perturb_trainable(pm, 3)
+        pm.save_pretrained(tmp_path)
+    ids, mask = T.batch("mistral", seed=11)
+    ref = _peft_logits(pm, "mistral", ids, mask)
+    assert np.abs(ref - T.torch_logits("mistral", ids, mask)).max() > 1e-2
+    f = tmp_path / "adapter_config.json"
+    d = json.loads(f.read_text())
+    if not PEFT_22:
+        d.update(init_lora_weights="nora", astra_config=None, peft_version="0.22.0")
+        f.write_text(json.dumps(d))
+    assert d["init_lora_weights"] == "nora" and d["astra_config"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if PEFT_22:
+            _close("mistral", _peft_logits(peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval(),
+                                           "mistral", ids, mask), ref, mask)
+        else:
+            with pytest.raises(ValueError, match="Unknown initialization"):
+                peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path))
+    _, params = loaded("mistral")
+    for astra in (None, {"cache_file": None, "verbose": True}):  # PEFT ignores Astra's options beside another init
+        f.write_text(json.dumps(dict(d, astra_config=astra)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            config, adapter = H.load_peft(str(tmp_path), params)
+        assert len(adapter) == 4 and not any(n.frozen_b for n in adapter.values())
+        _close("mistral", _jpeft_logits("mistral", adapter, ids, mask), ref, mask)
+    f.write_text(json.dumps(dict(d, init_lora_weights="astra", astra_config={"verbose": False})))
+    with pytest.raises(UnsupportedAdapterError, match=r"init_lora_weights='astra'.*calibration data.*"
+                       r"path_initial_model_for_weight_conversion"):
+        H.load_peft(str(tmp_path), params)
 
 
 def test_pattern_keys_match_as_peft_not_on_jpeft_paths(tmp_path):
@@ -656,6 +707,64 @@ def test_residual_inits_jpeft_to_peft(init, family, tmp_path, caplog):
     _close(family, out2, out, mask)
 
 
+def test_olora_on_gpt2_conv1d_follows_the_peft_that_wrote_it(tmp_path):
+    """PEFT's OLoRA init on GPT-2's Conv1D (weights stored [in, out], fan_in_fan_out) factored the stored
+    weight before PEFT 0.22 (a residual base unlike jpeft's; lora_A of the wrong shape where in != out, so
+    only the square attn.c_proj trains) and honours fan_in_fan_out from 0.22 on, as jpeft.init_olora does.
+    jpeft loaded a 0.21 file with 0.22's base (logits up to 1.46 off) and refused to export any GPT-2 OLoRA
+    adapter. Now a file of PEFT >= 0.22 loads with its logits (every tensor random), an older one (or one
+    without peft_version) is refused by name, and the export writes peft_version 0.22.0 with a warning
+    naming the sites: PEFT 0.22 rebuilds jpeft's model, PEFT 0.21 another one."""
+    hf, _ = T.hf_model("gpt2")
+    model, params = loaded("gpt2")
+    ids, mask = T.batch("gpt2", seed=6)
+    targets = ["c_attn", "c_proj", "c_fc"] if PEFT_22 else ["attn.c_proj"]  # 0.21 runs the square sites only
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = T.perturb_trainable(peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, init_lora_weights="olora")), 4)
+        pm.save_pretrained(tmp_path / "p")
+        ref = _peft_logits(peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "p")).eval(), "gpt2",
+                           ids, mask)
+    _close("gpt2", _peft_logits(pm, "gpt2", ids, mask), ref, mask)  # PEFT reloads its own file
+    f = tmp_path / "p" / "adapter_config.json"
+    d = json.loads(f.read_text())
+    assert d["peft_version"].startswith(peft.__version__) and d["fan_in_fan_out"] is True  # PEFT sets it for Conv1D
+    if PEFT_22:
+        config, res, adapter = H.load_peft_with_base(str(tmp_path / "p"), params)
+        out = np.asarray(jpeft.apply(model, res, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+        _close("gpt2", out, ref, mask)
+        assert {n.residual for n in adapter.values()} == {"olora"} and len(adapter) == 4 * hf.config.n_layer
+        assert np.abs(out - T.torch_logits("gpt2", ids, mask)).max() > 1e-2
+    for version in ("0.21.2", None):  # what an older PEFT wrote (or PEFT before 0.18, without peft_version)
+        f.write_text(json.dumps({k: v for k, v in dict(d, peft_version=version).items() if v is not None}))
+        with pytest.raises(UnsupportedAdapterError,
+                           match=r"GPT-2 Conv1D modules \[[^]]*'transformer\.h\.0\.attn\.c_proj'.*"
+                           rf"written by PEFT {version or 'before 0.18'}.*expected PEFT >= 0\.22.*merge_and_unload"):
+            H.load_peft_with_base(str(tmp_path / "p"), params)
+    # jpeft's export: the file says which PEFT rebuilds it
+    cfg = jpeft.LoraConfig(r=4, alpha=8, target_modules=targets)
+    res, adapter = jpeft.init_olora(cfg, params, jax.random.key(0))
+    adapter = T.randomize_adapter(adapter, 5)
+    with pytest.warns(UserWarning, match=r"OLoRA sites \[[^]]*'transformer\.h\.0\.attn\.c_proj'.*PEFT >= 0\.22"):
+        H.save_peft(str(tmp_path / "j"), cfg, adapter)
+    d = json.loads((tmp_path / "j" / "adapter_config.json").read_text())
+    assert (d["init_lora_weights"], d["peft_version"]) == ("olora", "0.22.0")
+    out = np.asarray(jpeft.apply(model, res, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = _peft_logits(peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "j")).eval(), "gpt2",
+                            ids, mask)
+    if PEFT_22:
+        _close("gpt2", back, out, mask)
+    else:  # PEFT 0.21 rebuilds another base: what the warning and the file's peft_version say
+        assert np.abs(back - out)[mask.astype(bool)].max() > 1e-2
+    config, res2, adapter2 = H.load_peft_with_base(str(tmp_path / "j"), params)  # and jpeft reads its file back
+    _close("gpt2", np.asarray(jpeft.apply(model, res2, adapter2, jnp.asarray(ids), attention_mask=jnp.asarray(mask))),
+           out, mask)
+
+
 def test_residual_inits_peft_cannot_rebuild_are_refused(tmp_path):
     model, params = loaded("llama2")
     cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj"])
@@ -665,11 +774,6 @@ def test_residual_inits_peft_cannot_rebuild_are_refused(tmp_path):
     _, ad = jpeft.init_pissa(jpeft.LoraConfig(r=2, alpha=4, target_modules=["embed_tokens"]), params, jax.random.key(0))
     with pytest.raises(UnsupportedAdapterError, match="no pissa init"):
         H.save_peft(str(tmp_path / "b"), cfg, ad)
-    _, gparams = loaded("gpt2")
-    gcfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["c_attn"])
-    _, ad = jpeft.init_olora(gcfg, gparams, jax.random.key(0))
-    with pytest.raises(UnsupportedAdapterError, match="fan_in_fan_out"):
-        H.save_peft(str(tmp_path / "c"), gcfg, ad)
     # a config that claims a residual init for plain sites would make PEFT subtract factors from the base
     with pytest.raises(UnsupportedAdapterError, match="not relative to a residual base"):
         H.save_peft(str(tmp_path / "e"), cfg.replace(init_weights="pissa"), _random_adapter("llama2", cfg))

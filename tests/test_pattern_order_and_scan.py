@@ -25,6 +25,7 @@ from jpeft import OFTConfig  # noqa: E402
 
 torch = __import__("torch")
 peft = __import__("peft")
+PEFT_22 = tuple(int(x) for x in peft.__version__.split(".")[:2]) >= (0, 22)  # PEFT 0.22 keeps the patterns' order
 
 FAMILY = "llama2"
 
@@ -133,23 +134,37 @@ def test_a_peft_file_whose_alpha_pattern_keys_overlap_warns_and_reads_as_peft_re
     """PEFT applies the first alpha_pattern key that matches a module, and save_pretrained writes
     adapter_config.json with sorted keys: {"q_proj": 1, "layers\\.1\\.self_attn\\.q_proj": 9} trains
     layer 1's q_proj with alpha 1 and reloads it (in PEFT's from_pretrained and in jpeft) with 9, logits
-    about 1.5 apart, without a word. jpeft reads it as PEFT reloads it and now warns of the overlap."""
+    about 1.5 apart, without a word. jpeft reads it as PEFT reloads it and now warns of the overlap.
+    PEFT 0.22 writes the patterns in their own order: its file reloads as trained, and jpeft reads such a
+    file (peft_version >= 0.22; written by hand under PEFT 0.21) with the trained logits and no warning."""
     hf, folder = tiny.hf_model(FAMILY)
     model, params = jpeft.models.from_pretrained(folder)
     ids, mask = tiny.batch(FAMILY, seed=3)
     sel = mask.astype(bool)
+    trained_order = {"q_proj": 1, r"layers\.1\.self_attn\.q_proj": 9}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = tiny.perturb_trainable(peft.get_peft_model(copy.deepcopy(hf), make({"q_proj": 1, r"layers\.1\.self_attn\.q_proj": 9})), 3)
+        pm = tiny.perturb_trainable(peft.get_peft_model(copy.deepcopy(hf), make(dict(trained_order))), 3)
         pm.save_pretrained(str(tmp_path))
     with torch.no_grad():
         trained = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                      position_ids=torch.tensor(tiny.positions(mask))).logits.numpy()
     reloaded = _peft_logits(str(tmp_path), ids, mask)
-    assert np.abs(trained - reloaded)[sel].max() > 0.1  # PEFT's own reload differs from the trained model
-    with pytest.warns(UserWarning, match=r"alpha_pattern keys that overlap .*model\.layers\.1\.self_attn\.q_proj"):
+    f = tmp_path / "adapter_config.json"
+    d = json.loads(f.read_text())
+    assert list(d["alpha_pattern"]) == (list(trained_order) if PEFT_22 else sorted(trained_order))
+    if PEFT_22:  # PEFT's own reload is the trained model, and jpeft reads it quietly
+        np.testing.assert_allclose(reloaded[sel], trained[sel], atol=1e-5, rtol=0)
+    else:  # PEFT's own reload differs from the trained model
+        assert np.abs(trained - reloaded)[sel].max() > 0.1
+        with pytest.warns(UserWarning, match=r"alpha_pattern keys that overlap .*model\.layers\.1\.self_attn\.q_proj"):
+            cfg, ad = jpeft.hf.load_peft(str(tmp_path), params)
+        np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], reloaded[sel], atol=1e-4, rtol=0)
+        f.write_text(json.dumps(dict(d, alpha_pattern=trained_order, peft_version="0.22.0")))  # as PEFT 0.22 writes it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         cfg, ad = jpeft.hf.load_peft(str(tmp_path), params)
-    np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], reloaded[sel], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], trained[sel], atol=1e-4, rtol=0)
     # an adapter jpeft exports writes one exact key per module: no overlap, no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -230,7 +245,8 @@ def test_a_peft_file_whose_rank_pattern_keys_overlap_is_refused_naming_the_keys_
     (the first key), and save_pretrained sorts the keys, so the file's first match gives it 6: PEFT's
     from_pretrained fails on the shapes, and jpeft warned, then said "The files do not belong
     together" (they do). The CheckpointError now names the overlapping keys and the fix; the file
-    fixed as it says loads with the trained model's logits."""
+    fixed as it says loads with the trained model's logits. PEFT 0.22 keeps the keys' order: its file
+    (and a 0.21 file put back in that order, with peft_version 0.22.0) loads as trained, with no warning."""
     hf, folder = tiny.hf_model(FAMILY)
     model, params = jpeft.models.from_pretrained(folder)
     ids, mask = tiny.batch(FAMILY, seed=3)
@@ -244,12 +260,22 @@ def test_a_peft_file_whose_rank_pattern_keys_overlap_is_refused_naming_the_keys_
     with torch.no_grad():
         trained = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                      position_ids=torch.tensor(tiny.positions(mask))).logits.numpy()
+    f = tmp_path / "adapter_config.json"
+    if not PEFT_22:  # PEFT 0.22's file: the keys in their own order
+        f.write_text(json.dumps(dict(json.loads(f.read_text()), peft_version="0.22.0",
+                                     rank_pattern={"q_proj": 2, r"layers\.0\.self_attn\.q_proj": 6})))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, ad = jpeft.hf.load_peft(str(tmp_path), params)
+    np.testing.assert_allclose(_jpeft_logits(model, params, ad, ids, mask)[sel], trained[sel], atol=1e-4, rtol=0)
+    # a file of PEFT before 0.22 (sorted keys)
+    f.write_text(json.dumps(dict(json.loads(f.read_text()), peft_version="0.21.2",
+                                 rank_pattern={r"layers\.0\.self_attn\.q_proj": 6, "q_proj": 2})))
     with pytest.warns(UserWarning, match="rank_pattern keys that overlap"), pytest.raises(
             jpeft.errors.CheckpointError, match=r"lora_A has rank 2, .* says r=6\. Its rank_pattern keys .* overlap at this "
             r"module: .* Put an exact key for the module first in adapter_config.json's rank_pattern, "
             r"'model\\\\.layers\\\\.0\\\\.self_attn\\\\.q_proj'"):
         jpeft.hf.load_peft(str(tmp_path), params)
-    f = tmp_path / "adapter_config.json"
     d = json.loads(f.read_text())
     d["rank_pattern"] = {r"model\.layers\.0\.self_attn\.q_proj": 2, **d["rank_pattern"]}
     f.write_text(json.dumps(d))

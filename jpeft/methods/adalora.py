@@ -102,7 +102,8 @@ class AdaLoraConfig(AdapterConfig):
     peft_type: ClassVar[str] = "ADALORA"
     _hf_keys: ClassVar[Mapping[str, str]] = {"alpha": "lora_alpha", "dropout": "lora_dropout",
                                              "init_weights": "init_lora_weights"}
-    _ignored_hf_keys: ClassVar[frozenset] = AdapterConfig._ignored_hf_keys | {"r"}
+    # PEFT's AdaLoRA layers ignore r and LoRA's Astra init (AdaLoraConfig inherits astra_config; PEFT >= 0.22 writes it)
+    _ignored_hf_keys: ClassVar[frozenset] = AdapterConfig._ignored_hf_keys | {"r", "astra_config"}
     _unsupported_hf_options: ClassVar[Mapping[str, tuple]] = {
         **AdapterConfig._unsupported_hf_options,
         "use_rslora": (False, None),

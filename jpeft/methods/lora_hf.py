@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any, Mapping, Optional
 
 import jax
@@ -27,10 +28,10 @@ from jpeft.methods._common import (BASE_BIAS, SavedModule, base_bias_from_hf, ot
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
-from jpeft.peft_format import (CONFIG_FILE, FLAG, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
+from jpeft.peft_format import (CONFIG_FILE, CONV1D, FLAG, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
                                check_base_copy, check_keys, check_same_copies, config_from_peft, peft_key,
-                               check_value_types, overlap_fix, split_peft_key, ties_word_embeddings, to_np,
-                               warn_overlapping_patterns)
+                               check_value_types, overlap_fix, peft_version_of, split_peft_key,
+                               ties_word_embeddings, to_np, warn_overlapping_patterns)
 from jpeft.tree import compile_pattern, from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
 
 
@@ -119,7 +120,14 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
                 f"{'has' if node.lora_bias is not None else 'has no'} LoRA bias; PEFT records one lora_bias per adapter. "
                 "Save with the config the adapter was made with."
             )
-    init = _residual_init_for_peft(config, adapter, ctx)
+    init = _residual_init_for_peft(config, adapter)
+    conv1d = _olora_conv1d_sites(init, paths)
+    if conv1d:
+        warnings.warn(
+            f"the OLoRA sites {[hf_name(p) for p in conv1d[:4]]}{' ...' if len(conv1d) > 4 else ''} are GPT-2 Conv1D "
+            "modules (fan_in_fan_out): only PEFT >= 0.22 rebuilds their residual base as jpeft does (older PEFT "
+            "factors the stored [in, out] weight and computes other outputs, or fails on the shapes); the file "
+            "records peft_version 0.22.0. Load it with PEFT >= 0.22.", UserWarning, stacklevel=3)
     d = config.to_dict()
     d.pop("peft_type", None)
     d.update(
@@ -136,6 +144,8 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         # recompute the residual base these factors are relative to (jpeft.init_pissa/init_olora)
         init_lora_weights=init,
     )
+    if conv1d:
+        d["peft_version"] = "0.22.0"
     return d, tensors
 
 
@@ -207,7 +217,7 @@ def _check_peft_ties(path, node):
         raise UnsupportedAdapterError(f"site {path!r}: a tied embedding LoRA is saved for PEFT as plain LoRA only.")
 
 
-def _residual_init_for_peft(config, adapter, ctx: ExportContext):
+def _residual_init_for_peft(config, adapter):
     """``init_lora_weights`` to write: ``True``, or the residual init every site shares, after
     refusing what PEFT would rebuild differently on load."""
     loras = [node for node in adapter.values() if isinstance(node, LoraWeights)]
@@ -270,12 +280,36 @@ def _residual_init_for_peft(config, adapter, ctx: ExportContext):
             "LoRA of the original params (jpeft.convert_residual_adapter(adapter, params, residual_params), saved with "
             "jpeft.convert_residual_config(config)), or leave convolutions out of target_modules for PiSSA/OLoRA."
         )
-    if kind == "olora" and ctx.fan_in_fan_out:
-        raise UnsupportedAdapterError(
-            "PEFT's OLoRA init factors the stored weight without honouring fan_in_fan_out (GPT-2's Conv1D), so it "
-            "cannot rebuild this adapter's base; use PiSSA (jpeft.init_pissa) or plain LoRA on GPT-2."
-        )
     return kind
+
+
+# PEFT's OLoRA init honours fan_in_fan_out (GPT-2's Conv1D, weights stored [in, out]) since PEFT 0.22: before, it
+# factored the stored [in, out] weight, a residual base unlike jpeft's (and lora_A of the wrong shape where in != out)
+_OLORA_CONV1D_FIXED = (0, 22)
+
+
+def _olora_conv1d_sites(init, paths) -> list:
+    """The GPT-2 Conv1D sites among ``paths`` (jpeft module paths) of an adapter whose init is ``init``,
+    when it is OLoRA: their residual base is PEFT's only from PEFT 0.22 on."""
+    return sorted(p for p in paths if CONV1D.match(p)) if init == "olora" else []
+
+
+def _refuse_old_olora_conv1d(d: Mapping[str, Any], paths, folder: str) -> None:
+    """Refuses a PEFT OLoRA file with GPT-2 Conv1D sites written by PEFT before 0.22, whose residual
+    base jpeft does not compute."""
+    sites = _olora_conv1d_sites(d.get("init_lora_weights"), paths)
+    version = peft_version_of(d)
+    if not sites or (version is not None and version >= _OLORA_CONV1D_FIXED):
+        return
+    raise UnsupportedAdapterError(
+        f"the OLoRA adapter in {folder!r} adapts GPT-2 Conv1D modules {[hf_name(p) for p in sites[:4]]} "
+        f"(fan_in_fan_out) and was written by PEFT {d.get('peft_version') or 'before 0.18 (no peft_version)'}; "
+        "expected PEFT >= 0.22. PEFT before 0.22 factored the stored [in, out] weight without honouring "
+        "fan_in_fan_out, so the residual base its from_pretrained rebuilds is not the one PEFT >= 0.22 and jpeft "
+        "compute (PEFT's own conversion to plain LoRA assumes that base too). Merge it with the PEFT that wrote it "
+        "(peft_model.merge_and_unload().save_pretrained(folder)) and load the full weights with "
+        "jpeft.models.from_pretrained, or train the OLoRA adapter with PEFT >= 0.22."
+    )
 
 
 _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", BASE_BIAS, _TOKENS_KEY, "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -286,6 +320,7 @@ def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], param
     config, residual = _lora_config_from_hf(d, ctx.folder)
     found = _sort_lora_tensors(tensors, config, ctx)
     leaves, by_site = ctx.leaves, found.by_site
+    _refuse_old_olora_conv1d(d, by_site, ctx.folder)
     tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
     for path in tied_paths:  # PEFT scales the shared factors by each module's own r / alpha; a tied site has one
         differ = tied_head_scales(config, path, *config.rank_alpha(path, hf_only=True), hf_only=True)
@@ -741,10 +776,10 @@ def _take_tied_output(d, by_site, leaves, folder) -> set:
 
 
 # PEFT inits that leave the base weight alone: the file's factors are all there is to load
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "nora")
 # the options of PEFT's data-driven inits: PEFT reads each only for its init (eva_config for "eva", ...) and writes
 # it into every file of that init ("eva" always with an eva_config), so they say nothing about loading the file
-_INIT_OPTIONS = ("eva_config", "corda_config", "loftq_config", "lora_ga_config")
+_INIT_OPTIONS = ("eva_config", "corda_config", "astra_config", "loftq_config", "lora_ga_config")
 
 
 def _residual_of(init, folder) -> Optional[str]:
@@ -761,11 +796,11 @@ def _residual_of(init, folder) -> Optional[str]:
         "peft_model.save_pretrained(out, path_initial_model_for_weight_conversion=<folder of the adapter saved before "
         "training>), then load `out`."
     )
-    if isinstance(init, str) and init.startswith(("pissa_niter_", "corda", "loftq")):
+    if isinstance(init, str) and init.startswith(("pissa_niter_", "corda", "astra", "loftq")):
         raise UnsupportedAdapterError(
             f"the LoRA adapter in {folder!r} was saved with init_lora_weights={init!r}: its factors are relative to a "
-            "base PEFT rebuilds on load with a randomized SVD, data statistics or quantization, which jpeft cannot "
-            f"reproduce. {convert}"
+            "base PEFT rebuilds on load with a randomized SVD, calibration data (CorDA, Astra) or quantization, which "
+            f"jpeft cannot reproduce. {convert}"
         )
     raise UnsupportedAdapterError(
         f"the LoRA adapter in {folder!r} has init_lora_weights={init!r}, which jpeft does not know; supported: "
