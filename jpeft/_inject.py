@@ -582,11 +582,12 @@ def check_kernel_fn(path: str, layout: Layout, module) -> None:
 
 
 def _peft_conv_lora_differs(module, window: tuple) -> Optional[str]:
-    """Why PEFT's LoRA on the torch twin of the ``nn.Conv`` ``module`` computes another update
-    than jpeft's, or ``None`` (:attr:`Layout.peft_lora_differs`). jpeft's ``lora_A`` is a conv
-    with the module's own options, so its unmerged output equals its merged one; PEFT 0.21 builds
-    ``lora_A`` from the base's ``kernel_size``, ``stride`` and ``padding`` alone, undilated and
-    zero-padded, so for these its unmerged model is neither jpeft's nor its own merged one."""
+    """Why PEFT < 0.22's LoRA on the torch twin of the ``nn.Conv`` ``module`` computes another
+    update than jpeft's, or ``None`` (:attr:`Layout.peft_lora_differs`). jpeft's ``lora_A`` is a
+    conv with the module's own options, so its unmerged output equals its merged one; PEFT 0.21
+    builds ``lora_A`` from the base's ``kernel_size``, ``stride`` and ``padding`` alone, undilated
+    and zero-padded, so for these its unmerged model is neither jpeft's nor its own merged one.
+    PEFT 0.22 gives ``lora_A`` the base's ``dilation`` and ``padding_mode`` too, as jpeft does."""
     def per_axis(v):
         return (1,) * len(window) if v is None else (v,) * len(window) if isinstance(v, int) else tuple(v)
 
@@ -595,8 +596,9 @@ def _peft_conv_lora_differs(module, window: tuple) -> Optional[str]:
         why.append(f"kernel_dilation={module.kernel_dilation!r} (torch's dilation)")
     if any(d != 1 for d in per_axis(module.input_dilation)):
         why.append(f"input_dilation={module.input_dilation!r}, which a torch ConvNd does not have")
-    if isinstance(module.padding, str) and module.padding.upper() == "CIRCULAR":
-        why.append("padding='CIRCULAR' (torch's padding_mode='circular')")
+    mode = module.padding.upper() if isinstance(module.padding, str) else None
+    if mode in ("CIRCULAR", "REFLECT"):  # flax pads the input itself, as torch's padding_mode does
+        why.append(f"padding={mode!r} (torch's padding_mode={mode.lower()!r})")
     return " and ".join(why) or None
 
 

@@ -58,8 +58,8 @@ from jpeft.methods.base import (FOREIGN_SITE_FIX, Method, check_reads_outside, f
                                 registered_methods)
 from jpeft.models.loading import BERT_ARCHITECTURES, read_config
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, PEFT_PREFIX, WEIGHTS_FILE, ExportContext, ImportContext, check_keys,  # noqa: F401
-                               FLAG, check_value_types, config_from_peft, peft_key, split_peft_key, take_base_copies,
-                               take_embedding_copies, to_np)
+                               FLAG, check_value_types, config_from_peft, peft_key, peft_version_of, split_peft_key,
+                               take_base_copies, take_embedding_copies, to_np)
 from jpeft.tree import count, from_hf_name, hf_name, is_nnx, module_leaves, nnx_state_of, unwrap_params
 
 
@@ -778,10 +778,10 @@ def _load_unrolled(d, fmt, tensors, inner, params, path: str, dtype, layouts=Non
         # the traced layouts name a scanned module once (layers/conv), each layer's site by its own path (layers_3/conv)
         per_layer = None if layouts is None else {
             p: layouts[s] for p in module_leaves(unrolled) if (s := scan.stacked_path(p) or p) in layouts}
-        ctx = ImportContext(module_leaves(unrolled), path, dtype, hf_config, per_layer)
+        ctx = ImportContext(module_leaves(unrolled), path, dtype, hf_config, per_layer, peft_version_of(d))
         config, adapter = fmt.from_hf(d, tensors, {"params": unrolled}, ctx)
         return config, {**scan.stack_adapter(adapter, n_scanned), **heads}
-    ctx = ImportContext(module_leaves(inner), path, dtype, hf_config, layouts)
+    ctx = ImportContext(module_leaves(inner), path, dtype, hf_config, layouts, peft_version_of(d))
     config, adapter = fmt.from_hf(d, tensors, params, ctx)
     return config, {**adapter, **heads}
 

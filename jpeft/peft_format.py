@@ -51,6 +51,43 @@ class ImportContext:
     # {module_path: Layout} from tracing the model (load_peft's model=, example_args=), else None: the
     # layouts of modules whose kernel's shape alone does not tell them (nn.Conv)
     layouts: Optional[Mapping[str, Any]] = None
+    # (major, minor) of the PEFT that wrote the file (peft_version_of), None when it does not say
+    peft_version: Optional[tuple[int, int]] = None
+
+
+def peft_version_of(d: Mapping[str, Any]) -> Optional[tuple[int, int]]:
+    """``(major, minor)`` of the PEFT that wrote an ``adapter_config.json`` (its ``peft_version``),
+    or ``None`` when the file does not say (PEFT < 0.18 wrote none) or says something that is not
+    a version. A dev build's ``"0.21.1.dev0@<commit>"`` reads as ``(0, 21)``: PEFT's main branch
+    keeps the last release's minor version until the next release, so its dev builds may or may
+    not compute as that release does, and a reader gating on ``>= (0, 22)`` treats them as older.
+
+    >>> peft_version_of({"peft_version": "0.22.0"}), peft_version_of({"peft_version": "0.21.1.dev0@3f2a1b"})
+    ((0, 22), (0, 21))
+    >>> peft_version_of({}) is None and peft_version_of({"peft_version": "UNKNOWN"}) is None
+    True
+    """
+    v = d.get("peft_version") if isinstance(d, Mapping) else None
+    m = re.match(r"\s*v?(\d+)\.(\d+)", v.partition("@")[0]) if isinstance(v, str) else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def needs_peft(d: dict, version: tuple[int, int], sites, why: str) -> None:
+    """For an exported ``adapter_config.json`` ``d`` whose ``sites`` only PEFT >= ``version``
+    computes as jpeft does (``why``: what older PEFTs do instead): records that version as the
+    file's ``peft_version`` (kept where the file already needs a newer one), so jpeft and a PEFT
+    that gates on it read the file as that PEFT computes it, and warns once, naming the sites,
+    that an older PEFT loads the file with other outputs."""
+    sites = sorted(sites)
+    if not sites:
+        return
+    have = peft_version_of(d)
+    if have is None or have < tuple(version):
+        d["peft_version"] = f"{version[0]}.{version[1]}.0"
+    warnings.warn(
+        f"the PEFT file holds sites that only PEFT >= {version[0]}.{version[1]} computes as jpeft does "
+        f"({', '.join(map(hf_name, sites[:8]))}{', ...' if len(sites) > 8 else ''}): {why}. It records peft_version "
+        f"{d['peft_version']!r}; load it with PEFT >= {version[0]}.{version[1]}.", UserWarning, stacklevel=4)
 
 
 def ties_word_embeddings(hf_config: Optional[Mapping[str, Any]]) -> Optional[bool]:
@@ -63,17 +100,6 @@ def ties_word_embeddings(hf_config: Optional[Mapping[str, Any]]) -> Optional[boo
         return tie
     return True if hf_config.get("model_type") == "gpt2" else None
 
-
-
-def peft_version_of(d: Mapping) -> Optional[tuple[int, int]]:
-    """``(major, minor)`` of the PEFT that wrote the ``adapter_config.json`` dict ``d`` (its
-    ``peft_version``, in every file since PEFT 0.18), or ``None`` for a file without one (older).
-
-    >>> [peft_version_of(d) for d in ({"peft_version": "0.22.0"}, {"peft_version": "0.21.3.dev0@abc"}, {})]
-    [(0, 22), (0, 21), None]
-    """
-    m = re.match(r"(\d+)\.(\d+)", str(d.get("peft_version") or ""))
-    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def config_from_peft(config_cls, d: Mapping[str, Any], where: str):

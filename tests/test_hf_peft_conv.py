@@ -4,6 +4,7 @@ save_peft writes files PEFT loads with the same numbers, and without the model t
 names the fix (a file for another conv window is refused). Every adapter tensor random."""
 
 import copy
+import dataclasses
 import os
 import sys
 
@@ -193,36 +194,155 @@ def test_an_adapter_holding_more_numbers_than_its_base_loads(tmp_path):
         H.load_peft(str(tmp_path / "peft"), params, model=fmodel, example_args=(fx,))
 
 
-@pytest.mark.parametrize("torch_conv, flax_conv, why", [
+PEFT_22 = tuple(int(v) for v in peft.__version__.split(".")[:2]) >= (0, 22)
+
+
+def _relabel(folder, version):
+    """The PEFT file in ``folder`` with its ``peft_version`` set to ``version`` (``None``: removed, as
+    PEFT < 0.18 wrote it)."""
+    import json
+    f = folder / "adapter_config.json"
+    d = json.loads(f.read_text())
+    d.pop("peft_version", None)
+    if version is not None:
+        d["peft_version"] = version
+    f.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("torch_conv, flax_conv, in_shape, why, dora", [
     (lambda: torch.nn.Conv2d(4, 5, 3, dilation=2, padding="same"),
-     dict(features=5, kernel_size=(3, 3), kernel_dilation=2, padding="SAME"), "kernel_dilation=2"),
+     dict(features=5, kernel_size=(3, 3), kernel_dilation=2, padding="SAME"), (2, 4, 8, 8), "kernel_dilation=2", False),
     (lambda: torch.nn.Conv2d(4, 5, 3, padding=1, padding_mode="circular"),
-     dict(features=5, kernel_size=(3, 3), padding="CIRCULAR"), "padding='CIRCULAR'"),
-], ids=["dilated", "circular"])
-def test_conv_lora_peft_computes_otherwise_is_refused(tmp_path, torch_conv, flax_conv, why):
-    """PEFT 0.21 builds lora_A from the base's kernel_size, stride and padding only: on a dilated or
-    circular-padded conv its unmerged output is neither its merged one nor jpeft's (which applies lora_A
-    as the module does, as merging does). Both directions are refused by name (jpeft's own adapter on
-    such a module still applies and merges: it is only PEFT's format that cannot hold it)."""
-    tnet, params, x, fx, fmodel, cl = _one_conv(torch_conv(), flax_conv, (2, 4, 8, 8))
+     dict(features=5, kernel_size=(3, 3), padding="CIRCULAR"), (2, 4, 8, 8), "padding='CIRCULAR'", False),
+    (lambda: torch.nn.Conv2d(4, 5, 3, stride=(2, 1), padding=1, padding_mode="reflect"),
+     dict(features=5, kernel_size=(3, 3), strides=(2, 1), padding="REFLECT"), (2, 4, 8, 7), "padding='REFLECT'", False),
+    (lambda: torch.nn.Conv1d(3, 5, 3, dilation=2, padding=2, padding_mode="circular"),
+     dict(features=5, kernel_size=(3,), kernel_dilation=2, padding="CIRCULAR"), (2, 3, 9),
+     "kernel_dilation=2.*padding='CIRCULAR'", False),
+    (lambda: torch.nn.Conv2d(4, 5, 3, stride=(2, 1), padding=1, padding_mode="reflect"),
+     dict(features=5, kernel_size=(3, 3), strides=(2, 1), padding="REFLECT"), (2, 4, 8, 7), "padding='REFLECT'", True),
+], ids=["dilated", "circular", "reflect", "conv1d_dilated_circular", "reflect_dora"])
+def test_conv_lora_dilated_or_padded_loads_as_its_peft_computes(tmp_path, torch_conv, flax_conv, in_shape, why,
+                                                                  dora):
+    """PEFT 0.21 builds lora_A from the base's kernel_size, stride and padding only: on a dilated, circular- or
+    reflect-padded conv its unmerged output is neither its merged one nor jpeft's (which applies lora_A as the
+    module does, as merging does). PEFT 0.22 gives lora_A the base's dilation and padding_mode: its unmerged
+    output is its merged one and jpeft's. A file loads by the peft_version it records: >= 0.22 to PEFT 0.22's
+    numbers, < 0.22 or none refused by name (reflect padding loaded silently with 0.21's file 17 off); jpeft's
+    own adapter on such a conv is written with peft_version 0.22.0 and one warning (it was refused). DoRA too."""
+    tnet, params, x, fx, fmodel, cl = _one_conv(torch_conv(), flax_conv, in_shape)
     assert np.abs(cl(np.asarray(fmodel.apply(params, fx))) - tnet(torch.tensor(x)).detach().numpy()).max() < 1e-5
     pm = _random_lora(peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(
-        r=2, target_modules=["c"], init_lora_weights=False)))
+        r=2, lora_alpha=3, target_modules=["c"], init_lora_weights=False, use_dora=dora)))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    with torch.no_grad():
+        base = tnet(torch.tensor(x)).numpy()
+        merged = copy.deepcopy(pm).merge_and_unload()(torch.tensor(x)).numpy()
+        try:
+            unmerged = pm(torch.tensor(x)).numpy()
+        except RuntimeError as e:  # PEFT 0.21's undilated lora_A on a dilated Conv1d: another output length
+            assert not PEFT_22 and "must match the size" in str(e), e
+            unmerged = None
+    assert np.abs(merged - base).max() > 0.5  # the adapter changes the output
+    load = lambda: H.load_peft(str(tmp_path / "peft"), params, model=fmodel, example_args=(fx,))  # noqa: E731
+    apply = lambda ad: cl(np.asarray(jpeft.apply(fmodel, params, ad, fx)))  # noqa: E731
+    refused = why + r".*peft_version is (0\.21|none).*PEFT >= 0\.22 computes it as jpeft"
+    if PEFT_22:
+        np.testing.assert_allclose(unmerged, merged, atol=2e-5, rtol=1e-5)  # PEFT 0.22 agrees with itself
+        np.testing.assert_allclose(apply(load()[1]), unmerged, atol=2e-5, rtol=1e-5)
+        _relabel(tmp_path / "peft", "0.21.1.dev0@3f2a1b")  # what 0.21 computes from the same tensors: refused
+        with pytest.raises(UnsupportedAdapterError, match=refused):
+            load()
+    else:
+        assert unmerged is None or np.abs(unmerged - merged).max() > 1.0  # PEFT 0.21 disagrees with itself
+        with pytest.raises(UnsupportedAdapterError, match=refused):
+            load()
+        # labelled as PEFT 0.22's, the same tensors give what PEFT 0.22 computes: 0.21's merged model
+        _relabel(tmp_path / "peft", "0.22.0")
+        np.testing.assert_allclose(apply(load()[1]), merged, atol=2e-5, rtol=1e-5)
+    _relabel(tmp_path / "peft", None)  # no peft_version: older than PEFT 0.18
+    with pytest.raises(UnsupportedAdapterError, match=why + r".*peft_version is none"):
+        load()
+
+    config = jpeft.LoraConfig(r=2, alpha=3.0, target_modules=["c"], use_dora=dora)
+    adapter = tiny.randomize_adapter(jpeft.init(config, params, jax.random.key(0), fmodel, fx), 3)
+    out = apply(adapter)
+    np.testing.assert_allclose(out, cl(np.asarray(fmodel.apply(jpeft.merge(params, adapter), fx))),
+                               atol=2e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match=r"only PEFT >= 0\.22 computes as jpeft does \(c\).*" + why) as got:
+        H.save_peft(str(tmp_path / "back"), config, adapter, params=params)
+    assert len([w for w in got if "PEFT >= 0.22" in str(w.message)]) == 1
+    assert jpeft.peft_format.peft_version_of(H.read_peft_config(str(tmp_path / "back"))) == (0, 22)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / "back")).eval()
+    if PEFT_22:
+        with torch.no_grad():
+            np.testing.assert_allclose(back(torch.tensor(x)).numpy(), out, atol=2e-5, rtol=1e-5)
+    elif unmerged is not None:  # what the warning says: PEFT 0.21 computes another output
+        with torch.no_grad():
+            assert np.abs(back(torch.tensor(x)).numpy() - out).max() > 0.5
+    _, again = H.load_peft(str(tmp_path / "back"), params, model=fmodel, example_args=(fx,))
+    np.testing.assert_allclose(apply(again), out, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["LOHA", "LOKR", "ADALORA", "OFT"])
+def test_lycoris_adalora_oft_conv_refused_and_own_computes_as_peft_022(tmp_path, method):
+    """PEFT's LoHa, LoKr and AdaLoRA on a circular-padded Conv2d: PEFT 0.21 adds the update through F.conv2d
+    (zero padding: its unmerged output is not its merged one), PEFT 0.22 through the base's own _conv_forward
+    (circular: they agree); PEFT 0.21's OFT rotates unpadded patches and folds them back, 0.22's rotates the
+    weight. jpeft reads these formats for Linear sites only: the conv file is refused by name (it was a
+    LayoutError asking for the model load_peft had been given). jpeft's own LoHa / LoKr holding PEFT's tensors
+    computes what PEFT 0.22 computes, unmerged and merged (PEFT's merged model, which both versions share);
+    jpeft's own AdaLoRA there applies as it merges; save_peft refuses the three by name (jpeft's OFT adapts
+    no conv)."""
+    tnet, params, x, fx, fmodel, cl = _one_conv(torch.nn.Conv2d(4, 5, 3, padding=1, padding_mode="circular"),
+                                                dict(features=5, kernel_size=(3, 3), padding="CIRCULAR"), (2, 4, 8, 8))
+    peft_cfg = {"LOHA": lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["c"], init_weights=False),
+                "LOKR": lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["c"], init_weights=False),
+                "ADALORA": lambda: peft.AdaLoraConfig(init_r=2, target_r=2, total_step=10, target_modules=["c"],
+                                                      init_lora_weights=False),
+                "OFT": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["c"], init_weights=False)}[method]()
+    pm = _random_lora(peft.get_peft_model(copy.deepcopy(tnet), peft_cfg)).eval()
     pm.save_pretrained(str(tmp_path / "peft"))
     with torch.no_grad():
         unmerged = pm(torch.tensor(x)).numpy()
         merged = copy.deepcopy(pm).merge_and_unload()(torch.tensor(x)).numpy()
-    assert np.abs(unmerged - merged).max() > 1.0  # PEFT disagrees with itself
-    with pytest.raises(UnsupportedAdapterError, match=why + r".*lora_A conv from the base's kernel_size"):
+    assert np.abs(merged - tnet(torch.tensor(x)).detach().numpy()).max() > 0.1  # the adapter changes the output
+    if PEFT_22:
+        np.testing.assert_allclose(unmerged, merged, atol=5e-5, rtol=1e-5)
+    else:
+        assert np.abs(unmerged - merged).max() > 0.1
+    import json
+    f = tmp_path / "peft" / "adapter_config.json"
+    d = json.loads(f.read_text())
+    d.pop("astra_config", None)  # PEFT 0.22's new LoRA init key (read elsewhere): this test is about the conv site
+    f.write_text(json.dumps(d))
+    with pytest.raises(UnsupportedAdapterError, match=r"'c', an nn.Conv with a 4-D kernel.*for Linear layers only"):
         H.load_peft(str(tmp_path / "peft"), params, model=fmodel, example_args=(fx,))
+    if method == "OFT":
+        return
 
-    config = jpeft.LoraConfig(r=2, target_modules=["c"])
-    adapter = tiny.randomize_adapter(jpeft.init(config, params, jax.random.key(0), fmodel, fx), 3)
+    ours = {"LOHA": jpeft.LoHaConfig(r=2, alpha=3, target_modules=["c"]),
+            "LOKR": jpeft.LoKrConfig(r=2, alpha=3, target_modules=["c"]),
+            "ADALORA": jpeft.AdaLoraConfig(init_r=2, target_r=2, total_step=10, target_modules=["c"])}[method]
+    adapter = tiny.randomize_adapter(jpeft.init(ours, params, jax.random.key(0), fmodel, fx), 4)
+    if method != "ADALORA":  # PyTorch's orientation under PEFT's names: PEFT's tensors as they are
+        layer = pm.base_model.model.c
+        tensors = {n: jnp.asarray(getattr(layer, n)["default"].detach().numpy())
+                   for n in loha_or_lokr_names(adapter["c"])}
+        adapter = {"c": dataclasses.replace(adapter["c"], **tensors)}
+        np.testing.assert_allclose(cl(np.asarray(jpeft.apply(fmodel, params, adapter, fx))), merged,
+                                   atol=5e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(jpeft.apply(fmodel, params, adapter, fx)),
-                               np.asarray(fmodel.apply(jpeft.merge(params, adapter), fx)), atol=2e-5, rtol=1e-5)
-    with pytest.raises(UnsupportedAdapterError, match=why):
-        H.save_peft(str(tmp_path / "back"), config, adapter, params=params)
+                               np.asarray(fmodel.apply(jpeft.merge(params, adapter), fx)), atol=5e-5, rtol=1e-5)
+    with pytest.raises(UnsupportedAdapterError, match="adapts a conv kernel"):
+        H.save_peft(str(tmp_path / "back"), ours, adapter, params=params)
     assert not (tmp_path / "back").exists()
+
+
+def loha_or_lokr_names(node):
+    """The PEFT tensor names a jpeft LoHa / LoKr site holds (those not ``None``)."""
+    return [n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
+                        "lokr_w2", "lokr_w2_a", "lokr_w2_b") if getattr(node, n, None) is not None]
 
 
 def test_grouped_conv_lora_from_peft_is_refused(tmp_path):
@@ -366,9 +486,12 @@ def test_own_conv_lora_merges_unmerges_and_loads_in_peft(tmp_path):
 ], ids=["cat", "linear_factors", "svd_full_rank"])
 def test_merging_conv_loras_equals_peft_add_weighted_adapter(tmp_path, peft_type, ours, targets):
     """jpeft.merging.merge_adapters on conv LoRAs read from PEFT equals PEFT's add_weighted_adapter
-    (``svd`` at full rank, 4 = the sum of the two ranks, where both are exact). PEFT's ``svd`` works on
-    Conv2d only: on a Conv1d it raises a RuntimeError (a size mismatch), where jpeft's is the same merge."""
+    (``svd`` at full rank, 4 = the sum of the two ranks, where both are exact). PEFT 0.21's ``svd`` works on
+    Conv2d only: on a Conv1d it raises a RuntimeError (a size mismatch), where jpeft's is the same merge;
+    PEFT 0.22 flattens every ConvNd's update and merges the Conv1d as jpeft does."""
     tnet, params, x, fx = _twin()
+    if peft_type == "svd" and PEFT_22:
+        targets = targets + ["d1"]
     torch.manual_seed(1)
     pm = peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(
         r=2, lora_alpha=3, target_modules=targets, init_lora_weights=False))
@@ -376,7 +499,7 @@ def test_merging_conv_loras_equals_peft_add_weighted_adapter(tmp_path, peft_type
     _random_lora(pm, seed=6).save_pretrained(str(tmp_path / "b"))
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / "a"))
     pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
-    if peft_type == "svd":
+    if peft_type == "svd" and not PEFT_22:
         d1 = peft.get_peft_model(copy.deepcopy(tnet), peft.LoraConfig(r=2, target_modules=["d1"], init_lora_weights=False))
         d1.add_adapter("b", peft.LoraConfig(r=2, target_modules=["d1"], init_lora_weights=False))
         with pytest.raises(RuntimeError, match="size mismatch"):

@@ -1,6 +1,8 @@
 """Adapter merging on hand-computed cases, against Hugging Face PEFT's merge_utils, and DARE's
 rescaling in expectation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -498,6 +500,26 @@ def test_factors_true_gives_pefts_add_weighted_adapter(peft_llama, method, kw):
     np.testing.assert_allclose(jpeft_logits(merge_adapters(ads, w, method=method, factors=True, **jkw)), ref, atol=2e-4)
     if method == "linear":  # the default merges the updates: another model, as documented
         assert np.abs(jpeft_logits(merge_adapters(ads, w, method=method)) - ref).max() > 1.0
+
+
+@pytest.mark.parametrize("method, kw, ours, new_rank", [
+    ("cat", {}, dict(method="cat"), 8), ("linear", {}, dict(method="linear", factors=True), 4),
+    ("svd", {"svd_rank": 8}, dict(method="svd", rank=8), 8)], ids=["cat", "linear_factors", "svd"])
+def test_rslora_first_in_add_weighted_adapter(peft_llama, method, kw, ours, new_rank):
+    """add_weighted_adapter gives the merged adapter the first input's config with r = lora_alpha = the
+    new rank: PEFT 0.21 kept that input's use_rslora, so with the rsLoRA adapter first it scaled the
+    merged update by sqrt(new rank) (logits 11 to 16 off jpeft's merge on a tiny Llama); PEFT 0.22 sets
+    use_rslora=False and gives jpeft's merge. Each version's numbers, from jpeft's merged adapter."""
+    import peft
+
+    pm, ads, peft_logits, jpeft_logits = peft_llama
+    w = [0.7, -1.3]
+    name = f"rs_first_{method}"
+    pm.add_weighted_adapter(["x2", "x1"], w, name, combination_type=method, **kw)
+    merged = merge_adapters([ads[1], ads[0]], w, **ours)
+    if tuple(int(v) for v in peft.__version__.split(".")[:2]) < (0, 22):
+        merged = {p: dataclasses.replace(n, scale=n.scale * new_rank ** 0.5) for p, n in merged.items()}
+    np.testing.assert_allclose(jpeft_logits(merged), peft_logits(name), atol=2e-4)
 
 
 def test_magnitude_prune_is_pefts_magnitude_prune_svd(peft_llama):

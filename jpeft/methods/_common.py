@@ -21,8 +21,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jpeft import _inject, quant
-from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, NotInvertibleError, NotMergeableError,
-                          ShapeMismatchError, ShardingError, UnsupportedAdapterError, UnsupportedModuleError)
+from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, LayoutError, NotInvertibleError,
+                          NotMergeableError, ShapeMismatchError, ShardingError, UnsupportedAdapterError,
+                          UnsupportedModuleError)
 from jpeft.methods.base import Call, Kind, Layout, LowRank, Site, check_input_only_embedding_merge, static_field
 from jpeft.peft_format import CONV1D, peft_key, split_peft_key, to_np
 from jpeft.tree import hf_name, linear_only, module_leaves, select
@@ -198,6 +199,29 @@ def linear_layout(path: str, own, infos):
             )
         return infos[path].layout
     return _inject.infer_layout(path, own)
+
+
+def peft_linear_layout(path: str, own, ctx, method: str) -> Layout:
+    """The layout of a site of ``method``'s PEFT file (``ctx``: the reader's ``ImportContext``) for a
+    method whose format jpeft reads for ``Linear`` sites only (LoHa, LoKr, AdaLoRA, OFT): the module's
+    2-D kernel (or embedding) from its shape, a conv or any other kernel refused by name.
+
+    Raises:
+      UnsupportedAdapterError: the base module's kernel is not 2-D (PEFT's conv layer of the method,
+        whose unmerged output PEFT 0.21 and 0.22 compute differently: LoHa, LoKr and AdaLoRA zero-pad
+        in 0.21 whatever the base's padding mode, OFT 0.21 rotates unpadded patches; jpeft reads neither)."""
+    try:
+        return _inject.infer_layout(path, own)
+    except LayoutError:
+        shape = tuple(own["kernel"].shape)
+    traced = (ctx.layouts or {}).get(path)
+    what = "an nn.Conv" if traced is not None and traced.kind == Kind.CONV else "a module"
+    raise UnsupportedAdapterError(
+        f"the {method} adapter in {ctx.folder!r} adapts {hf_name(path)!r}, {what} with a {len(shape)}-D kernel "
+        f"{shape}; jpeft reads (and writes) Hugging Face PEFT's {method} for Linear layers only (nn.Dense, a 2-D "
+        f"kernel), not PEFT's {method} on a ConvNd. Merge it in PEFT (merge_and_unload) and load the full weights, "
+        "or leave the conv out of target_modules."
+    ) from None
 
 
 def linear_candidates(params):

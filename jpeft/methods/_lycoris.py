@@ -42,7 +42,7 @@ from jpeft.config import AdapterConfig, is_positive_number, python_scalar
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
 from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, branch_dtype, check_dense_for_peft, linear_layout,
-                                   linear_targets, to_matrix)
+                                   linear_targets, peft_linear_layout, to_matrix)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, static_field
 from jpeft.peft_format import (add_site_pattern, config_from_peft, overlap_fix, peft_key, site_tensors,
                                 warn_overlapping_patterns)
@@ -419,7 +419,7 @@ def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, m
     warn_overlapping_patterns(d, by_site, ctx.folder)
     adapter = {}
     for path, got in sorted(by_site.items()):
-        lay = _inject.infer_layout(path, ctx.leaves[path])
+        lay = peft_linear_layout(path, ctx.leaves[path], ctx, method)
         check_site(path, lay, method)
         r, alpha = config.rank_alpha(path)
         want = jax.eval_shape(lambda: make_node(config, lay, r, alpha, jax.random.key(0)))

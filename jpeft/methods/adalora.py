@@ -53,7 +53,7 @@ from jpeft.errors import (
     UnsupportedModuleError,
 )
 from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, SavedModule, branch_dtype, check_dense_for_peft,
-                                   down_project, from_matrix, linear_layouts, up_project)
+                                   down_project, from_matrix, linear_layouts, peft_linear_layout, up_project)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry,
                                 kernel_spec_entries, register_method, static_field)
 from jpeft.peft_format import config_from_peft, peft_key, site_tensors
@@ -734,7 +734,7 @@ def _from_hf(d, tensors, params, ctx):
     rp, r0 = config.rank_pattern or {}, int(config.init_r)
     adapter = {}
     for path in sorted(by_site):
-        t, lay = by_site[path], _inject.infer_layout(path, ctx.leaves[path])
+        t, lay = by_site[path], peft_linear_layout(path, ctx.leaves[path], ctx, "AdaLoRA")
         missing = [n for n in _TENSORS if n not in t]
         if missing:
             raise CheckpointError(f"AdaLoRA site {hf_name(path)!r} in {ctx.folder!r} lacks {missing}; the file is incomplete.")

@@ -64,10 +64,12 @@ class Layout:
     ``dot_general``: fake quantization, a kernel-scaling wrapper) where jpeft does not know it to
     compute the plain product of the kernel it is given (:func:`jpeft._inject.kernel_fn`), else
     ``None``; :func:`jpeft.merge` refuses such a site (:func:`check_kernel_fn_merge`).
-    ``peft_lora_differs`` says, for an ``nn.Conv``, why Hugging Face PEFT's LoRA on its torch
-    twin computes another update than jpeft's (a dilated or circular-padded window: PEFT's
-    ``lora_A`` conv takes the base's kernel size, stride and padding only), else ``None``; LoRA's
-    PEFT reader and writer refuse such a site.
+    ``peft_lora_differs`` says, for an ``nn.Conv``, why Hugging Face PEFT < 0.22's LoRA on its
+    torch twin computes another update than jpeft's (a dilated, circular- or reflect-padded
+    window: PEFT 0.21's ``lora_A`` conv takes the base's kernel size, stride and padding only;
+    PEFT 0.22's takes its dilation and padding mode too, as jpeft's), else ``None``; LoRA's PEFT
+    reader refuses such a site in a file of PEFT < 0.22 (or without ``peft_version``), and its
+    writer records ``peft_version`` 0.22.0.
     """
 
     kind: Kind

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import warnings
 from typing import Any, Mapping, Optional
 
 import jax
@@ -29,7 +28,7 @@ from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, FLAG, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
-                               check_base_copy, check_keys, check_same_copies, config_from_peft, peft_key,
+                               check_base_copy, check_keys, check_same_copies, config_from_peft, needs_peft, peft_key,
                                check_value_types, overlap_fix, peft_version_of, split_peft_key,
                                ties_word_embeddings, to_np, warn_overlapping_patterns)
 from jpeft.tree import compile_pattern, from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
@@ -77,6 +76,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
     token_indices = _hf_token_indices(config, tokens)
     adapter = {p: n for p, n in adapter.items() if p not in tokens}
     paths = sorted(adapter)
+    new_conv = {}  # conv sites only PEFT >= 0.22 computes as jpeft: {path: why PEFT 0.21 does not}
     for path in paths:
         node = adapter[path]
         r = node.r
@@ -95,7 +95,8 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
                 tied = True
         elif node.layout.kind in (Kind.DENSE, Kind.CONV):
             if node.layout.kind == Kind.CONV:  # PEFT's ConvNd LoRA: lora_A a conv, lora_B a 1x1 conv
-                _refuse_peft_conv_differs(path, node.layout, "save")
+                if node.layout.peft_lora_differs is not None:
+                    new_conv[path] = node.layout.peft_lora_differs
                 a_t, b_t = _conv_factors_to_hf(to_np(node.lora_A), to_np(node.lora_B), node.layout)
             else:
                 a_t, b_t = to_np(node.lora_A).T.copy(), to_np(node.lora_B).T.copy()
@@ -122,12 +123,6 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
             )
     init = _residual_init_for_peft(config, adapter)
     conv1d = _olora_conv1d_sites(init, paths)
-    if conv1d:
-        warnings.warn(
-            f"the OLoRA sites {[hf_name(p) for p in conv1d[:4]]}{' ...' if len(conv1d) > 4 else ''} are GPT-2 Conv1D "
-            "modules (fan_in_fan_out): only PEFT >= 0.22 rebuilds their residual base as jpeft does (older PEFT "
-            "factors the stored [in, out] weight and computes other outputs, or fails on the shapes); the file "
-            "records peft_version 0.22.0. Load it with PEFT >= 0.22.", UserWarning, stacklevel=3)
     d = config.to_dict()
     d.pop("peft_type", None)
     d.update(
@@ -144,8 +139,12 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         # recompute the residual base these factors are relative to (jpeft.init_pissa/init_olora)
         init_lora_weights=init,
     )
-    if conv1d:
-        d["peft_version"] = "0.22.0"
+    needs_peft(d, (0, 22), new_conv, f"their nn.Conv has {' / '.join(sorted(set(new_conv.values())))}, and PEFT 0.21 "
+               "builds a conv's lora_A from the base's kernel_size, stride and padding alone (undilated, zero-padded), "
+               "so its unmerged output differs from its merged one and from jpeft's")
+    needs_peft(d, (0, 22), conv1d, "their OLoRA residual base is of GPT-2 Conv1D modules (fan_in_fan_out), and PEFT "
+               "before 0.22 factors the stored [in, out] weight instead, so it rebuilds another base (or fails on the "
+               "shapes)")
     return d, tensors
 
 
@@ -488,7 +487,7 @@ def _site_layout(path: str, own, ctx: ImportContext):
     model=, example_args=)``), else the one its kernel's shape alone tells (Dense, Embed)."""
     traced = (ctx.layouts or {}).get(path)
     if traced is not None and traced.kind == Kind.CONV:
-        _refuse_peft_conv_differs(path, traced, "load")
+        _refuse_peft_conv_differs(path, traced, ctx)
         return traced
     try:
         return _inject.infer_layout(path, own)
@@ -508,18 +507,19 @@ def _site_layout(path: str, own, ctx: ImportContext):
         ) from None
 
 
-def _refuse_peft_conv_differs(path: str, layout, what: str) -> None:
-    """An ``nn.Conv`` site whose torch twin PEFT's LoRA computes otherwise (``Layout.peft_lora_differs``)."""
-    if layout.peft_lora_differs is None:
+def _refuse_peft_conv_differs(path: str, layout, ctx: ImportContext) -> None:
+    """A conv site of a file whose PEFT computes it otherwise than jpeft (``Layout.peft_lora_differs``:
+    PEFT < 0.22, or a file without ``peft_version``, on a dilated, circular- or reflect-padded conv)."""
+    if layout.peft_lora_differs is None or (ctx.peft_version is not None and ctx.peft_version >= (0, 22)):
         return
-    fix = ("Merge it in PEFT (merge_and_unload) and load the full weights, or target other modules."
-           if what == "load" else
-           "Merge it (jpeft.merge) and save full weights with jpeft.models.save_pretrained, or target other modules.")
+    found = "%d.%d" % ctx.peft_version if ctx.peft_version is not None else "none (PEFT < 0.18, or not a version)"
     raise UnsupportedAdapterError(
-        f"cannot {what} the PEFT LoRA of conv site {hf_name(path)!r}: the nn.Conv has {layout.peft_lora_differs}, but "
-        "PEFT 0.21's LoRA builds its lora_A conv from the base's kernel_size, stride and padding alone (undilated, "
-        "zero-padded), so PEFT's unmerged output differs from its own merged model and from jpeft's (which applies "
-        f"lora_A with the module's own options, as merging does). {fix}"
+        f"cannot load the PEFT LoRA of conv site {hf_name(path)!r} in {ctx.folder!r}: the nn.Conv has "
+        f"{layout.peft_lora_differs}, and the file's peft_version is {found}. PEFT < 0.22 builds its lora_A conv from "
+        "the base's kernel_size, stride and padding alone (undilated, zero-padded), so that PEFT's unmerged output "
+        "differs from its own merged model and from jpeft's; PEFT >= 0.22 computes it as jpeft (lora_A with the "
+        "module's own dilation and padding mode, as merging does). Merge it in the PEFT that wrote it "
+        "(merge_and_unload) and load the full weights, or retrain it with PEFT >= 0.22."
     )
 
 

@@ -31,8 +31,9 @@ Differences from PEFT, by name:
   never calls it. jpeft applies it as PEFT documents it (each training step, with a dropout key,
   ``int(p * n)`` random blocks are replaced by the identity), so training with
   ``module_dropout > 0`` differs from PEFT's; inference is the same.
-* Sites: PEFT's OFT also adapts Conv2d (its forward rotates stride-1, unpadded patches and sums
-  them back with ``F.fold``, which is not the merged convolution) and Embedding (the lookup is
+* Sites: PEFT's OFT also adapts Conv2d (PEFT 0.21's forward rotates stride-1, unpadded patches
+  and sums them back with ``F.fold``, which is not the merged convolution; PEFT 0.22's rotates the
+  flattened ``[out, in * kh * kw]`` weight, the merged convolution) and Embedding (the lookup is
   rotated; merging also changes a tied output head). jpeft adapts ``nn.Dense`` kernels (and
   2-D ``DenseGeneral`` with its last axis as input) and refuses other modules with
   :class:`~jpeft.errors.UnsupportedModuleError`. A block size that does not divide a targeted
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, ClassVar, Mapping, Optional
 
 import jax
@@ -74,10 +74,10 @@ from jpeft.errors import (
 )
 from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, SavedModule, TrainedBiasOption, base_bias_from_hf,
                                    check_dense_for_peft, linear_layout, linear_targets, other_bias_keys,
-                                   refuse_all_with_heads, trained_biases_from_hf, trained_biases_to_hf,
-                                   with_trainable_biases)
+                                   peft_linear_layout, refuse_all_with_heads, trained_biases_from_hf,
+                                   trained_biases_to_hf, with_trainable_biases)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
-from jpeft.peft_format import config_from_peft, peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, peft_key, peft_version_of, site_tensors
 from jpeft.tree import hf_name
 
 
@@ -493,9 +493,8 @@ def _from_hf(d, tensors, params, ctx):
             f"the OFT adapter in {ctx.folder!r} has no oft_block_size: it was written by PEFT < 0.14, whose OFT "
             "parametrisation differs (PEFT itself refuses it). Retrain it with a current PEFT."
         )
-    version = str(d.get("peft_version") or "0.0").partition("@")[0]
-    m = re.match(r"(\d+)\.(\d+)", version)
-    if d.get("use_cayley_neumann", True) and (not m or (int(m.group(1)), int(m.group(2))) < (0, 18)):
+    version = peft_version_of(d)
+    if d.get("use_cayley_neumann", True) and (version is None or version < (0, 18)):
         raise UnsupportedAdapterError(
             f"the OFT adapter in {ctx.folder!r} uses the Cayley-Neumann series and was written by PEFT "
             f"{d.get('peft_version') or '< 0.18 (no peft_version)'}; PEFT 0.18 changed that series, and jpeft computes "
@@ -515,7 +514,7 @@ def _from_hf(d, tensors, params, ctx):
             raise CheckpointError(f"OFT site {hf_name(path)!r} in {ctx.folder!r} has {sorted(got)} but no {TENSOR}; "
                                   "the file is incomplete.")
         v = got[TENSOR]
-        lay = _inject.infer_layout(path, ctx.leaves[path])
+        lay = peft_linear_layout(path, ctx.leaves[path], ctx, "OFT")
         try:
             blocks, size = blocks_for(config, lay.in_features, path)
         except ConfigError as e:
