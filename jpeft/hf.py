@@ -52,7 +52,7 @@ from jpeft.errors import (
 )
 from jpeft._safe_read import MAX_JSON_BYTES, open_regular, read_bounded, read_json
 from jpeft._safetensors import read_safetensors, safetensors_index
-from jpeft.methods._common import HEAD_MODULES, TASK_HEADS
+from jpeft.methods._common import HEAD_MODULES, PEFT_TASK_HEADS, TASK_HEADS
 from jpeft.methods._common import has_modules_to_save, head_copies, saved_from_hf, saved_to_hf
 from jpeft.methods.base import (FOREIGN_SITE_FIX, Method, check_reads_outside, foreign_site, method_for_peft_type,
                                 registered_methods)
@@ -222,7 +222,7 @@ def _take_heads(d: Mapping[str, Any], config_cls, tensors: dict, leaves, folder:
     (a task head of another model: :func:`_refuse_other_task_heads`)."""
     mts = d.get("modules_to_save") or []
     prefix = _key_prefix(config_cls)
-    task_heads = TASK_HEADS.get(d.get("task_type"), ())
+    task_heads = PEFT_TASK_HEADS.get(d.get("task_type"), ())
     keys = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] in
             {f"{m}.{t}" for m in HEAD_MODULES for t in ("weight", "bias")}]
     if not mts and not keys:

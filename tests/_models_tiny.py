@@ -49,6 +49,14 @@ def _randomize(model, seed: int):
     return model
 
 
+def peft_at_least(major: int, minor: int) -> bool:
+    """Whether the installed ``peft`` is at least ``major.minor``: the suite runs against PEFT 0.21
+    and 0.22, and a test of a behaviour the two differ in asserts each version's own."""
+    import peft
+
+    return tuple(int(v) for v in peft.__version__.split(".")[:2]) >= (major, minor)
+
+
 def perturb_trainable(peft_model, seed: int, scale: float = 0.3):
     """Adds ``scale * N(0, 1)`` to every trainable tensor of a ``peft`` model (every adapter tensor
     random, never a zero-initialised B or an identity rotation), in eval mode; returns it."""

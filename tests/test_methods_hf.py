@@ -19,6 +19,8 @@ import pytest
 import jpeft
 import jpeft.models
 from jpeft.hf import load_peft, save_peft
+from jpeft.peft_format import peft_version_of
+from jpeft.tree import hf_name
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
@@ -386,6 +388,100 @@ def test_module_both_targeted_and_saved_in_a_peft_file_loads_as_peft_runs_it(tmp
     np.testing.assert_allclose(out[sel], tiny.peft_logits(pm, ids, mask)[sel], atol=1e-4, rtol=0)
 
 
+_NORMS = {"model/norm"} | {f"model/layers_{i}/{n}" for i in range(2)
+                           for n in ("input_layernorm", "post_attention_layernorm")}
+
+
+def test_modules_to_save_names_read_as_the_peft_that_wrote_the_file(tmp_path):
+    """PEFT < 0.22 copies each module whose dotted name ends with a modules_to_save name ('norm':
+    model.norm and every input_layernorm / post_attention_layernorm), PEFT 0.22 only on a component
+    boundary (model.norm alone; 'proj' names no module). jpeft read every file by the old rule: the
+    config it loaded from a 0.22 file copied all five norms once training went on, and a 0.22 file
+    with 'proj' beside q_proj/v_proj LoRA was refused as naming modules both adapted and saved.
+    Every tensor random: the installed PEFT's own files load to its logits, with a config that copies
+    what that PEFT copied (the file's peft_version tells which rule)."""
+    hf, _ = tiny.hf_model("llama2")
+    new = peft_version_of({"peft_version": peft.__version__}) >= (0, 22)
+    model, params = _jpeft_base("llama2")
+    ids, mask = tiny.batch("llama2")
+    for name, copied in (("norm", {"model/norm"} if new else _NORMS), ("proj", set())):
+        if name == "proj" and not new:
+            continue  # PEFT < 0.22 would wrap the q_proj LoRA layers as copies: it refuses to build this model
+        pm = tiny.perturb_trainable(peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+            r=2, target_modules=["q_proj", "v_proj"], modules_to_save=[name])), 3)
+        pm.save_pretrained(str(tmp_path / name))
+        cfg, ad = load_peft(str(tmp_path / name), params)
+        assert {p for p, n in ad.items() if isinstance(n, jpeft.SavedModule)} == copied
+        _close(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)),
+               tiny.peft_logits(pm, ids, mask), mask)
+        # the loaded config copies what the file's PEFT copied (training it further keeps PEFT's modules)
+        again = jpeft.init(cfg, params, jax.random.key(0))
+        assert {p for p, n in again.items() if isinstance(n, jpeft.SavedModule)} == copied
+
+
+def test_modules_to_save_names_are_written_so_both_peft_versions_copy_jpefts_modules(tmp_path):
+    """jpeft's modules_to_save=['norm'] copies every norm (PEFT < 0.22's suffix rule); the file
+    kept the name, so PEFT 0.22 wrapped model.norm alone and loaded the four layer norms' trained
+    copies into the base model's own weights: its logits matched, but disable_adapter() ran those
+    trained norms as the base (3.49 off the base model's logits) and training froze them. The names
+    written are now the copies' full dotted names, which every PEFT reads alike: the installed PEFT
+    wraps the five norms, gives jpeft's logits (every tensor random), and the base's when disabled."""
+    import safetensors.numpy as stn
+
+    hf, _ = tiny.hf_model("llama2")
+    model, params = _jpeft_base("llama2")
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["norm"])
+    ad = tiny.randomize_adapter(jpeft.init(cfg, params, jax.random.key(0)), 6)
+    assert {p for p, n in ad.items() if isinstance(n, jpeft.SavedModule)} == _NORMS
+    save_peft(str(tmp_path), cfg, ad)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(written) == sorted(hf_name(p) for p in _NORMS)
+    assert {k for k in stn.load_file(str(tmp_path / "adapter_model.safetensors")) if "norm" in k} == {
+        f"base_model.model.{hf_name(p)}.weight" for p in _NORMS}
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
+    wrapped = {n for n, m in pm.named_modules() if isinstance(m, peft.utils.other.ModulesToSaveWrapper)}
+    assert wrapped == {f"base_model.model.{hf_name(p)}" for p in _NORMS}
+    ids, mask = tiny.batch("llama2")
+    _close(jpeft.apply(model, params, ad, jnp.asarray(ids), attention_mask=jnp.asarray(mask)),
+           tiny.peft_logits(pm, ids, mask), mask)
+    with pm.disable_adapter():
+        _close(np.asarray(model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask))),
+               tiny.peft_logits(pm, ids, mask), mask)
+
+
+class _TwoNorms(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(name="prenorm")(nn.Dense(6, name="d")(x))
+        return nn.Dense(3, name="head")(nn.LayerNorm(name="norm")(h))
+
+
+def test_a_peft_022_modules_to_save_selection_jpeft_cannot_name_is_refused(tmp_path):
+    """PEFT 0.22's modules_to_save=['norm'] copies 'norm' but not 'prenorm'; jpeft's suffix rule
+    copies both and no list of names picks 'norm' alone: the file loaded, with a config that trained
+    and saved a 'prenorm' copy PEFT never made. Now refused by name; the same file from PEFT 0.21
+    (which copied both) loads."""
+    import safetensors.numpy as stn
+
+    params = _TwoNorms().init(jax.random.key(1), jnp.ones((2, 5, 4)))
+    rng = np.random.default_rng(0)
+    t = {"base_model.model.d.lora_A.weight": rng.normal(size=(2, 4)),
+         "base_model.model.d.lora_B.weight": rng.normal(size=(6, 2)),
+         "base_model.model.norm.weight": rng.normal(size=(6,)), "base_model.model.norm.bias": rng.normal(size=(6,))}
+    stn.save_file({k: v.astype(np.float32) for k, v in t.items()}, str(tmp_path / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+    for version in ("0.22.0", "0.21.2"):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(dict(
+            peft_type="LORA", r=2, lora_alpha=4, target_modules=["d"], modules_to_save=["norm"], peft_version=version)))
+        if version == "0.22.0":
+            with pytest.raises(jpeft.errors.UnsupportedAdapterError, match=r"would copy \['norm', 'prenorm'\]"):
+                load_peft(str(tmp_path), params)
+        else:
+            cfg, ad = load_peft(str(tmp_path), params)
+            assert cfg.modules_to_save == ("norm",) and isinstance(ad["norm"], jpeft.SavedModule)
+            np.testing.assert_array_equal(ad["norm"].params["scale"], t["base_model.model.norm.weight"].astype(np.float32))
+
+
 @pytest.mark.parametrize("method", ["ia3", "lokr", "oft"])
 def test_non_lora_adapter_on_lm_head_loads_with_peft_base_weight_copy(method, tmp_path):
     """PEFT saves lm_head's base weight (``lm_head.base_layer.weight``) next to any method that targets
@@ -432,7 +528,10 @@ def test_trained_classifier_copy_loads_as_module_to_save(tmp_path):
     pm.save_pretrained(str(tmp_path / "a"))
     model, params = _jpeft_base("bert")
     cfg, ad = load_peft(str(tmp_path / "a"), params)
-    assert isinstance(ad["classifier"], jpeft.SavedModule) and cfg.modules_to_save == ("classifier", "score")
+    # the names each PEFT writes for SEQ_CLS: PEFT 0.22 adds DistilBERT's pre_classifier (no module of BERT's)
+    new = peft_version_of({"peft_version": peft.__version__}) >= (0, 22)
+    assert isinstance(ad["classifier"], jpeft.SavedModule)
+    assert cfg.modules_to_save == ("classifier", "score") + (("pre_classifier",) if new else ())
     ids, mask = tiny.batch("bert")
     t = tiny.peft_logits(pm, ids, mask, with_positions=False)
     j = jpeft.apply(model, params, ad, jnp.asarray(ids), jnp.asarray(mask))

@@ -650,9 +650,15 @@ def saved_from_hf(path: str, t: Mapping[str, np.ndarray], own: Mapping[str, Any]
 
 
 # the head modules PEFT keeps as modules to save (trains a copy of) for each task type: BERT's classifier, a
-# decoder's score, BERT's qa_outputs
+# decoder's score, BERT's qa_outputs. jpeft writes these in a file's modules_to_save: each PEFT completes the list
+# with its own defaults when it loads the file (:data:`PEFT_TASK_HEADS`)
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
-HEAD_MODULES = tuple(dict.fromkeys(m for heads in TASK_HEADS.values() for m in heads))
+# the names PEFT itself adds to modules_to_save for each task type, and so writes into every file of that task: PEFT
+# >= 0.22 adds DistilBERT's pre_classifier for SEQ_CLS and TOKEN_CLS (peft_model.CLASSIFIER_MODULE_NAMES). No jpeft
+# base has such a module; a file that names one and holds no tensor of it loads nothing for it, as in PEFT
+PEFT_TASK_HEADS = {t: heads + (("pre_classifier",) if t in ("SEQ_CLS", "TOKEN_CLS") else ())
+                   for t, heads in TASK_HEADS.items()}
+HEAD_MODULES = tuple(dict.fromkeys(m for heads in PEFT_TASK_HEADS.values() for m in heads))
 
 
 def has_modules_to_save(config) -> bool:

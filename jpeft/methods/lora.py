@@ -28,7 +28,7 @@ from jpeft.config import AdapterConfig, _as_targets, is_positive_number, python_
 from jpeft.errors import (ConfigError, NotInvertibleError, NotMergeableError, ShapeMismatchError, TargetNotFoundError,
                           UnsupportedModuleError)
 from jpeft.methods import dora
-from jpeft.methods._common import (TASK_HEADS, SavedModule, TrainedBiasOption, branch_dtype, down_project, init_saved,
+from jpeft.methods._common import (PEFT_TASK_HEADS, SavedModule, TrainedBiasOption, branch_dtype, down_project, init_saved,
                                    linear_candidates, svd_bottom, to_matrix, up_project, with_trainable_biases)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Site, check_tied_merge,
                                 dropout, flat_spec_entry, kernel_spec_entries, static_field)
@@ -403,9 +403,17 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
     @staticmethod
     def saved_by(path: str, name: str) -> bool:
         """Whether the module at ``path`` is, or sits inside, a module whose dotted name ends
-        with ``name`` (one entry of ``modules_to_save``)."""
+        with ``name`` (one entry of ``modules_to_save``; PEFT < 0.22's rule)."""
         parts = hf_name(path).split(".")
         return any(".".join(parts[:i]).endswith(name) for i in range(1, len(parts) + 1))
+
+    @staticmethod
+    def saved_by_component(path: str, name: str) -> bool:
+        """:meth:`saved_by` as PEFT >= 0.22 matches ``modules_to_save`` (``utils/other.py``
+        ``_is_valid_match``): the dotted name is ``name`` or ends with ``"." + name``, so ``norm``
+        names ``model.norm`` but no longer each layer's ``input_layernorm``."""
+        parts = hf_name(path).split(".")
+        return any(n == name or n.endswith("." + name) for n in (".".join(parts[:i]) for i in range(1, len(parts) + 1)))
 
     def rank_alpha(self, path: str, *, hf_only: bool = False) -> tuple[int, float]:
         """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does.
@@ -874,10 +882,11 @@ def saved_modules(config: LoraConfig, leaves, sites, infos=None) -> dict:
     """The trainable full copies of ``config.modules_to_save`` (modules holding parameters);
     ``infos`` (from tracing the model) tell whether an embedding is also a tied output projection."""
     saved = sorted(p for p in leaves if config.saves(p))
-    # a name that selects nothing would leave a module the user meant to train frozen; PEFT's SEQ_CLS names both
-    # heads, "classifier" (BERT) and "score" (decoders), so one of the two may be absent where the other is saved
+    # a name that selects nothing would leave a module the user meant to train frozen; PEFT's SEQ_CLS names every
+    # head, "classifier" (BERT), "score" (decoders) and, from PEFT 0.22, "pre_classifier" (DistilBERT), so some
+    # may be absent where another is saved
     missing = [m for m in config.modules_to_save if not any(config.saved_by(p, m) for p in leaves)]
-    if missing and not (saved and set(missing) <= set(TASK_HEADS["SEQ_CLS"])):
+    if missing and not (saved and set(missing) <= set(PEFT_TASK_HEADS["SEQ_CLS"])):
         tied = " (a model with tied word embeddings has no lm_head of its own: jpeft computes its logits with the " \
                "input embedding; to train an lm_head of its own, as PEFT's copy on a tied model does, load the base " \
                "untied: jpeft.models.from_pretrained(folder, tie_word_embeddings=False))" \

@@ -131,7 +131,7 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         alpha_pattern=alpha_pattern,
         fan_in_fan_out=ctx.fan_in_fan_out,
         bias=config.bias,
-        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        modules_to_save=_hf_modules_to_save(config, [p for p in saved if config.saves(p)]),
         trainable_token_indices=token_indices,
         lora_bias=config.lora_bias,
         ensure_weight_tying=tied,
@@ -149,6 +149,54 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
 
 
 _TOKENS_KEY = "token_adapter.trainable_tokens_delta"
+
+
+def _hf_modules_to_save(config: LoraConfig, saved) -> Optional[list]:
+    """``modules_to_save`` as both PEFTs read it: the config's names, but where one also ends the
+    name of a module it copies (``saved``) off a component boundary (``norm`` for each layer's
+    ``input_layernorm``), which PEFT < 0.22 copies as jpeft does and PEFT >= 0.22 leaves frozen,
+    the full dotted names of the modules it copies, which both read alike."""
+    if not config.modules_to_save:
+        return None
+    names = []
+    for m in config.modules_to_save:
+        hits = [p for p in saved if config.saved_by(p, m)]
+        same = all(config.saved_by_component(p, m) for p in hits)
+        names += [m] if same else [hf_name(p) for p in sorted(hits)]
+    return list(dict.fromkeys(names))
+
+
+def _modules_to_save_as_written(config: LoraConfig, d: Mapping[str, Any], leaves, folder: str) -> LoraConfig:
+    """The config whose ``modules_to_save`` selects, by jpeft's rule (:meth:`LoraConfig.saves`, PEFT
+    < 0.22's suffix test), the modules that the PEFT which wrote the file copied. PEFT >= 0.22 (the
+    file's ``peft_version``) matches a name on whole components of the dotted name only
+    (:meth:`LoraConfig.saved_by_component`): a name the two rules read differently on this base
+    becomes the full dotted names of the modules PEFT >= 0.22 copied (the outermost ones), which
+    both rules read alike, as :func:`_peft_patterns` does for rank_pattern."""
+    version = peft_version_of(d)
+    if not config.modules_to_save or version is None or version < (0, 22):
+        return config
+    modules = sorted({"/".join(p.split("/")[:i]) for p in leaves for i in range(1, p.count("/") + 2)})
+    names = []
+    for m in config.modules_to_save:
+        if all(config.saved_by(p, m) == config.saved_by_component(p, m) for p in leaves):
+            names.append(m)
+            continue
+        hits = [p for p in modules if config.saved_by_component(p, m)]
+        names += [hf_name(p) for p in hits if not any(p.startswith(q + "/") for q in hits)]
+    new = dataclasses.replace(config, modules_to_save=tuple(dict.fromkeys(names)) or None)
+    want = sorted(p for p in leaves if any(config.saved_by_component(p, m) for m in config.modules_to_save))
+    got = sorted(p for p in leaves if new.saves(p))
+    if got != want:
+        raise UnsupportedAdapterError(
+            f"the adapter in {folder!r} was written by PEFT {d.get('peft_version')}, which copies a module whose dotted "
+            f"name is a name of modules_to_save={list(config.modules_to_save)} or ends with '.' + that name: "
+            f"{[hf_name(p) for p in want][:8]} in this base; jpeft's LoRA matches those names as plain suffixes (PEFT "
+            f"< 0.22's rule) and cannot name exactly these modules (it would copy {[hf_name(p) for p in got][:8]}). "
+            "jpeft cannot hold this selection: load the adapter with PEFT, or re-save it from PEFT with modules_to_save "
+            "naming modules whose names end no other module's (full dotted names)."
+        )
+    return new
 
 
 def _hf_token_indices(config: LoraConfig, tokens: Mapping[str, TrainableTokens]):
@@ -317,6 +365,7 @@ _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", BASE_BIAS, _TO
 
 def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
     config, residual = _lora_config_from_hf(d, ctx.folder)
+    config = _modules_to_save_as_written(config, d, ctx.leaves, ctx.folder)
     found = _sort_lora_tensors(tensors, config, ctx)
     leaves, by_site = ctx.leaves, found.by_site
     _refuse_old_olora_conv1d(d, by_site, ctx.folder)
