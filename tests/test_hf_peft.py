@@ -36,7 +36,7 @@ from jpeft.errors import (  # noqa: E402
 
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
-PEFT_22 = tuple(int(x) for x in peft.__version__.split(".")[:2]) >= (0, 22)  # where PEFT 0.21 and 0.22 differ
+PEFT_22 = T.peft_at_least(0, 22)  # where PEFT 0.21 and 0.22 differ
 
 
 @functools.lru_cache(maxsize=None)

@@ -194,7 +194,7 @@ def test_an_adapter_holding_more_numbers_than_its_base_loads(tmp_path):
         H.load_peft(str(tmp_path / "peft"), params, model=fmodel, example_args=(fx,))
 
 
-PEFT_22 = tuple(int(v) for v in peft.__version__.split(".")[:2]) >= (0, 22)
+PEFT_22 = tiny.peft_at_least(0, 22)
 
 
 def _relabel(folder, version):

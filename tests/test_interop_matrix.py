@@ -37,7 +37,7 @@ from jpeft import PrefixTuningConfig  # noqa: E402
 from jpeft import PromptTuningConfig  # noqa: E402
 
 peft = __import__("peft")  # a test dependency: missing means a broken install, not a skip
-PEFT_22 = tuple(int(x) for x in peft.__version__.split(".")[:2]) >= (0, 22)
+PEFT_22 = tiny.peft_at_least(0, 22)
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
 
 FAMILIES = {"Llama": "llama3", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3", "GPT-2": "gpt2",

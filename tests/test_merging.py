@@ -510,14 +510,14 @@ def test_rslora_first_in_add_weighted_adapter(peft_llama, method, kw, ours, new_
     new rank: PEFT 0.21 kept that input's use_rslora, so with the rsLoRA adapter first it scaled the
     merged update by sqrt(new rank) (logits 11 to 16 off jpeft's merge on a tiny Llama); PEFT 0.22 sets
     use_rslora=False and gives jpeft's merge. Each version's numbers, from jpeft's merged adapter."""
-    import peft
+    import _models_tiny as T
 
     pm, ads, peft_logits, jpeft_logits = peft_llama
     w = [0.7, -1.3]
     name = f"rs_first_{method}"
     pm.add_weighted_adapter(["x2", "x1"], w, name, combination_type=method, **kw)
     merged = merge_adapters([ads[1], ads[0]], w, **ours)
-    if tuple(int(v) for v in peft.__version__.split(".")[:2]) < (0, 22):
+    if not T.peft_at_least(0, 22):
         merged = {p: dataclasses.replace(n, scale=n.scale * new_rank ** 0.5) for p, n in merged.items()}
     np.testing.assert_allclose(jpeft_logits(merged), peft_logits(name), atol=2e-4)
 

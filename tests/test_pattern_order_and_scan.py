@@ -25,7 +25,7 @@ from jpeft import OFTConfig  # noqa: E402
 
 torch = __import__("torch")
 peft = __import__("peft")
-PEFT_22 = tuple(int(x) for x in peft.__version__.split(".")[:2]) >= (0, 22)  # PEFT 0.22 keeps the patterns' order
+PEFT_22 = tiny.peft_at_least(0, 22)  # PEFT 0.22 keeps the patterns' order
 
 FAMILY = "llama2"
 
