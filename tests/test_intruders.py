@@ -83,9 +83,9 @@ def pair():
     return pm, model, params, ad, x
 
 
-def test_detection_and_reduction_equal_peft(pair):
-    pm, model, params, ad, x = pair
-    before = _t(pm(torch.tensor(x)))
+def _peft_reduce_counts(pm) -> dict:
+    """PEFT's reduce_intruder_dimension on ``pm`` (in place, as adapter "intruder_reduced"): the intruder
+    count per layer it logs, ``{layer name: count}``."""
     lines = []
     peft_reduce(pm, top_k=10, threshold_epsilon=0.5, mitigation_lambda=0.75, logging_sink=lines.append)
     counts = {}
@@ -93,6 +93,13 @@ def test_detection_and_reduction_equal_peft(pair):
         m = re.match(r".*?(\w+): (?:Intruders: (\d+)|No intruders)$", line)
         if m:
             counts[m.group(1)] = int(m.group(2) or 0)
+    return counts
+
+
+def test_detection_and_reduction_equal_peft(pair):
+    pm, model, params, ad, x = pair
+    before = _t(pm(torch.tensor(x)))
+    counts = _peft_reduce_counts(pm)
     report = intruder_report(params, ad, top_k=10, threshold_epsilon=0.5)
     assert {k: len(v["indices"]) for k, v in report.items()} == counts
     assert counts["q_proj"] > 0 and counts["down_proj"] == 0  # both branches are exercised
@@ -133,13 +140,7 @@ def _linear_twin_reduction(sites, r, alpha):
         layer = getattr(pm.base_model.model, n)
         layer.lora_A["default"].weight.data = torch.tensor(a)
         layer.lora_B["default"].weight.data = torch.tensor(b)
-    lines = []
-    peft_reduce(pm, top_k=10, threshold_epsilon=0.5, mitigation_lambda=0.75, logging_sink=lines.append)
-    counts = {}
-    for line in lines:
-        m = re.match(r".*?(\w+): (?:Intruders: (\d+)|No intruders)$", line)
-        if m:
-            counts[m.group(1)] = int(m.group(2) or 0)
+    counts = _peft_reduce_counts(pm)
     return counts, {n: _t(getattr(pm.base_model.model, n).get_delta_weight("intruder_reduced")) for n in sites}
 
 

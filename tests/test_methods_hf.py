@@ -19,7 +19,6 @@ import pytest
 import jpeft
 import jpeft.models
 from jpeft.hf import load_peft, save_peft
-from jpeft.peft_format import peft_version_of
 from jpeft.tree import hf_name
 
 torch = __import__("torch")  # a test dependency: missing means a broken install, not a skip
@@ -401,7 +400,7 @@ def test_modules_to_save_names_read_as_the_peft_that_wrote_the_file(tmp_path):
     Every tensor random: the installed PEFT's own files load to its logits, with a config that copies
     what that PEFT copied (the file's peft_version tells which rule)."""
     hf, _ = tiny.hf_model("llama2")
-    new = peft_version_of({"peft_version": peft.__version__}) >= (0, 22)
+    new = tiny.peft_at_least(0, 22)
     model, params = _jpeft_base("llama2")
     ids, mask = tiny.batch("llama2")
     for name, copied in (("norm", {"model/norm"} if new else _NORMS), ("proj", set())):
@@ -529,7 +528,7 @@ def test_trained_classifier_copy_loads_as_module_to_save(tmp_path):
     model, params = _jpeft_base("bert")
     cfg, ad = load_peft(str(tmp_path / "a"), params)
     # the names each PEFT writes for SEQ_CLS: PEFT 0.22 adds DistilBERT's pre_classifier (no module of BERT's)
-    new = peft_version_of({"peft_version": peft.__version__}) >= (0, 22)
+    new = tiny.peft_at_least(0, 22)
     assert isinstance(ad["classifier"], jpeft.SavedModule)
     assert cfg.modules_to_save == ("classifier", "score") + (("pre_classifier",) if new else ())
     ids, mask = tiny.batch("bert")
