@@ -277,6 +277,11 @@ def with_kernel_fns(adapter: Mapping[str, Any], fns: Mapping[str, str]) -> dict:
     return out
 
 
+def _has_residual_mark(node) -> bool:
+    """Whether ``node`` (a site's node, unstacked) records the residual init its update is of (LoRA's ``residual``)."""
+    return dataclasses.is_dataclass(node) and "residual" in {f.name for f in dataclasses.fields(node)}
+
+
 def recorded_plain_sites(adapter: Mapping[str, Any]) -> list:
     """Paths of the sites whose update is of the original weights (``residual`` ``None``) in an
     adapter whose other sites are relative to a residual base: a PEFT PiSSA/OLoRA file's embedding
@@ -284,8 +289,7 @@ def recorded_plain_sites(adapter: Mapping[str, Any]) -> list:
     (:func:`jpeft.save_adapter`, the checkpoint manager) save beside the arrays, since a loader's
     template, built from the config's one init, marks every site with it."""
     inner = {p: getattr(n, "unstacked", n) for p, n in adapter.items()}
-    marked = {p: n for p, n in inner.items() if dataclasses.is_dataclass(n)
-              and "residual" in {f.name for f in dataclasses.fields(n)}}
+    marked = {p: n for p, n in inner.items() if _has_residual_mark(n)}
     if all(n.residual is None for n in marked.values()):
         return []
     return sorted(p for p, n in marked.items() if n.residual is None)
@@ -298,7 +302,7 @@ def with_plain_sites(adapter: Mapping[str, Any], paths, where: str) -> dict:
     for path in paths:
         node = out.get(path)
         inner = getattr(node, "unstacked", node)
-        if not (dataclasses.is_dataclass(inner) and "residual" in {f.name for f in dataclasses.fields(inner)}):
+        if not _has_residual_mark(inner):
             raise CheckpointError(f"{where}: 'plain_sites' names {path!r}, which is not a site with a residual mark of "
                                   "this adapter's config; the metadata does not belong to these arrays.")
         new = dataclasses.replace(inner, residual=None)

@@ -29,9 +29,15 @@ from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
 from jpeft.peft_format import (CONFIG_FILE, CONV1D, FLAG, PEFT_PREFIX, ExportContext, ImportContext, add_site_pattern,
                                check_base_copy, check_keys, check_same_copies, config_from_peft, needs_peft, peft_key,
-                               check_value_types, overlap_fix, peft_version_of, split_peft_key,
+                               check_value_types, overlap_fix, split_peft_key,
                                ties_word_embeddings, to_np, warn_overlapping_patterns)
 from jpeft.tree import compile_pattern, from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
+
+# the PEFT whose LoRA computes as jpeft's where 0.21 did not: its OLoRA init honours fan_in_fan_out (GPT-2's Conv1D,
+# weights stored [in, out]; before, it factored the stored weight, a residual base unlike jpeft's, and lora_A of the
+# wrong shape where in != out), its conv lora_A takes the base's dilation and padding_mode, and its modules_to_save
+# names match whole components of a module's dotted name
+_PEFT_FIXED = (0, 22)
 
 
 # -- LoRA ------------------------------------------------------------------------------------
@@ -139,10 +145,10 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         # recompute the residual base these factors are relative to (jpeft.init_pissa/init_olora)
         init_lora_weights=init,
     )
-    needs_peft(d, (0, 22), new_conv, f"their nn.Conv has {' / '.join(sorted(set(new_conv.values())))}, and PEFT 0.21 "
+    needs_peft(d, _PEFT_FIXED, new_conv, f"their nn.Conv has {' / '.join(sorted(set(new_conv.values())))}, and PEFT 0.21 "
                "builds a conv's lora_A from the base's kernel_size, stride and padding alone (undilated, zero-padded), "
                "so its unmerged output differs from its merged one and from jpeft's")
-    needs_peft(d, (0, 22), conv1d, "their OLoRA residual base is of GPT-2 Conv1D modules (fan_in_fan_out), and PEFT "
+    needs_peft(d, _PEFT_FIXED, conv1d, "their OLoRA residual base is of GPT-2 Conv1D modules (fan_in_fan_out), and PEFT "
                "before 0.22 factors the stored [in, out] weight instead, so it rebuilds another base (or fails on the "
                "shapes)")
     return d, tensors
@@ -166,16 +172,16 @@ def _hf_modules_to_save(config: LoraConfig, saved) -> Optional[list]:
     return list(dict.fromkeys(names))
 
 
-def _modules_to_save_as_written(config: LoraConfig, d: Mapping[str, Any], leaves, folder: str) -> LoraConfig:
+def _modules_to_save_as_written(config: LoraConfig, d: Mapping[str, Any], ctx: ImportContext) -> LoraConfig:
     """The config whose ``modules_to_save`` selects, by jpeft's rule (:meth:`LoraConfig.saves`, PEFT
     < 0.22's suffix test), the modules that the PEFT which wrote the file copied. PEFT >= 0.22 (the
     file's ``peft_version``) matches a name on whole components of the dotted name only
     (:meth:`LoraConfig.saved_by_component`): a name the two rules read differently on this base
     becomes the full dotted names of the modules PEFT >= 0.22 copied (the outermost ones), which
     both rules read alike, as :func:`_peft_patterns` does for rank_pattern."""
-    version = peft_version_of(d)
-    if not config.modules_to_save or version is None or version < (0, 22):
+    if not config.modules_to_save or (ctx.peft_version or (0, 0)) < _PEFT_FIXED:
         return config
+    leaves, folder = ctx.leaves, ctx.folder
     modules = sorted({"/".join(p.split("/")[:i]) for p in leaves for i in range(1, p.count("/") + 2)})
     names = []
     for m in config.modules_to_save:
@@ -330,24 +336,19 @@ def _residual_init_for_peft(config, adapter):
     return kind
 
 
-# PEFT's OLoRA init honours fan_in_fan_out (GPT-2's Conv1D, weights stored [in, out]) since PEFT 0.22: before, it
-# factored the stored [in, out] weight, a residual base unlike jpeft's (and lora_A of the wrong shape where in != out)
-_OLORA_CONV1D_FIXED = (0, 22)
-
-
 def _olora_conv1d_sites(init, paths) -> list:
     """The GPT-2 Conv1D sites among ``paths`` (jpeft module paths) of an adapter whose init is ``init``,
     when it is OLoRA: their residual base is PEFT's only from PEFT 0.22 on."""
     return sorted(p for p in paths if CONV1D.match(p)) if init == "olora" else []
 
 
-def _refuse_old_olora_conv1d(d: Mapping[str, Any], paths, folder: str) -> None:
+def _refuse_old_olora_conv1d(d: Mapping[str, Any], paths, ctx: ImportContext) -> None:
     """Refuses a PEFT OLoRA file with GPT-2 Conv1D sites written by PEFT before 0.22, whose residual
     base jpeft does not compute."""
     sites = _olora_conv1d_sites(d.get("init_lora_weights"), paths)
-    version = peft_version_of(d)
-    if not sites or (version is not None and version >= _OLORA_CONV1D_FIXED):
+    if not sites or (ctx.peft_version or (0, 0)) >= _PEFT_FIXED:
         return
+    folder = ctx.folder
     raise UnsupportedAdapterError(
         f"the OLoRA adapter in {folder!r} adapts GPT-2 Conv1D modules {[hf_name(p) for p in sites[:4]]} "
         f"(fan_in_fan_out) and was written by PEFT {d.get('peft_version') or 'before 0.18 (no peft_version)'}; "
@@ -365,10 +366,10 @@ _LORA_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", BASE_BIAS, _TO
 
 def _lora_from_hf(d: Mapping[str, Any], tensors: Mapping[str, np.ndarray], params, ctx: ImportContext):
     config, residual = _lora_config_from_hf(d, ctx.folder)
-    config = _modules_to_save_as_written(config, d, ctx.leaves, ctx.folder)
+    config = _modules_to_save_as_written(config, d, ctx)
     found = _sort_lora_tensors(tensors, config, ctx)
     leaves, by_site = ctx.leaves, found.by_site
-    _refuse_old_olora_conv1d(d, by_site, ctx.folder)
+    _refuse_old_olora_conv1d(d, by_site, ctx)
     tied_paths = _take_tied_output(d, by_site, leaves, ctx.folder)
     for path in tied_paths:  # PEFT scales the shared factors by each module's own r / alpha; a tied site has one
         differ = tied_head_scales(config, path, *config.rank_alpha(path, hf_only=True), hf_only=True)
@@ -559,7 +560,7 @@ def _site_layout(path: str, own, ctx: ImportContext):
 def _refuse_peft_conv_differs(path: str, layout, ctx: ImportContext) -> None:
     """A conv site of a file whose PEFT computes it otherwise than jpeft (``Layout.peft_lora_differs``:
     PEFT < 0.22, or a file without ``peft_version``, on a dilated, circular- or reflect-padded conv)."""
-    if layout.peft_lora_differs is None or (ctx.peft_version is not None and ctx.peft_version >= (0, 22)):
+    if layout.peft_lora_differs is None or (ctx.peft_version or (0, 0)) >= _PEFT_FIXED:
         return
     found = "%d.%d" % ctx.peft_version if ctx.peft_version is not None else "none (PEFT < 0.18, or not a version)"
     raise UnsupportedAdapterError(
