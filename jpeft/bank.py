@@ -66,10 +66,13 @@ Training several adapters at once: differentiate the stacked weights ``bank.weig
 
 Each example's loss reaches only its own adapter's slot (gradients of other slots are exactly
 zero), and the zero padding of lower-rank adapters stays exactly zero under gradient descent.
-The stacks are trained whole: a MiCA adapter's ``lora_B`` (frozen in the adapter,
-``LoraWeights.frozen_b``) trains here like any slot's. :meth:`AdapterBank.get` gives a MiCA
-adapter back with B frozen while its B is the one added, and as a plain LoRA, with a warning,
-once training through the bank changed it; train a MiCA adapter alone to keep its B fixed.
+A MiCA adapter's slot trains ``lora_A`` only, as the adapter alone does: its ``lora_B`` (frozen
+in the adapter, ``LoraWeights.frozen_b``) is marked in each stack's frozen ``b_frozen [N]``,
+:func:`route` lets no gradient reach it, and the train step puts it back bit for bit after the
+optimizer's update (:meth:`LoraStack.keep_frozen_entries`; AdamW's weight decay moves an entry
+whose gradient is zero), so :meth:`AdapterBank.get` gives it back as MiCA. The mask costs
+``capacity`` floats per site, not a copy of B. An optimizer applied to ``bank.weights`` by hand
+(outside jpeft's train steps) can still move it: ``get`` then gives a plain LoRA, with a warning.
 ``make_train_step`` donates its adapter argument, so after a step use
 ``bank.with_weights(new_weights)``, not the old bank (whose entry points then raise
 :class:`~jpeft.errors.BankError` saying so).
@@ -155,7 +158,10 @@ class LoraStack(FrozenFields):
     has ``token_values: [N, K, d]`` (trained) and ``token_ids: [N, K]`` (frozen, float32, ``-1``
     past each slot's own ids); a site holding ``modules_to_save`` copies (of an ``nn.Dense`` or
     ``nn.Embed``) has ``saved: {param name: [N, ...]}`` (trained) and ``saved_on: [N]`` (frozen: 1
-    for the slots whose adapter has a copy there); elsewhere these are ``None``."""
+    for the slots whose adapter has a copy there); elsewhere these are ``None``. Every stack has
+    ``b_frozen: [N]`` (frozen: 1 for the slots whose adapter's ``lora_B`` is frozen there, MiCA's):
+    :func:`route` gives those slots' ``lora_B`` no gradient and :func:`jpeft.make_train_step` (every
+    jpeft step) keeps them bit for bit (:meth:`keep_frozen_entries`), so they train ``lora_A`` only."""
 
     lora_A: jax.Array
     lora_B: jax.Array
@@ -176,8 +182,20 @@ class LoraStack(FrozenFields):
     saved_on: Optional[jax.Array] = None
     # the tokens act in the embedding's attend too (the model's tied output layer), as PEFT ties them
     tied_tokens: bool = static_field(default=False)
+    # ``[N]`` (frozen; every bank has it): 1 where the slot's lora_B is frozen (a MiCA adapter's,
+    # LoraWeights.frozen_b), so no gradient reaches it (route) and no optimizer moves it (keep_frozen_entries)
+    b_frozen: Optional[jax.Array] = None
 
-    frozen: ClassVar[tuple] = ("scales", "edits", "bias_on", "token_ids", "saved_on")
+    frozen: ClassVar[tuple] = ("scales", "edits", "bias_on", "token_ids", "saved_on", "b_frozen")
+
+    def keep_frozen_entries(self, before, frozen):
+        """The stack after an optimizer update with the ``lora_B`` of its MiCA slots (``b_frozen``)
+        put back from ``before``, bit for bit: ``route`` gives them no gradient, but AdamW's weight
+        decay (or momentum left from the slot's former adapter) would still move them."""
+        on = None if frozen is None else frozen.b_frozen
+        if on is None or self.lora_B is None:
+            return self
+        return dataclasses.replace(self, lora_B=jnp.where((on > 0)[:, None, None], before.lora_B, self.lora_B))
 
 
 @jax.tree_util.register_dataclass
@@ -422,6 +440,20 @@ def _ragged_update(xf, a, b, ids, valid, s):
     return jnp.where(valid[:, None, None], d, off.astype(d.dtype))
 
 
+@jax.custom_jvp
+def _freeze_slots(b, on):
+    """``b`` (a stack's ``lora_B``, ``[N, R, out]``) unchanged, with no gradient reaching the slots
+    where ``on`` (``[N]``, ``b_frozen``) is 1: the identity in the forward (a serving forward pays
+    nothing, not even a select), a masked tangent under ``jax.jvp`` / ``jax.grad``."""
+    return b
+
+
+@_freeze_slots.defjvp
+def _freeze_slots_jvp(primals, tangents):
+    b, on = primals
+    return b, jnp.where((on > 0)[:, None, None], jnp.zeros_like(tangents[0]), tangents[0])
+
+
 def _check_slots(ids, capacity: int) -> None:
     """Refuses concrete ``ids`` outside ``[-1, capacity)`` by name (traced ones cannot be read:
     there such a row's outputs are NaN, see ``_row_scales``)."""
@@ -449,7 +481,8 @@ def route(
 
     Args:
       weights: ``{path: LoraStack}`` (``bank.weights``, or trained copies of it); each stack
-        carries its slots' scales.
+        carries its slots' scales, and which slots' ``lora_B`` is frozen (``b_frozen``: those
+        get no gradient).
       scales: ``None`` to use the stacks' own scales, or ``{path: [N] array}`` in their place
         (``bank.scales`` is the same arrays). Scales get no gradient (``stop_gradient``).
       adapter_ids: ``[batch]`` integer slot per example; ``-1`` means the bare base. Concrete
@@ -477,6 +510,8 @@ def route(
         if sc is None:
             raise BankShapeError(f"the weights at {path!r} carry no scales; pass bank.weights (or a trained copy of it).")
         a, b, sc = st.lora_A, st.lora_B, jax.lax.stop_gradient(sc)
+        if st.b_frozen is not None:  # MiCA slots: lora_B gets no gradient
+            b = _freeze_slots(b, jax.lax.stop_gradient(st.b_frozen))
         bias, on = st.lora_bias, None if st.bias_on is None else jax.lax.stop_gradient(st.bias_on)
         if (bias is None) != (on is None):
             raise BankShapeError(f"the weights at {path!r} carry lora_bias without bias_on or the other way round; "
@@ -560,8 +595,9 @@ def _kernel_desc(lay: Layout) -> str:
 
 
 @jax.jit
-def _write_slot(weights, slot, new_a, new_b, new_s, edit, new_bias, new_tokens, new_saved):
-    """``new_bias``: ``{path: (lora_bias [out], bias_on)}`` for the sites that hold LoRA biases;
+def _write_slot(weights, slot, new_a, new_b, new_s, edit, new_frozen, new_bias, new_tokens, new_saved):
+    """``new_frozen``: ``{path: b_frozen}`` (1.0 where the slot's ``lora_B`` is frozen there);
+    ``new_bias``: ``{path: (lora_bias [out], bias_on)}`` for the sites that hold LoRA biases;
     ``new_tokens``: ``{path: (token_values [K, d], token_ids [K])}`` for those that hold tokens;
     ``new_saved``: ``{path: ({param name: array}, saved_on)}`` for those that hold module copies."""
     def bias(p, st):
@@ -581,7 +617,7 @@ def _write_slot(weights, slot, new_a, new_b, new_s, edit, new_bias, new_tokens, 
     return {
         p: LoraStack(st.lora_A.at[slot].set(new_a[p]), st.lora_B.at[slot].set(new_b[p]),
                      st.scales.at[slot].set(new_s[p]), st.edits.at[slot].set(edit), st.layout, **bias(p, st),
-                     tied_tokens=st.tied_tokens)
+                     tied_tokens=st.tied_tokens, b_frozen=st.b_frozen.at[slot].set(new_frozen[p]))
         for p, st in weights.items()
     }
 
@@ -610,8 +646,9 @@ class AdapterBank:
         last wrote it (0: never written): what :meth:`with_weights` checks the weights' ``edits``
         against, so weights taken before an edit are refused even where the scales are equal.
       slot_frozen_b: for each slot, ``{path: lora_B}`` (host copies, in the bank's dtype) of
-        the sites where its adapter's ``lora_B`` is frozen (MiCA's, ``LoraWeights.frozen_b``), so
-        that :meth:`get` gives back a MiCA adapter as MiCA while its B is unchanged; ``None`` if free.
+        the sites where its adapter's ``lora_B`` is frozen (MiCA's, ``LoraWeights.frozen_b``;
+        ``b_frozen`` of the stacks marks the same sites on the device), so that :meth:`get` gives
+        back a MiCA adapter as MiCA while its B is unchanged; ``None`` if free.
       dropout: LoRA dropout of the routed branch when training through the bank.
       strategy: ``"gather"``, ``"ragged"`` or ``"pregather"`` (see :mod:`jpeft.bank`).
 
@@ -727,6 +764,7 @@ class AdapterBank:
                 **(dict(saved={k: jnp.zeros((capacity,) + shape, dt) for k, (shape, dt) in saved[p].items()},
                         saved_on=jnp.zeros((capacity,), jnp.float32)) if p in saved else {}),
                 tied_tokens=p in tied_tokens and bool(max_tokens) and lay.kind == Kind.EMBED,
+                b_frozen=jnp.zeros((capacity,), jnp.float32),
             )
             for p, lay in layouts.items()
         }
@@ -847,8 +885,10 @@ class AdapterBank:
 
     def get(self, name: str) -> dict:
         """The adapter ``name`` as a LoRA adapter at its own rank (padding removed), with
-        ``lora_B`` frozen where the adapter added had it frozen (MiCA), unless training through
-        the bank changed that B: then a plain LoRA (both factors trained), with a ``UserWarning``.
+        ``lora_B`` frozen where the adapter added had it frozen (MiCA; jpeft's train steps keep
+        that B through training in the bank), unless something else changed that B (an optimizer
+        applied to ``bank.weights`` by hand, AdamW's weight decay): then a plain LoRA (both
+        factors trained), with a ``UserWarning``.
 
         Raises:
           UnknownAdapterError: no adapter of that name is in the bank.
@@ -862,9 +902,10 @@ class AdapterBank:
         if moved:
             warnings.warn(
                 f"AdapterBank.get({name!r}): this MiCA adapter's lora_B (frozen in the adapter) changed in the bank at "
-                f"{moved[:4]} (training through bank.weights trains every slot's factors), so it is no longer MiCA's "
-                "B: the adapter comes back as a plain LoRA (lora_B trained, not frozen). Train a MiCA adapter alone "
-                "(jpeft.make_train_step on the adapter) to keep its B fixed.", UserWarning, stacklevel=2)
+                f"{moved[:4]}: it is no longer MiCA's B, so the adapter comes back as a plain LoRA (lora_B trained, not "
+                "frozen). jpeft's train steps keep a MiCA slot's B; an optimizer applied to bank.weights by hand moves it "
+                "(AdamW's weight decay does, even with a zero gradient). Train through the bank with "
+                "jpeft.make_train_step (or the pmap / sharded steps) to keep it.", UserWarning, stacklevel=2)
             frozen = {}
         out = {}
         for path, r in ranks.items():
@@ -1002,7 +1043,7 @@ class AdapterBank:
         zb = {p: jnp.zeros(st.lora_B.shape[1:], st.lora_B.dtype) for p, st in self.weights.items()}
         zs = {p: jnp.zeros((), jnp.float32) for p in self.weights}
         edit = self._next_edit()
-        w = _write_slot(self.weights, jnp.int32(i), za, zb, zs, jnp.float32(edit), self._slot_bias({}),
+        w = _write_slot(self.weights, jnp.int32(i), za, zb, zs, jnp.float32(edit), zs, self._slot_bias({}),
                         self._slot_tokens({}), self._slot_copies({}))
         return dataclasses.replace(self, weights=w, **self._slot_record(i, None, None, None, edit, None))
 
@@ -1044,6 +1085,14 @@ class AdapterBank:
                     "the scales (train with jpeft.make_train_step, or build the optimizer for "
                     "jpeft.trainable(bank.weights): the scales are frozen)."
                 )
+            # which slots' lora_B is frozen (MiCA's), against the host record: this bank's own arrays may be donated
+            got = np.asarray(st.b_frozen, np.float32)
+            want = np.asarray([float(r is not None and p in r) for r in self.slot_frozen_b], np.float32)
+            if not np.array_equal(got, want):
+                raise BankError(
+                    f"the weights' b_frozen at {p!r} is {got.tolist()} where the bank's slots hold {want.tolist()} (1: "
+                    "the slot's lora_B is frozen, MiCA's): an optimizer changed this frozen field. Train with "
+                    "jpeft.make_train_step, or build the optimizer for jpeft.trainable(bank.weights).")
             for name in ("bias_on", "token_ids", "saved_on"):  # frozen: which slots hold a bias, token ids, a copy
                 got, own = getattr(st, name), getattr(self.weights[p], name)
                 # this bank's own arrays are gone where a step donated them (bank = bank.with_weights(trained) is how
@@ -1118,13 +1167,13 @@ class AdapterBank:
                         f"needs {None if want is None else tuple(want.shape)}: pass bank.weights, or a trained copy of it "
                         "with its frozen fields (jpeft.join_frozen(trainable, frozen))."
                     )
-            for name in ("scales", "edits"):
+            for name in ("scales", "edits", "b_frozen"):
                 x = getattr(st, name)
                 if x is None or tuple(x.shape) != (self.capacity,):
                     raise BankShapeError(
                         f"weights at {p!r} carry {name} of shape {None if x is None else tuple(x.shape)}; the bank "
-                        f"needs ({self.capacity},): pass bank.weights, or a trained copy of it with its scales and "
-                        "edits (jpeft.join_frozen(trainable, frozen) puts back what jpeft.split_frozen took out)."
+                        f"needs ({self.capacity},): pass bank.weights, or a trained copy of it with its frozen fields "
+                        "(jpeft.join_frozen(trainable, frozen) puts back what jpeft.split_frozen took out)."
                     )
 
     def _validate(self, name: str, adapter) -> dict:
@@ -1218,8 +1267,9 @@ class AdapterBank:
             host_s[path] = float(np.float32(node.scale))
             new_s[path] = jnp.asarray(host_s[path], jnp.float32)
         edit = self._next_edit()
-        w = _write_slot(self.weights, jnp.int32(i), new_a, new_b, new_s, jnp.float32(edit), self._slot_bias(adapter),
-                        self._slot_tokens(adapter), self._slot_copies(adapter))
+        on = {p: jnp.float32(p in adapter and bool(adapter[p].frozen_b)) for p in self.weights}
+        w = _write_slot(self.weights, jnp.int32(i), new_a, new_b, new_s, jnp.float32(edit), on,
+                        self._slot_bias(adapter), self._slot_tokens(adapter), self._slot_copies(adapter))
         ranks = {p: int(n.a.shape[-1]) for p, n in adapter.items()}
         frozen_b = {p: np.asarray(new_b[p][: ranks[p]]) for p, n in adapter.items() if n.frozen_b}
         return dataclasses.replace(self, weights=w, **self._slot_record(i, name, ranks, host_s, edit, frozen_b))

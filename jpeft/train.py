@@ -27,7 +27,7 @@ import optax
 
 from jpeft import quant
 from jpeft.errors import ConfigError, InputValidationError, QuantizationError
-from jpeft.methods.base import Site, after_update, join_frozen, split_frozen
+from jpeft.methods.base import Site, after_update, join_frozen, keep_frozen_entries, split_frozen
 
 
 def split_loss(out):
@@ -84,7 +84,7 @@ def _check_loss(loss, out) -> None:
 
 
 def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, grads, loss, aux, *, skip_nonfinite=True,
-                 apply_if=None):
+                 apply_if=None, frozen=None):
     """Optimizer update with the non-finite guard: a step whose loss or gradients are not
     finite, or whose update would make the adapter or optimizer state non-finite (a NaN or inf
     learning rate, ``adam(eps=0)`` on a zero gradient), leaves the adapter and optimizer state
@@ -93,12 +93,18 @@ def apply_update(optimizer: optax.GradientTransformation, adapter, opt_state, gr
     ``apply_if`` (a boolean scalar, or ``None``: always): where it is false the adapter and
     optimizer state are left unchanged too and the step reports ``no_targets = 1`` (a batch
     holding no loss term, :func:`make_step_fn`'s ``loss_weight``): its zero gradient would
-    still move the adapter by AdamW's momentum and weight decay and advance the schedule."""
+    still move the adapter by AdamW's momentum and weight decay and advance the schedule.
+
+    ``frozen`` (the adapter's frozen part, :func:`jpeft.split_frozen`; ``None``: none): entries
+    of trained arrays that it marks as frozen (an :class:`~jpeft.AdapterBank` stack's ``lora_B``
+    in its MiCA slots) keep their values bit for bit, whatever the optimizer's update
+    (:func:`jpeft.methods.base.keep_frozen_entries`)."""
 
     def update(operands):
         adapter, opt_state, grads = operands
         updates, new_state = optimizer.update(grads, opt_state, adapter)
-        return after_update(optax.apply_updates(adapter, updates)), new_state
+        new = after_update(optax.apply_updates(adapter, updates))
+        return keep_frozen_entries(new, adapter, frozen), new_state
 
     def guarded(operands):
         new_adapter, new_state = update(operands)
@@ -389,7 +395,7 @@ def make_step_fn(
         # a batch without a loss term (every label masked) updates nothing: see apply_update's apply_if
         has_terms = None if loss_weight is None else _loss_weight_of(aux, loss_weight) > 0
         new_train, new_state, metrics = apply_update(optimizer, train, opt_state, grads, loss, aux,
-                                                     skip_nonfinite=skip_nonfinite, apply_if=has_terms)
+                                                     skip_nonfinite=skip_nonfinite, apply_if=has_terms, frozen=frozen)
         return _join(new_train, frozen), new_state, metrics
 
     return step

@@ -209,6 +209,38 @@ def run(steps: int = 20) -> dict:
     for i, b in enumerate(data[:3]):
         a_s, s_s, _ = step(p_s, a_s, s_s, b, jax.random.fold_in(key, i))
     record_mica("mesh2x4", host(a_s))
+
+    # ---- an AdapterBank of that MiCA adapter and the plain LoRA, trained through the bank (AdamW, weight decay) on one
+    # device and on the 2 x 4 mesh (stacks replicated, base and batch sharded): the MiCA slot's B stays bit-identical
+    # (the step puts it back after the update) and every factor moves as one device's step moves it
+    bank = jpeft.AdapterBank.from_adapters({"mica": mica0, "lora": adapter0})
+    slots = np.asarray([0, 1, -1, 0] * (len(data[0]["tokens"]) // 4), np.int32)
+    bank_data = [dict(b, ids=slots) for b in data[:3]]
+
+    def bank_loss(p, w, batch, key):
+        return loss_fn(p, jpeft.bank.route(w, None, batch["ids"]), batch, key)
+
+    start = host(bank.weights)
+    step = jpeft.make_train_step(bank_loss, adamw, donate=False)
+    w, st = bank.weights, jpeft.init_opt_state(adamw, bank.weights)
+    for i, b in enumerate(bank_data):
+        w, st, _ = step(params, w, st, b, jax.random.fold_in(key, i))
+    w_s = jax.device_put(jax.tree.map(jnp.copy, bank.weights), NamedSharding(mesh, P()))  # may alias; the step donates
+    s_s = jpeft.init_opt_state(adamw, w_s)
+    step = jpeft.make_sharded_train_step(bank_loss, adamw, mesh)
+    for i, b in enumerate(bank_data):
+        w_s, s_s, _ = step(p_s, w_s, s_s, b, jax.random.fold_in(key, i))
+    out["bank/mesh2x4/diff"] = C.max_diff(host(w_s), host(w))
+
+    def slot(ws, name, k):
+        return [np.asarray(getattr(ws[p], name)[k]) for p in sorted(ws)]
+
+    for tag, ws in (("single", host(w)), ("mesh2x4", host(w_s))):
+        out[f"bank/{tag}/mica_b_diff"] = C.max_diff(slot(ws, "lora_B", 0), slot(start, "lora_B", 0))
+        out[f"bank/{tag}/mica_a_change"] = C.max_diff(slot(ws, "lora_A", 0), slot(start, "lora_A", 0))
+        out[f"bank/{tag}/lora_b_change"] = C.max_diff(slot(ws, "lora_B", 1), slot(start, "lora_B", 1))
+        back = bank.with_weights(jax.tree.map(jnp.asarray, ws)).get("mica")
+        out[f"bank/{tag}/mica_frozen_b"] = all(n.frozen_b for n in back.values())
     return out
 
 

@@ -270,6 +270,70 @@ def _mica_pair(n=2, r=5):
     return model, params, ids, cfg, out[:n], out[n]
 
 
+def _row_loss(y):
+    """One loss per row (a sum over rows never mixes two adapters' terms): the reference trains each adapter on
+    its own rows alone."""
+    return jnp.mean((y - 0.5) ** 2, axis=tuple(range(1, y.ndim)))
+
+
+def test_mica_slots_train_a_only_through_the_bank():
+    """Training through an AdapterBank (make_train_step on bank.weights, AdamW with weight decay), a bank mixing a MiCA
+    and a plain LoRA slot and one of MiCA slots only, every tensor random, ranks padded 3 -> 4: no gradient reaches a
+    MiCA slot's lora_B, its B stays bit-identical and get gives it back as MiCA without a word, its A equals the
+    adapter trained alone on its rows (make_train_step), and the plain slot equals its adapter trained alone. Before,
+    the bank trained every slot's B (and AdamW decayed it): get returned a plain LoRA, with a warning."""
+    from jpeft.bank import route
+
+    model, params, ids, cfg, (a, b), plain = _mica_pair(r=3)
+    x = (jnp.concatenate([ids, ids[::-1]]) * 7 + 3) % 50  # 8 rows
+    tx = optax.adamw(3e-2, weight_decay=0.1)
+
+    def bank_loss(p, w, batch, key):
+        return _row_loss(jpeft.apply(model, p, route(w, None, batch["ids"]), batch["x"])).sum()
+
+    def alone_loss(p, ad, batch, key):
+        return _row_loss(jpeft.apply(model, p, ad, batch["x"])).sum()
+
+    bank_grad = jax.jit(jax.grad(bank_loss, argnums=1))
+    bank_step = jpeft.make_train_step(bank_loss, tx, donate=False)
+    alone_step = jpeft.make_train_step(alone_loss, tx, donate=False)
+    for ads, names in (({"p": plain, "a": a}, ["a", "p", "a", None, "p", "a", "p", None]),
+                       ({"a": a, "b": b}, ["b", "a", "a", None, "b", "a", "b", None])):
+        bank = jpeft.AdapterBank.from_adapters(ads, capacity=3, max_rank=4)
+        batch = {"ids": bank.ids(names), "x": x}
+        grads = bank_grad(params, bank.weights, batch, None)
+        w, st = bank.weights, jpeft.init_opt_state(tx, bank.weights)
+        for _ in range(3):
+            w, st, _ = bank_step(params, w, st, batch, None)
+        trained = bank.with_weights(w)
+        for name, ad in ads.items():
+            k, mica = bank.slot(name), name != "p"
+            for path, n in ad.items():  # a MiCA slot's B gets exactly no gradient, its A (and a plain B) some
+                assert (float(jnp.abs(grads[path].lora_B[k]).max()) == 0.0) == mica, (name, path)
+                assert float(jnp.abs(grads[path].lora_A[k]).max()) > 1e-3
+            rows = np.asarray([m == name for m in names])
+            ref, s = ad, jpeft.init_opt_state(tx, ad)
+            for _ in range(3):
+                ref, s, _ = alone_step(params, ref, s, {"x": x[rows]}, None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = trained.get(name)
+            for path, n in ref.items():
+                assert got[path].frozen_b == n.frozen_b == mica
+                np.testing.assert_allclose(got[path].lora_A, n.lora_A, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(got[path].lora_B, n.lora_B, rtol=1e-5, atol=1e-6)
+                assert float(jnp.abs(n.lora_A - ad[path].lora_A).max()) > 1e-2  # A moved
+                if mica:  # bit for bit, as the adapter alone keeps it
+                    np.testing.assert_array_equal(got[path].lora_B, ad[path].lora_B)
+                    np.testing.assert_array_equal(w[path].lora_B[k], bank.weights[path].lora_B[k])
+                else:
+                    assert float(jnp.abs(n.lora_B - ad[path].lora_B).max()) > 1e-2
+    # the mask is a frozen field: weights whose b_frozen an optimizer changed are refused by name
+    bad = {p: dataclasses.replace(s_, b_frozen=jnp.zeros_like(s_.b_frozen)) for p, s_ in w.items()}
+    with pytest.raises(jpeft.errors.BankError, match="b_frozen.*frozen field"):
+        bank.with_weights(bad)
+
+
 def _delta_of(ads, w):
     return {p: sum(wi * ad[p].delta_matrix() for ad, wi in zip(ads, w)) for p in ads[0]}
 
@@ -316,8 +380,9 @@ def test_mica_in_a_bank_routes_as_alone_and_comes_back_frozen(tmp_path):
     """An AdapterBank holding MiCA and plain adapters: each row equals its adapter alone (every tensor random,
     an embedding and dense sites), and bank.get gives a MiCA adapter back with lora_B frozen and its arrays
     bit-identical (before, as a plain LoRA), a plain one plain, also after replace / remove / add into the freed
-    slot; the MiCA adapter got back saves and loads as MiCA. After a step through bank.weights (which trains every
-    slot's B) a MiCA slot the batch reached comes back plain, with a warning."""
+    slot; the MiCA adapter got back saves and loads as MiCA. A step of jpeft's through bank.weights keeps every MiCA
+    slot's B (test_mica_slots_train_a_only_through_the_bank); an optimizer applied by hand (AdamW's weight decay moves
+    a B whose gradient is zero) gives it back plain, with a warning."""
     model, params, ids, cfg, (a, b), plain = _mica_pair(r=3)
     bank = jpeft.AdapterBank.from_adapters({"a": a, "p": plain, "b": b}, capacity=4, max_rank=4)
     names = ["b", "a", None, "p"]
@@ -341,18 +406,12 @@ def test_mica_in_a_bank_routes_as_alone_and_comes_back_frozen(tmp_path):
     assert cfg2.init_weights == "mica" and all(n.frozen_b for n in back.values())
     for p, n in a.items():
         np.testing.assert_array_equal(back[p].lora_B, n.lora_B)
-    # training through the bank trains every slot's B: a MiCA slot the batch reached comes back plain, with a
-    # warning; one it did not reach (zero gradient, SGD) is still MiCA
-    tx = optax.sgd(0.1)
-
-    def loss_fn(p, w, batch, key):
-        return jnp.mean(jpeft.apply(model, p, bank.route(batch["ids"], weights=w), batch["x"]) ** 2)
-
-    w = jpeft.make_train_step(loss_fn, tx)(params, bank.weights, jpeft.init_opt_state(tx, bank.weights),
-                                           {"ids": bank.ids(["a", "p", "a", None]), "x": ids}, None)[0]
-    trained = bank.with_weights(w)
-    with pytest.warns(UserWarning, match="'a'.*plain LoRA"):
-        assert not any(n.frozen_b for n in trained.get("a").values())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert all(n.frozen_b for n in trained.get("b").values())
+    # an optimizer applied to bank.weights by hand, outside jpeft's steps: AdamW's weight decay moves every B, the
+    # MiCA slots' too (zero gradient), and get says so; a MiCA slot with no B site moved would still be MiCA
+    train, frozen = jpeft.split_frozen(bank.weights)
+    tx = optax.adamw(0.1, weight_decay=0.5)
+    upd, _ = tx.update(jax.tree.map(jnp.zeros_like, train), tx.init(train), train)
+    decayed = bank.with_weights(jpeft.join_frozen(optax.apply_updates(train, upd), frozen))
+    for name in ("a", "b"):
+        with pytest.warns(UserWarning, match=f"'{name}'.*plain LoRA"):
+            assert not any(n.frozen_b for n in decayed.get(name).values())

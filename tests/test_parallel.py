@@ -118,6 +118,18 @@ def test_mica_keeps_b_bit_identical_and_moves_a_as_one_device(eight, strategy):
     assert eight[f"mica/{strategy}/a_diff"] < 1e-5, eight[f"mica/{strategy}/a_diff"]
 
 
+def test_bank_trains_mica_slots_a_only_on_a_mesh_as_on_one_device(eight):
+    """An AdapterBank of a MiCA and a plain LoRA adapter trained through the bank (3 AdamW steps, weight decay 0.1)
+    on one device and on the 2 x 4 (data x fsdp) mesh: the MiCA slot's B stays bit-identical and comes back MiCA
+    from bank.get, its A and the plain slot's factors move, and the mesh equals one device. Before, the bank
+    trained (and decayed) the MiCA slot's B."""
+    for tag in ("single", "mesh2x4"):
+        assert eight[f"bank/{tag}/mica_b_diff"] == 0.0
+        assert eight[f"bank/{tag}/mica_frozen_b"]
+        assert eight[f"bank/{tag}/mica_a_change"] > 1e-3 and eight[f"bank/{tag}/lora_b_change"] > 1e-3
+    assert eight["bank/mesh2x4/diff"] < 1e-5, eight["bank/mesh2x4/diff"]
+
+
 def test_pmap_replicas_identical(eight):
     assert eight["pmap/sgd/replicas_equal"] == 0.0
     assert eight["pmap/adam/replicas_equal"] == 0.0

@@ -386,6 +386,15 @@ class FrozenFields:
             return self
         return dataclasses.replace(self, **{n: getattr(frozen, n) for n in self.frozen})
 
+    def keep_frozen_entries(self, before, frozen):
+        """The trainable part ``self`` after an optimizer update, with the entries that ``frozen``
+        (this node's frozen part) marks as never trained put back from ``before`` (the trainable
+        part before the update), bit for bit. For a node some of whose trained arrays are frozen
+        in part only, e.g. the adapter bank's stacked ``lora_B``, frozen in the slots that hold
+        MiCA adapters: an optimizer moves an entry whatever its gradient (AdamW's weight decay,
+        momentum), so the train step calls this on every node. Default: ``self``."""
+        return self
+
 
 class Site(FrozenFields):
     """Base class of per-site nodes: the protocol, with the defaults a node inherits."""
@@ -574,6 +583,16 @@ def after_update(adapter):
     if not isinstance(adapter, Mapping):
         return adapter
     return {p: (n.after_update() if _is_node(n) else n) for p, n in adapter.items()}
+
+
+def keep_frozen_entries(new: Any, before: Any, frozen: Any):
+    """:meth:`FrozenFields.keep_frozen_entries` on every node of the trainable part ``new`` of an
+    adapter (``before``: that part before the optimizer update; ``frozen``: the adapter's frozen
+    part, :func:`split_frozen`); anything but a ``{path: node}`` dict is returned as it is."""
+    if not isinstance(new, Mapping) or not isinstance(frozen, Mapping):
+        return new
+    return {p: (n.keep_frozen_entries(before[p], frozen.get(p)) if isinstance(n, FrozenFields) else n)
+            for p, n in new.items()}
 
 
 def join_frozen(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
