@@ -399,11 +399,13 @@ class AdapterConfig:
         it can; ``jpeft train`` reads it to refuse ``train.scan_layers = true`` before loading."""
         return None
 
-    def adapts_lm_head(self) -> bool:
+    def adapts_lm_head(self, peft_version: Optional[tuple[int, int]] = None) -> bool:
         """Whether this config gives ``lm_head`` a site or a trained copy of its own, which PEFT
         computes on a tied model with an ``lm_head`` of its own; ``jpeft train`` then reads a tied
-        base untied. By default: ``target_modules`` selects ``lm_head`` (a method with other
-        selection rules overrides this: LoRA's exclusions and ``modules_to_save``)."""
+        base untied, and the CLI's commands for a PEFT folder (``peft_version``: its file's
+        ``(major, minor)``, where the PEFTs match names differently; ``None``: jpeft's own rules).
+        By default: ``target_modules`` selects ``lm_head`` (a method with other selection rules
+        overrides this: LoRA's exclusions and ``modules_to_save``)."""
         targets = getattr(self, "target_modules", None)
         return targets is not None and matches(targets, "lm_head")
 

@@ -700,7 +700,8 @@ def _read_config_dict(path: str) -> tuple[dict, Method]:
 def peft_config(path: str) -> AdapterConfig:
     """The config of the PEFT adapter folder ``path`` as its ``adapter_config.json`` states it,
     read without its weights or a base: what a command asks before it loads the base (the CLI
-    reads a tied base untied when ``peft_config(path).adapts_lm_head()``): the method's
+    reads a tied base untied when ``peft_config(path).adapts_lm_head(peft_version)``, the file's
+    ``peft_version`` saying how its PEFT matched ``modules_to_save``): the method's
     ``Method.hf_config`` (LoRA's is the reading :func:`load_peft` starts from), by default its
     config class's ``from_dict`` of the keys jpeft knows for it (those it does not know are
     what :func:`load_peft` warns of).

@@ -31,7 +31,10 @@ Three entry points:
 * :func:`merge_deltas` -> ``{path: [in, out] merged update}``;
 * :func:`merge_adapters` -> a LoRA adapter ``{path: LoraWeights}`` (exact for ``"linear"`` and
   ``"cat"``; SVD-truncated to ``rank`` for the others), usable with :func:`jpeft.apply`, a
-  bank, or :func:`jpeft.merge`;
+  bank, or :func:`jpeft.merge`; inputs with a ``lora_bias`` give it the bias
+  ``Σ w_i s_i lora_bias_i`` at each site, as PEFT >= 0.22's ``add_weighted_adapter`` does
+  (whatever the method; ``merge_deltas`` and ``merge_into_base`` refuse them: the bias is no
+  kernel update);
 * :func:`merge_into_base` -> base params with the merged update folded in (exact, no
   truncation), for serving one tenant with no adapter overhead.
 
@@ -67,8 +70,8 @@ import numpy as np
 from jpeft import quant
 from jpeft.core import RoundingTally
 from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
-from jpeft.methods.base import (Layout, LowRank, check_adapter, check_kernel_fn_merge, check_tied_merge, low_rank_node,
-                               residual_refusal)
+from jpeft.methods.base import (Kind, Layout, LowRank, check_adapter, check_kernel_fn_merge, check_tied_merge,
+                               low_rank_node, residual_refusal)
 from jpeft.scan import Stacked
 from jpeft.tree import get_subtree, is_nnx_module, rewrap_params, set_subtree, unwrap_params
 
@@ -252,7 +255,7 @@ def _validate(adapters, weights, method, density, majority_sign, key):
         low.append({})
         for path, node in ad.items():
             try:
-                lr = node if isinstance(node, LowRank) else node.low_rank()
+                lr = node if isinstance(node, LowRank) else _low_rank_of(node)
             except NotMergeableError as e:
                 hint = (" (for a layer-scanned model's stacked sites, merge jpeft.scan.unstack_adapter(a) of each and "
                         "restack with jpeft.scan.stack_adapter)") if isinstance(node, Stacked) else ""
@@ -281,9 +284,68 @@ def _validate(adapters, weights, method, density, majority_sign, key):
                         "adapter equals their sum. Train them with the same ensure_weight_tying."
                     )
                 ties[path] = (j, tied if tied is not None else lr.tied_output, tie)
-    # each merged site as an empty LowRank: its layout, and its embedding tied as its inputs' were
-    sites = {path: LowRank(None, None, 1.0, lay, ties[path][1], ties[path][2]) for path, lay in layouts.items()}
+    biases = _merged_biases(low, weights, layouts)
+    # each merged site as an empty LowRank: its layout, its embedding tied as its inputs' were, its lora_bias
+    sites = {path: LowRank(None, None, 1.0, lay, ties[path][1], ties[path][2], bias=biases.get(path))
+             for path, lay in layouts.items()}
     return low, weights, sites
+
+
+def _low_rank_of(node) -> LowRank:
+    """``node.low_rank()``, or for a LoRA with ``lora_bias`` its update with :attr:`LowRank.bias`
+    (``node.routed_low_rank()``), which merging combines as PEFT >= 0.22's ``add_weighted_adapter``
+    does; what else ``low_rank()`` refuses (DoRA, a trained base bias, trainable tokens, a
+    ``modules_to_save`` copy) stays refused with its reason."""
+    try:
+        return node.low_rank()
+    except NotMergeableError as e:
+        lr = node.routed_low_rank()
+        if lr.bias is None or lr.tokens is not None or lr.saved is not None:
+            raise e from None
+        return lr
+
+
+def _merged_biases(low, weights, layouts) -> dict:
+    """``{path: Σ w_i s_i lora_bias_i}`` (float32 ``[out]``, zero where no input has one) at every
+    merged site when any input has a ``lora_bias``, else ``{}``: PEFT >= 0.22's
+    ``add_weighted_adapter`` gives the merged adapter (scale 1) ``lora_bias=True`` as soon as one
+    input has it, and that sum, whatever the combination type (the bias adds to the output apart
+    from the factors). PEFT 0.21 kept the merged bias at zero (its outputs lack the inputs' biases).
+
+    Raises:
+      NotMergeableError: inputs with a ``lora_bias`` and an embedding site, which has no bias (as
+        PEFT 0.22 refuses; PEFT records one ``lora_bias`` per adapter, so the merged adapter
+        could not be saved)."""
+    have = [i for i, ad in enumerate(low) if any(lr.bias is not None for lr in ad.values())]
+    if not have:
+        return {}
+    embeds = sorted(p for p, lay in layouts.items() if lay.kind == Kind.EMBED)
+    if embeds:
+        raise NotMergeableError(
+            f"adapters {have} have a lora_bias (LoraConfig.lora_bias=True), and the adapters also adapt the "
+            f"embedding(s) {embeds[:4]}, which take no bias: the merged adapter would need lora_bias at some sites and "
+            "not at others, which one LoraConfig cannot record (PEFT 0.22's add_weighted_adapter refuses this too). "
+            "Merge the embedding adapters and the lora_bias ones in separate calls, or drop the embeddings' sites.")
+    out = {}
+    for path, lay in layouts.items():
+        total = jnp.zeros((lay.out_features,), jnp.float32)
+        for ad, w in zip(low, weights):
+            lr = ad.get(path)
+            if lr is not None and lr.bias is not None:
+                total = total + (w * float(lr.scale)) * jnp.asarray(lr.bias, jnp.float32).reshape(-1)
+        out[path] = total
+    return out
+
+
+def _refuse_biases(sites, where: str) -> None:
+    """Refuses merged sites with a ``lora_bias`` in ``where``, which gives the kernels' updates only."""
+    biased = sorted(p for p, site in sites.items() if site.bias is not None)
+    if biased:
+        raise NotMergeableError(
+            f"{where} gives the merged kernel updates only, but the adapters have a lora_bias "
+            f"(LoraConfig.lora_bias=True) at {biased[:4]}, which adds to the output apart from them. Use "
+            "jpeft.merging.merge_adapters, whose merged adapter holds the combined lora_bias (rank='full' keeps it "
+            "exact), and jpeft.merge to fold that into the base.")
 
 
 def _mica_inputs(adapters: Sequence[Mapping[str, LowRank]]) -> tuple[bool, bool]:
@@ -324,10 +386,17 @@ def merge_deltas(
 
     Raises:
       ConfigError: an unknown method, a missing density or key, weights of the wrong length.
-      NotMergeableError: a non-LoRA or DoRA adapter.
+      NotMergeableError: a non-LoRA or DoRA adapter, or one with a ``lora_bias`` (not part of the
+        kernel update; :func:`merge_adapters` combines it).
       ShapeMismatchError: adapters made for different base models.
     """
     adapters, weights, sites = _validate(adapters, weights, method, density, majority_sign, key)
+    _refuse_biases(sites, "jpeft.merging.merge_deltas")
+    return _deltas(adapters, weights, sites, method, density, majority_sign, key)
+
+
+def _deltas(adapters, weights, sites, method, density, majority_sign, key) -> dict:
+    """:func:`merge_deltas` of checked inputs (:func:`_validate`'s)."""
     w = jnp.asarray(weights, jnp.float32)
     out = {}
     for path, site in sites.items():
@@ -386,6 +455,12 @@ def merge_adapters(
         singular value (exact, rank ``min(in, out)``). ``"cat"`` is always exact and refuses
         a rank.
 
+    ``lora_bias`` inputs (``LoraConfig.lora_bias=True``): the merged adapter has a ``lora_bias`` at
+    every site, ``Σ w_i s_i lora_bias_i`` (zero where no input has one), whatever the method and
+    ``factors``, as PEFT >= 0.22's ``add_weighted_adapter`` gives it (PEFT 0.21 left it at zero);
+    refused (:class:`NotMergeableError`) beside an embedding site, which takes no bias (PEFT 0.22
+    refuses too). Saved with ``LoraConfig(lora_bias=True, ...)`` it loads in either PEFT.
+
     MiCA inputs (``lora_B`` frozen): the exact concatenation of MiCA adapters only keeps
     ``lora_B`` frozen (where its rank stays within ``min(in, out)``); any other method, ``rank``,
     ``factors=True`` or a mix of MiCA and plain inputs gives a plain LoRA and warns
@@ -417,7 +492,7 @@ def merge_adapters(
                                  "update, not the base's minor singular vectors (MiCA's)")
     if method == "linear":
         method = "svd"
-    deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
+    deltas = _deltas(adapters, weights, sites, method, density, majority_sign, key)
     default_rank = max(int(lr.a.shape[-1]) for ad in adapters for lr in ad.values())
     out = {}
     for path, d in deltas.items():
@@ -515,13 +590,15 @@ def merge_into_base(
 
     Raises:
       ShapeMismatchError: an adapter site the params do not have, or of another shape.
-      NotMergeableError: an embedding the model also reads as its tied output projection,
+      NotMergeableError: an adapter with a ``lora_bias`` (fold :func:`merge_adapters`'s result in with
+        :func:`jpeft.merge`); an embedding the model also reads as its tied output projection,
         adapted on its input lookup only (no ``ensure_weight_tying``); for an ``nnx.Module``, a
         site on a module whose weights another module also holds (as :func:`jpeft.merge`); a site
         on a module that computes with its own function of its kernel (as :func:`jpeft.merge`).
       (and what :func:`merge_deltas` raises)
     """
     _, _, sites = _validate(adapters, weights, method, density, majority_sign, key)
+    _refuse_biases(sites, "jpeft.merging.merge_into_base")
     for path, site in sites.items():
         check_tied_merge(site)
         check_kernel_fn_merge(path, site.layout, "jpeft.merging.merge_into_base")

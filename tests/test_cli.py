@@ -2538,12 +2538,74 @@ def test_cli_reads_lm_head_of_a_peft_folder_as_its_loader_does(tied_llama, tmp_p
                         p.copy_(0.3 * torch.randn(p.shape, generator=g))
             pm.save_pretrained(tmp_path / name)
             config, adapter = jpeft.hf.load_peft(str(tmp_path / name), bases[want])
-        assert adapts_lm_head(str(tmp_path / name)) is want, name
         # PEFT < 0.22's suffix rule copies lm_head for modules_to_save=["head"]; PEFT 0.22 matches whole name
-        # components, so its file copies nothing: the loaded adapter has no lm_head (the CLI's check, made before
-        # the base loads, still reads the suffix rule and so the base untied: the same logits)
+        # components, so its file copies nothing: the loaded adapter has no lm_head, and the CLI's check, made
+        # before the base loads, reads the file by its peft_version too (it read the suffix rule, and so the base
+        # untied: the same logits, but `jpeft merge` wrote an untied checkpoint where PEFT's merge stays tied)
         has_head = want and not (name == "lora_saves_head" and tiny.peft_at_least(0, 22))
+        assert adapts_lm_head(str(tmp_path / name)) is has_head, name
         assert ("lm_head" in adapter) is has_head and config.adapts_lm_head() is has_head, (name, sorted(adapter))
+
+
+def test_merge_of_a_peft_folder_naming_head_keeps_the_base_tied_as_its_peft_version_does(tied_llama, tmp_path, capsys):
+    """modules_to_save=["head"] copies lm_head in PEFT < 0.22 (a suffix) and nothing in PEFT 0.22
+    (whole name components). The CLI decided whether to read a tied base untied by the suffix rule
+    alone, before the base loads, so `jpeft merge` of a 0.22 file wrote an untied checkpoint where
+    PEFT 0.22's merge_and_unload keeps it tied. The decision now follows the file's peft_version:
+    a 0.22 file stays tied, a 0.21 file is untied, each with the logits of PEFT's merge of that file
+    (the installed PEFT's own file, and both versions' files built from one with every tensor
+    random, each compared with a file the installed PEFT computes alike)."""
+    import json
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    import _models_tiny as tiny
+
+    base, folder = tied_llama
+    ids = torch.tensor(np.random.default_rng(5).integers(3, base.config.vocab_size, size=(2, 10)))
+
+    def peft_merge(ad):  # PEFT's merge_and_unload of the folder `ad`: (logits, whether lm_head stays tied)
+        m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), ad).merge_and_unload().eval()
+        with torch.no_grad():
+            return m(ids).logits.numpy(), m.lm_head.weight is m.model.embed_tokens.weight
+
+    def edited(name, src, drop_head=False, **changes):  # a copy of the folder `src` with its config changed
+        out = tmp_path / name
+        shutil.copytree(src, out)
+        d = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({**d, **changes}))
+        if drop_head:  # as the writing PEFT saves it: no lm_head copy
+            t = load_file(out / "adapter_model.safetensors")
+            save_file({k: v for k, v in t.items() if ".lm_head." not in k}, out / "adapter_model.safetensors")
+        return out
+
+    pm = _peft_random_folder(base, tmp_path / "full", seed=7, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    _peft_random_folder(base, tmp_path / "native", seed=8, target_modules=["q_proj"], modules_to_save=["head"])
+    with torch.no_grad():
+        assert np.abs(pm(ids).logits.numpy() - base(ids).logits.numpy()).max() > 0.5  # the LoRA and the copy act
+    plain = edited("plain", tmp_path / "full", drop_head=True, modules_to_save=None)  # the q_proj LoRA alone
+    cases = {  # folder -> (the folder the installed PEFT computes as the file's PEFT computes it, tied after merge)
+        "native": (tmp_path / "native", tiny.peft_at_least(0, 22)),  # PEFT 0.22's own file copies nothing
+        "v21": (tmp_path / "full", False),
+        "v22": (plain, True),
+    }
+    edited("v21", tmp_path / "full", modules_to_save=["head"], peft_version="0.21.2")
+    edited("v22", tmp_path / "full", drop_head=True, modules_to_save=["head"], peft_version="0.22.0")
+    for name, (ref_folder, tied) in cases.items():
+        want, peft_tied = peft_merge(ref_folder)
+        assert peft_tied is tied, name
+        out = tmp_path / f"m_{name}"
+        r = jpeft_here(capsys, "merge", "--model", folder, "--adapter", tmp_path / name, "--out", out)
+        assert r.returncode == 0, r.stderr
+        merged = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert merged.config.tie_word_embeddings is tied, name
+        assert (merged.lm_head.weight is merged.model.embed_tokens.weight) is tied, name
+        with torch.no_grad():
+            np.testing.assert_allclose(merged(ids).logits.numpy(), want, atol=2e-5, err_msg=name)
 
 
 def test_train_adapts_lm_head_of_a_tied_base_as_peft_does(tied_llama, hf_dir, tmp_path, capsys):

@@ -390,6 +390,51 @@ def test_save_embedding_layers_with_wrapped_embeddings(case, tmp_path):
             H.load_peft(str(tmp_path / "a"), loaded(family)[1])
 
 
+def test_trainable_token_keys_match_as_the_files_peft_matches_them(tmp_path):
+    """PEFT's _set_trainable, which wraps the embeddings a dict trainable_token_indices names, matches
+    each key as a suffix of a module's dotted name before 0.22 and on whole components from 0.22 on
+    (utils/other.py _is_valid_match): {"type_embeddings": ids} selects BERT's token_type_embeddings in
+    PEFT 0.21 and nothing in PEFT 0.22 (get_peft_model and from_pretrained raise). jpeft read such keys
+    by the suffix alone, so a 0.22 file that PEFT 0.22 cannot load loaded. Now the file's
+    peft_version decides: a 0.21 file gives PEFT's logits (every tensor random), a 0.22 one is
+    refused by name, as PEFT 0.22 refuses it."""
+    from jpeft.errors import TargetNotFoundError
+
+    hf, _ = T.hf_model("bert")
+    ids, mask = T.batch("bert", seed=2)
+    full = "bert.embeddings.token_type_embeddings"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if PEFT_22:  # the short key selects no module in PEFT 0.22
+            with pytest.raises(ValueError, match="not found in the base model"):
+                peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+                    r=2, target_modules=["query"], trainable_token_indices={"type_embeddings": [0, 1]}))
+        key = full if PEFT_22 else "type_embeddings"  # PEFT 0.21 writes the short key itself
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=2, target_modules=["query"],
+                                                                     trainable_token_indices={key: [0, 1]}))
+        T.perturb_trainable(pm, seed=4)
+        pm.save_pretrained(str(tmp_path / "native"))
+    ref = _peft_logits(pm, "bert", ids, mask)
+    assert np.abs(ref - _peft_logits(hf, "bert", ids, mask)).max() > 1e-2  # the token rows and the LoRA act
+    for version in ("0.21.2", "0.22.0"):
+        d = tmp_path / version
+        shutil.copytree(tmp_path / "native", d)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        (d / "adapter_config.json").write_text(json.dumps(
+            {**cfg, "peft_version": version, "trainable_token_indices": {"type_embeddings": [0, 1]}}))
+        if version == "0.21.2":
+            _, adapter = H.load_peft(str(d), loaded("bert")[1])
+            _close("bert", _jpeft_logits("bert", adapter, ids, mask), ref, mask)
+            continue
+        with pytest.raises(TargetNotFoundError, match=r"PEFT 0\.22, which matches such a name on whole components.*"
+                                                      r"'bert\.embeddings\.token_type_embeddings'"):
+            H.load_peft(str(d), loaded("bert")[1])
+        if PEFT_22:
+            with warnings.catch_warnings(), pytest.raises(ValueError, match="not found in the base model"):
+                warnings.simplefilter("ignore")
+                peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(d))
+
+
 @pytest.mark.parametrize("option", ["kasa_config", "monteclora_config", "velora_config"])
 def test_lora_variants_are_refused_by_name(saved_llama, tmp_path, option):
     """PEFT 0.21's KaSA / MonteCLoRA / VeLoRA LoRA variants are named in the refusal (they were a

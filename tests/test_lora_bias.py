@@ -5,6 +5,7 @@ the refusals PEFT makes too. The PEFT format both ways is in tests/test_interop_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -124,13 +125,19 @@ def test_config_round_trip_and_refusals():
         jpeft.init(jpeft.LoraConfig(r=2, target_modules=["emb"], lora_bias=True), p, jax.random.key(1), Emb(), ids)
 
 
-def test_adapter_merging_refuses_the_bias_the_bank_routes_it_and_refuses_base_biases():
-    """merge_adapters cannot combine lora_bias (nor trained base biases); the bank routes a
-    lora_bias, as PEFT's mixed batch does (each row its own adapter's output: tests/test_bank.py
-    compares with PEFT), but refuses trained base biases (bias="lora_only"), which PEFT shares."""
+def test_adapter_merging_sums_the_bias_the_bank_routes_it_and_both_refuse_base_biases():
+    """merge_adapters combines lora_bias as PEFT 0.22's add_weighted_adapter does (sum_i w_i s_i b_i
+    on a scale-1 adapter; tests/test_merging.py compares with PEFT) but not trained base biases; the
+    bank routes a lora_bias, as PEFT's mixed batch does (each row its own adapter's output:
+    tests/test_bank.py compares with PEFT), but refuses trained base biases (bias="lora_only"),
+    which PEFT shares."""
     model, params, _, ad = _setup(targets=("d",))
-    with pytest.raises(NotMergeableError, match="trains a bias"):
-        merge_adapters([ad, ad])
+    merged = merge_adapters([ad, ad], [0.5, 2.0])["d"]
+    np.testing.assert_allclose(merged.lora_bias, 2.5 * ad["d"].scale * ad["d"].lora_bias, rtol=1e-6)
+    np.testing.assert_allclose(merged.delta_matrix(), 2.5 * ad["d"].delta_matrix(), rtol=1e-5, atol=1e-6)
+    scaled = {"d": dataclasses.replace(ad["d"], scale=2.5 * ad["d"].scale)}  # the same update and bias, unmerged
+    np.testing.assert_allclose(jpeft.apply(model, params, {"d": merged}, X), jpeft.apply(model, params, scaled, X),
+                               rtol=1e-5, atol=1e-5)
     bank = AdapterBank.from_adapters({"a": ad}, capacity=2)
     routed = jpeft.apply(model, params, bank.route(["a", None]), X)
     np.testing.assert_allclose(routed[0], jpeft.apply(model, params, ad, X)[0], atol=1e-5, rtol=1e-5)

@@ -37,6 +37,7 @@ from jpeft.errors import (BaseMismatchError, CheckpointError, JpeftError, LoadEr
                           UnsupportedAdapterError)
 from jpeft.io import read_json, verify_checksum
 from jpeft.models import loading
+from jpeft.peft_format import peft_version_of
 
 ADAPTER_JSON = "jpeft_adapter.json"
 PEFT_JSON = "adapter_config.json"
@@ -88,9 +89,11 @@ def find_adapter(path: str) -> Found:
 
 def adapts_lm_head(path: str) -> bool:
     """Whether the adapter at ``path`` is a PEFT folder whose config adapts ``lm_head``
-    (:meth:`jpeft.AdapterConfig.adapts_lm_head` of :func:`jpeft.hf.peft_config`: a site of it,
-    or ``modules_to_save`` naming it, ``["lm_head"]`` or ``["head"]`` by PEFT's suffix rule; not
-    with ``ensure_weight_tying``, where the embedding's site covers the tied head), or a jpeft
+    (:meth:`jpeft.AdapterConfig.adapts_lm_head` of :func:`jpeft.hf.peft_config`, by the rules of
+    the file's ``peft_version``, as :func:`jpeft.hf.load_peft` reads it: a site of it, or
+    ``modules_to_save`` naming it, ``["lm_head"]``, or ``["head"]`` in a file of PEFT < 0.22,
+    whose suffix rule copies ``lm_head`` where PEFT >= 0.22 copies nothing; not with
+    ``ensure_weight_tying``, where the embedding's site covers the tied head), or a jpeft
     adapter or checkpoint saved for a base with an ``lm_head`` of its own (``jpeft train`` of
     such a method on a tied base reads it untied). On a base whose ``config.json`` ties
     ``lm_head`` to the input embedding, PEFT computes such an adapter with an ``lm_head`` of its
@@ -114,7 +117,7 @@ def adapts_lm_head(path: str) -> bool:
     try:
         with warnings.catch_warnings():  # the loader gives the file's warnings (an init it reads as plain LoRA)
             warnings.simplefilter("ignore")
-            return hf.peft_config(found.path).adapts_lm_head()
+            return hf.peft_config(found.path).adapts_lm_head(peft_version_of(hf.read_peft_config(found.path)))
     except JpeftError:  # a damaged or unsupported file: the loader names it
         return False
 

@@ -476,7 +476,8 @@ class Site(FrozenFields):
     def routed_low_rank(self) -> LowRank:
         """What the adapter bank routes: :meth:`low_rank`, or for a LoRA with ``lora_bias`` (which
         PEFT's mixed-batch forward mixes like any LoRA) the same with :attr:`LowRank.bias` set, the
-        update being ``s * (x @ A @ B + bias)``. Adapter merging reads :meth:`low_rank` only."""
+        update being ``s * (x @ A @ B + bias)``. Adapter merging reads :meth:`low_rank`, and this
+        where that refuses a ``lora_bias`` (which it combines as PEFT >= 0.22 does)."""
         return self.low_rank()
 
     def partition_specs(self, module_specs):

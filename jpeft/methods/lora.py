@@ -54,6 +54,27 @@ def is_residual_init(init) -> bool:
                                       or re.fullmatch(r"pissa_niter_[0-9]+", init) is not None)
 
 
+# the first PEFT whose _set_trainable (the modules of modules_to_save, the embeddings a dict trainable_token_indices
+# names) matches a name on whole components of a module's dotted name (utils/other.py _is_valid_match); PEFT before it
+# and jpeft's own configs match a plain suffix
+_COMPONENT_NAMES = (0, 22)
+
+
+def peft_names_match(module: str, name: str, peft_version: Optional[tuple[int, int]] = None) -> bool:
+    """Whether PEFT's ``_set_trainable`` of the PEFT ``peft_version`` (``(major, minor)`` of a file's
+    ``peft_version``: :func:`jpeft.peft_format.peft_version_of`) matches ``name``, an entry of
+    ``modules_to_save`` or a key of a dict ``trainable_token_indices``, to the module of dotted name
+    ``module``: from PEFT 0.22 on, ``module`` is ``name`` or ends with ``"." + name``; before it
+    (and for ``None``, jpeft's own configs), ``module`` ends with ``name``.
+
+    >>> peft_names_match("model.embed_tokens", "tokens"), peft_names_match("model.embed_tokens", "tokens", (0, 22))
+    (True, False)
+    """
+    if peft_version is not None and tuple(peft_version) >= _COMPONENT_NAMES:
+        return module == name or module.endswith("." + name)
+    return module.endswith(name)
+
+
 def _hf_module_name(name: str) -> str:
     """A module name as Hugging Face PEFT writes it: a jpeft path (``model/layers_0/mlp``) as its
     dotted name (``model.layers.0.mlp``), as ``target_modules`` takes either; others as given."""
@@ -375,11 +396,12 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
                     break
         return None if m is None else int(m.group("idx"))
 
-    def adapts_lm_head(self) -> bool:
-        """``lm_head`` gets a site (:meth:`selects`) or is saved whole (:meth:`saves`, PEFT's suffix
-        rule: ``modules_to_save=["head"]`` copies ``lm_head`` too); not with ``ensure_weight_tying``,
-        where the embedding's site covers the tied head."""
-        return not self.ensure_weight_tying and (self.selects("lm_head") or self.saves("lm_head"))
+    def adapts_lm_head(self, peft_version: Optional[tuple[int, int]] = None) -> bool:
+        """``lm_head`` gets a site (:meth:`selects`) or is saved whole (:meth:`saves` by the rule of
+        ``peft_version``: ``modules_to_save=["head"]`` copies ``lm_head`` too before PEFT 0.22 and
+        in jpeft, not from 0.22 on); not with ``ensure_weight_tying``, where the embedding's site
+        covers the tied head."""
+        return not self.ensure_weight_tying and (self.selects("lm_head") or self.saves("lm_head", peft_version))
 
     def untied_head_refusal(self) -> Optional[str]:
         """Trainable tokens: PEFT applies their rows in the tied ``lm_head`` too, an untied one would not."""
@@ -393,27 +415,26 @@ class LoraConfig(TrainedBiasOption, AdapterConfig):
         """``init_weights`` when it makes factors relative to a residual base (:func:`is_residual_init`)."""
         return self.init_weights if is_residual_init(self.init_weights) else None
 
-    def saves(self, path: str) -> bool:
-        """Whether the module at ``path`` is one of ``modules_to_save`` or sits inside one: its
-        dotted name, or that of a module holding it, ends with one of the names (Hugging Face
-        PEFT's rule, a plain suffix test; PEFT copies a matching module with submodules, such as
+    def saves(self, path: str, peft_version: Optional[tuple[int, int]] = None) -> bool:
+        """Whether the module at ``path`` is one of ``modules_to_save`` or sits inside one, as the
+        PEFT of ``peft_version`` matches them (:func:`peft_names_match`; ``None``: jpeft's own rule,
+        PEFT < 0.22's plain suffix test; PEFT copies a matching module with submodules, such as
         BERT's ``pooler``, whole)."""
-        return any(self.saved_by(path, m) for m in (self.modules_to_save or ()))
+        return any(self.saved_by(path, m, peft_version) for m in (self.modules_to_save or ()))
 
     @staticmethod
-    def saved_by(path: str, name: str) -> bool:
-        """Whether the module at ``path`` is, or sits inside, a module whose dotted name ends
-        with ``name`` (one entry of ``modules_to_save``; PEFT < 0.22's rule)."""
+    def saved_by(path: str, name: str, peft_version: Optional[tuple[int, int]] = None) -> bool:
+        """Whether the module at ``path`` is, or sits inside, a module whose dotted name one entry
+        ``name`` of ``modules_to_save`` names by :func:`peft_names_match` (``None``: PEFT < 0.22's
+        suffix rule, jpeft's own)."""
         parts = hf_name(path).split(".")
-        return any(".".join(parts[:i]).endswith(name) for i in range(1, len(parts) + 1))
+        return any(peft_names_match(".".join(parts[:i]), name, peft_version) for i in range(1, len(parts) + 1))
 
     @staticmethod
     def saved_by_component(path: str, name: str) -> bool:
-        """:meth:`saved_by` as PEFT >= 0.22 matches ``modules_to_save`` (``utils/other.py``
-        ``_is_valid_match``): the dotted name is ``name`` or ends with ``"." + name``, so ``norm``
-        names ``model.norm`` but no longer each layer's ``input_layernorm``."""
-        parts = hf_name(path).split(".")
-        return any(n == name or n.endswith("." + name) for n in (".".join(parts[:i]) for i in range(1, len(parts) + 1)))
+        """:meth:`saved_by` as PEFT >= 0.22 matches ``modules_to_save``: ``norm`` names ``model.norm``
+        but no longer each layer's ``input_layernorm``."""
+        return LoraConfig.saved_by(path, name, _COMPONENT_NAMES)
 
     def rank_alpha(self, path: str, *, hf_only: bool = False) -> tuple[int, float]:
         """``(r, alpha)`` for one module, honouring rank_pattern / alpha_pattern as HF PEFT does.
@@ -703,8 +724,9 @@ class LoraWeights(Site):
             )
         if self.lora_bias is not None or self.base_bias is not None:
             raise NotMergeableError(
-                "this LoRA trains a bias (LoraConfig.lora_bias or bias); adapter merging and the bank combine the "
-                "updates s*A@B only. Merge it into the base alone with jpeft.merge."
+                "this LoRA trains a bias (LoraConfig.lora_bias or bias), which is no part of its update s*A@B (adapter "
+                "merging and the bank take a lora_bias through routed_low_rank, never a trained base bias). Merge it "
+                "into the base alone with jpeft.merge."
             )
         return self._low_rank(None)
 
@@ -837,19 +859,27 @@ class TrainableTokens(Site):
 _INPUT_EMBEDDINGS = ("model/embed_tokens", "transformer/wte", "bert/embeddings/word_embeddings")
 
 
-def token_sites(config: LoraConfig, leaves: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple]:
+def token_sites(config: LoraConfig, leaves: Mapping[str, Mapping[str, Any]],
+                peft_version: Optional[tuple[int, int]] = None) -> dict[str, tuple]:
     """``{embedding path: token ids}`` for ``config.trainable_token_indices``: a list goes to the
     model's input embedding (jpeft.models' or a module named ``embed_tokens``, PEFT's default), a
-    dict's keys match embedding names by suffix as PEFT does."""
+    dict's keys match embedding names as the PEFT of ``peft_version`` (a file's; ``None``: jpeft's
+    own configs, PEFT < 0.22's suffix rule) matches them (:func:`peft_names_match`)."""
     tti = config.trainable_token_indices
     embeds = [p for p, own in leaves.items() if "embedding" in own]
     if isinstance(tti, dict):
         out = {}
         for name, ids in tti.items():
-            hits = [p for p in embeds if hf_name(p).endswith(name)]
+            hits = [p for p in embeds if peft_names_match(hf_name(p), name, peft_version)]
             if len(hits) != 1:
                 head = ""
-                if not hits and name.endswith("lm_head"):
+                suffix = [hf_name(p) for p in embeds if peft_names_match(hf_name(p), name)]
+                if not hits and suffix:  # a file of PEFT >= 0.22, which would not load it either
+                    head = (f" The file was written by PEFT {'.'.join(map(str, peft_version))}, which matches such a "
+                            f"name on whole components of a module's dotted name (PEFT before 0.22 matched a suffix: "
+                            f"{suffix}), so it cannot load this file either; name the embedding by its dotted name, "
+                            f"e.g. {{{suffix[0]!r}: ids}}.")
+                elif not hits and name.endswith("lm_head"):
                     # PEFT also puts token rows on an output Linear; jpeft's trainable tokens are embedding rows
                     head = (" jpeft trains token rows of embeddings only, not of an output layer such as lm_head: on a "
                             "model with tied word embeddings the embedding's rows are its output rows too, so name the "

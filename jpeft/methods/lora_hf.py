@@ -35,8 +35,8 @@ from jpeft.tree import compile_pattern, from_hf_name, hf_name, linear_only, rege
 
 # the PEFT whose LoRA computes as jpeft's where 0.21 did not: its OLoRA init honours fan_in_fan_out (GPT-2's Conv1D,
 # weights stored [in, out]; before, it factored the stored weight, a residual base unlike jpeft's, and lora_A of the
-# wrong shape where in != out), its conv lora_A takes the base's dilation and padding_mode, and its modules_to_save
-# names match whole components of a module's dotted name
+# wrong shape where in != out), and its conv lora_A takes the base's dilation and padding_mode (the version from which
+# modules_to_save names and trainable_token_indices keys match whole name components is lora.peft_names_match's)
 _PEFT_FIXED = (0, 22)
 
 
@@ -174,24 +174,25 @@ def _hf_modules_to_save(config: LoraConfig, saved) -> Optional[list]:
 
 def _modules_to_save_as_written(config: LoraConfig, d: Mapping[str, Any], ctx: ImportContext) -> LoraConfig:
     """The config whose ``modules_to_save`` selects, by jpeft's rule (:meth:`LoraConfig.saves`, PEFT
-    < 0.22's suffix test), the modules that the PEFT which wrote the file copied. PEFT >= 0.22 (the
-    file's ``peft_version``) matches a name on whole components of the dotted name only
-    (:meth:`LoraConfig.saved_by_component`): a name the two rules read differently on this base
-    becomes the full dotted names of the modules PEFT >= 0.22 copied (the outermost ones), which
-    both rules read alike, as :func:`_peft_patterns` does for rank_pattern."""
-    if not config.modules_to_save or (ctx.peft_version or (0, 0)) < _PEFT_FIXED:
+    < 0.22's suffix test), the modules that the PEFT which wrote the file copied
+    (``LoraConfig.saves(path, ctx.peft_version)``): PEFT >= 0.22 matches a name on whole
+    components of the dotted name only (:func:`jpeft.methods.lora.peft_names_match`), so a name
+    the two rules read differently on this base becomes the full dotted names of the modules PEFT
+    >= 0.22 copied (the outermost ones), which both rules read alike, as :func:`_peft_patterns`
+    does for rank_pattern."""
+    if not config.modules_to_save:
         return config
-    leaves, folder = ctx.leaves, ctx.folder
+    leaves, folder, version = ctx.leaves, ctx.folder, ctx.peft_version
     modules = sorted({"/".join(p.split("/")[:i]) for p in leaves for i in range(1, p.count("/") + 2)})
     names = []
     for m in config.modules_to_save:
-        if all(config.saved_by(p, m) == config.saved_by_component(p, m) for p in leaves):
+        if all(config.saved_by(p, m) == config.saved_by(p, m, version) for p in leaves):
             names.append(m)
             continue
-        hits = [p for p in modules if config.saved_by_component(p, m)]
+        hits = [p for p in modules if config.saved_by(p, m, version)]
         names += [hf_name(p) for p in hits if not any(p.startswith(q + "/") for q in hits)]
     new = dataclasses.replace(config, modules_to_save=tuple(dict.fromkeys(names)) or None)
-    want = sorted(p for p in leaves if any(config.saved_by_component(p, m) for m in config.modules_to_save))
+    want = sorted(p for p in leaves if config.saves(p, version))
     got = sorted(p for p in leaves if new.saves(p))
     if got != want:
         raise UnsupportedAdapterError(
@@ -739,7 +740,7 @@ def _peft_patterns(config: LoraConfig, paths) -> LoraConfig:
 
 def _tokens_from_hf(config: LoraConfig, values: Mapping[str, np.ndarray], leaves, ctx: ImportContext) -> dict:
     """The TrainableTokens sites of a PEFT file (``...token_adapter.trainable_tokens_delta``)."""
-    want = token_sites(config, leaves) if config.trainable_token_indices is not None else {}
+    want = token_sites(config, leaves, ctx.peft_version) if config.trainable_token_indices is not None else {}
     heads = [p for p in values if p.split("/")[-1] == "lm_head" and p in leaves]
     if heads and set(values) - set(heads) == set(want):
         # save_embedding_layers=True on a tied model writes the rows PEFT shares with its tied lm_head there too
