@@ -581,13 +581,16 @@ def check_kernel_fn(path: str, layout: Layout, module) -> None:
     )
 
 
-def _peft_conv_lora_differs(module, window: tuple) -> Optional[str]:
-    """Why PEFT < 0.22's LoRA on the torch twin of the ``nn.Conv`` ``module`` computes another
-    update than jpeft's, or ``None`` (:attr:`Layout.peft_lora_differs`). jpeft's ``lora_A`` is a
-    conv with the module's own options, so its unmerged output equals its merged one; PEFT 0.21
-    builds ``lora_A`` from the base's ``kernel_size``, ``stride`` and ``padding`` alone, undilated
-    and zero-padded, so for these its unmerged model is neither jpeft's nor its own merged one.
-    PEFT 0.22 gives ``lora_A`` the base's ``dilation`` and ``padding_mode`` too, as jpeft does."""
+def _peft_conv_differs(module, window: tuple) -> tuple[Optional[str], Optional[str]]:
+    """Why PEFT < 0.22 on the torch twin of the ``nn.Conv`` ``module`` computes another update than
+    jpeft's: ``(for LoRA, for LoHa / LoKr / AdaLoRA)``, each ``None`` where it does not
+    (:attr:`Layout.peft_lora_differs`, :attr:`Layout.peft_padding_differs`). jpeft runs each update
+    through a conv with the module's own options, so its unmerged output equals its merged one.
+    PEFT 0.21 builds LoRA's ``lora_A`` from the base's ``kernel_size``, ``stride`` and ``padding``
+    alone, undilated and zero-padded, and adds LoHa's, LoKr's and AdaLoRA's update through
+    ``F.conv1d`` / ``F.conv2d`` with the base's stride, padding and dilation, zero-padded; so where
+    those differ from the module its unmerged model is neither jpeft's nor its own merged one.
+    PEFT 0.22 runs them all with the base's dilation and ``padding_mode``, as jpeft does."""
     def per_axis(v):
         return (1,) * len(window) if v is None else (v,) * len(window) if isinstance(v, int) else tuple(v)
 
@@ -597,9 +600,11 @@ def _peft_conv_lora_differs(module, window: tuple) -> Optional[str]:
     if any(d != 1 for d in per_axis(module.input_dilation)):
         why.append(f"input_dilation={module.input_dilation!r}, which a torch ConvNd does not have")
     mode = module.padding.upper() if isinstance(module.padding, str) else None
+    pads = None
     if mode in ("CIRCULAR", "REFLECT"):  # flax pads the input itself, as torch's padding_mode does
-        why.append(f"padding={mode!r} (torch's padding_mode={mode.lower()!r})")
-    return " and ".join(why) or None
+        pads = f"padding={mode!r} (torch's padding_mode={mode.lower()!r})"
+        why.append(pads)
+    return " and ".join(why) or None, pads
 
 
 def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | None:
@@ -637,8 +642,9 @@ def layout_of(module, kernel_shape: tuple, args, kwargs, path: str) -> Layout | 
                 f"module {path!r}: a masked convolution (nn.Conv(mask=...)) multiplies its kernel by the mask, which "
                 "jpeft's linear adapters do not apply to their update; exclude this module from target_modules."
             )
+        lora_differs, padding_differs = _peft_conv_differs(module, kernel_shape[:-2])
         return Layout(Kind.CONV, kernel_shape, tuple(range(nd - 1)), (nd - 1,), kernel_fn=fn,
-                      peft_lora_differs=_peft_conv_lora_differs(module, kernel_shape[:-2]))
+                      peft_lora_differs=lora_differs, peft_padding_differs=padding_differs)
     if isinstance(module, nn.Einsum):
         eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
         eq = eq.replace(" ", "")

@@ -1,12 +1,13 @@
-"""PEFT LoRA on torch Conv1d/Conv2d layers against jpeft on the flax nn.Conv twin (kernel
-``[*window, in, out]``, NHWC): load_peft(..., model=, example_args=) gives PEFT's numbers,
+"""PEFT LoRA (and LoHa, LoKr, AdaLoRA, OFT) on torch Conv1d/Conv2d layers against jpeft on the
+flax nn.Conv twin (kernel ``[*window, in, out]``, NHWC): load_peft(..., model=, example_args=) gives PEFT's numbers,
 save_peft writes files PEFT loads with the same numbers, and without the model the refusal
 names the fix (a file for another conv window is refused). Every adapter tensor random."""
 
 import copy
-import dataclasses
 import os
+import re
 import sys
+import warnings
 
 import flax.linen as nn
 import jax
@@ -284,60 +285,174 @@ def test_conv_lora_dilated_or_padded_loads_as_its_peft_computes(tmp_path, torch_
     np.testing.assert_allclose(apply(again), out, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["LOHA", "LOKR", "ADALORA", "OFT"])
-def test_lycoris_adalora_oft_conv_refused_and_own_computes_as_peft_022(tmp_path, method):
-    """PEFT's LoHa, LoKr and AdaLoRA on a circular-padded Conv2d: PEFT 0.21 adds the update through F.conv2d
-    (zero padding: its unmerged output is not its merged one), PEFT 0.22 through the base's own _conv_forward
-    (circular: they agree); PEFT 0.21's OFT rotates unpadded patches and folds them back, 0.22's rotates the
-    weight. jpeft reads these formats for Linear sites only: the conv file is refused by name (it was a
-    LayoutError asking for the model load_peft had been given). jpeft's own LoHa / LoKr holding PEFT's tensors
-    computes what PEFT 0.22 computes, unmerged and merged (PEFT's merged model, which both versions share);
-    jpeft's own AdaLoRA there applies as it merges; save_peft refuses the three by name (jpeft's OFT adapts
-    no conv)."""
-    tnet, params, x, fx, fmodel, cl = _one_conv(torch.nn.Conv2d(4, 5, 3, padding=1, padding_mode="circular"),
-                                                dict(features=5, kernel_size=(3, 3), padding="CIRCULAR"), (2, 4, 8, 8))
-    peft_cfg = {"LOHA": lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["c"], init_weights=False),
-                "LOKR": lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["c"], init_weights=False),
-                "ADALORA": lambda: peft.AdaLoraConfig(init_r=2, target_r=2, total_step=10, target_modules=["c"],
-                                                      init_lora_weights=False),
-                "OFT": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["c"], init_weights=False)}[method]()
-    pm = _random_lora(peft.get_peft_model(copy.deepcopy(tnet), peft_cfg)).eval()
+_PEFT_CFG = {
+    "LOHA": lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["c"], init_weights=False),
+    "LOHA_CP": lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["c"], init_weights=False,
+                                       use_effective_conv2d=True),
+    "LOKR": lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["c"], init_weights=False, rank_pattern={"c": 3}),
+    "LOKR_CP": lambda: peft.LoKrConfig(r=1, alpha=2, target_modules=["c"], init_weights=False,
+                                       use_effective_conv2d=True, decompose_factor=2),
+    "ADALORA": lambda: peft.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["c"],
+                                          init_lora_weights=False, lora_alpha=5),
+    "OFT": lambda: peft.OFTConfig(oft_block_size=4, r=0, target_modules=["c"], init_weights=False),
+    "OFT_SHARED_COFT": lambda: peft.OFTConfig(oft_block_size=6, r=0, target_modules=["c"], init_weights=False,
+                                              block_share=True, coft=True, eps=0.5),
+    "OFT_EXACT_BIAS": lambda: peft.OFTConfig(oft_block_size=2, r=0, target_modules=["c"], init_weights=False,
+                                             use_cayley_neumann=False, bias="oft_only"),
+}
+_PLAIN = (lambda: torch.nn.Conv2d(4, 5, (3, 2), stride=2, padding=1),  # a non-square window: its axis order tells
+          dict(features=5, kernel_size=(3, 2), strides=2, padding=((1, 1), (1, 1))), (2, 4, 8, 8))
+_DILATED_1D = (lambda: torch.nn.Conv1d(4, 5, 3, dilation=2, padding=2),
+               dict(features=5, kernel_size=(3,), kernel_dilation=2, padding=((2, 2),)), (2, 4, 9))
+_REFLECT_DILATED = (lambda: torch.nn.Conv2d(4, 5, 3, stride=(2, 1), dilation=2, padding=2, padding_mode="reflect"),
+                    dict(features=5, kernel_size=(3, 3), strides=(2, 1), kernel_dilation=2, padding="REFLECT"),
+                    (2, 4, 8, 7))
+# torch's circular padding=1 pads 1 on each side, flax's CIRCULAR (k - 1) // 2 before and k // 2 after: twins for
+# an odd window
+_CIRCULAR = (lambda: torch.nn.Conv2d(4, 5, 3, padding=1, padding_mode="circular"),
+             dict(features=5, kernel_size=(3, 3), padding="CIRCULAR"), (2, 4, 6, 7))
+_ONE_BY_ONE = (lambda: torch.nn.Conv2d(4, 5, 1, stride=2), dict(features=5, kernel_size=(1, 1), strides=2),
+               (2, 4, 7, 7))
+# why PEFT < 0.22's LoHa / LoKr / AdaLoRA, and its OFT, differ: (the conv's option, what that PEFT does)
+_PADDED = (r"padding='(REFLECT|CIRCULAR)'", "zero-padded")
+_PATCHES = (r"a \d(x\d)* window", "unpadded kh x kw patches")
+
+
+@pytest.mark.parametrize("method, conv, old_differs", [
+    ("LOHA", _PLAIN, None), ("LOHA_CP", _REFLECT_DILATED, _PADDED), ("LOHA", _DILATED_1D, None),
+    ("LOKR", _CIRCULAR, _PADDED), ("LOKR_CP", _PLAIN, None),
+    ("ADALORA", _PLAIN, None), ("ADALORA", _REFLECT_DILATED, _PADDED),
+    ("OFT", _PLAIN, _PATCHES), ("OFT_SHARED_COFT", _REFLECT_DILATED, _PATCHES), ("OFT_EXACT_BIAS", _ONE_BY_ONE, None),
+], ids=["loha_plain", "loha_cp_reflect_dilated", "loha_conv1d_dilated", "lokr_circular", "lokr_cp_plain",
+        "adalora_plain", "adalora_reflect_dilated", "oft_plain", "oft_shared_coft_reflect_dilated",
+        "oft_exact_bias_1x1"])
+def test_lycoris_adalora_oft_conv_loads_as_its_peft_computes(tmp_path, method, conv, old_differs):
+    """PEFT's LoHa, LoKr (their CP forms too), AdaLoRA and OFT on a Conv1d / Conv2d, every tensor random. PEFT 0.21
+    adds LoHa's, LoKr's and AdaLoRA's update through F.conv1d / F.conv2d with the base's stride, padding and dilation
+    but zero-padded, and its OFT rotates stride-1, unpadded input patches and sums them back (F.fold; it refuses a
+    dilated conv); PEFT 0.22 runs the update through the base's own _conv_forward and rotates OFT's conv weight. So
+    both compute the merged model on a zero-padded conv (OFT: a 1x1 window), and elsewhere 0.21's unmerged output is
+    not its merged one (``old_differs``: why). jpeft reads the file by the peft_version it records: its numbers are
+    PEFT 0.22's (the merged model), and where 0.21's differ a file of PEFT < 0.22 (or without peft_version) is
+    refused by name. save_peft writes the sites back; PEFT 0.22 loads them with the same numbers, and one that 0.21
+    computes otherwise records peft_version 0.22.0 with one warning. (It was refused: jpeft read these formats for
+    Linear sites only, and its OFT adapted no conv.)"""
+    torch_conv, flax_conv, in_shape = conv
+    tnet, params, x, fx, fmodel, cl = _one_conv(torch_conv(), flax_conv, in_shape)
+    with torch.no_grad():
+        base = tnet(torch.tensor(x)).numpy()
+    assert np.abs(cl(np.asarray(fmodel.apply(params, fx))) - base).max() < 1e-5  # the twin is the same network
+    if method.startswith("OFT") and tnet.c.dilation != (1, 1) and not PEFT_22:
+        with pytest.raises(ValueError, match="dilation > 1 is not supported by OFT"):  # PEFT 0.21 has no such file
+            peft.get_peft_model(copy.deepcopy(tnet), _PEFT_CFG[method]())
+        return
+    pm = _random_lora(peft.get_peft_model(copy.deepcopy(tnet), _PEFT_CFG[method]())).eval()
     pm.save_pretrained(str(tmp_path / "peft"))
+    load = lambda: H.load_peft(str(tmp_path / "peft"), params, model=fmodel, example_args=(fx,))  # noqa: E731
+    apply = lambda ad: cl(np.asarray(jpeft.apply(fmodel, params, ad, fx)))  # noqa: E731
+    name = {"LOHA": "LoHa", "LOKR": "LoKr", "ADALORA": "AdaLoRA", "OFT": "OFT"}[method.split("_")[0]]
+    why = None if old_differs is None else f"{old_differs[0]}.*{old_differs[1]}"
+    refused = None if old_differs is None else \
+        rf"PEFT {name} of conv site 'c'.*has {old_differs[0]}.*, and the file's peft_version is %s.*{old_differs[1]}"
+    if name == "OFT" and not PEFT_22 and len(set(tnet.c.kernel_size)) > 1:
+        # PEFT 0.21's OFT Conv2d sizes its rotation for a kh x kh window: its forward and merge fail on a kh x kw one
+        with torch.no_grad(), pytest.raises(RuntimeError, match="is invalid for input of size"):
+            pm(torch.tensor(x))
+        with pytest.raises(UnsupportedAdapterError, match=refused % r"0\.21"):
+            load()
+        return
     with torch.no_grad():
         unmerged = pm(torch.tensor(x)).numpy()
         merged = copy.deepcopy(pm).merge_and_unload()(torch.tensor(x)).numpy()
-    assert np.abs(merged - tnet(torch.tensor(x)).detach().numpy()).max() > 0.1  # the adapter changes the output
-    if PEFT_22:
-        np.testing.assert_allclose(unmerged, merged, atol=5e-5, rtol=1e-5)
+    assert np.abs(merged - base).max() > 0.1  # the adapter changes the output
+    if PEFT_22 or old_differs is None:
+        np.testing.assert_allclose(unmerged, merged, atol=5e-5, rtol=1e-5)  # PEFT agrees with itself
     else:
-        assert np.abs(unmerged - merged).max() > 0.1
-    with pytest.raises(UnsupportedAdapterError, match=r"'c', an nn.Conv with a 4-D kernel.*for Linear layers only"):
-        H.load_peft(str(tmp_path / "peft"), params, model=fmodel, example_args=(fx,))
-    if method == "OFT":
-        return
+        assert np.abs(unmerged - merged).max() > 0.1  # PEFT 0.21 computes another output
+    if old_differs is not None and not PEFT_22:
+        with pytest.raises(UnsupportedAdapterError, match=refused % r"0\.21"):
+            load()
+        _relabel(tmp_path / "peft", "0.22.0")  # labelled as PEFT 0.22's, the same tensors give what 0.22 computes
+    config, adapter = load()
+    assert adapter["c"].layout.kind == "conv"
+    out = apply(adapter)
+    np.testing.assert_allclose(out, merged, atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(cl(np.asarray(fmodel.apply(jpeft.merge(params, adapter), fx))), merged,
+                               atol=5e-5, rtol=1e-5)
+    for version in ("0.21.1.dev0@3f2a1b", None):  # what PEFT 0.21 (or < 0.18) computes from the same tensors
+        _relabel(tmp_path / "peft", version)
+        if version is None and name == "OFT" and config.use_cayley_neumann:  # refused for the series first
+            with pytest.raises(UnsupportedAdapterError, match="PEFT 0.18 changed that series"):
+                load()
+        elif old_differs is not None:
+            with pytest.raises(UnsupportedAdapterError, match=refused % (r"0\.21" if version else "none")):
+                load()
+        else:
+            np.testing.assert_allclose(apply(load()[1]), merged, atol=5e-5, rtol=1e-5)
 
-    ours = {"LOHA": jpeft.LoHaConfig(r=2, alpha=3, target_modules=["c"]),
-            "LOKR": jpeft.LoKrConfig(r=2, alpha=3, target_modules=["c"]),
-            "ADALORA": jpeft.AdaLoraConfig(init_r=2, target_r=2, total_step=10, target_modules=["c"])}[method]
-    adapter = tiny.randomize_adapter(jpeft.init(ours, params, jax.random.key(0), fmodel, fx), 4)
-    if method != "ADALORA":  # PyTorch's orientation under PEFT's names: PEFT's tensors as they are
-        layer = pm.base_model.model.c
-        tensors = {n: jnp.asarray(getattr(layer, n)["default"].detach().numpy())
-                   for n in loha_or_lokr_names(adapter["c"])}
-        adapter = {"c": dataclasses.replace(adapter["c"], **tensors)}
-        np.testing.assert_allclose(cl(np.asarray(jpeft.apply(fmodel, params, adapter, fx))), merged,
-                                   atol=5e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(jpeft.apply(fmodel, params, adapter, fx)),
-                               np.asarray(fmodel.apply(jpeft.merge(params, adapter), fx)), atol=5e-5, rtol=1e-5)
-    with pytest.raises(UnsupportedAdapterError, match="adapts a conv kernel"):
-        H.save_peft(str(tmp_path / "back"), ours, adapter, params=params)
-    assert not (tmp_path / "back").exists()
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        H.save_peft(str(tmp_path / "back"), config, adapter, params=params)
+    said = [str(w.message) for w in got if "PEFT >= 0.22" in str(w.message)]
+    assert len(said) == (old_differs is not None), said
+    assert all(re.search(why, m) for m in said), said
+    assert (jpeft.peft_format.peft_version_of(H.read_peft_config(str(tmp_path / "back"))) == (0, 22)) \
+        == (old_differs is not None)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        again = back(torch.tensor(x)).numpy()
+    if PEFT_22 or old_differs is None:
+        np.testing.assert_allclose(again, out, atol=5e-5, rtol=1e-5)
+    else:  # what the warning says: PEFT 0.21 computes another output
+        assert np.abs(again - out).max() > 0.1
+    np.testing.assert_allclose(apply(H.load_peft(str(tmp_path / "back"), params, model=fmodel,
+                                                 example_args=(fx,))[1]), out, atol=5e-5, rtol=1e-5)
 
 
-def loha_or_lokr_names(node):
-    """The PEFT tensor names a jpeft LoHa / LoKr site holds (those not ``None``)."""
-    return [n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b",
-                        "lokr_w2", "lokr_w2_a", "lokr_w2_b") if getattr(node, n, None) is not None]
+@pytest.mark.parametrize("config", [
+    jpeft.LoHaConfig(r=2, alpha=3, target_modules=["c"]), jpeft.LoKrConfig(r=2, alpha=3, target_modules=["c"]),
+    jpeft.AdaLoraConfig(init_r=2, target_r=2, total_step=10, target_modules=["c"]),
+    jpeft.OFTConfig(oft_block_size=6, r=0, target_modules=["c"], use_cayley_neumann=False),
+], ids=["loha", "lokr", "adalora", "oft"])
+def test_own_conv_sites_apply_as_they_merge_and_load_in_peft(tmp_path, config):
+    """jpeft's own LoHa, LoKr, AdaLoRA and OFT on a circular-padded conv, every array random: applied as merged,
+    unmerged back to the base; written for PEFT with peft_version 0.22.0 (PEFT 0.21 zero-pads the update, or rotates
+    patches), which PEFT 0.22 loads with jpeft's numbers. A Conv1d site is refused by name where PEFT's method has no
+    Conv1d layer (AdaLoRA's SVDConv2d, OFT's Conv2d): on export, on reading (AdaLoRA), at init (jpeft's OFT)."""
+    tnet, params, x, fx, fmodel, cl = _one_conv(_CIRCULAR[0](), *_CIRCULAR[1:])
+    adapter = tiny.randomize_adapter(jpeft.init(config, params, jax.random.key(0), fmodel, fx), 4)
+    out = cl(np.asarray(jpeft.apply(fmodel, params, adapter, fx)))
+    merged = jpeft.merge(params, adapter)
+    np.testing.assert_allclose(out, cl(np.asarray(fmodel.apply(merged, fx))), atol=5e-5, rtol=1e-5)
+    assert np.abs(out - tnet(torch.tensor(x)).detach().numpy()).max() > 0.1  # the adapter changes the output
+    np.testing.assert_allclose(jpeft.unmerge(merged, adapter)["params"]["c"]["kernel"], params["params"]["c"]["kernel"],
+                               atol=1e-5)
+    with pytest.warns(UserWarning, match=r"only PEFT >= 0\.22 computes as jpeft does \(c\)"):
+        H.save_peft(str(tmp_path / "back"), config, adapter, params=params)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(tnet), str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        again = back(torch.tensor(x)).numpy()
+    if PEFT_22:
+        np.testing.assert_allclose(again, out, atol=5e-5, rtol=1e-5)
+    else:
+        assert np.abs(again - out).max() > 0.1
+    if isinstance(config, (jpeft.AdaLoraConfig, jpeft.OFTConfig)):
+        tnet1, params1, _, fx1, fmodel1, _ = _one_conv(_DILATED_1D[0](), *_DILATED_1D[1:])
+        if isinstance(config, jpeft.OFTConfig):  # jpeft's OFT adapts no Conv1d either
+            with pytest.raises(jpeft.errors.UnsupportedModuleError, match="1-D nn.Conv.*torch.nn.Conv2d"):
+                jpeft.init(config, params1, jax.random.key(0), fmodel1, fx1)
+            return
+        ad1 = jpeft.init(config, params1, jax.random.key(0), fmodel1, fx1)
+        with pytest.raises(UnsupportedAdapterError, match="1-D convolution; Hugging Face PEFT's AdaLoRA"):
+            H.save_peft(str(tmp_path / "back1"), config, ad1, params=params1)
+        assert not (tmp_path / "back1").exists()
+        # the Conv2d file on a 1-D conv of as many inputs (3 x 12 = 3 x 3 x 4): no PEFT computes such a site
+        conv1d = _FlaxOne(dict(features=5, kernel_size=(3,)))
+        fx12 = jnp.zeros((1, 6, 12))
+        with pytest.raises(UnsupportedAdapterError, match="a 1-D nn.Conv; Hugging Face PEFT's AdaLoRA adapts Linear "
+                                                          "and Conv2d layers only"):
+            H.load_peft(str(tmp_path / "back"), conv1d.init(jax.random.key(0), fx12), model=conv1d,
+                        example_args=(fx12,))
 
 
 def test_grouped_conv_lora_from_peft_is_refused(tmp_path):

@@ -201,27 +201,102 @@ def linear_layout(path: str, own, infos):
     return _inject.infer_layout(path, own)
 
 
-def peft_linear_layout(path: str, own, ctx, method: str) -> Layout:
-    """The layout of a site of ``method``'s PEFT file (``ctx``: the reader's ``ImportContext``) for a
-    method whose format jpeft reads for ``Linear`` sites only (LoHa, LoKr, AdaLoRA, OFT): the module's
-    2-D kernel (or embedding) from its shape, a conv or any other kernel refused by name.
+# the PEFT whose conv layers run every update as the base conv runs (its dilation and padding_mode), as jpeft's do
+PEFT_CONV_FORWARD = (0, 22)
+
+
+def refuse_old_peft_conv(path: str, differs: Optional[str], ctx, method: str, old: str, new: str) -> None:
+    """Refuses a conv site of ``method``'s PEFT file (``ctx``: the reader's ``ImportContext``) that
+    PEFT < 0.22 computes otherwise than jpeft (``differs``: why, from the site's :class:`Layout`;
+    ``None``: it does not) in a file of PEFT < 0.22 or without ``peft_version``. ``old`` says what
+    PEFT < 0.22 does, ``new`` what PEFT >= 0.22 does as jpeft."""
+    if differs is None or (ctx.peft_version or (0, 0)) >= PEFT_CONV_FORWARD:
+        return
+    found = "%d.%d" % ctx.peft_version if ctx.peft_version is not None else "none (PEFT < 0.18, or not a version)"
+    raise UnsupportedAdapterError(
+        f"cannot load the PEFT {method} of conv site {hf_name(path)!r} in {ctx.folder!r}: the nn.Conv has {differs}, "
+        f"and the file's peft_version is {found}. {old}, so that PEFT's unmerged output differs from its own merged "
+        f"model and from jpeft's; PEFT >= 0.22 computes it as jpeft ({new}, as merging does). Merge it in the PEFT "
+        "that wrote it (merge_and_unload) and load the full weights, or retrain it with PEFT >= 0.22."
+    )
+
+
+def peft_site_layout(path: str, own, ctx, method: str, *, convs: str, adapts: str, differs, old: str,
+                     new: str) -> Layout:
+    """The layout of the module at ``path`` for a site of ``method``'s PEFT file (``ctx``: the reader's
+    ``ImportContext``): the traced one for an nn.Conv (``load_peft(..., model=, example_args=)``),
+    refused by :func:`refuse_old_peft_conv` (``differs(layout)``, ``old``, ``new``) in a file of an
+    older PEFT that computes it otherwise, else the one its kernel's shape alone tells (Dense, Embed).
+    ``convs`` names PEFT's conv layers of the method (``"Conv1d/2d"``), ``adapts`` all its layers.
 
     Raises:
-      UnsupportedAdapterError: the base module's kernel is not 2-D (PEFT's conv layer of the method,
-        whose unmerged output PEFT 0.21 and 0.22 compute differently: LoHa, LoKr and AdaLoRA zero-pad
-        in 0.21 whatever the base's padding mode, OFT 0.21 rotates unpadded patches; jpeft reads neither)."""
+      LayoutError: a kernel that is not 2-D and no traced nn.Conv there (names the fix).
+      UnsupportedAdapterError: :func:`refuse_old_peft_conv`."""
+    traced = (ctx.layouts or {}).get(path)
+    if traced is not None and traced.kind == Kind.CONV:
+        refuse_old_peft_conv(path, differs(traced), ctx, method, old, new)
+        return traced
     try:
         return _inject.infer_layout(path, own)
     except LayoutError:
         shape = tuple(own["kernel"].shape)
-    traced = (ctx.layouts or {}).get(path)
-    what = "an nn.Conv" if traced is not None and traced.kind == Kind.CONV else "a module"
-    raise UnsupportedAdapterError(
-        f"the {method} adapter in {ctx.folder!r} adapts {hf_name(path)!r}, {what} with a {len(shape)}-D kernel "
-        f"{shape}; jpeft reads (and writes) Hugging Face PEFT's {method} for Linear layers only (nn.Dense, a 2-D "
-        f"kernel), not PEFT's {method} on a ConvNd. Merge it in PEFT (merge_and_unload) and load the full weights, "
-        "or leave the conv out of target_modules."
-    ) from None
+        if ctx.layouts is None:
+            fix = (f"If it is an nn.Conv (PEFT's {method} on a torch {convs}), pass the model and an example input so "
+                   "jpeft can see the module: jpeft.hf.load_peft(path, params, model=model, example_args=(x,)).")
+        else:
+            what = ("no layout there (a module example_args do not call, or one jpeft cannot adapt, such as a grouped "
+                    "nn.Conv)" if traced is None else f"a {traced.kind} module")
+            fix = f"Tracing the model found {what}; PEFT's {method} adapts {adapts}."
+        raise LayoutError(
+            f"adapter site {hf_name(path)!r}: the base module has a {len(shape)}-D kernel {shape}, whose input and "
+            f"output axes its shape alone does not tell (expected a 2-D Dense kernel or a traced nn.Conv). {fix}"
+        ) from None
+
+
+def peft_padded_conv_layout(path: str, own, ctx, method: str, convs: str) -> Layout:
+    """:func:`peft_site_layout` for LoHa, LoKr and AdaLoRA, whose PEFT conv layers (``convs``) add the
+    update through ``F.conv1d`` / ``F.conv2d`` (zero-padded) before 0.22 and through the base's own
+    ``_conv_forward`` since (:attr:`Layout.peft_padding_differs`)."""
+    return peft_site_layout(
+        path, own, ctx, method, convs=convs,
+        adapts=f"Linear and {convs} layers, whose twins are nn.Dense and nn.Conv",
+        differs=lambda lay: lay.peft_padding_differs,
+        old=(f"PEFT < 0.22 adds {method}'s conv update through F.conv1d / F.conv2d with the base's stride, padding and "
+             "dilation but zero-padded, whatever the base's padding_mode"),
+        new="the update through the base conv's own _conv_forward, its padding mode included")
+
+
+def conv_rows_from_torch(a_t, layout: Layout):
+    """A PEFT tensor ``[k, in, *window]`` (or ``[k, in * prod(window)]``) whose rows act on an
+    ``nn.Conv``'s input in PyTorch's ``(in, *window)`` order, as ``[prod(window) * in, k]`` in the
+    order of the flax kernel's input axes ``(*window, in)`` (``layout``: the conv's)."""
+    nd, k = len(layout.kernel_shape), a_t.shape[0]
+    a = a_t.reshape((k, layout.kernel_shape[-2]) + tuple(layout.kernel_shape[:-2]))
+    return a.transpose(tuple(range(2, nd)) + (1, 0)).reshape(-1, k)
+
+
+def conv_rows_to_torch(a, layout: Layout):
+    """The inverse of :func:`conv_rows_from_torch`: ``[prod(window) * in, k]`` as ``[k, in, *window]``."""
+    nd, k = len(layout.kernel_shape), a.shape[1]
+    return a.reshape(tuple(layout.in_dims) + (k,)).transpose((nd - 1, nd - 2) + tuple(range(nd - 2)))
+
+
+def check_conv_for_peft(path: str, layout: Layout, what: str, ndims: tuple) -> None:
+    """Refuses to write a ``what`` site in the Hugging Face PEFT format unless it adapts a dense
+    kernel or an ``nn.Conv`` with ``len(window)`` in ``ndims`` (the PEFT layers of the method:
+    ``(1, 2)`` for Conv1d and Conv2d).
+
+    Raises:
+      UnsupportedAdapterError: the site adapts a kernel of another kind (einsum, another conv)."""
+    if layout.kind == Kind.CONV and len(layout.kernel_shape) - 2 in ndims:
+        return
+    if layout.kind == Kind.CONV:
+        raise UnsupportedAdapterError(
+            f"{what} site {path!r} adapts a {len(layout.kernel_shape) - 2}-D convolution; Hugging Face PEFT's {what} "
+            f"has conv layers for {' and '.join(f'{n}-D' for n in ndims)} convolutions only, so it could not load the "
+            "file. Keep this adapter in jpeft's own format (jpeft.save_adapter)."
+        )
+    check_dense_for_peft(path, layout, what)
 
 
 def linear_candidates(params):

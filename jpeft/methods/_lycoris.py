@@ -41,10 +41,10 @@ from jpeft import _inject, scan
 from jpeft.config import AdapterConfig, is_positive_number, python_scalar
 from jpeft.errors import (BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError,
                           UnsupportedModuleError)
-from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, branch_dtype, check_dense_for_peft, linear_layout,
-                                   linear_targets, peft_linear_layout, to_matrix)
+from jpeft.methods._common import (HEAD_MODULES, PEFT_CONV_FORWARD, AdditiveMerge, branch_dtype, check_conv_for_peft,
+                                   linear_layout, linear_targets, peft_padded_conv_layout, to_matrix)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, static_field
-from jpeft.peft_format import (add_site_pattern, config_from_peft, overlap_fix, peft_key, site_tensors,
+from jpeft.peft_format import (add_site_pattern, config_from_peft, needs_peft, overlap_fix, peft_key, site_tensors,
                                 warn_overlapping_patterns)
 from jpeft.tree import compile_pattern, hf_name, regex_fullmatch
 
@@ -354,21 +354,26 @@ def site_patterns(config: LycorisConfig, sites) -> tuple[dict, dict]:
     return rank_pattern, alpha_pattern
 
 
-def to_hf(config: LycorisConfig, adapter, ctx, *, tensor_names: tuple,
+def to_hf(config: LycorisConfig, adapter, ctx, *, tensor_names: tuple, name: str,
           make_node: Callable[[LycorisConfig, Layout, int, float, Any], Site]):
     """``(adapter_config dict, tensors)`` for PEFT: each site's tensors under
     ``base_model.model.<name>.<tensor>`` as they are (they are stored in PyTorch's orientation
-    already). Only ``nn.Dense`` sites: the layers of jpeft.models, which PEFT builds as Linear.
+    already). ``nn.Dense`` sites (the layers of jpeft.models, which PEFT builds as Linear) and 1-D /
+    2-D ``nn.Conv`` sites (PEFT's Conv1d / Conv2d layers); a file with a circular- or reflect-padded
+    conv records ``peft_version`` 0.22.0 and warns (:attr:`Layout.peft_padding_differs`: PEFT 0.21
+    zero-pads the update).
 
     ``rank_pattern`` / ``alpha_pattern`` are written from the sites themselves (one exact key per
     module whose rank or alpha is not the config's default, as the LoRA exporter does), so PEFT
     rebuilds each site's own scale whatever the config's patterns (their order, which PEFT's
     first-match rule depends on, is not kept by the sorted JSON), and a site whose tensors are
     not what ``config`` builds for it is refused."""
-    tensors, targets = {}, []
+    tensors, targets, padded = {}, [], {}
     for path in sorted(adapter):
         node = adapter[path]
-        check_dense_for_peft(path, node.layout, type(config).__name__)
+        check_conv_for_peft(path, node.layout, name, (1, 2))
+        if node.layout.peft_padding_differs is not None:
+            padded[path] = node.layout.peft_padding_differs
         if ctx.fan_in_fan_out:
             raise UnsupportedAdapterError(
                 f"{type(config).__name__} site {path!r} is a GPT-2 Conv1D layer (fan_in_fan_out): Hugging Face PEFT's "
@@ -384,15 +389,18 @@ def to_hf(config: LycorisConfig, adapter, ctx, *, tensor_names: tuple,
                 f"{want_shapes} for it (r={r_site} and the factorisation options), so PEFT could not load it as saved. "
                 "Save with the config the adapter was made with."
             )
-        for name in tensor_names:
-            v = getattr(node, name)
+        for t in tensor_names:
+            v = getattr(node, t)
             if v is not None:
-                tensors[peft_key(path, name)] = np.asarray(v, np.float32)
+                tensors[peft_key(path, t)] = np.asarray(v, np.float32)
         targets.append(hf_name(path))
     rank_pattern, alpha_pattern = site_patterns(config, adapter)  # each site's own alpha: PEFT's alpha / r is its scale
     d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     d.update(target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
              exclude_modules=None, layers_to_transform=None, layers_pattern=None, modules_to_save=None)
+    needs_peft(d, PEFT_CONV_FORWARD, padded, f"their nn.Conv has {' / '.join(sorted(set(padded.values())))}, and PEFT "
+               f"0.21 adds {name}'s conv update zero-padded (F.conv1d / F.conv2d), PEFT 0.22 through the "
+               "base's own padding, as jpeft")
     return d, tensors
 
 
@@ -419,7 +427,7 @@ def from_hf(d, tensors, params, ctx, *, config_cls: type, tensor_names: tuple, m
     warn_overlapping_patterns(d, by_site, ctx.folder)
     adapter = {}
     for path, got in sorted(by_site.items()):
-        lay = peft_linear_layout(path, ctx.leaves[path], ctx, method)
+        lay = peft_padded_conv_layout(path, ctx.leaves[path], ctx, method, "Conv1d/2d")
         check_site(path, lay, method)
         r, alpha = config.rank_alpha(path)
         want = jax.eval_shape(lambda: make_node(config, lay, r, alpha, jax.random.key(0)))
@@ -451,7 +459,7 @@ def method(config_cls: type, node_cls: type, name: str, tensor_names: tuple,
         return init_sites(config, params, key, infos, method=name, make_node=make_node)
 
     def _to_hf(config, adapter, ctx):
-        return to_hf(config, adapter, ctx, tensor_names=tensor_names, make_node=make_node)
+        return to_hf(config, adapter, ctx, tensor_names=tensor_names, name=name, make_node=make_node)
 
     def _from_hf(d, tensors, params, ctx):
         return from_hf(d, tensors, params, ctx, config_cls=config_cls, tensor_names=tensor_names, method=name,

@@ -52,11 +52,12 @@ from jpeft.errors import (
     UnsupportedAdapterError,
     UnsupportedModuleError,
 )
-from jpeft.methods._common import (HEAD_MODULES, AdditiveMerge, SavedModule, branch_dtype, check_dense_for_peft,
-                                   down_project, from_matrix, linear_layouts, peft_linear_layout, up_project)
+from jpeft.methods._common import (HEAD_MODULES, PEFT_CONV_FORWARD, AdditiveMerge, SavedModule, branch_dtype,
+                                   check_conv_for_peft, conv_rows_from_torch, conv_rows_to_torch, down_project,
+                                   from_matrix, linear_layouts, peft_padded_conv_layout, up_project)
 from jpeft.methods.base import (Call, Kind, Layout, LowRank, Method, Site, dropout, flat_spec_entry,
                                 kernel_spec_entries, register_method, static_field)
-from jpeft.peft_format import config_from_peft, peft_key, site_tensors
+from jpeft.peft_format import config_from_peft, needs_peft, peft_key, site_tensors
 from jpeft.tree import hf_name, host_array
 
 _OFF = (None, {}, [], ())
@@ -687,11 +688,13 @@ _TENSORS = ("lora_A", "lora_E", "lora_B")
 
 
 def _to_hf(config: AdaLoraConfig, adapter, ctx):
-    tensors, targets = {}, []
+    tensors, targets, padded = {}, [], {}
     rp = config.rank_pattern or {}
     written = dict(rp)
     for path, node in sorted(_sites(adapter).items()):
-        check_dense_for_peft(path, node.layout, "AdaLoRA")
+        check_conv_for_peft(path, node.layout, "AdaLoRA", (2,))  # PEFT's SVDConv2d: no Conv1d
+        if node.layout.peft_padding_differs is not None:
+            padded[path] = node.layout.peft_padding_differs
         keep = np.asarray(rp.get(rank_key(path), (True,) * node.lora_E.shape[0]), bool)
         if keep.shape != node.lora_E.shape:
             raise UnsupportedAdapterError(
@@ -704,7 +707,9 @@ def _to_hf(config: AdaLoraConfig, adapter, ctx):
         keep = keep | (e.reshape(-1) != 0)
         if rank_key(path) in rp:
             written[rank_key(path)] = tuple(bool(k) for k in keep)
-        tensors[peft_key(path, "lora_A")] = np.ascontiguousarray(a.T[keep])
+        # PEFT's SVDConv2d holds lora_A [r, in * kh * kw], its columns in PyTorch's (in, kh, kw) order
+        a_t = conv_rows_to_torch(a, node.layout).reshape(a.shape[1], -1) if node.layout.kind == Kind.CONV else a.T
+        tensors[peft_key(path, "lora_A")] = np.ascontiguousarray(a_t[keep])
         tensors[peft_key(path, "lora_E")] = np.ascontiguousarray(e[keep].reshape(-1, 1))
         tensors[peft_key(path, "lora_B")] = np.ascontiguousarray(b.T[:, keep])
         targets.append(hf_name(path))
@@ -713,6 +718,9 @@ def _to_hf(config: AdaLoraConfig, adapter, ctx):
     d["rank_pattern"] = None if config.rank_pattern is None else {k: list(v) for k, v in written.items()}
     d.update(r=8, fan_in_fan_out=ctx.fan_in_fan_out, bias="none", modules_to_save=None, use_rslora=False,
              use_dora=False, alpha_pattern={}, layers_to_transform=None, layers_pattern=None, exclude_modules=None)
+    needs_peft(d, PEFT_CONV_FORWARD, padded, f"their nn.Conv has {' / '.join(sorted(set(padded.values())))}, and PEFT "
+               "0.21 adds AdaLoRA's conv update zero-padded (F.conv2d), PEFT 0.22 through the base's own padding, "
+               "as jpeft")
     return d, tensors
 
 
@@ -734,7 +742,12 @@ def _from_hf(d, tensors, params, ctx):
     rp, r0 = config.rank_pattern or {}, int(config.init_r)
     adapter = {}
     for path in sorted(by_site):
-        t, lay = by_site[path], peft_linear_layout(path, ctx.leaves[path], ctx, "AdaLoRA")
+        t, lay = by_site[path], peft_padded_conv_layout(path, ctx.leaves[path], ctx, "AdaLoRA", "Conv2d")
+        if lay.kind == Kind.CONV and len(lay.kernel_shape) != 4:
+            raise UnsupportedAdapterError(
+                f"the AdaLoRA adapter in {ctx.folder!r} adapts {hf_name(path)!r}, a {len(lay.kernel_shape) - 2}-D "
+                "nn.Conv; Hugging Face PEFT's AdaLoRA adapts Linear and Conv2d layers only (SVDConv2d), so no PEFT "
+                "computes this site. Load it on the base it was made for.")
         missing = [n for n in _TENSORS if n not in t]
         if missing:
             raise CheckpointError(f"AdaLoRA site {hf_name(path)!r} in {ctx.folder!r} lacks {missing}; the file is incomplete.")
@@ -751,7 +764,8 @@ def _from_hf(d, tensors, params, ctx):
         a = np.zeros((lay.in_features, r0), np.float32)
         e = np.zeros((r0,), np.float32)
         b = np.zeros((r0, lay.out_features), np.float32)
-        a[:, keep], e[keep], b[keep] = t["lora_A"].T, t["lora_E"].reshape(-1), t["lora_B"].T
+        a_rows = conv_rows_from_torch(t["lora_A"], lay) if lay.kind == Kind.CONV else t["lora_A"].T
+        a[:, keep], e[keep], b[keep] = a_rows, t["lora_E"].reshape(-1), t["lora_B"].T
         adapter[path] = AdaLoraWeights(jnp.asarray(a, ctx.dtype), jnp.asarray(e, ctx.dtype), jnp.asarray(b, ctx.dtype),
                                        config.scaling, lay, float(config.dropout))
     return config, adapter

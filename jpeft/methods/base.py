@@ -69,7 +69,10 @@ class Layout:
     window: PEFT 0.21's ``lora_A`` conv takes the base's kernel size, stride and padding only;
     PEFT 0.22's takes its dilation and padding mode too, as jpeft's), else ``None``; LoRA's PEFT
     reader refuses such a site in a file of PEFT < 0.22 (or without ``peft_version``), and its
-    writer records ``peft_version`` 0.22.0.
+    writer records ``peft_version`` 0.22.0. ``peft_padding_differs`` says the same for LoHa, LoKr
+    and AdaLoRA (a circular- or reflect-padded window: PEFT 0.21 adds their update through
+    ``F.conv2d``, zero-padded; PEFT 0.22 through the base's ``_conv_forward``, as jpeft), else
+    ``None``; their readers and writers gate on it so.
     """
 
     kind: Kind
@@ -79,6 +82,7 @@ class Layout:
     equation: Optional[str] = None
     kernel_fn: Optional[str] = None
     peft_lora_differs: Optional[str] = None
+    peft_padding_differs: Optional[str] = None
 
     def __post_init__(self):
         try:

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import _inject, scan
-from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, LayoutError, UnsupportedAdapterError
+from jpeft import scan
+from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError
 from jpeft.methods import pissa
-from jpeft.methods._common import (BASE_BIAS, SavedModule, base_bias_from_hf, other_bias_keys, saved_from_hf,
-                                   saved_to_hf, trained_biases_from_hf, trained_biases_to_hf)
+from jpeft.methods._common import (BASE_BIAS, SavedModule, base_bias_from_hf, conv_rows_from_torch, conv_rows_to_torch,
+                                   other_bias_keys, peft_site_layout, saved_from_hf, saved_to_hf,
+                                   trained_biases_from_hf, trained_biases_to_hf)
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget_rows, from_low_rank,
                                 init_lora, is_residual_init, tied_head_scales, tied_output_from_params, token_sites)
@@ -535,43 +536,16 @@ def _take_tied_token_values(values: dict, ctx: ImportContext) -> None:
 
 def _site_layout(path: str, own, ctx: ImportContext):
     """The layout of the module at ``path``: the traced one for a conv (``load_peft(...,
-    model=, example_args=)``), else the one its kernel's shape alone tells (Dense, Embed)."""
-    traced = (ctx.layouts or {}).get(path)
-    if traced is not None and traced.kind == Kind.CONV:
-        _refuse_peft_conv_differs(path, traced, ctx)
-        return traced
-    try:
-        return _inject.infer_layout(path, own)
-    except LayoutError:
-        shape = tuple(own["kernel"].shape)
-        if ctx.layouts is None:
-            fix = ("If it is an nn.Conv (PEFT's LoRA on a torch Conv1d/2d/3d), pass the model and an example input so "
-                   "jpeft can see the module: jpeft.hf.load_peft(path, params, model=model, example_args=(x,)).")
-        else:
-            what = ("no layout there (a module example_args do not call, or one jpeft cannot adapt, such as a grouped "
-                    "nn.Conv)" if traced is None else f"a {traced.kind} module")
-            fix = (f"Tracing the model found {what}; PEFT's LoRA adapts Linear, Embedding and ConvNd layers, whose "
-                   "twins are nn.Dense, nn.Embed and nn.Conv.")
-        raise LayoutError(
-            f"adapter site {hf_name(path)!r}: the base module has a {len(shape)}-D kernel {shape}, whose input and "
-            f"output axes its shape alone does not tell (expected a 2-D Dense kernel or a traced nn.Conv). {fix}"
-        ) from None
-
-
-def _refuse_peft_conv_differs(path: str, layout, ctx: ImportContext) -> None:
-    """A conv site of a file whose PEFT computes it otherwise than jpeft (``Layout.peft_lora_differs``:
-    PEFT < 0.22, or a file without ``peft_version``, on a dilated, circular- or reflect-padded conv)."""
-    if layout.peft_lora_differs is None or (ctx.peft_version or (0, 0)) >= _PEFT_FIXED:
-        return
-    found = "%d.%d" % ctx.peft_version if ctx.peft_version is not None else "none (PEFT < 0.18, or not a version)"
-    raise UnsupportedAdapterError(
-        f"cannot load the PEFT LoRA of conv site {hf_name(path)!r} in {ctx.folder!r}: the nn.Conv has "
-        f"{layout.peft_lora_differs}, and the file's peft_version is {found}. PEFT < 0.22 builds its lora_A conv from "
-        "the base's kernel_size, stride and padding alone (undilated, zero-padded), so that PEFT's unmerged output "
-        "differs from its own merged model and from jpeft's; PEFT >= 0.22 computes it as jpeft (lora_A with the "
-        "module's own dilation and padding mode, as merging does). Merge it in the PEFT that wrote it "
-        "(merge_and_unload) and load the full weights, or retrain it with PEFT >= 0.22."
-    )
+    model=, example_args=)``), refused in a file of PEFT < 0.22 (or without ``peft_version``) where
+    ``Layout.peft_lora_differs`` says that PEFT computes it otherwise than jpeft (a dilated, circular-
+    or reflect-padded conv), else the one its kernel's shape alone tells (Dense, Embed)."""
+    return peft_site_layout(
+        path, own, ctx, "LoRA", convs="Conv1d/2d/3d",
+        adapts="Linear, Embedding and ConvNd layers, whose twins are nn.Dense, nn.Embed and nn.Conv",
+        differs=lambda lay: lay.peft_lora_differs,
+        old=("PEFT < 0.22 builds its lora_A conv from the base's kernel_size, stride and padding alone (undilated, "
+             "zero-padded)"),
+        new="lora_A with the module's own dilation and padding mode")
 
 
 def _conv_factors_from_hf(path: str, a_t: np.ndarray, b_t: np.ndarray, layout) -> tuple[np.ndarray, np.ndarray]:
@@ -589,16 +563,14 @@ def _conv_factors_from_hf(path: str, a_t: np.ndarray, b_t: np.ndarray, layout) -
             "Load the adapter on the base it was made for."
         )
     r = a_t.shape[0]
-    a = a_t.transpose(tuple(range(2, nd)) + (1, 0)).reshape(-1, r)
-    return a, b_t.reshape(b_t.shape[0], r).T
+    return conv_rows_from_torch(a_t, layout), b_t.reshape(b_t.shape[0], r).T
 
 
 def _conv_factors_to_hf(a, b, layout) -> tuple[np.ndarray, np.ndarray]:
     """The inverse of :func:`_conv_factors_from_hf`."""
-    nd = len(layout.kernel_shape)
-    r = a.shape[1]
-    a_t = a.reshape(tuple(layout.in_dims) + (r,)).transpose((nd - 1, nd - 2) + tuple(range(nd - 2)))
-    return np.ascontiguousarray(a_t), np.ascontiguousarray(b.T.reshape((b.shape[1], r) + (1,) * (nd - 2)))
+    nd, r = len(layout.kernel_shape), a.shape[1]
+    return (np.ascontiguousarray(conv_rows_to_torch(a, layout)),
+            np.ascontiguousarray(b.T.reshape((b.shape[1], r) + (1,) * (nd - 2))))
 
 
 # PEFT 0.21's _ConvNd.update_layer has no PiSSA/OLoRA branch: its reset_lora_parameters raises

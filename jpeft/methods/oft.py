@@ -20,6 +20,11 @@ Merging folds the rotation into the kernel, ``W' = R @ W``; unmerging solves wit
 (``R`` is exactly orthogonal only for the exact Cayley transform, so the inverse is not taken
 as the transpose), as PEFT's ``torch.linalg.inv`` does.
 
+On a 2-D ``nn.Conv`` (kernel ``[kh, kw, in, out]``) ``R`` acts on the ``in * kh * kw`` inputs of each
+filter, the rows of the flattened weight in PyTorch's ``(in, kh, kw)`` order (PEFT 0.22's ``Conv2d``:
+its ``oft_R`` file loads as it is), and the forward adds the conv of ``W' - W`` to the module's own
+output: PEFT 0.22's unmerged model, which is its merged one.
+
 Differences from PEFT, by name:
 
 * ``coft``: PEFT writes the projected value back into ``oft_R`` in place at every forward;
@@ -31,11 +36,13 @@ Differences from PEFT, by name:
   never calls it. jpeft applies it as PEFT documents it (each training step, with a dropout key,
   ``int(p * n)`` random blocks are replaced by the identity), so training with
   ``module_dropout > 0`` differs from PEFT's; inference is the same.
-* Sites: PEFT's OFT also adapts Conv2d (PEFT 0.21's forward rotates stride-1, unpadded patches
-  and sums them back with ``F.fold``, which is not the merged convolution; PEFT 0.22's rotates the
-  flattened ``[out, in * kh * kw]`` weight, the merged convolution) and Embedding (the lookup is
-  rotated; merging also changes a tied output head). jpeft adapts ``nn.Dense`` kernels (and
-  2-D ``DenseGeneral`` with its last axis as input) and refuses other modules with
+* Sites: PEFT 0.21's Conv2d forward rotates stride-1, unpadded input patches and sums them back
+  with ``F.fold``, which is not the merged convolution (but on a 1x1 window); PEFT 0.22's rotates
+  the flattened ``[out, in * kh * kw]`` weight, the merged convolution, as jpeft: a PEFT file of a
+  conv wider than 1x1 loads from PEFT >= 0.22 only, and ``save_peft`` records ``peft_version``
+  0.22.0 for one. PEFT's OFT also adapts Embedding (the lookup is rotated; merging also changes a
+  tied output head). jpeft adapts ``nn.Dense`` kernels (and 2-D ``DenseGeneral`` with its last axis
+  as input) and 2-D ``nn.Conv`` and refuses other modules with
   :class:`~jpeft.errors.UnsupportedModuleError`. A block size that does not divide a targeted
   module's input width is refused with :class:`~jpeft.errors.ConfigError` (PEFT warns and picks
   another size; jpeft names it instead).
@@ -73,11 +80,12 @@ from jpeft.errors import (
     UnsupportedModuleError,
 )
 from jpeft.methods._common import (BASE_BIAS, HEAD_MODULES, SavedModule, TrainedBiasOption, base_bias_from_hf,
-                                   check_dense_for_peft, linear_layout, linear_targets, other_bias_keys,
-                                   peft_linear_layout, refuse_all_with_heads, trained_biases_from_hf,
-                                   trained_biases_to_hf, with_trainable_biases)
+                                   PEFT_CONV_FORWARD, check_conv_for_peft, conv_rows_from_torch, conv_rows_to_torch,
+                                   linear_layout, linear_targets, other_bias_keys, peft_site_layout,
+                                   refuse_all_with_heads, trained_biases_from_hf, trained_biases_to_hf,
+                                   with_trainable_biases)
 from jpeft.methods.base import Call, Kind, Layout, Method, Site, register_method, static_field
-from jpeft.peft_format import config_from_peft, peft_key, peft_version_of, site_tensors
+from jpeft.peft_format import config_from_peft, needs_peft, peft_key, peft_version_of, site_tensors
 from jpeft.tree import hf_name
 
 
@@ -285,7 +293,8 @@ def block_dropout(r_blocks, rate: float, key):
 class OFTWeights(Site):
     """One OFT site: ``oft_R: [stored blocks, k(k-1)/2]`` (stored blocks: ``blocks``, or 1 with
     ``block_share``), rotating the input of an ``nn.Dense`` kernel of ``blocks * block_size``
-    input features."""
+    input features, or the ``in * kh * kw`` inputs of each filter of a 2-D ``nn.Conv``, taken in
+    PyTorch's ``(in, kh, kw)`` order as PEFT's ``Conv2d`` takes them (:meth:`rotate_kernel`)."""
 
     oft_R: jax.Array
     layout: Layout = static_field(default=None)
@@ -332,18 +341,40 @@ class OFTWeights(Site):
                 "contracting the last axis only)."
             )
 
+    def rotate_kernel(self, kernel, fn, r_blocks=None):
+        """``fn(R, W)`` (:func:`merge_matrix`, :func:`unmerge_matrix`) on the kernel as the matrix
+        ``W: [in, out]`` whose rows the rotation acts on (float32, the kernel's shape): for a conv
+        ``[kh, kw, in, out]``, PyTorch's ``[in * kh * kw, out]``, the flattened weight PEFT rotates."""
+        r = self.rotation() if r_blocks is None else r_blocks
+        lay = self.layout
+        mat = kernel.astype(jnp.float32).reshape(lay.in_features, -1)
+        if lay.kind != Kind.CONV:
+            return fn(r, mat).reshape(kernel.shape)
+        t = conv_rows_to_torch(mat, lay).reshape(mat.shape[1], -1).T  # [in * kh * kw, out]
+        return conv_rows_from_torch(fn(r, t).T, lay).reshape(kernel.shape)
+
     def intercept(self, call: Call):
         x = call.inputs
-        self._check_axis(call.module, x.ndim, call.path)
+        if self.layout.kind != Kind.CONV:
+            self._check_axis(call.module, x.ndim, call.path)
         _inject.check_layout(call.path, self.layout, call.module, call.args, call.kwargs)
         r = self.rotation()
         if self.module_dropout > 0.0 and self.oft_R.shape[0] > 1:  # PEFT: a shared block is never dropped
             r = block_dropout(r, self.module_dropout, call.dropout_key())
-        xr = rotate(x.astype(jnp.float32), r).astype(x.dtype)
-        if call.args:
-            y = call.next_fun(xr, *call.args[1:], **call.kwargs)
+        if self.layout.kind == Kind.CONV:  # the rotated weight, as PEFT 0.22 (the rotated patches overlap)
+            y = call.run()
+            k = jnp.asarray(call.module.variables["params"]["kernel"])
+            dk = self.rotate_kernel(k, merge_matrix, r) - k.astype(jnp.float32)
+            helper = _inject.update_module(call.module, dtype=jnp.float32)
+            with _inject.bypass():
+                d = helper.apply({"params": {"kernel": dk}}, *call.args, **call.kwargs)
+            y = (y.astype(jnp.float32) + d).astype(y.dtype)
         else:
-            y = call.next_fun(**{**call.kwargs, "inputs": xr})
+            xr = rotate(x.astype(jnp.float32), r).astype(x.dtype)
+            if call.args:
+                y = call.next_fun(xr, *call.args[1:], **call.kwargs)
+            else:
+                y = call.next_fun(**{**call.kwargs, "inputs": xr})
         if self.base_bias is not None:  # OFTConfig.bias: the trained base bias replaces the module's own
             own_b = call.module.variables["params"]["bias"]
             d = (self.base_bias.astype(y.dtype) - own_b.astype(y.dtype)).reshape(own_b.shape)
@@ -357,9 +388,8 @@ class OFTWeights(Site):
 
     def _fold(self, own, fn):
         w = jnp.asarray(own["kernel"])
-        mat = w.astype(jnp.float32).reshape(self.layout.in_features, -1)
         out = dict(own)
-        out["kernel"] = fn(self.rotation(), mat).reshape(w.shape).astype(w.dtype)
+        out["kernel"] = self.rotate_kernel(w, fn).astype(w.dtype)
         return out
 
     def merge(self, own):
@@ -379,14 +409,26 @@ class OFTWeights(Site):
         return self._fold(own, unmerge_matrix)
 
 
+def _check_site(path: str, lay: Layout, error: type = UnsupportedModuleError) -> None:
+    """Refuses (``error``) a module OFT does not adapt: it rotates the input of a dense kernel
+    (``nn.Dense``, a ``DenseGeneral`` contracting one axis) or each filter's inputs of a 2-D
+    ``nn.Conv`` (Hugging Face PEFT's OFT adapts Linear and Conv2d)."""
+    if lay.kind == Kind.CONV and len(lay.kernel_shape) == 4:
+        return
+    if lay.kind not in (Kind.DENSE, Kind.DENSE_GENERAL) or len(lay.in_axes) != 1 or tuple(lay.in_axes) != (0,):
+        what = (f"a {len(lay.kernel_shape) - 2}-D nn.Conv" if lay.kind == Kind.CONV else
+                f"a {lay.kind} module{'' if lay.kind != Kind.DENSE_GENERAL else ' with several input axes'}")
+        raise error(
+            f"module {path!r} is {what}; jpeft's OFT adapts nn.Dense kernels and 2-D nn.Conv (Hugging Face PEFT's "
+            "OFT on torch.nn.Linear and torch.nn.Conv2d). Remove it from target_modules."
+        )
+
+
 def _site_layout(path: str, own, infos) -> Layout:
     lay = linear_layout(path, own, infos)
-    if lay.kind not in (Kind.DENSE, Kind.DENSE_GENERAL) or len(lay.in_axes) != 1 or tuple(lay.in_axes) != (0,):
-        raise UnsupportedModuleError(
-            f"module {path!r} is a {lay.kind} module{'' if lay.kind != Kind.DENSE_GENERAL else ' with several input axes'}; "
-            "jpeft's OFT adapts nn.Dense kernels (Hugging Face PEFT's OFT on torch.nn.Linear). Remove it from "
-            "target_modules."
-        )
+    _check_site(path, lay)
+    if lay.kind == Kind.CONV:
+        return lay
     info = infos.get(path) if infos else None  # traced (jpeft.init given the model): refused before any apply
     if info is not None and info.input_axes is not None and info.in_shape is not None:
         ndim = len(info.in_shape.shape)
@@ -399,8 +441,20 @@ def _site_layout(path: str, own, infos) -> Layout:
     return lay
 
 
+# what PEFT 0.21's OFT Conv2d computes unmerged (its merged model is the rotated weight's, as PEFT 0.22's)
+_OFT_CONV_021 = ("rotates the conv's input in stride-1, unpadded kh x kw patches and sums the overlapping patches back "
+                 "(F.fold) before the base conv, which for a window larger than 1x1 is not the rotated weight's conv")
+
+
+def _peft_oft_differs(lay: Layout):
+    """Why PEFT < 0.22's OFT computes another output than jpeft's on a conv of layout ``lay``
+    (a window larger than 1x1), else ``None``."""
+    window = tuple(lay.kernel_shape[:-2]) if lay.kind == Kind.CONV else ()
+    return f"a {'x'.join(map(str, window))} window" if math.prod(window) > 1 else None
+
+
 def init(config: OFTConfig, params, key, infos) -> dict:
-    """Creates the OFT parameters for every targeted ``nn.Dense`` module."""
+    """Creates the OFT parameters for every targeted ``nn.Dense`` (and 2-D ``nn.Conv``) module."""
     leaves, paths = linear_targets(config.target_modules, params, what="linear module (Dense)")
     keys = jax.random.split(key, len(paths))
     out = {}
@@ -459,13 +513,15 @@ def _to_hf(config: OFTConfig, adapter, ctx):
             "these OFT sites are GPT-2 Conv1D layers (fan_in_fan_out); Hugging Face PEFT's OFT adapts torch.nn.Linear "
             "only and cannot load them. Nothing was written; keep the adapter in jpeft's format (jpeft.save_adapter)."
         )
-    tensors, targets = {}, []
+    tensors, targets, patches = {}, [], {}
     for path in sorted(adapter):
         node = adapter[path]
         tensors.update(trained_biases_to_hf(path, node, config.bias, "OFTConfig.bias"))
         if isinstance(node, SavedModule):  # bias="all": the trained bias of a module without a site
             continue
-        check_dense_for_peft(path, node.layout, "OFT")
+        check_conv_for_peft(path, node.layout, "OFT", (2,))
+        if _peft_oft_differs(node.layout) is not None:
+            patches[path] = _peft_oft_differs(node.layout)
         _check_node_matches(config, path, node)
         tensors[peft_key(path, TENSOR)] = np.asarray(node.oft_R, np.float32)
         targets.append(hf_name(path))
@@ -476,6 +532,8 @@ def _to_hf(config: OFTConfig, adapter, ctx):
              # the Cayley-Neumann series as PEFT >= 0.18 computes it; without a version PEFT warns that the
              # adapter may use the older series
              peft_version="0.18.0")
+    needs_peft(d, PEFT_CONV_FORWARD, patches, f"their nn.Conv has {' / '.join(sorted(set(patches.values())))}: "
+               f"{_OFT_CONV_021}, while PEFT 0.22 rotates the conv's weight, as jpeft")
     return d, tensors
 
 
@@ -514,7 +572,11 @@ def _from_hf(d, tensors, params, ctx):
             raise CheckpointError(f"OFT site {hf_name(path)!r} in {ctx.folder!r} has {sorted(got)} but no {TENSOR}; "
                                   "the file is incomplete.")
         v = got[TENSOR]
-        lay = peft_linear_layout(path, ctx.leaves[path], ctx, "OFT")
+        lay = peft_site_layout(path, ctx.leaves[path], ctx, "OFT", convs="Conv2d",
+                               adapts="Linear and Conv2d layers, whose twins are nn.Dense and nn.Conv",
+                               differs=_peft_oft_differs, old=f"PEFT < 0.22 {_OFT_CONV_021}",
+                               new="the conv's weight rotated")
+        _check_site(path, lay, UnsupportedAdapterError)
         try:
             blocks, size = blocks_for(config, lay.in_features, path)
         except ConfigError as e:
