@@ -14,6 +14,11 @@ Examples:
                                                     # unless the peak stays within the quantized weights plus
                                                     # three copies of the largest tensor (read, converted, placed)
                                                     # and 64 MiB of runtime, compilation excluded (issue 19)
+  python benchmarks/mem_load.py --quantize nf4 --processes 2
+                                                    # from_pretrained(path, mesh=..., quantize=...): each process
+                                                    # reads and quantizes its own shards; the same bound with the
+                                                    # process's quantized shards in place of the whole model
+  python benchmarks/mem_load.py --size "issue:layers=16"   # a size with fields replaced (benchmarks/_common.size)
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def write(folder: str, size: str) -> None:
     import _jpeft_worker as W
     import jpeft
 
-    model, params = W.build_random(C.SIZES[size], jnp.float32)
+    model, params = W.build_random(C.size(size), jnp.float32)
     jpeft.models.save_pretrained(folder, model, params)
 
 
@@ -135,23 +140,34 @@ def main(argv=None):
                                          "--_index", str(i)], stdout=subprocess.PIPE, text=True, env=env)
                  for i in range(args.processes)]
         outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+        over = []
         for r in outs:
             print(f"from_pretrained ({args.size}, {args.dtype}, {'scanned' if args.scan else 'unrolled'}, mesh fsdp="
-                  f"{args.processes}) process {r['process']}: weights {r['weights_mib']:.0f} MiB, its shards "
-                  f"{r['local_shards_mib']:.0f} MiB, resident after loading {r['after_load_mib']:.0f} MiB, peak "
-                  f"{r['peak_mib']:.0f} MiB (above the post-initialisation baseline)")
+                  f"{args.processes}{', quantized ' + args.quantize if args.quantize else ''}) process {r['process']}: "
+                  f"weights {r['weights_mib']:.0f} MiB, its shards {r['local_shards_mib']:.0f} MiB, resident after "
+                  f"loading {r['after_load_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB (above the post-initialisation "
+                  "baseline)")
+            if args.quantize:
+                over += [r["process"]] if r["peak_mib"] > _bound(r, r["local_shards_mib"]) else []
+        if over:
+            raise SystemExit(f"from_pretrained(quantize={args.quantize!r}, mesh=...) peaked above the bound on process(es) {over}")
         return
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
     r = json.loads(out)
     print(f"from_pretrained ({args.size}, {args.dtype}, {'scanned' if args.scan else 'unrolled'}): weights "
           f"{r['weights_mib']:.0f} MiB, resident after loading {r['after_load_mib']:.0f} MiB, peak {r['peak_mib']:.0f} MiB "
           "(above the post-import baseline)" + (f", quantized {args.quantize}" if args.quantize else ""))
-    if args.quantize:
-        bound = r["weights_mib"] + 3 * r["largest_tensor_f32_mib"] + 64
-        print(f"peak {r['peak_mib']:.0f} MiB against the bound {bound:.0f} MiB (quantized weights "
-              f"{r['weights_mib']:.0f} + 3 x the largest tensor {r['largest_tensor_f32_mib']:.0f} + 64)")
-        if r["peak_mib"] > bound:
-            raise SystemExit(f"from_pretrained(quantize={args.quantize!r}) peaked above the bound")
+    if args.quantize and r["peak_mib"] > _bound(r, r["weights_mib"]):
+        raise SystemExit(f"from_pretrained(quantize={args.quantize!r}) peaked above the bound")
+
+
+def _bound(r: dict, held_mib: float) -> float:
+    """A quantized load's bound: the quantized weights this process holds, three copies of the
+    largest tensor (read, converted, placed) and 64 MiB of runtime; printed."""
+    bound = held_mib + 3 * r["largest_tensor_f32_mib"] + 64
+    print(f"process {r['process']}: peak {r['peak_mib']:.0f} MiB against the bound {bound:.0f} MiB (quantized weights "
+          f"held {held_mib:.0f} + 3 x the largest tensor {r['largest_tensor_f32_mib']:.0f} + 64)")
+    return bound
 
 
 if __name__ == "__main__":

@@ -23,12 +23,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import itertools
 import os
 import signal
 import sys
 import threading
 import time
+import zlib
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -51,6 +53,7 @@ __all__ = [
     "gather",
     "gather_array",
     "barrier",
+    "allgather",
     "log",
     "on_main_process",
     "watch_for_failures",
@@ -307,11 +310,44 @@ def on_main_process(fn: Callable, *args, **kwargs):
 
 
 def barrier(name: str = "jpeft_barrier") -> None:
-    """Waits until every process reaches this point (no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    """Waits until every process reaches this point (no-op with one process).
 
-        multihost_utils.sync_global_devices(name)
+    Raises:
+      DistributedError: the processes reached barriers of different names."""
+    if jax.process_count() > 1:
+        names = allgather(np.uint32(zlib.crc32(name.encode())))
+        if len(set(names.tolist())) > 1:
+            raise DistributedError(f"the processes of this job reached different barriers (this one: {name!r}); "
+                                   "every process must run the same steps.")
+
+
+def allgather(x) -> np.ndarray:
+    """Every process's host value ``x`` (the same shape and dtype on each), stacked on a new
+    leading axis, on every process: ``multihost_utils.process_allgather(x)``, returned once
+    every device of this process has finished its part of the gather. JAX's returns as soon as
+    the first device holds the result, while another device of the same process may still be
+    connecting to, or exchanging with, the other processes; a process that then ends (a refusal
+    every process raises at once) closed its end under them, and the other process printed
+    gloo's "failed to connect ... Connection refused" lines after its own error. Here each
+    process has finished all of its exchanges before it goes on, so processes that stop
+    together leave nothing in flight."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    devices = np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
+    mesh = Mesh(devices, ("processes", "local_devices"))
+    mine = x[None]
+    spread = jax.make_array_from_single_device_arrays(
+        (jax.process_count(),) + x.shape, NamedSharding(mesh, P("processes")),
+        [jax.device_put(mine, d) for d in jax.local_devices()])
+    out = jax.block_until_ready(_replicate(NamedSharding(mesh, P()))(spread))
+    return np.asarray(out.addressable_data(0))
+
+
+@functools.lru_cache(maxsize=None)
+def _replicate(sharding):
+    """The identity, its result replicated on ``sharding``'s devices (one program per mesh)."""
+    return jax.jit(lambda a: a, out_shardings=sharding)
 
 
 def process_slice(global_size: int, *, index: Optional[int] = None, count: Optional[int] = None) -> slice:
@@ -453,9 +489,7 @@ class StopAgreement:
     def stop_now(self, step: int, hit: bool) -> bool:
         """Whether to stop before the next step, ``step`` steps done; ``hit``: this process got a signal."""
         if self._client is None:
-            from jax.experimental import multihost_utils
-
-            return bool(np.any(multihost_utils.process_allgather(np.int32(hit))))
+            return bool(np.any(allgather(np.int32(hit))))
         if self._target is not None:
             return step >= self._target
         if not (hit or self._remote.is_set()):

@@ -31,18 +31,19 @@ of a quantized leaf, so ``nn.scan`` slices a quantized kernel like a plain one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import sys
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jpeft.config import _as_targets
 from jpeft.errors import LoadError, QuantizationError, SaveError
@@ -206,8 +207,7 @@ def _to_blocks(xp, w, rows_p: int, nb_p: int):
 _to_blocks_jit = jax.jit(_to_blocks, static_argnums=(0, 2, 3))
 
 
-@jax.jit
-def _nf4_codes(blocks, inv_nb):
+def _nf4_codes_fn(blocks, inv_nb):
     """The packed 4-bit codes, the block absmaxes and their mean (``inv_nb``: ``1 / blocks``)."""
     rows, nb = blocks.shape[:2]
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
@@ -216,8 +216,10 @@ def _nf4_codes(blocks, inv_nb):
     return codes, absmax, _pairwise_mean(absmax, inv_nb)
 
 
-@jax.jit
-def _nf4_absmax_codes(absmax, offset, nb):
+_nf4_codes = jax.jit(_nf4_codes_fn)
+
+
+def _nf4_absmax_codes_fn(absmax, offset, nb):
     """The absmaxes' 8-bit codes and one scale per block of 256 (the first ``nb`` absmaxes are
     real; the rest count as zeros after the offset is subtracted, as the last block's padding)."""
     rows, nb_p = absmax.shape
@@ -228,6 +230,9 @@ def _nf4_absmax_codes(absmax, offset, nb):
     scale2 = jnp.max(jnp.abs(groups), axis=-1)
     q2 = _nearest(_DYN, groups / _safe(scale2)[..., None]).reshape(rows, ng * BLOCK2)
     return q2, scale2
+
+
+_nf4_absmax_codes = jax.jit(_nf4_absmax_codes_fn)
 
 
 def nf4_absmax(q: NF4Array) -> jax.Array:
@@ -277,22 +282,147 @@ def quantize_array(w, scheme: Scheme, where: str = ""):
         raise QuantizationError(f"{what} of shape {tuple(jnp.shape(w))} is empty; there is nothing to quantize. "
                                 "Leave it out with target_modules=.")
     if not isinstance(w, jax.core.Tracer) and not _all_finite(w):
-        # NF4's absmax and qwix's rounding turn a NaN into a finite code (a block's absmax, or 0)
-        raise QuantizationError(
-            f"{what} of shape {tuple(jnp.shape(w))} holds NaN or inf values; quantizing would turn them into "
-            "finite codes (NF4, int8) or poison its whole kernel (inf in NF4), silently. Fix the checkpoint first."
-        )
+        raise _not_finite(what, jnp.shape(w))
     if scheme == "nf4":
         q = _nf4_quantize(w)
         if not isinstance(w, jax.core.Tracer) and not (_all_finite(q.absmax_offset) and _all_finite(q.absmax_scales)):
-            # the double quantization's mean of the block absmaxes overflows float32 (NaN weights, silently)
-            raise QuantizationError(
-                f"{what} of shape {tuple(jnp.shape(w))} holds values up to {float(jnp.max(jnp.abs(w))):.3g}: the mean of "
-                "its NF4 block scales (double quantization) overflows float32, and the kernel would dequantize to NaN. "
-                "Scale the kernel down, or quantize it with 'int8' or 'fp8' (one scale per output channel)."
-            )
+            raise _offset_overflows(what, jnp.shape(w), jnp.max(jnp.abs(w)))
         return q
     return _quantize_jit(w, scheme)
+
+
+def _not_finite(what, shape) -> QuantizationError:
+    # NF4's absmax and qwix's rounding turn a NaN into a finite code (a block's absmax, or 0)
+    return QuantizationError(
+        f"{what} of shape {tuple(shape)} holds NaN or inf values; quantizing would turn them into "
+        "finite codes (NF4, int8) or poison its whole kernel (inf in NF4), silently. Fix the checkpoint first.")
+
+
+def _offset_overflows(what, shape, top) -> QuantizationError:
+    # the double quantization's mean of the block absmaxes overflows float32 (NaN weights, silently)
+    return QuantizationError(
+        f"{what} of shape {tuple(shape)} holds values up to {float(top):.3g}: the mean of "
+        "its NF4 block scales (double quantization) overflows float32, and the kernel would dequantize to NaN. "
+        "Scale the kernel down, or quantize it with 'int8' or 'fp8' (one scale per output channel).")
+
+
+def abstract_quantized(leaf, scheme: Scheme):
+    """The quantized leaf ``scheme`` makes of a kernel of ``leaf``'s shape and dtype (a
+    ``jax.ShapeDtypeStruct`` or an array), its arrays as ``jax.ShapeDtypeStruct`` s: the specs
+    of a base not yet quantized (:func:`jpeft.param_specs`, then :func:`quantize_sharded`)."""
+    sds = jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+    if scheme == "nf4":
+        return jax.eval_shape(_nf4_quantize, sds)
+    return jax.eval_shape(lambda w: _quantize_array(w, scheme), sds)
+
+
+def quantize_sharded(read: Callable, shape: tuple, dtype, shardings, scheme: Scheme, where: str = ""):
+    """One kernel ``[..., in, out]`` of ``shape`` and ``dtype``, quantized straight into
+    ``shardings`` (the quantized leaf's tree of ``NamedSharding`` s: :func:`jpeft.param_shardings`
+    of :func:`abstract_quantized`), every process reading only the part of the kernel its own
+    devices' shards are made from: ``read(index)`` gives ``kernel[index]`` (a tuple of slices) as
+    a NumPy array in ``dtype``. The same bits as :func:`quantize_array` of the whole kernel:
+
+    * int8 / fp8: the float kernel is placed in the values' own sharding and quantized by the
+      same program with those shardings; an output channel's absmax spanning devices is a
+      maximum across them (exact in any order).
+    * NF4: the kernel's 64-value blocks (of its ``[out, in]`` flattening) are read straight into
+      the devices that hold their codes (the flat codes are cut along output rows), each block
+      whole, so its absmax and codes are computed where they are stored; the absmaxes' mean
+      (the double quantization's offset, a fixed pairwise sum) and the 8-bit codes of the
+      absmaxes need them all: the two programs of :func:`_nf4_quantize`, compiled with these
+      shardings, gather them (``nblocks`` float32 values, 1/16 of the float32 kernel) across
+      the devices. Where the codes' mesh axis does not divide the number of blocks (an odd
+      count over 2 devices: the codes are cut inside a block, or not at all), every device
+      reads the whole kernel's blocks (one kernel at a time) and keeps its slice of the codes.
+
+    Raises:
+      QuantizationError: as :func:`quantize_array` (NaN or inf values, NF4's offset overflowing).
+    """
+    what = f"the kernel {where!r}" if where else "a kernel"
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {list(SCHEMES)}.")
+    if scheme != "nf4":
+        w = jax.make_array_from_callback(tuple(shape), shardings.qvalue, read)
+        q, finite = _quantize_into(shardings, scheme)(w)
+        if not _read_replicated(finite):
+            raise _not_finite(what, shape)
+        return q
+    lead, (i, o) = tuple(shape[:-2]), tuple(shape[-2:])
+    rows, n = math.prod(lead), i * o
+    nb = -(-n // BLOCK)
+    mesh, codes_spec = shardings.codes.mesh, tuple(shardings.codes.spec) + (None,) * (len(lead) + 1)
+    row_e = codes_spec[0] if len(lead) == 1 else None  # several leading axes (none in jpeft's models): rows whole
+    flat_e = codes_spec[len(lead)]
+    blk_e = flat_e if flat_e is not None and nb % _entry_size(dict(mesh.shape), flat_e) == 0 else None
+
+    def blocks_of(index):  # float32 [rows, blocks, 64] of the kernel's [out, in] flattening, zero-padded
+        rr, bb = range(rows)[index[0]], range(nb)[index[1]]
+        out = np.zeros((len(rr), len(bb) * BLOCK), np.float32)
+        s, e = bb.start * BLOCK, min(bb.stop * BLOCK, n)
+        o0, o1 = s // i, -(-e // i)  # the output rows the blocks cover (at most two of them in part)
+        for k, r in enumerate(rr):
+            at = tuple(slice(c, c + 1) for c in np.unravel_index(r, lead)) if lead else ()
+            part = read(at + (slice(None), slice(o0, o1)))
+            out[k, : e - s] = part.reshape(part.shape[-2:]).T.astype(np.float32).reshape(-1)[s - o0 * i: e - o0 * i]
+        return out.reshape(len(rr), len(bb), BLOCK)
+
+    blocks = jax.make_array_from_callback((rows, nb, BLOCK), NamedSharding(mesh, P(row_e, blk_e, None)), blocks_of)
+    codes, absmax, offset, finite = _nf4_codes_into(shardings.codes, NamedSharding(mesh, P(row_e, blk_e)),
+                                                    NamedSharding(mesh, P(row_e)), lead)(blocks, np.float32(1.0 / nb))
+    del blocks
+    if not _read_replicated(finite):
+        raise _not_finite(what, shape)
+    q2, scale2, offset, finite = _nf4_absmax_codes_into(shardings, lead)(absmax, offset, np.int32(nb))
+    if not _read_replicated(finite):
+        raise _offset_overflows(what, shape, _read_replicated(jnp.max(absmax)))
+    return NF4Array(codes, q2, scale2, offset, (i, o), jax.dtypes.canonicalize_dtype(dtype).name)
+
+
+def _all_finite_flag(*xs):
+    """Inside a program of :func:`quantize_sharded`: whether ``xs`` hold no NaN or inf (one more
+    output of the program that computes them, not one more program per kernel shape)."""
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in xs])
+
+
+def _read_replicated(x):
+    """A replicated value of a (possibly multi-process) program, read on this process once every
+    device of it holds it (not only the first, which a process could leave while another device
+    of it still takes part in the program's collectives)."""
+    return np.asarray(jax.block_until_ready(x).addressable_data(0)).item()
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_into(shardings, scheme):
+    """:func:`_quantize_array` into ``shardings``, and whether the kernel was finite."""
+    replicated = NamedSharding(shardings.qvalue.mesh, P())
+    return jax.jit(lambda w: (_quantize_array(w, scheme), _all_finite_flag(w)), out_shardings=(shardings, replicated))
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_codes_into(codes_sharding, absmax_sharding, offset_sharding, lead):
+    """:func:`_nf4_codes` on unpadded blocks, the codes in their final shape and sharding, and
+    whether the blocks were finite."""
+    def run(blocks, inv_nb):
+        codes, absmax, offset = _nf4_codes_fn(blocks, inv_nb)
+        return codes.reshape(lead + codes.shape[1:]), absmax, offset, _all_finite_flag(blocks)
+
+    replicated = NamedSharding(codes_sharding.mesh, P())
+    return jax.jit(run, out_shardings=(codes_sharding, absmax_sharding, offset_sharding, replicated))
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_absmax_codes_into(shardings, lead):
+    """:func:`_nf4_absmax_codes`, its outputs cut to the real absmaxes and in their final shapes
+    and shardings, and whether the offset and scales are finite."""
+    def run(absmax, offset, nb):
+        q2, scale2 = _nf4_absmax_codes_fn(absmax, offset, nb)
+        return (q2[:, :absmax.shape[1]].reshape(lead + (-1,)), scale2.reshape(lead + (-1,)), offset.reshape(lead),
+                _all_finite_flag(offset, scale2))
+
+    replicated = NamedSharding(shardings.codes.mesh, P())
+    return jax.jit(run, out_shardings=(shardings.absmax_codes, shardings.absmax_scales, shardings.absmax_offset,
+                                       replicated))
 
 
 def _all_finite(x) -> bool:

@@ -1,8 +1,10 @@
 """Four emulated CPU devices: LoRA training on an NF4 base sharded over a 2 x 2 (data x fsdp)
-mesh against one device. Run by tests/test_quantize.py (XLA_FLAGS must be set before JAX is
-imported); prints one JSON line that the test asserts on.
+mesh against one device (``run``), and ``from_pretrained(path, mesh=..., quantize=...)``, each
+shard read and quantized where it is held, against ``jpeft.quantize`` of the whole model
+(``loads``). Run by tests/test_quantize.py (XLA_FLAGS must be set before JAX is imported);
+prints one JSON line that the test asserts on.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/_quant_mesh_worker.py
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/_quant_mesh_worker.py [loads FOLDER]
 """
 
 from __future__ import annotations
@@ -54,5 +56,106 @@ def run(steps: int = 2) -> dict:
             "adapter_diff": diff, "losses": got}
 
 
+def _folder(path: str, tied: bool) -> str:
+    """A random two-layer Llama saved as a Hugging Face folder. Widths chosen so that NF4's
+    blocks of 64 fall across output rows and shard boundaries: 28 x 28 (q/k/v/o_proj: 12.25 blocks,
+    the last one padded), 28 x 40 (gate_proj, up_proj: 17.5), 40 x 28 (down_proj). Few shapes: each
+    compiles its own quantizing programs.
+    Tied: the file also stores ``lm_head.weight``, a copy of the embedding (the tied-head check)."""
+    import jax
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    import jpeft
+
+    cfg = jpeft.models.LlamaConfig(vocab_size=64, hidden_size=28, intermediate_size=40, num_layers=2, num_heads=2,
+                                   num_kv_heads=2, tie_word_embeddings=tied)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    rng = np.random.default_rng(3)  # NumPy: no program compiled per shape
+    params = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32),
+                          jax.eval_shape(model.init, jax.random.key(3), np.zeros((1, 4), np.int32)))
+    jpeft.models.save_pretrained(path, model, params)
+    if tied:
+        f = f"{path}/model.safetensors"
+        w = load_file(f)
+        save_file({**w, "lm_head.weight": w["model.embed_tokens.weight"].copy()}, f, metadata={"format": "pt"})
+    return path
+
+
+def loads(root: str) -> dict:
+    """Every quantized leaf of the mesh load is placed as ``jpeft.shard_params`` places the
+    whole-model ``jpeft.quantize`` result, and each of its shards holds those bits."""
+    import jax
+    import numpy as np
+
+    import jpeft
+    from jpeft import quant
+
+    out: dict = {"devices": jax.device_count(), "cases": []}
+    # data=2 x fsdp=2: NF4 kernels of an even number of blocks are read in halves, of an odd one whole (the codes
+    # cut within a block); tensor=2: the Megatron layout (down_proj's codes cut over fsdp, the others' over tensor)
+    meshes = {"fsdp": (jpeft.make_mesh(data=2, fsdp=2), lambda scan: None),
+              "tensor": (jpeft.make_mesh(data=1, fsdp=2, tensor=2), lambda scan: jpeft.tensor_parallel_rules(stacked=scan))}
+    for tied, scan in ((False, False), (True, True)):
+        folder = _folder(f"{root}/{'tied' if tied else 'untied'}", tied)
+        kw = {"scan_layers": True} if scan else {}
+        _, full = jpeft.models.from_pretrained(folder, **kw)
+        for scheme in quant.SCHEMES:
+            want = jpeft.quantize(full, scheme)
+            for layout, (mesh, rules) in meshes.items():
+                placed = jpeft.param_shardings(want, mesh, rules(scan), stacked=r".*layers/.*" if scan else None)
+                _, got = jpeft.models.from_pretrained(folder, mesh=mesh, rules=rules(scan), quantize=scheme, **kw)
+                case = {"tied": tied, "scan": scan, "scheme": scheme, "layout": layout, "bad": [], "cut": 0,
+                        "quantized": 0, "same_tree": jax.tree.structure(got) == jax.tree.structure(want)}
+                for (kp, g), p, w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(placed),
+                                         jax.tree.leaves(want)):
+                    name = jax.tree_util.keystr(kp)
+                    case["quantized"] += name.endswith((".codes", ".qvalue"))
+                    if not g.sharding.is_equivalent_to(p, g.ndim) or g.dtype != w.dtype or g.shape != w.shape:
+                        case["bad"].append(f"{name}: placed {g.sharding.spec} {g.dtype}{g.shape}, want "
+                                           f"{p.spec} {w.dtype}{w.shape}")
+                        continue
+                    whole = np.asarray(w)
+                    cut = any(s.data.shape != g.shape for s in g.addressable_shards)
+                    case["cut"] += cut
+                    case["cut_codes"] = case.get("cut_codes", 0) + (cut and name.endswith((".codes", ".qvalue")))
+                    for s in g.addressable_shards:
+                        if not np.array_equal(np.atleast_1d(np.asarray(s.data)).view(np.uint8), np.atleast_1d(whole[s.index]).view(np.uint8)):
+                            case["bad"].append(f"{name}: shard {s.index} differs")
+                out["cases"].append(case)
+    # a NaN in one kernel: the mesh load refuses it by name as the whole-model read does (nothing returned)
+    from safetensors.numpy import load_file, save_file
+
+    bad = f"{root}/untied"
+    w = load_file(f"{bad}/model.safetensors")
+    w["model.layers.1.mlp.down_proj.weight"][3, 5] = np.nan
+    save_file(w, f"{bad}/model.safetensors", metadata={"format": "pt"})
+    out["nan"] = {}
+    for scheme in ("nf4", "int8"):
+        said = []
+        for kw in ({}, {"mesh": meshes["fsdp"][0]}):
+            try:
+                jpeft.models.from_pretrained(bad, quantize=scheme, **kw)
+                said.append(None)
+            except jpeft.errors.QuantizationError as e:
+                said.append(str(e))
+        out["nan"][scheme] = said
+    # values whose NF4 block scales' mean overflows float32 (the double quantization): refused alike
+    w["model.layers.1.mlp.down_proj.weight"][3, 5] = 0.0
+    w["model.layers.0.mlp.up_proj.weight"][:] = 3e38
+    save_file(w, f"{bad}/model.safetensors", metadata={"format": "pt"})
+    said = []
+    for kw in ({}, {"mesh": meshes["fsdp"][0]}):
+        try:
+            jpeft.models.from_pretrained(bad, quantize="nf4", **kw)
+            said.append(None)
+        except jpeft.errors.QuantizationError as e:
+            said.append(str(e))
+    out["overflow"] = said
+    return out
+
+
 if __name__ == "__main__":
-    print("JSON:" + json.dumps(run()))
+    import sys
+
+    print("JSON:" + json.dumps(loads(sys.argv[2]) if sys.argv[1:2] == ["loads"] else run()))

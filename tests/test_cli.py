@@ -1743,6 +1743,20 @@ def test_train_on_a_mesh_and_on_two_processes_matches_one_device(hf_dir, capsys)
         evals = [m["eval_loss"] for m in _metrics(hf_dir / run) if "eval_loss" in m]
         np.testing.assert_allclose(evals, ref_eval, rtol=1e-5, err_msg=run)
     assert sorted(n for n in os.listdir(hf_dir / "mesh_2p" / "checkpoints") if not n.startswith(".")) == ["2", "4"]
+    # QLoRA over 2 processes x 2 devices, fsdp=4: each process reads and quantizes only its own shards of the base
+    # (it read and quantized the whole model, then sharded it): the adapter and eval losses of one device
+    nf4 = ("--set", "quantize=nf4", "--set", "train.steps=2", "--set", "train.eval_every=2", "--set", "train.save_every=0")
+    assert main(["train", "--config", str(cfg), "--no-progress", "--output-dir", str(hf_dir / "nf4_ref"), *nf4]) == 0
+    procs, outs = two_processes("mesh_2p_nf4", ((*nf4, "--set", "mesh.fsdp=4"),) * 2)
+    assert all(p.returncode == 0 for p in procs), "\n----\n".join(o[-3000:] for o in outs)
+    assert "mesh data=1 x fsdp=4 over 2 process(es)" in outs[0]
+    ref, got = adapter_arrays(hf_dir / "nf4_ref" / "adapter"), adapter_arrays(hf_dir / "mesh_2p_nf4" / "adapter")
+    assert sorted(got) == sorted(ref) and any(np.abs(ref[k]).max() > 0 for k in ref if k.endswith("lora_B"))
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    evals = [[m["eval_loss"] for m in _metrics(hf_dir / r) if "eval_loss" in m] for r in ("nf4_ref", "mesh_2p_nf4")]
+    assert len(evals[0]) == 1 and evals[0][0] != pytest.approx(ref_eval[0], rel=1e-4)  # the quantized base's loss
+    np.testing.assert_allclose(evals[1], evals[0], rtol=1e-5)
     # processes started with different settings would train a mix of two runs: refused by name on every process
     procs, outs = two_processes("mesh_2p_seed", ((), ("--set", "seed=8")))
     assert [p.returncode for p in procs] == [2, 2], "\n----\n".join(o[-3000:] for o in outs)

@@ -783,6 +783,65 @@ def test_a_model_split_across_processes_is_written_one_array_at_a_time(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["full", "one"]
 
 
+_TIED_HEAD_WORKER = r"""
+import sys
+import jax
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+import jpeft
+from jpeft.models import loading
+rows, real = [], loading._read_slice
+def counting(fname, name, spans, index):  # the rows of the stored head this process reads (the check alone reads it)
+    block = real(fname, name, spans, index)
+    rows.extend(range(index[0].start, index[0].stop) if name == "lm_head.weight" else ())
+    return block
+loading._read_slice = counting
+for folder in sys.argv[3:]:
+    rows.clear()
+    try:
+        jpeft.models.from_pretrained(folder, mesh=jpeft.make_mesh(data=1, fsdp=2))
+        print("LOADED", min(rows), max(rows), len(rows), flush=True)
+    except jpeft.errors.CheckpointError as e:
+        print("REFUSED", min(rows), max(rows), len(rows), e, flush=True)
+"""
+
+
+def test_the_tied_head_check_of_a_two_process_load_reads_each_processs_rows_and_agrees(tmp_path):
+    """A tied checkpoint that also stores ``lm_head.weight``: each process of a load over a mesh
+    across processes compared both whole vocabulary tables; now each compares its half of the
+    rows and one gather tells both the result. The copy loads on both; a head that differs in one
+    row, of process 1's half or of process 0's, is refused on BOTH with the same message."""
+    from safetensors.numpy import load_file, save_file
+
+    cfg = jpeft.models.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                   num_kv_heads=1, tie_word_embeddings=True)
+    model = jpeft.models.LlamaForCausalLM(cfg)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                          jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 4), np.int32)))
+    folders = []
+    for name, row in (("copy", None), ("row_of_process_1", 50), ("row_of_process_0", 3)):
+        folder = tmp_path / name
+        jpeft.models.save_pretrained(str(folder), model, params)
+        w = load_file(folder / "model.safetensors")
+        head = w["model.embed_tokens.weight"].copy()
+        if row is not None:
+            head[row, 5] += 1e-3
+        save_file({**w, "lm_head.weight": head}, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(str(folder))
+    port = C.free_port()
+    outs, codes = C.run_processes([[sys.executable, "-c", _TIED_HEAD_WORKER, str(port), str(i), *folders]
+                                   for i in range(2)], env=_env(1), timeout=120)
+    assert codes == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
+    got = [[ln for ln in o.splitlines() if ln.startswith(("LOADED", "REFUSED"))] for o in outs]
+    # process 0 reads rows 0-31 of the stored head, process 1 rows 32-63 (both read all 64 before)
+    assert [ln.split()[:4] for ln in got[0]] == [["LOADED", "0", "31", "32"]] + [["REFUSED", "0", "31", "32"]] * 2, got
+    assert [ln.split()[:4] for ln in got[1]] == [["LOADED", "32", "63", "32"]] + [["REFUSED", "32", "63", "32"]] * 2, got
+    for a, b, folder in zip(got[0][1:], got[1][1:], folders[1:]):
+        msg = a.split(" ", 4)[4]
+        assert msg == b.split(" ", 4)[4] and msg.startswith(f"config.json in {folder!r} says tie_word_embeddings=true, "
+                                                            "but the weights also hold an lm_head.weight that differs")
+
+
 _USER_SCRIPT = r"""
 import sys
 from jpeft import distributed as dist

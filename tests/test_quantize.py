@@ -551,8 +551,6 @@ def test_from_pretrained_jpeft_train_and_the_peft_export_on_an_nf4_base(tmp_path
     assert jax.tree.structure(q) == jax.tree.structure(want) and quant.has_quantized(q)
     for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(QuantizationError, match="shard_params"):
-        jpeft.models.from_pretrained(folder, quantize="nf4", mesh=jpeft.make_mesh(data=1))
 
     tiny_hf.jsonl(tmp_path / "train.jsonl", 0, 12)
     (tmp_path / "run.toml").write_text(
@@ -609,6 +607,57 @@ def test_two_by_two_mesh_equals_one_device():
     assert got["devices"] == 4 and got["sharded_leaves"] > 0
     assert got["loss_fell"] and got["base_unchanged"]
     assert got["loss_diff"] < 1e-5 and got["adapter_diff"] < 1e-5
+
+
+def test_from_pretrained_on_a_mesh_quantizes_each_shard_as_the_whole_model(tmp_path):
+    """``from_pretrained(path, mesh=..., quantize=...)`` reads each device's float blocks and
+    quantizes them where they are held (it loaded the whole model on every process, then
+    sharded it; before that it was refused). For nf4, int8 and fp8, a data x fsdp mesh and the
+    tensor-parallel layout, an unrolled untied model and a layer-scanned tied one (whose file
+    stores the tied head too): every leaf is placed as ``jpeft.shard_params`` places
+    ``jpeft.quantize`` of the whole model, and every shard holds its bits exactly (NF4's
+    blocks cross output rows; an odd number of blocks cuts the codes inside a block). A NaN kernel,
+    and one whose NF4 scales' mean overflows, are refused with the plain read's message."""
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_quant_mesh_worker.py"), "loads", str(tmp_path)],
+                          env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON:")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    got = json.loads(lines[-1][5:])
+    assert got["devices"] == 4 and len(got["cases"]) == 12
+    assert {(c["scheme"], c["layout"], c["scan"], c["tied"]) for c in got["cases"]} == {
+        (s, lay, scan, scan) for s in quant.SCHEMES for lay in ("fsdp", "tensor") for scan in (False, True)}
+    for c in got["cases"]:
+        assert c["same_tree"] and c["bad"] == [], c
+        # every linear kernel quantized (7 a layer; 2 layers unrolled, 1 stacked leaf each when scanned), each cut
+        assert c["quantized"] == c["cut_codes"] == (7 if c["scan"] else 14), c
+    for scheme, (whole, mesh) in got["nan"].items():  # a NaN in a kernel: refused by name, as the plain read does
+        assert whole == mesh and mesh.startswith("the kernel 'model/layers_1/mlp/down_proj/kernel' of shape (40, 28) "
+                                                 "holds NaN or inf values"), (scheme, whole, mesh)
+    whole, mesh = got["overflow"]
+    assert whole == mesh and mesh.startswith("the kernel 'model/layers_0/mlp/up_proj/kernel' of shape (28, 40) holds "
+                                             "values up to 3e+38: the mean of its NF4 block scales"), (whole, mesh)
+
+
+def test_a_freshly_initialised_kernel_is_quantized_while_reading_as_jpeft_quantize_does():
+    """A BERT classifier read as a question-answering model: its ``qa_outputs`` kernel is not in
+    the file and is initialised fresh. ``from_pretrained(quantize=...)`` left it float32 while
+    ``jpeft.quantize`` of the same base quantizes it (and the mesh load, which places it in the
+    quantized tree's layout, must): now the read gives ``jpeft.quantize``'s bits, leaf for leaf."""
+    import _models_tiny as tiny
+
+    _, folder = tiny.hf_model("bert")
+    kw = dict(task="question_answering", num_labels=2)
+    with pytest.warns(UserWarning, match="freshly initialised"):
+        _, full = jpeft.models.from_pretrained(folder, **kw)
+    with pytest.warns(UserWarning, match="freshly initialised"):
+        _, q = jpeft.models.from_pretrained(folder, quantize="int8", **kw)
+    want = jpeft.quantize(full, "int8")
+    assert quant.is_quantized(q["params"]["qa_outputs"]["kernel"])
+    assert jax.tree.structure(q) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_quantize_refuses_non_float_and_empty_kernels_and_re_quantizing():

@@ -15,7 +15,6 @@ from jpeft.core import RoundingTally
 from jpeft.errors import ConfigError, InputValidationError, SaveError
 from jpeft.io import safetensors_index
 from jpeft.tree import is_half_float
-from jpeft.parallel import shard_params
 from jpeft.models import (LlamaForCausalLM, config_from_hf, from_pretrained, load_tokenizer, loading,
                           model_from_config as _m, read_config)
 
@@ -91,7 +90,7 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
     logits; ``from_pretrained(..., tie_word_embeddings=False)``), for an adapter of ``lm_head``
     (:func:`save_folder` then writes ``tie_word_embeddings: false``);
     ``quantize``: ``"nf4"`` | ``"int8"`` | ``"fp8"`` quantizes the linear kernels while reading
-    (then placed on ``mesh`` with :func:`jpeft.shard_params`).
+    (with ``mesh``: each process its own shards).
 
     Raises:
       LoadError: the folder is missing or is not a Hugging Face model folder.
@@ -118,11 +117,9 @@ def load_folder(folder: str, *, tokenizer: bool = True, scan_layers: bool = Fals
             f"the tokenizer in {folder!r} {found} but the model's vocab_size is {vocab:,}: token ids "
             f">= {vocab:,} have no embedding row. Use the model's own tokenizer, or resize the embeddings."
         )
-    model, params = from_pretrained(folder, DTYPES[dtype], mesh=None if quantize else mesh, rules=rules,
+    model, params = from_pretrained(folder, DTYPES[dtype], mesh=mesh, rules=rules,
                                     quantize=quantize, **({"scan_layers": True} if scan_layers else {}),
                                     **({"tie_word_embeddings": False} if untie and loading.ties_lm_head(d) else {}))
-    if quantize and mesh is not None:
-        params = shard_params(params, mesh, rules, stacked=r".*layers/.*" if scan_layers else None)
     return Loaded(model, params, tok, folder, d)
 
 

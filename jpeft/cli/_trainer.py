@@ -705,13 +705,13 @@ def _host_checks(cfg: dict):
 def _gather_digests(parts, extra=None) -> np.ndarray:
     """Every process's sha256 of each ``(name, what, bytes)`` of ``parts`` (and an ``extra``
     row holding that number: why a process stopped), as ``[processes, rows, 8]`` uint32."""
-    from jax.experimental import multihost_utils
-
     mine = np.stack([np.frombuffer(hashlib.sha256(v).digest(), np.uint32) for _, _, v in parts])
     if extra is not None:
         mine = np.concatenate([mine, np.full((1, 8), int(extra), np.uint32)])
     try:
-        return np.asarray(multihost_utils.process_allgather(mine))
+        # every device of this process done with the gather before it goes on: processes refusing together
+        # leave nothing in flight (jpeft.distributed.allgather)
+        return dist.allgather(mine)
     except jax.errors.JaxRuntimeError as e:
         # a process that got SIGTERM or Ctrl-C before training (or crashed) left the job: the gather fails once its
         # connection closes (a raw traceback before, then a wait in jax.distributed's shutdown for its heartbeat

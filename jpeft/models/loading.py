@@ -26,7 +26,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jpeft import _hostmem, quant
+from jpeft import _hostmem, distributed, quant
 from jpeft._hfconfig import num_kv_heads, number as _number  # the one reading of config.json's numbers
 from jpeft.checkpoint import is_step_folder
 from jpeft.errors import (CheckpointError, ConfigError, JpeftError, LoadError, QuantizationError, SaveError,
@@ -524,8 +524,10 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
       quantize: ``"nf4"``, ``"int8"`` or ``"fp8"``: the linear kernels are quantized as they
         are read, one tensor at a time (as :func:`jpeft.quantize` would quantize them; the
         LM head, embeddings and norms stay in ``param_dtype``), so host and device memory
-        stay near the quantized model's size plus one tensor. Not with ``mesh``: shard the
-        quantized tree with :func:`jpeft.shard_params` instead.
+        stay near the quantized model's size plus one tensor. With ``mesh``: each process
+        reads only the float blocks its devices' quantized shards are made of and quantizes
+        them there (:func:`jpeft.quant.quantize_sharded`), into the layout
+        :func:`jpeft.shard_params` gives the quantized tree, bit for bit the same values.
       **config_overrides: fields of the jpeft config to change (``remat=True``,
         ``scan_layers=True`` for a layer-scanned Llama whose weights are stacked per layer, ...).
 
@@ -551,11 +553,6 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
         check_key(key, where="from_pretrained")
     if quantize is not None and quantize not in quant.SCHEMES:
         raise QuantizationError(f"from_pretrained(quantize={quantize!r}): expected one of {list(quant.SCHEMES)} or None.")
-    if quantize is not None and mesh is not None:
-        raise QuantizationError(
-            "from_pretrained(quantize=..., mesh=...) is not supported: load with quantize= and no mesh, then place "
-            "the quantized tree with jpeft.shard_params(params, mesh) (its specs carry over to the quantized arrays)."
-        )
     if quantize is not None and api == "nnx":
         raise QuantizationError(
             "from_pretrained(quantize=..., api='nnx') is not supported: quantized bases are linen trees; "
@@ -606,7 +603,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
     placer = None
     if mesh is not None:
         final = shapes if not scanned else jax.eval_shape(lambda k: model.init(k, dummy), jax.random.key(0))["params"]
-        placer = _ShardedPlacer(final, mesh, rules, scanned)
+        placer = _ShardedPlacer(final, mesh, rules, scanned, quantize)
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(_open(f)) for f in files]
         params, fresh = _read_weights(path, cfg, fam, expected, handles, files, placer, quantize, untie)
@@ -630,6 +627,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, param_dtype=None, key=None,
 
         for tree_keys, value in zip(fresh_keys, jax.jit(pick)(jax.random.key(0) if key is None else key)):
             value = value.astype(cfg.param_dtype)
+            if placer is None and quantize is not None and quant.selects("/".join(tree_keys[:-1]), tree_keys[-1], value):
+                value = quant.quantize_array(value, quantize, "/".join(tree_keys))  # as jpeft.quantize would
             _set(params, tree_keys, value if placer is None else placer.place_fresh(tree_keys, value))
     _hostmem.release()  # the per-tensor host copies are gone; hand their pages back
     if placer is not None:
@@ -660,17 +659,24 @@ def _refuse_prequantized(path, d: Mapping[str, Any]) -> None:
     )
 
 
-def _check_stored_head_is_tied(path, where) -> None:
+def _check_stored_head_is_tied(path, where, spread: bool = False) -> None:
     """A config that ties the output projection to the embedding, with an ``lm_head.weight`` in
     the file too: jpeft's model has no head of its own, so the stored one must be the embedding
     (a copy, as some exporters write). A different one (a fine-tune or an FSDP export that untied
     the head and left the config alone) is what transformers 5 then uses, untied: refused. The two
-    are compared :data:`_COMPARE_BYTES` of rows at a time (every process compares them whole), so
-    the check holds two such blocks, not two whole vocabulary tables."""
+    are compared :data:`_COMPARE_BYTES` of rows at a time, so the check holds two such blocks, not
+    two whole vocabulary tables. ``spread``: a load every process of a multi-process job takes part
+    in (a mesh across processes): each process compares its own share of the rows, and one small
+    gather tells every process whether all shares were equal, so each reads 1/processes of both
+    tables and all reach the same decision (and the same error)."""
     emb = [k for k in where if k.endswith((".embed_tokens.weight", ".wte.weight"))]
     if not emb:
         return
-    if _same_tensor(where["lm_head.weight"], where[emb[0]]):
+    share = (jax.process_index(), jax.process_count()) if spread else None
+    same = _same_tensor(where["lm_head.weight"], where[emb[0]], share)
+    if spread:
+        same = bool(np.all(distributed.allgather(np.int32(same))))
+    if same:
         return
     raise CheckpointError(
         f"config.json in {path!r} says tie_word_embeddings=true, but the weights also hold an lm_head.weight that "
@@ -683,12 +689,13 @@ def _check_stored_head_is_tied(path, where) -> None:
 _COMPARE_BYTES = 16 << 20  # the most bytes of one tensor _same_tensor holds at a time
 
 
-def _same_tensor(a, b) -> bool:
+def _same_tensor(a, b, share: Optional[tuple] = None) -> bool:
     """Whether two stored tensors, ``(name, handle, file)`` as :func:`_read_weights` finds them,
     have the same shape and values, read (:func:`_read_slice`) and compared a block of at most
     :data:`_COMPARE_BYTES` of leading-axis rows at a time: reading both whole (safetensors'
     ``get_tensor``: memory-mapped pages and a JAX copy of each) would hold several copies of a
-    vocabulary table on every process's host, where a sharded load holds a fraction of one."""
+    vocabulary table on every process's host, where a sharded load holds a fraction of one.
+    ``share``: ``(index, count)``: only the ``index``-th of ``count`` contiguous parts of the rows."""
     (ra, _, fa), (rb, _, fb) = a, b
     sa, sb = safetensors_index(fa)[0], safetensors_index(fb)[0]
     shape = tuple(int(d) for d in sa[ra][1])
@@ -698,8 +705,9 @@ def _same_tensor(a, b) -> bool:
         return bool(np.array_equal(_read_slice(fa, ra, sa, ()), _read_slice(fb, rb, sb, ())))
     row = int(np.prod(shape[1:], dtype=np.int64)) * max(np.dtype(sa[ra][0]).itemsize, np.dtype(sb[rb][0]).itemsize)
     step = max(1, _COMPARE_BYTES // max(row, 1))
-    for start in range(0, shape[0], step):
-        rows = (slice(start, min(start + step, shape[0])),)
+    first, end = (0, shape[0]) if share is None else (shape[0] * share[0] // share[1], shape[0] * (share[0] + 1) // share[1])
+    for start in range(first, end, step):
+        rows = (slice(start, min(start + step, end)),)
         if not np.array_equal(_read_slice(fa, ra, sa, rows), _read_slice(fb, rb, sb, rows)):
             return False
     return True
@@ -725,7 +733,7 @@ def _read_weights(path, cfg, fam, expected, handles, files, placer=None, quantiz
         # of the shared names, "lm_head.weight"): transformers reads it as the embedding too
         where[emb_key] = where["lm_head.weight"]
     elif tied and "lm_head.weight" in where:
-        _check_stored_head_is_tied(path, where)
+        _check_stored_head_is_tied(path, where, placer is not None and placer.across_processes)
     if untie and "lm_head.weight" in expected and "lm_head.weight" not in where and emb_key in where:
         where["lm_head.weight"] = where[emb_key]
     ignored = [re.compile(p) for p in fam.ignored] + ([re.compile(r"lm_head\.weight")] if tied else [])
@@ -827,9 +835,16 @@ class _ShardedPlacer:
     asks only for this process's shards). A layer-scanned leaf is assembled from the
     per-layer tensors of the checkpoint, each read only for the shard's block."""
 
-    def __init__(self, final_shapes, mesh, rules, scanned: bool):
+    def __init__(self, final_shapes, mesh, rules, scanned: bool, quantize: Optional[quant.Scheme] = None):
         self.scanned = scanned
         self.shapes = final_shapes
+        self.quantize = quantize
+        # a mesh over several processes: every process of the job takes part in this load
+        self.across_processes = any(d.process_index != jax.process_index() for d in np.asarray(mesh.devices).flat)
+        if quantize is not None:  # the quantized tree's specs, as jpeft.shard_params would give the quantized base
+            final_shapes = jax.tree_util.tree_map_with_path(
+                lambda kp, x: quant.abstract_quantized(x, quantize) if quant.selects(
+                    "/".join(str(k.key) for k in kp[:-1]), str(kp[-1].key), x) else x, final_shapes)
         self.shardings = param_shardings(final_shapes, mesh, rules, stacked=r".*layers/.*" if scanned else None)
         self.sources: dict = {}  # final tree path -> [(fname, raw, spans, transposed)] (one per layer if stacked)
 
@@ -858,7 +873,11 @@ class _ShardedPlacer:
         keys, layer = self._final_keys(tree_keys)
         if layer is not None:
             raise CheckpointError(f"a layer-scanned model cannot initialise the missing weight {'/'.join(tree_keys)}.")
-        return put_leaf(value, self._get(self.shardings, keys))
+        sharding = self._get(self.shardings, keys)
+        if quant.is_quantized(sharding):
+            value = quant.quantize_array(value, self.quantize, "/".join(keys))
+            return jax.tree.map(put_leaf, value, sharding)
+        return put_leaf(value, sharding)
 
     def _read(self, src, index, dtype):
         fname, raw, spans, transposed = src
@@ -879,7 +898,11 @@ class _ShardedPlacer:
                 def cb(index, srcs=srcs, n=leaf.shape[0]):
                     layers = range(*index[0].indices(n))
                     return np.stack([self._read(srcs[i], tuple(index[1:]), dtype) for i in layers])
-            _set(params, keys, jax.make_array_from_callback(tuple(leaf.shape), sharding, cb))
+            if quant.is_quantized(sharding):  # read and quantized shard by shard (quant.quantize_sharded)
+                value = quant.quantize_sharded(cb, tuple(leaf.shape), dtype, sharding, self.quantize, "/".join(keys))
+            else:
+                value = jax.make_array_from_callback(tuple(leaf.shape), sharding, cb)
+            _set(params, keys, value)
             _hostmem.release()
         return params
 
