@@ -443,10 +443,10 @@ def test_a_merged_vera_or_adalora_adapter_is_saved_as_lora_not_with_its_inputs_c
     np.testing.assert_allclose(jpeft.apply(model, params, back, x), want, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def peft_llama(tmp_path_factory):
-    """A tiny Llama under PEFT with LoRA adapters ``x1`` (embed_tokens too) and ``x2`` (rsLoRA,
-    lm_head too), every factor random; each loaded into jpeft; and the two models' logits."""
+def _peft_llama(tmp_path_factory, cfgs: dict, *, seed: int, batch_seed: int):
+    """A tiny Llama under PEFT with the LoRA adapters ``cfgs`` (name -> LoraConfig keywords), every
+    tensor random; each loaded into jpeft; the two models' logits on a batch; and
+    ``(model, params, folder, hf)``."""
     import os
     import sys
     import warnings
@@ -459,15 +459,13 @@ def peft_llama(tmp_path_factory):
 
     hf, folder = T.hf_model("llama2")
     model, params = M.from_pretrained(folder)
-    cfgs = {"x1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]),
-            "x2": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj", "lm_head"])}
-    pm = T.peft_with_adapters(hf, cfgs)
+    pm = T.peft_with_adapters(hf, cfgs, seed=seed)
     tmp_path = tmp_path_factory.mktemp("peft_llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.save_pretrained(str(tmp_path))
     ads = [H.load_peft(str(tmp_path / n), params)[1] for n in cfgs]
-    ids, mask = T.batch("llama2", seed=3)
+    ids, mask = T.batch("llama2", seed=batch_seed)
 
     def peft_logits(name):
         pm.set_adapter(name)
@@ -479,7 +477,16 @@ def peft_llama(tmp_path_factory):
         out = jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
         return np.asarray(out)[mask == 1]
 
-    return pm, ads, peft_logits, jpeft_logits
+    return pm, ads, peft_logits, jpeft_logits, (model, params, folder, hf)
+
+
+@pytest.fixture(scope="module")
+def peft_llama(tmp_path_factory):
+    """A tiny Llama under PEFT with LoRA adapters ``x1`` (embed_tokens too) and ``x2`` (rsLoRA,
+    lm_head too), every factor random; each loaded into jpeft; and the two models' logits."""
+    cfgs = {"x1": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+            "x2": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "v_proj", "lm_head"])}
+    return _peft_llama(tmp_path_factory, cfgs, seed=0, batch_seed=3)[:4]
 
 
 @pytest.mark.parametrize("method,kw", [
@@ -558,41 +565,12 @@ def peft_bias_llama(tmp_path_factory):
     """A tiny Llama (biased attention and MLP) under PEFT with LoRA adapters ``b1`` (lora_bias),
     ``b2`` (rsLoRA, no lora_bias) and ``b3`` (lora_bias), every tensor random, the biases included;
     each loaded into jpeft; and the two models' logits."""
-    import os
-    import sys
-    import warnings
-
-    import torch
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    import _models_tiny as T
-    from jpeft import hf as H, models as M
-
-    hf, folder = T.hf_model("llama2")
-    model, params = M.from_pretrained(folder)
     cfgs = {"b1": dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"]),
             "b2": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "o_proj"]),
             "b3": dict(r=4, lora_alpha=5, lora_bias=True, target_modules=["q_proj", "down_proj"])}
-    pm = T.peft_with_adapters(hf, cfgs, seed=5)
-    assert all(float(m.lora_B["b1"].bias.abs().min()) > 0 for n, m in pm.named_modules() if n.endswith("v_proj"))
-    tmp_path = tmp_path_factory.mktemp("peft_bias_llama")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(str(tmp_path))
-    ads = [H.load_peft(str(tmp_path / n), params)[1] for n in cfgs]
-    ids, mask = T.batch("llama2", seed=4)
-
-    def peft_logits(name):
-        pm.set_adapter(name)
-        with torch.no_grad():
-            return pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                      position_ids=torch.tensor(T.positions(mask))).logits.numpy()[mask == 1]
-
-    def jpeft_logits(adapter):
-        out = jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-        return np.asarray(out)[mask == 1]
-
-    return pm, ads, peft_logits, jpeft_logits, (model, params, folder, hf)
+    out = _peft_llama(tmp_path_factory, cfgs, seed=5, batch_seed=4)
+    assert all(float(m.lora_B["b1"].bias.abs().min()) > 0 for n, m in out[0].named_modules() if n.endswith("v_proj"))
+    return out
 
 
 @pytest.mark.parametrize("method, kw, ours", [
