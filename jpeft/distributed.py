@@ -409,13 +409,17 @@ def gather(tree):
 
 def gather_array(x) -> np.ndarray:
     """The full global value of one array as a host ``numpy`` array, on every process
-    (``process_allgather`` for an array spread over processes, a collective every process takes
-    part in; a local copy otherwise)."""
+    (for an array spread over processes, a collective every process takes part in, returned once
+    every device of this process has finished its part, as :func:`allgather`: the job's last
+    gather, of the final adapter, is followed by the processes' exit; a local copy otherwise)."""
     from jax.experimental import multihost_utils
 
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
         return host_array(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    if isinstance(x.sharding, NamedSharding):
+        out = jax.block_until_ready(_replicate(NamedSharding(x.sharding.mesh, P()))(x))
+        return np.asarray(out.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))  # reads the first local device's copy
 
 
 def lost_peer(e: BaseException) -> bool:
