@@ -340,8 +340,7 @@ def allgather(x) -> np.ndarray:
     spread = jax.make_array_from_single_device_arrays(
         (jax.process_count(),) + x.shape, NamedSharding(mesh, P("processes")),
         [jax.device_put(mine, d) for d in jax.local_devices()])
-    out = jax.block_until_ready(_replicate(NamedSharding(mesh, P()))(spread))
-    return np.asarray(out.addressable_data(0))
+    return host_array(_replicate(NamedSharding(mesh, P()))(spread))
 
 
 @functools.lru_cache(maxsize=None)
@@ -417,8 +416,7 @@ def gather_array(x) -> np.ndarray:
     if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
         return host_array(x)
     if isinstance(x.sharding, NamedSharding):
-        out = jax.block_until_ready(_replicate(NamedSharding(x.sharding.mesh, P()))(x))
-        return np.asarray(out.addressable_data(0))
+        return host_array(_replicate(NamedSharding(x.sharding.mesh, P()))(x))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))  # reads the first local device's copy
 
 

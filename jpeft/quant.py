@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jpeft.config import _as_targets
 from jpeft.errors import LoadError, QuantizationError, SaveError
-from jpeft.tree import is_all_linear, is_nnx_module, is_nnx_state, matches, path_str, unbox
+from jpeft.tree import host_array, is_all_linear, is_nnx_module, is_nnx_state, matches, path_str, unbox
 
 Scheme = Literal["nf4", "int8", "fp8"]
 SCHEMES: tuple = ("nf4", "int8", "fp8")
@@ -345,7 +345,7 @@ def quantize_sharded(read: Callable, shape: tuple, dtype, shardings, scheme: Sch
     if scheme != "nf4":
         w = jax.make_array_from_callback(tuple(shape), shardings.qvalue, read)
         q, finite = _quantize_into(shardings, scheme)(w)
-        if not _read_replicated(finite):
+        if not host_array(finite).item():
             raise _not_finite(what, shape)
         return q
     lead, (i, o) = tuple(shape[:-2]), tuple(shape[-2:])
@@ -371,11 +371,11 @@ def quantize_sharded(read: Callable, shape: tuple, dtype, shardings, scheme: Sch
     codes, absmax, offset, finite = _nf4_codes_into(shardings.codes, NamedSharding(mesh, P(row_e, blk_e)),
                                                     NamedSharding(mesh, P(row_e)), lead)(blocks, np.float32(1.0 / nb))
     del blocks
-    if not _read_replicated(finite):
+    if not host_array(finite).item():
         raise _not_finite(what, shape)
     q2, scale2, offset, finite = _nf4_absmax_codes_into(shardings, lead)(absmax, offset, np.int32(nb))
-    if not _read_replicated(finite):
-        raise _offset_overflows(what, shape, _read_replicated(jnp.max(absmax)))
+    if not host_array(finite).item():
+        raise _offset_overflows(what, shape, host_array(jnp.max(absmax)).item())
     return NF4Array(codes, q2, scale2, offset, (i, o), jax.dtypes.canonicalize_dtype(dtype).name)
 
 
@@ -383,13 +383,6 @@ def _all_finite_flag(*xs):
     """Inside a program of :func:`quantize_sharded`: whether ``xs`` hold no NaN or inf (one more
     output of the program that computes them, not one more program per kernel shape)."""
     return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in xs])
-
-
-def _read_replicated(x):
-    """A replicated value of a (possibly multi-process) program, read on this process once every
-    device of it holds it (not only the first, which a process could leave while another device
-    of it still takes part in the program's collectives)."""
-    return np.asarray(jax.block_until_ready(x).addressable_data(0)).item()
 
 
 @functools.lru_cache(maxsize=None)

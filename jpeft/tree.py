@@ -408,8 +408,11 @@ def is_half_float(dtype) -> bool:
 def host_array(x) -> np.ndarray:
     """A host numpy copy of the whole value of ``x`` (a typed PRNG key as its key data).
 
-    An array replicated over several processes is read from this process's own copy; a
-    single-process array sharded over devices (a pmap output too) is read whole. Only an array
+    An array replicated over several processes is read from this process's own copy, once every
+    device of this process holds it (JAX's ``addressable_data(0)`` alone waits for the first: a
+    process that then ends could close its connections under another device's exchange of the
+    program that made it); a single-process array sharded over devices (a pmap output too) is
+    read whole. Only an array
     split across processes has no whole value here: that raises, since reading it takes every
     process (:func:`jpeft.distributed.gather`).
 
@@ -426,7 +429,7 @@ def host_array(x) -> np.ndarray:
                     "holds only part of it and cannot read its value alone. Read it with "
                     "jpeft.distributed.gather(tree) on every process, or replicate it first."
                 )
-            return np.asarray(x.addressable_data(0))
+            return np.asarray(jax.block_until_ready(x).addressable_data(0))
     return np.asarray(jax.device_get(x))
 
 

@@ -22,8 +22,8 @@ import numpy as np
 from jpeft import scan
 from jpeft.errors import BaseMismatchError, CheckpointError, ConfigError, UnsupportedAdapterError
 from jpeft.methods import pissa
-from jpeft.methods._common import (BASE_BIAS, SavedModule, base_bias_from_hf, conv_rows_from_torch, conv_rows_to_torch,
-                                   other_bias_keys, peft_site_layout, saved_from_hf, saved_to_hf,
+from jpeft.methods._common import (BASE_BIAS, PEFT_CONV_FORWARD, SavedModule, base_bias_from_hf, conv_rows_from_torch,
+                                   conv_rows_to_torch, other_bias_keys, peft_site_layout, saved_from_hf, saved_to_hf,
                                    trained_biases_from_hf, trained_biases_to_hf)
 from jpeft.methods.base import Kind, Method, register_method
 from jpeft.methods.lora import (LoraConfig, LoraWeights, TrainableTokens, budget_rows, from_low_rank,
@@ -34,11 +34,11 @@ from jpeft.peft_format import (CONFIG_FILE, CONV1D, FLAG, PEFT_PREFIX, ExportCon
                                ties_word_embeddings, to_np, warn_overlapping_patterns)
 from jpeft.tree import compile_pattern, from_hf_name, hf_name, linear_only, regex_fullmatch, tied_embedding
 
-# the PEFT whose LoRA computes as jpeft's where 0.21 did not: its OLoRA init honours fan_in_fan_out (GPT-2's Conv1D,
-# weights stored [in, out]; before, it factored the stored weight, a residual base unlike jpeft's, and lora_A of the
-# wrong shape where in != out), and its conv lora_A takes the base's dilation and padding_mode (the version from which
-# modules_to_save names and trainable_token_indices keys match whole name components is lora.peft_names_match's)
-_PEFT_FIXED = (0, 22)
+# the PEFT whose OLoRA init honours fan_in_fan_out (GPT-2's Conv1D, weights stored [in, out]; before, it factored the
+# stored weight, a residual base unlike jpeft's, and lora_A of the wrong shape where in != out); the version from which
+# its conv lora_A takes the base's dilation and padding_mode is _common.PEFT_CONV_FORWARD, the one from which
+# modules_to_save names and trainable_token_indices keys match whole name components lora.peft_names_match's
+_PEFT_OLORA_CONV1D = (0, 22)
 
 
 # -- LoRA ------------------------------------------------------------------------------------
@@ -146,10 +146,10 @@ def _lora_to_hf(config: LoraConfig, adapter, ctx: ExportContext):
         # recompute the residual base these factors are relative to (jpeft.init_pissa/init_olora)
         init_lora_weights=init,
     )
-    needs_peft(d, _PEFT_FIXED, new_conv, f"their nn.Conv has {' / '.join(sorted(set(new_conv.values())))}, and PEFT 0.21 "
+    needs_peft(d, PEFT_CONV_FORWARD, new_conv, f"their nn.Conv has {' / '.join(sorted(set(new_conv.values())))}, and PEFT 0.21 "
                "builds a conv's lora_A from the base's kernel_size, stride and padding alone (undilated, zero-padded), "
                "so its unmerged output differs from its merged one and from jpeft's")
-    needs_peft(d, _PEFT_FIXED, conv1d, "their OLoRA residual base is of GPT-2 Conv1D modules (fan_in_fan_out), and PEFT "
+    needs_peft(d, _PEFT_OLORA_CONV1D, conv1d, "their OLoRA residual base is of GPT-2 Conv1D modules (fan_in_fan_out), and PEFT "
                "before 0.22 factors the stored [in, out] weight instead, so it rebuilds another base (or fails on the "
                "shapes)")
     return d, tensors
@@ -348,7 +348,7 @@ def _refuse_old_olora_conv1d(d: Mapping[str, Any], paths, ctx: ImportContext) ->
     """Refuses a PEFT OLoRA file with GPT-2 Conv1D sites written by PEFT before 0.22, whose residual
     base jpeft does not compute."""
     sites = _olora_conv1d_sites(d.get("init_lora_weights"), paths)
-    if not sites or (ctx.peft_version or (0, 0)) >= _PEFT_FIXED:
+    if not sites or (ctx.peft_version or (0, 0)) >= _PEFT_OLORA_CONV1D:
         return
     folder = ctx.folder
     raise UnsupportedAdapterError(
