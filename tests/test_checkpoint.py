@@ -437,6 +437,42 @@ def test_load_needs_the_same_sites(tmp_path, base):
         jpeft.load_adapter(d, params)
 
 
+def test_a_reordered_first_match_pattern_is_an_edit_the_checksum_sees(tmp_path, base):
+    """alpha_pattern takes the first matching key, so swapping two keys in a saved adapter's JSON
+    changes its outputs (here layers_0's q_proj from alpha 16 to 2); the checksum was of the keys
+    sorted, which that edit left intact, and the edited adapter loaded with other numbers. It is of
+    the document in its own order now; a file an earlier jpeft wrote ("sha256:", sorted keys) still
+    loads, and an edit of its values is still refused."""
+    import hashlib
+
+    params = base[0]
+    cfg = jpeft.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"],
+                           alpha_pattern={"layers_0.*q_proj": 16.0, "q_proj": 2.0})
+    adapter = jax.tree.map(lambda v: v + 0.1, jpeft.init(cfg, params, jax.random.key(1)))
+    d = jpeft.save_adapter(tmp_path / "a", cfg, adapter, params=params)
+    f = d / "jpeft_adapter.json"
+    data = json.loads(f.read_text())
+    x = jnp.asarray(C.batch(0)["input_ids"])
+    want = jpeft.apply(C.model(), params, adapter, x)
+    swapped = {**data, "config": {**data["config"], "alpha_pattern": dict(reversed(data["config"]["alpha_pattern"].items()))}}
+    f.write_text(json.dumps(swapped))
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        jpeft.load_adapter(d, params)
+    f.write_text(json.dumps(jpeft.io.with_checksum(swapped)))  # re-signed: it loads, and means something else
+    cfg2, a2 = jpeft.load_adapter(d, params)
+    assert np.max(np.abs(np.asarray(jpeft.apply(C.model(), params, a2, x) - want))) > 1e-3
+    # a file an earlier jpeft wrote: its checksum of the sorted keys is still checked as written
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    old = {**body, "checksum": "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+    f.write_text(json.dumps(old))
+    cfg3, a3 = jpeft.load_adapter(d, params)
+    assert cfg3 == cfg
+    np.testing.assert_array_equal(jpeft.apply(C.model(), params, a3, x), want)
+    f.write_text(json.dumps({**old, "config": {**old["config"], "r": 3}}))
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        jpeft.load_adapter(d, params)
+
+
 # ------------------------------------------------------------------------------------------------
 # manager policies: save_every, keep last K + best, async == sync
 # ------------------------------------------------------------------------------------------------
