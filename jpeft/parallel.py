@@ -424,8 +424,10 @@ def adapter_specs(adapter: Mapping[str, Any], params_or_specs, mesh: Optional[Me
     input-dimension entry, ``lora_B [r, out]`` (and the DoRA magnitude) its output entry, so
     ``x @ A`` and ``h @ B`` need no more communication than the base matmul itself. When a
     kernel has several input (or output) axes only a sharded *major* axis carries over to the
-    flattened matrix; other patterns leave that factor replicated. Sites of other methods
-    (and any site without a layout) are replicated.
+    flattened matrix; other patterns leave that factor replicated. Each site node says how in its
+    ``partition_specs`` (LoHa, AdaLoRA and VeRA follow the kernel as LoRA does, a trainable copy of
+    base weights is laid out as they are); the default, and IA3's, LoKr's, OFT's, the bottleneck's,
+    prefix and prompt tuning's, is replicated.
     """
     if mesh is None:
         leaves = jax.tree.leaves(params_or_specs, is_leaf=lambda x: isinstance(x, (P, NamedSharding)))
