@@ -317,9 +317,16 @@ def save_peft(path: str, config: AdapterConfig, adapter: Mapping[str, Any], *, b
                           f"{type(base_model_name_or_path).__name__}. Nothing was written.")
     fmt = _format(config.peft_type)
     if fmt is None:
+        # the fix: a full fine-tune is a whole model, not an adapter (`jpeft export` of a `name = "full"` run
+        # ended with the list of formats alone, which names no way out)
+        fix = ("a full fine-tune is the whole model, not an adapter: write it as a Hugging Face model folder with "
+               "jpeft.merge (`jpeft merge --model BASE --adapter RUN --out DIR`), which transformers loads"
+               if getattr(config, "trains_every_weight", False) else
+               "jpeft reads the adapter in its own format (jpeft.load_adapter, `jpeft eval --adapter`); for a file PEFT "
+               "loads, train one of the methods listed")
         raise UnsupportedAdapterError(
             f"no Hugging Face PEFT format is registered for peft_type {config.peft_type!r}; supported: "
-            f"{supported_peft_types()}."
+            f"{supported_peft_types()}. Nothing was written; {fix}."
         )
     # a method without modules_to_save of its own: its copy of the head (loaded from a SEQ_CLS, TOKEN_CLS or
     # QUESTION_ANS file) is written as that copy, in a file of the head's task ("auto" picks it: the params' task,

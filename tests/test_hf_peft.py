@@ -665,6 +665,15 @@ def test_registry_and_save_errors(tmp_path):
     with pytest.raises(jpeft.ConfigError, match="base_model_name_or_path must be a string"):
         H.save_peft(str(tmp_path / "q"), cfg, adapter, base_model_name_or_path=3)
     assert not (tmp_path / "q").exists()
+    # a method PEFT has no format for: the error says what to do instead (`jpeft export` of a `name = "full"` run
+    # ended with the list of formats alone); a full fine-tune is a model, which `jpeft merge` writes
+    model = loaded("llama2")[0]
+    for other, fix in [(jpeft.FullFinetuneConfig(), r"whole model.*jpeft merge --model BASE --adapter RUN --out DIR"),
+                       (jpeft.BottleneckConfig(target_modules=["mlp"]), r"jpeft.load_adapter.*train one of the methods")]:
+        held = jpeft.init(other, params, jax.random.key(0), model, jax.numpy.zeros((1, 4), int))
+        with pytest.raises(UnsupportedAdapterError, match=rf"'{other.peft_type}'; supported: .*Nothing was written; .*{fix}"):
+            H.save_peft(str(tmp_path / "x"), other, held)
+        assert not (tmp_path / "x").exists()
     assert H.split_peft_key("base_model.model.transformer.h.0.ln_1.lora_A.weight", ["lora_A.weight"]) == (
         "transformer/h_0/ln_1", "lora_A.weight")
 
