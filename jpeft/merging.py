@@ -31,12 +31,17 @@ Three entry points:
 * :func:`merge_deltas` -> ``{path: [in, out] merged update}``;
 * :func:`merge_adapters` -> a LoRA adapter ``{path: LoraWeights}`` (exact for ``"linear"`` and
   ``"cat"``; SVD-truncated to ``rank`` for the others), usable with :func:`jpeft.apply`, a
-  bank, or :func:`jpeft.merge`; inputs with a ``lora_bias`` give it the bias
-  ``Σ w_i s_i lora_bias_i`` at each site, as PEFT >= 0.22's ``add_weighted_adapter`` does
-  (whatever the method; ``merge_deltas`` and ``merge_into_base`` refuse them: the bias is no
-  kernel update);
+  bank, or :func:`jpeft.merge`;
 * :func:`merge_into_base` -> base params with the merged update folded in (exact, no
   truncation), for serving one tenant with no adapter overhead.
+
+Inputs with a ``lora_bias`` (``LoraConfig.lora_bias=True``) merge to the bias
+``Σ w_i s_i lora_bias_i`` at each site, whatever the method, as PEFT >= 0.22's
+``add_weighted_adapter`` gives it (the bias adds to the output apart from the factors; no
+trimming, sign election or dropping, which act on the kernels' entries): :func:`merge_adapters`
+gives its merged adapter that ``lora_bias``, :func:`merge_deltas` gives it beside each kernel
+update (``{"kernel": ..., "bias": ...}``), and :func:`merge_into_base` adds it to the base
+layer's bias, as :func:`jpeft.merge` folds one adapter's (refused where that layer has none).
 
 MiCA adapters (``LoraConfig(init_weights="mica")``: ``lora_B`` the base's minor left singular
 vectors, frozen, ``lora_A`` trained). The exact concatenation (``"cat"``, and ``"linear"``
@@ -224,7 +229,10 @@ def _check_method(method, density, key, what: str) -> None:
                               f"{type(key).__name__} {str(key)[:40]}.") from None
 
 
-def _validate(adapters, weights, method, density, majority_sign, key):
+def _validate(adapters, weights, method, density, majority_sign, key, *, fold: bool = False):
+    """The checked inputs ``(low, weights, sites)``: each adapter as ``{path: LowRank}``, the weights
+    as floats, and each merged site as an empty :class:`LowRank` holding its layout, tie and merged
+    ``lora_bias`` (:func:`_merged_biases`; ``fold``: for :func:`merge_into_base`)."""
     _check_method(method, density, key, "update")
     if isinstance(adapters, Mapping):
         raise ConfigError(
@@ -284,7 +292,7 @@ def _validate(adapters, weights, method, density, majority_sign, key):
                         "adapter equals their sum. Train them with the same ensure_weight_tying."
                     )
                 ties[path] = (j, tied if tied is not None else lr.tied_output, tie)
-    biases = _merged_biases(low, weights, layouts)
+    biases = _merged_biases(low, weights, layouts, fold)
     # each merged site as an empty LowRank: its layout, its embedding tied as its inputs' were, its lora_bias
     sites = {path: LowRank(None, None, 1.0, lay, ties[path][1], ties[path][2], bias=biases.get(path))
              for path, lay in layouts.items()}
@@ -305,12 +313,15 @@ def _low_rank_of(node) -> LowRank:
         return lr
 
 
-def _merged_biases(low, weights, layouts) -> dict:
+def _merged_biases(low, weights, layouts, fold: bool = False) -> dict:
     """``{path: Σ w_i s_i lora_bias_i}`` (float32 ``[out]``, zero where no input has one) at every
     merged site when any input has a ``lora_bias``, else ``{}``: PEFT >= 0.22's
     ``add_weighted_adapter`` gives the merged adapter (scale 1) ``lora_bias=True`` as soon as one
     input has it, and that sum, whatever the combination type (the bias adds to the output apart
     from the factors). PEFT 0.21 kept the merged bias at zero (its outputs lack the inputs' biases).
+
+    ``fold`` (:func:`merge_into_base`, which folds the biases into the base and records no adapter):
+    embedding sites get no bias (``None``) instead of the refusal below.
 
     Raises:
       NotMergeableError: inputs with a ``lora_bias`` and an embedding site, which has no bias (as
@@ -320,7 +331,7 @@ def _merged_biases(low, weights, layouts) -> dict:
     if not have:
         return {}
     embeds = sorted(p for p, lay in layouts.items() if lay.kind == Kind.EMBED)
-    if embeds:
+    if embeds and not fold:
         raise NotMergeableError(
             f"adapters {have} have a lora_bias (LoraConfig.lora_bias=True), and the adapters also adapt the "
             f"embedding(s) {embeds[:4]}, which take no bias: the merged adapter would need lora_bias at some sites and "
@@ -328,6 +339,8 @@ def _merged_biases(low, weights, layouts) -> dict:
             "Merge the embedding adapters and the lora_bias ones in separate calls, or drop the embeddings' sites.")
     out = {}
     for path, lay in layouts.items():
+        if lay.kind == Kind.EMBED:
+            continue
         total = jnp.zeros((lay.out_features,), jnp.float32)
         for ad, w in zip(low, weights):
             lr = ad.get(path)
@@ -337,15 +350,26 @@ def _merged_biases(low, weights, layouts) -> dict:
     return out
 
 
-def _refuse_biases(sites, where: str) -> None:
-    """Refuses merged sites with a ``lora_bias`` in ``where``, which gives the kernels' updates only."""
-    biased = sorted(p for p, site in sites.items() if site.bias is not None)
-    if biased:
+def _fold_bias(own: dict, upd: dict, bias: jax.Array, path: str, have: list) -> jax.Array:
+    """Adds the merged ``lora_bias`` ``bias`` (``Σ w_i s_i lora_bias_i``, :func:`_merged_biases`) to the
+    base bias in ``upd``, as :func:`jpeft.merge` folds one adapter's (``have``: the inputs with a
+    ``lora_bias`` at ``path``); returns the new bias exactly (float32), for the rounding tally.
+
+    Raises:
+      NotMergeableError: the base layer has no bias of the output's size to fold it into (PEFT's
+        ``merge_and_unload`` refuses the merged adapter there too)."""
+    b = own.get("bias")
+    n = int(bias.shape[0])
+    if b is None or getattr(b, "size", None) != n:
+        found = "no bias" if b is None else f"a bias of shape {tuple(getattr(b, 'shape', ()))}"
         raise NotMergeableError(
-            f"{where} gives the merged kernel updates only, but the adapters have a lora_bias "
-            f"(LoraConfig.lora_bias=True) at {biased[:4]}, which adds to the output apart from them. Use "
-            "jpeft.merging.merge_adapters, whose merged adapter holds the combined lora_bias (rank='full' keeps it "
-            "exact), and jpeft.merge to fold that into the base.")
+            f"jpeft.merging.merge_into_base: adapters {have} have a lora_bias (LoraConfig.lora_bias=True) at {path!r}, "
+            f"but the base layer has {found} to fold the merged bias [{n}] into (PEFT refuses this merge too). Serve "
+            "jpeft.merging.merge_adapters's result unmerged with jpeft.apply, or merge adapters trained with "
+            "lora_bias=False at this layer.")
+    exact = jnp.asarray(b, jnp.float32) + bias.reshape(b.shape)
+    upd["bias"] = exact.astype(b.dtype)
+    return exact
 
 
 def _mica_inputs(adapters: Sequence[Mapping[str, LowRank]]) -> tuple[bool, bool]:
@@ -371,7 +395,7 @@ def merge_deltas(
     density: Optional[float] = None,
     majority_sign: str = "total",
     key=None,
-) -> dict[str, jax.Array]:
+) -> dict:
     """The merged effective update ``[in, out]`` (float32) at every site of any adapter.
 
     Args:
@@ -384,15 +408,24 @@ def merge_deltas(
       majority_sign: TIES sign election, ``"total"`` or ``"frequency"``.
       key: a ``jax.random`` key (DARE only).
 
+    ``lora_bias`` inputs (``LoraConfig.lora_bias=True``): as soon as one input has a ``lora_bias``,
+    every site's value is ``{"kernel": [in, out] update, "bias": [out] Σ w_i s_i lora_bias_i}``
+    (zero where no input has one; the bias adds to the output apart from the kernel), the bias
+    :func:`merge_adapters` gives its merged adapter, whatever the method: Hugging Face PEFT 0.22's
+    ``add_weighted_adapter`` sums the biases so for every combination type (no trimming, sign
+    election or dropping: those act on the kernels' entries).
+
     Raises:
       ConfigError: an unknown method, a missing density or key, weights of the wrong length.
-      NotMergeableError: a non-LoRA or DoRA adapter, or one with a ``lora_bias`` (not part of the
-        kernel update; :func:`merge_adapters` combines it).
+      NotMergeableError: a non-LoRA or DoRA adapter; ``lora_bias`` inputs beside an embedding
+        site (:func:`merge_adapters` refuses them too).
       ShapeMismatchError: adapters made for different base models.
     """
     adapters, weights, sites = _validate(adapters, weights, method, density, majority_sign, key)
-    _refuse_biases(sites, "jpeft.merging.merge_deltas")
-    return _deltas(adapters, weights, sites, method, density, majority_sign, key)
+    deltas = _deltas(adapters, weights, sites, method, density, majority_sign, key)
+    if not any(site.bias is not None for site in sites.values()):
+        return deltas
+    return {path: {"kernel": d, "bias": sites[path].bias} for path, d in deltas.items()}
 
 
 def _deltas(adapters, weights, sites, method, density, majority_sign, key) -> dict:
@@ -588,17 +621,23 @@ def merge_into_base(
     an embedding update that would also act on the model's tied output projection where the
     unmerged adapters act on the input lookup only.
 
+    Adapters with a ``lora_bias``: their merged bias ``Σ w_i s_i lora_bias_i`` (:func:`merge_deltas`)
+    is added to the base layer's bias wherever an input has one, for every method (as PEFT 0.22's
+    ``add_weighted_adapter`` then ``merge_and_unload``).
+
     Raises:
       ShapeMismatchError: an adapter site the params do not have, or of another shape.
-      NotMergeableError: an adapter with a ``lora_bias`` (fold :func:`merge_adapters`'s result in with
-        :func:`jpeft.merge`); an embedding the model also reads as its tied output projection,
+      NotMergeableError: an input's ``lora_bias`` at a layer with no bias to fold it into (as
+        :func:`jpeft.merge` and PEFT refuse); an embedding the model also reads as its tied output projection,
         adapted on its input lookup only (no ``ensure_weight_tying``); for an ``nnx.Module``, a
         site on a module whose weights another module also holds (as :func:`jpeft.merge`); a site
         on a module that computes with its own function of its kernel (as :func:`jpeft.merge`).
       (and what :func:`merge_deltas` raises)
     """
-    _, _, sites = _validate(adapters, weights, method, density, majority_sign, key)
-    _refuse_biases(sites, "jpeft.merging.merge_into_base")
+    low, weights, sites = _validate(adapters, weights, method, density, majority_sign, key, fold=True)
+    # the sites where an input has a lora_bias (elsewhere the merged bias is zero: nothing to fold)
+    biased = {path: [i for i, ad in enumerate(low) if path in ad and ad[path].bias is not None] for path in sites}
+    biased = {path: have for path, have in biased.items() if have}
     for path, site in sites.items():
         check_tied_merge(site)
         check_kernel_fn_merge(path, site.layout, "jpeft.merging.merge_into_base")
@@ -607,7 +646,7 @@ def merge_into_base(
 
         return _nnx.fold_module(params, sites, lambda state: merge_into_base(
             state, adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key))
-    deltas = merge_deltas(adapters, weights, method=method, density=density, majority_sign=majority_sign, key=key)
+    deltas = _deltas(low, weights, sites, method, density, majority_sign, key)
     if quant.has_quantized(params):  # as jpeft.merge: the dequantized base, the update folded in
         params = quant.dequantize(params)
     inner, wrapped = unwrap_params(params)
@@ -630,9 +669,11 @@ def merge_into_base(
             )
         w = own[pname]
         upd = dict(own)
-        exact = w.astype(jnp.float32) + _kernel_shaped(lay, d)
-        upd[pname] = exact.astype(w.dtype)
-        tally.add({pname: w}, {pname: exact}, upd)
+        exact = {pname: w.astype(jnp.float32) + _kernel_shaped(lay, d)}
+        upd[pname] = exact[pname].astype(w.dtype)
+        if path in biased:
+            exact["bias"] = _fold_bias(own, upd, sites[path].bias, path, biased[path])
+        tally.add(own, exact, upd)
         new = set_subtree(new, path, upd)
     tally.warn("jpeft.merging.merge_into_base", stacklevel=3)
     return rewrap_params(params, new, wrapped)

@@ -82,6 +82,77 @@ def _folder(path: str, tied: bool) -> str:
     return path
 
 
+def _compare(got, want, placed, case: dict) -> dict:
+    """``case`` with what differs between the mesh load ``got`` and the whole-model ``want``
+    (placed as ``placed``): ``bad`` (a leaf placed otherwise, or a shard whose bits differ), and
+    how many leaves were quantized (``quantized``), cut across devices (``cut``), both (``cut_codes``)."""
+    import jax
+    import numpy as np
+
+    case.update(bad=[], cut=0, cut_codes=0, quantized=0, same_tree=jax.tree.structure(got) == jax.tree.structure(want))
+    for (kp, g), p, w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(placed), jax.tree.leaves(want)):
+        name = jax.tree_util.keystr(kp)
+        case["quantized"] += name.endswith((".codes", ".qvalue"))
+        if not g.sharding.is_equivalent_to(p, g.ndim) or g.dtype != w.dtype or g.shape != w.shape:
+            case["bad"].append(f"{name}: placed {g.sharding.spec} {g.dtype}{g.shape}, want {p.spec} {w.dtype}{w.shape}")
+            continue
+        whole = np.asarray(w)
+        cut = any(s.data.shape != g.shape for s in g.addressable_shards)
+        case["cut"] += cut
+        case["cut_codes"] += cut and name.endswith((".codes", ".qvalue"))
+        for s in g.addressable_shards:
+            if not np.array_equal(np.atleast_1d(np.asarray(s.data)).view(np.uint8), np.atleast_1d(whole[s.index]).view(np.uint8)):
+                case["bad"].append(f"{name}: shard {s.index} differs")
+    return case
+
+
+def _heads(root: str, mesh) -> list:
+    """A GPT-2 (Conv1D kernels, stored ``[in, out]`` untransposed, c_attn's three projections in one)
+    and a BERT sequence classifier read from a checkpoint of the encoder only (its pooler and
+    classifier freshly initialised, then quantized), nf4 and int8 on the fsdp mesh, against
+    ``jpeft.quantize`` of the one-device read. Widths: GPT-2's c_attn [28, 84] is 36.75 NF4 blocks
+    (odd: the codes are cut within a block), its MLP [28, 56] 24.5; BERT's [28, 28] 12.25, its
+    classifier [28, 3] 1.3."""
+    import warnings
+
+    import jax
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    import jpeft
+    from jpeft.models import bert, gpt2
+
+    rng = np.random.default_rng(5)
+    ids = np.zeros((1, 4), np.int32)
+    made = {"gpt2": gpt2.GPT2LMHeadModel(gpt2.GPT2Config(vocab_size=64, hidden_size=28, num_layers=1, num_heads=2,
+                                                         intermediate_size=56, max_position_embeddings=16)),
+            "bert": bert.BertForSequenceClassification(bert.BertConfig(
+                vocab_size=64, hidden_size=28, num_layers=1, num_heads=2, intermediate_size=40,
+                max_position_embeddings=16, num_labels=3))}
+    cases = []
+    for family, model in made.items():
+        folder = f"{root}/{family}"
+        params = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32),
+                              jax.eval_shape(model.init, jax.random.key(3), ids))
+        jpeft.models.save_pretrained(folder, model, params)
+        if family == "bert":  # the encoder alone: the head is initialised fresh from `key`
+            f = f"{folder}/model.safetensors"
+            save_file({k: v for k, v in load_file(f).items() if not k.startswith(("classifier.", "bert.pooler."))}, f,
+                      metadata={"format": "pt"})
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")  # BERT: the head is "freshly initialised", each read says
+            _, full = jpeft.models.from_pretrained(folder, key=jax.random.key(7))
+            for scheme in ("nf4", "int8"):
+                want = jpeft.quantize(full, scheme)
+                placed = jpeft.param_shardings(want, mesh)
+                _, got = jpeft.models.from_pretrained(folder, mesh=mesh, quantize=scheme, key=jax.random.key(7))
+                cases.append(_compare(got, want, placed, {"family": family, "scheme": scheme}))
+        for case in cases[-2:]:
+            case["fresh"] = sorted({m for w in said for m in ("pooler", "classifier") if "freshly initialised" in
+                                    str(w.message) and m in str(w.message)})
+    return cases
+
+
 def loads(root: str) -> dict:
     """Every quantized leaf of the mesh load is placed as ``jpeft.shard_params`` places the
     whole-model ``jpeft.quantize`` result, and each of its shards holds those bits."""
@@ -105,24 +176,9 @@ def loads(root: str) -> dict:
             for layout, (mesh, rules) in meshes.items():
                 placed = jpeft.param_shardings(want, mesh, rules(scan), stacked=r".*layers/.*" if scan else None)
                 _, got = jpeft.models.from_pretrained(folder, mesh=mesh, rules=rules(scan), quantize=scheme, **kw)
-                case = {"tied": tied, "scan": scan, "scheme": scheme, "layout": layout, "bad": [], "cut": 0,
-                        "quantized": 0, "same_tree": jax.tree.structure(got) == jax.tree.structure(want)}
-                for (kp, g), p, w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(placed),
-                                         jax.tree.leaves(want)):
-                    name = jax.tree_util.keystr(kp)
-                    case["quantized"] += name.endswith((".codes", ".qvalue"))
-                    if not g.sharding.is_equivalent_to(p, g.ndim) or g.dtype != w.dtype or g.shape != w.shape:
-                        case["bad"].append(f"{name}: placed {g.sharding.spec} {g.dtype}{g.shape}, want "
-                                           f"{p.spec} {w.dtype}{w.shape}")
-                        continue
-                    whole = np.asarray(w)
-                    cut = any(s.data.shape != g.shape for s in g.addressable_shards)
-                    case["cut"] += cut
-                    case["cut_codes"] = case.get("cut_codes", 0) + (cut and name.endswith((".codes", ".qvalue")))
-                    for s in g.addressable_shards:
-                        if not np.array_equal(np.atleast_1d(np.asarray(s.data)).view(np.uint8), np.atleast_1d(whole[s.index]).view(np.uint8)):
-                            case["bad"].append(f"{name}: shard {s.index} differs")
-                out["cases"].append(case)
+                out["cases"].append(_compare(got, want, placed, {"tied": tied, "scan": scan, "scheme": scheme,
+                                                                 "layout": layout}))
+    out["heads"] = _heads(root, meshes["fsdp"][0])
     # a NaN in one kernel: the mesh load refuses it by name as the whole-model read does (nothing returned)
     from safetensors.numpy import load_file, save_file
 

@@ -2,6 +2,8 @@
 rescaling in expectation."""
 
 import dataclasses
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +11,14 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-import jpeft
-from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError
-from jpeft.merging import combine, magnitude_prune, merge_adapters, merge_deltas, merge_into_base
-from jpeft.methods.base import Layout
+sys.path.insert(0, os.path.dirname(__file__))
+import _models_tiny as T  # noqa: E402
+
+import jpeft  # noqa: E402
+from jpeft.errors import ConfigError, NotMergeableError, ShapeMismatchError  # noqa: E402
+from jpeft.merging import combine, magnitude_prune, merge_adapters, merge_deltas, merge_into_base  # noqa: E402
+from jpeft.methods.base import Layout  # noqa: E402
+from jpeft.tree import get_subtree  # noqa: E402
 
 
 def lora(A, B, scale, path=""):
@@ -404,6 +410,10 @@ def test_merge_into_base_of_an_nnx_module_is_a_merged_module_as_jpeft_merge():
     np.testing.assert_allclose(merged(x), want, atol=1e-5)
     _, state = nnx.split(model)
     np.testing.assert_allclose(nnx.merge(nnx.split(model)[0], merge_into_base(state, [a, b], w))(x), want, atol=1e-5)
+    # a lora_bias input: its weighted bias folds into the module's bias too
+    c = T.randomize_adapter(jpeft.init(cfg.replace(lora_bias=True), model, jax.random.key(3)), seed=4)
+    want = jpeft.apply(model, None, merge_adapters([a, c], w, method="cat"), x)
+    np.testing.assert_allclose(merge_into_base(model, [a, c], w)(x), want, atol=1e-5)
 
     class Tied(nnx.Module):
         def __init__(self):
@@ -443,10 +453,10 @@ def test_a_merged_vera_or_adalora_adapter_is_saved_as_lora_not_with_its_inputs_c
     np.testing.assert_allclose(jpeft.apply(model, params, back, x), want, atol=1e-5)
 
 
-def _peft_llama(tmp_path_factory, cfgs: dict, *, seed: int, batch_seed: int):
-    """A tiny Llama under PEFT with the LoRA adapters ``cfgs`` (name -> LoraConfig keywords), every
-    tensor random; each loaded into jpeft; the two models' logits on a batch; and
-    ``(model, params, folder, hf)``."""
+def _peft_llama(tmp_path_factory, cfgs: dict, *, seed: int, batch_seed: int, family: str = "llama2"):
+    """A tiny ``family`` model (default Llama) under PEFT with the LoRA adapters ``cfgs`` (name ->
+    LoraConfig keywords), every tensor random; each loaded into jpeft; the two models' logits on a
+    batch (a decoder's at its real tokens, BERT's per sequence); and ``(model, params, folder, hf)``."""
     import os
     import sys
     import warnings
@@ -455,23 +465,27 @@ def _peft_llama(tmp_path_factory, cfgs: dict, *, seed: int, batch_seed: int):
     import _models_tiny as T
     from jpeft import hf as H, models as M
 
-    hf, folder = T.hf_model("llama2")
+    hf, folder = T.hf_model(family)
     model, params = M.from_pretrained(folder)
-    pm = T.peft_with_adapters(hf, cfgs, seed=seed)
-    tmp_path = tmp_path_factory.mktemp("peft_llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT: fan_in_fan_out for GPT-2's Conv1D
+        pm = T.peft_with_adapters(hf, cfgs, seed=seed)
+    tmp_path = tmp_path_factory.mktemp(f"peft_{family}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.save_pretrained(str(tmp_path))
     ads = [H.load_peft(str(tmp_path / n), params)[1] for n in cfgs]
-    ids, mask = T.batch("llama2", seed=batch_seed)
+    ids, mask = T.batch(family, seed=batch_seed)
+    sel = slice(None) if family == "bert" else mask == 1
 
     def peft_logits(name):
         pm.set_adapter(name)
-        return T.peft_logits(pm, ids, mask)[mask == 1]
+        return T.peft_logits(pm, ids, mask, with_positions=family != "bert")[sel]
 
-    def jpeft_logits(adapter):
-        out = jpeft.apply(model, params, adapter, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-        return np.asarray(out)[mask == 1]
+    def jpeft_logits(adapter, base=None):
+        out = jpeft.apply(model, params if base is None else base, adapter, jnp.asarray(ids),
+                          attention_mask=jnp.asarray(mask))
+        return np.asarray(out)[sel]
 
     return pm, ads, peft_logits, jpeft_logits, (model, params, folder, hf)
 
@@ -603,9 +617,10 @@ def test_lora_bias_inputs_merge_as_pefts_add_weighted_adapter(peft_bias_llama, m
 
 def test_a_merged_lora_bias_adapter_saves_for_peft_and_what_is_still_refused(peft_bias_llama, tmp_path):
     """The merged adapter with its lora_bias saves as a PEFT lora_bias adapter that both PEFTs load to
-    jpeft's logits. Still refused, by name: lora_bias inputs beside an embedding site (no bias there;
-    PEFT 0.22 refuses too, PEFT 0.21 merged them without the biases), and merge_deltas /
-    merge_into_base, which give the kernels' updates only."""
+    jpeft's logits. Still refused, by name: lora_bias inputs beside an embedding site in
+    merge_adapters / merge_deltas (no bias there; PEFT 0.22 refuses too, PEFT 0.21 merged them without
+    the biases). merge_into_base, which records no adapter, folds them: each input's update and bias
+    as jpeft.merge folds it alone (it refused them)."""
     import copy
     import warnings
 
@@ -634,6 +649,130 @@ def test_a_merged_lora_bias_adapter_saves_for_peft_and_what_is_still_refused(pef
             pm.add_adapter("emb", peft.LoraConfig(r=4, target_modules=["embed_tokens"]))
         with pytest.raises(ValueError, match="does not support lora_bias combined with nn.Embedding"):
             pm.add_weighted_adapter(["b1", "emb"], [1.0, 1.0], "bias_emb", combination_type="cat")
-    for fn in (lambda: merge_deltas(ads[:2]), lambda: merge_into_base(params, ads[:2])):
-        with pytest.raises(NotMergeableError, match="gives the merged kernel updates only.*lora_bias"):
-            fn()
+    with pytest.raises(NotMergeableError, match=r"have a lora_bias.*embedding\(s\) \['model/embed_tokens'\]"):
+        merge_deltas([ads[0], emb])
+    emb = T.randomize_adapter(emb, seed=6)
+    got = merge_into_base(params, [ads[0], emb], [0.7, -1.5])
+    scaled = [{p: dataclasses.replace(n, scale=n.scale * w) for p, n in ad.items()} for ad, w in ((ads[0], 0.7), (emb, -1.5))]
+    want = jpeft.merge(jpeft.merge(params, scaled[0]), scaled[1])
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-6), got, want)
+    q = "model/layers_0/self_attn/q_proj"
+    assert np.abs(np.asarray(get_subtree(got["params"], q)["bias"]) - get_subtree(params["params"], q)["bias"]).min() > 0
+
+
+_BIAS_FAMILIES = {  # every target projection has a bias, but Qwen2's o_proj (adapted without a lora_bias)
+    "gpt2": {"b1": dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+             "b2": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+             "b3": dict(r=4, lora_alpha=5, lora_bias=True, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)},
+    "bert": {"b1": dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["query", "value"]),
+             "b2": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["query", "key"]),
+             "b3": dict(r=4, lora_alpha=5, lora_bias=True, target_modules=["query", "key"])},
+    "qwen2": {"b1": dict(r=4, lora_alpha=8, lora_bias=True, target_modules=["q_proj", "v_proj"]),
+              "b2": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "o_proj"]),
+              "b3": dict(r=4, lora_alpha=5, lora_bias=True, target_modules=["q_proj", "k_proj"])},
+}
+
+
+@pytest.fixture(scope="module", params=list(_BIAS_FAMILIES))
+def peft_bias_family(request, tmp_path_factory):
+    """GPT-2 (Conv1D c_attn), BERT (query) and Qwen2 (q/k/v) under PEFT with lora_bias adapters b1 and b3
+    and a plain rsLoRA b2, every tensor random, the biases included, each loaded into jpeft."""
+    return request.param, _peft_llama(tmp_path_factory, _BIAS_FAMILIES[request.param], seed=5, batch_seed=4,
+                                      family=request.param)
+
+
+def test_merge_into_base_folds_lora_bias_as_pefts_merge_and_unload(peft_bias_family):
+    """merge_into_base refused adapters with a lora_bias. Now it adds sum_i w_i s_i lora_bias_i to the base
+    bias, whatever the method, as PEFT 0.22's add_weighted_adapter then merge_and_unload give the merged
+    model (PEFT's *_svd types at full rank are jpeft's exact update-space merges): logits of the merged
+    base equal PEFT's, every adapter tensor random. PEFT 0.21's merged adapter has a zero bias, so its
+    merged model is jpeft's with the inputs' biases zeroed, and misses them. Qwen2's o_proj has no bias:
+    PEFT's merged adapter (lora_bias=True everywhere; under 0.21 the first input's config) cannot merge
+    there, and jpeft, which folds a bias only where an input has one, equals its unmerged forward."""
+    import copy
+    import warnings
+
+    family, (pm, ads, peft_logits, jpeft_logits, (model, params, folder, hf)) = peft_bias_family
+    w = [0.7, -1.3, 0.4]
+    cases = [("cat", {}, dict(method="linear"))]
+    if family != "qwen2":  # PEFT's SVD merge fails on Qwen2's [32, 16] k/v projections at svd_rank 32
+        cases += [("ties_svd", {"density": 0.5, "svd_rank": 32}, dict(method="ties", density=0.5)),
+                  ("magnitude_prune_svd", {"density": 0.3, "svd_rank": 32}, dict(method="magnitude_prune", density=0.3))]
+    ids, mask = T.batch(family, seed=4)
+    sel = slice(None) if family == "bert" else mask == 1
+    no_bias = [{p: dataclasses.replace(n, lora_bias=None if n.lora_bias is None else jnp.zeros_like(n.lora_bias))
+                for p, n in ad.items()} for ad in ads]
+    for method, kw, ours in cases:
+        name = f"fold_{method}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm.add_weighted_adapter(["b1", "b2", "b3"], w, name, combination_type=method, **kw)
+        got = jpeft_logits({}, merge_into_base(params, ads, w, **ours))
+        pm.set_adapter(name)
+        if family == "qwen2":  # either PEFT's merged adapter has lora_bias=True at the bias-less o_proj
+            with pytest.raises(RuntimeError, match="base layer has no bias"):
+                copy.deepcopy(pm).merge_and_unload()
+            ref = peft_logits(name)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                merged_hf = copy.deepcopy(pm).merge_and_unload().eval()
+            ref = T.peft_logits(merged_hf, ids, mask, with_positions=family != "bert")[sel]
+        if T.peft_at_least(0, 22):
+            np.testing.assert_allclose(got, ref, atol=1e-4)
+        else:
+            np.testing.assert_allclose(jpeft_logits({}, merge_into_base(params, no_bias, w, **ours)), ref, atol=1e-4)
+            assert np.abs(got - ref).max() > 0.1
+
+
+@pytest.mark.parametrize("method, kw", [("linear", {}), ("svd", {}), ("ties", {"density": 0.5}),
+                                        ("dare_ties", {"density": 0.5, "key": jax.random.key(3)}),
+                                        ("dare_linear", {"density": 0.4, "key": jax.random.key(4)}),
+                                        ("magnitude_prune", {"density": 0.5, "majority_sign": "frequency"})])
+def test_merge_deltas_gives_the_merged_lora_bias_beside_each_kernel_update(method, kw):
+    """merge_deltas refused lora_bias inputs. Now, once any input has one, each site is {"kernel": the
+    update as without biases, "bias": sum_i w_i s_i lora_bias_i} (zero where no input has one; never
+    trimmed or dropped), merge_adapters's bias, and merge_into_base folds both (a hand-built model)."""
+    model = nn.Sequential([nn.Dense(6), nn.relu, nn.Dense(3)])
+    x = jax.random.normal(jax.random.key(0), (4, 5))
+    params = model.init(jax.random.key(1), x)
+    cfg = jpeft.LoraConfig(r=2, alpha=3, target_modules=".*", init_weights="random", lora_bias=True)
+    a = T.randomize_adapter(jpeft.init(cfg, params, jax.random.key(2)), seed=1)
+    b = T.randomize_adapter(jpeft.init(cfg.replace(r=3, use_rslora=True, lora_bias=False), params, jax.random.key(3)), seed=2)
+    c = T.randomize_adapter(jpeft.init(cfg.replace(target_modules=["layers_0"]), params, jax.random.key(4)), seed=3)
+    w = [0.7, -1.3, 0.4]
+    got = merge_deltas([a, b, c], w, method=method, **kw)
+    plain = [{p: dataclasses.replace(n, lora_bias=None) for p, n in ad.items()} for ad in (a, b, c)]
+    kernels = merge_deltas(plain, w, method=method, **kw)
+    for path in ("layers_0", "layers_2"):
+        want = w[0] * a[path].scale * a[path].lora_bias + (w[2] * c[path].scale * c[path].lora_bias if path in c else 0)
+        np.testing.assert_allclose(got[path]["bias"], want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(got[path]["kernel"], kernels[path])
+        if method != "svd":  # merge_adapters's SVD-truncated factors; its bias is exact
+            continue
+        np.testing.assert_allclose(merge_adapters([a, b, c], w, method=method, **kw)[path].lora_bias, want, rtol=1e-6)
+    folded = merge_into_base(params, [a, b, c], w, method=method, **kw)
+    for path in ("layers_0", "layers_2"):
+        own = params["params"][path]
+        np.testing.assert_allclose(folded["params"][path]["kernel"], own["kernel"] + got[path]["kernel"], atol=1e-6)
+        np.testing.assert_allclose(folded["params"][path]["bias"], own["bias"] + got[path]["bias"], atol=1e-6)
+    if method == "linear":  # the merged base computes what the inputs' weighted sum does
+        cat = merge_adapters([a, b, c], w, method="cat")
+        np.testing.assert_allclose(model.apply(folded, x), jpeft.apply(model, params, cat, x), atol=1e-5)
+
+
+def test_merge_into_base_refuses_a_lora_bias_where_the_base_layer_has_none():
+    """Qwen2's o_proj has no bias: an input's lora_bias there cannot be folded (jpeft.merge and PEFT's
+    merge_and_unload refuse too), so merge_into_base refuses by name, naming the site and the inputs."""
+    from jpeft import models as M
+
+    _, params = M.from_pretrained(T.hf_model("qwen2")[1])
+    cfg = jpeft.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_weights="random", lora_bias=True)
+    a = T.randomize_adapter(jpeft.init(cfg, params, jax.random.key(0)), seed=1)
+    b = T.randomize_adapter(jpeft.init(cfg.replace(target_modules=["q_proj"]), params, jax.random.key(1)), seed=2)
+    with pytest.raises(NotMergeableError, match=r"adapters \[1\] have a lora_bias .* at 'model/layers_0/self_attn/"
+                                                r"o_proj', but the base layer has no bias to fold the merged bias \[32\]"):
+        merge_into_base(params, [b, a], [1.0, 0.5])
+    with pytest.raises(NotMergeableError, match="the base layer has no bias"):
+        jpeft.merge(params, a)
+    merge_into_base(params, [b], [0.5])  # q_proj has a bias

@@ -387,6 +387,49 @@ def test_module_dropout_replaces_blocks_by_identity_only_in_training():
     assert float(jnp.abs(train_out - eval_out).max()) > 1e-4
 
 
+def test_module_dropout_acts_on_conv_sites_too_where_peft_applies_it_nowhere():
+    """The docs said PEFT 0.21's Linear forward never applies OFT's module_dropout, read as Linear-only:
+    PEFT 0.21 and 0.22 build the dropout layer but neither their Linear nor their Conv2d forward calls
+    it (a training-mode forward gives the eval outputs). jpeft applies it on every site, as PEFT
+    documents it: a conv site drops blocks in training as a Dense site does (one rule for both), and
+    gives the eval outputs without a dropout key."""
+    conv = nn.Conv(4, (3, 3), padding="VALID")
+    img = jax.random.normal(jax.random.key(0), (1, 5, 5, 8))
+    params = conv.init(jax.random.key(1), img)
+    cfg = OFTConfig(target_modules=".*", oft_block_size=2, module_dropout=0.5, init_weights=False)
+    ad = jpeft.init(cfg, params, jax.random.key(2), conv, img)
+    ad = {k: dataclasses.replace(n, oft_R=0.3 * jax.random.normal(jax.random.key(3), n.oft_R.shape)) for k, n in ad.items()}
+    eval_out = jpeft.apply(conv, params, ad, img)
+    assert float(jnp.abs(eval_out - conv.apply(params, img)).max()) > 1e-2
+    train_out = jpeft.apply(conv, params, ad, img, rngs={"dropout": jax.random.key(4)})
+    assert float(jnp.abs(train_out - eval_out).max()) > 1e-3
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.conv = torch.nn.Linear(8, 8), torch.nn.Conv2d(8, 4, 3)
+
+        def forward(self, x, im):
+            return self.lin(x), self.conv(im)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(Net(), peft.OFTConfig(target_modules=["lin", "conv"], oft_block_size=2,
+                                                       module_dropout=0.5, init_weights=False))
+    args = torch.randn(2, 8), torch.tensor(np.asarray(img).transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        pm.eval()
+        ref = pm(*args)
+        with pm.disable_adapter():
+            assert all(float((a - b).abs().max()) > 1e-2 for a, b in zip(ref, pm(*args)))  # the adapter acts
+        pm.train()
+        for seed in range(3):
+            torch.manual_seed(seed)
+            for a, b in zip(pm(*args), ref):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_refusals(tmp_path):
     for terms in (0, 1):  # the series' first term only: an identity whatever oft_R holds (silently, in PEFT)
         with pytest.raises(jpeft.ConfigError, match=f"num_cayley_neumann_terms={terms} .*the identity"):

@@ -617,7 +617,11 @@ def test_from_pretrained_on_a_mesh_quantizes_each_shard_as_the_whole_model(tmp_p
     stores the tied head too): every leaf is placed as ``jpeft.shard_params`` places
     ``jpeft.quantize`` of the whole model, and every shard holds its bits exactly (NF4's
     blocks cross output rows; an odd number of blocks cuts the codes inside a block). A NaN kernel,
-    and one whose NF4 scales' mean overflows, are refused with the plain read's message."""
+    and one whose NF4 scales' mean overflows, are refused with the plain read's message. Also (nf4
+    and int8, fsdp; session 66 checked them by hand only): a GPT-2, whose Conv1D kernels the file
+    stores [in, out], and a BERT sequence classifier read from an encoder-only checkpoint, whose
+    pooler and classifier are initialised fresh from `key` (the pooler then quantized): bit for bit
+    jpeft.quantize of the one-device read."""
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "_quant_mesh_worker.py"), "loads", str(tmp_path)],
@@ -635,6 +639,11 @@ def test_from_pretrained_on_a_mesh_quantizes_each_shard_as_the_whole_model(tmp_p
     for scheme, (whole, mesh) in got["nan"].items():  # a NaN in a kernel: refused by name, as the plain read does
         assert whole == mesh and mesh.startswith("the kernel 'model/layers_1/mlp/down_proj/kernel' of shape (40, 28) "
                                                  "holds NaN or inf values"), (scheme, whole, mesh)
+    assert [(c["family"], c["scheme"]) for c in got["heads"]] == [(f, s) for f in ("gpt2", "bert") for s in ("nf4", "int8")]
+    for c in got["heads"]:
+        # GPT-2: c_attn, attn c_proj, c_fc, mlp c_proj; BERT: q, k, v, attention and output dense, intermediate, pooler
+        assert c["same_tree"] and c["bad"] == [] and c["quantized"] == c["cut_codes"] == {"gpt2": 4, "bert": 7}[c["family"]], c
+        assert c["fresh"] == ([] if c["family"] == "gpt2" else ["classifier", "pooler"]), c
     whole, mesh = got["overflow"]
     assert whole == mesh and mesh.startswith("the kernel 'model/layers_0/mlp/up_proj/kernel' of shape (28, 40) holds "
                                              "values up to 3e+38: the mean of its NF4 block scales"), (whole, mesh)

@@ -189,7 +189,7 @@ class LowRank(NamedTuple):
     dropout: float = 0.0
     residual: Optional[str] = None
     # ``[out]``: ``s * bias`` is added to the module's output (LoRA's ``lora_bias``, PEFT's bias on
-    # lora_B); only ``Site.routed_low_rank`` sets it (the bank routes it; merging combines s*A@B only)
+    # lora_B); only ``Site.routed_low_rank`` sets it (the bank routes it; merging sums w_i * s_i * bias_i)
     bias: Optional[jax.Array] = None
     # ``(indices, values [k, out])``: embedding rows that replace the lookup of those ids (LoRA's
     # trainable tokens, whose routed_low_rank has rank 0); only ``Site.routed_low_rank`` sets it

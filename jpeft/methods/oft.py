@@ -32,10 +32,11 @@ Differences from PEFT, by name:
   outputs and the same gradient at the projected point), and the train step projects the
   stored array after each update (:meth:`OFTWeights.after_update`), so training steps from the
   projected value as PEFT's does. Saved adapters give the same outputs in both libraries.
-* ``module_dropout``: PEFT 0.21 builds its multiplicative dropout but its ``Linear.forward``
-  never calls it. jpeft applies it as PEFT documents it (each training step, with a dropout key,
-  ``int(p * n)`` random blocks are replaced by the identity), so training with
-  ``module_dropout > 0`` differs from PEFT's; inference is the same.
+* ``module_dropout``: PEFT (0.21 and 0.22) builds its multiplicative dropout but neither its
+  ``Linear`` nor its ``Conv2d`` forward calls it. jpeft applies it as PEFT documents it, at every
+  site, dense and conv alike (each training step, with a dropout key, ``int(p * n)`` random
+  blocks are replaced by the identity), so training with ``module_dropout > 0`` differs from
+  PEFT's; inference is the same.
 * Sites: PEFT 0.21's Conv2d forward rotates stride-1, unpadded input patches and sums them back
   with ``F.fold``, which is not the merged convolution (but on a 1x1 window); PEFT 0.22's rotates
   the flattened ``[out, in * kh * kw]`` weight, the merged convolution, as jpeft: a PEFT file of a
