@@ -82,23 +82,50 @@ def _peft_config(method, family):
     if method in ("lora", "dora"):
         return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=method == "dora",
                                fan_in_fan_out=gpt2)
+    if method == "tti":  # a third of the vocabulary: generated tokens fed back hit the adapter's rows
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=gpt2,
+                               trainable_token_indices=list(range(3, T.VOCAB, 3)))
     if method == "ia3":
         sites, ff = ((["c_attn", "mlp.c_proj"], ["mlp.c_proj"]) if gpt2 else
                      (["k_proj", "v_proj", "down_proj"], ["down_proj"]))
         return peft.IA3Config(target_modules=sites, feedforward_modules=ff, fan_in_fan_out=gpt2)
+    if method == "oft":
+        return peft.OFTConfig(r=0, oft_block_size=4, target_modules=targets)
+    if method == "prompt":
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
     return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
 
 
+def _peft_forward_greedy(pm, ids, mask, n, positions=True):
+    """(tokens, per-step logits [n, batch, vocab]) of greedy decoding by the ``PeftModel``'s forward over the whole
+    sequence, with generate's position ids (``positions``)."""
+    import torch
+
+    seq, m, logits = torch.tensor(ids), torch.tensor(mask), []
+    for _ in range(n):
+        kw = {"position_ids": torch.tensor(T.positions(m.numpy()))} if positions else {}
+        lg = pm(input_ids=seq, attention_mask=m, **kw).logits[:, -1]
+        logits.append(lg.numpy())
+        seq = torch.cat([seq, lg.argmax(-1)[:, None]], 1)
+        m = torch.cat([m, torch.ones((len(ids), 1), dtype=m.dtype)], 1)
+    return seq.numpy(), np.stack(logits)
+
+
 @pytest.mark.parametrize("family,method", [("mistral", "lora"), ("llama3", "dora"), ("qwen2", "ia3"),
-                                           ("gpt2", "dora"), ("qwen2", "prefix")])
+                                           ("gpt2", "dora"), ("qwen2", "prefix"), ("llama3", "tti"),
+                                           ("mistral", "oft"), ("qwen3", "prompt")])
 def test_peft_adapters_generate_transformers_tokens_and_logits_at_every_step(family, method, tmp_path):
     """A PEFT adapter (every tensor random) loaded into jpeft generates, on a left-padded batch of prompts of
     8, 6 and 3 tokens, 14 new tokens (past Mistral's window of 5 and Qwen2's 4; grouped-query heads; Llama 3's,
-    Qwen2's and GPT-2's tied embeddings) equal to transformers' ``generate`` on the ``PeftModel``, and the logits
-    of the cached decoding path (the prefill, then one token a step, as ``jpeft.generate`` runs them) equal
-    transformers' ``output_logits`` at every step within 1e-4 (measured: under 1e-5). Prefix tuning's reference is
-    greedy decoding by the ``PeftModel``'s forward over the whole sequence with generate's position ids: peft
-    0.21's ``generate`` with a prefix on transformers 5 gives other tokens than its own forward, even unpadded."""
+    Qwen2's, Qwen3's and GPT-2's tied embeddings, where trainable tokens act in the tied output layer too) equal to
+    transformers' ``generate`` on the ``PeftModel``, and the logits of the cached decoding path (the prefill, then
+    one token a step, as ``jpeft.generate`` runs them) equal transformers' ``output_logits`` at every step within
+    1e-4 (measured: under 1e-5). Prefix tuning's reference is greedy decoding by the ``PeftModel``'s forward over
+    the whole sequence with generate's position ids: peft 0.21's ``generate`` with a prefix on transformers 5 gives
+    other tokens than its own forward, even unpadded; peft 0.22's gives the forward's. Prompt tuning (through
+    ``jpeft.to_prefix``) is compared with the ``PeftModel``'s forward on each prompt alone: PEFT's forward and
+    generate drop the position ids of prompt tuning, so in a left-padded batch a padded row's positions count its
+    padding (docs/MODELS.md); jpeft gives each row the prompt alone's tokens."""
     import peft
     import torch
 
@@ -109,19 +136,26 @@ def test_peft_adapters_generate_transformers_tokens_and_logits_at_every_step(fam
     pm = T.perturb_trainable(peft.get_peft_model(copy.deepcopy(hf), _peft_config(method, family)), 11)
     pm.save_pretrained(str(tmp_path))
     _, adapter = jpeft.hf.load_peft(str(tmp_path), params)
+    if method == "prompt":
+        adapter = jpeft.to_prefix(model, params, adapter)
     ids, mask = T.batch(family, seed=1)
     n = 14
     out = np.asarray(jpeft.generate(model, params, adapter, jnp.asarray(ids), n, attention_mask=jnp.asarray(mask)))
     with torch.no_grad():
         if method == "prefix":
-            seq, m, ref_logits = torch.tensor(ids), torch.tensor(mask), []
-            for _ in range(n):
-                pos = torch.tensor(T.positions(m.numpy()))
-                lg = pm(input_ids=seq, attention_mask=m, position_ids=pos).logits[:, -1]
-                ref_logits.append(lg.numpy())
-                seq = torch.cat([seq, lg.argmax(-1)[:, None]], 1)
-                m = torch.cat([m, torch.ones((3, 1), dtype=m.dtype)], 1)
-            ref = seq.numpy()
+            ref, ref_logits = _peft_forward_greedy(pm, ids, mask, n)
+            r = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=n,
+                            do_sample=False, pad_token_id=0, eos_token_id=None)
+            assert np.array_equal(r.numpy(), ref) == T.peft_at_least(0, 22)  # fixed in peft 0.22
+        elif method == "prompt":
+            alone = [_peft_forward_greedy(pm, i[m == 1][None], m[m == 1][None], n, positions=False)
+                     for i, m in zip(ids, mask)]
+            ref = np.stack([np.concatenate([i[m == 0], a[0][0]]) for (i, m), a in zip(zip(ids, mask), alone)])
+            ref_logits = np.concatenate([a[1] for a in alone], axis=1)
+            gen_alone = [pm.generate(input_ids=torch.tensor(i[m == 1][None]), max_new_tokens=n, do_sample=False,
+                                     pad_token_id=0, eos_token_id=None).numpy()[0] for i, m in zip(ids, mask)]
+            # PEFT's own generate on each prompt alone: its forward's tokens from peft 0.22 on, not before
+            assert all(np.array_equal(g, a[0][0]) for g, a in zip(gen_alone, alone)) == T.peft_at_least(0, 22)
         else:
             r = pm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=n,
                             do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
