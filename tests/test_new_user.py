@@ -357,16 +357,24 @@ def test_make_mesh_on_too_few_devices_says_how_to_emulate_them():
         jpeft.make_mesh(data=2 * n, fsdp=4)
 
 
-def test_a_scan_layers_checkpoint_exports_as_its_finished_adapter(work, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
+def test_a_scan_layers_checkpoint_exports_as_its_finished_adapter(work, tmp_path, monkeypatch, method):
+    """A checkpoint of a ``scan_layers = true`` run is read onto the stacked base and exports the
+    PEFT files of the run's finished adapter, array for array. Prefix tuning's adapter has no
+    per-layer site, so only the checkpoint's base fingerprint says it is a scanned run's: every
+    command refused its checkpoints with a BaseMismatchError ("saved for a different base model")."""
     import numpy as np
     from safetensors.numpy import load_file
 
     monkeypatch.chdir(work)
-    cfg = (work / "run.toml").read_text().replace('output_dir = "run"', 'output_dir = "scan-run"')
-    (work / "scan.toml").write_text(cfg.replace("[train]", "[train]\nscan_layers = true"))
-    assert main(["train", "--config", "scan.toml", "--set", "train.steps=2", "--no-progress"]) == 0
-    assert (work / "scan-run" / "checkpoints" / "2").is_dir()
-    for adapter, out in (("scan-run/adapter", "a"), ("scan-run/checkpoints/2", "c")):
+    run = f"scan-{method}"
+    cfg = (work / "run.toml").read_text().replace('output_dir = "run"', f'output_dir = "{run}"')
+    if method != "lora":
+        cfg = cfg.replace('name = "lora"\nr = 2\nlora_alpha = 4', f'name = "{method}"\nnum_virtual_tokens = 3')
+    (work / f"{run}.toml").write_text(cfg.replace("[train]", "[train]\nscan_layers = true"))
+    assert main(["train", "--config", f"{run}.toml", "--set", "train.steps=2", "--no-progress"]) == 0
+    assert (work / run / "checkpoints" / "2").is_dir()
+    for adapter, out in ((f"{run}/adapter", "a"), (f"{run}/checkpoints/2", "c")):
         assert main(["export", "--model", "llama", "--adapter", adapter, "--out", str(tmp_path / out)]) == 0
     a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
     c = load_file(str(tmp_path / "c" / "adapter_model.safetensors"))

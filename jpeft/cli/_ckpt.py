@@ -344,7 +344,7 @@ def _restore_checkpoint(found: Found, params, model, args, base_config):
         return _restore(directory, found.step, config, params, model, args, base_config), sites
     except (BaseMismatchError, ShapeMismatchError) as e:
         cfg = getattr(model, "config", None)
-        if not hasattr(cfg, "scan_layers") or cfg.scan_layers or not _stacked(meta["arrays"]):
+        if not hasattr(cfg, "scan_layers") or cfg.scan_layers or not _stacked(meta):
             raise
         first = e
     scanned = type(model)(cfg.replace(scan_layers=True))
@@ -355,10 +355,16 @@ def _restore_checkpoint(found: Found, params, model, args, base_config):
     return scan.unstack_adapter(stacked), sites
 
 
-def _stacked(arrays) -> bool:
-    """Whether a checkpoint's array names hold a layer-stacked site (``.../layers/...``, where
-    an unrolled model has ``.../layers_0/...``)."""
-    return any(k.startswith("adapter/") and "layers" in k.split("/") for k in arrays)
+def _stacked(meta) -> bool:
+    """Whether a checkpoint's metadata is a layer-scanned run's: its adapter's array names hold a
+    layer-stacked site (``.../layers/...``, where an unrolled model has ``.../layers_0/...``), or,
+    for an adapter with no per-layer site (prefix tuning's one table, which was read as saved for
+    another base), its base fingerprint names the stacked layers."""
+    base = meta.get("base") if isinstance(meta.get("base"), dict) else {}
+    rows = base.get("params") if isinstance(base.get("params"), list) else []
+    names = [k for k in meta["arrays"] if k.startswith("adapter/")]
+    names += [r[0] for r in rows if isinstance(r, list) and r and isinstance(r[0], str)]
+    return any("layers" in n.split("/") for n in names)
 
 
 def _restore(directory, step, config, params, model, args, base_config):
