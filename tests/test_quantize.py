@@ -579,6 +579,9 @@ def test_from_pretrained_jpeft_train_and_the_peft_export_on_an_nf4_base(tmp_path
     assert main(["merge", "--model", folder, "--adapter", str(tmp_path / "run" / "checkpoints" / "2"),
                  "--out", str(tmp_path / "merged")]) == 0
     assert "nf4-quantized base" in capsys.readouterr().err
+    # export too: PEFT applies the file to the base it is given (it was silent)
+    assert main(["export", "--model", folder, "--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+    assert "nf4-quantized base" in capsys.readouterr().err and (tmp_path / "exp" / "adapter_config.json").is_file()
 
     ids = np.random.default_rng(5).integers(3, 300, size=(2, 8))
     cfg, adapter = jpeft.io.load_adapter(str(tmp_path / "run" / "adapter"), q, model, jnp.asarray(ids))

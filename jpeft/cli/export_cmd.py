@@ -6,7 +6,7 @@ import os
 
 from _jpeft_args import add_export as add_parser  # noqa: F401  (the options, defined there: no JAX for --help)
 from jpeft import hf
-from jpeft.cli._ckpt import ADAPTER_JSON, checkpoint_steps, load_adapter_with_base, untie_for
+from jpeft.cli._ckpt import ADAPTER_JSON, checkpoint_steps, load_adapter_with_base, note_quantized_training, untie_for
 from jpeft.cli._model import example_ids, load_folder
 from jpeft.cli.merge_cmd import check_out
 from jpeft.errors import ConfigError, SaveError
@@ -31,6 +31,9 @@ def run(args) -> int:
                                                 example=example_ids())
 
     hf.save_peft(args.out, config, adapter, base_model_name_or_path=args.base_name or os.path.abspath(args.model))
+    note_quantized_training(args.adapter, None, "PEFT applies the exported adapter to whatever base it is loaded on: on "
+                            "the full-precision weights of --model its outputs differ from the quantized training model's "
+                            "by the quantization error.")
     print(f"exported {config.peft_type} adapter to {os.path.abspath(args.out)} (Hugging Face PEFT format)")
     return 0
 
