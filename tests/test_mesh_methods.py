@@ -29,6 +29,9 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "helpers"))
+import ckpt_common  # noqa: E402  (env: the environment of a worker on emulated CPU devices)
+
 MESHES = ("2x4", "2x2x2")
 # sites jpeft.adapter_specs replicates by design (docs/SCALING.md, "How the adapter is laid out"): their
 # adapters are small vectors or blocks whose axes need not match the base's split; on the meshes their
@@ -39,13 +42,9 @@ REPLICATED = {"ia3", "houlsby", "pfeiffer", "prefix", "prompt", "lokr", "lokr_bo
 
 @pytest.fixture(scope="module")
 def meshes(tmp_path_factory):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     out = tmp_path_factory.mktemp("mesh_methods")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "_mesh_methods_worker.py"), str(out)],
-                          env=env, cwd=HERE, capture_output=True, text=True, timeout=900)
+                          env=ckpt_common.env(8), cwd=HERE, capture_output=True, text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("JSON:")]
     assert proc.returncode == 0 and lines, f"worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][5:])
